@@ -52,6 +52,11 @@ class LabLayout:
         return self.root / "kdc"
 
     @property
+    def kdc_conf(self) -> Path:
+        """The KDC profile (`KRB5_KDC_PROFILE`): listening address, database module, stash, logging."""
+        return self.kdc_dir / "kdc.conf"
+
+    @property
     def ldap_dir(self) -> Path:
         return self.root / "ldap"
 
@@ -69,6 +74,11 @@ class LabLayout:
         return self.root / "run"
 
     @property
+    def kdc_log(self) -> Path:
+        """The KDC's log: one line per AS/TGS request, e.g. `PROTOCOL-TRANSITION` and `CONSTRAINED-DELEGATION`."""
+        return self.run_dir / "krb5kdc.log"
+
+    @property
     def proxy_keytab(self) -> Path:
         return self.keytab_dir / "proxy.keytab"
 
@@ -84,6 +94,6 @@ class LabLayout:
         """Environment for Kerberos tools and libraries that should use the lab realm."""
         return {
             "KRB5_CONFIG": str(self.krb5_conf),
-            "KRB5_KDC_PROFILE": str(self.kdc_dir / "kdc.conf"),
+            "KRB5_KDC_PROFILE": str(self.kdc_conf),
             "KCD_LAB_DIR": str(self.root),
         }

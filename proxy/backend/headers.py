@@ -1,0 +1,120 @@
+"""Header rewriting between the device and the backend. Pure functions, no I/O.
+
+Towards the backend, the gateway is the only source of identity: the client's own `Authorization`,
+`Proxy-Authorization` and anything that looks like an identity header are dropped, whatever their case
+and whether they spell `-` as `_` (a backend behind a CGI or WSGI layer sees `X_Remote_User` and
+`X-Remote-User` as the same variable). Headers with an underscore are dropped altogether, as nginx does
+by default. Hop-by-hop headers, and those the client names in `Connection`, end at the gateway.
+`X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own, never the client's.
+
+Towards the device, hop-by-hop headers and the backend's `WWW-Authenticate` challenges are dropped:
+the device authenticated with its certificate, and a Negotiate challenge would only confuse it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, MultiMapping
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Exact names (normalised: lower case, '_' read as '-') that claim an identity or carry credentials.
+IDENTITY = frozenset(
+    {
+        "authorization",
+        "forwarded",
+        "remote-user",
+        "auth-user",
+        "x-auth-user",
+        "x-user",
+        "x-username",
+        "x-user-name",
+        "x-upn",
+        "x-email",
+        "x-real-ip",
+    }
+)
+# Prefixes of the same kind: proxies and servers use many spellings of these.
+IDENTITY_PREFIXES = (
+    "x-remote-",
+    "x-forwarded-",
+    "x-authenticated-",
+    "x-auth-",
+    "x-ssl-",
+    "x-client-",
+    "ssl-client-",
+    "x-ms-client-",
+    "x-kcd-",
+    "x-original-",
+    "x-iisnode-",
+)
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def is_identity_header(name: str) -> bool:
+    n = _normal(name)
+    return n in IDENTITY or n.startswith(IDENTITY_PREFIXES)
+
+
+def _connection_tokens(headers: MultiMapping[str]) -> set[str]:
+    values = headers.getall("Connection", [])
+    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+
+
+def to_backend(
+    client: MultiMapping[str],
+    *,
+    client_ip: str,
+    client_host: str,
+    upstream_host: str | None,
+    authorization: str,
+    extra: Iterable[tuple[str, str]] = (),
+) -> CIMultiDict[str]:
+    """The headers a backend request carries. `upstream_host` None keeps the client's Host."""
+    named = _connection_tokens(client)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in client.items():
+        n = name.lower()
+        if n in HOP_BY_HOP or n in named or "_" in name or is_identity_header(name):
+            continue
+        if n == "host" and upstream_host is not None:
+            continue
+        out.add(name, value)
+    if upstream_host is not None:
+        out["Host"] = upstream_host
+    out["Authorization"] = authorization
+    out["X-Forwarded-For"] = client_ip
+    out["X-Forwarded-Proto"] = "https"
+    if client_host:
+        out["X-Forwarded-Host"] = client_host
+    for name, value in extra:
+        out[name] = value
+    return out
+
+
+def to_client(backend: MultiMapping[str]) -> CIMultiDict[str]:
+    """The headers the device sees from a backend response."""
+    named = _connection_tokens(backend)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in backend.items():
+        n = name.lower()
+        if n in HOP_BY_HOP or n in named or n == "www-authenticate" or n == "content-length":
+            continue
+        out.add(name, value)
+    return out

@@ -1,0 +1,276 @@
+"""Certificate stage: is this client certificate one our PKI issued for client authentication?
+
+Theory of operation: the TLS handshake gives us the client's leaf certificate. We build its chain to a
+trust anchor *only* from the CA certificates the administrator configured (`TrustList`), never from
+certificates the client sent: a client cannot bring its own intermediates, and so cannot make chain
+building slow with crafted ones either (depth is also capped at `MAX_CHAIN_DEPTH`). The path itself is
+validated by `cryptography.x509.verification` at the time `at` given by the caller.
+
+What it trusts: the configured anchors, and intermediates that chain to them.
+What it refuses (CertificateRejected, with a reason the device owner or the administrator can act on):
+- a leaf outside its validity period at `at`, or any CA in its chain outside its own;
+- a leaf without the clientAuth extended key usage. RFC 5280 reads a missing EKU as "any purpose";
+  the gateway does not: a certificate must have been issued for client authentication;
+- a leaf whose key usage, when present, lacks digitalSignature (the key signs the TLS handshake);
+- an issuer that is not in the trust list, or one whose name matches a trusted CA but whose key
+  did not sign the leaf (the classic forgery: a private CA copying a trusted CA's name);
+- CA certificates without basicConstraints cA=TRUE, or beyond a path length constraint;
+- what the verifier's web-PKI profile refuses and we kept (weak keys, SHA-1 signatures, X.509 v1,
+  unknown critical extensions).
+
+The web-PKI profile is relaxed where enterprise CAs (Active Directory Certificate Services, or the
+openssl CLI with its default settings) legitimately differ from the CA/Browser Forum's rules: a CA
+certificate may lack keyUsage (openssl's `req -x509` adds none) and may have a non-critical
+basicConstraints; AKI/SKI may be absent or in any form; a leaf may lack a subjectAltName (the
+identity stage decides what a usable name is). Revocation is a separate stage (`revocation.py`):
+the verifier checks none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import (
+    ClientVerifier,
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from proxy.errors import CertificateRejected
+
+MAX_CHAIN_DEPTH = 5  # intermediates between leaf and anchor; enterprise PKIs use one or two
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.SMARTCARD_LOGON: "smartcardLogon",
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
+}
+
+
+@dataclass(frozen=True)
+class TrustList:
+    """The CA certificates the administrator configured: anchors end a chain, intermediates link one."""
+
+    anchors: tuple[x509.Certificate, ...]
+    intermediates: tuple[x509.Certificate, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.anchors:
+            raise ValueError("a trust list needs at least one trust anchor")
+
+    @classmethod
+    def load(cls, anchor_paths: Iterable[Path], intermediate_paths: Iterable[Path] = ()) -> TrustList:
+        """Read PEM bundles (one or more certificates) or single DER certificates."""
+        anchors = tuple(cert for path in anchor_paths for cert in load_certificates(path))
+        intermediates = tuple(cert for path in intermediate_paths for cert in load_certificates(path))
+        return cls(anchors=anchors, intermediates=intermediates)
+
+    @property
+    def certificates(self) -> tuple[x509.Certificate, ...]:
+        return self.anchors + self.intermediates
+
+    def named(self, name: x509.Name) -> list[x509.Certificate]:
+        """The configured CA certificates whose subject is `name` (several after a CA renewal)."""
+        return [cert for cert in self.certificates if cert.subject == name]
+
+    def is_anchor(self, cert: x509.Certificate) -> bool:
+        return cert in self.anchors
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(list(self.anchors))
+
+
+@dataclass(frozen=True)
+class VerifiedCertificate:
+    """Evidence of the certificate stage: the leaf and the chain that vouches for it."""
+
+    leaf: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # leaf first, trust anchor last
+    subject: str  # RFC 4514
+    issuer: str  # RFC 4514
+    serial: int
+    fingerprint_sha256: str  # hex, of the DER certificate
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """The certificates in `path`: a PEM bundle, or one DER certificate."""
+    data = path.read_bytes()
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a PEM or DER certificate ({exc})") from exc
+
+
+def verify_chain(leaf: x509.Certificate, trust: TrustList, *, at: datetime) -> VerifiedCertificate:
+    """Build and validate the leaf's chain to a configured anchor at time `at`, or refuse."""
+    at = _utc(at)
+    _check_period(leaf, at, "certificate")
+    _check_leaf_usage(leaf)
+    issuer = _signing_issuer(leaf, trust)
+    try:
+        verified = _verifier(trust, at).verify(leaf, list(trust.intermediates))
+    except VerificationError as exc:
+        # Say what is wrong higher up the chain if we can; else pass the verifier's own words on.
+        _diagnose_issuers(issuer, trust, at)
+        message = str(exc).split(" (encountered processing", 1)[0]  # the rest repeats a certificate's repr
+        raise CertificateRejected(
+            f"certificate chain does not validate: {message}", hint=f"{_describe(leaf)}; {exc}"
+        ) from exc
+    return VerifiedCertificate(
+        leaf=leaf,
+        chain=tuple(verified.chain),
+        subject=leaf.subject.rfc4514_string(),
+        issuer=leaf.issuer.rfc4514_string(),
+        serial=leaf.serial_number,
+        fingerprint_sha256=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
+    )
+
+
+def format_time(when: datetime) -> str:
+    """2025-01-01T00:00:00Z: how reasons and evidence print instants."""
+    return _utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- precise reasons for the common failures, checked before the verifier runs -------------------
+
+
+def _check_period(cert: x509.Certificate, at: datetime, what: str) -> None:
+    if at < cert.not_valid_before_utc:
+        raise CertificateRejected(
+            f"{what} not valid before {format_time(cert.not_valid_before_utc)}",
+            hint=f"{_describe(cert)}; is the gateway's or the issuer's clock wrong?",
+        )
+    if at > cert.not_valid_after_utc:
+        raise CertificateRejected(f"{what} expired on {format_time(cert.not_valid_after_utc)}", hint=_describe(cert))
+
+
+def _check_leaf_usage(leaf: x509.Certificate) -> None:
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise CertificateRejected(
+            "certificate has no extended key usage; the gateway requires clientAuth",
+            hint=f"{_describe(leaf)}; RFC 5280 reads a missing EKU as any purpose, the gateway does not",
+        ) from None
+    except ValueError as exc:  # duplicate or undecodable extensions
+        raise CertificateRejected("certificate extensions cannot be parsed", hint=str(exc)) from exc
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        have = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku) or "none"
+        raise CertificateRejected(
+            f"certificate lacks the clientAuth extended key usage (it has: {have})", hint=_describe(leaf)
+        )
+    try:
+        key_usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not key_usage.digital_signature:
+        raise CertificateRejected("certificate key usage lacks digitalSignature", hint=_describe(leaf))
+
+
+def _signing_issuer(cert: x509.Certificate, trust: TrustList) -> x509.Certificate:
+    """The configured CA that signed `cert`, or the reason there is none."""
+    candidates = trust.named(cert.issuer)
+    issuer = cert.issuer.rfc4514_string()
+    if not candidates:
+        raise CertificateRejected(f"issuer '{issuer}' is not in the trust list", hint=_describe(cert))
+    for candidate in candidates:
+        try:
+            cert.verify_directly_issued_by(candidate)
+        except Exception:  # noqa: BLE001, S112 -- InvalidSignature, or a key type it cannot use: try the next
+            continue
+        return candidate
+    raise CertificateRejected(
+        f"signature does not verify against the trusted '{issuer}' (a certificate copying a trusted CA's name?)",
+        hint=_describe(cert),
+    )
+
+
+def _diagnose_issuers(issuer: x509.Certificate, trust: TrustList, at: datetime) -> None:
+    """Walk up from the leaf's issuer and raise the first precise reason found, if any."""
+    for _ in range(MAX_CHAIN_DEPTH + 1):
+        _check_period(issuer, at, f"issuing CA '{issuer.subject.rfc4514_string()}'")
+        if trust.is_anchor(issuer):
+            return
+        issuer = _signing_issuer(issuer, trust)
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return (
+        f"subject '{cert.subject.rfc4514_string()}', issuer '{cert.issuer.rfc4514_string()}', "
+        f"serial 0x{cert.serial_number:x}"
+    )
+
+
+def _utc(when: datetime) -> datetime:
+    if when.tzinfo is None:
+        raise ValueError("validation time must be timezone-aware")
+    return when.astimezone(UTC)
+
+
+# --- the verifier's extension profile --------------------------------------------------------------
+# Validators raise to refuse; the verifier reports "Python extension validator failed: <message>".
+
+
+def _ca_basic_constraints(_policy: Policy, _cert: x509.Certificate, value: x509.BasicConstraints) -> None:
+    if not value.ca:
+        raise ValueError("basicConstraints does not assert cA: not a CA certificate")
+
+
+def _ca_key_usage(_policy: Policy, _cert: x509.Certificate, value: x509.KeyUsage | None) -> None:
+    if value is not None and not value.key_cert_sign:
+        raise ValueError("CA key usage lacks keyCertSign")
+
+
+def _ee_extended_key_usage(_policy: Policy, _cert: x509.Certificate, value: x509.ExtendedKeyUsage) -> None:
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in value:
+        raise ValueError("leaf lacks the clientAuth extended key usage")
+
+
+def _ee_key_usage(_policy: Policy, _cert: x509.Certificate, value: x509.KeyUsage | None) -> None:
+    if value is not None and (not value.digital_signature or value.key_cert_sign):
+        raise ValueError("leaf key usage must assert digitalSignature and not keyCertSign")
+
+
+_CA_POLICY = (
+    ExtensionPolicy.webpki_defaults_ca()
+    .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, _ca_basic_constraints)
+    .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
+    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.SubjectKeyIdentifier, Criticality.AGNOSTIC, None)
+)
+_EE_POLICY = (
+    ExtensionPolicy.webpki_defaults_ee()
+    .require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ee_extended_key_usage)
+    .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ee_key_usage)
+    .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.SubjectKeyIdentifier, Criticality.AGNOSTIC, None)
+)
+
+
+def _verifier(trust: TrustList, at: datetime) -> ClientVerifier:
+    return (
+        PolicyBuilder()
+        .store(trust.store)
+        .time(at)
+        .max_chain_depth(MAX_CHAIN_DEPTH)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )

@@ -1,0 +1,106 @@
+"""The gateway's error tree: each refusal is data.
+
+A stage either returns its evidence or raises one of these. Each class carries the HTTP status of the
+local reply, the stage that refused and the log event, as class attributes; an instance carries the
+`reason` the client may see and an optional `hint` for the administrator (the log line, never the
+client). One middleware (`proxy.app`) turns them into responses; no stage writes a response itself.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    stage: ClassVar[str] = "gateway"
+    event: ClassVar[str] = "gateway_error"
+    headers: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, reason: str, *, hint: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+class BadRequest(GatewayError):
+    status = 400
+    stage = "request"
+    event = "request_refused"
+
+
+class NoCertificate(GatewayError):
+    status = 403
+    stage = "certificate"
+    event = "certificate_missing"
+
+
+class CertificateRejected(GatewayError):
+    """Chain building, signatures, validity period, key usage and EKU."""
+
+    status = 403
+    stage = "certificate"
+    event = "certificate_rejected"
+
+
+class CertificateRevoked(GatewayError):
+    """Revoked, or no current revocation information where it is required."""
+
+    status = 403
+    stage = "revocation"
+    event = "certificate_revoked"
+
+
+class IdentityRejected(GatewayError):
+    status = 403
+    stage = "identity"
+    event = "identity_rejected"
+
+
+class NoRoute(GatewayError):
+    status = 404
+    stage = "route"
+    event = "no_route"
+
+
+class KerberosRefused(GatewayError):
+    """The KDC answered and said no: unknown or disabled user, delegation not allowed."""
+
+    status = 403
+    stage = "kerberos"
+    event = "kerberos_refused"
+
+
+class KdcUnavailable(GatewayError):
+    status = 503
+    stage = "kerberos"
+    event = "kdc_unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "30"}
+
+
+class BackendUnavailable(GatewayError):
+    status = 502
+    stage = "backend"
+    event = "backend_unavailable"
+
+
+class BackendRejectedTicket(GatewayError):
+    status = 502
+    stage = "backend"
+    event = "backend_rejected_ticket"
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the key and the file."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class KerberosMisconfigured(GatewayError):
+    """The gateway's own Kerberos set-up is wrong (keytab, SPN, clock): nothing the client can fix."""
+
+    status = 502
+    stage = "kerberos"
+    event = "kerberos_misconfigured"

@@ -1,0 +1,64 @@
+"""From a UPN to the Kerberos principal the gateway will impersonate.
+
+Theory of operation: a UPN `local@suffix` becomes the principal `local@REALM`. The local part is kept
+exactly as the certificate has it (the KDC decides whether it knows that user); the realm is the
+administrator's mapping for the suffix (`realm_map`, matched case-insensitively), else the suffix in
+upper case, which is the Active Directory convention for a domain's own UPNs.
+
+What it trusts: the UPN was read from a certificate that the certificate stage verified, so the CA
+vouched for it. What it still refuses (IdentityRejected): anything that would change what the
+resulting name means to Kerberos. A principal name's components are separated by '/', '\\' escapes,
+'@' starts the realm: a crafted UPN such as `krbtgt/LAB.TEST@lab.test` or `HTTP/cas.lab.test@lab.test`
+must never become a service principal, so those characters, whitespace, control and format
+characters (including zero-width ones), a second '@' and empty parts are refused outright rather than
+escaped or stripped.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proxy.errors import IdentityRejected
+
+_FORBIDDEN = {"/": "'/'", "\\": "'\\'"}
+
+
+@dataclass(frozen=True)
+class UserPrincipal:
+    """Evidence of the identity stage: who the certificate names, and as which Kerberos principal."""
+
+    upn: str  # as read from the certificate
+    principal: str  # e.g. "alice@LAB.TEST"
+    realm: str  # e.g. "LAB.TEST"
+    source: str  # which name in the certificate it came from, e.g. "san-upn"
+
+
+def map_upn(upn: str, *, realm_map: Mapping[str, str], source: str = "san-upn") -> UserPrincipal:
+    """Map `local@suffix` to `local@REALM`, refusing any UPN that is not a plain user name."""
+    problem = _problem(upn)
+    if problem:
+        raise IdentityRejected(f"UPN {upn!r} is not usable: {problem}", hint=f"identity source {source}")
+    local, suffix = upn.split("@")
+    realms = {key.lower(): value for key, value in realm_map.items()}
+    realm = realms.get(suffix.lower(), suffix.upper())
+    return UserPrincipal(upn=upn, principal=f"{local}@{realm}", realm=realm, source=source)
+
+
+def _problem(upn: str) -> str | None:
+    if upn.count("@") != 1:
+        return f"expected exactly one '@', found {upn.count('@')}"
+    local, suffix = upn.split("@")
+    if not local:
+        return "empty user part"
+    if not suffix:
+        return "empty domain part"
+    if any(not label for label in suffix.split(".")):
+        return "empty label in the domain part"
+    for ch in upn:
+        if ch in _FORBIDDEN:
+            return f"contains {_FORBIDDEN[ch]}, which separates or escapes Kerberos name components"
+        if ch.isspace() or unicodedata.category(ch)[0] in "CZ":
+            return f"contains the character U+{ord(ch):04X} ({unicodedata.name(ch, 'unnamed')})"
+    return None

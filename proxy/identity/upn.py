@@ -1,0 +1,83 @@
+"""Names a client certificate carries: the UPN, the e-mail address, the common name.
+
+Theory of operation: this stage runs after the certificate stage, so the certificate it reads is one
+whose chain, validity and EKU were already verified; what it reads is what the issuing CA vouched for.
+Microsoft's smartcard and device certificates name their user with a subjectAltName otherName of type
+`1.3.6.1.4.1.311.20.2.3` (szOID_NT_PRINCIPAL_NAME) whose value is a UTF8String. `cryptography` hands
+otherName values over as raw DER (it has no schema for them), so the UTF8String is decoded here with
+pyasn1, strictly: a value that is not exactly one UTF8String is refused, not guessed at.
+
+What it refuses (IdentityRejected): a malformed UPN value, several UPNs in one certificate (which one
+would be the user?), a subjectAltName that cannot be parsed. An absent UPN is not an error here: the
+functions return None and the caller decides (another identity source, or a refusal).
+
+The lab PKI uses `upn_other_name` to write the same encoding it reads.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.error import PyAsn1Error
+from pyasn1.type import char
+
+from proxy.errors import IdentityRejected
+
+UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
+
+
+def upn_other_name(upn: str) -> x509.OtherName:
+    """The subjectAltName entry that carries `upn`, encoded as Windows expects (a DER UTF8String)."""
+    return x509.OtherName(UPN_OID, der_encoder.encode(char.UTF8String(upn)))
+
+
+def upn_from_certificate(cert: x509.Certificate) -> str | None:
+    """The UPN of the subjectAltName otherName, or None if the certificate has none."""
+    san = _subject_alt_name(cert)
+    others = san.get_values_for_type(x509.OtherName) if san else []
+    values = [name.value for name in others if name.type_id == UPN_OID]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise IdentityRejected(
+            f"certificate carries {len(values)} UPNs; expected one",
+            hint="ask the CA to issue one UPN per certificate",
+        )
+    return _decode_utf8_string(values[0])
+
+
+def email_from_certificate(cert: x509.Certificate) -> str | None:
+    """The first rfc822Name of the subjectAltName, or None."""
+    san = _subject_alt_name(cert)
+    emails = san.get_values_for_type(x509.RFC822Name) if san else []
+    return emails[0] if emails else None
+
+
+def common_name(cert: x509.Certificate) -> str | None:
+    """The subject's common name (the last CN if there are several, as most software reads it), or None."""
+    values = [attr.value for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if not values:
+        return None
+    value = values[-1]
+    return value if isinstance(value, str) else value.decode("utf-8", errors="replace")
+
+
+def _subject_alt_name(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:  # a duplicate or undecodable extension
+        raise IdentityRejected("certificate subjectAltName cannot be parsed", hint=str(exc)) from exc
+
+
+def _decode_utf8_string(der: bytes) -> str:
+    try:
+        value, rest = der_decoder.decode(der, asn1Spec=char.UTF8String())
+    except PyAsn1Error as exc:
+        raise IdentityRejected("certificate UPN is not a DER UTF8String", hint=str(exc)) from exc
+    if rest:  # cryptography already refuses such values when parsing; kept so no byte goes unread
+        raise IdentityRejected("certificate UPN has trailing bytes after its UTF8String")
+    return str(value)

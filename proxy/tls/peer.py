@@ -1,0 +1,35 @@
+"""The client certificate of the connection a request arrived on."""
+
+from __future__ import annotations
+
+import ssl
+
+from aiohttp import web
+from cryptography import x509
+
+from proxy.errors import NoCertificate
+
+
+def peer_certificate(request: web.Request) -> x509.Certificate:
+    """The leaf certificate the client presented (OpenSSL verified it during the handshake)."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
+    if not der:
+        raise NoCertificate(
+            "this gateway requires a client certificate; install the certificate issued to you and try again"
+        )
+    return x509.load_der_x509_certificate(der)
+
+
+def tls_facts(request: web.Request) -> dict[str, object]:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return {}
+    cipher = ssl_object.cipher()
+    return {
+        "tls_version": ssl_object.version(),
+        "tls_cipher": cipher[0] if cipher else None,
+        "tls_resumed": ssl_object.session_reused,
+    }

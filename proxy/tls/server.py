@@ -1,0 +1,176 @@
+"""The TLS listener: request a client certificate, and say why a handshake failed.
+
+Theory of operation. Python's `ssl` module has no verification callback: a server that asks for a
+client certificate lets OpenSSL verify it during the handshake, and a failure ends the handshake
+with a TLS alert ("unknown ca", "certificate expired", "unsupported certificate purpose", "certificate
+required") that curl and devices show to the user. That is the first filter. OpenSSL is given the
+configured trust anchors and intermediates, and no CRLs: revocation, EKU, identity and the
+authoritative chain check (built only from configured CAs, never from what the client sent) are the
+certificate stage's, per request, so a certificate revoked while its device holds a connection is
+refused on its next request.
+
+asyncio logs failed handshakes only in debug mode, and before Python 3.15 it drops the alert OpenSSL
+wrote for the client (https://github.com/python/cpython/issues/98078): the device sees a bare reset
+instead of "certificate expired". So the listener accepts plain TCP and performs each handshake itself,
+as `loop.start_tls` does, with an `SSLProtocol` that sends the pending alert before closing: a failed
+handshake is logged here with the peer's address and OpenSSL's reason, and a completed one is handed
+to aiohttp's request handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from asyncio import sslproto
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from proxy.config import Config
+
+log = structlog.get_logger("proxy.tls")
+
+
+def server_context(config: Config, *, require_certificate: bool = True) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.listener.certificate, config.listener.private_key)
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_certificate else ssl.CERT_OPTIONAL
+    for path in (*config.client_certificates.trust_anchors, *config.client_certificates.intermediates):
+        ctx.load_verify_locations(cafile=path)
+    # The CAs a client is told to pick a certificate for: the trust anchors only.
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
+
+
+def handshake_reason(exc: BaseException) -> str:
+    """OpenSSL's words for a failed handshake, as plain as they come."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return str(exc.verify_message)
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower().replace("_", " ")
+    if isinstance(exc, TimeoutError):
+        return "handshake timed out"
+    return str(exc) or type(exc).__name__
+
+
+class _Drain(asyncio.Protocol):
+    """Owns a socket after a failed handshake: discards what the client still sends, closes on its EOF.
+
+    Closing at once would make the kernel answer the client's in-flight bytes (a TLS 1.3 client sends
+    its request with its Finished message) with a reset, and a reset can destroy the alert before the
+    client reads it. So: alert, FIN, drain until the client closes or `_LINGER` seconds pass.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._timer = asyncio.get_running_loop().call_later(_LINGER, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+
+
+_LINGER = 2.0
+
+
+class _AlertingSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol, but a failed handshake sends OpenSSL's fatal alert before closing.
+
+    Workaround for https://github.com/python/cpython/issues/98078 (fixed upstream by python/cpython#153620):
+    `SSLProtocol` force-closes the transport without flushing the outgoing buffer where the alert sits.
+    Here the alert is flushed and the socket handed to `_Drain` for a lingering close.
+    """
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        transport = self._transport
+        if handshake_exc is not None and isinstance(transport, asyncio.Transport) and not transport.is_closing():
+            with contextlib.suppress(Exception):
+                self._process_outgoing()  # type: ignore[attr-defined]
+                transport.set_protocol(_Drain(transport))
+                transport.write_eof()
+                self._transport = None  # the drain closes it, not SSLProtocol's force-close
+        super()._on_handshake_complete(handshake_exc)
+
+
+class TlsGate(asyncio.Protocol):
+    """Accepts a TCP connection, performs the TLS handshake, then hands over to `app_protocol`.
+
+    During the handshake this object is also the TLS transport's protocol: asyncio may deliver the
+    first application data (TLS 1.3 clients send their request with the Finished message) before
+    `start_tls` returns, so it is held here and replayed once aiohttp's handler owns the connection.
+    """
+
+    def __init__(self, app_protocol: asyncio.Protocol, ctx: ssl.SSLContext, timeout: float) -> None:
+        self._app = app_protocol
+        self._ctx = ctx
+        self._timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+        self._early: list[bytes] = []
+        self._early_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # nothing is read until start_tls owns the socket
+        self._task = asyncio.get_running_loop().create_task(self._upgrade(transport))
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        tls_protocol = _AlertingSSLProtocol(
+            loop,
+            self,
+            self._ctx,
+            waiter,
+            server_side=True,
+            call_connection_made=False,
+            ssl_handshake_timeout=self._timeout,  # type: ignore[arg-type]  # typeshed says int; floats work
+        )
+        transport.set_protocol(tls_protocol)
+        tls_protocol.connection_made(transport)
+        transport.resume_reading()
+        try:
+            await waiter
+        except ConnectionError as exc:  # the client left mid-handshake: probes, scanners, impatient devices
+            log.info("tls_handshake_abandoned", peer=_peer(peer), reason=handshake_reason(exc))
+            return
+        except (OSError, TimeoutError) as exc:
+            # The TLS protocol has closed the socket, or handed it to `_Drain` after sending the alert.
+            log.warning("tls_handshake_refused", peer=_peer(peer), reason=handshake_reason(exc))
+            return
+        tls: asyncio.Transport = tls_protocol._app_transport
+        tls.set_protocol(self._app)
+        self._app.connection_made(tls)
+        for chunk in self._early:
+            self._app.data_received(chunk)
+        self._early.clear()
+        if self._early_eof:
+            self._app.eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
+
+    def eof_received(self) -> bool | None:
+        self._early_eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+def _peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def gate_factory(
+    app_factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext, timeout: float
+) -> Callable[[], asyncio.Protocol]:
+    """A protocol factory for `loop.create_server` that puts TLS in front of aiohttp's handler."""
+    return lambda: TlsGate(app_factory(), ctx, timeout)

@@ -1,0 +1,198 @@
+"""Real parts for integration tests: the lab (slapd + MIT KDC, PKI, Exchange stand-in) and gateways.
+
+The lab is brought up once per test session in a temporary directory, on ports of its own so a
+`make lab` running beside the tests is not disturbed. Gateways run as real `kcd-proxy run` processes,
+and clients are real ones (curl, aiohttp over TLS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.lab import runner
+from proxy.lab.layout import LabLayout
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
+    layout = LabLayout(
+        root=tmp_path_factory.mktemp("lab"),
+        ldap_port=free_port(),
+        kdc_port=free_port(),
+        backend_port=free_port(),
+        crl_port=free_port(),
+        gateway_port=free_port(),
+    )
+    runner.up(layout)
+    os.environ.update({"KRB5_CONFIG": str(layout.krb5_conf)})
+    try:
+        yield layout
+    finally:
+        runner.down(layout)
+
+
+@dataclass
+class Gateway:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    config_path: Path
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text().splitlines()
+        return [dict(json.loads(line)) for line in lines if line.startswith("{")]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs() if e.get("event") == name]
+
+    def wait_event(self, name: str, timeout: float = 5, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in reversed(self.events(name)):
+                if all(e.get(k) == v for k, v in match.items()):
+                    found: dict[str, Any] = e
+                    return found
+            time.sleep(0.05)
+        raise AssertionError(f"no {name} event matching {match} in {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_gateway(lab: LabLayout, directory: Path, config_text: str) -> Gateway:
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / "gateway.toml"
+    config_path.write_text(config_text)
+    port = int(config_text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0])
+    log_path = directory / "gateway.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **lab.env()},
+        )
+    try:
+        wait_port(port, proc)
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError(log_path.read_text()) from None
+    return Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
+
+
+def lab_config(lab: LabLayout, *, port: int, extra: str = "", krb5_conf: Path | None = None) -> str:
+    text = runner.gateway_config(lab, gateway_port=port) + extra
+    if krb5_conf is not None:
+        text = text.replace(f'krb5_config = "{lab.krb5_conf}"', f'krb5_config = "{krb5_conf}"')
+    return text
+
+
+@pytest.fixture(scope="session")
+def other_backend(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second Exchange stand-in holding the key of another service: it rejects tickets for cas."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("other-backend") / "backend.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "proxy.lab.backend",
+                "--keytab",
+                str(lab.other_keytab),
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--krb5-config",
+                str(lab.krb5_conf),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    wait_port(port, proc)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def gateway(lab: LabLayout, other_backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The gateway in front of the lab, with extra routes that exercise each failure."""
+    extra = f"""
+[[routes]]
+prefix = "/not-delegable/"
+upstream = "http://127.0.0.1:{lab.backend_port}"
+spn = "HTTP/other.lab.test"
+
+[[routes]]
+prefix = "/dead/"
+upstream = "http://127.0.0.1:{free_port()}"
+spn = "HTTP/cas.lab.test"
+
+[[routes]]
+prefix = "/wrong-key/"
+upstream = "{other_backend}"
+spn = "HTTP/cas.lab.test"
+"""
+    gw = start_gateway(lab, tmp_path_factory.mktemp("gateway"), lab_config(lab, port=free_port(), extra=extra))
+    yield gw
+    gw.stop()
+
+
+def client_context(lab: LabLayout, user: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
+    if user is not None:
+        ctx.load_cert_chain(lab.pki_dir / "users" / f"{user}.pem", lab.pki_dir / "users" / f"{user}.key")
+    return ctx
+
+
+def curl(lab: LabLayout, url: str, user: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """curl as a device would run it: the lab root as its trust, and the user's certificate."""
+    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", str(lab.pki_dir / "root.pem")]
+    if user is not None:
+        users = lab.pki_dir / "users"
+        cmd += ["--cert", str(users / f"{user}.pem"), "--key", str(users / f"{user}.key")]
+    cmd += ["-w", "\n%{http_code}", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)

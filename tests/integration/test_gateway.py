@@ -1,0 +1,230 @@
+"""The gateway end to end: real TLS, real certificates, a real KDC and a real Negotiate acceptor."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.lab.layout import USERS, LabLayout
+from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway
+
+
+def _split(out: str) -> tuple[str, int]:
+    body, _, code = out.rpartition("\n")
+    return body, int(code)
+
+
+async def _request(
+    lab: LabLayout, gw: Gateway, path: str, user: str = "alice", **kwargs: Any
+) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(kwargs.pop("method", "GET"), gw.url + path, ssl=client_context(lab, user), **kwargs) as r,
+    ):
+        return r.status, dict(r.headers), await r.read()
+
+
+def test_certificate_user_reaches_backend_as_themselves(lab: LabLayout, gateway: Gateway) -> None:
+    """A good certificate is delegated: the backend's acceptor sees the UPN's principal via Negotiate."""
+    res = curl(lab, gateway.url + "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice", "alice")
+    body, code = _split(res.stdout)
+    assert code == 200, res
+    echo = json.loads(body)
+    assert echo["principal"] == "alice@LAB.TEST"
+    assert echo["auth_type"] == "Negotiate"
+    assert echo["path"] == "/Microsoft-Server-ActiveSync"
+    assert "Cmd=Sync" in echo["query"]
+
+
+def test_each_user_is_delegated_as_their_own_principal(lab: LabLayout, gateway: Gateway) -> None:
+    """Different certificates on different connections become different principals at the backend."""
+    for user in USERS:
+        body, code = _split(curl(lab, gateway.url + "/EWS/Exchange.asmx", user).stdout)
+        assert code == 200
+        assert json.loads(body)["principal"] == f"{user}@LAB.TEST"
+
+
+def test_request_body_reaches_backend_intact(lab: LabLayout, gateway: Gateway, tmp_path: Path) -> None:
+    """A POSTed body arrives byte for byte (digest and length checked by the backend)."""
+    payload = bytes(range(256)) * 4096 + b"tail"
+    (tmp_path / "body.bin").write_bytes(payload)
+    res = curl(
+        lab,
+        gateway.url + "/Microsoft-Server-ActiveSync?Cmd=SendMail",
+        "bob",
+        "--data-binary",
+        f"@{tmp_path / 'body.bin'}",
+        "-H",
+        "Content-Type: application/vnd.ms-sync.wbxml",
+    )
+    body, code = _split(res.stdout)
+    assert code == 200, res
+    echo = json.loads(body)
+    assert echo["method"] == "POST"
+    assert echo["body_length"] == len(payload)
+    assert echo["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert echo["principal"] == "bob@LAB.TEST"
+
+
+def test_backend_status_headers_and_body_come_back_unchanged(lab: LabLayout, gateway: Gateway) -> None:
+    """Exchange's own status codes and headers pass through; Negotiate challenges do not."""
+    status, headers, body = asyncio.run(
+        _request(lab, gateway, "/Microsoft-Server-ActiveSync", headers={"X-Lab-Status": "449"})
+    )
+    assert status == 449
+    assert json.loads(body)["principal"] == "alice@LAB.TEST"
+    assert headers["X-Lab-Principal"] == "alice@LAB.TEST"
+    assert "WWW-Authenticate" not in headers
+
+
+def test_activesync_options_headers_pass_through(lab: LabLayout, gateway: Gateway) -> None:
+    """OPTIONS on ActiveSync returns the backend's protocol version and command lists."""
+    status, headers, _ = asyncio.run(_request(lab, gateway, "/Microsoft-Server-ActiveSync", method="OPTIONS"))
+    assert status == 200
+    assert "14.1" in headers["MS-ASProtocolVersions"]
+    assert "Ping" in headers["MS-ASProtocolCommands"]
+
+
+def test_client_identity_and_hop_headers_never_reach_backend(lab: LabLayout, gateway: Gateway) -> None:
+    """Client Authorization, identity headers in any spelling and Connection-named headers are dropped."""
+    sent = {
+        "Authorization": "Basic bWFsbG9yeTpwdw==",
+        "Proxy-Authorization": "Basic bWFsbG9yeTpwdw==",
+        "X-Remote-User": "mallory",
+        "x-forwarded-user": "mallory",
+        "X_Remote_User": "mallory",
+        "Remote-User": "mallory",
+        "X-Forwarded-For": "203.0.113.66",
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "mallory",
+        "MS-ASProtocolVersion": "16.1",
+    }
+    status, _, body = asyncio.run(_request(lab, gateway, "/Microsoft-Server-ActiveSync", headers=sent))
+    assert status == 200
+    echo = json.loads(body)
+    seen = {k.lower(): v for k, v in echo["headers"].items()}
+    assert "mallory" not in json.dumps(echo["headers"])
+    assert not {"proxy-authorization", "x-remote-user", "x-forwarded-user", "remote-user", "x-hop"} & set(seen)
+    assert not any("_" in k for k in seen)
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-forwarded-host"] == f"127.0.0.1:{gateway.port}"
+    assert seen["ms-asprotocolversion"] == "16.1"
+    assert echo["principal"] == "alice@LAB.TEST"
+
+
+@pytest.mark.parametrize(
+    ("user", "reason_in_log", "curl_says"),
+    [
+        (None, "peer did not return a certificate", "alert certificate required"),
+        ("expired", "certificate has expired", "alert certificate expired"),
+        ("notyet", "certificate is not yet valid", "alert bad certificate"),
+        ("untrusted", "unable to get local issuer certificate", "alert unknown ca"),
+        ("noclientauth", "unsuitable certificate purpose", "alert unsupported certificate"),
+    ],
+)
+def test_bad_certificates_are_refused_in_the_handshake(
+    lab: LabLayout, gateway: Gateway, user: str | None, reason_in_log: str, curl_says: str
+) -> None:
+    """No, expired, not-yet-valid, untrusted (copied CA name) or non-clientAuth certificates: a TLS alert."""
+    res = curl(lab, gateway.url + "/Microsoft-Server-ActiveSync", user)
+    assert res.returncode != 0, res
+    assert curl_says in res.stderr.lower()
+    refusals = [e for e in gateway.events("tls_handshake_refused") if reason_in_log in e["reason"].lower()]
+    assert refusals, gateway.events("tls_handshake_refused")
+
+
+@pytest.mark.parametrize(
+    ("user", "status", "stage", "reason"),
+    [
+        ("revoked", 403, "revocation", "revoked"),
+        ("noupn", 403, "identity", "no user principal name"),
+        ("ghost", 403, "kerberos", "no Kerberos account matches ghost@LAB.TEST"),
+        ("dave", 403, "kerberos", "disabled or locked"),
+    ],
+)
+def test_refusals_after_the_handshake_say_why(
+    lab: LabLayout, gateway: Gateway, user: str, status: int, stage: str, reason: str
+) -> None:
+    """Revoked, UPN-less, unknown or disabled users get a 403 with a reason, logged as an audit event."""
+    res = curl(lab, gateway.url + "/Microsoft-Server-ActiveSync", user, "-D", "-")
+    body, code = _split(res.stdout)
+    assert code == status
+    assert reason in body
+    assert f"x-kcd-refused-stage: {stage}" in body.lower()
+    audits = [e for e in gateway.events("request") if e.get("refused_stage") == stage and reason in e["reason"]]
+    assert audits
+    assert audits[-1]["status"] == status
+
+
+def test_delegation_outside_the_allow_list_is_refused_with_the_fix(lab: LabLayout, gateway: Gateway) -> None:
+    """A route whose SPN is not in the proxy's delegation list: 403 to the client, the fix in the log."""
+    body, code = _split(curl(lab, gateway.url + "/not-delegable/x", "carol").stdout)
+    assert code == 403
+    assert "may not act for carol@LAB.TEST at HTTP/other.lab.test" in body
+    event = gateway.wait_event("kerberos_refused", principal="carol@LAB.TEST")
+    assert "add HTTP/other.lab.test to the delegation list" in event["fix"]
+
+
+def test_backend_unreachable_is_502(lab: LabLayout, gateway: Gateway) -> None:
+    """Nothing listening at the upstream: 502, never 401."""
+    body, code = _split(curl(lab, gateway.url + "/dead/x", "alice").stdout)
+    assert code == 502
+    assert "cannot be reached" in body
+
+
+def test_backend_rejecting_the_ticket_is_502_naming_the_spn(lab: LabLayout, gateway: Gateway) -> None:
+    """A backend that cannot accept the delegated ticket: 502 to the device, the SPN in the log."""
+    body, code = _split(curl(lab, gateway.url + "/wrong-key/x", "alice").stdout)
+    assert code == 502
+    assert "refused the gateway's Kerberos ticket" in body
+    event = gateway.wait_event("backend_rejected_ticket", principal="alice@LAB.TEST")
+    assert "HTTP/cas.lab.test" in event["fix"]
+
+
+def test_kdc_unreachable_is_503_with_retry_after(lab: LabLayout, tmp_path: Path) -> None:
+    """With no KDC answering, the device is told to come back later."""
+    dead = tmp_path / "krb5.conf"
+    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{free_port()}"))
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), krb5_conf=dead))
+    try:
+        res = curl(lab, gw.url + "/owa/", "alice", "-D", "-")
+        body, code = _split(res.stdout)
+        assert code == 503
+        assert "retry-after:" in body.lower()
+    finally:
+        assert gw.stop() == 0
+
+
+def test_one_summary_line_per_request_and_no_secrets(lab: LabLayout, gateway: Gateway) -> None:
+    """Each request logs one JSON summary with who, which cert, which SPN and stage timings; no token."""
+    _body, code = _split(curl(lab, gateway.url + "/autodiscover/autodiscover.xml?probe=summary", "carol").stdout)
+    assert code == 200
+    line = gateway.wait_event("request", path="/autodiscover/autodiscover.xml", principal="carol@LAB.TEST")
+    assert line["status"] == 200
+    assert line["upn"] == "carol@lab.test"
+    assert line["cert_subject"] == "CN=carol"
+    assert line["cert_issuer"] == "CN=Lab Issuing CA"
+    assert line["cert_serial"]
+    assert line["spn"] == "HTTP/cas.lab.test"
+    assert line["route"] == "/"
+    assert {"tls", "certificate", "revocation", "identity", "kerberos", "backend", "total"} <= set(line["ms"])
+    text = gateway.log_path.read_text()
+    assert "Negotiate " not in text
+    assert "YII" not in text  # the start of every base64 SPNEGO/Kerberos token
+    for password in USERS.values():
+        assert password not in text
+
+
+def test_sigterm_stops_the_gateway_cleanly(lab: LabLayout, tmp_path: Path) -> None:
+    """SIGTERM ends `kcd-proxy run` with exit status 0 and a 'stopped' log line."""
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port()))
+    assert _split(curl(lab, gw.url + "/owa/", "alice").stdout)[1] == 200
+    assert gw.stop() == 0
+    assert gw.events("stopped")

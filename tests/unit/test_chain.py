@@ -1,0 +1,263 @@
+"""The certificate stage: chain building from the trust list only, and the reasons it gives."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import shutil
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from proxy.certs.chain import MAX_CHAIN_DEPTH, TrustList, verify_chain
+from proxy.errors import CertificateRejected
+from proxy.identity.upn import upn_from_certificate, upn_other_name
+from proxy.lab.pki import Pki, make_pki
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
+
+
+@pytest.fixture(scope="module")
+def trust(pki: Pki) -> TrustList:
+    return TrustList.load([pki.root_cert], [pki.issuing_cert])
+
+
+def cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+def issue(
+    issuer: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    cn: str,
+    *extensions: tuple[x509.ExtensionType, bool],
+    not_after: datetime = NOW + timedelta(days=30),
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate for `cn` with exactly the given extensions, signed by `issuer_key`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=10))
+        .not_valid_after(not_after)
+    )
+    for value, critical in extensions:
+        builder = builder.add_extension(value, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA256()), key
+
+
+CLIENT_AUTH = (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+UPN_SAN = (x509.SubjectAlternativeName([upn_other_name("alice@lab.test")]), False)
+CA = (x509.BasicConstraints(ca=True, path_length=None), True)
+
+
+def rejected(leaf: x509.Certificate, trust: TrustList, at: datetime = NOW) -> str:
+    with pytest.raises(CertificateRejected) as info:
+        verify_chain(leaf, trust, at=at)
+    return info.value.reason
+
+
+def test_good_chain_is_evidence(pki: Pki, trust: TrustList) -> None:
+    """A lab user's certificate verifies to the root, and the evidence names it exactly."""
+    leaf = cert(pki.user_cert("alice"))
+    verified = verify_chain(leaf, trust, at=NOW)
+    assert verified.leaf == leaf
+    assert verified.chain == (leaf, cert(pki.issuing_cert), cert(pki.root_cert))
+    assert (verified.subject, verified.issuer) == ("CN=alice", "CN=Lab Issuing CA")
+    assert verified.serial == leaf.serial_number
+    assert verified.fingerprint_sha256 == hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def test_trust_list_loads_pem_bundles_and_der(pki: Pki, tmp_path: Path) -> None:
+    """TrustList.load reads a DER anchor and a multi-certificate PEM bundle."""
+    der = tmp_path / "root.cer"
+    der.write_bytes(cert(pki.root_cert).public_bytes(serialization.Encoding.DER))
+    trust = TrustList.load([der], [pki.server_chain])
+    assert trust.anchors == (cert(pki.root_cert),)
+    assert trust.intermediates == (cert(pki.server_cert), cert(pki.issuing_cert))
+
+
+def test_expired_certificate_refused(pki: Pki, trust: TrustList) -> None:
+    """An expired certificate is refused with its expiry date."""
+    assert rejected(cert(pki.user_cert("expired")), trust) == "certificate expired on 2025-05-31T12:00:00Z"
+
+
+def test_not_yet_valid_certificate_refused(pki: Pki, trust: TrustList) -> None:
+    """A certificate whose validity has not begun is refused with its start date."""
+    assert rejected(cert(pki.user_cert("notyet")), trust) == "certificate not valid before 2025-07-01T12:00:00Z"
+
+
+def test_rogue_ca_copying_trusted_names_refused(pki: Pki, trust: TrustList) -> None:
+    """A certificate from a rogue CA named exactly like the trusted one fails on the signature."""
+    reason = rejected(cert(pki.user_cert("untrusted")), trust)
+    assert reason == (
+        "signature does not verify against the trusted 'CN=Lab Issuing CA' (a certificate copying a trusted CA's name?)"
+    )
+
+
+def test_issuer_missing_from_trust_list_refused(pki: Pki) -> None:
+    """Without the issuing CA configured, the chain cannot be built: the client cannot supply it."""
+    only_root = TrustList.load([pki.root_cert])
+    assert rejected(cert(pki.user_cert("alice")), only_root) == "issuer 'CN=Lab Issuing CA' is not in the trust list"
+
+
+def test_server_auth_only_certificate_refused(pki: Pki, trust: TrustList) -> None:
+    """A certificate issued for serverAuth only is not a client certificate."""
+    reason = rejected(cert(pki.user_cert("noclientauth")), trust)
+    assert reason == "certificate lacks the clientAuth extended key usage (it has: serverAuth)"
+
+
+def test_certificate_without_eku_refused(pki: Pki, trust: TrustList) -> None:
+    """A leaf with no EKU at all (valid for any purpose under RFC 5280) is refused all the same."""
+    leaf, _ = issue(cert(pki.issuing_cert), ca_key(pki.issuing_key), "alice", UPN_SAN)
+    assert rejected(leaf, trust) == "certificate has no extended key usage; the gateway requires clientAuth"
+
+
+def test_stock_client_verifier_accepts_leaf_without_eku(pki: Pki, trust: TrustList) -> None:
+    """Canary: cryptography's own client verifier passes a leaf without EKU, hence our own check."""
+    issuing_key = ca_key(pki.issuing_key)
+    aki = (x509.AuthorityKeyIdentifier.from_issuer_public_key(issuing_key.public_key()), False)
+    leaf, _ = issue(cert(pki.issuing_cert), issuing_key, "alice", UPN_SAN, aki)
+    verifier = PolicyBuilder().store(Store(list(trust.anchors))).time(NOW).build_client_verifier()
+    assert verifier.verify(leaf, list(trust.intermediates)).chain[0] == leaf
+
+
+def test_key_usage_without_digital_signature_refused(pki: Pki, trust: TrustList) -> None:
+    """A leaf whose keyUsage exists but lacks digitalSignature cannot sign the TLS handshake."""
+    encipher_only = x509.KeyUsage(False, False, True, False, False, False, False, False, False)
+    leaf, _ = issue(
+        cert(pki.issuing_cert), ca_key(pki.issuing_key), "alice", CLIENT_AUTH, UPN_SAN, (encipher_only, True)
+    )
+    assert rejected(leaf, trust) == "certificate key usage lacks digitalSignature"
+
+
+def test_end_entity_cannot_act_as_ca(pki: Pki) -> None:
+    """Even if configured as an intermediate, a certificate without cA=TRUE cannot issue certificates."""
+    trust = TrustList.load([pki.root_cert], [pki.issuing_cert, pki.user_cert("alice")])
+    leaf, _ = issue(cert(pki.user_cert("alice")), ca_key(pki.user_key("alice")), "mallory", CLIENT_AUTH, UPN_SAN)
+    reason = rejected(leaf, trust)
+    assert reason.startswith("certificate chain does not validate:")
+    assert "basicConstraints.cA must be asserted" in reason
+
+
+def test_enterprise_ca_profile_accepted(pki: Pki) -> None:
+    """An intermediate with non-critical basicConstraints and no keyUsage, AKI or SKI still issues."""
+    loose_ca, loose_key = issue(cert(pki.root_cert), ca_key(pki.root_key), "Loose CA", (CA[0], False))
+    trust = TrustList(anchors=(cert(pki.root_cert),), intermediates=(loose_ca,))
+    leaf, _ = issue(loose_ca, loose_key, "alice", CLIENT_AUTH, UPN_SAN)
+    assert verify_chain(leaf, trust, at=NOW).chain[1] == loose_ca
+
+
+def test_ca_key_usage_without_key_cert_sign_refused(pki: Pki) -> None:
+    """A CA whose keyUsage is present but lacks keyCertSign cannot issue certificates."""
+    no_cert_sign = x509.KeyUsage(True, False, False, False, False, False, True, False, False)  # digitalSig, cRLSign
+    weak_ca, weak_key = issue(cert(pki.root_cert), ca_key(pki.root_key), "Weak CA", CA, (no_cert_sign, True))
+    trust = TrustList(anchors=(cert(pki.root_cert),), intermediates=(weak_ca,))
+    leaf, _ = issue(weak_ca, weak_key, "alice", CLIENT_AUTH, UPN_SAN)
+    assert "CA key usage lacks keyCertSign" in rejected(leaf, trust)
+
+
+def test_expired_issuing_ca_named_in_reason(pki: Pki) -> None:
+    """When an intermediate has expired, the reason names that CA and its expiry date."""
+    old_ca, old_key = issue(
+        cert(pki.root_cert), ca_key(pki.root_key), "Old Issuing CA", CA, not_after=NOW - timedelta(days=2)
+    )
+    trust = TrustList(anchors=(cert(pki.root_cert),), intermediates=(old_ca,))
+    leaf, _ = issue(old_ca, old_key, "alice", CLIENT_AUTH, UPN_SAN)
+    expiry = (NOW - timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert rejected(leaf, trust) == f"issuing CA 'CN=Old Issuing CA' expired on {expiry}"
+
+
+def test_chain_depth_is_bounded(pki: Pki) -> None:
+    """MAX_CHAIN_DEPTH intermediates are accepted; one more is refused, however well formed."""
+    issuer, key = cert(pki.root_cert), ca_key(pki.root_key)
+    cas: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
+    for depth in range(MAX_CHAIN_DEPTH + 1):
+        issuer, key = issue(issuer, key, f"Deep CA {depth}", CA)
+        cas.append((issuer, key))
+    trust = TrustList(anchors=(cert(pki.root_cert),), intermediates=tuple(ca for ca, _ in cas))
+    deepest_allowed, _ = issue(*cas[MAX_CHAIN_DEPTH - 1], "alice", CLIENT_AUTH, UPN_SAN)
+    too_deep, _ = issue(*cas[MAX_CHAIN_DEPTH], "alice", CLIENT_AUTH, UPN_SAN)
+    assert len(verify_chain(deepest_allowed, trust, at=NOW).chain) == MAX_CHAIN_DEPTH + 2
+    assert rejected(too_deep, trust).startswith("certificate chain does not validate:")
+
+
+def test_naive_time_refused(pki: Pki, trust: TrustList) -> None:
+    """The validation time must carry a timezone: a naive datetime is a programming error."""
+    with pytest.raises(ValueError, match="timezone-aware"):
+        verify_chain(cert(pki.user_cert("alice")), trust, at=NOW.replace(tzinfo=None))
+
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl CLI is not installed")
+UPN_EXTFILE = "subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test\nextendedKeyUsage = clientAuth\n"
+
+
+def openssl(directory: Path, command: str) -> None:
+    subprocess.run(["openssl", *shlex.split(command)], cwd=directory, check=True, capture_output=True)
+
+
+@needs_openssl
+def test_openssl_cli_certificates_pass(tmp_path: Path) -> None:
+    """A CA from `openssl req -x509` defaults and a leaf from `openssl x509 -req` pass chain and UPN stages."""
+    (tmp_path / "ext.cnf").write_text(UPN_EXTFILE)
+    openssl(tmp_path, "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -subj '/CN=Other Team CA'")
+    openssl(tmp_path, "req -new -newkey rsa:2048 -nodes -keyout alice.key -out alice.csr -subj /CN=alice")
+    openssl(
+        tmp_path, "x509 -req -in alice.csr -CA ca.pem -CAkey ca.key -CAcreateserial -extfile ext.cnf -out alice.pem"
+    )
+    leaf = cert(tmp_path / "alice.pem")
+    ca = cert(tmp_path / "ca.pem")
+    with pytest.raises(x509.ExtensionNotFound):  # openssl's default CA has no keyUsage: the web-PKI profile refuses it
+        ca.extensions.get_extension_for_class(x509.KeyUsage)
+
+    verified = verify_chain(leaf, TrustList(anchors=(ca,)), at=leaf.not_valid_before_utc + timedelta(minutes=1))
+    assert verified.chain == (leaf, ca)
+    assert upn_from_certificate(leaf) == "alice@lab.test"
+
+
+@needs_openssl
+def test_openssl_cli_intermediate_passes(tmp_path: Path) -> None:
+    """An openssl-made intermediate with non-critical basicConstraints and an issuer+serial AKI still links."""
+    (tmp_path / "ext.cnf").write_text(UPN_EXTFILE)
+    (tmp_path / "int.cnf").write_text("basicConstraints = CA:TRUE\nauthorityKeyIdentifier = keyid,issuer:always\n")
+    openssl(
+        tmp_path,
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -subj /CN=Root",
+    )
+    openssl(
+        tmp_path,
+        "req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout i.key -out i.csr -subj /CN=Issuing",
+    )
+    openssl(tmp_path, "x509 -req -in i.csr -CA ca.pem -CAkey ca.key -CAcreateserial -extfile int.cnf -out i.pem")
+    openssl(
+        tmp_path, "req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout a.key -out a.csr -subj /CN=alice"
+    )
+    openssl(tmp_path, "x509 -req -in a.csr -CA i.pem -CAkey i.key -CAcreateserial -extfile ext.cnf -out a.pem")
+    leaf, issuing = cert(tmp_path / "a.pem"), cert(tmp_path / "i.pem")
+    assert not issuing.extensions.get_extension_for_class(x509.BasicConstraints).critical
+    assert issuing.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.authority_cert_issuer
+
+    trust = TrustList.load([tmp_path / "ca.pem"], [tmp_path / "i.pem"])
+    verified = verify_chain(leaf, trust, at=leaf.not_valid_before_utc + timedelta(minutes=1))
+    assert verified.chain == (leaf, issuing, cert(tmp_path / "ca.pem"))

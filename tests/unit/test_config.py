@@ -1,0 +1,146 @@
+"""Configuration loading: typed values, relative paths, and problems that name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy import config
+from proxy.errors import ConfigError
+
+GOOD = """
+[listener]
+bind = "127.0.0.1:8443"
+certificate = "tls/server-chain.pem"
+private_key = "tls/server.key"
+
+[client_certificates]
+trust_anchors = ["pki/root.pem"]
+intermediates = ["pki/issuing.pem"]
+crls = ["pki/crls.pem"]
+
+[identity]
+source = "san-upn"
+realm_map = { "Corp.Example" = "LAB.TEST" }
+
+[kerberos]
+principal = "HTTP/proxy.lab.test@LAB.TEST"
+keytab = "proxy.keytab"
+
+[[routes]]
+prefix = "/"
+upstream = "http://127.0.0.1:8081"
+spn = "HTTP/cas.lab.test"
+
+[[routes]]
+prefix = "/EWS/"
+upstream = "https://ews.lab.test:8444"
+"""
+
+FILES = ["tls/server-chain.pem", "tls/server.key", "pki/root.pem", "pki/issuing.pem", "pki/crls.pem", "proxy.keytab"]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    for name in FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_configuration_is_typed_and_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    """Values come out typed; relative paths resolve against the file's directory; defaults apply."""
+    cfg = config.load(_write(tmp_path, GOOD))
+    assert (cfg.listener.host, cfg.listener.port) == ("127.0.0.1", 8443)
+    assert cfg.listener.certificate == tmp_path / "tls/server-chain.pem"
+    assert cfg.client_certificates.crls == (tmp_path / "pki/crls.pem",)
+    assert cfg.client_certificates.revocation == "require"
+    assert cfg.identity.realm_map == {"corp.example": "LAB.TEST"}
+    assert cfg.kerberos.keytab == tmp_path / "proxy.keytab"
+    assert cfg.kerberos.krb5_config is None
+
+
+def test_longest_prefix_wins_and_spn_defaults_to_the_upstream_host(tmp_path: Path) -> None:
+    """Routes match by longest prefix; a route without spn gets HTTP/<upstream host>."""
+    cfg = config.load(_write(tmp_path, GOOD))
+    ews = cfg.route_for("/EWS/Exchange.asmx")
+    assert ews is not None
+    assert ews.spn == "HTTP/ews.lab.test"
+    assert ews.gss_target == "HTTP@ews.lab.test"
+    other = cfg.route_for("/Microsoft-Server-ActiveSync")
+    assert other is not None
+    assert other.prefix == "/"
+    assert other.spn == "HTTP/cas.lab.test"
+
+
+def test_no_crls_means_revocation_off_unless_required(tmp_path: Path) -> None:
+    """Without CRLs revocation defaults to off; an explicit "require" with none is refused by key."""
+    text = GOOD.replace('crls = ["pki/crls.pem"]', "")
+    assert config.load(_write(tmp_path, text)).client_certificates.revocation == "off"
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, text.replace("[identity]", 'revocation = "require"\n[identity]')))
+    assert e.value.problems[0].startswith("client_certificates.revocation:")
+
+
+BROKEN = [
+    ('bind = "127.0.0.1:8443"', 'bind = "8443"', "listener.bind: expected host:port"),
+    ('bind = "127.0.0.1:8443"', 'bind = "127.0.0.1:99999"', "listener.bind: expected host:port"),
+    ('bind = "127.0.0.1:8443"', "", "listener.bind: missing"),
+    ('private_key = "tls/server.key"', 'private_key = "tls/nope.key"', "listener.private_key: file not found"),
+    ('trust_anchors = ["pki/root.pem"]', "trust_anchors = []", "client_certificates.trust_anchors: at least one"),
+    ('crls = ["pki/crls.pem"]', 'crls = ["pki/gone.pem"]', "client_certificates.crls[0]: file not found"),
+    ('source = "san-upn"', 'source = "fingerprint"', "identity.source: expected one of"),
+    ('principal = "HTTP/proxy.lab.test@LAB.TEST"', 'principal = "HTTP/proxy"', "kerberos.principal: expected"),
+    ('keytab = "proxy.keytab"', "keytab = 7", "kerberos.keytab: expected str, got int"),
+    ('upstream = "http://127.0.0.1:8081"', 'upstream = "ftp://x"', "routes[0].upstream: expected http(s)"),
+    ('upstream = "http://127.0.0.1:8081"', 'upstream = "http://x/owa"', "routes[0].upstream: expected http(s)"),
+    ('spn = "HTTP/cas.lab.test"', 'spn = "cas.lab.test"', "routes[0].spn: expected service/host"),
+    ('prefix = "/EWS/"', 'prefix = "EWS"', "routes[1].prefix: must start with '/'"),
+    ('prefix = "/EWS/"', 'prefix = "/"', "routes[1].prefix: duplicate prefix"),
+    ("[identity]", "colour = 1\n[identity]", "client_certificates.colour: unknown key"),
+    ('spn = "HTTP/cas.lab.test"', 'spn = "HTTP/cas.lab.test"\nread_timeout = -1', "routes[0].read_timeout: must be"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "problem"), BROKEN)
+def test_broken_configurations_name_the_key_and_the_file(tmp_path: Path, old: str, new: str, problem: str) -> None:
+    """Each broken value is reported with its key and the configuration file's path."""
+    assert old in GOOD
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, GOOD.replace(old, new, 1)))
+    assert any(p.startswith(problem) and str(tmp_path / "gateway.toml") in p for p in e.value.problems), (
+        e.value.problems
+    )
+
+
+def test_all_problems_are_reported_together(tmp_path: Path) -> None:
+    """Several mistakes come back in one pass, not one per run."""
+    text = GOOD.replace('bind = "127.0.0.1:8443"', 'bind = "x"').replace('spn = "HTTP/cas.lab.test"', 'spn = "x"')
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, text))
+    assert len(e.value.problems) == 2
+
+
+def test_not_toml_and_missing_file_are_reported(tmp_path: Path) -> None:
+    """A file that is not TOML, or not there, is a clear error."""
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(_write(tmp_path, "[listener\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "absent.toml")
+
+
+def test_checked_in_lab_configuration_points_into_the_default_lab() -> None:
+    """config/lab.toml names the files the default lab directory holds."""
+    from proxy.lab.layout import LabLayout
+
+    text = (Path(__file__).parents[2] / "config" / "lab.toml").read_text()
+    layout = LabLayout.default()
+    import tomllib
+
+    data = tomllib.loads(text)
+    base = Path(__file__).parents[2] / "config"
+    assert (base / data["kerberos"]["keytab"]).resolve() == layout.proxy_keytab
+    assert (base / data["client_certificates"]["trust_anchors"][0]).resolve() == layout.pki_dir / "root.pem"
+    assert data["routes"][0]["upstream"].endswith(f":{layout.backend_port}")

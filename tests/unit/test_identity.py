@@ -1,0 +1,125 @@
+"""The identity stage: names read from a certificate, and the Kerberos principal they map to."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from proxy.errors import IdentityRejected
+from proxy.identity.principal import UserPrincipal, map_upn
+from proxy.identity.upn import UPN_OID, common_name, email_from_certificate, upn_from_certificate, upn_other_name
+from proxy.lab.pki import Pki, make_pki
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+LAB = {"lab.test": "LAB.TEST"}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
+
+
+def cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def with_san(*names: x509.GeneralName, cn: str = "crafted") -> x509.Certificate:
+    """A self-signed certificate whose subjectAltName holds exactly `names` (no SAN at all if none)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + timedelta(days=1))
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def test_upn_read_from_lab_certificate(pki: Pki) -> None:
+    """The UPN otherName of a lab user certificate decodes to the user's UPN."""
+    assert upn_from_certificate(cert(pki.user_cert("alice"))) == "alice@lab.test"
+
+
+def test_certificate_without_upn(pki: Pki) -> None:
+    """A certificate whose SAN holds only an rfc822Name has no UPN, but has an e-mail and a CN."""
+    noupn = cert(pki.user_cert("noupn"))
+    assert upn_from_certificate(noupn) is None
+    assert email_from_certificate(noupn) == "heidi@lab.test"
+    assert common_name(noupn) == "heidi"
+
+
+def test_certificate_without_san() -> None:
+    """No subjectAltName at all means no UPN and no e-mail, not an error."""
+    bare = with_san(cn="bare")
+    assert (upn_from_certificate(bare), email_from_certificate(bare), common_name(bare)) == (None, None, "bare")
+
+
+def test_upn_that_is_not_a_utf8string_refused() -> None:
+    """A UPN otherName holding an IA5String instead of a UTF8String is refused, not guessed at."""
+    crafted = with_san(x509.OtherName(UPN_OID, b"\x16\x0ealice@lab.test"))
+    with pytest.raises(IdentityRejected, match="not a DER UTF8String"):
+        upn_from_certificate(crafted)
+
+
+def test_two_upns_refused() -> None:
+    """A certificate naming two users is ambiguous and refused."""
+    crafted = with_san(upn_other_name("alice@lab.test"), upn_other_name("bob@lab.test"))
+    with pytest.raises(IdentityRejected, match="carries 2 UPNs"):
+        upn_from_certificate(crafted)
+
+
+def test_lab_upn_maps_to_principal() -> None:
+    """alice@lab.test becomes alice@LAB.TEST, with the source recorded."""
+    assert map_upn("alice@lab.test", realm_map=LAB) == UserPrincipal(
+        upn="alice@lab.test", principal="alice@LAB.TEST", realm="LAB.TEST", source="san-upn"
+    )
+
+
+def test_other_realm_upn_unmapped_uses_upper_cased_suffix(pki: Pki) -> None:
+    """A UPN suffix with no realm_map entry becomes its own upper-cased realm."""
+    upn = upn_from_certificate(cert(pki.user_cert("other-realm")))
+    assert upn == "alice@corp.example"
+    assert map_upn(upn, realm_map=LAB).principal == "alice@CORP.EXAMPLE"
+
+
+def test_other_realm_upn_mapped_case_insensitively() -> None:
+    """realm_map matches the suffix whatever its case, and keeps the local part as is."""
+    mapped = map_upn("Alice@CORP.example", realm_map={"Corp.Example": "LAB.TEST"}, source="san-email")
+    assert (mapped.principal, mapped.realm, mapped.source) == ("Alice@LAB.TEST", "LAB.TEST", "san-email")
+
+
+@pytest.mark.parametrize(
+    ("upn", "why"),
+    [
+        ("krbtgt/LAB.TEST@lab.test", "contains '/'"),
+        ("HTTP/cas.lab.test@lab.test", "contains '/'"),
+        ("alice\\/admin@lab.test", "contains '\\'"),
+        ("alice@lab.test@EVIL.TEST", "found 2"),
+        ("alice", "found 0"),
+        ("@lab.test", "empty user part"),
+        ("alice@", "empty domain part"),
+        ("alice@lab..test", "empty label"),
+        ("alice @lab.test", "U+0020"),
+        ("alice\x00@lab.test", "U+0000"),
+        ("alice\n@lab.test", "U+000A"),
+        ("al\u200bice@lab.test", "U+200B (ZERO WIDTH SPACE)"),
+    ],
+)
+def test_crafted_upn_refused(upn: str, why: str) -> None:
+    """A UPN that could change the principal's meaning (service names, realms, hidden characters) is refused."""
+    with pytest.raises(IdentityRejected) as info:
+        map_upn(upn, realm_map=LAB)
+    assert info.value.reason.startswith(f"UPN {upn!r} is not usable: ")
+    assert why in info.value.reason
