@@ -22,6 +22,7 @@ from gssapi.raw.misc import GSSError
 
 from proxy.lab.kdc import RealmError, ensure_realm, realm_status, stop_realm
 from proxy.lab.layout import BACKEND_SERVICE, OTHER_SERVICE, PROXY_SERVICE, REALM, LabLayout
+from tests.integration.conftest import free_port
 
 _TOOLS = ("slapd", "krb5kdc", "kdb5_ldap_util", "kadmin.local", "ldapadd", "ldapmodify")
 _MISSING = [tool for tool in _TOOLS if shutil.which(tool) is None]
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"lab realm tools not on 
 
 @pytest.fixture(scope="module")
 def realm_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
-    layout = LabLayout(root=tmp_path_factory.mktemp("kdc-lab"), ldap_port=53489, kdc_port=58188)
+    layout = LabLayout(root=tmp_path_factory.mktemp("kdc-lab"), ldap_port=free_port(), kdc_port=free_port())
     try:
         ensure_realm(layout)
         with pytest.MonkeyPatch.context() as env:
