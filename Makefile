@@ -2,11 +2,14 @@
 # Both start with `make setup`, which installs what is missing and is cheap when nothing is.
 SHELL := /bin/bash
 PY := .venv/bin/python
+# docker-compose and systemd: `make test` checks docker-compose.yml (`docker-compose config`, no engine
+# needed) and the systemd unit (`systemd-analyze verify`).
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
-        gcc make curl openssl python3-venv python3-dev
+        gcc make curl openssl python3-venv python3-dev \
+        docker-compose systemd
 STAMP := .venv/.installed
 
-.PHONY: setup debs lab lab-down test lint unit integration clean
+.PHONY: setup debs lab lab-down test lint unit integration clean bench bench-setup
 
 setup: debs $(STAMP)
 
@@ -32,12 +35,28 @@ lab-down:
 	$(PY) -m proxy lab down
 
 lint: setup
-	.venv/bin/ruff check proxy tests
-	.venv/bin/ruff format --check proxy tests
+	.venv/bin/ruff check proxy tests bench
+	.venv/bin/ruff format --check proxy tests bench
 	.venv/bin/mypy
 
+# Two workers, one test file each at a time (--dist loadfile): each brings up its own lab on free ports,
+# and the slow ActiveSync Ping test (310 s) runs beside the rest of the suite.
 test: lint
-	.venv/bin/pytest -q
+	.venv/bin/pytest -q -n 2 --dist loadfile
+
+# `make bench`: kcd-proxy against nginx, side by side (bench/run.py; a few minutes; not part of `make test`).
+BENCH_DEBS := nginx-light wrk gcc libssl-dev curl util-linux
+
+bench-setup:
+	@missing=$$(for p in $(BENCH_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the bench:" $$missing; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+bench: setup bench-setup
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	-$(PY) -m proxy lab down

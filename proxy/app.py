@@ -15,17 +15,20 @@ from datetime import UTC, datetime
 
 import structlog
 from aiohttp import web
-from cryptography import x509
 
-from proxy.backend.forward import Pools
+from proxy.admin import start_admin
+from proxy.auth.basic import BasicLogin
+from proxy.backend.forward import Pools, defer_continue
 from proxy.certs.chain import TrustList
-from proxy.certs.revocation import CrlSet, load_crls
+from proxy.certs.live import LiveRevocation
+from proxy.certs.revocation import load_crls
 from proxy.config import Config
 from proxy.errors import BadRequest, ConfigError, GatewayError
 from proxy.kerberos.delegate import Delegator
+from proxy.live import Live
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
-from proxy.tls.server import gate_factory, server_context
+from proxy.tls.server import gate_factory
 
 log = structlog.get_logger("proxy")
 TRACE_KEY = web.RequestKey("trace", Trace)
@@ -38,20 +41,29 @@ def build(config: Config) -> Gateway:
         trust = TrustList.load(cc.trust_anchors, cc.intermediates)
     except (ValueError, OSError) as e:
         raise ConfigError([f"client_certificates.trust_anchors: {e} (in {config.path})"]) from None
-    loaded: list[tuple[str, x509.CertificateRevocationList]] = []
     for i, path in enumerate(cc.crls):
         try:
-            loaded.extend((str(path), crl) for crl in load_crls(path))
+            load_crls(path)  # a file that does not parse stops the start; one that does not verify is logged
         except (ValueError, OSError) as e:
             problems.append(f"client_certificates.crls[{i}]: {path}: {e} (in {config.path})")
     if problems:
         raise ConfigError(problems)
-    crls, crl_problems = CrlSet.build(loaded, trust, at=datetime.now(UTC))
-    for problem in crl_problems:
+    revocation = LiveRevocation(cc, trust)
+    for problem in revocation.load(now=datetime.now(UTC)):
         log.warning("crl_not_used", problem=problem)
     if cc.revocation == "off":
         log.warning("revocation_off", detail="client certificates are not checked against any CRL")
-    return Gateway(config=config, trust=trust, crls=crls, delegator=Delegator(config.kerberos), pools=Pools())
+    for route in config.routes:
+        if route.backend_auth == "basic" and not route.https:
+            log.warning("basic_in_cleartext", route=route.prefix, detail="users' passwords go to a plain-http upstream")
+    return Gateway(
+        config=config,
+        trust=trust,
+        revocation=revocation,
+        delegator=Delegator(config.kerberos),
+        pools=Pools(config.routes, config.listener),
+        basic=BasicLogin(config.authentication, config.identity, config.kerberos),
+    )
 
 
 def _refuse_smuggling(request: web.Request) -> None:
@@ -62,7 +74,9 @@ def _refuse_smuggling(request: web.Request) -> None:
         raise BadRequest("chunked transfer coding is not allowed with HTTP/1.0")
 
 
-def make_app(gw: Gateway) -> web.Application:
+def make_app(live: Live) -> web.Application:
+    """The gateway's application; each request runs with the configuration in force when it starts."""
+
     @web.middleware
     async def gateway_middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -72,29 +86,35 @@ def make_app(gw: Gateway) -> web.Application:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=trace.id)
         trace.note(method=request.method, path=request.path, client=request.remote)
+        live.metrics.begin(trace)
         status = 500
         try:
             _refuse_smuggling(request)
             response = await handler(request)
             status = response.status
             return response
+        except asyncio.CancelledError:
+            status = 499  # the device went away first (nginx's "client closed request")
+            raise
         except GatewayError as e:
             status = e.status
-            trace.note(refused_stage=e.stage, reason=e.reason)
+            trace.note(refused_stage=e.stage, reason=e.reason, refusal=e.event)
             log.warning(e.event, stage=e.stage, reason=e.reason, fix=e.hint, **_who(trace))
             return web.Response(
                 status=e.status,
                 text=f"{e.reason}\n",
-                headers={"X-KCD-Refused-Stage": e.stage, **e.headers},
+                headers={"X-KCD-Refused-Stage": e.stage, **e.headers, **e.challenge},
             )
         finally:
             log.info("request", status=status, **trace.summary())
+            live.metrics.observe(trace, status)
 
     async def proxy_handler(request: web.Request) -> web.StreamResponse:
-        return await handle(gw, request, request[TRACE_KEY])
+        with live.use() as gw:
+            return await handle(gw, request, request[TRACE_KEY])
 
-    app = web.Application(middlewares=[gateway_middleware], client_max_size=gw.config.listener.max_body_bytes)
-    app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=live.config.listener.max_body_bytes)
+    app.router.add_route("*", "/{tail:.*}", proxy_handler, expect_handler=defer_continue)
     return app
 
 
@@ -104,39 +124,53 @@ def _who(trace: Trace) -> dict[str, object]:
 
 
 async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
-    """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT."""
-    gw = build(config)
+    """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT; SIGHUP reloads (`proxy.live`)."""
+    live = Live.start(config)
+    gw = live.gateway
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
     runner = web.AppRunner(
-        make_app(gw),
+        make_app(live),
         access_log=None,
         handle_signals=False,
         keepalive_timeout=config.listener.keepalive_timeout,
         handler_cancellation=True,
         max_field_size=96 * 1024,
     )
+    await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
     await runner.setup()
     assert runner.server is not None
-    ctx = server_context(config)
+    handlers = runner.server
+    live.metrics.open_connections = lambda: len(handlers.connections)
     listener = config.listener
     server = await loop.create_server(
-        gate_factory(runner.server, ctx, listener.handshake_timeout),
+        gate_factory(
+            handlers, lambda: live.ssl_context, listener.handshake_timeout, on_refused=live.metrics.handshake_refused
+        ),
         listener.host,
         listener.port,
         reuse_address=True,
+        reuse_port=listener.workers > 1,  # each worker process binds the port; the kernel spreads connections
         backlog=1024,
     )
     log.info("listening", bind=f"{listener.host}:{listener.port}", routes=[r.prefix for r in config.routes])
+    admin = None
+    watcher = loop.create_task(live.watch()) if config.reload.watch else None
     try:
+        admin = await start_admin(live)
         await stop.wait()
     finally:
         log.info("stopping")
+        if watcher is not None:
+            watcher.cancel()
+        if admin is not None:
+            await admin.cleanup()
         server.close()
         await runner.cleanup()
-        await gw.pools.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        await live.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")

@@ -1,15 +1,18 @@
-"""Command line: `kcd-proxy run | check-config | lab`."""
+"""Command line: `kcd-proxy run | check-config | explain | doctor | lab`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
 from proxy import config as config_module
 from proxy.errors import ConfigError
+from proxy.lab.layout import LabLayout
+from proxy.ops import commands as ops_commands
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -19,36 +22,45 @@ def _run(args: argparse.Namespace) -> int:
     configure(args.log_level)
     try:
         cfg = config_module.load(Path(args.config))
-        asyncio.run(app.serve(cfg))
     except ConfigError as e:
         for problem in e.problems:
             print(f"configuration error: {problem}", file=sys.stderr)
         return 2
-    return 0
 
+    def serve_one() -> int:
+        try:
+            asyncio.run(app.serve(cfg))
+        except ConfigError as e:
+            for problem in e.problems:
+                print(f"configuration error: {problem}", file=sys.stderr)
+            return 2
+        return 0
 
-def _check_config(args: argparse.Namespace) -> int:
-    from proxy import app
-    from proxy.observability.logging import configure
+    if cfg.listener.workers == 1:
+        return serve_one()
+    from proxy import workers
 
-    configure("error", sys.stderr)
     try:
-        cfg = config_module.load(Path(args.file))
-        app.build(cfg)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(problem)
-        return 1
-    print(f"{cfg.path}: ok ({len(cfg.routes)} route(s))")
-    return 0
+        return workers.supervise(cfg.listener, serve_one)
+    except workers.PortInUse as e:
+        print(f"cannot serve: {e}", file=sys.stderr)
+        return 2
 
 
 def _lab(args: argparse.Namespace) -> int:
     from proxy.lab import runner
-    from proxy.lab.layout import LabLayout
 
-    layout = LabLayout.default() if args.dir is None else LabLayout(root=Path(args.dir).resolve())
-    if args.action == "up":
+    try:
+        layout = LabLayout.from_env(os.environ, root=None if args.dir is None else Path(args.dir))
+    except ValueError as e:
+        print(f"kcd-proxy lab: {e}", file=sys.stderr)
+        return 2
+    if args.action in ("serve", "probe"):
+        return _lab_part(layout, args.action, args.component)
+    if args.action == "init":
+        runner.init(layout)
+        print(f"lab files in {layout.root}")
+    elif args.action == "up":
         runner.up(layout)
         print(runner.describe(layout))
     elif args.action == "down":
@@ -63,6 +75,21 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab_part(layout: LabLayout, action: str, component: str | None) -> int:
+    """`lab serve <component>` in the foreground, or `lab probe <component>` as a health check."""
+    from proxy.lab import serve
+
+    allowed = serve.COMPONENTS if action == "serve" else serve.PROBES
+    if component is None or component not in allowed:
+        print(f"kcd-proxy lab {action}: name one of {', '.join(allowed)}", file=sys.stderr)
+        return 2
+    if action == "serve":
+        return serve.serve(layout, component)
+    problem = serve.probe(layout, component)
+    print(f"{component}: {problem or 'ok'}")
+    return 1 if problem else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kcd-proxy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -72,9 +99,11 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     check = sub.add_parser("check-config", help="load and cross-check a configuration without serving")
     check.add_argument("file")
-    check.set_defaults(func=_check_config)
+    check.set_defaults(func=ops_commands.check_config)
+    ops_commands.add_commands(sub)
     lab = sub.add_parser("lab", help="the self-contained lab: KDC + LDAP, PKI, Exchange stand-in")
-    lab.add_argument("action", choices=["up", "down", "status", "env"])
+    lab.add_argument("action", choices=["up", "down", "status", "env", "init", "serve", "probe"])
+    lab.add_argument("component", nargs="?", help="serve/probe: kdc, backend, crl (probe: also gateway)")
     lab.add_argument("--dir", help="lab directory (default: $KCD_LAB_DIR or .lab/ in the checkout)")
     lab.set_defaults(func=_lab)
     return p

@@ -8,17 +8,28 @@ relative to the configuration file.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
+
+from cryptography import x509
 
 from proxy.errors import ConfigError
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
 REVOCATION_POLICIES: tuple[RevocationPolicy, ...] = ("require", "best-effort", "off")
-IDENTITY_SOURCES = ("san-upn",)
+OcspPolicy = Literal["off", "prefer", "require"]
+OCSP_POLICIES: tuple[OcspPolicy, ...] = ("off", "prefer", "require")
+IdentitySource = Literal["san-upn", "san-email", "subject-cn"]
+IDENTITY_SOURCES: tuple[IdentitySource, ...] = ("san-upn", "san-email", "subject-cn")
+AuthMode = Literal["certificate", "certificate-or-basic", "certificate-and-basic", "basic"]
+AUTH_MODES: tuple[AuthMode, ...] = ("certificate", "certificate-or-basic", "certificate-and-basic", "basic")
+BackendAuth = Literal["negotiate", "basic"]
+BACKEND_AUTHS: tuple[BackendAuth, ...] = ("negotiate", "basic")
 
 
 @dataclass(frozen=True)
@@ -28,8 +39,11 @@ class Listener:
     certificate: Path
     private_key: Path
     handshake_timeout: float = 10.0
-    keepalive_timeout: float = 75.0
+    keepalive_timeout: float = 75.0  # idle before a request's headers are complete (new or kept-alive connection)
+    client_body_timeout: float = 60.0  # idle between two reads of a request body the device is sending
+    client_send_timeout: float = 60.0  # idle while the device does not take the answer's bytes
     max_body_bytes: int = 64 * 1024 * 1024
+    workers: int = 1  # processes serving the port (SO_REUSEPORT when more than one); see proxy.workers
 
 
 @dataclass(frozen=True)
@@ -38,12 +52,47 @@ class ClientCertificates:
     intermediates: tuple[Path, ...]
     crls: tuple[Path, ...]
     revocation: RevocationPolicy
+    restrictions: tuple[Restriction, ...] = ()  # a certificate must match one of them, when there are any
+    crl_urls: tuple[str, ...] = ()  # the http(s) entries of `crls` (files are in `crls`)
+    crl_refresh_seconds: float = 60.0  # how often CRL files are re-read and URLs re-fetched
+    use_distribution_points: bool = False  # also fetch the CRL distribution points certificates name
+    ocsp: OcspPolicy = "off"  # ask the responder a certificate names (AIA): "off" | "prefer" | "require"
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """One `[[client_certificates.restrictions]]` rule: a certificate matches when every criterion set holds."""
+
+    name: str
+    issuer: str | None = None  # RFC 4514; the issuer of the certificate or of any CA in its verified chain
+    subject: str | None = None  # a glob over the subject in RFC 4514 form, e.g. "CN=*,OU=Devices,*"
+    eku: tuple[str, ...] = ()  # extended key usage OIDs that must all be present
+    extension_oid: str | None = None  # an extension that must be present ...
+    extension_value: str | None = None  # ... with this value (see proxy.certs.restrictions), if set
 
 
 @dataclass(frozen=True)
 class Identity:
-    source: str = "san-upn"
+    sources: tuple[IdentitySource, ...] = ("san-upn",)  # the first name present in the certificate wins
     realm_map: dict[str, str] = field(default_factory=dict)
+    enterprise_names: bool = False  # send the UPN to the KDC as an NT-ENTERPRISE name
+    default_realm: str = ""  # for names without a domain (subject-cn, Basic "user"); default: the gateway's
+
+
+@dataclass(frozen=True)
+class Authentication:
+    """How a client proves who it is: certificate, Basic credentials checked with the KDC, or both."""
+
+    mode: AuthMode = "certificate"
+    basic_realm: str = "Exchange"
+    basic_cache_seconds: float = 60.0  # verified credentials are trusted this long without the KDC (0: never)
+    basic_failures_per_user: int = 5  # failed logins before a user is refused for a while (429)
+    basic_failures_per_address: int = 20  # the same, per client address
+
+    @property
+    def client_certificate(self) -> Literal["required", "optional", "none"]:
+        """What the TLS handshake asks of the client."""
+        return "required" if self.mode == "certificate" else "none" if self.mode == "basic" else "optional"
 
 
 @dataclass(frozen=True)
@@ -55,24 +104,89 @@ class Kerberos:
     kdc_timeout: float = 10.0
 
 
+# What a route's `context_headers` may send to the backend about the caller.
+CONTEXT_SOURCES = ("upn", "principal", "cert_serial", "cert_sha256", "cert_subject", "cert_issuer")
+# Headers the gateway writes itself or that end at each hop: a context header may not take their name.
+_RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "cookie",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    }
+)
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# ActiveSync Ping heartbeats reach 3540 s and EWS streaming subscriptions 30 min: the default read timeout
+# (seconds without a byte from the upstream) lets both through.
+DEFAULT_READ_TIMEOUT = 3600.0
+
+
 @dataclass(frozen=True)
 class Route:
     prefix: str
     upstream: str  # scheme://host[:port], no path
     spn: str  # e.g. HTTP/cas.lab.test
+    host: str | None = None  # only requests for this host name (Host header, port ignored); None: any
     preserve_host: bool = False
     connect_timeout: float = 10.0
-    read_timeout: float | None = 300.0
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    ca_bundle: Path | None = None  # https upstreams: the only CAs trusted for it (None: the system's)
+    server_name: str | None = None  # https upstreams: SNI and the name verified, instead of the upstream host
+    context_headers: tuple[tuple[str, str], ...] = ()  # (header name, one of CONTEXT_SOURCES)
+    backend_auth: BackendAuth = "negotiate"  # "basic": forward the client's verified Basic header itself
 
     @property
     def upstream_host(self) -> str:
         return urlsplit(self.upstream).hostname or ""
 
     @property
+    def https(self) -> bool:
+        return self.upstream.startswith("https://")
+
+    @property
     def gss_target(self) -> str:
         """The SPN in GSSAPI host-based form: HTTP/cas.lab.test -> HTTP@cas.lab.test."""
         service, _, host = self.spn.partition("/")
         return f"{service}@{host}"
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The admin listener (health, readiness, metrics): plain HTTP on loopback, TLS + client allow-list elsewhere."""
+
+    host: str
+    port: int
+    certificate: Path | None = None
+    private_key: Path | None = None
+    client_ca: Path | None = None  # PEM bundle of the CAs (root and intermediates) for admin client certificates
+    allowed_clients: tuple[str, ...] = ()  # subjects (RFC 4514) or SHA-256 fingerprints (hex)
+
+    @property
+    def tls(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
+class Reload:
+    watch: bool = False  # reload when the configuration or a file it names changes (besides SIGHUP)
+    watch_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class Doctor:
+    canary_user: str | None = None  # a UPN `kcd-proxy doctor` delegates for when --user is not given
+    backend_header_limit: int = 16384  # bytes per request header the backends accept (http.sys default)
 
 
 @dataclass(frozen=True)
@@ -83,13 +197,27 @@ class Config:
     identity: Identity
     kerberos: Kerberos
     routes: tuple[Route, ...]
+    admin: Admin | None = None  # off unless [admin] bind is set
+    reload: Reload = field(default_factory=Reload)
+    doctor: Doctor = field(default_factory=Doctor)
+    authentication: Authentication = field(default_factory=Authentication)
 
-    def route_for(self, path: str) -> Route | None:
-        """The longest prefix that matches the request path."""
-        for route in self.routes:  # sorted longest first at load time
-            if path.startswith(route.prefix):
+    def route_for(self, path: str, host: str | None = None) -> Route | None:
+        """The route of a request: the longest prefix among routes for any host or for the request's
+        `host` (the Host header; port and case ignored); at equal length a route naming the host wins."""
+        name = host_name(host) if host else None
+        for route in self.routes:  # sorted at load time: longest prefix first, then host-specific first
+            if path.startswith(route.prefix) and route.host in (None, name):
                 return route
         return None
+
+
+def host_name(host: str) -> str:
+    """The host name of a Host header value: `Mail.Example.com:443` -> `mail.example.com`, `[::1]:8443` -> `::1`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0].rstrip(".") if host.count(":") == 1 else host.rstrip(".")
 
 
 T = TypeVar("T")
@@ -189,7 +317,10 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
     r.unknown(
         t,
         "listener",
-        {"bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"},
+        {
+            *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
+            *("client_body_timeout", "client_send_timeout", "workers"),
+        },
     )
     host, port = _host_port(r, "listener.bind", r.get(t, "listener.bind", "bind", str))
     return Listener(
@@ -199,34 +330,169 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         private_key=r.file("listener.private_key", r.get(t, "listener.private_key", "private_key", str)),
         handshake_timeout=_number(r, t, "listener", "handshake_timeout", float, 10.0),
         keepalive_timeout=_number(r, t, "listener", "keepalive_timeout", float, 75.0),
+        client_body_timeout=_number(r, t, "listener", "client_body_timeout", float, 60.0),
+        client_send_timeout=_number(r, t, "listener", "client_send_timeout", float, 60.0),
         max_body_bytes=_number(r, t, "listener", "max_body_bytes", int, 64 * 1024 * 1024),
+        workers=_number(r, t, "listener", "workers", int, 1),
     )
 
 
 def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:
     k = "client_certificates"
-    r.unknown(t, k, {"trust_anchors", "intermediates", "crls", "revocation"})
+    r.unknown(
+        t,
+        k,
+        {
+            "trust_anchors",
+            "intermediates",
+            "crls",
+            "crl_refresh_seconds",
+            "use_distribution_points",
+            "revocation",
+            "ocsp",
+            "restrictions",
+        },
+    )
     anchors = r.files(t, f"{k}.trust_anchors", "trust_anchors")
     if not anchors:
         r.problem(f"{k}.trust_anchors", "at least one trust anchor is required")
-    crls = r.files(t, f"{k}.crls", "crls")
+    crls, crl_urls = _crl_locations(r, t, f"{k}.crls")
+    use_dps = bool(r.get(t, f"{k}.use_distribution_points", "use_distribution_points", bool, False))
     explicit = r.get(t, f"{k}.revocation", "revocation", str, "")
     # Without CRLs there is nothing to check: default to "off" (and say so at start-up), but an
     # explicit "require" with no CRLs would refuse every certificate, which is a configuration error.
-    policy = _choice(r, f"{k}.revocation", explicit or None, REVOCATION_POLICIES, "require" if crls else "off")
-    if policy == "require" and not crls:
-        r.problem(f"{k}.revocation", '"require" needs at least one CRL in client_certificates.crls')
+    has_crls = bool(crls or crl_urls or use_dps)
+    policy = _choice(r, f"{k}.revocation", explicit or None, REVOCATION_POLICIES, "require" if has_crls else "off")
+    if policy == "require" and not has_crls:
+        r.problem(
+            f"{k}.revocation",
+            '"require" needs at least one CRL in client_certificates.crls, or use_distribution_points = true',
+        )
+    ocsp = _choice(r, f"{k}.ocsp", r.get(t, f"{k}.ocsp", "ocsp", str, "") or None, OCSP_POLICIES, "off")
     return ClientCertificates(
         trust_anchors=anchors,
         intermediates=r.files(t, f"{k}.intermediates", "intermediates"),
         crls=crls,
         revocation=cast(RevocationPolicy, policy),
+        restrictions=_restrictions(r, t.get("restrictions", [])),
+        crl_urls=crl_urls,
+        crl_refresh_seconds=_number(r, t, k, "crl_refresh_seconds", float, 60.0),
+        use_distribution_points=use_dps,
+        ocsp=cast(OcspPolicy, ocsp),
+    )
+
+
+def _crl_locations(r: _Reader, t: dict[str, Any], key: str) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    """`crls`: files (which must exist) and http(s) URLs, told apart by their scheme."""
+    raw = t.get("crls", [])
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        r.problem(key, "expected a list of CRL files and http(s) URLs")
+        return (), ()
+    files: list[Path] = []
+    urls: list[str] = []
+    for i, value in enumerate(raw):
+        scheme = urlsplit(value).scheme.lower() if "://" in value else ""
+        if scheme in ("http", "https"):
+            if not urlsplit(value).hostname:
+                r.problem(f"{key}[{i}]", f"expected http(s)://host/path, got {value!r}")
+            urls.append(value)
+        elif scheme:
+            r.problem(f"{key}[{i}]", f"only files and http(s) URLs are supported, got {value!r}")
+        else:
+            files.append(r.file(f"{key}[{i}]", value))
+    return tuple(files), tuple(urls)
+
+
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+
+
+def _oid(r: _Reader, key: str, value: Any) -> str | None:
+    if not isinstance(value, str) or not _OID.fullmatch(value):
+        r.problem(key, f"expected an OID in dotted form (e.g. 1.3.6.1.5.5.7.3.2), got {value!r}")
+        return None
+    return value
+
+
+def _restrictions(r: _Reader, raw: Any) -> tuple[Restriction, ...]:
+    k = "client_certificates.restrictions"
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        r.problem(k, "expected [[client_certificates.restrictions]] tables")
+        return ()
+    rules: list[Restriction] = []
+    for i, t in enumerate(raw):
+        key = f"{k}[{i}]"
+        r.unknown(t, key, {"name", "issuer", "subject", "eku", "extension"})
+        issuer = r.get(t, f"{key}.issuer", "issuer", str, "") or None
+        if issuer is not None:
+            try:
+                issuer = x509.Name.from_rfc4514_string(issuer).rfc4514_string()
+            except ValueError as e:
+                r.problem(f"{key}.issuer", f"not an RFC 4514 name ({e}): {issuer!r}")
+        eku = r.get(t, f"{key}.eku", "eku", list, []) or []
+        oids = tuple(oid for j, v in enumerate(eku) if (oid := _oid(r, f"{key}.eku[{j}]", v)) is not None)
+        extension = r.get(t, f"{key}.extension", "extension", dict, {}) or {}
+        r.unknown(extension, f"{key}.extension", {"oid", "value"})
+        ext_oid = _oid(r, f"{key}.extension.oid", extension.get("oid")) if extension else None
+        ext_value = r.get(extension, f"{key}.extension.value", "value", str, "") or None
+        rule = Restriction(
+            name=r.get(t, f"{key}.name", "name", str, "") or key,
+            issuer=issuer,
+            subject=r.get(t, f"{key}.subject", "subject", str, "") or None,
+            eku=oids,
+            extension_oid=ext_oid,
+            extension_value=ext_value,
+        )
+        if not (rule.issuer or rule.subject or rule.eku or rule.extension_oid or t.get("eku") or extension):
+            r.problem(key, "sets no criterion: give issuer, subject, eku or extension")
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _identity_sources(r: _Reader, raw: Any) -> tuple[IdentitySource, ...]:
+    values = [raw] if isinstance(raw, str) else raw
+    choices = ", ".join(IDENTITY_SOURCES)
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        r.problem("identity.source", f"expected one of {choices}, or a list of them; got {raw!r}")
+        return ("san-upn",)
+    for i, value in enumerate(values):
+        _choice(r, "identity.source" if values is not raw else f"identity.source[{i}]", value, IDENTITY_SOURCES, "")
+    if len(set(values)) != len(values):
+        r.problem("identity.source", f"lists a source twice: {values!r}")
+    return tuple(cast(IdentitySource, v) for v in values if v in IDENTITY_SOURCES) or ("san-upn",)
+
+
+def _realm(r: _Reader, key: str, value: str) -> str:
+    if value and (not value.isprintable() or any(c in value for c in "@/\\ ")):
+        r.problem(key, f"expected a Kerberos realm name (e.g. CORP.EXAMPLE.COM), got {value!r}")
+    return value
+
+
+def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
+    k = "authentication"
+    keys = ("mode", "basic_realm", "basic_cache_seconds", "basic_failures_per_user", "basic_failures_per_address")
+    r.unknown(t, k, set(keys))
+    mode = _choice(r, f"{k}.mode", r.get(t, f"{k}.mode", "mode", str, "") or None, AUTH_MODES, "certificate")
+    realm = r.get(t, f"{k}.basic_realm", "basic_realm", str, "") or "Exchange"
+    if not realm.isprintable() or '"' in realm or "\\" in realm:
+        r.problem(f"{k}.basic_realm", f"must be printable text without quotes or backslashes, got {realm!r}")
+    cache = r.get(t, f"{k}.basic_cache_seconds", "basic_cache_seconds", float, 60.0)
+    if cache is None or cache < 0:
+        r.problem(f"{k}.basic_cache_seconds", f"must be 0 (no cache) or more, got {cache!r}")
+        cache = 0.0
+    return Authentication(
+        mode=cast(AuthMode, mode),
+        basic_realm=realm,
+        basic_cache_seconds=cache,
+        basic_failures_per_user=_number(r, t, k, "basic_failures_per_user", int, 5),
+        basic_failures_per_address=_number(r, t, k, "basic_failures_per_address", int, 20),
     )
 
 
 def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
-    r.unknown(t, "identity", {"source", "realm_map"})
-    source = _choice(r, "identity.source", r.get(t, "identity.source", "source", str, ""), IDENTITY_SOURCES, "")
+    r.unknown(t, "identity", {"source", "realm_map", "enterprise_names", "default_realm"})
+    sources = _identity_sources(r, t.get("source", "san-upn"))
     realm_map = r.get(t, "identity.realm_map", "realm_map", dict, {}) or {}
     clean: dict[str, str] = {}
     for suffix, realm in realm_map.items():
@@ -234,7 +500,14 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
             r.problem(f"identity.realm_map.{suffix}", f"expected a realm name, got {realm!r}")
             continue
         clean[suffix.lower()] = realm
-    return Identity(source=source or "san-upn", realm_map=clean)
+    return Identity(
+        sources=sources,
+        realm_map=clean,
+        enterprise_names=bool(r.get(t, "identity.enterprise_names", "enterprise_names", bool, False)),
+        default_realm=_realm(
+            r, "identity.default_realm", r.get(t, "identity.default_realm", "default_realm", str, "") or ""
+        ),
+    )
 
 
 def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
@@ -252,12 +525,63 @@ def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
     )
 
 
+_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+_ROUTE_KEYS = {
+    *("prefix", "host", "upstream", "spn", "preserve_host", "connect_timeout", "read_timeout"),
+    *("ca_bundle", "server_name", "context_headers"),
+    "backend_auth",
+}
+
+
+def _hostname(r: _Reader, key: str, value: str | None) -> str | None:
+    """A DNS name or an IP address, lower-cased; None when not given."""
+    if not value:
+        return None
+    name = value.lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(name):
+            r.problem(key, f"expected a host name without scheme or port, got {value!r}")
+    return name
+
+
+def _ca_bundle(r: _Reader, key: str, value: str | None) -> Path | None:
+    """A PEM file of CA certificates (the only ones trusted for an https upstream)."""
+    if not value:
+        return None
+    path = r.file(key, value)
+    if path.is_file():
+        try:
+            x509.load_pem_x509_certificates(path.read_bytes())
+        except (ValueError, OSError) as e:
+            r.problem(key, f"{path}: not a PEM bundle of certificates ({e})")
+    return path
+
+
+def _context_headers(r: _Reader, key: str, table: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    """`{ "X-KCD-UPN" = "upn", ... }`: header names and what they carry, checked and kept in file order."""
+    pairs: list[tuple[str, str]] = []
+    for name, source in (table or {}).items():
+        k = f"{key}.{name}"
+        if not name or not set(name) <= _TOKEN_CHARS or "_" in name:
+            r.problem(k, "expected a header name of letters, digits and '-'")
+        elif name.lower() in _RESERVED_HEADERS:
+            r.problem(k, f"{name} is the gateway's own header or a hop-by-hop one; choose another name")
+        elif any(n.lower() == name.lower() for n, _ in pairs):
+            r.problem(k, "duplicate header name (names are case-insensitive)")
+        if source not in CONTEXT_SOURCES:
+            r.problem(k, f"expected one of {', '.join(CONTEXT_SOURCES)}; got {source!r}")
+        pairs.append((name, str(source)))
+    return tuple(pairs)
+
+
 def _route(r: _Reader, i: int, t: Any) -> Route | None:
     k = f"routes[{i}]"
     if not isinstance(t, dict):
         r.problem(k, "expected a table")
         return None
-    r.unknown(t, k, {"prefix", "upstream", "spn", "preserve_host", "connect_timeout", "read_timeout"})
+    r.unknown(t, k, _ROUTE_KEYS)
     prefix = r.get(t, f"{k}.prefix", "prefix", str) or "/"
     if not prefix.startswith("/"):
         r.problem(f"{k}.prefix", f"must start with '/', got {prefix!r}")
@@ -269,33 +593,151 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
     service, slash, host = spn.partition("/")
     if not slash or not service or not host or "@" in host:
         r.problem(f"{k}.spn", f"expected service/host (e.g. HTTP/cas.example.com), got {spn!r}")
+    ca_bundle = _ca_bundle(r, f"{k}.ca_bundle", r.get(t, f"{k}.ca_bundle", "ca_bundle", str, ""))
+    server_name = _hostname(r, f"{k}.server_name", r.get(t, f"{k}.server_name", "server_name", str, ""))
+    for name, given in (("ca_bundle", ca_bundle), ("server_name", server_name)):
+        if given is not None and parts.scheme != "https":
+            r.problem(f"{k}.{name}", f"only for https upstreams; {upstream!r} is not one")
     return Route(
         prefix=prefix,
         upstream=upstream,
         spn=spn,
+        host=_hostname(r, f"{k}.host", r.get(t, f"{k}.host", "host", str, "")),
         preserve_host=bool(r.get(t, f"{k}.preserve_host", "preserve_host", bool, False)),
         connect_timeout=_number(r, t, k, "connect_timeout", float, 10.0),
-        read_timeout=_number(r, t, k, "read_timeout", float, 300.0),
+        read_timeout=_number(r, t, k, "read_timeout", float, DEFAULT_READ_TIMEOUT),
+        ca_bundle=ca_bundle,
+        server_name=server_name,
+        context_headers=_context_headers(
+            r, f"{k}.context_headers", r.get(t, f"{k}.context_headers", "context_headers", dict, {})
+        ),
+        backend_auth=cast(
+            BackendAuth,
+            _choice(
+                r,
+                f"{k}.backend_auth",
+                r.get(t, f"{k}.backend_auth", "backend_auth", str, "") or None,
+                BACKEND_AUTHS,
+                "negotiate",
+            ),
+        ),
+    )
+
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
+    known = {"bind", "certificate", "private_key", "client_ca", "allowed_clients"}
+    r.unknown(t, "admin", known)
+    if not t:
+        return None
+    host, port = _host_port(r, "admin.bind", r.get(t, "admin.bind", "bind", str))
+
+    def optional(name: str) -> Path | None:
+        value = r.get(t, f"admin.{name}", name, str, "")
+        return r.file(f"admin.{name}", value) if value else None
+
+    allowed = r.get(t, "admin.allowed_clients", "allowed_clients", list, []) or []
+    for i, entry in enumerate(allowed):
+        if not _admin_client(entry):
+            r.problem(
+                f"admin.allowed_clients[{i}]", f"expected a subject (RFC 4514) or a SHA-256 fingerprint: {entry!r}"
+            )
+    admin = Admin(
+        host=host,
+        port=port,
+        certificate=optional("certificate"),
+        private_key=optional("private_key"),
+        client_ca=optional("client_ca"),
+        allowed_clients=tuple(str(a) for a in allowed),
+    )
+    if (admin.certificate is None) != (admin.private_key is None):
+        r.problem("admin.private_key", "admin.certificate and admin.private_key go together")
+    if (admin.client_ca is None) != (not admin.allowed_clients):
+        r.problem("admin.allowed_clients", "admin.client_ca and a non-empty admin.allowed_clients go together")
+    if admin.client_ca is not None and not admin.tls:
+        r.problem("admin.client_ca", "client certificates need TLS: set admin.certificate and admin.private_key")
+    if host and not host.startswith(_LOOPBACK) and (not admin.tls or admin.client_ca is None):
+        r.problem(
+            "admin.bind",
+            f"{host} is not loopback: the admin listener then needs TLS and a client allow-list "
+            "(admin.certificate, admin.private_key, admin.client_ca, admin.allowed_clients)",
+        )
+    return admin
+
+
+def _admin_client(entry: Any) -> bool:
+    if not isinstance(entry, str):
+        return False
+    if "=" not in entry:
+        return bool(re.fullmatch(r"[0-9a-fA-F]{64}", entry.replace(":", "")))
+    try:
+        x509.Name.from_rfc4514_string(entry)
+    except ValueError:
+        return False
+    return True
+
+
+def _reload(r: _Reader, t: dict[str, Any]) -> Reload:
+    r.unknown(t, "reload", {"watch", "watch_interval"})
+    return Reload(
+        watch=bool(r.get(t, "reload.watch", "watch", bool, False)),
+        watch_interval=_number(r, t, "reload", "watch_interval", float, 2.0),
+    )
+
+
+def _doctor(r: _Reader, t: dict[str, Any]) -> Doctor:
+    r.unknown(t, "doctor", {"canary_user", "backend_header_limit"})
+    canary = r.get(t, "doctor.canary_user", "canary_user", str, "")
+    if canary and canary.count("@") != 1:
+        r.problem("doctor.canary_user", f"expected a UPN (user@domain), got {canary!r}")
+    return Doctor(
+        canary_user=canary or None,
+        backend_header_limit=_number(r, t, "doctor", "backend_header_limit", int, 16384),
     )
 
 
 def parse(data: dict[str, Any], path: Path) -> Config:
     r = _Reader(path)
-    r.unknown(data, "", {"listener", "client_certificates", "identity", "kerberos", "routes"})
+    r.unknown(
+        data,
+        "",
+        {
+            "listener",
+            "client_certificates",
+            "identity",
+            "kerberos",
+            "routes",
+            "admin",
+            "reload",
+            "doctor",
+            "authentication",
+        },
+    )
     listener = _listener(r, r.table(data, "listener"))
     certs = _client_certificates(r, r.table(data, "client_certificates"))
     identity = _identity(r, r.table(data, "identity"))
     kerberos = _kerberos(r, r.table(data, "kerberos"))
+    admin = _admin(r, r.table(data, "admin"))
+    reload = _reload(r, r.table(data, "reload"))
+    doctor = _doctor(r, r.table(data, "doctor"))
+    authentication = _authentication(r, r.table(data, "authentication"))
+    if not identity.default_realm:  # names without a domain belong to the gateway's own realm
+        identity = replace(identity, default_realm=kerberos.principal.rpartition("@")[2])
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list) or not raw_routes:
         r.problem("routes", "at least one [[routes]] table is required")
         raw_routes = []
     routes = [route for i, t in enumerate(raw_routes) if (route := _route(r, i, t)) is not None]
-    seen: set[str] = set()
+    seen: set[tuple[str | None, str]] = set()
     for i, route in enumerate(routes):
-        if route.prefix in seen:
-            r.problem(f"routes[{i}].prefix", f"duplicate prefix {route.prefix!r}")
-        seen.add(route.prefix)
+        if (route.host, route.prefix) in seen:
+            where = f" for host {route.host}" if route.host else ""
+            r.problem(f"routes[{i}].prefix", f"duplicate prefix {route.prefix!r}{where}")
+        seen.add((route.host, route.prefix))
+        if route.backend_auth == "basic" and authentication.mode == "certificate":
+            r.problem(f"routes[{i}].backend_auth", '"basic" needs an authentication.mode that takes Basic credentials')
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -304,7 +746,11 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         client_certificates=certs,
         identity=identity,
         kerberos=kerberos,
-        routes=tuple(sorted(routes, key=lambda rt: len(rt.prefix), reverse=True)),
+        routes=tuple(sorted(routes, key=lambda rt: (-len(rt.prefix), rt.host is None))),
+        admin=admin,
+        reload=reload,
+        doctor=doctor,
+        authentication=authentication,
     )
 
 

@@ -2,8 +2,9 @@
 
 A stage either returns its evidence or raises one of these. Each class carries the HTTP status of the
 local reply, the stage that refused and the log event, as class attributes; an instance carries the
-`reason` the client may see and an optional `hint` for the administrator (the log line, never the
-client). One middleware (`proxy.app`) turns them into responses; no stage writes a response itself.
+`reason` the client may see, an optional `hint` for the administrator (the log line, never the
+client) and optional `challenge` headers that depend on the request (`WWW-Authenticate`,
+`Retry-After`). One middleware (`proxy.app`) turns them into responses; no stage writes a response itself.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ class GatewayError(Exception):
     event: ClassVar[str] = "gateway_error"
     headers: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, reason: str, *, hint: str | None = None) -> None:
+    def __init__(self, reason: str, *, hint: str | None = None, challenge: dict[str, str] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.hint = hint
+        self.challenge = challenge or {}
 
 
 class BadRequest(GatewayError):
@@ -88,6 +90,38 @@ class BackendRejectedTicket(GatewayError):
     status = 502
     stage = "backend"
     event = "backend_rejected_ticket"
+
+
+class BackendTimeout(GatewayError):
+    """The upstream did not connect, or sent nothing for the route's read timeout, before its answer began."""
+
+    status = 504
+    stage = "backend"
+    event = "backend_timeout"
+
+
+class ClientBodyTimeout(GatewayError):
+    """The device stopped sending its request body for longer than `listener.client_body_timeout`."""
+
+    status = 408
+    stage = "request"
+    event = "client_body_timeout"
+
+
+class AuthenticationRequired(GatewayError):
+    """No Basic credentials, or wrong ones: 401 with `WWW-Authenticate: Basic realm=...` (the challenge)."""
+
+    status = 401
+    stage = "authentication"
+    event = "authentication_required"
+
+
+class TooManyAttempts(GatewayError):
+    """Too many failed logins for this user or from this address: refused without asking the KDC."""
+
+    status = 429
+    stage = "authentication"
+    event = "authentication_throttled"
 
 
 class ConfigError(Exception):

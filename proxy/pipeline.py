@@ -1,6 +1,10 @@
 """The request flow, in one place.
 
-    TLS handshake -> certificate -> revocation -> identity -> route -> impersonate + delegate -> backend
+    TLS handshake -> certificate -> restrictions -> revocation -> identity -> authentication
+        -> route -> impersonate + delegate (or, after a password, the user's own ticket) -> backend
+
+`authentication.mode` decides which of a certificate and Basic credentials a request needs
+(`proxy.auth.modes`); without a certificate the certificate stages are skipped, never failed open.
 
 Each stage returns its evidence (a verified certificate, a revocation status, a user principal, a
 delegated token) or raises a `proxy.errors.GatewayError`, which the middleware in `proxy.app` turns
@@ -9,22 +13,30 @@ into the local reply. Nothing reaches a backend before every stage has said yes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 
 from aiohttp import web
 from cryptography import x509
 
+from proxy.auth.basic import BasicLogin
+from proxy.auth.modes import Authenticated, authenticate
+from proxy.backend import headers
 from proxy.backend.forward import Pools, forward
-from proxy.certs.chain import TrustList, verify_chain
+from proxy.certs.chain import TrustList
+from proxy.certs.live import LiveRevocation
+from proxy.certs.memo import VerifiedChains
+from proxy.certs.restrictions import admit
 from proxy.certs.revocation import CrlSet
-from proxy.config import Config
-from proxy.errors import IdentityRejected, NoRoute
-from proxy.identity.principal import UserPrincipal, map_upn
-from proxy.identity.upn import upn_from_certificate
+from proxy.config import Config, Route
+from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
+from proxy.identity.principal import UserPrincipal, map_name
+from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.delegate import Delegator
 from proxy.observability.trace import Trace
-from proxy.tls.peer import peer_certificate, tls_facts
+from proxy.tls.peer import presented_certificate, tls_facts
 
 
 @dataclass(frozen=True)
@@ -33,46 +45,86 @@ class Gateway:
 
     config: Config
     trust: TrustList
-    crls: CrlSet
+    revocation: LiveRevocation  # live CRLs and OCSP; ends in-flight requests of revoked certificates
     delegator: Delegator
     pools: Pools
+    basic: BasicLogin
+
+    @cached_property
+    def chains(self) -> VerifiedChains:
+        """Validated chains by certificate, for this trust list (bench: the costliest stage otherwise)."""
+        return VerifiedChains(self.trust)
+
+    @property
+    def crls(self) -> CrlSet:
+        """The CRLs in force now (the live set is swapped whole on every refresh)."""
+        return self.revocation.crls.current
 
 
 def identify(leaf: x509.Certificate, config: Config) -> UserPrincipal:
-    upn = upn_from_certificate(leaf)
-    if upn is None:
-        raise IdentityRejected(
-            "the certificate carries no user principal name (SubjectAltName otherName UPN); "
-            "ask for a certificate issued for your account"
-        )
-    return map_upn(upn, realm_map=config.identity.realm_map, source=config.identity.source)
+    found = certificate_name(leaf, config.identity.sources)
+    if found is None:
+        wanted = " or ".join(SOURCE_NAMES[source] for source in config.identity.sources)
+        raise IdentityRejected(f"the certificate carries no {wanted}; ask for a certificate issued for your account")
+    name, source = found
+    return map_name(name, config.identity, source=source)
+
+
+def forget_tickets(gw: Gateway, leaf: x509.Certificate) -> None:
+    """A refused certificate's user loses their cached delegated tickets: none outlives the certificate."""
+    with contextlib.suppress(GatewayError):
+        gw.delegator.forget(identify(leaf, gw.config).principal)
+
+
+async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, now: datetime) -> UserPrincipal:
+    """The certificate stages: chain, restrictions, revocation, identity."""
+    with trace.stage("certificate"):
+        trace.note(cert_subject=leaf.subject.rfc4514_string(), cert_issuer=leaf.issuer.rfc4514_string())
+        trace.note(cert_serial=format(leaf.serial_number, "x"))
+        verified = gw.chains.verify(leaf, at=now)
+        trace.note(restriction=admit(verified, gw.config.client_certificates.restrictions).rule)
+    with trace.stage("revocation"):
+        try:
+            revocation = await gw.revocation.check(verified, at=now)
+        except CertificateRevoked:
+            forget_tickets(gw, verified.leaf)
+            raise
+        trace.note(revocation=revocation.status.value, revocation_source=revocation.source)
+    with trace.stage("identity"):
+        user = identify(verified.leaf, gw.config)
+        trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
+    return user
+
+
+async def backend_authorization(gw: Gateway, auth: Authenticated, route: Route, trace: Trace) -> str:
+    """A certificate alone: impersonate and delegate. After a password: the user's own ticket (or Basic header)."""
+    if auth.login is not None:
+        return await gw.basic.authorization(auth.login, route)
+    delegated = await gw.delegator.delegate(auth.user, route.spn, route.gss_target)
+    trace.note(impersonation_cached=delegated.impersonation_cached)
+    return delegated.authorization
 
 
 async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamResponse:
     now = datetime.now(UTC)
+    route = gw.config.route_for(request.path, request.host)
     with trace.stage("tls"):
         trace.note(**tls_facts(request))
-        leaf = peer_certificate(request)
-    with trace.stage("certificate"):
-        trace.note(cert_subject=leaf.subject.rfc4514_string(), cert_issuer=leaf.issuer.rfc4514_string())
-        trace.note(cert_serial=format(leaf.serial_number, "x"))
-        verified = verify_chain(leaf, gw.trust, at=now)
-    with trace.stage("revocation"):
-        revocation = gw.crls.check(verified, at=now, policy=gw.config.client_certificates.revocation)
-        trace.note(revocation=revocation.status.value, revocation_source=revocation.source)
-    with trace.stage("identity"):
-        user = identify(verified.leaf, gw.config)
-        trace.note(upn=user.upn, principal=user.principal)
-    route = gw.config.route_for(request.path)
+        leaf = presented_certificate(request)
+    certified = await certificate_user(gw, leaf, trace, now) if leaf is not None else None
+    with trace.stage("authentication"):
+        auth = await authenticate(gw.basic, gw.config.authentication.mode, request, certified, route)
+        user = auth.user
+        trace.note(factors=auth.factors, upn=user.upn, principal=user.principal)
+        if auth.login is not None:
+            trace.note(basic_user=auth.login.user.upn, basic_cached=auth.login.cached)
     if route is None:
         raise NoRoute("nothing is published at this path")
-    trace.note(route=route.prefix, spn=route.spn, upstream=route.upstream)
+    trace.note(route=route.prefix, spn=route.spn, upstream=route.upstream, backend_auth=route.backend_auth)
     with trace.stage("kerberos"):
-        delegated = await gw.delegator.delegate(user, route.spn, route.gss_target)
-        trace.note(impersonation_cached=delegated.impersonation_cached)
-    with trace.stage("backend"):
-        response, result = await forward(
-            request, route, session=gw.pools.session(user.principal), authorization=delegated.authorization
-        )
+        authorization = await backend_authorization(gw, auth, route, trace)
+    with trace.stage("backend"), gw.revocation.watch(request):  # ended if the certificate is revoked meanwhile
+        context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
+        response, result = await forward(request, route, gw.pools, user.principal, authorization, context)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
     return response

@@ -1,20 +1,48 @@
 """Forwarding: the delegated request to the backend, the answer back to the device, both streamed.
 
+Theory of operation
+-------------------
 Backend connections belong to one identity. IIS with `authPersistNonNTLM` (Exchange's default) binds
 the first Kerberos identity of a TCP connection to the connection and ignores later tokens, so a pooled
 connection that carried Alice's request would serve Bob as Alice. Each user principal therefore gets
-its own connection pool (an aiohttp `ClientSession`), and pools are closed when evicted or idle.
+its own connection pool (an aiohttp `ClientSession`); a pool is closed once its user has had no request
+in flight for `idle_seconds`, or when more than `max_users` pools exist, least recently used first, but
+never while one of its requests (an ActiveSync `Ping`, say) is still running.
 
-Bodies stream both ways without being held whole. The client-side timeout has no total (aiohttp's
-default of 300 s would cut ActiveSync `Ping` long-polls); the route's read timeout bounds the wait for
-each chunk instead.
+Every request carries `Authorization: Negotiate` with a fresh token, so the first request of each
+backend connection always has one (what IIS binds the connection to), and a backend that authenticates
+each request (Apache, IIS without `authPersistNonNTLM`) gets one too. A connection-bound backend ignores
+the later ones, which is harmless because the connection only ever carries this user. Any 401 from the
+backend, whether a bare challenge, a `Negotiate` continuation (a KRB-ERROR such as clock skew or a
+replay) or a challenge for another scheme, means the backend did not accept the delegated ticket: the
+device gets 502, never a 401 it could not answer, and the log says what the backend wanted. The
+mutual-authentication token a backend sends with its success (`WWW-Authenticate: Negotiate <AP-REP>`)
+is dropped on the way to the device (`headers.to_client`).
+
+Bodies stream both ways without being held whole, chunked or with a Content-Length, at the pace of the
+slower side (aiohttp pauses reading when its buffers fill). `Expect: 100-continue` is answered here,
+once every stage has said yes, just before the body is forwarded: a refused device never sends it.
+
+Timeouts. The client-side timeout toward the backend has no total (aiohttp's default of 300 s would cut
+ActiveSync `Ping` and EWS streaming notifications); the route's `connect_timeout` bounds the connection
+and its `read_timeout` each wait for the backend's next bytes (504 before the answer has begun). On the
+device's side, `listener.client_body_timeout` bounds each wait for its next body bytes (408) and
+`listener.client_send_timeout` each wait for it to take ours. When the device goes away, aiohttp
+cancels the handler (`handler_cancellation=True`), which closes the backend connection at once: the
+backend sees its client leave and stops working on the request.
+
+https upstreams are verified against the route's `ca_bundle` (the system's CAs without one), under the
+route's `server_name` when set (it is then also the SNI), else the upstream's host name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,51 +50,137 @@ import structlog
 from aiohttp import web
 
 from proxy.backend import headers
-from proxy.config import Route
-from proxy.errors import BackendRejectedTicket, BackendUnavailable
+from proxy.config import Listener, Route
+from proxy.errors import BackendRejectedTicket, BackendTimeout, BackendUnavailable, ClientBodyTimeout
 
 log = structlog.get_logger("proxy.backend")
 _CHUNK = 64 * 1024
 
 
-class Pools:
-    """One `ClientSession` per user principal, least recently used evicted first."""
+def upstream_tls(route: Route) -> ssl.SSLContext:
+    """The TLS client context for an https route: its CA bundle only, or the system's CAs."""
+    return ssl.create_default_context(cafile=str(route.ca_bundle) if route.ca_bundle else None)
 
-    def __init__(self, *, max_users: int = 1000, idle_seconds: float = 300.0) -> None:
-        self._sessions: OrderedDict[str, tuple[aiohttp.ClientSession, float]] = OrderedDict()
+
+@dataclass
+class _Pool:
+    session: aiohttp.ClientSession
+    in_flight: int = 0
+    last_used: float = 0.0
+
+
+class Pools:
+    """One `ClientSession` per user principal, plus what every forwarded request needs: the TLS context
+    of each https route, and the device-side idle limits of the listener."""
+
+    def __init__(
+        self,
+        routes: Iterable[Route] = (),
+        listener: Listener | None = None,
+        *,
+        max_users: int = 1000,
+        idle_seconds: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pools: OrderedDict[str, _Pool] = OrderedDict()
         self._max_users = max_users
         self._idle = idle_seconds
+        self._clock = clock
         self._closing: set[asyncio.Task[None]] = set()
+        self._tls = {route: upstream_tls(route) for route in routes if route.https}
+        self.client_body_timeout = listener.client_body_timeout if listener else 60.0
+        self.client_send_timeout = listener.client_send_timeout if listener else 60.0
 
-    def session(self, principal: str) -> aiohttp.ClientSession:
-        now = time.monotonic()
-        entry = self._sessions.pop(principal, None)
-        session = entry[0] if entry is not None else None
-        if session is None or session.closed:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit_per_host=32, keepalive_timeout=30, ttl_dns_cache=60),
-                auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=None),
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            )
-        self._sessions[principal] = (session, now)
-        self._evict(now)
-        return session
+    def tls(self, route: Route) -> ssl.SSLContext | bool:
+        """What aiohttp's `ssl=` gets for this route: its context, or True (the default) for http."""
+        if not route.https:
+            return True
+        if route not in self._tls:
+            self._tls[route] = upstream_tls(route)
+        return self._tls[route]
+
+    @contextlib.contextmanager
+    def lease(self, principal: str) -> Iterator[aiohttp.ClientSession]:
+        """The user's session for the duration of one request; it is not closed while any are running."""
+        pool = self._pools.pop(principal, None)
+        if pool is None or pool.session.closed:
+            pool = _Pool(self._new_session())
+        self._pools[principal] = pool  # most recently used last
+        pool.in_flight += 1
+        self._evict(self._clock())
+        try:
+            yield pool.session
+        finally:
+            pool.in_flight -= 1
+            pool.last_used = self._clock()
+
+    def users(self) -> dict[str, int]:
+        """Principals with a pool, and how many of their requests are in flight."""
+        return {principal: pool.in_flight for principal, pool in self._pools.items()}
+
+    @staticmethod
+    def _new_session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit_per_host=32, keepalive_timeout=30, ttl_dns_cache=60),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        )
 
     def _evict(self, now: float) -> None:
-        while self._sessions:
-            principal, (session, used) = next(iter(self._sessions.items()))
-            if len(self._sessions) <= self._max_users and now - used < self._idle:
-                break
-            del self._sessions[principal]
-            task = asyncio.get_running_loop().create_task(session.close())
+        """Close idle pools and, over `max_users`, the least recently used ones; never busy ones."""
+        excess = len(self._pools) - self._max_users
+        idle: list[str] = []
+        busy: list[str] = []
+        for principal, pool in self._pools.items():
+            if pool.in_flight:
+                busy.append(principal)  # in use is recently used: moved back, so the next scan starts later
+            elif excess > len(idle) or now - pool.last_used >= self._idle:
+                idle.append(principal)
+            else:
+                break  # the rest were leased more recently
+        for principal in busy:
+            self._pools.move_to_end(principal)
+        for principal in idle:
+            task = asyncio.get_running_loop().create_task(self._pools.pop(principal).session.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        sessions = [s for s, _ in self._sessions.values()]
-        self._sessions.clear()
+        sessions = [pool.session for pool in self._pools.values()]
+        self._pools.clear()
         await asyncio.gather(*(s.close() for s in sessions), *self._closing, return_exceptions=True)
+
+
+class ClientBody:
+    """The device's request body as it arrives; a wait longer than `idle` seconds for more ends it."""
+
+    def __init__(self, content: aiohttp.StreamReader, idle: float) -> None:
+        self._content = content
+        self._idle = idle
+        self.timed_out = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.timed_out = True
+                raise
+            if not chunk:
+                return
+            yield chunk
+
+
+async def defer_continue(request: web.Request) -> None:
+    """aiohttp's `expect_handler`: send nothing yet; `forward` answers `100 Continue` when it forwards."""
+
+
+async def _send_continue(request: web.Request) -> None:
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not part of the response (as aiohttp does)
 
 
 @dataclass(frozen=True)
@@ -78,67 +192,111 @@ class BackendResult:
 async def forward(
     request: web.Request,
     route: Route,
-    *,
-    session: aiohttp.ClientSession,
+    pools: Pools,
+    principal: str,
     authorization: str,
-    extra_headers: tuple[tuple[str, str], ...] = (),
+    extra_headers: Iterable[tuple[str, str]] = (),
 ) -> tuple[web.StreamResponse, BackendResult]:
-    """Send `request` to the route's upstream with `authorization`; stream the answer back."""
-    client_ip = request.remote or ""
-    upstream_host = None if route.preserve_host else _host_header(route.upstream)
+    """Send `request` to the route's upstream as `principal` with `authorization`; stream the answer back."""
     out_headers = headers.to_backend(
         request.headers,
-        client_ip=client_ip,
+        client_ip=request.remote or "",
         client_host=request.host,
-        upstream_host=upstream_host,
+        upstream_host=None if route.preserve_host else route.upstream.split("://", 1)[1],
         authorization=authorization,
         extra=extra_headers,
     )
-    body = request.content if request.body_exists else None
-    start = time.perf_counter()
+    body = ClientBody(request.content, pools.client_body_timeout) if request.body_exists else None
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout, sock_read=route.read_timeout)
-    try:
-        upstream = await session.request(
-            request.method,
-            route.upstream + request.rel_url.raw_path_qs,
-            headers=out_headers,
-            data=body,
-            allow_redirects=False,
-            timeout=timeout,
-            compress=False,
-            auto_decompress=False,
-        )
-    except (aiohttp.ClientConnectionError, TimeoutError) as e:
-        raise BackendUnavailable(
-            "the mail server cannot be reached; try again later",
-            hint=f"{route.upstream} ({route.prefix}): {type(e).__name__}: {e}",
-        ) from None
-    ms = (time.perf_counter() - start) * 1000
-    async with upstream:
-        if upstream.status == 401:
-            challenge = upstream.headers.get("WWW-Authenticate", "")
-            raise BackendRejectedTicket(
-                "the mail server refused the gateway's Kerberos ticket",
-                hint=f"{route.upstream} answered 401 ({challenge[:60]!r}) to a ticket for {route.spn}: "
-                f"is {route.spn} the SPN of the backend's account, and is its keytab current?",
-            )
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(headers.to_client(upstream.headers))
-        if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
-            response.content_length = upstream.content_length
-        await response.prepare(request)
+    with pools.lease(principal) as session:
+        await _send_continue(request)
+        start = time.perf_counter()
         try:
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
+            upstream = await session.request(
+                request.method,
+                route.upstream + request.rel_url.raw_path_qs,
+                headers=out_headers,
+                data=body,
+                allow_redirects=False,
+                timeout=timeout,
+                compress=False,
+                auto_decompress=False,
+                ssl=pools.tls(route),
+                server_hostname=route.server_name,
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:  # refused, reset, TLS, not HTTP, timed out
+            raise _failure(route, e, body) from None
+        ms = (time.perf_counter() - start) * 1000
+        async with upstream:
+            if upstream.status == 401:
+                raise _rejected(route, upstream.headers.getall("WWW-Authenticate", []))
+            response = await _relay(request, upstream, pools.client_send_timeout, route)
+        return response, BackendResult(upstream.status, ms)
+
+
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, send_timeout: float, route: Route
+) -> web.StreamResponse:
+    """Stream the backend's answer to the device, chunk by chunk as it comes."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(headers.to_client(upstream.headers))
+    if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_chunked(_CHUNK):
+            async with asyncio.timeout(send_timeout):
                 await response.write(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
-            # Headers are gone already: all that is left is to cut the client's connection short.
-            log.warning("backend_stream_broken", upstream=route.upstream, error=f"{type(e).__name__}: {e}")
-            if request.transport is not None:
-                request.transport.abort()
-            return response, BackendResult(upstream.status, ms)
+    except TimeoutError as e:
+        # From the backend (read timeout) or the device (send timeout); either way the headers are gone
+        # and all that is left is to cut the device's connection short.
+        _cut(request, route, "stream_stalled", e)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+        _cut(request, route, "backend_stream_broken", e)
+    else:
         await response.write_eof()
-    return response, BackendResult(upstream.status, ms)
+    return response
 
 
-def _host_header(upstream: str) -> str:
-    return upstream.split("://", 1)[1]
+def _cut(request: web.Request, route: Route, event: str, e: Exception) -> None:
+    log.warning(event, upstream=route.upstream, error=f"{type(e).__name__}: {e}")
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _failure(route: Route, e: Exception, body: ClientBody | None) -> Exception:
+    """The error for a backend request that failed before its answer began."""
+    where = f"{route.upstream} ({route.prefix})"
+    if body is not None and body.timed_out:
+        return ClientBodyTimeout("the request body stopped arriving", hint=f"client_body_timeout; to {where}")
+    if isinstance(e, TimeoutError):
+        return BackendTimeout(
+            "the mail server did not answer in time; try again later",
+            hint=f"{where}: {type(e).__name__}: no answer within connect_timeout={route.connect_timeout:g} s "
+            f"or read_timeout={route.read_timeout:g} s",
+        )
+    return BackendUnavailable(
+        "the mail server cannot be reached; try again later", hint=f"{where}: {type(e).__name__}: {e}"
+    )
+
+
+def _rejected(route: Route, challenges: list[str]) -> BackendRejectedTicket:
+    """A backend 401 to a delegated ticket, with what the backend's challenges say about why."""
+    schemes = [c.split(None, 1) for c in challenges]
+    negotiate = [parts for parts in schemes if parts and parts[0].lower() == "negotiate"]
+    if any(len(parts) == 2 for parts in negotiate):
+        why = (
+            "it answered with a Negotiate continuation token (a Kerberos error: clock skew between the "
+            "backend and the KDC, a replayed or mangled token, or a ticket for the wrong key)"
+        )
+    elif negotiate:
+        why = f"is {route.spn} the SPN of the backend's account, and is its keytab current?"
+    elif schemes:
+        offered = ", ".join(parts[0] for parts in schemes if parts)
+        why = f"it offers {offered} but not Negotiate: enable Kerberos (Negotiate) on the backend"
+    else:
+        why = "it sent no WWW-Authenticate challenge at all"
+    return BackendRejectedTicket(
+        "the mail server refused the gateway's Kerberos ticket",
+        hint=f"{route.upstream} answered 401 to a ticket for {route.spn}: {why}",
+    )

@@ -7,15 +7,28 @@ and whether they spell `-` as `_` (a backend behind a CGI or WSGI layer sees `X_
 by default. Hop-by-hop headers, and those the client names in `Connection`, end at the gateway.
 `X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own, never the client's.
 
-Towards the device, hop-by-hop headers and the backend's `WWW-Authenticate` challenges are dropped:
-the device authenticated with its certificate, and a Negotiate challenge would only confuse it.
+`Expect` ends at the gateway too: the gateway answers `100 Continue` itself once it has decided to
+forward, and the backend gets the body straight away.
+
+Context headers (a route's `context_headers`, e.g. `X-KCD-UPN: alice@lab.test`) tell the backend who
+the gateway established the caller to be. A client-sent header of the same name, in any case or
+underscore spelling, never reaches the backend; only the gateway's value does.
+
+Towards the device, hop-by-hop headers and the backend's `WWW-Authenticate` headers are dropped: the
+device authenticated with its certificate; a Negotiate challenge, continuation or mutual-authentication
+token (the AP-REP IIS sends on success) belongs to the gateway's Kerberos exchange, not to the device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from urllib.parse import quote
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from multidict import CIMultiDict, MultiMapping
+
+from proxy.identity.principal import UserPrincipal
 
 HOP_BY_HOP = frozenset(
     {
@@ -28,6 +41,7 @@ HOP_BY_HOP = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+        "expect",
     }
 )
 
@@ -86,8 +100,10 @@ def to_backend(
     authorization: str,
     extra: Iterable[tuple[str, str]] = (),
 ) -> CIMultiDict[str]:
-    """The headers a backend request carries. `upstream_host` None keeps the client's Host."""
-    named = _connection_tokens(client)
+    """The headers a backend request carries. `upstream_host` None keeps the client's Host; `extra` (the
+    route's context headers) replaces whatever the client sent under those names."""
+    extra = tuple(extra)
+    named = _connection_tokens(client) | {_normal(name) for name, _ in extra}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
         n = name.lower()
@@ -106,6 +122,28 @@ def to_backend(
     for name, value in extra:
         out[name] = value
     return out
+
+
+def context_headers(
+    wanted: Iterable[tuple[str, str]], *, user: UserPrincipal, leaf: x509.Certificate | None
+) -> tuple[tuple[str, str], ...]:
+    """The route's context headers with this caller's values; certificate facts only when there is one.
+
+    Values go out as printable ASCII: anything else (a non-ASCII UPN or subject) is percent-encoded UTF-8.
+    """
+    facts = {"upn": user.upn, "principal": user.principal}
+    if leaf is not None:
+        facts |= {
+            "cert_serial": format(leaf.serial_number, "x"),
+            "cert_sha256": leaf.fingerprint(hashes.SHA256()).hex(),
+            "cert_subject": leaf.subject.rfc4514_string(),
+            "cert_issuer": leaf.issuer.rfc4514_string(),
+        }
+    return tuple((name, _printable(facts[source])) for name, source in wanted if source in facts)
+
+
+def _printable(value: str) -> str:
+    return "".join(c if " " <= c <= "~" else quote(c, safe="") for c in value)
 
 
 def to_client(backend: MultiMapping[str]) -> CIMultiDict[str]:

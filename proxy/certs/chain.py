@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -50,6 +51,7 @@ from cryptography.x509.verification import (
 
 from proxy.errors import CertificateRejected
 
+Purpose = Literal["client", "any"]
 MAX_CHAIN_DEPTH = 5  # intermediates between leaf and anchor; enterprise PKIs use one or two
 _EKU_NAMES = {
     ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
@@ -118,14 +120,22 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
         raise ValueError(f"{path}: not a PEM or DER certificate ({exc})") from exc
 
 
-def verify_chain(leaf: x509.Certificate, trust: TrustList, *, at: datetime) -> VerifiedCertificate:
-    """Build and validate the leaf's chain to a configured anchor at time `at`, or refuse."""
+def verify_chain(
+    leaf: x509.Certificate, trust: TrustList, *, at: datetime, purpose: Purpose = "client"
+) -> VerifiedCertificate:
+    """Build and validate the leaf's chain to a configured anchor at time `at`, or refuse.
+
+    `purpose` "client" is the gateway's: a client certificate with clientAuth. "any" drops the leaf's
+    usage checks; it validates a CRL signer's own path, and the NIST PKITS corpus whose end entities
+    carry no extended key usage.
+    """
     at = _utc(at)
     _check_period(leaf, at, "certificate")
-    _check_leaf_usage(leaf)
+    if purpose == "client":
+        _check_leaf_usage(leaf)
     issuer = _signing_issuer(leaf, trust)
     try:
-        verified = _verifier(trust, at).verify(leaf, list(trust.intermediates))
+        verified = _verifier(trust, at, purpose).verify(leaf, list(trust.intermediates))
     except VerificationError as exc:
         # Say what is wrong higher up the chain if we can; else pass the verifier's own words on.
         _diagnose_issuers(issuer, trust, at)
@@ -264,13 +274,23 @@ _EE_POLICY = (
     .may_be_present(x509.SubjectKeyIdentifier, Criticality.AGNOSTIC, None)
 )
 
+_ANY_EE_POLICY = (  # "any" purpose: whatever the leaf's usage, even a CA certificate (a CRL signer)
+    ExtensionPolicy.webpki_defaults_ee()
+    .may_be_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.SubjectKeyIdentifier, Criticality.AGNOSTIC, None)
+)
 
-def _verifier(trust: TrustList, at: datetime) -> ClientVerifier:
+
+def _verifier(trust: TrustList, at: datetime, purpose: Purpose = "client") -> ClientVerifier:
     return (
         PolicyBuilder()
         .store(trust.store)
         .time(at)
         .max_chain_depth(MAX_CHAIN_DEPTH)
-        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY if purpose == "client" else _ANY_EE_POLICY)
         .build_client_verifier()
     )

@@ -1,30 +1,43 @@
 """Revocation stage: has the issuer withdrawn this certificate, according to a CRL we can trust?
 
-Theory of operation: CRLs are loaded at the edge (`load_crls`: files; a later fetcher: URLs) and sorted
-once by `CrlSet.build`, which keeps only CRLs it can trust: the issuer is a configured CA, the
-signature verifies with *that* CA's key (a CA's name alone proves nothing), the CA may sign CRLs, the CRL
-is current at `at`, and it is a complete CRL (delta, indirect and reason-partitioned CRLs are refused;
-a distribution point limited to user or CA certificates is honoured). Every refused CRL is reported
-as a problem string for the operator. For each CA only the newest accepted CRL is kept.
+Theory of operation. CRLs arrive from the edge (`load_crls` for files; `proxy.certs.sources` fetches
+URLs and refreshes both) and are vetted one by one by `accept`, which keeps only what it can trust:
+- the CRL's signer is a configured CA certificate named as the CRL's issuer whose key verifies the
+  signature (a name alone proves nothing) and which may sign CRLs (keyUsage cRLSign, when present).
+  That is usually the issuing CA itself; it may also be a second certificate of the same CA with a
+  separate CRL key, or an indirect CRL issuer. A signer that is not a trust anchor must itself have a
+  valid path to one at `at`, and must not be revoked (`CrlSet.of` drops its CRLs otherwise);
+- it is current at `at` (thisUpdate <= at <= nextUpdate; a CRL without nextUpdate never is);
+- every critical extension, of the CRL and of each entry, is one we implement.
+Everything else becomes a problem string for the operator and is never used.
 
-`CrlSet.check` then takes the verified chain (from `chain.verify_chain`) and looks every certificate
-below the anchor up in the CRL of the CA that actually signed it (matched by key, not only by name):
+`CrlSet.of` then indexes what was accepted, newest CRL per issuer, signer key and scope, and
+`CrlSet.lookup` answers for one certificate with RFC 5280 section 6.3.3: the CRLs that may speak for
+it are the complete CRLs of its issuer, or of an indirect CRL issuer its CRL distribution point names;
+a CRL's issuingDistributionPoint must match the certificate (distribution point name, user or CA
+certificates only, never attribute certificates); a CRL limited to some reasons counts for those
+reasons only, and status is known once the CRLs found cover every reason. A delta CRL is applied to
+the complete CRL it extends (base CRL number <= complete number < delta number); a delta CRL that has
+gone stale makes that pair unusable, and an entry with reason removeFromCRL lifts a hold. The serial
+lookups are dictionary lookups: this runs on every request.
+
+`CrlSet.check` applies the policy to a verified chain (from `chain.verify_chain`):
 - a revoked leaf or revoked CA is refused (CertificateRevoked) under every policy but "off";
-- a CA with no CRL loaded is passed: only the leaf's issuer must have a current CRL;
-- a leaf whose issuer has no current CRL (none loaded, or past its nextUpdate at `at`) is refused
+- a CA whose status is unknown is passed: only the leaf must have current revocation information;
+- a leaf with no current CRL (none loaded, past nextUpdate, or reasons not all covered) is refused
   under "require" and passed with UNKNOWN evidence under "best-effort".
-It returns evidence (good / unknown, which CRL, its update times), not a boolean. `lookup` gives the
-same evidence for one certificate without applying a policy (REVOKED included), for diagnostics.
+It returns evidence (good / unknown, which CRL, its update times), not a boolean.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -32,12 +45,24 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
-from proxy.certs.chain import TrustList, VerifiedCertificate, format_time
-from proxy.errors import CertificateRevoked
+from proxy.certs.chain import TrustList, VerifiedCertificate, format_time, verify_chain
+from proxy.errors import CertificateRejected, CertificateRevoked
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
-Scope = Literal["all", "users", "cas"]
+Scope = Literal["all", "users", "cas", "attributes"]
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+_F = x509.ReasonFlags
+CLOCK_SKEW = timedelta(minutes=5)  # a CRL issued "now" by a CA whose clock runs a little ahead is usable
+ALL_REASONS = frozenset(set(_F) - {_F.unspecified, _F.remove_from_crl})  # RFC 5280's "all-reasons"
+_KNOWN_CRL_EXTENSIONS = (
+    x509.CRLNumber,
+    x509.DeltaCRLIndicator,
+    x509.IssuingDistributionPoint,
+    x509.AuthorityKeyIdentifier,
+    x509.AuthorityInformationAccess,
+    x509.FreshestCRL,
+    x509.IssuerAlternativeName,
+)
 
 
 class RevocationStatus(enum.Enum):
@@ -48,10 +73,10 @@ class RevocationStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class RevocationEvidence:
-    """What the revocation stage found out, and from which CRL."""
+    """What the revocation stage found out, and from which CRL (or OCSP responder)."""
 
     status: RevocationStatus
-    source: str  # where the CRL came from (file path or URL); "" if none was used
+    source: str  # where the CRL came from (file path or URL), or the OCSP responder; "" if none was used
     detail: str
     crl_this_update: datetime | None = None
     crl_next_update: datetime | None = None
@@ -59,71 +84,185 @@ class RevocationEvidence:
 
 
 @dataclass(frozen=True)
-class _Crl:
+class Entry:
+    """One revoked certificate, as a CRL lists it."""
+
+    revoked_at: datetime
+    reason: x509.ReasonFlags  # unspecified when the entry names none
+
+
+IssuerSerial = tuple[x509.Name, int]  # (the certificate's issuer, its serial): how entries are keyed
+
+
+@dataclass(frozen=True, eq=False)
+class Crl:
+    """An accepted CRL: verified, and read once into what lookups need."""
+
     source: str
     crl: x509.CertificateRevocationList
-    signer: x509.Certificate  # the trusted CA whose key verified it
-    signer_key: bytes  # its SubjectPublicKeyInfo, DER: CRLs are matched to CAs by key, not only by name
+    signer: x509.Certificate  # the configured certificate whose key verified it
+    signer_key: bytes  # its SubjectPublicKeyInfo, DER
+    number: int  # cRLNumber, -1 when absent (openssl ca's v1 CRLs)
+    delta_base: int | None  # a delta CRL's base CRL number; None for a complete CRL
     scope: Scope
+    idp_names: frozenset[x509.GeneralName]  # the IDP's distribution point names; empty: not limited
+    reasons: frozenset[x509.ReasonFlags]  # onlySomeReasons, or all
+    indirect: bool
+    entries: Mapping[IssuerSerial, Entry] = field(repr=False)
+    # Read once from the CRL: each access to the CRL object itself decodes again.
+    issuer: x509.Name = field(init=False, repr=False)
+    this_update: datetime = field(init=False, repr=False)
+    next_update: datetime = field(init=False, repr=False)
+    plain: bool = field(init=False, repr=False)  # a complete CRL for every certificate and reason of its issuer
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "issuer", self.crl.issuer)
+        set_(self, "this_update", self.crl.last_update_utc)
+        set_(self, "next_update", self.crl.next_update_utc or datetime.min.replace(tzinfo=UTC))
+        plain = self.scope == "all" and not self.idp_names and self.reasons == ALL_REASONS and not self.indirect
+        set_(self, "plain", plain)
+
+    def current(self, at: datetime) -> bool:
+        return self.this_update - CLOCK_SKEW <= at <= self.next_update
 
     @property
-    def number(self) -> int:
-        try:
-            return self.crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        except x509.ExtensionNotFound:
-            return -1
+    def partition(self) -> tuple[object, ...]:
+        """What makes two CRLs of one issuer and key alternatives (newest wins) rather than partners."""
+        return (self.scope, self.idp_names, self.reasons, self.indirect, self.delta_base is not None)
 
-    def covers(self, cert: x509.Certificate) -> bool:
-        is_ca = _is_ca(cert)
-        return self.scope == "all" or (self.scope == "cas") == is_ca
+    @functools.cached_property
+    def label(self) -> str:
+        kind = "delta CRL" if self.delta_base is not None else "CRL"
+        number = f" #{self.number}" if self.number >= 0 else ""
+        return f"{kind}{number} of '{self.issuer.rfc4514_string()}'"
 
 
-class _Unusable(Exception):
+class CrlUnusable(Exception):
     """Why a CRL was not accepted (becomes a problem string)."""
 
 
 @dataclass(frozen=True)
-class CrlSet:
-    """The trusted, current CRLs, one per CA key and scope."""
+class _Point:
+    """A certificate's CRL distribution point, reduced to what matching needs (RFC 5280 6.3.3)."""
 
-    crls: tuple[_Crl, ...] = ()
+    names: frozenset[x509.GeneralName]  # its distributionPoint names; empty when it has none
+    crl_issuers: tuple[x509.Name, ...]  # its cRLIssuer names; empty: the certificate's issuer
+    reasons: frozenset[x509.ReasonFlags]
+
+
+@dataclass(frozen=True)
+class CrlSet:
+    """The accepted CRLs, indexed by issuer name for per-request lookups."""
+
+    crls: tuple[Crl, ...] = ()
+    _complete: dict[x509.Name, tuple[Crl, ...]] = field(default_factory=dict, repr=False, compare=False)
+    _deltas: dict[x509.Name, tuple[Crl, ...]] = field(default_factory=dict, repr=False, compare=False)
+    _listed: frozenset[IssuerSerial] = field(default=frozenset(), repr=False, compare=False)
+    _plain: dict[x509.Name, tuple[Crl, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(
         cls, crls: Sequence[tuple[str, x509.CertificateRevocationList]], trust: TrustList, *, at: datetime
     ) -> tuple[CrlSet, list[str]]:
         """Keep the CRLs that can be trusted at `at`; report the others as "<source>: <why>"."""
-        at = _utc(at)
-        kept: dict[tuple[bytes, bytes, Scope], _Crl] = {}
+        accepted: list[Crl] = []
         problems: list[str] = []
         for source, crl in crls:
             try:
-                accepted = _accept(source, crl, trust, at)
-            except _Unusable as exc:
+                accepted.append(accept(source, crl, trust, at=at))
+            except CrlUnusable as exc:
                 problems.append(f"{source}: {exc}")
-                continue
-            key = (crl.issuer.public_bytes(), accepted.signer_key, accepted.scope)
-            if key not in kept or _newer(accepted, kept[key]):
-                kept[key] = accepted
-        return cls(tuple(kept.values())), problems
+        crl_set, dropped = cls.of(accepted, trust, at=at)
+        return crl_set, problems + dropped
+
+    @classmethod
+    def of(cls, accepted: Iterable[Crl], trust: TrustList, *, at: datetime) -> tuple[CrlSet, list[str]]:
+        """Index accepted CRLs: the newest per issuer, key and partition; drop those of revoked signers."""
+        newest: dict[tuple[x509.Name, bytes, tuple[object, ...]], Crl] = {}
+        for crl in accepted:
+            key = (crl.issuer, crl.signer_key, crl.partition)
+            if key not in newest or _age(crl) > _age(newest[key]):
+                newest[key] = crl
+        preliminary = cls._index(tuple(newest.values()))
+        kept: list[Crl] = []
+        problems: list[str] = []
+        for crl in newest.values():
+            why = preliminary._signer_revoked(crl, trust, at)
+            if why:
+                problems.append(f"{crl.source}: {why}")
+            else:
+                kept.append(crl)
+        return cls._index(tuple(kept)), problems
+
+    @classmethod
+    def _index(cls, crls: tuple[Crl, ...]) -> CrlSet:
+        complete: dict[x509.Name, list[Crl]] = {}
+        deltas: dict[x509.Name, list[Crl]] = {}
+        for crl in crls:
+            (complete if crl.delta_base is None else deltas).setdefault(crl.issuer, []).append(crl)
+        listed = frozenset(key for crl in crls for key in crl.entries)
+        # Issuers whose every CRL is plain (no indirect CRL anywhere): looked up without matching
+        # distribution points, newest CRL first. That is the common case, and the per-request path.
+        indirect = any(crl.indirect for crl in crls)
+        plain = {
+            name: tuple(sorted(group, key=_age, reverse=True))
+            for name, group in complete.items()
+            if not indirect and all(crl.plain for crl in group)
+        }
+        return cls(
+            crls,
+            {k: tuple(v) for k, v in complete.items()},
+            {k: tuple(v) for k, v in deltas.items()},
+            listed,
+            plain,
+        )
 
     def lookup(self, cert: x509.Certificate, issuer: x509.Certificate, *, at: datetime) -> RevocationEvidence:
-        """Is `cert` (signed by `issuer`) on its issuer's current CRL? No policy applied."""
+        """Is `cert` (signed by `issuer`) revoked, per the CRLs current at `at`? No policy applied."""
         at = _utc(at)
+        key = (cert.issuer, cert.serial_number)
+        # Every current CRL that speaks for the certificate is consulted, not only the newest: after a CA
+        # renews its key, each key's CRL lists the certificates that key signed.
+        plain = self._plain.get(cert.issuer)
+        if plain is not None:
+            good: tuple[Crl, Crl | bool | None] | None = None
+            for crl in plain:
+                if not crl.current(at) or (delta := self._delta_for(crl, at)) is False:
+                    continue
+                if (entry := _entry(key, delta, crl)) is not None:
+                    return self._revoked(cert, crl, delta, entry)
+                good = good or (crl, delta)
+            return self._good(cert, *good) if good else self._unknown(cert, issuer, at, [])
+        is_ca = _is_ca(cert)
+        covered: set[x509.ReasonFlags] = set()
+        used: list[tuple[Crl, Crl | bool | None]] = []
+        for point in _points(cert):
+            for crl in self._candidates(cert, point):
+                if not crl.current(at) or not _applies(crl, cert, point, is_ca):
+                    continue
+                delta = self._delta_for(crl, at)
+                if delta is False:  # a delta CRL was issued for it, but has gone stale
+                    continue
+                if (entry := _entry(key, delta, crl)) is not None:
+                    return self._revoked(cert, crl, delta, entry)
+                covered |= crl.reasons & point.reasons
+                used.append((crl, delta))
+        if used and covered >= ALL_REASONS:
+            return self._good(cert, *used[0])
+        return self._unknown(cert, issuer, at, [crl for crl, _ in used])
+
+    def _unknown(
+        self, cert: x509.Certificate, issuer: x509.Certificate, at: datetime, used: list[Crl]
+    ) -> RevocationEvidence:
         name = issuer.subject.rfc4514_string()
-        found = self._current(cert, issuer, at)
-        if found is None:
-            return RevocationEvidence(
-                RevocationStatus.UNKNOWN, "", f"no current CRL for issuer '{name}'{self._why(issuer, at)}"
-            )
-        times = {"crl_this_update": found.crl.last_update_utc, "crl_next_update": found.crl.next_update_utc}
-        entry = found.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-        if entry is None:
-            detail = f"serial 0x{cert.serial_number:x} is not on CRL #{found.number} of '{name}'"
-            return RevocationEvidence(RevocationStatus.GOOD, found.source, detail, **times)
-        when = entry.revocation_date_utc
-        detail = f"serial 0x{cert.serial_number:x} was revoked on {format_time(when)} (reason {_reason(entry)})"
-        return RevocationEvidence(RevocationStatus.REVOKED, found.source, detail, **times, revoked_at=when)
+        if used:
+            covered = frozenset().union(*(crl.reasons for crl in used))
+            missing = ", ".join(sorted(r.value for r in ALL_REASONS - covered))
+            detail = f"the current CRLs for issuer '{name}' do not cover every revocation reason (missing: {missing})"
+            return RevocationEvidence(RevocationStatus.UNKNOWN, used[0].source, detail)
+        detail = f"no current CRL for issuer '{name}'{self._why(cert, at)}"
+        return RevocationEvidence(RevocationStatus.UNKNOWN, "", detail)
 
     def check(self, verified: VerifiedCertificate, *, at: datetime, policy: RevocationPolicy) -> RevocationEvidence:
         """Apply `policy` to the verified chain: evidence for the leaf, or CertificateRevoked."""
@@ -150,82 +289,251 @@ class CrlSet:
             )
         return evidence
 
-    def _current(self, cert: x509.Certificate, issuer: x509.Certificate, at: datetime) -> _Crl | None:
-        candidates = [
-            crl
-            for crl in self._of(issuer)
-            if crl.covers(cert) and crl.crl.last_update_utc <= at <= _next_update(crl.crl)
+    def may_list(self, verified: VerifiedCertificate) -> bool:
+        """Whether any CRL here lists a certificate of this chain (a cheap pre-filter for re-checks)."""
+        return any((cert.issuer, cert.serial_number) in self._listed for cert in verified.chain[:-1])
+
+    # --- the pieces of RFC 5280 6.3.3 ------------------------------------------------------------
+
+    def _candidates(self, cert: x509.Certificate, point: _Point) -> Iterator[Crl]:
+        if not point.crl_issuers:
+            yield from self._complete.get(cert.issuer, ())
+            return
+        for name in point.crl_issuers:  # (b)(1): an indirect CRL of the issuer the point names
+            yield from (crl for crl in self._complete.get(name, ()) if crl.indirect)
+
+    def _delta_for(self, crl: Crl, at: datetime) -> Crl | bool | None:
+        """The newest delta CRL extending `crl`; False if that delta is stale; None if there is none."""
+        deltas = [
+            d
+            for d in self._deltas.get(crl.issuer, ())
+            if d.partition[:4] == crl.partition[:4]
+            and d.delta_base is not None
+            and d.delta_base <= crl.number < d.number
         ]
-        return max(candidates, key=_age, default=None)
+        if not deltas:
+            return None
+        newest = max(deltas, key=_age)
+        return newest if newest.current(at) else False
 
-    def _of(self, issuer: x509.Certificate) -> list[_Crl]:
-        key = _spki(issuer)
-        return [crl for crl in self.crls if crl.signer_key == key and crl.crl.issuer == issuer.subject]
+    def _revoked(self, cert: x509.Certificate, crl: Crl, delta: Crl | bool | None, entry: Entry) -> RevocationEvidence:
+        on = delta if isinstance(delta, Crl) and _entry((cert.issuer, cert.serial_number), delta, None) else crl
+        detail = (
+            f"serial 0x{cert.serial_number:x} was revoked on {format_time(entry.revoked_at)} "
+            f"(reason {entry.reason.value})"
+        )
+        return RevocationEvidence(
+            RevocationStatus.REVOKED,
+            on.source,
+            detail,
+            crl_this_update=on.this_update,
+            crl_next_update=on.next_update,
+            revoked_at=entry.revoked_at,
+        )
 
-    def _why(self, issuer: x509.Certificate, at: datetime) -> str:
-        stale = [crl for crl in self._of(issuer) if _next_update(crl.crl) < at]
+    def _good(self, cert: x509.Certificate, crl: Crl, delta: Crl | bool | None) -> RevocationEvidence:
+        detail = f"serial 0x{cert.serial_number:x} is not on {crl.label}"
+        if isinstance(delta, Crl):
+            detail += f" nor on its delta CRL #{delta.number}"
+        return RevocationEvidence(
+            RevocationStatus.GOOD,
+            crl.source,
+            detail,
+            crl_this_update=crl.this_update,
+            crl_next_update=min(crl.next_update, delta.next_update) if isinstance(delta, Crl) else crl.next_update,
+        )
+
+    def _why(self, cert: x509.Certificate, at: datetime) -> str:
+        stale = [crl for crl in self._complete.get(cert.issuer, ()) if crl.next_update < at]
         if not stale:
             return ""
         newest = max(stale, key=_age)
-        return f" (the CRL from {newest.source} expired on {format_time(_next_update(newest.crl))})"
+        return f" (the CRL from {newest.source} expired on {format_time(newest.next_update)})"
+
+    def _signer_revoked(self, crl: Crl, trust: TrustList, at: datetime) -> str:
+        """Why a CRL's signer (when not a trust anchor) cannot be used, judged by the other CRLs here."""
+        if trust.is_anchor(crl.signer):
+            return ""
+        try:
+            path = verify_chain(crl.signer, trust, at=at, purpose="any")
+        except CertificateRejected as exc:
+            return f"the certificate that signed {crl.label} has no valid path: {exc.reason}"
+        for i, (cert, issuer) in enumerate(itertools.pairwise(path.chain)):
+            # The signer itself is judged by the other CRLs: one cannot vouch for its own signer.
+            judge = self if i else CrlSet._index(tuple(c for c in self.crls if c is not crl))
+            evidence = judge.lookup(cert, issuer, at=at)
+            if evidence.status is RevocationStatus.REVOKED:
+                return f"the certificate that signed {crl.label} is revoked: {evidence.detail}"
+        return ""
 
 
 def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
     """The CRLs in `path`: PEM with one or more CRLs, or one DER CRL."""
-    data = path.read_bytes()
+    return parse_crls(path.read_bytes(), str(path))
+
+
+def parse_crls(data: bytes, source: str) -> list[x509.CertificateRevocationList]:
+    """The CRLs in `data` (PEM with one or more CRLs, or one DER CRL); ValueError naming `source`."""
     blocks = _PEM_CRL.findall(data) if b"-----BEGIN" in data else [data]
     if not blocks:
-        raise ValueError(f"{path}: PEM without a 'BEGIN X509 CRL' block")
+        raise ValueError(f"{source}: PEM without a 'BEGIN X509 CRL' block")
     load = x509.load_pem_x509_crl if b"-----BEGIN" in data else x509.load_der_x509_crl
     try:
         return [load(block) for block in blocks]
     except ValueError as exc:
-        raise ValueError(f"{path}: not a PEM or DER CRL ({exc})") from exc
+        raise ValueError(f"{source}: not a PEM or DER CRL ({exc})") from exc
 
 
 # --- accepting a CRL -------------------------------------------------------------------------------
 
 
-def _accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, at: datetime) -> _Crl:
+def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *, at: datetime) -> Crl:
+    """Vet one CRL (signer, signature, currency, extensions) and read it; CrlUnusable says why not."""
+    at = _utc(at)
     name = crl.issuer.rfc4514_string()
     cas = trust.named(crl.issuer)
     if not cas:
-        raise _Unusable(f"CRL issuer '{name}' is not in the trust list")
-    signer = next((ca for ca in cas if _signed_by(crl, ca)), None)
+        raise CrlUnusable(f"CRL issuer '{name}' is not in the trust list")
+    signers = [ca for ca in cas if _signed_by(crl, ca)]
+    if not signers:
+        raise CrlUnusable(f"CRL signature does not verify against the trusted '{name}' (signed with another key?)")
+    signer = next((ca for ca in signers if _may_sign_crls(ca)), None)
     if signer is None:
-        raise _Unusable(f"CRL signature does not verify against the trusted '{name}' (signed with another key?)")
-    try:
-        usage = signer.extensions.get_extension_for_class(x509.KeyUsage).value
-        if not usage.crl_sign:
-            raise _Unusable(f"the key usage of '{name}' does not allow cRLSign")
-    except x509.ExtensionNotFound:
-        pass
+        raise CrlUnusable(f"the key usage of '{name}' does not allow cRLSign")
     if crl.next_update_utc is None:
-        raise _Unusable(f"CRL of '{name}' has no nextUpdate, so it is never known to be current")
+        raise CrlUnusable(f"CRL of '{name}' has no nextUpdate, so it is never known to be current")
     if crl.next_update_utc < at:
-        raise _Unusable(f"CRL of '{name}' is stale: its nextUpdate was {format_time(crl.next_update_utc)}")
-    if crl.last_update_utc > at:
-        raise _Unusable(f"CRL of '{name}' is not valid yet: its thisUpdate is {format_time(crl.last_update_utc)}")
-    return _Crl(source=source, crl=crl, signer=signer, signer_key=_spki(signer), scope=_scope(crl))
+        raise CrlUnusable(f"CRL of '{name}' is stale: its nextUpdate was {format_time(crl.next_update_utc)}")
+    if crl.last_update_utc > at + CLOCK_SKEW:
+        raise CrlUnusable(f"CRL of '{name}' is not valid yet: its thisUpdate is {format_time(crl.last_update_utc)}")
+    number, delta_base, idp = _crl_extensions(crl)
+    indirect = bool(idp and idp.indirect_crl)
+    return Crl(
+        source=source,
+        crl=crl,
+        signer=signer,
+        signer_key=_spki(signer),
+        number=number,
+        delta_base=delta_base,
+        scope=_scope(idp),
+        idp_names=_idp_names(idp, crl.issuer),
+        reasons=frozenset(idp.only_some_reasons) if idp and idp.only_some_reasons else ALL_REASONS,
+        indirect=indirect,
+        entries=_entries(crl, indirect),
+    )
 
 
-def _scope(crl: x509.CertificateRevocationList) -> Scope:
+def _crl_extensions(
+    crl: x509.CertificateRevocationList,
+) -> tuple[int, int | None, x509.IssuingDistributionPoint | None]:
     try:
         extensions = list(crl.extensions)
     except ValueError as exc:
-        raise _Unusable(f"CRL extensions cannot be parsed ({exc})") from exc
-    scope: Scope = "all"
+        raise CrlUnusable(f"CRL extensions cannot be parsed ({exc})") from exc
+    number, delta_base, idp = -1, None, None
     for ext in extensions:
         value = ext.value
-        if isinstance(value, x509.DeltaCRLIndicator):
-            raise _Unusable("delta CRLs are not supported; load the full (base) CRL")
-        if isinstance(value, x509.IssuingDistributionPoint):
-            if value.indirect_crl or value.only_some_reasons or value.only_contains_attribute_certs:
-                raise _Unusable("partitioned CRLs (indirect, by reason, attribute certificates) are not supported")
-            scope = "users" if value.only_contains_user_certs else "cas" if value.only_contains_ca_certs else "all"
-        elif ext.critical:
-            raise _Unusable(f"CRL has an unsupported critical extension {ext.oid.dotted_string}")
-    return scope
+        if isinstance(value, x509.CRLNumber):
+            number = value.crl_number
+        elif isinstance(value, x509.DeltaCRLIndicator):
+            delta_base = value.crl_number
+        elif isinstance(value, x509.IssuingDistributionPoint):
+            idp = value
+        elif ext.critical and not isinstance(value, _KNOWN_CRL_EXTENSIONS):
+            raise CrlUnusable(f"CRL has an unsupported critical extension {ext.oid.dotted_string}")
+    if delta_base is not None and number < 0:
+        raise CrlUnusable("delta CRL without a CRL number")
+    return number, delta_base, idp
+
+
+def _entries(crl: x509.CertificateRevocationList, indirect: bool) -> dict[IssuerSerial, Entry]:
+    """Serial -> entry, keyed by the certificate issuer (which an indirect CRL's entries may change)."""
+    entries: dict[IssuerSerial, Entry] = {}
+    issuer = crl.issuer
+    try:
+        for revoked in crl:
+            reason = _F.unspecified
+            for ext in revoked.extensions:
+                value = ext.value
+                if isinstance(value, x509.CRLReason):
+                    reason = value.reason
+                elif isinstance(value, x509.CertificateIssuer):
+                    if not indirect:
+                        raise CrlUnusable("a CRL entry names a certificate issuer, but the CRL is not indirect")
+                    names = [n.value for n in value if isinstance(n, x509.DirectoryName)]
+                    if not names:
+                        raise CrlUnusable("a CRL entry's certificate issuer has no directory name")
+                    issuer = names[0]
+                elif ext.critical and not isinstance(value, x509.InvalidityDate):
+                    raise CrlUnusable(f"a CRL entry has an unsupported critical extension {ext.oid.dotted_string}")
+            entries[(issuer, revoked.serial_number)] = Entry(revoked.revocation_date_utc, reason)
+    except ValueError as exc:  # undecodable or duplicate entry extensions
+        raise CrlUnusable(f"CRL entries cannot be parsed ({exc})") from exc
+    return entries
+
+
+def _scope(idp: x509.IssuingDistributionPoint | None) -> Scope:
+    if idp is None:
+        return "all"
+    if idp.only_contains_attribute_certs:
+        return "attributes"
+    return "users" if idp.only_contains_user_certs else "cas" if idp.only_contains_ca_certs else "all"
+
+
+def _idp_names(idp: x509.IssuingDistributionPoint | None, crl_issuer: x509.Name) -> frozenset[x509.GeneralName]:
+    if idp is None:
+        return frozenset()
+    return _point_names(idp.full_name, idp.relative_name, crl_issuer)
+
+
+def _point_names(
+    full: Iterable[x509.GeneralName] | None, relative: x509.RelativeDistinguishedName | None, base: x509.Name
+) -> frozenset[x509.GeneralName]:
+    """A distribution point's names; a name relative to the CRL issuer is made whole (RFC 5280 4.2.1.13)."""
+    if full:
+        return frozenset(full)
+    if relative is not None:
+        return frozenset({x509.DirectoryName(x509.Name([*base.rdns, relative]))})
+    return frozenset()
+
+
+def _points(cert: x509.Certificate) -> list[_Point]:
+    """The certificate's distribution points, then the notional one RFC 5280 adds: its issuer's name."""
+    points: list[_Point] = []
+    try:
+        cdp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        cdp = None
+    for dp in cdp or ():
+        crl_issuers = tuple(n.value for n in dp.crl_issuer or () if isinstance(n, x509.DirectoryName))
+        base = crl_issuers[0] if crl_issuers else cert.issuer
+        reasons = frozenset(dp.reasons) if dp.reasons else ALL_REASONS
+        points.append(_Point(_point_names(dp.full_name, dp.relative_name, base), crl_issuers, reasons))
+    points.append(_Point(frozenset({x509.DirectoryName(cert.issuer)}), (), ALL_REASONS))
+    return points
+
+
+def _applies(crl: Crl, cert: x509.Certificate, point: _Point, is_ca: bool) -> bool:
+    """RFC 5280 6.3.3 (b)(2): does this CRL's issuing distribution point speak for this certificate?"""
+    if point.crl_issuers and crl.issuer not in point.crl_issuers:
+        return False
+    if crl.idp_names:
+        names = point.names or frozenset(x509.DirectoryName(n) for n in point.crl_issuers)
+        if not crl.idp_names & names:
+            return False
+    if crl.scope == "attributes":
+        return False
+    return crl.scope == "all" or (crl.scope == "cas") == is_ca
+
+
+def _entry(key: IssuerSerial, delta: Crl | bool | None, crl: Crl | None) -> Entry | None:
+    """The certificate's entry: the delta CRL's first, then the complete CRL's; removeFromCRL lifts it."""
+    if isinstance(delta, Crl) and (entry := delta.entries.get(key)) is not None:
+        return None if entry.reason is _F.remove_from_crl else entry
+    entry = crl.entries.get(key) if crl is not None else None
+    if entry is None or entry.reason is _F.remove_from_crl:
+        return None
+    return entry
 
 
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
@@ -245,6 +553,13 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
         return False
 
 
+def _may_sign_crls(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value.crl_sign
+    except x509.ExtensionNotFound:
+        return True
+
+
 # --- small helpers ---------------------------------------------------------------------------------
 
 
@@ -255,27 +570,12 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _reason(entry: x509.RevokedCertificate) -> str:
-    try:
-        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
-    except x509.ExtensionNotFound:
-        return "unspecified"
-
-
 def _spki(cert: x509.Certificate) -> bytes:
     return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _age(crl: _Crl) -> tuple[int, datetime]:
-    return crl.number, crl.crl.last_update_utc
-
-
-def _newer(a: _Crl, b: _Crl) -> bool:
-    return _age(a) > _age(b)
-
-
-def _next_update(crl: x509.CertificateRevocationList) -> datetime:
-    return crl.next_update_utc or datetime.min.replace(tzinfo=UTC)
+def _age(crl: Crl) -> tuple[int, datetime]:
+    return crl.number, crl.this_update
 
 
 def _utc(when: datetime) -> datetime:

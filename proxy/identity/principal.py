@@ -3,7 +3,9 @@
 Theory of operation: a UPN `local@suffix` becomes the principal `local@REALM`. The local part is kept
 exactly as the certificate has it (the KDC decides whether it knows that user); the realm is the
 administrator's mapping for the suffix (`realm_map`, matched case-insensitively), else the suffix in
-upper case, which is the Active Directory convention for a domain's own UPNs.
+upper case, which is the Active Directory convention for a domain's own UPNs. Names without a domain
+(a certificate's common name, `alice` or `LAB\\alice` in Basic credentials) go through `map_name` into
+the configured default realm, or the realm `realm_map` gives the down-level domain.
 
 What it trusts: the UPN was read from a certificate that the certificate stage verified, so the CA
 vouched for it. What it still refuses (IdentityRejected): anything that would change what the
@@ -18,8 +20,9 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from proxy.config import Identity
 from proxy.errors import IdentityRejected
 
 _FORBIDDEN = {"/": "'/'", "\\": "'\\'"}
@@ -32,7 +35,8 @@ class UserPrincipal:
     upn: str  # as read from the certificate
     principal: str  # e.g. "alice@LAB.TEST"
     realm: str  # e.g. "LAB.TEST"
-    source: str  # which name in the certificate it came from, e.g. "san-upn"
+    source: str  # which name in the certificate it came from, e.g. "san-upn", or "basic" for a login
+    enterprise: str | None = None  # identity.enterprise_names: the UPN, sent to the KDC as an NT-ENTERPRISE name
 
 
 def map_upn(upn: str, *, realm_map: Mapping[str, str], source: str = "san-upn") -> UserPrincipal:
@@ -44,6 +48,26 @@ def map_upn(upn: str, *, realm_map: Mapping[str, str], source: str = "san-upn") 
     realms = {key.lower(): value for key, value in realm_map.items()}
     realm = realms.get(suffix.lower(), suffix.upper())
     return UserPrincipal(upn=upn, principal=f"{local}@{realm}", realm=realm, source=source)
+
+
+def map_name(name: str, identity: Identity, *, source: str) -> UserPrincipal:
+    """Any user name the gateway accepts, to a principal, as configured in `identity`.
+
+    `user@suffix` is a UPN (`map_upn`); `DOMAIN\\user` (the down-level logon name devices send in Basic
+    credentials) and a bare `user` (a certificate's common name) belong to the realm `realm_map` gives
+    the domain, else to `identity.default_realm`. With `enterprise_names`, a UPN is also kept as the
+    NT-ENTERPRISE name to send, which lets Active Directory find users by UPN suffixes that are not
+    its realm.
+    """
+    domain, backslash, user = name.rpartition("\\")
+    if "@" in name:
+        mapped = map_upn(name, realm_map=identity.realm_map, source=source)
+        return replace(mapped, enterprise=name) if identity.enterprise_names else mapped
+    realm = identity.realm_map.get(domain.lower(), identity.default_realm) if backslash else identity.default_realm
+    if (backslash and not domain) or not realm:
+        raise IdentityRejected(f"user name {name!r} is not usable: no realm for it", hint=f"identity source {source}")
+    mapped = map_upn(f"{user}@{realm}", realm_map={}, source=source)
+    return replace(mapped, upn=name, realm=realm, principal=f"{user}@{realm}")
 
 
 def _problem(upn: str) -> str | None:

@@ -9,39 +9,65 @@ ticket to the backend's SPN (S4U2Proxy, "constrained delegation"), which the KDC
 in the gateway's delegation list. The first GSSAPI token built on that service ticket goes into
 `Authorization: Negotiate`.
 
-What it trusts: the identity handed to it, which the certificate and identity stages established.
-What it refuses: every KDC refusal becomes a gateway error with a fix (`proxy.kerberos.hints`).
+The ticket cache. A user's first request to an SPN costs exactly two KDC exchanges (one S4U2Self, one
+S4U2Proxy); later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY
+credential cache of their own, holding a copy of the gateway's TGT, the evidence ticket and the
+service tickets obtained with it; a token built from a cached service ticket is local work (about
+45 µs), so it is built on the event loop, never in a thread. Entries are keyed by (principal, SPN) and
+know when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts
+a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than
+`USABLE_FOR` seconds left is never used. Concurrent first requests of one key share one exchange
+(single flight), so one user never has more than one exchange in flight. The cache is bounded (least
+recently used evicted first); `forget(principal)` drops a user (their certificate was revoked) and
+`clear()` drops everything (the configuration changed).
 
-The GSSAPI calls block (they talk to the KDC) and release the GIL, so they run in worker threads, at
-most `max_in_flight` at once. A `SecurityContext` is built per request and never shared. The
-impersonated credentials of a user are kept until shortly before they expire, so a returning user
-costs one S4U2Proxy (or none, when the library finds the service ticket in its cache), not two
-exchanges. Only this package imports `gssapi`.
+What it trusts: the identity handed to it, which the certificate and identity stages established.
+What it refuses: every KDC refusal becomes a gateway error with a fix (`proxy.kerberos.hints`); a
+refusal while renewing drops the user's entry, so a user disabled in the directory stops being
+served when their ticket would have been renewed.
+
+The exchanges with the KDC block (and release the GIL): they run in a pool of `max_in_flight` threads
+and are bounded in time by `kdc_timeout`. A security context is built per request and never shared.
+Only this package imports `gssapi`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import gssapi
 import gssapi.exceptions
 import gssapi.raw
+import structlog
 
 from proxy.config import Kerberos
+from proxy.errors import GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.hints import explain
+from proxy.kerberos.password import user_name
+
+log = structlog.get_logger("proxy.kerberos")
 
 SPNEGO = gssapi.OID.from_int_seq("1.3.6.1.5.5.2")
-# Impersonated credentials must name SPNEGO as well as krb5, or MIT's SPNEGO finds no mechanism to offer.
-_MECHS = (gssapi.MechType.kerberos, SPNEGO)
-_RENEW_MARGIN = 300  # seconds before expiry at which cached impersonated credentials are dropped
+# Impersonate for SPNEGO only. With mechs=(krb5, SPNEGO) MIT runs S4U2Self once per mechanism (KRB5_TRACE
+# shows two PROTOCOL-TRANSITION requests), and with krb5 alone SPNEGO then finds no mechanism to offer.
+_MECHS = (SPNEGO,)
+_FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
+RENEW_BEFORE = 300.0  # seconds before a service ticket expires when a background renewal starts
+USABLE_FOR = 30.0  # a ticket with less left than this is not used: the request waits for a fresh one
+_RETRY_AFTER = 30.0  # after a failed background renewal, the next one starts no sooner than this
+
+Key = tuple[str, str]  # (user principal, SPN)
 
 
 @dataclass(frozen=True)
@@ -50,8 +76,8 @@ class DelegatedToken:
 
     principal: str
     spn: str
-    token: bytes
-    impersonation_cached: bool  # whether S4U2Self was skipped thanks to the cache
+    token: bytes = field(repr=False)
+    impersonation_cached: bool  # True when the service ticket came from the cache: no KDC exchange
     ms: float
 
     @property
@@ -59,24 +85,149 @@ class DelegatedToken:
         return "Negotiate " + base64.b64encode(self.token).decode("ascii")
 
 
+@dataclass
+class _Ticket:
+    """A cache entry: the user's impersonated credentials, whose own ccache holds the service ticket."""
+
+    creds: gssapi.Credentials
+    expires: float  # clock time when the service ticket expires
+    renew_not_before: float = 0.0
+
+
+@dataclass
+class CacheStats:
+    """Counters for metrics and tests: hits, KDC exchanges (S4U2Self + S4U2Proxy pairs), renewals."""
+
+    hits: int = 0
+    exchanges: int = 0
+    renewals: int = 0
+    failures: int = 0
+
+
 class Delegator:
     """Owns the gateway's service credentials and turns user principals into Negotiate tokens."""
 
-    def __init__(self, settings: Kerberos, *, cache_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        settings: Kerberos,
+        *,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if settings.krb5_config is not None:
             # MIT krb5 reads its profile from the environment when a library context is created.
             os.environ["KRB5_CONFIG"] = str(settings.krb5_config)
         self._settings = settings
+        self._clock = clock
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
         self._service: gssapi.Credentials | None = None
-        self._lock = threading.Lock()
-        self._impersonated: OrderedDict[str, tuple[gssapi.Credentials, float]] = OrderedDict()
+        self._service_lock = threading.Lock()
+        self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()
+        self._flights: dict[Key, asyncio.Task[_Ticket]] = {}
+        self._targets: dict[str, gssapi.Name] = {}
+        self._spns: set[str] = set()  # every SPN asked for: forget() looks a principal up under each
         self._cache_size = cache_size
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._kdc = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="kdc")
+        self.stats = CacheStats()
+
+    # -- the request path ------------------------------------------------------------------------------
+
+    async def delegate(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
+        """A Negotiate token for `user` at `spn`: from the cached service ticket, or after one exchange."""
+        start = time.perf_counter()
+        key = (user.principal, spn)
+        self._spns.add(spn)
+        now = self._clock()
+        ticket = self._tickets.get(key)
+        cached = ticket is not None and now < ticket.expires - USABLE_FOR
+        if ticket is not None and cached:
+            self._tickets.move_to_end(key)
+            self.stats.hits += 1
+            if now >= max(ticket.expires - RENEW_BEFORE, ticket.renew_not_before) and key not in self._flights:
+                ticket.renew_not_before = now + _RETRY_AFTER
+                self.stats.renewals += 1
+                self._flight(key, user, spn, gss_target)
+        else:
+            ticket = await asyncio.shield(self._flights.get(key) or self._flight(key, user, spn, gss_target))
+        try:
+            token = self._token(ticket.creds, gss_target)
+        except gssapi.raw.GSSError as e:
+            self._drop(key)
+            raise self._explain(e.gen_message(), user.principal, spn) from None
+        if not token:
+            raise self._explain("no token produced", user.principal, spn)
+        return DelegatedToken(user.principal, spn, token, cached, (time.perf_counter() - start) * 1000)
+
+    def _token(self, creds: gssapi.Credentials, gss_target: str) -> bytes:
+        """The first SPNEGO token on the cached service ticket: local work, no KDC."""
+        target = self._targets.get(gss_target)
+        if target is None:
+            target = self._targets[gss_target] = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
+        token = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=_FLAGS).token
+        return token or b""
+
+    # -- exchanges with the KDC ------------------------------------------------------------------------
+
+    def _flight(self, key: Key, user: UserPrincipal, spn: str, gss_target: str) -> asyncio.Task[_Ticket]:
+        """Start the one exchange for `key`; its result replaces the entry unless `key` was forgotten."""
+        task = asyncio.get_running_loop().create_task(self._exchange(user, spn, gss_target))
+        self._flights[key] = task
+
+        def landed(done: asyncio.Task[_Ticket]) -> None:
+            error = None if done.cancelled() else done.exception()  # retrieved even if nobody waits
+            if self._flights.get(key) is not done:
+                return  # forgotten or cleared meanwhile: the result must not come back
+            del self._flights[key]
+            if done.cancelled():
+                return
+            if error is None:
+                self._store(key, done.result())
+            elif isinstance(error, KerberosRefused):
+                self._drop(key)  # the KDC says no now: stop serving this user from an older ticket
+            if error is not None:
+                self.stats.failures += 1
+                log.info("delegation_failed", principal=user.principal, spn=spn, error=str(error))
+
+        task.add_done_callback(landed)
+        return task
+
+    async def _exchange(self, user: UserPrincipal, spn: str, gss_target: str) -> _Ticket:
+        loop = asyncio.get_running_loop()
+        self.stats.exchanges += 1
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._kdc, self._exchange_blocking, user, gss_target),
+                timeout=self._settings.kdc_timeout,
+            )
+        except TimeoutError:
+            raise self._explain(
+                f"cannot contact any KDC within {self._settings.kdc_timeout:g} s", user.principal, spn
+            ) from None
+        except gssapi.raw.GSSError as e:
+            raise self._explain(e.gen_message(), user.principal, spn) from None
+
+    def _exchange_blocking(self, user: UserPrincipal, gss_target: str) -> _Ticket:
+        """S4U2Self, then S4U2Proxy (the first token fetches the service ticket into the user's ccache)."""
+        name = user_name(user)  # the principal, or the NT-ENTERPRISE UPN with identity.enterprise_names
+        creds = self._service_credentials().impersonate(name, usage="initiate", mechs=_MECHS)
+        target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
+        result = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=_FLAGS)
+        lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
+        return _Ticket(creds=creds, expires=self._clock() + lifetime)
+
+    def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
+        """One fresh S4U2Self + S4U2Proxy, bypassing the cache (for diagnostics; blocks on the KDC)."""
+        start = time.perf_counter()
+        try:
+            ticket = self._exchange_blocking(user, gss_target)
+            token = self._token(ticket.creds, gss_target)
+        except gssapi.raw.GSSError as e:
+            raise self._explain(e.gen_message(), user.principal, spn) from None
+        return DelegatedToken(user.principal, spn, token, False, (time.perf_counter() - start) * 1000)
 
     def _service_credentials(self) -> gssapi.Credentials:
-        with self._lock:
-            if self._service is None or self._remaining(self._service) < _RENEW_MARGIN:
+        with self._service_lock:
+            if self._service is None or _remaining(self._service) < RENEW_BEFORE:
                 self._service = gssapi.Credentials(
                     name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
                     usage="both",
@@ -88,65 +239,58 @@ class Delegator:
                 )
             return self._service
 
-    @staticmethod
-    def _remaining(creds: gssapi.Credentials) -> float:
-        try:
-            lifetime = creds.lifetime
-        except gssapi.exceptions.ExpiredCredentialsError:
-            return 0.0
-        return float("inf") if lifetime is None else float(lifetime)
+    def _explain(self, message: str, principal: str, spn: str) -> GatewayError:
+        return explain(message, user=principal, spn=spn, proxy=self._settings.principal)
 
-    def impersonate(self, principal: str) -> tuple[gssapi.Credentials, bool]:
-        """S4U2Self: the evidence ticket for `principal`, from the cache when still fresh."""
-        now = time.monotonic()
-        with self._lock:
-            hit = self._impersonated.get(principal)
-            if hit is not None and hit[1] > now:
-                self._impersonated.move_to_end(principal)
-                return hit[0], True
-        user = gssapi.Name(principal, gssapi.NameType.kerberos_principal)
-        creds = self._service_credentials().impersonate(user, usage="initiate", mechs=_MECHS)
-        expires = now + max(0.0, self._remaining(creds) - _RENEW_MARGIN)
-        with self._lock:
-            self._impersonated[principal] = (creds, expires)
-            while len(self._impersonated) > self._cache_size:
-                self._impersonated.popitem(last=False)
-        return creds, False
+    # -- the cache -------------------------------------------------------------------------------------
 
-    def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
-        """S4U2Self (or cache) then S4U2Proxy; returns the first SPNEGO token for `spn`."""
-        start = time.perf_counter()
-        try:
-            creds, cached = self.impersonate(user.principal)
-            context = gssapi.SecurityContext(
-                name=gssapi.Name(gss_target, gssapi.NameType.hostbased_service),
-                creds=creds,
-                usage="initiate",
-                mech=SPNEGO,
-                flags=gssapi.RequirementFlag.out_of_sequence_detection,
-            )
-            token = context.step()
-        except gssapi.raw.GSSError as e:
-            with self._lock:
-                self._impersonated.pop(user.principal, None)
-            raise explain(e.gen_message(), user=user.principal, spn=spn, proxy=self._settings.principal) from None
-        if not token:
-            raise explain("no token produced", user=user.principal, spn=spn, proxy=self._settings.principal)
-        ms = (time.perf_counter() - start) * 1000
-        return DelegatedToken(user.principal, spn, token, cached, ms)
+    def _store(self, key: Key, ticket: _Ticket) -> None:
+        self._tickets[key] = ticket
+        self._tickets.move_to_end(key)
+        while len(self._tickets) > self._cache_size:
+            self._tickets.popitem(last=False)  # releasing the credentials destroys their MEMORY ccache
 
-    async def delegate(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
-        """The same, off the event loop, bounded in concurrency and in time."""
-        async with self._slots:
-            try:
-                return await asyncio.wait_for(
-                    asyncio.to_thread(self.delegate_blocking, user, spn, gss_target),
-                    timeout=self._settings.kdc_timeout,
-                )
-            except TimeoutError:
-                raise explain(
-                    f"cannot contact any KDC within {self._settings.kdc_timeout:g} s",
-                    user=user.principal,
-                    spn=spn,
-                    proxy=self._settings.principal,
-                ) from None
+    def _drop(self, key: Key) -> None:
+        self._tickets.pop(key, None)
+
+    def forget(self, principal: str) -> int:
+        """Drop every cached ticket of `principal` (and ignore its exchanges in flight); returns how many."""
+        dropped = 0
+        for spn in self._spns:
+            ticket = self._tickets.pop((principal, spn), None)
+            flight = self._flights.pop((principal, spn), None)
+            dropped += ticket is not None or flight is not None
+        if dropped:
+            log.info("tickets_forgotten", principal=principal, tickets=dropped)
+        return dropped
+
+    def clear(self) -> None:
+        """Drop the whole cache, e.g. when the configuration is reloaded."""
+        self._tickets.clear()
+        self._flights.clear()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def ticket_expires(self, principal: str, spn: str) -> float | None:
+        """When the cached service ticket of `principal` at `spn` expires (clock time), if there is one."""
+        ticket = self._tickets.get((principal, spn))
+        return None if ticket is None else ticket.expires
+
+    def in_flight(self) -> int:
+        """How many exchanges with the KDC are under way."""
+        return len(self._flights)
+
+    def close(self) -> None:
+        """Drop the cache and stop the KDC threads (a call still talking to the KDC finishes on its own)."""
+        self.clear()
+        with contextlib.suppress(RuntimeError):
+            self._kdc.shutdown(wait=False, cancel_futures=True)
+
+
+def _remaining(creds: gssapi.Credentials) -> float:
+    try:
+        lifetime = creds.lifetime
+    except gssapi.exceptions.ExpiredCredentialsError:
+        return 0.0
+    return float("inf") if lifetime is None else float(lifetime)

@@ -24,6 +24,9 @@ gateway with a backend pool shared among users serve one user as another (LAB-NO
 isolation tests need it. Per-connection state is keyed by the connection's asyncio transport and dropped
 once that transport is closed. Without the mode every request authenticates afresh.
 
+With ``--tls-cert`` and ``--tls-key`` it serves https, as Exchange does (the gateway's tests of https
+upstreams use the lab's server certificate).
+
 What it answers: a JSON echo of what it saw (principal, method, path, query, body digest, headers without
 Authorization, the connection's number and whether the identity was reused), the principal also in
 ``X-Lab-Principal``. Exchange's sites are recognised and named in the echo (``site``): ActiveSync, EWS,
@@ -56,6 +59,7 @@ import binascii
 import hashlib
 import itertools
 import os
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -106,8 +110,9 @@ ACTIVESYNC_PROTOCOL_COMMANDS: Final = ",".join(
 MAX_HOLD_SECONDS: Final = 3600.0
 MAX_BODY_BYTES: Final = 1 << 30
 # AD puts group data in the ticket's PAC, so Negotiate headers reach tens of KB; Exchange sites raise IIS's
-# header limits for the same reason. aiohttp's default field limit (8190 bytes) would refuse them.
-MAX_HEADER_FIELD_BYTES: Final = 65536
+# header limits for the same reason. aiohttp's default field limit (8190 bytes) would refuse them. 96 KiB
+# takes a 64 KiB token (AD's largest MaxTokenSize) in base64, as the gateway's own listener does.
+MAX_HEADER_FIELD_BYTES: Final = 96 * 1024
 
 _SPNEGO_OID_DER: Final = bytes.fromhex("06062b0601050502")  # 1.3.6.1.5.5.2
 _KRB5_OID_DER: Final = bytes.fromhex("06092a864886f712010202")  # 1.2.840.113554.1.2.2
@@ -490,7 +495,7 @@ async def send_pattern(
     response.content_type = "application/octet-stream"
     response.content_length = size
     await response.prepare(request)
-    for chunk in _pattern_chunks(size):
+    for chunk in _pattern_chunks(size if request.method != "HEAD" else 0):
         await response.write(chunk)
     await response.write_eof()
     return response
@@ -621,6 +626,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"refuse tickets for any principal but this one, e.g. {SERVICE} (default: any in the keytab)",
     )
     parser.add_argument("--rcache", type=Path, help="replay cache file (default: MIT's, under $KRB5RCACHEDIR)")
+    parser.add_argument("--tls-cert", type=Path, help="serve https with this PEM certificate (chain) ...")
+    parser.add_argument("--tls-key", type=Path, help="... and this PEM private key")
     return parser.parse_args(argv)
 
 
@@ -635,14 +642,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lab backend: cannot accept with keytab {args.keytab}: {gss_reason(exc)}", file=sys.stderr)
         return 2
     host, port = args.bind
+    tls = None
+    if args.tls_cert is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     log.info(
         "listening",
         bind=f"{host}:{port}",
+        https=tls is not None,
         keytab=str(args.keytab),
         service=args.service or "any in the keytab",
         connection_bound=args.connection_bound,
     )
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    web.run_app(app, host=host, port=port, access_log=None, print=None, ssl_context=tls)
     return 0
 
 

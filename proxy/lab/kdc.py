@@ -10,7 +10,7 @@ The LDAP database module (kldap) can: the allow-list is the `krbAllowedToDelegat
 proxy principal's LDAP entry. So the lab realm is two daemons:
 
     slapd     ldap://127.0.0.1:<ldap_port>/   back_mdb, suffix dc=lab,dc=test, holds realm LAB.TEST
-    krb5kdc   127.0.0.1:<kdc_port> TCP + UDP  serves LAB.TEST, reads its principals from slapd
+    krb5kdc   <bind_host>:<kdc_port> TCP+UDP  serves LAB.TEST, reads its principals from slapd
 
 `ensure_realm` writes slapd.conf, krb5.conf and kdc.conf under the lab directory and, on first use,
 provisions the realm: the LDAP base entry, the KDC's stashed LDAP password and the realm with its
@@ -23,8 +23,10 @@ ports recorded at their start the call returns at once.
 Every tool and daemon gets `KRB5_CONFIG` and `KRB5_KDC_PROFILE` from the layout, and `LDAPNOINIT` so
 that libldap skips /etc/ldap/ldap.conf: nothing in /etc is read but the system LDAP schemas, nothing
 outside the lab directory is written. The lab trusts itself:
-fixed passwords, the LDAP root DN doubling as the KDC's bind DN, keytabs readable by everyone. It
-listens on 127.0.0.1 only. It is a test bench, not a template for a production KDC.
+fixed passwords, the LDAP root DN doubling as the KDC's bind DN, keytabs readable by everyone. slapd
+listens on 127.0.0.1 only; the KDC on the layout's `bind_host` (127.0.0.1 natively, the container's
+network in docker compose, where clients find it as `kdc_host`). It is a test bench, not a template for
+a production KDC.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def stop_realm(layout: LabLayout) -> None:
 
 def realm_status(layout: LabLayout) -> dict[str, bool]:
     """Which lab daemons run and answer on the layout's ports, e.g. {"slapd": True, "krb5kdc": True}."""
-    return {daemon.name: _pid(daemon, layout) is not None and _accepts(daemon.port) for daemon in _daemons(layout)}
+    return {daemon.name: _pid(daemon, layout) is not None and _accepts(daemon) for daemon in _daemons(layout)}
 
 
 def principal_dn(principal: str) -> str:
@@ -208,7 +210,7 @@ def _krb5_conf_text(layout: LabLayout) -> str:
 
 [realms]
     {REALM} = {{
-        kdc = 127.0.0.1:{layout.kdc_port}
+        kdc = {layout.kdc_host}:{layout.kdc_port}
     }}
 
 [domain_realm]
@@ -229,12 +231,12 @@ def _krb5_conf_text(layout: LabLayout) -> str:
 
 def _kdc_conf_text(layout: LabLayout) -> str:
     # kdc_listen rather than kdc_ports (its pre-1.15 name): it takes an address, so the KDC binds
-    # 127.0.0.1 only instead of every interface.
+    # the layout's bind_host (127.0.0.1 natively) instead of every interface.
     return f"""\
 # The lab KDC's profile (KRB5_KDC_PROFILE); written by proxy.lab.kdc.
 [kdcdefaults]
-    kdc_listen = 127.0.0.1:{layout.kdc_port}
-    kdc_tcp_listen = 127.0.0.1:{layout.kdc_port}
+    kdc_listen = {layout.bind_host}:{layout.kdc_port}
+    kdc_tcp_listen = {layout.bind_host}:{layout.kdc_port}
 
 [realms]
     {REALM} = {{
@@ -348,6 +350,7 @@ class _Daemon:
     argv: tuple[str, ...]
     port: int
     pid_file: Path  # written by the daemon itself once it has forked into the background
+    host: str = "127.0.0.1"  # where it answers on this machine
 
 
 def _daemons(layout: LabLayout) -> tuple[_Daemon, _Daemon]:
@@ -356,7 +359,7 @@ def _daemons(layout: LabLayout) -> tuple[_Daemon, _Daemon]:
     kdc_pid_file = layout.run_dir / "krb5kdc.pid"
     return (
         _Daemon("slapd", slapd_argv, layout.ldap_port, layout.run_dir / "slapd.pid"),
-        _Daemon("krb5kdc", ("krb5kdc", "-P", str(kdc_pid_file)), layout.kdc_port, kdc_pid_file),
+        _Daemon("krb5kdc", ("krb5kdc", "-P", str(kdc_pid_file)), layout.kdc_port, kdc_pid_file, layout.local_host),
     )
 
 
@@ -374,9 +377,9 @@ def _recorded_ports(layout: LabLayout) -> dict[str, int] | None:
 
 def _start(daemon: _Daemon, layout: LabLayout) -> None:
     """Both daemons check their configuration, fork into the background and return; then wait for the port."""
-    if _accepts(daemon.port):
+    if _accepts(daemon):
         raise RealmError(
-            f"127.0.0.1:{daemon.port} is taken by another process, so {daemon.name} cannot listen there; "
+            f"{daemon.host}:{daemon.port} is taken by another process, so {daemon.name} cannot listen there; "
             "stop it or give the LabLayout other ports"
         )
     daemon.pid_file.unlink(missing_ok=True)
@@ -385,8 +388,8 @@ def _start(daemon: _Daemon, layout: LabLayout) -> None:
         _run(daemon.argv, layout)
     except RealmError as exc:
         raise RealmError(f"{exc}{_start_failure_reason(daemon, layout, log_offset)}") from exc
-    if not _wait_until(lambda: _pid(daemon, layout) is not None and _accepts(daemon.port)):
-        raise RealmError(f"{daemon.name} did not answer on 127.0.0.1:{daemon.port} within {_START_TIMEOUT:g} s")
+    if not _wait_until(lambda: _pid(daemon, layout) is not None and _accepts(daemon)):
+        raise RealmError(f"{daemon.name} did not answer on {daemon.host}:{daemon.port} within {_START_TIMEOUT:g} s")
 
 
 def _start_failure_reason(daemon: _Daemon, layout: LabLayout, log_offset: int) -> str:
@@ -447,9 +450,9 @@ def _is_lab_daemon(pid: int, daemon: _Daemon, layout: LabLayout) -> bool:
     return Path(argv[0]).name == daemon.name and any(arg.startswith(lab_prefix) for arg in argv)
 
 
-def _accepts(port: int) -> bool:
+def _accepts(daemon: _Daemon) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((daemon.host, daemon.port), timeout=0.5):
             return True
     except OSError:
         return False

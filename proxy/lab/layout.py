@@ -1,14 +1,21 @@
-"""Where the lab keeps its files and which loopback ports it uses.
+"""Where the lab keeps its files, which ports it uses and where its daemons listen.
 
 Every lab component (LDAP + KDC, PKI, the Exchange stand-in, the gateway's lab configuration) takes a
 `LabLayout` and finds its files through it, so that one directory holds the whole realm and `lab down`
 plus `rm -rf` of that directory leaves nothing behind. Nothing here touches `/etc`.
+
+Natively the lab listens on 127.0.0.1 and its parts reach each other there. In containers
+(`docker-compose.yml`) each daemon listens on its container's network (`bind_host = 0.0.0.0`) and the
+others reach it by service name (`kdc_host = kdc`...). A layout travels to another process, or a
+container, as `KCD_LAB_*` environment variables: `as_env()` writes them and `from_env()` reads them, so
+`kcd-proxy lab serve kdc` started by `lab up` and the same command in a compose service see one layout.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 REALM = "LAB.TEST"
@@ -38,10 +45,43 @@ class LabLayout:
     backend_port: int = 8081
     gateway_port: int = 8443
     crl_port: int = 8082  # plain HTTP server publishing the lab CRLs
+    ocsp_port: int = 8083  # the issuing CA's OCSP responder (`openssl ocsp`), named in the certificates
+    bind_host: str = "127.0.0.1"  # where the KDC, backend, CRL server and lab gateway listen (slapd: loopback always)
+    kdc_host: str = "127.0.0.1"  # how clients reach the KDC (krb5.conf)
+    backend_host: str = "127.0.0.1"  # how the gateway reaches the backend (gateway.toml)
+    crl_host: str = "127.0.0.1"  # the host in the certificates' CRL distribution points
 
     @classmethod
     def default(cls) -> LabLayout:
-        return cls(root=default_root())
+        return cls.from_env(os.environ)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, root: Path | None = None) -> LabLayout:
+        """The layout that `KCD_LAB_DIR` and `KCD_LAB_<FIELD>` (e.g. KCD_LAB_KDC_PORT) describe; defaults elsewhere."""
+        values: dict[str, str | int] = {}
+        for f in fields(cls):
+            raw = env.get(f"KCD_LAB_{f.name.upper()}")
+            if f.name == "root" or raw is None:
+                continue
+            if f.type == "int":
+                if not raw.isdigit() or not 0 < int(raw) < 65536:
+                    raise ValueError(f"KCD_LAB_{f.name.upper()}: expected a port number, got {raw!r}")
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        if root is None:
+            root = Path(env["KCD_LAB_DIR"]) if env.get("KCD_LAB_DIR") else default_root()
+        return cls(root=root.resolve(), **values)  # type: ignore[arg-type]
+
+    def as_env(self) -> dict[str, str]:
+        """This layout as `KCD_LAB_*` variables, for `from_env` in another process or a container."""
+        env = {f"KCD_LAB_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self) if f.name != "root"}
+        return {"KCD_LAB_DIR": str(self.root), **env}
+
+    @property
+    def local_host(self) -> str:
+        """Where a daemon bound to `bind_host` answers on its own machine: a wildcard bind answers on loopback."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.bind_host, self.bind_host)
 
     @property
     def krb5_conf(self) -> Path:

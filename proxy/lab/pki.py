@@ -17,6 +17,11 @@ root.crl). Publish only the .crl files: the directory also holds every private k
 `issuing-revoked.json` beside the CA is the issuing CA's record of what it revoked and its CRL number;
 `revoke()` adds to it and reissues the CRLs.
 
+OCSP: leaves name `ocsp_url` in their authorityInfoAccess. `ocsp.pem` is the issuing CA's delegated
+responder (id-kp-OCSPSigning, id-pkix-ocsp-nocheck), and `index.txt` is the issuing CA's database in
+`openssl ca` format, rewritten with every CRL, for `openssl ocsp -index` (`ocsp_responder_argv`):
+every certificate the issuing CA issued is listed, valid or revoked; anything else is "unknown".
+
 `make_pki` is idempotent: files that are still good for at least a day at `now` are kept (CRLs that
 are due are reissued from the record); otherwise everything is made afresh.
 """
@@ -28,7 +33,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -36,13 +41,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from proxy.certs.revocation import load_crls
 from proxy.identity.upn import upn_other_name
 
 P12_PASSWORD = b"lab"
 CRL_BASE_URL = "http://127.0.0.1:8082"  # LabLayout.crl_port
+OCSP_URL = "http://127.0.0.1:8083"  # LabLayout.ocsp_port
+OCSP_NAME = "Lab OCSP Responder"
 ROOT_NAME = "Lab Root CA"
 ISSUING_NAME = "Lab Issuing CA"
 SERVER_NAMES = ("proxy.lab.test", "localhost")
@@ -91,6 +98,10 @@ USER_CERTIFICATES: dict[str, UserSpec] = {
     "noclientauth": _user("ivan", eku="serverAuth"),
     "ghost": _user("ghost"),  # a user the KDC does not know
     "other-realm": _user("alice", domain="corp.example"),
+    # Second devices of real users, for tests that revoke a certificate while it is in use: revocations
+    # last as long as the lab, so each such test needs a certificate of its own.
+    "alice-phone": _user("alice"),
+    "bob-phone": _user("bob"),
 }
 
 
@@ -107,6 +118,9 @@ class Pki:
     issuing_crl: Path  # DER, published at <crl_base_url>/issuing.crl
     revocation_record: Path  # JSON: the issuing CA's CRL number and revoked serials
     crls: Path  # PEM: the root's CRL, then the issuing CA's
+    ocsp_cert: Path  # the issuing CA's delegated OCSP responder
+    ocsp_key: Path
+    ocsp_index: Path  # the issuing CA's database in `openssl ca` format, for `openssl ocsp -index`
     server_cert: Path
     server_key: Path
     server_chain: Path  # server certificate, then the issuing CA
@@ -131,6 +145,9 @@ class Pki:
             issuing_crl=path("issuing.crl"),
             revocation_record=path("issuing-revoked.json"),
             crls=path("crls.pem"),
+            ocsp_cert=path("ocsp.pem"),
+            ocsp_key=path("ocsp.key"),
+            ocsp_index=path("index.txt"),
             server_cert=path("server.pem"),
             server_key=path("server.key"),
             server_chain=path("server-chain.pem"),
@@ -157,10 +174,10 @@ class Pki:
         return self.directory / "users" / f"{name}{suffix}"
 
 
-def make_pki(directory: Path, *, now: datetime, crl_base_url: str = CRL_BASE_URL) -> Pki:
-    """Make (or keep, if still good for a day at `now`) the lab PKI in `directory`."""
+def make_pki(directory: Path, *, now: datetime, crl_base_url: str = CRL_BASE_URL, ocsp_url: str = OCSP_URL) -> Pki:
+    """Make (or keep, if still good for a day at `now` and naming these URLs) the lab PKI in `directory`."""
     pki = Pki.at(directory)
-    if _certificates_current(pki, now):
+    if _certificates_current(pki, now) and _urls_current(pki, f"{crl_base_url}/issuing.crl", ocsp_url):
         if not _crls_current(pki, now):
             _write_crls(pki, now=now)
         return pki
@@ -182,6 +199,20 @@ def make_pki(directory: Path, *, now: datetime, crl_base_url: str = CRL_BASE_URL
         _write_key(key_path, key)
 
     issuing_crl_url = f"{crl_base_url}/issuing.crl"
+    ocsp_key = ec.generate_private_key(ec.SECP256R1())
+    responder = _issue_leaf(
+        OCSP_NAME,
+        ocsp_key,
+        (issuing_key, issuing),
+        [x509.DNSName("ocsp.lab.test")],
+        ExtendedKeyUsageOID.OCSP_SIGNING,
+        not_before=now - _HOUR,
+        not_after=now + timedelta(days=365),
+        crl_url=None,
+        ocsp_url=None,
+    )
+    _write_pem(pki.ocsp_cert, [responder])
+    _write_key(pki.ocsp_key, ocsp_key)
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_sans: list[x509.GeneralName] = [x509.DNSName(n) for n in SERVER_NAMES]
     server_sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
@@ -194,6 +225,7 @@ def make_pki(directory: Path, *, now: datetime, crl_base_url: str = CRL_BASE_URL
         not_before=now - _HOUR,
         not_after=now + timedelta(days=365),
         crl_url=issuing_crl_url,
+        ocsp_url=ocsp_url,
     )
     _write_pem(pki.server_cert, [server])
     _write_pem(pki.server_chain, [server, issuing])
@@ -205,7 +237,7 @@ def make_pki(directory: Path, *, now: datetime, crl_base_url: str = CRL_BASE_URL
             ((rogue_key, rogue), [rogue, rogue_root]) if spec.rogue else ((issuing_key, issuing), [issuing, root])
         )
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _issue_user(spec, key, ca, now=now, crl_url=issuing_crl_url)
+        cert = _issue_user(spec, key, ca, now=now, crl_url=issuing_crl_url, ocsp_url=ocsp_url)
         _write_pem(pki.user_cert(name), [cert])
         _write_key(pki.user_key(name), key)
         p12 = pkcs12.serialize_key_and_certificates(name.encode(), key, cert, chain, _p12_encryption())
@@ -262,6 +294,7 @@ def _issue_user(
     *,
     now: datetime,
     crl_url: str,
+    ocsp_url: str | None,
 ) -> x509.Certificate:
     sans: list[x509.GeneralName] = [upn_other_name(spec.upn)] if spec.upn else []
     sans.append(x509.RFC822Name(spec.email))
@@ -271,8 +304,9 @@ def _issue_user(
         "notyet": (now + timedelta(days=30), now + timedelta(days=395)),
     }[spec.validity]
     eku = ExtendedKeyUsageOID.CLIENT_AUTH if spec.eku == "clientAuth" else ExtendedKeyUsageOID.SERVER_AUTH
+    cn = spec.email.partition("@")[0]
     return _issue_leaf(
-        spec.email.partition("@")[0], key, ca, sans, eku, not_before=not_before, not_after=not_after, crl_url=crl_url
+        cn, key, ca, sans, eku, not_before=not_before, not_after=not_after, crl_url=crl_url, ocsp_url=ocsp_url
     )
 
 
@@ -285,18 +319,25 @@ def _issue_leaf(
     *,
     not_before: datetime,
     not_after: datetime,
-    crl_url: str,
+    crl_url: str | None,
+    ocsp_url: str | None,
 ) -> x509.Certificate:
     ca_key, ca_cert = ca
-    return (
+    builder = (
         _builder(_name(cn), ca_cert.subject, key, ca_key, not_before, not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(_distribution_point(crl_url), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
+    if crl_url:
+        builder = builder.add_extension(_distribution_point(crl_url), critical=False)
+    else:  # the OCSP responder: nobody checks its own status (RFC 6960 4.2.2.2.1)
+        builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
+    if ocsp_url:
+        ocsp = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))
+        builder = builder.add_extension(x509.AuthorityInformationAccess([ocsp]), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def _builder(
@@ -380,9 +421,76 @@ def _write_crls(pki: Pki, *, now: datetime) -> None:
     root_crl = _sign_crl(pki.root_cert, pki.root_key, [], number, now=now)
     issuing_crl = _sign_crl(pki.issuing_cert, pki.issuing_key, record["revoked"], number, now=now)
     pem = serialization.Encoding.PEM
-    pki.crls.write_bytes(root_crl.public_bytes(pem) + issuing_crl.public_bytes(pem))
-    pki.root_crl.write_bytes(root_crl.public_bytes(serialization.Encoding.DER))
-    pki.issuing_crl.write_bytes(issuing_crl.public_bytes(serialization.Encoding.DER))
+    # Replaced, never rewritten in place: the CRL server (and a gateway re-reading crls.pem) may read
+    # them at any moment, and must see the old file or the new one, not half of one.
+    _replace(pki.crls, root_crl.public_bytes(pem) + issuing_crl.public_bytes(pem))
+    _replace(pki.root_crl, root_crl.public_bytes(serialization.Encoding.DER))
+    _replace(pki.issuing_crl, issuing_crl.public_bytes(serialization.Encoding.DER))
+    _replace(pki.ocsp_index, _index(pki, record["revoked"]).encode())
+    # Several certificates share a subject (a user's second device): openssl must not insist on unique ones.
+    pki.ocsp_index.with_name(pki.ocsp_index.name + ".attr").write_text("unique_subject = no\n")
+
+
+def _index(pki: Pki, revoked: Iterable[dict[str, str]]) -> str:
+    """The issuing CA's database as `openssl ca` keeps it (index.txt): one line per certificate it issued.
+
+    Columns, tab-separated: V (valid) or R (revoked), expiry, revocation time[,reason], serial in hex,
+    file name ("unknown"), subject. `openssl ocsp -index` answers from it, and reloads it when it changes.
+    """
+    issuing = x509.load_pem_x509_certificate(pki.issuing_cert.read_bytes())
+    revocations = {int(entry["serial"], 16): entry for entry in revoked}
+    paths = [pki.server_cert, pki.ocsp_cert, *(pki.user_cert(name) for name in pki.users)]
+    lines = []
+    for path in paths:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        if cert.issuer != issuing.subject:
+            continue
+        try:
+            cert.verify_directly_issued_by(issuing)
+        except Exception:  # noqa: BLE001, S112 -- the rogue CA's certificates are not the issuing CA's
+            continue
+        serial = f"{cert.serial_number:X}"
+        serial = serial if len(serial) % 2 == 0 else f"0{serial}"
+        subject = "/" + "/".join(reversed(cert.subject.rfc4514_string().split(",")))
+        expiry = _openssl_time(cert.not_valid_after_utc)
+        entry = revocations.get(cert.serial_number)
+        if entry is None:
+            lines.append(f"V\t{expiry}\t\t{serial}\tunknown\t{subject}")
+        else:
+            when = _openssl_time(datetime.fromisoformat(entry["revoked_at"]))
+            reason = x509.ReasonFlags[entry["reason"]].value.replace("cACompromise", "CACompromise")
+            lines.append(f"R\t{expiry}\t{when},{reason}\t{serial}\tunknown\t{subject}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _openssl_time(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%y%m%d%H%M%SZ")
+
+
+def ocsp_responder_argv(pki: Pki, port: int) -> list[str]:
+    """`openssl ocsp` as the issuing CA's responder on `port`, answering from `index.txt`.
+
+    openssl 3.0's responder takes a port only, no address: it listens on every interface. It answers one
+    connection at a time, so wait for "waiting for OCSP client connections" in its output rather than
+    probing its port. It rereads index.txt when that changes, after the next request it answers.
+    """
+    return [
+        "openssl",
+        "ocsp",
+        "-index",
+        str(pki.ocsp_index),
+        "-port",
+        str(port),
+        "-CA",
+        str(pki.issuing_cert),
+        "-rsigner",
+        str(pki.ocsp_cert),
+        "-rkey",
+        str(pki.ocsp_key),
+        "-ignore_err",
+        "-timeout",  # it serves one connection at a time: one that sends nothing must not wedge it for good
+        "3",
+    ]
 
 
 def _sign_crl(
@@ -427,13 +535,19 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         f.write(data)
 
 
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def _write_record(pki: Pki, record: dict[str, object]) -> None:
     pki.revocation_record.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _certificates_current(pki: Pki, now: datetime) -> bool:
     """Every file is there, every certificate is good for a day, and the variants are still broken."""
-    keys = [pki.root_key, pki.issuing_key, pki.server_key, pki.rogue_root_key, pki.rogue_issuing_key]
+    keys = [pki.root_key, pki.issuing_key, pki.server_key, pki.rogue_root_key, pki.rogue_issuing_key, pki.ocsp_key]
     keys += [pki.user_key(name) for name in pki.users]
     p12s = [pki.user_p12(name) for name in pki.users]
     try:
@@ -441,6 +555,7 @@ def _certificates_current(pki: Pki, now: datetime) -> bool:
         if not all(path.is_file() for path in [*keys, *p12s, pki.server_chain]):
             return False
         plain = [pki.root_cert, pki.issuing_cert, pki.server_cert, pki.rogue_root_cert, pki.rogue_issuing_cert]
+        plain.append(pki.ocsp_cert)
         validity: dict[Path, Validity] = dict.fromkeys(plain, "valid")
         validity.update({pki.user_cert(name): spec.validity for name, spec in USER_CERTIFICATES.items()})
         for path, expected in validity.items():
@@ -454,6 +569,18 @@ def _certificates_current(pki: Pki, now: datetime) -> bool:
     return True
 
 
+def _urls_current(pki: Pki, crl_url: str, ocsp_url: str) -> bool:
+    """Do the user certificates name these CRL and OCSP URLs (a lab moved to other ports remakes its PKI)?"""
+    cert = x509.load_pem_x509_certificate(pki.user_cert("alice").read_bytes())
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        access = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except x509.ExtensionNotFound:
+        return False
+    named = {n.value for p in points for n in p.full_name or ()} | {a.access_location.value for a in access}
+    return {crl_url, ocsp_url} <= named
+
+
 def _crls_current(pki: Pki, now: datetime) -> bool:
     try:
         crls = load_crls(pki.crls)
@@ -463,4 +590,5 @@ def _crls_current(pki: Pki, now: datetime) -> bool:
         crl.last_update_utc <= now and crl.next_update_utc is not None and crl.next_update_utc >= now + _MARGIN
         for crl in crls
     )
-    return current and len(crls) == 2 and pki.issuing_crl.is_file() and pki.root_crl.is_file()
+    files = (pki.issuing_crl, pki.root_crl, pki.ocsp_index)
+    return current and len(crls) == 2 and all(f.is_file() for f in files)

@@ -1,14 +1,17 @@
 """`kcd-proxy lab up | down | status | env`: the whole lab, as background processes under one directory.
 
-`up` makes the PKI (if missing or near expiry), the LDAP-backed realm (if missing) and starts what is
-not running: slapd, krb5kdc, the Exchange stand-in and a small HTTP server publishing the CRLs. It also
-writes `gateway.toml` in the lab directory: a gateway configuration for this lab (the checked-in
-`config/lab.toml` is the same for the default lab directory). `down` stops every process the lab
-started. Each daemon has a pid file and a log under `run/`.
+`up` is `init` (the files: the PKI if missing or near expiry, the CRL publishing directory and
+`gateway.toml`, a gateway configuration for this lab; the checked-in `config/lab.toml` is the same for
+the default lab directory), then it starts what is not running, each through the foreground entry point
+a container runs (`SERVE`, see `proxy.lab.serve`): `kcd-proxy lab serve kdc` (provisions the
+LDAP-backed realm if missing, then runs slapd and krb5kdc), `... serve backend` (the Exchange stand-in)
+and `... serve crl` (the CRLs over HTTP). The layout reaches them as `KCD_LAB_*` variables. `down`
+stops every process the lab started. Each has a pid file and a log under `run/`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,45 +24,60 @@ from pathlib import Path
 from proxy.lab import kdc, pki
 from proxy.lab.layout import USERS, LabLayout
 
-_DAEMONS = ("backend", "crl-server")
+# The foreground entry points, as `kcd-proxy` arguments: `lab up` runs them in the background, and the
+# compose services of the same names run them as their command (tests/integration/test_deploy.py checks).
+SERVE: dict[str, tuple[str, ...]] = {name: ("lab", "serve", name) for name in ("kdc", "backend", "crl")}
+_DAEMONS = tuple(SERVE)
 
 
 def _pid_alive(pid_file: Path) -> int | None:
+    """The pid in `pid_file` if that process runs. A zombie (exited, not yet reaped by its parent or by
+    an init that reaps slowly) counts as gone: `os.kill(pid, 0)` alone would still find it."""
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, ValueError, IndexError):
         return None
-    return pid
+    return None if state == "Z" else pid
 
 
-def _wait_port(port: int, timeout: float, what: str, log: Path) -> None:
+def _reap(pid: int) -> None:
+    """Collect the exit status of a process this one started (`lab up` in a test session), or it lingers
+    as a zombie that `os.kill(pid, 0)` still finds; a process started by another `kcd-proxy` is not ours to reap."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _wait_port(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.05)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise RuntimeError(f"{what} did not start listening on 127.0.0.1:{port} within {timeout:g} s\n{tail}")
+    verdict = f"exited with {proc.returncode}" if proc.poll() is not None else f"did not answer within {timeout:g} s"
+    raise RuntimeError(f"{what} {verdict} (expected on {host}:{port}); its log {log}:\n{tail}")
 
 
-def _spawn(layout: LabLayout, name: str, argv: list[str], port: int) -> None:
+def _spawn(layout: LabLayout, name: str, port: int, timeout: float = 15) -> None:
+    """`kcd-proxy lab serve <name>` in the background, unless it runs; wait until it answers on `port`."""
     pid_file = layout.run_dir / f"{name}.pid"
     if _pid_alive(pid_file):
         return
     log = layout.run_dir / f"{name}.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            argv,
+            [sys.executable, "-m", "proxy", *SERVE[name]],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **layout.env()},
+            env={**os.environ, **layout.env(), **layout.as_env()},
             start_new_session=True,
         )
     pid_file.write_text(f"{proc.pid}\n")
-    _wait_port(port, 15, name, log)
+    _wait_port(proc, layout.local_host, port, timeout, name, log)
 
 
 def gateway_config(layout: LabLayout, *, gateway_port: int | None = None) -> str:
@@ -67,7 +85,7 @@ def gateway_config(layout: LabLayout, *, gateway_port: int | None = None) -> str
     p = layout.pki_dir
     return f"""# Generated by `kcd-proxy lab up` for the lab in {layout.root}
 [listener]
-bind = "127.0.0.1:{gateway_port or layout.gateway_port}"
+bind = "{layout.bind_host}:{gateway_port or layout.gateway_port}"
 certificate = "{p / "server-chain.pem"}"
 private_key = "{p / "server.key"}"
 
@@ -87,12 +105,12 @@ krb5_config = "{layout.krb5_conf}"
 
 [[routes]]
 prefix = "/"
-upstream = "http://127.0.0.1:{layout.backend_port}"
+upstream = "http://{layout.backend_host}:{layout.backend_port}"
 spn = "HTTP/cas.lab.test"
 """
 
 
-def _publish_dir(layout: LabLayout) -> Path:
+def publish_dir(layout: LabLayout) -> Path:
     """What the CRL server serves: links to the DER CRLs, and nothing else (the PKI directory holds keys)."""
     publish = layout.root / "crl-publish"
     publish.mkdir(parents=True, exist_ok=True)
@@ -103,37 +121,21 @@ def _publish_dir(layout: LabLayout) -> Path:
     return publish
 
 
-def up(layout: LabLayout) -> None:
+def init(layout: LabLayout) -> None:
+    """The lab's files that need no daemon: PKI, CRL publishing directory, gateway.toml (the compose `pki` step)."""
     layout.run_dir.mkdir(parents=True, exist_ok=True)
-    pki.make_pki(layout.pki_dir, now=datetime.now(UTC), crl_base_url=f"http://127.0.0.1:{layout.crl_port}")
-    publish = _publish_dir(layout)
-    kdc.ensure_realm(layout)
-    py = sys.executable
-    _spawn(
-        layout,
-        "backend",
-        [
-            py,
-            "-m",
-            "proxy.lab.backend",
-            "--keytab",
-            str(layout.backend_keytab),
-            "--bind",
-            f"127.0.0.1:{layout.backend_port}",
-            "--krb5-config",
-            str(layout.krb5_conf),
-            "--rcache",
-            str(layout.run_dir / "cas.rcache2"),
-        ],
-        layout.backend_port,
-    )
-    _spawn(
-        layout,
-        "crl-server",
-        [py, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(publish), str(layout.crl_port)],
-        layout.crl_port,
-    )
+    crl_base_url = f"http://{layout.crl_host}:{layout.crl_port}"
+    ocsp_url = f"http://{layout.crl_host}:{layout.ocsp_port}"
+    pki.make_pki(layout.pki_dir, now=datetime.now(UTC), crl_base_url=crl_base_url, ocsp_url=ocsp_url)
+    publish_dir(layout)
     (layout.root / "gateway.toml").write_text(gateway_config(layout))
+
+
+def up(layout: LabLayout) -> None:
+    init(layout)
+    _spawn(layout, "kdc", layout.kdc_port, timeout=60)  # provisioning a fresh realm takes seconds
+    _spawn(layout, "backend", layout.backend_port)
+    _spawn(layout, "crl", layout.crl_port)
 
 
 def down(layout: LabLayout) -> None:
@@ -142,8 +144,9 @@ def down(layout: LabLayout) -> None:
         pid = _pid_alive(pid_file)
         if pid is not None:
             os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 15  # `serve kdc` stops slapd and krb5kdc before it exits
             while _pid_alive(pid_file) and time.monotonic() < deadline:
+                _reap(pid)
                 time.sleep(0.05)
             if _pid_alive(pid_file):
                 os.killpg(pid, signal.SIGKILL)
@@ -164,9 +167,9 @@ def describe(layout: LabLayout) -> str:
     user = next(iter(USERS))
     env = "\n".join(f"export {k}={v}" for k, v in layout.env().items())
     return f"""{env}
-# realm LAB.TEST: KDC 127.0.0.1:{layout.kdc_port}, LDAP ldap://127.0.0.1:{layout.ldap_port}/
-# backend (Exchange stand-in, Negotiate for HTTP/cas.lab.test): http://127.0.0.1:{layout.backend_port}/
-# CRLs: http://127.0.0.1:{layout.crl_port}/issuing.crl
+# realm LAB.TEST: KDC {layout.kdc_host}:{layout.kdc_port}, LDAP ldap://127.0.0.1:{layout.ldap_port}/
+# backend (Exchange stand-in, Negotiate for HTTP/cas.lab.test): http://{layout.backend_host}:{layout.backend_port}/
+# CRLs: http://{layout.crl_host}:{layout.crl_port}/issuing.crl
 # users: {", ".join(f"{u} / {pw}" for u, pw in USERS.items())}; certificates and .p12 (password "lab") in {p}/users/
 # gateway configuration: {layout.root / "gateway.toml"}
 curl --cacert {p / "root.pem"} --cert {p / "users" / f"{user}.pem"} --key {p / "users" / f"{user}.key"} \\

@@ -12,14 +12,20 @@ from proxy.errors import NoCertificate
 
 def peer_certificate(request: web.Request) -> x509.Certificate:
     """The leaf certificate the client presented (OpenSSL verified it during the handshake)."""
-    transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
-    if not der:
+    leaf = presented_certificate(request)
+    if leaf is None:
         raise NoCertificate(
             "this gateway requires a client certificate; install the certificate issued to you and try again"
         )
-    return x509.load_der_x509_certificate(der)
+    return leaf
+
+
+def presented_certificate(request: web.Request) -> x509.Certificate | None:
+    """The same, or None where the listener does not require one (authentication modes with Basic)."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
+    return x509.load_der_x509_certificate(der) if der else None
 
 
 def tls_facts(request: web.Request) -> dict[str, object]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import threading
 from asyncio import sslproto
 from collections.abc import Callable
 from typing import Any
@@ -33,11 +34,18 @@ from proxy.config import Config
 log = structlog.get_logger("proxy.tls")
 
 
-def server_context(config: Config, *, require_certificate: bool = True) -> ssl.SSLContext:
+_VERIFY_MODES = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def server_context(config: Config) -> ssl.SSLContext:
+    """The listener's TLS context. Whether a client certificate is asked for follows `authentication.mode`:
+    required ("certificate"), optional ("certificate-or-basic", "certificate-and-basic": a certificate
+    that is presented is still verified, and a bad one still ends the handshake, so it never falls back
+    to a password), or not asked for at all ("basic")."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.listener.certificate, config.listener.private_key)
-    ctx.verify_mode = ssl.CERT_REQUIRED if require_certificate else ssl.CERT_OPTIONAL
+    ctx.verify_mode = _VERIFY_MODES[config.authentication.client_certificate]
     for path in (*config.client_certificates.trust_anchors, *config.client_certificates.intermediates):
         ctx.load_verify_locations(cafile=path)
     # The CAs a client is told to pick a certificate for: the trust anchors only.
@@ -77,13 +85,38 @@ class _Drain(asyncio.Protocol):
 _LINGER = 2.0
 
 
+_per_thread = threading.local()
+
+
+def _read_buffer(size: int) -> tuple[bytearray, memoryview]:
+    """The read buffer the TLS connections of this thread's event loop share."""
+    shared: tuple[bytearray, memoryview] | None = getattr(_per_thread, "buffer", None)
+    if shared is None or len(shared[0]) < size:
+        buffer = bytearray(size)
+        shared = _per_thread.buffer = (buffer, memoryview(buffer))
+    return shared
+
+
 class _AlertingSSLProtocol(sslproto.SSLProtocol):
     """asyncio's TLS protocol, but a failed handshake sends OpenSSL's fatal alert before closing.
 
     Workaround for https://github.com/python/cpython/issues/98078 (fixed upstream by python/cpython#153620):
     `SSLProtocol` force-closes the transport without flushing the outgoing buffer where the alert sits.
     Here the alert is flushed and the socket handed to `_Drain` for a lingering close.
+
+    It also reads into one buffer per thread instead of one per connection. asyncio gives every TLS
+    connection a 256 KiB read buffer (zero-filled, so all of it resident) and keeps it for the
+    connection's life: with thousands of held long-polls that was most of the gateway's memory
+    (bench/run.py). The buffer only carries bytes from `recv_into` to the TLS object's input BIO, both
+    in the same synchronous call (`get_buffer`, then `buffer_updated`), so connections served by one
+    event loop can share it. Reads stay 32 KiB: two full TLS records.
     """
+
+    max_size = 32 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ssl_buffer, self._ssl_buffer_view = _read_buffer(self.max_size)
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         transport = self._transport
@@ -104,10 +137,17 @@ class TlsGate(asyncio.Protocol):
     `start_tls` returns, so it is held here and replayed once aiohttp's handler owns the connection.
     """
 
-    def __init__(self, app_protocol: asyncio.Protocol, ctx: ssl.SSLContext, timeout: float) -> None:
+    def __init__(
+        self,
+        app_protocol: asyncio.Protocol,
+        ctx: ssl.SSLContext,
+        timeout: float,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self._app = app_protocol
         self._ctx = ctx
         self._timeout = timeout
+        self._on_refused = on_refused
         self._task: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
         self._early_eof = False
@@ -128,7 +168,7 @@ class TlsGate(asyncio.Protocol):
             waiter,
             server_side=True,
             call_connection_made=False,
-            ssl_handshake_timeout=self._timeout,  # type: ignore[arg-type]  # typeshed says int; floats work
+            ssl_handshake_timeout=self._timeout,  # typeshed says int; floats work
         )
         transport.set_protocol(tls_protocol)
         tls_protocol.connection_made(transport)
@@ -140,7 +180,12 @@ class TlsGate(asyncio.Protocol):
             return
         except (OSError, TimeoutError) as exc:
             # The TLS protocol has closed the socket, or handed it to `_Drain` after sending the alert.
-            log.warning("tls_handshake_refused", peer=_peer(peer), reason=handshake_reason(exc))
+            reason = handshake_reason(exc)
+            log.warning(
+                "tls_handshake_refused", stage="tls", peer=_peer(peer), reason=reason, fix=handshake_fix(reason)
+            )
+            if self._on_refused is not None:
+                self._on_refused(reason)
             return
         tls: asyncio.Transport = tls_protocol._app_transport
         tls.set_protocol(self._app)
@@ -170,7 +215,37 @@ def _peer(peer: Any) -> str:
 
 
 def gate_factory(
-    app_factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext, timeout: float
+    app_factory: Callable[[], asyncio.Protocol],
+    ctx: ssl.SSLContext | Callable[[], ssl.SSLContext],
+    timeout: float,
+    *,
+    on_refused: Callable[[str], None] | None = None,
 ) -> Callable[[], asyncio.Protocol]:
-    """A protocol factory for `loop.create_server` that puts TLS in front of aiohttp's handler."""
-    return lambda: TlsGate(app_factory(), ctx, timeout)
+    """A protocol factory for `loop.create_server` that puts TLS in front of aiohttp's handler.
+
+    `ctx` may be a function returning the current context: each new connection then gets the one in force
+    when it arrives (a reload swaps the server certificate and trust list for new connections only).
+    `on_refused` hears the reason of each refused handshake (metrics)."""
+    current = ctx if callable(ctx) else lambda: ctx
+    return lambda: TlsGate(app_factory(), current(), timeout, on_refused)
+
+
+_HANDSHAKE_FIXES = (
+    ("did not return a certificate", "the device presented no certificate: install the user's certificate on it"),
+    ("has expired", "the certificate expired: issue the user a new one"),
+    ("not yet valid", "the certificate is not valid yet: check the clocks of the device and of the issuing CA"),
+    (
+        "local issuer",
+        "the issuer is not in the trust list: add its CA to client_certificates.trust_anchors or intermediates, "
+        "or the certificate was not issued by our PKI",
+    ),
+    ("unsuitable certificate purpose", "the certificate lacks the clientAuth extended key usage: reissue it"),
+    ("signature failure", "the certificate's signature does not verify: a forged or corrupted certificate"),
+    ("http request", "a plain HTTP request reached the TLS port: use https://"),
+)
+
+
+def handshake_fix(reason: str) -> str | None:
+    """What the administrator can do about a refused handshake, when that is known."""
+    lowered = reason.lower()
+    return next((fix for needle, fix in _HANDSHAKE_FIXES if needle in lowered), None)

@@ -55,6 +55,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
         kdc_port=free_port(),
         backend_port=free_port(),
         crl_port=free_port(),
+        ocsp_port=free_port(),
         gateway_port=free_port(),
     )
     runner.up(layout)

@@ -175,13 +175,6 @@ def test_crl_from_unknown_issuer_rejected(pki: Pki, trust: TrustList) -> None:
     assert problems == ["x.crl: CRL issuer 'CN=Stranger CA' is not in the trust list"]
 
 
-def test_delta_crl_rejected(pki: Pki, trust: TrustList) -> None:
-    """A delta CRL is not a complete list of revocations, so it is rejected."""
-    delta = make_crl(cert(pki.issuing_cert).subject, key(pki.issuing_key), (), (x509.DeltaCRLIndicator(1), True))
-    _, problems = CrlSet.build([("delta.crl", delta)], trust, at=NOW)
-    assert problems == ["delta.crl: delta CRLs are not supported; load the full (base) CRL"]
-
-
 def test_missing_crl_for_issuer(pki: Pki, trust: TrustList) -> None:
     """With only the root's CRL loaded, the leaf's issuer has none: require refuses."""
     root_only = [(source, crl) for source, crl in lab_crls(pki) if crl.issuer == cert(pki.root_cert).subject]
@@ -197,7 +190,10 @@ def test_revoked_issuing_ca_refused(pki: Pki, trust: TrustList) -> None:
     root_crl = make_crl(cert(pki.root_cert).subject, key(pki.root_key), (issuing.serial_number,))
     issuing_crl = [(s, crl) for s, crl in lab_crls(pki) if crl.issuer == issuing.subject]
     crls, problems = CrlSet.build([("root.crl", root_crl), *issuing_crl], trust, at=NOW)
-    assert problems == []
+    # A revoked CA's own CRL is not believed either (RFC 5280 6.3.3 (f)): it is reported, and dropped.
+    assert [p.split(": ", 1)[1].split(":", 1)[0] for p in problems] == [
+        "the certificate that signed CRL #1 of 'CN=Lab Issuing CA' is revoked"
+    ]
     with pytest.raises(CertificateRevoked) as info:
         crls.check(verified(pki, trust, "alice"), at=NOW, policy="best-effort")
     assert info.value.reason.startswith(

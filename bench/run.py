@@ -1,0 +1,444 @@
+"""`make bench`: kcd-proxy against nginx, side by side, in one run on this machine.
+
+Builds its scene (bench.scene: the lab, 500 bench users, a static 1 KiB backend, a long-poll backend,
+nginx as an mTLS reverse proxy, the gateway) in a temporary directory and measures:
+
+1. keep-alive: wrk, 50 connections, 1 KiB responses: requests/s, p50/p99 latency, CPU per request;
+2. handshakes: a new TLS connection with a client certificate per request, no session resumption:
+   handshakes/s and CPU per handshake;
+3. held long-polls: N requests held open at once (X-Lab-Hold-Seconds): memory per held request, and
+   the latency of a new request while they are held;
+4. KDC requests per 1,000 gateway requests, for 1 user and for 500 distinct users (lab KDC log).
+
+The proxy under test and nginx run pinned to one core (one worker each); wrk and the backends to the
+other, so "per core" means what it says. wrk presents client certificates through an LD_PRELOAD shim
+(bench/certshim.c, compiled here). CPU is read from /proc for the proxy's processes, so CPU per
+request does not depend on whether the load generator kept up. Each figure is printed with its ratio
+to nginx's, and the issue's target.
+
+    python -m bench.run [--seconds 10] [--held 10000] [--users 500] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+import aiohttp
+
+from bench.scene import REPO, Scene
+from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
+
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- /proc: CPU and memory of a process tree ---------------------------------------------------------
+
+
+def tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo.extend(int(c) for c in task.read_text().split())
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def rss_bytes(pid: int) -> int:
+    return sum(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE for p in tree(pid))
+
+
+# -- wrk -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # socket errors and non-2xx answers
+    cpu_s: float  # CPU of the proxy under test during the run
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu_s / max(self.requests, 1) * 1e6
+
+
+def _ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def wrk(
+    scene: Scene, proxy: str, url: str, *, seconds: float, connections: int, certs: Path, args: list[str]
+) -> WrkResult:
+    env = {**os.environ, "LD_PRELOAD": str(scene.root / "certshim.so"), "KCD_SHIM_CERTS": str(certs)}
+    if "Connection: close" in args:
+        env["KCD_SHIM_NO_RESUME"] = "1"
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "30s", *args, url]
+    if scene.cores[1]:
+        argv = ["taskset", "-c", scene.cores[1], *argv]
+    pid = scene.procs[proxy].pid
+    before = cpu_seconds(pid)
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds + 120, check=True).stdout
+    cpu = cpu_seconds(pid) - before
+    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if done is None:
+        raise RuntimeError(f"wrk said:\n{out}")
+    elapsed = float(done.group(2)) * (60 if done.group(3) == "m" else 1)
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    return WrkResult(int(done.group(1)), elapsed, _ms(latency["50"]), _ms(latency["99"]), errors, cpu)
+
+
+# -- Python clients: exact request counts, many identities -------------------------------------------
+
+
+def client_context(scene: Scene, cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(scene.layout.pki_dir / "root.pem"))
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def requests_as(scene: Scene, url: str, users: list[tuple[str, Path, Path]], per_user: int) -> int:
+    """`per_user` requests for each user, on one keep-alive connection per user; returns how many got 200."""
+    ok = 0
+
+    async def one_user(cert: Path, key: Path) -> None:
+        nonlocal ok
+        ctx = client_context(scene, cert, key)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(per_user):
+                async with session.get(url, ssl=ctx) as r:
+                    await r.read()
+                    ok += r.status == 200
+
+    sem = asyncio.Semaphore(50)
+
+    async def bounded(cert: Path, key: Path) -> None:
+        async with sem:
+            await one_user(cert, key)
+
+    await asyncio.gather(*(bounded(cert, key) for _, cert, key in users))
+    return ok
+
+
+def kdc_per_1000(scene: Scene, users: list[tuple[str, Path, Path]]) -> tuple[float, float, int]:
+    """(TGS exchanges, AS exchanges) per 1,000 gateway requests spread over `users`; and the 200s."""
+    per_user = 1000 // len(users)
+    kdc = KdcLog(scene.layout.kdc_log)
+    url = f"https://127.0.0.1:{scene.ports['gateway']}/EWS/Exchange.asmx"
+    ok = asyncio.run(requests_as(scene, url, users, per_user))
+    counts = kdc.count()
+    for request in kdc.settled():
+        assert request.extension in (S4U2SELF, S4U2PROXY, None)
+    scale = 1000 / (per_user * len(users))
+    return counts["TGS_REQ"] * scale, counts["AS_REQ"] * scale, ok
+
+
+# -- held long-polls ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Held:
+    held: int
+    rss_idle: int
+    rss_held: int
+    new_request_ms: float  # a new request on a new connection while the others are held
+    cpu_s: float
+
+    @property
+    def per_held_kib(self) -> float:
+        return (self.rss_held - self.rss_idle) / max(self.held, 1) / 1024
+
+
+def held_count(scene: Scene) -> int:
+    out = subprocess.run(
+        ["curl", "-s", f"http://127.0.0.1:{scene.ports['holdback']}/_held"], capture_output=True, text=True, check=False
+    )
+    return int(out.stdout or 0)
+
+
+def timed_request(scene: Scene, port: int) -> float:
+    """Milliseconds for one request on a new connection (NaN if it failed), e.g. while others are held."""
+    _, cert, key = scene.users[0]
+    url = f"https://127.0.0.1:{port}/EWS/Exchange.asmx"
+    cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "--max-time", "30"]
+    cmd += ["--cacert", str(scene.layout.pki_dir / "root.pem"), "--cert", str(cert), "--key", str(key), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    code, _, total = out.partition(" ")
+    if code != "200":
+        print(f"bench: a request on a new connection to 127.0.0.1:{port} failed: {out or 'no answer'}")
+        return float("nan")
+    return float(total) * 1000
+
+
+def hold(scene: Scene, proxy: str, count: int, certs: Path, *, step: int = 500) -> Held:
+    """Hold `count` long-polls on `proxy`, opened `step` at a time (a wrk each) as fast as it takes them.
+
+    Opening all at once would measure a reconnect storm instead: a single gateway process spends about
+    3 ms of CPU on each TLS handshake with a client certificate, so 10,000 at once keep its event loop
+    busy for half a minute, and the backend connections of the first requests time out meanwhile.
+    """
+    port = scene.ports[proxy]
+    pid = scene.procs[proxy].pid
+    rss_idle = rss_bytes(pid)
+    cpu_before = cpu_seconds(pid)
+    hold_seconds = 600
+    env = {**os.environ, "LD_PRELOAD": str(scene.root / "certshim.so"), "KCD_SHIM_CERTS": str(certs)}
+    loads: list[subprocess.Popen[bytes]] = []
+    try:
+        for opened in range(0, count, step):
+            argv = ["wrk", "-t1", f"-c{min(step, count - opened)}", f"-d{hold_seconds}s", "--timeout", "900s"]
+            argv += ["-H", f"X-Lab-Hold-Seconds: {hold_seconds}", f"https://127.0.0.1:{port}/hold/ping"]
+            if scene.cores[1]:
+                argv = ["taskset", "-c", scene.cores[1], *argv]
+            quiet = subprocess.DEVNULL
+            loads.append(subprocess.Popen(argv, stdout=quiet, stderr=quiet, env=env, start_new_session=True))
+            target = min(opened + step, count)
+            deadline = time.monotonic() + 60
+            while held_count(scene) < target and time.monotonic() < deadline:
+                time.sleep(0.2)
+        time.sleep(2)
+        rss_held = rss_bytes(pid)
+        new_ms = timed_request(scene, port)
+        held = held_count(scene)
+        cpu = cpu_seconds(pid) - cpu_before
+    finally:
+        for load in loads:
+            os.killpg(load.pid, 9)
+            load.wait()
+    deadline = time.monotonic() + 60
+    while held_count(scene) > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return Held(held, rss_idle, rss_held, new_ms, cpu)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def build_shim(scene: Scene) -> None:
+    src = REPO / "bench" / "certshim.c"
+    out = scene.root / "certshim.so"
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(src), "-ldl", "-lssl", "-lcrypto"], check=True
+    )
+
+
+def preflight(scene: Scene) -> str:
+    """One request through the gateway to the lab's real acceptor: the principal it authenticated."""
+    cert, key = scene.layout.pki_dir / "users" / "carol.pem", scene.layout.pki_dir / "users" / "carol.key"
+    url = f"https://127.0.0.1:{scene.ports['gateway']}/lab/EWS/Exchange.asmx"
+    cmd = [
+        "curl",
+        "-s",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "20",
+        "--cacert",
+        str(scene.layout.pki_dir / "root.pem"),
+    ]
+    out = subprocess.run(
+        [*cmd, "--cert", str(cert), "--key", str(key), url], capture_output=True, text=True, check=False
+    )
+    found = re.search(r"^x-lab-principal: (\S+)", out.stdout, re.IGNORECASE | re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"preflight through the gateway failed:\n{out.stdout}{out.stderr}")
+    return found.group(1)
+
+
+def cores() -> tuple[str, str]:
+    n = os.cpu_count() or 1
+    if n < 2:
+        return "", ""
+    return "0", ",".join(str(c) for c in range(1, n))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10, help="length of each wrk run (default 10)")
+    parser.add_argument("--rounds", type=int, default=2, help="paired rounds of runs 1 and 2; medians are shown")
+    parser.add_argument("--held", type=int, default=10_000, help="long-polls held at once (default 10000)")
+    parser.add_argument("--users", type=int, default=500, help="distinct bench users (default 500)")
+    parser.add_argument("--workers", type=int, default=1, help="processes of each proxy (default 1: per core)")
+    parser.add_argument("--keep", action="store_true", help="keep the scene's directory (logs, configs)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "gcc", "curl", "taskset"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            print(f"bench: {tool} is missing; `make bench-setup` installs it", file=sys.stderr)
+            return 2
+    # Each held request takes two sockets in the proxy (client and backend): raise the limit as far as allowed.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    most = (hard - 1000) // 2  # headroom for listeners, logs, the KDC and the request made meanwhile
+    if args.held > most:
+        print(
+            f"bench: {args.held:,} held requests need {2 * args.held:,} sockets per proxy process; the limit here is "
+            f"{hard:,}, so {most:,} are held"
+        )
+        args.held = most
+
+    root = Path(tempfile.mkdtemp(prefix="kcd-bench-"))
+    scene = Scene(root, cores() if args.workers == 1 else ("", ""), workers=args.workers)
+    started = time.monotonic()
+    figures: dict[str, object] = {}
+    try:
+        proxies, others = scene.cores[0] or "any", scene.cores[1] or "any"
+        print(f"bench: scene in {root}; proxies on CPU {proxies}, load and backends on CPU {others}")
+        scene.build(args.users)
+        build_shim(scene)
+        scene.start_backends()
+        scene.start_gateway()
+        scene.start_nginx()
+        print(f"bench: preflight through the gateway to the lab acceptor: served as {preflight(scene)}")
+
+        # 4 first, while the gateway's ticket cache is cold.
+        users = scene.layout.pki_dir / "users"  # a lab user for the first: the bench users stay new for the second
+        alice = [("alice@LAB.TEST", users / "alice.pem", users / "alice.key")]
+        one = kdc_per_1000(scene, alice)
+        many = kdc_per_1000(scene, scene.users[: args.users])
+        figures["kdc"] = {"one_user": one, "distinct_users": many, "users": args.users}
+
+        one_cert, all_certs = scene.cert_list(1), scene.cert_list()
+        url = {p: f"https://127.0.0.1:{scene.ports[p]}/EWS/Exchange.asmx" for p in ("gateway", "nginx")}
+        keep: dict[str, list[WrkResult]] = {"gateway": [], "nginx": []}
+        shake: dict[str, list[WrkResult]] = {"gateway": [], "nginx": []}
+        for proxy in ("gateway", "nginx"):  # warm up: pools, caches, JIT-less but page-faulted
+            wrk(scene, proxy, url[proxy], seconds=2, connections=50, certs=one_cert, args=[])
+        for _ in range(args.rounds):
+            for proxy in ("nginx", "gateway"):
+                keep[proxy].append(
+                    wrk(scene, proxy, url[proxy], seconds=args.seconds, connections=50, certs=one_cert, args=[])
+                )
+                close = ["-H", "Connection: close"]
+                shake[proxy].append(
+                    wrk(scene, proxy, url[proxy], seconds=args.seconds, connections=16, certs=one_cert, args=close)
+                )
+        held = {proxy: hold(scene, proxy, args.held, all_certs) for proxy in ("nginx", "gateway")}
+    finally:
+        scene.teardown()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    report(args, keep, shake, held, figures)
+    print(f"\nbench: {time.monotonic() - started:.0f} s")
+    if args.json:
+        figures.update(
+            keepalive={p: [vars(r) for r in keep[p]] for p in keep},
+            handshakes={p: [vars(r) for r in shake[p]] for p in shake},
+            held={p: vars(held[p]) for p in held},
+        )
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def row(name: str, ours: float, ref: float | None, fmt: str, target: str = "") -> None:
+    """One line of the report: our figure, nginx's, their ratio, the issue's target."""
+    shown_ref = "-" if ref is None else format(ref, fmt)
+    ratio = "" if ref is None or ref == 0 else f"{ours / ref:6.2f}"
+    print(f"  {name:<36} {format(ours, fmt):>12} {shown_ref:>12} {ratio:>7}   {target}")
+
+
+def report(
+    args: argparse.Namespace,
+    keep: dict[str, list[WrkResult]],
+    shake: dict[str, list[WrkResult]],
+    held: dict[str, Held],
+    figures: dict[str, object],
+) -> None:
+    def med(runs: str, proxy: str, attr: str) -> float:
+        results = keep[proxy] if runs == "keep" else shake[proxy]
+        return median(float(getattr(r, attr)) for r in results)
+
+    def both(runs: str, attr: str) -> tuple[float, float]:
+        return med(runs, "gateway", attr), med(runs, "nginx", attr)
+
+    machine = f"{os.cpu_count()} cores ({cpu_model()})"
+    print(f"\nkcd-proxy vs nginx {nginx_version()} on {machine}, {args.workers} worker(s) each")
+    print(f"  {'':<36} {'kcd-proxy':>12} {'nginx':>12} {'ratio':>7}   target")
+    print(f"1. keep-alive, 50 connections, 1 KiB responses (median of {args.rounds} runs of {args.seconds:g} s)")
+    row("requests/s", *both("keep", "rate"), ",.0f", ">= 0.5 of nginx")
+    g_us, n_us = both("keep", "cpu_us")
+    row("requests/s per core (1 / CPU)", 1e6 / g_us, 1e6 / n_us, ",.0f", ">= 0.5 of nginx")
+    row("CPU per request (µs)", g_us, n_us, ",.0f")
+    row("p50 latency (ms)", *both("keep", "p50_ms"), ".2f")
+    g99, n99 = both("keep", "p99_ms")
+    row("p99 latency (ms)", g99, n99, ".2f", f"<= nginx + 2 ms (is {g99 - n99:+.1f} ms)")
+    row("errors", sum(r.errors for r in keep["gateway"]), sum(r.errors for r in keep["nginx"]), ",.0f", "0")
+    print("2. a new TLS connection with a client certificate per request, no resumption")
+    row("handshakes/s", *both("shake", "rate"), ",.0f", ">= 0.8 of nginx")
+    g_us, n_us = both("shake", "cpu_us")
+    row("handshakes/s per core (1 / CPU)", 1e6 / g_us, 1e6 / n_us, ",.0f", ">= 0.8 of nginx")
+    row("CPU per handshake + request (µs)", g_us, n_us, ",.0f")
+    row("errors", sum(r.errors for r in shake["gateway"]), sum(r.errors for r in shake["nginx"]), ",.0f", "0")
+    hg, hn = held["gateway"], held["nginx"]
+    print(f"3. held long-polls ({args.held:,} asked for, {args.users} users)")
+    row("held at once", hg.held, hn.held, ",.0f", f"{args.held:,}")
+    row("memory per held request (KiB)", hg.per_held_kib, hn.per_held_kib, ",.1f")
+    at_10k = (hg.rss_idle + hg.per_held_kib * 1024 * 10_000) / 2**30
+    row(
+        "memory while held (MiB)", hg.rss_held / 2**20, hn.rss_held / 2**20, ",.0f", f"< 1 GiB at 10k: {at_10k:.2f} GiB"
+    )
+    row("a new request meanwhile (ms)", hg.new_request_ms, hn.new_request_ms, ",.0f", "answered")
+    kdc = figures["kdc"]
+    assert isinstance(kdc, dict)
+    (one_tgs, one_as, _), (many_tgs, many_as, _) = kdc["one_user"], kdc["distinct_users"]
+    print("4. KDC requests per 1,000 gateway requests (nginx does no Kerberos)")
+    row("1 user: TGS requests", one_tgs, None, ",.0f", f"2 (and {one_as:.0f} AS)")
+    row(
+        f"{args.users} users: TGS requests",
+        many_tgs,
+        None,
+        ",.0f",
+        f"~2 per user: {2 * args.users} (and {many_as:.0f} AS)",
+    )
+
+
+def nginx_version() -> str:
+    out = subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False).stderr
+    return out.strip().rpartition("/")[2]
+
+
+def cpu_model() -> str:
+    for text in Path("/proc/cpuinfo").read_text().splitlines():
+        if text.startswith("model name"):
+            return text.partition(":")[2].strip()
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Authentication modes: certificate, Basic credentials checked by the KDC, or both."""

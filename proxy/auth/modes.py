@@ -1,0 +1,83 @@
+"""Authentication modes: which proofs a request must bring, and what a client is told when one is missing.
+
+Theory of operation. `authentication.mode` chooses, as Forefront TMG's listener did:
+
+=======================  ======================  ==============================================================
+mode                     TLS asks for a cert     a request is served when it brings
+=======================  ======================  ==============================================================
+certificate              required                a valid certificate (Basic headers are ignored and dropped)
+certificate-or-basic     optional                a valid certificate, or else Basic credentials the KDC accepts
+certificate-and-basic    optional                both, naming the same user
+basic                    not asked for           Basic credentials the KDC accepts
+=======================  ======================  ==============================================================
+
+An invalid certificate never falls back to a password: OpenSSL ends the handshake, or the certificate
+stage refuses it with 403, before this stage runs. Without Basic credentials where they could help,
+the answer is 401 with `WWW-Authenticate: Basic realm="..."`; in certificate-and-basic a missing
+proof is 403 (the mode's contract), still naming the Basic scheme so a client knows what to send, and a
+certificate and a login for different users are 403. A route with `backend_auth = "basic"` needs the
+password itself, so there even a certificate user of certificate-or-basic is asked for it (and it
+must name the certificate's user).
+
+With a password, the backend gets a token from the user's own ticket (no S4U); with a certificate alone,
+the Kerberos stage impersonates and delegates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.auth.basic import BasicLogin, PasswordLogin, parse_basic
+from proxy.config import AuthMode, Route
+from proxy.errors import IdentityRejected, NoCertificate
+from proxy.identity.principal import UserPrincipal
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """Evidence of the authentication stage: the user, and their password login when there was one."""
+
+    user: UserPrincipal
+    login: PasswordLogin | None
+    factors: str  # "certificate", "password" or "certificate+password"
+
+
+def wants_password(mode: AuthMode, certified: bool, route: Route | None) -> bool:
+    """Whether this request must (also) bring Basic credentials."""
+    if mode == "certificate":
+        return False
+    if mode == "certificate-or-basic":
+        return not certified or (route is not None and route.backend_auth == "basic")
+    return True
+
+
+async def authenticate(
+    basic: BasicLogin, mode: AuthMode, request: web.Request, certified: UserPrincipal | None, route: Route | None
+) -> Authenticated:
+    """Settle who the request is from under `mode`, given the certificate's user (None: no certificate)."""
+    if certified is None and mode in ("certificate", "certificate-and-basic"):
+        raise NoCertificate(
+            "this gateway requires a client certificate; install the certificate issued to you and try again",
+            challenge=basic.challenge if mode == "certificate-and-basic" else None,
+        )
+    if not wants_password(mode, certified is not None, route):
+        assert certified is not None  # only certificate users get here
+        return Authenticated(certified, None, "certificate")
+    credentials = parse_basic(request.headers.get("Authorization"))
+    if credentials is None:
+        if mode == "certificate-and-basic":
+            raise IdentityRejected(
+                "this gateway requires your password as well as your certificate", challenge=basic.challenge
+            )
+        raise basic.required("sign in with your user name and password")
+    login = await basic.login(credentials, request.remote or "")
+    if certified is None:
+        return Authenticated(login.user, login, "password")
+    if login.ticket.principal.casefold() != certified.principal.casefold():
+        raise IdentityRejected(
+            "the user name does not match the certificate",
+            hint=f"certificate names {certified.principal}, the password is {login.ticket.principal}'s",
+        )
+    return Authenticated(certified, login, "certificate+password")

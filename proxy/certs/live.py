@@ -1,0 +1,190 @@
+"""Revocation at run time: live CRLs, OCSP, and the requests a revocation must end.
+
+Theory of operation. `LiveRevocation` is what the running gateway holds for the revocation stage. It
+owns a `CrlStore` (files and URLs refreshed every `crl_refresh_seconds`, see `sources`) and, when
+`ocsp` is not "off", an `OcspClient`. `check` runs on every request, not once per TLS connection, so a
+certificate revoked while its device holds a keep-alive connection or a resumed session is refused on
+its next request:
+1. CRLs (unless `revocation = "off"`): a revoked leaf or CA in the chain is refused; a dictionary
+   lookup in the current set.
+2. OCSP for the leaf (`ocsp = "prefer"` or `"require"`): revoked is refused; good is the evidence;
+   no answer (no responder named, unreachable, unverifiable, or the responder's "unknown") is refused
+   under "require", and under "prefer" the CRL verdict stands.
+3. Without an answer from either, `revocation = "require"` refuses and "best-effort" lets the request
+   through with UNKNOWN evidence.
+
+A request that reaches the backend is registered (`watch`) under its chain's certificates for as long
+as it is in flight: an ActiveSync Ping can be held for most of an hour. When a refresh swaps in CRLs
+that revoke one of them, its in-flight requests are ended: cancelled like a timeout, and answered 403
+if the backend's answer had not started, or cut if it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from proxy.certs.chain import TrustList, VerifiedCertificate
+from proxy.certs.ocsp import OcspClient
+from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus
+from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
+from proxy.config import ClientCertificates
+from proxy.errors import CertificateRevoked
+
+log = structlog.get_logger("proxy.revocation")
+
+
+class _Watch:
+    """One request in flight, and how to end it."""
+
+    def __init__(self, request: web.Request, verified: VerifiedCertificate, task: asyncio.Task[Any]) -> None:
+        self.request = request
+        self.verified = verified
+        self.task = task
+        self.ended: CertificateRevoked | None = None
+        self.answer_started = False
+
+    def end(self, error: CertificateRevoked) -> None:
+        if self.ended is not None:
+            return
+        self.ended = error
+        self.answer_started = self.request.writer.output_size > 0
+        log.warning(
+            "held_request_ended",
+            cert_subject=self.verified.subject,
+            cert_serial=f"{self.verified.serial:x}",
+            reason=error.reason,
+            answer_started=self.answer_started,
+        )
+        if self.answer_started and self.request.transport is not None:
+            self.request.transport.abort()  # too late for a 403: cut the connection
+        self.task.cancel(msg="certificate revoked")
+
+
+class LiveRevocation:
+    """The revocation stage of a running gateway."""
+
+    def __init__(self, config: ClientCertificates, trust: TrustList) -> None:
+        self.policy = config.revocation
+        self.ocsp_policy = config.ocsp
+        self.crls = CrlStore(
+            trust,
+            sources_from_config(config.crls, config.crl_urls),
+            refresh_seconds=config.crl_refresh_seconds,
+            use_distribution_points=config.use_distribution_points,
+        )
+        self.ocsp = None if config.ocsp == "off" else OcspClient(cache_seconds=config.crl_refresh_seconds)
+        self._in_flight: set[_Watch] = set()
+        self._checked: weakref.WeakKeyDictionary[asyncio.Task[Any], VerifiedCertificate] = weakref.WeakKeyDictionary()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[None] | None = None
+        self.crls.on_change(self._recheck_in_flight)
+
+    def load(self, *, now: datetime) -> list[str]:
+        """Read the CRL files now (start-up and check-config); the problems, for the operator."""
+        return self.crls.load_files(now=now)
+
+    async def start(self) -> None:
+        """Fetch every source once, then keep refreshing in the background (once; later calls wait for it).
+
+        `check` calls it too, so a gateway built by a reload starts refreshing on its first request.
+        """
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        await self.crls.refresh()
+        self._task = asyncio.get_running_loop().create_task(self.crls.run(self._stop))
+
+    async def close(self) -> None:
+        self._stop.set()
+        for task in (self._started, self._task):  # a fetch in progress is not waited for
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.crls.close()
+        if self.ocsp is not None:
+            await self.ocsp.close()
+
+    def status(self) -> list[CrlStatus]:
+        """Each CRL's source, issuer, number, thisUpdate, nextUpdate, last fetch and last error."""
+        return self.crls.status()
+
+    async def check(self, verified: VerifiedCertificate, *, at: datetime) -> RevocationEvidence:
+        """Evidence for the leaf, or CertificateRevoked. Remembers the chain for `watch` in this task."""
+        if self._started is None or not self._started.done():
+            await self.start()
+        if (task := asyncio.current_task()) is not None:
+            self._checked[task] = verified
+        crl = RevocationEvidence(RevocationStatus.UNKNOWN, "", "revocation checking is off")
+        if self.policy != "off":
+            await self.crls.learn(verified.chain)
+            # Only a revocation raises here; what a missing CRL means is decided below, after OCSP.
+            crl = self.crls.current.check(verified, at=at, policy="best-effort")
+        if self.ocsp is not None and len(verified.chain) > 1:
+            answer = await self.ocsp.status(verified.leaf, verified.chain[1], at=at)
+            if answer.status is RevocationStatus.REVOKED:
+                hint = f"{verified.subject}, from {answer.source}"
+                raise CertificateRevoked(f"certificate {answer.detail}", hint=hint)
+            if answer.status is RevocationStatus.GOOD:
+                return answer
+            if self.ocsp_policy == "require":
+                raise CertificateRevoked(
+                    answer.detail, hint='the OCSP responder must answer for every certificate under ocsp = "require"'
+                )
+        if crl.status is RevocationStatus.UNKNOWN and self.policy == "require":
+            raise CertificateRevoked(
+                crl.detail, hint='publish or load a current CRL for this CA, or set revocation = "best-effort"'
+            )
+        return crl
+
+    @contextlib.contextmanager
+    def watch(self, request: web.Request) -> Iterator[None]:
+        """Keep this request in flight under the chain `check` saw for it; end it if that gets revoked.
+
+        Raises CertificateRevoked when a refresh revoked the chain meanwhile. A request that presented no
+        certificate (a password-only route) is not watched.
+        """
+        task = asyncio.current_task()
+        verified = self._checked.pop(task, None) if task is not None else None
+        if task is None or verified is None:
+            yield
+            return
+        watch = _Watch(request, verified, task)
+        self._in_flight.add(watch)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if watch.ended is None or watch.answer_started:
+                raise  # not ours; or the answer had started, the connection is cut and nobody is left to tell
+            if watch.task.uncancel() > 0:
+                raise  # cancelled for another reason as well
+            raise watch.ended from None
+        finally:
+            self._in_flight.discard(watch)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def _recheck_in_flight(self, _old: CrlSet, new: CrlSet) -> None:
+        if self.policy == "off" or not self._in_flight:
+            return
+        now = datetime.now(UTC)
+        for watch in list(self._in_flight):
+            if not new.may_list(watch.verified):
+                continue
+            try:
+                new.check(watch.verified, at=now, policy="best-effort")
+            except CertificateRevoked as revoked:
+                watch.end(revoked)

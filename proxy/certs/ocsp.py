@@ -1,0 +1,262 @@
+"""OCSP: ask the responder a certificate names whether it is revoked, and believe only a checked answer.
+
+Theory of operation. For a verified leaf and the CA that issued it, `OcspClient.status` sends an OCSP
+request (RFC 6960: one CertID with SHA-1 hashes, as RFC 5019 responders expect, and a fresh nonce) by
+HTTP POST to the first http(s) OCSP URL in the leaf's authorityInfoAccess. `verify_response` accepts
+the answer only if:
+- the response status is successful and it holds a single response for exactly our CertID (serial,
+  issuer name hash, issuer key hash);
+- it is signed by the issuing CA itself, or by a responder certificate that the issuing CA issued for
+  id-kp-OCSPSigning and that is valid now; the response's responder ID names that signer (4.2.2.2);
+- it is fresh: thisUpdate is not in the future (beyond `CLOCK_SKEW`) and nextUpdate, if given, has
+  not passed; if the responder echoed a nonce it is ours, and if it did not, thisUpdate is no older
+  than `MAX_AGE` (a replayed old "good" is refused).
+A checked answer (good, revoked, or the responder's "unknown") is cached per issuer key and serial
+until its nextUpdate, or for `cache_seconds` if it has none; a failure to get one is cached for
+`FAILURE_SECONDS`, so that a dead responder costs one timeout, not one per request. Concurrent
+requests for the same certificate share one exchange. What the policy makes of the answer is
+`proxy.certs.live`'s business; here an answer is evidence, never a verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import aiohttp
+import structlog
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
+
+from proxy.certs.chain import format_time
+from proxy.certs.revocation import RevocationEvidence, RevocationStatus
+
+log = structlog.get_logger("proxy.ocsp")
+CLOCK_SKEW = timedelta(minutes=5)
+MAX_AGE = timedelta(minutes=5)  # oldest thisUpdate accepted from a responder that did not echo our nonce
+FAILURE_SECONDS = 5.0
+MAX_RESPONSE_BYTES = 1024 * 1024
+
+
+class OcspError(Exception):
+    """Why an OCSP answer was not obtained or not believed."""
+
+
+@dataclass(frozen=True)
+class _Cached:
+    evidence: RevocationEvidence
+    until: datetime
+
+
+def responder_url(cert: x509.Certificate) -> str | None:
+    """The first http(s) OCSP URL in the certificate's authorityInfoAccess, if any."""
+    try:
+        aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except x509.ExtensionNotFound:
+        return None
+    for description in aia:
+        location = description.access_location
+        if (
+            description.access_method == AuthorityInformationAccessOID.OCSP
+            and isinstance(location, x509.UniformResourceIdentifier)
+            and location.value.startswith(("http://", "https://"))
+        ):
+            return location.value
+    return None
+
+
+def build_request(cert: x509.Certificate, issuer: x509.Certificate, nonce: bytes) -> ocsp.OCSPRequest:
+    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())  # noqa: S303 -- RFC 5019 CertID
+    return builder.add_extension(x509.OCSPNonce(nonce), critical=False).build()
+
+
+def verify_response(
+    der: bytes, request: ocsp.OCSPRequest, issuer: x509.Certificate, *, nonce: bytes, at: datetime, source: str
+) -> tuple[RevocationEvidence, datetime | None]:
+    """The checked answer for the certificate `request` asks about, and its nextUpdate; or OcspError."""
+    try:
+        response = ocsp.load_der_ocsp_response(der)
+    except ValueError as exc:
+        raise OcspError(f"not an OCSP response ({exc})") from exc
+    if response.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise OcspError(f"the responder answered {response.response_status.name}")
+    single = _single_response(response, request)
+    _check_signer(response, issuer, at)
+    this_update, next_update = single.this_update_utc, single.next_update_utc
+    if this_update > at + CLOCK_SKEW:
+        raise OcspError(f"the answer's thisUpdate {format_time(this_update)} is in the future")
+    if next_update is not None and next_update < at:
+        raise OcspError(f"the answer is stale: its nextUpdate was {format_time(next_update)}")
+    _check_nonce(response, nonce, this_update, at)
+    serial = f"serial 0x{request.serial_number:x}"
+    times = {"crl_this_update": this_update, "crl_next_update": next_update}
+    status = single.certificate_status
+    if status is ocsp.OCSPCertStatus.GOOD:
+        return RevocationEvidence(RevocationStatus.GOOD, source, f"{serial} is good per OCSP", **times), next_update
+    if status is ocsp.OCSPCertStatus.REVOKED:
+        when = single.revocation_time_utc
+        reason = single.revocation_reason.value if single.revocation_reason else "unspecified"
+        detail = f"{serial} was revoked on {format_time(when) if when else '?'} (reason {reason}, per OCSP)"
+        return RevocationEvidence(RevocationStatus.REVOKED, source, detail, **times, revoked_at=when), next_update
+    detail = f"the OCSP responder does not know {serial}"
+    return RevocationEvidence(RevocationStatus.UNKNOWN, source, detail, **times), next_update
+
+
+class OcspClient:
+    """Asks responders, checks and caches their answers."""
+
+    def __init__(self, *, cache_seconds: float, timeout: float = 5.0) -> None:
+        self._cache_for = timedelta(seconds=cache_seconds)
+        self._timeout = timeout
+        self._cache: dict[tuple[bytes, int], _Cached] = {}
+        self._pending: dict[tuple[bytes, int], asyncio.Future[RevocationEvidence]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def status(self, cert: x509.Certificate, issuer: x509.Certificate, *, at: datetime) -> RevocationEvidence:
+        """Evidence from the responder `cert` names: GOOD, REVOKED, or UNKNOWN (with the reason)."""
+        url = responder_url(cert)
+        if url is None:
+            return RevocationEvidence(RevocationStatus.UNKNOWN, "", "the certificate names no OCSP responder")
+        key = (x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest, cert.serial_number)
+        cached = self._cache.get(key)
+        if cached is not None and at <= cached.until:
+            return cached.evidence
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[RevocationEvidence] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            evidence, until = await self._ask(url, cert, issuer, at)
+            self._cache[key] = _Cached(evidence, until)
+            future.set_result(evidence)
+            return evidence
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"
+            raise
+        finally:
+            del self._pending[key]
+
+    def forget(self, issuer_key_digest: bytes, serial: int) -> None:
+        self._cache.pop((issuer_key_digest, serial), None)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _ask(
+        self, url: str, cert: x509.Certificate, issuer: x509.Certificate, at: datetime
+    ) -> tuple[RevocationEvidence, datetime]:
+        nonce = os.urandom(16)
+        request = build_request(cert, issuer, nonce)
+        try:
+            der = await self._post(url, request.public_bytes(serialization.Encoding.DER))
+            evidence, next_update = verify_response(der, request, issuer, nonce=nonce, at=at, source=url)
+        except (OcspError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+            detail = f"no usable answer from the OCSP responder {url}: {_words(exc)}"
+            log.warning("ocsp_failed", responder=url, serial=f"{cert.serial_number:x}", error=_words(exc))
+            failed = RevocationEvidence(RevocationStatus.UNKNOWN, url, detail)
+            return failed, at + timedelta(seconds=FAILURE_SECONDS)
+        log.info("ocsp_answer", responder=url, serial=f"{cert.serial_number:x}", status=evidence.status.value)
+        return evidence, min(next_update, at + self._cache_for) if next_update else at + self._cache_for
+
+    async def _post(self, url: str, body: bytes) -> bytes:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        headers = {"Content-Type": "application/ocsp-request", "Accept": "application/ocsp-response"}
+        async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+            if response.status != 200:
+                raise OcspError(f"HTTP {response.status}")
+            der = await response.content.read(MAX_RESPONSE_BYTES + 1)
+            if len(der) > MAX_RESPONSE_BYTES:
+                raise OcspError("response too large")
+            return der
+
+
+# --- checking a response ---------------------------------------------------------------------------
+
+
+def _single_response(response: ocsp.OCSPResponse, request: ocsp.OCSPRequest) -> ocsp.OCSPSingleResponse:
+    for single in response.responses:
+        if (
+            single.serial_number == request.serial_number
+            and single.issuer_key_hash == request.issuer_key_hash
+            and single.issuer_name_hash == request.issuer_name_hash
+            and single.hash_algorithm.name == request.hash_algorithm.name
+        ):
+            return single
+    raise OcspError("the response does not answer for the certificate asked about")
+
+
+def _check_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate, at: datetime) -> None:
+    """The signature is the issuing CA's, or that of a responder certificate it issued for OCSP signing."""
+    if _names(response, issuer):
+        _check_signature(response, issuer)
+        return
+    for candidate in response.certificates:
+        if not _names(response, candidate):
+            continue
+        try:
+            candidate.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise OcspError("the responder's certificate was not issued by the certificate's CA") from exc
+        try:
+            usages = candidate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            usages = x509.ExtendedKeyUsage([])
+        if ExtendedKeyUsageOID.OCSP_SIGNING not in usages:
+            raise OcspError("the responder's certificate is not issued for OCSP signing")
+        if not candidate.not_valid_before_utc <= at <= candidate.not_valid_after_utc:
+            raise OcspError("the responder's certificate is outside its validity period")
+        _check_signature(response, candidate)
+        return
+    raise OcspError("the response is signed by neither the CA nor a responder it authorised")
+
+
+def _names(response: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:
+    """Does the response's responder ID (by name or by key hash) name `cert`?"""
+    if response.responder_name is not None:
+        return response.responder_name == cert.subject
+    digest = x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+    return response.responder_key_hash == digest
+
+
+def _check_signature(response: ocsp.OCSPResponse, signer: x509.Certificate) -> None:
+    key = signer.public_key()
+    data, signature, algorithm = response.tbs_response_bytes, response.signature, response.signature_hash_algorithm
+    try:
+        if isinstance(key, rsa.RSAPublicKey) and algorithm is not None:
+            key.verify(signature, data, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and algorithm is not None:
+            key.verify(signature, data, ec.ECDSA(algorithm))
+        elif isinstance(key, dsa.DSAPublicKey) and algorithm is not None:
+            key.verify(signature, data, algorithm)
+        elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            key.verify(signature, data)
+        else:
+            raise OcspError(f"unsupported signature ({type(key).__name__})")
+    except InvalidSignature as exc:
+        raise OcspError("the response's signature does not verify") from exc
+
+
+def _check_nonce(response: ocsp.OCSPResponse, nonce: bytes, this_update: datetime, at: datetime) -> None:
+    try:
+        echoed = response.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+    except x509.ExtensionNotFound:
+        if this_update < at - MAX_AGE:
+            raise OcspError(f"no nonce, and thisUpdate {format_time(this_update)} is too old") from None
+        return
+    if echoed != nonce:
+        raise OcspError("the response's nonce is not the one sent (a replayed answer?)")
+
+
+def _words(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

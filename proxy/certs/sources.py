@@ -1,0 +1,316 @@
+"""Where CRLs come from: files and http(s) URLs, re-read on a timer and swapped in whole.
+
+Theory of operation. A `CrlStore` holds one state per source: a configured file or URL, or a URL
+learned from a CRL distribution point of a certificate the gateway has verified (only with
+`use_distribution_points`; only http and https; at most `MAX_LEARNED` of them). Every
+`refresh_seconds` each source is read again, files from disk and URLs with a plain GET (no
+If-Modified-Since: a server's one-second Last-Modified can hide a CRL reissued within the same second).
+What was read is parsed and vetted (`revocation.accept`) before it may replace anything:
+- bytes that do not parse, a CRL that does not verify, or one older than the CRL it would replace
+  (a replayed CRL) leave the source's last good CRLs in place and set its last error;
+- a failed fetch does the same; the last good CRL then serves until its nextUpdate, after which the
+  revocation stage treats it as no CRL at all.
+After each round the accepted CRLs of all sources are indexed into a new `CrlSet`, which replaces
+`current` in one assignment: a request sees the old set or the new one, never half of each. Listeners
+registered with `on_change` (the in-flight registry) run when the set changed.
+
+Every source's state (its CRLs' issuer, number, thisUpdate and nextUpdate; last fetch, last success,
+last error) is logged when it changes and returned by `status()` for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import structlog
+from cryptography import x509
+
+from proxy.certs.chain import TrustList
+from proxy.certs.revocation import Crl, CrlSet, CrlUnusable, accept, parse_crls
+
+log = structlog.get_logger("proxy.crl")
+MAX_CRL_BYTES = 64 * 1024 * 1024  # a large enterprise CRL is a few MiB
+MAX_LEARNED = 64  # distribution point URLs learned from certificates
+FETCH_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class CrlSource:
+    """A file path or an http(s) URL to read CRLs from."""
+
+    location: str
+    learned: bool = False  # named by a certificate's CRL distribution point, not by the configuration
+
+    @property
+    def is_url(self) -> bool:
+        return self.location.startswith(("http://", "https://"))
+
+
+@dataclass
+class _State:
+    source: CrlSource
+    crls: tuple[Crl, ...] = ()  # the last good CRLs of this source
+    raw: bytes | None = None  # the last bytes read, good or not
+    last_fetch: datetime | None = None
+    last_success: datetime | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class CrlStore:
+    """The gateway's live CRLs: `current` is what the revocation stage reads on every request."""
+
+    trust: TrustList
+    sources: Sequence[CrlSource]
+    refresh_seconds: float = 60.0
+    use_distribution_points: bool = False
+    timeout: float = FETCH_TIMEOUT
+    current: CrlSet = field(default_factory=CrlSet)
+    _states: dict[str, _State] = field(default_factory=dict, repr=False)
+    _listeners: list[Callable[[CrlSet, CrlSet], None]] = field(default_factory=list, repr=False)
+    _learning: dict[str, asyncio.Task[None]] = field(default_factory=dict, repr=False)
+    _session: aiohttp.ClientSession | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for source in self.sources:
+            self._states.setdefault(source.location, _State(source))
+        if self.use_distribution_points:
+            for url in distribution_point_urls(self.trust.intermediates):
+                self._states.setdefault(url, _State(CrlSource(url, learned=True)))
+
+    def on_change(self, listener: Callable[[CrlSet, CrlSet], None]) -> None:
+        """Call `listener(old, new)` whenever a refresh changes the CRL set."""
+        self._listeners.append(listener)
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def load_files(self, *, now: datetime) -> list[str]:
+        """Read the file sources now (at start-up, before the event loop runs); return the problems."""
+        for state in self._states.values():
+            if not state.source.is_url:
+                try:
+                    data = _read_file(state.source.location)
+                except OSError as exc:
+                    self._failed(state, now, exc)
+                    continue
+                self._take(state, data, now)
+        self._swap(now)
+        return [f"{s.source.location}: {s.last_error}" for s in self._states.values() if s.last_error]
+
+    async def refresh(self, *, now: datetime | None = None) -> CrlSet:
+        """Read every source once, then swap in the new set (returned)."""
+        now = now or datetime.now(UTC)
+        await asyncio.gather(*(self._fetch(state, now) for state in list(self._states.values())))
+        return self._swap(now)
+
+    async def learn(self, chain: Sequence[x509.Certificate]) -> None:
+        """Fetch, once, the CRL distribution points this verified chain names that are not known yet."""
+        if not self.use_distribution_points:
+            return
+        new = [url for url in distribution_point_urls(chain[:-1]) if url not in self._states]
+        waiting = [self._learning[url] for url in distribution_point_urls(chain[:-1]) if url in self._learning]
+        for url in new:
+            if sum(s.source.learned for s in self._states.values()) >= MAX_LEARNED:
+                log.warning("crl_distribution_point_ignored", source=url, reason=f"already {MAX_LEARNED} learned")
+                break
+            state = self._states[url] = _State(CrlSource(url, learned=True))
+            task = asyncio.get_running_loop().create_task(self._learn(state))
+            self._learning[url] = task
+            task.add_done_callback(functools.partial(self._learned, url))
+            waiting.append(task)
+        if waiting:
+            await asyncio.gather(*waiting)
+
+    def _learned(self, url: str, _task: asyncio.Task[None]) -> None:
+        self._learning.pop(url, None)
+
+    async def _learn(self, state: _State) -> None:
+        now = datetime.now(UTC)
+        await self._fetch(state, now)
+        self._swap(now)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refresh every `refresh_seconds` until `stop` is set."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.refresh_seconds)
+                return
+            try:
+                await self.refresh()
+            except Exception:  # a bug in one round must not end revocation refreshes for good
+                log.exception("crl_refresh_error")
+
+    async def close(self) -> None:
+        for task in list(self._learning.values()):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _fetch(self, state: _State, now: datetime) -> None:
+        try:
+            if state.source.is_url:
+                data = await self._get(state.source.location)
+            else:
+                data = await asyncio.to_thread(_read_file, state.source.location)
+        except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self._failed(state, now, exc)
+            return
+        self._take(state, data, now)
+
+    def _failed(self, state: _State, now: datetime, exc: Exception) -> None:
+        state.last_fetch = now
+        state.last_error = f"fetch failed: {type(exc).__name__}: {exc}".rstrip(": ")
+        log.warning("crl_fetch_failed", source=state.source.location, error=state.last_error, **_held(state))
+
+    async def _get(self, url: str) -> bytes:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        async with self._session.get(url, allow_redirects=False) as response:
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status}")
+            data = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                data += chunk
+                if len(data) > MAX_CRL_BYTES:
+                    raise ValueError(f"more than {MAX_CRL_BYTES} bytes")
+            return bytes(data)
+
+    def _take(self, state: _State, data: bytes, now: datetime) -> None:
+        """Vet what a source returned; keep its last good CRLs unless all of it is good and not older."""
+        where = state.source.location
+        state.last_fetch = now
+        if data == state.raw and state.last_error is None:
+            state.last_success = now
+            return
+        state.raw = data
+        try:
+            crls = [accept(where, crl, self.trust, at=now) for crl in parse_crls(data, where)]
+            _refuse_rollback(crls, state.crls)
+        except (ValueError, CrlUnusable) as exc:
+            state.last_error = str(exc)
+            log.warning("crl_rejected", source=where, problem=state.last_error, **_held(state))
+            return
+        state.crls, state.last_success, state.last_error = tuple(crls), now, None
+        for crl in crls:
+            log.info("crl_loaded", **_describe(crl))
+
+    def _swap(self, now: datetime) -> CrlSet:
+        old = self.current
+        new, problems = CrlSet.of((crl for s in self._states.values() for crl in s.crls), self.trust, at=now)
+        for problem in problems:
+            log.warning("crl_not_used", problem=problem)
+        self.current = new
+        if {id(c) for c in old.crls} != {id(c) for c in new.crls}:
+            for listener in self._listeners:
+                listener(old, new)
+        return new
+
+    # --- reporting ---------------------------------------------------------------------------------
+
+    def status(self, *, now: datetime | None = None) -> list[CrlStatus]:
+        """One row per CRL held, or per source holding none: for logs, `/metrics` and `/readyz`."""
+        now = now or datetime.now(UTC)
+        rows: list[CrlStatus] = []
+        for state in self._states.values():
+            common = CrlStatus(
+                state.source.location, state.source.learned, state.last_fetch, state.last_success, state.last_error
+            )
+            if not state.crls:
+                rows.append(common)
+            rows.extend(
+                dataclasses.replace(
+                    common,
+                    issuer=crl.issuer.rfc4514_string(),
+                    crl_number=crl.number if crl.number >= 0 else None,
+                    delta=crl.delta_base is not None,
+                    this_update=crl.this_update,
+                    next_update=crl.next_update,
+                    current=crl.current(now),
+                )
+                for crl in state.crls
+            )
+        return rows
+
+
+@dataclass(frozen=True)
+class CrlStatus:
+    """What a CRL source holds and how its last fetch went."""
+
+    source: str
+    learned: bool
+    last_fetch: datetime | None
+    last_success: datetime | None
+    last_error: str | None
+    issuer: str | None = None  # None: the source holds no good CRL
+    crl_number: int | None = None
+    delta: bool = False
+    this_update: datetime | None = None
+    next_update: datetime | None = None
+    current: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready: instants as RFC 3339 strings."""
+        return {k: _iso(v) if isinstance(v, datetime) else v for k, v in self.__dict__.items()}
+
+
+def sources_from_config(files: Iterable[Path], urls: Iterable[str]) -> list[CrlSource]:
+    return [CrlSource(str(p)) for p in files] + [CrlSource(u) for u in urls]
+
+
+def distribution_point_urls(certs: Iterable[x509.Certificate]) -> list[str]:
+    """The http(s) URLs in the certificates' CRL distribution points (ldap:// and others are skipped)."""
+    urls: list[str] = []
+    for cert in certs:
+        try:
+            points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        except x509.ExtensionNotFound:
+            continue
+        for point in points:
+            for name in point.full_name or ():
+                url = name.value if isinstance(name, x509.UniformResourceIdentifier) else ""
+                if url.startswith(("http://", "https://")) and url not in urls:
+                    urls.append(url)
+    return urls
+
+
+def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:
+    for crl in new:
+        for old in held:
+            same = (old.issuer, old.signer_key, old.partition) == (crl.issuer, crl.signer_key, crl.partition)
+            if same and (crl.number, crl.this_update) < (old.number, old.this_update):
+                raise CrlUnusable(f"{crl.label} is older than the {old.label} already held (replayed?)")
+
+
+def _read_file(location: str) -> bytes:
+    return Path(location).read_bytes()
+
+
+def _describe(crl: Crl) -> dict[str, object]:
+    return {
+        "source": crl.source,
+        "issuer": crl.issuer.rfc4514_string(),
+        "crl_number": crl.number if crl.number >= 0 else None,
+        "delta": crl.delta_base is not None,
+        "this_update": _iso(crl.this_update),
+        "next_update": _iso(crl.next_update),
+    }
+
+
+def _held(state: _State) -> dict[str, object]:
+    """What a failed source keeps serving with."""
+    if not state.crls:
+        return {"holding": "nothing"}
+    return {"holding": ", ".join(f"{c.label} (nextUpdate {_iso(c.next_update)})" for c in state.crls)}
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if when else None

@@ -1,0 +1,117 @@
+"""Reading a keytab file: which principals it holds keys for, at which key version, of which type.
+
+Theory of operation. A keytab is MIT's file format (also written by Windows' ktpass and by msktutil): two
+bytes of version (0x05 0x02), then records, each a signed 32-bit big-endian length and that many bytes; a
+negative length marks a hole left by a deleted entry. A record is a principal (component count, realm and
+components as 16-bit-length-prefixed strings, name type), a timestamp, an 8-bit key version, the key
+(16-bit enctype, then the key bytes, length-prefixed) and, when the record has room for it, a 32-bit key
+version that supersedes the 8-bit one (key versions above 255).
+
+`check-config` uses this to say whether the keytab holds the gateway's principal and `doctor` to compare
+its key version with the KDC's. Pure: bytes in, entries out; the key bytes are kept out of `repr` and are
+never printed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+ENCTYPES = {
+    17: "aes128-cts-hmac-sha1-96",
+    18: "aes256-cts-hmac-sha1-96",
+    19: "aes128-cts-hmac-sha256-128",
+    20: "aes256-cts-hmac-sha384-192",
+    23: "arcfour-hmac",
+    25: "camellia128-cts-cmac",
+    26: "camellia256-cts-cmac",
+}
+
+
+@dataclass(frozen=True)
+class KeytabEntry:
+    principal: str  # "HTTP/proxy.lab.test@LAB.TEST"
+    kvno: int
+    enctype: int
+    timestamp: datetime
+    key: bytes = field(repr=False)
+
+    @property
+    def enctype_name(self) -> str:
+        return ENCTYPES.get(self.enctype, f"enctype {self.enctype}")
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValueError(f"truncated at byte {self.pos}")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u8(self) -> int:
+        return int(self.take(1)[0])
+
+    def u16(self) -> int:
+        value: int = struct.unpack(">H", self.take(2))[0]
+        return value
+
+    def u32(self) -> int:
+        value: int = struct.unpack(">I", self.take(4))[0]
+        return value
+
+    def counted(self) -> bytes:
+        return self.take(self.u16())
+
+
+def parse_keytab(data: bytes) -> list[KeytabEntry]:
+    """The entries of a version 2 keytab; ValueError if it is not one."""
+    if data[:2] != b"\x05\x02":
+        version = data[:2].hex() or "empty"
+        raise ValueError(f"not a keytab (version 0502 expected, got {version})")
+    entries = []
+    pos = 2
+    while pos + 4 <= len(data):
+        (size,) = struct.unpack(">i", data[pos : pos + 4])
+        pos += 4
+        if size == 0:
+            break
+        if size < 0:  # a hole left by a removed entry
+            pos += -size
+            continue
+        record = data[pos : pos + size]
+        if len(record) < size:
+            raise ValueError(f"truncated record at byte {pos}")
+        pos += size
+        entries.append(_entry(_Reader(record)))
+    return entries
+
+
+def _entry(r: _Reader) -> KeytabEntry:
+    count = r.u16()
+    realm = r.counted().decode("utf-8")
+    components = [r.counted().decode("utf-8") for _ in range(count)]
+    r.u32()  # name type
+    timestamp = datetime.fromtimestamp(r.u32(), UTC)
+    kvno = r.u8()
+    enctype = r.u16()
+    key = r.counted()
+    if len(r.data) - r.pos >= 4:
+        kvno32 = r.u32()
+        kvno = kvno32 or kvno
+    return KeytabEntry("/".join(components) + "@" + realm, kvno, enctype, timestamp, key)
+
+
+def read_keytab(path: Path) -> list[KeytabEntry]:
+    return parse_keytab(path.read_bytes())
+
+
+def kvnos(entries: list[KeytabEntry], principal: str) -> set[int]:
+    """The key versions the keytab holds for `principal` (case-sensitive, as Kerberos compares names)."""
+    return {e.kvno for e in entries if e.principal == principal}

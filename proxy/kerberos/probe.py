@@ -1,0 +1,106 @@
+"""Asking the KDC questions on the gateway's behalf, for readiness, `explain` and `doctor`.
+
+Theory of operation. The gateway's keytab lets it get tickets to itself, and a ticket to itself can be
+accepted with the same keytab; an accepted context tells what the KDC put in the ticket (flags,
+authentication time). That gives, without any other party:
+
+- `self_ticket`: a fresh AS exchange with the keytab (a new in-memory ccache each time), then a service
+  ticket to the gateway's own principal. It proves the KDC is reachable and accepts the keytab's key; the
+  ticket's clear-text header (`proxy.kerberos.ticket`) carries the key version the KDC currently uses.
+- `accept`: the same ticket accepted with the keytab; its authtime is the KDC's clock at the AS exchange,
+  so comparing it with ours measures the clock skew (to a second).
+- `evidence_ticket`: S4U2Self for a user, and the evidence ticket accepted with the keytab: its flags say
+  whether it is forwardable, which S4U2Proxy requires (the account needs protocol transition, and the
+  user must not be marked sensitive).
+
+Each probe builds its own credentials and ccache and shares nothing with the `Delegator` that serves
+requests. Failures come back as the gateway's errors, with the fix (`proxy.kerberos.hints`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import gssapi
+import gssapi.raw
+
+from proxy.config import Kerberos
+from proxy.errors import GatewayError
+from proxy.kerberos.hints import explain
+
+TKT_FLG_FORWARDABLE = 0x40000000  # RFC 4120 TicketFlags bit 1, as MIT's krb5_flags hold it
+
+
+@dataclass(frozen=True)
+class TicketFacts:
+    """What an accepted ticket says: who it is for, from whom, and what the KDC allowed."""
+
+    client: str
+    flags: int
+    authtime: datetime
+
+    @property
+    def forwardable(self) -> bool:
+        return bool(self.flags & TKT_FLG_FORWARDABLE)
+
+
+class KerberosProbe:
+    def __init__(self, settings: Kerberos) -> None:
+        if settings.krb5_config is not None:
+            os.environ["KRB5_CONFIG"] = str(settings.krb5_config)
+        self.settings = settings
+        self._name = gssapi.Name(settings.principal, gssapi.NameType.kerberos_principal)
+        self._creds: gssapi.Credentials | None = None
+
+    def _service(self) -> gssapi.Credentials:
+        if self._creds is None:
+            keytab = str(self.settings.keytab)
+            store: dict[bytes | str, bytes | str] = {
+                "client_keytab": keytab,
+                "keytab": keytab,
+                "ccache": f"MEMORY:kcd-probe-{uuid.uuid4().hex}",
+            }
+            self._creds = gssapi.Credentials(name=self._name, usage="both", store=store)
+        return self._creds
+
+    def _fail(self, error: gssapi.raw.GSSError, user: str, spn: str) -> GatewayError:
+        return explain(error.gen_message(), user=user, spn=spn, proxy=self.settings.principal)
+
+    def self_ticket(self) -> bytes:
+        """AS exchange with the keytab, then a ticket to ourselves: the raw krb5 AP-REQ token."""
+        try:
+            ctx = gssapi.SecurityContext(
+                name=self._name, creds=self._service(), usage="initiate", mech=gssapi.MechType.kerberos
+            )
+            token: bytes = ctx.step()
+        except gssapi.raw.GSSError as e:
+            raise self._fail(e, self.settings.principal, self.settings.principal) from None
+        return token
+
+    def accept(self, token: bytes) -> TicketFacts:
+        """Accept a ticket to ourselves with the keytab, and read what the KDC put in it."""
+        try:
+            acceptor = gssapi.Credentials(usage="accept", store={"keytab": str(self.settings.keytab)})
+            ctx = gssapi.SecurityContext(creds=acceptor, usage="accept")
+            ctx.step(token)
+            flags = int(gssapi.raw.krb5_get_tkt_flags(ctx))
+            authtime = int(gssapi.raw.krb5_extract_authtime_from_sec_context(ctx))
+        except gssapi.raw.GSSError as e:
+            raise self._fail(e, self.settings.principal, self.settings.principal) from None
+        return TicketFacts(client=str(ctx.initiator_name), flags=flags, authtime=datetime.fromtimestamp(authtime, UTC))
+
+    def evidence_ticket(self, principal: str, *, spn: str | None = None) -> TicketFacts:
+        """S4U2Self for `principal`; the facts of the evidence ticket (forwardable or not).
+
+        `spn`, the service the ticket is meant for in the end, only makes a refusal's message name it."""
+        user = gssapi.Name(principal, gssapi.NameType.kerberos_principal)
+        try:
+            creds = self._service().impersonate(user, usage="initiate", mechs=[gssapi.MechType.kerberos])
+            ctx = gssapi.SecurityContext(name=self._name, creds=creds, usage="initiate", mech=gssapi.MechType.kerberos)
+            token: bytes = ctx.step()
+        except gssapi.raw.GSSError as e:
+            raise self._fail(e, principal, spn or self.settings.principal) from None
+        return self.accept(token)

@@ -1,0 +1,131 @@
+"""The lab's daemons in the foreground: what a container runs, and what `kcd-proxy lab up` spawns.
+
+`kcd-proxy lab serve kdc|backend|crl` runs one part of the lab until SIGTERM or SIGINT, with the layout
+that `KCD_LAB_*` variables describe (`LabLayout.from_env`). The docker compose services run exactly
+these commands, and `lab up` (`proxy.lab.runner`) starts the native lab through them too, so the
+integration tests exercise the code the containers run.
+
+- `kdc`: `proxy.lab.kdc.ensure_realm` (provisions the LDAP-backed realm on first use, starts slapd and
+  krb5kdc, which fork into the background), then watches both. It stops them on SIGTERM and exits 0; if
+  one of them dies it stops the other and exits 1, so a container restarts whole.
+- `backend`: the Exchange stand-in, `proxy.lab.backend`, on `bind_host:backend_port` with the lab's keytab.
+- `crl`: a plain HTTP server publishing the CRLs (and nothing else: the PKI directory holds keys).
+
+`kcd-proxy lab probe kdc|backend|crl|gateway` is the containers' health check: it asks the part whether it
+works (the realm's daemons run and answer, `GET /healthz`, `GET /issuing.crl`, the gateway's port accepts
+connections) and exits 0, or prints what is wrong and exits 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import socket
+import sys
+import threading
+import urllib.error
+import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+
+from proxy.lab import kdc, runner
+from proxy.lab.layout import LabLayout
+
+COMPONENTS = ("kdc", "backend", "crl")
+PROBES = (*COMPONENTS, "gateway")
+_WATCH_INTERVAL = 1.0  # seconds between two looks at slapd and krb5kdc
+
+
+def serve(layout: LabLayout, component: str) -> int:
+    """Run one part of the lab in the foreground; its exit code."""
+    return {"kdc": serve_kdc, "backend": serve_backend, "crl": serve_crl}[component](layout)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop
+
+
+def _say(message: str) -> None:
+    print(f"lab {message}", flush=True)
+
+
+def serve_kdc(layout: LabLayout) -> int:
+    stop = _stop_on_signals()  # before provisioning: a stop request then waits for it, then stops the realm
+    try:
+        kdc.ensure_realm(layout)
+    except kdc.RealmError as exc:
+        print(f"lab kdc: {exc}", file=sys.stderr, flush=True)
+        return 1
+    _say(f"kdc: realm up, KDC on {layout.bind_host}:{layout.kdc_port}, keytabs in {layout.keytab_dir}")
+    code = 0
+    while not stop.wait(_WATCH_INTERVAL):
+        down = [name for name, up in kdc.realm_status(layout).items() if not up]
+        if down:
+            print(f"lab kdc: {', '.join(down)} stopped; stopping the realm", file=sys.stderr, flush=True)
+            code = 1
+            break
+    kdc.stop_realm(layout)
+    _say("kdc: realm stopped")
+    return code
+
+
+def serve_backend(layout: LabLayout) -> int:
+    from proxy.lab import backend  # imports gssapi: only this part needs it
+
+    return backend.main(
+        [
+            "--keytab",
+            str(layout.backend_keytab),
+            "--bind",
+            f"{layout.bind_host}:{layout.backend_port}",
+            "--krb5-config",
+            str(layout.krb5_conf),
+            "--rcache",
+            str(layout.run_dir / "cas.rcache2"),
+        ]
+    )
+
+
+def serve_crl(layout: LabLayout) -> int:
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(runner.publish_dir(layout)))
+    with ThreadingHTTPServer((layout.bind_host, layout.crl_port), handler) as server:
+        stop = _stop_on_signals()
+
+        def shut_down_on_signal() -> None:
+            stop.wait()
+            server.shutdown()
+
+        threading.Thread(target=shut_down_on_signal, daemon=True).start()
+        _say(f"crl: serving {runner.publish_dir(layout)} on {layout.bind_host}:{layout.crl_port}")
+        server.serve_forever()
+    return 0
+
+
+def probe(layout: LabLayout, component: str) -> str | None:
+    """None if the part works, else what is wrong."""
+    host = layout.local_host
+    if component == "kdc":
+        down = [name for name, up in kdc.realm_status(layout).items() if not up]
+        return f"not running or not answering: {', '.join(down)}" if down else None
+    if component == "gateway":
+        try:
+            with socket.create_connection((host, layout.gateway_port), timeout=3):
+                return None
+        except OSError as exc:
+            return f"nothing accepts connections on {host}:{layout.gateway_port}: {exc}"
+    port, path = {"backend": (layout.backend_port, "/healthz"), "crl": (layout.crl_port, "/issuing.crl")}[component]
+    url = f"http://{host}:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            if response.status == 200 and response.read():
+                return None
+            return f"{url} answered {response.status} with no body"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{url}: {exc}"

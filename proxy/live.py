@@ -1,0 +1,224 @@
+"""The running gateway's current configuration, and reloading it without a restart (SIGHUP).
+
+Theory of operation. What a configuration builds is immutable: a `Gateway` (trust list, revocation,
+routes, Kerberos, backend pools) and the listener's `SSLContext`. The running server holds them in one
+`Live` object and reads them at two moments only: a request takes `live.gateway` once, when it starts
+(`use`), and the TLS listener takes `live.ssl_context` once per connection, before its handshake. A
+reload builds a complete new pair from the file first (load, the cross-checks of `check-config`, build,
+TLS context, first fetch of the CRLs); only when all of that succeeded are both swapped in. So:
+
+- a request that started before the swap finishes with the gateway it started with: in-flight requests
+  and held long-polls are not disturbed;
+- a connection keeps the TLS session it negotiated, but each of its later requests is checked against
+  the new trust list, CRLs and routes; new connections get the new server certificate and trust list;
+- a configuration that does not load, fails a cross-check or cannot be built is refused: the reasons are
+  logged (`reload_refused`) and the old one keeps serving.
+
+The per-user backend pools always carry over, and the Kerberos ticket cache (and the Basic login cache)
+when their settings are unchanged, so a reload costs no KDC exchange. What the old gateway owned alone
+(its CRL refresher, a replaced Delegator) is closed when its last request ends. The listener's and the
+admin listener's addresses, and the number of workers, only change with a restart (`reload_needs_restart`).
+
+With `[reload] watch = true`, the configuration file and every file it names are polled every
+`watch_interval` seconds (size and modification time); a change triggers the same reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from proxy import config as config_module
+from proxy.config import Config
+from proxy.errors import ConfigError
+from proxy.observability.metrics import Metrics, crl_reports
+from proxy.pipeline import Gateway
+
+log = structlog.get_logger("proxy.reload")
+
+
+@dataclass
+class Live:
+    gateway: Gateway
+    ssl_context: ssl.SSLContext
+    metrics: Metrics = field(default_factory=Metrics)
+    generation: int = 1
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
+    _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.metrics.crls = lambda: crl_reports(self.gateway.revocation)
+
+    @classmethod
+    def start(cls, config: Config) -> Live:
+        from proxy.app import build
+        from proxy.tls.server import server_context
+
+        return cls(build(config), server_context(config))
+
+    @property
+    def config(self) -> Config:
+        return self.gateway.config
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Gateway]:
+        """The gateway a request runs with, from its start to its end, whatever reloads meanwhile."""
+        gw = self.gateway
+        key = id(gw)
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            yield gw
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key]
+                self._close_if_retired(key)
+
+    def reload_soon(self) -> None:
+        """For a signal handler: reload in a task of its own."""
+        self._spawn(self.reload())
+
+    async def reload(self) -> bool:
+        """Read the configuration file again and swap it in if it is sound; else log why and keep the old."""
+        async with self._lock:
+            old = self.gateway
+            path = old.config.path
+            try:
+                gateway, context = _prepare(path, old)
+            except ConfigError as e:
+                return self._refused(path, e.problems)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                return self._refused(path, [f"{type(e).__name__}: {e}"])
+            await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
+            self.gateway, self.ssl_context = gateway, context
+            self.generation += 1
+            self.loaded_at = datetime.now(UTC)
+            self.metrics.reloads.labels("ok").inc()
+            config = gateway.config
+            log.info(
+                "reloaded",
+                config=str(path),
+                generation=self.generation,
+                changed=_changed(old.config, config),
+                routes=[r.prefix for r in config.routes],
+            )
+            for key in _needs_restart(old.config, config):
+                log.warning("reload_needs_restart", key=key, detail="takes effect when the gateway restarts")
+            self._retired[id(old)] = (old, gateway)
+            self._close_if_retired(id(old))
+            return True
+
+    def _refused(self, path: Path, problems: list[str]) -> bool:
+        self.metrics.reloads.labels("refused").inc()
+        log.error("reload_refused", config=str(path), problems=problems, detail="the running configuration stays")
+        return False
+
+    def _close_if_retired(self, key: int) -> None:
+        if key in self._retired and key not in self._users:
+            old, new = self._retired.pop(key)
+            self._spawn(_close(old, keep=new))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop everything: the current gateway, and retired ones still finishing requests."""
+        for old, new in self._retired.values():
+            await _close(old, keep=new)
+        self._retired.clear()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _close(self.gateway, keep=None)
+
+    async def watch(self) -> None:
+        """Reload whenever the configuration file or a file it names changes (until cancelled)."""
+        seen = _fingerprint(self.config)
+        while True:
+            await asyncio.sleep(self.config.reload.watch_interval)
+            now = _fingerprint(self.config)
+            if now != seen:
+                log.info("reload_watch", detail="a watched file changed")
+                await self.reload()
+                seen = _fingerprint(self.config)  # a refused change is not retried until the files change again
+
+
+def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext]:
+    """Everything a new configuration builds, or ConfigError with every problem found."""
+    from proxy.app import build
+    from proxy.ops.check import check
+    from proxy.tls.server import server_context
+
+    config = config_module.load(path)
+    problems = check(config, at=datetime.now(UTC), crls=False)
+    if problems:
+        raise ConfigError(problems)
+    return _carry_over(build(config), old), server_context(config)
+
+
+def _carry_over(new: Gateway, old: Gateway) -> Gateway:
+    """Keep the old gateway's per-user state (pools, caches) where the settings it came from are unchanged."""
+    keep: dict[str, Any] = {"pools": old.pools}
+    if new.config.kerberos == old.config.kerberos:
+        keep["delegator"] = old.delegator
+        new.delegator.close()
+    if all(getattr(new.config, s) == getattr(old.config, s) for s in ("authentication", "identity", "kerberos")):
+        keep["basic"] = old.basic
+    return dataclasses.replace(new, **keep)
+
+
+async def _close(gw: Gateway, *, keep: Gateway | None) -> None:
+    """Stop what `gw` owns and `keep` (its successor) did not take over."""
+    if keep is None or gw.pools is not keep.pools:
+        await gw.pools.close()
+    if keep is None or gw.revocation is not keep.revocation:
+        await gw.revocation.close()
+    if keep is None or gw.delegator is not keep.delegator:
+        gw.delegator.close()
+
+
+def _changed(old: Config, new: Config) -> list[str]:
+    """The configuration's sections that differ (files whose content changed do not show here)."""
+    return [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
+
+
+def _needs_restart(old: Config, new: Config) -> list[str]:
+    changed = []
+    if (old.listener.host, old.listener.port) != (new.listener.host, new.listener.port):
+        changed.append("listener.bind")
+    if old.listener.workers != new.listener.workers:
+        changed.append("listener.workers")
+    if old.admin != new.admin:
+        changed.append("admin")
+    return changed
+
+
+def watched_files(config: Config) -> list[Path]:
+    """The configuration file and every file it names."""
+    cc, listener, kerberos = config.client_certificates, config.listener, config.kerberos
+    files: list[Path | None] = [config.path, listener.certificate, listener.private_key, kerberos.keytab]
+    files += [*cc.trust_anchors, *cc.intermediates, *cc.crls, kerberos.krb5_config]
+    return [f for f in files if f is not None]
+
+
+def _fingerprint(config: Config) -> dict[Path, tuple[int, int] | None]:
+    out: dict[Path, tuple[int, int] | None] = {}
+    for path in watched_files(config):
+        try:
+            st = path.stat()
+            out[path] = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            out[path] = None
+    return out

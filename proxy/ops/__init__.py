@@ -1,0 +1,1 @@
+"""Operating the gateway: `check-config`, `explain` and `doctor`."""

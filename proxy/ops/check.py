@@ -1,0 +1,212 @@
+"""`kcd-proxy check-config`: everything the configuration names, loaded and cross-checked, without serving.
+
+`proxy.config` has checked each key on its own (types, ranges, files present). This adds what needs the
+files' contents: the server certificate parses, matches its private key and is within its validity; the
+trust anchors and intermediates parse, are CA certificates, and each intermediate is issued by a configured
+CA; the CRLs parse and verify against the configured CAs and are current; the keytab is a keytab and holds
+the gateway's principal; no route points back at the gateway. Every problem is one line naming the key and
+the file, like the configuration's own (`key: message (in FILE)`). Time is a parameter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import ssl
+import tomllib
+from collections.abc import Generator, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from proxy.certs.chain import TrustList, format_time, load_certificates
+from proxy.certs.revocation import CrlSet, load_crls
+from proxy.config import Config
+from proxy.kerberos.keytab import read_keytab
+
+
+def check(config: Config, *, at: datetime, crls: bool = True) -> list[str]:
+    """Every problem found, as `key: message (in FILE)`; empty when the configuration is sound.
+
+    `crls=False` leaves the CRLs out (a reload does: a CRL that is stale or unusable is logged and
+    skipped, as at start-up, rather than blocking a new server certificate or route).
+    """
+    where = f" (in {config.path})"
+    return [f"{key}: {message}{where}" for key, message in _problems(config, at, crls)]
+
+
+def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, str]]:
+    listener = config.listener
+    yield from _server_certificate("listener", listener.certificate, listener.private_key, at)
+    trust = yield from _trust_list(config, at)
+    if trust is not None and crls:
+        yield from _crls(config, trust, at)
+    yield from _keytab(config)
+    yield from _routes(config)
+    admin = config.admin
+    if admin is not None and admin.certificate is not None and admin.private_key is not None:
+        yield from _server_certificate("admin", admin.certificate, admin.private_key, at)
+    if admin is not None and admin.client_ca is not None:
+        yield from _certificates("admin.client_ca", admin.client_ca, at)
+
+
+def _server_certificate(table: str, cert_path: Path, key_path: Path, at: datetime) -> Iterator[tuple[str, str]]:
+    try:
+        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except (OSError, ValueError) as e:
+        yield f"{table}.certificate", f"{cert_path}: not a PEM certificate chain ({e})"
+        return
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except TypeError:
+        yield f"{table}.private_key", f"{key_path}: the key is encrypted; give an unencrypted PEM key"
+        return
+    except (OSError, ValueError) as e:
+        yield f"{table}.private_key", f"{key_path}: not a PEM private key ({e})"
+        return
+    leaf = chain[0]
+    if _spki(leaf.public_key()) != _spki(key.public_key()):
+        yield (
+            f"{table}.private_key",
+            f"{key_path} does not match the certificate '{leaf.subject.rfc4514_string()}' in {cert_path}",
+        )
+        return
+    if leaf.not_valid_after_utc < at:
+        yield f"{table}.certificate", f"{cert_path}: expired on {format_time(leaf.not_valid_after_utc)}"
+    elif leaf.not_valid_before_utc > at:
+        yield f"{table}.certificate", f"{cert_path}: not valid before {format_time(leaf.not_valid_before_utc)}"
+    for cert, issuer in itertools.pairwise(chain):
+        if not _issued_by(cert, issuer):
+            yield (
+                f"{table}.certificate",
+                f"{cert_path}: '{issuer.subject.rfc4514_string()}' did not issue "
+                f"'{cert.subject.rfc4514_string()}': put the leaf first, then its issuers in order",
+            )
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as e:
+        yield f"{table}.certificate", f"OpenSSL refuses {cert_path} with {key_path}: {e}"
+
+
+def _spki(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _certificates(key: str, path: Path, at: datetime) -> Iterator[tuple[str, str]]:
+    """A CA file: it parses, and each certificate in it is a CA within its validity."""
+    try:
+        certs = load_certificates(path)
+    except (OSError, ValueError) as e:
+        yield key, str(e)
+        return
+    for cert in certs:
+        name = cert.subject.rfc4514_string()
+        if not _is_ca(cert):
+            yield key, f"{path}: '{name}' is not a CA certificate (basicConstraints cA is not set)"
+        if cert.not_valid_after_utc < at:
+            yield key, f"{path}: '{name}' expired on {format_time(cert.not_valid_after_utc)}"
+
+
+def _trust_list(config: Config, at: datetime) -> Generator[tuple[str, str], None, TrustList | None]:
+    """Problems with the anchors and intermediates; returns the trust list when it could be loaded."""
+    cc = config.client_certificates
+    broken = False
+    for name, paths in (("trust_anchors", cc.trust_anchors), ("intermediates", cc.intermediates)):
+        for i, path in enumerate(paths):
+            found = list(_certificates(f"client_certificates.{name}[{i}]", path, at))
+            broken = broken or bool(found)
+            yield from found
+    if broken:
+        return None
+    trust = TrustList.load(cc.trust_anchors, cc.intermediates)
+    for i, path in enumerate(cc.intermediates):
+        for cert in load_certificates(path):
+            issuers = [ca for ca in trust.named(cert.issuer) if ca != cert and _issued_by(cert, ca)]
+            if not issuers:
+                yield (
+                    f"client_certificates.intermediates[{i}]",
+                    f"{path}: '{cert.subject.rfc4514_string()}' is not issued by any configured trust anchor "
+                    f"or intermediate (its issuer is '{cert.issuer.rfc4514_string()}')",
+                )
+    return trust
+
+
+def _crls(config: Config, trust: TrustList, at: datetime) -> Iterator[tuple[str, str]]:
+    """Each CRL file parses, is signed by a configured CA and is current at `at`."""
+    raw = _raw(config.path).get("client_certificates", {}).get("crls", [])
+    raw = [raw] if isinstance(raw, str) else raw
+    index = {(config.path.parent / entry).resolve(): i for i, entry in enumerate(raw) if isinstance(entry, str)}
+    for path in config.client_certificates.crls:  # files; URLs are fetched at run time
+        key = f"client_certificates.crls[{index.get(path.resolve(), 0)}]"
+        try:
+            crls = load_crls(path)
+        except (OSError, ValueError) as e:
+            yield key, str(e)
+            continue
+        _, problems = CrlSet.build([(str(path), crl) for crl in crls], trust, at=at)
+        for problem in problems:
+            yield key, problem
+
+
+def _keytab(config: Config) -> Iterator[tuple[str, str]]:
+    kerberos = config.kerberos
+    try:
+        entries = read_keytab(kerberos.keytab)
+    except OSError as e:
+        yield "kerberos.keytab", f"{kerberos.keytab}: cannot be read ({e.strerror})"
+        return
+    except ValueError as e:
+        yield "kerberos.keytab", f"{kerberos.keytab}: {e}"
+        return
+    held = sorted({e.principal for e in entries})
+    if kerberos.principal not in held:
+        holds = ", ".join(held) if held else "no keys at all"
+        yield (
+            "kerberos.keytab",
+            f"{kerberos.keytab} holds no key for {kerberos.principal} (it holds: {holds}); "
+            "export the gateway's key into it (kadmin ktadd, ktpass, msktutil)",
+        )
+
+
+def _routes(config: Config) -> Iterator[tuple[str, str]]:
+    listener = config.listener
+    order = _file_order(config.path)
+    for route in config.routes:
+        i = order.get(route.prefix, 0)
+        parts = urlsplit(route.upstream)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if parts.hostname in (listener.host, "localhost" if listener.host.startswith("127.") else "") and (
+            port == listener.port
+        ):
+            yield f"routes[{i}].upstream", f"{route.upstream} is the gateway's own listener: requests would loop"
+
+
+def _raw(path: Path) -> dict[str, Any]:
+    """The file as TOML, to name keys by their place in it (the configuration sorts and splits lists)."""
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def _file_order(path: Path) -> dict[str, int]:
+    """Route prefix -> its index in the file (the configuration keeps routes sorted longest first)."""
+    raw = _raw(path).get("routes", [])
+    return {t.get("prefix", "/"): i for i, t in enumerate(raw) if isinstance(t, dict)}

@@ -1,0 +1,262 @@
+"""`kcd-proxy doctor`: a preflight of the Kerberos path, each check with pass or fail and, on failure, the fix.
+
+Theory of operation. The checks follow a request's dependencies, from the gateway's own footing to the
+backends:
+
+1. `kdc`: an AS exchange with the keytab and a ticket to the gateway itself (`proxy.kerberos.probe`):
+   the KDC answers and accepts the keytab's key.
+2. `keytab`: the key version the KDC used for that ticket (read from its clear-text header) is one the
+   keytab holds; a password or key reset on the account makes it stale.
+3. `clock`: the ticket's authentication time is the KDC's clock; ours must be within `MAX_SKEW` of it
+   (Kerberos refuses at 5 minutes, and backends check authenticators against their own clocks).
+4. `s4u2self`: S4U2Self for a canary user gives an evidence ticket, and it is forwardable.
+5. `s4u2proxy <SPN>`: for each route's SPN, the gateway's own S4U2Self + S4U2Proxy.
+6. `negotiate <route>`: the upstream answers an unauthenticated request with 401 and
+   `WWW-Authenticate: Negotiate`; `ticket <route>`: it accepts the delegated ticket (no 401 with it).
+7. `header-size <route>`: the `Authorization: Negotiate` header fits the backends' header limit.
+
+Checks that need a canary user are skipped without one (`--user`, or `[doctor] canary_user`). The clock is
+a parameter; the evaluations are pure functions of what the probes returned.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+from urllib.parse import urlsplit
+
+from proxy.backend.forward import upstream_tls
+from proxy.config import Config, Route
+from proxy.errors import GatewayError
+from proxy.identity.principal import map_upn
+from proxy.kerberos.keytab import kvnos, read_keytab
+
+MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
+Status = Literal["pass", "fail", "skip"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+
+def render(checks: list[Check]) -> str:
+    width = max((len(c.name) for c in checks), default=0)
+    lines = []
+    for c in checks:
+        lines.append(f"{c.status.upper():<5} {c.name:<{width}}  {c.detail}")
+        if c.fix:
+            lines.append(f"{'':<6}{'':<{width}}  fix: {c.fix}")
+    counts = {s: sum(1 for c in checks if c.status == s) for s in ("pass", "fail", "skip")}
+    lines.append(f"{len(checks)} checks: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
+    return "\n".join(lines)
+
+
+# --- evaluations (pure) -----------------------------------------------------------------------------
+
+
+def clock_check(kdc_time: datetime, before: float, after: float) -> Check:
+    """The KDC stamped `kdc_time` on a ticket obtained between our clock readings `before` and `after`."""
+    skew = kdc_time.timestamp() - (before + after) / 2
+    margin = (after - before) / 2 + 1  # Kerberos times are whole seconds
+    if abs(skew) <= MAX_SKEW + margin:
+        return Check("clock", "pass", f"within {abs(skew):.0f} s of the KDC's clock (±{margin:.0f} s)")
+    side = "behind" if skew > 0 else "ahead of"
+    return Check(
+        "clock",
+        "fail",
+        f"this host is {abs(skew):.0f} s {side} the KDC",
+        "synchronise this host's clock with the domain's time source (NTP, chrony); Kerberos refuses at 300 s",
+    )
+
+
+def keytab_check(principal: str, held: set[int], kdc_kvno: int | None) -> Check:
+    if not held:
+        return Check(
+            "keytab",
+            "fail",
+            f"the keytab holds no key for {principal}",
+            "export the gateway's key into the keytab (kadmin ktadd -norandkey, ktpass, msktutil)",
+        )
+    versions = ", ".join(str(v) for v in sorted(held))
+    if kdc_kvno is None or kdc_kvno in held:
+        at_kdc = "unversioned" if kdc_kvno is None else f"version {kdc_kvno}"
+        return Check("keytab", "pass", f"the KDC's key for {principal} is {at_kdc}; the keytab holds {versions}")
+    return Check(
+        "keytab",
+        "fail",
+        f"the KDC uses key version {kdc_kvno} for {principal}; the keytab holds only {versions}",
+        "the account's key changed (password reset?): export the keytab again (ktadd / ktpass / msktutil --update)",
+    )
+
+
+def negotiate_check(route: Route, url: str, status: int | None, challenge: str, error: str = "") -> Check:
+    name = f"negotiate {route.prefix}"
+    if status is None:
+        return Check(name, "fail", f"{url}: {error}", "start the backend, or fix the route's upstream")
+    schemes = [part.strip().split(" ")[0].lower() for part in challenge.split(",") if part.strip()]
+    if status == 401 and "negotiate" in schemes:
+        return Check(name, "pass", f"{url} answers 401 with WWW-Authenticate: Negotiate")
+    if status == 401:
+        return Check(
+            name,
+            "fail",
+            f"{url} answers 401 but offers {challenge or 'no scheme'}",
+            "enable Windows Authentication with the Negotiate provider (Kerberos) on the backend site",
+        )
+    return Check(
+        name,
+        "fail",
+        f"{url} answers {status} without authentication",
+        "require Windows Authentication (Negotiate) on the backend site, or publish the protected path as the route",
+    )
+
+
+def ticket_check(route: Route, url: str, status: int | None, error: str = "") -> Check:
+    name = f"ticket {route.prefix}"
+    if status is None:
+        return Check(name, "fail", f"{url}: {error}", "start the backend, or fix the route's upstream")
+    if status == 401:
+        return Check(
+            name,
+            "fail",
+            f"{url} refused the delegated ticket for {route.spn} (401)",
+            f"register {route.spn} on the backend's account and give the backend a current keytab for it",
+        )
+    return Check(name, "pass", f"{url} accepted the delegated ticket for {route.spn} ({status})")
+
+
+def header_check(route: Route, header_bytes: int, limit: int, user: str) -> Check:
+    name = f"header-size {route.prefix}"
+    detail = f"Authorization header of {header_bytes} bytes for {user}; the backends accept {limit}"
+    if header_bytes <= limit:
+        return Check(name, "pass", detail + " (users in many groups carry bigger tickets)")
+    return Check(
+        name,
+        "fail",
+        detail,
+        "raise the backend's header limits (http.sys MaxFieldLength and MaxRequestBytes, e.g. 65534), "
+        "then set doctor.backend_header_limit to the new value",
+    )
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def run(config: Config, *, user: str | None, clock: Callable[[], float] = time.time) -> list[Check]:
+    return list(_checks(config, user, clock))
+
+
+def _checks(config: Config, upn: str | None, clock: Callable[[], float]) -> Iterator[Check]:
+    from proxy.kerberos.delegate import Delegator
+    from proxy.kerberos.probe import KerberosProbe
+    from proxy.kerberos.ticket import ticket_header
+
+    settings = config.kerberos
+    probe = KerberosProbe(settings)
+    before = clock()
+    try:
+        token = probe.self_ticket()
+    except GatewayError as e:
+        yield Check("kdc", "fail", e.reason, e.hint)
+        token = None
+    after = clock()
+    if token is not None:
+        yield Check("kdc", "pass", f"the KDC issued {settings.principal} a ticket with the keytab's key")
+        try:
+            held = kvnos(read_keytab(settings.keytab), settings.principal)
+        except (OSError, ValueError) as e:
+            held = set()
+            yield Check("keytab", "fail", f"{settings.keytab}: {e}", "check kerberos.keytab")
+        else:
+            yield keytab_check(settings.principal, held, ticket_header(token).kvno)
+        try:
+            yield clock_check(probe.accept(token).authtime, before, after)
+        except GatewayError as e:
+            yield Check("clock", "fail", f"cannot read the KDC's time: {e.reason}", e.hint)
+    else:
+        yield Check("keytab", "skip", "needs a ticket from the KDC (see kdc)")
+        yield Check("clock", "skip", "needs a ticket from the KDC (see kdc)")
+
+    upn = upn or config.doctor.canary_user
+    routes = [r for r in config.routes if r.backend_auth == "negotiate"]  # "basic" routes need no delegation
+    if upn is None:
+        why = "no canary user: run with --user UPN, or set [doctor] canary_user"
+        yield Check("s4u2self", "skip", why)
+        yield from (Check(f"s4u2proxy {spn}", "skip", why) for spn in dict.fromkeys(r.spn for r in routes))
+        yield from (_negotiate(route) for route in routes)
+        return
+    try:
+        user = map_upn(upn, realm_map=config.identity.realm_map)
+        evidence = probe.evidence_ticket(user.principal)
+    except GatewayError as e:
+        yield Check("s4u2self", "fail", e.reason, e.hint)
+    else:
+        if evidence.forwardable:
+            yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal} is forwardable")
+        else:
+            yield Check(
+                "s4u2self",
+                "fail",
+                f"the evidence ticket for {user.principal} is not forwardable: S4U2Proxy will be refused",
+                f"give {settings.principal} protocol transition (+ok_to_auth_as_delegate, or TrustedToAuthFor"
+                f"Delegation in AD), and check that {user.principal} is not marked sensitive",
+            )
+    delegator = Delegator(settings)
+    try:
+        headers: dict[str, str] = {}
+        for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):
+            try:
+                token = delegator.delegate_blocking(user, spn, target).token
+            except GatewayError as e:
+                yield Check(f"s4u2proxy {spn}", "fail", e.reason, e.hint)
+                continue
+            headers[spn] = "Negotiate " + base64.b64encode(token).decode("ascii")
+            yield Check(f"s4u2proxy {spn}", "pass", f"the KDC issued a service ticket for {user.principal} to {spn}")
+        for route in routes:
+            yield _negotiate(route)
+            authorization = headers.get(route.spn)
+            if authorization is None:
+                yield Check(f"ticket {route.prefix}", "skip", f"no ticket for {route.spn} (see s4u2proxy)")
+                continue
+            url = route.upstream + route.prefix
+            status, _, error = _get(route, url, {"Authorization": authorization})
+            yield ticket_check(route, url, status, error)
+            size = len("Authorization: ") + len(authorization)
+            yield header_check(route, size, config.doctor.backend_header_limit, user.principal)
+    finally:
+        delegator.close()
+
+
+def _negotiate(route: Route) -> Check:
+    url = route.upstream + route.prefix
+    status, challenge, error = _get(route, url, {})
+    return negotiate_check(route, url, status, challenge, error)
+
+
+def _get(route: Route, url: str, headers: dict[str, str], timeout: float = 5.0) -> tuple[int | None, str, str]:
+    """GET `url`: (status, WWW-Authenticate values joined, error); the status is None when it failed."""
+    parts = urlsplit(url)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        context = upstream_tls(route)  # the route's CA bundle, as the gateway uses it (not its server_name)
+        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path or "/", headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, ", ".join(response.headers.get_all("WWW-Authenticate") or []), ""
+    except (OSError, http.client.HTTPException) as e:
+        return None, "", f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()

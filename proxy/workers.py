@@ -1,0 +1,139 @@
+"""Several gateway processes on one port: a small pre-fork supervisor.
+
+Theory of operation
+-------------------
+With `[listener] workers = N` (N > 1), `kcd-proxy run` becomes a supervisor. It first checks that the
+port is free, then forks N workers; each runs the whole gateway (`proxy.app.serve`) on a listening socket
+of its own, bound with SO_REUSEPORT, and the kernel spreads new connections over them. The supervisor
+itself serves nothing and holds no socket.
+
+Why the check: SO_REUSEPORT lets any process of the same user bind the same port, so a second gateway
+started by mistake on a port that one already serves would quietly take half of its connections instead
+of failing. A plain bind (SO_REUSEADDR only) fails when anything listens there; that is the check.
+
+Workers share nothing: each has its own Kerberos credentials and ticket cache, per-user backend pools
+and CRLs, so a user whose connections land on two workers costs two S4U2Self exchanges. That is also
+why several machines behind a load balancer need no coordination (docs/deploying.md).
+
+Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they
+have. SIGHUP goes to every worker too, and each reloads on its own (`proxy.live`); a worker still
+starting, before its reload handler is in place, ignores it rather than die of it. A supervisor killed
+outright (SIGKILL, which it cannot pass on) takes its workers with it: each asks the kernel for SIGTERM
+when its parent dies (PR_SET_PDEATHSIG), so none runs on as an orphan holding the port. A worker that dies on its own is
+replaced after a pause, unless it exited with an error within `MIN_UPTIME` seconds of starting: a
+gateway that cannot start (unreadable keytab, ...) would only fail again, so the supervisor stops the
+rest and exits with that worker's code. (A worker killed by a signal is replaced whenever it dies.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import structlog
+
+from proxy.config import Listener
+
+log = structlog.get_logger("proxy.workers")
+
+MIN_UPTIME = 5.0  # seconds: a worker that exits with an error sooner failed to start
+_RESTART_PAUSE = 1.0
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class PortInUse(Exception):
+    """Something already listens on the gateway's address."""
+
+
+def check_port_free(listener: Listener) -> None:
+    """Bind the address the way a lone gateway would (no SO_REUSEPORT): this fails if anything listens."""
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((listener.host, listener.port))
+        except OSError as exc:
+            raise PortInUse(f"{listener.host}:{listener.port}: {exc.strerror}") from None
+
+
+def supervise(listener: Listener, serve_one: Callable[[], int]) -> int:
+    """Run `serve_one` (one whole gateway; returns an exit code) in `listener.workers` processes."""
+    check_port_free(listener)
+    workers: dict[int, float] = {}  # pid -> when it started
+    stopping = False
+    failure = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def start() -> None:
+        # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        supervisor = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            _worker(serve_one, supervisor)
+        workers[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        log.info("worker_started", worker=pid)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
+    try:
+        for _ in range(listener.workers):
+            start()
+        while workers:
+            pid, status = os.wait()
+            started = workers.pop(pid, None)
+            if started is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if stopping:
+                log.info("worker_stopped", worker=pid, code=code)
+                continue
+            log.warning("worker_exited", worker=pid, code=code)
+            if code > 0 and time.monotonic() - started < MIN_UPTIME:
+                log.error("worker_failed_to_start", worker=pid, code=code, fix="see the worker's lines above")
+                failure = code
+                on_signal(signal.SIGTERM, None)
+                continue
+            time.sleep(_RESTART_PAUSE)
+            if not stopping:
+                start()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("supervisor_stopped")
+    return failure
+
+
+def _worker(serve_one: Callable[[], int], supervisor: int) -> None:
+    """The child side of the fork: default signal handling back, serve, and never return into the parent's code."""
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until proxy.app.serve installs its reload handler
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != supervisor:  # it died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered when the mask is lifted below
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        code = serve_one()
+    except Exception:
+        log.exception("worker_crashed")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,173 @@
+"""The admin listener: /healthz, /readyz, /metrics after real traffic, and its TLS allow-list."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway, wait_port
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=15, context=context) as r:  # noqa: S310  loopback test URLs
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _scrape(admin: str) -> Samples:
+    status, text = _get(admin + "/metrics")
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def admin_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    admin_port = free_port()
+    extra = f'\n[[routes]]\nprefix = "/dead/"\nupstream = "http://127.0.0.1:{free_port()}"\n'
+    extra += f'spn = "HTTP/cas.lab.test"\n\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
+    gw = start_gateway(lab, tmp_path_factory.mktemp("admin"), lab_config(lab, port=free_port(), extra=extra))
+    wait_port(admin_port, gw.proc)  # the admin listener starts after the gateway's own
+    yield gw, f"http://127.0.0.1:{admin_port}"
+    gw.stop()
+
+
+async def _held_request(lab: LabLayout, gw: Gateway, admin: str) -> tuple[int, Samples]:
+    """A Ping the backend holds for 2.5 s; the scrape taken while it is held."""
+    async with aiohttp.ClientSession() as session:
+        request = session.get(
+            gw.url + "/Microsoft-Server-ActiveSync?Cmd=Ping",
+            ssl=client_context(lab, "alice"),
+            headers={"X-Lab-Hold-Seconds": "2.5"},
+        )
+        task = asyncio.create_task(request.__aenter__())
+        deadline = time.monotonic() + 5
+        while True:
+            samples = await asyncio.to_thread(_scrape, admin)
+            if _value(samples, "kcd_long_polls_held") >= 1 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        response = await task
+        status = response.status
+        await response.__aexit__(None, None, None)
+        return status, samples
+
+
+def test_metrics_after_traffic(lab: LabLayout, admin_gateway: tuple[Gateway, str]) -> None:
+    """Requests by route and status, refusals by stage and reason (TLS included), KDC requests and latency,
+    ticket-cache hits, CRL ages, open connections and a held long-poll all show in one scrape format."""
+    gw, admin = admin_gateway
+    for user, path in [
+        ("alice", "/owa/"),
+        ("alice", "/owa/"),
+        ("revoked", "/owa/"),
+        ("ghost", "/owa/"),
+        ("bob", "/dead/"),
+    ]:
+        curl(lab, gw.url + path, user)
+    for refused in ("expired", None):
+        assert curl(lab, gw.url + "/owa/", refused).returncode != 0
+    status, during = asyncio.run(_held_request(lab, gw, admin))
+    assert status == 200
+    assert _value(during, "kcd_long_polls_held") == 1
+    assert _value(during, "kcd_requests_in_flight") >= 1
+    assert _value(during, "kcd_open_connections") >= 1
+
+    after = _scrape(admin)
+    assert _value(after, "kcd_requests_total", route="/", status="200") == 3
+    assert _value(after, "kcd_requests_total", route="/dead/", status="502") == 1
+    assert _value(after, "kcd_refusals_total", stage="revocation", reason="certificate_revoked") == 1
+    assert _value(after, "kcd_refusals_total", stage="kerberos", reason="kerberos_refused") == 1
+    assert _value(after, "kcd_refusals_total", stage="backend", reason="backend_unavailable") == 1
+    assert _value(after, "kcd_refusals_total", stage="tls", reason="certificate has expired") == 1
+    assert _value(after, "kcd_refusals_total", stage="tls", reason="peer did not return a certificate") == 1
+    assert _value(after, "kcd_kdc_requests_total", outcome="ok") >= 2  # alice and bob, once each
+    assert _value(after, "kcd_kdc_requests_total", outcome="kerberos_refused") == 1
+    assert _value(after, "kcd_kdc_request_seconds_count") == _value(after, "kcd_kdc_requests_total", outcome="ok")
+    assert 0 < _value(after, "kcd_kdc_request_seconds_sum") < 10
+    assert _value(after, "kcd_ticket_cache_total", result="hit") >= 2  # alice's second request and her Ping
+    assert _value(after, "kcd_long_polls_held") == 0
+    crls = str(lab.pki_dir / "crls.pem")
+    for issuer in ("CN=Lab Issuing CA", "CN=Lab Root CA"):
+        assert _value(after, "kcd_crl_age_seconds", source=crls, issuer=issuer) > 0
+        assert _value(after, "kcd_crl_next_update_seconds", source=crls, issuer=issuer) > 0
+
+
+def test_health_and_readiness(admin_gateway: tuple[Gateway, str]) -> None:
+    """/healthz answers while serving; /readyz says the KDC answers and the CRLs are current."""
+    _, admin = admin_gateway
+    status, body = _get(admin + "/healthz")
+    assert (status, json.loads(body)["status"]) == (200, "ok")
+    status, body = _get(admin + "/readyz")
+    assert status == 200
+    assert json.loads(body) == {"ready": True, "kdc": "ok", "crls": "ok", "generation": 1}
+
+
+def test_not_ready_without_a_kdc(lab: LabLayout, tmp_path: Path) -> None:
+    """With no KDC answering, /readyz is 503 and says so; /healthz still 200."""
+    dead = tmp_path / "krb5.conf"
+    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{free_port()}"))
+    admin_port = free_port()
+    text = lab_config(lab, port=free_port(), krb5_conf=dead, extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        wait_port(admin_port, gw.proc)
+        status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
+        assert status == 503
+        answer = json.loads(body)
+        assert (answer["ready"], answer["crls"]) == (False, "ok")
+        assert "unreachable" in answer["kdc"]
+        assert _get(f"http://127.0.0.1:{admin_port}/healthz")[0] == 200
+    finally:
+        assert gw.stop() == 0
+
+
+def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayout, tmp_path: Path) -> None:
+    """With TLS and an allow-list, a listed certificate is served, another trusted one gets 403."""
+    admin_port = free_port()
+    p = lab.pki_dir
+    bundle = tmp_path / "admin-ca.pem"  # the root and the intermediate: devices send their leaf only
+    bundle.write_bytes((p / "root.pem").read_bytes() + (p / "issuing.pem").read_bytes())
+    extra = f"""
+[admin]
+bind = "127.0.0.1:{admin_port}"
+certificate = "{p / "server-chain.pem"}"
+private_key = "{p / "server.key"}"
+client_ca = "{bundle}"
+allowed_clients = ["CN=alice"]
+"""
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    url = f"https://127.0.0.1:{admin_port}/metrics"
+    try:
+        wait_port(admin_port, gw.proc)
+        status, body = _get(url, client_context(lab, "alice"))
+        assert status == 200
+        assert "kcd_requests_in_flight" in body
+        status, body = _get(url, client_context(lab, "bob"))
+        assert status == 403
+        assert "allow-list" in body
+        assert gw.wait_event("admin_refused")["subject"] == "CN=bob"
+    finally:
+        assert gw.stop() == 0

@@ -1,0 +1,441 @@
+"""Authentication modes, identity sources and certificate restrictions, end to end against the lab.
+
+Each configuration runs as a real `kcd-proxy run` process; clients are curl, with and without a lab
+user certificate and with and without `-u user:password`. The KDC's own log is the witness for what
+reached the KDC (one line per AS_REQ / TGS_REQ).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.type import univ
+
+from proxy.identity.upn import upn_other_name
+from proxy.lab.layout import USERS, LabLayout
+from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+
+ALICE = f"alice:{USERS['alice']}"
+TEMPLATE_OID = "1.3.6.1.4.1.311.21.7"  # Microsoft certificate template (v2): SEQUENCE { template OID, major, minor }
+TEMPLATE_ID = "1.3.6.1.4.1.311.21.8.4242.1"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int  # 0: no HTTP answer at all (the TLS handshake failed)
+    headers: dict[str, str]  # lower-case names
+    body: str
+    error: str
+
+    def json(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads(self.body)
+        return data
+
+
+def call(lab: LabLayout, gw: Gateway, path: str, *, cert: str | None = None, login: str | None = None) -> Answer:
+    """curl as a device: the lab root as trust, optionally a user certificate and `-u user:password`."""
+    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", str(lab.pki_dir / "root.pem"), "-D", "/dev/stderr"]
+    if cert is not None:
+        cmd += ["--cert", str(_cert_path(lab, cert)), "--key", str(_cert_path(lab, cert).with_suffix(".key"))]
+    if login is not None:
+        cmd += ["-u", login]
+    res = subprocess.run([*cmd, "-w", "\n%{http_code}", gw.url + path], capture_output=True, text=True, check=False)
+    body, _, code = res.stdout.rpartition("\n")
+    headers = {}
+    for line in res.stderr.splitlines():
+        name, colon, value = line.partition(":")
+        if colon and " " not in name:
+            headers[name.strip().lower()] = value.strip()
+    return Answer(int(code or 0), headers, body, res.stderr)
+
+
+def _cert_path(lab: LabLayout, cert: str) -> Path:
+    path = Path(cert)
+    return path if path.is_absolute() else lab.pki_dir / "users" / f"{cert}.pem"
+
+
+def kdc_requests(lab: LabLayout, principal: str) -> list[str]:
+    """The KDC's log lines for AS and TGS requests that name `principal` (as client or, escaped, enterprise)."""
+    lines = lab.kdc_log.read_text(errors="replace").splitlines()
+    return [line for line in lines if ("AS_REQ" in line or "TGS_REQ" in line) and principal in line]
+
+
+def gateway_with(lab: LabLayout, directory: Path, *, identity: str = "", extra: str = "") -> Gateway:
+    text = lab_config(lab, port=free_port(), extra=extra)
+    if identity:
+        text = text.replace('source = "san-upn"\n', identity + "\n", 1)
+    return start_gateway(lab, directory, text)
+
+
+def summary(gw: Gateway, **match: Any) -> dict[str, Any]:
+    return gw.wait_event("request", **match)
+
+
+# -- a backend that takes Basic itself ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def basic_backend() -> Iterator[str]:
+    """An upstream standing in for a Basic-only site: it answers with the Authorization header it got."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"authorization": request.headers.get("Authorization")})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    loop = asyncio.new_event_loop()
+    port = free_port()
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    loop.close()
+
+
+# -- certificate-or-basic -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def either(lab: LabLayout, basic_backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    extra = f"""
+[[routes]]
+prefix = "/basic/"
+upstream = "{basic_backend}"
+backend_auth = "basic"
+
+[authentication]
+mode = "certificate-or-basic"
+basic_realm = "Lab Exchange"
+basic_failures_per_user = 100
+basic_failures_per_address = 1000
+"""
+    gw = gateway_with(lab, tmp_path_factory.mktemp("either"), extra=extra)
+    yield gw
+    gw.stop()
+
+
+def test_curl_with_password_and_no_certificate_is_served_with_the_users_own_ticket(
+    lab: LabLayout, either: Gateway
+) -> None:
+    """certificate-or-basic: `curl -u alice:...` without a certificate reaches the backend as alice via Negotiate."""
+    answer = call(lab, either, "/Microsoft-Server-ActiveSync?Cmd=Sync", login=ALICE)
+    assert answer.status == 200, answer
+    echo = answer.json()
+    assert (echo["principal"], echo["auth_type"]) == ("alice@LAB.TEST", "Negotiate")
+    event = summary(either, principal="alice@LAB.TEST", factors="password")
+    assert event["status"] == 200
+    assert "impersonation_cached" not in event  # no S4U on this path
+
+
+def test_no_certificate_and_no_password_gets_the_basic_challenge(lab: LabLayout, either: Gateway) -> None:
+    """Without a certificate the gateway answers 401 with WWW-Authenticate: Basic and the configured realm."""
+    answer = call(lab, either, "/owa/")
+    assert answer.status == 401
+    assert answer.headers["www-authenticate"] == 'Basic realm="Lab Exchange"'
+
+
+@pytest.mark.parametrize(
+    ("login", "status"),
+    [("alice:not-her-password", 401), ("nobody:whatever", 401), ("dave:dave-Pa55", 403), ("dave:wrong", 403)],
+    ids=["wrong-password", "unknown-user", "disabled-user", "disabled-user-wrong-password"],
+)
+def test_refused_logins(lab: LabLayout, either: Gateway, login: str, status: int) -> None:
+    """Wrong password and unknown user: 401 with the challenge again (never 502); a disabled account: 403."""
+    answer = call(lab, either, "/EWS/Exchange.asmx", login=login)
+    assert answer.status == status, answer
+    assert ("www-authenticate" in answer.headers) == (status == 401)
+
+
+def test_certificate_user_is_still_delegated(lab: LabLayout, either: Gateway) -> None:
+    """With a valid certificate, certificate-or-basic delegates as certificate mode does, asking for no password."""
+    answer = call(lab, either, "/EWS/Exchange.asmx", cert="bob")
+    assert answer.status == 200, answer
+    assert answer.json()["principal"] == "bob@LAB.TEST"
+    assert "impersonation_cached" in summary(either, principal="bob@LAB.TEST", factors="certificate")
+
+
+def test_invalid_certificate_does_not_fall_back_to_the_password(lab: LabLayout, either: Gateway) -> None:
+    """An expired certificate ends the handshake even when good Basic credentials come with it."""
+    answer = call(lab, either, "/owa/", cert="expired", login=ALICE)
+    assert answer.status == 0
+    assert "expired" in answer.error
+
+
+def test_basic_header_reaches_only_routes_that_ask_for_it(lab: LabLayout, either: Gateway) -> None:
+    """backend_auth = "basic" forwards the client's Basic header as sent; other routes get Negotiate only."""
+    answer = call(lab, either, "/basic/x", login=ALICE)
+    assert answer.status == 200, answer
+    assert answer.json()["authorization"] == "Basic " + base64.b64encode(ALICE.encode()).decode()
+    answer = call(lab, either, "/owa/", login=ALICE)
+    assert answer.json()["auth_type"] == "Negotiate"
+
+
+def test_certificate_user_on_a_basic_route_is_asked_for_the_matching_password(lab: LabLayout, either: Gateway) -> None:
+    """A Basic-only route needs the password even from a certificate user, and it must be the same user's."""
+    assert call(lab, either, "/basic/x", cert="alice").status == 401
+    assert call(lab, either, "/basic/x", cert="alice", login=f"bob:{USERS['bob']}").status == 403
+    answer = call(lab, either, "/basic/x", cert="alice", login=ALICE)
+    assert answer.status == 200, answer
+    assert summary(either, principal="alice@LAB.TEST", factors="certificate+password")["route"] == "/basic/"
+
+
+def test_verified_password_is_cached_and_dropped_after_a_failure(lab: LabLayout, either: Gateway) -> None:
+    """Steady polling with one password costs one AS exchange; a wrong password drops the cache entry."""
+    login = f"carol:{USERS['carol']}"
+    before = len(kdc_requests(lab, "carol@LAB.TEST"))
+    assert call(lab, either, "/Microsoft-Server-ActiveSync", login=login).status == 200
+    first = len(kdc_requests(lab, "carol@LAB.TEST"))
+    assert first > before  # the AS exchange (and the TGS request for the backend)
+    for _ in range(5):
+        assert call(lab, either, "/Microsoft-Server-ActiveSync", login=login).status == 200
+    assert len(kdc_requests(lab, "carol@LAB.TEST")) == first
+    assert summary(either, principal="carol@LAB.TEST", basic_cached=True)["status"] == 200
+
+    assert call(lab, either, "/Microsoft-Server-ActiveSync", login="carol:guess").status == 401
+    after_failure = len(kdc_requests(lab, "carol@LAB.TEST"))
+    assert call(lab, either, "/Microsoft-Server-ActiveSync", login=login).status == 200
+    assert len(kdc_requests(lab, "carol@LAB.TEST")) > after_failure  # checked with the KDC again
+
+
+# -- basic ----------------------------------------------------------------------------------------------
+
+
+def basic_gateway(lab: LabLayout, directory: Path, per_user: int = 5, per_address: int = 20) -> Gateway:
+    extra = f"""
+[authentication]
+mode = "basic"
+basic_failures_per_user = {per_user}
+basic_failures_per_address = {per_address}
+"""
+    return gateway_with(lab, directory, extra=extra)
+
+
+def test_basic_mode_ignores_certificates(lab: LabLayout, tmp_path: Path) -> None:
+    """basic: no certificate is asked for (a client's is not used), and a password is what gets in."""
+    gw = basic_gateway(lab, tmp_path)
+    try:
+        assert call(lab, gw, "/owa/", cert="alice").status == 401
+        answer = call(lab, gw, "/owa/", login="LAB\\bob:" + USERS["bob"])  # the down-level form devices send
+        assert answer.status == 200, answer
+        assert answer.json()["principal"] == "bob@LAB.TEST"
+        assert "cert_subject" not in summary(gw, principal="bob@LAB.TEST")
+    finally:
+        gw.stop()
+
+
+def test_repeated_failures_for_a_user_are_refused_without_the_kdc(lab: LabLayout, tmp_path: Path) -> None:
+    """After basic_failures_per_user failures the user gets 429 + Retry-After, even with the right password;
+    a disabled account's 403s are not guesses and do not count."""
+    gw = basic_gateway(lab, tmp_path, per_user=2, per_address=3)
+    try:
+        assert [call(lab, gw, "/owa/", login="dave:guess").status for _ in range(4)] == [403] * 4
+        assert [call(lab, gw, "/owa/", login="bob:nope").status for _ in range(2)] == [401, 401]
+        before = len(kdc_requests(lab, "bob@LAB.TEST"))
+        refused = call(lab, gw, "/owa/", login=f"bob:{USERS['bob']}")
+        assert refused.status == 429
+        assert refused.headers["retry-after"] == "1"
+        assert len(kdc_requests(lab, "bob@LAB.TEST")) == before
+        assert call(lab, gw, "/owa/", login=ALICE).status == 200  # other users are not affected
+        time.sleep(1.1)
+        assert call(lab, gw, "/owa/", login=f"bob:{USERS['bob']}").status == 200
+    finally:
+        gw.stop()
+
+
+def test_repeated_failures_from_an_address_are_refused(lab: LabLayout, tmp_path: Path) -> None:
+    """Password spraying: failures for different users from one address reach basic_failures_per_address."""
+    gw = basic_gateway(lab, tmp_path, per_user=10, per_address=3)
+    try:
+        assert call(lab, gw, "/owa/", login=ALICE).status == 200  # cached before the spraying starts
+        assert [call(lab, gw, "/owa/", login=f"{u}:spray").status for u in ("bob", "carol", "ghost")] == [401] * 3
+        assert call(lab, gw, "/owa/", login=f"carol:{USERS['carol']}").status == 429
+        assert call(lab, gw, "/owa/", login=ALICE).status == 200  # a cached, verified password still works
+    finally:
+        gw.stop()
+
+
+# -- certificate-and-basic ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def both(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = gateway_with(
+        lab, tmp_path_factory.mktemp("both"), extra='\n[authentication]\nmode = "certificate-and-basic"\n'
+    )
+    yield gw
+    gw.stop()
+
+
+def test_certificate_and_password_of_the_same_user_are_served(lab: LabLayout, both: Gateway) -> None:
+    """certificate-and-basic: alice's certificate and alice's password together get through."""
+    answer = call(lab, both, "/EWS/Exchange.asmx", cert="alice", login=ALICE)
+    assert answer.status == 200, answer
+    assert answer.json()["principal"] == "alice@LAB.TEST"
+    assert summary(both, principal="alice@LAB.TEST", factors="certificate+password")["status"] == 200
+
+
+@pytest.mark.parametrize(
+    ("cert", "login", "status"),
+    [
+        ("alice", f"bob:{USERS['bob']}", 403),  # two proofs, two different users
+        ("alice", None, 403),  # no password
+        (None, ALICE, 403),  # no certificate
+        ("alice", "alice:wrong", 401),  # a wrong password is still a wrong password
+        ("dave", "dave:dave-Pa55", 403),  # disabled
+    ],
+    ids=["identities-differ", "no-password", "no-certificate", "wrong-password", "disabled"],
+)
+def test_certificate_and_basic_refusals(
+    lab: LabLayout, both: Gateway, cert: str | None, login: str | None, status: int
+) -> None:
+    """certificate-and-basic: a missing proof or a mismatch is 403; a missing password still names Basic."""
+    answer = call(lab, both, "/owa/", cert=cert, login=login)
+    assert answer.status == status, answer
+    if login is None:
+        assert answer.headers["www-authenticate"].startswith("Basic realm=")
+
+
+# -- identity sources ------------------------------------------------------------------------------------
+
+
+def test_first_present_identity_source_wins(lab: LabLayout, tmp_path: Path) -> None:
+    """source = [san-upn, san-email]: the UPN where there is one, else the e-mail address."""
+    gw = gateway_with(lab, tmp_path, identity='source = ["san-upn", "san-email"]')
+    try:
+        assert call(lab, gw, "/owa/", cert="alice").status == 200
+        assert summary(gw, principal="alice@LAB.TEST")["identity_source"] == "san-upn"
+        answer = call(lab, gw, "/owa/", cert="noupn")  # heidi@lab.test: the CA vouches, the KDC does not know her
+        assert answer.status == 403
+        assert "heidi@LAB.TEST" in answer.body
+        assert summary(gw, upn="heidi@lab.test")["identity_source"] == "san-email"
+    finally:
+        gw.stop()
+
+
+def test_email_and_common_name_sources(lab: LabLayout, tmp_path: Path) -> None:
+    """san-email reads the rfc822Name; subject-cn reads CN=<name>, a user of the gateway's own realm."""
+    email = gateway_with(lab, tmp_path / "email", identity='source = "san-email"')
+    cn = gateway_with(lab, tmp_path / "cn", identity='source = "subject-cn"')
+    try:
+        assert call(lab, email, "/owa/", cert="bob").json()["principal"] == "bob@LAB.TEST"
+        assert summary(email, principal="bob@LAB.TEST")["identity_source"] == "san-email"
+        # other-realm's UPN and e-mail say alice@corp.example, its CN says alice
+        assert call(lab, cn, "/owa/", cert="other-realm").json()["principal"] == "alice@LAB.TEST"
+        assert summary(cn, principal="alice@LAB.TEST")["upn"] == "alice"
+    finally:
+        email.stop()
+        cn.stop()
+
+
+def test_enterprise_names_reach_the_kdc_as_such(lab: LabLayout, tmp_path: Path) -> None:
+    """enterprise_names: S4U2Self and the AS exchange name alice@lab.test as NT-ENTERPRISE (MIT cannot resolve it)."""
+    gw = gateway_with(
+        lab,
+        tmp_path,
+        identity='source = "san-upn"\nenterprise_names = true',
+        extra='\n[authentication]\nmode = "certificate-or-basic"\n',
+    )
+    try:
+        enterprise = "alice\\@lab.test@LAB.TEST"  # how the KDC logs an NT-ENTERPRISE name in realm LAB.TEST
+        before = len(kdc_requests(lab, enterprise))
+        answer = call(lab, gw, "/owa/", cert="alice")
+        assert answer.status == 403  # MIT has no UPN aliases: "no Kerberos account matches alice@LAB.TEST"
+        assert "no Kerberos account" in answer.body
+        assert len(kdc_requests(lab, enterprise)) > before
+        before = len(kdc_requests(lab, enterprise))
+        assert call(lab, gw, "/owa/", login="alice@lab.test:" + USERS["alice"]).status == 401
+        assert len(kdc_requests(lab, enterprise)) > before
+        assert call(lab, gw, "/owa/", login=ALICE).status == 200  # a bare user name is a plain principal
+    finally:
+        gw.stop()
+
+
+# -- certificate restrictions ----------------------------------------------------------------------------
+
+
+def templated_certificate(lab: LabLayout, directory: Path) -> Path:
+    """A user certificate for bob from the lab's issuing CA, carrying a v2 certificate template extension."""
+    ca_cert = x509.load_pem_x509_certificate((lab.pki_dir / "issuing.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((lab.pki_dir / "issuing.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    template = univ.Sequence()
+    template.setComponentByPosition(0, univ.ObjectIdentifier(TEMPLATE_ID))
+    template.setComponentByPosition(1, univ.Integer(100))
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bob (managed device)")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([upn_other_name("bob@lab.test")]), critical=False)
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier(TEMPLATE_OID), der_encoder.encode(template)),
+            critical=False,
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    path = directory / "templated.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return path
+
+
+def test_restrictions_admit_matching_certificates_and_refuse_the_rest(lab: LabLayout, tmp_path: Path) -> None:
+    """A certificate must match one rule (issuer + subject + EKU, or a template extension), else 403 naming them."""
+    extra = f"""
+[[client_certificates.restrictions]]
+name = "alice-from-issuing-ca"
+issuer = "CN=Lab Issuing CA"
+subject = "CN=alice"
+eku = ["1.3.6.1.5.5.7.3.2"]
+
+[[client_certificates.restrictions]]
+name = "managed-device-template"
+extension = {{ oid = "{TEMPLATE_OID}", value = "{TEMPLATE_ID}" }}
+"""
+    gw = gateway_with(lab, tmp_path, extra=extra)
+    try:
+        assert call(lab, gw, "/owa/", cert="alice").status == 200
+        assert summary(gw, principal="alice@LAB.TEST")["restriction"] == "alice-from-issuing-ca"
+        refused = call(lab, gw, "/owa/", cert="bob")
+        assert refused.status == 403
+        assert "client_certificates.restrictions" in refused.body
+        assert "alice-from-issuing-ca, managed-device-template" in refused.body
+        templated = call(lab, gw, "/owa/", cert=str(templated_certificate(lab, tmp_path)))
+        assert templated.status == 200, templated
+        assert templated.json()["principal"] == "bob@LAB.TEST"
+        assert summary(gw, principal="bob@LAB.TEST", status=200)["restriction"] == "managed-device-template"
+    finally:
+        gw.stop()

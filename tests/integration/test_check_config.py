@@ -1,0 +1,133 @@
+"""`kcd-proxy check-config`: a catalogue of broken configurations, each reported as one line naming key and file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from proxy import config as config_module
+from proxy.errors import ConfigError
+from proxy.lab.layout import LabLayout
+from proxy.ops.check import check
+from tests.integration._pki_tools import load_ca, write_crl
+from tests.integration.conftest import REPO, free_port, lab_config
+
+
+def _problems(path: Path) -> list[str]:
+    """What check-config reports, in process: the configuration's own problems, then the cross-checks."""
+    try:
+        return check(config_module.load(path), at=datetime.now(UTC))
+    except ConfigError as e:
+        return e.problems
+
+
+def _cli(path: Path) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "proxy", "check-config", str(path)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+
+
+def _replace(old: str, new: str) -> Callable[[LabLayout, str, Path], str]:
+    return lambda lab, text, tmp: text.replace(old.format(lab=lab), new.format(lab=lab, tmp=tmp))
+
+
+def _append(extra: str) -> Callable[[LabLayout, str, Path], str]:
+    return lambda lab, text, tmp: text + extra.format(lab=lab, tmp=tmp)
+
+
+def _stale_crl(lab: LabLayout, text: str, tmp: Path) -> str:
+    now = datetime.now(UTC)
+    ca = load_ca(lab.pki_dir, "issuing")
+    crl = write_crl(tmp / "stale.pem", ca, this_update=now - timedelta(days=9), next_update=now - timedelta(days=2))
+    return text.replace(str(lab.pki_dir / "crls.pem"), str(crl))
+
+
+def _forged_crl(lab: LabLayout, text: str, tmp: Path) -> str:
+    crl = write_crl(tmp / "forged.pem", load_ca(lab.pki_dir / "rogue", "issuing"))  # the trusted name, another key
+    return text.replace(str(lab.pki_dir / "crls.pem"), str(crl))
+
+
+def _gateway_port(text: str) -> str:
+    return text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0]
+
+
+CATALOGUE = [
+    ("missing file", _replace('certificate = "{lab.pki_dir}/server-chain.pem"', 'certificate = "{tmp}/nope.pem"'),
+     "listener.certificate", "file not found"),
+    ("unknown key", _replace("[listener]\n", '[listener]\ncolour = "blue"\n'), "listener.colour", "unknown key"),
+    ("bad upstream", _append('\n[[routes]]\nprefix = "/ews/"\nupstream = "ftp://cas/x"\n'),
+     "routes[1].upstream", "expected http(s)://host[:port]"),
+    ("key of another certificate", _replace("{lab.pki_dir}/server.key", "{lab.pki_dir}/users/alice.key"),
+     "listener.private_key", "does not match the certificate 'CN=proxy.lab.test'"),
+    ("anchor that is no certificate", _replace('trust_anchors = ["{lab.pki_dir}/root.pem"]',
+                                                'trust_anchors = ["{lab.pki_dir}/crls.pem"]'),
+     "client_certificates.trust_anchors[0]", "not a PEM or DER certificate"),
+    ("leaf as an anchor", _replace('trust_anchors = ["{lab.pki_dir}/root.pem"]',
+                                    'trust_anchors = ["{lab.pki_dir}/root.pem", "{lab.pki_dir}/users/bob.pem"]'),
+     "client_certificates.trust_anchors[1]", "'CN=bob' is not a CA certificate"),
+    ("intermediate from another PKI", _replace('"{lab.pki_dir}/issuing.pem"]',
+                                                '"{lab.pki_dir}/issuing.pem", "{lab.pki_dir}/rogue/issuing.pem"]'),
+     "client_certificates.intermediates[1]", "is not issued by any configured trust anchor"),
+    ("CRL file that holds no CRL", _replace('crls = ["{lab.pki_dir}/crls.pem"]', 'crls = ["{lab.pki_dir}/root.pem"]'),
+     "client_certificates.crls[0]", "without a 'BEGIN X509 CRL' block"),
+    ("CRL signed with another key", _forged_crl, "client_certificates.crls[0]", "signature does not verify"),
+    ("stale CRL", _stale_crl, "client_certificates.crls[0]", "is stale"),
+    ("keytab without the principal", _replace("{lab.proxy_keytab}", "{lab.backend_keytab}"),
+     "kerberos.keytab", "holds no key for HTTP/proxy.lab.test@LAB.TEST (it holds: HTTP/cas.lab.test@LAB.TEST)"),
+    ("keytab that is no keytab", _replace("{lab.proxy_keytab}", "{lab.pki_dir}/root.pem"),
+     "kerberos.keytab", "not a keytab"),
+    ("admin off loopback without TLS", _append('\n[admin]\nbind = "0.0.0.0:9443"\n'), "admin.bind", "is not loopback"),
+    ("route back to the gateway", lambda lab, text, tmp: text.replace(
+        f'upstream = "http://127.0.0.1:{lab.backend_port}"', f'upstream = "http://127.0.0.1:{_gateway_port(text)}"'),
+     "routes[0].upstream", "the gateway's own listener"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "key", "message"), [c[1:] for c in CATALOGUE], ids=[c[0] for c in CATALOGUE])
+def test_each_broken_configuration_is_one_line_naming_key_and_file(
+    lab: LabLayout, tmp_path: Path, edit: Callable[[LabLayout, str, Path], str], key: str, message: str
+) -> None:
+    """One problem in an otherwise sound lab configuration gives exactly one line: its key, why, the file."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(edit(lab, lab_config(lab, port=free_port()), tmp_path))
+    problems = _problems(path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{key}: ")
+    assert message in problems[0]
+    assert problems[0].endswith(f"(in {path})")
+
+
+def test_the_lab_configuration_is_sound(lab: LabLayout, tmp_path: Path) -> None:
+    """The lab's own configuration: exit 0 and an ok line naming the file."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(lab_config(lab, port=free_port()))
+    res = _cli(path)
+    assert res.returncode == 0, res
+    assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+
+
+def test_the_command_exits_1_with_one_line_per_problem(lab: LabLayout, tmp_path: Path) -> None:
+    """Several problems at once: exit 1 and every one of them on stdout, one per line, nothing else."""
+    text = lab_config(lab, port=free_port())
+    text = text.replace(str(lab.pki_dir / "server.key"), str(lab.pki_dir / "users" / "alice.key"))
+    text = text.replace(str(lab.proxy_keytab), str(lab.backend_keytab))
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    res = _cli(path)
+    assert res.returncode == 1, res
+    lines = res.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["listener.private_key", "kerberos.keytab"]
+    assert all(line.endswith(f"(in {path})") for line in lines)
+
+
+def test_a_configuration_that_is_not_toml_exits_1_naming_the_file(tmp_path: Path) -> None:
+    """Broken TOML is reported by the loader: exit 1, the file and where it breaks."""
+    path = tmp_path / "gateway.toml"
+    path.write_text("[listener\n")
+    res = _cli(path)
+    assert res.returncode == 1
+    assert res.stdout.startswith(f"{path}: not valid TOML")

@@ -1,0 +1,250 @@
+"""Deployment artefacts: docker-compose.yml, the images and the systemd unit, checked without a Docker engine.
+
+No engine runs here, so the compose file is checked three ways: Debian's docker-compose parses and
+validates it (`config -q`); every command and health check is parsed by the project's own argument
+parsers (it names a real console script or module, with arguments they accept); and the services run
+exactly the entry points the native lab runs (`proxy.lab.runner.SERVE`), which the integration tests
+exercise. The systemd unit goes through `systemd-analyze verify` and `security --offline`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy import cli
+from proxy.lab import device, runner, serve
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import REPO
+
+COMPOSE = REPO / "docker-compose.yml"
+UNIT = REPO / "deploy" / "systemd" / "kcd-proxy.service"
+CONSOLE_SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+# Modules a service may run with `python3 -m`, and their argument parsers.
+MODULE_PARSERS = {"proxy.lab.device": device.parse_args}
+
+
+def _compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    services: dict[str, dict[str, Any]] = _compose()["services"]
+    return services
+
+
+def _layout(service: dict[str, Any]) -> LabLayout:
+    return LabLayout.from_env(service["environment"])
+
+
+def _check_argv(argv: list[str]) -> None:
+    """An exec-form command names a console script or module of this project, with arguments it accepts."""
+    assert isinstance(argv, list), f"{argv!r}: use the exec form (a list), never a shell string"
+    if argv[0] in CONSOLE_SCRIPTS:
+        module, _, function = CONSOLE_SCRIPTS[argv[0]].partition(":")
+        assert callable(getattr(importlib.import_module(module), function))
+        args = cli.parser().parse_args(argv[1:])  # argparse exits (SystemExit) on anything it rejects
+        if args.command == "lab" and args.action in ("serve", "probe"):
+            assert args.component in (serve.COMPONENTS if args.action == "serve" else serve.PROBES), argv
+        return
+    assert argv[:2] == ["python3", "-m"], f"{argv!r}: not a console script of pyproject.toml nor `python3 -m`"
+    assert argv[2] in MODULE_PARSERS, f"{argv[2]}: not a module known to run as a service"
+    MODULE_PARSERS[argv[2]](argv[3:])
+
+
+def test_docker_compose_validates_the_file() -> None:
+    """Debian's docker-compose (no engine needed) parses and validates docker-compose.yml."""
+    tool = shutil.which("docker-compose")
+    assert tool, "docker-compose is missing: `make setup` installs it (Debian package docker-compose)"
+    done = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr  # not even a warning
+
+
+def test_the_lab_services_are_all_there() -> None:
+    """The issue's four services, plus the one-shot pki step and the CRL server."""
+    assert set(_services()) == {"pki", "kdc", "backend", "crl", "gateway", "device"}
+
+
+def test_every_command_and_health_check_exists_in_the_project() -> None:
+    """Each service's command and health check parses with the project's own command-line parsers."""
+    for name, service in _services().items():
+        assert "entrypoint" not in service, name
+        _check_argv(service["command"])
+        if "healthcheck" in service:
+            test = service["healthcheck"]["test"]
+            assert test[0] == "CMD", f"{name}: health check must be exec form"
+            _check_argv(test[1:])
+
+
+def test_compose_runs_the_entry_points_the_native_lab_runs() -> None:
+    """kdc, backend and crl run `kcd-proxy lab serve <name>`, exactly what `lab up` spawns natively."""
+    services = _services()
+    for name, args in runner.SERVE.items():
+        assert services[name]["command"] == ["kcd-proxy", *args]
+    assert services["pki"]["command"] == ["kcd-proxy", "lab", "init"]
+    assert services["gateway"]["command"][:2] == ["kcd-proxy", "run"]
+
+
+def test_services_refer_to_files_the_lab_makes_in_the_volume() -> None:
+    """The gateway's configuration and the device's certificate are where `lab init` puts them."""
+    services = _services()
+    gateway = _layout(services["gateway"])
+    assert services["gateway"]["command"][2:] == ["--config", str(gateway.root / "gateway.toml")]
+    args = device.parse_args(services["device"]["command"][3:])
+    pki = _layout(services["device"]).pki_dir
+    assert (args.cert, args.key, args.cacert) == (
+        str(pki / "users" / "alice.pem"),
+        str(pki / "users" / "alice.key"),
+        str(pki / "root.pem"),
+    )
+
+
+def test_only_the_gateway_publishes_a_port_and_only_on_loopback() -> None:
+    """Nothing of the lab but the gateway is reachable from outside Docker, and that on 127.0.0.1 only."""
+    published = {name: s["ports"] for name, s in _services().items() if "ports" in s}
+    assert published == {"gateway": [f"127.0.0.1:{LabLayout(root=Path()).gateway_port}:8443"]}
+
+
+def test_every_service_shares_the_lab_volume_and_only_writers_write() -> None:
+    """One named volume at KCD_LAB_DIR; the gateway, device and CRL server mount it read-only."""
+    compose = _compose()
+    assert set(compose["volumes"]) == {"lab"}
+    for name, service in compose["services"].items():
+        root = service["environment"]["KCD_LAB_DIR"]
+        read_only = name in ("gateway", "device", "crl")
+        assert service["volumes"] == [f"lab:{root}:ro" if read_only else f"lab:{root}"], name
+
+
+def test_the_layout_in_every_container_names_services_that_exist() -> None:
+    """Daemons listen on the container network; kdc_host, backend_host and crl_host are service names."""
+    services = _services()
+    for name, service in services.items():
+        layout = _layout(service)
+        assert layout.bind_host == "0.0.0.0", name
+        assert {layout.kdc_host, layout.backend_host, layout.crl_host} == {"kdc", "backend", "crl"}, name
+
+
+def test_dependencies_wait_for_health_or_completion() -> None:
+    """A service waits for `service_healthy` only of services with a health check; pki runs to completion."""
+    services = _services()
+    for name, service in services.items():
+        for dep, how in service.get("depends_on", {}).items():
+            condition = how["condition"]
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no health check"
+            else:
+                assert (dep, condition) == ("pki", "service_completed_successfully"), name
+    assert set(services["gateway"]["depends_on"]) == {"kdc", "backend", "crl"}
+    assert set(services["device"]["depends_on"]) == {"gateway"}
+
+
+def test_containers_drop_privileges() -> None:
+    """No capabilities, no privilege gain, read-only root file system; the images run as a non-root user."""
+    for name, service in _services().items():
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert service["read_only"] is True, name
+        assert "privileged" not in service, name
+        assert "user" not in service, name
+    for dockerfile in sorted((REPO / "deploy").glob("*/Dockerfile")):
+        users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.MULTILINE)
+        assert users, dockerfile
+        assert users[-1] not in ("root", "0"), dockerfile
+
+
+def test_images_are_built_from_files_that_exist() -> None:
+    """Each build names a Dockerfile under deploy/, and what it copies from the repository exists."""
+    for name, service in _services().items():
+        build = service["build"]
+        dockerfile = REPO / build["context"] / build["dockerfile"]
+        assert dockerfile.is_file(), name
+        assert dockerfile.parent.parent == REPO / "deploy", name
+        for line in re.findall(r"^COPY\s+(?!--from)(.+)$", dockerfile.read_text(), re.MULTILINE):
+            *sources, _ = line.split()
+            assert all((REPO / build["context"] / s).exists() for s in sources), f"{dockerfile}: {line}"
+
+
+def test_build_context_leaves_out_the_lab_and_the_virtualenv() -> None:
+    """`.dockerignore` keeps the native lab's keys and keytabs (and .venv) out of what `docker build` sends."""
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".lab", ".venv", ".git"} <= ignored
+
+
+def test_compose_layout_writes_container_names_into_the_lab_files(tmp_path: Path) -> None:
+    """`lab init` with the compose environment: gateway.toml and the CRL URLs name the services, and the
+    gateway listens on the container network (the KDC's files are checked natively in test_kdc.py)."""
+    from cryptography import x509
+
+    layout = LabLayout.from_env(_services()["pki"]["environment"], root=tmp_path)
+    runner.init(layout)
+    text = (tmp_path / "gateway.toml").read_text()
+    assert 'bind = "0.0.0.0:8443"' in text
+    assert 'upstream = "http://backend:8081"' in text
+    leaf = x509.load_pem_x509_certificate((layout.pki_dir / "users" / "alice.pem").read_bytes())
+    points = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    urls = [name.value for point in points for name in point.full_name or []]
+    assert urls == ["http://crl:8082/issuing.crl"]
+
+
+# --- systemd ------------------------------------------------------------------------------------------
+
+
+def _unit() -> dict[str, list[str]]:
+    """The unit's directives, each with every value it is given."""
+    directives: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            directives.setdefault(key, []).append(value)
+    return directives
+
+
+def test_unit_has_the_hardening_the_issue_asks_for() -> None:
+    """Dedicated user, no privilege gain, read-only system, keytab as a read-only credential, SIGHUP reload."""
+    unit = _unit()
+    assert (unit["User"], unit["Group"]) == (["kcd-proxy"], ["kcd-proxy"])
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices"):
+        assert unit[key] == ["yes"], key
+    assert unit["ProtectSystem"] == ["strict"]
+    assert unit["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+    assert unit["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+    assert "kcd-proxy.keytab:/etc/kcd-proxy/kcd-proxy.keytab" in unit["LoadCredential"]
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["KillMode"] == ["mixed"]  # SIGTERM to the supervisor, which stops its workers
+    program, *args = unit["ExecStart"][0].split()
+    assert Path(program).name in CONSOLE_SCRIPTS
+    _check_argv(["kcd-proxy", *args])
+
+
+def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+    """`systemd-analyze verify` finds nothing to say about the unit (pointed at this checkout's kcd-proxy)."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing: `make setup` installs it (Debian package systemd)"
+    kcd_proxy = Path(shutil.which("kcd-proxy") or REPO / ".venv" / "bin" / "kcd-proxy")
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/kcd-proxy/bin/kcd-proxy", str(kcd_proxy)))
+    done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+def test_systemd_rates_the_unit_well_hardened(tmp_path: Path) -> None:
+    """`systemd-analyze security --offline` rates its exposure 2.0 or better (10 is an unhardened service)."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze
+    unit = tmp_path / UNIT.name
+    shutil.copy(UNIT, unit)
+    done = subprocess.run(
+        [analyze, "security", "--offline=true", str(unit)], capture_output=True, text=True, check=False
+    )
+    found = re.search(r"Overall exposure level for kcd-proxy\.service: (\d+\.\d+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    assert float(found.group(1)) <= 2.0, done.stdout

@@ -1,0 +1,153 @@
+"""`kcd-proxy doctor`: the preflight against the lab, and against set-ups broken in the ways it must name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from proxy.kerberos.keytab import read_keytab
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import REPO, free_port, lab_config
+from tests.unit.test_keytab import _record
+
+
+def _doctor(lab: LabLayout, tmp_path: Path, text: str, *args: str) -> tuple[int, dict[str, tuple[str, str, str]]]:
+    """Run the command; its checks as name -> (status, detail, fix)."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    argv = [sys.executable, "-m", "proxy", "doctor", "--config", str(path), *args]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    checks: dict[str, tuple[str, str, str]] = {}
+    name = ""
+    for line in res.stdout.splitlines()[:-1]:
+        if line.startswith(("PASS", "FAIL", "SKIP")):
+            status, rest = line[:4].lower(), line[6:]
+            name = next(n for n in _NAMES if rest.startswith(n + "  ")) if rest[:1] else ""
+            checks[name] = (status, rest[len(name) :].strip(), "")
+        elif line.strip().startswith("fix: "):
+            status, detail, _ = checks[name]
+            checks[name] = (status, detail, line.strip()[5:])
+    assert res.stdout.splitlines()[-1].startswith(f"{len(checks)} checks: "), res
+    return res.returncode, checks
+
+
+_NAMES = sorted(
+    [
+        "kdc",
+        "keytab",
+        "clock",
+        "s4u2self",
+        "s4u2proxy HTTP/cas.lab.test",
+        "s4u2proxy HTTP/other.lab.test",
+        *(
+            f"{check} {prefix}"
+            for check in ("negotiate", "ticket", "header-size")
+            for prefix in ("/", "/dead/", "/wrong-key/", "/not-delegable/")
+        ),
+    ],
+    key=len,
+    reverse=True,
+)
+
+
+def test_the_lab_passes_every_check(lab: LabLayout, tmp_path: Path) -> None:
+    """Against the lab with a canary user: KDC, keytab, clock, S4U2Self, S4U2Proxy, backend, header all pass."""
+    code, checks = _doctor(lab, tmp_path, lab_config(lab, port=free_port()), "--user", "alice@lab.test")
+    assert code == 0
+    assert list(checks) == [
+        "kdc",
+        "keytab",
+        "clock",
+        "s4u2self",
+        "s4u2proxy HTTP/cas.lab.test",
+        "negotiate /",
+        "ticket /",
+        "header-size /",
+    ]
+    assert {status for status, _, _ in checks.values()} == {"pass"}
+    assert checks["s4u2self"][1] == "the evidence ticket for alice@LAB.TEST is forwardable"
+    assert checks["keytab"][1].startswith("the KDC's key for HTTP/proxy.lab.test@LAB.TEST is version ")
+
+
+def test_each_broken_route_fails_with_its_fix(lab: LabLayout, other_backend: str, tmp_path: Path) -> None:
+    """An SPN outside the delegation list, a dead upstream, a backend without the SPN's key: each named and fixed."""
+    extra = f"""
+[[routes]]
+prefix = "/not-delegable/"
+upstream = "http://127.0.0.1:{lab.backend_port}"
+spn = "HTTP/other.lab.test"
+
+[[routes]]
+prefix = "/dead/"
+upstream = "http://127.0.0.1:{free_port()}"
+spn = "HTTP/cas.lab.test"
+
+[[routes]]
+prefix = "/wrong-key/"
+upstream = "{other_backend}"
+spn = "HTTP/cas.lab.test"
+
+[doctor]
+canary_user = "carol@lab.test"
+"""
+    code, checks = _doctor(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    assert code == 1
+    status, detail, fix = checks["s4u2proxy HTTP/other.lab.test"]
+    assert (status, detail) == ("fail", "the gateway may not act for carol@LAB.TEST at HTTP/other.lab.test")
+    assert "add HTTP/other.lab.test to the delegation list of HTTP/proxy.lab.test@LAB.TEST" in fix
+    assert checks["ticket /not-delegable/"][0] == "skip"
+    assert checks["negotiate /dead/"][0] == "fail"
+    assert checks["negotiate /dead/"][2] == "start the backend, or fix the route's upstream"
+    status, detail, fix = checks["ticket /wrong-key/"]
+    assert (status, detail.split(" refused")[0]) == ("fail", f"{other_backend}/wrong-key/")
+    assert "register HTTP/cas.lab.test on the backend's account" in fix
+    assert checks["negotiate /wrong-key/"][0] == "pass"
+    assert {
+        checks[n][0] for n in ("kdc", "keytab", "clock", "s4u2self", "s4u2proxy HTTP/cas.lab.test", "ticket /")
+    } == {"pass"}
+
+
+def test_a_stale_keytab_and_a_small_header_limit_fail(lab: LabLayout, tmp_path: Path) -> None:
+    """A keytab whose key version the KDC no longer uses, and backends that accept only small headers."""
+    stale = tmp_path / "stale.keytab"
+    stale.write_bytes(
+        b"\x05\x02" + b"".join(_record(e.principal, 7, e.enctype, e.key) for e in read_keytab(lab.proxy_keytab))
+    )
+    text = lab_config(lab, port=free_port()).replace(str(lab.proxy_keytab), str(stale))
+    code, checks = _doctor(lab, tmp_path, text + "\n[doctor]\nbackend_header_limit = 600\n", "--user", "bob@lab.test")
+    assert code == 1
+    status, detail, fix = checks["keytab"]
+    assert status == "fail"
+    assert detail.endswith("the keytab holds only 7")
+    assert "export the keytab again" in fix
+    status, detail, fix = checks["header-size /"]
+    assert status == "fail"
+    assert "the backends accept 600" in detail
+    assert "MaxFieldLength" in fix
+
+
+def test_an_unknown_canary_fails_s4u2self_and_no_canary_skips(lab: LabLayout, tmp_path: Path) -> None:
+    """A canary the KDC does not know fails S4U2Self; without any canary those checks are skipped, exit 0."""
+    text = lab_config(lab, port=free_port())
+    code, checks = _doctor(lab, tmp_path, text, "--user", "ghost@lab.test")
+    assert code == 1
+    assert checks["s4u2self"][:2] == ("fail", "no Kerberos account matches ghost@LAB.TEST")
+    code, checks = _doctor(lab, tmp_path, text)
+    assert code == 0
+    assert checks["s4u2self"][0] == "skip"
+    assert "--user UPN" in checks["s4u2self"][1]
+    assert checks["negotiate /"][0] == "pass"
+
+
+def test_an_unreachable_kdc_fails_first_with_the_fix(lab: LabLayout, tmp_path: Path) -> None:
+    """No KDC answering: the kdc check fails naming krb5.conf, and the checks that need a ticket are skipped."""
+    dead = tmp_path / "krb5.conf"
+    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{free_port()}"))
+    code, checks = _doctor(lab, tmp_path, lab_config(lab, port=free_port(), krb5_conf=dead))
+    assert code == 1
+    status, detail, fix = checks["kdc"]
+    assert status == "fail"
+    assert "unreachable" in detail
+    assert "krb5.conf" in fix
+    assert (checks["keytab"][0], checks["clock"][0]) == ("skip", "skip")

@@ -1,0 +1,177 @@
+"""`kcd-proxy explain`: a certificate through the gateway's stages without a client, verdict and evidence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from proxy import config as config_module
+from proxy.app import build
+from proxy.lab.layout import LabLayout
+from proxy.ops.explain import Explanation, explain, load_leaf
+from tests.integration.conftest import REPO, free_port, lab_config
+
+
+@pytest.fixture(scope="module")
+def config(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    extra = '\n[[routes]]\nprefix = "/not-delegable/"\nupstream = "http://127.0.0.1:{}"\nspn = "HTTP/other.lab.test"\n'
+    path = tmp_path_factory.mktemp("explain") / "gateway.toml"
+    path.write_text(lab_config(lab, port=free_port(), extra=extra.format(lab.backend_port)))
+    return path
+
+
+def _explain(config: Path, cert: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "proxy", "explain", "--config", str(config), "--cert", str(cert), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+
+
+def _json(config: Path, cert: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    res = _explain(config, cert, "--json", *args)
+    assert res.stdout.count("\n") == 1, res  # exactly one JSON object on one line
+    answer: dict[str, Any] = json.loads(res.stdout)
+    return res.returncode, answer
+
+
+def _user(lab: LabLayout, name: str) -> Path:
+    return lab.pki_dir / "users" / f"{name}.pem"
+
+
+def test_a_good_certificate_is_accepted_with_its_principal_route_and_spn(lab: LabLayout, config: Path) -> None:
+    """Exit 0; the JSON names UPN, principal, route and SPN; the steps show the chain and the CRL used."""
+    code, answer = _json(config, _user(lab, "alice"), "--path", "/Microsoft-Server-ActiveSync")
+    assert code == 0
+    assert {k: answer[k] for k in ("accepted", "stage", "reason", "upn", "principal", "route", "spn")} == {
+        "accepted": True,
+        "stage": None,
+        "reason": None,
+        "upn": "alice@lab.test",
+        "principal": "alice@LAB.TEST",
+        "route": "/",
+        "spn": "HTTP/cas.lab.test",
+    }
+    steps = {s["stage"]: s for s in answer["steps"]}
+    assert [line.split(":")[0] for line in steps["certificate"]["details"]] == ["leaf", "intermediate", "trust anchor"]
+    assert steps["revocation"]["summary"].startswith("good")
+    assert steps["revocation"]["details"] == [f"source: {lab.pki_dir / 'crls.pem'}"]
+
+
+def test_with_the_kdc_the_real_s4u2self_and_s4u2proxy_are_reported(lab: LabLayout, config: Path) -> None:
+    """--kdc: the evidence ticket is forwardable and the KDC issues the service ticket for the SPN."""
+    code, answer = _json(config, _user(lab, "bob"), "--kdc")
+    assert code == 0
+    kerberos = [s["summary"] for s in answer["steps"] if s["stage"] == "kerberos"]
+    assert kerberos[0].startswith("S4U2Self: the KDC issued HTTP/proxy.lab.test@LAB.TEST an evidence ticket")
+    assert "bob@LAB.TEST (forwardable)" in kerberos[0]
+    assert kerberos[1] == "S4U2Proxy: the KDC issued a service ticket for bob@LAB.TEST to HTTP/cas.lab.test"
+
+
+@pytest.mark.parametrize(
+    ("user", "args", "stage", "reason"),
+    [
+        ("revoked", (), "revocation", "was revoked on"),
+        ("expired", (), "certificate", "certificate expired on"),
+        ("noupn", (), "identity", "no user principal name"),
+        ("ghost", ("--kdc",), "kerberos", "no Kerberos account matches ghost@LAB.TEST"),
+        ("dave", ("--kdc",), "kerberos", "the account dave@LAB.TEST is disabled or locked"),
+        ("alice", ("--at", "2099-01-01T00:00:00Z"), "certificate", "certificate expired on"),
+        ("carol", ("--kdc", "--path", "/not-delegable/x"), "kerberos", "may not act for carol@LAB.TEST"),
+    ],
+)
+def test_a_refused_certificate_names_the_stage_and_the_reason(
+    lab: LabLayout, config: Path, user: str, args: tuple[str, ...], stage: str, reason: str
+) -> None:
+    """`stage` is where a request would stop, `reason` what the device would be told (run in process)."""
+    answer = asyncio.run(_in_process(config, load_leaf(_user(lab, user).read_bytes()), *args))
+    assert answer.accepted is False
+    assert answer.stage == stage
+    assert answer.refused is not None
+    assert reason in answer.refused.reason
+
+
+async def _in_process(config: Path, leaf: x509.Certificate, *args: str) -> Explanation:
+    rest = [a for a in args if a != "--kdc"]
+    options = dict(zip(rest[::2], rest[1::2], strict=True))
+    at = datetime.fromisoformat(options.get("--at", datetime.now(UTC).isoformat()))
+    gw = build(config_module.load(config))
+    try:
+        return await explain(gw, leaf, path=options.get("--path", "/"), at=at, kdc="--kdc" in args)
+    finally:
+        await gw.revocation.close()
+        gw.delegator.close()
+
+
+def test_a_kdc_refusal_comes_with_the_fix(lab: LabLayout, config: Path) -> None:
+    """Delegation to an SPN outside the allow-list: the fix names the delegation list to change."""
+    _, answer = _json(config, _user(lab, "carol"), "--kdc", "--path", "/not-delegable/x")
+    assert "add HTTP/other.lab.test to the delegation list of HTTP/proxy.lab.test@LAB.TEST" in answer["fix"]
+
+
+def test_a_ghost_user_passes_until_the_kdc_is_asked(lab: LabLayout, config: Path) -> None:
+    """Without --kdc the Kerberos stage is not run, so a user unknown to the KDC is accepted so far."""
+    code, answer = _json(config, _user(lab, "ghost"))
+    assert (code, answer["accepted"], answer["principal"]) == (0, True, "ghost@LAB.TEST")
+    assert answer["steps"][-1]["summary"].startswith("not asked")
+
+
+def test_a_certificate_no_restriction_admits_is_refused_at_restrictions(lab: LabLayout, tmp_path: Path) -> None:
+    """With a restriction rule the certificate does not match, the stage is "restrictions"."""
+    rule = '\n[[client_certificates.restrictions]]\nname = "devices"\nsubject = "CN=*,OU=Devices,*"\n'
+    text = lab_config(lab, port=free_port()).replace("\n[identity]", rule + "\n[identity]")
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    code, answer = _json(path, _user(lab, "alice"))
+    assert (code, answer["stage"]) == (1, "restrictions")
+    assert "devices" in answer["reason"]
+
+
+def test_a_path_nothing_is_published_at_is_refused_at_route(lab: LabLayout, tmp_path: Path) -> None:
+    """No route matches the path: stage "route"."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(lab_config(lab, port=free_port()).replace('prefix = "/"', 'prefix = "/owa/"'))
+    code, answer = _json(path, _user(lab, "alice"), "--path", "/EWS/Exchange.asmx")
+    assert (code, answer["stage"], answer["route"]) == (1, "route", None)
+
+
+def test_the_text_output_shows_each_stage_and_the_verdict(lab: LabLayout, config: Path) -> None:
+    """Without --json: one line per stage, the evidence under it, the verdict last."""
+    res = _explain(config, _user(lab, "revoked"))
+    assert res.returncode == 1
+    lines = res.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line[:1].isalpha()][1:] == [
+        "certificate",
+        "restrictions",
+        "revocation",
+        "refused",
+    ]
+    assert lines[-1].startswith("refused at revocation: certificate serial 0x")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--config", "{tmp}/missing.toml", "--cert", "{alice}"),
+        ("--config", "{config}", "--cert", "{tmp}/missing.pem"),
+        ("--config", "{config}", "--cert", "{config}"),
+        ("--config", "{config}", "--cert", "{alice}", "--at", "yesterday"),
+        ("--cert", "{alice}"),
+    ],
+    ids=["no configuration", "no certificate", "not a certificate", "bad time", "usage"],
+)
+def test_usage_and_configuration_errors_exit_2(
+    lab: LabLayout, config: Path, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """A configuration that does not load, an unreadable certificate or bad arguments: exit 2, nothing on stdout."""
+    names = {"tmp": tmp_path, "alice": _user(lab, "alice"), "config": config}
+    argv = [sys.executable, "-m", "proxy", "explain", *(a.format(**names) for a in args)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+    assert res.returncode == 2, res
+    assert res.stdout == ""
+    assert res.stderr.strip()

@@ -1,0 +1,288 @@
+"""Revocation in a running gateway, against the lab's CA, CRL server and OCSP responder.
+
+A certificate revoked at the CA, with the new CRL published on the lab's HTTP server, is refused on the
+same open connection, and its held request is ended, within crl_refresh_seconds + 5 s; stale and forged
+CRLs under each policy; OCSP good, revoked and unknown from `openssl ocsp`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.lab.layout import LabLayout
+from proxy.lab.pki import Pki, ocsp_responder_argv, revoke
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+
+REFRESH = 1  # crl_refresh_seconds in these tests
+GRACE = 5  # the issue's promise: refused at most crl_refresh_seconds + 5 s after the CRL is published
+ACTIVESYNC = "/Microsoft-Server-ActiveSync"
+
+
+def gateway_with(lab: LabLayout, directory: Path, settings: str) -> Gateway:
+    """The lab gateway with these [client_certificates] revocation settings instead of the lab's CRL file."""
+    text = lab_config(lab, port=free_port())
+    lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+    assert lab_settings in text
+    return start_gateway(lab, directory, text.replace(lab_settings, settings))
+
+
+def crl_url(lab: LabLayout, name: str) -> str:
+    return f"http://127.0.0.1:{lab.crl_port}/{name}"
+
+
+def get(conn: http.client.HTTPSConnection, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    conn.request("GET", ACTIVESYNC, headers=headers or {})
+    response = conn.getresponse()
+    return response.status, response.read().decode(errors="replace")
+
+
+def connect(lab: LabLayout, gw: Gateway, user: str, timeout: float = 20) -> http.client.HTTPSConnection:
+    return http.client.HTTPSConnection("127.0.0.1", gw.port, context=client_context(lab, user), timeout=timeout)
+
+
+def curl_with(lab: LabLayout, gw: Gateway, cert: Path, key: Path) -> tuple[int, str]:
+    """curl presenting a certificate that is not one of the lab's named users."""
+    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", str(lab.pki_dir / "root.pem")]
+    cmd += ["--cert", str(cert), "--key", str(key), "-w", "\n%{http_code}", gw.url + ACTIVESYNC]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False).stdout
+    body, _, code = out.rpartition("\n")
+    return int(code), body
+
+
+def test_revoked_certificate_is_refused_on_its_open_connection(lab: LabLayout, tmp_path: Path) -> None:
+    """alice-phone is revoked and the CRL published while its keep-alive connection is open: refused on it in time."""
+    issuing, root = crl_url(lab, "issuing.crl"), crl_url(lab, "root.crl")
+    settings = f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
+    gw = gateway_with(lab, tmp_path, settings)
+    try:
+        conn = connect(lab, gw, "alice-phone")
+        assert get(conn)[0] == 200
+        assert conn.sock is not None
+        local = conn.sock.getsockname()
+        revoke(Pki.at(lab.pki_dir), lab.pki_dir / "users" / "alice-phone.pem", now=datetime.now(UTC))
+        published = time.monotonic()
+        while (answer := get(conn))[0] == 200:
+            assert time.monotonic() - published < REFRESH + GRACE, "still served after the promised interval"
+            time.sleep(0.1)
+        elapsed = time.monotonic() - published
+        assert conn.sock is not None
+        assert conn.sock.getsockname() == local  # the same TCP (and TLS) connection all along
+        assert answer[0] == 403
+        assert "was revoked on" in answer[1]
+        print(f"alice-phone refused on its open connection {elapsed:.2f} s after the CRL was published")
+        conn.close()
+        loaded = [e for e in gw.events("crl_loaded") if e["source"] == issuing]
+        assert len(loaded) >= 2  # at start, and the reissued CRL
+        assert loaded[-1]["crl_number"] > loaded[0]["crl_number"]
+        assert {"issuer", "this_update", "next_update"} <= set(loaded[-1])
+    finally:
+        assert gw.stop() == 0
+
+
+def test_held_request_of_a_revoked_user_is_ended(lab: LabLayout, tmp_path: Path) -> None:
+    """A Ping held at the backend ends with 403 once a refresh revokes its certificate (CRL learned from the CDP)."""
+    settings = f'crls = []\nuse_distribution_points = true\ncrl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
+    gw = gateway_with(lab, tmp_path, settings)
+    try:
+        assert get(connect(lab, gw, "bob-phone"))[0] == 200  # the CRL its distribution point names was fetched
+        summary = gw.wait_event("request", principal="bob@LAB.TEST")
+        assert (summary["revocation"], summary["revocation_source"]) == ("good", crl_url(lab, "issuing.crl"))
+        held: list[tuple[int, str]] = []
+        conn = connect(lab, gw, "bob-phone", timeout=60)
+        ping = threading.Thread(target=lambda: held.append(get(conn, {"X-Lab-Hold-Seconds": "50"})))
+        ping.start()
+        time.sleep(1.5)  # delegated and waiting at the backend
+        assert ping.is_alive()
+        revoke(Pki.at(lab.pki_dir), lab.pki_dir / "users" / "bob-phone.pem", now=datetime.now(UTC))
+        published = time.monotonic()
+        ping.join(REFRESH + GRACE)
+        elapsed = time.monotonic() - published
+        assert not ping.is_alive(), "the held request was not ended"
+        status, body = held[0]
+        assert status == 403
+        assert "was revoked on" in body
+        print(f"bob-phone's held request ended {elapsed:.2f} s after the CRL was published")
+        assert gw.wait_event("held_request_ended", cert_subject="CN=bob")["answer_started"] is False
+        conn.close()
+    finally:
+        assert gw.stop() == 0
+
+
+def signed_crl(
+    lab: LabLayout, tmp_path: Path, *, key_path: Path, this: datetime, next_: datetime, serials: list[int]
+) -> Path:
+    """A CRL naming the lab's issuing CA, signed with the key at `key_path`, listing `serials`."""
+    pki = Pki.at(lab.pki_dir)
+    signer = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    assert isinstance(signer, ec.EllipticCurvePrivateKey)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(x509.load_pem_x509_certificate(pki.issuing_cert.read_bytes()).subject)
+        .last_update(this)
+        .next_update(next_)
+        .add_extension(x509.CRLNumber(1000), critical=False)
+    )
+    for serial in serials:
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(this)
+        builder = builder.add_revoked_certificate(entry.build())
+    path = tmp_path / "issuing-test.crl"
+    path.write_bytes(builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    return path
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("require", 403), ("best-effort", 200), ("off", 200)])
+def test_stale_crl_under_each_policy(lab: LabLayout, tmp_path: Path, policy: str, expected: int) -> None:
+    """The issuing CA's only CRL is past its nextUpdate: require refuses, best-effort and off let alice in."""
+    now = datetime.now(UTC)
+    pki = Pki.at(lab.pki_dir)
+    stale = signed_crl(
+        lab, tmp_path, key_path=pki.issuing_key, this=now - timedelta(days=8), next_=now - timedelta(days=1), serials=[]
+    )
+    settings = f'crls = ["{stale}", "{pki.root_crl}"]\nrevocation = "{policy}"\n'
+    gw = gateway_with(lab, tmp_path, settings)
+    try:
+        status, body = get(connect(lab, gw, "alice"))
+        assert status == expected, body
+        if expected == 403:
+            assert "no current CRL for issuer 'CN=Lab Issuing CA'" in body
+        summary = gw.wait_event("request", principal="alice@LAB.TEST") if expected == 200 else None
+        if summary is not None:
+            assert summary["revocation"] == "unknown"
+        rejected = gw.events("crl_not_used") + gw.events("crl_rejected")
+        assert any("is stale: its nextUpdate was" in str(e) for e in rejected)
+    finally:
+        assert gw.stop() == 0
+
+
+def test_crl_signed_by_the_wrong_key_is_never_used(lab: LabLayout, tmp_path: Path) -> None:
+    """A CRL for the issuing CA but signed by the rogue key, listing alice: not used at start nor as a refresh."""
+    pki = Pki.at(lab.pki_dir)
+    alice = x509.load_pem_x509_certificate(pki.user_cert("alice").read_bytes())
+    now = datetime.now(UTC)
+    forged = signed_crl(
+        lab,
+        tmp_path,
+        key_path=pki.rogue_issuing_key,
+        this=now - timedelta(minutes=1),
+        next_=now + timedelta(days=1),
+        serials=[alice.serial_number],
+    )
+    # Served from the lab's CRL server: first the genuine CRL, then the forged one in its place.
+    published = lab.root / "crl-publish" / "forge-test.crl"
+    published.write_bytes(pki.issuing_crl.read_bytes())
+    url = crl_url(lab, "forge-test.crl")
+    settings = f'crls = ["{url}", "{pki.root_crl}"]\ncrl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
+    gw = gateway_with(lab, tmp_path, settings)
+    try:
+        conn = connect(lab, gw, "alice")
+        assert get(conn)[0] == 200
+        published.write_bytes(forged.read_bytes())
+        event = gw.wait_event("crl_rejected", timeout=REFRESH + GRACE, source=url)
+        assert event["problem"] == (
+            "CRL signature does not verify against the trusted 'CN=Lab Issuing CA' (signed with another key?)"
+        )
+        assert "CRL #" in event["holding"]  # it says what it keeps serving with
+        assert get(conn)[0] == 200  # the genuine CRL still decides
+    finally:
+        assert gw.stop() == 0
+        published.unlink()
+    # Configured as a file from the start, the forged CRL is the only one for the issuing CA: no current CRL.
+    gw = gateway_with(lab, tmp_path / "file", f'crls = ["{forged}", "{pki.root_crl}"]\nrevocation = "require"\n')
+    try:
+        status, body = get(connect(lab, gw, "alice"))
+        assert (status, body.strip()) == (403, "no current CRL for issuer 'CN=Lab Issuing CA'")
+    finally:
+        assert gw.stop() == 0
+
+
+# --- OCSP ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ocsp_responder(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The issuing CA's responder, `openssl ocsp`, on the port the lab's certificates name in their AIA."""
+    log = tmp_path_factory.mktemp("ocsp") / "ocsp.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ocsp_responder_argv(Pki.at(lab.pki_dir), lab.ocsp_port), stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while b"waiting for OCSP client connections" not in log.read_bytes():  # a probing connect would wedge it
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{lab.ocsp_port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def unknown_to_the_responder(lab: LabLayout, directory: Path) -> tuple[Path, Path]:
+    """A certificate for alice@lab.test from the issuing CA that is in no CA database: the responder says unknown."""
+    pki = Pki.at(lab.pki_dir)
+    alice = x509.load_pem_x509_certificate(pki.user_cert("alice").read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(alice.subject)
+        .issuer_name(alice.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.now(UTC) - timedelta(hours=1))
+        .not_valid_after(datetime.now(UTC) + timedelta(days=30))
+    )
+    for ext in alice.extensions:  # the same profile: UPN, clientAuth, CRL distribution point, OCSP responder
+        if not isinstance(ext.value, x509.SubjectKeyIdentifier | x509.AuthorityKeyIdentifier):
+            builder = builder.add_extension(ext.value, critical=ext.critical)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key_path = directory / "unknown.pem", directory / "unknown.key"
+    cert.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert, key_path
+
+
+def test_ocsp_require_good_revoked_unknown(lab: LabLayout, ocsp_responder: str, tmp_path: Path) -> None:
+    """ocsp = "require" (no CRLs): good passes with the responder as evidence; revoked and unknown are refused."""
+    gw = gateway_with(lab, tmp_path, 'revocation = "off"\nocsp = "require"\n')
+    try:
+        assert get(connect(lab, gw, "alice"))[0] == 200
+        summary = gw.wait_event("request", principal="alice@LAB.TEST")
+        assert (summary["revocation"], summary["revocation_source"]) == ("good", ocsp_responder)
+        status, body = get(connect(lab, gw, "revoked"))
+        assert status == 403
+        assert "(reason keyCompromise, per OCSP)" in body
+        status, body = curl_with(lab, gw, *unknown_to_the_responder(lab, tmp_path / "unknown"))
+        assert status == 403
+        assert "the OCSP responder does not know serial" in body
+    finally:
+        assert gw.stop() == 0
+
+
+def test_ocsp_prefer_falls_back_to_crls(lab: LabLayout, ocsp_responder: str, tmp_path: Path) -> None:
+    """ocsp = "prefer": where the responder does not know the certificate, the lab's CRLs decide."""
+    settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\nocsp = "prefer"\n'
+    gw = gateway_with(lab, tmp_path, settings)
+    try:
+        status, _ = curl_with(lab, gw, *unknown_to_the_responder(lab, tmp_path / "unknown"))
+        assert status == 200
+        summary = gw.wait_event("request", principal="alice@LAB.TEST")
+        assert (summary["revocation"], summary["revocation_source"]) == ("good", str(lab.pki_dir / "crls.pem"))
+        assert get(connect(lab, gw, "revoked"))[0] == 403
+    finally:
+        assert gw.stop() == 0

@@ -1,0 +1,311 @@
+"""The delegated-ticket cache, counted at the lab KDC: two exchanges per user, then none.
+
+Gateway tests start a fresh `kcd-proxy run` (an empty cache) and count the requests the KDC logged.
+Delegator tests drive the cache in-process against the same KDC, with a clock they can move, and with
+principals of their own made with kadmin.local so no other test's user is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.config import Kerberos
+from proxy.errors import KerberosRefused
+from proxy.identity.principal import UserPrincipal
+from proxy.identity.upn import upn_other_name
+from proxy.kerberos.delegate import RENEW_BEFORE, USABLE_FOR, Delegator
+from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
+from proxy.lab.layout import PROXY_SERVICE, REALM, LabLayout
+from proxy.lab.pki import Pki, revoke
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.test_revocation import crl_url, curl_with, gateway_with
+
+SPN = "HTTP/cas.lab.test"
+TARGET = "HTTP@cas.lab.test"
+
+
+@pytest.fixture
+def fresh_gateway(lab: LabLayout, tmp_path: Path) -> Iterator[Gateway]:
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port()))
+    yield gw
+    gw.stop()
+
+
+async def _get(session: aiohttp.ClientSession, gw: Gateway, ctx: ssl.SSLContext, path: str) -> str:
+    async with session.get(gw.url + path, ssl=ctx) as r:
+        assert r.status == 200, await r.text()
+        return r.headers["X-Lab-Principal"]
+
+
+async def _raw_get(gw: Gateway, ctx: ssl.SSLContext, path: str) -> bytes:
+    """One request on its own TLS connection, for connections opened before any request is sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx)
+    return await _finish(reader, writer, path)
+
+
+async def _finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+def test_one_user_costs_two_kdc_exchanges_then_none(lab: LabLayout, fresh_gateway: Gateway) -> None:
+    """20 requests of one user: the gateway's TGT, one S4U2Self and one S4U2Proxy, and nothing more."""
+    kdc = KdcLog(lab.kdc_log)
+
+    async def run() -> list[str]:
+        ctx = client_context(lab, "alice")
+        async with aiohttp.ClientSession() as session:
+            return [await _get(session, fresh_gateway, ctx, f"/EWS/Exchange.asmx?n={i}") for i in range(20)]
+
+    assert asyncio.run(run()) == ["alice@LAB.TEST"] * 20
+    requests = kdc.settled()
+    assert [(r.kind, r.extension, r.user) for r in requests] == [
+        ("AS_REQ", None, None),
+        ("TGS_REQ", S4U2SELF, "alice@LAB.TEST"),
+        ("TGS_REQ", S4U2PROXY, "alice@LAB.TEST"),
+    ]
+    deadline = time.monotonic() + 5
+    while len(fresh_gateway.events("request")) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cached = [line["impersonation_cached"] for line in fresh_gateway.events("request")]
+    assert cached == [False] + [True] * 19
+
+
+def test_concurrent_first_requests_of_a_user_make_one_exchange(lab: LabLayout, fresh_gateway: Gateway) -> None:
+    """Five requests of a new user sent at once on five connections: one S4U2Self, one S4U2Proxy."""
+    kdc = KdcLog(lab.kdc_log)
+
+    async def run() -> list[bytes]:
+        ctx = client_context(lab, "bob")
+        opened = [await asyncio.open_connection("127.0.0.1", fresh_gateway.port, ssl=ctx) for _ in range(5)]
+        return await asyncio.gather(*(_finish(r, w, "/Microsoft-Server-ActiveSync") for r, w in opened))
+
+    answers = asyncio.run(run())
+    assert all(a.startswith(b"HTTP/1.1 200") and b"bob@LAB.TEST" in a for a in answers), answers
+    counts = kdc.count()
+    assert (counts[S4U2SELF], counts[S4U2PROXY]) == (1, 1), kdc.requests()
+
+
+def test_each_new_user_costs_two_exchanges(lab: LabLayout, fresh_gateway: Gateway) -> None:
+    """Three users, three requests each: exactly one S4U2Self and one S4U2Proxy per user."""
+    kdc = KdcLog(lab.kdc_log)
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            for user in ("alice", "bob", "carol"):
+                ctx = client_context(lab, user)
+                for _ in range(3):
+                    assert await _get(session, fresh_gateway, ctx, "/owa/") == f"{user}@LAB.TEST"
+
+    asyncio.run(run())
+    per_user = {(r.extension, r.user) for r in kdc.settled() if r.extension}
+    assert len(per_user) == 6
+    assert kdc.count()["TGS_REQ"] == 6
+
+
+# -- the Delegator in-process, against the lab KDC -------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _kadmin(lab: LabLayout, query: str) -> None:
+    done = subprocess.run(
+        ["kadmin.local", "-q", query],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **lab.env()},
+        timeout=30,
+        check=True,
+    )
+    assert "error" not in done.stderr.lower(), done.stderr
+
+
+@pytest.fixture
+def new_user(lab: LabLayout) -> UserPrincipal:
+    """A principal of its own, so cache counts are not disturbed by anything another test did."""
+    name = f"tc{uuid.uuid4().hex[:10]}"
+    _kadmin(lab, f"addprinc -randkey {name}")
+    return UserPrincipal(upn=f"{name}@lab.test", principal=f"{name}@{REALM}", realm=REALM, source="test")
+
+
+def _delegator(lab: LabLayout, clock: Clock, **kwargs: int) -> Delegator:
+    settings = Kerberos(principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=lab.krb5_conf)
+    return Delegator(settings, clock=clock, **kwargs)
+
+
+async def _settle(delegator: Delegator) -> None:
+    for _ in range(200):
+        if not delegator.in_flight():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("an exchange with the KDC did not finish")
+
+
+def test_single_flight_in_process(lab: LabLayout, new_user: UserPrincipal) -> None:
+    """Five delegations of one user started together share one exchange, and each gets its own token."""
+    kdc = KdcLog(lab.kdc_log)
+
+    async def run() -> None:
+        d = _delegator(lab, Clock())
+        tokens = await asyncio.gather(*(d.delegate(new_user, SPN, TARGET) for _ in range(5)))
+        assert len({t.token for t in tokens}) == 5
+        assert [t.impersonation_cached for t in tokens] == [False] * 5
+        assert d.stats.exchanges == 1
+        d.close()
+
+    asyncio.run(run())
+    assert kdc.settled()
+    assert (kdc.count()[S4U2SELF], kdc.count()[S4U2PROXY]) == (1, 1)
+
+
+def test_renewal_runs_in_the_background_before_expiry(lab: LabLayout, new_user: UserPrincipal) -> None:
+    """In the renewal window a request is served from the old ticket at once while one new exchange runs."""
+    kdc = KdcLog(lab.kdc_log)
+    clock = Clock()
+
+    async def run() -> None:
+        d = _delegator(lab, clock)
+        await d.delegate(new_user, SPN, TARGET)
+        expires = d.ticket_expires(new_user.principal, SPN)
+        assert expires is not None
+        clock.now = expires - RENEW_BEFORE + 1
+        served = await asyncio.gather(*(d.delegate(new_user, SPN, TARGET) for _ in range(3)))
+        assert all(t.impersonation_cached for t in served)
+        assert d.stats.renewals == 1
+        await _settle(d)
+        renewed = d.ticket_expires(new_user.principal, SPN)
+        assert renewed is not None
+        assert renewed > expires
+        assert (await d.delegate(new_user, SPN, TARGET)).impersonation_cached
+        assert d.stats.exchanges == 2
+        d.close()
+
+    asyncio.run(run())
+    kdc.settled()
+    assert (kdc.count()[S4U2SELF], kdc.count()[S4U2PROXY]) == (2, 2)
+
+
+def test_a_nearly_expired_ticket_is_not_used(lab: LabLayout, new_user: UserPrincipal) -> None:
+    """With less than USABLE_FOR seconds left the request waits for a fresh exchange."""
+    clock = Clock()
+
+    async def run() -> None:
+        d = _delegator(lab, clock)
+        await d.delegate(new_user, SPN, TARGET)
+        expires = d.ticket_expires(new_user.principal, SPN)
+        assert expires is not None
+        clock.now = expires - USABLE_FOR + 1
+        assert not (await d.delegate(new_user, SPN, TARGET)).impersonation_cached
+        assert d.stats.exchanges == 2
+        d.close()
+
+    asyncio.run(run())
+
+
+def test_forget_and_eviction_drop_entries(lab: LabLayout, new_user: UserPrincipal) -> None:
+    """forget() drops a user's tickets; the cache holds at most cache_size entries, least recent out."""
+
+    async def run() -> None:
+        d = _delegator(lab, Clock(), cache_size=1)
+        await d.delegate(new_user, SPN, TARGET)
+        assert (await d.delegate(new_user, SPN, TARGET)).impersonation_cached
+        assert d.forget(new_user.principal) == 1
+        assert not (await d.delegate(new_user, SPN, TARGET)).impersonation_cached
+        other = UserPrincipal(upn="alice@lab.test", principal=f"alice@{REALM}", realm=REALM, source="test")
+        await d.delegate(other, SPN, TARGET)
+        assert len(d) == 1
+        assert d.ticket_expires(new_user.principal, SPN) is None
+        assert d.stats.exchanges == 3
+        d.close()
+
+    asyncio.run(run())
+
+
+def test_a_user_disabled_since_is_dropped_at_renewal(lab: LabLayout, new_user: UserPrincipal) -> None:
+    """When the KDC refuses the background renewal, the user's entry goes: the next request is refused."""
+    clock = Clock()
+
+    async def run() -> None:
+        d = _delegator(lab, clock)
+        await d.delegate(new_user, SPN, TARGET)
+        expires = d.ticket_expires(new_user.principal, SPN)
+        assert expires is not None
+        _kadmin(lab, f"modprinc -allow_tix {new_user.principal}")
+        clock.now = expires - RENEW_BEFORE + 1
+        assert (await d.delegate(new_user, SPN, TARGET)).impersonation_cached  # the old ticket, meanwhile
+        await _settle(d)
+        assert d.ticket_expires(new_user.principal, SPN) is None
+        with pytest.raises(KerberosRefused, match="disabled"):
+            await d.delegate(new_user, SPN, TARGET)
+        d.close()
+
+    asyncio.run(run())
+
+
+def _certificate_for(lab: LabLayout, user: str, directory: Path) -> tuple[Path, Path]:
+    """A second certificate for a lab user (say, a tablet), from the lab's issuing CA."""
+    pki = lab.pki_dir
+    ca_cert = x509.load_pem_x509_certificate((pki / "issuing.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "issuing.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{user}-tablet")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([upn_other_name(f"{user}@lab.test")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{user}-tablet.pem", directory / f"{user}-tablet.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_revoking_a_certificate_drops_its_users_tickets(lab: LabLayout, tmp_path: Path) -> None:
+    """Once a revoked certificate is refused, its user's cached delegated tickets are gone too."""
+    cert, key = _certificate_for(lab, "carol", tmp_path)
+    issuing, root = crl_url(lab, "issuing.crl"), crl_url(lab, "root.crl")
+    gw = gateway_with(lab, tmp_path / "gw", f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1\n')
+    try:
+        assert curl_with(lab, gw, cert, key)[0] == 200
+        assert not gw.events("tickets_forgotten")
+        revoke(Pki.at(lab.pki_dir), cert, now=datetime.now(UTC))
+        deadline = time.monotonic() + 10
+        while curl_with(lab, gw, cert, key)[0] == 200:
+            assert time.monotonic() < deadline, "the revoked certificate is still served"
+            time.sleep(0.2)
+        assert gw.wait_event("tickets_forgotten", principal="carol@LAB.TEST")["tickets"] == 1
+    finally:
+        assert gw.stop() == 0

@@ -1,0 +1,171 @@
+"""`[listener] workers = 2`: two processes serve one port (SO_REUSEPORT) under a supervisor.
+
+The gateway runs as a real `kcd-proxy run` process against the lab. Each JSON log line carries the pid
+of the process that wrote it, which is how the tests see which worker served a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+
+
+def _with_workers(lab: LabLayout, port: int, workers: int) -> str:
+    text = lab_config(lab, port=port)
+    bind = f'bind = "127.0.0.1:{port}"\n'
+    return text.replace(bind, f"{bind}workers = {workers}\n")
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _listening_pids(gw: Gateway, count: int, timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [e["pid"] for e in gw.events("listening")]
+        if len(pids) >= count:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} workers listening: {gw.log_path.read_text()[-3000:]}")
+
+
+async def _fresh_connections(lab: LabLayout, gw: Gateway, n: int) -> list[int]:
+    """n requests, each on a new TLS connection, so the kernel places each anew."""
+    statuses = []
+    for _ in range(n):
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(gw.url + "/EWS/Exchange.asmx", ssl=client_context(lab, "alice")) as r,
+        ):
+            await r.read()
+            statuses.append(r.status)
+    return statuses
+
+
+@pytest.fixture
+def two_workers(lab: LabLayout, tmp_path: Path) -> Iterator[Gateway]:
+    gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, free_port(), 2))
+    yield gw
+    gw.stop()
+
+
+def test_two_workers_serve_requests_and_sigterm_stops_all(lab: LabLayout, two_workers: Gateway) -> None:
+    """Two distinct worker processes, children of the supervisor, serve requests; SIGTERM stops all of them."""
+    gw = two_workers
+    workers = _listening_pids(gw, 2)
+    assert len(set(workers)) == 2
+    assert gw.proc.pid not in workers
+    assert all(_parent(pid) == gw.proc.pid for pid in workers)
+
+    assert asyncio.run(_fresh_connections(lab, gw, 24)) == [200] * 24
+    served = {e["pid"] for e in gw.events("request")}
+    assert served == set(workers)  # 24 connections all on one worker: 1 chance in 2**23
+
+    assert gw.stop() == 0
+    assert not any(_alive(pid) for pid in workers)
+    stopped = {e["worker"] for e in gw.events("worker_stopped")}
+    assert stopped == set(workers)
+
+
+def test_a_worker_that_dies_is_replaced(lab: LabLayout, two_workers: Gateway) -> None:
+    """A worker killed outright is replaced; the gateway keeps serving with two workers."""
+    gw = two_workers
+    first, second = _listening_pids(gw, 2)
+    os.kill(first, signal.SIGKILL)
+    pids = _listening_pids(gw, 3)
+    assert pids[2] not in (first, second)
+    assert _parent(pids[2]) == gw.proc.pid
+    assert gw.wait_event("worker_exited", worker=first)["code"] == -signal.SIGKILL
+    assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
+    assert gw.proc.poll() is None
+
+
+def test_sighup_reaches_every_worker_which_reloads_in_place(lab: LabLayout, two_workers: Gateway) -> None:
+    """SIGHUP (systemd's ExecReload) to the supervisor: each worker reloads; none stops or is replaced."""
+    gw = two_workers
+    workers = _listening_pids(gw, 2)
+    gw.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while {e["pid"] for e in gw.events("reloaded")} != set(workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {e["pid"] for e in gw.events("reloaded")} == set(workers), gw.log_path.read_text()[-3000:]
+    assert asyncio.run(_fresh_connections(lab, gw, 8)) == [200] * 8
+    assert gw.proc.poll() is None
+    assert all(_alive(pid) for pid in workers)
+    assert gw.events("worker_exited") == []
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(lab: LabLayout, two_workers: Gateway) -> None:
+    """SIGKILL to the supervisor (which it cannot pass on): the workers stop too, the port is free again."""
+    gw = two_workers
+    workers = _listening_pids(gw, 2)
+    gw.proc.kill()
+    gw.proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphans = [pid for pid in workers if _alive(pid)]
+    for pid in orphans:  # leave nothing running, even when this fails
+        os.kill(pid, signal.SIGKILL)
+    assert orphans == []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", gw.port))  # nothing holds the port any more
+
+
+def test_a_second_gateway_on_a_served_port_refuses_to_start(lab: LabLayout, two_workers: Gateway) -> None:
+    """SO_REUSEPORT would let it share the port silently: the supervisor's check refuses instead."""
+    config = two_workers.config_path
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, **lab.env()},
+    )
+    assert done.returncode == 2
+    assert f"cannot serve: 127.0.0.1:{two_workers.port}: Address already in use" in done.stderr
+
+
+def test_workers_that_cannot_start_stop_the_supervisor(lab: LabLayout, tmp_path: Path) -> None:
+    """A configuration every worker fails on (a private key that is not one) ends the supervisor, no loop."""
+    bad_key = tmp_path / "server.key"
+    bad_key.write_text("not a key\n")
+    config = tmp_path / "gateway.toml"
+    config.write_text(_with_workers(lab, free_port(), 2).replace(str(lab.pki_dir / "server.key"), str(bad_key)))
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **lab.env()},
+    )
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert time.monotonic() - started < 20
+    assert "worker_failed_to_start" in done.stdout

@@ -1,0 +1,176 @@
+"""Authentication modes: Basic parsing, the credential cache, throttling, name mapping, KDC answers, modes."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from proxy.auth.basic import CredentialCache, Throttle, parse_basic
+from proxy.auth.modes import wants_password
+from proxy.config import Identity, Route
+from proxy.errors import AuthenticationRequired, IdentityRejected, KdcUnavailable, KerberosRefused
+from proxy.identity.principal import map_name
+from proxy.kerberos.password import UserTicket, refusal
+
+IDENTITY = Identity(
+    realm_map={"corp.example": "CORP.EXAMPLE.COM", "corp": "CORP.EXAMPLE.COM"}, default_realm="LAB.TEST"
+)
+
+
+def basic(raw: bytes) -> str:
+    return "Basic " + base64.b64encode(raw).decode()
+
+
+def ticket(name: str = "alice@LAB.TEST") -> UserTicket:
+    creds: Any = object()  # the cache never looks inside the credentials
+    return UserTicket(principal=name, creds=creds)
+
+
+def test_basic_header_is_parsed_and_the_password_kept_out_of_repr() -> None:
+    """user:password decodes (UTF-8, Latin-1 as the fallback); the password may hold colons and stays out of repr."""
+    creds = parse_basic(basic("jürgen:pa:ss".encode()))
+    assert creds is not None
+    assert (creds.username, creds.password) == ("jürgen", b"pa:ss")
+    assert "pa:ss" not in repr(creds)
+    latin = parse_basic(basic("jürgen:x".encode("latin-1")))
+    assert latin is not None
+    assert latin.username == "jürgen"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Negotiate YWJj", "Basic", "Basic !!!", basic(b"no-colon"), basic(b":password-only")],
+    ids=["absent", "other-scheme", "empty", "bad-base64", "no-colon", "no-user"],
+)
+def test_unusable_authorization_headers_are_no_credentials(header: str | None) -> None:
+    """Absent, another scheme or malformed Basic: no credentials, so the client is asked again."""
+    assert parse_basic(header) is None
+
+
+def test_user_names_map_to_principals() -> None:
+    """alice, LAB\\alice and alice@lab.test are all users; a UPN suffix or down-level domain goes through realm_map."""
+    assert map_name("alice", IDENTITY, source="basic").principal == "alice@LAB.TEST"
+    assert map_name("LAB\\alice", IDENTITY, source="basic").principal == "alice@LAB.TEST"
+    assert map_name("CORP\\bob", IDENTITY, source="basic").principal == "bob@CORP.EXAMPLE.COM"
+    assert map_name("bob@corp.example", IDENTITY, source="basic").principal == "bob@CORP.EXAMPLE.COM"
+    mapped = map_name("alice", IDENTITY, source="subject-cn")
+    assert (mapped.upn, mapped.realm, mapped.enterprise) == ("alice", "LAB.TEST", None)
+
+
+def test_enterprise_names_keep_the_upn_for_the_kdc() -> None:
+    """With enterprise_names a UPN is kept as the NT-ENTERPRISE name; a bare user name is not one."""
+    enterprise = Identity(default_realm="LAB.TEST", enterprise_names=True)
+    assert map_name("alice@lab.test", enterprise, source="san-upn").enterprise == "alice@lab.test"
+    assert map_name("alice", enterprise, source="basic").enterprise is None
+
+
+@pytest.mark.parametrize("name", ["krbtgt/LAB.TEST", "\\alice", "al ice", "a@b@c", "HTTP/cas.lab.test@lab.test"])
+def test_names_that_would_change_meaning_are_refused(name: str) -> None:
+    """Service-like names, an empty domain, whitespace and double '@' never become principals."""
+    with pytest.raises(IdentityRejected):
+        map_name(name, IDENTITY, source="basic")
+
+
+def test_cache_serves_the_same_password_until_it_expires() -> None:
+    """A verified password is served from the cache for ttl seconds; another password or user is not."""
+    cache = CredentialCache(60)
+    good = cache.digest("alice@LAB.TEST", b"alice-Pa55")
+    cache.put("alice@LAB.TEST", good, ticket(), now=100)
+    assert cache.get("alice@LAB.TEST", good, now=159) is not None
+    assert cache.get("alice@LAB.TEST", good, now=160) is None
+    assert cache.get("alice@LAB.TEST", cache.digest("alice@LAB.TEST", b"other"), now=101) is None
+    assert cache.get("bob@LAB.TEST", cache.digest("bob@LAB.TEST", b"alice-Pa55"), now=101) is None
+
+
+def test_cache_keeps_salted_hashes_and_forgets_on_request() -> None:
+    """Digests differ per user and per process (random salt); forget drops the entry; ttl 0 keeps nothing."""
+    one, two = CredentialCache(60), CredentialCache(60)
+    assert one.digest("alice@LAB.TEST", b"pw") != two.digest("alice@LAB.TEST", b"pw")
+    assert one.digest("alice@LAB.TEST", b"pw") != one.digest("bob@LAB.TEST", b"pw")
+    digest = one.digest("alice@LAB.TEST", b"pw")
+    one.put("alice@LAB.TEST", digest, ticket(), now=0)
+    one.forget("alice@LAB.TEST")
+    assert one.get("alice@LAB.TEST", digest, now=1) is None
+    off = CredentialCache(0)
+    off.put("alice@LAB.TEST", digest, ticket(), now=0)
+    assert len(off) == 0
+
+
+def test_cache_is_bounded() -> None:
+    """Beyond max_entries the least recently used entry goes first."""
+    cache = CredentialCache(60, max_entries=2)
+    digests = {u: cache.digest(u, b"pw") for u in ("a@R", "b@R", "c@R")}
+    cache.put("a@R", digests["a@R"], ticket(), now=0)
+    cache.put("b@R", digests["b@R"], ticket(), now=0)
+    assert cache.get("a@R", digests["a@R"], now=1) is not None  # a is now the most recent
+    cache.put("c@R", digests["c@R"], ticket(), now=1)
+    assert cache.get("b@R", digests["b@R"], now=2) is None
+    assert cache.get("a@R", digests["a@R"], now=2) is not None
+
+
+def test_throttle_refuses_for_doubling_times_after_the_limit() -> None:
+    """Under the limit nothing waits; at it 1 s, then 2 s, 4 s ...; a success or 15 idle minutes start afresh."""
+    throttle = Throttle(3)
+    throttle.failed("bob", now=0)
+    throttle.failed("bob", now=0)
+    assert throttle.wait("bob", now=0) == 0
+    throttle.failed("bob", now=10)
+    assert throttle.wait("bob", now=10) == 1
+    throttle.failed("bob", now=11)
+    assert throttle.wait("bob", now=11) == 2
+    throttle.failed("bob", now=13)
+    assert throttle.wait("bob", now=14) == 3
+    assert throttle.wait("carol", now=14) == 0
+    throttle.succeeded("bob")
+    assert throttle.wait("bob", now=14) == 0
+    for t in (0, 1, 2):
+        throttle.failed("eve", now=t)
+    throttle.failed("eve", now=2 + 901)  # long after: counted as a first failure
+    assert throttle.wait("eve", now=903) == 0
+
+
+def test_throttle_caps_at_five_minutes() -> None:
+    """However many failures, a key never waits more than 300 s."""
+    throttle = Throttle(1)
+    for _ in range(40):
+        throttle.failed("bob", now=0)
+    assert throttle.wait("bob", now=0) == 300
+
+
+@pytest.mark.parametrize(
+    ("message", "error", "status"),
+    [
+        ("Minor (100005): Decrypt integrity check failed", AuthenticationRequired, 401),
+        ("Minor (100001): Preauthentication failed", AuthenticationRequired, 401),
+        ("Minor (100007): Client 'x@LAB.TEST' not found in Kerberos database", AuthenticationRequired, 401),
+        ("Minor (100006): Client's credentials have been revoked", KerberosRefused, 403),
+        ("Minor: Password has expired", KerberosRefused, 403),
+        ("Minor: Cannot contact any KDC for realm 'LAB.TEST'", KdcUnavailable, 503),
+    ],
+    ids=["wrong-password", "preauth", "unknown-user", "disabled-or-locked", "expired-password", "kdc-down"],
+)
+def test_kdc_answers_to_a_password(message: str, error: type[Exception], status: int) -> None:
+    """Wrong password and unknown user are one 401; disabled, locked and expired are 403; no KDC is 503."""
+    mapped = refusal(message, "x@LAB.TEST")
+    assert isinstance(mapped, error)
+    assert mapped.status == status
+
+
+def test_which_requests_need_a_password() -> None:
+    """certificate: never; basic and certificate-and-basic: always; certificate-or-basic: without a
+    certificate, or on a route that forwards Basic."""
+    negotiate = Route(prefix="/", upstream="http://b", spn="HTTP/b")
+    basic_route = Route(prefix="/b/", upstream="http://b", spn="HTTP/b", backend_auth="basic")
+    table = {
+        (mode, certified, route.backend_auth): wants_password(mode, certified, route)
+        for mode in ("certificate", "certificate-or-basic", "certificate-and-basic", "basic")
+        for certified in (True, False)
+        for route in (negotiate, basic_route)
+    }
+    assert not any(v for (mode, _, _), v in table.items() if mode == "certificate")
+    assert all(v for (mode, _, _), v in table.items() if mode in ("basic", "certificate-and-basic"))
+    assert table["certificate-or-basic", True, "negotiate"] is False
+    assert table["certificate-or-basic", True, "basic"] is True
+    assert table["certificate-or-basic", False, "negotiate"] is True

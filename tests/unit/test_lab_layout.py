@@ -1,0 +1,45 @@
+"""A lab layout travels between processes and containers as KCD_LAB_* variables, and names its hosts."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from proxy.lab.layout import LabLayout
+
+
+def test_layout_survives_the_trip_through_the_environment(tmp_path: Path) -> None:
+    """as_env() then from_env() gives the same layout: what `lab up` hands to `lab serve`."""
+    layout = LabLayout(root=tmp_path, ldap_port=1389, kdc_port=1088, backend_port=1081, bind_host="0.0.0.0")
+    layout = replace(layout, kdc_host="kdc", backend_host="backend", crl_host="crl")
+    assert LabLayout.from_env(layout.as_env()) == layout
+
+
+def test_unset_variables_keep_the_native_defaults(tmp_path: Path) -> None:
+    """Only KCD_LAB_DIR set: loopback everywhere and the documented ports."""
+    layout = LabLayout.from_env({"KCD_LAB_DIR": str(tmp_path)})
+    assert layout == LabLayout(root=tmp_path)
+    assert (layout.bind_host, layout.kdc_host, layout.kdc_port) == ("127.0.0.1", "127.0.0.1", 58088)
+
+
+def test_explicit_root_wins_over_the_environment(tmp_path: Path) -> None:
+    """`kcd-proxy lab --dir X` names the directory even when KCD_LAB_DIR says otherwise."""
+    layout = LabLayout.from_env({"KCD_LAB_DIR": "/elsewhere", "KCD_LAB_KDC_PORT": "1234"}, root=tmp_path)
+    assert (layout.root, layout.kdc_port) == (tmp_path, 1234)
+
+
+@pytest.mark.parametrize("value", ["eighty", "0", "70000", "-1", ""])
+def test_a_bad_port_names_its_variable(tmp_path: Path, value: str) -> None:
+    """A port that is not 1..65535 is refused with the variable's name, not a traceback deep in a daemon."""
+    with pytest.raises(ValueError, match="KCD_LAB_BACKEND_PORT"):
+        LabLayout.from_env({"KCD_LAB_DIR": str(tmp_path), "KCD_LAB_BACKEND_PORT": value})
+
+
+@pytest.mark.parametrize(
+    ("bind", "local"), [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("::", "::1"), ("10.1.2.3", "10.1.2.3")]
+)
+def test_a_wildcard_bind_is_reached_on_loopback(tmp_path: Path, bind: str, local: str) -> None:
+    """Health checks reach a daemon bound to every interface through loopback, a specific address directly."""
+    assert LabLayout(root=tmp_path, bind_host=bind).local_host == local

@@ -1,0 +1,103 @@
+"""The operability keys: [admin], [reload] and [doctor], and the problems they report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy import config
+from proxy.errors import ConfigError
+from tests.unit.test_config import GOOD, _write
+
+FINGERPRINT = "ab" * 32
+
+
+def test_operability_is_off_by_default(tmp_path: Path) -> None:
+    """Without the tables: no admin listener, no file watching, no canary, the http.sys header limit."""
+    cfg = config.load(_write(tmp_path, GOOD))
+    assert cfg.admin is None
+    assert (cfg.reload.watch, cfg.doctor.canary_user, cfg.doctor.backend_header_limit) == (False, None, 16384)
+
+
+def test_admin_reload_and_doctor_tables_are_typed(tmp_path: Path) -> None:
+    """A loopback admin bind needs nothing else; the other tables' values come out typed."""
+    extra = """
+[admin]
+bind = "127.0.0.1:9443"
+
+[reload]
+watch = true
+watch_interval = 0.5
+
+[doctor]
+canary_user = "alice@lab.test"
+backend_header_limit = 65534
+"""
+    cfg = config.load(_write(tmp_path, GOOD + extra))
+    assert cfg.admin is not None
+    assert (cfg.admin.host, cfg.admin.port, cfg.admin.tls) == ("127.0.0.1", 9443, False)
+    assert (cfg.reload.watch, cfg.reload.watch_interval) == (True, 0.5)
+    assert (cfg.doctor.canary_user, cfg.doctor.backend_header_limit) == ("alice@lab.test", 65534)
+
+
+def test_an_admin_listener_off_loopback_needs_tls_and_an_allow_list(tmp_path: Path) -> None:
+    """Bound elsewhere than loopback without TLS and client certificates, the admin table is refused."""
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, GOOD + '\n[admin]\nbind = "0.0.0.0:9443"\n'))
+    assert len(e.value.problems) == 1
+    assert e.value.problems[0].startswith("admin.bind: 0.0.0.0 is not loopback")
+    assert str(tmp_path / "gateway.toml") in e.value.problems[0]
+
+
+def test_an_admin_listener_off_loopback_with_tls_and_allow_list_is_accepted(tmp_path: Path) -> None:
+    """TLS, a client CA and an allow-list of subjects or fingerprints make any bind acceptable."""
+    extra = f"""
+[admin]
+bind = "0.0.0.0:9443"
+certificate = "tls/server-chain.pem"
+private_key = "tls/server.key"
+client_ca = "pki/root.pem"
+allowed_clients = ["CN=ops,O=Example", "{FINGERPRINT}"]
+"""
+    admin = config.load(_write(tmp_path, GOOD + extra)).admin
+    assert admin is not None
+    assert admin.tls
+    assert admin.allowed_clients == ("CN=ops,O=Example", FINGERPRINT)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ('[admin]\nbind = "localhost"', "admin.bind"),
+        ('[admin]\nbind = "127.0.0.1:9443"\ncertificate = "tls/server-chain.pem"', "admin.private_key"),
+        (
+            '[admin]\nbind = "127.0.0.1:9443"\ncertificate = "tls/server-chain.pem"\nprivate_key = "tls/server.key"\n'
+            'client_ca = "pki/root.pem"',
+            "admin.allowed_clients",
+        ),
+        ('[admin]\nbind = "127.0.0.1:9443"\nclient_ca = "pki/root.pem"\nallowed_clients = ["CN=x"]', "admin.client_ca"),
+        (
+            '[admin]\nbind = "127.0.0.1:9443"\ncertificate = "tls/server-chain.pem"\nprivate_key = "tls/server.key"\n'
+            'client_ca = "pki/root.pem"\nallowed_clients = ["not a name"]',
+            "admin.allowed_clients[0]",
+        ),
+        ('[admin]\nbind = "127.0.0.1:9443"\ncolour = "red"', "admin.colour"),
+        ("[reload]\nwatch_interval = 0", "reload.watch_interval"),
+        ('[doctor]\ncanary_user = "alice"', "doctor.canary_user"),
+        ("[doctor]\nbackend_header_limit = -1", "doctor.backend_header_limit"),
+    ],
+)
+def test_bad_operability_keys_name_their_key(tmp_path: Path, table: str, key: str) -> None:
+    """Each problem in the new tables is one line naming its key and the file."""
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, GOOD + "\n" + table + "\n"))
+    assert [p.split(":")[0] for p in e.value.problems] == [key]
+    assert str(tmp_path / "gateway.toml") in e.value.problems[0]
+
+
+def test_the_example_configuration_uses_only_known_keys() -> None:
+    """config/example.toml documents every key: loading it finds nothing wrong but its example file paths."""
+    with pytest.raises(ConfigError) as e:
+        config.load(Path(__file__).resolve().parents[2] / "config" / "example.toml")
+    assert [p for p in e.value.problems if ": file not found: " not in p] == []

@@ -1,0 +1,136 @@
+"""The pure parts of operating the gateway: doctor's verdicts and the metrics fed from request traces."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import Route
+from proxy.observability.metrics import LONG_POLL_AFTER, CrlStatus, Metrics
+from proxy.observability.trace import Trace
+from proxy.ops import doctor
+
+ROUTE = Route(prefix="/owa/", upstream="http://127.0.0.1:8081", spn="HTTP/cas.lab.test")
+T0 = 1_800_000_000.0
+
+
+def test_clock_within_a_minute_of_the_kdc_passes_and_beyond_fails_with_the_fix() -> None:
+    """The KDC's authtime against our clock readings around the exchange: skew measured to a second."""
+    assert doctor.clock_check(datetime.fromtimestamp(T0 + 2, UTC), T0, T0 + 0.1).status == "pass"
+    behind = doctor.clock_check(datetime.fromtimestamp(T0 + 400, UTC), T0, T0 + 0.1)
+    assert behind.status == "fail"
+    assert "400 s behind the KDC" in behind.detail
+    assert behind.fix is not None
+    assert "NTP" in behind.fix
+    assert "ahead of the KDC" in doctor.clock_check(datetime.fromtimestamp(T0 - 90, UTC), T0, T0).detail
+
+
+def test_keytab_versions_are_compared_with_the_kdcs() -> None:
+    """The key version the KDC uses must be in the keytab; none held for the principal is a failure too."""
+    assert doctor.keytab_check("P@R", {2, 3}, 3).status == "pass"
+    stale = doctor.keytab_check("P@R", {2}, 3)
+    assert (stale.status, stale.detail) == ("fail", "the KDC uses key version 3 for P@R; the keytab holds only 2")
+    assert doctor.keytab_check("P@R", set(), 3).detail == "the keytab holds no key for P@R"
+
+
+def test_a_backend_must_answer_401_negotiate_to_an_unauthenticated_request() -> None:
+    """401 with Negotiate passes; 200, 401 with another scheme, or no answer fail with a fix."""
+    url = "http://127.0.0.1:8081/owa/"
+    assert doctor.negotiate_check(ROUTE, url, 401, "Negotiate").status == "pass"
+    assert doctor.negotiate_check(ROUTE, url, 401, 'Basic realm="x", Negotiate').status == "pass"
+    ntlm = doctor.negotiate_check(ROUTE, url, 401, "NTLM")
+    assert ntlm.status == "fail"
+    assert "offers NTLM" in ntlm.detail
+    assert "answers 200 without authentication" in doctor.negotiate_check(ROUTE, url, 200, "").detail
+    assert doctor.negotiate_check(ROUTE, url, None, "", "ConnectionRefusedError").status == "fail"
+
+
+def test_a_delegated_header_larger_than_the_backends_limit_fails() -> None:
+    """The Authorization header against doctor.backend_header_limit; the fix names http.sys's settings."""
+    assert doctor.header_check(ROUTE, 1200, 16384, "alice@LAB.TEST").status == "pass"
+    big = doctor.header_check(ROUTE, 20000, 16384, "alice@LAB.TEST")
+    assert big.status == "fail"
+    assert big.fix is not None
+    assert "MaxFieldLength" in big.fix
+
+
+def test_doctor_output_has_one_line_per_check_and_the_fix_under_a_failure() -> None:
+    """PASS/FAIL/SKIP then the check's name and detail; a failure's fix on the line below; a count last."""
+    checks = [
+        doctor.Check("kdc", "pass", "ok"),
+        doctor.Check("clock", "fail", "off", "sync"),
+        doctor.Check("x", "skip", "-"),
+    ]
+    lines = doctor.render(checks).splitlines()
+    assert lines[0].startswith("PASS  kdc")
+    assert lines[1].startswith("FAIL  clock")
+    assert lines[2].strip() == "fix: sync"
+    assert lines[-1] == "3 checks: 1 passed, 1 failed, 1 skipped"
+
+
+def _scrape(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(m.render().decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _trace(**facts: object) -> Trace:
+    trace = Trace()
+    trace.note(**facts)
+    trace.ms.update({"certificate": 1.0, "kerberos": 4.0})
+    return trace
+
+
+def test_metrics_count_requests_refusals_kdc_requests_and_cache_hits_from_traces() -> None:
+    """A request's route, status, refusal and ticket cache result become counters when it ends."""
+    m = Metrics()
+    for trace, status in [
+        (_trace(route="/owa/", impersonation_cached=False), 200),
+        (_trace(route="/owa/", impersonation_cached=True), 200),
+        (_trace(refused_stage="revocation", refusal="certificate_revoked"), 403),
+        (_trace(route="/owa/", refused_stage="kerberos", refusal="kerberos_refused"), 403),
+    ]:
+        m.begin(trace)
+        m.observe(trace, status)
+    m.handshake_refused("certificate has expired")
+    got = _scrape(m)
+    assert got[("kcd_requests_total", (("route", "/owa/"), ("status", "200")))] == 2
+    assert got[("kcd_requests_total", (("route", ""), ("status", "403")))] == 1
+    assert got[("kcd_refusals_total", (("reason", "certificate_revoked"), ("stage", "revocation")))] == 1
+    assert got[("kcd_refusals_total", (("reason", "certificate has expired"), ("stage", "tls")))] == 1
+    assert got[("kcd_kdc_requests_total", (("outcome", "ok"),))] == 1
+    assert got[("kcd_kdc_requests_total", (("outcome", "kerberos_refused"),))] == 1
+    assert got[("kcd_kdc_request_seconds_count", ())] == 1
+    assert got[("kcd_kdc_request_seconds_sum", ())] == 0.004
+    assert got[("kcd_ticket_cache_total", (("result", "hit"),))] == 1
+    assert got[("kcd_ticket_cache_total", (("result", "miss"),))] == 1
+    assert got[("kcd_requests_in_flight", ())] == 0
+
+
+def test_requests_in_flight_longer_than_the_threshold_count_as_held_long_polls() -> None:
+    """In-flight requests are counted at scrape time; those older than LONG_POLL_AFTER are held."""
+    now = [100.0]
+    m = Metrics(clock=lambda: now[0])
+    old, new = Trace(), Trace()
+    m.begin(old)
+    now[0] += LONG_POLL_AFTER + 1
+    m.begin(new)
+    got = _scrape(m)
+    assert (got[("kcd_requests_in_flight", ())], got[("kcd_long_polls_held", ())]) == (2, 1)
+    m.observe(old, 200)
+    assert _scrape(m)[("kcd_long_polls_held", ())] == 0
+
+
+def test_crl_ages_come_from_the_stores_status_list() -> None:
+    """Each CRL's age and time to nextUpdate, labelled by source and issuer, read when scraped."""
+    m = Metrics()
+    now = datetime.now(UTC)
+    m.crls = lambda: [CrlStatus(str(Path("crls.pem")), now - timedelta(hours=1), now + timedelta(days=1), "CN=CA")]
+    got = _scrape(m)
+    labels = (("issuer", "CN=CA"), ("source", "crls.pem"))
+    assert 3590 < got[("kcd_crl_age_seconds", labels)] < 3700
+    assert 86000 < got[("kcd_crl_next_update_seconds", labels)] <= 86400

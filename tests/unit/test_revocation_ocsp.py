@@ -1,0 +1,192 @@
+"""OCSP answers: believed only when signed by the CA or its responder, for our certificate, fresh; then cached."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+
+from proxy.certs.ocsp import OcspClient, OcspError, build_request, responder_url, verify_response
+from proxy.certs.revocation import RevocationStatus
+from proxy.lab.pki import Pki, make_pki
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+NONCE = b"0123456789abcdef"
+URL = "http://ocsp.test/"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW, ocsp_url="http://127.0.0.1:9/ocsp")
+
+
+def cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def key(path: Path) -> ec.EllipticCurvePrivateKey:
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    return loaded
+
+
+def answer(
+    pki: Pki,
+    subject: x509.Certificate,
+    *,
+    status: ocsp.OCSPCertStatus = ocsp.OCSPCertStatus.GOOD,
+    signer: str = "responder",
+    nonce: bytes | None = NONCE,
+    this_update: datetime = NOW,
+    next_update: datetime | None = None,
+) -> bytes:
+    """A DER OCSP response about `subject`, as a responder would sign it."""
+    issuing = cert(pki.issuing_cert)
+    revoked = status is ocsp.OCSPCertStatus.REVOKED
+    builder = ocsp.OCSPResponseBuilder().add_response(
+        cert=subject,
+        issuer=issuing,
+        algorithm=hashes.SHA1(),  # noqa: S303 -- what CertIDs use
+        cert_status=status,
+        this_update=this_update,
+        next_update=next_update,
+        revocation_time=NOW - timedelta(hours=1) if revoked else None,
+        revocation_reason=x509.ReasonFlags.key_compromise if revoked else None,
+    )
+    if nonce is not None:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+    signing_cert, signing_key = {
+        "responder": (cert(pki.ocsp_cert), key(pki.ocsp_key)),
+        "ca": (issuing, key(pki.issuing_key)),
+        "rogue": (cert(pki.rogue_issuing_cert), key(pki.rogue_issuing_key)),
+        "server": (cert(pki.server_cert), key(pki.server_key)),  # issued by the CA, but not for OCSP
+        "tampered": (issuing, key(pki.issuing_key)),  # the CA's, with one bit of the signature flipped below
+    }[signer]
+    builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, signing_cert)
+    if signer not in ("ca", "tampered"):
+        builder = builder.certificates([signing_cert])
+    der = builder.sign(signing_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    return der[:-1] + bytes([der[-1] ^ 1]) if signer == "tampered" else der
+
+
+def verify(pki: Pki, der: bytes, user: str = "alice", at: datetime = NOW) -> tuple[RevocationStatus, str]:
+    subject, issuing = cert(pki.user_cert(user)), cert(pki.issuing_cert)
+    request = build_request(subject, issuing, NONCE)
+    evidence, _ = verify_response(der, request, issuing, nonce=NONCE, at=at, source=URL)
+    return evidence.status, evidence.detail
+
+
+@pytest.mark.parametrize(
+    ("status", "signer", "expected"),
+    [
+        (ocsp.OCSPCertStatus.GOOD, "responder", RevocationStatus.GOOD),
+        (ocsp.OCSPCertStatus.REVOKED, "responder", RevocationStatus.REVOKED),
+        (ocsp.OCSPCertStatus.UNKNOWN, "responder", RevocationStatus.UNKNOWN),
+        (ocsp.OCSPCertStatus.GOOD, "ca", RevocationStatus.GOOD),
+    ],
+)
+def test_checked_answers_become_evidence(
+    pki: Pki, status: ocsp.OCSPCertStatus, signer: str, expected: RevocationStatus
+) -> None:
+    """Good, revoked and unknown from the delegated responder (or the CA itself) are evidence of that status."""
+    got, detail = verify(pki, answer(pki, cert(pki.user_cert("alice")), status=status, signer=signer))
+    assert got is expected
+    if expected is RevocationStatus.REVOKED:
+        assert "(reason keyCompromise, per OCSP)" in detail
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"signer": "rogue"}, "the responder's certificate was not issued by the certificate's CA"),
+        ({"signer": "tampered"}, "the response's signature does not verify"),
+        ({"signer": "server"}, "not issued for OCSP signing"),
+        ({"nonce": b"another nonce..."}, "nonce is not the one sent"),
+        ({"nonce": None, "this_update": NOW - timedelta(hours=1)}, "no nonce, and thisUpdate"),
+        ({"next_update": NOW - timedelta(minutes=1), "this_update": NOW - timedelta(hours=1)}, "the answer is stale"),
+        ({"this_update": NOW + timedelta(hours=1)}, "is in the future"),
+    ],
+)
+def test_unbelievable_answers_are_refused(pki: Pki, kwargs: dict[str, object], why: str) -> None:
+    """Wrong signer, a responder certificate without id-kp-OCSPSigning, a replayed or stale answer: OcspError."""
+    with pytest.raises(OcspError, match=why):
+        verify(pki, answer(pki, cert(pki.user_cert("alice")), **kwargs))  # type: ignore[arg-type]
+
+
+def test_answer_about_another_certificate_is_refused(pki: Pki) -> None:
+    """A good answer for bob does not vouch for alice."""
+    with pytest.raises(OcspError, match="does not answer for the certificate asked about"):
+        verify(pki, answer(pki, cert(pki.user_cert("bob"))), user="alice")
+
+
+def test_responder_url_comes_from_authority_information_access(pki: Pki) -> None:
+    """The leaf names the lab responder; a CA certificate without AIA names none."""
+    assert responder_url(cert(pki.user_cert("alice"))) == "http://127.0.0.1:9/ocsp"
+    assert responder_url(cert(pki.issuing_cert)) is None
+
+
+def test_client_caches_answers_and_failures(pki: Pki) -> None:
+    """One POST per certificate while the answer is cached; a dead responder gives UNKNOWN evidence, not an error."""
+    asyncio.run(_client_caches_answers_and_failures(pki))
+
+
+async def _client_caches_answers_and_failures(pki: Pki) -> None:
+    posts: list[bytes] = []
+
+    async def responder(request: web.Request) -> web.Response:
+        body = await request.read()
+        posts.append(body)
+        nonce = ocsp.load_der_ocsp_request(body).extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+        return web.Response(body=answer(pki, cert(pki.user_cert("alice")), nonce=nonce))
+
+    app = web.Application()
+    app.router.add_post("/", responder)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    alice = _with_responder(pki, f"http://127.0.0.1:{port}/")
+    client = OcspClient(cache_seconds=60)
+    try:
+        issuing = cert(pki.issuing_cert)
+        first, second = await asyncio.gather(
+            client.status(alice, issuing, at=NOW), client.status(alice, issuing, at=NOW)
+        )
+        assert (first.status, second.status, len(posts)) == (RevocationStatus.GOOD, RevocationStatus.GOOD, 1)
+        assert (await client.status(alice, issuing, at=NOW + timedelta(seconds=59))).status is RevocationStatus.GOOD
+        assert len(posts) == 1
+        await client.status(alice, issuing, at=NOW + timedelta(seconds=61))
+        assert len(posts) == 2
+    finally:
+        await runner.cleanup()
+    dead = await client.status(alice, issuing, at=NOW + timedelta(seconds=200))
+    assert dead.status is RevocationStatus.UNKNOWN
+    assert dead.detail.startswith(f"no usable answer from the OCSP responder http://127.0.0.1:{port}/")
+    await client.close()
+
+
+def _with_responder(pki: Pki, url: str) -> x509.Certificate:
+    """alice's certificate, reissued (same serial and key) to name `url` as its OCSP responder."""
+    alice = cert(pki.user_cert("alice"))
+    aia = x509.AuthorityInformationAccess(
+        [x509.AccessDescription(x509.oid.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(url))]
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(alice.subject)
+        .issuer_name(alice.issuer)
+        .public_key(alice.public_key())
+        .serial_number(alice.serial_number)
+        .not_valid_before(alice.not_valid_before_utc)
+        .not_valid_after(alice.not_valid_after_utc)
+        .add_extension(aia, critical=False)
+    )
+    return builder.sign(key(pki.issuing_key), hashes.SHA256())

@@ -1,0 +1,243 @@
+"""The live CRL store: refresh from files and URLs, never trade a good CRL for a bad one, report each source."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
+from proxy.certs.revocation import CrlSet, RevocationStatus
+from proxy.certs.sources import CrlSource, CrlStore, distribution_point_urls
+from proxy.lab.pki import Pki, make_pki, revoke
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki", now=NOW, crl_base_url="http://127.0.0.1:9/crl")
+
+
+@pytest.fixture
+def trust(pki: Pki) -> TrustList:
+    return TrustList.load([pki.root_cert], [pki.issuing_cert])
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def verified(pki: Pki, trust: TrustList, name: str) -> VerifiedCertificate:
+    return verify_chain(load_cert(pki.user_cert(name)), trust, at=NOW)
+
+
+def status(store: CrlStore, v: VerifiedCertificate, at: datetime = NOW) -> RevocationStatus:
+    return store.current.lookup(v.leaf, v.chain[1], at=at).status
+
+
+def forged_crl(pki: Pki, serial: int) -> bytes:
+    """A CRL that names the lab's issuing CA and lists `serial`, but is signed with the rogue CA's key."""
+    rogue = serialization.load_pem_private_key(pki.rogue_issuing_key.read_bytes(), password=None)
+    assert isinstance(rogue, ec.EllipticCurvePrivateKey)
+    entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=1))
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(load_cert(pki.issuing_cert).subject)
+        .last_update(NOW - timedelta(minutes=1))
+        .next_update(NOW + timedelta(days=1))
+        .add_extension(x509.CRLNumber(99), critical=False)
+        .add_revoked_certificate(entry.build())
+        .sign(rogue, hashes.SHA256())
+    )
+    return crl.public_bytes(serialization.Encoding.DER)
+
+
+def test_refresh_picks_up_a_revocation_from_a_file(pki: Pki, trust: TrustList) -> None:
+    """After revoke() rewrites the CRL file, one refresh makes the certificate revoked; listeners hear of it."""
+    asyncio.run(_test_refresh_picks_up_a_revocation_from_a_file(pki, trust))
+
+
+async def _test_refresh_picks_up_a_revocation_from_a_file(pki: Pki, trust: TrustList) -> None:
+    store = CrlStore(trust, [CrlSource(str(pki.crls))])
+    assert store.load_files(now=NOW) == []
+    bob = verified(pki, trust, "bob")
+    assert status(store, bob) is RevocationStatus.GOOD
+    changes: list[tuple[CrlSet, CrlSet]] = []
+    store.on_change(lambda old, new: changes.append((old, new)))
+    await store.refresh(now=NOW)
+    assert changes == []  # nothing changed: nobody is told
+    revoke(pki, pki.user_cert("bob"), now=NOW)
+    await store.refresh(now=NOW)
+    assert status(store, bob) is RevocationStatus.REVOKED
+    assert len(changes) == 1
+    assert changes[0][1] is store.current
+
+
+def test_unparsable_or_forged_crl_never_replaces_a_good_one(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """Garbage, then a CRL signed by the wrong key: the last good CRL stays, and the source reports why."""
+    asyncio.run(_test_unparsable_or_forged_crl_never_replaces_a_good_one(pki, trust, tmp_path))
+
+
+async def _test_unparsable_or_forged_crl_never_replaces_a_good_one(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    store = CrlStore(trust, [CrlSource(str(path))])
+    store.load_files(now=NOW)
+    alice = verified(pki, trust, "alice")
+    good = store.current.crls
+    path.write_bytes(b"<html>proxy error</html>")
+    await store.refresh(now=NOW)
+    assert store.current.crls == good
+    (row,) = store.status(now=NOW)
+    assert "not a PEM or DER CRL" in str(row.last_error)
+    assert (row.issuer, row.crl_number, row.current) == ("CN=Lab Issuing CA", 1, True)
+    path.write_bytes(forged_crl(pki, alice.serial))
+    await store.refresh(now=NOW)
+    assert status(store, alice) is RevocationStatus.GOOD
+    (row,) = store.status(now=NOW)
+    assert row.last_error == (
+        "CRL signature does not verify against the trusted 'CN=Lab Issuing CA' (signed with another key?)"
+    )
+
+
+def test_older_crl_is_refused_as_a_replay(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """A CRL with a lower number than the one held (an attacker replaying last week's) is not taken."""
+    asyncio.run(_test_older_crl_is_refused_as_a_replay(pki, trust, tmp_path))
+
+
+async def _test_older_crl_is_refused_as_a_replay(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    path = tmp_path / "issuing.crl"
+    old = pki.issuing_crl.read_bytes()
+    revoke(pki, pki.user_cert("carol"), now=NOW)
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    store = CrlStore(trust, [CrlSource(str(path))])
+    store.load_files(now=NOW)
+    carol = verified(pki, trust, "carol")
+    assert status(store, carol) is RevocationStatus.REVOKED
+    path.write_bytes(old)
+    await store.refresh(now=NOW)
+    assert status(store, carol) is RevocationStatus.REVOKED
+    assert store.status(now=NOW)[0].last_error == (
+        "CRL #1 of 'CN=Lab Issuing CA' is older than the CRL #2 of 'CN=Lab Issuing CA' already held (replayed?)"
+    )
+
+
+@contextlib.asynccontextmanager
+async def crl_server() -> AsyncIterator[tuple[str, dict[str, bytes], list[str]]]:
+    """A real HTTP server: path -> bytes it serves (404 when absent), and the paths asked for."""
+    served: dict[str, bytes] = {}
+    asked: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        if request.path not in served:
+            raise web.HTTPNotFound
+        return web.Response(body=served[request.path], content_type="application/pkix-crl")
+
+    app = web.Application()
+    app.router.add_get("/{name}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}", served, asked
+    await runner.cleanup()
+
+
+Server = tuple[str, dict[str, bytes], list[str]]
+
+
+def test_failed_fetch_keeps_the_last_good_crl_until_it_is_stale(pki: Pki, trust: TrustList) -> None:
+    """The URL goes away: the CRL fetched before still serves, until its nextUpdate; the error is reported."""
+    asyncio.run(_test_failed_fetch_keeps_the_last_good_crl_until_it_is_stale(pki, trust))
+
+
+async def _test_failed_fetch_keeps_the_last_good_crl_until_it_is_stale(pki: Pki, trust: TrustList) -> None:
+    async with crl_server() as server:
+        base, served, _ = server
+        served["/issuing.crl"] = pki.issuing_crl.read_bytes()
+        store = CrlStore(trust, [CrlSource(f"{base}/issuing.crl")])
+        await store.refresh(now=NOW)
+        alice = verified(pki, trust, "alice")
+        assert status(store, alice) is RevocationStatus.GOOD
+        del served["/issuing.crl"]
+        await store.refresh(now=NOW + timedelta(minutes=1))
+        assert status(store, alice, NOW + timedelta(minutes=1)) is RevocationStatus.GOOD
+        (row,) = store.status(now=NOW + timedelta(minutes=1))
+        assert row.last_error == "fetch failed: ValueError: HTTP 404"
+        assert (row.last_fetch, row.last_success) == (NOW + timedelta(minutes=1), NOW)
+        assert row.next_update is not None
+        stale = row.next_update + timedelta(seconds=1)
+        await store.refresh(now=stale)
+        assert status(store, alice, stale) is RevocationStatus.UNKNOWN
+        assert store.status(now=stale)[0].current is False
+        await store.close()
+
+
+def test_distribution_points_are_learned_once(tmp_path: Path) -> None:
+    """With use_distribution_points, the URLs a verified chain names are fetched on first sight, then refreshed."""
+    asyncio.run(_test_distribution_points_are_learned_once(tmp_path))
+
+
+async def _test_distribution_points_are_learned_once(tmp_path: Path) -> None:
+    async with crl_server() as server:
+        base, served, asked = server
+        pki = make_pki(tmp_path / "pki", now=NOW, crl_base_url=base)
+        trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
+        served["/issuing.crl"] = pki.issuing_crl.read_bytes()
+        served["/root.crl"] = pki.root_crl.read_bytes()
+        store = CrlStore(trust, [], use_distribution_points=True)
+        await store.refresh(now=NOW)
+        assert asked == ["/root.crl"]  # the configured intermediate's distribution point, known from the start
+        alice = verified(pki, trust, "alice")
+        assert status(store, alice) is RevocationStatus.UNKNOWN
+        await asyncio.gather(store.learn(alice.chain), store.learn(alice.chain))
+        assert asked == ["/root.crl", "/issuing.crl"]  # once, though two requests wanted it at the same time
+        assert status(store, alice) is RevocationStatus.GOOD
+        await store.learn(alice.chain)
+        assert asked == ["/root.crl", "/issuing.crl"]
+        assert [(row.source, row.learned) for row in store.status()] == [
+            (f"{base}/root.crl", True),
+            (f"{base}/issuing.crl", True),
+        ]
+        await store.close()
+
+
+def test_refresh_loop_runs_until_stopped(pki: Pki, trust: TrustList) -> None:
+    """run() refreshes every refresh_seconds and returns promptly when told to stop."""
+    asyncio.run(_test_refresh_loop_runs_until_stopped(pki, trust))
+
+
+async def _test_refresh_loop_runs_until_stopped(pki: Pki, trust: TrustList) -> None:
+    store = CrlStore(trust, [CrlSource(str(pki.crls))], refresh_seconds=0.05)
+    store.load_files(now=NOW)
+    bob = verified(pki, trust, "bob")
+    stop = asyncio.Event()
+    task = asyncio.create_task(store.run(stop))
+    changed = asyncio.Event()
+    store.on_change(lambda _old, _new: changed.set())
+    revoke(pki, pki.user_cert("bob"), now=NOW)
+    await asyncio.wait_for(changed.wait(), 2)
+    assert status(store, bob) is RevocationStatus.REVOKED
+    stop.set()
+    await asyncio.wait_for(task, 1)
+
+
+def test_distribution_point_urls_skip_other_schemes(pki: Pki) -> None:
+    """Only http(s) distribution points are fetched (ldap:// ones, common with AD CS, are skipped)."""
+    issuing = load_cert(pki.issuing_cert)
+    assert distribution_point_urls([load_cert(pki.user_cert("alice")), issuing]) == [
+        "http://127.0.0.1:9/crl/issuing.crl",
+        "http://127.0.0.1:9/crl/root.crl",
+    ]
+    assert distribution_point_urls([load_cert(pki.root_cert)]) == []

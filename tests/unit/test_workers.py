@@ -1,0 +1,72 @@
+"""`[listener] workers`: parsed and checked like every key; the supervisor refuses a port already served."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from proxy import config
+from proxy.errors import ConfigError
+from proxy.workers import PortInUse, check_port_free
+
+GOOD = """
+[listener]
+bind = "127.0.0.1:8443"
+certificate = "server.pem"
+private_key = "server.key"
+
+[client_certificates]
+trust_anchors = ["root.pem"]
+
+[kerberos]
+principal = "HTTP/proxy.lab.test@LAB.TEST"
+keytab = "proxy.keytab"
+
+[[routes]]
+prefix = "/"
+upstream = "http://127.0.0.1:8081"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    for name in ("server.pem", "server.key", "root.pem", "proxy.keytab"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "gateway.toml").write_text(text)
+    return tmp_path / "gateway.toml"
+
+
+def _with_workers(value: str) -> str:
+    return GOOD.replace('bind = "127.0.0.1:8443"\n', f'bind = "127.0.0.1:8443"\nworkers = {value}\n')
+
+
+def test_workers_defaults_to_one(tmp_path: Path) -> None:
+    """Without the key the gateway is one process, as before."""
+    assert config.load(_write(tmp_path, GOOD)).listener.workers == 1
+
+
+def test_workers_is_read_as_a_count(tmp_path: Path) -> None:
+    """workers = 4 becomes the integer 4."""
+    assert config.load(_write(tmp_path, _with_workers("4"))).listener.workers == 4
+
+
+@pytest.mark.parametrize("value", ["0", "-2", '"2"', "1.5", "true"])
+def test_workers_must_be_a_positive_integer(tmp_path: Path, value: str) -> None:
+    """Zero, negative, quoted, fractional or boolean counts are refused, naming the key."""
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, _with_workers(value)))
+    assert any(p.startswith("listener.workers:") for p in e.value.problems), e.value.problems
+
+
+def test_port_check_refuses_an_address_something_listens_on() -> None:
+    """SO_REUSEPORT would let a second gateway share a served port silently; the supervisor's check refuses."""
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a running worker binds it
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        listener = config.Listener(host="127.0.0.1", port=port, certificate=Path(), private_key=Path(), workers=2)
+        with pytest.raises(PortInUse, match=f"127.0.0.1:{port}"):
+            check_port_free(listener)
+    check_port_free(listener)  # and once nothing listens, the same address passes
