@@ -3,10 +3,10 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 # docker-compose and systemd: `make test` checks docker-compose.yml (`docker-compose config`, no engine
-# needed) and the systemd unit (`systemd-analyze verify`).
+# needed) and the systemd unit (`systemd-analyze verify`). chromium: the trace page's browser test.
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
         gcc make curl openssl python3-venv python3-dev \
-        docker-compose systemd
+        docker-compose systemd chromium
 STAMP := .venv/.installed
 
 .PHONY: setup debs lab lab-down test lint unit integration clean bench bench-setup

@@ -10,6 +10,8 @@ fingerprints); TLS can be set on loopback too.
   and accepts the gateway's key (an AS exchange and a ticket to itself, at most every
   `READY_CACHE_SECONDS`), and, unless revocation is off, every CRL is current.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
+- `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
+  them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
@@ -32,6 +34,7 @@ from proxy.config import Admin
 from proxy.errors import ConfigError, GatewayError
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE, crl_reports
+from proxy.observability.tracepage import add_trace_views
 
 log = structlog.get_logger("proxy.admin")
 LIVE_KEY = web.AppKey("live", Live)
@@ -116,6 +119,7 @@ def make_admin_app(live: Live) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    add_trace_views(app, live.traces)
     return app
 
 

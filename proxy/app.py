@@ -99,6 +99,7 @@ def make_app(live: Live) -> web.Application:
         except GatewayError as e:
             status = e.status
             trace.note(refused_stage=e.stage, reason=e.reason, refusal=e.event)
+            trace.detail("refused", fix=e.hint)
             log.warning(e.event, stage=e.stage, reason=e.reason, fix=e.hint, **_who(trace))
             return web.Response(
                 status=e.status,
@@ -108,6 +109,7 @@ def make_app(live: Live) -> web.Application:
         finally:
             log.info("request", status=status, **trace.summary())
             live.metrics.observe(trace, status)
+            live.traces.record(trace, status, live.config.traces)
 
     async def proxy_handler(request: web.Request) -> web.StreamResponse:
         with live.use() as gw:
@@ -171,6 +173,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         server.close()
         await runner.cleanup()
         await live.close()
+        live.traces.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")

@@ -1,4 +1,4 @@
-"""Command line: `kcd-proxy run | check-config | explain | doctor | lab`."""
+"""Command line: `kcd-proxy run | check-config | explain | doctor | trace | lab`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from proxy import config as config_module
 from proxy.errors import ConfigError
 from proxy.lab.layout import LabLayout
 from proxy.ops import commands as ops_commands
+from proxy.ops import trace_cli
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -101,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=ops_commands.check_config)
     ops_commands.add_commands(sub)
+    trace_cli.add_command(sub)
     lab = sub.add_parser("lab", help="the self-contained lab: KDC + LDAP, PKI, Exchange stand-in")
     lab.add_argument("action", choices=["up", "down", "status", "env", "init", "serve", "probe"])
     lab.add_argument("component", nargs="?", help="serve/probe: kdc, backend, crl (probe: also gateway)")

@@ -190,6 +190,14 @@ class Doctor:
 
 
 @dataclass(frozen=True)
+class Traces:
+    """Per-request traces (`proxy.observability.traces`): how many the admin listener keeps, and an export."""
+
+    keep: int = 200  # the most recent requests kept in memory for /traces and the admin page
+    export: Path | None = None  # also append every request's trace to this file, one JSON object a line
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     listener: Listener
@@ -201,6 +209,7 @@ class Config:
     reload: Reload = field(default_factory=Reload)
     doctor: Doctor = field(default_factory=Doctor)
     authentication: Authentication = field(default_factory=Authentication)
+    traces: Traces = field(default_factory=Traces)
 
     def route_for(self, path: str, host: str | None = None) -> Route | None:
         """The route of a request: the longest prefix among routes for any host or for the request's
@@ -698,6 +707,22 @@ def _doctor(r: _Reader, t: dict[str, Any]) -> Doctor:
     )
 
 
+MAX_TRACES_KEPT = 100_000  # a trace is a few KiB when rendered: keep the ring's memory bounded
+
+
+def _traces(r: _Reader, t: dict[str, Any]) -> Traces:
+    r.unknown(t, "traces", {"keep", "export"})
+    keep = _number(r, t, "traces", "keep", int, 200)
+    if keep > MAX_TRACES_KEPT:
+        r.problem("traces.keep", f"at most {MAX_TRACES_KEPT}, got {keep}")
+        keep = 200
+    export = r.get(t, "traces.export", "export", str, "")
+    path = r.file("traces.export", export, required=False) if export else None
+    if path is not None and not path.parent.is_dir():
+        r.problem("traces.export", f"directory not found: {path.parent}")
+    return Traces(keep=keep, export=path)
+
+
 def parse(data: dict[str, Any], path: Path) -> Config:
     r = _Reader(path)
     r.unknown(
@@ -713,6 +738,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             "reload",
             "doctor",
             "authentication",
+            "traces",
         },
     )
     listener = _listener(r, r.table(data, "listener"))
@@ -723,6 +749,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     reload = _reload(r, r.table(data, "reload"))
     doctor = _doctor(r, r.table(data, "doctor"))
     authentication = _authentication(r, r.table(data, "authentication"))
+    traces = _traces(r, r.table(data, "traces"))
     if not identity.default_realm:  # names without a domain belong to the gateway's own realm
         identity = replace(identity, default_realm=kerberos.principal.rpartition("@")[2])
     raw_routes = data.get("routes", [])
@@ -751,6 +778,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         reload=reload,
         doctor=doctor,
         authentication=authentication,
+        traces=traces,
     )
 
 

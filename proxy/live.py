@@ -41,6 +41,7 @@ from proxy import config as config_module
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.observability.metrics import Metrics, crl_reports
+from proxy.observability.traces import TraceRing
 from proxy.pipeline import Gateway
 
 log = structlog.get_logger("proxy.reload")
@@ -51,6 +52,7 @@ class Live:
     gateway: Gateway
     ssl_context: ssl.SSLContext
     metrics: Metrics = field(default_factory=Metrics)
+    traces: TraceRing = field(default_factory=TraceRing)  # recent requests, for the admin listener's /traces
     generation: int = 1
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it

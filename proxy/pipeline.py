@@ -34,6 +34,7 @@ from proxy.config import Config, Route
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
+from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegator
 from proxy.observability.trace import Trace
 from proxy.tls.peer import presented_certificate, tls_facts
@@ -82,6 +83,7 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
         trace.note(cert_subject=leaf.subject.rfc4514_string(), cert_issuer=leaf.issuer.rfc4514_string())
         trace.note(cert_serial=format(leaf.serial_number, "x"))
         verified = gw.chains.verify(leaf, at=now)
+        trace.detail("certificate", verified=verified)  # the chain, rendered only if the trace is read
         trace.note(restriction=admit(verified, gw.config.client_certificates.restrictions).rule)
     with trace.stage("revocation"):
         try:
@@ -90,6 +92,7 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
             forget_tickets(gw, verified.leaf)
             raise
         trace.note(revocation=revocation.status.value, revocation_source=revocation.source)
+        trace.detail("revocation", evidence=revocation, at=now)
     with trace.stage("identity"):
         user = identify(verified.leaf, gw.config)
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
@@ -99,9 +102,15 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
 async def backend_authorization(gw: Gateway, auth: Authenticated, route: Route, trace: Trace) -> str:
     """A certificate alone: impersonate and delegate. After a password: the user's own ticket (or Basic header)."""
     if auth.login is not None:
+        trace.detail("kerberos", own_ticket=True)
         return await gw.basic.authorization(auth.login, route)
-    delegated = await gw.delegator.delegate(auth.user, route.spn, route.gss_target)
+    try:
+        delegated = await gw.delegator.delegate(auth.user, route.spn, route.gss_target)
+    except GatewayError as e:
+        trace.detail("kerberos", facts=facts_of(e))  # which step the KDC refused, and the evidence ticket
+        raise
     trace.note(impersonation_cached=delegated.impersonation_cached)
+    trace.detail("kerberos", facts=delegated.facts, cached=delegated.impersonation_cached)  # tickets' facts, no token
     return delegated.authorization
 
 
@@ -127,4 +136,5 @@ async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamR
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
         response, result = await forward(request, route, gw.pools, user.principal, authorization, context)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
+    trace.detail("backend", reused=result.reused)
     return response

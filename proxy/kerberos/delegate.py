@@ -12,8 +12,8 @@ in the gateway's delegation list. The first GSSAPI token built on that service t
 The ticket cache. A user's first request to an SPN costs exactly two KDC exchanges (one S4U2Self, one
 S4U2Proxy); later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY
 credential cache of their own, holding a copy of the gateway's TGT, the evidence ticket and the
-service tickets obtained with it; a token built from a cached service ticket is local work (about
-45 µs), so it is built on the event loop, never in a thread. Entries are keyed by (principal, SPN) and
+service tickets obtained with it; a token built from a cached service ticket is local work (45 to
+65 µs here), so it is built on the event loop, never in a thread. Entries are keyed by (principal, SPN) and
 know when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts
 a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than
 `USABLE_FOR` seconds left is never used. Concurrent first requests of one key share one exchange
@@ -53,6 +53,7 @@ import structlog
 from proxy.config import Kerberos
 from proxy.errors import GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
+from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import user_name
 
@@ -79,6 +80,7 @@ class DelegatedToken:
     token: bytes = field(repr=False)
     impersonation_cached: bool  # True when the service ticket came from the cache: no KDC exchange
     ms: float
+    facts: S4UFacts | None = None  # the evidence and service tickets the KDC issued (no keys): for traces
 
     @property
     def authorization(self) -> str:
@@ -92,6 +94,7 @@ class _Ticket:
     creds: gssapi.Credentials
     expires: float  # clock time when the service ticket expires
     renew_not_before: float = 0.0
+    facts: S4UFacts | None = None  # what the exchange that made this entry got from the KDC
 
 
 @dataclass
@@ -156,7 +159,7 @@ class Delegator:
             raise self._explain(e.gen_message(), user.principal, spn) from None
         if not token:
             raise self._explain("no token produced", user.principal, spn)
-        return DelegatedToken(user.principal, spn, token, cached, (time.perf_counter() - start) * 1000)
+        return DelegatedToken(user.principal, spn, token, cached, (time.perf_counter() - start) * 1000, ticket.facts)
 
     def _token(self, creds: gssapi.Credentials, gss_target: str) -> bytes:
         """The first SPNEGO token on the cached service ticket: local work, no KDC."""
@@ -203,17 +206,35 @@ class Delegator:
             raise self._explain(
                 f"cannot contact any KDC within {self._settings.kdc_timeout:g} s", user.principal, spn
             ) from None
+        except _StepFailed as e:
+            raise self._step_error(e, user.principal, spn) from None
         except gssapi.raw.GSSError as e:
             raise self._explain(e.gen_message(), user.principal, spn) from None
 
     def _exchange_blocking(self, user: UserPrincipal, gss_target: str) -> _Ticket:
-        """S4U2Self, then S4U2Proxy (the first token fetches the service ticket into the user's ccache)."""
+        """S4U2Self, then S4U2Proxy (the first token fetches the service ticket into the user's ccache).
+
+        Each step is timed, and the tickets' facts are read from the credential (`proxy.kerberos.ccache`),
+        also when S4U2Proxy fails: then the evidence ticket says whether it was forwardable."""
         name = user_name(user)  # the principal, or the NT-ENTERPRISE UPN with identity.enterprise_names
-        creds = self._service_credentials().impersonate(name, usage="initiate", mechs=_MECHS)
+        facts = {"proxy": self._settings.principal, "spn": gss_target.replace("@", "/", 1)}
+        start = time.perf_counter()
+        try:
+            creds = self._service_credentials().impersonate(name, usage="initiate", mechs=_MECHS)  # S4U2Self
+        except gssapi.raw.GSSError as e:
+            failed = s4u_facts(None, **facts, s4u2self_ms=_ms(start), s4u2proxy_ms=None, failed_step="s4u2self")
+            raise _StepFailed(e, failed) from None
+        middle = time.perf_counter()
         target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
-        result = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=_FLAGS)
+        try:
+            result = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=_FLAGS)  # S4U2Proxy
+        except gssapi.raw.GSSError as e:
+            took = (middle - start) * 1000
+            failed = s4u_facts(creds, **facts, s4u2self_ms=took, s4u2proxy_ms=None, failed_step="s4u2proxy")
+            raise _StepFailed(e, failed) from None
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
-        return _Ticket(creds=creds, expires=self._clock() + lifetime)
+        got = s4u_facts(creds, **facts, s4u2self_ms=(middle - start) * 1000, s4u2proxy_ms=_ms(middle))
+        return _Ticket(creds=creds, expires=self._clock() + lifetime, facts=got)
 
     def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
         """One fresh S4U2Self + S4U2Proxy, bypassing the cache (for diagnostics; blocks on the KDC)."""
@@ -221,9 +242,11 @@ class Delegator:
         try:
             ticket = self._exchange_blocking(user, gss_target)
             token = self._token(ticket.creds, gss_target)
+        except _StepFailed as e:
+            raise self._step_error(e, user.principal, spn) from None
         except gssapi.raw.GSSError as e:
             raise self._explain(e.gen_message(), user.principal, spn) from None
-        return DelegatedToken(user.principal, spn, token, False, (time.perf_counter() - start) * 1000)
+        return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts)
 
     def _service_credentials(self) -> gssapi.Credentials:
         with self._service_lock:
@@ -241,6 +264,21 @@ class Delegator:
 
     def _explain(self, message: str, principal: str, spn: str) -> GatewayError:
         return explain(message, user=principal, spn=spn, proxy=self._settings.principal)
+
+    def _step_error(self, failure: _StepFailed, principal: str, spn: str) -> GatewayError:
+        """The refusal of one step, explained with what is known (was the evidence ticket forwardable?)."""
+        facts = failure.facts
+        forwardable = None if facts.evidence is None else facts.evidence.forwardable
+        error = explain(
+            failure.message,
+            user=principal,
+            spn=spn,
+            proxy=self._settings.principal,
+            step=facts.failed_step,
+            evidence_forwardable=forwardable,
+        )
+        attach(error, facts)
+        return error
 
     # -- the cache -------------------------------------------------------------------------------------
 
@@ -286,6 +324,19 @@ class Delegator:
         self.clear()
         with contextlib.suppress(RuntimeError):
             self._kdc.shutdown(wait=False, cancel_futures=True)
+
+
+class _StepFailed(Exception):
+    """A GSSAPI failure in S4U2Self or S4U2Proxy, with what the exchange had produced until then."""
+
+    def __init__(self, error: gssapi.raw.GSSError, facts: S4UFacts) -> None:
+        super().__init__(error.gen_message())
+        self.message = error.gen_message()
+        self.facts = facts
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000
 
 
 def _remaining(creds: gssapi.Credentials) -> float:

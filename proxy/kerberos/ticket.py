@@ -5,7 +5,8 @@ Theory of operation. The first token of a raw krb5 GSSAPI context (RFC 4121) is 
 carries the service ticket. The ticket's realm, service name, encryption type and key version are not
 encrypted: they tell the service which of its keys to decrypt with. `doctor` compares that key version
 (the KDC's current one for the service) with the keytab's. Nothing encrypted is touched and the token is
-not kept. Pure: a few DER tag-length-value steps, no Kerberos library.
+not kept. `ticket_fields` reads the same header of a bare Ticket, as a credential cache stores it
+(`proxy.kerberos.ccache`). Pure: a few DER tag-length-value steps, no Kerberos library.
 """
 
 from __future__ import annotations
@@ -89,7 +90,19 @@ def _ticket_header(token: bytes) -> TicketHeader:
     ap_start, _ = _expect(token, pos + 2, 0x6E, "AP-REQ [APPLICATION 14]")
     seq_start, seq_end = _expect(token, ap_start, 0x30, "SEQUENCE")
     ap = _fields(token, seq_start, seq_end)
-    tkt_start, _ = _expect(token, ap[3][0], 0x61, "Ticket [APPLICATION 1]")
+    return _ticket(token, ap[3][0])
+
+
+def ticket_fields(ticket: bytes) -> TicketHeader:
+    """The same four fields of a bare Ticket (`[APPLICATION 1]`), as a credential cache stores it."""
+    try:
+        return _ticket(ticket, 0)
+    except (KeyError, IndexError) as exc:
+        raise ValueError(f"a required field is missing ({exc})") from None
+
+
+def _ticket(token: bytes, pos: int) -> TicketHeader:
+    tkt_start, _ = _expect(token, pos, 0x61, "Ticket [APPLICATION 1]")
     tseq_start, tseq_end = _expect(token, tkt_start, 0x30, "SEQUENCE")
     ticket = _fields(token, tseq_start, tseq_end)
     realm = _string(token, ticket[1][0])

@@ -34,6 +34,7 @@ from proxy.backend.forward import upstream_tls
 from proxy.config import Config, Route
 from proxy.errors import GatewayError
 from proxy.identity.principal import map_upn
+from proxy.kerberos.hints import not_forwardable
 from proxy.kerberos.keytab import kvnos, read_keytab
 
 MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
@@ -203,13 +204,9 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float]) -> Iter
         if evidence.forwardable:
             yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal} is forwardable")
         else:
-            yield Check(
-                "s4u2self",
-                "fail",
-                f"the evidence ticket for {user.principal} is not forwardable: S4U2Proxy will be refused",
-                f"give {settings.principal} protocol transition (+ok_to_auth_as_delegate, or TrustedToAuthFor"
-                f"Delegation in AD), and check that {user.principal} is not marked sensitive",
-            )
+            _, fix = not_forwardable(user=user.principal, proxy=settings.principal)  # the KDC error explainer
+            detail = f"the evidence ticket for {user.principal} is not forwardable: S4U2Proxy will be refused"
+            yield Check("s4u2self", "fail", detail, fix)
     delegator = Delegator(settings)
     try:
         headers: dict[str, str] = {}

@@ -24,6 +24,7 @@ from proxy.certs.chain import VerifiedCertificate, format_time, verify_chain
 from proxy.config import Route
 from proxy.errors import CertificateRejected, GatewayError, KerberosRefused, NoRoute
 from proxy.identity.principal import UserPrincipal
+from proxy.kerberos.hints import not_forwardable
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, certificate_user
 
@@ -179,12 +180,8 @@ async def _kerberos(out: Explanation, gw: Gateway, user: UserPrincipal, route: R
     proxy = gw.config.kerberos.principal
     facts = KerberosProbe(gw.config.kerberos).evidence_ticket(user.principal, spn=route.spn)
     if not facts.forwardable:
-        raise KerberosRefused(
-            f"the gateway may not act for {user.principal}: its evidence ticket is not forwardable",
-            hint=f"give {proxy} protocol transition (+ok_to_auth_as_delegate on MIT, 'use any authentication "
-            f"protocol' / TrustedToAuthForDelegation in AD), and check that {user.principal} is not marked "
-            "sensitive ('account is sensitive and cannot be delegated')",
-        )
+        reason, hint = not_forwardable(user=user.principal, proxy=proxy)  # the KDC error explainer's words
+        raise KerberosRefused(reason, hint=hint)
     out.steps.append(
         Step(
             "kerberos",

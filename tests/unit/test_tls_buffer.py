@@ -22,4 +22,3 @@ def test_connections_share_one_read_buffer() -> None:
     first, second = asyncio.run(_two_connections())
     assert first.get_buffer(-1).obj is second.get_buffer(-1).obj
     assert len(first.get_buffer(-1)) == 32 * 1024
-

@@ -1,0 +1,291 @@
+"""Traces of real requests through a real gateway: /traces, the export, the page in Chromium, `kcd-proxy trace`.
+
+One gateway for the module, with the admin listener and a JSON-lines export. Each test uses users of its own
+(carol, bob, alice, and principals it makes), so what one test caches does not change what another sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.lab.layout import USERS, LabLayout
+from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway, wait_port
+from tests.integration.test_revocation import curl_with
+from tests.integration.test_ticket_cache import _certificate_for, _kadmin
+
+STAGES = ["tls", "certificate", "revocation", "identity", "s4u2self", "s4u2proxy", "backend"]
+
+
+@dataclass
+class Traced:
+    gw: Gateway
+    admin: str
+    export: Path
+    config: Path
+
+
+@pytest.fixture(scope="module")
+def traced(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    directory = tmp_path_factory.mktemp("traces")
+    admin_port = free_port()
+    export = directory / "traces.jsonl"
+    extra = f"""
+[[routes]]
+prefix = "/not-delegable/"
+upstream = "http://127.0.0.1:{lab.backend_port}"
+spn = "HTTP/other.lab.test"
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+
+[traces]
+keep = 100
+export = "{export}"
+"""
+    gw = start_gateway(lab, directory, lab_config(lab, port=free_port(), extra=extra))
+    wait_port(admin_port, gw.proc)
+    yield Traced(gw, f"http://127.0.0.1:{admin_port}", export, gw.config_path)
+    assert gw.stop() == 0
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310  loopback test URLs
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _traces(admin: str, limit: int = 100, user: str | None = None) -> list[dict[str, Any]]:
+    status, body = _get(f"{admin}/traces?limit={limit}" + (f"&user={user}" if user else ""))
+    assert status == 200, body
+    records: list[dict[str, Any]] = json.loads(body)
+    return records
+
+
+def _stages(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in record["stages"]}
+
+
+def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab: LabLayout, traced: Traced) -> None:
+    """Two requests of carol: every stage in order; the S4U tickets' facts (forwardable, client, server);
+    the first from the KDC, the second from the cache; the backend connection new, then reused."""
+    for _ in range(2):
+        assert curl(lab, traced.gw.url + "/owa/", "carol").stdout.endswith("200")
+    second, first = _traces(traced.admin, limit=2, user="carol@lab.test")
+    assert first["id"] != second["id"]
+    for record in (first, second):
+        assert [s["name"] for s in record["stages"]] == STAGES
+        assert (record["upn"], record["principal"], record["status"]) == ("carol@lab.test", "carol@LAB.TEST", 200)
+        assert all(isinstance(s["ms"], float | int) and s["ms"] >= 0 for s in record["stages"])
+        stages = _stages(record)
+        evidence, service = stages["s4u2self"], stages["s4u2proxy"]
+        assert (evidence["client"], evidence["server"]) == ("carol@LAB.TEST", "HTTP/proxy.lab.test@LAB.TEST")
+        assert (service["client"], service["server"]) == ("carol@LAB.TEST", "HTTP/cas.lab.test@LAB.TEST")
+        assert evidence["forwardable"] is True
+        assert service["forwardable"] is True
+        assert "forwardable" in evidence["flags"]
+        assert evidence["enctype"].startswith("aes")
+        assert evidence["start"] < evidence["end"]
+        assert stages["tls"]["version"].startswith("TLSv1.")
+        assert stages["certificate"]["chain"][0]["subject"] == "CN=carol"
+        assert stages["certificate"]["chain"][-1]["subject"] == "CN=Lab Root CA"
+        assert stages["revocation"]["status"] == "good"
+        assert stages["revocation"]["age_s"] >= 0
+        assert stages["identity"]["rule"] == "san-upn"
+        assert stages["backend"]["status"] == 200
+    one, two = _stages(first), _stages(second)
+    assert (one["s4u2self"]["cached"], one["s4u2proxy"]["cached"]) == (False, False)
+    assert (two["s4u2self"]["cached"], two["s4u2proxy"]["cached"]) == (True, True)
+    assert one["s4u2self"]["ms"] > 0
+    assert two["s4u2self"]["ms"] == 0
+    assert two["s4u2proxy"]["end"] == one["s4u2proxy"]["end"]  # the same service ticket
+    assert (one["backend"]["reused"], two["backend"]["reused"]) == (False, True)
+    assert _get(f"{traced.admin}/traces?limit=0")[0] == 400
+    assert _get(f"{traced.admin}/trace/{'0' * 16}")[0] == 404
+
+
+def test_refusals_land_on_the_step_the_kdc_refused_with_cause_and_fix(lab: LabLayout, traced: Traced) -> None:
+    """An SPN outside the delegation list: S4U2Proxy refused after a forwardable evidence ticket. A user whose
+    tickets may not be forwarded: the evidence ticket is not forwardable, and the explainer says so (also in
+    the log's audit event). An unknown user: S4U2Self refused."""
+    assert curl(lab, traced.gw.url + "/not-delegable/", "alice").stdout.endswith("403")
+    (refused,) = [r for r in _traces(traced.admin, user="alice@lab.test") if r["path"] == "/not-delegable/"]
+    assert [s["name"] for s in refused["stages"]] == STAGES[:-1]
+    stages = _stages(refused)
+    assert stages["s4u2self"]["forwardable"] is True
+    assert stages["s4u2proxy"]["refused"] is True
+    assert refused["refused"]["stage"] == "s4u2proxy"
+    assert "add HTTP/other.lab.test to the delegation list" in refused["refused"]["fix"]
+
+    name = f"sens{uuid.uuid4().hex[:8]}"
+    _kadmin(lab, f"addprinc -randkey -allow_forwardable {name}")  # MIT's "sensitive, cannot be delegated"
+    cert, key = _certificate_for(lab, name, traced.export.parent)
+    assert curl_with(lab, traced.gw, cert, key)[0] == 403
+    (sensitive,) = _traces(traced.admin, limit=1, user=f"{name}@lab.test")
+    stages = _stages(sensitive)
+    assert stages["s4u2self"]["forwardable"] is False
+    assert stages["s4u2self"]["client"] == f"{name}@LAB.TEST"
+    assert stages["s4u2proxy"]["refused"] is True
+    assert (
+        sensitive["refused"]["reason"]
+        == f"the gateway may not act for {name}@LAB.TEST: its evidence ticket is not forwardable"
+    )
+    assert sensitive["refused"]["fix"].startswith("evidence ticket not forwardable: the service account")
+    audit = traced.gw.wait_event("kerberos_refused", principal=f"{name}@LAB.TEST")
+    assert audit["fix"].startswith("evidence ticket not forwardable")
+
+    assert curl(lab, traced.gw.url + "/owa/", "ghost").stdout.endswith("403")
+    (ghost,) = _traces(traced.admin, limit=1, user="ghost@lab.test")
+    assert [s["name"] for s in ghost["stages"]][-1] == "s4u2self"
+    assert ghost["refused"]["stage"] == "s4u2self"
+    assert "no Kerberos account matches" in ghost["refused"]["reason"]
+
+
+def test_no_secret_reaches_a_trace(lab: LabLayout, traced: Traced) -> None:
+    """After real traffic, /traces, the pages and the JSON-lines export hold no Negotiate token and no password."""
+    for user in ("alice", "bob", "carol"):
+        curl(lab, traced.gw.url + "/owa/", user)
+    records = _traces(traced.admin)
+    assert records
+    texts = {"/traces": json.dumps(records), "export": traced.export.read_text(), "/": _get(traced.admin + "/")[1]}
+    texts.update({f"/trace/{r['id']}": _get(f"{traced.admin}/trace/{r['id']}")[1] for r in records[:5]})
+    export_ids = [json.loads(line)["id"] for line in texts["export"].splitlines()]
+    assert {r["id"] for r in records} <= set(export_ids)
+    secrets = ["YII", "Negotiate ", *USERS.values()]
+    for where, text in texts.items():
+        for secret in secrets:
+            assert secret not in text, f"{secret!r} in {where}"
+
+
+def _png_facts(path: Path) -> tuple[int, int, int]:
+    """(width, height, distinct byte values in the image data) of a PNG: enough to tell a picture from a blank."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    pos, idat = 8, b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    return width, height, len(set(zlib.decompress(idat)))
+
+
+def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        "chromium",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,900",
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
+
+
+def test_the_page_draws_a_known_request_in_a_real_browser(lab: LabLayout, traced: Traced, tmp_path: Path) -> None:
+    """Chromium renders /trace/<id> of bob's second request: the SVG with four lifelines, S4U2Self and
+    S4U2Proxy as their own arrows, marked as cache hits; the list page links to it; a screenshot is taken."""
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (make setup installs Debian's chromium)")
+    for _ in range(2):
+        assert curl(lab, traced.gw.url + "/owa/", "bob").stdout.endswith("200")
+    second, _first = _traces(traced.admin, limit=2, user="bob@lab.test")
+    page = f"{traced.admin}/trace/{second['id']}"
+    dom = _chromium(tmp_path / "profile", "--dump-dom", page)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert '<svg id="sequence"' in html
+    for actor in ("device", "gateway", "kdc", "backend"):
+        assert f'class="lifeline" data-actor="{actor}"' in html
+    for step in ("s4u2self", "s4u2proxy"):
+        assert f'data-step="{step}" data-from="gateway" data-to="kdc" data-cached="true"' in html
+        assert f'data-step="{step}" data-from="kdc" data-to="gateway" data-cached="true"' in html
+    assert html.count("cache hit</text>") == 2
+    assert 'data-step="backend" data-from="gateway" data-to="backend"' in html
+    assert "HTTP/cas.lab.test" in html
+
+    index = _chromium(tmp_path / "profile", "--dump-dom", traced.admin + "/")
+    assert f'href="/trace/{second["id"]}"' in index.stdout
+
+    shot = tmp_path / "trace.png"
+    done = _chromium(tmp_path / "profile", f"--screenshot={shot}", page)
+    assert done.returncode == 0, done.stderr[-2000:]
+    width, height, distinct = _png_facts(shot)
+    assert (width, height) == (1200, 900)
+    assert shot.stat().st_size > 30_000
+    assert distinct > 32  # a drawing, not a blank page
+
+
+def test_trace_command_prints_and_follows_one_users_requests(lab: LabLayout, traced: Traced) -> None:
+    """`kcd-proxy trace --config F --user U --json` prints that user's records; with --follow it prints a new
+    request of theirs as it happens, and nobody else's."""
+    curl(lab, traced.gw.url + "/owa/", "alice")
+    env = {**os.environ, **lab.env()}
+    base = [sys.executable, "-m", "proxy", "trace", "--config", str(traced.config), "--user", "alice@lab.test"]
+    once = subprocess.run(
+        [*base, "--json", "--limit", "1"], capture_output=True, text=True, cwd=REPO, env=env, timeout=30, check=False
+    )
+    assert once.returncode == 0, once.stderr
+    (line,) = once.stdout.splitlines()
+    assert json.loads(line)["upn"] == "alice@lab.test"
+
+    follow = subprocess.Popen(
+        [*base, "--follow", "--limit", "1", "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert follow.stdout is not None
+
+    def read() -> None:
+        for line in follow.stdout or ():
+            lines.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert "alice@lab.test" in lines.get(timeout=15)  # the last request before following
+        time.sleep(0.5)
+        curl(lab, traced.gw.url + "/owa/", "bob")
+        curl(lab, traced.gw.url + "/EWS/Exchange.asmx", "alice")
+        shown = ""
+        deadline = time.monotonic() + 15
+        while "  backend" not in shown.partition("/EWS/Exchange.asmx")[2] and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                shown += lines.get(timeout=0.5)
+        assert "GET /EWS/Exchange.asmx alice@lab.test (alice@LAB.TEST)" in shown
+        assert "s4u2proxy" in shown
+        assert "from the cache" in shown
+        assert "bob@lab.test" not in shown
+    finally:
+        follow.terminate()
+        follow.wait(timeout=10)
+        reader.join(timeout=5)
+        follow.stdout.close()

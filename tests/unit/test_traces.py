@@ -1,0 +1,218 @@
+"""Trace records, the bounded ring and its export, the page's sequence diagram and `kcd-proxy trace`'s admin URL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Traces
+from proxy.kerberos.ccache import S4UFacts, TicketFacts
+from proxy.observability.trace import Trace
+from proxy.observability.tracepage import messages, render_index, render_trace, sequence_svg
+from proxy.observability.traces import STAGES, TraceRing, build_record, render_text
+from proxy.ops.trace_cli import DEFAULT_ADMIN, admin_url
+from tests.unit.test_config import FILES, GOOD
+
+NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def write(tmp_path: Path, text: str, *, mkdir: str | None = None) -> Path:
+    """A gateway configuration `text` in tmp_path, with the files it names (and directory `mkdir`)."""
+    for name in FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    if mkdir:
+        (tmp_path / mkdir).mkdir(exist_ok=True)
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def _ticket(client: str, server: str, *, forwardable: bool = True) -> TicketFacts:
+    sname, _, realm = server.partition("@")
+    return TicketFacts(
+        client=client,
+        server=server,
+        flags=0x40090000 if forwardable else 0x00090000,
+        session_enctype=18,
+        authtime=NOW,
+        starttime=NOW,
+        endtime=NOW + timedelta(hours=10),
+        renew_till=None,
+        realm=realm,
+        sname=sname,
+        ticket_enctype=18,
+        kvno=2,
+    )
+
+
+EVIDENCE = _ticket("alice@LAB.TEST", "HTTP/proxy.lab.test@LAB.TEST")
+SERVICE = _ticket("alice@LAB.TEST", "HTTP/cas.lab.test@LAB.TEST")
+
+
+def _trace(*, cached: bool, facts: S4UFacts | None = None, kerberos_ms: float = 5.0) -> Trace:
+    """A certificate request's trace as the pipeline leaves it."""
+    t = Trace()
+    t.note(method="GET", path="/owa/", client="127.0.0.1", tls_version="TLSv1.3", tls_cipher="X", tls_resumed=False)
+    t.note(cert_subject="CN=alice", cert_issuer="CN=Lab Issuing CA", cert_serial="1f", restriction=None)
+    t.note(revocation="good", revocation_source="crls.pem")
+    t.note(upn="alice@lab.test", principal="alice@LAB.TEST", identity_source="san-upn", factors="certificate")
+    t.note(route="/", spn="HTTP/cas.lab.test", upstream="http://127.0.0.1:8081", backend_status=200, backend_ms=2.0)
+    for stage, ms in (("tls", 0.1), ("certificate", 0.2), ("revocation", 0.1), ("identity", 0.05)):
+        t.ms[stage] = ms
+    t.ms["authentication"] = 0.01
+    t.ms["kerberos"] = kerberos_ms
+    t.ms["backend"] = 3.0
+    facts = facts or S4UFacts(EVIDENCE, SERVICE, s4u2self_ms=2.0, s4u2proxy_ms=1.5)
+    t.detail("kerberos", facts=facts, cached=cached)
+    t.detail("backend", reused=cached)
+    return t
+
+
+def test_a_record_has_the_seven_stages_in_order_with_ticket_facts() -> None:
+    """tls ... backend, the authentication step folded into identity, S4U stages with forwardable and cached."""
+    record = build_record(_trace(cached=False), 200, 9.0)
+    assert [s["name"] for s in record["stages"]] == list(STAGES)
+    assert (record["upn"], record["principal"], record["status"]) == ("alice@lab.test", "alice@LAB.TEST", 200)
+    stages = {s["name"]: s for s in record["stages"]}
+    assert stages["identity"]["ms"] == 0.06  # 0.05 identity + 0.01 authentication
+    s4u2self = stages["s4u2self"]
+    assert (s4u2self["cached"], s4u2self["forwardable"], s4u2self["client"]) == (False, True, "alice@LAB.TEST")
+    assert stages["s4u2self"]["server"] == "HTTP/proxy.lab.test@LAB.TEST"
+    assert stages["s4u2proxy"]["server"] == "HTTP/cas.lab.test@LAB.TEST"
+    assert stages["s4u2proxy"]["forwardable"] is True
+    assert (stages["s4u2self"]["ms"], stages["s4u2proxy"]["ms"]) == (2.0, 3.0)  # the kerberos stage, split
+    assert stages["backend"]["reused"] is False
+    json.dumps(record)  # JSON all the way down
+
+
+def test_a_cache_hit_costs_s4u2self_nothing_and_says_cached() -> None:
+    """From the cache: both S4U stages cached, S4U2Self 0 ms, S4U2Proxy the token's time."""
+    stages = {s["name"]: s for s in build_record(_trace(cached=True, kerberos_ms=0.3), 200, 4.0)["stages"]}
+    assert (stages["s4u2self"]["cached"], stages["s4u2proxy"]["cached"]) == (True, True)
+    assert (stages["s4u2self"]["ms"], stages["s4u2proxy"]["ms"]) == (0.0, 0.3)
+
+
+def test_a_refused_s4u2proxy_ends_the_stages_with_reason_fix_and_the_evidence_ticket() -> None:
+    """The refusal lands on the step that failed; S4U2Self before it shows the not-forwardable evidence."""
+    evidence = _ticket("eve@LAB.TEST", "HTTP/proxy.lab.test@LAB.TEST", forwardable=False)
+    t = _trace(cached=False, facts=S4UFacts(evidence, None, 2.0, None, failed_step="s4u2proxy"))
+    del t.ms["backend"]
+    t.note(refused_stage="kerberos", reason="not forwardable", refusal="kerberos_refused")
+    t.detail("refused", fix="evidence ticket not forwardable: ...")
+    record = build_record(t, 403, 6.0)
+    assert [s["name"] for s in record["stages"]][-2:] == ["s4u2self", "s4u2proxy"]
+    last = record["stages"][-1]
+    assert (last["refused"], last["reason"], last["facts"]) == (True, "not forwardable", "not issued")
+    assert record["stages"][-2]["forwardable"] is False
+    assert record["refused"] == {
+        "stage": "s4u2proxy",
+        "reason": "not forwardable",
+        "fix": "evidence ticket not forwardable: ...",
+        "event": "kerberos_refused",
+    }
+    assert "fix: evidence ticket not forwardable" in render_text([record])
+
+
+def test_the_ring_keeps_the_last_n_newest_first_and_filters_by_user(tmp_path: Path) -> None:
+    """Bounded: the oldest falls out; a user filter matches UPN or principal; export is one JSON line each."""
+    ring = TraceRing()
+    export = tmp_path / "traces.jsonl"
+    ids = []
+    for i in range(5):
+        t = _trace(cached=i > 0)
+        if i == 4:
+            t.note(upn="bob@lab.test", principal="bob@LAB.TEST")
+        ids.append(t.id)
+        ring.record(t, 200, Traces(keep=3, export=export))
+    assert len(ring) == 3
+    assert [r["id"] for r in ring.recent(10)] == ids[:1:-1]
+    assert [r["id"] for r in ring.recent(1)] == [ids[4]]
+    assert [r["id"] for r in ring.recent(10, "ALICE@lab.test")] == [ids[3], ids[2]]
+    assert [r["id"] for r in ring.recent(10, "bob@LAB.TEST")] == [ids[4]]
+    assert ring.get(ids[0]) is None
+    lines = export.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ids
+    ring.close()
+
+
+def test_the_diagram_has_four_lifelines_and_the_s4u_arrows_marked_when_cached() -> None:
+    """Device, gateway, KDC, backend; S4U2Self and S4U2Proxy there and back, dashed grey 'cache hit' when cached."""
+    svg = sequence_svg(build_record(_trace(cached=True), 200, 4.0))
+    assert re.findall(r'class="lifeline" data-actor="(\w+)"', svg) == ["device", "gateway", "kdc", "backend"]
+    s4u = re.findall(r'data-step="(s4u2\w+)" data-from="(\w+)" data-to="(\w+)" data-cached="(\w+)"', svg)
+    assert s4u == [
+        ("s4u2self", "gateway", "kdc", "true"),
+        ("s4u2self", "kdc", "gateway", "true"),
+        ("s4u2proxy", "gateway", "kdc", "true"),
+        ("s4u2proxy", "kdc", "gateway", "true"),
+    ]
+    assert svg.count("cache hit</text>") == 2
+    fresh = sequence_svg(build_record(_trace(cached=False), 200, 4.0))
+    assert "cache hit" not in fresh
+    assert "evidence ticket, forwardable" in fresh
+
+
+def test_a_refused_request_stops_the_diagram_at_the_refusing_step() -> None:
+    """After a KDC refusal no backend arrow is drawn; the refusal goes back to the device in red."""
+    t = _trace(cached=False, facts=S4UFacts(EVIDENCE, None, 2.0, None, failed_step="s4u2proxy"))
+    del t.ms["backend"]
+    t.note(refused_stage="kerberos", reason="no", refusal="kerberos_refused")
+    steps = [(m.step, m.source, m.target, m.refused) for m in messages(build_record(t, 403, 5.0))]
+    assert ("backend", "gateway", "backend", False) not in steps
+    assert steps[-2:] == [("s4u2proxy", "kdc", "gateway", True), ("response", "gateway", "device", True)]
+
+
+def test_pages_escape_what_requests_carry() -> None:
+    """A path or user name with markup shows as text on the list and the trace page."""
+    t = _trace(cached=True)
+    t.note(path="/<script>alert(1)</script>", upn='x"><img src=x>@lab.test')
+    record = build_record(t, 200, 1.0)
+    for page in (render_trace(record), render_index([record], user="<b>", held=1, keep=200)):
+        assert "<script>alert" not in page
+        assert "<img src=x>" not in page
+        assert "&lt;script&gt;" in page
+
+
+def test_traces_config_keeps_200_by_default_and_names_bad_keys(tmp_path: Path) -> None:
+    """[traces] keep and export: defaults, a relative export path, and errors naming key and file."""
+    from proxy import config
+    from proxy.errors import ConfigError
+
+    assert config.load(write(tmp_path, GOOD)).traces == Traces(keep=200, export=None)
+    cfg = config.load(write(tmp_path, GOOD + '\n[traces]\nkeep = 5\nexport = "out/traces.jsonl"\n', mkdir="out"))
+    assert cfg.traces == Traces(keep=5, export=tmp_path / "out" / "traces.jsonl")
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, GOOD + '\n[traces]\nkeep = 0\nexport = "nowhere/t.jsonl"\ncolour = 1\n'))
+    problems = "\n".join(e.value.problems)
+    assert "traces.keep: must be positive" in problems
+    assert "traces.export: directory not found" in problems
+    assert "traces.colour: unknown key" in problems
+    assert str(tmp_path / "gateway.toml") in problems
+
+
+def test_trace_command_finds_the_admin_listener(tmp_path: Path) -> None:
+    """--admin wins; else --config's [admin] bind; else the documented default."""
+    ns = argparse.Namespace
+    assert admin_url(ns(admin="http://127.0.0.1:1234/", config=None)) == "http://127.0.0.1:1234"
+    path = write(tmp_path, GOOD + '\n[admin]\nbind = "127.0.0.1:9555"\n')
+    assert admin_url(ns(admin=None, config=str(path))) == "http://127.0.0.1:9555"
+    assert admin_url(ns(admin=None, config=None)) == DEFAULT_ADMIN
+
+
+def test_a_basic_sign_in_has_one_kerberos_stage_and_its_identity_from_the_password() -> None:
+    """Without a certificate: identity comes from Basic (rule "basic"), Kerberos is the user's own ticket, no S4U."""
+    t = Trace()
+    t.note(method="GET", path="/owa/", upn="alice@lab.test", principal="alice@LAB.TEST", factors="basic")
+    t.note(basic_user="alice@lab.test", basic_cached=True)
+    t.ms.update({"tls": 0.1, "authentication": 0.2, "kerberos": 0.3, "backend": 1.0})
+    t.detail("kerberos", own_ticket=True)
+    stages = build_record(t, 200, 2.0)["stages"]
+    assert [s["name"] for s in stages] == ["tls", "identity", "kerberos", "backend"]
+    assert (stages[1]["rule"], stages[1]["basic_cached"]) == ("basic", True)
+    assert "s4u" not in json.dumps(stages)
