@@ -147,7 +147,7 @@ def test_stop_leaves_nothing_and_restart_keeps_the_realm(realm_lab: LabLayout) -
 
 def test_failed_start_names_the_port_and_leaves_nothing_running(tmp_path: Path) -> None:
     """A realm whose KDC port is taken fails with a RealmError naming the port, and stops the slapd it started."""
-    layout = LabLayout(root=tmp_path / "lab", ldap_port=53490, kdc_port=58189)
+    layout = LabLayout(root=tmp_path / "lab", ldap_port=free_port(), kdc_port=free_port())
     with (
         socket.create_server(("127.0.0.1", layout.kdc_port)),
         pytest.raises(RealmError, match=re.escape(f"127.0.0.1:{layout.kdc_port} is taken")),

@@ -22,7 +22,7 @@ import pytest
 
 from proxy.lab import kdc, runner
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, free_port
+from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
 
 PY = sys.executable
 
@@ -87,9 +87,13 @@ def test_crl_server_publishes_the_crls_and_nothing_else(lab: LabLayout) -> None:
         assert e.value.code == 404, path
 
 
-def test_device_reaches_the_backend_as_its_certificate_user(lab: LabLayout, gateway: Gateway) -> None:
+def test_device_reaches_the_backend_as_its_certificate_user(lab: LabLayout, tmp_path: Path) -> None:
     """The scripted device: OPTIONS then POST through the gateway; the backend's echo names bob, body intact."""
-    done = _device(lab, gateway.url, "bob")
+    fresh = start_gateway(lab, tmp_path, lab_config(lab, port=free_port()))  # no earlier backend connection of bob's
+    try:
+        done = _device(lab, fresh.url, "bob")
+    finally:
+        assert fresh.stop() == 0
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[:2] == [
