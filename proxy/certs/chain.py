@@ -153,6 +153,14 @@ def verify_chain(
     )
 
 
+def is_ca(cert: x509.Certificate) -> bool:
+    """Whether basicConstraints asserts cA (a certificate without the extension is not a CA)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
 def format_time(when: datetime) -> str:
     """2025-01-01T00:00:00Z: how reasons and evidence print instants."""
     return _utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -45,7 +45,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
-from proxy.certs.chain import TrustList, VerifiedCertificate, format_time, verify_chain
+from proxy.certs.chain import TrustList, VerifiedCertificate, format_time, is_ca, verify_chain
 from proxy.errors import CertificateRejected, CertificateRevoked
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
@@ -234,12 +234,12 @@ class CrlSet:
                     return self._revoked(cert, crl, delta, entry)
                 good = good or (crl, delta)
             return self._good(cert, *good) if good else self._unknown(cert, issuer, at, [])
-        is_ca = _is_ca(cert)
+        cert_is_ca = is_ca(cert)
         covered: set[x509.ReasonFlags] = set()
         used: list[tuple[Crl, Crl | bool | None]] = []
         for point in _points(cert):
             for crl in self._candidates(cert, point):
-                if not crl.current(at) or not _applies(crl, cert, point, is_ca):
+                if not crl.current(at) or not _applies(crl, cert, point, cert_is_ca):
                     continue
                 delta = self._delta_for(crl, at)
                 if delta is False:  # a delta CRL was issued for it, but has gone stale
@@ -513,7 +513,7 @@ def _points(cert: x509.Certificate) -> list[_Point]:
     return points
 
 
-def _applies(crl: Crl, cert: x509.Certificate, point: _Point, is_ca: bool) -> bool:
+def _applies(crl: Crl, cert: x509.Certificate, point: _Point, cert_is_ca: bool) -> bool:
     """RFC 5280 6.3.3 (b)(2): does this CRL's issuing distribution point speak for this certificate?"""
     if point.crl_issuers and crl.issuer not in point.crl_issuers:
         return False
@@ -523,7 +523,7 @@ def _applies(crl: Crl, cert: x509.Certificate, point: _Point, is_ca: bool) -> bo
             return False
     if crl.scope == "attributes":
         return False
-    return crl.scope == "all" or (crl.scope == "cas") == is_ca
+    return crl.scope == "all" or (crl.scope == "cas") == cert_is_ca
 
 
 def _entry(key: IssuerSerial, delta: Crl | bool | None, crl: Crl | None) -> Entry | None:
@@ -561,13 +561,6 @@ def _may_sign_crls(cert: x509.Certificate) -> bool:
 
 
 # --- small helpers ---------------------------------------------------------------------------------
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
 
 
 def _spki(cert: x509.Certificate) -> bytes:

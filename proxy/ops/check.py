@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from proxy.certs.chain import TrustList, format_time, load_certificates
+from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates
 from proxy.certs.revocation import CrlSet, load_crls
 from proxy.config import Config
 from proxy.kerberos.keytab import read_keytab
@@ -105,13 +105,6 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
-
-
 def _certificates(key: str, path: Path, at: datetime) -> Iterator[tuple[str, str]]:
     """A CA file: it parses, and each certificate in it is a CA within its validity."""
     try:
@@ -121,7 +114,7 @@ def _certificates(key: str, path: Path, at: datetime) -> Iterator[tuple[str, str
         return
     for cert in certs:
         name = cert.subject.rfc4514_string()
-        if not _is_ca(cert):
+        if not is_ca(cert):
             yield key, f"{path}: '{name}' is not a CA certificate (basicConstraints cA is not set)"
         if cert.not_valid_after_utc < at:
             yield key, f"{path}: '{name}' expired on {format_time(cert.not_valid_after_utc)}"

@@ -158,10 +158,9 @@ def other_backend(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def gateway(lab: LabLayout, other_backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """The gateway in front of the lab, with extra routes that exercise each failure."""
-    extra = f"""
+def failing_routes(lab: LabLayout, other_backend: str) -> str:
+    """Routes that each fail one way: an SPN outside the delegation list, a dead upstream, a wrong key."""
+    return f"""
 [[routes]]
 prefix = "/not-delegable/"
 upstream = "http://127.0.0.1:{lab.backend_port}"
@@ -177,6 +176,12 @@ prefix = "/wrong-key/"
 upstream = "{other_backend}"
 spn = "HTTP/cas.lab.test"
 """
+
+
+@pytest.fixture(scope="session")
+def gateway(lab: LabLayout, other_backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The gateway in front of the lab, with extra routes that exercise each failure."""
+    extra = failing_routes(lab, other_backend)
     gw = start_gateway(lab, tmp_path_factory.mktemp("gateway"), lab_config(lab, port=free_port(), extra=extra))
     yield gw
     gw.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from proxy.kerberos.keytab import read_keytab
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import REPO, free_port, lab_config
+from tests.integration.conftest import REPO, failing_routes, free_port, lab_config
 from tests.unit.test_keytab import _record
 
 
@@ -72,25 +72,7 @@ def test_the_lab_passes_every_check(lab: LabLayout, tmp_path: Path) -> None:
 
 def test_each_broken_route_fails_with_its_fix(lab: LabLayout, other_backend: str, tmp_path: Path) -> None:
     """An SPN outside the delegation list, a dead upstream, a backend without the SPN's key: each named and fixed."""
-    extra = f"""
-[[routes]]
-prefix = "/not-delegable/"
-upstream = "http://127.0.0.1:{lab.backend_port}"
-spn = "HTTP/other.lab.test"
-
-[[routes]]
-prefix = "/dead/"
-upstream = "http://127.0.0.1:{free_port()}"
-spn = "HTTP/cas.lab.test"
-
-[[routes]]
-prefix = "/wrong-key/"
-upstream = "{other_backend}"
-spn = "HTTP/cas.lab.test"
-
-[doctor]
-canary_user = "carol@lab.test"
-"""
+    extra = failing_routes(lab, other_backend) + '\n[doctor]\ncanary_user = "carol@lab.test"\n'
     code, checks = _doctor(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
     assert code == 1
     status, detail, fix = checks["s4u2proxy HTTP/other.lab.test"]
