@@ -33,7 +33,7 @@ from cryptography import x509
 from proxy.config import Admin
 from proxy.errors import ConfigError, GatewayError
 from proxy.live import Live
-from proxy.observability.metrics import CONTENT_TYPE, crl_reports
+from proxy.observability.metrics import CONTENT_TYPE
 from proxy.observability.tracepage import add_trace_views
 
 log = structlog.get_logger("proxy.admin")
@@ -75,16 +75,14 @@ def crl_problems(live: Live, now: datetime) -> list[str]:
     """Why the CRLs are not current (nothing when revocation is off)."""
     if live.config.client_certificates.revocation == "off":
         return []
-    reports = crl_reports(live.gateway.revocation)
+    reports = live.gateway.revocation.status()
     if not reports:
         return ["no CRL source is configured"]
     problems = []
     for crl in reports:
-        current = getattr(crl, "current", crl.next_update is not None and crl.next_update >= now)
-        if not current:
-            error = getattr(crl, "last_error", None)
+        if not crl.current:
             stale = f"stale since {crl.next_update.isoformat()}" if crl.next_update else "no usable CRL"
-            problems.append(f"{crl.source}: {stale}" + (f" ({error})" if error else ""))
+            problems.append(f"{crl.source}: {stale}" + (f" ({crl.last_error})" if crl.last_error else ""))
     return problems
 
 

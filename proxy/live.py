@@ -40,7 +40,7 @@ import structlog
 from proxy import config as config_module
 from proxy.config import Config
 from proxy.errors import ConfigError
-from proxy.observability.metrics import Metrics, crl_reports
+from proxy.observability.metrics import Metrics
 from proxy.observability.traces import TraceRing
 from proxy.pipeline import Gateway
 
@@ -61,7 +61,7 @@ class Live:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        self.metrics.crls = lambda: crl_reports(self.gateway.revocation)
+        self.metrics.crls = lambda: self.gateway.revocation.status()
 
     @classmethod
     def start(cls, config: Config) -> Live:

@@ -257,10 +257,6 @@ class CrlStatus:
     next_update: datetime | None = None
     current: bool = False
 
-    def as_dict(self) -> dict[str, object]:
-        """JSON-ready: instants as RFC 3339 strings."""
-        return {k: _iso(v) if isinstance(v, datetime) else v for k, v in self.__dict__.items()}
-
 
 def sources_from_config(files: Iterable[Path], urls: Iterable[str]) -> list[CrlSource]:
     return [CrlSource(str(p)) for p in files] + [CrlSource(u) for u in urls]

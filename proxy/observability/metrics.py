@@ -5,7 +5,7 @@ stage timings, ticket cache result and, for a refusal, the stage and the audit e
 noted as `refused_stage` and `refusal`), and from the TLS listener for refused handshakes
 (`handshake_refused`): stages do not know about metrics. Gauges are read when `/metrics` is scraped,
 through hooks the running gateway sets: open connections (aiohttp's handlers), and the CRL store's
-status list (`crl_reports` reads a store's own `status()` when it has one, else the loaded `CrlSet`).
+status list (`proxy.certs.sources.CrlStatus` rows).
 Label values are bounded: route prefixes, status codes, stage names and refusal events, OpenSSL's
 handshake reasons; never a user, serial or path.
 
@@ -17,49 +17,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.certs.sources import CrlStatus
 from proxy.observability.trace import Trace
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LONG_POLL_AFTER = 1.0  # seconds: a request in flight longer than this is being held (Ping, streaming)
 _KDC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class CrlReport(Protocol):
-    """One CRL the revocation stage holds: where it came from and when it was issued and expires."""
-
-    @property
-    def source(self) -> str: ...
-    @property
-    def this_update(self) -> datetime | None: ...
-    @property
-    def next_update(self) -> datetime | None: ...
-
-
-@dataclass(frozen=True)
-class CrlStatus:
-    source: str
-    this_update: datetime | None
-    next_update: datetime | None
-    issuer: str | None = None
-
-
-def crl_reports(store: Any) -> list[CrlReport]:
-    """The status list of a CRL store: its own `status()` if it offers one, else read from a `CrlSet`."""
-    status = getattr(store, "status", None)
-    if callable(status):
-        return list(status())
-    crls = getattr(store, "crls", ())
-    return [
-        CrlStatus(c.source, c.crl.last_update_utc, c.crl.next_update_utc, c.crl.issuer.rfc4514_string()) for c in crls
-    ]
 
 
 class Metrics:
@@ -90,7 +59,7 @@ class Metrics:
         self.stage_seconds = Histogram("kcd_stage_seconds", "Time spent in each stage", ["stage"], registry=r)
         self.reloads = Counter("kcd_reloads", "Configuration reloads, by outcome", ["outcome"], registry=r)
         self.open_connections: Callable[[], int] = lambda: 0
-        self.crls: Callable[[], Iterable[CrlReport]] = list
+        self.crls: Callable[[], Iterable[CrlStatus]] = list
         self._clock = clock
         self._in_flight: dict[str, float] = {}  # trace id -> when the request started
         r.register(_Gauges(self))
@@ -150,7 +119,7 @@ class _Gauges(Collector):
             "kcd_crl_next_update_seconds", "Seconds until the CRL's nextUpdate (negative: stale)", labels=labels
         )
         for crl in self._m.crls():
-            key = [crl.source, str(getattr(crl, "issuer", None) or "")]
+            key = [crl.source, crl.issuer or ""]
             if crl.this_update is not None:
                 age.add_metric(key, (now - crl.this_update).total_seconds())
             if crl.next_update is not None:

@@ -7,21 +7,9 @@ import ssl
 from aiohttp import web
 from cryptography import x509
 
-from proxy.errors import NoCertificate
-
-
-def peer_certificate(request: web.Request) -> x509.Certificate:
-    """The leaf certificate the client presented (OpenSSL verified it during the handshake)."""
-    leaf = presented_certificate(request)
-    if leaf is None:
-        raise NoCertificate(
-            "this gateway requires a client certificate; install the certificate issued to you and try again"
-        )
-    return leaf
-
 
 def presented_certificate(request: web.Request) -> x509.Certificate | None:
-    """The same, or None where the listener does not require one (authentication modes with Basic)."""
+    """The leaf certificate the client presented (OpenSSL verified it in the handshake), or None."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.certs.sources import CrlStatus
 from proxy.config import Route
-from proxy.observability.metrics import LONG_POLL_AFTER, CrlStatus, Metrics
+from proxy.observability.metrics import LONG_POLL_AFTER, Metrics
 from proxy.observability.trace import Trace
 from proxy.ops import doctor
 
@@ -129,7 +130,18 @@ def test_crl_ages_come_from_the_stores_status_list() -> None:
     """Each CRL's age and time to nextUpdate, labelled by source and issuer, read when scraped."""
     m = Metrics()
     now = datetime.now(UTC)
-    m.crls = lambda: [CrlStatus(str(Path("crls.pem")), now - timedelta(hours=1), now + timedelta(days=1), "CN=CA")]
+    row = CrlStatus(
+        source=str(Path("crls.pem")),
+        learned=False,
+        last_fetch=now,
+        last_success=now,
+        last_error=None,
+        issuer="CN=CA",
+        this_update=now - timedelta(hours=1),
+        next_update=now + timedelta(days=1),
+        current=True,
+    )
+    m.crls = lambda: [row]
     got = _scrape(m)
     labels = (("issuer", "CN=CA"), ("source", "crls.pem"))
     assert 3590 < got[("kcd_crl_age_seconds", labels)] < 3700
