@@ -131,6 +131,9 @@ def context_headers(
 
     Values go out as printable ASCII: anything else (a non-ASCII UPN or subject) is percent-encoded UTF-8.
     """
+    wanted = tuple(wanted)
+    if not wanted:  # the common case: nothing to compute on the request path
+        return ()
     facts = {"upn": user.upn, "principal": user.principal}
     if leaf is not None:
         facts |= {
