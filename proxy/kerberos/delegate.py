@@ -12,8 +12,8 @@ in the gateway's delegation list. The first GSSAPI token built on that service t
 The ticket cache. A user's first request to an SPN costs exactly two KDC exchanges (one S4U2Self, one
 S4U2Proxy); later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY
 credential cache of their own, holding a copy of the gateway's TGT, the evidence ticket and the
-service tickets obtained with it; a token built from a cached service ticket is local work (45 to
-65 µs here), so it is built on the event loop, never in a thread. Entries are keyed by (principal, SPN) and
+service tickets obtained with it; a token built from a cached service ticket is local work (about
+50 µs here), so it is built on the event loop, never in a thread. Entries are keyed by (principal, SPN) and
 know when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts
 a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than
 `USABLE_FOR` seconds left is never used. Concurrent first requests of one key share one exchange
@@ -56,6 +56,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import user_name
+from proxy.kerberos.profile import hold_profile
 
 log = structlog.get_logger("proxy.kerberos")
 
@@ -120,6 +121,7 @@ class Delegator:
         if settings.krb5_config is not None:
             # MIT krb5 reads its profile from the environment when a library context is created.
             os.environ["KRB5_CONFIG"] = str(settings.krb5_config)
+        hold_profile()  # krb5.conf parsed once, not once per token (proxy.kerberos.profile)
         self._settings = settings
         self._clock = clock
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"

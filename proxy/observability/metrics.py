@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -62,6 +63,7 @@ class Metrics:
         self.crls: Callable[[], Iterable[CrlStatus]] = list
         self._clock = clock
         self._in_flight: dict[str, float] = {}  # trace id -> when the request started
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r.register(_Gauges(self))
 
     # -- fed by the request middleware and the TLS listener ---------------------------------------------
@@ -76,9 +78,9 @@ class Metrics:
         """A request has ended with `status`: count it from what its trace recorded."""
         self._in_flight.pop(trace.id, None)
         facts = trace.facts
-        self.requests.labels(str(facts.get("route", "")), str(status)).inc()
+        self._child(self.requests, str(facts.get("route", "")), str(status)).inc()
         for stage, ms in trace.ms.items():
-            self.stage_seconds.labels(stage).observe(ms / 1000)
+            self._child(self.stage_seconds, stage).observe(ms / 1000)
         refused_stage, refusal = facts.get("refused_stage"), str(facts.get("refusal", "refused"))
         if refused_stage is not None:
             self.refusals.labels(str(refused_stage), refusal).inc()
@@ -86,10 +88,20 @@ class Metrics:
         if refused_stage == "kerberos":
             self.kdc_requests.labels(refusal).inc()
         elif cached is not None:
-            self.ticket_cache.labels("hit" if cached else "miss").inc()
+            self._child(self.ticket_cache, "hit" if cached else "miss").inc()
             if not cached:
                 self.kdc_requests.labels("ok").inc()
                 self.kdc_seconds.observe(trace.ms.get("kerberos", 0.0) / 1000)
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up in a plain dict: prometheus_client validates and locks on each
+        `labels` call, and a request made about ten of them (bench/run.py). Label values are bounded (see
+        above), so this dict is too."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # -- read at scrape time -------------------------------------------------------------------------------
 

@@ -8,30 +8,25 @@ shows (the chain, the tickets' facts: `proxy.observability.traces`), so the log 
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 
 @dataclass
 class Trace:
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
     started: float = field(default_factory=time.perf_counter)
     facts: dict[str, Any] = field(default_factory=dict)
     ms: dict[str, float] = field(default_factory=dict)
     details: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> facts for the trace record
     wall: float = field(default_factory=time.time)  # when the request started, for the trace record
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[name] = round((time.perf_counter() - start) * 1000, 3)
+    def stage(self, name: str) -> _Stage:
+        """`with trace.stage(name):` times the block into `ms[name]`, whether it ends or raises."""
+        return _Stage(self.ms, name)
 
     def note(self, **facts: Any) -> None:
         self.facts.update(facts)
@@ -43,3 +38,21 @@ class Trace:
     def summary(self) -> dict[str, Any]:
         total = round((time.perf_counter() - self.started) * 1000, 3)
         return {"request_id": self.id, **self.facts, "ms": {**self.ms, "total": total}}
+
+
+class _Stage:
+    """A class, not `contextlib.contextmanager`: a request enters eight stages, and the generator-based
+    context manager cost about 1.5 µs each (bench/run.py)."""
+
+    __slots__ = ("_ms", "_name", "_start")
+
+    def __init__(self, ms: dict[str, float], name: str) -> None:
+        self._ms = ms
+        self._name = name
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self._ms[self._name] = round((time.perf_counter() - self._start) * 1000, 3)

@@ -108,6 +108,11 @@ spn = "HTTP/cas.lab.test"
 preserve_host = true
 
 [[routes]]
+prefix = "/named/"
+upstream = "http://localhost:{lab.backend_port}"
+spn = "HTTP/cas.lab.test"
+
+[[routes]]
 prefix = "/short/"
 upstream = "{lab_backend}"
 spn = "HTTP/cas.lab.test"
@@ -544,3 +549,15 @@ def test_context_headers_come_from_the_gateway_only(lab: LabLayout, gw: Gateway)
     serial = gw.wait_event("request", path="/context/x")["cert_serial"]
     assert ["X-KCD-Cert-Serial", serial] in sent
     assert "mallory" not in json.dumps(sent)
+
+
+def test_backend_cookies_are_the_devices_to_keep(lab: LabLayout, gw: Gateway) -> None:
+    """A cookie the backend sets goes to the device, and only the device sends it back: the gateway keeps
+    no cookie jar of its own (an OWA sign-out clears the device's cookies; a jar would resend them). The
+    upstream is a host name, as aiohttp's jar ignores cookies from IP addresses."""
+    set_cookie = ["-H", "X-Lab-Header: Set-Cookie: owa=alice-session; Path=/"]
+    res = curl(lab, gw.url + "/named/first", "alice", "-D", "-", *set_cookie)
+    assert "set-cookie: owa=alice-session" in res.stdout.lower()
+    echo = _echo(curl(lab, gw.url + "/named/second", "alice"))
+    assert echo["principal"] == "alice@LAB.TEST"
+    assert [name for name, _ in echo["raw_headers"] if name.lower() == "cookie"] == []
