@@ -24,7 +24,9 @@ add the backend's cookies to the device's later requests, even after the device 
 sign-out), and skip them for upstreams named by IP address only.
 
 Bodies stream both ways without being held whole, chunked or with a Content-Length, at the pace of the
-slower side (aiohttp pauses reading when its buffers fill). `Expect: 100-continue` is answered here,
+slower side (aiohttp pauses reading when its buffers fill). An answer that has already arrived whole
+when its headers are read (most ActiveSync and EWS answers are small) goes out in one write with a
+Content-Length. `Expect: 100-continue` is answered here,
 once every stage has said yes, just before the body is forwarded: a refused device never sends it.
 
 Timeouts. The client-side timeout toward the backend has no total (aiohttp's default of 300 s would cut

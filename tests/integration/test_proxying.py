@@ -561,3 +561,16 @@ def test_backend_cookies_are_the_devices_to_keep(lab: LabLayout, gw: Gateway) ->
     echo = _echo(curl(lab, gw.url + "/named/second", "alice"))
     assert echo["principal"] == "alice@LAB.TEST"
     assert [name for name, _ in echo["raw_headers"] if name.lower() == "cookie"] == []
+
+
+def test_head_keeps_the_backends_length_and_bodyless_answers_stay_bodyless(lab: LabLayout, gw: Gateway) -> None:
+    """A HEAD answer carries the length of the body it does not send, and 204 and 304 carry neither a body
+    nor a Content-Length: the one-write path for answers that arrived whole must not recount them."""
+    head = curl(lab, gw.url + "/named/h", "alice", "-I", "-H", "X-Lab-Body-Bytes: 5000")
+    assert "content-length: 5000" in head.stdout.lower()
+    for status in ("204", "304"):
+        res = curl(lab, gw.url + "/named/s", "alice", "-D", "-", "-H", f"X-Lab-Status: {status}")
+        head_block, _, rest = res.stdout.partition("\n\n")  # curl's lines, as text
+        assert head_block.startswith(f"HTTP/1.1 {status}")
+        assert "content-length" not in head_block.lower()
+        assert rest == f"\n{status}"  # nothing between the headers and curl's status line
