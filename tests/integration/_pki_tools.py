@@ -12,12 +12,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.pem import load_cert, load_key
+
 
 def load_ca(directory: Path, name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert = x509.load_pem_x509_certificate((directory / f"{name}.pem").read_bytes())
-    key = serialization.load_pem_private_key((directory / f"{name}.key").read_bytes(), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return cert, key
+    return load_cert(directory / f"{name}.pem"), load_key(directory / f"{name}.key")
 
 
 def write_crl(

@@ -20,6 +20,7 @@ from proxy.certs.chain import MAX_CHAIN_DEPTH, TrustList, verify_chain
 from proxy.errors import CertificateRejected
 from proxy.identity.upn import upn_from_certificate, upn_other_name
 from proxy.lab.pki import Pki, make_pki
+from tests.pem import load_cert, load_key
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -32,16 +33,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture(scope="module")
 def trust(pki: Pki) -> TrustList:
     return TrustList.load([pki.root_cert], [pki.issuing_cert])
-
-
-def cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key
 
 
 def issue(
@@ -80,10 +71,10 @@ def rejected(leaf: x509.Certificate, trust: TrustList, at: datetime = NOW) -> st
 
 def test_good_chain_is_evidence(pki: Pki, trust: TrustList) -> None:
     """A lab user's certificate verifies to the root, and the evidence names it exactly."""
-    leaf = cert(pki.user_cert("alice"))
+    leaf = load_cert(pki.user_cert("alice"))
     verified = verify_chain(leaf, trust, at=NOW)
     assert verified.leaf == leaf
-    assert verified.chain == (leaf, cert(pki.issuing_cert), cert(pki.root_cert))
+    assert verified.chain == (leaf, load_cert(pki.issuing_cert), load_cert(pki.root_cert))
     assert (verified.subject, verified.issuer) == ("CN=alice", "CN=Lab Issuing CA")
     assert verified.serial == leaf.serial_number
     assert verified.fingerprint_sha256 == hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
@@ -92,25 +83,25 @@ def test_good_chain_is_evidence(pki: Pki, trust: TrustList) -> None:
 def test_trust_list_loads_pem_bundles_and_der(pki: Pki, tmp_path: Path) -> None:
     """TrustList.load reads a DER anchor and a multi-certificate PEM bundle."""
     der = tmp_path / "root.cer"
-    der.write_bytes(cert(pki.root_cert).public_bytes(serialization.Encoding.DER))
+    der.write_bytes(load_cert(pki.root_cert).public_bytes(serialization.Encoding.DER))
     trust = TrustList.load([der], [pki.server_chain])
-    assert trust.anchors == (cert(pki.root_cert),)
-    assert trust.intermediates == (cert(pki.server_cert), cert(pki.issuing_cert))
+    assert trust.anchors == (load_cert(pki.root_cert),)
+    assert trust.intermediates == (load_cert(pki.server_cert), load_cert(pki.issuing_cert))
 
 
 def test_expired_certificate_refused(pki: Pki, trust: TrustList) -> None:
     """An expired certificate is refused with its expiry date."""
-    assert rejected(cert(pki.user_cert("expired")), trust) == "certificate expired on 2025-05-31T12:00:00Z"
+    assert rejected(load_cert(pki.user_cert("expired")), trust) == "certificate expired on 2025-05-31T12:00:00Z"
 
 
 def test_not_yet_valid_certificate_refused(pki: Pki, trust: TrustList) -> None:
     """A certificate whose validity has not begun is refused with its start date."""
-    assert rejected(cert(pki.user_cert("notyet")), trust) == "certificate not valid before 2025-07-01T12:00:00Z"
+    assert rejected(load_cert(pki.user_cert("notyet")), trust) == "certificate not valid before 2025-07-01T12:00:00Z"
 
 
 def test_rogue_ca_copying_trusted_names_refused(pki: Pki, trust: TrustList) -> None:
     """A certificate from a rogue CA named exactly like the trusted one fails on the signature."""
-    reason = rejected(cert(pki.user_cert("untrusted")), trust)
+    reason = rejected(load_cert(pki.user_cert("untrusted")), trust)
     assert reason == (
         "signature does not verify against the trusted 'CN=Lab Issuing CA' (a certificate copying a trusted CA's name?)"
     )
@@ -119,26 +110,28 @@ def test_rogue_ca_copying_trusted_names_refused(pki: Pki, trust: TrustList) -> N
 def test_issuer_missing_from_trust_list_refused(pki: Pki) -> None:
     """Without the issuing CA configured, the chain cannot be built: the client cannot supply it."""
     only_root = TrustList.load([pki.root_cert])
-    assert rejected(cert(pki.user_cert("alice")), only_root) == "issuer 'CN=Lab Issuing CA' is not in the trust list"
+    assert (
+        rejected(load_cert(pki.user_cert("alice")), only_root) == "issuer 'CN=Lab Issuing CA' is not in the trust list"
+    )
 
 
 def test_server_auth_only_certificate_refused(pki: Pki, trust: TrustList) -> None:
     """A certificate issued for serverAuth only is not a client certificate."""
-    reason = rejected(cert(pki.user_cert("noclientauth")), trust)
+    reason = rejected(load_cert(pki.user_cert("noclientauth")), trust)
     assert reason == "certificate lacks the clientAuth extended key usage (it has: serverAuth)"
 
 
 def test_certificate_without_eku_refused(pki: Pki, trust: TrustList) -> None:
     """A leaf with no EKU at all (valid for any purpose under RFC 5280) is refused all the same."""
-    leaf, _ = issue(cert(pki.issuing_cert), ca_key(pki.issuing_key), "alice", UPN_SAN)
+    leaf, _ = issue(load_cert(pki.issuing_cert), load_key(pki.issuing_key), "alice", UPN_SAN)
     assert rejected(leaf, trust) == "certificate has no extended key usage; the gateway requires clientAuth"
 
 
 def test_stock_client_verifier_accepts_leaf_without_eku(pki: Pki, trust: TrustList) -> None:
     """Canary: cryptography's own client verifier passes a leaf without EKU, hence our own check."""
-    issuing_key = ca_key(pki.issuing_key)
+    issuing_key = load_key(pki.issuing_key)
     aki = (x509.AuthorityKeyIdentifier.from_issuer_public_key(issuing_key.public_key()), False)
-    leaf, _ = issue(cert(pki.issuing_cert), issuing_key, "alice", UPN_SAN, aki)
+    leaf, _ = issue(load_cert(pki.issuing_cert), issuing_key, "alice", UPN_SAN, aki)
     verifier = PolicyBuilder().store(Store(list(trust.anchors))).time(NOW).build_client_verifier()
     assert verifier.verify(leaf, list(trust.intermediates)).chain[0] == leaf
 
@@ -147,7 +140,7 @@ def test_key_usage_without_digital_signature_refused(pki: Pki, trust: TrustList)
     """A leaf whose keyUsage exists but lacks digitalSignature cannot sign the TLS handshake."""
     encipher_only = x509.KeyUsage(False, False, True, False, False, False, False, False, False)
     leaf, _ = issue(
-        cert(pki.issuing_cert), ca_key(pki.issuing_key), "alice", CLIENT_AUTH, UPN_SAN, (encipher_only, True)
+        load_cert(pki.issuing_cert), load_key(pki.issuing_key), "alice", CLIENT_AUTH, UPN_SAN, (encipher_only, True)
     )
     assert rejected(leaf, trust) == "certificate key usage lacks digitalSignature"
 
@@ -155,7 +148,7 @@ def test_key_usage_without_digital_signature_refused(pki: Pki, trust: TrustList)
 def test_end_entity_cannot_act_as_ca(pki: Pki) -> None:
     """Even if configured as an intermediate, a certificate without cA=TRUE cannot issue certificates."""
     trust = TrustList.load([pki.root_cert], [pki.issuing_cert, pki.user_cert("alice")])
-    leaf, _ = issue(cert(pki.user_cert("alice")), ca_key(pki.user_key("alice")), "mallory", CLIENT_AUTH, UPN_SAN)
+    leaf, _ = issue(load_cert(pki.user_cert("alice")), load_key(pki.user_key("alice")), "mallory", CLIENT_AUTH, UPN_SAN)
     reason = rejected(leaf, trust)
     assert reason.startswith("certificate chain does not validate:")
     assert "basicConstraints.cA must be asserted" in reason
@@ -163,8 +156,8 @@ def test_end_entity_cannot_act_as_ca(pki: Pki) -> None:
 
 def test_enterprise_ca_profile_accepted(pki: Pki) -> None:
     """An intermediate with non-critical basicConstraints and no keyUsage, AKI or SKI still issues."""
-    loose_ca, loose_key = issue(cert(pki.root_cert), ca_key(pki.root_key), "Loose CA", (CA[0], False))
-    trust = TrustList(anchors=(cert(pki.root_cert),), intermediates=(loose_ca,))
+    loose_ca, loose_key = issue(load_cert(pki.root_cert), load_key(pki.root_key), "Loose CA", (CA[0], False))
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(loose_ca,))
     leaf, _ = issue(loose_ca, loose_key, "alice", CLIENT_AUTH, UPN_SAN)
     assert verify_chain(leaf, trust, at=NOW).chain[1] == loose_ca
 
@@ -172,8 +165,8 @@ def test_enterprise_ca_profile_accepted(pki: Pki) -> None:
 def test_ca_key_usage_without_key_cert_sign_refused(pki: Pki) -> None:
     """A CA whose keyUsage is present but lacks keyCertSign cannot issue certificates."""
     no_cert_sign = x509.KeyUsage(True, False, False, False, False, False, True, False, False)  # digitalSig, cRLSign
-    weak_ca, weak_key = issue(cert(pki.root_cert), ca_key(pki.root_key), "Weak CA", CA, (no_cert_sign, True))
-    trust = TrustList(anchors=(cert(pki.root_cert),), intermediates=(weak_ca,))
+    weak_ca, weak_key = issue(load_cert(pki.root_cert), load_key(pki.root_key), "Weak CA", CA, (no_cert_sign, True))
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(weak_ca,))
     leaf, _ = issue(weak_ca, weak_key, "alice", CLIENT_AUTH, UPN_SAN)
     assert "CA key usage lacks keyCertSign" in rejected(leaf, trust)
 
@@ -181,9 +174,9 @@ def test_ca_key_usage_without_key_cert_sign_refused(pki: Pki) -> None:
 def test_expired_issuing_ca_named_in_reason(pki: Pki) -> None:
     """When an intermediate has expired, the reason names that CA and its expiry date."""
     old_ca, old_key = issue(
-        cert(pki.root_cert), ca_key(pki.root_key), "Old Issuing CA", CA, not_after=NOW - timedelta(days=2)
+        load_cert(pki.root_cert), load_key(pki.root_key), "Old Issuing CA", CA, not_after=NOW - timedelta(days=2)
     )
-    trust = TrustList(anchors=(cert(pki.root_cert),), intermediates=(old_ca,))
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(old_ca,))
     leaf, _ = issue(old_ca, old_key, "alice", CLIENT_AUTH, UPN_SAN)
     expiry = (NOW - timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert rejected(leaf, trust) == f"issuing CA 'CN=Old Issuing CA' expired on {expiry}"
@@ -191,12 +184,12 @@ def test_expired_issuing_ca_named_in_reason(pki: Pki) -> None:
 
 def test_chain_depth_is_bounded(pki: Pki) -> None:
     """MAX_CHAIN_DEPTH intermediates are accepted; one more is refused, however well formed."""
-    issuer, key = cert(pki.root_cert), ca_key(pki.root_key)
+    issuer, key = load_cert(pki.root_cert), load_key(pki.root_key)
     cas: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
     for depth in range(MAX_CHAIN_DEPTH + 1):
         issuer, key = issue(issuer, key, f"Deep CA {depth}", CA)
         cas.append((issuer, key))
-    trust = TrustList(anchors=(cert(pki.root_cert),), intermediates=tuple(ca for ca, _ in cas))
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=tuple(ca for ca, _ in cas))
     deepest_allowed, _ = issue(*cas[MAX_CHAIN_DEPTH - 1], "alice", CLIENT_AUTH, UPN_SAN)
     too_deep, _ = issue(*cas[MAX_CHAIN_DEPTH], "alice", CLIENT_AUTH, UPN_SAN)
     assert len(verify_chain(deepest_allowed, trust, at=NOW).chain) == MAX_CHAIN_DEPTH + 2
@@ -206,7 +199,7 @@ def test_chain_depth_is_bounded(pki: Pki) -> None:
 def test_naive_time_refused(pki: Pki, trust: TrustList) -> None:
     """The validation time must carry a timezone: a naive datetime is a programming error."""
     with pytest.raises(ValueError, match="timezone-aware"):
-        verify_chain(cert(pki.user_cert("alice")), trust, at=NOW.replace(tzinfo=None))
+        verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW.replace(tzinfo=None))
 
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl CLI is not installed")
@@ -226,8 +219,8 @@ def test_openssl_cli_certificates_pass(tmp_path: Path) -> None:
     openssl(
         tmp_path, "x509 -req -in alice.csr -CA ca.pem -CAkey ca.key -CAcreateserial -extfile ext.cnf -out alice.pem"
     )
-    leaf = cert(tmp_path / "alice.pem")
-    ca = cert(tmp_path / "ca.pem")
+    leaf = load_cert(tmp_path / "alice.pem")
+    ca = load_cert(tmp_path / "ca.pem")
     with pytest.raises(x509.ExtensionNotFound):  # openssl's default CA has no keyUsage: the web-PKI profile refuses it
         ca.extensions.get_extension_for_class(x509.KeyUsage)
 
@@ -254,10 +247,10 @@ def test_openssl_cli_intermediate_passes(tmp_path: Path) -> None:
         tmp_path, "req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout a.key -out a.csr -subj /CN=alice"
     )
     openssl(tmp_path, "x509 -req -in a.csr -CA i.pem -CAkey i.key -CAcreateserial -extfile ext.cnf -out a.pem")
-    leaf, issuing = cert(tmp_path / "a.pem"), cert(tmp_path / "i.pem")
+    leaf, issuing = load_cert(tmp_path / "a.pem"), load_cert(tmp_path / "i.pem")
     assert not issuing.extensions.get_extension_for_class(x509.BasicConstraints).critical
     assert issuing.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.authority_cert_issuer
 
     trust = TrustList.load([tmp_path / "ca.pem"], [tmp_path / "i.pem"])
     verified = verify_chain(leaf, trust, at=leaf.not_valid_before_utc + timedelta(minutes=1))
-    assert verified.chain == (leaf, issuing, cert(tmp_path / "ca.pem"))
+    assert verified.chain == (leaf, issuing, load_cert(tmp_path / "ca.pem"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -15,6 +14,7 @@ from proxy.errors import IdentityRejected
 from proxy.identity.principal import UserPrincipal, map_upn
 from proxy.identity.upn import UPN_OID, common_name, email_from_certificate, upn_from_certificate, upn_other_name
 from proxy.lab.pki import Pki, make_pki
+from tests.pem import load_cert
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 LAB = {"lab.test": "LAB.TEST"}
@@ -23,10 +23,6 @@ LAB = {"lab.test": "LAB.TEST"}
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
-
-
-def cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
 
 
 def with_san(*names: x509.GeneralName, cn: str = "crafted") -> x509.Certificate:
@@ -49,12 +45,12 @@ def with_san(*names: x509.GeneralName, cn: str = "crafted") -> x509.Certificate:
 
 def test_upn_read_from_lab_certificate(pki: Pki) -> None:
     """The UPN otherName of a lab user certificate decodes to the user's UPN."""
-    assert upn_from_certificate(cert(pki.user_cert("alice"))) == "alice@lab.test"
+    assert upn_from_certificate(load_cert(pki.user_cert("alice"))) == "alice@lab.test"
 
 
 def test_certificate_without_upn(pki: Pki) -> None:
     """A certificate whose SAN holds only an rfc822Name has no UPN, but has an e-mail and a CN."""
-    noupn = cert(pki.user_cert("noupn"))
+    noupn = load_cert(pki.user_cert("noupn"))
     assert upn_from_certificate(noupn) is None
     assert email_from_certificate(noupn) == "heidi@lab.test"
     assert common_name(noupn) == "heidi"
@@ -89,7 +85,7 @@ def test_lab_upn_maps_to_principal() -> None:
 
 def test_other_realm_upn_unmapped_uses_upper_cased_suffix(pki: Pki) -> None:
     """A UPN suffix with no realm_map entry becomes its own upper-cased realm."""
-    upn = upn_from_certificate(cert(pki.user_cert("other-realm")))
+    upn = upn_from_certificate(load_cert(pki.user_cert("other-realm")))
     assert upn == "alice@corp.example"
     assert map_upn(upn, realm_map=LAB).principal == "alice@CORP.EXAMPLE"
 

@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.certs.revocation import load_crls
 from proxy.lab.pki import P12_PASSWORD, USER_CERTIFICATES, Pki, make_pki, revoke
+from tests.pem import load_cert
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -25,10 +26,6 @@ NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
-
-
-def cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
 
 
 E = TypeVar("E", bound=x509.ExtensionType)
@@ -54,7 +51,7 @@ def test_files_written_and_keys_private(pki: Pki) -> None:
 
 def test_ca_profiles(pki: Pki) -> None:
     """Root and issuing CA carry critical CA basicConstraints (pathlen 0 below the root) and chained key ids."""
-    root, issuing = cert(pki.root_cert), cert(pki.issuing_cert)
+    root, issuing = load_cert(pki.root_cert), load_cert(pki.issuing_cert)
     assert (root.subject.rfc4514_string(), issuing.subject.rfc4514_string()) == ("CN=Lab Root CA", "CN=Lab Issuing CA")
     root_bc, issuing_bc = ext(root, x509.BasicConstraints), ext(issuing, x509.BasicConstraints)
     assert (root_bc.critical, root_bc.value) == (True, x509.BasicConstraints(ca=True, path_length=None))
@@ -70,7 +67,7 @@ def test_ca_profiles(pki: Pki) -> None:
 
 def test_user_certificate_profile(pki: Pki) -> None:
     """A user certificate: CN, UPN otherName as DER UTF8String, e-mail, clientAuth, critical digitalSignature."""
-    alice = cert(pki.user_cert("alice"))
+    alice = load_cert(pki.user_cert("alice"))
     assert alice.subject.rfc4514_string() == "CN=alice"
     san = ext(alice, x509.SubjectAlternativeName).value
     (upn,) = san.get_values_for_type(x509.OtherName)
@@ -87,36 +84,37 @@ def test_user_certificate_profile(pki: Pki) -> None:
 def test_p12_holds_key_certificate_and_chain(pki: Pki) -> None:
     """users/<name>.p12 opens with the lab password and carries the key, certificate and CA chain."""
     key, certificate, chain = pkcs12.load_key_and_certificates(pki.user_p12("bob").read_bytes(), P12_PASSWORD)
-    assert certificate == cert(pki.user_cert("bob"))
+    assert certificate == load_cert(pki.user_cert("bob"))
     assert key is not None
     assert key.public_key() == certificate.public_key()
-    assert chain == [cert(pki.issuing_cert), cert(pki.root_cert)]
+    assert chain == [load_cert(pki.issuing_cert), load_cert(pki.root_cert)]
 
 
 def test_server_certificate(pki: Pki) -> None:
     """The gateway's certificate: proxy.lab.test, localhost, 127.0.0.1, serverAuth; its chain file adds the CA."""
-    server = cert(pki.server_cert)
+    server = load_cert(pki.server_cert)
     san = ext(server, x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["proxy.lab.test", "localhost"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     assert list(ext(server, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
-    assert x509.load_pem_x509_certificates(pki.server_chain.read_bytes()) == [server, cert(pki.issuing_cert)]
+    assert x509.load_pem_x509_certificates(pki.server_chain.read_bytes()) == [server, load_cert(pki.issuing_cert)]
 
 
 def test_variants_break_one_thing_each(pki: Pki) -> None:
     """expired, notyet, noupn, noclientauth, untrusted and other-realm differ from a good user as named."""
-    assert cert(pki.user_cert("expired")).not_valid_after_utc < NOW
-    assert cert(pki.user_cert("notyet")).not_valid_before_utc > NOW
+    assert load_cert(pki.user_cert("expired")).not_valid_after_utc < NOW
+    assert load_cert(pki.user_cert("notyet")).not_valid_before_utc > NOW
     assert (
-        ext(cert(pki.user_cert("noupn")), x509.SubjectAlternativeName).value.get_values_for_type(x509.OtherName) == []
+        ext(load_cert(pki.user_cert("noupn")), x509.SubjectAlternativeName).value.get_values_for_type(x509.OtherName)
+        == []
     )
-    noclient = ext(cert(pki.user_cert("noclientauth")), x509.ExtendedKeyUsage).value
+    noclient = ext(load_cert(pki.user_cert("noclientauth")), x509.ExtendedKeyUsage).value
     assert list(noclient) == [ExtendedKeyUsageOID.SERVER_AUTH]
-    rogue_root, root = cert(pki.rogue_root_cert), cert(pki.root_cert)
-    untrusted, rogue_issuing = cert(pki.user_cert("untrusted")), cert(pki.rogue_issuing_cert)
+    rogue_root, root = load_cert(pki.rogue_root_cert), load_cert(pki.root_cert)
+    untrusted, rogue_issuing = load_cert(pki.user_cert("untrusted")), load_cert(pki.rogue_issuing_cert)
     assert rogue_root.subject == root.subject
     assert rogue_root.public_key() != root.public_key()
-    assert untrusted.issuer == cert(pki.issuing_cert).subject
+    assert untrusted.issuer == load_cert(pki.issuing_cert).subject
     untrusted.verify_directly_issued_by(rogue_issuing)
     assert (USER_CERTIFICATES["other-realm"].upn, USER_CERTIFICATES["ghost"].upn) == (
         "alice@corp.example",
@@ -128,12 +126,12 @@ def test_crls_current_and_listing_revoked(pki: Pki) -> None:
     """crls.pem: the root's empty CRL and the issuing CA's CRL listing `revoked`, current at now; DER copies agree."""
     root_crl, issuing_crl = load_crls(pki.crls)
     assert list(root_crl) == []
-    assert [entry.serial_number for entry in issuing_crl] == [cert(pki.user_cert("revoked")).serial_number]
+    assert [entry.serial_number for entry in issuing_crl] == [load_cert(pki.user_cert("revoked")).serial_number]
     for crl in (root_crl, issuing_crl):
         assert (crl.last_update_utc, crl.next_update_utc) == (NOW - timedelta(hours=1), NOW + timedelta(days=7))
     assert load_crls(pki.issuing_crl) == [issuing_crl]
     assert load_crls(pki.root_crl) == [root_crl]
-    root_key = cert(pki.root_cert).public_key()
+    root_key = load_cert(pki.root_cert).public_key()
     assert isinstance(root_key, ec.EllipticCurvePublicKey)
     assert root_crl.is_signature_valid(root_key)
 
@@ -154,16 +152,16 @@ def test_due_crls_are_reissued_and_certificates_kept(tmp_path: Path) -> None:
     assert pki.crls.read_bytes() != old_crls
     issuing_crl = load_crls(pki.crls)[1]
     assert issuing_crl.next_update_utc == NOW + timedelta(days=13, hours=12)
-    assert [entry.serial_number for entry in issuing_crl] == [cert(pki.user_cert("revoked")).serial_number]
+    assert [entry.serial_number for entry in issuing_crl] == [load_cert(pki.user_cert("revoked")).serial_number]
 
 
 def test_expiring_pki_is_remade(tmp_path: Path) -> None:
     """When user certificates are within a day of expiry, everything is made afresh with new keys."""
     pki = make_pki(tmp_path, now=NOW)
-    old_root = cert(pki.root_cert)
+    old_root = load_cert(pki.root_cert)
     make_pki(tmp_path, now=NOW + timedelta(days=365))
-    assert cert(pki.root_cert).public_key() != old_root.public_key()
-    assert cert(pki.user_cert("alice")).not_valid_after_utc > NOW + timedelta(days=366)
+    assert load_cert(pki.root_cert).public_key() != old_root.public_key()
+    assert load_cert(pki.user_cert("alice")).not_valid_after_utc > NOW + timedelta(days=366)
 
 
 def test_revoke_records_serial_and_bumps_crl_number(tmp_path: Path) -> None:
@@ -171,7 +169,7 @@ def test_revoke_records_serial_and_bumps_crl_number(tmp_path: Path) -> None:
     pki = make_pki(tmp_path, now=NOW)
     revoke(pki, pki.user_cert("carol"), now=NOW)
     record = json.loads(pki.revocation_record.read_text())
-    carol = cert(pki.user_cert("carol"))
+    carol = load_cert(pki.user_cert("carol"))
     assert record["crl_number"] == 2
     assert f"{carol.serial_number:x}" in [entry["serial"] for entry in record["revoked"]]
     assert x509.load_der_x509_crl(pki.issuing_crl.read_bytes()).get_revoked_certificate_by_serial_number(

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.revocation import CrlSet, RevocationPolicy, RevocationStatus, load_crls
 from proxy.errors import CertificateRevoked
 from proxy.lab.pki import Pki, make_pki, revoke
+from tests.pem import load_cert, load_key
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(days=8)  # past the lab CRLs' nextUpdate (NOW + 7 days)
@@ -42,18 +43,8 @@ def lab_crls(pki: Pki) -> list[tuple[str, x509.CertificateRevocationList]]:
     return [(str(pki.crls), crl) for crl in load_crls(pki.crls)]
 
 
-def cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def key(path: Path) -> ec.EllipticCurvePrivateKey:
-    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
-    return loaded
-
-
 def verified(pki: Pki, trust: TrustList, name: str) -> VerifiedCertificate:
-    return verify_chain(cert(pki.user_cert(name)), trust, at=NOW)
+    return verify_chain(load_cert(pki.user_cert(name)), trust, at=NOW)
 
 
 def make_crl(
@@ -89,7 +80,7 @@ def test_good_certificate_evidence(pki: Pki, trust: TrustList, crls: CrlSet) -> 
 @pytest.mark.parametrize("policy", ["require", "best-effort"])
 def test_revoked_certificate_refused(pki: Pki, trust: TrustList, crls: CrlSet, policy: RevocationPolicy) -> None:
     """A listed certificate is refused with its serial, date and reason, under require and best-effort."""
-    serial = cert(pki.user_cert("revoked")).serial_number
+    serial = load_cert(pki.user_cert("revoked")).serial_number
     with pytest.raises(CertificateRevoked) as info:
         crls.check(verified(pki, trust, "revoked"), at=NOW, policy=policy)
     expected = f"certificate serial 0x{serial:x} was revoked on 2025-06-01T10:00:00Z (reason keyCompromise)"
@@ -125,12 +116,12 @@ def test_revoke_reissues_crl_and_newest_crl_wins(tmp_path: Path) -> None:
         crls.check(bob, at=NOW + timedelta(minutes=5), policy="require")
     issuing_crl = x509.load_der_x509_crl(pki.issuing_crl.read_bytes())
     assert issuing_crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 2
-    assert issuing_crl.get_revoked_certificate_by_serial_number(cert(pki.user_cert("revoked")).serial_number)
+    assert issuing_crl.get_revoked_certificate_by_serial_number(load_cert(pki.user_cert("revoked")).serial_number)
 
 
 def test_stale_crl_refused_under_require(pki: Pki, trust: TrustList, crls: CrlSet) -> None:
     """Past the CRL's nextUpdate, "require" refuses and says which CRL expired when."""
-    alice = verify_chain(cert(pki.user_cert("alice")), trust, at=LATER)
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=LATER)
     with pytest.raises(CertificateRevoked) as info:
         crls.check(alice, at=LATER, policy="require")
     assert info.value.reason == (
@@ -140,7 +131,7 @@ def test_stale_crl_refused_under_require(pki: Pki, trust: TrustList, crls: CrlSe
 
 def test_stale_crl_unknown_under_best_effort(pki: Pki, trust: TrustList, crls: CrlSet) -> None:
     """Past the CRL's nextUpdate, "best-effort" passes the certificate with UNKNOWN evidence."""
-    alice = verify_chain(cert(pki.user_cert("alice")), trust, at=LATER)
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=LATER)
     evidence = crls.check(alice, at=LATER, policy="best-effort")
     assert evidence.status is RevocationStatus.UNKNOWN
     assert evidence.detail.startswith("no current CRL for issuer 'CN=Lab Issuing CA'")
@@ -158,7 +149,7 @@ def test_build_reports_stale_crls(pki: Pki, trust: TrustList) -> None:
 
 def test_crl_signed_by_wrong_key_rejected(pki: Pki, trust: TrustList) -> None:
     """A CRL naming the trusted issuing CA but signed by the rogue CA's key is rejected and reported."""
-    forged = make_crl(cert(pki.issuing_cert).subject, key(pki.rogue_issuing_key))
+    forged = make_crl(load_cert(pki.issuing_cert).subject, load_key(pki.rogue_issuing_key))
     crls, problems = CrlSet.build([("forged.crl", forged)], trust, at=NOW)
     assert crls.crls == ()
     assert problems == [
@@ -177,7 +168,7 @@ def test_crl_from_unknown_issuer_rejected(pki: Pki, trust: TrustList) -> None:
 
 def test_missing_crl_for_issuer(pki: Pki, trust: TrustList) -> None:
     """With only the root's CRL loaded, the leaf's issuer has none: require refuses."""
-    root_only = [(source, crl) for source, crl in lab_crls(pki) if crl.issuer == cert(pki.root_cert).subject]
+    root_only = [(source, crl) for source, crl in lab_crls(pki) if crl.issuer == load_cert(pki.root_cert).subject]
     crls, _ = CrlSet.build(root_only, trust, at=NOW)
     with pytest.raises(CertificateRevoked) as info:
         crls.check(verified(pki, trust, "alice"), at=NOW, policy="require")
@@ -186,8 +177,8 @@ def test_missing_crl_for_issuer(pki: Pki, trust: TrustList) -> None:
 
 def test_revoked_issuing_ca_refused(pki: Pki, trust: TrustList) -> None:
     """If the root's CRL lists the issuing CA, every certificate under it is refused."""
-    issuing = cert(pki.issuing_cert)
-    root_crl = make_crl(cert(pki.root_cert).subject, key(pki.root_key), (issuing.serial_number,))
+    issuing = load_cert(pki.issuing_cert)
+    root_crl = make_crl(load_cert(pki.root_cert).subject, load_key(pki.root_key), (issuing.serial_number,))
     issuing_crl = [(s, crl) for s, crl in lab_crls(pki) if crl.issuer == issuing.subject]
     crls, problems = CrlSet.build([("root.crl", root_crl), *issuing_crl], trust, at=NOW)
     # A revoked CA's own CRL is not believed either (RFC 5280 6.3.3 (f)): it is reported, and dropped.
@@ -226,7 +217,7 @@ def test_openssl_ca_crl_accepted(pki: Pki, trust: TrustList, tmp_path: Path) -> 
     (crl,) = load_crls(tmp_path / "crl.pem")
     assert list(crl.extensions) == []  # openssl ca's defaults: a v1 CRL, no CRL number, no AKI
     now = crl.last_update_utc + timedelta(minutes=1)
-    carol = verify_chain(cert(pki.user_cert("carol")), trust, at=NOW)
+    carol = verify_chain(load_cert(pki.user_cert("carol")), trust, at=NOW)
     crls, problems = CrlSet.build([("crl.pem", crl)], trust, at=now)
     assert problems == []
     with pytest.raises(CertificateRevoked, match=f"serial 0x{carol.serial:x} was revoked"):

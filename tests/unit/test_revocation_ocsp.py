@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from proxy.certs.ocsp import OcspClient, OcspError, build_request, responder_url, verify_response
 from proxy.certs.revocation import RevocationStatus
 from proxy.lab.pki import Pki, make_pki
+from tests.pem import load_cert, load_key
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 NONCE = b"0123456789abcdef"
@@ -25,16 +24,6 @@ URL = "http://ocsp.test/"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"), now=NOW, ocsp_url="http://127.0.0.1:9/ocsp")
-
-
-def cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def key(path: Path) -> ec.EllipticCurvePrivateKey:
-    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
-    return loaded
 
 
 def answer(
@@ -48,7 +37,7 @@ def answer(
     next_update: datetime | None = None,
 ) -> bytes:
     """A DER OCSP response about `subject`, as a responder would sign it."""
-    issuing = cert(pki.issuing_cert)
+    issuing = load_cert(pki.issuing_cert)
     revoked = status is ocsp.OCSPCertStatus.REVOKED
     builder = ocsp.OCSPResponseBuilder().add_response(
         cert=subject,
@@ -63,11 +52,11 @@ def answer(
     if nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
     signing_cert, signing_key = {
-        "responder": (cert(pki.ocsp_cert), key(pki.ocsp_key)),
-        "ca": (issuing, key(pki.issuing_key)),
-        "rogue": (cert(pki.rogue_issuing_cert), key(pki.rogue_issuing_key)),
-        "server": (cert(pki.server_cert), key(pki.server_key)),  # issued by the CA, but not for OCSP
-        "tampered": (issuing, key(pki.issuing_key)),  # the CA's, with one bit of the signature flipped below
+        "responder": (load_cert(pki.ocsp_cert), load_key(pki.ocsp_key)),
+        "ca": (issuing, load_key(pki.issuing_key)),
+        "rogue": (load_cert(pki.rogue_issuing_cert), load_key(pki.rogue_issuing_key)),
+        "server": (load_cert(pki.server_cert), load_key(pki.server_key)),  # issued by the CA, but not for OCSP
+        "tampered": (issuing, load_key(pki.issuing_key)),  # the CA's, with one bit of the signature flipped below
     }[signer]
     builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, signing_cert)
     if signer not in ("ca", "tampered"):
@@ -77,7 +66,7 @@ def answer(
 
 
 def verify(pki: Pki, der: bytes, user: str = "alice", at: datetime = NOW) -> tuple[RevocationStatus, str]:
-    subject, issuing = cert(pki.user_cert(user)), cert(pki.issuing_cert)
+    subject, issuing = load_cert(pki.user_cert(user)), load_cert(pki.issuing_cert)
     request = build_request(subject, issuing, NONCE)
     evidence, _ = verify_response(der, request, issuing, nonce=NONCE, at=at, source=URL)
     return evidence.status, evidence.detail
@@ -96,7 +85,7 @@ def test_checked_answers_become_evidence(
     pki: Pki, status: ocsp.OCSPCertStatus, signer: str, expected: RevocationStatus
 ) -> None:
     """Good, revoked and unknown from the delegated responder (or the CA itself) are evidence of that status."""
-    got, detail = verify(pki, answer(pki, cert(pki.user_cert("alice")), status=status, signer=signer))
+    got, detail = verify(pki, answer(pki, load_cert(pki.user_cert("alice")), status=status, signer=signer))
     assert got is expected
     if expected is RevocationStatus.REVOKED:
         assert "(reason keyCompromise, per OCSP)" in detail
@@ -117,19 +106,19 @@ def test_checked_answers_become_evidence(
 def test_unbelievable_answers_are_refused(pki: Pki, kwargs: dict[str, object], why: str) -> None:
     """Wrong signer, a responder certificate without id-kp-OCSPSigning, a replayed or stale answer: OcspError."""
     with pytest.raises(OcspError, match=why):
-        verify(pki, answer(pki, cert(pki.user_cert("alice")), **kwargs))  # type: ignore[arg-type]
+        verify(pki, answer(pki, load_cert(pki.user_cert("alice")), **kwargs))  # type: ignore[arg-type]
 
 
 def test_answer_about_another_certificate_is_refused(pki: Pki) -> None:
     """A good answer for bob does not vouch for alice."""
     with pytest.raises(OcspError, match="does not answer for the certificate asked about"):
-        verify(pki, answer(pki, cert(pki.user_cert("bob"))), user="alice")
+        verify(pki, answer(pki, load_cert(pki.user_cert("bob"))), user="alice")
 
 
 def test_responder_url_comes_from_authority_information_access(pki: Pki) -> None:
     """The leaf names the lab responder; a CA certificate without AIA names none."""
-    assert responder_url(cert(pki.user_cert("alice"))) == "http://127.0.0.1:9/ocsp"
-    assert responder_url(cert(pki.issuing_cert)) is None
+    assert responder_url(load_cert(pki.user_cert("alice"))) == "http://127.0.0.1:9/ocsp"
+    assert responder_url(load_cert(pki.issuing_cert)) is None
 
 
 def test_client_caches_answers_and_failures(pki: Pki) -> None:
@@ -144,7 +133,7 @@ async def _client_caches_answers_and_failures(pki: Pki) -> None:
         body = await request.read()
         posts.append(body)
         nonce = ocsp.load_der_ocsp_request(body).extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
-        return web.Response(body=answer(pki, cert(pki.user_cert("alice")), nonce=nonce))
+        return web.Response(body=answer(pki, load_cert(pki.user_cert("alice")), nonce=nonce))
 
     app = web.Application()
     app.router.add_post("/", responder)
@@ -156,7 +145,7 @@ async def _client_caches_answers_and_failures(pki: Pki) -> None:
     alice = _with_responder(pki, f"http://127.0.0.1:{port}/")
     client = OcspClient(cache_seconds=60)
     try:
-        issuing = cert(pki.issuing_cert)
+        issuing = load_cert(pki.issuing_cert)
         first, second = await asyncio.gather(
             client.status(alice, issuing, at=NOW), client.status(alice, issuing, at=NOW)
         )
@@ -175,7 +164,7 @@ async def _client_caches_answers_and_failures(pki: Pki) -> None:
 
 def _with_responder(pki: Pki, url: str) -> x509.Certificate:
     """alice's certificate, reissued (same serial and key) to name `url` as its OCSP responder."""
-    alice = cert(pki.user_cert("alice"))
+    alice = load_cert(pki.user_cert("alice"))
     aia = x509.AuthorityInformationAccess(
         [x509.AccessDescription(x509.oid.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(url))]
     )
@@ -189,4 +178,4 @@ def _with_responder(pki: Pki, url: str) -> x509.Certificate:
         .not_valid_after(alice.not_valid_after_utc)
         .add_extension(aia, critical=False)
     )
-    return builder.sign(key(pki.issuing_key), hashes.SHA256())
+    return builder.sign(load_key(pki.issuing_key), hashes.SHA256())

@@ -18,6 +18,7 @@ from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.revocation import CrlSet, RevocationStatus
 from proxy.certs.sources import CrlSource, CrlStore, distribution_point_urls
 from proxy.lab.pki import Pki, make_pki, revoke
+from tests.pem import load_cert
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -30,10 +31,6 @@ def pki(tmp_path: Path) -> Pki:
 @pytest.fixture
 def trust(pki: Pki) -> TrustList:
     return TrustList.load([pki.root_cert], [pki.issuing_cert])
-
-
-def load_cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
 
 
 def verified(pki: Pki, trust: TrustList, name: str) -> VerifiedCertificate:
