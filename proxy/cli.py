@@ -24,17 +24,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = config_module.load(Path(args.config))
     except ConfigError as e:
-        for problem in e.problems:
-            print(f"configuration error: {problem}", file=sys.stderr)
-        return 2
+        return e.report()
 
     def serve_one() -> int:
         try:
             asyncio.run(app.serve(cfg))
         except ConfigError as e:
-            for problem in e.problems:
-                print(f"configuration error: {problem}", file=sys.stderr)
-            return 2
+            return e.report()
         return 0
 
     if cfg.listener.workers == 1:

@@ -9,6 +9,7 @@ client) and optional `challenge` headers that depend on the request (`WWW-Authen
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 
@@ -130,6 +131,12 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+    def report(self) -> int:
+        """For the commands: each problem on stderr, and the exit status that says the configuration is bad."""
+        for problem in self.problems:
+            print(f"configuration error: {problem}", file=sys.stderr)
+        return 2
 
 
 class KerberosMisconfigured(GatewayError):

@@ -73,9 +73,7 @@ def explain(args: argparse.Namespace) -> int:
     try:
         gw = app.build(config_module.load(Path(args.config)))
     except ConfigError as e:
-        for problem in e.problems:
-            print(f"configuration error: {problem}", file=sys.stderr)
-        return 2
+        return e.report()
 
     async def run() -> Explanation:
         try:
@@ -97,9 +95,7 @@ def doctor(args: argparse.Namespace) -> int:
     try:
         cfg = config_module.load(Path(args.config))
     except ConfigError as e:
-        for problem in e.problems:
-            print(f"configuration error: {problem}", file=sys.stderr)
-        return 2
+        return e.report()
     checks = doctor.run(cfg, user=args.user)
     print(doctor.render(checks))
     return 1 if any(c.status == "fail" for c in checks) else 0

@@ -116,9 +116,7 @@ def run(args: argparse.Namespace) -> int:
         base = admin_url(args)
         context = _context(args)
     except ConfigError as e:
-        for problem in e.problems:
-            print(f"configuration error: {problem}", file=sys.stderr)
-        return 2
+        return e.report()
     except (OSError, ssl.SSLError) as e:
         print(f"kcd-proxy trace: {e}", file=sys.stderr)
         return 2
