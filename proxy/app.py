@@ -29,6 +29,7 @@ from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
+from proxy.tls import proxy_protocol
 from proxy.tls.server import gate_factory
 
 log = structlog.get_logger("proxy")
@@ -149,10 +150,14 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     handlers = runner.server
     live.metrics.open_connections = lambda: len(handlers.connections)
     listener = config.listener
+    tls_gate = gate_factory(
+        handlers, lambda: live.ssl_context, listener.handshake_timeout, on_refused=live.metrics.handshake_refused
+    )
+    factory: Callable[[], asyncio.Protocol] = tls_gate
+    if listener.proxy_protocol:  # behind a balancer: its PROXY header first, then TLS
+        factory = proxy_protocol.gate_factory(tls_gate, listener.trusted_proxies, listener.handshake_timeout)
     server = await loop.create_server(
-        gate_factory(
-            handlers, lambda: live.ssl_context, listener.handshake_timeout, on_refused=live.metrics.handshake_refused
-        ),
+        factory,
         listener.host,
         listener.port,
         reuse_address=True,

@@ -30,6 +30,7 @@ AuthMode = Literal["certificate", "certificate-or-basic", "certificate-and-basic
 AUTH_MODES: tuple[AuthMode, ...] = ("certificate", "certificate-or-basic", "certificate-and-basic", "basic")
 BackendAuth = Literal["negotiate", "basic"]
 BACKEND_AUTHS: tuple[BackendAuth, ...] = ("negotiate", "basic")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Listener:
     client_send_timeout: float = 60.0  # idle while the device does not take the answer's bytes
     max_body_bytes: int = 64 * 1024 * 1024
     workers: int = 1  # processes serving the port (SO_REUSEPORT when more than one); see proxy.workers
+    proxy_protocol: bool = False  # connections open with a PROXY header (v1/v2) from a balancer; see below
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # balancers (CIDR) whose PROXY headers are believed
 
 
 @dataclass(frozen=True)
@@ -328,9 +331,10 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         "listener",
         {
             *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
-            *("client_body_timeout", "client_send_timeout", "workers"),
+            *("client_body_timeout", "client_send_timeout", "workers", "proxy_protocol", "trusted_proxies"),
         },
     )
+    proxy_protocol, trusted_proxies = _proxy_protocol(r, t)
     host, port = _host_port(r, "listener.bind", r.get(t, "listener.bind", "bind", str))
     return Listener(
         host=host,
@@ -343,7 +347,32 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         client_send_timeout=_number(r, t, "listener", "client_send_timeout", float, 60.0),
         max_body_bytes=_number(r, t, "listener", "max_body_bytes", int, 64 * 1024 * 1024),
         workers=_number(r, t, "listener", "workers", int, 1),
+        proxy_protocol=proxy_protocol,
+        trusted_proxies=trusted_proxies,
     )
+
+
+def _proxy_protocol(r: _Reader, t: dict[str, Any]) -> tuple[bool, tuple[IPNetwork, ...]]:
+    """`listener.proxy_protocol` and the balancers it is accepted from (proxy.tls.proxy_protocol)."""
+    enabled = bool(r.get(t, "listener.proxy_protocol", "proxy_protocol", bool, False))
+    raw = t.get("trusted_proxies", [])
+    if not isinstance(raw, list):
+        r.problem("listener.trusted_proxies", f'expected a list of CIDR blocks like ["10.0.0.0/24"], got {raw!r}')
+        raw = []
+    networks: list[IPNetwork] = []
+    for i, entry in enumerate(raw):
+        try:
+            networks.append(ipaddress.ip_network(str(entry) if isinstance(entry, str) else "-", strict=True))
+        except ValueError as e:
+            r.problem(f"listener.trusted_proxies[{i}]", f"expected a CIDR block such as 10.0.0.0/24: {e}")
+    if enabled and not raw:
+        r.problem(
+            "listener.trusted_proxies",
+            "proxy_protocol = true needs the balancers' addresses (CIDR); without them no connection is accepted",
+        )
+    if raw and not enabled:
+        r.problem("listener.trusted_proxies", "only meaningful with listener.proxy_protocol = true")
+    return enabled, tuple(networks)
 
 
 def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:

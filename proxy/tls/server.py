@@ -151,6 +151,14 @@ class TlsGate(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
         self._early_eof = False
+        self._client: tuple[str, int] | None = None  # the device, when a balancer said so (PROXY protocol)
+        self._preread = b""
+
+    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes) -> None:
+        """Before `connection_made`: the device's address from a PROXY header (None: the connection's own
+        address stands), and the bytes read after that header (the device's first TLS bytes)."""
+        self._client = client
+        self._preread = preread
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -158,7 +166,7 @@ class TlsGate(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._upgrade(transport))
 
     async def _upgrade(self, transport: asyncio.Transport) -> None:
-        peer = transport.get_extra_info("peername")
+        peer = self._client or transport.get_extra_info("peername")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         tls_protocol = _AlertingSSLProtocol(
@@ -172,6 +180,10 @@ class TlsGate(asyncio.Protocol):
         )
         transport.set_protocol(tls_protocol)
         tls_protocol.connection_made(transport)
+        if self._client is not None:
+            tls_protocol._extra["peername"] = self._client  # what aiohttp's request.remote reports
+        if self._preread:
+            _feed(tls_protocol, self._preread)
         transport.resume_reading()
         try:
             await waiter
@@ -208,6 +220,17 @@ class TlsGate(asyncio.Protocol):
             self._task.cancel()
 
 
+def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """Hand `protocol` bytes that were read before it owned the socket."""
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
+
+
 def _peer(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
@@ -220,7 +243,7 @@ def gate_factory(
     timeout: float,
     *,
     on_refused: Callable[[str], None] | None = None,
-) -> Callable[[], asyncio.Protocol]:
+) -> Callable[[], TlsGate]:
     """A protocol factory for `loop.create_server` that puts TLS in front of aiohttp's handler.
 
     `ctx` may be a function returning the current context: each new connection then gets the one in force

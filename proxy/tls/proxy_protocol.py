@@ -1,0 +1,255 @@
+"""The PROXY protocol (v1 and v2): the device's address, told by a layer-4 balancer in front of the gateway.
+
+Theory of operation. TLS must end on the gateway (the client certificate is the point), so a balancer in
+front of several gateways passes TCP through, and the gateway sees the balancer's address, not the
+device's. With `[listener] proxy_protocol = true` the balancer (HAProxy `send-proxy` / `send-proxy-v2`,
+cloud network balancers) opens each connection with a header naming the device's address and port, before
+the first TLS byte. This module reads it:
+
+- `parse` is the pure part: bytes in, a `ProxyHeader` (evidence: which version, whether the balancer
+  proxied a connection or checked its own health, the device's address) or `None` while the header is
+  incomplete, or `ProxyHeaderError` saying what is wrong. It refuses as soon as the bytes cannot become a
+  header: a TLS ClientHello (a device or attacker that skipped the balancer) is refused at its first byte.
+- `ProxyHeaderGate` is the listener's first protocol when the option is on. It trusts the header only from
+  `listener.trusted_proxies`: a connection from any other address is closed at once, before a byte is read,
+  so nobody can claim an address by sending the header himself. A trusted connection must bring a complete
+  header within `listener.handshake_timeout`, else it is closed. Every refusal is logged
+  (`proxy_header_refused`, with the connection's own address and the reason). Once the header is read, the
+  connection goes to the TLS gate (`proxy.tls.server.TlsGate`) with the device's address, which is then
+  what aiohttp reports as `request.remote`: logs, traces, throttles and `X-Forwarded-For` all use it.
+
+A `LOCAL` v2 header (the balancer's own health check) or a v1 `UNKNOWN` carries no device: the
+connection's own address stands. Unix-socket and UDP addresses are refused (a gateway listens on TCP).
+The header's TLVs (v2 extensions) are skipped unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from proxy.tls.server import TlsGate
+
+log = structlog.get_logger("proxy.tls")
+
+V1_PREFIX = b"PROXY "
+V1_MAX = 107  # the longest v1 line, CRLF included (the specification's figure)
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V2_FIXED = 16  # signature, version/command, family/transport, length
+# A v2 header's length field allows 64 KiB of addresses and TLVs. Balancers send tens to a few hundred
+# bytes (addresses, plus a TLV or two naming the endpoint); more is refused rather than buffered.
+V2_MAX_PAYLOAD = 2048
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = tuple[str, int]
+
+
+class ProxyHeaderError(ValueError):
+    """The bytes are not a PROXY header this gateway accepts; the message says why."""
+
+
+@dataclass(frozen=True)
+class ProxyHeader:
+    """What the balancer said about one connection."""
+
+    version: Literal[1, 2]
+    command: Literal["proxy", "local"]  # local: the balancer's own connection (a health check), no device
+    source: Address | None  # the device's address and port; None for local/UNKNOWN
+    destination: Address | None  # the address the device connected to (the balancer's)
+    length: int  # bytes the header took; what follows is the device's first TLS bytes
+
+
+def parse(data: bytes) -> ProxyHeader | None:
+    """The header at the start of `data`; None if `data` is a valid beginning of one; ProxyHeaderError otherwise."""
+    if data[:1] == V1_PREFIX[:1]:
+        return _parse_v1(data)
+    if data[:1] == V2_SIGNATURE[:1]:
+        return _parse_v2(data)
+    if not data:
+        return None
+    raise ProxyHeaderError(f"no PROXY header: the connection began with {data[:1]!r}")
+
+
+def _parse_v1(data: bytes) -> ProxyHeader | None:
+    if not data.startswith(V1_PREFIX):
+        if V1_PREFIX.startswith(data):
+            return None
+        raise ProxyHeaderError("no PROXY header: bytes that begin like v1 but are not")
+    end = data.find(b"\r\n", 0, V1_MAX)
+    if end < 0:
+        if len(data) >= V1_MAX:
+            raise ProxyHeaderError(f"v1 header longer than {V1_MAX} bytes")
+        if b"\n" in data or b"\r" in data[:-1]:
+            raise ProxyHeaderError("v1 header with a line end other than CRLF")
+        return None
+    try:
+        line = data[:end].decode("ascii")
+    except UnicodeDecodeError:
+        raise ProxyHeaderError("v1 header with non-ASCII bytes") from None
+    fields = line.split(" ")
+    length = end + 2
+    if len(fields) >= 2 and fields[1] == "UNKNOWN":
+        return ProxyHeader(1, "local", None, None, length)
+    if len(fields) != 6:
+        raise ProxyHeaderError(f"v1 header with {len(fields)} fields, expected 6: {line[:V1_MAX]!r}")
+    _, family, src, dst, sport, dport = fields
+    versions = {"TCP4": 4, "TCP6": 6}
+    if family not in versions:
+        raise ProxyHeaderError(f"v1 header with unknown protocol {family!r}")
+    return ProxyHeader(
+        1,
+        "proxy",
+        (_v1_address(src, versions[family]), _v1_port(sport)),
+        (_v1_address(dst, versions[family]), _v1_port(dport)),
+        length,
+    )
+
+
+def _v1_address(text: str, version: int) -> str:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ProxyHeaderError(f"v1 header with a bad address {text!r}") from None
+    if address.version != version:
+        raise ProxyHeaderError(f"v1 header: {text} is not an IPv{version} address")
+    return str(address)
+
+
+def _v1_port(text: str) -> int:
+    # Decimal digits only, no sign, no leading zero (int() would take "+1", " 1" and "0_1").
+    if not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0") or int(text) > 65535:
+        raise ProxyHeaderError(f"v1 header with a bad port {text!r}")
+    return int(text)
+
+
+def _parse_v2(data: bytes) -> ProxyHeader | None:
+    if not V2_SIGNATURE.startswith(data[: len(V2_SIGNATURE)]):
+        raise ProxyHeaderError("no PROXY header: a wrong v2 signature")
+    if len(data) < V2_FIXED:
+        return None
+    version_command, family_transport, payload = struct.unpack_from("!BBH", data, len(V2_SIGNATURE))
+    if version_command >> 4 != 2:
+        raise ProxyHeaderError(f"v2 header with version {version_command >> 4}")
+    command = version_command & 0x0F
+    if command not in (0, 1):
+        raise ProxyHeaderError(f"v2 header with unknown command {command}")
+    if payload > V2_MAX_PAYLOAD:
+        raise ProxyHeaderError(f"v2 header of {payload} bytes, more than the {V2_MAX_PAYLOAD} accepted")
+    length = V2_FIXED + payload
+    if len(data) < length:
+        return None
+    if command == 0:  # LOCAL: the balancer speaking for itself; whatever follows is ignored
+        return ProxyHeader(2, "local", None, None, length)
+    family, transport = family_transport >> 4, family_transport & 0x0F
+    if family == 0:  # UNSPEC: the balancer does not know the addresses
+        return ProxyHeader(2, "local", None, None, length)
+    if transport != 1:
+        raise ProxyHeaderError(f"v2 header for transport {transport}, not a TCP stream")
+    sizes = {1: 4, 2: 16}
+    if family not in sizes:
+        raise ProxyHeaderError(f"v2 header for address family {family}, not IPv4 or IPv6")
+    size = sizes[family]
+    if payload < 2 * size + 4:
+        raise ProxyHeaderError(f"v2 header of {payload} bytes, too short for two IPv{4 if size == 4 else 6} addresses")
+    at = V2_FIXED
+    src = ipaddress.ip_address(data[at : at + size])
+    dst = ipaddress.ip_address(data[at + size : at + 2 * size])
+    sport, dport = struct.unpack_from("!HH", data, at + 2 * size)
+    return ProxyHeader(2, "proxy", (str(src), sport), (str(dst), dport), length)
+
+
+def trusted(peer: object, networks: Sequence[IPNetwork]) -> bool:
+    """Whether the connection's own address is one of the balancers'."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return False  # a Unix socket, or no address at all
+    try:
+        address = ipaddress.ip_address(peer[0].partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener sees IPv4 balancers as ::ffff:a.b.c.d
+    return any(address in network for network in networks)
+
+
+class ProxyHeaderGate(asyncio.Protocol):
+    """Reads the PROXY header from a trusted balancer, then hands the connection to the TLS gate."""
+
+    def __init__(self, networks: Sequence[IPNetwork], timeout: float, tls_gate: Callable[[], TlsGate]) -> None:
+        self._networks = networks
+        self._timeout = timeout
+        self._tls_gate = tls_gate
+        self._buffer = b""
+        self._peer: object = None
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._peer = transport.get_extra_info("peername")
+        if not trusted(self._peer, self._networks):
+            self._refuse("connection from an address not in listener.trusted_proxies")
+            return
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None:
+            return
+        self._buffer += data
+        try:
+            header = parse(self._buffer)
+        except ProxyHeaderError as exc:
+            self._refuse(str(exc))
+            return
+        if header is None:
+            return
+        transport, self._transport = self._transport, None
+        self._cancel_timer()
+        client = header.source if header.command == "proxy" else None
+        gate = self._tls_gate()
+        gate.behind_balancer(client, self._buffer[header.length :])
+        transport.set_protocol(gate)
+        gate.connection_made(transport)
+
+    def eof_received(self) -> bool | None:
+        self._refuse("the connection ended before a complete PROXY header")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._transport = None
+
+    def _expire(self) -> None:
+        self._refuse(f"no complete PROXY header within {self._timeout:g} s")
+
+    def _refuse(self, reason: str) -> None:
+        self._cancel_timer()
+        if self._transport is None:
+            return
+        transport, self._transport = self._transport, None
+        log.warning("proxy_header_refused", stage="proxy_protocol", peer=_peer(self._peer), reason=reason)
+        transport.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def gate_factory(
+    tls_gate: Callable[[], TlsGate], networks: Sequence[IPNetwork], timeout: float
+) -> Callable[[], asyncio.Protocol]:
+    """A protocol factory for `loop.create_server`: the PROXY header first, then `tls_gate`'s TLS handshake."""
+    return lambda: ProxyHeaderGate(networks, timeout, tls_gate)
