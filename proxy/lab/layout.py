@@ -50,6 +50,8 @@ class LabLayout:
     kdc_host: str = "127.0.0.1"  # how clients reach the KDC (krb5.conf)
     backend_host: str = "127.0.0.1"  # how the gateway reaches the backend (gateway.toml)
     crl_host: str = "127.0.0.1"  # the host in the certificates' CRL distribution points
+    admin_port: int = 9443  # the lab gateway's admin listener (/readyz: the containers' health check), on loopback
+    balancer_subnet: str = "127.0.0.0/8"  # whose PROXY headers gateway-balanced.toml believes (compose: a network)
 
     @classmethod
     def default(cls) -> LabLayout:

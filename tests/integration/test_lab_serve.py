@@ -56,14 +56,23 @@ def test_health_checks_pass_on_the_running_lab(lab: LabLayout, component: str) -
     assert (done.returncode, done.stdout.strip()) == (0, f"{component}: ok"), done.stderr
 
 
-def test_gateway_health_check_follows_the_listener(lab: LabLayout, gateway: Gateway) -> None:
-    """The gateway probe passes where a gateway listens and fails, saying where, where none does."""
-    live = LabLayout.from_env({**lab.as_env(), "KCD_LAB_GATEWAY_PORT": str(gateway.port)})
-    assert _kcd(live, "lab", "probe", "gateway").returncode == 0
-    dead = LabLayout.from_env({**lab.as_env(), "KCD_LAB_GATEWAY_PORT": str(free_port())})
+def test_gateway_health_check_asks_the_admin_listener(lab: LabLayout, tmp_path: Path) -> None:
+    """The gateway probe passes once the admin listener's /readyz says 200, leaves no half-done TLS handshake
+    in the gateway's log (a bare TCP probe logged one every 5 s), and fails, naming the URL, where none answers."""
+    layout = LabLayout.from_env({**lab.as_env(), "KCD_LAB_ADMIN_PORT": str(free_port())})
+    gw = start_gateway(lab, tmp_path / "gw", runner.gateway_config(layout, gateway_port=free_port(), admin=True))
+    try:
+        deadline = time.monotonic() + 60
+        while (done := _kcd(layout, "lab", "probe", "gateway")).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert (done.returncode, done.stdout.strip()) == (0, "gateway: ok"), done.stdout
+    finally:
+        gw.stop()
+    assert "tls_handshake" not in gw.log_path.read_text()
+    dead = LabLayout.from_env({**lab.as_env(), "KCD_LAB_ADMIN_PORT": str(free_port())})
     done = _kcd(dead, "lab", "probe", "gateway")
     assert done.returncode == 1
-    assert f"127.0.0.1:{dead.gateway_port}" in done.stdout
+    assert f"http://127.0.0.1:{dead.admin_port}/readyz" in done.stdout
 
 
 def test_probe_of_a_part_that_is_not_running_fails(tmp_path: Path) -> None:

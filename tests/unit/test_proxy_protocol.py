@@ -1,0 +1,206 @@
+"""The PROXY header parser and gate (proxy.tls.proxy_protocol): what balancers send, and what attackers send."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import struct
+
+import pytest
+from structlog.testing import capture_logs
+
+from proxy.tls import proxy_protocol
+from proxy.tls.proxy_protocol import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse, trusted
+
+CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # how a TLS connection begins
+
+
+def v2(command: int = 1, family: int = 0x11, addresses: bytes | None = None, tlvs: bytes = b"") -> bytes:
+    """A v2 header as HAProxy's send-proxy-v2 writes it (IPv4 TCP by default)."""
+    if addresses is None:
+        addresses = socket.inet_aton("203.0.113.7") + socket.inet_aton("192.0.2.1") + struct.pack("!HH", 50123, 443)
+    body = addresses + tlvs
+    return V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
+
+
+def test_v1_tcp4_names_the_device() -> None:
+    """A v1 TCP4 line gives the device's address and port, and its length (the TLS bytes follow)."""
+    line = b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 443\r\n"
+    assert parse(line + CLIENT_HELLO) == ProxyHeader(1, "proxy", ("203.0.113.7", 50123), ("192.0.2.1", 443), len(line))
+
+
+def test_v1_tcp6_and_unknown() -> None:
+    """TCP6 gives an IPv6 device; UNKNOWN (a balancer that does not know) leaves the connection's own address."""
+    header = parse(b"PROXY TCP6 2001:db8::7 2001:db8::1 50123 443\r\n")
+    assert header is not None
+    assert header.source == ("2001:db8::7", 50123)
+    unknown = parse(b"PROXY UNKNOWN\r\n")
+    assert unknown is not None
+    assert (unknown.command, unknown.source) == ("local", None)
+
+
+def test_v2_ipv4_ipv6_and_tlvs() -> None:
+    """v2 PROXY over IPv4 and IPv6 gives the device; TLVs after the addresses are skipped, not misread."""
+    header = v2(tlvs=b"\x04\x00\x03abc")
+    parsed = parse(header + CLIENT_HELLO)
+    assert parsed == ProxyHeader(2, "proxy", ("203.0.113.7", 50123), ("192.0.2.1", 443), len(header))
+    six = ipaddress.IPv6Address("2001:db8::7").packed + ipaddress.IPv6Address("2001:db8::1").packed
+    parsed6 = parse(v2(family=0x21, addresses=six + struct.pack("!HH", 1, 2)))
+    assert parsed6 is not None
+    assert parsed6.source == ("2001:db8::7", 1)
+
+
+def test_v2_local_is_the_balancers_own_connection() -> None:
+    """LOCAL (HAProxy's health checks) and UNSPEC carry no device: nothing is claimed."""
+    for header in (v2(command=0, family=0, addresses=b""), v2(family=0x00, addresses=b"")):
+        parsed = parse(header)
+        assert parsed is not None
+        assert (parsed.command, parsed.source) == ("local", None)
+
+
+@pytest.mark.parametrize(
+    "whole",
+    [b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 443\r\n", v2(), v2(tlvs=b"\x04\x00\x03abc")],
+    ids=["v1", "v2", "v2-tlv"],
+)
+def test_a_truncated_header_asks_for_more(whole: bytes) -> None:
+    """Every proper prefix of a header, down to its first byte, is 'not yet', never a header or an error."""
+    for end in range(1, len(whole)):
+        assert parse(whole[:end]) is None, whole[:end]
+    assert parse(whole) is not None
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (CLIENT_HELLO, "no PROXY header"),  # a device (or attacker) that skipped the balancer
+        (b"GET / HTTP/1.1\r\n", "no PROXY header"),
+        (b"PROXZ TCP4", "begin like v1"),
+        (b"\r\n\r\n\x00\r\nQUIX\n", "wrong v2 signature"),
+        (b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 443" + b" " * 80, "longer than 107"),
+        (b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 443\n", "other than CRLF"),
+        (b"PROXY TCP4 203.0.113.7 192.0.2.1 50123\r\n", "5 fields"),
+        (b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 443 9\r\n", "7 fields"),
+        (b"PROXY UDP4 203.0.113.7 192.0.2.1 50123 443\r\n", "unknown protocol"),
+        (b"PROXY TCP4 2001:db8::7 192.0.2.1 50123 443\r\n", "not an IPv4"),
+        (b"PROXY TCP6 203.0.113.7 2001:db8::1 50123 443\r\n", "not an IPv6"),
+        (b"PROXY TCP4 203.0.113.700 192.0.2.1 50123 443\r\n", "bad address"),
+        (b"PROXY TCP4 203.0.113.07 192.0.2.1 50123 443\r\n", "bad address"),
+        (b"PROXY TCP4 203.0.113.7 192.0.2.1 65536 443\r\n", "bad port"),
+        (b"PROXY TCP4 203.0.113.7 192.0.2.1 +5 443\r\n", "bad port"),
+        (b"PROXY TCP4 203.0.113.7 192.0.2.1 0443 443\r\n", "bad port"),
+        (b"PROXY TCP4 203.0.113.7 192.0.2.1 \xd9\xa3 443\r\n", "non-ASCII"),
+        (V2_SIGNATURE + b"\x11\x11\x00\x0c", "version 1"),  # v2 signature, version nibble 1
+        (V2_SIGNATURE + b"\x22\x11\x00\x0c", "unknown command 2"),
+        (V2_SIGNATURE + b"\x21\x11\xff\xff", "more than the 2048"),  # 64 KiB announced: refused, not buffered
+        (v2(family=0x12), "not a TCP stream"),  # UDP
+        (v2(family=0x31, addresses=b"\x00" * 216), "not IPv4 or IPv6"),  # AF_UNIX
+        (v2(addresses=b"\x7f\x00\x00\x01"), "too short"),  # IPv4 family, 4 bytes of addresses
+    ],
+)
+def test_hostile_and_careless_headers_are_refused(data: bytes, why: str) -> None:
+    """Anything that is not a well-formed header is refused with a reason, as soon as the bytes show it."""
+    with pytest.raises(ProxyHeaderError, match=why):
+        parse(data)
+
+
+def test_trusted_sources() -> None:
+    """Only listed networks are trusted; IPv4-mapped IPv6 peers count as IPv4; Unix sockets never."""
+    nets = (ipaddress.ip_network("10.1.2.0/24"), ipaddress.ip_network("2001:db8::/32"))
+    assert trusted(("10.1.2.3", 5), nets)
+    assert trusted(("::ffff:10.1.2.3", 5, 0, 0), nets)
+    assert trusted(("2001:db8::9", 5, 0, 0), nets)
+    assert not trusted(("10.1.3.3", 5), nets)
+    assert not trusted("/run/sock", nets)
+    assert not trusted(None, nets)
+
+
+class _Recorder:
+    """Stands in for the TLS gate: records what the PROXY gate hands it."""
+
+    handed: list[tuple[tuple[str, int] | None, bytes]]
+
+    def __init__(self) -> None:
+        self.handed = []
+
+    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes) -> None:
+        self.handed.append((client, preread))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+async def _gate(
+    trusted_cidr: str, header_timeout: float, send: list[bytes], pause: float, *, eof: bool = False
+) -> tuple[list[object], list[str]]:
+    """A real loopback listener with the PROXY gate; a client sends `send` chunk by chunk, `pause` s apart
+    (then ends its side, if `eof`), and waits for the gate to close the connection."""
+    recorder = _Recorder()
+    handed: list[object] = []
+
+    def factory() -> asyncio.Protocol:
+        return proxy_protocol.ProxyHeaderGate(
+            [ipaddress.ip_network(trusted_cidr)],
+            header_timeout,
+            lambda: recorder,  # type: ignore[arg-type,return-value]
+        )
+
+    loop = asyncio.get_running_loop()
+    with capture_logs() as logs:
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for chunk in send:
+                writer.write(chunk)
+                await writer.drain()
+                await asyncio.sleep(pause)
+            if eof:
+                writer.write_eof()
+        except ConnectionError:
+            pass
+        with contextlib.suppress(ConnectionError):  # b"" (or a reset) once the gate closed it; never a byte
+            assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+        writer.close()
+        server.close()
+        await server.wait_closed()
+    handed.extend(recorder.handed)
+    return handed, [f"{e['event']}: {e.get('reason', '')}" for e in logs]
+
+
+def test_gate_hands_the_device_and_its_first_bytes_to_tls() -> None:
+    """From a trusted balancer, header and ClientHello in one segment: the TLS gate gets both, split right."""
+    handed, logs = asyncio.run(_gate("127.0.0.1/32", 5, [v2() + CLIENT_HELLO], 0))
+    assert handed == [(("203.0.113.7", 50123), CLIENT_HELLO)]
+    assert logs == []
+
+
+def test_gate_closes_connections_from_elsewhere_before_reading() -> None:
+    """A well-formed header from an address not in trusted_proxies: closed and logged, nothing handed on."""
+    handed, logs = asyncio.run(_gate("192.0.2.0/24", 5, [v2() + CLIENT_HELLO], 0))
+    assert handed == []
+    assert logs == ["proxy_header_refused: connection from an address not in listener.trusted_proxies"]
+
+
+def test_gate_closes_a_connection_that_starts_with_tls() -> None:
+    """From the balancer's own address but without a header (a direct TLS connection): closed, logged."""
+    handed, logs = asyncio.run(_gate("127.0.0.1/32", 5, [CLIENT_HELLO], 0))
+    assert handed == []
+    assert logs == ["proxy_header_refused: no PROXY header: the connection began with b'\\x16'"]
+
+
+def test_gate_cuts_a_slow_sender_at_the_timeout() -> None:
+    """A header dribbled a byte at a time never completes within the timeout: cut and logged, not waited on."""
+    header = b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 443\r\n"
+    handed, logs = asyncio.run(_gate("127.0.0.1/32", 0.5, [header[i : i + 1] for i in range(len(header))], 0.1))
+    assert handed == []
+    assert logs == ["proxy_header_refused: no complete PROXY header within 0.5 s"]
+
+
+def test_gate_refuses_a_header_cut_short() -> None:
+    """The connection ends mid-header: refused and logged."""
+    handed, logs = asyncio.run(_gate("127.0.0.1/32", 5, [v2()[:20]], 0, eof=True))
+    assert handed == []
+    assert logs == ["proxy_header_refused: the connection ended before a complete PROXY header"]
