@@ -1,0 +1,279 @@
+"""The compose lab, built and run on a real Docker engine: the device through the gateway and through the balancer.
+
+What a newcomer would do, as the README says it: the base image made locally when the engine lacks it
+(`deploy/base-image.sh`), `docker-compose build`, `up -d`, `run --rm device`, a curl from the host, `down`.
+The engine is Debian's docker.io; when no daemon answers, the test starts `dockerd` itself and stops it at
+the end (after any other run that uses it: a shared lock counts them), putting `ip_forward` back. Each run
+is its own compose project, on free loopback ports and its own balancer subnet, so runs never collide.
+Builds are cached by the engine between runs. The first run on a machine builds everything (minutes):
+the tests here have a long timeout of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import pytest
+
+from tests.integration.conftest import REPO, free_port
+
+pytestmark = pytest.mark.timeout(2400)
+
+SOCKET = "/var/run/docker.sock"
+LOCK = Path("/run/lock/kcd-proxy-dockerd.lock")  # shared: a run using the engine; exclusive: stopping it
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+
+def _docker() -> str:
+    """Debian's docker CLI (what `make setup` installs) before any other on PATH."""
+    for candidate in ("/usr/bin/docker", shutil.which("docker")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise AssertionError("docker is missing: `make setup` installs it (Debian package docker.io)")
+
+
+def _engine_answers(docker: str) -> bool:
+    done = subprocess.run([docker, "info"], capture_output=True, timeout=60, check=False)
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Docker engine that answers: the running one, or a `dockerd` started here and stopped afterwards."""
+    docker = _docker()
+    assert shutil.which("dockerd"), "dockerd is missing: `make setup` installs it (Debian package docker.io)"
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        started: subprocess.Popen[bytes] | None = None
+        forward = IP_FORWARD.read_text()
+        if not _engine_answers(docker):
+            log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+            with log.open("wb") as out:
+                started = subprocess.Popen(
+                    ["dockerd", f"--host=unix://{SOCKET}"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            deadline = time.monotonic() + 180
+            while not _engine_answers(docker):
+                assert started.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"dockerd did not answer within 180 s: {log.read_text()[-2000:]}"
+                time.sleep(1)
+        try:
+            yield docker
+        finally:
+            if started is not None:
+                _stop_dockerd(lock, started, forward)
+
+
+def _stop_dockerd(lock: TextIO, dockerd: subprocess.Popen[bytes], forward: str) -> None:
+    """Stop the dockerd this run started, once no other run holds the engine (at most 30 minutes' wait)."""
+    deadline = time.monotonic() + 1800
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return  # another run still uses it; it is left running rather than pulled from under that run
+            time.sleep(2)
+    dockerd.send_signal(signal.SIGTERM)
+    try:
+        dockerd.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        dockerd.kill()
+        dockerd.wait()
+    IP_FORWARD.write_text(forward)
+
+
+@dataclass(frozen=True)
+class Stack:
+    docker: str
+    project: str
+    env: dict[str, str]
+    gateway_port: int
+    balancer_port: int
+    timings: dict[str, float]
+
+    def compose(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess[str]:
+        tool = shutil.which("docker-compose")
+        assert tool, "docker-compose is missing: `make setup` installs it (Debian package docker-compose)"
+        done = subprocess.run(
+            [tool, "--profile", "scale", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=REPO,
+            env=self.env,
+        )
+        if check:
+            said = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            assert done.returncode == 0, f"docker-compose {' '.join(args)}:\n{said}"
+        return done
+
+    def container(self, service: str) -> str:
+        return self.compose("ps", "-q", service).stdout.strip()
+
+    def health(self, service: str) -> str:
+        done = subprocess.run(
+            [self.docker, "inspect", "--format", "{{.State.Health.Status}}", self.container(service)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return done.stdout.strip()
+
+    def logs(self, service: str) -> list[dict[str, object]]:
+        """The service's JSON log lines."""
+        cmd = [self.docker, "logs", self.container(service)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        lines = []
+        for line in (done.stdout + done.stderr).splitlines():
+            with contextlib.suppress(ValueError):
+                if isinstance(entry := json.loads(line), dict):
+                    lines.append(entry)
+        return lines
+
+
+def _subnet(docker: str) -> str:
+    """A /24 for the balancer's network that no other Docker network uses."""
+    names = subprocess.run([docker, "network", "ls", "-q"], capture_output=True, text=True, check=True).stdout.split()
+    used = []
+    for name in names:
+        done = subprocess.run(
+            [docker, "network", "inspect", "--format", "{{range .IPAM.Config}}{{.Subnet}} {{end}}", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        used += [ipaddress.ip_network(s) for s in done.stdout.split()]
+    while True:
+        candidate = ipaddress.ip_network(f"10.213.{random.randrange(256)}.0/24")
+        if not any(candidate.overlaps(u) for u in used):
+            return str(candidate)
+
+
+@pytest.fixture(scope="module")
+def stack(engine: str) -> Iterator[Stack]:
+    """The compose lab and its `scale` profile, up and healthy, in a project of its own; brought down after."""
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    done = subprocess.run([REPO / "deploy" / "base-image.sh", engine], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    timings["base image"] = time.monotonic() - started
+    project = f"kcdtest{os.getpid()}{secrets.token_hex(3)}"
+    gateway_port, balancer_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "COMPOSE_PROJECT_NAME": project,
+        "KCD_GATEWAY_PORT": str(gateway_port),
+        "KCD_BALANCER_PORT": str(balancer_port),
+        "KCD_LAB_BALANCER_SUBNET": _subnet(engine),
+        "DOCKER_HOST": f"unix://{SOCKET}",
+    }
+    s = Stack(engine, project, env, gateway_port, balancer_port, timings)
+    mark = time.monotonic()
+    s.compose("build")
+    timings["build"] = time.monotonic() - mark
+    try:
+        mark = time.monotonic()
+        s.compose("up", "-d", "gateway", "balancer")
+        deadline = time.monotonic() + 300
+        for service in ("gateway", "gateway-1", "gateway-2"):
+            while (status := s.health(service)) != "healthy":
+                assert time.monotonic() < deadline, f"{service} is {status!r} after 300 s: {s.compose('logs').stdout}"
+                time.sleep(1)
+        timings["up"] = time.monotonic() - mark
+        yield s
+    finally:
+        s.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+        timings["total"] = time.monotonic() - started
+        print("compose test timings (s):", {k: round(v) for k, v in timings.items()})
+
+
+def _device(stack: Stack, service: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return stack.compose("run", "--rm", service, *args, check=False, timeout=300)
+
+
+def test_device_gets_the_backends_answer_as_alice(stack: Stack) -> None:
+    """`run --rm device`: alice's certificate in, the backend authenticated alice@LAB.TEST by Negotiate."""
+    done = _device(stack, "device")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the backend saw: alice@LAB.TEST via Negotiate" in done.stdout
+
+
+def test_a_revoked_certificate_is_refused(stack: Stack) -> None:
+    """erin's certificate (users/revoked.pem) is on the lab CRL: refused, and nothing reaches the backend."""
+    pki = "/lab/pki"
+    args = ["python3", "-m", "proxy.lab.device", "--url", "https://proxy.lab.test:8443"]
+    args += ["--cert", f"{pki}/users/revoked.pem", "--key", f"{pki}/users/revoked.key", "--cacert", f"{pki}/root.pem"]
+    done = _device(stack, "device", *args)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "revoked" in done.stdout + done.stderr
+    assert "the backend saw" not in done.stdout
+
+
+def test_curl_from_the_host(stack: Stack, tmp_path: Path) -> None:
+    """The README's commands: `docker cp` the lab's certificates out, then curl on the published loopback port."""
+    subprocess.run([stack.docker, "cp", f"{stack.container('gateway')}:/lab/pki", str(tmp_path / "pki")], check=True)
+    pki = tmp_path / "pki"
+    port = stack.gateway_port
+    cmd = ["curl", "-sS", "--max-time", "30", "--cacert", str(pki / "root.pem")]
+    cmd += ["--cert", str(pki / "users" / "alice.pem"), "--key", str(pki / "users" / "alice.key")]
+    cmd += ["--resolve", f"proxy.lab.test:{port}:127.0.0.1", "-w", "\n%{http_code}"]
+    done = subprocess.run(
+        [*cmd, f"https://proxy.lab.test:{port}/EWS/Exchange.asmx"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    body, _, status = done.stdout.rpartition("\n")
+    assert status == "200", done.stdout + done.stderr
+    assert json.loads(body)["principal"] == "alice@LAB.TEST"
+
+
+def test_the_balancer_spreads_devices_over_both_gateways_which_see_the_device(stack: Stack) -> None:
+    """Profile scale: four device runs through HAProxy (send-proxy-v2) are served by gateway-1 and gateway-2,
+    and each gateway logs and forwards the device's own address (the front network's), not the balancer's."""
+    for _ in range(4):
+        done = _device(stack, "device-scaled")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "the backend saw: alice@LAB.TEST via Negotiate" in done.stdout
+    network = f"{stack.project}_front"
+    front = subprocess.run(
+        [stack.docker, "network", "inspect", "--format", "{{range .IPAM.Config}}{{.Subnet}}{{end}}", network],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    for replica in ("gateway-1", "gateway-2"):
+        requests = [e for e in stack.logs(replica) if e.get("event") == "request"]
+        assert requests, f"{replica} served no request"
+        for entry in requests:
+            assert ipaddress.ip_address(str(entry["client"])) in ipaddress.ip_network(front), entry
+
+
+def test_a_gateway_behind_the_balancer_refuses_connections_that_bypass_it(stack: Stack) -> None:
+    """A container on the lab network connecting to gateway-1 directly (no PROXY header, not the balancer's
+    network) is closed before TLS, and gateway-1 logs why."""
+    args = ["python3", "-m", "proxy.lab.device", "--url", "https://gateway-1:8443", "--cacert", "/lab/pki/root.pem"]
+    args += ["--cert", "/lab/pki/users/alice.pem", "--key", "/lab/pki/users/alice.key"]
+    done = _device(stack, "device", *args)
+    assert done.returncode != 0
+    refusals = [e for e in stack.logs("gateway-1") if e.get("event") == "proxy_header_refused"]
+    assert any("not in listener.trusted_proxies" in str(e.get("reason")) for e in refusals), refusals

@@ -1,0 +1,159 @@
+"""The gateway behind a balancer, over real sockets: `[listener] proxy_protocol = true` with `trusted_proxies`.
+
+A real gateway in front of the lab (KDC, backend) is given `trusted_proxies = ["127.0.0.1/32"]`. The
+balancer is played by a raw socket that writes the PROXY header (v1 or v2) and then does a real TLS
+handshake with alice's certificate, and by curl's own `--haproxy-protocol`. Connections from 127.0.0.2
+(also loopback, but not trusted) stand for a device that bypasses the balancer. The compose test runs
+HAProxy itself in front of two gateways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from proxy.lab import runner
+from proxy.lab.layout import LabLayout
+from proxy.tls.proxy_protocol import V2_SIGNATURE
+from tests.integration.conftest import Gateway, client_context, free_port, start_gateway
+
+
+@pytest.fixture(scope="module")
+def balanced(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway that takes PROXY headers from 127.0.0.1 only."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    gw = start_gateway(lab, tmp_path_factory.mktemp("balanced"), text)
+    yield gw
+    gw.stop()
+
+
+def v2_header(source: str, port: int) -> bytes:
+    body = socket.inet_aton(source) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", port, 443)
+    return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
+
+
+def through(
+    lab: LabLayout, gw: Gateway, header: bytes, *, source: str = "127.0.0.1", extra: bytes = b""
+) -> tuple[int, dict[str, Any]]:
+    """One request the way a balancer passes it on: the header, then the device's TLS and HTTP."""
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30, source_address=(source, 0))
+    raw.sendall(header)
+    with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        tls.sendall(
+            b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n" + extra + b"\r\n"
+        )
+        response = http.client.HTTPResponse(tls)
+        response.begin()
+        body = response.read()
+    return response.status, json.loads(body)
+
+
+def events(gw: Gateway, name: str, deadline: float = 20) -> list[dict[str, Any]]:
+    """The gateway's log lines of one event, waiting for at least one."""
+    end = time.monotonic() + deadline
+    while not (found := [e for e in gw.logs() if e.get("event") == name]) and time.monotonic() < end:
+        time.sleep(0.2)
+    return found
+
+
+def test_v2_header_makes_the_device_the_client(lab: LabLayout, balanced: Gateway) -> None:
+    """A v2 header naming 203.0.113.7: the backend gets X-Forwarded-For 203.0.113.7 (the client's own
+    X-Forwarded-For is dropped), and the request's log line names 203.0.113.7 as the client."""
+    status, echo = through(lab, balanced, v2_header("203.0.113.7", 40001), extra=b"X-Forwarded-For: 6.6.6.6\r\n")
+    assert status == 200
+    assert echo["principal"] == "alice@LAB.TEST"
+    headers = {k.lower(): v for k, v in echo["headers"].items()}
+    assert headers["x-forwarded-for"] == "203.0.113.7"
+    assert any(e.get("client") == "203.0.113.7" and e.get("status") == 200 for e in events(balanced, "request"))
+
+
+def test_v1_header_from_a_raw_socket_and_from_curl(lab: LabLayout, balanced: Gateway) -> None:
+    """v1: a hand-written TCP4 line, and curl's own --haproxy-protocol (its real address), both get through."""
+    status, echo = through(lab, balanced, b"PROXY TCP4 198.51.100.9 127.0.0.1 40002 443\r\n")
+    assert (status, {k.lower(): v for k, v in echo["headers"].items()}["x-forwarded-for"]) == (200, "198.51.100.9")
+    users = lab.pki_dir / "users"
+    done = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--haproxy-protocol",
+            "--cacert",
+            str(lab.pki_dir / "root.pem"),
+            "--cert",
+            str(users / "alice.pem"),
+            "--key",
+            str(users / "alice.key"),
+            "-w",
+            "\n%{http_code}",
+            f"https://127.0.0.1:{balanced.port}/EWS/Exchange.asmx",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.stdout.rpartition("\n")[2] == "200", done.stdout + done.stderr
+
+
+def test_a_connection_without_the_header_is_closed_before_tls(lab: LabLayout, balanced: Gateway) -> None:
+    """A device that skips the balancer (plain TLS from the trusted address): no handshake, a logged refusal."""
+    users = lab.pki_dir / "users"
+    done = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            str(lab.pki_dir / "root.pem"),
+            "--cert",
+            str(users / "alice.pem"),
+            "--key",
+            str(users / "alice.key"),
+            f"https://127.0.0.1:{balanced.port}/EWS/Exchange.asmx",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode != 0
+    refusals = events(balanced, "proxy_header_refused")
+    assert any(str(e.get("reason", "")).startswith("no PROXY header") for e in refusals), refusals
+
+
+def test_a_header_from_an_untrusted_address_is_not_believed(lab: LabLayout, balanced: Gateway) -> None:
+    """A well-formed header sent from 127.0.0.2 (not in trusted_proxies): closed before TLS, logged with
+    the connection's real address, and nothing reaches the backend as 203.0.113.66."""
+    with pytest.raises((ConnectionError, OSError)):
+        through(lab, balanced, v2_header("203.0.113.66", 40003), source="127.0.0.2")
+    refusals = events(balanced, "proxy_header_refused")
+    assert any(
+        str(e.get("peer", "")).startswith("127.0.0.2:") and "trusted_proxies" in str(e.get("reason")) for e in refusals
+    ), refusals
+    assert not any(e.get("client") == "203.0.113.66" for e in balanced.logs())
+
+
+def test_a_refused_handshake_behind_the_balancer_is_logged_with_the_devices_address(
+    lab: LabLayout, balanced: Gateway
+) -> None:
+    """An unknown certificate through the balancer: the TLS refusal is logged under the device's address."""
+    raw = socket.create_connection(("127.0.0.1", balanced.port), timeout=30)
+    raw.sendall(v2_header("203.0.113.44", 40004))
+    ctx = client_context(lab, "untrusted")  # a forged alice: the right names, another CA's keys
+    with pytest.raises((ConnectionError, OSError)):
+        ctx.wrap_socket(raw, server_hostname="proxy.lab.test").recv(1)  # the handshake's alert, or the reset
+    refused = events(balanced, "tls_handshake_refused")
+    assert any(str(e.get("peer", "")).startswith("203.0.113.44:") for e in refused), refused
