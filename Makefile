@@ -2,14 +2,16 @@
 # Both start with `make setup`, which installs what is missing and is cheap when nothing is.
 SHELL := /bin/bash
 PY := .venv/bin/python
-# docker-compose and systemd: `make test` checks docker-compose.yml (`docker-compose config`, no engine
-# needed) and the systemd unit (`systemd-analyze verify`). chromium: the trace page's browser test.
+# docker.io (dockerd 20.10), docker-compose (v1), mmdebstrap, tini and iptables: `make test` builds and runs
+# the compose lab on a real engine (tests/integration/test_compose.py starts dockerd when none runs), and
+# `make base-image` makes debian:bookworm-slim where no registry is reachable. systemd: the unit's check
+# (`systemd-analyze verify`). chromium: the trace page's browser test.
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
         gcc make curl openssl python3-venv python3-dev \
-        docker-compose systemd chromium
+        docker.io docker-compose mmdebstrap tini iptables systemd chromium
 STAMP := .venv/.installed
 
-.PHONY: setup debs lab lab-down test lint unit integration clean bench bench-setup
+.PHONY: setup debs lab lab-down test lint unit integration clean bench bench-setup base-image
 
 setup: debs $(STAMP)
 
@@ -18,14 +20,22 @@ debs:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	  apt-get -o DPkg::Lock::Timeout=900 update -q \
+	    && apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every Python dependency (the images install with it too).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
+
+# debian:bookworm-slim made from the Debian archive the host uses, when the engine lacks it (no registry).
+# Needs a running engine: on Debian 12 with systemd `systemctl start docker`; without systemd
+# `dockerd --host=unix:///var/run/docker.sock &` (as root).
+base-image: debs
+	deploy/base-image.sh
 
 lab: setup
 	$(PY) -m proxy lab up

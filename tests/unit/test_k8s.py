@@ -1,0 +1,122 @@
+"""deploy/k8s/: the Kubernetes manifests validate against the API's schemas, and agree with the gateway and image.
+
+The schemas come with the PyPI package kubernetes-validate (no cluster, no network): every document is
+checked strictly (an unknown field is an error) against the oldest Kubernetes release still supported
+upstream that we name here, and the newest the package knows. The rest cross-checks what a schema cannot:
+the configuration in the ConfigMap loads (only the files it names are missing here), the probes ask the
+admin listener it configures, the mounts hold the files it names, and the pods run as the image's user.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from proxy import config
+from proxy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s"
+VERSIONS = ("1.31.0", kubernetes_validate.utils.latest_version())
+
+
+def _documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def _one(kind: str) -> dict[str, Any]:
+    (found,) = [d for d in _documents() if d["kind"] == kind and d["metadata"]["name"] == "kcd-proxy"]
+    return found
+
+
+def _container() -> dict[str, Any]:
+    (container,) = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert isinstance(container, dict)
+    return container
+
+
+def _gateway_config(tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    text = str(_one("ConfigMap")["data"]["kcd-proxy.toml"])
+    return text, tomllib.loads(text)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_manifest_validates_strictly(version: str) -> None:
+    """Deployment, Service, PodDisruptionBudget, ConfigMap and Secrets pass the API schema, unknown fields refused."""
+    docs = _documents()
+    assert {d["kind"] for d in docs} == {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap", "Secret"}
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
+
+
+def test_the_validation_catches_a_mistake() -> None:
+    """The check is not a formality: a misspelt probe field is refused."""
+    deployment = _one("Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSecond"] = 10
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, VERSIONS[-1], strict=True)
+
+
+def test_the_configuration_loads_but_for_the_files_it_names(tmp_path: Path) -> None:
+    """The ConfigMap's kcd-proxy.toml has no unknown key nor bad value: loading it fails on missing files only."""
+    text, _ = _gateway_config(tmp_path)
+    path = tmp_path / "kcd-proxy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert e.value.problems
+    assert all("file not found" in p for p in e.value.problems), e.value.problems
+
+
+def test_the_mounts_hold_the_files_the_configuration_names(tmp_path: Path) -> None:
+    """Every path in the configuration lies under a mount, with a key of that name in its ConfigMap or Secret."""
+    text, _ = _gateway_config(tmp_path)
+    container = _container()
+    volumes = {v["name"]: v for v in _one("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    keys = {d["metadata"]["name"]: set(d.get("data", {})) for d in _documents() if d["kind"] in ("ConfigMap", "Secret")}
+    for path in re.findall(r'= "(/etc/kcd-proxy/[^"]+)"', text) + re.findall(r'"(/etc/kcd-proxy/[^"]+)"\]', text):
+        mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        volume = volumes[mount["name"]]
+        source = volume.get("configMap", {}).get("name") or volume["secret"]["secretName"]
+        assert Path(path).name in keys[source], f"{path}: no key {Path(path).name} in {source}"
+    assert container["args"][-1] == "/etc/kcd-proxy/config/kcd-proxy.toml"
+
+
+def test_ports_and_probes_match_the_configuration(tmp_path: Path) -> None:
+    """The container port is the listener's; both probes ask the admin listener the configuration binds."""
+    _, data = _gateway_config(tmp_path)
+    container = _container()
+    assert container["ports"][0]["containerPort"] == int(data["listener"]["bind"].rpartition(":")[2])
+    admin = data["admin"]["bind"]
+    assert admin.startswith("127.0.0.1:")
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert f"http://{admin}{path}" in container[probe]["exec"]["command"][-1]
+    service = _one("Service")
+    assert service["spec"]["selector"] == _one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+
+
+def test_pods_run_as_the_images_user_without_privileges() -> None:
+    """uid/gid 10001 as in the image, no privilege escalation, no capabilities, read-only root."""
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (10001, 10001)
+    dockerfile = (REPO / "deploy" / "gateway" / "Dockerfile").read_text()
+    assert "--uid 10001 --gid 10001" in dockerfile
+    security = _container()["securityContext"]
+    assert security == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
