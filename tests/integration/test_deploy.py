@@ -41,6 +41,11 @@ def _services() -> dict[str, dict[str, Any]]:
     return services
 
 
+def _lab_services() -> dict[str, dict[str, Any]]:
+    """The services that run the kcd-proxy package on the lab volume (all but the balancer)."""
+    return {name: s for name, s in _services().items() if name != "balancer"}
+
+
 def _layout(service: dict[str, Any]) -> LabLayout:
     return LabLayout.from_env(service["environment"])
 
@@ -70,19 +75,49 @@ def test_docker_compose_validates_the_file() -> None:
 
 
 def test_the_lab_services_are_all_there() -> None:
-    """The issue's four services, plus the one-shot pki step and the CRL server."""
-    assert set(_services()) == {"pki", "kdc", "backend", "crl", "gateway", "device"}
+    """The issue's four services, plus the one-shot pki step and the CRL server; the profile `scale` adds the
+    balancer, two gateways behind it and a device in front of it, and nothing else."""
+    services = _services()
+    assert set(services) == {"pki", "kdc", "backend", "crl", "gateway", "device"} | {
+        "balancer",
+        "gateway-1",
+        "gateway-2",
+        "device-scaled",
+    }
+    scaled = {name for name, s in services.items() if s.get("profiles")}
+    assert scaled == {"balancer", "gateway-1", "gateway-2", "device-scaled"}
+    assert all(services[name]["profiles"] == ["scale"] for name in scaled)
 
 
 def test_every_command_and_health_check_exists_in_the_project() -> None:
     """Each service's command and health check parses with the project's own command-line parsers."""
-    for name, service in _services().items():
+    for name, service in _lab_services().items():
         assert "entrypoint" not in service, name
         _check_argv(service["command"])
         if "healthcheck" in service:
             test = service["healthcheck"]["test"]
             assert test[0] == "CMD", f"{name}: health check must be exec form"
             _check_argv(test[1:])
+
+
+def test_the_balancer_passes_tcp_with_proxy_v2_to_both_gateways() -> None:
+    """HAProxy in TCP mode (TLS ends on the gateways), send-proxy-v2 to gateway-1 and gateway-2, which expect it
+    from the balancer's network only; the devices in front reach no gateway but through the balancer."""
+    cfg = (REPO / "deploy" / "balancer" / "haproxy.cfg").read_text()
+    assert re.search(r"^\s+mode tcp$", cfg, re.MULTILINE)
+    servers = re.findall(r"^\s+server (\S+) (\S+) (.*)$", cfg, re.MULTILINE)
+    assert [(name, address, options.split()) for name, address, options in servers] == [
+        ("gateway-1", "gateway-1:8443", ["send-proxy-v2"]),
+        ("gateway-2", "gateway-2:8443", ["send-proxy-v2"]),
+    ]
+    services = _services()
+    for replica in ("gateway-1", "gateway-2"):
+        assert services[replica]["command"] == ["kcd-proxy", "run", "--config", "/lab/gateway-balanced.toml"]
+        assert set(services[replica]["networks"]) == {"lab", "balanced"}
+    assert set(services["balancer"]["networks"]) == {"balanced", "front"}
+    assert services["device-scaled"]["networks"] == ["front"]
+    subnet = services["pki"]["environment"]["KCD_LAB_BALANCER_SUBNET"]
+    assert _compose()["networks"]["balanced"]["ipam"]["config"] == [{"subnet": subnet}]
 
 
 def test_compose_runs_the_entry_points_the_native_lab_runs() -> None:
@@ -109,25 +144,28 @@ def test_services_refer_to_files_the_lab_makes_in_the_volume() -> None:
 
 
 def test_only_the_gateway_publishes_a_port_and_only_on_loopback() -> None:
-    """Nothing of the lab but the gateway is reachable from outside Docker, and that on 127.0.0.1 only."""
+    """Nothing of the lab but the gateway (and the balancer) is reachable from outside Docker, on 127.0.0.1 only."""
     published = {name: s["ports"] for name, s in _services().items() if "ports" in s}
-    assert published == {"gateway": [f"127.0.0.1:{LabLayout(root=Path()).gateway_port}:8443"]}
+    port = LabLayout(root=Path()).gateway_port
+    assert published == {
+        "gateway": [f"127.0.0.1:${{KCD_GATEWAY_PORT:-{port}}}:8443"],
+        "balancer": ["127.0.0.1:${KCD_BALANCER_PORT:-8444}:8443"],
+    }
 
 
 def test_every_service_shares_the_lab_volume_and_only_writers_write() -> None:
     """One named volume at KCD_LAB_DIR; the gateway, device and CRL server mount it read-only."""
     compose = _compose()
     assert set(compose["volumes"]) == {"lab"}
-    for name, service in compose["services"].items():
+    for name, service in _lab_services().items():
         root = service["environment"]["KCD_LAB_DIR"]
-        read_only = name in ("gateway", "device", "crl")
+        read_only = name in ("gateway", "gateway-1", "gateway-2", "device", "device-scaled", "crl")
         assert service["volumes"] == [f"lab:{root}:ro" if read_only else f"lab:{root}"], name
 
 
 def test_the_layout_in_every_container_names_services_that_exist() -> None:
     """Daemons listen on the container network; kdc_host, backend_host and crl_host are service names."""
-    services = _services()
-    for name, service in services.items():
+    for name, service in _lab_services().items():
         layout = _layout(service)
         assert layout.bind_host == "0.0.0.0", name
         assert {layout.kdc_host, layout.backend_host, layout.crl_host} == {"kdc", "backend", "crl"}, name
@@ -141,10 +179,14 @@ def test_dependencies_wait_for_health_or_completion() -> None:
             condition = how["condition"]
             if condition == "service_healthy":
                 assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no health check"
+            elif condition == "service_started":
+                assert (name, dep) == ("device-scaled", "balancer"), name  # HAProxy has no health check here
             else:
                 assert (dep, condition) == ("pki", "service_completed_successfully"), name
-    assert set(services["gateway"]["depends_on"]) == {"kdc", "backend", "crl"}
+    for gateway in ("gateway", "gateway-1", "gateway-2"):
+        assert set(services[gateway]["depends_on"]) == {"kdc", "backend", "crl"}
     assert set(services["device"]["depends_on"]) == {"gateway"}
+    assert set(services["balancer"]["depends_on"]) == {"gateway-1", "gateway-2"}
 
 
 def test_containers_drop_privileges() -> None:
@@ -161,9 +203,81 @@ def test_containers_drop_privileges() -> None:
         assert users[-1] not in ("root", "0"), dockerfile
 
 
+def test_each_image_is_built_once() -> None:
+    """One service builds each image (the first of its users that compose starts); the others name it."""
+    services = _services()
+    builders: dict[str, list[str]] = {}
+    for name, service in services.items():
+        if "build" in service:
+            builders.setdefault(service["image"], []).append(name)
+    assert builders == {
+        "kcd-proxy:lab": ["pki"],
+        "kcd-proxy-kdc:lab": ["kdc"],
+        "kcd-proxy-balancer:lab": ["balancer"],
+    }
+    assert {s["image"] for s in services.values()} == set(builders)
+
+
+def _stages(dockerfile: Path) -> list[str]:
+    """The Dockerfile's stages, each from its FROM line on, comments left out."""
+    lines = [line for line in dockerfile.read_text().splitlines() if not line.startswith("#")]
+    return ["FROM" + stage for stage in "\n".join(lines).split("\nFROM")[1:]]
+
+
+def test_images_run_as_uid_and_gid_10001_and_own_lab() -> None:
+    """Group and user 10001 made explicitly (useradd --user-group gave gid 999); /lab belongs to them in the
+    images that mount the lab volume first, so a fresh volume is theirs (the kdc image lacked it)."""
+    for name in ("gateway", "kdc", "balancer"):
+        final = _stages(REPO / "deploy" / name / "Dockerfile")[-1]
+        assert "groupadd --system --gid 10001 kcd-proxy" in final, name
+        assert "useradd --system --uid 10001 --gid 10001" in final, name
+        assert "--user-group" not in final, name
+        if name != "balancer":
+            assert "install -d -o kcd-proxy -g kcd-proxy -m 0755 /lab" in final, name
+
+
+def test_no_compiler_in_the_images_and_gssapi_compiled_once() -> None:
+    """The kdc image has two stages like the gateway's: gcc and headers stay in the build stage, which is the
+    same, line for line, in both Dockerfiles (the engine's cache then compiles python-gssapi once)."""
+    gateway = _stages(REPO / "deploy" / "gateway" / "Dockerfile")
+    kdc = _stages(REPO / "deploy" / "kdc" / "Dockerfile")
+    assert len(gateway) == len(kdc) == 2
+    assert gateway[0] == kdc[0]
+    for final in (gateway[-1], kdc[-1]):
+        for dev in ("gcc", "python3-dev", "libkrb5-dev", "python3-venv"):
+            assert not re.search(rf"\b{dev}\b", final), dev
+
+
+def test_builds_install_the_pinned_versions_of_the_declared_dependencies() -> None:
+    """The build stage installs exactly pyproject's dependencies, each pinned (==) in constraints.txt."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~ ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
+    build = _stages(REPO / "deploy" / "gateway" / "Dockerfile")[0]
+    installed = re.search(r"-c /src/constraints.txt\s*\\?\s*([^\n]+)", build)
+    assert installed, build
+    assert set(installed.group(1).split()) == declared
+    pins = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
+    pinned = {name.lower().replace("_", "-") for name in pins}
+    assert declared <= pinned
+    assert "-c constraints.txt" in (REPO / "Makefile").read_text()  # `make setup` installs the same versions
+
+
+def test_commands_given_work_with_compose_v1() -> None:
+    """The README and the compose header give no v2-only command (`docker compose cp`, `docker compose ...`),
+    and mention `up --exit-code-from` only to warn against it."""
+    for path in (COMPOSE, REPO / "README.md"):
+        text = path.read_text()
+        assert not re.search(r"docker compose (cp|up|run|build|down|ps)\b", text), path
+        for line in text.splitlines():
+            if "--exit-code-from" in line:
+                assert "Not `up --exit-code-from" in line or "not `up --exit-code-from" in line, line
+
+
 def test_images_are_built_from_files_that_exist() -> None:
     """Each build names a Dockerfile under deploy/, and what it copies from the repository exists."""
     for name, service in _services().items():
+        if "build" not in service:
+            continue
         build = service["build"]
         dockerfile = REPO / build["context"] / build["dockerfile"]
         assert dockerfile.is_file(), name
