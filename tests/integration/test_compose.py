@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import json
 import os
@@ -183,6 +184,9 @@ def stack(engine: str) -> Iterator[Stack]:
         "KCD_GATEWAY_PORT": str(gateway_port),
         "KCD_BALANCER_PORT": str(balancer_port),
         "KCD_LAB_BALANCER_SUBNET": _subnet(engine),
+        # Image tags are global to the engine: one per checkout, so another checkout's run (other code) never
+        # replaces the images under this one. Layers, and so the build cache, are shared all the same.
+        "KCD_IMAGE_TAG": "test-" + hashlib.sha256(str(REPO).encode()).hexdigest()[:10],
         "DOCKER_HOST": f"unix://{SOCKET}",
     }
     s = Stack(engine, project, env, gateway_port, balancer_port, timings)

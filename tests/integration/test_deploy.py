@@ -211,9 +211,9 @@ def test_each_image_is_built_once() -> None:
         if "build" in service:
             builders.setdefault(service["image"], []).append(name)
     assert builders == {
-        "kcd-proxy:lab": ["pki"],
-        "kcd-proxy-kdc:lab": ["kdc"],
-        "kcd-proxy-balancer:lab": ["balancer"],
+        "kcd-proxy:${KCD_IMAGE_TAG:-lab}": ["pki"],
+        "kcd-proxy-kdc:${KCD_IMAGE_TAG:-lab}": ["kdc"],
+        "kcd-proxy-balancer:${KCD_IMAGE_TAG:-lab}": ["balancer"],
     }
     assert {s["image"] for s in services.values()} == set(builders)
 
