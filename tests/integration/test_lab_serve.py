@@ -56,6 +56,10 @@ def test_health_checks_pass_on_the_running_lab(lab: LabLayout, component: str) -
     assert (done.returncode, done.stdout.strip()) == (0, f"{component}: ok"), done.stderr
 
 
+def _handshake_events(gw: Gateway) -> int:
+    return gw.log_path.read_text().count('"tls_handshake_')
+
+
 def test_gateway_health_check_asks_the_admin_listener(lab: LabLayout, tmp_path: Path) -> None:
     """The gateway probe passes once the admin listener's /readyz says 200, leaves no half-done TLS handshake
     in the gateway's log (a bare TCP probe logged one every 5 s), and fails, naming the URL, where none answers."""
@@ -66,9 +70,15 @@ def test_gateway_health_check_asks_the_admin_listener(lab: LabLayout, tmp_path: 
         while (done := _kcd(layout, "lab", "probe", "gateway")).returncode != 0 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert (done.returncode, done.stdout.strip()) == (0, "gateway: ok"), done.stdout
+        # start_gateway's own wait for the port is a bare TCP connect: its one line is the baseline.
+        while _handshake_events(gw) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        before = _handshake_events(gw)
+        for _ in range(3):
+            assert _kcd(layout, "lab", "probe", "gateway").returncode == 0
     finally:
         gw.stop()
-    assert "tls_handshake" not in gw.log_path.read_text()
+    assert _handshake_events(gw) == before == 1
     dead = LabLayout.from_env({**lab.as_env(), "KCD_LAB_ADMIN_PORT": str(free_port())})
     done = _kcd(dead, "lab", "probe", "gateway")
     assert done.returncode == 1
