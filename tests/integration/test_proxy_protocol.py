@@ -9,6 +9,7 @@ HAProxy itself in front of two gateways.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import http.client
 import json
@@ -157,3 +158,42 @@ def test_a_refused_handshake_behind_the_balancer_is_logged_with_the_devices_addr
         ctx.wrap_socket(raw, server_hostname="proxy.lab.test").recv(1)  # the handshake's alert, or the reset
     refused = events(balanced, "tls_handshake_refused")
     assert any(str(e.get("peer", "")).startswith("203.0.113.44:") for e in refused), refused
+
+
+@pytest.fixture(scope="module")
+def balanced_basic(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The same behind the balancer, with Basic authentication and a per-address throttle of two failures."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    text += '\n[authentication]\nmode = "basic"\nbasic_failures_per_address = 2\nbasic_failures_per_user = 1000\n'
+    gw = start_gateway(lab, tmp_path_factory.mktemp("balanced-basic"), text)
+    yield gw
+    gw.stop()
+
+
+def _basic(lab: LabLayout, gw: Gateway, device: str, user: str) -> int:
+    """A wrong password for `user`, from `device` (as the balancer says); the status."""
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    raw.sendall(v2_header(device, 40100))
+    credentials = base64.b64encode(f"{user}:not-the-password".encode()).decode()
+    with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        tls.sendall(
+            f"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nAuthorization: Basic {credentials}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        response = http.client.HTTPResponse(tls)
+        response.begin()
+        response.read()
+    return response.status
+
+
+def test_throttles_count_the_device_not_the_balancer(lab: LabLayout, balanced_basic: Gateway) -> None:
+    """Wrong passwords from 203.0.113.5 get it throttled (429, logged with its address) while another device
+    behind the same balancer still gets its own answer (401): the throttle counts devices, not the balancer."""
+    statuses: list[int] = []
+    while 429 not in statuses and len(statuses) < 10:
+        statuses.append(_basic(lab, balanced_basic, "203.0.113.5", "bob@lab.test"))
+    assert statuses[-1] == 429, statuses
+    assert _basic(lab, balanced_basic, "203.0.113.6", "carol@lab.test") == 401
+    throttled = events(balanced_basic, "authentication_throttled")
+    assert any("from 203.0.113.5" in str(e.get("fix")) for e in throttled), throttled
