@@ -12,13 +12,15 @@ import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from proxy.errors import ConfigError
+from proxy.errors import BadRequest, ConfigError
+from proxy.target import origin_form
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
 REVOCATION_POLICIES: tuple[RevocationPolicy, ...] = ("require", "best-effort", "off")
@@ -145,6 +147,17 @@ class Route:
     server_name: str | None = None  # https upstreams: SNI and the name verified, instead of the upstream host
     context_headers: tuple[tuple[str, str], ...] = ()  # (header name, one of CONTEXT_SOURCES)
     backend_auth: BackendAuth = "negotiate"  # "basic": forward the client's verified Basic header itself
+    case_sensitive: bool = False  # prefix compared as written; by default without regard to case, as IIS does
+
+    @cached_property
+    def _folded_prefix(self) -> str:
+        return self.prefix.lower()
+
+    def matches(self, path: str) -> bool:
+        """Whether `path` (decoded and normalised: `proxy.target`) is under this route's prefix."""
+        if self.case_sensitive:
+            return path.startswith(self.prefix)
+        return path[: len(self.prefix)].lower() == self._folded_prefix
 
     @property
     def upstream_host(self) -> str:
@@ -216,7 +229,7 @@ class Config:
         `host` (the Host header; port and case ignored); at equal length a route naming the host wins."""
         name = host_name(host) if host else None
         for route in self.routes:  # sorted at load time: longest prefix first, then host-specific first
-            if path.startswith(route.prefix) and route.host in (None, name):
+            if route.matches(path) and route.host in (None, name):
                 return route
         return None
 
@@ -538,7 +551,7 @@ _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]
 _ROUTE_KEYS = {
     *("prefix", "host", "upstream", "spn", "preserve_host", "connect_timeout", "read_timeout"),
     *("ca_bundle", "server_name", "context_headers"),
-    "backend_auth",
+    *("backend_auth", "case_sensitive"),
 }
 
 
@@ -594,6 +607,14 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
     prefix = r.get(t, f"{k}.prefix", "prefix", str) or "/"
     if not prefix.startswith("/"):
         r.problem(f"{k}.prefix", f"must start with '/', got {prefix!r}")
+    else:
+        try:
+            normal = origin_form(prefix).path  # requests are matched in that form (proxy.target)
+        except BadRequest as e:
+            r.problem(f"{k}.prefix", f"{prefix!r}: {e.hint}")
+        else:
+            if normal != prefix:
+                r.problem(f"{k}.prefix", f"write it as the backend reads it (decoded, no dot-segments): {normal!r}")
     upstream = (r.get(t, f"{k}.upstream", "upstream", str) or "").rstrip("/")
     parts = urlsplit(upstream)
     if upstream and (parts.scheme not in ("http", "https") or not parts.hostname or parts.path):
@@ -630,6 +651,7 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
                 "negotiate",
             ),
         ),
+        case_sensitive=bool(r.get(t, f"{k}.case_sensitive", "case_sensitive", bool, False)),
     )
 
 
@@ -759,10 +781,11 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     routes = [route for i, t in enumerate(raw_routes) if (route := _route(r, i, t)) is not None]
     seen: set[tuple[str | None, str]] = set()
     for i, route in enumerate(routes):
-        if (route.host, route.prefix) in seen:
+        same = (route.host, route.prefix if route.case_sensitive else route.prefix.lower())
+        if same in seen:
             where = f" for host {route.host}" if route.host else ""
-            r.problem(f"routes[{i}].prefix", f"duplicate prefix {route.prefix!r}{where}")
-        seen.add((route.host, route.prefix))
+            r.problem(f"routes[{i}].prefix", f"duplicate prefix {route.prefix!r}{where} (prefixes ignore case)")
+        seen.add(same)
         if route.backend_auth == "basic" and authentication.mode == "certificate":
             r.problem(f"routes[{i}].backend_auth", '"basic" needs an authentication.mode that takes Basic credentials')
     if r.problems:
