@@ -40,7 +40,6 @@ _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _PERCENT = re.compile(rb"%")
 # RFC 3986 pchar and '/' pass unencoded; everything else is percent-encoded again.
 _SAFE = "/!$&'()*+,;=:@-._~"
-_SLOW = "%\\"
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,8 @@ def origin_form(request_target: str) -> OriginForm:
         )
     if "#" in raw or "#" in query:
         _refuse("a fragment ('#') is not part of a request target")
-    if not any(c in raw for c in _SLOW) and "//" not in raw and "/." not in raw:  # most paths: nothing to decode
+    plain = raw.isascii() and raw.isprintable() and "%" not in raw and "\\" not in raw
+    if plain and "//" not in raw and "/." not in raw:  # most paths: nothing to decode, nothing to resolve
         return OriginForm(path=raw, forward=raw, query=query if question else "")
     path = _decode(raw)
     normal = remove_dot_segments(path.replace("\\", "/"))

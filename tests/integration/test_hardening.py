@@ -1,0 +1,235 @@
+"""Attacks a hostile or careless client makes, sent byte for byte over TLS to a running gateway whose
+upstreams record exactly what they receive (tests/integration/recorder.py).
+
+The gateway has four routes, each to its own recorder: `/` and `/owa/` and `/ecp/` (Negotiate) and
+`/basic/` (`backend_auth = "basic"`: the client's Basic header itself). Whatever a client sends, a
+recorder only ever sees paths under its own route's prefix, and only `/basic/` ever sees a password.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.lab.layout import USERS, LabLayout
+from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+from tests.integration.recorder import Recorded, Recorder, dechunk, raw_request
+
+BASIC = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+
+
+@dataclass
+class Scene:
+    gw: Gateway
+    recorders: dict[str, Recorder]  # by route prefix
+
+    def send(self, request: bytes, user: str | None = "alice") -> int:
+        return raw_request(self._lab, self.gw.port, request, user).status
+
+    def taken(self) -> dict[str, list[Recorded]]:
+        return {prefix: rec.taken() for prefix, rec in self.recorders.items()}
+
+    _lab: LabLayout
+
+
+@pytest.fixture(scope="module")
+def scene(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    recorders = {prefix: Recorder() for prefix in ("/", "/owa/", "/ecp/", "/basic/")}
+    base = lab_config(lab, port=free_port()).split("[[routes]]", 1)[0]
+    routes = "".join(
+        f'[[routes]]\nprefix = "{prefix}"\nupstream = "{rec.url}"\nspn = "HTTP/cas.lab.test"\n'
+        + ('backend_auth = "basic"\n' if prefix == "/basic/" else "")
+        for prefix, rec in recorders.items()
+    )
+    auth = '[authentication]\nmode = "certificate-or-basic"\nbasic_failures_per_address = 1000\n'
+    gw = start_gateway(lab, tmp_path_factory.mktemp("hardening"), base + routes + auth)
+    try:
+        yield Scene(gw, recorders, lab)
+    finally:
+        gw.stop()
+        for rec in recorders.values():
+            rec.close()
+
+
+def _get(target: str, *extra: str) -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", *extra, "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def _under_its_route(taken: dict[str, list[Recorded]]) -> None:
+    """Each recorder got only paths under its own prefix (as IIS compares them: without regard to case), and
+    only the Basic route got the client's Basic header."""
+    for prefix, requests in taken.items():
+        for rec in requests:
+            other = [p for p in taken if len(p) > len(prefix) and rec.path.lower().startswith(p)]
+            assert rec.path.lower().startswith(prefix), (prefix, rec.request_line)
+            assert not other, (prefix, rec.request_line)
+            authorization = rec.headers("Authorization")
+            assert len(authorization) == 1
+            assert authorization[0].startswith("Basic " if prefix == "/basic/" else "Negotiate "), (prefix, rec.path)
+
+
+@pytest.mark.parametrize(
+    ("target", "route", "backend_path"),
+    [
+        ("/owa/../ecp/x", "/ecp/", "/ecp/x"),
+        ("/owa/%2e%2e/ecp/x", "/ecp/", "/ecp/x"),
+        ("/owa/.%2E/ecp/x?a=%2F", "/ecp/", "/ecp/x?a=%2F"),
+        ("//ecp/x", "/ecp/", "/ecp/x"),
+        ("/owa\\..\\ecp\\x", "/ecp/", "/ecp/x"),
+        ("/OWA/x", "/owa/", "/OWA/x"),
+        ("/ECP/x", "/ecp/", "/ECP/x"),
+        ("/owa/./x", "/owa/", "/owa/x"),
+        ("/owa/a%20b", "/owa/", "/owa/a%20b"),
+        ("/x/../owa/y", "/owa/", "/owa/y"),
+    ],
+)
+def test_the_route_is_chosen_on_the_path_the_backend_acts_on(
+    scene: Scene, target: str, route: str, backend_path: str
+) -> None:
+    """Dot-segments (plain or encoded), repeated slashes, backslashes and case are read as IIS reads them
+    before routing: the request reaches the route of the path the backend acts on, with exactly that path."""
+    scene.taken()
+    assert scene.send(_get(target)) == 200
+    taken = scene.taken()
+    assert [r.path for r in taken[route]] == [backend_path]
+    assert sum(len(v) for v in taken.values()) == 1
+    _under_its_route(taken)
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("/owa/%2f../ecp/x", "encoded slash"),
+        ("/owa/..%2Fecp/x", "encoded slash"),
+        ("/owa/..%5Cecp/x", "encoded backslash"),
+        ("/owa/%252e%252e/ecp/x", "encoded twice"),
+        ("/owa/%00/x", "control character"),
+        ("/../ecp/x", "climbs above the root"),
+        ("/owa/%2e%2e/%2e%2e/ecp/x", "climbs above the root"),
+        ("/owa/%u002e%u002e/ecp/x", "does not start a %XX escape"),
+        ("/ew%C5%BF/x", "U+017F"),
+    ],
+)
+def test_ambiguous_paths_are_refused_before_any_stage(scene: Scene, target: str, why: str) -> None:
+    """Encoded separators, double encoding, NUL, climbing above the root: 400, the reason in the log, nothing
+    forwarded, no stage run (no certificate is even looked at)."""
+    scene.taken()
+    assert scene.send(_get(target)) == 400
+    assert not any(scene.taken().values())
+    line = scene.gw.wait_for("request", lambda e: why in str(e.get("reason", "")), what=why)
+    assert line["status"] == 400
+    assert line["refused_stage"] == "request"
+    assert set(line["ms"]) == {"total"}  # no stage ran
+
+
+def test_a_password_never_follows_a_path_onto_a_negotiate_route(scene: Scene) -> None:
+    """`/basic/../owa/x` with Basic credentials is an `/owa/` request: the backend gets a Negotiate ticket
+    there, and the password goes to `/basic/` paths only."""
+    scene.taken()
+    for target in ("/basic/../owa/x", "/basic/%2e%2e/ecp/x", "/BASIC/x", "/basic//x", "/owa/../basic/y"):
+        assert scene.send(_get(target, f"Authorization: Basic {BASIC}"), user=None) == 200, target
+    taken = scene.taken()
+    _under_its_route(taken)
+    assert [r.path for r in taken["/owa/"]] == ["/owa/x"]
+    assert [r.path for r in taken["/ecp/"]] == ["/ecp/x"]
+    assert sorted(r.path for r in taken["/basic/"]) == ["/BASIC/x", "/basic/x", "/basic/y"]
+
+
+# -- 2. request bodies keep their meaning ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_gzip_body_reaches_the_backend_byte_for_byte(scene: Scene, framing: str) -> None:
+    """A `Content-Encoding: gzip` body is neither inflated by the gateway's server nor by its client: the
+    backend gets the client's bytes, its length and its coding."""
+    payload = gzip.compress(os.urandom(1000) + b"A" * 200_000)  # inflates to 201 kB
+    head = ["POST /owa/upload HTTP/1.1", "Host: 127.0.0.1", "Content-Encoding: gzip", "Content-Type: text/plain"]
+    if framing == "chunked":
+        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (payload[:777], payload[777:])) + b"0\r\n\r\n"
+        head.append("Transfer-Encoding: chunked")
+    else:
+        body = payload
+        head.append(f"Content-Length: {len(payload)}")
+    scene.taken()
+    request = ("\r\n".join([*head, "Connection: close", "", ""])).encode() + body
+    assert scene.send(request) == 200
+    (got,) = scene.taken()["/owa/"]
+    received = dechunk(got.body) if got.headers("Transfer-Encoding") else got.body
+    assert received == payload
+    assert got.headers("Content-Encoding") == ["gzip"]
+    if got.headers("Content-Length"):
+        assert got.headers("Content-Length") == [str(len(payload))]
+
+
+# -- 6. the smaller ones --------------------------------------------------------------------------------
+
+
+def test_identity_and_client_address_headers_never_reach_the_backend(scene: Scene) -> None:
+    """Headers that backends read as the user or the client's address are the gateway's to set, never the client's."""
+    sent = [
+        "True-Client-IP: 203.0.113.9",
+        "X-Originating-IP: 203.0.113.9",
+        "Client-IP: 203.0.113.9",
+        "X-Cluster-Client-IP: 203.0.113.9",
+        "CF-Connecting-IP: 203.0.113.9",
+        "X-ProxyUser-Ip: 203.0.113.9",
+        "X-CommonAccessToken: mallory",
+        "X-MS-Exchange-Organization-AuthAs: mallory",
+        "x-ms-exchange-organization-anything: mallory",
+        "X-Rewrite-URL: /ecp/",
+        "X-HTTP-Method-Override: DELETE",
+        "X-Original-URL: /ecp/",
+        "MS-ASProtocolVersion: 16.1",
+    ]
+    scene.taken()
+    assert scene.send(_get("/owa/h", *sent)) == 200
+    (got,) = scene.taken()["/owa/"]
+    head = got.head.decode("latin-1")
+    assert "203.0.113.9" not in head
+    assert "mallory" not in head
+    assert "/ecp/" not in head
+    assert "DELETE" not in head
+    assert got.headers("MS-ASProtocolVersion") == ["16.1"]
+
+
+def test_trace_is_refused_with_405(scene: Scene) -> None:
+    """TRACE would echo the request (cookies, the gateway's own headers) back: 405, never forwarded."""
+    scene.taken()
+    answer = raw_request(scene._lab, scene.gw.port, b"TRACE /owa/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.status == 405
+    assert "allow:" in answer.head.lower()
+    assert not any(scene.taken().values())
+
+
+@pytest.mark.parametrize("request_line", [b"GET /owa/\r\n\r\n", b"GET /owa/ \r\n\r\n", b"GET\r\n\r\n"])
+def test_a_request_line_without_a_version_is_400_never_http_0_9(scene: Scene, request_line: bytes) -> None:
+    """An HTTP/0.9 request line gets a 400 with an HTTP/1.x status line, and nothing is forwarded."""
+    scene.taken()
+    answer = raw_request(scene._lab, scene.gw.port, request_line)
+    assert answer.status_line.startswith("HTTP/1."), answer
+    assert answer.status == 400
+    assert not any(scene.taken().values())
+
+
+def test_answers_aiohttp_gives_itself_carry_their_status_in_the_summary(scene: Scene) -> None:
+    """`OPTIONS *` and an unparseable request: the summary line says the status the client got, not 500."""
+    star = raw_request(scene._lab, scene.gw.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    bad = raw_request(scene._lab, scene.gw.port, b"GET /owa/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+    assert bad.status == 400
+    statuses = {star.status, bad.status}
+    logged: list[int] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        logged = [e["status"] for e in scene.gw.events("request") if e.get("method") in ("OPTIONS", None, "UNKNOWN")]
+        if statuses <= set(logged):
+            break
+        time.sleep(0.05)
+    assert statuses <= set(logged), scene.gw.events("request")[-4:]
+    assert 500 not in logged
