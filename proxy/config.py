@@ -512,6 +512,9 @@ def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
     )
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
     r.unknown(t, "identity", {"source", "realm_map", "enterprise_names", "default_realm"})
     sources = _identity_sources(r, t.get("source", "san-upn"))
@@ -521,7 +524,7 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
         if not isinstance(realm, str) or not realm or "@" in suffix:
             r.problem(f"identity.realm_map.{suffix}", f"expected a realm name, got {realm!r}")
             continue
-        clean[suffix.lower()] = realm
+        clean[suffix.translate(_ASCII_LOWER)] = realm  # ASCII case only: proxy.identity.principal
     return Identity(
         sources=sources,
         realm_map=clean,

@@ -119,6 +119,8 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
         self._ssl_buffer, self._ssl_buffer_view = _read_buffer(self.max_size)
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is None:
+            _tolerate_undecodable_names(self._sslobj)  # type: ignore[attr-defined]
         transport = self._transport
         if handshake_exc is not None and isinstance(transport, asyncio.Transport) and not transport.is_closing():
             with contextlib.suppress(Exception):
@@ -127,6 +129,26 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
                 transport.write_eof()
                 self._transport = None  # the drain closes it, not SSLProtocol's force-close
         super()._on_handshake_complete(handshake_exc)
+
+
+def _tolerate_undecodable_names(sslobj: ssl.SSLObject) -> None:
+    """Let a certificate whose names are not UTF-8 reach the certificate stages, which refuse it with a 403.
+
+    asyncio reads the peer certificate as a dict when the handshake completes (`getpeercert()`), and
+    CPython's `_ssl` decodes its names for that, a UPN otherName included: a name that is not UTF-8 raised
+    there, asyncio reset the connection and the task's exception went unhandled. Nothing here reads that
+    dict (the certificate stages read the DER), so a name it cannot decode makes it empty instead."""
+    read = sslobj.getpeercert
+
+    def tolerant(binary_form: bool = False) -> Any:
+        try:
+            return read(binary_form)
+        except ValueError:  # UnicodeDecodeError
+            if binary_form:
+                raise
+            return {}
+
+    sslobj.getpeercert = tolerant  # type: ignore[method-assign]
 
 
 class TlsGate(asyncio.Protocol):

@@ -195,9 +195,12 @@ def gateway(lab: LabLayout, other_backend: str, tmp_path_factory: pytest.TempPat
 
 
 def client_context(lab: LabLayout, user: str | None) -> ssl.SSLContext:
+    """A device's TLS context: the lab root as trust, and a lab user's certificate (or one at an absolute
+    path, without its .pem suffix; the key beside it)."""
     ctx = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
     if user is not None:
-        ctx.load_cert_chain(lab.pki_dir / "users" / f"{user}.pem", lab.pki_dir / "users" / f"{user}.key")
+        base = Path(user) if Path(user).is_absolute() else lab.pki_dir / "users" / user
+        ctx.load_cert_chain(f"{base}.pem", f"{base}.key")
     return ctx
 
 

@@ -14,9 +14,16 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy.identity.upn import UPN_OID
 from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
 from tests.integration.recorder import Recorded, Recorder, dechunk, raw_request
@@ -233,3 +240,66 @@ def test_answers_aiohttp_gives_itself_carry_their_status_in_the_summary(scene: S
         time.sleep(0.05)
     assert statuses <= set(logged), scene.gw.events("request")[-4:]
     assert 500 not in logged
+
+
+def _certificate_with_upn(lab: LabLayout, directory: Path, name: str, upn_der: bytes) -> str:
+    """A clientAuth certificate from the lab's issuing CA whose UPN otherName holds exactly `upn_der`; the path
+    of its PEM (the key beside it)."""
+    ca_cert = x509.load_pem_x509_certificate((lab.pki_dir / "issuing.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((lab.pki_dir / "issuing.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.OtherName(UPN_OID, upn_der)]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    path = directory / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(path.with_suffix(""))
+
+
+def _utf8_string(value: bytes) -> bytes:
+    return bytes([0x0C, len(value)]) + value  # DER UTF8String, short form length
+
+
+@pytest.mark.parametrize(
+    ("name", "upn_der", "reason"),
+    [
+        ("not-utf8", _utf8_string(b"al\xffce@lab.test"), "not UTF-8"),
+        ("long-s", _utf8_string("alice@lab.te\u017ft".encode()), "not ASCII"),
+        ("kelvin", _utf8_string("alice@\u212aab.test".encode()), "not ASCII"),
+    ],
+)
+def test_upns_that_are_not_plain_are_refused_as_an_identity(
+    scene: Scene, tmp_path: Path, name: str, upn_der: bytes, reason: str
+) -> None:
+    """A UPN whose bytes are not UTF-8, or whose suffix has letters that only Unicode case mapping makes ASCII
+    (`lab.te` + U+017F + `t` upper-cases to LAB.TEST): the usual 403 from the identity stage and its audit event;
+    no reset, no traceback, nothing forwarded."""
+    scene.taken()
+    cert = _certificate_with_upn(scene._lab, tmp_path, name, upn_der)
+    answer = raw_request(scene._lab, scene.gw.port, _get("/owa/x"), user=cert)
+    assert answer.status == 403, answer
+    assert b"UPN" in answer.body
+    assert not any(scene.taken().values())
+    audit = scene.gw.wait_for("identity_rejected", lambda e: e.get("cert_subject") == f"CN={name}", what=name)
+    assert reason in audit["reason"]
+    failures = [
+        e for e in scene.gw.logs() if e.get("level") in ("error", "critical") and e.get("logger") != "aiohttp.server"
+    ]
+    assert not failures  # no unhandled task, no failed handshake (aiohttp's own are the malformed requests')
+    assert not [e for e in scene.gw.logs() if "traceback" in e]
