@@ -71,7 +71,7 @@ def test_upn_that_is_not_a_utf8string_refused() -> None:
 
 def test_upn_whose_bytes_are_not_utf8_refused() -> None:
     """A UTF8String UPN holding bytes that are not UTF-8 is an identity refusal, not a crash."""
-    crafted = with_san(x509.OtherName(UPN_OID, b"\x0c\x0dal\xffce@lab.test"))
+    crafted = with_san(x509.OtherName(UPN_OID, b"\x0c\x0eal\xffce@lab.test"))
     with pytest.raises(IdentityRejected, match="not UTF-8"):
         upn_from_certificate(crafted)
 
