@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -658,7 +660,19 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
     )
 
 
-_LOOPBACK = ("127.", "::1", "localhost")
+def is_loopback(host: str, resolve: Callable[..., list[Any]] | None = None) -> bool:
+    """Whether every address `host` stands for is a loopback address. A name is resolved and its addresses
+    checked: `localhost.attacker.example` starts like `localhost` and is anywhere; a name that does not
+    resolve is not loopback."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {str(info[4][0]) for info in (resolve or socket.getaddrinfo)(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.partition("%")[0]).is_loopback for a in addresses)
 
 
 def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
@@ -692,7 +706,7 @@ def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
         r.problem("admin.allowed_clients", "admin.client_ca and a non-empty admin.allowed_clients go together")
     if admin.client_ca is not None and not admin.tls:
         r.problem("admin.client_ca", "client certificates need TLS: set admin.certificate and admin.private_key")
-    if host and not host.startswith(_LOOPBACK) and (not admin.tls or admin.client_ca is None):
+    if host and (not admin.tls or admin.client_ca is None) and not is_loopback(host):
         r.problem(
             "admin.bind",
             f"{host} is not loopback: the admin listener then needs TLS and a client allow-list "
