@@ -61,6 +61,8 @@ class ClientCertificates:
     crl_refresh_seconds: float = 60.0  # how often CRL files are re-read and URLs re-fetched
     use_distribution_points: bool = False  # also fetch the CRL distribution points certificates name
     ocsp: OcspPolicy = "off"  # ask the responder a certificate names (AIA): "off" | "prefer" | "require"
+    max_chain_depth: int = 4  # CA certificates between a client's certificate and its anchor (OpenSSL's verify depth)
+    max_chain_bytes: int = 32768  # the largest Certificate message (the client's chain) the handshake reads
 
 
 @dataclass(frozen=True)
@@ -375,6 +377,8 @@ def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:
             "revocation",
             "ocsp",
             "restrictions",
+            "max_chain_depth",
+            "max_chain_bytes",
         },
     )
     anchors = r.files(t, f"{k}.trust_anchors", "trust_anchors")
@@ -403,6 +407,8 @@ def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:
         crl_refresh_seconds=_number(r, t, k, "crl_refresh_seconds", float, 60.0),
         use_distribution_points=use_dps,
         ocsp=cast(OcspPolicy, ocsp),
+        max_chain_depth=_number(r, t, k, "max_chain_depth", int, 4),
+        max_chain_bytes=_number(r, t, k, "max_chain_bytes", int, 32768),
     )
 
 

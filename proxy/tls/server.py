@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 
 from proxy.config import Config
+from proxy.tls.openssl import limit_client_chain
 
 log = structlog.get_logger("proxy.tls")
 
@@ -50,6 +51,10 @@ def server_context(config: Config) -> ssl.SSLContext:
         ctx.load_verify_locations(cafile=path)
     # The CAs a client is told to pick a certificate for: the trust anchors only.
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    cc = config.client_certificates
+    unavailable = limit_client_chain(ctx, depth=cc.max_chain_depth, max_bytes=cc.max_chain_bytes)
+    if unavailable is not None:
+        log.warning("client_chain_limits_unavailable", reason=unavailable, detail="OpenSSL's defaults apply")
     return ctx
 
 
@@ -264,6 +269,8 @@ _HANDSHAKE_FIXES = (
     ("unsuitable certificate purpose", "the certificate lacks the clientAuth extended key usage: reissue it"),
     ("signature failure", "the certificate's signature does not verify: a forged or corrupted certificate"),
     ("http request", "a plain HTTP request reached the TLS port: use https://"),
+    ("chain too long", "more CA certificates than client_certificates.max_chain_depth: a junk chain, or raise it"),
+    ("excessive message size", "a client chain over client_certificates.max_chain_bytes: a junk chain, or raise it"),
 )
 
 

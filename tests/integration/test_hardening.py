@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import gzip
 import os
+import socket
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -303,3 +305,71 @@ def test_upns_that_are_not_plain_are_refused_as_an_identity(
     ]
     assert not failures  # no unhandled task, no failed handshake (aiohttp's own are the malformed requests')
     assert not [e for e in scene.gw.logs() if "traceback" in e]
+
+
+def _ca_chain(directory: Path, length: int, padding: int = 0) -> tuple[Path, Path]:
+    """A client certificate and `length` CA certificates above it, each issued by the next (the last one's
+    issuer is sent by nobody), optionally padded with a `padding`-byte extension: (chain PEM, key PEM)."""
+    now = datetime.now(UTC)
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(length + 2)]
+    names = [x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"junk {i}")]) for i in range(length + 2)]
+    pems = []
+    for i in range(length + 1):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(names[i])
+            .issuer_name(names[i + 1])
+            .public_key(keys[i].public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=i > 0, path_length=None), critical=True)
+        )
+        if i == 0:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        if padding:
+            pad = x509.UnrecognizedExtension(
+                x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x04\x82" + padding.to_bytes(2, "big") + b"j" * padding
+            )
+            builder = builder.add_extension(pad, critical=False)
+        pems.append(builder.sign(keys[i + 1], hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    chain, key = directory / "chain.pem", directory / "chain.key"
+    chain.write_bytes(b"".join(pems))
+    key.write_bytes(
+        keys[0].private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return chain, key
+
+
+def _handshake(scene: Scene, chain: Path, key: Path) -> str:
+    """Present `chain` and return what the client saw: an HTTP status line, or the TLS error."""
+    ctx = ssl.create_default_context(cafile=str(scene._lab.pki_dir / "root.pem"))
+    ctx.load_cert_chain(chain, key)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", scene.gw.port), timeout=30) as tcp,
+            ctx.wrap_socket(tcp, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(_get("/owa/"))
+            return tls.recv(100).decode("latin-1").split("\r\n")[0]
+    except (ssl.SSLError, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize(
+    ("length", "padding", "reason"),
+    [(9, 0, "certificate chain too long"), (20, 2000, "excessive message size")],
+)
+def test_a_long_junk_client_chain_is_cut_short(
+    scene: Scene, tmp_path: Path, length: int, padding: int, reason: str
+) -> None:
+    """A chain deeper than `max_chain_depth` (4) or bigger than `max_chain_bytes` (32 KiB) ends the handshake
+    with OpenSSL's reason in the log, before the gateway spends more on it."""
+    chain, key = _ca_chain(tmp_path, length, padding)
+    if padding:
+        assert len(chain.read_bytes()) * 3 // 4 > 32768  # the DER is over the limit
+    seen = _handshake(scene, chain, key)
+    assert not seen.startswith("HTTP/"), seen
+    scene.gw.wait_for("tls_handshake_refused", lambda e: reason in e["reason"], what=reason)
