@@ -62,7 +62,7 @@ class ClientCertificates:
     use_distribution_points: bool = False  # also fetch the CRL distribution points certificates name
     ocsp: OcspPolicy = "off"  # ask the responder a certificate names (AIA): "off" | "prefer" | "require"
     max_chain_depth: int = 4  # CA certificates between a client's certificate and its anchor (OpenSSL's verify depth)
-    max_chain_bytes: int = 32768  # the largest Certificate message (the client's chain) the handshake reads
+    max_chain_bytes: int = 10240  # the largest Certificate message (the client's chain) the handshake reads
 
 
 @dataclass(frozen=True)
@@ -408,7 +408,7 @@ def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:
         use_distribution_points=use_dps,
         ocsp=cast(OcspPolicy, ocsp),
         max_chain_depth=_number(r, t, k, "max_chain_depth", int, 4),
-        max_chain_bytes=_number(r, t, k, "max_chain_bytes", int, 32768),
+        max_chain_bytes=_number(r, t, k, "max_chain_bytes", int, 10240),
     )
 
 

@@ -365,11 +365,11 @@ def _handshake(scene: Scene, chain: Path, key: Path) -> str:
 def test_a_long_junk_client_chain_is_cut_short(
     scene: Scene, tmp_path: Path, length: int, padding: int, reason: str
 ) -> None:
-    """A chain deeper than `max_chain_depth` (4) or bigger than `max_chain_bytes` (32 KiB) ends the handshake
+    """A chain deeper than `max_chain_depth` (4) or bigger than `max_chain_bytes` (10 KiB) ends the handshake
     with OpenSSL's reason in the log, before the gateway spends more on it."""
     chain, key = _ca_chain(tmp_path, length, padding)
     if padding:
-        assert len(chain.read_bytes()) * 3 // 4 > 32768  # the DER is over the limit
+        assert len(chain.read_bytes()) * 3 // 4 > 10240  # the DER is over the limit
     seen = _handshake(scene, chain, key)
     assert not seen.startswith("HTTP/"), seen
     scene.gw.wait_for("tls_handshake_refused", lambda e: reason in e["reason"], what=reason)

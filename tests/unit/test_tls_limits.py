@@ -25,9 +25,9 @@ def test_depth_and_message_size_take(mode: ssl.VerifyMode) -> None:
 
 
 def test_limits_are_read_from_client_certificates(tmp_path: Path) -> None:
-    """max_chain_depth and max_chain_bytes default to 4 and 32 KiB, and must be positive integers."""
+    """max_chain_depth and max_chain_bytes default to 4 and 10 KiB, and must be positive integers."""
     cc = config.load(_write(tmp_path, GOOD)).client_certificates
-    assert (cc.max_chain_depth, cc.max_chain_bytes) == (4, 32768)
+    assert (cc.max_chain_depth, cc.max_chain_bytes) == (4, 10240)
     text = GOOD.replace("[client_certificates]\n", "[client_certificates]\nmax_chain_depth = 0\n")
     with pytest.raises(ConfigError) as e:
         config.load(_write(tmp_path, text))
