@@ -75,7 +75,7 @@ _NOT_FORWARDED = frozenset({"TRACE", "TRACK", "CONNECT"})
 
 def _refuse_smuggling(request: web.Request) -> None:
     """Shapes aiohttp lets through that a gateway must not forward."""
-    if request.message.version < HttpVersion10:
+    if request.version < HttpVersion10:
         # aiohttp reads a request line without a version as HTTP/0.9, and writes its answer's status line
         # with the request's version (a cached property): refused, and answered as HTTP/1.0, which closes.
         request._cache.pop("version", None)
@@ -83,7 +83,7 @@ def _refuse_smuggling(request: web.Request) -> None:
         raise BadRequest("the request line has no HTTP version (HTTP/0.9 is not served)")
     if request.method in _NOT_FORWARDED:
         raise MethodNotAllowed(f"{request.method} is not forwarded")
-    if request.message.url.is_absolute():  # the target as the client sent it (request.url is always absolute)
+    if "://" in request.raw_path.partition("?")[0]:  # the target as sent (request.url is always absolute)
         raise BadRequest("absolute-form request targets are not accepted here")
     if request.version < (1, 1) and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
         raise BadRequest("chunked transfer coding is not allowed with HTTP/1.0")

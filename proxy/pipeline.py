@@ -133,7 +133,7 @@ async def backend_authorization(gw: Gateway, auth: Authenticated, route: Route, 
 
 async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamResponse:
     now = datetime.now(UTC)
-    target = origin_form(request.message.path)  # before any stage: the path the backend will act on
+    target = origin_form(request.raw_path)  # before any stage: the path the backend will act on
     if target.forward != request.rel_url.raw_path:
         trace.note(backend_path=target.path)
     route = gw.config.route_for(target.path, request.host)

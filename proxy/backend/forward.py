@@ -256,7 +256,7 @@ async def forward(
 
     The path sent is `target`'s (the one the route was chosen on: `proxy.target`), as is: yarl would
     otherwise decode, re-encode and resolve it again on its own terms."""
-    target = target or origin_form(request.message.path)
+    target = target or origin_form(request.raw_path)
     url = URL(route.upstream + target.forward_with_query, encoded=True)
     out_headers = headers.to_backend(
         request.headers,

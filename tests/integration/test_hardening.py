@@ -217,6 +217,13 @@ def test_trace_is_refused_with_405(scene: Scene) -> None:
     assert not any(scene.taken().values())
 
 
+def test_an_absolute_form_target_is_refused(scene: Scene) -> None:
+    """`GET http://host/path`: a proxy request, not for this gateway; 400, nothing forwarded."""
+    scene.taken()
+    assert scene.send(_get("http://cas.lab.test/owa/x")) == 400
+    assert not any(scene.taken().values())
+
+
 @pytest.mark.parametrize("request_line", [b"GET /owa/\r\n\r\n", b"GET /owa/ \r\n\r\n", b"GET\r\n\r\n"])
 def test_a_request_line_without_a_version_is_400_never_http_0_9(scene: Scene, request_line: bytes) -> None:
     """An HTTP/0.9 request line gets a 400 with an HTTP/1.x status line, and nothing is forwarded."""
