@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.identity.upn import UPN_OID
 from proxy.lab.layout import USERS, LabLayout
-from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway, wait_port
 from tests.integration.recorder import Recorded, Recorder, dechunk, raw_request
 
 BASIC = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
@@ -45,6 +46,14 @@ class Scene:
         return {prefix: rec.taken() for prefix, rec in self.recorders.items()}
 
     _lab: LabLayout
+    admin: str
+
+    def requests_counted(self, status: int) -> float:
+        """`kcd_requests_total` for `status`, summed over routes, from the admin listener's /metrics."""
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=10) as r:  # noqa: S310  loopback
+            text = r.read().decode()
+        lines = [line for line in text.splitlines() if line.startswith("kcd_requests_total{")]
+        return sum(float(line.rpartition(" ")[2]) for line in lines if f'status="{status}"' in line)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +66,12 @@ def scene(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         for prefix, rec in recorders.items()
     )
     auth = '[authentication]\nmode = "certificate-or-basic"\nbasic_failures_per_address = 1000\n'
-    gw = start_gateway(lab, tmp_path_factory.mktemp("hardening"), base + routes + auth)
+    admin = free_port()
+    admin_table = f'[admin]\nbind = "127.0.0.1:{admin}"\n'
+    gw = start_gateway(lab, tmp_path_factory.mktemp("hardening"), base + routes + auth + admin_table)
     try:
-        yield Scene(gw, recorders, lab)
+        wait_port(admin, gw.proc)
+        yield Scene(gw, recorders, lab, f"http://127.0.0.1:{admin}")
     finally:
         gw.stop()
         for rec in recorders.values():
@@ -235,7 +247,9 @@ def test_a_request_line_without_a_version_is_400_never_http_0_9(scene: Scene, re
 
 
 def test_answers_aiohttp_gives_itself_carry_their_status_in_the_summary(scene: Scene) -> None:
-    """`OPTIONS *` and an unparseable request: the summary line says the status the client got, not 500."""
+    """`OPTIONS *` and an unparseable request: the summary line and the metrics say the status the client got,
+    not 500."""
+    before = {status: scene.requests_counted(status) for status in (400, 404, 500)}
     star = raw_request(scene._lab, scene.gw.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     bad = raw_request(scene._lab, scene.gw.port, b"GET /owa/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
     assert bad.status == 400
@@ -249,6 +263,9 @@ def test_answers_aiohttp_gives_itself_carry_their_status_in_the_summary(scene: S
         time.sleep(0.05)
     assert statuses <= set(logged), scene.gw.events("request")[-4:]
     assert 500 not in logged
+    assert scene.requests_counted(404) == before[404] + 1
+    assert scene.requests_counted(400) == before[400] + 1
+    assert scene.requests_counted(500) == before[500]
 
 
 def _certificate_with_upn(lab: LabLayout, directory: Path, name: str, upn_der: bytes) -> str:
