@@ -102,8 +102,9 @@ def _decode(raw: str) -> str:
 
 
 def _folds_to_ascii(ch: str) -> bool:
-    """Whether a non-ASCII character's case mapping holds an ASCII letter: U+017F -> S, U+212A -> k, U+0131 -> I."""
-    return any(c.isascii() for c in ch.upper() + ch.lower() + ch.casefold())
+    """Whether a non-ASCII character maps to one ASCII letter by case: U+017F -> S, U+212A -> k, U+0131 -> I.
+    (Expansions such as U+00DF -> SS are Python's full mapping, not the one-to-one kind servers compare by.)"""
+    return any(len(m) == 1 and m.isascii() for m in (ch.upper(), ch.lower(), ch.casefold()))
 
 
 def remove_dot_segments(path: str) -> str:

@@ -85,6 +85,7 @@ def test_non_ascii_letters_that_stay_non_ascii_are_kept() -> None:
     read = origin_form("/owa/%C3%A9t%C3%A9.docx")
     assert read.path == "/owa/\u00e9t\u00e9.docx"
     assert read.forward == "/owa/%C3%A9t%C3%A9.docx"
+    assert origin_form("/owa/Stra%C3%9Fe").path == "/owa/Stra\u00dfe"  # sharp s: upper() gives "SS", two letters
 
 
 def test_the_reading_is_stable() -> None:
