@@ -140,9 +140,9 @@ def make_app(live: Live) -> web.Application:
 
 def unparsed_requests(live: Live) -> type[AbstractAccessLogger]:
     """aiohttp's access-log hook, used for the requests aiohttp answers itself before any middleware runs (a
-    request line or header field it cannot parse: 400, or 431 for one too long). They get the summary line
-    and the metrics every other request gets, with the status the client got; the rest were logged by the
-    middleware and are skipped here."""
+    request line or header field it cannot parse, or one too long: 400). They get the summary line and the
+    metrics every other request gets, with the status the client got (what went wrong is the
+    `aiohttp.server` line before it); the rest were logged by the middleware and are skipped here."""
 
     class UnparsedRequests(AbstractAccessLogger):
         def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
