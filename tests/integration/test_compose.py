@@ -62,6 +62,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         fcntl.flock(lock, fcntl.LOCK_SH)
         started: subprocess.Popen[bytes] | None = None
         forward = IP_FORWARD.read_text()
+        bridge = Path("/sys/class/net/docker0").exists()
         if not _engine_answers(docker):
             log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
             with log.open("wb") as out:
@@ -77,11 +78,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             yield docker
         finally:
             if started is not None:
-                _stop_dockerd(lock, started, forward)
+                _stop_dockerd(lock, started, forward, bridge)
 
 
-def _stop_dockerd(lock: TextIO, dockerd: subprocess.Popen[bytes], forward: str) -> None:
-    """Stop the dockerd this run started, once no other run holds the engine (at most 30 minutes' wait)."""
+def _stop_dockerd(lock: TextIO, dockerd: subprocess.Popen[bytes], forward: str, bridge: bool) -> None:
+    """Stop the dockerd this run started, once no other run holds the engine (at most 30 minutes' wait); put
+    back ip_forward, and remove the docker0 bridge it made (dockerd leaves it behind)."""
     deadline = time.monotonic() + 1800
     while True:
         try:
@@ -98,6 +100,8 @@ def _stop_dockerd(lock: TextIO, dockerd: subprocess.Popen[bytes], forward: str) 
         dockerd.kill()
         dockerd.wait()
     IP_FORWARD.write_text(forward)
+    if not bridge:
+        subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True, check=False)
 
 
 @dataclass(frozen=True)
