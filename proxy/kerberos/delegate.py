@@ -1,4 +1,4 @@
-"""Impersonate (S4U2Self), then delegate (S4U2Proxy): a Negotiate token for a user who gave no password.
+r"""Impersonate (S4U2Self), then delegate (S4U2Proxy): a Negotiate token for a user who gave no password.
 
 Theory of operation. The gateway holds a keytab for its own principal (`HTTP/proxy...`). With it, it
 asks the KDC for a ticket *to itself* in the user's name (S4U2Self, "protocol transition"): that
@@ -20,6 +20,12 @@ a fresh exchange in the background and keeps using the old ticket meanwhile; a t
 (single flight), so one user never has more than one exchange in flight. The cache is bounded (least
 recently used evicted first); `forget(principal)` drops a user (their certificate was revoked) and
 `clear()` drops everything (the configuration changed).
+
+Which name. The cache and the log name the user as the KDC returned them, the client name of the
+evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
+NT-ENTERPRISE `carol@corp.example`, and Samba's KDC answers `carol\@corp.example@AD.TEST` (Windows may
+canonicalise to the account's name). The principal the identity stage mapped (`carol@CORP.EXAMPLE`,
+a name that exists nowhere) is only the index that finds that entry (`_canonical`).
 
 What it trusts: the identity handed to it, which the certificate and identity stages established.
 What it refuses: every KDC refusal becomes a gateway error with a fix (`proxy.kerberos.hints`); a
@@ -96,6 +102,12 @@ class _Ticket:
     expires: float  # clock time when the service ticket expires
     renew_not_before: float = 0.0
     facts: S4UFacts | None = None  # what the exchange that made this entry got from the KDC
+    client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
+
+    def __post_init__(self) -> None:
+        if not self.client and self.facts is not None:
+            ticket = self.facts.evidence or self.facts.service
+            self.client = ticket.client if ticket is not None else ""
 
 
 @dataclass
@@ -127,7 +139,8 @@ class Delegator:
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
         self._service: gssapi.Credentials | None = None
         self._service_lock = threading.Lock()
-        self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()
+        self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
+        self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
         self._flights: dict[Key, asyncio.Task[_Ticket]] = {}
         self._targets: dict[str, gssapi.Name] = {}
         self._spns: set[str] = set()  # every SPN asked for: forget() looks a principal up under each
@@ -140,7 +153,8 @@ class Delegator:
     async def delegate(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
         """A Negotiate token for `user` at `spn`: from the cached service ticket, or after one exchange."""
         start = time.perf_counter()
-        key = (user.principal, spn)
+        asked = (user.principal, spn)  # what single-flights an exchange
+        key = self._key(user.principal, spn)  # where its result is kept: the KDC's name for the user
         self._spns.add(spn)
         now = self._clock()
         ticket = self._tickets.get(key)
@@ -148,20 +162,25 @@ class Delegator:
         if ticket is not None and cached:
             self._tickets.move_to_end(key)
             self.stats.hits += 1
-            if now >= max(ticket.expires - RENEW_BEFORE, ticket.renew_not_before) and key not in self._flights:
+            if now >= max(ticket.expires - RENEW_BEFORE, ticket.renew_not_before) and asked not in self._flights:
                 ticket.renew_not_before = now + _RETRY_AFTER
                 self.stats.renewals += 1
-                self._flight(key, user, spn, gss_target)
+                self._flight(asked, user, spn, gss_target)
         else:
-            ticket = await asyncio.shield(self._flights.get(key) or self._flight(key, user, spn, gss_target))
+            ticket = await asyncio.shield(self._flights.get(asked) or self._flight(asked, user, spn, gss_target))
+        client = ticket.client or user.principal
         try:
             token = self._token(ticket.creds, gss_target)
         except gssapi.raw.GSSError as e:
-            self._drop(key)
-            raise self._explain(e.gen_message(), user.principal, spn) from None
+            self._drop(asked)
+            raise self._explain(e.gen_message(), client, spn) from None
         if not token:
-            raise self._explain("no token produced", user.principal, spn)
-        return DelegatedToken(user.principal, spn, token, cached, (time.perf_counter() - start) * 1000, ticket.facts)
+            raise self._explain("no token produced", client, spn)
+        return DelegatedToken(client, spn, token, cached, (time.perf_counter() - start) * 1000, ticket.facts)
+
+    def _key(self, principal: str, spn: str) -> Key:
+        """The cache key of `principal` at `spn`: the client name the KDC returned for it, once known."""
+        return (self._canonical.get(principal, principal), spn)
 
     def _token(self, creds: gssapi.Credentials, gss_target: str) -> bytes:
         """The first SPNEGO token on the cached service ticket: local work, no KDC."""
@@ -186,7 +205,7 @@ class Delegator:
             if done.cancelled():
                 return
             if error is None:
-                self._store(key, done.result())
+                self._store(key, done.result())  # under the KDC's name for the user
             elif isinstance(error, KerberosRefused):
                 self._drop(key)  # the KDC says no now: stop serving this user from an older ticket
             if error is not None:
@@ -217,12 +236,18 @@ class Delegator:
         """S4U2Self, then S4U2Proxy (the first token fetches the service ticket into the user's ccache).
 
         Each step is timed, and the tickets' facts are read from the credential (`proxy.kerberos.ccache`),
-        also when S4U2Proxy fails: then the evidence ticket says whether it was forwardable."""
+        also when S4U2Proxy fails: then the evidence ticket says whether it was forwardable. The gateway's
+        own credentials come first, as a step of their own: their failure is the operator's, not the user's."""
         name = user_name(user)  # the principal, or the NT-ENTERPRISE UPN with identity.enterprise_names
         facts = {"proxy": self._settings.principal, "spn": gss_target.replace("@", "/", 1)}
+        spn = facts["spn"]
+        try:
+            service = self._service_credentials()  # the AS exchange with the keytab, when none is held
+        except gssapi.raw.GSSError as e:
+            raise explain(e.gen_message(), user=user.principal, spn=spn, proxy=facts["proxy"], step="service") from None
         start = time.perf_counter()
         try:
-            creds = self._service_credentials().impersonate(name, usage="initiate", mechs=_MECHS)  # S4U2Self
+            creds = service.impersonate(name, usage="initiate", mechs=_MECHS)  # S4U2Self
         except gssapi.raw.GSSError as e:
             failed = s4u_facts(None, **facts, s4u2self_ms=_ms(start), s4u2proxy_ms=None, failed_step="s4u2self")
             raise _StepFailed(e, failed) from None
@@ -284,20 +309,26 @@ class Delegator:
 
     # -- the cache -------------------------------------------------------------------------------------
 
-    def _store(self, key: Key, ticket: _Ticket) -> None:
+    def _store(self, asked: Key, ticket: _Ticket) -> None:
+        principal, spn = asked
+        if ticket.client:
+            if len(self._canonical) > 2 * self._cache_size:
+                self._canonical.clear()  # bounded; an entry is learnt again from the next exchange
+            self._canonical[principal] = ticket.client
+        key = self._key(principal, spn)
         self._tickets[key] = ticket
         self._tickets.move_to_end(key)
         while len(self._tickets) > self._cache_size:
             self._tickets.popitem(last=False)  # releasing the credentials destroys their MEMORY ccache
 
-    def _drop(self, key: Key) -> None:
-        self._tickets.pop(key, None)
+    def _drop(self, asked: Key) -> None:
+        self._tickets.pop(self._key(*asked), None)
 
     def forget(self, principal: str) -> int:
         """Drop every cached ticket of `principal` (and ignore its exchanges in flight); returns how many."""
         dropped = 0
         for spn in self._spns:
-            ticket = self._tickets.pop((principal, spn), None)
+            ticket = self._tickets.pop(self._key(principal, spn), None)
             flight = self._flights.pop((principal, spn), None)
             dropped += ticket is not None or flight is not None
         if dropped:
@@ -308,13 +339,14 @@ class Delegator:
         """Drop the whole cache, e.g. when the configuration is reloaded."""
         self._tickets.clear()
         self._flights.clear()
+        self._canonical.clear()
 
     def __len__(self) -> int:
         return len(self._tickets)
 
     def ticket_expires(self, principal: str, spn: str) -> float | None:
         """When the cached service ticket of `principal` at `spn` expires (clock time), if there is one."""
-        ticket = self._tickets.get((principal, spn))
+        ticket = self._tickets.get(self._key(principal, spn))
         return None if ticket is None else ticket.expires
 
     def in_flight(self) -> int:
