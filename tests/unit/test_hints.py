@@ -99,12 +99,12 @@ def test_more_kdc_refusals_have_a_cause_and_a_fix(message: str, kind: type[Gatew
 _POLICY = "Major (851968): Unspecified GSS failure, Minor (2529638924): KDC policy rejects request"
 _SERVER_NOT_FOUND = "Minor (2529638919): Server not found in Kerberos database"
 _CLIENT_NOT_FOUND = "Minor (2529638918): Client 'HTTP/proxy.ad.test@AD.TEST' not found in Kerberos database"
-_AD = {"spn": "HTTP/cas.ad.test", "proxy": "svc-kcdproxy@AD.TEST"}
+_SPN, _PROXY = "HTTP/cas.ad.test", "svc-kcdproxy@AD.TEST"
 
 
 def test_policy_refusal_of_s4u2self_is_the_users_account_not_delegation() -> None:
     """KDC_ERR_POLICY from S4U2Self (a disabled AD user): a 403 about the account, not delegation or Protected Users."""
-    error = explain(_POLICY, user="dave@AD.TEST", step="s4u2self", **_AD)
+    error = explain(_POLICY, user="dave@AD.TEST", step="s4u2self", spn=_SPN, proxy=_PROXY)
     assert isinstance(error, KerberosRefused)
     assert error.status == 403
     assert "disabled" in error.reason
@@ -116,7 +116,7 @@ def test_policy_refusal_of_s4u2self_is_the_users_account_not_delegation() -> Non
 
 def test_policy_refusal_of_s4u2proxy_still_points_at_delegation() -> None:
     """KDC_ERR_POLICY from S4U2Proxy keeps the delegation explanation."""
-    error = explain(_POLICY, user="alice@AD.TEST", step="s4u2proxy", **_AD)
+    error = explain(_POLICY, user="alice@AD.TEST", step="s4u2proxy", spn=_SPN, proxy=_PROXY)
     assert isinstance(error, KerberosRefused)
     assert error.hint is not None
     assert "delegation" in error.hint
@@ -125,7 +125,7 @@ def test_policy_refusal_of_s4u2proxy_still_points_at_delegation() -> None:
 def test_upn_suffix_outside_the_realm_is_a_user_side_403_naming_enterprise_names() -> None:
     """'Server not found' from S4U2Self for carol@CORP.EXAMPLE is the user's 403 (enterprise_names, realm_map), never
     the operator's kerberos_misconfigured alarm about the backend SPN."""
-    error = explain(_SERVER_NOT_FOUND, user="carol@CORP.EXAMPLE", step="s4u2self", **_AD)
+    error = explain(_SERVER_NOT_FOUND, user="carol@CORP.EXAMPLE", step="s4u2self", spn=_SPN, proxy=_PROXY)
     assert isinstance(error, KerberosRefused)
     assert not isinstance(error, KerberosMisconfigured)
     assert error.status == 403
@@ -140,7 +140,7 @@ def test_upn_suffix_outside_the_realm_is_a_user_side_403_naming_enterprise_names
 def test_server_not_found_in_the_gateways_own_realm_is_still_misconfiguration() -> None:
     """The same message for a user of the gateway's realm (or from S4U2Proxy) stays the SPN misconfiguration."""
     for step in ("s4u2self", "s4u2proxy"):
-        error = explain(_SERVER_NOT_FOUND, user="alice@AD.TEST", step=step, **_AD)
+        error = explain(_SERVER_NOT_FOUND, user="alice@AD.TEST", step=step, spn=_SPN, proxy=_PROXY)
         assert isinstance(error, KerberosMisconfigured), step
 
 
@@ -165,6 +165,8 @@ def test_gateways_own_principal_unknown_is_misconfiguration_naming_the_account()
 
 def test_gateways_own_credentials_without_a_kdc_is_still_unavailable() -> None:
     """No KDC for the gateway's own AS exchange stays a 503 with Retry-After."""
-    error = explain("Cannot contact any KDC for realm 'AD.TEST'", user="alice@AD.TEST", step="service", **_AD)
+    error = explain(
+        "Cannot contact any KDC for realm 'AD.TEST'", user="alice@AD.TEST", step="service", spn=_SPN, proxy=_PROXY
+    )
     assert isinstance(error, KdcUnavailable)
     assert error.status == 503
