@@ -61,6 +61,7 @@ from proxy.errors import GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
+from proxy.kerberos.pac import PacFacts, parse_pac
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import hold_profile
 
@@ -139,6 +140,7 @@ class Delegator:
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
         self._service: gssapi.Credentials | None = None
         self._service_lock = threading.Lock()
+        self._own: tuple[gssapi.Name, gssapi.Credentials] | None = None  # for reading evidence tickets' PACs
         self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
         self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
         self._flights: dict[Key, asyncio.Task[_Ticket]] = {}
@@ -239,28 +241,40 @@ class Delegator:
         also when S4U2Proxy fails: then the evidence ticket says whether it was forwardable. The gateway's
         own credentials come first, as a step of their own: their failure is the operator's, not the user's."""
         name = user_name(user)  # the principal, or the NT-ENTERPRISE UPN with identity.enterprise_names
-        facts = {"proxy": self._settings.principal, "spn": gss_target.replace("@", "/", 1)}
-        spn = facts["spn"]
+        proxy, spn = self._settings.principal, gss_target.replace("@", "/", 1)
         try:
             service = self._service_credentials()  # the AS exchange with the keytab, when none is held
         except gssapi.raw.GSSError as e:
-            raise explain(e.gen_message(), user=user.principal, spn=spn, proxy=facts["proxy"], step="service") from None
+            raise explain(e.gen_message(), user=user.principal, spn=spn, proxy=proxy, step="service") from None
         start = time.perf_counter()
         try:
             creds = service.impersonate(name, usage="initiate", mechs=_MECHS)  # S4U2Self
         except gssapi.raw.GSSError as e:
-            failed = s4u_facts(None, **facts, s4u2self_ms=_ms(start), s4u2proxy_ms=None, failed_step="s4u2self")
+            failed = s4u_facts(
+                None, proxy=proxy, spn=spn, s4u2self_ms=_ms(start), s4u2proxy_ms=None, failed_step="s4u2self"
+            )
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
+        pac = self._evidence_pac(creds)  # local work, in neither step's time
+        after_pac = time.perf_counter()
         target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
         try:
             result = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=_FLAGS)  # S4U2Proxy
         except gssapi.raw.GSSError as e:
             took = (middle - start) * 1000
-            failed = s4u_facts(creds, **facts, s4u2self_ms=took, s4u2proxy_ms=None, failed_step="s4u2proxy")
+            failed = s4u_facts(
+                creds,
+                proxy=proxy,
+                spn=spn,
+                s4u2self_ms=took,
+                s4u2proxy_ms=None,
+                failed_step="s4u2proxy",
+                evidence_pac=pac,
+            )
             raise _StepFailed(e, failed) from None
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
-        got = s4u_facts(creds, **facts, s4u2self_ms=(middle - start) * 1000, s4u2proxy_ms=_ms(middle))
+        took = (middle - start) * 1000
+        got = s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=_ms(after_pac), evidence_pac=pac)
         return _Ticket(creds=creds, expires=self._clock() + lifetime, facts=got)
 
     def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
@@ -274,6 +288,39 @@ class Delegator:
         except gssapi.raw.GSSError as e:
             raise self._explain(e.gen_message(), user.principal, spn) from None
         return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts)
+
+    def _evidence_pac(self, creds: gssapi.Credentials) -> PacFacts | None:
+        """The evidence ticket's PAC: the ticket is to the gateway itself, so the gateway accepts it with its
+        own key (an AP-REQ built from the user's ccache, no KDC; no replay cache) and reads `urn:mspac:`.
+        None when there is none (MIT's KDC may issue none) or it cannot be read."""
+        try:
+            if self._own is None:
+                self._own = (
+                    gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
+                    gssapi.Credentials(usage="accept", store={"keytab": str(self._settings.keytab), "rcache": "none:"}),
+                )
+            own, acceptor = self._own
+            token = gssapi.raw.init_sec_context(own, creds=creds, mech=SPNEGO).token
+            if not token:
+                return None
+            accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
+            # the name accept_sec_context returns for SPNEGO is SPNEGO's, without attributes: ask the context
+            initiator = gssapi.raw.inquire_context(
+                accepted.context,
+                initiator_name=True,
+                target_name=False,
+                lifetime=False,
+                mech=False,
+                flags=False,
+                locally_init=False,
+                complete=False,
+            ).initiator_name
+            if initiator is None:
+                return None
+            values = gssapi.raw.get_name_attribute(initiator, b"urn:mspac:").values
+            return parse_pac(bytes(values[0])) if values else None
+        except (gssapi.raw.GSSError, ValueError, IndexError):
+            return None
 
     def _service_credentials(self) -> gssapi.Credentials:
         with self._service_lock:
