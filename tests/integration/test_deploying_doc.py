@@ -92,6 +92,6 @@ def test_the_guides_samba_tool_steps_make_a_gateway_account_that_doctor_passes(
         doctor = ad_realm.run([sys.executable, "-m", "proxy", "doctor", "--config", str(path)], timeout=180)
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         for check in ("kdc", "keytab", "clock", "s4u2self", f"s4u2proxy {ad.BACKEND_SPN}", "ticket /"):
-            assert re.search(rf"PASS\s+{re.escape(check)}\b", doctor.stdout), doctor.stdout
+            assert re.search(rf"PASS\s+{re.escape(check)}\s", doctor.stdout), doctor.stdout
     finally:
         _delete_account(ad_realm)
