@@ -197,7 +197,7 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float]) -> Iter
         return
     try:
         user = map_name(upn, config.identity, source="doctor")  # enterprise_names and realm_map as the gateway
-        evidence = probe.evidence_ticket(user)
+        evidence = probe.evidence_ticket(user, spn=routes[0].spn if routes else None)
     except GatewayError as e:
         yield Check("s4u2self", "fail", e.reason, e.hint)
     else:
