@@ -337,7 +337,7 @@ def namespace_exists(realm: AdRealm) -> bool:
     return Path("/run/netns", realm.netns).exists()
 
 
-def _ensure_namespace(realm: AdRealm) -> None:
+def ensure_namespace(realm: AdRealm) -> None:
     if not namespace_exists(realm):
         _run(["ip", "netns", "add", realm.netns])
     dc_end, other_end = realm.veth
@@ -547,7 +547,7 @@ def ensure(realm: AdRealm) -> AdRealm:
         _make_certificates(realm)  # cheap when current; renews a PKI near expiry
         return realm
     stop_processes(realm)
-    _ensure_namespace(realm)
+    ensure_namespace(realm)
     try:
         if not realm.marker.exists():
             _provision(realm)

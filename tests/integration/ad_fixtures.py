@@ -1,7 +1,7 @@
 """The AD realm for tests: one Samba AD DC per `make test` run, shared by every worker and test file.
 
 `ad_realm` (session) is the realm (`proxy.lab.ad.AdRealm`; its docstring lists the API). It lives in
-`.lab/test-ad/` of the checkout, so its provisioning is kept between runs (a later run restarts it in
+`.lab/test/ad/` of the checkout, so its provisioning is kept between runs (a later run restarts it in
 seconds), and in a network namespace named after that directory, so another worktree's run or a
 `make lab-ad` never meets it. xdist workers each have a session: each registers its pid under `users/`
 while holding a lock; the last one out stops the realm and removes its namespace.
@@ -34,8 +34,9 @@ AD_TIMEOUT = 900  # provisioning takes 90-130 s on a busy machine, and a test ma
 
 
 def test_realm_root() -> Path:
-    """Where the tests' AD realm lives: `$KCD_TEST_AD_DIR`, else `.lab/test-ad/` in the checkout."""
-    return Path(os.environ.get("KCD_TEST_AD_DIR") or REPO / ".lab" / "test-ad").resolve()
+    """Where the tests' AD realm lives: `$KCD_TEST_AD_DIR`, else `.lab/test/ad/` in the checkout
+    (`kcd-proxy lab status --ad --dir .lab/test` addresses it)."""
+    return Path(os.environ.get("KCD_TEST_AD_DIR") or REPO / ".lab" / "test" / "ad").resolve()
 
 
 test_realm_root.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test

@@ -3,10 +3,14 @@ stand-in and curl all inside the realm's network namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -264,3 +268,55 @@ def test_pinned_samba_ignores_resource_based_delegation(
     finally:
         gw.stop()
         ad_realm.samba_tool("delegation", "del-principal", ad.OTHER_ACCOUNT, ad.GATEWAY_ACCOUNT)
+
+
+def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.AdRealm, tmp_path: Path) -> None:
+    """`kcd-proxy lab up --ad` (what `make lab-ad` runs first) returns at once on a running realm, starts the
+    Exchange stand-in in the namespace and prints an `ip netns exec ... curl`; with the gateway it configured
+    running in there, that curl, pasted as printed, gets alice through."""
+    lab_dir = ad_realm.root.parent
+    assert ad_realm.root.name == "ad"
+    argv = [sys.executable, "-m", "proxy", "lab", "up", "--ad", "--dir", str(lab_dir)]
+    up = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert up.returncode == 0, up.stderr
+    printed = up.stdout[up.stdout.index(f"ip netns exec {ad_realm.netns} curl") :].replace("\\\n", " ").strip()
+    gw = ad_realm.popen(
+        [sys.executable, "-m", "proxy", "run", "--config", str(ad_realm.root / "gateway.toml")], log=tmp_path / "gw.log"
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ad_realm.port_answers(ad.LAB_GATEWAY_PORT, "127.0.0.1"):
+            assert gw.poll() is None, (tmp_path / "gw.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, (tmp_path / "gw.log").read_text()[-2000:]
+            time.sleep(0.2)
+        done = subprocess.run(["bash", "-c", printed + " -sS"], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["principal"] == "alice@AD.TEST"
+    finally:
+        gw.terminate()
+        gw.wait(timeout=15)
+        backend = ad_realm.run_dir / "backend.pid"
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(backend.read_text()), signal.SIGTERM)
+        backend.unlink(missing_ok=True)
+
+
+def test_lab_down_ends_every_process_in_the_namespace_and_removes_it(tmp_path: Path) -> None:
+    """`kcd-proxy lab down` stops whatever runs in the AD realm's namespace and deletes the namespace."""
+    realm = ad.AdRealm.at(tmp_path / "ad")
+    ad.ensure_namespace(realm)  # the namespace alone: taking it down needs no provisioned realm
+    sleeper = realm.popen(["sleep", "600"], log=tmp_path / "sleep.log")
+    deadline = time.monotonic() + 10
+    while not ad.namespace_pids(realm) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ad.namespace_pids(realm)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "lab", "down", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sleeper.wait(timeout=15) is not None
+    assert not Path("/run/netns", realm.netns).exists()
