@@ -409,7 +409,7 @@ def _provision(realm: AdRealm) -> None:
         "winbindd socket directory": run / "winbindd",
         "log file": realm.samba_log,
         "log level": "1 kerberos:3 auth_audit:3",
-        "max log size": "0",
+        "max log size": "10000",  # KiB; samba keeps one old log beside it
         "disable netbios": "yes",
         "dns forwarder": "none",
     }

@@ -169,3 +169,21 @@ def ad_curl(realm: ad.AdRealm, url: str, user: str | None, *args: str) -> subpro
 def status_and_body(done: subprocess.CompletedProcess[str]) -> tuple[int, str]:
     body, _, status = done.stdout.rpartition("\n")
     return int(status or 0), body
+
+
+def kdc_log_offset(realm: ad.AdRealm) -> int:
+    """Where Samba's log ends now: `wait_kdc_reason` reads only what comes after it."""
+    return realm.samba_log.stat().st_size if realm.samba_log.exists() else 0
+
+
+def wait_kdc_reason(realm: ad.AdRealm, offset: int, *needles: str, timeout: float = 15) -> str:
+    """The first line Samba's KDC logged after `offset` that holds every needle (e.g. `reason=...`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = realm.samba_log.read_bytes()[offset:].decode(errors="replace")
+        for line in text.splitlines():
+            if all(n in line for n in needles):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Samba logged no line with {needles} after offset {offset}:\n{text[-3000:]}")
+        time.sleep(0.1)

@@ -18,7 +18,15 @@ from typing import Any
 import pytest
 
 from proxy.lab import ad
-from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, ad_curl, start_ad_gateway, status_and_body
+from tests.integration.ad_fixtures import (
+    AD_TIMEOUT,
+    AdProcess,
+    ad_curl,
+    kdc_log_offset,
+    start_ad_gateway,
+    status_and_body,
+    wait_kdc_reason,
+)
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
@@ -156,9 +164,11 @@ def test_a_gateway_account_without_protocol_transition_is_refused_with_that_fix(
         keytab=f'"{ad_realm.keytab(ad.NO_PT_ACCOUNT)}"',
     )
     try:
+        offset = kdc_log_offset(ad_realm)
         status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/owa/", "alice"))
         assert status == 403
         assert "evidence ticket is not forwardable" in body
+        wait_kdc_reason(ad_realm, offset, f"{ad.NO_PT_ACCOUNT}@{ad.REALM}", "reason=Missing forwardable flag")
         event = gw.wait_event("kerberos_refused", principal="alice@AD.TEST")
         assert f"{ad.NO_PT_ACCOUNT}@{ad.REALM} lacks protocol transition" in event["fix"]
     finally:
@@ -262,9 +272,11 @@ def test_pinned_samba_ignores_resource_based_delegation(
     gw = start_ad_gateway(ad_realm, tmp_path, ad_backend, extra)
     try:
         assert ad.GATEWAY_ACCOUNT in ad_realm.samba_tool("delegation", "show", ad.OTHER_ACCOUNT)
+        offset = kdc_log_offset(ad_realm)
         status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/other/x", "bob"))
         assert status == 403
         assert f"may not act for bob@AD.TEST at {ad.OTHER_SPN}" in body
+        wait_kdc_reason(ad_realm, offset, "impersonatee=bob@AD.TEST", "reason=Constrained delegation not allowed")
     finally:
         gw.stop()
         ad_realm.samba_tool("delegation", "del-principal", ad.OTHER_ACCOUNT, ad.GATEWAY_ACCOUNT)
@@ -320,3 +332,33 @@ def test_lab_down_ends_every_process_in_the_namespace_and_removes_it(tmp_path: P
     assert done.returncode == 0, done.stderr
     assert sleeper.wait(timeout=15) is not None
     assert not Path("/run/netns", realm.netns).exists()
+
+
+@pytest.mark.parametrize(
+    ("user", "status", "reason", "kdc_says"),
+    [
+        ("dave", 403, "the account dave@AD.TEST is disabled", ("ERR_POLICY", "reason=Principal may not act as client")),
+        (
+            "erin",
+            403,
+            "its evidence ticket is not forwardable",
+            ("ERR_BADOPTION", "impersonatee=erin@AD.TEST", "reason=Missing forwardable flag"),
+        ),
+        (
+            "ghost",
+            403,
+            "no Kerberos account matches ghost@AD.TEST",
+            ("ERR_C_PRINCIPAL_UNKNOWN", "reason=S4U2Self principal to impersonate not found"),
+        ),
+        ("carol", 403, "UPN suffix", ("Server not found in database: krbtgt/CORP.EXAMPLE@AD.TEST",)),
+    ],
+)
+def test_each_refusal_matches_the_reason_samba_logged(
+    ad_realm: ad.AdRealm, ad_gateway: AdProcess, user: str, status: int, reason: str, kdc_says: tuple[str, ...]
+) -> None:
+    """The device's status and reason, set beside what Samba's KDC logged for that request: the gateway's
+    explanation is the KDC's actual refusal, not a guess."""
+    offset = kdc_log_offset(ad_realm)
+    got, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/owa/", user))
+    assert (got, reason in body) == (status, True), body
+    wait_kdc_reason(ad_realm, offset, *kdc_says)
