@@ -362,3 +362,19 @@ def test_each_refusal_matches_the_reason_samba_logged(
     got, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/owa/", user))
     assert (got, reason in body) == (status, True), body
     wait_kdc_reason(ad_realm, offset, *kdc_says)
+
+
+def test_realm_map_is_the_other_fix_for_a_upn_suffix_outside_the_realm(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """The refusal's other fix works too: realm_map corp.example -> AD.TEST makes carol carol@AD.TEST, which AD
+    finds by account name; the backend serves carol@AD.TEST."""
+    gw = start_ad_gateway(
+        ad_realm, tmp_path, ad_backend, source='"san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }'
+    )
+    try:
+        status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/owa/", "carol"))
+        assert status == 200, body
+        assert json.loads(body)["principal"] == "carol@AD.TEST"
+    finally:
+        gw.stop()
