@@ -382,6 +382,12 @@ def _proxy_protocol(r: _Reader, t: dict[str, Any]) -> tuple[bool, tuple[IPNetwor
             networks.append(ipaddress.ip_network(str(entry) if isinstance(entry, str) else "-", strict=True))
         except ValueError as e:
             r.problem(f"listener.trusted_proxies[{i}]", f"expected a CIDR block such as 10.0.0.0/24: {e}")
+            continue
+        if networks[-1].prefixlen == 0:
+            r.problem(
+                f"listener.trusted_proxies[{i}]",
+                f"{entry} trusts every address: any client could claim any device's address; name the balancers",
+            )
     if enabled and not raw:
         r.problem(
             "listener.trusted_proxies",

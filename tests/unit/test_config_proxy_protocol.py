@@ -45,11 +45,14 @@ def test_on_with_ipv4_and_ipv6_balancers(tmp_path: Path) -> None:
         ('proxy_protocol = true\ntrusted_proxies = ["x", "10.0.0.0/8"]\n', "listener.trusted_proxies[0]: expected"),
         ("proxy_protocol = true\ntrusted_proxies = [10]\n", "listener.trusted_proxies[0]: expected a CIDR"),
         ('trusted_proxies = ["10.0.0.0/8"]\n', "listener.trusted_proxies: only meaningful with"),
+        ('proxy_protocol = true\ntrusted_proxies = ["0.0.0.0/0"]\n', "listener.trusted_proxies[0]: 0.0.0.0/0 trusts"),
+        ('proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/8", "::/0"]\n', "listener.trusted_proxies[1]: ::/0"),
         ('proxy_protocol = "yes"\ntrusted_proxies = ["10.0.0.0/8"]\n', "listener.proxy_protocol: expected bool"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, lines: str, problem: str) -> None:
-    """A forgotten list, a host address with a prefix, a non-string, a list without the switch: each named."""
+    """A forgotten list, a host address with a prefix, a non-string, a list without the switch, a block that
+    trusts the whole Internet: each refused, naming the key."""
     with pytest.raises(ConfigError) as e:
         config.load(_with(tmp_path, lines))
     assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
