@@ -24,6 +24,7 @@ from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import Config
+from proxy.directory import Directory
 from proxy.errors import BadRequest, ConfigError, GatewayError
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
@@ -64,6 +65,7 @@ def build(config: Config) -> Gateway:
         delegator=Delegator(config.kerberos),
         pools=Pools(config.routes, config.listener),
         basic=BasicLogin(config.authentication, config.identity, config.kerberos),
+        directory=Directory(config.directory, config.kerberos) if config.directory is not None else None,
     )
 
 

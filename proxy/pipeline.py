@@ -1,10 +1,13 @@
 """The request flow, in one place.
 
-    TLS handshake -> certificate -> restrictions -> revocation -> identity -> authentication
+    TLS handshake -> certificate -> restrictions -> revocation -> identity -> mapping -> authentication
         -> route -> impersonate + delegate (or, after a password, the user's own ticket) -> backend
 
 `authentication.mode` decides which of a certificate and Basic credentials a request needs
 (`proxy.auth.modes`); without a certificate the certificate stages are skipped, never failed open.
+With `identity.mapping` "strong" or "strong-or-audit" the mapping stage (`proxy.identity.mapping`) asks the
+directory whether the certificate belongs to the account its UPN names, and whether that account may sign
+in at all, before the KDC is asked for anything.
 
 Each stage returns its evidence (a verified certificate, a revocation status, a user principal, a
 delegated token) or raises a `proxy.errors.GatewayError`, which the middleware in `proxy.app` turns
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 
+import structlog
 from aiohttp import web
 from cryptography import x509
 
@@ -32,14 +36,18 @@ from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import VerifiedChains
 from proxy.certs.restrictions import admit
 from proxy.certs.revocation import CrlSet
-from proxy.config import Config, Route
+from proxy.config import Config, MappingMode, Route
+from proxy.directory import Directory
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
+from proxy.identity.mapping import Mapping, account_state, decide
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegator
 from proxy.observability.trace import Trace
 from proxy.tls.peer import presented_certificate, tls_facts
+
+log = structlog.get_logger("proxy")
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class Gateway:
     delegator: Delegator
     pools: Pools
     basic: BasicLogin
+    directory: Directory | None = None  # identity.mapping "strong" / "strong-or-audit"
 
     @cached_property
     def chains(self) -> VerifiedChains:
@@ -112,7 +121,31 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
     with trace.stage("identity"):
         user = gw.identify(verified.leaf)
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
+    if gw.directory is not None and gw.config.identity.mapping != "upn":
+        with trace.stage("mapping"):
+            mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity.mapping, trace, now)
+        if mapping.weak:
+            log.warning(
+                "weak_certificate_mapping",
+                upn=user.upn,
+                account=mapping.account_dn,
+                cert_serial=format(verified.serial, "x"),
+                detail=mapping.detail,
+            )
     return user
+
+
+async def map_certificate(
+    directory: Directory, leaf: x509.Certificate, user: UserPrincipal, mode: MappingMode, trace: Trace, now: datetime
+) -> Mapping:
+    """The mapping stage: the account the UPN names, its state, and whether the certificate is tied to it."""
+    account = await directory.account(user.upn)
+    trace.note(account_dn=account.dn, account_sid=str(account.sid))
+    account_state(account, now)  # disabled, locked out, expired: refused before any KDC request
+    mapping = decide(leaf, account, mode)
+    trace.note(**mapping.as_facts())
+    trace.detail("mapping", mapping=mapping)
+    return mapping
 
 
 async def backend_authorization(gw: Gateway, auth: Authenticated, route: Route, trace: Trace) -> str:

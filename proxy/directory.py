@@ -1,0 +1,231 @@
+"""The directory: accounts looked up in Active Directory over LDAP, for the mapping stage.
+
+Theory of operation. `[identity] mapping = "strong"` needs, per user, the account's `objectSid`,
+`altSecurityIdentities` and state (`userAccountControl`, `lockoutTime`, `accountExpires`,
+`msDS-User-Account-Control-Computed`). `Directory.account(name)` finds the one account whose
+`userPrincipalName` is the certificate's UPN (or, for a UPN in the domain's own DNS name or a bare name,
+whose `sAMAccountName` is its user part, the implicit UPN AD also accepts) under `[directory] base_dn`.
+
+- Binding: `bind = "kerberos"` is SASL GSSAPI with the gateway's own keytab and principal (`[kerberos]`),
+  so no password exists anywhere; `bind = "simple"` binds as `bind_dn` with the password in
+  `password_file`, over ldaps:// only (the configuration refuses anything else).
+- Servers: `urls` are tried in order for each look-up; a server that does not answer within `timeout`
+  is skipped. When none answers the result is `DirectoryUnavailable` (503 with Retry-After): a look-up that
+  failed is never an admission, and never cached.
+- Cache: an account found (or found missing) is kept `cache_seconds`; concurrent look-ups for one name share
+  one LDAP search (single flight), so a burst of requests from one device costs one round trip.
+
+Library: bonsai (python-bonsai, maintained, on PyPI with Linux wheels). It wraps OpenLDAP's libldap and
+Cyrus SASL, so SASL GSSAPI is the same code `ldapsearch -Y GSSAPI` runs, and it has a native asyncio
+connection: searches wait on the socket in the event loop instead of a thread. ldap3 (pure Python) has no
+asyncio and no release since 2021; python-ldap is synchronous; msldap is asyncio but an offensive-security
+toolkit with its own Kerberos stack rather than the system's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import bonsai
+import structlog
+from bonsai.utils import escape_filter_exp
+
+from proxy.config import Directory as DirectorySettings
+from proxy.config import Kerberos
+from proxy.errors import DirectoryUnavailable, MappingRefused
+from proxy.identity.mapping import Account
+from proxy.identity.sid import Sid
+
+log = structlog.get_logger("kcd-proxy.directory")
+
+ATTRIBUTES = [
+    "sAMAccountName",
+    "userPrincipalName",
+    "objectSid",
+    "altSecurityIdentities",
+    "userAccountControl",
+    "lockoutTime",
+    "accountExpires",
+    "msDS-User-Account-Control-Computed",
+]
+
+
+@dataclass(frozen=True)
+class BindCheck:
+    """What `doctor` reports about the directory: the server that answered and who it says we are."""
+
+    url: str
+    whoami: str
+    ms: float
+
+
+class Directory:
+    """Account look-ups with a per-account cache and single flight (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: DirectorySettings,
+        kerberos: Kerberos,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if kerberos.krb5_config is not None:  # SASL GSSAPI reads the krb5 profile from the environment
+            os.environ["KRB5_CONFIG"] = str(kerberos.krb5_config)
+        # The directory's service ticket is for ldap/<host as written in the URL>: libldap must not replace
+        # the name by what reverse DNS says (read by libldap from the environment when it initialises).
+        os.environ.setdefault("LDAPSASL_NOCANON", "on")
+        self._settings = settings
+        self._kerberos = kerberos
+        self._clock = clock
+        self._cache: dict[str, tuple[float, Account | None]] = {}
+        self._flights: dict[str, asyncio.Future[Account | None]] = {}
+        self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
+
+    def _client(self, url: str) -> bonsai.LDAPClient:
+        client = bonsai.LDAPClient(url)
+        client.set_server_chase_referrals(False)
+        client.set_raw_attributes(["objectSid"])  # binary, never decoded as text
+        if self._settings.ca_file is not None:
+            client.set_ca_cert(str(self._settings.ca_file))
+            client.set_cert_policy("demand")
+        if self._settings.bind == "simple":
+            password = (self._settings.password_file.read_text() if self._settings.password_file else "").strip()
+            client.set_credentials("SIMPLE", user=self._settings.bind_dn, password=password)
+        else:
+            client.set_credentials("GSSAPI", user=self._kerberos.principal, keytab=str(self._kerberos.keytab.resolve()))
+        return client
+
+    async def account(self, name: str) -> Account:
+        """The account `name` (a UPN, or a bare sAMAccountName) names; MappingRefused if none or several."""
+        key = name.casefold()
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None and now < cached[0]:
+            found = cached[1]
+        else:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = asyncio.ensure_future(self._search_and_keep(key, name))
+                flight.add_done_callback(lambda _: self._flights.pop(key, None))
+            found = await asyncio.shield(flight)
+        if found is None:
+            raise MappingRefused(
+                "no account in the directory has this name",
+                hint=f"no user with userPrincipalName or sAMAccountName {name!r} under {self._settings.base_dn}",
+            )
+        return found
+
+    def forget(self, name: str) -> None:
+        self._cache.pop(name.casefold(), None)
+
+    async def _search_and_keep(self, key: str, name: str) -> Account | None:
+        found = await self.search(name)
+        if self._settings.cache_seconds > 0:
+            self._cache[key] = (self._clock() + self._settings.cache_seconds, found)
+        return found
+
+    async def search(self, name: str) -> Account | None:
+        """One look-up, no cache: each URL in order until one answers."""
+        problems: list[str] = []
+        for url in self._settings.urls:
+            try:
+                entries = await self._search_at(url, _filter(name, self._settings.base_dn))
+            except (TimeoutError, bonsai.LDAPError, OSError) as e:
+                problems.append(f"{url}: {_describe(e)}")
+                log.warning("directory_server_failed", url=url, error=_describe(e))
+                continue
+            self.searches += 1
+            if len(entries) > 1:
+                dns = ", ".join(str(entry.dn) for entry in entries)
+                raise MappingRefused(
+                    "the name matches several accounts in the directory",
+                    hint=f"{name!r} matches {dns}; a UPN must name one account",
+                )
+            return _account(entries[0]) if entries else None
+        raise DirectoryUnavailable(
+            "the directory cannot be reached; try again later",
+            hint="no directory server answered: " + "; ".join(problems),
+        )
+
+    async def _search_at(self, url: str, filter_exp: str) -> list[Any]:
+        timeout = self._settings.timeout
+        async with asyncio.timeout(timeout * 2):  # connect (and bind), then search, each bounded by timeout
+            conn = await self._client(url).connect(is_async=True, timeout=timeout)
+            try:
+                result: list[Any] = await conn.search(
+                    self._settings.base_dn, bonsai.LDAPSearchScope.SUBTREE, filter_exp, ATTRIBUTES, timeout=timeout
+                )
+            finally:
+                conn.close()
+        return result
+
+    async def check(self) -> BindCheck:
+        """Bind to the first server that answers and ask it who we are (`doctor`)."""
+        problems: list[str] = []
+        for url in self._settings.urls:
+            start = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._settings.timeout * 2):
+                    conn = await self._client(url).connect(is_async=True, timeout=self._settings.timeout)
+                    try:
+                        who = await conn.whoami(timeout=self._settings.timeout)
+                    finally:
+                        conn.close()
+            except (TimeoutError, bonsai.LDAPError, OSError) as e:
+                problems.append(f"{url}: {_describe(e)}")
+                continue
+            return BindCheck(url, str(who), (time.perf_counter() - start) * 1000)
+        raise DirectoryUnavailable("no directory server answered", hint="; ".join(problems))
+
+
+def _filter(name: str, base_dn: str) -> str:
+    """The LDAP filter for the account `name` names: by UPN, or by sAMAccountName for the domain's own names."""
+    local, at, suffix = name.partition("@")
+    upn = f"(userPrincipalName={escape_filter_exp(name)})" if at else ""
+    domain = ".".join(part.split("=", 1)[1] for part in base_dn.split(",") if part.strip().upper().startswith("DC="))
+    sam = f"(sAMAccountName={escape_filter_exp(local)})" if not at or suffix.casefold() == domain.casefold() else ""
+    return f"(&(objectCategory=person)(objectClass=user)(|{upn}{sam}))"
+
+
+def _first(entry: Any, attr: str, default: Any = None) -> Any:
+    values = entry.get(attr)
+    return values[0] if values else default
+
+
+def _int(entry: Any, attr: str) -> int:
+    value = _first(entry, attr, 0)
+    return int(value.decode() if isinstance(value, bytes) else value)
+
+
+def _account(entry: Any) -> Account:
+    """An LDAP entry to the facts the mapping stage needs (objectSid binary, the rest as AD writes them)."""
+    raw_sid = _first(entry, "objectSid")
+    if not isinstance(raw_sid, bytes):
+        raise MappingRefused("the account has no objectSid", hint=f"{entry.dn} returned no binary objectSid")
+    computed = entry.get("msDS-User-Account-Control-Computed")
+    alt = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in entry.get("altSecurityIdentities", []))
+    return Account(
+        dn=str(entry.dn),
+        sam_account_name=str(_first(entry, "sAMAccountName", "")),
+        upn=_first(entry, "userPrincipalName"),
+        sid=Sid.from_bytes(raw_sid),
+        alt_security_identities=alt,
+        user_account_control=_int(entry, "userAccountControl"),
+        lockout_time=_int(entry, "lockoutTime"),
+        account_expires=_int(entry, "accountExpires"),
+        computed_control=_int(entry, "msDS-User-Account-Control-Computed") if computed else None,
+    )
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "no answer in time"
+    with contextlib.suppress(Exception):
+        return f"{type(e).__name__}: {e}"
+    return type(e).__name__
