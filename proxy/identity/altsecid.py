@@ -52,6 +52,7 @@ Kind = Literal[
 STRONG_KINDS: frozenset[Kind] = frozenset({"X509IssuerSerialNumber", "X509SKI", "X509SHA1PublicKey"})
 
 _HEX = re.compile(r"[0-9A-Fa-f]+")
+_ATTRIBUTE_TYPE = re.compile(r"(^|(?<!\\)[,+])\s*([A-Za-z][A-Za-z0-9-]*)\s*=")
 # Windows writes a few attribute types by names RFC 4514 does not know.
 _WINDOWS_ATTRIBUTES = {
     "E": NameOID.EMAIL_ADDRESS,
@@ -140,7 +141,10 @@ def subject_key_identifier(cert: x509.Certificate) -> str | None:
 def _rdns(text: str) -> tuple[tuple[tuple[str, str], ...], ...] | None:
     """A distinguished name as comparable RDNs (OID, value case-folded), or None when it does not parse."""
     try:
-        name = x509.Name.from_rfc4514_string(text.strip(), attr_name_overrides=_WINDOWS_ATTRIBUTES)
+        # Windows prints ", " between RDNs, and attribute types in any case; cryptography wants "," and "CN="
+        text = re.sub(r"(?<!\\),\s+", ",", text.strip())
+        text = _ATTRIBUTE_TYPE.sub(lambda m: m.group(1) + m.group(2).upper() + "=", text)
+        name = x509.Name.from_rfc4514_string(text, attr_name_overrides=_WINDOWS_ATTRIBUTES)
     except ValueError:
         return None
     return _name_rdns(name)
