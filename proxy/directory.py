@@ -80,11 +80,15 @@ class Directory:
         # The directory's service ticket is for ldap/<host as written in the URL>: libldap must not replace
         # the name by what reverse DNS says (read by libldap from the environment when it initialises).
         os.environ.setdefault("LDAPSASL_NOCANON", "on")
+        # bonsai gets the bind's TGT from the keytab into a new ccache of the default ccache's type: keep
+        # those in memory rather than in /tmp files (the rest of the gateway names its ccaches explicitly).
+        os.environ["KRB5CCNAME"] = "MEMORY:kcd-proxy-directory"
         self._settings = settings
         self._kerberos = kerberos
         self._clock = clock
         self._cache: dict[str, tuple[float, Account | None]] = {}
         self._flights: dict[str, asyncio.Future[Account | None]] = {}
+        self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
         self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
 
     def _client(self, url: str) -> bonsai.LDAPClient:
@@ -98,7 +102,10 @@ class Directory:
             password = (self._settings.password_file.read_text() if self._settings.password_file else "").strip()
             client.set_credentials("SIMPLE", user=self._settings.bind_dn, password=password)
         else:
-            client.set_credentials("GSSAPI", user=self._kerberos.principal, keytab=str(self._kerberos.keytab.resolve()))
+            # bonsai builds the principal from one name component and the realm: the account's own name
+            # (svc-kcdproxy@CORP.EXAMPLE.COM), which is also the only name AD gives a TGT to (issue #15).
+            user, _, realm = self._kerberos.principal.rpartition("@")
+            client.set_credentials("GSSAPI", user=user, realm=realm, keytab=str(self._kerberos.keytab.resolve()))
         return client
 
     async def account(self, name: str) -> Account:
@@ -153,34 +160,68 @@ class Directory:
             hint="no directory server answered: " + "; ".join(problems),
         )
 
+    async def _connection(self, url: str) -> Any:
+        """The open connection to `url`, or a new one (connect and bind: a KDC exchange with bind = "kerberos")."""
+        conn = self._connections.get(url)
+        if conn is None or conn.closed:
+            conn = await self._client(url).connect(is_async=True, timeout=self._settings.timeout)
+            self._connections[url] = conn
+        return conn
+
     async def _search_at(self, url: str, filter_exp: str) -> list[Any]:
         timeout = self._settings.timeout
-        async with asyncio.timeout(timeout * 2):  # connect (and bind), then search, each bounded by timeout
-            conn = await self._client(url).connect(is_async=True, timeout=timeout)
+        for attempt in (1, 2):  # a kept connection the server has since closed fails once; a new one is tried
+            reused = url in self._connections
             try:
-                result: list[Any] = await conn.search(
-                    self._settings.base_dn, bonsai.LDAPSearchScope.SUBTREE, filter_exp, ATTRIBUTES, timeout=timeout
-                )
-            finally:
+                async with asyncio.timeout(timeout * 2):  # connect (and bind), then search, each within timeout
+                    conn = await self._connection(url)
+                    result = await conn.search(
+                        self._settings.base_dn, bonsai.LDAPSearchScope.SUBTREE, filter_exp, ATTRIBUTES, timeout=timeout
+                    )
+            except (TimeoutError, bonsai.LDAPError, OSError):
+                self._drop(url)
+                if attempt == 2 or not reused:
+                    raise
+                continue
+            return [entry for entry in result if isinstance(entry, bonsai.LDAPEntry)]  # referrals are not accounts
+        raise AssertionError("unreachable")
+
+    def _drop(self, url: str) -> None:
+        conn = self._connections.pop(url, None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
                 conn.close()
-        return result
+
+    def close(self) -> None:
+        """Close the kept connections."""
+        for url in list(self._connections):
+            self._drop(url)
 
     async def check(self) -> BindCheck:
-        """Bind to the first server that answers and ask it who we are (`doctor`)."""
+        """Bind to the first server that answers and read `base_dn` (`doctor`); who we are, when it says.
+
+        Samba answers the "Who am I?" extended operation (RFC 4532) with "not supported"; then the identity
+        shown is the one we bound as, and the read of the base entry proves the bind is good for searching."""
         problems: list[str] = []
+        timeout = self._settings.timeout
+        bound_as = self._settings.bind_dn if self._settings.bind == "simple" else self._kerberos.principal
         for url in self._settings.urls:
             start = time.perf_counter()
             try:
-                async with asyncio.timeout(self._settings.timeout * 2):
-                    conn = await self._client(url).connect(is_async=True, timeout=self._settings.timeout)
+                async with asyncio.timeout(timeout * 3):
+                    conn = await self._client(url).connect(is_async=True, timeout=timeout)
                     try:
-                        who = await conn.whoami(timeout=self._settings.timeout)
+                        await conn.search(self._settings.base_dn, bonsai.LDAPSearchScope.BASE, attrlist=["1.1"])
+                        try:
+                            who = str(await conn.whoami(timeout=timeout))
+                        except bonsai.LDAPError:
+                            who = f"{bound_as} (the server does not answer Who am I?)"
                     finally:
                         conn.close()
             except (TimeoutError, bonsai.LDAPError, OSError) as e:
                 problems.append(f"{url}: {_describe(e)}")
                 continue
-            return BindCheck(url, str(who), (time.perf_counter() - start) * 1000)
+            return BindCheck(url, who, (time.perf_counter() - start) * 1000)
         raise DirectoryUnavailable("no directory server answered", hint="; ".join(problems))
 
 
