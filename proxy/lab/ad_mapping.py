@@ -1,6 +1,8 @@
 """The AD realm's certificates and accounts for strong certificate mapping (`[identity] mapping`).
 
-`ensure(realm)` runs after `proxy.lab.ad.ensure` (the realm up) and makes, idempotently:
+`ensure(realm)` runs after `proxy.lab.ad.ensure` (the realm up) and makes, idempotently, the DC's name
+known inside the namespace (`ensure_names`: a Kerberos bind to LDAP needs `ldap://dc1.ad.test`, not the
+address), then:
 
 Accounts, besides the realm's own users (`proxy.lab.ad.USERS`):
 - `frank`: his certificate has no SID extension; his account lists it in `altSecurityIdentities` by issuer
@@ -24,6 +26,7 @@ rewritten from his current certificate on every `ensure`.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -100,8 +103,32 @@ def _issue(realm: ad.AdRealm, name: str, user_upn: str, extensions: list[x509.Ex
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
+def hosts_file(realm: ad.AdRealm) -> Path:
+    """`ip netns exec` mounts /etc/netns/<namespace>/hosts over /etc/hosts for what it runs."""
+    return Path("/etc/netns", realm.netns, "hosts")
+
+
+def ensure_names(realm: ad.AdRealm) -> None:
+    """Give the DC its name inside the namespace: a SASL GSSAPI bind asks for a ticket to ldap/<host in the
+    URL>, and the DC's SPN is ldap/dc1.ad.test, not ldap/10.213.0.1. The file is named after the namespace,
+    so no other namespace (and not the host) sees it."""
+    text = f"127.0.0.1 localhost\n::1 localhost\n{realm.dc_address} {realm.dc_host} {realm.dc_host.split('.')[0]}\n"
+    path = hosts_file(realm)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def forget_names(realm: ad.AdRealm) -> None:
+    """Remove the namespace's hosts file (with the namespace: `lab down --ad`)."""
+    hosts_file(realm).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        hosts_file(realm).parent.rmdir()
+
+
 def ensure(realm: ad.AdRealm) -> None:
     """The accounts and certificates above, in a realm that `proxy.lab.ad.ensure` brought up."""
+    ensure_names(realm)
     for user in MAPPING_USERS:
         if not _exists(realm, user.name):
             realm.samba_tool("user", "create", user.name, user.password)
@@ -122,3 +149,29 @@ def ensure(realm: ad.AdRealm) -> None:
 def _windows_order(name: x509.Name) -> str:
     """A name as Windows writes it in altSecurityIdentities: most significant RDN first."""
     return ",".join(rdn.rfc4514_string() for rdn in name.rdns)
+
+
+def directory_table(realm: ad.AdRealm, *, urls: tuple[str, ...] | None = None, cache_seconds: float = 300) -> str:
+    """The `[directory]` table for this realm: the DC by name, a Kerberos bind with the gateway's keytab."""
+    listed = ", ".join(f'"{url}"' for url in (urls or (f"ldap://{realm.dc_host}",)))
+    return f"""
+[directory]
+urls = [{listed}]
+base_dn = "{realm.base_dn}"
+bind = "kerberos"
+cache_seconds = {cache_seconds:g}
+"""
+
+
+def gateway_config(
+    realm: ad.AdRealm,
+    mode: str,
+    *,
+    port: int = ad.LAB_GATEWAY_PORT,
+    backend_port: int = ad.LAB_BACKEND_PORT,
+    directory_text: str | None = None,
+) -> str:
+    """The AD lab's gateway configuration with `[identity] mapping = mode` and the realm's directory."""
+    text = ad.gateway_config(realm, port=port, backend_port=backend_port)
+    text = text.replace('[identity]\nsource = "san-upn"\n', f'[identity]\nsource = "san-upn"\nmapping = "{mode}"\n')
+    return text + (directory_text if directory_text is not None else directory_table(realm))
