@@ -310,4 +310,5 @@ def test_doctor_names_a_disabled_canary(realm: ad.AdRealm, tmp_path: Path) -> No
     """doctor with a disabled canary: the look-up fails and says the account is disabled."""
     done = _command(realm, tmp_path, "doctor", "--user", "dave@ad.test")
     line = next(line for line in done.stdout.splitlines() if " directory-lookup " in f" {line} ")
-    assert line.startswith("FAIL") and "disabled" in line, done.stdout
+    assert line.startswith("FAIL"), done.stdout
+    assert "disabled" in line
