@@ -564,6 +564,8 @@ def _directory(r: _Reader, t: dict[str, Any]) -> Directory | None:
     base_dn = r.get(t, f"{k}.base_dn", "base_dn", str) or ""
     if base_dn and not all(_DN_PART.fullmatch(part.strip()) for part in base_dn.split(",")):
         r.problem(f"{k}.base_dn", f"expected a distinguished name such as DC=corp,DC=example,DC=com, got {base_dn!r}")
+    elif base_dn and not any(part.strip().upper().startswith("DC=") for part in base_dn.split(",")):
+        r.problem(f"{k}.base_dn", f"needs the domain's DC= components (the realm comes from them): {base_dn!r}")
     bind = _choice(r, f"{k}.bind", r.get(t, f"{k}.bind", "bind", str, "") or None, DIRECTORY_BINDS, "kerberos")
     bind_dn = r.get(t, f"{k}.bind_dn", "bind_dn", str, "") or None
     password = r.get(t, f"{k}.password_file", "password_file", str, "") or None

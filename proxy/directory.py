@@ -128,6 +128,11 @@ class Directory:
             )
         return found
 
+    @property
+    def realm(self) -> str:
+        """The Kerberos realm of the directory's domain: base_dn's DC components (DC=corp,DC=com: CORP.COM)."""
+        return _domain(self._settings.base_dn).upper()
+
     def forget(self, name: str) -> None:
         self._cache.pop(name.casefold(), None)
 
@@ -229,9 +234,14 @@ def _filter(name: str, base_dn: str) -> str:
     """The LDAP filter for the account `name` names: by UPN, or by sAMAccountName for the domain's own names."""
     local, at, suffix = name.partition("@")
     upn = f"(userPrincipalName={escape_filter_exp(name)})" if at else ""
-    domain = ".".join(part.split("=", 1)[1] for part in base_dn.split(",") if part.strip().upper().startswith("DC="))
+    domain = _domain(base_dn)
     sam = f"(sAMAccountName={escape_filter_exp(local)})" if not at or suffix.casefold() == domain.casefold() else ""
     return f"(&(objectCategory=person)(objectClass=user)(|{upn}{sam}))"
+
+
+def _domain(base_dn: str) -> str:
+    """The DNS domain of a base DN: its DC components, in order."""
+    return ".".join(part.split("=", 1)[1] for part in base_dn.split(",") if part.strip().upper().startswith("DC="))
 
 
 def _first(entry: Any, attr: str, default: Any = None) -> Any:

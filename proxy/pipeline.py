@@ -17,6 +17,7 @@ into the local reply. Nothing reaches a backend before every stage has said yes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
     if gw.directory is not None and gw.config.identity.mapping != "upn":
         with trace.stage("mapping"):
             mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity.mapping, trace, now)
+        # impersonate the account the certificate was proven to belong to, not a name built from its UPN
+        user = dataclasses.replace(user, principal=mapping.principal, realm=gw.directory.realm, enterprise=None)
         if mapping.weak:
             log.warning(
                 "weak_certificate_mapping",
@@ -142,7 +145,7 @@ async def map_certificate(
     account = await directory.account(user.upn)
     trace.note(account_dn=account.dn, account_sid=str(account.sid))
     account_state(account, now)  # disabled, locked out, expired: refused before any KDC request
-    mapping = decide(leaf, account, mode)
+    mapping = decide(leaf, account, mode, directory.realm)
     trace.note(**mapping.as_facts())
     trace.detail("mapping", mapping=mapping)
     return mapping

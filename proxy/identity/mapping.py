@@ -11,6 +11,11 @@ account in the directory (`proxy.directory`) and admits the certificate when one
 2. `alt-security-identity`: one of the account's strong `altSecurityIdentities` entries names the
    certificate (`proxy.identity.altsecid`).
 
+The principal the gateway then impersonates is the account found, `sAMAccountName@REALM` (the realm of
+the directory's domain), not the name read from the certificate: a UPN and a principal built from it by
+`realm_map` can name two different accounts (mallory's UPN `alice@corp.example` mapped to `alice@AD.TEST`
+is alice's account), and the KDC must be asked for the account the certificate was proven to belong to.
+
 A SID extension naming another account is refused even if an `altSecurityIdentities` entry matches: the CA
 said the certificate is someone else's, which is exactly the attack. Otherwise the refusal says why: no SID
 extension (and no strong entry), or a SID of another account; and what fixes it.
@@ -104,6 +109,7 @@ class Mapping:
     rule: Rule
     detail: str  # the matching SID or altSecurityIdentities entry; for weak-audit, why it is weak
     weak: bool = False  # strong-or-audit served a certificate that strong would refuse
+    principal: str = ""  # the account's own principal, sAMAccountName@REALM: whom the KDC is asked for
 
     def as_facts(self) -> dict[str, str | bool]:
         """The trace's and log's view of the decision."""
@@ -114,11 +120,14 @@ class Mapping:
             "account_sid": self.account_sid,
             "mapping_detail": self.detail,
             "mapping_weak": self.weak,
+            "principal": self.principal,
         }
 
 
-def decide(cert: x509.Certificate, account: Account, mode: MappingMode) -> Mapping:
-    """Admit `cert` for `account` under `mode` ("strong" or "strong-or-audit"), or raise MappingRefused."""
+def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: str = "") -> Mapping:
+    """Admit `cert` for `account` (of the domain whose realm is `realm`) under `mode` ("strong" or
+    "strong-or-audit"), or raise MappingRefused."""
+    principal = f"{account.sam_account_name}@{realm}" if realm else ""
     try:
         cert_sid = certificate_sid(cert)
     except ValueError as e:
@@ -135,18 +144,18 @@ def decide(cert: x509.Certificate, account: Account, mode: MappingMode) -> Mappi
             "that issued it (does it let the requester supply the subject?)",
         )
     if cert_sid is not None:
-        return Mapping(mode, account.dn, str(account.sid), "sid-extension", str(cert_sid))
+        return Mapping(mode, account.dn, str(account.sid), "sid-extension", str(cert_sid), principal=principal)
     entries = [altsecid.parse(raw) for raw in account.alt_security_identities]
     for entry in entries:
         if entry.strong and altsecid.matches(entry, cert):
-            return Mapping(mode, account.dn, str(account.sid), "alt-security-identity", entry.raw)
+            return Mapping(mode, account.dn, str(account.sid), "alt-security-identity", entry.raw, principal=principal)
     why = _weak_reason(entries, cert)
     fix = (
         f"issue certificates with the SID extension (AD CS does since KB5014754), or add a strong mapping "
         f"to {account.dn}: altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
     )
     if mode == "strong-or-audit":
-        return Mapping(mode, account.dn, str(account.sid), "weak-audit", f"{why}; {fix}", weak=True)
+        return Mapping(mode, account.dn, str(account.sid), "weak-audit", f"{why}; {fix}", True, principal)
     raise MappingRefused(f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}")
 
 

@@ -10,14 +10,19 @@ Accounts, besides the realm's own users (`proxy.lab.ad.USERS`):
 - `grace`: her certificate has no SID extension; her account lists it only weakly (`X509:<I>...<S>...`);
 - `heidi`: locked out (`lockoutTime` written as now on every `ensure`, so the lockout never lapses
   between test runs);
-- `ivan`: expired (`accountExpires` in 2020).
+- `ivan`: expired (`accountExpires` in 2020);
+- `mallory`: whose UPN is `alice@corp.example` (a `uPNSuffixes` suffix): with `realm_map` sending
+  corp.example to AD.TEST, a gateway that impersonates by UPN would ask the KDC for `alice@AD.TEST`,
+  which is alice's account, not mallory's.
 
 Certificates, in `<realm pki>/mapping/` (`cert(realm, name)` and `key(realm, name)`), from the lab PKI:
 - `<user>-sid` for alice, bob, carol, dave, heidi, ivan: the SID extension with the account's own
   `objectSid`, as AD CS writes it since KB5014754;
 - `alice-bob-sid`: alice's UPN with bob's SID (what an ESC1 template or Certifried hands an attacker);
 - `frank-altsec`: no SID extension, strongly mapped by the account's `altSecurityIdentities`;
-- `grace-weak`: no SID extension, only weakly mapped.
+- `grace-weak`: no SID extension, only weakly mapped;
+- `mallory-sid`: mallory's own certificate (UPN `alice@corp.example`, mallory's SID): rightly issued, and
+  it must be served as mallory.
 The realm's plain certificates (`realm.user_cert("alice")`) carry no SID extension and no mapping at all.
 
 A certificate is issued again when it is missing or older than the issuing CA, and frank's entry is
@@ -50,7 +55,9 @@ MAPPING_USERS = (
     MappingUser("grace", "Grace-Ad-Pa55"),
     MappingUser("heidi", "Heidi-Ad-Pa55"),
     MappingUser("ivan", "Ivan-Ad-Pa55"),
+    MappingUser("mallory", "Mallory-Ad-Pa55"),
 )
+MALLORY_UPN = f"alice@{ad.OTHER_SUFFIX}"
 SID_CERTIFICATES = ("alice", "bob", "carol", "dave", "heidi", "ivan")
 EXPIRED_AT = datetime(2020, 1, 1, tzinfo=UTC)
 
@@ -69,7 +76,7 @@ def key(realm: ad.AdRealm, name: str) -> Path:
 
 def upn(realm: ad.AdRealm, name: str) -> str:
     """A user's UPN as the realm gave it (carol's suffix is corp.example)."""
-    known = {u.name: u.upn for u in ad.USERS}
+    known = {u.name: u.upn for u in ad.USERS} | {"mallory": MALLORY_UPN}
     return known.get(name, f"{name}@{realm.dns_domain}")
 
 
@@ -132,10 +139,12 @@ def ensure(realm: ad.AdRealm) -> None:
     for user in MAPPING_USERS:
         if not _exists(realm, user.name):
             realm.samba_tool("user", "create", user.name, user.password)
-    sids = {name: object_sid(realm, name) for name in (*SID_CERTIFICATES, "bob")}
+    _replace(realm, "mallory", "userPrincipalName", MALLORY_UPN)
+    sids = {name: object_sid(realm, name) for name in (*SID_CERTIFICATES, "bob", "mallory")}
     for name in SID_CERTIFICATES:
         _issue(realm, f"{name}-sid", upn(realm, name), [sid_extension(sids[name])])
     _issue(realm, "alice-bob-sid", upn(realm, "alice"), [sid_extension(sids["bob"])])
+    _issue(realm, "mallory-sid", MALLORY_UPN, [sid_extension(sids["mallory"])])
     frank = _issue(realm, "frank-altsec", upn(realm, "frank"), [])
     weak_frank = f"X509:<S>{_windows_order(frank.subject)}"
     _replace(realm, "frank", "altSecurityIdentities", altsecid.issuer_serial_entry(frank), weak_frank)

@@ -31,12 +31,19 @@ def realm(ad_realm: ad.AdRealm) -> ad.AdRealm:
 
 
 def start_gateway(
-    realm: ad.AdRealm, directory: Path, backend: AdProcess, mode: str, directory_text: str | None = None
+    realm: ad.AdRealm,
+    directory: Path,
+    backend: AdProcess,
+    mode: str,
+    directory_text: str | None = None,
+    identity: str = "",
 ) -> AdProcess:
-    """`kcd-proxy run` inside the namespace with `[identity] mapping = mode` and the realm's directory."""
+    """`kcd-proxy run` inside the namespace with `[identity] mapping = mode` (and `identity` lines), and the
+    realm's directory (or `directory_text`)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = realm.free_port()
     text = ad_mapping.gateway_config(realm, mode, port=port, backend_port=backend.port, directory_text=directory_text)
+    text = text.replace("[identity]\n", "[identity]\n" + identity, 1)
     text += f'\n[traces]\nexport = "{directory / "traces.jsonl"}"\n'
     config = directory / "gateway.toml"
     config.write_text(text)
@@ -312,3 +319,20 @@ def test_doctor_names_a_disabled_canary(realm: ad.AdRealm, tmp_path: Path) -> No
     line = next(line for line in done.stdout.splitlines() if " directory-lookup " in f" {line} ")
     assert line.startswith("FAIL"), done.stdout
     assert "disabled" in line
+
+
+def test_the_mapped_account_is_impersonated_not_the_name(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """mallory's UPN is alice@corp.example and realm_map sends corp.example to AD.TEST: her rightly issued
+    certificate is served as mallory@AD.TEST (the account the mapping found), never as alice@AD.TEST."""
+    identity = 'realm_map = { "corp.example" = "AD.TEST" }\n'
+    gw = start_gateway(realm, tmp_path, ad_backend, "strong", identity=identity)
+    try:
+        status, body, _ = curl(realm, gw, "mallory-sid")
+        assert status == 200, body
+        assert served_as(body) == "mallory@AD.TEST"
+        line = summary(gw, ad_mapping.MALLORY_UPN)
+        assert (line["principal"], line["mapping"]) == ("mallory@AD.TEST", "sid-extension")
+    finally:
+        gw.stop()

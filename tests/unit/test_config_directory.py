@@ -126,3 +126,9 @@ def test_cache_seconds_zero_means_no_cache(tmp_path: Path) -> None:
     directory = _load(tmp_path, text).directory
     assert directory is not None
     assert directory.cache_seconds == 0.0
+
+
+def test_base_dn_without_domain_components_is_refused(tmp_path: Path) -> None:
+    """A base DN with no DC= parts gives no realm for the mapped accounts: refused under directory.base_dn."""
+    text = _mapping("strong") + DIRECTORY.replace('"DC=corp,DC=example,DC=com"', '"O=Corp,C=DE"')
+    assert any(p.startswith("directory.base_dn: needs the domain's DC= components") for p in _problems(tmp_path, text))

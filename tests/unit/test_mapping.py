@@ -370,3 +370,11 @@ def test_malformed_sid_extension_refused_by_decide() -> None:
     for mode in ("strong", "strong-or-audit"):
         with pytest.raises(MappingRefused, match="cannot be read"):
             decide(certificate(extensions=[bad]), account(), mode)
+
+
+def test_the_account_principal_is_what_the_kdc_is_asked_for() -> None:
+    """The mapping names the account's own principal (sAMAccountName@REALM), whatever the UPN said."""
+    mallory = Account(
+        dn="CN=mallory,CN=Users,DC=ad,DC=test", sam_account_name="mallory", upn="alice@corp.example", sid=ALICE_SID
+    )
+    assert decide(certificate(sid=ALICE_SID), mallory, "strong", "AD.TEST").principal == "mallory@AD.TEST"
