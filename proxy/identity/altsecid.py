@@ -15,8 +15,9 @@ strong, that is which the holder of some other certificate from the same CA cann
 
 The details that trip people up, as Windows reads them:
 - `<SR>` is the serial number's bytes in REVERSED order, in hex (CryptoAPI keeps serials little-endian):
-  a certificate whose serial is `12:34:56` is written `<SR>563412`. The serial's DER content octets are
-  what is reversed, so a leading 00 (added when the high bit is set) counts.
+  a certificate whose serial is `12:34:56` is written `<SR>563412`. CryptoAPI reverses the serial's DER
+  content octets, so a serial whose high bit is set ends in the sign byte: `80:01` is `<SR>018000`; the
+  value is compared as a number, so the entry matches with or without that trailing `00`.
 - Issuer and subject names are written the way Windows prints them, most significant part first
   (`DC=com,DC=example,CN=Example CA`), the reverse of RFC 4514; some tools write RFC 4514 order. A name
   matches in either order, attribute values compared case-insensitively.
@@ -120,6 +121,11 @@ def reversed_serial(cert: x509.Certificate) -> str:
     return octets[::-1].hex()
 
 
+def _serial_value(reversed_hex: str) -> int:
+    """The serial number an `<SR>` value stands for (with or without the DER sign byte, which is 00)."""
+    return int.from_bytes(bytes.fromhex(reversed_hex)[::-1], "big")
+
+
 def sha1_thumbprint(cert: x509.Certificate) -> str:
     """The SHA-1 hash of the certificate (what Windows calls its thumbprint), in hex."""
     return hashlib.sha1(cert.public_bytes(serialization.Encoding.DER), usedforsecurity=False).hexdigest()
@@ -168,7 +174,7 @@ def same_name(written: str, name: x509.Name) -> bool:
 def matches(entry: AltSecurityIdentity, cert: x509.Certificate) -> bool:
     """Whether a STRONG entry names this certificate. Weak and unknown entries never match here."""
     if entry.kind == "X509IssuerSerialNumber":
-        return entry.value == reversed_serial(cert) and same_name(entry.issuer or "", cert.issuer)
+        return _serial_value(entry.value or "") == cert.serial_number and same_name(entry.issuer or "", cert.issuer)
     if entry.kind == "X509SKI":
         return entry.value == subject_key_identifier(cert)
     if entry.kind == "X509SHA1PublicKey":

@@ -378,3 +378,11 @@ def test_the_account_principal_is_what_the_kdc_is_asked_for() -> None:
         dn="CN=mallory,CN=Users,DC=ad,DC=test", sam_account_name="mallory", upn="alice@corp.example", sid=ALICE_SID
     )
     assert decide(certificate(sid=ALICE_SID), mallory, "strong", "AD.TEST").principal == "mallory@AD.TEST"
+
+
+def test_reversed_serial_matches_with_or_without_the_sign_byte() -> None:
+    """<SR>0201efcdab00 (CryptoAPI, sign byte last) and <SR>0201efcdab both name serial 0xABCDEF0102."""
+    cert = certificate(serial=0xABCDEF0102)
+    for serial in ("0201efcdab00", "0201EFCDAB", "02:01:ef:cd:ab:00"):
+        assert altsecid.matches(altsecid.parse(f"X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>{serial}"), cert), serial
+    assert not altsecid.matches(altsecid.parse("X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>abcdef0102"), cert)
