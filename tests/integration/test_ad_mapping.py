@@ -336,3 +336,30 @@ def test_the_mapped_account_is_impersonated_not_the_name(
         assert (line["principal"], line["mapping"]) == ("mallory@AD.TEST", "sid-extension")
     finally:
         gw.stop()
+
+
+def test_simple_bind_over_ldaps(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path) -> None:
+    """bind = "simple" over ldaps:// with the DC's CA: alice's SID certificate is served; a wrong password
+    is 503 (the directory refuses us: never an admission) and the log says the bind failed."""
+    ca = realm.samba_dir / "private" / "tls" / "ca.pem"
+    for password, expected in ((ad.SERVICE_PASSWORD.format(account=ad.GATEWAY_ACCOUNT), 200), ("wrong", 503)):
+        directory = tmp_path / str(expected)
+        directory.mkdir()
+        (directory / "ldap.pw").write_text(password + "\n")
+        text = f"""
+[directory]
+urls = ["ldaps://{realm.dc_host}"]
+base_dn = "{realm.base_dn}"
+bind = "simple"
+bind_dn = "CN={ad.GATEWAY_ACCOUNT},CN=Users,{realm.base_dn}"
+password_file = "{directory / "ldap.pw"}"
+ca_file = "{ca}"
+"""
+        gw = start_gateway(realm, directory, ad_backend, "strong", directory_text=text)
+        try:
+            status, body, _ = curl(realm, gw, "alice-sid")
+            assert status == expected, body
+            if expected == 503:
+                assert "Invalid credentials" in gw.wait_event("directory_server_failed")["error"]
+        finally:
+            gw.stop()
