@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -363,3 +364,43 @@ ca_file = "{ca}"
                 assert "Invalid credentials" in gw.wait_event("directory_server_failed")["error"]
         finally:
             gw.stop()
+
+
+_SILENT_SERVER = """
+import socket, sys, time
+s = socket.socket()
+s.bind((sys.argv[2], int(sys.argv[1])))
+s.listen(16)
+held = []
+while True:
+    conn, _ = s.accept()
+    held.append(conn)  # accepted, never answered: a hung directory server
+"""
+
+
+def test_hung_directory_server_is_503_within_its_timeout(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """A server that accepts the connection and never answers: 503 after [directory] timeout, not a hung request."""
+    port = realm.free_port()
+    argv = [sys.executable, "-c", _SILENT_SERVER, str(port), realm.dc_address]
+    silent = realm.popen(argv, log=tmp_path / "silent.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not realm.port_answers(port, realm.dc_address):
+            assert silent.poll() is None and time.monotonic() < deadline, (tmp_path / "silent.log").read_text()
+            time.sleep(0.2)
+        # the DC's name (the Kerberos bind gets its ticket for ldap/dc1.ad.test), a port where nothing answers
+        text = ad_mapping.directory_table(realm, urls=(f"ldap://{realm.dc_host}:{port}",)) + "timeout = 1\n"
+        gw = start_gateway(realm, tmp_path / "gw", ad_backend, "strong", directory_text=text)
+        try:
+            status, body, headers = curl(realm, gw, "alice-sid")
+            assert status == 503, body
+            assert headers["retry-after"]
+            assert gw.wait_event("directory_server_failed")["error"] == "no answer in time"
+            assert summary(gw, "alice@ad.test")["ms"]["mapping"] < 10_000  # bounded by the timeout, not curl's
+        finally:
+            gw.stop()
+    finally:
+        silent.kill()
+        silent.wait()
