@@ -133,6 +133,11 @@ class Directory:
         """The Kerberos realm of the directory's domain: base_dn's DC components (DC=corp,DC=com: CORP.COM)."""
         return _domain(self._settings.base_dn).upper()
 
+    def cached(self, name: str) -> Account | None:
+        """The account `name` names, if a look-up found it and the cache still holds it (no directory request)."""
+        entry = self._cache.get(name.casefold())
+        return entry[1] if entry is not None else None
+
     def forget(self, name: str) -> None:
         self._cache.pop(name.casefold(), None)
 

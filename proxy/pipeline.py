@@ -95,7 +95,12 @@ def identify(leaf: x509.Certificate, config: Config) -> UserPrincipal:
 def forget_tickets(gw: Gateway, leaf: x509.Certificate) -> None:
     """A refused certificate's user loses their cached delegated tickets: none outlives the certificate."""
     with contextlib.suppress(GatewayError):
-        gw.delegator.forget(identify(leaf, gw.config).principal)
+        user = identify(leaf, gw.config)
+        gw.delegator.forget(user.principal)
+        directory = gw.directory
+        account = directory.cached(user.upn) if directory is not None else None
+        if directory is not None and account is not None:  # strong mapping impersonated sAMAccountName@REALM
+            gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}")
 
 
 async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, now: datetime) -> UserPrincipal:
