@@ -34,7 +34,6 @@ from typing import Any
 
 import bonsai
 import structlog
-from bonsai.utils import escape_filter_exp
 
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
@@ -238,10 +237,16 @@ class Directory:
 def _filter(name: str, base_dn: str) -> str:
     """The LDAP filter for the account `name` names: by UPN, or by sAMAccountName for the domain's own names."""
     local, at, suffix = name.partition("@")
-    upn = f"(userPrincipalName={escape_filter_exp(name)})" if at else ""
+    upn = f"(userPrincipalName={_escape(name)})" if at else ""
     domain = _domain(base_dn)
-    sam = f"(sAMAccountName={escape_filter_exp(local)})" if not at or suffix.casefold() == domain.casefold() else ""
+    sam = f"(sAMAccountName={_escape(local)})" if not at or suffix.casefold() == domain.casefold() else ""
     return f"(&(objectCategory=person)(objectClass=user)(|{upn}{sam}))"
+
+
+def _escape(value: str) -> str:
+    """An assertion value for an LDAP filter (RFC 4515): `*`, `(`, `)`, `\\` and NUL as `\\xx`. Our own
+    because bonsai's `escape_filter_exp` writes NUL as `\\0`, which is not RFC 4515."""
+    return "".join(f"\\{ord(c):02x}" if c in "*()\\\0" else c for c in value)
 
 
 def _domain(base_dn: str) -> str:
