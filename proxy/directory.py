@@ -109,6 +109,16 @@ class Directory:
 
     async def account(self, name: str) -> Account:
         """The account `name` (a UPN, or a bare sAMAccountName) names; MappingRefused if none or several."""
+        found = await self.lookup(name)
+        if found is None:
+            raise MappingRefused(
+                "no account in the directory has this name",
+                hint=f"no user with userPrincipalName or sAMAccountName {name!r} under {self._settings.base_dn}",
+            )
+        return found
+
+    async def lookup(self, name: str) -> Account | None:
+        """The account `name` names, or None; MappingRefused if several; DirectoryUnavailable if no server answers."""
         key = name.casefold()
         now = self._clock()
         cached = self._cache.get(key)
@@ -120,12 +130,11 @@ class Directory:
                 flight = self._flights[key] = asyncio.ensure_future(self._search_and_keep(key, name))
                 flight.add_done_callback(lambda _: self._flights.pop(key, None))
             found = await asyncio.shield(flight)
-        if found is None:
-            raise MappingRefused(
-                "no account in the directory has this name",
-                hint=f"no user with userPrincipalName or sAMAccountName {name!r} under {self._settings.base_dn}",
-            )
         return found
+
+    @property
+    def base_dn(self) -> str:
+        return self._settings.base_dn
 
     @property
     def realm(self) -> str:

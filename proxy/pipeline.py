@@ -40,7 +40,7 @@ from proxy.certs.revocation import CrlSet
 from proxy.config import Config, MappingMode, Route
 from proxy.directory import Directory
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
-from proxy.identity.mapping import Mapping, account_state, decide
+from proxy.identity.mapping import Mapping, account_state, decide, no_account
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
@@ -130,8 +130,8 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
     if gw.directory is not None and gw.config.identity.mapping != "upn":
         with trace.stage("mapping"):
             mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity.mapping, trace, now)
-        # impersonate the account the certificate was proven to belong to, not a name built from its UPN
-        user = dataclasses.replace(user, principal=mapping.principal, realm=gw.directory.realm, enterprise=None)
+        if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
+            user = dataclasses.replace(user, principal=mapping.principal, realm=gw.directory.realm, enterprise=None)
         if mapping.weak:
             log.warning(
                 "weak_certificate_mapping",
@@ -147,7 +147,11 @@ async def map_certificate(
     directory: Directory, leaf: x509.Certificate, user: UserPrincipal, mode: MappingMode, trace: Trace, now: datetime
 ) -> Mapping:
     """The mapping stage: the account the UPN names, its state, and whether the certificate is tied to it."""
-    account = await directory.account(user.upn)
+    account = await directory.lookup(user.upn)
+    if account is None:
+        mapping = no_account(user.upn, directory.base_dn, mode)  # refused in strong; weak in strong-or-audit
+        trace.note(**mapping.as_facts())
+        return mapping
     trace.note(account_dn=account.dn, account_sid=str(account.sid))
     account_state(account, now)  # disabled, locked out, expired: refused before any KDC request
     mapping = decide(leaf, account, mode, directory.realm)

@@ -113,14 +113,15 @@ class Mapping:
 
     def as_facts(self) -> dict[str, str | bool]:
         """The trace's and log's view of the decision."""
+        principal = {"principal": self.principal} if self.principal else {}
         return {
+            **principal,
             "mapping": self.rule,
             "mapping_mode": self.mode,
             "account_dn": self.account_dn,
             "account_sid": self.account_sid,
             "mapping_detail": self.detail,
             "mapping_weak": self.weak,
-            "principal": self.principal,
         }
 
 
@@ -157,6 +158,16 @@ def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: s
     if mode == "strong-or-audit":
         return Mapping(mode, account.dn, str(account.sid), "weak-audit", f"{why}; {fix}", True, principal)
     raise MappingRefused(f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}")
+
+
+def no_account(name: str, base_dn: str, mode: MappingMode) -> Mapping:
+    """No account has the certificate's name: `strong` refuses; `strong-or-audit` serves it as weakly mapped
+    (the KDC still decides whether the name is a user: an account outside base_dn, a trusted domain's)."""
+    where = f"no user with userPrincipalName or sAMAccountName {name!r} under {base_dn}"
+    if mode != "strong-or-audit":
+        raise MappingRefused("no account in the directory has this name", hint=where)
+    detail = f"{where}; the certificate cannot be mapped strongly: extend [directory] base_dn or reissue it"
+    return Mapping(mode, "", "", "weak-audit", detail, True, "")
 
 
 def _weak_reason(entries: list[AltSecurityIdentity], cert: x509.Certificate) -> str:

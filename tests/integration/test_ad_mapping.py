@@ -405,3 +405,13 @@ def test_hung_directory_server_is_503_within_its_timeout(
     finally:
         silent.kill()
         silent.wait()
+
+
+def test_a_name_no_account_has(realm: ad.AdRealm, strong: AdProcess, audit: AdProcess) -> None:
+    """ghost@ad.test, no account: strong refuses at mapping; audit lets the KDC decide (it refuses), with a warning."""
+    status, body, headers = curl(realm, strong, "ghost")
+    assert (status, headers["x-kcd-refused-stage"]) == (403, "mapping"), body
+    assert "no account in the directory" in body
+    status, body, headers = curl(realm, audit, "ghost")
+    assert (status, headers["x-kcd-refused-stage"]) == (403, "kerberos"), body
+    assert "under DC=ad,DC=test" in audit.wait_event("weak_certificate_mapping", upn="ghost@ad.test")["detail"]

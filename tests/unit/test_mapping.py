@@ -18,7 +18,7 @@ from pyasn1_modules import rfc5280
 
 from proxy.errors import AccountRefused, MappingRefused
 from proxy.identity import altsecid
-from proxy.identity.mapping import Account, account_state, decide
+from proxy.identity.mapping import Account, account_state, decide, no_account
 from proxy.identity.sid import (
     OBJECTSID_OID,
     SID_EXTENSION_OID,
@@ -386,3 +386,12 @@ def test_reversed_serial_matches_with_or_without_the_sign_byte() -> None:
     for serial in ("0201efcdab00", "0201EFCDAB", "02:01:ef:cd:ab:00"):
         assert altsecid.matches(altsecid.parse(f"X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>{serial}"), cert), serial
     assert not altsecid.matches(altsecid.parse("X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>abcdef0102"), cert)
+
+
+def test_no_account_is_refused_in_strong_and_weak_in_audit() -> None:
+    """A name no account has: strong refuses it; strong-or-audit serves it as weak, impersonating by name."""
+    with pytest.raises(MappingRefused, match="no account"):
+        no_account("ghost@ad.test", "DC=ad,DC=test", "strong")
+    mapping = no_account("ghost@ad.test", "DC=ad,DC=test", "strong-or-audit")
+    assert (mapping.rule, mapping.weak, mapping.principal) == ("weak-audit", True, "")
+    assert "principal" not in mapping.as_facts()
