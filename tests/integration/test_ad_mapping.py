@@ -25,10 +25,12 @@ pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
-def realm(ad_realm: ad.AdRealm) -> ad.AdRealm:
-    """The AD realm with the mapping accounts and certificates (frank, grace, heidi, ivan; SID extensions)."""
+def realm(ad_realm: ad.AdRealm) -> Iterator[ad.AdRealm]:
+    """The AD realm with the mapping accounts and certificates (frank, grace, heidi, ivan; SID extensions);
+    the DC's name in /etc/netns/<namespace>/hosts while this module runs."""
     ad_mapping.ensure(ad_realm)
-    return ad_realm
+    yield ad_realm
+    ad_mapping.forget_names(ad_realm)
 
 
 def start_gateway(
