@@ -7,7 +7,10 @@ The realm's API, for tests and for other lab code (keep it small)
   file of a `make test` run (each xdist worker registers itself; the last one out stops it). Tests
   `import pytest` and ask for `ad_realm` like any fixture; mark them `@pytest.mark.timeout(AD_TIMEOUT)`:
   the first one pays for provisioning (7 s idle, 90-130 s on a busy machine; later runs restart the
-  kept state in seconds).
+  kept state, `.lab/test/ad/`, in seconds). Beside it: `ad_backend` (the Exchange stand-in for
+  `HTTP/cas.ad.test` in the namespace), `start_ad_gateway(realm, dir, backend, extra_toml, key=value)` (a
+  `kcd-proxy run` in there), `ad_curl(realm, url, user)` (a device), `kdc_log_offset` + `wait_kdc_reason`
+  (what Samba's KDC logged for a request).
 - `realm.dc_address` ("10.213.0.1") and `realm.dc_host` ("dc1.ad.test"): where the DC answers inside the
   namespace (KDC 88, LDAP 389, LDAPS 636, DNS 53). `realm.ldap_url` is `ldap://10.213.0.1`.
 - `realm.base_dn` ("DC=ad,DC=test"), `realm.realm` ("AD.TEST"), `realm.dns_domain` ("ad.test").
@@ -68,6 +71,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from proxy.lab import layout
 from proxy.lab import pki as lab_pki
 
 REALM = "AD.TEST"
@@ -213,7 +217,8 @@ class AdRealm:
 
     @property
     def kdc_log(self) -> Path:
-        """Samba's KDC writes its decisions here (`log level = 3 kerberos:5`-style lines)."""
+        """Samba's log, where its KDC writes one line per refusal with the reason, e.g.
+        `TGS-REQ ERR_POLICY ... reason=Principal may not act as client` (`log level = 1 kerberos:3`)."""
         return self.run_dir / "samba.log"
 
     @property
@@ -325,9 +330,7 @@ class AdRealm:
 
 def default_root() -> Path:
     """`.lab/ad/` beside the MIT lab (`$KCD_LAB_DIR/ad` when that is set)."""
-    from proxy.lab.layout import default_root as lab_root
-
-    return lab_root() / "ad"
+    return layout.default_root() / "ad"
 
 
 # -- the namespace ---------------------------------------------------------------------------------------
@@ -337,7 +340,7 @@ def namespace_exists(realm: AdRealm) -> bool:
     return Path("/run/netns", realm.netns).exists()
 
 
-def _ensure_namespace(realm: AdRealm) -> None:
+def ensure_namespace(realm: AdRealm) -> None:
     if not namespace_exists(realm):
         _run(["ip", "netns", "add", realm.netns])
     dc_end, other_end = realm.veth
@@ -409,7 +412,7 @@ def _provision(realm: AdRealm) -> None:
         "winbindd socket directory": run / "winbindd",
         "log file": realm.samba_log,
         "log level": "1 kerberos:3 auth_audit:3",
-        "max log size": "0",
+        "max log size": "10000",  # KiB; samba keeps one old log beside it
         "disable netbios": "yes",
         "dns forwarder": "none",
     }
@@ -547,7 +550,7 @@ def ensure(realm: AdRealm) -> AdRealm:
         _make_certificates(realm)  # cheap when current; renews a PKI near expiry
         return realm
     stop_processes(realm)
-    _ensure_namespace(realm)
+    ensure_namespace(realm)
     try:
         if not realm.marker.exists():
             _provision(realm)

@@ -1,7 +1,7 @@
 """The AD realm for tests: one Samba AD DC per `make test` run, shared by every worker and test file.
 
 `ad_realm` (session) is the realm (`proxy.lab.ad.AdRealm`; its docstring lists the API). It lives in
-`.lab/test-ad/` of the checkout, so its provisioning is kept between runs (a later run restarts it in
+`.lab/test/ad/` of the checkout, so its provisioning is kept between runs (a later run restarts it in
 seconds), and in a network namespace named after that directory, so another worktree's run or a
 `make lab-ad` never meets it. xdist workers each have a session: each registers its pid under `users/`
 while holding a lock; the last one out stops the realm and removes its namespace.
@@ -34,8 +34,9 @@ AD_TIMEOUT = 900  # provisioning takes 90-130 s on a busy machine, and a test ma
 
 
 def test_realm_root() -> Path:
-    """Where the tests' AD realm lives: `$KCD_TEST_AD_DIR`, else `.lab/test-ad/` in the checkout."""
-    return Path(os.environ.get("KCD_TEST_AD_DIR") or REPO / ".lab" / "test-ad").resolve()
+    """Where the tests' AD realm lives: `$KCD_TEST_AD_DIR`, else `.lab/test/ad/` in the checkout
+    (`kcd-proxy lab status --ad --dir .lab/test` addresses it)."""
+    return Path(os.environ.get("KCD_TEST_AD_DIR") or REPO / ".lab" / "test" / "ad").resolve()
 
 
 test_realm_root.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
@@ -63,6 +64,8 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="session")
 def ad_realm() -> Iterator[ad.AdRealm]:
     """The Samba AD DC realm AD.TEST, up; shared by the run's workers, stopped by the last one out."""
+    if os.geteuid() != 0:
+        pytest.skip("the AD realm needs root: it creates a network namespace and runs samba (make test runs as root)")
     realm = ad.AdRealm.at(test_realm_root())
     users = realm.root / "users"
     me = users / str(os.getpid())
@@ -168,3 +171,21 @@ def ad_curl(realm: ad.AdRealm, url: str, user: str | None, *args: str) -> subpro
 def status_and_body(done: subprocess.CompletedProcess[str]) -> tuple[int, str]:
     body, _, status = done.stdout.rpartition("\n")
     return int(status or 0), body
+
+
+def kdc_log_offset(realm: ad.AdRealm) -> int:
+    """Where Samba's log ends now: `wait_kdc_reason` reads only what comes after it."""
+    return realm.samba_log.stat().st_size if realm.samba_log.exists() else 0
+
+
+def wait_kdc_reason(realm: ad.AdRealm, offset: int, *needles: str, timeout: float = 15) -> str:
+    """The first line Samba's KDC logged after `offset` that holds every needle (e.g. `reason=...`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = realm.samba_log.read_bytes()[offset:].decode(errors="replace")
+        for line in text.splitlines():
+            if all(n in line for n in needles):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Samba logged no line with {needles} after offset {offset}:\n{text[-3000:]}")
+        time.sleep(0.1)

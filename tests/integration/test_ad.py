@@ -3,10 +3,14 @@ stand-in and curl all inside the realm's network namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,15 @@ from typing import Any
 import pytest
 
 from proxy.lab import ad
-from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, ad_curl, start_ad_gateway, status_and_body
+from tests.integration.ad_fixtures import (
+    AD_TIMEOUT,
+    AdProcess,
+    ad_curl,
+    kdc_log_offset,
+    start_ad_gateway,
+    status_and_body,
+    wait_kdc_reason,
+)
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
@@ -152,9 +164,11 @@ def test_a_gateway_account_without_protocol_transition_is_refused_with_that_fix(
         keytab=f'"{ad_realm.keytab(ad.NO_PT_ACCOUNT)}"',
     )
     try:
+        offset = kdc_log_offset(ad_realm)
         status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/owa/", "alice"))
         assert status == 403
         assert "evidence ticket is not forwardable" in body
+        wait_kdc_reason(ad_realm, offset, f"{ad.NO_PT_ACCOUNT}@{ad.REALM}", "reason=Missing forwardable flag")
         event = gw.wait_event("kerberos_refused", principal="alice@AD.TEST")
         assert f"{ad.NO_PT_ACCOUNT}@{ad.REALM} lacks protocol transition" in event["fix"]
     finally:
@@ -258,9 +272,109 @@ def test_pinned_samba_ignores_resource_based_delegation(
     gw = start_ad_gateway(ad_realm, tmp_path, ad_backend, extra)
     try:
         assert ad.GATEWAY_ACCOUNT in ad_realm.samba_tool("delegation", "show", ad.OTHER_ACCOUNT)
+        offset = kdc_log_offset(ad_realm)
         status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/other/x", "bob"))
         assert status == 403
         assert f"may not act for bob@AD.TEST at {ad.OTHER_SPN}" in body
+        wait_kdc_reason(ad_realm, offset, "impersonatee=bob@AD.TEST", "reason=Constrained delegation not allowed")
     finally:
         gw.stop()
         ad_realm.samba_tool("delegation", "del-principal", ad.OTHER_ACCOUNT, ad.GATEWAY_ACCOUNT)
+
+
+def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.AdRealm, tmp_path: Path) -> None:
+    """`kcd-proxy lab up --ad` (what `make lab-ad` runs first) returns at once on a running realm, starts the
+    Exchange stand-in in the namespace and prints an `ip netns exec ... curl`; with the gateway it configured
+    running in there, that curl, pasted as printed, gets alice through."""
+    lab_dir = ad_realm.root.parent
+    assert ad_realm.root.name == "ad"
+    argv = [sys.executable, "-m", "proxy", "lab", "up", "--ad", "--dir", str(lab_dir)]
+    up = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert up.returncode == 0, up.stderr
+    printed = up.stdout[up.stdout.index(f"ip netns exec {ad_realm.netns} curl") :].replace("\\\n", " ").strip()
+    gw = ad_realm.popen(
+        [sys.executable, "-m", "proxy", "run", "--config", str(ad_realm.root / "gateway.toml")], log=tmp_path / "gw.log"
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ad_realm.port_answers(ad.LAB_GATEWAY_PORT, "127.0.0.1"):
+            assert gw.poll() is None, (tmp_path / "gw.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, (tmp_path / "gw.log").read_text()[-2000:]
+            time.sleep(0.2)
+        done = subprocess.run(["bash", "-c", printed + " -sS"], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["principal"] == "alice@AD.TEST"
+    finally:
+        gw.terminate()
+        gw.wait(timeout=15)
+        backend = ad_realm.run_dir / "backend.pid"
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(backend.read_text()), signal.SIGTERM)
+        backend.unlink(missing_ok=True)
+
+
+def test_lab_down_ends_every_process_in_the_namespace_and_removes_it(tmp_path: Path) -> None:
+    """`kcd-proxy lab down` stops whatever runs in the AD realm's namespace and deletes the namespace."""
+    realm = ad.AdRealm.at(tmp_path / "ad")
+    ad.ensure_namespace(realm)  # the namespace alone: taking it down needs no provisioned realm
+    sleeper = realm.popen(["sleep", "600"], log=tmp_path / "sleep.log")
+    deadline = time.monotonic() + 10
+    while not ad.namespace_pids(realm) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ad.namespace_pids(realm)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "lab", "down", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sleeper.wait(timeout=15) is not None
+    assert not Path("/run/netns", realm.netns).exists()
+
+
+@pytest.mark.parametrize(
+    ("user", "status", "reason", "kdc_says"),
+    [
+        ("dave", 403, "the account dave@AD.TEST is disabled", ("ERR_POLICY", "reason=Principal may not act as client")),
+        (
+            "erin",
+            403,
+            "its evidence ticket is not forwardable",
+            ("ERR_BADOPTION", "impersonatee=erin@AD.TEST", "reason=Missing forwardable flag"),
+        ),
+        (
+            "ghost",
+            403,
+            "no Kerberos account matches ghost@AD.TEST",
+            ("ERR_C_PRINCIPAL_UNKNOWN", "reason=S4U2Self principal to impersonate not found"),
+        ),
+        ("carol", 403, "UPN suffix", ("Server not found in database: krbtgt/CORP.EXAMPLE@AD.TEST",)),
+    ],
+)
+def test_each_refusal_matches_the_reason_samba_logged(
+    ad_realm: ad.AdRealm, ad_gateway: AdProcess, user: str, status: int, reason: str, kdc_says: tuple[str, ...]
+) -> None:
+    """The device's status and reason, set beside what Samba's KDC logged for that request: the gateway's
+    explanation is the KDC's actual refusal, not a guess."""
+    offset = kdc_log_offset(ad_realm)
+    got, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/owa/", user))
+    assert (got, reason in body) == (status, True), body
+    wait_kdc_reason(ad_realm, offset, *kdc_says)
+
+
+def test_realm_map_is_the_other_fix_for_a_upn_suffix_outside_the_realm(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """The refusal's other fix works too: realm_map corp.example -> AD.TEST makes carol carol@AD.TEST, which AD
+    finds by account name; the backend serves carol@AD.TEST."""
+    gw = start_ad_gateway(
+        ad_realm, tmp_path, ad_backend, source='"san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }'
+    )
+    try:
+        status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/owa/", "carol"))
+        assert status == 200, body
+        assert json.loads(body)["principal"] == "carol@AD.TEST"
+    finally:
+        gw.stop()
