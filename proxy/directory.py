@@ -43,6 +43,7 @@ from proxy.identity.sid import Sid
 
 log = structlog.get_logger("kcd-proxy.directory")
 
+CACHE_SIZE = 50_000  # accounts kept at most (a few hundred bytes each)
 ATTRIBUTES = [
     "sAMAccountName",
     "userPrincipalName",
@@ -88,6 +89,7 @@ class Directory:
         self._cache: dict[str, tuple[float, Account | None]] = {}
         self._flights: dict[str, asyncio.Future[Account | None]] = {}
         self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
+        self._locks: dict[str, asyncio.Lock] = {}  # url -> its connection's turn (see _search_at)
         self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
 
     def _client(self, url: str) -> bonsai.LDAPClient:
@@ -146,13 +148,16 @@ class Directory:
         entry = self._cache.get(name.casefold())
         return entry[1] if entry is not None else None
 
-    def forget(self, name: str) -> None:
-        self._cache.pop(name.casefold(), None)
-
     async def _search_and_keep(self, key: str, name: str) -> Account | None:
         found = await self.search(name)
         if self._settings.cache_seconds > 0:
-            self._cache[key] = (self._clock() + self._settings.cache_seconds, found)
+            now = self._clock()
+            self._cache[key] = (now + self._settings.cache_seconds, found)
+            if len(self._cache) > CACHE_SIZE:  # names come from verified certificates, but keep memory bounded
+                for stale in [k for k, (until, _) in self._cache.items() if until <= now]:
+                    del self._cache[stale]
+                while len(self._cache) > CACHE_SIZE:
+                    del self._cache[next(iter(self._cache))]  # the oldest look-up
         return found
 
     async def search(self, name: str) -> Account | None:
@@ -187,6 +192,13 @@ class Directory:
         return conn
 
     async def _search_at(self, url: str, filter_exp: str) -> list[Any]:
+        # One operation at a time per connection: bonsai's asyncio connection waits for a result by
+        # registering the socket with the event loop, and a second operation's registration replaces the
+        # first's, which then never completes. Look-ups of different names queue here (a few ms each).
+        async with self._locks.setdefault(url, asyncio.Lock()):
+            return await self._search_locked(url, filter_exp)
+
+    async def _search_locked(self, url: str, filter_exp: str) -> list[Any]:
         timeout = self._settings.timeout
         for attempt in (1, 2):  # a kept connection the server has since closed fails once; a new one is tried
             reused = url in self._connections

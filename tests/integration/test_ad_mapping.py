@@ -260,7 +260,11 @@ async def main():
     first = await asyncio.gather(*(d.account("alice@ad.test") for _ in range(20)))
     after_burst = d.searches
     await d.account("ALICE@ad.test")
-    print(json.dumps({"burst": after_burst, "later": d.searches, "sids": sorted({str(a.sid) for a in first})}))
+    later = d.searches
+    names = ["bob@ad.test", "dave@ad.test", "frank@ad.test", "grace@ad.test", "heidi@ad.test", "ivan@ad.test"]
+    others = await asyncio.wait_for(asyncio.gather(*(d.account(n) for n in names)), 30)
+    print(json.dumps({"burst": after_burst, "later": later, "sids": sorted({str(a.sid) for a in first}),
+                      "others": [a.sam_account_name for a in others], "distinct": d.searches - later}))
 
 asyncio.run(main())
 """
@@ -271,7 +275,8 @@ def test_cache_and_single_flight_against_the_dc(
     realm: ad.AdRealm, tmp_path: Path, cache_seconds: int, burst: int, later: int
 ) -> None:
     """20 concurrent look-ups of one account make one LDAP search; a later one is served from the cache
-    (cache_seconds = 300) or searches again (cache_seconds = 0)."""
+    (cache_seconds = 300) or searches again (cache_seconds = 0); six different accounts at once, over the
+    one kept connection, are six searches that all complete."""
     cfg = tmp_path / "gateway.toml"
     directory_text = ad_mapping.directory_table(realm, cache_seconds=cache_seconds)
     cfg.write_text(ad_mapping.gateway_config(realm, "strong", directory_text=directory_text))
@@ -280,6 +285,7 @@ def test_cache_and_single_flight_against_the_dc(
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert (result["burst"], result["later"]) == (burst, later)
     assert result["sids"] == [str(ad_mapping.object_sid(realm, "alice"))]
+    assert (result["others"], result["distinct"]) == (["bob", "dave", "frank", "grace", "heidi", "ivan"], 6)
 
 
 # -- explain and doctor -------------------------------------------------------------------------------------------
