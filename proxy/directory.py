@@ -91,6 +91,7 @@ class Directory:
         self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
         self._locks: dict[str, asyncio.Lock] = {}  # url -> its connection's turn (see _search_at)
         self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
+        self.binds = 0  # connections opened and bound (a kept connection makes this 1 per server)
 
     def _client(self, url: str) -> bonsai.LDAPClient:
         client = bonsai.LDAPClient(url)
@@ -189,6 +190,7 @@ class Directory:
         if conn is None or conn.closed:
             conn = await self._client(url).connect(is_async=True, timeout=self._settings.timeout)
             self._connections[url] = conn
+            self.binds += 1
         return conn
 
     async def _search_at(self, url: str, filter_exp: str) -> list[Any]:

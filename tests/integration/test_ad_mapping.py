@@ -264,7 +264,8 @@ async def main():
     names = ["bob@ad.test", "dave@ad.test", "frank@ad.test", "grace@ad.test", "heidi@ad.test", "ivan@ad.test"]
     others = await asyncio.wait_for(asyncio.gather(*(d.account(n) for n in names)), 30)
     print(json.dumps({"burst": after_burst, "later": later, "sids": sorted({str(a.sid) for a in first}),
-                      "others": [a.sam_account_name for a in others], "distinct": d.searches - later}))
+                      "others": [a.sam_account_name for a in others], "distinct": d.searches - later,
+                      "binds": d.binds}))
 
 asyncio.run(main())
 """
@@ -286,6 +287,7 @@ def test_cache_and_single_flight_against_the_dc(
     assert (result["burst"], result["later"]) == (burst, later)
     assert result["sids"] == [str(ad_mapping.object_sid(realm, "alice"))]
     assert (result["others"], result["distinct"]) == (["bob", "dave", "frank", "grace", "heidi", "ivan"], 6)
+    assert result["binds"] == 1  # one kept connection served them all (none timed out and was replaced)
 
 
 # -- explain and doctor -------------------------------------------------------------------------------------------
