@@ -361,7 +361,7 @@ def _describe_identity(s: dict[str, Any]) -> str:
 
 
 def _describe_mapping(s: dict[str, Any]) -> str:
-    account = f"{s.get('account') or 'no account'} ({s.get('sid')})" if s.get("account") else "no account found"
+    account = f"{s.get('account')} ({s.get('sid')})" if s.get("account") else "no account found"
     rule = s.get("rule")
     if rule is None:
         return account

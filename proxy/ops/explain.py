@@ -166,7 +166,7 @@ def _certificate_steps(
 
 def _mapping_step(facts: dict[str, Any]) -> Step:
     """The mapping stage's decision: which account, which rule (or, in audit mode, why it is weak)."""
-    account = f"account {facts['account_dn']} ({facts['account_sid']})"
+    account = f"account {facts['account_dn']} ({facts['account_sid']})" if facts.get("account_dn") else "no account"
     rule = facts["mapping"]
     if rule == "sid-extension":
         summary = f"the certificate's SID extension is the objectSid of {account}"
