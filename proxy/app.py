@@ -65,8 +65,15 @@ def build(config: Config) -> Gateway:
         delegator=Delegator(config.kerberos),
         pools=Pools(config.routes, config.listener),
         basic=BasicLogin(config.authentication, config.identity, config.kerberos),
-        directory=Directory(config.directory, config.kerberos) if config.directory is not None else None,
+        directory=_directory(config),
     )
+
+
+def _directory(config: Config) -> Directory | None:
+    """The directory client, when the mapping stage uses one (a [directory] with mapping "upn" is for doctor)."""
+    if config.directory is None or config.identity.mapping == "upn":
+        return None
+    return Directory(config.directory, config.kerberos)
 
 
 def _refuse_smuggling(request: web.Request) -> None:
