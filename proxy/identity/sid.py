@@ -39,7 +39,7 @@ SID_EXTENSION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.25.2")  # szOID_NTDS_
 OBJECTSID_OID = "1.3.6.1.4.1.311.25.2.1"  # szOID_NTDS_OBJECTSID, the otherName type inside it
 
 _MAX_SUB_AUTHORITIES = 15
-_SID_STRING = re.compile(r"S-1-(0x[0-9A-Fa-f]{1,12}|[0-9]{1,15})((?:-[0-9]{1,10}){1,15})")
+_SID_STRING = re.compile(r"[Ss]-1-(0[xX][0-9A-Fa-f]{1,12}|[0-9]{1,15})((?:-[0-9]{1,10}){1,15})")
 
 
 @dataclass(frozen=True, order=True)
@@ -68,7 +68,8 @@ class Sid:
 
     @classmethod
     def parse(cls, text: str) -> Sid:
-        """`S-1-5-21-...` to a Sid; anything else (other revisions, spaces, empty parts) is a ValueError."""
+        """`S-1-5-21-...` (or `s-1-...`, as ConvertStringSidToSid also takes) to a Sid; anything else (other
+        revisions, spaces, empty parts) is a ValueError."""
         match = _SID_STRING.fullmatch(text)
         if match is None:
             raise ValueError(f"not a SID string: {text[:80]!r}")

@@ -97,6 +97,7 @@ def test_sid_binary_round_trip_matches_ms_dtyp() -> None:
 def test_sid_well_known_and_large_authority() -> None:
     """Well-known SIDs parse; an authority of 2^32 or more is written in hex, as MS-DTYP says."""
     assert str(Sid.parse("S-1-1-0")) == "S-1-1-0"
+    assert Sid.parse("s-1-5-21-1-2-3-1105") == Sid.parse("S-1-5-21-1-2-3-1105")
     big = Sid(2**40, (7,))
     assert str(big) == "S-1-0x010000000000-7"
     assert Sid.parse(str(big)) == big
@@ -105,7 +106,7 @@ def test_sid_well_known_and_large_authority() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["S-2-5-21-1", "S-1-5", "S-1-5-", "s-1-5-21", " S-1-5-21-1", "S-1-5-21-1 ", "S-1-5--1", "S-1-5-99999999999", "X"],
+    ["S-2-5-21-1", "S-1-5", "S-1-5-", "S1-5-21", " S-1-5-21-1", "S-1-5-21-1 ", "S-1-5--1", "S-1-5-99999999999", "X"],
 )
 def test_sid_string_refused(text: str) -> None:
     """Other revisions, missing sub-authorities, spaces, empty parts and overflowing numbers are refused."""
