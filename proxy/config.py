@@ -836,12 +836,6 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     directory = _directory(r, r.table(data, "directory"))
     if identity.mapping != "upn" and directory is None:
         r.problem("identity.mapping", f'"{identity.mapping}" looks accounts up: it needs a [directory] table')
-    if directory is not None and directory.bind == "kerberos" and "/" in kerberos.principal.partition("@")[0]:
-        r.problem(
-            "directory.bind",
-            f'"kerberos" binds as kerberos.principal, which must be the account\'s name (svc-kcdproxy@REALM), '
-            f"not an SPN: {kerberos.principal!r}",
-        )
     if not identity.default_realm:  # names without a domain belong to the gateway's own realm
         identity = replace(identity, default_realm=kerberos.principal.rpartition("@")[2])
     raw_routes = data.get("routes", [])

@@ -31,18 +31,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import bonsai
 import structlog
 
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
-from proxy.errors import DirectoryUnavailable, MappingRefused
+from proxy.errors import DirectoryUnavailable, GatewayError, KerberosMisconfigured, MappingRefused
 from proxy.identity.mapping import Account
 from proxy.identity.sid import Sid
+from proxy.kerberos.client import ldap_ticket
 
 log = structlog.get_logger("kcd-proxy.directory")
 
+CCACHE = "MEMORY:kcd-proxy-directory"  # the directory bind's credential cache (proxy.kerberos.client)
 CACHE_SIZE = 50_000  # accounts kept at most (a few hundred bytes each)
 ATTRIBUTES = [
     "sAMAccountName",
@@ -80,9 +83,9 @@ class Directory:
         # The directory's service ticket is for ldap/<host as written in the URL>: libldap must not replace
         # the name by what reverse DNS says (read by libldap from the environment when it initialises).
         os.environ.setdefault("LDAPSASL_NOCANON", "on")
-        # bonsai gets the bind's TGT from the keytab into a new ccache of the default ccache's type: keep
-        # those in memory rather than in /tmp files (the rest of the gateway names its ccaches explicitly).
-        os.environ["KRB5CCNAME"] = "MEMORY:kcd-proxy-directory"
+        # The bind's tickets (proxy.kerberos.client) live in a memory cache that SASL GSSAPI finds as the
+        # default one; the rest of the gateway names its caches explicitly and never uses the default.
+        os.environ["KRB5CCNAME"] = CCACHE
         self._settings = settings
         self._kerberos = kerberos
         self._clock = clock
@@ -104,10 +107,7 @@ class Directory:
             password = (self._settings.password_file.read_text() if self._settings.password_file else "").strip()
             client.set_credentials("SIMPLE", user=self._settings.bind_dn, password=password)
         else:
-            # bonsai builds the principal from one name component and the realm: the account's own name
-            # (svc-kcdproxy@CORP.EXAMPLE.COM), which is also the only name AD gives a TGT to (issue #15).
-            user, _, realm = self._kerberos.principal.rpartition("@")
-            client.set_credentials("GSSAPI", user=user, realm=realm, keytab=str(self._kerberos.keytab.resolve()))
+            client.set_credentials("GSSAPI")  # the default cache, which _connection filled from the keytab
         return client
 
     async def account(self, name: str) -> Account:
@@ -167,7 +167,7 @@ class Directory:
         for url in self._settings.urls:
             try:
                 entries = await self._search_at(url, _filter(name, self._settings.base_dn))
-            except (TimeoutError, bonsai.LDAPError, OSError) as e:
+            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured) as e:
                 problems.append(f"{url}: {_describe(e)}")
                 log.warning("directory_server_failed", url=url, error=_describe(e))
                 continue
@@ -188,10 +188,18 @@ class Directory:
         """The open connection to `url`, or a new one (connect and bind: a KDC exchange with bind = "kerberos")."""
         conn = self._connections.get(url)
         if conn is None or conn.closed:
+            await self._tickets(url)
             conn = await self._client(url).connect(is_async=True, timeout=self._settings.timeout)
             self._connections[url] = conn
             self.binds += 1
         return conn
+
+    async def _tickets(self, url: str) -> None:
+        """bind = "kerberos": a TGT and the ldap/<host> ticket in CCACHE before SASL GSSAPI looks (a thread:
+        it may talk to the KDC)."""
+        if self._settings.bind == "kerberos":
+            host = urlsplit(url).hostname or ""
+            await asyncio.to_thread(ldap_ticket, self._kerberos, CCACHE, host)
 
     async def _search_at(self, url: str, filter_exp: str) -> list[Any]:
         # One operation at a time per connection: bonsai's asyncio connection waits for a result by
@@ -241,6 +249,7 @@ class Directory:
             start = time.perf_counter()
             try:
                 async with asyncio.timeout(timeout * 3):
+                    await self._tickets(url)
                     conn = await self._client(url).connect(is_async=True, timeout=timeout)
                     try:
                         await conn.search(self._settings.base_dn, bonsai.LDAPSearchScope.BASE, attrlist=["1.1"])
@@ -250,7 +259,7 @@ class Directory:
                             who = f"{bound_as} (the server does not answer Who am I?)"
                     finally:
                         conn.close()
-            except (TimeoutError, bonsai.LDAPError, OSError) as e:
+            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured) as e:
                 problems.append(f"{url}: {_describe(e)}")
                 continue
             return BindCheck(url, who, (time.perf_counter() - start) * 1000)
@@ -310,6 +319,8 @@ def _account(entry: Any) -> Account:
 def _describe(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return "no answer in time"
+    if isinstance(e, GatewayError):
+        return f"{e.reason}: {e.hint}"
     with contextlib.suppress(Exception):
         return f"{type(e).__name__}: {e}"
     return type(e).__name__

@@ -425,3 +425,14 @@ def test_a_name_no_account_has(realm: ad.AdRealm, strong: AdProcess, audit: AdPr
     status, body, headers = curl(realm, audit, "ghost")
     assert (status, headers["x-kcd-refused-stage"]) == (403, "kerberos"), body
     assert "under DC=ad,DC=test" in audit.wait_event("weak_certificate_mapping", upn="ghost@ad.test")["detail"]
+
+
+def test_doctor_names_a_kerberos_bind_that_gets_no_ticket(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """The DC by its address (no ldap/10.213.0.1 SPN): the directory check fails and says why, with the fix."""
+    cfg = tmp_path / "gateway.toml"
+    text = ad_mapping.directory_table(realm, urls=(f"ldap://{realm.dc_address}",))
+    cfg.write_text(ad_mapping.gateway_config(realm, "strong", directory_text=text))
+    done = realm.run([sys.executable, "-m", "proxy", "doctor", "--config", str(cfg)], timeout=120)
+    line = next(line for line in done.stdout.splitlines() if line.split()[1:2] == ["directory"])
+    assert line.startswith("FAIL"), done.stdout
+    assert f"no Kerberos ticket for the directory at ldap/{realm.dc_address}" in line
