@@ -23,11 +23,12 @@ from cryptography import x509
 
 from proxy.certs.chain import VerifiedCertificate, format_time, verify_chain
 from proxy.config import Route
-from proxy.errors import CertificateRejected, GatewayError, KerberosRefused, NoRoute
+from proxy.errors import BadRequest, CertificateRejected, GatewayError, KerberosRefused, NoRoute
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.hints import not_forwardable
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, certificate_user
+from proxy.target import origin_form
 
 
 @dataclass
@@ -108,7 +109,10 @@ async def explain(
     except GatewayError as e:
         return _certificate_steps(out, gw, leaf, trace, at).refuse(_stage(e, gw, leaf, at), e)
     _certificate_steps(out, gw, leaf, trace, at)
-    route = gw.config.route_for(path, host)
+    try:
+        route = gw.config.route_for(origin_form(path).path, host)  # read as the gateway reads a request's path
+    except BadRequest as e:
+        return out.refuse("route", e)
     if route is None:
         return out.refuse("route", NoRoute(f"nothing is published at {path}", hint="add a [[routes]] with its prefix"))
     out.route, out.spn = route.prefix, route.spn
