@@ -6,12 +6,15 @@ PY := .venv/bin/python
 # the compose lab on a real engine (tests/integration/test_compose.py starts dockerd when none runs), and
 # `make base-image` makes debian:bookworm-slim where no registry is reachable. systemd: the unit's check
 # (`systemd-analyze verify`). chromium: the trace page's browser test.
+# libldap2-dev, libsasl2-dev: bonsai (the directory client) builds against them when pip has no wheel;
+# libsasl2-modules-gssapi-mit: its SASL GSSAPI bind ([directory] bind = "kerberos").
 # samba ... ldb-tools: the Active Directory realm (`make lab-ad`); samba-ad-provision is only a Recommends of
 # samba-ad-dc, and provisioning fails without it. iproute2: the AD realm's network namespace.
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
         gcc make curl openssl python3-venv python3-dev \
         docker.io docker-compose mmdebstrap tini iptables systemd chromium \
-        samba samba-ad-dc samba-ad-provision ldb-tools iproute2
+        samba samba-ad-dc samba-ad-provision ldb-tools iproute2 \
+        libldap2-dev libsasl2-dev libsasl2-modules-gssapi-mit
 STAMP := .venv/.installed
 
 .PHONY: setup debs lab lab-ad lab-down test lint unit integration clean bench bench-setup base-image
