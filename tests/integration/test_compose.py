@@ -285,3 +285,15 @@ def test_a_gateway_behind_the_balancer_refuses_connections_that_bypass_it(stack:
     assert done.returncode != 0
     refusals = [e for e in stack.logs("gateway-1") if e.get("event") == "proxy_header_refused"]
     assert any("not in listener.trusted_proxies" in str(e.get("reason")) for e in refusals), refusals
+
+
+def test_the_gateway_image_imports_every_module_of_the_package(stack: Stack) -> None:
+    """Every proxy.* module imports in the image: no runtime library (libldap for bonsai, libgssapi) left out."""
+    walk = (
+        "import importlib, pkgutil, proxy; "
+        "names = [m.name for m in pkgutil.walk_packages(proxy.__path__, 'proxy.') if '__main__' not in m.name]; "
+        "[importlib.import_module(n) for n in names]; print(len(names), 'modules')"
+    )
+    done = stack.compose("run", "--rm", "--no-deps", "device", "python3", "-c", walk, check=False, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("modules")
