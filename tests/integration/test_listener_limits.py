@@ -180,22 +180,23 @@ def test_the_connection_cap_holds_and_the_next_connection_waits(lab: LabLayout, 
         gw.stop()
 
 
-def test_memory_per_connection_before_authentication(lab: LabLayout, basic_gw: Gateway) -> None:
+def test_memory_per_connection_before_authentication(lab: LabLayout, tmp_path: Path) -> None:
     """100 TLS connections held open without a request, then 100 more each holding a header block just under
-    the budget: prints what each costs the gateway (the README's figures) and checks both stay far below
+    the budget: prints what each costs a fresh gateway (the README's figures) and checks both stay far below
     what one connection could hold without the budget (12 MiB)."""
+    gw = gateway(lab, tmp_path)
 
     async def held(count: int, header: bytes) -> float:
         ctx = client_context(lab, None)
-        before = rss_kib(basic_gw.proc.pid)
-        conns = [await asyncio.open_connection("127.0.0.1", basic_gw.port, ssl=ctx) for _ in range(count)]
+        before = rss_kib(gw.proc.pid)
+        conns = [await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx) for _ in range(count)]
         for _, writer in conns:
             writer.write(header)
             await writer.drain()
         peak, deadline = before, time.monotonic() + 3
         while time.monotonic() < deadline:  # the gateway reads what was sent; sample its peak meanwhile
             await asyncio.sleep(0.1)
-            peak = max(peak, rss_kib(basic_gw.proc.pid))
+            peak = max(peak, rss_kib(gw.proc.pid))
         for _, writer in conns:
             writer.close()
         return (peak - before) / count
@@ -205,8 +206,11 @@ def test_memory_per_connection_before_authentication(lab: LabLayout, basic_gw: G
         b"X-Pad-%d: %s\r\n" % (i, b"a" * (30 * 1024)) for i in range(4)
     )
     assert len(partial) < budget
-    idle = asyncio.run(held(100, b""))
-    full = asyncio.run(held(100, partial))
+    try:
+        idle = asyncio.run(held(100, b""))
+        full = asyncio.run(held(100, partial))
+    finally:
+        gw.stop()
     print(
         f"memory per connection before authentication: idle {idle:.1f} KiB, holding {len(partial)} bytes "
         f"of header {full:.1f} KiB"
