@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import statistics
 import time
 import uuid
@@ -170,7 +169,7 @@ def test_a_throttled_attempt_costs_no_hash_against_the_real_kdc(
         return real(self, key, password)
 
     monkeypatch.setattr(CredentialCache, "digest", counting)
-    os.environ["KRB5_CONFIG"] = str(lab.krb5_conf)
+    monkeypatch.setenv("KRB5_CONFIG", str(lab.krb5_conf))
     settings = Authentication(mode="basic", basic_failures_per_user=2, basic_failures_per_address=100)
     kerberos = Kerberos(principal="HTTP/proxy.lab.test@LAB.TEST", keytab=lab.proxy_keytab)
     service = BasicLogin(settings, Identity(default_realm="LAB.TEST"), kerberos)
