@@ -23,13 +23,13 @@ from proxy.backend.forward import Pools, defer_continue
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
-from proxy.config import MAX_FIELD_BYTES, Config
+from proxy.config import Config
 from proxy.errors import BadRequest, ConfigError, GatewayError
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
-from proxy.tls.limits import ConnectionSlots, accept_connections, listen_sockets
+from proxy.tls.limits import ConnectionSlots, accept_connections, limit_header_block, listen_sockets
 from proxy.tls.server import gate_factory
 
 log = structlog.get_logger("proxy")
@@ -142,7 +142,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         handle_signals=False,
         keepalive_timeout=config.listener.keepalive_timeout,
         handler_cancellation=True,
-        max_field_size=MAX_FIELD_BYTES,
+        max_field_size=96 * 1024,
     )
     await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
     await runner.setup()
@@ -153,13 +153,15 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.open
     live.metrics.connection_limit = listener.max_connections
+
+    def handler() -> asyncio.Protocol:
+        """aiohttp's request handler for a new connection, its header block capped (431 beyond)."""
+        protocol = handlers()
+        limit_header_block(protocol, listener.max_header_bytes, live.metrics.headers_refused)
+        return protocol
+
     factory = gate_factory(
-        handlers,
-        lambda: live.ssl_context,
-        listener.handshake_timeout,
-        on_refused=live.metrics.handshake_refused,
-        max_header_bytes=listener.max_header_bytes,
-        on_headers_refused=live.metrics.headers_refused,
+        handler, lambda: live.ssl_context, listener.handshake_timeout, on_refused=live.metrics.handshake_refused
     )
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
     sockets = listen_sockets(listener.host, listener.port, reuse_port=listener.workers > 1, backlog=1024)

@@ -19,7 +19,7 @@ to aiohttp's request handler.
 The listener accepts through `proxy.tls.limits.accept_connections`, which holds at most
 `listener.max_connections` connections per worker; whichever protocol owns a connection's socket when
 it closes (this gate, the TLS protocol, or the drain after a refused handshake) gives its slot back.
-`listener.max_header_bytes` is enforced in front of aiohttp's parser (`proxy.tls.limits`).
+`listener.max_header_bytes` is enforced in front of aiohttp's parser (`proxy.tls.limits`, wired in `proxy.app`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from typing import Any
 import structlog
 
 from proxy.config import Config
-from proxy.tls.limits import limit_header_block
 
 log = structlog.get_logger("proxy.tls")
 
@@ -237,25 +236,15 @@ def gate_factory(
     timeout: float,
     *,
     on_refused: Callable[[str], None] | None = None,
-    max_header_bytes: int | None = None,
-    on_headers_refused: Callable[[], None] = lambda: None,
 ) -> Callable[[Callable[[], None]], asyncio.Protocol]:
     """A protocol factory for `proxy.tls.limits.accept_connections` that puts TLS in front of aiohttp's handler.
 
     It is called with the function that gives the connection's slot back when the connection closes.
     `ctx` may be a function returning the current context: each new connection then gets the one in force
     when it arrives (a reload swaps the server certificate and trust list for new connections only).
-    `on_refused` hears the reason of each refused handshake (metrics); `max_header_bytes` caps each
-    request's header block (431), and `on_headers_refused` hears of each such refusal."""
+    `on_refused` hears the reason of each refused handshake (metrics)."""
     current = ctx if callable(ctx) else lambda: ctx
-
-    def make(closed: Callable[[], None]) -> asyncio.Protocol:
-        app = app_factory()
-        if max_header_bytes is not None:
-            limit_header_block(app, max_header_bytes, on_headers_refused)
-        return TlsGate(app, current(), timeout, on_refused, closed)
-
-    return make
+    return lambda closed: TlsGate(app_factory(), current(), timeout, on_refused, closed)
 
 
 _HANDSHAKE_FIXES = (
