@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http import HttpVersion10
 
 from proxy.admin import start_admin
 from proxy.auth.basic import BasicLogin
@@ -24,7 +27,7 @@ from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import Config
-from proxy.errors import BadRequest, ConfigError, GatewayError
+from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
 from proxy.observability.trace import Trace
@@ -68,9 +71,20 @@ def build(config: Config) -> Gateway:
     )
 
 
+_NOT_FORWARDED = frozenset({"TRACE", "TRACK", "CONNECT"})
+
+
 def _refuse_smuggling(request: web.Request) -> None:
     """Shapes aiohttp lets through that a gateway must not forward."""
-    if request.message.url.is_absolute():  # the target as the client sent it (request.url is always absolute)
+    if request.version < HttpVersion10:
+        # aiohttp reads a request line without a version as HTTP/0.9, and writes its answer's status line
+        # with the request's version (a cached property): refused, and answered as HTTP/1.0, which closes.
+        request._cache.pop("version", None)
+        request._version = HttpVersion10
+        raise BadRequest("the request line has no HTTP version (HTTP/0.9 is not served)")
+    if request.method in _NOT_FORWARDED:
+        raise MethodNotAllowed(f"{request.method} is not forwarded")
+    if "://" in request.raw_path.partition("?")[0]:  # the target as sent (request.url is always absolute)
         raise BadRequest("absolute-form request targets are not accepted here")
     if request.version < (1, 1) and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
         raise BadRequest("chunked transfer coding is not allowed with HTTP/1.0")
@@ -98,6 +112,9 @@ def make_app(live: Live) -> web.Application:
         except asyncio.CancelledError:
             status = 499  # the device went away first (nginx's "client closed request")
             raise
+        except web.HTTPException as e:  # aiohttp's own answers (`OPTIONS *` matches no route: 404)
+            status = e.status
+            raise
         except GatewayError as e:
             status = e.status
             trace.note(refused_stage=e.stage, reason=e.reason, refusal=e.event)
@@ -122,6 +139,27 @@ def make_app(live: Live) -> web.Application:
     return app
 
 
+def unparsed_requests(live: Live) -> type[AbstractAccessLogger]:
+    """aiohttp's access-log hook, used for the requests aiohttp answers itself before any middleware runs (a
+    request line or header field it cannot parse, or one too long: 400). They get the summary line and the
+    metrics every other request gets, with the status the client got (what went wrong is the
+    `aiohttp.server` line before it); the rest were logged by the middleware and are skipped here."""
+
+    class UnparsedRequests(AbstractAccessLogger):
+        def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+            if TRACE_KEY in request:  # the middleware saw it
+                return
+            trace = Trace()
+            live.metrics.begin(trace)
+            trace.note(method=None, path=None, client=request.remote)
+            trace.note(refused_stage="request", refusal="request_unparsed", reason="the request could not be parsed")
+            structlog.contextvars.clear_contextvars()
+            log.info("request", status=response.status, **trace.summary())
+            live.metrics.observe(trace, response.status)
+
+    return UnparsedRequests
+
+
 def _who(trace: Trace) -> dict[str, object]:
     keys = ("cert_subject", "cert_issuer", "cert_serial", "upn", "principal", "route", "spn")
     return {k: trace.facts[k] for k in keys if k in trace.facts}
@@ -138,11 +176,13 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
     runner = web.AppRunner(
         make_app(live),
-        access_log=None,
+        access_log=logging.getLogger("aiohttp.access"),  # only for `unparsed_requests`: no access log is written
+        access_log_class=unparsed_requests(live),
         handle_signals=False,
         keepalive_timeout=config.listener.keepalive_timeout,
         handler_cancellation=True,
         max_field_size=96 * 1024,
+        auto_decompress=False,  # a proxy passes bodies on as sent: codings and lengths are the backend's to read
     )
     await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
     await runner.setup()

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from proxy.errors import ConfigError
+from proxy.errors import BadRequest, ConfigError
+from proxy.target import origin_form
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
 REVOCATION_POLICIES: tuple[RevocationPolicy, ...] = ("require", "best-effort", "off")
@@ -66,6 +70,8 @@ class ClientCertificates:
     crl_refresh_seconds: float = 60.0  # how often CRL files are re-read and URLs re-fetched
     use_distribution_points: bool = False  # also fetch the CRL distribution points certificates name
     ocsp: OcspPolicy = "off"  # ask the responder a certificate names (AIA): "off" | "prefer" | "require"
+    max_chain_depth: int = 4  # CA certificates between a client's certificate and its anchor (OpenSSL's verify depth)
+    max_chain_bytes: int = 10240  # the largest Certificate message (the client's chain) the handshake reads
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,17 @@ class Route:
     server_name: str | None = None  # https upstreams: SNI and the name verified, instead of the upstream host
     context_headers: tuple[tuple[str, str], ...] = ()  # (header name, one of CONTEXT_SOURCES)
     backend_auth: BackendAuth = "negotiate"  # "basic": forward the client's verified Basic header itself
+    case_sensitive: bool = False  # prefix compared as written; by default without regard to case, as IIS does
+
+    @cached_property
+    def _folded_prefix(self) -> str:
+        return self.prefix.lower()
+
+    def matches(self, path: str) -> bool:
+        """Whether `path` (decoded and normalised: `proxy.target`) is under this route's prefix."""
+        if self.case_sensitive:
+            return path.startswith(self.prefix)
+        return path[: len(self.prefix)].lower() == self._folded_prefix
 
     @property
     def upstream_host(self) -> str:
@@ -225,7 +242,7 @@ class Config:
         `host` (the Host header; port and case ignored); at equal length a route naming the host wins."""
         name = host_name(host) if host else None
         for route in self.routes:  # sorted at load time: longest prefix first, then host-specific first
-            if path.startswith(route.prefix) and route.host in (None, name):
+            if route.matches(path) and route.host in (None, name):
                 return route
         return None
 
@@ -379,6 +396,8 @@ def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:
             "revocation",
             "ocsp",
             "restrictions",
+            "max_chain_depth",
+            "max_chain_bytes",
         },
     )
     anchors = r.files(t, f"{k}.trust_anchors", "trust_anchors")
@@ -407,6 +426,8 @@ def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:
         crl_refresh_seconds=_number(r, t, k, "crl_refresh_seconds", float, 60.0),
         use_distribution_points=use_dps,
         ocsp=cast(OcspPolicy, ocsp),
+        max_chain_depth=_number(r, t, k, "max_chain_depth", int, 4),
+        max_chain_bytes=_number(r, t, k, "max_chain_bytes", int, 10240),
     )
 
 
@@ -518,6 +539,9 @@ def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
     )
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
     r.unknown(t, "identity", {"source", "realm_map", "enterprise_names", "default_realm"})
     sources = _identity_sources(r, t.get("source", "san-upn"))
@@ -527,7 +551,7 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
         if not isinstance(realm, str) or not realm or "@" in suffix:
             r.problem(f"identity.realm_map.{suffix}", f"expected a realm name, got {realm!r}")
             continue
-        clean[suffix.lower()] = realm
+        clean[suffix.translate(_ASCII_LOWER)] = realm  # ASCII case only: proxy.identity.principal
     return Identity(
         sources=sources,
         realm_map=clean,
@@ -557,7 +581,7 @@ _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]
 _ROUTE_KEYS = {
     *("prefix", "host", "upstream", "spn", "preserve_host", "connect_timeout", "read_timeout"),
     *("ca_bundle", "server_name", "context_headers"),
-    "backend_auth",
+    *("backend_auth", "case_sensitive"),
 }
 
 
@@ -613,6 +637,14 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
     prefix = r.get(t, f"{k}.prefix", "prefix", str) or "/"
     if not prefix.startswith("/"):
         r.problem(f"{k}.prefix", f"must start with '/', got {prefix!r}")
+    else:
+        try:
+            normal = origin_form(prefix).path  # requests are matched in that form (proxy.target)
+        except BadRequest as e:
+            r.problem(f"{k}.prefix", f"{prefix!r}: {e.hint}")
+        else:
+            if normal != prefix:
+                r.problem(f"{k}.prefix", f"write it as the backend reads it (decoded, no dot-segments): {normal!r}")
     upstream = (r.get(t, f"{k}.upstream", "upstream", str) or "").rstrip("/")
     parts = urlsplit(upstream)
     if upstream and (parts.scheme not in ("http", "https") or not parts.hostname or parts.path):
@@ -649,10 +681,23 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
                 "negotiate",
             ),
         ),
+        case_sensitive=bool(r.get(t, f"{k}.case_sensitive", "case_sensitive", bool, False)),
     )
 
 
-_LOOPBACK = ("127.", "::1", "localhost")
+def is_loopback(host: str, resolve: Callable[..., list[Any]] | None = None) -> bool:
+    """Whether every address `host` stands for is a loopback address. A name is resolved and its addresses
+    checked: `localhost.attacker.example` starts like `localhost` and is anywhere; a name that does not
+    resolve is not loopback."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {str(info[4][0]) for info in (resolve or socket.getaddrinfo)(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.partition("%")[0]).is_loopback for a in addresses)
 
 
 def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
@@ -686,7 +731,7 @@ def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
         r.problem("admin.allowed_clients", "admin.client_ca and a non-empty admin.allowed_clients go together")
     if admin.client_ca is not None and not admin.tls:
         r.problem("admin.client_ca", "client certificates need TLS: set admin.certificate and admin.private_key")
-    if host and not host.startswith(_LOOPBACK) and (not admin.tls or admin.client_ca is None):
+    if host and (not admin.tls or admin.client_ca is None) and not is_loopback(host):
         r.problem(
             "admin.bind",
             f"{host} is not loopback: the admin listener then needs TLS and a client allow-list "
@@ -778,10 +823,11 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     routes = [route for i, t in enumerate(raw_routes) if (route := _route(r, i, t)) is not None]
     seen: set[tuple[str | None, str]] = set()
     for i, route in enumerate(routes):
-        if (route.host, route.prefix) in seen:
+        same = (route.host, route.prefix if route.case_sensitive else route.prefix.lower())
+        if same in seen:
             where = f" for host {route.host}" if route.host else ""
-            r.problem(f"routes[{i}].prefix", f"duplicate prefix {route.prefix!r}{where}")
-        seen.add((route.host, route.prefix))
+            r.problem(f"routes[{i}].prefix", f"duplicate prefix {route.prefix!r}{where} (prefixes ignore case)")
+        seen.add(same)
         if route.backend_auth == "basic" and authentication.mode == "certificate":
             r.problem(f"routes[{i}].backend_auth", '"basic" needs an authentication.mode that takes Basic credentials')
     if r.problems:

@@ -32,6 +32,16 @@ class BadRequest(GatewayError):
     event = "request_refused"
 
 
+class MethodNotAllowed(GatewayError):
+    """TRACE, TRACK and CONNECT: a gateway echoes nothing back (TRACE would show the device the gateway's own
+    headers) and tunnels nothing."""
+
+    status = 405
+    stage = "request"
+    event = "request_refused"
+    headers: ClassVar[dict[str, str]] = {"Allow": "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"}
+
+
 class NoCertificate(GatewayError):
     status = 403
     stage = "certificate"

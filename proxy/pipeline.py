@@ -39,6 +39,7 @@ from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegator
 from proxy.observability.trace import Trace
+from proxy.target import origin_form
 from proxy.tls.peer import presented_certificate, tls_facts
 
 
@@ -132,7 +133,10 @@ async def backend_authorization(gw: Gateway, auth: Authenticated, route: Route, 
 
 async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamResponse:
     now = datetime.now(UTC)
-    route = gw.config.route_for(request.path, request.host)
+    target = origin_form(request.raw_path)  # before any stage: the path the backend will act on
+    if target.forward != request.rel_url.raw_path:
+        trace.note(backend_path=target.path)
+    route = gw.config.route_for(target.path, request.host)
     with trace.stage("tls"):
         trace.note(**tls_facts(request))
         leaf = presented_certificate(request)
@@ -150,7 +154,7 @@ async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamR
         authorization = await backend_authorization(gw, auth, route, trace)
     with trace.stage("backend"), gw.revocation.watch(request):  # ended if the certificate is revoked meanwhile
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
-        response, result = await forward(request, route, gw.pools, user.principal, authorization, context)
+        response, result = await forward(request, route, gw.pools, user.principal, authorization, context, target)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
     trace.detail("backend", reused=result.reused)
     return response

@@ -32,7 +32,7 @@ from aiohttp import web
 from proxy.auth.basic import BasicLogin, PasswordLogin, parse_basic
 from proxy.config import AuthMode, Route
 from proxy.errors import IdentityRejected, NoCertificate
-from proxy.identity.principal import UserPrincipal
+from proxy.identity.principal import UserPrincipal, ascii_lower
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ async def authenticate(
     login = await basic.login(credentials, request.remote or "")
     if certified is None:
         return Authenticated(login.user, login, "password")
-    if login.ticket.principal.casefold() != certified.principal.casefold():
+    if ascii_lower(login.ticket.principal) != ascii_lower(certified.principal):  # Unicode folding equates look-alikes
         raise IdentityRejected(
             "the user name does not match the certificate",
             hint=f"certificate names {certified.principal}, the password is {login.ticket.principal}'s",

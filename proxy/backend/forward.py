@@ -60,10 +60,12 @@ from aiohttp import web
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
+from yarl import URL
 
 from proxy.backend import headers
 from proxy.config import Listener, Route
 from proxy.errors import BackendRejectedTicket, BackendTimeout, BackendUnavailable, ClientBodyTimeout
+from proxy.target import OriginForm, origin_form
 
 log = structlog.get_logger("proxy.backend")
 _CHUNK = 64 * 1024
@@ -248,8 +250,14 @@ async def forward(
     principal: str,
     authorization: str,
     extra_headers: Iterable[tuple[str, str]] = (),
+    target: OriginForm | None = None,
 ) -> tuple[web.StreamResponse, BackendResult]:
-    """Send `request` to the route's upstream as `principal` with `authorization`; stream the answer back."""
+    """Send `request` to the route's upstream as `principal` with `authorization`; stream the answer back.
+
+    The path sent is `target`'s (the one the route was chosen on: `proxy.target`), as is: yarl would
+    otherwise decode, re-encode and resolve it again on its own terms."""
+    target = target or origin_form(request.raw_path)
+    url = URL(route.upstream + target.forward_with_query, encoded=True)
     out_headers = headers.to_backend(
         request.headers,
         client_ip=request.remote or "",
@@ -267,7 +275,7 @@ async def forward(
         try:
             upstream = await session.request(
                 request.method,
-                route.upstream + request.rel_url.raw_path_qs,
+                url,
                 headers=out_headers,
                 data=body,
                 allow_redirects=False,

@@ -59,6 +59,19 @@ IDENTITY = frozenset(
         "x-upn",
         "x-email",
         "x-real-ip",
+        # what backends and their frameworks read as the client's address
+        "true-client-ip",
+        "x-originating-ip",
+        "client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "x-proxyuser-ip",
+        # an identity token (Exchange hybrid), and URL or method rewrites a framework would obey
+        "x-commonaccesstoken",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
     }
 )
 # Prefixes of the same kind: proxies and servers use many spellings of these.
@@ -74,6 +87,7 @@ IDENTITY_PREFIXES = (
     "x-kcd-",
     "x-original-",
     "x-iisnode-",
+    "x-ms-exchange-organization-",  # Exchange trusts these as set by its own transport, never by a client
 )
 
 

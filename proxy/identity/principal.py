@@ -2,8 +2,11 @@
 
 Theory of operation: a UPN `local@suffix` becomes the principal `local@REALM`. The local part is kept
 exactly as the certificate has it (the KDC decides whether it knows that user); the realm is the
-administrator's mapping for the suffix (`realm_map`, matched case-insensitively), else the suffix in
-upper case, which is the Active Directory convention for a domain's own UPNs. Names without a domain
+administrator's mapping for the suffix (`realm_map`, matched without regard to ASCII case), else the
+suffix in upper case, which is the Active Directory convention for a domain's own UPNs. Case is mapped
+for ASCII letters only: Unicode's mapping makes `lab.te` + U+017F (long s) + `t` into `LAB.TEST`, so a
+certificate for a look-alike suffix would be served as a user of the real realm. A suffix with
+non-ASCII letters is therefore refused unless `realm_map` names it. Names without a domain
 (a certificate's common name, `alice` or `LAB\\alice` in Basic credentials) go through `map_name` into
 the configured default realm, or the realm `realm_map` gives the down-level domain.
 
@@ -18,6 +21,7 @@ escaped or stripped.
 
 from __future__ import annotations
 
+import string
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -45,8 +49,15 @@ def map_upn(upn: str, *, realm_map: Mapping[str, str], source: str = "san-upn") 
     if problem:
         raise IdentityRejected(f"UPN {upn!r} is not usable: {problem}", hint=f"identity source {source}")
     local, suffix = upn.split("@")
-    realms = {key.lower(): value for key, value in realm_map.items()}
-    realm = realms.get(suffix.lower(), suffix.upper())
+    realms = {ascii_lower(key): value for key, value in realm_map.items()}
+    realm = realms.get(ascii_lower(suffix))
+    if realm is None:
+        if not suffix.isascii():
+            raise IdentityRejected(
+                f"UPN {upn!r} is not usable: its domain part is not ASCII and no realm is mapped for it",
+                hint=f"identity source {source}; if {suffix!r} is a real UPN suffix, name it in identity.realm_map",
+            )
+        realm = ascii_upper(suffix)
     return UserPrincipal(upn=upn, principal=f"{local}@{realm}", realm=realm, source=source)
 
 
@@ -63,11 +74,25 @@ def map_name(name: str, identity: Identity, *, source: str) -> UserPrincipal:
     if "@" in name:
         mapped = map_upn(name, realm_map=identity.realm_map, source=source)
         return replace(mapped, enterprise=name) if identity.enterprise_names else mapped
-    realm = identity.realm_map.get(domain.lower(), identity.default_realm) if backslash else identity.default_realm
+    realm = identity.realm_map.get(ascii_lower(domain), identity.default_realm) if backslash else identity.default_realm
     if (backslash and not domain) or not realm:
         raise IdentityRejected(f"user name {name!r} is not usable: no realm for it", hint=f"identity source {source}")
     mapped = map_upn(f"{user}@{realm}", realm_map={}, source=source)
     return replace(mapped, upn=name, realm=realm, principal=f"{user}@{realm}")
+
+
+_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+
+def ascii_lower(name: str) -> str:
+    """`name` with A-Z lowered and nothing else touched (Unicode case mapping turns U+017F into 's')."""
+    return name.translate(_LOWER)
+
+
+def ascii_upper(name: str) -> str:
+    """`name` with a-z raised and nothing else touched (`'lab.te\u017ft'.upper()` is 'LAB.TEST')."""
+    return name.translate(_UPPER)
 
 
 def _problem(upn: str) -> str | None:

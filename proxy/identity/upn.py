@@ -7,11 +7,12 @@ Microsoft's smartcard and device certificates name their user with a subjectAltN
 otherName values over as raw DER (it has no schema for them), so the UTF8String is decoded here with
 pyasn1, strictly: a value that is not exactly one UTF8String is refused, not guessed at.
 
-What it refuses (IdentityRejected): a malformed UPN value, several UPNs in one certificate (which one
-would be the user?), a subjectAltName that cannot be parsed. An absent UPN is not an error here: the
-functions return None and the caller decides (another identity source, or a refusal):
-`certificate_name` reads the sources in the order `identity.source` lists them, and the first name
-present wins, so `["san-upn", "san-email"]` never looks at the e-mail of a certificate that has a UPN.
+What it refuses (IdentityRejected): a malformed UPN value (one whose bytes are not UTF-8 too), several
+UPNs in one certificate (which one would be the user?), a subjectAltName that cannot be parsed. An
+absent UPN is not an error here: the functions return None and the caller decides (another identity
+source, or a refusal): `certificate_name` reads the sources in the order `identity.source` lists
+them, and the first name present wins, so `["san-upn", "san-email"]` never looks at the e-mail of a
+certificate that has a UPN.
 
 The lab PKI uses `upn_other_name` to write the same encoding it reads.
 """
@@ -24,7 +25,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
-from pyasn1.error import PyAsn1Error
+from pyasn1.error import PyAsn1Error, PyAsn1UnicodeDecodeError
 from pyasn1.type import char
 
 from proxy.config import IdentitySource
@@ -103,6 +104,8 @@ def _subject_alt_name(cert: x509.Certificate) -> x509.SubjectAlternativeName | N
 def _decode_utf8_string(der: bytes) -> str:
     try:
         value, rest = der_decoder.decode(der, asn1Spec=char.UTF8String())
+    except PyAsn1UnicodeDecodeError:  # a UTF8String whose bytes are not UTF-8: no name can be read from it
+        raise IdentityRejected("certificate UPN is not UTF-8", hint="the CA wrote bytes that are not a name") from None
     except PyAsn1Error as exc:
         raise IdentityRejected("certificate UPN is not a DER UTF8String", hint=str(exc)) from exc
     if rest:  # cryptography already refuses such values when parsing; kept so no byte goes unread

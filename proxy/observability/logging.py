@@ -3,6 +3,15 @@
 Request context (request id, certificate, principal...) is bound with structlog's context variables
 by the request middleware, so every event of a request carries it. A last processor blanks any field
 whose name says it holds a secret: a safety net, not the plan (the plan is to never pass one).
+
+Everything else the process writes goes through the same pipeline: the standard `logging` module's
+records (aiohttp's server and client, asyncio's unhandled task exceptions, gssapi, `warnings`) and
+uncaught exceptions of the main thread and of other threads become the same JSON lines, with the same
+redaction. Their text is written by libraries that quote what a client sent: aiohttp's parse errors
+quote the offending header line, `Authorization: Basic ...` and `Cookie: ...` included. So an
+exception from a library is logged by its type and the first line of its message up to the first
+quote (aiohttp's says what was wrong; the quoted bytes follow), our own by the whole traceback, and
+every string a library wrote is scrubbed of credential-shaped text (`scrub`) before it is rendered.
 """
 
 from __future__ import annotations
@@ -10,8 +19,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
+import threading
+import traceback
 from collections.abc import MutableMapping
+from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
@@ -51,7 +64,62 @@ def _add_pid(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping
     return event
 
 
+# Credential-shaped text in what a library wrote: a header line that carries one (in a repr too, where the
+# value ends at a quote), and a scheme followed by a token.
+_CREDENTIAL_HEADER = re.compile(
+    r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie|x-[a-z0-9-]*token[a-z0-9-]*)(\s*[:=]\s*)[^\r\n'\"]*"
+)
+_CREDENTIAL_TOKEN = re.compile(r"(?i)\b(basic|negotiate|bearer|ntlm|digest)(\s+)[A-Za-z0-9+/=._~-]{6,}")
+
+
+_QUOTED = re.compile(r"""b?['"]""")
+
+
+def scrub(text: str) -> str:
+    """`text` with header values that carry credentials and scheme tokens replaced by `[redacted]`."""
+    text = _CREDENTIAL_HEADER.sub(r"\1\2[redacted]", text)
+    return _CREDENTIAL_TOKEN.sub(r"\1\2[redacted]", text)
+
+
+def _foreign_exception(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A library record's exception, rendered without what a client sent (see the module's docstring)."""
+    info = event.pop("exc_info", None)
+    if info is True:
+        info = sys.exc_info()
+    if isinstance(info, BaseException):
+        info = (type(info), info, info.__traceback__)
+    if isinstance(info, tuple) and info[0] is not None:
+        kind, exc, tb = info
+        event["error"] = kind.__name__
+        if _is_ours(tb):
+            event["traceback"] = "".join(traceback.format_exception(kind, exc, tb))
+        else:
+            first = str(getattr(exc, "message", "") or exc).strip().split("\n", 1)[0]
+            event["error_detail"] = _QUOTED.split(first, 1)[0].rstrip(" :") + (
+                " (quoted bytes left out)" if _QUOTED.search(first) else ""
+            )
+    return event
+
+
+def _is_ours(tb: TracebackType | None) -> bool:
+    """Whether the exception was raised in this project's code (a bug of ours: the traceback helps)."""
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith("proxy."):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _scrub_strings(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = scrub(value)
+    return event
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    """structlog's JSON lines on `stream` (stdout), and every other log record and uncaught exception too."""
+    out = stream or sys.stdout
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -64,6 +132,50 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         # One write() per line (PrintLogger writes the newline separately when stdout is unbuffered, as with
         # PYTHONUNBUFFERED): with `[listener] workers` > 1, several processes append to one stdout.
-        logger_factory=structlog.WriteLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    _route_standard_logging(level, out)
+
+
+_handler: logging.Handler | None = None
+
+
+def _route_standard_logging(level: str, out: TextIO) -> None:
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.stdlib.add_logger_name,
+                _add_pid,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _foreign_exception,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _redact,
+                _scrub_strings,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:  # configured again (tests): one handler, the latest
+        root.removeHandler(_handler)
+    _handler = handler
+    root.addHandler(handler)
+    root.setLevel(logging.getLevelName(level.upper()))
+    logging.captureWarnings(True)
+    uncaught = logging.getLogger("proxy.uncaught")
+
+    def excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        uncaught.critical("uncaught_exception", exc_info=(kind, exc, tb))
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None:
+            uncaught.error("uncaught_thread_exception", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook

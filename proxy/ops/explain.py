@@ -22,11 +22,12 @@ from cryptography import x509
 
 from proxy.certs.chain import VerifiedCertificate, format_time, verify_chain
 from proxy.config import Route
-from proxy.errors import CertificateRejected, GatewayError, KerberosRefused, NoRoute
+from proxy.errors import BadRequest, CertificateRejected, GatewayError, KerberosRefused, NoRoute
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.hints import not_forwardable
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, certificate_user
+from proxy.target import origin_form
 
 
 @dataclass
@@ -109,7 +110,10 @@ async def explain(
     _certificate_steps(out, gw, leaf, trace, at)
     out.upn, out.principal = user.upn, user.principal
     out.steps.append(Step("identity", True, f"{user.upn} ({user.source}) -> Kerberos principal {user.principal}"))
-    route = gw.config.route_for(path, host)
+    try:
+        route = gw.config.route_for(origin_form(path).path, host)  # read as the gateway reads a request's path
+    except BadRequest as e:
+        return out.refuse("route", e)
     if route is None:
         return out.refuse("route", NoRoute(f"nothing is published at {path}", hint="add a [[routes]] with its prefix"))
     out.route, out.spn = route.prefix, route.spn

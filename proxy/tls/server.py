@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 
 from proxy.config import Config
+from proxy.tls.openssl import limit_client_chain
 
 log = structlog.get_logger("proxy.tls")
 
@@ -55,6 +56,10 @@ def server_context(config: Config) -> ssl.SSLContext:
         ctx.load_verify_locations(cafile=path)
     # The CAs a client is told to pick a certificate for: the trust anchors only.
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    cc = config.client_certificates
+    unavailable = limit_client_chain(ctx, depth=cc.max_chain_depth, max_bytes=cc.max_chain_bytes)
+    if unavailable is not None:
+        log.warning("client_chain_limits_unavailable", reason=unavailable, detail="OpenSSL's defaults apply")
     return ctx
 
 
@@ -131,6 +136,8 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
         self._closed()
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is None:
+            _tolerate_undecodable_names(self._sslobj)  # type: ignore[attr-defined]
         transport = self._transport
         if handshake_exc is not None and isinstance(transport, asyncio.Transport) and not transport.is_closing():
             with contextlib.suppress(Exception):
@@ -139,6 +146,26 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
                 transport.write_eof()
                 self._transport = None  # the drain closes it, not SSLProtocol's force-close
         super()._on_handshake_complete(handshake_exc)
+
+
+def _tolerate_undecodable_names(sslobj: ssl.SSLObject) -> None:
+    """Let a certificate whose names are not UTF-8 reach the certificate stages, which refuse it with a 403.
+
+    asyncio reads the peer certificate as a dict when the handshake completes (`getpeercert()`), and
+    CPython's `_ssl` decodes its names for that, a UPN otherName included: a name that is not UTF-8 raised
+    there, asyncio reset the connection and the task's exception went unhandled. Nothing here reads that
+    dict (the certificate stages read the DER), so a name it cannot decode makes it empty instead."""
+    read = sslobj.getpeercert
+
+    def tolerant(binary_form: bool = False) -> Any:
+        try:
+            return read(binary_form)
+        except ValueError:  # UnicodeDecodeError
+            if binary_form:
+                raise
+            return {}
+
+    sslobj.getpeercert = tolerant  # type: ignore[method-assign]
 
 
 class TlsGate(asyncio.Protocol):
@@ -259,6 +286,8 @@ _HANDSHAKE_FIXES = (
     ("unsuitable certificate purpose", "the certificate lacks the clientAuth extended key usage: reissue it"),
     ("signature failure", "the certificate's signature does not verify: a forged or corrupted certificate"),
     ("http request", "a plain HTTP request reached the TLS port: use https://"),
+    ("chain too long", "more CA certificates than client_certificates.max_chain_depth: a junk chain, or raise it"),
+    ("excessive message size", "a client chain over client_certificates.max_chain_bytes: a junk chain, or raise it"),
 )
 
 

@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,14 +82,21 @@ class Gateway:
         return [e for e in self.logs() if e.get("event") == name]
 
     def wait_event(self, name: str, timeout: float = 5, **match: Any) -> dict[str, Any]:
+        return self.wait_for(name, lambda e: all(e.get(k) == v for k, v in match.items()), timeout, str(match))
+
+    def wait_for(
+        self, name: str, accept: Callable[[dict[str, Any]], bool], timeout: float = 10, what: str = ""
+    ) -> dict[str, Any]:
+        """The latest `name` event that `accept` takes, polled for: the gateway writes its log asynchronously,
+        so a line may come after the client has its answer (above all on a loaded machine)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for e in reversed(self.events(name)):
-                if all(e.get(k) == v for k, v in match.items()):
+                if accept(e):
                     found: dict[str, Any] = e
                     return found
             time.sleep(0.05)
-        raise AssertionError(f"no {name} event matching {match} in {self.log_path.read_text()[-3000:]}")
+        raise AssertionError(f"no {name} event matching {what} in {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -188,9 +195,12 @@ def gateway(lab: LabLayout, other_backend: str, tmp_path_factory: pytest.TempPat
 
 
 def client_context(lab: LabLayout, user: str | None) -> ssl.SSLContext:
+    """A device's TLS context: the lab root as trust, and a lab user's certificate (or one at an absolute
+    path, without its .pem suffix; the key beside it)."""
     ctx = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
     if user is not None:
-        ctx.load_cert_chain(lab.pki_dir / "users" / f"{user}.pem", lab.pki_dir / "users" / f"{user}.key")
+        base = Path(user) if Path(user).is_absolute() else lab.pki_dir / "users" / user
+        ctx.load_cert_chain(f"{base}.pem", f"{base}.key")
     return ctx
 
 

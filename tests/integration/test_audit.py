@@ -18,6 +18,7 @@ from proxy.kerberos.keytab import read_keytab
 from proxy.lab.kdc import MASTER_PASSWORD, ROOT_PASSWORD
 from proxy.lab.layout import DISABLED_USERS, USERS, LabLayout
 from tests.integration.conftest import curl, free_port, lab_config, start_gateway, wait_port
+from tests.integration.recorder import raw_request
 
 BASIC = base64.b64encode(b"alice@lab.test:alice-Pa55").decode()
 COOKIE_SECRET = "cookie-s3cret-4f1e"
@@ -56,12 +57,29 @@ def _pem_bodies(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line and not line.startswith("-----")]
 
 
+def _malformed_requests() -> list[bytes]:
+    """Requests aiohttp cannot parse, each carrying the client's Basic credentials and cookie where a parse
+    error would quote them."""
+    auth, cookie = f"Authorization: Basic {BASIC}", f"Cookie: session={COOKIE_SECRET}"
+    return [
+        f"GET /capture/x HTTP/1.1\r\nHost: x\r\n{auth}\x01\r\n{cookie}\r\n\r\n".encode(),
+        f"GET /capture/x HTTP/1.1\r\nHost: x\r\n{cookie}\x00\r\n{auth}\r\n\r\n".encode(),
+        f"GET /capture/x HTTP/1.1\r\nHost: x\r\n{auth}\r\n {cookie}\r\n\r\n".encode(),  # obs-fold
+        f"GET /capture/x HTTP/1.1\r\n{auth}\r\nContent-Length: 1\r\nContent-Length: 2\r\n{cookie}\r\n\r\n".encode(),
+        f"GET /capture/x HTTP/1.1\r\nHost: x\r\n{cookie}{'x' * 100_000}\r\n{auth}\r\n\r\n".encode(),
+        f"GET /capture/x?{COOKIE_SECRET} HTTP/1.1 {BASIC}\r\n{auth}\r\n\r\n".encode(),
+        f"GET /capture/\xff{BASIC} HTTP/1.1\r\n{auth}\r\n\r\n".encode("latin-1"),
+        f"{auth}\r\n{cookie}\r\n\r\n".encode(),
+    ]
+
+
 def test_a_full_run_logs_every_refusal_and_no_secret(
     lab: LabLayout, tmp_path: Path, capture: tuple[str, list[str]]
 ) -> None:
-    """Good and refused requests (TLS, revocation, identity, Kerberos), client credentials and cookies, a reload
-    and a metrics scrape: each refusal is an audit event with stage, reason and fix, and the log holds none of
-    the tokens sent to the backend, the passwords, the client's credentials or any key."""
+    """Good and refused requests (TLS, revocation, identity, Kerberos), client credentials and cookies, malformed
+    requests that carry both, a reload and a metrics scrape: each refusal is an audit event with stage, reason
+    and fix; every line the process writes is JSON; and the log holds none of the tokens sent to the backend,
+    the passwords, the client's credentials or any key."""
     upstream, tokens = capture
     admin_port = free_port()
     extra = f"""
@@ -84,6 +102,9 @@ bind = "127.0.0.1:{admin_port}"
             assert curl(lab, gw.url + "/capture/x", user, *secrets).stdout.endswith("403")
         for refused in ("expired", "untrusted", None):
             assert curl(lab, gw.url + "/capture/x", refused).returncode != 0
+        for malformed in _malformed_requests():
+            answer = raw_request(lab, gw.port, malformed)
+            assert answer.status in (400, 431), (malformed[:60], answer.status_line)
         gw.proc.send_signal(signal.SIGHUP)
         gw.wait_event("reloaded")
         assert curl(lab, gw.url + "/capture/y", "alice").stdout.endswith("200")
@@ -110,6 +131,10 @@ bind = "127.0.0.1:{admin_port}"
     assert all(e["fix"] for e in gw.events("tls_handshake_refused"))
 
     log = gw.log_path.read_text()
+    not_json = [line for line in log.splitlines() if not line.startswith("{")]
+    assert not not_json, not_json[:5]  # every line of the process, aiohttp's and asyncio's included
+    unparsed = [e for e in gw.events("request") if e.get("refusal") == "request_unparsed"]
+    assert len(unparsed) >= len(_malformed_requests()) - 1  # each malformed request has its summary line
     forbidden = {
         "Negotiate ": "a Negotiate header",
         "YII": "the start of a base64 SPNEGO token",

@@ -513,9 +513,8 @@ def test_https_upstream_that_fails_verification_is_502(lab: LabLayout, gw: Gatew
     body, code = _split(curl(lab, gw.url + prefix + "x", "alice").stdout)
     assert code == 502
     assert "cannot be reached" in body
-    events = [e for e in gw.events("backend_unavailable") if prefix in e["fix"]]
-    assert events
-    assert why in events[-1]["fix"]
+    event = gw.wait_for("backend_unavailable", lambda e: prefix in e["fix"], what=prefix)
+    assert why in event["fix"]
 
 
 @pytest.mark.parametrize(

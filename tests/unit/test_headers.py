@@ -37,6 +37,18 @@ def _backend(client: list[tuple[str, str]], *, upstream_host: str | None = "cas.
         "X-KCD-UPN",
         "X-Real-IP",
         "Forwarded",
+        "True-Client-IP",
+        "X-Originating-IP",
+        "Client-IP",
+        "X-Cluster-Client-IP",
+        "CF-Connecting-IP",
+        "X-ProxyUser-Ip",
+        "X-CommonAccessToken",
+        "X-MS-Exchange-Organization-AuthAs",
+        "x-ms-exchange-organization-anything-else",
+        "X-Rewrite-URL",
+        "X-Original-URL",
+        "X-HTTP-Method-Override",
     ],
 )
 def test_client_identity_headers_never_reach_the_backend(name: str) -> None:

@@ -69,6 +69,13 @@ def test_upn_that_is_not_a_utf8string_refused() -> None:
         upn_from_certificate(crafted)
 
 
+def test_upn_whose_bytes_are_not_utf8_refused() -> None:
+    """A UTF8String UPN holding bytes that are not UTF-8 is an identity refusal, not a crash."""
+    crafted = with_san(x509.OtherName(UPN_OID, b"\x0c\x0eal\xffce@lab.test"))
+    with pytest.raises(IdentityRejected, match="not UTF-8"):
+        upn_from_certificate(crafted)
+
+
 def test_two_upns_refused() -> None:
     """A certificate naming two users is ambiguous and refused."""
     crafted = with_san(upn_other_name("alice@lab.test"), upn_other_name("bob@lab.test"))
@@ -119,3 +126,20 @@ def test_crafted_upn_refused(upn: str, why: str) -> None:
         map_upn(upn, realm_map=LAB)
     assert info.value.reason.startswith(f"UPN {upn!r} is not usable: ")
     assert why in info.value.reason
+
+
+@pytest.mark.parametrize("upn", ["alice@lab.te\u017ft", "alice@\u212aab.test", "alice@LAB.TE\u017fT"])
+def test_only_ascii_case_is_mapped(upn: str) -> None:
+    """Unicode case mapping would make these look-alike suffixes LAB.TEST; with ASCII case only they are
+    non-ASCII suffixes no realm_map names, and are refused."""
+    with pytest.raises(IdentityRejected, match="domain part is not ASCII"):
+        map_upn(upn, realm_map=LAB)
+
+
+def test_a_non_ascii_suffix_named_in_realm_map_is_served() -> None:
+    """An administrator who really has a non-ASCII UPN suffix names it in realm_map; only its ASCII letters
+    are compared without regard to case."""
+    mapped = map_upn("jos\u00e9@B\u00fccher.example", realm_map={"b\u00fccher.example": "LAB.TEST"})
+    assert mapped.principal == "jos\u00e9@LAB.TEST"
+    with pytest.raises(IdentityRejected, match="not ASCII"):
+        map_upn("jos\u00e9@B\u00dcCHER.example", realm_map={"b\u00fccher.example": "LAB.TEST"})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +51,55 @@ def test_an_admin_listener_off_loopback_needs_tls_and_an_allow_list(tmp_path: Pa
     assert len(e.value.problems) == 1
     assert e.value.problems[0].startswith("admin.bind: 0.0.0.0 is not loopback")
     assert str(tmp_path / "gateway.toml") in e.value.problems[0]
+
+
+def _resolver(table: dict[str, list[str]]) -> Callable[..., list[Any]]:
+    """getaddrinfo over a fixed table (no DNS query leaves the machine in a test)."""
+
+    def resolve(host: str, port: object, **_: object) -> list[Any]:
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, 1, 6, "", (a, 0)) for a in table[host]]
+
+    return resolve
+
+
+NAMES = {
+    "localhost": ["127.0.0.1", "::1"],
+    "localhost.attacker.example": ["203.0.113.5"],
+    "127.0.0.1.attacker.example": ["203.0.113.5"],
+    "half.example": ["127.0.0.1", "203.0.113.5"],
+    "v6.example": ["fe80::1%eth0"],
+}
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("localhost.attacker.example", False),
+        ("127.0.0.1.attacker.example", False),
+        ("half.example", False),
+        ("v6.example", False),
+        ("unknown.example", False),
+    ],
+)
+def test_loopback_is_decided_by_the_addresses_a_name_resolves_to(host: str, loopback: bool) -> None:
+    """Not a string prefix: every address the bind host stands for must be a loopback one."""
+    assert config.is_loopback(host, _resolver(NAMES)) is loopback
+
+
+def test_an_admin_bind_named_like_localhost_still_needs_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`localhost.attacker.example` passed a prefix check; resolved, it is not loopback and is refused."""
+    monkeypatch.setattr(socket, "getaddrinfo", _resolver(NAMES))
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, GOOD + '\n[admin]\nbind = "localhost.attacker.example:9443"\n'))
+    assert e.value.problems[0].startswith("admin.bind: localhost.attacker.example is not loopback")
 
 
 def test_an_admin_listener_off_loopback_with_tls_and_allow_list_is_accepted(tmp_path: Path) -> None:

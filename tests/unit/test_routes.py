@@ -132,6 +132,7 @@ def test_a_host_route_serves_no_other_host(write: Write) -> None:
     assert cfg.route_for("/x") is None
 
 
+HOST_ROOT = 'prefix = "/"\nhost = "mail.example.com"'
 BROKEN = [
     ('host = "Mail.Example.COM"', 'host = "https://mail"', "routes[2].host: expected a host name"),
     ('host = "Mail.Example.COM"', 'host = "mail.example.com:443"', "routes[2].host: expected a host name"),
@@ -148,6 +149,11 @@ BROKEN = [
     ('"X-KCD-UPN" = "upn"', '"x-kcd-cert-serial" = "upn"', "routes[2].context_headers.X-KCD-Cert-Serial: dup"),
     ('prefix = "/"\nhost = "mail.example.com"', 'prefix = "/owa/"\nhost = "mail.example.com"', "routes[3].prefix: dup"),
     ("preserve_host = true", "preserve_host = true\ncolour = 1", "routes[2].colour: unknown key"),
+    (HOST_ROOT, HOST_ROOT.replace('"/"', '"/OWA/"'), "routes[3].prefix: dup"),
+    (HOST_ROOT, HOST_ROOT.replace('"/"', '"/owa/../x/"'), "routes[3].prefix: write it as the backend reads it"),
+    (HOST_ROOT, HOST_ROOT.replace('"/"', '"/a%20b/"'), "routes[3].prefix: write it as the backend reads it"),
+    (HOST_ROOT, HOST_ROOT.replace('"/"', '"/a%2fb/"'), "routes[3].prefix: '/a%2fb/': the path has an encoded slash"),
+    ("preserve_host = true", 'case_sensitive = "yes"', "routes[2].case_sensitive: expected bool"),
 ]
 
 
@@ -166,3 +172,19 @@ def test_listener_idle_limits(write: Write) -> None:
     assert (cfg.listener.client_body_timeout, cfg.listener.client_send_timeout) == (60.0, 60.0)
     cfg = config.load(write(ROUTES, "client_body_timeout = 5\nclient_send_timeout = 7\n"))
     assert (cfg.listener.client_body_timeout, cfg.listener.client_send_timeout) == (5.0, 7.0)
+
+
+def test_prefixes_ignore_case_unless_the_route_says_otherwise(write: Write) -> None:
+    """IIS paths are case-insensitive, so a prefix is too; `case_sensitive = true` is for other upstreams."""
+    routes = ROUTES + '[[routes]]\nprefix = "/api/"\nupstream = "http://127.0.0.1:9000"\ncase_sensitive = true\n'
+    cfg = _load(write, routes)
+    for path in ("/OWA/x", "/Owa/", "/owa/"):
+        route = cfg.route_for(path)
+        assert route is not None
+        assert route.upstream == "https://owa.lab.test", path
+    api = cfg.route_for("/api/x")
+    assert api is not None
+    assert api.upstream == "http://127.0.0.1:9000"
+    other = cfg.route_for("/API/x")
+    assert other is not None
+    assert other.upstream == "http://127.0.0.1:8081"  # not the case-sensitive route: the catch-all

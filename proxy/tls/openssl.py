@@ -1,0 +1,78 @@
+"""Two OpenSSL limits on what a client may send as its certificate chain, which Python's `ssl` lacks.
+
+A client chooses the chain it sends in its Certificate message. OpenSSL parses all of it and, to verify
+the client's certificate, builds paths through it up to its verify depth (100 by default): a long chain
+of junk certificates that chain to each other cost a refused handshake about twelve times a normal one.
+Two settings bound that, and Python 3.11's `ssl.SSLContext` exposes neither:
+
+- the verify depth (`SSL_CTX_set_verify_depth`): at most this many CA certificates between the client's
+  certificate and a trust anchor; a longer path ends the handshake ("certificate chain too long");
+- the largest Certificate message accepted (`SSL_CTX_set_max_cert_list`, 100 KiB by default): a larger
+  one ends the handshake before any of it is parsed ("excessive message size").
+
+So they are set through ctypes on the context's `SSL_CTX`, called in the libssl that Python's `_ssl`
+module itself is linked against. CPython keeps the `SSL_CTX *` as the first field after the object
+header of an `SSLContext` (Modules/_ssl.c, `PySSLContext`); that layout is not an API, so before
+writing anything the pointer is checked against two values Python does expose (the verify mode and the
+options), and read back afterwards. If any check fails, nothing is written and the reason is returned
+for the start-up log: the gateway then runs with OpenSSL's defaults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import ssl
+
+_SSL_CTRL_SET_MAX_CERT_LIST = 51
+_SSL_CTRL_GET_MAX_CERT_LIST = 50
+_VERIFY_FLAGS = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}  # SSL_VERIFY_PEER | FAIL_IF_NO...
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """The libssl of Python's own `_ssl` module (a handle's symbol lookup includes its dependencies)."""
+    lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+    lib.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.SSL_CTX_set_verify_depth.restype = None
+    lib.SSL_CTX_get_verify_depth.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_verify_depth.restype = ctypes.c_int
+    lib.SSL_CTX_get_verify_mode.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_verify_mode.restype = ctypes.c_int
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    return lib
+
+
+def _ssl_ctx(ctx: ssl.SSLContext) -> int | None:
+    """The `SSL_CTX *` of `ctx`, if what sits where CPython keeps it behaves like this context's."""
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer:
+        return None
+    lib = _libssl()
+    if lib.SSL_CTX_get_verify_mode(pointer) != _VERIFY_FLAGS[ctx.verify_mode]:
+        return None
+    if lib.SSL_CTX_get_options(pointer) != int(ctx.options):
+        return None
+    return pointer
+
+
+def limit_client_chain(ctx: ssl.SSLContext, *, depth: int, max_bytes: int) -> str | None:
+    """Cap the client chain `ctx` accepts: `depth` CA certificates above the client's, a Certificate
+    message of `max_bytes`. None when both are in force, else why not (nothing was changed then)."""
+    try:
+        lib = _libssl()
+        pointer = _ssl_ctx(ctx)
+    except (OSError, AttributeError, KeyError) as e:
+        return f"OpenSSL's functions are not reachable from Python here ({type(e).__name__}: {e})"
+    if pointer is None:
+        return "this Python's SSLContext does not have the layout expected (CPython's PySSLContext)"
+    lib.SSL_CTX_set_verify_depth(pointer, depth)
+    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_MAX_CERT_LIST, max_bytes, None)
+    if lib.SSL_CTX_get_verify_depth(pointer) != depth:
+        return "the verify depth did not take"
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_MAX_CERT_LIST, 0, None) != max_bytes:
+        return "the Certificate message limit did not take"
+    return None

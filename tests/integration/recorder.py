@@ -1,0 +1,165 @@
+"""A backend that records exactly the bytes of each request it receives, and raw TLS requests to a gateway.
+
+The recorder parses no more than it must to find where a request ends (its header block, then a
+Content-Length body or chunks), keeps the bytes as they came, and answers `200 ok` with `Connection:
+close`. Tests read what a backend would have acted on: the request line, the headers, the body.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import client_context
+
+
+@dataclass(frozen=True)
+class Recorded:
+    head: bytes  # request line and header fields, CRLFs included
+    body: bytes  # as it came on the wire (chunk framing included when chunked)
+
+    @property
+    def request_line(self) -> str:
+        return self.head.split(b"\r\n", 1)[0].decode("latin-1")
+
+    @property
+    def path(self) -> str:
+        """The request target as the backend got it."""
+        return self.request_line.split(" ")[1]
+
+    def headers(self, name: str) -> list[str]:
+        """Every value of header `name` (any case)."""
+        lines = self.head.decode("latin-1").split("\r\n")[1:]
+        pairs = [line.split(":", 1) for line in lines if ":" in line]
+        return [value.strip() for key, value in pairs if key.strip().lower() == name.lower()]
+
+
+class Recorder:
+    """An upstream on a free loopback port that keeps every request's bytes (`requests`)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.requests: list[Recorded] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with conn:
+            try:
+                recorded = _read_request(conn)
+            except (OSError, ValueError):
+                return
+            with self._lock:
+                self.requests.append(recorded)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    def taken(self) -> list[Recorded]:
+        """The requests recorded so far, forgotten here."""
+        with self._lock:
+            taken, self.requests = self.requests, []
+        return taken
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _read_request(conn: socket.socket) -> Recorded:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ValueError("closed before the end of the header block")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    recorded = Recorded(head + b"\r\n\r\n", b"")
+    length = recorded.headers("Content-Length")
+    chunked = any("chunked" in v.lower() for v in recorded.headers("Transfer-Encoding"))
+    while True:
+        if length and len(rest) >= int(length[0]):
+            break
+        if chunked and _chunks_complete(rest):
+            break
+        if not length and not chunked:
+            break
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return Recorded(recorded.head, rest)
+
+
+def _chunks_complete(body: bytes) -> bool:
+    at = 0
+    while True:
+        end = body.find(b"\r\n", at)
+        if end < 0:
+            return False
+        size = int(body[at:end].split(b";")[0], 16)
+        at = end + 2 + size + 2
+        if size == 0:
+            return len(body) >= at
+        if len(body) < at:
+            return False
+
+
+def dechunk(body: bytes) -> bytes:
+    """The payload of a chunked body."""
+    out, at = b"", 0
+    while True:
+        end = body.index(b"\r\n", at)
+        size = int(body[at:end].split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += body[end + 2 : end + 2 + size]
+        at = end + 2 + size + 2
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    status_line: str
+    head: str
+    body: bytes
+
+    @property
+    def status(self) -> int:
+        parts = self.status_line.split(" ")
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+def raw_request(
+    lab: LabLayout, port: int, request: bytes, user: str | None = "alice", timeout: float = 30
+) -> RawAnswer:
+    """Send `request` byte for byte over TLS (with `user`'s certificate) and read the answer until the
+    gateway closes (requests should say `Connection: close`)."""
+    ctx = client_context(lab, user)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as tcp,
+        ctx.wrap_socket(tcp, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(request)
+        data = b""
+        while True:
+            try:
+                chunk = tls.recv(65536)
+            except (ssl.SSLError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    text = head.decode("latin-1")
+    return RawAnswer(text.split("\r\n", 1)[0], text, body)

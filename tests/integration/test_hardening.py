@@ -1,0 +1,399 @@
+"""Attacks a hostile or careless client makes, sent byte for byte over TLS to a running gateway whose
+upstreams record exactly what they receive (tests/integration/recorder.py).
+
+The gateway has four routes, each to its own recorder: `/` and `/owa/` and `/ecp/` (Negotiate) and
+`/basic/` (`backend_auth = "basic"`: the client's Basic header itself). Whatever a client sends, a
+recorder only ever sees paths under its own route's prefix, and only `/basic/` ever sees a password.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import os
+import socket
+import ssl
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.identity.upn import UPN_OID
+from proxy.lab.layout import USERS, LabLayout
+from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway, wait_port
+from tests.integration.recorder import Recorded, Recorder, dechunk, raw_request
+
+BASIC = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+
+
+@dataclass
+class Scene:
+    gw: Gateway
+    recorders: dict[str, Recorder]  # by route prefix
+
+    def send(self, request: bytes, user: str | None = "alice") -> int:
+        return raw_request(self._lab, self.gw.port, request, user).status
+
+    def taken(self) -> dict[str, list[Recorded]]:
+        return {prefix: rec.taken() for prefix, rec in self.recorders.items()}
+
+    _lab: LabLayout
+    admin: str
+
+    def requests_counted(self, status: int) -> float:
+        """`kcd_requests_total` for `status`, summed over routes, from the admin listener's /metrics."""
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=10) as r:  # noqa: S310  loopback
+            text = r.read().decode()
+        lines = [line for line in text.splitlines() if line.startswith("kcd_requests_total{")]
+        return sum(float(line.rpartition(" ")[2]) for line in lines if f'status="{status}"' in line)
+
+
+@pytest.fixture(scope="module")
+def scene(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    recorders = {prefix: Recorder() for prefix in ("/", "/owa/", "/ecp/", "/basic/")}
+    base = lab_config(lab, port=free_port()).split("[[routes]]", 1)[0]
+    routes = "".join(
+        f'[[routes]]\nprefix = "{prefix}"\nupstream = "{rec.url}"\nspn = "HTTP/cas.lab.test"\n'
+        + ('backend_auth = "basic"\n' if prefix == "/basic/" else "")
+        for prefix, rec in recorders.items()
+    )
+    auth = '[authentication]\nmode = "certificate-or-basic"\nbasic_failures_per_address = 1000\n'
+    admin = free_port()
+    admin_table = f'[admin]\nbind = "127.0.0.1:{admin}"\n'
+    gw = start_gateway(lab, tmp_path_factory.mktemp("hardening"), base + routes + auth + admin_table)
+    try:
+        wait_port(admin, gw.proc)
+        yield Scene(gw, recorders, lab, f"http://127.0.0.1:{admin}")
+    finally:
+        gw.stop()
+        for rec in recorders.values():
+            rec.close()
+
+
+def _get(target: str, *extra: str) -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", *extra, "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def _under_its_route(taken: dict[str, list[Recorded]]) -> None:
+    """Each recorder got only paths under its own prefix (as IIS compares them: without regard to case), and
+    only the Basic route got the client's Basic header."""
+    for prefix, requests in taken.items():
+        for rec in requests:
+            other = [p for p in taken if len(p) > len(prefix) and rec.path.lower().startswith(p)]
+            assert rec.path.lower().startswith(prefix), (prefix, rec.request_line)
+            assert not other, (prefix, rec.request_line)
+            authorization = rec.headers("Authorization")
+            assert len(authorization) == 1
+            assert authorization[0].startswith("Basic " if prefix == "/basic/" else "Negotiate "), (prefix, rec.path)
+
+
+@pytest.mark.parametrize(
+    ("target", "route", "backend_path"),
+    [
+        ("/owa/../ecp/x", "/ecp/", "/ecp/x"),
+        ("/owa/%2e%2e/ecp/x", "/ecp/", "/ecp/x"),
+        ("/owa/.%2E/ecp/x?a=%2F", "/ecp/", "/ecp/x?a=%2F"),
+        ("//ecp/x", "/ecp/", "/ecp/x"),
+        ("/owa\\..\\ecp\\x", "/ecp/", "/ecp/x"),
+        ("/OWA/x", "/owa/", "/OWA/x"),
+        ("/ECP/x", "/ecp/", "/ECP/x"),
+        ("/owa/./x", "/owa/", "/owa/x"),
+        ("/owa/a%20b", "/owa/", "/owa/a%20b"),
+        ("/x/../owa/y", "/owa/", "/owa/y"),
+    ],
+)
+def test_the_route_is_chosen_on_the_path_the_backend_acts_on(
+    scene: Scene, target: str, route: str, backend_path: str
+) -> None:
+    """Dot-segments (plain or encoded), repeated slashes, backslashes and case are read as IIS reads them
+    before routing: the request reaches the route of the path the backend acts on, with exactly that path."""
+    scene.taken()
+    assert scene.send(_get(target)) == 200
+    taken = scene.taken()
+    assert [r.path for r in taken[route]] == [backend_path]
+    assert sum(len(v) for v in taken.values()) == 1
+    _under_its_route(taken)
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("/owa/%2f../ecp/x", "encoded slash"),
+        ("/owa/..%2Fecp/x", "encoded slash"),
+        ("/owa/..%5Cecp/x", "encoded backslash"),
+        ("/owa/%252e%252e/ecp/x", "encoded twice"),
+        ("/owa/%00/x", "control character"),
+        ("/../ecp/x", "climbs above the root"),
+        ("/owa/%2e%2e/%2e%2e/ecp/x", "climbs above the root"),
+        ("/owa/%u002e%u002e/ecp/x", "does not start a %XX escape"),
+        ("/ew%C5%BF/x", "U+017F"),
+    ],
+)
+def test_ambiguous_paths_are_refused_before_any_stage(scene: Scene, target: str, why: str) -> None:
+    """Encoded separators, double encoding, NUL, climbing above the root: 400, the reason in the log, nothing
+    forwarded, no stage run (no certificate is even looked at)."""
+    scene.taken()
+    assert scene.send(_get(target)) == 400
+    assert not any(scene.taken().values())
+    line = scene.gw.wait_for("request", lambda e: why in str(e.get("reason", "")), what=why)
+    assert line["status"] == 400
+    assert line["refused_stage"] == "request"
+    assert set(line["ms"]) == {"total"}  # no stage ran
+
+
+def test_a_password_never_follows_a_path_onto_a_negotiate_route(scene: Scene) -> None:
+    """`/basic/../owa/x` with Basic credentials is an `/owa/` request: the backend gets a Negotiate ticket
+    there, and the password goes to `/basic/` paths only."""
+    scene.taken()
+    for target in ("/basic/../owa/x", "/basic/%2e%2e/ecp/x", "/BASIC/x", "/basic//x", "/owa/../basic/y"):
+        assert scene.send(_get(target, f"Authorization: Basic {BASIC}"), user=None) == 200, target
+    taken = scene.taken()
+    _under_its_route(taken)
+    assert [r.path for r in taken["/owa/"]] == ["/owa/x"]
+    assert [r.path for r in taken["/ecp/"]] == ["/ecp/x"]
+    assert sorted(r.path for r in taken["/basic/"]) == ["/BASIC/x", "/basic/x", "/basic/y"]
+
+
+# -- 2. request bodies keep their meaning ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_gzip_body_reaches_the_backend_byte_for_byte(scene: Scene, framing: str) -> None:
+    """A `Content-Encoding: gzip` body is neither inflated by the gateway's server nor by its client: the
+    backend gets the client's bytes, its length and its coding."""
+    payload = gzip.compress(os.urandom(1000) + b"A" * 200_000)  # inflates to 201 kB
+    head = ["POST /owa/upload HTTP/1.1", "Host: 127.0.0.1", "Content-Encoding: gzip", "Content-Type: text/plain"]
+    if framing == "chunked":
+        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (payload[:777], payload[777:])) + b"0\r\n\r\n"
+        head.append("Transfer-Encoding: chunked")
+    else:
+        body = payload
+        head.append(f"Content-Length: {len(payload)}")
+    scene.taken()
+    request = ("\r\n".join([*head, "Connection: close", "", ""])).encode() + body
+    assert scene.send(request) == 200
+    (got,) = scene.taken()["/owa/"]
+    received = dechunk(got.body) if got.headers("Transfer-Encoding") else got.body
+    assert received == payload
+    assert got.headers("Content-Encoding") == ["gzip"]
+    if got.headers("Content-Length"):
+        assert got.headers("Content-Length") == [str(len(payload))]
+
+
+# -- 6. the smaller ones --------------------------------------------------------------------------------
+
+
+def test_identity_and_client_address_headers_never_reach_the_backend(scene: Scene) -> None:
+    """Headers that backends read as the user or the client's address are the gateway's to set, never the client's."""
+    sent = [
+        "True-Client-IP: 203.0.113.9",
+        "X-Originating-IP: 203.0.113.9",
+        "Client-IP: 203.0.113.9",
+        "X-Cluster-Client-IP: 203.0.113.9",
+        "CF-Connecting-IP: 203.0.113.9",
+        "X-ProxyUser-Ip: 203.0.113.9",
+        "X-CommonAccessToken: mallory",
+        "X-MS-Exchange-Organization-AuthAs: mallory",
+        "x-ms-exchange-organization-anything: mallory",
+        "X-Rewrite-URL: /ecp/",
+        "X-HTTP-Method-Override: DELETE",
+        "X-Original-URL: /ecp/",
+        "MS-ASProtocolVersion: 16.1",
+    ]
+    scene.taken()
+    assert scene.send(_get("/owa/h", *sent)) == 200
+    (got,) = scene.taken()["/owa/"]
+    head = got.head.decode("latin-1")
+    assert "203.0.113.9" not in head
+    assert "mallory" not in head
+    assert "/ecp/" not in head
+    assert "DELETE" not in head
+    assert got.headers("MS-ASProtocolVersion") == ["16.1"]
+
+
+def test_trace_is_refused_with_405(scene: Scene) -> None:
+    """TRACE would echo the request (cookies, the gateway's own headers) back: 405, never forwarded."""
+    scene.taken()
+    answer = raw_request(scene._lab, scene.gw.port, b"TRACE /owa/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.status == 405
+    assert "allow:" in answer.head.lower()
+    assert not any(scene.taken().values())
+
+
+def test_an_absolute_form_target_is_refused(scene: Scene) -> None:
+    """`GET http://host/path`: a proxy request, not for this gateway; 400, nothing forwarded."""
+    scene.taken()
+    assert scene.send(_get("http://cas.lab.test/owa/x")) == 400
+    assert not any(scene.taken().values())
+
+
+@pytest.mark.parametrize("request_line", [b"GET /owa/\r\n\r\n", b"GET /owa/ \r\n\r\n", b"GET\r\n\r\n"])
+def test_a_request_line_without_a_version_is_400_never_http_0_9(scene: Scene, request_line: bytes) -> None:
+    """An HTTP/0.9 request line gets a 400 with an HTTP/1.x status line, and nothing is forwarded."""
+    scene.taken()
+    answer = raw_request(scene._lab, scene.gw.port, request_line)
+    assert answer.status_line.startswith("HTTP/1."), answer
+    assert answer.status == 400
+    assert not any(scene.taken().values())
+
+
+def test_answers_aiohttp_gives_itself_carry_their_status_in_the_summary(scene: Scene) -> None:
+    """`OPTIONS *` and an unparseable request: the summary line and the metrics say the status the client got,
+    not 500."""
+    before = {status: scene.requests_counted(status) for status in (400, 404, 500)}
+    star = raw_request(scene._lab, scene.gw.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    bad = raw_request(scene._lab, scene.gw.port, b"GET /owa/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+    assert bad.status == 400
+    statuses = {star.status, bad.status}
+    logged: list[int] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        logged = [e["status"] for e in scene.gw.events("request") if e.get("method") in ("OPTIONS", None, "UNKNOWN")]
+        if statuses <= set(logged):
+            break
+        time.sleep(0.05)
+    assert statuses <= set(logged), scene.gw.events("request")[-4:]
+    assert 500 not in logged
+    assert scene.requests_counted(404) == before[404] + 1
+    assert scene.requests_counted(400) == before[400] + 1
+    assert scene.requests_counted(500) == before[500]
+
+
+def _certificate_with_upn(lab: LabLayout, directory: Path, name: str, upn_der: bytes) -> str:
+    """A clientAuth certificate from the lab's issuing CA whose UPN otherName holds exactly `upn_der`; the path
+    of its PEM (the key beside it)."""
+    ca_cert = x509.load_pem_x509_certificate((lab.pki_dir / "issuing.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((lab.pki_dir / "issuing.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.OtherName(UPN_OID, upn_der)]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    path = directory / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(path.with_suffix(""))
+
+
+def _utf8_string(value: bytes) -> bytes:
+    return bytes([0x0C, len(value)]) + value  # DER UTF8String, short form length
+
+
+@pytest.mark.parametrize(
+    ("name", "upn_der", "reason"),
+    [
+        ("not-utf8", _utf8_string(b"al\xffce@lab.test"), "not UTF-8"),
+        ("long-s", _utf8_string("alice@lab.te\u017ft".encode()), "not ASCII"),
+        ("kelvin", _utf8_string("alice@\u212aab.test".encode()), "not ASCII"),
+    ],
+)
+def test_upns_that_are_not_plain_are_refused_as_an_identity(
+    scene: Scene, tmp_path: Path, name: str, upn_der: bytes, reason: str
+) -> None:
+    """A UPN whose bytes are not UTF-8, or whose suffix has letters that only Unicode case mapping makes ASCII
+    (`lab.te` + U+017F + `t` upper-cases to LAB.TEST): the usual 403 from the identity stage and its audit event;
+    no reset, no traceback, nothing forwarded."""
+    scene.taken()
+    cert = _certificate_with_upn(scene._lab, tmp_path, name, upn_der)
+    answer = raw_request(scene._lab, scene.gw.port, _get("/owa/x"), user=cert)
+    assert answer.status == 403, answer
+    assert b"UPN" in answer.body
+    assert not any(scene.taken().values())
+    audit = scene.gw.wait_for("identity_rejected", lambda e: e.get("cert_subject") == f"CN={name}", what=name)
+    assert reason in audit["reason"]
+    failures = [
+        e for e in scene.gw.logs() if e.get("level") in ("error", "critical") and e.get("logger") != "aiohttp.server"
+    ]
+    assert not failures  # no unhandled task, no failed handshake (aiohttp's own are the malformed requests')
+    assert not [e for e in scene.gw.logs() if "traceback" in e]
+
+
+def _ca_chain(directory: Path, length: int, padding: int = 0) -> tuple[Path, Path]:
+    """A client certificate and `length` CA certificates above it, each issued by the next (the last one's
+    issuer is sent by nobody), optionally padded with a `padding`-byte extension: (chain PEM, key PEM)."""
+    now = datetime.now(UTC)
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(length + 2)]
+    names = [x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"junk {i}")]) for i in range(length + 2)]
+    pems = []
+    for i in range(length + 1):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(names[i])
+            .issuer_name(names[i + 1])
+            .public_key(keys[i].public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=i > 0, path_length=None), critical=True)
+        )
+        if i == 0:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        if padding:
+            pad = x509.UnrecognizedExtension(
+                x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x04\x82" + padding.to_bytes(2, "big") + b"j" * padding
+            )
+            builder = builder.add_extension(pad, critical=False)
+        pems.append(builder.sign(keys[i + 1], hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    chain, key = directory / "chain.pem", directory / "chain.key"
+    chain.write_bytes(b"".join(pems))
+    key.write_bytes(
+        keys[0].private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return chain, key
+
+
+def _handshake(scene: Scene, chain: Path, key: Path) -> str:
+    """Present `chain` and return what the client saw: an HTTP status line, or the TLS error."""
+    ctx = ssl.create_default_context(cafile=str(scene._lab.pki_dir / "root.pem"))
+    ctx.load_cert_chain(chain, key)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", scene.gw.port), timeout=30) as tcp,
+            ctx.wrap_socket(tcp, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(_get("/owa/"))
+            return tls.recv(100).decode("latin-1").split("\r\n")[0]
+    except (ssl.SSLError, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize(
+    ("length", "padding", "reason"),
+    [(9, 0, "certificate chain too long"), (20, 2000, "excessive message size")],
+)
+def test_a_long_junk_client_chain_is_cut_short(
+    scene: Scene, tmp_path: Path, length: int, padding: int, reason: str
+) -> None:
+    """A chain deeper than `max_chain_depth` (4) or bigger than `max_chain_bytes` (10 KiB) ends the handshake
+    with OpenSSL's reason in the log, before the gateway spends more on it."""
+    chain, key = _ca_chain(tmp_path, length, padding)
+    if padding:
+        assert len(chain.read_bytes()) * 3 // 4 > 10240  # the DER is over the limit
+    seen = _handshake(scene, chain, key)
+    assert not seen.startswith("HTTP/"), seen
+    scene.gw.wait_for("tls_handshake_refused", lambda e: reason in e["reason"], what=reason)

@@ -1,0 +1,120 @@
+"""Every line the process writes is one JSON object of the same pipeline, and holds no credential."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from proxy.observability import logging as proxy_logging
+
+SECRET = "c2VjcmV0LXBhc3N3b3Jk"
+
+
+@pytest.fixture
+def out() -> Iterator[io.StringIO]:
+    """The process's logging configured onto a buffer, and put back afterwards."""
+    saved = structlog.get_config()
+    hooks = (sys.excepthook, threading.excepthook)
+    stream = io.StringIO()
+    proxy_logging.configure("info", stream)
+    try:
+        yield stream
+    finally:
+        structlog.configure(**saved)
+        sys.excepthook, threading.excepthook = hooks
+        if proxy_logging._handler is not None:
+            logging.getLogger().removeHandler(proxy_logging._handler)
+            proxy_logging._handler = None
+        logging.captureWarnings(False)
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_an_aiohttp_parse_error_is_json_without_the_header_it_quotes(out: io.StringIO) -> None:
+    """aiohttp's parse error quotes the bad header line; the log line names the error, not the line."""
+    line = f"Authorization: Basic {SECRET}\x01"
+    try:
+        raise BadHttpMessage(f"Invalid header value char:\n\n    {line.encode()!r}\n    ^")
+    except BadHttpMessage:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "192.0.2.1")
+    (record,) = _lines(out)
+    assert record["event"] == "Error handling request from 192.0.2.1"
+    assert record["logger"] == "aiohttp.server"
+    assert record["level"] == "error"
+    assert record["error"] == "BadHttpMessage"
+    assert record["error_detail"] == "Invalid header value char"
+    assert SECRET not in out.getvalue()
+
+
+def test_a_quoted_value_on_the_first_line_is_left_out(out: io.StringIO) -> None:
+    """aiohttp's LineTooLong quotes the start of the field on its first line: the detail stops before it."""
+    try:
+        raise LineTooLong(f"session={SECRET}".encode()[:100], 98304)
+    except LineTooLong:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    (record,) = _lines(out)
+    assert record["error_detail"] == "Got more than 98304 bytes when reading (quoted bytes left out)"
+    assert SECRET not in out.getvalue()
+
+
+def test_library_text_is_scrubbed_of_credentials(out: io.StringIO) -> None:
+    """A library that writes a header or a token into its message: the value is redacted."""
+    log = logging.getLogger("some.library")
+    log.warning("sent Authorization: Negotiate %s and Cookie: session=%s", SECRET, SECRET)
+    log.warning("b'Proxy-Authorization: Basic %s' then bearer %s", SECRET, SECRET)
+    assert SECRET not in out.getvalue()
+    assert len(_lines(out)) == 2
+
+
+def test_warnings_and_uncaught_exceptions_become_json_lines(out: io.StringIO) -> None:
+    """`warnings`, an uncaught exception and one in a thread: JSON lines, their text scrubbed."""
+    warnings.warn(f"deprecated Authorization: Basic {SECRET}", UserWarning, stacklevel=1)
+    try:
+        raise RuntimeError(f"Cookie: s={SECRET}")
+    except RuntimeError as e:
+        sys.excepthook(type(e), e, e.__traceback__)
+    thread = threading.Thread(target=lambda: 1 / 0)
+    thread.start()
+    thread.join()
+    records = _lines(out)
+    assert [r["logger"] for r in records] == ["py.warnings", "proxy.uncaught", "proxy.uncaught"]
+    assert records[1]["error"] == "RuntimeError"
+    assert records[2]["error"] == "ZeroDivisionError"
+    assert SECRET not in out.getvalue()
+
+
+def test_our_own_bugs_keep_their_traceback(out: io.StringIO) -> None:
+    """An exception raised in the gateway's own code is logged with its traceback (scrubbed)."""
+    try:
+        proxy_logging.scrub(None)  # type: ignore[arg-type]
+    except TypeError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    (record,) = _lines(out)
+    assert "proxy/observability/logging.py" in str(record["traceback"])
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        (f"Authorization: Basic {SECRET}", "Authorization: [redacted]"),
+        (f"authorization= Negotiate {SECRET}", "authorization= [redacted]"),
+        (f"b'Cookie: a={SECRET}; b=1'", "b'Cookie: [redacted]'"),
+        (f"X-Auth-Token: {SECRET}", "X-Auth-Token: [redacted]"),
+        (f"scheme Negotiate {SECRET}", "scheme Negotiate [redacted]"),
+        ("nothing to hide here", "nothing to hide here"),
+    ],
+)
+def test_scrub(text: str, kept: str) -> None:
+    """Header values and scheme tokens are replaced; other text is left alone."""
+    assert proxy_logging.scrub(text) == kept

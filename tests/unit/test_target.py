@@ -1,0 +1,105 @@
+"""The request target as the backend reads it (proxy/target.py): one reading for routing and forwarding."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import BadRequest
+from proxy.target import origin_form, remove_dot_segments
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "forward", "query"),
+    [
+        ("/owa/", "/owa/", "/owa/", ""),
+        (
+            "/Microsoft-Server-ActiveSync?Cmd=Sync&User=a%2Fb",
+            "/Microsoft-Server-ActiveSync",
+            None,
+            "Cmd=Sync&User=a%2Fb",
+        ),
+        ("/owa/../ecp/x", "/ecp/x", "/ecp/x", ""),
+        ("/owa/%2e%2e/ecp/x", "/ecp/x", "/ecp/x", ""),
+        ("/owa/%2E./ecp/", "/ecp/", "/ecp/", ""),
+        ("//ecp", "/ecp", "/ecp", ""),
+        ("/owa//x///y", "/owa/x/y", "/owa/x/y", ""),
+        ("/owa\\..\\ecp\\x", "/ecp/x", "/ecp/x", ""),
+        ("/owa/./x/.", "/owa/x/", "/owa/x/", ""),
+        ("/owa/x/..", "/owa/", "/owa/", ""),
+        ("/a%20b/%41", "/a b/A", "/a%20b/%41", ""),
+        ("/caf%C3%A9/..//x%20y", "/x y", "/x%20y", ""),
+        ("/.well-known/x", "/.well-known/x", "/.well-known/x", ""),
+        ("/x?", "/x", "/x", ""),
+    ],
+)
+def test_paths_are_read_as_iis_reads_them(target: str, path: str, forward: str | None, query: str) -> None:
+    """Percent-decoding, backslashes, repeated slashes and dot-segments give the path the backend acts on;
+    it is forwarded as sent when that already reads the same, else re-encoded."""
+    read = origin_form(target)
+    assert read.path == path
+    assert read.forward == (forward or target.partition("?")[0])
+    assert read.query == query
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("/owa%2f..%2fecp/x", "encoded slash"),
+        ("/owa/..%2Fecp", "encoded slash"),
+        ("/owa/..%5cecp", "encoded backslash"),
+        ("/owa/%252e%252e/ecp", "encoded twice"),
+        ("/owa/%25%32%65", "encoded twice"),
+        ("/owa/%00.aspx", "control character"),
+        ("/owa/%0d%0aX-Injected:%201", "control character"),
+        ("/owa/%u002e%u002e/ecp", "does not start a %XX escape"),
+        ("/owa/%zz", "does not start a %XX escape"),
+        ("/owa/%", "does not start a %XX escape"),
+        ("/owa/%c3%28", "not UTF-8"),
+        ("/owa/%ff", "not UTF-8"),
+        ("/..", "climbs above the root"),
+        ("/owa/../../ecp", "climbs above the root"),
+        ("/%2e%2e/x", "climbs above the root"),
+        ("/ew%C5%BF/", "U+017F"),
+        ("/%E2%84%AAey/", "U+212A"),
+        ("/owa/x#frag", "fragment"),
+        ("/owa/\u00e9", "not percent-encoded"),
+    ],
+)
+def test_ambiguous_targets_are_refused(target: str, why: str) -> None:
+    """What a second reader could read otherwise is a 400 with the reason, never a guess."""
+    with pytest.raises(BadRequest) as refused:
+        origin_form(target)
+    assert refused.value.status == 400
+    assert why in refused.value.reason
+
+
+@pytest.mark.parametrize("target", ["*", "http://cas.lab.test/owa/", "owa/", ""])
+def test_only_origin_form_is_accepted(target: str) -> None:
+    """Asterisk-form, absolute-form and relative targets are refused."""
+    with pytest.raises(BadRequest, match="starting with '/'"):
+        origin_form(target)
+
+
+def test_non_ascii_letters_that_stay_non_ascii_are_kept() -> None:
+    """A plain non-ASCII path (an OWA attachment name) is not refused, and goes out as the client encoded it."""
+    read = origin_form("/owa/%C3%A9t%C3%A9.docx")
+    assert read.path == "/owa/\u00e9t\u00e9.docx"
+    assert read.forward == "/owa/%C3%A9t%C3%A9.docx"
+    assert origin_form("/owa/Stra%C3%9Fe").path == "/owa/Stra\u00dfe"  # sharp s: upper() gives "SS", two letters
+
+
+def test_the_reading_is_stable() -> None:
+    """Reading the forwarded path again gives the same path: the backend sees what was routed."""
+    for target in ("/owa/../ecp/x%20y", "/a\\b//c/./d/", "/%41%42/../c"):
+        once = origin_form(target)
+        again = origin_form(once.forward)
+        assert (again.path, again.forward) == (once.path, once.forward)
+
+
+@pytest.mark.parametrize(
+    ("path", "normal"),
+    [("/", "/"), ("/a/b/../c", "/a/c"), ("/a/./b/", "/a/b/"), ("/a/b/..", "/a/"), ("/a//b", "/a/b")],
+)
+def test_remove_dot_segments(path: str, normal: str) -> None:
+    """RFC 3986 5.2.4 on absolute paths, with empty segments dropped."""
+    assert remove_dot_segments(path) == normal
