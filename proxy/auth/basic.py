@@ -20,8 +20,10 @@ cache for at most that long (a disabled or locked account drops the entry as soo
 
 User keys follow the directory: Active Directory compares user names without regard to case, so
 `ALICE`, `Alice` and `alice` are one user to the cache, the throttle and the per-user lock (a
-case-sensitive KDC such as MIT's only gets stricter throttling from that; a cache hit serves the user
-the KDC verified, never the spelling of the request).
+case-sensitive KDC such as MIT's only gets stricter throttling from that). The key folds case the
+Unicode way, which merges more than the directory does (`straße` and `strasse`): harmless for a
+throttle, so a cache hit is further served only to a name equal to the verified one up to ASCII case,
+and as the user the KDC verified, never the spelling of the request.
 
 Wrong passwords (and unknown users: both are the same 401, challenge again) are slowed down twice
 over, per user (`basic_failures_per_user`, default 5) and per client address
@@ -76,7 +78,7 @@ from proxy.errors import (
     TooManyAttempts,
     UserUnknown,
 )
-from proxy.identity.principal import UserPrincipal, map_name
+from proxy.identity.principal import UserPrincipal, ascii_lower, map_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
 
@@ -311,14 +313,14 @@ class BasicLogin:
         digest = None
         if self._cache.fresh(key, started):  # the signed-in device, or a guess at its password: one hash decides
             digest = await self._digest(key, credentials.password)
-            entry = self._cache.get(key, digest, time.monotonic())
+            entry = self._cached(key, digest, user)
             if entry is not None:
                 return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
         async with self._attempt(key, client) as attempt:  # refused here (429) before any hashing of its own
             if digest is None:
                 digest = await self._digest(key, credentials.password)
             async with self._lock(key):  # one KDC check per user at a time; the ones waiting may find it cached
-                entry = self._cache.get(key, digest, time.monotonic())
+                entry = self._cached(key, digest, user)
                 if entry is not None:
                     return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
                 try:
@@ -358,6 +360,15 @@ class BasicLogin:
                 challenge=self.challenge,
             )
         return user
+
+    def _cached(self, key: str, digest: bytes, user: UserPrincipal) -> _Entry | None:
+        """The fresh entry `digest` matches, served only to a name equal to the verified one up to ASCII case:
+        the key folds case the Unicode way (`straße` and `strasse` share a throttle), which would equate
+        names the directory keeps apart."""
+        entry = self._cache.get(key, digest, time.monotonic())
+        if entry is None or ascii_lower(entry.user.principal) != ascii_lower(user.principal):
+            return None
+        return entry
 
     async def _digest(self, key: str, password: bytes) -> bytes:
         return await asyncio.to_thread(self._cache.digest, key, password)

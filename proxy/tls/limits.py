@@ -32,6 +32,8 @@ from typing import Any
 
 import structlog
 
+from proxy.observability.logging import pass_through
+
 log = structlog.get_logger("proxy.tls")
 
 _TOO_LARGE_BODY = b"the request's header fields are too large\n"
@@ -143,6 +145,7 @@ class HeaderBlockBudget:
         self._seen = 0
         self._refused = False
 
+    @pass_through  # aiohttp's parse errors raised below quote the client's bytes: they stay aiohttp's to log
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         if self._refused:
             return [], False, b""

@@ -23,7 +23,7 @@ from proxy.errors import AuthenticationRequired, TooManyAttempts, UserUnknown
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.password import UserTicket
 
-PASSWORDS = {"alice@LAB.TEST": b"alice-Pa55", "bob@LAB.TEST": b"bob-Pa55"}
+PASSWORDS = {"alice@LAB.TEST": b"alice-Pa55", "bob@LAB.TEST": b"bob-Pa55", "strasse@LAB.TEST": b"pw"}
 
 
 class FakeKdc:
@@ -129,6 +129,19 @@ def test_names_differing_in_case_are_one_user(kdc: FakeKdc) -> None:
     assert asyncio.run(run()) == ["alice@LAB.TEST", "alice@LAB.TEST", 401, 401, 429]
     assert kdc.asked == ["alice@LAB.TEST", "Alice@LAB.TEST", "aLICE@LAB.TEST"]
     assert user_key("ALICE@LAB.TEST") == user_key("alice@lab.test")
+
+
+def test_a_unicode_fold_shares_the_counter_but_never_the_session(kdc: FakeKdc) -> None:
+    """straße folds to strasse: one throttle key, but strasse's cached password is not served to straße (the
+    directory keeps them apart), which the KDC is asked about and refuses."""
+
+    async def run() -> list[int | str]:
+        service = login_service()
+        return [await outcome(service, "strasse", "pw"), await outcome(service, "straße", "pw")]
+
+    assert asyncio.run(run()) == ["strasse@LAB.TEST", 401]
+    assert kdc.asked == ["strasse@LAB.TEST", "straße@LAB.TEST"]
+    assert user_key("straße@LAB.TEST") == user_key("strasse@LAB.TEST")
 
 
 def test_a_signed_in_device_is_served_while_a_guesser_is_throttled(kdc: FakeKdc) -> None:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage
 
 from proxy import config
 from proxy.errors import ConfigError
 from proxy.tls.limits import ConnectionSlots, HeaderBlockBudget
 from tests.unit.test_config import GOOD, _write
+from tests.unit.test_logging import out  # noqa: F401  (the fixture)
 
 
 def test_defaults_fit_one_big_token_and_many_held_connections(tmp_path: Path) -> None:
@@ -101,3 +106,21 @@ def test_header_budget_counts_header_blocks_and_not_bodies() -> None:
     budget.feed_data(b"h" * 20)
     assert refused == [1]
     assert sum(map(len, parser.fed)) == 60 + 40 + 500 + 90
+
+
+def test_a_parse_error_through_the_budget_is_still_aiohttps(out: io.StringIO) -> None:  # noqa: F811
+    """aiohttp's parse error raised below the budget is logged as aiohttp's: type and description, not the
+    traceback that quotes the client's header line."""
+
+    class Failing(_Parser):
+        def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+            raise BadHttpMessage(f"Invalid header token:\n\n    {data!r}")
+
+    budget = HeaderBlockBudget(Failing(), _Handler(), 1000, lambda: None)  # type: ignore[arg-type]
+    try:
+        budget.feed_data(b"Authorization: Basic c2VjcmV0LXBhc3N3b3Jk\r\n")
+    except BadHttpMessage:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    text = out.getvalue()
+    assert "traceback" not in json.loads(text.splitlines()[-1])
+    assert "c2VjcmV0" not in text
