@@ -64,6 +64,12 @@ class Metrics:
             "Times new connections had to wait in the listen backlog because listener.max_connections were open",
             registry=r,
         )
+        self.mappings = Counter(
+            "kcd_certificate_mappings",
+            "Certificates admitted by the mapping stage, by rule (weak-audit: served only by strong-or-audit)",
+            ["rule"],
+            registry=r,
+        )
         self.open_connections: Callable[[], int] = lambda: 0
         self.accepted_connections: Callable[[], int] = lambda: 0  # from accept to close, TLS handshakes included
         self.connection_limit = 0
@@ -96,6 +102,9 @@ class Metrics:
         refused_stage, refusal = facts.get("refused_stage"), str(facts.get("refusal", "refused"))
         if refused_stage is not None:
             self.refusals.labels(str(refused_stage), refusal).inc()
+        rule = facts.get("mapping")
+        if rule is not None:
+            self._child(self.mappings, str(rule)).inc()
         cached = facts.get("impersonation_cached")
         if refused_stage == "kerberos":
             self.kdc_requests.labels(refusal).inc()
