@@ -180,10 +180,17 @@ def trusted(peer: object, networks: Sequence[IPNetwork]) -> bool:
 class ProxyHeaderGate(asyncio.Protocol):
     """Reads the PROXY header from a trusted balancer, then hands the connection to the TLS gate."""
 
-    def __init__(self, networks: Sequence[IPNetwork], timeout: float, tls_gate: Callable[[], TlsGate]) -> None:
+    def __init__(
+        self,
+        networks: Sequence[IPNetwork],
+        timeout: float,
+        tls_gate: Callable[[], TlsGate],
+        closed: Callable[[], None] = lambda: None,
+    ) -> None:
         self._networks = networks
         self._timeout = timeout
         self._tls_gate = tls_gate
+        self._closed = closed  # gives the connection's slot back (proxy.tls.limits) if it ends here
         self._buffer = b""
         self._peer: object = None
         self._transport: asyncio.Transport | None = None
@@ -222,8 +229,10 @@ class ProxyHeaderGate(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Only while this gate owns the connection: once handed over, the TLS gate hears its end."""
         self._cancel_timer()
         self._transport = None
+        self._closed()
 
     def _expire(self) -> None:
         self._refuse(f"no complete PROXY header within {self._timeout:g} s")
@@ -249,7 +258,9 @@ def _peer(peer: object) -> str:
 
 
 def gate_factory(
-    tls_gate: Callable[[], TlsGate], networks: Sequence[IPNetwork], timeout: float
-) -> Callable[[], asyncio.Protocol]:
-    """A protocol factory for `loop.create_server`: the PROXY header first, then `tls_gate`'s TLS handshake."""
-    return lambda: ProxyHeaderGate(networks, timeout, tls_gate)
+    tls_gate: Callable[[Callable[[], None]], TlsGate], networks: Sequence[IPNetwork], timeout: float
+) -> Callable[[Callable[[], None]], asyncio.Protocol]:
+    """A protocol factory for `proxy.tls.limits.accept_connections`: the PROXY header first, then `tls_gate`'s
+    TLS handshake. Called with the function that gives the connection's slot back, which either gate calls
+    when the connection ends while it owns it."""
+    return lambda closed: ProxyHeaderGate(networks, timeout, lambda: tls_gate(closed), closed)

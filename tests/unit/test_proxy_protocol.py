@@ -134,17 +134,20 @@ class _Recorder:
 
 async def _gate(
     trusted_cidr: str, header_timeout: float, send: list[bytes], pause: float, *, eof: bool = False
-) -> tuple[list[object], list[str]]:
+) -> tuple[list[object], list[str], int]:
     """A real loopback listener with the PROXY gate; a client sends `send` chunk by chunk, `pause` s apart
-    (then ends its side, if `eof`), and waits for the gate to close the connection."""
+    (then ends its side, if `eof`), and waits for the gate to close the connection. Returns what the TLS gate
+    was handed, the log, and how often the gate gave the connection's slot back (proxy.tls.limits)."""
     recorder = _Recorder()
     handed: list[object] = []
+    given_back: list[None] = []
 
     def factory() -> asyncio.Protocol:
         return proxy_protocol.ProxyHeaderGate(
             [ipaddress.ip_network(trusted_cidr)],
             header_timeout,
             lambda: recorder,  # type: ignore[arg-type,return-value]
+            lambda: given_back.append(None),
         )
 
     loop = asyncio.get_running_loop()
@@ -167,40 +170,46 @@ async def _gate(
         server.close()
         await server.wait_closed()
     handed.extend(recorder.handed)
-    return handed, [f"{e['event']}: {e.get('reason', '')}" for e in logs]
+    return handed, [f"{e['event']}: {e.get('reason', '')}" for e in logs], len(given_back)
 
 
 def test_gate_hands_the_device_and_its_first_bytes_to_tls() -> None:
     """From a trusted balancer, header and ClientHello in one segment: the TLS gate gets both, split right."""
-    handed, logs = asyncio.run(_gate("127.0.0.1/32", 5, [v2() + CLIENT_HELLO], 0))
+    handed, logs, given_back = asyncio.run(_gate("127.0.0.1/32", 5, [v2() + CLIENT_HELLO], 0))
     assert handed == [(("203.0.113.7", 50123), CLIENT_HELLO)]
     assert logs == []
+    assert given_back == 0  # the TLS gate owns the connection, and its slot, from here on
 
 
 def test_gate_closes_connections_from_elsewhere_before_reading() -> None:
     """A well-formed header from an address not in trusted_proxies: closed and logged, nothing handed on."""
-    handed, logs = asyncio.run(_gate("192.0.2.0/24", 5, [v2() + CLIENT_HELLO], 0))
+    handed, logs, given_back = asyncio.run(_gate("192.0.2.0/24", 5, [v2() + CLIENT_HELLO], 0))
     assert handed == []
     assert logs == ["proxy_header_refused: connection from an address not in listener.trusted_proxies"]
+    assert given_back == 1
 
 
 def test_gate_closes_a_connection_that_starts_with_tls() -> None:
     """From the balancer's own address but without a header (a direct TLS connection): closed, logged."""
-    handed, logs = asyncio.run(_gate("127.0.0.1/32", 5, [CLIENT_HELLO], 0))
+    handed, logs, given_back = asyncio.run(_gate("127.0.0.1/32", 5, [CLIENT_HELLO], 0))
     assert handed == []
     assert logs == ["proxy_header_refused: no PROXY header: the connection began with b'\\x16'"]
+    assert given_back == 1
 
 
 def test_gate_cuts_a_slow_sender_at_the_timeout() -> None:
     """A header dribbled a byte at a time never completes within the timeout: cut and logged, not waited on."""
     header = b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 443\r\n"
-    handed, logs = asyncio.run(_gate("127.0.0.1/32", 0.5, [header[i : i + 1] for i in range(len(header))], 0.1))
+    dribble = [header[i : i + 1] for i in range(len(header))]
+    handed, logs, given_back = asyncio.run(_gate("127.0.0.1/32", 0.5, dribble, 0.1))
     assert handed == []
     assert logs == ["proxy_header_refused: no complete PROXY header within 0.5 s"]
+    assert given_back == 1
 
 
 def test_gate_refuses_a_header_cut_short() -> None:
     """The connection ends mid-header: refused and logged."""
-    handed, logs = asyncio.run(_gate("127.0.0.1/32", 5, [v2()[:20]], 0, eof=True))
+    handed, logs, given_back = asyncio.run(_gate("127.0.0.1/32", 5, [v2()[:20]], 0, eof=True))
     assert handed == []
     assert logs == ["proxy_header_refused: the connection ended before a complete PROXY header"]
+    assert given_back == 1
