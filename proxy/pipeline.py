@@ -26,7 +26,7 @@ from cryptography import x509
 from proxy.auth.basic import BasicLogin
 from proxy.auth.modes import Authenticated, authenticate
 from proxy.backend import headers
-from proxy.backend.forward import Pools, forward
+from proxy.backend.forward import Authorization, Pools, forward
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import VerifiedChains
@@ -116,19 +116,24 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
     return user
 
 
-async def backend_authorization(gw: Gateway, auth: Authenticated, route: Route, trace: Trace) -> str:
-    """A certificate alone: impersonate and delegate. After a password: the user's own ticket (or Basic header)."""
+async def backend_authorization(gw: Gateway, auth: Authenticated, route: Route, trace: Trace) -> Authorization:
+    """A certificate alone: impersonate and delegate. After a password: the user's own ticket (or Basic header).
+
+    On a `backend_binding = "connection"` route the delegated token is built later, by the backend stage,
+    and only for a backend connection that has not carried one yet (`proxy.backend.forward`)."""
     if auth.login is not None:
         trace.detail("kerberos", own_ticket=True)
         return await gw.basic.authorization(auth.login, route)
     try:
-        delegated = await gw.delegator.delegate(auth.user, route.spn, route.gss_target)
+        delegation = await gw.delegator.delegation(auth.user, route.spn, route.gss_target)
     except GatewayError as e:
         trace.detail("kerberos", facts=facts_of(e))  # which step the KDC refused, and the evidence ticket
         raise
-    trace.note(impersonation_cached=delegated.impersonation_cached)
-    trace.detail("kerberos", facts=delegated.facts, cached=delegated.impersonation_cached)  # tickets' facts, no token
-    return delegated.authorization
+    trace.note(impersonation_cached=delegation.impersonation_cached)
+    trace.detail("kerberos", facts=delegation.facts, cached=delegation.impersonation_cached)  # tickets' facts
+    if route.backend_binding == "connection":
+        return delegation.authorization
+    return delegation.authorization()
 
 
 async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamResponse:
@@ -156,5 +161,7 @@ async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamR
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
         response, result = await forward(request, route, gw.pools, user.principal, authorization, context, target)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
-    trace.detail("backend", reused=result.reused)
+    if route.backend_binding == "connection":
+        trace.note(backend_auth_sent=result.token_sent)  # False: the connection already carries the user's identity
+    trace.detail("backend", reused=result.reused, token_sent=result.token_sent)
     return response
