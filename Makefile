@@ -4,12 +4,15 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 # docker-compose and systemd: `make test` checks docker-compose.yml (`docker-compose config`, no engine
 # needed) and the systemd unit (`systemd-analyze verify`). chromium: the trace page's browser test.
+# samba ... ldb-tools: the Active Directory realm (`make lab-ad`); samba-ad-provision is only a Recommends of
+# samba-ad-dc, and provisioning fails without it. iproute2: the AD realm's network namespace.
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
         gcc make curl openssl python3-venv python3-dev \
-        docker-compose systemd chromium
+        docker-compose systemd chromium \
+        samba samba-ad-dc samba-ad-provision ldb-tools iproute2
 STAMP := .venv/.installed
 
-.PHONY: setup debs lab lab-down test lint unit integration clean bench bench-setup
+.PHONY: setup debs lab lab-ad lab-down test lint unit integration clean bench bench-setup
 
 setup: debs $(STAMP)
 
@@ -18,7 +21,13 @@ debs:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get -o DPkg::Lock::Timeout=900 update -q && apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends $$missing; \
+	  if [ -d /run/systemd/system ] && [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made_policy=1; \
+	  fi; \
+	  apt-get -o DPkg::Lock::Timeout=900 update -q && \
+	  apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends $$missing; rc=$$?; \
+	  if [ -n "$$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	  exit $$rc; \
 	fi
 
 $(STAMP): pyproject.toml
@@ -30,6 +39,12 @@ $(STAMP): pyproject.toml
 lab: setup
 	$(PY) -m proxy lab up
 	$(PY) -m proxy run --config config/lab.toml
+
+# The Samba AD DC realm AD.TEST in a network namespace of its own; the gateway runs in there too (the DC
+# listens nowhere else). `lab up --ad` prints a curl to paste, in its `ip netns exec` form.
+lab-ad: setup
+	$(PY) -m proxy lab up --ad
+	ip netns exec $$(cat $${KCD_LAB_DIR:-.lab}/ad/netns) $(PY) -m proxy run --config $${KCD_LAB_DIR:-.lab}/ad/gateway.toml
 
 lab-down:
 	$(PY) -m proxy lab down

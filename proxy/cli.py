@@ -11,6 +11,7 @@ from pathlib import Path
 
 from proxy import config as config_module
 from proxy.errors import ConfigError
+from proxy.lab import ad
 from proxy.lab.layout import LabLayout
 from proxy.ops import commands as ops_commands
 from proxy.ops import trace_cli
@@ -54,6 +55,8 @@ def _lab(args: argparse.Namespace) -> int:
         return 2
     if args.action in ("serve", "probe"):
         return _lab_part(layout, args.action, args.component)
+    if args.ad:
+        return _lab_ad(args.action, ad.AdRealm.at(layout.root / "ad"))
     if args.action == "init":
         runner.init(layout)
         print(f"lab files in {layout.root}")
@@ -62,6 +65,7 @@ def _lab(args: argparse.Namespace) -> int:
         print(runner.describe(layout))
     elif args.action == "down":
         runner.down(layout)
+        ad.down(ad.AdRealm.at(layout.root / "ad"))  # the AD realm too, if it runs: its namespace goes
         print("lab stopped")
     elif args.action == "status":
         state = runner.status(layout)
@@ -69,6 +73,30 @@ def _lab(args: argparse.Namespace) -> int:
         return 0 if all(state.values()) else 1
     else:
         print(runner.describe(layout))
+    return 0
+
+
+def _lab_ad(action: str, realm: ad.AdRealm) -> int:
+    """`kcd-proxy lab up|down|status|env --ad`: the Samba AD DC realm in its network namespace."""
+    try:
+        if action == "up":
+            ad.up_lab(realm)
+            print(ad.describe(realm))
+        elif action == "down":
+            ad.down(realm)
+            print(f"AD realm stopped; namespace {realm.netns} removed")
+        elif action == "status":
+            state = ad.status(realm)
+            print(json.dumps(state, indent=2))
+            return 0 if all(state.values()) else 1
+        elif action == "env":
+            print(ad.describe(realm))
+        else:
+            print(f"kcd-proxy lab {action}: not for the AD realm (up, down, status, env)", file=sys.stderr)
+            return 2
+    except ad.AdRealmError as e:
+        print(f"kcd-proxy lab --ad: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -103,6 +131,9 @@ def parser() -> argparse.ArgumentParser:
     lab.add_argument("action", choices=["up", "down", "status", "env", "init", "serve", "probe"])
     lab.add_argument("component", nargs="?", help="serve/probe: kdc, backend, crl (probe: also gateway)")
     lab.add_argument("--dir", help="lab directory (default: $KCD_LAB_DIR or .lab/ in the checkout)")
+    lab.add_argument(
+        "--ad", action="store_true", help="up/down/status/env: the Samba AD DC realm AD.TEST (in <dir>/ad, own netns)"
+    )
     lab.set_defaults(func=_lab)
     return p
 

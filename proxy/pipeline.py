@@ -116,24 +116,30 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
     return user
 
 
-async def backend_authorization(gw: Gateway, auth: Authenticated, route: Route, trace: Trace) -> Authorization:
+async def backend_authorization(
+    gw: Gateway, auth: Authenticated, route: Route, trace: Trace
+) -> tuple[Authorization, str]:
     """A certificate alone: impersonate and delegate. After a password: the user's own ticket (or Basic header).
 
+    Returns the header and the principal it speaks for: after a delegation, the client name the KDC returned
+    (with enterprise names not the name the identity stage mapped; the log and the backend pool use it).
     On a `backend_binding = "connection"` route the delegated token is built later, by the backend stage,
     and only for a backend connection that has not carried one yet (`proxy.backend.forward`)."""
     if auth.login is not None:
         trace.detail("kerberos", own_ticket=True)
-        return await gw.basic.authorization(auth.login, route)
+        return await gw.basic.authorization(auth.login, route), auth.user.principal
     try:
         delegation = await gw.delegator.delegation(auth.user, route.spn, route.gss_target)
     except GatewayError as e:
         trace.detail("kerberos", facts=facts_of(e))  # which step the KDC refused, and the evidence ticket
         raise
     trace.note(impersonation_cached=delegation.impersonation_cached)
+    if delegation.principal != auth.user.principal:
+        trace.note(principal=delegation.principal, requested_principal=auth.user.principal)
     trace.detail("kerberos", facts=delegation.facts, cached=delegation.impersonation_cached)  # tickets' facts
     if route.backend_binding == "connection":
-        return delegation.authorization
-    return delegation.authorization()
+        return delegation.authorization, delegation.principal
+    return delegation.authorization(), delegation.principal
 
 
 async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamResponse:
@@ -156,10 +162,10 @@ async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamR
         raise NoRoute("nothing is published at this path")
     trace.note(route=route.prefix, spn=route.spn, upstream=route.upstream, backend_auth=route.backend_auth)
     with trace.stage("kerberos"):
-        authorization = await backend_authorization(gw, auth, route, trace)
+        authorization, principal = await backend_authorization(gw, auth, route, trace)
     with trace.stage("backend"), gw.revocation.watch(request):  # ended if the certificate is revoked meanwhile
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
-        response, result = await forward(request, route, gw.pools, user.principal, authorization, context, target)
+        response, result = await forward(request, route, gw.pools, principal, authorization, context, target)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
     if route.backend_binding == "connection":
         trace.note(backend_auth_sent=result.token_sent)  # False: the connection already carries the user's identity

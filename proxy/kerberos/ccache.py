@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.ticket import ticket_fields
 
 # RFC 4120 5.3 TicketFlags, as MIT's krb5_flags hold them (bit 0 is the most significant).
@@ -134,13 +135,18 @@ class S4UFacts:
     s4u2proxy_ms: float | None  # None when S4U2Proxy did not complete
     failed_step: str | None = None  # "s4u2self" or "s4u2proxy" when the KDC (or the library) said no
     unavailable: str | None = None  # why the ticket facts could not be read, when they could not
+    evidence_pac: PacFacts | None = None  # the evidence ticket's PAC, read with the gateway's own key
 
     def ticket_json(self, which: str) -> dict[str, Any]:
-        """`evidence` or `service` as trace details; says why when the facts are missing."""
+        """`evidence` or `service` as trace details; says why when the facts are missing. The evidence
+        ticket's facts include its PAC (size, buffers, UPN, SID) or "none" (an MIT KDC may issue none)."""
         ticket = self.evidence if which == "evidence" else self.service
-        if ticket is not None:
-            return ticket.to_json()
-        return {"facts": self.unavailable or "not issued"}
+        if ticket is None:
+            return {"facts": self.unavailable or "not issued"}
+        facts = ticket.to_json()
+        if which == "evidence":
+            facts["pac"] = self.evidence_pac.to_json() if self.evidence_pac else "none"
+        return facts
 
 
 def _iso(when: datetime) -> str:
@@ -294,6 +300,7 @@ def s4u_facts(
     s4u2self_ms: float,
     s4u2proxy_ms: float | None,
     failed_step: str | None = None,
+    evidence_pac: PacFacts | None = None,
 ) -> S4UFacts:
     """The facts of one exchange from its impersonated credential (`creds`; None when S4U2Self failed)."""
     evidence = service = None
@@ -306,4 +313,4 @@ def s4u_facts(
         else:
             if evidence is None and service is None:
                 unavailable = "the credential shows no ticket (not an MIT MEMORY credential cache?)"
-    return S4UFacts(evidence, service, s4u2self_ms, s4u2proxy_ms, failed_step, unavailable)
+    return S4UFacts(evidence, service, s4u2self_ms, s4u2proxy_ms, failed_step, unavailable, evidence_pac)

@@ -1,4 +1,4 @@
-"""Impersonate (S4U2Self), then delegate (S4U2Proxy): a Negotiate token for a user who gave no password.
+r"""Impersonate (S4U2Self), then delegate (S4U2Proxy): a Negotiate token for a user who gave no password.
 
 Theory of operation. The gateway holds a keytab for its own principal (`HTTP/proxy...`). With it, it
 asks the KDC for a ticket *to itself* in the user's name (S4U2Self, "protocol transition"): that
@@ -20,6 +20,12 @@ a fresh exchange in the background and keeps using the old ticket meanwhile; a t
 (single flight), so one user never has more than one exchange in flight. The cache is bounded (least
 recently used evicted first); `forget(principal)` drops a user (their certificate was revoked) and
 `clear()` drops everything (the configuration changed).
+
+Which name. The cache and the log name the user as the KDC returned them, the client name of the
+evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
+NT-ENTERPRISE `carol@corp.example`, and Samba's KDC answers `carol\@corp.example@AD.TEST` (Windows may
+canonicalise to the account's name). The principal the identity stage mapped (`carol@CORP.EXAMPLE`,
+a name that exists nowhere) is only the index that finds that entry (`_canonical`).
 
 What it trusts: the identity handed to it, which the certificate and identity stages established.
 What it refuses: every KDC refusal becomes a gateway error with a fix (`proxy.kerberos.hints`); a
@@ -55,6 +61,7 @@ from proxy.errors import GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
+from proxy.kerberos.pac import PacFacts, parse_pac
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import hold_profile
 
@@ -112,6 +119,12 @@ class _Ticket:
     expires: float  # clock time when the service ticket expires
     renew_not_before: float = 0.0
     facts: S4UFacts | None = None  # what the exchange that made this entry got from the KDC
+    client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
+
+    def __post_init__(self) -> None:
+        if not self.client and self.facts is not None:
+            ticket = self.facts.evidence or self.facts.service
+            self.client = ticket.client if ticket is not None else ""
 
 
 @dataclass
@@ -143,7 +156,9 @@ class Delegator:
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
         self._service: gssapi.Credentials | None = None
         self._service_lock = threading.Lock()
-        self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()
+        self._own: tuple[gssapi.Name, gssapi.Credentials] | None = None  # for reading evidence tickets' PACs
+        self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
+        self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
         self._flights: dict[Key, asyncio.Task[_Ticket]] = {}
         self._targets: dict[str, gssapi.Name] = {}
         self._spns: set[str] = set()  # every SPN asked for: forget() looks a principal up under each
@@ -159,12 +174,13 @@ class Delegator:
         delegation = await self.delegation(user, spn, gss_target)
         token = delegation.make_token()
         ms = (time.perf_counter() - start) * 1000
-        return DelegatedToken(user.principal, spn, token, delegation.impersonation_cached, ms, delegation.facts)
+        return DelegatedToken(delegation.principal, spn, token, delegation.impersonation_cached, ms, delegation.facts)
 
     async def delegation(self, user: UserPrincipal, spn: str, gss_target: str) -> Delegation:
         """The service ticket for `user` at `spn` (cached, or after one exchange); tokens on it come later."""
         start = time.perf_counter()
-        key = (user.principal, spn)
+        asked = (user.principal, spn)  # what single-flights an exchange
+        key = self._key(user.principal, spn)  # where its result is kept: the KDC's name for the user
         self._spns.add(spn)
         now = self._clock()
         ticket = self._tickets.get(key)
@@ -172,25 +188,30 @@ class Delegator:
         if ticket is not None and cached:
             self._tickets.move_to_end(key)
             self.stats.hits += 1
-            if now >= max(ticket.expires - RENEW_BEFORE, ticket.renew_not_before) and key not in self._flights:
+            if now >= max(ticket.expires - RENEW_BEFORE, ticket.renew_not_before) and asked not in self._flights:
                 ticket.renew_not_before = now + _RETRY_AFTER
                 self.stats.renewals += 1
-                self._flight(key, user, spn, gss_target)
+                self._flight(asked, user, spn, gss_target)
         else:
-            ticket = await asyncio.shield(self._flights.get(key) or self._flight(key, user, spn, gss_target))
+            ticket = await asyncio.shield(self._flights.get(asked) or self._flight(asked, user, spn, gss_target))
+        client = ticket.client or user.principal
         creds = ticket.creds
 
         def make_token() -> bytes:
             try:
                 token = self._token(creds, gss_target)
             except gssapi.raw.GSSError as e:
-                self._drop(key)
-                raise self._explain(e.gen_message(), user.principal, spn) from None
+                self._drop(asked)
+                raise self._explain(e.gen_message(), client, spn) from None
             if not token:
-                raise self._explain("no token produced", user.principal, spn)
+                raise self._explain("no token produced", client, spn)
             return token
 
-        return Delegation(user.principal, spn, cached, (time.perf_counter() - start) * 1000, ticket.facts, make_token)
+        return Delegation(client, spn, cached, (time.perf_counter() - start) * 1000, ticket.facts, make_token)
+
+    def _key(self, principal: str, spn: str) -> Key:
+        """The cache key of `principal` at `spn`: the client name the KDC returned for it, once known."""
+        return (self._canonical.get(principal, principal), spn)
 
     def _token(self, creds: gssapi.Credentials, gss_target: str) -> bytes:
         """The first SPNEGO token on the cached service ticket: local work, no KDC."""
@@ -215,7 +236,7 @@ class Delegator:
             if done.cancelled():
                 return
             if error is None:
-                self._store(key, done.result())
+                self._store(key, done.result())  # under the KDC's name for the user
             elif isinstance(error, KerberosRefused):
                 self._drop(key)  # the KDC says no now: stop serving this user from an older ticket
             if error is not None:
@@ -246,25 +267,43 @@ class Delegator:
         """S4U2Self, then S4U2Proxy (the first token fetches the service ticket into the user's ccache).
 
         Each step is timed, and the tickets' facts are read from the credential (`proxy.kerberos.ccache`),
-        also when S4U2Proxy fails: then the evidence ticket says whether it was forwardable."""
+        also when S4U2Proxy fails: then the evidence ticket says whether it was forwardable. The gateway's
+        own credentials come first, as a step of their own: their failure is the operator's, not the user's."""
         name = user_name(user)  # the principal, or the NT-ENTERPRISE UPN with identity.enterprise_names
-        facts = {"proxy": self._settings.principal, "spn": gss_target.replace("@", "/", 1)}
+        proxy, spn = self._settings.principal, gss_target.replace("@", "/", 1)
+        try:
+            service = self._service_credentials()  # the AS exchange with the keytab, when none is held
+        except gssapi.raw.GSSError as e:
+            raise explain(e.gen_message(), user=user.principal, spn=spn, proxy=proxy, step="service") from None
         start = time.perf_counter()
         try:
-            creds = self._service_credentials().impersonate(name, usage="initiate", mechs=_MECHS)  # S4U2Self
+            creds = service.impersonate(name, usage="initiate", mechs=_MECHS)  # S4U2Self
         except gssapi.raw.GSSError as e:
-            failed = s4u_facts(None, **facts, s4u2self_ms=_ms(start), s4u2proxy_ms=None, failed_step="s4u2self")
+            failed = s4u_facts(
+                None, proxy=proxy, spn=spn, s4u2self_ms=_ms(start), s4u2proxy_ms=None, failed_step="s4u2self"
+            )
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
+        pac = self._evidence_pac(creds)  # local work, in neither step's time
+        after_pac = time.perf_counter()
         target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
         try:
             result = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=_FLAGS)  # S4U2Proxy
         except gssapi.raw.GSSError as e:
             took = (middle - start) * 1000
-            failed = s4u_facts(creds, **facts, s4u2self_ms=took, s4u2proxy_ms=None, failed_step="s4u2proxy")
+            failed = s4u_facts(
+                creds,
+                proxy=proxy,
+                spn=spn,
+                s4u2self_ms=took,
+                s4u2proxy_ms=None,
+                failed_step="s4u2proxy",
+                evidence_pac=pac,
+            )
             raise _StepFailed(e, failed) from None
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
-        got = s4u_facts(creds, **facts, s4u2self_ms=(middle - start) * 1000, s4u2proxy_ms=_ms(middle))
+        took = (middle - start) * 1000
+        got = s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=_ms(after_pac), evidence_pac=pac)
         return _Ticket(creds=creds, expires=self._clock() + lifetime, facts=got)
 
     def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
@@ -278,6 +317,39 @@ class Delegator:
         except gssapi.raw.GSSError as e:
             raise self._explain(e.gen_message(), user.principal, spn) from None
         return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts)
+
+    def _evidence_pac(self, creds: gssapi.Credentials) -> PacFacts | None:
+        """The evidence ticket's PAC: the ticket is to the gateway itself, so the gateway accepts it with its
+        own key (an AP-REQ built from the user's ccache, no KDC; no replay cache) and reads `urn:mspac:`.
+        None when there is none (MIT's KDC may issue none) or it cannot be read."""
+        try:
+            if self._own is None:
+                self._own = (
+                    gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
+                    gssapi.Credentials(usage="accept", store={"keytab": str(self._settings.keytab), "rcache": "none:"}),
+                )
+            own, acceptor = self._own
+            token = gssapi.raw.init_sec_context(own, creds=creds, mech=SPNEGO).token
+            if not token:
+                return None
+            accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
+            # the name accept_sec_context returns for SPNEGO is SPNEGO's, without attributes: ask the context
+            initiator = gssapi.raw.inquire_context(
+                accepted.context,
+                initiator_name=True,
+                target_name=False,
+                lifetime=False,
+                mech=False,
+                flags=False,
+                locally_init=False,
+                complete=False,
+            ).initiator_name
+            if initiator is None:
+                return None
+            values = gssapi.raw.get_name_attribute(initiator, b"urn:mspac:").values
+            return parse_pac(bytes(values[0])) if values else None
+        except (gssapi.raw.GSSError, ValueError, IndexError):
+            return None
 
     def _service_credentials(self) -> gssapi.Credentials:
         with self._service_lock:
@@ -313,20 +385,26 @@ class Delegator:
 
     # -- the cache -------------------------------------------------------------------------------------
 
-    def _store(self, key: Key, ticket: _Ticket) -> None:
+    def _store(self, asked: Key, ticket: _Ticket) -> None:
+        principal, spn = asked
+        if ticket.client:
+            if len(self._canonical) > 2 * self._cache_size:
+                self._canonical.clear()  # bounded; an entry is learnt again from the next exchange
+            self._canonical[principal] = ticket.client
+        key = self._key(principal, spn)
         self._tickets[key] = ticket
         self._tickets.move_to_end(key)
         while len(self._tickets) > self._cache_size:
             self._tickets.popitem(last=False)  # releasing the credentials destroys their MEMORY ccache
 
-    def _drop(self, key: Key) -> None:
-        self._tickets.pop(key, None)
+    def _drop(self, asked: Key) -> None:
+        self._tickets.pop(self._key(*asked), None)
 
     def forget(self, principal: str) -> int:
         """Drop every cached ticket of `principal` (and ignore its exchanges in flight); returns how many."""
         dropped = 0
         for spn in self._spns:
-            ticket = self._tickets.pop((principal, spn), None)
+            ticket = self._tickets.pop(self._key(principal, spn), None)
             flight = self._flights.pop((principal, spn), None)
             dropped += ticket is not None or flight is not None
         if dropped:
@@ -337,13 +415,14 @@ class Delegator:
         """Drop the whole cache, e.g. when the configuration is reloaded."""
         self._tickets.clear()
         self._flights.clear()
+        self._canonical.clear()
 
     def __len__(self) -> int:
         return len(self._tickets)
 
     def ticket_expires(self, principal: str, spn: str) -> float | None:
         """When the cached service ticket of `principal` at `spn` expires (clock time), if there is one."""
-        ticket = self._tickets.get((principal, spn))
+        ticket = self._tickets.get(self._key(principal, spn))
         return None if ticket is None else ticket.expires
 
     def in_flight(self) -> int:

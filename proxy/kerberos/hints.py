@@ -5,11 +5,18 @@ minor message. This module is the one boundary where those messages become the g
 client-visible reason, and for the log, `explain`, `doctor` and the trace page a hint that says the
 cause and then the fix, in plain words ("cause: fix [library message]"). Pure: it sees only strings.
 
-One message means different things at different steps: `KDC can't fulfill requested option`
-(KDC_ERR_BADOPTION) from S4U2Proxy is either an SPN outside the delegation list or an evidence ticket
-that is not forwardable (no protocol transition, or a user marked sensitive). The caller that knows
-which step failed and whether the evidence ticket was forwardable (`proxy.kerberos.delegate`) passes
-`step` and `evidence_forwardable`, and gets the one cause that applies.
+One message means different things at different steps, so the caller that knows which step failed
+(`proxy.kerberos.delegate`, `proxy.kerberos.probe`) passes `step`:
+- `service`, the gateway's own credentials (an AS exchange with its keytab): whatever the KDC says is
+  the operator's to fix (502), never the user's. "Client not found" there is Active Directory refusing
+  a TGT to a bare SPN (`HTTP/proxy...`): AD issues one only to an account's name or UPN.
+- `s4u2self`: `KDC policy rejects request` (KDC_ERR_POLICY) is the user's account (AD refuses S4U2Self
+  for a disabled user: "Principal may not act as client"), not delegation; "Server not found" for a user
+  of another realm is the client library looking for that realm's krbtgt because the UPN suffix is not
+  the realm: the user's (403), fixed by `enterprise_names` or `realm_map`, never the SPN alarm.
+- `s4u2proxy`: `KDC can't fulfill requested option` (KDC_ERR_BADOPTION) is either an SPN outside the
+  delegation list or an evidence ticket that is not forwardable (no protocol transition, or a user marked
+  sensitive); with `evidence_forwardable` the caller gets the one cause that applies.
 """
 
 from __future__ import annotations
@@ -149,6 +156,31 @@ def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
     return _NOT_FORWARDABLE_REASON.format(**fill), _NOT_FORWARDABLE_HINT.format(**fill)
 
 
+_POLICY = "kdc policy rejects request"
+_SERVER_NOT_FOUND = "server not found in kerberos database"
+_CLIENT_NOT_FOUND = "not found in kerberos database"
+_SELF_POLICY_REASON = "the account {user} is disabled or may not sign in"
+_SELF_POLICY_HINT = (
+    "the KDC refused S4U2Self for {user} (KDC_ERR_POLICY): the account is disabled, or restricted by logon "
+    "hours or workstations (Samba's KDC logs 'Principal may not act as client'); enable {user} in the directory. "
+    "Not a delegation setting: S4U2Self never got as far as {spn}"
+)
+_FOREIGN_REASON = "no Kerberos realm serves {user}'s UPN suffix"
+_FOREIGN_HINT = (
+    "S4U2Self asked for {user}, in a realm the KDC does not serve (the client library looked for "
+    "krbtgt/{realm}): in Active Directory a UPN suffix that is not the realm (uPNSuffixes) is found only by its "
+    "enterprise name; set identity.enterprise_names = true, or map the suffix to the realm with identity.realm_map"
+)
+_SERVICE_REASON = "the gateway's Kerberos set-up is incomplete"
+_SERVICE_NOT_FOUND_HINT = (
+    "the KDC refused the gateway's own credentials: it has no account named {proxy}. Active Directory issues a "
+    "ticket only to an account's name or UPN, never to a bare SPN: set kerberos.principal to the service "
+    "account's name (e.g. svc-kcdproxy@CORP.EXAMPLE.COM) and export the keytab for it, or give the account "
+    "that UPN"
+)
+_SERVICE_HINT = "the KDC refused the gateway's own credentials ({proxy}, kerberos.keytab): {hint}"
+
+
 def explain(
     message: str,
     *,
@@ -160,10 +192,17 @@ def explain(
 ) -> GatewayError:
     """Turn a GSSAPI failure message into the gateway error that says what happened and what to fix.
 
-    `step` ("s4u2self" or "s4u2proxy") and `evidence_forwardable`, when the caller knows them, narrow an
-    ambiguous refusal down to its one cause."""
+    `step` ("service", "s4u2self" or "s4u2proxy") and `evidence_forwardable`, when the caller knows them,
+    narrow an ambiguous refusal down to its one cause."""
     lowered = message.lower()
-    fill = {"user": user, "spn": spn, "proxy": proxy}
+    fill = {"user": user, "spn": spn, "proxy": proxy, "realm": user.rpartition("@")[2]}
+    if step == "service":
+        return _service_error(message, fill)
+    if step == "s4u2self" and _POLICY in lowered:
+        hint = f"{_SELF_POLICY_HINT.format(**fill)} [{message}]"
+        return KerberosRefused(_SELF_POLICY_REASON.format(**fill), hint=hint)
+    if step == "s4u2self" and _SERVER_NOT_FOUND in lowered and _realm(user) != _realm(proxy):
+        return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{_FOREIGN_HINT.format(**fill)} [{message}]")
     if step == "s4u2proxy" and _BADOPTION in lowered and evidence_forwardable is not None:
         if evidence_forwardable:
             reason, hint = f"the gateway may not act for {user} at {spn}", _NOT_DELEGABLE_HINT.format(**fill)
@@ -177,3 +216,22 @@ def explain(
         "the gateway could not obtain a Kerberos ticket for this request",
         hint=f"unexpected Kerberos failure for {user} at {spn}: {message}",
     )
+
+
+def _realm(principal: str) -> str:
+    return principal.rpartition("@")[2].upper()
+
+
+def _service_error(message: str, fill: dict[str, str]) -> GatewayError:
+    """A failure of the gateway's own AS exchange: the operator's to fix (502), or the KDC is away (503)."""
+    lowered = message.lower()
+    if _CLIENT_NOT_FOUND in lowered:
+        return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_SERVICE_NOT_FOUND_HINT.format(**fill)} [{message}]")
+    for rule in _RULES:
+        if rule.needle in lowered:
+            if rule.error is KdcUnavailable:
+                return rule.error(rule.reason.format(**fill), hint=f"{rule.hint.format(**fill)} [{message}]")
+            hint = _SERVICE_HINT.format(hint=rule.hint.format(**fill), **fill)
+            return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
+    hint = _SERVICE_HINT.format(hint="check kerberos.principal, kerberos.keytab and krb5.conf", **fill)
+    return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")

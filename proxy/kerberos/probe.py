@@ -29,7 +29,9 @@ import gssapi.raw
 
 from proxy.config import Kerberos
 from proxy.errors import GatewayError
+from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.hints import explain
+from proxy.kerberos.password import user_name
 
 TKT_FLG_FORWARDABLE = 0x40000000  # RFC 4120 TicketFlags bit 1, as MIT's krb5_flags hold it
 
@@ -66,8 +68,8 @@ class KerberosProbe:
             self._creds = gssapi.Credentials(name=self._name, usage="both", store=store)
         return self._creds
 
-    def _fail(self, error: gssapi.raw.GSSError, user: str, spn: str) -> GatewayError:
-        return explain(error.gen_message(), user=user, spn=spn, proxy=self.settings.principal)
+    def _fail(self, error: gssapi.raw.GSSError, user: str, spn: str, step: str | None = None) -> GatewayError:
+        return explain(error.gen_message(), user=user, spn=spn, proxy=self.settings.principal, step=step)
 
     def self_ticket(self) -> bytes:
         """AS exchange with the keytab, then a ticket to ourselves: the raw krb5 AP-REQ token."""
@@ -77,7 +79,7 @@ class KerberosProbe:
             )
             token: bytes = ctx.step()
         except gssapi.raw.GSSError as e:
-            raise self._fail(e, self.settings.principal, self.settings.principal) from None
+            raise self._fail(e, self.settings.principal, self.settings.principal, step="service") from None
         return token
 
     def accept(self, token: bytes) -> TicketFacts:
@@ -92,13 +94,21 @@ class KerberosProbe:
             raise self._fail(e, self.settings.principal, self.settings.principal) from None
         return TicketFacts(client=str(ctx.initiator_name), flags=flags, authtime=datetime.fromtimestamp(authtime, UTC))
 
-    def evidence_ticket(self, principal: str, *, spn: str | None = None) -> TicketFacts:
-        """S4U2Self for `principal`; the facts of the evidence ticket (forwardable or not).
+    def evidence_ticket(self, user: UserPrincipal, *, spn: str | None = None) -> TicketFacts:
+        """S4U2Self for `user` (its NT-ENTERPRISE name with identity.enterprise_names); the facts of the
+        evidence ticket (forwardable or not). A refusal is explained as the gateway's would be.
 
         `spn`, the service the ticket is meant for in the end, only makes a refusal's message name it."""
-        user = gssapi.Name(principal, gssapi.NameType.kerberos_principal)
+        principal = user.principal
         try:
-            creds = self._service().impersonate(user, usage="initiate", mechs=[gssapi.MechType.kerberos])
+            service = self._service()
+        except gssapi.raw.GSSError as e:
+            raise self._fail(e, principal, spn or self.settings.principal, step="service") from None
+        try:
+            creds = service.impersonate(user_name(user), usage="initiate", mechs=[gssapi.MechType.kerberos])
+        except gssapi.raw.GSSError as e:
+            raise self._fail(e, principal, spn or self.settings.principal, step="s4u2self") from None
+        try:
             ctx = gssapi.SecurityContext(name=self._name, creds=creds, usage="initiate", mech=gssapi.MechType.kerberos)
             token: bytes = ctx.step()
         except gssapi.raw.GSSError as e:

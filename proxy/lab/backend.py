@@ -28,7 +28,8 @@ With ``--tls-cert`` and ``--tls-key`` it serves https, as Exchange does (the gat
 upstreams use the lab's server certificate).
 
 What it answers: a JSON echo of what it saw (principal, method, path, query, body digest, headers without
-Authorization and only whether one came, the connection's number and whether the identity was reused), the
+Authorization and only whether one came, the connection's number and whether the identity was reused, and
+the ticket's PAC when it has one: its size, buffers, UPN and the client's SID, `proxy.kerberos.pac`), the
 principal also in ``X-Lab-Principal``. Exchange's sites are recognised and named in the echo (``site``):
 ActiveSync, EWS, OWA, Autodiscover; every other path is served too, as a generic Negotiate site
 (``site: generic``), so the gateway can route any path here and status pass-through is tested with the hooks
@@ -73,6 +74,8 @@ import structlog
 from aiohttp import web
 from gssapi.raw.misc import GSSError
 from multidict import MultiMapping
+
+from proxy.kerberos.pac import PacFacts, parse_pac
 
 SERVICE: Final = "HTTP/cas.lab.test"  # the lab's Exchange service, whose keys the backend's keytab holds
 
@@ -165,6 +168,7 @@ class AcceptedToken:
     wire_mech: str  # what the client sent: "spnego", "krb5" or "unknown"
     mutual_token: bytes | None  # for WWW-Authenticate on the success response
     delegated_credentials: bool  # the client forwarded a TGT along (it should not need to)
+    pac: PacFacts | None = None  # the ticket's PAC (Active Directory's), when it carries one
 
 
 def gss_reason(exc: GSSError) -> str:
@@ -222,17 +226,17 @@ class Acceptor:
             raise NotAuthenticated(
                 "Negotiate token rejected: it needs another round trip; this backend only accepts single-step Kerberos"
             )
-        target = gssapi.raw.inquire_context(
+        found = gssapi.raw.inquire_context(
             result.context,
-            initiator_name=False,
+            initiator_name=True,
             target_name=True,
             lifetime=False,
             mech=False,
             flags=False,
             locally_init=False,
             complete=False,
-        ).target_name
-        service = str(gssapi.Name(base=target))
+        )
+        service = str(gssapi.Name(base=found.target_name))
         if self.service is not None and not is_service(service, self.service):
             raise NotAuthenticated(
                 f"Negotiate token rejected: the ticket is for {service}, this backend is {self.service}"
@@ -243,7 +247,26 @@ class Acceptor:
             wire_mech=wire_mech(token),
             mutual_token=result.token or None,
             delegated_credentials=result.delegated_creds is not None,
+            pac=ticket_pac(found.initiator_name),
         )
+
+
+def ticket_pac(initiator: gssapi.raw.Name | None) -> PacFacts | None:
+    """The PAC of the accepted ticket, from the initiator name's `urn:mspac:` attribute (MIT checks its
+    server signature). The name must come from `inquire_context`: the one `accept_sec_context` returns
+    for a SPNEGO token is SPNEGO's, and MIT answers "invalid name" for its attributes."""
+    if initiator is None:
+        return None
+    try:
+        values = gssapi.raw.get_name_attribute(initiator, b"urn:mspac:").values
+    except GSSError:
+        return None  # no PAC: an MIT KDC without one, or a PAC that failed its signature check
+    if not values:
+        return None
+    try:
+        return parse_pac(bytes(values[0]))
+    except ValueError:
+        return None
 
 
 def negotiate_token(authorization: str | None) -> bytes:
@@ -450,6 +473,7 @@ def echo(
         "auth_type": "Negotiate",
         "wire_mech": accepted.wire_mech if accepted else None,
         "delegated_credentials": accepted.delegated_credentials if accepted else None,
+        "pac": accepted.pac.to_json() if accepted and accepted.pac else None,
         "site": site,
         "method": request.method,
         "path": request.path,

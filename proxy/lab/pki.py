@@ -295,6 +295,7 @@ def _issue_user(
     now: datetime,
     crl_url: str,
     ocsp_url: str | None,
+    extensions: Sequence[x509.ExtensionType] = (),
 ) -> x509.Certificate:
     sans: list[x509.GeneralName] = [upn_other_name(spec.upn)] if spec.upn else []
     sans.append(x509.RFC822Name(spec.email))
@@ -306,8 +307,50 @@ def _issue_user(
     eku = ExtendedKeyUsageOID.CLIENT_AUTH if spec.eku == "clientAuth" else ExtendedKeyUsageOID.SERVER_AUTH
     cn = spec.email.partition("@")[0]
     return _issue_leaf(
-        cn, key, ca, sans, eku, not_before=not_before, not_after=not_after, crl_url=crl_url, ocsp_url=ocsp_url
+        cn,
+        key,
+        ca,
+        sans,
+        eku,
+        not_before=not_before,
+        not_after=not_after,
+        crl_url=crl_url,
+        ocsp_url=ocsp_url,
+        extensions=extensions,
     )
+
+
+def issue_user(
+    pki: Pki,
+    spec: UserSpec,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    now: datetime,
+    extensions: Sequence[x509.ExtensionType] = (),
+) -> x509.Certificate:
+    """One more user certificate from this PKI's issuing CA (the AD realm's users; tests that need a
+    certificate of their own), naming the CRL and OCSP URLs the PKI was made with, plus `extensions`."""
+    issuing = x509.load_pem_x509_certificate(pki.issuing_cert.read_bytes())
+    issuing_key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), None)
+    if not isinstance(issuing_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{pki.issuing_key} is not the EC key the lab PKI makes")
+    server = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    crl_url, ocsp_url = _urls_of(server)
+    return _issue_user(
+        spec, key, (issuing_key, issuing), now=now, crl_url=crl_url, ocsp_url=ocsp_url, extensions=extensions
+    )
+
+
+def _urls_of(cert: x509.Certificate) -> tuple[str, str | None]:
+    """The CRL distribution point and OCSP URL a certificate of this PKI names."""
+    points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    crl_url = str(points[0].full_name[0].value) if points[0].full_name else ""
+    try:
+        aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except x509.ExtensionNotFound:
+        return crl_url, None
+    ocsp = [str(d.access_location.value) for d in aia if d.access_method == AuthorityInformationAccessOID.OCSP]
+    return crl_url, ocsp[0] if ocsp else None
 
 
 def _issue_leaf(
@@ -321,6 +364,7 @@ def _issue_leaf(
     not_after: datetime,
     crl_url: str | None,
     ocsp_url: str | None,
+    extensions: Sequence[x509.ExtensionType] = (),
 ) -> x509.Certificate:
     ca_key, ca_cert = ca
     builder = (
@@ -337,6 +381,8 @@ def _issue_leaf(
     if ocsp_url:
         ocsp = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))
         builder = builder.add_extension(x509.AuthorityInformationAccess([ocsp]), critical=False)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     return builder.sign(ca_key, hashes.SHA256())
 
 
@@ -520,6 +566,16 @@ def _sign_crl(
 
 
 # --- files ----------------------------------------------------------------------------------------
+
+
+def write_pem(path: Path, certs: Iterable[x509.Certificate]) -> None:
+    """Certificates as PEM, one after the other."""
+    _write_pem(path, certs)
+
+
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """A private key as unencrypted PKCS#8 PEM, readable by its owner only."""
+    _write_key(path, key)
 
 
 def _write_pem(path: Path, certs: Iterable[x509.Certificate]) -> None:

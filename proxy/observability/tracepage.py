@@ -91,7 +91,8 @@ th { background: #f0f2f5; font-weight: 600; }
 .layout > div:last-child { flex: 1; min-width: 0; } .layout table { width: 100%; }
 td:first-child, td.num { white-space: nowrap; } .layout td:last-child { overflow-wrap: anywhere; }
 .facts { font-size: 12px; color: #3c4655; margin: 2px 0 0; }
-.facts dt { float: left; clear: left; width: 86px; color: #6b7583; } .facts dd { margin-left: 90px; }
+.facts { display: grid; grid-template-columns: max-content minmax(0, 1fr); column-gap: 8px; }
+.facts dt { grid-column: 1; color: #6b7583; } .facts dd { grid-column: 2; margin: 0; overflow-wrap: anywhere; }
 .fix { background: #fff4f4; border-left: 3px solid #c62828; padding: 6px 10px; margin: 8px 0; }
 .muted { color: #6b7583; }
 """
@@ -153,13 +154,34 @@ def render_index(records: Iterable[dict[str, Any]], *, user: str | None, held: i
     return _page("kcd-proxy: recent requests", body)
 
 
+def pac_summary(pac: dict[str, Any]) -> str:
+    """A PAC's facts in one line: its size, the account's SID and UPN, and its buffers."""
+    buffers = ", ".join(f"{name} {size}" for name, size in (pac.get("buffers") or {}).items())
+    who = ", ".join(f"{k} {pac[k]}" for k in ("sid", "upn") if pac.get(k))
+    return f"{pac.get('size')} bytes" + (f"; {who}" if who else "") + (f"; buffers: {buffers}" if buffers else "")
+
+
 def _ticket_facts(stage: dict[str, Any]) -> str:
-    keys = ("client", "server", "spn", "forwardable", "flags", "enctype", "session_enctype", "kvno", "start", "end")
+    keys = (
+        "client",
+        "server",
+        "spn",
+        "forwardable",
+        "flags",
+        "enctype",
+        "session_enctype",
+        "kvno",
+        "start",
+        "end",
+        "pac",
+    )
     items = []
     for key in keys:
         if key in stage and stage[key] is not None:
             value = stage[key]
-            if isinstance(value, list):
+            if isinstance(value, dict):
+                value = pac_summary(value)
+            elif isinstance(value, list):
                 value = ", ".join(value)
             elif isinstance(value, bool):
                 value = "yes" if value else "no"

@@ -356,6 +356,11 @@ def _describe_ticket(s: dict[str, Any]) -> str:
         return f"{what}: {facts}" + (", from the cache" if s.get("cached") else "")
     forwardable = "forwardable" if s.get("forwardable") else "NOT forwardable"
     source = "from the cache" if s.get("cached") else "from the KDC"
+    pac = s.get("pac")
+    if isinstance(pac, dict):
+        source += f", PAC {pac.get('size')} bytes" + (f" (SID {pac['sid']})" if pac.get("sid") else "")
+    elif pac == "none":
+        source += ", no PAC"
     return (
         f"{what} {s['client']} -> {s.get('server')}, {forwardable}, {s.get('enctype')}, until {s.get('end')}, {source}"
     )

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from proxy.backend.forward import upstream_tls
 from proxy.config import Config, Route
 from proxy.errors import GatewayError
-from proxy.identity.principal import map_upn
+from proxy.identity.principal import map_name
 from proxy.kerberos.hints import not_forwardable
 from proxy.kerberos.keytab import kvnos, read_keytab
 
@@ -196,8 +196,8 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float]) -> Iter
         yield from (_negotiate(route) for route in routes)
         return
     try:
-        user = map_upn(upn, realm_map=config.identity.realm_map)
-        evidence = probe.evidence_ticket(user.principal)
+        user = map_name(upn, config.identity, source="doctor")  # enterprise_names and realm_map as the gateway
+        evidence = probe.evidence_ticket(user, spn=routes[0].spn if routes else None)
     except GatewayError as e:
         yield Check("s4u2self", "fail", e.reason, e.hint)
     else:

@@ -182,7 +182,7 @@ async def _kerberos(out: Explanation, gw: Gateway, user: UserPrincipal, route: R
     from proxy.kerberos.probe import KerberosProbe
 
     proxy = gw.config.kerberos.principal
-    facts = KerberosProbe(gw.config.kerberos).evidence_ticket(user.principal, spn=route.spn)
+    facts = KerberosProbe(gw.config.kerberos).evidence_ticket(user, spn=route.spn)
     if not facts.forwardable:
         reason, hint = not_forwardable(user=user.principal, proxy=proxy)  # the KDC error explainer's words
         raise KerberosRefused(reason, hint=hint)

@@ -24,6 +24,7 @@ import pytest
 
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
+from tests.integration.ad_fixtures import ad_backend, ad_realm  # noqa: F401 -- the AD realm's fixtures, for every file
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -92,3 +92,81 @@ def test_more_kdc_refusals_have_a_cause_and_a_fix(message: str, kind: type[Gatew
     assert err.hint is not None
     assert in_hint in err.hint
     assert err.hint.endswith(f"[{message}]")
+
+
+# -- Active Directory's answers, as Samba's KDC gave them (tests/integration/test_ad.py sees them live) --------
+
+_POLICY = "Major (851968): Unspecified GSS failure, Minor (2529638924): KDC policy rejects request"
+_SERVER_NOT_FOUND = "Minor (2529638919): Server not found in Kerberos database"
+_CLIENT_NOT_FOUND = "Minor (2529638918): Client 'HTTP/proxy.ad.test@AD.TEST' not found in Kerberos database"
+_SPN, _PROXY = "HTTP/cas.ad.test", "svc-kcdproxy@AD.TEST"
+
+
+def test_policy_refusal_of_s4u2self_is_the_users_account_not_delegation() -> None:
+    """KDC_ERR_POLICY from S4U2Self (a disabled AD user): a 403 about the account, not delegation or Protected Users."""
+    error = explain(_POLICY, user="dave@AD.TEST", step="s4u2self", spn=_SPN, proxy=_PROXY)
+    assert isinstance(error, KerberosRefused)
+    assert error.status == 403
+    assert "disabled" in error.reason
+    assert error.hint is not None
+    assert "enable dave@AD.TEST" in error.hint
+    assert "Protected Users" not in error.hint
+    assert "delegation list" not in error.hint
+
+
+def test_policy_refusal_of_s4u2proxy_still_points_at_delegation() -> None:
+    """KDC_ERR_POLICY from S4U2Proxy keeps the delegation explanation."""
+    error = explain(_POLICY, user="alice@AD.TEST", step="s4u2proxy", spn=_SPN, proxy=_PROXY)
+    assert isinstance(error, KerberosRefused)
+    assert error.hint is not None
+    assert "delegation" in error.hint
+
+
+def test_upn_suffix_outside_the_realm_is_a_user_side_403_naming_enterprise_names() -> None:
+    """'Server not found' from S4U2Self for carol@CORP.EXAMPLE is the user's 403 (enterprise_names, realm_map), never
+    the operator's kerberos_misconfigured alarm about the backend SPN."""
+    error = explain(_SERVER_NOT_FOUND, user="carol@CORP.EXAMPLE", step="s4u2self", spn=_SPN, proxy=_PROXY)
+    assert isinstance(error, KerberosRefused)
+    assert not isinstance(error, KerberosMisconfigured)
+    assert error.status == 403
+    assert error.event == "kerberos_refused"
+    assert error.hint is not None
+    assert "enterprise_names" in error.hint
+    assert "realm_map" in error.hint
+    assert "krbtgt/CORP.EXAMPLE" in error.hint
+    assert "HTTP/cas.ad.test" not in error.hint
+
+
+def test_server_not_found_in_the_gateways_own_realm_is_still_misconfiguration() -> None:
+    """The same message for a user of the gateway's realm (or from S4U2Proxy) stays the SPN misconfiguration."""
+    for step in ("s4u2self", "s4u2proxy"):
+        error = explain(_SERVER_NOT_FOUND, user="alice@AD.TEST", step=step, spn=_SPN, proxy=_PROXY)
+        assert isinstance(error, KerberosMisconfigured), step
+
+
+def test_gateways_own_principal_unknown_is_misconfiguration_naming_the_account() -> None:
+    """'Client not found' for the gateway's own AS exchange is a 502 telling the operator to use the account's name
+    (AD gives no TGT to a bare SPN), not the user's 'no Kerberos account matches'."""
+    error = explain(
+        _CLIENT_NOT_FOUND,
+        user="alice@AD.TEST",
+        spn="HTTP/cas.ad.test",
+        proxy="HTTP/proxy.ad.test@AD.TEST",
+        step="service",
+    )
+    assert isinstance(error, KerberosMisconfigured)
+    assert error.status == 502
+    assert "alice" not in error.reason
+    assert error.hint is not None
+    assert "svc-kcdproxy@CORP.EXAMPLE.COM" in error.hint
+    assert "kerberos.principal" in error.hint
+    assert "UPN" in error.hint
+
+
+def test_gateways_own_credentials_without_a_kdc_is_still_unavailable() -> None:
+    """No KDC for the gateway's own AS exchange stays a 503 with Retry-After."""
+    error = explain(
+        "Cannot contact any KDC for realm 'AD.TEST'", user="alice@AD.TEST", step="service", spn=_SPN, proxy=_PROXY
+    )
+    assert isinstance(error, KdcUnavailable)
+    assert error.status == 503

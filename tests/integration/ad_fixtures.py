@@ -1,0 +1,191 @@
+"""The AD realm for tests: one Samba AD DC per `make test` run, shared by every worker and test file.
+
+`ad_realm` (session) is the realm (`proxy.lab.ad.AdRealm`; its docstring lists the API). It lives in
+`.lab/test/ad/` of the checkout, so its provisioning is kept between runs (a later run restarts it in
+seconds), and in a network namespace named after that directory, so another worktree's run or a
+`make lab-ad` never meets it. xdist workers each have a session: each registers its pid under `users/`
+while holding a lock; the last one out stops the realm and removes its namespace.
+
+`ad_backend` (session) is an Exchange stand-in for `HTTP/cas.ad.test` inside the namespace;
+`start_ad_gateway` runs `kcd-proxy run` in there; `ad_curl` is curl in there with an AD user's certificate.
+Tests that use them carry `@pytest.mark.timeout(AD_TIMEOUT)`: the first pays for provisioning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.lab import ad
+
+REPO = Path(__file__).resolve().parents[2]
+AD_TIMEOUT = 900  # provisioning takes 90-130 s on a busy machine, and a test may wait for it
+
+
+def test_realm_root() -> Path:
+    """Where the tests' AD realm lives: `$KCD_TEST_AD_DIR`, else `.lab/test/ad/` in the checkout
+    (`kcd-proxy lab status --ad --dir .lab/test` addresses it)."""
+    return Path(os.environ.get("KCD_TEST_AD_DIR") or REPO / ".lab" / "test" / "ad").resolve()
+
+
+test_realm_root.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def ad_realm() -> Iterator[ad.AdRealm]:
+    """The Samba AD DC realm AD.TEST, up; shared by the run's workers, stopped by the last one out."""
+    if os.geteuid() != 0:
+        pytest.skip("the AD realm needs root: it creates a network namespace and runs samba (make test runs as root)")
+    realm = ad.AdRealm.at(test_realm_root())
+    users = realm.root / "users"
+    me = users / str(os.getpid())
+    with _locked(realm.root):
+        ad.ensure(realm)
+        users.mkdir(exist_ok=True)
+        me.touch()
+    try:
+        yield realm
+    finally:
+        with _locked(realm.root):
+            me.unlink(missing_ok=True)
+            others = [p for p in users.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+            if not others:
+                ad.down(realm)
+
+
+@dataclass
+class AdProcess:
+    """A daemon running inside the realm's namespace (a gateway, a backend), with its log."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text().splitlines()
+        return [dict(json.loads(line)) for line in lines if line.startswith("{")]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs() if e.get("event") == name]
+
+    def wait_event(self, name: str, timeout: float = 10, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in reversed(self.events(name)):
+                if all(e.get(k) == v for k, v in match.items()):
+                    found: dict[str, Any] = e
+                    return found
+            time.sleep(0.1)
+        raise AssertionError(f"no {name} event matching {match} in {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _start(realm: ad.AdRealm, argv: list[str], port: int, log: Path, *, scheme: str) -> AdProcess:
+    proc = realm.popen(argv, log=log, env={"PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 60
+    while not realm.port_answers(port, "127.0.0.1"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{argv} did not listen on {port} in {realm.netns}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return AdProcess(f"{scheme}://127.0.0.1:{port}", port, proc, log)
+
+
+@pytest.fixture(scope="session")
+def ad_backend(ad_realm: ad.AdRealm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdProcess]:
+    """The Exchange stand-in for HTTP/cas.ad.test, inside the namespace."""
+    port = ad_realm.free_port()
+    log = tmp_path_factory.mktemp("ad-backend") / "backend.log"
+    backend = _start(ad_realm, ad.backend_argv(ad_realm, port), port, log, scheme="http")
+    yield backend
+    backend.stop()
+
+
+def start_ad_gateway(
+    realm: ad.AdRealm, directory: Path, backend: AdProcess, extra: str = "", **replace: str
+) -> AdProcess:
+    """`kcd-proxy run` inside the namespace with the realm's lab configuration, `extra` TOML appended and
+    each `replace` key's line (e.g. principal=...) given a new value."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = realm.free_port()
+    text = ad.gateway_config(realm, port=port, backend_port=backend.port)
+    for key, value in replace.items():
+        lines = text.splitlines()
+        index = next(i for i, line in enumerate(lines) if line.startswith(f"{key} = "))
+        lines[index] = f"{key} = {value}"
+        text = "\n".join(lines) + "\n"
+    config = directory / "gateway.toml"
+    config.write_text(text + extra)
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    return _start(realm, argv, port, directory / "gateway.log", scheme="https")
+
+
+def ad_curl(realm: ad.AdRealm, url: str, user: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """curl inside the namespace, as a device: the lab root as its trust, and the AD user's certificate.
+    The output ends with a line holding the HTTP status."""
+    cmd = ["curl", "-sS", "--max-time", "30", "--cacert", str(realm.pki.root_cert)]
+    if user is not None:
+        cmd += ["--cert", str(realm.user_cert(user)), "--key", str(realm.user_key(user))]
+    return realm.run([*cmd, "-w", "\n%{http_code}", *args, url], timeout=60)
+
+
+def status_and_body(done: subprocess.CompletedProcess[str]) -> tuple[int, str]:
+    body, _, status = done.stdout.rpartition("\n")
+    return int(status or 0), body
+
+
+def kdc_log_offset(realm: ad.AdRealm) -> int:
+    """Where Samba's log ends now: `wait_kdc_reason` reads only what comes after it."""
+    return realm.samba_log.stat().st_size if realm.samba_log.exists() else 0
+
+
+def wait_kdc_reason(realm: ad.AdRealm, offset: int, *needles: str, timeout: float = 15) -> str:
+    """The first line Samba's KDC logged after `offset` that holds every needle (e.g. `reason=...`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = realm.samba_log.read_bytes()[offset:].decode(errors="replace")
+        for line in text.splitlines():
+            if all(n in line for n in needles):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Samba logged no line with {needles} after offset {offset}:\n{text[-3000:]}")
+        time.sleep(0.1)

@@ -1,0 +1,380 @@
+"""The gateway against Active Directory: a Samba AD DC (`proxy.lab.ad`), the gateway, the Exchange
+stand-in and curl all inside the realm's network namespace."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.lab import ad
+from tests.integration.ad_fixtures import (
+    AD_TIMEOUT,
+    AdProcess,
+    ad_curl,
+    kdc_log_offset,
+    start_ad_gateway,
+    status_and_body,
+    wait_kdc_reason,
+)
+
+pytestmark = pytest.mark.timeout(AD_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def ad_gateway(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AdProcess]:
+    gw = start_ad_gateway(ad_realm, tmp_path_factory.mktemp("ad-gateway"), ad_backend)
+    yield gw
+    gw.stop()
+
+
+def test_delegated_request_reaches_backend_as_the_ad_user(ad_realm: ad.AdRealm, ad_gateway: AdProcess) -> None:
+    """alice's certificate in, S4U2Self + S4U2Proxy against Samba's KDC, and the backend serves alice@AD.TEST."""
+    status, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/Microsoft-Server-ActiveSync", "alice"))
+    assert status == 200, body
+    assert json.loads(body)["principal"] == "alice@AD.TEST"
+
+
+def test_the_realm_runs_only_inside_its_namespace(ad_realm: ad.AdRealm) -> None:
+    """Every samba process lives in the realm's network namespace, not the host's; the KDC answers in there."""
+    assert ad_realm.port_answers(88)
+    inside = Path("/run/netns", ad_realm.netns).stat().st_ino
+    host = Path("/proc/self/ns/net").stat().st_ino
+    samba = [pid for pid in ad.namespace_pids(ad_realm) if Path(f"/proc/{pid}/comm").read_text().strip() == "samba"]
+    assert samba
+    for pid in samba:
+        assert Path(f"/proc/{pid}/ns/net").stat().st_ino == inside != host
+
+
+def _events(gw: AdProcess, name: str) -> list[dict[str, Any]]:
+    return gw.events(name)
+
+
+def test_a_sensitive_user_is_refused_because_the_evidence_ticket_is_not_forwardable(
+    ad_realm: ad.AdRealm, ad_gateway: AdProcess
+) -> None:
+    """erin is 'sensitive and cannot be delegated': Samba issues a non-forwardable evidence ticket, S4U2Proxy is
+    refused (BADOPTION), the device gets 403 naming the evidence ticket, the log's fix names the sensitive flag."""
+    status, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/owa/", "erin"))
+    assert status == 403
+    assert "the gateway may not act for erin@AD.TEST: its evidence ticket is not forwardable" in body
+    event = ad_gateway.wait_event("kerberos_refused", principal="erin@AD.TEST")
+    assert "marked sensitive" in event["fix"]
+
+
+def test_pinned_samba_delegates_a_protected_users_member(ad_realm: ad.AdRealm, ad_gateway: AdProcess) -> None:
+    """pat is in Protected Users, which Samba 4.17's KDC does not apply to delegation (Windows refuses): served."""
+    status, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/owa/", "pat"))
+    assert status == 200, body
+    assert json.loads(body)["principal"] == "pat@AD.TEST"
+
+
+def test_the_backend_accepts_a_ticket_with_alices_pac(ad_realm: ad.AdRealm, ad_gateway: AdProcess) -> None:
+    """The service ticket the backend accepts carries AD's PAC: its UPN, alice's SID and the S4U2Proxy record."""
+    status, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/EWS/Exchange.asmx", "alice"))
+    assert status == 200, body
+    pac = json.loads(body)["pac"]
+    assert pac["size"] > 500
+    assert pac["upn"] == "alice@ad.test"
+    assert pac["sam_name"] == "alice"
+    assert pac["sid"].startswith("S-1-5-21-")
+    assert {"logon-info", "upn-dns-info", "delegation-info"} <= set(pac["buffers"])
+    sid = ad_realm.ldbsearch("(sAMAccountName=alice)", "objectSid")
+    assert f"objectSid: {pac['sid']}" in sid
+
+
+def test_a_upn_suffix_outside_the_realm_without_enterprise_names_is_the_users_403(
+    ad_realm: ad.AdRealm, ad_gateway: AdProcess
+) -> None:
+    """carol@corp.example without enterprise_names: S4U2Self asks for carol@CORP.EXAMPLE ('Server not found'); the
+    device gets 403 and the log a user-side refusal naming enterprise_names, never the kerberos_misconfigured alarm."""
+    status, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/owa/", "carol"))
+    assert status == 403
+    assert "no Kerberos realm serves carol@CORP.EXAMPLE's UPN suffix" in body
+    event = ad_gateway.wait_event("kerberos_refused", principal="carol@CORP.EXAMPLE")
+    assert "identity.enterprise_names = true" in event["fix"]
+    assert "identity.realm_map" in event["fix"]
+    assert not [e for e in _events(ad_gateway, "kerberos_misconfigured") if e.get("upn") == "carol@corp.example"]
+
+
+def test_enterprise_names_end_to_end_log_and_cache_by_the_kdcs_name(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """With enterprise_names, carol@corp.example is found by its uPNSuffixes suffix; Samba returns the client name
+    as asked (carol\\@corp.example@AD.TEST, not canonicalised): the backend, the summary line, the ticket cache and
+    the trace all use that name, the trace shows the evidence ticket's PAC, and the second request is a cache hit."""
+    admin = ad_realm.free_port()
+    gw = start_ad_gateway(
+        ad_realm,
+        tmp_path,
+        ad_backend,
+        f'\n[admin]\nbind = "127.0.0.1:{admin}"\n',
+        source='"san-upn"\nenterprise_names = true',
+    )
+    kdc_name = "carol\\@corp.example@AD.TEST"
+    try:
+        for _ in range(2):
+            status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/owa/", "carol"))
+            assert status == 200, body
+            echo = json.loads(body)
+            assert echo["principal"] == kdc_name
+            assert echo["pac"]["upn"] == "carol@corp.example"
+            assert echo["pac"]["sam_name"] == "carol"
+        first = gw.wait_event("request", principal=kdc_name, impersonation_cached=False)
+        assert first["requested_principal"] == "carol@CORP.EXAMPLE"
+        assert first["upn"] == "carol@corp.example"
+        gw.wait_event("request", principal=kdc_name, impersonation_cached=True)
+        assert not [e for e in gw.events("request") if e.get("principal") == "carol@CORP.EXAMPLE"]
+
+        traces = ad_realm.run(["curl", "-sS", f"http://127.0.0.1:{admin}/traces?limit=2"], timeout=30)
+        records = json.loads(traces.stdout)
+        fresh = next(r for r in records if not r.get("impersonation_cached"))
+        evidence = next(s for s in fresh["stages"] if s["name"] == "s4u2self")
+        assert evidence["client"] == kdc_name
+        assert evidence["pac"]["upn"] == "carol@corp.example"
+        assert evidence["pac"]["sid"].startswith("S-1-5-21-")
+        page = ad_realm.run(["curl", "-sS", f"http://127.0.0.1:{admin}/trace/{fresh['id']}"], timeout=30)
+        assert evidence["pac"]["sid"] in page.stdout
+    finally:
+        gw.stop()
+
+
+def test_a_gateway_account_without_protocol_transition_is_refused_with_that_fix(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """svc-kcdnopt may delegate to HTTP/cas.ad.test but lacks 'use any authentication protocol': 403, evidence
+    ticket not forwardable, the fix names protocol transition."""
+    gw = start_ad_gateway(
+        ad_realm,
+        tmp_path,
+        ad_backend,
+        principal=f'"{ad.NO_PT_ACCOUNT}@{ad.REALM}"',
+        keytab=f'"{ad_realm.keytab(ad.NO_PT_ACCOUNT)}"',
+    )
+    try:
+        offset = kdc_log_offset(ad_realm)
+        status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/owa/", "alice"))
+        assert status == 403
+        assert "evidence ticket is not forwardable" in body
+        wait_kdc_reason(ad_realm, offset, f"{ad.NO_PT_ACCOUNT}@{ad.REALM}", "reason=Missing forwardable flag")
+        event = gw.wait_event("kerberos_refused", principal="alice@AD.TEST")
+        assert f"{ad.NO_PT_ACCOUNT}@{ad.REALM} lacks protocol transition" in event["fix"]
+    finally:
+        gw.stop()
+
+
+def test_an_unknown_spn_is_the_operators_502(ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path) -> None:
+    """A route whose SPN no account has: 'Server not found' from S4U2Proxy, a 502 and kerberos_misconfigured
+    telling the operator to register the SPN."""
+    upstream = f"http://127.0.0.1:{ad_backend.port}"
+    extra = f'\n[[routes]]\nprefix = "/nowhere/"\nupstream = "{upstream}"\nspn = "HTTP/nowhere.ad.test"\n'
+    gw = start_ad_gateway(ad_realm, tmp_path, ad_backend, extra)
+    try:
+        status, _body = status_and_body(ad_curl(ad_realm, f"{gw.url}/nowhere/x", "alice"))
+        assert status == 502
+        event = gw.wait_event("kerberos_misconfigured", principal="alice@AD.TEST")
+        assert "register the SPN" in event["fix"]
+        assert "HTTP/nowhere.ad.test" in event["fix"]
+    finally:
+        gw.stop()
+
+
+def test_the_gateways_spn_as_principal_is_its_own_misconfiguration(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """principal = HTTP/proxy.ad.test@AD.TEST (the keytab holds it): AD refuses the AS-REQ ('client not found').
+    Every request is a 502 logged as kerberos_misconfigured telling the operator to use the account's name, never
+    as the user's 'no Kerberos account matches'."""
+    gw = start_ad_gateway(ad_realm, tmp_path, ad_backend, principal=f'"{ad.GATEWAY_SPN}@{ad.REALM}"')
+    try:
+        status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/owa/", "alice"))
+        assert status == 502
+        assert "no Kerberos account matches" not in body
+        event = gw.wait_event("kerberos_misconfigured", principal="alice@AD.TEST")
+        assert "service account's name" in event["fix"]
+        assert "never to a bare SPN" in event["fix"]
+        assert not gw.events("kerberos_refused")
+    finally:
+        gw.stop()
+
+
+def _run_kcd(ad_realm: ad.AdRealm, *args: str) -> subprocess.CompletedProcess[str]:
+    return ad_realm.run([sys.executable, "-m", "proxy", *args], timeout=180)
+
+
+def test_doctor_and_explain_give_the_same_ad_explanations(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """For dave (disabled) and carol (UPN suffix, no enterprise names), `explain --kdc` and `doctor` name the same
+    cause and fix as the gateway's log; with the SPN as principal, doctor's kdc check says to use the account name."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(ad.gateway_config(ad_realm, port=ad_realm.free_port(), backend_port=ad_backend.port))
+    for user, upn, cause in (
+        ("dave", "dave@ad.test", "is disabled"),
+        ("carol", "carol@corp.example", "enterprise_names"),
+    ):
+        explained = _run_kcd(
+            ad_realm, "explain", "--config", str(config), "--cert", str(ad_realm.user_cert(user)), "--kdc", "--json"
+        )
+        assert explained.returncode == 1, explained.stdout + explained.stderr
+        verdict = json.loads(explained.stdout)
+        assert verdict["stage"] == "kerberos"
+        assert cause in verdict["reason"] + verdict["fix"]
+        doctor = _run_kcd(ad_realm, "doctor", "--config", str(config), "--user", upn)
+        assert doctor.returncode == 1
+        fix = verdict["fix"].rpartition(" [")[0]  # the library's message in brackets: its minor code varies
+        assert f"fix: {fix} [" in doctor.stdout, doctor.stdout
+        assert re.search(r"FAIL\s+s4u2self\s", doctor.stdout)
+
+    spn = tmp_path / "spn.toml"
+    spn.write_text(config.read_text().replace(ad_realm.gateway_principal, f"{ad.GATEWAY_SPN}@{ad.REALM}"))
+    doctor = _run_kcd(ad_realm, "doctor", "--config", str(spn))
+    assert re.search(r"FAIL\s+kdc\s", doctor.stdout), doctor.stdout
+    assert "service account's name" in doctor.stdout
+
+
+def test_check_config_tells_an_ad_keytab_wants_the_account_name(ad_realm: ad.AdRealm, tmp_path: Path) -> None:
+    """A keytab exported for the account only (as samba-tool or msktutil write it) and the SPN as principal:
+    check-config's keytab line says to use the account's name."""
+    keytab = tmp_path / "account.keytab"
+    ad_realm.samba_tool("domain", "exportkeytab", str(keytab), f"--principal={ad_realm.gateway_principal}")
+    config = tmp_path / "gateway.toml"
+    text = ad.gateway_config(ad_realm).replace(str(ad_realm.gateway_keytab), str(keytab))
+    config.write_text(text.replace(ad_realm.gateway_principal, f"{ad.GATEWAY_SPN}@{ad.REALM}"))
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(config)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1
+    assert f"set kerberos.principal to the service account's name ({ad_realm.gateway_principal})" in done.stdout
+
+
+def test_pinned_samba_ignores_resource_based_delegation(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """svc-other allows svc-kcdproxy by resource-based delegation (samba-tool delegation add-principal): Samba
+    4.17's KDC ignores it, so a route to HTTP/other.ad.test stays refused with 403 (Windows would honour it)."""
+    extra = (
+        f'\n[[routes]]\nprefix = "/other/"\nupstream = "http://127.0.0.1:{ad_backend.port}"\nspn = "{ad.OTHER_SPN}"\n'
+    )
+    ad_realm.samba_tool("delegation", "add-principal", ad.OTHER_ACCOUNT, ad.GATEWAY_ACCOUNT)
+    gw = start_ad_gateway(ad_realm, tmp_path, ad_backend, extra)
+    try:
+        assert ad.GATEWAY_ACCOUNT in ad_realm.samba_tool("delegation", "show", ad.OTHER_ACCOUNT)
+        offset = kdc_log_offset(ad_realm)
+        status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/other/x", "bob"))
+        assert status == 403
+        assert f"may not act for bob@AD.TEST at {ad.OTHER_SPN}" in body
+        wait_kdc_reason(ad_realm, offset, "impersonatee=bob@AD.TEST", "reason=Constrained delegation not allowed")
+    finally:
+        gw.stop()
+        ad_realm.samba_tool("delegation", "del-principal", ad.OTHER_ACCOUNT, ad.GATEWAY_ACCOUNT)
+
+
+def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.AdRealm, tmp_path: Path) -> None:
+    """`kcd-proxy lab up --ad` (what `make lab-ad` runs first) returns at once on a running realm, starts the
+    Exchange stand-in in the namespace and prints an `ip netns exec ... curl`; with the gateway it configured
+    running in there, that curl, pasted as printed, gets alice through."""
+    lab_dir = ad_realm.root.parent
+    assert ad_realm.root.name == "ad"
+    argv = [sys.executable, "-m", "proxy", "lab", "up", "--ad", "--dir", str(lab_dir)]
+    up = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert up.returncode == 0, up.stderr
+    printed = up.stdout[up.stdout.index(f"ip netns exec {ad_realm.netns} curl") :].replace("\\\n", " ").strip()
+    gw = ad_realm.popen(
+        [sys.executable, "-m", "proxy", "run", "--config", str(ad_realm.root / "gateway.toml")], log=tmp_path / "gw.log"
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ad_realm.port_answers(ad.LAB_GATEWAY_PORT, "127.0.0.1"):
+            assert gw.poll() is None, (tmp_path / "gw.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, (tmp_path / "gw.log").read_text()[-2000:]
+            time.sleep(0.2)
+        done = subprocess.run(["bash", "-c", printed + " -sS"], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["principal"] == "alice@AD.TEST"
+    finally:
+        gw.terminate()
+        gw.wait(timeout=15)
+        backend = ad_realm.run_dir / "backend.pid"
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(backend.read_text()), signal.SIGTERM)
+        backend.unlink(missing_ok=True)
+
+
+def test_lab_down_ends_every_process_in_the_namespace_and_removes_it(tmp_path: Path) -> None:
+    """`kcd-proxy lab down` stops whatever runs in the AD realm's namespace and deletes the namespace."""
+    realm = ad.AdRealm.at(tmp_path / "ad")
+    ad.ensure_namespace(realm)  # the namespace alone: taking it down needs no provisioned realm
+    sleeper = realm.popen(["sleep", "600"], log=tmp_path / "sleep.log")
+    deadline = time.monotonic() + 10
+    while not ad.namespace_pids(realm) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ad.namespace_pids(realm)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "lab", "down", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sleeper.wait(timeout=15) is not None
+    assert not Path("/run/netns", realm.netns).exists()
+
+
+@pytest.mark.parametrize(
+    ("user", "status", "reason", "kdc_says"),
+    [
+        ("dave", 403, "the account dave@AD.TEST is disabled", ("ERR_POLICY", "reason=Principal may not act as client")),
+        (
+            "erin",
+            403,
+            "its evidence ticket is not forwardable",
+            ("ERR_BADOPTION", "impersonatee=erin@AD.TEST", "reason=Missing forwardable flag"),
+        ),
+        (
+            "ghost",
+            403,
+            "no Kerberos account matches ghost@AD.TEST",
+            ("ERR_C_PRINCIPAL_UNKNOWN", "reason=S4U2Self principal to impersonate not found"),
+        ),
+        ("carol", 403, "UPN suffix", ("Server not found in database: krbtgt/CORP.EXAMPLE@AD.TEST",)),
+    ],
+)
+def test_each_refusal_matches_the_reason_samba_logged(
+    ad_realm: ad.AdRealm, ad_gateway: AdProcess, user: str, status: int, reason: str, kdc_says: tuple[str, ...]
+) -> None:
+    """The device's status and reason, set beside what Samba's KDC logged for that request: the gateway's
+    explanation is the KDC's actual refusal, not a guess."""
+    offset = kdc_log_offset(ad_realm)
+    got, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/owa/", user))
+    assert (got, reason in body) == (status, True), body
+    wait_kdc_reason(ad_realm, offset, *kdc_says)
+
+
+def test_realm_map_is_the_other_fix_for_a_upn_suffix_outside_the_realm(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """The refusal's other fix works too: realm_map corp.example -> AD.TEST makes carol carol@AD.TEST, which AD
+    finds by account name; the backend serves carol@AD.TEST."""
+    gw = start_ad_gateway(
+        ad_realm, tmp_path, ad_backend, source='"san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }'
+    )
+    try:
+        status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/owa/", "carol"))
+        assert status == 200, body
+        assert json.loads(body)["principal"] == "carol@AD.TEST"
+    finally:
+        gw.stop()
