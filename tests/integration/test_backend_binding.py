@@ -79,8 +79,11 @@ def test_the_summary_line_says_whether_a_token_went(lab: LabLayout, gw: Gateway)
 
     echoes = asyncio.run(requests())
     for echo in echoes:
-        path: str = echo["path"]
-        line = gw.wait_for("request", lambda s, path=path: s.get("path") == path)
+
+        def same_path(line: dict[str, Any], path: str = echo["path"]) -> bool:
+            return bool(line.get("path") == path)
+
+        line = gw.wait_for("request", same_path)
         assert line["backend_auth_sent"] is echo["authorization_sent"]
         assert line["principal"] == "carol@LAB.TEST"
     # the module's first test: carol's backend pool is new, so the first request opened a connection
