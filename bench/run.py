@@ -296,6 +296,11 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=500, help="distinct bench users (default 500)")
     parser.add_argument("--workers", type=int, default=1, help="processes of each proxy (default 1: per core)")
     parser.add_argument("--keep", action="store_true", help="keep the scene's directory (logs, configs)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a copy of an older tree (e.g. `git archive main | tar -x -C DIR`): its gateway is a column too",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here (default: bench/results/bench-<time>.json)")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "gcc", "curl", "taskset"):
@@ -326,6 +331,8 @@ def main() -> int:
         scene.start_gateway()
         scene.start_nginx()
         scene.start_plain()
+        if args.baseline:
+            scene.start_baseline(args.baseline)
         print(f"bench: preflight through the gateway to the lab acceptor: served as {preflight(scene)}")
 
         # 4 first, while the gateway's ticket cache is cold.
@@ -343,6 +350,8 @@ def main() -> int:
             "plain": ("plain", f"https://127.0.0.1:{scene.ports['plain']}{path}"),
             "nginx": ("nginx", f"https://127.0.0.1:{scene.ports['nginx']}{path}"),
         }
+        if args.baseline:
+            columns["baseline"] = ("baseline", f"https://127.0.0.1:{scene.ports['baseline']}{path}")
         keep: dict[str, list[WrkResult]] = {c: [] for c in columns}
         shake: dict[str, list[WrkResult]] = {c: [] for c in columns if c != "gateway_bound"}
         for proxy, url in columns.values():  # warm up: pools, caches, JIT-less but page-faulted
@@ -394,7 +403,9 @@ def paired_ratios(keep: dict[str, list[WrkResult]]) -> dict[str, dict[str, float
     round are minutes apart at most: the machine's load moves less within a round than across them)."""
     out: dict[str, dict[str, float]] = {}
     for column in keep:
-        for ref in ("nginx", "plain"):
+        for ref in ("nginx", "plain", "baseline"):
+            if ref not in keep:
+                continue
             pairs = [a.cpu_us / b.cpu_us for a, b in zip(keep[column], keep[ref], strict=True) if b.cpu_us]
             if pairs and column != ref:
                 out[f"{column}/{ref}"] = {"median": median(pairs), "rounds": len(pairs)}
@@ -412,8 +423,14 @@ def row(name: str, ours: float, ref: float | None, fmt: str, target: str = "") -
     print(f"  {name:<36} {format(ours, fmt):>12} {shown_ref:>12} {ratio:>7}   {target}")
 
 
-COLUMNS = ("gateway", "gateway_bound", "plain", "nginx")
-HEADS = {"gateway": "kcd-proxy", "gateway_bound": "kcd (bound)", "plain": "aiohttp", "nginx": "nginx"}
+COLUMNS = ("baseline", "gateway", "gateway_bound", "plain", "nginx")
+HEADS = {
+    "baseline": "baseline",
+    "gateway": "kcd-proxy",
+    "gateway_bound": "kcd (bound)",
+    "plain": "aiohttp",
+    "nginx": "nginx",
+}
 
 
 def row4(name: str, figures: dict[str, float], fmt: str, target: str = "") -> None:
@@ -451,7 +468,8 @@ def report(
     row4("errors", {c: float(sum(r.errors for r in rs)) for c, rs in keep.items()}, ",.0f", "0")
     ratios = paired_ratios(keep)
     print("   paired per round, CPU per request (median of the rounds' ratios):")
-    for key in ("gateway/nginx", "gateway/plain", "gateway_bound/plain", "gateway_bound/nginx", "plain/nginx"):
+    keys = ("gateway/nginx", "gateway/plain", "gateway_bound/plain", "gateway_bound/nginx", "plain/nginx")
+    for key in (*keys, "gateway/baseline", "gateway_bound/baseline", "baseline/nginx"):
         if key in ratios:
             print(f"     {key:<24} {ratios[key]['median']:6.2f}")
     print("2. a new TLS connection with a client certificate per request, no resumption")

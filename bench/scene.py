@@ -307,6 +307,30 @@ spn = "HTTP/cas.lab.test"
         argv = [sys.executable, "-m", "proxy", "run", "--config", str(self.root / "gateway.toml")]
         self.start("gateway", argv, self.ports["gateway"], core=self.cores[0], env=self.layout.env())
 
+    def start_baseline(self, code: Path) -> None:
+        """Another build of the gateway (a copy of an older tree, e.g. `git archive main`), same configuration
+        on a port of its own, for before/after ratios in one run. Its configuration has no connection-bound
+        route (an older build may not know the key)."""
+        self.ports["baseline"] = free_port()
+        text = (self.root / "gateway.toml").read_text()
+        text = text.replace(f':{self.ports["gateway"]}"', f':{self.ports["baseline"]}"', 1)
+        text = text.replace('backend_binding = "connection"\n', "")
+        (self.root / "baseline.toml").write_text(text)
+        argv = [sys.executable, "-m", "proxy", "run", "--config", str(self.root / "baseline.toml")]
+        env = {**self.layout.env(), "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
+        log = (self.root / "baseline.log").open("wb")
+        proc = subprocess.Popen(
+            ["taskset", "-c", self.cores[0], *argv] if self.cores[0] else argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=code,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+        self.procs["baseline"] = proc
+        wait_port(self.ports["baseline"], proc, "baseline")
+
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
