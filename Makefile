@@ -2,6 +2,8 @@
 # Both start with `make setup`, which installs what is missing and is cheap when nothing is.
 SHELL := /bin/bash
 PY := .venv/bin/python
+# libldap2-dev, libsasl2-dev: bonsai (the directory client) builds against them when pip has no wheel;
+# libsasl2-modules-gssapi-mit: its SASL GSSAPI bind ([directory] bind = "kerberos").
 # docker-compose and systemd: `make test` checks docker-compose.yml (`docker-compose config`, no engine
 # needed) and the systemd unit (`systemd-analyze verify`). chromium: the trace page's browser test.
 # samba ... ldb-tools: the Active Directory realm (`make lab-ad`); samba-ad-provision is only a Recommends of
@@ -9,7 +11,8 @@ PY := .venv/bin/python
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
         gcc make curl openssl python3-venv python3-dev \
         docker-compose systemd chromium \
-        samba samba-ad-dc samba-ad-provision ldb-tools iproute2
+        samba samba-ad-dc samba-ad-provision ldb-tools iproute2 \
+        libldap2-dev libsasl2-dev libsasl2-modules-gssapi-mit
 STAMP := .venv/.installed
 
 .PHONY: setup debs lab lab-ad lab-down test lint unit integration clean bench bench-setup

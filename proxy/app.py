@@ -27,6 +27,7 @@ from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import Config
+from proxy.directory import Directory
 from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
@@ -68,7 +69,15 @@ def build(config: Config) -> Gateway:
         delegator=Delegator(config.kerberos),
         pools=Pools(config.routes, config.listener),
         basic=BasicLogin(config.authentication, config.identity, config.kerberos),
+        directory=_directory(config),
     )
+
+
+def _directory(config: Config) -> Directory | None:
+    """The directory client, when the mapping stage uses one (a [directory] with mapping "upn" is for doctor)."""
+    if config.directory is None or config.identity.mapping == "upn":
+        return None
+    return Directory(config.directory, config.kerberos)
 
 
 _NOT_FORWARDED = frozenset({"TRACE", "TRACK", "CONNECT"})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from proxy import config as config_module
 from proxy.errors import ConfigError
-from proxy.lab import ad
+from proxy.lab import ad, ad_mapping
 from proxy.lab.layout import LabLayout
 from proxy.ops import commands as ops_commands
 from proxy.ops import trace_cli
@@ -66,6 +66,7 @@ def _lab(args: argparse.Namespace) -> int:
     elif args.action == "down":
         runner.down(layout)
         ad.down(ad.AdRealm.at(layout.root / "ad"))  # the AD realm too, if it runs: its namespace goes
+        ad_mapping.forget_names(ad.AdRealm.at(layout.root / "ad"))
         print("lab stopped")
     elif args.action == "status":
         state = runner.status(layout)
@@ -81,9 +82,14 @@ def _lab_ad(action: str, realm: ad.AdRealm) -> int:
     try:
         if action == "up":
             ad.up_lab(realm)
+            ad_mapping.ensure(realm)  # strong mapping: SID-extension certificates, mapped accounts
+            strong = realm.root / "gateway-strong.toml"
+            strong.write_text(ad_mapping.gateway_config(realm, "strong"))
             print(ad.describe(realm))
+            print(f'# [identity] mapping = "strong": {strong}; certificates in {ad_mapping.directory(realm)}/')
         elif action == "down":
             ad.down(realm)
+            ad_mapping.forget_names(realm)
             print(f"AD realm stopped; namespace {realm.netns} removed")
         elif action == "status":
             state = ad.status(realm)

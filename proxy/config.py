@@ -38,6 +38,10 @@ BACKEND_AUTHS: tuple[BackendAuth, ...] = ("negotiate", "basic")
 # connection (IIS with authPersistNonNTLM, Exchange's default, binds that identity to the connection).
 BackendBinding = Literal["request", "connection"]
 BACKEND_BINDINGS: tuple[BackendBinding, ...] = ("request", "connection")
+MappingMode = Literal["upn", "strong", "strong-or-audit"]
+MAPPING_MODES: tuple[MappingMode, ...] = ("upn", "strong", "strong-or-audit")
+DirectoryBind = Literal["kerberos", "simple"]
+DIRECTORY_BINDS: tuple[DirectoryBind, ...] = ("kerberos", "simple")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,21 @@ class Identity:
     realm_map: dict[str, str] = field(default_factory=dict)
     enterprise_names: bool = False  # send the UPN to the KDC as an NT-ENTERPRISE name
     default_realm: str = ""  # for names without a domain (subject-cn, Basic "user"); default: the gateway's
+    mapping: MappingMode = "upn"  # "strong": the certificate must belong to the account (proxy.identity.mapping)
+
+
+@dataclass(frozen=True)
+class Directory:
+    """`[directory]`: where the mapping stage looks accounts up (proxy.directory)."""
+
+    urls: tuple[str, ...]  # ldap:// or ldaps://, tried in order
+    base_dn: str
+    bind: DirectoryBind = "kerberos"  # SASL GSSAPI with [kerberos] keytab and principal
+    bind_dn: str | None = None  # bind = "simple" only
+    password_file: Path | None = field(default=None, repr=False)  # bind = "simple" only; ldaps:// only
+    cache_seconds: float = 300.0  # an account looked up is trusted this long (0: every request asks)
+    timeout: float = 5.0  # seconds per directory server before the next one is tried
+    ca_file: Path | None = None  # ldaps://: the CAs trusted for the directory's certificate (None: the system's)
 
 
 @dataclass(frozen=True)
@@ -232,6 +251,7 @@ class Config:
     doctor: Doctor = field(default_factory=Doctor)
     authentication: Authentication = field(default_factory=Authentication)
     traces: Traces = field(default_factory=Traces)
+    directory: Directory | None = None  # required by identity.mapping "strong" and "strong-or-audit"
 
     def route_for(self, path: str, host: str | None = None) -> Route | None:
         """The route of a request: the longest prefix among routes for any host or for the request's
@@ -529,7 +549,8 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 
 def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
-    r.unknown(t, "identity", {"source", "realm_map", "enterprise_names", "default_realm"})
+    r.unknown(t, "identity", {"source", "realm_map", "enterprise_names", "default_realm", "mapping"})
+    mapping = r.get(t, "identity.mapping", "mapping", str, "") or None
     sources = _identity_sources(r, t.get("source", "san-upn"))
     realm_map = r.get(t, "identity.realm_map", "realm_map", dict, {}) or {}
     clean: dict[str, str] = {}
@@ -545,6 +566,67 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
         default_realm=_realm(
             r, "identity.default_realm", r.get(t, "identity.default_realm", "default_realm", str, "") or ""
         ),
+        mapping=cast(MappingMode, _choice(r, "identity.mapping", mapping, MAPPING_MODES, "upn")),
+    )
+
+
+_DN_PART = re.compile(r"[A-Za-z][A-Za-z0-9-]*=.+")
+
+
+def _directory(r: _Reader, t: dict[str, Any]) -> Directory | None:
+    k = "directory"
+    r.unknown(t, k, {"urls", "base_dn", "bind", "bind_dn", "password_file", "cache_seconds", "timeout", "ca_file"})
+    if not t:
+        return None
+    raw_urls = t.get("urls")
+    if isinstance(raw_urls, str):
+        raw_urls = [raw_urls]
+    urls: list[str] = []
+    if not isinstance(raw_urls, list) or not raw_urls or not all(isinstance(u, str) for u in raw_urls):
+        r.problem(f"{k}.urls", 'expected a list of ldap:// or ldaps:// URLs, e.g. ["ldap://dc1.corp.example.com"]')
+    else:
+        for i, url in enumerate(raw_urls):
+            parts = urlsplit(url)
+            if parts.scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in ("", "/"):
+                r.problem(f"{k}.urls[{i}]", f"expected ldap://host[:port] or ldaps://host[:port], got {url!r}")
+            urls.append(url.rstrip("/"))
+    base_dn = r.get(t, f"{k}.base_dn", "base_dn", str) or ""
+    if base_dn and not all(_DN_PART.fullmatch(part.strip()) for part in base_dn.split(",")):
+        r.problem(f"{k}.base_dn", f"expected a distinguished name such as DC=corp,DC=example,DC=com, got {base_dn!r}")
+    elif base_dn and not any(part.strip().upper().startswith("DC=") for part in base_dn.split(",")):
+        r.problem(f"{k}.base_dn", f"needs the domain's DC= components (the realm comes from them): {base_dn!r}")
+    bind = _choice(r, f"{k}.bind", r.get(t, f"{k}.bind", "bind", str, "") or None, DIRECTORY_BINDS, "kerberos")
+    bind_dn = r.get(t, f"{k}.bind_dn", "bind_dn", str, "") or None
+    password = r.get(t, f"{k}.password_file", "password_file", str, "") or None
+    if bind == "simple":
+        if bind_dn is None:
+            r.problem(f"{k}.bind_dn", 'bind = "simple" needs the account to bind as (bind_dn)')
+        if password is None:
+            r.problem(f"{k}.password_file", 'bind = "simple" needs a file holding the password (password_file)')
+        for i, url in enumerate(urls):
+            if not url.startswith("ldaps://"):
+                r.problem(
+                    f"{k}.urls[{i}]",
+                    f'bind = "simple" sends a password: only ldaps:// URLs, got {url!r} (or use bind = "kerberos")',
+                )
+    else:
+        for name, given in (("bind_dn", bind_dn), ("password_file", password)):
+            if given is not None:
+                r.problem(f"{k}.{name}", 'only with bind = "simple" (bind = "kerberos" uses [kerberos] keytab)')
+    cache = r.get(t, f"{k}.cache_seconds", "cache_seconds", float, 300.0)
+    if cache is None or cache < 0:
+        r.problem(f"{k}.cache_seconds", f"must be 0 (no cache) or more, got {cache!r}")
+        cache = 0.0
+    ca_file = r.get(t, f"{k}.ca_file", "ca_file", str, "") or None
+    return Directory(
+        urls=tuple(urls),
+        base_dn=base_dn,
+        bind=cast(DirectoryBind, bind),
+        bind_dn=bind_dn if bind == "simple" else None,
+        password_file=r.file(f"{k}.password_file", password) if password and bind == "simple" else None,
+        cache_seconds=cache,
+        timeout=_number(r, t, k, "timeout", float, 5.0),
+        ca_file=r.file(f"{k}.ca_file", ca_file) if ca_file else None,
     )
 
 
@@ -799,6 +881,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             "doctor",
             "authentication",
             "traces",
+            "directory",
         },
     )
     listener = _listener(r, r.table(data, "listener"))
@@ -810,6 +893,9 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     doctor = _doctor(r, r.table(data, "doctor"))
     authentication = _authentication(r, r.table(data, "authentication"))
     traces = _traces(r, r.table(data, "traces"))
+    directory = _directory(r, r.table(data, "directory"))
+    if identity.mapping != "upn" and directory is None:
+        r.problem("identity.mapping", f'"{identity.mapping}" looks accounts up: it needs a [directory] table')
     if not identity.default_realm:  # names without a domain belong to the gateway's own realm
         identity = replace(identity, default_realm=kerberos.principal.rpartition("@")[2])
     raw_routes = data.get("routes", [])
@@ -845,6 +931,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         doctor=doctor,
         authentication=authentication,
         traces=traces,
+        directory=directory,
     )
 
 

@@ -155,3 +155,28 @@ class KerberosMisconfigured(GatewayError):
     status = 502
     stage = "kerberos"
     event = "kerberos_misconfigured"
+
+
+class MappingRefused(GatewayError):
+    """`identity.mapping = "strong"`: the certificate names an account but is not tied to it (identity.mapping)."""
+
+    status = 403
+    stage = "mapping"
+    event = "mapping_refused"
+
+
+class AccountRefused(GatewayError):
+    """The directory says the account is disabled, locked out or expired: refused before any KDC request."""
+
+    status = 403
+    stage = "mapping"
+    event = "account_refused"
+
+
+class DirectoryUnavailable(GatewayError):
+    """No directory server answered the look-up: never an admission, always 503 with Retry-After."""
+
+    status = 503
+    stage = "mapping"
+    event = "directory_unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "30"}

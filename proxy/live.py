@@ -178,6 +178,8 @@ def _carry_over(new: Gateway, old: Gateway) -> Gateway:
         new.delegator.close()
     if all(getattr(new.config, s) == getattr(old.config, s) for s in ("authentication", "identity", "kerberos")):
         keep["basic"] = old.basic
+    if new.config.directory == old.config.directory and new.config.kerberos == old.config.kerberos:
+        keep["directory"] = old.directory  # its account cache survives a reload that left it alone
     return dataclasses.replace(new, **keep)
 
 
@@ -189,6 +191,8 @@ async def _close(gw: Gateway, *, keep: Gateway | None) -> None:
         await gw.revocation.close()
     if keep is None or gw.delegator is not keep.delegator:
         gw.delegator.close()
+    if gw.directory is not None and (keep is None or gw.directory is not keep.directory):
+        gw.directory.close()
 
 
 def _changed(old: Config, new: Config) -> list[str]:

@@ -1,10 +1,13 @@
 """The request flow, in one place.
 
-    TLS handshake -> certificate -> restrictions -> revocation -> identity -> authentication
+    TLS handshake -> certificate -> restrictions -> revocation -> identity -> mapping -> authentication
         -> route -> impersonate + delegate (or, after a password, the user's own ticket) -> backend
 
 `authentication.mode` decides which of a certificate and Basic credentials a request needs
 (`proxy.auth.modes`); without a certificate the certificate stages are skipped, never failed open.
+With `identity.mapping` "strong" or "strong-or-audit" the mapping stage (`proxy.identity.mapping`) asks the
+directory whether the certificate belongs to the account its UPN names, and whether that account may sign
+in at all, before the KDC is asked for anything.
 
 Each stage returns its evidence (a verified certificate, a revocation status, a user principal, a
 delegated token) or raises a `proxy.errors.GatewayError`, which the middleware in `proxy.app` turns
@@ -14,12 +17,14 @@ into the local reply. Nothing reaches a backend before every stage has said yes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 
+import structlog
 from aiohttp import web
 from cryptography import x509
 
@@ -32,8 +37,10 @@ from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import VerifiedChains
 from proxy.certs.restrictions import admit
 from proxy.certs.revocation import CrlSet
-from proxy.config import Config, Route
+from proxy.config import Config, MappingMode, Route
+from proxy.directory import Directory
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
+from proxy.identity.mapping import Mapping, account_state, decide, no_account
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
@@ -41,6 +48,8 @@ from proxy.kerberos.delegate import Delegator
 from proxy.observability.trace import Trace
 from proxy.target import origin_form
 from proxy.tls.peer import presented_certificate, tls_facts
+
+log = structlog.get_logger("proxy")
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class Gateway:
     delegator: Delegator
     pools: Pools
     basic: BasicLogin
+    directory: Directory | None = None  # identity.mapping "strong" / "strong-or-audit"
 
     @cached_property
     def chains(self) -> VerifiedChains:
@@ -86,7 +96,12 @@ def identify(leaf: x509.Certificate, config: Config) -> UserPrincipal:
 def forget_tickets(gw: Gateway, leaf: x509.Certificate) -> None:
     """A refused certificate's user loses their cached delegated tickets: none outlives the certificate."""
     with contextlib.suppress(GatewayError):
-        gw.delegator.forget(identify(leaf, gw.config).principal)
+        user = identify(leaf, gw.config)
+        gw.delegator.forget(user.principal)
+        directory = gw.directory
+        account = directory.cached(user.upn) if directory is not None else None
+        if directory is not None and account is not None:  # strong mapping impersonated sAMAccountName@REALM
+            gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}")
 
 
 async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, now: datetime) -> UserPrincipal:
@@ -113,7 +128,37 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
     with trace.stage("identity"):
         user = gw.identify(verified.leaf)
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
+    if gw.directory is not None and gw.config.identity.mapping != "upn":
+        with trace.stage("mapping"):
+            mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity.mapping, trace, now)
+        if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
+            user = dataclasses.replace(user, principal=mapping.principal, realm=gw.directory.realm, enterprise=None)
+        if mapping.weak:
+            log.warning(
+                "weak_certificate_mapping",
+                upn=user.upn,
+                account=mapping.account_dn,
+                cert_serial=format(verified.serial, "x"),
+                detail=mapping.detail,
+            )
     return user
+
+
+async def map_certificate(
+    directory: Directory, leaf: x509.Certificate, user: UserPrincipal, mode: MappingMode, trace: Trace, now: datetime
+) -> Mapping:
+    """The mapping stage: the account the UPN names, its state, and whether the certificate is tied to it."""
+    account = await directory.lookup(user.upn)
+    if account is None:
+        mapping = no_account(user.upn, directory.base_dn, mode)  # refused in strong; weak in strong-or-audit
+        trace.note(**mapping.as_facts())
+        return mapping
+    trace.note(account_dn=account.dn, account_sid=str(account.sid))
+    account_state(account, now)  # disabled, locked out, expired: refused before any KDC request
+    mapping = decide(leaf, account, mode, directory.realm)
+    trace.note(**mapping.as_facts())
+    trace.detail("mapping", mapping=mapping)
+    return mapping
 
 
 async def backend_authorization(

@@ -59,6 +59,12 @@ class Metrics:
         )
         self.stage_seconds = Histogram("kcd_stage_seconds", "Time spent in each stage", ["stage"], registry=r)
         self.reloads = Counter("kcd_reloads", "Configuration reloads, by outcome", ["outcome"], registry=r)
+        self.mappings = Counter(
+            "kcd_certificate_mappings",
+            "Certificates admitted by the mapping stage, by rule (weak-audit: served only by strong-or-audit)",
+            ["rule"],
+            registry=r,
+        )
         self.open_connections: Callable[[], int] = lambda: 0
         self.crls: Callable[[], Iterable[CrlStatus]] = list
         self._clock = clock
@@ -84,6 +90,9 @@ class Metrics:
         refused_stage, refusal = facts.get("refused_stage"), str(facts.get("refusal", "refused"))
         if refused_stage is not None:
             self.refusals.labels(str(refused_stage), refusal).inc()
+        rule = facts.get("mapping")
+        if rule is not None:
+            self._child(self.mappings, str(rule)).inc()
         cached = facts.get("impersonation_cached")
         if refused_stage == "kerberos":
             self.kdc_requests.labels(refusal).inc()

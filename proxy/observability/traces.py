@@ -53,7 +53,7 @@ from proxy.config import Traces
 from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.trace import Trace
 
-STAGES = ("tls", "certificate", "revocation", "identity", "s4u2self", "s4u2proxy", "backend")
+STAGES = ("tls", "certificate", "revocation", "identity", "mapping", "s4u2self", "s4u2proxy", "backend")
 # Where a refusal's stage (`GatewayError.stage`) shows in the record's stages.
 _REFUSAL_STAGE = {"authentication": "identity", "restrictions": "certificate"}
 
@@ -235,6 +235,16 @@ def _identity(trace: Trace) -> dict[str, Any]:
     return {"rule": f.get("identity_source"), "upn": f.get("upn"), "principal": f.get("principal")}
 
 
+def _mapping(trace: Trace) -> dict[str, Any]:
+    """The mapping stage: the directory account, and the rule that tied the certificate to it (or why not)."""
+    f = trace.facts
+    out: dict[str, Any] = {"account": f.get("account_dn"), "sid": f.get("account_sid")}
+    if "mapping" in f:
+        out.update(rule=f["mapping"], mode=f.get("mapping_mode"), detail=f.get("mapping_detail"))
+        out["weak"] = bool(f.get("mapping_weak"))
+    return out
+
+
 def _backend(trace: Trace) -> dict[str, Any]:
     f = trace.facts
     return {
@@ -250,6 +260,7 @@ _STAGE_FACTS = {
     "certificate": _certificate,
     "revocation": _revocation,
     "identity": _identity,
+    "mapping": _mapping,
     "backend": _backend,
 }
 
@@ -349,6 +360,16 @@ def _describe_identity(s: dict[str, Any]) -> str:
     return f"{s.get('rule')}: {s.get('upn')} -> {s.get('principal')}"
 
 
+def _describe_mapping(s: dict[str, Any]) -> str:
+    account = f"{s.get('account')} ({s.get('sid')})" if s.get("account") else "no account found"
+    rule = s.get("rule")
+    if rule is None:
+        return account
+    if s.get("weak"):
+        return f"WEAK mapping served in audit mode: {account}; {s.get('detail')}"
+    return f"{rule}: {account}; {s.get('detail')}"
+
+
 def _describe_ticket(s: dict[str, Any]) -> str:
     what = "evidence ticket" if s.get("name") == "s4u2self" else "service ticket"
     if "client" not in s:
@@ -381,6 +402,7 @@ _DESCRIBE = {
     "certificate": _describe_certificate,
     "revocation": _describe_revocation,
     "identity": _describe_identity,
+    "mapping": _describe_mapping,
     "s4u2self": _describe_ticket,
     "s4u2proxy": _describe_ticket,
     "backend": _describe_backend,

@@ -14,6 +14,9 @@ backends:
 6. `negotiate <route>`: the upstream answers an unauthenticated request with 401 and
    `WWW-Authenticate: Negotiate`; `ticket <route>`: it accepts the delegated ticket (no 401 with it).
 7. `header-size <route>`: the `Authorization: Negotiate` header fits the backends' header limit.
+8. With a `[directory]`: `directory` binds (SASL GSSAPI with the keytab, or simple over ldaps) and asks the
+   server who it thinks we are; `directory-lookup` finds the canary user's account, reads its SID and
+   state, and says how many strong `altSecurityIdentities` entries it has.
 
 Checks that need a canary user are skipped without one (`--user`, or `[doctor] canary_user`). The clock is
 a parameter; the evaluations are pure functions of what the probes returned.
@@ -21,12 +24,13 @@ a parameter; the evaluations are pure functions of what the probes returned.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -153,7 +157,43 @@ def header_check(route: Route, header_bytes: int, limit: int, user: str) -> Chec
 
 
 def run(config: Config, *, user: str | None, clock: Callable[[], float] = time.time) -> list[Check]:
-    return list(_checks(config, user, clock))
+    checks = list(_checks(config, user, clock))
+    if config.directory is not None:
+        checks += asyncio.run(_directory_checks(config, user or config.doctor.canary_user, clock))
+    return checks
+
+
+async def _directory_checks(config: Config, upn: str | None, clock: Callable[[], float]) -> list[Check]:
+    """The directory bind, then the canary user's account as the mapping stage would read it."""
+    from proxy.directory import Directory
+    from proxy.identity import altsecid
+    from proxy.identity.mapping import account_state
+
+    assert config.directory is not None
+    directory = Directory(config.directory, config.kerberos)
+    try:
+        bound = await directory.check()
+    except GatewayError as e:
+        fix = (
+            'check [directory] urls and that the server answers from here; with bind = "kerberos" the gateway\'s '
+            'keytab must get a ticket for ldap/<host in the URL> (see kdc), with bind = "simple" check '
+            "bind_dn and password_file"
+        )
+        return [Check("directory", "fail", e.hint or e.reason, fix), Check("directory-lookup", "skip", "no bind")]
+    checks = [Check("directory", "pass", f"{bound.url} bound us as {bound.whoami!r} in {bound.ms:.0f} ms")]
+    if upn is None:
+        return [*checks, Check("directory-lookup", "skip", "no canary user: run with --user UPN")]
+    try:
+        account = await directory.account(upn)
+    except GatewayError as e:
+        return [*checks, Check("directory-lookup", "fail", e.reason, e.hint)]
+    strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
+    detail = f"{upn} is {account.dn}, {account.sid}; {strong} strong altSecurityIdentities entries"
+    try:
+        account_state(account, datetime.fromtimestamp(clock(), UTC))
+    except GatewayError as e:
+        return [*checks, Check("directory-lookup", "fail", f"{detail}; {e.reason}", e.hint)]
+    return [*checks, Check("directory-lookup", "pass", detail)]
 
 
 def _checks(config: Config, upn: str | None, clock: Callable[[], float]) -> Iterator[Check]:

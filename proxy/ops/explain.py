@@ -2,12 +2,13 @@
 
 The verdict comes from the gateway's own stage functions (`proxy.pipeline`): `certificate_user` (chain
 built from the configured CAs only, restrictions, revocation under the configured policy and CRLs,
-identity), the route for `path`, and with `kdc` the Delegator's S4U2Self + S4U2Proxy for the route's
-SPN, so a certificate stops here exactly where a request would. Around that verdict, explain shows the
-evidence: each certificate of the chain, the revocation decision and its source, the restriction rule
-that admitted it, the principal, the route and SPN, and (with `kdc`) whether the evidence ticket is
-forwardable (`proxy.kerberos.probe`). A refusal carries the stage, the reason a client would see and the
-administrator's fix. The validation time is a parameter (`--at`).
+identity, and the directory account when `identity.mapping` asks for one), the route for `path`, and
+with `kdc` the Delegator's S4U2Self + S4U2Proxy for the route's SPN, so a certificate stops here exactly
+where a request would. Around that verdict, explain shows the evidence: each certificate of the chain,
+the revocation decision and its source, the restriction rule that admitted it, the principal, the
+directory account and the rule that tied the certificate to it, the route and SPN, and (with `kdc`)
+whether the evidence ticket is forwardable (`proxy.kerberos.probe`). A refusal carries the stage, the
+reason a client would see and the administrator's fix. The validation time is a parameter (`--at`).
 """
 
 from __future__ import annotations
@@ -108,8 +109,6 @@ async def explain(
     except GatewayError as e:
         return _certificate_steps(out, gw, leaf, trace, at).refuse(_stage(e, gw, leaf, at), e)
     _certificate_steps(out, gw, leaf, trace, at)
-    out.upn, out.principal = user.upn, user.principal
-    out.steps.append(Step("identity", True, f"{user.upn} ({user.source}) -> Kerberos principal {user.principal}"))
     try:
         route = gw.config.route_for(origin_form(path).path, host)  # read as the gateway reads a request's path
     except BadRequest as e:
@@ -160,7 +159,27 @@ def _certificate_steps(
                 [f"source: {source}"] if source else [],
             )
         )
+    if "principal" in facts and "identity" in trace.ms:
+        out.upn, out.principal = facts["upn"], facts["principal"]
+        summary = f"{facts['upn']} ({facts['identity_source']}) -> Kerberos principal {facts['principal']}"
+        out.steps.append(Step("identity", True, summary))
+    if "mapping" in facts:
+        out.steps.append(_mapping_step(facts))
     return out
+
+
+def _mapping_step(facts: dict[str, Any]) -> Step:
+    """The mapping stage's decision: which account, which rule (or, in audit mode, why it is weak)."""
+    account = f"account {facts['account_dn']} ({facts['account_sid']})" if facts.get("account_dn") else "no account"
+    rule = facts["mapping"]
+    if rule == "sid-extension":
+        summary = f"the certificate's SID extension is the objectSid of {account}"
+    elif rule == "alt-security-identity":
+        summary = f"{account} lists the certificate in altSecurityIdentities"
+    else:
+        summary = f"WEAK: served only because mapping = 'strong-or-audit'; 'strong' refuses it ({account})"
+    details = [f"mapping = {facts['mapping_mode']!r}, rule {rule}", facts["mapping_detail"]]
+    return Step("mapping", True, summary, details)
 
 
 def _certificate_line(v: VerifiedCertificate) -> str:

@@ -146,3 +146,20 @@ def test_crl_ages_come_from_the_stores_status_list() -> None:
     labels = (("issuer", "CN=CA"), ("source", "crls.pem"))
     assert 3590 < got[("kcd_crl_age_seconds", labels)] < 3700
     assert 86000 < got[("kcd_crl_next_update_seconds", labels)] <= 86400
+
+
+def test_metrics_count_mapping_rules_and_refusals() -> None:
+    """Each mapping decision counts under its rule (weak-audit: what strong would refuse); refusals by event."""
+    m = Metrics()
+    for trace, status in [
+        (_trace(route="/", mapping="sid-extension"), 200),
+        (_trace(route="/", mapping="weak-audit"), 200),
+        (_trace(route="/", mapping="weak-audit"), 200),
+        (_trace(refused_stage="mapping", refusal="mapping_refused"), 403),
+    ]:
+        m.begin(trace)
+        m.observe(trace, status)
+    got = _scrape(m)
+    assert got[("kcd_certificate_mappings_total", (("rule", "sid-extension"),))] == 1
+    assert got[("kcd_certificate_mappings_total", (("rule", "weak-audit"),))] == 2
+    assert got[("kcd_refusals_total", (("reason", "mapping_refused"), ("stage", "mapping")))] == 1

@@ -77,7 +77,7 @@ def _trace(*, cached: bool, facts: S4UFacts | None = None, kerberos_ms: float = 
 def test_a_record_has_the_seven_stages_in_order_with_ticket_facts() -> None:
     """tls ... backend, the authentication step folded into identity, S4U stages with forwardable and cached."""
     record = build_record(_trace(cached=False), 200, 9.0)
-    assert [s["name"] for s in record["stages"]] == list(STAGES)
+    assert [s["name"] for s in record["stages"]] == [s for s in STAGES if s != "mapping"]  # mapping = "upn"
     assert (record["upn"], record["principal"], record["status"]) == ("alice@lab.test", "alice@LAB.TEST", 200)
     stages = {s["name"]: s for s in record["stages"]}
     assert stages["identity"]["ms"] == 0.06  # 0.05 identity + 0.01 authentication
@@ -216,3 +216,29 @@ def test_a_basic_sign_in_has_one_kerberos_stage_and_its_identity_from_the_passwo
     assert [s["name"] for s in stages] == ["tls", "identity", "kerberos", "backend"]
     assert (stages[1]["rule"], stages[1]["basic_cached"]) == ("basic", True)
     assert "s4u" not in json.dumps(stages)
+
+
+def test_the_mapping_stage_shows_between_identity_and_kerberos() -> None:
+    """With strong mapping the record has a mapping stage after identity: account, SID, rule; refusals land there."""
+    t = _trace(cached=False)
+    t.ms = {k: v for k, v in t.ms.items() if k in ("tls", "certificate", "revocation", "identity")}
+    t.ms["mapping"] = 0.4
+    t.note(account_dn="CN=alice,CN=Users,DC=ad,DC=test", account_sid="S-1-5-21-1-2-3-1105")
+    t.note(mapping="sid-extension", mapping_mode="strong", mapping_detail="S-1-5-21-1-2-3-1105", mapping_weak=False)
+    t.ms["authentication"], t.ms["kerberos"], t.ms["backend"] = 0.01, 1.0, 3.0
+    record = build_record(t, 200, 9.0)
+    assert [s["name"] for s in record["stages"]] == list(STAGES)
+    mapping = next(s for s in record["stages"] if s["name"] == "mapping")
+    assert (mapping["rule"], mapping["sid"], mapping["weak"]) == ("sid-extension", "S-1-5-21-1-2-3-1105", False)
+    assert "sid-extension: CN=alice,CN=Users,DC=ad,DC=test (S-1-5-21-1-2-3-1105)" in render_text([record])
+
+    refused = Trace()
+    refused.ms.update({"tls": 0.1, "certificate": 0.2, "revocation": 0.1, "identity": 0.05, "mapping": 0.3})
+    refused.note(upn="alice@ad.test", account_dn="CN=alice,CN=Users,DC=ad,DC=test", account_sid="S-1-5-21-1-2-3-1105")
+    refused.note(
+        refused_stage="mapping", reason="the certificate belongs to another account", refusal="mapping_refused"
+    )
+    refused.detail("refused", fix="revoke it")
+    record = build_record(refused, 403, 1.0)
+    assert record["refused"]["stage"] == "mapping"
+    assert next(s for s in record["stages"] if s["name"] == "mapping")["refused"] is True

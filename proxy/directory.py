@@ -1,0 +1,326 @@
+"""The directory: accounts looked up in Active Directory over LDAP, for the mapping stage.
+
+Theory of operation. `[identity] mapping = "strong"` needs, per user, the account's `objectSid`,
+`altSecurityIdentities` and state (`userAccountControl`, `lockoutTime`, `accountExpires`,
+`msDS-User-Account-Control-Computed`). `Directory.account(name)` finds the one account whose
+`userPrincipalName` is the certificate's UPN (or, for a UPN in the domain's own DNS name or a bare name,
+whose `sAMAccountName` is its user part, the implicit UPN AD also accepts) under `[directory] base_dn`.
+
+- Binding: `bind = "kerberos"` is SASL GSSAPI with the gateway's own keytab and principal (`[kerberos]`),
+  so no password exists anywhere; `bind = "simple"` binds as `bind_dn` with the password in
+  `password_file`, over ldaps:// only (the configuration refuses anything else).
+- Servers: `urls` are tried in order for each look-up; a server that does not answer within `timeout`
+  is skipped. When none answers the result is `DirectoryUnavailable` (503 with Retry-After): a look-up that
+  failed is never an admission, and never cached.
+- Cache: an account found (or found missing) is kept `cache_seconds`; concurrent look-ups for one name share
+  one LDAP search (single flight), so a burst of requests from one device costs one round trip.
+
+Library: bonsai (python-bonsai, maintained, on PyPI with Linux wheels). It wraps OpenLDAP's libldap and
+Cyrus SASL, so SASL GSSAPI is the same code `ldapsearch -Y GSSAPI` runs, and it has a native asyncio
+connection: searches wait on the socket in the event loop instead of a thread. ldap3 (pure Python) has no
+asyncio and no release since 2021; python-ldap is synchronous; msldap is asyncio but an offensive-security
+toolkit with its own Kerberos stack rather than the system's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import bonsai
+import structlog
+
+from proxy.config import Directory as DirectorySettings
+from proxy.config import Kerberos
+from proxy.errors import DirectoryUnavailable, GatewayError, KerberosMisconfigured, MappingRefused
+from proxy.identity.mapping import Account
+from proxy.identity.sid import Sid
+from proxy.kerberos.client import ldap_ticket
+
+log = structlog.get_logger("kcd-proxy.directory")
+
+CCACHE = "MEMORY:kcd-proxy-directory"  # the directory bind's credential cache (proxy.kerberos.client)
+CACHE_SIZE = 50_000  # accounts kept at most (a few hundred bytes each)
+ATTRIBUTES = [
+    "sAMAccountName",
+    "userPrincipalName",
+    "objectSid",
+    "altSecurityIdentities",
+    "userAccountControl",
+    "lockoutTime",
+    "accountExpires",
+    "msDS-User-Account-Control-Computed",
+]
+
+
+@dataclass(frozen=True)
+class BindCheck:
+    """What `doctor` reports about the directory: the server that answered and who it says we are."""
+
+    url: str
+    whoami: str
+    ms: float
+
+
+class Directory:
+    """Account look-ups with a per-account cache and single flight (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: DirectorySettings,
+        kerberos: Kerberos,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if kerberos.krb5_config is not None:  # SASL GSSAPI reads the krb5 profile from the environment
+            os.environ["KRB5_CONFIG"] = str(kerberos.krb5_config)
+        # The directory's service ticket is for ldap/<host as written in the URL>: libldap must not replace
+        # the name by what reverse DNS says (read by libldap from the environment when it initialises).
+        os.environ.setdefault("LDAPSASL_NOCANON", "on")
+        # The bind's tickets (proxy.kerberos.client) live in a memory cache that SASL GSSAPI finds as the
+        # default one; the rest of the gateway names its caches explicitly and never uses the default.
+        os.environ["KRB5CCNAME"] = CCACHE
+        self._settings = settings
+        self._kerberos = kerberos
+        self._clock = clock
+        self._cache: dict[str, tuple[float, Account | None]] = {}
+        self._flights: dict[str, asyncio.Future[Account | None]] = {}
+        self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
+        self._locks: dict[str, asyncio.Lock] = {}  # url -> its connection's turn (see _search_at)
+        self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
+        self.binds = 0  # connections opened and bound (a kept connection makes this 1 per server)
+
+    def _client(self, url: str) -> bonsai.LDAPClient:
+        client = bonsai.LDAPClient(url)
+        client.set_server_chase_referrals(False)
+        client.set_raw_attributes(["objectSid"])  # binary, never decoded as text
+        if self._settings.ca_file is not None:
+            client.set_ca_cert(str(self._settings.ca_file))
+            client.set_cert_policy("demand")
+        if self._settings.bind == "simple":
+            password = (self._settings.password_file.read_text() if self._settings.password_file else "").strip()
+            client.set_credentials("SIMPLE", user=self._settings.bind_dn, password=password)
+        else:
+            client.set_credentials("GSSAPI")  # the default cache, which _connection filled from the keytab
+        return client
+
+    async def account(self, name: str) -> Account:
+        """The account `name` (a UPN, or a bare sAMAccountName) names; MappingRefused if none or several."""
+        found = await self.lookup(name)
+        if found is None:
+            raise MappingRefused(
+                "no account in the directory has this name",
+                hint=f"no user with userPrincipalName or sAMAccountName {name!r} under {self._settings.base_dn}",
+            )
+        return found
+
+    async def lookup(self, name: str) -> Account | None:
+        """The account `name` names, or None; MappingRefused if several; DirectoryUnavailable if no server answers."""
+        key = name.casefold()
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None and now < cached[0]:
+            found = cached[1]
+        else:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = asyncio.ensure_future(self._search_and_keep(key, name))
+                flight.add_done_callback(lambda _: self._flights.pop(key, None))
+            found = await asyncio.shield(flight)
+        return found
+
+    @property
+    def base_dn(self) -> str:
+        return self._settings.base_dn
+
+    @property
+    def realm(self) -> str:
+        """The Kerberos realm of the directory's domain: base_dn's DC components (DC=corp,DC=com: CORP.COM)."""
+        return _domain(self._settings.base_dn).upper()
+
+    def cached(self, name: str) -> Account | None:
+        """The account `name` names, if a look-up found it and the cache still holds it (no directory request)."""
+        entry = self._cache.get(name.casefold())
+        return entry[1] if entry is not None else None
+
+    async def _search_and_keep(self, key: str, name: str) -> Account | None:
+        found = await self.search(name)
+        if self._settings.cache_seconds > 0:
+            now = self._clock()
+            self._cache[key] = (now + self._settings.cache_seconds, found)
+            if len(self._cache) > CACHE_SIZE:  # names come from verified certificates, but keep memory bounded
+                for stale in [k for k, (until, _) in self._cache.items() if until <= now]:
+                    del self._cache[stale]
+                while len(self._cache) > CACHE_SIZE:
+                    del self._cache[next(iter(self._cache))]  # the oldest look-up
+        return found
+
+    async def search(self, name: str) -> Account | None:
+        """One look-up, no cache: each URL in order until one answers."""
+        problems: list[str] = []
+        for url in self._settings.urls:
+            try:
+                entries = await self._search_at(url, _filter(name, self._settings.base_dn))
+            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured) as e:
+                problems.append(f"{url}: {_describe(e)}")
+                log.warning("directory_server_failed", url=url, error=_describe(e))
+                continue
+            self.searches += 1
+            if len(entries) > 1:
+                dns = ", ".join(str(entry.dn) for entry in entries)
+                raise MappingRefused(
+                    "the name matches several accounts in the directory",
+                    hint=f"{name!r} matches {dns}; a UPN must name one account",
+                )
+            return _account(entries[0]) if entries else None
+        raise DirectoryUnavailable(
+            "the directory cannot be reached; try again later",
+            hint="no directory server answered: " + "; ".join(problems),
+        )
+
+    async def _connection(self, url: str) -> Any:
+        """The open connection to `url`, or a new one (connect and bind: a KDC exchange with bind = "kerberos")."""
+        conn = self._connections.get(url)
+        if conn is None or conn.closed:
+            await self._tickets(url)
+            conn = await self._client(url).connect(is_async=True, timeout=self._settings.timeout)
+            self._connections[url] = conn
+            self.binds += 1
+        return conn
+
+    async def _tickets(self, url: str) -> None:
+        """bind = "kerberos": a TGT and the ldap/<host> ticket in CCACHE before SASL GSSAPI looks (a thread:
+        it may talk to the KDC)."""
+        if self._settings.bind == "kerberos":
+            host = urlsplit(url).hostname or ""
+            await asyncio.to_thread(ldap_ticket, self._kerberos, CCACHE, host)
+
+    async def _search_at(self, url: str, filter_exp: str) -> list[Any]:
+        # One operation at a time per connection: bonsai's asyncio connection waits for a result by
+        # registering the socket with the event loop, and a second operation's registration replaces the
+        # first's, which then never completes. Look-ups of different names queue here (a few ms each).
+        async with self._locks.setdefault(url, asyncio.Lock()):
+            return await self._search_locked(url, filter_exp)
+
+    async def _search_locked(self, url: str, filter_exp: str) -> list[Any]:
+        timeout = self._settings.timeout
+        for attempt in (1, 2):  # a kept connection the server has since closed fails once; a new one is tried
+            reused = url in self._connections
+            try:
+                async with asyncio.timeout(timeout * 2):  # connect (and bind), then search, each within timeout
+                    conn = await self._connection(url)
+                    result = await conn.search(
+                        self._settings.base_dn, bonsai.LDAPSearchScope.SUBTREE, filter_exp, ATTRIBUTES, timeout=timeout
+                    )
+            except (TimeoutError, bonsai.LDAPError, OSError):
+                self._drop(url)
+                if attempt == 2 or not reused:
+                    raise
+                continue
+            return [entry for entry in result if isinstance(entry, bonsai.LDAPEntry)]  # referrals are not accounts
+        raise AssertionError("unreachable")
+
+    def _drop(self, url: str) -> None:
+        conn = self._connections.pop(url, None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def close(self) -> None:
+        """Close the kept connections."""
+        for url in list(self._connections):
+            self._drop(url)
+
+    async def check(self) -> BindCheck:
+        """Bind to the first server that answers and read `base_dn` (`doctor`); who we are, when it says.
+
+        Samba answers the "Who am I?" extended operation (RFC 4532) with "not supported"; then the identity
+        shown is the one we bound as, and the read of the base entry proves the bind is good for searching."""
+        problems: list[str] = []
+        timeout = self._settings.timeout
+        bound_as = self._settings.bind_dn if self._settings.bind == "simple" else self._kerberos.principal
+        for url in self._settings.urls:
+            start = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeout * 3):
+                    await self._tickets(url)
+                    conn = await self._client(url).connect(is_async=True, timeout=timeout)
+                    try:
+                        await conn.search(self._settings.base_dn, bonsai.LDAPSearchScope.BASE, attrlist=["1.1"])
+                        try:
+                            who = str(await conn.whoami(timeout=timeout))
+                        except bonsai.LDAPError:
+                            who = f"{bound_as} (the server does not answer Who am I?)"
+                    finally:
+                        conn.close()
+            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured) as e:
+                problems.append(f"{url}: {_describe(e)}")
+                continue
+            return BindCheck(url, who, (time.perf_counter() - start) * 1000)
+        raise DirectoryUnavailable("no directory server answered", hint="; ".join(problems))
+
+
+def _filter(name: str, base_dn: str) -> str:
+    """The LDAP filter for the account `name` names: by UPN, or by sAMAccountName for the domain's own names."""
+    local, at, suffix = name.partition("@")
+    upn = f"(userPrincipalName={_escape(name)})" if at else ""
+    domain = _domain(base_dn)
+    sam = f"(sAMAccountName={_escape(local)})" if not at or suffix.casefold() == domain.casefold() else ""
+    return f"(&(objectCategory=person)(objectClass=user)(|{upn}{sam}))"
+
+
+def _escape(value: str) -> str:
+    """An assertion value for an LDAP filter (RFC 4515): `*`, `(`, `)`, `\\` and NUL as `\\xx`. Our own
+    because bonsai's `escape_filter_exp` writes NUL as `\\0`, which is not RFC 4515."""
+    return "".join(f"\\{ord(c):02x}" if c in "*()\\\0" else c for c in value)
+
+
+def _domain(base_dn: str) -> str:
+    """The DNS domain of a base DN: its DC components, in order."""
+    return ".".join(part.split("=", 1)[1] for part in base_dn.split(",") if part.strip().upper().startswith("DC="))
+
+
+def _first(entry: Any, attr: str, default: Any = None) -> Any:
+    values = entry.get(attr)
+    return values[0] if values else default
+
+
+def _int(entry: Any, attr: str) -> int:
+    value = _first(entry, attr, 0)
+    return int(value.decode() if isinstance(value, bytes) else value)
+
+
+def _account(entry: Any) -> Account:
+    """An LDAP entry to the facts the mapping stage needs (objectSid binary, the rest as AD writes them)."""
+    raw_sid = _first(entry, "objectSid")
+    if not isinstance(raw_sid, bytes):
+        raise MappingRefused("the account has no objectSid", hint=f"{entry.dn} returned no binary objectSid")
+    computed = entry.get("msDS-User-Account-Control-Computed")
+    alt = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in entry.get("altSecurityIdentities", []))
+    return Account(
+        dn=str(entry.dn),
+        sam_account_name=str(_first(entry, "sAMAccountName", "")),
+        upn=_first(entry, "userPrincipalName"),
+        sid=Sid.from_bytes(raw_sid),
+        alt_security_identities=alt,
+        user_account_control=_int(entry, "userAccountControl"),
+        lockout_time=_int(entry, "lockoutTime"),
+        account_expires=_int(entry, "accountExpires"),
+        computed_control=_int(entry, "msDS-User-Account-Control-Computed") if computed else None,
+    )
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "no answer in time"
+    if isinstance(e, GatewayError):
+        return f"{e.reason}: {e.hint}"
+    with contextlib.suppress(Exception):
+        return f"{type(e).__name__}: {e}"
+    return type(e).__name__

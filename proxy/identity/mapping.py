@@ -1,0 +1,179 @@
+"""The mapping stage: does this certificate belong to the account its UPN names?
+
+Theory of operation. The identity stage read a UPN from a certificate a trusted CA signed; a UPN only
+*names* an account. An enrolment template that lets the requester choose the subjectAltName (ESC1), or a
+computer object whose dNSHostName was changed (Certifried, CVE-2022-26923), gets a CA to sign any name,
+the domain administrator's included. Domain controllers stopped trusting names alone (KB5014754, full
+enforcement since 2025); with `[identity] mapping = "strong"` this gateway decides as they do. It finds the
+account in the directory (`proxy.directory`) and admits the certificate when one of these holds, in order:
+
+1. `sid-extension`: the certificate's SID extension (`proxy.identity.sid`) equals the account's `objectSid`;
+2. `alt-security-identity`: one of the account's strong `altSecurityIdentities` entries names the
+   certificate (`proxy.identity.altsecid`).
+
+The principal the gateway then impersonates is the account found, `sAMAccountName@REALM` (the realm of
+the directory's domain), not the name read from the certificate: a UPN and a principal built from it by
+`realm_map` can name two different accounts (mallory's UPN `alice@corp.example` mapped to `alice@AD.TEST`
+is alice's account), and the KDC must be asked for the account the certificate was proven to belong to.
+
+A SID extension naming another account is refused even if an `altSecurityIdentities` entry matches: the CA
+said the certificate is someone else's, which is exactly the attack. Otherwise the refusal says why: no SID
+extension (and no strong entry), or a SID of another account; and what fixes it.
+
+`mapping = "strong-or-audit"` decides the same way but serves a weakly mapped certificate, with a warning
+(`weak_certificate_mapping`), so an operator can find those certificates before enforcing. A SID of another
+account is refused in both modes: it is never a migration problem.
+
+Before any of that, the account itself (`account_state`): disabled (`userAccountControl` bit
+ACCOUNTDISABLE), locked out (`lockoutTime` set, or `msDS-User-Account-Control-Computed` bit LOCKOUT when the
+directory computes it) or expired (`accountExpires` in the past) is refused here, before the KDC is asked
+for anything, in every mode that reads the directory. Pure: the account and the time are parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from cryptography import x509
+
+from proxy.config import MappingMode
+from proxy.errors import AccountRefused, MappingRefused
+from proxy.identity import altsecid
+from proxy.identity.altsecid import AltSecurityIdentity
+from proxy.identity.sid import Sid, certificate_sid
+
+Rule = Literal["sid-extension", "alt-security-identity", "weak-audit"]
+
+# userAccountControl and msDS-User-Account-Control-Computed bits ([MS-ADTS] 2.2.16)
+UF_ACCOUNTDISABLE = 0x0002
+UF_LOCKOUT = 0x0010
+# accountExpires: 0 and 0x7FFFFFFFFFFFFFFF both mean "never"; otherwise 100 ns intervals since 1601-01-01 UTC
+_NEVER = (0, 0x7FFFFFFFFFFFFFFF)
+_FILETIME_EPOCH = datetime(1601, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Account:
+    """What the directory says about one account: the facts the mapping stage needs, nothing else."""
+
+    dn: str
+    sam_account_name: str
+    upn: str | None
+    sid: Sid
+    alt_security_identities: tuple[str, ...] = ()
+    user_account_control: int = 0
+    lockout_time: int = 0  # FILETIME; 0 when not locked out
+    account_expires: int = 0  # FILETIME; 0 or 0x7FFFFFFFFFFFFFFF: never
+    computed_control: int | None = None  # msDS-User-Account-Control-Computed, when the directory returns it
+
+
+def filetime(value: int) -> datetime:
+    """A Windows FILETIME (100 ns since 1601) as a UTC datetime."""
+    return _FILETIME_EPOCH + timedelta(microseconds=value // 10)
+
+
+def account_state(account: Account, now: datetime) -> None:
+    """Refuse (AccountRefused) a disabled, locked-out or expired account; return quietly otherwise."""
+    who = account.upn or account.sam_account_name
+    if account.user_account_control & UF_ACCOUNTDISABLE:
+        raise AccountRefused(
+            "the account is disabled",
+            hint=f"{who} ({account.dn}) has ACCOUNTDISABLE in userAccountControl; "
+            f"enable it (samba-tool user enable / Enable-ADAccount) if this user should get in",
+        )
+    computed = account.computed_control
+    locked = computed & UF_LOCKOUT if computed is not None else account.lockout_time not in _NEVER
+    if locked:
+        raise AccountRefused(
+            "the account is locked out",
+            hint=f"{who} ({account.dn}) is locked out (lockoutTime set); "
+            "unlock it (samba-tool user unlock / Unlock-ADAccount) or wait for the lockout duration",
+        )
+    if account.account_expires not in _NEVER and filetime(account.account_expires) <= now:
+        raise AccountRefused(
+            "the account has expired",
+            hint=f"{who} ({account.dn}) expired at {filetime(account.account_expires).isoformat()} "
+            "(accountExpires); extend it (samba-tool user setexpiry / Set-ADAccountExpiration)",
+        )
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Evidence of the mapping stage: which account, and which rule tied the certificate to it."""
+
+    mode: MappingMode
+    account_dn: str
+    account_sid: str
+    rule: Rule
+    detail: str  # the matching SID or altSecurityIdentities entry; for weak-audit, why it is weak
+    weak: bool = False  # strong-or-audit served a certificate that strong would refuse
+    principal: str = ""  # the account's own principal, sAMAccountName@REALM: whom the KDC is asked for
+
+    def as_facts(self) -> dict[str, str | bool]:
+        """The trace's and log's view of the decision."""
+        principal = {"principal": self.principal} if self.principal else {}
+        return {
+            **principal,
+            "mapping": self.rule,
+            "mapping_mode": self.mode,
+            "account_dn": self.account_dn,
+            "account_sid": self.account_sid,
+            "mapping_detail": self.detail,
+            "mapping_weak": self.weak,
+        }
+
+
+def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: str = "") -> Mapping:
+    """Admit `cert` for `account` (of the domain whose realm is `realm`) under `mode` ("strong" or
+    "strong-or-audit"), or raise MappingRefused."""
+    principal = f"{account.sam_account_name}@{realm}" if realm else ""
+    try:
+        cert_sid = certificate_sid(cert)
+    except ValueError as e:
+        raise MappingRefused(
+            "the certificate's SID extension cannot be read",
+            hint=f"{e}; ask the CA to reissue the certificate (AD CS writes the SID extension for the enrollee)",
+        ) from None
+    where = f"{account.upn or account.sam_account_name} ({account.dn}, {account.sid})"
+    if cert_sid is not None and cert_sid != account.sid:
+        raise MappingRefused(
+            "the certificate belongs to another account (SID of another account)",
+            hint=f"its SID extension names {cert_sid}, but its UPN names {where}: a certificate issued for one "
+            "account carrying another's name (ESC1, CVE-2022-26923); revoke it and check the template "
+            "that issued it (does it let the requester supply the subject?)",
+        )
+    if cert_sid is not None:
+        return Mapping(mode, account.dn, str(account.sid), "sid-extension", str(cert_sid), principal=principal)
+    entries = [altsecid.parse(raw) for raw in account.alt_security_identities]
+    for entry in entries:
+        if entry.strong and altsecid.matches(entry, cert):
+            return Mapping(mode, account.dn, str(account.sid), "alt-security-identity", entry.raw, principal=principal)
+    why = _weak_reason(entries, cert)
+    fix = (
+        f"issue certificates with the SID extension (AD CS does since KB5014754), or add a strong mapping "
+        f"to {account.dn}: altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
+    )
+    if mode == "strong-or-audit":
+        return Mapping(mode, account.dn, str(account.sid), "weak-audit", f"{why}; {fix}", True, principal)
+    raise MappingRefused(f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}")
+
+
+def no_account(name: str, base_dn: str, mode: MappingMode) -> Mapping:
+    """No account has the certificate's name: `strong` refuses; `strong-or-audit` serves it as weakly mapped
+    (the KDC still decides whether the name is a user: an account outside base_dn, a trusted domain's)."""
+    where = f"no user with userPrincipalName or sAMAccountName {name!r} under {base_dn}"
+    if mode != "strong-or-audit":
+        raise MappingRefused("no account in the directory has this name", hint=where)
+    detail = f"{where}; the certificate cannot be mapped strongly: extend [directory] base_dn or reissue it"
+    return Mapping(mode, "", "", "weak-audit", detail, True, "")
+
+
+def _weak_reason(entries: list[AltSecurityIdentity], cert: x509.Certificate) -> str:
+    weak = [e for e in entries if not e.strong and altsecid.weakly_matches(e, cert)]
+    if weak:
+        return f"no SID extension; only a weak altSecurityIdentities entry matches ({weak[0].kind})"
+    if any(e.strong for e in entries):
+        return "no SID extension; no strong mapping: no altSecurityIdentities entry names this certificate"
+    return "no SID extension; no strong mapping"

@@ -1,0 +1,438 @@
+"""Strong certificate mapping against the Samba AD DC: real certificates, the real directory, the real KDC.
+
+Each certificate of `proxy.lab.ad_mapping` goes through a real gateway inside the realm's namespace, with
+curl as the device, in `strong` and in `strong-or-audit`; the gateway looks the account up over LDAP with
+a Kerberos (SASL GSSAPI) bind, and the Exchange stand-in says who it served.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.lab import ad, ad_mapping
+from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, status_and_body
+
+pytestmark = pytest.mark.timeout(AD_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def realm(ad_realm: ad.AdRealm) -> Iterator[ad.AdRealm]:
+    """The AD realm with the mapping accounts and certificates (frank, grace, heidi, ivan; SID extensions);
+    the DC's name in /etc/netns/<namespace>/hosts while this module runs."""
+    ad_mapping.ensure(ad_realm)
+    yield ad_realm
+    ad_mapping.forget_names(ad_realm)
+
+
+def start_gateway(
+    realm: ad.AdRealm,
+    directory: Path,
+    backend: AdProcess,
+    mode: str,
+    directory_text: str | None = None,
+    identity: str = "",
+) -> AdProcess:
+    """`kcd-proxy run` inside the namespace with `[identity] mapping = mode` (and `identity` lines), and the
+    realm's directory (or `directory_text`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = realm.free_port()
+    text = ad_mapping.gateway_config(realm, mode, port=port, backend_port=backend.port, directory_text=directory_text)
+    text = text.replace("[identity]\n", "[identity]\n" + identity, 1)
+    text += f'\n[traces]\nexport = "{directory / "traces.jsonl"}"\n'
+    config = directory / "gateway.toml"
+    config.write_text(text)
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    return _start(realm, argv, port, directory / "gateway.log", scheme="https")
+
+
+@pytest.fixture(scope="module")
+def strong(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdProcess]:
+    gw = start_gateway(realm, tmp_path_factory.mktemp("strong"), ad_backend, "strong")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def audit(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdProcess]:
+    gw = start_gateway(realm, tmp_path_factory.mktemp("audit"), ad_backend, "strong-or-audit")
+    yield gw
+    gw.stop()
+
+
+def curl(realm: ad.AdRealm, gw: AdProcess, name: str) -> tuple[int, str, dict[str, str]]:
+    """curl inside the namespace with a mapping certificate (or, for a bare user name, the realm's plain one)."""
+    cert, key = ad_mapping.cert(realm, name), ad_mapping.key(realm, name)
+    if not cert.exists():
+        cert, key = realm.user_cert(name), realm.user_key(name)
+    argv = ["curl", "-sS", "--max-time", "30", "--cacert", str(realm.pki.root_cert), "--cert", str(cert)]
+    argv += ["--key", str(key), "-D", "/dev/stderr", "-w", "\n%{http_code}", f"{gw.url}/Microsoft-Server-ActiveSync"]
+    done = realm.run(argv, timeout=60)
+    status, body = status_and_body(done)
+    headers = {}
+    for line in done.stderr.splitlines():
+        name_, sep, value = line.partition(":")
+        if sep:
+            headers[name_.strip().lower()] = value.strip()
+    return status, body, headers
+
+
+def summary(gw: AdProcess, upn: str) -> dict[str, Any]:
+    """The gateway's last summary line for `upn`."""
+    return gw.wait_event("request", upn=upn)
+
+
+def served_as(body: str) -> str:
+    principal: str = json.loads(body)["principal"]
+    return principal
+
+
+# -- strong ------------------------------------------------------------------------------------------------------
+
+
+def test_sid_extension_of_the_account_is_admitted(realm: ad.AdRealm, strong: AdProcess) -> None:
+    """alice's certificate with her own objectSid in the SID extension: served as alice, rule sid-extension."""
+    status, body, _ = curl(realm, strong, "alice-sid")
+    assert status == 200, body
+    assert served_as(body) == "alice@AD.TEST"
+    line = summary(strong, "alice@ad.test")
+    assert (line["mapping"], line["mapping_weak"]) == ("sid-extension", False)
+    assert line["account_sid"] == str(ad_mapping.object_sid(realm, "alice"))
+
+
+@pytest.mark.parametrize("mode", ["strong", "audit"])
+def test_upn_of_one_user_with_the_sid_of_another_is_refused(
+    realm: ad.AdRealm, mode: str, request: pytest.FixtureRequest
+) -> None:
+    """alice's UPN with bob's SID (ESC1, Certifried): 403 at mapping in both modes; the KDC is never asked."""
+    gw: AdProcess = request.getfixturevalue(mode)
+    status, body, headers = curl(realm, gw, "alice-bob-sid")
+    assert status == 403, body
+    assert headers["x-kcd-refused-stage"] == "mapping"
+    assert "SID of another account" in body
+    event = gw.wait_event("mapping_refused", upn="alice@ad.test")
+    assert str(ad_mapping.object_sid(realm, "bob")) in event["fix"]
+    assert "kerberos" not in summary(gw, "alice@ad.test")["ms"]
+
+
+def test_no_sid_extension_is_refused_with_the_fix(realm: ad.AdRealm, strong: AdProcess) -> None:
+    """The realm's plain certificate for bob (UPN only): 403 'no SID extension'; the fix names the entry to add."""
+    status, body, headers = curl(realm, strong, "bob")
+    assert status == 403, body
+    assert headers["x-kcd-refused-stage"] == "mapping"
+    assert "no SID extension" in body
+    event = strong.wait_event("mapping_refused", upn="bob@ad.test")
+    assert "altSecurityIdentities: X509:<I>" in event["fix"]
+
+
+def test_strong_alt_security_identity_is_admitted(realm: ad.AdRealm, strong: AdProcess) -> None:
+    """frank's certificate has no SID extension, his account lists it by issuer and reversed serial: served."""
+    status, body, _ = curl(realm, strong, "frank-altsec")
+    assert status == 200, body
+    assert served_as(body) == "frank@AD.TEST"
+    line = summary(strong, "frank@ad.test")
+    assert line["mapping"] == "alt-security-identity"
+    assert "<SR>" in line["mapping_detail"]
+
+
+def test_weak_mapping_only_is_refused(realm: ad.AdRealm, strong: AdProcess) -> None:
+    """grace's account lists her certificate by issuer and subject only (weak): 403, the weak kind named."""
+    status, body, _ = curl(realm, strong, "grace-weak")
+    assert status == 403, body
+    assert "X509IssuerSubject" in body
+
+
+@pytest.mark.parametrize(
+    ("name", "upn", "reason"),
+    [
+        ("dave-sid", "dave@ad.test", "disabled"),
+        ("heidi-sid", "heidi@ad.test", "locked out"),
+        ("ivan-sid", "ivan@ad.test", "expired"),
+    ],
+)
+def test_account_state_is_refused_before_the_kdc(
+    realm: ad.AdRealm, strong: AdProcess, name: str, upn: str, reason: str
+) -> None:
+    """Disabled, locked-out and expired accounts with a valid SID certificate: 403 with that reason, no KDC request."""
+    status, body, headers = curl(realm, strong, name)
+    assert status == 403, body
+    assert reason in body
+    assert headers["x-kcd-refused-stage"] == "mapping"
+    event = strong.wait_event("account_refused", upn=upn)
+    assert event["fix"]
+    assert "kerberos" not in summary(strong, upn)["ms"]
+
+
+def test_trace_shows_the_mapping_stage(realm: ad.AdRealm, strong: AdProcess) -> None:
+    """The exported trace of a mapped request has the mapping stage between identity and S4U2Self."""
+    curl(realm, strong, "alice-sid")
+    export = Path(strong.log_path.parent / "traces.jsonl")
+    records = [json.loads(line) for line in export.read_text().splitlines()]
+    record = next(r for r in reversed(records) if r["upn"] == "alice@ad.test" and r["status"] == 200)
+    names = [s["name"] for s in record["stages"]]
+    assert names.index("identity") < names.index("mapping") < names.index("s4u2self")
+    mapping = record["stages"][names.index("mapping")]
+    assert (mapping["rule"], mapping["account"]) == ("sid-extension", "CN=alice,CN=Users,DC=ad,DC=test")
+
+
+# -- strong-or-audit ---------------------------------------------------------------------------------------------
+
+
+def test_audit_serves_weakly_mapped_certificates_with_a_warning(realm: ad.AdRealm, audit: AdProcess) -> None:
+    """In strong-or-audit the plain certificate and grace's weak one are served, each with a warning and the fix."""
+    for name, upn in (("bob", "bob@ad.test"), ("grace-weak", "grace@ad.test")):
+        status, body, _ = curl(realm, audit, name)
+        assert status == 200, body
+        assert served_as(body) == upn.split("@")[0] + "@AD.TEST"
+        warning = audit.wait_event("weak_certificate_mapping", upn=upn)
+        assert "altSecurityIdentities: X509:<I>" in warning["detail"]
+        assert summary(audit, upn)["mapping"] == "weak-audit"
+
+
+def test_audit_admits_strong_mappings_without_a_warning(realm: ad.AdRealm, audit: AdProcess) -> None:
+    """In strong-or-audit a SID-extension and an altSecurityIdentities certificate are served as in strong."""
+    for name, upn, rule in (
+        ("alice-sid", "alice@ad.test", "sid-extension"),
+        ("frank-altsec", "frank@ad.test", "alt-security-identity"),
+    ):
+        status, body, _ = curl(realm, audit, name)
+        assert status == 200, body
+        assert summary(audit, upn)["mapping"] == rule
+    assert not [e for e in audit.events("weak_certificate_mapping") if e["upn"] in ("alice@ad.test", "frank@ad.test")]
+
+
+def test_audit_still_refuses_account_state(realm: ad.AdRealm, audit: AdProcess) -> None:
+    """Audit mode is about mapping only: a disabled account is refused there too."""
+    status, body, _ = curl(realm, audit, "dave-sid")
+    assert (status, "disabled" in body) == (403, True)
+
+
+# -- the directory ------------------------------------------------------------------------------------------------
+
+
+def test_directory_down_is_503_with_retry_after(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path) -> None:
+    """No directory server answers: 503 with Retry-After for a SID certificate, never an admission."""
+    dead = ad_mapping.directory_table(realm, urls=(f"ldap://127.0.0.1:{realm.free_port()}",))
+    for mode in ("strong", "strong-or-audit"):
+        gw = start_gateway(realm, tmp_path / mode, ad_backend, mode, directory_text=dead)
+        try:
+            for name in ("alice-sid", "bob"):
+                status, body, headers = curl(realm, gw, name)
+                assert status == 503, body
+                assert headers["retry-after"]
+                assert headers["x-kcd-refused-stage"] == "mapping"
+            gw.wait_event("directory_unavailable")
+        finally:
+            gw.stop()
+
+
+def test_second_server_is_used_when_the_first_is_down(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path) -> None:
+    """urls are tried in order: a dead first server, then the DC, and the request is served."""
+    urls = (f"ldap://127.0.0.1:{realm.free_port()}", f"ldap://{realm.dc_host}")
+    gw = start_gateway(
+        realm, tmp_path, ad_backend, "strong", directory_text=ad_mapping.directory_table(realm, urls=urls)
+    )
+    try:
+        status, body, _ = curl(realm, gw, "alice-sid")
+        assert status == 200, body
+        gw.wait_event("directory_server_failed", url=urls[0])
+    finally:
+        gw.stop()
+
+
+_CACHE_PROBE = """
+import asyncio, json, sys
+from pathlib import Path
+from proxy import config
+from proxy.directory import Directory
+
+async def main():
+    cfg = config.load(Path(sys.argv[1]))
+    d = Directory(cfg.directory, cfg.kerberos)
+    first = await asyncio.gather(*(d.account("alice@ad.test") for _ in range(20)))
+    after_burst = d.searches
+    await d.account("ALICE@ad.test")
+    later = d.searches
+    names = ["bob@ad.test", "dave@ad.test", "frank@ad.test", "grace@ad.test", "heidi@ad.test", "ivan@ad.test"]
+    others = await asyncio.wait_for(asyncio.gather(*(d.account(n) for n in names)), 30)
+    print(json.dumps({"burst": after_burst, "later": later, "sids": sorted({str(a.sid) for a in first}),
+                      "others": [a.sam_account_name for a in others], "distinct": d.searches - later,
+                      "binds": d.binds}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(("cache_seconds", "burst", "later"), [(300, 1, 1), (0, 1, 2)])
+def test_cache_and_single_flight_against_the_dc(
+    realm: ad.AdRealm, tmp_path: Path, cache_seconds: int, burst: int, later: int
+) -> None:
+    """20 concurrent look-ups of one account make one LDAP search; a later one is served from the cache
+    (cache_seconds = 300) or searches again (cache_seconds = 0); six different accounts at once, over the
+    one kept connection, are six searches that all complete."""
+    cfg = tmp_path / "gateway.toml"
+    directory_text = ad_mapping.directory_table(realm, cache_seconds=cache_seconds)
+    cfg.write_text(ad_mapping.gateway_config(realm, "strong", directory_text=directory_text))
+    done = realm.run([sys.executable, "-c", textwrap.dedent(_CACHE_PROBE), str(cfg)], timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["burst"], result["later"]) == (burst, later)
+    assert result["sids"] == [str(ad_mapping.object_sid(realm, "alice"))]
+    assert (result["others"], result["distinct"]) == (["bob", "dave", "frank", "grace", "heidi", "ivan"], 6)
+    assert result["binds"] == 1  # one kept connection served them all (none timed out and was replaced)
+
+
+# -- explain and doctor -------------------------------------------------------------------------------------------
+
+
+def _command(realm: ad.AdRealm, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(ad_mapping.gateway_config(realm, "strong"))
+    argv = [sys.executable, "-m", "proxy", *args, "--config", str(cfg)]
+    return realm.run(argv, timeout=120)
+
+
+def test_explain_shows_the_mapping_stage(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """explain: alice-sid accepted with a mapping step naming the rule; alice-bob-sid refused at mapping."""
+    done = _command(realm, tmp_path, "explain", "--cert", str(ad_mapping.cert(realm, "alice-sid")), "--json")
+    answer = json.loads(done.stdout)
+    assert answer["accepted"] is True, done
+    mapping = next(s for s in answer["steps"] if s["stage"] == "mapping")
+    assert "SID extension is the objectSid of account CN=alice,CN=Users,DC=ad,DC=test" in mapping["summary"]
+    done = _command(realm, tmp_path, "explain", "--cert", str(ad_mapping.cert(realm, "alice-bob-sid")), "--json")
+    answer = json.loads(done.stdout)
+    assert (answer["accepted"], answer["stage"]) == (False, "mapping"), done
+    assert "SID of another account" in answer["reason"]
+    assert [s["stage"] for s in answer["steps"]][-2:] == ["identity", "mapping"]
+
+
+def test_doctor_checks_the_bind_and_the_canary_lookup(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """doctor: the Kerberos bind to the DC passes, and the canary user's account is found with its SID."""
+    done = _command(realm, tmp_path, "doctor", "--user", "alice@ad.test")
+    lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))}
+    assert lines["directory"].startswith("PASS"), done.stdout
+    assert "svc-kcdproxy@AD.TEST" in lines["directory"]
+    assert lines["directory-lookup"].startswith("PASS"), done.stdout
+    assert str(ad_mapping.object_sid(realm, "alice")) in lines["directory-lookup"]
+
+
+def test_doctor_names_a_disabled_canary(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """doctor with a disabled canary: the look-up fails and says the account is disabled."""
+    done = _command(realm, tmp_path, "doctor", "--user", "dave@ad.test")
+    line = next(line for line in done.stdout.splitlines() if " directory-lookup " in f" {line} ")
+    assert line.startswith("FAIL"), done.stdout
+    assert "disabled" in line
+
+
+def test_the_mapped_account_is_impersonated_not_the_name(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """mallory's UPN is alice@corp.example and realm_map sends corp.example to AD.TEST: her rightly issued
+    certificate is served as mallory@AD.TEST (the account the mapping found), never as alice@AD.TEST."""
+    identity = 'realm_map = { "corp.example" = "AD.TEST" }\n'
+    gw = start_gateway(realm, tmp_path, ad_backend, "strong", identity=identity)
+    try:
+        status, body, _ = curl(realm, gw, "mallory-sid")
+        assert status == 200, body
+        assert served_as(body) == "mallory@AD.TEST"
+        line = summary(gw, ad_mapping.MALLORY_UPN)
+        assert (line["principal"], line["mapping"]) == ("mallory@AD.TEST", "sid-extension")
+    finally:
+        gw.stop()
+
+
+def test_simple_bind_over_ldaps(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path) -> None:
+    """bind = "simple" over ldaps:// with the DC's CA: alice's SID certificate is served; a wrong password
+    is 503 (the directory refuses us: never an admission) and the log says the bind failed."""
+    ca = realm.samba_dir / "private" / "tls" / "ca.pem"
+    for password, expected in ((ad.SERVICE_PASSWORD.format(account=ad.GATEWAY_ACCOUNT), 200), ("wrong", 503)):
+        directory = tmp_path / str(expected)
+        directory.mkdir()
+        (directory / "ldap.pw").write_text(password + "\n")
+        text = f"""
+[directory]
+urls = ["ldaps://{realm.dc_host}"]
+base_dn = "{realm.base_dn}"
+bind = "simple"
+bind_dn = "CN={ad.GATEWAY_ACCOUNT},CN=Users,{realm.base_dn}"
+password_file = "{directory / "ldap.pw"}"
+ca_file = "{ca}"
+"""
+        gw = start_gateway(realm, directory, ad_backend, "strong", directory_text=text)
+        try:
+            status, body, _ = curl(realm, gw, "alice-sid")
+            assert status == expected, body
+            if expected == 503:
+                assert "Invalid credentials" in gw.wait_event("directory_server_failed")["error"]
+        finally:
+            gw.stop()
+
+
+_SILENT_SERVER = """
+import socket, sys, time
+s = socket.socket()
+s.bind((sys.argv[2], int(sys.argv[1])))
+s.listen(16)
+held = []
+while True:
+    conn, _ = s.accept()
+    held.append(conn)  # accepted, never answered: a hung directory server
+"""
+
+
+def test_hung_directory_server_is_503_within_its_timeout(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """A server that accepts the connection and never answers: 503 after [directory] timeout, not a hung request."""
+    port = realm.free_port()
+    argv = [sys.executable, "-c", _SILENT_SERVER, str(port), realm.dc_address]
+    silent = realm.popen(argv, log=tmp_path / "silent.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not realm.port_answers(port, realm.dc_address):
+            assert silent.poll() is None, (tmp_path / "silent.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        # the DC's name (the Kerberos bind gets its ticket for ldap/dc1.ad.test), a port where nothing answers
+        text = ad_mapping.directory_table(realm, urls=(f"ldap://{realm.dc_host}:{port}",)) + "timeout = 1\n"
+        gw = start_gateway(realm, tmp_path / "gw", ad_backend, "strong", directory_text=text)
+        try:
+            status, body, headers = curl(realm, gw, "alice-sid")
+            assert status == 503, body
+            assert headers["retry-after"]
+            assert gw.wait_event("directory_server_failed")["error"] == "no answer in time"
+            assert summary(gw, "alice@ad.test")["ms"]["mapping"] < 10_000  # bounded by the timeout, not curl's
+        finally:
+            gw.stop()
+    finally:
+        silent.kill()
+        silent.wait()
+
+
+def test_a_name_no_account_has(realm: ad.AdRealm, strong: AdProcess, audit: AdProcess) -> None:
+    """ghost@ad.test, no account: strong refuses at mapping; audit lets the KDC decide (it refuses), with a warning."""
+    status, body, headers = curl(realm, strong, "ghost")
+    assert (status, headers["x-kcd-refused-stage"]) == (403, "mapping"), body
+    assert "no account in the directory" in body
+    status, body, headers = curl(realm, audit, "ghost")
+    assert (status, headers["x-kcd-refused-stage"]) == (403, "kerberos"), body
+    assert "under DC=ad,DC=test" in audit.wait_event("weak_certificate_mapping", upn="ghost@ad.test")["detail"]
+
+
+def test_doctor_names_a_kerberos_bind_that_gets_no_ticket(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """The DC by its address (no ldap/10.213.0.1 SPN): the directory check fails and says why, with the fix."""
+    cfg = tmp_path / "gateway.toml"
+    text = ad_mapping.directory_table(realm, urls=(f"ldap://{realm.dc_address}",))
+    cfg.write_text(ad_mapping.gateway_config(realm, "strong", directory_text=text))
+    done = realm.run([sys.executable, "-m", "proxy", "doctor", "--config", str(cfg)], timeout=120)
+    line = next(line for line in done.stdout.splitlines() if line.split()[1:2] == ["directory"])
+    assert line.startswith("FAIL"), done.stdout
+    assert f"no Kerberos ticket for the directory at ldap/{realm.dc_address}" in line

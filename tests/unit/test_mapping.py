@@ -1,0 +1,398 @@
+"""Strong certificate mapping, the pure core: SIDs, the SID extension, altSecurityIdentities, account state, decide."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.type import char, univ
+from pyasn1_modules import rfc5280
+
+from proxy.errors import AccountRefused, MappingRefused
+from proxy.identity import altsecid
+from proxy.identity.mapping import Account, account_state, decide, no_account
+from proxy.identity.sid import (
+    OBJECTSID_OID,
+    SID_EXTENSION_OID,
+    Sid,
+    certificate_sid,
+    sid_extension,
+    sid_from_extension_value,
+)
+from proxy.identity.upn import upn_other_name
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+ALICE_SID = Sid.parse("S-1-5-21-1004336348-1177238915-682003330-1105")
+ADMIN_SID = Sid.parse("S-1-5-21-1004336348-1177238915-682003330-500")
+CA_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "test"),
+        x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "ad"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "AD Test CA"),
+    ]
+)
+CA_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def certificate(
+    *, sid: Sid | None = None, serial: int = 0x123456, extensions: list[x509.ExtensionType] | None = None
+) -> x509.Certificate:
+    """A user certificate for alice@ad.test signed by the unit CA, with the SID extension when `sid` is given."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice")]))
+        .issuer_name(CA_NAME)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([upn_other_name("alice@ad.test"), x509.RFC822Name("alice@ad.test")]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if sid is not None:
+        builder = builder.add_extension(sid_extension(sid), critical=False)
+    for ext in extensions or []:
+        builder = builder.add_extension(ext, critical=False)
+    return builder.sign(CA_KEY, hashes.SHA256())
+
+
+def account(*alt: str, sid: Sid = ALICE_SID, **state: int) -> Account:
+    """Alice's account as the directory returns it, with `alt` as altSecurityIdentities and `state` fields."""
+    return Account(
+        dn="CN=alice,CN=Users,DC=ad,DC=test",
+        sam_account_name="alice",
+        upn="alice@ad.test",
+        sid=sid,
+        alt_security_identities=alt,
+        **state,
+    )
+
+
+# -- SIDs ------------------------------------------------------------------------------------------------------
+
+
+def test_sid_binary_round_trip_matches_ms_dtyp() -> None:
+    """S-1-5-21-x-y-z-RID is revision 1, count, 48-bit big-endian authority, little-endian sub-authorities."""
+    binary = ALICE_SID.to_bytes()
+    assert binary[:8] == bytes([1, 5, 0, 0, 0, 0, 0, 5])
+    assert binary[8:12] == (21).to_bytes(4, "little")
+    assert binary[-4:] == (1105).to_bytes(4, "little")
+    assert Sid.from_bytes(binary) == ALICE_SID
+    assert str(Sid.from_bytes(binary)) == "S-1-5-21-1004336348-1177238915-682003330-1105"
+    assert ALICE_SID.rid == 1105
+
+
+def test_sid_well_known_and_large_authority() -> None:
+    """Well-known SIDs parse; an authority of 2^32 or more is written in hex, as MS-DTYP says."""
+    assert str(Sid.parse("S-1-1-0")) == "S-1-1-0"
+    assert Sid.parse("s-1-5-21-1-2-3-1105") == Sid.parse("S-1-5-21-1-2-3-1105")
+    big = Sid(2**40, (7,))
+    assert str(big) == "S-1-0x010000000000-7"
+    assert Sid.parse(str(big)) == big
+    assert Sid.from_bytes(big.to_bytes()) == big
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["S-2-5-21-1", "S-1-5", "S-1-5-", "S1-5-21", " S-1-5-21-1", "S-1-5-21-1 ", "S-1-5--1", "S-1-5-99999999999", "X"],
+)
+def test_sid_string_refused(text: str) -> None:
+    """Other revisions, missing sub-authorities, spaces, empty parts and overflowing numbers are refused."""
+    with pytest.raises(ValueError, match="SID"):
+        Sid.parse(text)
+
+
+def test_sid_sixteen_sub_authorities_refused() -> None:
+    """A SID has at most 15 sub-authorities."""
+    with pytest.raises(ValueError, match="SID"):
+        Sid.parse("S-1-5" + "-1" * 16)
+
+
+@pytest.mark.parametrize(
+    "binary",
+    [
+        b"",
+        bytes([2, 1, 0, 0, 0, 0, 0, 5, 1, 0, 0, 0]),  # revision 2
+        bytes([1, 2, 0, 0, 0, 0, 0, 5, 1, 0, 0, 0]),  # says two sub-authorities, carries one
+        bytes([1, 1, 0, 0, 0, 0, 0, 5, 1, 0, 0, 0, 0xFF]),  # a trailing byte
+        bytes([1, 0, 0, 0, 0, 0, 0, 5]),  # no sub-authority
+    ],
+)
+def test_binary_sid_refused(binary: bytes) -> None:
+    """A binary SID with the wrong revision, length or count is refused, not read approximately."""
+    with pytest.raises(ValueError, match=r"SID|sub-authorities"):
+        Sid.from_bytes(binary)
+
+
+# -- the SID extension ----------------------------------------------------------------------------------------
+
+
+def test_sid_extension_encoding_is_what_ad_cs_writes() -> None:
+    """The value is GeneralNames{ otherName{ 1.3.6.1.4.1.311.25.2.1, [0] OCTET STRING "S-1-..." } }, byte for byte."""
+    sid = b"S-1-5-21-1004336348-1177238915-682003330-1105"
+    octets = bytes([0x04, len(sid)]) + sid
+    explicit = bytes([0xA0, len(octets)]) + octets
+    oid = bytes.fromhex("060a2b060104018237190201")
+    other = bytes([0xA0, len(oid) + len(explicit)]) + oid + explicit
+    expected = bytes([0x30, len(other)]) + other
+    assert sid_extension(ALICE_SID).value == expected
+    assert sid_from_extension_value(expected) == ALICE_SID
+
+
+def test_certificate_sid_read_and_absent() -> None:
+    """A certificate with the extension yields its SID; one without yields None (not an error)."""
+    assert certificate_sid(certificate(sid=ALICE_SID)) == ALICE_SID
+    assert certificate_sid(certificate()) is None
+
+
+def _names(type_id: str, value: bytes, *, count: int = 1) -> bytes:
+    names = rfc5280.GeneralNames()
+    for _ in range(count):
+        name = names.componentType.clone()
+        name["otherName"]["type-id"] = univ.ObjectIdentifier(type_id)
+        name["otherName"]["value"] = value
+        names.append(name)
+    encoded: bytes = der_encoder.encode(names)
+    return encoded
+
+
+@pytest.mark.parametrize(
+    ("der", "why"),
+    [
+        (b"\x04\x03abc", "not a GeneralNames"),
+        (_names("1.3.6.1.4.1.311.20.2.3", der_encoder.encode(univ.OctetString(b"S-1-5-21-1"))), "has type"),
+        (_names(OBJECTSID_OID, der_encoder.encode(char.UTF8String("S-1-5-21-1"))), "not an OCTET STRING"),
+        (_names(OBJECTSID_OID, der_encoder.encode(univ.OctetString(b"S-1-5-21-1")), count=2), "exactly one"),
+        (_names(OBJECTSID_OID, der_encoder.encode(univ.OctetString(b"S-1-5-21-1\x00"))), "not a SID"),
+        (_names(OBJECTSID_OID, der_encoder.encode(univ.OctetString("S-1-5-21-\u0661".encode()))), "not ASCII"),
+        (sid_extension(ALICE_SID).value + b"\x00", "trailing"),
+    ],
+)
+def test_malformed_sid_extension_refused(der: bytes, why: str) -> None:
+    """Another otherName type, another string type, two names, a NUL, non-ASCII digits, trailing bytes: refused."""
+    with pytest.raises(ValueError, match=why):
+        sid_from_extension_value(der)
+
+
+# -- altSecurityIdentities ------------------------------------------------------------------------------------
+
+
+def test_reversed_serial_as_windows_writes_it() -> None:
+    """<SR> is the serial's bytes reversed: 12:34:56 -> 563412; a high bit's leading 00 is part of the bytes."""
+    assert altsecid.reversed_serial(certificate(serial=0x123456)) == "563412"
+    assert altsecid.reversed_serial(certificate(serial=0x8001)) == "018000"
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "strong"),
+    [
+        ("X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>563412", "X509IssuerSerialNumber", True),
+        ("X509:<SKI>00ff", "X509SKI", True),
+        ("X509:<SHA1-PUKEY>" + "ab" * 20, "X509SHA1PublicKey", True),
+        ("X509:<I>DC=test,DC=ad,CN=AD Test CA<S>CN=alice", "X509IssuerSubject", False),
+        ("X509:<S>CN=alice", "X509SubjectOnly", False),
+        ("X509:<RFC822>alice@ad.test", "X509RFC822", False),
+        ("x509:<ski>00FF", "X509SKI", True),  # Windows compares the tags case-insensitively
+        ("X509:<I>CN=CA<S>CN=alice<SR>563412", "unknown", False),  # issuer, subject and serial: not a form
+        ("X509:<SKI>not-hex", "unknown", False),
+        ("X509:<SKI>abc", "unknown", False),  # odd number of hex digits
+        ("Kerberos:alice@AD.TEST", "unknown", False),
+        ("", "unknown", False),
+    ],
+)
+def test_alt_security_identity_kinds(raw: str, kind: str, strong: bool) -> None:
+    """Each documented form parses to its kind; only the three strong kinds are strong; the rest is unknown."""
+    entry = altsecid.parse(raw)
+    assert (entry.kind, entry.strong) == (kind, strong)
+
+
+def test_issuer_serial_matches_in_windows_and_rfc4514_order() -> None:
+    """<I>issuer<SR>serial matches with the issuer in Windows order or RFC 4514 order, values case-insensitive."""
+    cert = certificate(serial=0x123456)
+    for issuer in ("DC=test,DC=ad,CN=AD Test CA", "CN=AD Test CA,DC=ad,DC=test", "dc=TEST, dc=AD, cn=ad test ca"):
+        assert altsecid.matches(altsecid.parse(f"X509:<I>{issuer}<SR>563412"), cert), issuer
+
+
+def test_issuer_serial_not_reversed_does_not_match() -> None:
+    """The serial written big-endian (the way openssl prints it) does not match: Windows would not either."""
+    cert = certificate(serial=0x123456)
+    assert not altsecid.matches(altsecid.parse("X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>123456"), cert)
+
+
+def test_issuer_serial_of_another_issuer_does_not_match() -> None:
+    """The same serial from another CA is another certificate."""
+    cert = certificate(serial=0x123456)
+    assert not altsecid.matches(altsecid.parse("X509:<I>DC=test,DC=ad,CN=Other CA<SR>563412"), cert)
+
+
+def test_ski_and_sha1_entries_match() -> None:
+    """<SKI> matches the subject key identifier; <SHA1-PUKEY> the certificate's SHA-1 (or its key's)."""
+    cert = certificate()
+    ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    thumb = hashlib.sha1(cert.public_bytes(serialization.Encoding.DER), usedforsecurity=False).hexdigest()
+    assert altsecid.matches(altsecid.parse(f"X509:<SKI>{ski.upper()}"), cert)
+    assert altsecid.matches(altsecid.parse(f"X509:<SHA1-PUKEY>{thumb}"), cert)
+    assert altsecid.matches(altsecid.parse(f"X509:<SHA1-PUKEY>{altsecid.sha1_public_key(cert)}"), cert)
+    assert not altsecid.matches(altsecid.parse(f"X509:<SHA1-PUKEY>{'00' * 20}"), cert)
+
+
+def test_weak_entries_never_match_strongly() -> None:
+    """Subject, issuer+subject and RFC822 entries that do name the certificate still never count as strong."""
+    cert = certificate()
+    for raw in (
+        "X509:<S>CN=alice",
+        "X509:<I>DC=test,DC=ad,CN=AD Test CA<S>CN=alice",
+        "X509:<RFC822>alice@ad.test",
+    ):
+        entry = altsecid.parse(raw)
+        assert altsecid.weakly_matches(entry, cert), raw
+        assert not altsecid.matches(entry, cert), raw
+
+
+def test_issuer_serial_entry_written_for_a_certificate_matches_it() -> None:
+    """The entry the fix text proposes is one that matches the certificate."""
+    cert = certificate(serial=0xABCDEF0102)
+    entry = altsecid.issuer_serial_entry(cert)
+    assert entry == "X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>0201efcdab00"
+    assert altsecid.matches(altsecid.parse(entry), cert)
+
+
+# -- account state --------------------------------------------------------------------------------------------
+
+
+def filetime(at: datetime) -> int:
+    return int((at - datetime(1601, 1, 1, tzinfo=UTC)).total_seconds() * 10_000_000)
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        ({"user_account_control": 0x202}, "disabled"),
+        ({"user_account_control": 0x200, "lockout_time": filetime(NOW - timedelta(minutes=1))}, "locked out"),
+        ({"user_account_control": 0x200, "computed_control": 0x10}, "locked out"),
+        ({"user_account_control": 0x200, "account_expires": filetime(NOW - timedelta(seconds=1))}, "expired"),
+    ],
+)
+def test_account_state_refused(state: dict[str, Any], reason: str) -> None:
+    """Disabled, locked out (lockoutTime or the computed bit) and expired accounts are refused with that reason."""
+    with pytest.raises(AccountRefused, match=reason) as info:
+        account_state(replace(account(), **state), NOW)
+    assert info.value.status == 403
+    assert info.value.hint
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"user_account_control": 0x200},
+        {"user_account_control": 0x200, "account_expires": 0x7FFFFFFFFFFFFFFF},
+        {"user_account_control": 0x200, "account_expires": filetime(NOW + timedelta(days=1))},
+        # the lockout duration has passed: the directory computes "not locked" although lockoutTime is still set
+        {"user_account_control": 0x200, "lockout_time": filetime(NOW - timedelta(hours=2)), "computed_control": 0},
+    ],
+)
+def test_account_state_admitted(state: dict[str, Any]) -> None:
+    """An enabled account that never expires, or expires later, or whose lockout has lapsed, passes."""
+    account_state(replace(account(), **state), NOW)
+
+
+# -- the decision ---------------------------------------------------------------------------------------------
+
+
+def test_sid_extension_of_the_account_admits() -> None:
+    """The certificate's SID equals the account's objectSid: admitted by the sid-extension rule."""
+    mapping = decide(certificate(sid=ALICE_SID), account(), "strong")
+    assert (mapping.rule, mapping.detail, mapping.weak) == ("sid-extension", str(ALICE_SID), False)
+
+
+def test_sid_of_another_account_refused_in_both_modes() -> None:
+    """Alice's UPN with the administrator's SID (ESC1): refused even in audit mode, even with a strong entry."""
+    cert = certificate(sid=ADMIN_SID)
+    entry = altsecid.issuer_serial_entry(cert)
+    for mode in ("strong", "strong-or-audit"):
+        with pytest.raises(MappingRefused, match="SID of another account") as info:
+            decide(cert, account(entry), mode)
+        assert str(ADMIN_SID) in (info.value.hint or "")
+
+
+def test_strong_alt_security_identity_admits_without_sid() -> None:
+    """No SID extension, but the account lists the certificate by issuer and reversed serial: admitted."""
+    cert = certificate(serial=0x123456)
+    mapping = decide(cert, account("X509:<S>CN=alice", altsecid.issuer_serial_entry(cert)), "strong")
+    assert mapping.rule == "alt-security-identity"
+    assert "<SR>563412" in mapping.detail
+
+
+def test_no_sid_extension_refused_with_fix() -> None:
+    """No SID extension and no entry: 403 'no SID extension', and the fix names the entry to add."""
+    cert = certificate(serial=0x123456)
+    with pytest.raises(MappingRefused, match="no SID extension") as info:
+        decide(cert, account(), "strong")
+    assert info.value.status == 403
+    assert "altSecurityIdentities: X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>563412" in (info.value.hint or "")
+
+
+def test_weak_mapping_only_refused_and_named() -> None:
+    """Only a weak entry names the certificate: refused in strong mode, and the reason says which weak kind."""
+    with pytest.raises(MappingRefused, match="X509SubjectOnly"):
+        decide(certificate(), account("X509:<S>CN=alice"), "strong")
+
+
+def test_strong_entry_for_another_certificate_refused() -> None:
+    """An issuer+serial entry for another certificate of the same CA does not admit this one."""
+    other = certificate(serial=0x999999)
+    with pytest.raises(MappingRefused, match="no strong mapping"):
+        decide(certificate(serial=0x123456), account(altsecid.issuer_serial_entry(other)), "strong")
+
+
+def test_audit_mode_serves_weak_mapping_and_says_so() -> None:
+    """strong-or-audit admits a weakly mapped certificate, marked weak, with the reason and the fix."""
+    mapping = decide(certificate(), account("X509:<S>CN=alice"), "strong-or-audit")
+    assert (mapping.rule, mapping.weak) == ("weak-audit", True)
+    assert "X509SubjectOnly" in mapping.detail
+    assert "altSecurityIdentities: X509:<I>" in mapping.detail
+
+
+def test_malformed_sid_extension_refused_by_decide() -> None:
+    """A SID extension that does not parse is a refusal, in both modes, never 'no extension'."""
+    bad = x509.UnrecognizedExtension(SID_EXTENSION_OID, b"\x30\x00")
+    for mode in ("strong", "strong-or-audit"):
+        with pytest.raises(MappingRefused, match="cannot be read"):
+            decide(certificate(extensions=[bad]), account(), mode)
+
+
+def test_the_account_principal_is_what_the_kdc_is_asked_for() -> None:
+    """The mapping names the account's own principal (sAMAccountName@REALM), whatever the UPN said."""
+    mallory = Account(
+        dn="CN=mallory,CN=Users,DC=ad,DC=test", sam_account_name="mallory", upn="alice@corp.example", sid=ALICE_SID
+    )
+    assert decide(certificate(sid=ALICE_SID), mallory, "strong", "AD.TEST").principal == "mallory@AD.TEST"
+
+
+def test_reversed_serial_matches_with_or_without_the_sign_byte() -> None:
+    """<SR>0201efcdab00 (CryptoAPI, sign byte last) and <SR>0201efcdab both name serial 0xABCDEF0102."""
+    cert = certificate(serial=0xABCDEF0102)
+    for serial in ("0201efcdab00", "0201EFCDAB", "02:01:ef:cd:ab:00"):
+        assert altsecid.matches(altsecid.parse(f"X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>{serial}"), cert), serial
+    assert not altsecid.matches(altsecid.parse("X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>abcdef0102"), cert)
+
+
+def test_no_account_is_refused_in_strong_and_weak_in_audit() -> None:
+    """A name no account has: strong refuses it; strong-or-audit serves it as weak, impersonating by name."""
+    with pytest.raises(MappingRefused, match="no account"):
+        no_account("ghost@ad.test", "DC=ad,DC=test", "strong")
+    mapping = no_account("ghost@ad.test", "DC=ad,DC=test", "strong-or-audit")
+    assert (mapping.rule, mapping.weak, mapping.principal) == ("weak-audit", True, "")
+    assert "principal" not in mapping.as_facts()
