@@ -14,10 +14,11 @@ Negotiate` with a fresh token, so the first request of each backend connection a
 binds the connection to), and a backend that authenticates each request (Apache, IIS without
 `authPersistNonNTLM`) gets one too. A connection-bound backend ignores the later ones, which is harmless
 because the connection only ever carries this user. With `backend_binding = "connection"` only the first
-request of each backend connection carries a token, and the token is built only then (it is a third of a
-request's Kerberos cost): the user's connector decides when it hands out the connection, from whether that
-connection has already carried one of this user's tokens for this SPN and got an answer other than 401.
-A connection that answers 401 is closed, never reused. Any 401 from the
+request of each backend connection carries a token, and the token is built only then (building it was
+about a quarter of the gateway's CPU per request: bench/run.py, docs/performance.md): the user's connector
+decides when it hands out the connection, from whether that connection has already carried one of this
+user's tokens for this SPN and got an answer other than 401. On such a route a connection that answers
+401 is closed, never reused. Any 401 from the
 backend, whether a bare challenge, a `Negotiate` continuation (a KRB-ERROR such as clock skew or a
 replay) or a challenge for another scheme, means the backend did not accept the delegated ticket: the
 device gets 502, never a 401 it could not answer, and the log says what the backend wanted. The
