@@ -34,6 +34,7 @@ from proxy.live import Live
 from proxy.observability.logging import summary_line
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
+from proxy.tls.limits import ConnectionSlots, accept_connections, limit_header_block, listen_sockets
 from proxy.tls.server import gate_factory
 
 log = structlog.get_logger("proxy")
@@ -199,16 +200,22 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     handlers = runner.server
     live.metrics.open_connections = lambda: len(handlers.connections)
     listener = config.listener
-    server = await loop.create_server(
-        gate_factory(
-            handlers, lambda: live.ssl_context, listener.handshake_timeout, on_refused=live.metrics.handshake_refused
-        ),
-        listener.host,
-        listener.port,
-        reuse_address=True,
-        reuse_port=listener.workers > 1,  # each worker process binds the port; the kernel spreads connections
-        backlog=1024,
+    slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
+    live.metrics.accepted_connections = lambda: slots.open
+    live.metrics.connection_limit = listener.max_connections
+
+    def handler() -> asyncio.Protocol:
+        """aiohttp's request handler for a new connection, its header block capped (431 beyond)."""
+        protocol = handlers()
+        limit_header_block(protocol, listener.max_header_bytes, live.metrics.headers_refused)
+        return protocol
+
+    factory = gate_factory(
+        handler, lambda: live.ssl_context, listener.handshake_timeout, on_refused=live.metrics.handshake_refused
     )
+    # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
+    sockets = listen_sockets(listener.host, listener.port, reuse_port=listener.workers > 1, backlog=1024)
+    accepting = [loop.create_task(accept_connections(sock, factory, slots)) for sock in sockets]
     log.info("listening", bind=f"{listener.host}:{listener.port}", routes=[r.prefix for r in config.routes])
     # What start-up built (libraries, trust list, CRLs, routes) lives as long as the process: out of the
     # collector's sight, full collections stop walking it (they were 6% of the CPU under load: bench/run.py).
@@ -224,7 +231,10 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             watcher.cancel()
         if admin is not None:
             await admin.cleanup()
-        server.close()
+        for task in accepting:
+            task.cancel()
+        for sock in sockets:
+            sock.close()
         await runner.cleanup()
         await live.close()
         live.traces.close()

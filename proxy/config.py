@@ -44,6 +44,13 @@ DirectoryBind = Literal["kerberos", "simple"]
 DIRECTORY_BINDS: tuple[DirectoryBind, ...] = ("kerberos", "simple")
 
 
+# One 64 KiB Kerberos token (87 KiB of base64 in `Authorization: Negotiate`) plus ordinary headers and cookies.
+DEFAULT_MAX_HEADER_BYTES = 128 * 1024
+MAX_FIELD_BYTES = 96 * 1024  # one header field (aiohttp's max_field_size): the same token with room to spare
+MIN_HEADER_BYTES = 8 * 1024  # below this ordinary browsers and devices are refused
+DEFAULT_MAX_CONNECTIONS = 10_000
+
+
 @dataclass(frozen=True)
 class Listener:
     host: str
@@ -56,6 +63,8 @@ class Listener:
     client_send_timeout: float = 60.0  # idle while the device does not take the answer's bytes
     max_body_bytes: int = 64 * 1024 * 1024
     workers: int = 1  # processes serving the port (SO_REUSEPORT when more than one); see proxy.workers
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # a request's whole header block (431 beyond); proxy.tls.limits
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open client connections per worker; more wait in the backlog
 
 
 @dataclass(frozen=True)
@@ -370,7 +379,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         "listener",
         {
             *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
-            *("client_body_timeout", "client_send_timeout", "workers"),
+            *("client_body_timeout", "client_send_timeout", "workers", "max_header_bytes", "max_connections"),
         },
     )
     host, port = _host_port(r, "listener.bind", r.get(t, "listener.bind", "bind", str))
@@ -385,7 +394,17 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         client_send_timeout=_number(r, t, "listener", "client_send_timeout", float, 60.0),
         max_body_bytes=_number(r, t, "listener", "max_body_bytes", int, 64 * 1024 * 1024),
         workers=_number(r, t, "listener", "workers", int, 1),
+        max_header_bytes=_max_header_bytes(r, t),
+        max_connections=_number(r, t, "listener", "max_connections", int, DEFAULT_MAX_CONNECTIONS),
     )
+
+
+def _max_header_bytes(r: _Reader, t: dict[str, Any]) -> int:
+    value = _number(r, t, "listener", "max_header_bytes", int, DEFAULT_MAX_HEADER_BYTES)
+    if value < MIN_HEADER_BYTES:
+        r.problem("listener.max_header_bytes", f"at least {MIN_HEADER_BYTES} bytes, got {value}")
+        return DEFAULT_MAX_HEADER_BYTES
+    return value
 
 
 def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:

@@ -127,6 +127,11 @@ class AuthenticationRequired(GatewayError):
     event = "authentication_required"
 
 
+class UserUnknown(AuthenticationRequired):
+    """The KDC does not know the user: to the client the same 401 as a wrong password. The gateway uses the
+    difference only to answer both alike (`proxy.auth.basic.Pace`), never to say which it was."""
+
+
 class TooManyAttempts(GatewayError):
     """Too many failed logins for this user or from this address: refused without asking the KDC."""
 

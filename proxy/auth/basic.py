@@ -9,25 +9,44 @@ backend then gets a Negotiate token from that TGT, or, on routes with `backend_a
 client's own Basic header, and on no other route.
 
 A device polls (ActiveSync every few seconds to minutes), so a verified password is remembered for
-`authentication.basic_cache_seconds` (default 60): the cache keeps, per principal, a salted scrypt hash
-of the password (the salt is random per process; the password itself is never kept), the time it was
-verified and the user's credentials. A request whose password hashes the same within that time is
-served without the KDC. Any other password, or the same one after the time, is checked with the KDC
-again, and a refusal drops the entry at once: a cached entry never outlives a failed re-verification.
+`authentication.basic_cache_seconds` (default 60): the cache keeps, per user, a salted scrypt hash of
+the password (the salt is random per process; the password itself is never kept), the time it was
+verified, who the KDC said the user is and the user's credentials. A request whose password hashes the
+same within that time is served without the KDC, as that user. Any other password, or the same one
+after the time, is checked with the KDC again; a failed re-verification of the cached password drops
+the entry, a wrong *other* password does not (a guess says nothing about the password the KDC accepted).
 The price is that a password changed or an account disabled in the directory keeps working from the
-cache for at most that long.
+cache for at most that long (a disabled or locked account drops the entry as soon as the KDC says so).
+
+User keys follow the directory: Active Directory compares user names without regard to case, so
+`ALICE`, `Alice` and `alice` are one user to the cache, the throttle and the per-user lock (a
+case-sensitive KDC such as MIT's only gets stricter throttling from that). The key folds case the
+Unicode way, which merges more than the directory does (`straße` and `strasse`): harmless for a
+throttle, so a cache hit is further served only to a name equal to the verified one up to ASCII case,
+and as the user the KDC verified, never the spelling of the request.
 
 Wrong passwords (and unknown users: both are the same 401, challenge again) are slowed down twice
 over, per user (`basic_failures_per_user`, default 5) and per client address
-(`basic_failures_per_address`, default 20): once a key reaches its limit, further attempts are refused
-with 429 and `Retry-After` for 1 s, then 2, 4, ... up to 5 minutes, without asking the KDC. That keeps
-a phone with a stale password from tripping the directory's own lockout policy (AD's), and a password
-sprayer from trying many users. A key is forgotten 15 minutes after its last failure, a user's count
-after a success. A disabled or locked account gets 403 and does not count (the KDC says so whatever
-the password). The per-user throttle can keep a user out for a while when someone else guesses at the
-password, as a directory's lockout would, but only for minutes; a password matching a fresh cache
-entry is still served while its *address* is throttled, so a sprayer behind the same NAT does not
-shut out devices that are already signed in.
+(`basic_failures_per_address`, default 20). An attempt counts against both *before* it is hashed or
+sent to the KDC: at most `limit - failures` attempts of one key are in flight at once, so 100 wrong
+passwords sent at once from one address cannot all reach the KDC. Once a key reaches its limit,
+further attempts are refused with 429 and `Retry-After` for 1 s, then 2, 4, ... up to 5 minutes,
+without asking the KDC and without hashing anything. That keeps a phone with a stale password from
+tripping the directory's own lockout policy (AD's), and a password sprayer from trying many users. A
+key is forgotten 15 minutes after its last failure, a user's count after a success. A disabled or
+locked account gets 403 and does not count (the KDC says so whatever the password).
+
+The throttles hold back guesses, not users who are signed in: a password matching a fresh cache entry
+is served while its user or its address is throttled, so someone guessing at alice's password, or a
+sprayer behind the same NAT, does not shut out alice's devices. Telling that device from the guesser
+takes one hash, so a throttled attempt is hashed only when its user has a fresh cache entry; otherwise
+it is refused before any hashing.
+
+Known and unknown users answer alike. The KDC answers "no such user" at once, while for an existing
+account the client library derives a key from the password (PBKDF2, about 8 ms here) and the KDC does
+more work; the difference (1 against 10 ms in the lab) would list the directory's users. A refused
+sign-in (401 or 429) is therefore answered no sooner than the slowest of the last 32 password checks of
+existing accounts took (`Pace`): both answers leave at the same moment, and the wait costs no CPU.
 
 Pure parts (`parse_basic`, `CredentialCache`, `Throttle`) take the time as a parameter; `BasicLogin`
 is the I/O edge, running the KDC exchange in a thread, bounded in number (`kerberos.max_in_flight`)
@@ -44,14 +63,22 @@ import hmac
 import os
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.config import Authentication, Identity, Kerberos, Route
-from proxy.errors import AuthenticationRequired, GatewayError, IdentityRejected, KerberosRefused, TooManyAttempts
-from proxy.identity.principal import UserPrincipal, map_name
+from proxy.errors import (
+    AuthenticationRequired,
+    GatewayError,
+    IdentityRejected,
+    KerberosRefused,
+    TooManyAttempts,
+    UserUnknown,
+)
+from proxy.identity.principal import UserPrincipal, ascii_lower, map_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
 
@@ -61,6 +88,14 @@ _SCRYPT = {"n": 2**10, "r": 8, "p": 1, "dklen": 32}  # 1 MiB and about 2 ms per 
 _THROTTLE_BASE = 1.0  # seconds of the first refusal once a key reaches its limit; doubles with each failure
 _THROTTLE_CAP = 300.0
 _THROTTLE_FORGET = 900.0  # seconds after its last failure when a key starts afresh
+_PACE_SEED = 0.05  # seconds: the refusal pace before any password check of an existing account was timed
+_PACE_SAMPLES = 32
+
+
+def user_key(principal: str) -> str:
+    """The key of a user for the cache, the throttle and the lock: names compared as the directory does
+    (Active Directory: without regard to case), so `ALICE@LAB.TEST` and `alice@LAB.TEST` are one user."""
+    return principal.casefold()
 
 
 @dataclass(frozen=True)
@@ -97,11 +132,14 @@ def parse_basic(value: str | None) -> BasicCredentials | None:
 class _Entry:
     digest: bytes = field(repr=False)
     expires: float
+    user: UserPrincipal  # who the KDC verified (not the spelling of a later request)
     ticket: UserTicket = field(repr=False)
 
 
 class CredentialCache:
-    """Verified passwords, as salted scrypt hashes, each trusted for `ttl` seconds; least recently used out first."""
+    """Verified passwords, as salted scrypt hashes, each trusted for `ttl` seconds; least recently used out first.
+
+    Keys are `user_key`s: one entry per user however a request spells the name."""
 
     def __init__(self, ttl: float, *, max_entries: int = 10_000) -> None:
         self._ttl = ttl
@@ -109,27 +147,35 @@ class CredentialCache:
         self._salt = os.urandom(16)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
-    def digest(self, principal: str, password: bytes) -> bytes:
+    def digest(self, key: str, password: bytes) -> bytes:
         """The hash kept instead of the password (CPU-bound, about 2 ms: call it from a thread)."""
-        return hashlib.scrypt(password, salt=self._salt + principal.encode(), **_SCRYPT)
+        return hashlib.scrypt(password, salt=self._salt + key.encode(), **_SCRYPT)
 
-    def get(self, principal: str, digest: bytes, now: float) -> UserTicket | None:
-        entry = self._entries.get(principal)
+    def fresh(self, key: str, now: float) -> bool:
+        """Whether `key` has an entry still within its time (no hashing needed to know)."""
+        entry = self._entries.get(key)
+        return entry is not None and now < entry.expires
+
+    def get(self, key: str, digest: bytes, now: float) -> _Entry | None:
+        entry = self._entries.get(key)
         if entry is None or now >= entry.expires or not hmac.compare_digest(entry.digest, digest):
             return None
-        self._entries.move_to_end(principal)
-        return entry.ticket
+        self._entries.move_to_end(key)
+        return entry
 
-    def put(self, principal: str, digest: bytes, ticket: UserTicket, now: float) -> None:
+    def put(self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float) -> None:
         if self._ttl <= 0:
             return
-        self._entries[principal] = _Entry(digest, now + self._ttl, ticket)
-        self._entries.move_to_end(principal)
+        self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
+        self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
-    def forget(self, principal: str) -> None:
-        self._entries.pop(principal, None)
+    def forget(self, key: str, digest: bytes | None = None) -> None:
+        """Drop the entry of `key`; with `digest`, only if it is that password's (the KDC refused it)."""
+        entry = self._entries.get(key)
+        if entry is not None and (digest is None or hmac.compare_digest(entry.digest, digest)):
+            del self._entries[key]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -140,10 +186,15 @@ class _Failures:
     count: int = 0
     last: float = 0.0
     blocked_until: float = 0.0
+    in_flight: int = 0  # attempts admitted and not yet answered by the KDC
 
 
 class Throttle:
-    """Failed logins per key: after `limit` of them, refusals for 1, 2, 4 ... seconds (at most 5 minutes)."""
+    """Failed logins per key: after `limit` of them, refusals for 1, 2, 4 ... seconds (at most 5 minutes).
+
+    Attempts in flight count too: a key with `failures` recent failures may have at most
+    `limit - failures` attempts (at least one) in flight at once, so concurrent attempts cannot all get
+    past the check before the first of them fails."""
 
     def __init__(self, limit: int, *, max_keys: int = 100_000) -> None:
         self._limit = limit
@@ -151,24 +202,69 @@ class Throttle:
         self._keys: OrderedDict[str, _Failures] = OrderedDict()
 
     def wait(self, key: str, now: float) -> float:
-        """Seconds `key` must still wait before its next attempt is looked at (0: go ahead)."""
+        """Seconds `key` must still wait before its next attempt may start (0: go ahead)."""
         state = self._keys.get(key)
-        return 0.0 if state is None else max(0.0, state.blocked_until - now)
+        if state is None:
+            return 0.0
+        if state.blocked_until > now:
+            return state.blocked_until - now
+        count = state.count if now - state.last <= _THROTTLE_FORGET else 0
+        return 0.0 if state.in_flight < max(1, self._limit - count) else _THROTTLE_BASE
+
+    def begin(self, key: str, now: float) -> None:
+        """An attempt of `key` is admitted: it counts as in flight until `end`."""
+        self._state(key, now).in_flight += 1
+
+    def end(self, key: str, now: float, *, failed: bool) -> None:
+        """The attempt `begin` admitted is over; `failed`: it was a wrong password or an unknown user."""
+        state = self._keys.get(key)
+        if state is not None:
+            state.in_flight = max(0, state.in_flight - 1)
+        if failed:
+            self.failed(key, now)
+        elif state is not None and state.in_flight == 0 and state.count == 0:
+            del self._keys[key]
 
     def failed(self, key: str, now: float) -> None:
-        state = self._keys.pop(key, None)
-        if state is None or now - state.last > _THROTTLE_FORGET:
-            state = _Failures()
+        state = self._state(key, now)
         state.count += 1
         state.last = now
         if state.count >= self._limit:
             state.blocked_until = now + min(_THROTTLE_CAP, _THROTTLE_BASE * 2 ** min(state.count - self._limit, 20))
+
+    def succeeded(self, key: str) -> None:
+        state = self._keys.get(key)
+        if state is not None:
+            state.count, state.blocked_until = 0, 0.0
+
+    def _state(self, key: str, now: float) -> _Failures:
+        """The state of `key`, made the most recent; failures older than the forget time start afresh."""
+        state = self._keys.pop(key, None) or _Failures()
+        if state.count and now - state.last > _THROTTLE_FORGET:
+            state.count, state.blocked_until = 0, 0.0
         self._keys[key] = state
         while len(self._keys) > self._max:
             self._keys.popitem(last=False)
+        return state
 
-    def succeeded(self, key: str) -> None:
-        self._keys.pop(key, None)
+
+class Pace:
+    """How long a password check of an existing account takes: the slowest of the last few.
+
+    A refused sign-in is answered no sooner than that after it arrived, so "no such user" (the KDC
+    answers at once) and "wrong password" (key derivation and more KDC work) cannot be told apart by
+    their timing. Only checks of existing accounts are timed, so a flood of unknown names cannot
+    lower the pace."""
+
+    def __init__(self, seed: float = _PACE_SEED, samples: int = _PACE_SAMPLES) -> None:
+        self._recent: deque[float] = deque([seed], maxlen=samples)
+
+    def observe(self, seconds: float) -> None:
+        self._recent.append(seconds)
+
+    @property
+    def floor(self) -> float:
+        return max(self._recent)
 
 
 @dataclass(frozen=True)
@@ -194,37 +290,54 @@ class BasicLogin:
         self._users = Throttle(settings.basic_failures_per_user)
         self._addresses = Throttle(settings.basic_failures_per_address)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.pace = Pace()
 
     def required(self, reason: str) -> AuthenticationRequired:
         """A 401 that asks for Basic credentials."""
         return AuthenticationRequired(reason, challenge=self.challenge)
 
     async def login(self, credentials: BasicCredentials, client: str) -> PasswordLogin:
-        """The user the credentials prove, from the cache or after asking the KDC."""
+        """The user the credentials prove, from the cache or after asking the KDC.
+
+        A refusal (401, 429) is answered at the pace of a check of an existing account (`Pace`)."""
+        started = time.monotonic()
+        try:
+            return await self._login(credentials, client, started)
+        except (AuthenticationRequired, TooManyAttempts):
+            await asyncio.sleep(max(0.0, started + self.pace.floor - time.monotonic()))
+            raise
+
+    async def _login(self, credentials: BasicCredentials, client: str, started: float) -> PasswordLogin:
         user = self._user(credentials.username)
-        digest = await asyncio.to_thread(self._cache.digest, user.principal, credentials.password)
-        ticket = self._cache.get(user.principal, digest, time.monotonic())
-        if ticket is not None:
-            return PasswordLogin(user, ticket, credentials.header, cached=True)
-        lock = self._locks.setdefault(user.principal, asyncio.Lock())
-        async with lock:  # one KDC check per user at a time; the ones waiting may then find it cached
-            ticket = self._cache.get(user.principal, digest, time.monotonic())
-            if ticket is not None:
-                return PasswordLogin(user, ticket, credentials.header, cached=True)
-            self._refuse_if_throttled(user.principal.casefold(), client, time.monotonic())
-            try:
-                ticket = await self._kdc(login_blocking, user, credentials.password)
-            except KerberosRefused:  # disabled, locked, expired: said whatever the password, so not a guess
-                self._cache.forget(user.principal)
-                raise
-            except AuthenticationRequired as e:  # a wrong password, or no such user
-                self._cache.forget(user.principal)
-                self._users.failed(user.principal.casefold(), time.monotonic())
-                self._addresses.failed(client, time.monotonic())
-                raise AuthenticationRequired(e.reason, hint=e.hint, challenge=self.challenge) from None
-            self._users.succeeded(user.principal.casefold())
-            self._cache.put(user.principal, digest, ticket, time.monotonic())
-            return PasswordLogin(user, ticket, credentials.header, cached=False)
+        key = user_key(user.principal)
+        digest = None
+        if self._cache.fresh(key, started):  # the signed-in device, or a guess at its password: one hash decides
+            digest = await self._digest(key, credentials.password)
+            entry = self._cached(key, digest, user)
+            if entry is not None:
+                return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
+        async with self._attempt(key, client) as attempt:  # refused here (429) before any hashing of its own
+            if digest is None:
+                digest = await self._digest(key, credentials.password)
+            async with self._lock(key):  # one KDC check per user at a time; the ones waiting may find it cached
+                entry = self._cached(key, digest, user)
+                if entry is not None:
+                    return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
+                try:
+                    ticket = await self._kdc(login_blocking, user, credentials.password)
+                except KerberosRefused:  # disabled, locked, expired: said whatever the password, so not a guess
+                    self._cache.forget(key)
+                    raise
+                except AuthenticationRequired as e:  # a wrong password, or no such user
+                    attempt.failed = True
+                    if not isinstance(e, UserUnknown):
+                        self.pace.observe(time.monotonic() - started)
+                    self._cache.forget(key, digest)  # only if the KDC refused the very password it had accepted
+                    raise AuthenticationRequired(e.reason, hint=e.hint, challenge=self.challenge) from None
+                self.pace.observe(time.monotonic() - started)
+                self._users.succeeded(key)
+                self._cache.put(key, digest, user, ticket, time.monotonic())
+                return PasswordLogin(user, ticket, credentials.header, cached=False)
 
     async def authorization(self, login: PasswordLogin, route: Route) -> str:
         """The backend's Authorization: the client's Basic header where the route says so, else Negotiate."""
@@ -248,14 +361,43 @@ class BasicLogin:
             )
         return user
 
-    def _refuse_if_throttled(self, user_key: str, client: str, now: float) -> None:
-        wait = max(self._users.wait(user_key, now), self._addresses.wait(client, now))
+    def _cached(self, key: str, digest: bytes, user: UserPrincipal) -> _Entry | None:
+        """The fresh entry `digest` matches, served only to a name equal to the verified one up to ASCII case:
+        the key folds case the Unicode way (`straße` and `strasse` share a throttle), which would equate
+        names the directory keeps apart."""
+        entry = self._cache.get(key, digest, time.monotonic())
+        if entry is None or ascii_lower(entry.user.principal) != ascii_lower(user.principal):
+            return None
+        return entry
+
+    async def _digest(self, key: str, password: bytes) -> bytes:
+        return await asyncio.to_thread(self._cache.digest, key, password)
+
+    @asynccontextmanager
+    async def _attempt(self, key: str, client: str) -> AsyncIterator[_Attempt]:
+        """Admit an attempt that may reach the KDC, counting it against the user and the address until it
+        ends; refuse it (429) when either key has no attempt left. Nothing is awaited between the check
+        and the count, so concurrent attempts see each other."""
+        now = time.monotonic()
+        wait = max(self._users.wait(key, now), self._addresses.wait(client, now))
         if wait > 0:
             raise TooManyAttempts(
                 "too many failed sign-ins; wait and try again",
-                hint=f"failed logins for {user_key} or from {client} are throttled for {wait:.0f} s more",
+                hint=f"failed logins for {key} or from {client} are throttled for {wait:.0f} s more",
                 challenge={"Retry-After": str(max(1, round(wait)))},
             )
+        attempt = _Attempt()
+        self._users.begin(key, now)
+        self._addresses.begin(client, now)
+        try:
+            yield attempt
+        finally:
+            now = time.monotonic()
+            self._users.end(key, now, failed=attempt.failed)
+            self._addresses.end(client, now, failed=attempt.failed)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
 
     async def _kdc(self, call: Callable[..., T], *args: object) -> T:
         async with self._slots:
@@ -263,6 +405,11 @@ class BasicLogin:
                 return await asyncio.wait_for(asyncio.to_thread(call, *args), timeout=self._timeout)
             except TimeoutError:
                 raise _unreachable(self._timeout) from None
+
+
+@dataclass
+class _Attempt:
+    failed: bool = False  # set when the KDC said wrong password or no such user
 
 
 def _unreachable(timeout: float) -> GatewayError:

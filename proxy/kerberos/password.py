@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import gssapi
 import gssapi.raw
 
-from proxy.errors import AuthenticationRequired, GatewayError, KerberosRefused
+from proxy.errors import AuthenticationRequired, GatewayError, KerberosRefused, UserUnknown
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.hints import explain
 
@@ -37,8 +37,8 @@ _WRONG = (
     "decrypt integrity check failed",  # MIT, when the KDC does not require pre-authentication
     "preauthentication failed",
     "password incorrect",
-    "not found in kerberos database",  # an unknown user: the same answer as a wrong password
 )
+_UNKNOWN = "not found in kerberos database"  # an unknown user: to the client the same answer as a wrong password
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ def token_blocking(ticket: UserTicket, gss_target: str, spn: str) -> bytes:
 def refusal(message: str, principal: str) -> GatewayError:
     """What the KDC's answer to an AS exchange means for the client. Pure."""
     lowered = message.lower()
+    if _UNKNOWN in lowered:
+        return UserUnknown("the user name or password is incorrect", hint=f"{principal}: {message}")
     if any(needle in lowered for needle in _WRONG):
         return AuthenticationRequired("the user name or password is incorrect", hint=f"{principal}: {message}")
     if "password has expired" in lowered:

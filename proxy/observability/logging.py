@@ -23,14 +23,16 @@ import re
 import sys
 import threading
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, TextIO
+from types import CodeType, TracebackType
+from typing import Any, TextIO, TypeVar
 
 import orjson
 import structlog
 
+F = TypeVar("F", bound=Callable[..., Any])
+_PASS_THROUGH: set[CodeType] = set()  # code of functions marked with `pass_through`
 _SECRET_WORDS = ("authorization", "password", "token", "secret", "keytab_key", "cookie", "private")
 
 
@@ -103,10 +105,19 @@ def _foreign_exception(_: Any, __: str, event: MutableMapping[str, Any]) -> Muta
     return event
 
 
+def pass_through(function: F) -> F:
+    """Marks a function of ours that only hands a client's bytes to a library (the header budget in front of
+    aiohttp's parser): an exception the library raises below it is still the library's, logged without the
+    traceback that quotes those bytes."""
+    _PASS_THROUGH.add(function.__code__)
+    return function
+
+
 def _is_ours(tb: TracebackType | None) -> bool:
     """Whether the exception was raised in this project's code (a bug of ours: the traceback helps)."""
     while tb is not None:
-        if tb.tb_frame.f_globals.get("__name__", "").startswith("proxy."):
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__", "").startswith("proxy.") and frame.f_code not in _PASS_THROUGH:
             return True
         tb = tb.tb_next
     return False

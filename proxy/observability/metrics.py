@@ -59,6 +59,11 @@ class Metrics:
         )
         self.stage_seconds = Histogram("kcd_stage_seconds", "Time spent in each stage", ["stage"], registry=r)
         self.reloads = Counter("kcd_reloads", "Configuration reloads, by outcome", ["outcome"], registry=r)
+        self.connection_waits = Counter(
+            "kcd_listener_connection_waits",
+            "Times new connections had to wait in the listen backlog because listener.max_connections were open",
+            registry=r,
+        )
         self.mappings = Counter(
             "kcd_certificate_mappings",
             "Certificates admitted by the mapping stage, by rule (weak-audit: served only by strong-or-audit)",
@@ -66,6 +71,8 @@ class Metrics:
             registry=r,
         )
         self.open_connections: Callable[[], int] = lambda: 0
+        self.accepted_connections: Callable[[], int] = lambda: 0  # from accept to close, TLS handshakes included
+        self.connection_limit = 0
         self.crls: Callable[[], Iterable[CrlStatus]] = list
         self._clock = clock
         self._in_flight: dict[str, float] = {}  # trace id -> when the request started
@@ -79,6 +86,11 @@ class Metrics:
 
     def handshake_refused(self, reason: str) -> None:
         self.refusals.labels("tls", reason).inc()
+
+    def headers_refused(self) -> None:
+        """A request refused with 431 for its header block, before any stage (and before a trace) began."""
+        self.refusals.labels("request", "request_headers_too_large").inc()
+        self._child(self.requests, "", "431").inc()
 
     def observe(self, trace: Trace, status: int) -> None:
         """A request has ended with `status`: count it from what its trace recorded."""
@@ -133,6 +145,12 @@ class _Gauges(Collector):
         yield _gauge("kcd_requests_in_flight", "Requests being handled", in_flight)
         yield _gauge("kcd_long_polls_held", f"Requests in flight for more than {LONG_POLL_AFTER:g} s", held)
         yield _gauge("kcd_open_connections", "Client connections past the TLS handshake", self._m.open_connections())
+        yield _gauge(
+            "kcd_listener_connections",
+            "Client connections open, from accept to close (TLS handshakes included)",
+            self._m.accepted_connections(),
+        )
+        yield _gauge("kcd_listener_connection_limit", "listener.max_connections", self._m.connection_limit)
         now = datetime.now(UTC)
         labels = ["source", "issuer"]
         age = GaugeMetricFamily("kcd_crl_age_seconds", "Seconds since the CRL's thisUpdate", labels=labels)

@@ -15,6 +15,11 @@ instead of "certificate expired". So the listener accepts plain TCP and performs
 as `loop.start_tls` does, with an `SSLProtocol` that sends the pending alert before closing: a failed
 handshake is logged here with the peer's address and OpenSSL's reason, and a completed one is handed
 to aiohttp's request handler.
+
+The listener accepts through `proxy.tls.limits.accept_connections`, which holds at most
+`listener.max_connections` connections per worker; whichever protocol owns a connection's socket when
+it closes (this gate, the TLS protocol, or the drain after a refused handshake) gives its slot back.
+`listener.max_header_bytes` is enforced in front of aiohttp's parser (`proxy.tls.limits`, wired in `proxy.app`).
 """
 
 from __future__ import annotations
@@ -77,14 +82,16 @@ class _Drain(asyncio.Protocol):
     client reads it. So: alert, FIN, drain until the client closes or `_LINGER` seconds pass.
     """
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, closed: Callable[[], None]) -> None:
         self._timer = asyncio.get_running_loop().call_later(_LINGER, transport.abort)
+        self._closed = closed
 
     def data_received(self, data: bytes) -> None:
         pass
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
+        self._closed()
 
 
 _LINGER = 2.0
@@ -119,9 +126,14 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
 
     max_size = 32 * 1024
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, closed: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ssl_buffer, self._ssl_buffer_view = _read_buffer(self.max_size)
+        self._closed = closed
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._closed()
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         if handshake_exc is None:
@@ -130,7 +142,7 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
         if handshake_exc is not None and isinstance(transport, asyncio.Transport) and not transport.is_closing():
             with contextlib.suppress(Exception):
                 self._process_outgoing()  # type: ignore[attr-defined]
-                transport.set_protocol(_Drain(transport))
+                transport.set_protocol(_Drain(transport, self._closed))
                 transport.write_eof()
                 self._transport = None  # the drain closes it, not SSLProtocol's force-close
         super()._on_handshake_complete(handshake_exc)
@@ -170,11 +182,13 @@ class TlsGate(asyncio.Protocol):
         ctx: ssl.SSLContext,
         timeout: float,
         on_refused: Callable[[str], None] | None = None,
+        closed: Callable[[], None] = lambda: None,
     ) -> None:
         self._app = app_protocol
         self._ctx = ctx
         self._timeout = timeout
         self._on_refused = on_refused
+        self._closed = closed  # gives the connection's slot back (proxy.tls.limits); safe to call twice
         self._task: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
         self._early_eof = False
@@ -196,6 +210,7 @@ class TlsGate(asyncio.Protocol):
             server_side=True,
             call_connection_made=False,
             ssl_handshake_timeout=self._timeout,  # typeshed says int; floats work
+            closed=self._closed,
         )
         transport.set_protocol(tls_protocol)
         tls_protocol.connection_made(transport)
@@ -233,6 +248,7 @@ class TlsGate(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        self._closed()
 
 
 def _peer(peer: Any) -> str:
@@ -247,14 +263,15 @@ def gate_factory(
     timeout: float,
     *,
     on_refused: Callable[[str], None] | None = None,
-) -> Callable[[], asyncio.Protocol]:
-    """A protocol factory for `loop.create_server` that puts TLS in front of aiohttp's handler.
+) -> Callable[[Callable[[], None]], asyncio.Protocol]:
+    """A protocol factory for `proxy.tls.limits.accept_connections` that puts TLS in front of aiohttp's handler.
 
+    It is called with the function that gives the connection's slot back when the connection closes.
     `ctx` may be a function returning the current context: each new connection then gets the one in force
     when it arrives (a reload swaps the server certificate and trust list for new connections only).
     `on_refused` hears the reason of each refused handshake (metrics)."""
     current = ctx if callable(ctx) else lambda: ctx
-    return lambda: TlsGate(app_factory(), current(), timeout, on_refused)
+    return lambda closed: TlsGate(app_factory(), current(), timeout, on_refused, closed)
 
 
 _HANDSHAKE_FIXES = (

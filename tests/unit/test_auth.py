@@ -23,6 +23,9 @@ def basic(raw: bytes) -> str:
     return "Basic " + base64.b64encode(raw).decode()
 
 
+USER = map_name("alice", IDENTITY, source="basic")
+
+
 def ticket(name: str = "alice@LAB.TEST") -> UserTicket:
     creds: Any = object()  # the cache never looks inside the credentials
     return UserTicket(principal=name, creds=creds)
@@ -77,7 +80,7 @@ def test_cache_serves_the_same_password_until_it_expires() -> None:
     """A verified password is served from the cache for ttl seconds; another password or user is not."""
     cache = CredentialCache(60)
     good = cache.digest("alice@LAB.TEST", b"alice-Pa55")
-    cache.put("alice@LAB.TEST", good, ticket(), now=100)
+    cache.put("alice@LAB.TEST", good, USER, ticket(), now=100)
     assert cache.get("alice@LAB.TEST", good, now=159) is not None
     assert cache.get("alice@LAB.TEST", good, now=160) is None
     assert cache.get("alice@LAB.TEST", cache.digest("alice@LAB.TEST", b"other"), now=101) is None
@@ -90,11 +93,11 @@ def test_cache_keeps_salted_hashes_and_forgets_on_request() -> None:
     assert one.digest("alice@LAB.TEST", b"pw") != two.digest("alice@LAB.TEST", b"pw")
     assert one.digest("alice@LAB.TEST", b"pw") != one.digest("bob@LAB.TEST", b"pw")
     digest = one.digest("alice@LAB.TEST", b"pw")
-    one.put("alice@LAB.TEST", digest, ticket(), now=0)
+    one.put("alice@LAB.TEST", digest, USER, ticket(), now=0)
     one.forget("alice@LAB.TEST")
     assert one.get("alice@LAB.TEST", digest, now=1) is None
     off = CredentialCache(0)
-    off.put("alice@LAB.TEST", digest, ticket(), now=0)
+    off.put("alice@LAB.TEST", digest, USER, ticket(), now=0)
     assert len(off) == 0
 
 
@@ -102,10 +105,10 @@ def test_cache_is_bounded() -> None:
     """Beyond max_entries the least recently used entry goes first."""
     cache = CredentialCache(60, max_entries=2)
     digests = {u: cache.digest(u, b"pw") for u in ("a@R", "b@R", "c@R")}
-    cache.put("a@R", digests["a@R"], ticket(), now=0)
-    cache.put("b@R", digests["b@R"], ticket(), now=0)
+    cache.put("a@R", digests["a@R"], USER, ticket(), now=0)
+    cache.put("b@R", digests["b@R"], USER, ticket(), now=0)
     assert cache.get("a@R", digests["a@R"], now=1) is not None  # a is now the most recent
-    cache.put("c@R", digests["c@R"], ticket(), now=1)
+    cache.put("c@R", digests["c@R"], USER, ticket(), now=1)
     assert cache.get("b@R", digests["b@R"], now=2) is None
     assert cache.get("a@R", digests["a@R"], now=2) is not None
 

@@ -1,0 +1,188 @@
+"""Bounded memory before authentication: how many connections a worker holds, and how much header each sends.
+
+Theory of operation. Before a request is authenticated, anyone who can reach the port can make the
+gateway hold memory: each open connection (its socket, its TLS state, aiohttp's handler) and each header
+block it sends, which aiohttp's parser keeps whole until the block ends. Two caps bound that.
+
+- **Connections** (`listener.max_connections`, per worker): the listener accepts a connection only while
+  fewer than that many are open, counted from accept to close, the TLS handshake included
+  (`ConnectionSlots`). At the cap it stops calling accept(): new connections wait in the kernel's listen
+  backlog, and are accepted one by one as open ones close. That is logged (`connection_limit_reached`)
+  and counted (`kcd_listener_connection_waits_total`).
+- **Header block** (`listener.max_header_bytes`): aiohttp's parser (3.14, C or Python) bounds the
+  request line (`max_line_size`), each header field (`max_field_size`, 96 KiB here, for 64 KiB Kerberos
+  tokens) and the number of fields (`max_headers`, 128), but not their sum: 128 fields of 95 KiB are
+  about 12 MiB held by one connection. `HeaderBlockBudget` sits in front of the parser and counts the
+  bytes fed to it while a request's header block is being read (from the end of the previous request's
+  body until the parser hands over the next request); past the budget the client gets 431 before any
+  stage runs, logged (`request_headers_too_large`) and counted, and the connection is closed after a
+  short linger in which the rest of what the client sends is discarded unparsed.
+  aiohttp exposes no such setting, and its own refusals are a 400 through its error handler, so the
+  budget answers by itself. It reaches the parser through the handler's `_parser` attribute
+  (aiohttp's `BaseProtocol`), the one private name this relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from proxy.observability.logging import pass_through
+
+log = structlog.get_logger("proxy.tls")
+
+_TOO_LARGE_BODY = b"the request's header fields are too large\n"
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"X-KCD-Refused-Stage: request\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
+)
+_ACCEPT_PAUSE = 1.0  # seconds to wait after accept() fails (out of file descriptors), as asyncio's server does
+# Seconds a refused connection stays open after its 431, discarding what the client still sends: closing at
+# once would make the kernel answer those bytes with a reset, which can destroy the 431 before it is read.
+_LINGER = 2.0
+
+
+class ConnectionSlots:
+    """At most `limit` client connections open at once; `take` waits for a free slot."""
+
+    def __init__(self, limit: int, *, on_wait: Callable[[], None] | None = None) -> None:
+        self.limit = limit
+        self.open = 0
+        self._on_wait = on_wait
+        self._freed = asyncio.Event()
+
+    async def take(self) -> Callable[[], None]:
+        """A slot, once one is free; call the function returned (once or more) when its connection closes."""
+        if self.open >= self.limit:
+            log.warning(
+                "connection_limit_reached",
+                open=self.open,
+                limit=self.limit,
+                detail="new connections wait in the listen backlog until one closes (listener.max_connections)",
+            )
+            if self._on_wait is not None:
+                self._on_wait()
+            while self.open >= self.limit:
+                self._freed.clear()
+                await self._freed.wait()
+        self.open += 1
+        returned = False
+
+        def give_back() -> None:
+            nonlocal returned
+            if not returned:
+                returned = True
+                self.open -= 1
+                self._freed.set()
+
+        return give_back
+
+
+def listen_sockets(host: str, port: int, *, reuse_port: bool, backlog: int) -> list[socket.socket]:
+    """Listening sockets for every address `host` resolves to, set up as `loop.create_server` would."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def accept_connections(
+    sock: socket.socket, factory: Callable[[Callable[[], None]], asyncio.Protocol], slots: ConnectionSlots
+) -> None:
+    """Accept connections on `sock` while `slots` has room; each protocol gets its slot's give-back function."""
+    loop = asyncio.get_running_loop()
+    while True:
+        give_back = await slots.take()
+        try:
+            conn, _ = await loop.sock_accept(sock)
+        except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the connection stays in the backlog meanwhile
+            give_back()
+            log.warning("accept_failed", reason=str(e))
+            await asyncio.sleep(_ACCEPT_PAUSE)
+            continue
+        except BaseException:
+            give_back()
+            raise
+        try:
+            await loop.connect_accepted_socket(functools.partial(factory, give_back), conn)
+        except OSError:
+            give_back()
+            conn.close()
+
+
+class HeaderBlockBudget:
+    """Stands in for aiohttp's request parser: refuses a header block larger than `limit` bytes (431)."""
+
+    def __init__(self, parser: Any, handler: asyncio.Protocol, limit: int, on_refused: Callable[[], None]) -> None:
+        self._parser = parser
+        self._handler = handler
+        self._limit = limit
+        self._on_refused = on_refused
+        self._body: Any = None  # the payload of the last request handed over; headers are read once it has ended
+        self._seen = 0
+        self._refused = False
+
+    @pass_through  # aiohttp's parse errors raised below quote the client's bytes: they stay aiohttp's to log
+    def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+        if self._refused:
+            return [], False, b""
+        if self._body is None or self._body.is_eof():  # between requests: these bytes are a header block
+            self._seen += len(data)
+            if self._seen > self._limit:
+                self._refuse()
+                return [], False, b""
+        messages, upgraded, tail = self._parser.feed_data(data)
+        if messages:
+            self._body = messages[-1][1]
+            self._seen = 0
+        return messages, upgraded, tail
+
+    def _refuse(self) -> None:
+        self._refused = True
+        transport: Any = getattr(self._handler, "transport", None)
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        log.warning(
+            "request_headers_too_large",
+            stage="request",
+            peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+            reason=f"the request's header block passed {self._limit} bytes",
+            fix="a client sending this much header is broken or hostile; listener.max_header_bytes sets the limit",
+        )
+        self._on_refused()
+        if transport is not None and not transport.is_closing():
+            transport.write(_TOO_LARGE)
+            asyncio.get_running_loop().call_later(_LINGER, transport.close)
+
+    def __getattr__(self, name: str) -> Any:  # feed_eof, pause_reading, message_consumed, set_upgraded ...
+        return getattr(self._parser, name)
+
+
+def limit_header_block(handler: asyncio.Protocol, limit: int, on_refused: Callable[[], None]) -> None:
+    """Put a `HeaderBlockBudget` of `limit` bytes in front of the parser of aiohttp's request `handler`."""
+    parser = getattr(handler, "_parser", None)
+    if parser is None or not hasattr(parser, "feed_data"):
+        raise RuntimeError("aiohttp's request handler has no _parser: listener.max_header_bytes cannot be enforced")
+    handler._parser = HeaderBlockBudget(parser, handler, limit, on_refused)  # type: ignore[attr-defined]

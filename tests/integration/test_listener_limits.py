@@ -1,0 +1,219 @@
+"""Memory before authentication, attacked over raw TLS sockets: header blocks and open connections are capped.
+
+The gateway runs as a real process in `basic` mode (no certificate asked for: anyone may connect, as in
+the Basic modes the issue is about); clients write raw HTTP/1.1 bytes over TLS. Memory is the gateway's
+resident set, read from /proc while the attack runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+
+FIELD = 95 * 1024  # each header field just under the per-field cap (96 KiB)
+FIELDS = 120
+
+
+def gateway(lab: LabLayout, directory: Path, listener: str = "", admin_port: int | None = None) -> Gateway:
+    text = lab_config(lab, port=free_port(), extra='\n[authentication]\nmode = "basic"\n')
+    text = text.replace("[listener]\n", "[listener]\n" + listener, 1)
+    if admin_port is not None:
+        text += f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
+    return start_gateway(lab, directory, text)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class PeakRss:
+    """The highest resident set size of a process while the block runs, sampled every 20 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.baseline = rss_kib(pid)
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_kib(self.pid))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.baseline) / 1024
+
+
+async def send_big_headers(port: int, ctx: ssl.SSLContext) -> bytes:
+    """A request whose header block is FIELDS fields of FIELD bytes; what the gateway answered (b"" if nothing)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    try:
+        writer.write(b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for i in range(FIELDS):
+            writer.write(b"X-Pad-%d: %s\r\n" % (i, b"a" * FIELD))
+            await writer.drain()
+        writer.write(b"\r\n")
+        await writer.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass  # the gateway closed the connection while we were still sending
+    try:
+        return await asyncio.wait_for(reader.read(), timeout=15)
+    except (ConnectionError, ssl.SSLError, TimeoutError):
+        return b""
+    finally:
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def basic_gw(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = gateway(lab, tmp_path_factory.mktemp("limits"))
+    yield gw
+    gw.stop()
+
+
+def test_a_header_block_over_the_budget_is_refused_with_431(lab: LabLayout, basic_gw: Gateway) -> None:
+    """120 fields of 95 KiB (each under the per-field cap): 431 once the block passes 128 KiB, logged and
+    counted, before any stage runs (no summary line for it)."""
+    answer = asyncio.run(send_big_headers(basic_gw.port, client_context(lab, None)))
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    event = basic_gw.wait_event("request_headers_too_large")
+    assert event["stage"] == "request"
+    assert "131072" in event["reason"]
+    assert "aaaa" not in basic_gw.log_path.read_text()  # header values are never quoted
+
+
+def test_one_big_kerberos_token_with_ordinary_headers_fits(lab: LabLayout, basic_gw: Gateway) -> None:
+    """An Authorization header of 90 KiB (a 64 KiB token in base64 and more) with cookies and the usual
+    headers is under the budget: the request reaches the authentication stage (401, not 431)."""
+
+    async def run() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", basic_gw.port, ssl=client_context(lab, None))
+        token = b"A" * (90 * 1024)
+        writer.write(
+            b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Outlook-iOS/2.0\r\nAccept: */*\r\n"
+            b"Cookie: " + b"c" * 8000 + b"\r\nAuthorization: Negotiate " + token + b"\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=30)
+        writer.close()
+        return answer
+
+    assert asyncio.run(run()).startswith(b"HTTP/1.1 401 ")
+
+
+def test_many_connections_sending_big_headers_keep_the_gateway_small(lab: LabLayout, basic_gw: Gateway) -> None:
+    """12 connections at once, each sending 120 fields of 95 KiB (11 MiB of header, no credentials): all
+    refused with 431, and the gateway's resident memory grows by far less than the 130 MiB they carry."""
+
+    async def run() -> list[bytes]:
+        ctx = client_context(lab, None)
+        return await asyncio.gather(*(send_big_headers(basic_gw.port, ctx) for _ in range(12)))
+
+    with PeakRss(basic_gw.proc.pid) as rss:
+        answers = asyncio.run(run())
+    print(f"gateway RSS: {rss.baseline / 1024:.1f} MiB before, peak growth {rss.growth_mib:.1f} MiB")
+    assert rss.growth_mib < 48
+    assert all(a.startswith(b"HTTP/1.1 431 ") for a in answers), [a[:40] for a in answers]
+
+
+def test_the_connection_cap_holds_and_the_next_connection_waits(lab: LabLayout, tmp_path: Path) -> None:
+    """max_connections = 3: with three connections open a fourth is not served (it waits in the backlog);
+    once one closes it is. The wait is logged and counted in the metrics."""
+    admin_port = free_port()
+    gw = gateway(lab, tmp_path, listener="max_connections = 3\n", admin_port=admin_port)
+    request = b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        writer.write(request)
+        await writer.drain()
+        return await reader.readuntil(b"\r\n\r\n")
+
+    async def run() -> None:
+        ctx = client_context(lab, None)
+        held = [await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx) for _ in range(3)]
+        for reader, writer in held:
+            assert (await exchange(reader, writer)).startswith(b"HTTP/1.1 401 ")  # served, and kept alive
+
+        async def fourth() -> bytes:
+            return await exchange(*await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx))
+
+        waiting = asyncio.ensure_future(fourth())
+        done, _ = await asyncio.wait({waiting}, timeout=1.5)
+        assert not done, "a fourth connection was served while three were open"
+        held[0][1].close()
+        answer = await asyncio.wait_for(waiting, timeout=20)
+        assert answer.startswith(b"HTTP/1.1 401 ")
+        for _, writer in held[1:]:
+            writer.close()
+
+    try:
+        asyncio.run(run())
+        assert gw.wait_event("connection_limit_reached")["limit"] == 3
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).read().decode()
+        waits = [line for line in metrics.splitlines() if line.startswith("kcd_listener_connection_waits_total")]
+        assert waits, metrics
+        assert float(waits[0].split()[1]) >= 1, waits
+        assert "kcd_listener_connection_limit 3.0" in metrics
+    finally:
+        gw.stop()
+
+
+def test_memory_per_connection_before_authentication(lab: LabLayout, tmp_path: Path) -> None:
+    """100 TLS connections held open without a request, then 100 more each holding a header block just under
+    the budget: prints what each costs a fresh gateway (the README's figures) and checks both stay far below
+    what one connection could hold without the budget (12 MiB)."""
+    gw = gateway(lab, tmp_path)
+
+    async def held(count: int, header: bytes) -> float:
+        ctx = client_context(lab, None)
+        before = rss_kib(gw.proc.pid)
+        conns = [await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx) for _ in range(count)]
+        for _, writer in conns:
+            writer.write(header)
+            await writer.drain()
+        peak, deadline = before, time.monotonic() + 3
+        while time.monotonic() < deadline:  # the gateway reads what was sent; sample its peak meanwhile
+            await asyncio.sleep(0.1)
+            peak = max(peak, rss_kib(gw.proc.pid))
+        for _, writer in conns:
+            writer.close()
+        return (peak - before) / count
+
+    budget = 128 * 1024
+    partial = b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"X-Pad-%d: %s\r\n" % (i, b"a" * (30 * 1024)) for i in range(4)
+    )
+    assert len(partial) < budget
+    try:
+        idle = asyncio.run(held(100, b""))
+        full = asyncio.run(held(100, partial))
+    finally:
+        gw.stop()
+    print(
+        f"memory per connection before authentication: idle {idle:.1f} KiB, holding {len(partial)} bytes "
+        f"of header {full:.1f} KiB"
+    )
+    assert idle < 200
+    assert full < 1024

@@ -1,0 +1,220 @@
+"""Basic-auth throttles under concurrency, their cost when they refuse, user keys, and the refusal pace.
+
+`BasicLogin` runs here with a stand-in for the KDC exchange (`login_blocking`) that records who was
+asked and answers as the lab KDC does; `tests/integration/test_basic_hardening.py` does the same
+against the real KDC and gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.auth import basic
+from proxy.auth.basic import BasicLogin, CredentialCache, Pace, Throttle, parse_basic, user_key
+from proxy.config import Authentication, Identity, Kerberos
+from proxy.errors import AuthenticationRequired, TooManyAttempts, UserUnknown
+from proxy.identity.principal import UserPrincipal
+from proxy.kerberos.password import UserTicket
+
+PASSWORDS = {"alice@LAB.TEST": b"alice-Pa55", "bob@LAB.TEST": b"bob-Pa55", "strasse@LAB.TEST": b"pw"}
+
+
+class FakeKdc:
+    """Answers AS exchanges as the lab KDC would (case-sensitive names), counting them; `delay` per exchange."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.asked: list[str] = []
+        self.delay = delay
+        self._lock = threading.Lock()
+
+    def __call__(self, user: UserPrincipal, password: bytes) -> UserTicket:
+        with self._lock:
+            self.asked.append(user.principal)
+        if user.principal not in PASSWORDS:
+            raise UserUnknown("the user name or password is incorrect", hint="not found in Kerberos database")
+        time.sleep(self.delay)  # an existing account costs key derivation and more KDC work
+        if PASSWORDS[user.principal] != password:
+            raise AuthenticationRequired("the user name or password is incorrect", hint="preauthentication failed")
+        creds: Any = object()
+        return UserTicket(principal=user.principal, creds=creds)
+
+
+@pytest.fixture
+def kdc(monkeypatch: pytest.MonkeyPatch) -> FakeKdc:
+    fake = FakeKdc()
+    monkeypatch.setattr(basic, "login_blocking", fake)
+    return fake
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every scrypt hash computed, by user key."""
+    calls: list[str] = []
+    real = CredentialCache.digest
+
+    def counting(self: CredentialCache, key: str, password: bytes) -> bytes:
+        calls.append(key)
+        return real(self, key, password)
+
+    monkeypatch.setattr(CredentialCache, "digest", counting)
+    return calls
+
+
+def login_service(per_user: int = 5, per_address: int = 20) -> BasicLogin:
+    settings = Authentication(mode="basic", basic_failures_per_user=per_user, basic_failures_per_address=per_address)
+    kerberos = Kerberos(principal="HTTP/proxy.lab.test@LAB.TEST", keytab=Path("/nonexistent"), max_in_flight=16)
+    return BasicLogin(settings, Identity(default_realm="LAB.TEST"), kerberos)
+
+
+def creds(user: str, password: str) -> basic.BasicCredentials:
+    parsed = parse_basic("Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    assert parsed is not None
+    return parsed
+
+
+async def outcome(service: BasicLogin, user: str, password: str, client: str = "192.0.2.1") -> int | str:
+    """The status a client would get, or the principal served."""
+    try:
+        return (await service.login(creds(user, password), client)).user.principal
+    except (AuthenticationRequired, TooManyAttempts) as e:
+        return e.status
+
+
+def test_concurrent_wrong_passwords_from_one_address_count_before_the_kdc(kdc: FakeKdc, hashes: list[str]) -> None:
+    """100 wrong passwords for 100 user names at once from one address: 20 reach the KDC (and are hashed),
+    the other 80 get 429 without either."""
+
+    async def run() -> list[int | str]:
+        service = login_service(per_user=5, per_address=20)
+        return await asyncio.gather(*(outcome(service, f"spray{i}", "guess") for i in range(100)))
+
+    results = asyncio.run(run())
+    assert sorted(set(results), key=str) == [401, 429]
+    assert results.count(401) == 20
+    assert len(kdc.asked) == 20
+    assert len(hashes) == 20
+
+
+def test_throttled_attempts_are_refused_before_any_hashing(kdc: FakeKdc, hashes: list[str]) -> None:
+    """Once bob's failures reach the limit, further attempts (even with his password) are 429 and cost
+    no scrypt hash and no KDC exchange."""
+
+    async def run() -> list[int | str]:
+        service = login_service(per_user=2)
+        first = [await outcome(service, "bob", "nope") for _ in range(2)]
+        hashed, asked = len(hashes), len(kdc.asked)
+        later = [await outcome(service, "bob", p) for p in ("nope", "bob-Pa55", "again")]
+        assert (len(hashes), len(kdc.asked)) == (hashed, asked)
+        return first + later
+
+    assert asyncio.run(run()) == [401, 401, 429, 429, 429]
+
+
+def test_names_differing_in_case_are_one_user(kdc: FakeKdc) -> None:
+    """ALICE and alice share the cache entry (served as the user the KDC verified) and the failure counter."""
+
+    async def run() -> list[int | str]:
+        service = login_service(per_user=2)
+        served = [await outcome(service, "alice", "alice-Pa55"), await outcome(service, "ALICE", "alice-Pa55")]
+        guesses = [await outcome(service, name, "guess") for name in ("Alice", "aLICE", "ALICE")]
+        return served + guesses
+
+    assert asyncio.run(run()) == ["alice@LAB.TEST", "alice@LAB.TEST", 401, 401, 429]
+    assert kdc.asked == ["alice@LAB.TEST", "Alice@LAB.TEST", "aLICE@LAB.TEST"]
+    assert user_key("ALICE@LAB.TEST") == user_key("alice@lab.test")
+
+
+def test_a_unicode_fold_shares_the_counter_but_never_the_session(kdc: FakeKdc) -> None:
+    """straße folds to strasse: one throttle key, but strasse's cached password is not served to straße (the
+    directory keeps them apart), which the KDC is asked about and refuses."""
+
+    async def run() -> list[int | str]:
+        service = login_service()
+        return [await outcome(service, "strasse", "pw"), await outcome(service, "straße", "pw")]
+
+    assert asyncio.run(run()) == ["strasse@LAB.TEST", 401]
+    assert kdc.asked == ["strasse@LAB.TEST", "straße@LAB.TEST"]
+    assert user_key("straße@LAB.TEST") == user_key("strasse@LAB.TEST")
+
+
+def test_a_signed_in_device_is_served_while_a_guesser_is_throttled(kdc: FakeKdc) -> None:
+    """A guess neither drops alice's cache entry nor locks out her device: it is served from the cache
+    while the guesser (and, behind the same NAT, its address) gets 429."""
+
+    async def run() -> list[int | str]:
+        service = login_service(per_user=2, per_address=2)
+        results = [await outcome(service, "alice", "alice-Pa55")]
+        results += [await outcome(service, "alice", f"guess{i}") for i in range(3)]
+        results += [await outcome(service, "alice", "alice-Pa55")]
+        return results
+
+    assert asyncio.run(run()) == ["alice@LAB.TEST", 401, 401, 429, "alice@LAB.TEST"]
+    assert kdc.asked.count("alice@LAB.TEST") == 3  # the first login and two guesses; the device is cached
+
+
+def test_known_and_unknown_users_are_refused_at_the_same_pace(kdc: FakeKdc) -> None:
+    """Once a wrong password for an existing account took 0.3 s, an unknown user's refusal (which the KDC
+    answers at once) and a throttled one are held at least as long: timing does not tell them apart."""
+    kdc.delay = 0.3
+
+    async def run() -> list[float]:
+        service = login_service(per_user=1)
+        took = []
+        for user in ("alice", "nobody", "alice"):  # the second alice is throttled (per_user = 1)
+            started = time.monotonic()
+            await outcome(service, user, "guess")
+            took.append(time.monotonic() - started)
+        assert service.pace.floor >= 0.3
+        return took
+
+    known, unknown, throttled = asyncio.run(run())
+    assert known >= 0.3
+    assert unknown >= 0.3
+    assert throttled >= 0.3
+
+
+def test_throttle_counts_attempts_in_flight() -> None:
+    """With limit 3 and one failure, two attempts may be in flight; the third waits until one ends."""
+    throttle = Throttle(3)
+    throttle.failed("10.0.0.1", now=0)
+    throttle.begin("10.0.0.1", now=0)
+    assert throttle.wait("10.0.0.1", now=0) == 0
+    throttle.begin("10.0.0.1", now=0)
+    assert throttle.wait("10.0.0.1", now=0) == 1
+    throttle.end("10.0.0.1", now=0, failed=False)
+    assert throttle.wait("10.0.0.1", now=0) == 0
+    throttle.end("10.0.0.1", now=0, failed=True)  # the other one failed: two failures, one may go
+    throttle.begin("10.0.0.1", now=0)
+    assert throttle.wait("10.0.0.1", now=0) == 1
+
+
+def test_a_guess_does_not_drop_the_cached_password() -> None:
+    """forget(key, digest) drops the entry only when the KDC refused that very password."""
+    cache = CredentialCache(60)
+    user = UserPrincipal(upn="alice", principal="alice@LAB.TEST", realm="LAB.TEST", source="basic")
+    creds_: Any = object()
+    good = cache.digest("alice@lab.test", b"alice-Pa55")
+    cache.put("alice@lab.test", good, user, UserTicket("alice@LAB.TEST", creds_), now=0)
+    cache.forget("alice@lab.test", cache.digest("alice@lab.test", b"guess"))
+    assert cache.fresh("alice@lab.test", now=1)
+    cache.forget("alice@lab.test", good)
+    assert not cache.fresh("alice@lab.test", now=1)
+
+
+def test_pace_is_the_slowest_recent_check() -> None:
+    """The pace starts at its seed and is the slowest of the last samples; old ones fall out."""
+    pace = Pace(seed=0.05, samples=3)
+    assert pace.floor == 0.05
+    pace.observe(0.2)
+    pace.observe(0.01)
+    assert pace.floor == 0.2
+    pace.observe(0.01)
+    pace.observe(0.01)
+    assert pace.floor == 0.01

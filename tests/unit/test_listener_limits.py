@@ -1,0 +1,126 @@
+"""The listener's caps: their settings, the connection slots and the header block budget's counting."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.http_exceptions import BadHttpMessage
+
+from proxy import config
+from proxy.errors import ConfigError
+from proxy.tls.limits import ConnectionSlots, HeaderBlockBudget
+from tests.unit.test_config import GOOD, _write
+from tests.unit.test_logging import out  # noqa: F401  (the fixture)
+
+
+def test_defaults_fit_one_big_token_and_many_held_connections(tmp_path: Path) -> None:
+    """Without settings: a 128 KiB header block (one 64 KiB token in base64 plus ordinary headers), above
+    the 96 KiB field cap, and 10,000 connections per worker."""
+    listener = config.load(_write(tmp_path, GOOD)).listener
+    assert listener.max_header_bytes == 128 * 1024 > config.MAX_FIELD_BYTES
+    assert listener.max_connections == 10_000
+    tuned = GOOD.replace("[listener]\n", "[listener]\nmax_header_bytes = 65536\nmax_connections = 500\n")
+    listener = config.load(_write(tmp_path, tuned)).listener
+    assert (listener.max_header_bytes, listener.max_connections) == (65536, 500)
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ("max_header_bytes = 1000", "listener.max_header_bytes: at least 8192 bytes"),
+        ("max_header_bytes = -1", "listener.max_header_bytes: must be positive"),
+        ('max_connections = "many"', "listener.max_connections: expected int"),
+        ("max_connections = 0", "listener.max_connections: must be positive"),
+    ],
+)
+def test_bad_caps_name_their_key(tmp_path: Path, setting: str, problem: str) -> None:
+    """A cap that is not a positive number, or a header budget too small for ordinary clients, names its key."""
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, GOOD.replace("[listener]\n", f"[listener]\n{setting}\n")))
+    assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+
+def test_connection_slots_wait_for_a_free_one() -> None:
+    """With two slots taken the third take waits until one is given back; giving back twice frees one slot."""
+
+    async def run() -> None:
+        waits: list[int] = []
+        slots = ConnectionSlots(2, on_wait=lambda: waits.append(1))
+        first = await slots.take()
+        await slots.take()
+        third = asyncio.ensure_future(slots.take())
+        await asyncio.sleep(0.05)
+        assert not third.done()
+        assert waits == [1]
+        first()
+        first()
+        await asyncio.wait_for(third, timeout=5)
+        assert slots.open == 2
+
+    asyncio.run(run())
+
+
+class _Payload:
+    def __init__(self, eof: bool) -> None:
+        self.eof = eof
+
+    def is_eof(self) -> bool:
+        return self.eof
+
+
+class _Parser:
+    """Hands over a message whenever fed b"END"; records what it was fed."""
+
+    def __init__(self) -> None:
+        self.fed: list[bytes] = []
+        self.payload = _Payload(eof=False)
+
+    def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+        self.fed.append(data)
+        return ([(object(), self.payload)] if data.endswith(b"END") else []), False, b""
+
+
+class _Handler:
+    transport = None
+
+
+def test_header_budget_counts_header_blocks_and_not_bodies() -> None:
+    """Bytes count while a header block is read; a body being received does not; past the budget the
+    parser is fed nothing more and the refusal is reported once."""
+    refused: list[int] = []
+    parser = _Parser()
+    budget = HeaderBlockBudget(parser, _Handler(), 100, lambda: refused.append(1))  # type: ignore[arg-type]
+    budget.feed_data(b"h" * 60)
+    budget.feed_data(b"h" * 37 + b"END")  # 100 bytes: the block ends at the budget
+    budget.feed_data(b"b" * 500)  # the body: not a header block
+    parser.payload.eof = True
+    budget.feed_data(b"h" * 90)  # the next request's headers
+    assert refused == []
+    budget.feed_data(b"h" * 20)
+    budget.feed_data(b"h" * 20)
+    assert refused == [1]
+    assert sum(map(len, parser.fed)) == 60 + 40 + 500 + 90
+
+
+def test_a_parse_error_through_the_budget_is_still_aiohttps(out: io.StringIO) -> None:  # noqa: F811
+    """aiohttp's parse error raised below the budget is logged as aiohttp's: type and description, not the
+    traceback that quotes the client's header line."""
+
+    class Failing(_Parser):
+        def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+            raise BadHttpMessage(f"Invalid header token:\n\n    {data!r}")
+
+    budget = HeaderBlockBudget(Failing(), _Handler(), 1000, lambda: None)  # type: ignore[arg-type]
+    try:
+        budget.feed_data(b"Authorization: Basic c2VjcmV0LXBhc3N3b3Jk\r\n")
+    except BadHttpMessage:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    text = out.getvalue()
+    assert "traceback" not in json.loads(text.splitlines()[-1])
+    assert "c2VjcmV0" not in text
