@@ -79,7 +79,7 @@ bench-setup:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for the bench:" $$missing; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	  apt-get -o DPkg::Lock::Timeout=900 update -q && apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends $$missing; \
 	fi
 
 bench: setup bench-setup

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
 
@@ -295,7 +296,12 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=500, help="distinct bench users (default 500)")
     parser.add_argument("--workers", type=int, default=1, help="processes of each proxy (default 1: per core)")
     parser.add_argument("--keep", action="store_true", help="keep the scene's directory (logs, configs)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a copy of an older tree (e.g. `git archive main | tar -x -C DIR`): its gateway is a column too",
+    )
+    parser.add_argument("--json", type=Path, help="write the figures here (default: bench/results/bench-<time>.json)")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "gcc", "curl", "taskset"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -324,6 +330,9 @@ def main() -> int:
         scene.start_backends()
         scene.start_gateway()
         scene.start_nginx()
+        scene.start_plain()
+        if args.baseline:
+            scene.start_baseline(args.baseline)
         print(f"bench: preflight through the gateway to the lab acceptor: served as {preflight(scene)}")
 
         # 4 first, while the gateway's ticket cache is cold.
@@ -334,20 +343,36 @@ def main() -> int:
         figures["kdc"] = {"one_user": one, "distinct_users": many, "users": args.users}
 
         one_cert, all_certs = scene.cert_list(1), scene.cert_list()
-        url = {p: f"https://127.0.0.1:{scene.ports[p]}/EWS/Exchange.asmx" for p in ("gateway", "nginx")}
-        keep: dict[str, list[WrkResult]] = {"gateway": [], "nginx": []}
-        shake: dict[str, list[WrkResult]] = {"gateway": [], "nginx": []}
-        for proxy in ("gateway", "nginx"):  # warm up: pools, caches, JIT-less but page-faulted
-            wrk(scene, proxy, url[proxy], seconds=2, connections=50, certs=one_cert, args=[])
-        for _ in range(args.rounds):
-            for proxy in ("nginx", "gateway"):
-                keep[proxy].append(
-                    wrk(scene, proxy, url[proxy], seconds=args.seconds, connections=50, certs=one_cert, args=[])
+        path = "/EWS/Exchange.asmx"
+        columns = {  # column: (process, URL); the bound column is the same gateway on its connection-bound route
+            "gateway": ("gateway", f"https://127.0.0.1:{scene.ports['gateway']}{path}"),
+            "gateway_bound": ("gateway", f"https://127.0.0.1:{scene.ports['gateway']}/bound{path}"),
+            "plain": ("plain", f"https://127.0.0.1:{scene.ports['plain']}{path}"),
+            "nginx": ("nginx", f"https://127.0.0.1:{scene.ports['nginx']}{path}"),
+        }
+        if args.baseline:
+            columns["baseline"] = ("baseline", f"https://127.0.0.1:{scene.ports['baseline']}{path}")
+        keep: dict[str, list[WrkResult]] = {c: [] for c in columns}
+        shake: dict[str, list[WrkResult]] = {c: [] for c in columns if c != "gateway_bound"}
+        for proxy, url in columns.values():  # warm up: pools, caches, JIT-less but page-faulted
+            wrk(scene, proxy, url, seconds=2, connections=50, certs=one_cert, args=[])
+        figures["load_before"] = os.getloadavg()
+        for n in range(args.rounds):
+            order = list(columns)
+            order = order[n % len(order) :] + order[: n % len(order)]  # each column leads a round in turn
+            for column in order:
+                proxy, url = columns[column]
+                keep[column].append(
+                    wrk(scene, proxy, url, seconds=args.seconds, connections=50, certs=one_cert, args=[])
                 )
-                close = ["-H", "Connection: close"]
-                shake[proxy].append(
-                    wrk(scene, proxy, url[proxy], seconds=args.seconds, connections=16, certs=one_cert, args=close)
-                )
+            for column in order:
+                if column in shake:
+                    proxy, url = columns[column]
+                    close = ["-H", "Connection: close"]
+                    shake[column].append(
+                        wrk(scene, proxy, url, seconds=args.seconds, connections=16, certs=one_cert, args=close)
+                    )
+        figures["load_after"] = os.getloadavg()
         held = {proxy: hold(scene, proxy, args.held, all_certs) for proxy in ("nginx", "gateway")}
     finally:
         scene.teardown()
@@ -356,14 +381,39 @@ def main() -> int:
 
     report(args, keep, shake, held, figures)
     print(f"\nbench: {time.monotonic() - started:.0f} s")
-    if args.json:
-        figures.update(
-            keepalive={p: [vars(r) for r in keep[p]] for p in keep},
-            handshakes={p: [vars(r) for r in shake[p]] for p in shake},
-            held={p: vars(held[p]) for p in held},
-        )
-        args.json.write_text(json.dumps(figures, indent=2))
+    figures.update(
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
+        machine=f"{os.cpu_count()} cores ({cpu_model()})",
+        versions=versions(),
+        args={k: str(v) for k, v in vars(args).items()},
+        keepalive={p: [{**vars(r), "cpu_us": r.cpu_us, "rate": r.rate} for r in keep[p]] for p in keep},
+        handshakes={p: [{**vars(r), "cpu_us": r.cpu_us, "rate": r.rate} for r in shake[p]] for p in shake},
+        paired_ratios=paired_ratios(keep),
+        held={p: {**vars(held[p]), "per_held_kib": held[p].per_held_kib} for p in held},
+    )
+    out = args.json or REPO / "bench" / "results" / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"bench: figures in {out}")
     return 0
+
+
+def paired_ratios(keep: dict[str, list[WrkResult]]) -> dict[str, dict[str, float]]:
+    """CPU per request of each column over nginx's and over the plain aiohttp proxy's, per round (runs of one
+    round are minutes apart at most: the machine's load moves less within a round than across them)."""
+    out: dict[str, dict[str, float]] = {}
+    for column in keep:
+        for ref in ("nginx", "plain", "baseline"):
+            if ref not in keep:
+                continue
+            pairs = [a.cpu_us / b.cpu_us for a, b in zip(keep[column], keep[ref], strict=True) if b.cpu_us]
+            if pairs and column != ref:
+                out[f"{column}/{ref}"] = {"median": median(pairs), "rounds": len(pairs)}
+    return out
+
+
+def versions() -> dict[str, str]:
+    return {"python": sys.version.split()[0], "nginx": nginx_version(), "aiohttp": aiohttp.__version__}
 
 
 def row(name: str, ours: float, ref: float | None, fmt: str, target: str = "") -> None:
@@ -373,6 +423,24 @@ def row(name: str, ours: float, ref: float | None, fmt: str, target: str = "") -
     print(f"  {name:<36} {format(ours, fmt):>12} {shown_ref:>12} {ratio:>7}   {target}")
 
 
+COLUMNS = ("baseline", "gateway", "gateway_bound", "plain", "nginx")
+HEADS = {
+    "baseline": "baseline",
+    "gateway": "kcd-proxy",
+    "gateway_bound": "kcd (bound)",
+    "plain": "aiohttp",
+    "nginx": "nginx",
+}
+
+
+def row4(name: str, figures: dict[str, float], fmt: str, target: str = "") -> None:
+    """One line with a figure for each column present, and kcd-proxy's ratio to nginx."""
+    cells = [format(figures[c], fmt) if c in figures else "-" for c in COLUMNS]
+    g, n = figures.get("gateway"), figures.get("nginx")
+    ratio = f"{g / n:6.2f}" if g is not None and n else ""
+    print(f"  {name:<34}" + "".join(f" {cell:>12}" for cell in cells) + f" {ratio:>7}   {target}")
+
+
 def report(
     args: argparse.Namespace,
     keep: dict[str, list[WrkResult]],
@@ -380,35 +448,41 @@ def report(
     held: dict[str, Held],
     figures: dict[str, object],
 ) -> None:
-    def med(runs: str, proxy: str, attr: str) -> float:
-        results = keep[proxy] if runs == "keep" else shake[proxy]
-        return median(float(getattr(r, attr)) for r in results)
-
-    def both(runs: str, attr: str) -> tuple[float, float]:
-        return med(runs, "gateway", attr), med(runs, "nginx", attr)
+    def med(runs: dict[str, list[WrkResult]], attr: str) -> dict[str, float]:
+        return {c: median(float(getattr(r, attr)) for r in results) for c, results in runs.items()}
 
     machine = f"{os.cpu_count()} cores ({cpu_model()})"
-    print(f"\nkcd-proxy vs nginx {nginx_version()} on {machine}, {args.workers} worker(s) each")
-    print(f"  {'':<36} {'kcd-proxy':>12} {'nginx':>12} {'ratio':>7}   target")
+    print(
+        f"\nkcd-proxy vs a plain aiohttp proxy vs nginx {nginx_version()} on {machine}, {args.workers} worker(s) each"
+    )
+    print(f"  load average before / after the paired runs: {figures['load_before']} / {figures['load_after']}")
+    print(f"  {'':<34}" + "".join(f" {HEADS[c]:>12}" for c in COLUMNS) + f" {'kcd/ngx':>7}   target")
     print(f"1. keep-alive, 50 connections, 1 KiB responses (median of {args.rounds} runs of {args.seconds:g} s)")
-    row("requests/s", *both("keep", "rate"), ",.0f", ">= 0.5 of nginx")
-    g_us, n_us = both("keep", "cpu_us")
-    row("requests/s per core (1 / CPU)", 1e6 / g_us, 1e6 / n_us, ",.0f", ">= 0.5 of nginx")
-    row("CPU per request (µs)", g_us, n_us, ",.0f")
-    row("p50 latency (ms)", *both("keep", "p50_ms"), ".2f")
-    g99, n99 = both("keep", "p99_ms")
-    row("p99 latency (ms)", g99, n99, ".2f", f"<= nginx + 2 ms (is {g99 - n99:+.1f} ms)")
-    row("errors", sum(r.errors for r in keep["gateway"]), sum(r.errors for r in keep["nginx"]), ",.0f", "0")
+    row4("requests/s", med(keep, "rate"), ",.0f", ">= 0.15 of nginx (0.5 long-term)")
+    cpu = med(keep, "cpu_us")
+    row4("requests/s per core (1 / CPU)", {c: 1e6 / v for c, v in cpu.items()}, ",.0f", ">= 0.15 of nginx")
+    row4("CPU per request (µs)", cpu, ",.0f", f"<= 160 µs and < aiohttp's ({cpu['plain']:.0f})")
+    row4("p50 latency (ms)", med(keep, "p50_ms"), ".2f")
+    p99 = med(keep, "p99_ms")
+    row4("p99 latency (ms)", p99, ".2f", f"<= nginx + 2 ms (is {p99['gateway'] - p99['nginx']:+.1f} ms)")
+    row4("errors", {c: float(sum(r.errors for r in rs)) for c, rs in keep.items()}, ",.0f", "0")
+    ratios = paired_ratios(keep)
+    print("   paired per round, CPU per request (median of the rounds' ratios):")
+    keys = ("gateway/nginx", "gateway/plain", "gateway_bound/plain", "gateway_bound/nginx", "plain/nginx")
+    for key in (*keys, "gateway/baseline", "gateway_bound/baseline", "baseline/nginx"):
+        if key in ratios:
+            print(f"     {key:<24} {ratios[key]['median']:6.2f}")
     print("2. a new TLS connection with a client certificate per request, no resumption")
-    row("handshakes/s", *both("shake", "rate"), ",.0f", ">= 0.8 of nginx")
-    g_us, n_us = both("shake", "cpu_us")
-    row("handshakes/s per core (1 / CPU)", 1e6 / g_us, 1e6 / n_us, ",.0f", ">= 0.8 of nginx")
-    row("CPU per handshake + request (µs)", g_us, n_us, ",.0f")
-    row("errors", sum(r.errors for r in shake["gateway"]), sum(r.errors for r in shake["nginx"]), ",.0f", "0")
+    row4("handshakes/s", med(shake, "rate"), ",.0f", ">= 0.8 of nginx")
+    cpu = med(shake, "cpu_us")
+    row4("handshakes/s per core (1 / CPU)", {c: 1e6 / v for c, v in cpu.items()}, ",.0f", ">= 0.8 of nginx")
+    row4("CPU per handshake + request (µs)", cpu, ",.0f")
+    row4("errors", {c: float(sum(r.errors for r in rs)) for c, rs in shake.items()}, ",.0f", "0")
+    print(f"  {'':<36} {'kcd-proxy':>12} {'nginx':>12} {'ratio':>7}   target")
     hg, hn = held["gateway"], held["nginx"]
     print(f"3. held long-polls ({args.held:,} asked for, {args.users} users)")
     row("held at once", hg.held, hn.held, ",.0f", f"{args.held:,}")
-    row("memory per held request (KiB)", hg.per_held_kib, hn.per_held_kib, ",.1f")
+    row("memory per held request (KiB)", hg.per_held_kib, hn.per_held_kib, ",.1f", "<= nginx's")
     at_10k = (hg.rss_idle + hg.per_held_kib * 1024 * 10_000) / 2**30
     row(
         "memory while held (MiB)", hg.rss_held / 2**20, hn.rss_held / 2**20, ",.0f", f"< 1 GiB at 10k: {at_10k:.2f} GiB"

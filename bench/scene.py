@@ -7,8 +7,12 @@
     nginx        the reference: TLS with a verified client certificate (and the lab CRLs), one worker,
                  keep-alive to the backends; it adds a fixed `Authorization: Negotiate` header of a real
                  token's size, since it cannot delegate
-    gateway      `kcd-proxy run`, one worker, routes "/" -> backend, "/hold/" -> holdback,
+    gateway      `kcd-proxy run` with the lab's configuration and the defaults (CRLs from the lab PKI, the
+                 JSON summary line on stdout into a file, metrics, traces), one worker; routes "/" -> backend,
+                 "/bound/" -> backend with backend_binding = "connection", "/hold/" -> holdback,
                  "/lab/" -> the lab's real Negotiate acceptor (the preflight proves delegation works)
+    plain        bench.plain: a plain aiohttp reverse proxy (TLS with a verified client certificate and the
+                 lab CRLs, one pooled ClientSession, a fixed Authorization header), the framework's own cost
 
 The asymmetry, on purpose: the static backend checks that a Negotiate header is there but not the ticket
 in it. The lab's Python acceptor verifies tickets, at a few thousand requests per second: in the keep-alive
@@ -33,7 +37,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from proxy.identity.upn import upn_other_name
 from proxy.lab import runner
@@ -82,7 +86,7 @@ class Scene:
             crl_port=ports["crl"],
             gateway_port=ports["lab_gateway"],
         )
-        self.ports = {name: free_port() for name in ("backend", "holdback", "nginx", "gateway")}
+        self.ports = {name: free_port() for name in ("backend", "holdback", "nginx", "gateway", "plain")}
 
     # -- building -----------------------------------------------------------------------------------
 
@@ -112,6 +116,13 @@ class Scene:
         out = self.root / "users"
         out.mkdir()
         now = datetime.now(UTC)
+        # the extensions the lab's own user certificates carry (the gateway's defaults do not fetch them)
+        crl_url = f"http://{self.layout.crl_host}:{self.layout.crl_port}/issuing.crl"
+        crl_point = x509.CRLDistributionPoints(
+            [x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)]
+        )
+        ocsp_url = x509.UniformResourceIdentifier(f"http://{self.layout.crl_host}:{self.layout.ocsp_port}")
+        ocsp = x509.AuthorityInformationAccess([x509.AccessDescription(AuthorityInformationAccessOID.OCSP, ocsp_url)])
         for name in names:
             key = ec.generate_private_key(ec.SECP256R1())
             cert = (
@@ -125,6 +136,8 @@ class Scene:
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                 .add_extension(x509.SubjectAlternativeName([upn_other_name(f"{name}@lab.test")]), critical=False)
+                .add_extension(crl_point, critical=False)
+                .add_extension(ocsp, critical=False)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
                 .sign(ca_key, hashes.SHA256())
@@ -181,6 +194,12 @@ http {{
       default_type application/octet-stream;
       rewrite ^ /1k.bin break;
     }}
+    # the gateway's connection-bound route: a token on a connection's first request only (not checked here)
+    location /bound/ {{
+      root {self.root}/nginx;
+      default_type application/octet-stream;
+      rewrite ^ /1k.bin break;
+    }}
   }}
 }}
 """
@@ -227,6 +246,12 @@ spn = "HTTP/cas.lab.test"
 read_timeout = 3600
 
 [[routes]]
+prefix = "/bound/"
+upstream = "http://127.0.0.1:{self.ports["backend"]}"
+spn = "HTTP/cas.lab.test"
+backend_binding = "connection"
+
+[[routes]]
 prefix = "/lab/"
 upstream = "http://{self.layout.backend_host}:{self.layout.backend_port}"
 spn = "HTTP/cas.lab.test"
@@ -268,9 +293,43 @@ spn = "HTTP/cas.lab.test"
             "nginx", [nginx, "-c", str(conf), "-p", str(self.root / "nginx")], self.ports["nginx"], core=self.cores[0]
         )
 
+    def start_plain(self) -> None:
+        """The plain aiohttp reverse proxy (bench.plain): the same TLS and client certificate check as nginx."""
+        pki = self.layout.pki_dir
+        argv = [sys.executable, "-m", "bench.plain", "--port", str(self.ports["plain"])]
+        argv += ["--upstream", f"http://127.0.0.1:{self.ports['backend']}"]
+        argv += ["--cert", str(pki / "server-chain.pem"), "--key", str(pki / "server.key")]
+        argv += ["--client-ca", str(self.root / "nginx" / "clientca.pem"), "--crl", str(pki / "crls.pem")]
+        argv += ["--authorization", "Negotiate " + "A" * (4 * ((TOKEN_SIZE + 2) // 3))]
+        self.start("plain", argv, self.ports["plain"], core=self.cores[0])
+
     def start_gateway(self) -> None:
         argv = [sys.executable, "-m", "proxy", "run", "--config", str(self.root / "gateway.toml")]
         self.start("gateway", argv, self.ports["gateway"], core=self.cores[0], env=self.layout.env())
+
+    def start_baseline(self, code: Path) -> None:
+        """Another build of the gateway (a copy of an older tree, e.g. `git archive main`), same configuration
+        on a port of its own, for before/after ratios in one run. Its configuration has no connection-bound
+        route (an older build may not know the key)."""
+        self.ports["baseline"] = free_port()
+        text = (self.root / "gateway.toml").read_text()
+        text = text.replace(f':{self.ports["gateway"]}"', f':{self.ports["baseline"]}"', 1)
+        text = text.replace('backend_binding = "connection"\n', "")
+        (self.root / "baseline.toml").write_text(text)
+        argv = [sys.executable, "-m", "proxy", "run", "--config", str(self.root / "baseline.toml")]
+        env = {**self.layout.env(), "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
+        log = (self.root / "baseline.log").open("wb")
+        proc = subprocess.Popen(
+            ["taskset", "-c", self.cores[0], *argv] if self.cores[0] else argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=code,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+        self.procs["baseline"] = proc
+        wait_port(self.ports["baseline"], proc, "baseline")
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)

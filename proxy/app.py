@@ -31,6 +31,7 @@ from proxy.directory import Directory
 from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
+from proxy.observability.logging import summary_line
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
@@ -136,7 +137,7 @@ def make_app(live: Live) -> web.Application:
                 headers={"X-KCD-Refused-Stage": e.stage, **e.headers, **e.challenge},
             )
         finally:
-            log.info("request", status=status, **trace.summary())
+            summary_line("request", status=status, **trace.summary())
             live.metrics.observe(trace, status)
             live.traces.record(trace, status, live.config.traces)
 
@@ -164,7 +165,7 @@ def unparsed_requests(live: Live) -> type[AbstractAccessLogger]:
             trace.note(method=None, path=None, client=request.remote)
             trace.note(refused_stage="request", refusal="request_unparsed", reason="the request could not be parsed")
             structlog.contextvars.clear_contextvars()
-            log.info("request", status=response.status, **trace.summary())
+            summary_line("request", status=response.status, **trace.summary())
             live.metrics.observe(trace, response.status)
 
     return UnparsedRequests

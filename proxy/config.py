@@ -35,6 +35,10 @@ AUTH_MODES: tuple[AuthMode, ...] = ("certificate", "certificate-or-basic", "cert
 BackendAuth = Literal["negotiate", "basic"]
 BACKEND_AUTHS: tuple[BackendAuth, ...] = ("negotiate", "basic")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# "request": a fresh Negotiate token on every request. "connection": only on the first request of each backend
+# connection (IIS with authPersistNonNTLM, Exchange's default, binds that identity to the connection).
+BackendBinding = Literal["request", "connection"]
+BACKEND_BINDINGS: tuple[BackendBinding, ...] = ("request", "connection")
 MappingMode = Literal["upn", "strong", "strong-or-audit"]
 MAPPING_MODES: tuple[MappingMode, ...] = ("upn", "strong", "strong-or-audit")
 DirectoryBind = Literal["kerberos", "simple"]
@@ -183,6 +187,7 @@ class Route:
     context_headers: tuple[tuple[str, str], ...] = ()  # (header name, one of CONTEXT_SOURCES)
     backend_auth: BackendAuth = "negotiate"  # "basic": forward the client's verified Basic header itself
     case_sensitive: bool = False  # prefix compared as written; by default without regard to case, as IIS does
+    backend_binding: BackendBinding = "request"  # "connection": a token only on a backend connection's first request
 
     @cached_property
     def _folded_prefix(self) -> str:
@@ -699,7 +704,7 @@ _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]
 _ROUTE_KEYS = {
     *("prefix", "host", "upstream", "spn", "preserve_host", "connect_timeout", "read_timeout"),
     *("ca_bundle", "server_name", "context_headers"),
-    *("backend_auth", "case_sensitive"),
+    *("backend_auth", "case_sensitive", "backend_binding"),
 }
 
 
@@ -800,6 +805,16 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
             ),
         ),
         case_sensitive=bool(r.get(t, f"{k}.case_sensitive", "case_sensitive", bool, False)),
+        backend_binding=cast(
+            BackendBinding,
+            _choice(
+                r,
+                f"{k}.backend_binding",
+                r.get(t, f"{k}.backend_binding", "backend_binding", str, "") or None,
+                BACKEND_BINDINGS,
+                "request",
+            ),
+        ),
     )
 
 
@@ -952,6 +967,11 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         seen.add(same)
         if route.backend_auth == "basic" and authentication.mode == "certificate":
             r.problem(f"routes[{i}].backend_auth", '"basic" needs an authentication.mode that takes Basic credentials')
+        if route.backend_auth == "basic" and route.backend_binding == "connection":
+            r.problem(
+                f"routes[{i}].backend_binding",
+                '"connection" is for Negotiate: with backend_auth = "basic" every request carries its credentials',
+            )
     if r.problems:
         raise ConfigError(r.problems)
     return Config(

@@ -31,7 +31,7 @@ from cryptography import x509
 from proxy.auth.basic import BasicLogin
 from proxy.auth.modes import Authenticated, authenticate
 from proxy.backend import headers
-from proxy.backend.forward import Pools, forward
+from proxy.backend.forward import Authorization, Pools, forward
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import VerifiedChains
@@ -161,24 +161,30 @@ async def map_certificate(
     return mapping
 
 
-async def backend_authorization(gw: Gateway, auth: Authenticated, route: Route, trace: Trace) -> tuple[str, str]:
+async def backend_authorization(
+    gw: Gateway, auth: Authenticated, route: Route, trace: Trace
+) -> tuple[Authorization, str]:
     """A certificate alone: impersonate and delegate. After a password: the user's own ticket (or Basic header).
 
     Returns the header and the principal it speaks for: after a delegation, the client name the KDC returned
-    (with enterprise names not the name the identity stage mapped; the log and the backend pool use it)."""
+    (with enterprise names not the name the identity stage mapped; the log and the backend pool use it).
+    On a `backend_binding = "connection"` route the delegated token is built later, by the backend stage,
+    and only for a backend connection that has not carried one yet (`proxy.backend.forward`)."""
     if auth.login is not None:
         trace.detail("kerberos", own_ticket=True)
         return await gw.basic.authorization(auth.login, route), auth.user.principal
     try:
-        delegated = await gw.delegator.delegate(auth.user, route.spn, route.gss_target)
+        delegation = await gw.delegator.delegation(auth.user, route.spn, route.gss_target)
     except GatewayError as e:
         trace.detail("kerberos", facts=facts_of(e))  # which step the KDC refused, and the evidence ticket
         raise
-    trace.note(impersonation_cached=delegated.impersonation_cached)
-    if delegated.principal != auth.user.principal:
-        trace.note(principal=delegated.principal, requested_principal=auth.user.principal)
-    trace.detail("kerberos", facts=delegated.facts, cached=delegated.impersonation_cached)  # tickets' facts, no token
-    return delegated.authorization, delegated.principal
+    trace.note(impersonation_cached=delegation.impersonation_cached)
+    if delegation.principal != auth.user.principal:
+        trace.note(principal=delegation.principal, requested_principal=auth.user.principal)
+    trace.detail("kerberos", facts=delegation.facts, cached=delegation.impersonation_cached)  # tickets' facts
+    if route.backend_binding == "connection":
+        return delegation.authorization, delegation.principal
+    return delegation.authorization(), delegation.principal
 
 
 async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamResponse:
@@ -206,5 +212,7 @@ async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamR
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
         response, result = await forward(request, route, gw.pools, principal, authorization, context, target)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
-    trace.detail("backend", reused=result.reused)
+    if route.backend_binding == "connection":
+        trace.note(backend_auth_sent=result.token_sent)  # False: the connection already carries the user's identity
+    trace.detail("backend", reused=result.reused, token_sent=result.token_sent)
     return response

@@ -9,10 +9,16 @@ its own connection pool (an aiohttp `ClientSession`); a pool is closed once its 
 in flight for `idle_seconds`, or when more than `max_users` pools exist, least recently used first, but
 never while one of its requests (an ActiveSync `Ping`, say) is still running.
 
-Every request carries `Authorization: Negotiate` with a fresh token, so the first request of each
-backend connection always has one (what IIS binds the connection to), and a backend that authenticates
-each request (Apache, IIS without `authPersistNonNTLM`) gets one too. A connection-bound backend ignores
-the later ones, which is harmless because the connection only ever carries this user. Any 401 from the
+With a route's `backend_binding = "request"` (the default) every request carries `Authorization:
+Negotiate` with a fresh token, so the first request of each backend connection always has one (what IIS
+binds the connection to), and a backend that authenticates each request (Apache, IIS without
+`authPersistNonNTLM`) gets one too. A connection-bound backend ignores the later ones, which is harmless
+because the connection only ever carries this user. With `backend_binding = "connection"` only the first
+request of each backend connection carries a token, and the token is built only then (building it was
+about a quarter of the gateway's CPU per request: bench/run.py, docs/performance.md): the user's connector
+decides when it hands out the connection, from whether that connection has already carried one of this
+user's tokens for this SPN and got an answer other than 401. On such a route a connection that answers
+401 is closed, never reused. Any 401 from the
 backend, whether a bare challenge, a `Negotiate` continuation (a KRB-ERROR such as clock skew or a
 replay) or a challenge for another scheme, means the backend did not accept the delegated ticket: the
 device gets 502, never a 401 it could not answer, and the log says what the backend wanted. The
@@ -179,6 +185,32 @@ class Pools:
 
 _REUSED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("kcd_backend_reused", default=None)
 
+Authorization = str | Callable[[], str]  # the header's value, or how to make it (only when it is sent)
+
+
+class ConnectionBinding:
+    """One request's Negotiate token on a connection-bound route: sent only on a connection that has not
+    carried one of this user's tokens for this SPN yet (the connector decides, `_Connector.connect`).
+
+    `token_sent` and `protocol` say what happened; `bound()`, after an answer other than 401, records that
+    the connection now carries the user's identity, so its later requests go without a token."""
+
+    __slots__ = ("authorization", "bound_to", "protocol", "spn", "token_sent")
+
+    def __init__(self, authorization: Authorization, spn: str) -> None:
+        self.authorization = authorization
+        self.spn = spn
+        self.token_sent = False
+        self.protocol: object | None = None
+        self.bound_to: weakref.WeakKeyDictionary[object, str] | None = None
+
+    def bound(self) -> None:
+        if self.token_sent and self.protocol is not None and self.bound_to is not None:
+            self.bound_to[self.protocol] = self.spn
+
+
+_BINDING: contextvars.ContextVar[ConnectionBinding | None] = contextvars.ContextVar("kcd_binding", default=None)
+
 
 class _Connector(aiohttp.TCPConnector):
     """A user's connection pool that tells each request whether it got a pooled connection or a new one.
@@ -190,6 +222,7 @@ class _Connector(aiohttp.TCPConnector):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._handed_out: weakref.WeakSet[object] = weakref.WeakSet()
+        self._bound: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()  # connection -> SPN
 
     async def connect(
         self,
@@ -202,7 +235,25 @@ class _Connector(aiohttp.TCPConnector):
         if protocol is not None:
             _REUSED.set(protocol in self._handed_out)
             self._handed_out.add(protocol)
+        binding = _BINDING.get()
+        if binding is not None:
+            try:
+                self._authorize(req, protocol, binding)
+            except BaseException:
+                connection.close()
+                raise
         return connection
+
+    def _authorize(self, req: ClientRequest, protocol: object | None, binding: ConnectionBinding) -> None:
+        """A connection-bound route's request: a token on a connection this user has not bound yet, else none."""
+        binding.protocol, binding.bound_to = protocol, self._bound
+        if protocol is not None and self._bound.get(protocol) == binding.spn:
+            del req.headers["Authorization"]
+            binding.token_sent = False
+        else:
+            value = binding.authorization
+            req.headers["Authorization"] = value if isinstance(value, str) else value()
+            binding.token_sent = True
 
 
 class ClientBody:
@@ -241,6 +292,7 @@ class BackendResult:
     status: int
     ms: float  # time to the backend's response headers
     reused: bool | None = None  # whether the request went on a pooled connection (for the request's trace)
+    token_sent: bool = True  # False: a connection-bound route's request on a connection already bound
 
 
 async def forward(
@@ -248,22 +300,27 @@ async def forward(
     route: Route,
     pools: Pools,
     principal: str,
-    authorization: str,
+    authorization: Authorization,
     extra_headers: Iterable[tuple[str, str]] = (),
     target: OriginForm | None = None,
 ) -> tuple[web.StreamResponse, BackendResult]:
     """Send `request` to the route's upstream as `principal` with `authorization`; stream the answer back.
 
+    `authorization` may be a function that makes the header: on a `backend_binding = "connection"` route
+    it is called only when the request goes on a connection that needs a token (see the module's docstring).
     The path sent is `target`'s (the one the route was chosen on: `proxy.target`), as is: yarl would
     otherwise decode, re-encode and resolve it again on its own terms."""
     target = target or origin_form(request.raw_path)
     url = URL(route.upstream + target.forward_with_query, encoded=True)
+    binding = ConnectionBinding(authorization, route.spn) if route.backend_binding == "connection" else None
+    if binding is None and not isinstance(authorization, str):
+        authorization = authorization()
     out_headers = headers.to_backend(
         request.headers,
         client_ip=request.remote or "",
         client_host=request.host,
         upstream_host=None if route.preserve_host else route.upstream.split("://", 1)[1],
-        authorization=authorization,
+        authorization=authorization if isinstance(authorization, str) else "",  # set by the connector
         extra=extra_headers,
     )
     body = ClientBody(request.content, pools.client_body_timeout) if request.body_exists else None
@@ -272,6 +329,7 @@ async def forward(
         await _send_continue(request)
         start = time.perf_counter()
         _REUSED.set(None)
+        _BINDING.set(binding)
         try:
             upstream = await session.request(
                 request.method,
@@ -287,13 +345,21 @@ async def forward(
             )
         except (aiohttp.ClientError, TimeoutError) as e:  # refused, reset, TLS, not HTTP, timed out
             raise _failure(route, e, body) from None
+        finally:
+            _BINDING.set(None)
         ms = (time.perf_counter() - start) * 1000
         reused = _REUSED.get()
         async with upstream:
             if upstream.status == 401:
-                raise _rejected(route, upstream.headers.getall("WWW-Authenticate", []))
+                if binding is not None:
+                    upstream.close()  # a connection that answered 401 is never reused, let alone bound
+                challenges = upstream.headers.getall("WWW-Authenticate", [])
+                raise _rejected(route, challenges, token_sent=binding is None or binding.token_sent)
+            if binding is not None:
+                binding.bound()
             response = await _relay(request, upstream, pools.client_send_timeout, route)
-        return response, BackendResult(upstream.status, ms, reused)
+        token_sent = binding is None or binding.token_sent
+        return response, BackendResult(upstream.status, ms, reused, token_sent)
 
 
 async def _relay(
@@ -369,11 +435,16 @@ def _failure(route: Route, e: Exception, body: ClientBody | None) -> Exception:
     )
 
 
-def _rejected(route: Route, challenges: list[str]) -> BackendRejectedTicket:
+def _rejected(route: Route, challenges: list[str], *, token_sent: bool = True) -> BackendRejectedTicket:
     """A backend 401 to a delegated ticket, with what the backend's challenges say about why."""
     schemes = [c.split(None, 1) for c in challenges]
     negotiate = [parts for parts in schemes if parts and parts[0].lower() == "negotiate"]
-    if any(len(parts) == 2 for parts in negotiate):
+    if not token_sent:
+        why = (
+            'backend_binding = "connection", and the backend asked again for credentials on a connection it had '
+            'accepted a ticket on: it does not keep the identity per connection; set backend_binding = "request"'
+        )
+    elif any(len(parts) == 2 for parts in negotiate):
         why = (
             "it answered with a Negotiate continuation token (a Kerberos error: clock skew between the "
             "backend and the KDC, a replayed or mangled token, or a ticket for the wrong key)"

@@ -95,6 +95,22 @@ class DelegatedToken:
         return "Negotiate " + base64.b64encode(self.token).decode("ascii")
 
 
+@dataclass(frozen=True)
+class Delegation:
+    """Evidence of the Kerberos stage: a service ticket for `principal` at `spn` is at hand; `authorization()`
+    builds a Negotiate token on it (local work, no KDC), only when a request is to carry one."""
+
+    principal: str
+    spn: str
+    impersonation_cached: bool  # True when the service ticket came from the cache: no KDC exchange
+    ms: float
+    facts: S4UFacts | None
+    make_token: Callable[[], bytes] = field(repr=False)
+
+    def authorization(self) -> str:
+        return "Negotiate " + base64.b64encode(self.make_token()).decode("ascii")
+
+
 @dataclass
 class _Ticket:
     """A cache entry: the user's impersonated credentials, whose own ccache holds the service ticket."""
@@ -155,6 +171,14 @@ class Delegator:
     async def delegate(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
         """A Negotiate token for `user` at `spn`: from the cached service ticket, or after one exchange."""
         start = time.perf_counter()
+        delegation = await self.delegation(user, spn, gss_target)
+        token = delegation.make_token()
+        ms = (time.perf_counter() - start) * 1000
+        return DelegatedToken(delegation.principal, spn, token, delegation.impersonation_cached, ms, delegation.facts)
+
+    async def delegation(self, user: UserPrincipal, spn: str, gss_target: str) -> Delegation:
+        """The service ticket for `user` at `spn` (cached, or after one exchange); tokens on it come later."""
+        start = time.perf_counter()
         asked = (user.principal, spn)  # what single-flights an exchange
         key = self._key(user.principal, spn)  # where its result is kept: the KDC's name for the user
         self._spns.add(spn)
@@ -171,14 +195,19 @@ class Delegator:
         else:
             ticket = await asyncio.shield(self._flights.get(asked) or self._flight(asked, user, spn, gss_target))
         client = ticket.client or user.principal
-        try:
-            token = self._token(ticket.creds, gss_target)
-        except gssapi.raw.GSSError as e:
-            self._drop(asked)
-            raise self._explain(e.gen_message(), client, spn) from None
-        if not token:
-            raise self._explain("no token produced", client, spn)
-        return DelegatedToken(client, spn, token, cached, (time.perf_counter() - start) * 1000, ticket.facts)
+        creds = ticket.creds
+
+        def make_token() -> bytes:
+            try:
+                token = self._token(creds, gss_target)
+            except gssapi.raw.GSSError as e:
+                self._drop(asked)
+                raise self._explain(e.gen_message(), client, spn) from None
+            if not token:
+                raise self._explain("no token produced", client, spn)
+            return token
+
+        return Delegation(client, spn, cached, (time.perf_counter() - start) * 1000, ticket.facts, make_token)
 
     def _key(self, principal: str, spn: str) -> Key:
         """The cache key of `principal` at `spn`: the client name the KDC returned for it, once known."""

@@ -28,12 +28,12 @@ With ``--tls-cert`` and ``--tls-key`` it serves https, as Exchange does (the gat
 upstreams use the lab's server certificate).
 
 What it answers: a JSON echo of what it saw (principal, method, path, query, body digest, headers without
-Authorization, the connection's number and whether the identity was reused, and the ticket's PAC when it
-has one: its size, buffers, UPN and the client's SID, `proxy.kerberos.pac`), the principal also in
-``X-Lab-Principal``. Exchange's sites are recognised and named in the echo (``site``): ActiveSync, EWS,
-OWA, Autodiscover; every other path is served too, as a generic Negotiate site (``site: generic``), so the
-gateway can route any path here and status pass-through is tested with the hooks below rather than with
-404s. ``OPTIONS /Microsoft-Server-ActiveSync`` advertises protocol versions and commands.
+Authorization and only whether one came, the connection's number and whether the identity was reused, and
+the ticket's PAC when it has one: its size, buffers, UPN and the client's SID, `proxy.kerberos.pac`), the
+principal also in ``X-Lab-Principal``. Exchange's sites are recognised and named in the echo (``site``):
+ActiveSync, EWS, OWA, Autodiscover; every other path is served too, as a generic Negotiate site
+(``site: generic``), so the gateway can route any path here and status pass-through is tested with the hooks
+below rather than with 404s. ``OPTIONS /Microsoft-Server-ActiveSync`` advertises protocol versions and commands.
 
 Test hooks (request header, or query parameter), applied after authentication on any path:
 
@@ -487,6 +487,7 @@ def echo(
         "connection_number": connection.number,
         "connection_request_index": connection.requests,
         "connection_identity_reused": identity.reused,
+        "authorization_sent": "Authorization" in request.headers,  # whether one came, never what it held
     }
 
 
