@@ -169,7 +169,8 @@ _FOREIGN_REASON = "no Kerberos realm serves {user}'s UPN suffix"
 _FOREIGN_HINT = (
     "S4U2Self asked for {user}, in a realm the KDC does not serve (the client library looked for "
     "krbtgt/{realm}): in Active Directory a UPN suffix that is not the realm (uPNSuffixes) is found only by its "
-    "enterprise name; set identity.enterprise_names = true, or map the suffix to the realm with identity.realm_map"
+    "enterprise name; set identity.enterprise_names = true (identity.realm_map fits only a realm where each "
+    "UPN's local part is its own account name: elsewhere it names another account)"
 )
 _SERVICE_REASON = "the gateway's Kerberos set-up is incomplete"
 _SERVICE_NOT_FOUND_HINT = (
