@@ -582,9 +582,11 @@ def stop_processes(realm: AdRealm) -> None:
 
 
 def down(realm: AdRealm) -> None:
-    """Stop samba and everything else in the namespace, then delete the namespace. The state stays."""
+    """Stop samba and everything else in the namespace, then delete the namespace and the files that `ip netns
+    exec` reads for it (/etc/netns/<namespace>/, e.g. the DC's name in `hosts`). The state stays."""
     stop_processes(realm)
     _delete_namespace(realm)
+    shutil.rmtree(Path("/etc/netns", realm.netns), ignore_errors=True)
 
 
 def status(realm: AdRealm) -> dict[str, bool]:

@@ -314,9 +314,13 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
 
 
 def test_lab_down_ends_every_process_in_the_namespace_and_removes_it(tmp_path: Path) -> None:
-    """`kcd-proxy lab down` stops whatever runs in the AD realm's namespace and deletes the namespace."""
+    """`kcd-proxy lab down` stops whatever runs in the AD realm's namespace and deletes the namespace, and the
+    namespace's files under /etc/netns (the DC's name) with it."""
     realm = ad.AdRealm.at(tmp_path / "ad")
     ad.ensure_namespace(realm)  # the namespace alone: taking it down needs no provisioned realm
+    etc = Path("/etc/netns", realm.netns)
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text("127.0.0.1 localhost\n")
     sleeper = realm.popen(["sleep", "600"], log=tmp_path / "sleep.log")
     deadline = time.monotonic() + 10
     while not ad.namespace_pids(realm) and time.monotonic() < deadline:
@@ -332,7 +336,19 @@ def test_lab_down_ends_every_process_in_the_namespace_and_removes_it(tmp_path: P
     assert done.returncode == 0, done.stderr
     assert sleeper.wait(timeout=15) is not None
     assert not Path("/run/netns", realm.netns).exists()
+    assert not etc.exists()
 
+
+def test_taking_the_realm_down_removes_its_namespace_files(tmp_path: Path) -> None:
+    """`ad.down` (what the tests' realm fixture calls, not only the CLI) leaves nothing under /etc/netns."""
+    realm = ad.AdRealm.at(tmp_path / "ad")
+    ad.ensure_namespace(realm)
+    etc = Path("/etc/netns", realm.netns)
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    ad.down(realm)
+    assert not Path("/run/netns", realm.netns).exists()
+    assert not etc.exists()
 
 @pytest.mark.parametrize(
     ("user", "status", "reason", "kdc_says"),
