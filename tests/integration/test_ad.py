@@ -350,6 +350,7 @@ def test_taking_the_realm_down_removes_its_namespace_files(tmp_path: Path) -> No
     assert not Path("/run/netns", realm.netns).exists()
     assert not etc.exists()
 
+
 @pytest.mark.parametrize(
     ("user", "status", "reason", "kdc_says"),
     [
