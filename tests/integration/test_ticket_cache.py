@@ -303,9 +303,11 @@ def test_revoking_a_certificate_drops_its_users_tickets(lab: LabLayout, tmp_path
         assert not gw.events("tickets_forgotten")
         revoke(Pki.at(lab.pki_dir), cert, now=datetime.now(UTC))
         deadline = time.monotonic() + 10
-        while curl_with(lab, gw, cert, key)[0] == 200:
+        # until the revocation stage refuses it: a transient failure on a busy machine (curl's 000) is not that
+        while (status := curl_with(lab, gw, cert, key)[0]) != 403:
+            assert status in (0, 200, 503), status
             assert time.monotonic() < deadline, "the revoked certificate is still served"
             time.sleep(0.2)
-        assert gw.wait_event("tickets_forgotten", principal="carol@LAB.TEST")["tickets"] == 1
+        assert gw.wait_event("tickets_forgotten", timeout=15, principal="carol@LAB.TEST")["tickets"] == 1
     finally:
         assert gw.stop() == 0
