@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.identity.sid import Sid
+
 # MS-PAC 2.4 ulType values.
 BUFFER_TYPES = {
     1: "logon-info",
@@ -98,12 +100,11 @@ def _upn_dns_info(info: bytes) -> tuple[str | None, str | None, str | None, str 
 
 
 def format_sid(raw: bytes) -> str:
-    """A binary SID (MS-DTYP 2.4.2.2) as `S-1-5-21-...`."""
-    if len(raw) < 8 or len(raw) != 8 + 4 * raw[1]:
-        raise ValueError(f"not a SID: {raw.hex()}")
-    authority = int.from_bytes(raw[2:8], "big")
-    subs = [str(int.from_bytes(raw[8 + 4 * i : 12 + 4 * i], "little")) for i in range(raw[1])]
-    return "-".join([f"S-{raw[0]}", str(authority), *subs])
+    """A binary SID (MS-DTYP 2.4.2.2) as `S-1-5-21-...`, read by the codec the mapping stage uses."""
+    try:
+        return str(Sid.from_bytes(raw))
+    except ValueError as e:
+        raise ValueError(f"not a SID: {raw.hex()} ({e})") from None
 
 
 def _u16(data: bytes, at: int) -> int:
