@@ -128,7 +128,7 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
     with trace.stage("identity"):
         user = gw.identify(verified.leaf)
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
-    if gw.directory is not None and gw.config.identity.mapping != "upn":
+    if gw.directory is not None:  # only with mapping "strong" / "strong-or-audit" (`proxy.app.build`, reloads)
         with trace.stage("mapping"):
             mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity.mapping, trace, now)
         if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
