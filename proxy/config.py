@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from proxy.errors import BadRequest, ConfigError
+from proxy.identity.principal import ascii_lower
 from proxy.target import origin_form
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
@@ -600,9 +601,6 @@ def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
     )
 
 
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
 def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
     r.unknown(t, "identity", {"source", "realm_map", "enterprise_names", "default_realm", "mapping"})
     mapping = r.get(t, "identity.mapping", "mapping", str, "") or None
@@ -613,7 +611,7 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
         if not isinstance(realm, str) or not realm or "@" in suffix:
             r.problem(f"identity.realm_map.{suffix}", f"expected a realm name, got {realm!r}")
             continue
-        clean[suffix.translate(_ASCII_LOWER)] = realm  # ASCII case only: proxy.identity.principal
+        clean[ascii_lower(suffix)] = realm  # ASCII case only: proxy.identity.principal
     return Identity(
         sources=sources,
         realm_map=clean,

@@ -25,9 +25,12 @@ import string
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from proxy.config import Identity
 from proxy.errors import IdentityRejected
+
+if TYPE_CHECKING:  # proxy.config folds realm_map's keys with ascii_lower: no import back at run time
+    from proxy.config import Identity
 
 _FORBIDDEN = {"/": "'/'", "\\": "'\\'"}
 
