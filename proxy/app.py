@@ -26,7 +26,7 @@ from proxy.backend.forward import Pools, defer_continue
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
-from proxy.config import Config
+from proxy.config import MAX_FIELD_BYTES, Config
 from proxy.directory import Directory
 from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed
 from proxy.kerberos.delegate import Delegator
@@ -192,7 +192,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         handle_signals=False,
         keepalive_timeout=config.listener.keepalive_timeout,
         handler_cancellation=True,
-        max_field_size=96 * 1024,
+        max_field_size=MAX_FIELD_BYTES,
         auto_decompress=False,  # a proxy passes bodies on as sent: codings and lengths are the backend's to read
     )
     await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
