@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 
 from proxy.observability.logging import pass_through
+from proxy.tls.server import peer_text
 
 log = structlog.get_logger("proxy.tls")
 
@@ -167,7 +168,7 @@ class HeaderBlockBudget:
         log.warning(
             "request_headers_too_large",
             stage="request",
-            peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+            peer=peer_text(peer),
             reason=f"the request's header block passed {self._limit} bytes",
             fix="a client sending this much header is broken or hostile; listener.max_header_bytes sets the limit",
         )

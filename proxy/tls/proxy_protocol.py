@@ -34,7 +34,7 @@ from typing import Literal
 
 import structlog
 
-from proxy.tls.server import TlsGate
+from proxy.tls.server import TlsGate, peer_text
 
 log = structlog.get_logger("proxy.tls")
 
@@ -242,19 +242,13 @@ class ProxyHeaderGate(asyncio.Protocol):
         if self._transport is None:
             return
         transport, self._transport = self._transport, None
-        log.warning("proxy_header_refused", stage="proxy_protocol", peer=_peer(self._peer), reason=reason)
+        log.warning("proxy_header_refused", stage="proxy_protocol", peer=peer_text(self._peer), reason=reason)
         transport.abort()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def _peer(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
 
 
 def gate_factory(

@@ -230,13 +230,13 @@ class TlsGate(asyncio.Protocol):
         try:
             await waiter
         except ConnectionError as exc:  # the client left mid-handshake: probes, scanners, impatient devices
-            log.info("tls_handshake_abandoned", peer=_peer(peer), reason=handshake_reason(exc))
+            log.info("tls_handshake_abandoned", peer=peer_text(peer), reason=handshake_reason(exc))
             return
         except (OSError, TimeoutError) as exc:
             # The TLS protocol has closed the socket, or handed it to `_Drain` after sending the alert.
             reason = handshake_reason(exc)
             log.warning(
-                "tls_handshake_refused", stage="tls", peer=_peer(peer), reason=reason, fix=handshake_fix(reason)
+                "tls_handshake_refused", stage="tls", peer=peer_text(peer), reason=reason, fix=handshake_fix(reason)
             )
             if self._on_refused is not None:
                 self._on_refused(reason)
@@ -274,7 +274,8 @@ def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
         view = view[n:]
 
 
-def _peer(peer: Any) -> str:
+def peer_text(peer: object) -> str:
+    """A socket's peer address for the log: `host:port`, or as it comes when it is not an address pair."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
