@@ -16,7 +16,6 @@ from proxy import config
 from proxy.errors import ConfigError
 from proxy.tls.limits import ConnectionSlots, HeaderBlockBudget
 from tests.unit.test_config import GOOD, _write
-from tests.unit.test_logging import out  # noqa: F401  (the fixture)
 
 
 def test_defaults_fit_one_big_token_and_many_held_connections(tmp_path: Path) -> None:
@@ -108,7 +107,7 @@ def test_header_budget_counts_header_blocks_and_not_bodies() -> None:
     assert sum(map(len, parser.fed)) == 60 + 40 + 500 + 90
 
 
-def test_a_parse_error_through_the_budget_is_still_aiohttps(out: io.StringIO) -> None:  # noqa: F811
+def test_a_parse_error_through_the_budget_is_still_aiohttps(out: io.StringIO) -> None:
     """aiohttp's parse error raised below the budget is logged as aiohttp's: type and description, not the
     traceback that quotes the client's header line."""
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,25 +13,6 @@ import structlog
 from proxy.observability import logging as proxy_logging
 
 SECRET = "c2VjcmV0LXBhc3N3b3Jk"
-
-
-@pytest.fixture
-def out() -> Iterator[io.StringIO]:
-    """The process's logging configured onto a buffer, and put back afterwards."""
-    saved = structlog.get_config()
-    hooks = (sys.excepthook, threading.excepthook)
-    stream = io.StringIO()
-    proxy_logging.configure("info", stream)
-    try:
-        yield stream
-    finally:
-        structlog.configure(**saved)
-        sys.excepthook, threading.excepthook = hooks
-        if proxy_logging._handler is not None:
-            logging.getLogger().removeHandler(proxy_logging._handler)
-            proxy_logging._handler = None
-        logging.captureWarnings(False)
-        proxy_logging._summary = None
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
