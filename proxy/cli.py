@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ from proxy.ops import trace_cli
 
 def _run(args: argparse.Namespace) -> int:
     from proxy import app
+    from proxy import loop as event_loop
     from proxy.observability.logging import configure
 
     configure(args.log_level)
@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def serve_one() -> int:
         try:
-            asyncio.run(app.serve(cfg))
+            event_loop.run(app.serve(cfg), cfg.listener.event_loop)
         except ConfigError as e:
             return e.report()
         return 0

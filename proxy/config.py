@@ -44,6 +44,9 @@ MappingMode = Literal["upn", "strong", "strong-or-audit"]
 MAPPING_MODES: tuple[MappingMode, ...] = ("upn", "strong", "strong-or-audit")
 DirectoryBind = Literal["kerberos", "simple"]
 DIRECTORY_BINDS: tuple[DirectoryBind, ...] = ("kerberos", "simple")
+# The event loop each worker runs (proxy.loop): asyncio's own, or uvloop's (libuv) when it is installed.
+EventLoop = Literal["asyncio", "uvloop"]
+EVENT_LOOPS: tuple[EventLoop, ...] = ("asyncio", "uvloop")
 
 
 # One 64 KiB Kerberos token (87 KiB of base64 in `Authorization: Negotiate`) plus ordinary headers and cookies.
@@ -69,6 +72,7 @@ class Listener:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open client connections per worker; more wait in the backlog
     proxy_protocol: bool = False  # connections open with a PROXY header (v1/v2) from a balancer; see below
     trusted_proxies: tuple[IPNetwork, ...] = ()  # balancers (CIDR) whose PROXY headers are believed
+    event_loop: EventLoop = "asyncio"  # "uvloop": libuv's loop (proxy.loop; the README's Performance says what it pays)
 
 
 @dataclass(frozen=True)
@@ -384,7 +388,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         {
             *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
             *("client_body_timeout", "client_send_timeout", "workers", "max_header_bytes", "max_connections"),
-            *("proxy_protocol", "trusted_proxies"),
+            *("proxy_protocol", "trusted_proxies", "event_loop"),
         },
     )
     proxy_protocol, trusted_proxies = _proxy_protocol(r, t)
@@ -404,7 +408,21 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         max_connections=_number(r, t, "listener", "max_connections", int, DEFAULT_MAX_CONNECTIONS),
         proxy_protocol=proxy_protocol,
         trusted_proxies=trusted_proxies,
+        event_loop=_event_loop(r, t),
     )
+
+
+def _event_loop(r: _Reader, t: dict[str, Any]) -> EventLoop:
+    """`listener.event_loop`: one of EVENT_LOOPS, and "uvloop" only where the uvloop package imports."""
+    value = r.get(t, "listener.event_loop", "event_loop", str, "") or None
+    chosen = cast(EventLoop, _choice(r, "listener.event_loop", value, EVENT_LOOPS, "asyncio"))
+    if chosen == "uvloop":
+        from proxy.loop import uvloop_missing
+
+        missing = uvloop_missing()
+        if missing is not None:
+            r.problem("listener.event_loop", f'"uvloop" is not usable here ({missing}); install it or use "asyncio"')
+    return chosen
 
 
 def _max_header_bytes(r: _Reader, t: dict[str, Any]) -> int:
