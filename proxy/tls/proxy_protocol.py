@@ -34,7 +34,7 @@ from typing import Literal
 
 import structlog
 
-from proxy.tls.server import TlsGate, peer_text
+from proxy.tls.server import TlsGate, peer_text, socket_transport
 
 log = structlog.get_logger("proxy.tls")
 
@@ -197,8 +197,7 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = socket_transport(transport)
         self._peer = transport.get_extra_info("peername")
         if not trusted(self._peer, self._networks):
             self._refuse("connection from an address not in listener.trusted_proxies")

@@ -30,7 +30,7 @@ import ssl
 import threading
 from asyncio import sslproto
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -138,8 +138,8 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         if handshake_exc is None:
             _tolerate_undecodable_names(self._sslobj)  # type: ignore[attr-defined]
-        transport = self._transport
-        if handshake_exc is not None and isinstance(transport, asyncio.Transport) and not transport.is_closing():
+        transport = None if self._transport is None else socket_transport(self._transport)
+        if handshake_exc is not None and transport is not None and not transport.is_closing():
             with contextlib.suppress(Exception):
                 self._process_outgoing()  # type: ignore[attr-defined]
                 transport.set_protocol(_Drain(transport, self._closed))
@@ -202,12 +202,11 @@ class TlsGate(asyncio.Protocol):
         self._preread = preread
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # nothing is read until start_tls owns the socket
-        self._task = asyncio.get_running_loop().create_task(self._upgrade(transport))
-
-    async def _upgrade(self, transport: asyncio.Transport) -> None:
-        peer = self._client or transport.get_extra_info("peername")
+        # The TLS protocol takes the socket here, before this returns, not in the task: uvloop starts reading
+        # when `connection_made` returns (a `pause_reading` here is a no-op there), and a ClientHello read
+        # meanwhile would reach this gate instead of TLS, and the handshake would stall.
+        stream = socket_transport(transport)
+        peer = self._client or stream.get_extra_info("peername")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         tls_protocol = _AlertingSSLProtocol(
@@ -220,13 +219,15 @@ class TlsGate(asyncio.Protocol):
             ssl_handshake_timeout=self._timeout,  # typeshed says int; floats work
             closed=self._closed,
         )
-        transport.set_protocol(tls_protocol)
-        tls_protocol.connection_made(transport)
+        stream.set_protocol(tls_protocol)
+        tls_protocol.connection_made(stream)
         if self._client is not None:
             tls_protocol._extra["peername"] = self._client  # what aiohttp's request.remote reports
         if self._preread:
             _feed(tls_protocol, self._preread)
-        transport.resume_reading()
+        self._task = loop.create_task(self._upgrade(tls_protocol, waiter, peer))
+
+    async def _upgrade(self, tls_protocol: _AlertingSSLProtocol, waiter: asyncio.Future[None], peer: object) -> None:
         try:
             await waiter
         except ConnectionError as exc:  # the client left mid-handshake: probes, scanners, impatient devices
@@ -261,6 +262,15 @@ class TlsGate(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._closed()
+
+
+def socket_transport(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """The TCP transport a listener protocol is given, typed as the stream transport it is.
+
+    Not checked with isinstance: uvloop's transports have asyncio.Transport's methods without deriving from
+    it (`isinstance(t, asyncio.Transport)` is False under `listener.event_loop = "uvloop"`). A check there
+    made every handshake stall, and one in the refusal path silently skipped the TLS alert."""
+    return cast(asyncio.Transport, transport)
 
 
 def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
