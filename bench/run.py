@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import re
 import resource
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,13 +102,21 @@ def _ms(value: str) -> float:
 
 
 def wrk(
-    scene: Scene, proxy: str, url: str, *, seconds: float, connections: int, certs: Path, args: list[str]
+    scene: Scene,
+    proxy: str,
+    url: str,
+    *,
+    seconds: float,
+    connections: int,
+    certs: Path,
+    args: list[str],
+    pinned: bool = True,
 ) -> WrkResult:
     env = {**os.environ, "LD_PRELOAD": str(scene.root / "certshim.so"), "KCD_SHIM_CERTS": str(certs)}
     if "Connection: close" in args:
         env["KCD_SHIM_NO_RESUME"] = "1"
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "30s", *args, url]
-    if scene.cores[1]:
+    if scene.cores[1] and pinned:
         argv = ["taskset", "-c", scene.cores[1], *argv]
     pid = scene.procs[proxy].pid
     before = cpu_seconds(pid)
@@ -204,7 +215,9 @@ def timed_request(scene: Scene, port: int) -> float:
     return float(total) * 1000
 
 
-def hold(scene: Scene, proxy: str, count: int, certs: Path, *, step: int = 500) -> Held:
+def hold(
+    scene: Scene, proxy: str, count: int, certs: Path, *, step: int = 500, while_held: Callable[[], None] | None = None
+) -> Held:
     """Hold `count` long-polls on `proxy`, opened `step` at a time (a wrk each) as fast as it takes them.
 
     Opening all at once would measure a reconnect storm instead: a single gateway process spends about
@@ -232,6 +245,8 @@ def hold(scene: Scene, proxy: str, count: int, certs: Path, *, step: int = 500) 
                 time.sleep(0.2)
         time.sleep(2)
         rss_held = rss_bytes(pid)
+        if while_held is not None:
+            while_held()
         new_ms = timed_request(scene, port)
         held = held_count(scene)
         cpu = cpu_seconds(pid) - cpu_before
@@ -243,6 +258,100 @@ def hold(scene: Scene, proxy: str, count: int, certs: Path, *, step: int = 500) 
     while held_count(scene) > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
     return Held(held, rss_idle, rss_held, new_ms, cpu)
+
+
+# -- at a fixed rate (open loop) --------------------------------------------------------------------
+
+
+def paced(scene: Scene, proxy: str, url: str, *, rate: float, seconds: float, certs: Path) -> dict[str, float]:
+    """bench.paced on the load core: `rate` requests/s over 50 keep-alive connections, latency from each
+    request's due time (no coordinated omission); with the proxy's CPU per request meanwhile."""
+    argv = [sys.executable, "-m", "bench.paced", "--url", url, "--rate", f"{rate:g}", "--connections", "50"]
+    argv += ["--seconds", f"{seconds:g}", "--cacert", str(scene.layout.pki_dir / "root.pem"), "--certs", str(certs)]
+    if scene.cores[1]:
+        argv = ["taskset", "-c", scene.cores[1], *argv]
+    pid = scene.procs[proxy].pid
+    before = cpu_seconds(pid)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, check=True, cwd=REPO).stdout
+    figures: dict[str, float] = json.loads(out)
+    figures["cpu_us"] = (cpu_seconds(pid) - before) / max(figures["answered"], 1) * 1e6
+    return figures
+
+
+# -- two workers on two cores against one on one ------------------------------------------------------
+
+
+def scaling(scene: Scene, url_one: str, url_two: str, *, seconds: float, rounds: int, certs: Path) -> dict[str, object]:
+    """Keep-alive throughput of the gateway with `workers = 2` (nothing pinned: two cores shared with wrk and
+    the backend) against one worker pinned to a core (wrk and the backend on the other), alternating."""
+    one: list[WrkResult] = []
+    two: list[WrkResult] = []
+    for _ in range(rounds):
+        one.append(wrk(scene, "gateway", url_one, seconds=seconds, connections=50, certs=certs, args=[]))
+        two.append(wrk(scene, "gateway2", url_two, seconds=seconds, connections=50, certs=certs, args=[], pinned=False))
+    rate1, rate2 = median(r.rate for r in one), median(r.rate for r in two)
+    cores1 = median(r.cpu_s / r.seconds for r in one)
+    cores2 = median(r.cpu_s / r.seconds for r in two)
+    return {
+        "one_worker": [{**vars(r), "cpu_us": r.cpu_us, "rate": r.rate} for r in one],
+        "two_workers": [{**vars(r), "cpu_us": r.cpu_us, "rate": r.rate} for r in two],
+        "throughput_ratio": rate2 / rate1,
+        "gateway_cores_one": cores1,
+        "gateway_cores_two": cores2,
+        "cpu_per_request_ratio": median(r.cpu_us for r in two) / median(r.cpu_us for r in one),
+    }
+
+
+# -- where a held long-poll's memory goes ---------------------------------------------------------------
+
+
+def traced_snapshot(scene: Scene) -> dict[str, int]:
+    """The traced gateway's live Python allocations by file (bench.traced), taken now."""
+    path = scene.root / "traced-snapshot.json"
+    path.unlink(missing_ok=True)
+    os.kill(scene.procs["traced"].pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the traced gateway wrote no snapshot within 120 s")
+        time.sleep(0.2)
+    sizes: dict[str, int] = json.loads(path.read_text())
+    return sizes
+
+
+def module_of(filename: str) -> str:
+    """A source file as the part it belongs to: `asyncio/sslproto.py`, `aiohttp/web_protocol.py`, `proxy/...`."""
+    parts = Path(filename).parts
+    for anchor in ("proxy", "aiohttp", "asyncio", "multidict", "yarl", "structlog", "ssl.py"):
+        if anchor in parts:
+            i = len(parts) - 1 - parts[::-1].index(anchor)
+            return "/".join(parts[i:])
+    return "/".join(parts[-2:])
+
+
+def breakdown(scene: Scene, count: int, certs: Path) -> dict[str, object]:
+    """Held long-polls on the traced gateway: Python's share of each held request by file, and the rest."""
+    idle = traced_snapshot(scene)
+    shares: dict[str, float] = {}
+
+    def during() -> None:
+        held_now = traced_snapshot(scene)
+        held_n = max(held_count(scene), 1)
+        for name in set(idle) | set(held_now):
+            grew = held_now.get(name, 0) - idle.get(name, 0)
+            key = module_of(name)
+            shares[key] = shares.get(key, 0.0) + grew / held_n / 1024
+
+    held = hold(scene, "traced", count, certs, while_held=during)
+    python = sum(shares.values())
+    top = dict(sorted(((k, v) for k, v in shares.items() if abs(v) >= 0.05), key=lambda kv: -kv[1])[:15])
+    return {
+        "held": held.held,
+        "rss_per_held_kib": held.per_held_kib,
+        "python_per_held_kib": python,
+        "outside_python_per_held_kib": held.per_held_kib - python,
+        "python_by_file_kib": top,
+    }
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -295,6 +404,10 @@ def main() -> int:
     parser.add_argument("--held", type=int, default=10_000, help="long-polls held at once (default 10000)")
     parser.add_argument("--users", type=int, default=500, help="distinct bench users (default 500)")
     parser.add_argument("--workers", type=int, default=1, help="processes of each proxy (default 1: per core)")
+    parser.add_argument(
+        "--rate", type=float, default=500, help="requests/s of the fixed-rate latency run (default 500)"
+    )
+    parser.add_argument("--traced", type=int, default=1000, help="long-polls held on the traced gateway (default 1000)")
     parser.add_argument("--keep", action="store_true", help="keep the scene's directory (logs, configs)")
     parser.add_argument(
         "--baseline",
@@ -318,6 +431,9 @@ def main() -> int:
         )
         args.held = most
 
+    uvloop_found = importlib.util.find_spec("uvloop") is not None
+    if not uvloop_found:
+        print("bench: uvloop is not installed here: no kcd (uvloop) column")
     root = Path(tempfile.mkdtemp(prefix="kcd-bench-"))
     scene = Scene(root, cores() if args.workers == 1 else ("", ""), workers=args.workers)
     started = time.monotonic()
@@ -333,6 +449,8 @@ def main() -> int:
         scene.start_plain()
         if args.baseline:
             scene.start_baseline(args.baseline)
+        if uvloop_found:
+            scene.start_variant("gateway_uvloop", core=scene.cores[0], event_loop="uvloop")
         print(f"bench: preflight through the gateway to the lab acceptor: served as {preflight(scene)}")
 
         # 4 first, while the gateway's ticket cache is cold.
@@ -352,6 +470,8 @@ def main() -> int:
         }
         if args.baseline:
             columns["baseline"] = ("baseline", f"https://127.0.0.1:{scene.ports['baseline']}{path}")
+        if uvloop_found:
+            columns["gateway_uvloop"] = ("gateway_uvloop", f"https://127.0.0.1:{scene.ports['gateway_uvloop']}{path}")
         keep: dict[str, list[WrkResult]] = {c: [] for c in columns}
         shake: dict[str, list[WrkResult]] = {c: [] for c in columns if c != "gateway_bound"}
         for proxy, url in columns.values():  # warm up: pools, caches, JIT-less but page-faulted
@@ -373,7 +493,31 @@ def main() -> int:
                         wrk(scene, proxy, url, seconds=args.seconds, connections=16, certs=one_cert, args=close)
                     )
         figures["load_after"] = os.getloadavg()
-        held = {proxy: hold(scene, proxy, args.held, all_certs) for proxy in ("nginx", "gateway")}
+        # p99 at the same offered load: open loop, 50 connections, the rate fixed (bench.paced)
+        at_rate = {"gateway", "gateway_uvloop", "plain", "nginx"} & set(columns)
+        figures["paced"] = {
+            column: paced(
+                scene, columns[column][0], columns[column][1], rate=args.rate, seconds=args.seconds, certs=one_cert
+            )
+            for column in sorted(at_rate)
+        }
+        if args.workers == 1 and scene.cores[0]:
+            scene.start_variant("gateway2", core="", workers=2)
+            figures["scaling"] = scaling(
+                scene,
+                columns["gateway"][1],
+                f"https://127.0.0.1:{scene.ports['gateway2']}{path}",
+                seconds=args.seconds,
+                rounds=args.rounds,
+                certs=one_cert,
+            )
+            scene.stop("gateway2")
+        held_columns = ("nginx", "gateway", "gateway_uvloop") if uvloop_found else ("nginx", "gateway")
+        held = {proxy: hold(scene, proxy, args.held, all_certs) for proxy in held_columns}
+        if args.traced:
+            scene.start_variant("traced", core=scene.cores[0])
+            figures["held_breakdown"] = breakdown(scene, min(args.traced, args.held), all_certs)
+            scene.stop("traced")
     finally:
         scene.teardown()
         if not args.keep:
@@ -403,7 +547,7 @@ def paired_ratios(keep: dict[str, list[WrkResult]]) -> dict[str, dict[str, float
     round are minutes apart at most: the machine's load moves less within a round than across them)."""
     out: dict[str, dict[str, float]] = {}
     for column in keep:
-        for ref in ("nginx", "plain", "baseline"):
+        for ref in ("nginx", "plain", "baseline", "gateway"):
             if ref not in keep:
                 continue
             pairs = [a.cpu_us / b.cpu_us for a, b in zip(keep[column], keep[ref], strict=True) if b.cpu_us]
@@ -413,7 +557,16 @@ def paired_ratios(keep: dict[str, list[WrkResult]]) -> dict[str, dict[str, float
 
 
 def versions() -> dict[str, str]:
-    return {"python": sys.version.split()[0], "nginx": nginx_version(), "aiohttp": aiohttp.__version__}
+    found = {"python": sys.version.split()[0], "nginx": nginx_version(), "aiohttp": aiohttp.__version__}
+    return {**found, "uvloop": uvloop_version(), "openssl": ssl.OPENSSL_VERSION}
+
+
+def uvloop_version() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "not installed"
+    return str(getattr(uvloop, "__version__", "?"))
 
 
 def row(name: str, ours: float, ref: float | None, fmt: str, target: str = "") -> None:
@@ -423,10 +576,11 @@ def row(name: str, ours: float, ref: float | None, fmt: str, target: str = "") -
     print(f"  {name:<36} {format(ours, fmt):>12} {shown_ref:>12} {ratio:>7}   {target}")
 
 
-COLUMNS = ("baseline", "gateway", "gateway_bound", "plain", "nginx")
+COLUMNS = ("baseline", "gateway", "gateway_uvloop", "gateway_bound", "plain", "nginx")
 HEADS = {
     "baseline": "baseline",
     "gateway": "kcd-proxy",
+    "gateway_uvloop": "kcd (uvloop)",
     "gateway_bound": "kcd (bound)",
     "plain": "aiohttp",
     "nginx": "nginx",
@@ -468,8 +622,9 @@ def report(
     row4("errors", {c: float(sum(r.errors for r in rs)) for c, rs in keep.items()}, ",.0f", "0")
     ratios = paired_ratios(keep)
     print("   paired per round, CPU per request (median of the rounds' ratios):")
-    keys = ("gateway/nginx", "gateway/plain", "gateway_bound/plain", "gateway_bound/nginx", "plain/nginx")
-    for key in (*keys, "gateway/baseline", "gateway_bound/baseline", "baseline/nginx"):
+    keys = ["gateway/nginx", "gateway/plain", "gateway_bound/plain", "gateway_bound/nginx", "plain/nginx"]
+    keys += ["gateway_uvloop/nginx", "gateway_uvloop/plain"]
+    for key in (*keys, "gateway_uvloop/gateway", "gateway/baseline", "gateway_bound/baseline", "baseline/nginx"):
         if key in ratios:
             print(f"     {key:<24} {ratios[key]['median']:6.2f}")
     print("2. a new TLS connection with a client certificate per request, no resumption")
@@ -478,16 +633,47 @@ def report(
     row4("handshakes/s per core (1 / CPU)", {c: 1e6 / v for c, v in cpu.items()}, ",.0f", ">= 0.8 of nginx")
     row4("CPU per handshake + request (µs)", cpu, ",.0f")
     row4("errors", {c: float(sum(r.errors for r in rs)) for c, rs in shake.items()}, ",.0f", "0")
+    pace = figures.get("paced")
+    if isinstance(pace, dict) and pace:
+        print(f"2b. a fixed rate: {args.rate:g} requests/s over 50 keep-alive connections, open loop (bench.paced)")
+        for key, name in (("p50_ms", "p50 latency (ms)"), ("p99_ms", "p99 latency (ms)"), ("p999_ms", "p99.9 (ms)")):
+            target = ""
+            if key == "p99_ms" and "gateway" in pace and "nginx" in pace:
+                target = f"<= nginx + 2 ms (is {pace['gateway']['p99_ms'] - pace['nginx']['p99_ms']:+.1f} ms)"
+            row4(name, {c: float(v[key]) for c, v in pace.items()}, ".2f", target)
+        row4("CPU per request (µs)", {c: float(v["cpu_us"]) for c, v in pace.items()}, ",.0f")
+        row4("errors", {c: float(v["errors"]) for c, v in pace.items()}, ",.0f", "0")
+        row4("generator lag p99 (ms)", {c: float(v["lag_p99_ms"]) for c, v in pace.items()}, ".2f", "small")
+    scale = figures.get("scaling")
+    if isinstance(scale, dict):
+        print("2c. two workers (nothing pinned, wrk and the backend share the two cores) against one pinned worker")
+        print(
+            f"  throughput ratio {scale['throughput_ratio']:.2f} (target >= 1.8); gateway cores used "
+            f"{scale['gateway_cores_one']:.2f} -> {scale['gateway_cores_two']:.2f}; "
+            f"CPU per request ratio {scale['cpu_per_request_ratio']:.2f}"
+        )
     print(f"  {'':<36} {'kcd-proxy':>12} {'nginx':>12} {'ratio':>7}   target")
     hg, hn = held["gateway"], held["nginx"]
     print(f"3. held long-polls ({args.held:,} asked for, {args.users} users)")
     row("held at once", hg.held, hn.held, ",.0f", f"{args.held:,}")
     row("memory per held request (KiB)", hg.per_held_kib, hn.per_held_kib, ",.1f", "<= nginx's")
+    if "gateway_uvloop" in held:
+        hu = held["gateway_uvloop"]
+        row("  kcd (uvloop): per held (KiB)", hu.per_held_kib, hn.per_held_kib, ",.1f", f"{hu.held:,} held")
     at_10k = (hg.rss_idle + hg.per_held_kib * 1024 * 10_000) / 2**30
     row(
         "memory while held (MiB)", hg.rss_held / 2**20, hn.rss_held / 2**20, ",.0f", f"< 1 GiB at 10k: {at_10k:.2f} GiB"
     )
     row("a new request meanwhile (ms)", hg.new_request_ms, hn.new_request_ms, ",.0f", "answered")
+    parts = figures.get("held_breakdown")
+    if isinstance(parts, dict):
+        print(
+            f"   where it goes (tracemalloc, {parts['held']:,} held): {parts['rss_per_held_kib']:.1f} KiB RSS, "
+            f"of which Python {parts['python_per_held_kib']:.1f} KiB, "
+            f"outside Python {parts['outside_python_per_held_kib']:.1f}"
+        )
+        for name, kib in parts["python_by_file_kib"].items():
+            print(f"     {name:<48} {kib:6.2f} KiB")
     kdc = figures["kdc"]
     assert isinstance(kdc, dict)
     (one_tgs, one_as, _), (many_tgs, many_as, _) = kdc["one_user"], kdc["distinct_users"]

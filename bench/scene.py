@@ -307,6 +307,21 @@ spn = "HTTP/cas.lab.test"
         argv = [sys.executable, "-m", "proxy", "run", "--config", str(self.root / "gateway.toml")]
         self.start("gateway", argv, self.ports["gateway"], core=self.cores[0], env=self.layout.env())
 
+    def start_variant(self, name: str, *, core: str, event_loop: str = "asyncio", workers: int = 1) -> None:
+        """The gateway again, on a port of its own: another event loop (`listener.event_loop`), another number of
+        workers, or traced (`name` "traced": bench.traced, tracemalloc and a snapshot on SIGUSR1)."""
+        self.ports[name] = free_port()
+        text = (self.root / "gateway.toml").read_text()
+        bind = f'bind = "{self.layout.bind_host}:{self.ports["gateway"]}"\nworkers = {self.workers}\n'
+        assert bind in text, "the gateway's [listener] bind line moved"
+        ours = f'bind = "{self.layout.bind_host}:{self.ports[name]}"\nworkers = {workers}\n'
+        ours += f'event_loop = "{event_loop}"\n'
+        (self.root / f"{name}.toml").write_text(text.replace(bind, ours, 1))
+        module = "bench.traced" if name == "traced" else "proxy"
+        argv = [sys.executable, "-m", module, "run", "--config", str(self.root / f"{name}.toml")]
+        env = {**self.layout.env(), "KCD_BENCH_SNAPSHOT": str(self.root / f"{name}-snapshot.json")}
+        self.start(name, argv, self.ports[name], core=core, env=env)
+
     def start_baseline(self, code: Path) -> None:
         """Another build of the gateway (a copy of an older tree, e.g. `git archive main`), same configuration
         on a port of its own, for before/after ratios in one run. Its configuration has no connection-bound
