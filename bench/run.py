@@ -333,14 +333,18 @@ def breakdown(scene: Scene, count: int, certs: Path) -> dict[str, object]:
     """Held long-polls on the traced gateway: Python's share of each held request by file, and the rest."""
     idle = traced_snapshot(scene)
     shares: dict[str, float] = {}
+    lines: dict[str, float] = {}
 
     def during() -> None:
         held_now = traced_snapshot(scene)
         held_n = max(held_count(scene), 1)
         for name in set(idle) | set(held_now):
-            grew = held_now.get(name, 0) - idle.get(name, 0)
-            key = module_of(name)
-            shares[key] = shares.get(key, 0.0) + grew / held_n / 1024
+            grew = (held_now.get(name, 0) - idle.get(name, 0)) / held_n / 1024
+            file, _, line = name.rpartition(":")
+            if line.isdigit():
+                lines[f"{module_of(file)}:{line}"] = grew
+            else:
+                shares[module_of(name)] = shares.get(module_of(name), 0.0) + grew
 
     held = hold(scene, "traced", count, certs, while_held=during)
     python = sum(shares.values())
@@ -351,6 +355,7 @@ def breakdown(scene: Scene, count: int, certs: Path) -> dict[str, object]:
         "python_per_held_kib": python,
         "outside_python_per_held_kib": held.per_held_kib - python,
         "python_by_file_kib": top,
+        "python_by_line_kib": dict(sorted(lines.items(), key=lambda kv: -kv[1])[:25]),
     }
 
 

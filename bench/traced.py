@@ -2,7 +2,8 @@
 
 Runs the gateway's own command line (`python -m bench.traced run --config F`, as `python -m proxy`) with
 `tracemalloc` tracing one frame per allocation. On SIGUSR1 it writes the live Python allocations, summed
-by the file that made them, to the JSON file named by `KCD_BENCH_SNAPSHOT` (`{file: bytes}`). The bench
+by the file and by the line that made them, to the JSON file named by `KCD_BENCH_SNAPSHOT`
+(`{file: bytes, "file:line": bytes}`). The bench
 takes one snapshot before the long-polls are held and one while they are, and divides the difference by
 their number. What tracemalloc cannot see (OpenSSL's per-connection objects, made with C's malloc; the
 allocator's own overhead) is the process's RSS growth less that.
@@ -22,10 +23,11 @@ from types import FrameType
 
 
 def snapshot(_signum: int, _frame: FrameType | None) -> None:
-    stats = tracemalloc.take_snapshot().statistics("filename")
-    sizes: dict[str, int] = {}
-    for stat in stats:
-        sizes[stat.traceback[0].filename] = sizes.get(stat.traceback[0].filename, 0) + stat.size
+    sizes: dict[str, int] = {}  # "file" and "file:line" -> bytes
+    for stat in tracemalloc.take_snapshot().statistics("lineno"):
+        frame = stat.traceback[0]
+        sizes[frame.filename] = sizes.get(frame.filename, 0) + stat.size
+        sizes[f"{frame.filename}:{frame.lineno}"] = stat.size
     out = Path(os.environ["KCD_BENCH_SNAPSHOT"])
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(sizes))
