@@ -3,12 +3,19 @@
 Builds its scene (bench.scene: the lab, 500 bench users, a static 1 KiB backend, a long-poll backend,
 nginx as an mTLS reverse proxy, the gateway) in a temporary directory and measures:
 
-1. keep-alive: wrk, 50 connections, 1 KiB responses: requests/s, p50/p99 latency, CPU per request;
+1. keep-alive: wrk, 50 connections, 1 KiB responses: requests/s, p50/p99 latency at saturation (wrk is
+   closed-loop: these p99s carry coordinated omission), CPU per request;
 2. handshakes: a new TLS connection with a client certificate per request, no session resumption:
    handshakes/s and CPU per handshake;
+   2b. a fixed rate (--rate, 500/s) over 50 keep-alive connections, open loop (bench.paced): p50/p99 from
+       each request's due time, for kcd-proxy, kcd (uvloop), plain aiohttp and nginx;
+   2c. two workers (`listener.workers = 2`, nothing pinned) against one worker pinned to a core;
 3. held long-polls: N requests held open at once (X-Lab-Hold-Seconds): memory per held request, and
-   the latency of a new request while they are held;
+   the latency of a new request while they are held; then on a gateway run under tracemalloc
+   (bench.traced), where its Python memory goes, by file and line;
 4. KDC requests per 1,000 gateway requests, for 1 user and for 500 distinct users (lab KDC log).
+
+Where uvloop is installed, "kcd (uvloop)" is the same gateway with `listener.event_loop = "uvloop"`.
 
 The proxy under test and nginx run pinned to one core (one worker each); wrk and the backends to the
 other, so "per core" means what it says. wrk presents client certificates through an LD_PRELOAD shim
@@ -16,7 +23,7 @@ other, so "per core" means what it says. wrk presents client certificates throug
 request does not depend on whether the load generator kept up. Each figure is printed with its ratio
 to nginx's, and the issue's target.
 
-    python -m bench.run [--seconds 10] [--held 10000] [--users 500] [--keep]
+    python -m bench.run [--seconds 10] [--held 4000] [--users 500] [--rate 500] [--traced 1000] [--keep]
 """
 
 from __future__ import annotations
@@ -406,7 +413,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10, help="length of each wrk run (default 10)")
     parser.add_argument("--rounds", type=int, default=2, help="paired rounds of runs 1 and 2; medians are shown")
-    parser.add_argument("--held", type=int, default=10_000, help="long-polls held at once (default 10000)")
+    parser.add_argument("--held", type=int, default=4000, help="long-polls held at once (default 4000)")
     parser.add_argument("--users", type=int, default=500, help="distinct bench users (default 500)")
     parser.add_argument("--workers", type=int, default=1, help="processes of each proxy (default 1: per core)")
     parser.add_argument(
