@@ -220,7 +220,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
     sockets = listen_sockets(listener.host, listener.port, reuse_port=listener.workers > 1, backlog=1024)
     accepting = [loop.create_task(accept_connections(sock, factory, slots)) for sock in sockets]
-    log.info("listening", bind=f"{listener.host}:{listener.port}", routes=[r.prefix for r in config.routes])
+    log.info(
+        "listening",
+        bind=f"{listener.host}:{listener.port}",
+        routes=[r.prefix for r in config.routes],
+        event_loop=type(loop).__module__.partition(".")[0],  # the loop really running: "asyncio" or "uvloop"
+    )
     # What start-up built (libraries, trust list, CRLs, routes) lives as long as the process: out of the
     # collector's sight, full collections stop walking it (they were 6% of the CPU under load: bench/run.py).
     gc.freeze()

@@ -43,7 +43,8 @@ def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     assert figures["keepalive"]["gateway_uvloop"][0]["requests"] > 0
     assert figures["handshakes"]["gateway_uvloop"][0]["requests"] > 0
     assert figures["scaling"]["throughput_ratio"] > 0
-    assert figures["scaling"]["two_workers"][0]["errors"] == 0
+    assert figures["scaling"]["two_workers"]["runs"][0]["errors"] == 0
+    assert figures["scaling"]["two_workers"]["machine_cores_busy"] > 0
     assert figures["held"]["gateway_uvloop"]["held"] == 40
     breakdown = figures["held_breakdown"]
     assert breakdown["held"] == 20
