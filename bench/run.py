@@ -8,7 +8,7 @@ nginx as an mTLS reverse proxy, the gateway) in a temporary directory and measur
 2. handshakes: a new TLS connection with a client certificate per request, no session resumption:
    handshakes/s and CPU per handshake;
    2b. a fixed rate (--rate, 500/s) over 50 keep-alive connections, open loop (bench.paced): p50/p99 from
-       each request's due time, for kcd-proxy, kcd (uvloop), plain aiohttp and nginx;
+       each request's due time, for kcd-proxy, kcd (uvloop), plain aiohttp and nginx (medians of the rounds);
    2c. two workers (`listener.workers = 2`, nothing pinned) against one worker pinned to a core;
 3. held long-polls: N requests held open at once (X-Lab-Hold-Seconds): memory per held request, and
    the latency of a new request while they are held; then on a gateway run under tracemalloc
@@ -288,6 +288,14 @@ def paced(scene: Scene, proxy: str, url: str, *, rate: float, seconds: float, ce
     return figures
 
 
+def paced_summary(runs: list[dict[str, float]]) -> dict[str, object]:
+    """The median of each figure over the rounds; requests sent, answered and failed summed; the runs kept."""
+    out: dict[str, object] = {key: median(run[key] for run in runs) for key in runs[0]}
+    out.update({key: sum(run[key] for run in runs) for key in ("sent", "answered", "errors")})
+    out["runs"] = runs
+    return out
+
+
 # -- two workers on two cores against one on one ------------------------------------------------------
 
 
@@ -529,12 +537,15 @@ def main() -> int:
         figures["load_after"] = os.getloadavg()
         # p99 at the same offered load: open loop, 50 connections, the rate fixed (bench.paced)
         at_rate = {"gateway", "gateway_uvloop", "plain", "nginx"} & set(columns)
-        figures["paced"] = {
-            column: paced(
-                scene, columns[column][0], columns[column][1], rate=args.rate, seconds=args.seconds, certs=one_cert
-            )
-            for column in sorted(at_rate)
-        }
+        paced_runs: dict[str, list[dict[str, float]]] = {column: [] for column in sorted(at_rate)}
+        for n in range(args.rounds):  # rounds in rotating order, as above: a neighbour's burst hits one run, not all
+            order = sorted(at_rate)
+            for column in order[n % len(order) :] + order[: n % len(order)]:
+                proxy, url = columns[column]
+                paced_runs[column].append(
+                    paced(scene, proxy, url, rate=args.rate, seconds=args.seconds, certs=one_cert)
+                )
+        figures["paced"] = {column: paced_summary(runs) for column, runs in paced_runs.items()}
         if args.workers == 1 and scene.cores[0]:
             scene.start_variant("gateway2", core="", workers=2)
             figures["scaling"] = scaling(
@@ -669,7 +680,10 @@ def report(
     row4("errors", {c: float(sum(r.errors for r in rs)) for c, rs in shake.items()}, ",.0f", "0")
     pace = figures.get("paced")
     if isinstance(pace, dict) and pace:
-        print(f"2b. a fixed rate: {args.rate:g} requests/s over 50 keep-alive connections, open loop (bench.paced)")
+        print(
+            f"2b. a fixed rate: {args.rate:g} requests/s over 50 keep-alive connections, open loop (bench.paced), "
+            f"median of {args.rounds} runs of {args.seconds:g} s"
+        )
         for key, name in (("p50_ms", "p50 latency (ms)"), ("p99_ms", "p99 latency (ms)"), ("p999_ms", "p99.9 (ms)")):
             target = ""
             if key == "p99_ms" and "gateway" in pace and "nginx" in pace:
