@@ -110,6 +110,7 @@ class Mapping:
     detail: str  # the matching SID or altSecurityIdentities entry; for weak-audit, why it is weak
     weak: bool = False  # strong-or-audit served a certificate that strong would refuse
     principal: str = ""  # the account's own principal, sAMAccountName@REALM: whom the KDC is asked for
+    account_name: str = ""  # its sAMAccountName: the KDC's evidence ticket must name it (proxy.kerberos.account)
 
     def as_facts(self) -> dict[str, str | bool]:
         """The trace's and log's view of the decision."""
@@ -128,7 +129,8 @@ class Mapping:
 def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: str = "") -> Mapping:
     """Admit `cert` for `account` (of the domain whose realm is `realm`) under `mode` ("strong" or
     "strong-or-audit"), or raise MappingRefused."""
-    principal = f"{account.sam_account_name}@{realm}" if realm else ""
+    sam = account.sam_account_name
+    principal = f"{sam}@{realm}" if realm else ""
     try:
         cert_sid = certificate_sid(cert)
     except ValueError as e:
@@ -145,18 +147,20 @@ def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: s
             "that issued it (does it let the requester supply the subject?)",
         )
     if cert_sid is not None:
-        return Mapping(mode, account.dn, str(account.sid), "sid-extension", str(cert_sid), principal=principal)
+        return Mapping(mode, account.dn, str(account.sid), "sid-extension", str(cert_sid), False, principal, sam)
     entries = [altsecid.parse(raw) for raw in account.alt_security_identities]
     for entry in entries:
         if entry.strong and altsecid.matches(entry, cert):
-            return Mapping(mode, account.dn, str(account.sid), "alt-security-identity", entry.raw, principal=principal)
+            rule: Rule = "alt-security-identity"
+            return Mapping(mode, account.dn, str(account.sid), rule, entry.raw, False, principal, sam)
     why = _weak_reason(entries, cert)
     fix = (
         f"issue certificates with the SID extension (AD CS does since KB5014754), or add a strong mapping "
         f"to {account.dn}: altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
     )
     if mode == "strong-or-audit":
-        return Mapping(mode, account.dn, str(account.sid), "weak-audit", f"{why}; {fix}", True, principal)
+        detail = f"{why}; {fix}"
+        return Mapping(mode, account.dn, str(account.sid), "weak-audit", detail, True, principal, sam)
     raise MappingRefused(f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}")
 
 

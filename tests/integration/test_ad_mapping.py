@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from proxy.lab import ad, ad_mapping
-from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, status_and_body
+from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, start_ad_gateway, status_and_body
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
@@ -345,6 +345,36 @@ def test_the_mapped_account_is_impersonated_not_the_name(
         assert served_as(body) == "mallory@AD.TEST"
         line = summary(gw, ad_mapping.MALLORY_UPN)
         assert (line["principal"], line["mapping"]) == ("mallory@AD.TEST", "sid-extension")
+    finally:
+        gw.stop()
+
+
+def test_upn_mode_refuses_the_account_a_realm_map_name_only_resembles(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """mapping = "upn" with realm_map corp.example -> AD.TEST: mallory's certificate (UPN alice@corp.example) makes
+    the gateway ask for alice@AD.TEST, whose evidence ticket's PAC names alice@ad.test, not the certificate's UPN:
+    403 at kerberos with that reason and a kdc_account_mismatch event, fresh or with alice's ticket cached, and
+    nothing reaches the backend; alice herself and carol (her UPN is her PAC's) are served."""
+    gw = start_ad_gateway(realm, tmp_path, ad_backend, source='"san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }')
+    try:
+        for attempt in ("fresh", "alice's ticket cached"):
+            status, body, headers = curl(realm, gw, "mallory-sid")
+            assert status == 403, (attempt, body)
+            assert headers["x-kcd-refused-stage"] == "kerberos"
+            assert "the KDC's account for alice@AD.TEST is not the certificate's" in body
+            event = gw.wait_event("kdc_account_mismatch", upn=ad_mapping.MALLORY_UPN)
+            assert "alice@ad.test" in event["fix"]
+            assert "enterprise_names" in event["fix"]
+            assert "backend" not in summary(gw, ad_mapping.MALLORY_UPN)["ms"]
+            if attempt == "fresh":
+                status, body, _ = curl(realm, gw, "alice")
+                assert status == 200, body
+                assert served_as(body) == "alice@AD.TEST"
+                assert summary(gw, "alice@ad.test")["kdc_account"] == "upn alice@ad.test"
+        assert len(gw.events("kdc_account_mismatch")) == 2
+        status, body, _ = curl(realm, gw, "carol")
+        assert (status, served_as(body)) == (200, "carol@AD.TEST"), body
     finally:
         gw.stop()
 
