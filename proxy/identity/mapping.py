@@ -164,6 +164,18 @@ def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: s
     raise MappingRefused(f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}")
 
 
+def describe(rule: str | None, account_dn: str | None, account_sid: str | None) -> str:
+    """The mapping decision in plain words, one sentence: what `explain` and the trace page both say."""
+    account = f"account {account_dn} ({account_sid})" if account_dn else "no account found"
+    if rule == "sid-extension":
+        return f"the certificate's SID extension is the objectSid of {account}"
+    if rule == "alt-security-identity":
+        return f"{account} lists the certificate in altSecurityIdentities"
+    if rule == "weak-audit":
+        return f"WEAK: served only because mapping = 'strong-or-audit'; 'strong' refuses it ({account})"
+    return account  # the stage refused before a rule applied
+
+
 def no_account(name: str, base_dn: str, mode: MappingMode) -> Mapping:
     """No account has the certificate's name: `strong` refuses; `strong-or-audit` serves it as weakly mapped
     (the KDC still decides whether the name is a user: an account outside base_dn, a trusted domain's)."""
