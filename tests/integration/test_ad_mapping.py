@@ -123,6 +123,24 @@ def test_upn_of_one_user_with_the_sid_of_another_is_refused(
     assert "kerberos" not in summary(gw, "alice@ad.test")["ms"]
 
 
+def test_the_sid_url_maps_like_the_extension(realm: ad.AdRealm, strong: AdProcess) -> None:
+    """alice's SID only as a subjectAltName URL (tag:microsoft.com,2022-09-14:sid:...): served as alice, rule
+    sid-url; bob's SID in that URL: 403 'SID of another account'; alice's SID extension beside bob's SID URL:
+    403 'two different SIDs'. The KDC is asked nothing for a refused one."""
+    status, body, _ = curl(realm, strong, "alice-sid-url")
+    assert status == 200, body
+    assert served_as(body) == "alice@AD.TEST"
+    line = summary(strong, "alice@ad.test")
+    assert (line["mapping"], line["mapping_detail"]) == ("sid-url", str(ad_mapping.object_sid(realm, "alice")))
+    for name, reason in (("alice-bob-sid-url", "SID of another account"), ("alice-sid-bob-url", "two different SIDs")):
+        status, body, headers = curl(realm, strong, name)
+        assert (status, headers["x-kcd-refused-stage"]) == (403, "mapping"), body
+        assert reason in body
+        event = strong.wait_event("mapping_refused", upn="alice@ad.test", reason=body.strip())
+        assert str(ad_mapping.object_sid(realm, "bob")) in event["fix"]
+        assert "kerberos" not in summary(strong, "alice@ad.test")["ms"]
+
+
 def test_no_sid_extension_is_refused_with_the_fix(realm: ad.AdRealm, strong: AdProcess) -> None:
     """The realm's plain certificate for bob (UPN only): 403 'no SID extension'; the fix names the entry to add."""
     status, body, headers = curl(realm, strong, "bob")
