@@ -311,9 +311,9 @@ def test_cache_and_single_flight_against_the_dc(
 # -- explain and doctor -------------------------------------------------------------------------------------------
 
 
-def _command(realm: ad.AdRealm, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _command(realm: ad.AdRealm, tmp_path: Path, *args: str, identity: str = "") -> subprocess.CompletedProcess[str]:
     cfg = tmp_path / "gateway.toml"
-    cfg.write_text(ad_mapping.gateway_config(realm, "strong"))
+    cfg.write_text(ad_mapping.gateway_config(realm, "strong").replace("[identity]\n", "[identity]\n" + identity, 1))
     argv = [sys.executable, "-m", "proxy", *args, "--config", str(cfg)]
     return realm.run(argv, timeout=120)
 
@@ -340,6 +340,26 @@ def test_doctor_checks_the_bind_and_the_canary_lookup(realm: ad.AdRealm, tmp_pat
     assert "svc-kcdproxy@AD.TEST" in lines["directory"]
     assert lines["directory-lookup"].startswith("PASS"), done.stdout
     assert str(ad_mapping.object_sid(realm, "alice")) in lines["directory-lookup"]
+
+
+def _doctor_lines(done: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    return {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))}
+
+
+def test_doctor_impersonates_the_canarys_directory_account(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """With strong mapping doctor's S4U canary is the account the directory maps, as the gateway's: mallory's
+    UPN alice@corp.example (realm_map to AD.TEST) is checked as mallory@AD.TEST, never alice@AD.TEST; carol's
+    carol@corp.example (no realm serves it by name) as carol@AD.TEST, which the gateway serves."""
+    identity = 'realm_map = { "corp.example" = "AD.TEST" }\n'
+    lines = _doctor_lines(_command(realm, tmp_path, "doctor", "--user", ad_mapping.MALLORY_UPN, identity=identity))
+    assert lines["s4u2self"].startswith("PASS"), lines
+    assert "mallory@AD.TEST" in lines["s4u2self"]
+    assert "the directory's account for alice@corp.example" in lines["s4u2self"]
+    assert "alice@AD.TEST" not in "".join(lines.values())
+    assert lines["s4u2proxy"].startswith("PASS"), lines
+    lines = _doctor_lines(_command(realm, tmp_path, "doctor", "--user", "carol@corp.example"))
+    assert lines["s4u2self"].startswith("PASS"), lines
+    assert "carol@AD.TEST" in lines["s4u2self"]
 
 
 def test_doctor_names_a_disabled_canary(realm: ad.AdRealm, tmp_path: Path) -> None:
