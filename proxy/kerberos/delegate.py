@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -57,7 +58,7 @@ import gssapi.raw
 import structlog
 
 from proxy.config import Kerberos
-from proxy.errors import GatewayError, KerberosRefused
+from proxy.errors import AccountMismatch, GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import KdcAccount, kdc_account
@@ -213,7 +214,12 @@ class Delegator:
         else:
             ticket = await asyncio.shield(self._flights.get(asked) or self._flight(asked, user, spn, gss_target))
         client = ticket.client or user.principal
-        account = ticket.account_for(user)  # cached ticket or not: is the KDC's account the certificate's?
+        try:
+            account = ticket.account_for(user)  # cached ticket or not: is the KDC's account the certificate's?
+        except AccountMismatch as e:
+            if ticket.facts is not None:  # the trace shows the evidence ticket whose PAC named another account
+                attach(e, dataclasses.replace(ticket.facts, failed_step="s4u2self"))
+            raise
         creds = ticket.creds
 
         def make_token() -> bytes:

@@ -393,8 +393,11 @@ def test_upn_mode_refuses_the_account_a_realm_map_name_only_resembles(
     """mapping = "upn" with realm_map corp.example -> AD.TEST: mallory's certificate (UPN alice@corp.example) makes
     the gateway ask for alice@AD.TEST, whose evidence ticket's PAC names alice@ad.test, not the certificate's UPN:
     403 at kerberos with that reason and a kdc_account_mismatch event, fresh or with alice's ticket cached, and
-    nothing reaches the backend; alice herself and carol (her UPN is her PAC's) are served."""
-    gw = start_ad_gateway(realm, tmp_path, ad_backend, source='"san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }')
+    nothing reaches the backend; alice herself and carol (her UPN is her PAC's) are served. The trace shows the
+    refusal on the S4U2Self stage, whose evidence ticket's PAC names alice."""
+    export = tmp_path / "traces.jsonl"
+    source = '"san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }'
+    gw = start_ad_gateway(realm, tmp_path, ad_backend, f'\n[traces]\nexport = "{export}"\n', source=source)
     try:
         for attempt in ("fresh", "alice's ticket cached"):
             status, body, headers = curl(realm, gw, "mallory-sid")
@@ -413,6 +416,12 @@ def test_upn_mode_refuses_the_account_a_realm_map_name_only_resembles(
         assert len(gw.events("kdc_account_mismatch")) == 2
         status, body, _ = curl(realm, gw, "carol")
         assert (status, served_as(body)) == (200, "carol@AD.TEST"), body
+        records = [json.loads(line) for line in export.read_text().splitlines()]
+        refused = next(r for r in records if r["upn"] == ad_mapping.MALLORY_UPN)
+        evidence = next(s for s in refused["stages"] if s["name"] == "s4u2self")
+        assert evidence["refused"] is True
+        assert evidence["pac"]["upn"] == "alice@ad.test"
+        assert "s4u2proxy" not in [s["name"] for s in refused["stages"]]
     finally:
         gw.stop()
 
