@@ -30,7 +30,10 @@ a name that exists nowhere) is only the index that finds that entry (`_canonical
 What it trusts: the identity handed to it, which the certificate and identity stages established.
 What it refuses: every KDC refusal becomes a gateway error with a fix (`proxy.kerberos.hints`); a
 refusal while renewing drops the user's entry, so a user disabled in the directory stops being
-served when their ticket would have been renewed.
+served when their ticket would have been renewed. And an evidence ticket whose PAC names another
+account than the certificate (`proxy.kerberos.account`): the name the gateway asked for is not
+always the certificate's account (`realm_map` against AD), so every request, from a fresh or a
+cached ticket, is checked against the PAC read once per exchange; a mismatch is `AccountMismatch`.
 
 The exchanges with the KDC block (and release the GIL): they run in a pool of `max_in_flight` threads
 and are bounded in time by `kdc_timeout`. A security context is built per request and never shared.
