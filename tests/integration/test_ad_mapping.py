@@ -426,6 +426,22 @@ def test_upn_mode_refuses_the_account_a_realm_map_name_only_resembles(
         gw.stop()
 
 
+def test_explain_kdc_refuses_the_account_a_realm_map_name_only_resembles(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """explain --kdc under mapping = "upn" with realm_map: mallory's certificate stops at kerberos with the same
+    reason and fix as a request (the PAC names alice@ad.test); alice's is accepted."""
+    cfg = tmp_path / "gateway.toml"
+    realm_map = 'source = "san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }\n'
+    text = ad.gateway_config(realm).replace('source = "san-upn"\n', realm_map)
+    cfg.write_text(text)
+    explain = [sys.executable, "-m", "proxy", "explain", "--config", str(cfg), "--kdc", "--json", "--cert"]
+    answer = json.loads(realm.run([*explain, str(ad_mapping.cert(realm, "mallory-sid"))], timeout=120).stdout)
+    assert (answer["accepted"], answer["stage"]) == (False, "kerberos"), answer
+    assert answer["reason"] == "the KDC's account for alice@AD.TEST is not the certificate's"
+    assert "UPN alice@ad.test" in answer["fix"]
+    answer = json.loads(realm.run([*explain, str(realm.user_cert("alice"))], timeout=120).stdout)
+    assert answer["accepted"] is True, answer
+
+
 def test_simple_bind_over_ldaps(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path) -> None:
     """bind = "simple" over ldaps:// with the DC's CA: alice's SID certificate is served; a wrong password
     is 503 (the directory refuses us: never an admission) and the log says the bind failed."""
