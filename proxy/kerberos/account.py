@@ -11,11 +11,12 @@ The evidence ticket says which account the KDC chose. AD puts a PAC in it whose 
 account's UPN (its implicit UPN, `sAMAccountName@dns.domain`, when it has none) and, since the 2021
 updates, its sAMAccountName and SID (`proxy.kerberos.pac`). The gateway reads that PAC once per KDC
 exchange anyway (`proxy.kerberos.delegate`, by accepting the ticket, addressed to itself, with its own
-key); `kdc_account` compares it with what the certificate named, on every request, cached ticket or not
-(a comparison of two short strings). The rule:
+key); `kdc_account` compares it with what the certificate named, for every request, cached ticket or not
+(about 4 µs, once per ticket and certificate name; the ticket remembers the answer, so a request on a
+cached ticket pays a dictionary look-up, about 0.2 µs). The rule:
 
 - the mapping stage proved an account (`identity.mapping = "strong"`): the PAC's sAMAccountName is that
-  account's (`sam`);
+  account's (`sam`; a PAC without one is compared by its UPN, as below);
 - otherwise a name with `@` (a UPN, or an e-mail address used as one): the PAC's UPN is that name (`upn`);
 - otherwise a bare name (a common name, `DOMAIN\\user`): the PAC's sAMAccountName is that name (`sam`).
 
