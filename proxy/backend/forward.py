@@ -5,7 +5,8 @@ Theory of operation
 Backend connections belong to one identity. IIS with `authPersistNonNTLM` (Exchange's default) binds
 the first Kerberos identity of a TCP connection to the connection and ignores later tokens, so a pooled
 connection that carried Alice's request would serve Bob as Alice. Each user principal therefore gets
-its own connection pool (an aiohttp `ClientSession`); a pool is closed once its user has had no request
+its own connection pool (a `proxy.backend.client.UserPool`: the HTTP/1.1 client written for this job,
+which parses the backend's answers strictly); a pool is closed once its user has had no request
 in flight for `idle_seconds`, or when more than `max_users` pools exist, least recently used first, but
 never while one of its requests (an ActiveSync `Ping`, say) is still running.
 
@@ -15,37 +16,40 @@ binds the connection to), and a backend that authenticates each request (Apache,
 `authPersistNonNTLM`) gets one too. A connection-bound backend ignores the later ones, which is harmless
 because the connection only ever carries this user. With `backend_binding = "connection"` only the first
 request of each backend connection carries a token, and the token is built only then (building it was
-about a quarter of the gateway's CPU per request: bench/run.py, docs/performance.md): the user's connector
-decides when it hands out the connection, from whether that connection has already carried one of this
-user's tokens for this SPN and got an answer other than 401. On such a route a connection that answers
-401 is closed, never reused. Any 401 from the
-backend, whether a bare challenge, a `Negotiate` continuation (a KRB-ERROR such as clock skew or a
-replay) or a challenge for another scheme, means the backend did not accept the delegated ticket: the
-device gets 502, never a 401 it could not answer, and the log says what the backend wanted. The
-mutual-authentication token a backend sends with its success (`WWW-Authenticate: Negotiate <AP-REP>`)
-is dropped on the way to the device (`headers.to_client`).
+about a quarter of the gateway's CPU per request: bench/run.py, docs/performance.md): once the user's pool
+has handed out the connection, `_authorize` decides from whether that connection has already carried one
+of this user's tokens for this SPN and got an answer other than 401 (`BackendConnection.bound_spn`). On
+such a route a connection that answers 401 is closed, never reused. Any 401 from the backend, whether a
+bare challenge, a `Negotiate` continuation (a KRB-ERROR such as clock skew or a replay) or a challenge for
+another scheme, means the backend did not accept the delegated ticket: the device gets 502, never a 401 it
+could not answer, and the log says what the backend wanted. The mutual-authentication token a backend
+sends with its success (`WWW-Authenticate: Negotiate <AP-REP>`) is dropped on the way to the device
+(`headers.to_client`).
 
-Cookies pass through as the device and the backend send them; the pools keep no cookie jar. One would
-add the backend's cookies to the device's later requests, even after the device dropped them (an OWA
+Cookies pass through as the device and the backend send them; the pools keep no cookie jar. One would add
+the backend's cookies to the device's later requests, even after the device dropped them (an OWA
 sign-out), and skip them for upstreams named by IP address only.
 
 Bodies stream both ways without being held whole, chunked or with a Content-Length, at the pace of the
-slower side (aiohttp pauses reading when its buffers fill). An answer that has already arrived whole
-when its headers are read (most ActiveSync and EWS answers are small) goes out in one write with a
-Content-Length. `Expect: 100-continue` is answered here,
-once every stage has said yes, just before the body is forwarded: a refused device never sends it.
+slower side (the backend connection stops reading while the device has not taken what is buffered). An
+answer that has already arrived whole when its headers are read (most ActiveSync and EWS answers are
+small) goes out in one write with a Content-Length. `Expect: 100-continue` is answered here, once every
+stage has said yes, just before the body is forwarded: a refused device never sends it.
 
-Timeouts. The client-side timeout toward the backend has no total (aiohttp's default of 300 s would cut
-ActiveSync `Ping` and EWS streaming notifications); the route's `connect_timeout` bounds the connection
-and its `read_timeout` each wait for the backend's next bytes (504 before the answer has begun). On the
-device's side, `listener.client_body_timeout` bounds each wait for its next body bytes (408) and
-`listener.client_send_timeout` each wait for it to take ours. When the device goes away, aiohttp
+Timeouts. Nothing bounds a backend request as a whole (a total would cut ActiveSync `Ping` and EWS
+streaming notifications); the route's `connect_timeout` bounds the connection and its `read_timeout` each
+wait for the backend's next bytes (504 before the answer has begun). On the device's side,
+`listener.client_body_timeout` bounds each wait for its next body bytes (408) and
+`listener.client_send_timeout` each wait for it to take ours. When the device goes away, aiohttp's server
 cancels the handler (`handler_cancellation=True`), which closes the backend connection at once: the
 backend sees its client leave and stops working on the request.
 
 https upstreams are verified against the route's `ca_bundle` (the system's CAs without one), under the
 route's `server_name` when set (it is then also the SNI), else the upstream's host name.
-"""
+
+A pooled connection the backend closed before answering is tried again once, on a new connection, when the
+method is idempotent and nothing of the device's body has been read yet (`_send`); a new connection that
+fails is not retried (aiohttp retried those too)."""
 
 from __future__ import annotations
 
