@@ -520,6 +520,10 @@ class UserPool:
                 self._gone(upstream)
             if self._open.get(upstream, 0) < self._limit:
                 break
+            if idle:  # a new one is wanted and the idle ones take all the places: one of them makes room
+                idle.popleft().close()
+                self._gone(upstream)
+                continue
             await self._wait_turn(upstream)
         self._open[upstream] = self._open.get(upstream, 0) + 1
         try:
