@@ -408,8 +408,7 @@ class BackendConnection(asyncio.Protocol):
     def _message_complete(self) -> None:
         self.complete = True
         self._state = _DONE
-        self._drop_timer()
-        self._wake()
+        self._wake()  # the read timer stays: when it fires it finds nothing to wait for (`_check_read`)
 
     def _resume_reading(self) -> None:
         self._reading_paused = False
@@ -456,11 +455,17 @@ class BackendConnection(asyncio.Protocol):
         self.abort()
 
     def _arm(self, delay: float) -> None:
+        """The read timer fires `delay` seconds from now at the latest. A timer already due earlier is kept:
+        when it fires it waits the rest (`_check_read`), so a request on a kept-alive connection usually
+        schedules nothing."""
         if not delay:
             return
+        when = self._loop.time() + delay
         if self._timer is not None:
+            if self._timer.when() <= when:
+                return
             self._timer.cancel()
-        self._timer = self._loop.call_later(delay, self._check_read)
+        self._timer = self._loop.call_at(when, self._check_read)
 
     def _drop_timer(self) -> None:
         if self._timer is not None:
@@ -470,10 +475,10 @@ class BackendConnection(asyncio.Protocol):
     def _check_read(self) -> None:
         """The read timer: bytes came since it was armed, so wait the rest; or none did, and the wait is over.
 
-        One timer per wait rather than one per read: data_received only notes the time."""
+        One timer per connection rather than one per read or per request: data_received only notes the time."""
         self._timer = None
-        if self.complete or self._reading_paused or self._error is not None:
-            return
+        if not self._sent or self.complete or self._reading_paused or self._error is not None:
+            return  # no wait is running: the next one arms a timer of its own
         waited = self._loop.time() - self._last_read
         if waited < self._read_timeout:
             self._arm(self._read_timeout - waited)
