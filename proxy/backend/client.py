@@ -315,10 +315,10 @@ class BackendConnection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
             cause = e.__context__ if isinstance(e.__context__, BackendProtocolError) else None
-            self._refuse(cause or BackendProtocolError(f"malformed answer from the backend: {e}"))
+            self._set_error(cause or BackendProtocolError(f"malformed answer from the backend: {e}"))
             return
         if self._state == _WAITING and self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse(BackendProtocolError(f"the backend's answer head is over {MAX_HEAD_BYTES} bytes"))
+            self._set_error(BackendProtocolError(f"the backend's answer head is over {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -439,16 +439,13 @@ class BackendConnection(asyncio.Protocol):
                 drain.set_exception(error)
 
     def _set_error(self, error: BaseException) -> None:
+        """The exchange fails (unless its answer was already complete) and the connection ends."""
         if self._error is None and not self.complete:
             self._error = error
         self._spoiled = True
         self._wake()
         self._wake_drain(error)
         self.abort()
-
-    def _refuse(self, error: BackendProtocolError) -> None:
-        """A protocol error: the current answer fails unless it was already complete; the connection ends."""
-        self._set_error(error)
 
     def _spoil(self) -> None:
         self._spoiled = True
