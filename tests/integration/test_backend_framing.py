@@ -8,6 +8,7 @@ connection that misbehaved is never used for the next request."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -80,12 +81,12 @@ class Outcome:
 
 
 @asynccontextmanager
-async def gateway(serve: Serve, **route_options: object) -> AsyncIterator[tuple[str, Backend]]:
+async def gateway(serve: Serve, scheme: str = "http", **route_options: object) -> AsyncIterator[tuple[str, Backend]]:
     """The scripted backend and, in front of it, a minimal gateway that forwards as alice."""
     backend = Backend(serve)
     server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    route = Route(prefix="/", upstream=f"http://127.0.0.1:{port}", spn="HTTP/cas.lab.test", **route_options)  # type: ignore[arg-type]
+    route = Route(prefix="/", upstream=f"{scheme}://127.0.0.1:{port}", spn="HTTP/cas.lab.test", **route_options)  # type: ignore[arg-type]
     pools = Pools([route])
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -119,11 +120,13 @@ async def ask(session: aiohttp.ClientSession, url: str, method: str = "GET", dat
         return Outcome(None, b"", {})
 
 
-def run(serve: Serve, *requests: tuple[str, str], **route_options: object) -> tuple[list[Outcome], Backend]:
+def run(
+    serve: Serve, *requests: tuple[str, str], scheme: str = "http", **route_options: object
+) -> tuple[list[Outcome], Backend]:
     """The requests one after another from one device (its own keep-alive connection)."""
 
     async def case() -> tuple[list[Outcome], Backend]:
-        async with gateway(serve, **route_options) as (url, backend):
+        async with gateway(serve, scheme, **route_options) as (url, backend):
             async with aiohttp.ClientSession() as session:
                 outcomes = [await ask(session, url + path, method) for method, path in requests]
             return outcomes, backend
@@ -372,3 +375,17 @@ def test_a_read_timeout_before_the_head_is_504_and_after_it_cuts() -> None:
     outcomes, _ = run(serve, ("GET", "/a"), ("GET", "/b"), read_timeout=0.5)
     assert outcomes[0].status == 504
     assert outcomes[1].status is None
+
+
+def test_a_tls_handshake_that_never_ends_is_bounded_by_connect_timeout() -> None:
+    """An https upstream that accepts the TCP connection and never answers the TLS handshake: connect_timeout
+    bounds the handshake too, and the device gets 504 in about that time."""
+
+    async def serve(conn: Conn) -> None:
+        await conn.reader.read()  # takes the ClientHello and says nothing
+
+    started = time.monotonic()
+    (outcome,), _ = run(serve, ("GET", "/a"), scheme="https", connect_timeout=0.5)
+    assert outcome.status == 504
+    assert time.monotonic() - started < 10
+    assert "connect_timeout=0.5 s" in HINTS[-1]
