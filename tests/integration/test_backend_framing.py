@@ -389,3 +389,12 @@ def test_a_tls_handshake_that_never_ends_is_bounded_by_connect_timeout() -> None
     assert outcome.status == 504
     assert time.monotonic() - started < 10
     assert "connect_timeout=0.5 s" in HINTS[-1]
+
+
+def test_an_answer_that_says_connection_close_is_not_reused() -> None:
+    """`Connection: close` (or an HTTP/1.0 answer without keep-alive): the next request opens a new connection."""
+    close = ok(b"one", b"Connection: close\r\n")
+    old = b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\ntwo"
+    outcomes, backend = run(answering(close, old, ok(b"three")), ("GET", "/a"), ("GET", "/b"), ("GET", "/c"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"one"), (200, b"two"), (200, b"three")]
+    assert len(backend.conns) == 3
