@@ -216,7 +216,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     )
     factory: Callable[[Callable[[], None]], asyncio.Protocol] = tls_gate
     if listener.proxy_protocol:  # behind a balancer: its PROXY header first, then TLS
-        factory = proxy_protocol.gate_factory(tls_gate, listener.trusted_proxies, listener.handshake_timeout)
+        factory = proxy_protocol.gate_factory(
+            tls_gate, listener.trusted_proxies, listener.handshake_timeout, live.metrics.proxy_header_refused
+        )
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
     sockets = listen_sockets(listener.host, listener.port, reuse_port=listener.workers > 1, backlog=1024)
     accepting = [loop.create_task(accept_connections(sock, factory, slots)) for sock in sockets]

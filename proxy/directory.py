@@ -89,6 +89,7 @@ class Directory:
         self._settings = settings
         self._kerberos = kerberos
         self._clock = clock
+        self._realm = _domain(settings.base_dn).upper()  # read on every request of a strong mapping: once here
         self._cache: dict[str, tuple[float, Account | None]] = {}
         self._flights: dict[str, asyncio.Future[Account | None]] = {}
         self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
@@ -142,7 +143,7 @@ class Directory:
     @property
     def realm(self) -> str:
         """The Kerberos realm of the directory's domain: base_dn's DC components (DC=corp,DC=com: CORP.COM)."""
-        return _domain(self._settings.base_dn).upper()
+        return self._realm
 
     def cached(self, name: str) -> Account | None:
         """The account `name` names, if a look-up found it and the cache still holds it (no directory request)."""

@@ -84,6 +84,15 @@ class KerberosRefused(GatewayError):
     event = "kerberos_refused"
 
 
+class AccountMismatch(GatewayError):
+    """The KDC impersonated another account than the certificate names (the evidence ticket's PAC says which):
+    never forwarded (`proxy.kerberos.account`)."""
+
+    status = 403
+    stage = "kerberos"
+    event = "kdc_account_mismatch"
+
+
 class KdcUnavailable(GatewayError):
     status = 503
     stage = "kerberos"

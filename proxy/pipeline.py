@@ -132,7 +132,8 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
         with trace.stage("mapping"):
             mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity.mapping, trace, now)
         if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
-            user = dataclasses.replace(user, principal=mapping.principal, realm=gw.directory.realm, enterprise=None)
+            proven = {"principal": mapping.principal, "realm": gw.directory.realm, "account": mapping.account_name}
+            user = dataclasses.replace(user, enterprise=None, **proven)
         if mapping.weak:
             log.warning(
                 "weak_certificate_mapping",
@@ -178,7 +179,7 @@ async def backend_authorization(
     except GatewayError as e:
         trace.detail("kerberos", facts=facts_of(e))  # which step the KDC refused, and the evidence ticket
         raise
-    trace.note(impersonation_cached=delegation.impersonation_cached)
+    trace.note(impersonation_cached=delegation.impersonation_cached, kdc_account=str(delegation.account))
     if delegation.principal != auth.user.principal:
         trace.note(principal=delegation.principal, requested_principal=auth.user.principal)
     trace.detail("kerberos", facts=delegation.facts, cached=delegation.impersonation_cached)  # tickets' facts

@@ -5,7 +5,8 @@ Theory of operation
 Backend connections belong to one identity. IIS with `authPersistNonNTLM` (Exchange's default) binds
 the first Kerberos identity of a TCP connection to the connection and ignores later tokens, so a pooled
 connection that carried Alice's request would serve Bob as Alice. Each user principal therefore gets
-its own connection pool (an aiohttp `ClientSession`); a pool is closed once its user has had no request
+its own connection pool (a `proxy.backend.client.UserPool`: the HTTP/1.1 client written for this job,
+which parses the backend's answers strictly); a pool is closed once its user has had no request
 in flight for `idle_seconds`, or when more than `max_users` pools exist, least recently used first, but
 never while one of its requests (an ActiveSync `Ping`, say) is still running.
 
@@ -15,66 +16,70 @@ binds the connection to), and a backend that authenticates each request (Apache,
 `authPersistNonNTLM`) gets one too. A connection-bound backend ignores the later ones, which is harmless
 because the connection only ever carries this user. With `backend_binding = "connection"` only the first
 request of each backend connection carries a token, and the token is built only then (building it was
-about a quarter of the gateway's CPU per request: bench/run.py, docs/performance.md): the user's connector
-decides when it hands out the connection, from whether that connection has already carried one of this
-user's tokens for this SPN and got an answer other than 401. On such a route a connection that answers
-401 is closed, never reused. Any 401 from the
-backend, whether a bare challenge, a `Negotiate` continuation (a KRB-ERROR such as clock skew or a
-replay) or a challenge for another scheme, means the backend did not accept the delegated ticket: the
-device gets 502, never a 401 it could not answer, and the log says what the backend wanted. The
-mutual-authentication token a backend sends with its success (`WWW-Authenticate: Negotiate <AP-REP>`)
-is dropped on the way to the device (`headers.to_client`).
+about a quarter of the gateway's CPU per request: bench/run.py, docs/performance.md): once the user's pool
+has handed out the connection, `_authorize` decides from whether that connection has already carried one
+of this user's tokens for this SPN and got an answer other than 401 (`BackendConnection.bound_spn`). On
+such a route a connection that answers 401 is closed, never reused. Any 401 from the backend, whether a
+bare challenge, a `Negotiate` continuation (a KRB-ERROR such as clock skew or a replay) or a challenge for
+another scheme, means the backend did not accept the delegated ticket: the device gets 502, never a 401 it
+could not answer, and the log says what the backend wanted. The mutual-authentication token a backend
+sends with its success (`WWW-Authenticate: Negotiate <AP-REP>`) is dropped on the way to the device
+(`headers.to_client`).
 
-Cookies pass through as the device and the backend send them; the pools keep no cookie jar. One would
-add the backend's cookies to the device's later requests, even after the device dropped them (an OWA
+Cookies pass through as the device and the backend send them; the pools keep no cookie jar. One would add
+the backend's cookies to the device's later requests, even after the device dropped them (an OWA
 sign-out), and skip them for upstreams named by IP address only.
 
 Bodies stream both ways without being held whole, chunked or with a Content-Length, at the pace of the
-slower side (aiohttp pauses reading when its buffers fill). An answer that has already arrived whole
-when its headers are read (most ActiveSync and EWS answers are small) goes out in one write with a
-Content-Length. `Expect: 100-continue` is answered here,
-once every stage has said yes, just before the body is forwarded: a refused device never sends it.
+slower side (the backend connection stops reading while the device has not taken what is buffered). An
+answer that has already arrived whole when its headers are read (most ActiveSync and EWS answers are
+small) goes out in one write with a Content-Length. `Expect: 100-continue` is answered here, once every
+stage has said yes, just before the body is forwarded: a refused device never sends it.
 
-Timeouts. The client-side timeout toward the backend has no total (aiohttp's default of 300 s would cut
-ActiveSync `Ping` and EWS streaming notifications); the route's `connect_timeout` bounds the connection
-and its `read_timeout` each wait for the backend's next bytes (504 before the answer has begun). On the
-device's side, `listener.client_body_timeout` bounds each wait for its next body bytes (408) and
-`listener.client_send_timeout` each wait for it to take ours. When the device goes away, aiohttp
+Timeouts. Nothing bounds a backend request as a whole (a total would cut ActiveSync `Ping` and EWS
+streaming notifications); the route's `connect_timeout` bounds the connection and its `read_timeout` each
+wait for the backend's next bytes (504 before the answer has begun). On the device's side,
+`listener.client_body_timeout` bounds each wait for its next body bytes (408) and
+`listener.client_send_timeout` each wait for it to take ours. When the device goes away, aiohttp's server
 cancels the handler (`handler_cancellation=True`), which closes the backend connection at once: the
 backend sees its client leave and stops working on the request.
 
 https upstreams are verified against the route's `ca_bundle` (the system's CAs without one), under the
 route's `server_name` when set (it is then also the SNI), else the upstream's host name.
-"""
+
+A pooled connection the backend closed before answering is tried again once, on a new connection, when the
+method is idempotent and nothing of the device's body has been read yet (`_send`); a new connection that
+fails is not retried (aiohttp retried those too)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import ssl
 import time
-import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.client_reqrep import ClientRequest
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
-from yarl import URL
+from multidict import CIMultiDict
 
 from proxy.backend import headers
+from proxy.backend.client import (
+    IDEMPOTENT,
+    BackendClosed,
+    BackendProtocolError,
+    Exchange,
+    ResponseHead,
+    Upstream,
+    UserPool,
+)
 from proxy.config import Listener, Route
 from proxy.errors import BackendRejectedTicket, BackendTimeout, BackendUnavailable, ClientBodyTimeout
 from proxy.target import OriginForm, origin_form
 
 log = structlog.get_logger("proxy.backend")
-_CHUNK = 64 * 1024
 
 
 def upstream_tls(route: Route) -> ssl.SSLContext:
@@ -83,15 +88,33 @@ def upstream_tls(route: Route) -> ssl.SSLContext:
 
 
 @dataclass
-class _Pool:
-    session: aiohttp.ClientSession
+class _Lease:
+    pool: UserPool
     in_flight: int = 0
     last_used: float = 0.0
 
 
+class _Leased:
+    """One request's hold on a user's pool (a class: `contextlib.contextmanager` cost a per cent of the
+    request path)."""
+
+    __slots__ = ("_clock", "_lease")
+
+    def __init__(self, lease: _Lease, clock: Callable[[], float]) -> None:
+        self._lease = lease
+        self._clock = clock
+
+    def __enter__(self) -> UserPool:
+        return self._lease.pool
+
+    def __exit__(self, *exc: object) -> None:
+        self._lease.in_flight -= 1
+        self._lease.last_used = self._clock()
+
+
 class Pools:
-    """One `ClientSession` per user principal, plus what every forwarded request needs: the TLS context
-    of each https route, and the device-side idle limits of the listener."""
+    """One `UserPool` per user principal (`proxy.backend.client`), plus what every forwarded request needs:
+    each route's upstream and TLS context, read once, and the device-side idle limits of the listener."""
 
     def __init__(
         self,
@@ -102,167 +125,84 @@ class Pools:
         idle_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._pools: OrderedDict[str, _Pool] = OrderedDict()
+        self._pools: OrderedDict[str, _Lease] = OrderedDict()
         self._max_users = max_users
         self._idle = idle_seconds
         self._clock = clock
-        self._closing: set[asyncio.Task[None]] = set()
         self._tls = {route: upstream_tls(route) for route in routes if route.https}
-        self._timeouts: dict[Route, aiohttp.ClientTimeout] = {}
+        self._upstreams: dict[Route, Upstream] = {}
         self.client_body_timeout = listener.client_body_timeout if listener else 60.0
         self.client_send_timeout = listener.client_send_timeout if listener else 60.0
 
-    def timeout(self, route: Route) -> aiohttp.ClientTimeout:
-        """The route's timeouts toward the backend (made once: the object is immutable)."""
-        timeout = self._timeouts.get(route)
-        if timeout is None:
-            timeout = self._timeouts[route] = aiohttp.ClientTimeout(
-                total=None, sock_connect=route.connect_timeout, sock_read=route.read_timeout
-            )
-        return timeout
-
     def tls(self, route: Route) -> ssl.SSLContext | bool:
-        """What aiohttp's `ssl=` gets for this route: its context, or True (the default) for http."""
+        """The route's TLS context toward its upstream, or True (no context of its own) for http."""
         if not route.https:
             return True
         if route not in self._tls:
             self._tls[route] = upstream_tls(route)
         return self._tls[route]
 
-    @contextlib.contextmanager
-    def lease(self, principal: str) -> Iterator[aiohttp.ClientSession]:
-        """The user's session for the duration of one request; it is not closed while any are running."""
-        pool = self._pools.pop(principal, None)
-        if pool is None or pool.session.closed:
-            pool = _Pool(self._new_session())
-        self._pools[principal] = pool  # most recently used last
-        pool.in_flight += 1
+    def upstream(self, route: Route) -> Upstream:
+        """Where the route's requests go (made once per route)."""
+        upstream = self._upstreams.get(route)
+        if upstream is None:
+            tls = self.tls(route)
+            context = tls if isinstance(tls, ssl.SSLContext) else None
+            upstream = self._upstreams[route] = Upstream.of(route.upstream, context, route.server_name)
+        return upstream
+
+    def lease(self, principal: str) -> _Leased:
+        """The user's pool for the duration of one request (`with pools.lease(p) as pool`); it is not closed
+        while any are running."""
+        lease = self._pools.pop(principal, None)
+        if lease is None or lease.pool.closed:
+            lease = _Lease(UserPool())
+        self._pools[principal] = lease  # most recently used last
+        lease.in_flight += 1  # before eviction: a pool in use is never closed
         self._evict(self._clock())
-        try:
-            yield pool.session
-        finally:
-            pool.in_flight -= 1
-            pool.last_used = self._clock()
+        return _Leased(lease, self._clock)
 
     def users(self) -> dict[str, int]:
         """Principals with a pool, and how many of their requests are in flight."""
-        return {principal: pool.in_flight for principal, pool in self._pools.items()}
-
-    @staticmethod
-    def _new_session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=_Connector(limit_per_host=32, keepalive_timeout=30, ttl_dns_cache=60),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # cookies are the device's: see the module's docstring
-            timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-        )
+        return {principal: lease.in_flight for principal, lease in self._pools.items()}
 
     def _evict(self, now: float) -> None:
         """Close idle pools and, over `max_users`, the least recently used ones; never busy ones."""
         excess = len(self._pools) - self._max_users
         idle: list[str] = []
         busy: list[str] = []
-        for principal, pool in self._pools.items():
-            if pool.in_flight:
+        for principal, lease in self._pools.items():
+            if lease.in_flight:
                 busy.append(principal)  # in use is recently used: moved back, so the next scan starts later
-            elif excess > len(idle) or now - pool.last_used >= self._idle:
+            elif excess > len(idle) or now - lease.last_used >= self._idle:
                 idle.append(principal)
             else:
                 break  # the rest were leased more recently
         for principal in busy:
             self._pools.move_to_end(principal)
         for principal in idle:
-            task = asyncio.get_running_loop().create_task(self._pools.pop(principal).session.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._pools.pop(principal).pool.close()
 
     async def close(self) -> None:
-        sessions = [pool.session for pool in self._pools.values()]
+        for lease in self._pools.values():
+            lease.pool.close()
         self._pools.clear()
-        await asyncio.gather(*(s.close() for s in sessions), *self._closing, return_exceptions=True)
+        await asyncio.sleep(0)  # the transports' close callbacks run
 
-
-_REUSED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("kcd_backend_reused", default=None)
 
 Authorization = str | Callable[[], str]  # the header's value, or how to make it (only when it is sent)
 
 
-class ConnectionBinding:
-    """One request's Negotiate token on a connection-bound route: sent only on a connection that has not
-    carried one of this user's tokens for this SPN yet (the connector decides, `_Connector.connect`).
-
-    `token_sent` and `protocol` say what happened; `bound()`, after an answer other than 401, records that
-    the connection now carries the user's identity, so its later requests go without a token."""
-
-    __slots__ = ("authorization", "bound_to", "protocol", "spn", "token_sent")
-
-    def __init__(self, authorization: Authorization, spn: str) -> None:
-        self.authorization = authorization
-        self.spn = spn
-        self.token_sent = False
-        self.protocol: object | None = None
-        self.bound_to: weakref.WeakKeyDictionary[object, str] | None = None
-
-    def bound(self) -> None:
-        if self.token_sent and self.protocol is not None and self.bound_to is not None:
-            self.bound_to[self.protocol] = self.spn
-
-
-_BINDING: contextvars.ContextVar[ConnectionBinding | None] = contextvars.ContextVar("kcd_binding", default=None)
-
-
-class _Connector(aiohttp.TCPConnector):
-    """A user's connection pool that tells each request whether it got a pooled connection or a new one.
-
-    For the request's trace: the connections it handed out before are remembered (weakly); the answer goes
-    to the request's task in `_REUSED`. aiohttp's TraceConfig signals say the same but cost about 20 µs per
-    request (eight signal sends); this costs a set lookup."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._handed_out: weakref.WeakSet[object] = weakref.WeakSet()
-        self._bound: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()  # connection -> SPN
-
-    async def connect(
-        self,
-        req: ClientRequest,
-        traces: list[Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109  aiohttp's own signature, overridden
-    ) -> Connection:
-        connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
-        if protocol is not None:
-            _REUSED.set(protocol in self._handed_out)
-            self._handed_out.add(protocol)
-        binding = _BINDING.get()
-        if binding is not None:
-            try:
-                self._authorize(req, protocol, binding)
-            except BaseException:
-                connection.close()
-                raise
-        return connection
-
-    def _authorize(self, req: ClientRequest, protocol: object | None, binding: ConnectionBinding) -> None:
-        """A connection-bound route's request: a token on a connection this user has not bound yet, else none."""
-        binding.protocol, binding.bound_to = protocol, self._bound
-        if protocol is not None and self._bound.get(protocol) == binding.spn:
-            del req.headers["Authorization"]
-            binding.token_sent = False
-        else:
-            value = binding.authorization
-            req.headers["Authorization"] = value if isinstance(value, str) else value()
-            binding.token_sent = True
-
-
 class ClientBody:
-    """The device's request body as it arrives; a wait longer than `idle` seconds for more ends it."""
+    """The device's request body as it arrives; a wait longer than `idle` seconds for more ends it.
+
+    `started` says whether any of it has been taken from the device (then it cannot be sent again)."""
 
     def __init__(self, content: aiohttp.StreamReader, idle: float) -> None:
         self._content = content
         self._idle = idle
         self.timed_out = False
+        self.started = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
@@ -274,6 +214,7 @@ class ClientBody:
                 raise
             if not chunk:
                 return
+            self.started = True
             yield chunk
 
 
@@ -308,109 +249,140 @@ async def forward(
 
     `authorization` may be a function that makes the header: on a `backend_binding = "connection"` route
     it is called only when the request goes on a connection that needs a token (see the module's docstring).
-    The path sent is `target`'s (the one the route was chosen on: `proxy.target`), as is: yarl would
-    otherwise decode, re-encode and resolve it again on its own terms."""
+    The path sent is `target`'s (the one the route was chosen on: `proxy.target`), as is."""
     target = target or origin_form(request.raw_path)
-    url = URL(route.upstream + target.forward_with_query, encoded=True)
-    binding = ConnectionBinding(authorization, route.spn) if route.backend_binding == "connection" else None
-    if binding is None and not isinstance(authorization, str):
+    if route.backend_binding != "connection" and not isinstance(authorization, str):
         authorization = authorization()
     out_headers = headers.to_backend(
         request.headers,
         client_ip=request.remote or "",
         client_host=request.host,
         upstream_host=None if route.preserve_host else route.upstream.split("://", 1)[1],
-        authorization=authorization if isinstance(authorization, str) else "",  # set by the connector
+        authorization=authorization if isinstance(authorization, str) else "",  # set per connection
         extra=extra_headers,
     )
     body = ClientBody(request.content, pools.client_body_timeout) if request.body_exists else None
-    timeout = pools.timeout(route)
-    with pools.lease(principal) as session:
+    upstream = pools.upstream(route)
+    with pools.lease(principal) as pool:
         await _send_continue(request)
         start = time.perf_counter()
-        _REUSED.set(None)
-        _BINDING.set(binding)
         try:
-            upstream = await session.request(
-                request.method,
-                url,
-                headers=out_headers,
-                data=body,
-                allow_redirects=False,
-                timeout=timeout,
-                compress=False,
-                auto_decompress=False,
-                ssl=pools.tls(route),
-                server_hostname=route.server_name,
+            exchange, head, token_sent = await _send(
+                pool, upstream, route, request.method, target.forward_with_query, out_headers, body, authorization
             )
-        except (aiohttp.ClientError, TimeoutError) as e:  # refused, reset, TLS, not HTTP, timed out
+        except (OSError, TimeoutError, BackendProtocolError) as e:  # refused, reset, TLS, not HTTP, timed out
             raise _failure(route, e, body) from None
-        finally:
-            _BINDING.set(None)
         ms = (time.perf_counter() - start) * 1000
-        reused = _REUSED.get()
-        async with upstream:
-            if upstream.status == 401:
-                if binding is not None:
-                    upstream.close()  # a connection that answered 401 is never reused, let alone bound
-                challenges = upstream.headers.getall("WWW-Authenticate", [])
-                raise _rejected(route, challenges, token_sent=binding is None or binding.token_sent)
-            if binding is not None:
-                binding.bound()
-            response = await _relay(request, upstream, pools.client_send_timeout, route)
-        token_sent = binding is None or binding.token_sent
-        return response, BackendResult(upstream.status, ms, reused, token_sent)
+        if head.status == 401:
+            # on a connection-bound route a connection that answered 401 is never reused, let alone bound
+            exchange.finish(reuse=route.backend_binding != "connection")
+            raise _rejected(route, head.headers.getall("WWW-Authenticate", []), token_sent=token_sent)
+        try:
+            if token_sent and route.backend_binding == "connection":
+                exchange.connection.bound_spn = route.spn  # its later requests go without a token
+            response, whole = await _relay(request, exchange, head, pools.client_send_timeout, route)
+        except BaseException:
+            exchange.finish(reuse=False)  # the device left, or the answer broke: the backend sees it at once
+            raise
+        exchange.finish(reuse=whole)
+        return response, BackendResult(head.status, ms, exchange.reused, token_sent)
+
+
+async def _send(
+    pool: UserPool,
+    upstream: Upstream,
+    route: Route,
+    method: str,
+    target: str,
+    out_headers: CIMultiDict[str],
+    body: ClientBody | None,
+    authorization: Authorization,
+) -> tuple[Exchange, ResponseHead, bool]:
+    """The request on one of the user's connections, up to the answer's head; and whether it carried a token.
+
+    A pooled connection the backend closed before answering is tried once more, on a new connection, when
+    nothing of the request can have been acted on: an idempotent method, its body (if any) not read yet."""
+    fresh = False
+    while True:
+        connection = await pool.acquire(upstream, route.connect_timeout, fresh=fresh)
+        try:
+            token_sent = _authorize(connection.bound_spn, out_headers, route, authorization)
+        except BaseException:
+            pool.unused(upstream, connection)  # nothing was written on it
+            raise
+        exchange = Exchange(pool, upstream, connection)
+        try:
+            head = await exchange.send(method, target, out_headers, body, route.read_timeout)
+        except BackendClosed as e:
+            await exchange.abandon()
+            retry = exchange.reused and not e.answered and method in IDEMPOTENT
+            if fresh or not retry or (body is not None and body.started):
+                raise
+            fresh = True
+            continue
+        except BaseException:
+            exchange.finish(reuse=False)
+            raise
+        return exchange, head, token_sent
+
+
+def _authorize(
+    bound_spn: str | None, out_headers: CIMultiDict[str], route: Route, authorization: Authorization
+) -> bool:
+    """On a connection-bound route: a token on a connection not yet bound to this user for this SPN, else
+    none (and no Authorization at all). Elsewhere the token is already in the headers."""
+    if route.backend_binding != "connection":
+        return True
+    if bound_spn == route.spn:
+        out_headers.popall("Authorization", None)
+        return False
+    out_headers["Authorization"] = authorization if isinstance(authorization, str) else authorization()
+    return True
 
 
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, send_timeout: float, route: Route
-) -> web.StreamResponse:
-    """Stream the backend's answer to the device, chunk by chunk as it comes."""
-    if _arrived_whole(request, upstream):
-        return await _relay_whole(request, upstream, send_timeout, route)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(headers.to_client(upstream.headers))
-    if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
-        response.content_length = upstream.content_length
+    request: web.Request, exchange: Exchange, head: ResponseHead, send_timeout: float, route: Route
+) -> tuple[web.StreamResponse, bool]:
+    """Stream the backend's answer to the device, chunk by chunk as it comes; and whether it ended whole."""
+    connection = exchange.connection
+    if connection.complete and request.method != "HEAD" and head.status not in (204, 304):
+        return await _relay_whole(request, exchange, head, send_timeout, route)
+    response = web.StreamResponse(status=head.status, reason=head.reason)
+    response.headers.extend(headers.to_client(head.headers))
+    if head.content_length is not None:
+        response.content_length = head.content_length
     await response.prepare(request)
     try:
-        async for chunk in upstream.content.iter_chunked(_CHUNK):
+        while chunk := await connection.read():
             async with asyncio.timeout(send_timeout):
                 await response.write(chunk)
     except TimeoutError as e:
         # From the backend (read timeout) or the device (send timeout); either way the headers are gone
         # and all that is left is to cut the device's connection short.
         _cut(request, route, "stream_stalled", e)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+        return response, False
+    except (OSError, BackendProtocolError) as e:
         _cut(request, route, "backend_stream_broken", e)
-    else:
-        await response.write_eof()
-    return response
-
-
-def _arrived_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
-    """Whether the backend's whole answer is already here: a small one comes in the packet of its headers.
-
-    Not for HEAD, 204 and 304, whose Content-Length (if any) describes a body they do not carry."""
-    return upstream.content.is_eof() and request.method != "HEAD" and upstream.status not in (204, 304)
+        return response, False
+    await response.write_eof()
+    return response, True
 
 
 async def _relay_whole(
-    request: web.Request, upstream: aiohttp.ClientResponse, send_timeout: float, route: Route
-) -> web.StreamResponse:
+    request: web.Request, exchange: Exchange, head: ResponseHead, send_timeout: float, route: Route
+) -> tuple[web.StreamResponse, bool]:
     """An answer that has arrived whole goes to the device in one write (headers and body together, where
     streaming makes three: headers, body, end, each a TLS record and a send), with a Content-Length.
-    Nothing waits for the backend here: the body is in aiohttp's buffer."""
-    body = await upstream.read()
-    response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-    response.headers.extend(headers.to_client(upstream.headers))
+    Nothing waits for the backend here: the body is in the connection's buffer."""
+    response = web.Response(status=head.status, reason=head.reason, body=exchange.connection.body())
+    response.headers.extend(headers.to_client(head.headers))
     try:
         async with asyncio.timeout(send_timeout):
             await response.prepare(request)
             await response.write_eof()
     except TimeoutError as e:
         _cut(request, route, "stream_stalled", e)
-    return response
+    return response, True
 
 
 def _cut(request: web.Request, route: Route, event: str, e: Exception) -> None:

@@ -42,9 +42,10 @@ from proxy.config import MappingMode
 from proxy.errors import AccountRefused, MappingRefused
 from proxy.identity import altsecid
 from proxy.identity.altsecid import AltSecurityIdentity
-from proxy.identity.sid import Sid, certificate_sid
+from proxy.identity.sid import Sid, SidConflict, read_certificate_sid
 
-Rule = Literal["sid-extension", "alt-security-identity", "weak-audit"]
+Rule = Literal["sid-extension", "sid-url", "alt-security-identity", "weak-audit"]
+_SID_WHERE = {"extension": "SID extension", "url": "subjectAltName SID URL", "both": "SID extension (and URL)"}
 
 # userAccountControl and msDS-User-Account-Control-Computed bits ([MS-ADTS] 2.2.16)
 UF_ACCOUNTDISABLE = 0x0002
@@ -110,6 +111,7 @@ class Mapping:
     detail: str  # the matching SID or altSecurityIdentities entry; for weak-audit, why it is weak
     weak: bool = False  # strong-or-audit served a certificate that strong would refuse
     principal: str = ""  # the account's own principal, sAMAccountName@REALM: whom the KDC is asked for
+    account_name: str = ""  # its sAMAccountName: the KDC's evidence ticket must name it (proxy.kerberos.account)
 
     def as_facts(self) -> dict[str, str | bool]:
         """The trace's and log's view of the decision."""
@@ -128,36 +130,62 @@ class Mapping:
 def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: str = "") -> Mapping:
     """Admit `cert` for `account` (of the domain whose realm is `realm`) under `mode` ("strong" or
     "strong-or-audit"), or raise MappingRefused."""
-    principal = f"{account.sam_account_name}@{realm}" if realm else ""
+    sam = account.sam_account_name
+    principal = f"{sam}@{realm}" if realm else ""
     try:
-        cert_sid = certificate_sid(cert)
+        found = read_certificate_sid(cert)
+    except SidConflict as e:
+        raise MappingRefused(
+            "the certificate names two different SIDs",
+            hint=f"{e}: a certificate that names two accounts belongs to neither; revoke it and check the CA "
+            "and template that wrote it",
+        ) from None
     except ValueError as e:
         raise MappingRefused(
             "the certificate's SID extension cannot be read",
             hint=f"{e}; ask the CA to reissue the certificate (AD CS writes the SID extension for the enrollee)",
         ) from None
+    cert_sid = found.sid if found is not None else None
     where = f"{account.upn or account.sam_account_name} ({account.dn}, {account.sid})"
-    if cert_sid is not None and cert_sid != account.sid:
+    if found is not None and cert_sid != account.sid:
         raise MappingRefused(
             "the certificate belongs to another account (SID of another account)",
-            hint=f"its SID extension names {cert_sid}, but its UPN names {where}: a certificate issued for one "
-            "account carrying another's name (ESC1, CVE-2022-26923); revoke it and check the template "
+            hint=f"its {_SID_WHERE[found.source]} names {cert_sid}, but its UPN names {where}: a certificate issued "
+            "for one account carrying another's name (ESC1, CVE-2022-26923); revoke it and check the template "
             "that issued it (does it let the requester supply the subject?)",
         )
-    if cert_sid is not None:
-        return Mapping(mode, account.dn, str(account.sid), "sid-extension", str(cert_sid), principal=principal)
+    if found is not None:
+        rule: Rule = "sid-url" if found.source == "url" else "sid-extension"
+        detail = str(found.sid) + (" (SID extension and subjectAltName URL)" if found.source == "both" else "")
+        return Mapping(mode, account.dn, str(account.sid), rule, detail, False, principal, sam)
     entries = [altsecid.parse(raw) for raw in account.alt_security_identities]
     for entry in entries:
         if entry.strong and altsecid.matches(entry, cert):
-            return Mapping(mode, account.dn, str(account.sid), "alt-security-identity", entry.raw, principal=principal)
+            rule = "alt-security-identity"
+            return Mapping(mode, account.dn, str(account.sid), rule, entry.raw, False, principal, sam)
     why = _weak_reason(entries, cert)
     fix = (
         f"issue certificates with the SID extension (AD CS does since KB5014754), or add a strong mapping "
         f"to {account.dn}: altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
     )
     if mode == "strong-or-audit":
-        return Mapping(mode, account.dn, str(account.sid), "weak-audit", f"{why}; {fix}", True, principal)
+        detail = f"{why}; {fix}"
+        return Mapping(mode, account.dn, str(account.sid), "weak-audit", detail, True, principal, sam)
     raise MappingRefused(f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}")
+
+
+def describe(rule: str | None, account_dn: str | None, account_sid: str | None) -> str:
+    """The mapping decision in plain words, one sentence: what `explain` and the trace page both say."""
+    account = f"account {account_dn} ({account_sid})" if account_dn else "no account found"
+    if rule == "sid-extension":
+        return f"the certificate's SID extension is the objectSid of {account}"
+    if rule == "sid-url":
+        return f"the certificate's subjectAltName SID URL is the objectSid of {account}"
+    if rule == "alt-security-identity":
+        return f"{account} lists the certificate in altSecurityIdentities"
+    if rule == "weak-audit":
+        return f"WEAK: served only because mapping = 'strong-or-audit'; 'strong' refuses it ({account})"
+    return account  # the stage refused before a rule applied
 
 
 def no_account(name: str, base_dn: str, mode: MappingMode) -> Mapping:

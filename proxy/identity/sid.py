@@ -13,10 +13,16 @@ Its value has the shape of a GeneralNames holding one otherName whose type is `s
 
     SEQUENCE { [0] { OID 1.3.6.1.4.1.311.25.2.1, [0] EXPLICIT OCTET STRING "S-1-5-21-..." } }
 
+Since 2023 Windows also reads the SID from a subjectAltName URL, `tag:microsoft.com,2022-09-14:sid:<SID>`
+(a tag URI, RFC 4151; the prefix is matched without regard to case, as Windows matches it), for CAs that cannot
+write the extension. `certificate_sid` reads both. One URL of that kind at most, holding exactly one SID
+string; when the extension and the URL are both there they must name the same SID (`SidConflict`
+otherwise: a certificate that names two accounts names none).
+
 What it refuses (`ValueError`, which the mapping stage turns into a refusal): anything but exactly that shape,
-a value that is not a well-formed SID string, and binary SIDs with a wrong length, revision or count. A
-certificate with two SID extensions never reaches this module (cryptography refuses duplicate extensions).
-The SID decides which account a certificate belongs to, so nothing is guessed at.
+a value that is not a well-formed SID string, two SID URLs, and binary SIDs with a wrong length, revision or
+count. A certificate with two SID extensions never reaches this module (cryptography refuses duplicate
+extensions). The SID decides which account a certificate belongs to, so nothing is guessed at.
 
 Why not `bonsai.active_directory.SID`: it ignores trailing bytes and prints every revision as 1; a value that
 decides admission has to be read strictly. The codec is a few lines.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography import x509
 from pyasn1.codec.der import decoder as der_decoder
@@ -36,6 +43,7 @@ from pyasn1.type import univ
 from pyasn1_modules import rfc5280
 
 SID_EXTENSION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.25.2")  # szOID_NTDS_CA_SECURITY_EXT
+SID_URL_PREFIX = "tag:microsoft.com,2022-09-14:sid:"  # the subjectAltName URL form (KB5014754, 2023)
 OBJECTSID_OID = "1.3.6.1.4.1.311.25.2.1"  # szOID_NTDS_OBJECTSID, the otherName type inside it
 
 _MAX_SUB_AUTHORITIES = 15
@@ -137,8 +145,39 @@ def sid_from_extension_value(der: bytes) -> Sid:
     return Sid.parse(text)
 
 
+class SidConflict(ValueError):
+    """The SID extension and the subjectAltName URL name two different SIDs."""
+
+
+SidSource = Literal["extension", "url", "both"]
+
+
+@dataclass(frozen=True)
+class CertificateSid:
+    """Evidence: the SID a certificate carries, and where it was written (the extension, the URL, or both)."""
+
+    sid: Sid
+    source: SidSource
+
+
 def certificate_sid(cert: x509.Certificate) -> Sid | None:
-    """The SID of the certificate's SID extension; None when it has none; ValueError when it is malformed."""
+    """The SID the certificate carries (extension or URL); None when it has none; ValueError when malformed."""
+    found = read_certificate_sid(cert)
+    return found.sid if found is not None else None
+
+
+def read_certificate_sid(cert: x509.Certificate) -> CertificateSid | None:
+    """The SID of the SID extension and of the subjectAltName SID URL, which must agree; None when neither is
+    there; ValueError when one is malformed, SidConflict when they name different SIDs."""
+    extension, url = _extension_sid(cert), _url_sid(cert)
+    if extension is not None and url is not None and extension != url:
+        raise SidConflict(f"the SID extension names {extension} and the subjectAltName URL names {url}")
+    if extension is not None:
+        return CertificateSid(extension, "both" if url is not None else "extension")
+    return CertificateSid(url, "url") if url is not None else None
+
+
+def _extension_sid(cert: x509.Certificate) -> Sid | None:
     try:
         ext = cert.extensions.get_extension_for_oid(SID_EXTENSION_OID)
     except x509.ExtensionNotFound:
@@ -146,3 +185,20 @@ def certificate_sid(cert: x509.Certificate) -> Sid | None:
     value = ext.value
     assert isinstance(value, x509.UnrecognizedExtension)  # cryptography has no class of its own for it
     return sid_from_extension_value(value.value)
+
+
+def _url_sid(cert: x509.Certificate) -> Sid | None:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as e:  # a subjectAltName that does not parse hides whatever SID URL it holds
+        raise ValueError(f"the subjectAltName cannot be parsed: {e}") from None
+    urls = [url for url in san.get_values_for_type(x509.UniformResourceIdentifier) if _is_sid_url(url)]
+    if len(urls) > 1:
+        raise ValueError(f"the subjectAltName carries {len(urls)} SID URLs; expected one")
+    return Sid.parse(urls[0][len(SID_URL_PREFIX) :]) if urls else None
+
+
+def _is_sid_url(url: str) -> bool:
+    return url[: len(SID_URL_PREFIX)].lower() == SID_URL_PREFIX

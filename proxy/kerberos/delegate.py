@@ -30,7 +30,10 @@ a name that exists nowhere) is only the index that finds that entry (`_canonical
 What it trusts: the identity handed to it, which the certificate and identity stages established.
 What it refuses: every KDC refusal becomes a gateway error with a fix (`proxy.kerberos.hints`); a
 refusal while renewing drops the user's entry, so a user disabled in the directory stops being
-served when their ticket would have been renewed.
+served when their ticket would have been renewed. And an evidence ticket whose PAC names another
+account than the certificate (`proxy.kerberos.account`): the name the gateway asked for is not
+always the certificate's account (`realm_map` against AD), so every request, from a fresh or a
+cached ticket, is checked against the PAC read once per exchange; a mismatch is `AccountMismatch`.
 
 The exchanges with the KDC block (and release the GIL): they run in a pool of `max_in_flight` threads
 and are bounded in time by `kdc_timeout`. A security context is built per request and never shared.
@@ -42,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -57,11 +61,13 @@ import gssapi.raw
 import structlog
 
 from proxy.config import Kerberos
-from proxy.errors import GatewayError, KerberosRefused
+from proxy.errors import AccountMismatch, GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
+from proxy.kerberos.acceptor import context_pac
+from proxy.kerberos.account import KdcAccount, kdc_account
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
-from proxy.kerberos.pac import PacFacts, parse_pac
+from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import hold_profile
 
@@ -89,6 +95,7 @@ class DelegatedToken:
     impersonation_cached: bool  # True when the service ticket came from the cache: no KDC exchange
     ms: float
     facts: S4UFacts | None = None  # the evidence and service tickets the KDC issued (no keys): for traces
+    account: KdcAccount | None = None  # the account the evidence ticket's PAC names, checked against the certificate
 
     @property
     def authorization(self) -> str:
@@ -106,6 +113,7 @@ class Delegation:
     ms: float
     facts: S4UFacts | None
     make_token: Callable[[], bytes] = field(repr=False)
+    account: KdcAccount = field(default_factory=lambda: KdcAccount("none"))  # whom the evidence ticket's PAC names
 
     def authorization(self) -> str:
         return "Negotiate " + base64.b64encode(self.make_token()).decode("ascii")
@@ -120,6 +128,20 @@ class _Ticket:
     renew_not_before: float = 0.0
     facts: S4UFacts | None = None  # what the exchange that made this entry got from the KDC
     client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
+    pac: PacFacts | None = None  # the evidence ticket's PAC: which account the KDC impersonated
+    pac_unreadable: str | None = None  # why the PAC could not be read (then no request is served from it)
+    accounts: dict[tuple[str, str | None], KdcAccount] = field(default_factory=dict)  # names the PAC matched
+
+    def account_for(self, user: UserPrincipal) -> KdcAccount:
+        """`kdc_account` for `user`, remembered per certificate name: a cached ticket's request pays a dict look-up."""
+        key = (user.upn, user.account)
+        found = self.accounts.get(key)
+        if found is None:
+            found = kdc_account(user, self.pac, self.pac_unreadable)  # a mismatch raises and is not remembered
+            if len(self.accounts) >= 16:  # one principal's ticket: a handful of names at most, bounded anyway
+                self.accounts.clear()
+            self.accounts[key] = found
+        return found
 
     def __post_init__(self) -> None:
         if not self.client and self.facts is not None:
@@ -195,6 +217,12 @@ class Delegator:
         else:
             ticket = await asyncio.shield(self._flights.get(asked) or self._flight(asked, user, spn, gss_target))
         client = ticket.client or user.principal
+        try:
+            account = ticket.account_for(user)  # cached ticket or not: is the KDC's account the certificate's?
+        except AccountMismatch as e:
+            if ticket.facts is not None:  # the trace shows the evidence ticket whose PAC named another account
+                attach(e, dataclasses.replace(ticket.facts, failed_step="s4u2self"))
+            raise
         creds = ticket.creds
 
         def make_token() -> bytes:
@@ -207,7 +235,8 @@ class Delegator:
                 raise self._explain("no token produced", client, spn)
             return token
 
-        return Delegation(client, spn, cached, (time.perf_counter() - start) * 1000, ticket.facts, make_token)
+        ms = (time.perf_counter() - start) * 1000
+        return Delegation(client, spn, cached, ms, ticket.facts, make_token, account)
 
     def _key(self, principal: str, spn: str) -> Key:
         """The cache key of `principal` at `spn`: the client name the KDC returned for it, once known."""
@@ -284,7 +313,7 @@ class Delegator:
             )
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
-        pac = self._evidence_pac(creds)  # local work, in neither step's time
+        pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
         after_pac = time.perf_counter()
         target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
         try:
@@ -304,24 +333,25 @@ class Delegator:
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
         took = (middle - start) * 1000
         got = s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=_ms(after_pac), evidence_pac=pac)
-        return _Ticket(creds=creds, expires=self._clock() + lifetime, facts=got)
+        return _Ticket(creds, self._clock() + lifetime, facts=got, pac=pac, pac_unreadable=unreadable)
 
     def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
         """One fresh S4U2Self + S4U2Proxy, bypassing the cache (for diagnostics; blocks on the KDC)."""
         start = time.perf_counter()
         try:
             ticket = self._exchange_blocking(user, gss_target)
+            account = kdc_account(user, ticket.pac, ticket.pac_unreadable)
             token = self._token(ticket.creds, gss_target)
         except _StepFailed as e:
             raise self._step_error(e, user.principal, spn) from None
         except gssapi.raw.GSSError as e:
             raise self._explain(e.gen_message(), user.principal, spn) from None
-        return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts)
+        return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts, account)
 
-    def _evidence_pac(self, creds: gssapi.Credentials) -> PacFacts | None:
+    def _evidence_pac(self, creds: gssapi.Credentials) -> tuple[PacFacts | None, str | None]:
         """The evidence ticket's PAC: the ticket is to the gateway itself, so the gateway accepts it with its
         own key (an AP-REQ built from the user's ccache, no KDC; no replay cache) and reads `urn:mspac:`.
-        None when there is none (MIT's KDC may issue none) or it cannot be read."""
+        (PAC, None); (None, None) when the ticket has none (MIT's KDC); (None, why) when it cannot be read."""
         try:
             if self._own is None:
                 self._own = (
@@ -331,25 +361,13 @@ class Delegator:
             own, acceptor = self._own
             token = gssapi.raw.init_sec_context(own, creds=creds, mech=SPNEGO).token
             if not token:
-                return None
+                return None, "no AP-REQ could be built on the evidence ticket"
             accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
-            # the name accept_sec_context returns for SPNEGO is SPNEGO's, without attributes: ask the context
-            initiator = gssapi.raw.inquire_context(
-                accepted.context,
-                initiator_name=True,
-                target_name=False,
-                lifetime=False,
-                mech=False,
-                flags=False,
-                locally_init=False,
-                complete=False,
-            ).initiator_name
-            if initiator is None:
-                return None
-            values = gssapi.raw.get_name_attribute(initiator, b"urn:mspac:").values
-            return parse_pac(bytes(values[0])) if values else None
-        except (gssapi.raw.GSSError, ValueError, IndexError):
-            return None
+            return context_pac(accepted.context), None
+        except gssapi.raw.GSSError as e:
+            return None, f"the gateway cannot accept its own evidence ticket: {e.gen_message()}"
+        except ValueError as e:
+            return None, f"the PAC is malformed: {e}"
 
     def _service_credentials(self) -> gssapi.Credentials:
         with self._service_lock:

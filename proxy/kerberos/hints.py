@@ -170,7 +170,8 @@ _FOREIGN_HINT = (
     "S4U2Self asked for {user}, in a realm the KDC does not serve (the client library looked for "
     "krbtgt/{realm}): in Active Directory a UPN suffix that is not the realm (uPNSuffixes) is found only by its "
     "enterprise name; set identity.enterprise_names = true (identity.realm_map fits only a realm where each "
-    "UPN's local part is its own account name: elsewhere it names another account)"
+    "UPN's local part is its own account name: elsewhere it names another account, and the gateway refuses "
+    "the certificate when the KDC's PAC names that other account)"
 )
 _SERVICE_REASON = "the gateway's Kerberos set-up is incomplete"
 _SERVICE_NOT_FOUND_HINT = (

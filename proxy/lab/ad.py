@@ -485,13 +485,15 @@ def issue_user_certificate(
     upn: str,
     *,
     extensions: Sequence[x509.ExtensionType] = (),
+    urls: tuple[str, ...] = (),
     now: datetime | None = None,
 ) -> tuple[Path, Path]:
     """A client certificate from the lab's issuing CA for `upn` (UPN and e-mail SANs, clientAuth), with
-    any `extensions` added (non-critical); written as `<directory>/<name>.pem` and `.key`."""
+    any `extensions` added (non-critical) and `urls` as more SANs; written as `<directory>/<name>.pem` and `.key`."""
     when = now or datetime.now(UTC)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = lab_pki.issue_user(pki, lab_pki.UserSpec(upn=upn, email=upn), key, now=when, extensions=extensions)
+    spec = lab_pki.UserSpec(upn=upn, email=upn, urls=urls)
+    cert = lab_pki.issue_user(pki, spec, key, now=when, extensions=extensions)
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     lab_pki.write_pem(cert_path, [cert])

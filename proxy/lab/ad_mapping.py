@@ -22,7 +22,9 @@ Certificates, in `<realm pki>/mapping/` (`cert(realm, name)` and `key(realm, nam
 - `frank-altsec`: no SID extension, strongly mapped by the account's `altSecurityIdentities`;
 - `grace-weak`: no SID extension, only weakly mapped;
 - `mallory-sid`: mallory's own certificate (UPN `alice@corp.example`, mallory's SID): rightly issued, and
-  it must be served as mallory.
+  it must be served as mallory;
+- `alice-sid-url`: no SID extension, alice's SID as the subjectAltName URL `tag:microsoft.com,2022-09-14:sid:..`;
+  `alice-bob-sid-url`: the same with bob's SID; `alice-sid-bob-url`: alice's SID extension and bob's SID URL.
 The realm's plain certificates (`realm.user_cert("alice")`) carry no SID extension and no mapping at all.
 
 A certificate is issued again when it is missing or older than the issuing CA, and frank's entry is
@@ -40,7 +42,7 @@ from pathlib import Path
 from cryptography import x509
 
 from proxy.identity import altsecid
-from proxy.identity.sid import Sid, sid_extension
+from proxy.identity.sid import SID_URL_PREFIX, Sid, sid_extension
 from proxy.lab import ad
 
 
@@ -103,10 +105,12 @@ def _replace(realm: ad.AdRealm, name: str, attribute: str, *values: str) -> None
     realm.ldbmodify("\n".join(lines) + "\n")
 
 
-def _issue(realm: ad.AdRealm, name: str, user_upn: str, extensions: list[x509.ExtensionType]) -> x509.Certificate:
+def _issue(
+    realm: ad.AdRealm, name: str, user_upn: str, extensions: list[x509.ExtensionType], urls: tuple[str, ...] = ()
+) -> x509.Certificate:
     path = cert(realm, name)
     if not path.exists() or path.stat().st_mtime < realm.pki.issuing_cert.stat().st_mtime:
-        ad.issue_user_certificate(realm.pki, directory(realm), name, user_upn, extensions=extensions)
+        ad.issue_user_certificate(realm.pki, directory(realm), name, user_upn, extensions=extensions, urls=urls)
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
@@ -145,6 +149,10 @@ def ensure(realm: ad.AdRealm) -> None:
         _issue(realm, f"{name}-sid", upn(realm, name), [sid_extension(sids[name])])
     _issue(realm, "alice-bob-sid", upn(realm, "alice"), [sid_extension(sids["bob"])])
     _issue(realm, "mallory-sid", MALLORY_UPN, [sid_extension(sids["mallory"])])
+    _issue(realm, "alice-sid-url", upn(realm, "alice"), [], (SID_URL_PREFIX + str(sids["alice"]),))
+    _issue(realm, "alice-bob-sid-url", upn(realm, "alice"), [], (SID_URL_PREFIX + str(sids["bob"]),))
+    bob_url = (SID_URL_PREFIX + str(sids["bob"]),)
+    _issue(realm, "alice-sid-bob-url", upn(realm, "alice"), [sid_extension(sids["alice"])], bob_url)
     frank = _issue(realm, "frank-altsec", upn(realm, "frank"), [])
     weak_frank = f"X509:<S>{_windows_order(frank.subject)}"
     _replace(realm, "frank", "altSecurityIdentities", altsecid.issuer_serial_entry(frank), weak_frank)

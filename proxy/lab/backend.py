@@ -75,7 +75,8 @@ from aiohttp import web
 from gssapi.raw.misc import GSSError
 from multidict import MultiMapping
 
-from proxy.kerberos.pac import PacFacts, parse_pac
+from proxy.kerberos.acceptor import initiator_pac
+from proxy.kerberos.pac import PacFacts
 
 SERVICE: Final = "HTTP/cas.lab.test"  # the lab's Exchange service, whose keys the backend's keytab holds
 
@@ -252,19 +253,9 @@ class Acceptor:
 
 
 def ticket_pac(initiator: gssapi.raw.Name | None) -> PacFacts | None:
-    """The PAC of the accepted ticket, from the initiator name's `urn:mspac:` attribute (MIT checks its
-    server signature). The name must come from `inquire_context`: the one `accept_sec_context` returns
-    for a SPNEGO token is SPNEGO's, and MIT answers "invalid name" for its attributes."""
-    if initiator is None:
-        return None
+    """The PAC of the accepted ticket, to echo (`proxy.kerberos.acceptor`); None for a malformed one too."""
     try:
-        values = gssapi.raw.get_name_attribute(initiator, b"urn:mspac:").values
-    except GSSError:
-        return None  # no PAC: an MIT KDC without one, or a PAC that failed its signature check
-    if not values:
-        return None
-    try:
-        return parse_pac(bytes(values[0]))
+        return initiator_pac(initiator)
     except ValueError:
         return None
 

@@ -70,6 +70,7 @@ class UserSpec:
     validity: Validity = "valid"
     rogue: bool = False  # issued by the rogue CA that copies the trusted CAs' names
     revoked: bool = False  # listed in the issuing CA's CRL
+    urls: tuple[str, ...] = ()  # subjectAltName URIs (e.g. the SID URL tag:microsoft.com,2022-09-14:sid:...)
 
 
 def _user(
@@ -299,6 +300,7 @@ def _issue_user(
 ) -> x509.Certificate:
     sans: list[x509.GeneralName] = [upn_other_name(spec.upn)] if spec.upn else []
     sans.append(x509.RFC822Name(spec.email))
+    sans += [x509.UniformResourceIdentifier(url) for url in spec.urls]
     not_before, not_after = {
         "valid": (now - _HOUR, now + timedelta(days=365)),
         "expired": (now - timedelta(days=90), now - _MARGIN),

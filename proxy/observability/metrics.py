@@ -2,12 +2,13 @@
 
 Counters are fed from each request's `Trace` when the request ends (`observe`: its route, status,
 stage timings, ticket cache result and, for a refusal, the stage and the audit event that the middleware
-noted as `refused_stage` and `refusal`), and from the TLS listener for refused handshakes
-(`handshake_refused`): stages do not know about metrics. Gauges are read when `/metrics` is scraped,
+noted as `refused_stage` and `refusal`), from the TLS listener for refused handshakes
+(`handshake_refused`) and from the PROXY gate for connections it closed (`proxy_header_refused`): stages
+do not know about metrics. Gauges are read when `/metrics` is scraped,
 through hooks the running gateway sets: open connections (aiohttp's handlers), and the CRL store's
 status list (`proxy.certs.sources.CrlStatus` rows).
 Label values are bounded: route prefixes, status codes, stage names and refusal events, OpenSSL's
-handshake reasons; never a user, serial or path.
+handshake reasons, the PROXY gate's four kinds; never a user, serial, address or path.
 
 The registry is the gateway's own (not prometheus_client's global one), so several gateways can live in
 one process (tests).
@@ -86,6 +87,10 @@ class Metrics:
 
     def handshake_refused(self, reason: str) -> None:
         self.refusals.labels("tls", reason).inc()
+
+    def proxy_header_refused(self, reason: str) -> None:
+        """A connection closed before TLS by the PROXY gate (`proxy.tls.proxy_protocol.Refusal`: four values)."""
+        self._child(self.refusals, "proxy_protocol", reason).inc()
 
     def headers_refused(self) -> None:
         """A request refused with 431 for its header block, before any stage (and before a trace) began."""

@@ -50,6 +50,7 @@ from typing import IO, Any
 from cryptography import x509
 
 from proxy.config import Traces
+from proxy.identity.mapping import describe as mapping_words
 from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.trace import Trace
 
@@ -361,13 +362,9 @@ def _describe_identity(s: dict[str, Any]) -> str:
 
 
 def _describe_mapping(s: dict[str, Any]) -> str:
-    account = f"{s.get('account')} ({s.get('sid')})" if s.get("account") else "no account found"
-    rule = s.get("rule")
-    if rule is None:
-        return account
-    if s.get("weak"):
-        return f"WEAK mapping served in audit mode: {account}; {s.get('detail')}"
-    return f"{rule}: {account}; {s.get('detail')}"
+    """The decision in `explain`'s words (`proxy.identity.mapping.describe`), and what matched or why it is weak."""
+    text = mapping_words(s.get("rule"), s.get("account"), s.get("sid"))
+    return f"{text}; {s['detail']}" if s.get("detail") else text
 
 
 def _describe_ticket(s: dict[str, Any]) -> str:

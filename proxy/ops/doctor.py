@@ -9,7 +9,10 @@ backends:
    keytab holds; a password or key reset on the account makes it stale.
 3. `clock`: the ticket's authentication time is the KDC's clock; ours must be within `MAX_SKEW` of it
    (Kerberos refuses at 5 minutes, and backends check authenticators against their own clocks).
-4. `s4u2self`: S4U2Self for a canary user gives an evidence ticket, and it is forwardable.
+4. `s4u2self`: S4U2Self for a canary user gives an evidence ticket, and it is forwardable. The canary is
+   impersonated as the gateway would impersonate it: with `identity.mapping` "strong" or "strong-or-audit",
+   the account the directory maps its UPN to (`sAMAccountName@REALM`, the line says so), else the principal
+   built from the UPN (`realm_map`, `enterprise_names`).
 5. `s4u2proxy <SPN>`: for each route's SPN, the gateway's own S4U2Self + S4U2Proxy.
 6. `negotiate <route>`: the upstream answers an unauthenticated request with 401 and
    `WWW-Authenticate: Negotiate`; `ticket <route>`: it accepts the delegated ticket (no 401 with it).
@@ -29,7 +32,7 @@ import base64
 import http.client
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import urlsplit
@@ -157,14 +160,28 @@ def header_check(route: Route, header_bytes: int, limit: int, user: str) -> Chec
 
 
 def run(config: Config, *, user: str | None, clock: Callable[[], float] = time.time) -> list[Check]:
-    checks = list(_checks(config, user, clock))
+    upn = user or config.doctor.canary_user
+    directory_checks: list[Check] = []
+    mapped: Mapped | None = None
     if config.directory is not None:
-        checks += asyncio.run(_directory_checks(config, user or config.doctor.canary_user, clock))
-    return checks
+        directory_checks, mapped = asyncio.run(_directory_checks(config, upn, clock))
+    if config.identity.mapping == "upn":
+        mapped = None  # the gateway impersonates the name built from the UPN; the directory is only looked at
+    return [*_checks(config, upn, clock, mapped), *directory_checks]
 
 
-async def _directory_checks(config: Config, upn: str | None, clock: Callable[[], float]) -> list[Check]:
-    """The directory bind, then the canary user's account as the mapping stage would read it."""
+@dataclass(frozen=True)
+class Mapped:
+    """The canary's account as the directory found it: whom a strong-mapping gateway impersonates."""
+
+    sam_account_name: str
+    realm: str
+
+
+async def _directory_checks(
+    config: Config, upn: str | None, clock: Callable[[], float]
+) -> tuple[list[Check], Mapped | None]:
+    """The directory bind, then the canary user's account as the mapping stage would read it (and that account)."""
     from proxy.directory import Directory
     from proxy.identity import altsecid
     from proxy.identity.mapping import account_state
@@ -179,24 +196,25 @@ async def _directory_checks(config: Config, upn: str | None, clock: Callable[[],
             'keytab must get a ticket for ldap/<host in the URL> (see kdc), with bind = "simple" check '
             "bind_dn and password_file"
         )
-        return [Check("directory", "fail", e.hint or e.reason, fix), Check("directory-lookup", "skip", "no bind")]
+        return [Check("directory", "fail", e.hint or e.reason, fix), Check("directory-lookup", "skip", "no bind")], None
     checks = [Check("directory", "pass", f"{bound.url} bound us as {bound.whoami!r} in {bound.ms:.0f} ms")]
     if upn is None:
-        return [*checks, Check("directory-lookup", "skip", "no canary user: run with --user UPN")]
+        return [*checks, Check("directory-lookup", "skip", "no canary user: run with --user UPN")], None
     try:
         account = await directory.account(upn)
     except GatewayError as e:
-        return [*checks, Check("directory-lookup", "fail", e.reason, e.hint)]
+        return [*checks, Check("directory-lookup", "fail", e.reason, e.hint)], None
+    mapped = Mapped(account.sam_account_name, directory.realm)
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
     detail = f"{upn} is {account.dn}, {account.sid}; {strong} strong altSecurityIdentities entries"
     try:
         account_state(account, datetime.fromtimestamp(clock(), UTC))
     except GatewayError as e:
-        return [*checks, Check("directory-lookup", "fail", f"{detail}; {e.reason}", e.hint)]
-    return [*checks, Check("directory-lookup", "pass", detail)]
+        return [*checks, Check("directory-lookup", "fail", f"{detail}; {e.reason}", e.hint)], mapped
+    return [*checks, Check("directory-lookup", "pass", detail)], mapped
 
 
-def _checks(config: Config, upn: str | None, clock: Callable[[], float]) -> Iterator[Check]:
+def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped: Mapped | None) -> Iterator[Check]:
     from proxy.kerberos.delegate import Delegator
     from proxy.kerberos.probe import KerberosProbe
     from proxy.kerberos.ticket import ticket_header
@@ -227,7 +245,6 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float]) -> Iter
         yield Check("keytab", "skip", "needs a ticket from the KDC (see kdc)")
         yield Check("clock", "skip", "needs a ticket from the KDC (see kdc)")
 
-    upn = upn or config.doctor.canary_user
     routes = [r for r in config.routes if r.backend_auth == "negotiate"]  # "basic" routes need no delegation
     if upn is None:
         why = "no canary user: run with --user UPN, or set [doctor] canary_user"
@@ -235,17 +252,25 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float]) -> Iter
         yield from (Check(f"s4u2proxy {spn}", "skip", why) for spn in dict.fromkeys(r.spn for r in routes))
         yield from (_negotiate(route) for route in routes)
         return
+    whose = ""  # what the canary's principal is, when it is not the name built from the UPN
     try:
         user = map_name(upn, config.identity, source="doctor")  # enterprise_names and realm_map as the gateway
+        if mapped is not None:  # strong mapping: the directory's account, as the gateway's mapping stage finds it
+            principal = f"{mapped.sam_account_name}@{mapped.realm}"
+            proven = {"principal": principal, "realm": mapped.realm, "account": mapped.sam_account_name}
+            user = replace(user, enterprise=None, **proven)
+            whose = f" (the directory's account for {upn})"
+        elif config.identity.mapping != "upn":
+            whose = f" (from the UPN: the directory found no account for {upn}, see directory-lookup)"
         evidence = probe.evidence_ticket(user, spn=routes[0].spn if routes else None)
     except GatewayError as e:
-        yield Check("s4u2self", "fail", e.reason, e.hint)
+        yield Check("s4u2self", "fail", e.reason + whose, e.hint)
     else:
         if evidence.forwardable:
-            yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal} is forwardable")
+            yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal}{whose} is forwardable")
         else:
             _, fix = not_forwardable(user=user.principal, proxy=settings.principal)  # the KDC error explainer
-            detail = f"the evidence ticket for {user.principal} is not forwardable: S4U2Proxy will be refused"
+            detail = f"the evidence ticket for {user.principal}{whose} is not forwardable: S4U2Proxy will be refused"
             yield Check("s4u2self", "fail", detail, fix)
     delegator = Delegator(settings)
     try:

@@ -24,6 +24,7 @@ from cryptography import x509
 from proxy.certs.chain import VerifiedCertificate, format_time, verify_chain
 from proxy.config import Route
 from proxy.errors import BadRequest, CertificateRejected, GatewayError, KerberosRefused, NoRoute
+from proxy.identity.mapping import describe as describe_mapping
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.hints import not_forwardable
 from proxy.observability.trace import Trace
@@ -170,14 +171,8 @@ def _certificate_steps(
 
 def _mapping_step(facts: dict[str, Any]) -> Step:
     """The mapping stage's decision: which account, which rule (or, in audit mode, why it is weak)."""
-    account = f"account {facts['account_dn']} ({facts['account_sid']})" if facts.get("account_dn") else "no account"
     rule = facts["mapping"]
-    if rule == "sid-extension":
-        summary = f"the certificate's SID extension is the objectSid of {account}"
-    elif rule == "alt-security-identity":
-        summary = f"{account} lists the certificate in altSecurityIdentities"
-    else:
-        summary = f"WEAK: served only because mapping = 'strong-or-audit'; 'strong' refuses it ({account})"
+    summary = describe_mapping(rule, facts.get("account_dn"), facts.get("account_sid"))
     details = [f"mapping = {facts['mapping_mode']!r}, rule {rule}", facts["mapping_detail"]]
     return Step("mapping", True, summary, details)
 

@@ -14,7 +14,9 @@ the first TLS byte. This module reads it:
   `listener.trusted_proxies`: a connection from any other address is closed at once, before a byte is read,
   so nobody can claim an address by sending the header himself. A trusted connection must bring a complete
   header within `listener.handshake_timeout`, else it is closed. Every refusal is logged
-  (`proxy_header_refused`, with the connection's own address and the reason). Once the header is read, the
+  (`proxy_header_refused`, with the connection's own address and the reason) and counted by its kind
+  (`Refusal`: `untrusted_peer`, `malformed_header`, `incomplete_header`, `header_timeout`; the metrics'
+  `kcd_refusals_total{stage="proxy_protocol"}`, a bounded label). Once the header is read, the
   connection goes to the TLS gate (`proxy.tls.server.TlsGate`) with the device's address, which is then
   what aiohttp reports as `request.remote`: logs, traces, throttles and `X-Forwarded-For` all use it.
 
@@ -48,6 +50,8 @@ V2_MAX_PAYLOAD = 2048
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = tuple[str, int]
+# Why a connection was refused before TLS: the metrics' label (the log line has the words and the address).
+Refusal = Literal["untrusted_peer", "malformed_header", "incomplete_header", "header_timeout"]
 
 
 class ProxyHeaderError(ValueError):
@@ -186,8 +190,10 @@ class ProxyHeaderGate(asyncio.Protocol):
         timeout: float,
         tls_gate: Callable[[], TlsGate],
         closed: Callable[[], None] = lambda: None,
+        on_refused: Callable[[Refusal], None] = lambda _: None,
     ) -> None:
         self._networks = networks
+        self._on_refused = on_refused  # counts the refusal (proxy.observability.metrics)
         self._timeout = timeout
         self._tls_gate = tls_gate
         self._closed = closed  # gives the connection's slot back (proxy.tls.limits) if it ends here
@@ -200,7 +206,7 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._transport = socket_transport(transport)
         self._peer = transport.get_extra_info("peername")
         if not trusted(self._peer, self._networks):
-            self._refuse("connection from an address not in listener.trusted_proxies")
+            self._refuse("untrusted_peer", "connection from an address not in listener.trusted_proxies")
             return
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
 
@@ -211,7 +217,7 @@ class ProxyHeaderGate(asyncio.Protocol):
         try:
             header = parse(self._buffer)
         except ProxyHeaderError as exc:
-            self._refuse(str(exc))
+            self._refuse("malformed_header", str(exc))
             return
         if header is None:
             return
@@ -224,7 +230,7 @@ class ProxyHeaderGate(asyncio.Protocol):
         gate.connection_made(transport)
 
     def eof_received(self) -> bool | None:
-        self._refuse("the connection ended before a complete PROXY header")
+        self._refuse("incomplete_header", "the connection ended before a complete PROXY header")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -234,14 +240,16 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._closed()
 
     def _expire(self) -> None:
-        self._refuse(f"no complete PROXY header within {self._timeout:g} s")
+        self._refuse("header_timeout", f"no complete PROXY header within {self._timeout:g} s")
 
-    def _refuse(self, reason: str) -> None:
+    def _refuse(self, kind: Refusal, reason: str) -> None:
         self._cancel_timer()
         if self._transport is None:
             return
         transport, self._transport = self._transport, None
-        log.warning("proxy_header_refused", stage="proxy_protocol", peer=peer_text(self._peer), reason=reason)
+        peer = peer_text(self._peer)
+        log.warning("proxy_header_refused", stage="proxy_protocol", peer=peer, reason=reason, refusal=kind)
+        self._on_refused(kind)
         transport.abort()
 
     def _cancel_timer(self) -> None:
@@ -251,9 +259,12 @@ class ProxyHeaderGate(asyncio.Protocol):
 
 
 def gate_factory(
-    tls_gate: Callable[[Callable[[], None]], TlsGate], networks: Sequence[IPNetwork], timeout: float
+    tls_gate: Callable[[Callable[[], None]], TlsGate],
+    networks: Sequence[IPNetwork],
+    timeout: float,
+    on_refused: Callable[[Refusal], None] = lambda _: None,
 ) -> Callable[[Callable[[], None]], asyncio.Protocol]:
     """A protocol factory for `proxy.tls.limits.accept_connections`: the PROXY header first, then `tls_gate`'s
     TLS handshake. Called with the function that gives the connection's slot back, which either gate calls
-    when the connection ends while it owns it."""
-    return lambda closed: ProxyHeaderGate(networks, timeout, lambda: tls_gate(closed), closed)
+    when the connection ends while it owns it; `on_refused` hears each refusal's kind."""
+    return lambda closed: ProxyHeaderGate(networks, timeout, lambda: tls_gate(closed), closed, on_refused)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from proxy.lab import ad, ad_mapping
-from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, status_and_body
+from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, start_ad_gateway, status_and_body
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
@@ -121,6 +121,24 @@ def test_upn_of_one_user_with_the_sid_of_another_is_refused(
     event = gw.wait_event("mapping_refused", upn="alice@ad.test")
     assert str(ad_mapping.object_sid(realm, "bob")) in event["fix"]
     assert "kerberos" not in summary(gw, "alice@ad.test")["ms"]
+
+
+def test_the_sid_url_maps_like_the_extension(realm: ad.AdRealm, strong: AdProcess) -> None:
+    """alice's SID only as a subjectAltName URL (tag:microsoft.com,2022-09-14:sid:...): served as alice, rule
+    sid-url; bob's SID in that URL: 403 'SID of another account'; alice's SID extension beside bob's SID URL:
+    403 'two different SIDs'. The KDC is asked nothing for a refused one."""
+    status, body, _ = curl(realm, strong, "alice-sid-url")
+    assert status == 200, body
+    assert served_as(body) == "alice@AD.TEST"
+    line = summary(strong, "alice@ad.test")
+    assert (line["mapping"], line["mapping_detail"]) == ("sid-url", str(ad_mapping.object_sid(realm, "alice")))
+    for name, reason in (("alice-bob-sid-url", "SID of another account"), ("alice-sid-bob-url", "two different SIDs")):
+        status, body, headers = curl(realm, strong, name)
+        assert (status, headers["x-kcd-refused-stage"]) == (403, "mapping"), body
+        assert reason in body
+        event = strong.wait_event("mapping_refused", upn="alice@ad.test", reason=body.strip())
+        assert str(ad_mapping.object_sid(realm, "bob")) in event["fix"]
+        assert "kerberos" not in summary(strong, "alice@ad.test")["ms"]
 
 
 def test_no_sid_extension_is_refused_with_the_fix(realm: ad.AdRealm, strong: AdProcess) -> None:
@@ -293,9 +311,9 @@ def test_cache_and_single_flight_against_the_dc(
 # -- explain and doctor -------------------------------------------------------------------------------------------
 
 
-def _command(realm: ad.AdRealm, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _command(realm: ad.AdRealm, tmp_path: Path, *args: str, identity: str = "") -> subprocess.CompletedProcess[str]:
     cfg = tmp_path / "gateway.toml"
-    cfg.write_text(ad_mapping.gateway_config(realm, "strong"))
+    cfg.write_text(ad_mapping.gateway_config(realm, "strong").replace("[identity]\n", "[identity]\n" + identity, 1))
     argv = [sys.executable, "-m", "proxy", *args, "--config", str(cfg)]
     return realm.run(argv, timeout=120)
 
@@ -324,6 +342,26 @@ def test_doctor_checks_the_bind_and_the_canary_lookup(realm: ad.AdRealm, tmp_pat
     assert str(ad_mapping.object_sid(realm, "alice")) in lines["directory-lookup"]
 
 
+def _doctor_lines(done: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    return {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))}
+
+
+def test_doctor_impersonates_the_canarys_directory_account(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """With strong mapping doctor's S4U canary is the account the directory maps, as the gateway's: mallory's
+    UPN alice@corp.example (realm_map to AD.TEST) is checked as mallory@AD.TEST, never alice@AD.TEST; carol's
+    carol@corp.example (no realm serves it by name) as carol@AD.TEST, which the gateway serves."""
+    identity = 'realm_map = { "corp.example" = "AD.TEST" }\n'
+    lines = _doctor_lines(_command(realm, tmp_path, "doctor", "--user", ad_mapping.MALLORY_UPN, identity=identity))
+    assert lines["s4u2self"].startswith("PASS"), lines
+    assert "mallory@AD.TEST" in lines["s4u2self"]
+    assert "the directory's account for alice@corp.example" in lines["s4u2self"]
+    assert "alice@AD.TEST" not in "".join(lines.values())
+    assert lines["s4u2proxy"].startswith("PASS"), lines
+    lines = _doctor_lines(_command(realm, tmp_path, "doctor", "--user", "carol@corp.example"))
+    assert lines["s4u2self"].startswith("PASS"), lines
+    assert "carol@AD.TEST" in lines["s4u2self"]
+
+
 def test_doctor_names_a_disabled_canary(realm: ad.AdRealm, tmp_path: Path) -> None:
     """doctor with a disabled canary: the look-up fails and says the account is disabled."""
     done = _command(realm, tmp_path, "doctor", "--user", "dave@ad.test")
@@ -347,6 +385,61 @@ def test_the_mapped_account_is_impersonated_not_the_name(
         assert (line["principal"], line["mapping"]) == ("mallory@AD.TEST", "sid-extension")
     finally:
         gw.stop()
+
+
+def test_upn_mode_refuses_the_account_a_realm_map_name_only_resembles(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """mapping = "upn" with realm_map corp.example -> AD.TEST: mallory's certificate (UPN alice@corp.example) makes
+    the gateway ask for alice@AD.TEST, whose evidence ticket's PAC names alice@ad.test, not the certificate's UPN:
+    403 at kerberos with that reason and a kdc_account_mismatch event, fresh or with alice's ticket cached, and
+    nothing reaches the backend; alice herself and carol (her UPN is her PAC's) are served. The trace shows the
+    refusal on the S4U2Self stage, whose evidence ticket's PAC names alice."""
+    export = tmp_path / "traces.jsonl"
+    source = '"san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }'
+    gw = start_ad_gateway(realm, tmp_path, ad_backend, f'\n[traces]\nexport = "{export}"\n', source=source)
+    try:
+        for attempt in ("fresh", "alice's ticket cached"):
+            status, body, headers = curl(realm, gw, "mallory-sid")
+            assert status == 403, (attempt, body)
+            assert headers["x-kcd-refused-stage"] == "kerberos"
+            assert "the KDC's account for alice@AD.TEST is not the certificate's" in body
+            event = gw.wait_event("kdc_account_mismatch", upn=ad_mapping.MALLORY_UPN)
+            assert "alice@ad.test" in event["fix"]
+            assert "enterprise_names" in event["fix"]
+            assert "backend" not in summary(gw, ad_mapping.MALLORY_UPN)["ms"]
+            if attempt == "fresh":
+                status, body, _ = curl(realm, gw, "alice")
+                assert status == 200, body
+                assert served_as(body) == "alice@AD.TEST"
+                assert summary(gw, "alice@ad.test")["kdc_account"] == "upn alice@ad.test"
+        assert len(gw.events("kdc_account_mismatch")) == 2
+        status, body, _ = curl(realm, gw, "carol")
+        assert (status, served_as(body)) == (200, "carol@AD.TEST"), body
+        records = [json.loads(line) for line in export.read_text().splitlines()]
+        refused = next(r for r in records if r["upn"] == ad_mapping.MALLORY_UPN)
+        evidence = next(s for s in refused["stages"] if s["name"] == "s4u2self")
+        assert evidence["refused"] is True
+        assert evidence["pac"]["upn"] == "alice@ad.test"
+        assert "s4u2proxy" not in [s["name"] for s in refused["stages"]]
+    finally:
+        gw.stop()
+
+
+def test_explain_kdc_refuses_the_account_a_realm_map_name_only_resembles(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """explain --kdc under mapping = "upn" with realm_map: mallory's certificate stops at kerberos with the same
+    reason and fix as a request (the PAC names alice@ad.test); alice's is accepted."""
+    cfg = tmp_path / "gateway.toml"
+    realm_map = 'source = "san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }\n'
+    text = ad.gateway_config(realm).replace('source = "san-upn"\n', realm_map)
+    cfg.write_text(text)
+    explain = [sys.executable, "-m", "proxy", "explain", "--config", str(cfg), "--kdc", "--json", "--cert"]
+    answer = json.loads(realm.run([*explain, str(ad_mapping.cert(realm, "mallory-sid"))], timeout=120).stdout)
+    assert (answer["accepted"], answer["stage"]) == (False, "kerberos"), answer
+    assert answer["reason"] == "the KDC's account for alice@AD.TEST is not the certificate's"
+    assert "UPN alice@ad.test" in answer["fix"]
+    answer = json.loads(realm.run([*explain, str(realm.user_cert("alice"))], timeout=120).stdout)
+    assert answer["accepted"] is True, answer
 
 
 def test_simple_bind_over_ldaps(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path) -> None:

@@ -42,6 +42,17 @@ def test_certificate_user_reaches_backend_as_themselves(lab: LabLayout, gateway:
     assert "Cmd=Sync" in echo["query"]
 
 
+def test_mit_tickets_state_no_account_and_are_served_as_before(lab: LabLayout, gateway: Gateway) -> None:
+    """MIT's KDC names no account in its tickets (no UPN_DNS_INFO): the KDC-account check compares nothing, the
+    user is served, and the summary line says the account was not stated."""
+    body, code = _split(curl(lab, gateway.url + "/owa/", "carol").stdout)
+    assert code == 200, body
+    assert json.loads(body)["principal"] == "carol@LAB.TEST"
+    line = gateway.wait_event("request", upn="carol@lab.test")
+    assert line["kdc_account"].startswith("not stated")
+    assert not gateway.events("kdc_account_mismatch")
+
+
 def test_each_user_is_delegated_as_their_own_principal(lab: LabLayout, gateway: Gateway) -> None:
     """Different certificates on different connections become different principals at the backend."""
     for user in USERS:

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +26,7 @@ import pytest
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.tls.proxy_protocol import V2_SIGNATURE
-from tests.integration.conftest import Gateway, client_context, free_port, start_gateway
+from tests.integration.conftest import Gateway, client_context, free_port, start_gateway, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +198,53 @@ def test_throttles_count_the_device_not_the_balancer(lab: LabLayout, balanced_ba
     assert _basic(lab, balanced_basic, "203.0.113.6", "carol@lab.test") == 401
     throttled = events(balanced_basic, "authentication_throttled")
     assert any("from 203.0.113.5" in str(e.get("fix")) for e in throttled), throttled
+
+
+def _refusals(admin: str) -> dict[str, float]:
+    """`kcd_refusals_total{stage="proxy_protocol"}` by reason, scraped from /metrics."""
+    with urllib.request.urlopen(admin + "/metrics", timeout=10) as r:  # noqa: S310  loopback
+        text = r.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("kcd_refusals_total{") and 'stage="proxy_protocol"' in line:
+            labels, _, value = line.rpartition(" ")
+            found[labels.split('reason="', 1)[1].split('"', 1)[0]] = float(value)
+    return found
+
+
+def test_refused_proxy_headers_are_counted_by_reason(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each PROXY refusal, like a refused handshake, is counted in kcd_refusals_total{stage="proxy_protocol"} by
+    a bounded reason: a connection from an untrusted address, a malformed header (a device's ClientHello, a
+    request line), a connection that ends inside the header; the devices' addresses are never labels."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    admin_port = free_port()
+    text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    gw = start_gateway(lab, tmp_path_factory.mktemp("counted"), text + f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    try:
+        wait_port(admin_port, gw.proc)
+        admin = f"http://127.0.0.1:{admin_port}"
+        before = _refusals(admin)  # start_gateway's readiness probe connected and left: an incomplete header
+        logged = len(gw.events("proxy_header_refused"))
+        with pytest.raises((ConnectionError, OSError)):
+            through(lab, gw, v2_header("203.0.113.66", 40003), source="127.0.0.2")
+        for garbage in (b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+                raw.sendall(garbage)
+                assert raw.recv(1) == b""  # closed, never answered
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+            raw.sendall(b"PROXY TCP4 198.51.100.9 ")
+            raw.shutdown(socket.SHUT_WR)
+            assert raw.recv(1) == b""
+        deadline = time.monotonic() + 20
+        want = {"untrusted_peer": 1.0, "malformed_header": 2.0, "incomplete_header": 1.0}
+
+        def counted() -> dict[str, float]:
+            after = _refusals(admin)
+            return {reason: after[reason] - before.get(reason, 0.0) for reason in after}
+
+        while (got := counted()) != want and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert got == want
+        assert len(gw.events("proxy_header_refused")) - logged == 4
+    finally:
+        gw.stop()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,9 +45,14 @@ CA_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
 def certificate(
-    *, sid: Sid | None = None, serial: int = 0x123456, extensions: list[x509.ExtensionType] | None = None
+    *,
+    sid: Sid | None = None,
+    serial: int = 0x123456,
+    extensions: list[x509.ExtensionType] | None = None,
+    urls: tuple[str, ...] = (),
 ) -> x509.Certificate:
-    """A user certificate for alice@ad.test signed by the unit CA, with the SID extension when `sid` is given."""
+    """A user certificate for alice@ad.test signed by the unit CA, with the SID extension when `sid` is given
+    and `urls` as subjectAltName URIs."""
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         x509.CertificateBuilder()
@@ -56,7 +63,13 @@ def certificate(
         .not_valid_before(NOW - timedelta(days=1))
         .not_valid_after(NOW + timedelta(days=30))
         .add_extension(
-            x509.SubjectAlternativeName([upn_other_name("alice@ad.test"), x509.RFC822Name("alice@ad.test")]),
+            x509.SubjectAlternativeName(
+                [
+                    upn_other_name("alice@ad.test"),
+                    x509.RFC822Name("alice@ad.test"),
+                    *(x509.UniformResourceIdentifier(url) for url in urls),
+                ]
+            ),
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -396,3 +409,87 @@ def test_no_account_is_refused_in_strong_and_weak_in_audit() -> None:
     mapping = no_account("ghost@ad.test", "DC=ad,DC=test", "strong-or-audit")
     assert (mapping.rule, mapping.weak, mapping.principal) == ("weak-audit", True, "")
     assert "principal" not in mapping.as_facts()
+
+
+# -- the SID as a subjectAltName URL (tag:microsoft.com,2022-09-14:sid:<SID>) ---------------------------------
+
+
+def sid_url(sid: Sid | str) -> str:
+    return f"tag:microsoft.com,2022-09-14:sid:{sid}"
+
+
+def test_the_sid_url_alone_maps_the_certificate() -> None:
+    """A certificate whose SID is only in a subjectAltName URL is admitted by it, rule sid-url."""
+    cert = certificate(urls=("https://intranet.ad.test/", sid_url(ALICE_SID)))
+    assert certificate_sid(cert) == ALICE_SID
+    mapping = decide(cert, account(), "strong", "AD.TEST")
+    assert (mapping.rule, mapping.detail, mapping.principal) == ("sid-url", str(ALICE_SID), "alice@AD.TEST")
+
+
+def test_a_sid_url_of_another_account_is_refused_in_both_modes() -> None:
+    """alice's UPN with the administrator's SID as a URL: the same refusal as the extension's, audit or not."""
+    for mode in ("strong", "strong-or-audit"):
+        with pytest.raises(MappingRefused, match="SID of another account") as refused:
+            decide(certificate(urls=(sid_url(ADMIN_SID),)), account(), mode)
+        assert str(ADMIN_SID) in (refused.value.hint or "")
+
+
+def test_the_extension_and_the_url_that_disagree_are_refused() -> None:
+    """The SID extension names alice, the URL the administrator: refused whichever matches the account."""
+    cert = certificate(sid=ALICE_SID, urls=(sid_url(ADMIN_SID),))
+    with pytest.raises(MappingRefused, match="two different SIDs") as refused:
+        decide(cert, account(), "strong-or-audit")
+    hint = refused.value.hint or ""
+    assert str(ALICE_SID) in hint
+    assert str(ADMIN_SID) in hint
+
+
+def test_the_extension_and_the_url_that_agree_are_the_extension() -> None:
+    """Both forms naming alice's SID: admitted, rule sid-extension, the detail says both were read."""
+    mapping = decide(certificate(sid=ALICE_SID, urls=(sid_url(ALICE_SID),)), account(), "strong")
+    assert mapping.rule == "sid-extension"
+    assert "subjectAltName URL" in mapping.detail
+
+
+@pytest.mark.parametrize(
+    "urls",
+    [
+        (sid_url("S-1-5-21-1-2-x"),),
+        (sid_url(" S-1-5-21-1-2-3"),),
+        (sid_url("S-1-5-21-1-2-3") + "?x",),
+        (sid_url("S-2-5-21-1-2-3"),),
+        (sid_url(ALICE_SID), sid_url(ALICE_SID)),
+        ("TAG:Microsoft.com,2022-09-14:SID:S-1-5-21-1-2-",),
+    ],
+    ids=["not digits", "space", "query", "revision 2", "two URLs", "other case, bad SID"],
+)
+def test_malformed_sid_urls_are_refused(urls: tuple[str, ...]) -> None:
+    """A SID URL that is not exactly one well-formed SID is refused as unreadable, never skipped."""
+    with pytest.raises(MappingRefused, match="cannot be read"):
+        decide(certificate(urls=urls), account(), "strong-or-audit")
+
+
+def test_the_prefix_is_matched_without_regard_to_case() -> None:
+    """Windows reads the tag URI case-insensitively: so does the gateway (a SID it ignored would go unchecked)."""
+    assert certificate_sid(certificate(urls=(f"TAG:MICROSOFT.COM,2022-09-14:SID:{ALICE_SID}",))) == ALICE_SID
+
+
+def test_a_sid_url_written_by_the_openssl_cli_is_read(tmp_path: Path) -> None:
+    """`URI.1 = tag:microsoft.com,...` in an openssl CLI section (the inline form splits at its comma): the SID an
+    outside CA tool writes is read."""
+    key, pem, conf = tmp_path / "k.pem", tmp_path / "c.pem", tmp_path / "req.cnf"
+    conf.write_text(
+        "[req]\ndistinguished_name = dn\nx509_extensions = ext\nprompt = no\n[dn]\nCN = alice\n"
+        "[ext]\nsubjectAltName = @alt\n"
+        f"[alt]\notherName.1 = 1.3.6.1.4.1.311.20.2.3;UTF8:alice@ad.test\nURI.1 = {sid_url(ALICE_SID)}\n"
+    )
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"),
+            *("-keyout", str(key), "-out", str(pem), "-config", str(conf), "-days", "1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    cert = x509.load_pem_x509_certificate(pem.read_bytes())
+    assert certificate_sid(cert) == ALICE_SID

@@ -141,6 +141,7 @@ async def _gate(
     recorder = _Recorder()
     handed: list[object] = []
     given_back: list[None] = []
+    counted: list[str] = []
 
     def factory() -> asyncio.Protocol:
         return proxy_protocol.ProxyHeaderGate(
@@ -148,6 +149,7 @@ async def _gate(
             header_timeout,
             lambda: recorder,  # type: ignore[arg-type,return-value]
             lambda: given_back.append(None),
+            counted.append,
         )
 
     loop = asyncio.get_running_loop()
@@ -170,7 +172,9 @@ async def _gate(
         server.close()
         await server.wait_closed()
     handed.extend(recorder.handed)
-    return handed, [f"{e['event']}: {e.get('reason', '')}" for e in logs], len(given_back)
+    for kind in counted:  # what the metrics counted is what the log says, one for one
+        assert any(e.get("refusal") == kind for e in logs), (kind, logs)
+    return handed, [f"{e['event']} ({e.get('refusal')}): {e.get('reason', '')}" for e in logs], len(given_back)
 
 
 def test_gate_hands_the_device_and_its_first_bytes_to_tls() -> None:
@@ -185,7 +189,7 @@ def test_gate_closes_connections_from_elsewhere_before_reading() -> None:
     """A well-formed header from an address not in trusted_proxies: closed and logged, nothing handed on."""
     handed, logs, given_back = asyncio.run(_gate("192.0.2.0/24", 5, [v2() + CLIENT_HELLO], 0))
     assert handed == []
-    assert logs == ["proxy_header_refused: connection from an address not in listener.trusted_proxies"]
+    assert logs == ["proxy_header_refused (untrusted_peer): connection from an address not in listener.trusted_proxies"]
     assert given_back == 1
 
 
@@ -193,7 +197,7 @@ def test_gate_closes_a_connection_that_starts_with_tls() -> None:
     """From the balancer's own address but without a header (a direct TLS connection): closed, logged."""
     handed, logs, given_back = asyncio.run(_gate("127.0.0.1/32", 5, [CLIENT_HELLO], 0))
     assert handed == []
-    assert logs == ["proxy_header_refused: no PROXY header: the connection began with b'\\x16'"]
+    assert logs == ["proxy_header_refused (malformed_header): no PROXY header: the connection began with b'\\x16'"]
     assert given_back == 1
 
 
@@ -203,7 +207,7 @@ def test_gate_cuts_a_slow_sender_at_the_timeout() -> None:
     dribble = [header[i : i + 1] for i in range(len(header))]
     handed, logs, given_back = asyncio.run(_gate("127.0.0.1/32", 0.5, dribble, 0.1))
     assert handed == []
-    assert logs == ["proxy_header_refused: no complete PROXY header within 0.5 s"]
+    assert logs == ["proxy_header_refused (header_timeout): no complete PROXY header within 0.5 s"]
     assert given_back == 1
 
 
@@ -211,5 +215,5 @@ def test_gate_refuses_a_header_cut_short() -> None:
     """The connection ends mid-header: refused and logged."""
     handed, logs, given_back = asyncio.run(_gate("127.0.0.1/32", 5, [v2()[:20]], 0, eof=True))
     assert handed == []
-    assert logs == ["proxy_header_refused: the connection ended before a complete PROXY header"]
+    assert logs == ["proxy_header_refused (incomplete_header): the connection ended before a complete PROXY header"]
     assert given_back == 1

@@ -230,7 +230,8 @@ def test_the_mapping_stage_shows_between_identity_and_kerberos() -> None:
     assert [s["name"] for s in record["stages"]] == list(STAGES)
     mapping = next(s for s in record["stages"] if s["name"] == "mapping")
     assert (mapping["rule"], mapping["sid"], mapping["weak"]) == ("sid-extension", "S-1-5-21-1-2-3-1105", False)
-    assert "sid-extension: CN=alice,CN=Users,DC=ad,DC=test (S-1-5-21-1-2-3-1105)" in render_text([record])
+    words = "SID extension is the objectSid of account CN=alice,CN=Users,DC=ad,DC=test (S-1-5-21-1-2-3-1105)"
+    assert words in render_text([record])  # explain's words (proxy.identity.mapping.describe), not a second wording
 
     refused = Trace()
     refused.ms.update({"tls": 0.1, "certificate": 0.2, "revocation": 0.1, "identity": 0.05, "mapping": 0.3})

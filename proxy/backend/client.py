@@ -1,0 +1,711 @@
+"""The backend client: HTTP/1.1 to an upstream, one exchange at a time on a connection of one user.
+
+Theory of operation
+-------------------
+This replaces aiohttp's `ClientSession` behind `proxy.backend.forward` with what that one job needs
+(docs/performance.md: the general client was 45% of the gateway's busy thread). A `UserPool` is one
+user's connections: per upstream, a deque of idle `BackendConnection`s, at most `LIMIT_PER_UPSTREAM`
+open at once (more requests wait for one), an idle one closed after `KEEPALIVE_SECONDS`. A connection
+never leaves the pool it was opened for, so it never carries two users. There are no tracing hooks, no
+cookie jar, no URL parsing per request: the request head is one string join of what the caller hands
+over (`Exchange.send`), the target as the gateway read it (`proxy.target`).
+
+A `BackendConnection` is one asyncio `Protocol` per TCP or TLS connection. The answer is parsed by llhttp
+(`httptools`) with none of its leniencies, and refused (the connection is closed; the request gets a 502,
+or, once the answer has begun, the device's connection is cut) when it is:
+- not HTTP/1.x, or a head over `MAX_HEAD_BYTES` or with more than `MAX_HEAD_FIELDS` fields;
+- framed two ways (Content-Length and Transfer-Encoding), with two Content-Lengths, or with a chunk size
+  that is not hexadecimal (llhttp's own checks);
+- a `101 Switching Protocols` (the gateway never asks for an upgrade), a second answer to one request,
+  a body after the answer to HEAD, or any byte while no request is outstanding.
+Interim answers (100, 102, 103) are read and dropped, as aiohttp did. HEAD answers and 204/304 have no
+body whatever their Content-Length says; an answer with neither Content-Length nor chunked ends when
+the backend closes the connection (and the connection is not reused).
+
+Flow control. The answer's body is buffered up to `BUFFER_HIGH` bytes; past that the connection stops
+reading from the backend until the device has taken what is buffered. The request body goes out at the
+pace the backend takes it (`drain` waits while the transport's buffer is full).
+
+Timeouts. The route's `read_timeout` is armed once the request has been sent whole, runs while the
+gateway waits for the backend's next bytes, and stops while reading is paused for a slow device (that
+wait is the device's, bounded by `client_send_timeout`) and once the answer is complete. The
+connection itself is bounded by `connect_timeout` (TCP and TLS handshake), as with aiohttp's `sock_connect`.
+
+Reuse. A connection goes back to its pool only when its answer was complete, framed by length or chunks,
+the request was sent whole, and neither side asked to close. A pooled connection the backend has
+closed meanwhile is found dead when taken, or fails before any byte of the answer: `BackendClosed` with
+`answered` False, which `proxy.backend.forward` retries once, on a new connection, for an idempotent
+method whose body (if any) was not read yet (RFC 9112, 9.3.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+MAX_HEAD_BYTES = 64 * 1024  # status line and header fields of one answer (interim answers included)
+MAX_HEAD_FIELDS = 256
+BUFFER_HIGH = 256 * 1024  # answer bytes held for the device before reading from the backend pauses
+KEEPALIVE_SECONDS = 30.0  # an idle pooled connection is closed after this (aiohttp's keepalive_timeout)
+LIMIT_PER_UPSTREAM = 32  # connections of one user to one upstream (aiohttp's limit_per_host)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110, 9.2.2
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 added when bodiless
+
+
+class BackendProtocolError(Exception):
+    """The backend's bytes are not a valid HTTP/1.1 answer to the request that was sent."""
+
+
+class BackendClosed(ConnectionError):
+    """The backend closed the connection before its answer was complete.
+
+    `answered` says whether any byte of the answer had arrived (without one, nothing says the backend
+    processed the request)."""
+
+    def __init__(self, message: str, *, answered: bool) -> None:
+        super().__init__(message)
+        self.answered = answered
+
+
+class ReadTimeout(TimeoutError):
+    """No byte from the backend within the route's read_timeout."""
+
+
+@dataclass(frozen=True, eq=False)
+class Upstream:
+    """Where a route's requests go, read once from its configuration (`Pools.upstream`).
+
+    Compared by identity: it is the key of a user's pool, one per route."""
+
+    host: str
+    port: int
+    authority: str  # the Host header the backend gets unless the route preserves the device's
+    tls: ssl.SSLContext | None
+    server_hostname: str | None  # https: the name sent as SNI and verified
+
+    @classmethod
+    def of(cls, upstream: str, tls: ssl.SSLContext | None, server_name: str | None) -> Upstream:
+        parts = urlsplit(upstream)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(host, port, parts.netloc, tls, (server_name or host) if tls is not None else None)
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+    content_length: int | None  # as the backend framed it; None when chunked or ended by close
+    chunked: bool
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")  # as aiohttp's parser decodes headers: bytes kept
+
+
+# The states of a connection's current exchange.
+_IDLE, _WAITING, _BODY, _DONE = range(4)
+
+
+class BackendConnection(asyncio.Protocol):
+    """One connection to a backend: writes a request, parses its answer, pauses and resumes both ways."""
+
+    __slots__ = (
+        "_body",
+        "_buffered",
+        "_drain",
+        "_error",
+        "_field_bytes",
+        "_fields",
+        "_head_bytes",
+        "_head_method",
+        "_interim",
+        "_keep_alive",
+        "_last_read",
+        "_loop",
+        "_parser",
+        "_read_timeout",
+        "_reading_paused",
+        "_reason",
+        "_sent",
+        "_spoiled",
+        "_state",
+        "_timer",
+        "_until_close",
+        "_waiter",
+        "_writing_paused",
+        "bound_spn",
+        "closed",
+        "complete",
+        "exchanges",
+        "head",
+        "idle_since",
+        "transport",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.exchanges = 0  # requests begun on this connection
+        self.bound_spn: str | None = None  # connection-bound routes: the SPN this connection's identity is for
+        self.idle_since = 0.0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._state = _IDLE
+        self._error: BaseException | None = None
+        self._spoiled = False  # the backend misbehaved after a complete answer: never reused
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._writing_paused = False
+        self._reading_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_timeout = 0.0
+        self._last_read = 0.0
+        self._sent = False
+        self._body: deque[bytes] = deque()
+        self._buffered = 0
+        self._head_method = False
+        self._interim = False
+        self._keep_alive = False
+        self._until_close = False
+        self._reason = b""
+        self._fields: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self._field_bytes = 0
+        self.head: ResponseHead | None = None
+        self.complete = False
+
+    # -- the exchange, as the caller sees it --------------------------------------------------------
+
+    def begin(self, method: str, read_timeout: float) -> None:
+        """A new request on this connection: a fresh parser and nothing received yet."""
+        self.exchanges += 1
+        self._parser = httptools.HttpResponseParser(self)
+        self._state = _WAITING
+        self._head_method = method == "HEAD"
+        self._read_timeout = read_timeout
+        self._sent = False
+        self._interim = self._keep_alive = self._until_close = False
+        self._reason = b""
+        self._fields = []
+        self._head_bytes = self._field_bytes = 0
+        self.head = None
+        self.complete = False
+
+    def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the backend does not take what was written (its socket buffer is full)."""
+        if self._error is not None:
+            raise self._error
+        if self._writing_paused:
+            self._drain = self._loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    def request_sent(self) -> None:
+        """The request is out whole: the read timeout starts."""
+        self._sent = True
+        if not self.complete and self._error is None:
+            self._last_read = self._loop.time()
+            self._arm(self._read_timeout)
+
+    async def response_head(self) -> ResponseHead:
+        """The answer's status and headers, once they are here. A failure already known when they are
+        (a bad chunk in the packet of the head, say) fails the answer before anything reaches the device."""
+        while self.head is None and self._error is None:
+            await self._wait()
+        if self._error is not None:
+            raise self._error
+        assert self.head is not None
+        return self.head
+
+    async def read(self) -> bytes:
+        """The answer's body bytes that have arrived (waiting for some); b"" once it is complete."""
+        while True:
+            if self._body:
+                data = b"".join(self._body) if len(self._body) > 1 else self._body[0]
+                self._body.clear()
+                self._buffered = 0
+                if self._reading_paused:
+                    self._resume_reading()
+                return data
+            if self.complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    def body(self) -> bytes:
+        """The whole body of a complete answer (the one-write path)."""
+        data = b"".join(self._body)
+        self._body.clear()
+        self._buffered = 0
+        return data
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the exchange ended so that another request can follow on this connection."""
+        return (
+            self._state == _DONE
+            and self._sent
+            and self._keep_alive
+            and not self._spoiled
+            and self._error is None
+            and not self.closed
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    def idle(self, now: float) -> None:
+        """Back in the pool: from now on any byte from the backend is a protocol error."""
+        self._state = _IDLE
+        self._parser = None
+        self.idle_since = now
+
+    @property
+    def usable(self) -> bool:
+        """Whether a pooled connection can carry another request (the backend may have closed it)."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def fail(self, error: BaseException) -> None:
+        """The exchange failed on the gateway's side (the request body): close and wake the reader."""
+        self._set_error(error)
+
+    def abort(self) -> None:
+        self._drop_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self._drop_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        state = self._state
+        if state in (_IDLE, _DONE):  # bytes while no request is outstanding: the next answer would be wrong
+            self._spoil()
+            return
+        self._last_read = self._loop.time()
+        if state == _WAITING:
+            self._head_bytes += len(data)
+        assert self._parser is not None
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            cause = e.__context__ if isinstance(e.__context__, BackendProtocolError) else None
+            self._set_error(cause or BackendProtocolError(f"malformed answer from the backend: {e}"))
+            return
+        if self._state == _WAITING and self._head_bytes > MAX_HEAD_BYTES:
+            self._set_error(BackendProtocolError(f"the backend's answer head is over {MAX_HEAD_BYTES} bytes"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._drop_timer()
+        if self._state == _BODY and self._until_close and exc is None:
+            self._message_complete()  # the answer framed by the end of the connection
+        elif self._state in (_WAITING, _BODY):
+            why = f": {exc}" if exc else ""
+            answered = self._state == _BODY or self._head_bytes > 0
+            message = f"the backend closed the connection before its answer ended{why}"
+            self._set_error(BackendClosed(message, answered=answered))
+        self._wake_drain(ConnectionResetError("the backend connection is closed"))
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_drain(None)
+
+    # -- llhttp's callbacks (httptools) ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._state == _DONE:
+            raise BackendProtocolError("a second answer to one request")
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._field_bytes += len(name) + len(value)
+        if self._field_bytes > MAX_HEAD_BYTES:
+            raise BackendProtocolError(f"the backend's answer head is over {MAX_HEAD_BYTES} bytes")
+        if len(self._fields) >= MAX_HEAD_FIELDS:
+            raise BackendProtocolError(f"the backend's answer has more than {MAX_HEAD_FIELDS} header fields")
+        self._fields.append((_text(name), _text(value)))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise BackendProtocolError("101 Switching Protocols to a request that asked for no upgrade")
+            self._interim = True  # 100, 102, 103: dropped; the answer follows
+            self._reason = b""
+            self._fields = []
+            return
+        headers: CIMultiDict[str] = CIMultiDict(self._fields)
+        chunked = headers.get("Transfer-Encoding", "").rsplit(",", 1)[-1].strip().lower() == "chunked"
+        length = headers.get("Content-Length")
+        bodyless = self._head_method or status in (204, 304)
+        self._until_close = not bodyless and length is None and not chunked
+        self._keep_alive = self._parser.should_keep_alive() and not self._until_close
+        self.head = ResponseHead(
+            status=status,
+            reason=_text(self._reason).strip(),
+            headers=headers,
+            content_length=int(length) if length is not None and not chunked else None,
+            chunked=chunked,
+        )
+        self._state = _BODY
+        if self._head_method:
+            self._message_complete()  # llhttp cannot be told it was HEAD: its Content-Length describes nothing
+        else:
+            self._wake()
+
+    def on_body(self, data: bytes) -> None:
+        if self.complete:
+            raise BackendProtocolError("a body after the answer to HEAD")
+        self._body.append(data)
+        self._buffered += len(data)
+        if self._buffered > BUFFER_HIGH and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+            self._drop_timer()  # the wait is the device's now
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if not self.complete:
+            self._message_complete()
+
+    # -- inside ---------------------------------------------------------------------------------------
+
+    def _message_complete(self) -> None:
+        self.complete = True
+        self._state = _DONE
+        self._wake()  # the read timer stays: when it fires it finds nothing to wait for (`_check_read`)
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            if self._sent and not self.complete:
+                self._last_read = self._loop.time()
+                self._arm(self._read_timeout)
+
+    async def _wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_drain(self, error: BaseException | None) -> None:
+        drain = self._drain
+        if drain is not None and not drain.done():
+            if error is None:
+                drain.set_result(None)
+            else:
+                drain.set_exception(error)
+
+    def _set_error(self, error: BaseException) -> None:
+        """The exchange fails (unless its answer was already complete) and the connection ends."""
+        if self._error is None and not self.complete:
+            self._error = error
+        self._spoiled = True
+        self._wake()
+        self._wake_drain(error)
+        self.abort()
+
+    def _spoil(self) -> None:
+        self._spoiled = True
+        self.abort()
+
+    def _arm(self, delay: float) -> None:
+        """The read timer fires `delay` seconds from now at the latest. A timer already due earlier is kept:
+        when it fires it waits the rest (`_check_read`), so a request on a kept-alive connection usually
+        schedules nothing."""
+        if not delay:
+            return
+        when = self._loop.time() + delay
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._check_read)
+
+    def _drop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_read(self) -> None:
+        """The read timer: bytes came since it was armed, so wait the rest; or none did, and the wait is over.
+
+        One timer per connection rather than one per read or per request: data_received only notes the time."""
+        self._timer = None
+        if not self._sent or self.complete or self._reading_paused or self._error is not None:
+            return  # no wait is running: the next one arms a timer of its own
+        waited = self._loop.time() - self._last_read
+        if waited < self._read_timeout:
+            self._arm(self._read_timeout - waited)
+            return
+        self._set_error(ReadTimeout(f"no bytes from the backend for {self._read_timeout:g} s"))
+
+
+async def connect(upstream: Upstream, within: float) -> BackendConnection:
+    """A new connection to the upstream, TCP and TLS handshake within `within` seconds."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(within):
+        _, connection = await loop.create_connection(
+            lambda: BackendConnection(loop),
+            upstream.host,
+            upstream.port,
+            ssl=upstream.tls,
+            server_hostname=upstream.server_hostname,
+            happy_eyeballs_delay=0.25,  # as aiohttp: a name with IPv6 and IPv4 addresses tries both
+        )
+    return connection
+
+
+class UserPool:
+    """One user's backend connections: per upstream, the idle ones (most recently used last) and a count
+    of all that are open, at most `limit` of them."""
+
+    def __init__(self, *, limit: int = LIMIT_PER_UPSTREAM, keepalive: float = KEEPALIVE_SECONDS) -> None:
+        self.closed = False
+        self._limit = limit
+        self._keepalive = keepalive
+        self._idle: dict[Upstream, deque[BackendConnection]] = {}
+        self._open: dict[Upstream, int] = {}
+        self._waiters: dict[Upstream, deque[asyncio.Future[None]]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+
+    async def acquire(self, upstream: Upstream, connect_timeout: float, *, fresh: bool = False) -> BackendConnection:
+        """An idle connection of this user to `upstream`, or a new one (`fresh`: always a new one)."""
+        while True:
+            idle = self._idle.get(upstream)
+            while idle and not fresh:
+                connection = idle.pop()  # the most recently used: the least likely to have been closed meanwhile
+                if connection.usable:
+                    return connection
+                self._gone(upstream)
+            if self._open.get(upstream, 0) < self._limit:
+                break
+            if idle:  # a new one is wanted and the idle ones take all the places: one of them makes room
+                idle.popleft().close()
+                self._gone(upstream)
+                continue
+            await self._wait_turn(upstream)
+        self._open[upstream] = self._open.get(upstream, 0) + 1
+        try:
+            return await connect(upstream, connect_timeout)
+        except BaseException:
+            self._gone(upstream)
+            raise
+
+    def release(self, upstream: Upstream, connection: BackendConnection) -> None:
+        """A connection whose exchange is over: back to the idle ones if it can carry another request."""
+        if self.closed or not connection.reusable:
+            self.discard(upstream, connection)
+            return
+        loop = asyncio.get_running_loop()
+        connection.idle(loop.time())
+        self._idle.setdefault(upstream, deque()).append(connection)
+        if self._sweep is None:
+            self._sweep = loop.call_later(self._keepalive, self._close_stale)
+        self._wake(upstream)
+
+    def unused(self, upstream: Upstream, connection: BackendConnection) -> None:
+        """A connection taken but not written to (the request stopped before): back as it was."""
+        if self.closed or not connection.usable:
+            self.discard(upstream, connection)
+            return
+        self._idle.setdefault(upstream, deque()).append(connection)
+        self._wake(upstream)
+
+    def discard(self, upstream: Upstream, connection: BackendConnection) -> None:
+        connection.abort()
+        self._gone(upstream)
+
+    def close(self) -> None:
+        """Close the idle connections; busy ones are closed as their exchanges end."""
+        self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
+
+    def _gone(self, upstream: Upstream) -> None:
+        self._open[upstream] -= 1
+        self._wake(upstream)
+
+    async def _wait_turn(self, upstream: Upstream) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(upstream, deque()).append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake(upstream)  # the turn handed to this one goes to the next
+            raise
+
+    def _wake(self, upstream: Upstream) -> None:
+        waiters = self._waiters.get(upstream)
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _close_stale(self) -> None:
+        """Close connections idle for `keepalive` seconds; look again while some are left."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        left = False
+        for upstream, idle in self._idle.items():
+            while idle and (now - idle[0].idle_since >= self._keepalive or not idle[0].usable):
+                idle.popleft().close()
+                self._gone(upstream)
+            left = left or bool(idle)
+        if left:
+            self._sweep = loop.call_later(self._keepalive, self._close_stale)
+
+
+class Exchange:
+    """One request on one connection of a user's pool: the head written in one write, the body streamed
+    (at the backend's pace) while the answer is read, the connection handed back or closed at the end."""
+
+    __slots__ = ("_writer", "connection", "pool", "reused", "upstream")
+
+    def __init__(self, pool: UserPool, upstream: Upstream, connection: BackendConnection) -> None:
+        self.pool = pool
+        self.upstream = upstream
+        self.connection = connection
+        self.reused = connection.exchanges > 0
+        self._writer: asyncio.Task[None] | None = None
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | None,
+        read_timeout: float,
+    ) -> ResponseHead:
+        """Write the request and wait for the answer's head."""
+        connection = self.connection
+        length = headers.get("Content-Length")
+        chunked = body is not None and length is None
+        connection.begin(method, read_timeout)
+        connection.write(request_head(method, target, headers, self.upstream.authority, chunked=chunked))
+        if body is None:
+            connection.request_sent()
+        else:
+            expected = None if chunked or length is None else int(length)
+            self._writer = asyncio.get_running_loop().create_task(self._send_body(body, chunked, expected))
+        return await connection.response_head()
+
+    async def _send_body(self, body: AsyncIterable[bytes], chunked: bool, expected: int | None) -> None:
+        try:
+            await self._write_body(body, chunked, expected)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001  the reader of the answer raises it
+            self.connection.fail(e)
+
+    async def _write_body(self, body: AsyncIterable[bytes], chunked: bool, expected: int | None) -> None:
+        connection = self.connection
+        sent = 0
+        async for chunk in body:
+            sent += len(chunk)
+            if expected is not None and sent > expected:
+                raise BackendProtocolError("the request body is longer than its Content-Length")
+            connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await connection.drain()
+        if chunked:
+            connection.write(b"0\r\n\r\n")
+        elif expected is not None and sent != expected:
+            raise BackendProtocolError("the request body ended before its Content-Length")
+        connection.request_sent()
+
+    @property
+    def body_pending(self) -> bool:
+        return self._writer is not None and not self._writer.done()
+
+    def finish(self, *, reuse: bool = True) -> None:
+        """The exchange is over: the connection back to the pool if it can carry another request, else closed.
+
+        A request body still being sent (the backend answered before taking it all) means the connection
+        is mid-request: closed."""
+        if self.body_pending:
+            assert self._writer is not None
+            self._writer.cancel()
+            reuse = False
+        if reuse:
+            self.pool.release(self.upstream, self.connection)
+        else:
+            self.pool.discard(self.upstream, self.connection)
+
+    async def abandon(self) -> None:
+        """Close the connection and wait until the body's sender has stopped reading the device's body."""
+        writer = self._writer
+        self.finish(reuse=False)
+        if writer is not None:
+            await asyncio.gather(writer, return_exceptions=True)
+
+
+def request_head(method: str, target: str, headers: CIMultiDict[str], authority: str, *, chunked: bool) -> bytes:
+    """The request line and header fields, Host first (RFC 9112, 3.2), as one bytes object.
+
+    Refuses CR, LF and NUL anywhere in a name or value: nothing a device or a configuration sent can add a
+    header field or a request of its own."""
+    host = headers.get("Host", authority)
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    for name, value in headers.items():
+        if len(name) == 4 and name.lower() == "host":
+            continue
+        lines.append(f"{name}: {value}\r\n")
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    elif method not in _NO_BODY_METHODS and "Content-Length" not in headers:
+        lines.append("Content-Length: 0\r\n")  # as aiohttp: a POST without a body says so
+    lines.append("\r\n")
+    text = "".join(lines)
+    if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1 or "\x00" in text:
+        raise BackendProtocolError("a request header field holds CR, LF or NUL")
+    return text.encode("utf-8", "surrogateescape")

@@ -1,0 +1,400 @@
+"""A hostile or broken backend against the gateway's backend client: a raw asyncio server scripted per test
+sends answers byte by byte as written here, and a real aiohttp device goes through `forward` in front.
+
+What is pinned: an answer that is not one well-framed HTTP/1.1 answer to the request sent is never passed
+on as if it were (502 before anything reached the device, the device's connection cut after), and a
+connection that misbehaved is never used for the next request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.backend.forward import Pools, forward
+from proxy.config import Route
+from proxy.errors import GatewayError
+
+Serve = Callable[["Conn"], Awaitable[None]]
+HINTS: list[str] = []  # the log hints of the refusals, latest last
+
+
+@dataclass
+class Conn:
+    """One backend connection as the script sees it."""
+
+    number: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    requests: list[bytes]
+
+    async def request(self) -> bytes:
+        """The next request's head and its Content-Length body (b"" when the gateway closed instead)."""
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return b""
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await self.reader.readexactly(length) if length else b""
+        self.requests.append(head + body)
+        return head + body
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+@dataclass
+class Backend:
+    serve: Serve
+    conns: list[Conn] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Conn(len(self.conns) + 1, reader, writer, [])
+        self.conns.append(conn)
+        try:
+            await self.serve(conn)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def ok(body: bytes, *extra: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%b\r\n%b" % (len(body), b"".join(extra), body)
+
+
+@dataclass
+class Outcome:
+    status: int | None  # None: the device's connection was cut
+    body: bytes
+    headers: dict[str, str]
+
+
+@asynccontextmanager
+async def gateway(serve: Serve, scheme: str = "http", **route_options: object) -> AsyncIterator[tuple[str, Backend]]:
+    """The scripted backend and, in front of it, a minimal gateway that forwards as alice."""
+    backend = Backend(serve)
+    server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    route = Route(prefix="/", upstream=f"{scheme}://127.0.0.1:{port}", spn="HTTP/cas.lab.test", **route_options)  # type: ignore[arg-type]
+    pools = Pools([route])
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            response, _ = await forward(request, route, pools, "alice@LAB.TEST", "Negotiate dG9rZW4=")
+        except GatewayError as e:
+            HINTS.append(e.hint or "")
+            return web.Response(status=e.status, text=e.reason)  # as the gateway: the hint is for the log
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", backend
+    finally:
+        await pools.close()
+        await runner.cleanup()
+        server.close()
+
+
+async def ask(session: aiohttp.ClientSession, url: str, method: str = "GET", data: bytes | None = None) -> Outcome:
+    try:
+        async with session.request(method, url, data=data) as r:
+            body = await r.read()
+            return Outcome(r.status, body, dict(r.headers))
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        return Outcome(None, b"", {})
+
+
+def run(
+    serve: Serve, *requests: tuple[str, str], scheme: str = "http", **route_options: object
+) -> tuple[list[Outcome], Backend]:
+    """The requests one after another from one device (its own keep-alive connection)."""
+
+    async def case() -> tuple[list[Outcome], Backend]:
+        async with gateway(serve, scheme, **route_options) as (url, backend):
+            async with aiohttp.ClientSession() as session:
+                outcomes = [await ask(session, url + path, method) for method, path in requests]
+            return outcomes, backend
+
+    return asyncio.run(asyncio.wait_for(case(), 30))
+
+
+def answering(*answers: bytes) -> Serve:
+    """A backend whose n-th request (on whichever connection) gets the n-th of `answers`; it keeps
+    connections open until the gateway closes them."""
+    left = list(answers)
+
+    async def serve(conn: Conn) -> None:
+        while await conn.request():
+            if not left:
+                return
+            await conn.send(left.pop(0))
+
+    return serve
+
+
+# -- framing the backend cannot be trusted with --------------------------------------------------------
+
+
+BAD = [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", "both"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello", "two lengths"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello", "negative length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", "bad chunk size"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n", "negative chunk size"),
+    (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n", "obs-fold"),
+    (b"HTTP/1.1 200 OK\nContent-Length: 0\n\n", "bare LF"),
+    (b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 0\r\n\r\n", "space in a name"),
+    (b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", "four-digit status"),
+    (b"hello, this is not HTTP\r\n\r\n", "HTTP/0.9 or garbage"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "unasked upgrade"),
+]
+
+
+@pytest.mark.parametrize(("answer", "why"), BAD, ids=[why for _, why in BAD])
+def test_badly_framed_answers_are_502_and_the_connection_is_not_reused(answer: bytes, why: str) -> None:
+    """An answer framed two ways, with a bad length or chunk size, folded or LF-only lines, a status that
+    is not one, or an upgrade nobody asked for: the device gets 502 with nothing of it, and the next
+    request goes on a new backend connection."""
+    outcomes, backend = run(answering(answer, ok(b"fine")), ("GET", "/a"), ("GET", "/b"))
+    first, second = outcomes
+    assert first.status == 502, (why, first)
+    assert b"hello" not in first.body
+    assert (second.status, second.body) == (200, b"fine"), why
+    assert [len(c.requests) for c in backend.conns][-1] == 1  # the second request found a new connection
+
+
+def test_an_over_long_answer_head_is_502() -> None:
+    """A backend whose header block never ends (here 70 KiB of fields) is refused at 64 KiB: 502."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    answer = head + b"".join(b"X-F%d: %b\r\n" % (i, b"b" * 1000) for i in range(70)) + b"Content-Length: 0\r\n\r\n"
+    (outcome,), _ = run(answering(answer), ("GET", "/a"))
+    assert outcome.status == 502
+    assert "65536 bytes" in HINTS[-1]  # the log's hint names the limit
+
+
+def test_too_many_header_fields_is_502() -> None:
+    """More than 256 header fields in one answer: 502."""
+    answer = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-F%d: 1\r\n" % i for i in range(300)) + b"Content-Length: 0\r\n\r\n"
+    (outcome,), _ = run(answering(answer), ("GET", "/a"))
+    assert outcome.status == 502
+
+
+def test_a_body_that_breaks_after_the_head_cuts_the_device() -> None:
+    """The head was fine and went to the device, then a chunk size is garbage: the device's connection is
+    cut (it can tell the answer is incomplete), and the backend connection is not reused."""
+
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await asyncio.sleep(0.3)
+        await conn.send(b"zz\r\nworld\r\n0\r\n\r\n")
+        await conn.request()
+
+    (outcome,), backend = run(serve, ("GET", "/a"))
+    assert outcome.status is None
+    assert len(backend.conns) == 1
+
+
+def test_a_length_delimited_body_cut_short_cuts_the_device() -> None:
+    """The backend promises 100 bytes and closes after 5: the device's connection is cut, not ended as if whole."""
+
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        await asyncio.sleep(0.3)
+        await conn.send(b"hello")
+
+    (outcome,), _ = run(serve, ("GET", "/a"))
+    assert outcome.status is None
+
+
+# -- answers to requests that were not sent -----------------------------------------------------------
+
+
+def test_a_second_answer_to_one_request_never_reaches_the_next_request() -> None:
+    """A backend that sends two answers for one request (a desync, or a smuggled answer): the first goes to
+    its request; the second is never read as the answer to the next request, which gets its own."""
+    smuggled = ok(b"first") + ok(b"SMUGGLED")
+    outcomes, backend = run(answering(smuggled, ok(b"second")), ("GET", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"first"), (200, b"second")]
+    assert len(backend.conns) == 2
+
+
+def test_bytes_on_an_idle_connection_end_it() -> None:
+    """Bytes a backend sends on a pooled connection while no request is outstanding are no answer to
+    anything: that connection is closed and the next request gets a new one and its own answer."""
+
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(ok(b"first"))
+        await asyncio.sleep(0.2)
+        await conn.send(ok(b"SMUGGLED"))
+        await conn.request()
+
+    async def case() -> tuple[list[Outcome], Backend]:
+        async with gateway(serve) as (url, backend), aiohttp.ClientSession() as session:
+            first = await ask(session, url + "/a")
+            for _ in range(100):  # until the backend's unsolicited bytes have arrived
+                if len(backend.conns[0].requests) == 1 and backend.conns[0].writer.transport.is_closing():
+                    break
+                await asyncio.sleep(0.05)
+            second = await ask(session, url + "/b")
+            return [first, second], backend
+
+    outcomes, backend = asyncio.run(asyncio.wait_for(case(), 30))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"first"), (200, b"first")]
+    assert len(backend.conns) == 2
+
+
+def test_a_body_after_the_answer_to_head_ends_the_connection() -> None:
+    """HEAD's answer says Content-Length: 5 and (wrongly) sends 5 bytes: the HEAD answer reaches the device
+    with its length and no body, and those bytes are not read as the next request's answer."""
+    outcomes, backend = run(
+        answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", ok(b"second")), ("HEAD", "/a"), ("GET", "/b")
+    )
+    head, get = outcomes
+    assert (head.status, head.body, head.headers["Content-Length"]) == (200, b"", "5")
+    assert (get.status, get.body) == (200, b"second")
+    assert len(backend.conns) == 2
+
+
+def test_head_answers_keep_the_connection() -> None:
+    """A well-behaved HEAD answer (a Content-Length, no body) leaves the connection usable for the next request."""
+    outcomes, backend = run(
+        answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", ok(b"second")), ("HEAD", "/a"), ("GET", "/b")
+    )
+    assert [(o.status, o.body) for o in outcomes] == [(200, b""), (200, b"second")]
+    assert len(backend.conns) == 1
+
+
+# -- framings that are fine ----------------------------------------------------------------------------
+
+
+def test_interim_answers_are_dropped_and_the_final_one_passes() -> None:
+    """100 Continue and 103 Early Hints before the answer are read and dropped; the answer itself passes."""
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+    (outcome,), _ = run(answering(interim + ok(b"final")), ("GET", "/a"))
+    assert (outcome.status, outcome.body) == (200, b"final")
+
+
+def test_an_answer_ended_by_close_passes_whole_and_is_not_reused() -> None:
+    """An answer with neither Content-Length nor chunked ends when the backend closes: the device gets all
+    of it, and the next request opens a new connection."""
+
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
+        await asyncio.sleep(0.2)
+        await conn.send(b"part two")
+
+    outcomes, backend = run(serve, ("GET", "/a"), ("GET", "/b"))
+    assert (outcomes[0].status, outcomes[0].body) == (200, b"part one, part two")
+    assert outcomes[1].status == 200
+    assert len(backend.conns) == 2
+
+
+def test_chunked_answers_with_extensions_and_trailers_pass() -> None:
+    """Chunk extensions and a trailer section are valid framing: the body passes whole."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n"
+    outcomes, backend = run(answering(answer, ok(b"again")), ("GET", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"hello"), (200, b"again")]
+    assert len(backend.conns) == 1
+
+
+# -- a pooled connection the backend closed meanwhile ----------------------------------------------------
+
+
+def closes_after_first() -> Serve:
+    """Answers the first request, then reads the next one and closes without a byte (a keep-alive race)."""
+
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+        if conn.number == 1:
+            await conn.send(ok(b"first"))
+            await conn.request()
+            return
+        await conn.send(ok(b"retried"))
+        await conn.request()
+
+    return serve
+
+
+def test_an_idempotent_request_is_retried_once_on_a_new_connection() -> None:
+    """A GET on a pooled connection the backend closes without answering goes again, on a new connection."""
+    outcomes, backend = run(closes_after_first(), ("GET", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"first"), (200, b"retried")]
+    assert [len(c.requests) for c in backend.conns] == [2, 1]
+
+
+def test_a_post_is_never_retried() -> None:
+    """A POST on a pooled connection the backend closes without answering is a 502: it may have been acted on."""
+    outcomes, backend = run(closes_after_first(), ("GET", "/a"), ("POST", "/b"))
+    assert outcomes[0].status == 200
+    assert outcomes[1].status == 502
+    assert len(backend.conns) == 1
+
+
+def test_a_new_connection_closed_without_an_answer_is_502() -> None:
+    """A backend that closes a new connection without answering: 502 (a retry would only double the load)."""
+
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+
+    (outcome,), backend = run(serve, ("GET", "/a"))
+    assert outcome.status == 502
+    assert len(backend.conns) == 1
+
+
+def test_a_read_timeout_before_the_head_is_504_and_after_it_cuts() -> None:
+    """read_timeout: silence before the head is a 504; silence in the middle of the body cuts the device."""
+
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+        if conn.number == 1:
+            await asyncio.sleep(5)
+            return
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await asyncio.sleep(5)
+
+    outcomes, _ = run(serve, ("GET", "/a"), ("GET", "/b"), read_timeout=0.5)
+    assert outcomes[0].status == 504
+    assert outcomes[1].status is None
+
+
+def test_a_tls_handshake_that_never_ends_is_bounded_by_connect_timeout() -> None:
+    """An https upstream that accepts the TCP connection and never answers the TLS handshake: connect_timeout
+    bounds the handshake too, and the device gets 504 in about that time."""
+
+    async def serve(conn: Conn) -> None:
+        await conn.reader.read()  # takes the ClientHello and says nothing
+
+    started = time.monotonic()
+    (outcome,), _ = run(serve, ("GET", "/a"), scheme="https", connect_timeout=0.5)
+    assert outcome.status == 504
+    assert time.monotonic() - started < 10
+    assert "connect_timeout=0.5 s" in HINTS[-1]
+
+
+def test_an_answer_that_says_connection_close_is_not_reused() -> None:
+    """`Connection: close` (or an HTTP/1.0 answer without keep-alive): the next request opens a new connection."""
+    close = ok(b"one", b"Connection: close\r\n")
+    old = b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\ntwo"
+    outcomes, backend = run(answering(close, old, ok(b"three")), ("GET", "/a"), ("GET", "/b"), ("GET", "/c"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"one"), (200, b"two"), (200, b"three")]
+    assert len(backend.conns) == 3

@@ -1,0 +1,116 @@
+"""The backend client's pure parts (the request head, the upstream read from a route) and its pool's
+bookkeeping against a loopback listener: places per upstream, idle connections closed after keep-alive."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.backend.client import BackendProtocolError, Upstream, UserPool, request_head
+
+
+def test_the_request_head_is_one_block_with_host_first() -> None:
+    """Request line, Host first (the device's when kept, else the upstream's), the rest in order, a blank line."""
+    headers = CIMultiDict([("Accept", "*/*"), ("Host", "mail.lab.test"), ("Authorization", "Negotiate YQ==")])
+    head = request_head("GET", "/owa/?a=1", headers, "127.0.0.1:8080", chunked=False)
+    assert head == (
+        b"GET /owa/?a=1 HTTP/1.1\r\nHost: mail.lab.test\r\nAccept: */*\r\nAuthorization: Negotiate YQ==\r\n\r\n"
+    )
+    assert request_head("GET", "/", CIMultiDict(), "cas:81", chunked=False) == b"GET / HTTP/1.1\r\nHost: cas:81\r\n\r\n"
+
+
+def test_the_body_framing_is_said() -> None:
+    """A body without a length goes chunked; a POST without a body says Content-Length: 0 (GET says nothing)."""
+    assert b"Transfer-Encoding: chunked\r\n" in request_head("POST", "/", CIMultiDict(), "h", chunked=True)
+    assert b"Content-Length: 0\r\n" in request_head("POST", "/", CIMultiDict(), "h", chunked=False)
+    assert b"Content-Length" not in request_head("GET", "/", CIMultiDict(), "h", chunked=False)
+    sized = request_head("PUT", "/", CIMultiDict([("Content-Length", "5")]), "h", chunked=False)
+    assert sized.count(b"Content-Length") == 1
+
+
+@pytest.mark.parametrize("bad", ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\x00b"])
+def test_no_field_can_add_a_line_of_its_own(bad: str) -> None:
+    """CR, LF or NUL in any value (or name) is refused before anything is written."""
+    with pytest.raises(BackendProtocolError):
+        request_head("GET", "/", CIMultiDict([("X-Value", bad)]), "h", chunked=False)
+    with pytest.raises(BackendProtocolError):
+        request_head("GET", "/", CIMultiDict([(bad, "v")]), "h", chunked=False)
+
+
+def test_upstreams_are_read_once_with_their_default_ports() -> None:
+    """Host, port (80/443 by default), the Host header, and for https the name verified (server_name or host)."""
+    plain = Upstream.of("http://cas.lab.test", None, None)
+    assert (plain.host, plain.port, plain.authority, plain.server_hostname) == (
+        "cas.lab.test",
+        80,
+        "cas.lab.test",
+        None,
+    )
+    tls = ssl.create_default_context()
+    secure = Upstream.of("https://[::1]:8443", tls, "cas.lab.test")
+    assert (secure.host, secure.port, secure.authority, secure.server_hostname) == (
+        "::1",
+        8443,
+        "[::1]:8443",
+        "cas.lab.test",
+    )
+    assert Upstream.of("https://10.0.0.5", tls, None).server_hostname == "10.0.0.5"
+    assert Upstream.of("https://10.0.0.5", tls, None).port == 443
+
+
+async def _listener() -> tuple[asyncio.Server, Upstream, list[asyncio.StreamWriter]]:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # until the client closes
+
+    server = await asyncio.start_server(keep, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, Upstream.of(f"http://127.0.0.1:{port}", None, None), accepted
+
+
+def test_a_user_has_at_most_limit_connections_per_upstream() -> None:
+    """Past the limit a request waits for one of the user's connections to come back, then gets a place."""
+
+    async def case() -> None:
+        server, upstream, _ = await _listener()
+        pool = UserPool(limit=1)
+        first = await pool.acquire(upstream, 5)
+        second = asyncio.ensure_future(pool.acquire(upstream, 5, fresh=True))
+        await asyncio.sleep(0.1)
+        assert not second.done()
+        pool.discard(upstream, first)
+        assert (await asyncio.wait_for(second, 5)) is not first
+        pool.close()
+        server.close()
+
+    asyncio.run(case())
+
+
+def test_idle_connections_close_after_keepalive() -> None:
+    """A connection handed back is kept for the next request, and closed once idle for `keepalive` seconds."""
+
+    async def case() -> None:
+        server, upstream, accepted = await _listener()
+        pool = UserPool(keepalive=0.2)
+        connection = await pool.acquire(upstream, 5)
+        connection.begin("GET", 0)
+        connection.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+        connection.request_sent()
+        pool.release(upstream, connection)
+        assert (await pool.acquire(upstream, 5)) is connection  # reused
+        pool.release(upstream, connection)
+        for _ in range(100):
+            if connection.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert connection.closed
+        assert len(accepted) == 1
+        pool.close()
+        server.close()
+
+    asyncio.run(case())
