@@ -45,6 +45,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -299,8 +300,8 @@ class BackendConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports (listener.event_loop) do not derive from asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -486,15 +487,19 @@ class BackendConnection(asyncio.Protocol):
 async def connect(upstream: Upstream, within: float) -> BackendConnection:
     """A new connection to the upstream, TCP and TLS handshake within `within` seconds."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(within):
-        _, connection = await loop.create_connection(
-            lambda: BackendConnection(loop),
-            upstream.host,
-            upstream.port,
-            ssl=upstream.tls,
-            server_hostname=upstream.server_hostname,
-            happy_eyeballs_delay=0.25,  # as aiohttp: a name with IPv6 and IPv4 addresses tries both
+
+    def protocol() -> BackendConnection:
+        return BackendConnection(loop)
+
+    tls, name = upstream.tls, upstream.server_hostname
+    if isinstance(loop, asyncio.BaseEventLoop):  # as aiohttp: a name with IPv6 and IPv4 addresses tries both
+        made = loop.create_connection(
+            protocol, upstream.host, upstream.port, ssl=tls, server_hostname=name, happy_eyeballs_delay=0.25
         )
+    else:  # uvloop (listener.event_loop): its create_connection has no happy_eyeballs_delay; addresses in turn
+        made = loop.create_connection(protocol, upstream.host, upstream.port, ssl=tls, server_hostname=name)
+    async with asyncio.timeout(within):
+        _, connection = await made
     return connection
 
 
