@@ -21,8 +21,9 @@ STAMP := .venv/.installed
 
 setup: debs $(STAMP)
 
-debs:
-	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+# Installs the missing ones of the packages named in $(1); no service is started meanwhile (policy-rc.d).
+define install_missing
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
 	  export DEBIAN_FRONTEND=noninteractive; \
@@ -34,6 +35,10 @@ debs:
 	  if [ -n "$$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
 	  exit $$rc; \
 	fi
+endef
+
+debs:
+	$(call install_missing,$(DEBS))
 
 # constraints.txt pins every Python dependency (the images install with it too).
 $(STAMP): pyproject.toml constraints.txt
@@ -67,20 +72,16 @@ lint: setup
 	.venv/bin/mypy
 
 # Two workers, one test file each at a time (--dist loadfile): each brings up its own lab on free ports,
-# and the slow ActiveSync Ping test (310 s) runs beside the rest of the suite.
-test: lint
+# and the slow ActiveSync Ping test (310 s) runs beside the rest of the suite. bench-setup: a tiny `make bench`
+# run is part of the suite (tests/integration/test_bench_smoke.py), so nginx and wrk are installed for it.
+test: lint bench-setup
 	.venv/bin/pytest -q -n 2 --dist loadfile
 
-# `make bench`: kcd-proxy against nginx, side by side (bench/run.py; a few minutes; not part of `make test`).
+# `make bench`: kcd-proxy against nginx, side by side (bench/run.py; about 7 minutes; only its tiny smoke run is in `make test`).
 BENCH_DEBS := nginx-light wrk gcc libssl-dev curl util-linux
 
 bench-setup:
-	@missing=$$(for p in $(BENCH_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages for the bench:" $$missing; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get -o DPkg::Lock::Timeout=900 update -q && apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends $$missing; \
-	fi
+	$(call install_missing,$(BENCH_DEBS))
 
 bench: setup bench-setup
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -2,28 +2,18 @@
 
 No figure is judged here (timings never go into `make test`); what is pinned is that each measurement ran and
 produced its keys: the fixed-rate run of bench.paced, the uvloop column, two workers against one, the held
-long-polls and where their memory goes (bench.traced).
+long-polls and where their memory goes (bench.traced). The bench's tools (nginx, wrk, gcc, libssl-dev) come
+from `make bench-setup`, which `make test` runs first.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
-_TOOLS = ("nginx", "wrk", "gcc", "taskset", "curl")
-_MISSING = [t for t in _TOOLS if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
-if not Path("/usr/include/openssl/ssl.h").exists():
-    _MISSING.append("libssl-dev")
-
-pytestmark = pytest.mark.skipif(
-    bool(_MISSING), reason=f"the bench's tools are missing ({', '.join(_MISSING)}): `make bench-setup` installs them"
-)
 
 
 def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
