@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from proxy.lab.layout import USERS, LabLayout
+from tests.integration._alerts import HANDSHAKE_REFUSALS
 from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway
 
 
@@ -130,16 +131,7 @@ def test_client_identity_and_hop_headers_never_reach_backend(lab: LabLayout, gat
     assert echo["principal"] == "alice@LAB.TEST"
 
 
-@pytest.mark.parametrize(
-    ("user", "reason_in_log", "curl_says"),
-    [
-        (None, "peer did not return a certificate", "alert certificate required"),
-        ("expired", "certificate has expired", "alert certificate expired"),
-        ("notyet", "certificate is not yet valid", "alert bad certificate"),
-        ("untrusted", "unable to get local issuer certificate", "alert unknown ca"),
-        ("noclientauth", "unsuitable certificate purpose", "alert unsupported certificate"),
-    ],
-)
+@pytest.mark.parametrize(("user", "reason_in_log", "curl_says"), HANDSHAKE_REFUSALS)
 def test_bad_certificates_are_refused_in_the_handshake(
     lab: LabLayout, gateway: Gateway, user: str | None, reason_in_log: str, curl_says: str
 ) -> None:

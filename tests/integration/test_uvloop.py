@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.lab.layout import LabLayout
+from tests.integration._alerts import HANDSHAKE_REFUSALS
 from tests.integration.conftest import Gateway, curl, free_port, lab_config, start_gateway
 
 
@@ -35,15 +36,7 @@ def test_the_gateway_runs_on_uvloop_and_serves(lab: LabLayout, uv_gateway: Gatew
     assert res.stdout.endswith("\n200"), res
 
 
-@pytest.mark.parametrize(
-    ("user", "reason_in_log", "curl_says"),
-    [
-        (None, "peer did not return a certificate", "alert certificate required"),
-        ("expired", "certificate has expired", "alert certificate expired"),
-        ("untrusted", "unable to get local issuer certificate", "alert unknown ca"),
-        ("noclientauth", "unsuitable certificate purpose", "alert unsupported certificate"),
-    ],
-)
+@pytest.mark.parametrize(("user", "reason_in_log", "curl_says"), HANDSHAKE_REFUSALS)
 def test_refused_certificates_get_their_alert_over_tls13(
     lab: LabLayout, uv_gateway: Gateway, user: str | None, reason_in_log: str, curl_says: str
 ) -> None:
