@@ -252,10 +252,13 @@ class BackendConnection(asyncio.Protocol):
             await self._wait()
 
     def body(self) -> bytes:
-        """The whole body of a complete answer (the one-write path)."""
+        """The whole body of a complete answer (the one-write path). Reading resumes if the answer filled the
+        buffer, as in `read`: a connection going back to its pool paused would never see its next answer."""
         data = b"".join(self._body)
         self._body.clear()
         self._buffered = 0
+        if self._reading_paused:
+            self._resume_reading()
         return data
 
     @property

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
+from proxy.backend.client import BUFFER_HIGH, Exchange, ResponseHead, Upstream, UserPool
 from proxy.backend.forward import Pools, forward
 from proxy.config import Route
 from proxy.errors import GatewayError
@@ -398,3 +400,42 @@ def test_an_answer_that_says_connection_close_is_not_reused() -> None:
     outcomes, backend = run(answering(close, old, ok(b"three")), ("GET", "/a"), ("GET", "/b"), ("GET", "/c"))
     assert [(o.status, o.body) for o in outcomes] == [(200, b"one"), (200, b"two"), (200, b"three")]
     assert len(backend.conns) == 3
+
+
+# -- the client's own contract, driven directly --------------------------------------------------------
+
+
+def test_a_whole_answer_that_filled_the_buffer_leaves_its_pooled_connection_reading() -> None:
+    """An answer that arrived whole while filling the buffer (body BUFFER_HIGH + 1 bytes: reading pauses on
+    its last byte) and is taken in one piece (`body()`, the one-write path) leaves the pooled connection
+    reading: the next request on it gets its answer, not a wait the read timeout no longer bounds."""
+    big = b"x" * (BUFFER_HIGH + 1)
+
+    async def case() -> tuple[bytes, ResponseHead]:
+        backend = Backend(answering(ok(big), ok(b"second")))
+        server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
+        upstream = Upstream.of(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", None, None)
+        pool = UserPool()
+        try:
+            connection = await pool.acquire(upstream, 5)
+            first = Exchange(pool, upstream, connection)
+            await first.send("GET", "/a", CIMultiDict(), None, 1.0)
+            for _ in range(200):  # until the whole answer is in (reading pauses as its last byte arrives)
+                if connection.complete:
+                    break
+                await asyncio.sleep(0.02)
+            body = connection.body()
+            first.finish()
+            again = await pool.acquire(upstream, 5)
+            assert again is connection  # pooled and taken again
+            head = await asyncio.wait_for(
+                Exchange(pool, upstream, again).send("GET", "/b", CIMultiDict(), None, 1.0), 5
+            )
+            return body, head
+        finally:
+            pool.close()
+            server.close()
+
+    body, head = asyncio.run(asyncio.wait_for(case(), 30))
+    assert body == big
+    assert head.status == 200
