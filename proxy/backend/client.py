@@ -276,10 +276,15 @@ class BackendConnection(asyncio.Protocol):
         )
 
     def idle(self, now: float) -> None:
-        """Back in the pool: from now on any byte from the backend is a protocol error."""
+        """Back in the pool: from now on any byte from the backend is a protocol error. A body nobody read (a
+        401's page, refused before relaying) is dropped here, or the next answer would be read behind it."""
         self._state = _IDLE
         self._parser = None
         self.idle_since = now
+        self._body.clear()
+        self._buffered = 0
+        if self._reading_paused:
+            self._resume_reading()
 
     @property
     def usable(self) -> bool:

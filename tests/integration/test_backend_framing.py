@@ -439,3 +439,14 @@ def test_a_whole_answer_that_filled_the_buffer_leaves_its_pooled_connection_read
     body, head = asyncio.run(asyncio.wait_for(case(), 30))
     assert body == big
     assert head.status == 200
+
+
+def test_a_401_answers_body_never_reaches_the_next_request() -> None:
+    """A backend 401 with a body (IIS's "Access is denied" page) is a 502 for its request; the connection goes
+    back to the user's pool (request binding), and the next answer on it reaches the device with its own body
+    only, not the 401 page's bytes in front of it."""
+    denied = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Negotiate\r\nContent-Length: 13\r\n\r\nACCESS DENIED"
+    outcomes, backend = run(answering(denied, ok(b"second")), ("GET", "/a"), ("GET", "/b"))
+    assert outcomes[0].status == 502
+    assert (outcomes[1].status, outcomes[1].body) == (200, b"second")
+    assert len(backend.conns) == 1  # the second request went on the pooled connection
