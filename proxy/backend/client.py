@@ -28,7 +28,8 @@ pace the backend takes it (`drain` waits while the transport's buffer is full).
 
 Timeouts. The route's `read_timeout` is armed once the request has been sent whole, runs while the
 gateway waits for the backend's next bytes, and stops while reading is paused for a slow device (that
-wait is the device's, bounded by `client_send_timeout`) and once the answer is complete. The
+wait is the device's, bounded by `client_send_timeout`) and once the answer is complete; it also bounds
+each wait for the backend to take more of the request body (`drain`). The
 connection itself is bounded by `connect_timeout` (TCP and TLS handshake), as with aiohttp's `sock_connect`.
 
 Reuse. A connection goes back to its pool only when its answer was complete, framed by length or chunks,
@@ -208,13 +209,17 @@ class BackendConnection(asyncio.Protocol):
         self.transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the backend does not take what was written (its socket buffer is full)."""
+        """Wait while the backend does not take what was written (its socket buffer is full), at most the
+        route's read_timeout: a backend that takes no byte of the body for that long is not answering."""
         if self._error is not None:
             raise self._error
         if self._writing_paused:
             self._drain = self._loop.create_future()
             try:
-                await self._drain
+                async with asyncio.timeout(self._read_timeout or None):
+                    await self._drain
+            except TimeoutError:
+                raise ReadTimeout(f"the backend took no request bytes for {self._read_timeout:g} s") from None
             finally:
                 self._drain = None
 

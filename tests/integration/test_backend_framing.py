@@ -450,3 +450,26 @@ def test_a_401_answers_body_never_reaches_the_next_request() -> None:
     assert outcomes[0].status == 502
     assert (outcomes[1].status, outcomes[1].body) == (200, b"second")
     assert len(backend.conns) == 1  # the second request went on the pooled connection
+
+
+def test_a_backend_that_takes_no_body_and_answers_nothing_is_bounded_by_read_timeout() -> None:
+    """A backend that reads the request head, then neither takes the body nor answers: the upload stops on the
+    full socket buffers, and read_timeout bounds that wait for the backend too; the device gets 504, not a
+    request held open for ever."""
+
+    async def stuck(conn: Conn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(20)  # takes no byte of the body, says nothing
+
+    async def case() -> tuple[Outcome, float]:
+        async with gateway(stuck, read_timeout=0.5) as (url, _):
+            timeout = aiohttp.ClientTimeout(total=15)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                started = time.monotonic()
+                outcome = await ask(session, url + "/upload", "POST", b"x" * 12_000_000)
+                return outcome, time.monotonic() - started
+
+    outcome, took = asyncio.run(asyncio.wait_for(case(), 40))
+    assert outcome.status == 504
+    assert took < 14  # the gateway's answer, not the device giving up
+    assert "read_timeout=0.5 s" in HINTS[-1]
