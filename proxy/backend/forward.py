@@ -39,8 +39,7 @@ stage has said yes, just before the body is forwarded: a refused device never se
 Timeouts. Nothing bounds a backend request as a whole (a total would cut ActiveSync `Ping` and EWS
 streaming notifications); the route's `connect_timeout` bounds the connection and its `read_timeout` each
 wait for the backend's next bytes or for it to take more of the request body (504 before the answer has
-begun). On the device's side,
-`listener.client_body_timeout` bounds each wait for its next body bytes (408) and
+begun). On the device's side, `listener.client_body_timeout` bounds each wait for its next body bytes (408) and
 `listener.client_send_timeout` each wait for it to take ours. When the device goes away, aiohttp's server
 cancels the handler (`handler_cancellation=True`), which closes the backend connection at once: the
 backend sees its client leave and stops working on the request.
