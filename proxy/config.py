@@ -381,6 +381,12 @@ def _choice(r: _Reader, key: str, value: str | None, choices: tuple[str, ...], d
     return value
 
 
+def _named_choice(r: _Reader, t: dict[str, Any], prefix: str, name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of `choices` under `prefix.name`, or `default` when it is absent or empty."""
+    key = f"{prefix}.{name}"
+    return _choice(r, key, r.get(t, key, name, str, "") or None, choices, default)
+
+
 def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
     r.unknown(
         t,
@@ -414,8 +420,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
 
 def _event_loop(r: _Reader, t: dict[str, Any]) -> EventLoop:
     """`listener.event_loop`: one of EVENT_LOOPS, and "uvloop" only where the uvloop package imports."""
-    value = r.get(t, "listener.event_loop", "event_loop", str, "") or None
-    chosen = cast(EventLoop, _choice(r, "listener.event_loop", value, EVENT_LOOPS, "asyncio"))
+    chosen = cast(EventLoop, _named_choice(r, t, "listener", "event_loop", EVENT_LOOPS, "asyncio"))
     if chosen == "uvloop":
         from proxy.loop import uvloop_missing
 
@@ -495,7 +500,7 @@ def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:
             f"{k}.revocation",
             '"require" needs at least one CRL in client_certificates.crls, or use_distribution_points = true',
         )
-    ocsp = _choice(r, f"{k}.ocsp", r.get(t, f"{k}.ocsp", "ocsp", str, "") or None, OCSP_POLICIES, "off")
+    ocsp = _named_choice(r, t, k, "ocsp", OCSP_POLICIES, "off")
     return ClientCertificates(
         trust_anchors=anchors,
         intermediates=r.files(t, f"{k}.intermediates", "intermediates"),
@@ -602,7 +607,7 @@ def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
     k = "authentication"
     keys = ("mode", "basic_realm", "basic_cache_seconds", "basic_failures_per_user", "basic_failures_per_address")
     r.unknown(t, k, set(keys))
-    mode = _choice(r, f"{k}.mode", r.get(t, f"{k}.mode", "mode", str, "") or None, AUTH_MODES, "certificate")
+    mode = _named_choice(r, t, k, "mode", AUTH_MODES, "certificate")
     realm = r.get(t, f"{k}.basic_realm", "basic_realm", str, "") or "Exchange"
     if not realm.isprintable() or '"' in realm or "\\" in realm:
         r.problem(f"{k}.basic_realm", f"must be printable text without quotes or backslashes, got {realm!r}")
@@ -666,7 +671,7 @@ def _directory(r: _Reader, t: dict[str, Any]) -> Directory | None:
         r.problem(f"{k}.base_dn", f"expected a distinguished name such as DC=corp,DC=example,DC=com, got {base_dn!r}")
     elif base_dn and not any(part.strip().upper().startswith("DC=") for part in base_dn.split(",")):
         r.problem(f"{k}.base_dn", f"needs the domain's DC= components (the realm comes from them): {base_dn!r}")
-    bind = _choice(r, f"{k}.bind", r.get(t, f"{k}.bind", "bind", str, "") or None, DIRECTORY_BINDS, "kerberos")
+    bind = _named_choice(r, t, k, "bind", DIRECTORY_BINDS, "kerberos")
     bind_dn = r.get(t, f"{k}.bind_dn", "bind_dn", str, "") or None
     password = r.get(t, f"{k}.password_file", "password_file", str, "") or None
     if bind == "simple":
@@ -812,24 +817,12 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
         ),
         backend_auth=cast(
             BackendAuth,
-            _choice(
-                r,
-                f"{k}.backend_auth",
-                r.get(t, f"{k}.backend_auth", "backend_auth", str, "") or None,
-                BACKEND_AUTHS,
-                "negotiate",
-            ),
+            _named_choice(r, t, k, "backend_auth", BACKEND_AUTHS, "negotiate"),
         ),
         case_sensitive=bool(r.get(t, f"{k}.case_sensitive", "case_sensitive", bool, False)),
         backend_binding=cast(
             BackendBinding,
-            _choice(
-                r,
-                f"{k}.backend_binding",
-                r.get(t, f"{k}.backend_binding", "backend_binding", str, "") or None,
-                BACKEND_BINDINGS,
-                "request",
-            ),
+            _named_choice(r, t, k, "backend_binding", BACKEND_BINDINGS, "request"),
         ),
     )
 
