@@ -15,7 +15,6 @@ import http.client
 import json
 import socket
 import struct
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import pytest
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.tls.proxy_protocol import V2_SIGNATURE
-from tests.integration.conftest import Gateway, client_context, free_port, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, curl, free_port, start_gateway, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -83,54 +82,13 @@ def test_v1_header_from_a_raw_socket_and_from_curl(lab: LabLayout, balanced: Gat
     """v1: a hand-written TCP4 line, and curl's own --haproxy-protocol (its real address), both get through."""
     status, echo = through(lab, balanced, b"PROXY TCP4 198.51.100.9 127.0.0.1 40002 443\r\n")
     assert (status, {k.lower(): v for k, v in echo["headers"].items()}["x-forwarded-for"]) == (200, "198.51.100.9")
-    users = lab.pki_dir / "users"
-    done = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "--haproxy-protocol",
-            "--cacert",
-            str(lab.pki_dir / "root.pem"),
-            "--cert",
-            str(users / "alice.pem"),
-            "--key",
-            str(users / "alice.key"),
-            "-w",
-            "\n%{http_code}",
-            f"https://127.0.0.1:{balanced.port}/EWS/Exchange.asmx",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = curl(lab, f"https://127.0.0.1:{balanced.port}/EWS/Exchange.asmx", "alice", "--haproxy-protocol")
     assert done.stdout.rpartition("\n")[2] == "200", done.stdout + done.stderr
 
 
 def test_a_connection_without_the_header_is_closed_before_tls(lab: LabLayout, balanced: Gateway) -> None:
     """A device that skips the balancer (plain TLS from the trusted address): no handshake, a logged refusal."""
-    users = lab.pki_dir / "users"
-    done = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "--cacert",
-            str(lab.pki_dir / "root.pem"),
-            "--cert",
-            str(users / "alice.pem"),
-            "--key",
-            str(users / "alice.key"),
-            f"https://127.0.0.1:{balanced.port}/EWS/Exchange.asmx",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = curl(lab, f"https://127.0.0.1:{balanced.port}/EWS/Exchange.asmx", "alice")
     assert done.returncode != 0
     refusals = events(balanced, "proxy_header_refused")
     assert any(str(e.get("reason", "")).startswith("no PROXY header") for e in refusals), refusals
