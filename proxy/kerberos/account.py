@@ -20,7 +20,8 @@ cached ticket pays a dictionary look-up, about 0.2 µs). The rule:
 - otherwise a name with `@` (a UPN, or an e-mail address used as one): the PAC's UPN is that name (`upn`);
 - otherwise a bare name (a common name, `DOMAIN\\user`): the PAC's sAMAccountName is that name (`sam`).
 
-Names are compared without regard to case, as AD compares them. A ticket without a PAC, or whose PAC has
+Names are compared without regard to ASCII case, as AD compares them (`ascii_lower`, the identity
+stage's rule: Unicode case folding would make straße strasse's). A ticket without a PAC, or whose PAC has
 no UPN_DNS_INFO, states no account: nothing is compared (`none`) and the request goes on as before; MIT's
 KDC issues such tickets, and has no UPNs. A PAC the gateway could not read is refused (`AccountMismatch`):
 evidence that cannot be read is never an admission. Pure: the user and the PAC in, evidence or a refusal out.
@@ -33,7 +34,7 @@ from functools import cached_property
 from typing import Literal
 
 from proxy.errors import AccountMismatch
-from proxy.identity.principal import UserPrincipal
+from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.pac import PacFacts
 
 Rule = Literal["upn", "sam", "none"]
@@ -87,7 +88,7 @@ def kdc_account(user: UserPrincipal, pac: PacFacts | None, unreadable: str | Non
 
 
 def _match(user: UserPrincipal, rule: Rule, wanted: str, stated: str | None, pac: PacFacts, fix: str) -> KdcAccount:
-    if stated is not None and stated.casefold() == wanted.casefold():
+    if stated is not None and ascii_lower(stated) == ascii_lower(wanted):
         return KdcAccount(rule, stated)
     said = f"UPN {pac.upn}, sAMAccountName {pac.sam_name}, SID {pac.sid}"
     raise AccountMismatch(

@@ -32,6 +32,13 @@ def test_the_certificates_own_upn_matches_without_regard_to_case() -> None:
     assert (account.rule, account.name, str(account)) == ("upn", "alice@ad.test", "upn alice@ad.test")
 
 
+def test_only_ascii_case_is_ignored() -> None:
+    """straße's certificate and a PAC naming strasse: Unicode case folding would call them one name; 403."""
+    strasse = dataclasses.replace(ALICE_PAC, upn="strasse@ad.test", sam_name="strasse")
+    with pytest.raises(AccountMismatch):
+        kdc_account(map_upn("straße@AD.TEST", realm_map={}), strasse)
+
+
 def test_a_proven_directory_account_is_compared_by_samaccountname() -> None:
     """Strong mapping impersonated sAMAccountName@REALM: the PAC's sAMAccountName must be that account's."""
     mallory = dataclasses.replace(MALLORY, principal="mallory@AD.TEST", account="mallory")
