@@ -40,6 +40,7 @@ from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
 from proxy.errors import DirectoryUnavailable, GatewayError, KerberosMisconfigured, MappingRefused
 from proxy.identity.mapping import Account
+from proxy.identity.principal import ascii_lower
 from proxy.identity.sid import Sid
 from proxy.kerberos.client import ldap_ticket
 
@@ -123,7 +124,7 @@ class Directory:
 
     async def lookup(self, name: str) -> Account | None:
         """The account `name` names, or None; MappingRefused if several; DirectoryUnavailable if no server answers."""
-        key = name.casefold()
+        key = ascii_lower(name)
         now = self._clock()
         cached = self._cache.get(key)
         if cached is not None and now < cached[0]:
@@ -147,7 +148,7 @@ class Directory:
 
     def cached(self, name: str) -> Account | None:
         """The account `name` names, if a look-up found it and the cache still holds it (no directory request)."""
-        entry = self._cache.get(name.casefold())
+        entry = self._cache.get(ascii_lower(name))
         return entry[1] if entry is not None else None
 
     async def _search_and_keep(self, key: str, name: str) -> Account | None:
@@ -272,7 +273,7 @@ def _filter(name: str, base_dn: str) -> str:
     local, at, suffix = name.partition("@")
     upn = f"(userPrincipalName={_escape(name)})" if at else ""
     domain = _domain(base_dn)
-    sam = f"(sAMAccountName={_escape(local)})" if not at or suffix.casefold() == domain.casefold() else ""
+    sam = f"(sAMAccountName={_escape(local)})" if not at or ascii_lower(suffix) == ascii_lower(domain) else ""
     return f"(&(objectCategory=person)(objectClass=user)(|{upn}{sam}))"
 
 

@@ -1,8 +1,17 @@
-"""The directory client's pure parts: the LDAP filter a name becomes (RFC 4515 escaping), the realm of base_dn."""
+"""The directory client's pure parts: the LDAP filter a name becomes (RFC 4515 escaping), the realm of base_dn, the
+cache's key."""
 
 from __future__ import annotations
 
-from proxy.directory import _domain, _escape, _filter
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Directory as DirectorySettings
+from proxy.config import Kerberos
+from proxy.directory import Directory, _domain, _escape, _filter
+from proxy.identity.mapping import Account
 
 
 def test_filter_by_upn_and_by_the_domains_own_names() -> None:
@@ -27,3 +36,26 @@ def test_a_crafted_name_cannot_widen_the_filter() -> None:
 def test_realm_of_base_dn() -> None:
     """The DC= parts of base_dn, in order, are the domain; other parts are skipped."""
     assert _domain("OU=Staff,DC=corp,DC=example,DC=com") == "corp.example.com"
+
+
+def test_the_cache_joins_names_only_by_ascii_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """STRASSE and strasse are one cached look-up; straße is asked of the directory itself, never served
+    strasse's account from the cache (Unicode case folding would make them one key)."""
+    for name in ("KRB5_CONFIG", "KRB5CCNAME", "LDAPSASL_NOCANON"):  # Directory() sets them: restored after
+        monkeypatch.setenv(name, "")
+    asked: list[str] = []
+
+    class Recording(Directory):
+        async def search(self, name: str) -> Account | None:
+            asked.append(name)
+            return None
+
+    settings = DirectorySettings(urls=("ldap://dc.ad.test",), base_dn="DC=ad,DC=test")
+    directory = Recording(settings, Kerberos("gateway@AD.TEST", Path("/nonexistent.keytab")))
+
+    async def run() -> None:
+        for name in ("strasse@ad.test", "STRASSE@ad.test", "straße@ad.test"):
+            await directory.lookup(name)
+
+    asyncio.run(run())
+    assert asked == ["strasse@ad.test", "straße@ad.test"]
