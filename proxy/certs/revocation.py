@@ -27,6 +27,14 @@ lookups are dictionary lookups: this runs on every request.
 - a leaf with no current CRL (none loaded, past nextUpdate, or reasons not all covered) is refused
   under "require" and passed with UNKNOWN evidence under "best-effort".
 It returns evidence (good / unknown, which CRL, its update times), not a boolean.
+
+`check` runs on every request, and a device sends the same certificate on each (the chain memo,
+`proxy.certs.memo`, hands out the same `VerifiedCertificate` for it). A set is immutable and its answer
+depends on the time only through which of its CRLs are current (thisUpdate less the clock skew <= t <=
+nextUpdate). So a set remembers each answer it gave (not refusals) with the span of time around it in
+which none of its CRLs becomes or stops being current, and gives it again for a time in that span: an
+expired CRL, one that became current or a delta that went stale is a new answer. A refresh makes a new
+set, which remembers nothing: a certificate a new CRL lists is refused on its next request.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ Scope = Literal["all", "users", "cas", "attributes"]
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 _F = x509.ReasonFlags
 CLOCK_SKEW = timedelta(minutes=5)  # a CRL issued "now" by a CA whose clock runs a little ahead is usable
+_US = timedelta(microseconds=1)  # datetime's resolution: t <= end is t < end + 1 µs
+_REMEMBERED = 10_000  # answers a set keeps (about one per certificate in use)
 ALL_REASONS = frozenset(set(_F) - {_F.unspecified, _F.remove_from_crl})  # RFC 5280's "all-reasons"
 _KNOWN_CRL_EXTENSIONS = (
     x509.CRLNumber,
@@ -152,6 +162,17 @@ class _Point:
 
 
 @dataclass(frozen=True)
+class _Verdict:
+    """An answer of `CrlSet.check`, and the span [since, until) of times in which it holds."""
+
+    verified: VerifiedCertificate  # held, so that the id the verdict is filed under stays this chain's
+    policy: RevocationPolicy
+    evidence: RevocationEvidence
+    since: datetime
+    until: datetime
+
+
+@dataclass(frozen=True)
 class CrlSet:
     """The accepted CRLs, indexed by issuer name for per-request lookups."""
 
@@ -160,6 +181,7 @@ class CrlSet:
     _deltas: dict[x509.Name, tuple[Crl, ...]] = field(default_factory=dict, repr=False, compare=False)
     _listed: frozenset[IssuerSerial] = field(default=frozenset(), repr=False, compare=False)
     _plain: dict[x509.Name, tuple[Crl, ...]] = field(default_factory=dict, repr=False, compare=False)
+    _verdicts: dict[int, _Verdict] = field(default_factory=dict, repr=False, compare=False)  # id(chain) ->
 
     @classmethod
     def build(
@@ -265,7 +287,39 @@ class CrlSet:
         return RevocationEvidence(RevocationStatus.UNKNOWN, "", detail)
 
     def check(self, verified: VerifiedCertificate, *, at: datetime, policy: RevocationPolicy) -> RevocationEvidence:
-        """Apply `policy` to the verified chain: evidence for the leaf, or CertificateRevoked."""
+        """Apply `policy` to the verified chain: evidence for the leaf, or CertificateRevoked.
+
+        The answer for the same chain object is remembered until a CRL here changes state (module docstring)."""
+        known = self._verdicts.get(id(verified))
+        if (
+            known is not None
+            and known.verified is verified
+            and known.policy == policy
+            and at.tzinfo is not None
+            and known.since <= at < known.until
+        ):
+            return known.evidence
+        evidence = self._check(verified, at=at, policy=policy)
+        if len(self._verdicts) >= _REMEMBERED:
+            del self._verdicts[next(iter(self._verdicts))]  # the oldest answer
+        self._verdicts[id(verified)] = _Verdict(verified, policy, evidence, *self._steady(_utc(at)))
+        return evidence
+
+    def _steady(self, at: datetime) -> tuple[datetime, datetime]:
+        """The span [since, until) around `at` in which no CRL here becomes current or stops being current.
+
+        A CRL is current for start <= t <= end (`Crl.current`); with datetime's microsecond resolution
+        that is start <= t < end + 1 µs, so the span is half-open too."""
+        since, until = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+        for crl in self.crls:
+            for edge in (crl.this_update - CLOCK_SKEW, crl.next_update + _US):
+                if edge <= at:
+                    since = max(since, edge)
+                else:
+                    until = min(until, edge)
+        return since, until
+
+    def _check(self, verified: VerifiedCertificate, *, at: datetime, policy: RevocationPolicy) -> RevocationEvidence:
         if policy == "off":
             return RevocationEvidence(RevocationStatus.UNKNOWN, "", "revocation checking is off")
         chain = verified.chain
