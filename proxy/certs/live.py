@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 import structlog
@@ -66,6 +66,34 @@ class _Watch:
         if self.answer_started and self.request.transport is not None:
             self.request.transport.abort()  # too late for a 403: cut the connection
         self.task.cancel(msg="certificate revoked")
+
+
+class _Watching:
+    """`LiveRevocation.watch` for one request: a class, not `contextlib.contextmanager`, since a held long-poll
+    keeps it for its whole life (a generator's frame and context manager were about 0.5 KiB of each)."""
+
+    __slots__ = ("_in_flight", "_watch")
+
+    def __init__(self, in_flight: set[_Watch], watch: _Watch) -> None:
+        self._in_flight = in_flight
+        self._watch = watch
+
+    def __enter__(self) -> None:
+        self._in_flight.add(self._watch)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        watch = self._watch
+        self._in_flight.discard(watch)
+        if not isinstance(error, asyncio.CancelledError):
+            return  # finished, or failed on its own: the error (if any) goes on
+        if watch.ended is None or watch.answer_started:
+            return  # not ours; or the answer had started, the connection is cut and nobody is left to tell
+        if watch.task.uncancel() > 0:
+            return  # cancelled for another reason as well
+        raise watch.ended from None
+
+
+_UNWATCHED = contextlib.nullcontext()
 
 
 class LiveRevocation:
@@ -148,8 +176,7 @@ class LiveRevocation:
             )
         return crl
 
-    @contextlib.contextmanager
-    def watch(self, request: web.Request) -> Iterator[None]:
+    def watch(self, request: web.Request) -> contextlib.AbstractContextManager[None]:
         """Keep this request in flight under the chain `check` saw for it; end it if that gets revoked.
 
         Raises CertificateRevoked when a refresh revoked the chain meanwhile. A request that presented no
@@ -158,20 +185,8 @@ class LiveRevocation:
         task = asyncio.current_task()
         verified = self._checked.pop(task, None) if task is not None else None
         if task is None or verified is None:
-            yield
-            return
-        watch = _Watch(request, verified, task)
-        self._in_flight.add(watch)
-        try:
-            yield
-        except asyncio.CancelledError:
-            if watch.ended is None or watch.answer_started:
-                raise  # not ours; or the answer had started, the connection is cut and nobody is left to tell
-            if watch.task.uncancel() > 0:
-                raise  # cancelled for another reason as well
-            raise watch.ended from None
-        finally:
-            self._in_flight.discard(watch)
+            return _UNWATCHED
+        return _Watching(self._in_flight, _Watch(request, verified, task))
 
     @property
     def in_flight(self) -> int:
