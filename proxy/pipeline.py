@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -34,8 +32,8 @@ from proxy.backend import headers
 from proxy.backend.forward import Authorization, Pools, forward
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
-from proxy.certs.memo import VerifiedChains
-from proxy.certs.restrictions import admit
+from proxy.certs.memo import ChainFacts, VerifiedChains
+from proxy.certs.restrictions import Admission, admit
 from proxy.certs.revocation import CrlSet
 from proxy.config import Config, MappingMode, Route
 from proxy.directory import Directory
@@ -70,13 +68,19 @@ class Gateway:
         return VerifiedChains(self.trust)
 
     @cached_property
-    def identify(self) -> Callable[[x509.Certificate], UserPrincipal]:
-        """`identify` under this configuration, remembered per certificate (refusals are not remembered).
+    def identify(self) -> ChainFacts[UserPrincipal]:
+        """`identify` under this configuration, remembered per verified chain (refusals are not remembered).
 
         Decoding the names of a certificate (pyasn1 for the UPN) cost about 9 µs a request; what it
         yields depends only on the certificate and the configuration, and each `Gateway` has one of those."""
         config = self.config
-        return functools.lru_cache(maxsize=10_000)(lambda leaf: identify(leaf, config))
+        return ChainFacts(lambda verified: identify(verified.leaf, config))
+
+    @cached_property
+    def admission(self) -> ChainFacts[Admission]:
+        """The restriction that admits a verified chain under this configuration (`admit`), remembered per chain."""
+        rules = self.config.client_certificates.restrictions
+        return ChainFacts(lambda verified: admit(verified, rules))
 
     @property
     def crls(self) -> CrlSet:
@@ -116,7 +120,7 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
         # the names as the chain memo rendered them once, not on every request
         trace.note(cert_subject=verified.subject, cert_issuer=verified.issuer, cert_serial=format(verified.serial, "x"))
         trace.detail("certificate", verified=verified)  # the chain, rendered only if the trace is read
-        trace.note(restriction=admit(verified, gw.config.client_certificates.restrictions).rule)
+        trace.note(restriction=gw.admission(verified).rule)
     with trace.stage("revocation"):
         try:
             revocation = await gw.revocation.check(verified, at=now)
@@ -126,7 +130,7 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
         trace.note(revocation=revocation.status.value, revocation_source=revocation.source)
         trace.detail("revocation", evidence=revocation, at=now)
     with trace.stage("identity"):
-        user = gw.identify(verified.leaf)
+        user = gw.identify(verified)
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
     if gw.directory is not None:  # only with mapping "strong" / "strong-or-audit" (`proxy.app.build`, reloads)
         with trace.stage("mapping"):

@@ -71,3 +71,42 @@ def test_a_certificates_names_are_decoded_once(pki: Pki) -> None:
     first = certificate_name(_user(pki, "bob"), ("san-upn",))
     assert certificate_name(_user(pki, "bob"), ("san-upn",)) == first == ("bob@lab.test", "san-upn")
     assert certificate_name.cache_info().hits == before + 1
+
+
+def _with_alices_signature(pki: Pki, name: str) -> x509.Certificate:
+    """`name`'s certificate body under alice's signature bytes: what a memo keyed on the signature alone
+    would take for alice's certificate."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    alice, other = _user(pki, "alice"), _user(pki, name)
+    der = alice.public_bytes(Encoding.DER)
+    tbs = alice.tbs_certificate_bytes
+    forged_tbs = bytearray(tbs)
+    where = forged_tbs.find(b"alice")
+    assert where > 0
+    forged_tbs[where : where + 5] = b"mally"  # same length: the DER lengths stay as they are
+    forged = x509.load_der_x509_certificate(der.replace(tbs, bytes(forged_tbs)))
+    assert forged.signature == alice.signature
+    assert forged != alice
+    assert other.subject != forged.subject
+    return forged
+
+
+def test_a_certificate_carrying_anothers_signature_is_validated_afresh(chains: VerifiedChains, pki: Pki) -> None:
+    """Alice's signature bytes on another certificate body (her subject changed to mally) do not fetch alice's
+    remembered chain: the body is checked, its signature fails, and alice's chain stays remembered."""
+    alice = chains.verify(_user(pki, "alice"), at=NOW)
+    forged = _with_alices_signature(pki, "bob")
+    for _ in range(2):
+        with pytest.raises(CertificateRejected):
+            chains.verify(forged, at=NOW)
+    assert chains.verify(_user(pki, "alice"), at=NOW) is alice
+
+
+def test_two_users_get_their_own_chains(chains: VerifiedChains, pki: Pki) -> None:
+    """Interleaved requests of two users: each gets the chain of the certificate it presented."""
+    for _ in range(3):
+        for name in ("alice", "bob"):
+            verified = chains.verify(_user(pki, name), at=NOW)
+            assert verified.leaf == _user(pki, name)
+            assert verified.subject == f"CN={name}"
