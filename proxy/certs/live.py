@@ -94,6 +94,7 @@ class _Watching:
 
 
 _UNWATCHED = contextlib.nullcontext()
+_CHECKING_OFF = RevocationEvidence(RevocationStatus.UNKNOWN, "", "revocation checking is off")
 
 
 class LiveRevocation:
@@ -154,9 +155,10 @@ class LiveRevocation:
             await self.start()
         if (task := asyncio.current_task()) is not None:
             self._checked[task] = verified
-        crl = RevocationEvidence(RevocationStatus.UNKNOWN, "", "revocation checking is off")
+        crl = _CHECKING_OFF
         if self.policy != "off":
-            await self.crls.learn(verified.chain)
+            if self.crls.use_distribution_points:  # (no coroutine to make per request otherwise)
+                await self.crls.learn(verified.chain)
             # Only a revocation raises here; what a missing CRL means is decided below, after OCSP.
             crl = self.crls.current.check(verified, at=at, policy="best-effort")
         if self.ocsp is not None and len(verified.chain) > 1:
