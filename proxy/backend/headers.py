@@ -101,8 +101,43 @@ def is_identity_header(name: str) -> bool:
 
 
 def _connection_tokens(headers: MultiMapping[str]) -> set[str]:
-    values = headers.getall("Connection", [])
+    values = headers.getall("Connection", ())
+    if not values:
+        return set()
     return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+
+
+# What each header name is, decided once per name (a dozen string operations per header and request,
+# a few per cent of a request: bench/run.py): its lower-case form, or None when it never passes. Names
+# come from devices and backends, so at most REMEMBERED_NAMES of each are kept; past that a name is
+# decided afresh every time.
+REMEMBERED_NAMES = 4096
+_TO_BACKEND: dict[str, str | None] = {}
+_TO_CLIENT: dict[str, str | None] = {}
+
+
+def _towards_backend(name: str) -> str | None:
+    """`name` in lower case, or None if it never goes to a backend (hop-by-hop, identity, underscore)."""
+    known = _TO_BACKEND.get(name, "")
+    if known != "":
+        return known
+    n = name.lower()
+    verdict = None if n in HOP_BY_HOP or "_" in name or is_identity_header(name) else n
+    if len(_TO_BACKEND) < REMEMBERED_NAMES:
+        _TO_BACKEND[name] = verdict
+    return verdict
+
+
+def _towards_client(name: str) -> str | None:
+    """`name` in lower case, or None if it never goes to the device (hop-by-hop, a challenge, the length)."""
+    known = _TO_CLIENT.get(name, "")
+    if known != "":
+        return known
+    n = name.lower()
+    verdict = None if n in HOP_BY_HOP or n == "www-authenticate" or n == "content-length" else n
+    if len(_TO_CLIENT) < REMEMBERED_NAMES:
+        _TO_CLIENT[name] = verdict
+    return verdict
 
 
 def to_backend(
@@ -120,8 +155,8 @@ def to_backend(
     named = _connection_tokens(client) | {_normal(name) for name, _ in extra}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
-        n = name.lower()
-        if n in HOP_BY_HOP or n in named or "_" in name or is_identity_header(name):
+        n = _towards_backend(name)
+        if n is None or n in named:
             continue
         if n == "host" and upstream_host is not None:
             continue
@@ -168,8 +203,8 @@ def to_client(backend: MultiMapping[str]) -> CIMultiDict[str]:
     named = _connection_tokens(backend)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in backend.items():
-        n = name.lower()
-        if n in HOP_BY_HOP or n in named or n == "www-authenticate" or n == "content-length":
+        n = _towards_client(name)
+        if n is None or n in named:
             continue
         out.add(name, value)
     return out
