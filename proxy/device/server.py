@@ -333,8 +333,10 @@ class DeviceConnection(asyncio.Protocol):
         self._queue: deque[DeviceHttpRequest | _Unparsed] = deque()
         self._task: asyncio.Task[None] | None = None
         self._receiving: RequestBody | None = None  # the body llhttp is parsing now
+        self._parsing: DeviceHttpRequest | None = None  # the request whose message llhttp is in
         self._in_head = True
         self._head_seen = 0  # bytes read while the current head is incomplete
+        self._framing = 0  # bytes read inside a body since its last payload bytes
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
         self._paused = 0
         self._write_paused = False
@@ -362,6 +364,14 @@ class DeviceConnection(asyncio.Protocol):
             return
         while data and not self._stopped:
             if not self._in_head:
+                # Inside a body, what is not payload (chunk sizes, extensions, trailers) is bounded like a head:
+                # llhttp holds a trailer field whole until it ends.
+                if self._framing > self._limits.max_header_bytes:
+                    self._malformed("chunk extensions or trailer fields longer than listener.max_header_bytes")
+                    if self._task is None and self._queue:
+                        self._next()
+                    return
+                self._framing += len(data)  # payload in `data` resets it (on_body)
                 self._feed(data)
                 return
             room = self._limits.max_header_bytes - self._head_seen
@@ -421,6 +431,8 @@ class DeviceConnection(asyncio.Protocol):
         self._target.append(piece)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field: framing of the body, never a header field of the request (nor forwarded)
         self._field_count += 1
         if self._field_count > MAX_FIELDS:
             raise _Refused(f"more than {MAX_FIELDS} header fields")
@@ -456,28 +468,31 @@ class DeviceConnection(asyncio.Protocol):
             body,
         )
         self._receiving = body
+        self._parsing = request
         self._in_head = False
         self._cancel_idle()
-        self._queue.append(request)
-        if self._task is None:
-            self._next()
-        else:
+        self._queue.append(request)  # served once llhttp has read all of this read's bytes (`_feed`)
+        if self._task is not None:
             self.pause(_QUEUE)
 
     def on_body(self, data: bytes) -> None:
+        self._framing = 0
         if self._receiving is not None:
             self._receiving.feed(data)
 
     def on_message_complete(self) -> None:
+        self._parsing = None
         if self._receiving is not None:
             self._receiving.end()
             self._receiving = None
         self._in_head = True
         self._head_seen = 0
+        self._framing = 0
 
     # -- parsing -------------------------------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        """llhttp reads `data`; then the first request it completed the head of is served, unless one is."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -488,16 +503,21 @@ class DeviceConnection(asyncio.Protocol):
             cause = e.__context__
             reason = str(cause) if isinstance(cause, _Refused) else f"the request is malformed: {e}"
             self._malformed(reason)
+        if self._task is None and self._queue:
+            self._next()
 
     def _malformed(self, reason: str) -> None:
+        """The bytes stopped being HTTP. A request they belong to that is not being served yet never will be
+        (nothing of it is forwarded); one being served fails reading its body (400)."""
         self._stop()
-        if self._receiving is not None:  # a body stopped being valid in the middle: its request fails with 400
+        request, self._parsing = self._parsing, None
+        if request is not None and request in self._queue:
+            self._queue.remove(request)
+        elif self._receiving is not None:
             self._receiving.fail(BadRequest(reason))
             self._receiving = None
             return
         self._queue.append(_Unparsed(reason))
-        if self._task is None:
-            self._next()
 
     def _stop(self) -> None:
         """Parse no more of this connection's bytes; it closes once what was read has been answered."""
@@ -506,7 +526,7 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _refuse_head_block(self) -> None:
-        self._stop()
+        self._stopped = True  # reading goes on, discarding, until the linger ends (proxy.tls.limits)
         self._cancel_idle()
         if self._task is not None and not self._task.done():
             self._task.cancel()
