@@ -202,7 +202,8 @@ def test_chunk_extensions_and_trailers_stay_at_the_gateway(scene: Scene) -> None
         ("obs-fold", b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\r\n b\r\n\r\n"),
         (
             "chunked, chunked",
-            b"POST /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+            b"POST /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
+            b"1\r\na\r\n0\r\n\r\n",
         ),
         (
             "two Transfer-Encoding fields",
@@ -254,7 +255,8 @@ def test_upgrade_is_not_a_way_around_the_parser(scene: Scene) -> None:
     scene.recorder.taken()
     upgrade = get("/rec/ws", "Connection: Upgrade", "Upgrade: websocket", close=False)
     got = exchange(scene, upgrade + get("/rec/smuggled"))
-    assert got and got[0][0] == 200
+    assert got
+    assert got[0][0] == 200
     recorded = scene.recorder.taken()
     assert [r.path for r in recorded][:1] == ["/rec/ws"]
     assert b"upgrade" not in recorded[0].head.lower()
