@@ -40,9 +40,9 @@ Timeouts. Nothing bounds a backend request as a whole (a total would cut ActiveS
 streaming notifications); the route's `connect_timeout` bounds the connection and its `read_timeout` each
 wait for the backend's next bytes or for it to take more of the request body (504 before the answer has
 begun). On the device's side, `listener.client_body_timeout` bounds each wait for its next body bytes (408) and
-`listener.client_send_timeout` each wait for it to take ours. When the device goes away, aiohttp's server
-cancels the handler (`handler_cancellation=True`), which closes the backend connection at once: the
-backend sees its client leave and stops working on the request.
+`listener.client_send_timeout` each wait for it to take ours. When the device goes away, the device-side
+server cancels the request's task (`proxy.device.server`; aiohttp's with `handler_cancellation=True`), which
+closes the backend connection at once: the backend sees its client leave and stops working on the request.
 
 https upstreams are verified against the route's `ca_bundle` (the system's CAs without one), under the
 route's `server_name` when set (it is then also the SNI), else the upstream's host name.
