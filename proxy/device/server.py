@@ -638,7 +638,7 @@ class DeviceConnection(asyncio.Protocol):
     def _idle_expired(self) -> None:
         self._idle = None
         if self._task is None and not self._queue:  # no request is being served: a head never came whole
-            log.info("device_idle_closed", peer=peer_text(self.transport and self.transport.get_extra_info("peername")))
+            log.debug("device_idle_closed", peer=peer_text(self.transport and self.transport.get_extra_info("peername")))
             self._stop()
             self._close()
 
