@@ -20,7 +20,9 @@ or, once the answer has begun, the device's connection is cut) when it is:
   a body after the answer to HEAD, or any byte while no request is outstanding.
 Interim answers (100, 102, 103) are read and dropped, as aiohttp did. HEAD answers and 204/304 have no
 body whatever their Content-Length says; an answer with neither Content-Length nor chunked ends when
-the backend closes the connection (and the connection is not reused).
+the backend closes the connection (and the connection is not reused). Over TLS that end counts only when
+the backend said so with close_notify: a bare TCP close (which anyone on the path can forge) ends the
+answer as truncated, a 502 or a cut device connection, as for a Content-Length or chunked body cut short.
 
 Flow control. The answer's body is buffered up to `BUFFER_HIGH` bytes; past that the connection stops
 reading from the backend until the device has taken what is buffered. The request body goes out at the
@@ -123,6 +125,7 @@ class BackendConnection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_buffered",
+        "_clean_eof",
         "_drain",
         "_error",
         "_field_bytes",
@@ -178,6 +181,7 @@ class BackendConnection(asyncio.Protocol):
         self._interim = False
         self._keep_alive = False
         self._until_close = False
+        self._clean_eof = False  # the backend ended its side, and over TLS said so (close_notify)
         self._reason = b""
         self._fields: list[tuple[str, str]] = []
         self._head_bytes = 0
@@ -334,15 +338,37 @@ class BackendConnection(asyncio.Protocol):
         if self._state == _WAITING and self._head_bytes > MAX_HEAD_BYTES:
             self._set_error(BackendProtocolError(f"the backend's answer head is over {MAX_HEAD_BYTES} bytes"))
 
+    def eof_received(self) -> None:
+        """The backend ended its side of the connection (the transport then closes). Over TLS, asyncio's loop
+        calls this after close_notify and also after a bare TCP close; uvloop only after close_notify. The
+        TLS object tells them apart: after close_notify it reads the end of the stream (b""), after a bare
+        close it wants more bytes. Python 3.11's `ssl` has no other way to ask (no SSL_get_shutdown)."""
+        transport = self.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if tls is None:
+            self._clean_eof = True  # plain TCP: the FIN is the end
+            return
+        try:
+            self._clean_eof = tls.read(1) == b""
+        except ssl.SSLZeroReturnError:
+            self._clean_eof = True
+        except ssl.SSLError:  # SSLWantReadError: the TCP connection ended inside the TLS stream
+            self._clean_eof = False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._drop_timer()
-        if self._state == _BODY and self._until_close and exc is None:
+        if self._state == _BODY and self._until_close and exc is None and self._clean_eof:
             self._message_complete()  # the answer framed by the end of the connection
         elif self._state in (_WAITING, _BODY):
             why = f": {exc}" if exc else ""
             answered = self._state == _BODY or self._head_bytes > 0
             message = f"the backend closed the connection before its answer ended{why}"
+            if self._state == _BODY and self._until_close and exc is None:
+                message = (
+                    "the backend's TLS connection ended without close_notify: its answer, delimited by the end of "
+                    "the connection, may be truncated"
+                )
             self._set_error(BackendClosed(message, answered=answered))
         self._wake_drain(ConnectionResetError("the backend connection is closed"))
 
