@@ -307,6 +307,14 @@ def test_head_answers_keep_the_connection() -> None:
     assert len(backend.conns) == 1
 
 
+def test_a_head_answer_without_a_length_keeps_the_connection() -> None:
+    """A HEAD answer with neither Content-Length nor chunked (it has no body whatever it says): the device gets it
+    at once, and the next request goes on the same backend connection."""
+    outcomes, backend = run(answering(b"HTTP/1.1 200 OK\r\n\r\n", ok(b"second")), ("HEAD", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b""), (200, b"second")]
+    assert len(backend.conns) == 1
+
+
 # -- framings that are fine ----------------------------------------------------------------------------
 
 
