@@ -70,6 +70,7 @@ def audit(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path_factory: pytest.Tem
 
 def curl(realm: ad.AdRealm, gw: AdProcess, name: str) -> tuple[int, str, dict[str, str]]:
     """curl inside the namespace with a mapping certificate (or, for a bare user name, the realm's plain one)."""
+    gw.mark()  # the events the test then waits for are this request's, never an earlier test's
     cert, key = ad_mapping.cert(realm, name), ad_mapping.key(realm, name)
     if not cert.exists():
         cert, key = realm.user_cert(name), realm.user_key(name)
@@ -86,7 +87,7 @@ def curl(realm: ad.AdRealm, gw: AdProcess, name: str) -> tuple[int, str, dict[st
 
 
 def summary(gw: AdProcess, upn: str) -> dict[str, Any]:
-    """The gateway's last summary line for `upn`."""
+    """The summary line for `upn` of the last curl against `gw` (never an older test's line for that user)."""
     return gw.wait_event("request", upn=upn)
 
 
