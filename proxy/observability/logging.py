@@ -171,6 +171,10 @@ class SummaryLine:
             self._chain.info(event, **fields)
             return
         self._out.write(encoded.decode("ascii") + "\n")
+        # Flushed as structlog's WriteLogger flushes its lines: stdout redirected to a file or a pipe is
+        # block-buffered, and the line would otherwise wait there (or leave cut in 8 KiB pieces, which
+        # other workers' lines could split) until the buffer filled or the process ended.
+        self._out.flush()
 
 
 @functools.lru_cache(maxsize=256)

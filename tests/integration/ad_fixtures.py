@@ -91,18 +91,27 @@ class AdProcess:
     port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    since: int = 0  # `wait_event` reads the log from this line on (see `mark`)
 
     def logs(self) -> list[dict[str, Any]]:
         lines = self.log_path.read_text().splitlines()
         return [dict(json.loads(line)) for line in lines if line.startswith("{")]
 
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.logs() if e.get("event") == name]
+    def events(self, name: str, after: int = 0) -> list[dict[str, Any]]:
+        """The `name` events among the log's lines from line `after` on (see `mark`)."""
+        return [e for e in self.logs()[after:] if e.get("event") == name]
+
+    def mark(self) -> None:
+        """From now on `wait_event` sees only lines written after this call (a request about to be sent): the
+        summary line is written after the answer has gone out, so an older line of a gateway that several tests
+        share could otherwise answer for it."""
+        self.since = len(self.logs())
 
     def wait_event(self, name: str, timeout: float = 10, **match: Any) -> dict[str, Any]:
+        """The latest `name` event matching `match` among the lines written since `mark`, polled for."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for e in reversed(self.events(name)):
+            for e in reversed(self.events(name, self.since)):
                 if all(e.get(k) == v for k, v in match.items()):
                     found: dict[str, Any] = e
                     return found

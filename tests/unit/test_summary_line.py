@@ -5,6 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +18,7 @@ import structlog
 from proxy.observability import logging as proxy_logging
 
 SECRET = "c2VjcmV0LXBhc3N3b3Jk"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -108,3 +114,22 @@ def test_captured_logs_still_see_the_line(out: io.StringIO) -> None:
         proxy_logging.summary_line("request", status=204)
     assert logs == [{"event": "request", "status": 204, "log_level": "info"}]
     assert out.getvalue() == ""
+
+
+def test_the_line_leaves_the_process_at_once_when_stdout_is_a_file(tmp_path: Path) -> None:
+    """With stdout redirected to a file (block-buffered, no PYTHONUNBUFFERED, as under `> gateway.log` or a
+    service manager's pipe), the summary line is in the file while the process still runs, not at its exit."""
+    script = "import sys\nfrom proxy.observability.logging import configure, summary_line\n"
+    script += "configure('info')\nsummary_line('request', upn='alice@lab.test')\nsys.stdin.read()\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"PYTHONPATH": str(REPO)}
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=out, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while '"upn":"alice@lab.test"' not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the summary line stayed in the process's buffer"
+            time.sleep(0.05)
+    finally:
+        proc.communicate(b"", timeout=30)
