@@ -7,7 +7,6 @@ and clients are real ones (curl, aiohttp over TLS).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,16 +14,16 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from tests.integration.ad_fixtures import ad_backend, ad_realm  # noqa: F401 -- the AD realm's fixtures, for every file
+from tests.integration.jsonlog import WAIT, JsonLog
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +35,7 @@ def free_port() -> int:
         return port
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -68,42 +67,20 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
 
 
 @dataclass
-class Gateway:
+class Gateway(JsonLog):
+    """A running `kcd-proxy run`; its log is read with `JsonLog` (`mark` before a request, then `wait_event`)."""
+
     url: str
     port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
     config_path: Path
 
-    def logs(self) -> list[dict[str, Any]]:
-        lines = self.log_path.read_text().splitlines()
-        return [dict(json.loads(line)) for line in lines if line.startswith("{")]
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.logs() if e.get("event") == name]
-
-    def wait_event(self, name: str, timeout: float = 5, **match: Any) -> dict[str, Any]:
-        return self.wait_for(name, lambda e: all(e.get(k) == v for k, v in match.items()), timeout, str(match))
-
-    def wait_for(
-        self, name: str, accept: Callable[[dict[str, Any]], bool], timeout: float = 10, what: str = ""
-    ) -> dict[str, Any]:
-        """The latest `name` event that `accept` takes, polled for: the gateway writes its log asynchronously,
-        so a line may come after the client has its answer (above all on a loaded machine)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in reversed(self.events(name)):
-                if accept(e):
-                    found: dict[str, Any] = e
-                    return found
-            time.sleep(0.05)
-        raise AssertionError(f"no {name} event matching {what} in {self.log_path.read_text()[-3000:]}")
-
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -111,25 +88,47 @@ class Gateway:
 
 
 def start_gateway(lab: LabLayout, directory: Path, config_text: str) -> Gateway:
+    """`kcd-proxy run` with `config_text`, once its log says it listens. Its port was free when the test picked
+    it, but another process (another test run on this machine) may have bound it since: then the gateway is
+    started again on a new port, the configuration rewritten (a cheap retry; nothing else names that port)."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "gateway.toml"
-    config_path.write_text(config_text)
-    port = int(config_text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0])
     log_path = directory / "gateway.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env={**os.environ, **lab.env()},
-        )
-    try:
-        wait_port(port, proc)
-    except RuntimeError:
-        proc.kill()
-        raise RuntimeError(log_path.read_text()) from None
-    return Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
+    for attempt in range(3):
+        port = int(config_text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0])
+        config_path.write_text(config_text)
+        with log_path.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, **lab.env()},
+            )
+        gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
+        if _listening(gw):
+            return gw
+        if "Address already in use" not in log_path.read_text(errors="replace") or attempt == 2:
+            raise RuntimeError(log_path.read_text(errors="replace")[-5000:])
+        taken = f'bind = "127.0.0.1:{port}"'
+        config_text = config_text.replace(taken, f'bind = "127.0.0.1:{free_port()}"', 1)
+    raise AssertionError("unreachable")
+
+
+def _listening(gw: Gateway, timeout: float = WAIT) -> bool:
+    """Whether the gateway logged `listening` on its port (not merely: something answers there, which
+    another process holding that port would too); False once it has exited."""
+    deadline = time.monotonic() + timeout
+    bind = f"127.0.0.1:{gw.port}"
+    while time.monotonic() < deadline:
+        if any(e.get("bind") == bind for e in gw.events("listening")):
+            return True
+        if gw.proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    gw.proc.kill()
+    gw.proc.wait()
+    raise RuntimeError(f"the gateway did not listen on {bind} in {timeout} s:\n{gw.log_path.read_text()[-3000:]}")
 
 
 def lab_config(lab: LabLayout, *, port: int, extra: str = "", krb5_conf: Path | None = None) -> str:
