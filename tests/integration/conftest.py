@@ -206,9 +206,9 @@ def client_context(lab: LabLayout, user: str | None) -> ssl.SSLContext:
 
 def curl(lab: LabLayout, url: str, user: str | None, *args: str) -> subprocess.CompletedProcess[str]:
     """curl as a device would run it: the lab root as its trust, and the user's certificate."""
-    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", str(lab.pki_dir / "root.pem")]
+    cmd = ["curl", "-sS", "--max-time", "60", "--cacert", str(lab.pki_dir / "root.pem")]
     if user is not None:
         users = lab.pki_dir / "users"
         cmd += ["--cert", str(users / f"{user}.pem"), "--key", str(users / f"{user}.key")]
     cmd += ["-w", "\n%{http_code}", *args, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
