@@ -17,6 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway, wait_port
+from tests.integration.jsonlog import eventually
+
+HOLD = 8  # seconds the backend holds the Ping
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -55,15 +58,16 @@ def admin_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> A
 
 
 async def _held_request(lab: LabLayout, gw: Gateway, admin: str) -> tuple[int, Samples]:
-    """A Ping the backend holds for 2.5 s; the scrape taken while it is held."""
+    """A Ping the backend holds for HOLD seconds; the scrape taken while it is held (in flight for longer than
+    LONG_POLL_AFTER, 1 s: the scrape has HOLD - 1 s to see it, plenty on a loaded machine)."""
     async with aiohttp.ClientSession() as session:
         request = session.get(
             gw.url + "/Microsoft-Server-ActiveSync?Cmd=Ping",
             ssl=client_context(lab, "alice"),
-            headers={"X-Lab-Hold-Seconds": "2.5"},
+            headers={"X-Lab-Hold-Seconds": str(HOLD)},
         )
         task = asyncio.create_task(request.__aenter__())
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + HOLD
         while True:
             samples = await asyncio.to_thread(_scrape, admin)
             if _value(samples, "kcd_long_polls_held") >= 1 or time.monotonic() > deadline:
@@ -95,7 +99,8 @@ def test_metrics_after_traffic(lab: LabLayout, admin_gateway: tuple[Gateway, str
     assert _value(during, "kcd_requests_in_flight") >= 1
     assert _value(during, "kcd_open_connections") >= 1
 
-    after = _scrape(admin)
+    # the Ping is counted when its request ends, after its answer has gone out: the scrape once nothing is in flight
+    after = eventually(lambda: s if _value(s := _scrape(admin), "kcd_requests_in_flight") == 0 else None, "idle")
     assert _value(after, "kcd_requests_total", route="/", status="200") == 3
     assert _value(after, "kcd_requests_total", route="/dead/", status="502") == 1
     assert _value(after, "kcd_refusals_total", stage="revocation", reason="certificate_revoked") == 1

@@ -6,7 +6,6 @@ import base64
 import http.server
 import signal
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,13 +104,13 @@ bind = "127.0.0.1:{admin_port}"
         for malformed in _malformed_requests():
             answer = raw_request(lab, gw.port, malformed)
             assert answer.status in (400, 431), (malformed[:60], answer.status_line)
+        gw.mark()
         gw.proc.send_signal(signal.SIGHUP)
         gw.wait_event("reloaded")
         assert curl(lab, gw.url + "/capture/y", "alice").stdout.endswith("200")
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as r:
             assert b"kcd_requests_total" in r.read()
-        time.sleep(0.2)
-    finally:
+    finally:  # the gateway has written every line once it has exited
         assert gw.stop() == 0
 
     assert len(tokens) == 4

@@ -31,7 +31,7 @@ def uv_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def test_the_gateway_runs_on_uvloop_and_serves(lab: LabLayout, uv_gateway: Gateway) -> None:
     """The loop really running is uvloop's (its start-up line says so), and a good certificate is served."""
-    assert uv_gateway.wait_for("listening", lambda e: True)["event_loop"] == "uvloop"
+    assert uv_gateway.events("listening")[-1]["event_loop"] == "uvloop"  # start_gateway waited for it
     res = curl(lab, uv_gateway.url + "/EWS/Exchange.asmx", "alice")
     assert res.stdout.endswith("\n200"), res
 
@@ -41,6 +41,7 @@ def test_refused_certificates_get_their_alert_over_tls13(
     lab: LabLayout, uv_gateway: Gateway, user: str | None, reason_in_log: str, curl_says: str
 ) -> None:
     """curl (TLS 1.3) reads OpenSSL's alert for each refusal, and the refusal is logged with its reason."""
+    uv_gateway.mark()
     res = curl(lab, uv_gateway.url + "/EWS/Exchange.asmx", user)
     assert res.returncode != 0, res
     assert curl_says in res.stderr.lower()
@@ -55,6 +56,7 @@ def test_an_expired_certificate_over_tls12_gets_its_alert_and_the_connection_end
     argv = ["openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{uv_gateway.port}"]
     argv += ["-CAfile", str(lab.pki_dir / "root.pem"), "-cert", str(users / "expired.pem")]
     argv += ["-key", str(users / "expired.key")]
+    uv_gateway.mark()
     res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False)
     assert "alert certificate expired" in (res.stdout + res.stderr).lower(), res
     uv_gateway.wait_for("tls_handshake_refused", lambda e: "has expired" in e["reason"], what="expired, TLS 1.2")
@@ -62,6 +64,7 @@ def test_an_expired_certificate_over_tls12_gets_its_alert_and_the_connection_end
 
 def test_a_silent_client_is_cut_after_the_handshake_timeout(uv_gateway: Gateway) -> None:
     """A client that connects and sends nothing is closed once handshake_timeout (2 s here) has passed."""
+    uv_gateway.mark()
     with socket.create_connection(("127.0.0.1", uv_gateway.port), timeout=30) as s:
         started = time.monotonic()
         assert s.recv(1) == b""  # the gateway closed it
