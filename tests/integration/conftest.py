@@ -49,16 +49,25 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
-    layout = LabLayout(
-        root=tmp_path_factory.mktemp("lab"),
-        ldap_port=free_port(),
-        kdc_port=free_port(),
-        backend_port=free_port(),
-        crl_port=free_port(),
-        ocsp_port=free_port(),
-        gateway_port=free_port(),
-    )
-    runner.up(layout)
+    """The lab on ports that were free when picked; a daemon that finds its port taken meanwhile (another test
+    run on this machine) fails to start, and the lab is brought up again on new ports, in a new directory."""
+    for attempt in range(3):
+        layout = LabLayout(
+            root=tmp_path_factory.mktemp("lab"),
+            ldap_port=free_port(),
+            kdc_port=free_port(),
+            backend_port=free_port(),
+            crl_port=free_port(),
+            ocsp_port=free_port(),
+            gateway_port=free_port(),
+        )
+        try:
+            runner.up(layout)
+            break
+        except RuntimeError:
+            runner.down(layout)
+            if attempt == 2:
+                raise
     os.environ.update({"KRB5_CONFIG": str(layout.krb5_conf)})
     try:
         yield layout
