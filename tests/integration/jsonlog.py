@@ -38,6 +38,14 @@ def eventually(probe: Callable[[], T | None], what: str, timeout: float = WAIT) 
         time.sleep(POLL)
 
 
+def whole_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (a log, a trace export), oldest first: whole lines only, as a line
+    the writer has not finished would not parse; lines that are not JSON objects (a traceback) are skipped."""
+    text = path.read_text(errors="replace")
+    whole = text[: text.rfind("\n") + 1]
+    return [dict(json.loads(line)) for line in whole.splitlines() if line.startswith("{")]
+
+
 class JsonLog:
     """The JSON-lines log of a daemon (`log_path`), read from the line `mark` remembered on."""
 
@@ -46,9 +54,7 @@ class JsonLog:
 
     def logs(self) -> list[dict[str, Any]]:
         """Every whole JSON line of the log, oldest first (a line still being written is left for later)."""
-        text = self.log_path.read_text(errors="replace")
-        whole = text[: text.rfind("\n") + 1]
-        return [dict(json.loads(line)) for line in whole.splitlines() if line.startswith("{")]
+        return whole_json_lines(self.log_path)
 
     def events(self, name: str, after: int = 0) -> list[dict[str, Any]]:
         """The `name` events among the log's lines from line `after` on (see `mark`)."""
