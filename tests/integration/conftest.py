@@ -97,9 +97,10 @@ class Gateway(JsonLog):
 
 
 def start_gateway(lab: LabLayout, directory: Path, config_text: str) -> Gateway:
-    """`kcd-proxy run` with `config_text`, once its log says it listens. Its port was free when the test picked
-    it, but another process (another test run on this machine) may have bound it since: then the gateway is
-    started again on a new port, the configuration rewritten (a cheap retry; nothing else names that port)."""
+    """`kcd-proxy run` with `config_text`, once its log says it listens (and its admin listener too, if it has
+    one). Its port was free when the test picked it, but another process (another test run on this machine) may
+    have bound it since: then the gateway is started again on a new port, the configuration rewritten (a cheap
+    retry; nothing else names that port)."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "gateway.toml"
     log_path = directory / "gateway.log"
@@ -115,7 +116,7 @@ def start_gateway(lab: LabLayout, directory: Path, config_text: str) -> Gateway:
                 env={**os.environ, **lab.env()},
             )
         gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
-        if _listening(gw):
+        if _listening(gw, _admin_bind(config_text)):
             return gw
         if "Address already in use" not in log_path.read_text(errors="replace") or attempt == 2:
             raise RuntimeError(log_path.read_text(errors="replace")[-5000:])
@@ -124,20 +125,29 @@ def start_gateway(lab: LabLayout, directory: Path, config_text: str) -> Gateway:
     raise AssertionError("unreachable")
 
 
-def _listening(gw: Gateway, timeout: float = WAIT) -> bool:
-    """Whether the gateway logged `listening` on its port (not merely: something answers there, which
-    another process holding that port would too); False once it has exited."""
+def _listening(gw: Gateway, admin: str | None, timeout: float = WAIT) -> bool:
+    """Whether the gateway logged `listening` on its port, and `admin_listening` on `admin` when it has an admin
+    listener (its own lines, not merely: something answers there, which another process holding that port
+    would too); False once it has exited."""
     deadline = time.monotonic() + timeout
-    bind = f"127.0.0.1:{gw.port}"
+    wanted = {("listening", f"127.0.0.1:{gw.port}")} | ({("admin_listening", admin)} if admin else set())
     while time.monotonic() < deadline:
-        if any(e.get("bind") == bind for e in gw.events("listening")):
+        if wanted <= {(e.get("event"), e.get("bind")) for e in gw.logs()}:
             return True
         if gw.proc.poll() is not None:
             return False
         time.sleep(0.05)
     gw.proc.kill()
     gw.proc.wait()
-    raise RuntimeError(f"the gateway did not listen on {bind} in {timeout} s:\n{gw.log_path.read_text()[-3000:]}")
+    raise RuntimeError(f"the gateway did not listen on {wanted} in {timeout} s:\n{gw.log_path.read_text()[-3000:]}")
+
+
+def _admin_bind(config_text: str) -> str | None:
+    """The `[admin] bind` of a gateway configuration, if it has an admin listener."""
+    if "\n[admin]\n" not in config_text:
+        return None
+    table = config_text.split("\n[admin]\n", 1)[1].split("\n[", 1)[0]
+    return table.split('bind = "', 1)[1].split('"', 1)[0]
 
 
 def lab_config(lab: LabLayout, *, port: int, extra: str = "", krb5_conf: Path | None = None) -> str:

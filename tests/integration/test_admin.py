@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 
 HOLD = 8  # seconds the backend holds the Ping
@@ -52,7 +52,6 @@ def admin_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> A
     extra = f'\n[[routes]]\nprefix = "/dead/"\nupstream = "http://127.0.0.1:{free_port()}"\n'
     extra += f'spn = "HTTP/cas.lab.test"\n\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
     gw = start_gateway(lab, tmp_path_factory.mktemp("admin"), lab_config(lab, port=free_port(), extra=extra))
-    wait_port(admin_port, gw.proc)  # the admin listener starts after the gateway's own
     yield gw, f"http://127.0.0.1:{admin_port}"
     gw.stop()
 
@@ -138,7 +137,6 @@ def test_not_ready_without_a_kdc(lab: LabLayout, tmp_path: Path) -> None:
     text = lab_config(lab, port=free_port(), krb5_conf=dead, extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     gw = start_gateway(lab, tmp_path, text)
     try:
-        wait_port(admin_port, gw.proc)
         status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
         assert status == 503
         answer = json.loads(body)
@@ -166,7 +164,6 @@ allowed_clients = ["CN=alice"]
     gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
     url = f"https://127.0.0.1:{admin_port}/metrics"
     try:
-        wait_port(admin_port, gw.proc)
         status, body = _get(url, client_context(lab, "alice"))
         assert status == 200
         assert "kcd_requests_in_flight" in body

@@ -16,7 +16,7 @@ import pytest
 from proxy.kerberos.keytab import read_keytab
 from proxy.lab.kdc import MASTER_PASSWORD, ROOT_PASSWORD
 from proxy.lab.layout import DISABLED_USERS, USERS, LabLayout
-from tests.integration.conftest import curl, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import curl, free_port, lab_config, start_gateway
 from tests.integration.recorder import raw_request
 
 BASIC = base64.b64encode(b"alice@lab.test:alice-Pa55").decode()
@@ -92,7 +92,6 @@ bind = "127.0.0.1:{admin_port}"
 """
     gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
     try:
-        wait_port(admin_port, gw.proc)
         secrets = ("-H", f"Authorization: Basic {BASIC}", "-H", f"Cookie: session={COOKIE_SECRET}")
         for user in ("alice", "bob", "carol"):
             for path in (f"/capture/x?password={QUERY_SECRET}", "/owa/"):

@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.identity.upn import UPN_OID
 from proxy.lab.layout import USERS, LabLayout
-from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorded, Recorder, dechunk, raw_request
 
@@ -70,7 +70,6 @@ def scene(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     admin_table = f'[admin]\nbind = "127.0.0.1:{admin}"\n'
     gw = start_gateway(lab, tmp_path_factory.mktemp("hardening"), base + routes + auth + admin_table)
     try:
-        wait_port(admin, gw.proc)
         yield Scene(gw, recorders, lab, f"http://127.0.0.1:{admin}")
     finally:
         gw.stop()

@@ -25,7 +25,7 @@ import pytest
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.tls.proxy_protocol import V2_SIGNATURE
-from tests.integration.conftest import Gateway, client_context, curl, free_port, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, curl, free_port, start_gateway
 from tests.integration.jsonlog import WAIT
 
 
@@ -174,7 +174,6 @@ def test_refused_proxy_headers_are_counted_by_reason(lab: LabLayout, tmp_path_fa
     text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
     gw = start_gateway(lab, tmp_path_factory.mktemp("counted"), text + f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     try:
-        wait_port(admin_port, gw.proc)
         admin = f"http://127.0.0.1:{admin_port}"
         before = _refusals(admin)
         gw.mark()

@@ -15,7 +15,7 @@ from cryptography import x509
 
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl, write_server_certificate
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
 
 # How long the backend holds the request that spans the reload: longer than the reload and the requests around
@@ -65,7 +65,6 @@ def test_reload_swaps_routes_crls_and_certificate_while_a_held_request_finishes(
     text = lab_config(lab, port=port, extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     gw = start_gateway(lab, tmp_path, text)
     try:
-        wait_port(admin_port, gw.proc)
         old_serial = _server_serial(lab, port)
         bob = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "bob.pem").read_bytes())
         chain, key, new_leaf = write_server_certificate(tmp_path / "tls", load_ca(lab.pki_dir, "issuing"))

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from proxy.lab.layout import USERS, LabLayout
-from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.test_revocation import curl_with
 from tests.integration.test_ticket_cache import _certificate_for, _kadmin
@@ -63,7 +63,6 @@ keep = 100
 export = "{export}"
 """
     gw = start_gateway(lab, directory, lab_config(lab, port=free_port(), extra=extra))
-    wait_port(admin_port, gw.proc)
     yield Traced(gw, f"http://127.0.0.1:{admin_port}", export, gw.config_path)
     assert gw.stop() == 0
 
