@@ -6,6 +6,7 @@ seconds), and in a network namespace named after that directory, so another work
 `make lab-ad` never meets it. xdist workers each have a session: each registers its pid under `users/`
 while holding a lock; the last one out stops the realm and removes its namespace.
 
+`ad_mapping_realm` (session) adds the strong-mapping accounts, certificates and the DC's name.
 `ad_backend` (session) is an Exchange stand-in for `HTTP/cas.ad.test` inside the namespace;
 `start_ad_gateway` runs `kcd-proxy run` in there; `ad_curl` is curl in there with an AD user's certificate.
 Tests that use them carry `@pytest.mark.timeout(AD_TIMEOUT)`: the first pays for provisioning.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.lab import ad
+from proxy.lab import ad, ad_mapping
 from tests.integration.jsonlog import WAIT, JsonLog
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,6 +81,18 @@ def ad_realm() -> Iterator[ad.AdRealm]:
             others = [p for p in users.iterdir() if p.name.isdigit() and _alive(int(p.name))]
             if not others:
                 ad.down(realm)
+
+
+@pytest.fixture(scope="session")
+def ad_mapping_realm(ad_realm: ad.AdRealm) -> ad.AdRealm:
+    """The AD realm with the strong-mapping accounts and certificates and the DC's name in the namespace's hosts
+    file (`proxy.lab.ad_mapping.ensure`), made under the realm's lock: the workers share the realm, and two
+    making the same accounts and files at once collide. The name stays as long as the realm (`ad.down`, by the
+    last worker out, removes it with the namespace), never only as long as one worker's module: with the tests
+    of a module spread over workers (`--dist load`), another worker is still using it."""
+    with _locked(ad_realm.root):
+        ad_mapping.ensure(ad_realm)
+    return ad_realm
 
 
 @dataclass

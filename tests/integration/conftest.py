@@ -22,7 +22,11 @@ import pytest
 
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
-from tests.integration.ad_fixtures import ad_backend, ad_realm  # noqa: F401 -- the AD realm's fixtures, for every file
+from tests.integration.ad_fixtures import (  # noqa: F401 -- the AD realm's fixtures, for every file
+    ad_backend,
+    ad_mapping_realm,
+    ad_realm,
+)
 from tests.integration.jsonlog import WAIT, JsonLog
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,6 +20,7 @@ from proxy.lab import ad
 from tests.integration.ad_fixtures import (
     AD_TIMEOUT,
     AdProcess,
+    _locked,
     ad_curl,
     kdc_log_offset,
     start_ad_gateway,
@@ -287,7 +288,8 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
     lab_dir = ad_realm.root.parent
     assert ad_realm.root.name == "ad"
     argv = [sys.executable, "-m", "proxy", "lab", "up", "--ad", "--dir", str(lab_dir)]
-    up = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    with _locked(ad_realm.root):  # it makes the strong-mapping accounts and files, as `ad_mapping_realm` does
+        up = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert up.returncode == 0, up.stderr
     printed = up.stdout[up.stdout.index(f"ip netns exec {ad_realm.netns} curl") :].replace("\\\n", " ").strip()
     gw = ad_realm.popen(

@@ -26,12 +26,10 @@ pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
-def realm(ad_realm: ad.AdRealm) -> Iterator[ad.AdRealm]:
+def realm(ad_mapping_realm: ad.AdRealm) -> ad.AdRealm:
     """The AD realm with the mapping accounts and certificates (frank, grace, heidi, ivan; SID extensions);
-    the DC's name in /etc/netns/<namespace>/hosts while this module runs."""
-    ad_mapping.ensure(ad_realm)
-    yield ad_realm
-    ad_mapping.forget_names(ad_realm)
+    the DC's name in /etc/netns/<namespace>/hosts as long as the realm is up (`ad_fixtures.ad_mapping_realm`)."""
+    return ad_mapping_realm
 
 
 def start_gateway(

@@ -1,7 +1,7 @@
 """Traces of real requests through a real gateway: /traces, the export, the page in Chromium, `kcd-proxy trace`.
 
-One gateway for the module, with the admin listener and a JSON-lines export. Each test uses users of its own
-(carol, bob, alice, and principals it makes), so what one test caches does not change what another sees.
+One gateway for the module, with the admin listener and a JSON-lines export. A test that needs a user nobody
+has used yet makes a principal of its own; the others do not depend on what another test cached.
 """
 
 from __future__ import annotations
@@ -102,28 +102,33 @@ def _stages(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab: LabLayout, traced: Traced) -> None:
-    """Two requests of carol: every stage in order; the S4U tickets' facts (forwardable, client, server);
-    the first from the KDC, the second from the cache; the backend connection new, then reused."""
-    seen = _ids(traced.admin, "carol@lab.test")
+    """Two requests of a user of its own (no other test, before or beside it, cached its tickets or opened its
+    backend connection): every stage in order; the S4U tickets' facts (forwardable, client, server); the first
+    from the KDC, the second from the cache; the backend connection new, then reused."""
+    name = f"tr{uuid.uuid4().hex[:8]}"
+    _kadmin(lab, f"addprinc -randkey {name}")
+    cert, key = _certificate_for(lab, name, traced.export.parent)
+    user, principal = f"{name}@lab.test", f"{name}@LAB.TEST"
+    seen = _ids(traced.admin, user)
     for _ in range(2):
-        assert curl(lab, traced.gw.url + "/owa/", "carol").stdout.endswith("200")
-    second, first = _new_traces(traced.admin, seen, 2, "carol@lab.test")
+        assert curl_with(lab, traced.gw, cert, key)[0] == 200
+    second, first = _new_traces(traced.admin, seen, 2, user)
     assert first["id"] != second["id"]
     for record in (first, second):
         assert [s["name"] for s in record["stages"]] == STAGES
-        assert (record["upn"], record["principal"], record["status"]) == ("carol@lab.test", "carol@LAB.TEST", 200)
+        assert (record["upn"], record["principal"], record["status"]) == (user, principal, 200)
         assert all(isinstance(s["ms"], float | int) and s["ms"] >= 0 for s in record["stages"])
         stages = _stages(record)
         evidence, service = stages["s4u2self"], stages["s4u2proxy"]
-        assert (evidence["client"], evidence["server"]) == ("carol@LAB.TEST", "HTTP/proxy.lab.test@LAB.TEST")
-        assert (service["client"], service["server"]) == ("carol@LAB.TEST", "HTTP/cas.lab.test@LAB.TEST")
+        assert (evidence["client"], evidence["server"]) == (principal, "HTTP/proxy.lab.test@LAB.TEST")
+        assert (service["client"], service["server"]) == (principal, "HTTP/cas.lab.test@LAB.TEST")
         assert evidence["forwardable"] is True
         assert service["forwardable"] is True
         assert "forwardable" in evidence["flags"]
         assert evidence["enctype"].startswith("aes")
         assert evidence["start"] < evidence["end"]
         assert stages["tls"]["version"].startswith("TLSv1.")
-        assert stages["certificate"]["chain"][0]["subject"] == "CN=carol"
+        assert stages["certificate"]["chain"][0]["subject"] == f"CN={name}-tablet"
         assert stages["certificate"]["chain"][-1]["subject"] == "CN=Lab Root CA"
         assert stages["revocation"]["status"] == "good"
         assert stages["revocation"]["age_s"] >= 0
