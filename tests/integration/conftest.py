@@ -7,6 +7,7 @@ and clients are real ones (curl, aiohttp over TLS).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -40,15 +41,40 @@ def free_port() -> int:
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = WAIT) -> None:
+    """Until 127.0.0.1:`port` accepts connections; with `proc`, until `proc` itself holds the listening socket
+    (a connect would also succeed against another process that took the port after `free_port`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+        if proc is not None:
+            if _listens(proc.pid, port):
                 return
+        else:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a listening TCP socket on `port` (/proc: its fds' socket inodes, and the
+    kernel's table of TCP sockets in this network namespace)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = str(fd.readlink())
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            listening = fields[3] == "0A"  # TCP_LISTEN
+            if listening and int(fields[1].rpartition(":")[2], 16) == port and fields[9] in inodes:
+                return True
+    return False
 
 
 @pytest.fixture(scope="session")
