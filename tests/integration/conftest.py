@@ -40,6 +40,19 @@ def free_port() -> int:
         return port
 
 
+_HELD: list[socket.socket] = []  # the sockets behind dead_port(), held until the test process ends
+
+
+def dead_port() -> int:
+    """A loopback port where nothing listens, for as long as the test process runs: bound here and never
+    listened on, so connections are refused and no other process can take it (as one could a free_port())."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD.append(held)
+    port: int = held.getsockname()[1]
+    return port
+
+
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = WAIT) -> None:
     """Until 127.0.0.1:`port` accepts connections; with `proc`, until `proc` itself holds the listening socket
     (a connect would also succeed against another process that took the port after `free_port`)."""
@@ -224,7 +237,7 @@ spn = "HTTP/other.lab.test"
 
 [[routes]]
 prefix = "/dead/"
-upstream = "http://127.0.0.1:{free_port()}"
+upstream = "http://127.0.0.1:{dead_port()}"
 spn = "HTTP/cas.lab.test"
 
 [[routes]]

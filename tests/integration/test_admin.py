@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 
 HOLD = 8  # seconds the backend holds the Ping
@@ -49,7 +49,7 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def admin_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Any:
     admin_port = free_port()
-    extra = f'\n[[routes]]\nprefix = "/dead/"\nupstream = "http://127.0.0.1:{free_port()}"\n'
+    extra = f'\n[[routes]]\nprefix = "/dead/"\nupstream = "http://127.0.0.1:{dead_port()}"\n'
     extra += f'spn = "HTTP/cas.lab.test"\n\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
     gw = start_gateway(lab, tmp_path_factory.mktemp("admin"), lab_config(lab, port=free_port(), extra=extra))
     yield gw, f"http://127.0.0.1:{admin_port}"
@@ -132,7 +132,7 @@ def test_health_and_readiness(admin_gateway: tuple[Gateway, str]) -> None:
 def test_not_ready_without_a_kdc(lab: LabLayout, tmp_path: Path) -> None:
     """With no KDC answering, /readyz is 503 and says so; /healthz still 200."""
     dead = tmp_path / "krb5.conf"
-    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{free_port()}"))
+    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{dead_port()}"))
     admin_port = free_port()
     text = lab_config(lab, port=free_port(), krb5_conf=dead, extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     gw = start_gateway(lab, tmp_path, text)

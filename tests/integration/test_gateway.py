@@ -13,7 +13,7 @@ import pytest
 
 from proxy.lab.layout import USERS, LabLayout
 from tests.integration._alerts import HANDSHAKE_REFUSALS
-from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
 
 
 def _split(out: str) -> tuple[str, int]:
@@ -197,7 +197,7 @@ def test_backend_rejecting_the_ticket_is_502_naming_the_spn(lab: LabLayout, gate
 def test_kdc_unreachable_is_503_with_retry_after(lab: LabLayout, tmp_path: Path) -> None:
     """With no KDC answering, the device is told to come back later."""
     dead = tmp_path / "krb5.conf"
-    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{free_port()}"))
+    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{dead_port()}"))
     gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), krb5_conf=dead))
     try:
         res = curl(lab, gw.url + "/owa/", "alice", "-D", "-")

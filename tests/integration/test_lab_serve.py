@@ -22,7 +22,7 @@ import pytest
 
 from proxy.lab import kdc, runner
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, dead_port, free_port, lab_config, start_gateway
 
 PY = sys.executable
 
@@ -76,7 +76,7 @@ def test_gateway_health_check_asks_the_admin_listener(lab: LabLayout, tmp_path: 
     finally:
         gw.stop()
     assert _handshake_events(gw) == before == 0
-    dead = LabLayout.from_env({**lab.as_env(), "KCD_LAB_ADMIN_PORT": str(free_port())})
+    dead = LabLayout.from_env({**lab.as_env(), "KCD_LAB_ADMIN_PORT": str(dead_port())})
     done = _kcd(dead, "lab", "probe", "gateway")
     assert done.returncode == 1
     assert f"http://127.0.0.1:{dead.admin_port}/readyz" in done.stdout
