@@ -47,6 +47,10 @@ DIRECTORY_BINDS: tuple[DirectoryBind, ...] = ("kerberos", "simple")
 # The event loop each worker runs (proxy.loop): asyncio's own, or uvloop's (libuv) when it is installed.
 EventLoop = Literal["asyncio", "uvloop"]
 EVENT_LOOPS: tuple[EventLoop, ...] = ("asyncio", "uvloop")
+# An evidence ticket whose PAC names no account (proxy.kerberos.account): "auto" serves MIT's PAC naming nobody
+# and refuses a ticket without any PAC; "require" wants the account named (AD); "optional" serves both.
+KdcAccountPolicy = Literal["auto", "require", "optional"]
+KDC_ACCOUNT_POLICIES: tuple[KdcAccountPolicy, ...] = ("auto", "require", "optional")
 
 
 # One 64 KiB Kerberos token (87 KiB of base64 in `Authorization: Negotiate`) plus ordinary headers and cookies.
@@ -148,6 +152,7 @@ class Kerberos:
     krb5_config: Path | None = None
     max_in_flight: int = 16  # blocking GSSAPI calls allowed at once (each talks to the KDC)
     kdc_timeout: float = 10.0
+    kdc_account: KdcAccountPolicy = "auto"  # an evidence ticket naming no account: proxy.kerberos.account
 
 
 # What a route's `context_headers` may send to the backend about the caller.
@@ -707,17 +712,19 @@ def _directory(r: _Reader, t: dict[str, Any]) -> Directory | None:
 
 
 def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
-    r.unknown(t, "kerberos", {"principal", "keytab", "krb5_config", "max_in_flight", "kdc_timeout"})
+    r.unknown(t, "kerberos", {"principal", "keytab", "krb5_config", "max_in_flight", "kdc_timeout", "kdc_account"})
     principal = r.get(t, "kerberos.principal", "principal", str) or ""
     if principal and "@" not in principal:
         r.problem("kerberos.principal", f"expected service/host@REALM, got {principal!r}")
     krb5 = r.get(t, "kerberos.krb5_config", "krb5_config", str, "")
+    kdc_account = _named_choice(r, t, "kerberos", "kdc_account", KDC_ACCOUNT_POLICIES, "auto")
     return Kerberos(
         principal=principal,
         keytab=r.file("kerberos.keytab", r.get(t, "kerberos.keytab", "keytab", str)),
         krb5_config=r.file("kerberos.krb5_config", krb5) if krb5 else None,
         max_in_flight=_number(r, t, "kerberos", "max_in_flight", int, 16),
         kdc_timeout=_number(r, t, "kerberos", "kdc_timeout", float, 10.0),
+        kdc_account=cast(KdcAccountPolicy, kdc_account),
     )
 
 
@@ -960,6 +967,13 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     directory = _directory(r, r.table(data, "directory"))
     if identity.mapping != "upn" and directory is None:
         r.problem("identity.mapping", f'"{identity.mapping}" looks accounts up: it needs a [directory] table')
+    if kerberos.kdc_account == "optional" and directory is not None:
+        r.problem(
+            "kerberos.kdc_account",
+            '"optional" serves evidence tickets without a PAC unchecked, but [directory] makes the realm Active '
+            'Directory, whose tickets carry one (unless the gateway account has NO_AUTH_DATA_REQUIRED): use "auto" '
+            'or "require"',
+        )
     if not identity.default_realm:  # names without a domain belong to the gateway's own realm
         identity = replace(identity, default_realm=kerberos.principal.rpartition("@")[2])
     raw_routes = data.get("routes", [])

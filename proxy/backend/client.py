@@ -19,8 +19,11 @@ or, once the answer has begun, the device's connection is cut) when it is:
 - a `101 Switching Protocols` (the gateway never asks for an upgrade), a second answer to one request,
   a body after the answer to HEAD, or any byte while no request is outstanding.
 Interim answers (100, 102, 103) are read and dropped, as aiohttp did. HEAD answers and 204/304 have no
-body whatever their Content-Length says; an answer with neither Content-Length nor chunked ends when
-the backend closes the connection (and the connection is not reused).
+body whatever their Content-Length says (a HEAD answer without one is complete at its blank line, and its
+connection is reused unless it asks to close); an answer with neither Content-Length nor chunked ends when
+the backend closes the connection (and the connection is not reused). Over TLS that end counts only when
+the backend said so with close_notify: a bare TCP close (which anyone on the path can forge) ends the
+answer as truncated, a 502 or a cut device connection, as for a Content-Length or chunked body cut short.
 
 Flow control. The answer's body is buffered up to `BUFFER_HIGH` bytes; past that the connection stops
 reading from the backend until the device has taken what is buffered. The request body goes out at the
@@ -123,6 +126,7 @@ class BackendConnection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_buffered",
+        "_clean_eof",
         "_drain",
         "_error",
         "_field_bytes",
@@ -178,6 +182,7 @@ class BackendConnection(asyncio.Protocol):
         self._interim = False
         self._keep_alive = False
         self._until_close = False
+        self._clean_eof = False  # the backend ended its side, and over TLS said so (close_notify)
         self._reason = b""
         self._fields: list[tuple[str, str]] = []
         self._head_bytes = 0
@@ -334,15 +339,37 @@ class BackendConnection(asyncio.Protocol):
         if self._state == _WAITING and self._head_bytes > MAX_HEAD_BYTES:
             self._set_error(BackendProtocolError(f"the backend's answer head is over {MAX_HEAD_BYTES} bytes"))
 
+    def eof_received(self) -> None:
+        """The backend ended its side of the connection (the transport then closes). Over TLS, asyncio's loop
+        calls this after close_notify and also after a bare TCP close; uvloop only after close_notify. The
+        TLS object tells them apart: after close_notify it reads the end of the stream (b""), after a bare
+        close it wants more bytes. Python 3.11's `ssl` has no other way to ask (no SSL_get_shutdown)."""
+        transport = self.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if tls is None:
+            self._clean_eof = True  # plain TCP: the FIN is the end
+            return
+        try:
+            self._clean_eof = tls.read(1) == b""
+        except ssl.SSLZeroReturnError:
+            self._clean_eof = True
+        except ssl.SSLError:  # SSLWantReadError: the TCP connection ended inside the TLS stream
+            self._clean_eof = False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._drop_timer()
-        if self._state == _BODY and self._until_close and exc is None:
+        if self._state == _BODY and self._until_close and exc is None and self._clean_eof:
             self._message_complete()  # the answer framed by the end of the connection
         elif self._state in (_WAITING, _BODY):
             why = f": {exc}" if exc else ""
             answered = self._state == _BODY or self._head_bytes > 0
             message = f"the backend closed the connection before its answer ended{why}"
+            if self._state == _BODY and self._until_close and exc is None:
+                message = (
+                    "the backend's TLS connection ended without close_notify: its answer, delimited by the end of "
+                    "the connection, may be truncated"
+                )
             self._set_error(BackendClosed(message, answered=answered))
         self._wake_drain(ConnectionResetError("the backend connection is closed"))
 
@@ -385,7 +412,10 @@ class BackendConnection(asyncio.Protocol):
         length = headers.get("Content-Length")
         bodyless = self._head_method or status in (204, 304)
         self._until_close = not bodyless and length is None and not chunked
-        self._keep_alive = self._parser.should_keep_alive() and not self._until_close
+        if self._head_method:  # llhttp cannot be told it was HEAD: without a length it would wait for the close
+            self._keep_alive = _keeps_alive(self._parser.get_http_version(), headers)
+        else:
+            self._keep_alive = self._parser.should_keep_alive() and not self._until_close
         self.head = ResponseHead(
             status=status,
             reason=_text(self._reason).strip(),
@@ -516,6 +546,15 @@ async def connect(upstream: Upstream, within: float) -> BackendConnection:
     return connection
 
 
+def _keeps_alive(version: str, headers: CIMultiDict[str]) -> bool:
+    """Whether an answer leaves its connection open (RFC 9112, 9.3): HTTP/1.1 unless `Connection: close`,
+    HTTP/1.0 only with `Connection: keep-alive`."""
+    tokens = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+    if version == "1.1":
+        return "close" not in tokens
+    return version == "1.0" and "keep-alive" in tokens and "close" not in tokens
+
+
 class UserPool:
     """One user's backend connections: per upstream, the idle ones (most recently used last) and a count
     of all that are open, at most `limit` of them."""
@@ -557,19 +596,24 @@ class UserPool:
         if self.closed or not connection.reusable:
             self.discard(upstream, connection)
             return
-        loop = asyncio.get_running_loop()
-        connection.idle(loop.time())
-        self._idle.setdefault(upstream, deque()).append(connection)
-        if self._sweep is None:
-            self._sweep = loop.call_later(self._keepalive, self._close_stale)
-        self._wake(upstream)
+        connection.idle(asyncio.get_running_loop().time())
+        self._put_idle(upstream, connection)
 
     def unused(self, upstream: Upstream, connection: BackendConnection) -> None:
-        """A connection taken but not written to (the request stopped before): back as it was."""
+        """A connection taken but not written to (the request stopped before): back as it was, idle since it was
+        last used (a new one: since now), and closed by the keep-alive sweep like any other."""
         if self.closed or not connection.usable:
             self.discard(upstream, connection)
             return
+        if connection.exchanges == 0:
+            connection.idle_since = asyncio.get_running_loop().time()
+        self._put_idle(upstream, connection)
+
+    def _put_idle(self, upstream: Upstream, connection: BackendConnection) -> None:
+        """Among the idle ones, with the sweep that closes it after `keepalive` seconds scheduled."""
         self._idle.setdefault(upstream, deque()).append(connection)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self._keepalive, self._close_stale)
         self._wake(upstream)
 
     def discard(self, upstream: Upstream, connection: BackendConnection) -> None:

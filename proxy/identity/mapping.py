@@ -42,7 +42,7 @@ from proxy.config import MappingMode
 from proxy.errors import AccountRefused, MappingRefused
 from proxy.identity import altsecid
 from proxy.identity.altsecid import AltSecurityIdentity
-from proxy.identity.sid import Sid, SidConflict, read_certificate_sid
+from proxy.identity.sid import SID_URL_PREFIX, MalformedSid, Sid, SidConflict, read_certificate_sid
 
 Rule = Literal["sid-extension", "sid-url", "alt-security-identity", "weak-audit"]
 _SID_WHERE = {"extension": "SID extension", "url": "subjectAltName SID URL", "both": "SID extension (and URL)"}
@@ -140,7 +140,13 @@ def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: s
             hint=f"{e}: a certificate that names two accounts belongs to neither; revoke it and check the CA "
             "and template that wrote it",
         ) from None
-    except ValueError as e:
+    except MalformedSid as e:
+        if e.form == "url":
+            raise MappingRefused(
+                "the certificate's subjectAltName SID URL cannot be read",
+                hint=f"{e}; ask the CA to reissue the certificate with one subjectAltName URL "
+                f"{SID_URL_PREFIX}<SID> holding exactly the account's SID",
+            ) from None
         raise MappingRefused(
             "the certificate's SID extension cannot be read",
             hint=f"{e}; ask the CA to reissue the certificate (AD CS writes the SID extension for the enrollee)",

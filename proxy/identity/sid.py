@@ -19,7 +19,8 @@ write the extension. `certificate_sid` reads both. One URL of that kind at most,
 string; when the extension and the URL are both there they must name the same SID (`SidConflict`
 otherwise: a certificate that names two accounts names none).
 
-What it refuses (`ValueError`, which the mapping stage turns into a refusal): anything but exactly that shape,
+What it refuses (`MalformedSid`, a `ValueError` naming the form, extension or URL, which the mapping stage
+turns into a refusal that names it): anything but exactly that shape,
 a value that is not a well-formed SID string, two SID URLs, and binary SIDs with a wrong length, revision or
 count. A certificate with two SID extensions never reaches this module (cryptography refuses duplicate
 extensions). The SID decides which account a certificate belongs to, so nothing is guessed at.
@@ -149,6 +150,14 @@ class SidConflict(ValueError):
     """The SID extension and the subjectAltName URL name two different SIDs."""
 
 
+class MalformedSid(ValueError):
+    """The certificate's SID cannot be read; `form` says which of its two forms was malformed."""
+
+    def __init__(self, message: str, form: Literal["extension", "url"]) -> None:
+        super().__init__(message)
+        self.form = form
+
+
 SidSource = Literal["extension", "url", "both"]
 
 
@@ -168,7 +177,8 @@ def certificate_sid(cert: x509.Certificate) -> Sid | None:
 
 def read_certificate_sid(cert: x509.Certificate) -> CertificateSid | None:
     """The SID of the SID extension and of the subjectAltName SID URL, which must agree; None when neither is
-    there; ValueError when one is malformed, SidConflict when they name different SIDs."""
+    there; MalformedSid (a ValueError) naming the form that is malformed, SidConflict when they name different
+    SIDs."""
     extension, url = _extension_sid(cert), _url_sid(cert)
     if extension is not None and url is not None and extension != url:
         raise SidConflict(f"the SID extension names {extension} and the subjectAltName URL names {url}")
@@ -184,7 +194,10 @@ def _extension_sid(cert: x509.Certificate) -> Sid | None:
         return None
     value = ext.value
     assert isinstance(value, x509.UnrecognizedExtension)  # cryptography has no class of its own for it
-    return sid_from_extension_value(value.value)
+    try:
+        return sid_from_extension_value(value.value)
+    except ValueError as e:
+        raise MalformedSid(str(e), "extension") from None
 
 
 def _url_sid(cert: x509.Certificate) -> Sid | None:
@@ -193,11 +206,14 @@ def _url_sid(cert: x509.Certificate) -> Sid | None:
     except x509.ExtensionNotFound:
         return None
     except ValueError as e:  # a subjectAltName that does not parse hides whatever SID URL it holds
-        raise ValueError(f"the subjectAltName cannot be parsed: {e}") from None
+        raise MalformedSid(f"the subjectAltName cannot be parsed: {e}", "url") from None
     urls = [url for url in san.get_values_for_type(x509.UniformResourceIdentifier) if _is_sid_url(url)]
     if len(urls) > 1:
-        raise ValueError(f"the subjectAltName carries {len(urls)} SID URLs; expected one")
-    return Sid.parse(urls[0][len(SID_URL_PREFIX) :]) if urls else None
+        raise MalformedSid(f"the subjectAltName carries {len(urls)} SID URLs; expected one", "url")
+    try:
+        return Sid.parse(urls[0][len(SID_URL_PREFIX) :]) if urls else None
+    except ValueError as e:
+        raise MalformedSid(f"the subjectAltName SID URL: {e}", "url") from None
 
 
 def _is_sid_url(url: str) -> bool:

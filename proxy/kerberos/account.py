@@ -21,10 +21,19 @@ cached ticket pays a dictionary look-up, about 0.2 µs). The rule:
 - otherwise a bare name (a common name, `DOMAIN\\user`): the PAC's sAMAccountName is that name (`sam`).
 
 Names are compared without regard to ASCII case, as AD compares them (`ascii_lower`, the identity
-stage's rule: Unicode case folding would make straße strasse's). A ticket without a PAC, or whose PAC has
-no UPN_DNS_INFO, states no account: nothing is compared (`none`) and the request goes on as before; MIT's
-KDC issues such tickets, and has no UPNs. A PAC the gateway could not read is refused (`AccountMismatch`):
-evidence that cannot be read is never an admission. Pure: the user and the PAC in, evidence or a refusal out.
+stage's rule: Unicode case folding would make straße strasse's). A PAC the gateway could not read is refused
+(`AccountMismatch`): evidence that cannot be read is never an admission.
+
+A ticket that names no account: `kerberos.kdc_account` says what to do with it.
+- `"auto"` (default): a PAC must be there. A PAC that names no account (no UPN_DNS_INFO) is MIT's (1.20 and
+  later: the client's name and signatures only; AD's PAC always has UPN_DNS_INFO): nothing is compared
+  (`none`) and the request goes on. *No PAC at all* is refused: AD leaves the PAC out of tickets to an
+  account flagged NO_AUTH_DATA_REQUIRED, and a gateway account with that flag must not turn the check off
+  silently. Each ticket is judged on its own, so the first request after a start is treated like any other.
+- `"require"`: the PAC must name the account (Active Directory): MIT's tickets are refused.
+- `"optional"`: a ticket without a PAC is served too (an MIT KDC before 1.20, or with `disable_pac`); the
+  Kerberos stage logs a warning for each such ticket (`proxy.kerberos.delegate`).
+Pure: the user, the PAC and the policy in, evidence or a refusal out.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
+from proxy.config import KdcAccountPolicy
 from proxy.errors import AccountMismatch
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.pac import PacFacts
@@ -58,26 +68,52 @@ class KdcAccount:
 
     rule: Rule
     name: str = ""  # the PAC's name that matched (its UPN or its sAMAccountName); "" when nothing was compared
+    pac: bool = True  # whether the ticket carried a PAC at all
 
     @cached_property
     def text(self) -> str:
         """For the summary line: `upn alice@ad.test`, or that the ticket named no account."""
-        return f"{self.rule} {self.name}" if self.name else "not stated (the ticket has no PAC naming an account)"
+        if self.name:
+            return f"{self.rule} {self.name}"
+        if not self.pac:
+            return "not stated (the ticket carries no PAC)"
+        return "not stated (the ticket has no PAC naming an account)"
 
     def __str__(self) -> str:
         return self.text
 
 
-def kdc_account(user: UserPrincipal, pac: PacFacts | None, unreadable: str | None = None) -> KdcAccount:
+_NO_PAC_FIX = (
+    "the evidence ticket carries no PAC, so nothing says which account the KDC impersonated. Active Directory "
+    "leaves the PAC out of tickets to an account flagged NO_AUTH_DATA_REQUIRED (userAccountControl 0x2000000): "
+    "clear that flag on the gateway's account ({proxy}). An MIT KDC before 1.20, or one with disable_pac, issues "
+    'no PAC at all: there set kerberos.kdc_account = "optional"'
+)
+_NO_NAME_FIX = (
+    "the evidence ticket's PAC names no account (an MIT KDC's PAC holds the client's name and signatures only), "
+    'and kerberos.kdc_account = "require" wants one: use "auto" for an MIT realm'
+)
+
+
+def kdc_account(
+    user: UserPrincipal,
+    pac: PacFacts | None,
+    unreadable: str | None = None,
+    *,
+    policy: KdcAccountPolicy = "auto",
+    proxy: str = "",
+) -> KdcAccount:
     """The account the KDC impersonated for `user`, checked against the certificate's name; AccountMismatch if
-    it is another account's, or if the PAC could not be read (`unreadable` says why)."""
+    it is another account's, if the PAC could not be read (`unreadable` says why), or if the ticket names no
+    account and `policy` wants one (see the module's docstring). `proxy` (the gateway's principal) is for the fix."""
     if unreadable is not None:
         raise AccountMismatch(
             f"the KDC's account for {user.principal} cannot be verified",
             hint=f"the evidence ticket's PAC could not be read ({unreadable}); is kerberos.keytab current?",
         )
     if pac is None or (pac.upn is None and pac.sam_name is None):
-        return KdcAccount("none")
+        require_stated(user.principal, pac, policy=policy, proxy=proxy)
+        return KdcAccount("none", pac=pac is not None)
     if user.account is not None and pac.sam_name is not None:
         fix = _DIRECTORY_FIX.format(principal=user.principal, account=user.account)
         return _match(user, "sam", user.account, pac.sam_name, pac, fix)
@@ -85,6 +121,16 @@ def kdc_account(user: UserPrincipal, pac: PacFacts | None, unreadable: str | Non
         return _match(user, "upn", user.upn, pac.upn, pac, _FIX.format(principal=user.principal, wanted=user.upn))
     name = user.upn.rpartition("\\")[2]
     return _match(user, "sam", name, pac.sam_name, pac, _FIX.format(principal=user.principal, wanted=name))
+
+
+def require_stated(principal: str, pac: PacFacts | None, *, policy: KdcAccountPolicy, proxy: str = "") -> None:
+    """AccountMismatch when the evidence ticket of `principal` names no account and `policy` wants one. It does
+    not depend on the certificate, so the Kerberos stage also asks it right after S4U2Self, before S4U2Proxy."""
+    if pac is not None and (pac.upn is not None or pac.sam_name is not None):
+        return
+    if policy == "require" or (pac is None and policy == "auto"):
+        fix = _NO_PAC_FIX.format(proxy=proxy or "kerberos.principal") if pac is None else _NO_NAME_FIX
+        raise AccountMismatch(f"the KDC's account for {principal} cannot be verified", hint=fix)
 
 
 def _match(user: UserPrincipal, rule: Rule, wanted: str, stated: str | None, pac: PacFacts, fix: str) -> KdcAccount:

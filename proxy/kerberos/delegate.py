@@ -33,7 +33,9 @@ refusal while renewing drops the user's entry, so a user disabled in the directo
 served when their ticket would have been renewed. And an evidence ticket whose PAC names another
 account than the certificate (`proxy.kerberos.account`): the name the gateway asked for is not
 always the certificate's account (`realm_map` against AD), so every request, from a fresh or a
-cached ticket, is checked against the PAC read once per exchange; a mismatch is `AccountMismatch`.
+cached ticket, is checked against the PAC read once per exchange; a mismatch is `AccountMismatch`, and so
+is a ticket without any PAC unless `kerberos.kdc_account = "optional"` (then each such ticket is logged as
+`kdc_account_unverified`).
 
 The exchanges with the KDC block (and release the GIL): they run in a pool of `max_in_flight` threads
 and are bounded in time by `kdc_timeout`. A security context is built per request and never shared.
@@ -64,7 +66,7 @@ from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
-from proxy.kerberos.account import KdcAccount, kdc_account
+from proxy.kerberos.account import KdcAccount, kdc_account, require_stated
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
 from proxy.kerberos.pac import PacFacts
@@ -132,12 +134,14 @@ class _Ticket:
     pac_unreadable: str | None = None  # why the PAC could not be read (then no request is served from it)
     accounts: dict[tuple[str, str | None], KdcAccount] = field(default_factory=dict)  # names the PAC matched
 
-    def account_for(self, user: UserPrincipal) -> KdcAccount:
+    def account_for(self, user: UserPrincipal, settings: Kerberos) -> KdcAccount:
         """`kdc_account` for `user`, remembered per certificate name: a cached ticket's request pays a dict look-up."""
         key = (user.upn, user.account)
         found = self.accounts.get(key)
         if found is None:
-            found = kdc_account(user, self.pac, self.pac_unreadable)  # a mismatch raises and is not remembered
+            found = kdc_account(  # a mismatch raises and is not remembered
+                user, self.pac, self.pac_unreadable, policy=settings.kdc_account, proxy=settings.principal
+            )
             if len(self.accounts) >= 16:  # one principal's ticket: a handful of names at most, bounded anyway
                 self.accounts.clear()
             self.accounts[key] = found
@@ -218,7 +222,7 @@ class Delegator:
             ticket = await asyncio.shield(self._flights.get(asked) or self._flight(asked, user, spn, gss_target))
         client = ticket.client or user.principal
         try:
-            account = ticket.account_for(user)  # cached ticket or not: is the KDC's account the certificate's?
+            account = ticket.account_for(user, self._settings)  # cached or not: is the KDC's account the certificate's?
         except AccountMismatch as e:
             if ticket.facts is not None:  # the trace shows the evidence ticket whose PAC named another account
                 attach(e, dataclasses.replace(ticket.facts, failed_step="s4u2self"))
@@ -314,6 +318,8 @@ class Delegator:
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
         pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
+        if unreadable is None:
+            self._require_stated(user, creds, proxy, spn, pac, (middle - start) * 1000)
         after_pac = time.perf_counter()
         target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
         try:
@@ -340,13 +346,30 @@ class Delegator:
         start = time.perf_counter()
         try:
             ticket = self._exchange_blocking(user, gss_target)
-            account = kdc_account(user, ticket.pac, ticket.pac_unreadable)
+            settings = self._settings
+            account = kdc_account(
+                user, ticket.pac, ticket.pac_unreadable, policy=settings.kdc_account, proxy=settings.principal
+            )
             token = self._token(ticket.creds, gss_target)
         except _StepFailed as e:
             raise self._step_error(e, user.principal, spn) from None
         except gssapi.raw.GSSError as e:
             raise self._explain(e.gen_message(), user.principal, spn) from None
         return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts, account)
+
+    def _require_stated(
+        self, user: UserPrincipal, creds: gssapi.Credentials, proxy: str, spn: str, pac: PacFacts | None, ms: float
+    ) -> None:
+        """A ticket naming no account, refused by kerberos.kdc_account whoever's certificate asked: refused here,
+        before S4U2Proxy asks the KDC for anything more on it; under "optional" a ticket without a PAC is logged."""
+        settings = self._settings
+        try:
+            require_stated(user.principal, pac, policy=settings.kdc_account, proxy=proxy)
+        except AccountMismatch as e:  # the trace shows the evidence ticket that named no account
+            attach(e, s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=ms, s4u2proxy_ms=None, failed_step="s4u2self"))
+            raise
+        if pac is None and settings.kdc_account == "optional":
+            _unverified(user, proxy)
 
     def _evidence_pac(self, creds: gssapi.Credentials) -> tuple[PacFacts | None, str | None]:
         """The evidence ticket's PAC: the ticket is to the gateway itself, so the gateway accepts it with its
@@ -461,6 +484,18 @@ class _StepFailed(Exception):
         super().__init__(error.gen_message())
         self.message = error.gen_message()
         self.facts = facts
+
+
+def _unverified(user: UserPrincipal, proxy: str) -> None:
+    """kdc_account = "optional" goes on with a ticket without a PAC: said once per KDC exchange, never silently."""
+    log.warning(
+        "kdc_account_unverified",
+        principal=user.principal,
+        upn=user.upn,
+        reason="the evidence ticket carries no PAC: the KDC's account was not compared with the certificate's",
+        fix=f"if {user.realm} is Active Directory, clear NO_AUTH_DATA_REQUIRED on {proxy} and set "
+        'kerberos.kdc_account = "auto"; an MIT KDC before 1.20 (or with disable_pac) issues no PAC',
+    )
 
 
 def _ms(since: float) -> float:

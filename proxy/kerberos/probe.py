@@ -11,7 +11,7 @@ authentication time). That gives, without any other party:
   so comparing it with ours measures the clock skew (to a second).
 - `evidence_ticket`: S4U2Self for a user, and the evidence ticket accepted with the keytab: its flags say
   whether it is forwardable, which S4U2Proxy requires (the account needs protocol transition, and the
-  user must not be marked sensitive).
+  user must not be marked sensitive), and its PAC which account the KDC impersonated (or that it names none).
 
 Each probe builds its own credentials and ccache and shares nothing with the `Delegator` that serves
 requests. Failures come back as the gateway's errors, with the fix (`proxy.kerberos.hints`).
@@ -30,7 +30,9 @@ import gssapi.raw
 from proxy.config import Kerberos
 from proxy.errors import GatewayError
 from proxy.identity.principal import UserPrincipal
+from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.hints import explain
+from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 
 TKT_FLG_FORWARDABLE = 0x40000000  # RFC 4120 TicketFlags bit 1, as MIT's krb5_flags hold it
@@ -43,6 +45,8 @@ class TicketFacts:
     client: str
     flags: int
     authtime: datetime
+    pac: PacFacts | None = None  # the ticket's PAC (None: it carries none)
+    pac_unreadable: str | None = None  # why the PAC could not be read
 
     @property
     def forwardable(self) -> bool:
@@ -92,7 +96,13 @@ class KerberosProbe:
             authtime = int(gssapi.raw.krb5_extract_authtime_from_sec_context(ctx))
         except gssapi.raw.GSSError as e:
             raise self._fail(e, self.settings.principal, self.settings.principal) from None
-        return TicketFacts(client=str(ctx.initiator_name), flags=flags, authtime=datetime.fromtimestamp(authtime, UTC))
+        pac, unreadable = None, None
+        try:
+            pac = context_pac(ctx)
+        except ValueError as e:
+            unreadable = f"the PAC is malformed: {e}"
+        when = datetime.fromtimestamp(authtime, UTC)
+        return TicketFacts(str(ctx.initiator_name), flags, when, pac, unreadable)
 
     def evidence_ticket(self, user: UserPrincipal, *, spn: str | None = None) -> TicketFacts:
         """S4U2Self for `user` (its NT-ENTERPRISE name with identity.enterprise_names); the facts of the

@@ -637,6 +637,8 @@ source = "san-upn"
 principal = "{realm.gateway_principal}"
 keytab = "{realm.gateway_keytab}"
 krb5_config = "{realm.krb5_conf}"
+# Active Directory: every evidence ticket's PAC names the account; one that names none is refused.
+kdc_account = "require"
 
 [[routes]]
 prefix = "/"

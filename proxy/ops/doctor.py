@@ -13,6 +13,9 @@ backends:
    impersonated as the gateway would impersonate it: with `identity.mapping` "strong" or "strong-or-audit",
    the account the directory maps its UPN to (`sAMAccountName@REALM`, the line says so), else the principal
    built from the UPN (`realm_map`, `enterprise_names`).
+   `kdc-account`: the evidence ticket's PAC judged as a request's would be (`proxy.kerberos.account`): the
+   canary's account, MIT's PAC naming nobody, or no PAC at all (refused unless `kerberos.kdc_account =
+   "optional"`, which this check fails: nothing then says which account the KDC impersonated).
 5. `s4u2proxy <SPN>`: for each route's SPN, the gateway's own S4U2Self + S4U2Proxy.
 6. `negotiate <route>`: the upstream answers an unauthenticated request with 401 and
    `WWW-Authenticate: Negotiate`; `ticket <route>`: it accepts the delegated ticket (no 401 with it).
@@ -38,11 +41,13 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from proxy.backend.forward import upstream_tls
-from proxy.config import Config, Route
-from proxy.errors import GatewayError
-from proxy.identity.principal import map_name
+from proxy.config import Config, Kerberos, Route
+from proxy.errors import AccountMismatch, GatewayError
+from proxy.identity.principal import UserPrincipal, map_name
+from proxy.kerberos.account import kdc_account
 from proxy.kerberos.hints import not_forwardable
 from proxy.kerberos.keytab import kvnos, read_keytab
+from proxy.kerberos.pac import PacFacts
 
 MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
 Status = Literal["pass", "fail", "skip"]
@@ -140,6 +145,28 @@ def ticket_check(route: Route, url: str, status: int | None, error: str = "") ->
             f"register {route.spn} on the backend's account and give the backend a current keytab for it",
         )
     return Check(name, "pass", f"{url} accepted the delegated ticket for {route.spn} ({status})")
+
+
+def kdc_account_check(user: UserPrincipal, pac: PacFacts | None, unreadable: str | None, settings: Kerberos) -> Check:
+    """What the canary's evidence ticket's PAC says about the account the KDC impersonated, judged as a request's
+    would be (`proxy.kerberos.account`, under kerberos.kdc_account)."""
+    name, principal = "kdc-account", user.principal
+    try:
+        account = kdc_account(user, pac, unreadable, policy=settings.kdc_account, proxy=settings.principal)
+    except AccountMismatch as e:
+        return Check(name, "fail", e.reason, e.hint)
+    if account.name:
+        return Check(name, "pass", f"the evidence ticket's PAC for {principal} names the certificate's: {account}")
+    if account.pac:
+        return Check(name, "pass", f"the evidence ticket's PAC for {principal} names no account (an MIT KDC's)")
+    return Check(
+        name,
+        "fail",
+        f'the evidence ticket for {principal} carries no PAC: kerberos.kdc_account = "optional" serves it '
+        "without knowing which account the KDC impersonated",
+        f"against Active Directory clear NO_AUTH_DATA_REQUIRED (userAccountControl 0x2000000) on {settings.principal} "
+        'and set kerberos.kdc_account = "auto"; an MIT KDC before 1.20 (or with disable_pac) issues no PAC',
+    )
 
 
 def header_check(route: Route, header_bytes: int, limit: int, user: str) -> Check:
@@ -265,6 +292,7 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped:
         evidence = probe.evidence_ticket(user, spn=routes[0].spn if routes else None)
     except GatewayError as e:
         yield Check("s4u2self", "fail", e.reason + whose, e.hint)
+        yield Check("kdc-account", "skip", "no evidence ticket (see s4u2self)")
     else:
         if evidence.forwardable:
             yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal}{whose} is forwardable")
@@ -272,6 +300,7 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped:
             _, fix = not_forwardable(user=user.principal, proxy=settings.principal)  # the KDC error explainer
             detail = f"the evidence ticket for {user.principal}{whose} is not forwardable: S4U2Proxy will be refused"
             yield Check("s4u2self", "fail", detail, fix)
+        yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings)
     delegator = Delegator(settings)
     try:
         headers: dict[str, str] = {}

@@ -447,6 +447,69 @@ def test_explain_kdc_refuses_the_account_a_realm_map_name_only_resembles(realm: 
     assert answer["accepted"] is True, answer
 
 
+NO_AUTH_DATA_ACCOUNT = "svc-kcdnoauth"  # this test's own gateway account: the shared svc-kcdproxy is never flagged
+NO_AUTH_DATA_SPN = "HTTP/proxy-noauth.ad.test"
+NO_AUTH_DATA_REQUIRED = 0x2000000  # userAccountControl: "do not put a PAC in tickets to this account"
+
+
+def _no_auth_data_account(realm: ad.AdRealm) -> Path:
+    """A second gateway account, made once in the realm's kept state: protocol transition, delegation to
+    HTTP/cas.ad.test, AES keys, and NO_AUTH_DATA_REQUIRED; its keytab."""
+    name, dn = NO_AUTH_DATA_ACCOUNT, f"CN={NO_AUTH_DATA_ACCOUNT},CN=Users,{realm.base_dn}"
+    if f"sAMAccountName: {name}" not in realm.ldbsearch(f"(sAMAccountName={name})", "sAMAccountName"):
+        realm.samba_tool("user", "create", name, ad.SERVICE_PASSWORD.format(account=name))
+        realm.samba_tool("spn", "add", NO_AUTH_DATA_SPN, name)
+        realm.samba_tool("delegation", "for-any-protocol", name, "on")
+        realm.samba_tool("delegation", "add-service", name, ad.BACKEND_SPN)
+        realm.ldbmodify(
+            f"dn: {dn}\nchangetype: modify\nreplace: msDS-SupportedEncryptionTypes\nmsDS-SupportedEncryptionTypes: 24\n"
+        )
+    found = realm.ldbsearch(f"(sAMAccountName={name})", "userAccountControl")
+    uac = int(next(line for line in found.splitlines() if line.startswith("userAccountControl:")).split(":")[1])
+    if not uac & NO_AUTH_DATA_REQUIRED:
+        uac |= NO_AUTH_DATA_REQUIRED
+        realm.ldbmodify(f"dn: {dn}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: {uac}\n")
+    keytab = realm.keytab(name)
+    if not keytab.exists():
+        realm.samba_tool("domain", "exportkeytab", str(keytab), f"--principal={name}@{ad.REALM}")
+        keytab.chmod(0o644)
+    return keytab
+
+
+def test_a_gateway_account_with_no_auth_data_required_still_meets_the_check(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """A gateway account flagged NO_AUTH_DATA_REQUIRED under mapping = "upn" + realm_map: Samba 4.17 still puts the
+    PAC in the evidence ticket (Windows leaves it out, and the default kdc_account = "auto" then refuses the ticket:
+    test_kdc_account.py), so mallory's certificate is still refused as alice's account and alice is served; doctor's
+    kdc-account check names the account the PAC states."""
+    keytab = _no_auth_data_account(realm)
+    uac = realm.ldbsearch(f"(sAMAccountName={NO_AUTH_DATA_ACCOUNT})", "userAccountControl")
+    assert (
+        int(next(x for x in uac.splitlines() if x.startswith("userAccountControl:")).split(":")[1])
+        & NO_AUTH_DATA_REQUIRED
+    )
+    source = '"san-upn"\nrealm_map = { "corp.example" = "AD.TEST" }'
+    principal = f'"{NO_AUTH_DATA_ACCOUNT}@{ad.REALM}"'
+    gw = start_ad_gateway(realm, tmp_path, ad_backend, source=source, principal=principal, keytab=f'"{keytab}"')
+    try:
+        status, body, headers = curl(realm, gw, "mallory-sid")
+        assert status == 403, body
+        assert headers["x-kcd-refused-stage"] == "kerberos"
+        assert "the KDC's account for alice@AD.TEST is not the certificate's" in body
+        assert "alice@ad.test" in gw.wait_event("kdc_account_mismatch", upn=ad_mapping.MALLORY_UPN)["fix"]
+        status, body, _ = curl(realm, gw, "alice")
+        assert (status, served_as(body)) == (200, "alice@AD.TEST"), body
+        assert summary(gw, "alice@ad.test")["kdc_account"] == "upn alice@ad.test"
+    finally:
+        gw.stop()
+    doctor = [sys.executable, "-m", "proxy", "doctor", "--config", str(tmp_path / "gateway.toml")]
+    out = realm.run([*doctor, "--user", "alice@ad.test"], timeout=180).stdout
+    line = next(x for x in out.splitlines() if "kdc-account" in x)
+    assert line.startswith("PASS"), out
+    assert "upn alice@ad.test" in line
+
+
 def test_simple_bind_over_ldaps(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path) -> None:
     """bind = "simple" over ldaps:// with the DC's CA: alice's SID certificate is served; a wrong password
     is 503 (the directory refuses us: never an admission) and the log says the bind failed."""

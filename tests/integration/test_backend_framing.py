@@ -8,14 +8,27 @@ connection that misbehaved is never used for the next request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import ssl
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+import structlog
+import uvloop
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
 from proxy.backend.client import BUFFER_HIGH, Exchange, ResponseHead, Upstream, UserPool
@@ -89,6 +102,16 @@ async def gateway(serve: Serve, scheme: str = "http", **route_options: object) -
     server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     route = Route(prefix="/", upstream=f"{scheme}://127.0.0.1:{port}", spn="HTTP/cas.lab.test", **route_options)  # type: ignore[arg-type]
+    try:
+        async with front(route) as url:
+            yield url, backend
+    finally:
+        server.close()
+
+
+@asynccontextmanager
+async def front(route: Route) -> AsyncIterator[str]:
+    """A minimal gateway that forwards every request to `route` as alice; its URL."""
     pools = Pools([route])
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -106,11 +129,10 @@ async def gateway(serve: Serve, scheme: str = "http", **route_options: object) -
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", backend
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await pools.close()
         await runner.cleanup()
-        server.close()
 
 
 async def ask(session: aiohttp.ClientSession, url: str, method: str = "GET", data: bytes | None = None) -> Outcome:
@@ -123,9 +145,9 @@ async def ask(session: aiohttp.ClientSession, url: str, method: str = "GET", dat
 
 
 def run(
-    serve: Serve, *requests: tuple[str, str], scheme: str = "http", **route_options: object
+    serve: Serve, *requests: tuple[str, str], scheme: str = "http", loop: str = "asyncio", **route_options: object
 ) -> tuple[list[Outcome], Backend]:
-    """The requests one after another from one device (its own keep-alive connection)."""
+    """The requests one after another from one device (its own keep-alive connection), on `loop`."""
 
     async def case() -> tuple[list[Outcome], Backend]:
         async with gateway(serve, scheme, **route_options) as (url, backend):
@@ -133,7 +155,7 @@ def run(
                 outcomes = [await ask(session, url + path, method) for method, path in requests]
             return outcomes, backend
 
-    return asyncio.run(asyncio.wait_for(case(), 30))
+    return on_loop(loop, asyncio.wait_for(case(), 30))
 
 
 def answering(*answers: bytes) -> Serve:
@@ -286,6 +308,14 @@ def test_head_answers_keep_the_connection() -> None:
     assert len(backend.conns) == 1
 
 
+def test_a_head_answer_without_a_length_keeps_the_connection() -> None:
+    """A HEAD answer with neither Content-Length nor chunked (it has no body whatever it says): the device gets it
+    at once, and the next request goes on the same backend connection."""
+    outcomes, backend = run(answering(b"HTTP/1.1 200 OK\r\n\r\n", ok(b"second")), ("HEAD", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b""), (200, b"second")]
+    assert len(backend.conns) == 1
+
+
 # -- framings that are fine ----------------------------------------------------------------------------
 
 
@@ -296,9 +326,10 @@ def test_interim_answers_are_dropped_and_the_final_one_passes() -> None:
     assert (outcome.status, outcome.body) == (200, b"final")
 
 
-def test_an_answer_ended_by_close_passes_whole_and_is_not_reused() -> None:
-    """An answer with neither Content-Length nor chunked ends when the backend closes: the device gets all
-    of it, and the next request opens a new connection."""
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_answer_ended_by_close_passes_whole_and_is_not_reused(loop: str) -> None:
+    """An answer with neither Content-Length nor chunked ends when the backend closes (plain TCP: its FIN):
+    the device gets all of it, and the next request opens a new connection."""
 
     async def serve(conn: Conn) -> None:
         await conn.request()
@@ -306,7 +337,7 @@ def test_an_answer_ended_by_close_passes_whole_and_is_not_reused() -> None:
         await asyncio.sleep(0.2)
         await conn.send(b"part two")
 
-    outcomes, backend = run(serve, ("GET", "/a"), ("GET", "/b"))
+    outcomes, backend = run(serve, ("GET", "/a"), ("GET", "/b"), loop=loop)
     assert (outcomes[0].status, outcomes[0].body) == (200, b"part one, part two")
     assert outcomes[1].status == 200
     assert len(backend.conns) == 2
@@ -473,3 +504,160 @@ def test_a_backend_that_takes_no_body_and_answers_nothing_is_bounded_by_read_tim
     assert outcome.status == 504
     assert took < 14  # the gateway's answer, not the device giving up
     assert "read_timeout=0.5 s" in HINTS[-1]
+
+
+# -- https upstreams: the answer ends where TLS says it ends ---------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass
+class TlsUpstream:
+    """An https upstream scripted per test, over blocking TLS sockets in a thread: each connection reads one
+    request head, gets the next of `answers` (pieces sent 0.3 s apart) and ends with TLS's close_notify
+    (`close_notify`) or with a bare TCP close, which is what an attacker who cuts the connection produces."""
+
+    answers: list[list[bytes]]
+    close_notify: bool
+    cert: Path
+    key: Path
+    sock: socket.socket = field(default_factory=socket.socket)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def start(self) -> None:
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        for pieces in self.answers:
+            raw, _ = self.sock.accept()
+            with context.wrap_socket(raw, server_side=True) as tls:
+                head = b""
+                while b"\r\n\r\n" not in head and (more := tls.recv(4096)):
+                    head += more
+                for i, piece in enumerate(pieces):
+                    if i:
+                        time.sleep(0.3)
+                    tls.sendall(piece)
+                if self.close_notify:
+                    with contextlib.suppress(OSError):  # ssl.SSLError is an OSError
+                        tls.unwrap()  # close_notify, then the gateway's
+                else:
+                    tls.shutdown(socket.SHUT_RDWR)  # the TCP connection ends; TLS never said so
+
+
+@pytest.fixture(scope="module")
+def upstream_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (the upstream's certificate and the route's ca_bundle)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "upstream.test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("upstream.test")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("upstream-tls")
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (directory / "key.pem").write_bytes(pem)
+    return directory / "cert.pem", directory / "key.pem"
+
+
+def on_loop(loop: str, case: Coroutine[Any, Any, T]) -> T:
+    """Run `case` on asyncio's loop or on uvloop (listener.event_loop): their TLS transports end differently."""
+    if loop == "uvloop":
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(case)
+    return asyncio.run(case)
+
+
+def tls_run(
+    cert: tuple[Path, Path], loop: str, close_notify: bool, *answers: list[bytes]
+) -> tuple[list[Outcome], list[MutableMapping[str, Any]]]:
+    """One GET per answer through a gateway whose https route goes to a `TlsUpstream`; the outcomes and the
+    gateway's log events."""
+    upstream = TlsUpstream(list(answers), close_notify, *cert)
+    upstream.start()
+    route = Route(
+        prefix="/",
+        upstream=f"https://127.0.0.1:{upstream.port}",
+        spn="HTTP/cas.lab.test",
+        ca_bundle=cert[0],
+        server_name="upstream.test",
+    )
+
+    async def case() -> list[Outcome]:
+        async with front(route) as url, aiohttp.ClientSession() as session:
+            return [await ask(session, f"{url}/{i}") for i in range(len(answers))]
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            outcomes = on_loop(loop, asyncio.wait_for(case(), 30))
+    finally:
+        upstream.sock.close()
+    return outcomes, logs
+
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_answer_ended_by_close_notify_passes_whole(upstream_cert: tuple[Path, Path], loop: str) -> None:
+    """An https answer with neither Content-Length nor chunked, ended by TLS's close_notify: that is its end,
+    and the device gets all of it."""
+    (outcome,), _ = tls_run(upstream_cert, loop, True, [b"HTTP/1.1 200 OK\r\n\r\npart one, ", b"part two"])
+    assert (outcome.status, outcome.body) == (200, b"part one, part two")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_answer_ended_by_close_without_close_notify_cuts_the_device(
+    upstream_cert: tuple[Path, Path], loop: str
+) -> None:
+    """The same answer ended by a bare TCP close (no close_notify: anyone on the path can cut a TLS stream
+    there): the device's connection is cut, never ended as if the answer were whole, and the log says why."""
+    (outcome,), logs = tls_run(upstream_cert, loop, False, [b"HTTP/1.1 200 OK\r\n\r\npart one, ", b"part two"])
+    assert outcome.status is None, outcome
+    broken = [e for e in logs if e["event"] == "backend_stream_broken"]
+    assert broken, logs
+    assert "close_notify" in broken[0]["error"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_whole_answer_ended_without_close_notify_is_never_a_complete_200(
+    upstream_cert: tuple[Path, Path], loop: str
+) -> None:
+    """Head, body and the bare close in one go: a 502 (known before the head went out) or a cut connection,
+    never a 200 with a Content-Length the gateway made up for a body that may be truncated."""
+    (outcome,), _ = tls_run(upstream_cert, loop, False, [b"HTTP/1.1 200 OK\r\n\r\nall of it?"])
+    assert outcome.status in (None, 502), outcome
+
+
+LENGTH_CUT = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+CHUNKED_CUT = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("close_notify", [True, False], ids=["close_notify", "bare close"])
+@pytest.mark.parametrize("head", [LENGTH_CUT, CHUNKED_CUT], ids=["content-length", "chunked"])
+def test_a_framed_https_answer_cut_short_cuts_the_device(
+    upstream_cert: tuple[Path, Path], loop: str, close_notify: bool, head: bytes
+) -> None:
+    """An https answer framed by Content-Length or chunks that ends early, with or without close_notify: the
+    device's connection is cut and the log says the backend closed before its answer ended."""
+    (outcome,), logs = tls_run(upstream_cert, loop, close_notify, [head, b"hello"])
+    assert outcome.status is None, outcome
+    assert any(e["event"] == "backend_stream_broken" for e in logs), logs

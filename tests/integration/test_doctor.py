@@ -40,6 +40,7 @@ _NAMES = sorted(
         "s4u2self",
         "s4u2proxy HTTP/cas.lab.test",
         "s4u2proxy HTTP/other.lab.test",
+        "kdc-account",
         *(
             f"{check} {prefix}"
             for check in ("negotiate", "ticket", "header-size")
@@ -60,12 +61,14 @@ def test_the_lab_passes_every_check(lab: LabLayout, tmp_path: Path) -> None:
         "keytab",
         "clock",
         "s4u2self",
+        "kdc-account",
         "s4u2proxy HTTP/cas.lab.test",
         "negotiate /",
         "ticket /",
         "header-size /",
     ]
     assert {status for status, _, _ in checks.values()} == {"pass"}
+    assert checks["kdc-account"][1] == "the evidence ticket's PAC for alice@LAB.TEST names no account (an MIT KDC's)"
     assert checks["s4u2self"][1] == "the evidence ticket for alice@LAB.TEST is forwardable"
     assert checks["keytab"][1].startswith("the KDC's key for HTTP/proxy.lab.test@LAB.TEST is version ")
 

@@ -114,3 +114,75 @@ def test_idle_connections_close_after_keepalive() -> None:
         server.close()
 
     asyncio.run(case())
+
+
+def test_a_connection_taken_and_put_back_unused_is_still_closed_after_keepalive() -> None:
+    """A request that stopped before writing hands its connection back unused: it is idle from then on, and the
+    keep-alive sweep closes it like any other (it used to stay open for ever when no release followed)."""
+
+    async def case() -> None:
+        server, upstream, _ = await _listener()
+        pool = UserPool(keepalive=0.2)
+        connection = await pool.acquire(upstream, 5)  # new: no request ever goes on it
+        pool.unused(upstream, connection)
+        for _ in range(100):
+            if connection.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert connection.closed
+        assert (await pool.acquire(upstream, 5)) is not connection  # a new one: the idle one was closed and counted
+        pool.close()
+        server.close()
+
+    asyncio.run(case())
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n",
+    ],
+    ids=["no length", "chunked", "HTTP/1.0 keep-alive"],
+)
+def test_a_head_answer_without_a_length_can_be_reused(head: bytes) -> None:
+    """A HEAD answer has no body whatever its headers say: without a Content-Length it is complete at its blank
+    line, and the connection can carry the next request (llhttp alone would wait for the close)."""
+
+    async def case() -> None:
+        server, upstream, _ = await _listener()
+        pool = UserPool()
+        connection = await pool.acquire(upstream, 5)
+        connection.begin("HEAD", 0)
+        connection.request_sent()
+        connection.data_received(head)
+        assert connection.complete
+        assert connection.reusable
+        pool.close()
+        server.close()
+
+    asyncio.run(case())
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n"],
+    ids=["Connection: close", "HTTP/1.0"],
+)
+def test_a_head_answer_that_asks_to_close_is_not_reused(head: bytes) -> None:
+    """`Connection: close`, or HTTP/1.0 without keep-alive, still ends the connection after a HEAD answer."""
+
+    async def case() -> None:
+        server, upstream, _ = await _listener()
+        pool = UserPool()
+        connection = await pool.acquire(upstream, 5)
+        connection.begin("HEAD", 0)
+        connection.request_sent()
+        connection.data_received(head)
+        assert connection.complete
+        assert not connection.reusable
+        pool.close()
+        server.close()
+
+    asyncio.run(case())

@@ -57,14 +57,47 @@ def test_a_bare_name_is_compared_with_the_samaccountname() -> None:
         kdc_account(dataclasses.replace(cn, upn="bob", principal="bob@AD.TEST"), ALICE_PAC)
 
 
-@pytest.mark.parametrize(
-    "pac", [None, PacFacts(200, (("client-info", 20),))], ids=["no PAC (MIT)", "PAC without UPN_DNS_INFO"]
-)
-def test_a_ticket_naming_no_account_is_served_as_before(pac: PacFacts | None) -> None:
-    """Nothing to compare (MIT's KDC): rule none, and the summary line says so."""
-    account = kdc_account(MALLORY, pac)
-    assert account.rule == "none"
+MIT_PAC = PacFacts(144, (("ticket-checksum", 16), ("client-info", 20), ("server-checksum", 16)))  # MIT 1.20's
+
+
+def test_a_ticket_without_any_pac_is_refused_by_default() -> None:
+    """No PAC at all (AD leaves it out for a gateway account with NO_AUTH_DATA_REQUIRED): nothing says which
+    account the KDC impersonated, so under the default (auto) mallory is refused, not served as alice; the fix
+    names the flag and the setting for an MIT KDC that issues none."""
+    with pytest.raises(AccountMismatch) as refused:
+        kdc_account(MALLORY, None)
+    assert refused.value.status == 403
+    assert refused.value.reason == "the KDC's account for alice@AD.TEST cannot be verified"
+    hint = refused.value.hint or ""
+    assert "NO_AUTH_DATA_REQUIRED" in hint
+    assert 'kerberos.kdc_account = "optional"' in hint
+
+
+def test_mits_pac_naming_no_account_is_served_under_auto() -> None:
+    """MIT 1.20's PAC (client name and signatures, no UPN_DNS_INFO; AD's always has one): nothing to compare,
+    rule none, and the summary line says the account was not stated."""
+    account = kdc_account(MALLORY, MIT_PAC)
+    assert (account.rule, account.pac) == ("none", True)
     assert str(account).startswith("not stated")
+
+
+def test_require_wants_a_pac_naming_the_account() -> None:
+    """kdc_account = "require" (Active Directory): MIT's PAC naming nobody, or no PAC, is refused; alice's own
+    PAC still matches."""
+    for pac in (MIT_PAC, None):
+        with pytest.raises(AccountMismatch, match="cannot be verified"):
+            kdc_account(MALLORY, pac, policy="require")
+    assert kdc_account(map_upn("alice@ad.test", realm_map={}), ALICE_PAC, policy="require").rule == "upn"
+
+
+def test_optional_serves_a_ticket_without_a_pac_and_says_so() -> None:
+    """kdc_account = "optional" (an MIT KDC before 1.20, or with disable_pac): no PAC is served, rule none,
+    and the summary line says the ticket carried no PAC; a PAC naming another account is still refused."""
+    account = kdc_account(MALLORY, None, policy="optional")
+    assert (account.rule, account.pac) == ("none", False)
+    assert str(account) == "not stated (the ticket carries no PAC)"
+    with pytest.raises(AccountMismatch):
+        kdc_account(MALLORY, ALICE_PAC, policy="optional")
 
 
 def test_a_pac_that_cannot_be_read_is_never_an_admission() -> None:

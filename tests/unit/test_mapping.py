@@ -382,8 +382,9 @@ def test_malformed_sid_extension_refused_by_decide() -> None:
     """A SID extension that does not parse is a refusal, in both modes, never 'no extension'."""
     bad = x509.UnrecognizedExtension(SID_EXTENSION_OID, b"\x30\x00")
     for mode in ("strong", "strong-or-audit"):
-        with pytest.raises(MappingRefused, match="cannot be read"):
+        with pytest.raises(MappingRefused) as refused:
             decide(certificate(extensions=[bad]), account(), mode)
+        assert refused.value.reason == "the certificate's SID extension cannot be read"
 
 
 def test_the_account_principal_is_what_the_kdc_is_asked_for() -> None:
@@ -464,9 +465,13 @@ def test_the_extension_and_the_url_that_agree_are_the_extension() -> None:
     ids=["not digits", "space", "query", "revision 2", "two URLs", "other case, bad SID"],
 )
 def test_malformed_sid_urls_are_refused(urls: tuple[str, ...]) -> None:
-    """A SID URL that is not exactly one well-formed SID is refused as unreadable, never skipped."""
-    with pytest.raises(MappingRefused, match="cannot be read"):
+    """A SID URL that is not exactly one well-formed SID is refused as unreadable, never skipped; the reason and
+    the fix name the subjectAltName URL, not a SID extension the certificate does not have."""
+    with pytest.raises(MappingRefused) as refused:
         decide(certificate(urls=urls), account(), "strong-or-audit")
+    assert refused.value.reason == "the certificate's subjectAltName SID URL cannot be read"
+    assert "tag:microsoft.com,2022-09-14:sid:" in (refused.value.hint or "")
+    assert "SID extension" not in (refused.value.hint or "")
 
 
 def test_the_prefix_is_matched_without_regard_to_case() -> None:
