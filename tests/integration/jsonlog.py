@@ -3,7 +3,8 @@
 A gateway writes a request's summary line (and its trace, and its metrics) when the request is done, which for a
 forwarded answer is after the client has it. So right after curl returns, the line may not be there yet, and a
 gateway that several tests share (module or session scope) already holds older lines for the same user: reading
-"the latest matching line" can return an older test's. `JsonLog` reads a daemon's JSON log so that cannot happen:
+"the latest matching line" can return an older test's. `JsonLog` reads a daemon's JSON log the way that avoids it
+(docs/testing.md says what is left):
 
 - `mark()` before a request: `wait_event`, `wait_for` and `wait_events` then read only lines written after it;
 - lines are read whole (a line the daemon is still writing waits for the next poll);
