@@ -15,7 +15,9 @@ nginx as an mTLS reverse proxy, the gateway) in a temporary directory and measur
    (bench.traced), where its Python memory goes, by file and line;
 4. KDC requests per 1,000 gateway requests, for 1 user and for 500 distinct users (lab KDC log).
 
-Where uvloop is installed, "kcd (uvloop)" is the same gateway with `listener.event_loop = "uvloop"`.
+Where uvloop is installed, "kcd (uvloop)" is the same gateway with `listener.event_loop = "uvloop"`;
+"kcd (aiohttp)" is the same gateway with `listener.http_server = "aiohttp"` (aiohttp's web server parsing the
+devices' requests instead of the gateway's own, runs 1 and 2).
 
 The proxy under test and nginx run pinned to one core (one worker each); wrk and the backends to the
 other, so "per core" means what it says. wrk presents client certificates through an LD_PRELOAD shim
@@ -493,6 +495,7 @@ def main() -> int:
             scene.start_baseline(args.baseline)
         if uvloop_found:
             scene.start_variant("gateway_uvloop", core=scene.cores[0], event_loop="uvloop")
+        scene.start_variant("gateway_aiohttp", core=scene.cores[0], http_server="aiohttp")
         print(f"bench: preflight through the gateway to the lab acceptor: served as {preflight(scene)}")
 
         # 4 first, while the gateway's ticket cache is cold.
@@ -514,6 +517,8 @@ def main() -> int:
             columns["baseline"] = ("baseline", f"https://127.0.0.1:{scene.ports['baseline']}{path}")
         if uvloop_found:
             columns["gateway_uvloop"] = ("gateway_uvloop", f"https://127.0.0.1:{scene.ports['gateway_uvloop']}{path}")
+        aiohttp_server = f"https://127.0.0.1:{scene.ports['gateway_aiohttp']}{path}"
+        columns["gateway_aiohttp"] = ("gateway_aiohttp", aiohttp_server)  # the same build, aiohttp's server
         keep: dict[str, list[WrkResult]] = {c: [] for c in columns}
         shake: dict[str, list[WrkResult]] = {c: [] for c in columns if c != "gateway_bound"}
         for proxy, url in columns.values():  # warm up: pools, caches, JIT-less but page-faulted
@@ -557,7 +562,7 @@ def main() -> int:
                 certs=one_cert,
             )
             scene.stop("gateway2")
-        held_columns = ("nginx", "gateway", "gateway_uvloop") if uvloop_found else ("nginx", "gateway")
+        held_columns = ("nginx", "gateway", "gateway_aiohttp", *(("gateway_uvloop",) if uvloop_found else ()))
         held = {proxy: hold(scene, proxy, args.held, all_certs) for proxy in held_columns}
         if args.traced:
             scene.start_variant("traced", core=scene.cores[0])
@@ -592,7 +597,7 @@ def paired_ratios(keep: dict[str, list[WrkResult]]) -> dict[str, dict[str, float
     round are minutes apart at most: the machine's load moves less within a round than across them)."""
     out: dict[str, dict[str, float]] = {}
     for column in keep:
-        for ref in ("nginx", "plain", "baseline", "gateway"):
+        for ref in ("nginx", "plain", "baseline", "gateway", "gateway_aiohttp"):
             if ref not in keep:
                 continue
             pairs = [a.cpu_us / b.cpu_us for a, b in zip(keep[column], keep[ref], strict=True) if b.cpu_us]
@@ -621,10 +626,11 @@ def row(name: str, ours: float, ref: float | None, fmt: str, target: str = "") -
     print(f"  {name:<36} {format(ours, fmt):>12} {shown_ref:>12} {ratio:>7}   {target}")
 
 
-COLUMNS = ("baseline", "gateway", "gateway_uvloop", "gateway_bound", "plain", "nginx")
+COLUMNS = ("baseline", "gateway_aiohttp", "gateway", "gateway_uvloop", "gateway_bound", "plain", "nginx")
 HEADS = {
     "baseline": "baseline",
     "gateway": "kcd-proxy",
+    "gateway_aiohttp": "kcd (aiohttp)",
     "gateway_uvloop": "kcd (uvloop)",
     "gateway_bound": "kcd (bound)",
     "plain": "aiohttp",
@@ -669,7 +675,8 @@ def report(
     print("   paired per round, CPU per request (median of the rounds' ratios):")
     keys = ["gateway/nginx", "gateway/plain", "gateway_bound/plain", "gateway_bound/nginx", "plain/nginx"]
     keys += ["gateway_uvloop/nginx", "gateway_uvloop/plain"]
-    for key in (*keys, "gateway_uvloop/gateway", "gateway/baseline", "gateway_bound/baseline", "baseline/nginx"):
+    keys += ["gateway_uvloop/gateway", "gateway/gateway_aiohttp", "gateway_aiohttp/plain"]
+    for key in (*keys, "gateway/baseline", "gateway_bound/baseline", "gateway_aiohttp/baseline", "baseline/nginx"):
         if key in ratios:
             print(f"     {key:<24} {ratios[key]['median']:6.2f}")
     print("2. a new TLS connection with a client certificate per request, no resumption")
@@ -713,6 +720,9 @@ def report(
     if "gateway_uvloop" in held:
         hu = held["gateway_uvloop"]
         row("  kcd (uvloop): per held (KiB)", hu.per_held_kib, hn.per_held_kib, ",.1f", f"{hu.held:,} held")
+    if "gateway_aiohttp" in held:
+        ha = held["gateway_aiohttp"]
+        row("  kcd (aiohttp): per held (KiB)", ha.per_held_kib, hn.per_held_kib, ",.1f", f"{ha.held:,} held")
     at_10k = (hg.rss_idle + hg.per_held_kib * 1024 * 10_000) / 2**30
     row(
         "memory while held (MiB)", hg.rss_held / 2**20, hn.rss_held / 2**20, ",.0f", f"< 1 GiB at 10k: {at_10k:.2f} GiB"

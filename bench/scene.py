@@ -307,15 +307,18 @@ spn = "HTTP/cas.lab.test"
         argv = [sys.executable, "-m", "proxy", "run", "--config", str(self.root / "gateway.toml")]
         self.start("gateway", argv, self.ports["gateway"], core=self.cores[0], env=self.layout.env())
 
-    def start_variant(self, name: str, *, core: str, event_loop: str = "asyncio", workers: int = 1) -> None:
-        """The gateway again, on a port of its own: another event loop (`listener.event_loop`), another number of
-        workers, or traced (`name` "traced": bench.traced, tracemalloc and a snapshot on SIGUSR1)."""
+    def start_variant(
+        self, name: str, *, core: str, event_loop: str = "asyncio", workers: int = 1, http_server: str = "own"
+    ) -> None:
+        """The gateway again, on a port of its own: another event loop (`listener.event_loop`), another device-side
+        server (`listener.http_server`), another number of workers, or traced (`name` "traced": bench.traced,
+        tracemalloc and a snapshot on SIGUSR1)."""
         self.ports[name] = free_port()
         text = (self.root / "gateway.toml").read_text()
         bind = f'bind = "{self.layout.bind_host}:{self.ports["gateway"]}"\nworkers = {self.workers}\n'
         assert bind in text, "the gateway's [listener] bind line moved"
         ours = f'bind = "{self.layout.bind_host}:{self.ports[name]}"\nworkers = {workers}\n'
-        ours += f'event_loop = "{event_loop}"\n'
+        ours += f'event_loop = "{event_loop}"\nhttp_server = "{http_server}"\n'
         (self.root / f"{name}.toml").write_text(text.replace(bind, ours, 1))
         module = "bench.traced" if name == "traced" else "proxy"
         argv = [sys.executable, "-m", module, "run", "--config", str(self.root / f"{name}.toml")]

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.http import HttpVersion10
+from multidict import CIMultiDict
 
 from proxy.admin import start_admin
 from proxy.auth.basic import BasicLogin
@@ -27,6 +27,9 @@ from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
+from proxy.device.aiohttp_side import AiohttpRequest
+from proxy.device.request import DeviceRequest
+from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
 from proxy.directory import Directory
 from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed
 from proxy.kerberos.delegate import Delegator
@@ -40,6 +43,7 @@ from proxy.tls.server import gate_factory
 
 log = structlog.get_logger("proxy")
 TRACE_KEY = web.RequestKey("trace", Trace)
+DEVICE_KEY = web.RequestKey("device", AiohttpRequest)
 
 
 def build(config: Config) -> Gateway:
@@ -85,38 +89,100 @@ def _directory(config: Config) -> Directory | None:
 _NOT_FORWARDED = frozenset({"TRACE", "TRACK", "CONNECT"})
 
 
-def _refuse_smuggling(request: web.Request) -> None:
-    """Shapes aiohttp lets through that a gateway must not forward."""
-    if request.version < HttpVersion10:
-        # aiohttp reads a request line without a version as HTTP/0.9, and writes its answer's status line
-        # with the request's version (a cached property): refused, and answered as HTTP/1.0, which closes.
-        request._cache.pop("version", None)
-        request._version = HttpVersion10
+def _refuse_smuggling(request: DeviceRequest) -> None:
+    """Shapes both device-side parsers let through that a gateway must not forward."""
+    if request.version < (1, 0):
         raise BadRequest("the request line has no HTTP version (HTTP/0.9 is not served)")
     if request.method in _NOT_FORWARDED:
         raise MethodNotAllowed(f"{request.method} is not forwarded")
-    if "://" in request.raw_path.partition("?")[0]:  # the target as sent (request.url is always absolute)
+    if "://" in request.raw_path.partition("?")[0]:  # the target as sent (aiohttp's request.url is always absolute)
         raise BadRequest("absolute-form request targets are not accepted here")
     if request.version < (1, 1) and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
         raise BadRequest("chunked transfer coding is not allowed with HTTP/1.0")
 
 
+def _begin(live: Live, request: DeviceRequest) -> Trace:
+    """A request's trace, its log context and its metrics started."""
+    trace = Trace()
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=trace.id)
+    trace.note(method=request.method, path=request.path, client=request.remote)
+    live.metrics.begin(trace)
+    return trace
+
+
+def _refused(e: GatewayError, trace: Trace) -> tuple[CIMultiDict[str], bytes]:
+    """A refusal noted in the trace and logged as its audit event; the answer's headers and body."""
+    trace.note(refused_stage=e.stage, reason=e.reason, refusal=e.event)
+    trace.detail("refused", fix=e.hint)
+    log.warning(e.event, stage=e.stage, reason=e.reason, fix=e.hint, **_who(trace))
+    headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "text/plain; charset=utf-8"})
+    headers.extend({"X-KCD-Refused-Stage": e.stage, **e.headers, **e.challenge})
+    return headers, f"{e.reason}\n".encode()
+
+
+def _end(live: Live, trace: Trace, status: int) -> None:
+    summary_line("request", status=status, **trace.summary())
+    live.metrics.observe(trace, status)
+    live.traces.record(trace, status, live.config.traces)
+
+
+_NOT_FOUND = b"404: Not Found"
+
+
+def own_server_handler(live: Live) -> Callable[[DeviceRequest], Awaitable[None]]:
+    """The request path on `proxy.device.server`: the stages, and the one place a refusal becomes an answer."""
+
+    async def serve_request(request: DeviceRequest) -> None:
+        trace = _begin(live, request)
+        status = 500
+        try:
+            _refuse_smuggling(request)
+            if not request.raw_path.startswith("/"):  # `OPTIONS *`: aiohttp's router matched nothing (404)
+                status = 404
+                await request.answer(404, None, CIMultiDict({"Content-Type": "text/plain; charset=utf-8"}), _NOT_FOUND)
+                return
+            with live.use() as gw:
+                await handle(gw, request, trace)
+            status = request.status or 500
+        except asyncio.CancelledError:
+            status = 499  # the device went away first (nginx's "client closed request")
+            raise
+        except GatewayError as e:
+            status = e.status
+            headers, body = _refused(e, trace)
+            if request.answer_started:
+                request.abort()  # too late for this answer: the connection ends
+            else:
+                await request.answer(e.status, None, headers, body)
+        except Exception:
+            log.exception("request_failed", **_who(trace))
+            if request.answer_started:
+                request.abort()
+            else:
+                headers = CIMultiDict({"Content-Type": "text/plain; charset=utf-8"})
+                await request.answer(500, None, headers, b"500 Internal Server Error\n")
+        finally:
+            _end(live, trace, status)
+
+    return serve_request
+
+
 def make_app(live: Live) -> web.Application:
-    """The gateway's application; each request runs with the configuration in force when it starts."""
+    """The gateway's application on aiohttp's server (`listener.http_server = "aiohttp"`); each request runs
+    with the configuration in force when it starts."""
 
     @web.middleware
     async def gateway_middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        trace = Trace()
+        device = AiohttpRequest(request)
+        request[DEVICE_KEY] = device
+        trace = _begin(live, device)
         request[TRACE_KEY] = trace
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=trace.id)
-        trace.note(method=request.method, path=request.path, client=request.remote)
-        live.metrics.begin(trace)
         status = 500
         try:
-            _refuse_smuggling(request)
+            _refuse_smuggling(device)
             response = await handler(request)
             status = response.status
             return response
@@ -128,26 +194,50 @@ def make_app(live: Live) -> web.Application:
             raise
         except GatewayError as e:
             status = e.status
-            trace.note(refused_stage=e.stage, reason=e.reason, refusal=e.event)
-            trace.detail("refused", fix=e.hint)
-            log.warning(e.event, stage=e.stage, reason=e.reason, fix=e.hint, **_who(trace))
-            return web.Response(
-                status=e.status,
-                text=f"{e.reason}\n",
-                headers={"X-KCD-Refused-Stage": e.stage, **e.headers, **e.challenge},
-            )
+            headers, body = _refused(e, trace)
+            response = web.Response(status=e.status, body=body)
+            response.headers.extend(headers)
+            return response
         finally:
-            summary_line("request", status=status, **trace.summary())
-            live.metrics.observe(trace, status)
-            live.traces.record(trace, status, live.config.traces)
+            _end(live, trace, status)
 
     async def proxy_handler(request: web.Request) -> web.StreamResponse:
+        device = request[DEVICE_KEY]
         with live.use() as gw:
-            return await handle(gw, request, request[TRACE_KEY])
+            await handle(gw, device, request[TRACE_KEY])
+        assert device.response is not None  # the backend stage answers, or raises
+        return device.response
 
     app = web.Application(middlewares=[gateway_middleware], client_max_size=live.config.listener.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", proxy_handler, expect_handler=defer_continue)
     return app
+
+
+async def _aiohttp_server(live: Live) -> web.AppRunner:
+    """aiohttp's server for the request path (`listener.http_server = "aiohttp"`), set up."""
+    runner = web.AppRunner(
+        make_app(live),
+        access_log=logging.getLogger("aiohttp.access"),  # only for `unparsed_requests`: no access log is written
+        access_log_class=unparsed_requests(live),
+        handle_signals=False,
+        keepalive_timeout=live.config.listener.keepalive_timeout,
+        handler_cancellation=True,
+        max_field_size=MAX_FIELD_BYTES,
+        auto_decompress=False,  # a proxy passes bodies on as sent: codings and lengths are the backend's to read
+    )
+    await runner.setup()
+    return runner
+
+
+def _unparsed(live: Live, remote: str | None, status: int) -> None:
+    """The summary line and metrics of a request the server could not parse (what went wrong was logged)."""
+    trace = Trace()
+    live.metrics.begin(trace)
+    trace.note(method=None, path=None, client=remote)
+    trace.note(refused_stage="request", refusal="request_unparsed", reason="the request could not be parsed")
+    structlog.contextvars.clear_contextvars()
+    summary_line("request", status=status, **trace.summary())
+    live.metrics.observe(trace, status)
 
 
 def unparsed_requests(live: Live) -> type[AbstractAccessLogger]:
@@ -160,13 +250,7 @@ def unparsed_requests(live: Live) -> type[AbstractAccessLogger]:
         def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
             if TRACE_KEY in request:  # the middleware saw it
                 return
-            trace = Trace()
-            live.metrics.begin(trace)
-            trace.note(method=None, path=None, client=request.remote)
-            trace.note(refused_stage="request", refusal="request_unparsed", reason="the request could not be parsed")
-            structlog.contextvars.clear_contextvars()
-            summary_line("request", status=response.status, **trace.summary())
-            live.metrics.observe(trace, response.status)
+            _unparsed(live, request.remote, response.status)
 
     return UnparsedRequests
 
@@ -185,31 +269,36 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
-    runner = web.AppRunner(
-        make_app(live),
-        access_log=logging.getLogger("aiohttp.access"),  # only for `unparsed_requests`: no access log is written
-        access_log_class=unparsed_requests(live),
-        handle_signals=False,
-        keepalive_timeout=config.listener.keepalive_timeout,
-        handler_cancellation=True,
-        max_field_size=MAX_FIELD_BYTES,
-        auto_decompress=False,  # a proxy passes bodies on as sent: codings and lengths are the backend's to read
-    )
-    await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
-    await runner.setup()
-    assert runner.server is not None
-    handlers = runner.server
-    live.metrics.open_connections = lambda: len(handlers.connections)
     listener = config.listener
     slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.open
     live.metrics.connection_limit = listener.max_connections
+    await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
+    runner: web.AppRunner | None = None
+    connections: set[DeviceConnection] = set()
+    handler: Callable[[], asyncio.Protocol]
+    if listener.http_server == "aiohttp":
+        runner = await _aiohttp_server(live)
+        assert runner.server is not None
+        handlers = runner.server
+        live.metrics.open_connections = lambda: len(handlers.connections)
 
-    def handler() -> asyncio.Protocol:
-        """aiohttp's request handler for a new connection, its header block capped (431 beyond)."""
-        protocol = handlers()
-        limit_header_block(protocol, listener.max_header_bytes, live.metrics.headers_refused)
-        return protocol
+        def handler() -> asyncio.Protocol:
+            """aiohttp's request handler for a new connection, its header block capped (431 beyond)."""
+            protocol = handlers()
+            limit_header_block(protocol, listener.max_header_bytes, live.metrics.headers_refused)
+            return protocol
+
+    else:
+        live.metrics.open_connections = lambda: len(connections)
+        limits = DeviceLimits(listener.max_header_bytes, MAX_FIELD_BYTES, listener.keepalive_timeout)
+        handler = connection_factory(
+            own_server_handler(live),
+            limits,
+            on_headers_refused=live.metrics.headers_refused,
+            on_unparsed=lambda remote, status: _unparsed(live, remote, status),
+            connections=connections,
+        )
 
     tls_gate = gate_factory(
         handler, lambda: live.ssl_context, listener.handshake_timeout, on_refused=live.metrics.handshake_refused
@@ -227,6 +316,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         bind=f"{listener.host}:{listener.port}",
         routes=[r.prefix for r in config.routes],
         event_loop=type(loop).__module__.partition(".")[0],  # the loop really running: "asyncio" or "uvloop"
+        http_server=listener.http_server,
     )
     # What start-up built (libraries, trust list, CRLs, routes) lives as long as the process: out of the
     # collector's sight, full collections stop walking it (they were 6% of the CPU under load: bench/run.py).
@@ -246,7 +336,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             task.cancel()
         for sock in sockets:
             sock.close()
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
+        close_all(connections)
         await live.close()
         live.traces.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -47,6 +47,8 @@ DIRECTORY_BINDS: tuple[DirectoryBind, ...] = ("kerberos", "simple")
 # The event loop each worker runs (proxy.loop): asyncio's own, or uvloop's (libuv) when it is installed.
 EventLoop = Literal["asyncio", "uvloop"]
 EVENT_LOOPS: tuple[EventLoop, ...] = ("asyncio", "uvloop")
+HttpServer = Literal["own", "aiohttp"]
+HTTP_SERVERS: tuple[HttpServer, ...] = ("own", "aiohttp")
 # An evidence ticket whose PAC names no account (proxy.kerberos.account): "auto" serves MIT's PAC naming nobody
 # and refuses a ticket without any PAC; "require" wants the account named (AD); "optional" serves both.
 KdcAccountPolicy = Literal["auto", "require", "optional"]
@@ -77,6 +79,7 @@ class Listener:
     proxy_protocol: bool = False  # connections open with a PROXY header (v1/v2) from a balancer; see below
     trusted_proxies: tuple[IPNetwork, ...] = ()  # balancers (CIDR) whose PROXY headers are believed
     event_loop: EventLoop = "asyncio"  # "uvloop": libuv's loop (proxy.loop; the README's Performance says what it pays)
+    http_server: HttpServer = "own"  # what parses the device's requests: proxy.device.server, or aiohttp's web server
 
 
 @dataclass(frozen=True)
@@ -399,7 +402,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         {
             *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
             *("client_body_timeout", "client_send_timeout", "workers", "max_header_bytes", "max_connections"),
-            *("proxy_protocol", "trusted_proxies", "event_loop"),
+            *("proxy_protocol", "trusted_proxies", "event_loop", "http_server"),
         },
     )
     proxy_protocol, trusted_proxies = _proxy_protocol(r, t)
@@ -420,6 +423,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         proxy_protocol=proxy_protocol,
         trusted_proxies=trusted_proxies,
         event_loop=_event_loop(r, t),
+        http_server=cast(HttpServer, _named_choice(r, t, "listener", "http_server", HTTP_SERVERS, "own")),
     )
 
 

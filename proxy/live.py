@@ -207,7 +207,7 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
         changed.append("listener.bind")
     if old.listener.workers != new.listener.workers:
         changed.append("listener.workers")
-    for key in ("max_connections", "max_header_bytes"):
+    for key in ("max_connections", "max_header_bytes", "http_server"):
         if getattr(old.listener, key) != getattr(new.listener, key):
             changed.append(f"listener.{key}")
     if old.admin != new.admin:

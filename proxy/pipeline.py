@@ -25,19 +25,19 @@ from datetime import UTC, datetime
 from functools import cached_property
 
 import structlog
-from aiohttp import web
 from cryptography import x509
 
 from proxy.auth.basic import BasicLogin
 from proxy.auth.modes import Authenticated, authenticate
 from proxy.backend import headers
-from proxy.backend.forward import Authorization, Pools, forward
+from proxy.backend.forward import Authorization, Pools, forward_device
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import VerifiedChains
 from proxy.certs.restrictions import admit
 from proxy.certs.revocation import CrlSet
 from proxy.config import Config, MappingMode, Route
+from proxy.device.request import DeviceRequest
 from proxy.directory import Directory
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
 from proxy.identity.mapping import Mapping, account_state, decide, no_account
@@ -188,10 +188,10 @@ async def backend_authorization(
     return delegation.authorization(), delegation.principal
 
 
-async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamResponse:
+async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     now = datetime.now(UTC)
     target = origin_form(request.raw_path)  # before any stage: the path the backend will act on
-    if target.forward != request.rel_url.raw_path:
+    if target.forward != request.rel_raw_path:
         trace.note(backend_path=target.path)
     route = gw.config.route_for(target.path, request.host)
     with trace.stage("tls"):
@@ -211,9 +211,8 @@ async def handle(gw: Gateway, request: web.Request, trace: Trace) -> web.StreamR
         authorization, principal = await backend_authorization(gw, auth, route, trace)
     with trace.stage("backend"), gw.revocation.watch(request):  # ended if the certificate is revoked meanwhile
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
-        response, result = await forward(request, route, gw.pools, principal, authorization, context, target)
+        result = await forward_device(request, route, gw.pools, principal, authorization, context, target)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
     if route.backend_binding == "connection":
         trace.note(backend_auth_sent=result.token_sent)  # False: the connection already carries the user's identity
     trace.detail("backend", reused=result.reused, token_sent=result.token_sent)
-    return response

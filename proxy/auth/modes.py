@@ -27,10 +27,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from proxy.auth.basic import BasicLogin, PasswordLogin, parse_basic
 from proxy.config import AuthMode, Route
+from proxy.device.request import DeviceRequest
 from proxy.errors import IdentityRejected, NoCertificate
 from proxy.identity.principal import UserPrincipal, ascii_lower
 
@@ -54,7 +53,7 @@ def wants_password(mode: AuthMode, certified: bool, route: Route | None) -> bool
 
 
 async def authenticate(
-    basic: BasicLogin, mode: AuthMode, request: web.Request, certified: UserPrincipal | None, route: Route | None
+    basic: BasicLogin, mode: AuthMode, request: DeviceRequest, certified: UserPrincipal | None, route: Route | None
 ) -> Authenticated:
     """Settle who the request is from under `mode`, given the certificate's user (None: no certificate)."""
     if certified is None and mode in ("certificate", "certificate-and-basic"):

@@ -40,9 +40,9 @@ Timeouts. Nothing bounds a backend request as a whole (a total would cut ActiveS
 streaming notifications); the route's `connect_timeout` bounds the connection and its `read_timeout` each
 wait for the backend's next bytes or for it to take more of the request body (504 before the answer has
 begun). On the device's side, `listener.client_body_timeout` bounds each wait for its next body bytes (408) and
-`listener.client_send_timeout` each wait for it to take ours. When the device goes away, aiohttp's server
-cancels the handler (`handler_cancellation=True`), which closes the backend connection at once: the
-backend sees its client leave and stops working on the request.
+`listener.client_send_timeout` each wait for it to take ours. When the device goes away, the device-side
+server cancels the request's task (`proxy.device.server`; aiohttp's with `handler_cancellation=True`), which
+closes the backend connection at once: the backend sees its client leave and stops working on the request.
 
 https upstreams are verified against the route's `ca_bundle` (the system's CAs without one), under the
 route's `server_name` when set (it is then also the SNI), else the upstream's host name.
@@ -60,7 +60,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
@@ -76,6 +75,8 @@ from proxy.backend.client import (
     UserPool,
 )
 from proxy.config import Listener, Route
+from proxy.device.aiohttp_side import AiohttpRequest
+from proxy.device.request import DeviceRequest
 from proxy.errors import BackendRejectedTicket, BackendTimeout, BackendUnavailable, ClientBodyTimeout
 from proxy.target import OriginForm, origin_form
 
@@ -198,8 +199,8 @@ class ClientBody:
 
     `started` says whether any of it has been taken from the device (then it cannot be sent again)."""
 
-    def __init__(self, content: aiohttp.StreamReader, idle: float) -> None:
-        self._content = content
+    def __init__(self, request: DeviceRequest, idle: float) -> None:
+        self._request = request
         self._idle = idle
         self.timed_out = False
         self.started = False
@@ -208,7 +209,7 @@ class ClientBody:
         while True:
             try:
                 async with asyncio.timeout(self._idle):
-                    chunk = await self._content.readany()
+                    chunk = await self._request.read_body()
             except TimeoutError:
                 self.timed_out = True
                 raise
@@ -218,14 +219,8 @@ class ClientBody:
             yield chunk
 
 
-async def defer_continue(request: web.Request) -> None:
+async def defer_continue(request: object) -> None:
     """aiohttp's `expect_handler`: send nothing yet; `forward` answers `100 Continue` when it forwards."""
-
-
-async def _send_continue(request: web.Request) -> None:
-    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the interim answer is not part of the response (as aiohttp does)
 
 
 @dataclass(frozen=True)
@@ -245,6 +240,22 @@ async def forward(
     extra_headers: Iterable[tuple[str, str]] = (),
     target: OriginForm | None = None,
 ) -> tuple[web.StreamResponse, BackendResult]:
+    """`forward_device` for an aiohttp handler: the answer given is the response the handler returns."""
+    device = AiohttpRequest(request)
+    result = await forward_device(device, route, pools, principal, authorization, extra_headers, target)
+    assert device.response is not None  # every path through forward_device answers, or raises
+    return device.response, result
+
+
+async def forward_device(
+    request: DeviceRequest,
+    route: Route,
+    pools: Pools,
+    principal: str,
+    authorization: Authorization,
+    extra_headers: Iterable[tuple[str, str]] = (),
+    target: OriginForm | None = None,
+) -> BackendResult:
     """Send `request` to the route's upstream as `principal` with `authorization`; stream the answer back.
 
     `authorization` may be a function that makes the header: on a `backend_binding = "connection"` route
@@ -261,10 +272,10 @@ async def forward(
         authorization=authorization if isinstance(authorization, str) else "",  # set per connection
         extra=extra_headers,
     )
-    body = ClientBody(request.content, pools.client_body_timeout) if request.body_exists else None
+    body = ClientBody(request, pools.client_body_timeout) if request.body_exists else None
     upstream = pools.upstream(route)
     with pools.lease(principal) as pool:
-        await _send_continue(request)
+        await request.send_continue()
         start = time.perf_counter()
         try:
             exchange, head, token_sent = await _send(
@@ -280,12 +291,12 @@ async def forward(
         try:
             if token_sent and route.backend_binding == "connection":
                 exchange.connection.bound_spn = route.spn  # its later requests go without a token
-            response, whole = await _relay(request, exchange, head, pools.client_send_timeout, route)
+            whole = await _relay(request, exchange, head, pools.client_send_timeout, route)
         except BaseException:
             exchange.finish(reuse=False)  # the device left, or the answer broke: the backend sees it at once
             raise
         exchange.finish(reuse=whole)
-        return response, BackendResult(head.status, ms, exchange.reused, token_sent)
+        return BackendResult(head.status, ms, exchange.reused, token_sent)
 
 
 async def _send(
@@ -341,54 +352,46 @@ def _authorize(
 
 
 async def _relay(
-    request: web.Request, exchange: Exchange, head: ResponseHead, send_timeout: float, route: Route
-) -> tuple[web.StreamResponse, bool]:
+    request: DeviceRequest, exchange: Exchange, head: ResponseHead, send_timeout: float, route: Route
+) -> bool:
     """Stream the backend's answer to the device, chunk by chunk as it comes; and whether it ended whole."""
     connection = exchange.connection
     if connection.complete and request.method != "HEAD" and head.status not in (204, 304):
         return await _relay_whole(request, exchange, head, send_timeout, route)
-    response = web.StreamResponse(status=head.status, reason=head.reason)
-    response.headers.extend(headers.to_client(head.headers))
-    if head.content_length is not None:
-        response.content_length = head.content_length
-    await response.prepare(request)
+    await request.start_answer(head.status, head.reason, headers.to_client(head.headers), head.content_length)
     try:
         while chunk := await connection.read():
             async with asyncio.timeout(send_timeout):
-                await response.write(chunk)
+                await request.write(chunk)
     except TimeoutError as e:
         # From the backend (read timeout) or the device (send timeout); either way the headers are gone
         # and all that is left is to cut the device's connection short.
         _cut(request, route, "stream_stalled", e)
-        return response, False
+        return False
     except (OSError, BackendProtocolError) as e:
         _cut(request, route, "backend_stream_broken", e)
-        return response, False
-    await response.write_eof()
-    return response, True
+        return False
+    await request.end_answer()
+    return True
 
 
 async def _relay_whole(
-    request: web.Request, exchange: Exchange, head: ResponseHead, send_timeout: float, route: Route
-) -> tuple[web.StreamResponse, bool]:
+    request: DeviceRequest, exchange: Exchange, head: ResponseHead, send_timeout: float, route: Route
+) -> bool:
     """An answer that has arrived whole goes to the device in one write (headers and body together, where
     streaming makes three: headers, body, end, each a TLS record and a send), with a Content-Length.
     Nothing waits for the backend here: the body is in the connection's buffer."""
-    response = web.Response(status=head.status, reason=head.reason, body=exchange.connection.body())
-    response.headers.extend(headers.to_client(head.headers))
     try:
         async with asyncio.timeout(send_timeout):
-            await response.prepare(request)
-            await response.write_eof()
+            await request.answer(head.status, head.reason, headers.to_client(head.headers), exchange.connection.body())
     except TimeoutError as e:
         _cut(request, route, "stream_stalled", e)
-    return response, True
+    return True
 
 
-def _cut(request: web.Request, route: Route, event: str, e: Exception) -> None:
+def _cut(request: DeviceRequest, route: Route, event: str, e: Exception) -> None:
     log.warning(event, upstream=route.upstream, error=f"{type(e).__name__}: {e}")
-    if request.transport is not None:
-        request.transport.abort()
+    request.abort()
 
 
 def _failure(route: Route, e: Exception, body: ClientBody | None) -> Exception:

@@ -29,13 +29,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 from proxy.certs.chain import TrustList, VerifiedCertificate
 from proxy.certs.ocsp import OcspClient
 from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus
 from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
 from proxy.config import ClientCertificates
+from proxy.device.request import DeviceRequest
 from proxy.errors import CertificateRevoked
 
 log = structlog.get_logger("proxy.revocation")
@@ -44,7 +44,7 @@ log = structlog.get_logger("proxy.revocation")
 class _Watch:
     """One request in flight, and how to end it."""
 
-    def __init__(self, request: web.Request, verified: VerifiedCertificate, task: asyncio.Task[Any]) -> None:
+    def __init__(self, request: DeviceRequest, verified: VerifiedCertificate, task: asyncio.Task[Any]) -> None:
         self.request = request
         self.verified = verified
         self.task = task
@@ -55,7 +55,7 @@ class _Watch:
         if self.ended is not None:
             return
         self.ended = error
-        self.answer_started = self.request.writer.output_size > 0
+        self.answer_started = self.request.answer_started
         log.warning(
             "held_request_ended",
             cert_subject=self.verified.subject,
@@ -63,8 +63,8 @@ class _Watch:
             reason=error.reason,
             answer_started=self.answer_started,
         )
-        if self.answer_started and self.request.transport is not None:
-            self.request.transport.abort()  # too late for a 403: cut the connection
+        if self.answer_started:
+            self.request.abort()  # too late for a 403: cut the connection
         self.task.cancel(msg="certificate revoked")
 
 
@@ -149,7 +149,7 @@ class LiveRevocation:
         return crl
 
     @contextlib.contextmanager
-    def watch(self, request: web.Request) -> Iterator[None]:
+    def watch(self, request: DeviceRequest) -> Iterator[None]:
         """Keep this request in flight under the chain `check` saw for it; end it if that gets revoked.
 
         Raises CertificateRevoked when a refresh revoked the chain meanwhile. A request that presented no

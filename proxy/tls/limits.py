@@ -164,21 +164,26 @@ class HeaderBlockBudget:
     def _refuse(self) -> None:
         self._refused = True
         transport: Any = getattr(self._handler, "transport", None)
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        log.warning(
-            "request_headers_too_large",
-            stage="request",
-            peer=peer_text(peer),
-            reason=f"the request's header block passed {self._limit} bytes",
-            fix="a client sending this much header is broken or hostile; listener.max_header_bytes sets the limit",
-        )
-        self._on_refused()
-        if transport is not None and not transport.is_closing():
-            transport.write(_TOO_LARGE)
-            asyncio.get_running_loop().call_later(_LINGER, transport.close)
+        refuse_header_block(transport, self._limit, self._on_refused)
 
     def __getattr__(self, name: str) -> Any:  # feed_eof, pause_reading, message_consumed, set_upgraded ...
         return getattr(self._parser, name)
+
+
+def refuse_header_block(transport: asyncio.Transport | None, limit: int, on_refused: Callable[[], None]) -> None:
+    """A header block passed `limit` bytes: logged, counted, answered 431, the connection closed after a linger."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    log.warning(
+        "request_headers_too_large",
+        stage="request",
+        peer=peer_text(peer),
+        reason=f"the request's header block passed {limit} bytes",
+        fix="a client sending this much header is broken or hostile; listener.max_header_bytes sets the limit",
+    )
+    on_refused()
+    if transport is not None and not transport.is_closing():
+        transport.write(_TOO_LARGE)
+        asyncio.get_running_loop().call_later(_LINGER, transport.close)
 
 
 def limit_header_block(handler: asyncio.Protocol, limit: int, on_refused: Callable[[], None]) -> None:

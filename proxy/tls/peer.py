@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ssl
 
-from aiohttp import web
 from cryptography import x509
 
+from proxy.device.request import DeviceRequest
 
-def presented_certificate(request: web.Request) -> x509.Certificate | None:
+
+def presented_certificate(request: DeviceRequest) -> x509.Certificate | None:
     """The leaf certificate the client presented (OpenSSL verified it in the handshake), or None."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
@@ -16,7 +17,7 @@ def presented_certificate(request: web.Request) -> x509.Certificate | None:
     return x509.load_der_x509_certificate(der) if der else None
 
 
-def tls_facts(request: web.Request) -> dict[str, object]:
+def tls_facts(request: DeviceRequest) -> dict[str, object]:
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if not isinstance(ssl_object, ssl.SSLObject):

@@ -14,7 +14,7 @@ wrote for the client (https://github.com/python/cpython/issues/98078): the devic
 instead of "certificate expired". So the listener accepts plain TCP and performs each handshake itself,
 as `loop.start_tls` does, with an `SSLProtocol` that sends the pending alert before closing: a failed
 handshake is logged here with the peer's address and OpenSSL's reason, and a completed one is handed
-to aiohttp's request handler.
+to the device-side server (`proxy.device.server`, or aiohttp's request handler: `listener.http_server`).
 
 The listener accepts through `proxy.tls.limits.accept_connections`, which holds at most
 `listener.max_connections` connections per worker; whichever protocol owns a connection's socket when

@@ -1,0 +1,113 @@
+"""aiohttp's server behind the `DeviceRequest` interface (`listener.http_server = "aiohttp"`).
+
+`AiohttpRequest` wraps one `web.Request`; the answer it gives is a `web.StreamResponse` that the
+handler returns to aiohttp (`response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.http import HttpVersion10
+from multidict import MultiMapping
+
+
+class AiohttpRequest:
+    """A `proxy.device.request.DeviceRequest` over aiohttp's `web.Request`."""
+
+    __slots__ = ("_request", "_version", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._version = request.version
+        self.response: web.StreamResponse | None = None
+        if request.version < HttpVersion10:
+            # aiohttp reads a request line without a version as HTTP/0.9, and writes its answer's status line
+            # with the request's version (a cached property): the refusal goes out as HTTP/1.0, which closes.
+            request._cache.pop("version", None)
+            request._version = HttpVersion10
+
+    @property
+    def method(self) -> str:
+        return self._request.method
+
+    @property
+    def raw_path(self) -> str:
+        return self._request.raw_path
+
+    @property
+    def rel_raw_path(self) -> str:
+        return self._request.rel_url.raw_path
+
+    @property
+    def path(self) -> str:
+        return self._request.path
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return self._version  # as sent (HTTP/0.9 included), not as answered
+
+    @property
+    def headers(self) -> MultiMapping[str]:
+        return self._request.headers
+
+    @property
+    def host(self) -> str:
+        return self._request.host
+
+    @property
+    def remote(self) -> str | None:
+        return self._request.remote
+
+    @property
+    def body_exists(self) -> bool:
+        return self._request.body_exists
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._request.transport
+
+    @property
+    def status(self) -> int | None:
+        return None if self.response is None else self.response.status
+
+    @property
+    def answer_started(self) -> bool:
+        return self._request.writer.output_size > 0
+
+    async def read_body(self) -> bytes:
+        return await self._request.content.readany()
+
+    async def send_continue(self) -> None:
+        request = self._request
+        if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the interim answer is not part of the response (as aiohttp does)
+
+    async def answer(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> None:
+        response = self.response = web.Response(status=status, reason=reason, body=body)
+        response.headers.extend(headers)
+        await response.prepare(self._request)
+        await response.write_eof()
+
+    async def start_answer(
+        self, status: int, reason: str | None, headers: MultiMapping[str], content_length: int | None
+    ) -> None:
+        response = self.response = web.StreamResponse(status=status, reason=reason)
+        response.headers.extend(headers)
+        if content_length is not None:
+            response.content_length = content_length
+        await response.prepare(self._request)
+
+    async def write(self, chunk: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(chunk)
+
+    async def end_answer(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.abort()

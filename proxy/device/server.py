@@ -1,0 +1,698 @@
+"""The device side: HTTP/1.1 over the TLS connection a device opened, parsed by llhttp (`httptools`).
+
+Theory of operation
+-------------------
+This replaces aiohttp's web server on the request path (`listener.http_server = "own"`) with what the
+gateway needs of one: read a request, hand it to the pipeline as a `DeviceRequest`, write the answer
+the pipeline gives, and read the next request on the same connection. aiohttp's server (request
+handler, middlewares, `web.Request`, `web.StreamResponse`) had been 10-15% of a request's CPU
+(docs/performance.md); aiohttp stays for the admin listener.
+
+One `DeviceConnection` (an asyncio Protocol) per connection, given the TLS transport by
+`proxy.tls.server.TlsGate` once the handshake is done. Its bytes go to llhttp with none of its
+leniencies, which refuses (400, the connection closed) what aiohttp's parser (llhttp too) refused:
+Content-Length with Transfer-Encoding, two Content-Lengths, a length that is not digits, a
+Transfer-Encoding other than a final `chunked` (`chunked, chunked` included), obs-fold, bare LF, CR or
+NUL or other controls in a field, a bad chunk size, a method or a version it does not know. On top of
+llhttp, as aiohttp did: a request target over `MAX_TARGET_BYTES`, a field name or value over
+`max_field_bytes`, more than `MAX_FIELDS` fields, HTTP/1.1 without `Host`, and two `Host` fields are
+400; HTTP/0.9 (a request line without a version) reaches the pipeline, which refuses it (400).
+
+Bounds before any stage runs (`proxy.tls.limits` has the why):
+- the header block: bytes read while a request's head is incomplete are counted, and past
+  `listener.max_header_bytes` the device gets 431 (`proxy.tls.limits.refuse_header_block`), whatever
+  TLS records the head came in: the parser is fed at most the budget, so a head of exactly the budget
+  passes and one byte more does not;
+- time: from the connection's start, and from the end of each answer, a request's head must be
+  complete within `listener.keepalive_timeout`, or the connection is closed (aiohttp's rule);
+- bodies: at most `BODY_HIGH` bytes of a request body are held; past that, reading from the device
+  pauses until the backend stage takes them.
+
+Requests are answered one at a time, in order. A request that arrives while the one before is still
+being served (pipelining) waits, and reading pauses meanwhile, so a device cannot queue more than what
+one read brought. Each request runs in its own task; when the device goes away, the task is cancelled
+(the backend connection is then closed at once: `proxy.backend.forward`). After an answer the
+connection is kept only when both sides may keep it (HTTP/1.1 without `Connection: close`, or HTTP/1.0
+with `Connection: keep-alive`) and the request was read whole: a body the pipeline left unread (a refusal
+before `100 Continue`), a malformed request or an `Upgrade` ends the connection after its answer, so no
+byte of one request is ever read as the start of another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from urllib.parse import unquote
+
+import httptools
+import structlog
+from multidict import CIMultiDict, MultiMapping
+
+from proxy.errors import BadRequest
+from proxy.tls.limits import refuse_header_block
+from proxy.tls.server import peer_text, socket_transport
+
+log = structlog.get_logger("proxy.device")
+
+MAX_TARGET_BYTES = 8190  # the request target (aiohttp's max_line_size)
+MAX_FIELDS = 128  # header fields of one request (aiohttp's max_headers)
+BODY_HIGH = 256 * 1024  # request body bytes held for the backend stage before reading pauses
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """The listener's settings the device side enforces."""
+
+    max_header_bytes: int
+    max_field_bytes: int
+    keepalive_timeout: float
+
+
+class _Refused(Exception):
+    """Raised in a parser callback: the head breaks one of our bounds (400)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _fqdn() -> str:
+    return socket.getfqdn()  # the host of a request without Host (HTTP/1.0), as aiohttp reports it
+
+
+class _Date:
+    """The Date header's value, formatted once a second."""
+
+    second = -1
+    value = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second, cls.value = second, formatdate(second, usegmt=True).encode("ascii")
+        return cls.value
+
+
+class RequestBody:
+    """A request body as it arrives from the device: buffered up to `BODY_HIGH`, then reading pauses."""
+
+    __slots__ = ("_chunks", "_connection", "_error", "_size", "_waiter", "complete")
+
+    def __init__(self, connection: DeviceConnection) -> None:
+        self._connection = connection
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self.complete = False
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > BODY_HIGH:
+            self._connection.pause(_BODY)
+        self._wake()
+
+    def end(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.complete:
+            self._error = error
+            self._wake()
+
+    async def read(self) -> bytes:
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.complete:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        self._connection.resume(_BODY)
+        return data
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class DeviceHttpRequest:
+    """One request as `DeviceConnection` parsed it: a `proxy.device.request.DeviceRequest`."""
+
+    __slots__ = (
+        "_answered",
+        "_chunked",
+        "_connection",
+        "_head_only",
+        "body",
+        "body_exists",
+        "headers",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "status",
+        "version",
+    )
+
+    def __init__(
+        self,
+        connection: DeviceConnection,
+        method: str,
+        raw_path: str,
+        version: tuple[int, int],
+        headers: CIMultiDict[str],
+        keep_alive: bool,
+        body: RequestBody | None,
+    ) -> None:
+        self._connection = connection
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers: MultiMapping[str] = headers
+        self.keep_alive = keep_alive
+        self.body = body
+        self.body_exists = body is not None
+        self.status: int | None = None  # of the answer, once its head is written
+        self._answered = False  # the answer is complete
+        self._chunked = False
+        self._head_only = method == "HEAD"
+
+    @property
+    def rel_raw_path(self) -> str:
+        return self.raw_path.partition("?")[0]
+
+    @property
+    def path(self) -> str:
+        return unquote(self.raw_path.partition("?")[0], errors="surrogateescape")
+
+    @property
+    def host(self) -> str:
+        return self.headers.get("Host") or _fqdn()
+
+    @property
+    def remote(self) -> str | None:
+        return self._connection.remote
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._connection.transport
+
+    @property
+    def answer_started(self) -> bool:
+        return self.status is not None
+
+    async def read_body(self) -> bytes:
+        return b"" if self.body is None else await self.body.read()
+
+    async def send_continue(self) -> None:
+        if (
+            self.version >= (1, 1)
+            and self.body is not None
+            and self.status is None
+            and self.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await self._connection.drain()
+
+    async def answer(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> None:
+        bodyless = status in _NO_BODY_STATUS
+        length = None if bodyless else len(body)
+        head = self._head(status, reason, headers, length, chunked=False)
+        self._connection.write(head if bodyless or self._head_only or not body else head + body)
+        self._answered = True
+        await self._connection.drain()
+
+    async def start_answer(
+        self, status: int, reason: str | None, headers: MultiMapping[str], content_length: int | None
+    ) -> None:
+        if status in _NO_BODY_STATUS:
+            content_length = None
+        bodyless = status in _NO_BODY_STATUS or self._head_only
+        chunked = content_length is None and not bodyless and self.version >= (1, 1)
+        if content_length is None and not bodyless and not chunked:
+            self.keep_alive = False  # HTTP/1.0 and no length: the end of the body is the end of the connection
+        self._chunked = chunked
+        self._connection.write(self._head(status, reason, headers, content_length, chunked=chunked))
+        await self._connection.drain()
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk or self._head_only or self.status in _NO_BODY_STATUS:
+            return
+        self._connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk)
+        await self._connection.drain()
+
+    async def end_answer(self) -> None:
+        if self._chunked:
+            self._connection.write(b"0\r\n\r\n")
+        self._answered = True
+        await self._connection.drain()
+
+    def abort(self) -> None:
+        self._connection.abort()
+
+    def _head(
+        self, status: int, reason: str | None, headers: MultiMapping[str], length: int | None, *, chunked: bool
+    ) -> bytes:
+        """The status line and header fields; whether the connection is kept is decided here, once."""
+        if self.body is not None and not self.body.complete:
+            self.keep_alive = False  # the rest of the body would be read as the next request
+        if reason is None:
+            try:
+                reason = HTTPStatus(status).phrase
+            except ValueError:
+                reason = ""
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        if length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
+        elif chunked:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        if not self.keep_alive:
+            lines.append("Connection: close\r\n")
+        elif self.version < (1, 1):
+            lines.append("Connection: keep-alive\r\n")
+        text = "".join(lines)
+        if text.count("\n") != len(lines) or text.count("\r") != len(lines) or "\x00" in text:
+            raise BadRequest("an answer header field holds CR, LF or NUL")  # never split into two answers
+        self.status = status
+        date = b"" if "Date" in headers else b"Date: " + _Date.now() + b"\r\n"
+        return text.encode("utf-8", "surrogateescape") + date + b"\r\n"
+
+
+class _Unparsed:
+    """In the queue of requests: the place where the device's bytes stopped being HTTP."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+Serve = Callable[[DeviceHttpRequest], Awaitable[None]]
+Unparsed = Callable[[str | None, int], None]  # the peer's address, the status it got
+
+# why reading is paused (bits)
+_BODY, _QUEUE = 1, 2
+
+
+class DeviceConnection(asyncio.Protocol):
+    """One device connection: parse, queue, serve in order, keep alive or close."""
+
+    __slots__ = (  # no instance dict: thousands are held open by long-polls (bench: memory per held request)
+        "_connections",
+        "_drain",
+        "_field_count",
+        "_fields",
+        "_framing",
+        "_head_seen",
+        "_hosts",
+        "_idle",
+        "_in_head",
+        "_limits",
+        "_loop",
+        "_on_headers_refused",
+        "_on_unparsed",
+        "_parser",
+        "_parsing",
+        "_paused",
+        "_queue",
+        "_receiving",
+        "_serve",
+        "_stopped",
+        "_target",
+        "_target_bytes",
+        "_task",
+        "_write_paused",
+        "remote",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        serve: Serve,
+        limits: DeviceLimits,
+        *,
+        on_headers_refused: Callable[[], None],
+        on_unparsed: Unparsed,
+        connections: set[DeviceConnection] | None = None,
+    ) -> None:
+        self._serve = serve
+        self._limits = limits
+        self._on_headers_refused = on_headers_refused
+        self._on_unparsed = on_unparsed
+        self._connections = connections
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self._queue: deque[DeviceHttpRequest | _Unparsed] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._receiving: RequestBody | None = None  # the body llhttp is parsing now
+        self._parsing: DeviceHttpRequest | None = None  # the request whose message llhttp is in
+        self._in_head = True
+        self._head_seen = 0  # bytes read while the current head is incomplete
+        self._framing = 0  # bytes read inside a body since its last payload bytes
+        self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
+        self._paused = 0
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        # the head being parsed
+        self._target: list[bytes] = []
+        self._target_bytes = 0
+        self._fields: CIMultiDict[str] = CIMultiDict()
+        self._field_count = 0
+        self._hosts = 0
+
+    # -- asyncio's side ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = socket_transport(transport)
+        peer = self.transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        if self._connections is not None:
+            self._connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        while data and not self._stopped:
+            if not self._in_head:
+                # Inside a body, what is not payload (chunk sizes, extensions, trailers) is bounded like a head:
+                # llhttp holds a trailer field whole until it ends.
+                if self._framing > self._limits.max_header_bytes:
+                    self._malformed("chunk extensions or trailer fields longer than listener.max_header_bytes")
+                    if self._task is None and self._queue:
+                        self._next()
+                    return
+                self._framing += len(data)  # payload in `data` resets it (on_body)
+                self._feed(data)
+                return
+            room = self._limits.max_header_bytes - self._head_seen
+            if len(data) <= room:
+                self._head_seen += len(data)
+                self._feed(data)
+                return
+            self._head_seen += room
+            self._feed(data[:room])
+            if self._in_head and not self._stopped:  # the budget is spent and the head goes on
+                self._refuse_head_block()
+                return
+            data = data[room:]
+
+    def eof_received(self) -> bool | None:
+        if self._receiving is not None:
+            self._receiving.fail(ConnectionResetError("the device closed its side mid-body"))
+        return False  # the transport closes; a request still being served is cancelled (connection_lost)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stopped = True
+        if self._connections is not None:
+            self._connections.discard(self)
+        self._cancel_idle()
+        error = ConnectionResetError("the device closed the connection")
+        if self._receiving is not None:
+            self._receiving.fail(error)
+        for queued in self._queue:
+            if isinstance(queued, DeviceHttpRequest) and queued.body is not None:
+                queued.body.fail(error)
+        self._queue.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the device left: nobody is waiting for this answer (499)
+        self._wake_drain(error)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain(None)
+
+    # -- llhttp's callbacks ------------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._target = []
+        self._target_bytes = 0
+        self._fields = CIMultiDict()
+        self._field_count = 0
+        self._hosts = 0
+
+    def on_url(self, piece: bytes) -> None:
+        self._target_bytes += len(piece)
+        if self._target_bytes > MAX_TARGET_BYTES:
+            raise _Refused(f"the request target is longer than {MAX_TARGET_BYTES} bytes")
+        self._target.append(piece)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field: framing of the body, never a header field of the request (nor forwarded)
+        self._field_count += 1
+        if self._field_count > MAX_FIELDS:
+            raise _Refused(f"more than {MAX_FIELDS} header fields")
+        limit = self._limits.max_field_bytes
+        if len(name) > limit or len(value) > limit:
+            raise _Refused(f"a header field is longer than {limit} bytes")
+        if len(name) == 4 and name.lower() == b"host":
+            self._hosts += 1
+        # as aiohttp's parser: names are tokens (ASCII); values keep their bytes (surrogateescape)
+        self._fields.add(name.decode("ascii"), value.decode("utf-8", "surrogateescape").strip(" \t"))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        major, _, minor = parser.get_http_version().partition(".")
+        version = (int(major or 0), int(minor or 0))
+        if version == (1, 1) and self._hosts == 0:
+            raise _Refused("an HTTP/1.1 request without Host")
+        if self._hosts > 1:
+            raise _Refused("two Host header fields")
+        fields = self._fields
+        length = fields.get("Content-Length")
+        has_body = "chunked" in fields.get("Transfer-Encoding", "").lower() or (
+            length is not None and int(length) > 0  # llhttp checked it is digits
+        )
+        body = RequestBody(self) if has_body else None
+        request = DeviceHttpRequest(
+            self,
+            parser.get_method().decode("ascii"),
+            b"".join(self._target).decode("utf-8", "surrogateescape"),
+            version,
+            fields,
+            parser.should_keep_alive(),
+            body,
+        )
+        self._target = []
+        self._receiving = body
+        self._parsing = request
+        self._in_head = False
+        self._cancel_idle()
+        self._queue.append(request)  # served once llhttp has read all of this read's bytes (`_feed`)
+        if self._task is not None:
+            self.pause(_QUEUE)
+
+    def on_body(self, data: bytes) -> None:
+        self._framing = 0
+        if self._receiving is not None:
+            self._receiving.feed(data)
+
+    def on_message_complete(self) -> None:
+        self._parsing = None
+        if self._receiving is not None:
+            self._receiving.end()
+            self._receiving = None
+        self._in_head = True
+        self._head_seen = 0
+        self._framing = 0
+
+    # -- parsing -------------------------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        """llhttp reads `data`; then the first request it completed the head of is served, unless one is."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # `Connection: Upgrade` or CONNECT: the request is served (or refused) as any other, upgraded to
+            # nothing; what follows it is not HTTP the gateway reads, so the connection ends after its answer.
+            self._stop()
+        except httptools.HttpParserError as e:
+            cause = e.__context__
+            reason = str(cause) if isinstance(cause, _Refused) else f"the request is malformed: {e}"
+            self._malformed(reason)
+        if self._task is None and self._queue:
+            self._next()
+
+    def _malformed(self, reason: str) -> None:
+        """The bytes stopped being HTTP. A request they belong to that is not being served yet never will be
+        (nothing of it is forwarded); one being served fails reading its body (400)."""
+        self._stop()
+        request, self._parsing = self._parsing, None
+        if request is not None and request in self._queue:
+            self._queue.remove(request)
+        elif self._receiving is not None:
+            self._receiving.fail(BadRequest(reason))
+            self._receiving = None
+            return
+        self._queue.append(_Unparsed(reason))
+
+    def _stop(self) -> None:
+        """Parse no more of this connection's bytes; it closes once what was read has been answered."""
+        self._stopped = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _refuse_head_block(self) -> None:
+        self._stopped = True  # reading goes on, discarding, until the linger ends (proxy.tls.limits)
+        self._cancel_idle()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.transport is not None:
+            refuse_header_block(self.transport, self._limits.max_header_bytes, self._on_headers_refused)
+
+    # -- serving, in order -----------------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Serve the first queued request, or wait for the next head (or close, when nothing more is read)."""
+        self._task = None
+        if not self._queue:
+            if self._stopped:
+                self._close()
+            else:
+                self.resume(_QUEUE)
+                self._arm_idle()
+            return
+        queued = self._queue.popleft()
+        if not self._queue:
+            self.resume(_QUEUE)
+        if isinstance(queued, _Unparsed):
+            self._answer_unparsed(queued.reason)
+            return
+        self._task = self._loop.create_task(self._run(queued))
+
+    async def _run(self, request: DeviceHttpRequest) -> None:
+        try:
+            await self._serve(request)
+        finally:
+            if not request._answered:
+                self.abort()  # the answer did not end (a stream cut short, a device too slow): so must the connection
+            elif not request.keep_alive or (request.body is not None and not request.body.complete):
+                self._stop()
+                self._queue.clear()
+            self._loop.call_soon(self._after, request)
+
+    def _after(self, request: DeviceHttpRequest) -> None:
+        if self.transport is None:
+            return
+        if self._task is not None and self._task.done():
+            self._next()
+
+    def _answer_unparsed(self, reason: str) -> None:
+        self._stop()
+        self._queue.clear()
+        log.warning("request_unparsed", stage="request", peer=self.remote, reason=reason)
+        body = b"the request could not be parsed\n"
+        self.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nX-KCD-Refused-Stage: request\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        self._on_unparsed(self.remote, 400)
+        self._close()
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("the device closed the connection")
+        while self._write_paused:
+            self._drain = self._loop.create_future()
+            await self._drain
+
+    def _wake_drain(self, error: BaseException | None) -> None:
+        waiter, self._drain = self._drain, None
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # -- reading pauses and the idle deadline ----------------------------------------------------------------
+
+    def pause(self, why: int) -> None:
+        if not self._paused and self.transport is not None and not self._stopped:
+            self.transport.pause_reading()
+        self._paused |= why
+
+    def resume(self, why: int) -> None:
+        if not self._paused & why:
+            return
+        self._paused &= ~why
+        if not self._paused and self.transport is not None and not self._stopped:
+            self.transport.resume_reading()
+
+    def _arm_idle(self) -> None:
+        self._cancel_idle()
+        if self._limits.keepalive_timeout > 0:
+            self._idle = self._loop.call_later(self._limits.keepalive_timeout, self._idle_expired)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if self._task is None and not self._queue:  # no request is being served: a head never came whole
+            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+            log.debug("device_idle_closed", peer=peer_text(peer))
+            self._stop()
+            self._close()
+
+
+def connection_factory(
+    serve: Serve,
+    limits: DeviceLimits,
+    *,
+    on_headers_refused: Callable[[], None],
+    on_unparsed: Unparsed,
+    connections: set[DeviceConnection],
+) -> Callable[[], asyncio.Protocol]:
+    """What `proxy.tls.server.gate_factory` hands each completed handshake to."""
+
+    def make() -> asyncio.Protocol:
+        return DeviceConnection(
+            serve, limits, on_headers_refused=on_headers_refused, on_unparsed=on_unparsed, connections=connections
+        )
+
+    return make
+
+
+def close_all(connections: set[DeviceConnection]) -> None:
+    """At shutdown: every device connection closed (their requests' tasks are cancelled)."""
+    for connection in list(connections):
+        connection.abort()

@@ -1,0 +1,354 @@
+"""What a new device-side parser could get wrong, sent byte for byte over TLS to both servers
+(`listener.http_server = "own"`, the gateway's own asyncio Protocol on llhttp, and `"aiohttp"`).
+
+Each case is sent on a raw TLS socket (tests/integration/recorder.py's recorders stand behind the gateway and
+keep exactly what they receive): pipelining, a body left unread, a request split across TLS records at every
+byte, heads at and one byte over the caps, chunk extensions and trailers, NUL or CR in a value, `Upgrade`,
+`Transfer-Encoding: chunked, chunked`, a body on GET, requests sent while an answer still streams, and the
+idle deadline for a head that never ends.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.recorder import Recorder, dechunk
+
+MAX_HEADER_BYTES = 16384
+SERVERS = ("own", "aiohttp")
+
+
+@dataclass
+class Scene:
+    gw: Gateway
+    recorder: Recorder  # behind /rec/
+    lab: LabLayout
+    server: str
+
+    def connect(self, timeout: float = 30) -> ssl.SSLSocket:
+        ctx = client_context(self.lab, "alice")
+        tcp = socket.create_connection(("127.0.0.1", self.gw.port), timeout=timeout)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return ctx.wrap_socket(tcp, server_hostname="127.0.0.1")
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def scene(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    server = request.param
+    recorder = Recorder()
+    text = lab_config(lab, port=free_port())
+    listener = f'http_server = "{server}"\nmax_header_bytes = {MAX_HEADER_BYTES}\nkeepalive_timeout = 3\n'
+    text = text.replace("[listener]\n", "[listener]\n" + listener, 1)
+    text += f'\n[[routes]]\nprefix = "/rec/"\nupstream = "{recorder.url}"\nspn = "HTTP/cas.lab.test"\n'
+    gw = start_gateway(lab, tmp_path_factory.mktemp(f"device-{server}"), text)
+    try:
+        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
+        yield Scene(gw, recorder, lab, server)
+    finally:
+        gw.stop()
+        recorder.close()
+
+
+def read_until_closed(tls: ssl.SSLSocket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = tls.recv(65536)
+        except (ssl.SSLError, ConnectionResetError, TimeoutError):
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def answers(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The HTTP answers in `data`, in order: (status, headers by lower-case name, body); bodies framed by
+    Content-Length or chunked."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            break
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        if status == 100:
+            data = rest
+            continue
+        if "content-length" in fields:
+            n = int(fields["content-length"])
+            body, data = rest[:n], rest[n:]
+        elif fields.get("transfer-encoding") == "chunked":
+            end = rest.index(b"0\r\n\r\n")
+            while True:  # the terminating chunk is the first 0-size chunk at a chunk boundary
+                try:
+                    body = dechunk(rest[: end + 5])
+                    break
+                except (ValueError, IndexError):
+                    end = rest.index(b"0\r\n\r\n", end + 1)
+            data = rest[end + 5 :]
+        else:
+            body, data = rest, b""
+        out.append((status, fields, body))
+    return out
+
+
+def get(path: str, *extra: str, close: bool = True) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *extra, *(["Connection: close"] if close else []), "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def exchange(scene: Scene, data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    with scene.connect() as tls:
+        tls.sendall(data)
+        return answers(read_until_closed(tls))
+
+
+def test_a_body_left_unread_is_never_read_as_the_next_request(scene: Scene) -> None:
+    """A refused request (an ambiguous path: 400 before any stage reads the body) whose body is a whole request
+    of its own, then a pipelined request: the request hidden in the body never reaches a backend."""
+    smuggled = get("/rec/smuggled", close=False)
+    first = (
+        f"POST /rec/%2f../x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode() + smuggled
+    )
+    scene.recorder.taken()
+    got = exchange(scene, first + get("/rec/after"))
+    assert got[0][0] == 400
+    paths = [r.path for r in scene.recorder.taken()]
+    assert "/rec/smuggled" not in paths
+    assert paths in ([], ["/rec/after"])  # served after the body was read whole, or the connection ended first
+
+
+def test_a_request_split_at_every_byte_is_read_as_one(scene: Scene) -> None:
+    """A request with a chunked body sent one byte per TLS record: the backend gets the same request, the same
+    body, as when it is sent in one piece."""
+    body = b"4\r\nwiki\r\n5;ext=1\r\npedia\r\n0\r\n\r\n"
+    head = b"POST /rec/split HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    scene.recorder.taken()
+    with scene.connect() as tls:
+        for i in range(len(head + body)):
+            tls.sendall((head + body)[i : i + 1])
+        got = answers(read_until_closed(tls))
+    assert [status for status, _, _ in got] == [200]
+    (recorded,) = scene.recorder.taken()
+    assert recorded.path == "/rec/split"
+    assert dechunk(recorded.body) == b"wikipedia"
+
+
+def _head_of(size: int) -> bytes:
+    """A GET whose header block (request line to the empty line) is exactly `size` bytes."""
+    base = get("/rec/cap", "X-Pad: ")
+    pad = size - len(base)
+    assert pad > 0
+    return get("/rec/cap", "X-Pad: " + "a" * pad)
+
+
+def test_a_head_exactly_at_the_budget_passes_and_one_byte_more_is_431(scene: Scene) -> None:
+    """`max_header_bytes` counts the header block to the byte, in whatever records it comes: exactly the budget
+    is served, one byte over is 431 and never forwarded."""
+    scene.recorder.taken()
+    at = _head_of(MAX_HEADER_BYTES)
+    assert len(at) == MAX_HEADER_BYTES
+    assert [s for s, _, _ in exchange(scene, at)] == [200]
+    assert [s for s, _, _ in exchange(scene, _head_of(MAX_HEADER_BYTES + 1))] == [431]
+    assert [r.path for r in scene.recorder.taken()] == ["/rec/cap"]
+
+
+def test_the_budget_holds_when_the_head_comes_a_byte_at_a_time(scene: Scene) -> None:
+    """One byte over the budget, one byte per TLS record: 431, as when sent at once."""
+    over = _head_of(MAX_HEADER_BYTES + 1)
+    scene.recorder.taken()
+    with scene.connect() as tls:
+        try:
+            for i in range(0, len(over), 512):  # a record per 512 bytes: 33 records, the last one over
+                tls.sendall(over[i : i + 512])
+        except (ssl.SSLError, OSError):
+            pass
+        got = answers(read_until_closed(tls))
+    assert [s for s, _, _ in got] == [431]
+    assert not scene.recorder.taken()
+
+
+def test_chunk_extensions_and_trailers_stay_at_the_gateway(scene: Scene) -> None:
+    """Chunk extensions and trailer fields are the device's framing: the backend gets the payload re-framed,
+    with no extension and no trailer (a trailer cannot add a header field the gateway never checked)."""
+    body = b"3;name=value\r\nabc\r\n0\r\nX-Smuggled: 1\r\nAuthorization: Basic eDp5\r\n\r\n"
+    head = b"POST /rec/trailer HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    scene.recorder.taken()
+    assert [s for s, _, _ in exchange(scene, head + body)] == [200]
+    (recorded,) = scene.recorder.taken()
+    assert dechunk(recorded.body) == b"abc"
+    raw = recorded.head + recorded.body
+    assert b"name=value" not in raw
+    assert b"X-Smuggled" not in raw
+    assert b"Basic" not in raw
+
+
+@pytest.mark.parametrize(
+    ("name", "request_bytes"),
+    [
+        ("NUL in a value", b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\n\r\n"),
+        ("CR in a value", b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\rb\r\n\r\n"),
+        ("bare LF", b"GET /rec/x HTTP/1.1\nHost: 127.0.0.1\n\n"),
+        ("obs-fold", b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\r\n b\r\n\r\n"),
+        (
+            "chunked, chunked",
+            b"POST /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
+            b"1\r\na\r\n0\r\n\r\n",
+        ),
+        (
+            "two Transfer-Encoding fields",
+            b"POST /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked"
+            b"\r\n\r\n1\r\na\r\n0\r\n\r\n",
+        ),
+        (
+            "Content-Length and Transfer-Encoding",
+            b"POST /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nG",
+        ),
+        (
+            "two Content-Lengths",
+            b"POST /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        ),
+        ("a length that is a list", b"POST /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1, 1\r\n\r\na"),
+        (
+            "Transfer-Encoding not ending in chunked",
+            b"POST /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ),
+        (
+            "a bad chunk size",
+            b"POST /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\na\r\n0\r\n\r\n",
+        ),
+        ("HTTP/1.1 without Host", b"GET /rec/x HTTP/1.1\r\nX-A: a\r\n\r\n"),
+        ("two Host fields", b"GET /rec/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        ("a space before the colon", b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A : b\r\n\r\n"),
+        ("an unknown version", b"GET /rec/x HTTP/1.2\r\nHost: 127.0.0.1\r\n\r\n"),
+        ("chunked with HTTP/1.0", b"POST /rec/x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n"),
+        ("a target over 8190 bytes", b"GET /rec/" + b"a" * 8190 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        (
+            "129 fields",
+            b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(128)) + b"\r\n",
+        ),
+    ],
+)
+def test_malformed_framing_is_400_and_nothing_is_forwarded(scene: Scene, name: str, request_bytes: bytes) -> None:
+    """Each shape a parser could read two ways (or that aiohttp's parser refused): 400, the connection closed,
+    nothing forwarded, and the request counted in a summary line."""
+    scene.recorder.taken()
+    got = exchange(scene, request_bytes + get("/rec/next"))
+    assert [s for s, _, _ in got] == [400], name
+    assert not scene.recorder.taken(), name
+
+
+def test_upgrade_is_not_a_way_around_the_parser(scene: Scene) -> None:
+    """`Connection: Upgrade` (a WebSocket handshake) is forwarded as a plain GET without its Upgrade, and the
+    bytes after it are never read as a request for another route."""
+    scene.recorder.taken()
+    upgrade = get("/rec/ws", "Connection: Upgrade", "Upgrade: websocket", close=False)
+    got = exchange(scene, upgrade + get("/rec/smuggled"))
+    assert got
+    assert got[0][0] == 200
+    recorded = scene.recorder.taken()
+    assert [r.path for r in recorded][:1] == ["/rec/ws"]
+    assert b"upgrade" not in recorded[0].head.lower()
+    if scene.server == "own":
+        assert [r.path for r in recorded] == ["/rec/ws"]  # nothing after an Upgrade is read
+
+
+def test_a_body_on_get_is_framed_by_its_length(scene: Scene) -> None:
+    """A GET with a Content-Length body: the backend gets exactly that body, and the next pipelined request
+    starts where the body ended."""
+    scene.recorder.taken()
+    first = b"GET /rec/one HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc"
+    got = exchange(scene, first + get("/rec/two"))
+    assert [s for s, _, _ in got] == [200, 200]
+    recorded = scene.recorder.taken()
+    assert sorted(r.path for r in recorded) == ["/rec/one", "/rec/two"]
+    (one,) = [r for r in recorded if r.path == "/rec/one"]
+    assert one.body == b"abc"
+
+
+def test_pipelined_requests_are_answered_in_order_while_an_answer_streams(scene: Scene) -> None:
+    """Three requests in one write, the first with a 3 MB answer that streams while the others have arrived:
+    three answers, in order, each whole."""
+    big = 3_000_000
+    data = (
+        get("/owa/a", f"X-Lab-Body-Bytes: {big}", close=False)
+        + get("/owa/b", close=False)
+        + get("/owa/c", "X-Lab-Body-Bytes: 10")
+    )
+    got = exchange(scene, data)
+    assert [s for s, _, _ in got] == [200, 200, 200]
+    assert len(got[0][2]) == big
+    assert b"/owa/b" in got[1][2]
+    assert len(got[2][2]) == 10
+
+
+def test_keep_alive_serves_many_requests_and_connection_close_ends_it(scene: Scene) -> None:
+    """Ten requests one after another on one connection, the last with `Connection: close`: ten answers, then
+    the gateway closes."""
+    with scene.connect() as tls:
+        for i in range(9):
+            tls.sendall(get(f"/owa/k{i}", close=False))
+            buffered = b""
+            while not re.search(rb"\r\n\r\n", buffered) or len(answers(buffered)) < 1:
+                buffered += tls.recv(65536)
+            assert answers(buffered)[0][0] == 200
+        tls.sendall(get("/owa/last"))
+        last = answers(read_until_closed(tls))
+    assert [s for s, _, _ in last] == [200]
+    assert last[0][1].get("connection") == "close"
+
+
+def test_http_1_0_keep_alive_and_head(scene: Scene) -> None:
+    """HTTP/1.0 with `Connection: keep-alive` keeps the connection; HEAD carries the length and no body."""
+    with scene.connect() as tls:
+        tls.sendall(b"GET /owa/x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nX-Lab-Body-Bytes: 7\r\n\r\n")
+        buffered = b""
+        while len(answers(buffered)) < 1 or len(answers(buffered)[0][2]) < 7:
+            buffered += tls.recv(65536)
+        tls.sendall(b"HEAD /owa/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Lab-Body-Bytes: 5000\r\nConnection: close\r\n\r\n")
+        rest = read_until_closed(tls)
+    assert answers(buffered)[0][0] == 200
+    head, _, body = rest.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0]
+    assert b"content-length: 5000" in head.lower()
+    assert body == b""
+
+
+def test_a_head_that_never_ends_is_closed_at_keepalive_timeout(scene: Scene) -> None:
+    """A slow client trickling header bytes (slowloris) is closed `keepalive_timeout` (3 s here) after it
+    connected, whatever it keeps sending; nothing is forwarded."""
+    scene.recorder.taken()
+    with scene.connect(timeout=20) as tls:
+        tls.sendall(b"GET /rec/slow HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        start = time.monotonic()
+        closed = False
+        while time.monotonic() - start < 15:
+            try:
+                tls.sendall(b"X-A: b\r\n")
+            except (ssl.SSLError, OSError):
+                closed = True
+                break
+            tls.settimeout(0.5)
+            try:
+                if tls.recv(100) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except (ssl.SSLError, OSError):
+                closed = True
+                break
+        assert closed
+        assert time.monotonic() - start < 12
+    assert not scene.recorder.taken()

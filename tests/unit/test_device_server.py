@@ -1,0 +1,178 @@
+"""The device-side server's parsing and connection rules (`proxy.device.server`), fed bytes directly: no TLS,
+no socket, a transport that records what is written. The integration tests send the same shapes over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.device.server import DeviceConnection, DeviceHttpRequest, DeviceLimits
+
+LIMITS = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=5)
+
+
+class Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.paused = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.1", 4711) if name == "peername" else default
+
+
+class Served:
+    """A serve function that reads each request's body and answers with what it read."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, CIMultiDict[str], bytes]] = []
+
+    async def __call__(self, request: DeviceHttpRequest) -> None:
+        body = b""
+        while chunk := await request.read_body():
+            body += chunk
+        self.requests.append((request.method, request.raw_path, CIMultiDict(request.headers), body))
+        await request.answer(200, None, CIMultiDict(), b"got " + body)
+
+
+async def run(pieces: list[bytes], limits: DeviceLimits = LIMITS) -> tuple[Served, Transport, list[int]]:
+    served = Served()
+    unparsed: list[int] = []
+    refused: list[int] = []
+    connection = DeviceConnection(
+        served, limits, on_headers_refused=lambda: refused.append(431), on_unparsed=lambda _, s: unparsed.append(s)
+    )
+    transport = Transport()
+    connection.connection_made(transport)
+    for piece in pieces:
+        for _ in range(100):  # the served request takes what is queued, and reading resumes
+            if not transport.paused or transport.closed:
+                break
+            await asyncio.sleep(0)
+        if transport.closed:
+            break
+        connection.data_received(piece)
+        await asyncio.sleep(0)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    connection.connection_lost(None)
+    return served, transport, unparsed + refused
+
+
+def statuses(written: bytes) -> list[int]:
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", written)]
+
+
+def every_byte(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+GET = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n"
+POST = b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+CHUNKED = (
+    b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2;x=y\r\nhe\r\n3\r\nllo\r\n0\r\nX-T: 1\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("split", ["whole", "every byte"])
+def test_pipelined_requests_are_served_in_order_with_their_bodies(split: str) -> None:
+    """Three pipelined requests (none, a length, chunked with an extension and a trailer), whole or a byte at a
+    time: served in order, each with its own body, the trailer never a header."""
+    data = GET + POST + CHUNKED
+    served, transport, _ = asyncio.run(run([data] if split == "whole" else every_byte(data)))
+    assert [(m, p, b) for m, p, _, b in served.requests] == [
+        ("GET", "/a", b""),
+        ("POST", "/b", b"hello"),
+        ("POST", "/c", b"hello"),
+    ]
+    assert "X-T" not in served.requests[2][2]
+    assert statuses(bytes(transport.written)) == [200, 200, 200]
+    assert not transport.closed
+
+
+def _head(size: int) -> bytes:
+    base = b"GET /a HTTP/1.1\r\nHost: h\r\nX-Pad: \r\n\r\n"
+    return base.replace(b"X-Pad: ", b"X-Pad: " + b"a" * (size - len(base)))
+
+
+@pytest.mark.parametrize("split", [1, 7, 1000, 10_000])
+def test_the_header_budget_is_exact_whatever_the_pieces(split: int) -> None:
+    """A head of exactly max_header_bytes is served; one byte more is 431 and not served, in pieces of any size."""
+    fields = DeviceLimits(max_header_bytes=LIMITS.max_header_bytes, max_field_bytes=8192, keepalive_timeout=5)
+    for size, expected in ((4096, [200]), (4097, [431])):
+        data = _head(size)
+        assert len(data) == size
+        pieces = [data[i : i + split] for i in range(0, len(data), split)]
+        served, transport, _ = asyncio.run(run(pieces, fields))
+        assert statuses(bytes(transport.written)) == expected, (size, split)
+        assert len(served.requests) == (1 if expected == [200] else 0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GET /a HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /a HTTP/1.1\r\nX: a\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 2049 + b"\r\n\r\n",
+    ],
+)
+def test_a_request_whose_bytes_go_bad_is_never_served(bad: bytes) -> None:
+    """NUL, CL+TE, `chunked, chunked`, a bad chunk size (after the head was whole), no Host, two Hosts, a field
+    over the cap: 400, counted as unparsed, the request never handed to the pipeline, the connection closed."""
+    served, transport, unparsed = asyncio.run(run([bad + GET]))
+    assert not served.requests
+    assert statuses(bytes(transport.written)) == [400]
+    assert unparsed == [400]
+    assert transport.closed
+
+
+def test_an_unread_body_ends_the_connection() -> None:
+    """An answer given before the request's body arrived whole closes the connection (`Connection: close`): the
+    rest of the body is never read as a request."""
+
+    async def refuse(request: DeviceHttpRequest) -> None:
+        await request.answer(403, None, CIMultiDict(), b"no")
+
+    async def scenario() -> tuple[bytes, bool]:
+        connection = DeviceConnection(refuse, LIMITS, on_headers_refused=lambda: None, on_unparsed=lambda _, s: None)
+        transport = Transport()
+        connection.connection_made(transport)
+        connection.data_received(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 40\r\n\r\n")
+        for _ in range(10):
+            await asyncio.sleep(0)
+        connection.data_received(GET)  # inside the body, as the device meant it
+        for _ in range(10):
+            await asyncio.sleep(0)
+        return bytes(transport.written), transport.closed
+
+    written, closed = asyncio.run(scenario())
+    assert statuses(written) == [403]
+    assert b"Connection: close" in written
+    assert closed
