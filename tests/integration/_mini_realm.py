@@ -24,7 +24,7 @@ from pathlib import Path
 
 REALM = "LAB.TEST"
 MASTER_PASSWORD = "mini-realm-master"
-_READY_TIMEOUT = 10.0
+_READY_TIMEOUT = 60.0  # krb5kdc starts in well under a second, on a loaded machine in several
 
 
 class MiniRealmError(RuntimeError):
@@ -149,16 +149,20 @@ def _write_configs(root: Path, port: int) -> tuple[Path, Path, Path]:
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Until krb5kdc has logged `commencing operation` (its sockets are bound) and the port answers: a connect
+    alone would also succeed against another process that took the port meanwhile."""
     deadline = time.monotonic() + _READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             text = log.read_text() if log.exists() else ""
             raise MiniRealmError(f"krb5kdc exited with {proc.returncode}: {text[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
+        if log.exists() and "commencing operation" in log.read_text(errors="replace"):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                pass
+        time.sleep(0.02)
     raise MiniRealmError(f"krb5kdc did not listen on 127.0.0.1:{port} within {_READY_TIMEOUT} s")
 
 

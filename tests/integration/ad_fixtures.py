@@ -6,6 +6,7 @@ seconds), and in a network namespace named after that directory, so another work
 `make lab-ad` never meets it. xdist workers each have a session: each registers its pid under `users/`
 while holding a lock; the last one out stops the realm and removes its namespace.
 
+`ad_mapping_realm` (session) adds the strong-mapping accounts, certificates and the DC's name.
 `ad_backend` (session) is an Exchange stand-in for `HTTP/cas.ad.test` inside the namespace;
 `start_ad_gateway` runs `kcd-proxy run` in there; `ad_curl` is curl in there with an AD user's certificate.
 Tests that use them carry `@pytest.mark.timeout(AD_TIMEOUT)`: the first pays for provisioning.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -23,11 +23,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from proxy.lab import ad
+from proxy.lab import ad, ad_mapping
+from tests.integration.jsonlog import WAIT, JsonLog
 
 REPO = Path(__file__).resolve().parents[2]
 AD_TIMEOUT = 900  # provisioning takes 90-130 s on a busy machine, and a test may wait for it
@@ -83,60 +83,59 @@ def ad_realm() -> Iterator[ad.AdRealm]:
                 ad.down(realm)
 
 
+@pytest.fixture(scope="session")
+def ad_mapping_realm(ad_realm: ad.AdRealm) -> ad.AdRealm:
+    """The AD realm with the strong-mapping accounts and certificates and the DC's name in the namespace's hosts
+    file (`proxy.lab.ad_mapping.ensure`), made under the realm's lock: the workers share the realm, and two
+    making the same accounts and files at once collide. The name stays as long as the realm (`ad.down`, by the
+    last worker out, removes it with the namespace), never only as long as one worker's module: with the tests
+    of a module spread over workers (`--dist load`), another worker is still using it."""
+    with _locked(ad_realm.root):
+        ad_mapping.ensure(ad_realm)
+    return ad_realm
+
+
 @dataclass
-class AdProcess:
-    """A daemon running inside the realm's namespace (a gateway, a backend), with its log."""
+class AdProcess(JsonLog):
+    """A daemon running inside the realm's namespace (a gateway, a backend), with its log (`JsonLog`: `mark`
+    before a request, then `wait_event`)."""
 
     url: str
     port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
-    since: int = 0  # `wait_event` reads the log from this line on (see `mark`)
-
-    def logs(self) -> list[dict[str, Any]]:
-        lines = self.log_path.read_text().splitlines()
-        return [dict(json.loads(line)) for line in lines if line.startswith("{")]
-
-    def events(self, name: str, after: int = 0) -> list[dict[str, Any]]:
-        """The `name` events among the log's lines from line `after` on (see `mark`)."""
-        return [e for e in self.logs()[after:] if e.get("event") == name]
-
-    def mark(self) -> None:
-        """From now on `wait_event` sees only lines written after this call (a request about to be sent): the
-        summary line is written after the answer has gone out, so an older line of a gateway that several tests
-        share could otherwise answer for it."""
-        self.since = len(self.logs())
-
-    def wait_event(self, name: str, timeout: float = 10, **match: Any) -> dict[str, Any]:
-        """The latest `name` event matching `match` among the lines written since `mark`, polled for."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in reversed(self.events(name, self.since)):
-                if all(e.get(k) == v for k, v in match.items()):
-                    found: dict[str, Any] = e
-                    return found
-            time.sleep(0.1)
-        raise AssertionError(f"no {name} event matching {match} in {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
 
 
 def _start(realm: ad.AdRealm, argv: list[str], port: int, log: Path, *, scheme: str) -> AdProcess:
+    """Start a daemon in the namespace and wait until it says it listens on `port` and the port answers (its own
+    line, not only a connect: both xdist workers pick ports in this namespace)."""
     proc = realm.popen(argv, log=log, env={"PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 60
-    while not realm.port_answers(port, "127.0.0.1"):
+    started = AdProcess(f"{scheme}://127.0.0.1:{port}", port, proc, log)
+    deadline = time.monotonic() + WAIT
+    bind = f"127.0.0.1:{port}"
+    while not (_says_listening(log, bind) and realm.port_answers(port, "127.0.0.1")):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"{argv} did not listen on {port} in {realm.netns}:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    return AdProcess(f"{scheme}://127.0.0.1:{port}", port, proc, log)
+    if proc.poll() is not None:
+        raise RuntimeError(f"{argv} exited after listening on {port}:\n{log.read_text()[-3000:]}")
+    return started
+
+
+def _says_listening(log: Path, bind: str) -> bool:
+    """Whether the daemon's log has its `listening` line for `bind` (the gateway's is JSON, the backend's is
+    structlog's console form: the address is found in either)."""
+    return any("listening" in line and bind in line for line in log.read_text(errors="replace").splitlines())
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +186,7 @@ def kdc_log_offset(realm: ad.AdRealm) -> int:
     return realm.samba_log.stat().st_size if realm.samba_log.exists() else 0
 
 
-def wait_kdc_reason(realm: ad.AdRealm, offset: int, *needles: str, timeout: float = 15) -> str:
+def wait_kdc_reason(realm: ad.AdRealm, offset: int, *needles: str, timeout: float = WAIT) -> str:
     """The first line Samba's KDC logged after `offset` that holds every needle (e.g. `reason=...`)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -7,7 +7,7 @@ and clients are real ones (curl, aiohttp over TLS).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import socket
@@ -15,16 +15,20 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
-from tests.integration.ad_fixtures import ad_backend, ad_realm  # noqa: F401 -- the AD realm's fixtures, for every file
+from tests.integration.ad_fixtures import (  # noqa: F401 -- the AD realm's fixtures, for every file
+    ad_backend,
+    ad_mapping_realm,
+    ad_realm,
+)
+from tests.integration.jsonlog import WAIT, JsonLog
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,30 +40,77 @@ def free_port() -> int:
         return port
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+_HELD: list[socket.socket] = []  # the sockets behind dead_port(), held until the test process ends
+
+
+def dead_port() -> int:
+    """A loopback port where nothing listens, for as long as the test process runs: bound here and never
+    listened on, so connections are refused and no other process can take it (as one could a free_port())."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD.append(held)
+    port: int = held.getsockname()[1]
+    return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = WAIT) -> None:
+    """Until 127.0.0.1:`port` accepts connections; with `proc`, until `proc` itself holds the listening socket
+    (a connect would also succeed against another process that took the port after `free_port`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+        if proc is not None:
+            if _listens(proc.pid, port):
                 return
+        else:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a listening TCP socket on `port` (/proc: its fds' socket inodes, and the
+    kernel's table of TCP sockets in this network namespace)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = str(fd.readlink())
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            listening = fields[3] == "0A"  # TCP_LISTEN
+            if listening and int(fields[1].rpartition(":")[2], 16) == port and fields[9] in inodes:
+                return True
+    return False
+
+
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
-    layout = LabLayout(
-        root=tmp_path_factory.mktemp("lab"),
-        ldap_port=free_port(),
-        kdc_port=free_port(),
-        backend_port=free_port(),
-        crl_port=free_port(),
-        ocsp_port=free_port(),
-        gateway_port=free_port(),
-    )
-    runner.up(layout)
+    """The lab on ports that were free when picked; a daemon that finds its port taken meanwhile (another test
+    run on this machine) fails to start, and the lab is brought up again on new ports, in a new directory."""
+    for attempt in range(3):
+        layout = LabLayout(
+            root=tmp_path_factory.mktemp("lab"),
+            ldap_port=free_port(),
+            kdc_port=free_port(),
+            backend_port=free_port(),
+            crl_port=free_port(),
+            ocsp_port=free_port(),
+            gateway_port=free_port(),
+        )
+        try:
+            runner.up(layout)
+            break
+        except RuntimeError:
+            runner.down(layout)
+            if attempt == 2:
+                raise
     os.environ.update({"KRB5_CONFIG": str(layout.krb5_conf)})
     try:
         yield layout
@@ -68,42 +119,20 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
 
 
 @dataclass
-class Gateway:
+class Gateway(JsonLog):
+    """A running `kcd-proxy run`; its log is read with `JsonLog` (`mark` before a request, then `wait_event`)."""
+
     url: str
     port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
     config_path: Path
 
-    def logs(self) -> list[dict[str, Any]]:
-        lines = self.log_path.read_text().splitlines()
-        return [dict(json.loads(line)) for line in lines if line.startswith("{")]
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.logs() if e.get("event") == name]
-
-    def wait_event(self, name: str, timeout: float = 5, **match: Any) -> dict[str, Any]:
-        return self.wait_for(name, lambda e: all(e.get(k) == v for k, v in match.items()), timeout, str(match))
-
-    def wait_for(
-        self, name: str, accept: Callable[[dict[str, Any]], bool], timeout: float = 10, what: str = ""
-    ) -> dict[str, Any]:
-        """The latest `name` event that `accept` takes, polled for: the gateway writes its log asynchronously,
-        so a line may come after the client has its answer (above all on a loaded machine)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in reversed(self.events(name)):
-                if accept(e):
-                    found: dict[str, Any] = e
-                    return found
-            time.sleep(0.05)
-        raise AssertionError(f"no {name} event matching {what} in {self.log_path.read_text()[-3000:]}")
-
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -111,25 +140,57 @@ class Gateway:
 
 
 def start_gateway(lab: LabLayout, directory: Path, config_text: str) -> Gateway:
+    """`kcd-proxy run` with `config_text`, once its log says it listens (and its admin listener too, if it has
+    one). Its port was free when the test picked it, but another process (another test run on this machine) may
+    have bound it since: then the gateway is started again on a new port, the configuration rewritten (a cheap
+    retry; nothing else names that port)."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "gateway.toml"
-    config_path.write_text(config_text)
-    port = int(config_text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0])
     log_path = directory / "gateway.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env={**os.environ, **lab.env()},
-        )
-    try:
-        wait_port(port, proc)
-    except RuntimeError:
-        proc.kill()
-        raise RuntimeError(log_path.read_text()) from None
-    return Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
+    for attempt in range(3):
+        port = int(config_text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0])
+        config_path.write_text(config_text)
+        with log_path.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, **lab.env()},
+            )
+        gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
+        if _listening(gw, _admin_bind(config_text)):
+            return gw
+        if "Address already in use" not in log_path.read_text(errors="replace") or attempt == 2:
+            raise RuntimeError(log_path.read_text(errors="replace")[-5000:])
+        taken = f'bind = "127.0.0.1:{port}"'
+        config_text = config_text.replace(taken, f'bind = "127.0.0.1:{free_port()}"', 1)
+    raise AssertionError("unreachable")
+
+
+def _listening(gw: Gateway, admin: str | None, timeout: float = WAIT) -> bool:
+    """Whether the gateway logged `listening` on its port, and `admin_listening` on `admin` when it has an admin
+    listener (its own lines, not merely: something answers there, which another process holding that port
+    would too); False once it has exited."""
+    deadline = time.monotonic() + timeout
+    wanted = {("listening", f"127.0.0.1:{gw.port}")} | ({("admin_listening", admin)} if admin else set())
+    while time.monotonic() < deadline:
+        if wanted <= {(e.get("event"), e.get("bind")) for e in gw.logs()}:
+            return True
+        if gw.proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    gw.proc.kill()
+    gw.proc.wait()
+    raise RuntimeError(f"the gateway did not listen on {wanted} in {timeout} s:\n{gw.log_path.read_text()[-3000:]}")
+
+
+def _admin_bind(config_text: str) -> str | None:
+    """The `[admin] bind` of a gateway configuration, if it has an admin listener."""
+    if "\n[admin]\n" not in config_text:
+        return None
+    table = config_text.split("\n[admin]\n", 1)[1].split("\n[", 1)[0]
+    return table.split('bind = "', 1)[1].split('"', 1)[0]
 
 
 def lab_config(lab: LabLayout, *, port: int, extra: str = "", krb5_conf: Path | None = None) -> str:
@@ -176,7 +237,7 @@ spn = "HTTP/other.lab.test"
 
 [[routes]]
 prefix = "/dead/"
-upstream = "http://127.0.0.1:{free_port()}"
+upstream = "http://127.0.0.1:{dead_port()}"
 spn = "HTTP/cas.lab.test"
 
 [[routes]]
@@ -207,9 +268,9 @@ def client_context(lab: LabLayout, user: str | None) -> ssl.SSLContext:
 
 def curl(lab: LabLayout, url: str, user: str | None, *args: str) -> subprocess.CompletedProcess[str]:
     """curl as a device would run it: the lab root as its trust, and the user's certificate."""
-    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", str(lab.pki_dir / "root.pem")]
+    cmd = ["curl", "-sS", "--max-time", "60", "--cacert", str(lab.pki_dir / "root.pem")]
     if user is not None:
         users = lab.pki_dir / "users"
         cmd += ["--cert", str(users / f"{user}.pem"), "--key", str(users / f"{user}.key")]
     cmd += ["-w", "\n%{http_code}", *args, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)

@@ -16,7 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually
+
+HOLD = 8  # seconds the backend holds the Ping
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -46,24 +49,24 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def admin_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Any:
     admin_port = free_port()
-    extra = f'\n[[routes]]\nprefix = "/dead/"\nupstream = "http://127.0.0.1:{free_port()}"\n'
+    extra = f'\n[[routes]]\nprefix = "/dead/"\nupstream = "http://127.0.0.1:{dead_port()}"\n'
     extra += f'spn = "HTTP/cas.lab.test"\n\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
     gw = start_gateway(lab, tmp_path_factory.mktemp("admin"), lab_config(lab, port=free_port(), extra=extra))
-    wait_port(admin_port, gw.proc)  # the admin listener starts after the gateway's own
     yield gw, f"http://127.0.0.1:{admin_port}"
     gw.stop()
 
 
 async def _held_request(lab: LabLayout, gw: Gateway, admin: str) -> tuple[int, Samples]:
-    """A Ping the backend holds for 2.5 s; the scrape taken while it is held."""
+    """A Ping the backend holds for HOLD seconds; the scrape taken while it is held (in flight for longer than
+    LONG_POLL_AFTER, 1 s: the scrape has HOLD - 1 s to see it, plenty on a loaded machine)."""
     async with aiohttp.ClientSession() as session:
         request = session.get(
             gw.url + "/Microsoft-Server-ActiveSync?Cmd=Ping",
             ssl=client_context(lab, "alice"),
-            headers={"X-Lab-Hold-Seconds": "2.5"},
+            headers={"X-Lab-Hold-Seconds": str(HOLD)},
         )
         task = asyncio.create_task(request.__aenter__())
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + HOLD
         while True:
             samples = await asyncio.to_thread(_scrape, admin)
             if _value(samples, "kcd_long_polls_held") >= 1 or time.monotonic() > deadline:
@@ -95,7 +98,8 @@ def test_metrics_after_traffic(lab: LabLayout, admin_gateway: tuple[Gateway, str
     assert _value(during, "kcd_requests_in_flight") >= 1
     assert _value(during, "kcd_open_connections") >= 1
 
-    after = _scrape(admin)
+    # the Ping is counted when its request ends, after its answer has gone out: the scrape once nothing is in flight
+    after = eventually(lambda: s if _value(s := _scrape(admin), "kcd_requests_in_flight") == 0 else None, "idle")
     assert _value(after, "kcd_requests_total", route="/", status="200") == 3
     assert _value(after, "kcd_requests_total", route="/dead/", status="502") == 1
     assert _value(after, "kcd_refusals_total", stage="revocation", reason="certificate_revoked") == 1
@@ -128,12 +132,11 @@ def test_health_and_readiness(admin_gateway: tuple[Gateway, str]) -> None:
 def test_not_ready_without_a_kdc(lab: LabLayout, tmp_path: Path) -> None:
     """With no KDC answering, /readyz is 503 and says so; /healthz still 200."""
     dead = tmp_path / "krb5.conf"
-    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{free_port()}"))
+    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{dead_port()}"))
     admin_port = free_port()
     text = lab_config(lab, port=free_port(), krb5_conf=dead, extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     gw = start_gateway(lab, tmp_path, text)
     try:
-        wait_port(admin_port, gw.proc)
         status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
         assert status == 503
         answer = json.loads(body)
@@ -161,7 +164,6 @@ allowed_clients = ["CN=alice"]
     gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
     url = f"https://127.0.0.1:{admin_port}/metrics"
     try:
-        wait_port(admin_port, gw.proc)
         status, body = _get(url, client_context(lab, "alice"))
         assert status == 200
         assert "kcd_requests_in_flight" in body

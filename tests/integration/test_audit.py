@@ -6,7 +6,6 @@ import base64
 import http.server
 import signal
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from proxy.kerberos.keytab import read_keytab
 from proxy.lab.kdc import MASTER_PASSWORD, ROOT_PASSWORD
 from proxy.lab.layout import DISABLED_USERS, USERS, LabLayout
-from tests.integration.conftest import curl, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import curl, free_port, lab_config, start_gateway
 from tests.integration.recorder import raw_request
 
 BASIC = base64.b64encode(b"alice@lab.test:alice-Pa55").decode()
@@ -93,7 +92,6 @@ bind = "127.0.0.1:{admin_port}"
 """
     gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
     try:
-        wait_port(admin_port, gw.proc)
         secrets = ("-H", f"Authorization: Basic {BASIC}", "-H", f"Cookie: session={COOKIE_SECRET}")
         for user in ("alice", "bob", "carol"):
             for path in (f"/capture/x?password={QUERY_SECRET}", "/owa/"):
@@ -105,13 +103,13 @@ bind = "127.0.0.1:{admin_port}"
         for malformed in _malformed_requests():
             answer = raw_request(lab, gw.port, malformed)
             assert answer.status in (400, 431), (malformed[:60], answer.status_line)
+        gw.mark()
         gw.proc.send_signal(signal.SIGHUP)
         gw.wait_event("reloaded")
         assert curl(lab, gw.url + "/capture/y", "alice").stdout.endswith("200")
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as r:
             assert b"kcd_requests_total" in r.read()
-        time.sleep(0.2)
-    finally:
+    finally:  # the gateway has written every line once it has exited
         assert gw.stop() == 0
 
     assert len(tokens) == 4

@@ -50,13 +50,16 @@ class Answer:
 
 
 def call(lab: LabLayout, gw: Gateway, path: str, *, cert: str | None = None, login: str | None = None) -> Answer:
-    """curl as a device: the lab root as trust, optionally a user certificate and `-u user:password`."""
-    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", str(lab.pki_dir / "root.pem"), "-D", "/dev/stderr"]
+    """curl as a device: the lab root as trust, optionally a user certificate and `-u user:password`. The gateway's
+    log is marked first: `summary` then finds this request's line, never an older one for the same user."""
+    gw.mark()
+    cmd = ["curl", "-sS", "--max-time", "60", "--cacert", str(lab.pki_dir / "root.pem"), "-D", "/dev/stderr"]
     if cert is not None:
         cmd += ["--cert", str(_cert_path(lab, cert)), "--key", str(_cert_path(lab, cert).with_suffix(".key"))]
     if login is not None:
         cmd += ["-u", login]
-    res = subprocess.run([*cmd, "-w", "\n%{http_code}", gw.url + path], capture_output=True, text=True, check=False)
+    argv = [*cmd, "-w", "\n%{http_code}", gw.url + path]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
     body, _, code = res.stdout.rpartition("\n")
     headers = {}
     for line in res.stderr.splitlines():
@@ -85,6 +88,7 @@ def gateway_with(lab: LabLayout, directory: Path, *, identity: str = "", extra: 
 
 
 def summary(gw: Gateway, **match: Any) -> dict[str, Any]:
+    """The summary line matching `match` of the last `call` to `gw`."""
     return gw.wait_event("request", **match)
 
 

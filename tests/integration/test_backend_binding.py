@@ -8,6 +8,7 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,8 +25,7 @@ def bound_backend(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> I
     yield from _start_backend(lab, tmp_path_factory.mktemp("binding-bound-backend"), "--connection-bound")
 
 
-@pytest.fixture(scope="module")
-def gw(lab: LabLayout, bound_backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def _config(lab: LabLayout, bound_backend: Backend) -> str:
     """Connection-bound routes to the IIS-like backend and, misconfigured, to one that authenticates each request."""
     routes = f"""
 [[routes]]
@@ -40,8 +40,20 @@ upstream = "http://127.0.0.1:{lab.backend_port}"
 spn = "HTTP/cas.lab.test"
 backend_binding = "connection"
 """
-    text = lab_config(lab, port=free_port(), extra=routes)
-    gateway = start_gateway(lab, tmp_path_factory.mktemp("binding-gateway"), text)
+    return lab_config(lab, port=free_port(), extra=routes)
+
+
+@pytest.fixture(scope="module")
+def gw(lab: LabLayout, bound_backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = start_gateway(lab, tmp_path_factory.mktemp("binding-gateway"), _config(lab, bound_backend))
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def fresh_gw(lab: LabLayout, bound_backend: Backend, tmp_path: Path) -> Iterator[Gateway]:
+    """The same gateway, new: no user has a backend connection yet, whichever tests ran before (or beside)."""
+    gateway = start_gateway(lab, tmp_path, _config(lab, bound_backend))
     yield gateway
     gateway.stop()
 
@@ -63,9 +75,10 @@ async def _device(
     return answers
 
 
-def test_the_summary_line_says_whether_a_token_went(lab: LabLayout, gw: Gateway) -> None:
+def test_the_summary_line_says_whether_a_token_went(lab: LabLayout, fresh_gw: Gateway) -> None:
     """On a connection-bound route the summary line carries backend_auth_sent, and it says what the backend
     got: true for the request that opened the backend connection, false for the ones after it on it."""
+    gw = fresh_gw
 
     async def requests() -> list[dict[str, Any]]:
         echoes = []
@@ -86,7 +99,7 @@ def test_the_summary_line_says_whether_a_token_went(lab: LabLayout, gw: Gateway)
         line = gw.wait_for("request", same_path)
         assert line["backend_auth_sent"] is echo["authorization_sent"]
         assert line["principal"] == "carol@LAB.TEST"
-    # the module's first test: carol's backend pool is new, so the first request opened a connection
+    # a new gateway: carol's backend pool is new, so the first request opened a connection
     assert [e["authorization_sent"] for e in echoes] == [True, False, False]
 
 
@@ -130,6 +143,7 @@ def test_a_backend_that_is_not_connection_bound_gets_502_never_another_identity(
     """Misconfigured: a connection-bound route to a backend that authenticates each request. The request
     that went without a token gets 502 (never the backend's 401, never someone else's answer), the log says
     to set backend_binding = "request", and the connection that answered 401 is not used again."""
+    gw.mark()
     answers = asyncio.run(_device(gw, lab, "bob", "/per-request/EWS/Exchange.asmx", 4))
     statuses = [a["status"] for a in answers]
     assert statuses[0] == 200

@@ -274,7 +274,8 @@ def test_bytes_on_an_idle_connection_end_it() -> None:
     async def case() -> tuple[list[Outcome], Backend]:
         async with gateway(serve) as (url, backend), aiohttp.ClientSession() as session:
             first = await ask(session, url + "/a")
-            for _ in range(100):  # until the backend's unsolicited bytes have arrived
+            deadline = time.monotonic() + 25  # (within the case's 30 s) until the unsolicited bytes have arrived
+            while time.monotonic() < deadline:
                 if len(backend.conns[0].requests) == 1 and backend.conns[0].writer.transport.is_closing():
                     break
                 await asyncio.sleep(0.05)
@@ -451,10 +452,9 @@ def test_a_whole_answer_that_filled_the_buffer_leaves_its_pooled_connection_read
             connection = await pool.acquire(upstream, 5)
             first = Exchange(pool, upstream, connection)
             await first.send("GET", "/a", CIMultiDict(), None, 1.0)
-            for _ in range(200):  # until the whole answer is in (reading pauses as its last byte arrives)
-                if connection.complete:
-                    break
-                await asyncio.sleep(0.02)
+            deadline = time.monotonic() + 25  # (within the case's 30 s) until the whole answer is in
+            while not connection.complete and time.monotonic() < deadline:  # noqa: ASYNC110  the client's state
+                await asyncio.sleep(0.02)  # (reading pauses as the answer's last byte arrives)
             body = connection.body()
             first.finish()
             again = await pool.acquire(upstream, 5)

@@ -54,16 +54,6 @@ def statuses(lab: LabLayout, gw: Gateway, logins: list[str]) -> list[int]:
     return asyncio.run(run())
 
 
-def summaries(gw: Gateway, count: int, timeout: float = 10, **match: object) -> list[dict[str, object]]:
-    """The gateway's summary lines matching `match`, once there are `count` of them (they follow the answer)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in gw.events("request") if all(e.get(k) == v for k, v in match.items())]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def sprayed(lab: LabLayout, tmp_path: Path) -> Iterator[Gateway]:
     gw = basic_gateway(lab, tmp_path, per_user=5, per_address=20)
@@ -128,7 +118,8 @@ def test_a_signed_in_device_keeps_being_served_while_a_guesser_is_throttled(lab:
         assert statuses(lab, gw, [device]) == [200]
         assert statuses(lab, gw, ["carol:guess1", "carol:guess2", "carol:guess3"]) == [401, 401, 429]
         assert statuses(lab, gw, [device, device]) == [200, 200]
-        served = summaries(gw, 3, principal="carol@LAB.TEST", status=200)
+        carol_served = ("carol@LAB.TEST", 200)
+        served = gw.wait_events("request", 3, accept=lambda e: (e.get("principal"), e.get("status")) == carol_served)
         assert [e.get("basic_cached") for e in served] == [False, True, True]
     finally:
         gw.stop()

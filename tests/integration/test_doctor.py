@@ -8,7 +8,7 @@ from pathlib import Path
 
 from proxy.kerberos.keytab import read_keytab
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import REPO, failing_routes, free_port, lab_config
+from tests.integration.conftest import REPO, dead_port, failing_routes, free_port, lab_config
 from tests.unit.test_keytab import _record
 
 
@@ -128,7 +128,7 @@ def test_an_unknown_canary_fails_s4u2self_and_no_canary_skips(lab: LabLayout, tm
 def test_an_unreachable_kdc_fails_first_with_the_fix(lab: LabLayout, tmp_path: Path) -> None:
     """No KDC answering: the kdc check fails naming krb5.conf, and the checks that need a ticket are skipped."""
     dead = tmp_path / "krb5.conf"
-    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{free_port()}"))
+    dead.write_text(lab.krb5_conf.read_text().replace(f":{lab.kdc_port}", f":{dead_port()}"))
     code, checks = _doctor(lab, tmp_path, lab_config(lab, port=free_port(), krb5_conf=dead))
     assert code == 1
     status, detail, fix = checks["kdc"]

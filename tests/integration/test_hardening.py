@@ -13,7 +13,6 @@ import gzip
 import os
 import socket
 import ssl
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.identity.upn import UPN_OID
 from proxy.lab.layout import USERS, LabLayout
-from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorded, Recorder, dechunk, raw_request
 
 BASIC = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
@@ -50,7 +50,7 @@ class Scene:
 
     def requests_counted(self, status: int) -> float:
         """`kcd_requests_total` for `status`, summed over routes, from the admin listener's /metrics."""
-        with urllib.request.urlopen(self.admin + "/metrics", timeout=10) as r:  # noqa: S310  loopback
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
             text = r.read().decode()
         lines = [line for line in text.splitlines() if line.startswith("kcd_requests_total{")]
         return sum(float(line.rpartition(" ")[2]) for line in lines if f'status="{status}"' in line)
@@ -70,7 +70,6 @@ def scene(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     admin_table = f'[admin]\nbind = "127.0.0.1:{admin}"\n'
     gw = start_gateway(lab, tmp_path_factory.mktemp("hardening"), base + routes + auth + admin_table)
     try:
-        wait_port(admin, gw.proc)
         yield Scene(gw, recorders, lab, f"http://127.0.0.1:{admin}")
     finally:
         gw.stop()
@@ -142,6 +141,7 @@ def test_ambiguous_paths_are_refused_before_any_stage(scene: Scene, target: str,
     """Encoded separators, double encoding, NUL, climbing above the root: 400, the reason in the log, nothing
     forwarded, no stage run (no certificate is even looked at)."""
     scene.taken()
+    scene.gw.mark()  # two cases share a reason: this request's line, not the one before
     assert scene.send(_get(target)) == 400
     assert not any(scene.taken().values())
     line = scene.gw.wait_for("request", lambda e: why in str(e.get("reason", "")), what=why)
@@ -250,21 +250,18 @@ def test_answers_aiohttp_gives_itself_carry_their_status_in_the_summary(scene: S
     """`OPTIONS *` and an unparseable request: the summary line and the metrics say the status the client got,
     not 500."""
     before = {status: scene.requests_counted(status) for status in (400, 404, 500)}
+    mark = scene.gw.mark()
     star = raw_request(scene._lab, scene.gw.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     bad = raw_request(scene._lab, scene.gw.port, b"GET /owa/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
     assert bad.status == 400
     statuses = {star.status, bad.status}
-    logged: list[int] = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        logged = [e["status"] for e in scene.gw.events("request") if e.get("method") in ("OPTIONS", None, "UNKNOWN")]
-        if statuses <= set(logged):
-            break
-        time.sleep(0.05)
-    assert statuses <= set(logged), scene.gw.events("request")[-4:]
+    theirs = scene.gw.wait_events("request", 2, accept=lambda e: e.get("method") in ("OPTIONS", None, "UNKNOWN"))
+    logged = [e["status"] for e in theirs]
+    assert statuses <= set(logged), scene.gw.events("request", after=mark)
     assert 500 not in logged
-    assert scene.requests_counted(404) == before[404] + 1
-    assert scene.requests_counted(400) == before[400] + 1
+    # the metrics are counted just after the summary line is written: polled for, as the line was
+    eventually(lambda: scene.requests_counted(404) == before[404] + 1, "404 counted once")
+    eventually(lambda: scene.requests_counted(400) == before[400] + 1, "400 counted once")
     assert scene.requests_counted(500) == before[500]
 
 
@@ -394,6 +391,7 @@ def test_a_long_junk_client_chain_is_cut_short(
     chain, key = _ca_chain(tmp_path, length, padding)
     if padding:
         assert len(chain.read_bytes()) * 3 // 4 > 10240  # the DER is over the limit
+    scene.gw.mark()
     seen = _handshake(scene, chain, key)
     assert not seen.startswith("HTTP/"), seen
     scene.gw.wait_for("tls_handshake_refused", lambda e: reason in e["reason"], what=reason)

@@ -25,7 +25,8 @@ import pytest
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.tls.proxy_protocol import V2_SIGNATURE
-from tests.integration.conftest import Gateway, client_context, curl, free_port, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, curl, free_port, start_gateway
+from tests.integration.jsonlog import WAIT
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +60,16 @@ def through(
     return response.status, json.loads(body)
 
 
-def events(gw: Gateway, name: str, deadline: float = 20) -> list[dict[str, Any]]:
-    """The gateway's log lines of one event, waiting for at least one."""
-    end = time.monotonic() + deadline
-    while not (found := [e for e in gw.logs() if e.get("event") == name]) and time.monotonic() < end:
-        time.sleep(0.2)
-    return found
-
-
 def test_v2_header_makes_the_device_the_client(lab: LabLayout, balanced: Gateway) -> None:
     """A v2 header naming 203.0.113.7: the backend gets X-Forwarded-For 203.0.113.7 (the client's own
     X-Forwarded-For is dropped), and the request's log line names 203.0.113.7 as the client."""
+    balanced.mark()
     status, echo = through(lab, balanced, v2_header("203.0.113.7", 40001), extra=b"X-Forwarded-For: 6.6.6.6\r\n")
     assert status == 200
     assert echo["principal"] == "alice@LAB.TEST"
     headers = {k.lower(): v for k, v in echo["headers"].items()}
     assert headers["x-forwarded-for"] == "203.0.113.7"
-    assert any(e.get("client") == "203.0.113.7" and e.get("status") == 200 for e in events(balanced, "request"))
+    balanced.wait_for("request", lambda e: (e.get("client"), e.get("status")) == ("203.0.113.7", 200))
 
 
 def test_v1_header_from_a_raw_socket_and_from_curl(lab: LabLayout, balanced: Gateway) -> None:
@@ -88,21 +82,22 @@ def test_v1_header_from_a_raw_socket_and_from_curl(lab: LabLayout, balanced: Gat
 
 def test_a_connection_without_the_header_is_closed_before_tls(lab: LabLayout, balanced: Gateway) -> None:
     """A device that skips the balancer (plain TLS from the trusted address): no handshake, a logged refusal."""
+    balanced.mark()
     done = curl(lab, f"https://127.0.0.1:{balanced.port}/EWS/Exchange.asmx", "alice")
     assert done.returncode != 0
-    refusals = events(balanced, "proxy_header_refused")
-    assert any(str(e.get("reason", "")).startswith("no PROXY header") for e in refusals), refusals
+    balanced.wait_for("proxy_header_refused", lambda e: str(e.get("reason", "")).startswith("no PROXY header"))
 
 
 def test_a_header_from_an_untrusted_address_is_not_believed(lab: LabLayout, balanced: Gateway) -> None:
     """A well-formed header sent from 127.0.0.2 (not in trusted_proxies): closed before TLS, logged with
     the connection's real address, and nothing reaches the backend as 203.0.113.66."""
+    balanced.mark()
     with pytest.raises((ConnectionError, OSError)):
         through(lab, balanced, v2_header("203.0.113.66", 40003), source="127.0.0.2")
-    refusals = events(balanced, "proxy_header_refused")
-    assert any(
-        str(e.get("peer", "")).startswith("127.0.0.2:") and "trusted_proxies" in str(e.get("reason")) for e in refusals
-    ), refusals
+    balanced.wait_for(
+        "proxy_header_refused",
+        lambda e: str(e.get("peer", "")).startswith("127.0.0.2:") and "trusted_proxies" in str(e.get("reason")),
+    )
     assert not any(e.get("client") == "203.0.113.66" for e in balanced.logs())
 
 
@@ -110,13 +105,13 @@ def test_a_refused_handshake_behind_the_balancer_is_logged_with_the_devices_addr
     lab: LabLayout, balanced: Gateway
 ) -> None:
     """An unknown certificate through the balancer: the TLS refusal is logged under the device's address."""
+    balanced.mark()
     raw = socket.create_connection(("127.0.0.1", balanced.port), timeout=30)
     raw.sendall(v2_header("203.0.113.44", 40004))
     ctx = client_context(lab, "untrusted")  # a forged alice: the right names, another CA's keys
     with pytest.raises((ConnectionError, OSError)):
         ctx.wrap_socket(raw, server_hostname="proxy.lab.test").recv(1)  # the handshake's alert, or the reset
-    refused = events(balanced, "tls_handshake_refused")
-    assert any(str(e.get("peer", "")).startswith("203.0.113.44:") for e in refused), refused
+    balanced.wait_for("tls_handshake_refused", lambda e: str(e.get("peer", "")).startswith("203.0.113.44:"))
 
 
 @pytest.fixture(scope="module")
@@ -149,18 +144,18 @@ def _basic(lab: LabLayout, gw: Gateway, device: str, user: str) -> int:
 def test_throttles_count_the_device_not_the_balancer(lab: LabLayout, balanced_basic: Gateway) -> None:
     """Wrong passwords from 203.0.113.5 get it throttled (429, logged with its address) while another device
     behind the same balancer still gets its own answer (401): the throttle counts devices, not the balancer."""
+    balanced_basic.mark()
     statuses: list[int] = []
     while 429 not in statuses and len(statuses) < 10:
         statuses.append(_basic(lab, balanced_basic, "203.0.113.5", "bob@lab.test"))
     assert statuses[-1] == 429, statuses
     assert _basic(lab, balanced_basic, "203.0.113.6", "carol@lab.test") == 401
-    throttled = events(balanced_basic, "authentication_throttled")
-    assert any("from 203.0.113.5" in str(e.get("fix")) for e in throttled), throttled
+    balanced_basic.wait_for("authentication_throttled", lambda e: "from 203.0.113.5" in str(e.get("fix")))
 
 
 def _refusals(admin: str) -> dict[str, float]:
     """`kcd_refusals_total{stage="proxy_protocol"}` by reason, scraped from /metrics."""
-    with urllib.request.urlopen(admin + "/metrics", timeout=10) as r:  # noqa: S310  loopback
+    with urllib.request.urlopen(admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
         text = r.read().decode()
     found = {}
     for line in text.splitlines():
@@ -179,10 +174,9 @@ def test_refused_proxy_headers_are_counted_by_reason(lab: LabLayout, tmp_path_fa
     text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
     gw = start_gateway(lab, tmp_path_factory.mktemp("counted"), text + f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     try:
-        wait_port(admin_port, gw.proc)
         admin = f"http://127.0.0.1:{admin_port}"
-        before = _refusals(admin)  # start_gateway's readiness probe connected and left: an incomplete header
-        logged = len(gw.events("proxy_header_refused"))
+        before = _refusals(admin)
+        gw.mark()
         with pytest.raises((ConnectionError, OSError)):
             through(lab, gw, v2_header("203.0.113.66", 40003), source="127.0.0.2")
         for garbage in (b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
@@ -193,7 +187,7 @@ def test_refused_proxy_headers_are_counted_by_reason(lab: LabLayout, tmp_path_fa
             raw.sendall(b"PROXY TCP4 198.51.100.9 ")
             raw.shutdown(socket.SHUT_WR)
             assert raw.recv(1) == b""
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + WAIT
         want = {"untrusted_peer": 1.0, "malformed_header": 2.0, "incomplete_header": 1.0}
 
         def counted() -> dict[str, float]:
@@ -203,6 +197,6 @@ def test_refused_proxy_headers_are_counted_by_reason(lab: LabLayout, tmp_path_fa
         while (got := counted()) != want and time.monotonic() < deadline:
             time.sleep(0.2)
         assert got == want
-        assert len(gw.events("proxy_header_refused")) - logged == 4
+        assert len(gw.wait_events("proxy_header_refused", 4)) == 4
     finally:
         gw.stop()

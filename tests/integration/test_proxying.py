@@ -39,6 +39,7 @@ from tests.integration.conftest import (
     start_gateway,
     wait_port,
 )
+from tests.integration.jsonlog import WAIT
 
 GiB = 1 << 30
 MAX_BODY_BYTES = 1 << 20  # the gateway's limit for bodies it reads itself; forwarded ones stream past it
@@ -170,7 +171,7 @@ def _echo(res: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return echo
 
 
-def _backend_request_ms(log: Path, path: str, timeout: float = 5) -> float:
+def _backend_request_ms(log: Path, path: str, timeout: float = WAIT) -> float:
     """The backend's own duration for the request to `path`, from its log line (written when it ends)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -198,6 +199,7 @@ def test_backend_request_is_cancelled_when_the_device_leaves(lab: LabLayout, gw:
     """A device that hangs up during a 30 s hold: the gateway drops the backend connection at once (the
     backend's hold ends within about a second) and logs 499."""
     path = f"/owa/cancel-{uuid.uuid4().hex}"
+    gw.mark()
     res = curl(lab, gw.url + path, "alice", "--max-time", "1.5", "-H", "X-Lab-Hold-Seconds: 30")
     assert res.returncode == 28, res  # curl's "operation timed out": the device left
     held_ms = _backend_request_ms(lab.run_dir / "backend.log", path)
@@ -207,6 +209,7 @@ def test_backend_request_is_cancelled_when_the_device_leaves(lab: LabLayout, gw:
 
 def test_route_read_timeout_is_504(lab: LabLayout, gw: Gateway) -> None:
     """A backend silent for longer than the route's read_timeout (1 s here) is a 504, in about that time."""
+    gw.mark()
     started = time.monotonic()
     res = curl(lab, gw.url + "/short/x", "alice", "-H", "X-Lab-Hold-Seconds: 5")
     body, code = _split(res.stdout)
@@ -219,6 +222,7 @@ def test_route_read_timeout_is_504(lab: LabLayout, gw: Gateway) -> None:
 def test_stalled_request_body_is_408(lab: LabLayout, gw: Gateway) -> None:
     """A device that stops sending its body for longer than listener.client_body_timeout (1 s) gets 408."""
     ctx = client_context(lab, "alice")
+    gw.mark()
     started = time.monotonic()
     with (
         socket.create_connection(("127.0.0.1", gw.port)) as raw,
@@ -237,6 +241,7 @@ def test_device_that_stops_reading_is_cut_off(lab: LabLayout, gw: Gateway) -> No
     and the gateway does not buffer what it would not take."""
     before = _hwm_kib(gw.proc.pid)
     ctx = client_context(lab, "bob")
+    gw.mark()
     received = 0
     with (
         socket.create_connection(("127.0.0.1", gw.port)) as raw,
@@ -472,6 +477,7 @@ def test_backend_negotiate_continuation_401_is_502_without_challenge(lab: LabLay
     """A backend 401 carrying a Negotiate continuation (a KRB-ERROR) becomes a 502 for the device, with no
     challenge passed on; the log says what it was."""
     challenge = "WWW-Authenticate: Negotiate oRQwEqADCgEDoQsGCSqGSIb3EgECAg=="
+    gw.mark()
     res = curl(
         lab, gw.url + "/owa/continue", "bob", "-D", "-", "-H", "X-Lab-Status: 401", "-H", f"X-Lab-Header: {challenge}"
     )
@@ -510,6 +516,7 @@ def test_https_upstream_verified_against_the_ca_bundle(lab: LabLayout, gw: Gatew
 )
 def test_https_upstream_that_fails_verification_is_502(lab: LabLayout, gw: Gateway, prefix: str, why: str) -> None:
     """A certificate for another name than server_name, or from a CA outside ca_bundle: 502, nothing sent."""
+    gw.mark()
     body, code = _split(curl(lab, gw.url + prefix + "x", "alice").stdout)
     assert code == 502
     assert "cannot be reached" in body
@@ -541,6 +548,7 @@ def test_context_headers_come_from_the_gateway_only(lab: LabLayout, gw: Gateway)
     """Configured context headers carry the UPN, certificate serial and principal; the device's own
     headers of those names, in any spelling, are dropped."""
     forged = ["-H", "X-KCD-UPN: mallory@lab.test", "-H", "x-employee: mallory", "-H", "X_Employee: mallory"]
+    gw.mark()
     echo = _echo(curl(lab, gw.url + "/context/x", "bob", *forged))
     sent = echo["raw_headers"]
     assert ["X-KCD-UPN", "bob@lab.test"] in sent

@@ -27,6 +27,7 @@ class _Gateway(Protocol):
 
     url: str
 
+    def mark(self) -> int: ...
     def wait_event(self, name: str, timeout: float = ..., **match: Any) -> dict[str, Any]: ...
     def stop(self) -> Any: ...
 
@@ -42,7 +43,9 @@ class Realm:
     _curl: Callable[[str, str | None], subprocess.CompletedProcess[str]]
 
     def get(self, path: str, user: str) -> tuple[int, str]:
-        """GET `path` through the gateway with `user`'s certificate: (status, body)."""
+        """GET `path` through the gateway with `user`'s certificate: (status, body). The gateway's log is marked
+        first, so a test's `wait_event` finds this request's lines, not an older test's."""
+        self.gateway.mark()
         done = self._curl(self.gateway.url + path, user)
         body, _, status = done.stdout.rpartition("\n")
         return int(status or 0), body

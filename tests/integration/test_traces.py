@@ -1,7 +1,7 @@
 """Traces of real requests through a real gateway: /traces, the export, the page in Chromium, `kcd-proxy trace`.
 
-One gateway for the module, with the admin listener and a JSON-lines export. Each test uses users of its own
-(carol, bob, alice, and principals it makes), so what one test caches does not change what another sees.
+One gateway for the module, with the admin listener and a JSON-lines export. A test that needs a user nobody
+has used yet makes a principal of its own; the others do not depend on what another test cached.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from proxy.lab.layout import USERS, LabLayout
-from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.test_revocation import curl_with
 from tests.integration.test_ticket_cache import _certificate_for, _kadmin
 
@@ -62,14 +63,13 @@ keep = 100
 export = "{export}"
 """
     gw = start_gateway(lab, directory, lab_config(lab, port=free_port(), extra=extra))
-    wait_port(admin_port, gw.proc)
     yield Traced(gw, f"http://127.0.0.1:{admin_port}", export, gw.config_path)
     assert gw.stop() == 0
 
 
 def _get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310  loopback test URLs
+        with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310  loopback test URLs
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -82,32 +82,53 @@ def _traces(admin: str, limit: int = 100, user: str | None = None) -> list[dict[
     return records
 
 
+def _ids(admin: str, user: str | None = None) -> set[str]:
+    return {r["id"] for r in _traces(admin, user=user)}
+
+
+def _new_traces(admin: str, seen: set[str], count: int, user: str | None = None) -> list[dict[str, Any]]:
+    """The records (of `user`) whose ids are not in `seen`, newest first, once there are `count`: a forwarded
+    request's trace is recorded after its answer has gone out, so right after curl it may not be there yet."""
+
+    def found() -> list[dict[str, Any]] | None:
+        new = [r for r in _traces(admin, user=user) if r["id"] not in seen]
+        return new if len(new) >= count else None
+
+    return eventually(found, f"{count} new trace(s) of {user or 'anyone'}")
+
+
 def _stages(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in record["stages"]}
 
 
 def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab: LabLayout, traced: Traced) -> None:
-    """Two requests of carol: every stage in order; the S4U tickets' facts (forwardable, client, server);
-    the first from the KDC, the second from the cache; the backend connection new, then reused."""
+    """Two requests of a user of its own (no other test, before or beside it, cached its tickets or opened its
+    backend connection): every stage in order; the S4U tickets' facts (forwardable, client, server); the first
+    from the KDC, the second from the cache; the backend connection new, then reused."""
+    name = f"tr{uuid.uuid4().hex[:8]}"
+    _kadmin(lab, f"addprinc -randkey {name}")
+    cert, key = _certificate_for(lab, name, traced.export.parent)
+    user, principal = f"{name}@lab.test", f"{name}@LAB.TEST"
+    seen = _ids(traced.admin, user)
     for _ in range(2):
-        assert curl(lab, traced.gw.url + "/owa/", "carol").stdout.endswith("200")
-    second, first = _traces(traced.admin, limit=2, user="carol@lab.test")
+        assert curl_with(lab, traced.gw, cert, key)[0] == 200
+    second, first = _new_traces(traced.admin, seen, 2, user)
     assert first["id"] != second["id"]
     for record in (first, second):
         assert [s["name"] for s in record["stages"]] == STAGES
-        assert (record["upn"], record["principal"], record["status"]) == ("carol@lab.test", "carol@LAB.TEST", 200)
+        assert (record["upn"], record["principal"], record["status"]) == (user, principal, 200)
         assert all(isinstance(s["ms"], float | int) and s["ms"] >= 0 for s in record["stages"])
         stages = _stages(record)
         evidence, service = stages["s4u2self"], stages["s4u2proxy"]
-        assert (evidence["client"], evidence["server"]) == ("carol@LAB.TEST", "HTTP/proxy.lab.test@LAB.TEST")
-        assert (service["client"], service["server"]) == ("carol@LAB.TEST", "HTTP/cas.lab.test@LAB.TEST")
+        assert (evidence["client"], evidence["server"]) == (principal, "HTTP/proxy.lab.test@LAB.TEST")
+        assert (service["client"], service["server"]) == (principal, "HTTP/cas.lab.test@LAB.TEST")
         assert evidence["forwardable"] is True
         assert service["forwardable"] is True
         assert "forwardable" in evidence["flags"]
         assert evidence["enctype"].startswith("aes")
         assert evidence["start"] < evidence["end"]
         assert stages["tls"]["version"].startswith("TLSv1.")
-        assert stages["certificate"]["chain"][0]["subject"] == "CN=carol"
+        assert stages["certificate"]["chain"][0]["subject"] == f"CN={name}-tablet"
         assert stages["certificate"]["chain"][-1]["subject"] == "CN=Lab Root CA"
         assert stages["revocation"]["status"] == "good"
         assert stages["revocation"]["age_s"] >= 0
@@ -163,8 +184,10 @@ def test_refusals_land_on_the_step_the_kdc_refused_with_cause_and_fix(lab: LabLa
 
 def test_no_secret_reaches_a_trace(lab: LabLayout, traced: Traced) -> None:
     """After real traffic, /traces, the pages and the JSON-lines export hold no Negotiate token and no password."""
+    seen = _ids(traced.admin)
     for user in ("alice", "bob", "carol"):
         curl(lab, traced.gw.url + "/owa/", user)
+    _new_traces(traced.admin, seen, 3)
     records = _traces(traced.admin)
     assert records
     texts = {"/traces": json.dumps(records), "export": traced.export.read_text(), "/": _get(traced.admin + "/")[1]}
@@ -211,9 +234,10 @@ def test_the_page_draws_a_known_request_in_a_real_browser(lab: LabLayout, traced
     S4U2Proxy as their own arrows, marked as cache hits; the list page links to it; a screenshot is taken."""
     if shutil.which("chromium") is None:
         pytest.skip("chromium is not installed (make setup installs Debian's chromium)")
+    seen = _ids(traced.admin, "bob@lab.test")
     for _ in range(2):
         assert curl(lab, traced.gw.url + "/owa/", "bob").stdout.endswith("200")
-    second, _first = _traces(traced.admin, limit=2, user="bob@lab.test")
+    second, _first = _new_traces(traced.admin, seen, 2, "bob@lab.test")
     page = f"{traced.admin}/trace/{second['id']}"
     dom = _chromium(tmp_path / "profile", "--dump-dom", page)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -243,7 +267,9 @@ def test_the_page_draws_a_known_request_in_a_real_browser(lab: LabLayout, traced
 def test_trace_command_prints_and_follows_one_users_requests(lab: LabLayout, traced: Traced) -> None:
     """`kcd-proxy trace --config F --user U --json` prints that user's records; with --follow it prints a new
     request of theirs as it happens, and nobody else's."""
+    seen = _ids(traced.admin, "alice@lab.test")
     curl(lab, traced.gw.url + "/owa/", "alice")
+    _new_traces(traced.admin, seen, 1, "alice@lab.test")  # recorded, so `trace --limit 1` shows this request
     env = {**os.environ, **lab.env()}
     base = [sys.executable, "-m", "proxy", "trace", "--config", str(traced.config), "--user", "alice@lab.test"]
     once = subprocess.run(
@@ -271,12 +297,11 @@ def test_trace_command_prints_and_follows_one_users_requests(lab: LabLayout, tra
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        assert "alice@lab.test" in lines.get(timeout=15)  # the last request before following
-        time.sleep(0.5)
+        assert "alice@lab.test" in lines.get(timeout=WAIT)  # the last request before following: its baseline
         curl(lab, traced.gw.url + "/owa/", "bob")
         curl(lab, traced.gw.url + "/EWS/Exchange.asmx", "alice")
         shown = ""
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + WAIT
         while "  backend" not in shown.partition("/EWS/Exchange.asmx")[2] and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
                 shown += lines.get(timeout=0.5)

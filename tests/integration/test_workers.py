@@ -21,6 +21,7 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import WAIT
 
 
 def _with_workers(lab: LabLayout, port: int, workers: int) -> str:
@@ -42,7 +43,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _listening_pids(gw: Gateway, count: int, timeout: float = 20) -> list[int]:
+def _listening_pids(gw: Gateway, count: int, timeout: float = WAIT) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pids = [e["pid"] for e in gw.events("listening")]
@@ -82,7 +83,7 @@ def test_two_workers_serve_requests_and_sigterm_stops_all(lab: LabLayout, two_wo
     assert all(_parent(pid) == gw.proc.pid for pid in workers)
 
     assert asyncio.run(_fresh_connections(lab, gw, 24)) == [200] * 24
-    served = {e["pid"] for e in gw.events("request")}
+    served = {e["pid"] for e in gw.wait_events("request", 24)}  # each line follows its answer
     assert served == set(workers)  # 24 connections all on one worker: 1 chance in 2**23
 
     assert gw.stop() == 0
@@ -109,7 +110,7 @@ def test_sighup_reaches_every_worker_which_reloads_in_place(lab: LabLayout, two_
     gw = two_workers
     workers = _listening_pids(gw, 2)
     gw.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT
     while {e["pid"] for e in gw.events("reloaded")} != set(workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert {e["pid"] for e in gw.events("reloaded")} == set(workers), gw.log_path.read_text()[-3000:]
@@ -125,7 +126,7 @@ def test_workers_do_not_outlive_a_killed_supervisor(lab: LabLayout, two_workers:
     workers = _listening_pids(gw, 2)
     gw.proc.kill()
     gw.proc.wait()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     orphans = [pid for pid in workers if _alive(pid)]

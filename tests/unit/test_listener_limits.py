@@ -59,7 +59,7 @@ def test_connection_slots_wait_for_a_free_one() -> None:
         assert waits == [1]
         first()
         first()
-        await asyncio.wait_for(third, timeout=5)
+        await asyncio.wait_for(third, timeout=30)
         assert slots.open == 2
 
     asyncio.run(run())
