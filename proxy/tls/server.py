@@ -55,7 +55,9 @@ def server_context(config: Config) -> ssl.SSLContext:
     for path in (*config.client_certificates.trust_anchors, *config.client_certificates.intermediates):
         ctx.load_verify_locations(cafile=path)
     # The CAs a client is told to pick a certificate for: the trust anchors only.
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # No renegotiation (TLS 1.2): a connection stays tied to the certificate of its handshake, which the stages
+    # judged (OpenSSL 3 refuses a client's request by default; older ones did not).
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     cc = config.client_certificates
     ctx.sslobject_class = _PeerSSLObject  # the peer certificate as DER only: no dict per connection
     unavailable = limit_client_chain(ctx, depth=cc.max_chain_depth, max_bytes=cc.max_chain_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,38 @@ def test_sigterm_stops_the_gateway_cleanly(lab: LabLayout, tmp_path: Path) -> No
     assert _split(curl(lab, gw.url + "/owa/", "alice").stdout)[1] == 200
     assert gw.stop() == 0
     assert gw.events("stopped")
+
+
+def test_a_device_cannot_renegotiate_to_another_certificate(lab: LabLayout, gateway: Gateway) -> None:
+    """TLS 1.2: a device that asks to renegotiate after its handshake (a chance to present another certificate
+    on a connection the gateway already tied to the first one) gets an alert and loses the connection."""
+    users = lab.pki_dir / "users"
+    argv = ["openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{gateway.port}"]
+    argv += [
+        "-CAfile",
+        str(lab.pki_dir / "root.pem"),
+        "-cert",
+        str(users / "alice.pem"),
+        "-key",
+        str(users / "alice.key"),
+    ]
+    with subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        seen: list[str] = []
+        for line in proc.stdout:  # the handshake is done once the session is printed
+            seen.append(line)
+            if line.strip().startswith("Verify return code"):
+                break
+        assert proc.poll() is None, "".join(seen)
+        proc.stdin.write("R\n")  # s_client's command: renegotiate
+        proc.stdin.flush()
+        try:
+            rest = proc.communicate(timeout=30)[0]  # stdin stays open until the gateway ends the connection
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("the connection survived a renegotiation request") from None
+    assert "RENEGOTIATING" in rest, rest
+    assert "no renegotiation" in rest, rest
