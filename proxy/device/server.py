@@ -16,7 +16,8 @@ Transfer-Encoding other than a final `chunked` (`chunked, chunked` included), ob
 NUL or other controls in a field, a bad chunk size, a method or a version it does not know. On top of
 llhttp, as aiohttp did: a request target over `MAX_TARGET_BYTES`, a field name or value over
 `max_field_bytes`, more than `MAX_FIELDS` fields, HTTP/1.1 without `Host`, and two `Host` fields are
-400; HTTP/0.9 (a request line without a version) reaches the pipeline, which refuses it (400).
+400, and so is a request asking for an `Upgrade` (or CONNECT) that carries a body (llhttp reads nothing
+after such a head); HTTP/0.9 (a request line without a version) reaches the pipeline, which refuses it (400).
 
 Bounds before any stage runs (`proxy.tls.limits` has the why):
 - the header block: bytes read while a request's head is incomplete are counted, and past
@@ -486,6 +487,10 @@ class DeviceConnection(asyncio.Protocol):
         has_body = "chunked" in fields.get("Transfer-Encoding", "").lower() or (
             length is not None and int(length) > 0  # llhttp checked it is digits
         )
+        if has_body and parser.should_upgrade():
+            # llhttp ends such a message at its head and reads nothing after it (HttpParserUpgrade): its body
+            # would be forwarded empty, or cut short. A WebSocket handshake has no body; this is refused.
+            raise _Refused("a request that asks for an Upgrade (or CONNECT) carries a body")
         body = RequestBody(self) if has_body else None
         request = DeviceHttpRequest(
             self,
