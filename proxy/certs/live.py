@@ -181,13 +181,18 @@ class LiveRevocation:
     def watch(self, request: DeviceRequest) -> contextlib.AbstractContextManager[None]:
         """Keep this request in flight under the chain `check` saw for it; end it if that gets revoked.
 
-        Raises CertificateRevoked when a refresh revoked the chain meanwhile. A request that presented no
-        certificate (a password-only route) is not watched.
+        Raises CertificateRevoked when a refresh revoked the chain meanwhile: while the request was held, and
+        also before, between `check` and here (the identity and Kerberos stages can take seconds, and a refresh
+        then ends no watch). The CRL set answers a chain it has judged from memory, so this costs a look-up.
+        A request that presented no certificate (a password-only route) is not watched.
         """
         task = asyncio.current_task()
         verified = self._checked.pop(task, None) if task is not None else None
         if task is None or verified is None:
             return _UNWATCHED
+        current = self.crls.current
+        if self.policy != "off" and current.may_list(verified):
+            current.check(verified, at=datetime.now(UTC), policy="best-effort")  # raises CertificateRevoked
         return _Watching(self._in_flight, _Watch(request, verified, task))
 
     @property

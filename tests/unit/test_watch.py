@@ -196,3 +196,22 @@ def test_watch_and_use_are_small(pki: Pki) -> None:
         assert not hasattr(manager, "__dict__"), type(manager)
         assert not hasattr(manager, "gen"), type(manager)
     assert dataclasses.is_dataclass(Live)
+
+
+def test_a_revocation_between_the_check_and_the_watch_refuses_the_request(pki: Pki) -> None:
+    """A CRL refresh that lists the certificate while its request is in the identity or Kerberos stages (after
+    the revocation check, before the backend stage's watch begins): the request is refused, never forwarded."""
+
+    async def run() -> None:
+        revocation = live_revocation(pki)
+        verified = verify_chain(
+            load_cert(pki.user_cert("alice")), TrustList.load([pki.root_cert], [pki.issuing_cert]), at=NOW
+        )
+        await revocation.check(verified, at=NOW)
+        revoke(pki, pki.user_cert("alice"), now=NOW)
+        await revocation.crls.refresh()  # meanwhile: the KDC answers slowly
+        with pytest.raises(CertificateRevoked, match="was revoked"), revocation.watch(Request()):
+            pytest.fail("the backend stage ran for a revoked certificate")
+        assert revocation.in_flight == 0
+
+    asyncio.run(run())
