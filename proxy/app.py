@@ -291,7 +291,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
 
     else:
         live.metrics.open_connections = lambda: len(connections)
-        limits = DeviceLimits(listener.max_header_bytes, MAX_FIELD_BYTES, listener.keepalive_timeout)
+        limits = DeviceLimits(
+            listener.max_header_bytes, MAX_FIELD_BYTES, listener.keepalive_timeout, listener.client_send_timeout
+        )
         handler = connection_factory(
             own_server_handler(live),
             limits,

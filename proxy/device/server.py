@@ -25,7 +25,8 @@ Bounds before any stage runs (`proxy.tls.limits` has the why):
   TLS records the head came in: the parser is fed at most the budget, so a head of exactly the budget
   passes and one byte more does not;
 - time: from the connection's start, and from the end of each answer, a request's head must be
-  complete within `listener.keepalive_timeout`, or the connection is closed (aiohttp's rule);
+  complete within `listener.keepalive_timeout`, or the connection is closed (aiohttp's rule); a device
+  that stops taking an answer is cut after `listener.client_send_timeout` (each wait, local answers too);
 - bodies: at most `BODY_HIGH` bytes of a request body are held; past that, reading from the device
   pauses until the backend stage takes them.
 
@@ -75,6 +76,7 @@ class DeviceLimits:
     max_header_bytes: int
     max_field_bytes: int
     keepalive_timeout: float
+    send_timeout: float = 60.0  # listener.client_send_timeout: each wait for the device to take our bytes
 
 
 class _Refused(Exception):
@@ -314,6 +316,7 @@ class DeviceConnection(asyncio.Protocol):
     """One device connection: parse, queue, serve in order, keep alive or close."""
 
     __slots__ = (  # no instance dict: thousands are held open by long-polls (bench: memory per held request)
+        "_completed",
         "_connections",
         "_drain",
         "_field_count",
@@ -366,6 +369,7 @@ class DeviceConnection(asyncio.Protocol):
         self._parsing: DeviceHttpRequest | None = None  # the request whose message llhttp is in
         self._in_head = True
         self._head_seen = 0  # bytes read while the current head is incomplete
+        self._completed = 0  # requests llhttp has read to their end
         self._framing = 0  # bytes read inside a body since its last payload bytes
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
         self._paused = 0
@@ -410,10 +414,13 @@ class DeviceConnection(asyncio.Protocol):
                 self._feed(data)
                 return
             self._head_seen += room
+            completed = self._completed
             self._feed(data[:room])
-            if self._in_head and not self._stopped:  # the budget is spent and the head goes on
-                self._refuse_head_block()
+            if self._in_head and not self._stopped and self._completed == completed:
+                self._refuse_head_block()  # the budget is spent on one head, and it goes on
                 return
+            # Requests ended inside those bytes (pipelining): the budget starts again at the last one's end, and
+            # what the head now in progress had of them is not counted (it may reach twice the budget).
             data = data[room:]
 
     def eof_received(self) -> bool | None:
@@ -516,6 +523,7 @@ class DeviceConnection(asyncio.Protocol):
             self._receiving.feed(data)
 
     def on_message_complete(self) -> None:
+        self._completed += 1
         self._parsing = None
         if self._receiving is not None:
             self._receiving.end()
@@ -562,6 +570,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def _refuse_head_block(self) -> None:
         self._stopped = True  # reading goes on, discarding, until the linger ends (proxy.tls.limits)
+        self._queue.clear()  # the 431 closes the connection: no answer may follow it
         self._cancel_idle()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -591,6 +600,8 @@ class DeviceConnection(asyncio.Protocol):
     async def _run(self, request: DeviceHttpRequest) -> None:
         try:
             await self._serve(request)
+        except ConnectionError:
+            pass  # the device left, or stopped taking the answer (`drain`): the connection is cut, nobody to tell
         finally:
             if not request._answered:
                 self.abort()  # the answer did not end (a stream cut short, a device too slow): so must the connection
@@ -624,11 +635,23 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.write(data)
 
     async def drain(self) -> None:
+        """Wait while the device is not taking our bytes, at most `send_timeout`; then the connection is cut (no
+        idle deadline runs while a request is served, and a local answer has no other bound)."""
         if self.transport is None:
             raise ConnectionResetError("the device closed the connection")
-        while self._write_paused:
-            self._drain = self._loop.create_future()
-            await self._drain
+        if not self._write_paused:
+            return
+        try:
+            async with asyncio.timeout(self._limits.send_timeout):
+                while self._write_paused:
+                    self._drain = self._loop.create_future()
+                    await self._drain
+        except TimeoutError:
+            log.warning("device_send_stalled", peer=self.remote, waited_s=self._limits.send_timeout)
+            self.abort()
+            raise ConnectionResetError(
+                "the device took none of the answer within listener.client_send_timeout"
+            ) from None
 
     def _wake_drain(self, error: BaseException | None) -> None:
         waiter, self._drain = self._drain, None

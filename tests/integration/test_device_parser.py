@@ -369,3 +369,17 @@ def test_an_upgrade_with_a_body_is_never_forwarded_without_it(scene: Scene, fram
         sent = dechunk(recorded.body) if recorded.headers("Transfer-Encoding") else recorded.body
         assert sent == b"abc", (got[0][0], recorded.head, recorded.body)
     assert got[0][0] in (200, 400), got[0][0]  # forwarded whole, or refused; never a 502 for a body cut short
+
+
+def test_pipelined_requests_longer_than_the_head_budget_together_are_all_served(
+    scene: Scene, request: pytest.FixtureRequest
+) -> None:
+    """Two thousand small pipelined requests in one write (80 KB, five times listener.max_header_bytes): each
+    head is far below the budget, so each is answered (404 for `OPTIONS *`); the budget is per head, not per read."""
+    if scene.server == "aiohttp":  # known and not fixed: proxy.tls.limits.HeaderBlockBudget counts a whole read
+        request.applymarker(pytest.mark.xfail(strict=True, reason="aiohttp's budget counts a read, not a head"))
+    one = b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    data = one * 1999 + b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    assert len(data) > 4 * MAX_HEADER_BYTES
+    got = exchange(scene, data)
+    assert [s for s, _, _ in got] == [404] * 2000

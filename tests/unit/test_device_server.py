@@ -176,3 +176,53 @@ def test_an_unread_body_ends_the_connection() -> None:
     assert statuses(written) == [403]
     assert b"Connection: close" in written
     assert closed
+
+
+def test_an_answer_the_device_never_takes_ends_the_connection_at_the_send_timeout() -> None:
+    """A device that stops reading (its pipelined requests' answers fill the socket: the transport pauses our
+    writing) holds no connection forever: a local answer waits at most `send_timeout`, then the connection is
+    cut. No idle deadline runs while a request is being served, so nothing else would end it."""
+
+    async def scenario() -> Transport:
+        limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=5, send_timeout=0.2)
+        connection = DeviceConnection(Served(), limits, on_headers_refused=lambda: None, on_unparsed=lambda _, s: None)
+        transport = Transport()
+        connection.connection_made(transport)
+        connection.pause_writing()  # the device's receive window is full
+        connection.data_received(GET)
+        for _ in range(200):
+            if transport.closed:
+                break
+            await asyncio.sleep(0.05)
+        connection.connection_lost(None)
+        return transport
+
+    assert asyncio.run(scenario()).closed
+
+
+def test_no_answer_follows_a_431() -> None:
+    """Two whole requests, then a head over twice the budget (what follows other requests in a read may reach
+    that), in one read: the 431 (which closes the connection) is the last answer written; a queued request
+    answered after it would be read as the 431's successor."""
+
+    async def scenario() -> bytes:
+        _, transport, refused = await run([GET + GET + b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: " + b"a" * 9000])
+        assert refused == [431]
+        return bytes(transport.written)
+
+    written = statuses(asyncio.run(scenario()))
+    assert written[-1:] == [431], written
+
+
+def test_pipelined_heads_are_budgeted_one_by_one() -> None:
+    """Three hundred small requests in one read (ten times the 4 KiB budget): every head is under the budget,
+    so every request is served; the budget is per head, not per read."""
+
+    async def scenario() -> list[int]:
+        _, transport, refused = await run([GET * 300])
+        assert refused == []
+        return statuses(transport.written)
+
+    written = asyncio.run(scenario())  # served one at a time, in order, until the harness ends the connection
+    assert written[:5] == [200] * 5
+    assert 431 not in written

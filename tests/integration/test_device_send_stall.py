@@ -1,0 +1,44 @@
+"""A device that stops reading its answers, over real TLS: the gateway's own server cuts it at
+`listener.client_send_timeout` instead of holding the connection (and its slot) forever."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from pathlib import Path
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import client_context, free_port, lab_config, start_gateway
+
+PIPELINED = 60_000  # `OPTIONS *` requests (404 each, no stage runs): their answers outgrow the socket buffers
+
+
+def test_a_device_that_never_reads_its_answers_is_cut_at_client_send_timeout(lab: LabLayout, tmp_path: Path) -> None:
+    """Tens of thousands of pipelined requests whose answers the device never reads (a 4 KiB receive buffer):
+    the gateway's writes back up, and within client_send_timeout (1 s here) of the stall it logs
+    device_send_stalled and cuts the connection; before, the answer waited for the device forever."""
+    text = lab_config(lab, port=free_port()).replace("[listener]\n", "[listener]\nclient_send_timeout = 1\n", 1)
+    gw = start_gateway(lab, tmp_path / "gateway", text)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tcp.settimeout(120)
+        tcp.connect(("127.0.0.1", gw.port))
+        tls = client_context(lab, "alice").wrap_socket(tcp, server_hostname="127.0.0.1")
+        gw.mark()
+        requests = b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * PIPELINED
+
+        def send() -> None:
+            with contextlib.suppress(OSError):  # the gateway cuts the connection while this still sends
+                tls.sendall(requests)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        stalled = gw.wait_for("device_send_stalled", lambda e: True, timeout=180, what="a stalled device")
+        assert stalled["waited_s"] == 1
+        sender.join(timeout=120)
+        assert not sender.is_alive()
+    finally:
+        tcp.close()
+        gw.stop()
