@@ -221,7 +221,7 @@ def test_pipelined_heads_are_budgeted_one_by_one() -> None:
     async def scenario() -> list[int]:
         _, transport, refused = await run([GET * 300])
         assert refused == []
-        return statuses(transport.written)
+        return statuses(bytes(transport.written))
 
     written = asyncio.run(scenario())  # served one at a time, in order, until the harness ends the connection
     assert written[:5] == [200] * 5
