@@ -371,15 +371,20 @@ def test_an_upgrade_with_a_body_is_never_forwarded_without_it(scene: Scene, fram
     assert got[0][0] in (200, 400), got[0][0]  # forwarded whole, or refused; never a 502 for a body cut short
 
 
-def test_pipelined_requests_longer_than_the_head_budget_together_are_all_served(
-    scene: Scene, request: pytest.FixtureRequest
-) -> None:
+def test_pipelined_requests_longer_than_the_head_budget_together_are_all_served(scene: Scene) -> None:
     """Two thousand small pipelined requests in one write (80 KB, five times listener.max_header_bytes): each
-    head is far below the budget, so each is answered (404 for `OPTIONS *`); the budget is per head, not per read."""
-    if scene.server == "aiohttp":  # known and not fixed: proxy.tls.limits.HeaderBlockBudget counts a whole read
-        request.applymarker(pytest.mark.xfail(strict=True, reason="aiohttp's budget counts a read, not a head"))
+    head is far below the budget, so the own server answers each (404 for `OPTIONS *`): the budget is per head,
+    not per read. aiohttp's server ends the connection partway, every answer it gave in order."""
     one = b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     data = one * 1999 + b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     assert len(data) > 4 * MAX_HEADER_BYTES
     got = exchange(scene, data)
+    if scene.server == "aiohttp":
+        # Known and left (docs/hardening.md, section 7): aiohttp's budget (proxy.tls.limits.HeaderBlockBudget)
+        # counts a whole read, so one request among them gets a 431; every other answer is a request's own 404.
+        statuses = [s for s, _, _ in got]
+        assert statuses.count(431) <= 1, statuses
+        assert [s for s in statuses if s != 431] == [404] * (len(statuses) - statuses.count(431))
+        assert 0 < len(statuses) <= 2000
+        return
     assert [s for s, _, _ in got] == [404] * 2000
