@@ -1,0 +1,108 @@
+#!/bin/bash
+# A PKI made the way a stranger makes one, with the openssl CLI only (no code of ours): `openssl ca` with its
+# index database, RSA keys, UTF8String subjects with non-ASCII names, users whose certificate files keep
+# openssl's text dump before the PEM block, several subjectAltNames with the UPN (otherName UTF8String) among
+# them, an intermediate that signs users, the gateway's certificate and the CRLs, and CRLs in PEM and DER.
+# Usage: stranger_pki.sh DIR; tests/integration/test_stranger_pki.py makes further CRLs with the same config.
+set -euo pipefail
+cd "$1"
+mkdir -p root/newcerts issuing/newcerts users
+: > root/index.txt
+: > issuing/index.txt
+echo 1000 > root/serial
+echo 2000 > issuing/serial
+echo 01 > root/crlnumber
+echo 01 > issuing/crlnumber
+cat > openssl.cnf <<'CNF'
+[root]
+dir = root
+database = $dir/index.txt
+new_certs_dir = $dir/newcerts
+serial = $dir/serial
+crlnumber = $dir/crlnumber
+certificate = $dir/cert.pem
+private_key = $dir/key.pem
+default_md = sha256
+default_days = 30
+default_crl_days = 7
+policy = any
+unique_subject = no
+[issuing]
+dir = issuing
+database = $dir/index.txt
+new_certs_dir = $dir/newcerts
+serial = $dir/serial
+crlnumber = $dir/crlnumber
+certificate = $dir/cert.pem
+private_key = $dir/key.pem
+default_md = sha256
+default_days = 30
+default_crl_days = 7
+policy = any
+unique_subject = no
+[any]
+commonName = supplied
+organizationName = optional
+[req]
+distinguished_name = dn
+string_mask = utf8only
+utf8 = yes
+[dn]
+[v3_root]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[v3_issuing]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+[v3_user]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth, emailProtection
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+subjectAltName = @user_san
+[user_san]
+email.1 = ${ENV::UPN}
+DNS.1 = device-${ENV::NAME}.example
+otherName.1 = 1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
+URI.1 = urn:device:${ENV::NAME}
+[v3_server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:gateway.stranger.example
+[crl_ext]
+authorityKeyIdentifier = keyid:always
+[delta_ext]
+# openssl has no config name for a delta CRL indicator; the DER of INTEGER 1 (the base CRL's number) does it
+authorityKeyIdentifier = keyid:always
+deltaCRL = critical, DER:02:01:01
+CNF
+export UPN=unused NAME=unused
+ca() { openssl ca -batch -config openssl.cnf -utf8 "$@" 2>&1; }
+openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout root/key.pem -out root/req.pem \
+  -subj "/O=Stränger Örg/CN=Stränger Root CA" -utf8
+ca -name root -selfsign -in root/req.pem -out root/cert.pem -extensions v3_root -days 60
+openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout issuing/key.pem -out issuing/req.pem \
+  -subj "/O=Stränger Örg/CN=Stränger Issuing CA 1" -utf8
+ca -name root -in issuing/req.pem -out issuing/cert.pem -extensions v3_issuing
+# name:upn; alice-corp carries a UPN whose suffix is not the realm's (identity.realm_map maps it)
+for entry in alice:alice@lab.test bob:bob@lab.test carol:carol@lab.test alice-corp:alice@corp.example; do
+  export NAME=${entry%%:*} UPN=${entry#*:}
+  openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout "users/$NAME.key" -out "users/$NAME.req" \
+    -subj "/O=Stränger Örg/CN=$NAME Ünïcode" -utf8
+  ca -name issuing -in "users/$NAME.req" -out "users/$NAME.pem" -extensions v3_user
+done
+openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout server.key -out server.req \
+  -subj "/CN=gateway.stranger.example" -utf8
+ca -name issuing -in server.req -out server.pem -extensions v3_server -notext
+cat server.pem issuing/cert.pem > server-chain.pem
+cat users/alice.pem issuing/cert.pem > users/alice-chain.pem
+ca -name issuing -revoke users/bob.pem -crl_reason keyCompromise
+ca -name issuing -gencrl -crlexts crl_ext -out issuing/crl.pem
+ca -name root -gencrl -crlexts crl_ext -out root/crl.pem
+openssl crl -in issuing/crl.pem -outform DER -out issuing/crl.der
+cat root/crl.pem issuing/crl.pem > crls.pem

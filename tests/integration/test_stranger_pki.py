@@ -1,0 +1,192 @@
+"""The gateway with a PKI it did not make: a stranger's openssl-CLI CA (stranger_pki.sh), and a configuration
+written the way docs/ and config/example.toml describe it, with paths relative to the configuration file.
+
+The lab's PKI is made by our own code (`proxy.lab.pki`), so tests that use only it cannot see a certificate or
+CRL encoding that our code never writes: RSA keys, UTF8String subjects with non-ASCII names, a certificate file
+with openssl's text dump before its PEM block, several subjectAltNames with the UPN among them, CRLs written by
+`openssl ca -gencrl` in PEM and DER, a PEM file holding several CRLs, a delta CRL. The KDC and the Exchange
+stand-in are the lab's (a second LDAP-backed realm would prove nothing more about certificates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import REPO, Gateway, free_port, start_gateway
+
+SCRIPT = REPO / "tests" / "integration" / "stranger_pki.sh"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stranger's PKI, made once for this file; a test that changes it works on a copy."""
+    directory = tmp_path_factory.mktemp("stranger-pki")
+    done = subprocess.run([str(SCRIPT), str(directory)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return directory
+
+
+def _config(lab: LabLayout, directory: Path, pki: Path, *, intermediates: str, crls: str, identity: str = "") -> str:
+    """A gateway configuration as a stranger writes it from config/example.toml: PKI paths relative to the file."""
+    rel = Path(os.path.relpath(pki, directory))
+    return f"""[listener]
+bind = "127.0.0.1:{free_port()}"
+certificate = "{rel / "server-chain.pem"}"
+private_key = "{rel / "server.key"}"
+
+[client_certificates]
+trust_anchors = ["{rel / "root" / "cert.pem"}"]
+intermediates = [{intermediates.format(rel=rel)}]
+crls = [{crls.format(rel=rel)}]
+revocation = "require"
+
+[identity]
+source = "san-upn"
+{identity}
+[kerberos]
+principal = "HTTP/proxy.lab.test@LAB.TEST"
+keytab = "{lab.proxy_keytab}"
+krb5_config = "{lab.krb5_conf}"
+
+[[routes]]
+prefix = "/"
+upstream = "http://127.0.0.1:{lab.backend_port}"
+spn = "HTTP/cas.lab.test"
+"""
+
+
+ISSUING = '"{rel}/issuing/cert.pem"'
+DER_AND_PEM_CRLS = '"{rel}/issuing/crl.der", "{rel}/root/crl.pem"'
+
+
+@pytest.fixture(scope="module")
+def stranger_gateway(lab: LabLayout, pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The gateway trusting only the stranger's root, with its issuing CA and its CRLs (the issuing CA's in DER)."""
+    directory = tmp_path_factory.mktemp("stranger-gateway")
+    gw = start_gateway(lab, directory, _config(lab, directory, pki, intermediates=ISSUING, crls=DER_AND_PEM_CRLS))
+    yield gw
+    assert gw.stop() == 0
+
+
+def _curl(pki: Path, gw: Gateway, user: str, path: str = "/owa/") -> tuple[str, int, str]:
+    """curl with the stranger's root as its trust and a user's certificate file as openssl ca wrote it:
+    (body, status, stderr); status 0 when no HTTP answer came."""
+    users = pki / "users"
+    argv = ["curl", "-sS", "--max-time", "60", "--cacert", str(pki / "root" / "cert.pem")]
+    argv += ["--cert", str(users / f"{user}.pem"), "--key", str(users / f"{user.removesuffix('-chain')}.key")]
+    done = subprocess.run(
+        [*argv, "-w", "\n%{http_code}", gw.url + path], capture_output=True, text=True, timeout=90, check=False
+    )
+    body, _, code = done.stdout.rpartition("\n")
+    return body, int(code or 0), done.stderr
+
+
+def test_a_user_of_an_openssl_made_pki_is_delegated_as_the_upn(pki: Path, stranger_gateway: Gateway) -> None:
+    """An RSA user certificate from `openssl ca` (UTF8String non-ASCII subject, the UPN otherName among an e-mail,
+    a DNS name and a URI, text before the PEM block) reaches the real acceptor as its UPN's principal; the summary
+    line keeps the subject's non-ASCII name."""
+    stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, "alice")
+    assert code == 200, (body, err)
+    assert json.loads(body)["principal"] == "alice@LAB.TEST"
+    line = stranger_gateway.wait_event("request", upn="alice@lab.test")
+    assert line["status"] == 200
+    assert "CN=alice Ünïcode" in line["cert_subject"]
+    assert "CN=Stränger Issuing CA 1" in line["cert_issuer"]
+    assert line["revocation"] == "good"
+    assert line["revocation_source"].endswith("issuing/crl.der")
+
+
+def test_a_der_crl_from_openssl_ca_revokes(pki: Path, stranger_gateway: Gateway) -> None:
+    """bob, revoked with `openssl ca -revoke` and listed in a DER CRL from `-gencrl`, gets 403 naming the
+    revocation; carol, on no CRL, is served."""
+    body, code, _ = _curl(pki, stranger_gateway, "bob")
+    assert code == 403
+    assert "revoked" in body
+    assert "keyCompromise" in body
+    body, code, _ = _curl(pki, stranger_gateway, "carol")
+    assert code == 200, body
+    assert json.loads(body)["principal"] == "carol@LAB.TEST"
+
+
+def test_a_pem_file_of_several_crls_is_read_whole(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
+    """`crls` naming one PEM file with the root's and the issuing CA's CRLs (cat'ed): both are read, so bob is
+    refused as revoked (not as 'no current CRL') and alice is served."""
+    gw = start_gateway(lab, tmp_path, _config(lab, tmp_path, pki, intermediates=ISSUING, crls='"{rel}/crls.pem"'))
+    try:
+        assert len(gw.events("crl_loaded")) == 2
+        body, code, _ = _curl(pki, gw, "bob")
+        assert code == 403
+        assert "was revoked" in body
+        assert _curl(pki, gw, "alice")[1] == 200
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_delta_crl_from_openssl_ca_is_honoured(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
+    """A delta CRL (deltaCRLIndicator = base CRL 1) made by `openssl ca -gencrl` after carol's revocation, beside
+    the complete CRL 1 that does not list her: carol is refused as revoked, alice is served."""
+    ca = tmp_path / "pki"
+    shutil.copytree(pki, ca)
+    for step in (
+        ["-revoke", "users/carol.pem", "-crl_reason", "keyCompromise"],
+        ["-gencrl", "-crlexts", "delta_ext", "-out", "issuing/delta.pem"],
+    ):
+        argv = ["openssl", "ca", "-batch", "-config", "openssl.cnf", "-name", "issuing", *step]
+        env = {**os.environ, "UPN": "unused", "NAME": "unused"}  # the config's user section reads them
+        done = subprocess.run(argv, cwd=ca, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+    crls = DER_AND_PEM_CRLS + ', "{rel}/issuing/delta.pem"'
+    gw = start_gateway(lab, tmp_path / "gw", _config(lab, tmp_path / "gw", ca, intermediates=ISSUING, crls=crls))
+    try:
+        assert [e["delta"] for e in gw.events("crl_loaded")].count(True) == 1
+        body, code, _ = _curl(ca, gw, "carol")
+        assert code == 403, body
+        assert "was revoked" in body
+        assert _curl(ca, gw, "alice")[1] == 200
+    finally:
+        assert gw.stop() == 0
+
+
+def test_an_intermediate_the_device_sends_is_never_used(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
+    """Chains are built from the configured CAs only: with no intermediates configured, a device that sends its
+    issuing CA along with its certificate is refused (TLS alert or 403), and nothing reaches the backend."""
+    gw = start_gateway(lab, tmp_path, _config(lab, tmp_path, pki, intermediates="", crls=DER_AND_PEM_CRLS))
+    try:
+        gw.mark()
+        body, code, err = _curl(pki, gw, "alice-chain")
+        assert code != 200, body
+        if code:
+            assert code == 403
+            assert "not in the trust list" in body
+        refusal = gw.wait_for(
+            "request", lambda e: e.get("refused_stage") == "certificate", what="a refusal at the certificate stage"
+        )
+        assert "principal" not in refusal
+    finally:
+        assert gw.stop() == 0
+
+
+def test_realm_map_maps_a_upn_suffix_to_the_realm(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
+    """`identity.realm_map = { "corp.example" = "LAB.TEST" }`: a UPN alice@corp.example is delegated as
+    alice@LAB.TEST (issue 3's realm mapping)."""
+    identity = 'realm_map = { "corp.example" = "LAB.TEST" }\n'
+    gw = start_gateway(
+        lab, tmp_path, _config(lab, tmp_path, pki, intermediates=ISSUING, crls=DER_AND_PEM_CRLS, identity=identity)
+    )
+    try:
+        body, code, err = _curl(pki, gw, "alice-corp")
+        assert code == 200, (body, err)
+        assert json.loads(body)["principal"] == "alice@LAB.TEST"
+        line = gw.wait_event("request", upn="alice@corp.example")
+        assert line["principal"] == "alice@LAB.TEST"
+    finally:
+        assert gw.stop() == 0
