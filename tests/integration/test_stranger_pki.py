@@ -162,7 +162,7 @@ def test_an_intermediate_the_device_sends_is_never_used(lab: LabLayout, pki: Pat
     gw = start_gateway(lab, tmp_path, _config(lab, tmp_path, pki, intermediates="", crls=DER_AND_PEM_CRLS))
     try:
         gw.mark()
-        body, code, err = _curl(pki, gw, "alice-chain")
+        body, code, _ = _curl(pki, gw, "alice-chain")
         assert code != 200, body
         if code:
             assert code == 403
