@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.lab import readiness
 from proxy.lab.layout import (
     BACKEND_SERVICE,
     DISABLED_USERS,
@@ -102,8 +103,15 @@ def stop_realm(layout: LabLayout) -> None:
 
 
 def realm_status(layout: LabLayout) -> dict[str, bool]:
-    """Which lab daemons run and answer on the layout's ports, e.g. {"slapd": True, "krb5kdc": True}."""
+    """Which lab daemons run and accept connections on the layout's ports, e.g. {"slapd": True, "krb5kdc": True}.
+    Cheap (a process and a connect): `lab serve kdc` watches with it every second; `realm_answers` asks them."""
     return {daemon.name: _pid(daemon, layout) is not None and _accepts(daemon) for daemon in _daemons(layout)}
+
+
+def realm_answers(layout: LabLayout) -> dict[str, str | None]:
+    """Each lab daemon's answer to a real question (`proxy.lab.readiness`): None if it answered as a ready one
+    does, else what is wrong, naming its log; e.g. {"slapd": None, "krb5kdc": "... not running ..."}."""
+    return {daemon.name: _answers(daemon, layout) for daemon in _daemons(layout)}
 
 
 def principal_dn(principal: str) -> str:
@@ -388,8 +396,34 @@ def _start(daemon: _Daemon, layout: LabLayout) -> None:
         _run(daemon.argv, layout)
     except RealmError as exc:
         raise RealmError(f"{exc}{_start_failure_reason(daemon, layout, log_offset)}") from exc
-    if not _wait_until(lambda: _pid(daemon, layout) is not None and _accepts(daemon)):
-        raise RealmError(f"{daemon.name} did not answer on {daemon.host}:{daemon.port} within {_START_TIMEOUT:g} s")
+    last: list[str | None] = [None]
+
+    def ready() -> bool:
+        last[0] = _answers(daemon, layout)
+        return last[0] is None
+
+    if not _wait_until(ready):
+        raise RealmError(f"{daemon.name} not ready within {_START_TIMEOUT:g} s: {last[0]}")
+
+
+def _answers(daemon: _Daemon, layout: LabLayout) -> str | None:
+    """None if the daemon runs and answers its protocol (an LDAP search, an AS-REQ); else why not, and its log."""
+    problem: str | None
+    if _pid(daemon, layout) is None:
+        problem = f"{daemon.name} is not running (pid file {daemon.pid_file})"
+    elif daemon.name == "slapd":
+        problem = readiness.ldap_answers(f"ldap://{daemon.host}:{daemon.port}/", SUFFIX)
+    else:
+        problem = readiness.kdc_answers(daemon.host, daemon.port, REALM)
+    return None if problem is None else f"{problem}; its log: {_log_of(daemon, layout)}"
+
+
+def _log_of(daemon: _Daemon, layout: LabLayout) -> str:
+    """Where a daemon's complaints go: the KDC has its own log; slapd tells syslog, and `lab serve kdc` puts
+    `slaptest`'s verdict in its log when slapd fails to start."""
+    if daemon.name == "krb5kdc":
+        return str(layout.kdc_log)
+    return f"{layout.run_dir / 'kdc.log'} (slapd itself logs to syslog; `slaptest -f {_slapd_conf(layout)}` checks it)"
 
 
 def _start_failure_reason(daemon: _Daemon, layout: LabLayout, log_offset: int) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,20 +48,25 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _wait_port(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float, what: str, log: Path) -> None:
+def _wait_ready(layout: LabLayout, proc: subprocess.Popen[bytes], name: str, timeout: float, log: Path) -> None:
+    """Until `lab probe <name>` would pass (a real request answered, not a TCP connect: `proxy.lab.serve.probe`);
+    RuntimeError naming the part, what the last probe saw and the part's log, if it exits or the deadline passes."""
+    from proxy.lab import serve  # serve imports this module
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        with socket.socket() as s:
-            if s.connect_ex((host, port)) == 0:
-                return
+    problem = serve.probe(layout, name)
+    while problem is not None and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
+        problem = serve.probe(layout, name)
+    if problem is None:
+        return
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    verdict = f"exited with {proc.returncode}" if proc.poll() is not None else f"did not answer within {timeout:g} s"
-    raise RuntimeError(f"{what} {verdict} (expected on {host}:{port}); its log {log}:\n{tail}")
+    verdict = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready within {timeout:g} s"
+    raise RuntimeError(f"lab {name} {verdict}: {problem}\nits log {log}:\n{tail}")
 
 
-def _spawn(layout: LabLayout, name: str, port: int, timeout: float = 15) -> None:
-    """`kcd-proxy lab serve <name>` in the background, unless it runs; wait until it answers on `port`."""
+def _spawn(layout: LabLayout, name: str, timeout: float = 15) -> None:
+    """`kcd-proxy lab serve <name>` in the background, unless it runs; wait until it answers a real request."""
     pid_file = layout.run_dir / f"{name}.pid"
     if _pid_alive(pid_file):
         return
@@ -77,7 +81,7 @@ def _spawn(layout: LabLayout, name: str, port: int, timeout: float = 15) -> None
             start_new_session=True,
         )
     pid_file.write_text(f"{proc.pid}\n")
-    _wait_port(proc, layout.local_host, port, timeout, name, log)
+    _wait_ready(layout, proc, name, timeout, log)
 
 
 def gateway_config(
@@ -140,9 +144,9 @@ def init(layout: LabLayout) -> None:
 
 def up(layout: LabLayout) -> None:
     init(layout)
-    _spawn(layout, "kdc", layout.kdc_port, timeout=60)  # provisioning a fresh realm takes seconds
-    _spawn(layout, "backend", layout.backend_port)
-    _spawn(layout, "crl", layout.crl_port)
+    _spawn(layout, "kdc", timeout=60)  # provisioning a fresh realm takes seconds
+    _spawn(layout, "backend", timeout=30)
+    _spawn(layout, "crl", timeout=30)
 
 
 def down(layout: LabLayout) -> None:

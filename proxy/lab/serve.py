@@ -11,9 +11,10 @@ integration tests exercise the code the containers run.
 - `backend`: the Exchange stand-in, `proxy.lab.backend`, on `bind_host:backend_port` with the lab's keytab.
 - `crl`: a plain HTTP server publishing the CRLs (and nothing else: the PKI directory holds keys).
 
-`kcd-proxy lab probe kdc|backend|crl|gateway` is the containers' health check: it asks the part whether it
-works (the realm's daemons run and answer, `GET /healthz`, `GET /issuing.crl`, the gateway's admin listener
-answers `GET /readyz` with 200) and exits 0, or prints what is wrong and exits 1.
+`kcd-proxy lab probe kdc|backend|crl|gateway` is the containers' health check, and what `lab up` waits for: it
+asks the part a real question (slapd an LDAP search, the KDC an AS-REQ, see `proxy.lab.readiness`; the backend
+`GET /healthz`, the CRL server `GET /issuing.crl`, the gateway's admin listener `GET /readyz`, each answering 200
+with a body) and exits 0, or prints what is wrong and exits 1.
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def serve_crl(layout: LabLayout) -> int:
 def probe(layout: LabLayout, component: str) -> str | None:
     """None if the part works, else what is wrong."""
     host = layout.local_host
-    if component == "kdc":
-        down = [name for name, up in kdc.realm_status(layout).items() if not up]
-        return f"not running or not answering: {', '.join(down)}" if down else None
+    if component == "kdc":  # an LDAP search of slapd, an AS-REQ to the KDC (proxy.lab.readiness)
+        problems = [problem for problem in kdc.realm_answers(layout).values() if problem]
+        return " / ".join(problems) if problems else None
     if component == "gateway":  # its admin listener's readiness: no TLS handshake left half-done in its log
         url = f"http://127.0.0.1:{layout.admin_port}/readyz"
     else:

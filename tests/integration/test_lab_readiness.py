@@ -1,0 +1,78 @@
+"""The lab calls a daemon ready when it answers a real request (proxy.lab.readiness), never on a TCP connect:
+an impostor that accepts connections on a lab port is not taken for the KDC, slapd or the backend."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.lab import readiness, runner
+from proxy.lab.kdc import SUFFIX, realm_answers
+from proxy.lab.layout import REALM, LabLayout
+from proxy.lab.serve import probe
+from tests.integration.conftest import free_port
+from tests.integration.jsonlog import eventually
+
+
+@pytest.fixture
+def impostor() -> Iterator[socket.socket]:
+    """A loopback port that accepts TCP connections (the kernel's backlog) and never says a word."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield listener
+
+
+def test_the_lab_kdc_and_slapd_answer_real_requests(lab: LabLayout) -> None:
+    """The running lab's KDC answers the readiness AS-REQ with 'client not found' (it read its database, the KDC
+    log names the probe's client), slapd a root DSE search naming the lab's suffix; `lab probe kdc` passes."""
+    assert readiness.kdc_answers(lab.local_host, lab.kdc_port, REALM) is None
+    assert readiness.ldap_answers(f"ldap://127.0.0.1:{lab.ldap_port}/", SUFFIX) is None
+    assert realm_answers(lab) == {"slapd": None, "krb5kdc": None}
+    assert probe(lab, "kdc") is None
+    eventually(
+        lambda: f"CLIENT_NOT_FOUND: {readiness.CLIENT_NAME}@{REALM}" in lab.kdc_log.read_text(errors="replace"),
+        "the readiness AS-REQ in the KDC log",
+    )
+
+
+def test_a_port_that_only_accepts_is_no_kdc_and_no_ldap_server(impostor: socket.socket) -> None:
+    """A listener that accepts and stays silent fails both questions, each saying what it saw."""
+    port = impostor.getsockname()[1]
+    kdc = readiness.kdc_answers("127.0.0.1", port, REALM, timeout=1)
+    assert kdc is not None
+    assert f"127.0.0.1:{port}" in kdc
+    ldap = readiness.ldap_answers(f"ldap://127.0.0.1:{port}/", SUFFIX, timeout=1)
+    assert ldap is not None
+    assert f"127.0.0.1:{port}" in ldap
+
+
+def test_an_http_server_is_no_kdc(lab: LabLayout) -> None:
+    """The lab backend's port answers, but HTTP: the readiness AS-REQ says it is not a KDC."""
+    answer = readiness.kdc_answers("127.0.0.1", lab.backend_port, REALM)
+    assert answer is not None
+    assert "not Kerberos" in answer or "closed the connection" in answer
+
+
+def test_lab_up_is_not_fooled_by_an_impostor_on_the_backend_port(tmp_path: Path, impostor: socket.socket) -> None:
+    """`lab up` with the backend's port held by a silent listener fails, naming the backend and its log, instead
+    of reporting a lab whose backend never started (a TCP connect to the impostor used to pass)."""
+    layout = LabLayout(
+        root=tmp_path / "lab",
+        ldap_port=free_port(),
+        kdc_port=free_port(),
+        backend_port=impostor.getsockname()[1],
+        crl_port=free_port(),
+        ocsp_port=free_port(),
+        gateway_port=free_port(),
+    )
+    try:
+        with pytest.raises(RuntimeError, match=r"lab backend (exited|not ready)") as failure:
+            runner.up(layout)
+        assert re.search(re.escape(str(layout.run_dir / "backend.log")), str(failure.value))
+        assert runner.status(layout)["krb5kdc"]  # what came up before the backend still runs, for `lab down`
+    finally:
+        runner.down(layout)
+    assert not any(runner.status(layout).values())
