@@ -233,14 +233,36 @@ class _Gauges(Collector):
         left = GaugeMetricFamily(
             "kcd_crl_next_update_seconds", "Seconds until the CRL's nextUpdate (negative: stale)", labels=labels
         )
+        fetched = GaugeMetricFamily(
+            "kcd_crl_last_fetch_timestamp_seconds", "When the CRL source was last read or fetched", labels=["source"]
+        )
+        succeeded = GaugeMetricFamily(
+            "kcd_crl_last_success_timestamp_seconds",
+            "When the CRL source last gave a CRL that was accepted",
+            labels=["source"],
+        )
+        failing = GaugeMetricFamily(
+            "kcd_crl_last_error",
+            "1 while the source's last read or fetch failed, the error as a label",
+            labels=["source", "error"],
+        )
+        sources: set[str] = set()
         for crl in self._m.crls():
             key = [crl.source, crl.issuer or ""]
             if crl.this_update is not None:
                 age.add_metric(key, (now - crl.this_update).total_seconds())
             if crl.next_update is not None:
                 left.add_metric(key, (crl.next_update - now).total_seconds())
-        yield age
-        yield left
+            if crl.source in sources:  # a file of several CRLs: one fetch
+                continue
+            sources.add(crl.source)
+            if crl.last_fetch is not None:
+                fetched.add_metric([crl.source], crl.last_fetch.timestamp())
+            if crl.last_success is not None:
+                succeeded.add_metric([crl.source], crl.last_success.timestamp())
+            if crl.last_error:
+                failing.add_metric([crl.source, crl.last_error], 1)
+        yield from (age, left, fetched, succeeded, failing)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -119,6 +119,37 @@ def test_metrics_after_traffic(lab: LabLayout, admin_gateway: tuple[Gateway, str
         assert _value(after, "kcd_crl_next_update_seconds", source=crls, issuer=issuer) > 0
 
 
+def test_crl_metrics_show_each_sources_last_fetch_and_last_error(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 4: the metrics show each CRL source's last fetch and last error, beside thisUpdate and nextUpdate: a
+    file read at start has a last fetch and a last success and no error; a URL where nothing listens has a last
+    fetch, no success, and its error as a label."""
+    admin_port = free_port()
+    url = f"http://127.0.0.1:{dead_port()}/issuing.crl"
+    crls = str(lab.pki_dir / "crls.pem")
+    text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    text = text.replace(f'crls = ["{crls}"]', f'crls = ["{crls}", "{url}"]\ncrl_refresh_seconds = 1')
+    assert url in text
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        started = time.time()
+        admin = f"http://127.0.0.1:{admin_port}"
+
+        def failed() -> Samples | None:
+            samples = _scrape(admin)
+            return samples if any(name == "kcd_crl_last_error" for name, _ in samples) else None
+
+        samples = eventually(failed, "the URL's failed fetch in the metrics")
+        errors = [dict(labels) for name, labels in samples if name == "kcd_crl_last_error"]
+        assert [e["source"] for e in errors] == [url]
+        assert "fetch failed" in errors[0]["error"]
+        assert _value(samples, "kcd_crl_last_fetch_timestamp_seconds", source=url) > started - 120
+        assert _value(samples, "kcd_crl_last_success_timestamp_seconds", source=url) == 0  # absent: never
+        assert _value(samples, "kcd_crl_last_fetch_timestamp_seconds", source=crls) > started - 120
+        assert _value(samples, "kcd_crl_last_success_timestamp_seconds", source=crls) > started - 120
+    finally:
+        assert gw.stop() == 0
+
+
 def test_health_and_readiness(admin_gateway: tuple[Gateway, str]) -> None:
     """/healthz answers while serving; /readyz says the KDC answers and the CRLs are current."""
     _, admin = admin_gateway
