@@ -21,6 +21,7 @@ One message means different things at different steps, so the caller that knows 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from proxy.errors import GatewayError, KdcUnavailable, KerberosMisconfigured, KerberosRefused
@@ -196,7 +197,7 @@ def explain(
 
     `step` ("service", "s4u2self" or "s4u2proxy") and `evidence_forwardable`, when the caller knows them,
     narrow an ambiguous refusal down to its one cause."""
-    lowered = message.lower()
+    lowered = _unnamed(message.lower())
     fill = {"user": user, "spn": spn, "proxy": proxy, "realm": user.rpartition("@")[2]}
     if step == "service":
         return _service_error(message, fill)
@@ -220,13 +221,23 @@ def explain(
     )
 
 
+# MIT names the principal in some of these messages ("Server HTTP/x@R not found in Kerberos database", seen from
+# S4U2Proxy for an SPN the KDC lacks, krb5 1.20) and not in others ("Server not found in Kerberos database"):
+# the rules match the message without the name.
+_NAMED = re.compile(r"\b(server|client) \S+ not found in kerberos database")
+
+
+def _unnamed(lowered: str) -> str:
+    return _NAMED.sub(r"\1 not found in kerberos database", lowered)
+
+
 def _realm(principal: str) -> str:
     return principal.rpartition("@")[2].upper()
 
 
 def _service_error(message: str, fill: dict[str, str]) -> GatewayError:
     """A failure of the gateway's own AS exchange: the operator's to fix (502), or the KDC is away (503)."""
-    lowered = message.lower()
+    lowered = _unnamed(message.lower())
     if _CLIENT_NOT_FOUND in lowered:
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_SERVICE_NOT_FOUND_HINT.format(**fill)} [{message}]")
     for rule in _RULES:

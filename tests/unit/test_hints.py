@@ -144,6 +144,25 @@ def test_server_not_found_in_the_gateways_own_realm_is_still_misconfiguration() 
         assert isinstance(error, KerberosMisconfigured), step
 
 
+def test_mits_server_not_found_naming_the_spn_is_the_spn_misconfiguration() -> None:
+    """MIT 1.20's S4U2Proxy message names the SPN the KDC lacks ("Server HTTP/x@R not found in Kerberos database"):
+    still the SPN misconfiguration with its fix, not an 'unexpected Kerberos failure' (seen from outside with a
+    route whose default SPN, HTTP/<upstream host>, is not registered)."""
+    message = (
+        "Major (851968): Unspecified GSS failure.  Minor code may provide more information, "
+        "Minor (100005): Server HTTP/127.0.0.1@LAB.TEST not found in Kerberos database"
+    )
+    error = explain(message, user="alice@LAB.TEST", step="s4u2proxy", spn="HTTP/127.0.0.1", proxy=_PROXY)
+    assert isinstance(error, KerberosMisconfigured)
+    assert error.hint is not None
+    assert "the KDC does not know HTTP/127.0.0.1" in error.hint
+    assert "routes[].spn" in error.hint
+    named_client = explain(
+        "Client 'ghost@LAB.TEST' not found in Kerberos database", user="ghost@LAB.TEST", spn=_SPN, proxy=_PROXY
+    )
+    assert isinstance(named_client, KerberosRefused)
+
+
 def test_gateways_own_principal_unknown_is_misconfiguration_naming_the_account() -> None:
     """'Client not found' for the gateway's own AS exchange is a 502 telling the operator to use the account's name
     (AD gives no TGT to a bare SPN), not the user's 'no Kerberos account matches'."""
