@@ -1,0 +1,86 @@
+"""Interfaces issues 2 and 3 state, pinned from outside where no other test did: the commands as a newcomer runs
+them, the optional keys left out, and a signal the issue names."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import REPO, curl, free_port, lab_config, start_gateway
+
+
+def _split(out: str) -> tuple[str, int]:
+    body, _, code = out.rpartition("\n")
+    return body, int(code)
+
+
+def test_sigint_stops_the_gateway_cleanly(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 3: `kcd-proxy run` stops cleanly on SIGINT as on SIGTERM: exit status 0 and a `stopped` line."""
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port()))
+    assert _split(curl(lab, gw.url + "/owa/", "alice").stdout)[1] == 200
+    gw.proc.send_signal(signal.SIGINT)
+    assert gw.proc.wait(timeout=60) == 0
+    assert gw.events("stopped")
+
+
+def test_without_krb5_config_the_environments_is_used(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 3: `kerberos.krb5_config` is optional; without it the gateway uses KRB5_CONFIG from its environment
+    and delegates as before."""
+    text = lab_config(lab, port=free_port())
+    without = "\n".join(line for line in text.splitlines() if not line.startswith("krb5_config")) + "\n"
+    assert "krb5_config" not in without
+    gw = start_gateway(lab, tmp_path, without)  # its environment has the lab's KRB5_CONFIG
+    try:
+        body, code = _split(curl(lab, gw.url + "/owa/", "alice").stdout)
+        assert code == 200, body
+        assert json.loads(body)["principal"] == "alice@LAB.TEST"
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_route_without_spn_uses_http_and_the_upstream_host(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 3: a route's `spn` defaults to HTTP/<upstream host>. Here that is HTTP/127.0.0.1, which the lab KDC
+    does not know: 502 (never 401), and the log names that SPN and the key to fix."""
+    extra = f'\n[[routes]]\nprefix = "/default-spn/"\nupstream = "http://127.0.0.1:{lab.backend_port}"\n'
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    try:
+        gw.mark()
+        body, code = _split(curl(lab, gw.url + "/default-spn/x", "alice").stdout)
+        assert code == 502, body
+        line = gw.wait_event("request", route="/default-spn/")
+        assert line["spn"] == "HTTP/127.0.0.1"
+        event = gw.wait_event("kerberos_misconfigured", spn="HTTP/127.0.0.1")
+        assert "the KDC does not know HTTP/127.0.0.1" in event["fix"]
+        assert "routes[].spn" in event["fix"]
+    finally:
+        assert gw.stop() == 0
+
+
+def _lab_command(lab: LabLayout, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **lab.as_env()}
+    argv = [sys.executable, "-m", "proxy", "lab", *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=120, check=False)
+
+
+def test_lab_status_and_env(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 2: `kcd-proxy lab status` says, as JSON, that every part runs (exit 0; 1 for a lab that is down), and
+    `kcd-proxy lab env` prints the environment to export and a curl command with a lab user's certificate."""
+    done = _lab_command(lab, "status")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout) == {"slapd": True, "krb5kdc": True, "kdc": True, "backend": True, "crl": True}
+    down = _lab_command(lab, "status", "--dir", str(tmp_path / "no-lab"))
+    assert down.returncode == 1
+    assert not any(json.loads(down.stdout).values())
+    env = _lab_command(lab, "env")
+    assert env.returncode == 0
+    assert f"export KRB5_CONFIG={lab.krb5_conf}" in env.stdout
+    users = lab.pki_dir / "users"
+    assert (
+        f"curl --cacert {lab.pki_dir / 'root.pem'} --cert {users / 'alice.pem'} --key {users / 'alice.key'}"
+        in env.stdout
+    )
