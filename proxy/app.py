@@ -311,7 +311,11 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             tls_gate, listener.trusted_proxies, listener.handshake_timeout, live.metrics.proxy_header_refused
         )
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
-    sockets = listen_sockets(listener.host, listener.port, reuse_port=listener.workers > 1, backlog=1024)
+    try:
+        sockets = listen_sockets(listener.host, listener.port, reuse_port=listener.workers > 1, backlog=1024)
+    except OSError as exc:  # in use, or an address this machine does not have: the key's problem, not a crash
+        await live.close()
+        raise ConfigError([f"listener.bind: cannot listen on {listener.host}:{listener.port}: {exc}"]) from exc
     accepting = [loop.create_task(accept_connections(sock, factory, slots)) for sock in sockets]
     log.info(
         "listening",
