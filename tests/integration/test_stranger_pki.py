@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +37,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def _config(lab: LabLayout, directory: Path, pki: Path, *, intermediates: str, crls: str, identity: str = "") -> str:
+def _config(
+    lab: LabLayout, directory: Path, pki: Path, *, intermediates: str, crls: str, identity: str = "", refresh: int = 60
+) -> str:
     """A gateway configuration as a stranger writes it from config/example.toml: PKI paths relative to the file."""
     rel = Path(os.path.relpath(pki, directory))
     return f"""[listener]
@@ -46,6 +51,7 @@ private_key = "{rel / "server.key"}"
 trust_anchors = ["{rel / "root" / "cert.pem"}"]
 intermediates = [{intermediates.format(rel=rel)}]
 crls = [{crls.format(rel=rel)}]
+crl_refresh_seconds = {refresh}
 revocation = "require"
 
 [identity]
@@ -188,5 +194,59 @@ def test_realm_map_maps_a_upn_suffix_to_the_realm(lab: LabLayout, pki: Path, tmp
         assert json.loads(body)["principal"] == "alice@LAB.TEST"
         line = gw.wait_event("request", upn="alice@corp.example")
         assert line["principal"] == "alice@LAB.TEST"
+    finally:
+        assert gw.stop() == 0
+
+
+def _get_once(
+    context: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None
+) -> tuple[int, bool, ssl.SSLSession | None]:
+    """One GET on a new TLS connection (resuming `session` if given): (status, resumed, the session to resume)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
+    ):
+        tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+        return int(answer.split(b" ", 2)[1]), bool(tls.session_reused), tls.session
+
+
+def test_a_resumed_tls_session_of_a_revoked_certificate_is_refused(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
+    """Issue 4: revocation is decided per request, a resumed TLS session included. carol's session is resumed
+    (no certificate sent again) after `openssl ca -revoke` and `-gencrl` rewrote the CRL file: refused within
+    crl_refresh_seconds + 5 s, on a resumed session."""
+    ca = tmp_path / "pki"
+    shutil.copytree(pki, ca)
+    crls = '"{rel}/issuing/crl.pem", "{rel}/root/crl.pem"'
+    text = _config(lab, tmp_path / "gw", ca, intermediates=ISSUING, crls=crls, refresh=1)
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    try:
+        context = ssl.create_default_context(cafile=str(ca / "root" / "cert.pem"))
+        context.load_cert_chain(ca / "users" / "carol.pem", ca / "users" / "carol.key")
+        status, _, session = _get_once(context, gw.port)
+        assert status == 200
+        assert session is not None
+        status, resumed, session = _get_once(context, gw.port, session)
+        assert (status, resumed) == (200, True)  # the gateway does resume sessions
+        env = {**os.environ, "UPN": "unused", "NAME": "unused"}
+        for step in (
+            ["-revoke", "users/carol.pem", "-crl_reason", "keyCompromise"],
+            ["-gencrl", "-crlexts", "crl_ext", "-out", "issuing/crl.new"],
+        ):
+            argv = ["openssl", "ca", "-batch", "-config", "openssl.cnf", "-name", "issuing", *step]
+            done = subprocess.run(argv, cwd=ca, env=env, capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 0, done.stderr
+        (ca / "issuing" / "crl.new").replace(ca / "issuing" / "crl.pem")  # published whole, at once
+        published = time.monotonic()
+        while True:
+            status, resumed, session = _get_once(context, gw.port, session)
+            assert resumed
+            if status != 200:
+                break
+            assert time.monotonic() - published < 1 + 5, "a resumed session was still served after the interval"
+            time.sleep(0.1)
+        assert status == 403
     finally:
         assert gw.stop() == 0
