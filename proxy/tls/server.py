@@ -30,6 +30,7 @@ import ssl
 import threading
 from asyncio import sslproto
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, cast, overload
 
 import structlog
@@ -53,7 +54,7 @@ def server_context(config: Config) -> ssl.SSLContext:
     ctx.load_cert_chain(config.listener.certificate, config.listener.private_key)
     ctx.verify_mode = _VERIFY_MODES[config.authentication.client_certificate]
     for path in (*config.client_certificates.trust_anchors, *config.client_certificates.intermediates):
-        ctx.load_verify_locations(cafile=path)
+        _load_ca_file(ctx, path)
     # The CAs a client is told to pick a certificate for: the trust anchors only.
     # No renegotiation (TLS 1.2): a connection stays tied to the certificate of its handshake, which the stages
     # judged (OpenSSL 3 refuses a client's request by default; older ones did not).
@@ -64,6 +65,16 @@ def server_context(config: Config) -> ssl.SSLContext:
     if unavailable is not None:
         log.warning("client_chain_limits_unavailable", reason=unavailable, detail="OpenSSL's defaults apply")
     return ctx
+
+
+def _load_ca_file(ctx: ssl.SSLContext, path: Path) -> None:
+    """A CA file as the configuration allows it: a PEM bundle, or DER (`cafile` reads PEM only; `cadata` given
+    bytes reads DER)."""
+    data = path.read_bytes()
+    if b"-----BEGIN" in data:
+        ctx.load_verify_locations(cafile=path)
+    else:
+        ctx.load_verify_locations(cadata=data)
 
 
 def handshake_reason(exc: BaseException) -> str:

@@ -106,3 +106,6 @@ ca -name issuing -gencrl -crlexts crl_ext -out issuing/crl.pem
 ca -name root -gencrl -crlexts crl_ext -out root/crl.pem
 openssl crl -in issuing/crl.pem -outform DER -out issuing/crl.der
 cat root/crl.pem issuing/crl.pem > crls.pem
+# the CA certificates in DER too: config/example.toml says trust_anchors may be "PEM bundle or DER"
+openssl x509 -in root/cert.pem -outform DER -out root/cert.der
+openssl x509 -in issuing/cert.pem -outform DER -out issuing/cert.der

@@ -250,3 +250,20 @@ def test_a_resumed_tls_session_of_a_revoked_certificate_is_refused(lab: LabLayou
         assert status == 403
     finally:
         assert gw.stop() == 0
+
+
+def test_der_trust_anchor_and_intermediate_files_are_accepted(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
+    """config/example.toml: a trust anchor file may be a PEM bundle or DER. With the stranger's root and issuing
+    CA as DER files the gateway starts and delegates alice (it used to die at start-up with an uncaught
+    NO_CERTIFICATE_OR_CRL_FOUND from the TLS layer)."""
+    text = _config(lab, tmp_path, pki, intermediates='"{rel}/issuing/cert.der"', crls=DER_AND_PEM_CRLS)
+    text = text.replace("root/cert.pem", "root/cert.der")
+    assert "root/cert.der" in text
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        body, code, err = _curl(pki, gw, "alice")
+        assert code == 200, (body, err)
+        assert json.loads(body)["principal"] == "alice@LAB.TEST"
+        assert _curl(pki, gw, "bob")[1] == 403
+    finally:
+        assert gw.stop() == 0
