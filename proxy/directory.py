@@ -43,6 +43,7 @@ from proxy.identity.mapping import Account
 from proxy.identity.principal import ascii_lower
 from proxy.identity.sid import Sid
 from proxy.kerberos.client import ldap_ticket
+from proxy.kerberos.profile import use_profile
 
 log = structlog.get_logger("kcd-proxy.directory")
 
@@ -79,8 +80,7 @@ class Directory:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if kerberos.krb5_config is not None:  # SASL GSSAPI reads the krb5 profile from the environment
-            os.environ["KRB5_CONFIG"] = str(kerberos.krb5_config)
+        use_profile(kerberos.krb5_config)  # SASL GSSAPI reads the krb5 profile from the environment
         # The directory's service ticket is for ldap/<host as written in the URL>: libldap must not replace
         # the name by what reverse DNS says (read by libldap from the environment when it initialises).
         os.environ.setdefault("LDAPSASL_NOCANON", "on")

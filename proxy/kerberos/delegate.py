@@ -48,7 +48,6 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import os
 import threading
 import time
 import uuid
@@ -71,7 +70,7 @@ from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
-from proxy.kerberos.profile import hold_profile
+from proxy.kerberos.profile import hold_profile, use_profile
 
 log = structlog.get_logger("proxy.kerberos")
 
@@ -173,9 +172,8 @@ class Delegator:
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if settings.krb5_config is not None:
-            # MIT krb5 reads its profile from the environment when a library context is created.
-            os.environ["KRB5_CONFIG"] = str(settings.krb5_config)
+        # MIT krb5 reads its profile from the environment when a library context is created.
+        use_profile(settings.krb5_config)
         hold_profile()  # krb5.conf parsed once, not once per token (proxy.kerberos.profile)
         self._settings = settings
         self._clock = clock

@@ -19,7 +19,6 @@ requests. Failures come back as the gateway's errors, with the fix (`proxy.kerbe
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.hints import explain
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
+from proxy.kerberos.profile import use_profile
 
 TKT_FLG_FORWARDABLE = 0x40000000  # RFC 4120 TicketFlags bit 1, as MIT's krb5_flags hold it
 
@@ -55,8 +55,7 @@ class TicketFacts:
 
 class KerberosProbe:
     def __init__(self, settings: Kerberos) -> None:
-        if settings.krb5_config is not None:
-            os.environ["KRB5_CONFIG"] = str(settings.krb5_config)
+        use_profile(settings.krb5_config)
         self.settings = settings
         self._name = gssapi.Name(settings.principal, gssapi.NameType.kerberos_principal)
         self._creds: gssapi.Credentials | None = None

@@ -1,4 +1,13 @@
-"""Keep MIT krb5's parsed configuration in memory between GSSAPI calls.
+"""Which krb5 configuration the gateway's Kerberos calls read, and keeping it parsed between them.
+
+`use_profile` points MIT krb5 at the configured krb5.conf (`kerberos.krb5_config`, else the environment's
+KRB5_CONFIG, else /etc/krb5.conf) behind a one-line file of the gateway's own, `forwardable = true`. The
+gateway's ticket to itself (from its keytab) must be forwardable: S4U2Self gives a forwardable evidence ticket
+only to a service whose TGT is, and S4U2Proxy needs one. MIT's default is false, and a krb5.conf written
+for MIT without that line (nothing else in it is wrong) made every user's delegation fail. KRB5_CONFIG takes a
+colon-separated list of files, all read, the first file's value winning for a relation set in several.
+
+Keeping the configuration parsed:
 
 Why this exists: MIT's `gss_init_sec_context` creates a krb5 library context for each call and frees it
 afterwards. The profile library shares a parsed krb5.conf among the contexts open at a time, and forgets it
@@ -13,15 +22,55 @@ ctypes rather than another Kerberos binding. Without libkrb5 to load, tokens wor
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import tempfile
+from pathlib import Path
 
 import structlog
 
 log = structlog.get_logger("proxy.kerberos")
 
 _held: dict[str | None, ctypes.c_void_p] = {}  # KRB5_CONFIG -> the context kept open for it
+_DEFAULT_PROFILE = "/etc/krb5.conf"  # MIT's, when KRB5_CONFIG is not set
+_OVERLAY = "[libdefaults]\n    forwardable = true\n"
+_overlay: list[str] = []  # the overlay file written by this process, once
+
+
+def use_profile(krb5_config: Path | None) -> str:
+    """Set KRB5_CONFIG for this process: the gateway's overlay, then `krb5_config` (or what KRB5_CONFIG named
+    before, or MIT's default). Returns the value set. Without a writable temporary directory the overlay is
+    left out, and krb5.conf alone decides (the log says so)."""
+    previous = os.environ.get("KRB5_CONFIG") or _DEFAULT_PROFILE
+    if _overlay and previous.startswith(_overlay[0] + ":"):
+        previous = previous[len(_overlay[0]) + 1 :]
+    base = str(krb5_config) if krb5_config is not None else previous
+    overlay = _overlay_file()
+    value = f"{overlay}:{base}" if overlay else base
+    os.environ["KRB5_CONFIG"] = value
+    return value
+
+
+def _overlay_file() -> str | None:
+    if not _overlay:
+        try:
+            fd, path = tempfile.mkstemp(prefix="kcd-proxy-krb5-", suffix=".conf")
+            with os.fdopen(fd, "w") as out:
+                out.write(_OVERLAY)
+        except OSError as e:
+            log.warning("krb5_overlay_not_written", reason=str(e), fix="set forwardable = true in krb5.conf")
+            return None
+        atexit.register(_remove, path)
+        _overlay.append(path)
+    return _overlay[0]
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        Path(path).unlink()
 
 
 def hold_profile() -> bool:

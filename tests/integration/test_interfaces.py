@@ -108,3 +108,22 @@ def test_a_bind_address_in_use_is_a_clear_error_naming_the_key(lab: LabLayout, t
     assert "Address already in use" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     assert "uncaught_exception" not in done.stdout
+
+
+def test_a_strangers_minimal_krb5_conf_is_enough(lab: LabLayout, tmp_path: Path) -> None:
+    """A krb5.conf as a stranger writes it for an MIT KDC, naming only the realm and its KDC (no `forwardable =
+    true`, MIT's default being false): the gateway still delegates. It used to get a TGT that was not
+    forwardable, so the evidence ticket was not either, and every user was refused with a hint blaming protocol
+    transition."""
+    minimal = tmp_path / "krb5.conf"
+    minimal.write_text(
+        f"[libdefaults]\n    default_realm = LAB.TEST\n\n"
+        f"[realms]\n    LAB.TEST = {{\n        kdc = 127.0.0.1:{lab.kdc_port}\n    }}\n"
+    )
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), krb5_conf=minimal))
+    try:
+        body, code = _split(curl(lab, gw.url + "/owa/", "bob").stdout)
+        assert code == 200, body
+        assert json.loads(body)["principal"] == "bob@LAB.TEST"
+    finally:
+        assert gw.stop() == 0

@@ -28,3 +28,17 @@ def test_a_configuration_krb5_refuses_holds_nothing(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(profile, "_held", {})
     assert not profile.hold_profile()
     assert profile._held == {}
+
+
+def test_the_profile_is_the_overlay_then_the_configured_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """use_profile: KRB5_CONFIG names the gateway's overlay (forwardable = true) first, then kerberos.krb5_config;
+    without one, what KRB5_CONFIG named before, else /etc/krb5.conf; a second call does not stack overlays."""
+    conf = tmp_path / "krb5.conf"
+    monkeypatch.setenv("KRB5_CONFIG", "/somewhere/else.conf")
+    value = profile.use_profile(conf)
+    overlay, _, rest = value.partition(":")
+    assert rest == str(conf)
+    assert Path(overlay).read_text() == "[libdefaults]\n    forwardable = true\n"
+    assert profile.use_profile(None) == f"{overlay}:{conf}"  # the environment's, without the overlay again
+    monkeypatch.delenv("KRB5_CONFIG")
+    assert profile.use_profile(None) == f"{overlay}:/etc/krb5.conf"
