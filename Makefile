@@ -8,26 +8,29 @@ PY := .venv/bin/python
 # (`systemd-analyze verify`). chromium: the trace page's browser test.
 # libldap2-dev, libsasl2-dev: bonsai (the directory client) builds against them when pip has no wheel;
 # libsasl2-modules-gssapi-mit: its SASL GSSAPI bind ([directory] bind = "kerberos").
+# apache2, libapache2-mod-auth-gssapi: a Negotiate acceptor that is not our code (tests/integration/
+# test_independent_acceptor.py); no Apache service is started (policy-rc.d below), the test runs its own.
 # samba ... ldb-tools: the Active Directory realm (`make lab-ad`); samba-ad-provision is only a Recommends of
 # samba-ad-dc, and provisioning fails without it. iproute2: the AD realm's network namespace.
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
         gcc make curl openssl python3-venv python3-dev \
         docker.io docker-compose mmdebstrap tini iptables systemd chromium \
         samba samba-ad-dc samba-ad-provision ldb-tools iproute2 \
-        libldap2-dev libsasl2-dev libsasl2-modules-gssapi-mit
+        libldap2-dev libsasl2-dev libsasl2-modules-gssapi-mit apache2 libapache2-mod-auth-gssapi
 STAMP := .venv/.installed
 
 .PHONY: setup debs lab lab-ad lab-down test lint unit integration clean bench bench-setup base-image
 
 setup: debs $(STAMP)
 
-# Installs the missing ones of the packages named in $(1); no service is started meanwhile (policy-rc.d).
+# Installs the missing ones of the packages named in $(1); no service is started meanwhile (policy-rc.d), with
+# systemd or with init scripts (apache2, slapd and krb5-kdc would otherwise start on their default ports).
 define install_missing
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  if [ -d /run/systemd/system ] && [ ! -e /usr/sbin/policy-rc.d ]; then \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made_policy=1; \
 	  fi; \
 	  apt-get -o DPkg::Lock::Timeout=900 update -q && \
