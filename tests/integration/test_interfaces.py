@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import REPO, curl, free_port, lab_config, start_gateway
+from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 
 
 def _split(out: str) -> tuple[str, int]:
@@ -127,3 +127,14 @@ def test_a_strangers_minimal_krb5_conf_is_enough(lab: LabLayout, tmp_path: Path)
         assert json.loads(body)["principal"] == "bob@LAB.TEST"
     finally:
         assert gw.stop() == 0
+
+
+def test_a_device_uses_the_labs_pkcs12_bundle(lab: LabLayout, gateway: Gateway) -> None:
+    """Issue 2: the lab's PKCS#12 bundles are for devices: curl with alice.p12 (password "lab"), as a device
+    would import it, is delegated as alice."""
+    argv = ["curl", "-sS", "--max-time", "60", "--cacert", str(lab.pki_dir / "root.pem"), "--cert-type", "P12"]
+    argv += ["--cert", f"{lab.pki_dir / 'users' / 'alice.p12'}:lab", "-w", "\n%{http_code}", gateway.url + "/owa/"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    body, code = _split(done.stdout)
+    assert code == 200, done.stderr
+    assert json.loads(body)["principal"] == "alice@LAB.TEST"
