@@ -35,6 +35,7 @@ from typing import Any, Literal, cast, overload
 
 import structlog
 
+from proxy.certs.chain import load_certificates
 from proxy.config import Config
 from proxy.tls.openssl import limit_client_chain
 
@@ -55,6 +56,11 @@ def server_context(config: Config) -> ssl.SSLContext:
     ctx.verify_mode = _VERIFY_MODES[config.authentication.client_certificate]
     for path in (*config.client_certificates.trust_anchors, *config.client_certificates.intermediates):
         _load_ca_file(ctx, path)
+    if _an_anchor_is_not_a_root(config):
+        # An issuing CA as a trust anchor (trusting one CA of a larger PKI): OpenSSL wants a chain up to a
+        # self-signed root unless told that a trusted CA may end it. The certificate stage builds the chain again
+        # from the configured anchors and intermediates (proxy.certs.chain), as `explain` does, and decides.
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     # The CAs a client is told to pick a certificate for: the trust anchors only.
     # No renegotiation (TLS 1.2): a connection stays tied to the certificate of its handshake, which the stages
     # judged (OpenSSL 3 refuses a client's request by default; older ones did not).
@@ -65,6 +71,14 @@ def server_context(config: Config) -> ssl.SSLContext:
     if unavailable is not None:
         log.warning("client_chain_limits_unavailable", reason=unavailable, detail="OpenSSL's defaults apply")
     return ctx
+
+
+def _an_anchor_is_not_a_root(config: Config) -> bool:
+    return any(
+        cert.issuer != cert.subject
+        for path in config.client_certificates.trust_anchors
+        for cert in load_certificates(path)
+    )
 
 
 def _load_ca_file(ctx: ssl.SSLContext, path: Path) -> None:

@@ -267,3 +267,19 @@ def test_der_trust_anchor_and_intermediate_files_are_accepted(lab: LabLayout, pk
         assert _curl(pki, gw, "bob")[1] == 403
     finally:
         assert gw.stop() == 0
+
+
+def test_an_issuing_ca_as_the_only_trust_anchor(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
+    """Trusting one issuing CA of a larger PKI (its certificate as the trust anchor, no root): `explain` accepts
+    alice's certificate with it as the anchor, and so does the running gateway's handshake (which used to refuse
+    it, 'unable to get issuer certificate', as OpenSSL wants a self-signed root unless told otherwise)."""
+    text = _config(lab, tmp_path, pki, intermediates="", crls=DER_AND_PEM_CRLS)
+    text = text.replace("root/cert.pem", "issuing/cert.pem")
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        body, code, err = _curl(pki, gw, "alice")
+        assert code == 200, (body, err)
+        assert json.loads(body)["principal"] == "alice@LAB.TEST"
+        assert _curl(pki, gw, "bob")[1] == 403  # the issuing CA's CRL still applies
+    finally:
+        assert gw.stop() == 0
