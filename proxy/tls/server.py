@@ -347,6 +347,11 @@ _HANDSHAKE_FIXES = (
         "the issuer is not in the trust list: add its CA to client_certificates.trust_anchors or intermediates, "
         "or the certificate was not issued by our PKI",
     ),
+    (
+        "unable to get issuer certificate",
+        "a CA of the chain is in the trust list but its own issuer is not: add that issuer to "
+        "client_certificates.intermediates or trust_anchors",
+    ),
     ("unsuitable certificate purpose", "the certificate lacks the clientAuth extended key usage: reissue it"),
     ("signature failure", "the certificate's signature does not verify: a forged or corrupted certificate"),
     ("http request", "a plain HTTP request reached the TLS port: use https://"),

@@ -1,0 +1,29 @@
+"""The fix a refused handshake's log line gives (proxy.tls.server.handshake_fix), for OpenSSL's reasons."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.tls.server import handshake_fix
+
+
+@pytest.mark.parametrize(
+    ("reason", "in_fix"),
+    [
+        ("unable to get local issuer certificate", "trust_anchors or intermediates"),
+        ("unable to get issuer certificate", "add that issuer to client_certificates.intermediates"),
+        ("certificate has expired", "issue the user a new one"),
+        ("peer did not return a certificate", "install the user's certificate"),
+    ],
+)
+def test_each_known_reason_has_its_fix(reason: str, in_fix: str) -> None:
+    """OpenSSL's verify reasons each get the administrator's fix, including a chain whose top CA is trusted but
+    whose own issuer is missing (no fix was logged for it)."""
+    fix = handshake_fix(reason)
+    assert fix is not None
+    assert in_fix in fix
+
+
+def test_an_unknown_reason_has_no_fix() -> None:
+    """A reason nobody mapped gets no made-up fix."""
+    assert handshake_fix("something else entirely") is None
