@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.lab.layout import LabLayout
+from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 
@@ -170,3 +170,22 @@ def test_apache_authenticates_the_delegated_user(
         f"{user}@LAB.TEST in Apache's access log",
     )
     assert "200" in seen
+
+
+def test_apache_authenticates_a_basic_user_by_their_own_ticket(lab: LabLayout, apache: Apache, tmp_path: Path) -> None:
+    """certificate-or-basic, no certificate: `curl -u bob:...` is served with a Negotiate token from bob's own
+    ticket (no S4U), and mod_auth_gssapi authenticates it as bob."""
+    extra = f'\n[[routes]]\nprefix = "/owa/"\nupstream = "{apache.url}"\nspn = "HTTP/cas.lab.test"\n'
+    extra += '\n[authentication]\nmode = "certificate-or-basic"\n'
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    try:
+        res = curl(lab, gw.url + "/owa/hello.txt?basic", None, "-u", f"bob:{USERS['bob']}")
+        body, _, code = res.stdout.rpartition("\n")
+        assert code == "200", res
+        assert body == BODY
+        eventually(
+            lambda: "200" in [s for u, s in _who(apache, "/owa/hello.txt") if u == "bob@LAB.TEST"] or None,
+            "bob@LAB.TEST in Apache's access log",
+        )
+    finally:
+        assert gw.stop() == 0
