@@ -9,10 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+from proxy.lab import kdc
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually
 
 
 def _split(out: str) -> tuple[str, int]:
@@ -138,3 +141,29 @@ def test_a_device_uses_the_labs_pkcs12_bundle(lab: LabLayout, gateway: Gateway) 
     body, code = _split(done.stdout)
     assert code == 200, done.stderr
     assert json.loads(body)["principal"] == "alice@LAB.TEST"
+
+
+def test_a_cached_password_does_not_outlive_a_failed_reverification(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 5: a verified Basic password is cached, and the cached entry never outlives a failed
+    re-verification: once the password was changed at the KDC and the entry is due (basic_cache_seconds = 1),
+    the old password gets 401, then keeps getting it; the new one is served."""
+    user = f"rotating{uuid.uuid4().hex[:8]}"
+    kdc._kadmin(lab, f"addprinc -pw old-Pa55-word {user}")
+    try:
+        extra = '\n[authentication]\nmode = "basic"\nbasic_cache_seconds = 1\n'
+        gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+        try:
+
+            def status(password: str) -> int:
+                return _split(curl(lab, gw.url + "/owa/", None, "-u", f"{user}:{password}").stdout)[1]
+
+            assert status("old-Pa55-word") == 200
+            assert status("old-Pa55-word") == 200  # from the cache
+            kdc._kadmin(lab, f"cpw -pw new-Pa55-word {user}")
+            eventually(lambda: status("old-Pa55-word") == 401, "the old password refused once re-verified")
+            assert status("old-Pa55-word") == 401
+            assert status("new-Pa55-word") == 200
+        finally:
+            assert gw.stop() == 0
+    finally:
+        kdc._kadmin(lab, f"delprinc -force {user}")
