@@ -69,6 +69,11 @@ email.1 = ${ENV::UPN}
 DNS.1 = device-${ENV::NAME}.example
 otherName.1 = 1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
 URI.1 = urn:device:${ENV::NAME}
+[v3_two_upns]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:carol@lab.test, otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test
 [v3_server]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature, keyEncipherment
@@ -96,6 +101,10 @@ for entry in alice:alice@lab.test bob:bob@lab.test carol:carol@lab.test alice-co
     -subj "/O=Stränger Örg/CN=$NAME Ünïcode" -utf8
   ca -name issuing -in "users/$NAME.req" -out "users/$NAME.pem" -extensions v3_user
 done
+# two UPNs in one certificate (which user would it be?): refused, never one of them guessed
+openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout users/twoupns.key -out users/twoupns.req \
+  -subj "/CN=two upns" -utf8
+ca -name issuing -in users/twoupns.req -out users/twoupns.pem -extensions v3_two_upns
 openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout server.key -out server.req \
   -subj "/CN=gateway.stranger.example" -utf8
 ca -name issuing -in server.req -out server.pem -extensions v3_server -notext

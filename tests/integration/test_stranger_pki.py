@@ -283,3 +283,14 @@ def test_an_issuing_ca_as_the_only_trust_anchor(lab: LabLayout, pki: Path, tmp_p
         assert _curl(pki, gw, "bob")[1] == 403  # the issuing CA's CRL still applies
     finally:
         assert gw.stop() == 0
+
+
+def test_a_certificate_with_two_upns_is_refused(pki: Path, stranger_gateway: Gateway) -> None:
+    """A certificate naming two UPNs (carol's, then alice's) is refused with 403 at the identity stage; neither
+    user is delegated."""
+    stranger_gateway.mark()
+    body, code, _ = _curl(pki, stranger_gateway, "twoupns")
+    assert code == 403, body
+    assert "2 UPNs" in body
+    line = stranger_gateway.wait_event("request", refused_stage="identity")
+    assert "principal" not in line
