@@ -17,7 +17,8 @@ TLS context, first fetch of the CRLs); only when all of that succeeded are both 
 The per-user backend pools always carry over, and the Kerberos ticket cache (and the Basic login cache)
 when their settings are unchanged, so a reload costs no KDC exchange. What the old gateway owned alone
 (its CRL refresher, a replaced Delegator) is closed when its last request ends. The listener's and the
-admin listener's addresses, and the number of workers, only change with a restart (`reload_needs_restart`).
+admin listener's addresses, the number of workers and the listener's other settings but its certificate, key and
+`trusted_proxies` only change with a restart (`reload_needs_restart` names each one a reload left as it was).
 
 With `[reload] watch = true`, the configuration file and every file it names are polled every
 `watch_interval` seconds (size and modification time); a change triggers the same reload.
@@ -215,15 +216,22 @@ def _changed(old: Config, new: Config) -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
 
 
+# The listener's keys a reload applies: the server certificate and key (a new SSLContext for new connections)
+# and the balancers believed (read per connection). Every other one is read when the process starts.
+LISTENER_RELOADED = frozenset({"certificate", "private_key", "trusted_proxies"})
+
+
 def _needs_restart(old: Config, new: Config) -> list[str]:
+    """The changed keys a reload leaves as they were: each gets a `reload_needs_restart` warning, so the log
+    never says "reloaded" over a setting still running with its old value."""
     changed = []
     if (old.listener.host, old.listener.port) != (new.listener.host, new.listener.port):
         changed.append("listener.bind")
-    if old.listener.workers != new.listener.workers:
-        changed.append("listener.workers")
-    for key in ("max_connections", "max_header_bytes", "http_server"):
-        if getattr(old.listener, key) != getattr(new.listener, key):
-            changed.append(f"listener.{key}")
+    for f in dataclasses.fields(old.listener):
+        if f.name in LISTENER_RELOADED or f.name in ("host", "port"):
+            continue
+        if getattr(old.listener, f.name) != getattr(new.listener, f.name):
+            changed.append(f"listener.{f.name}")
     if old.admin != new.admin:
         changed.append("admin")
     return changed

@@ -186,13 +186,13 @@ class ProxyHeaderGate(asyncio.Protocol):
 
     def __init__(
         self,
-        networks: Sequence[IPNetwork],
+        networks: Callable[[], Sequence[IPNetwork]],
         timeout: float,
         tls_gate: Callable[[], TlsGate],
         closed: Callable[[], None] = lambda: None,
         on_refused: Callable[[Refusal], None] = lambda _: None,
     ) -> None:
-        self._networks = networks
+        self._networks = networks  # asked per connection: a reload's new list applies to the next one
         self._on_refused = on_refused  # counts the refusal (proxy.observability.metrics)
         self._timeout = timeout
         self._tls_gate = tls_gate
@@ -205,7 +205,7 @@ class ProxyHeaderGate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = socket_transport(transport)
         self._peer = transport.get_extra_info("peername")
-        if not trusted(self._peer, self._networks):
+        if not trusted(self._peer, self._networks()):
             self._refuse("untrusted_peer", "connection from an address not in listener.trusted_proxies")
             return
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
@@ -260,11 +260,12 @@ class ProxyHeaderGate(asyncio.Protocol):
 
 def gate_factory(
     tls_gate: Callable[[Callable[[], None]], TlsGate],
-    networks: Sequence[IPNetwork],
+    networks: Callable[[], Sequence[IPNetwork]],
     timeout: float,
     on_refused: Callable[[Refusal], None] = lambda _: None,
 ) -> Callable[[Callable[[], None]], asyncio.Protocol]:
     """A protocol factory for `proxy.tls.limits.accept_connections`: the PROXY header first, then `tls_gate`'s
     TLS handshake. Called with the function that gives the connection's slot back, which either gate calls
-    when the connection ends while it owns it; `on_refused` hears each refusal's kind."""
+    when the connection ends while it owns it; `networks` gives the trusted balancers (asked per connection,
+    so a reload applies); `on_refused` hears each refusal's kind."""
     return lambda closed: ProxyHeaderGate(networks, timeout, lambda: tls_gate(closed), closed, on_refused)

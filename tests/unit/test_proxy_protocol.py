@@ -145,7 +145,7 @@ async def _gate(
 
     def factory() -> asyncio.Protocol:
         return proxy_protocol.ProxyHeaderGate(
-            [ipaddress.ip_network(trusted_cidr)],
+            lambda: [ipaddress.ip_network(trusted_cidr)],
             header_timeout,
             lambda: recorder,  # type: ignore[arg-type,return-value]
             lambda: given_back.append(None),
