@@ -21,7 +21,8 @@ the first TLS byte. This module reads it:
   what aiohttp reports as `request.remote`: logs, traces, throttles and `X-Forwarded-For` all use it.
 
 A `LOCAL` v2 header (the balancer's own health check) or a v1 `UNKNOWN` carries no device: the
-connection's own address stands. Unix-socket and UDP addresses are refused (a gateway listens on TCP).
+connection's own address stands. A connection reset before it was accepted (HAProxy's health checks end
+that way) has no address to judge: it is closed without a refusal. Unix-socket and UDP addresses are refused (a gateway listens on TCP).
 The header's TLVs (v2 extensions) are skipped unread.
 """
 
@@ -205,6 +206,9 @@ class ProxyHeaderGate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = socket_transport(transport)
         self._peer = transport.get_extra_info("peername")
+        if self._peer is None:  # reset before it was accepted: no address was ever read, so none to refuse
+            self._gone()
+            return
         if not trusted(self._peer, self._networks()):
             self._refuse("untrusted_peer", "connection from an address not in listener.trusted_proxies")
             return
@@ -238,6 +242,15 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._cancel_timer()
         self._transport = None
         self._closed()
+
+    def _gone(self) -> None:
+        """A connection that ended before the listener could read its address (HAProxy ends its health checks
+        with a reset, often before they are accepted): closed, logged at debug level, never counted as an
+        untrusted peer, which would tell the operator that someone reaches the gateways around the balancer."""
+        transport, self._transport = self._transport, None
+        log.debug("proxy_connection_gone", stage="proxy_protocol", detail="reset before it was accepted")
+        if transport is not None:
+            transport.abort()
 
     def _expire(self) -> None:
         self._refuse("header_timeout", f"no complete PROXY header within {self._timeout:g} s")
