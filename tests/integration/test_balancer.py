@@ -15,6 +15,7 @@ import io
 import json
 import socket
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def balanced(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         for name in ("gw1", "gw2"):
             text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+            text += f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n'
             gateways.append(start_gateway(lab, tmp_path_factory.mktemp(name), text))
         pair = (gateways[0], gateways[1])
         port = free_port()
@@ -118,6 +120,15 @@ def test_both_gateways_serve_the_device_under_its_own_address(lab: LabLayout, ba
     assert all(n > 0 for n in served), served
     for gw in balanced.gateways:
         assert {(e.get("client"), e.get("status")) for e in gw.events("request", gw.since)} == {(DEVICE, 200)}
+        assert {t["client"] for t in _traces(gw)} == {DEVICE}
+
+
+def _traces(gw: Gateway) -> list[dict[str, object]]:
+    """The gateway's recent traces, from its admin listener (`[admin] bind`)."""
+    admin = gw.config_path.read_text().split('[admin]\nbind = "', 1)[1].split('"', 1)[0]
+    with urllib.request.urlopen(f"http://{admin}/traces?limit=50", timeout=30) as r:
+        traces: list[dict[str, object]] = json.loads(r.read())
+    return traces
 
 
 def test_a_refused_certificate_through_the_balancer_is_refused_under_the_devices_address(
