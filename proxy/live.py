@@ -14,7 +14,8 @@ TLS context, first fetch of the CRLs); only when all of that succeeded are both 
 - a configuration that does not load, fails a cross-check or cannot be built is refused: the reasons are
   logged (`reload_refused`) and the old one keeps serving.
 
-The per-user backend pools always carry over, and the Kerberos ticket cache (and the Basic login cache)
+The per-user backend connections always carry over (each route's TLS context too, unless the route or its
+CA bundle's bytes changed: `Pools.successor`), and the Kerberos ticket cache (and the Basic login cache)
 when their settings are unchanged, so a reload costs no KDC exchange. What the old gateway owned alone
 (its CRL refresher, a replaced Delegator) is closed when its last request ends. The listener's and the
 admin listener's addresses, the number of workers and the listener's other settings but its certificate, key and
@@ -187,7 +188,7 @@ def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext]:
 
 def _carry_over(new: Gateway, old: Gateway) -> Gateway:
     """Keep the old gateway's per-user state (pools, caches) where the settings it came from are unchanged."""
-    keep: dict[str, Any] = {"pools": old.pools}
+    keep: dict[str, Any] = {"pools": old.pools.successor(new.config.routes, new.config.listener)}
     if new.config.kerberos == old.config.kerberos:
         keep["delegator"] = old.delegator
         new.delegator.close()
@@ -201,7 +202,7 @@ def _carry_over(new: Gateway, old: Gateway) -> Gateway:
 
 async def _close(gw: Gateway, *, keep: Gateway | None) -> None:
     """Stop what `gw` owns and `keep` (its successor) did not take over."""
-    if keep is None or gw.pools is not keep.pools:
+    if keep is None or not gw.pools.shares_users(keep.pools):
         await gw.pools.close()
     if keep is None or gw.revocation is not keep.revocation:
         await gw.revocation.close()
@@ -216,9 +217,10 @@ def _changed(old: Config, new: Config) -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
 
 
-# The listener's keys a reload applies: the server certificate and key (a new SSLContext for new connections)
-# and the balancers believed (read per connection). Every other one is read when the process starts.
-LISTENER_RELOADED = frozenset({"certificate", "private_key", "trusted_proxies"})
+# The listener's keys a reload applies: the server certificate and key (a new SSLContext for new connections),
+# the balancers believed (read per connection) and client_body_timeout (the backend pools', made per
+# configuration). Every other one is read when the process starts.
+LISTENER_RELOADED = frozenset({"certificate", "private_key", "trusted_proxies", "client_body_timeout"})
 
 
 def _needs_restart(old: Config, new: Config) -> list[str]:
@@ -238,11 +240,14 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
 
 
 def watched_files(config: Config) -> list[Path]:
-    """The configuration file and every file it names."""
+    """The configuration file and every file it names that a reload reads (the admin listener's need a restart)."""
     cc, listener, kerberos = config.client_certificates, config.listener, config.kerberos
     files: list[Path | None] = [config.path, listener.certificate, listener.private_key, kerberos.keytab]
     files += [*cc.trust_anchors, *cc.intermediates, *cc.crls, kerberos.krb5_config]
-    return [f for f in files if f is not None]
+    files += [route.ca_bundle for route in config.routes]
+    if config.directory is not None:
+        files += [config.directory.ca_file, config.directory.password_file]
+    return list(dict.fromkeys(f for f in files if f is not None))
 
 
 def _fingerprint(config: Config) -> dict[Path, tuple[int, int] | None]:

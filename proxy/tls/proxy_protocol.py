@@ -22,8 +22,8 @@ the first TLS byte. This module reads it:
 
 A `LOCAL` v2 header (the balancer's own health check) or a v1 `UNKNOWN` carries no device: the
 connection's own address stands. A connection reset before it was accepted (HAProxy's health checks end
-that way) has no address to judge: it is closed without a refusal. Unix-socket and UDP addresses are refused (a gateway listens on TCP).
-The header's TLVs (v2 extensions) are skipped unread.
+that way) has no address to judge: it is closed without a refusal. Unix-socket and UDP addresses are
+refused (a gateway listens on TCP). The header's TLVs (v2 extensions) are skipped unread.
 """
 
 from __future__ import annotations

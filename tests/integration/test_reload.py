@@ -6,6 +6,8 @@ import asyncio
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +18,7 @@ from cryptography import x509
 
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl, write_server_certificate
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway, wait_port
 from tests.integration.jsonlog import WAIT
 
 # How long the backend holds the request that spans the reload: longer than the reload and the requests around
@@ -242,3 +244,43 @@ def test_under_load_every_request_is_served_by_one_whole_configuration(
         assert gw.stop() == 0
     assert set(seen["alice"]) == {"A", "B"}, set(seen["alice"])
     assert set(seen["bob"]) == {"A (refused)", "B"}, set(seen["bob"])
+
+
+def test_a_ca_bundle_rewritten_in_place_is_the_upstreams_trust_after_a_reload(lab: LabLayout, tmp_path: Path) -> None:
+    """An https route's `ca_bundle` file replaced under the same name (a CA rotation) and SIGHUP: the next request
+    is verified against the new bundle. A bundle that no longer holds the backend's CA refuses it (502), one
+    that does again serves it; before, the carried-over backend pools kept the context built at start."""
+    pki = lab.pki_dir
+    port = free_port()
+    argv = [sys.executable, "-m", "proxy.lab.backend", "--keytab", str(lab.backend_keytab)]
+    argv += ["--bind", f"127.0.0.1:{port}", "--krb5-config", str(lab.krb5_conf), "--rcache", str(tmp_path / "rc")]
+    argv += ["--tls-cert", str(pki / "server-chain.pem"), "--tls-key", str(pki / "server.key")]
+    bundle = tmp_path / "backend-ca.pem"
+    bundle.write_bytes((pki / "root.pem").read_bytes())
+    route = f"""
+[[routes]]
+prefix = "/tls/"
+upstream = "https://127.0.0.1:{port}"
+spn = "HTTP/cas.lab.test"
+ca_bundle = "{bundle}"
+server_name = "proxy.lab.test"
+"""
+    with (tmp_path / "backend.log").open("wb") as out:
+        backend = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    gw = None
+    try:
+        wait_port(port, backend)
+        text = lab_config(lab, port=free_port(), extra=route)
+        gw = start_gateway(lab, tmp_path / "gw", text)
+        assert asyncio.run(_get(lab, gw, "/tls/x", "alice"))[0] == 200
+        bundle.write_bytes((pki / "rogue" / "root.pem").read_bytes())  # the backend's CA is no longer trusted
+        _reload(gw, text, "reloaded")
+        assert asyncio.run(_get(lab, gw, "/tls/x", "alice"))[0] == 502
+        bundle.write_bytes((pki / "root.pem").read_bytes())
+        _reload(gw, text, "reloaded")
+        assert asyncio.run(_get(lab, gw, "/tls/x", "alice"))[0] == 200
+    finally:
+        if gw is not None:
+            assert gw.stop() == 0
+        backend.terminate()
+        backend.wait(timeout=10)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from proxy import config
-from proxy.live import _needs_restart
+from proxy.lab.pki import make_pki
+from proxy.live import _needs_restart, watched_files
 from tests.unit.test_config import GOOD, _write
 
 LISTENER = 'private_key = "tls/server.key"\n'
@@ -16,7 +18,6 @@ LISTENER = 'private_key = "tls/server.key"\n'
 READ_AT_START = [
     ("handshake_timeout", "handshake_timeout = 3"),
     ("keepalive_timeout", "keepalive_timeout = 5"),
-    ("client_body_timeout", "client_body_timeout = 7"),
     ("client_send_timeout", "client_send_timeout = 9"),
     ("max_body_bytes", "max_body_bytes = 1024"),
     ("workers", "workers = 2"),
@@ -41,10 +42,10 @@ def test_a_key_read_at_start_is_named_when_a_reload_changes_it(tmp_path: Path, k
 
 
 def test_the_keys_a_reload_applies_are_not_named(tmp_path: Path) -> None:
-    """The server certificate and key (new connections) and the trusted balancers (each connection asks)
-    take effect on reload: no restart warning for them."""
+    """The server certificate and key (new connections), the trusted balancers (each connection asks) and
+    client_body_timeout (the backend pools', made per configuration) take effect on reload: no warning for them."""
     proxied = 'proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/24"]'
-    before = _listener(tmp_path, proxied)
+    before = _listener(tmp_path, proxied + "\nclient_body_timeout = 7")
     (tmp_path / "tls/other.pem").write_text("x")
     (tmp_path / "tls/other.key").write_text("x")
     text = GOOD.replace(LISTENER, LISTENER + proxied.replace("10.0.0.0/24", "10.9.0.0/24") + "\n", 1)
@@ -60,3 +61,18 @@ def test_a_new_address_is_listener_bind(tmp_path: Path) -> None:
     before = _listener(tmp_path, "")
     after = config.load(_write(tmp_path, GOOD.replace("127.0.0.1:8443", "127.0.0.1:9443")))
     assert _needs_restart(before, after) == ["listener.bind"]
+
+
+def test_watch_covers_the_files_a_reload_reads(tmp_path: Path) -> None:
+    """[reload] watch looks at every file a reload would read again: besides the listener's, the trust list's,
+    the CRLs' and the keytab, each https route's CA bundle and the directory's CA and password files."""
+    pki = make_pki(tmp_path / "pki", now=datetime.now(UTC))
+    for name in ("backend-ca.pem", "dc-ca.pem", "ldap.pw"):
+        (tmp_path / name).write_bytes(pki.root_cert.read_bytes())
+    route = 'upstream = "https://ews.lab.test:8444"\n'
+    text = GOOD.replace(route, route + 'ca_bundle = "backend-ca.pem"\n')
+    text += '[directory]\nurls = ["ldaps://dc1.lab.test"]\nbase_dn = "DC=lab,DC=test"\nbind = "simple"\n'
+    text += 'bind_dn = "CN=svc,DC=lab,DC=test"\npassword_file = "ldap.pw"\nca_file = "dc-ca.pem"\n'
+    watched = watched_files(config.load(_write(tmp_path, text)))
+    assert {tmp_path / n for n in ("backend-ca.pem", "dc-ca.pem", "ldap.pw")} <= set(watched)
+    assert len(watched) == len(set(watched))
