@@ -318,7 +318,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             tls_gate, balancers, listener.handshake_timeout, live.metrics.proxy_header_refused
         )
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
-    sockets = listen_sockets(listener.host, listener.port, reuse_port=listener.workers > 1, backlog=1024)
+    try:
+        sockets = listen_sockets(listener.host, listener.port, reuse_port=listener.workers > 1, backlog=1024)
+    except OSError as e:  # taken (several workers: the supervisor's check said so before), or not ours to bind
+        raise ConfigError(
+            [f"listener.bind: cannot listen on {listener.host}:{listener.port}: {e.strerror} (in {config.path})"]
+        ) from None
     accepting = [loop.create_task(accept_connections(sock, factory, slots)) for sock in sockets]
     log.info(
         "listening",
