@@ -151,6 +151,7 @@ class Pools:
         new = Pools(
             routes, listener, max_users=self._max_users, idle_seconds=self._idle, clock=self._clock, users=self._pools
         )
+        new.client_send_timeout = self.client_send_timeout  # the device server's too: a restart changes both
         for route in routes:
             if route in self._tls and route in new._tls and self._bundles.get(route) == new._bundles[route]:
                 new._tls[route] = self._tls[route]

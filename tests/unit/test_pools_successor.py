@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from proxy.backend.forward import Pools
-from proxy.config import Route
+from proxy.config import Listener, Route
 from proxy.lab.pki import Pki, make_pki
 
 
@@ -50,3 +51,12 @@ def test_a_bundle_rewritten_in_place_gets_a_new_context_and_upstream(pki: Pki, t
     assert new.tls(route) is not old.tls(route)
     assert new.upstream(route) is not upstream
     assert new.shares_users(old)
+
+
+def test_the_send_timeout_stays_and_the_body_timeout_follows_the_reload(tmp_path: Path) -> None:
+    """client_body_timeout is the pools' alone, so a reload applies it; client_send_timeout is shared with the
+    device server, which reads it at start, so the pools keep theirs too (reload_needs_restart names it)."""
+    base = Listener("127.0.0.1", 8443, tmp_path / "c.pem", tmp_path / "k.pem")
+    old = Pools((), base)
+    new = old.successor((), dataclasses.replace(base, client_body_timeout=7.0, client_send_timeout=9.0))
+    assert (new.client_body_timeout, new.client_send_timeout) == (7.0, base.client_send_timeout)
