@@ -133,6 +133,29 @@ def test_a_refused_request_still_ends_with_close_notify(lab: LabLayout, gateway:
         device.close()
 
 
+def test_a_devices_close_notify_gets_the_gateways_and_the_end(lab: LabLayout, gateway: Gateway) -> None:
+    """A device that sends close_notify after an answer gets the gateway's close_notify and the TCP end at
+    once (not at the idle deadline, minutes later)."""
+    device = RawTls(lab, gateway.port)
+    try:
+        device.send(device.records(get()))
+        assert device.answer()[0].startswith(b"HTTP/1.1 200 ")
+        device.sock.settimeout(10)  # well below listener.keepalive_timeout
+        with pytest.raises(ssl.SSLWantReadError):
+            device.tls.unwrap()  # ours sent; the gateway's awaited
+        device.send(device.outgoing.read())
+        while True:
+            try:
+                device.tls.unwrap()
+                break
+            except ssl.SSLWantReadError:
+                assert not device.eof, "TCP ended without the gateway's close_notify"
+                device._receive()
+        assert device.sock.recv(1) == b""
+    finally:
+        device.close()
+
+
 @pytest.mark.parametrize("step", [1, 5, 4096])
 def test_records_split_across_reads_are_put_back_together(lab: LabLayout, gateway: Gateway, step: int) -> None:
     """Two requests, each in several TLS records, sent `step` bytes at a time (a record's header, its body and
