@@ -17,6 +17,12 @@ are taken from asyncio's TLS protocol and driven here, by one object that is bot
 - closing sends close_notify and waits for the device's, at most `SHUTDOWN_TIMEOUT` seconds (asyncio's
   rule), discarding what else arrives; the device's close_notify or a TCP end is the server's
   `eof_received`, and then the connection closes.
+
+Why: asyncio's protocol, its application transport and their buffers and state were 2.7 KiB of Python
+(3.5 KiB of RSS) of every held long-poll, the gateway's binding limit in front of Exchange; a keep-alive
+request costs 1-2% less CPU (docs/performance.md, "The device's TLS records"). Not done: taking the socket
+out of the loop's transport as well (`add_reader`, `recv_into`, `send`): about 1 µs more a request in a
+micro-benchmark, asyncio's loop only, and the write buffering and flow control would be ours to keep.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ instead of "certificate expired". So the listener accepts plain TCP and performs
 as `loop.start_tls` does, with an `SSLProtocol` that sends the pending alert before closing: a failed
 handshake is logged here with the peer's address and OpenSSL's reason, and a completed one is handed
 to the device-side server (`proxy.device.server`, or aiohttp's request handler: `listener.http_server`).
+The gateway's own server then gets the connection's records from `proxy.tls.record.TlsRecords`, which
+takes the `SSLObject` from asyncio's protocol (3.5 KiB less per held long-poll); aiohttp's keeps asyncio's.
 
 The listener accepts through `proxy.tls.limits.accept_connections`, which holds at most
 `listener.max_connections` connections per worker; whichever protocol owns a connection's socket when
