@@ -194,6 +194,12 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
             return self._peername
         if name == "sslcontext":
             return self._sslobj.context
+        if name == "peercert":
+            return self._sslobj.getpeercert()
+        if name == "cipher":
+            return self._sslobj.cipher()
+        if name == "compression":
+            return self._sslobj.compression()
         return self._stream.get_extra_info(name, default)
 
     def is_closing(self) -> bool:

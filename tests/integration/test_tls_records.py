@@ -277,6 +277,10 @@ def test_the_handshaken_connection_is_taken_from_asyncio(lab: LabLayout) -> None
         writer.close()
         transport = await handed
         server.close()
+        ssl_object = transport.get_extra_info("ssl_object")
+        assert isinstance(ssl_object, ssl.SSLObject)  # what the certificate stages read the client certificate from
+        assert transport.get_extra_info("cipher") == ssl_object.cipher()
+        assert transport.get_extra_info("peername")[0] == "127.0.0.1"
         return type(transport)
 
     assert asyncio.run(run()) is TlsRecords
