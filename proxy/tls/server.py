@@ -284,7 +284,7 @@ def _take_records(
     it is dropped (its buffers, futures and attributes were about 3 KiB of every held long-poll). Not taken
     when the handshake's connection is already ending (the device closed, or the socket transport is
     closing): asyncio's protocol then sees that end through, as before. These are `SSLProtocol`'s own
-    attributes (CPython 3.11, the same through 3.13); `tests/integration/test_tls_records.py` fails if they move.
+    attributes (CPython 3.11's); `tests/integration/test_tls_records.py` fails if they move.
     """
     p: Any = tls_protocol
     stream: asyncio.Transport | None = p._transport
