@@ -23,7 +23,9 @@ Bounds before any stage runs (`proxy.tls.limits` has the why):
 - the header block: bytes read while a request's head is incomplete are counted, and past
   `listener.max_header_bytes` the device gets 431 (`proxy.tls.limits.refuse_header_block`), whatever
   TLS records the head came in: the parser is fed at most the budget, so a head of exactly the budget
-  passes and one byte more does not;
+  passes and one byte more does not. llhttp reports no offsets, so each message part is cut out before it
+  is fed (a head ends at its first CRLF CRLF, a body at its length or its last chunk's trailer: `ChunkedEnd`),
+  and a head that shares a read with the end of the request before it is counted from its first byte;
 - time: from the connection's start, and from the end of each answer, a request's head must be
   complete within `listener.keepalive_timeout`, or the connection is closed (aiohttp's rule); a device
   that stops taking an answer is cut after `listener.client_send_timeout` (each wait, local answers too);
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import socket
 import time
 from collections import deque
@@ -67,6 +70,7 @@ MAX_TARGET_BYTES = 8190  # the request target (aiohttp's max_line_size)
 MAX_FIELDS = 128  # header fields of one request (aiohttp's max_headers)
 BODY_HIGH = 256 * 1024  # request body bytes held for the backend stage before reading pauses
 _NO_BODY_STATUS = frozenset({204, 304})
+_ZEROS = re.compile(rb"0*")
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,58 @@ class DeviceHttpRequest:
         return text.encode("utf-8", "surrogateescape") + date + b"\r\n"
 
 
+class ChunkedEnd:
+    """Where a chunked body ends (RFC 9112 7.1), found in the bytes as they come, so that what follows it is read
+    as the next head, under its own budget. llhttp parses and judges the framing; this only locates its end the
+    way llhttp does (every line ends at LF: llhttp refuses a bare CR or LF, and a quoted extension value cannot
+    hold either). When the two disagree, the connection's bytes stop being HTTP (`DeviceConnection`)."""
+
+    __slots__ = ("_left", "_line", "_line_bytes", "_state")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self) -> None:
+        self._state = self._SIZE
+        self._left = 0  # payload bytes of the current chunk still to come
+        self._line = b""  # the first bytes of the current line (a chunk size, zeros aside, is at most 16 hex digits)
+        self._line_bytes = 0  # bytes of the current line before its LF
+
+    def end(self, data: bytes) -> int | None:
+        """Reads `data`, the body's next bytes: the offset just past the body's end, or None if it goes on."""
+        at, size = 0, len(data)
+        while at < size:
+            if self._state == self._DATA:
+                step = min(self._left, size - at)
+                at += step
+                self._left -= step
+                if not self._left:
+                    self._state = self._DATA_END
+                continue
+            lf = data.find(b"\n", at)
+            stop = size if lf < 0 else lf
+            zeros = _ZEROS.match(data, at, stop) if self._state == self._SIZE and not self._line else None
+            start = zeros.end() if zeros else at
+            if len(self._line) < 24:  # a size's leading zeros, as many as the device likes, are not kept
+                self._line += data[start : min(stop, start + 24)]
+            self._line_bytes += stop - at
+            if lf < 0:
+                return None
+            at = lf + 1
+            line, empty = self._line, self._line_bytes == 0 or (self._line_bytes == 1 and self._line == b"\r")
+            self._line, self._line_bytes = b"", 0
+            if self._state == self._DATA_END:
+                self._state = self._SIZE
+            elif self._state == self._TRAILER:
+                if empty:
+                    return at
+            else:  # a chunk-size line: its leading hex digits (llhttp refuses the line if there are none)
+                digits = len(line) - len(line.lstrip(b"0123456789abcdefABCDEF"))
+                chunk = int(line[:digits], 16) if digits else 0
+                self._left = chunk
+                self._state = self._DATA if chunk else self._TRAILER
+        return None
+
+
 class _Unparsed:
     """In the queue of requests: the place where the device's bytes stopped being HTTP."""
 
@@ -304,6 +360,12 @@ class _Unparsed:
     def __init__(self, reason: str) -> None:
         self.reason = reason
 
+
+class _TooLarge:
+    """In the queue of requests: a head that passed `listener.max_header_bytes` (431, then the connection ends)."""
+
+
+_TOO_LARGE = _TooLarge()
 
 Serve = Callable[[DeviceHttpRequest], Awaitable[None]]
 Unparsed = Callable[[str | None, int], None]  # the peer's address, the status it got
@@ -316,6 +378,9 @@ class DeviceConnection(asyncio.Protocol):
     """One device connection: parse, queue, serve in order, keep alive or close."""
 
     __slots__ = (  # no instance dict: thousands are held open by long-polls (bench: memory per held request)
+        "_begun",
+        "_body_left",
+        "_chunks",
         "_completed",
         "_connections",
         "_drain",
@@ -323,6 +388,8 @@ class DeviceConnection(asyncio.Protocol):
         "_fields",
         "_framing",
         "_head_seen",
+        "_head_tail",
+        "_heads",
         "_hosts",
         "_idle",
         "_in_head",
@@ -363,12 +430,17 @@ class DeviceConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
-        self._queue: deque[DeviceHttpRequest | _Unparsed] = deque()
+        self._queue: deque[DeviceHttpRequest | _Unparsed | _TooLarge] = deque()
         self._task: asyncio.Task[None] | None = None
         self._receiving: RequestBody | None = None  # the body llhttp is parsing now
         self._parsing: DeviceHttpRequest | None = None  # the request whose message llhttp is in
         self._in_head = True
         self._head_seen = 0  # bytes read while the current head is incomplete
+        self._head_tail = b""  # the last bytes (at most 3) of the current head fed so far
+        self._heads = 0  # heads llhttp has read to their end
+        self._begun = 0  # messages llhttp has started
+        self._body_left = 0  # bytes of a Content-Length body not yet fed
+        self._chunks: ChunkedEnd | None = None  # where a chunked body ends, when one is being read
         self._completed = 0  # requests llhttp has read to their end
         self._framing = 0  # bytes read inside a body since its last payload bytes
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
@@ -394,34 +466,62 @@ class DeviceConnection(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
-        if self._stopped:
-            return
+        """Feed llhttp one message part at a time: a head up to its end, a body up to its end. Where each part ends
+        is found before it is fed (`_head_end`, `_body_end`), so every head is counted against the budget from its
+        first byte, whichever read brought it and whatever ended in that read before it."""
         while data and not self._stopped:
-            if not self._in_head:
+            if self._in_head:
+                take = self._head_end(data)
+                room = self._limits.max_header_bytes - self._head_seen
+                if take > room:
+                    self._head_seen += room
+                    self._feed(data[:room])
+                    if self._in_head and not self._stopped:
+                        self._refuse_head_block()  # the budget is spent on one head, and it goes on
+                        break
+                    take = room
+                else:
+                    self._head_seen += take
+                    heads = self._heads
+                    self._feed(data[:take])
+                    if self._heads == heads:  # the head goes on: its last bytes may start its end
+                        self._head_tail = (self._head_tail + data[max(0, take - 3) : take])[-3:]
+            else:
                 # Inside a body, what is not payload (chunk sizes, extensions, trailers) is bounded like a head:
                 # llhttp holds a trailer field whole until it ends.
                 if self._framing > self._limits.max_header_bytes:
                     self._malformed("chunk extensions or trailer fields longer than listener.max_header_bytes")
-                    if self._task is None and self._queue:
-                        self._next()
-                    return
-                self._framing += len(data)  # payload in `data` resets it (on_body)
-                self._feed(data)
-                return
-            room = self._limits.max_header_bytes - self._head_seen
-            if len(data) <= room:
-                self._head_seen += len(data)
-                self._feed(data)
-                return
-            self._head_seen += room
-            completed = self._completed
-            self._feed(data[:room])
-            if self._in_head and not self._stopped and self._completed == completed:
-                self._refuse_head_block()  # the budget is spent on one head, and it goes on
-                return
-            # Requests ended inside those bytes (pipelining): the budget starts again at the last one's end, and
-            # what the head now in progress had of them is not counted (it may reach twice the budget).
-            data = data[room:]
+                    break
+                take, ended = self._body_end(data)
+                self._framing += take  # payload in these bytes resets it (on_body)
+                begun = self._begun
+                self._feed(data[:take])
+                if not self._stopped and (ended != self._in_head or begun != self._begun):
+                    self._malformed("the body ends where the parser did not end it")  # never guess which is right
+                    break
+            data = data[take:]
+        if self._task is None and self._queue:
+            self._next()
+
+    def _head_end(self, data: bytes) -> int:
+        """How many bytes of `data` to feed as head: up to the first CRLF CRLF (where llhttp, refusing a bare LF,
+        ends a head), counting the head's last bytes of earlier reads; all of `data` when no end is in it."""
+        tail = self._head_tail
+        if tail:
+            joint = (tail + data[:3]).find(b"\r\n\r\n")
+            if joint >= 0:
+                return joint + 4 - len(tail)
+        end = data.find(b"\r\n\r\n")
+        return len(data) if end < 0 else end + 4
+
+    def _body_end(self, data: bytes) -> tuple[int, bool]:
+        """How many bytes of `data` belong to the body being read, and whether the body ends with them."""
+        if self._chunks is None:
+            take = min(self._body_left, len(data))
+            self._body_left -= take
+            return take, self._body_left == 0
+        end = self._chunks.end(data)
+        return (len(data), False) if end is None else (end, True)
 
     def eof_received(self) -> bool | None:
         if self._receiving is not None:
@@ -455,6 +555,7 @@ class DeviceConnection(asyncio.Protocol):
     # -- llhttp's callbacks ------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._begun += 1
         self._target = []
         self._target_bytes = 0
         self._fields = CIMultiDict()
@@ -499,6 +600,11 @@ class DeviceConnection(asyncio.Protocol):
             # would be forwarded empty, or cut short. A WebSocket handshake has no body; this is refused.
             raise _Refused("a request that asks for an Upgrade (or CONNECT) carries a body")
         body = RequestBody(self) if has_body else None
+        self._heads += 1
+        self._head_tail = b""
+        chunked = "chunked" in fields.get("Transfer-Encoding", "").lower()
+        self._chunks = ChunkedEnd() if has_body and chunked else None
+        self._body_left = int(length) if has_body and not chunked and length is not None else 0
         request = DeviceHttpRequest(
             self,
             parser.get_method().decode("ascii"),
@@ -524,6 +630,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._completed += 1
+        self._chunks = None
         self._parsing = None
         if self._receiving is not None:
             self._receiving.end()
@@ -535,7 +642,8 @@ class DeviceConnection(asyncio.Protocol):
     # -- parsing -------------------------------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
-        """llhttp reads `data`; then the first request it completed the head of is served, unless one is."""
+        """llhttp reads `data` (the first request it completed the head of is served once the whole read is fed:
+        `data_received`)."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -546,8 +654,6 @@ class DeviceConnection(asyncio.Protocol):
             cause = e.__context__
             reason = str(cause) if isinstance(cause, _Refused) else f"the request is malformed: {e}"
             self._malformed(reason)
-        if self._task is None and self._queue:
-            self._next()
 
     def _malformed(self, reason: str) -> None:
         """The bytes stopped being HTTP. A request they belong to that is not being served yet never will be
@@ -569,12 +675,16 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _refuse_head_block(self) -> None:
-        self._stopped = True  # reading goes on, discarding, until the linger ends (proxy.tls.limits)
-        self._queue.clear()  # the 431 closes the connection: no answer may follow it
+        """The head being read passed the budget: nothing more is parsed, the requests read before it (the device's
+        own) are answered in order, then the 431, which ends the connection (`_answer_too_large`)."""
+        self._stop()
+        self._queue.append(_TOO_LARGE)
+
+    def _answer_too_large(self) -> None:
+        self._queue.clear()  # nothing was parsed after it; no answer may follow it
         self._cancel_idle()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
         if self.transport is not None:
+            self.transport.resume_reading()  # read and discarded until the linger ends (proxy.tls.limits)
             refuse_header_block(self.transport, self._limits.max_header_bytes, self._on_headers_refused)
 
     # -- serving, in order -----------------------------------------------------------------------------------
@@ -592,6 +702,9 @@ class DeviceConnection(asyncio.Protocol):
         queued = self._queue.popleft()
         if not self._queue:
             self.resume(_QUEUE)
+        if isinstance(queued, _TooLarge):
+            self._answer_too_large()
+            return
         if isinstance(queued, _Unparsed):
             self._answer_unparsed(queued.reason)
             return
