@@ -229,6 +229,32 @@ def test_identity_and_client_address_headers_never_reach_the_backend(scene: Scen
     assert got.headers("MS-ASProtocolVersion") == ["16.1"]
 
 
+def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> None:
+    """Names that say who the user is in spellings no list can foresee (`X-Webauth-User`, `X-Proxy-User`, an SSO
+    product's `...-Authenticated-User-Email`, `X-Amzn-Oidc-Identity`, `X-User-Identity`, `Proxy-User`) are the
+    gateway's to set, never the device's: none reaches the backend; ordinary headers still do."""
+    sent = [
+        "X-Webauth-User: mallory",
+        "X-Proxy-User: mallory",
+        "Proxy-User: mallory",
+        "X-Iis-Username: mallory",
+        "X-Goog-Authenticated-User-Email: mallory",
+        "Cf-Access-Authenticated-User-Email: mallory",
+        "X-Amzn-Oidc-Identity: mallory",
+        "X-User-Identity: mallory",
+        "X-Ms-Proxy-Principal: mallory",
+        "X-Login: mallory",
+        "X-Anchormailbox: alice@lab.test",
+        "User-Agent: Outlook-iOS/2.0",
+    ]
+    scene.taken()
+    assert scene.send(_get("/owa/h", *sent)) == 200
+    (got,) = scene.taken()["/owa/"]
+    assert "mallory" not in got.head.decode("latin-1")
+    assert got.headers("X-AnchorMailbox") == ["alice@lab.test"]
+    assert got.headers("User-Agent") == ["Outlook-iOS/2.0"]
+
+
 def test_trace_is_refused_with_405(scene: Scene) -> None:
     """TRACE would echo the request (cookies, the gateway's own headers) back: 405, never forwarded."""
     scene.taken()
