@@ -255,6 +255,30 @@ def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> N
     assert got.headers("User-Agent") == ["Outlook-iOS/2.0"]
 
 
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example/ecp/", "alice@evil.example", "127.0.0.1:abc", "127.0.0.1:99999", "", "a b", "[::1", "h%2F", "h:1:2"],
+)
+def test_a_host_that_is_not_a_host_is_refused(scene: Scene, host: str) -> None:
+    """A `Host` that is not a host name or address with an optional port (a path, user info, a bad port, nothing
+    at all) is 400 (RFC 9112 3.2) before any stage, never echoed to the backend in `X-Forwarded-Host` or `Host`."""
+    scene.taken()
+    request = _get("/owa/h").replace(b"Host: 127.0.0.1\r\n", f"Host: {host}\r\n".encode("latin-1"))
+    assert scene.send(request) == 400
+    assert not any(scene.taken().values())
+
+
+@pytest.mark.parametrize("host", ["mail.example.com", "Mail.Example.COM.:443", "127.0.0.1:8443", "[::1]:88", "cas_01"])
+def test_host_names_and_addresses_are_served(scene: Scene, host: str) -> None:
+    """Host names (any case, a trailing dot, `_`), IPv4 and IPv6 addresses, with or without a port: served, and the
+    backend's `X-Forwarded-Host` is the device's `Host`."""
+    scene.taken()
+    request = _get("/owa/h").replace(b"Host: 127.0.0.1\r\n", f"Host: {host}\r\n".encode("latin-1"))
+    assert scene.send(request) == 200
+    (got,) = scene.taken()["/owa/"]
+    assert got.headers("X-Forwarded-Host") == [host]
+
+
 def test_trace_is_refused_with_405(scene: Scene) -> None:
     """TRACE would echo the request (cookies, the gateway's own headers) back: 405, never forwarded."""
     scene.taken()
