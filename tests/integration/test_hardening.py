@@ -172,6 +172,25 @@ def test_a_password_never_follows_a_path_onto_a_negotiate_route(scene: Scene) ->
     assert sorted(r.path for r in taken["/basic/"]) == ["/BASIC/x", "/basic/x", "/basic/y"]
 
 
+@pytest.mark.parametrize(
+    "password", [b"", b"\x00", USERS["alice"].encode() + b"\x00", USERS["alice"].encode() + b"\x00anything"]
+)
+def test_a_password_the_kdc_cannot_read_is_a_failed_sign_in(scene: Scene, password: bytes) -> None:
+    """An empty password, or one with a NUL (Kerberos reads a password up to its first NUL: alice's password
+    followed by NUL and anything was accepted as hers), is refused as a sign-in (401 with the challenge), never
+    tried at the KDC, never served, and not told to the operator as a Kerberos misconfiguration (it was a 502)."""
+    scene.taken()
+    since = scene.gw.mark()
+    header = "Authorization: Basic " + base64.b64encode(b"alice:" + password).decode()
+    answer = raw_request(scene._lab, scene.gw.port, _get("/owa/x", header), None)
+    assert answer.status == 401, answer.status_line
+    assert "www-authenticate: basic" in answer.head.lower()
+    assert not any(scene.taken().values())
+    line = scene.gw.wait_for("request", lambda e: e.get("status") == 401, what="the 401's summary")
+    assert line["refused_stage"] == "authentication"
+    assert not scene.gw.events("kerberos_misconfigured", after=since)
+
+
 # -- 2. request bodies keep their meaning ---------------------------------------------------------------
 
 
