@@ -33,9 +33,11 @@ Bounds before any stage runs (`proxy.tls.limits` has the why):
   pauses until the backend stage takes them.
 
 Requests are answered one at a time, in order. A request that arrives while the one before is still
-being served (pipelining) waits, and reading pauses meanwhile, so a device cannot queue more than what
-one read brought. Each request runs in its own task; when the device goes away, the task is cancelled
-(the backend connection is then closed at once: `proxy.backend.forward`). After an answer the
+being served (pipelining) waits, parsed; the bytes after it are kept unparsed (up to `BACKLOG_HIGH`, then
+reading pauses) and parsed one request at a time as their turn comes. Reading goes on meanwhile because
+asyncio's TLS transport reports nothing of a device that left while reading is paused: the requests
+queued behind were all served, for nobody. Each request runs in its own task; when the device goes away,
+the task is cancelled (the backend connection is then closed at once: `proxy.backend.forward`). After an answer the
 connection is kept only when both sides may keep it (HTTP/1.1 without `Connection: close`, or HTTP/1.0
 with `Connection: keep-alive`) and the request was read whole: a body the pipeline left unread (a refusal
 before `100 Continue`), a malformed request or an `Upgrade` ends the connection after its answer, so no
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import socket
 import time
 from collections import deque
@@ -60,6 +61,7 @@ import httptools
 import structlog
 from multidict import CIMultiDict, MultiMapping
 
+from proxy.device.framing import ChunkedEnd, head_end
 from proxy.errors import BadRequest
 from proxy.tls.limits import refuse_header_block
 from proxy.tls.server import peer_text, socket_transport
@@ -69,8 +71,8 @@ log = structlog.get_logger("proxy.device")
 MAX_TARGET_BYTES = 8190  # the request target (aiohttp's max_line_size)
 MAX_FIELDS = 128  # header fields of one request (aiohttp's max_headers)
 BODY_HIGH = 256 * 1024  # request body bytes held for the backend stage before reading pauses
+BACKLOG_HIGH = 64 * 1024  # bytes of pipelined requests kept unparsed behind a waiting one before reading pauses
 _NO_BODY_STATUS = frozenset({204, 304})
-_ZEROS = re.compile(rb"0*")
 
 
 @dataclass(frozen=True)
@@ -300,58 +302,6 @@ class DeviceHttpRequest:
         return text.encode("utf-8", "surrogateescape") + date + b"\r\n"
 
 
-class ChunkedEnd:
-    """Where a chunked body ends (RFC 9112 7.1), found in the bytes as they come, so that what follows it is read
-    as the next head, under its own budget. llhttp parses and judges the framing; this only locates its end the
-    way llhttp does (every line ends at LF: llhttp refuses a bare CR or LF, and a quoted extension value cannot
-    hold either). When the two disagree, the connection's bytes stop being HTTP (`DeviceConnection`)."""
-
-    __slots__ = ("_left", "_line", "_line_bytes", "_state")
-
-    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
-
-    def __init__(self) -> None:
-        self._state = self._SIZE
-        self._left = 0  # payload bytes of the current chunk still to come
-        self._line = b""  # the first bytes of the current line (a chunk size, zeros aside, is at most 16 hex digits)
-        self._line_bytes = 0  # bytes of the current line before its LF
-
-    def end(self, data: bytes) -> int | None:
-        """Reads `data`, the body's next bytes: the offset just past the body's end, or None if it goes on."""
-        at, size = 0, len(data)
-        while at < size:
-            if self._state == self._DATA:
-                step = min(self._left, size - at)
-                at += step
-                self._left -= step
-                if not self._left:
-                    self._state = self._DATA_END
-                continue
-            lf = data.find(b"\n", at)
-            stop = size if lf < 0 else lf
-            zeros = _ZEROS.match(data, at, stop) if self._state == self._SIZE and not self._line else None
-            start = zeros.end() if zeros else at
-            if len(self._line) < 24:  # a size's leading zeros, as many as the device likes, are not kept
-                self._line += data[start : min(stop, start + 24)]
-            self._line_bytes += stop - at
-            if lf < 0:
-                return None
-            at = lf + 1
-            line, empty = self._line, self._line_bytes == 0 or (self._line_bytes == 1 and self._line == b"\r")
-            self._line, self._line_bytes = b"", 0
-            if self._state == self._DATA_END:
-                self._state = self._SIZE
-            elif self._state == self._TRAILER:
-                if empty:
-                    return at
-            else:  # a chunk-size line: its leading hex digits (llhttp refuses the line if there are none)
-                digits = len(line) - len(line.lstrip(b"0123456789abcdefABCDEF"))
-                chunk = int(line[:digits], 16) if digits else 0
-                self._left = chunk
-                self._state = self._DATA if chunk else self._TRAILER
-        return None
-
-
 class _Unparsed:
     """In the queue of requests: the place where the device's bytes stopped being HTTP."""
 
@@ -378,6 +328,7 @@ class DeviceConnection(asyncio.Protocol):
     """One device connection: parse, queue, serve in order, keep alive or close."""
 
     __slots__ = (  # no instance dict: thousands are held open by long-polls (bench: memory per held request)
+        "_backlog",
         "_begun",
         "_body_left",
         "_chunks",
@@ -445,6 +396,7 @@ class DeviceConnection(asyncio.Protocol):
         self._framing = 0  # bytes read inside a body since its last payload bytes
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
         self._paused = 0
+        self._backlog = bytearray()  # pipelined bytes not parsed yet: a request before them waits (`_keep`)
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
@@ -466,10 +418,22 @@ class DeviceConnection(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        if self._backlog:
+            self._keep(data)
+            return
+        self._read(data)
+
+    def _read(self, data: bytes) -> None:
         """Feed llhttp one message part at a time: a head up to its end, a body up to its end. Where each part ends
         is found before it is fed (`_head_end`, `_body_end`), so every head is counted against the budget from its
-        first byte, whichever read brought it and whatever ended in that read before it."""
+        first byte, whichever read brought it and whatever ended in that read before it. Once a whole request
+        waits to be served, what follows it is kept unparsed (`_keep`) until it is."""
         while data and not self._stopped:
+            if self._in_head and self._queue:
+                self._keep(data)
+                break
             if self._in_head:
                 take = self._head_end(data)
                 room = self._limits.max_header_bytes - self._head_seen
@@ -503,16 +467,18 @@ class DeviceConnection(asyncio.Protocol):
         if self._task is None and self._queue:
             self._next()
 
+    def _keep(self, data: bytes) -> None:
+        """Pipelined bytes behind a request that waits: kept, unparsed, while reading goes on, so that the device's
+        leaving is seen at once (asyncio's TLS transport tells nothing of a closed connection while reading is
+        paused: the requests queued behind were all served, their answers dropped). Past `BACKLOG_HIGH`, reading
+        pauses."""
+        self._backlog += data
+        if len(self._backlog) > BACKLOG_HIGH:
+            self.pause(_QUEUE)
+
     def _head_end(self, data: bytes) -> int:
-        """How many bytes of `data` to feed as head: up to the first CRLF CRLF (where llhttp, refusing a bare LF,
-        ends a head), counting the head's last bytes of earlier reads; all of `data` when no end is in it."""
-        tail = self._head_tail
-        if tail:
-            joint = (tail + data[:3]).find(b"\r\n\r\n")
-            if joint >= 0:
-                return joint + 4 - len(tail)
-        end = data.find(b"\r\n\r\n")
-        return len(data) if end < 0 else end + 4
+        """How many bytes of `data` to feed as head (`proxy.device.framing.head_end`)."""
+        return head_end(self._head_tail, data)
 
     def _body_end(self, data: bytes) -> tuple[int, bool]:
         """How many bytes of `data` belong to the body being read, and whether the body ends with them."""
@@ -540,6 +506,7 @@ class DeviceConnection(asyncio.Protocol):
             if isinstance(queued, DeviceHttpRequest) and queued.body is not None:
                 queued.body.fail(error)
         self._queue.clear()
+        self._backlog.clear()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the device left: nobody is waiting for this answer (499)
         self._wake_drain(error)
@@ -619,9 +586,7 @@ class DeviceConnection(asyncio.Protocol):
         self._parsing = request
         self._in_head = False
         self._cancel_idle()
-        self._queue.append(request)  # served once llhttp has read all of this read's bytes (`_feed`)
-        if self._task is not None:
-            self.pause(_QUEUE)
+        self._queue.append(request)  # served once llhttp has read all of this read's bytes (`_read`)
 
     def on_body(self, data: bytes) -> None:
         self._framing = 0
@@ -700,8 +665,6 @@ class DeviceConnection(asyncio.Protocol):
                 self._arm_idle()
             return
         queued = self._queue.popleft()
-        if not self._queue:
-            self.resume(_QUEUE)
         if isinstance(queued, _TooLarge):
             self._answer_too_large()
             return
@@ -709,6 +672,10 @@ class DeviceConnection(asyncio.Protocol):
             self._answer_unparsed(queued.reason)
             return
         self._task = self._loop.create_task(self._run(queued))
+        if self._backlog and not self._queue:  # the next request, if it has come whole, waits its turn
+            kept, self._backlog = bytes(self._backlog), bytearray()
+            self.resume(_QUEUE)
+            self._read(kept)
 
     async def _run(self, request: DeviceHttpRequest) -> None:
         try:
@@ -721,6 +688,7 @@ class DeviceConnection(asyncio.Protocol):
             elif not request.keep_alive or (request.body is not None and not request.body.complete):
                 self._stop()
                 self._queue.clear()
+                self._backlog.clear()
             self._loop.call_soon(self._after, request)
 
     def _after(self, request: DeviceHttpRequest) -> None:
@@ -810,7 +778,17 @@ class DeviceConnection(asyncio.Protocol):
         self._idle = None
         if self._task is None and not self._queue:  # no request is being served: a head never came whole
             peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-            log.debug("device_idle_closed", peer=peer_text(peer))
+            if self._head_seen:  # a head begun and never ended: a slow or stalled client (slowloris), said so
+                log.warning(
+                    "request_head_timeout",
+                    stage="request",
+                    peer=peer_text(peer),
+                    received=self._head_seen,
+                    reason=f"the request's head was not complete {self._limits.keepalive_timeout:g} s after the "
+                    "connection opened or the last answer ended (listener.keepalive_timeout)",
+                )
+            else:
+                log.debug("device_idle_closed", peer=peer_text(peer))
             self._stop()
             self._close()
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from proxy.device.server import ChunkedEnd, DeviceConnection, DeviceHttpRequest, DeviceLimits
+from proxy.device.framing import ChunkedEnd
+from proxy.device.server import DeviceConnection, DeviceHttpRequest, DeviceLimits
 
 LIMITS = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=5)
 
