@@ -98,6 +98,10 @@ IDENTITY_PREFIXES = (
 IDENTITY_LAST_WORDS = frozenset(
     {"user", "username", "userid", "uid", "upn", "principal", "identity", "email", "login", "account"}
 )
+# Exchange's own client headers that name a mailbox, not who the caller is: Exchange authorizes them against the
+# Kerberos identity the gateway delegated (Outlook's MAPI/HTTP and Autodiscover `X-User-Identity`, OWA's explicit
+# logon to a shared mailbox). They pass, as `X-AnchorMailbox` does.
+EXCHANGE_MAILBOX_HEADERS = frozenset({"x-user-identity", "x-owa-explicitlogonuser"})
 
 
 def _normal(name: str) -> str:
@@ -108,6 +112,8 @@ def is_identity_header(name: str) -> bool:
     n = _normal(name)
     if n in IDENTITY or n.startswith(IDENTITY_PREFIXES):
         return True
+    if n in EXCHANGE_MAILBOX_HEADERS:
+        return False
     words = n.split("-")
     return words[-1] in IDENTITY_LAST_WORDS or "authenticated" in words
 

@@ -250,8 +250,8 @@ def test_identity_and_client_address_headers_never_reach_the_backend(scene: Scen
 
 def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> None:
     """Names that say who the user is in spellings no list can foresee (`X-Webauth-User`, `X-Proxy-User`, an SSO
-    product's `...-Authenticated-User-Email`, `X-Amzn-Oidc-Identity`, `X-User-Identity`, `Proxy-User`) are the
-    gateway's to set, never the device's: none reaches the backend; ordinary headers still do."""
+    product's `...-Authenticated-User-Email`, `X-Amzn-Oidc-Identity`, `Proxy-User`) are the gateway's to set, never
+    the device's: none reaches the backend; ordinary headers and Exchange's mailbox headers still do."""
     sent = [
         "X-Webauth-User: mallory",
         "X-Proxy-User: mallory",
@@ -260,10 +260,11 @@ def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> N
         "X-Goog-Authenticated-User-Email: mallory",
         "Cf-Access-Authenticated-User-Email: mallory",
         "X-Amzn-Oidc-Identity: mallory",
-        "X-User-Identity: mallory",
         "X-Ms-Proxy-Principal: mallory",
         "X-Login: mallory",
         "X-Anchormailbox: alice@lab.test",
+        "X-User-Identity: alice@lab.test",
+        "X-OWA-ExplicitLogonUser: shared@lab.test",
         "User-Agent: Outlook-iOS/2.0",
     ]
     scene.taken()
@@ -271,6 +272,8 @@ def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> N
     (got,) = scene.taken()["/owa/"]
     assert "mallory" not in got.head.decode("latin-1")
     assert got.headers("X-AnchorMailbox") == ["alice@lab.test"]
+    assert got.headers("X-User-Identity") == ["alice@lab.test"]
+    assert got.headers("X-OWA-ExplicitLogonUser") == ["shared@lab.test"]
     assert got.headers("User-Agent") == ["Outlook-iOS/2.0"]
 
 
