@@ -32,16 +32,16 @@ Bounds before any stage runs (`proxy.tls.limits` has the why):
 - bodies: at most `BODY_HIGH` bytes of a request body are held; past that, reading from the device
   pauses until the backend stage takes them.
 
-Requests are answered one at a time, in order. A request that arrives while the one before is still
-being served (pipelining) waits, parsed; the bytes after it are kept unparsed (up to `BACKLOG_HIGH`, then
-reading pauses) and parsed one request at a time as their turn comes. Reading goes on meanwhile because
-asyncio's TLS transport reports nothing of a device that left while reading is paused: the requests
-queued behind were all served, for nobody. Each request runs in its own task; when the device goes away,
-the task is cancelled (the backend connection is then closed at once: `proxy.backend.forward`). After an answer the
-connection is kept only when both sides may keep it (HTTP/1.1 without `Connection: close`, or HTTP/1.0
-with `Connection: keep-alive`) and the request was read whole: a body the pipeline left unread (a refusal
-before `100 Continue`), a malformed request or an `Upgrade` ends the connection after its answer, so no
-byte of one request is ever read as the start of another.
+Requests are answered one at a time, in order. A request that arrives while the one before is still being
+served (pipelining) waits, parsed; the bytes after it are kept unparsed (up to `BACKLOG_HIGH`, then reading
+pauses) and parsed one request at a time as their turn comes. Reading goes on meanwhile, so a device's TCP end
+is seen at once (asyncio's TLS protocol reported nothing of it while reading was paused, and the requests
+queued behind were all served, for nobody), and no more than one request is held parsed ahead. Each request
+runs in its own task; when the device goes away, the task is cancelled (the backend connection is then closed
+at once: `proxy.backend.forward`). After an answer the connection is kept only when both sides may keep it
+(HTTP/1.1 without `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`) and the request was read
+whole: a body the pipeline left unread (a refusal before `100 Continue`), a malformed request or an `Upgrade`
+ends the connection after its answer, so no byte of one request is ever read as the start of another.
 """
 
 from __future__ import annotations

@@ -99,9 +99,9 @@ async def _send_and_leave(port: int, ctx: ssl.SSLContext, data: bytes, stay: flo
 def test_a_device_that_pipelines_and_leaves_is_served_no_further(scene: Scene) -> None:
     """A device pipelines a thousand requests (37 KB: less than the server keeps unparsed without pausing) to a busy
     backend, reads nothing and resets its connection a second later: the gateway stops there (the request in hand
-    may finish) and leaves no backend connection open. The own server went on serving every queued request for
-    the device that had left (983 of them), its answers dropped: reading was paused while they waited, and
-    asyncio's TLS transport says nothing of a closed connection while reading is paused."""
+    may finish) and leaves no backend connection open. Under asyncio's TLS protocol the own server went on serving
+    every queued request for the device that had left (983 of them), its answers dropped: reading was paused while
+    they waited, and that protocol says nothing of a closed connection while reading is paused."""
     port = int(scene.recorder.url.rpartition(":")[2])
     pipelined = b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 1000
     ctx = client_context(scene.lab, "alice")
