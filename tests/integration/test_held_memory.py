@@ -77,7 +77,9 @@ def test_a_held_request_keeps_no_token(method: str) -> None:
     holds no reference to the token it sent; the backend got it whole and the device its answer."""
     before, held, sent, status = asyncio.run(held_references(method))
     assert held == before, f"{held - before} reference(s) to the token kept while the request is held"
-    assert sent is not None and sent.startswith("Negotiate ABC") and len(sent) == 2010
+    assert sent is not None
+    assert sent.startswith("Negotiate ABC")
+    assert len(sent) == 2010
     assert status == 200
 
 
