@@ -66,7 +66,7 @@ from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
-from proxy.kerberos.account import KdcAccount, kdc_account, require_stated
+from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
 from proxy.kerberos.pac import PacFacts
@@ -132,15 +132,23 @@ class _Ticket:
     client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
     pac: PacFacts | None = None  # the evidence ticket's PAC: which account the KDC impersonated
     pac_unreadable: str | None = None  # why the PAC could not be read (then no request is served from it)
-    accounts: dict[tuple[str, str | None], KdcAccount] = field(default_factory=dict)  # names the PAC matched
+    accounts: dict[tuple[str, str | None, str, str | None], KdcAccount] = field(
+        default_factory=dict
+    )  # names the PAC matched
+    evidence_client: str | None = None  # the evidence ticket's client principal, as the KDC returned it
 
     def account_for(self, user: UserPrincipal, settings: Kerberos) -> KdcAccount:
         """`kdc_account` for `user`, remembered per certificate name: a cached ticket's request pays a dict look-up."""
-        key = (user.upn, user.account)
+        key = (user.upn, user.account, user.principal, user.enterprise)
         found = self.accounts.get(key)
         if found is None:
             found = kdc_account(  # a mismatch raises and is not remembered
-                user, self.pac, self.pac_unreadable, policy=settings.kdc_account, proxy=settings.principal
+                user,
+                self.pac,
+                self.pac_unreadable,
+                client=self.evidence_client,
+                policy=settings.kdc_account,
+                proxy=settings.principal,
             )
             if len(self.accounts) >= 16:  # one principal's ticket: a handful of names at most, bounded anyway
                 self.accounts.clear()
@@ -317,9 +325,10 @@ class Delegator:
             )
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
+        client = _client_name(creds)  # whom the KDC impersonated, as it wrote the evidence ticket's client
         pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
         if unreadable is None:
-            self._require_stated(user, creds, proxy, spn, pac, (middle - start) * 1000)
+            self._require_stated(user, creds, proxy, spn, pac, client, (middle - start) * 1000)
         after_pac = time.perf_counter()
         target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
         try:
@@ -339,7 +348,9 @@ class Delegator:
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
         took = (middle - start) * 1000
         got = s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=_ms(after_pac), evidence_pac=pac)
-        return _Ticket(creds, self._clock() + lifetime, facts=got, pac=pac, pac_unreadable=unreadable)
+        return _Ticket(
+            creds, self._clock() + lifetime, facts=got, pac=pac, pac_unreadable=unreadable, evidence_client=client
+        )
 
     def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
         """One fresh S4U2Self + S4U2Proxy, bypassing the cache (for diagnostics; blocks on the KDC)."""
@@ -348,7 +359,12 @@ class Delegator:
             ticket = self._exchange_blocking(user, gss_target)
             settings = self._settings
             account = kdc_account(
-                user, ticket.pac, ticket.pac_unreadable, policy=settings.kdc_account, proxy=settings.principal
+                user,
+                ticket.pac,
+                ticket.pac_unreadable,
+                client=ticket.evidence_client,
+                policy=settings.kdc_account,
+                proxy=settings.principal,
             )
             token = self._token(ticket.creds, gss_target)
         except _StepFailed as e:
@@ -358,13 +374,23 @@ class Delegator:
         return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts, account)
 
     def _require_stated(
-        self, user: UserPrincipal, creds: gssapi.Credentials, proxy: str, spn: str, pac: PacFacts | None, ms: float
+        self,
+        user: UserPrincipal,
+        creds: gssapi.Credentials,
+        proxy: str,
+        spn: str,
+        pac: PacFacts | None,
+        client: str | None,
+        ms: float,
     ) -> None:
-        """A ticket naming no account, refused by kerberos.kdc_account whoever's certificate asked: refused here,
-        before S4U2Proxy asks the KDC for anything more on it; under "optional" a ticket without a PAC is logged."""
+        """A ticket naming no account, refused by kerberos.kdc_account whoever's certificate asked, or whose client
+        principal is not the one asked for: refused here, before S4U2Proxy asks the KDC for anything more on it;
+        under "optional" a ticket without a PAC is logged."""
         settings = self._settings
         try:
             require_stated(user.principal, pac, policy=settings.kdc_account, proxy=proxy)
+            if pac is None or (pac.upn is None and pac.sam_name is None):
+                require_client(user, client, proxy=proxy)
         except AccountMismatch as e:  # the trace shows the evidence ticket that named no account
             attach(e, s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=ms, s4u2proxy_ms=None, failed_step="s4u2self"))
             raise
@@ -496,6 +522,14 @@ def _unverified(user: UserPrincipal, proxy: str) -> None:
         fix=f"if {user.realm} is Active Directory, clear NO_AUTH_DATA_REQUIRED on {proxy} and set "
         'kerberos.kdc_account = "auto"; an MIT KDC before 1.20 (or with disable_pac) issues no PAC',
     )
+
+
+def _client_name(creds: gssapi.Credentials) -> str | None:
+    """The client principal of an impersonated credential: MIT names it after the S4U2Self reply's client."""
+    try:
+        return str(creds.name)
+    except gssapi.raw.GSSError:
+        return None
 
 
 def _ms(since: float) -> float:
