@@ -101,7 +101,7 @@ def forget_tickets(gw: Gateway, leaf: x509.Certificate) -> None:
     """A refused certificate's user loses their cached delegated tickets: none outlives the certificate."""
     with contextlib.suppress(GatewayError):
         user = identify(leaf, gw.config)
-        gw.delegator.forget(user.principal)
+        gw.delegator.forget(user.principal, enterprise=user.enterprise)
         directory = gw.directory
         account = directory.cached(user.upn) if directory is not None else None
         if directory is not None and account is not None:  # strong mapping impersonated sAMAccountName@REALM
