@@ -177,7 +177,9 @@ async def backend_authorization(
     and only for a backend connection that has not carried one yet (`proxy.backend.forward`)."""
     if auth.login is not None:
         trace.detail("kerberos", own_ticket=True)
-        return await gw.basic.authorization(auth.login, route), auth.user.principal
+        # the principal the KDC gave the password's ticket: with enterprise names two UPNs may map to one
+        # principal the identity stage built, and a backend pool keyed by it would carry both users
+        return await gw.basic.authorization(auth.login, route), auth.login.ticket.principal
     try:
         delegation = await gw.delegator.delegation(auth.user, route.spn, route.gss_target)
     except GatewayError as e:
