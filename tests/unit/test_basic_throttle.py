@@ -260,3 +260,31 @@ def test_two_upns_of_one_principal_never_share_a_password_session(monkeypatch: p
         ("alice@ad.test", "alice@AD.TEST", True),
     ]
     assert kdc.asked == ["alice@corp.example", "alice@ad.test"]
+
+
+def test_a_password_users_backend_pool_is_the_kdcs_principal_for_them() -> None:
+    """The Kerberos stage names a Basic user's backend pool by the principal the KDC gave their ticket, not the
+    principal the identity stage built: mallory (alice@corp.example) and alice (alice@ad.test) build the same
+    alice@AD.TEST, and one pool, on a connection-bound backend, would carry both users."""
+    from types import SimpleNamespace
+
+    from proxy.auth.basic import PasswordLogin
+    from proxy.auth.modes import Authenticated
+    from proxy.config import Route
+    from proxy.identity.principal import map_upn
+    from proxy.observability.trace import Trace
+    from proxy.pipeline import backend_authorization
+
+    user = map_upn("alice@corp.example", realm_map={"corp.example": "AD.TEST"})
+    creds: Any = object()
+    ticket = UserTicket(principal="mallory@AD.TEST", creds=creds)
+    login = PasswordLogin(user, ticket, "Basic x", cached=True)
+
+    async def authorization(login: PasswordLogin, route: Route) -> str:
+        return "Negotiate token"
+
+    gw: Any = SimpleNamespace(basic=SimpleNamespace(authorization=authorization))
+    route = Route(prefix="/", upstream="http://b", spn="HTTP/b")
+    auth = Authenticated(user, login, "password")
+    header, principal = asyncio.run(backend_authorization(gw, auth, route, Trace()))
+    assert (header, principal) == ("Negotiate token", "mallory@AD.TEST")
