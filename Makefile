@@ -8,12 +8,13 @@ PY := .venv/bin/python
 # (`systemd-analyze verify`). chromium: the trace page's browser test.
 # libldap2-dev, libsasl2-dev: bonsai (the directory client) builds against them when pip has no wheel;
 # libsasl2-modules-gssapi-mit: its SASL GSSAPI bind ([directory] bind = "kerberos").
+# haproxy: tests/integration/test_balancer.py puts it (TCP mode, send-proxy-v2) in front of two gateways.
 # samba ... ldb-tools: the Active Directory realm (`make lab-ad`); samba-ad-provision is only a Recommends of
 # samba-ad-dc, and provisioning fails without it. iproute2: the AD realm's network namespace.
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
         gcc make curl openssl python3-venv python3-dev \
         docker.io docker-compose mmdebstrap tini iptables systemd chromium \
-        samba samba-ad-dc samba-ad-provision ldb-tools iproute2 \
+        samba samba-ad-dc samba-ad-provision ldb-tools iproute2 haproxy \
         libldap2-dev libsasl2-dev libsasl2-modules-gssapi-mit
 STAMP := .venv/.installed
 

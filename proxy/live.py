@@ -14,10 +14,12 @@ TLS context, first fetch of the CRLs); only when all of that succeeded are both 
 - a configuration that does not load, fails a cross-check or cannot be built is refused: the reasons are
   logged (`reload_refused`) and the old one keeps serving.
 
-The per-user backend pools always carry over, and the Kerberos ticket cache (and the Basic login cache)
+The per-user backend connections always carry over (each route's TLS context too, unless the route or its
+CA bundle's bytes changed: `Pools.successor`), and the Kerberos ticket cache (and the Basic login cache)
 when their settings are unchanged, so a reload costs no KDC exchange. What the old gateway owned alone
 (its CRL refresher, a replaced Delegator) is closed when its last request ends. The listener's and the
-admin listener's addresses, and the number of workers, only change with a restart (`reload_needs_restart`).
+admin listener's addresses, the number of workers and the listener's other settings but its certificate, key and
+`trusted_proxies` only change with a restart (`reload_needs_restart` names each one a reload left as it was).
 
 With `[reload] watch = true`, the configuration file and every file it names are polled every
 `watch_interval` seconds (size and modification time); a change triggers the same reload.
@@ -186,7 +188,7 @@ def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext]:
 
 def _carry_over(new: Gateway, old: Gateway) -> Gateway:
     """Keep the old gateway's per-user state (pools, caches) where the settings it came from are unchanged."""
-    keep: dict[str, Any] = {"pools": old.pools}
+    keep: dict[str, Any] = {"pools": old.pools.successor(new.config.routes, new.config.listener)}
     if new.config.kerberos == old.config.kerberos:
         keep["delegator"] = old.delegator
         new.delegator.close()
@@ -200,7 +202,7 @@ def _carry_over(new: Gateway, old: Gateway) -> Gateway:
 
 async def _close(gw: Gateway, *, keep: Gateway | None) -> None:
     """Stop what `gw` owns and `keep` (its successor) did not take over."""
-    if keep is None or gw.pools is not keep.pools:
+    if keep is None or not gw.pools.shares_users(keep.pools):
         await gw.pools.close()
     if keep is None or gw.revocation is not keep.revocation:
         await gw.revocation.close()
@@ -215,26 +217,37 @@ def _changed(old: Config, new: Config) -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
 
 
+# The listener's keys a reload applies: the server certificate and key (a new SSLContext for new connections),
+# the balancers believed (read per connection) and client_body_timeout (the backend pools', made per
+# configuration). Every other one is read when the process starts.
+LISTENER_RELOADED = frozenset({"certificate", "private_key", "trusted_proxies", "client_body_timeout"})
+
+
 def _needs_restart(old: Config, new: Config) -> list[str]:
+    """The changed keys a reload leaves as they were: each gets a `reload_needs_restart` warning, so the log
+    never says "reloaded" over a setting still running with its old value."""
     changed = []
     if (old.listener.host, old.listener.port) != (new.listener.host, new.listener.port):
         changed.append("listener.bind")
-    if old.listener.workers != new.listener.workers:
-        changed.append("listener.workers")
-    for key in ("max_connections", "max_header_bytes", "http_server"):
-        if getattr(old.listener, key) != getattr(new.listener, key):
-            changed.append(f"listener.{key}")
+    for f in dataclasses.fields(old.listener):
+        if f.name in LISTENER_RELOADED or f.name in ("host", "port"):
+            continue
+        if getattr(old.listener, f.name) != getattr(new.listener, f.name):
+            changed.append(f"listener.{f.name}")
     if old.admin != new.admin:
         changed.append("admin")
     return changed
 
 
 def watched_files(config: Config) -> list[Path]:
-    """The configuration file and every file it names."""
+    """The configuration file and every file it names that a reload reads (the admin listener's need a restart)."""
     cc, listener, kerberos = config.client_certificates, config.listener, config.kerberos
     files: list[Path | None] = [config.path, listener.certificate, listener.private_key, kerberos.keytab]
     files += [*cc.trust_anchors, *cc.intermediates, *cc.crls, kerberos.krb5_config]
-    return [f for f in files if f is not None]
+    files += [route.ca_bundle for route in config.routes]
+    if config.directory is not None:
+        files += [config.directory.ca_file, config.directory.password_file]
+    return list(dict.fromkeys(f for f in files if f is not None))
 
 
 def _fingerprint(config: Config) -> dict[Path, tuple[int, int] | None]:

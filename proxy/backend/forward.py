@@ -88,6 +88,11 @@ def upstream_tls(route: Route) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(route.ca_bundle) if route.ca_bundle else None)
 
 
+def _bundle(route: Route) -> bytes | None:
+    """The bytes of an https route's CA bundle (None: the system's CAs), to tell a rewritten bundle."""
+    return route.ca_bundle.read_bytes() if route.ca_bundle else None
+
+
 @dataclass
 class _Lease:
     pool: UserPool
@@ -125,15 +130,38 @@ class Pools:
         max_users: int = 1000,
         idle_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        users: OrderedDict[str, _Lease] | None = None,
     ) -> None:
-        self._pools: OrderedDict[str, _Lease] = OrderedDict()
+        self._pools: OrderedDict[str, _Lease] = OrderedDict() if users is None else users
         self._max_users = max_users
         self._idle = idle_seconds
         self._clock = clock
         self._tls = {route: upstream_tls(route) for route in routes if route.https}
+        self._bundles = {route: _bundle(route) for route in self._tls}  # what each context was made from
         self._upstreams: dict[Route, Upstream] = {}
         self.client_body_timeout = listener.client_body_timeout if listener else 60.0
         self.client_send_timeout = listener.client_send_timeout if listener else 60.0
+
+    def successor(self, routes: Iterable[Route], listener: Listener | None) -> Pools:
+        """The pools of a reloaded configuration: the same users' backend connections (shared, not copied), and
+        each route's TLS context and upstream made anew, except where the route and the bytes of its CA bundle
+        are unchanged: there the old ones stay, and with them the users' warm connections. A bundle rewritten
+        under the same name (a CA rotation) thus applies from the next request, on new connections."""
+        routes = tuple(routes)
+        new = Pools(
+            routes, listener, max_users=self._max_users, idle_seconds=self._idle, clock=self._clock, users=self._pools
+        )
+        new.client_send_timeout = self.client_send_timeout  # the device server's too: a restart changes both
+        for route in routes:
+            if route in self._tls and route in new._tls and self._bundles.get(route) == new._bundles[route]:
+                new._tls[route] = self._tls[route]
+            if route in self._upstreams and (not route.https or new._tls.get(route) is self._tls.get(route)):
+                new._upstreams[route] = self._upstreams[route]
+        return new
+
+    def shares_users(self, other: Pools) -> bool:
+        """Whether `other` holds the same users' connections (one is the other's `successor`)."""
+        return self._pools is other._pools
 
     def tls(self, route: Route) -> ssl.SSLContext | bool:
         """The route's TLS context toward its upstream, or True (no context of its own) for http."""

@@ -21,8 +21,9 @@ the first TLS byte. This module reads it:
   what aiohttp reports as `request.remote`: logs, traces, throttles and `X-Forwarded-For` all use it.
 
 A `LOCAL` v2 header (the balancer's own health check) or a v1 `UNKNOWN` carries no device: the
-connection's own address stands. Unix-socket and UDP addresses are refused (a gateway listens on TCP).
-The header's TLVs (v2 extensions) are skipped unread.
+connection's own address stands. A connection reset before it was accepted (HAProxy's health checks end
+that way) has no address to judge: it is closed without a refusal. Unix-socket and UDP addresses are
+refused (a gateway listens on TCP). The header's TLVs (v2 extensions) are skipped unread.
 """
 
 from __future__ import annotations
@@ -186,13 +187,13 @@ class ProxyHeaderGate(asyncio.Protocol):
 
     def __init__(
         self,
-        networks: Sequence[IPNetwork],
+        networks: Callable[[], Sequence[IPNetwork]],
         timeout: float,
         tls_gate: Callable[[], TlsGate],
         closed: Callable[[], None] = lambda: None,
         on_refused: Callable[[Refusal], None] = lambda _: None,
     ) -> None:
-        self._networks = networks
+        self._networks = networks  # asked per connection: a reload's new list applies to the next one
         self._on_refused = on_refused  # counts the refusal (proxy.observability.metrics)
         self._timeout = timeout
         self._tls_gate = tls_gate
@@ -205,7 +206,10 @@ class ProxyHeaderGate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = socket_transport(transport)
         self._peer = transport.get_extra_info("peername")
-        if not trusted(self._peer, self._networks):
+        if self._peer is None:  # reset before it was accepted: no address was ever read, so none to refuse
+            self._gone()
+            return
+        if not trusted(self._peer, self._networks()):
             self._refuse("untrusted_peer", "connection from an address not in listener.trusted_proxies")
             return
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
@@ -239,6 +243,15 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._transport = None
         self._closed()
 
+    def _gone(self) -> None:
+        """A connection that ended before the listener could read its address (HAProxy ends its health checks
+        with a reset, often before they are accepted): closed, logged at debug level, never counted as an
+        untrusted peer, which would tell the operator that someone reaches the gateways around the balancer."""
+        transport, self._transport = self._transport, None
+        log.debug("proxy_connection_gone", stage="proxy_protocol", detail="reset before it was accepted")
+        if transport is not None:
+            transport.abort()
+
     def _expire(self) -> None:
         self._refuse("header_timeout", f"no complete PROXY header within {self._timeout:g} s")
 
@@ -260,11 +273,12 @@ class ProxyHeaderGate(asyncio.Protocol):
 
 def gate_factory(
     tls_gate: Callable[[Callable[[], None]], TlsGate],
-    networks: Sequence[IPNetwork],
+    networks: Callable[[], Sequence[IPNetwork]],
     timeout: float,
     on_refused: Callable[[Refusal], None] = lambda _: None,
 ) -> Callable[[Callable[[], None]], asyncio.Protocol]:
     """A protocol factory for `proxy.tls.limits.accept_connections`: the PROXY header first, then `tls_gate`'s
     TLS handshake. Called with the function that gives the connection's slot back, which either gate calls
-    when the connection ends while it owns it; `on_refused` hears each refusal's kind."""
+    when the connection ends while it owns it; `networks` gives the trusted balancers (asked per connection,
+    so a reload applies); `on_refused` hears each refusal's kind."""
     return lambda closed: ProxyHeaderGate(networks, timeout, lambda: tls_gate(closed), closed, on_refused)

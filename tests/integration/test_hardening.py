@@ -238,6 +238,21 @@ def test_trace_is_refused_with_405(scene: Scene) -> None:
     assert not any(scene.taken().values())
 
 
+@pytest.mark.parametrize(("method", "status"), [(b"CONNECT", 405), (b"TRACK", 400)])
+def test_track_and_connect_are_never_forwarded(scene: Scene, method: bytes, status: int) -> None:
+    """CONNECT is answered 405 with Allow, like TRACE; TRACK (IIS's TRACE) is a method llhttp does not know, so
+    both servers' parser answers it 400 before any stage. Neither reaches a backend."""
+    scene.taken()
+    target = b"cas.lab.test:443" if method == b"CONNECT" else b"/owa/"
+    answer = raw_request(
+        scene._lab, scene.gw.port, method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.status == status
+    if status == 405:
+        assert "allow:" in answer.head.lower()
+    assert not any(scene.taken().values())
+
+
 def test_an_absolute_form_target_is_refused(scene: Scene) -> None:
     """`GET http://host/path`: a proxy request, not for this gateway; 400, nothing forwarded."""
     scene.taken()

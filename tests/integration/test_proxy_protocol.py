@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import http.client
 import json
+import signal
 import socket
 import struct
 import time
@@ -200,3 +201,31 @@ def test_refused_proxy_headers_are_counted_by_reason(lab: LabLayout, tmp_path_fa
         assert len(gw.wait_events("proxy_header_refused", 4)) == 4
     finally:
         gw.stop()
+
+
+def test_a_reload_applies_trusted_proxies_both_ways(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SIGHUP with a new `trusted_proxies`: a balancer taken off the list is refused from the next connection
+    (never still believed after a `reloaded` line), and one added is believed; before, the list read at start
+    stayed in force while the log said the configuration was reloaded."""
+    only_two = dataclasses.replace(lab, balancer_subnet="127.0.0.2/32")
+    text = runner.gateway_config(only_two, gateway_port=free_port(), behind_balancer=True)
+    gw = start_gateway(lab, tmp_path_factory.mktemp("reload-trust"), text)
+    try:
+        with pytest.raises((ConnectionError, OSError)):
+            through(lab, gw, v2_header("203.0.113.21", 40021))  # from 127.0.0.1: not trusted yet
+        gw.mark()
+        gw.config_path.write_text(text.replace('"127.0.0.2/32"', '"127.0.0.1/32"'))
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_event("reloaded")
+        status, echo = through(lab, gw, v2_header("203.0.113.22", 40022))
+        assert (status, {k.lower(): v for k, v in echo["headers"].items()}["x-forwarded-for"]) == (200, "203.0.113.22")
+        gw.mark()
+        gw.config_path.write_text(text)  # 127.0.0.1 taken off the list again
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_event("reloaded")
+        with pytest.raises((ConnectionError, OSError)):
+            through(lab, gw, v2_header("203.0.113.23", 40023))
+        gw.wait_for("proxy_header_refused", lambda e: str(e.get("peer", "")).startswith("127.0.0.1:"))
+        assert not any(e.get("client") == "203.0.113.23" for e in gw.logs())
+    finally:
+        assert gw.stop() == 0

@@ -6,16 +6,19 @@ import asyncio
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import aiohttp
+import pytest
 from cryptography import x509
 
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl, write_server_certificate
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway, wait_port
 from tests.integration.jsonlog import WAIT
 
 # How long the backend holds the request that spans the reload: longer than the reload and the requests around
@@ -162,3 +165,122 @@ def test_watched_files_reload_without_a_signal(lab: LabLayout, tmp_path: Path) -
         assert asyncio.run(_get(lab, gw, "/EWS/Exchange.asmx", "alice"))[0] == 404
     finally:
         assert gw.stop() == 0
+
+
+def _config_pair(lab: LabLayout, tmp_path: Path, text: str, *, watch: bool) -> dict[str, str]:
+    """Two configurations that differ in two sections at once: config "A" revokes bob (client_certificates.crls)
+    and tells the backend `X-KCD-Config-A` (routes[0].context_headers); "B" revokes nobody and tells `-B`.
+    A request served by half of each would show: bob forwarded with `-A`, or refused under "B"."""
+    issuing = load_ca(lab.pki_dir, "issuing")
+    bob = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "bob.pem").read_bytes())
+    crls = {
+        "A": write_crl(tmp_path / "crl-a.pem", issuing, revoked=[bob.serial_number]),
+        "B": write_crl(tmp_path / "crl-b.pem", issuing),
+    }
+    reload = "\n[reload]\nwatch = true\nwatch_interval = 0.2\n" if watch else ""
+    route = f'upstream = "http://127.0.0.1:{lab.backend_port}"\n'
+    assert route in text
+    return {
+        name: text.replace(str(lab.pki_dir / "crls.pem"), str(crl)).replace(
+            route, route + f'context_headers = {{ "X-KCD-Config-{name}" = "upn" }}\n', 1
+        )
+        + reload
+        for name, crl in crls.items()
+    }
+
+
+async def _served_as(session: aiohttp.ClientSession, url: str) -> str:
+    """Which configuration served one request: "A" or "B" (bob is refused only under A), or what went wrong."""
+    async with session.get(url) as r:
+        body = await r.text()
+    if r.status == 403 and "was revoked" in body:
+        return "A (refused)"
+    if r.status != 200:
+        return f"status {r.status}: {body[:200]}"
+    headers = {k.lower() for k in json.loads(body)["headers"]}
+    told = sorted(h[-1].upper() for h in headers if h.startswith("x-kcd-config-"))
+    return "".join(told) if told else "no configuration header"
+
+
+@pytest.mark.parametrize("how", ["sighup", "watch"])
+def test_under_load_every_request_is_served_by_one_whole_configuration(
+    lab: LabLayout, tmp_path: Path, how: str
+) -> None:
+    """Eight keep-alive clients (alice and bob) send requests without pause while the configuration is swapped
+    between A and B six times (by SIGHUP, or by [reload] watch seeing the file change): every request is
+    answered, both configurations serve, and bob is only ever refused (A's CRL) or forwarded with B's header:
+    never forwarded with A's header, which would be B's CRL applied with A's routes."""
+    pair = _config_pair(lab, tmp_path, lab_config(lab, port=free_port()), watch=how == "watch")
+    gw = start_gateway(lab, tmp_path, pair["A"])
+    seen: dict[str, list[str]] = {"alice": [], "bob": []}
+
+    async def client(user: str, stop: asyncio.Event) -> None:
+        connector = aiohttp.TCPConnector(limit=1, ssl=client_context(lab, user))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            while not stop.is_set():
+                seen[user].append(await _served_as(session, gw.url + "/EWS/Exchange.asmx"))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(client(user, stop)) for user in ("alice", "bob") * 4]
+        for swap in range(6):
+            name = "B" if swap % 2 == 0 else "A"
+            gw.mark()
+            gw.config_path.write_text(pair[name])
+            if how == "sighup":
+                gw.proc.send_signal(signal.SIGHUP)
+            await asyncio.to_thread(gw.wait_event, "reloaded")
+            served = len(seen["alice"]) + len(seen["bob"])
+            deadline = time.monotonic() + WAIT
+            while len(seen["alice"]) + len(seen["bob"]) < served + 8:  # some requests under each configuration
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.gather(*clients)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        assert gw.stop() == 0
+    assert set(seen["alice"]) == {"A", "B"}, set(seen["alice"])
+    assert set(seen["bob"]) == {"A (refused)", "B"}, set(seen["bob"])
+
+
+def test_a_ca_bundle_rewritten_in_place_is_the_upstreams_trust_after_a_reload(lab: LabLayout, tmp_path: Path) -> None:
+    """An https route's `ca_bundle` file replaced under the same name (a CA rotation) and SIGHUP: the next request
+    is verified against the new bundle. A bundle that no longer holds the backend's CA refuses it (502), one
+    that does again serves it; before, the carried-over backend pools kept the context built at start."""
+    pki = lab.pki_dir
+    port = free_port()
+    argv = [sys.executable, "-m", "proxy.lab.backend", "--keytab", str(lab.backend_keytab)]
+    argv += ["--bind", f"127.0.0.1:{port}", "--krb5-config", str(lab.krb5_conf), "--rcache", str(tmp_path / "rc")]
+    argv += ["--tls-cert", str(pki / "server-chain.pem"), "--tls-key", str(pki / "server.key")]
+    bundle = tmp_path / "backend-ca.pem"
+    bundle.write_bytes((pki / "root.pem").read_bytes())
+    route = f"""
+[[routes]]
+prefix = "/tls/"
+upstream = "https://127.0.0.1:{port}"
+spn = "HTTP/cas.lab.test"
+ca_bundle = "{bundle}"
+server_name = "proxy.lab.test"
+"""
+    with (tmp_path / "backend.log").open("wb") as out:
+        backend = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    gw = None
+    try:
+        wait_port(port, backend)
+        text = lab_config(lab, port=free_port(), extra=route)
+        gw = start_gateway(lab, tmp_path / "gw", text)
+        assert asyncio.run(_get(lab, gw, "/tls/x", "alice"))[0] == 200
+        bundle.write_bytes((pki / "rogue" / "root.pem").read_bytes())  # the backend's CA is no longer trusted
+        _reload(gw, text, "reloaded")
+        assert asyncio.run(_get(lab, gw, "/tls/x", "alice"))[0] == 502
+        bundle.write_bytes((pki / "root.pem").read_bytes())
+        _reload(gw, text, "reloaded")
+        assert asyncio.run(_get(lab, gw, "/tls/x", "alice"))[0] == 200
+    finally:
+        if gw is not None:
+            assert gw.stop() == 0
+        backend.terminate()
+        backend.wait(timeout=10)

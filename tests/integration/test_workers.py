@@ -152,6 +152,29 @@ def test_a_second_gateway_on_a_served_port_refuses_to_start(lab: LabLayout, two_
     assert f"cannot serve: 127.0.0.1:{two_workers.port}: Address already in use" in done.stderr
 
 
+def test_a_lone_gateway_on_a_taken_port_names_listener_bind(lab: LabLayout, tmp_path: Path) -> None:
+    """One worker (no supervisor) whose address is taken: exit 2 and one line naming `listener.bind`, the address
+    and why, as `admin.bind` does; never an uncaught exception's traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.toml"
+        config.write_text(lab_config(lab, port=port))
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, **lab.env()},
+        )
+    assert done.returncode == 2, done.stdout + done.stderr
+    wanted = f"configuration error: listener.bind: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert wanted in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 def test_workers_that_cannot_start_stop_the_supervisor(lab: LabLayout, tmp_path: Path) -> None:
     """A configuration every worker fails on (a private key that is not one) ends the supervisor, no loop."""
     bad_key = tmp_path / "server.key"

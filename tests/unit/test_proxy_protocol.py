@@ -145,7 +145,7 @@ async def _gate(
 
     def factory() -> asyncio.Protocol:
         return proxy_protocol.ProxyHeaderGate(
-            [ipaddress.ip_network(trusted_cidr)],
+            lambda: [ipaddress.ip_network(trusted_cidr)],
             header_timeout,
             lambda: recorder,  # type: ignore[arg-type,return-value]
             lambda: given_back.append(None),
@@ -217,3 +217,38 @@ def test_gate_refuses_a_header_cut_short() -> None:
     assert handed == []
     assert logs == ["proxy_header_refused (incomplete_header): the connection ended before a complete PROXY header"]
     assert given_back == 1
+
+
+class _GoneTransport:
+    """A connection the peer reset before it was accepted: the kernel no longer says who it was."""
+
+    aborted = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return None  # asyncio's transport caches getpeername(), which failed (ENOTCONN)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_a_connection_reset_before_it_was_accepted_is_no_refusal() -> None:
+    """HAProxy ends its health checks with a reset: a connection whose address could not be read is closed
+    and its slot given back, but neither logged as an untrusted peer nor counted (the metrics would otherwise
+    tell of someone reaching the gateways around the balancer, every check interval)."""
+    given_back: list[None] = []
+    counted: list[str] = []
+    gate = proxy_protocol.ProxyHeaderGate(
+        lambda: [ipaddress.ip_network("127.0.0.1/32")],
+        5,
+        lambda: _Recorder(),  # type: ignore[arg-type,return-value]
+        lambda: given_back.append(None),
+        counted.append,
+    )
+    transport = _GoneTransport()
+    with capture_logs() as logs:
+        gate.connection_made(transport)  # type: ignore[arg-type]
+        gate.connection_lost(None)
+    assert transport.aborted
+    assert counted == []
+    assert [e["event"] for e in logs if e["log_level"] != "debug"] == []
+    assert given_back == [None]

@@ -1,0 +1,184 @@
+"""Two gateways behind a real TCP balancer (Debian's HAProxy, `send-proxy-v2`), driven by curl, on the host.
+
+The compose test runs the same shape in containers; this one runs on every `make test` in seconds. HAProxy
+listens on 127.0.0.1 and connects to the gateways from 127.0.0.1, the only address they trust for PROXY
+headers (`[listener] proxy_protocol = true`, `trusted_proxies = ["127.0.0.1/32"]`). The device is curl bound
+to 127.0.0.3, so the address the gateways and the backend see tells whether the header was believed: the
+device's (127.0.0.3) through the balancer, never the balancer's own.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import socket
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.lab import runner
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import Gateway, curl, free_port, start_gateway, wait_port
+from tests.integration.jsonlog import eventually
+
+DEVICE = "127.0.0.3"  # curl's source address: loopback, but not a balancer
+
+
+@dataclasses.dataclass
+class Balanced:
+    port: int  # the balancer's, where devices connect
+    gateways: tuple[Gateway, Gateway]
+    stats: Path  # HAProxy's stats socket
+
+
+def _haproxy_config(port: int, gateways: tuple[Gateway, Gateway], stats: Path) -> str:
+    """TCP mode (TLS ends on the gateways), round robin, PROXY v2 on every connection and on the health
+    checks (HAProxy sends those as v2 LOCAL, which names no device)."""
+    servers = "\n".join(
+        f"    server gw{i} 127.0.0.1:{gw.port} send-proxy-v2 check check-send-proxy inter 500ms"
+        for i, gw in enumerate(gateways, 1)
+    )
+    return f"""global
+    log stdout format raw local0 info
+    stats socket {stats} level user
+
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend devices
+    bind 127.0.0.1:{port}
+    default_backend gateways
+
+backend gateways
+    balance roundrobin
+{servers}
+"""
+
+
+@pytest.fixture(scope="module")
+def balanced(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balanced]:
+    """Two gateways that believe PROXY headers from 127.0.0.1 only, and HAProxy in front of them."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    gateways: list[Gateway] = []
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for name in ("gw1", "gw2"):
+            text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+            text += f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n'
+            gateways.append(start_gateway(lab, tmp_path_factory.mktemp(name), text))
+        pair = (gateways[0], gateways[1])
+        port = free_port()
+        directory = tmp_path_factory.mktemp("haproxy")
+        cfg = directory / "haproxy.cfg"
+        stats = directory / "stats.sock"
+        cfg.write_text(_haproxy_config(port, pair, stats))
+        check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+        with (directory / "haproxy.log").open("wb") as out:
+            proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
+        wait_port(port, proc)
+        yield Balanced(port, pair, stats)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        for gw in gateways:
+            gw.stop()
+
+
+def _through(lab: LabLayout, balanced: Balanced, user: str) -> tuple[str, str]:
+    """One request from the device through the balancer (a new connection each time): status and body."""
+    url = f"https://127.0.0.1:{balanced.port}/EWS/Exchange.asmx"
+    done = curl(lab, url, user, "--interface", DEVICE)
+    body, _, status = done.stdout.rpartition("\n")
+    return status, body + done.stderr
+
+
+def test_both_gateways_serve_the_device_under_its_own_address(lab: LabLayout, balanced: Balanced) -> None:
+    """Six connections through HAProxy: every one is served as alice, both gateways take some, each logs the
+    device's address (not the balancer's) as the client, and the backend's X-Forwarded-For names the device."""
+    for gw in balanced.gateways:
+        gw.mark()
+    for _ in range(6):
+        status, body = _through(lab, balanced, "alice")
+        assert status == "200", body
+        echo = json.loads(body)
+        assert echo["principal"] == "alice@LAB.TEST"
+        assert {k.lower(): v for k, v in echo["headers"].items()}["x-forwarded-for"] == DEVICE
+    eventually(lambda: sum(len(gw.events("request", gw.since)) for gw in balanced.gateways) == 6, "six request lines")
+    served = [len(gw.events("request", gw.since)) for gw in balanced.gateways]
+    assert all(n > 0 for n in served), served
+    for gw in balanced.gateways:
+        assert {(e.get("client"), e.get("status")) for e in gw.events("request", gw.since)} == {(DEVICE, 200)}
+        assert {t["client"] for t in _traces(gw)} == {DEVICE}
+
+
+def _traces(gw: Gateway) -> list[dict[str, object]]:
+    """The gateway's recent traces, from its admin listener (`[admin] bind`)."""
+    admin = gw.config_path.read_text().split('[admin]\nbind = "', 1)[1].split('"', 1)[0]
+    with urllib.request.urlopen(f"http://{admin}/traces?limit=50", timeout=30) as r:
+        traces: list[dict[str, object]] = json.loads(r.read())
+    return traces
+
+
+def test_a_refused_certificate_through_the_balancer_is_refused_under_the_devices_address(
+    lab: LabLayout, balanced: Balanced
+) -> None:
+    """A revoked certificate through HAProxy: 403 from whichever gateway took it, logged with the device's
+    address, never the balancer's."""
+    for gw in balanced.gateways:
+        gw.mark()
+    status, body = _through(lab, balanced, "revoked")
+    assert status == "403", body
+
+    def refusal() -> dict[str, object] | None:
+        lines = [e for gw in balanced.gateways for e in gw.events("request", gw.since)]
+        return lines[0] if lines else None
+
+    line = eventually(refusal, "the revoked certificate's request line")
+    assert (line.get("client"), line.get("status")) == (DEVICE, 403)
+
+
+def test_the_device_going_around_the_balancer_is_refused_and_health_checks_are_not(
+    lab: LabLayout, balanced: Balanced
+) -> None:
+    """curl straight to a gateway from the device's address: closed before TLS (untrusted peer). HAProxy's own
+    health checks (PROXY v2 LOCAL, every 500 ms) are never counted as refusals."""
+    gw = balanced.gateways[0]
+    gw.mark()
+    done = curl(lab, f"https://127.0.0.1:{gw.port}/EWS/Exchange.asmx", "alice", "--interface", DEVICE)
+    assert done.returncode != 0, done.stdout
+    refused = gw.wait_for("proxy_header_refused", lambda e: str(e.get("peer", "")).startswith(f"{DEVICE}:"))
+    assert "trusted_proxies" in str(refused.get("reason"))
+    # HAProxy checked both gateways (its stats say L4OK) all along, from 127.0.0.1: none of that was refused.
+    eventually(lambda: _check_status(balanced) == {"gw1": "L4OK", "gw2": "L4OK"}, "both health checks passing")
+    for each in balanced.gateways:
+        assert [e for e in each.events("proxy_header_refused") if not str(e["peer"]).startswith(DEVICE)] == []
+
+
+def _check_status(balanced: Balanced) -> dict[str, str]:
+    """Each server's last health-check status, from HAProxy's stats socket (`show stat`, CSV)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(balanced.stats))
+        sock.sendall(b"show stat\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    rows = list(csv.reader(io.StringIO(data.decode().lstrip("# "))))
+    header = rows[0]
+    return {
+        row[header.index("svname")]: row[header.index("check_status")]
+        for row in rows[1:]
+        if len(row) == len(header) and row[header.index("svname")].startswith("gw")
+    }

@@ -1,0 +1,66 @@
+"""Every command, run as a process, on a configuration with a mistake: the exit code issue #8 states, and the
+line naming the key and the file. A stranger's typo must never start a gateway or pass as a verdict."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import REPO, free_port, lab_config
+
+# A mistake, and the line that must name it (the key, then the file).
+MISTAKES = [
+    ("unknown key", ("[listener]\n", '[listener]\nbnid = "127.0.0.1:1"\n'), "listener.bnid: unknown key"),
+    ("bad value", ('source = "san-upn"\n', 'source = "san-upn"\nmapping = "strict"\n'), "identity.mapping: expected"),
+    ("bad type", ("[listener]\n", '[listener]\nworkers = "2"\n'), "listener.workers: expected int"),
+]
+
+# Each command: its arguments after the file, and the exit status a configuration error gives.
+COMMANDS = {
+    "check-config": ((), 1),
+    "explain": (("--cert", "{alice}"), 2),
+    "doctor": ((), 2),
+    "run": ((), 2),
+}
+
+
+def _argv(command: str, config: Path, lab: LabLayout) -> list[str]:
+    extra, _ = COMMANDS[command]
+    alice = str(lab.pki_dir / "users" / "alice.pem")
+    target = [str(config)] if command == "check-config" else ["--config", str(config)]
+    return [sys.executable, "-m", "proxy", command, *target, *(a.format(alice=alice) for a in extra)]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize(("edit", "named"), [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_a_mistake_is_named_with_the_commands_exit_code(
+    lab: LabLayout, tmp_path: Path, command: str, edit: tuple[str, str], named: str
+) -> None:
+    """check-config exits 1, explain, doctor and run exit 2; the output names the key and the file; run
+    serves nothing and no command prints a traceback."""
+    config = tmp_path / "gateway.toml"
+    text = lab_config(lab, port=free_port())
+    assert edit[0] in text
+    config.write_text(text.replace(edit[0], edit[1], 1))
+    done = subprocess.run(
+        _argv(command, config, lab),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+        env={**os.environ, **lab.env()},
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == COMMANDS[command][1], output
+    line = next((x for x in output.splitlines() if named in x), None)
+    assert line is not None, output
+    assert str(config) in line
+    assert "Traceback" not in output
+    if command in ("explain", "doctor", "run"):
+        assert done.stdout == ""  # the verdict's place stays empty: the problem is on stderr
