@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -34,10 +35,11 @@ from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import ChainFacts, VerifiedChains
 from proxy.certs.restrictions import Admission, admit
 from proxy.certs.revocation import CrlSet
-from proxy.config import Config, MappingMode, Route
+from proxy.config import Config, Identity, MappingMode, Route
 from proxy.device.request import DeviceRequest
 from proxy.directory import Directory
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
+from proxy.identity.constraints import require_within
 from proxy.identity.mapping import Mapping, account_state, decide, no_account
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
@@ -73,8 +75,8 @@ class Gateway:
 
         Decoding the names of a certificate (pyasn1 for the UPN) cost about 9 µs a request; what it
         yields depends only on the certificate and the configuration, and each `Gateway` has one of those."""
-        config = self.config
-        return ChainFacts(lambda verified: identify(verified.leaf, config))
+        identity = self.config.identity
+        return ChainFacts(lambda verified: identify(verified.leaf, identity, cas=verified.chain[1:]))
 
     @cached_property
     def admission(self) -> ChainFacts[Admission]:
@@ -88,20 +90,25 @@ class Gateway:
         return self.revocation.crls.current
 
 
-def identify(leaf: x509.Certificate, config: Config) -> UserPrincipal:
-    found = certificate_name(leaf, config.identity.sources)
+def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.Certificate] = ()) -> UserPrincipal:
+    """The user the certificate names, under `identity`; a name with '@' (a UPN, or used as one) must also lie
+    within the e-mail and DNS name constraints of the chain's CAs `cas` (`proxy.identity.constraints`)."""
+    found = certificate_name(leaf, identity.sources)
     if found is None:
-        wanted = " or ".join(SOURCE_NAMES[source] for source in config.identity.sources)
+        wanted = " or ".join(SOURCE_NAMES[source] for source in identity.sources)
         raise IdentityRejected(f"the certificate carries no {wanted}; ask for a certificate issued for your account")
     name, source = found
-    return map_name(name, config.identity, source=source)
+    user = map_name(name, identity, source=source)
+    if "@" in name:
+        require_within(name, cas)
+    return user
 
 
 def forget_tickets(gw: Gateway, leaf: x509.Certificate) -> None:
     """A refused certificate's user loses their cached delegated tickets: none outlives the certificate."""
     with contextlib.suppress(GatewayError):
-        user = identify(leaf, gw.config)
-        gw.delegator.forget(user.principal)
+        user = identify(leaf, gw.config.identity)
+        gw.delegator.forget(user.principal, enterprise=user.enterprise)
         directory = gw.directory
         account = directory.cached(user.upn) if directory is not None else None
         if directory is not None and account is not None:  # strong mapping impersonated sAMAccountName@REALM
@@ -177,7 +184,9 @@ async def backend_authorization(
     and only for a backend connection that has not carried one yet (`proxy.backend.forward`)."""
     if auth.login is not None:
         trace.detail("kerberos", own_ticket=True)
-        return await gw.basic.authorization(auth.login, route), auth.user.principal
+        # the principal the KDC gave the password's ticket: with enterprise names two UPNs may map to one
+        # principal the identity stage built, and a backend pool keyed by it would carry both users
+        return await gw.basic.authorization(auth.login, route), auth.login.ticket.principal
     try:
         delegation = await gw.delegator.delegation(auth.user, route.spn, route.gss_target)
     except GatewayError as e:

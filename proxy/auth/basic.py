@@ -79,6 +79,7 @@ from proxy.errors import (
     UserUnknown,
 )
 from proxy.identity.principal import UserPrincipal, ascii_lower, map_name
+from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
 
@@ -312,7 +313,7 @@ class BasicLogin:
 
     async def _login(self, credentials: BasicCredentials, client: str, started: float) -> PasswordLogin:
         user = self._user(credentials.username)
-        key = user_key(user.principal)
+        key = user_key(asked_name(user))  # the name the KDC is asked about: two UPNs may share a principal
         digest = None
         if self._cache.fresh(key, started):  # the signed-in device, or a guess at its password: one hash decides
             digest = await self._digest(key, credentials.password)
@@ -369,7 +370,7 @@ class BasicLogin:
         the key folds case the Unicode way (`straße` and `strasse` share a throttle), which would equate
         names the directory keeps apart."""
         entry = self._cache.get(key, digest, time.monotonic())
-        if entry is None or ascii_lower(entry.user.principal) != ascii_lower(user.principal):
+        if entry is None or ascii_lower(asked_name(entry.user)) != ascii_lower(asked_name(user)):
             return None
         return entry
 

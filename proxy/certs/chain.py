@@ -285,6 +285,9 @@ _EE_POLICY = (
 _ANY_EE_POLICY = (  # "any" purpose: whatever the leaf's usage, even a CA certificate (a CRL signer)
     ExtensionPolicy.webpki_defaults_ee()
     .may_be_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+    # a CA's own name constraints bind the certificates it issues, not its signature on a CRL; the web-PKI
+    # end-entity profile prohibits them, which left every CRL of a name-constrained CA unused
+    .may_be_present(x509.NameConstraints, Criticality.AGNOSTIC, None)
     .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
     .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, None)
     .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)

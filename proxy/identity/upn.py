@@ -7,7 +7,8 @@ Microsoft's smartcard and device certificates name their user with a subjectAltN
 otherName values over as raw DER (it has no schema for them), so the UTF8String is decoded here with
 pyasn1, strictly: a value that is not exactly one UTF8String is refused, not guessed at.
 
-What it refuses (IdentityRejected): a malformed UPN value (one whose bytes are not UTF-8 too), several
+What it refuses (IdentityRejected): a malformed UPN value (one whose bytes are not UTF-8 too, or an empty
+one: it is a UPN that names nobody, not an absent UPN that lets the next source speak), several
 UPNs in one certificate (which one would be the user?), a subjectAltName that cannot be parsed. An
 absent UPN is not an error here: the functions return None and the caller decides (another identity
 source, or a refusal): `certificate_name` reads the sources in the order `identity.source` lists
@@ -51,7 +52,12 @@ def upn_from_certificate(cert: x509.Certificate) -> str | None:
             f"certificate carries {len(values)} UPNs; expected one",
             hint="ask the CA to issue one UPN per certificate",
         )
-    return _decode_utf8_string(values[0])
+    upn = _decode_utf8_string(values[0])
+    if not upn:
+        raise IdentityRejected(
+            "certificate UPN is empty", hint="the CA wrote a UPN otherName that names nobody; ask for a new certificate"
+        )
+    return upn
 
 
 def email_from_certificate(cert: x509.Certificate) -> str | None:

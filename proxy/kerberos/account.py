@@ -26,13 +26,22 @@ stage's rule: Unicode case folding would make straße strasse's). A PAC the gate
 
 A ticket that names no account: `kerberos.kdc_account` says what to do with it.
 - `"auto"` (default): a PAC must be there. A PAC that names no account (no UPN_DNS_INFO) is MIT's (1.20 and
-  later: the client's name and signatures only; AD's PAC always has UPN_DNS_INFO): nothing is compared
-  (`none`) and the request goes on. *No PAC at all* is refused: AD leaves the PAC out of tickets to an
-  account flagged NO_AUTH_DATA_REQUIRED, and a gateway account with that flag must not turn the check off
-  silently. Each ticket is judged on its own, so the first request after a start is treated like any other.
+  later: the client's name and signatures only; AD's PAC always has UPN_DNS_INFO): the PAC states no account
+  (`none`), so the evidence ticket's client principal is all that says whom the KDC impersonated, and it must
+  be the principal the gateway asked for (`client_is_asked`), else the request is refused like another
+  account's. *No PAC at all* is refused: AD leaves the PAC out of tickets to an account flagged
+  NO_AUTH_DATA_REQUIRED, and a gateway account with that flag must not turn the check off silently. Each
+  ticket is judged on its own, so the first request after a start is treated like any other.
 - `"require"`: the PAC must name the account (Active Directory): MIT's tickets are refused.
 - `"optional"`: a ticket without a PAC is served too (an MIT KDC before 1.20, or with `disable_pac`); the
-  Kerberos stage logs a warning for each such ticket (`proxy.kerberos.delegate`).
+  Kerberos stage logs a warning for each such ticket (`proxy.kerberos.delegate`). Its client principal is
+  compared as under "auto".
+
+The client principal is compared as the KDC writes it: MIT compares principal names byte for byte (case
+included: `Alice@LAB.TEST` is another principal than `alice@LAB.TEST`), so the principal asked for must come
+back exactly. An NT-ENTERPRISE name (`identity.enterprise_names`) comes back as one component holding the UPN
+with its `@` escaped, in the KDC's realm (Samba: `carol\\@corp.example@AD.TEST`), so that is what it is
+compared with; the realm may be the user's or the gateway's own.
 Pure: the user, the PAC and the policy in, evidence or a refusal out.
 """
 
@@ -69,15 +78,17 @@ class KdcAccount:
     rule: Rule
     name: str = ""  # the PAC's name that matched (its UPN or its sAMAccountName); "" when nothing was compared
     pac: bool = True  # whether the ticket carried a PAC at all
+    client: str = ""  # rule none: the evidence ticket's client principal, found to be the one asked for
 
     @cached_property
     def text(self) -> str:
-        """For the summary line: `upn alice@ad.test`, or that the ticket named no account."""
+        """For the summary line: `upn alice@ad.test`, or that the ticket named no account (and its client)."""
         if self.name:
             return f"{self.rule} {self.name}"
-        if not self.pac:
-            return "not stated (the ticket carries no PAC)"
-        return "not stated (the ticket has no PAC naming an account)"
+        said = "carries no PAC" if not self.pac else "has no PAC naming an account"
+        if self.client:
+            return f"not stated (the ticket {said}; its client {self.client} is the principal asked for)"
+        return f"not stated (the ticket {said})"
 
     def __str__(self) -> str:
         return self.text
@@ -100,12 +111,14 @@ def kdc_account(
     pac: PacFacts | None,
     unreadable: str | None = None,
     *,
+    client: str | None = None,
     policy: KdcAccountPolicy = "auto",
     proxy: str = "",
 ) -> KdcAccount:
     """The account the KDC impersonated for `user`, checked against the certificate's name; AccountMismatch if
     it is another account's, if the PAC could not be read (`unreadable` says why), or if the ticket names no
-    account and `policy` wants one (see the module's docstring). `proxy` (the gateway's principal) is for the fix."""
+    account and `policy` wants one, or its client principal (`client`, None when unknown) is not the one asked
+    for (see the module's docstring). `proxy` (the gateway's principal) is for the fix."""
     if unreadable is not None:
         raise AccountMismatch(
             f"the KDC's account for {user.principal} cannot be verified",
@@ -113,7 +126,8 @@ def kdc_account(
         )
     if pac is None or (pac.upn is None and pac.sam_name is None):
         require_stated(user.principal, pac, policy=policy, proxy=proxy)
-        return KdcAccount("none", pac=pac is not None)
+        require_client(user, client, proxy=proxy)
+        return KdcAccount("none", pac=pac is not None, client=client or "")
     if user.account is not None and pac.sam_name is not None:
         fix = _DIRECTORY_FIX.format(principal=user.principal, account=user.account)
         return _match(user, "sam", user.account, pac.sam_name, pac, fix)
@@ -131,6 +145,58 @@ def require_stated(principal: str, pac: PacFacts | None, *, policy: KdcAccountPo
     if policy == "require" or (pac is None and policy == "auto"):
         fix = _NO_PAC_FIX.format(proxy=proxy or "kerberos.principal") if pac is None else _NO_NAME_FIX
         raise AccountMismatch(f"the KDC's account for {principal} cannot be verified", hint=fix)
+
+
+def require_client(user: UserPrincipal, client: str | None, *, proxy: str = "") -> None:
+    """AccountMismatch unless `client`, the evidence ticket's client principal as the KDC returned it, is the
+    principal the gateway asked to impersonate for `user` (`client_is_asked`). For a ticket whose PAC names
+    no account: its client name is then the only word on whom the KDC impersonated. Also asked by the Kerberos
+    stage right after S4U2Self, before S4U2Proxy."""
+    if client is None:
+        raise AccountMismatch(
+            f"the KDC's account for {user.principal} cannot be verified",
+            hint="the evidence ticket's PAC names no account and its client principal could not be read",
+        )
+    if client_is_asked(user, client, proxy=proxy):
+        return
+    asked = user.enterprise or user.principal
+    raise AccountMismatch(
+        f"the KDC's account for {user.principal} is not the certificate's",
+        hint=f"the KDC impersonated {client} when asked for {asked}, and the evidence ticket's PAC names no "
+        "account: a principal alias, or a KDC that canonicalises client names, maps the certificate's name to "
+        "another principal; give the user a principal of that exact name (or no alias), or map the certificate "
+        'with identity.mapping = "strong"',
+    )
+
+
+def client_is_asked(user: UserPrincipal, client: str, *, proxy: str = "") -> bool:
+    """Whether `client` (as the KDC writes it, `krb5_unparse_name`'s form) is the principal asked for `user`:
+    `user.principal` byte for byte, or with `user.enterprise` the escaped UPN in the user's or `proxy`'s realm."""
+    if not user.enterprise:
+        return client == user.principal
+    name, realm = split_principal(client)
+    realms = {user.realm, split_principal(proxy)[1]} - {""}
+    return name == _unparsed_enterprise(user.enterprise) and realm in realms
+
+
+def split_principal(principal: str) -> tuple[str, str]:
+    """`carol\\@corp.example@AD.TEST` -> (`carol\\@corp.example`, `AD.TEST`): at the last '@' that no
+    backslash escapes; ("name", "") when there is none."""
+    escaped = False
+    at = -1
+    for i, ch in enumerate(principal):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "@":
+            at = i
+    return (principal, "") if at < 0 else (principal[:at], principal[at + 1 :])
+
+
+def _unparsed_enterprise(upn: str) -> str:
+    """An NT-ENTERPRISE name's single component as `krb5_unparse_name` writes it (its '@' escaped)."""
+    return upn.replace("\\", "\\\\").replace("@", "\\@").replace("/", "\\/")
 
 
 def _match(user: UserPrincipal, rule: Rule, wanted: str, stated: str | None, pac: PacFacts, fix: str) -> KdcAccount:

@@ -10,22 +10,24 @@ in the gateway's delegation list. The first GSSAPI token built on that service t
 `Authorization: Negotiate`.
 
 The ticket cache. A user's first request to an SPN costs exactly two KDC exchanges (one S4U2Self, one
-S4U2Proxy); later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY
-credential cache of their own, holding a copy of the gateway's TGT, the evidence ticket and the
-service tickets obtained with it; a token built from a cached service ticket is local work (about
-50 µs here), so it is built on the event loop, never in a thread. Entries are keyed by (principal, SPN) and
-know when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts
-a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than
-`USABLE_FOR` seconds left is never used. Concurrent first requests of one key share one exchange
-(single flight), so one user never has more than one exchange in flight. The cache is bounded (least
-recently used evicted first); `forget(principal)` drops a user (their certificate was revoked) and
-`clear()` drops everything (the configuration changed).
+S4U2Proxy); later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY credential
+cache of their own, holding a copy of the gateway's TGT, the evidence ticket and the service tickets obtained
+with it; a token built from a cached service ticket is local work (about 50 µs here), so it is built on the
+event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN) (`asked_name`: the
+principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can share) and know
+when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts a fresh
+exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
+seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one
+user never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
+`forget(principal, enterprise=...)` drops a user (their certificate was revoked) and `clear()` drops
+everything (the configuration changed).
 
 Which name. The cache and the log name the user as the KDC returned them, the client name of the
 evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
 NT-ENTERPRISE `carol@corp.example`, and Samba's KDC answers `carol\@corp.example@AD.TEST` (Windows may
-canonicalise to the account's name). The principal the identity stage mapped (`carol@CORP.EXAMPLE`,
-a name that exists nowhere) is only the index that finds that entry (`_canonical`).
+canonicalise to the account's name). The name asked for (the NT-ENTERPRISE `carol@corp.example`, not the
+principal `carol@CORP.EXAMPLE` the identity stage mapped, a name that exists nowhere) is only the index
+that finds that entry (`_canonical`).
 
 What it trusts: the identity handed to it, which the certificate and identity stages established.
 What it refuses: every KDC refusal becomes a gateway error with a fix (`proxy.kerberos.hints`); a
@@ -48,6 +50,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import itertools
 import threading
 import time
 import uuid
@@ -65,7 +68,7 @@ from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
-from proxy.kerberos.account import KdcAccount, kdc_account, require_stated
+from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
 from proxy.kerberos.pac import PacFacts
@@ -83,7 +86,8 @@ RENEW_BEFORE = 300.0  # seconds before a service ticket expires when a backgroun
 USABLE_FOR = 30.0  # a ticket with less left than this is not used: the request waits for a fresh one
 _RETRY_AFTER = 30.0  # after a failed background renewal, the next one starts no sooner than this
 
-Key = tuple[str, str]  # (user principal, SPN)
+Key = tuple[str, str]  # (the name asked for, `asked_name`, or the KDC's client name for it; SPN)
+_ENTERPRISE_KEY = "\\enterprise:"
 
 
 @dataclass(frozen=True)
@@ -131,15 +135,23 @@ class _Ticket:
     client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
     pac: PacFacts | None = None  # the evidence ticket's PAC: which account the KDC impersonated
     pac_unreadable: str | None = None  # why the PAC could not be read (then no request is served from it)
-    accounts: dict[tuple[str, str | None], KdcAccount] = field(default_factory=dict)  # names the PAC matched
+    accounts: dict[tuple[str, str | None, str, str | None], KdcAccount] = field(
+        default_factory=dict
+    )  # names the PAC matched
+    evidence_client: str | None = None  # the evidence ticket's client principal, as the KDC returned it
 
     def account_for(self, user: UserPrincipal, settings: Kerberos) -> KdcAccount:
         """`kdc_account` for `user`, remembered per certificate name: a cached ticket's request pays a dict look-up."""
-        key = (user.upn, user.account)
+        key = (user.upn, user.account, user.principal, user.enterprise)
         found = self.accounts.get(key)
         if found is None:
             found = kdc_account(  # a mismatch raises and is not remembered
-                user, self.pac, self.pac_unreadable, policy=settings.kdc_account, proxy=settings.principal
+                user,
+                self.pac,
+                self.pac_unreadable,
+                client=self.evidence_client,
+                policy=settings.kdc_account,
+                proxy=settings.principal,
             )
             if len(self.accounts) >= 16:  # one principal's ticket: a handful of names at most, bounded anyway
                 self.accounts.clear()
@@ -203,8 +215,8 @@ class Delegator:
     async def delegation(self, user: UserPrincipal, spn: str, gss_target: str) -> Delegation:
         """The service ticket for `user` at `spn` (cached, or after one exchange); tokens on it come later."""
         start = time.perf_counter()
-        asked = (user.principal, spn)  # what single-flights an exchange
-        key = self._key(user.principal, spn)  # where its result is kept: the KDC's name for the user
+        asked = (asked_name(user), spn)  # what single-flights an exchange: the name the KDC is asked for
+        key = self._key(*asked)  # where its result is kept: the KDC's name for the user
         self._spns.add(spn)
         now = self._clock()
         ticket = self._tickets.get(key)
@@ -315,9 +327,10 @@ class Delegator:
             )
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
+        client = _client_name(creds)  # whom the KDC impersonated, as it wrote the evidence ticket's client
         pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
         if unreadable is None:
-            self._require_stated(user, creds, proxy, spn, pac, (middle - start) * 1000)
+            self._require_stated(user, creds, proxy, spn, pac, client, (middle - start) * 1000)
         after_pac = time.perf_counter()
         target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
         try:
@@ -337,7 +350,9 @@ class Delegator:
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
         took = (middle - start) * 1000
         got = s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=_ms(after_pac), evidence_pac=pac)
-        return _Ticket(creds, self._clock() + lifetime, facts=got, pac=pac, pac_unreadable=unreadable)
+        return _Ticket(
+            creds, self._clock() + lifetime, facts=got, pac=pac, pac_unreadable=unreadable, evidence_client=client
+        )
 
     def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
         """One fresh S4U2Self + S4U2Proxy, bypassing the cache (for diagnostics; blocks on the KDC)."""
@@ -346,7 +361,12 @@ class Delegator:
             ticket = self._exchange_blocking(user, gss_target)
             settings = self._settings
             account = kdc_account(
-                user, ticket.pac, ticket.pac_unreadable, policy=settings.kdc_account, proxy=settings.principal
+                user,
+                ticket.pac,
+                ticket.pac_unreadable,
+                client=ticket.evidence_client,
+                policy=settings.kdc_account,
+                proxy=settings.principal,
             )
             token = self._token(ticket.creds, gss_target)
         except _StepFailed as e:
@@ -356,13 +376,23 @@ class Delegator:
         return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts, account)
 
     def _require_stated(
-        self, user: UserPrincipal, creds: gssapi.Credentials, proxy: str, spn: str, pac: PacFacts | None, ms: float
+        self,
+        user: UserPrincipal,
+        creds: gssapi.Credentials,
+        proxy: str,
+        spn: str,
+        pac: PacFacts | None,
+        client: str | None,
+        ms: float,
     ) -> None:
-        """A ticket naming no account, refused by kerberos.kdc_account whoever's certificate asked: refused here,
-        before S4U2Proxy asks the KDC for anything more on it; under "optional" a ticket without a PAC is logged."""
+        """A ticket naming no account, refused by kerberos.kdc_account whoever's certificate asked, or whose client
+        principal is not the one asked for: refused here, before S4U2Proxy asks the KDC for anything more on it;
+        under "optional" a ticket without a PAC is logged."""
         settings = self._settings
         try:
             require_stated(user.principal, pac, policy=settings.kdc_account, proxy=proxy)
+            if pac is None or (pac.upn is None and pac.sam_name is None):
+                require_client(user, client, proxy=proxy)
         except AccountMismatch as e:  # the trace shows the evidence ticket that named no account
             attach(e, s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=ms, s4u2proxy_ms=None, failed_step="s4u2self"))
             raise
@@ -439,12 +469,14 @@ class Delegator:
     def _drop(self, asked: Key) -> None:
         self._tickets.pop(self._key(*asked), None)
 
-    def forget(self, principal: str) -> int:
-        """Drop every cached ticket of `principal` (and ignore its exchanges in flight); returns how many."""
+    def forget(self, principal: str, *, enterprise: str | None = None) -> int:
+        """Drop every cached ticket of `principal` (and ignore its exchanges in flight), and those asked for by
+        its NT-ENTERPRISE name `enterprise` when given; returns how many."""
         dropped = 0
-        for spn in self._spns:
-            ticket = self._tickets.pop(self._key(principal, spn), None)
-            flight = self._flights.pop((principal, spn), None)
+        names = [principal] + ([_ENTERPRISE_KEY + enterprise] if enterprise else [])
+        for name, spn in itertools.product(names, self._spns):
+            ticket = self._tickets.pop(self._key(name, spn), None)
+            flight = self._flights.pop((name, spn), None)
             dropped += ticket is not None or flight is not None
         if dropped:
             log.info("tickets_forgotten", principal=principal, tickets=dropped)
@@ -494,6 +526,23 @@ def _unverified(user: UserPrincipal, proxy: str) -> None:
         fix=f"if {user.realm} is Active Directory, clear NO_AUTH_DATA_REQUIRED on {proxy} and set "
         'kerberos.kdc_account = "auto"; an MIT KDC before 1.20 (or with disable_pac) issues no PAC',
     )
+
+
+def asked_name(user: UserPrincipal) -> str:
+    """The name an exchange for `user` asks the KDC for, as the cache and the single flight know it: the
+    principal, or with identity.enterprise_names the NT-ENTERPRISE UPN, marked so that it never equals a
+    principal (a backslash: the identity stage refuses it in names, AD in sAMAccountNames). Two UPNs that
+    map to one principal (`realm_map`: mallory's alice@corp.example and alice's alice@ad.test are both
+    alice@AD.TEST) are two names to the KDC, often two accounts, and so two entries."""
+    return _ENTERPRISE_KEY + user.enterprise if user.enterprise else user.principal
+
+
+def _client_name(creds: gssapi.Credentials) -> str | None:
+    """The client principal of an impersonated credential: MIT names it after the S4U2Self reply's client."""
+    try:
+        return str(creds.name)
+    except gssapi.raw.GSSError:
+        return None
 
 
 def _ms(since: float) -> float:

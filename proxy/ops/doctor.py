@@ -147,17 +147,22 @@ def ticket_check(route: Route, url: str, status: int | None, error: str = "") ->
     return Check(name, "pass", f"{url} accepted the delegated ticket for {route.spn} ({status})")
 
 
-def kdc_account_check(user: UserPrincipal, pac: PacFacts | None, unreadable: str | None, settings: Kerberos) -> Check:
-    """What the canary's evidence ticket's PAC says about the account the KDC impersonated, judged as a request's
-    would be (`proxy.kerberos.account`, under kerberos.kdc_account)."""
+def kdc_account_check(
+    user: UserPrincipal, pac: PacFacts | None, unreadable: str | None, settings: Kerberos, *, client: str | None
+) -> Check:
+    """What the canary's evidence ticket's PAC (and client principal, `client`) says about the account the KDC
+    impersonated, judged as a request's would be (`proxy.kerberos.account`, under kerberos.kdc_account)."""
     name, principal = "kdc-account", user.principal
     try:
-        account = kdc_account(user, pac, unreadable, policy=settings.kdc_account, proxy=settings.principal)
+        account = kdc_account(
+            user, pac, unreadable, client=client, policy=settings.kdc_account, proxy=settings.principal
+        )
     except AccountMismatch as e:
         return Check(name, "fail", e.reason, e.hint)
     if account.name:
         return Check(name, "pass", f"the evidence ticket's PAC for {principal} names the certificate's: {account}")
     if account.pac:
+        # its client principal was compared with the one asked for (`kdc_account`): a mismatch fails above
         return Check(name, "pass", f"the evidence ticket's PAC for {principal} names no account (an MIT KDC's)")
     return Check(
         name,
@@ -300,7 +305,7 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped:
             _, fix = not_forwardable(user=user.principal, proxy=settings.principal)  # the KDC error explainer
             detail = f"the evidence ticket for {user.principal}{whose} is not forwardable: S4U2Proxy will be refused"
             yield Check("s4u2self", "fail", detail, fix)
-        yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings)
+        yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings, client=evidence.client)
     delegator = Delegator(settings)
     try:
         headers: dict[str, str] = {}

@@ -597,3 +597,28 @@ def test_doctor_names_a_kerberos_bind_that_gets_no_ticket(realm: ad.AdRealm, tmp
     line = next(line for line in done.stdout.splitlines() if line.split()[1:2] == ["directory"])
     assert line.startswith("FAIL"), done.stdout
     assert f"no Kerberos ticket for the directory at ldap/{realm.dc_address}" in line
+
+
+def test_two_upns_one_principal_apart_never_share_a_ticket(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """enterprise_names with realm_map corp.example -> AD.TEST: mallory's UPN alice@corp.example and alice's
+    alice@ad.test both map to the principal alice@AD.TEST, but the KDC is asked for two different NT-ENTERPRISE
+    names and impersonates two accounts. Each is served as their own account, in either order and with the
+    other's ticket cached: the ticket cache is keyed by the name the KDC was asked for, so mallory's ticket is
+    never alice's (nor refused to her as mallory's)."""
+    source = f'"san-upn"\nrealm_map = {{ "{ad.OTHER_SUFFIX}" = "{ad.REALM}" }}\nenterprise_names = true'
+    gw = start_ad_gateway(realm, tmp_path, ad_backend, source=source)
+    try:
+        for name, upn, account in (
+            ("mallory-sid", ad_mapping.MALLORY_UPN, "upn alice@corp.example"),
+            ("alice", "alice@ad.test", "upn alice@ad.test"),
+            ("mallory-sid", ad_mapping.MALLORY_UPN, "upn alice@corp.example"),
+            ("alice", "alice@ad.test", "upn alice@ad.test"),
+        ):
+            status, body, _ = curl(realm, gw, name)
+            assert status == 200, (name, body)
+            assert summary(gw, upn)["kdc_account"] == account
+        assert not gw.events("kdc_account_mismatch")
+    finally:
+        gw.stop()

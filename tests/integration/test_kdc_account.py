@@ -38,9 +38,13 @@ def _without_pac(self: Delegator, creds: gssapi.Credentials) -> tuple[PacFacts |
     return None, None
 
 
-def _delegate(lab: LabLayout, user: str, policy: KdcAccountPolicy, monkeypatch: pytest.MonkeyPatch) -> Delegation:
-    """One delegation of `user` through a Delegator on the lab's KDC whose evidence tickets read as PAC-less."""
-    monkeypatch.setattr(Delegator, "_evidence_pac", _without_pac)
+def _delegate(
+    lab: LabLayout, user: str, policy: KdcAccountPolicy, monkeypatch: pytest.MonkeyPatch, *, pac: bool = False
+) -> Delegation:
+    """One delegation of `user` through a Delegator on the lab's KDC whose evidence tickets read as PAC-less
+    (with `pac`, as the KDC issued them: MIT's PAC naming no account)."""
+    if not pac:
+        monkeypatch.setattr(Delegator, "_evidence_pac", _without_pac)
     settings = Kerberos(
         principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=lab.krb5_conf, kdc_account=policy
     )
@@ -74,7 +78,9 @@ def test_optional_goes_on_without_a_pac_and_warns(lab: LabLayout, monkeypatch: p
     ticket carries no PAC)", and kdc_account_unverified is logged with the fix: never served silently."""
     with structlog.testing.capture_logs() as logs:
         delegation = _delegate(lab, "bob", "optional", monkeypatch)
-    assert str(delegation.account) == "not stated (the ticket carries no PAC)"
+    assert str(delegation.account) == (
+        "not stated (the ticket carries no PAC; its client bob@LAB.TEST is the principal asked for)"
+    )
     warning = next(e for e in logs if e["event"] == "kdc_account_unverified")
     assert warning["log_level"] == "warning"
     assert "NO_AUTH_DATA_REQUIRED" in warning["fix"]
@@ -108,3 +114,35 @@ def test_check_config_refuses_optional_beside_a_directory(lab: LabLayout, tmp_pa
     res = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert res.returncode == 1
     assert 'kerberos.kdc_account: "optional" serves evidence tickets without a PAC' in res.stdout + res.stderr
+
+
+def test_auto_serves_mits_pac_when_the_client_is_the_principal_asked_for(
+    lab: LabLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real S4U2Self for carol under auto: MIT's PAC names no account, the evidence ticket's client is
+    carol@LAB.TEST as asked, the delegation goes on and its account says so."""
+    delegation = _delegate(lab, "carol", "auto", monkeypatch, pac=True)
+    assert (delegation.account.rule, delegation.account.client) == ("none", "carol@LAB.TEST")
+    assert delegation.principal == "carol@LAB.TEST"
+
+
+@pytest.mark.parametrize("policy", ["auto", "optional"])
+def test_a_ticket_for_another_client_is_refused_before_s4u2proxy(
+    lab: LabLayout, monkeypatch: pytest.MonkeyPatch, policy: KdcAccountPolicy
+) -> None:
+    """The KDC hands back an evidence ticket for another principal than asked (an alias, a canonicalising KDC;
+    here the S4U2Self is really made for bob while the certificate's principal is alice): MIT's PAC names no
+    account, so the ticket's client is compared, and alice is refused 403 kdc_account_mismatch before
+    S4U2Proxy: the KDC saw one S4U2Self and nothing was delegated as bob."""
+    import proxy.kerberos.delegate as delegate
+
+    asked = gssapi.Name(f"bob@{REALM}", gssapi.NameType.kerberos_principal)
+    monkeypatch.setattr(delegate, "user_name", lambda user: asked)
+    kdc = KdcLog(lab.kdc_log)
+    with pytest.raises(AccountMismatch) as refused:
+        _delegate(lab, "alice", policy, monkeypatch, pac=policy == "auto")
+    assert refused.value.status == 403
+    assert refused.value.reason == "the KDC's account for alice@LAB.TEST is not the certificate's"
+    assert "impersonated bob@LAB.TEST when asked for alice@LAB.TEST" in (refused.value.hint or "")
+    assert kdc.settled()
+    assert (kdc.count()[S4U2SELF], kdc.count()[S4U2PROXY]) == (1, 0)

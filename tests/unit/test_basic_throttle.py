@@ -218,3 +218,73 @@ def test_pace_is_the_slowest_recent_check() -> None:
     pace.observe(0.01)
     pace.observe(0.01)
     assert pace.floor == 0.01
+
+
+class EnterpriseKdc:
+    """Answers AS exchanges for NT-ENTERPRISE names as Active Directory does: the UPN finds the account, and the
+    TGT's client is the account's own name. mallory's UPN is alice@corp.example; both passwords are the same."""
+
+    def __init__(self) -> None:
+        self.accounts = {"alice@corp.example": "mallory@AD.TEST", "alice@ad.test": "alice@AD.TEST"}
+        self.asked: list[str | None] = []
+
+    def __call__(self, user: UserPrincipal, password: bytes) -> UserTicket:
+        self.asked.append(user.enterprise)
+        assert user.enterprise is not None
+        assert password == b"Same-Pa55"
+        creds: Any = object()
+        return UserTicket(principal=self.accounts[user.enterprise], creds=creds)
+
+
+def test_two_upns_of_one_principal_never_share_a_password_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """enterprise_names with realm_map corp.example -> AD.TEST: mallory (alice@corp.example) and alice
+    (alice@ad.test) both map to alice@AD.TEST, but are two names to the KDC and two accounts. With the same
+    password, alice's sign-in is checked by the KDC and gets her own ticket, never mallory's cached one."""
+    kdc = EnterpriseKdc()
+    monkeypatch.setattr(basic, "login_blocking", kdc)
+    identity = Identity(default_realm="AD.TEST", realm_map={"corp.example": "AD.TEST"}, enterprise_names=True)
+    kerberos = Kerberos(principal="HTTP/proxy.ad.test@AD.TEST", keytab=Path("/nonexistent"))
+    service = BasicLogin(Authentication(mode="basic"), identity, kerberos)
+
+    async def run() -> list[tuple[str, str, bool]]:
+        out = []
+        for name in ("alice@corp.example", "alice@ad.test", "alice@corp.example", "alice@ad.test"):
+            login = await service.login(creds(name, "Same-Pa55"), "192.0.2.1")
+            out.append((login.user.upn, login.ticket.principal, login.cached))
+        return out
+
+    assert asyncio.run(run()) == [
+        ("alice@corp.example", "mallory@AD.TEST", False),
+        ("alice@ad.test", "alice@AD.TEST", False),
+        ("alice@corp.example", "mallory@AD.TEST", True),
+        ("alice@ad.test", "alice@AD.TEST", True),
+    ]
+    assert kdc.asked == ["alice@corp.example", "alice@ad.test"]
+
+
+def test_a_password_users_backend_pool_is_the_kdcs_principal_for_them() -> None:
+    """The Kerberos stage names a Basic user's backend pool by the principal the KDC gave their ticket, not the
+    principal the identity stage built: mallory (alice@corp.example) and alice (alice@ad.test) build the same
+    alice@AD.TEST, and one pool, on a connection-bound backend, would carry both users."""
+    from types import SimpleNamespace
+
+    from proxy.auth.basic import PasswordLogin
+    from proxy.auth.modes import Authenticated
+    from proxy.config import Route
+    from proxy.identity.principal import map_upn
+    from proxy.observability.trace import Trace
+    from proxy.pipeline import backend_authorization
+
+    user = map_upn("alice@corp.example", realm_map={"corp.example": "AD.TEST"})
+    creds: Any = object()
+    ticket = UserTicket(principal="mallory@AD.TEST", creds=creds)
+    login = PasswordLogin(user, ticket, "Basic x", cached=True)
+
+    async def authorization(login: PasswordLogin, route: Route) -> str:
+        return "Negotiate token"
+
+    gw: Any = SimpleNamespace(basic=SimpleNamespace(authorization=authorization))
+    route = Route(prefix="/", upstream="http://b", spn="HTTP/b")
+    auth = Authenticated(user, login, "password")
+    header, principal = asyncio.run(backend_authorization(gw, auth, route, Trace()))
+    assert (header, principal) == ("Negotiate token", "mallory@AD.TEST")

@@ -10,9 +10,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from proxy.config import Identity
 from proxy.errors import IdentityRejected
 from proxy.identity.principal import UserPrincipal, map_upn
-from proxy.identity.upn import UPN_OID, common_name, email_from_certificate, upn_from_certificate, upn_other_name
+from proxy.identity.upn import (
+    UPN_OID,
+    certificate_name,
+    common_name,
+    email_from_certificate,
+    upn_from_certificate,
+    upn_other_name,
+)
 from proxy.lab.pki import Pki, make_pki
 from tests.pem import load_cert
 
@@ -143,3 +151,13 @@ def test_a_non_ascii_suffix_named_in_realm_map_is_served() -> None:
     assert mapped.principal == "jos\u00e9@LAB.TEST"
     with pytest.raises(IdentityRejected, match="not ASCII"):
         map_upn("jos\u00e9@B\u00dcCHER.example", realm_map={"b\u00fccher.example": "LAB.TEST"})
+
+
+def test_an_empty_upn_is_refused_not_skipped_for_the_next_source() -> None:
+    """A certificate whose UPN otherName is an empty UTF8String has a UPN, a malformed one: with
+    source = ["san-upn", "san-email"] it is refused, never served as the e-mail address it also carries."""
+    crafted = with_san(x509.OtherName(UPN_OID, b"\x0c\x00"), x509.RFC822Name("bob@lab.test"))
+    with pytest.raises(IdentityRejected, match="empty"):
+        upn_from_certificate(crafted)
+    with pytest.raises(IdentityRejected, match="empty"):
+        certificate_name(crafted, Identity(sources=("san-upn", "san-email")).sources)

@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
+from proxy.config import KdcAccountPolicy
 from proxy.errors import AccountMismatch
 from proxy.identity.principal import UserPrincipal, map_upn
-from proxy.kerberos.account import kdc_account
+from proxy.kerberos.account import client_is_asked, kdc_account, split_principal
 from proxy.kerberos.pac import PacFacts
 
 ALICE_PAC = PacFacts(900, (("upn-dns-info", 80),), "alice@ad.test", "ad.test", "alice", "S-1-5-21-1-2-3-1104")
@@ -74,11 +75,12 @@ def test_a_ticket_without_any_pac_is_refused_by_default() -> None:
 
 
 def test_mits_pac_naming_no_account_is_served_under_auto() -> None:
-    """MIT 1.20's PAC (client name and signatures, no UPN_DNS_INFO; AD's always has one): nothing to compare,
-    rule none, and the summary line says the account was not stated."""
-    account = kdc_account(MALLORY, MIT_PAC)
-    assert (account.rule, account.pac) == ("none", True)
+    """MIT 1.20's PAC (client name and signatures, no UPN_DNS_INFO; AD's always has one): the PAC states no
+    account (rule none), the ticket's client is the principal asked for, and the summary line says both."""
+    account = kdc_account(MALLORY, MIT_PAC, client="alice@AD.TEST")
+    assert (account.rule, account.pac, account.client) == ("none", True, "alice@AD.TEST")
     assert str(account).startswith("not stated")
+    assert "its client alice@AD.TEST is the principal asked for" in str(account)
 
 
 def test_require_wants_a_pac_naming_the_account() -> None:
@@ -93,9 +95,9 @@ def test_require_wants_a_pac_naming_the_account() -> None:
 def test_optional_serves_a_ticket_without_a_pac_and_says_so() -> None:
     """kdc_account = "optional" (an MIT KDC before 1.20, or with disable_pac): no PAC is served, rule none,
     and the summary line says the ticket carried no PAC; a PAC naming another account is still refused."""
-    account = kdc_account(MALLORY, None, policy="optional")
+    account = kdc_account(MALLORY, None, policy="optional", client="alice@AD.TEST")
     assert (account.rule, account.pac) == ("none", False)
-    assert str(account) == "not stated (the ticket carries no PAC)"
+    assert str(account) == "not stated (the ticket carries no PAC; its client alice@AD.TEST is the principal asked for)"
     with pytest.raises(AccountMismatch):
         kdc_account(MALLORY, ALICE_PAC, policy="optional")
 
@@ -106,3 +108,67 @@ def test_a_pac_that_cannot_be_read_is_never_an_admission() -> None:
         kdc_account(MALLORY, None, "the PAC is malformed: PAC truncated")
     assert "cannot be verified" in refused.value.reason
     assert "PAC truncated" in (refused.value.hint or "")
+
+
+LAB_ALICE = map_upn("alice@lab.test", realm_map={})  # alice@LAB.TEST, an MIT realm's user
+
+
+@pytest.mark.parametrize("policy", ["auto", "optional"])
+@pytest.mark.parametrize(
+    "client",
+    [
+        "bob@LAB.TEST",  # another user's ticket
+        "Alice@LAB.TEST",  # MIT compares names byte for byte: another principal
+        "alice@lab.test",  # the realm too
+        "alice@OTHER.TEST",
+        "alice/admin@LAB.TEST",
+        "alice\\@lab.test@LAB.TEST",  # the enterprise form, when a plain principal was asked for
+        "alice",
+        "",
+    ],
+)
+def test_mits_pac_with_another_client_is_refused(policy: KdcAccountPolicy, client: str) -> None:
+    """MIT's PAC names no account, so the evidence ticket's client principal is the only word on whom the KDC
+    impersonated: any other name than the one asked for (alice@LAB.TEST) is 403 kdc_account_mismatch."""
+    pac = MIT_PAC if policy == "auto" else None
+    with pytest.raises(AccountMismatch) as refused:
+        kdc_account(LAB_ALICE, pac, client=client, policy=policy)
+    assert refused.value.status == 403
+    assert refused.value.event == "kdc_account_mismatch"
+    assert refused.value.reason == "the KDC's account for alice@LAB.TEST is not the certificate's"
+    assert f"impersonated {client} when asked for alice@LAB.TEST" in (refused.value.hint or "")
+
+
+def test_an_unknown_client_with_mits_pac_is_never_an_admission() -> None:
+    """A PAC naming no account and no client name to compare (a caller that could not read it): refused."""
+    with pytest.raises(AccountMismatch, match="cannot be verified"):
+        kdc_account(LAB_ALICE, MIT_PAC)
+
+
+def test_the_client_is_not_compared_when_the_pac_names_the_account() -> None:
+    """AD's PAC names the account (rule upn): Windows may canonicalise the client name, the PAC decides."""
+    alice = map_upn("alice@ad.test", realm_map={})
+    assert kdc_account(alice, ALICE_PAC, client="ALICE@AD.TEST").rule == "upn"
+
+
+def test_an_enterprise_name_comes_back_escaped_in_the_kdcs_realm() -> None:
+    """identity.enterprise_names: Samba answers carol\\@corp.example@AD.TEST for NT-ENTERPRISE carol@corp.example;
+    that is the name asked for, in the user's or the gateway's realm, and nothing else is."""
+    carol = dataclasses.replace(map_upn("carol@corp.example", realm_map={}), enterprise="carol@corp.example")
+    assert client_is_asked(carol, "carol\\@corp.example@AD.TEST", proxy="HTTP/proxy.ad.test@AD.TEST")
+    assert client_is_asked(carol, "carol\\@corp.example@CORP.EXAMPLE")
+    for other in (
+        "carol@AD.TEST",  # canonicalised to an account name: the PAC must say which (MIT's does not)
+        "carol\\@corp.example@EVIL.TEST",
+        "Carol\\@corp.example@AD.TEST",
+        "mallory\\@corp.example@AD.TEST",
+        "carol@corp.example",
+    ):
+        assert not client_is_asked(carol, other, proxy="HTTP/proxy.ad.test@AD.TEST"), other
+
+
+def test_split_principal_honours_escapes() -> None:
+    """The realm starts at the last '@' no backslash escapes."""
+    assert split_principal("carol\\@corp.example@AD.TEST") == ("carol\\@corp.example", "AD.TEST")
+    assert split_principal("a\\\\@B") == ("a\\\\", "B")
+    assert split_principal("carol\\@corp.example") == ("carol\\@corp.example", "")

@@ -1,0 +1,91 @@
+"""The Delegator's ticket cache is keyed by the name the KDC is asked for, never by a principal two UPNs share.
+
+The KDC exchange is replaced by a recorded answer (which account each NT-ENTERPRISE name is, as Samba's KDC
+answered in `tests/integration/test_ad_mapping.py`), so the keying is pinned without a realm; the same scene
+against the real AD DC is `test_two_upns_one_principal_apart_never_share_a_ticket`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import cast
+
+import gssapi
+import pytest
+
+from proxy.config import Kerberos
+from proxy.identity.principal import UserPrincipal, map_upn
+from proxy.kerberos import delegate
+from proxy.kerberos.delegate import Delegator, _Ticket
+from proxy.kerberos.pac import PacFacts
+
+REALM_MAP = {"corp.example": "AD.TEST"}
+MALLORY = dataclasses.replace(map_upn("alice@corp.example", realm_map=REALM_MAP), enterprise="alice@corp.example")
+ALICE = dataclasses.replace(map_upn("alice@ad.test", realm_map=REALM_MAP), enterprise="alice@ad.test")
+ACCOUNTS = {  # NT-ENTERPRISE name -> (the evidence ticket's client, its PAC's UPN, sAMAccountName)
+    "alice@corp.example": ("alice\\@corp.example@AD.TEST", "alice@corp.example", "mallory"),
+    "alice@ad.test": ("alice\\@ad.test@AD.TEST", "alice@ad.test", "alice"),
+}
+SPN, TARGET = "HTTP/cas.ad.test", "HTTP@cas.ad.test"
+
+
+@pytest.fixture
+def delegator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Delegator:
+    """A Delegator whose KDC exchange answers from ACCOUNTS (no KDC, no keytab read)."""
+
+    def exchange(self: Delegator, user: UserPrincipal, gss_target: str) -> _Ticket:
+        assert user.enterprise is not None
+        client, upn, sam = ACCOUNTS[user.enterprise]
+        pac = PacFacts(500, (("upn-dns-info", 80),), upn, "ad.test", sam, "S-1-5-21-1-2-3-1104")
+        return _Ticket(
+            creds=cast(gssapi.Credentials, object()), expires=10_000.0, client=client, pac=pac, evidence_client=client
+        )
+
+    monkeypatch.setattr(Delegator, "_exchange_blocking", exchange)
+    settings = Kerberos(principal="HTTP/proxy.ad.test@AD.TEST", keytab=tmp_path / "none.keytab")
+    return Delegator(settings, clock=lambda: 0.0)
+
+
+def test_two_upns_mapped_to_one_principal_are_two_entries(delegator: Delegator) -> None:
+    """mallory's alice@corp.example and alice's alice@ad.test are both alice@AD.TEST, but two NT-ENTERPRISE names
+    and two accounts: each gets their own exchange and is served as their own account, in either order."""
+    assert MALLORY.principal == ALICE.principal == "alice@AD.TEST"
+
+    async def run() -> list[str]:
+        names = []
+        for user in (MALLORY, ALICE, MALLORY, ALICE):
+            delegation = await delegator.delegation(user, SPN, TARGET)
+            names.append(f"{delegation.principal} {delegation.account}")
+        return names
+
+    assert asyncio.run(run()) == [
+        "alice\\@corp.example@AD.TEST upn alice@corp.example",
+        "alice\\@ad.test@AD.TEST upn alice@ad.test",
+        "alice\\@corp.example@AD.TEST upn alice@corp.example",
+        "alice\\@ad.test@AD.TEST upn alice@ad.test",
+    ]
+    assert (delegator.stats.exchanges, delegator.stats.hits) == (2, 2)
+
+
+def test_forgetting_a_revoked_users_enterprise_name_drops_only_their_ticket(delegator: Delegator) -> None:
+    """forget(principal, enterprise=...) (a revoked certificate) drops the ticket asked for by that certificate's
+    NT-ENTERPRISE name, and leaves the other UPN's ticket of the same principal alone."""
+
+    async def run() -> None:
+        await delegator.delegation(MALLORY, SPN, TARGET)
+        await delegator.delegation(ALICE, SPN, TARGET)
+        assert len(delegator) == 2
+        assert delegator.forget(MALLORY.principal, enterprise=MALLORY.enterprise) == 1
+        assert len(delegator) == 1
+        await delegator.delegation(ALICE, SPN, TARGET)
+        assert delegator.stats.exchanges == 2  # alice's ticket was still there
+
+    asyncio.run(run())
+
+
+def test_the_asked_name_never_equals_a_principal() -> None:
+    """An NT-ENTERPRISE name is kept under a mark no principal carries (a backslash)."""
+    assert delegate.asked_name(ALICE) != delegate.asked_name(dataclasses.replace(ALICE, enterprise=None))
+    assert delegate.asked_name(dataclasses.replace(ALICE, enterprise=None)) == "alice@AD.TEST"
