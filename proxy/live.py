@@ -144,7 +144,10 @@ class Live:
             if now != seen:
                 log.info("reload_watch", detail="a watched file changed")
                 await self.reload()
-                seen = _fingerprint(self.config)  # a refused change is not retried until the files change again
+                # What is loaded is the files as they were before the reload read them: one rewritten meanwhile is
+                # reloaded at the next look. A file only the new configuration names counts as it is now. A
+                # refused change is not retried until the files change again.
+                seen = {f: now.get(f, stamp) for f, stamp in _fingerprint(self.config).items()}
 
 
 class _Using:
