@@ -38,7 +38,7 @@ from typing import Any
 import structlog
 
 from proxy import config as config_module
-from proxy.config import Config
+from proxy.config import Config, IPNetwork
 from proxy.errors import ConfigError
 from proxy.observability.metrics import Metrics
 from proxy.observability.traces import TraceRing
@@ -55,6 +55,10 @@ class Live:
     traces: TraceRing = field(default_factory=TraceRing)  # recent requests, for the admin listener's /traces
     generation: int = 1
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The balancers whose PROXY headers are believed (`listener.trusted_proxies`, asked per connection): the last
+    # configuration's that had the PROXY protocol on. Turning it off needs a restart, and until then the list
+    # last in force stays, never the one read at start (which may name a balancer a reload took off).
+    balancers: tuple[IPNetwork, ...] = ()
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
     _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
@@ -62,6 +66,7 @@ class Live:
 
     def __post_init__(self) -> None:
         self.metrics.crls = lambda: self.gateway.revocation.status()
+        self.balancers = self.gateway.config.listener.trusted_proxies
 
     @classmethod
     def start(cls, config: Config) -> Live:
@@ -95,6 +100,8 @@ class Live:
                 return self._refused(path, [f"{type(e).__name__}: {e}"])
             await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
             self.gateway, self.ssl_context = gateway, context
+            if gateway.config.listener.proxy_protocol:
+                self.balancers = gateway.config.listener.trusted_proxies
             self.generation += 1
             self.loaded_at = datetime.now(UTC)
             self.metrics.reloads.labels("ok").inc()
