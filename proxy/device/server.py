@@ -345,6 +345,8 @@ class DeviceConnection(asyncio.Protocol):
         "transport",
     )
 
+    takes_tls_records = True  # after the handshake, TLS records are proxy.tls.record's, not asyncio's SSLProtocol
+
     def __init__(
         self,
         serve: Serve,

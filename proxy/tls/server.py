@@ -15,6 +15,8 @@ instead of "certificate expired". So the listener accepts plain TCP and performs
 as `loop.start_tls` does, with an `SSLProtocol` that sends the pending alert before closing: a failed
 handshake is logged here with the peer's address and OpenSSL's reason, and a completed one is handed
 to the device-side server (`proxy.device.server`, or aiohttp's request handler: `listener.http_server`).
+The gateway's own server then gets the connection's records from `proxy.tls.record.TlsRecords`, which
+takes the `SSLObject` from asyncio's protocol (3.5 KiB less per held long-poll); aiohttp's keeps asyncio's.
 
 The listener accepts through `proxy.tls.limits.accept_connections`, which holds at most
 `listener.max_connections` connections per worker; whichever protocol owns a connection's socket when
@@ -36,6 +38,7 @@ import structlog
 
 from proxy.config import Config
 from proxy.tls.openssl import limit_client_chain
+from proxy.tls.record import TlsRecords
 
 log = structlog.get_logger("proxy.tls")
 
@@ -248,6 +251,8 @@ class TlsGate(asyncio.Protocol):
                 self._on_refused(reason)
             return
         tls: asyncio.Transport = tls_protocol._app_transport
+        if getattr(self._app, "takes_tls_records", False):  # the gateway's own server (aiohttp's keeps asyncio's)
+            tls = _take_records(tls_protocol, self._client, self._closed) or tls
         tls.set_protocol(self._app)
         self._app.connection_made(tls)
         for chunk in self._early:
@@ -267,6 +272,36 @@ class TlsGate(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._closed()
+
+
+def _take_records(
+    tls_protocol: _AlertingSSLProtocol, client: tuple[str, int] | None, closed: Callable[[], None]
+) -> TlsRecords | None:
+    """The connection asyncio's TLS protocol has just handshaken, taken over by `TlsRecords` (None: not now).
+
+    Taken: the `SSLObject` and its two memory BIOs (with whatever the device sent after its Finished message,
+    still undecrypted). asyncio's protocol is then left with nothing: no socket, no application transport, so
+    it is dropped (its buffers, futures and attributes were about 3 KiB of every held long-poll). Not taken
+    when the handshake's connection is already ending (the device closed, or the socket transport is
+    closing): asyncio's protocol then sees that end through, as before. These are `SSLProtocol`'s own
+    attributes (CPython 3.11's); `tests/integration/test_tls_records.py` fails if they move.
+    """
+    p: Any = tls_protocol
+    stream: asyncio.Transport | None = p._transport
+    if stream is None or stream.is_closing() or p._state != sslproto.SSLProtocolState.WRAPPED or p._eof_received:
+        return None
+    if p._write_backlog or p._app_reading_paused:  # nothing writes or pauses before the server has it
+        return None
+    records = TlsRecords(
+        stream, p._sslobj, p._incoming, p._outgoing, (p._ssl_buffer, p._ssl_buffer_view), peername=client, closed=closed
+    )
+    if p._app_transport is not None:
+        p._app_transport._closed = True  # asyncio's "unclosed transport" warning: it is closed, by us
+    p._app_transport = p._app_protocol = p._transport = None
+    stream.set_protocol(records)
+    if p._outgoing.pending:
+        stream.write(p._outgoing.read())
+    return records
 
 
 def socket_transport(transport: asyncio.BaseTransport) -> asyncio.Transport:

@@ -1,0 +1,267 @@
+"""The device's TLS records after the handshake, without asyncio's `SSLProtocol`.
+
+Theory of operation. The handshake stays asyncio's (`proxy.tls.server.TlsGate`, with its alerts, timeout,
+chain caps and PROXY header). Once it is done, the connection's `ssl.SSLObject` and its two memory BIOs
+are taken from asyncio's TLS protocol and driven here, by one object that is both the socket transport's
+(buffered) protocol and the device-side server's transport:
+
+- reading: the socket transport reads into the per-thread buffer (`proxy.tls.server._read_buffer`); the
+  bytes go into the incoming BIO and every whole record is decrypted and handed to the server in one
+  `data_received`. Records split across reads wait in the BIO for their rest. Reading stops asking OpenSSL
+  once neither the BIO nor the `SSLObject` holds anything (no `SSLWantReadError` raised per read);
+- writing: the server's bytes are encrypted at once and the records handed to the socket transport in one
+  `write` (one `send` when the socket takes them); the socket transport's flow control (`pause_writing`,
+  `resume_writing`) is the server's;
+- whatever OpenSSL answers by itself while reading (a refused TLS 1.2 renegotiation's alert, a TLS 1.3
+  KeyUpdate) is sent after each read;
+- closing sends close_notify and waits for the device's, at most `SHUTDOWN_TIMEOUT` seconds (asyncio's
+  rule), discarding what else arrives; the device's close_notify or a TCP end is the server's
+  `eof_received`, and then the connection closes.
+
+Why: asyncio's protocol, its application transport and their buffers and state were 2.7 KiB of Python
+(3.5 KiB of RSS) of every held long-poll, the gateway's binding limit in front of Exchange; a keep-alive
+request costs 1-2% less CPU (docs/performance.md, "The device's TLS records"). Not done: taking the socket
+out of the loop's transport as well (`add_reader`, `recv_into`, `send`): about 1 µs more a request in a
+micro-benchmark, asyncio's loop only, and the write buffering and flow control would be ours to keep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+SHUTDOWN_TIMEOUT = 30.0  # asyncio's ssl_shutdown_timeout: how long a close waits for the device's close_notify
+_READ = 32 * 1024
+
+_OPEN, _SHUTDOWN, _CLOSED = 0, 1, 2
+
+
+class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
+    """The TLS connection's transport for the server, and the socket transport's protocol."""
+
+    __slots__ = (
+        "_app",
+        "_app_paused",
+        "_buffer",
+        "_closed",
+        "_incoming",
+        "_loop",
+        "_outgoing",
+        "_peername",
+        "_sslobj",
+        "_state",
+        "_stream",
+        "_timer",
+        "_view",
+    )
+
+    def __init__(
+        self,
+        stream: asyncio.Transport,
+        sslobj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        buffer: tuple[bytearray, memoryview],
+        *,
+        peername: object = None,
+        closed: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._stream = stream
+        self._sslobj = sslobj
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._buffer, self._view = buffer
+        self._peername = peername
+        self._closed = closed
+        self._app: asyncio.Protocol | None = None
+        self._app_paused = False
+        self._state = _OPEN
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- the socket transport's protocol ----------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._incoming.write(self._view[:nbytes])
+        if self._state == _OPEN:
+            if not self._app_paused:
+                self._read()
+        elif self._state == _SHUTDOWN:
+            self._shutdown()
+
+    def eof_received(self) -> bool | None:
+        if self._state == _OPEN:
+            self._state = _SHUTDOWN  # no close_notify of ours after the device's TCP end (asyncio's rule)
+            if self._app is not None:
+                self._app.eof_received()
+        return False  # the socket transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = _CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        app, self._app = self._app, None
+        if app is not None:
+            app.connection_lost(exc)
+        self._closed()
+
+    def pause_writing(self) -> None:
+        if self._app is not None:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._app is not None:
+            self._app.resume_writing()
+
+    # -- records -------------------------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        sslobj, incoming = self._sslobj, self._incoming
+        data: list[bytes] = []
+        ended = False
+        try:
+            while True:
+                chunk = sslobj.read(_READ)
+                if not chunk:
+                    ended = True  # the device's close_notify
+                    break
+                data.append(chunk)
+                if not incoming.pending and not sslobj.pending():
+                    break
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:
+            self._flush()  # OpenSSL's alert, if it wrote one
+            self._stream.abort()
+            return
+        self._flush()
+        app = self._app
+        if data and app is not None:
+            app.data_received(data[0] if len(data) == 1 else b"".join(data))
+        if ended and self._state == _OPEN:
+            if self._app is not None:
+                self._app.eof_received()
+            self.close()
+
+    def _flush(self) -> None:
+        if self._outgoing.pending:
+            self._stream.write(self._outgoing.read())
+
+    def _shutdown(self) -> None:
+        try:
+            self._sslobj.unwrap()
+        except ssl.SSLWantReadError:
+            self._flush()  # our close_notify; the device's is awaited
+            if self._incoming.pending:  # application data still on its way: discarded
+                try:
+                    while self._sslobj.read(_READ):
+                        pass
+                except ssl.SSLError:
+                    pass
+            return
+        except ssl.SSLError:
+            self._stream.abort()
+            return
+        except ValueError:  # the SSLObject is already unwrapped
+            pass
+        self._flush()
+        self._stream.close()
+
+    def _shutdown_expired(self) -> None:
+        self._timer = None
+        if self._state == _SHUTDOWN:
+            self._stream.abort()
+
+    # -- the server's transport --------------------------------------------------------------------------
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._app = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._app  # type: ignore[return-value]
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._sslobj
+        if name == "peername" and self._peername is not None:
+            return self._peername
+        if name == "sslcontext":
+            return self._sslobj.context
+        if name == "peercert":
+            return self._sslobj.getpeercert()
+        if name == "cipher":
+            return self._sslobj.cipher()
+        if name == "compression":
+            return self._sslobj.compression()
+        return self._stream.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._state != _OPEN or self._stream.is_closing()
+
+    def is_reading(self) -> bool:
+        return not self._app_paused
+
+    def pause_reading(self) -> None:
+        if not self._app_paused:
+            self._app_paused = True
+            self._stream.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._app_paused:
+            self._app_paused = False
+            self._stream.resume_reading()
+            if self._incoming.pending or self._sslobj.pending():
+                self._loop.call_soon(self._resume_read)
+
+    def _resume_read(self) -> None:
+        if self._state == _OPEN and not self._app_paused:
+            self._read()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._state != _OPEN:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                n = self._sslobj.write(view)
+                view = view[n:]
+        except ssl.SSLError:
+            self._stream.abort()
+            return
+        self._flush()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS has no half-close: close() sends close_notify")
+
+    def get_write_buffer_size(self) -> int:
+        return self._stream.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._stream.set_write_buffer_limits(high, low)
+
+    def close(self) -> None:
+        if self._state != _OPEN:
+            return
+        self._state = _SHUTDOWN
+        self._timer = self._loop.call_later(SHUTDOWN_TIMEOUT, self._shutdown_expired)
+        if self._app_paused:  # the device's close_notify must be read
+            self._app_paused = False
+            self._stream.resume_reading()
+        self._shutdown()
+
+    def abort(self) -> None:
+        self._state = _CLOSED
+        self._stream.abort()
