@@ -66,14 +66,13 @@ class Live:
 
     def __post_init__(self) -> None:
         self.metrics.crls = lambda: self.gateway.revocation.status()
-        self.balancers = self.gateway.config.listener.trusted_proxies
 
     @classmethod
     def start(cls, config: Config) -> Live:
         from proxy.app import build
         from proxy.tls.server import server_context
 
-        return cls(build(config), server_context(config))
+        return cls(build(config), server_context(config), balancers=config.listener.trusted_proxies)
 
     @property
     def config(self) -> Config:
