@@ -207,10 +207,13 @@ class Route:
         return self.prefix.lower()
 
     def matches(self, path: str) -> bool:
-        """Whether `path` (decoded and normalised: `proxy.target`) is under this route's prefix."""
-        if self.case_sensitive:
-            return path.startswith(self.prefix)
-        return path[: len(self.prefix)].lower() == self._folded_prefix
+        """Whether `path` (decoded and normalised: `proxy.target`) is under this route's prefix. A prefix is whole
+        path segments: `/ews` takes `/ews` and `/ews/...`, never `/ewsfoo` (an IIS virtual directory is a segment)."""
+        prefix = self.prefix
+        head = path[: len(prefix)]
+        if not (head == prefix if self.case_sensitive else head.lower() == self._folded_prefix):
+            return False
+        return prefix[-1] == "/" or len(path) == len(prefix) or path[len(prefix)] == "/"
 
     @property
     def upstream_host(self) -> str:

@@ -44,7 +44,7 @@ from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegator
 from proxy.observability.trace import Trace
-from proxy.target import origin_form
+from proxy.target import checked_host, origin_form
 from proxy.tls.peer import presented_certificate, tls_facts
 
 log = structlog.get_logger("proxy")
@@ -195,6 +195,7 @@ async def backend_authorization(
 async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     now = datetime.now(UTC)
     target = origin_form(request.raw_path)  # before any stage: the path the backend will act on
+    checked_host(request.headers.get("Host"))  # sent on as X-Forwarded-Host: a host, or 400
     if target.forward != request.rel_raw_path:
         trace.note(backend_path=target.path)
     route = gw.config.route_for(target.path, request.host)

@@ -122,5 +122,27 @@ def remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out) + ("/" if trailing else "")
 
 
+# A host name (letters, digits, '.', '-', '_') or an IPv4 or bracketed IPv6 address, with an optional port: what a
+# device has any reason to send. RFC 3986's reg-name also allows sub-delims and %XX escapes; no device needs them.
+_HOST = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
+
+
+def checked_host(value: str | None) -> str | None:
+    """The request's `Host` if it names a host (and optional port), else `BadRequest` (RFC 9112 3.2: a server
+    answers 400 to an invalid Host). None when there is none (HTTP/1.0; the servers refuse HTTP/1.1 without one).
+
+    The gateway sends this value on as `X-Forwarded-Host` (and as `Host` on `preserve_host` routes): a path, user
+    info or an empty value there would be the device's words in the gateway's mouth."""
+    if value is None:
+        return None
+    match = _HOST.fullmatch(value)
+    if match is None or int(match.group(1) or 0) > 65535:
+        raise BadRequest(
+            "the Host header must be a host name or address, with an optional port",
+            hint=f"a Host header of {len(value)} characters that is not host[:port]",
+        )
+    return value
+
+
 def _refuse(why: str) -> NoReturn:
     raise BadRequest(f"ambiguous request target: {why}", hint=why)

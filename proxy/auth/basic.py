@@ -108,7 +108,8 @@ class BasicCredentials:
 
 
 def parse_basic(value: str | None) -> BasicCredentials | None:
-    """The credentials of an Authorization header, or None: absent, another scheme, or malformed."""
+    """The credentials of an Authorization header, or None: absent, another scheme, malformed, no user name, or a
+    password that is empty or holds a NUL."""
     if value is None:
         return None
     scheme, _, encoded = value.strip().partition(" ")
@@ -119,7 +120,9 @@ def parse_basic(value: str | None) -> BasicCredentials | None:
     except (binascii.Error, ValueError):
         return None
     raw_user, colon, password = decoded.partition(b":")
-    if not colon or not raw_user:
+    if not colon or not raw_user or not password or b"\x00" in password:
+        # Kerberos reads a password up to its first NUL ("secret\0junk" would pass as "secret"), and an empty one
+        # is no proof (GSSAPI refuses it as an invalid argument, which read as a misconfiguration): neither is tried.
         return None
     try:  # RFC 7617 leaves the charset open; devices send UTF-8 or, the older ones, Latin-1
         username = raw_user.decode("utf-8")

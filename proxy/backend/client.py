@@ -528,7 +528,28 @@ class BackendConnection(asyncio.Protocol):
 
 
 async def connect(upstream: Upstream, within: float) -> BackendConnection:
-    """A new connection to the upstream, TCP and TLS handshake within `within` seconds."""
+    """A new connection to the upstream, TCP and TLS handshake within `within` seconds.
+
+    The attempt itself is never cancelled: when the request is (the device left) or `within` runs out, it goes on
+    by itself and its connection, if it is made, is closed at once. Workaround: asyncio's happy-eyeballs connect
+    (`staggered_race`, Python 3.11) loses the socket of a connect it cancels just as that connect completes: one
+    backend socket left open for good, now and then, per device that leaves (python/cpython#128475, #124847;
+    aiohttp's aio-libs/aiohappyeyeballs#143)."""
+    attempt = asyncio.ensure_future(_connect(upstream))
+    try:
+        async with asyncio.timeout(within):
+            return await asyncio.shield(attempt)
+    except BaseException:
+        attempt.add_done_callback(_close_if_made)
+        raise
+
+
+def _close_if_made(attempt: asyncio.Future[BackendConnection]) -> None:
+    if not attempt.cancelled() and attempt.exception() is None:  # reading the exception marks it handled
+        attempt.result().abort()
+
+
+async def _connect(upstream: Upstream) -> BackendConnection:
     loop = asyncio.get_running_loop()
 
     def protocol() -> BackendConnection:
@@ -541,8 +562,7 @@ async def connect(upstream: Upstream, within: float) -> BackendConnection:
         )
     else:  # uvloop (listener.event_loop): its create_connection has no happy_eyeballs_delay; addresses in turn
         made = loop.create_connection(protocol, upstream.host, upstream.port, ssl=tls, server_hostname=name)
-    async with asyncio.timeout(within):
-        _, connection = await made
+    _, connection = await made
     return connection
 
 

@@ -305,7 +305,7 @@ async def forward_device(
     out_headers = headers.to_backend(
         request.headers,
         client_ip=request.remote or "",
-        client_host=request.host,
+        client_host=request.headers.get("Host", ""),  # as the device sent it (none: none), never a name of our own
         upstream_host=None if route.preserve_host else route.upstream.split("://", 1)[1],
         authorization=authorization if isinstance(authorization, str) else "",  # set per connection
         extra=extra_headers,

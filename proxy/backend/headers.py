@@ -1,8 +1,9 @@
 """Header rewriting between the device and the backend. Pure functions, no I/O.
 
 Towards the backend, the gateway is the only source of identity: the client's own `Authorization`,
-`Proxy-Authorization` and anything that looks like an identity header are dropped, whatever their case
-and whether they spell `-` as `_` (a backend behind a CGI or WSGI layer sees `X_Remote_User` and
+`Proxy-Authorization` and anything that looks like an identity header (a known name or prefix, or a name
+whose last word is one of `IDENTITY_LAST_WORDS`, or that has the word `authenticated`) are dropped, whatever
+their case and whether they spell `-` as `_` (a backend behind a CGI or WSGI layer sees `X_Remote_User` and
 `X-Remote-User` as the same variable). Headers with an underscore are dropped altogether, as nginx does
 by default. Hop-by-hop headers, and those the client names in `Connection`, end at the gateway.
 `X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own, never the client's.
@@ -91,13 +92,30 @@ IDENTITY_PREFIXES = (
 )
 
 
+# The last word of a name that says who the user is, in whatever spelling a product chose (`X-Webauth-User`,
+# `X-Proxy-User`, `X-Amzn-Oidc-Identity`, `X-User-Identity`, `...-Authenticated-User-Email`): no list of exact names
+# keeps up with them. No standard request header ends in one of these (`User-Agent` ends in "agent").
+IDENTITY_LAST_WORDS = frozenset(
+    {"user", "username", "userid", "uid", "upn", "principal", "identity", "email", "login", "account"}
+)
+# Exchange's own client headers that name a mailbox, not who the caller is: Exchange authorizes them against the
+# Kerberos identity the gateway delegated (Outlook's MAPI/HTTP and Autodiscover `X-User-Identity`, OWA's explicit
+# logon to a shared mailbox). They pass, as `X-AnchorMailbox` does.
+EXCHANGE_MAILBOX_HEADERS = frozenset({"x-user-identity", "x-owa-explicitlogonuser"})
+
+
 def _normal(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
 def is_identity_header(name: str) -> bool:
     n = _normal(name)
-    return n in IDENTITY or n.startswith(IDENTITY_PREFIXES)
+    if n in IDENTITY or n.startswith(IDENTITY_PREFIXES):
+        return True
+    if n in EXCHANGE_MAILBOX_HEADERS:
+        return False
+    words = n.split("-")
+    return words[-1] in IDENTITY_LAST_WORDS or "authenticated" in words
 
 
 def _connection_tokens(headers: MultiMapping[str]) -> set[str]:

@@ -23,21 +23,25 @@ Bounds before any stage runs (`proxy.tls.limits` has the why):
 - the header block: bytes read while a request's head is incomplete are counted, and past
   `listener.max_header_bytes` the device gets 431 (`proxy.tls.limits.refuse_header_block`), whatever
   TLS records the head came in: the parser is fed at most the budget, so a head of exactly the budget
-  passes and one byte more does not;
+  passes and one byte more does not. llhttp reports no offsets, so each message part is cut out before it
+  is fed (a head ends at its first CRLF CRLF, a body at its length or its last chunk's trailer: `ChunkedEnd`),
+  and a head that shares a read with the end of the request before it is counted from its first byte;
 - time: from the connection's start, and from the end of each answer, a request's head must be
   complete within `listener.keepalive_timeout`, or the connection is closed (aiohttp's rule); a device
   that stops taking an answer is cut after `listener.client_send_timeout` (each wait, local answers too);
 - bodies: at most `BODY_HIGH` bytes of a request body are held; past that, reading from the device
   pauses until the backend stage takes them.
 
-Requests are answered one at a time, in order. A request that arrives while the one before is still
-being served (pipelining) waits, and reading pauses meanwhile, so a device cannot queue more than what
-one read brought. Each request runs in its own task; when the device goes away, the task is cancelled
-(the backend connection is then closed at once: `proxy.backend.forward`). After an answer the
-connection is kept only when both sides may keep it (HTTP/1.1 without `Connection: close`, or HTTP/1.0
-with `Connection: keep-alive`) and the request was read whole: a body the pipeline left unread (a refusal
-before `100 Continue`), a malformed request or an `Upgrade` ends the connection after its answer, so no
-byte of one request is ever read as the start of another.
+Requests are answered one at a time, in order. A request that arrives while the one before is still being
+served (pipelining) waits, parsed; the bytes after it are kept unparsed (up to `BACKLOG_HIGH`, then reading
+pauses) and parsed one request at a time as their turn comes. Reading goes on meanwhile, so a device's TCP end
+is seen at once (asyncio's TLS protocol reported nothing of it while reading was paused, and the requests
+queued behind were all served, for nobody), and no more than one request is held parsed ahead. Each request
+runs in its own task; when the device goes away, the task is cancelled (the backend connection is then closed
+at once: `proxy.backend.forward`). After an answer the connection is kept only when both sides may keep it
+(HTTP/1.1 without `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`) and the request was read
+whole: a body the pipeline left unread (a refusal before `100 Continue`), a malformed request or an `Upgrade`
+ends the connection after its answer, so no byte of one request is ever read as the start of another.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import httptools
 import structlog
 from multidict import CIMultiDict, MultiMapping
 
+from proxy.device.framing import ChunkedEnd, head_end
 from proxy.errors import BadRequest
 from proxy.tls.limits import refuse_header_block
 from proxy.tls.server import peer_text, socket_transport
@@ -66,6 +71,7 @@ log = structlog.get_logger("proxy.device")
 MAX_TARGET_BYTES = 8190  # the request target (aiohttp's max_line_size)
 MAX_FIELDS = 128  # header fields of one request (aiohttp's max_headers)
 BODY_HIGH = 256 * 1024  # request body bytes held for the backend stage before reading pauses
+BACKLOG_HIGH = 64 * 1024  # bytes of pipelined requests kept unparsed behind a waiting one before reading pauses
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -305,6 +311,12 @@ class _Unparsed:
         self.reason = reason
 
 
+class _TooLarge:
+    """In the queue of requests: a head that passed `listener.max_header_bytes` (431, then the connection ends)."""
+
+
+_TOO_LARGE = _TooLarge()
+
 Serve = Callable[[DeviceHttpRequest], Awaitable[None]]
 Unparsed = Callable[[str | None, int], None]  # the peer's address, the status it got
 
@@ -316,6 +328,10 @@ class DeviceConnection(asyncio.Protocol):
     """One device connection: parse, queue, serve in order, keep alive or close."""
 
     __slots__ = (  # no instance dict: thousands are held open by long-polls (bench: memory per held request)
+        "_backlog",
+        "_begun",
+        "_body_left",
+        "_chunks",
         "_completed",
         "_connections",
         "_drain",
@@ -323,6 +339,8 @@ class DeviceConnection(asyncio.Protocol):
         "_fields",
         "_framing",
         "_head_seen",
+        "_head_tail",
+        "_heads",
         "_hosts",
         "_idle",
         "_in_head",
@@ -365,16 +383,22 @@ class DeviceConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
-        self._queue: deque[DeviceHttpRequest | _Unparsed] = deque()
+        self._queue: deque[DeviceHttpRequest | _Unparsed | _TooLarge] = deque()
         self._task: asyncio.Task[None] | None = None
         self._receiving: RequestBody | None = None  # the body llhttp is parsing now
         self._parsing: DeviceHttpRequest | None = None  # the request whose message llhttp is in
         self._in_head = True
         self._head_seen = 0  # bytes read while the current head is incomplete
+        self._head_tail = b""  # the last bytes (at most 3) of the current head fed so far
+        self._heads = 0  # heads llhttp has read to their end
+        self._begun = 0  # messages llhttp has started
+        self._body_left = 0  # bytes of a Content-Length body not yet fed
+        self._chunks: ChunkedEnd | None = None  # where a chunked body ends, when one is being read
         self._completed = 0  # requests llhttp has read to their end
         self._framing = 0  # bytes read inside a body since its last payload bytes
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
         self._paused = 0
+        self._backlog = bytearray()  # pipelined bytes not parsed yet: a request before them waits (`_keep`)
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
@@ -398,32 +422,74 @@ class DeviceConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
+        if self._backlog:
+            self._keep(data)
+            return
+        self._read(data)
+
+    def _read(self, data: bytes) -> None:
+        """Feed llhttp one message part at a time: a head up to its end, a body up to its end. Where each part ends
+        is found before it is fed (`_head_end`, `_body_end`), so every head is counted against the budget from its
+        first byte, whichever read brought it and whatever ended in that read before it. Once a whole request
+        waits to be served, what follows it is kept unparsed (`_keep`) until it is."""
         while data and not self._stopped:
-            if not self._in_head:
+            if self._in_head and self._queue:
+                self._keep(data)
+                break
+            if self._in_head:
+                take = self._head_end(data)
+                room = self._limits.max_header_bytes - self._head_seen
+                if take > room:
+                    self._head_seen += room
+                    self._feed(data[:room])
+                    if self._in_head and not self._stopped:
+                        self._refuse_head_block()  # the budget is spent on one head, and it goes on
+                        break
+                    take = room
+                else:
+                    self._head_seen += take
+                    heads = self._heads
+                    self._feed(data[:take])
+                    if self._heads == heads:  # the head goes on: its last bytes may start its end
+                        self._head_tail = (self._head_tail + data[max(0, take - 3) : take])[-3:]
+            else:
                 # Inside a body, what is not payload (chunk sizes, extensions, trailers) is bounded like a head:
                 # llhttp holds a trailer field whole until it ends.
                 if self._framing > self._limits.max_header_bytes:
                     self._malformed("chunk extensions or trailer fields longer than listener.max_header_bytes")
-                    if self._task is None and self._queue:
-                        self._next()
-                    return
-                self._framing += len(data)  # payload in `data` resets it (on_body)
-                self._feed(data)
-                return
-            room = self._limits.max_header_bytes - self._head_seen
-            if len(data) <= room:
-                self._head_seen += len(data)
-                self._feed(data)
-                return
-            self._head_seen += room
-            completed = self._completed
-            self._feed(data[:room])
-            if self._in_head and not self._stopped and self._completed == completed:
-                self._refuse_head_block()  # the budget is spent on one head, and it goes on
-                return
-            # Requests ended inside those bytes (pipelining): the budget starts again at the last one's end, and
-            # what the head now in progress had of them is not counted (it may reach twice the budget).
-            data = data[room:]
+                    break
+                take, ended = self._body_end(data)
+                self._framing += take  # payload in these bytes resets it (on_body)
+                begun = self._begun
+                self._feed(data[:take])
+                if not self._stopped and (ended != self._in_head or begun != self._begun):
+                    self._malformed("the body ends where the parser did not end it")  # never guess which is right
+                    break
+            data = data[take:]
+        if self._task is None and self._queue:
+            self._next()
+
+    def _keep(self, data: bytes) -> None:
+        """Pipelined bytes behind a request that waits: kept, unparsed, while reading goes on, so that the device's
+        leaving is seen at once (asyncio's TLS transport tells nothing of a closed connection while reading is
+        paused: the requests queued behind were all served, their answers dropped). Past `BACKLOG_HIGH`, reading
+        pauses."""
+        self._backlog += data
+        if len(self._backlog) > BACKLOG_HIGH:
+            self.pause(_QUEUE)
+
+    def _head_end(self, data: bytes) -> int:
+        """How many bytes of `data` to feed as head (`proxy.device.framing.head_end`)."""
+        return head_end(self._head_tail, data)
+
+    def _body_end(self, data: bytes) -> tuple[int, bool]:
+        """How many bytes of `data` belong to the body being read, and whether the body ends with them."""
+        if self._chunks is None:
+            take = min(self._body_left, len(data))
+            self._body_left -= take
+            return take, self._body_left == 0
+        end = self._chunks.end(data)
+        return (len(data), False) if end is None else (end, True)
 
     def eof_received(self) -> bool | None:
         if self._receiving is not None:
@@ -442,6 +508,7 @@ class DeviceConnection(asyncio.Protocol):
             if isinstance(queued, DeviceHttpRequest) and queued.body is not None:
                 queued.body.fail(error)
         self._queue.clear()
+        self._backlog.clear()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the device left: nobody is waiting for this answer (499)
         self._wake_drain(error)
@@ -457,6 +524,7 @@ class DeviceConnection(asyncio.Protocol):
     # -- llhttp's callbacks ------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._begun += 1
         self._target = []
         self._target_bytes = 0
         self._fields = CIMultiDict()
@@ -501,6 +569,11 @@ class DeviceConnection(asyncio.Protocol):
             # would be forwarded empty, or cut short. A WebSocket handshake has no body; this is refused.
             raise _Refused("a request that asks for an Upgrade (or CONNECT) carries a body")
         body = RequestBody(self) if has_body else None
+        self._heads += 1
+        self._head_tail = b""
+        chunked = "chunked" in fields.get("Transfer-Encoding", "").lower()
+        self._chunks = ChunkedEnd() if has_body and chunked else None
+        self._body_left = int(length) if has_body and not chunked and length is not None else 0
         request = DeviceHttpRequest(
             self,
             parser.get_method().decode("ascii"),
@@ -515,9 +588,7 @@ class DeviceConnection(asyncio.Protocol):
         self._parsing = request
         self._in_head = False
         self._cancel_idle()
-        self._queue.append(request)  # served once llhttp has read all of this read's bytes (`_feed`)
-        if self._task is not None:
-            self.pause(_QUEUE)
+        self._queue.append(request)  # served once llhttp has read all of this read's bytes (`_read`)
 
     def on_body(self, data: bytes) -> None:
         self._framing = 0
@@ -526,6 +597,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._completed += 1
+        self._chunks = None
         self._parsing = None
         if self._receiving is not None:
             self._receiving.end()
@@ -537,7 +609,8 @@ class DeviceConnection(asyncio.Protocol):
     # -- parsing -------------------------------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
-        """llhttp reads `data`; then the first request it completed the head of is served, unless one is."""
+        """llhttp reads `data` (the first request it completed the head of is served once the whole read is fed:
+        `data_received`)."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -548,8 +621,6 @@ class DeviceConnection(asyncio.Protocol):
             cause = e.__context__
             reason = str(cause) if isinstance(cause, _Refused) else f"the request is malformed: {e}"
             self._malformed(reason)
-        if self._task is None and self._queue:
-            self._next()
 
     def _malformed(self, reason: str) -> None:
         """The bytes stopped being HTTP. A request they belong to that is not being served yet never will be
@@ -571,12 +642,16 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _refuse_head_block(self) -> None:
-        self._stopped = True  # reading goes on, discarding, until the linger ends (proxy.tls.limits)
-        self._queue.clear()  # the 431 closes the connection: no answer may follow it
+        """The head being read passed the budget: nothing more is parsed, the requests read before it (the device's
+        own) are answered in order, then the 431, which ends the connection (`_answer_too_large`)."""
+        self._stop()
+        self._queue.append(_TOO_LARGE)
+
+    def _answer_too_large(self) -> None:
+        self._queue.clear()  # nothing was parsed after it; no answer may follow it
         self._cancel_idle()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
         if self.transport is not None:
+            self.transport.resume_reading()  # read and discarded until the linger ends (proxy.tls.limits)
             refuse_header_block(self.transport, self._limits.max_header_bytes, self._on_headers_refused)
 
     # -- serving, in order -----------------------------------------------------------------------------------
@@ -592,12 +667,17 @@ class DeviceConnection(asyncio.Protocol):
                 self._arm_idle()
             return
         queued = self._queue.popleft()
-        if not self._queue:
-            self.resume(_QUEUE)
+        if isinstance(queued, _TooLarge):
+            self._answer_too_large()
+            return
         if isinstance(queued, _Unparsed):
             self._answer_unparsed(queued.reason)
             return
         self._task = self._loop.create_task(self._run(queued))
+        if self._backlog and not self._queue:  # the next request, if it has come whole, waits its turn
+            kept, self._backlog = bytes(self._backlog), bytearray()
+            self.resume(_QUEUE)
+            self._read(kept)
 
     async def _run(self, request: DeviceHttpRequest) -> None:
         try:
@@ -610,6 +690,7 @@ class DeviceConnection(asyncio.Protocol):
             elif not request.keep_alive or (request.body is not None and not request.body.complete):
                 self._stop()
                 self._queue.clear()
+                self._backlog.clear()
             self._loop.call_soon(self._after, request)
 
     def _after(self, request: DeviceHttpRequest) -> None:
@@ -699,7 +780,17 @@ class DeviceConnection(asyncio.Protocol):
         self._idle = None
         if self._task is None and not self._queue:  # no request is being served: a head never came whole
             peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-            log.debug("device_idle_closed", peer=peer_text(peer))
+            if self._head_seen:  # a head begun and never ended: a slow or stalled client (slowloris), said so
+                log.warning(
+                    "request_head_timeout",
+                    stage="request",
+                    peer=peer_text(peer),
+                    received=self._head_seen,
+                    reason=f"the request's head was not complete {self._limits.keepalive_timeout:g} s after the "
+                    "connection opened or the last answer ended (listener.keepalive_timeout)",
+                )
+            else:
+                log.debug("device_idle_closed", peer=peer_text(peer))
             self._stop()
             self._close()
 

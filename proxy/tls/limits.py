@@ -12,11 +12,11 @@ block it sends, which aiohttp's parser keeps whole until the block ends. Two cap
 - **Header block** (`listener.max_header_bytes`): aiohttp's parser (3.14, C or Python) bounds the
   request line (`max_line_size`), each header field (`max_field_size`, 96 KiB here, for 64 KiB Kerberos
   tokens) and the number of fields (`max_headers`, 128), but not their sum: 128 fields of 95 KiB are
-  about 12 MiB held by one connection. `HeaderBlockBudget` sits in front of the parser and counts the
-  bytes fed to it while a request's header block is being read (from the end of the previous request's
-  body until the parser hands over the next request); past the budget the client gets 431 before any
-  stage runs, logged (`request_headers_too_large`) and counted, and the connection is closed after a
-  short linger in which the rest of what the client sends is discarded unparsed.
+  about 12 MiB held by one connection. `HeaderBlockBudget` sits in front of the parser, cuts each read
+  where a head or a body ends (`proxy.device.framing`) and counts the bytes of each head from its first
+  byte; past the budget the client gets 431 before any stage runs, logged (`request_headers_too_large`)
+  and counted, and the connection is closed after a short linger in which the rest of what the client
+  sends is discarded unparsed.
   aiohttp exposes no such setting, and its own refusals are a 400 through its error handler, so the
   budget answers by itself. It reaches the parser through the handler's `_parser` attribute
   (aiohttp's `BaseProtocol`), the one private name this relies on.
@@ -31,7 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from aiohttp.http_exceptions import BadHttpMessage
 
+from proxy.device.framing import ChunkedEnd, head_end
 from proxy.observability.logging import pass_through
 from proxy.tls.server import peer_text
 
@@ -135,31 +137,74 @@ async def accept_connections(
 
 
 class HeaderBlockBudget:
-    """Stands in for aiohttp's request parser: refuses a header block larger than `limit` bytes (431)."""
+    """Stands in for aiohttp's request parser: refuses a header block larger than `limit` bytes (431).
+
+    Each read is cut where a head or a body ends (`proxy.device.framing`) and fed to the parser one part at a
+    time, so a head is counted from its first byte even when it shares a read with the end of the request
+    before it (counting whole reads let such a head pass the budget by what that read held of it)."""
 
     def __init__(self, parser: Any, handler: asyncio.Protocol, limit: int, on_refused: Callable[[], None]) -> None:
         self._parser = parser
         self._handler = handler
         self._limit = limit
         self._on_refused = on_refused
-        self._body: Any = None  # the payload of the last request handed over; headers are read once it has ended
-        self._seen = 0
+        self._payload: Any = None  # the body of the last request handed over, while it is being read
+        self._left = 0  # bytes of a Content-Length body still to come
+        self._chunks: ChunkedEnd | None = None  # where a chunked body ends
+        self._seen = 0  # bytes of the head being read
+        self._tail = b""  # its last bytes (at most 3)
         self._refused = False
+        self._upgraded = False
 
     @pass_through  # aiohttp's parse errors raised below quote the client's bytes: they stay aiohttp's to log
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         if self._refused:
             return [], False, b""
-        if self._body is None or self._body.is_eof():  # between requests: these bytes are a header block
-            self._seen += len(data)
-            if self._seen > self._limit:
-                self._refuse()
-                return [], False, b""
-        messages, upgraded, tail = self._parser.feed_data(data)
-        if messages:
-            self._body = messages[-1][1]
-            self._seen = 0
-        return messages, upgraded, tail
+        if self._upgraded:
+            return self._parser.feed_data(data)  # type: ignore[no-any-return]
+        out: list[Any] = []
+        while data:
+            in_body = self._chunks is not None or self._left > 0
+            if in_body:
+                take, ended = self._body_end(data)
+            else:
+                take = head_end(self._tail, data)
+                if take > self._limit - self._seen:
+                    self._refuse()
+                    return [], False, b""
+                self._seen += take
+            piece, data = data[:take], data[take:]
+            messages, upgraded, tail = self._parser.feed_data(piece)
+            if in_body and ended:
+                self._chunks, self._left = None, 0
+                if self._payload is not None and not self._payload.is_eof():
+                    raise BadHttpMessage("the body ends where the parser did not end it")  # never guessed
+            for message, payload in messages:
+                self._handed_over(message, payload)
+            if not messages and not in_body:  # the head goes on: its last bytes may start its end
+                self._tail = (self._tail + piece[-3:])[-3:]
+            out.extend(messages)
+            if upgraded:
+                self._upgraded = True
+                return out, True, tail + data
+        return out, False, b""
+
+    def _handed_over(self, message: Any, payload: Any) -> None:
+        """A request's head was read: the next bytes are its body, framed as it says, or the next head."""
+        self._seen, self._tail, self._payload = 0, b"", payload
+        length = message.headers.get("Content-Length")
+        if message.chunked:
+            self._chunks = ChunkedEnd()
+        elif length is not None and length.isdigit():
+            self._left = int(length)
+
+    def _body_end(self, data: bytes) -> tuple[int, bool]:
+        if self._chunks is None:
+            take = min(self._left, len(data))
+            self._left -= take
+            return take, self._left == 0
+        end = self._chunks.end(data)
+        return (len(data), False) if end is None else (end, True)
 
     def _refuse(self) -> None:
         self._refused = True

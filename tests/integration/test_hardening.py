@@ -172,6 +172,25 @@ def test_a_password_never_follows_a_path_onto_a_negotiate_route(scene: Scene) ->
     assert sorted(r.path for r in taken["/basic/"]) == ["/BASIC/x", "/basic/x", "/basic/y"]
 
 
+@pytest.mark.parametrize(
+    "password", [b"", b"\x00", USERS["alice"].encode() + b"\x00", USERS["alice"].encode() + b"\x00anything"]
+)
+def test_a_password_the_kdc_cannot_read_is_a_failed_sign_in(scene: Scene, password: bytes) -> None:
+    """An empty password, or one with a NUL (Kerberos reads a password up to its first NUL: alice's password
+    followed by NUL and anything was accepted as hers), is refused as a sign-in (401 with the challenge), never
+    tried at the KDC, never served, and not told to the operator as a Kerberos misconfiguration (it was a 502)."""
+    scene.taken()
+    since = scene.gw.mark()
+    header = "Authorization: Basic " + base64.b64encode(b"alice:" + password).decode()
+    answer = raw_request(scene._lab, scene.gw.port, _get("/owa/x", header), None)
+    assert answer.status == 401, answer.status_line
+    assert "www-authenticate: basic" in answer.head.lower()
+    assert not any(scene.taken().values())
+    line = scene.gw.wait_for("request", lambda e: e.get("status") == 401, what="the 401's summary")
+    assert line["refused_stage"] == "authentication"
+    assert not scene.gw.events("kerberos_misconfigured", after=since)
+
+
 # -- 2. request bodies keep their meaning ---------------------------------------------------------------
 
 
@@ -227,6 +246,59 @@ def test_identity_and_client_address_headers_never_reach_the_backend(scene: Scen
     assert "/ecp/" not in head
     assert "DELETE" not in head
     assert got.headers("MS-ASProtocolVersion") == ["16.1"]
+
+
+def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> None:
+    """Names that say who the user is in spellings no list can foresee (`X-Webauth-User`, `X-Proxy-User`, an SSO
+    product's `...-Authenticated-User-Email`, `X-Amzn-Oidc-Identity`, `Proxy-User`) are the gateway's to set, never
+    the device's: none reaches the backend; ordinary headers and Exchange's mailbox headers still do."""
+    sent = [
+        "X-Webauth-User: mallory",
+        "X-Proxy-User: mallory",
+        "Proxy-User: mallory",
+        "X-Iis-Username: mallory",
+        "X-Goog-Authenticated-User-Email: mallory",
+        "Cf-Access-Authenticated-User-Email: mallory",
+        "X-Amzn-Oidc-Identity: mallory",
+        "X-Ms-Proxy-Principal: mallory",
+        "X-Login: mallory",
+        "X-Anchormailbox: alice@lab.test",
+        "X-User-Identity: alice@lab.test",
+        "X-OWA-ExplicitLogonUser: shared@lab.test",
+        "User-Agent: Outlook-iOS/2.0",
+    ]
+    scene.taken()
+    assert scene.send(_get("/owa/h", *sent)) == 200
+    (got,) = scene.taken()["/owa/"]
+    assert "mallory" not in got.head.decode("latin-1")
+    assert got.headers("X-AnchorMailbox") == ["alice@lab.test"]
+    assert got.headers("X-User-Identity") == ["alice@lab.test"]
+    assert got.headers("X-OWA-ExplicitLogonUser") == ["shared@lab.test"]
+    assert got.headers("User-Agent") == ["Outlook-iOS/2.0"]
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example/ecp/", "alice@evil.example", "127.0.0.1:abc", "127.0.0.1:99999", "", "a b", "[::1", "h%2F", "h:1:2"],
+)
+def test_a_host_that_is_not_a_host_is_refused(scene: Scene, host: str) -> None:
+    """A `Host` that is not a host name or address with an optional port (a path, user info, a bad port, nothing
+    at all) is 400 (RFC 9112 3.2) before any stage, never echoed to the backend in `X-Forwarded-Host` or `Host`."""
+    scene.taken()
+    request = _get("/owa/h").replace(b"Host: 127.0.0.1\r\n", f"Host: {host}\r\n".encode("latin-1"))
+    assert scene.send(request) == 400
+    assert not any(scene.taken().values())
+
+
+@pytest.mark.parametrize("host", ["mail.example.com", "Mail.Example.COM.:443", "127.0.0.1:8443", "[::1]:88", "cas_01"])
+def test_host_names_and_addresses_are_served(scene: Scene, host: str) -> None:
+    """Host names (any case, a trailing dot, `_`), IPv4 and IPv6 addresses, with or without a port: served, and the
+    backend's `X-Forwarded-Host` is the device's `Host`."""
+    scene.taken()
+    request = _get("/owa/h").replace(b"Host: 127.0.0.1\r\n", f"Host: {host}\r\n".encode("latin-1"))
+    assert scene.send(request) == 200
+    (got,) = scene.taken()["/owa/"]
+    assert got.headers("X-Forwarded-Host") == [host]
 
 
 def test_trace_is_refused_with_405(scene: Scene) -> None:

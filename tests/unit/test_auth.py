@@ -44,8 +44,17 @@ def test_basic_header_is_parsed_and_the_password_kept_out_of_repr() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [None, "Negotiate YWJj", "Basic", "Basic !!!", basic(b"no-colon"), basic(b":password-only")],
-    ids=["absent", "other-scheme", "empty", "bad-base64", "no-colon", "no-user"],
+    [
+        None,
+        "Negotiate YWJj",
+        "Basic",
+        "Basic !!!",
+        basic(b"no-colon"),
+        basic(b":password-only"),
+        basic(b"alice:"),
+        basic(b"alice:secret\x00junk"),
+    ],
+    ids=["absent", "other-scheme", "empty", "bad-base64", "no-colon", "no-user", "no-password", "nul-in-password"],
 )
 def test_unusable_authorization_headers_are_no_credentials(header: str | None) -> None:
     """Absent, another scheme or malformed Basic: no credentials, so the client is asked again."""

@@ -4,13 +4,15 @@ bookkeeping against a loopback listener: places per upstream, idle connections c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
+from pathlib import Path
 
 import pytest
 from multidict import CIMultiDict
 
-from proxy.backend.client import BackendProtocolError, Upstream, UserPool, request_head
+from proxy.backend.client import BackendProtocolError, Upstream, UserPool, connect, request_head
 
 
 def test_the_request_head_is_one_block_with_host_first() -> None:
@@ -186,3 +188,46 @@ def test_a_head_answer_that_asks_to_close_is_not_reused(head: bytes) -> None:
         server.close()
 
     asyncio.run(case())
+
+
+def _connected_to(port: int) -> int:
+    """This process's TCP sockets connected to 127.0.0.1:`port`, in any state (from /proc/net/tcp, by inode)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for f in map(str.split, lines) if f[2] == f"0100007F:{port:04X}" and f[9] in inodes)
+
+
+def test_a_connect_cancelled_at_any_moment_leaves_no_socket_open() -> None:
+    """A device that leaves cancels its request while the backend connection is being made, at any point of it:
+    no socket is left open (asyncio's happy-eyeballs connect loses the socket of a connect it cancels as that
+    connect completes: python/cpython#128475; here one in a few dozen did)."""
+
+    async def scenario() -> int:
+        held: list[asyncio.StreamWriter] = []
+
+        async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)  # the backend keeps its side open
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = Upstream.of(f"http://127.0.0.1:{port}", None, None)
+        for i in range(300):
+            attempt = asyncio.ensure_future(connect(upstream, 10))
+            for _ in range(i % 9):
+                await asyncio.sleep(0)
+            attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                (await attempt).abort()  # a connect that won the race with the cancel: the caller closes it
+        await asyncio.sleep(0.3)
+        left = _connected_to(port)
+        for writer in held:
+            writer.close()
+        server.close()
+        return left
+
+    assert asyncio.run(scenario()) == 0

@@ -144,3 +144,20 @@ def test_checked_in_lab_configuration_points_into_the_default_lab() -> None:
     assert (base / data["kerberos"]["keytab"]).resolve() == layout.proxy_keytab
     assert (base / data["client_certificates"]["trust_anchors"][0]).resolve() == layout.pki_dir / "root.pem"
     assert data["routes"][0]["upstream"].endswith(f":{layout.backend_port}")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "path", "taken"),
+    [
+        ("/ews", "/ews", True),
+        ("/ews", "/EWS/x", True),
+        ("/ews", "/ewsfoo", False),
+        ("/ews", "/ews.bak", False),
+        ("/ews/", "/ews/x", True),
+        ("/ews/", "/ews", False),
+        ("/", "/anything", True),
+    ],
+)
+def test_a_route_prefix_is_whole_path_segments(prefix: str, path: str, taken: bool) -> None:
+    """`/ews` takes `/ews` and what is under `/ews/`, never `/ewsfoo`."""
+    assert config.Route(prefix=prefix, upstream="http://b", spn="HTTP/b").matches(path) is taken

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
+from proxy.device.framing import ChunkedEnd
 from proxy.device.server import DeviceConnection, DeviceHttpRequest, DeviceLimits
 
 LIMITS = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=5)
@@ -198,6 +199,59 @@ def test_an_answer_the_device_never_takes_ends_the_connection_at_the_send_timeou
         return transport
 
     assert asyncio.run(scenario()).closed
+
+
+@pytest.mark.parametrize("lead", [GET, POST, CHUNKED], ids=["bodiless", "content-length", "chunked"])
+@pytest.mark.parametrize("split", [None, 1, 7, 1000])
+def test_a_head_after_another_request_in_the_same_read_is_budgeted_to_the_byte(lead: bytes, split: int | None) -> None:
+    """A head that comes in the same read as the end of the request before it (its head, its length body, its
+    chunked body and trailer) is counted from its first byte: exactly the budget is served, one byte more is 431
+    (after the first request's own answer), in one read or in pieces of any size."""
+    fields = DeviceLimits(max_header_bytes=LIMITS.max_header_bytes, max_field_bytes=8192, keepalive_timeout=5)
+    for size, expected in ((4096, [200, 200]), (4097, [200, 431])):
+        data = lead + _head(size)
+        pieces = [data] if split is None else [data[i : i + split] for i in range(0, len(data), split)]
+        served, transport, _ = asyncio.run(run(pieces, fields))
+        assert statuses(bytes(transport.written)) == expected, (size, split)
+        assert len(served.requests) == len(expected) - expected.count(431)
+
+
+@pytest.mark.parametrize(
+    ("body", "end"),
+    [
+        (b"0\r\n\r\n", 5),
+        (b'2;x="a;b"\r\nhe\r\n0\r\nX-T: 1\r\nX-U: 2\r\n\r\nGET', 36),
+        (b"0" * 40 + b"4\r\n\r\nab\r\n0\r\n\r\n", 54),
+        (b"a\r\n0\r\n\r\n0\r\n\r\n\r\n0\r\n\r\n", 20),
+        (b"3\r\nabc\r\n0\r\nX", None),
+    ],
+)
+def test_the_end_of_a_chunked_body_is_found_where_it_is(body: bytes, end: int | None) -> None:
+    """`ChunkedEnd` finds the end of a chunked body (extensions, trailers, payload that looks like framing, leading
+    zeros) at the same offset whether the bytes come at once or one by one."""
+    assert ChunkedEnd().end(body) == end
+    scan, found = ChunkedEnd(), None
+    for i in range(len(body)):
+        if (at := scan.end(body[i : i + 1])) is not None:
+            found = i + at
+            break
+    assert found == end
+
+
+def test_a_body_end_the_parser_does_not_share_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the gateway's reading of a chunked body's end and llhttp's differ (here a scan made to stop early),
+    the connection's bytes stop being HTTP: 400, nothing served, never a guess at where the next head starts."""
+
+    class Early(ChunkedEnd):
+        def end(self, data: bytes) -> int | None:
+            return min(len(data), 3)
+
+    monkeypatch.setattr("proxy.device.server.ChunkedEnd", Early)
+    data = b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    served, transport, unparsed = asyncio.run(run([data + GET]))
+    assert statuses(bytes(transport.written)) == [400]
+    assert served.requests == []
+    assert unparsed == [400]
 
 
 def test_no_answer_follows_a_431() -> None:

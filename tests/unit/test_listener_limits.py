@@ -7,7 +7,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
@@ -73,16 +73,26 @@ class _Payload:
         return self.eof
 
 
+class _Message:
+    chunked = False
+    headers: ClassVar[dict[str, str]] = {"Content-Length": "500"}
+
+
 class _Parser:
-    """Hands over a message whenever fed b"END"; records what it was fed."""
+    """Hands over a message (with a 500-byte body) whenever fed the end of a head; records what it was fed."""
 
     def __init__(self) -> None:
         self.fed: list[bytes] = []
-        self.payload = _Payload(eof=False)
+        self.payload = _Payload(eof=True)
 
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         self.fed.append(data)
-        return ([(object(), self.payload)] if data.endswith(b"END") else []), False, b""
+        if data.endswith(b"\r\n\r\n"):
+            self.payload = _Payload(eof=False)
+            return [(_Message(), self.payload)], False, b""
+        if len(b"".join(self.fed).rpartition(b"\r\n\r\n")[2]) >= 500:
+            self.payload.eof = True
+        return [], False, b""
 
 
 class _Handler:
@@ -96,15 +106,29 @@ def test_header_budget_counts_header_blocks_and_not_bodies() -> None:
     parser = _Parser()
     budget = HeaderBlockBudget(parser, _Handler(), 100, lambda: refused.append(1))  # type: ignore[arg-type]
     budget.feed_data(b"h" * 60)
-    budget.feed_data(b"h" * 37 + b"END")  # 100 bytes: the block ends at the budget
+    budget.feed_data(b"h" * 36 + b"\r\n\r\n")  # 100 bytes: the block ends at the budget
     budget.feed_data(b"b" * 500)  # the body: not a header block
-    parser.payload.eof = True
     budget.feed_data(b"h" * 90)  # the next request's headers
     assert refused == []
     budget.feed_data(b"h" * 20)
     budget.feed_data(b"h" * 20)
     assert refused == [1]
     assert sum(map(len, parser.fed)) == 60 + 40 + 500 + 90
+
+
+def test_a_head_in_the_read_that_ends_a_body_is_counted_from_its_first_byte() -> None:
+    """The end of a body and the start of the next head in one read: the head's bytes in that read count (they did
+    not: a head could pass the budget by what the read held of it), and the parser gets body and head apart."""
+    refused: list[int] = []
+    parser = _Parser()
+    budget = HeaderBlockBudget(parser, _Handler(), 100, lambda: refused.append(1))  # type: ignore[arg-type]
+    budget.feed_data(b"h" * 96 + b"\r\n\r\n")
+    budget.feed_data(b"b" * 400)
+    budget.feed_data(b"b" * 100 + b"h" * 95)  # the body's last 100 bytes, then 95 of the next head
+    assert refused == []
+    assert parser.fed[-2:] == [b"b" * 100, b"h" * 95]
+    budget.feed_data(b"h" * 6)  # 101
+    assert refused == [1]
 
 
 def test_a_parse_error_through_the_budget_is_still_aiohttps(out: io.StringIO) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import BadRequest
-from proxy.target import origin_form, remove_dot_segments
+from proxy.target import checked_host, origin_form, remove_dot_segments
 
 
 @pytest.mark.parametrize(
@@ -103,3 +103,21 @@ def test_the_reading_is_stable() -> None:
 def test_remove_dot_segments(path: str, normal: str) -> None:
     """RFC 3986 5.2.4 on absolute paths, with empty segments dropped."""
     assert remove_dot_segments(path) == normal
+
+
+@pytest.mark.parametrize("value", ["h", "Mail.Example.com.", "cas_01:443", "10.0.0.1:0", "[::1]", "[fe80::1]:65535"])
+def test_a_host_with_an_optional_port_is_taken_as_sent(value: str) -> None:
+    """Host names, IPv4 and bracketed IPv6 addresses, with a port up to 65535, pass unchanged."""
+    assert checked_host(value) == value
+
+
+@pytest.mark.parametrize("value", ["", " h", "h/x", "u@h", "h:", "h:65536", "h:1:2", "[::1", "::1", "h%41", "h;x", "é"])
+def test_a_host_that_is_not_host_and_port_is_a_bad_request(value: str) -> None:
+    """Anything else a Host could carry (a path, user info, an empty or bad port, escapes, sub-delims) is 400."""
+    with pytest.raises(BadRequest):
+        checked_host(value)
+
+
+def test_no_host_is_no_host() -> None:
+    """HTTP/1.0 without Host: nothing to check, nothing to send on."""
+    assert checked_host(None) is None
