@@ -28,7 +28,7 @@ from cryptography import x509
 from proxy.auth.basic import BasicLogin
 from proxy.auth.modes import Authenticated, authenticate
 from proxy.backend import headers
-from proxy.backend.forward import Authorization, Pools, forward_device
+from proxy.backend.forward import Authorization, Handover, Pools, forward_device
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import ChainFacts, VerifiedChains
@@ -189,7 +189,7 @@ async def backend_authorization(
     trace.detail("kerberos", facts=delegation.facts, cached=delegation.impersonation_cached)  # tickets' facts
     if route.backend_binding == "connection":
         return delegation.authorization, delegation.principal
-    return delegation.authorization(), delegation.principal
+    return Handover(delegation.authorization()), delegation.principal  # `forward_device` takes it once
 
 
 async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
@@ -216,6 +216,7 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         authorization, principal = await backend_authorization(gw, auth, route, trace)
     with trace.stage("backend"), gw.revocation.watch(request):  # ended if the certificate is revoked meanwhile
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
+        del leaf  # this request's copy of the certificate (the chain memo keeps its own): not kept while held
         result = await forward_device(request, route, gw.pools, principal, authorization, context, target)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
     if route.backend_binding == "connection":

@@ -232,6 +232,23 @@ class Pools:
 Authorization = str | Callable[[], str]  # the header's value, or how to make it (only when it is sent)
 
 
+class Handover:
+    """A header value made earlier, given to the backend stage once: the caller's frame then no longer holds
+    it, and the request's headers are its only holder until they are written (`_send`). An ActiveSync
+    `Ping` is held up to half an hour; a Negotiate token is about 1.6 KiB of it (docs/performance.md)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value: str | None = value
+
+    def __call__(self) -> str:
+        value, self._value = self._value, None
+        if value is None:  # never an empty Authorization: a request goes with its token or not at all
+            raise RuntimeError("the Authorization value was handed over already")
+        return value
+
+
 class ClientBody:
     """The device's request body as it arrives; a wait longer than `idle` seconds for more ends it.
 
@@ -310,6 +327,8 @@ async def forward_device(
         authorization=authorization if isinstance(authorization, str) else "",  # set per connection
         extra=extra_headers,
     )
+    if route.backend_binding != "connection":
+        authorization = ""  # in the headers now, and gone with them once they are written (`_send`)
     body = ClientBody(request, pools.client_body_timeout) if request.body_exists else None
     upstream = pools.upstream(route)
     with pools.lease(principal) as pool:
@@ -361,7 +380,10 @@ async def _send(
             raise
         exchange = Exchange(pool, upstream, connection)
         try:
-            head = await exchange.send(method, target, out_headers, body, route.read_timeout)
+            exchange.start(method, target, out_headers, body, route.read_timeout)
+            if fresh or not exchange.reused or method not in IDEMPOTENT:  # never sent again (see below)
+                out_headers.clear()  # a held long-poll keeps neither the token nor the headers built for it
+            head = await connection.response_head()
         except BackendClosed as e:
             await exchange.abandon()
             retry = exchange.reused and not e.answered and method in IDEMPOTENT

@@ -36,7 +36,7 @@ def trace_id() -> str:
     return _random[_taken - 8 : _taken].hex()
 
 
-@dataclass
+@dataclass(slots=True)  # no instance dict: one per request, kept while a long-poll is held
 class Trace:
     id: str = field(default_factory=trace_id)
     started: float = field(default_factory=time.perf_counter)

@@ -1,0 +1,91 @@
+"""A held long-poll keeps no Negotiate token: once the request's head is written to a real loopback backend
+that holds its answer (an ActiveSync `Ping`), the gateway holds no reference to the token it was given."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.backend.forward import Handover, Pools, forward
+from proxy.config import Route
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def held_references(method: str) -> tuple[int, int, str | None, int]:
+    """References to the token before it is handed over and while the backend holds the request; what the
+    backend received; and the device's status once the backend answered."""
+    token = "Negotiate " + "".join(chr(ord("A") + i % 26) for i in range(2000))  # made here, held by nobody else
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+    got: list[str | None] = []
+
+    async def hold(request: web.Request) -> web.Response:
+        await request.read()
+        got.append(request.headers.get("Authorization"))
+        arrived.set()
+        await release.wait()
+        return web.Response(text="pong")
+
+    backend = web.Application()
+    backend.router.add_route("*", "/{tail:.*}", hold)
+    async with serving(backend) as upstream:
+        route = Route(prefix="/", upstream=upstream, spn="HTTP/cas.lab.test")
+        pools = Pools([route])
+        before = sys.getrefcount(token)
+        handover: list[Handover] = [Handover(token)]
+
+        async def front_handler(request: web.Request) -> web.StreamResponse:
+            response, _ = await forward(request, route, pools, "alice@LAB.TEST", handover.pop())
+            return response
+
+        front = web.Application()
+        front.router.add_route("*", "/{tail:.*}", front_handler)
+        try:
+            async with serving(front) as gateway, aiohttp.ClientSession() as device:
+                call = asyncio.create_task(device.request(method, f"{gateway}/Microsoft-Server-ActiveSync", data=b"p"))
+                await asyncio.wait_for(arrived.wait(), 30)
+                held = sys.getrefcount(token)
+                release.set()
+                async with await call as answer:
+                    await answer.read()
+                    status = answer.status
+        finally:
+            await pools.close()
+    return before, held, got[0], status
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_held_request_keeps_no_token(method: str) -> None:
+    """While the backend holds the answer (a new connection, so no retry can need the head again), the gateway
+    holds no reference to the token it sent; the backend got it whole and the device its answer."""
+    before, held, sent, status = asyncio.run(held_references(method))
+    assert held == before, f"{held - before} reference(s) to the token kept while the request is held"
+    assert sent is not None
+    assert sent.startswith("Negotiate ABC")
+    assert len(sent) == 2010
+    assert status == 200
+
+
+def test_a_handover_is_taken_once() -> None:
+    """A handed-over header value is given once; asked again it raises rather than send an empty Authorization."""
+    handover = Handover("Negotiate abc")
+    assert handover() == "Negotiate abc"
+    with pytest.raises(RuntimeError, match="handed over already"):
+        handover()
