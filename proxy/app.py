@@ -26,7 +26,7 @@ from proxy.backend.forward import Pools, defer_continue
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
-from proxy.config import MAX_FIELD_BYTES, Config, IPNetwork
+from proxy.config import MAX_FIELD_BYTES, Config
 from proxy.device.aiohttp_side import AiohttpRequest
 from proxy.device.request import DeviceRequest
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
@@ -307,15 +307,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     )
     factory: Callable[[Callable[[], None]], asyncio.Protocol] = tls_gate
     if listener.proxy_protocol:  # behind a balancer: its PROXY header first, then TLS
-
-        def balancers() -> tuple[IPNetwork, ...]:
-            """The balancers believed, read per connection: a reload applies `trusted_proxies` at once. Turning
-            the PROXY protocol off needs a restart (`reload_needs_restart`); until then the list in force stays."""
-            current = live.config.listener
-            return current.trusted_proxies if current.proxy_protocol else listener.trusted_proxies
-
-        factory = proxy_protocol.gate_factory(
-            tls_gate, balancers, listener.handshake_timeout, live.metrics.proxy_header_refused
+        factory = proxy_protocol.gate_factory(  # the balancers are asked per connection: a reload applies them
+            tls_gate, lambda: live.balancers, listener.handshake_timeout, live.metrics.proxy_header_refused
         )
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
     try:

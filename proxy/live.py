@@ -38,7 +38,7 @@ from typing import Any
 import structlog
 
 from proxy import config as config_module
-from proxy.config import Config
+from proxy.config import Config, IPNetwork
 from proxy.errors import ConfigError
 from proxy.observability.metrics import Metrics
 from proxy.observability.traces import TraceRing
@@ -55,6 +55,10 @@ class Live:
     traces: TraceRing = field(default_factory=TraceRing)  # recent requests, for the admin listener's /traces
     generation: int = 1
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The balancers whose PROXY headers are believed (`listener.trusted_proxies`, asked per connection): the last
+    # configuration's that had the PROXY protocol on. Turning it off needs a restart, and until then the list
+    # last in force stays, never the one read at start (which may name a balancer a reload took off).
+    balancers: tuple[IPNetwork, ...] = ()
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
     _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
@@ -68,7 +72,7 @@ class Live:
         from proxy.app import build
         from proxy.tls.server import server_context
 
-        return cls(build(config), server_context(config))
+        return cls(build(config), server_context(config), balancers=config.listener.trusted_proxies)
 
     @property
     def config(self) -> Config:
@@ -95,6 +99,8 @@ class Live:
                 return self._refused(path, [f"{type(e).__name__}: {e}"])
             await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
             self.gateway, self.ssl_context = gateway, context
+            if gateway.config.listener.proxy_protocol:
+                self.balancers = gateway.config.listener.trusted_proxies
             self.generation += 1
             self.loaded_at = datetime.now(UTC)
             self.metrics.reloads.labels("ok").inc()
@@ -144,7 +150,10 @@ class Live:
             if now != seen:
                 log.info("reload_watch", detail="a watched file changed")
                 await self.reload()
-                seen = _fingerprint(self.config)  # a refused change is not retried until the files change again
+                # What is loaded is the files as they were before the reload read them: one rewritten meanwhile is
+                # reloaded at the next look. A file only the new configuration names counts as it is now. A
+                # refused change is not retried until the files change again.
+                seen = {f: now.get(f, stamp) for f, stamp in _fingerprint(self.config).items()}
 
 
 class _Using:

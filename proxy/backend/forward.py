@@ -62,6 +62,8 @@ from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from multidict import CIMultiDict
 
 from proxy.backend import headers
@@ -83,13 +85,20 @@ from proxy.target import OriginForm, origin_form
 log = structlog.get_logger("proxy.backend")
 
 
-def upstream_tls(route: Route) -> ssl.SSLContext:
-    """The TLS client context for an https route: its CA bundle only, or the system's CAs."""
-    return ssl.create_default_context(cafile=str(route.ca_bundle) if route.ca_bundle else None)
+def upstream_tls(route: Route, bundle: bytes | None = None) -> ssl.SSLContext:
+    """The TLS client context for an https route: the certificates of its CA bundle only, or the system's CAs.
+    `bundle` is the bundle's bytes when the caller has read them: the context trusts exactly those (the ones
+    `Pools.successor` compares), as the configuration's check read them (`x509.load_pem_x509_certificates`)."""
+    if route.ca_bundle is None:
+        return ssl.create_default_context()
+    pem = route.ca_bundle.read_bytes() if bundle is None else bundle
+    certificates = x509.load_pem_x509_certificates(pem)  # ValueError without one: a reload is then refused
+    return ssl.create_default_context(cadata=b"".join(c.public_bytes(Encoding.DER) for c in certificates))
 
 
 def _bundle(route: Route) -> bytes | None:
-    """The bytes of an https route's CA bundle (None: the system's CAs), to tell a rewritten bundle."""
+    """The bytes of an https route's CA bundle (None: the system's CAs), read once: what its context is made
+    from and what a reload compares, so a bundle rewritten between two reads never leaves the old CA trusted."""
     return route.ca_bundle.read_bytes() if route.ca_bundle else None
 
 
@@ -136,8 +145,8 @@ class Pools:
         self._max_users = max_users
         self._idle = idle_seconds
         self._clock = clock
-        self._tls = {route: upstream_tls(route) for route in routes if route.https}
-        self._bundles = {route: _bundle(route) for route in self._tls}  # what each context was made from
+        self._bundles = {route: _bundle(route) for route in routes if route.https}  # what each context trusts
+        self._tls = {route: upstream_tls(route, bundle) for route, bundle in self._bundles.items()}
         self._upstreams: dict[Route, Upstream] = {}
         self.client_body_timeout = listener.client_body_timeout if listener else 60.0
         self.client_send_timeout = listener.client_send_timeout if listener else 60.0
@@ -168,7 +177,8 @@ class Pools:
         if not route.https:
             return True
         if route not in self._tls:
-            self._tls[route] = upstream_tls(route)
+            bundle = self._bundles[route] = _bundle(route)
+            self._tls[route] = upstream_tls(route, bundle)
         return self._tls[route]
 
     def upstream(self, route: Route) -> Upstream:

@@ -229,3 +229,33 @@ def test_a_reload_applies_trusted_proxies_both_ways(lab: LabLayout, tmp_path_fac
         assert not any(e.get("client") == "203.0.113.23" for e in gw.logs())
     finally:
         assert gw.stop() == 0
+
+
+def test_a_balancer_taken_off_stays_refused_when_a_reload_turns_the_protocol_off(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A balancer taken off `trusted_proxies` by one reload stays refused after a later reload that turns
+    `proxy_protocol` off (a restart's business: the running gateway keeps reading PROXY headers, from the
+    balancers last in force). Before, that reload brought back the list read at start, and with it the
+    balancer taken off."""
+    text = runner.gateway_config(lab, gateway_port=free_port(), behind_balancer=True)  # 127.0.0.0/8 believed
+    balanced = f'proxy_protocol = true\ntrusted_proxies = ["{lab.balancer_subnet}"]\n'
+    assert balanced in text
+    gw = start_gateway(lab, tmp_path_factory.mktemp("reload-trust-off"), text)
+    try:
+        status, _ = through(lab, gw, v2_header("203.0.113.31", 40031))
+        assert status == 200
+        gw.mark()
+        gw.config_path.write_text(text.replace(balanced, balanced.replace(lab.balancer_subnet, "127.0.0.2/32")))
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_event("reloaded")
+        gw.mark()
+        gw.config_path.write_text(text.replace(balanced, ""))  # the PROXY protocol off: needs a restart
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_for("reload_needs_restart", lambda e: e.get("key") == "listener.proxy_protocol")
+        with pytest.raises((ConnectionError, OSError)):
+            through(lab, gw, v2_header("203.0.113.32", 40032))  # from 127.0.0.1, taken off the list
+        gw.wait_for("proxy_header_refused", lambda e: str(e.get("peer", "")).startswith("127.0.0.1:"))
+        assert not any(e.get("client") == "203.0.113.32" for e in gw.logs())
+    finally:
+        assert gw.stop() == 0

@@ -139,15 +139,7 @@ def test_workers_do_not_outlive_a_killed_supervisor(lab: LabLayout, two_workers:
 
 def test_a_second_gateway_on_a_served_port_refuses_to_start(lab: LabLayout, two_workers: Gateway) -> None:
     """SO_REUSEPORT would let it share the port silently: the supervisor's check refuses instead."""
-    config = two_workers.config_path
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, **lab.env()},
-    )
+    done = _run(lab, two_workers.config_path, timeout=30)
     assert done.returncode == 2
     assert f"cannot serve: 127.0.0.1:{two_workers.port}: Address already in use" in done.stderr
 
@@ -161,14 +153,7 @@ def test_a_lone_gateway_on_a_taken_port_names_listener_bind(lab: LabLayout, tmp_
         port = taken.getsockname()[1]
         config = tmp_path / "gateway.toml"
         config.write_text(lab_config(lab, port=port))
-        done = subprocess.run(
-            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env={**os.environ, **lab.env()},
-        )
+        done = _run(lab, config, timeout=60)
     assert done.returncode == 2, done.stdout + done.stderr
     wanted = f"configuration error: listener.bind: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert wanted in done.stderr
@@ -193,3 +178,15 @@ def test_workers_that_cannot_start_stop_the_supervisor(lab: LabLayout, tmp_path:
     assert done.returncode != 0, done.stdout + done.stderr
     assert time.monotonic() - started < 20
     assert "worker_failed_to_start" in done.stdout
+
+
+def _run(lab: LabLayout, config: Path, *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`kcd-proxy run` on `config` as a process of its own, until it exits (these configurations never serve)."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **lab.env()},
+    )

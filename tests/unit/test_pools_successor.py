@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from proxy.backend.forward import Pools
 from proxy.config import Listener, Route
@@ -60,3 +64,31 @@ def test_the_send_timeout_stays_and_the_body_timeout_follows_the_reload(tmp_path
     old = Pools((), base)
     new = old.successor((), dataclasses.replace(base, client_body_timeout=7.0, client_send_timeout=9.0))
     assert (new.client_body_timeout, new.client_send_timeout) == (7.0, base.client_send_timeout)
+
+
+def test_the_bundle_bytes_compared_on_reload_are_the_ones_trusted(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA rotation that lands while the pools are being made (a `[reload] watch` reload fired by the rewrite
+    itself) never leaves the old trust in place: the bytes a reload compares are those the TLS context trusts.
+    Before, the context read the file and then the bytes were read again: made from the old CA, remembered
+    as the new one, and every later reload kept the old CA's context."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(pki.root_cert.read_bytes())
+    rotated = pki.rogue_root_cert.read_bytes()
+    route = _route("/tls/", "https://cas.lab.test", bundle)
+    made = ssl.create_default_context
+
+    def made_then_rotated(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        context = made(*args, **kwargs)
+        bundle.write_bytes(rotated)  # the rotation's write lands just after the context read the file
+        return context
+
+    monkeypatch.setattr(ssl, "create_default_context", made_then_rotated)
+    old = Pools([route])
+    monkeypatch.setattr(ssl, "create_default_context", made)
+    new = old.successor([route], None)
+    trusted = new.tls(route)
+    assert isinstance(trusted, ssl.SSLContext)
+    rotated_der = x509.load_pem_x509_certificate(rotated).public_bytes(serialization.Encoding.DER)
+    assert trusted.get_ca_certs(binary_form=True) == [rotated_der]
