@@ -40,6 +40,7 @@ from types import FrameType
 import structlog
 
 from proxy.config import Listener
+from proxy.kerberos.profile import remove_overlay
 
 log = structlog.get_logger("proxy.workers")
 
@@ -134,6 +135,7 @@ def _worker(serve_one: Callable[[], int], supervisor: int) -> None:
     except Exception:
         log.exception("worker_crashed")
     finally:
+        remove_overlay()  # os._exit runs no atexit handler
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

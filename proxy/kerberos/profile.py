@@ -37,7 +37,8 @@ log = structlog.get_logger("proxy.kerberos")
 _held: dict[str | None, ctypes.c_void_p] = {}  # KRB5_CONFIG -> the context kept open for it
 _DEFAULT_PROFILE = "/etc/krb5.conf"  # MIT's, when KRB5_CONFIG is not set
 _OVERLAY = "[libdefaults]\n    forwardable = true\n"
-_overlay: list[str] = []  # the overlay file written by this process, once
+_overlay: list[str] = []  # the overlay file in force in this process, written once (or inherited over a fork)
+_written: dict[int, str] = {}  # pid -> the overlay file that process wrote, which only it removes
 
 
 def use_profile(krb5_config: Path | None) -> str:
@@ -57,20 +58,25 @@ def use_profile(krb5_config: Path | None) -> str:
 def _overlay_file() -> str | None:
     if not _overlay:
         try:
-            fd, path = tempfile.mkstemp(prefix="kcd-proxy-krb5-", suffix=".conf")
+            fd, path = tempfile.mkstemp(prefix=f"kcd-proxy-krb5-{os.getpid()}-", suffix=".conf")
             with os.fdopen(fd, "w") as out:
                 out.write(_OVERLAY)
         except OSError as e:
             log.warning("krb5_overlay_not_written", reason=str(e), fix="set forwardable = true in krb5.conf")
             return None
-        atexit.register(_remove, path)
+        _written[os.getpid()] = path
+        atexit.register(remove_overlay)
         _overlay.append(path)
     return _overlay[0]
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        Path(path).unlink()
+def remove_overlay() -> None:
+    """Remove the overlay file this process wrote, if any: at exit, and from a forked worker's own exit
+    (`os._exit` runs no atexit handler). A file inherited over a fork is its writer's to remove."""
+    path = _written.pop(os.getpid(), None)
+    if path is not None:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
 
 
 def hold_profile() -> bool:

@@ -92,6 +92,21 @@ def test_two_workers_serve_requests_and_sigterm_stops_all(lab: LabLayout, two_wo
     assert stopped == set(workers)
 
 
+def _overlays(pid: int) -> list[Path]:
+    """The krb5.conf overlay files (proxy.kerberos.profile) that process `pid` wrote."""
+    return sorted(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"kcd-proxy-krb5-{pid}-*.conf"))
+
+
+def test_each_worker_removes_its_krb5_overlay_when_it_stops(lab: LabLayout, two_workers: Gateway) -> None:
+    """Each worker writes its own krb5.conf overlay and removes it on SIGTERM, though a worker ends by os._exit
+    (no atexit handler): a gateway restarted by a service manager leaves no file behind per start."""
+    gw = two_workers
+    workers = _listening_pids(gw, 2)
+    assert all(len(_overlays(pid)) == 1 for pid in workers)
+    assert gw.stop() == 0
+    assert [p for pid in workers for p in _overlays(pid)] == []
+
+
 def test_a_worker_that_dies_is_replaced(lab: LabLayout, two_workers: Gateway) -> None:
     """A worker killed outright is replaced; the gateway keeps serving with two workers."""
     gw = two_workers
