@@ -1,12 +1,12 @@
 """Header rewriting between the device and the backend. Pure functions, no I/O.
 
 Towards the backend, the gateway is the only source of identity: the client's own `Authorization`,
-`Proxy-Authorization` and anything that looks like an identity header (a known name or prefix, or a name
-whose last word is one of `IDENTITY_LAST_WORDS`, or that has the word `authenticated`) are dropped, whatever
-their case and whether they spell `-` as `_` (a backend behind a CGI or WSGI layer sees `X_Remote_User` and
-`X-Remote-User` as the same variable). Headers with an underscore are dropped altogether, as nginx does
-by default. Hop-by-hop headers, and those the client names in `Connection`, end at the gateway.
-`X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own, never the client's.
+`Proxy-Authorization` and anything that looks like an identity header (a known name or prefix, a name whose
+last word is one of `IDENTITY_LAST_WORDS` or that has the word `authenticated`, an `X-` name with a word of
+`IDENTITY_WORDS`) are dropped, whatever their case and whether they spell `-` as `_` (a backend behind a CGI
+or WSGI layer sees `X_Remote_User` and `X-Remote-User` as the same variable). Headers with an underscore are
+dropped altogether, as nginx does by default. Hop-by-hop headers, and those the client names in `Connection`,
+end at the gateway. `X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own, never the client's.
 
 `Expect` ends at the gateway too: the gateway answers `100 Continue` itself once it has decided to
 forward, and the backend gets the body straight away.
@@ -97,7 +97,14 @@ IDENTITY_PREFIXES = (
 # keeps up with them. No standard request header ends in one of these (`User-Agent` ends in "agent").
 IDENTITY_LAST_WORDS = frozenset(
     {"user", "username", "userid", "uid", "upn", "principal", "identity", "email", "login", "account"}
+    | {"userinfo", "groups", "roles", "sid", "claims"}  # what the user is, beside who (`X-Webauth-Groups`)
 )
+# Words that, anywhere in an `X-` name, say the header describes the caller (`X-User-Id`, `X-User-Sid`,
+# `X-Consumer-Id`, an API gateway's): no such name is Exchange's except its mailbox headers (below).
+IDENTITY_WORDS = frozenset({"user", "consumer"})
+# Tokens a front end hands its backend as the caller's credential (`X-Id-Token`, `X-Access-Token`, an OIDC
+# proxy's). Not every `...-Token`: a web application's own `X-CSRF-Token` passes.
+IDENTITY_TOKENS = frozenset({"x-id-token", "x-access-token", "x-auth-request-access-token"})
 # Exchange's own client headers that name a mailbox, not who the caller is: Exchange authorizes them against the
 # Kerberos identity the gateway delegated (Outlook's MAPI/HTTP and Autodiscover `X-User-Identity`, OWA's explicit
 # logon to a shared mailbox). They pass, as `X-AnchorMailbox` does.
@@ -115,7 +122,9 @@ def is_identity_header(name: str) -> bool:
     if n in EXCHANGE_MAILBOX_HEADERS:
         return False
     words = n.split("-")
-    return words[-1] in IDENTITY_LAST_WORDS or "authenticated" in words
+    if words[-1] in IDENTITY_LAST_WORDS or "authenticated" in words or n in IDENTITY_TOKENS:
+        return True
+    return words[0] == "x" and not IDENTITY_WORDS.isdisjoint(words[1:])
 
 
 def _connection_tokens(headers: MultiMapping[str]) -> set[str]:

@@ -262,6 +262,17 @@ def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> N
         "X-Amzn-Oidc-Identity: mallory",
         "X-Ms-Proxy-Principal: mallory",
         "X-Login: mallory",
+        "X-User-Id: mallory",
+        "X-User-Sid: mallory",
+        "X-User-Groups: mallory",
+        "X-Webauth-Groups: mallory",
+        "X-Roles: mallory",
+        "X-Userinfo: mallory",
+        "X-Consumer-Id: mallory",
+        "X-Id-Token: mallory",
+        "X-Access-Token: mallory",
+        "X-CSRF-Token: csrf-kept",
+        "X-Request-Id: id-kept",
         "X-Anchormailbox: alice@lab.test",
         "X-User-Identity: alice@lab.test",
         "X-OWA-ExplicitLogonUser: shared@lab.test",
@@ -275,6 +286,8 @@ def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> N
     assert got.headers("X-User-Identity") == ["alice@lab.test"]
     assert got.headers("X-OWA-ExplicitLogonUser") == ["shared@lab.test"]
     assert got.headers("User-Agent") == ["Outlook-iOS/2.0"]
+    assert got.headers("X-CSRF-Token") == ["csrf-kept"]
+    assert got.headers("X-Request-Id") == ["id-kept"]
 
 
 @pytest.mark.parametrize(
