@@ -8,7 +8,7 @@ user's connections: per upstream, a deque of idle `BackendConnection`s, at most 
 open at once (more requests wait for one), an idle one closed after `KEEPALIVE_SECONDS`. A connection
 never leaves the pool it was opened for, so it never carries two users. There are no tracing hooks, no
 cookie jar, no URL parsing per request: the request head is one string join of what the caller hands
-over (`Exchange.send`), the target as the gateway read it (`proxy.target`).
+over (`Exchange.start`), the target as the gateway read it (`proxy.target`).
 
 A `BackendConnection` is one asyncio `Protocol` per TCP or TLS connection. The answer is parsed by llhttp
 (`httptools`) with none of its leniencies, and refused (the connection is closed; the request gets a 502,
@@ -700,18 +700,6 @@ class Exchange:
         self.connection = connection
         self.reused = connection.exchanges > 0
         self._writer: asyncio.Task[None] | None = None
-
-    async def send(
-        self,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: AsyncIterable[bytes] | None,
-        read_timeout: float,
-    ) -> ResponseHead:
-        """Write the request and wait for the answer's head."""
-        self.start(method, target, headers, body, read_timeout)
-        return await self.connection.response_head()
 
     def start(
         self,

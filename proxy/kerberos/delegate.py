@@ -359,15 +359,7 @@ class Delegator:
         start = time.perf_counter()
         try:
             ticket = self._exchange_blocking(user, gss_target)
-            settings = self._settings
-            account = kdc_account(
-                user,
-                ticket.pac,
-                ticket.pac_unreadable,
-                client=ticket.evidence_client,
-                policy=settings.kdc_account,
-                proxy=settings.principal,
-            )
+            account = ticket.account_for(user, self._settings)
             token = self._token(ticket.creds, gss_target)
         except _StepFailed as e:
             raise self._step_error(e, user.principal, spn) from None

@@ -17,8 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from proxy.lab.backend import (
 )
 from tests.integration._mini_realm import MiniRealm, free_port, start_mini_realm
 from tests.integration.jsonlog import WAIT
+from tests.integration.loopback import serving
 
 REPO = Path(__file__).resolve().parents[2]
 CAS = "HTTP/cas.lab.test"
@@ -124,20 +124,6 @@ def cas_app(realm: MiniRealm, tmp_path: Path) -> web.Application:
 def bound_app(realm: MiniRealm, tmp_path: Path) -> web.Application:
     """The backend in connection-bound (IIS authPersistNonNTLM) mode."""
     return make_app(realm.keytabs[CAS], connection_bound=True, rcache=tmp_path / "cas.rcache2")
-
-
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """Run `app` on a free loopback port; yields its base URL."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def one_connection() -> aiohttp.ClientSession:

@@ -5,8 +5,7 @@ stops the request before any byte reaches the backend."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -15,6 +14,7 @@ from aiohttp import web
 from proxy.backend.forward import Pools, forward
 from proxy.config import Route
 from proxy.errors import GatewayError, KerberosRefused
+from tests.integration.loopback import serving
 
 
 @dataclass
@@ -49,19 +49,6 @@ def front_app(route: Route, pools: Pools, authorization: Callable[[], str]) -> w
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     return app
-
-
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 async def scenario(tokens: Callable[[], str], requests: int) -> tuple[Seen, list[int]]:

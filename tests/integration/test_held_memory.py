@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
@@ -14,18 +12,7 @@ from aiohttp import web
 
 from proxy.backend.forward import Handover, Pools, forward
 from proxy.config import Route
-
-
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+from tests.integration.loopback import serving
 
 
 async def held_references(method: str) -> tuple[int, int, str | None, int]:
