@@ -1,4 +1,4 @@
-"""Two OpenSSL limits on what a client may send as its certificate chain, which Python's `ssl` lacks.
+"""What Python's `ssl` lacks, reached through ctypes: two limits on the client's chain, and fresh memory BIOs.
 
 A client chooses the chain it sends in its Certificate message. OpenSSL parses all of it and, to verify
 the client's certificate, builds paths through it up to its verify depth (100 by default): a long chain
@@ -16,6 +16,17 @@ header of an `SSLContext` (Modules/_ssl.c, `PySSLContext`); that layout is not a
 writing anything the pointer is checked against two values Python does expose (the verify mode and the
 options), and read back afterwards. If any check fails, nothing is written and the reason is returned
 for the start-up log: the gateway then runs with OpenSSL's defaults.
+
+Fresh memory BIOs (`fresh_bios`). A memory BIO's buffer grows to the most bytes it ever held at once and
+never shrinks (OpenSSL's `BUF_MEM_grow_clean`): after a handshake the outgoing BIO keeps the size of the
+server's whole flight (about 1.9 KiB here: its certificate chain, the CertificateRequest, the session
+tickets) and the incoming BIO the client's (about 1.1 KiB: its certificate), for the connection's life,
+3 KiB of every held long-poll (heaptrack, docs/performance.md, "Outside Python"). Python's `SSLObject`
+cannot be given other BIOs, so once both are drained, new ones are set on its `SSL` with `SSL_set0_rbio`
+and `SSL_set0_wbio`. CPython keeps the `SSL *` right after the socket weakref of its `_ssl._SSLSocket`
+(Modules/_ssl.c, `PySSLSocket`) and a memory BIO's `BIO *` right after the object header
+(`PySSLMemoryBIO`); neither is an API, so the pointers are used only when the `SSL`'s own read and write
+BIOs are the two BIOs Python says the object has, and nothing is changed otherwise.
 """
 
 from __future__ import annotations
@@ -43,6 +54,14 @@ def _libssl() -> ctypes.CDLL:
     lib.SSL_CTX_get_options.restype = ctypes.c_uint64
     lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    for name in ("SSL_get_rbio", "SSL_get_wbio"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_void_p
+    for name in ("SSL_set0_rbio", "SSL_set0_wbio"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        getattr(lib, name).restype = None
+    lib.BIO_up_ref.argtypes = [ctypes.c_void_p]
+    lib.BIO_up_ref.restype = ctypes.c_int
     return lib
 
 
@@ -76,3 +95,43 @@ def limit_client_chain(ctx: ssl.SSLContext, *, depth: int, max_bytes: int) -> st
     if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_MAX_CERT_LIST, 0, None) != max_bytes:
         return "the Certificate message limit did not take"
     return None
+
+
+_POINTER = ctypes.sizeof(ctypes.c_void_p)
+
+
+def _ssl(sslobj: ssl.SSLObject) -> int | None:
+    """Where CPython keeps the `SSL *` of `sslobj` (checked by the caller before any use)."""
+    inner = sslobj._sslobj  # type: ignore[attr-defined]
+    pointer: int | None = ctypes.c_void_p.from_address(id(inner) + object.__basicsize__ + _POINTER).value
+    return pointer
+
+
+def _bio(bio: ssl.MemoryBIO) -> int | None:
+    """Where CPython keeps the `BIO *` of `bio`."""
+    pointer: int | None = ctypes.c_void_p.from_address(id(bio) + object.__basicsize__).value
+    return pointer
+
+
+def fresh_bios(
+    sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None:
+    """New, empty memory BIOs for `sslobj` in place of `incoming` and `outgoing`, whose buffers are freed when
+    the caller drops them. Bytes still in `incoming` move to the new one; `outgoing` must be drained. None
+    when this Python's objects do not have the layout expected (nothing was changed then)."""
+    if outgoing.pending:
+        raise ValueError("the outgoing BIO still holds records to send")
+    lib = _libssl()
+    ssl_pointer = _ssl(sslobj)
+    if ssl_pointer is None:
+        return None
+    if lib.SSL_get_rbio(ssl_pointer) != _bio(incoming) or lib.SSL_get_wbio(ssl_pointer) != _bio(outgoing):
+        return None
+    new_in, new_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    if incoming.pending:
+        new_in.write(incoming.read())
+    lib.BIO_up_ref(_bio(new_in))  # SSL_set0_* take one reference; the Python objects keep theirs
+    lib.BIO_up_ref(_bio(new_out))
+    lib.SSL_set0_rbio(ssl_pointer, _bio(new_in))  # frees the SSL's reference to the old ones
+    lib.SSL_set0_wbio(ssl_pointer, _bio(new_out))
+    return new_in, new_out

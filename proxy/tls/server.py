@@ -39,7 +39,7 @@ import structlog
 
 from proxy.certs.chain import load_certificates
 from proxy.config import Config
-from proxy.tls.openssl import limit_client_chain
+from proxy.tls.openssl import fresh_bios, limit_client_chain
 from proxy.tls.record import TlsRecords
 
 log = structlog.get_logger("proxy.tls")
@@ -317,15 +317,18 @@ def _take_records(
         return None
     if p._write_backlog or p._app_reading_paused:  # nothing writes or pauses before the server has it
         return None
+    if p._outgoing.pending:
+        stream.write(p._outgoing.read())
+    # The handshake's flights stay in the BIOs' buffers for the connection's life unless the BIOs are new
+    # (proxy.tls.openssl.fresh_bios: 3 KiB of every held long-poll).
+    incoming, outgoing = fresh_bios(p._sslobj, p._incoming, p._outgoing) or (p._incoming, p._outgoing)
     records = TlsRecords(
-        stream, p._sslobj, p._incoming, p._outgoing, (p._ssl_buffer, p._ssl_buffer_view), peername=client, closed=closed
+        stream, p._sslobj, incoming, outgoing, (p._ssl_buffer, p._ssl_buffer_view), peername=client, closed=closed
     )
     if p._app_transport is not None:
         p._app_transport._closed = True  # asyncio's "unclosed transport" warning: it is closed, by us
-    p._app_transport = p._app_protocol = p._transport = None
+    p._app_transport = p._app_protocol = p._transport = p._incoming = p._outgoing = None
     stream.set_protocol(records)
-    if p._outgoing.pending:
-        stream.write(p._outgoing.read())
     return records
 
 
