@@ -4,9 +4,10 @@ Runs the gateway's own command line (`python -m bench.native run --config F`, as
 SIGUSR1 it writes, to the JSON file named by `KCD_BENCH_SNAPSHOT`, what glibc's allocator and the kernel
 say about the process: `mallinfo2()` (bytes in use and free in the main arena and the others, in mmap'd
 blocks), the arenas of `malloc_info()` (one per thread that allocated: the KDC executor's threads make
-their own), the threads, `/proc/self/smaps_rollup`, and Python's own allocator (`sys._debugmallocstats`
-is too slow here; `sys.getallocatedblocks()` counts obmalloc's blocks). The bench takes one snapshot
-before the long-polls are held and one while they are (bench/run.py `native_breakdown`).
+their own), the threads, `/proc/self/smaps_rollup`, and Python's own allocator for objects of up to 512
+bytes, whose arenas are mapped outside malloc (`sys._debugmallocstats`: bytes in its arenas, in blocks in
+use, free in partly used pools). The bench takes one snapshot before the long-polls are held and one while
+they are, and divides the difference by their number.
 
 A bench tool, not a way to run the gateway.
 """
@@ -19,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
@@ -60,6 +62,30 @@ def arenas(xml: str) -> list[dict[str, int]]:
     return out
 
 
+def obmalloc() -> dict[str, int]:
+    """Python's small-object allocator, from `sys._debugmallocstats` (which writes to C's stderr)."""
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+    figures = {}
+    for key, pattern in (
+        ("arena_bytes", r"# bytes lost to arena alignment\s*=\s*[\d,]+\nTotal\s*=\s*([\d,]+)"),
+        ("in_blocks", r"# bytes in allocated blocks\s*=\s*([\d,]+)"),
+        ("free_in_pools", r"# bytes in available blocks\s*=\s*([\d,]+)"),
+        ("unused_pools", r"unused pools \* \d+ bytes\s*=\s*([\d,]+)"),
+    ):
+        found = re.search(pattern, text, re.S)
+        figures[key] = int(found.group(1).replace(",", "")) if found else -1
+    return figures
+
+
 def probe() -> dict[str, object]:
     info = _libc.mallinfo2()
     rollup = {}
@@ -74,6 +100,7 @@ def probe() -> dict[str, object]:
         "os_threads": sum(1 for _ in Path("/proc/self/task").iterdir()),
         "smaps_rollup": rollup,
         "python_blocks": sys.getallocatedblocks(),
+        "obmalloc": obmalloc(),
     }
 
 

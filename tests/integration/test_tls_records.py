@@ -18,6 +18,7 @@ import pytest
 
 from proxy.lab.backend import body_pattern
 from proxy.lab.layout import LabLayout
+from proxy.tls import openssl
 from proxy.tls import server as tls_server
 from proxy.tls.record import TlsRecords
 from tests.integration.conftest import Gateway, client_context
@@ -246,9 +247,20 @@ def test_a_tls12_renegotiation_request_after_a_request_ends_the_connection(lab: 
     assert b"no renegotiation" in rest, rest
 
 
-def test_the_handshaken_connection_is_taken_from_asyncio(lab: LabLayout) -> None:
+def test_the_handshaken_connection_is_taken_from_asyncio(lab: LabLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the listener's handshake the gateway's own server is handed a `TlsRecords`, not asyncio's TLS
-    transport: fails if asyncio's `SSLProtocol` stops having what `_take_records` takes (a CPython upgrade)."""
+    transport, reading and writing through new memory BIOs (the handshake's buffers freed): fails if asyncio's
+    `SSLProtocol` stops having what `_take_records` takes, or if CPython's objects stop having the layout
+    `fresh_bios` expects (a CPython upgrade)."""
+    swapped: list[tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None] = []
+
+    def fresh_bios(
+        sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+    ) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None:
+        swapped.append(openssl.fresh_bios(sslobj, incoming, outgoing))
+        return swapped[-1]
+
+    monkeypatch.setattr(tls_server, "fresh_bios", fresh_bios)
 
     async def run() -> type:
         handed: asyncio.Future[asyncio.BaseTransport] = asyncio.get_running_loop().create_future()
@@ -281,6 +293,10 @@ def test_the_handshaken_connection_is_taken_from_asyncio(lab: LabLayout) -> None
         assert isinstance(ssl_object, ssl.SSLObject)  # what the certificate stages read the client certificate from
         assert transport.get_extra_info("cipher") == ssl_object.cipher()
         assert transport.get_extra_info("peername")[0] == "127.0.0.1"
+        assert len(swapped) == 1
+        assert swapped[0] is not None, "the handshake's BIOs were kept"
+        fresh_in, fresh_out = swapped[0]
+        assert (transport._incoming, transport._outgoing) == (fresh_in, fresh_out)  # type: ignore[attr-defined]
         return type(transport)
 
     assert asyncio.run(run()) is TlsRecords
