@@ -64,6 +64,7 @@ from multidict import CIMultiDict, MultiMapping
 from proxy.device.framing import ChunkedEnd, head_end
 from proxy.errors import BadRequest
 from proxy.tls.limits import refuse_header_block
+from proxy.tls.record import TlsRecords
 from proxy.tls.server import peer_text, socket_transport
 
 log = structlog.get_logger("proxy.device")
@@ -667,6 +668,8 @@ class DeviceConnection(asyncio.Protocol):
             else:
                 self.resume(_QUEUE)
                 self._arm_idle()
+                if isinstance(self.transport, TlsRecords):
+                    self.transport.between_requests()  # buffers grown by the last answer are given back
             return
         queued = self._queue.pop(0)
         if isinstance(queued, _TooLarge):

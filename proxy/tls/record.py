@@ -18,6 +18,13 @@ are taken from asyncio's TLS protocol and driven here, by one object that is bot
   rule), discarding what else arrives; the device's close_notify or a TCP end is the server's
   `eof_received`, and then the connection closes.
 
+A memory BIO keeps the largest buffer it ever needed for the connection's life (OpenSSL's `BUF_MEM` never
+shrinks): the handshake's flights, and then any large answer or upload, about 4/3 of the most bytes it held
+at once (a 64 KiB answer: about 100 KiB per connection, kept through a long-poll held afterwards). So the
+BIOs are replaced by empty ones when the connection is taken over, and again when the server waits for the
+device's next request (`between_requests`) after one of them held more than `KEEP_BIO_BYTES`
+(`proxy.tls.openssl.fresh_bios`, about 8 µs: once per connection, and once per request that moved more).
+
 Why: asyncio's protocol, its application transport and their buffers and state were 2.7 KiB of Python
 (3.5 KiB of RSS) of every held long-poll, the gateway's binding limit in front of Exchange; a keep-alive
 request costs 1-2% less CPU (docs/performance.md, "The device's TLS records"). Not done: taking the socket
@@ -32,7 +39,10 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from proxy.tls.openssl import fresh_bios
+
 SHUTDOWN_TIMEOUT = 30.0  # asyncio's ssl_shutdown_timeout: how long a close waits for the device's close_notify
+KEEP_BIO_BYTES = 8 * 1024  # a BIO that held more at once is replaced between requests
 _READ = 32 * 1024
 
 _OPEN, _SHUTDOWN, _CLOSED = 0, 1, 2
@@ -46,6 +56,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         "_app_paused",
         "_buffer",
         "_closed",
+        "_grown",
         "_incoming",
         "_loop",
         "_outgoing",
@@ -81,6 +92,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         self._app_paused = False
         self._state = _OPEN
         self._timer: asyncio.TimerHandle | None = None
+        self._grown = False  # a BIO held more than KEEP_BIO_BYTES since it was made
 
     # -- the socket transport's protocol ----------------------------------------------------------------------
 
@@ -89,6 +101,8 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._incoming.write(self._view[:nbytes])
+        if self._incoming.pending > KEEP_BIO_BYTES:
+            self._grown = True
         if self._state == _OPEN:
             if not self._app_paused:
                 self._read()
@@ -152,7 +166,20 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
 
     def _flush(self) -> None:
         if self._outgoing.pending:
-            self._stream.write(self._outgoing.read())
+            records = self._outgoing.read()
+            if len(records) > KEEP_BIO_BYTES:
+                self._grown = True
+            self._stream.write(records)
+
+    def between_requests(self) -> None:
+        """The server waits for the device's next request: BIOs that held more than `KEEP_BIO_BYTES` for the last
+        exchange (a large answer, an upload) are replaced by empty ones, so that what the connection does next,
+        a long-poll held for half an hour say, does not keep their buffers."""
+        if self._grown and self._state == _OPEN and not self._outgoing.pending:
+            self._grown = False
+            fresh = fresh_bios(self._sslobj, self._incoming, self._outgoing)
+            if fresh is not None:
+                self._incoming, self._outgoing = fresh
 
     def _shutdown(self) -> None:
         try:

@@ -300,3 +300,62 @@ def test_the_handshaken_connection_is_taken_from_asyncio(lab: LabLayout, monkeyp
         return type(transport)
 
     assert asyncio.run(run()) is TlsRecords
+
+
+def test_bios_grown_by_a_large_answer_are_replaced_between_requests(
+    lab: LabLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BIO keeps the largest buffer it needed: after an answer of 64 KiB the connection's BIOs are replaced
+    when the server waits for the next request (and not after small answers, nor while an answer is written),
+    and the connection goes on through the new ones: fails when `between_requests` keeps the grown BIOs."""
+    from proxy.tls import record
+
+    swaps: list[tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None] = []
+
+    def fresh_bios(
+        sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+    ) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None:
+        swaps.append(openssl.fresh_bios(sslobj, incoming, outgoing))
+        return swaps[-1]
+
+    monkeypatch.setattr(record, "fresh_bios", fresh_bios)
+
+    async def run() -> list[int]:
+        handed: asyncio.Future[TlsRecords] = asyncio.get_running_loop().create_future()
+        after_each: list[int] = []
+
+        class Server(asyncio.Protocol):
+            takes_tls_records = True
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                assert isinstance(transport, TlsRecords)
+                handed.set_result(transport)
+
+            def data_received(self, data: bytes) -> None:
+                transport = handed.result()
+                size = int(data)
+                transport.write(b"x" * size)
+                transport.between_requests()
+                after_each.append(len(swaps))
+                if size == 0:
+                    transport.close()
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(lab.pki_dir / "server-chain.pem", lab.pki_dir / "server.key")
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: tls_server.TlsGate(Server(), ctx, 10), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="127.0.0.1")
+        for size in (1000, 65536, 1000, 0):
+            writer.write(b"%d" % size)
+            assert len(await asyncio.wait_for(reader.readexactly(size), 30)) == size
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # the close_notify, through the new BIOs
+        writer.close()
+        transport = await handed
+        server.close()
+        assert swaps[-1] is not None
+        assert (transport._incoming, transport._outgoing) == swaps[-1]
+        return after_each
+
+    assert asyncio.run(run()) == [0, 1, 1, 1]
