@@ -21,9 +21,12 @@ are taken from asyncio's TLS protocol and driven here, by one object that is bot
 A memory BIO keeps the largest buffer it ever needed for the connection's life (OpenSSL's `BUF_MEM` never
 shrinks): the handshake's flights, and then any large answer or upload, about 4/3 of the most bytes it held
 at once (a 64 KiB answer: about 100 KiB per connection, kept through a long-poll held afterwards). So the
-BIOs are replaced by empty ones when the connection is taken over, and again when the server waits for the
-device's next request (`between_requests`) after one of them held more than `KEEP_BIO_BYTES`
-(`proxy.tls.openssl.fresh_bios`, about 8 µs: once per connection, and once per request that moved more).
+BIOs are replaced by empty ones when the connection is taken over, and `RELEASE_AFTER` seconds after the
+server waits for the device's next request (`between_requests`) if one of them held more than
+`KEEP_BIO_BYTES` (`proxy.tls.openssl.fresh_bios`: about 8 µs, and the old buffers are wiped as they are
+freed). Not at once: a device fetching large answers one after another would pay for new buffers on every
+request; this way a connection pays at most once a second, and a long-poll held after a large answer is
+held without them.
 
 Why: asyncio's protocol, its application transport and their buffers and state were 2.7 KiB of Python
 (3.5 KiB of RSS) of every held long-poll, the gateway's binding limit in front of Exchange; a keep-alive
@@ -43,6 +46,7 @@ from proxy.tls.openssl import fresh_bios
 
 SHUTDOWN_TIMEOUT = 30.0  # asyncio's ssl_shutdown_timeout: how long a close waits for the device's close_notify
 KEEP_BIO_BYTES = 8 * 1024  # a BIO that held more at once is replaced between requests
+RELEASE_AFTER = 1.0  # seconds from the end of such an exchange to the replacement
 _READ = 32 * 1024
 
 _OPEN, _SHUTDOWN, _CLOSED = 0, 1, 2
@@ -61,6 +65,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         "_loop",
         "_outgoing",
         "_peername",
+        "_release",
         "_sslobj",
         "_state",
         "_stream",
@@ -93,6 +98,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         self._state = _OPEN
         self._timer: asyncio.TimerHandle | None = None
         self._grown = False  # a BIO held more than KEEP_BIO_BYTES since it was made
+        self._release: asyncio.TimerHandle | None = None  # the replacement, when one is due
 
     # -- the socket transport's protocol ----------------------------------------------------------------------
 
@@ -118,6 +124,9 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = _CLOSED
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -172,14 +181,20 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
             self._stream.write(records)
 
     def between_requests(self) -> None:
-        """The server waits for the device's next request: BIOs that held more than `KEEP_BIO_BYTES` for the last
-        exchange (a large answer, an upload) are replaced by empty ones, so that what the connection does next,
-        a long-poll held for half an hour say, does not keep their buffers."""
-        if self._grown and self._state == _OPEN and not self._outgoing.pending:
-            self._grown = False
-            fresh = fresh_bios(self._sslobj, self._incoming, self._outgoing)
-            if fresh is not None:
-                self._incoming, self._outgoing = fresh
+        """The server waits for the device's next request: if a BIO held more than `KEEP_BIO_BYTES` for the last
+        exchange (a large answer, an upload), both are replaced by empty ones `RELEASE_AFTER` seconds later, so
+        that what the connection does next, a long-poll held for half an hour say, does not keep their buffers."""
+        if self._grown and self._release is None and self._state == _OPEN:
+            self._release = self._loop.call_later(RELEASE_AFTER, self._release_bios)
+
+    def _release_bios(self) -> None:
+        self._release = None
+        if self._state != _OPEN or self._outgoing.pending:
+            return
+        self._grown = False
+        fresh = fresh_bios(self._sslobj, self._incoming, self._outgoing)
+        if fresh is not None:
+            self._incoming, self._outgoing = fresh
 
     def _shutdown(self) -> None:
         try:

@@ -306,23 +306,26 @@ def test_bios_grown_by_a_large_answer_are_replaced_between_requests(
     lab: LabLayout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A BIO keeps the largest buffer it needed: after an answer of 64 KiB the connection's BIOs are replaced
-    when the server waits for the next request (and not after small answers, nor while an answer is written),
-    and the connection goes on through the new ones: fails when `between_requests` keeps the grown BIOs."""
+    `RELEASE_AFTER` after the server waits for the next request (nothing is due after small answers), and the
+    connection goes on through the new ones: fails when `between_requests` keeps the grown BIOs."""
     from proxy.tls import record
 
     swaps: list[tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None] = []
+    swapped = asyncio.Event()
 
     def fresh_bios(
         sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
     ) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None:
         swaps.append(openssl.fresh_bios(sslobj, incoming, outgoing))
+        swapped.set()
         return swaps[-1]
 
     monkeypatch.setattr(record, "fresh_bios", fresh_bios)
+    monkeypatch.setattr(record, "RELEASE_AFTER", 0.2)
 
-    async def run() -> list[int]:
+    async def run() -> None:
         handed: asyncio.Future[TlsRecords] = asyncio.get_running_loop().create_future()
-        after_each: list[int] = []
+        due: list[bool] = []  # after each answer: is a replacement due?
 
         class Server(asyncio.Protocol):
             takes_tls_records = True
@@ -336,7 +339,7 @@ def test_bios_grown_by_a_large_answer_are_replaced_between_requests(
                 size = int(data)
                 transport.write(b"x" * size)
                 transport.between_requests()
-                after_each.append(len(swaps))
+                due.append(transport._release is not None)
                 if size == 0:
                     transport.close()
 
@@ -347,15 +350,25 @@ def test_bios_grown_by_a_large_answer_are_replaced_between_requests(
         port = server.sockets[0].getsockname()[1]
         client = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="127.0.0.1")
-        for size in (1000, 65536, 1000, 0):
+
+        async def exchange(size: int) -> None:
             writer.write(b"%d" % size)
             assert len(await asyncio.wait_for(reader.readexactly(size), 30)) == size
+
+        await exchange(1000)
+        await exchange(65536)
+        assert due == [False, True]
+        assert swaps == []  # not at once
+        await asyncio.wait_for(swapped.wait(), 30)
+        assert len(swaps) == 1
+        assert swaps[0] is not None
+        await exchange(1000)
+        await exchange(0)
+        assert due == [False, True, False, False]
         assert await asyncio.wait_for(reader.read(), 30) == b""  # the close_notify, through the new BIOs
         writer.close()
         transport = await handed
         server.close()
-        assert swaps[-1] is not None
-        assert (transport._incoming, transport._outgoing) == swaps[-1]
-        return after_each
+        assert (transport._incoming, transport._outgoing) == swaps[0]
 
-    assert asyncio.run(run()) == [0, 1, 1, 1]
+    asyncio.run(run())
