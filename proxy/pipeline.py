@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 import structlog
@@ -35,7 +35,7 @@ from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import ChainFacts, VerifiedChains
 from proxy.certs.restrictions import Admission, admit
 from proxy.certs.revocation import CrlSet
-from proxy.config import Config, Identity, MappingMode, Route
+from proxy.config import Config, Identity, Route
 from proxy.device.request import DeviceRequest
 from proxy.directory import Directory
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
@@ -141,7 +141,7 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
     if gw.directory is not None:  # only with mapping "strong" / "strong-or-audit" (`proxy.app.build`, reloads)
         with trace.stage("mapping"):
-            mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity.mapping, trace, now)
+            mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity, trace, now)
         if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
             proven = {"principal": mapping.principal, "realm": gw.directory.realm, "account": mapping.account_name}
             user = dataclasses.replace(user, enterprise=None, **proven)
@@ -157,9 +157,10 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
 
 
 async def map_certificate(
-    directory: Directory, leaf: x509.Certificate, user: UserPrincipal, mode: MappingMode, trace: Trace, now: datetime
+    directory: Directory, leaf: x509.Certificate, user: UserPrincipal, identity: Identity, trace: Trace, now: datetime
 ) -> Mapping:
     """The mapping stage: the account the UPN names, its state, and whether the certificate is tied to it."""
+    mode = identity.mapping
     account = await directory.lookup(user.upn)
     if account is None:
         mapping = no_account(user.upn, directory.base_dn, mode)  # refused in strong; weak in strong-or-audit
@@ -167,7 +168,8 @@ async def map_certificate(
         return mapping
     trace.note(account_dn=account.dn, account_sid=str(account.sid))
     account_state(account, now)  # disabled, locked out, expired: refused before any KDC request
-    mapping = decide(leaf, account, mode, directory.realm)
+    backdating = timedelta(seconds=identity.certificate_backdating_compensation)
+    mapping = decide(leaf, account, mode, directory.realm, backdating)
     trace.note(**mapping.as_facts())
     trace.detail("mapping", mapping=mapping)
     return mapping
