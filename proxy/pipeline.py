@@ -41,7 +41,7 @@ from proxy.directory import Directory
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
 from proxy.identity.constraints import require_within
 from proxy.identity.mapping import Mapping, account_state, decide, no_account
-from proxy.identity.principal import UserPrincipal, map_name
+from proxy.identity.principal import UserPrincipal, map_certificate_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegator
@@ -98,7 +98,7 @@ def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.C
         wanted = " or ".join(SOURCE_NAMES[source] for source in identity.sources)
         raise IdentityRejected(f"the certificate carries no {wanted}; ask for a certificate issued for your account")
     name, source = found
-    user = map_name(name, identity, source=source)
+    user = map_certificate_name(name, source, identity)
     if "@" in name:
         require_within(name, cas)
     return user
