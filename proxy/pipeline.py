@@ -41,7 +41,7 @@ from proxy.directory import Directory
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
 from proxy.identity.constraints import require_within
 from proxy.identity.mapping import Mapping, account_state, decide, no_account
-from proxy.identity.principal import UserPrincipal, map_certificate_name
+from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegator
@@ -92,7 +92,8 @@ class Gateway:
 
 def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.Certificate] = ()) -> UserPrincipal:
     """The user the certificate names, under `identity`; a name with '@' (a UPN, or used as one) must also lie
-    within the e-mail and DNS name constraints of the chain's CAs `cas` (`proxy.identity.constraints`)."""
+    within the e-mail and DNS name constraints of the chain's CAs `cas` (`proxy.identity.constraints`), and a
+    common name too, as the address it becomes in the default realm (`alice` of LAB.TEST: alice@lab.test)."""
     found = certificate_name(leaf, identity.sources)
     if found is None:
         wanted = " or ".join(SOURCE_NAMES[source] for source in identity.sources)
@@ -101,6 +102,9 @@ def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.C
     user = map_certificate_name(name, source, identity)
     if "@" in name:
         require_within(name, cas)
+    else:  # a common name: the user of the default realm it names, held to the CA's constraints as an address
+        address = f"{name}@{ascii_lower(user.realm)}"
+        require_within(address, cas, shown=f"common name {name} (as {address})")
     return user
 
 

@@ -140,12 +140,15 @@ def test_a_partner_ca_cannot_name_a_user_outside_its_name_constraints(
 
 
 @pytest.fixture(scope="module")
-def names_gw(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def names_gw(lab: LabLayout, partner: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """The lab's gateway reading the e-mail address, then the subject's common name (a certificate without an
-    rfc822Name is read by its CN); realm_map names lab.test, default realm LAB.TEST."""
+    rfc822Name is read by its CN); realm_map names lab.test, default realm LAB.TEST; the partner CA trusted too."""
     text = lab_config(lab, port=free_port())
     identity = 'source = ["san-email", "subject-cn"]\nrealm_map = { "lab.test" = "LAB.TEST" }'
     text = text.replace('source = "san-upn"', identity, 1)
+    issuing, crls = f'"{lab.pki_dir / "issuing.pem"}"', f'"{lab.pki_dir / "crls.pem"}"'
+    text = text.replace(f"intermediates = [{issuing}]", f'intermediates = [{issuing}, "{partner}.pem"]', 1)
+    text = text.replace(f"crls = [{crls}]", f'crls = [{crls}, "{partner}.crl.pem"]', 1)
     gateway = start_gateway(lab, tmp_path_factory.mktemp("identity-names"), text)
     yield gateway
     gateway.stop()
@@ -214,3 +217,15 @@ def test_a_upn_without_its_suffix_is_refused(
     gw.mark()
     status, body = curl_as(lab, gw, cert)
     refused_at_identity(gw, status, body, reason)
+
+
+def test_a_partner_ca_cannot_name_a_user_of_the_default_realm_by_common_name(
+    lab: LabLayout, names_gw: Gateway, partner: Path, tmp_path: Path
+) -> None:
+    """The partner CA may name e-mail addresses of partner.test only. With subject-cn its CN=alice would be alice of
+    the default realm: the CN is held to the CA's constraints as the address alice@lab.test (the default realm's
+    domain), so it is 403 at identity; the lab CA's own CN=alice is served (the control)."""
+    names_gw.mark()
+    status, body = curl_as(lab, names_gw, mint(lab, tmp_path, DEVICE, subject="/CN=alice", ca=partner))
+    why = "the common name alice (as alice@lab.test) is outside the name constraints of CA 'CN=Partner CA'"
+    refused_at_identity(names_gw, status, body, why)
