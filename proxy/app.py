@@ -274,6 +274,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     live.metrics.accepted_connections = lambda: slots.open
     live.metrics.connection_limit = listener.max_connections
     await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
+    await gw.delegator.watch_kdcs()  # which of the realm's KDCs answer (proxy.kerberos.kdcs)
     runner: web.AppRunner | None = None
     connections: set[DeviceConnection] = set()
     handler: Callable[[], asyncio.Protocol]
