@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.tls.record import TlsRecords
+from proxy.tls.record import DISCARD_LIMIT, TlsRecords
 
 
 class Stream:
@@ -222,5 +222,23 @@ def test_the_devices_close_notify_alone_after_ours_ends_the_connection(
         assert c.gateways_close_notify_seen()
         c.read(c.device_records(b"", close_notify=True))
         assert c.stream.ended == "close"
+
+    asyncio.run(run())
+
+
+def test_a_device_streaming_at_a_closed_connection_is_aborted(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """Data after the gateway's close_notify is discarded up to DISCARD_LIMIT bytes; a device that goes on sending
+    without its close_notify is then aborted, not decrypted for the whole shutdown timeout."""
+
+    async def run() -> None:
+        c = await _connection(contexts, ssl.TLSVersion.TLSv1_3)
+        c.records.close()
+        sent = 0
+        while c.stream.ended is None:
+            c.read(c.device_records(b"z" * 16_000, close_notify=False))
+            sent += 16_000
+            assert sent <= DISCARD_LIMIT + 16_000
+        assert c.stream.ended == "abort"
+        assert sent > DISCARD_LIMIT
 
     asyncio.run(run())
