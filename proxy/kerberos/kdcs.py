@@ -73,7 +73,8 @@ class RealmSection:
 
 def realm_section(text: str, realm: str) -> RealmSection | None:
     """The `[realms]` section of `realm` in krb5.conf `text`, if it has one."""
-    section, depth, lines, found = "", 0, list[str](), False
+    section, depth, found = "", 0, False
+    lines: list[str] = []
     opening = re.compile(r"^\s*(\S+)\s*=\s*\{\s*$")
     for raw in text.splitlines():
         line = raw.strip()
