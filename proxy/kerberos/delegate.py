@@ -73,7 +73,7 @@ from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
-from proxy.kerberos.profile import hold_profile, use_profile
+from proxy.kerberos.profile import hold_profile, refresh_profile, use_profile
 
 log = structlog.get_logger("proxy.kerberos")
 
@@ -258,6 +258,7 @@ class Delegator:
 
     def _token(self, creds: gssapi.Credentials, gss_target: str) -> bytes:
         """The first SPNEGO token on the cached service ticket: local work, no KDC."""
+        refresh_profile()
         target = self._targets.get(gss_target)
         if target is None:
             target = self._targets[gss_target] = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
@@ -292,6 +293,7 @@ class Delegator:
     async def _exchange(self, user: UserPrincipal, spn: str, gss_target: str) -> _Ticket:
         loop = asyncio.get_running_loop()
         self.stats.exchanges += 1
+        refresh_profile()
         try:
             return await asyncio.wait_for(
                 loop.run_in_executor(self._kdc, self._exchange_blocking, user, gss_target),
