@@ -22,12 +22,13 @@ ctypes rather than another Kerberos binding. Without libkrb5 to load, tokens wor
 One file, not two: every library context MIT opens (four per Negotiate token) checks each file KRB5_CONFIG
 names, an `access()` and a `stat()` each, and every look-up walks each file's tree. So where
 `kerberos.krb5_config` names one readable file, the overlay file holds the overlay's line followed by that
-file's text, and KRB5_CONFIG names the overlay file alone: the values are the same (MIT merges a section named twice in one file, and the first
-value of a relation wins, as the first file's does across files), and a token costs 23% less (48 -> 37 µs
-of CPU, docs/performance.md, "The krb5 profile in one file"). The copy follows krb5.conf: `refresh_profile`
-(called before Kerberos work, at most one `stat()` a second) writes it again when krb5.conf changes, and MIT
-rereads it as it would have reread krb5.conf. The environment's KRB5_CONFIG (which may be a list), or a file
-that is not plain text (a `module` directive), keeps the two-file list.
+file's text, and KRB5_CONFIG names the overlay file alone. The values are the same: MIT merges a section
+named twice in one file, and the first value of a relation wins, as the first file's does across files.
+A token costs 23% less (48 -> 37 µs of CPU, docs/performance.md, "The krb5 profile in one file"). The copy
+follows krb5.conf: `refresh_profile` (called before Kerberos work, at most one `stat()` a second) writes it
+again when krb5.conf changes, and MIT rereads it as it would have reread krb5.conf. The environment's
+KRB5_CONFIG (which may be a list), or a file that is not plain text (a `module` directive), keeps the
+two-file list.
 """
 
 from __future__ import annotations
