@@ -343,7 +343,6 @@ class DeviceConnection(asyncio.Protocol):
         "_heads",
         "_hosts",
         "_idle",
-        "_idle_at",
         "_in_head",
         "_limits",
         "_loop",
@@ -405,7 +404,6 @@ class DeviceConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
-        self._idle_at: float | None = None
         # the head being parsed
         self._target: list[bytes] = []
         self._target_bytes = 0
@@ -504,7 +502,7 @@ class DeviceConnection(asyncio.Protocol):
         self._stopped = True
         if self._connections is not None:
             self._connections.discard(self)
-        self._drop_idle()
+        self._cancel_idle()
         error = ConnectionResetError("the device closed the connection")
         if self._receiving is not None:
             self._receiving.fail(error)
@@ -695,11 +693,7 @@ class DeviceConnection(asyncio.Protocol):
                 self._stop()
                 self._queue.clear()
                 self._backlog.clear()
-            transport = self.transport
-            if transport is not None and not transport.is_closing() and self._task is asyncio.current_task(self._loop):
-                self._next()  # the usual end: the next request (or the idle deadline) now, not one more loop pass
-            else:
-                self._loop.call_soon(self._after, request)  # cut, closing, or left: once the connection has settled
+            self._loop.call_soon(self._after, request)
 
     def _after(self, request: DeviceHttpRequest) -> None:
         if self.transport is None:
@@ -774,37 +768,18 @@ class DeviceConnection(asyncio.Protocol):
         if not self._paused and self.transport is not None and not self._stopped:
             self.transport.resume_reading()
 
-    # One timer per connection, not one per request: a request disarms the deadline (`_cancel_idle`) and its end
-    # sets a new one (`_arm_idle`); the timer, when it fires, waits the rest if the deadline moved meanwhile.
-
     def _arm_idle(self) -> None:
+        self._cancel_idle()
         if self._limits.keepalive_timeout > 0:
-            self._idle_at = self._loop.time() + self._limits.keepalive_timeout
-            if self._idle is None:
-                self._idle = self._loop.call_at(self._idle_at, self._idle_check)
+            self._idle = self._loop.call_later(self._limits.keepalive_timeout, self._idle_expired)
 
     def _cancel_idle(self) -> None:
-        self._idle_at = None
-
-    def _drop_idle(self) -> None:
-        """The connection is gone: the timer goes too (it would hold the connection until it fired)."""
-        self._idle_at = None
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
 
-    def _idle_check(self) -> None:
-        self._idle = None
-        if self._idle_at is None:
-            return
-        if self._loop.time() < self._idle_at:
-            self._idle = self._loop.call_at(self._idle_at, self._idle_check)
-            return
-        self._idle_expired()
-
     def _idle_expired(self) -> None:
         self._idle = None
-        self._idle_at = None
         if self._task is None and not self._queue:  # no request is being served: a head never came whole
             peer = self.transport.get_extra_info("peername") if self.transport is not None else None
             if self._head_seen:  # a head begun and never ended: a slow or stalled client (slowloris), said so

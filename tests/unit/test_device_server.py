@@ -283,8 +283,8 @@ def test_pipelined_heads_are_budgeted_one_by_one() -> None:
 
 
 def test_the_idle_deadline_runs_from_the_last_answer_and_is_kept() -> None:
-    """keepalive_timeout counts from the end of the last answer, however many requests came before (the timer is
-    one per connection and moves, it is not made per request): never cut sooner, and cut once it has passed."""
+    """keepalive_timeout counts from the end of the last answer, however many requests came before: never cut
+    sooner (not at the deadline the first request set), and cut once it has passed."""
 
     async def scenario() -> tuple[float, float, int]:
         loop = asyncio.get_running_loop()
