@@ -26,9 +26,11 @@ file's text, and KRB5_CONFIG names the overlay file alone. The values are the sa
 named twice in one file, and the first value of a relation wins, as the first file's does across files.
 A token costs 23% less (48 -> 37 µs of CPU, docs/performance.md, "The krb5 profile in one file"). The copy
 follows krb5.conf: `refresh_profile` (called before Kerberos work, at most one `stat()` a second) writes it
-again when krb5.conf changes, and MIT rereads it as it would have reread krb5.conf. The environment's
-KRB5_CONFIG (which may be a list), or a file that is not plain text (a `module` directive), keeps the
-two-file list.
+again when krb5.conf changes, and MIT rereads it as it would have reread krb5.conf. The KDC watch's realm
+sections (`set_realm_section`) come first in that file, and krb5.conf's own sections of those realms are left
+out of the copy: MIT honours their final mark (`}*`) across files only. The environment's KRB5_CONFIG (which
+may be a list), or a file that is not plain text (a `module` directive) or includes others, keeps the two-file
+list.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +53,7 @@ _held: dict[str | None, ctypes.c_void_p] = {}  # KRB5_CONFIG -> the context kept
 _DEFAULT_PROFILE = "/etc/krb5.conf"  # MIT's, when KRB5_CONFIG is not set
 _OVERLAY = "[libdefaults]\n    forwardable = true\n"
 _overlay: list[str] = []  # the overlay file in force in this process, written once (or inherited over a fork)
+_realms: dict[str, str] = {}  # realm -> its [realms] section in the overlay (`proxy.kerberos.kdcs`: answering KDCs)
 _written: dict[int, str] = {}  # pid -> the overlay file that process wrote, which only it removes
 
 
@@ -83,6 +87,7 @@ class _Merged:
 
     def __init__(self) -> None:
         self.base = ""  # the krb5.conf copied; "" while the overlay file holds the overlay alone
+        self.text = ""  # its text when copied
         self._path = ""
         self._seen: tuple[int, int, int] | None = None  # krb5.conf's (inode, size, mtime) when copied
         self._looked = 0.0
@@ -93,12 +98,12 @@ class _Merged:
     def start(self, path: str, base: str) -> bool:
         """Make `path` the overlay and `base` in one file; False (and `path` the overlay alone) where `base` is
         not one plain readable file."""
-        self._path, self.base, self._seen = path, "", None
+        self._path, self.base, self.text, self._seen = path, "", "", None
         if base and ":" not in base and self._copy(base):
             self.base = base
             self._looked = time.monotonic()
             return True
-        _write(path, _OVERLAY)
+        _write(path, _overlay_text())
         return False
 
     def refresh(self) -> None:
@@ -124,17 +129,59 @@ class _Merged:
             text = Path(base).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             return False
-        if any(line.strip().startswith("module ") for line in text.splitlines()):
-            return False  # the profile library loads a module for such a file: not text to copy
+        if any(line.strip().startswith(("module ", "include ", "includedir ")) for line in text.splitlines()):
+            # a module makes the profile; an included file would join the one file's tree, where the overlay's
+            # final mark (`}*`, proxy.kerberos.kdcs) no longer keeps its realm's KDCs out: the list stays
+            return False
+        previous, self.text = self.text, text
         try:
-            _write(self._path, f"{_OVERLAY}\n{text}")
+            _write(self._path, _overlay_text(copied=True))
         except OSError:
+            self.text = previous
             return False
         self._seen = seen
         return True
 
 
 _merged = _Merged()
+
+
+def _overlay_text(*, copied: bool = False) -> str:
+    """The overlay file's text: the overlay's line, the realms' sections the KDC watch set (`set_realm_section`),
+    and in one-file mode krb5.conf's text without those realms' sections. Across files the sections' final mark
+    (`}*`) keeps krb5.conf's KDCs of the realm out; inside one file MIT would add them, so they are left out."""
+    text = _OVERLAY + ("\n[realms]\n" + "".join(_realms.values()) if _realms else "")
+    if copied or _merged:
+        text += "\n" + _without_realms(_merged.text, set(_realms))
+    return text
+
+
+_OPENING = re.compile(r"^\s*(\S+)\s*=\s*\{\s*$")  # `name = {`, as proxy.kerberos.kdcs.realm_section reads it
+
+
+def _without_realms(text: str, realms: set[str]) -> str:
+    """krb5.conf's `text` without the `[realms]` sections of `realms` (each of them, however many times named)."""
+    if not realms:
+        return text
+    kept: list[str] = []
+    section, depth, skipping = "", 0, False
+    for raw in text.splitlines(keepends=True):
+        line = raw.strip()
+        if line and line[0] not in "#;":
+            header = re.fullmatch(r"\[(\S+)\]\*?", line) if depth == 0 else None
+            if header:
+                section = header.group(1)
+            elif (opening := _OPENING.match(raw)) is not None:
+                skipping = skipping or (depth == 0 and section == "realms" and opening.group(1) in realms)
+                depth += 1
+            elif line.startswith("}"):
+                depth = max(depth - 1, 0)
+                if skipping and depth == 0:
+                    skipping = False
+                    continue
+        if not skipping:
+            kept.append(raw)
+    return "".join(kept)
 
 
 def _write(path: str, text: str) -> None:
@@ -164,6 +211,23 @@ def _overlay_file() -> str | None:
         atexit.register(remove_overlay)
         _overlay.append(path)
     return _overlay[0]
+
+
+def set_realm_section(realm: str, section: str | None) -> None:
+    """Put `realm`'s section (`proxy.kerberos.kdcs.overlay_section`) in the overlay, or take it out (None: krb5.conf's
+    own stands). The file is replaced whole (a new file renamed over it): MIT rereads it when its modification time
+    changes, at most once a second."""
+    if section is None:
+        if _realms.pop(realm, None) is None:
+            return
+    else:
+        if _realms.get(realm) == section:
+            return
+        _realms[realm] = section
+    path = _overlay[0] if _overlay and _written.get(os.getpid()) == _overlay[0] else None
+    if path is None:  # no overlay of this process's own to write (none could be written, or it is inherited)
+        return
+    _write(path, _overlay_text())  # in one-file mode, with krb5.conf's text less the realm's own section
 
 
 def remove_overlay() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.kerberos import profile
+from proxy.kerberos import kdcs, profile
 
 
 def test_one_context_is_held_per_configuration_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,6 +73,7 @@ def _krb5_conf(path: Path, kdc: str) -> None:
 @pytest.fixture
 def fresh_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(profile, "_merged", profile._Merged())
+    monkeypatch.setattr(profile, "_realms", {})
     monkeypatch.delenv("KRB5_CONFIG", raising=False)
 
 
@@ -119,3 +120,59 @@ def test_a_krb5_conf_that_is_not_plain_text_stays_in_the_list(tmp_path: Path) ->
     assert Path(overlay).read_text() == "[libdefaults]\n    forwardable = true\n"
     missing = tmp_path / "absent.conf"
     assert profile.use_profile(missing).endswith(f":{missing}")
+
+
+def _mit_values(config: str, *names: str) -> list[str]:
+    """Every value MIT's profile library reads for `names` (a relation given several times: all, in order)."""
+    library = ctypes.CDLL(ctypes.util.find_library("krb5") or "libkrb5.so.3")
+    handle = ctypes.c_void_p()
+    assert library.profile_init_path(config.encode(), ctypes.byref(handle)) == 0
+    try:
+        path = (ctypes.c_char_p * (len(names) + 1))(*[n.encode() for n in names], None)
+        found = ctypes.POINTER(ctypes.c_char_p)()
+        assert library.profile_get_values(handle, path, ctypes.byref(found)) == 0
+        values: list[str] = []
+        while (value := found[len(values)]) is not None:
+            values.append(value.decode())
+        library.profile_free_list(found)
+        return values
+    finally:
+        library.profile_release(handle)
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_the_kdc_watch_still_replaces_a_realms_kdcs_in_the_one_file(tmp_path: Path) -> None:
+    """The KDC watch's section for a realm (proxy.kerberos.kdcs: only the KDCs that answer, marked final) replaces
+    krb5.conf's KDCs of that realm in the one file as it does across two files, where MIT honours the final mark;
+    inside one file MIT would have added krb5.conf's silent KDC back. Other realms, and the realm's KDCs once the
+    section is taken out, are krb5.conf's."""
+    conf = tmp_path / "krb5.conf"
+    conf.write_text(
+        "[libdefaults]\n    default_realm = LAB.TEST\n\n[realms]\n"
+        "    LAB.TEST = {\n        kdc = 127.0.0.1:1111\n        kdc = 127.0.0.1:2222\n"
+        "        admin_server = a\n    }\n"
+        "    OTHER.TEST = {\n        kdc = 127.0.0.1:3333\n    }\n"
+    )
+    value = profile.use_profile(conf)
+    assert ":" not in value
+    assert _mit_values(value, "realms", "LAB.TEST", "kdc") == ["127.0.0.1:1111", "127.0.0.1:2222"]
+    section = kdcs.realm_section(conf.read_text(), "LAB.TEST")
+    assert section is not None
+    profile.set_realm_section("LAB.TEST", kdcs.overlay_section(section, ["127.0.0.1:2222"]))
+    assert _mit_values(value, "realms", "LAB.TEST", "kdc") == ["127.0.0.1:2222"]
+    assert _mit_values(value, "realms", "LAB.TEST", "admin_server") == ["a"]
+    assert _mit_values(value, "realms", "OTHER.TEST", "kdc") == ["127.0.0.1:3333"]
+    assert _mit_value(value, "libdefaults", "default_realm") == "LAB.TEST"
+    assert _mit_value(value, "libdefaults", "forwardable") == "true"
+    profile.set_realm_section("LAB.TEST", None)
+    assert _mit_values(value, "realms", "LAB.TEST", "kdc") == ["127.0.0.1:1111", "127.0.0.1:2222"]
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_a_krb5_conf_that_includes_files_stays_in_the_list(tmp_path: Path) -> None:
+    """An included file would join the one file's tree, where a realm's final mark keeps nothing out: krb5.conf
+    with `include` or `includedir` keeps the two-file list."""
+    conf = tmp_path / "krb5.conf"
+    for directive in ("include /etc/krb5.d/x.conf", "includedir /etc/krb5.conf.d/"):
+        conf.write_text(f"{directive}\n[libdefaults]\n    default_realm = LAB.TEST\n")
+        assert profile.use_profile(conf).endswith(f":{conf}")
