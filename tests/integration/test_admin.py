@@ -204,3 +204,15 @@ allowed_clients = ["CN=alice"]
         assert gw.wait_event("admin_refused")["subject"] == "CN=bob"
     finally:
         assert gw.stop() == 0
+
+
+def test_trace_limit_that_is_not_an_ascii_number_is_a_400(admin_gateway: tuple[Gateway, str]) -> None:
+    """A hostile scrape's `limit` (a superscript digit, 5,000 digits, a sign) is a 400 naming the parameter,
+    never a 500 with a traceback in the log."""
+    _, admin = admin_gateway
+    for limit in ("%C2%B2", "9" * 5000, "-1", "0", "+5", "%EF%BC%95"):
+        for path in ("/traces", "/"):
+            status, body = _get(f"{admin}{path}?limit={limit}")
+            assert status == 400, (path, limit[:10], status)
+            assert "limit" in body
+    assert _get(admin + "/traces?limit=100000")[0] == 200  # a big number is the ring's size at most
