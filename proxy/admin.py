@@ -5,6 +5,12 @@ else, the configuration requires TLS (`admin.certificate`, `admin.private_key`) 
 (`admin.client_ca`) from an allow-list (`admin.allowed_clients`: subjects in RFC 4514 form or SHA-256
 fingerprints); TLS can be set on loopback too.
 
+Without client certificates (loopback), every request must name the listener by a loopback name in its `Host`
+(`127.0.0.1`, `[::1]`, `localhost`, or the bind's own host), else it gets 421. Loopback alone does not keep a
+browser out: a page whose DNS name an attacker re-points at 127.0.0.1 (DNS rebinding) runs in the admin's
+browser on this machine and could read the traces (who signed in, from which address, which paths); its
+requests carry the attacker's name as `Host`. The name in `Host` is compared, never resolved.
+
 - `GET /healthz`: 200 while the process serves; says which configuration generation is in force.
 - `GET /readyz`: 200 when the gateway can serve, 503 otherwise, with the reasons as JSON: the KDC answers
   and accepts the gateway's key (an AS exchange and a ticket to itself, at most every
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -111,7 +118,10 @@ def make_admin_app(live: Live) -> web.Application:
     """The admin application over the running gateway's state; other views add their routes to it."""
     admin = live.config.admin
     allowed = admin.allowed_clients if admin is not None else ()
-    app = web.Application(middlewares=[_allow_list(allowed)] if allowed else [])
+    middlewares = [_allow_list(allowed)] if allowed else []
+    if admin is not None and admin.client_ca is None:
+        middlewares.append(_loopback_host(admin.host))
+    app = web.Application(middlewares=middlewares)
     app[LIVE_KEY] = live
     app[READINESS_KEY] = Readiness(live)
     app.router.add_get("/healthz", healthz)
@@ -156,6 +166,39 @@ def _allow_list(allowed: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamR
         raise web.HTTPForbidden(text="this client certificate is not on the admin allow-list\n")
 
     return allow_list
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+
+
+def _loopback_host(bind_host: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Refuse (421) a request whose `Host` is not a loopback name: see the module's docstring (DNS rebinding)."""
+    allowed = LOOPBACK_NAMES | {bind_host.lower().strip("[]")}
+
+    @web.middleware
+    async def loopback_host(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is None or _is_loopback_name(host, allowed):
+            return await handler(request)  # no Host at all: HTTP/1.0 from a script, never a browser
+        log.warning("admin_refused", stage="admin", reason="host_not_loopback", host=host[:100], path=request.path)
+        raise web.HTTPMisdirectedRequest(
+            text="the admin listener answers to loopback names only (127.0.0.1, [::1], localhost)\n"
+        )
+
+    return loopback_host
+
+
+def _is_loopback_name(host: str, allowed: frozenset[str]) -> bool:
+    """Whether `Host` (host[:port]) names this machine by a loopback IP literal or an allowed name."""
+    name = (host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]).lower()  # [::1]:9443
+    if name in allowed:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 async def start_admin(live: Live) -> web.AppRunner | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import ssl
 import time
@@ -10,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -204,6 +206,37 @@ allowed_clients = ["CN=alice"]
         assert gw.wait_event("admin_refused")["subject"] == "CN=bob"
     finally:
         assert gw.stop() == 0
+
+
+def _get_as(admin: str, path: str, host: str) -> tuple[int, str]:
+    """GET `path` from the admin listener with the Host header `host`, as a browser would send it."""
+    connection = http.client.HTTPConnection(urlsplit(admin).netloc, timeout=15)
+    try:
+        connection.request("GET", path, headers={"Host": host})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_plain_admin_listener_answers_loopback_names_only(lab: LabLayout, admin_gateway: tuple[Gateway, str]) -> None:
+    """DNS rebinding: a web page whose name an attacker re-pointed at 127.0.0.1 reads nothing from a plain-HTTP
+    admin listener (no trace of who signed in from where, no metric, no health): any Host but a loopback address,
+    `localhost` or the bind's own name gets 421; the loopback names are served."""
+    gw, admin = admin_gateway
+    assert curl(lab, gw.url + "/owa/", "alice").returncode == 0
+    port = urlsplit(admin).port
+    for path in ("/", "/traces", "/traces?limit=1", "/metrics", "/healthz", "/readyz", "/trace/x"):
+        for host in (f"rebind.attacker.example:{port}", "attacker.example", f"127.0.0.1.attacker.example:{port}"):
+            status, body = _get_as(admin, path, host)
+            assert status == 421, (path, host, status)
+            assert "alice" not in body
+            assert "kcd_" not in body
+            assert "loopback" in body
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "127.0.0.1"):
+        status, body = _get_as(admin, "/traces?limit=1", host)
+        assert status == 200, (host, status)
+        assert "alice@lab.test" in body
 
 
 def test_trace_limit_that_is_not_an_ascii_number_is_a_400(admin_gateway: tuple[Gateway, str]) -> None:
