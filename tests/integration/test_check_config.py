@@ -55,9 +55,15 @@ def _gateway_port(text: str) -> str:
     return text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0]
 
 
+LONG = "x" * 300  # a file name over NAME_MAX (255 bytes): the system refuses it (ENAMETOOLONG)
 CATALOGUE = [
     ("missing file", _replace('certificate = "{lab.pki_dir}/server-chain.pem"', 'certificate = "{tmp}/nope.pem"'),
      "listener.certificate", "file not found"),
+    ("name too long", _replace('certificate = "{lab.pki_dir}/server-chain.pem"', f'certificate = "{{tmp}}/{LONG}"'),
+     "listener.certificate", "File name too long"),
+    ("CA bundle name too long",
+     _append(f'\n[[routes]]\nprefix = "/ews/"\nupstream = "https://cas.lab.test"\nca_bundle = "{LONG}"\n'),
+     "routes[1].ca_bundle", "File name too long"),
     ("unknown key", _replace("[listener]\n", '[listener]\ncolour = "blue"\n'), "listener.colour", "unknown key"),
     ("bad upstream", _append('\n[[routes]]\nprefix = "/ews/"\nupstream = "ftp://cas/x"\n'),
      "routes[1].upstream", "expected http(s)://host[:port]"),
