@@ -184,3 +184,14 @@ def test_serve_kdc_exits_when_a_daemon_dies(realm_layout: LabLayout) -> None:
     assert proc.stdout is not None
     assert "krb5kdc stopped; stopping the realm" in proc.stdout.read()
     assert kdc.realm_status(realm_layout) == {"slapd": False, "krb5kdc": False}
+
+
+def test_the_labs_keytabs_and_private_keys_are_readable_by_their_owner_only(lab: LabLayout) -> None:
+    """The gateway's keytab is a protocol-transition account's key (whoever reads it can be any lab user at
+    HTTP/cas), and the PKI's keys and .p12 bundles (password "lab") are the users' and the CAs': none of them is
+    readable by the group or by other users of the machine (the keytabs were written 0644)."""
+    secrets = [*lab.keytab_dir.glob("*.keytab"), *lab.pki_dir.rglob("*.key"), *lab.pki_dir.rglob("*.p12")]
+    assert lab.proxy_keytab in secrets
+    assert any(p.suffix == ".p12" for p in secrets)
+    loose = {str(p.relative_to(lab.root)): oct(p.stat().st_mode & 0o777) for p in secrets if p.stat().st_mode & 0o077}
+    assert loose == {}
