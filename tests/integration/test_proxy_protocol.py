@@ -128,18 +128,7 @@ def balanced_basic(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _basic(lab: LabLayout, gw: Gateway, device: str, user: str) -> int:
     """A wrong password for `user`, from `device` (as the balancer says); the status."""
-    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-    raw.sendall(v2_header(device, 40100))
-    credentials = base64.b64encode(f"{user}:not-the-password".encode()).decode()
-    with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
-        tls.sendall(
-            f"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nAuthorization: Basic {credentials}\r\n"
-            "Connection: close\r\n\r\n".encode()
-        )
-        response = http.client.HTTPResponse(tls)
-        response.begin()
-        response.read()
-    return response.status
+    return _basic_from(lab, gw, v2_header(device, 40100), user)
 
 
 def test_throttles_count_the_device_not_the_balancer(lab: LabLayout, balanced_basic: Gateway) -> None:
