@@ -31,6 +31,7 @@ OcspPolicy = Literal["off", "prefer", "require"]
 OCSP_POLICIES: tuple[OcspPolicy, ...] = ("off", "prefer", "require")
 IdentitySource = Literal["san-upn", "san-email", "subject-cn"]
 IDENTITY_SOURCES: tuple[IdentitySource, ...] = ("san-upn", "san-email", "subject-cn")
+MAX_BACKDATING_SECONDS = 1_576_800_000  # 50 years of 365 days: longer than any certificate lives
 AuthMode = Literal["certificate", "certificate-or-basic", "certificate-and-basic", "basic"]
 AUTH_MODES: tuple[AuthMode, ...] = ("certificate", "certificate-or-basic", "certificate-and-basic", "basic")
 BackendAuth = Literal["negotiate", "basic"]
@@ -116,6 +117,9 @@ class Identity:
     enterprise_names: bool = False  # send the UPN to the KDC as an NT-ENTERPRISE name
     default_realm: str = ""  # for names without a domain (subject-cn, Basic "user"); default: the gateway's
     mapping: MappingMode = "upn"  # "strong": the certificate must belong to the account (proxy.identity.mapping)
+    # strong-or-audit: how many seconds a weakly mapped certificate's notBefore may precede its account's
+    # whenCreated (AD's CertificateBackdatingCompensation; default 0, as AD's when the value is not set)
+    certificate_backdating_compensation: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -642,8 +646,21 @@ def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
 
 
 def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
-    r.unknown(t, "identity", {"source", "realm_map", "enterprise_names", "default_realm", "mapping"})
+    keys = {
+        "source",
+        "realm_map",
+        "enterprise_names",
+        "default_realm",
+        "mapping",
+        "certificate_backdating_compensation",
+    }
+    r.unknown(t, "identity", keys)
     mapping = r.get(t, "identity.mapping", "mapping", str, "") or None
+    backdating_key = "identity.certificate_backdating_compensation"
+    backdating = r.get(t, backdating_key, "certificate_backdating_compensation", float, 0.0)
+    if backdating is None or not 0 <= backdating <= MAX_BACKDATING_SECONDS:
+        r.problem(backdating_key, f"must be seconds from 0 to {MAX_BACKDATING_SECONDS} (50 years), got {backdating!r}")
+        backdating = 0.0
     sources = _identity_sources(r, t.get("source", "san-upn"))
     realm_map = r.get(t, "identity.realm_map", "realm_map", dict, {}) or {}
     clean: dict[str, str] = {}
@@ -660,6 +677,7 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
             r, "identity.default_realm", r.get(t, "identity.default_realm", "default_realm", str, "") or ""
         ),
         mapping=cast(MappingMode, _choice(r, "identity.mapping", mapping, MAPPING_MODES, "upn")),
+        certificate_backdating_compensation=backdating,
     )
 
 

@@ -2,7 +2,8 @@
 
 Theory of operation. `[identity] mapping = "strong"` needs, per user, the account's `objectSid`,
 `altSecurityIdentities` and state (`userAccountControl`, `lockoutTime`, `accountExpires`,
-`msDS-User-Account-Control-Computed`). `Directory.account(name)` finds the one account whose
+`msDS-User-Account-Control-Computed`) and creation time (`whenCreated`, which `strong-or-audit` compares
+with a weakly mapped certificate's notBefore). `Directory.account(name)` finds the one account whose
 `userPrincipalName` is the certificate's UPN (or, for a UPN in the domain's own DNS name or a bare name,
 whose `sAMAccountName` is its user part, the implicit UPN AD also accepts) under `[directory] base_dn`.
 
@@ -27,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,6 +51,7 @@ from proxy.kerberos.profile import use_profile
 log = structlog.get_logger("kcd-proxy.directory")
 
 CCACHE = "MEMORY:kcd-proxy-directory"  # the directory bind's credential cache (proxy.kerberos.client)
+_GENERALIZED_TIME = re.compile(r"(\d{14})(?:[.,]\d+)?Z")  # UTC only: AD writes whenCreated in UTC
 CACHE_SIZE = 50_000  # accounts kept at most (a few hundred bytes each)
 ATTRIBUTES = [
     "sAMAccountName",
@@ -58,6 +62,7 @@ ATTRIBUTES = [
     "lockoutTime",
     "accountExpires",
     "msDS-User-Account-Control-Computed",
+    "whenCreated",
 ]
 
 
@@ -315,7 +320,25 @@ def _account(entry: Any) -> Account:
         lockout_time=_int(entry, "lockoutTime"),
         account_expires=_int(entry, "accountExpires"),
         computed_control=_int(entry, "msDS-User-Account-Control-Computed") if computed else None,
+        when_created=_generalized_time(entry, "whenCreated"),
     )
+
+
+def _generalized_time(entry: Any, attr: str) -> datetime | None:
+    """An LDAP GeneralizedTime attribute (AD writes `20261205043959.0Z`) as a UTC datetime; None when absent.
+    A value that does not parse is the directory's error, not a time to guess at: MappingRefused."""
+    value = _first(entry, attr)
+    if value is None:
+        return None
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    found = _GENERALIZED_TIME.fullmatch(text)
+    refused = MappingRefused(f"the account's {attr} cannot be read", hint=f"{entry.dn} returned {attr} {text!r}")
+    if found is None:
+        raise refused
+    try:
+        return datetime.strptime(found.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    except ValueError:  # a 13th month, a 61st second
+        raise refused from None
 
 
 def _describe(e: BaseException) -> str:

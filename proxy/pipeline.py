@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 import structlog
@@ -35,13 +35,13 @@ from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import ChainFacts, VerifiedChains
 from proxy.certs.restrictions import Admission, admit
 from proxy.certs.revocation import CrlSet
-from proxy.config import Config, Identity, MappingMode, Route
+from proxy.config import Config, Identity, Route
 from proxy.device.request import DeviceRequest
 from proxy.directory import Directory
 from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
 from proxy.identity.constraints import require_within
 from proxy.identity.mapping import Mapping, account_state, decide, no_account
-from proxy.identity.principal import UserPrincipal, map_name
+from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegator
@@ -92,15 +92,19 @@ class Gateway:
 
 def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.Certificate] = ()) -> UserPrincipal:
     """The user the certificate names, under `identity`; a name with '@' (a UPN, or used as one) must also lie
-    within the e-mail and DNS name constraints of the chain's CAs `cas` (`proxy.identity.constraints`)."""
+    within the e-mail and DNS name constraints of the chain's CAs `cas` (`proxy.identity.constraints`), and a
+    common name too, as the address it becomes in the default realm (`alice` of LAB.TEST: alice@lab.test)."""
     found = certificate_name(leaf, identity.sources)
     if found is None:
         wanted = " or ".join(SOURCE_NAMES[source] for source in identity.sources)
         raise IdentityRejected(f"the certificate carries no {wanted}; ask for a certificate issued for your account")
     name, source = found
-    user = map_name(name, identity, source=source)
+    user = map_certificate_name(name, source, identity)
     if "@" in name:
         require_within(name, cas)
+    else:  # a common name: the user of the default realm it names, held to the CA's constraints as an address
+        address = f"{name}@{ascii_lower(user.realm)}"
+        require_within(address, cas, shown=f"common name {name} (as {address})")
     return user
 
 
@@ -141,7 +145,7 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
     if gw.directory is not None:  # only with mapping "strong" / "strong-or-audit" (`proxy.app.build`, reloads)
         with trace.stage("mapping"):
-            mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity.mapping, trace, now)
+            mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity, trace, now)
         if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
             proven = {"principal": mapping.principal, "realm": gw.directory.realm, "account": mapping.account_name}
             user = dataclasses.replace(user, enterprise=None, **proven)
@@ -157,9 +161,10 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
 
 
 async def map_certificate(
-    directory: Directory, leaf: x509.Certificate, user: UserPrincipal, mode: MappingMode, trace: Trace, now: datetime
+    directory: Directory, leaf: x509.Certificate, user: UserPrincipal, identity: Identity, trace: Trace, now: datetime
 ) -> Mapping:
     """The mapping stage: the account the UPN names, its state, and whether the certificate is tied to it."""
+    mode = identity.mapping
     account = await directory.lookup(user.upn)
     if account is None:
         mapping = no_account(user.upn, directory.base_dn, mode)  # refused in strong; weak in strong-or-audit
@@ -167,7 +172,8 @@ async def map_certificate(
         return mapping
     trace.note(account_dn=account.dn, account_sid=str(account.sid))
     account_state(account, now)  # disabled, locked out, expired: refused before any KDC request
-    mapping = decide(leaf, account, mode, directory.realm)
+    backdating = timedelta(seconds=identity.certificate_backdating_compensation)
+    mapping = decide(leaf, account, mode, directory.realm, backdating)
     trace.note(**mapping.as_facts())
     trace.detail("mapping", mapping=mapping)
     return mapping

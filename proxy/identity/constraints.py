@@ -9,7 +9,9 @@ e-mail addresses, and the UPN is the one name this gateway acts on. (A constrain
 refused by the verifier as unsupported: such a chain never validates.)
 
 The gateway reads the administrator's intent instead: a UPN is a `user@domain` name, so every CA in the
-chain that constrains e-mail addresses (rfc822Name) constrains the UPN as if it were one, and every CA that
+chain that constrains e-mail addresses (rfc822Name) constrains the UPN as if it were one (and a common name,
+which the identity stage makes a user of the default realm, as the address `cn@<that realm in lower case>`:
+otherwise a CA barred from naming lab.test users would name any of them by CN), and every CA that
 constrains DNS names constrains the UPN's domain part as a DNS name. For each of those two forms that a CA
 constrains: when it permits subtrees of that form, the UPN must fall in one of them; it must fall in none
 of the excluded ones. rfc822Name subtrees: `user@host` is that mailbox, `host` that host's addresses,
@@ -29,8 +31,9 @@ from proxy.errors import IdentityRejected
 from proxy.identity.principal import ascii_lower
 
 
-def require_within(upn: str, cas: Sequence[x509.Certificate]) -> None:
-    """IdentityRejected unless `upn` lies within the e-mail and DNS name constraints of every CA in `cas`."""
+def require_within(upn: str, cas: Sequence[x509.Certificate], *, shown: str = "") -> None:
+    """IdentityRejected unless `upn` lies within the e-mail and DNS name constraints of every CA in `cas`
+    (`shown`: how the refusal names it, default "UPN <upn>")."""
     local, _, domain = upn.rpartition("@")
     for ca in cas:
         try:
@@ -51,7 +54,7 @@ def require_within(upn: str, cas: Sequence[x509.Certificate]) -> None:
                 else f"permitted {form} subtrees {permitted}"
             )
             raise IdentityRejected(
-                f"the UPN {upn} is outside the name constraints of CA '{ca.subject.rfc4514_string()}'",
+                f"the {shown or 'UPN ' + upn} is outside the name constraints of CA '{ca.subject.rfc4514_string()}'",
                 hint=f"the CA's nameConstraints ({why}) do not let it name this user; the gateway applies a CA's "
                 "e-mail and DNS constraints to the UPN, which RFC 5280 leaves unconstrained",
             )

@@ -22,7 +22,12 @@ extension (and no strong entry), or a SID of another account; and what fixes it.
 
 `mapping = "strong-or-audit"` decides the same way but serves a weakly mapped certificate, with a warning
 (`weak_certificate_mapping`), so an operator can find those certificates before enforcing. A SID of another
-account is refused in both modes: it is never a migration problem.
+account is refused in both modes: it is never a migration problem. Like AD's compatibility mode
+(KB5014754), it does not serve a weakly mapped certificate issued before its account was created
+(`predates_account`: notBefore earlier than `whenCreated` by more than `[identity]
+certificate_backdating_compensation`, AD's `CertificateBackdatingCompensation`, default 0): such a
+certificate was made for an earlier holder of the name (a deleted account's UPN given to a new one), and
+only a weak mapping ties it to the new account. Strong mappings are not compared: they name the account.
 
 Before any of that, the account itself (`account_state`): disabled (`userAccountControl` bit
 ACCOUNTDISABLE), locked out (`lockoutTime` set, or `msDS-User-Account-Control-Computed` bit LOCKOUT when the
@@ -68,6 +73,7 @@ class Account:
     lockout_time: int = 0  # FILETIME; 0 when not locked out
     account_expires: int = 0  # FILETIME; 0 or 0x7FFFFFFFFFFFFFFF: never
     computed_control: int | None = None  # msDS-User-Account-Control-Computed, when the directory returns it
+    when_created: datetime | None = None  # whenCreated; None when the directory did not return it
 
 
 def filetime(value: int) -> datetime:
@@ -127,9 +133,23 @@ class Mapping:
         }
 
 
-def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: str = "") -> Mapping:
+def predates_account(not_before: datetime, when_created: datetime, compensation: timedelta) -> timedelta | None:
+    """How much earlier than the account's creation the certificate's validity starts, beyond `compensation`
+    (AD's CertificateBackdatingCompensation); None when it does not (equal times are not earlier)."""
+    early = when_created - not_before
+    return early if early > compensation else None
+
+
+def decide(
+    cert: x509.Certificate,
+    account: Account,
+    mode: MappingMode,
+    realm: str = "",
+    backdating: timedelta = timedelta(0),
+) -> Mapping:
     """Admit `cert` for `account` (of the domain whose realm is `realm`) under `mode` ("strong" or
-    "strong-or-audit"), or raise MappingRefused."""
+    "strong-or-audit"), or raise MappingRefused. `backdating` is how much earlier than the account a weakly
+    mapped certificate may be in "strong-or-audit" ([identity] certificate_backdating_compensation)."""
     sam = account.sam_account_name
     principal = f"{sam}@{realm}" if realm else ""
     try:
@@ -175,9 +195,39 @@ def decide(cert: x509.Certificate, account: Account, mode: MappingMode, realm: s
         f"to {account.dn}: altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
     )
     if mode == "strong-or-audit":
+        _not_older_than_account(cert, account, backdating, fix)
         detail = f"{why}; {fix}"
         return Mapping(mode, account.dn, str(account.sid), "weak-audit", detail, True, principal, sam)
     raise MappingRefused(f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}")
+
+
+def _not_older_than_account(cert: x509.Certificate, account: Account, backdating: timedelta, fix: str) -> None:
+    """strong-or-audit: refuse a weakly mapped certificate issued before its account (KB5014754's compatibility
+    mode), or one whose account's creation time the directory did not give (nothing to compare it with)."""
+    who = f"{account.upn or account.sam_account_name} ({account.dn})"
+    not_before = cert.not_valid_before_utc
+    if account.when_created is None:
+        raise MappingRefused(
+            "the certificate is weakly mapped and its account's creation time is unknown",
+            hint=f"the directory returned no whenCreated for {who}, so a weakly mapped certificate cannot be "
+            f"checked against it; let the bind account read whenCreated, or {fix}",
+        )
+    early = predates_account(not_before, account.when_created, backdating)
+    if early is not None:
+        raise MappingRefused(
+            "the certificate was issued before its account was created and is only weakly mapped",
+            hint=f"its notBefore {not_before.isoformat()} is {_span(early)} before {who} was created "
+            f"(whenCreated {account.when_created.isoformat()}), more than "
+            f"[identity] certificate_backdating_compensation ({_span(backdating)}): it may have been issued to an "
+            f"earlier account of that name. Reissue it for this account, or map it strongly: {fix}; if your CA "
+            "backdates notBefore, raise certificate_backdating_compensation to cover it",
+        )
+
+
+def _span(delta: timedelta) -> str:
+    """A duration in whole seconds, as an administrator reads it: `3720 s (1:02:00)`."""
+    seconds = int(delta.total_seconds())
+    return f"{seconds} s ({timedelta(seconds=seconds)})"
 
 
 def describe(rule: str | None, account_dn: str | None, account_sid: str | None) -> str:

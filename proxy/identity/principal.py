@@ -8,7 +8,9 @@ for ASCII letters only: Unicode's mapping makes `lab.te` + U+017F (long s) + `t`
 certificate for a look-alike suffix would be served as a user of the real realm. A suffix with
 non-ASCII letters is therefore refused unless `realm_map` names it. Names without a domain
 (a certificate's common name, `alice` or `LAB\\alice` in Basic credentials) go through `map_name` into
-the configured default realm, or the realm `realm_map` gives the down-level domain.
+the configured default realm, or the realm `realm_map` gives the down-level domain. A name read from a
+certificate first passes `map_certificate_name`: one plain name for its source (no `DOMAIN\\` in a CN, an
+'@' in a UPN or address, an address's domain that the configuration names).
 
 What it trusts: the UPN was read from a certificate that the certificate stage verified, so the CA
 vouched for it. What it still refuses (IdentityRejected): anything that would change what the
@@ -83,6 +85,44 @@ def map_name(name: str, identity: Identity, *, source: str) -> UserPrincipal:
         raise IdentityRejected(f"user name {name!r} is not usable: no realm for it", hint=f"identity source {source}")
     mapped = map_upn(f"{user}@{realm}", realm_map={}, source=source)
     return replace(mapped, upn=name, realm=realm, principal=f"{user}@{realm}")
+
+
+def map_certificate_name(name: str, source: str, identity: Identity) -> UserPrincipal:
+    """A name read from a certificate's `source` (san-upn, san-email, subject-cn), to a principal, refusing a
+    name that is not a plain one for that source (the rules, per source, are in docs/hardening.md):
+
+    - san-upn: `user@suffix`, exactly one '@' (a bare `alice` or a down-level `LAB\\alice` is not a UPN; read
+      as one it became a user of the default realm); the suffix maps as `map_upn` says (the CA vouched for it);
+    - san-email: `user@domain`, exactly one '@', and a domain the configuration names: a key of
+      `identity.realm_map`, or the default realm's own name. A mail domain is not a Kerberos realm: upper-casing
+      one (`alice@evil.test` as `alice@EVIL.TEST`) is a guess that sends the KDC to a realm nobody configured;
+    - subject-cn: a bare account name of `identity.default_realm`: no '@' (a UPN belongs in the subjectAltName)
+      and no '\\' (`EVIL\\alice` was alice of the default realm: the CN cannot choose the domain).
+    """
+    if source == "subject-cn":
+        for char, what in (("\\", "'\\' (a DOMAIN\\user name)"), ("@", "'@' (a UPN or an address)")):
+            if char in name:
+                raise IdentityRejected(
+                    f"common name {name!r} is not a plain user name: it contains {what}",
+                    hint=f"identity source subject-cn reads the CN as an account of {identity.default_realm}; "
+                    "issue certificates with the account name alone as CN, or use identity.source san-upn",
+                )
+    elif "@" not in name:
+        kind = "UPN" if source == "san-upn" else "e-mail address"
+        raise IdentityRejected(
+            f"{kind} {name!r} is not usable: expected exactly one '@', found 0",
+            hint=f"identity source {source}: a name without its domain would be guessed into {identity.default_realm}",
+        )
+    elif source == "san-email":
+        domain = ascii_lower(name.rpartition("@")[2])
+        configured = {ascii_lower(key) for key in identity.realm_map} | {ascii_lower(identity.default_realm)}
+        if domain not in configured:
+            raise IdentityRejected(
+                f"e-mail address {name!r} is not usable: its domain {domain!r} is not mapped to a realm",
+                hint=f"identity source san-email; if {domain} is a mail domain of your users, name it in "
+                "identity.realm_map with their realm",
+            )
+    return map_name(name, identity, source=source)
 
 
 _LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)

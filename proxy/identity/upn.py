@@ -8,8 +8,11 @@ otherName values over as raw DER (it has no schema for them), so the UTF8String 
 pyasn1, strictly: a value that is not exactly one UTF8String is refused, not guessed at.
 
 What it refuses (IdentityRejected): a malformed UPN value (one whose bytes are not UTF-8 too, or an empty
-one: it is a UPN that names nobody, not an absent UPN that lets the next source speak), several
-UPNs in one certificate (which one would be the user?), a subjectAltName that cannot be parsed. An
+one: it is a UPN that names nobody, not an absent UPN that lets the next source speak), more than one
+value for the source being read (several UPNs, several e-mail addresses, several CNs: which one would be
+the user? software disagrees on first or last), a subjectAltName that cannot be parsed. Whether the one
+value is a plain name for its source (no backslash, '@' only where the source has one, a configured
+domain) is `proxy.identity.principal.map_certificate_name`'s to decide. An
 absent UPN is not an error here: the functions return None and the caller decides (another identity
 source, or a refusal): `certificate_name` reads the sources in the order `identity.source` lists
 them, and the first name present wins, so `["san-upn", "san-email"]` never looks at the e-mail of a
@@ -61,19 +64,38 @@ def upn_from_certificate(cert: x509.Certificate) -> str | None:
 
 
 def email_from_certificate(cert: x509.Certificate) -> str | None:
-    """The first rfc822Name of the subjectAltName, or None."""
+    """The rfc822Name of the subjectAltName, or None; IdentityRejected if there are several (which would be the
+    user? software disagrees: some read the first, some the last)."""
     san = _subject_alt_name(cert)
     emails = san.get_values_for_type(x509.RFC822Name) if san else []
+    if len(emails) > 1:
+        raise IdentityRejected(
+            f"certificate carries {len(emails)} e-mail addresses; expected one",
+            hint="with identity.source san-email the address names the user: ask the CA for one rfc822Name",
+        )
     return emails[0] if emails else None
 
 
 def common_name(cert: x509.Certificate) -> str | None:
-    """The subject's common name (the last CN if there are several, as most software reads it), or None."""
+    """The subject's common name, or None; IdentityRejected if there are several (most software reads the last,
+    some the first: a CA that lets the requester add RDNs lets them pick) or its bytes are not a name."""
     values = [attr.value for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if not values:
         return None
-    value = values[-1]
-    return value if isinstance(value, str) else value.decode("utf-8", errors="replace")
+    if len(values) > 1:
+        raise IdentityRejected(
+            f"certificate subject carries {len(values)} common names; expected one",
+            hint="with identity.source subject-cn the CN names the user: ask the CA for one CN in the subject",
+        )
+    value = values[0]
+    if isinstance(value, str):
+        return value
+    try:  # cryptography gives bytes only for string types it does not decode itself
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IdentityRejected(
+            "certificate common name is not UTF-8", hint="the CA wrote bytes that are not a name"
+        ) from None
 
 
 SOURCE_NAMES: dict[IdentitySource, str] = {

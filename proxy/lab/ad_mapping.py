@@ -62,6 +62,7 @@ MAPPING_USERS = (
 MALLORY_UPN = f"alice@{ad.OTHER_SUFFIX}"
 SID_CERTIFICATES = ("alice", "bob", "carol", "dave", "heidi", "ivan")
 EXPIRED_AT = datetime(2020, 1, 1, tzinfo=UTC)
+LAB_BACKDATING_SECONDS = 3600  # the lab PKI's notBefore is an hour before issuance (proxy.lab.pki._HOUR)
 
 
 def directory(realm: ad.AdRealm) -> Path:
@@ -190,5 +191,8 @@ def gateway_config(
 ) -> str:
     """The AD lab's gateway configuration with `[identity] mapping = mode` and the realm's directory."""
     text = ad.gateway_config(realm, port=port, backend_port=backend_port)
-    text = text.replace('[identity]\nsource = "san-upn"\n', f'[identity]\nsource = "san-upn"\nmapping = "{mode}"\n')
+    # The lab CA backdates notBefore by an hour (proxy.lab.pki) and issues right after making the accounts:
+    # strong-or-audit would refuse every weakly mapped lab certificate as older than its account without this.
+    mapping = f'mapping = "{mode}"\ncertificate_backdating_compensation = {LAB_BACKDATING_SECONDS}\n'
+    text = text.replace('[identity]\nsource = "san-upn"\n', f'[identity]\nsource = "san-upn"\n{mapping}')
     return text + (directory_text if directory_text is not None else directory_table(realm))

@@ -238,7 +238,8 @@ async def _directory_checks(
         return [*checks, Check("directory-lookup", "fail", e.reason, e.hint)], None
     mapped = Mapped(account.sam_account_name, directory.realm)
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
-    detail = f"{upn} is {account.dn}, {account.sid}; {strong} strong altSecurityIdentities entries"
+    created = account.when_created.isoformat() if account.when_created else "unknown (no whenCreated)"
+    detail = f"{upn} is {account.dn}, {account.sid}, created {created}; {strong} strong altSecurityIdentities entries"
     try:
         account_state(account, datetime.fromtimestamp(clock(), UTC))
     except GatewayError as e:

@@ -345,6 +345,7 @@ def test_doctor_checks_the_bind_and_the_canary_lookup(realm: ad.AdRealm, tmp_pat
     assert "svc-kcdproxy@AD.TEST" in lines["directory"]
     assert lines["directory-lookup"].startswith("PASS"), done.stdout
     assert str(ad_mapping.object_sid(realm, "alice")) in lines["directory-lookup"]
+    assert ", created 20" in lines["directory-lookup"]  # whenCreated, which strong-or-audit compares
 
 
 def _doctor_lines(done: subprocess.CompletedProcess[str]) -> dict[str, str]:

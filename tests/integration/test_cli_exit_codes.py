@@ -18,6 +18,11 @@ MISTAKES = [
     ("unknown key", ("[listener]\n", '[listener]\nbnid = "127.0.0.1:1"\n'), "listener.bnid: unknown key"),
     ("bad value", ('source = "san-upn"\n', 'source = "san-upn"\nmapping = "strict"\n'), "identity.mapping: expected"),
     ("bad type", ("[listener]\n", '[listener]\nworkers = "2"\n'), "listener.workers: expected int"),
+    (
+        "bad backdating",
+        ('source = "san-upn"\n', 'source = "san-upn"\ncertificate_backdating_compensation = -1\n'),
+        "identity.certificate_backdating_compensation: must be seconds from 0",
+    ),
 ]
 
 # Each command: its arguments after the file, and the exit status a configuration error gives.

@@ -57,9 +57,12 @@ def gw(lab: LabLayout, partner: Path, tmp_path_factory: pytest.TempPathFactory) 
     gateway.stop()
 
 
-def mint(lab: LabLayout, directory: Path, san: str, cn: str = "crafted", ca: Path | None = None) -> Path:
+def mint(
+    lab: LabLayout, directory: Path, san: str, cn: str = "crafted", ca: Path | None = None, subject: str = ""
+) -> Path:
     """A client certificate from the lab's issuing CA (or the CA at `ca`, without suffix) with `san` as its
-    subjectAltName (openssl CLI syntax); returns the path without suffix (`.pem` and `.key` beside it)."""
+    subjectAltName (openssl CLI syntax) and the subject `/CN=<cn>` (or `subject`, openssl -subj syntax: a
+    literal backslash is written twice); returns the path without suffix (`.pem` and `.key` beside it)."""
     base = directory / secrets.token_hex(4)
     ext = directory / f"{base.name}.cnf"
     ext.write_text(
@@ -67,7 +70,7 @@ def mint(lab: LabLayout, directory: Path, san: str, cn: str = "crafted", ca: Pat
         f"extendedKeyUsage = clientAuth\nsubjectAltName = {san}\n"
     )
     run = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    subprocess.run([*run, "-keyout", f"{base}.key", "-subj", f"/CN={cn}", "-out", f"{base}.csr"], check=True)
+    subprocess.run([*run, "-keyout", f"{base}.key", "-subj", subject or f"/CN={cn}", "-out", f"{base}.csr"], check=True)
     issuer = ca or lab.pki_dir / "issuing"
     sign = ["openssl", "x509", "-req", "-in", f"{base}.csr", "-CA", f"{issuer}.pem", "-CAkey", f"{issuer}.key"]
     sign += ["-set_serial", f"0x{secrets.token_hex(8)}", "-days", "1"]
@@ -131,3 +134,98 @@ def test_a_partner_ca_cannot_name_a_user_outside_its_name_constraints(
     status, body = curl_as(lab, gw, mint(lab, tmp_path, f"{UPN};UTF8:bob@partner.test", ca=partner))
     assert status == 200, body
     assert '"principal": "bob@LAB.TEST"' in body
+
+
+# -- ambiguous names, and names that are not plain for their source --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def names_gw(lab: LabLayout, partner: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The lab's gateway reading the e-mail address, then the subject's common name (a certificate without an
+    rfc822Name is read by its CN); realm_map names lab.test, default realm LAB.TEST; the partner CA trusted too."""
+    text = lab_config(lab, port=free_port())
+    identity = 'source = ["san-email", "subject-cn"]\nrealm_map = { "lab.test" = "LAB.TEST" }'
+    text = text.replace('source = "san-upn"', identity, 1)
+    issuing, crls = f'"{lab.pki_dir / "issuing.pem"}"', f'"{lab.pki_dir / "crls.pem"}"'
+    text = text.replace(f"intermediates = [{issuing}]", f'intermediates = [{issuing}, "{partner}.pem"]', 1)
+    text = text.replace(f"crls = [{crls}]", f'crls = [{crls}, "{partner}.crl.pem"]', 1)
+    gateway = start_gateway(lab, tmp_path_factory.mktemp("identity-names"), text)
+    yield gateway
+    gateway.stop()
+
+
+def refused_at_identity(gw: Gateway, status: int, body: str, reason: str) -> None:
+    """403 at the identity stage with `reason`; the request never reached the Kerberos or backend stages."""
+    assert status == 403, body
+    assert reason in body
+    line = gw.wait_events("request")[-1]
+    assert (line["status"], line["refused_stage"]) == (403, "identity"), line
+    assert not {"kerberos", "backend"} & set(line["ms"]), line
+    assert not line.get("principal"), line
+
+
+DEVICE = "DNS:device.lab.test"  # a subjectAltName that names no user: the chain verifier wants one
+
+
+@pytest.mark.parametrize(
+    ("subject", "san", "reason"),
+    [
+        ("/CN=EVIL\\\\alice", DEVICE, "common name 'EVIL\\\\alice' is not a plain user name"),  # was alice
+        ("/CN=bob/CN=alice", DEVICE, "certificate subject carries 2 common names; expected one"),  # was alice (last)
+        ("/CN=alice@lab.test", DEVICE, "common name 'alice@lab.test' is not a plain user name"),  # was alice's UPN
+        ("/CN=crafted", "email:bob@lab.test,email:alice@lab.test", "certificate carries 2 e-mail addresses"),  # bob
+        ("/CN=crafted", "email:alice", "e-mail address 'alice' is not usable"),  # was alice, in the default realm
+        ("/CN=crafted", "email:alice@evil.test", "domain 'evil.test' is not mapped to a realm"),  # was EVIL.TEST
+    ],
+)
+def test_an_ambiguous_or_unplain_name_is_refused_for_its_source(
+    lab: LabLayout, names_gw: Gateway, tmp_path: Path, subject: str, san: str, reason: str
+) -> None:
+    """A CN naming a domain (EVIL\\alice), two CNs, a CN with '@', two e-mail addresses, an address without '@' or
+    in a domain no realm is configured for: 403 at the identity stage, never served as any user."""
+    cert = mint(lab, tmp_path, san, subject=subject)
+    names_gw.mark()
+    status, body = curl_as(lab, names_gw, cert)
+    refused_at_identity(names_gw, status, body, reason)
+
+
+def test_a_plain_common_name_and_a_configured_address_are_served(
+    lab: LabLayout, names_gw: Gateway, tmp_path: Path
+) -> None:
+    """The controls: CN=alice alone is alice of the default realm; one address in lab.test is that user."""
+    status, body = curl_as(lab, names_gw, mint(lab, tmp_path, DEVICE, subject="/CN=alice"))
+    assert status == 200, body
+    assert '"principal": "alice@LAB.TEST"' in body
+    status, body = curl_as(lab, names_gw, mint(lab, tmp_path, "email:bob@lab.test", subject="/CN=alice"))
+    assert status == 200, body
+    assert '"principal": "bob@LAB.TEST"' in body
+
+
+@pytest.mark.parametrize(
+    ("san", "reason"),
+    [
+        (f"{UPN};UTF8:alice", "UPN 'alice' is not usable: expected exactly one '@', found 0"),  # was alice
+        (f"{UPN};UTF8:LAB\\\\alice", "UPN 'LAB\\\\alice' is not usable"),  # was alice, by the domain LAB
+    ],
+)
+def test_a_upn_without_its_suffix_is_refused(
+    lab: LabLayout, gw: Gateway, tmp_path: Path, san: str, reason: str
+) -> None:
+    """A UPN is user@suffix: a bare name or a down-level DOMAIN\\user in the UPN otherName is 403 at identity,
+    never a user of the default realm."""
+    cert = mint(lab, tmp_path, san)
+    gw.mark()
+    status, body = curl_as(lab, gw, cert)
+    refused_at_identity(gw, status, body, reason)
+
+
+def test_a_partner_ca_cannot_name_a_user_of_the_default_realm_by_common_name(
+    lab: LabLayout, names_gw: Gateway, partner: Path, tmp_path: Path
+) -> None:
+    """The partner CA may name e-mail addresses of partner.test only. With subject-cn its CN=alice would be alice of
+    the default realm: the CN is held to the CA's constraints as the address alice@lab.test (the default realm's
+    domain), so it is 403 at identity; the lab CA's own CN=alice is served (the control)."""
+    names_gw.mark()
+    status, body = curl_as(lab, names_gw, mint(lab, tmp_path, DEVICE, subject="/CN=alice", ca=partner))
+    why = "the common name alice (as alice@lab.test) is outside the name constraints of CA 'CN=Partner CA'"
+    refused_at_identity(names_gw, status, body, why)

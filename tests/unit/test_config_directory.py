@@ -134,3 +134,22 @@ def test_base_dn_without_domain_components_is_refused(tmp_path: Path) -> None:
     """A base DN with no DC= parts gives no realm for the mapped accounts: refused under directory.base_dn."""
     text = _mapping("strong") + DIRECTORY.replace('"DC=corp,DC=example,DC=com"', '"O=Corp,C=DE"')
     assert any(p.startswith("directory.base_dn: needs the domain's DC= components") for p in _problems(tmp_path, text))
+
+
+def test_certificate_backdating_compensation_defaults_to_ads_zero_and_reads_seconds(tmp_path: Path) -> None:
+    """identity.certificate_backdating_compensation: 0 when absent (AD's default), else the seconds given."""
+    assert _load(tmp_path, _mapping("strong-or-audit") + DIRECTORY).identity.certificate_backdating_compensation == 0
+    text = _mapping("strong-or-audit").replace(
+        'mapping = "strong-or-audit"', 'mapping = "strong-or-audit"\ncertificate_backdating_compensation = 3600'
+    )
+    assert _load(tmp_path, text + DIRECTORY).identity.certificate_backdating_compensation == 3600
+
+
+@pytest.mark.parametrize("value", ["-1", '"1h"', "2000000000", "true"])
+def test_a_bad_certificate_backdating_compensation_names_the_key(tmp_path: Path, value: str) -> None:
+    """A negative, textual, boolean or over-50-years compensation is refused, naming the key."""
+    text = _mapping("strong-or-audit").replace(
+        'mapping = "strong-or-audit"', f'mapping = "strong-or-audit"\ncertificate_backdating_compensation = {value}'
+    )
+    problems = _problems(tmp_path, text + DIRECTORY)
+    assert any(p.startswith("identity.certificate_backdating_compensation: ") for p in problems), problems

@@ -4,13 +4,15 @@ cache's key."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
-from proxy.directory import Directory, _domain, _escape, _filter
+from proxy.directory import Directory, _account, _domain, _escape, _filter
+from proxy.errors import MappingRefused
 from proxy.identity.mapping import Account
 
 
@@ -59,3 +61,32 @@ def test_the_cache_joins_names_only_by_ascii_case(monkeypatch: pytest.MonkeyPatc
 
     asyncio.run(run())
     assert asked == ["strasse@ad.test", "straße@ad.test"]
+
+
+class _Entry(dict[str, list[object]]):
+    """What bonsai hands over for one account: attribute -> values, and a dn."""
+
+    dn = "CN=alice,CN=Users,DC=ad,DC=test"
+
+
+def _entry(**attrs: object) -> _Entry:
+    sid = bytes.fromhex("010500000000000515000000") + bytes(12) + (1105).to_bytes(4, "little")
+    entry = _Entry(objectSid=[sid], sAMAccountName=["alice"])
+    entry.update({name.replace("_", "-"): [value] for name, value in attrs.items()})
+    return entry
+
+
+def test_when_created_is_read_as_utc_and_absent_is_none() -> None:
+    """whenCreated as AD writes it (GeneralizedTime, `.0Z`) becomes a UTC datetime; without it, None."""
+    assert _account(_entry(whenCreated="20261205043959.0Z")).when_created == datetime(
+        2026, 12, 5, 4, 39, 59, tzinfo=UTC
+    )
+    assert _account(_entry(whenCreated=b"20261205043959Z")).when_created == datetime(2026, 12, 5, 4, 39, 59, tzinfo=UTC)
+    assert _account(_entry()).when_created is None
+
+
+@pytest.mark.parametrize("value", ["20261205043959.0", "20261305043959.0Z", "2026-12-05", "20261205043959+0100"])
+def test_an_unreadable_when_created_is_a_refusal_not_a_guess(value: str) -> None:
+    """A whenCreated without Z, with a 13th month, in another format or another zone: MappingRefused naming it."""
+    with pytest.raises(MappingRefused, match="whenCreated cannot be read"):
+        _account(_entry(whenCreated=value))

@@ -12,7 +12,7 @@ from cryptography.x509.oid import NameOID
 
 from proxy.config import Identity
 from proxy.errors import IdentityRejected
-from proxy.identity.principal import UserPrincipal, map_upn
+from proxy.identity.principal import UserPrincipal, map_certificate_name, map_upn
 from proxy.identity.upn import (
     UPN_OID,
     certificate_name,
@@ -161,3 +161,87 @@ def test_an_empty_upn_is_refused_not_skipped_for_the_next_source() -> None:
         upn_from_certificate(crafted)
     with pytest.raises(IdentityRejected, match="empty"):
         certificate_name(crafted, Identity(sources=("san-upn", "san-email")).sources)
+
+
+# -- one value per source, and a plain name for it ------------------------------------------------------------
+
+
+def with_subject(*cns: str, san: tuple[x509.GeneralName, ...] = (x509.DNSName("device.lab.test"),)) -> x509.Certificate:
+    """A self-signed certificate whose subject has the common names `cns` (one RDN each) and the SAN `san`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in cns])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
+    )
+    return builder.sign(key, hashes.SHA256())
+
+
+IDENTITY = Identity(realm_map={"lab.test": "LAB.TEST", "Partner.Test": "LAB.TEST"}, default_realm="LAB.TEST")
+
+
+def test_two_common_names_are_refused_not_read_last() -> None:
+    """CN=bob, CN=alice: which is the user depends on the reader (most take the last); refused."""
+    with pytest.raises(IdentityRejected, match="2 common names; expected one"):
+        common_name(with_subject("bob", "alice"))
+    assert common_name(with_subject("alice")) == "alice"
+
+
+def test_two_e_mail_addresses_are_refused_not_read_first() -> None:
+    """Two rfc822Names: refused, never the first."""
+    cert = with_san(x509.RFC822Name("bob@lab.test"), x509.RFC822Name("alice@lab.test"))
+    with pytest.raises(IdentityRejected, match="2 e-mail addresses; expected one"):
+        email_from_certificate(cert)
+
+
+def test_ambiguity_counts_only_for_the_source_in_use() -> None:
+    """A UPN certificate with two CNs and two addresses is read by its UPN under [san-upn, san-email, subject-cn]."""
+    cert = with_subject(
+        "bob", "alice", san=(upn_other_name("carol@lab.test"), x509.RFC822Name("a@lab.test"), x509.RFC822Name("b@x"))
+    )
+    assert certificate_name(cert, ("san-upn", "san-email", "subject-cn")) == ("carol@lab.test", "san-upn")
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "why"),
+    [
+        ("EVIL\\alice", "subject-cn", "contains '\\' (a DOMAIN\\user name)"),
+        ("LAB\\alice", "subject-cn", "contains '\\'"),
+        ("alice@lab.test", "subject-cn", "contains '@'"),
+        ("alice", "san-upn", "UPN 'alice' is not usable: expected exactly one '@', found 0"),
+        ("LAB\\alice", "san-upn", "expected exactly one '@', found 0"),
+        ("alice", "san-email", "e-mail address 'alice' is not usable"),
+        ("alice@evil.test", "san-email", "its domain 'evil.test' is not mapped to a realm"),
+        ("EVIL\\alice@lab.test", "san-email", "separates or escapes Kerberos name components"),
+        ("alice\x00@lab.test", "san-upn", "U+0000"),
+        ("alice\x00", "subject-cn", "U+0000"),
+        ("alice@evil.test@lab.test", "san-email", "expected exactly one '@', found 2"),
+    ],
+)
+def test_a_name_that_is_not_plain_for_its_source_is_refused(name: str, source: str, why: str) -> None:
+    """Per source: a CN is a bare account name; a UPN and an address need their '@'; an address's domain must be
+    configured; backslashes and control characters are never a name."""
+    with pytest.raises(IdentityRejected) as refused:
+        map_certificate_name(name, source, IDENTITY)
+    assert why in refused.value.reason
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "principal"),
+    [
+        ("alice", "subject-cn", "alice@LAB.TEST"),
+        ("alice@lab.test", "san-upn", "alice@LAB.TEST"),
+        ("carol@corp.example", "san-upn", "carol@CORP.EXAMPLE"),  # a UPN suffix maps as AD's convention says
+        ("bob@LAB.TEST", "san-email", "bob@LAB.TEST"),  # the default realm's own name
+        ("dave@partner.test", "san-email", "dave@LAB.TEST"),  # a realm_map key, in any ASCII case
+    ],
+)
+def test_a_plain_name_maps_for_its_source(name: str, source: str, principal: str) -> None:
+    """The controls: one plain name of each source maps to its principal."""
+    assert map_certificate_name(name, source, IDENTITY).principal == principal

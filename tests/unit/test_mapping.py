@@ -20,7 +20,7 @@ from pyasn1_modules import rfc5280
 
 from proxy.errors import AccountRefused, MappingRefused
 from proxy.identity import altsecid
-from proxy.identity.mapping import Account, account_state, decide, no_account
+from proxy.identity.mapping import Account, account_state, decide, no_account, predates_account
 from proxy.identity.sid import (
     OBJECTSID_OID,
     SID_EXTENSION_OID,
@@ -81,14 +81,19 @@ def certificate(
     return builder.sign(CA_KEY, hashes.SHA256())
 
 
-def account(*alt: str, sid: Sid = ALICE_SID, **state: int) -> Account:
-    """Alice's account as the directory returns it, with `alt` as altSecurityIdentities and `state` fields."""
+CREATED = NOW - timedelta(days=30)  # alice's whenCreated: before every certificate() (notBefore NOW - 1 day)
+
+
+def account(*alt: str, sid: Sid = ALICE_SID, created: datetime | None = CREATED, **state: int) -> Account:
+    """Alice's account as the directory returns it, with `alt` as altSecurityIdentities and `state` fields,
+    created at `created` (None: the directory gave no whenCreated)."""
     return Account(
         dn="CN=alice,CN=Users,DC=ad,DC=test",
         sam_account_name="alice",
         upn="alice@ad.test",
         sid=sid,
         alt_security_identities=alt,
+        when_created=created,
         **state,
     )
 
@@ -376,6 +381,60 @@ def test_audit_mode_serves_weak_mapping_and_says_so() -> None:
     assert (mapping.rule, mapping.weak) == ("weak-audit", True)
     assert "X509SubjectOnly" in mapping.detail
     assert "altSecurityIdentities: X509:<I>" in mapping.detail
+
+
+# -- strong-or-audit: a weakly mapped certificate older than its account (KB5014754 compatibility mode) -----------
+
+
+def test_predates_account_compares_not_before_with_when_created_beyond_the_compensation() -> None:
+    """Earlier than whenCreated by more than the compensation: how much; equal, later, or within it: None."""
+    created = NOW
+    assert predates_account(NOW - timedelta(seconds=601), created, timedelta(seconds=600)) == timedelta(seconds=601)
+    assert predates_account(NOW - timedelta(seconds=1), created, timedelta(0)) == timedelta(seconds=1)
+    assert predates_account(NOW - timedelta(seconds=600), created, timedelta(seconds=600)) is None
+    assert predates_account(NOW, created, timedelta(0)) is None
+    assert predates_account(NOW + timedelta(days=1), created, timedelta(0)) is None
+
+
+def test_audit_refuses_a_weak_certificate_older_than_its_account() -> None:
+    """strong-or-audit, weak mapping, notBefore a day before whenCreated and no compensation: refused, and the
+    hint gives both times, the gap, the key to raise and the strong entry that would map the certificate."""
+    cert = certificate()  # notBefore NOW - 1 day
+    with pytest.raises(MappingRefused) as refused:
+        decide(cert, account(created=NOW), "strong-or-audit")
+    assert refused.value.reason == "the certificate was issued before its account was created and is only weakly mapped"
+    hint = refused.value.hint or ""
+    assert "86400 s (1 day, 0:00:00) before alice@ad.test (CN=alice,CN=Users,DC=ad,DC=test) was created" in hint
+    assert f"whenCreated {NOW.isoformat()}" in hint
+    assert "certificate_backdating_compensation (0 s (0:00:00))" in hint
+    assert f"altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}" in hint
+
+
+def test_audit_serves_a_weak_certificate_older_than_its_account_within_the_compensation() -> None:
+    """The same certificate with a compensation of a day and a second is served (weak, with the warning's detail)."""
+    mapping = decide(certificate(), account(created=NOW), "strong-or-audit", "AD.TEST", timedelta(days=1, seconds=1))
+    assert (mapping.rule, mapping.weak) == ("weak-audit", True)
+
+
+def test_strong_mappings_and_strong_mode_ignore_the_account_creation_time() -> None:
+    """A certificate a day older than its account is admitted by its SID or a strong altSecurityIdentities entry,
+    in both modes; strong refuses a weak one for its mapping, not its age."""
+    cert = certificate()
+    for mode in ("strong", "strong-or-audit"):
+        assert decide(certificate(sid=ALICE_SID), account(created=NOW), mode).rule == "sid-extension"
+        entry = altsecid.issuer_serial_entry(cert)
+        assert decide(cert, account(entry, created=NOW), mode).rule == "alt-security-identity"
+        assert decide(cert, account(entry, created=None), mode).rule == "alt-security-identity"
+    with pytest.raises(MappingRefused, match="not strongly mapped"):
+        decide(cert, account(created=NOW), "strong")
+
+
+def test_audit_refuses_a_weak_certificate_when_the_account_creation_time_is_unknown() -> None:
+    """No whenCreated from the directory: nothing to compare a weak certificate with, so strong-or-audit refuses it
+    and says which attribute the bind account must be able to read."""
+    with pytest.raises(MappingRefused, match="creation time is unknown") as refused:
+        decide(certificate(), account(created=None), "strong-or-audit")
+    assert "no whenCreated" in (refused.value.hint or "")
 
 
 def test_malformed_sid_extension_refused_by_decide() -> None:

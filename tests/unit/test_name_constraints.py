@@ -125,3 +125,23 @@ def test_mailbox_subtrees_match_the_local_part_exactly() -> None:
 def test_a_ca_without_constraints_constrains_nothing() -> None:
     """The root (no nameConstraints) leaves every UPN alone."""
     require_within("anyone@anywhere.test", [ROOT])
+
+
+def cn_user(cn: str) -> x509.Certificate:
+    """A partner-issued certificate whose only user name is its CN (the SAN names a device)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    eku = (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+    san = (x509.SubjectAlternativeName([x509.DNSName("device.partner.test")]), False)
+    return _cert(cn, "Partner CA", key, PARTNER_KEY, eku, san)
+
+
+CN = Identity(sources=("subject-cn",), realm_map={"partner.test": "PARTNER.TEST"}, default_realm="LAB.TEST")
+
+
+@pytest.mark.parametrize("ca", [EMAIL_PARTNER, NOT_LAB])
+def test_a_common_name_is_held_to_its_cas_constraints_as_an_address_of_the_default_realm(ca: x509.Certificate) -> None:
+    """CN=alice becomes alice@LAB.TEST: a CA permitted only partner.test addresses, or barred from lab.test's, may
+    not name her by CN either (as alice@lab.test); an unconstrained CA may."""
+    with pytest.raises(IdentityRejected, match=r"common name alice \(as alice@lab.test\) is outside"):
+        identify(cn_user("alice"), CN, cas=[ca])
+    assert identify(cn_user("alice"), CN, cas=[ROOT]).principal == "alice@LAB.TEST"
