@@ -19,6 +19,10 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
 
+At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one is closed as soon as it is
+made (`admin_connection_limit_reached`), so connections that never send a request cannot take the file
+descriptors the device listener needs.
+
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
 """
@@ -30,7 +34,9 @@ import hashlib
 import ipaddress
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
@@ -46,6 +52,7 @@ from proxy.observability.tracepage import add_trace_views
 log = structlog.get_logger("proxy.admin")
 LIVE_KEY = web.AppKey("live", Live)
 READY_CACHE_SECONDS = 10.0
+ADMIN_MAX_CONNECTIONS = 64  # open at once; probes, scrapers and an operator's browser need a few
 
 
 class Readiness:
@@ -201,22 +208,97 @@ def _is_loopback_name(host: str, allowed: frozenset[str]) -> bool:
         return False
 
 
-async def start_admin(live: Live) -> web.AppRunner | None:
-    """Serve the admin application on `[admin] bind`, if set; the caller cleans the runner up."""
+class _Refused(asyncio.Protocol):
+    """A connection past ADMIN_MAX_CONNECTIONS: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's handler for one admin connection, counted from its creation (at accept) until the connection is
+    lost, or until it is dropped unused (a TLS handshake that failed never reaches `connection_lost`)."""
+
+    def __init__(self, inner: asyncio.Protocol, done: Callable[[], None]) -> None:
+        self._inner = inner
+        self._done = weakref.finalize(self, done)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._done()
+        self._inner.connection_lost(exc)
+
+
+@dataclass
+class AdminListener:
+    """The admin listener's server and application; `cleanup` stops both."""
+
+    runner: web.AppRunner
+    server: asyncio.Server
+
+    async def cleanup(self) -> None:
+        self.server.close()
+        await self.runner.cleanup()
+
+
+def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
+    """aiohttp's protocol factory, but a connection past ADMIN_MAX_CONNECTIONS open is closed at once. Any local
+    user reaches a loopback listener, and aiohttp keeps a connection that never sends a request open for good:
+    without a cap, idle connections took the process's file descriptors from under the device listener. They are
+    counted from the factory (accept), not from aiohttp's list: asyncio accepts a burst before any joins it."""
+    open_ = 0
+    refusing = False
+
+    def closed() -> None:
+        nonlocal open_
+        open_ -= 1
+
+    def factory() -> asyncio.BaseProtocol:
+        nonlocal open_, refusing
+        full = open_ >= ADMIN_MAX_CONNECTIONS
+        if full and not refusing:
+            log.warning("admin_connection_limit_reached", limit=ADMIN_MAX_CONNECTIONS, detail="new ones are closed")
+        refusing = full
+        if full:
+            return _Refused()
+        open_ += 1
+        return _Counted(handlers(), closed)
+
+    return factory
+
+
+async def start_admin(live: Live) -> AdminListener | None:
+    """Serve the admin application on `[admin] bind`, if set; the caller cleans it up."""
     admin = live.config.admin
     if admin is None:
         return None
     runner = web.AppRunner(make_admin_app(live), access_log=None, handle_signals=False)
     await runner.setup()
+    assert runner.server is not None
     # Several workers each serve the admin port too (SO_REUSEPORT): each scrape reaches one of them.
     shared = live.config.listener.workers > 1
-    site = web.TCPSite(runner, admin.host, admin.port, ssl_context=admin_ssl_context(admin), reuse_port=shared)
     try:
-        await site.start()
+        server = await asyncio.get_running_loop().create_server(
+            _capped(runner.server), admin.host, admin.port, ssl=admin_ssl_context(admin), reuse_port=shared
+        )
     except OSError as e:
         await runner.cleanup()
         raise ConfigError(
             [f"admin.bind: cannot listen on {admin.host}:{admin.port}: {e.strerror} (in {live.config.path})"]
         ) from None
     log.info("admin_listening", bind=f"{admin.host}:{admin.port}", tls=admin.tls)
-    return runner
+    return AdminListener(runner, server)

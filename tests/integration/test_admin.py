@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
 import ssl
 import time
 import urllib.error
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.admin import ADMIN_MAX_CONNECTIONS
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
@@ -249,3 +251,37 @@ def test_trace_limit_that_is_not_an_ascii_number_is_a_400(admin_gateway: tuple[G
             assert status == 400, (path, limit[:10], status)
             assert "limit" in body
     assert _get(admin + "/traces?limit=100000")[0] == 200  # a big number is the ring's size at most
+
+
+def _closed_at_once(port: int) -> bool:
+    """Whether a new connection to the admin listener is closed without an answer to its request."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        try:
+            return sock.recv(100) == b""
+        except ConnectionResetError:
+            return True
+
+
+def test_idle_connections_to_the_admin_listener_are_capped(lab: LabLayout, admin_gateway: tuple[Gateway, str]) -> None:
+    """Any local user reaches the loopback admin listener: 600 connections that never send a request held 600 of
+    the gateway's file descriptors (the device listener is capped, this one was not; at a soft limit of 1024 the
+    devices' accept() then fails). Past ADMIN_MAX_CONNECTIONS new ones are closed at once: the descriptors stay
+    bounded, devices are served meanwhile, and the admin answers again once the idle ones are gone."""
+    gw, admin = admin_gateway
+    port = urlsplit(admin).port
+    assert port is not None
+    fds = Path(f"/proc/{gw.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    idle = []
+    try:
+        for _ in range(600):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=15))
+        assert eventually(lambda: _closed_at_once(port), "a new connection closed at once: the cap is reached")
+        bound = before + ADMIN_MAX_CONNECTIONS + 20
+        eventually(lambda: len(list(fds.iterdir())) <= bound, f"at most {bound} descriptors open")
+        assert curl(lab, gw.url + "/owa/", "alice").returncode == 0
+    finally:
+        for sock in idle:
+            sock.close()
+    assert eventually(lambda: _get(admin + "/healthz")[0] == 200, "the admin answering again")
