@@ -20,8 +20,9 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
 
 At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one is closed as soon as it is
-made (`admin_connection_limit_reached`), so connections that never send a request cannot take the file
-descriptors the device listener needs.
+made (`admin_connection_limit_reached`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, so
+connections that never send a request can neither take the file descriptors the device listener needs nor
+keep the admin listener full.
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
@@ -53,6 +54,7 @@ log = structlog.get_logger("proxy.admin")
 LIVE_KEY = web.AppKey("live", Live)
 READY_CACHE_SECONDS = 10.0
 ADMIN_MAX_CONNECTIONS = 64  # open at once; probes, scrapers and an operator's browser need a few
+ADMIN_SILENT_SECONDS = 10.0  # a new connection that sends nothing for this long is closed
 
 
 class Readiness:
@@ -222,11 +224,17 @@ class _Counted(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol, done: Callable[[], None]) -> None:
         self._inner = inner
         self._done = weakref.finalize(self, done)
+        self._silent: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a connection that sends nothing for ADMIN_SILENT_SECONDS is closed (aiohttp would keep it for good)
+        self._silent = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, transport.close)
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._silent is not None:
+            self._silent.cancel()
+            self._silent = None
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -239,6 +247,8 @@ class _Counted(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._silent is not None:
+            self._silent.cancel()
         self._done()
         self._inner.connection_lost(exc)
 
