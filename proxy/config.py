@@ -1058,7 +1058,10 @@ def parse(data: dict[str, Any], path: Path) -> Config:
 
 
 def load(path: Path) -> Config:
-    path = path.resolve()
+    # Absolute, but by the name given, links kept: a reload reads that name again. A Kubernetes ConfigMap's file
+    # is a link through `..data` to a timestamped directory that each update replaces and deletes; the resolved
+    # name was the deleted file at the next reload.
+    path = path.absolute()
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
