@@ -274,6 +274,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     live.metrics.accepted_connections = lambda: slots.open
     live.metrics.connection_limit = listener.max_connections
     await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
+    await gw.delegator.watch_kdcs()  # which of the realm's KDCs answer (proxy.kerberos.kdcs)
     runner: web.AppRunner | None = None
     connections: set[DeviceConnection] = set()
     handler: Callable[[], asyncio.Protocol]
@@ -303,12 +304,20 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         )
 
     tls_gate = gate_factory(
-        handler, lambda: live.ssl_context, listener.handshake_timeout, on_refused=live.metrics.handshake_refused
+        handler,
+        lambda: live.ssl_context,
+        listener.handshake_timeout,
+        on_refused=live.metrics.handshake_refused,
+        on_empty=live.metrics.empty_connections.inc,
     )
     factory: Callable[[Callable[[], None]], asyncio.Protocol] = tls_gate
     if listener.proxy_protocol:  # behind a balancer: its PROXY header first, then TLS
         factory = proxy_protocol.gate_factory(  # the balancers are asked per connection: a reload applies them
-            tls_gate, lambda: live.balancers, listener.handshake_timeout, live.metrics.proxy_header_refused
+            tls_gate,
+            lambda: live.balancers,
+            listener.handshake_timeout,
+            live.metrics.proxy_header_refused,
+            on_empty=live.metrics.empty_connections.inc,
         )
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
     try:

@@ -98,6 +98,7 @@ class Live:
             except (OSError, ssl.SSLError, ValueError) as e:
                 return self._refused(path, [f"{type(e).__name__}: {e}"])
             await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
+            await gateway.delegator.watch_kdcs()  # a kept delegator's watch goes on; a new one's starts
             self.gateway, self.ssl_context = gateway, context
             if gateway.config.listener.proxy_protocol:
                 self.balancers = gateway.config.listener.trusted_proxies

@@ -7,6 +7,7 @@ next gives no way to tell how many of its bytes the next head had, and a header 
 points and feed the parser one part at a time (`proxy.device.server`, `proxy.tls.limits.HeaderBlockBudget`).
 These functions only locate ends, the way llhttp does (it refuses a bare CR or LF, so every line ends at
 CRLF); the parser still judges every byte, and a server that finds the two readings apart refuses the bytes.
+`BodyEnd` is what both servers ask while a body is read: a length counted down, or a `ChunkedEnd`.
 """
 
 from __future__ import annotations
@@ -77,3 +78,24 @@ class ChunkedEnd:
                 self._left = chunk
                 self._state = self._DATA if chunk else self._TRAILER
         return None
+
+
+class BodyEnd:
+    """Where the body of the request whose head was just read ends: after its Content-Length's `length` bytes, or,
+    `chunked`, after its last chunk's trailer section (`ChunkedEnd`). Both device-side servers ask it for each read
+    inside a body (`proxy.device.server.DeviceConnection`, `proxy.tls.limits.HeaderBlockBudget`)."""
+
+    __slots__ = ("_chunks", "_left")
+
+    def __init__(self, length: int = 0, *, chunked: bool = False) -> None:
+        self._left = length  # Content-Length bytes still to come
+        self._chunks = ChunkedEnd() if chunked else None
+
+    def end(self, data: bytes) -> tuple[int, bool]:
+        """How many bytes of `data`, the body's next bytes, belong to the body, and whether it ends with them."""
+        if self._chunks is None:
+            take = min(self._left, len(data))
+            self._left -= take
+            return take, self._left == 0
+        end = self._chunks.end(data)
+        return (len(data), False) if end is None else (end, True)

@@ -24,7 +24,7 @@ Bounds before any stage runs (`proxy.tls.limits` has the why):
   `listener.max_header_bytes` the device gets 431 (`proxy.tls.limits.refuse_header_block`), whatever
   TLS records the head came in: the parser is fed at most the budget, so a head of exactly the budget
   passes and one byte more does not. llhttp reports no offsets, so each message part is cut out before it
-  is fed (a head ends at its first CRLF CRLF, a body at its length or its last chunk's trailer: `ChunkedEnd`),
+  is fed (a head ends at its first CRLF CRLF, a body at its length or its last chunk's trailer: `BodyEnd`),
   and a head that shares a read with the end of the request before it is counted from its first byte;
 - time: from the connection's start, and from the end of each answer, a request's head must be
   complete within `listener.keepalive_timeout`, or the connection is closed (aiohttp's rule); a device
@@ -61,7 +61,7 @@ import httptools
 import structlog
 from multidict import CIMultiDict, MultiMapping
 
-from proxy.device.framing import ChunkedEnd, head_end
+from proxy.device.framing import BodyEnd, head_end
 from proxy.errors import BadRequest
 from proxy.tls.limits import refuse_header_block
 from proxy.tls.server import peer_text, socket_transport
@@ -330,8 +330,7 @@ class DeviceConnection(asyncio.Protocol):
     __slots__ = (  # no instance dict: thousands are held open by long-polls (bench: memory per held request)
         "_backlog",
         "_begun",
-        "_body_left",
-        "_chunks",
+        "_body_end",
         "_completed",
         "_connections",
         "_drain",
@@ -394,8 +393,7 @@ class DeviceConnection(asyncio.Protocol):
         self._head_tail = b""  # the last bytes (at most 3) of the current head fed so far
         self._heads = 0  # heads llhttp has read to their end
         self._begun = 0  # messages llhttp has started
-        self._body_left = 0  # bytes of a Content-Length body not yet fed
-        self._chunks: ChunkedEnd | None = None  # where a chunked body ends, when one is being read
+        self._body_end: BodyEnd | None = None  # where the body being read ends
         self._completed = 0  # requests llhttp has read to their end
         self._framing = 0  # bytes read inside a body since its last payload bytes
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
@@ -431,7 +429,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def _read(self, data: bytes) -> None:
         """Feed llhttp one message part at a time: a head up to its end, a body up to its end. Where each part ends
-        is found before it is fed (`_head_end`, `_body_end`), so every head is counted against the budget from its
+        is found before it is fed (`_head_end`, `BodyEnd`), so every head is counted against the budget from its
         first byte, whichever read brought it and whatever ended in that read before it. Once a whole request
         waits to be served, what follows it is kept unparsed (`_keep`) until it is."""
         while data and not self._stopped:
@@ -460,7 +458,9 @@ class DeviceConnection(asyncio.Protocol):
                 if self._framing > self._limits.max_header_bytes:
                     self._malformed("chunk extensions or trailer fields longer than listener.max_header_bytes")
                     break
-                take, ended = self._body_end(data)
+                # None is never seen here (llhttp ends a bodiless message at its head); if it were, 0 bytes ending
+                # a body the parser is still in is refused below as any disagreement is
+                take, ended = (0, True) if self._body_end is None else self._body_end.end(data)
                 self._framing += take  # payload in these bytes resets it (on_body)
                 begun = self._begun
                 self._feed(data[:take])
@@ -483,15 +483,6 @@ class DeviceConnection(asyncio.Protocol):
     def _head_end(self, data: bytes) -> int:
         """How many bytes of `data` to feed as head (`proxy.device.framing.head_end`)."""
         return head_end(self._head_tail, data)
-
-    def _body_end(self, data: bytes) -> tuple[int, bool]:
-        """How many bytes of `data` belong to the body being read, and whether the body ends with them."""
-        if self._chunks is None:
-            take = min(self._body_left, len(data))
-            self._body_left -= take
-            return take, self._body_left == 0
-        end = self._chunks.end(data)
-        return (len(data), False) if end is None else (end, True)
 
     def eof_received(self) -> bool | None:
         if self._receiving is not None:
@@ -574,8 +565,8 @@ class DeviceConnection(asyncio.Protocol):
         self._heads += 1
         self._head_tail = b""
         chunked = "chunked" in fields.get("Transfer-Encoding", "").lower()
-        self._chunks = ChunkedEnd() if has_body and chunked else None
-        self._body_left = int(length) if has_body and not chunked and length is not None else 0
+        if has_body:
+            self._body_end = BodyEnd(0 if chunked or length is None else int(length), chunked=chunked)
         request = DeviceHttpRequest(
             self,
             parser.get_method().decode("ascii"),
@@ -599,7 +590,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._completed += 1
-        self._chunks = None
+        self._body_end = None
         self._parsing = None
         if self._receiving is not None:
             self._receiving.end()

@@ -71,9 +71,10 @@ from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import explain
+from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
-from proxy.kerberos.profile import hold_profile, use_profile
+from proxy.kerberos.profile import hold_profile, set_realm_section, use_profile
 
 log = structlog.get_logger("proxy.kerberos")
 
@@ -201,6 +202,15 @@ class Delegator:
         self._cache_size = cache_size
         self._kdc = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="kdc")
         self.stats = CacheStats()
+        # which of the realm's KDCs answer (proxy.kerberos.kdcs); started with the event loop (`watch_kdcs`)
+        self.kdcs: KdcWatch | None = watch_for(
+            settings.principal, settings.krb5_config, settings.kdc_timeout / 2, set_realm_section
+        )
+
+    async def watch_kdcs(self) -> None:
+        """Probe the realm's KDCs once, then watch them (once per delegator; from the running event loop)."""
+        if self.kdcs is not None:
+            await self.kdcs.start()
 
     # -- the request path ------------------------------------------------------------------------------
 
@@ -291,6 +301,14 @@ class Delegator:
 
     async def _exchange(self, user: UserPrincipal, spn: str, gss_target: str) -> _Ticket:
         loop = asyncio.get_running_loop()
+        kdcs = self.kdcs
+        if kdcs is not None and kdcs.none_answer:  # no thread is given to MIT's 25 s wait for a silent KDC
+            silent = ", ".join(f"{p.address} ({p.detail})" for p in kdcs.last)
+            raise self._explain(
+                f"cannot contact any KDC: none of {kdcs.section.realm}'s answered the gateway's last probe: {silent}",
+                user.principal,
+                spn,
+            )
         self.stats.exchanges += 1
         try:
             return await asyncio.wait_for(
@@ -298,6 +316,8 @@ class Delegator:
                 timeout=self._settings.kdc_timeout,
             )
         except TimeoutError:
+            if kdcs is not None:
+                kdcs.check_soon()  # which KDC went silent: MIT is told to ask the others
             raise self._explain(
                 f"cannot contact any KDC within {self._settings.kdc_timeout:g} s", user.principal, spn
             ) from None
@@ -413,7 +433,19 @@ class Delegator:
             return None, f"the PAC is malformed: {e}"
 
     def _service_credentials(self) -> gssapi.Credentials:
-        with self._service_lock:
+        """The gateway's own credentials (its TGT, from the keytab), renewed `RENEW_BEFORE` seconds before they
+        expire by one thread at a time. While one renews, the others go on with the current ones if these are still
+        usable, rather than wait: an AS exchange with a KDC that accepts and never answers holds its thread about
+        50 s in MIT (`proxy.kerberos.kdcs`), and every new user's exchange used to wait behind it."""
+        current = self._service
+        if current is not None and _remaining(current) >= RENEW_BEFORE:
+            return current
+        if current is not None and _remaining(current) > USABLE_FOR:
+            if not self._service_lock.acquire(blocking=False):
+                return current  # another thread renews them
+        else:
+            self._service_lock.acquire()
+        try:
             if self._service is None or _remaining(self._service) < RENEW_BEFORE:
                 self._service = gssapi.Credentials(
                     name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
@@ -425,6 +457,8 @@ class Delegator:
                     },
                 )
             return self._service
+        finally:
+            self._service_lock.release()
 
     def _explain(self, message: str, principal: str, spn: str) -> GatewayError:
         return explain(message, user=principal, spn=spn, proxy=self._settings.principal)
@@ -495,6 +529,8 @@ class Delegator:
     def close(self) -> None:
         """Drop the cache and stop the KDC threads (a call still talking to the KDC finishes on its own)."""
         self.clear()
+        if self.kdcs is not None:
+            self.kdcs.stop()
         with contextlib.suppress(RuntimeError):
             self._kdc.shutdown(wait=False, cancel_futures=True)
 

@@ -38,6 +38,7 @@ _held: dict[str | None, ctypes.c_void_p] = {}  # KRB5_CONFIG -> the context kept
 _DEFAULT_PROFILE = "/etc/krb5.conf"  # MIT's, when KRB5_CONFIG is not set
 _OVERLAY = "[libdefaults]\n    forwardable = true\n"
 _overlay: list[str] = []  # the overlay file in force in this process, written once (or inherited over a fork)
+_realms: dict[str, str] = {}  # realm -> its [realms] section in the overlay (`proxy.kerberos.kdcs`: answering KDCs)
 _written: dict[int, str] = {}  # pid -> the overlay file that process wrote, which only it removes
 
 
@@ -68,6 +69,27 @@ def _overlay_file() -> str | None:
         atexit.register(remove_overlay)
         _overlay.append(path)
     return _overlay[0]
+
+
+def set_realm_section(realm: str, section: str | None) -> None:
+    """Put `realm`'s section (`proxy.kerberos.kdcs.overlay_section`) in the overlay, or take it out (None: krb5.conf's
+    own stands). The file is replaced whole (a new file renamed over it): MIT rereads it when its modification time
+    changes, at most once a second."""
+    if section is None:
+        if _realms.pop(realm, None) is None:
+            return
+    else:
+        if _realms.get(realm) == section:
+            return
+        _realms[realm] = section
+    path = _overlay[0] if _overlay and _written.get(os.getpid()) == _overlay[0] else None
+    if path is None:  # no overlay of this process's own to write (none could be written, or it is inherited)
+        return
+    text = _OVERLAY + ("\n[realms]\n" + "".join(_realms.values()) if _realms else "")
+    fd, temporary = tempfile.mkstemp(prefix=Path(path).name, dir=Path(path).parent)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    Path(temporary).replace(path)
 
 
 def remove_overlay() -> None:

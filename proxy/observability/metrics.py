@@ -3,7 +3,8 @@
 Counters are fed from each request's `Trace` when the request ends (`observe`: its route, status,
 stage timings, ticket cache result and, for a refusal, the stage and the audit event that the middleware
 noted as `refused_stage` and `refusal`), from the TLS listener for refused handshakes
-(`handshake_refused`) and from the PROXY gate for connections it closed (`proxy_header_refused`): stages
+(`handshake_refused`) and for connections that ended before their first TLS byte (`empty_connections`), and
+from the PROXY gate for connections it closed (`proxy_header_refused`): stages
 do not know about metrics. Gauges are read when `/metrics` is scraped,
 through hooks the running gateway sets: open connections (aiohttp's handlers), and the CRL store's
 status list (`proxy.certs.sources.CrlStatus` rows).
@@ -77,6 +78,13 @@ class Metrics:
         self.connection_waits = Counter(
             "kcd_listener_connection_waits",
             "Times new connections had to wait in the listen backlog because listener.max_connections were open",
+            registry=r,
+        )
+        self.empty_connections = Counter(
+            "kcd_listener_empty_connections",
+            "Connections that ended (reset or closed by the client) before their first TLS byte, a PROXY header "
+            "aside: health checks (HAProxy's end with a reset, often before they are accepted) and port scans; "
+            "not refusals",
             registry=r,
         )
         self.mappings = Counter(

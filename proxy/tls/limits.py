@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 from aiohttp.http_exceptions import BadHttpMessage
 
-from proxy.device.framing import ChunkedEnd, head_end
+from proxy.device.framing import BodyEnd, head_end
 from proxy.observability.logging import pass_through
 from proxy.tls.server import peer_text
 
@@ -149,8 +149,7 @@ class HeaderBlockBudget:
         self._limit = limit
         self._on_refused = on_refused
         self._payload: Any = None  # the body of the last request handed over, while it is being read
-        self._left = 0  # bytes of a Content-Length body still to come
-        self._chunks: ChunkedEnd | None = None  # where a chunked body ends
+        self._body: BodyEnd | None = None  # where the body being read ends, while one is
         self._seen = 0  # bytes of the head being read
         self._tail = b""  # its last bytes (at most 3)
         self._refused = False
@@ -164,9 +163,10 @@ class HeaderBlockBudget:
             return self._parser.feed_data(data)  # type: ignore[no-any-return]
         out: list[Any] = []
         while data:
-            in_body = self._chunks is not None or self._left > 0
-            if in_body:
-                take, ended = self._body_end(data)
+            body = self._body
+            in_body = body is not None
+            if body is not None:
+                take, ended = body.end(data)
             else:
                 take = head_end(self._tail, data)
                 if take > self._limit - self._seen:
@@ -176,7 +176,7 @@ class HeaderBlockBudget:
             piece, data = data[:take], data[take:]
             messages, upgraded, tail = self._parser.feed_data(piece)
             if in_body and ended:
-                self._chunks, self._left = None, 0
+                self._body = None
                 if self._payload is not None and not self._payload.is_eof():
                     raise BadHttpMessage("the body ends where the parser did not end it")  # never guessed
             for message, payload in messages:
@@ -194,17 +194,9 @@ class HeaderBlockBudget:
         self._seen, self._tail, self._payload = 0, b"", payload
         length = message.headers.get("Content-Length")
         if message.chunked:
-            self._chunks = ChunkedEnd()
-        elif length is not None and length.isdigit():
-            self._left = int(length)
-
-    def _body_end(self, data: bytes) -> tuple[int, bool]:
-        if self._chunks is None:
-            take = min(self._left, len(data))
-            self._left -= take
-            return take, self._left == 0
-        end = self._chunks.end(data)
-        return (len(data), False) if end is None else (end, True)
+            self._body = BodyEnd(chunked=True)
+        elif length is not None and length.isdigit() and int(length) > 0:
+            self._body = BodyEnd(int(length))
 
     def _refuse(self) -> None:
         self._refused = True

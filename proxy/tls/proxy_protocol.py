@@ -21,9 +21,11 @@ the first TLS byte. This module reads it:
   what aiohttp reports as `request.remote`: logs, traces, throttles and `X-Forwarded-For` all use it.
 
 A `LOCAL` v2 header (the balancer's own health check) or a v1 `UNKNOWN` carries no device: the
-connection's own address stands. A connection reset before it was accepted (HAProxy's health checks end
-that way) has no address to judge: it is closed without a refusal. Unix-socket and UDP addresses are
-refused (a gateway listens on TCP). The header's TLVs (v2 extensions) are skipped unread.
+connection's own address stands. A connection that ends before its first byte (HAProxy's health checks end
+with a reset, often before they are accepted, when no address is left to judge) is closed without a refusal,
+counted as an empty connection (`kcd_listener_empty_connections_total`) and logged at debug level only.
+Unix-socket and UDP addresses are refused (a gateway listens on TCP). The header's TLVs (v2 extensions) are
+skipped unread.
 """
 
 from __future__ import annotations
@@ -192,9 +194,11 @@ class ProxyHeaderGate(asyncio.Protocol):
         tls_gate: Callable[[], TlsGate],
         closed: Callable[[], None] = lambda: None,
         on_refused: Callable[[Refusal], None] = lambda _: None,
+        on_empty: Callable[[], None] = lambda: None,
     ) -> None:
         self._networks = networks  # asked per connection: a reload's new list applies to the next one
         self._on_refused = on_refused  # counts the refusal (proxy.observability.metrics)
+        self._on_empty = on_empty  # counts a connection that ended before its first byte
         self._timeout = timeout
         self._tls_gate = tls_gate
         self._closed = closed  # gives the connection's slot back (proxy.tls.limits) if it ends here
@@ -207,7 +211,7 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._transport = socket_transport(transport)
         self._peer = transport.get_extra_info("peername")
         if self._peer is None:  # reset before it was accepted: no address was ever read, so none to refuse
-            self._gone()
+            self._gone("reset before it was accepted")
             return
         if not trusted(self._peer, self._networks()):
             self._refuse("untrusted_peer", "connection from an address not in listener.trusted_proxies")
@@ -234,21 +238,30 @@ class ProxyHeaderGate(asyncio.Protocol):
         gate.connection_made(transport)
 
     def eof_received(self) -> bool | None:
-        self._refuse("incomplete_header", "the connection ended before a complete PROXY header")
+        if not self._buffer:  # closed before its first byte: a health check, not a header cut short
+            self._gone("closed before its first byte")
+        else:
+            self._refuse("incomplete_header", "the connection ended before a complete PROXY header")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Only while this gate owns the connection: once handed over, the TLS gate hears its end."""
+        if self._transport is not None and not self._buffer:  # reset after it was accepted, before its first byte
+            self._gone("reset before its first byte")
         self._cancel_timer()
         self._transport = None
         self._closed()
 
-    def _gone(self) -> None:
-        """A connection that ended before the listener could read its address (HAProxy ends its health checks
-        with a reset, often before they are accepted): closed, logged at debug level, never counted as an
-        untrusted peer, which would tell the operator that someone reaches the gateways around the balancer."""
+    def _gone(self, detail: str) -> None:
+        """A connection that ended before its first byte: before the listener could read its address (HAProxy
+        ends its health checks with a reset, often before they are accepted), or from a trusted balancer (its
+        health check, accepted first). Closed, counted as an empty connection, logged at debug level only (a
+        flood of them would otherwise flood the log); never a refusal: not an untrusted peer, which would tell
+        the operator that someone reaches the gateways around the balancer, nor an incomplete header."""
+        self._cancel_timer()
         transport, self._transport = self._transport, None
-        log.debug("proxy_connection_gone", stage="proxy_protocol", detail="reset before it was accepted")
+        log.debug("connection_empty", stage="proxy_protocol", peer=peer_text(self._peer), detail=detail)
+        self._on_empty()
         if transport is not None:
             transport.abort()
 
@@ -276,9 +289,11 @@ def gate_factory(
     networks: Callable[[], Sequence[IPNetwork]],
     timeout: float,
     on_refused: Callable[[Refusal], None] = lambda _: None,
+    on_empty: Callable[[], None] = lambda: None,
 ) -> Callable[[Callable[[], None]], asyncio.Protocol]:
     """A protocol factory for `proxy.tls.limits.accept_connections`: the PROXY header first, then `tls_gate`'s
     TLS handshake. Called with the function that gives the connection's slot back, which either gate calls
     when the connection ends while it owns it; `networks` gives the trusted balancers (asked per connection,
-    so a reload applies); `on_refused` hears each refusal's kind."""
-    return lambda closed: ProxyHeaderGate(networks, timeout, lambda: tls_gate(closed), closed, on_refused)
+    so a reload applies); `on_refused` hears each refusal's kind, `on_empty` each connection that ended before its
+    first byte."""
+    return lambda closed: ProxyHeaderGate(networks, timeout, lambda: tls_gate(closed), closed, on_refused, on_empty)

@@ -15,8 +15,9 @@ are taken from asyncio's TLS protocol and driven here, by one object that is bot
 - whatever OpenSSL answers by itself while reading (a refused TLS 1.2 renegotiation's alert, a TLS 1.3
   KeyUpdate) is sent after each read;
 - closing sends close_notify and waits for the device's, at most `SHUTDOWN_TIMEOUT` seconds (asyncio's
-  rule), discarding what else arrives; the device's close_notify or a TCP end is the server's
-  `eof_received`, and then the connection closes.
+  rule), reading and discarding what else arrives (in the same read as the device's close_notify or not; at most
+  `DISCARD_LIMIT` bytes, then the connection is aborted);
+  the device's close_notify or a TCP end is the server's `eof_received`, and then the connection closes.
 
 Why: asyncio's protocol, its application transport and their buffers and state were 2.7 KiB of Python
 (3.5 KiB of RSS) of every held long-poll, the gateway's binding limit in front of Exchange; a keep-alive
@@ -33,6 +34,9 @@ from collections.abc import Callable
 from typing import Any
 
 SHUTDOWN_TIMEOUT = 30.0  # asyncio's ssl_shutdown_timeout: how long a close waits for the device's close_notify
+# Bytes of application data read and discarded while a close waits for the device's close_notify; past that the
+# device is streaming at a closed connection, and it is aborted (decrypting its bytes costs the gateway CPU).
+DISCARD_LIMIT = 1024 * 1024
 _READ = 32 * 1024
 
 _OPEN, _SHUTDOWN, _CLOSED = 0, 1, 2
@@ -46,6 +50,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         "_app_paused",
         "_buffer",
         "_closed",
+        "_discarded",
         "_incoming",
         "_loop",
         "_outgoing",
@@ -81,6 +86,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         self._app_paused = False
         self._state = _OPEN
         self._timer: asyncio.TimerHandle | None = None
+        self._discarded = 0  # application data bytes read and discarded since close()
 
     # -- the socket transport's protocol ----------------------------------------------------------------------
 
@@ -155,16 +161,30 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
             self._stream.write(self._outgoing.read())
 
     def _shutdown(self) -> None:
+        """Our close_notify, then the device's awaited. What the device still sends first is read and discarded:
+        asked to wait for the device's close_notify while application data comes, OpenSSL's `SSL_shutdown` fails
+        (APPLICATION_DATA_AFTER_CLOSE_NOTIFY), and the connection was then aborted, a reset when more of those
+        bytes were still unread (a reset can destroy the answer's end before the device reads it). A device that
+        goes on sending past `DISCARD_LIMIT` bytes is aborted."""
+        sslobj = self._sslobj
         try:
-            self._sslobj.unwrap()
+            while chunk := sslobj.read(_READ):  # b"": the device's close_notify, before ours was sent
+                self._discarded += len(chunk)
+                if self._discarded > DISCARD_LIMIT:
+                    self._stream.abort()
+                    return
+        except ssl.SSLZeroReturnError:  # the device's close_notify, after ours
+            pass
+        except ssl.SSLWantReadError:  # everything read: the device's close_notify is still to come
+            pass
+        except ssl.SSLError:
+            self._flush()  # OpenSSL's alert, if it wrote one
+            self._stream.abort()
+            return
+        try:
+            sslobj.unwrap()
         except ssl.SSLWantReadError:
             self._flush()  # our close_notify; the device's is awaited
-            if self._incoming.pending:  # application data still on its way: discarded
-                try:
-                    while self._sslobj.read(_READ):
-                        pass
-                except ssl.SSLError:
-                    pass
             return
         except ssl.SSLError:
             self._stream.abort()

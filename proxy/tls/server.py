@@ -13,8 +13,9 @@ asyncio logs failed handshakes only in debug mode, and before Python 3.15 it dro
 wrote for the client (https://github.com/python/cpython/issues/98078): the device sees a bare reset
 instead of "certificate expired". So the listener accepts plain TCP and performs each handshake itself,
 as `loop.start_tls` does, with an `SSLProtocol` that sends the pending alert before closing: a failed
-handshake is logged here with the peer's address and OpenSSL's reason, and a completed one is handed
-to the device-side server (`proxy.device.server`, or aiohttp's request handler: `listener.http_server`).
+handshake is logged here with the peer's address and OpenSSL's reason, and a connection that ends before
+its first byte (a health check, a scan) is only counted (`kcd_listener_empty_connections_total`); a completed one
+is handed to the device-side server (`proxy.device.server`, or aiohttp's request handler: `listener.http_server`).
 The gateway's own server then gets the connection's records from `proxy.tls.record.TlsRecords`, which
 takes the `SSLObject` from asyncio's protocol (3.5 KiB less per held long-poll); aiohttp's keeps asyncio's.
 
@@ -156,11 +157,16 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
     """
 
     max_size = 32 * 1024
+    received = False  # whether the client has sent a byte (an empty connection ends before its first one)
 
     def __init__(self, *args: Any, closed: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ssl_buffer, self._ssl_buffer_view = _read_buffer(self.max_size)
         self._closed = closed
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received = True
+        super().buffer_updated(nbytes)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -216,11 +222,13 @@ class TlsGate(asyncio.Protocol):
         timeout: float,
         on_refused: Callable[[str], None] | None = None,
         closed: Callable[[], None] = lambda: None,
+        on_empty: Callable[[], None] | None = None,
     ) -> None:
         self._app = app_protocol
         self._ctx = ctx
         self._timeout = timeout
         self._on_refused = on_refused
+        self._on_empty = on_empty  # counts a connection that ended before its first TLS byte (metrics)
         self._closed = closed  # gives the connection's slot back (proxy.tls.limits); safe to call twice
         self._task: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
@@ -264,7 +272,10 @@ class TlsGate(asyncio.Protocol):
         try:
             await waiter
         except ConnectionError as exc:  # the client left mid-handshake: probes, scanners, impatient devices
-            log.info("tls_handshake_abandoned", peer=peer_text(peer), reason=handshake_reason(exc))
+            if isinstance(exc, ConnectionResetError) and not tls_protocol.received:  # not our handshake timeout
+                self._empty(peer)
+            else:
+                log.info("tls_handshake_abandoned", peer=peer_text(peer), reason=handshake_reason(exc))
             return
         except (OSError, TimeoutError) as exc:
             # The TLS protocol has closed the socket, or handed it to `_Drain` after sending the alert.
@@ -285,6 +296,15 @@ class TlsGate(asyncio.Protocol):
         self._early.clear()
         if self._early_eof:
             self._app.eof_received()
+
+    def _empty(self, peer: object) -> None:
+        """A connection that ended (reset or closed) before its first TLS byte: a health check (HAProxy's end with a
+        reset, often before the connection is accepted, when not even its address is left) or a port scan. Counted,
+        logged at debug level only (a flood of them would otherwise flood the log), and no refusal: nothing was
+        refused. `listener.max_connections` bounds how many are held at once, as any connection."""
+        log.debug("connection_empty", stage="tls", peer=peer_text(peer))
+        if self._on_empty is not None:
+            self._on_empty()
 
     def data_received(self, data: bytes) -> None:
         self._early.append(data)
@@ -362,15 +382,17 @@ def gate_factory(
     timeout: float,
     *,
     on_refused: Callable[[str], None] | None = None,
+    on_empty: Callable[[], None] | None = None,
 ) -> Callable[[Callable[[], None]], TlsGate]:
     """A protocol factory for `proxy.tls.limits.accept_connections` that puts TLS in front of aiohttp's handler.
 
     It is called with the function that gives the connection's slot back when the connection closes.
     `ctx` may be a function returning the current context: each new connection then gets the one in force
     when it arrives (a reload swaps the server certificate and trust list for new connections only).
-    `on_refused` hears the reason of each refused handshake (metrics)."""
+    `on_refused` hears the reason of each refused handshake, `on_empty` of each connection that ended before its
+    first TLS byte (metrics)."""
     current = ctx if callable(ctx) else lambda: ctx
-    return lambda closed: TlsGate(app_factory(), current(), timeout, on_refused, closed)
+    return lambda closed: TlsGate(app_factory(), current(), timeout, on_refused, closed, on_empty)
 
 
 _HANDSHAKE_FIXES = (

@@ -12,6 +12,7 @@ import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,6 +87,14 @@ def curl_as(lab: LabLayout, gw: Gateway, cert: Path) -> tuple[int, str]:
     return int(status or 0), body
 
 
+def request_line(gw: Gateway, cert: Path) -> dict[str, Any]:
+    """The summary line of the request made with `cert` (by its serial), polled for: an earlier test's line may
+    still land after `mark`."""
+    out = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", f"{cert}.pem"], capture_output=True, text=True)
+    serial = format(int(out.stdout.strip().partition("=")[2], 16), "x")
+    return gw.wait_for("request", lambda e: e.get("cert_serial") == serial, what=f"cert_serial {serial}")
+
+
 @pytest.mark.parametrize(
     ("san", "reason"),
     [
@@ -107,7 +116,7 @@ def test_a_crafted_upn_is_refused_at_the_identity_stage(
     status, body = curl_as(lab, gw, cert)
     assert status == 403, body
     assert reason in body
-    line = gw.wait_events("request")[-1]
+    line = request_line(gw, cert)
     assert (line["status"], line["refused_stage"]) == (403, "identity"), line
     assert "backend" not in line["ms"]
     assert not line.get("principal"), line
@@ -127,10 +136,11 @@ def test_a_partner_ca_cannot_name_a_user_outside_its_name_constraints(
     validates (RFC 5280 leaves a UPN unconstrained by e-mail subtrees) but is 403 at the identity stage, never
     alice; its own user's UPN bob@partner.test is served (realm_map sends partner.test to LAB.TEST)."""
     gw.mark()
-    status, body = curl_as(lab, gw, mint(lab, tmp_path, f"{UPN};UTF8:alice@lab.test", ca=partner))
+    cert = mint(lab, tmp_path, f"{UPN};UTF8:alice@lab.test", ca=partner)
+    status, body = curl_as(lab, gw, cert)
     assert status == 403, body
     assert "the UPN alice@lab.test is outside the name constraints of CA 'CN=Partner CA'" in body
-    assert gw.wait_events("request")[-1]["refused_stage"] == "identity"
+    assert request_line(gw, cert)["refused_stage"] == "identity"
     status, body = curl_as(lab, gw, mint(lab, tmp_path, f"{UPN};UTF8:bob@partner.test", ca=partner))
     assert status == 200, body
     assert '"principal": "bob@LAB.TEST"' in body
@@ -154,11 +164,11 @@ def names_gw(lab: LabLayout, partner: Path, tmp_path_factory: pytest.TempPathFac
     gateway.stop()
 
 
-def refused_at_identity(gw: Gateway, status: int, body: str, reason: str) -> None:
-    """403 at the identity stage with `reason`; the request never reached the Kerberos or backend stages."""
+def refused_at_identity(gw: Gateway, cert: Path, status: int, body: str, reason: str) -> None:
+    """403 at the identity stage with `reason`; `cert`'s request never reached the Kerberos or backend stages."""
     assert status == 403, body
     assert reason in body
-    line = gw.wait_events("request")[-1]
+    line = request_line(gw, cert)
     assert (line["status"], line["refused_stage"]) == (403, "identity"), line
     assert not {"kerberos", "backend"} & set(line["ms"]), line
     assert not line.get("principal"), line
@@ -186,7 +196,7 @@ def test_an_ambiguous_or_unplain_name_is_refused_for_its_source(
     cert = mint(lab, tmp_path, san, subject=subject)
     names_gw.mark()
     status, body = curl_as(lab, names_gw, cert)
-    refused_at_identity(names_gw, status, body, reason)
+    refused_at_identity(names_gw, cert, status, body, reason)
 
 
 def test_a_plain_common_name_and_a_configured_address_are_served(
@@ -216,7 +226,7 @@ def test_a_upn_without_its_suffix_is_refused(
     cert = mint(lab, tmp_path, san)
     gw.mark()
     status, body = curl_as(lab, gw, cert)
-    refused_at_identity(gw, status, body, reason)
+    refused_at_identity(gw, cert, status, body, reason)
 
 
 def test_a_partner_ca_cannot_name_a_user_of_the_default_realm_by_common_name(
@@ -226,6 +236,7 @@ def test_a_partner_ca_cannot_name_a_user_of_the_default_realm_by_common_name(
     the default realm: the CN is held to the CA's constraints as the address alice@lab.test (the default realm's
     domain), so it is 403 at identity; the lab CA's own CN=alice is served (the control)."""
     names_gw.mark()
-    status, body = curl_as(lab, names_gw, mint(lab, tmp_path, DEVICE, subject="/CN=alice", ca=partner))
+    cert = mint(lab, tmp_path, DEVICE, subject="/CN=alice", ca=partner)
+    status, body = curl_as(lab, names_gw, cert)
     why = "the common name alice (as alice@lab.test) is outside the name constraints of CA 'CN=Partner CA'"
-    refused_at_identity(names_gw, status, body, why)
+    refused_at_identity(names_gw, cert, status, body, why)

@@ -19,7 +19,7 @@ import pytest
 from proxy.lab.backend import body_pattern
 from proxy.lab.layout import LabLayout
 from proxy.tls import server as tls_server
-from proxy.tls.record import TlsRecords
+from proxy.tls.record import SHUTDOWN_TIMEOUT, TlsRecords
 from tests.integration.conftest import Gateway, client_context
 
 PATH = b"/EWS/Exchange.asmx"
@@ -284,3 +284,49 @@ def test_the_handshaken_connection_is_taken_from_asyncio(lab: LabLayout) -> None
         return type(transport)
 
     assert asyncio.run(run()) is TlsRecords
+
+
+@pytest.mark.parametrize(
+    ("late_bytes", "together"),
+    [(0, True), (0, False), (256 * 1024, True), (256 * 1024, False)],
+    ids=["request-one-read", "request-two-reads", "256k-one-read", "256k-two-reads"],
+)
+def test_data_after_the_gateways_close_notify_is_discarded_and_the_devices_ends_it(
+    lab: LabLayout, gateway: Gateway, late_bytes: int, together: bool
+) -> None:
+    """After the gateway's close_notify, a device still sends a request (discarded) and then its close_notify, in
+    the same read or later: the gateway ends the TCP connection cleanly at once (no reset, which can destroy an
+    answer the device has not read yet; no wait for the shutdown timeout)."""
+    device = RawTls(lab, gateway.port)
+    try:
+        device.send(device.records(get(extra=b"Connection: close\r\n")))
+        assert device.answer()[0].startswith(b"HTTP/1.1 200 ")
+        assert device.read() == b""  # the gateway's close_notify: it waits for the device's
+        late = device.records(get(extra=b"X-Order: late\r\n"), *[b"x" * 16384] * (late_bytes // 16384))
+        device.tls.unwrap()  # the device's close_notify (the gateway's was read: this completes)
+        farewell = device.outgoing.read()
+        if together:
+            device.send(late + farewell)
+        else:
+            device.send(late)
+            time.sleep(0.2)  # the request reaches the gateway in a read of its own
+            device.send(farewell)
+        device.sock.settimeout(SHUTDOWN_TIMEOUT / 2)
+        assert device.sock.recv(1) == b""  # a reset raises ConnectionResetError; a wait, TimeoutError
+    finally:
+        device.close()
+
+
+def test_a_device_that_ends_tcp_without_close_notify_gets_the_end_at_once(lab: LabLayout, gateway: Gateway) -> None:
+    """A device that ends its TCP side without close_notify (a truncation, or a careless client) gets the TCP end
+    at once, and no close_notify after it (asyncio's rule: none is sent after the peer's TCP end)."""
+    device = RawTls(lab, gateway.port)
+    try:
+        device.send(device.records(get()))
+        assert device.answer()[0].startswith(b"HTTP/1.1 200 ")
+        device.sock.shutdown(socket.SHUT_WR)
+        device.sock.settimeout(SHUTDOWN_TIMEOUT / 2)
+        with pytest.raises(ssl.SSLEOFError):
+            device.read()
+    finally:
+        device.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from pathlib import Path
 from typing import cast
 
@@ -89,3 +90,45 @@ def test_the_asked_name_never_equals_a_principal() -> None:
     """An NT-ENTERPRISE name is kept under a mark no principal carries (a backslash)."""
     assert delegate.asked_name(ALICE) != delegate.asked_name(dataclasses.replace(ALICE, enterprise=None))
     assert delegate.asked_name(dataclasses.replace(ALICE, enterprise=None)) == "alice@AD.TEST"
+
+
+def test_while_one_thread_renews_the_gateways_tgt_the_others_use_the_current_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The gateway's own credentials are due for renewal (100 s left) and the renewal's AS exchange hangs (a KDC
+    that accepts and never answers: about 50 s in MIT): another exchange meanwhile gets the current credentials at
+    once instead of waiting behind it."""
+
+    class Creds:
+        def __init__(self, left: float) -> None:
+            self.left = left
+
+    renewing, release = threading.Event(), threading.Event()
+
+    def acquire(**_: object) -> Creds:
+        renewing.set()
+        assert release.wait(30)
+        return Creds(36_000)
+
+    monkeypatch.setattr(delegate, "_remaining", lambda creds: creds.left)
+    monkeypatch.setattr("proxy.kerberos.delegate.gssapi.Credentials", acquire)
+    settings = Kerberos(principal="HTTP/proxy.ad.test@AD.TEST", keytab=tmp_path / "none.keytab")
+    delegator = Delegator(settings)
+    current = Creds(100)
+    delegator._service = cast(gssapi.Credentials, current)
+    renewed: list[object] = []
+    renewer = threading.Thread(target=lambda: renewed.append(delegator._service_credentials()))
+    renewer.start()
+    assert renewing.wait(30)
+    got: list[object] = []
+    other = threading.Thread(target=lambda: got.append(delegator._service_credentials()))
+    other.start()
+    other.join(10)
+    alive = other.is_alive()
+    release.set()
+    renewer.join(30)
+    other.join(30)
+    assert not alive, "an exchange waited for another thread's renewal"
+    assert got == [current]
+    assert isinstance(renewed[0], Creds)
+    assert renewed[0].left == 36_000

@@ -246,7 +246,7 @@ def test_a_body_end_the_parser_does_not_share_is_refused(monkeypatch: pytest.Mon
         def end(self, data: bytes) -> int | None:
             return min(len(data), 3)
 
-    monkeypatch.setattr("proxy.device.server.ChunkedEnd", Early)
+    monkeypatch.setattr("proxy.device.framing.ChunkedEnd", Early)
     data = b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
     served, transport, unparsed = asyncio.run(run([data + GET]))
     assert statuses(bytes(transport.written)) == [400]

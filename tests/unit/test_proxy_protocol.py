@@ -237,12 +237,14 @@ def test_a_connection_reset_before_it_was_accepted_is_no_refusal() -> None:
     tell of someone reaching the gateways around the balancer, every check interval)."""
     given_back: list[None] = []
     counted: list[str] = []
+    empty: list[None] = []
     gate = proxy_protocol.ProxyHeaderGate(
         lambda: [ipaddress.ip_network("127.0.0.1/32")],
         5,
         lambda: _Recorder(),  # type: ignore[arg-type,return-value]
         lambda: given_back.append(None),
         counted.append,
+        lambda: empty.append(None),
     )
     transport = _GoneTransport()
     with capture_logs() as logs:
@@ -250,5 +252,42 @@ def test_a_connection_reset_before_it_was_accepted_is_no_refusal() -> None:
         gate.connection_lost(None)
     assert transport.aborted
     assert counted == []
+    assert empty == [None]  # kcd_listener_empty_connections_total
     assert [e["event"] for e in logs if e["log_level"] != "debug"] == []
     assert given_back == [None]
+
+
+class _BalancerTransport(_GoneTransport):
+    """A connection from the trusted balancer, accepted before it ended."""
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+@pytest.mark.parametrize("end", ["reset", "close"])
+def test_a_balancer_connection_that_ends_before_its_first_byte_is_no_refusal(end: str) -> None:
+    """A trusted balancer's health check accepted before it ended, with a reset or a close, and no byte sent: an
+    empty connection (counted, logged at debug level), neither an incomplete header nor any other refusal."""
+    given_back: list[None] = []
+    counted: list[str] = []
+    empty: list[None] = []
+    gate = proxy_protocol.ProxyHeaderGate(
+        lambda: [ipaddress.ip_network("127.0.0.1/32")],
+        5,
+        lambda: _Recorder(),  # type: ignore[arg-type,return-value]
+        lambda: given_back.append(None),
+        counted.append,
+        lambda: empty.append(None),
+    )
+    transport = _BalancerTransport()
+
+    async def run() -> None:  # the gate arms its header timer on the running loop
+        gate.connection_made(transport)  # type: ignore[arg-type]
+        if end == "close":
+            gate.eof_received()
+        gate.connection_lost(ConnectionResetError() if end == "reset" else None)
+
+    with capture_logs() as logs:
+        asyncio.run(run())
+    assert (counted, empty, given_back) == ([], [None], [None])
+    assert [e["event"] for e in logs if e["log_level"] != "debug"] == []

@@ -1,0 +1,329 @@
+"""Which of the realm's KDCs answer: asked by the gateway itself, and MIT told to ask those only.
+
+Theory of operation. MIT krb5 (1.20, Debian 12's) sends a request to the realm's KDCs in krb5.conf's order and
+waits for a KDC that accepts TCP and never answers: 10 s once the connection is established, then a UDP attempt
+and back-off waits of 2, 4 and 8 s, about 25 s for one request (`k5_sendto` in src/lib/krb5/os/sendto_kdc.c;
+strace shows `poll(..., 10000)`, then 1000, 2000, 4000, 8000). A delegation that needs two requests (the gateway's
+own ticket, then S4U2Self) holds its thread about 50 s; with a second KDC listed after the silent one, each request
+waits 10 s before the second is asked, so S4U2Self and S4U2Proxy take 20 s and every new user gets 503 at
+`kerberos.kdc_timeout` although a KDC answers. No krb5.conf setting bounds this before MIT 1.22
+(`request_timeout`), and a thread inside MIT cannot be stopped from Python.
+
+So the gateway asks the KDCs of its own realm (its principal's) itself, off MIT's path: at start (before it
+listens), at once after an exchange hit `kdc_timeout`, and every `PROBE_EVERY` seconds while a KDC is silent (none
+while all answer: no steady traffic), each KDC krb5.conf lists gets an AS-REQ for the gateway's principal over
+TCP, with `probe_timeout` to answer. Any Kerberos answer counts (an error such as
+PREAUTH_REQUIRED included); no answer, a refused or reset connection do not. The answer is evidence
+(`KdcProbe`). Then:
+
+- the KDCs that answered are MIT's list: the gateway's krb5.conf overlay (`proxy.kerberos.profile`) gets the
+  realm's section with only those `kdc` lines, in krb5.conf's order, the section's other lines kept, and the
+  final mark (`}*`) so that krb5.conf's own list is not appended. MIT rereads the overlay when it changes (at
+  most a second later). A new user's exchange then goes to a KDC that answers, without the 10 s wait;
+- when none answered, exchanges are refused at once (`KdcUnavailable`, 503 with Retry-After), before any thread
+  is taken, until a probe finds one again: MIT's list is left as krb5.conf has it meanwhile;
+- users whose service tickets are cached are served from the cache throughout: that path asks no KDC.
+
+Not bounded: an exchange already inside MIT's wait when its KDC fell silent stays there (25 s a request; 10 s
+when another KDC follows). What is read from krb5.conf: `kdc` lines of the form host, host:port, [v6]:port,
+optionally `tcp/`-prefixed; a realm whose KDCs are found otherwise (DNS SRV records, `https://` KDC proxies,
+`udp/` entries) is not watched and MIT's behaviour stands (the log says so at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("proxy.kerberos")
+
+PROBE_EVERY = 5.0  # seconds between two probes of the realm's KDCs while one of them is silent
+KDC_PORT = 88
+_AS_REP, _KRB_ERROR = 0x6B, 0x7E  # [APPLICATION 11], [APPLICATION 30]: what a KDC answers an AS-REQ with
+
+
+@dataclass(frozen=True)
+class KdcProbe:
+    """What one KDC did with the gateway's AS-REQ: answered (any Kerberos message), or not, and why."""
+
+    address: str  # as krb5.conf writes it
+    answered: bool
+    detail: str  # "KRB-ERROR", "AS-REP", "no answer within 2.5 s", "connection refused" ...
+    ms: float
+
+
+@dataclass(frozen=True)
+class RealmSection:
+    """A realm's section of krb5.conf: its KDCs, and its other lines as written."""
+
+    realm: str
+    kdcs: tuple[str, ...]
+    other_lines: tuple[str, ...]
+
+
+def realm_section(text: str, realm: str) -> RealmSection | None:
+    """The `[realms]` section of `realm` in krb5.conf `text`, if it has one."""
+    section, depth, found = "", 0, False
+    lines: list[str] = []
+    opening = re.compile(r"^\s*(\S+)\s*=\s*\{\s*$")
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if depth == 0:
+            header = re.fullmatch(r"\[(\S+)\]", line)
+            if header:
+                section = header.group(1)
+                continue
+            match = opening.match(raw)
+            if match:
+                depth = 1
+                found = section == "realms" and match.group(1) == realm
+                continue
+            continue
+        if line.startswith("}"):
+            depth -= 1
+            if depth == 0:
+                if found:
+                    return _section(realm, lines)
+                continue
+        elif opening.match(raw):
+            depth += 1
+        if found:
+            lines.append(line)
+    return None
+
+
+def _section(realm: str, lines: list[str]) -> RealmSection:
+    kdcs, other = [], []
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip() == "kdc" and not line.endswith("{"):
+            kdcs.append(value.strip())
+        else:
+            other.append(line)
+    return RealmSection(realm, tuple(kdcs), tuple(other))
+
+
+def kdc_address(entry: str) -> tuple[str, int] | None:
+    """Host and port of a krb5.conf `kdc` entry; None for a form the watch does not probe (udp/, https://)."""
+    entry = entry.removeprefix("tcp/")
+    if "/" in entry:
+        return None
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+    if not host or (port and not port.isdigit()):
+        return None
+    return host, int(port) if port else KDC_PORT
+
+
+def overlay_section(section: RealmSection, answering: Sequence[str]) -> str:
+    """The realm's section for the overlay: the KDCs that answer, its other lines, and the final mark."""
+    body = [f"        kdc = {kdc}" for kdc in answering] + [f"        {line}" for line in section.other_lines]
+    return "\n".join([f"    {section.realm} = {{", *body, "    }*"]) + "\n"
+
+
+# -- the question: an AS-REQ (RFC 4120 5.4.1), DER by hand: eight fields, no library needed for so little ----------
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(octets)]) + octets + content
+
+
+def _int(value: int) -> bytes:
+    return _tlv(0x02, value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big"))
+
+
+def _string(text: str) -> bytes:
+    return _tlv(0x1B, text.encode("utf-8"))  # KerberosString: GeneralString
+
+
+def _principal(name_type: int, components: Sequence[str]) -> bytes:
+    return _tlv(0x30, _tlv(0xA0, _int(name_type)) + _tlv(0xA1, _tlv(0x30, b"".join(map(_string, components)))))
+
+
+def as_req(principal: str, nonce: int) -> bytes:
+    """An AS-REQ from `principal` (name@REALM) for its realm's TGT, without pre-authentication: every KDC answers
+    it (PREAUTH_REQUIRED, or an AS-REP only the principal's key opens), and nothing in it is secret."""
+    name, _, realm = principal.rpartition("@")
+    body = b"".join(
+        [
+            _tlv(0xA0, _tlv(0x03, b"\x00\x00\x00\x00\x00")),  # kdc-options: none
+            _tlv(0xA1, _principal(1, name.split("/"))),  # cname, NT-PRINCIPAL
+            _tlv(0xA2, _string(realm)),
+            _tlv(0xA3, _principal(2, ["krbtgt", realm])),  # sname, NT-SRV-INST
+            _tlv(0xA5, _tlv(0x18, b"20370101000000Z")),  # till
+            _tlv(0xA7, _int(nonce)),
+            _tlv(0xA8, _tlv(0x30, _int(18) + _int(17))),  # aes256-cts, aes128-cts
+        ]
+    )
+    request = _tlv(0x6A, _tlv(0x30, _tlv(0xA1, _int(5)) + _tlv(0xA2, _int(10)) + _tlv(0xA4, _tlv(0x30, body))))
+    return struct.pack("!I", len(request)) + request
+
+
+async def probe(entry: str, principal: str, within: float) -> KdcProbe:
+    """Ask the KDC at krb5.conf's `entry` (over TCP) the AS-REQ, and wait at most `within` seconds for its answer."""
+    start = time.perf_counter()
+
+    def result(answered: bool, detail: str) -> KdcProbe:
+        return KdcProbe(entry, answered, detail, round((time.perf_counter() - start) * 1000, 1))
+
+    address = kdc_address(entry)
+    if address is None:
+        return result(False, "not a host:port the gateway can ask")
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(as_req(principal, secrets.randbits(31)))
+            await writer.drain()
+            head = await reader.readexactly(5)  # the answer's length, and its first byte: its type
+    except TimeoutError:
+        return result(False, f"no answer within {within:g} s")
+    except asyncio.IncompleteReadError:
+        return result(False, "the connection ended without an answer")
+    except OSError as e:
+        return result(False, e.strerror or type(e).__name__)
+    finally:
+        if writer is not None:
+            writer.close()
+    kind = {_AS_REP: "AS-REP", _KRB_ERROR: "KRB-ERROR"}.get(head[4])
+    return result(kind is not None, kind or f"not a Kerberos answer (first byte {head[4]:#04x})")
+
+
+class KdcWatch:
+    """Probes the realm's KDCs (`probe`), and has MIT ask only those that answer (module docstring)."""
+
+    def __init__(
+        self,
+        section: RealmSection,
+        principal: str,
+        probe_timeout: float,
+        write_section: Callable[[str, str | None], None],
+    ) -> None:
+        self.section = section
+        self._principal = principal
+        self._timeout = probe_timeout
+        self._write = write_section  # (realm, section text or None for krb5.conf's own): the overlay's
+        self.answering: tuple[str, ...] = section.kdcs  # until the first probe says otherwise
+        self.last: tuple[KdcProbe, ...] = ()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._first = asyncio.Event()
+
+    @property
+    def none_answer(self) -> bool:
+        """No KDC answered the last probe (exchanges are refused at once meanwhile)."""
+        return bool(self.last) and not self.answering
+
+    async def start(self) -> None:
+        """The first probe (before the gateway listens), then the watch in the background."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+            await self._first.wait()
+
+    def check_soon(self) -> None:
+        """Probe now rather than at the next interval (an exchange hit kdc_timeout)."""
+        self._wake.set()
+
+    async def check(self) -> tuple[KdcProbe, ...]:
+        """Probe every KDC at once; tell MIT which answer if that changed."""
+        probes = tuple(await asyncio.gather(*(probe(kdc, self._principal, self._timeout) for kdc in self.section.kdcs)))
+        answering = tuple(p.address for p in probes if p.answered)
+        changed = answering != self.answering or not self.last
+        self.last = probes
+        if changed:
+            self.answering = answering
+            silent = [{"kdc": p.address, "reason": p.detail} for p in probes if not p.answered]
+            realm = self.section.realm
+            if not silent:
+                self._write(realm, None)
+                log.info("kdcs_answer", realm=realm, kdcs=list(answering))
+            elif answering:
+                self._write(realm, overlay_section(self.section, answering))
+                log.warning(
+                    "kdc_silent",
+                    realm=realm,
+                    silent=silent,
+                    asked=list(answering),
+                    detail="MIT is told to ask only the KDCs that answered, until the silent ones answer again",
+                )
+            else:
+                self._write(realm, None)
+                log.error(
+                    "kdcs_silent",
+                    realm=realm,
+                    silent=silent,
+                    detail="no KDC answers: new users' exchanges are refused at once (503) until one does; "
+                    "users with cached tickets are still served",
+                )
+        return probes
+
+    async def _run(self) -> None:
+        """Probe at start; then after each `check_soon`, and every `PROBE_EVERY` seconds while a KDC is silent (no
+        steady traffic to KDCs that answer: a silent one is noticed by the exchange that waited for it)."""
+        while True:
+            try:
+                await self.check()
+            except Exception as e:  # noqa: BLE001  never let the watch die: MIT's own behaviour is the fallback
+                log.warning("kdc_probe_failed", realm=self.section.realm, reason=f"{type(e).__name__}: {e}")
+            self._first.set()
+            self._wake.clear()
+            if len(self.answering) == len(self.section.kdcs):
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), PROBE_EVERY)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
+def krb5_files(krb5_config: Path | None) -> list[Path]:
+    """The krb5.conf files MIT reads for the gateway, the overlay aside: `kerberos.krb5_config`, else KRB5_CONFIG's,
+    else MIT's default."""
+    if krb5_config is not None:
+        return [krb5_config]
+    value = os.environ.get("KRB5_CONFIG") or "/etc/krb5.conf"
+    return [Path(p) for p in value.split(":") if p and "kcd-proxy-krb5-" not in Path(p).name]
+
+
+def watch_for(
+    principal: str, krb5_config: Path | None, probe_timeout: float, write_section: Callable[[str, str | None], None]
+) -> KdcWatch | None:
+    """The watch of the gateway's realm (its principal's), or None when krb5.conf does not list its KDCs in a form
+    the gateway can ask (logged)."""
+    realm = principal.rpartition("@")[2]
+    for path in krb5_files(krb5_config):
+        try:
+            section = realm_section(path.read_text(errors="replace"), realm)
+        except OSError:
+            continue
+        if section is None or not section.kdcs:
+            continue
+        unusable = [kdc for kdc in section.kdcs if kdc_address(kdc) is None]
+        if unusable:
+            log.info("kdc_watch_off", realm=realm, reason=f"kdc entries the gateway cannot ask: {unusable}")
+            return None
+        return KdcWatch(section, principal, probe_timeout, write_section)
+    log.info("kdc_watch_off", realm=realm, reason="krb5.conf lists no kdc for the realm (DNS or another file)")
+    return None

@@ -1,0 +1,136 @@
+"""The KDC watch's pure parts (`proxy.kerberos.kdcs`): krb5.conf's realm section, the AS-REQ, what MIT is told."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+from pyasn1.codec.der import decoder
+from structlog.testing import capture_logs
+
+from proxy.kerberos import kdcs
+
+KRB5_CONF = """
+[libdefaults]
+    default_realm = LAB.TEST
+    # kdc = not.this:1
+
+[realms]
+    OTHER.TEST = {
+        kdc = other.kdc:88
+    }
+    LAB.TEST = {
+        kdc = 10.0.0.1:88
+        admin_server = 10.0.0.9
+        ; a comment
+        kdc = tcp/10.0.0.2:750
+        auth_to_local_names = {
+            alice = root
+        }
+        kdc = [2001:db8::1]:88
+    }
+
+[domain_realm]
+    .lab.test = LAB.TEST
+"""
+
+
+def test_the_realms_kdcs_and_other_lines_are_read_from_its_section() -> None:
+    """Only LAB.TEST's own kdc lines, in order; its other lines (a nested subsection included) kept as written."""
+    section = kdcs.realm_section(KRB5_CONF, "LAB.TEST")
+    assert section is not None
+    assert section.kdcs == ("10.0.0.1:88", "tcp/10.0.0.2:750", "[2001:db8::1]:88")
+    assert section.other_lines == ("admin_server = 10.0.0.9", "auth_to_local_names = {", "alice = root", "}")
+    assert kdcs.realm_section(KRB5_CONF, "NOPE.TEST") is None
+
+
+@pytest.mark.parametrize(
+    ("entry", "address"),
+    [
+        ("kdc.example", ("kdc.example", 88)),
+        ("10.0.0.1:750", ("10.0.0.1", 750)),
+        ("tcp/10.0.0.1:750", ("10.0.0.1", 750)),
+        ("[2001:db8::1]:88", ("2001:db8::1", 88)),
+        ("[2001:db8::1]", ("2001:db8::1", 88)),
+        ("udp/10.0.0.1", None),
+        ("https://kdcproxy.example/KdcProxy", None),
+        ("10.0.0.1:eighty", None),
+    ],
+)
+def test_kdc_entries_the_gateway_can_ask(entry: str, address: tuple[str, int] | None) -> None:
+    """krb5.conf's kdc forms over TCP are asked; UDP-only and KDC-proxy entries are not (the watch is then off)."""
+    assert kdcs.kdc_address(entry) == address
+
+
+def test_the_overlay_lists_the_answering_kdcs_and_is_final() -> None:
+    """The overlay's section names only the KDCs that answer, keeps the realm's other lines, and ends with the final
+    mark, so that MIT does not append krb5.conf's own list of the realm's KDCs."""
+    section = kdcs.realm_section(KRB5_CONF, "LAB.TEST")
+    assert section is not None
+    text = kdcs.overlay_section(section, ["[2001:db8::1]:88"])
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[0] == "LAB.TEST = {"
+    assert [line for line in lines if line.startswith("kdc")] == ["kdc = [2001:db8::1]:88"]
+    assert "admin_server = 10.0.0.9" in lines
+    assert lines[-1] == "}*"
+
+
+def test_the_as_req_is_der_a_kdc_can_read() -> None:
+    """The probe's question is a length-prefixed DER [APPLICATION 10] (AS-REQ) with the gateway's name and realm."""
+    wire = kdcs.as_req("HTTP/proxy.lab.test@LAB.TEST", 0x7FFFFFFF)
+    (length,) = struct.unpack("!I", wire[:4])
+    assert length == len(wire) - 4
+    assert wire[4] == 0x6A
+    _, rest = decoder.decode(wire[4:])
+    assert rest == b""
+    for text in (b"HTTP", b"proxy.lab.test", b"LAB.TEST", b"krbtgt"):
+        assert text in wire
+
+
+def test_a_listener_that_accepts_and_never_answers_is_silent() -> None:
+    """A real listener that accepts and never answers: not an answer, within the probe's deadline; a closed port
+    neither."""
+    with socket.socket() as hung, socket.socket() as closed:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(4)
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port, dead = hung.getsockname()[1], closed.getsockname()[1]
+        silent = asyncio.run(kdcs.probe(f"127.0.0.1:{port}", "HTTP/proxy.lab.test@LAB.TEST", 0.5))
+        refused = asyncio.run(kdcs.probe(f"127.0.0.1:{dead}", "HTTP/proxy.lab.test@LAB.TEST", 0.5))
+    assert (silent.answered, silent.detail) == (False, "no answer within 0.5 s")
+    assert not refused.answered
+
+
+def test_the_watch_tells_mit_what_answers_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All answer: krb5.conf's list stands. One silent: MIT is given the others (`kdc_silent`). None: krb5.conf's
+    stands and exchanges are refused meanwhile (`none_answer`, `kdcs_silent`). Back: krb5.conf's again."""
+    section = kdcs.realm_section(KRB5_CONF, "LAB.TEST")
+    assert section is not None
+    silent: set[str] = set()
+
+    async def fake(entry: str, principal: str, within: float) -> kdcs.KdcProbe:
+        return kdcs.KdcProbe(entry, entry not in silent, "KRB-ERROR" if entry not in silent else "silent", 1.0)
+
+    monkeypatch.setattr(kdcs, "probe", fake)
+    written: list[tuple[str, str | None]] = []
+    watch = kdcs.KdcWatch(section, "HTTP/proxy.lab.test@LAB.TEST", 1, lambda realm, text: written.append((realm, text)))
+
+    def check() -> list[str]:
+        with capture_logs() as logs:
+            asyncio.run(watch.check())
+        return [e["event"] for e in logs]
+
+    assert (check(), written[-1], watch.none_answer) == (["kdcs_answer"], ("LAB.TEST", None), False)
+    silent.add("10.0.0.1:88")
+    assert check() == ["kdc_silent"]
+    text = written[-1][1]
+    assert text is not None
+    assert "10.0.0.1:88" not in text
+    assert "tcp/10.0.0.2:750" in text
+    assert check() == []  # nothing changed: nothing written, nothing said
+    silent.update(section.kdcs)
+    assert (check(), written[-1], watch.none_answer) == (["kdcs_silent"], ("LAB.TEST", None), True)
+    silent.clear()
+    assert (check(), written[-1], watch.none_answer) == (["kdcs_answer"], ("LAB.TEST", None), False)
