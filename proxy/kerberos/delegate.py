@@ -74,7 +74,7 @@ from proxy.kerberos.hints import explain
 from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
-from proxy.kerberos.profile import hold_profile, set_realm_section, use_profile
+from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
 
 log = structlog.get_logger("proxy.kerberos")
 
@@ -268,6 +268,7 @@ class Delegator:
 
     def _token(self, creds: gssapi.Credentials, gss_target: str) -> bytes:
         """The first SPNEGO token on the cached service ticket: local work, no KDC."""
+        refresh_profile()
         target = self._targets.get(gss_target)
         if target is None:
             target = self._targets[gss_target] = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
@@ -310,6 +311,7 @@ class Delegator:
                 spn,
             )
         self.stats.exchanges += 1
+        refresh_profile()
         try:
             return await asyncio.wait_for(
                 loop.run_in_executor(self._kdc, self._exchange_blocking, user, gss_target),

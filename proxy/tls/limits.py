@@ -134,6 +134,10 @@ async def accept_connections(
         except OSError:
             give_back()
             conn.close()
+        except Exception:  # a protocol that cannot be made is our bug: it must cost one connection, not the loop
+            give_back()
+            conn.close()
+            log.exception("connection_setup_failed")
 
 
 class HeaderBlockBudget:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 
 import pytest
 
-from proxy.kerberos import profile
+from proxy.kerberos import kdcs, profile
 
 
 def test_one_context_is_held_per_configuration_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,3 +44,135 @@ def test_the_profile_is_the_overlay_then_the_configured_file(tmp_path: Path, mon
     assert profile.use_profile(None) == f"{overlay}:{conf}"  # the environment's, without the overlay again
     monkeypatch.delenv("KRB5_CONFIG")
     assert profile.use_profile(None) == f"{overlay}:/etc/krb5.conf"
+
+
+def _mit_value(config: str, *names: str) -> str | None:
+    """What MIT's profile library reads for `names` from the KRB5_CONFIG value `config` (its own parser)."""
+    library = ctypes.CDLL(ctypes.util.find_library("krb5") or "libkrb5.so.3")
+    handle = ctypes.c_void_p()
+    assert library.profile_init_path(config.encode(), ctypes.byref(handle)) == 0
+    try:
+        value = ctypes.c_char_p()
+        path = [n.encode() for n in names] + [None] * (3 - len(names))
+        code = library.profile_get_string(handle, *path, None, ctypes.byref(value))
+        assert code == 0
+        text = None if value.value is None else value.value.decode()
+        library.profile_release_string(value)
+        return text
+    finally:
+        library.profile_release(handle)
+
+
+def _krb5_conf(path: Path, kdc: str) -> None:
+    path.write_text(
+        "[libdefaults]\n    default_realm = LAB.TEST\n    forwardable = false\n\n"
+        f"[realms]\n    LAB.TEST = {{\n        kdc = {kdc}\n    }}\n"
+    )
+
+
+@pytest.fixture
+def fresh_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(profile, "_merged", profile._Merged())
+    monkeypatch.setattr(profile, "_realms", {})
+    monkeypatch.delenv("KRB5_CONFIG", raising=False)
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_a_configured_krb5_conf_is_read_as_one_file_with_the_overlay_winning(tmp_path: Path) -> None:
+    """kerberos.krb5_config, one plain file: KRB5_CONFIG names one file (a token's library contexts check one
+    file, not two), in which MIT reads forwardable = true although krb5.conf says false, and krb5.conf's realm."""
+    conf = tmp_path / "krb5.conf"
+    _krb5_conf(conf, "127.0.0.1:8888")
+    value = profile.use_profile(conf)
+    assert ":" not in value
+    assert _mit_value(value, "libdefaults", "forwardable") == "true"
+    assert _mit_value(str(conf), "libdefaults", "forwardable") == "false"
+    assert _mit_value(value, "realms", "LAB.TEST", "kdc") == "127.0.0.1:8888"
+    assert profile.use_profile(None) == value  # the environment's is that file's again, not a copy of the copy
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_the_one_file_follows_krb5_conf_when_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edit of krb5.conf reaches MIT as it did with krb5.conf in the list: refresh_profile writes the copy
+    again (it looks at most once a second), and MIT rereads the changed file."""
+    conf = tmp_path / "krb5.conf"
+    _krb5_conf(conf, "127.0.0.1:8888")
+    value = profile.use_profile(conf)
+    _krb5_conf(conf, "127.0.0.1:9999")
+    profile.refresh_profile()  # within the second: not looked at yet
+    assert _mit_value(value, "realms", "LAB.TEST", "kdc") == "127.0.0.1:8888"
+    monkeypatch.setattr(profile._merged, "_looked", 0.0)
+    profile.refresh_profile()
+    assert _mit_value(value, "realms", "LAB.TEST", "kdc") == "127.0.0.1:9999"
+    assert _mit_value(value, "libdefaults", "forwardable") == "true"
+    assert [p.name for p in tmp_path.iterdir()] == ["krb5.conf"]
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_a_krb5_conf_that_is_not_plain_text_stays_in_the_list(tmp_path: Path) -> None:
+    """A krb5.conf whose profile comes from a module, or one that cannot be read, is not copied: the overlay file
+    holds the overlay alone, and krb5.conf follows it in KRB5_CONFIG as before."""
+    conf = tmp_path / "krb5.conf"
+    conf.write_text("module /usr/lib/some-profile-module.so:residual\n")
+    value = profile.use_profile(conf)
+    overlay, _, rest = value.partition(":")
+    assert rest == str(conf)
+    assert Path(overlay).read_text() == "[libdefaults]\n    forwardable = true\n"
+    missing = tmp_path / "absent.conf"
+    assert profile.use_profile(missing).endswith(f":{missing}")
+
+
+def _mit_values(config: str, *names: str) -> list[str]:
+    """Every value MIT's profile library reads for `names` (a relation given several times: all, in order)."""
+    library = ctypes.CDLL(ctypes.util.find_library("krb5") or "libkrb5.so.3")
+    handle = ctypes.c_void_p()
+    assert library.profile_init_path(config.encode(), ctypes.byref(handle)) == 0
+    try:
+        path = (ctypes.c_char_p * (len(names) + 1))(*[n.encode() for n in names], None)
+        found = ctypes.POINTER(ctypes.c_char_p)()
+        assert library.profile_get_values(handle, path, ctypes.byref(found)) == 0
+        values: list[str] = []
+        while (value := found[len(values)]) is not None:
+            values.append(value.decode())
+        library.profile_free_list(found)
+        return values
+    finally:
+        library.profile_release(handle)
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_the_kdc_watch_still_replaces_a_realms_kdcs_in_the_one_file(tmp_path: Path) -> None:
+    """The KDC watch's section for a realm (proxy.kerberos.kdcs: only the KDCs that answer, marked final) replaces
+    krb5.conf's KDCs of that realm in the one file as it does across two files, where MIT honours the final mark;
+    inside one file MIT would have added krb5.conf's silent KDC back. Other realms, and the realm's KDCs once the
+    section is taken out, are krb5.conf's."""
+    conf = tmp_path / "krb5.conf"
+    conf.write_text(
+        "[libdefaults]\n    default_realm = LAB.TEST\n\n[realms]\n"
+        "    LAB.TEST = {\n        kdc = 127.0.0.1:1111\n        kdc = 127.0.0.1:2222\n"
+        "        admin_server = a\n    }\n"
+        "    OTHER.TEST = {\n        kdc = 127.0.0.1:3333\n    }\n"
+    )
+    value = profile.use_profile(conf)
+    assert ":" not in value
+    assert _mit_values(value, "realms", "LAB.TEST", "kdc") == ["127.0.0.1:1111", "127.0.0.1:2222"]
+    section = kdcs.realm_section(conf.read_text(), "LAB.TEST")
+    assert section is not None
+    profile.set_realm_section("LAB.TEST", kdcs.overlay_section(section, ["127.0.0.1:2222"]))
+    assert _mit_values(value, "realms", "LAB.TEST", "kdc") == ["127.0.0.1:2222"]
+    assert _mit_values(value, "realms", "LAB.TEST", "admin_server") == ["a"]
+    assert _mit_values(value, "realms", "OTHER.TEST", "kdc") == ["127.0.0.1:3333"]
+    assert _mit_value(value, "libdefaults", "default_realm") == "LAB.TEST"
+    assert _mit_value(value, "libdefaults", "forwardable") == "true"
+    profile.set_realm_section("LAB.TEST", None)
+    assert _mit_values(value, "realms", "LAB.TEST", "kdc") == ["127.0.0.1:1111", "127.0.0.1:2222"]
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_a_krb5_conf_that_includes_files_stays_in_the_list(tmp_path: Path) -> None:
+    """An included file would join the one file's tree, where a realm's final mark keeps nothing out: krb5.conf
+    with `include` or `includedir` keeps the two-file list."""
+    conf = tmp_path / "krb5.conf"
+    for directive in ("include /etc/krb5.d/x.conf", "includedir /etc/krb5.conf.d/"):
+        conf.write_text(f"{directive}\n[libdefaults]\n    default_realm = LAB.TEST\n")
+        assert profile.use_profile(conf).endswith(f":{conf}")

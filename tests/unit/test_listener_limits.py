@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,7 +15,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from proxy import config
 from proxy.errors import ConfigError
-from proxy.tls.limits import ConnectionSlots, HeaderBlockBudget
+from proxy.tls.limits import ConnectionSlots, HeaderBlockBudget, accept_connections
 from tests.unit.test_config import GOOD, _write
 
 
@@ -147,3 +148,52 @@ def test_a_parse_error_through_the_budget_is_still_aiohttps(out: io.StringIO) ->
     text = out.getvalue()
     assert "traceback" not in json.loads(text.splitlines()[-1])
     assert "c2VjcmV0" not in text
+
+
+def test_a_connection_whose_protocol_cannot_be_made_does_not_end_the_accept_loop() -> None:
+    """A protocol factory that raises for one connection (a bug of ours, never a client's doing) costs that
+    connection only: it is closed, its slot given back, and the next connection is served by the same loop."""
+
+    class Echo(asyncio.Protocol):
+        def __init__(self, give_back: Any) -> None:
+            self.give_back = give_back
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.give_back()
+
+    made = 0
+
+    def factory(give_back: Any) -> asyncio.Protocol:
+        nonlocal made
+        made += 1
+        if made == 1:
+            raise RuntimeError("a protocol that cannot be made")
+        return Echo(give_back)
+
+    async def scenario() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        slots = ConnectionSlots(1)
+        task = asyncio.create_task(accept_connections(listener, factory, slots))
+        port = listener.getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(reader.read(), 30) == b""  # closed, not left open
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 30) == b"ping"
+            writer.close()
+            assert not task.done()
+        finally:
+            task.cancel()
+            listener.close()
+
+    asyncio.run(scenario())
