@@ -5,6 +5,12 @@ else, the configuration requires TLS (`admin.certificate`, `admin.private_key`) 
 (`admin.client_ca`) from an allow-list (`admin.allowed_clients`: subjects in RFC 4514 form or SHA-256
 fingerprints); TLS can be set on loopback too.
 
+Without client certificates (loopback), every request must name the listener by a loopback name in its `Host`
+(`127.0.0.1`, `[::1]`, `localhost`, or the bind's own host), else it gets 421. Loopback alone does not keep a
+browser out: a page whose DNS name an attacker re-points at 127.0.0.1 (DNS rebinding) runs in the admin's
+browser on this machine and could read the traces (who signed in, from which address, which paths); its
+requests carry the attacker's name as `Host`. The name in `Host` is compared, never resolved.
+
 - `GET /healthz`: 200 while the process serves; says which configuration generation is in force.
 - `GET /readyz`: 200 when the gateway can serve, 503 otherwise, with the reasons as JSON: the KDC answers
   and accepts the gateway's key (an AS exchange and a ticket to itself, at most every
@@ -12,6 +18,11 @@ fingerprints); TLS can be set on loopback too.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
+
+At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one is closed as soon as it is
+made (`admin_connection_limit_reached`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, so
+connections that never send a request can neither take the file descriptors the device listener needs nor
+keep the admin listener full.
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
@@ -21,9 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
@@ -39,6 +53,8 @@ from proxy.observability.tracepage import add_trace_views
 log = structlog.get_logger("proxy.admin")
 LIVE_KEY = web.AppKey("live", Live)
 READY_CACHE_SECONDS = 10.0
+ADMIN_MAX_CONNECTIONS = 64  # open at once; probes, scrapers and an operator's browser need a few
+ADMIN_SILENT_SECONDS = 10.0  # a new connection that sends nothing for this long is closed
 
 
 class Readiness:
@@ -111,7 +127,10 @@ def make_admin_app(live: Live) -> web.Application:
     """The admin application over the running gateway's state; other views add their routes to it."""
     admin = live.config.admin
     allowed = admin.allowed_clients if admin is not None else ()
-    app = web.Application(middlewares=[_allow_list(allowed)] if allowed else [])
+    middlewares = [_allow_list(allowed)] if allowed else []
+    if admin is not None and admin.client_ca is None:
+        middlewares.append(_loopback_host(admin.host))
+    app = web.Application(middlewares=middlewares)
     app[LIVE_KEY] = live
     app[READINESS_KEY] = Readiness(live)
     app.router.add_get("/healthz", healthz)
@@ -158,22 +177,138 @@ def _allow_list(allowed: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamR
     return allow_list
 
 
-async def start_admin(live: Live) -> web.AppRunner | None:
-    """Serve the admin application on `[admin] bind`, if set; the caller cleans the runner up."""
+LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+
+
+def _loopback_host(bind_host: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Refuse (421) a request whose `Host` is not a loopback name: see the module's docstring (DNS rebinding)."""
+    allowed = LOOPBACK_NAMES | {bind_host.lower().strip("[]")}
+
+    @web.middleware
+    async def loopback_host(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is None or _is_loopback_name(host, allowed):
+            return await handler(request)  # no Host at all: HTTP/1.0 from a script, never a browser
+        log.warning("admin_refused", stage="admin", reason="host_not_loopback", host=host[:100], path=request.path)
+        raise web.HTTPMisdirectedRequest(
+            text="the admin listener answers to loopback names only (127.0.0.1, [::1], localhost)\n"
+        )
+
+    return loopback_host
+
+
+def _is_loopback_name(host: str, allowed: frozenset[str]) -> bool:
+    """Whether `Host` (host[:port]) names this machine by a loopback IP literal or an allowed name."""
+    name = (host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]).lower()  # [::1]:9443
+    if name in allowed:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past ADMIN_MAX_CONNECTIONS: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's handler for one admin connection, counted from its creation (at accept) until the connection is
+    lost, or until it is dropped unused (a TLS handshake that failed never reaches `connection_lost`)."""
+
+    def __init__(self, inner: asyncio.Protocol, done: Callable[[], None]) -> None:
+        self._inner = inner
+        self._done = weakref.finalize(self, done)
+        self._silent: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a connection that sends nothing for ADMIN_SILENT_SECONDS is closed (aiohttp would keep it for good)
+        self._silent = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, transport.close)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._silent is not None:
+            self._silent.cancel()
+            self._silent = None
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._silent is not None:
+            self._silent.cancel()
+        self._done()
+        self._inner.connection_lost(exc)
+
+
+@dataclass
+class AdminListener:
+    """The admin listener's server and application; `cleanup` stops both."""
+
+    runner: web.AppRunner
+    server: asyncio.Server
+
+    async def cleanup(self) -> None:
+        self.server.close()
+        await self.runner.cleanup()
+
+
+def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
+    """aiohttp's protocol factory, but a connection past ADMIN_MAX_CONNECTIONS open is closed at once. Any local
+    user reaches a loopback listener, and aiohttp keeps a connection that never sends a request open for good:
+    without a cap, idle connections took the process's file descriptors from under the device listener. They are
+    counted from the factory (accept), not from aiohttp's list: asyncio accepts a burst before any joins it."""
+    open_ = 0
+    refusing = False
+
+    def closed() -> None:
+        nonlocal open_
+        open_ -= 1
+
+    def factory() -> asyncio.BaseProtocol:
+        nonlocal open_, refusing
+        full = open_ >= ADMIN_MAX_CONNECTIONS
+        if full and not refusing:
+            log.warning("admin_connection_limit_reached", limit=ADMIN_MAX_CONNECTIONS, detail="new ones are closed")
+        refusing = full
+        if full:
+            return _Refused()
+        open_ += 1
+        return _Counted(handlers(), closed)
+
+    return factory
+
+
+async def start_admin(live: Live) -> AdminListener | None:
+    """Serve the admin application on `[admin] bind`, if set; the caller cleans it up."""
     admin = live.config.admin
     if admin is None:
         return None
     runner = web.AppRunner(make_admin_app(live), access_log=None, handle_signals=False)
     await runner.setup()
+    assert runner.server is not None
     # Several workers each serve the admin port too (SO_REUSEPORT): each scrape reaches one of them.
     shared = live.config.listener.workers > 1
-    site = web.TCPSite(runner, admin.host, admin.port, ssl_context=admin_ssl_context(admin), reuse_port=shared)
     try:
-        await site.start()
+        server = await asyncio.get_running_loop().create_server(
+            _capped(runner.server), admin.host, admin.port, ssl=admin_ssl_context(admin), reuse_port=shared
+        )
     except OSError as e:
         await runner.cleanup()
         raise ConfigError(
             [f"admin.bind: cannot listen on {admin.host}:{admin.port}: {e.strerror} (in {live.config.path})"]
         ) from None
     log.info("admin_listening", bind=f"{admin.host}:{admin.port}", tls=admin.tls)
-    return runner
+    return AdminListener(runner, server)

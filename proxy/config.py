@@ -336,8 +336,13 @@ class _Reader:
         p = Path(value)
         if not p.is_absolute():
             p = self.base / p
-        if required and not p.is_file():
-            self.problem(key, f"file not found: {p}")
+        if not required:
+            return p
+        try:
+            if not p.is_file():
+                self.problem(key, f"file not found: {p}")
+        except OSError as e:  # is_file() says False only for a missing file; a name too long raises
+            self.problem(key, f"{e.strerror}: {p}")
         return p
 
     def files(self, table: dict[str, Any], key: str, name: str) -> tuple[Path, ...]:
@@ -774,12 +779,26 @@ def _hostname(r: _Reader, key: str, value: str | None) -> str | None:
     return name
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long, say: not a file we can read
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def _ca_bundle(r: _Reader, key: str, value: str | None) -> Path | None:
     """A PEM file of CA certificates (the only ones trusted for an https upstream)."""
     if not value:
         return None
     path = r.file(key, value)
-    if path.is_file():
+    if _is_file(path):  # else `file` said why
         try:
             x509.load_pem_x509_certificates(path.read_bytes())
         except (ValueError, OSError) as e:
@@ -956,7 +975,7 @@ def _traces(r: _Reader, t: dict[str, Any]) -> Traces:
         keep = 200
     export = r.get(t, "traces.export", "export", str, "")
     path = r.file("traces.export", export, required=False) if export else None
-    if path is not None and not path.parent.is_dir():
+    if path is not None and not _is_dir(path.parent):
         r.problem("traces.export", f"directory not found: {path.parent}")
     return Traces(keep=keep, export=path)
 
@@ -1039,7 +1058,10 @@ def parse(data: dict[str, Any], path: Path) -> Config:
 
 
 def load(path: Path) -> Config:
-    path = path.resolve()
+    # Absolute, but by the name given, links kept: a reload reads that name again. A Kubernetes ConfigMap's file
+    # is a link through `..data` to a timestamped directory that each update replaces and deletes; the resolved
+    # name was the deleted file at the next reload.
+    path = path.absolute()
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

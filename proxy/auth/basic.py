@@ -34,7 +34,9 @@ further attempts are refused with 429 and `Retry-After` for 1 s, then 2, 4, ... 
 without asking the KDC and without hashing anything. That keeps a phone with a stale password from
 tripping the directory's own lockout policy (AD's), and a password sprayer from trying many users. A
 key is forgotten 15 minutes after its last failure, a user's count after a success. A disabled or
-locked account gets 403 and does not count (the KDC says so whatever the password).
+locked account gets 403 and does not count (the KDC says so whatever the password). An IPv6 client is
+counted by its /64 (`address_key`): one device or home is given a whole /64 and picks addresses in it
+at will, so a sprayer stepping through its own prefix would otherwise get a fresh allowance per address.
 
 The throttles hold back guesses, not users who are signed in: a password matching a fresh cache entry
 is served while its user or its address is throttled, so someone guessing at alice's password, or a
@@ -60,6 +62,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import os
 import time
 import weakref
@@ -91,6 +94,20 @@ _THROTTLE_CAP = 300.0
 _THROTTLE_FORGET = 900.0  # seconds after its last failure when a key starts afresh
 _PACE_SEED = 0.05  # seconds: the refusal pace before any password check of an existing account was timed
 _PACE_SAMPLES = 32
+
+
+def address_key(client: str) -> str:
+    """The per-address throttle's key for a client address: an IPv6 address's /64 (an IPv4-mapped one is its
+    IPv4 address), an IPv4 address itself; anything else (no address) as given."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def user_key(principal: str) -> str:
@@ -383,6 +400,7 @@ class BasicLogin:
         ends; refuse it (429) when either key has no attempt left. Nothing is awaited between the check
         and the count, so concurrent attempts see each other."""
         now = time.monotonic()
+        client = address_key(client)
         wait = max(self._users.wait(key, now), self._addresses.wait(client, now))
         if wait > 0:
             raise TooManyAttempts(

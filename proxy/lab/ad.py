@@ -464,7 +464,7 @@ def _make_accounts(realm: AdRealm) -> None:
         keytab.unlink(missing_ok=True)
         for principal in (f"{account.name}@{REALM}", f"{account.spn}@{REALM}"):
             realm.samba_tool("domain", "exportkeytab", str(keytab), f"--principal={principal}")
-        keytab.chmod(0o644)
+        keytab.chmod(0o600)  # a service account's keys: root's alone (the lab's processes run as root)
 
 
 def _user_dn(name: str) -> str:

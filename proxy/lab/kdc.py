@@ -301,7 +301,7 @@ def _provision(layout: LabLayout) -> None:
         _kadmin(layout, f"addprinc -randkey {service}")
     for service, keytab in _keytabs(layout).items():
         _kadmin(layout, f"ktadd -k {keytab} -norandkey {service}")
-        keytab.chmod(0o644)
+        keytab.chmod(0o600)  # a service's keys: its owner's alone (the containers all run as uid 10001)
 
     _ldap(
         layout,

@@ -242,7 +242,7 @@ def make_pki(directory: Path, *, now: datetime, crl_base_url: str = CRL_BASE_URL
         _write_pem(pki.user_cert(name), [cert])
         _write_key(pki.user_key(name), key)
         p12 = pkcs12.serialize_key_and_certificates(name.encode(), key, cert, chain, _p12_encryption())
-        pki.user_p12(name).write_bytes(p12)
+        _write_private(pki.user_p12(name), p12)  # its password is "lab": as good as the key in clear
         if spec.revoked:
             revoked.append(_revocation_entry(cert, now - 2 * _HOUR, x509.ReasonFlags.key_compromise))
     _write_record(pki, {"crl_number": 1, "revoked": revoked})
@@ -588,7 +588,13 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+    _write_private(path, data)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """`data` in `path`, readable by its owner only (a file there before gets that mode too)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 

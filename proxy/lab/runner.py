@@ -29,16 +29,27 @@ SERVE: dict[str, tuple[str, ...]] = {name: ("lab", "serve", name) for name in ("
 _DAEMONS = tuple(SERVE)
 
 
-def _pid_alive(pid_file: Path) -> int | None:
-    """The pid in `pid_file` if that process runs. A zombie (exited, not yet reaped by its parent or by
-    an init that reaps slowly) counts as gone: `os.kill(pid, 0)` alone would still find it."""
+def _pid_file(layout: LabLayout, name: str) -> Path:
+    return layout.run_dir / f"{name}.pid"
+
+
+def _pid_alive(layout: LabLayout, name: str) -> int | None:
+    """The pid in the pid file of `lab serve <name>` if that process runs and is this lab's: its command line
+    ends with `lab serve <name>` and its environment names this lab's directory. A pid file left behind names
+    a number the system may have given to any program since, which is neither counted nor signalled. A zombie
+    (exited, not yet reaped by its parent or by an init that reaps slowly) counts as gone: `os.kill(pid, 0)`
+    alone would still find it."""
     try:
-        pid = int(pid_file.read_text().strip())
+        pid = int(_pid_file(layout, name).read_text().strip())
         os.kill(pid, 0)
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except (OSError, ValueError, IndexError):
         return None
-    return None if state == "Z" else pid
+    ours = [a.decode(errors="replace") for a in argv if a][-len(SERVE[name]) :] == list(SERVE[name])
+    here = f"KCD_LAB_DIR={layout.root}".encode() in environ
+    return pid if state != "Z" and ours and here else None
 
 
 def _reap(pid: int) -> None:
@@ -67,8 +78,8 @@ def _wait_ready(layout: LabLayout, proc: subprocess.Popen[bytes], name: str, tim
 
 def _spawn(layout: LabLayout, name: str, timeout: float = 15) -> None:
     """`kcd-proxy lab serve <name>` in the background, unless it runs; wait until it answers a real request."""
-    pid_file = layout.run_dir / f"{name}.pid"
-    if _pid_alive(pid_file):
+    pid_file = _pid_file(layout, name)
+    if _pid_alive(layout, name):
         return
     log = layout.run_dir / f"{name}.log"
     with log.open("ab") as out:
@@ -151,24 +162,23 @@ def up(layout: LabLayout) -> None:
 
 def down(layout: LabLayout) -> None:
     for name in _DAEMONS:
-        pid_file = layout.run_dir / f"{name}.pid"
-        pid = _pid_alive(pid_file)
+        pid = _pid_alive(layout, name)
         if pid is not None:
             os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + 15  # `serve kdc` stops slapd and krb5kdc before it exits
-            while _pid_alive(pid_file) and time.monotonic() < deadline:
+            while _pid_alive(layout, name) and time.monotonic() < deadline:
                 _reap(pid)
                 time.sleep(0.05)
-            if _pid_alive(pid_file):
+            if _pid_alive(layout, name):
                 os.killpg(pid, signal.SIGKILL)
-        pid_file.unlink(missing_ok=True)
+        _pid_file(layout, name).unlink(missing_ok=True)
     kdc.stop_realm(layout)
 
 
 def status(layout: LabLayout) -> dict[str, bool]:
     running = dict(kdc.realm_status(layout))
     for name in _DAEMONS:
-        running[name] = _pid_alive(layout.run_dir / f"{name}.pid") is not None
+        running[name] = _pid_alive(layout, name) is not None
     return running
 
 

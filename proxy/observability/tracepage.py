@@ -38,7 +38,8 @@ def add_trace_views(app: web.Application, ring: TraceRing) -> None:
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", str(DEFAULT_LIMIT))
-    if not raw.isdigit() or int(raw) < 1:
+    # ASCII digits only (str.isdigit takes "²", which int() refuses), and few of them (int() refuses 4,301)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) < 1:
         raise web.HTTPBadRequest(
             text='{"error": "limit must be a positive integer"}\n', content_type="application/json"
         )

@@ -38,6 +38,7 @@ With several workers each keeps its own ring; the export file is shared (one `wr
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -406,8 +407,20 @@ _DESCRIBE = {
 }
 
 
+# C0 controls, DEL, C1 controls (0x9b is an 8-bit CSI), and lone surrogates: the bytes a path had that were not
+# UTF-8 (decoded with surrogateescape), which a C-locale stdout writes back raw.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` safe to write to a terminal: each control character as an escape (`\\x1b`), so a device's path
+    or a certificate's name cannot move the cursor, rewrite what is shown, retitle the window or add a line."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 def render_text(records: Iterable[dict[str, Any]]) -> str:
-    """Records as the terminal shows them: a heading line each, then one line per stage."""
+    """Records as the terminal shows them: a heading line each, then one line per stage. What a client sent
+    (its path, its certificate's names) is in them: every line goes through `printable`."""
     lines = []
     for r in records:
         who = r.get("upn") or "-"
@@ -422,4 +435,4 @@ def render_text(records: Iterable[dict[str, Any]]) -> str:
                 lines.append(f"  {'':<12} {'':>12}  fix: {s['fix']}")
         if r.get("refused") and r["refused"].get("stage") not in {s.get("name") for s in r.get("stages", [])}:
             lines.append(f"  refused at {r['refused']['stage']}: {r['refused'].get('reason')}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

@@ -4,16 +4,17 @@
 files' contents: the server certificate parses, matches its private key and is within its validity; the
 trust anchors and intermediates parse, are CA certificates, and each intermediate is issued by a configured
 CA; the CRLs parse and verify against the configured CAs and are current; the keytab is a keytab and holds
-the gateway's principal; no route points back at the gateway. Every problem is one line naming the key and
-the file, like the configuration's own (`key: message (in FILE)`). Time is a parameter.
+the gateway's principal; no route points back at the gateway or at its admin listener. Every problem is one
+line naming the key and the file, like the configuration's own (`key: message (in FILE)`). Time is a parameter.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import ssl
 import tomllib
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -196,16 +197,39 @@ def _account_advice(principal: str, held: list[str]) -> str:
 
 
 def _routes(config: Config) -> Iterator[tuple[str, str]]:
-    listener = config.listener
+    """Routes to the gateway's own listener (a loop) or to its admin listener (every device would read the
+    traces and metrics), by the bind's own host, a loopback name, or any name for a wildcard bind."""
+    own = [(config.listener.host, config.listener.port, "the gateway's own listener: requests would loop")]
+    if config.admin is not None:
+        own.append((config.admin.host, config.admin.port, "the admin listener: every device would read its traces"))
     order = _file_order(config.path)
     for route in config.routes:
         i = order.get(route.prefix, 0)
         parts = urlsplit(route.upstream)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        if parts.hostname in (listener.host, "localhost" if listener.host.startswith("127.") else "") and (
-            port == listener.port
-        ):
-            yield f"routes[{i}].upstream", f"{route.upstream} is the gateway's own listener: requests would loop"
+        for host, bound_port, what in own:
+            if port == bound_port and _reaches(parts.hostname or "", host):
+                yield f"routes[{i}].upstream", f"{route.upstream} is {what}"
+
+
+def _reaches(name: str, bind_host: str) -> bool:
+    """Whether an upstream host `name` is (at the same port) the listener bound to `bind_host`: the same host, a
+    loopback name for a loopback bind, and a loopback or unspecified address for a wildcard bind (its other
+    addresses are not known here)."""
+    name, bind_host = name.lower().strip("[]"), bind_host.lower().strip("[]")
+    if name == bind_host:
+        return True
+    loopback = name == "localhost" or _is_ip(name, lambda a: a.is_loopback)
+    if _is_ip(bind_host, lambda a: a.is_unspecified):
+        return loopback or _is_ip(name, lambda a: a.is_unspecified)
+    return loopback and (bind_host == "localhost" or _is_ip(bind_host, lambda a: a.is_loopback))
+
+
+def _is_ip(text: str, test: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]) -> bool:
+    try:
+        return test(ipaddress.ip_address(text))
+    except ValueError:
+        return False
 
 
 def _raw(path: Path) -> dict[str, Any]:

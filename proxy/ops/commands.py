@@ -84,7 +84,7 @@ def explain(args: argparse.Namespace) -> int:
             await _close(gw)
 
     result = asyncio.run(run())
-    print(json.dumps(result.to_json()) if args.json else result.render())
+    print(json.dumps(result.to_json()) if args.json else _printable_lines(result.render()))
     return 0 if result.accepted else 1
 
 
@@ -97,8 +97,16 @@ def doctor(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return e.report()
     checks = doctor.run(cfg, user=args.user)
-    print(doctor.render(checks))
+    print(_printable_lines(doctor.render(checks)))
     return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def _printable_lines(text: str) -> str:
+    """A report for the terminal: its lines kept, a control character within one (from a certificate's names, a
+    KDC's or a backend's message) shown as an escape (`proxy.observability.traces.printable`)."""
+    from proxy.observability.traces import printable
+
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def add_commands(sub: Any) -> None:

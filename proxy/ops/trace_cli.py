@@ -29,7 +29,7 @@ from typing import Any
 
 from proxy import config as config_module
 from proxy.errors import ConfigError
-from proxy.observability.traces import render_text
+from proxy.observability.traces import printable, render_text
 
 DEFAULT_ADMIN = "http://127.0.0.1:9443"
 _FOLLOW_WINDOW = 200  # records asked for on each poll while following (the gateway keeps 200 by default)
@@ -84,7 +84,8 @@ def fetch(base: str, *, limit: int, user: str | None, context: ssl.SSLContext | 
         with urllib.request.urlopen(url, timeout=10, context=context) as answer:  # noqa: S310  operator-given URL
             records = json.loads(answer.read())
     except urllib.error.HTTPError as e:
-        raise AdminUnreachable(f"{url}: HTTP {e.code} {e.read().decode(errors='replace').strip()}") from None
+        body = printable(e.read(1000).decode(errors="replace").strip())  # whatever answered on that port wrote it
+        raise AdminUnreachable(f"{url}: HTTP {e.code} {body}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise AdminUnreachable(f"{url}: {getattr(e, 'reason', e)}") from None
     if not isinstance(records, list):

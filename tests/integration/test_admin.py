@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import socket
 import ssl
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.admin import ADMIN_MAX_CONNECTIONS
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
@@ -204,3 +208,89 @@ allowed_clients = ["CN=alice"]
         assert gw.wait_event("admin_refused")["subject"] == "CN=bob"
     finally:
         assert gw.stop() == 0
+
+
+def _get_as(admin: str, path: str, host: str) -> tuple[int, str]:
+    """GET `path` from the admin listener with the Host header `host`, as a browser would send it."""
+    connection = http.client.HTTPConnection(urlsplit(admin).netloc, timeout=15)
+    try:
+        connection.request("GET", path, headers={"Host": host})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_plain_admin_listener_answers_loopback_names_only(lab: LabLayout, admin_gateway: tuple[Gateway, str]) -> None:
+    """DNS rebinding: a web page whose name an attacker re-pointed at 127.0.0.1 reads nothing from a plain-HTTP
+    admin listener (no trace of who signed in from where, no metric, no health): any Host but a loopback address,
+    `localhost` or the bind's own name gets 421; the loopback names are served."""
+    gw, admin = admin_gateway
+    assert curl(lab, gw.url + "/owa/", "alice").returncode == 0
+    port = urlsplit(admin).port
+    for path in ("/", "/traces", "/traces?limit=1", "/metrics", "/healthz", "/readyz", "/trace/x"):
+        for host in (f"rebind.attacker.example:{port}", "attacker.example", f"127.0.0.1.attacker.example:{port}"):
+            status, body = _get_as(admin, path, host)
+            assert status == 421, (path, host, status)
+            assert "alice" not in body
+            assert "kcd_" not in body
+            assert "loopback" in body
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "127.0.0.1"):
+        status, body = _get_as(admin, "/traces?limit=1", host)
+        assert status == 200, (host, status)
+        assert "alice@lab.test" in body
+
+
+def test_trace_limit_that_is_not_an_ascii_number_is_a_400(admin_gateway: tuple[Gateway, str]) -> None:
+    """A hostile scrape's `limit` (a superscript digit, 5,000 digits, a sign) is a 400 naming the parameter,
+    never a 500 with a traceback in the log."""
+    _, admin = admin_gateway
+    for limit in ("%C2%B2", "9" * 5000, "-1", "0", "+5", "%EF%BC%95"):
+        for path in ("/traces", "/"):
+            status, body = _get(f"{admin}{path}?limit={limit}")
+            assert status == 400, (path, limit[:10], status)
+            assert "limit" in body
+    assert _get(admin + "/traces?limit=100000")[0] == 200  # a big number is the ring's size at most
+
+
+def _answers(url: str) -> bool:
+    """Whether `url` answers 200 (a connection closed by the admin listener's cap is no answer)."""
+    try:
+        return _get(url)[0] == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def _closed_at_once(port: int) -> bool:
+    """Whether a new connection to the admin listener is closed without an answer to its request."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        try:
+            return sock.recv(100) == b""
+        except ConnectionResetError:
+            return True
+
+
+def test_idle_connections_to_the_admin_listener_are_capped(lab: LabLayout, admin_gateway: tuple[Gateway, str]) -> None:
+    """Any local user reaches the loopback admin listener: 600 connections that never send a request held 600 of
+    the gateway's file descriptors (the device listener is capped, this one was not; at a soft limit of 1024 the
+    devices' accept() then fails). Past ADMIN_MAX_CONNECTIONS new ones are closed at once: the descriptors stay
+    bounded, devices are served meanwhile, and the silent ones are closed after ADMIN_SILENT_SECONDS, so the
+    admin answers again while their client still holds them."""
+    gw, admin = admin_gateway
+    port = urlsplit(admin).port
+    assert port is not None
+    fds = Path(f"/proc/{gw.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    idle = []
+    try:
+        for _ in range(600):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=15))
+        assert eventually(lambda: _closed_at_once(port), "a new connection closed at once: the cap is reached")
+        bound = before + ADMIN_MAX_CONNECTIONS + 20
+        eventually(lambda: len(list(fds.iterdir())) <= bound, f"at most {bound} descriptors open")
+        assert curl(lab, gw.url + "/owa/", "alice").returncode == 0
+        assert eventually(lambda: _answers(admin + "/healthz"), "the admin answering again")
+    finally:
+        for sock in idle:
+            sock.close()

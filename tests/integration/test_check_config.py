@@ -55,9 +55,31 @@ def _gateway_port(text: str) -> str:
     return text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0]
 
 
+def _admin_route(lab: LabLayout, text: str, tmp: Path) -> str:
+    """A route whose upstream is the admin listener: every device would read the traces (who, from where)."""
+    port = free_port()
+    return (
+        text
+        + f'\n[admin]\nbind = "127.0.0.1:{port}"\n\n[[routes]]\nprefix = "/ops/"\nupstream = "http://localhost:{port}"\n'
+    )
+
+
+def _wildcard_loop(lab: LabLayout, text: str, tmp: Path) -> str:
+    """The listener on every address (the usual production bind) and a route to 127.0.0.1 on its port."""
+    port = _gateway_port(text)
+    text = text.replace(f'bind = "127.0.0.1:{port}"', f'bind = "0.0.0.0:{port}"')
+    return text.replace(f'upstream = "http://127.0.0.1:{lab.backend_port}"', f'upstream = "http://127.0.0.1:{port}"')
+
+
+LONG = "x" * 300  # a file name over NAME_MAX (255 bytes): the system refuses it (ENAMETOOLONG)
 CATALOGUE = [
     ("missing file", _replace('certificate = "{lab.pki_dir}/server-chain.pem"', 'certificate = "{tmp}/nope.pem"'),
      "listener.certificate", "file not found"),
+    ("name too long", _replace('certificate = "{lab.pki_dir}/server-chain.pem"', f'certificate = "{{tmp}}/{LONG}"'),
+     "listener.certificate", "File name too long"),
+    ("CA bundle name too long",
+     _append(f'\n[[routes]]\nprefix = "/ews/"\nupstream = "https://cas.lab.test"\nca_bundle = "{LONG}"\n'),
+     "routes[1].ca_bundle", "File name too long"),
     ("unknown key", _replace("[listener]\n", '[listener]\ncolour = "blue"\n'), "listener.colour", "unknown key"),
     ("bad upstream", _append('\n[[routes]]\nprefix = "/ews/"\nupstream = "ftp://cas/x"\n'),
      "routes[1].upstream", "expected http(s)://host[:port]"),
@@ -84,6 +106,9 @@ CATALOGUE = [
     ("route back to the gateway", lambda lab, text, tmp: text.replace(
         f'upstream = "http://127.0.0.1:{lab.backend_port}"', f'upstream = "http://127.0.0.1:{_gateway_port(text)}"'),
      "routes[0].upstream", "the gateway's own listener"),
+    ("route to the admin listener", _admin_route, "routes[1].upstream", "the admin listener"),
+    ("route back to a gateway bound on every address", _wildcard_loop, "routes[0].upstream",
+     "the gateway's own listener"),
 ]  # fmt: skip
 
 

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy import config as config_module
 from proxy.app import build
 from proxy.lab.layout import LabLayout
+from proxy.lab.pki import Pki, UserSpec, issue_user, write_pem
 from proxy.ops.explain import Explanation, explain, load_leaf
 from tests.integration.conftest import REPO, free_port, lab_config
 
@@ -175,3 +177,24 @@ def test_usage_and_configuration_errors_exit_2(
     assert res.returncode == 2, res
     assert res.stdout == ""
     assert res.stderr.strip()
+
+
+def test_explain_prints_no_terminal_control_sequence_from_a_certificate(
+    lab: LabLayout, config: Path, tmp_path: Path
+) -> None:
+    """A certificate handed in by a user (a helpdesk ticket's attachment) whose subject carries escape sequences
+    (`ESC ] 0 ; ... BEL` retitles the window, `ESC [ 2 J` clears the screen), issued by the lab's CA to alice:
+    `explain` prints them as escapes (`\\x1b`), never raw to the operator's terminal."""
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[32mOK\x7f"  # ASCII: an e-mail address name
+    key = ec.generate_private_key(ec.SECP256R1())
+    spec = UserSpec(upn="alice@lab.test", email=f"{hostile}@lab.test")
+    pem = tmp_path / "hostile.pem"
+    write_pem(pem, [issue_user(Pki.at(lab.pki_dir), spec, key, now=datetime.now(UTC))])
+    argv = [sys.executable, "-m", "proxy", "explain", "--config", str(config), "--cert", str(pem)]
+    done = subprocess.run(argv, capture_output=True, timeout=60, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stdout  # accepted: alice's, from the trusted CA
+    text = done.stdout.decode("utf-8", errors="surrogateescape")
+    assert "pwned" in text
+    controls = [c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 or "\ud800" <= c <= "\udfff"]
+    assert controls == []
+    assert "pwned\\x07\\x1b[2J" in text  # (RFC 4514 escapes the `;`)

@@ -184,3 +184,33 @@ def test_serve_kdc_exits_when_a_daemon_dies(realm_layout: LabLayout) -> None:
     assert proc.stdout is not None
     assert "krb5kdc stopped; stopping the realm" in proc.stdout.read()
     assert kdc.realm_status(realm_layout) == {"slapd": False, "krb5kdc": False}
+
+
+def test_the_labs_keytabs_and_private_keys_are_readable_by_their_owner_only(lab: LabLayout) -> None:
+    """The gateway's keytab is a protocol-transition account's key (whoever reads it can be any lab user at
+    HTTP/cas), and the PKI's keys and .p12 bundles (password "lab") are the users' and the CAs': none of them is
+    readable by the group or by other users of the machine (the keytabs were written 0644)."""
+    secrets = [*lab.keytab_dir.glob("*.keytab"), *lab.pki_dir.rglob("*.key"), *lab.pki_dir.rglob("*.p12")]
+    assert lab.proxy_keytab in secrets
+    assert any(p.suffix == ".p12" for p in secrets)
+    loose = {str(p.relative_to(lab.root)): oct(p.stat().st_mode & 0o777) for p in secrets if p.stat().st_mode & 0o077}
+    assert loose == {}
+
+
+def test_lab_down_leaves_alone_a_program_that_took_a_stale_pid_files_number(tmp_path: Path) -> None:
+    """A pid file left behind (the lab's process died, the machine restarted) whose number now belongs to another
+    program: `lab status` does not count that program as the lab's backend, and `lab down` does not signal it (it
+    sent SIGTERM to its whole process group)."""
+    layout = LabLayout(root=tmp_path, ldap_port=free_port(), kdc_port=free_port(), backend_port=free_port())
+    layout.run_dir.mkdir(parents=True)
+    stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)  # a group leader, as the lab's were
+    try:
+        (layout.run_dir / "backend.pid").write_text(f"{stranger.pid}\n")
+        status = _kcd(layout, "lab", "status")
+        assert json.loads(status.stdout)["backend"] is False, status.stdout
+        done = _kcd(layout, "lab", "down")
+        assert done.returncode == 0, done.stderr
+        assert stranger.poll() is None  # still running
+    finally:
+        stranger.kill()
+        stranger.wait(timeout=10)

@@ -128,18 +128,7 @@ def balanced_basic(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _basic(lab: LabLayout, gw: Gateway, device: str, user: str) -> int:
     """A wrong password for `user`, from `device` (as the balancer says); the status."""
-    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-    raw.sendall(v2_header(device, 40100))
-    credentials = base64.b64encode(f"{user}:not-the-password".encode()).decode()
-    with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
-        tls.sendall(
-            f"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nAuthorization: Basic {credentials}\r\n"
-            "Connection: close\r\n\r\n".encode()
-        )
-        response = http.client.HTTPResponse(tls)
-        response.begin()
-        response.read()
-    return response.status
+    return _basic_from(lab, gw, v2_header(device, 40100), user)
 
 
 def test_throttles_count_the_device_not_the_balancer(lab: LabLayout, balanced_basic: Gateway) -> None:
@@ -259,3 +248,45 @@ def test_a_balancer_taken_off_stays_refused_when_a_reload_turns_the_protocol_off
         assert not any(e.get("client") == "203.0.113.32" for e in gw.logs())
     finally:
         assert gw.stop() == 0
+
+
+def v2_header_ipv6(source: str, port: int) -> bytes:
+    """A v2 header for a TCP connection over IPv6 from `source`."""
+    body = socket.inet_pton(socket.AF_INET6, source) + socket.inet_pton(socket.AF_INET6, "2001:db8:ffff::1")
+    body += struct.pack("!HH", port, 443)
+    return V2_SIGNATURE + b"\x21\x21" + struct.pack("!H", len(body)) + body
+
+
+def test_the_address_throttle_counts_an_ipv6_device_by_its_64_prefix(lab: LabLayout, balanced_basic: Gateway) -> None:
+    """An IPv6 device holds a whole /64 (SLAAC, privacy addresses): wrong passwords from 2001:db8:5:6::1, ::2, ::3...
+    (a sprayer stepping through its own prefix) share one address throttle (429 after two, the limit), while a
+    device of another /64 still gets its own answer (401); an IPv4 address written IPv4-mapped is that address."""
+    statuses = [
+        _basic_from(lab, balanced_basic, v2_header_ipv6(f"2001:db8:5:6::{n:x}", 40200), "bob@lab.test")
+        for n in range(1, 6)
+    ]
+    assert statuses[:2] == [401, 401]
+    assert 429 in statuses, statuses
+    assert _basic_from(lab, balanced_basic, v2_header_ipv6("2001:db8:5:7::1", 40201), "carol@lab.test") == 401
+    # IPv4-mapped: 203.0.113.77 throttled as itself, whichever way the balancer writes it
+    mapped = [
+        _basic_from(lab, balanced_basic, v2_header_ipv6("::ffff:203.0.113.77", 40202), "bob@lab.test") for _ in range(2)
+    ]
+    assert mapped == [401, 401]
+    assert _basic_from(lab, balanced_basic, v2_header("203.0.113.77", 40203), "bob@lab.test") == 429
+
+
+def _basic_from(lab: LabLayout, gw: Gateway, header: bytes, user: str) -> int:
+    """A wrong password for `user`, the connection opened with the PROXY `header`; the status."""
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    raw.sendall(header)
+    credentials = base64.b64encode(f"{user}:not-the-password".encode()).decode()
+    with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        tls.sendall(
+            f"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nAuthorization: Basic {credentials}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        response = http.client.HTTPResponse(tls)
+        response.begin()
+        response.read()
+    return response.status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from cryptography import x509
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl, write_server_certificate
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway, wait_port
-from tests.integration.jsonlog import WAIT
+from tests.integration.jsonlog import WAIT, eventually
 
 # How long the backend holds the request that spans the reload: longer than the reload and the requests around
 # it take on a loaded machine (the test asserts it is still held after them).
@@ -284,3 +285,47 @@ server_name = "proxy.lab.test"
             assert gw.stop() == 0
         backend.terminate()
         backend.wait(timeout=10)
+
+
+def _atomic_writer_swap(directory: Path, name: str, text: str, generation: str) -> None:
+    """Update `directory` the way Kubernetes updates a mounted ConfigMap: the files in a new timestamped directory,
+    the `..data` link swapped to it in one rename, the old directory deleted. `name` itself stays the link
+    `..data/<name>`."""
+    new = directory / f"..{generation}"
+    new.mkdir()
+    (new / name).write_text(text)
+    old = (directory / "..data").resolve()
+    (directory / "..data_tmp").symlink_to(new.name)
+    (directory / "..data_tmp").rename(directory / "..data")
+    shutil.rmtree(old)
+
+
+@pytest.mark.parametrize("how", ["sighup", "watch"])
+def test_a_configmap_style_update_through_symlinks_is_reloaded(lab: LabLayout, tmp_path: Path, how: str) -> None:
+    """The configuration mounted as a Kubernetes ConfigMap (deploy/k8s): `gateway.toml` is a link to `..data/
+    gateway.toml`, `..data` a link to a timestamped directory that an update replaces and deletes. The gateway read
+    the link's target once at start and reloaded that deleted file: every later reload (SIGHUP or watch) was
+    refused, "configuration file not found". It reads the configuration by the name it was given."""
+    watch = "\n[reload]\nwatch = true\nwatch_interval = 0.2\n" if how == "watch" else ""
+    text = lab_config(lab, port=free_port(), extra=watch)
+    first = tmp_path / "..2026_12_05_00_00_00.1"
+    first.mkdir()
+    (first / "gateway.toml").write_text(text)
+    (tmp_path / "..data").symlink_to(first.name)
+    (tmp_path / "gateway.toml").symlink_to("..data/gateway.toml")
+    gw = start_gateway(lab, tmp_path, text)  # writes through the link, starts with tmp_path/gateway.toml
+    try:
+        assert asyncio.run(_get(lab, gw, "/EWS/Exchange.asmx", "alice"))[0] == 200
+        gw.mark()
+        new = text.replace('prefix = "/"', 'prefix = "/owa/"')
+        _atomic_writer_swap(tmp_path, "gateway.toml", new, "2026_12_05_00_01_00.2")
+        if how == "sighup":
+            gw.proc.send_signal(signal.SIGHUP)
+        since = gw.since
+        ended = ("reloaded", "reload_refused")
+        event = eventually(lambda: next((e for e in gw.logs()[since:] if e.get("event") in ended), None), "a reload")
+        assert event["event"] == "reloaded", event
+        assert event["routes"] == ["/owa/"]
+        assert asyncio.run(_get(lab, gw, "/EWS/Exchange.asmx", "alice"))[0] == 404
+    finally:
+        assert gw.stop() == 0

@@ -6,6 +6,7 @@ has used yet makes a principal of its own; the others do not depend on what anot
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -23,13 +24,17 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
+from tests.integration.loopback import serving
+from tests.integration.recorder import raw_request
 from tests.integration.test_revocation import curl_with
 from tests.integration.test_ticket_cache import _certificate_for, _kadmin
 
@@ -314,3 +319,53 @@ def test_trace_command_prints_and_follows_one_users_requests(lab: LabLayout, tra
         follow.wait(timeout=10)
         reader.join(timeout=5)
         follow.stdout.close()
+
+
+def test_trace_command_prints_no_terminal_control_sequence_a_client_sent(lab: LabLayout, traced: Traced) -> None:
+    """A device's path with escape sequences (`%1B]0;...%07` sets the terminal's title, `%1B[2J` clears the screen,
+    `%1B[1A` moves up to overwrite the line above) is refused with 400, but its trace keeps the decoded path: `kcd-proxy
+    trace` prints it with every control character shown as an escape (`\\x1b`), never raw to the admin's terminal."""
+    seen = _ids(traced.admin, None)
+    attack = "/owa/%1B]0;pwned%07%1B[2J%1B[1A%0D%1B[32mPASS%9B2J%7F"
+    answer = raw_request(lab, traced.gw.port, f"GET {attack} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert answer.status == 400
+    (record,) = _new_traces(traced.admin, seen, 1)
+    assert "\x1b" in record["path"]  # the trace keeps what was sent (JSON escapes it)
+    env = {**os.environ, **lab.env()}
+    shown = subprocess.run(
+        [sys.executable, "-m", "proxy", "trace", "--config", str(traced.config), "--limit", "1"],
+        capture_output=True,
+        cwd=REPO,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.decode("utf-8", errors="surrogateescape")  # a raw byte 0x9b (8-bit CSI) shows as \udc9b
+    assert record["id"] in text
+    controls = [c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 or "\ud800" <= c <= "\udfff"]
+    assert controls == []
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in text
+
+
+def test_trace_command_prints_no_control_sequence_from_what_answered_on_the_admin_port(tmp_path: Path) -> None:
+    """Whatever answers on the admin port (a program of another local user that took it while the gateway was
+    down) is not the operator's terminal's master: its error body's escape sequences go to stderr as `\\x1b`."""
+
+    async def hostile(_request: web.Request) -> web.Response:
+        return web.Response(status=500, text="\x1b]0;pwned\x07\x1b[2J\x1b[1Aall is well")
+
+    async def run() -> subprocess.CompletedProcess[bytes]:
+        app = web.Application()
+        app.router.add_get("/traces", hostile)
+        async with serving(app) as url:
+            argv = [sys.executable, "-m", "proxy", "trace", "--admin", url]
+            proc = await asyncio.create_subprocess_exec(*argv, cwd=REPO, stdout=PIPE, stderr=PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+            return subprocess.CompletedProcess(argv, proc.returncode or 0, out, err)
+
+    done = asyncio.run(run())
+    assert done.returncode == 1
+    text = done.stderr.decode("utf-8", errors="surrogateescape")
+    assert "pwned" in text
+    assert [c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0] == []
