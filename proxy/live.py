@@ -22,7 +22,8 @@ admin listener's addresses, the number of workers and the listener's other setti
 `trusted_proxies` only change with a restart (`reload_needs_restart` names each one a reload left as it was).
 
 With `[reload] watch = true`, the configuration file and every file it names are polled every
-`watch_interval` seconds (size and modification time); a change triggers the same reload.
+`watch_interval` seconds (size and modification time); a change triggers the same reload once the files have
+stayed unchanged for one more look, so that a file written in place is not read half-written.
 """
 
 from __future__ import annotations
@@ -143,12 +144,22 @@ class Live:
         await _close(self.gateway, keep=None)
 
     async def watch(self) -> None:
-        """Reload whenever the configuration file or a file it names changes (until cancelled)."""
+        """Reload whenever the configuration file or a file it names changes, once it has stayed unchanged for
+        one more look (until cancelled)."""
         seen = _fingerprint(self.config)
         while True:
             await asyncio.sleep(self.config.reload.watch_interval)
             now = _fingerprint(self.config)
             if now != seen:
+                # A file written in place (not renamed over) may be seen half-written, and a prefix of a TOML file
+                # can be a valid, weaker configuration: wait until the files stay as they are for one look (at
+                # most SETTLE_LOOKS looks, so that a file rewritten all the time still gets reloaded).
+                for _ in range(SETTLE_LOOKS):
+                    await asyncio.sleep(self.config.reload.watch_interval)
+                    later = _fingerprint(self.config)
+                    if later == now:
+                        break
+                    now = later
                 log.info("reload_watch", detail="a watched file changed")
                 await self.reload()
                 # What is loaded is the files as they were before the reload read them: one rewritten meanwhile is
@@ -247,6 +258,9 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
     if old.admin != new.admin:
         changed.append("admin")
     return changed
+
+
+SETTLE_LOOKS = 5  # looks at most for a changed file to stay unchanged before it is reloaded anyway
 
 
 def watched_files(config: Config) -> list[Path]:

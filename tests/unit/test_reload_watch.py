@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import pytest
+
 from proxy import config
+from proxy import live as live_module
 from proxy.live import Live
 from tests.unit.test_config import GOOD, _write
 
@@ -49,3 +52,45 @@ def test_a_file_rewritten_during_a_reload_is_reloaded_again(tmp_path: Path) -> N
         return watched
 
     assert asyncio.run(scenario()).reloads == 2
+
+
+def test_a_file_seen_half_written_is_reloaded_only_once_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configuration written in place in two writes, the watcher looking between them: the first part is a
+    valid configuration of its own (a TOML prefix may well parse, and lack the lines that followed). Reloading is
+    put off until the files stay as they are for one look, so the one reload reads the whole file. Before, the
+    look between the writes reloaded the first part at once."""
+    cfg = config.load(_write(tmp_path, GOOD + "\n[reload]\nwatch = true\nwatch_interval = 0.2\n"))
+    whole = cfg.path.read_text() + "\n# the end of the write\n"
+    prefix = whole[: whole.index("# the end of the write")]
+    looks: asyncio.Queue[None] = asyncio.Queue()
+    fingerprint = live_module._fingerprint
+
+    def counted(c: config.Config) -> dict[Path, tuple[int, int] | None]:
+        looks.put_nowait(None)
+        return fingerprint(c)
+
+    monkeypatch.setattr(live_module, "_fingerprint", counted)
+
+    class Reading(_Watched):
+        def __init__(self, cfg: config.Config) -> None:
+            super().__init__(cfg)
+            self.read: list[str] = []
+
+        async def reload(self) -> bool:
+            self.read.append(cfg.path.read_text())
+            self.twice.set()
+            return True
+
+    async def scenario() -> list[str]:
+        watched = Reading(cfg)
+        watcher = asyncio.create_task(Live.watch(watched))  # type: ignore[arg-type]
+        await looks.get()  # the watcher's first look: what is loaded
+        cfg.path.write_text(prefix + "\n")  # the first write of an editor writing in place
+        await looks.get()  # a look sees it
+        cfg.path.write_text(whole)  # the rest, before the next look (the watcher sleeps watch_interval)
+        await asyncio.wait_for(watched.twice.wait(), 30)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        return watched.read
+
+    assert asyncio.run(scenario()) == [whole]
