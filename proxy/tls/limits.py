@@ -51,6 +51,7 @@ _ACCEPT_PAUSE = 1.0  # seconds to wait after accept() fails (out of file descrip
 # Seconds a refused connection stays open after its 431, discarding what the client still sends: closing at
 # once would make the kernel answer those bytes with a reset, which can destroy the 431 before it is read.
 _LINGER = 2.0
+_IDLE_LOOK = 0.01  # seconds to the first look for aiohttp's handler to be idle, a 431 waiting for earlier answers
 
 
 class ConnectionSlots:
@@ -205,14 +206,33 @@ class HeaderBlockBudget:
     def _refuse(self) -> None:
         self._refused = True
         transport: Any = getattr(self._handler, "transport", None)
-        refuse_header_block(transport, self._limit, self._on_refused)
+        refuse_header_block(transport, self._limit, self._on_refused, answer=False)
+        self._answer_when_idle(transport, _IDLE_LOOK)
+
+    def _answer_when_idle(self, transport: asyncio.Transport | None, after: float) -> None:
+        """The 431 goes out once aiohttp has answered every request read before the refused head (HTTP/1.1 answers
+        in order): while its handler is not waiting for a next request, look again `after` seconds later, twice as
+        long each time up to a second (a held long-poll may take minutes). aiohttp offers no hook for "idle", so its
+        handler's `_waiter` (set only while it waits for a request) and `_messages` are read; a test
+        (test_device_parser) fails if aiohttp renames them."""
+        if transport is None or transport.is_closing():
+            return
+        handler: Any = self._handler
+        waiter = getattr(handler, "_waiter", None)
+        if waiter is None or waiter.done() or getattr(handler, "_messages", None):
+            asyncio.get_running_loop().call_later(after, self._answer_when_idle, transport, min(2 * after, 1.0))
+            return
+        answer_too_large(transport)
 
     def __getattr__(self, name: str) -> Any:  # feed_eof, pause_reading, message_consumed, set_upgraded ...
         return getattr(self._parser, name)
 
 
-def refuse_header_block(transport: asyncio.Transport | None, limit: int, on_refused: Callable[[], None]) -> None:
-    """A header block passed `limit` bytes: logged, counted, answered 431, the connection closed after a linger."""
+def refuse_header_block(
+    transport: asyncio.Transport | None, limit: int, on_refused: Callable[[], None], *, answer: bool = True
+) -> None:
+    """A header block passed `limit` bytes: logged, counted, and (with `answer`) answered 431, the connection closed
+    after a linger."""
     peer = transport.get_extra_info("peername") if transport is not None else None
     log.warning(
         "request_headers_too_large",
@@ -222,7 +242,13 @@ def refuse_header_block(transport: asyncio.Transport | None, limit: int, on_refu
         fix="a client sending this much header is broken or hostile; listener.max_header_bytes sets the limit",
     )
     on_refused()
-    if transport is not None and not transport.is_closing():
+    if answer and transport is not None:
+        answer_too_large(transport)
+
+
+def answer_too_large(transport: asyncio.Transport) -> None:
+    """431 on `transport`, then the connection closed after a linger (so the device reads the answer)."""
+    if not transport.is_closing():
         transport.write(_TOO_LARGE)
         asyncio.get_running_loop().call_later(_LINGER, transport.close)
 

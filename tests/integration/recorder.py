@@ -44,6 +44,7 @@ class Recorder:
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         self.requests: list[Recorded] = []
+        self.holds: dict[str, threading.Event] = {}  # path -> answered once set (`hold`)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -65,7 +66,15 @@ class Recorder:
                 return
             with self._lock:
                 self.requests.append(recorded)
+            held = self.holds.get(recorded.path)
+            if held is not None:
+                held.wait(30)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    def hold(self, path: str) -> threading.Event:
+        """Requests for `path` are recorded at once and answered only once the event returned is set."""
+        self.holds[path] = threading.Event()
+        return self.holds[path]
 
     def taken(self) -> list[Recorded]:
         """The requests recorded so far, forgotten here."""

@@ -21,6 +21,7 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder, dechunk
 
 MAX_HEADER_BYTES = 16384
@@ -188,6 +189,26 @@ def test_a_head_that_follows_another_request_in_one_read_is_budgeted_to_the_byte
         return
     assert over == [200, 431]
     assert paths == ["/rec/lead", "/rec/cap", "/rec/lead"]
+
+
+def test_the_431_of_a_head_read_while_a_request_is_answered_comes_after_that_answer(scene: Scene) -> None:
+    """A request whose backend has not answered yet, then (in a later read) a head one byte over the budget: the
+    device gets the first request's answer, then the 431 (HTTP/1.1 answers in order). Before, aiohttp's server
+    wrote the 431 at once: the device took it for the first request's answer, and lost the real one."""
+    scene.recorder.taken()
+    release = scene.recorder.hold("/rec/slow")
+    with scene.connect() as tls:
+        scene.gw.mark()
+        tls.sendall(get("/rec/slow", close=False))
+        eventually(
+            lambda: any(r.path == "/rec/slow" for r in scene.recorder.requests), "the slow request at the backend"
+        )
+        tls.sendall(_head_of(MAX_HEADER_BYTES + 1))
+        scene.gw.wait_events("request_headers_too_large")
+        release.set()
+        got = answers(read_until_closed(tls))
+    assert [(s, b) for s, _, b in got] == [(200, b"ok"), (431, got[-1][2])], got
+    assert [r.path for r in scene.recorder.taken()] == ["/rec/slow"]
 
 
 def test_the_budget_holds_when_the_head_comes_a_byte_at_a_time(scene: Scene) -> None:
