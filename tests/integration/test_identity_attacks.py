@@ -43,17 +43,21 @@ def partner(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
+def partner_gateway(lab: LabLayout, partner: Path, directory: Path, identity: str) -> Gateway:
+    """The lab's gateway with `identity` as its `[identity]` source lines, trusting the partner CA and its CRL too."""
+    text = lab_config(lab, port=free_port()).replace('source = "san-upn"', identity, 1)
+    issuing, crls = f'"{lab.pki_dir / "issuing.pem"}"', f'"{lab.pki_dir / "crls.pem"}"'
+    text = text.replace(f"intermediates = [{issuing}]", f'intermediates = [{issuing}, "{partner}.pem"]', 1)
+    text = text.replace(f"crls = [{crls}]", f'crls = [{crls}, "{partner}.crl.pem"]', 1)
+    return start_gateway(lab, directory, text)
+
+
 @pytest.fixture(scope="module")
 def gw(lab: LabLayout, partner: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """The lab's gateway reading the UPN, then the e-mail address when there is no UPN; trusting the partner CA
     too, whose users' UPN suffix partner.test is mapped to LAB.TEST."""
-    text = lab_config(lab, port=free_port())
     identity = 'source = ["san-upn", "san-email"]\nrealm_map = { "lab.test" = "LAB.TEST", "partner.test" = "LAB.TEST" }'
-    text = text.replace('source = "san-upn"', identity, 1)
-    issuing, crls = f'"{lab.pki_dir / "issuing.pem"}"', f'"{lab.pki_dir / "crls.pem"}"'
-    text = text.replace(f"intermediates = [{issuing}]", f'intermediates = [{issuing}, "{partner}.pem"]', 1)
-    text = text.replace(f"crls = [{crls}]", f'crls = [{crls}, "{partner}.crl.pem"]', 1)
-    gateway = start_gateway(lab, tmp_path_factory.mktemp("identity-attacks"), text)
+    gateway = partner_gateway(lab, partner, tmp_path_factory.mktemp("identity-attacks"), identity)
     yield gateway
     gateway.stop()
 
@@ -153,13 +157,8 @@ def test_a_partner_ca_cannot_name_a_user_outside_its_name_constraints(
 def names_gw(lab: LabLayout, partner: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """The lab's gateway reading the e-mail address, then the subject's common name (a certificate without an
     rfc822Name is read by its CN); realm_map names lab.test, default realm LAB.TEST; the partner CA trusted too."""
-    text = lab_config(lab, port=free_port())
     identity = 'source = ["san-email", "subject-cn"]\nrealm_map = { "lab.test" = "LAB.TEST" }'
-    text = text.replace('source = "san-upn"', identity, 1)
-    issuing, crls = f'"{lab.pki_dir / "issuing.pem"}"', f'"{lab.pki_dir / "crls.pem"}"'
-    text = text.replace(f"intermediates = [{issuing}]", f'intermediates = [{issuing}, "{partner}.pem"]', 1)
-    text = text.replace(f"crls = [{crls}]", f'crls = [{crls}, "{partner}.crl.pem"]', 1)
-    gateway = start_gateway(lab, tmp_path_factory.mktemp("identity-names"), text)
+    gateway = partner_gateway(lab, partner, tmp_path_factory.mktemp("identity-names"), identity)
     yield gateway
     gateway.stop()
 
