@@ -1,12 +1,15 @@
-"""Reading the PEM files the lab's PKI (and tests) write: one certificate, one EC private key."""
+"""Reading the PEM files the lab's PKI (and tests) write: one certificate, one EC private key; and writing a
+self-signed server certificate for tests that need a TLS server and nothing else."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -17,3 +20,26 @@ def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     return key
+
+
+def write_self_signed(directory: Path, common_name: str) -> tuple[Path, Path]:
+    """A self-signed EC certificate for `common_name`, valid from an hour ago for a day, and its key, written to
+    `directory` as cert.pem and key.pem (their paths returned)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return directory / "cert.pem", directory / "key.pem"
