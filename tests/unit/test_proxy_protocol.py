@@ -231,10 +231,8 @@ class _GoneTransport:
         self.aborted = True
 
 
-def test_a_connection_reset_before_it_was_accepted_is_no_refusal() -> None:
-    """HAProxy ends its health checks with a reset: a connection whose address could not be read is closed
-    and its slot given back, but neither logged as an untrusted peer nor counted (the metrics would otherwise
-    tell of someone reaching the gateways around the balancer, every check interval)."""
+def _balancer_gate() -> tuple[proxy_protocol.ProxyHeaderGate, list[None], list[str], list[None]]:
+    """A gate trusting 127.0.0.1, and what it reports: slots given back, refusals counted, empty connections."""
     given_back: list[None] = []
     counted: list[str] = []
     empty: list[None] = []
@@ -246,6 +244,14 @@ def test_a_connection_reset_before_it_was_accepted_is_no_refusal() -> None:
         counted.append,
         lambda: empty.append(None),
     )
+    return gate, given_back, counted, empty
+
+
+def test_a_connection_reset_before_it_was_accepted_is_no_refusal() -> None:
+    """HAProxy ends its health checks with a reset: a connection whose address could not be read is closed
+    and its slot given back, but neither logged as an untrusted peer nor counted (the metrics would otherwise
+    tell of someone reaching the gateways around the balancer, every check interval)."""
+    gate, given_back, counted, empty = _balancer_gate()
     transport = _GoneTransport()
     with capture_logs() as logs:
         gate.connection_made(transport)  # type: ignore[arg-type]
@@ -268,17 +274,7 @@ class _BalancerTransport(_GoneTransport):
 def test_a_balancer_connection_that_ends_before_its_first_byte_is_no_refusal(end: str) -> None:
     """A trusted balancer's health check accepted before it ended, with a reset or a close, and no byte sent: an
     empty connection (counted, logged at debug level), neither an incomplete header nor any other refusal."""
-    given_back: list[None] = []
-    counted: list[str] = []
-    empty: list[None] = []
-    gate = proxy_protocol.ProxyHeaderGate(
-        lambda: [ipaddress.ip_network("127.0.0.1/32")],
-        5,
-        lambda: _Recorder(),  # type: ignore[arg-type,return-value]
-        lambda: given_back.append(None),
-        counted.append,
-        lambda: empty.append(None),
-    )
+    gate, given_back, counted, empty = _balancer_gate()
     transport = _BalancerTransport()
 
     async def run() -> None:  # the gate arms its header timer on the running loop
