@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -247,6 +248,20 @@ def test_a_tls12_renegotiation_request_after_a_request_ends_the_connection(lab: 
     assert b"no renegotiation" in rest, rest
 
 
+async def _gated(
+    lab: LabLayout, protocol: Callable[[], asyncio.Protocol]
+) -> tuple[asyncio.Server, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A listener's TLS gate (the lab's server certificate) in front of `protocol`, and a client connected to it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(lab.pki_dir / "server-chain.pem", lab.pki_dir / "server.key")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: tls_server.TlsGate(protocol(), ctx, 10), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="127.0.0.1")
+    return server, reader, writer
+
+
 def test_the_handshaken_connection_is_taken_from_asyncio(lab: LabLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the listener's handshake the gateway's own server is handed a `TlsRecords`, not asyncio's TLS
     transport, reading and writing through new memory BIOs (the handshake's buffers freed): fails if asyncio's
@@ -277,13 +292,7 @@ def test_the_handshaken_connection_is_taken_from_asyncio(lab: LabLayout, monkeyp
                 transport.write(data)
                 transport.close()
 
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(lab.pki_dir / "server-chain.pem", lab.pki_dir / "server.key")
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: tls_server.TlsGate(Server(), ctx, 10), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        client = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="127.0.0.1")
+        server, reader, writer = await _gated(lab, Server)
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.read(), 30) == b"ping"  # then EOF: the close_notify
         writer.close()
@@ -343,13 +352,7 @@ def test_bios_grown_by_a_large_answer_are_replaced_between_requests(
                 if size == 0:
                     transport.close()
 
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(lab.pki_dir / "server-chain.pem", lab.pki_dir / "server.key")
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: tls_server.TlsGate(Server(), ctx, 10), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        client = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="127.0.0.1")
+        server, reader, writer = await _gated(lab, Server)
 
         async def exchange(size: int) -> None:
             writer.write(b"%d" % size)
