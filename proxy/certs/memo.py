@@ -109,7 +109,7 @@ class PresentedCertificates:
     (about 2 µs). Here the connection's `ssl.SSLObject` (a weak key: forgotten with the connection) leads to
     both. Nothing rests on the certificate staying the same for a connection's life: every request reads the
     connection's peer certificate again and is given what is remembered only if its DER bytes are exactly the
-    ones remembered, and the chain only while the request's time is before the chain's earliest notAfter;
+    ones remembered, and the chain only while the request's time is at or before the chain's earliest notAfter;
     else the certificate is parsed, or validated, afresh. One per `Gateway` (its trust list): a reloaded
     configuration starts with none. Refusals are not remembered."""
 
