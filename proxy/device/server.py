@@ -380,7 +380,9 @@ class DeviceConnection(asyncio.Protocol):
         self._on_unparsed = on_unparsed
         self._connections = connections
         self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpRequestParser(self)
+        # made when bytes come to parse, dropped while a request is served and none are (`_next`): llhttp's parser
+        # and the six callbacks it binds are 0.9 KiB a held long-poll would keep for nothing (docs/performance.md)
+        self._parser: httptools.HttpRequestParser | None = None
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         # a list, not a deque: a deque's first block is about 600 bytes, kept per held connection; the queue
@@ -547,6 +549,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # llhttp calls back from inside `_feed`
         major, _, minor = parser.get_http_version().partition(".")
         version = (int(major or 0), int(minor or 0))
         if version == (1, 1) and self._hosts == 0:
@@ -605,8 +608,11 @@ class DeviceConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         """llhttp reads `data` (the first request it completed the head of is served once the whole read is fed:
         `data_received`)."""
+        parser = self._parser
+        if parser is None:  # a new parser reads a new message as the old one would after a kept-alive request
+            parser = self._parser = httptools.HttpRequestParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # `Connection: Upgrade` or CONNECT: the request is served (or refused) as any other, upgraded to
             # nothing; what follows it is not HTTP the gateway reads, so the connection ends after its answer.
@@ -670,6 +676,11 @@ class DeviceConnection(asyncio.Protocol):
             self._answer_unparsed(queued.reason)
             return
         self._task = self._loop.create_task(self._run(queued))
+        if queued.keep_alive and self._in_head and not self._head_seen:
+            # llhttp is between messages (its state then is a new parser's): dropped until the next bytes come, so a
+            # long-poll is held without it. Not after a request that ends the connection: llhttp refuses what
+            # follows such a request, where a new parser would read it as a request (it is never served either way).
+            self._parser = None
         if self._backlog and not self._queue:  # the next request, if it has come whole, waits its turn
             kept, self._backlog = bytes(self._backlog), bytearray()
             self.resume(_QUEUE)
