@@ -4,9 +4,12 @@ that holds its answer (an ActiveSync `Ping`), the gateway holds no reference to 
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
+import types
 
 import aiohttp
+import httptools
 import pytest
 from aiohttp import web
 
@@ -15,9 +18,24 @@ from proxy.config import Route
 from tests.integration.loopback import serving
 
 
-async def held_references(method: str) -> tuple[int, int, str | None, int]:
+def _response_parsers() -> int:
+    gc.collect()
+    return sum(isinstance(o, httptools.HttpResponseParser) for o in gc.get_objects())
+
+
+def _backend_coroutines() -> list[str]:
+    """The backend stage's coroutines alive now (each suspended one keeps its frame and locals)."""
+    return sorted(
+        o.cr_code.co_name
+        for o in gc.get_objects()
+        if isinstance(o, types.CoroutineType) and o.cr_frame is not None and "proxy/backend" in o.cr_code.co_filename
+    )
+
+
+async def held_references(method: str) -> tuple[int, int, str | None, int, int, list[str]]:
     """References to the token before it is handed over and while the backend holds the request; what the
-    backend received; and the device's status once the backend answered."""
+    backend received; the device's status once the backend answered; and the llhttp parsers and coroutines of
+    the backend stage alive while the request was held."""
     token = "Negotiate " + "".join(chr(ord("A") + i % 26) for i in range(2000))  # made here, held by nobody else
     arrived = asyncio.Event()
     release = asyncio.Event()
@@ -49,20 +67,26 @@ async def held_references(method: str) -> tuple[int, int, str | None, int]:
                 call = asyncio.create_task(device.request(method, f"{gateway}/Microsoft-Server-ActiveSync", data=b"p"))
                 await asyncio.wait_for(arrived.wait(), 30)
                 held = sys.getrefcount(token)
+                parsers = _response_parsers()
+                frames = _backend_coroutines()
                 release.set()
                 async with await call as answer:
                     await answer.read()
                     status = answer.status
         finally:
             await pools.close()
-    return before, held, got[0], status
+    return before, held, got[0], status, parsers, frames
 
 
 @pytest.mark.parametrize("method", ["POST", "GET"])
 def test_a_held_request_keeps_no_token(method: str) -> None:
     """While the backend holds the answer (a new connection, so no retry can need the head again), the gateway
-    holds no reference to the token it sent; the backend got it whole and the device its answer."""
-    before, held, sent, status = asyncio.run(held_references(method))
+    holds no reference to the token it sent, nor a parser for an answer none of whose bytes has come, and waits in
+    `forward_device` (the request is not sent again: no frame of `_send`, none to wait for the
+    head); the backend got the token whole and the device its answer."""
+    before, held, sent, status, parsers, frames = asyncio.run(held_references(method))
+    assert parsers == 0, "an llhttp parser kept while no byte of the answer has come"
+    assert frames == ["forward", "forward_device"]  # `forward` is the aiohttp handler's wrapper
     assert held == before, f"{held - before} reference(s) to the token kept while the request is held"
     assert sent is not None
     assert sent.startswith("Negotiate ABC")
