@@ -339,6 +339,7 @@ async def forward_device(
                 pool, upstream, route, request.method, target.forward_with_query, out_headers, body, authorization
             )
             del out_headers  # written, never sent again: a held long-poll does not keep even their container
+            request.head_forwarded()  # nor the device's header fields
             if head is None:  # the request cannot be sent again: its answer is awaited here, without `_send`'s frame
                 try:
                     head = await exchange.connection.response_head()

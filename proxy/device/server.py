@@ -59,7 +59,7 @@ from urllib.parse import unquote
 
 import httptools
 import structlog
-from multidict import CIMultiDict, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from proxy.device.framing import BodyEnd, head_end
 from proxy.errors import BadRequest
@@ -74,6 +74,9 @@ MAX_FIELDS = 128  # header fields of one request (aiohttp's max_headers)
 BODY_HIGH = 256 * 1024  # request body bytes held for the backend stage before reading pauses
 BACKLOG_HIGH = 64 * 1024  # bytes of pipelined requests kept unparsed behind a waiting one before reading pauses
 _NO_BODY_STATUS = frozenset({204, 304})
+_NO_FIELDS: MultiMapping[str] = CIMultiDictProxy(CIMultiDict())  # a request's, once its head went to the backend
+_NOT_IN_HEAD: CIMultiDict[str] = CIMultiDict()  # the connection's fields between heads (never added to: a message
+# begins with a new one, `on_message_begin`)
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,9 @@ class DeviceHttpRequest:
         ):
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await self._connection.drain()
+
+    def head_forwarded(self) -> None:
+        self.headers = _NO_FIELDS  # the connection no longer refers to them either (`on_headers_complete`)
 
     async def answer(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> None:
         bodyless = status in _NO_BODY_STATUS
@@ -408,7 +414,7 @@ class DeviceConnection(asyncio.Protocol):
         # the head being parsed
         self._target: list[bytes] = []
         self._target_bytes = 0
-        self._fields: CIMultiDict[str] = CIMultiDict()
+        self._fields = _NOT_IN_HEAD
         self._field_count = 0
         self._hosts = 0
 
@@ -581,6 +587,7 @@ class DeviceConnection(asyncio.Protocol):
             body,
         )
         self._target = []
+        self._fields = _NOT_IN_HEAD  # the request's now: not kept here once the request lets go of them
         self._receiving = body
         self._parsing = request
         self._in_head = False
