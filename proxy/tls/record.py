@@ -179,6 +179,12 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
                 self._app.eof_received()
             self.close()
 
+    def read_early(self) -> None:
+        """Serve what the device sent with its Finished message, already in the incoming BIO when the server was given
+        this transport (TLS 1.3 clients often send their request at once)."""
+        if self._incoming.pending and self._state == _OPEN and not self._app_paused:
+            self._read()
+
     def _flush(self) -> None:
         if self._outgoing.pending:
             records = self._outgoing.read()

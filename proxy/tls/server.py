@@ -248,6 +248,11 @@ class TlsGate(asyncio.Protocol):
         # meanwhile would reach this gate instead of TLS, and the handshake would stall.
         stream = socket_transport(transport)
         peer = self._client or stream.get_extra_info("peername")
+        if getattr(self._app, "takes_tls_records", False):  # the gateway's own server: the handshake is ours too
+            handshake = _Handshake(self, stream, peer)
+            stream.set_protocol(handshake)
+            handshake.start(self._preread)
+            return
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         tls_protocol = _AlertingSSLProtocol(
@@ -317,6 +322,142 @@ class TlsGate(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._closed()
+
+
+class _Handshake(asyncio.BufferedProtocol):
+    """The TLS handshake of a connection the gateway's own server will take (`takes_tls_records`), driven here.
+
+    The `SSLObject` is made on two fresh memory BIOs; each read goes into the incoming one and `do_handshake`
+    is called again, and whatever OpenSSL wrote (its flights, or the fatal alert of a refusal) is sent at once.
+    One timer bounds the handshake (`listener.handshake_timeout`). No asyncio `SSLProtocol`, no task, no future:
+    the same objects on asyncio's loop and on uvloop. What it does at each end is what `TlsGate` and
+    `_AlertingSSLProtocol` do for aiohttp's server, with the same log events, reasons and counters:
+
+    - done: the records go to `TlsRecords` on new BIOs (the handshake's flights freed), the server is given it,
+      and what the device sent with its Finished message (TLS 1.3: often its request) is served;
+    - refused (OpenSSL ended the handshake): its alert is sent, then FIN, and the socket goes to `_Drain`;
+    - the device ended or reset the connection: an empty connection (counted) if it never sent a byte, else an
+      abandoned handshake; the timeout is an abandoned handshake too, in asyncio's words ("taking longer").
+    """
+
+    __slots__ = ("_buffer", "_gate", "_incoming", "_outgoing", "_peer", "_received", "_sslobj", "_stream", "_timer")
+
+    def __init__(self, gate: TlsGate, stream: asyncio.Transport, peer: object) -> None:
+        self._gate = gate
+        self._stream: asyncio.Transport | None = stream  # None once the handshake has ended, however
+        self._peer = peer
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._sslobj = gate._ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._received = False  # whether the device has sent a byte (an empty connection ends before its first)
+        self._timer: asyncio.TimerHandle | None = None
+        self._buffer = _read_buffer(_AlertingSSLProtocol.max_size)  # the TLS connections of this thread share it
+
+    def start(self, preread: bytes) -> None:
+        """The timeout starts; bytes read before this protocol owned the socket (after a PROXY header) go first."""
+        self._timer = asyncio.get_running_loop().call_later(self._gate._timeout, self._expired)
+        if preread:
+            self._received = True
+            self._incoming.write(preread)
+            self._step()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer[1]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._stream is None:
+            return
+        self._received = True
+        self._incoming.write(self._buffer[1][:nbytes])
+        self._step()
+
+    def _step(self) -> None:
+        stream = self._stream
+        assert stream is not None
+        try:
+            self._sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            if self._outgoing.pending:
+                stream.write(self._outgoing.read())
+            return
+        except OSError as exc:  # ssl.SSLError: OpenSSL refused it, and its alert is in the outgoing BIO
+            self._refused(stream, exc)
+            return
+        self._done(stream)
+
+    def _done(self, stream: asyncio.Transport) -> None:
+        self._end()
+        gate = self._gate
+        if self._outgoing.pending:  # the server's last flight (TLS 1.2), the session tickets (TLS 1.3)
+            stream.write(self._outgoing.read())
+        # The handshake's flights stay in the BIOs' buffers for the connection's life unless the BIOs are new
+        # (proxy.tls.openssl.fresh_bios: 3 KiB of every held long-poll).
+        incoming, outgoing = fresh_bios(self._sslobj, self._incoming, self._outgoing) or (
+            self._incoming,
+            self._outgoing,
+        )
+        records = TlsRecords(
+            stream,
+            self._sslobj,
+            incoming,
+            outgoing,
+            self._buffer,
+            peername=gate._client,
+            closed=gate._closed,
+        )
+        stream.set_protocol(records)
+        records.set_protocol(gate._app)
+        gate._app.connection_made(records)
+        records.read_early()
+
+    def _refused(self, stream: asyncio.Transport, exc: BaseException) -> None:
+        """OpenSSL's alert, FIN, and a lingering drain; logged and counted as a refusal."""
+        self._end()
+        with contextlib.suppress(Exception):
+            if self._outgoing.pending:
+                stream.write(self._outgoing.read())
+            stream.set_protocol(_Drain(stream, self._gate._closed))
+            stream.write_eof()
+        reason = handshake_reason(exc)
+        log.warning(
+            "tls_handshake_refused", stage="tls", peer=peer_text(self._peer), reason=reason, fix=handshake_fix(reason)
+        )
+        if self._gate._on_refused is not None:
+            self._gate._on_refused(reason)
+
+    def _expired(self) -> None:
+        self._timer = None
+        stream = self._stream
+        if stream is None:
+            return
+        self._end()
+        reason = f"SSL handshake is taking longer than {self._gate._timeout} seconds: aborting the connection"
+        log.info("tls_handshake_abandoned", peer=peer_text(self._peer), reason=reason)
+        stream.abort()  # its connection_lost comes here, and gives the slot back
+
+    def _left(self, exc: BaseException) -> None:
+        """The device ended the connection mid-handshake: empty if it never sent a byte, else abandoned."""
+        self._end()
+        if isinstance(exc, ConnectionResetError) and not self._received:
+            self._gate._empty(self._peer)
+        else:
+            log.info("tls_handshake_abandoned", peer=peer_text(self._peer), reason=handshake_reason(exc))
+
+    def _end(self) -> None:
+        self._stream = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def eof_received(self) -> bool | None:
+        if self._stream is not None:
+            self._left(ConnectionResetError())  # asyncio's protocol's words for it
+        return False  # the socket transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stream is not None:
+            self._left(exc if exc is not None else ConnectionResetError())
+        self._gate._closed()
 
 
 def _take_records(
