@@ -12,12 +12,16 @@ refused on its next request.
 asyncio logs failed handshakes only in debug mode, and before Python 3.15 it drops the alert OpenSSL
 wrote for the client (https://github.com/python/cpython/issues/98078): the device sees a bare reset
 instead of "certificate expired". So the listener accepts plain TCP and performs each handshake itself,
-as `loop.start_tls` does, with an `SSLProtocol` that sends the pending alert before closing: a failed
-handshake is logged here with the peer's address and OpenSSL's reason, and a connection that ends before
-its first byte (a health check, a scan) is only counted (`kcd_listener_empty_connections_total`); a completed one
-is handed to the device-side server (`proxy.device.server`, or aiohttp's request handler: `listener.http_server`).
-The gateway's own server then gets the connection's records from `proxy.tls.record.TlsRecords`, which
-takes the `SSLObject` from asyncio's protocol (3.5 KiB less per held long-poll); aiohttp's keeps asyncio's.
+sending the pending alert before closing: a failed handshake is logged here with the peer's address and
+OpenSSL's reason, and a connection that ends before its first byte (a health check, a scan) is only counted
+(`kcd_listener_empty_connections_total`); a completed one is handed to the device-side server
+(`proxy.device.server`, or aiohttp's request handler: `listener.http_server`).
+
+For the gateway's own server the handshake is `_Handshake`'s: an `SSLObject` on two memory BIOs, stepped
+on each read, one timer for `listener.handshake_timeout`, then `proxy.tls.record.TlsRecords` carries the
+records (no asyncio `SSLProtocol`, no task per connection: the same path on asyncio's loop and on uvloop;
+docs/performance.md, "The handshake without asyncio's SSLProtocol"). aiohttp's server keeps asyncio's
+protocol, as `loop.start_tls` runs it, subclassed to send the alert (`_AlertingSSLProtocol`).
 
 The listener accepts through `proxy.tls.limits.accept_connections`, which holds at most
 `listener.max_connections` connections per worker; whichever protocol owns a connection's socket when
@@ -210,7 +214,8 @@ class _PeerSSLObject(ssl.SSLObject):
 class TlsGate(asyncio.Protocol):
     """Accepts a TCP connection, performs the TLS handshake, then hands over to `app_protocol`.
 
-    During the handshake this object is also the TLS transport's protocol: asyncio may deliver the
+    An `app_protocol` that takes the TLS records (the gateway's own server) gets its handshake from `_Handshake`.
+    For aiohttp's, during the handshake this object is also the TLS transport's protocol: asyncio may deliver the
     first application data (TLS 1.3 clients send their request with the Finished message) before
     `start_tls` returns, so it is held here and replayed once aiohttp's handler owns the connection.
     """
@@ -292,8 +297,6 @@ class TlsGate(asyncio.Protocol):
                 self._on_refused(reason)
             return
         tls: asyncio.Transport = tls_protocol._app_transport
-        if getattr(self._app, "takes_tls_records", False):  # the gateway's own server (aiohttp's keeps asyncio's)
-            tls = _take_records(tls_protocol, self._client, self._closed) or tls
         tls.set_protocol(self._app)
         self._app.connection_made(tls)
         for chunk in self._early:
@@ -458,39 +461,6 @@ class _Handshake(asyncio.BufferedProtocol):
         if self._stream is not None:
             self._left(exc if exc is not None else ConnectionResetError())
         self._gate._closed()
-
-
-def _take_records(
-    tls_protocol: _AlertingSSLProtocol, client: tuple[str, int] | None, closed: Callable[[], None]
-) -> TlsRecords | None:
-    """The connection asyncio's TLS protocol has just handshaken, taken over by `TlsRecords` (None: not now).
-
-    Taken: the `SSLObject` and its two memory BIOs (with whatever the device sent after its Finished message,
-    still undecrypted). asyncio's protocol is then left with nothing: no socket, no application transport, so
-    it is dropped (its buffers, futures and attributes were about 3 KiB of every held long-poll). Not taken
-    when the handshake's connection is already ending (the device closed, or the socket transport is
-    closing): asyncio's protocol then sees that end through, as before. These are `SSLProtocol`'s own
-    attributes (CPython 3.11's); `tests/integration/test_tls_records.py` fails if they move.
-    """
-    p: Any = tls_protocol
-    stream: asyncio.Transport | None = p._transport
-    if stream is None or stream.is_closing() or p._state != sslproto.SSLProtocolState.WRAPPED or p._eof_received:
-        return None
-    if p._write_backlog or p._app_reading_paused:  # nothing writes or pauses before the server has it
-        return None
-    if p._outgoing.pending:
-        stream.write(p._outgoing.read())
-    # The handshake's flights stay in the BIOs' buffers for the connection's life unless the BIOs are new
-    # (proxy.tls.openssl.fresh_bios: 3 KiB of every held long-poll).
-    incoming, outgoing = fresh_bios(p._sslobj, p._incoming, p._outgoing) or (p._incoming, p._outgoing)
-    records = TlsRecords(
-        stream, p._sslobj, incoming, outgoing, (p._ssl_buffer, p._ssl_buffer_view), peername=client, closed=closed
-    )
-    if p._app_transport is not None:
-        p._app_transport._closed = True  # asyncio's "unclosed transport" warning: it is closed, by us
-    p._app_transport = p._app_protocol = p._transport = p._incoming = p._outgoing = None
-    stream.set_protocol(records)
-    return records
 
 
 def socket_transport(transport: asyncio.BaseTransport) -> asyncio.Transport:
