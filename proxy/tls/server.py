@@ -75,6 +75,11 @@ def server_context(config: Config) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     cc = config.client_certificates
     ctx.sslobject_class = _PeerSSLObject  # the peer certificate as DER only: no dict per connection
+    # One TLS 1.3 session ticket per handshake, not OpenSSL's two: OpenSSL 3.0 makes each ticket by encoding the
+    # session and decoding it again, the client's certificate and its public key included, about 7% of the CPU of a
+    # handshake + request here (docs/performance.md, "The handshake without asyncio's SSLProtocol"). A device
+    # resumes with the latest ticket it got; each resumed handshake brings it a new one.
+    ctx.num_tickets = 1
     unavailable = limit_client_chain(ctx, depth=cc.max_chain_depth, max_bytes=cc.max_chain_bytes)
     if unavailable is not None:
         log.warning("client_chain_limits_unavailable", reason=unavailable, detail="OpenSSL's defaults apply")

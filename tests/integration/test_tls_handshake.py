@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import subprocess
 import time
 from asyncio import sslproto
 from collections.abc import Callable, Coroutine, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -308,3 +310,22 @@ def test_a_client_hello_dribbled_past_the_timeout_is_cut(lab: LabLayout, loop: s
     abandoned = [e for e in logs if e["event"] == "tls_handshake_abandoned"]
     assert len(abandoned) == 1, logs
     assert "taking longer" in abandoned[0]["reason"]
+
+
+def test_one_session_ticket_per_handshake_and_the_device_resumes_with_it(
+    lab: LabLayout, gateway: Gateway, tmp_path: Path
+) -> None:
+    """A TLS 1.3 device gets one session ticket per full handshake (OpenSSL's default is two, each costing a decode
+    of the client certificate), resumes its next connection with it, and is served as alice again."""
+    session = tmp_path / "alice.session"
+    users = lab.pki_dir / "users"
+    argv = ["openssl", "s_client", "-tls1_3", "-ign_eof", "-connect", f"127.0.0.1:{gateway.port}"]
+    argv += ["-CAfile", str(lab.pki_dir / "root.pem")]
+    argv += ["-cert", str(users / "alice.pem"), "-key", str(users / "alice.key")]
+    request = b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    first = subprocess.run([*argv, "-sess_out", str(session)], input=request, capture_output=True, timeout=60)
+    assert first.stdout.count(b"New Session Ticket arrived") == 1, first.stdout
+    assert b"x-lab-principal: alice@lab.test" in first.stdout.lower(), first.stdout
+    second = subprocess.run([*argv, "-sess_in", str(session)], input=request, capture_output=True, timeout=60)
+    assert b"Reused, TLSv1.3" in second.stdout, second.stdout
+    assert b"x-lab-principal: alice@lab.test" in second.stdout.lower(), second.stdout
