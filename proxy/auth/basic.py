@@ -3,10 +3,11 @@
 Theory of operation. `Authorization: Basic base64(user:password)` (RFC 7617) names a user the way a
 device's mail account does: `alice`, `LAB\\alice` or `alice@lab.test`; `proxy.identity.principal.map_name`
 turns that into a principal of a realm the configuration names (the default realm or a `realm_map`
-value; any other realm is refused without asking anyone). The password is checked by the user's own AS
-exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway holding the user's TGT; the
-backend then gets a Negotiate token from that TGT, or, on routes with `backend_auth = "basic"`, the
-client's own Basic header, and on no other route.
+value). A name whose domain the configuration does not name (`domain_realm`: `EVIL\\alice`, `alice@evil.test`)
+is refused (401) without asking anyone, hashing anything or counting against a throttle. The password is
+checked by the user's own AS exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway
+holding the user's TGT; the backend then gets a Negotiate token from that TGT, or, on routes with
+`backend_auth = "basic"`, the client's own Basic header, and on no other route.
 
 A device polls (ActiveSync every few seconds to minutes), so a verified password is remembered for
 `authentication.basic_cache_seconds` (default 60): the cache keeps, per user, a salted scrypt hash of
@@ -81,7 +82,7 @@ from proxy.errors import (
     TooManyAttempts,
     UserUnknown,
 )
-from proxy.identity.principal import UserPrincipal, ascii_lower, map_name
+from proxy.identity.principal import UserPrincipal, ascii_lower, configured_domains, domain_realm, map_name
 from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
@@ -368,6 +369,16 @@ class BasicLogin:
         return "Negotiate " + base64.b64encode(token).decode("ascii")
 
     def _user(self, username: str) -> UserPrincipal:
+        """The principal a Basic user name names; 401 for a name of a domain nobody configured (before anything is
+        hashed or asked: `EVIL\\alice` is not alice of the default realm) or a name that is not plain."""
+        down_level = "\\" in username
+        domain = username.rpartition("\\")[0] if down_level else username.rpartition("@")[2] if "@" in username else ""
+        if domain and domain_realm(domain, self._identity, down_level=down_level) is None:
+            raise AuthenticationRequired(
+                f"the domain {domain!r} of the user name is not one this gateway signs in to",
+                hint=f"Basic user {username!r}: {configured_domains(self._identity)}",
+                challenge=self.challenge,
+            )
         try:
             user = map_name(username, self._identity, source="basic")
         except IdentityRejected as e:
