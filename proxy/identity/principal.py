@@ -48,6 +48,7 @@ class UserPrincipal:
     source: str  # which name in the certificate it came from, e.g. "san-upn", or "basic" for a login
     enterprise: str | None = None  # identity.enterprise_names: the UPN, sent to the KDC as an NT-ENTERPRISE name
     account: str | None = None  # strong mapping: the sAMAccountName of the account the certificate was proven to be
+    account_sid: str | None = None  # and its objectSid, as the mapping stage read it (the KDC's must be the same)
 
 
 def map_upn(upn: str, *, realm_map: Mapping[str, str], source: str = "san-upn") -> UserPrincipal:
