@@ -63,7 +63,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import os
 import time
 import weakref
@@ -73,6 +72,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from proxy.addresses import address_key
 from proxy.config import Authentication, Identity, Kerberos, Route
 from proxy.errors import (
     AuthenticationRequired,
@@ -95,20 +95,6 @@ _THROTTLE_CAP = 300.0
 _THROTTLE_FORGET = 900.0  # seconds after its last failure when a key starts afresh
 _PACE_SEED = 0.05  # seconds: the refusal pace before any password check of an existing account was timed
 _PACE_SAMPLES = 32
-
-
-def address_key(client: str) -> str:
-    """The per-address throttle's key for a client address: an IPv6 address's /64 (an IPv4-mapped one is its
-    IPv4 address), an IPv4 address itself; anything else (no address) as given."""
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return client
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 def user_key(principal: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from proxy.addresses import address_key
 from proxy.auth import basic
 from proxy.auth.basic import BasicLogin, CredentialCache, Pace, Throttle, parse_basic, user_key
 from proxy.config import Authentication, Identity, Kerberos
@@ -293,7 +294,6 @@ def test_a_password_users_backend_pool_is_the_kdcs_principal_for_them() -> None:
 def test_address_key_counts_ipv6_by_its_64_and_ipv4_mapped_as_ipv4() -> None:
     """The per-address throttle's key: an IPv6 address's /64, an IPv4-mapped address as its IPv4 address, IPv4
     itself, and something that is no address (a Unix socket's peer) as given."""
-    address_key = basic.address_key
     assert address_key("2001:db8:5:6::1") == address_key("2001:db8:5:6:ffff:1:2:3") == "2001:db8:5:6::/64"
     assert address_key("2001:db8:5:7::1") == "2001:db8:5:7::/64"
     assert address_key("::ffff:203.0.113.77") == address_key("203.0.113.77") == "203.0.113.77"
