@@ -112,8 +112,7 @@ def read(text: str) -> tuple[Line, ...]:
 
 def subsection_lines(lines: tuple[Line, ...], *path: str) -> Iterator[Line]:
     """The lines of the (sub)section at `path` (every time it is named), its opening and closing lines included."""
-    depth = len(path)
-    return (line for line in lines if line.path[:depth] == path and len(line.path) >= depth)
+    return (line for line in lines if line.path[: len(path)] == path)
 
 
 def relation(name: str, value: str) -> str:
