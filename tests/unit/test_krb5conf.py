@@ -223,3 +223,44 @@ def test_a_relation_written_by_the_gateway_reads_back_as_its_value(tmp_path: Pat
     """krb5conf.relation quotes what MIT would otherwise read differently; MIT reads back the very value."""
     conf = _file(tmp_path, f"[x]\n {krb5conf.relation('v', value)}\n")
     assert _mit_tree(conf) == {"=": {}, "/": {"x": {"=": {"v": [value]}, "/": {}}}}
+
+
+def test_a_krb5_conf_mit_refuses_turns_the_kdc_watch_off_naming_the_line(tmp_path: Path) -> None:
+    """kdcs.watch_for on a krb5.conf MIT would not read: no watch (MIT's own behaviour stands, and MIT will say
+    why), and `kdc_watch_off` names the file and the line."""
+    conf = _file(tmp_path, "[realms]\n LAB.TEST = {\n  kdc = 127.0.0.1:88\n  two words = x\n }\n")
+    with capture_logs() as logs:
+        watch = kdcs.watch_for("HTTP/proxy.lab.test@LAB.TEST", conf, 1.0, lambda realm, text: None)
+    assert watch is None
+    [event] = [e for e in logs if e["event"] == "kdc_watch_off"]
+    assert str(conf) in event["reason"]
+    assert "(line 4)" in event["reason"]
+
+
+def test_an_edit_mit_would_refuse_leaves_the_last_copy_and_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """krb5.conf edited into something MIT refuses, in one-file mode: the last good copy stays in force (MIT reads
+    it), `krb5_conf_not_copied` is logged once for that edit, not at every look; the next good edit is copied."""
+    monkeypatch.setattr(profile, "_merged", profile._Merged())
+    monkeypatch.setattr(profile, "_realms", {})
+    monkeypatch.delenv("KRB5_CONFIG", raising=False)
+    conf = _file(tmp_path, "[realms]\n LAB.TEST = {\n  kdc = 127.0.0.1:1111\n }\n")
+    value = profile.use_profile(conf)
+    assert ":" not in value
+    conf.write_text("[realms]\n LAB.TEST = {\n  kdc = 127.0.0.1:2222\n}\n}\n")  # one `}` too many
+    with capture_logs() as logs:
+        for _ in range(3):
+            monkeypatch.setattr(profile._merged, "_looked", 0.0)
+            profile.refresh_profile()
+    assert [e["event"] for e in logs] == ["krb5_conf_not_copied"]
+    assert logs[0]["kept"] == "the last copy"
+    mit = _mit_tree(Path(value))
+    assert mit is not None
+    assert mit["/"]["realms"]["/"]["LAB.TEST"]["="]["kdc"] == ["127.0.0.1:1111"]
+    conf.write_text("[realms]\n LAB.TEST = {\n  kdc = 127.0.0.1:3333\n }\n")
+    monkeypatch.setattr(profile._merged, "_looked", 0.0)
+    profile.refresh_profile()
+    mit = _mit_tree(Path(value))
+    assert mit is not None
+    assert mit["/"]["realms"]["/"]["LAB.TEST"]["="]["kdc"] == ["127.0.0.1:3333"]
