@@ -140,20 +140,32 @@ class AddressCap:
                 self._on_refused()
             return None
         self._open[key] = count + 1
-        returned = False
+        return _Place(self, key, closed)
 
-        def give_back() -> None:
-            nonlocal returned
-            if not returned:
-                returned = True
-                left = self._open[key] - 1
-                if left:
-                    self._open[key] = left
-                else:
-                    del self._open[key]  # the map holds addresses with connections open, no more
-                closed()
+    def _give_back(self, key: str) -> None:
+        left = self._open[key] - 1
+        if left:
+            self._open[key] = left
+        else:
+            del self._open[key]  # the map holds addresses with connections open, no more
 
-        return give_back
+
+class _Place:
+    """One connection's place under its address's cap, and then its slot: calling it gives both back, once. A
+    small object rather than a closure, as `_Taken`: each open connection holds it for its life."""
+
+    __slots__ = ("_cap", "_closed", "_key")
+
+    def __init__(self, cap: AddressCap, key: str, closed: Callable[[], None]) -> None:
+        self._cap: AddressCap | None = cap
+        self._key = key
+        self._closed = closed
+
+    def __call__(self) -> None:
+        cap, self._cap = self._cap, None
+        if cap is not None:
+            cap._give_back(self._key)
+            self._closed()
 
 
 def reset(conn: socket.socket) -> None:
