@@ -38,7 +38,7 @@ from proxy.observability.logging import summary_fields
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
-from proxy.tls.limits import ConnectionSlots, accept_connections, limit_header_block, listen_sockets
+from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
 from proxy.tls.server import gate_factory
 
 log = structlog.get_logger("proxy")
@@ -273,6 +273,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.open
     live.metrics.connection_limit = listener.max_connections
+    per_address = listener.max_connections_per_address
+    cap = AddressCap(per_address, on_refused=live.metrics.address_connections_refused) if per_address else None
     await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
     await gw.delegator.watch_kdcs()  # which of the realm's KDCs answer (proxy.kerberos.kdcs)
     runner: web.AppRunner | None = None
@@ -318,6 +320,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             listener.handshake_timeout,
             live.metrics.proxy_header_refused,
             on_empty=live.metrics.empty_connections.inc,
+            cap=cap,  # the device's address, from the header: every connection comes from the balancer's
         )
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
     try:
@@ -326,7 +329,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         raise ConfigError(
             [f"listener.bind: cannot listen on {listener.host}:{listener.port}: {e.strerror} (in {config.path})"]
         ) from None
-    accepting = [loop.create_task(accept_connections(sock, factory, slots)) for sock in sockets]
+    direct_cap = None if listener.proxy_protocol else cap
+    accepting = [loop.create_task(accept_connections(sock, factory, slots, direct_cap)) for sock in sockets]
     log.info(
         "listening",
         bind=f"{listener.host}:{listener.port}",

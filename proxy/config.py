@@ -77,6 +77,7 @@ class Listener:
     workers: int = 1  # processes serving the port (SO_REUSEPORT when more than one); see proxy.workers
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # a request's whole header block (431 beyond); proxy.tls.limits
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open client connections per worker; more wait in the backlog
+    max_connections_per_address: int = 0  # open connections per client address and worker; more are reset (0: off)
     proxy_protocol: bool = False  # connections open with a PROXY header (v1/v2) from a balancer; see below
     trusted_proxies: tuple[IPNetwork, ...] = ()  # balancers (CIDR) whose PROXY headers are believed
     event_loop: EventLoop = "uvloop"  # libuv's loop, or "asyncio"'s own (proxy.loop; docs/performance.md says why)
@@ -414,7 +415,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         {
             *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
             *("client_body_timeout", "client_send_timeout", "workers", "max_header_bytes", "max_connections"),
-            *("proxy_protocol", "trusted_proxies", "event_loop", "http_server"),
+            *("proxy_protocol", "trusted_proxies", "event_loop", "http_server", "max_connections_per_address"),
         },
     )
     proxy_protocol, trusted_proxies = _proxy_protocol(r, t)
@@ -432,6 +433,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         workers=_number(r, t, "listener", "workers", int, 1),
         max_header_bytes=_max_header_bytes(r, t),
         max_connections=_number(r, t, "listener", "max_connections", int, DEFAULT_MAX_CONNECTIONS),
+        max_connections_per_address=_per_address(r, t),
         proxy_protocol=proxy_protocol,
         trusted_proxies=trusted_proxies,
         event_loop=_event_loop(r, t),
@@ -449,6 +451,17 @@ def _event_loop(r: _Reader, t: dict[str, Any]) -> EventLoop:
         if missing is not None:
             r.problem("listener.event_loop", f'"uvloop" is not usable here ({missing}); install it or use "asyncio"')
     return chosen
+
+
+def _per_address(r: _Reader, t: dict[str, Any]) -> int:
+    """`listener.max_connections_per_address`: 0 (off, the default: CGNAT puts many devices behind one address)
+    or a positive number of connections."""
+    key = "listener.max_connections_per_address"
+    value = r.get(t, key, "max_connections_per_address", int, 0) or 0
+    if value < 0:
+        r.problem(key, f"0 (off) or a positive number of open connections per client address, got {value}")
+        return 0
+    return value
 
 
 def _max_header_bytes(r: _Reader, t: dict[str, Any]) -> int:

@@ -156,6 +156,11 @@ class Directory:
         entry = self._cache.get(ascii_lower(name))
         return entry[1] if entry is not None else None
 
+    def forget(self, name: str) -> None:
+        """Drop what the cache holds for `name`: the KDC impersonated another account of that name since
+        (`proxy.errors.AccountReplaced`). A look-up in flight is left to finish; its answer is the newer one."""
+        self._cache.pop(ascii_lower(name), None)
+
     async def _search_and_keep(self, key: str, name: str) -> Account | None:
         found = await self.search(name)
         if self._settings.cache_seconds > 0:

@@ -93,6 +93,15 @@ class AccountMismatch(GatewayError):
     event = "kdc_account_mismatch"
 
 
+class AccountReplaced(AccountMismatch):
+    """The account the KDC impersonated has the directory account's name but another SID than the one the mapping
+    stage decided on: deleted and made again since the look-up (which the directory cache may have kept), or a
+    KDC and a directory server not yet in step. Handled apart: the directory's entry and the user's tickets are
+    dropped, so the next request is decided on what both say now (`proxy.kerberos.account`)."""
+
+    event = "kdc_account_replaced"
+
+
 class KdcUnavailable(GatewayError):
     status = 503
     stage = "kerberos"

@@ -38,7 +38,7 @@ from proxy.certs.revocation import CrlSet
 from proxy.config import Config, Identity, Route
 from proxy.device.request import DeviceRequest
 from proxy.directory import Directory
-from proxy.errors import CertificateRevoked, GatewayError, IdentityRejected, NoRoute
+from proxy.errors import AccountReplaced, CertificateRevoked, GatewayError, IdentityRejected, NoRoute
 from proxy.identity.constraints import require_within
 from proxy.identity.mapping import Mapping, account_state, decide, no_account
 from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate_name
@@ -160,6 +160,7 @@ async def certificate_user(
             mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity, trace, now)
         if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
             proven = {"principal": mapping.principal, "realm": gw.directory.realm, "account": mapping.account_name}
+            proven["account_sid"] = mapping.account_sid  # the KDC's account must have it (proxy.kerberos.account)
             user = dataclasses.replace(user, enterprise=None, **proven)
         if mapping.weak:
             log.warning(
@@ -209,6 +210,8 @@ async def backend_authorization(
         delegation = await gw.delegator.delegation(auth.user, route.spn, route.gss_target)
     except GatewayError as e:
         trace.detail("kerberos", facts=facts_of(e))  # which step the KDC refused, and the evidence ticket
+        if isinstance(e, AccountReplaced) and gw.directory is not None:  # the account was made again since the
+            gw.directory.forget(auth.user.upn)  # look-up: the next request is decided on a fresh one
         raise
     trace.note(impersonation_cached=delegation.impersonation_cached, kdc_account=str(delegation.account))
     if delegation.principal != auth.user.principal:

@@ -3,10 +3,11 @@
 Theory of operation. `Authorization: Basic base64(user:password)` (RFC 7617) names a user the way a
 device's mail account does: `alice`, `LAB\\alice` or `alice@lab.test`; `proxy.identity.principal.map_name`
 turns that into a principal of a realm the configuration names (the default realm or a `realm_map`
-value; any other realm is refused without asking anyone). The password is checked by the user's own AS
-exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway holding the user's TGT; the
-backend then gets a Negotiate token from that TGT, or, on routes with `backend_auth = "basic"`, the
-client's own Basic header, and on no other route.
+value). A name whose domain the configuration does not name (`domain_realm`: `EVIL\\alice`, `alice@evil.test`)
+is refused (401) without asking anyone, hashing anything or counting against a throttle. The password is
+checked by the user's own AS exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway
+holding the user's TGT; the backend then gets a Negotiate token from that TGT, or, on routes with
+`backend_auth = "basic"`, the client's own Basic header, and on no other route.
 
 A device polls (ActiveSync every few seconds to minutes), so a verified password is remembered for
 `authentication.basic_cache_seconds` (default 60): the cache keeps, per user, a salted scrypt hash of
@@ -62,7 +63,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import os
 import time
 import weakref
@@ -72,6 +72,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from proxy.addresses import address_key
 from proxy.config import Authentication, Identity, Kerberos, Route
 from proxy.errors import (
     AuthenticationRequired,
@@ -81,7 +82,7 @@ from proxy.errors import (
     TooManyAttempts,
     UserUnknown,
 )
-from proxy.identity.principal import UserPrincipal, ascii_lower, map_name
+from proxy.identity.principal import UserPrincipal, ascii_lower, configured_domains, domain_realm, map_name
 from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
@@ -94,20 +95,6 @@ _THROTTLE_CAP = 300.0
 _THROTTLE_FORGET = 900.0  # seconds after its last failure when a key starts afresh
 _PACE_SEED = 0.05  # seconds: the refusal pace before any password check of an existing account was timed
 _PACE_SAMPLES = 32
-
-
-def address_key(client: str) -> str:
-    """The per-address throttle's key for a client address: an IPv6 address's /64 (an IPv4-mapped one is its
-    IPv4 address), an IPv4 address itself; anything else (no address) as given."""
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return client
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 def user_key(principal: str) -> str:
@@ -368,6 +355,16 @@ class BasicLogin:
         return "Negotiate " + base64.b64encode(token).decode("ascii")
 
     def _user(self, username: str) -> UserPrincipal:
+        """The principal a Basic user name names; 401 for a name of a domain nobody configured (before anything is
+        hashed or asked: `EVIL\\alice` is not alice of the default realm) or a name that is not plain."""
+        down_level = "\\" in username
+        domain = username.rpartition("\\")[0] if down_level else username.rpartition("@")[2] if "@" in username else ""
+        if domain and domain_realm(domain, self._identity, down_level=down_level) is None:
+            raise AuthenticationRequired(
+                f"the domain {domain!r} of the user name is not one this gateway signs in to",
+                hint=f"Basic user {username!r}: {configured_domains(self._identity)}",
+                challenge=self.challenge,
+            )
         try:
             user = map_name(username, self._identity, source="basic")
         except IdentityRejected as e:

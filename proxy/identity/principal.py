@@ -8,7 +8,8 @@ for ASCII letters only: Unicode's mapping makes `lab.te` + U+017F (long s) + `t`
 certificate for a look-alike suffix would be served as a user of the real realm. A suffix with
 non-ASCII letters is therefore refused unless `realm_map` names it. Names without a domain
 (a certificate's common name, `alice` or `LAB\\alice` in Basic credentials) go through `map_name` into
-the configured default realm, or the realm `realm_map` gives the down-level domain. A name read from a
+the configured default realm, or the realm a down-level domain names (`domain_realm`: a `realm_map` key, a
+realm's own name, the default realm's NetBIOS name); another domain is refused. A name read from a
 certificate first passes `map_certificate_name`: one plain name for its source (no `DOMAIN\\` in a CN, an
 '@' in a UPN or address, an address's domain that the configuration names).
 
@@ -47,6 +48,7 @@ class UserPrincipal:
     source: str  # which name in the certificate it came from, e.g. "san-upn", or "basic" for a login
     enterprise: str | None = None  # identity.enterprise_names: the UPN, sent to the KDC as an NT-ENTERPRISE name
     account: str | None = None  # strong mapping: the sAMAccountName of the account the certificate was proven to be
+    account_sid: str | None = None  # and its objectSid, as the mapping stage read it (the KDC's must be the same)
 
 
 def map_upn(upn: str, *, realm_map: Mapping[str, str], source: str = "san-upn") -> UserPrincipal:
@@ -71,20 +73,54 @@ def map_name(name: str, identity: Identity, *, source: str) -> UserPrincipal:
     """Any user name the gateway accepts, to a principal, as configured in `identity`.
 
     `user@suffix` is a UPN (`map_upn`); `DOMAIN\\user` (the down-level logon name devices send in Basic
-    credentials) and a bare `user` (a certificate's common name) belong to the realm `realm_map` gives
-    the domain, else to `identity.default_realm`. With `enterprise_names`, a UPN is also kept as the
-    NT-ENTERPRISE name to send, which lets Active Directory find users by UPN suffixes that are not
-    its realm.
+    credentials) belongs to the realm its domain names (`domain_realm`; any other domain is refused), a bare
+    `user` (a certificate's common name) to `identity.default_realm`. With `enterprise_names`, a UPN is also
+    kept as the NT-ENTERPRISE name to send, which lets Active Directory find users by UPN suffixes that are
+    not its realm.
     """
     domain, backslash, user = name.rpartition("\\")
     if "@" in name:
         mapped = map_upn(name, realm_map=identity.realm_map, source=source)
         return replace(mapped, enterprise=name) if identity.enterprise_names else mapped
-    realm = identity.realm_map.get(ascii_lower(domain), identity.default_realm) if backslash else identity.default_realm
+    realm = identity.default_realm
+    if backslash and domain:
+        realm = domain_realm(domain, identity, down_level=True) or ""
+        if not realm:
+            raise IdentityRejected(
+                f"user name {name!r} is not usable: the domain {domain!r} is not one this gateway serves",
+                hint=f"identity source {source}; {configured_domains(identity)}",
+            )
     if (backslash and not domain) or not realm:
         raise IdentityRejected(f"user name {name!r} is not usable: no realm for it", hint=f"identity source {source}")
     mapped = map_upn(f"{user}@{realm}", realm_map={}, source=source)
     return replace(mapped, upn=name, realm=realm, principal=f"{user}@{realm}")
+
+
+def domain_realm(domain: str, identity: Identity, *, down_level: bool) -> str | None:
+    """The configured realm a user name's domain names, or None: a key of `identity.realm_map` (a UPN suffix or a
+    down-level domain), a configured realm by its own name (the default realm, a `realm_map` realm), and, for
+    the DOMAIN of `DOMAIN\\user` (`down_level`), the default realm's NetBIOS name: its first label, the name AD
+    gives a domain unless told otherwise (another one belongs in `realm_map`). ASCII case is ignored."""
+    key = ascii_lower(domain)
+    if key in identity.realm_map:
+        return identity.realm_map[key]
+    realms = [identity.default_realm, *identity.realm_map.values()]
+    named = next((realm for realm in realms if realm and ascii_lower(realm) == key), None)
+    if named is None and down_level and identity.default_realm:
+        netbios = identity.default_realm.partition(".")[0]
+        named = identity.default_realm if key == ascii_lower(netbios) else None
+    return named
+
+
+def configured_domains(identity: Identity) -> str:
+    """The domains `domain_realm` knows, for a log line that says what would have been accepted."""
+    netbios = identity.default_realm.partition(".")[0]
+    names = sorted({*identity.realm_map, *(ascii_lower(realm) for realm in identity.realm_map.values())})
+    return (
+        f"accepted: {netbios}\\user and user@{ascii_lower(identity.default_realm)} (identity.default_realm), "
+        f"and the domains and realms of identity.realm_map ({', '.join(names) or 'none'}); a domain of your users' "
+        "directory belongs in identity.realm_map"
+    )
 
 
 def map_certificate_name(name: str, source: str, identity: Identity) -> UserPrincipal:

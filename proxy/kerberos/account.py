@@ -16,7 +16,9 @@ key); `kdc_account` compares it with what the certificate named, for every reque
 cached ticket pays a dictionary look-up, about 0.2 µs). The rule:
 
 - the mapping stage proved an account (`identity.mapping = "strong"`): the PAC's sAMAccountName is that
-  account's (`sam`; a PAC without one is compared by its UPN, as below);
+  account's (`sam`; a PAC without one is compared by its UPN, as below), and so is the PAC's SID where the PAC
+  has one (`AccountReplaced` otherwise: the account was deleted and made again under its name since the
+  directory's answer, which the directory cache may have kept; docs/strong-mapping.md);
 - otherwise a name with `@` (a UPN, or an e-mail address used as one): the PAC's UPN is that name (`upn`);
 - otherwise a bare name (a common name, `DOMAIN\\user`): the PAC's sAMAccountName is that name (`sam`).
 
@@ -52,7 +54,7 @@ from functools import cached_property
 from typing import Literal
 
 from proxy.config import KdcAccountPolicy
-from proxy.errors import AccountMismatch
+from proxy.errors import AccountMismatch, AccountReplaced
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.pac import PacFacts
 
@@ -130,7 +132,9 @@ def kdc_account(
         return KdcAccount("none", pac=pac is not None, client=client or "")
     if user.account is not None and pac.sam_name is not None:
         fix = _DIRECTORY_FIX.format(principal=user.principal, account=user.account)
-        return _match(user, "sam", user.account, pac.sam_name, pac, fix)
+        found = _match(user, "sam", user.account, pac.sam_name, pac, fix)
+        _same_account(user, pac)
+        return found
     if "@" in user.upn:
         return _match(user, "upn", user.upn, pac.upn, pac, _FIX.format(principal=user.principal, wanted=user.upn))
     name = user.upn.rpartition("\\")[2]
@@ -197,6 +201,21 @@ def split_principal(principal: str) -> tuple[str, str]:
 def _unparsed_enterprise(upn: str) -> str:
     """An NT-ENTERPRISE name's single component as `krb5_unparse_name` writes it (its '@' escaped)."""
     return upn.replace("\\", "\\\\").replace("@", "\\@").replace("/", "\\/")
+
+
+def _same_account(user: UserPrincipal, pac: PacFacts) -> None:
+    """The mapping stage's account and the KDC's have one name: AccountReplaced unless they have one SID too (when
+    both are known: a PAC without UPN_DNS_INFO's SID, from a DC before the 2021 updates, is not compared)."""
+    if user.account_sid is None or pac.sid is None or pac.sid == user.account_sid:
+        return
+    raise AccountReplaced(
+        f"the KDC's account for {user.principal} is not the one the directory named",
+        hint=f"the evidence ticket's PAC names {pac.sam_name} with SID {pac.sid}, the mapping stage decided on "
+        f"{user.account} with SID {user.account_sid} (the directory's answer, kept up to [directory] "
+        "cache_seconds): the account was deleted and made again since, or the KDC and the directory server do "
+        "not agree yet (replication). The directory's entry and the user's tickets are dropped; the next request "
+        "is decided on a fresh look-up",
+    )
 
 
 def _match(user: UserPrincipal, rule: Rule, wanted: str, stated: str | None, pac: PacFacts, fix: str) -> KdcAccount:

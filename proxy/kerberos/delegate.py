@@ -65,7 +65,7 @@ import gssapi.raw
 import structlog
 
 from proxy.config import Kerberos
-from proxy.errors import AccountMismatch, GatewayError, KerberosRefused
+from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
@@ -136,14 +136,14 @@ class _Ticket:
     client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
     pac: PacFacts | None = None  # the evidence ticket's PAC: which account the KDC impersonated
     pac_unreadable: str | None = None  # why the PAC could not be read (then no request is served from it)
-    accounts: dict[tuple[str, str | None, str, str | None], KdcAccount] = field(
+    accounts: dict[tuple[str, str | None, str, str | None, str | None], KdcAccount] = field(
         default_factory=dict
     )  # names the PAC matched
     evidence_client: str | None = None  # the evidence ticket's client principal, as the KDC returned it
 
     def account_for(self, user: UserPrincipal, settings: Kerberos) -> KdcAccount:
         """`kdc_account` for `user`, remembered per certificate name: a cached ticket's request pays a dict look-up."""
-        key = (user.upn, user.account, user.principal, user.enterprise)
+        key = (user.upn, user.account, user.principal, user.enterprise, user.account_sid)
         found = self.accounts.get(key)
         if found is None:
             found = kdc_account(  # a mismatch raises and is not remembered
@@ -246,6 +246,8 @@ class Delegator:
         except AccountMismatch as e:
             if ticket.facts is not None:  # the trace shows the evidence ticket whose PAC named another account
                 attach(e, dataclasses.replace(ticket.facts, failed_step="s4u2self"))
+            if isinstance(e, AccountReplaced):  # a cached ticket may be the earlier account's: the KDC is asked again
+                self.forget(user.principal, enterprise=user.enterprise)
             raise
         creds = ticket.creds
 

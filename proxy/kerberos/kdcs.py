@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import secrets
 import struct
 import time
@@ -44,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+
+from proxy.kerberos import krb5conf
 
 log = structlog.get_logger("proxy.kerberos")
 
@@ -71,47 +72,21 @@ class RealmSection:
     other_lines: tuple[str, ...]
 
 
+_NESTED = (krb5conf.Kind.OPEN, krb5conf.Kind.BRACE, krb5conf.Kind.CLOSE)  # a nested subsection's braces, kept
+
+
 def realm_section(text: str, realm: str) -> RealmSection | None:
-    """The `[realms]` section of `realm` in krb5.conf `text`, if it has one."""
-    section, depth, found = "", 0, False
-    lines: list[str] = []
-    opening = re.compile(r"^\s*(\S+)\s*=\s*\{\s*$")
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        if depth == 0:
-            header = re.fullmatch(r"\[(\S+)\]", line)
-            if header:
-                section = header.group(1)
-                continue
-            match = opening.match(raw)
-            if match:
-                depth = 1
-                found = section == "realms" and match.group(1) == realm
-                continue
-            continue
-        if line.startswith("}"):
-            depth -= 1
-            if depth == 0:
-                if found:
-                    return _section(realm, lines)
-                continue
-        elif opening.match(raw):
-            depth += 1
-        if found:
-            lines.append(line)
-    return None
-
-
-def _section(realm: str, lines: list[str]) -> RealmSection:
+    """The `[realms]` section of `realm` in krb5.conf `text`, if it has one (every time it is named, as MIT merges
+    them); `krb5conf.ProfileSyntaxError` where MIT would not read `text`."""
+    lines = list(krb5conf.subsection_lines(krb5conf.read(text), "realms", realm))
+    if not lines:
+        return None
     kdcs, other = [], []
     for line in lines:
-        key, _, value = line.partition("=")
-        if key.strip() == "kdc" and not line.endswith("{"):
-            kdcs.append(value.strip())
-        else:
-            other.append(line)
+        if len(line.path) == 2 and line.kind is krb5conf.Kind.RELATION and line.name == "kdc":
+            kdcs.append(line.value)
+        elif line.kind is krb5conf.Kind.RELATION or (len(line.path) > 2 and line.kind in _NESTED):
+            other.append(line.raw.strip())  # not the realm's own braces, comments, nor directives
     return RealmSection(realm, tuple(kdcs), tuple(other))
 
 
@@ -132,7 +107,8 @@ def kdc_address(entry: str) -> tuple[str, int] | None:
 
 def overlay_section(section: RealmSection, answering: Sequence[str]) -> str:
     """The realm's section for the overlay: the KDCs that answer, its other lines, and the final mark."""
-    body = [f"        kdc = {kdc}" for kdc in answering] + [f"        {line}" for line in section.other_lines]
+    body = [f"        {krb5conf.relation('kdc', kdc)}" for kdc in answering]
+    body += [f"        {line}" for line in section.other_lines]
     return "\n".join([f"    {section.realm} = {{", *body, "    }*"]) + "\n"
 
 
@@ -315,9 +291,12 @@ def watch_for(
     realm = principal.rpartition("@")[2]
     for path in krb5_files(krb5_config):
         try:
-            section = realm_section(path.read_text(errors="replace"), realm)
+            section = realm_section(path.read_bytes().decode(errors="replace"), realm)
         except OSError:
             continue
+        except krb5conf.ProfileSyntaxError as e:
+            log.info("kdc_watch_off", realm=realm, reason=f"{path}: {e.reason} (line {e.number}); MIT refuses it too")
+            return None
         if section is None or not section.kdcs:
             continue
         unusable = [kdc for kdc in section.kdcs if kdc_address(kdc) is None]

@@ -40,12 +40,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import structlog
+
+from proxy.kerberos import krb5conf
 
 log = structlog.get_logger("proxy.kerberos")
 
@@ -126,10 +127,17 @@ class _Merged:
     def _copy(self, base: str) -> bool:
         seen = self._stat(base)
         try:
-            text = Path(base).read_text(encoding="utf-8")
+            text = Path(base).read_bytes().decode("utf-8")  # its line ends as written: MIT ends lines at \n only
         except (OSError, UnicodeDecodeError):
             return False
-        if any(line.strip().startswith(("module ", "include ", "includedir ")) for line in text.splitlines()):
+        try:
+            lines = krb5conf.read(text)
+        except krb5conf.ProfileSyntaxError as e:
+            kept = "the last copy" if self.text else "krb5.conf in KRB5_CONFIG's list (MIT reads it itself)"
+            log.warning("krb5_conf_not_copied", file=base, reason=str(e), kept=kept)
+            self._seen = seen  # once per edit, not once a second
+            return False
+        if any(line.kind is krb5conf.Kind.DIRECTIVE for line in lines):
             # a module makes the profile; an included file would join the one file's tree, where the overlay's
             # final mark (`}*`, proxy.kerberos.kdcs) no longer keeps its realm's KDCs out: the list stays
             return False
@@ -156,32 +164,16 @@ def _overlay_text(*, copied: bool = False) -> str:
     return text
 
 
-_OPENING = re.compile(r"^\s*(\S+)\s*=\s*\{\s*$")  # `name = {`, as proxy.kerberos.kdcs.realm_section reads it
-
-
 def _without_realms(text: str, realms: set[str]) -> str:
-    """krb5.conf's `text` without the `[realms]` sections of `realms` (each of them, however many times named)."""
+    """krb5.conf's `text` without the `[realms]` sections of `realms` (each of them, however many times named), every
+    other line as written. `text` is one MIT reads (`_Merged._copy` has checked)."""
     if not realms:
         return text
-    kept: list[str] = []
-    section, depth, skipping = "", 0, False
-    for raw in text.splitlines(keepends=True):
-        line = raw.strip()
-        if line and line[0] not in "#;":
-            header = re.fullmatch(r"\[(\S+)\]\*?", line) if depth == 0 else None
-            if header:
-                section = header.group(1)
-            elif (opening := _OPENING.match(raw)) is not None:
-                skipping = skipping or (depth == 0 and section == "realms" and opening.group(1) in realms)
-                depth += 1
-            elif line.startswith("}"):
-                depth = max(depth - 1, 0)
-                if skipping and depth == 0:
-                    skipping = False
-                    continue
-        if not skipping:
-            kept.append(raw)
-    return "".join(kept)
+    return "".join(
+        line.raw
+        for line in krb5conf.read(text)
+        if not (line.path[:1] == ("realms",) and line.path[1:2] and line.path[1] in realms)
+    )
 
 
 def _write(path: str, text: str) -> None:

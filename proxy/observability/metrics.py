@@ -4,7 +4,8 @@ Counters are fed from each request's `Trace` when the request ends (`observe`: i
 stage timings, ticket cache result and, for a refusal, the stage and the audit event that the middleware
 noted as `refused_stage` and `refusal`), from the TLS listener for refused handshakes
 (`handshake_refused`) and for connections that ended before their first TLS byte (`empty_connections`), and
-from the PROXY gate for connections it closed (`proxy_header_refused`): stages
+from the PROXY gate for connections it closed (`proxy_header_refused`), from the listener for connections
+over the per-address cap (`address_connections_refused`): stages
 do not know about metrics. Gauges are read when `/metrics` is scraped,
 through hooks the running gateway sets: open connections (aiohttp's handlers), and the CRL store's
 status list (`proxy.certs.sources.CrlStatus` rows).
@@ -113,6 +114,10 @@ class Metrics:
     def proxy_header_refused(self, reason: str) -> None:
         """A connection closed before TLS by the PROXY gate (`proxy.tls.proxy_protocol.Refusal`: four values)."""
         self._child(self.refusals, "proxy_protocol", reason).inc()
+
+    def address_connections_refused(self) -> None:
+        """A connection reset before TLS: its address had listener.max_connections_per_address open."""
+        self._child(self.refusals, "listener", "connections_per_address").inc()
 
     def headers_refused(self) -> None:
         """A request refused with 431 for its header block, before any stage (and before a trace) began."""

@@ -9,6 +9,14 @@ block it sends, which aiohttp's parser keeps whole until the block ends. Two cap
   (`ConnectionSlots`). At the cap it stops calling accept(): new connections wait in the kernel's listen
   backlog, and are accepted one by one as open ones close. That is logged (`connection_limit_reached`)
   and counted (`kcd_listener_connection_waits_total`).
+- **Connections per address** (`listener.max_connections_per_address`, per worker, off by default): a
+  client address (an IPv6 one by its /64, `proxy.addresses.address_key`) with that many connections open
+  gets its next one reset at once, before a byte of it is read (`AddressCap`): logged
+  (`address_connection_limit_reached`) and counted (`kcd_refusals_total{stage="listener",
+  reason="connections_per_address"}`), and it holds no slot of `max_connections` meanwhile. Behind a balancer
+  the address is the PROXY header's (`proxy.tls.proxy_protocol`), checked as soon as the header is read;
+  the balancer's own address is never capped. Off by default because CGNAT and corporate proxies put many
+  devices behind one address.
 - **Header block** (`listener.max_header_bytes`): aiohttp's parser (3.14, C or Python) bounds the
   request line (`max_line_size`), each header field (`max_field_size`, 96 KiB here, for 64 KiB Kerberos
   tokens) and the number of fields (`max_headers`, 128), but not their sum: 128 fields of 95 KiB are
@@ -25,14 +33,17 @@ block it sends, which aiohttp's parser keeps whole until the block ends. Two cap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 from aiohttp.http_exceptions import BadHttpMessage
 
+from proxy.addresses import address_key
 from proxy.device.framing import BodyEnd, head_end
 from proxy.observability.logging import pass_through
 from proxy.tls.server import peer_text
@@ -100,6 +111,71 @@ class _Taken:
             slots._give_back()
 
 
+class AddressCap:
+    """At most `limit` connections open at once per client address (`address_key`), from accept, or from the
+    PROXY header behind a balancer, to close; one more is refused (the caller resets it)."""
+
+    def __init__(self, limit: int, *, on_refused: Callable[[], None] | None = None) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._on_refused = on_refused
+
+    def admit(self, peer: object, closed: Callable[[], None]) -> Callable[[], None] | None:
+        """A place for one more connection from `peer` (host, port): `closed` made to give that place back too
+        (call it, once or more, when the connection ends); None when the address has `limit` open (logged and
+        counted: the caller resets the connection and gives its slot back)."""
+        host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
+        key = address_key(str(host))
+        count = self._open.get(key, 0)
+        if count >= self.limit:
+            log.warning(
+                "address_connection_limit_reached",
+                address=key,
+                peer=peer_text(peer),
+                open=count,
+                limit=self.limit,
+                detail="reset before the TLS handshake (listener.max_connections_per_address, per worker)",
+            )
+            if self._on_refused is not None:
+                self._on_refused()
+            return None
+        self._open[key] = count + 1
+        return _Place(self, key, closed)
+
+    def _give_back(self, key: str) -> None:
+        left = self._open[key] - 1
+        if left:
+            self._open[key] = left
+        else:
+            del self._open[key]  # the map holds addresses with connections open, no more
+
+
+class _Place:
+    """One connection's place under its address's cap, and then its slot: calling it gives both back, once. A
+    small object rather than a closure, as `_Taken`: each open connection holds it for its life."""
+
+    __slots__ = ("_cap", "_closed", "_key")
+
+    def __init__(self, cap: AddressCap, key: str, closed: Callable[[], None]) -> None:
+        self._cap: AddressCap | None = cap
+        self._key = key
+        self._closed = closed
+
+    def __call__(self) -> None:
+        cap, self._cap = self._cap, None
+        if cap is not None:
+            cap._give_back(self._key)
+            self._closed()
+
+
+def reset(conn: socket.socket) -> None:
+    """Close an accepted socket with a reset (SO_LINGER 0): nothing of it was read, nothing is answered, and the
+    gateway keeps no TIME_WAIT state for a connection it refused."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
 def listen_sockets(host: str, port: int, *, reuse_port: bool, backlog: int) -> list[socket.socket]:
     """Listening sockets for every address `host` resolves to, set up as `loop.create_server` would."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -124,14 +200,19 @@ def listen_sockets(host: str, port: int, *, reuse_port: bool, backlog: int) -> l
 
 
 async def accept_connections(
-    sock: socket.socket, factory: Callable[[Callable[[], None]], asyncio.Protocol], slots: ConnectionSlots
+    sock: socket.socket,
+    factory: Callable[[Callable[[], None]], asyncio.Protocol],
+    slots: ConnectionSlots,
+    cap: AddressCap | None = None,
 ) -> None:
-    """Accept connections on `sock` while `slots` has room; each protocol gets its slot's give-back function."""
+    """Accept connections on `sock` while `slots` has room; each protocol gets its slot's give-back function.
+    With `cap` (direct connections; behind a balancer the PROXY gate asks it), a connection from an address
+    that has `cap.limit` open is reset at once and its slot given back."""
     loop = asyncio.get_running_loop()
     while True:
         give_back = await slots.take()
         try:
-            conn, _ = await loop.sock_accept(sock)
+            conn, peer = await loop.sock_accept(sock)
         except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the connection stays in the backlog meanwhile
             give_back()
             log.warning("accept_failed", reason=str(e))
@@ -140,6 +221,13 @@ async def accept_connections(
         except BaseException:
             give_back()
             raise
+        if cap is not None:
+            admitted = cap.admit(peer, give_back)
+            if admitted is None:
+                give_back()
+                reset(conn)
+                continue
+            give_back = admitted
         try:
             await loop.connect_accepted_socket(functools.partial(factory, give_back), conn)
         except OSError:

@@ -19,6 +19,9 @@ the first TLS byte. This module reads it:
   `kcd_refusals_total{stage="proxy_protocol"}`, a bounded label). Once the header is read, the
   connection goes to the TLS gate (`proxy.tls.server.TlsGate`) with the device's address, which is then
   what aiohttp reports as `request.remote`: logs, traces, throttles and `X-Forwarded-For` all use it.
+  With `listener.max_connections_per_address`, that address is counted as soon as the header is read, and a
+  connection over the cap is reset there, before TLS (`proxy.tls.limits.AddressCap`); a `LOCAL` health
+  check, which names no device, is not counted.
 
 A `LOCAL` v2 header (the balancer's own health check) or a v1 `UNKNOWN` carries no device: the
 connection's own address stands. A connection that ends before its first byte (HAProxy's health checks end
@@ -39,6 +42,7 @@ from typing import Literal
 
 import structlog
 
+from proxy.tls.limits import AddressCap
 from proxy.tls.server import TlsGate, peer_text, socket_transport
 
 log = structlog.get_logger("proxy.tls")
@@ -191,17 +195,19 @@ class ProxyHeaderGate(asyncio.Protocol):
         self,
         networks: Callable[[], Sequence[IPNetwork]],
         timeout: float,
-        tls_gate: Callable[[], TlsGate],
+        tls_gate: Callable[[Callable[[], None]], TlsGate],
         closed: Callable[[], None] = lambda: None,
         on_refused: Callable[[Refusal], None] = lambda _: None,
         on_empty: Callable[[], None] = lambda: None,
+        cap: AddressCap | None = None,
     ) -> None:
         self._networks = networks  # asked per connection: a reload's new list applies to the next one
         self._on_refused = on_refused  # counts the refusal (proxy.observability.metrics)
         self._on_empty = on_empty  # counts a connection that ended before its first byte
         self._timeout = timeout
-        self._tls_gate = tls_gate
+        self._tls_gate = tls_gate  # called with what the TLS gate calls when the connection ends
         self._closed = closed  # gives the connection's slot back (proxy.tls.limits) if it ends here
+        self._cap = cap  # listener.max_connections_per_address, counted by the device's address
         self._buffer = b""
         self._peer: object = None
         self._transport: asyncio.Transport | None = None
@@ -229,10 +235,18 @@ class ProxyHeaderGate(asyncio.Protocol):
             return
         if header is None:
             return
-        transport, self._transport = self._transport, None
         self._cancel_timer()
         client = header.source if header.command == "proxy" else None
-        gate = self._tls_gate()
+        closed = self._closed
+        if client is not None and self._cap is not None:
+            admitted = self._cap.admit(client, closed)  # logged and counted there: not a PROXY refusal
+            if admitted is None:
+                transport, self._transport = self._transport, None
+                transport.abort()  # a reset; connection_lost gives the slot back
+                return
+            closed = admitted
+        transport, self._transport = self._transport, None
+        gate = self._tls_gate(closed)
         gate.behind_balancer(client, self._buffer[header.length :])
         transport.set_protocol(gate)
         gate.connection_made(transport)
@@ -290,10 +304,11 @@ def gate_factory(
     timeout: float,
     on_refused: Callable[[Refusal], None] = lambda _: None,
     on_empty: Callable[[], None] = lambda: None,
+    cap: AddressCap | None = None,
 ) -> Callable[[Callable[[], None]], asyncio.Protocol]:
     """A protocol factory for `proxy.tls.limits.accept_connections`: the PROXY header first, then `tls_gate`'s
     TLS handshake. Called with the function that gives the connection's slot back, which either gate calls
     when the connection ends while it owns it; `networks` gives the trusted balancers (asked per connection,
     so a reload applies); `on_refused` hears each refusal's kind, `on_empty` each connection that ended before its
-    first byte."""
-    return lambda closed: ProxyHeaderGate(networks, timeout, lambda: tls_gate(closed), closed, on_refused, on_empty)
+    first byte; `cap` (`listener.max_connections_per_address`) counts the header's device address."""
+    return lambda closed: ProxyHeaderGate(networks, timeout, tls_gate, closed, on_refused, on_empty, cap)

@@ -11,6 +11,7 @@ same with AD's default (none), and `strong`; curl is the device.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import sys
@@ -24,6 +25,7 @@ import pytest
 from proxy.identity.sid import sid_extension
 from proxy.lab import ad, ad_mapping
 from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, status_and_body
+from tests.integration.jsonlog import eventually
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
@@ -78,12 +80,20 @@ def newcomer(ad_mapping_realm: ad.AdRealm, tmp_path_factory: pytest.TempPathFact
         realm.samba_tool("user", "delete", name)
 
 
-def start(realm: ad.AdRealm, directory: Path, backend: AdProcess, mode: str, compensation: int | None) -> AdProcess:
-    """A gateway in the namespace with `mapping = mode` and `certificate_backdating_compensation = compensation`
-    (None: the key left out, AD's default)."""
+def start(
+    realm: ad.AdRealm,
+    directory: Path,
+    backend: AdProcess,
+    mode: str,
+    compensation: int | None,
+    cache_seconds: float = 300,
+) -> AdProcess:
+    """A gateway in the namespace with `mapping = mode`, `certificate_backdating_compensation = compensation`
+    (None: the key left out, AD's default) and the directory's `cache_seconds`."""
     directory.mkdir(parents=True, exist_ok=True)
     port = realm.free_port()
-    text = ad_mapping.gateway_config(realm, mode, port=port, backend_port=backend.port)
+    table = ad_mapping.directory_table(realm, cache_seconds=cache_seconds)
+    text = ad_mapping.gateway_config(realm, mode, port=port, backend_port=backend.port, directory_text=table)
     line = f"certificate_backdating_compensation = {ad_mapping.LAB_BACKDATING_SECONDS}\n"
     assert line in text
     text = text.replace(line, "" if compensation is None else f"certificate_backdating_compensation = {compensation}\n")
@@ -118,6 +128,17 @@ def strong(
     ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[AdProcess]:
     gw = start(ad_mapping_realm, tmp_path_factory.mktemp("strong"), ad_backend, "strong", None)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def long_cache_audit(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AdProcess]:
+    """strong-or-audit without compensation, and a directory cache of an hour: what the gateway looked up outlives
+    the account's deletion for the whole test, as it does for `cache_seconds` (300 s by default) in a deployment."""
+    gw = start(ad_mapping_realm, tmp_path_factory.mktemp("long-cache"), ad_backend, "strong-or-audit", None, 3600)
     yield gw
     gw.stop()
 
@@ -186,3 +207,49 @@ def test_a_strongly_mapped_certificate_is_not_compared_with_the_account_age(
     assert status == 200, body
     assert f'"principal": "{newcomer.principal}"' in body
     assert gw.wait_event("request", upn=newcomer.upn)["mapping"] == "sid-extension"
+
+
+def test_an_account_deleted_and_made_again_is_not_decided_on_the_cached_one(
+    ad_mapping_realm: ad.AdRealm, long_cache_audit: AdProcess, tmp_path: Path
+) -> None:
+    """The directory cache holds an account (looked up for a certificate refused at mapping); the account is deleted
+    and made again a few seconds later: same name, new objectSid, new whenCreated. A weakly mapped certificate from
+    the first account's second is older than the new account, yet the cached whenCreated admitted it, and the KDC
+    impersonated the new account: served as its user. Now the evidence ticket's PAC SID is not the cached account's:
+    403 `kdc_account_replaced` naming both SIDs, the cache entry and the tickets are dropped, and the next request,
+    decided on a fresh look-up, is 403 at mapping: older than the account."""
+    realm, gw = ad_mapping_realm, long_cache_audit
+    name = f"rc{secrets.token_hex(4)}"
+    password = f"Rc-{secrets.token_hex(8)}-Pa55"
+    realm.samba_tool("user", "create", name, password)
+    try:
+        first, first_sid = when_created(realm, name), str(ad_mapping.object_sid(realm, name))
+        who = Newcomer(name, first, tmp_path)
+        for label, not_before in (("older", first - timedelta(hours=2)), ("same-second", first)):
+            ad.issue_user_certificate(realm.pki, tmp_path, label, who.upn, now=not_before + BACKDATED)
+        status, body = curl(realm, gw, who, "older")  # the look-up that fills the cache; nothing reaches the KDC
+        assert status == 403, body
+        assert gw.wait_event("request", upn=who.upn)["refused_stage"] == "mapping"
+
+        realm.samba_tool("user", "delete", name)
+        eventually(lambda: datetime.now(UTC) >= first + timedelta(seconds=2), "a later second than the first account's")
+        realm.samba_tool("user", "create", name, password)
+        second, second_sid = when_created(realm, name), str(ad_mapping.object_sid(realm, name))
+        assert second > first
+        assert second_sid != first_sid
+
+        status, body = curl(realm, gw, who, "same-second")
+        assert status == 403, body  # was 200, served as the new account
+        event = gw.wait_event("kdc_account_replaced", upn=who.upn)
+        assert f"SID {second_sid}" in event["fix"]
+        assert first_sid in event["fix"]
+        assert gw.wait_event("request", upn=who.upn)["refused_stage"] == "kerberos"
+
+        status, body = curl(realm, gw, who, "same-second")
+        assert status == 403, body
+        assert "issued before its account was created" in body
+        refused = gw.wait_event("mapping_refused", upn=who.upn)
+        assert f"whenCreated {second.isoformat()}" in refused["fix"]
+    finally:
+        with contextlib.suppress(ad.AdRealmError):
+            realm.samba_tool("user", "delete", name)

@@ -251,6 +251,30 @@ def test_basic_mode_ignores_certificates(lab: LabLayout, tmp_path: Path) -> None
         gw.stop()
 
 
+def test_basic_names_of_an_unconfigured_domain_never_reach_the_kdc(lab: LabLayout, tmp_path: Path) -> None:
+    """EVIL\\bob and bob@evil.test with bob's own password: 401 naming the domain and an authentication_required
+    line saying what is accepted, and the KDC's log shows no request for bob (EVIL\\bob was served as bob@LAB.TEST);
+    the realm's own name and its NetBIOS name still sign in."""
+    gw = basic_gateway(lab, tmp_path)
+    try:
+        before = len(kdc_requests(lab, "bob@LAB.TEST"))
+        for name, domain in (("EVIL\\bob", "EVIL"), ("bob@evil.test", "evil.test")):
+            refused = call(lab, gw, "/owa/", login=f"{name}:{USERS['bob']}")
+            assert refused.status == 401, refused
+            assert f"domain '{domain}'" in refused.body
+            assert refused.headers["www-authenticate"].startswith("Basic ")
+            event = gw.wait_event("authentication_required")
+            assert f"domain '{domain}'" in event["reason"]
+            assert "identity.realm_map" in event["fix"]
+        assert len(kdc_requests(lab, "bob@LAB.TEST")) == before
+        for name in ("LAB.TEST\\bob", "lab\\bob"):
+            answer = call(lab, gw, "/owa/", login=f"{name}:{USERS['bob']}")
+            assert answer.status == 200, answer
+            assert answer.json()["principal"] == "bob@LAB.TEST"
+    finally:
+        gw.stop()
+
+
 def test_repeated_failures_for_a_user_are_refused_without_the_kdc(lab: LabLayout, tmp_path: Path) -> None:
     """After basic_failures_per_user failures the user gets 429 + Retry-After, even with the right password;
     a disabled account's 403s are not guesses and do not count."""

@@ -218,3 +218,79 @@ def test_memory_per_connection_before_authentication(lab: LabLayout, tmp_path: P
     )
     assert idle < 200
     assert full < 1024
+
+
+def _scrape(admin_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as answer:
+        return str(answer.read().decode())
+
+
+def _metric(text: str, prefix: str) -> float:
+    """The value of the first /metrics line starting with `prefix` (0 when there is none)."""
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_a_connection_over_the_per_address_cap_is_reset_before_tls(lab: LabLayout, tmp_path: Path) -> None:
+    """max_connections_per_address = 2 (max_connections = 4): with two TLS connections from 127.0.0.1 held, five
+    more from it are reset before any TLS byte is answered, each logged and counted; they hold none of the four
+    slots (else the third would already wait in the backlog) and count as no handshake refusal, empty connection
+    or wait for a slot, and 127.0.0.2 is served at once; when one of the two closes, 127.0.0.1 is served again."""
+    admin_port = free_port()
+    listener = "max_connections = 4\nmax_connections_per_address = 2\n"
+    gw = gateway(lab, tmp_path, listener=listener, admin_port=admin_port)
+    request = b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    async def served(source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.port, ssl=client_context(lab, None), local_addr=(source, 0)
+        )
+        writer.write(request)
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)).startswith(b"HTTP/1.1 401 ")
+        return reader, writer
+
+    async def refused() -> None:
+        """A handshake from 127.0.0.1 that gets no TLS byte back: the connection is reset (or closed) at once."""
+        try:
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", gw.port, ssl=client_context(lab, None)), 30)
+        except TimeoutError:  # an OSError too: caught first
+            raise AssertionError(
+                "a connection over the cap was neither served nor reset: it waits for a slot"
+            ) from None
+        except (ConnectionError, ssl.SSLError, OSError):
+            return
+        raise AssertionError("a connection over the per-address cap was served")
+
+    async def run() -> None:
+        held = [await served("127.0.0.1") for _ in range(2)]
+        for _ in range(5):
+            await refused()
+        other = await served("127.0.0.2")  # a slot is free: the refused connections hold none
+        held[0][1].close()
+        deadline = time.monotonic() + 60
+        while True:  # the gateway hears the close a moment later: until then 127.0.0.1 is still at its cap
+            try:
+                again = await served("127.0.0.1")
+                break
+            except (ConnectionError, ssl.SSLError, OSError):
+                assert time.monotonic() < deadline, "127.0.0.1 was never served again after a connection closed"
+                await asyncio.sleep(0.1)
+        for _, writer in (*held[1:], other, again):
+            writer.close()
+
+    try:
+        before = _scrape(admin_port)
+        gw.mark()
+        asyncio.run(run())
+        events = gw.wait_events("address_connection_limit_reached", 5)
+        assert {(e["address"], e["limit"], e["open"]) for e in events} == {("127.0.0.1", 2, 2)}
+        after = _scrape(admin_port)
+        refusals = 'kcd_refusals_total{reason="connections_per_address",stage="listener"}'
+        assert _metric(after, refusals) - _metric(before, refusals) >= 5
+        for other_count in ("kcd_listener_empty_connections_total", "kcd_listener_connection_waits_total"):
+            assert _metric(after, other_count) == _metric(before, other_count), other_count
+        assert not gw.events("tls_handshake_refused", gw.since)
+        assert not gw.events("connection_limit_reached", gw.since)
+    finally:
+        gw.stop()

@@ -290,3 +290,38 @@ def _basic_from(lab: LabLayout, gw: Gateway, header: bytes, user: str) -> int:
         response.begin()
         response.read()
     return response.status
+
+
+def test_the_per_address_cap_counts_the_device_behind_the_balancer(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """max_connections_per_address = 1 behind the balancer: the PROXY header's address is counted, never the
+    balancer's. Device 203.0.113.7 with one connection open (its TLS handshake done) gets its second reset
+    right after the header, before TLS, logged under its address; 203.0.113.8, through the same balancer
+    address, is served; a LOCAL health check is not counted."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    text = text.replace("[listener]\n", "[listener]\nmax_connections_per_address = 1\n", 1)
+    gw = start_gateway(lab, tmp_path_factory.mktemp("capped"), text)
+    try:
+        gw.mark()
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+        raw.sendall(v2_header("203.0.113.7", 40007))
+        held = client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test")  # handshake done
+        try:
+            second = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            second.sendall(v2_header("203.0.113.7", 40008))
+            with pytest.raises((ConnectionError, OSError)):
+                client_context(lab, "alice").wrap_socket(second, server_hostname="proxy.lab.test").recv(1)
+            event = gw.wait_event("address_connection_limit_reached")
+            assert (event["address"], event["peer"], event["limit"]) == ("203.0.113.7", "203.0.113.7:40008", 1)
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as health:
+                health.sendall(V2_SIGNATURE + b"\x20\x00\x00\x00")  # LOCAL: the balancer's own check, no device
+            status, answer = through(lab, gw, v2_header("203.0.113.8", 40009))
+            assert status == 200, answer
+            assert {k.lower(): v for k, v in answer["headers"].items()}["x-forwarded-for"] == "203.0.113.8"
+            assert len(gw.events("address_connection_limit_reached", gw.since)) == 1
+        finally:
+            held.close()
+    finally:
+        gw.stop()

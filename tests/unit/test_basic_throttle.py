@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from proxy.addresses import address_key
 from proxy.auth import basic
 from proxy.auth.basic import BasicLogin, CredentialCache, Pace, Throttle, parse_basic, user_key
 from proxy.config import Authentication, Identity, Kerberos
@@ -293,9 +294,66 @@ def test_a_password_users_backend_pool_is_the_kdcs_principal_for_them() -> None:
 def test_address_key_counts_ipv6_by_its_64_and_ipv4_mapped_as_ipv4() -> None:
     """The per-address throttle's key: an IPv6 address's /64, an IPv4-mapped address as its IPv4 address, IPv4
     itself, and something that is no address (a Unix socket's peer) as given."""
-    address_key = basic.address_key
     assert address_key("2001:db8:5:6::1") == address_key("2001:db8:5:6:ffff:1:2:3") == "2001:db8:5:6::/64"
     assert address_key("2001:db8:5:7::1") == "2001:db8:5:7::/64"
     assert address_key("::ffff:203.0.113.77") == address_key("203.0.113.77") == "203.0.113.77"
     assert address_key("") == ""
     assert address_key("unix") == "unix"
+
+
+@pytest.mark.parametrize(
+    ("name", "domain"),
+    [
+        ("EVIL\\alice", "EVIL"),
+        ("PARTNER.TEST\\bob", "PARTNER.TEST"),
+        ("alice@evil.test", "evil.test"),
+        ("alice@lab", "lab"),  # a NetBIOS name is a down-level domain, not a UPN suffix
+        ("EVIL\\alice@lab.test", "EVIL"),
+    ],
+)
+def test_a_name_of_an_unconfigured_domain_is_refused_before_the_kdc(
+    kdc: FakeKdc, hashes: list[str], name: str, domain: str
+) -> None:
+    """Basic DOMAIN\\user or user@domain whose domain is no configured realm, realm_map key or the default realm's
+    NetBIOS name: 401 naming the domain, and neither the KDC nor a hash is spent on it (EVIL\\alice used to be
+    checked, and served, as alice@LAB.TEST; PARTNER\\bob's guesses counted against LAB's bob)."""
+    service = login_service()
+    with pytest.raises(AuthenticationRequired) as refused:
+        asyncio.run(service.login(creds(name, PASSWORDS["alice@LAB.TEST"].decode()), "192.0.2.1"))
+    assert f"domain {domain!r}" in refused.value.reason
+    assert refused.value.hint is not None
+    assert "identity.realm_map" in refused.value.hint
+    assert (kdc.asked, hashes) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("name", "principal"),
+    [
+        ("alice", "alice@LAB.TEST"),
+        ("LAB\\alice", "alice@LAB.TEST"),  # the default realm's NetBIOS name: its first label, as AD names it
+        ("lab\\alice", "alice@LAB.TEST"),
+        ("LAB.TEST\\alice", "alice@LAB.TEST"),  # the realm itself
+        ("alice@lab.test", "alice@LAB.TEST"),
+        ("CORP\\bob", "bob@CORP.EXAMPLE.COM"),  # realm_map keys: a down-level domain or a UPN suffix
+        ("bob@corp.example", "bob@CORP.EXAMPLE.COM"),
+        ("CORP.EXAMPLE.COM\\bob", "bob@CORP.EXAMPLE.COM"),  # a realm_map realm by its own name (was bob@LAB.TEST)
+        ("bob@corp.example.com", "bob@CORP.EXAMPLE.COM"),
+    ],
+)
+def test_every_configured_domain_still_signs_in(monkeypatch: pytest.MonkeyPatch, name: str, principal: str) -> None:
+    """The forms Basic accepted stay accepted, each as the realm its domain names."""
+    asked: list[str] = []
+
+    def kdc(user: UserPrincipal, password: bytes) -> UserTicket:
+        asked.append(user.principal)
+        ticket: Any = object()
+        return UserTicket(principal=user.principal, creds=ticket)
+
+    monkeypatch.setattr(basic, "login_blocking", kdc)
+    identity = Identity(
+        default_realm="LAB.TEST", realm_map={"corp": "CORP.EXAMPLE.COM", "corp.example": "CORP.EXAMPLE.COM"}
+    )
+    kerberos = Kerberos(principal="HTTP/proxy.lab.test@LAB.TEST", keytab=Path("/nonexistent"))
+    service = BasicLogin(Authentication(mode="basic"), identity, kerberos)
+    login = asyncio.run(service.login(creds(name, "pw"), "192.0.2.1"))
+    assert (login.user.principal, asked) == (principal, [principal])

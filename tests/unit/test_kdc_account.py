@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from proxy.config import KdcAccountPolicy
-from proxy.errors import AccountMismatch
+from proxy.errors import AccountMismatch, AccountReplaced
 from proxy.identity.principal import UserPrincipal, map_upn
 from proxy.kerberos.account import client_is_asked, kdc_account, split_principal
 from proxy.kerberos.pac import PacFacts
@@ -48,6 +48,25 @@ def test_a_proven_directory_account_is_compared_by_samaccountname() -> None:
     with pytest.raises(AccountMismatch) as refused:
         kdc_account(mallory, ALICE_PAC)
     assert "base_dn" in (refused.value.hint or "")
+
+
+def test_a_directory_account_made_again_under_its_name_is_not_the_one_looked_up() -> None:
+    """The mapping stage decided on the account with SID ...-1104 (perhaps from the directory cache); the KDC
+    impersonated an account of the same sAMAccountName whose SID is ...-1190 (deleted and made again since):
+    AccountReplaced (a 403 AccountMismatch), saying both SIDs; the same SID, or a PAC without one, is served."""
+    alice = UserPrincipal(
+        "alice@ad.test", "alice@AD.TEST", "AD.TEST", "san-upn", account="alice", account_sid="S-1-5-21-1-2-3-1104"
+    )
+    assert kdc_account(alice, ALICE_PAC).rule == "sam"
+    remade = dataclasses.replace(ALICE_PAC, sid="S-1-5-21-1-2-3-1190")
+    with pytest.raises(AccountReplaced) as refused:
+        kdc_account(alice, remade)
+    assert isinstance(refused.value, AccountMismatch)
+    assert refused.value.status == 403
+    assert refused.value.hint is not None
+    assert "S-1-5-21-1-2-3-1190" in refused.value.hint
+    assert "S-1-5-21-1-2-3-1104" in refused.value.hint
+    assert kdc_account(alice, dataclasses.replace(ALICE_PAC, sid=None)).rule == "sam"  # a DC before the 2021 updates
 
 
 def test_a_bare_name_is_compared_with_the_samaccountname() -> None:

@@ -7,15 +7,17 @@ import io
 import json
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
+from structlog.testing import capture_logs
 
 from proxy import config
 from proxy.errors import ConfigError
-from proxy.tls.limits import ConnectionSlots, HeaderBlockBudget, accept_connections
+from proxy.tls.limits import AddressCap, ConnectionSlots, HeaderBlockBudget, accept_connections
 from tests.unit.test_config import GOOD, _write
 
 
@@ -37,6 +39,10 @@ def test_defaults_fit_one_big_token_and_many_held_connections(tmp_path: Path) ->
         ("max_header_bytes = -1", "listener.max_header_bytes: must be positive"),
         ('max_connections = "many"', "listener.max_connections: expected int"),
         ("max_connections = 0", "listener.max_connections: must be positive"),
+        ("max_connections_per_address = -1", "listener.max_connections_per_address: 0 (off) or a positive number"),
+        ("max_connections_per_address = true", "listener.max_connections_per_address: expected int"),
+        ('max_connections_per_address = "8"', "listener.max_connections_per_address: expected int"),
+        ("max_connections_per_address = 2.5", "listener.max_connections_per_address: expected int"),
     ],
 )
 def test_bad_caps_name_their_key(tmp_path: Path, setting: str, problem: str) -> None:
@@ -44,6 +50,94 @@ def test_bad_caps_name_their_key(tmp_path: Path, setting: str, problem: str) -> 
     with pytest.raises(ConfigError) as e:
         config.load(_write(tmp_path, GOOD.replace("[listener]\n", f"[listener]\n{setting}\n")))
     assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+
+def test_the_per_address_cap_is_off_unless_set(tmp_path: Path) -> None:
+    """max_connections_per_address: 0 (off) without the key, as many devices share an address behind CGNAT;
+    a positive number when set."""
+    assert config.load(_write(tmp_path, GOOD)).listener.max_connections_per_address == 0
+    tuned = GOOD.replace("[listener]\n", "[listener]\nmax_connections_per_address = 40\n")
+    assert config.load(_write(tmp_path, tuned)).listener.max_connections_per_address == 40
+
+
+def test_the_per_address_cap_counts_open_connections_per_address() -> None:
+    """Two open from one address: the third is refused (logged, counted), another address is not affected, an
+    IPv6 client counts by its /64 and an IPv4-mapped one as its IPv4 address; a closed connection's place is
+    free again, given back once however often its end is heard, and the connection's own close still runs."""
+    refused: list[None] = []
+    closed: list[str] = []
+    cap = AddressCap(2, on_refused=lambda: refused.append(None))
+    with capture_logs() as logs:
+        first = cap.admit(("192.0.2.1", 1001), lambda: closed.append("first"))
+        second = cap.admit(("::ffff:192.0.2.1", 1002), lambda: closed.append("second"))
+        assert first is not None
+        assert second is not None
+        assert cap.admit(("192.0.2.1", 1003), lambda: closed.append("third")) is None
+        assert cap.admit(("192.0.2.2", 1004), lambda: None) is not None
+        assert cap.admit(("2001:db8:1:2::1", 1), lambda: None) is not None
+        assert cap.admit(("2001:db8:1:2::ffff", 2), lambda: None) is not None
+        assert cap.admit(("2001:db8:1:2:3::9", 3), lambda: None) is None  # the same /64
+        first()
+        first()
+        assert closed == ["first"]
+        assert cap.admit(("192.0.2.1", 1005), lambda: None) is not None
+        assert cap.admit(("192.0.2.1", 1006), lambda: None) is None
+    assert len(refused) == 3
+    events = [e for e in logs if e["event"] == "address_connection_limit_reached"]
+    assert [(e["address"], e["peer"], e["limit"]) for e in events] == [
+        ("192.0.2.1", "192.0.2.1:1003", 2),
+        ("2001:db8:1:2::/64", "2001:db8:1:2:3::9:3", 2),
+        ("192.0.2.1", "192.0.2.1:1006", 2),
+    ]
+
+
+def test_a_refused_connection_is_reset_before_a_byte_is_read_and_holds_no_slot() -> None:
+    """The accept loop with max_connections 2 and one connection per address, over real loopback sockets: a
+    second connection from 127.0.0.1 is reset before any protocol is made; it holds none of the two slots, so a
+    connection from 127.0.0.2 is still taken."""
+
+    async def run() -> None:
+        made: list[object] = []
+        slots = ConnectionSlots(2)
+        cap = AddressCap(1)
+
+        class Held(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.append(transport.get_extra_info("peername")[0])
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        accepting = asyncio.ensure_future(accept_connections(listener, lambda _closed: Held(), slots, cap))
+        try:
+            kept = await asyncio.open_connection("127.0.0.1", port)
+            await _until(lambda: made == ["127.0.0.1"])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\x16\x03\x01")  # a ClientHello's first bytes: never read
+            try:
+                answered = await asyncio.wait_for(reader.read(1), 30)
+            except ConnectionResetError:  # what the abortive close sends
+                answered = b""
+            assert answered == b""
+            other = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            await _until(lambda: made == ["127.0.0.1", "127.0.0.2"])
+            assert slots.open == 2
+            for _, w in (kept, other):
+                w.close()
+            writer.close()
+        finally:
+            accepting.cancel()
+            listener.close()
+
+    asyncio.run(run())
+
+
+async def _until(condition: Callable[[], bool], within: float = 30) -> None:
+    """Poll `condition` until it holds (a loaded machine may take a while to run the accept loop)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
 
 
 def test_connection_slots_wait_for_a_free_one() -> None:

@@ -147,7 +147,7 @@ async def _gate(
         return proxy_protocol.ProxyHeaderGate(
             lambda: [ipaddress.ip_network(trusted_cidr)],
             header_timeout,
-            lambda: recorder,  # type: ignore[arg-type,return-value]
+            lambda _closed: recorder,  # type: ignore[arg-type,return-value]
             lambda: given_back.append(None),
             counted.append,
         )
@@ -239,7 +239,7 @@ def _balancer_gate() -> tuple[proxy_protocol.ProxyHeaderGate, list[None], list[s
     gate = proxy_protocol.ProxyHeaderGate(
         lambda: [ipaddress.ip_network("127.0.0.1/32")],
         5,
-        lambda: _Recorder(),  # type: ignore[arg-type,return-value]
+        lambda _closed: _Recorder(),  # type: ignore[arg-type,return-value]
         lambda: given_back.append(None),
         counted.append,
         lambda: empty.append(None),
