@@ -31,7 +31,7 @@ from proxy.device.aiohttp_side import AiohttpRequest
 from proxy.device.request import DeviceRequest
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
 from proxy.directory import Directory
-from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed
+from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed, TransferCodingNotImplemented
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
 from proxy.observability.logging import summary_line
@@ -97,8 +97,14 @@ def _refuse_smuggling(request: DeviceRequest) -> None:
         raise MethodNotAllowed(f"{request.method} is not forwarded")
     if "://" in request.raw_path.partition("?")[0]:  # the target as sent (aiohttp's request.url is always absolute)
         raise BadRequest("absolute-form request targets are not accepted here")
-    if request.version < (1, 1) and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+    codings = [c.strip().lower() for v in request.headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
+    if request.version < (1, 1) and "chunked" in codings:
         raise BadRequest("chunked transfer coding is not allowed with HTTP/1.0")
+    if any(coding != "chunked" for coding in codings):  # llhttp lets `gzip, chunked` through
+        raise TransferCodingNotImplemented(
+            "only the chunked transfer coding is accepted",
+            hint=f"Transfer-Encoding: {', '.join(codings)}; the body would reach the backend still coded",
+        )
 
 
 def _begin(live: Live, request: DeviceRequest) -> Trace:
