@@ -277,7 +277,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
     listener = config.listener
     slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
-    live.metrics.accepted_connections = lambda: slots.open
+    live.metrics.accepted_connections = lambda: slots.connections
     live.metrics.connection_limit = listener.max_connections
     await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
     await gw.delegator.watch_kdcs()  # which of the realm's KDCs answer (proxy.kerberos.kdcs)
