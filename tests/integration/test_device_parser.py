@@ -22,7 +22,7 @@ import pytest
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
-from tests.integration.recorder import Recorder, dechunk
+from tests.integration.recorder import Recorder, dechunk, read_until_closed
 
 MAX_HEADER_BYTES = 16384
 SERVERS = ("own", "aiohttp")
@@ -57,18 +57,6 @@ def scene(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pyte
     finally:
         gw.stop()
         recorder.close()
-
-
-def read_until_closed(tls: ssl.SSLSocket) -> bytes:
-    data = b""
-    while True:
-        try:
-            chunk = tls.recv(65536)
-        except (ssl.SSLError, ConnectionResetError, TimeoutError):
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 def answers(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:

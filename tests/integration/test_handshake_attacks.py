@@ -17,7 +17,6 @@ import socket
 import ssl
 import struct
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,9 +24,9 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from proxy.tls.openssl import _ssl as _ssl_pointer
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway, wait_port
 from tests.integration.jsonlog import eventually
-from tests.integration.recorder import Recorder
+from tests.integration.recorder import Recorder, read_until_closed
 
 LIMIT_S = 3  # listener.handshake_timeout here
 GET = b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
@@ -42,9 +41,7 @@ class Scene:
     server: str
 
     def gauge(self, name: str) -> float:
-        with urllib.request.urlopen(self.admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
-            text = r.read().decode()
-        return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.split(" ")[0] == name)
+        return metric(self.admin, name)
 
     def tcp(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.gw.port), timeout=30)
@@ -56,7 +53,7 @@ class Scene:
         eventually(lambda: self.gauge("kcd_listener_connections") == 0 or None, "every slot given back", timeout=60)
         with client_context(self.lab, "alice").wrap_socket(self.tcp(), server_hostname="127.0.0.1") as tls:
             tls.sendall(GET)
-            assert _read_all(tls).startswith(b"HTTP/1.1 200 ")
+            assert read_until_closed(tls).startswith(b"HTTP/1.1 200 ")
 
 
 @pytest.fixture(scope="module", params=["own", "aiohttp"])
@@ -77,18 +74,6 @@ def scene(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pyte
     finally:
         gw.stop()
         recorder.close()
-
-
-def _read_all(sock: socket.socket | ssl.SSLSocket) -> bytes:
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except (ssl.SSLError, ConnectionResetError, TimeoutError):
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 def _records(data: bytes) -> list[tuple[int, bytes]]:
@@ -173,7 +158,7 @@ def test_garbage_instead_of_a_client_hello_is_refused_and_costs_nothing(scene: S
         scene.gw.mark()
         with scene.tcp() as sock:
             sock.sendall(junk)
-            answer = _read_all(sock)
+            answer = read_until_closed(sock)
         assert len(answer) < 64, answer  # an alert, or nothing: never an HTTP answer
         scene.gw.wait_for("tls_handshake_refused", lambda e: True)
     scene.settled()
@@ -237,7 +222,7 @@ def test_a_device_that_leaves_mid_handshake_gives_its_slot_back(scene: Scene, ho
         sock.close()
     else:
         sock.shutdown(socket.SHUT_WR)
-        _read_all(sock)
+        read_until_closed(sock)
         sock.close()
     event = scene.gw.wait_for("tls_handshake_abandoned", lambda e: True, timeout=LIMIT_S - 0.5)
     assert "longer than" not in str(event.get("reason"))
