@@ -187,6 +187,14 @@ BAD = [
     (b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", "four-digit status"),
     (b"hello, this is not HTTP\r\n\r\n", "HTTP/0.9 or garbage"),
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "unasked upgrade"),
+    # transfer codings the gateway does not decode: the device would get the coded bytes without the coding
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n", "gzip, chunked"),
+    (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
+        "gzip then chunked, two fields",
+    ),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00", "gzip to the close"),
 ]
 
 
@@ -324,6 +332,25 @@ def test_interim_answers_are_dropped_and_the_final_one_passes() -> None:
     interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
     (outcome,), _ = run(answering(interim + ok(b"final")), ("GET", "/a"))
     assert (outcome.status, outcome.body) == (200, b"final")
+
+
+def test_two_100_continues_are_dropped_and_the_final_answer_passes() -> None:
+    """A backend that sends 100 Continue twice (and 102 between) before its answer: all dropped, the answer
+    passes, and its connection serves the next request."""
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
+    outcomes, backend = run(answering(interim + ok(b"final"), ok(b"next")), ("GET", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"final"), (200, b"next")]
+    assert len(backend.conns) == 1
+
+
+def test_a_flood_of_interim_answers_is_502_and_the_connection_is_not_reused() -> None:
+    """Interim answers count toward the answer head's bound (64 KiB): 5000 of them (130 KB) in front of an answer
+    are a 502, and the next request goes on a new connection."""
+    flood = b"HTTP/1.1 102 Processing\r\n\r\n" * 5000
+    outcomes, backend = run(answering(flood + ok(b"late"), ok(b"fine")), ("GET", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes][1] == (200, b"fine")
+    assert outcomes[0].status == 502, outcomes[0]
+    assert len(backend.conns) == 2
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
