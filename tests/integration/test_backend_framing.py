@@ -353,6 +353,34 @@ def test_a_flood_of_interim_answers_is_502_and_the_connection_is_not_reused() ->
     assert len(backend.conns) == 2
 
 
+def test_an_answer_before_the_body_is_taken_passes_and_its_connection_is_never_reused() -> None:
+    """A backend that answers 413 (keep-alive, framed) after reading only the head of a 4 MB upload: the device
+    gets the 413 whole, and the next request goes on a new backend connection (on the old one, the rest of the body
+    would have been read as the next request's bytes)."""
+
+    async def serve(conn: Conn) -> None:
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        conn.requests.append(head)
+        if head.startswith(b"POST "):
+            await conn.send(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
+            await asyncio.sleep(30)  # reads nothing more, keeps the connection open
+            return
+        await conn.send(ok(b"fine"))
+        while await conn.request():
+            await conn.send(ok(b"fine"))
+
+    async def case() -> tuple[list[Outcome], Backend]:
+        async with gateway(serve) as (url, backend), aiohttp.ClientSession() as session:
+            first = await ask(session, url + "/upload", "POST", b"x" * (4 << 20))
+            second = await ask(session, url + "/after")
+            return [first, second], backend
+
+    (first, second), backend = on_loop("asyncio", asyncio.wait_for(case(), 60))
+    assert (first.status, first.body) in ((413, b"too big!"), (None, b"")), first  # the device may see the cut first
+    assert (second.status, second.body) == (200, b"fine")
+    assert [c.requests[0].split(b" ", 2)[:2] for c in backend.conns] == [[b"POST", b"/upload"], [b"GET", b"/after"]]
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_an_answer_ended_by_close_passes_whole_and_is_not_reused(loop: str) -> None:
     """An answer with neither Content-Length nor chunked ends when the backend closes (plain TCP: its FIN):
