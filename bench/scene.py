@@ -312,7 +312,8 @@ spn = "HTTP/cas.lab.test"
     ) -> None:
         """The gateway again, on a port of its own: another event loop (`listener.event_loop`), another device-side
         server (`listener.http_server`), another number of workers, or traced (`name` "traced": bench.traced,
-        tracemalloc and a snapshot on SIGUSR1), or probed (`name` "native": bench.native, glibc's allocator)."""
+        tracemalloc and a snapshot on SIGUSR1), or probed (`name` "native": bench.native, glibc's allocator; `name`
+        "objects": bench.objects, deep tracebacks and object counts)."""
         self.ports[name] = free_port()
         text = (self.root / "gateway.toml").read_text()
         bind = f'bind = "{self.layout.bind_host}:{self.ports["gateway"]}"\nworkers = {self.workers}\n'
@@ -320,7 +321,7 @@ spn = "HTTP/cas.lab.test"
         ours = f'bind = "{self.layout.bind_host}:{self.ports[name]}"\nworkers = {workers}\n'
         ours += f'event_loop = "{event_loop}"\nhttp_server = "{http_server}"\n'
         (self.root / f"{name}.toml").write_text(text.replace(bind, ours, 1))
-        module = {"traced": "bench.traced", "native": "bench.native"}.get(name, "proxy")
+        module = {"traced": "bench.traced", "native": "bench.native", "objects": "bench.objects"}.get(name, "proxy")
         argv = [sys.executable, "-m", module, "run", "--config", str(self.root / f"{name}.toml")]
         env = {**self.layout.env(), "KCD_BENCH_SNAPSHOT": str(self.root / f"{name}-snapshot.json")}
         self.start(name, argv, self.ports[name], core=core, env=env)

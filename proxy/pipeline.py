@@ -129,7 +129,7 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
             trace.note(cert_serial=format(leaf.serial_number, "x"))
             raise
         # the names as the chain memo rendered them once, not on every request
-        trace.note(cert_subject=verified.subject, cert_issuer=verified.issuer, cert_serial=format(verified.serial, "x"))
+        trace.note(cert_subject=verified.subject, cert_issuer=verified.issuer, cert_serial=verified.serial_hex)
         trace.detail("certificate", verified=verified)  # the chain, rendered only if the trace is read
         trace.note(restriction=gw.admission(verified).rule)
     with trace.stage("revocation"):
@@ -154,7 +154,7 @@ async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, no
                 "weak_certificate_mapping",
                 upn=user.upn,
                 account=mapping.account_dn,
-                cert_serial=format(verified.serial, "x"),
+                cert_serial=verified.serial_hex,
                 detail=mapping.detail,
             )
     return user

@@ -135,6 +135,7 @@ class BackendConnection(asyncio.Protocol):
         "_fields",
         "_head_bytes",
         "_head_method",
+        "_head_waiter",
         "_interim",
         "_keep_alive",
         "_last_read",
@@ -171,6 +172,7 @@ class BackendConnection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._spoiled = False  # the backend misbehaved after a complete answer: never reused
         self._waiter: asyncio.Future[None] | None = None
+        self._head_waiter: asyncio.Future[ResponseHead] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._reading_paused = False
@@ -195,9 +197,10 @@ class BackendConnection(asyncio.Protocol):
     # -- the exchange, as the caller sees it --------------------------------------------------------
 
     def begin(self, method: str, read_timeout: float) -> None:
-        """A new request on this connection: a fresh parser and nothing received yet."""
+        """A new request on this connection: nothing received yet (a fresh parser is made with the first bytes of
+        the answer: a held long-poll waits without one, 0.9 KiB with the callbacks it binds)."""
         self.exchanges += 1
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = None
         self._state = _WAITING
         self._head_method = method == "HEAD"
         self._read_timeout = read_timeout
@@ -237,15 +240,14 @@ class BackendConnection(asyncio.Protocol):
             self._last_read = self._loop.time()
             self._arm(self._read_timeout)
 
-    async def response_head(self) -> ResponseHead:
-        """The answer's status and headers, once they are here. A failure already known when they are
-        (a bad chunk in the packet of the head, say) fails the answer before anything reaches the device."""
-        while self.head is None and self._error is None:
-            await self._wait()
-        if self._error is not None:
-            raise self._error
-        assert self.head is not None
-        return self.head
+    def response_head(self) -> asyncio.Future[ResponseHead]:
+        """The answer's status and headers, once they are here: a future, so that a held long-poll waits for them
+        without a coroutine (and its frame) of its own. A failure already known when they are (a bad chunk in the
+        packet of the head, say) fails the answer before anything reaches the device: the future is settled once
+        every byte read with the head has been parsed (`data_received`), or when the exchange fails."""
+        self._head_waiter = self._loop.create_future()
+        self._settle_head()
+        return self._head_waiter
 
     async def read(self) -> bytes:
         """The answer's body bytes that have arrived (waiting for some); b"" once it is complete."""
@@ -331,15 +333,18 @@ class BackendConnection(asyncio.Protocol):
         self._last_read = self._loop.time()
         if state == _WAITING:
             self._head_bytes += len(data)
-        assert self._parser is not None
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = httptools.HttpResponseParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as e:
             cause = e.__context__ if isinstance(e.__context__, BackendProtocolError) else None
             self._set_error(cause or BackendProtocolError(f"malformed answer from the backend: {e}"))
             return
         if self._state == _WAITING and self._head_bytes > MAX_HEAD_BYTES:
             self._set_error(BackendProtocolError(f"the backend's answer head is over {MAX_HEAD_BYTES} bytes"))
+        self._settle_head()
 
     def eof_received(self) -> None:
         """The backend ended its side of the connection (the transport then closes). Over TLS, asyncio's loop
@@ -474,6 +479,20 @@ class BackendConnection(asyncio.Protocol):
         finally:
             self._waiter = None
 
+    def _settle_head(self) -> None:
+        """The head's waiter (`response_head`) gets the failure or the head, once there is either."""
+        waiter = self._head_waiter
+        if waiter is None:
+            return
+        if not waiter.done():  # (done: its request was cancelled)
+            if self._error is not None:
+                waiter.set_exception(self._error)
+            elif self.head is not None:
+                waiter.set_result(self.head)
+            else:
+                return
+        self._head_waiter = None
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -493,6 +512,7 @@ class BackendConnection(asyncio.Protocol):
             self._error = error
         self._spoiled = True
         self._wake()
+        self._settle_head()
         self._wake_drain(error)
         self.abort()
 

@@ -338,6 +338,17 @@ async def forward_device(
             exchange, head, token_sent = await _send(
                 pool, upstream, route, request.method, target.forward_with_query, out_headers, body, authorization
             )
+            del out_headers  # written, never sent again: a held long-poll does not keep even their container
+            request.head_forwarded()  # nor the device's header fields
+            if head is None:  # the request cannot be sent again: its answer is awaited here, without `_send`'s frame
+                try:
+                    head = await exchange.connection.response_head()
+                except BackendClosed:
+                    await exchange.abandon()  # (the body's sender stops reading the device's body)
+                    raise
+                except BaseException:
+                    exchange.finish(reuse=False)
+                    raise
         except (OSError, TimeoutError, BackendProtocolError) as e:  # refused, reset, TLS, not HTTP, timed out
             raise _failure(route, e, body) from None
         ms = (time.perf_counter() - start) * 1000
@@ -365,11 +376,13 @@ async def _send(
     out_headers: CIMultiDict[str],
     body: ClientBody | None,
     authorization: Authorization,
-) -> tuple[Exchange, ResponseHead, bool]:
+) -> tuple[Exchange, ResponseHead | None, bool]:
     """The request on one of the user's connections, up to the answer's head; and whether it carried a token.
 
     A pooled connection the backend closed before answering is tried once more, on a new connection, when
-    nothing of the request can have been acted on: an idempotent method, its body (if any) not read yet."""
+    nothing of the request can have been acted on: an idempotent method, its body (if any) not read yet. A request
+    that cannot be sent again returns once it is written, without the head (None): the caller waits for it, so a
+    held long-poll does not keep this coroutine's frame and locals (docs/performance.md)."""
     fresh = False
     while True:
         connection = await pool.acquire(upstream, route.connect_timeout, fresh=fresh)
@@ -383,6 +396,7 @@ async def _send(
             exchange.start(method, target, out_headers, body, route.read_timeout)
             if fresh or not exchange.reused or method not in IDEMPOTENT:  # never sent again (see below)
                 out_headers.clear()  # a held long-poll keeps neither the token nor the headers built for it
+                return exchange, None, token_sent
             head = await connection.response_head()
         except BackendClosed as e:
             await exchange.abandon()

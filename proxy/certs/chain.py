@@ -108,6 +108,12 @@ class VerifiedCertificate:
     serial: int
     fingerprint_sha256: str  # hex, of the DER certificate
 
+    @cached_property
+    def serial_hex(self) -> str:
+        """The serial number as the summary line shows it, rendered once per certificate (the chain memo keeps this
+        object), not once per request: a held long-poll's trace then holds no copy of its own."""
+        return format(self.serial, "x")
+
 
 def load_certificates(path: Path) -> list[x509.Certificate]:
     """The certificates in `path`: a PEM bundle, or one DER certificate."""

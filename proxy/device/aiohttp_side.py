@@ -85,6 +85,9 @@ class AiohttpRequest:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the interim answer is not part of the response (as aiohttp does)
 
+    def head_forwarded(self) -> None:
+        """Nothing: aiohttp's request keeps its own fields."""
+
     async def answer(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> None:
         response = self.response = web.Response(status=status, reason=reason, body=body)
         response.headers.extend(headers)

@@ -64,6 +64,11 @@ class DeviceRequest(Protocol):
     async def send_continue(self) -> None:
         """`100 Continue`, when the device asked for it (HTTP/1.1, `Expect: 100-continue`); else nothing."""
 
+    def head_forwarded(self) -> None:
+        """The backend has the request's head and it is never sent again: its header fields may be let go (then
+        `headers` is empty). A long-poll is held up to half an hour, and its fields (a Basic `Authorization`
+        among them) need not be."""
+
     async def answer(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> None:
         """A whole answer: head and body in one write, framed by a Content-Length."""
 

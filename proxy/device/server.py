@@ -59,7 +59,7 @@ from urllib.parse import unquote
 
 import httptools
 import structlog
-from multidict import CIMultiDict, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from proxy.device.framing import BodyEnd, head_end
 from proxy.errors import BadRequest
@@ -74,6 +74,9 @@ MAX_FIELDS = 128  # header fields of one request (aiohttp's max_headers)
 BODY_HIGH = 256 * 1024  # request body bytes held for the backend stage before reading pauses
 BACKLOG_HIGH = 64 * 1024  # bytes of pipelined requests kept unparsed behind a waiting one before reading pauses
 _NO_BODY_STATUS = frozenset({204, 304})
+_NO_FIELDS: MultiMapping[str] = CIMultiDictProxy(CIMultiDict())  # a request's, once its head went to the backend
+_NOT_IN_HEAD: CIMultiDict[str] = CIMultiDict()  # the connection's fields between heads (never added to: a message
+# begins with a new one, `on_message_begin`)
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,9 @@ class DeviceHttpRequest:
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await self._connection.drain()
 
+    def head_forwarded(self) -> None:
+        self.headers = _NO_FIELDS  # the connection no longer refers to them either (`on_headers_complete`)
+
     async def answer(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> None:
         bodyless = status in _NO_BODY_STATUS
         length = None if bodyless else len(body)
@@ -380,7 +386,9 @@ class DeviceConnection(asyncio.Protocol):
         self._on_unparsed = on_unparsed
         self._connections = connections
         self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpRequestParser(self)
+        # made when bytes come to parse, dropped while a request is served and none are (`_next`): llhttp's parser
+        # and the six callbacks it binds are 0.9 KiB a held long-poll would keep for nothing (docs/performance.md)
+        self._parser: httptools.HttpRequestParser | None = None
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         # a list, not a deque: a deque's first block is about 600 bytes, kept per held connection; the queue
@@ -406,7 +414,7 @@ class DeviceConnection(asyncio.Protocol):
         # the head being parsed
         self._target: list[bytes] = []
         self._target_bytes = 0
-        self._fields: CIMultiDict[str] = CIMultiDict()
+        self._fields = _NOT_IN_HEAD
         self._field_count = 0
         self._hosts = 0
 
@@ -547,6 +555,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # llhttp calls back from inside `_feed`
         major, _, minor = parser.get_http_version().partition(".")
         version = (int(major or 0), int(minor or 0))
         if version == (1, 1) and self._hosts == 0:
@@ -580,6 +589,7 @@ class DeviceConnection(asyncio.Protocol):
             body,
         )
         self._target = []
+        self._fields = _NOT_IN_HEAD  # the request's now: not kept here once the request lets go of them
         self._receiving = body
         self._parsing = request
         self._in_head = False
@@ -607,8 +617,11 @@ class DeviceConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         """llhttp reads `data` (the first request it completed the head of is served once the whole read is fed:
         `data_received`)."""
+        parser = self._parser
+        if parser is None:  # a new parser reads a new message as the old one would after a kept-alive request
+            parser = self._parser = httptools.HttpRequestParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # `Connection: Upgrade` or CONNECT: the request is served (or refused) as any other, upgraded to
             # nothing; what follows it is not HTTP the gateway reads, so the connection ends after its answer.
@@ -672,6 +685,11 @@ class DeviceConnection(asyncio.Protocol):
             self._answer_unparsed(queued.reason)
             return
         self._task = self._loop.create_task(self._run(queued))
+        if queued.keep_alive and self._in_head and not self._head_seen:
+            # llhttp is between messages (its state then is a new parser's): dropped until the next bytes come, so a
+            # long-poll is held without it. Not after a request that ends the connection: llhttp refuses what
+            # follows such a request, where a new parser would read it as a request (it is never served either way).
+            self._parser = None
         if self._backlog and not self._queue:  # the next request, if it has come whole, waits its turn
             kept, self._backlog = bytes(self._backlog), bytearray()
             self.resume(_QUEUE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import sys
 
 from cryptography import x509
 
@@ -23,8 +24,11 @@ def tls_facts(request: DeviceRequest) -> dict[str, object]:
     if not isinstance(ssl_object, ssl.SSLObject):
         return {}
     cipher = ssl_object.cipher()
+    version = ssl_object.version()
+    # interned: a handful of names, which OpenSSL's wrapper makes anew on every call; the trace of a held
+    # long-poll then keeps no copy of its own
     return {
-        "tls_version": ssl_object.version(),
-        "tls_cipher": cipher[0] if cipher else None,
+        "tls_version": sys.intern(version) if version else None,
+        "tls_cipher": sys.intern(cipher[0]) if cipher else None,
         "tls_resumed": ssl_object.session_reused,
     }

@@ -4,9 +4,11 @@ no socket, a transport that records what is written. The integration tests send 
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 from typing import Any
 
+import httptools
 import pytest
 from multidict import CIMultiDict
 
@@ -318,3 +320,54 @@ def test_the_idle_deadline_runs_from_the_last_answer_and_is_kept() -> None:
     answered_at, closed_at, answers = asyncio.run(scenario())
     assert answers == 3
     assert answered_at + 1.0 <= closed_at < answered_at + 10
+
+
+def _parsers() -> int:
+    gc.collect()
+    return sum(isinstance(o, httptools.HttpRequestParser) for o in gc.get_objects())
+
+
+def test_a_held_request_keeps_no_parser_and_what_follows_is_read_as_before() -> None:
+    """While a request is served (a long-poll held), its connection keeps no llhttp parser (0.9 KiB with its
+    callbacks); a request the device pipelines meanwhile is read by a new one and served after it, in order."""
+
+    async def scenario() -> tuple[int, int, list[str], list[int]]:
+        release = asyncio.Event()
+        served: list[str] = []
+
+        async def serve(request: DeviceHttpRequest) -> None:
+            served.append(request.raw_path)
+            if request.raw_path == "/held":
+                await release.wait()
+            await request.answer(200, None, CIMultiDict(), b"ok")
+
+        before = _parsers()
+        connection = DeviceConnection(serve, LIMITS, on_headers_refused=lambda: None, on_unparsed=lambda _, s: None)
+        transport = Transport()
+        connection.connection_made(transport)
+        connection.data_received(b"POST /held HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nping")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        held = _parsers() - before
+        connection.data_received(GET)  # pipelined behind the held one
+        await asyncio.sleep(0)
+        release.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        connection.connection_lost(None)
+        return held, _parsers() - before, served, statuses(bytes(transport.written))
+
+    held, after, served, answered = asyncio.run(scenario())
+    assert held == 0
+    assert served == ["/held", "/a"]
+    assert answered == [200, 200]
+    assert after == 0
+
+
+def test_nothing_after_a_request_that_closes_the_connection_is_served() -> None:
+    """Bytes after `Connection: close` are never read as a request, whether they came in its read or later."""
+    closing = b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    for pieces in ([closing + GET], [closing, GET]):
+        served, transport, _ = asyncio.run(run(pieces))
+        assert [p for _, p, _, _ in served.requests] == ["/a"]
+        assert statuses(bytes(transport.written)) == [200]
