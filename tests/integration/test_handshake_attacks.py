@@ -152,9 +152,15 @@ class _Client:
 
 
 def test_garbage_instead_of_a_client_hello_is_refused_and_costs_nothing(scene: Scene) -> None:
-    """Bytes that are not TLS, and a handshake record of junk: the connection ends at once (an alert at most), the
-    refusal is logged, and the slot is given back."""
-    for junk in (os.urandom(2048), b"\x16\x03\x01\x00\x40" + os.urandom(64), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+    """Bytes that are not TLS, a handshake record of junk, a fatal alert instead of a ClientHello: the connection ends
+    at once (an alert at most), the refusal is logged, and the slot is given back."""
+    fatal_alert = b"\x15\x03\x01\x00\x02\x02\x28"  # handshake_failure, before any ClientHello
+    for junk in (
+        os.urandom(2048),
+        b"\x16\x03\x01\x00\x40" + os.urandom(64),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        fatal_alert,
+    ):
         scene.gw.mark()
         with scene.tcp() as sock:
             sock.sendall(junk)
