@@ -8,14 +8,14 @@ nginx as an mTLS reverse proxy, the gateway) in a temporary directory and measur
 2. handshakes: a new TLS connection with a client certificate per request, no session resumption:
    handshakes/s and CPU per handshake;
    2b. a fixed rate (--rate, 500/s) over 50 keep-alive connections, open loop (bench.paced): p50/p99 from
-       each request's due time, for kcd-proxy, kcd (uvloop), plain aiohttp and nginx (medians of the rounds);
+       each request's due time, for kcd-proxy, kcd (asyncio), plain aiohttp and nginx (medians of the rounds);
    2c. two workers (`listener.workers = 2`, nothing pinned) against one worker pinned to a core;
 3. held long-polls: N requests held open at once (X-Lab-Hold-Seconds): memory per held request, and
    the latency of a new request while they are held; then on a gateway run under tracemalloc
    (bench.traced), where its Python memory goes, by file and line;
 4. KDC requests per 1,000 gateway requests, for 1 user and for 500 distinct users (lab KDC log).
 
-Where uvloop is installed, "kcd (uvloop)" is the same gateway with `listener.event_loop = "uvloop"`;
+"kcd (asyncio)" is the same gateway with `listener.event_loop = "asyncio"` (uvloop is the default);
 "kcd (aiohttp)" is the same gateway with `listener.http_server = "aiohttp"` (aiohttp's web server parsing the
 devices' requests instead of the gateway's own, runs 1 and 2).
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import re
@@ -475,9 +474,6 @@ def main() -> int:
         )
         args.held = most
 
-    uvloop_found = importlib.util.find_spec("uvloop") is not None
-    if not uvloop_found:
-        print("bench: uvloop is not installed here: no kcd (uvloop) column")
     root = Path(tempfile.mkdtemp(prefix="kcd-bench-"))
     scene = Scene(root, cores() if args.workers == 1 else ("", ""), workers=args.workers)
     started = time.monotonic()
@@ -493,8 +489,7 @@ def main() -> int:
         scene.start_plain()
         if args.baseline:
             scene.start_baseline(args.baseline)
-        if uvloop_found:
-            scene.start_variant("gateway_uvloop", core=scene.cores[0], event_loop="uvloop")
+        scene.start_variant("gateway_asyncio", core=scene.cores[0], event_loop="asyncio")
         scene.start_variant("gateway_aiohttp", core=scene.cores[0], http_server="aiohttp")
         print(f"bench: preflight through the gateway to the lab acceptor: served as {preflight(scene)}")
 
@@ -515,8 +510,7 @@ def main() -> int:
         }
         if args.baseline:
             columns["baseline"] = ("baseline", f"https://127.0.0.1:{scene.ports['baseline']}{path}")
-        if uvloop_found:
-            columns["gateway_uvloop"] = ("gateway_uvloop", f"https://127.0.0.1:{scene.ports['gateway_uvloop']}{path}")
+        columns["gateway_asyncio"] = ("gateway_asyncio", f"https://127.0.0.1:{scene.ports['gateway_asyncio']}{path}")
         aiohttp_server = f"https://127.0.0.1:{scene.ports['gateway_aiohttp']}{path}"
         columns["gateway_aiohttp"] = ("gateway_aiohttp", aiohttp_server)  # the same build, aiohttp's server
         keep: dict[str, list[WrkResult]] = {c: [] for c in columns}
@@ -541,7 +535,7 @@ def main() -> int:
                     )
         figures["load_after"] = os.getloadavg()
         # p99 at the same offered load: open loop, 50 connections, the rate fixed (bench.paced)
-        at_rate = {"gateway", "gateway_uvloop", "plain", "nginx"} & set(columns)
+        at_rate = {"gateway", "gateway_asyncio", "plain", "nginx"} & set(columns)
         paced_runs: dict[str, list[dict[str, float]]] = {column: [] for column in sorted(at_rate)}
         for n in range(args.rounds):  # rounds in rotating order, as above: a neighbour's burst hits one run, not all
             order = sorted(at_rate)
@@ -562,7 +556,7 @@ def main() -> int:
                 certs=one_cert,
             )
             scene.stop("gateway2")
-        held_columns = ("nginx", "gateway", "gateway_aiohttp", *(("gateway_uvloop",) if uvloop_found else ()))
+        held_columns = ("nginx", "gateway", "gateway_aiohttp", "gateway_asyncio")
         held = {proxy: hold(scene, proxy, args.held, all_certs) for proxy in held_columns}
         if args.traced:
             scene.start_variant("traced", core=scene.cores[0])
@@ -626,12 +620,12 @@ def row(name: str, ours: float, ref: float | None, fmt: str, target: str = "") -
     print(f"  {name:<36} {format(ours, fmt):>12} {shown_ref:>12} {ratio:>7}   {target}")
 
 
-COLUMNS = ("baseline", "gateway_aiohttp", "gateway", "gateway_uvloop", "gateway_bound", "plain", "nginx")
+COLUMNS = ("baseline", "gateway_aiohttp", "gateway", "gateway_asyncio", "gateway_bound", "plain", "nginx")
 HEADS = {
     "baseline": "baseline",
     "gateway": "kcd-proxy",
     "gateway_aiohttp": "kcd (aiohttp)",
-    "gateway_uvloop": "kcd (uvloop)",
+    "gateway_asyncio": "kcd (asyncio)",
     "gateway_bound": "kcd (bound)",
     "plain": "aiohttp",
     "nginx": "nginx",
@@ -674,8 +668,8 @@ def report(
     ratios = paired_ratios(keep)
     print("   paired per round, CPU per request (median of the rounds' ratios):")
     keys = ["gateway/nginx", "gateway/plain", "gateway_bound/plain", "gateway_bound/nginx", "plain/nginx"]
-    keys += ["gateway_uvloop/nginx", "gateway_uvloop/plain"]
-    keys += ["gateway_uvloop/gateway", "gateway/gateway_aiohttp", "gateway_aiohttp/plain"]
+    keys += ["gateway_asyncio/nginx", "gateway_asyncio/plain"]
+    keys += ["gateway/gateway_asyncio", "gateway/gateway_aiohttp", "gateway_aiohttp/plain"]
     for key in (*keys, "gateway/baseline", "gateway_bound/baseline", "gateway_aiohttp/baseline", "baseline/nginx"):
         if key in ratios:
             print(f"     {key:<24} {ratios[key]['median']:6.2f}")
@@ -717,9 +711,9 @@ def report(
     print(f"3. held long-polls ({args.held:,} asked for, {args.users} users)")
     row("held at once", hg.held, hn.held, ",.0f", f"{args.held:,}")
     row("memory per held request (KiB)", hg.per_held_kib, hn.per_held_kib, ",.1f", "<= nginx's")
-    if "gateway_uvloop" in held:
-        hu = held["gateway_uvloop"]
-        row("  kcd (uvloop): per held (KiB)", hu.per_held_kib, hn.per_held_kib, ",.1f", f"{hu.held:,} held")
+    if "gateway_asyncio" in held:
+        hu = held["gateway_asyncio"]
+        row("  kcd (asyncio): per held (KiB)", hu.per_held_kib, hn.per_held_kib, ",.1f", f"{hu.held:,} held")
     if "gateway_aiohttp" in held:
         ha = held["gateway_aiohttp"]
         row("  kcd (aiohttp): per held (KiB)", ha.per_held_kib, hn.per_held_kib, ",.1f", f"{ha.held:,} held")

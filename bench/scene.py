@@ -308,7 +308,7 @@ spn = "HTTP/cas.lab.test"
         self.start("gateway", argv, self.ports["gateway"], core=self.cores[0], env=self.layout.env())
 
     def start_variant(
-        self, name: str, *, core: str, event_loop: str = "asyncio", workers: int = 1, http_server: str = "own"
+        self, name: str, *, core: str, event_loop: str = "uvloop", workers: int = 1, http_server: str = "own"
     ) -> None:
         """The gateway again, on a port of its own: another event loop (`listener.event_loop`), another device-side
         server (`listener.http_server`), another number of workers, or traced (`name` "traced": bench.traced,

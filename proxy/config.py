@@ -79,7 +79,7 @@ class Listener:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open client connections per worker; more wait in the backlog
     proxy_protocol: bool = False  # connections open with a PROXY header (v1/v2) from a balancer; see below
     trusted_proxies: tuple[IPNetwork, ...] = ()  # balancers (CIDR) whose PROXY headers are believed
-    event_loop: EventLoop = "asyncio"  # "uvloop": libuv's loop (proxy.loop; the README's Performance says what it pays)
+    event_loop: EventLoop = "uvloop"  # libuv's loop, or "asyncio"'s own (proxy.loop; docs/performance.md says why)
     http_server: HttpServer = "own"  # what parses the device's requests: proxy.device.server, or aiohttp's web server
 
 
@@ -441,7 +441,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
 
 def _event_loop(r: _Reader, t: dict[str, Any]) -> EventLoop:
     """`listener.event_loop`: one of EVENT_LOOPS, and "uvloop" only where the uvloop package imports."""
-    chosen = cast(EventLoop, _named_choice(r, t, "listener", "event_loop", EVENT_LOOPS, "asyncio"))
+    chosen = cast(EventLoop, _named_choice(r, t, "listener", "event_loop", EVENT_LOOPS, "uvloop"))
     if chosen == "uvloop":
         from proxy.loop import uvloop_missing
 

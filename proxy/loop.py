@@ -2,10 +2,11 @@
 
 Theory of operation. Everything in the gateway is written against asyncio's interfaces; the loop under
 them is chosen once per process, when the process starts serving. uvloop (libuv, in Cython) replaces the
-loop and its socket transports; asyncio's TLS protocol (`asyncio.sslproto.SSLProtocol`) runs on top of
-either, and the listener drives it itself (`proxy.tls.server`), so the handshake, its alert on a refusal,
-the chain caps set on the `SSL_CTX` and the connection slots are the same code on both loops. The README's
-Performance section says what uvloop was measured to change, and why the default is what it is.
+loop and its socket transports; the listener drives TLS itself over either (`proxy.tls.server`: its own
+handshake and records for the gateway's own server, asyncio's `SSLProtocol` for aiohttp's), so the handshake,
+its alert on a refusal, the chain caps set on the `SSL_CTX` and the connection slots are the same code on both
+loops. uvloop is the default; docs/performance.md ("uvloop as the default") says what it was measured to
+change.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The device's TLS records after the handshake, without asyncio's `SSLProtocol`.
 
-Theory of operation. The handshake stays asyncio's (`proxy.tls.server.TlsGate`, with its alerts, timeout,
+Theory of operation. The handshake is the listener's (`proxy.tls.server._Handshake`, with its alerts, timeout,
 chain caps and PROXY header). Once it is done, the connection's `ssl.SSLObject` and its two memory BIOs
-are taken from asyncio's TLS protocol and driven here, by one object that is both the socket transport's
-(buffered) protocol and the device-side server's transport:
+(new ones: the handshake's flights are left behind) are driven here, by one object that is both the socket
+transport's (buffered) protocol and the device-side server's transport:
 
 - reading: the socket transport reads into the per-thread buffer (`proxy.tls.server._read_buffer`); the
   bytes go into the incoming BIO and every whole record is decrypted and handed to the server in one
@@ -178,6 +178,12 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
             if self._app is not None:
                 self._app.eof_received()
             self.close()
+
+    def read_early(self) -> None:
+        """Serve what the device sent with its Finished message, already in the incoming BIO when the server was given
+        this transport (TLS 1.3 clients often send their request at once)."""
+        if self._incoming.pending and self._state == _OPEN and not self._app_paused:
+            self._read()
 
     def _flush(self) -> None:
         if self._outgoing.pending:

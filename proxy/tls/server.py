@@ -12,12 +12,16 @@ refused on its next request.
 asyncio logs failed handshakes only in debug mode, and before Python 3.15 it drops the alert OpenSSL
 wrote for the client (https://github.com/python/cpython/issues/98078): the device sees a bare reset
 instead of "certificate expired". So the listener accepts plain TCP and performs each handshake itself,
-as `loop.start_tls` does, with an `SSLProtocol` that sends the pending alert before closing: a failed
-handshake is logged here with the peer's address and OpenSSL's reason, and a connection that ends before
-its first byte (a health check, a scan) is only counted (`kcd_listener_empty_connections_total`); a completed one
-is handed to the device-side server (`proxy.device.server`, or aiohttp's request handler: `listener.http_server`).
-The gateway's own server then gets the connection's records from `proxy.tls.record.TlsRecords`, which
-takes the `SSLObject` from asyncio's protocol (3.5 KiB less per held long-poll); aiohttp's keeps asyncio's.
+sending the pending alert before closing: a failed handshake is logged here with the peer's address and
+OpenSSL's reason, and a connection that ends before its first byte (a health check, a scan) is only counted
+(`kcd_listener_empty_connections_total`); a completed one is handed to the device-side server
+(`proxy.device.server`, or aiohttp's request handler: `listener.http_server`).
+
+For the gateway's own server the handshake is `_Handshake`'s: an `SSLObject` on two memory BIOs, stepped
+on each read, one timer for `listener.handshake_timeout`, then `proxy.tls.record.TlsRecords` carries the
+records (no asyncio `SSLProtocol`, no task per connection: the same path on asyncio's loop and on uvloop;
+docs/performance.md, "The handshake without asyncio's SSLProtocol"). aiohttp's server keeps asyncio's
+protocol, as `loop.start_tls` runs it, subclassed to send the alert (`_AlertingSSLProtocol`).
 
 The listener accepts through `proxy.tls.limits.accept_connections`, which holds at most
 `listener.max_connections` connections per worker; whichever protocol owns a connection's socket when
@@ -71,6 +75,11 @@ def server_context(config: Config) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     cc = config.client_certificates
     ctx.sslobject_class = _PeerSSLObject  # the peer certificate as DER only: no dict per connection
+    # One TLS 1.3 session ticket per handshake, not OpenSSL's two: OpenSSL 3.0 makes each ticket by encoding the
+    # session and decoding it again, the client's certificate and its public key included, about 7% of the CPU of a
+    # handshake + request here (docs/performance.md, "The handshake without asyncio's SSLProtocol"). A device
+    # resumes with the latest ticket it got; each resumed handshake brings it a new one.
+    ctx.num_tickets = 1
     unavailable = limit_client_chain(ctx, depth=cc.max_chain_depth, max_bytes=cc.max_chain_bytes)
     if unavailable is not None:
         log.warning("client_chain_limits_unavailable", reason=unavailable, detail="OpenSSL's defaults apply")
@@ -210,7 +219,8 @@ class _PeerSSLObject(ssl.SSLObject):
 class TlsGate(asyncio.Protocol):
     """Accepts a TCP connection, performs the TLS handshake, then hands over to `app_protocol`.
 
-    During the handshake this object is also the TLS transport's protocol: asyncio may deliver the
+    An `app_protocol` that takes the TLS records (the gateway's own server) gets its handshake from `_Handshake`.
+    For aiohttp's, during the handshake this object is also the TLS transport's protocol: asyncio may deliver the
     first application data (TLS 1.3 clients send their request with the Finished message) before
     `start_tls` returns, so it is held here and replayed once aiohttp's handler owns the connection.
     """
@@ -248,6 +258,11 @@ class TlsGate(asyncio.Protocol):
         # meanwhile would reach this gate instead of TLS, and the handshake would stall.
         stream = socket_transport(transport)
         peer = self._client or stream.get_extra_info("peername")
+        if getattr(self._app, "takes_tls_records", False):  # the gateway's own server: the handshake is ours too
+            handshake = _Handshake(self, stream, peer)
+            stream.set_protocol(handshake)
+            handshake.start(self._preread)
+            return
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         tls_protocol = _AlertingSSLProtocol(
@@ -287,8 +302,6 @@ class TlsGate(asyncio.Protocol):
                 self._on_refused(reason)
             return
         tls: asyncio.Transport = tls_protocol._app_transport
-        if getattr(self._app, "takes_tls_records", False):  # the gateway's own server (aiohttp's keeps asyncio's)
-            tls = _take_records(tls_protocol, self._client, self._closed) or tls
         tls.set_protocol(self._app)
         self._app.connection_made(tls)
         for chunk in self._early:
@@ -319,37 +332,140 @@ class TlsGate(asyncio.Protocol):
         self._closed()
 
 
-def _take_records(
-    tls_protocol: _AlertingSSLProtocol, client: tuple[str, int] | None, closed: Callable[[], None]
-) -> TlsRecords | None:
-    """The connection asyncio's TLS protocol has just handshaken, taken over by `TlsRecords` (None: not now).
+class _Handshake(asyncio.BufferedProtocol):
+    """The TLS handshake of a connection the gateway's own server will take (`takes_tls_records`), driven here.
 
-    Taken: the `SSLObject` and its two memory BIOs (with whatever the device sent after its Finished message,
-    still undecrypted). asyncio's protocol is then left with nothing: no socket, no application transport, so
-    it is dropped (its buffers, futures and attributes were about 3 KiB of every held long-poll). Not taken
-    when the handshake's connection is already ending (the device closed, or the socket transport is
-    closing): asyncio's protocol then sees that end through, as before. These are `SSLProtocol`'s own
-    attributes (CPython 3.11's); `tests/integration/test_tls_records.py` fails if they move.
+    The `SSLObject` is made on two fresh memory BIOs; each read goes into the incoming one and `do_handshake`
+    is called again, and whatever OpenSSL wrote (its flights, or the fatal alert of a refusal) is sent at once.
+    One timer bounds the handshake (`listener.handshake_timeout`). No asyncio `SSLProtocol`, no task, no future:
+    the same objects on asyncio's loop and on uvloop. What it does at each end is what `TlsGate` and
+    `_AlertingSSLProtocol` do for aiohttp's server, with the same log events, reasons and counters:
+
+    - done: the records go to `TlsRecords` on new BIOs (the handshake's flights freed), the server is given it,
+      and what the device sent with its Finished message (TLS 1.3: often its request) is served;
+    - refused (OpenSSL ended the handshake): its alert is sent, then FIN, and the socket goes to `_Drain`;
+    - the device ended or reset the connection: an empty connection (counted) if it never sent a byte, else an
+      abandoned handshake; the timeout is an abandoned handshake too, in asyncio's words ("taking longer").
     """
-    p: Any = tls_protocol
-    stream: asyncio.Transport | None = p._transport
-    if stream is None or stream.is_closing() or p._state != sslproto.SSLProtocolState.WRAPPED or p._eof_received:
-        return None
-    if p._write_backlog or p._app_reading_paused:  # nothing writes or pauses before the server has it
-        return None
-    if p._outgoing.pending:
-        stream.write(p._outgoing.read())
-    # The handshake's flights stay in the BIOs' buffers for the connection's life unless the BIOs are new
-    # (proxy.tls.openssl.fresh_bios: 3 KiB of every held long-poll).
-    incoming, outgoing = fresh_bios(p._sslobj, p._incoming, p._outgoing) or (p._incoming, p._outgoing)
-    records = TlsRecords(
-        stream, p._sslobj, incoming, outgoing, (p._ssl_buffer, p._ssl_buffer_view), peername=client, closed=closed
-    )
-    if p._app_transport is not None:
-        p._app_transport._closed = True  # asyncio's "unclosed transport" warning: it is closed, by us
-    p._app_transport = p._app_protocol = p._transport = p._incoming = p._outgoing = None
-    stream.set_protocol(records)
-    return records
+
+    __slots__ = ("_buffer", "_gate", "_incoming", "_outgoing", "_peer", "_received", "_sslobj", "_stream", "_timer")
+
+    def __init__(self, gate: TlsGate, stream: asyncio.Transport, peer: object) -> None:
+        self._gate = gate
+        self._stream: asyncio.Transport | None = stream  # None once the handshake has ended, however
+        self._peer = peer
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._sslobj = gate._ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._received = False  # whether the device has sent a byte (an empty connection ends before its first)
+        self._timer: asyncio.TimerHandle | None = None
+        self._buffer = _read_buffer(_AlertingSSLProtocol.max_size)  # the TLS connections of this thread share it
+
+    def start(self, preread: bytes) -> None:
+        """The timeout starts; bytes read before this protocol owned the socket (after a PROXY header) go first."""
+        self._timer = asyncio.get_running_loop().call_later(self._gate._timeout, self._expired)
+        if preread:
+            self._received = True
+            self._incoming.write(preread)
+            self._step()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer[1]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._stream is None:
+            return
+        self._received = True
+        self._incoming.write(self._buffer[1][:nbytes])
+        self._step()
+
+    def _step(self) -> None:
+        stream = self._stream
+        assert stream is not None
+        try:
+            self._sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            if self._outgoing.pending:
+                stream.write(self._outgoing.read())
+            return
+        except OSError as exc:  # ssl.SSLError: OpenSSL refused it, and its alert is in the outgoing BIO
+            self._refused(stream, exc)
+            return
+        self._done(stream)
+
+    def _done(self, stream: asyncio.Transport) -> None:
+        self._end()
+        gate = self._gate
+        if self._outgoing.pending:  # the server's last flight (TLS 1.2), the session tickets (TLS 1.3)
+            stream.write(self._outgoing.read())
+        # The handshake's flights stay in the BIOs' buffers for the connection's life unless the BIOs are new
+        # (proxy.tls.openssl.fresh_bios: 3 KiB of every held long-poll).
+        incoming, outgoing = fresh_bios(self._sslobj, self._incoming, self._outgoing) or (
+            self._incoming,
+            self._outgoing,
+        )
+        records = TlsRecords(
+            stream,
+            self._sslobj,
+            incoming,
+            outgoing,
+            self._buffer,
+            peername=gate._client,
+            closed=gate._closed,
+        )
+        stream.set_protocol(records)
+        records.set_protocol(gate._app)
+        gate._app.connection_made(records)
+        records.read_early()
+
+    def _refused(self, stream: asyncio.Transport, exc: BaseException) -> None:
+        """OpenSSL's alert, FIN, and a lingering drain; logged and counted as a refusal."""
+        self._end()
+        with contextlib.suppress(Exception):
+            if self._outgoing.pending:
+                stream.write(self._outgoing.read())
+            stream.set_protocol(_Drain(stream, self._gate._closed))
+            stream.write_eof()
+        reason = handshake_reason(exc)
+        log.warning(
+            "tls_handshake_refused", stage="tls", peer=peer_text(self._peer), reason=reason, fix=handshake_fix(reason)
+        )
+        if self._gate._on_refused is not None:
+            self._gate._on_refused(reason)
+
+    def _expired(self) -> None:
+        self._timer = None
+        stream = self._stream
+        if stream is None:
+            return
+        self._end()
+        reason = f"SSL handshake is taking longer than {self._gate._timeout} seconds: aborting the connection"
+        log.info("tls_handshake_abandoned", peer=peer_text(self._peer), reason=reason)
+        stream.abort()  # its connection_lost comes here, and gives the slot back
+
+    def _left(self, exc: BaseException) -> None:
+        """The device ended the connection mid-handshake: empty if it never sent a byte, else abandoned."""
+        self._end()
+        if isinstance(exc, ConnectionResetError) and not self._received:
+            self._gate._empty(self._peer)
+        else:
+            log.info("tls_handshake_abandoned", peer=peer_text(self._peer), reason=handshake_reason(exc))
+
+    def _end(self) -> None:
+        self._stream = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def eof_received(self) -> bool | None:
+        if self._stream is not None:
+            self._left(ConnectionResetError())  # asyncio's protocol's words for it
+        return False  # the socket transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stream is not None:
+            self._left(exc if exc is not None else ConnectionResetError())
+        self._gate._closed()
 
 
 def socket_transport(transport: asyncio.BaseTransport) -> asyncio.Transport:

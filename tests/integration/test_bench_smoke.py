@@ -1,7 +1,7 @@
 """`make bench` runs its whole course on a tiny scale: every phase ends and writes the figures the README uses.
 
 No figure is judged here (timings never go into `make test`); what is pinned is that each measurement ran and
-produced its keys: the fixed-rate run of bench.paced, the uvloop column, two workers against one, the held
+produced its keys: the fixed-rate run of bench.paced, the asyncio column, two workers against one, the held
 long-polls and where their memory goes (bench.traced). The bench's tools (nginx, wrk, gcc, libssl-dev) come
 from `make bench-setup`, which `make test` runs first.
 """
@@ -17,25 +17,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
-    """Each phase runs end to end against real nginx, the real gateway (asyncio and uvloop) and the plain proxy;
-    the JSON has the fixed-rate latencies, the scaling ratio, the uvloop column and the memory breakdown."""
+    """Each phase runs end to end against real nginx, the real gateway (uvloop, the default, and asyncio) and the
+    plain proxy; the JSON has the fixed-rate latencies, the scaling ratio, the asyncio column and the memory
+    breakdown."""
     out = tmp_path / "bench.json"
     argv = [sys.executable, "-m", "bench.run", "--seconds", "1", "--rounds", "1", "--held", "40", "--users", "4"]
     argv += ["--traced", "20", "--rate", "100", "--json", str(out)]
     run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads(out.read_text())
-    for column in ("gateway", "gateway_uvloop", "plain", "nginx"):
+    for column in ("gateway", "gateway_asyncio", "plain", "nginx"):
         paced = figures["paced"][column]
         assert paced["answered"] == paced["sent"] == 100, paced
         assert paced["errors"] == 0
         assert paced["p50_ms"] <= paced["p99_ms"] <= paced["max_ms"]
-    assert figures["keepalive"]["gateway_uvloop"][0]["requests"] > 0
-    assert figures["handshakes"]["gateway_uvloop"][0]["requests"] > 0
+    assert figures["keepalive"]["gateway_asyncio"][0]["requests"] > 0
+    assert figures["handshakes"]["gateway_asyncio"][0]["requests"] > 0
     assert figures["scaling"]["throughput_ratio"] > 0
     assert figures["scaling"]["two_workers"]["runs"][0]["errors"] == 0
     assert figures["scaling"]["two_workers"]["machine_cores_busy"] > 0
-    assert figures["held"]["gateway_uvloop"]["held"] == 40
+    assert figures["held"]["gateway_asyncio"]["held"] == 40
     breakdown = figures["held_breakdown"]
     assert breakdown["held"] == 20
     # files named as parts (bench.run.module_of): the device connection of each held request is there

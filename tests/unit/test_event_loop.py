@@ -17,10 +17,10 @@ def _with(value: str) -> str:
     return GOOD.replace("[listener]\n", f"[listener]\nevent_loop = {value}\n", 1)
 
 
-def test_asyncio_is_the_default_and_uvloop_is_accepted(tmp_path: Path) -> None:
-    """No key: asyncio's own loop; "uvloop" is taken where the package imports."""
-    assert config.load(_write(tmp_path, GOOD)).listener.event_loop == "asyncio"
-    assert config.load(_write(tmp_path, _with('"uvloop"'))).listener.event_loop == "uvloop"
+def test_uvloop_is_the_default_and_asyncio_is_accepted(tmp_path: Path) -> None:
+    """No key: uvloop (where the package imports); "asyncio" takes asyncio's own loop."""
+    assert config.load(_write(tmp_path, GOOD)).listener.event_loop == "uvloop"
+    assert config.load(_write(tmp_path, _with('"asyncio"'))).listener.event_loop == "asyncio"
 
 
 @pytest.mark.parametrize("value", ['"trio"', '"UVLOOP"', "1", "true"])

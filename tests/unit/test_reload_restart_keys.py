@@ -24,7 +24,7 @@ READ_AT_START = [
     ("max_header_bytes", "max_header_bytes = 65536"),
     ("max_connections", "max_connections = 50"),
     ("proxy_protocol", 'proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/24"]'),
-    ("event_loop", 'event_loop = "uvloop"'),
+    ("event_loop", 'event_loop = "asyncio"'),
     ("http_server", 'http_server = "aiohttp"'),
 ]
 
