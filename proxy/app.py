@@ -34,7 +34,7 @@ from proxy.directory import Directory
 from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed, TransferCodingNotImplemented
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
-from proxy.observability.logging import summary_line
+from proxy.observability.logging import summary_fields
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
@@ -128,7 +128,7 @@ def _refused(e: GatewayError, trace: Trace) -> tuple[CIMultiDict[str], bytes]:
 
 
 def _end(live: Live, trace: Trace, status: int) -> None:
-    summary_line("request", status=status, **trace.summary())
+    summary_fields("request", trace.summary(status=status))
     live.metrics.observe(trace, status)
     live.traces.record(trace, status, live.config.traces)
 
@@ -242,7 +242,7 @@ def _unparsed(live: Live, remote: str | None, status: int) -> None:
     trace.note(method=None, path=None, client=remote)
     trace.note(refused_stage="request", refusal="request_unparsed", reason="the request could not be parsed")
     structlog.contextvars.clear_contextvars()
-    summary_line("request", status=status, **trace.summary())
+    summary_fields("request", trace.summary(status=status))
     live.metrics.observe(trace, status)
 
 

@@ -32,7 +32,7 @@ from proxy.backend import headers
 from proxy.backend.forward import Authorization, Handover, Pools, forward_device
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
-from proxy.certs.memo import ChainFacts, VerifiedChains
+from proxy.certs.memo import ChainFacts, Presented, PresentedCertificates, VerifiedChains
 from proxy.certs.restrictions import Admission, admit
 from proxy.certs.revocation import CrlSet
 from proxy.config import Config, Identity, Route
@@ -47,7 +47,7 @@ from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegator
 from proxy.observability.trace import Trace
 from proxy.target import checked_host, origin_form
-from proxy.tls.peer import presented_certificate, tls_facts
+from proxy.tls.peer import presented_der, tls_facts
 
 log = structlog.get_logger("proxy")
 
@@ -68,6 +68,12 @@ class Gateway:
     def chains(self) -> VerifiedChains:
         """Validated chains by certificate, for this trust list (bench: the costliest stage otherwise)."""
         return VerifiedChains(self.trust)
+
+    @cached_property
+    def presented(self) -> PresentedCertificates:
+        """Each TLS connection's certificate as the certificate stages read it, checked on every request
+        (`PresentedCertificates`): a keep-alive request neither parses it nor looks its chain up again."""
+        return PresentedCertificates(self.chains)
 
     @cached_property
     def identify(self) -> ChainFacts[UserPrincipal]:
@@ -119,11 +125,17 @@ def forget_tickets(gw: Gateway, leaf: x509.Certificate) -> None:
             gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}")
 
 
-async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, now: datetime) -> UserPrincipal:
-    """The certificate stages: chain, restrictions, revocation, identity."""
+async def certificate_user(
+    gw: Gateway, leaf: x509.Certificate, trace: Trace, now: datetime, *, presented: Presented | None = None
+) -> UserPrincipal:
+    """The certificate stages: chain, restrictions, revocation, identity. `presented`: the connection's reading
+    of `leaf` (`Gateway.presented`), which remembers the chain for the connection's later requests."""
     with trace.stage("certificate"):
         try:
-            verified = gw.chains.verify(leaf, at=now)
+            if presented is not None:
+                verified = gw.presented.verify(presented, at=now)
+            else:
+                verified = gw.chains.verify(leaf, at=now)
         except Exception:  # the refusal's log line names the certificate
             trace.note(cert_subject=leaf.subject.rfc4514_string(), cert_issuer=leaf.issuer.rfc4514_string())
             trace.note(cert_serial=format(leaf.serial_number, "x"))
@@ -207,6 +219,13 @@ async def backend_authorization(
     return Handover(delegation.authorization()), delegation.principal  # `forward_device` takes it once
 
 
+def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
+    """The certificate the request's connection presents, as the connection's earlier requests read it if its
+    bytes are the same (`PresentedCertificates`); None without one."""
+    peer = presented_der(request)
+    return gw.presented.read(*peer) if peer is not None else None
+
+
 async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     now = datetime.now(UTC)
     target = origin_form(request.raw_path)  # before any stage: the path the backend will act on
@@ -216,8 +235,9 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     route = gw.config.route_for(target.path, request.host)
     with trace.stage("tls"):
         trace.note(**tls_facts(request))
-        leaf = presented_certificate(request)
-    certified = await certificate_user(gw, leaf, trace, now) if leaf is not None else None
+        presented = _presented(gw, request)
+        leaf = presented.leaf if presented is not None else None
+    certified = await certificate_user(gw, leaf, trace, now, presented=presented) if leaf is not None else None
     with trace.stage("authentication"):
         auth = await authenticate(gw.basic, gw.config.authentication.mode, request, certified, route)
         user = auth.user
@@ -231,7 +251,7 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         authorization, principal = await backend_authorization(gw, auth, route, trace)
     with trace.stage("backend"), gw.revocation.watch(request):  # ended if the certificate is revoked meanwhile
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
-        del leaf  # this request's copy of the certificate (the chain memo keeps its own): not kept while held
+        del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
         result = await forward_device(request, route, gw.pools, principal, authorization, context, target)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
     if route.backend_binding == "connection":

@@ -56,9 +56,10 @@ class Trace:
         """Facts of `stage` for the trace record only (not the summary line)."""
         self.details.setdefault(stage, {}).update(facts)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, **first: Any) -> dict[str, Any]:
+        """The summary line's fields: `first` (the status), the request id, the facts, the stages' times."""
         total = round((time.perf_counter() - self.started) * 1000, 3)
-        return {"request_id": self.id, **self.facts, "ms": {**self.ms, "total": total}}
+        return {**first, "request_id": self.id, **self.facts, "ms": {**self.ms, "total": total}}
 
 
 class _Stage:

@@ -12,10 +12,19 @@ from proxy.device.request import DeviceRequest
 
 def presented_certificate(request: DeviceRequest) -> x509.Certificate | None:
     """The leaf certificate the client presented (OpenSSL verified it in the handshake), or None."""
+    presented = presented_der(request)
+    return x509.load_der_x509_certificate(presented[1]) if presented is not None else None
+
+
+def presented_der(request: DeviceRequest) -> tuple[ssl.SSLObject, bytes] | None:
+    """The TLS connection and the DER bytes of the leaf certificate its client presented (OpenSSL verified it in
+    the handshake), or None. Read on every request: what is remembered per connection is checked against it."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
-    return x509.load_der_x509_certificate(der) if der else None
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return (ssl_object, der) if der else None
 
 
 def tls_facts(request: DeviceRequest) -> dict[str, object]:

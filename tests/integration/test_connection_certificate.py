@@ -1,0 +1,67 @@
+"""A keep-alive connection's certificate is read once per connection (`PresentedCertificates`), and checked per
+request: a certificate that expires while its connection is open is refused on that connection's next request."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.lab.layout import LabLayout
+from proxy.lab.pki import Pki, UserSpec, issue_user, write_key, write_pem
+from tests.integration.conftest import Gateway, client_context
+
+LIFE = 6  # seconds from issue to the certificate's notAfter: time for a handshake and a first request
+
+
+def test_a_certificate_expiring_on_an_open_connection_is_refused_on_it(
+    lab: LabLayout, gateway: Gateway, tmp_path: Path
+) -> None:
+    """alice's certificate expires a few seconds after her connection's first request: the next request on the
+    same TLS connection is refused (403, the certificate stage) instead of being served from the connection's
+    memory, and the refusal is logged as an expired certificate."""
+    gateway.mark()
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = datetime.now(UTC)
+    cert = issue_user(  # "valid" is a year from `now`: a `now` a year less LIFE seconds back ends LIFE s from here
+        Pki.at(lab.pki_dir),
+        UserSpec(upn="alice@lab.test", email="alice-expiring@lab.test"),
+        key,
+        now=issued - timedelta(days=365) + timedelta(seconds=LIFE),
+    )
+    write_pem(tmp_path / "expiring.pem", [cert])
+    write_key(tmp_path / "expiring.key", key)
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", gateway.port, context=client_context(lab, str(tmp_path / "expiring")), timeout=30
+    )
+    try:
+        conn.request("GET", "/owa/")
+        first = conn.getresponse()
+        assert (first.status, first.read() != b"") == (200, True)
+        assert conn.sock is not None
+        local = conn.sock.getsockname()
+        served = 1
+        deadline = time.monotonic() + LIFE + 30
+        while True:  # the same connection, until the certificate's notAfter has passed
+            conn.request("GET", "/owa/")
+            answer = conn.getresponse()
+            body = answer.read().decode(errors="replace")
+            if answer.status != 200:
+                break
+            assert datetime.now(UTC) <= cert.not_valid_after_utc + timedelta(seconds=1), "served after notAfter"
+            assert time.monotonic() < deadline
+            served += 1
+            time.sleep(0.2)
+        assert conn.sock is not None
+        assert conn.sock.getsockname() == local  # one TCP (and TLS) connection all along
+        assert answer.status == 403, body
+        assert answer.getheader("X-KCD-Refused-Stage") == "certificate"
+        assert "expired" in body
+        assert datetime.now(UTC) > cert.not_valid_after_utc
+        assert served >= 2  # the connection's memory was used before it ended
+        gateway.wait_event("certificate_rejected", cert_subject="CN=alice-expiring")
+    finally:
+        conn.close()
