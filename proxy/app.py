@@ -31,7 +31,7 @@ from proxy.device.aiohttp_side import AiohttpRequest
 from proxy.device.request import DeviceRequest
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
 from proxy.directory import Directory
-from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed
+from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed, TransferCodingNotImplemented
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
 from proxy.observability.logging import summary_fields
@@ -97,8 +97,14 @@ def _refuse_smuggling(request: DeviceRequest) -> None:
         raise MethodNotAllowed(f"{request.method} is not forwarded")
     if "://" in request.raw_path.partition("?")[0]:  # the target as sent (aiohttp's request.url is always absolute)
         raise BadRequest("absolute-form request targets are not accepted here")
-    if request.version < (1, 1) and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+    codings = [c.strip().lower() for v in request.headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
+    if request.version < (1, 1) and "chunked" in codings:
         raise BadRequest("chunked transfer coding is not allowed with HTTP/1.0")
+    if any(coding != "chunked" for coding in codings):  # llhttp lets `gzip, chunked` through
+        raise TransferCodingNotImplemented(
+            "only the chunked transfer coding is accepted",
+            hint=f"Transfer-Encoding: {', '.join(codings)}; the body would reach the backend still coded",
+        )
 
 
 def _begin(live: Live, request: DeviceRequest) -> Trace:
@@ -271,7 +277,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
     listener = config.listener
     slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
-    live.metrics.accepted_connections = lambda: slots.open
+    live.metrics.accepted_connections = lambda: slots.connections
     live.metrics.connection_limit = listener.max_connections
     per_address = listener.max_connections_per_address
     cap = AddressCap(per_address, on_refused=live.metrics.address_connections_refused) if per_address else None

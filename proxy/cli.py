@@ -144,9 +144,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell tool whose reader went away exits with
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except BrokenPipeError:  # `kcd-proxy trace | head`: the reader has all it wanted; nothing more to say
+        # Python ignores SIGPIPE, so a write raises instead; the interpreter's last flush of stdout would raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
     return code
 
 

@@ -32,6 +32,13 @@ class BadRequest(GatewayError):
     event = "request_refused"
 
 
+class TransferCodingNotImplemented(BadRequest):
+    """A request body in a transfer coding other than chunked (gzip, deflate): the gateway does not decode it, and
+    forwarding the bytes without the coding would change the body (RFC 9112 6.1: 501)."""
+
+    status = 501
+
+
 class MethodNotAllowed(GatewayError):
     """TRACE, TRACK and CONNECT: a gateway echoes nothing back (TRACE would show the device the gateway's own
     headers) and tunnels nothing."""

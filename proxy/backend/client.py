@@ -16,6 +16,8 @@ or, once the answer has begun, the device's connection is cut) when it is:
 - not HTTP/1.x, or a head over `MAX_HEAD_BYTES` or with more than `MAX_HEAD_FIELDS` fields;
 - framed two ways (Content-Length and Transfer-Encoding), with two Content-Lengths, or with a chunk size
   that is not hexadecimal (llhttp's own checks);
+- in a transfer coding other than chunked (`gzip, chunked`: the coding is hop-by-hop, so the device would get
+  the coded bytes without it);
 - a `101 Switching Protocols` (the gateway never asks for an upgrade), a second answer to one request,
   a body after the answer to HEAD, or any byte while no request is outstanding.
 Interim answers (100, 102, 103) are read and dropped, as aiohttp did. HEAD answers and 204/304 have no
@@ -413,7 +415,10 @@ class BackendConnection(asyncio.Protocol):
             self._fields = []
             return
         headers: CIMultiDict[str] = CIMultiDict(self._fields)
-        chunked = headers.get("Transfer-Encoding", "").rsplit(",", 1)[-1].strip().lower() == "chunked"
+        codings = [c.strip().lower() for v in headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
+        if any(coding != "chunked" for coding in codings):  # the device would get the coded bytes, the coding dropped
+            raise BackendProtocolError(f"the answer's transfer coding is not decoded here: {', '.join(codings)}")
+        chunked = bool(codings)  # llhttp refuses `chunked` twice
         length = headers.get("Content-Length")
         bodyless = self._head_method or status in (204, 304)
         self._until_close = not bodyless and length is None and not chunked

@@ -15,7 +15,7 @@ Content-Length with Transfer-Encoding, two Content-Lengths, a length that is not
 Transfer-Encoding other than a final `chunked` (`chunked, chunked` included), obs-fold, bare LF, CR or
 NUL or other controls in a field, a bad chunk size, a method or a version it does not know. On top of
 llhttp, as aiohttp did: a request target over `MAX_TARGET_BYTES`, a field name or value over
-`max_field_bytes`, more than `MAX_FIELDS` fields, HTTP/1.1 without `Host`, and two `Host` fields are
+`max_field_bytes`, more than `MAX_FIELDS` fields, HTTP/1.1 without `Host`, two `Host` or `Transfer-Encoding` fields are
 400, and so is a request asking for an `Upgrade` (or CONNECT) that carries a body (llhttp reads nothing
 after such a head); HTTP/0.9 (a request line without a version) reaches the pipeline, which refuses it (400).
 
@@ -563,6 +563,8 @@ class DeviceConnection(asyncio.Protocol):
         if self._hosts > 1:
             raise _Refused("two Host header fields")
         fields = self._fields
+        if len(fields.getall("Transfer-Encoding", ())) > 1:  # llhttp reads all; the framing below reads one field
+            raise _Refused("two Transfer-Encoding header fields")  # as aiohttp's parser refuses them
         length = fields.get("Content-Length")
         has_body = "chunked" in fields.get("Transfer-Encoding", "").lower() or (
             length is not None and int(length) > 0  # llhttp checked it is digits

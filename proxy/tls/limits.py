@@ -70,9 +70,15 @@ class ConnectionSlots:
 
     def __init__(self, limit: int, *, on_wait: Callable[[], None] | None = None) -> None:
         self.limit = limit
-        self.open = 0
+        self.open = 0  # slots taken: the open connections, and one per accept loop waiting for its next connection
+        self.accepting = 0  # of those, the accept loops' (`accept_connections`)
         self._on_wait = on_wait
         self._freed = asyncio.Event()
+
+    @property
+    def connections(self) -> int:
+        """Connections open now, from accept to close (the `kcd_listener_connections` gauge)."""
+        return self.open - self.accepting
 
     async def take(self) -> Callable[[], None]:
         """A slot, once one is free; call the function returned (once or more) when its connection closes."""
@@ -211,6 +217,7 @@ async def accept_connections(
     loop = asyncio.get_running_loop()
     while True:
         give_back = await slots.take()
+        slots.accepting += 1
         try:
             conn, peer = await loop.sock_accept(sock)
         except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the connection stays in the backlog meanwhile
@@ -221,6 +228,8 @@ async def accept_connections(
         except BaseException:
             give_back()
             raise
+        finally:
+            slots.accepting -= 1
         if cap is not None:
             admitted = cap.admit(peer, give_back)
             if admitted is None:

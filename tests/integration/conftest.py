@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,13 @@ def gateway(lab: LabLayout, other_backend: str, tmp_path_factory: pytest.TempPat
     gw = start_gateway(lab, tmp_path_factory.mktemp("gateway"), lab_config(lab, port=free_port(), extra=extra))
     yield gw
     gw.stop()
+
+
+def metric(admin: str, name: str) -> float:
+    """The value of metric `name` (its samples summed) on the gateway's admin listener at URL `admin`."""
+    with urllib.request.urlopen(admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
+        text = r.read().decode()
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.split(" ")[0] == name)
 
 
 def client_context(lab: LabLayout, user: str | None) -> ssl.SSLContext:

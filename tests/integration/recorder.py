@@ -125,6 +125,19 @@ def _chunks_complete(body: bytes) -> bool:
             return False
 
 
+def read_until_closed(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """Everything `sock` reads until the gateway ends the connection (a TLS error or a reset ends it too)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ssl.SSLError, ConnectionResetError, TimeoutError):
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
 def dechunk(body: bytes) -> bytes:
     """The payload of a chunked body."""
     out, at = b"", 0

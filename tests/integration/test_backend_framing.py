@@ -187,6 +187,14 @@ BAD = [
     (b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", "four-digit status"),
     (b"hello, this is not HTTP\r\n\r\n", "HTTP/0.9 or garbage"),
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "unasked upgrade"),
+    # transfer codings the gateway does not decode: the device would get the coded bytes without the coding
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n", "gzip, chunked"),
+    (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
+        "gzip then chunked, two fields",
+    ),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00", "gzip to the close"),
 ]
 
 
@@ -324,6 +332,53 @@ def test_interim_answers_are_dropped_and_the_final_one_passes() -> None:
     interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
     (outcome,), _ = run(answering(interim + ok(b"final")), ("GET", "/a"))
     assert (outcome.status, outcome.body) == (200, b"final")
+
+
+def test_two_100_continues_are_dropped_and_the_final_answer_passes() -> None:
+    """A backend that sends 100 Continue twice (and 102 between) before its answer: all dropped, the answer
+    passes, and its connection serves the next request."""
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
+    outcomes, backend = run(answering(interim + ok(b"final"), ok(b"next")), ("GET", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"final"), (200, b"next")]
+    assert len(backend.conns) == 1
+
+
+def test_a_flood_of_interim_answers_is_502_and_the_connection_is_not_reused() -> None:
+    """Interim answers count toward the answer head's bound (64 KiB): 5000 of them (130 KB) in front of an answer
+    are a 502, and the next request goes on a new connection."""
+    flood = b"HTTP/1.1 102 Processing\r\n\r\n" * 5000
+    outcomes, backend = run(answering(flood + ok(b"late"), ok(b"fine")), ("GET", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes][1] == (200, b"fine")
+    assert outcomes[0].status == 502, outcomes[0]
+    assert len(backend.conns) == 2
+
+
+def test_an_answer_before_the_body_is_taken_passes_and_its_connection_is_never_reused() -> None:
+    """A backend that answers 413 (keep-alive, framed) after reading only the head of a 4 MB upload: the device
+    gets the 413 whole, and the next request goes on a new backend connection (on the old one, the rest of the body
+    would have been read as the next request's bytes)."""
+
+    async def serve(conn: Conn) -> None:
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        conn.requests.append(head)
+        if head.startswith(b"POST "):
+            await conn.send(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
+            await asyncio.sleep(30)  # reads nothing more, keeps the connection open
+            return
+        await conn.send(ok(b"fine"))
+        while await conn.request():
+            await conn.send(ok(b"fine"))
+
+    async def case() -> tuple[list[Outcome], Backend]:
+        async with gateway(serve) as (url, backend), aiohttp.ClientSession() as session:
+            first = await ask(session, url + "/upload", "POST", b"x" * (4 << 20))
+            second = await ask(session, url + "/after")
+            return [first, second], backend
+
+    (first, second), backend = on_loop("asyncio", asyncio.wait_for(case(), 60))
+    assert (first.status, first.body) in ((413, b"too big!"), (None, b"")), first  # the device may see the cut first
+    assert (second.status, second.body) == (200, b"fine")
+    assert [c.requests[0].split(b" ", 2)[:2] for c in backend.conns] == [[b"POST", b"/upload"], [b"GET", b"/after"]]
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

@@ -69,3 +69,32 @@ def test_a_mistake_is_named_with_the_commands_exit_code(
     assert "Traceback" not in output
     if command in ("explain", "doctor", "run"):
         assert done.stdout == ""  # the verdict's place stays empty: the problem is on stderr
+
+
+@pytest.mark.parametrize("command", ["explain", "check-config", "lab env"])
+def test_a_reader_that_went_away_ends_the_command_quietly(lab: LabLayout, tmp_path: Path, command: str) -> None:
+    """A command whose output pipe has no reader (`kcd-proxy explain ... | head -1` once head has exited) ends
+    with 141 (as a shell tool killed by SIGPIPE) and nothing on stderr: no traceback, no critical log line."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(lab_config(lab, port=free_port()))
+    argv = {
+        "explain": ["explain", "--config", str(config), "--cert", str(lab.pki_dir / "users" / "alice.pem"), "--json"],
+        "check-config": ["check-config", str(config)],
+        "lab env": ["lab", "env", "--dir", str(lab.root)],
+    }[command]
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            check=False,
+            env={**os.environ, **lab.env()},
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -11,7 +11,6 @@ import asyncio
 import socket
 import ssl
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway, wait_port
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder
 
@@ -43,9 +42,7 @@ class Scene:
     server: str
 
     def gauge(self, name: str) -> float:
-        with urllib.request.urlopen(self.admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
-            text = r.read().decode()
-        return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.split(" ")[0] == name)
+        return metric(self.admin, name)
 
     def sockets_to(self, port: int) -> int:
         """How many of the gateway's sockets are connected to 127.0.0.1:`port` (any TCP state)."""

@@ -291,3 +291,44 @@ def test_a_connection_whose_protocol_cannot_be_made_does_not_end_the_accept_loop
             listener.close()
 
     asyncio.run(scenario())
+
+
+def test_the_connections_gauge_counts_connections_not_the_slot_an_idle_accept_holds() -> None:
+    """`kcd_listener_connections` reads `ConnectionSlots.connections`: 0 on a listener nobody has connected to
+    (each accept loop holds a slot while it waits, so `open` was 1 per listening socket on an idle gateway), 1
+    while one connection is open, 0 again once it has closed."""
+
+    class Hold(asyncio.Protocol):
+        def __init__(self, give_back: Any) -> None:
+            self.give_back = give_back
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.give_back()
+
+    async def counted(slots: ConnectionSlots, wanted: int) -> None:
+        async with asyncio.timeout(30):
+            while slots.connections != wanted:  # noqa: ASYNC110  a counter, polled as a probe would
+                await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # IPv4 and IPv6, say
+        slots = ConnectionSlots(10)
+        tasks = []
+        for listener in listeners:
+            listener.setblocking(False)
+            tasks.append(asyncio.create_task(accept_connections(listener, Hold, slots)))
+        try:
+            await asyncio.sleep(0.05)  # both loops are waiting in accept
+            assert slots.open == 2
+            assert slots.connections == 0
+            _, writer = await asyncio.open_connection("127.0.0.1", listeners[0].getsockname()[1])
+            await counted(slots, 1)
+            writer.close()
+            await counted(slots, 0)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for listener in listeners:
+                listener.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,265 @@
+"""The TLS handshake as a hostile or broken device drives it, against both device-side servers: garbage, a
+ClientHello in one-byte records, a handshake dripped slower than `listener.handshake_timeout`, a device that ends
+or resets the connection mid-handshake, KeyUpdates after it (one, and a flood).
+
+Each case is sent on a raw socket, the TLS client an `ssl.SSLObject` on memory BIOs, so the test decides how its
+bytes are cut into records and reads. What the gateway holds afterwards is read from its admin listener
+(`kcd_listener_connections`: connections holding a slot of `listener.max_connections`), and each case ends with
+an ordinary request served on a new connection: the attack cost the gateway nothing lasting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.lab.layout import LabLayout
+from proxy.tls.openssl import _ssl as _ssl_pointer
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway, wait_port
+from tests.integration.jsonlog import eventually
+from tests.integration.recorder import Recorder, read_until_closed
+
+LIMIT_S = 3  # listener.handshake_timeout here
+GET = b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+@dataclass
+class Scene:
+    gw: Gateway
+    recorder: Recorder
+    admin: str
+    lab: LabLayout
+    server: str
+
+    def gauge(self, name: str) -> float:
+        return metric(self.admin, name)
+
+    def tcp(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.gw.port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def settled(self) -> None:
+        """No connection holds a slot any more, and alice is served on a new connection."""
+        eventually(lambda: self.gauge("kcd_listener_connections") == 0 or None, "every slot given back", timeout=60)
+        with client_context(self.lab, "alice").wrap_socket(self.tcp(), server_hostname="127.0.0.1") as tls:
+            tls.sendall(GET)
+            assert read_until_closed(tls).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.fixture(scope="module", params=["own", "aiohttp"])
+def scene(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    server = request.param
+    recorder = Recorder()
+    admin = free_port()
+    text = lab_config(lab, port=free_port())
+    listener = f'http_server = "{server}"\nhandshake_timeout = {LIMIT_S}\n'
+    text = text.replace("[listener]\n", "[listener]\n" + listener, 1)
+    text += f'\n[[routes]]\nprefix = "/rec/"\nupstream = "{recorder.url}"\nspn = "HTTP/cas.lab.test"\n'
+    text += f'[admin]\nbind = "127.0.0.1:{admin}"\n'
+    gw = start_gateway(lab, tmp_path_factory.mktemp(f"handshake-{server}"), text)
+    try:
+        wait_port(admin, gw.proc)
+        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
+        yield Scene(gw, recorder, f"http://127.0.0.1:{admin}", lab, server)
+    finally:
+        gw.stop()
+        recorder.close()
+
+
+def _records(data: bytes) -> list[tuple[int, bytes]]:
+    """TLS records (type, payload) in `data`, which holds whole ones."""
+    out = []
+    while data:
+        kind, _, length = struct.unpack("!BHH", data[:5])
+        out.append((kind, data[5 : 5 + length]))
+        data = data[5 + length :]
+    return out
+
+
+def _one_byte_records(data: bytes) -> bytes:
+    """The same records with each plaintext handshake record's payload cut into records of one byte each (those
+    after a ChangeCipherSpec, TLS 1.2's encrypted Finished, are ciphertext and stay whole)."""
+    out = b""
+    encrypted = False
+    for kind, payload in _records(data):
+        encrypted = encrypted or kind == 20
+        cut = kind == 22 and not encrypted
+        pieces = [payload[i : i + 1] for i in range(len(payload))] if cut else [payload]
+        out += b"".join(struct.pack("!BHH", kind, 0x0303, len(p)) + p for p in pieces)
+    return out
+
+
+class _Client:
+    """A TLS client on memory BIOs over a raw socket: the test cuts its bytes as it likes."""
+
+    def __init__(self, scene: Scene, version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> None:
+        ctx = client_context(scene.lab, "alice")
+        ctx.maximum_version = version
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+        self.sock = scene.tcp()
+
+    def hello(self) -> bytes:
+        with pytest.raises(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        return self.outgoing.read()
+
+    def handshake(self, cut: bool) -> None:
+        """The whole handshake, every flight of ours in one-byte records when `cut`."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            flight = self.outgoing.read()
+            if flight:
+                self.sock.sendall(_one_byte_records(flight) if cut else flight)
+            if done:
+                return
+            data = self.sock.recv(65536)
+            assert data, "the gateway closed the connection mid-handshake"
+            self.incoming.write(data)
+
+    def request(self, data: bytes) -> bytes:
+        self.tls.write(data)
+        self.sock.sendall(self.outgoing.read())
+        answer = b""
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                more = self.sock.recv(65536)
+                if not more:
+                    return answer
+                self.incoming.write(more)
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return answer
+            if not chunk:
+                return answer
+            answer += chunk
+
+
+def test_garbage_instead_of_a_client_hello_is_refused_and_costs_nothing(scene: Scene) -> None:
+    """Bytes that are not TLS, a handshake record of junk, a fatal alert instead of a ClientHello: the connection ends
+    at once (an alert at most), the refusal is logged, and the slot is given back."""
+    fatal_alert = b"\x15\x03\x01\x00\x02\x02\x28"  # handshake_failure, before any ClientHello
+    for junk in (
+        os.urandom(2048),
+        b"\x16\x03\x01\x00\x40" + os.urandom(64),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        fatal_alert,
+    ):
+        scene.gw.mark()
+        with scene.tcp() as sock:
+            sock.sendall(junk)
+            answer = read_until_closed(sock)
+        assert len(answer) < 64, answer  # an alert, or nothing: never an HTTP answer
+        scene.gw.wait_for("tls_handshake_refused", lambda e: True)
+    scene.settled()
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_a_client_hello_in_one_byte_records_is_served(scene: Scene, version: str) -> None:
+    """Every handshake message of the device cut into one-byte TLS records (RFC 8446 5.1 allows it; some
+    middleboxes and fuzzers do it): the handshake completes and the request is served as alice."""
+    client = _Client(scene, getattr(ssl.TLSVersion, version))
+    scene.recorder.taken()
+    with client.sock:
+        client.handshake(cut=True)
+        assert client.tls.version() == version.replace("_", ".")
+        answer = client.request(GET)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert [r.path for r in scene.recorder.taken()] == ["/rec/x"]
+    scene.settled()
+
+
+def test_a_handshake_dripped_slower_than_the_timeout_is_cut(scene: Scene) -> None:
+    """A device that sends its ClientHello a byte at a time, each byte before the last could time out an idle
+    wait: the handshake's deadline is counted from the connection's start, so it is cut at handshake_timeout."""
+    hello = _Client(scene).hello()
+    scene.gw.mark()
+    with scene.tcp() as sock:
+        start = time.monotonic()
+        cut = None
+        for byte in hello:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                cut = time.monotonic() - start
+                break
+            ready = _wait_readable(sock, 0.2)
+            if ready and not sock.recv(1, socket.MSG_PEEK):
+                cut = time.monotonic() - start
+                break
+        assert cut is not None, "the whole ClientHello was dripped in without the gateway ending the connection"
+    scene.gw.wait_for("tls_handshake_abandoned", lambda e: "longer than" in str(e.get("reason")))
+    assert cut < LIMIT_S * 10, cut  # far less than the drip's ~len(hello) * 0.2 s
+    scene.settled()
+
+
+def _wait_readable(sock: socket.socket, timeout: float) -> bool:
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+@pytest.mark.parametrize("how", ["fin", "reset", "half-hello-then-fin"])
+def test_a_device_that_leaves_mid_handshake_gives_its_slot_back(scene: Scene, how: str) -> None:
+    """The device sends its ClientHello (or half of it) and ends (FIN) or resets the connection before the
+    handshake completes: the gateway logs an abandoned handshake and gives the slot back at once, not at
+    handshake_timeout."""
+    hello = _Client(scene).hello()
+    scene.gw.mark()
+    sock = scene.tcp()
+    sock.sendall(hello if how != "half-hello-then-fin" else hello[: len(hello) // 2])
+    if how == "reset":
+        time.sleep(0.2)  # not a wait for anything: the gateway's ServerHello is under way
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    else:
+        sock.shutdown(socket.SHUT_WR)
+        read_until_closed(sock)
+        sock.close()
+    event = scene.gw.wait_for("tls_handshake_abandoned", lambda e: True, timeout=LIMIT_S - 0.5)
+    assert "longer than" not in str(event.get("reason"))
+    scene.settled()
+
+
+def _key_updates(client: _Client, count: int) -> None:
+    """`count` TLS 1.3 KeyUpdate messages from `client`, each asking for the gateway's (`SSL_key_update`, which
+    Python's `ssl` does not expose: called through ctypes on the client's `SSL`, found as proxy.tls.openssl finds
+    it), sent in one write."""
+    lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+    lib.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    pointer = _ssl_pointer(client.tls)
+    assert pointer is not None
+    for _ in range(count):
+        assert lib.SSL_key_update(pointer, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
+        client.tls.do_handshake()  # sends it (OpenSSL takes one pending update at a time)
+    client.sock.sendall(client.outgoing.read())
+
+
+@pytest.mark.parametrize("count", [1, 2000])
+def test_key_updates_after_the_handshake_are_answered_and_the_request_served(scene: Scene, count: int) -> None:
+    """After the handshake (TLS 1.3), KeyUpdates each asking for the gateway's (one; a flood of 2000 in one write),
+    then a request on the same connection: the gateway's records after them are readable under the updated keys
+    and the request is served (what OpenSSL answers by itself is sent: proxy.tls.record), once."""
+    client = _Client(scene)
+    scene.recorder.taken()
+    with client.sock:
+        client.handshake(cut=False)
+        _key_updates(client, count)
+        answer = client.request(GET)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert len(scene.recorder.taken()) == 1
+    scene.settled()
