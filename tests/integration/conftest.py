@@ -169,6 +169,21 @@ def start_gateway(lab: LabLayout, directory: Path, config_text: str) -> Gateway:
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def gateway_on_server(
+    lab: LabLayout, directory: Path, server: str, config_text: str, *, listener: str = ""
+) -> Iterator[Gateway]:
+    """`start_gateway` with `listener.http_server = server` and `listener`'s lines added to `config_text`'s
+    [listener] table, once its `listening` line names that server; stopped at the end."""
+    text = config_text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n{listener}', 1)
+    gw = start_gateway(lab, directory, text)
+    try:
+        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
+        yield gw
+    finally:
+        gw.stop()
+
+
 def _listening(gw: Gateway, admin: str | None, timeout: float = WAIT) -> bool:
     """Whether the gateway logged `listening` on its port, and `admin_listening` on `admin` when it has an admin
     listener (its own lines, not merely: something answers there, which another process holding that port

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder, dechunk, read_until_closed
 
@@ -47,15 +47,12 @@ def scene(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pyte
     server = request.param
     recorder = Recorder()
     text = lab_config(lab, port=free_port())
-    listener = f'http_server = "{server}"\nmax_header_bytes = {MAX_HEADER_BYTES}\nkeepalive_timeout = 3\n'
-    text = text.replace("[listener]\n", "[listener]\n" + listener, 1)
     text += f'\n[[routes]]\nprefix = "/rec/"\nupstream = "{recorder.url}"\nspn = "HTTP/cas.lab.test"\n'
-    gw = start_gateway(lab, tmp_path_factory.mktemp(f"device-{server}"), text)
+    listener = f"max_header_bytes = {MAX_HEADER_BYTES}\nkeepalive_timeout = 3\n"
     try:
-        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
-        yield Scene(gw, recorder, lab, server)
+        with gateway_on_server(lab, tmp_path_factory.mktemp(f"device-{server}"), server, text, listener=listener) as gw:
+            yield Scene(gw, recorder, lab, server)
     finally:
-        gw.stop()
         recorder.close()
 
 

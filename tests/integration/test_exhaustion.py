@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config, metric
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder
 
@@ -68,16 +68,13 @@ def scene(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pyte
         f"{key} = {LIMIT_S}\n"
         for key in ("handshake_timeout", "keepalive_timeout", "client_body_timeout", "client_send_timeout")
     )
-    text = text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n{limits}', 1)
     text += f'[[routes]]\nprefix = "/"\nupstream = "{recorder.url}"\nspn = "HTTP/cas.lab.test"\n'
     text += f'[admin]\nbind = "127.0.0.1:{admin}"\n'
-    gw = start_gateway(lab, tmp_path_factory.mktemp(f"exhaustion-{server}"), text)
+    directory = tmp_path_factory.mktemp(f"exhaustion-{server}")
     try:
-        wait_port(admin, gw.proc)
-        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
-        yield Scene(gw, recorder, f"http://127.0.0.1:{admin}", lab, server)
+        with gateway_on_server(lab, directory, server, text, listener=limits) as gw:
+            yield Scene(gw, recorder, f"http://127.0.0.1:{admin}", lab, server)
     finally:
-        gw.stop()
         recorder.close()
 
 

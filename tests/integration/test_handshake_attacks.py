@@ -24,7 +24,7 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from proxy.tls.openssl import _ssl as _ssl_pointer
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway, wait_port
+from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config, metric
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder, read_until_closed
 
@@ -62,17 +62,13 @@ def scene(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pyte
     recorder = Recorder()
     admin = free_port()
     text = lab_config(lab, port=free_port())
-    listener = f'http_server = "{server}"\nhandshake_timeout = {LIMIT_S}\n'
-    text = text.replace("[listener]\n", "[listener]\n" + listener, 1)
     text += f'\n[[routes]]\nprefix = "/rec/"\nupstream = "{recorder.url}"\nspn = "HTTP/cas.lab.test"\n'
     text += f'[admin]\nbind = "127.0.0.1:{admin}"\n'
-    gw = start_gateway(lab, tmp_path_factory.mktemp(f"handshake-{server}"), text)
+    directory = tmp_path_factory.mktemp(f"handshake-{server}")
     try:
-        wait_port(admin, gw.proc)
-        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
-        yield Scene(gw, recorder, f"http://127.0.0.1:{admin}", lab, server)
+        with gateway_on_server(lab, directory, server, text, listener=f"handshake_timeout = {LIMIT_S}\n") as gw:
+            yield Scene(gw, recorder, f"http://127.0.0.1:{admin}", lab, server)
     finally:
-        gw.stop()
         recorder.close()
 
 

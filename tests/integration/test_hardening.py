@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.identity.upn import UPN_OID
 from proxy.lab.layout import USERS, LabLayout
-from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway, wait_port
+from tests.integration.conftest import Gateway, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorded, Recorder, dechunk, raw_request
 
@@ -66,7 +66,6 @@ def hardening_scene(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory, ht
     listener (test_hardening_aiohttp runs these tests against aiohttp's server)."""
     recorders = {prefix: Recorder() for prefix in ("/", "/owa/", "/ecp/", "/basic/")}
     base = lab_config(lab, port=free_port()).split("[[routes]]", 1)[0]
-    base = base.replace("[listener]\n", f'[listener]\nhttp_server = "{http_server}"\n', 1)
     routes = "".join(
         f'[[routes]]\nprefix = "{prefix}"\nupstream = "{rec.url}"\nspn = "HTTP/cas.lab.test"\n'
         + ('backend_auth = "basic"\n' if prefix == "/basic/" else "")
@@ -75,13 +74,11 @@ def hardening_scene(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory, ht
     auth = '[authentication]\nmode = "certificate-or-basic"\nbasic_failures_per_address = 1000\n'
     admin = free_port()
     admin_table = f'[admin]\nbind = "127.0.0.1:{admin}"\n'
-    gw = start_gateway(lab, tmp_path_factory.mktemp(f"hardening-{http_server}"), base + routes + auth + admin_table)
+    directory = tmp_path_factory.mktemp(f"hardening-{http_server}")
     try:
-        wait_port(admin, gw.proc)
-        gw.wait_for("listening", lambda e: e.get("http_server") == http_server, what=http_server)
-        yield Scene(gw, recorders, lab, f"http://127.0.0.1:{admin}")
+        with gateway_on_server(lab, directory, http_server, base + routes + auth + admin_table) as gw:
+            yield Scene(gw, recorders, lab, f"http://127.0.0.1:{admin}")
     finally:
-        gw.stop()
         for rec in recorders.values():
             rec.close()
 
