@@ -13,7 +13,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.device.framing import ChunkedEnd
-from proxy.device.server import DeviceConnection, DeviceHttpRequest, DeviceLimits
+from proxy.device.server import DeviceConnection, DeviceHttpRequest, DeviceLimits, Serve
 
 LIMITS = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=5)
 
@@ -116,6 +116,14 @@ def test_pipelined_requests_are_served_in_order_with_their_bodies(split: str) ->
     assert not transport.closed
 
 
+def _connected(handler: Serve, limits: DeviceLimits = LIMITS) -> tuple[DeviceConnection, Transport]:
+    """A device connection serving with `handler`, made on a fresh `Transport` (refusals not counted)."""
+    connection = DeviceConnection(handler, limits, on_headers_refused=lambda: None, on_unparsed=lambda _, s: None)
+    transport = Transport()
+    connection.connection_made(transport)
+    return connection, transport
+
+
 def _head(size: int) -> bytes:
     base = b"GET /a HTTP/1.1\r\nHost: h\r\nX-Pad: \r\n\r\n"
     return base.replace(b"X-Pad: ", b"X-Pad: " + b"a" * (size - len(base)))
@@ -164,9 +172,7 @@ def test_an_unread_body_ends_the_connection() -> None:
         await request.answer(403, None, CIMultiDict(), b"no")
 
     async def scenario() -> tuple[bytes, bool]:
-        connection = DeviceConnection(refuse, LIMITS, on_headers_refused=lambda: None, on_unparsed=lambda _, s: None)
-        transport = Transport()
-        connection.connection_made(transport)
+        connection, transport = _connected(refuse)
         connection.data_received(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 40\r\n\r\n")
         for _ in range(10):
             await asyncio.sleep(0)
@@ -188,9 +194,7 @@ def test_an_answer_the_device_never_takes_ends_the_connection_at_the_send_timeou
 
     async def scenario() -> Transport:
         limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=5, send_timeout=0.2)
-        connection = DeviceConnection(Served(), limits, on_headers_refused=lambda: None, on_unparsed=lambda _, s: None)
-        transport = Transport()
-        connection.connection_made(transport)
+        connection, transport = _connected(Served(), limits)
         connection.pause_writing()  # the device's receive window is full
         connection.data_received(GET)
         for _ in range(200):
@@ -342,9 +346,7 @@ def test_a_held_request_keeps_no_parser_and_what_follows_is_read_as_before() -> 
             await request.answer(200, None, CIMultiDict(), b"ok")
 
         before = _parsers()
-        connection = DeviceConnection(serve, LIMITS, on_headers_refused=lambda: None, on_unparsed=lambda _, s: None)
-        transport = Transport()
-        connection.connection_made(transport)
+        connection, transport = _connected(serve)
         connection.data_received(b"POST /held HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nping")
         for _ in range(5):
             await asyncio.sleep(0)
