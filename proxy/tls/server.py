@@ -287,19 +287,11 @@ class TlsGate(asyncio.Protocol):
         try:
             await waiter
         except ConnectionError as exc:  # the client left mid-handshake: probes, scanners, impatient devices
-            if isinstance(exc, ConnectionResetError) and not tls_protocol.received:  # not our handshake timeout
-                self._empty(peer)
-            else:
-                log.info("tls_handshake_abandoned", peer=peer_text(peer), reason=handshake_reason(exc))
+            self._left(peer, exc, received=tls_protocol.received)
             return
         except (OSError, TimeoutError) as exc:
             # The TLS protocol has closed the socket, or handed it to `_Drain` after sending the alert.
-            reason = handshake_reason(exc)
-            log.warning(
-                "tls_handshake_refused", stage="tls", peer=peer_text(peer), reason=reason, fix=handshake_fix(reason)
-            )
-            if self._on_refused is not None:
-                self._on_refused(reason)
+            self._refused(peer, exc)
             return
         tls: asyncio.Transport = tls_protocol._app_transport
         tls.set_protocol(self._app)
@@ -309,6 +301,22 @@ class TlsGate(asyncio.Protocol):
         self._early.clear()
         if self._early_eof:
             self._app.eof_received()
+
+    def _left(self, peer: object, exc: BaseException, *, received: bool) -> None:
+        """The device ended the connection mid-handshake: an empty connection if it reset before sending a byte,
+        else an abandoned handshake (asyncio's handshake timeout, a `ConnectionAbortedError`, is one too)."""
+        if isinstance(exc, ConnectionResetError) and not received:
+            self._empty(peer)
+        else:
+            log.info("tls_handshake_abandoned", peer=peer_text(peer), reason=handshake_reason(exc))
+
+    def _refused(self, peer: object, exc: BaseException) -> None:
+        """OpenSSL ended the handshake (its alert sent): logged with what to fix, and counted as a refusal."""
+        reason = handshake_reason(exc)
+        fix = handshake_fix(reason)
+        log.warning("tls_handshake_refused", stage="tls", peer=peer_text(peer), reason=reason, fix=fix)
+        if self._on_refused is not None:
+            self._on_refused(reason)
 
     def _empty(self, peer: object) -> None:
         """A connection that ended (reset or closed) before its first TLS byte: a health check (HAProxy's end with a
@@ -426,12 +434,7 @@ class _Handshake(asyncio.BufferedProtocol):
                 stream.write(self._outgoing.read())
             stream.set_protocol(_Drain(stream, self._gate._closed))
             stream.write_eof()
-        reason = handshake_reason(exc)
-        log.warning(
-            "tls_handshake_refused", stage="tls", peer=peer_text(self._peer), reason=reason, fix=handshake_fix(reason)
-        )
-        if self._gate._on_refused is not None:
-            self._gate._on_refused(reason)
+        self._gate._refused(self._peer, exc)
 
     def _expired(self) -> None:
         self._timer = None
@@ -446,10 +449,7 @@ class _Handshake(asyncio.BufferedProtocol):
     def _left(self, exc: BaseException) -> None:
         """The device ended the connection mid-handshake: empty if it never sent a byte, else abandoned."""
         self._end()
-        if isinstance(exc, ConnectionResetError) and not self._received:
-            self._gate._empty(self._peer)
-        else:
-            log.info("tls_handshake_abandoned", peer=peer_text(self._peer), reason=handshake_reason(exc))
+        self._gate._left(self._peer, exc, received=self._received)
 
     def _end(self) -> None:
         self._stream = None
