@@ -118,7 +118,7 @@ class _Device:
                 assert time.monotonic() < deadline, "no session ticket came"
                 with contextlib.suppress(TimeoutError):
                     assert tls.recv(1) == b"", "the gate answered before a request"
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             return tls.session
 
 
@@ -151,13 +151,13 @@ def test_the_session_is_kept_by_the_gateway_and_resumed_by_its_ticket(lab: LabLa
 
 def test_a_flood_of_full_handshakes_keeps_at_most_tls_session_cache_sessions(lab: LabLayout, tmp_path: Path) -> None:
     """tls_session_cache = 4: a client making ten full handshakes (a flood that would each cost the gateway a
-    session) leaves four sessions in the cache; the oldest are dropped (their device gets a full handshake, served
-    as itself), the newest still resumes."""
+    session) leaves at most four sessions in the cache (OpenSSL 3.0 keeps three once it is full); the oldest are
+    dropped (their device gets a full handshake, served as itself), the newest still resumes."""
     gate, device = _Listener(_context(lab, tmp_path, "tls_session_cache = 4\n")), _Device(lab, "alice")
     try:
         sessions = [device.connect(gate.port)[2] for _ in range(10)]
         stats = gate.ctx.session_stats()
-        assert stats["number"] == 4, stats
+        assert 3 <= stats["number"] <= 4, stats
         assert stats["cache_full"] >= 6, stats
         assert device.connect(gate.port, sessions[0])[:2] == (_der(lab, "alice"), False)
         assert device.connect(gate.port, sessions[-1])[:2] == (_der(lab, "alice"), True)
