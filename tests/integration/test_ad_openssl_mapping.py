@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,153 @@ def _with_second_extension(realm: ad.AdRealm, where: Path, cert: Path, section: 
     )
     out.write_bytes(pem.stdout)
     return out
+
+
+# -- the subjectAltName SID URL, as a CA's extension file writes it -----------------------------------------------
+
+
+def url_lines(upn: str, *urls: str) -> tuple[str, str]:
+    """subjectAltName in a section (the one-line form splits a URL at its comma): the UPN and `urls`."""
+    alt = f"[alt]\notherName.1 = 1.3.6.1.4.1.311.20.2.3;UTF8:{upn}\n"
+    alt += "".join(f"URI.{i} = {url}\n" for i, url in enumerate(urls, 1))
+    return "subjectAltName = @alt\n", alt
+
+
+def test_the_sid_url_in_odd_case_is_read(realm: ad.AdRealm, strong: AdProcess, minted: Path) -> None:
+    """`TAG:Microsoft.COM,2022-09-14:SID:<alice's SID>` alone: the prefix is matched without regard to case, rule
+    sid-url, served as alice."""
+    line, alt = url_lines("alice@ad.test", f"TAG:Microsoft.COM,2022-09-14:SID:{alice_sid(realm)}")
+    cert = mint(realm, minted, "url-case", line, alt)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 200, body
+    assert served_as(body) == "alice@AD.TEST"
+    assert strong.wait_event("request", upn="alice@ad.test")["mapping"] == "sid-url"
+
+
+@pytest.mark.parametrize(
+    ("label", "url"),
+    [
+        ("url-space", "tag:microsoft.com,2022-09-14:sid: {sid}"),
+        ("url-query", "tag:microsoft.com,2022-09-14:sid:{sid}?x=1"),
+        ("url-two-sids", "tag:microsoft.com,2022-09-14:sid:{sid}-{sid}"),
+    ],
+)
+def test_a_malformed_sid_url_is_refused_naming_the_url(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path, label: str, url: str
+) -> None:
+    """A SID URL with a space, a query or two SIDs run together: 403 'SID URL cannot be read', whatever else."""
+    line, alt = url_lines("alice@ad.test", url.format(sid=alice_sid(realm)))
+    cert = mint(realm, minted, label, line, alt)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, body
+    assert "the certificate's subjectAltName SID URL cannot be read" in body
+
+
+def test_the_extension_and_the_url_disagreeing_is_refused(realm: ad.AdRealm, strong: AdProcess, minted: Path) -> None:
+    """alice's SID extension and a SID URL of bob's in the same certificate: 403 'two different SIDs', both named."""
+    bob = str(ad_mapping.object_sid(realm, "bob"))
+    ext, section = sid_extension_text(f"OCTETSTRING:{alice_sid(realm)}")
+    line, alt = url_lines("alice@ad.test", f"tag:microsoft.com,2022-09-14:sid:{bob}")
+    cert = mint(realm, minted, "ext-url-disagree", line + ext, alt + section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, body
+    assert "the certificate names two different SIDs" in body
+    fix = strong.wait_event("mapping_refused")["fix"]
+    assert alice_sid(realm) in fix
+    assert bob in fix
+
+
+# -- the UPN as AD reads it ---------------------------------------------------------------------------------------
+
+
+def test_a_upn_in_another_case_maps_to_the_account(realm: ad.AdRealm, strong: AdProcess, minted: Path) -> None:
+    """`ALICE@AD.TEST` with alice's SID: AD compares UPNs without case; the gateway impersonates alice's account."""
+    line, section = sid_extension_text(f"OCTETSTRING:{alice_sid(realm)}")
+    cert = mint(realm, minted, "upn-case", upn_line("ALICE@AD.TEST") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 200, body
+    assert served_as(body) == "alice@AD.TEST"
+
+
+def test_a_upn_suffix_realm_map_does_not_name_is_the_accounts(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path
+) -> None:
+    """carol@corp.example (a uPNSuffixes suffix AD accepts, no realm_map entry) with carol's SID: strong mapping
+    impersonates the account, carol@AD.TEST, not a principal of a realm CORP.EXAMPLE nobody serves."""
+    sid = str(ad_mapping.object_sid(realm, "carol"))
+    line, section = sid_extension_text(f"OCTETSTRING:{sid}")
+    cert = mint(realm, minted, "carol-suffix", upn_line(f"carol@{ad.OTHER_SUFFIX}") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 200, body
+    assert served_as(body) == "carol@AD.TEST"
+
+
+@pytest.mark.parametrize(
+    ("label", "san", "reason"),
+    [
+        ("no-upn", "subjectAltName = email:alice@ad.test\n", "no user principal name"),
+        ("empty-upn", "subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:\n", "certificate UPN is empty"),
+        ("two-upns", "subjectAltName = @alt\n", "certificate carries 2 UPNs; expected one"),
+    ],
+)
+def test_a_certificate_without_exactly_one_upn_is_refused_even_with_the_sid(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path, label: str, san: str, reason: str
+) -> None:
+    """alice's SID extension but no UPN, an empty one, or two (alice's and bob's): 403 at identity, saying which."""
+    line, section = sid_extension_text(f"OCTETSTRING:{alice_sid(realm)}")
+    alt = "[alt]\notherName.1 = 1.3.6.1.4.1.311.20.2.3;UTF8:alice@ad.test\n"
+    alt += "otherName.2 = 1.3.6.1.4.1.311.20.2.3;UTF8:bob@ad.test\n"
+    cert = mint(realm, minted, label, san + line, section + alt)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, body
+    assert reason.lower() in body.lower()
+
+
+def mint_ca(realm: ad.AdRealm, where: Path, label: str, extensions: str, start: datetime, sections: str = "") -> Path:
+    """`openssl ca` from the lab's issuing CA with notBefore `start` (`-startdate`, which `openssl x509` lacks in
+    OpenSSL 3.0) and `extensions`: how a CA that backdates, or whose clock runs fast, issues."""
+    ca = where / "ca"
+    (ca / "new").mkdir(parents=True, exist_ok=True)
+    (ca / "index.txt").touch()
+    if not (ca / "serial").exists():
+        (ca / "serial").write_text("5001\n")
+    config = ca / "ca.cnf"
+    config.write_text(
+        f"[ca]\ndefault_ca = lab\n[lab]\ndatabase = {ca / 'index.txt'}\nnew_certs_dir = {ca / 'new'}\n"
+        f"certificate = {realm.pki.issuing_cert}\nprivate_key = {realm.pki.issuing_key}\nserial = {ca / 'serial'}\n"
+        "default_md = sha256\npolicy = any\nunique_subject = no\n[any]\ncommonName = supplied\n"
+    )
+    extfile = where / f"{label}.ext"
+    extfile.write_text(_COMMON + extensions + sections)
+    cert = where / f"{label}.pem"
+    stamp = "%Y%m%d%H%M%SZ"
+    argv = ["openssl", "ca", "-batch", "-notext", "-config", str(config), "-in", str(where / "device.csr")]
+    argv += ["-startdate", start.strftime(stamp), "-enddate", (start + timedelta(days=5)).strftime(stamp)]
+    argv += ["-extfile", str(extfile), "-out", str(cert)]
+    subprocess.run(argv, check=True, capture_output=True)
+    return cert
+
+
+def test_a_certificate_not_yet_valid_is_refused(realm: ad.AdRealm, strong: AdProcess, minted: Path) -> None:
+    """notBefore a day ahead (a CA whose clock runs fast), with alice's SID: refused in the handshake, the log says
+    the certificate is not yet valid and to check the clocks; never served, never a 5xx."""
+    line, section = sid_extension_text(f"OCTETSTRING:{alice_sid(realm)}")
+    start = datetime.now(UTC) + timedelta(days=1)
+    cert = mint_ca(realm, minted, "future", upn_line("alice@ad.test") + line, start, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 0, body  # no HTTP answer: the handshake failed
+    event = strong.wait_event("tls_handshake_refused", reason="certificate is not yet valid")
+    assert "clocks" in event["fix"]
+
+
+def test_a_critical_sid_extension_is_refused_in_the_handshake(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path
+) -> None:
+    """alice's SID extension marked critical (AD CS writes it non-critical): OpenSSL refuses an unhandled critical
+    extension in the handshake, and the log says so with the fix; never served."""
+    line, section = sid_extension_text(f"OCTETSTRING:{alice_sid(realm)}", critical=True)
+    cert = mint(realm, minted, "critical", upn_line("alice@ad.test") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 0, body
+    event = strong.wait_event("tls_handshake_refused", reason="unhandled critical extension")
+    assert "non-critical" in event["fix"]
