@@ -8,12 +8,17 @@ write, and goes through a real `strong` gateway inside the realm's namespace wit
 
 from __future__ import annotations
 
+import hashlib
+import re
+import secrets
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from proxy.lab import ad, ad_mapping
 from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, status_and_body
@@ -346,3 +351,166 @@ def test_a_critical_sid_extension_is_refused_in_the_handshake(
     assert status == 0, body
     event = strong.wait_event("tls_handshake_refused", reason="unhandled critical extension")
     assert "non-critical" in event["fix"]
+
+
+# -- altSecurityIdentities as administrators write them -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fresh(realm: ad.AdRealm) -> Iterator[str]:
+    """An account of this module's own (a unique name: the realm is shared by the run's workers), deleted after."""
+    name = f"os{secrets.token_hex(4)}"
+    realm.samba_tool("user", "create", name, f"Os-{secrets.token_hex(8)}-Pa55")
+    try:
+        yield name
+    finally:
+        realm.samba_tool("user", "delete", name)
+
+
+@pytest.fixture(scope="module")
+def uncached(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdProcess]:
+    """A `strong` gateway that asks the directory on every request (cache_seconds = 0): each test rewrites the
+    account's altSecurityIdentities and the next request must see it."""
+    table = ad_mapping.directory_table(realm, cache_seconds=0)
+    gw = start_gateway(realm, tmp_path_factory.mktemp("openssl-uncached"), ad_backend, "strong", directory_text=table)
+    yield gw
+    gw.stop()
+
+
+def set_alt_security_identities(realm: ad.AdRealm, name: str, *values: str) -> None:
+    lines = [f"dn: CN={name},CN=Users,{realm.base_dn}", "changetype: modify", "replace: altSecurityIdentities"]
+    realm.ldbmodify("\n".join([*lines, *(f"altSecurityIdentities: {v}" for v in values)]) + "\n")
+
+
+ISSUER = "CN=Lab Issuing CA"  # the lab's issuing CA, as Windows writes its name (one RDN: either order)
+
+
+def _thumbprint(cert: Path) -> str:
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    return hashlib.sha1(loaded.public_bytes(serialization.Encoding.DER), usedforsecurity=False).hexdigest()
+
+
+def _ski(cert: Path) -> str:
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    return loaded.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
+@pytest.mark.parametrize(
+    ("label", "serial", "entries", "status", "said"),
+    [
+        ("sr-reversed", "0x0A0B0C", ["X509:<I>{issuer}<SR>0c0b0a"], 200, "<SR>0c0b0a"),
+        ("sr-openssl-order", "0x0A0B0D", ["X509:<I>{issuer}<SR>0a0b0d"], 403, "no altSecurityIdentities entry"),
+        ("sr-sign-byte", "0xABCDEF0102", ["X509:<I>{issuer}<SR>0201efcdab00"], 200, "0201efcdab00"),
+        ("sr-upper-no-sign", "0xABCDEF0103", ["X509:<I>{issuer}<SR>0301EFCDAB"], 200, "0301EFCDAB"),
+        ("ski-upper", "0x0A0B10", ["X509:<SKI>{SKI}"], 200, "<SKI>"),
+        ("sha1-upper", "0x0A0B11", ["X509:<SHA1-PUKEY>{SHA1}"], 200, "<SHA1-PUKEY>"),
+        ("issuer-subject", "0x0A0B12", ["X509:<I>{issuer}<S>CN=device"], 403, "(X509IssuerSubject)"),
+        ("subject-only", "0x0A0B13", ["X509:<S>CN=device"], 403, "(X509SubjectOnly)"),
+        ("rfc822", "0x0A0B14", ["X509:<RFC822>{upn}"], 403, "(X509RFC822)"),
+        ("weak-and-strong", "0x0A0B15", ["X509:<S>CN=device", "X509:<I>{issuer}<SR>150b0a"], 200, "<SR>150b0a"),
+        ("serial-and-subject", "0x0A0B16", ["X509:<I>{issuer}<S>CN=device<SR>160b0a"], 403, "no strong mapping"),
+    ],
+)
+def test_alt_security_identities_as_administrators_write_them(
+    realm: ad.AdRealm,
+    uncached: AdProcess,
+    minted: Path,
+    fresh: str,
+    label: str,
+    serial: str,
+    entries: list[str],
+    status: int,
+    said: str,
+) -> None:
+    """Each entry form on an account, and a certificate of its UPN without a SID (openssl x509 -set_serial): the
+    strong forms map it (reversed serial, with or without the sign byte, hex in either case), the serial in
+    openssl's order does not, the weak forms are 403 naming the kind, `<I>..<S>..<SR>..` is no entry at all."""
+    upn = f"{fresh}@{ad.DNS_DOMAIN}"
+    extra = f"subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:{upn}, email:{upn}\n"
+    extra += "subjectKeyIdentifier = hash\n"
+    cert = mint(realm, minted, f"alt-{label}", extra, serial=serial)
+    values = [e.format(issuer=ISSUER, upn=upn, SKI=_ski(cert).upper(), SHA1=_thumbprint(cert).upper()) for e in entries]
+    set_alt_security_identities(realm, fresh, *values)
+    got, body = curl(realm, uncached, cert, minted / "device.key")
+    assert got == status, body
+    line = uncached.wait_event("request", upn=upn)
+    if status == 200:
+        assert served_as(body) == f"{fresh}@{ad.REALM}"
+        assert line["mapping"] == "alt-security-identity"
+        assert said in line["mapping_detail"]
+    else:
+        assert said in uncached.wait_event("mapping_refused")["reason"]
+
+
+def test_a_upn_changed_after_issuance_still_maps_by_the_account_name(
+    realm: ad.AdRealm, uncached: AdProcess, minted: Path, fresh: str
+) -> None:
+    """The account's UPN renamed after its certificate (with its SID) was issued: the certificate's UPN is now no
+    account's, and as AD does for a UPN in the domain's own name the gateway finds the account by its
+    sAMAccountName; the SID proves it: served as that account."""
+    sid = str(ad_mapping.object_sid(realm, fresh))
+    line, section = sid_extension_text(f"OCTETSTRING:{sid}")
+    upn = f"{fresh}@{ad.DNS_DOMAIN}"
+    cert = mint(realm, minted, "renamed", upn_line(upn) + line, section)
+    ldif = f"dn: CN={fresh},CN=Users,{realm.base_dn}\nchangetype: modify\nreplace: userPrincipalName\n"
+    realm.ldbmodify(ldif + f"userPrincipalName: renamed-{fresh}@{ad.DNS_DOMAIN}\n")
+    try:
+        status, body = curl(realm, uncached, cert, minted / "device.key")
+        assert status == 200, body
+        assert served_as(body) == f"{fresh}@{ad.REALM}"
+    finally:
+        realm.ldbmodify(ldif + f"userPrincipalName: {upn}\n")
+
+
+def test_one_entry_on_two_accounts_serves_the_account_the_upn_names(
+    realm: ad.AdRealm, uncached: AdProcess, minted: Path, fresh: str
+) -> None:
+    """The same `<I>..<SR>..` entry on two accounts (an administrator's slip): the certificate of the first's UPN is
+    served as the first, never as the second; the look-up is by the UPN, the entry only proves it."""
+    other = f"os{secrets.token_hex(4)}"
+    realm.samba_tool("user", "create", other, f"Os-{secrets.token_hex(8)}-Pa55")
+    try:
+        upn = f"{fresh}@{ad.DNS_DOMAIN}"
+        cert = mint(realm, minted, "two-accounts", upn_line(upn), serial="0x0A0B20")
+        for name in (fresh, other):
+            set_alt_security_identities(realm, name, f"X509:<I>{ISSUER}<SR>200b0a")
+        status, body = curl(realm, uncached, cert, minted / "device.key")
+        assert status == 200, body
+        assert served_as(body) == f"{fresh}@{ad.REALM}"
+    finally:
+        realm.samba_tool("user", "delete", other)
+
+
+# -- a certificate older than its account (strong-or-audit), minted with openssl ca -startdate --------------------
+
+
+@pytest.fixture(scope="module")
+def audit(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdProcess]:
+    """`strong-or-audit` with the lab's compensation (3600 s), asking the directory on every request."""
+    table = ad_mapping.directory_table(realm, cache_seconds=0)
+    where = tmp_path_factory.mktemp("openssl-audit")
+    gw = start_gateway(realm, where, ad_backend, "strong-or-audit", directory_text=table)
+    yield gw
+    gw.stop()
+
+
+@pytest.mark.parametrize(("label", "earlier", "status"), [("two-hours", 7200, 403), ("half-hour", 1800, 200)])
+def test_a_weak_certificate_older_than_its_account(
+    realm: ad.AdRealm, audit: AdProcess, minted: Path, fresh: str, label: str, earlier: int, status: int
+) -> None:
+    """notBefore before the account's whenCreated by more than the compensation (3600 s): 403 at mapping, the fix
+    gives both times; by less: served as weakly mapped, with the warning."""
+    out = realm.ldbsearch(f"(sAMAccountName={fresh})", "whenCreated")
+    found = re.search(r"^whenCreated: (\d{14})\.0Z$", out, re.MULTILINE)
+    assert found is not None, out
+    created = datetime.strptime(found.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    upn = f"{fresh}@{ad.DNS_DOMAIN}"
+    cert = mint_ca(realm, minted, f"older-{label}", upn_line(upn), created - timedelta(seconds=earlier))
+    got, body = curl(realm, audit, cert, minted / "device.key")
+    assert got == status, body
+    if status == 403:
+        event = audit.wait_event("mapping_refused")
+        assert "issued before its account was created" in event["reason"]
+        assert f"{earlier} s" in event["fix"]
+    else:
+        assert audit.wait_event("weak_certificate_mapping", upn=upn)
