@@ -514,3 +514,31 @@ def test_a_weak_certificate_older_than_its_account(
         assert f"{earlier} s" in event["fix"]
     else:
         assert audit.wait_event("weak_certificate_mapping", upn=upn)
+
+
+def test_a_sensitive_account_proven_by_its_sid_is_still_not_delegated(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path
+) -> None:
+    """erin ('sensitive and cannot be delegated') with her own SID: the mapping admits her, the KDC's evidence ticket
+    is not forwardable, 403 at kerberos naming the flag; strong mapping never delegates what the KDC would not."""
+    sid = str(ad_mapping.object_sid(realm, "erin"))
+    line, section = sid_extension_text(f"OCTETSTRING:{sid}")
+    cert = mint(realm, minted, "erin-sid", upn_line("erin@ad.test") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, body
+    assert "its evidence ticket is not forwardable" in body
+    assert "marked sensitive" in strong.wait_event("kerberos_refused", principal="erin@AD.TEST")["fix"]
+
+
+def test_a_deleted_accounts_sid_is_another_accounts(realm: ad.AdRealm, strong: AdProcess, minted: Path) -> None:
+    """The SID of an account since deleted, on alice's UPN: 403 'SID of another account' (AD never reuses a SID)."""
+    gone = f"og{secrets.token_hex(4)}"
+    realm.samba_tool("user", "create", gone, f"Os-{secrets.token_hex(8)}-Pa55")
+    sid = str(ad_mapping.object_sid(realm, gone))
+    realm.samba_tool("user", "delete", gone)
+    line, section = sid_extension_text(f"OCTETSTRING:{sid}")
+    cert = mint(realm, minted, "deleted-sid", upn_line("alice@ad.test") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, body
+    assert "SID of another account" in body
+    assert sid in strong.wait_event("mapping_refused")["fix"]
