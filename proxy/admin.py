@@ -26,6 +26,10 @@ keep the admin listener full.
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
+
+With `[listener] workers = N` each worker serves this port too, and whichever one a request reaches answers for
+all of them: `/metrics` with a `worker` label on every sample, `/traces` and the pages with every worker's records
+(`proxy.observability.siblings`).
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from proxy.config import Admin
 from proxy.errors import ConfigError, GatewayError
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
+from proxy.observability.siblings import Siblings, TraceSource, serve_siblings
 from proxy.observability.tracepage import add_trace_views
+from proxy.workers import Worker
 
 log = structlog.get_logger("proxy.admin")
 LIVE_KEY = web.AppKey("live", Live)
@@ -119,12 +125,18 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+SIBLINGS_KEY = web.AppKey("siblings", Siblings)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[LIVE_KEY].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    siblings = request.app.get(SIBLINGS_KEY)
+    body = request.app[LIVE_KEY].metrics.render() if siblings is None else await siblings.metrics()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def make_admin_app(live: Live) -> web.Application:
-    """The admin application over the running gateway's state; other views add their routes to it."""
+def make_admin_app(live: Live, siblings: Siblings | None = None) -> web.Application:
+    """The admin application over the running gateway's state (and, for a worker, its siblings'); other views add
+    their routes to it."""
     admin = live.config.admin
     allowed = admin.allowed_clients if admin is not None else ()
     middlewares = [_allow_list(allowed)] if allowed else []
@@ -136,7 +148,9 @@ def make_admin_app(live: Live) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    add_trace_views(app, live.traces)
+    if siblings is not None:
+        app[SIBLINGS_KEY] = siblings
+    add_trace_views(app, siblings or TraceSource(live.traces))
     return app
 
 
@@ -255,14 +269,19 @@ class _Counted(asyncio.Protocol):
 
 @dataclass
 class AdminListener:
-    """The admin listener's server and application; `cleanup` stops both."""
+    """The admin listener's server and application, and a worker's answers to its siblings; `cleanup` stops all."""
 
     runner: web.AppRunner
     server: asyncio.Server
+    siblings: tuple[web.AppRunner, Worker] | None = None
 
     async def cleanup(self) -> None:
         self.server.close()
         await self.runner.cleanup()
+        if self.siblings is not None:
+            runner, worker = self.siblings
+            await runner.cleanup()
+            worker.socket.unlink(missing_ok=True)
 
 
 def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
@@ -291,12 +310,18 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
     return factory
 
 
-async def start_admin(live: Live) -> AdminListener | None:
-    """Serve the admin application on `[admin] bind`, if set; the caller cleans it up."""
+async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener | None:
+    """Serve the admin application on `[admin] bind`, if set (for a `worker`, answering for all workers, and
+    answering its siblings on its Unix socket); the caller cleans it up."""
     admin = live.config.admin
     if admin is None:
         return None
-    runner = web.AppRunner(make_admin_app(live), access_log=None, handle_signals=False)
+    siblings = None
+    answering = None
+    if worker is not None:
+        siblings = Siblings(live.traces, worker, lambda: live.metrics.render())
+        answering = (await serve_siblings(worker, live.traces, lambda: live.metrics.render()), worker)
+    runner = web.AppRunner(make_admin_app(live, siblings), access_log=None, handle_signals=False)
     await runner.setup()
     assert runner.server is not None
     # Several workers each serve the admin port too (SO_REUSEPORT): each scrape reaches one of them.
@@ -307,8 +332,11 @@ async def start_admin(live: Live) -> AdminListener | None:
         )
     except OSError as e:
         await runner.cleanup()
+        if answering is not None:
+            await answering[0].cleanup()
         raise ConfigError(
             [f"admin.bind: cannot listen on {admin.host}:{admin.port}: {e.strerror} (in {live.config.path})"]
         ) from None
-    log.info("admin_listening", bind=f"{admin.host}:{admin.port}", tls=admin.tls)
-    return AdminListener(runner, server)
+    siblings_at = {} if worker is None else {"siblings": str(worker.socket)}  # where this worker answers the others
+    log.info("admin_listening", bind=f"{admin.host}:{admin.port}", tls=admin.tls, **siblings_at)
+    return AdminListener(runner, server, answering)
