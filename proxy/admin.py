@@ -35,14 +35,18 @@ all of them: `/metrics` with a `worker` label on every sample, `/traces` and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
+import os
+import socket
 import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -134,13 +138,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def make_admin_app(live: Live, siblings: Siblings | None = None) -> web.Application:
+def make_admin_app(live: Live, siblings: Siblings | None = None, *, unix: bool = False) -> web.Application:
     """The admin application over the running gateway's state (and, for a worker, its siblings'); other views add
-    their routes to it."""
+    their routes to it. `unix`: for the Unix socket (`admin.socket`), whose file mode is its access control."""
     admin = live.config.admin
-    allowed = admin.allowed_clients if admin is not None else ()
+    allowed = admin.allowed_clients if admin is not None and not unix else ()
     middlewares = [_allow_list(allowed)] if allowed else []
-    if admin is not None and admin.client_ca is None:
+    if admin is not None and admin.client_ca is None and not unix:
         middlewares.append(_loopback_host(admin.host))
     app = web.Application(middlewares=middlewares)
     app[LIVE_KEY] = live
@@ -269,19 +273,21 @@ class _Counted(asyncio.Protocol):
 
 @dataclass
 class AdminListener:
-    """The admin listener's server and application, and a worker's answers to its siblings; `cleanup` stops all."""
+    """What the admin listener started (servers, applications, a worker's answers to its siblings, the Unix socket
+    files to remove); `cleanup` stops them all."""
 
-    runner: web.AppRunner
-    server: asyncio.Server
-    siblings: tuple[web.AppRunner, Worker] | None = None
+    servers: list[asyncio.Server] = field(default_factory=list)
+    runners: list[web.AppRunner] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
 
     async def cleanup(self) -> None:
-        self.server.close()
-        await self.runner.cleanup()
-        if self.siblings is not None:
-            runner, worker = self.siblings
+        for server in self.servers:
+            server.close()
+        for runner in self.runners:
             await runner.cleanup()
-            worker.socket.unlink(missing_ok=True)
+        for path in self.files:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
@@ -311,18 +317,35 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
 
 
 async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener | None:
-    """Serve the admin application on `[admin] bind`, if set (for a `worker`, answering for all workers, and
-    answering its siblings on its Unix socket); the caller cleans it up."""
+    """Serve the admin application on `[admin] bind` and `[admin] socket`, if set (for a `worker`, answering for
+    all workers, and answering its siblings on its own Unix socket); the caller cleans it up."""
     admin = live.config.admin
     if admin is None:
         return None
+    started = AdminListener()
     siblings = None
-    answering = None
-    if worker is not None:
-        siblings = Siblings(live.traces, worker, lambda: live.metrics.render())
-        answering = (await serve_siblings(worker, live.traces, lambda: live.metrics.render()), worker)
+    try:
+        if worker is not None:
+            siblings = Siblings(live.traces, worker, lambda: live.metrics.render())
+            started.runners.append(await serve_siblings(worker, live.traces, lambda: live.metrics.render()))
+            started.files.append(worker.socket)
+        if admin.bound:
+            await _serve_bind(live, admin, siblings, worker, started)
+        # One process binds a Unix socket's path: the first worker (whose number a replacement keeps) answers for all.
+        if admin.socket is not None and (worker is None or worker.number == 1):
+            await _serve_socket(live, admin.socket, siblings, started)
+    except BaseException:
+        await started.cleanup()
+        raise
+    return started
+
+
+async def _serve_bind(
+    live: Live, admin: Admin, siblings: Siblings | None, worker: Worker | None, started: AdminListener
+) -> None:
     runner = web.AppRunner(make_admin_app(live, siblings), access_log=None, handle_signals=False)
     await runner.setup()
+    started.runners.append(runner)
     assert runner.server is not None
     # Several workers each serve the admin port too (SO_REUSEPORT): each scrape reaches one of them.
     shared = live.config.listener.workers > 1
@@ -331,12 +354,41 @@ async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener
             _capped(runner.server), admin.host, admin.port, ssl=admin_ssl_context(admin), reuse_port=shared
         )
     except OSError as e:
-        await runner.cleanup()
-        if answering is not None:
-            await answering[0].cleanup()
         raise ConfigError(
             [f"admin.bind: cannot listen on {admin.host}:{admin.port}: {e.strerror} (in {live.config.path})"]
         ) from None
+    started.servers.append(server)
     siblings_at = {} if worker is None else {"siblings": str(worker.socket)}  # where this worker answers the others
     log.info("admin_listening", bind=f"{admin.host}:{admin.port}", tls=admin.tls, **siblings_at)
-    return AdminListener(runner, server, answering)
+
+
+async def _serve_socket(live: Live, path: Path, siblings: Siblings | None, started: AdminListener) -> None:
+    """The admin application on a Unix socket, mode 0600: the file's permissions are its access control (no TLS,
+    no allow-list, and no `Host` check: a browser cannot reach a Unix socket, so no page can rebind a name to it).
+    A socket left by a gateway that died is replaced; any other file there is refused (`admin.socket`)."""
+    runner = web.AppRunner(make_admin_app(live, siblings, unix=True), access_log=None, handle_signals=False)
+    await runner.setup()
+    started.runners.append(runner)
+    assert runner.server is not None
+    try:
+        sock = _unix_socket(path)
+        started.files.append(path)
+        server = await asyncio.get_running_loop().create_unix_server(_capped(runner.server), sock=sock)
+    except OSError as e:
+        raise ConfigError([f"admin.socket: cannot listen on {path}: {e.strerror} (in {live.config.path})"]) from None
+    started.servers.append(server)
+    log.info("admin_listening", socket=str(path))
+
+
+def _unix_socket(path: Path) -> socket.socket:
+    """A Unix socket bound at `path` with mode 0600 from the start (no moment when others could connect)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if path.is_socket():
+            path.unlink()
+        os.fchmod(sock.fileno(), 0o600)  # Linux gives the socket's file this mode (less the umask) at bind
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
