@@ -149,7 +149,7 @@ def _windows_reading(path: str) -> None:
             end = path.find("/", found.start())
             segment = path[start : end if end >= 0 else len(path)]
             if _SHORT_NAME.fullmatch(segment):
-                _refuse(f"the segment {segment!r} has the shape of an 8.3 short name: Windows may read another name")
+                _refuse("a segment has the shape of an 8.3 short name (NAME~1.EXT): Windows may read another name")
             continue
         _refuse(f"the path has {mark!r}: " + _WHY.get(mark, "no Windows name may hold it (a file-system wildcard)"))
 
