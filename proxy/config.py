@@ -9,6 +9,7 @@ relative to the configuration file.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -61,6 +62,9 @@ DEFAULT_MAX_HEADER_BYTES = 128 * 1024
 MAX_FIELD_BYTES = 96 * 1024  # one header field (aiohttp's max_field_size): the same token with room to spare
 MIN_HEADER_BYTES = 8 * 1024  # below this ordinary browsers and devices are refused
 DEFAULT_MAX_CONNECTIONS = 10_000
+# TLS sessions a worker keeps for resumption (proxy.tls.server.server_context): about 7 KiB each (the session and
+# the client's certificate and chain), 14 MiB in all
+DEFAULT_TLS_SESSION_CACHE = 2048
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class Listener:
     trusted_proxies: tuple[IPNetwork, ...] = ()  # balancers (CIDR) whose PROXY headers are believed
     event_loop: EventLoop = "uvloop"  # libuv's loop, or "asyncio"'s own (proxy.loop; docs/performance.md says why)
     http_server: HttpServer = "own"  # what parses the device's requests: proxy.device.server, or aiohttp's web server
+    # TLS sessions kept per worker for resumption, the tickets naming them (0: stateless tickets, OpenSSL's default)
+    tls_session_cache: int = DEFAULT_TLS_SESSION_CACHE
 
 
 @dataclass(frozen=True)
@@ -245,10 +251,16 @@ class Admin:
     private_key: Path | None = None
     client_ca: Path | None = None  # PEM bundle of the CAs (root and intermediates) for admin client certificates
     allowed_clients: tuple[str, ...] = ()  # subjects (RFC 4514) or SHA-256 fingerprints (hex)
+    socket: Path | None = None  # also (or only, without a bind: port 0) on this Unix socket, mode 0600
 
     @property
     def tls(self) -> bool:
         return self.certificate is not None
+
+    @property
+    def bound(self) -> bool:
+        """Whether the admin listener has a TCP address (`admin.bind`), not only a Unix socket."""
+        return self.port != 0
 
 
 @dataclass(frozen=True)
@@ -416,6 +428,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
             *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
             *("client_body_timeout", "client_send_timeout", "workers", "max_header_bytes", "max_connections"),
             *("proxy_protocol", "trusted_proxies", "event_loop", "http_server", "max_connections_per_address"),
+            "tls_session_cache",
         },
     )
     proxy_protocol, trusted_proxies = _proxy_protocol(r, t)
@@ -438,6 +451,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         trusted_proxies=trusted_proxies,
         event_loop=_event_loop(r, t),
         http_server=cast(HttpServer, _named_choice(r, t, "listener", "http_server", HTTP_SERVERS, "own")),
+        tls_session_cache=_tls_session_cache(r, t),
     )
 
 
@@ -461,6 +475,18 @@ def _per_address(r: _Reader, t: dict[str, Any]) -> int:
     if value < 0:
         r.problem(key, f"0 (off) or a positive number of open connections per client address, got {value}")
         return 0
+    return value
+
+
+def _tls_session_cache(r: _Reader, t: dict[str, Any]) -> int:
+    """`listener.tls_session_cache`: 0 (stateless session tickets) or a positive number of sessions per worker."""
+    key = "listener.tls_session_cache"
+    value = r.get(t, key, "tls_session_cache", int, DEFAULT_TLS_SESSION_CACHE)
+    if value is None:  # not an integer: said so by `get`
+        return DEFAULT_TLS_SESSION_CACHE
+    if value < 0:
+        r.problem(key, f"0 (stateless session tickets) or a positive number of TLS sessions per worker, got {value}")
+        return DEFAULT_TLS_SESSION_CACHE
     return value
 
 
@@ -907,11 +933,13 @@ def is_loopback(host: str, resolve: Callable[..., list[Any]] | None = None) -> b
 
 
 def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
-    known = {"bind", "certificate", "private_key", "client_ca", "allowed_clients"}
+    known = {"bind", "certificate", "private_key", "client_ca", "allowed_clients", "socket"}
     r.unknown(t, "admin", known)
     if not t:
         return None
-    host, port = _host_port(r, "admin.bind", r.get(t, "admin.bind", "bind", str))
+    unix = _admin_socket(r, t)
+    bind = r.get(t, "admin.bind", "bind", str, "" if "socket" in t else None)  # required unless there is a socket
+    host, port = _host_port(r, "admin.bind", bind or None)
 
     def optional(name: str) -> Path | None:
         value = r.get(t, f"admin.{name}", name, str, "")
@@ -930,6 +958,7 @@ def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
         private_key=optional("private_key"),
         client_ca=optional("client_ca"),
         allowed_clients=tuple(str(a) for a in allowed),
+        socket=unix,
     )
     if (admin.certificate is None) != (admin.private_key is None):
         r.problem("admin.private_key", "admin.certificate and admin.private_key go together")
@@ -944,6 +973,29 @@ def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
             "(admin.certificate, admin.private_key, admin.client_ca, admin.allowed_clients)",
         )
     return admin
+
+
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path is 108, with its NUL)
+
+
+def _admin_socket(r: _Reader, t: dict[str, Any]) -> Path | None:
+    """`admin.socket`: a path for a Unix socket, in an existing directory, where nothing but a socket is."""
+    if "socket" not in t:
+        return None
+    value = r.get(t, "admin.socket", "socket", str)
+    if value is None:
+        return None
+    if not value:
+        r.problem("admin.socket", "expected a path for the admin listener's Unix socket, got ''")
+        return None
+    path = r.file("admin.socket", value, required=False)
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        r.problem("admin.socket", f"a Unix socket's path is at most {UNIX_PATH_MAX} bytes: {path}")
+    elif not path.parent.is_dir():
+        r.problem("admin.socket", f"its directory does not exist: {path.parent}")
+    elif path.exists() and not path.is_socket():
+        r.problem("admin.socket", f"a file that is not a socket is there: {path}")
+    return path
 
 
 def _admin_client(entry: Any) -> bool:
