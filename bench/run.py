@@ -396,9 +396,11 @@ def module_of(filename: str) -> str:
     return "/".join(parts[-2:])
 
 
-def breakdown(scene: Scene, count: int, certs: Path, warmed: Warmed) -> dict[str, object]:
+def breakdown(scene: Scene, count: int, certs: Path, warmed: Warmed, gateway_kib: float) -> dict[str, object]:
     """Held long-polls on the traced gateway (warmed as the held columns are): Python's share of each held request
-    by file, and the rest."""
+    by file, and the rest. The traced process's RSS is tracemalloc's as much as the gateway's (its records of the
+    warm-up's objects are freed and their memory reused while held), so what is outside Python is also read as
+    the untraced gateway's RSS per held request (`gateway_kib`) less Python's share."""
     idle = traced_snapshot(scene)
     shares: dict[str, float] = {}
     lines: dict[str, float] = {}
@@ -423,6 +425,7 @@ def breakdown(scene: Scene, count: int, certs: Path, warmed: Warmed) -> dict[str
         "rss_per_held_kib": held.per_held_kib,
         "python_per_held_kib": python,
         "outside_python_per_held_kib": held.per_held_kib - python,
+        "outside_python_of_gateway_kib": gateway_kib - python,
         "python_by_file_kib": top,
         "python_by_line_kib": dict(sorted(lines.items(), key=lambda kv: -kv[1])[:25]),
     }
@@ -606,7 +609,8 @@ def main() -> int:
         held = {proxy: hold(scene, proxy, args.held, all_certs, warmed=warmed[proxy]) for proxy in held_columns}
         if args.traced:
             count = min(args.traced, args.held)
-            figures["held_breakdown"] = breakdown(scene, count, all_certs, warmed["traced"])
+            gateway_kib = held["gateway"].per_held_kib
+            figures["held_breakdown"] = breakdown(scene, count, all_certs, warmed["traced"], gateway_kib)
             scene.stop("traced")
     finally:
         scene.teardown()
@@ -773,9 +777,9 @@ def report(
     parts = figures.get("held_breakdown")
     if isinstance(parts, dict):
         print(
-            f"   where it goes (tracemalloc, {parts['held']:,} held): {parts['rss_per_held_kib']:.1f} KiB RSS, "
-            f"of which Python {parts['python_per_held_kib']:.1f} KiB, "
-            f"outside Python {parts['outside_python_per_held_kib']:.1f}"
+            f"   where it goes (tracemalloc, {parts['held']:,} held): Python {parts['python_per_held_kib']:.1f} KiB, "
+            f"outside Python {parts['outside_python_of_gateway_kib']:.1f} (kcd-proxy's RSS less Python's; the "
+            f"traced process's own RSS per held request {parts['rss_per_held_kib']:.1f} KiB)"
         )
         for name, kib in parts["python_by_file_kib"].items():
             print(f"     {name:<48} {kib:6.2f} KiB")

@@ -43,6 +43,7 @@ def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     breakdown = figures["held_breakdown"]
     assert breakdown["held"] == 20
     assert breakdown["warmed"] == 4
+    assert "outside_python_of_gateway_kib" in breakdown
     # files named as parts (bench.run.module_of): the device connection of each held request is there
     # (asyncio's sslproto.py was, until proxy.tls.record took the connection from it after the handshake)
     assert "proxy/device/server.py" in breakdown["python_by_file_kib"], breakdown
