@@ -12,7 +12,9 @@ nginx as an mTLS reverse proxy, the gateway) in a temporary directory and measur
    2c. two workers (`listener.workers = 2`, nothing pinned) against one worker pinned to a core;
 3. held long-polls: N requests held open at once (X-Lab-Hold-Seconds): memory per held request, and
    the latency of a new request while they are held; then on a gateway run under tracemalloc
-   (bench.traced), where its Python memory goes, by file and line;
+   (bench.traced), where its Python memory goes, by file and line. Each of these processes is first warmed
+   with one request from every user and left `--settle` seconds (its idle backend connections closed)
+   before its idle RSS is read, so every column starts from the same state;
 4. KDC requests per 1,000 gateway requests, for 1 user and for 500 distinct users (lab KDC log).
 
 "kcd (asyncio)" is the same gateway with `listener.event_loop = "asyncio"` (uvloop is the default);
@@ -53,6 +55,7 @@ from typing import Any
 import aiohttp
 
 from bench.scene import REPO, Scene
+from proxy.backend.client import KEEPALIVE_SECONDS
 from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -197,6 +200,8 @@ class Held:
     rss_held: int
     new_request_ms: float  # a new request on a new connection while the others are held
     cpu_s: float
+    warmed: int = 0  # users whose warm-up request (`warm`) was answered before `rss_idle` was read
+    rss_warmed: int = 0  # RSS right after the warm-up, before the idle backend pools were left to close
 
     @property
     def per_held_kib(self) -> float:
@@ -224,8 +229,31 @@ def timed_request(scene: Scene, port: int) -> float:
     return float(total) * 1000
 
 
+@dataclass(frozen=True)
+class Warmed:
+    answered: int  # users whose warm-up request got a 200
+    rss: int  # the proxy's RSS right after the warm-up
+
+
+def warm(scene: Scene, proxy: str, users: list[tuple[str, Path, Path]]) -> Warmed:
+    """One request from each user through `proxy`'s long-poll route, answered at once (no hold header): every
+    held column then starts from the state a gateway whose devices synced before they held a Ping is in (each
+    user's ticket, evidence, chain and directory memos, its pool's entry), not from a first sight that would count
+    as held memory. Each user's request runs on a connection of its own, closed afterwards."""
+    url = f"https://127.0.0.1:{scene.ports[proxy]}/hold/ping"
+    answered = asyncio.run(requests_as(scene, url, users, 1))
+    return Warmed(answered, rss_bytes(scene.procs[proxy].pid))
+
+
 def hold(
-    scene: Scene, proxy: str, count: int, certs: Path, *, step: int = 500, while_held: Callable[[], None] | None = None
+    scene: Scene,
+    proxy: str,
+    count: int,
+    certs: Path,
+    *,
+    step: int = 500,
+    while_held: Callable[[], None] | None = None,
+    warmed: Warmed | None = None,
 ) -> Held:
     """Hold `count` long-polls on `proxy`, opened `step` at a time (a wrk each) as fast as it takes them.
 
@@ -266,7 +294,8 @@ def hold(
     deadline = time.monotonic() + 60
     while held_count(scene) > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
-    return Held(held, rss_idle, rss_held, new_ms, cpu)
+    before = warmed or Warmed(0, 0)
+    return Held(held, rss_idle, rss_held, new_ms, cpu, before.answered, before.rss)
 
 
 # -- at a fixed rate (open loop) --------------------------------------------------------------------
@@ -367,8 +396,11 @@ def module_of(filename: str) -> str:
     return "/".join(parts[-2:])
 
 
-def breakdown(scene: Scene, count: int, certs: Path) -> dict[str, object]:
-    """Held long-polls on the traced gateway: Python's share of each held request by file, and the rest."""
+def breakdown(scene: Scene, count: int, certs: Path, warmed: Warmed, gateway_kib: float) -> dict[str, object]:
+    """Held long-polls on the traced gateway (warmed as the held columns are): Python's share of each held request
+    by file, and the rest. The traced process's RSS is tracemalloc's as much as the gateway's (its records of the
+    warm-up's objects are freed and their memory reused while held), so what is outside Python is also read as
+    the untraced gateway's RSS per held request (`gateway_kib`) less Python's share."""
     idle = traced_snapshot(scene)
     shares: dict[str, float] = {}
     lines: dict[str, float] = {}
@@ -384,14 +416,16 @@ def breakdown(scene: Scene, count: int, certs: Path) -> dict[str, object]:
             else:
                 shares[module_of(name)] = shares.get(module_of(name), 0.0) + grew
 
-    held = hold(scene, "traced", count, certs, while_held=during)
+    held = hold(scene, "traced", count, certs, while_held=during, warmed=warmed)
     python = sum(shares.values())
     top = dict(sorted(((k, v) for k, v in shares.items() if abs(v) >= 0.05), key=lambda kv: -kv[1])[:15])
     return {
         "held": held.held,
+        "warmed": held.warmed,
         "rss_per_held_kib": held.per_held_kib,
         "python_per_held_kib": python,
         "outside_python_per_held_kib": held.per_held_kib - python,
+        "outside_python_of_gateway_kib": gateway_kib - python,
         "python_by_file_kib": top,
         "python_by_line_kib": dict(sorted(lines.items(), key=lambda kv: -kv[1])[:25]),
     }
@@ -451,6 +485,13 @@ def main() -> int:
         "--rate", type=float, default=500, help="requests/s of the fixed-rate latency run (default 500)"
     )
     parser.add_argument("--traced", type=int, default=1000, help="long-polls held on the traced gateway (default 1000)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=KEEPALIVE_SECONDS + 5,
+        help="seconds between the held phase's warm-up and its idle RSS: the warm-up's idle backend connections "
+        f"are closed by then (default {KEEPALIVE_SECONDS + 5:g}, the gateway's keep-alive + 5)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scene's directory (logs, configs)")
     parser.add_argument(
         "--baseline",
@@ -556,11 +597,20 @@ def main() -> int:
                 certs=one_cert,
             )
             scene.stop("gateway2")
+        # Every held column starts from the same state: warmed with all the users, then left until the idle
+        # backend connections the warm-up pooled are closed (docs/performance.md, "A fair held phase").
         held_columns = ("nginx", "gateway", "gateway_aiohttp", "gateway_asyncio")
-        held = {proxy: hold(scene, proxy, args.held, all_certs) for proxy in held_columns}
+        bench_users = scene.users[: args.users]
+        warmed = {proxy: warm(scene, proxy, bench_users) for proxy in held_columns}
         if args.traced:
             scene.start_variant("traced", core=scene.cores[0])
-            figures["held_breakdown"] = breakdown(scene, min(args.traced, args.held), all_certs)
+            warmed["traced"] = warm(scene, "traced", bench_users)
+        time.sleep(args.settle)
+        held = {proxy: hold(scene, proxy, args.held, all_certs, warmed=warmed[proxy]) for proxy in held_columns}
+        if args.traced:
+            count = min(args.traced, args.held)
+            gateway_kib = held["gateway"].per_held_kib
+            figures["held_breakdown"] = breakdown(scene, count, all_certs, warmed["traced"], gateway_kib)
             scene.stop("traced")
     finally:
         scene.teardown()
@@ -709,6 +759,8 @@ def report(
     print(f"  {'':<36} {'kcd-proxy':>12} {'nginx':>12} {'ratio':>7}   target")
     hg, hn = held["gateway"], held["nginx"]
     print(f"3. held long-polls ({args.held:,} asked for, {args.users} users)")
+    warm_ups = ", ".join(f"{HEADS.get(c, c)} {h.warmed}" for c, h in held.items())
+    print(f"   each column warmed first, users answered: {warm_ups}; idle RSS read {args.settle:g} s later")
     row("held at once", hg.held, hn.held, ",.0f", f"{args.held:,}")
     row("memory per held request (KiB)", hg.per_held_kib, hn.per_held_kib, ",.1f", "<= nginx's")
     if "gateway_asyncio" in held:
@@ -725,9 +777,9 @@ def report(
     parts = figures.get("held_breakdown")
     if isinstance(parts, dict):
         print(
-            f"   where it goes (tracemalloc, {parts['held']:,} held): {parts['rss_per_held_kib']:.1f} KiB RSS, "
-            f"of which Python {parts['python_per_held_kib']:.1f} KiB, "
-            f"outside Python {parts['outside_python_per_held_kib']:.1f}"
+            f"   where it goes (tracemalloc, {parts['held']:,} held): Python {parts['python_per_held_kib']:.1f} KiB, "
+            f"outside Python {parts['outside_python_of_gateway_kib']:.1f} (kcd-proxy's RSS less Python's; the "
+            f"traced process's own RSS per held request {parts['rss_per_held_kib']:.1f} KiB)"
         )
         for name, kib in parts["python_by_file_kib"].items():
             print(f"     {name:<48} {kib:6.2f} KiB")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -36,25 +35,101 @@ def trace_id() -> str:
     return _random[_taken - 8 : _taken].hex()
 
 
-@dataclass(slots=True)  # no instance dict: one per request, kept while a long-poll is held
 class Trace:
-    id: str = field(default_factory=trace_id)
-    started: float = field(default_factory=time.perf_counter)
-    facts: dict[str, Any] = field(default_factory=dict)
-    ms: dict[str, float] = field(default_factory=dict)
-    details: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> facts for the trace record
-    wall: float = field(default_factory=time.time)  # when the request started, for the trace record
+    """One request's trace. Its facts, stage times and details are noted flat (name, value, name, value, ... in
+    the order noted) and made into the dictionaries `facts`, `ms` and `details` when first read, which is once
+    the request has ended (the summary line, metrics, the trace record): a long-poll is held for half an hour
+    with its trace, and three flat lists keep what four dictionaries kept in about half the memory (a request's
+    twenty-odd facts grew their dictionary's table to 64 slots). Once read, a dictionary is the trace's: later
+    notes go into it. The dictionaries are what `dict.update` in the order noted makes, so every field keeps
+    its place (a fact noted twice keeps its first place and its last value)."""
+
+    __slots__ = ("_detailed", "_details", "_facts", "_ms", "_noted", "_timed", "_values", "id", "started", "wall")
+
+    def __init__(self) -> None:
+        self.id = trace_id()
+        self.started = time.perf_counter()
+        self.wall = time.time()  # when the request started, for the trace record
+        self._noted: list[str] = []  # the facts' names, in the order noted; until `facts` is read
+        self._values: list[Any] = []  # and their values
+        self._timed: list[Any] = []  # stage times: name, ms, ...; until `ms` is read
+        self._detailed: list[Any] = []  # details: stage, name, value, ...; until `details` is read
+        self._facts: dict[str, Any] | None = None
+        self._ms: dict[str, float] | None = None
+        self._details: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The summary line's facts, by name, in the order noted."""
+        facts = self._facts
+        if facts is None:
+            facts = self._facts = dict(zip(self._noted, self._values, strict=True))
+            self._noted = self._values = _READ
+        return facts
+
+    @facts.setter
+    def facts(self, value: dict[str, Any]) -> None:
+        self._facts, self._noted, self._values = value, _READ, _READ
+
+    @property
+    def ms(self) -> dict[str, float]:
+        """Each stage's time in milliseconds, in the order the stages ended."""
+        ms = self._ms
+        if ms is None:
+            timed = iter(self._timed)
+            ms = self._ms = dict(zip(timed, timed, strict=True))
+            self._timed = _READ
+        return ms
+
+    @ms.setter
+    def ms(self, value: dict[str, float]) -> None:
+        self._ms, self._timed = value, _READ
+
+    @property
+    def details(self) -> dict[str, dict[str, Any]]:
+        """Stage -> facts for the trace record only, in the order noted."""
+        details = self._details
+        if details is None:
+            details = self._details = {}
+            detailed = iter(self._detailed)
+            for stage, name, value in zip(detailed, detailed, detailed, strict=True):
+                details.setdefault(stage, {})[name] = value
+            self._detailed = _READ
+        return details
+
+    @details.setter
+    def details(self, value: dict[str, dict[str, Any]]) -> None:
+        self._details, self._detailed = value, _READ
 
     def stage(self, name: str) -> _Stage:
         """`with trace.stage(name):` times the block into `ms[name]`, whether it ends or raises."""
-        return _Stage(self.ms, name)
+        return _Stage(self, name)
 
     def note(self, **facts: Any) -> None:
-        self.facts.update(facts)
+        if self._facts is not None:
+            self._facts.update(facts)
+            return
+        self._noted.extend(facts)
+        self._values.extend(facts.values())
 
     def detail(self, stage: str, **facts: Any) -> None:
         """Facts of `stage` for the trace record only (not the summary line)."""
-        self.details.setdefault(stage, {}).update(facts)
+        if self._details is not None:
+            self._details.setdefault(stage, {}).update(facts)
+            return
+        detailed = self._detailed
+        for name, value in facts.items():
+            detailed.append(stage)
+            detailed.append(name)
+            detailed.append(value)
+
+    def timed(self, name: str, ms: float) -> None:
+        """`ms[name] = ms`."""
+        if self._ms is not None:
+            self._ms[name] = ms
+        else:
+            self._timed.append(name)
+            self._timed.append(ms)
 
     def summary(self, **first: Any) -> dict[str, Any]:
         """The summary line's fields: `first` (the status), the request id, the facts, the stages' times."""
@@ -62,14 +137,17 @@ class Trace:
         return {**first, "request_id": self.id, **self.facts, "ms": {**self.ms, "total": total}}
 
 
+_READ: list[Any] = []  # what a flat list is once its dictionary is made (never appended to: the dictionary is)
+
+
 class _Stage:
     """A class, not `contextlib.contextmanager`: a request enters eight stages, and the generator-based
     context manager cost about 1.5 µs each (bench/run.py)."""
 
-    __slots__ = ("_ms", "_name", "_start")
+    __slots__ = ("_name", "_start", "_trace")
 
-    def __init__(self, ms: dict[str, float], name: str) -> None:
-        self._ms = ms
+    def __init__(self, trace: Trace, name: str) -> None:
+        self._trace = trace
         self._name = name
         self._start = 0.0
 
@@ -77,4 +155,4 @@ class _Stage:
         self._start = time.perf_counter()
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        self._ms[self._name] = round((time.perf_counter() - self._start) * 1000, 3)
+        self._trace.timed(self._name, round((time.perf_counter() - self._start) * 1000, 3))

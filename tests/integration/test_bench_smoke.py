@@ -18,11 +18,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     """Each phase runs end to end against real nginx, the real gateway (uvloop, the default, and asyncio) and the
-    plain proxy; the JSON has the fixed-rate latencies, the scaling ratio, the asyncio column and the memory
-    breakdown."""
+    plain proxy; the JSON has the fixed-rate latencies, the scaling ratio, the asyncio column, the held columns each
+    warmed with every user, and the memory breakdown."""
     out = tmp_path / "bench.json"
     argv = [sys.executable, "-m", "bench.run", "--seconds", "1", "--rounds", "1", "--held", "40", "--users", "4"]
-    argv += ["--traced", "20", "--rate", "100", "--json", str(out)]
+    argv += ["--traced", "20", "--rate", "100", "--settle", "1", "--json", str(out)]
     run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads(out.read_text())
@@ -37,8 +37,13 @@ def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     assert figures["scaling"]["two_workers"]["runs"][0]["errors"] == 0
     assert figures["scaling"]["two_workers"]["machine_cores_busy"] > 0
     assert figures["held"]["gateway_asyncio"]["held"] == 40
+    # every held column (and the traced gateway) met all the users before its idle RSS was read
+    for column in ("nginx", "gateway", "gateway_aiohttp", "gateway_asyncio"):
+        assert figures["held"][column]["warmed"] == 4, figures["held"][column]
     breakdown = figures["held_breakdown"]
     assert breakdown["held"] == 20
+    assert breakdown["warmed"] == 4
+    assert "outside_python_of_gateway_kib" in breakdown
     # files named as parts (bench.run.module_of): the device connection of each held request is there
     # (asyncio's sslproto.py was, until proxy.tls.record took the connection from it after the handshake)
     assert "proxy/device/server.py" in breakdown["python_by_file_kib"], breakdown
