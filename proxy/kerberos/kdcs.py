@@ -27,7 +27,9 @@ PREAUTH_REQUIRED included); no answer, a refused or reset connection do not. The
 Not bounded: an exchange already inside MIT's wait when its KDC fell silent stays there (25 s a request; 10 s
 when another KDC follows). What is read from krb5.conf: `kdc` lines of the form host, host:port, [v6]:port,
 optionally `tcp/`-prefixed; a realm whose KDCs are found otherwise (DNS SRV records, `https://` KDC proxies,
-`udp/` entries) is not watched and MIT's behaviour stands (the log says so at start).
+`udp/` entries), or a krb5.conf that reads other files (`include`, `includedir`, `module`: one of them may name
+more KDCs of the realm, which MIT merges into its list), is not watched and MIT's behaviour stands (the log says
+so at start).
 """
 
 from __future__ import annotations
@@ -291,11 +293,19 @@ def watch_for(
     realm = principal.rpartition("@")[2]
     for path in krb5_files(krb5_config):
         try:
-            section = realm_section(path.read_bytes().decode(errors="replace"), realm)
+            text = path.read_bytes().decode(errors="replace")
+            directives = [line for line in krb5conf.read(text) if line.kind is krb5conf.Kind.DIRECTIVE]
+            section = realm_section(text, realm)
         except OSError:
             continue
         except krb5conf.ProfileSyntaxError as e:
             log.info("kdc_watch_off", realm=realm, reason=f"{path}: {e.reason} (line {e.number}); MIT refuses it too")
+            return None
+        if directives:  # an included file may name the realm's KDCs too: MIT merges them, the watch would not see them
+            named = ", ".join(line.raw.strip() for line in directives)
+            log.info(
+                "kdc_watch_off", realm=realm, reason=f"{path} reads other files ({named}): MIT asks their KDCs too"
+            )
             return None
         if section is None or not section.kdcs:
             continue

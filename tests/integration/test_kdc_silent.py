@@ -21,7 +21,7 @@ import pytest
 
 from proxy.kerberos.kdcs import probe
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, curl, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, curl, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
 
 PRINCIPAL = "HTTP/proxy.lab.test@LAB.TEST"
@@ -146,5 +146,33 @@ def test_with_no_kdc_answering_new_users_are_refused_at_once_and_cached_users_se
         second_kdc.answer_again()
         gw.wait_event("kdcs_answer", timeout=WAIT)
         assert _status(lab, gw, "carol") == 200
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("directive", ["include", "includedir"])
+def test_a_kdc_listed_in_an_included_file_is_asked_by_mit_as_before(
+    lab: LabLayout, tmp_path: Path, directive: str
+) -> None:
+    """krb5.conf names the realm twice: its own section lists a KDC that refuses connections, and a file it
+    includes (`include FILE` or `includedir DIR`, as sssd and distributions write them) lists the lab's KDC. MIT
+    merges both and asks the second after the first refuses: new users are served. The watch read only the main
+    file, found its one KDC refusing, and refused every new user with 503 at once (`kdcs_silent`)."""
+    extra_dir = tmp_path / "krb5.conf.d"
+    extra_dir.mkdir()
+    extra = extra_dir / "lab-kdc.conf"
+    extra.write_text(f"[realms]\n    LAB.TEST = {{\n        kdc = 127.0.0.1:{lab.kdc_port}\n    }}\n")
+    krb5 = lab.krb5_conf.read_text().replace(f"kdc = 127.0.0.1:{lab.kdc_port}", f"kdc = 127.0.0.1:{dead_port()}")
+    krb5 += f"\n{directive} {extra if directive == 'include' else extra_dir}\n"
+    krb5_conf = tmp_path / "krb5.conf"
+    krb5_conf.write_text(krb5)
+    text = lab_config(lab, port=free_port(), krb5_conf=krb5_conf)
+    gw = start_gateway(lab, tmp_path / "gateway", text)
+    try:
+        assert _status(lab, gw, "alice") == 200, gw.log_path.read_text()[-3000:]
+        assert not gw.events("kdcs_silent")
+        off = gw.events("kdc_watch_off")
+        assert off, gw.log_path.read_text()[-3000:]
+        assert directive in off[0]["reason"], off
     finally:
         gw.stop()
