@@ -32,6 +32,7 @@ from proxy.config import AuthMode, Route
 from proxy.device.request import DeviceRequest
 from proxy.errors import IdentityRejected, NoCertificate
 from proxy.identity.principal import UserPrincipal, ascii_lower
+from proxy.kerberos.delegate import asked_name
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,19 @@ async def authenticate(
     login = await basic.login(credentials, request.remote or "")
     if certified is None:
         return Authenticated(login.user, login, "password")
-    if ascii_lower(login.ticket.principal) != ascii_lower(certified.principal):  # Unicode folding equates look-alikes
+    if not _same_user(login, certified):
         raise IdentityRejected(
             "the user name does not match the certificate",
             hint=f"certificate names {certified.principal}, the password is {login.ticket.principal}'s",
         )
     return Authenticated(certified, login, "certificate+password")
+
+
+def _same_user(login: PasswordLogin, certified: UserPrincipal) -> bool:
+    """Whether the password's user is the certificate's: the KDC verified the password for the principal the
+    certificate maps to, or for the very name the certificate's user is asked for (with enterprise names the
+    NT-ENTERPRISE UPN, whose ticket AD names as asked, `carol\\@corp.example@AD.TEST`, never the principal the
+    identity stage built, `carol@AD.TEST`). ASCII case only: Unicode folding equates look-alikes."""
+    if ascii_lower(login.ticket.principal) == ascii_lower(certified.principal):
+        return True
+    return ascii_lower(asked_name(login.user)) == ascii_lower(asked_name(certified))
