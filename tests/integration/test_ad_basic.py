@@ -87,3 +87,23 @@ def test_certificate_and_basic_with_one_users_certificate_and_password(
         assert status == 200, body
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("name", "password", "status"),
+    [
+        ("alice@ad.test", "not-her-password", 401),
+        ("nobody@ad.test", "Nobody-Pa55", 401),
+        ("dave@ad.test", PASSWORDS["dave"], 403),
+        ("erin@ad.test", PASSWORDS["erin"], 200),
+        ("pat@ad.test", PASSWORDS["pat"], 200),
+    ],
+)
+def test_what_ad_says_of_a_password_is_what_the_device_gets(
+    ad_realm: ad.AdRealm, basic_gw: AdProcess, name: str, password: str, status: int
+) -> None:
+    """A wrong password and an unknown user are the same 401 (challenge again); the disabled dave is 403 with his
+    right password (AD says so whatever the password); erin (sensitive, cannot be delegated) and pat (Protected
+    Users) sign in with their own tickets: no delegation is involved, so both are served."""
+    got, body = _basic(ad_realm, basic_gw, name, password)
+    assert got == status, body
