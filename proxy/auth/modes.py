@@ -85,9 +85,13 @@ async def authenticate(
 
 def _same_user(login: PasswordLogin, certified: UserPrincipal) -> bool:
     """Whether the password's user is the certificate's: the KDC verified the password for the principal the
-    certificate maps to, or for the very name the certificate's user is asked for (with enterprise names the
-    NT-ENTERPRISE UPN, whose ticket AD names as asked, `carol\\@corp.example@AD.TEST`, never the principal the
-    identity stage built, `carol@AD.TEST`). ASCII case only: Unicode folding equates look-alikes."""
+    certificate's user is impersonated as, for the very name that user is asked for, or (enterprise names) for
+    the certificate's UPN. With enterprise names AD names the password's ticket as asked
+    (`carol\\@corp.example@AD.TEST`), never as the principal the identity stage built (`carol@AD.TEST`) or the
+    account strong mapping proved (`alice@AD.TEST`); an NT-ENTERPRISE UPN is one account of the forest, the one the
+    directory named for the certificate. ASCII case only: Unicode folding equates look-alikes."""
     if ascii_lower(login.ticket.principal) == ascii_lower(certified.principal):
         return True
-    return ascii_lower(asked_name(login.user)) == ascii_lower(asked_name(certified))
+    if ascii_lower(asked_name(login.user)) == ascii_lower(asked_name(certified)):
+        return True
+    return login.user.enterprise is not None and ascii_lower(login.user.enterprise) == ascii_lower(certified.upn)

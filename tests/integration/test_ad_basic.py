@@ -7,13 +7,14 @@ realm's namespace; the backend echoes whom it authenticated."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from proxy.lab import ad
-from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, ad_curl, start_ad_gateway, status_and_body
+from proxy.lab import ad, ad_mapping
+from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, ad_curl, start_ad_gateway, status_and_body
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
@@ -107,3 +108,36 @@ def test_what_ad_says_of_a_password_is_what_the_device_gets(
     Users) sign in with their own tickets: no delegation is involved, so both are served."""
     got, body = _basic(ad_realm, basic_gw, name, password)
     assert got == status, body
+
+
+def test_certificate_and_basic_under_strong_mapping_is_one_account_by_its_upn(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """mapping = "strong", enterprise names, certificate-and-basic: the mapping stage proves alice's certificate (SID
+    extension) is her account and impersonates `alice@AD.TEST`; her password under her UPN is AD's
+    `alice\\@ad.test@AD.TEST`: one account, served (it was 403). mallory's certificate (her UPN is
+    `alice@corp.example`) with alice's password under alice's UPN is two accounts: 403."""
+    realm = ad_mapping_realm
+    port = realm.free_port()
+    text = ad_mapping.gateway_config(realm, "strong", port=port, backend_port=ad_backend.port)
+    text = text.replace("[identity]\n", "[identity]\nenterprise_names = true\n", 1)
+    text += '\n[authentication]\nmode = "certificate-and-basic"\n'
+    (tmp_path / "gateway.toml").write_text(text)
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(tmp_path / "gateway.toml")]
+    gw = _start(realm, argv, port, tmp_path / "gateway.log", scheme="https")
+
+    def send(certificate: str, name: str, password: str) -> tuple[int, str]:
+        cmd = ["curl", "-sS", "--max-time", "30", "--cacert", str(realm.pki.root_cert)]
+        cmd += ["--cert", str(ad_mapping.cert(realm, certificate)), "--key", str(ad_mapping.key(realm, certificate))]
+        cmd += ["-u", f"{name}:{password}", "-w", "\n%{http_code}", f"{gw.url}/owa/"]
+        return status_and_body(realm.run(cmd, timeout=60))
+
+    try:
+        status, body = send("alice-sid", "alice@ad.test", PASSWORDS["alice"])
+        assert status == 200, body
+        status, body = send("alice-sid", "ADTEST\\alice", PASSWORDS["alice"])  # the mapped account's own name
+        assert status in (200, 401), body  # 401 where ADTEST is not configured: never another user's
+        status, body = send("mallory-sid", "alice@ad.test", PASSWORDS["alice"])
+        assert status == 403, body
+    finally:
+        gw.stop()

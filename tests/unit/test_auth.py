@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 from typing import Any
 
 import pytest
@@ -206,3 +207,19 @@ def test_certificate_and_password_are_one_user_by_principal_or_by_the_name_asked
     assert not _same_user(
         login("carol@ad.test", "carol\\@ad.test@AD.TEST"), carol
     )  # another UPN: maybe another account
+
+
+def test_under_strong_mapping_the_password_of_the_certificates_upn_is_its_account() -> None:
+    """Strong mapping impersonates the proven account (`alice@AD.TEST`, no enterprise name); a password checked
+    under the certificate's UPN as an NT-ENTERPRISE name is that account's, whatever AD calls the ticket; another
+    UPN is not, even one whose realm_map principal is the same."""
+    identity = Identity(default_realm="AD.TEST", enterprise_names=True, realm_map={"corp.example": "AD.TEST"})
+    mapped = map_name("alice@ad.test", identity, source="san-upn")
+    alice = dataclasses.replace(mapped, enterprise=None, principal="alice@AD.TEST", account="alice")
+
+    def login(name: str, kdc_name: str) -> PasswordLogin:
+        return PasswordLogin(map_name(name, identity, source="basic"), ticket(kdc_name), "", cached=False)
+
+    assert _same_user(login("alice@ad.test", "alice\\@ad.test@AD.TEST"), alice)
+    assert _same_user(login("Alice@AD.test", "Alice\\@AD.test@AD.TEST"), alice)
+    assert not _same_user(login("alice@corp.example", "alice\\@corp.example@AD.TEST"), alice)  # mallory's UPN
