@@ -27,8 +27,9 @@ PREAUTH_REQUIRED included); no answer, a refused or reset connection do not. The
 Not bounded: an exchange already inside MIT's wait when its KDC fell silent stays there (25 s a request; 10 s
 when another KDC follows). What is read from krb5.conf: `kdc` lines of the form host, host:port, [v6]:port,
 optionally `tcp/`-prefixed; a realm whose KDCs are found otherwise (DNS SRV records, `https://` KDC proxies,
-`udp/` entries), or a krb5.conf that reads other files (`include`, `includedir`, `module`: one of them may name
-more KDCs of the realm, which MIT merges into its list), is not watched and MIT's behaviour stands (the log says
+`udp/` entries), a krb5.conf that reads other files (`include`, `includedir`, `module`: one of them may name
+more KDCs of the realm, which MIT merges into its list), or a realm named in more than one of KRB5_CONFIG's files
+(merged likewise), is not watched and MIT's behaviour stands (the log says
 so at start).
 """
 
@@ -289,8 +290,9 @@ def watch_for(
     principal: str, krb5_config: Path | None, probe_timeout: float, write_section: Callable[[str, str | None], None]
 ) -> KdcWatch | None:
     """The watch of the gateway's realm (its principal's), or None when krb5.conf does not list its KDCs in a form
-    the gateway can ask (logged)."""
+    the gateway can ask, or not all in one place it reads (logged)."""
     realm = principal.rpartition("@")[2]
+    found: list[tuple[Path, RealmSection]] = []
     for path in krb5_files(krb5_config):
         try:
             text = path.read_bytes().decode(errors="replace")
@@ -307,12 +309,18 @@ def watch_for(
                 "kdc_watch_off", realm=realm, reason=f"{path} reads other files ({named}): MIT asks their KDCs too"
             )
             return None
-        if section is None or not section.kdcs:
-            continue
-        unusable = [kdc for kdc in section.kdcs if kdc_address(kdc) is None]
-        if unusable:
-            log.info("kdc_watch_off", realm=realm, reason=f"kdc entries the gateway cannot ask: {unusable}")
-            return None
-        return KdcWatch(section, principal, probe_timeout, write_section)
-    log.info("kdc_watch_off", realm=realm, reason="krb5.conf lists no kdc for the realm (DNS or another file)")
-    return None
+        if section is not None:
+            found.append((path, section))
+    if len(found) > 1:  # MIT merges the realm's lines across KRB5_CONFIG's files; the overlay's `}*` would hide all
+        files = ", ".join(str(path) for path, _ in found)
+        log.info("kdc_watch_off", realm=realm, reason=f"the realm is named in several files ({files}): MIT merges them")
+        return None
+    if not found or not found[0][1].kdcs:
+        log.info("kdc_watch_off", realm=realm, reason="krb5.conf lists no kdc for the realm (DNS or another file)")
+        return None
+    section = found[0][1]
+    unusable = [kdc for kdc in section.kdcs if kdc_address(kdc) is None]
+    if unusable:
+        log.info("kdc_watch_off", realm=realm, reason=f"kdc entries the gateway cannot ask: {unusable}")
+        return None
+    return KdcWatch(section, principal, probe_timeout, write_section)

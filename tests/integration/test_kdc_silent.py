@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,5 +175,41 @@ def test_a_kdc_listed_in_an_included_file_is_asked_by_mit_as_before(
         off = gw.events("kdc_watch_off")
         assert off, gw.log_path.read_text()[-3000:]
         assert directive in off[0]["reason"], off
+    finally:
+        gw.stop()
+
+
+def test_a_realm_named_in_two_files_of_krb5_config_keeps_mit_asking_both(lab: LabLayout, tmp_path: Path) -> None:
+    """KRB5_CONFIG lists two files (no `kerberos.krb5_config`), each naming LAB.TEST: the first a KDC that refuses
+    connections, the second the lab's. MIT merges a realm's `kdc` lines across files and reaches the second: new
+    users are served. The watch read the first file alone, found its KDC refusing and refused every new user
+    (503); it now stays off (`kdc_watch_off`) and MIT's list stands."""
+    first = tmp_path / "krb5.conf"
+    first.write_text(
+        lab.krb5_conf.read_text().replace(f"kdc = 127.0.0.1:{lab.kdc_port}", f"kdc = 127.0.0.1:{dead_port()}")
+    )
+    second = tmp_path / "krb5-site.conf"
+    second.write_text(f"[realms]\n    LAB.TEST = {{\n        kdc = 127.0.0.1:{lab.kdc_port}\n    }}\n")
+    port = free_port()
+    text = lab_config(lab, port=port).replace(f'krb5_config = "{lab.krb5_conf}"\n', "")
+    assert "krb5_config" not in text
+    (tmp_path / "gateway.toml").write_text(text)
+    env = {**os.environ, **lab.env(), "KRB5_CONFIG": f"{first}:{second}"}
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(tmp_path / "gateway.toml")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, tmp_path / "gateway.toml")
+    try:
+        gw.wait_event("listening")
+        assert _status(lab, gw, "alice") == 200, log_path.read_text()[-3000:]
+        assert not gw.events("kdcs_silent")
+        off = gw.events("kdc_watch_off")
+        assert off, log_path.read_text()[-3000:]
+        assert str(second) in off[0]["reason"], off
     finally:
         gw.stop()
