@@ -213,3 +213,26 @@ def test_a_realm_named_in_two_files_of_krb5_config_keeps_mit_asking_both(lab: La
         assert str(second) in off[0]["reason"], off
     finally:
         gw.stop()
+
+
+def test_a_kdc_list_edited_in_krb5_conf_is_what_the_watch_asks(lab: LabLayout, tmp_path: Path) -> None:
+    """krb5.conf lists one KDC for LAB.TEST, which refuses connections: new users get 503 at once (`kdcs_silent`).
+    The operator replaces it in krb5.conf with the lab's KDC (a DC decommissioned, its successor named): MIT would
+    reach it, and the watch, probing every few seconds while no KDC answers, now reads the edited list and finds it
+    answering (`kdcs_answer`): new users are served without a restart. It probed the start's list for good, and
+    refused every new user until the gateway was restarted (a reload kept it: [kerberos] had not changed)."""
+    dead = f"127.0.0.1:{dead_port()}"
+    gw = _gateway(lab, tmp_path, [dead])
+    krb5_conf = tmp_path / "krb5.conf"
+    try:
+        gw.wait_event("kdcs_silent")
+        assert _status(lab, gw, "alice") == 503
+        gw.mark()
+        edited = tmp_path / "krb5.conf.new"
+        edited.write_text(krb5_conf.read_text().replace(f"kdc = {dead}", f"kdc = 127.0.0.1:{lab.kdc_port}"))
+        edited.replace(krb5_conf)  # as an editor or a configuration tool writes it: whole, then renamed into place
+        answered = gw.wait_event("kdcs_answer", timeout=WAIT)
+        assert answered["kdcs"] == [f"127.0.0.1:{lab.kdc_port}"]
+        assert _status(lab, gw, "alice") == 200, gw.log_path.read_text()[-3000:]
+    finally:
+        gw.stop()
