@@ -27,7 +27,7 @@ PREAUTH_REQUIRED included); no answer, a refused or reset connection do not. The
 krb5.conf is read again before each probe: a KDC replaced in it (a domain controller retired, its successor named)
 is what the next probe asks (`kdc_list_changed`), within `PROBE_EVERY` seconds while one is silent or none answers,
 without a restart (a reload keeps the delegator, and with it this watch, when [kerberos] is unchanged). A krb5.conf
-the watch can no longer follow hands the realm back to MIT (`kdc_watch_off`).
+the watch can no longer follow, two looks in a row, hands the realm back to MIT (`kdc_watch_off`).
 
 Not bounded: an exchange already inside MIT's wait when its KDC fell silent stays there (25 s a request; 10 s
 when another KDC follows). What is read from krb5.conf: `kdc` lines of the form host, host:port, [v6]:port,
@@ -205,6 +205,9 @@ class KdcWatch:
     ) -> None:
         self.section = section
         self._reread = reread  # the realm's section as krb5.conf has it now, or why it cannot be watched any more
+        self._doubt: str | None = (
+            None  # why the last look could not follow krb5.conf (given up if the next says so too)
+        )
         self._principal = principal
         self._timeout = probe_timeout
         self._write = write_section  # (realm, section text or None for krb5.conf's own): the overlay's
@@ -273,6 +276,10 @@ class KdcWatch:
         if self._reread is None:
             return
         now = self._reread()
+        if isinstance(now, str) and now != self._doubt:  # once more first: a file written in place may be half-read
+            self._doubt = now
+            return
+        self._doubt = None
         if isinstance(now, str):
             log.info("kdc_watch_off", realm=self.section.realm, reason=now)
             self._reread = None
