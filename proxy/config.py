@@ -61,6 +61,9 @@ DEFAULT_MAX_HEADER_BYTES = 128 * 1024
 MAX_FIELD_BYTES = 96 * 1024  # one header field (aiohttp's max_field_size): the same token with room to spare
 MIN_HEADER_BYTES = 8 * 1024  # below this ordinary browsers and devices are refused
 DEFAULT_MAX_CONNECTIONS = 10_000
+# TLS sessions a worker keeps for resumption (proxy.tls.server.server_context): about 7 KiB each (the session and
+# the client's certificate and chain), 14 MiB in all
+DEFAULT_TLS_SESSION_CACHE = 2048
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class Listener:
     trusted_proxies: tuple[IPNetwork, ...] = ()  # balancers (CIDR) whose PROXY headers are believed
     event_loop: EventLoop = "uvloop"  # libuv's loop, or "asyncio"'s own (proxy.loop; docs/performance.md says why)
     http_server: HttpServer = "own"  # what parses the device's requests: proxy.device.server, or aiohttp's web server
+    # TLS sessions kept per worker for resumption, the tickets naming them (0: stateless tickets, OpenSSL's default)
+    tls_session_cache: int = DEFAULT_TLS_SESSION_CACHE
 
 
 @dataclass(frozen=True)
@@ -416,6 +421,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
             *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
             *("client_body_timeout", "client_send_timeout", "workers", "max_header_bytes", "max_connections"),
             *("proxy_protocol", "trusted_proxies", "event_loop", "http_server", "max_connections_per_address"),
+            "tls_session_cache",
         },
     )
     proxy_protocol, trusted_proxies = _proxy_protocol(r, t)
@@ -438,6 +444,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         trusted_proxies=trusted_proxies,
         event_loop=_event_loop(r, t),
         http_server=cast(HttpServer, _named_choice(r, t, "listener", "http_server", HTTP_SERVERS, "own")),
+        tls_session_cache=_tls_session_cache(r, t),
     )
 
 
@@ -461,6 +468,18 @@ def _per_address(r: _Reader, t: dict[str, Any]) -> int:
     if value < 0:
         r.problem(key, f"0 (off) or a positive number of open connections per client address, got {value}")
         return 0
+    return value
+
+
+def _tls_session_cache(r: _Reader, t: dict[str, Any]) -> int:
+    """`listener.tls_session_cache`: 0 (stateless session tickets) or a positive number of sessions per worker."""
+    key = "listener.tls_session_cache"
+    value = r.get(t, key, "tls_session_cache", int, DEFAULT_TLS_SESSION_CACHE)
+    if value is None:  # not an integer: said so by `get`
+        return DEFAULT_TLS_SESSION_CACHE
+    if value < 0:
+        r.problem(key, f"0 (stateless session tickets) or a positive number of TLS sessions per worker, got {value}")
+        return DEFAULT_TLS_SESSION_CACHE
     return value
 
 

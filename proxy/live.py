@@ -238,10 +238,12 @@ def _changed(old: Config, new: Config) -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
 
 
-# The listener's keys a reload applies: the server certificate and key (a new SSLContext for new connections),
-# the balancers believed (read per connection) and client_body_timeout (the backend pools', made per
-# configuration). Every other one is read when the process starts.
-LISTENER_RELOADED = frozenset({"certificate", "private_key", "trusted_proxies", "client_body_timeout"})
+# The listener's keys a reload applies: the server certificate and key and the TLS session cache (a new SSLContext
+# for new connections), the balancers believed (read per connection) and client_body_timeout (the backend pools',
+# made per configuration). Every other one is read when the process starts.
+LISTENER_RELOADED = frozenset(
+    {"certificate", "private_key", "tls_session_cache", "trusted_proxies", "client_body_timeout"}
+)
 
 
 def _needs_restart(old: Config, new: Config) -> list[str]:

@@ -1,4 +1,5 @@
-"""What Python's `ssl` lacks, reached through ctypes: two limits on the client's chain, and fresh memory BIOs.
+"""What Python's `ssl` lacks, reached through ctypes: two limits on the client's chain, the size of the TLS session
+cache, and fresh memory BIOs.
 
 A client chooses the chain it sends in its Certificate message. OpenSSL parses all of it and, to verify
 the client's certificate, builds paths through it up to its verify depth (100 by default): a long chain
@@ -16,6 +17,11 @@ header of an `SSLContext` (Modules/_ssl.c, `PySSLContext`); that layout is not a
 writing anything the pointer is checked against two values Python does expose (the verify mode and the
 options), and read back afterwards. If any check fails, nothing is written and the reason is returned
 for the start-up log: the gateway then runs with OpenSSL's defaults.
+
+The session cache's size (`keep_sessions`, `SSL_CTX_sess_set_cache_size`, a macro over `SSL_CTX_ctrl`): the
+listener keeps TLS sessions in the context's own cache and sends tickets that only name them (`SSL_OP_NO_TICKET`,
+proxy.tls.server.server_context, docs/performance.md "Stateful session tickets"). OpenSSL's default bound is 20,480
+sessions; Python exposes none. The same checks on the `SSL_CTX *` as above; the size is read back.
 
 Fresh memory BIOs (`fresh_bios`). A memory BIO's buffer grows to the most bytes it ever held at once and
 never shrinks (OpenSSL's `BUF_MEM_grow_clean`): after a handshake the outgoing BIO keeps the size of the
@@ -37,6 +43,8 @@ import ssl
 
 _SSL_CTRL_SET_MAX_CERT_LIST = 51
 _SSL_CTRL_GET_MAX_CERT_LIST = 50
+_SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+_SSL_CTRL_GET_SESS_CACHE_SIZE = 43
 _VERIFY_FLAGS = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}  # SSL_VERIFY_PEER | FAIL_IF_NO...
 
 
@@ -94,6 +102,22 @@ def limit_client_chain(ctx: ssl.SSLContext, *, depth: int, max_bytes: int) -> st
         return "the verify depth did not take"
     if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_MAX_CERT_LIST, 0, None) != max_bytes:
         return "the Certificate message limit did not take"
+    return None
+
+
+def keep_sessions(ctx: ssl.SSLContext, sessions: int) -> str | None:
+    """Bound the session cache of `ctx` to `sessions` (OpenSSL drops the oldest past it). None when in force, else
+    why not (nothing was changed then)."""
+    try:
+        lib = _libssl()
+        pointer = _ssl_ctx(ctx)
+    except (OSError, AttributeError, KeyError) as e:
+        return f"OpenSSL's functions are not reachable from Python here ({type(e).__name__}: {e})"
+    if pointer is None:
+        return "this Python's SSLContext does not have the layout expected (CPython's PySSLContext)"
+    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_SIZE, sessions, None)
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_SIZE, 0, None) != sessions:
+        return "the session cache's size did not take"
     return None
 
 
