@@ -26,19 +26,27 @@ keep the admin listener full.
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
+
+With `[listener] workers = N` each worker serves this port too, and whichever one a request reaches answers for
+all of them: `/metrics` with a `worker` label on every sample, `/traces` and the pages with every worker's records
+(`proxy.observability.siblings`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
+import os
+import socket
 import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -48,7 +56,9 @@ from proxy.config import Admin
 from proxy.errors import ConfigError, GatewayError
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
+from proxy.observability.siblings import Siblings, TraceSource, serve_siblings
 from proxy.observability.tracepage import add_trace_views
+from proxy.workers import Worker
 
 log = structlog.get_logger("proxy.admin")
 LIVE_KEY = web.AppKey("live", Live)
@@ -119,16 +129,22 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+SIBLINGS_KEY = web.AppKey("siblings", Siblings)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[LIVE_KEY].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    siblings = request.app.get(SIBLINGS_KEY)
+    body = request.app[LIVE_KEY].metrics.render() if siblings is None else await siblings.metrics()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def make_admin_app(live: Live) -> web.Application:
-    """The admin application over the running gateway's state; other views add their routes to it."""
+def make_admin_app(live: Live, siblings: Siblings | None = None, *, unix: bool = False) -> web.Application:
+    """The admin application over the running gateway's state (and, for a worker, its siblings'); other views add
+    their routes to it. `unix`: for the Unix socket (`admin.socket`), whose file mode is its access control."""
     admin = live.config.admin
-    allowed = admin.allowed_clients if admin is not None else ()
+    allowed = admin.allowed_clients if admin is not None and not unix else ()
     middlewares = [_allow_list(allowed)] if allowed else []
-    if admin is not None and admin.client_ca is None:
+    if admin is not None and admin.client_ca is None and not unix:
         middlewares.append(_loopback_host(admin.host))
     app = web.Application(middlewares=middlewares)
     app[LIVE_KEY] = live
@@ -136,7 +152,9 @@ def make_admin_app(live: Live) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    add_trace_views(app, live.traces)
+    if siblings is not None:
+        app[SIBLINGS_KEY] = siblings
+    add_trace_views(app, siblings or TraceSource(live.traces))
     return app
 
 
@@ -255,14 +273,21 @@ class _Counted(asyncio.Protocol):
 
 @dataclass
 class AdminListener:
-    """The admin listener's server and application; `cleanup` stops both."""
+    """What the admin listener started (servers, applications, a worker's answers to its siblings, the Unix socket
+    files to remove); `cleanup` stops them all."""
 
-    runner: web.AppRunner
-    server: asyncio.Server
+    servers: list[asyncio.Server] = field(default_factory=list)
+    runners: list[web.AppRunner] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
 
     async def cleanup(self) -> None:
-        self.server.close()
-        await self.runner.cleanup()
+        for server in self.servers:
+            server.close()
+        for runner in self.runners:
+            await runner.cleanup()
+        for path in self.files:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
@@ -291,13 +316,36 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
     return factory
 
 
-async def start_admin(live: Live) -> AdminListener | None:
-    """Serve the admin application on `[admin] bind`, if set; the caller cleans it up."""
+async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener | None:
+    """Serve the admin application on `[admin] bind` and `[admin] socket`, if set (for a `worker`, answering for
+    all workers, and answering its siblings on its own Unix socket); the caller cleans it up."""
     admin = live.config.admin
     if admin is None:
         return None
-    runner = web.AppRunner(make_admin_app(live), access_log=None, handle_signals=False)
+    started = AdminListener()
+    siblings = None
+    try:
+        if worker is not None:
+            siblings = Siblings(live.traces, worker, lambda: live.metrics.render())
+            started.runners.append(await serve_siblings(worker, live.traces, lambda: live.metrics.render()))
+            started.files.append(worker.socket)
+        if admin.bound:
+            await _serve_bind(live, admin, siblings, worker, started)
+        # One process binds a Unix socket's path: the first worker (whose number a replacement keeps) answers for all.
+        if admin.socket is not None and (worker is None or worker.number == 1):
+            await _serve_socket(live, admin.socket, siblings, started)
+    except BaseException:
+        await started.cleanup()
+        raise
+    return started
+
+
+async def _serve_bind(
+    live: Live, admin: Admin, siblings: Siblings | None, worker: Worker | None, started: AdminListener
+) -> None:
+    runner = web.AppRunner(make_admin_app(live, siblings), access_log=None, handle_signals=False)
     await runner.setup()
+    started.runners.append(runner)
     assert runner.server is not None
     # Several workers each serve the admin port too (SO_REUSEPORT): each scrape reaches one of them.
     shared = live.config.listener.workers > 1
@@ -306,9 +354,41 @@ async def start_admin(live: Live) -> AdminListener | None:
             _capped(runner.server), admin.host, admin.port, ssl=admin_ssl_context(admin), reuse_port=shared
         )
     except OSError as e:
-        await runner.cleanup()
         raise ConfigError(
             [f"admin.bind: cannot listen on {admin.host}:{admin.port}: {e.strerror} (in {live.config.path})"]
         ) from None
-    log.info("admin_listening", bind=f"{admin.host}:{admin.port}", tls=admin.tls)
-    return AdminListener(runner, server)
+    started.servers.append(server)
+    siblings_at = {} if worker is None else {"siblings": str(worker.socket)}  # where this worker answers the others
+    log.info("admin_listening", bind=f"{admin.host}:{admin.port}", tls=admin.tls, **siblings_at)
+
+
+async def _serve_socket(live: Live, path: Path, siblings: Siblings | None, started: AdminListener) -> None:
+    """The admin application on a Unix socket, mode 0600: the file's permissions are its access control (no TLS,
+    no allow-list, and no `Host` check: a browser cannot reach a Unix socket, so no page can rebind a name to it).
+    A socket left by a gateway that died is replaced; any other file there is refused (`admin.socket`)."""
+    runner = web.AppRunner(make_admin_app(live, siblings, unix=True), access_log=None, handle_signals=False)
+    await runner.setup()
+    started.runners.append(runner)
+    assert runner.server is not None
+    try:
+        sock = _unix_socket(path)
+        started.files.append(path)
+        server = await asyncio.get_running_loop().create_unix_server(_capped(runner.server), sock=sock)
+    except OSError as e:
+        raise ConfigError([f"admin.socket: cannot listen on {path}: {e.strerror} (in {live.config.path})"]) from None
+    started.servers.append(server)
+    log.info("admin_listening", socket=str(path))
+
+
+def _unix_socket(path: Path) -> socket.socket:
+    """A Unix socket bound at `path` with mode 0600 from the start (no moment when others could connect)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if path.is_socket():
+            path.unlink()
+        os.fchmod(sock.fileno(), 0o600)  # Linux gives the socket's file this mode (less the umask) at bind
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock

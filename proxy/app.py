@@ -40,6 +40,7 @@ from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
 from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
 from proxy.tls.server import gate_factory, host_port
+from proxy.workers import Worker
 
 log = structlog.get_logger("proxy")
 TRACE_KEY = web.RequestKey("trace", Trace)
@@ -266,8 +267,9 @@ def _who(trace: Trace) -> dict[str, object]:
     return {k: trace.facts[k] for k in keys if k in trace.facts}
 
 
-async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
-    """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT; SIGHUP reloads (`proxy.live`)."""
+async def serve(config: Config, *, stop: asyncio.Event | None = None, worker: Worker | None = None) -> None:
+    """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT; SIGHUP reloads (`proxy.live`).
+    `worker`: this process is one of `listener.workers` (`proxy.workers`), whose admin listener answers for all."""
     live = Live.start(config)
     gw = live.gateway
     stop = stop or asyncio.Event()
@@ -350,7 +352,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     admin = None
     watcher = loop.create_task(live.watch()) if config.reload.watch else None
     try:
-        admin = await start_admin(live)
+        admin = await start_admin(live, worker)
         await stop.wait()
     finally:
         log.info("stopping")

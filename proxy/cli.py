@@ -27,16 +27,17 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return e.report()
 
-    def serve_one() -> int:
+    from proxy import workers
+
+    def serve_one(worker: workers.Worker | None = None) -> int:
         try:
-            event_loop.run(app.serve(cfg), cfg.listener.event_loop)
+            event_loop.run(app.serve(cfg, worker=worker), cfg.listener.event_loop)
         except ConfigError as e:
             return e.report()
         return 0
 
     if cfg.listener.workers == 1:
         return serve_one()
-    from proxy import workers
 
     try:
         return workers.supervise(cfg.listener, serve_one)

@@ -9,6 +9,7 @@ relative to the configuration file.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -250,10 +251,16 @@ class Admin:
     private_key: Path | None = None
     client_ca: Path | None = None  # PEM bundle of the CAs (root and intermediates) for admin client certificates
     allowed_clients: tuple[str, ...] = ()  # subjects (RFC 4514) or SHA-256 fingerprints (hex)
+    socket: Path | None = None  # also (or only, without a bind: port 0) on this Unix socket, mode 0600
 
     @property
     def tls(self) -> bool:
         return self.certificate is not None
+
+    @property
+    def bound(self) -> bool:
+        """Whether the admin listener has a TCP address (`admin.bind`), not only a Unix socket."""
+        return self.port != 0
 
 
 @dataclass(frozen=True)
@@ -926,11 +933,13 @@ def is_loopback(host: str, resolve: Callable[..., list[Any]] | None = None) -> b
 
 
 def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
-    known = {"bind", "certificate", "private_key", "client_ca", "allowed_clients"}
+    known = {"bind", "certificate", "private_key", "client_ca", "allowed_clients", "socket"}
     r.unknown(t, "admin", known)
     if not t:
         return None
-    host, port = _host_port(r, "admin.bind", r.get(t, "admin.bind", "bind", str))
+    unix = _admin_socket(r, t)
+    bind = r.get(t, "admin.bind", "bind", str, "" if "socket" in t else None)  # required unless there is a socket
+    host, port = _host_port(r, "admin.bind", bind or None)
 
     def optional(name: str) -> Path | None:
         value = r.get(t, f"admin.{name}", name, str, "")
@@ -949,6 +958,7 @@ def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
         private_key=optional("private_key"),
         client_ca=optional("client_ca"),
         allowed_clients=tuple(str(a) for a in allowed),
+        socket=unix,
     )
     if (admin.certificate is None) != (admin.private_key is None):
         r.problem("admin.private_key", "admin.certificate and admin.private_key go together")
@@ -963,6 +973,29 @@ def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
             "(admin.certificate, admin.private_key, admin.client_ca, admin.allowed_clients)",
         )
     return admin
+
+
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path is 108, with its NUL)
+
+
+def _admin_socket(r: _Reader, t: dict[str, Any]) -> Path | None:
+    """`admin.socket`: a path for a Unix socket, in an existing directory, where nothing but a socket is."""
+    if "socket" not in t:
+        return None
+    value = r.get(t, "admin.socket", "socket", str)
+    if value is None:
+        return None
+    if not value:
+        r.problem("admin.socket", "expected a path for the admin listener's Unix socket, got ''")
+        return None
+    path = r.file("admin.socket", value, required=False)
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        r.problem("admin.socket", f"a Unix socket's path is at most {UNIX_PATH_MAX} bytes: {path}")
+    elif not path.parent.is_dir():
+        r.problem("admin.socket", f"its directory does not exist: {path.parent}")
+    elif path.exists() and not path.is_socket():
+        r.problem("admin.socket", f"a file that is not a socket is there: {path}")
+    return path
 
 
 def _admin_client(entry: Any) -> bool:

@@ -17,9 +17,18 @@ What cannot be read one way only is refused (`BadRequest`, 400, before any stage
 an encoded slash or backslash (`%2F`, `%5C`: a separator to one reader, a name character to another),
 double encoding (a `%XX` left after decoding, which a second decoder would decode again: IIS's
 `allowDoubleEscaping`), a malformed escape (IIS's `%uXXXX` among them), NUL and other control
-characters, bytes that are not UTF-8, a `..` that climbs above the root, a fragment, and non-ASCII
-letters whose case mapping lands on ASCII (U+017F, long s, is `S` to a case-insensitive reader: `/EWS/` spelt with
-it would be `/EWS/` to IIS and not to a prefix compare).
+characters, bytes that are not UTF-8 (overlong forms such as `%C0%AE` among them), a `..` that climbs above the
+root, a fragment, and non-ASCII letters whose case mapping lands on ASCII (U+017F, long s, is `S` to a
+case-insensitive reader: `/EWS/` spelt with it would be `/EWS/` to IIS and not to a prefix compare).
+
+Below IIS the path becomes a Windows file name, and Windows reads names its own way (docs/hardening.md, "What
+Windows reads otherwise", with the sources). What it would read as another path is refused too, since no device
+sends it: a segment ending in a dot or a space (Windows trims them: `/ews./x` is `/ews/x` to it), `:` (a stream,
+`::$DATA`), `;` (a parameter that servlet-style readers cut off the segment), the characters no Windows name may
+hold (`* ? " < > |`, wildcards to the file system), a segment shaped like an 8.3 short name (`EXCHAN~1`, which
+may be another directory's alias), and non-ASCII characters that a compatibility or best-fit mapping turns into
+ASCII (the full-width dot, slash, backslash and letters U+FF0E, U+FF0F, U+FF3C, U+FF45..., U+2215 division
+slash, U+00A0 no-break space).
 
 The evidence, `OriginForm`, carries the decoded path (what routes are matched against: IIS paths are
 case-insensitive, so a route's prefix is by default too, `proxy.config.Route.matches`) and the encoded
@@ -30,6 +39,7 @@ percent-encoded again.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import NoReturn
 from urllib.parse import quote
@@ -67,9 +77,13 @@ def origin_form(request_target: str) -> OriginForm:
         _refuse("a fragment ('#') is not part of a request target")
     plain = raw.isascii() and raw.isprintable() and "%" not in raw and "\\" not in raw
     if plain and "//" not in raw and "/." not in raw:  # most paths: nothing to decode, nothing to resolve
+        if _WINDOWS.search(raw):
+            _windows_reading(raw)
         return OriginForm(path=raw, forward=raw, query=query if question else "")
     path = _decode(raw)
     normal = remove_dot_segments(path.replace("\\", "/"))
+    if _WINDOWS.search(normal):
+        _windows_reading(normal)
     forward = raw if normal == path else quote(normal, safe=_SAFE)
     return OriginForm(path=normal, forward=forward, query=query if question else "")
 
@@ -96,8 +110,12 @@ def _decode(raw: str) -> str:
     except UnicodeDecodeError:
         _refuse("the path's percent-encoded bytes are not UTF-8")
     for ch in text:
-        if not ch.isascii() and _folds_to_ascii(ch):
+        if ch.isascii():
+            continue
+        if _folds_to_ascii(ch):
             _refuse(f"the path has U+{ord(ch):04X}, which a case-insensitive reader takes for an ASCII letter")
+        if ch in _SEPARATOR_LOOKALIKES or any(c.isascii() for c in unicodedata.normalize("NFKC", ch)):
+            _refuse(f"the path has U+{ord(ch):04X}, which a compatibility or best-fit mapping reads as ASCII")
     return text
 
 
@@ -105,6 +123,35 @@ def _folds_to_ascii(ch: str) -> bool:
     """Whether a non-ASCII character maps to one ASCII letter by case: U+017F -> S, U+212A -> k, U+0131 -> I.
     (Expansions such as U+00DF -> SS are Python's full mapping, not the one-to-one kind servers compare by.)"""
     return any(len(m) == 1 and m.isascii() for m in (ch.upper(), ch.lower(), ch.casefold()))
+
+
+# What Windows reads otherwise, in a decoded path (docs/hardening.md, "What Windows reads otherwise"): a segment's
+# trailing dot or space, stream and parameter marks, the characters no Windows name may hold, and `~` + digit
+# (looked at further: only a segment shaped like an 8.3 short name is refused).
+_WINDOWS = re.compile(r'[:;*?"<>|]|[. ](?=/|$)|~[0-9]')
+_SHORT_NAME = re.compile(r"(?=[^.]{1,8}(?:\.|$))[^~.]{1,6}~[0-9]+(?:\.[^.]{1,3})?")
+# Slashes and backslashes with no compatibility decomposition, which best-fit tables map to '/' and '\\'.
+_SEPARATOR_LOOKALIKES = frozenset("\u2044\u2215\u2216\u29f5\u29f8")
+_WHY = {
+    ":": "a Windows stream name ('::$DATA') follows it",
+    ";": "servlet-style readers cut a parameter off the segment there ('/ews;x/' is '/ews/' to them)",
+}
+
+
+def _windows_reading(path: str) -> None:
+    """Refuse a decoded, normalised path that Windows, below IIS, would read as another one (one of `_WINDOWS`)."""
+    for found in _WINDOWS.finditer(path):
+        mark = found.group()
+        if mark in (".", " "):
+            _refuse("a path segment ends in a dot or a space, which Windows trims ('/ews./x' is '/ews/x' to it)")
+        if mark[0] == "~":
+            start = path.rfind("/", 0, found.start()) + 1
+            end = path.find("/", found.start())
+            segment = path[start : end if end >= 0 else len(path)]
+            if _SHORT_NAME.fullmatch(segment):
+                _refuse("a segment has the shape of an 8.3 short name (NAME~1.EXT): Windows may read another name")
+            continue
+        _refuse(f"the path has {mark!r}: " + _WHY.get(mark, "no Windows name may hold it (a file-system wildcard)"))
 
 
 def remove_dot_segments(path: str) -> str:

@@ -15,6 +15,12 @@ Workers share nothing: each has its own Kerberos credentials and ticket cache, p
 and CRLs, so a user whose connections land on two workers costs two S4U2Self exchanges. That is also
 why several machines behind a load balancer need no coordination (docs/deploying.md).
 
+Workers share nothing, but the admin listener must answer for all of them: each scrape of `/metrics` or read of
+`/traces` reaches one worker (SO_REUSEPORT again). So the supervisor makes a private directory (mode 0700) before
+it forks, and gives each worker a number (1..N; a replacement takes the number of the worker it replaces) and that
+directory (`Worker`): each worker answers its siblings on a Unix socket there, and the one a scrape reaches asks
+the others (`proxy.observability.siblings`). The supervisor removes the directory when it stops.
+
 Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they
 have. SIGHUP goes to every worker too, and each reloads on its own (`proxy.live`); a worker still
 starting, before its reload handler is in place, ignores it rather than die of it. A supervisor killed
@@ -30,11 +36,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -48,6 +58,18 @@ MIN_UPTIME = 5.0  # seconds: a worker that exits with an error sooner failed to 
 _RESTART_PAUSE = 1.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Which worker this process is, and where its siblings answer (module docstring)."""
+
+    number: int  # 1..N, kept by a replacement
+    siblings: Path  # the supervisor's private directory: one Unix socket per worker, `<number>.sock`
+
+    @property
+    def socket(self) -> Path:
+        return self.siblings / f"{self.number}.sock"
 
 
 class PortInUse(Exception):
@@ -65,10 +87,11 @@ def check_port_free(listener: Listener) -> None:
             raise PortInUse(f"{listener.host}:{listener.port}: {exc.strerror}") from None
 
 
-def supervise(listener: Listener, serve_one: Callable[[], int]) -> int:
+def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
     """Run `serve_one` (one whole gateway; returns an exit code) in `listener.workers` processes."""
     check_port_free(listener)
-    workers: dict[int, float] = {}  # pid -> when it started
+    workers: dict[int, tuple[float, int]] = {}  # pid -> (when it started, its number)
+    siblings = Path(tempfile.mkdtemp(prefix="kcd-proxy-workers-"))  # mode 0700
     stopping = False
     failure = 0
 
@@ -80,26 +103,26 @@ def supervise(listener: Listener, serve_one: Callable[[], int]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def start() -> None:
+    def start(number: int) -> None:
         # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _worker(serve_one, supervisor)
-        workers[pid] = time.monotonic()
+            _worker(lambda: serve_one(Worker(number, siblings)), supervisor)
+        workers[pid] = (time.monotonic(), number)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        log.info("worker_started", worker=pid)
+        log.info("worker_started", worker=pid, number=number)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
     try:
-        for _ in range(listener.workers):
-            start()
+        for number in range(1, listener.workers + 1):
+            start(number)
         while workers:
             pid, status = os.wait()
-            started = workers.pop(pid, None)
-            if started is None:
+            if pid not in workers:
                 continue
+            started, number = workers.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             if stopping:
                 log.info("worker_stopped", worker=pid, code=code)
@@ -112,10 +135,11 @@ def supervise(listener: Listener, serve_one: Callable[[], int]) -> int:
                 continue
             time.sleep(_RESTART_PAUSE)
             if not stopping:
-                start()
+                start(number)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(siblings, ignore_errors=True)
     log.info("supervisor_stopped")
     return failure
 

@@ -21,15 +21,16 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.observability.traces import TraceRing, describe
+from proxy.observability.siblings import TraceSource
+from proxy.observability.traces import describe
 
 DEFAULT_LIMIT = 50
-TRACE_RING_KEY = web.AppKey("trace_ring", TraceRing)
+TRACE_SOURCE_KEY = web.AppKey("trace_source", TraceSource)
 
 
-def add_trace_views(app: web.Application, ring: TraceRing) -> None:
-    """Serve the trace views of `ring` on the (admin) application `app`."""
-    app[TRACE_RING_KEY] = ring
+def add_trace_views(app: web.Application, source: TraceSource) -> None:
+    """Serve the trace views of `source` (this process's ring, or every worker's) on the (admin) application `app`."""
+    app[TRACE_SOURCE_KEY] = source
     app.router.add_get("/traces", traces_json)
     app.router.add_get("/traces/{id}", trace_json)
     app.router.add_get("/", index_page)
@@ -47,12 +48,12 @@ def _limit(request: web.Request) -> int:
 
 
 async def traces_json(request: web.Request) -> web.Response:
-    ring = request.app[TRACE_RING_KEY]
-    return web.json_response(ring.recent(_limit(request), request.query.get("user") or None))
+    recent = await request.app[TRACE_SOURCE_KEY].recent(_limit(request), request.query.get("user") or None)
+    return web.json_response(recent.records)
 
 
 async def trace_json(request: web.Request) -> web.Response:
-    record = request.app[TRACE_RING_KEY].get(request.match_info["id"])
+    record = await request.app[TRACE_SOURCE_KEY].get(request.match_info["id"])
     if record is None:
         raise web.HTTPNotFound(
             text='{"error": "no such trace (kept: the most recent only)"}\n', content_type="application/json"
@@ -61,14 +62,14 @@ async def trace_json(request: web.Request) -> web.Response:
 
 
 async def index_page(request: web.Request) -> web.Response:
-    ring = request.app[TRACE_RING_KEY]
     user = request.query.get("user") or None
-    records = ring.recent(_limit(request), user)
-    return web.Response(text=render_index(records, user=user, held=len(ring), keep=ring.keep), content_type="text/html")
+    recent = await request.app[TRACE_SOURCE_KEY].recent(_limit(request), user)
+    page = render_index(recent.records, user=user, held=recent.held, keep=recent.keep)
+    return web.Response(text=page, content_type="text/html")
 
 
 async def trace_page(request: web.Request) -> web.Response:
-    record = request.app[TRACE_RING_KEY].get(request.match_info["id"])
+    record = await request.app[TRACE_SOURCE_KEY].get(request.match_info["id"])
     if record is None:
         body = _page("Trace not found", "<p>No such trace: only the most recent requests are kept.</p>")
         return web.Response(status=404, text=body, content_type="text/html")

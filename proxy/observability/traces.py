@@ -32,7 +32,8 @@ shows.
 
 Never in a record: a token, a key, a password, a ticket. The ring holds the trace's facts and the frozen
 evidence objects the stages returned (chain, CRL answer, ticket facts), not the request or any error.
-With several workers each keeps its own ring; the export file is shared (one `write` per line, appended).
+With several workers each keeps its own ring, and the admin listener asks every worker's
+(`proxy.observability.siblings`); the export file is shared (one `write` per line, appended).
 """
 
 from __future__ import annotations

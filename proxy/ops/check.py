@@ -200,7 +200,7 @@ def _routes(config: Config) -> Iterator[tuple[str, str]]:
     """Routes to the gateway's own listener (a loop) or to its admin listener (every device would read the
     traces and metrics), by the bind's own host, a loopback name, or any name for a wildcard bind."""
     own = [(config.listener.host, config.listener.port, "the gateway's own listener: requests would loop")]
-    if config.admin is not None:
+    if config.admin is not None and config.admin.bound:
         own.append((config.admin.host, config.admin.port, "the admin listener: every device would read its traces"))
     order = _file_order(config.path)
     for route in config.routes:

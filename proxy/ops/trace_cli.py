@@ -7,8 +7,9 @@ certificate, revocation, identity, S4U2Self, S4U2Proxy, backend), with the fix u
 `--follow` keeps asking every `--interval` seconds and prints each request it has not shown yet, until
 interrupted; `--user` shows one user's requests; `--json` prints each record as one JSON line.
 
-Where the admin listener is: `--admin URL`, else the `[admin] bind` of `--config FILE`, else
-`http://127.0.0.1:9443` (the documented default bind). An https admin listener with a client allow-list
+Where the admin listener is: `--admin URL`, else the `[admin] bind` of `--config FILE` (its `[admin] socket` when
+it has no bind: `unix:/path`, which `--admin` takes too), else `http://127.0.0.1:9443` (the documented default
+bind). An https admin listener with a client allow-list
 needs `--cert`/`--key` (and `--cacert` for its server certificate). Exit codes: 0 printed (or interrupted
 while following), 1 the admin listener did not answer, 2 usage or configuration error.
 """
@@ -16,7 +17,9 @@ while following), 1 the admin listener did not answer, 2 usage or configuration 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import socket
 import ssl
 import sys
 import time
@@ -69,6 +72,8 @@ def admin_url(args: argparse.Namespace) -> str:
         cfg = config_module.load(Path(args.config))
         if cfg.admin is None:
             raise ConfigError([f"admin: the configuration has no [admin] bind: traces are not served (in {cfg.path})"])
+        if not cfg.admin.bound and cfg.admin.socket is not None:
+            return f"unix:{cfg.admin.socket}"
         host = f"[{cfg.admin.host}]" if ":" in cfg.admin.host else cfg.admin.host
         if host in ("0.0.0.0", "[::]"):
             host = "127.0.0.1"
@@ -81,8 +86,11 @@ def fetch(base: str, *, limit: int, user: str | None, context: ssl.SSLContext | 
     query = {"limit": str(limit), **({"user": user} if user else {})}
     url = f"{base}/traces?{urllib.parse.urlencode(query)}"
     try:
-        with urllib.request.urlopen(url, timeout=10, context=context) as answer:  # noqa: S310  operator-given URL
-            records = json.loads(answer.read())
+        if base.startswith("unix:"):
+            records = json.loads(_get_unix(base.removeprefix("unix:"), url.removeprefix(base)))
+        else:
+            with urllib.request.urlopen(url, timeout=10, context=context) as answer:  # noqa: S310  operator-given URL
+                records = json.loads(answer.read())
     except urllib.error.HTTPError as e:
         body = printable(e.read(1000).decode(errors="replace").strip())  # whatever answered on that port wrote it
         raise AdminUnreachable(f"{url}: HTTP {e.code} {body}") from None
@@ -91,6 +99,34 @@ def fetch(base: str, *, limit: int, user: str | None, context: ssl.SSLContext | 
     if not isinstance(records, list):
         raise AdminUnreachable(f"{url}: expected a JSON list of traces")
     return [r for r in records if isinstance(r, dict)]
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (`[admin] socket`): the standard library has no such handler."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def _get_unix(path: str, target: str) -> bytes:
+    """`GET target` on the admin listener's Unix socket at `path`: the body of a 200, else `AdminUnreachable`."""
+    connection = _UnixConnection(path)
+    try:
+        connection.request("GET", target)
+        answer = connection.getresponse()
+        body = answer.read()
+    finally:
+        connection.close()
+    if answer.status != 200:
+        words = printable(body[:1000].decode(errors="replace").strip())
+        raise AdminUnreachable(f"unix:{path}{target}: HTTP {answer.status} {words}")
+    return body
 
 
 def _context(args: argparse.Namespace) -> ssl.SSLContext | None:

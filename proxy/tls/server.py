@@ -199,6 +199,19 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
         super().connection_lost(exc)
         self._closed()
 
+    def eof_received(self) -> None:
+        """The device's TCP end. asyncio's protocol, when the server has paused its reading (aiohttp does once it
+        holds `MAX_MSG_QUEUE_SIZE` pipelined requests), keeps the end from the server until it reads again and drops
+        every answer meanwhile ("SSL connection is closed"): aiohttp served the requests it held, a backend request
+        each, for a device that had left. The connection is aborted instead, so the server learns at once
+        (`connection_lost`). No answer is lost: asyncio sends none after the device's end, paused or not."""
+        state = getattr(self, "_state", None)  # asyncio's, untyped in typeshed
+        held = state == sslproto.SSLProtocolState.WRAPPED and getattr(self, "_app_reading_paused", False)
+        keep_open = super().eof_received()
+        if held and self._transport is not None:
+            socket_transport(self._transport).abort()
+        return keep_open
+
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         transport = None if self._transport is None else socket_transport(self._transport)
         if handshake_exc is not None and transport is not None and not transport.is_closing():

@@ -206,6 +206,8 @@ def _admin_bind(config_text: str) -> str | None:
     if "\n[admin]\n" not in config_text:
         return None
     table = config_text.split("\n[admin]\n", 1)[1].split("\n[", 1)[0]
+    if 'bind = "' not in table:
+        return None  # a Unix socket only (`admin.socket`)
     return table.split('bind = "', 1)[1].split('"', 1)[0]
 
 

@@ -90,3 +90,34 @@ def test_a_route_for_one_host_serves_only_that_host(
     assert _send(lab, gw, "/owa/x", host) == 200
     taken = {name: [r.path for r in rec.taken()] for name, rec in recorders.items()}
     assert taken[route] == ["/owa/x"], taken
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/ews./Exchange.asmx",
+        "/EWS%2E/Exchange.asmx",
+        "/ews%20/Exchange.asmx",
+        "/EWSAdmin.%20./x",
+        "/ews::$DATA/x",
+        "/ews;x=1/Exchange.asmx",
+        "/EWSADM~1/x",
+        "/ews%EF%BC%8E/x",
+        "/%EF%BD%85ws/x",
+        "/ews%c0%ae/x",
+    ],
+)
+def test_a_path_windows_reads_as_another_route_is_refused(
+    lab: LabLayout, routed: tuple[Gateway, dict[str, Recorder]], target: str
+) -> None:
+    """`/ews./x` is `/ews/x` to Windows once it trims the dot, and `EWSADM~1` may be `EWSAdmin`: the gateway would
+    have sent them to the catch-all route; they are 400 and reach no upstream."""
+    gw, recorders = routed
+    for rec in recorders.values():
+        rec.taken()
+    gw.mark()
+    assert _send(lab, gw, target) == 400
+    line = gw.wait_for("request", lambda e: "ambiguous request target" in str(e.get("reason", "")), what=target)
+    assert line["status"] == 400
+    taken = {name: [r.path for r in rec.taken()] for name, rec in recorders.items()}
+    assert not any(taken.values()), taken

@@ -7,12 +7,14 @@ of the process that wrote it, which is how the tests see which worker served a r
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,3 +207,76 @@ def _run(lab: LabLayout, config: Path, *, timeout: float) -> subprocess.Complete
         check=False,
         env={**os.environ, **lab.env()},
     )
+
+
+def _scrape(url: str) -> str:
+    """One GET on a new connection (so the kernel places each on either worker's admin socket)."""
+    with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310  loopback
+        return str(r.read().decode())
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """The samples of metric `name` in a Prometheus text exposition, by their label text."""
+    out = {}
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == name or head.startswith(name + "{"):
+            out[head[len(name) :]] = float(value)
+    return out
+
+
+@pytest.fixture
+def two_workers_admin(lab: LabLayout, tmp_path: Path) -> Iterator[tuple[Gateway, str]]:
+    admin = free_port()
+    text = _with_workers(lab, free_port(), 2) + f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    yield gw, f"http://127.0.0.1:{admin}"
+    gw.stop()
+
+
+def test_metrics_and_traces_count_every_worker(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
+    """With two workers each scrape of `/metrics` has every worker's figures, each with a `worker` label, and
+    `/traces` every worker's requests, whichever worker the kernel gave the scrape: before, each answer came from
+    one worker only, and a scrape missed the other's requests."""
+    gw, admin = two_workers_admin
+    workers = _listening_pids(gw, 2)
+    assert asyncio.run(_fresh_connections(lab, gw, 16)) == [200] * 16
+    served = gw.wait_events("request", 16)
+    assert {e["pid"] for e in served} == set(workers)  # both served some: 1 chance in 2**15 otherwise
+    ids = {e["request_id"] for e in served}
+    for _ in range(8):
+        text = _scrape(admin + "/metrics")
+        requests = _samples(text, "kcd_requests_total")
+        assert sum(requests.values()) == 16, text
+        assert {label.split('worker="')[1].split('"')[0] for label in requests} == {"1", "2"}, requests
+        assert text.count("# TYPE kcd_requests_total counter") == 1
+        records = json.loads(_scrape(admin + "/traces?limit=100"))
+        assert {r["id"] for r in records} == ids
+        times = [r["time"] for r in records]
+        assert times == sorted(times, reverse=True)  # newest first, across workers
+        assert {r["worker"] for r in records} == {1, 2}
+        assert json.loads(_scrape(admin + "/traces?limit=3"))[0]["id"] == records[0]["id"]
+    for trace_id in ids:  # one trace by id, whichever worker holds it
+        assert json.loads(_scrape(f"{admin}/traces/{trace_id}"))["id"] == trace_id
+
+
+def test_a_replaced_worker_answers_under_the_number_it_replaced(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """A worker killed outright is replaced under its number (series stay `worker="1"` and `"2"`, never a third);
+    once the replacement listens, every scrape has both; the supervisor's socket directory goes when it stops."""
+    gw, admin = two_workers_admin
+    first, _ = _listening_pids(gw, 2)
+    sockets = {Path(e["siblings"]) for e in gw.wait_events("admin_listening", 2)}
+    assert {s.name for s in sockets} == {"1.sock", "2.sock"}
+    assert all(s.exists() for s in sockets)
+    os.kill(first, signal.SIGKILL)
+    replacement = _listening_pids(gw, 3)[2]
+    gw.wait_for("admin_listening", lambda e: e["pid"] == replacement)
+    for _ in range(8):
+        text = _scrape(admin + "/metrics")
+        assert "did not answer" not in text, text
+        in_flight = _samples(text, "kcd_requests_in_flight")
+        assert set(in_flight) == {'{worker="1"}', '{worker="2"}'}, in_flight
+    assert gw.stop() == 0
+    assert not any(s.parent.exists() for s in sockets)

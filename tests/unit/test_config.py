@@ -99,6 +99,7 @@ BROKEN = [
     ('spn = "HTTP/cas.lab.test"', 'spn = "cas.lab.test"', "routes[0].spn: expected service/host"),
     ('prefix = "/EWS/"', 'prefix = "EWS"', "routes[1].prefix: must start with '/'"),
     ('prefix = "/EWS/"', 'prefix = "/"', "routes[1].prefix: duplicate prefix"),
+    ('prefix = "/EWS/"', 'prefix = "/EWS./"', "routes[1].prefix: '/EWS./': a path segment ends in a dot"),
     ("[identity]", "colour = 1\n[identity]", "client_certificates.colour: unknown key"),
     ('spn = "HTTP/cas.lab.test"', 'spn = "HTTP/cas.lab.test"\nread_timeout = -1', "routes[0].read_timeout: must be"),
 ]

@@ -153,3 +153,43 @@ def test_the_example_configuration_uses_only_known_keys() -> None:
     with pytest.raises(ConfigError) as e:
         config.load(Path(__file__).resolve().parents[2] / "config" / "example.toml")
     assert [p for p in e.value.problems if ": file not found: " not in p] == []
+
+
+def test_an_admin_socket_alone_is_an_admin_listener(tmp_path: Path) -> None:
+    """`admin.socket` without `admin.bind`: the admin listener on that Unix socket only (a relative path is the
+    configuration file's directory's); with both, both."""
+    cfg = config.load(_write(tmp_path, GOOD + '\n[admin]\nsocket = "admin.sock"\n'))
+    assert cfg.admin is not None
+    assert cfg.admin.socket == tmp_path / "admin.sock"
+    assert cfg.admin.port == 0
+    both = config.load(_write(tmp_path, GOOD + f'\n[admin]\nbind = "127.0.0.1:9443"\nsocket = "{tmp_path}/a.sock"\n'))
+    assert both.admin is not None
+    assert (both.admin.port, both.admin.socket) == (9443, tmp_path / "a.sock")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('"missing-dir/admin.sock"', "admin.socket: its directory does not exist:"),
+        ('"' + "x" * 120 + '.sock"', "admin.socket: a Unix socket's path is at most 107 bytes"),
+        ('"file.txt"', "admin.socket: a file that is not a socket is there:"),
+        ('""', "admin.socket: expected a path"),
+        ("7", "admin.socket: expected str, got int"),
+    ],
+)
+def test_a_bad_admin_socket_names_the_key(tmp_path: Path, value: str, problem: str) -> None:
+    """A socket path whose directory is missing, too long for a Unix socket, or where a plain file is, is refused
+    with the key's name and the file's."""
+    (tmp_path / "file.txt").write_text("not a socket")
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, GOOD + f"\n[admin]\nsocket = {value}\n"))
+    assert any(p.startswith(problem) and str(tmp_path / "gateway.toml") in p for p in e.value.problems), (
+        e.value.problems
+    )
+
+
+def test_an_admin_table_without_bind_or_socket_names_bind(tmp_path: Path) -> None:
+    """An [admin] table with neither a bind nor a socket says what is missing, as before the socket key."""
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, GOOD + '\n[admin]\ncertificate = "x.pem"\n'))
+    assert any(p.startswith("admin.bind: missing") for p in e.value.problems), e.value.problems

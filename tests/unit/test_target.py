@@ -73,6 +73,69 @@ def test_ambiguous_targets_are_refused(target: str, why: str) -> None:
     assert why in refused.value.reason
 
 
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("/ews./Exchange.asmx", "ends in a dot or a space"),
+        ("/ews%2e/Exchange.asmx", "ends in a dot or a space"),
+        ("/ews%2E%2E%2E/x", "ends in a dot or a space"),
+        ("/ews%20/x", "ends in a dot or a space"),
+        ("/ews.%20./x", "ends in a dot or a space"),
+        ("/owa/x.", "ends in a dot or a space"),
+        ("/ews::$DATA/x", "':'"),
+        ("/ews%3a%3a$DATA/x", "':'"),
+        ("/ews;jsessionid=1/x", "';'"),
+        ("/ews%3bx/y", "';'"),
+        ("/ews*/x", "'*'"),
+        ("/ews%3c/x", "'<'"),
+        ("/ews%3e/x", "'>'"),
+        ("/ews%22/x", "'\"'"),
+        ("/ews%7c/x", "'|'"),
+        ("/ews%3f/x", "'?'"),
+        ("/EXCHAN~1/ews", "8.3 short name"),
+        ("/owa/AUTH~12.ASP", "8.3 short name"),
+        ("/ews%c0%ae/x", "not UTF-8"),
+        ("/ews%c0%af/x", "not UTF-8"),
+        ("/ews%e0%80%ae/x", "not UTF-8"),
+        ("/ews%EF%BC%8E/x", "U+FF0E"),
+        ("/ews%EF%BC%8Fx", "U+FF0F"),
+        ("/ews%EF%BC%BCx", "U+FF3C"),
+        ("/%EF%BD%85ws/x", "U+FF45"),
+        ("/ews%E2%88%95x", "U+2215"),
+        ("/ews%E2%80%A4/x", "U+2024"),
+        ("/ews%C2%A0/x", "U+00A0"),
+    ],
+)
+def test_what_windows_reads_otherwise_is_refused(target: str, why: str) -> None:
+    """A segment Windows would trim (trailing dots and spaces), a stream or a parameter a reader would cut off
+    (`::$DATA`, `;x`), wildcards and characters no Windows name may hold, an 8.3 alias, and non-ASCII characters
+    that a compatibility or best-fit mapping turns into ASCII (full-width dot, slash, backslash, letters): 400,
+    with the reason."""
+    with pytest.raises(BadRequest) as refused:
+        origin_form(target)
+    assert refused.value.status == 400
+    assert why in refused.value.reason
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/owa/auth/15.2.1118/themes/resources/favicon.ico",
+        "/ews.bak/x",
+        "/owa/.hidden",
+        "/a%20b/c",
+        "/autodiscover/autodiscover.json/v1.0/alice@lab.test",
+        "/owa/~alice/x",
+        "/owa/AB~C/x",
+        "/owa/%C3%A9t%C3%A9.docx",
+        "/owa/%E8%B3%87%E6%96%99",
+    ],
+)
+def test_what_windows_reads_the_same_way_passes(target: str) -> None:
+    """Dots and spaces inside a segment, a tilde that is not an 8.3 alias, letters that stay non-ASCII: served."""
+    assert origin_form(target).path
+
+
 @pytest.mark.parametrize("target", ["*", "http://cas.lab.test/owa/", "owa/", ""])
 def test_only_origin_form_is_accepted(target: str) -> None:
     """Asterisk-form, absolute-form and relative targets are refused."""

@@ -1,0 +1,186 @@
+"""The admin listener's figures and traces for every worker, whichever worker a scrape reaches.
+
+Theory of operation. With `[listener] workers = N` every worker serves the admin port (SO_REUSEPORT), and the
+kernel gives each scrape to one of them; each worker's metrics and trace ring are its own (`proxy.workers`). So
+each worker also answers its siblings on a Unix socket of its own, `<number>.sock` in the supervisor's private
+directory (mode 0700): `/metrics` and `/traces` of that worker alone (`sibling_app`). The worker a scrape reaches
+asks every other socket there, at most `ASK_TIMEOUT` seconds each, all at once, and answers with the whole:
+
+- `/metrics`: every worker's samples, each with a `worker` label (its number, 1..N, which a replacement keeps;
+  Prometheus sums them with `sum without (worker)`), one `# HELP`/`# TYPE` per metric (`merge_metrics`, which
+  reads and writes the text format with prometheus_client's own parser and writer). A worker that does not answer
+  (one being replaced) is named in a comment line, and logged;
+- `/traces` and the pages: every worker's records, newest first, each with `worker` (`merge_traces`); a trace by
+  id is looked for in this worker's ring first, then in the others'.
+
+None of this is on the request path: a request still only appends its trace to its worker's ring and tallies its
+counters; the asking is done when the admin listener is read. With one worker nothing changes, not even a label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from proxy.observability.traces import TraceRing
+from proxy.workers import Worker
+
+log = structlog.get_logger("proxy.admin")
+ASK_TIMEOUT = 5.0  # seconds a sibling has to answer one question
+
+
+@dataclass(frozen=True)
+class Recent:
+    """What the trace views show: records newest first, how many are held and how many may be kept (all workers)."""
+
+    records: list[dict[str, Any]]
+    held: int
+    keep: int
+
+
+class TraceSource:
+    """The traces of this process's ring (one worker, or no supervisor)."""
+
+    def __init__(self, ring: TraceRing) -> None:
+        self.ring = ring
+
+    async def recent(self, limit: int, user: str | None) -> Recent:
+        return Recent(self.ring.recent(limit, user), len(self.ring), self.ring.keep)
+
+    async def get(self, trace_id: str) -> dict[str, Any] | None:
+        return self.ring.get(trace_id)
+
+
+class Siblings(TraceSource):
+    """This worker's ring and metrics, and its siblings', asked on their Unix sockets."""
+
+    def __init__(self, ring: TraceRing, worker: Worker, render: Callable[[], bytes]) -> None:
+        super().__init__(ring)
+        self.worker = worker
+        self._render = render  # this worker's `Metrics.render`
+
+    async def ask(self, path: str, query: Mapping[str, str] | None = None) -> dict[int, bytes | None]:
+        """`path` asked of every other worker at once: its body by number, None where it did not answer 200."""
+        numbers = sorted(
+            int(p.stem) for p in self.worker.siblings.glob("*.sock") if p.stem.isdigit() and p != self.worker.socket
+        )
+        bodies = await asyncio.gather(*(self._ask_one(n, path, query) for n in numbers))
+        return dict(zip(numbers, bodies, strict=True))
+
+    async def _ask_one(self, number: int, path: str, query: Mapping[str, str] | None) -> bytes | None:
+        connector = aiohttp.UnixConnector(path=str(self.worker.siblings / f"{number}.sock"))
+        timeout = aiohttp.ClientTimeout(total=ASK_TIMEOUT)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                session.get(f"http://worker{path}", params=query) as answer,
+            ):
+                body = await answer.read()
+                return body if answer.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            log.warning("admin_worker_unanswered", worker=number, path=path, error=type(e).__name__)
+            return None
+
+    async def metrics(self) -> bytes:
+        others = await self.ask("/metrics")
+        return merge_metrics({self.worker.number: self._render(), **others})
+
+    async def recent(self, limit: int, user: str | None) -> Recent:
+        query = {"limit": str(limit), **({"user": user} if user else {})}
+        answers = {self.worker.number: ring_answer(self.ring, limit, user)}
+        for number, body in (await self.ask("/traces", query)).items():
+            if body is not None:
+                answers[number] = json.loads(body)
+        records = merge_traces({n: a["records"] for n, a in answers.items()}, limit)
+        return Recent(records, sum(a["held"] for a in answers.values()), sum(a["keep"] for a in answers.values()))
+
+    async def get(self, trace_id: str) -> dict[str, Any] | None:
+        record = self.ring.get(trace_id)
+        if record is not None:
+            return {**record, "worker": self.worker.number}
+        for number, body in (await self.ask(f"/traces/{trace_id}")).items():
+            if body is not None:
+                return {**json.loads(body), "worker": number}
+        return None
+
+
+def merge_metrics(texts: Mapping[int, bytes | None]) -> bytes:
+    """Prometheus text expositions by worker number into one: each sample labelled with its `worker`, each metric
+    described once, in the order the metrics first appear. A worker without an answer (None) is a comment line."""
+    families: dict[str, Metric] = {}
+    missing = []
+    for number, text in sorted(texts.items()):
+        if text is None:
+            missing.append(number)
+            continue
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            worker = {"worker": str(number)}
+            merged.samples.extend(s._replace(labels={**s.labels, **worker}) for s in family.samples)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families.values()))
+    notes = "".join(f"# worker {n} did not answer\n" for n in missing).encode()
+    return notes + generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def merge_traces(records: Mapping[int, list[dict[str, Any]]], limit: int) -> list[dict[str, Any]]:
+    """Each worker's records (newest first) into one list, newest first, each with its `worker`; at most `limit`."""
+    merged = [{**r, "worker": number} for number, rs in records.items() for r in rs]
+    merged.sort(key=lambda r: str(r.get("time", "")), reverse=True)  # ISO 8601 in UTC, to the millisecond
+    return merged[:limit]
+
+
+def ring_answer(ring: TraceRing, limit: int, user: str | None) -> dict[str, Any]:
+    """One worker's part of `/traces`: its records (newest first), how many it holds and may keep."""
+    return {"records": ring.recent(limit, user), "held": len(ring), "keep": ring.keep}
+
+
+def sibling_app(ring: TraceRing, render: Callable[[], bytes]) -> web.Application:
+    """What this worker tells its siblings: its own `/metrics` and `/traces` (`{"records", "held", "keep"}`)."""
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=render())
+
+    async def traces(request: web.Request) -> web.Response:
+        limit = int(request.query.get("limit", "50"))  # checked by the admin view that asked
+        return web.json_response(ring_answer(ring, limit, request.query.get("user") or None))
+
+    async def trace(request: web.Request) -> web.Response:
+        record = ring.get(request.match_info["id"])
+        return web.Response(status=404) if record is None else web.json_response(record)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/traces", traces)
+    app.router.add_get("/traces/{id}", trace)
+    return app
+
+
+async def serve_siblings(worker: Worker, ring: TraceRing, render: Callable[[], bytes]) -> web.AppRunner:
+    """Answer the siblings on `worker.socket` (a replaced worker's socket file is taken over); the caller cleans up."""
+    with contextlib.suppress(FileNotFoundError):
+        worker.socket.unlink()
+    runner = web.AppRunner(sibling_app(ring, render), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.UnixSite(runner, str(worker.socket)).start()
+    return runner

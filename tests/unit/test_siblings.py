@@ -1,0 +1,69 @@
+"""Every worker's figures and traces in one answer (proxy/observability/siblings.py): the pure merges."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.observability.metrics import Metrics
+from proxy.observability.siblings import merge_metrics, merge_traces
+from proxy.observability.trace import Trace
+
+
+def _served(metrics: Metrics, n: int, status: int = 200) -> bytes:
+    for _ in range(n):
+        trace = Trace()
+        trace.note(route="/owa/")
+        trace.ms["backend"] = 1.5
+        metrics.begin(trace)
+        metrics.observe(trace, status)
+    return metrics.render()
+
+
+def _samples(text: bytes, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def test_each_sample_gets_its_worker_and_each_metric_one_description() -> None:
+    """Two workers' expositions: every sample of each, labelled `worker`, under one HELP and TYPE per metric."""
+    one, two = _served(Metrics(), 3), _served(Metrics(), 5, status=502)
+    merged = merge_metrics({1: one, 2: two})
+    text = merged.decode()
+    requests = _samples(merged, "kcd_requests_total")
+    assert requests == {
+        (("route", "/owa/"), ("status", "200"), ("worker", "1")): 3.0,
+        (("route", "/owa/"), ("status", "502"), ("worker", "2")): 5.0,
+    }
+    counts = _samples(merged, "kcd_stage_seconds_count")
+    assert sorted(counts.values()) == [3.0, 5.0]
+    described = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert described == [line for line in one.decode().splitlines() if line.startswith("# TYPE ")]
+    assert all('worker="' in line for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def test_a_worker_that_did_not_answer_is_named() -> None:
+    """A sibling that did not answer is a comment line (ignored by Prometheus); the others' samples are whole."""
+    merged = merge_metrics({1: _served(Metrics(), 2), 2: None})
+    assert merged.startswith(b"# worker 2 did not answer\n")
+    assert sum(_samples(merged, "kcd_requests_total").values()) == 2.0
+
+
+def test_one_worker_reads_back_as_it_was_but_for_the_label() -> None:
+    """prometheus_client's parser and writer lose nothing: one worker's merge is its exposition plus the label."""
+    text = _served(Metrics(), 4)
+    merged = merge_metrics({7: text})
+    unlabelled = merged.decode().replace(',worker="7"}', "}").replace('{worker="7"}', "")
+    assert unlabelled == text.decode()
+
+
+def test_traces_are_merged_newest_first_with_their_worker() -> None:
+    """Records of two workers come back newest first across both, each with its worker, at most `limit`."""
+    a = [{"id": "a2", "time": "2026-12-05T10:00:03.000Z"}, {"id": "a1", "time": "2026-12-05T10:00:01.000Z"}]
+    b = [{"id": "b2", "time": "2026-12-05T10:00:02.500Z"}, {"id": "b1", "time": "2026-12-05T10:00:00.000Z"}]
+    merged = merge_traces({1: a, 2: b}, limit=3)
+    assert [(r["id"], r["worker"]) for r in merged] == [("a2", 1), ("b2", 2), ("a1", 1)]
+    assert "worker" not in a[0]  # the workers' own records are not changed
