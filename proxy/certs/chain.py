@@ -136,6 +136,7 @@ def verify_chain(
     carry no extended key usage.
     """
     at = _utc(at)
+    _check_extensions(leaf)
     _check_period(leaf, at, "certificate")
     if purpose == "client":
         _check_leaf_usage(leaf)
@@ -183,6 +184,23 @@ def _check_period(cert: x509.Certificate, at: datetime, what: str) -> None:
         )
     if at > cert.not_valid_after_utc:
         raise CertificateRejected(f"{what} expired on {format_time(cert.not_valid_after_utc)}", hint=_describe(cert))
+
+
+def _check_extensions(cert: x509.Certificate) -> None:
+    """Refuse a certificate whose extensions do not parse, or that carries one extension twice (RFC 5280 4.2:
+    "MUST NOT"). OpenSSL 3.0's handshake and cryptography's verifier both let duplicates through, and every later
+    stage reads extensions (two SID extensions: which one names the account?); cryptography raises
+    DuplicateExtension, which is not a ValueError, so it is caught here once for all of them."""
+    try:
+        _ = cert.extensions
+    except x509.DuplicateExtension as exc:
+        raise CertificateRejected(
+            f"certificate carries the extension {exc.oid.dotted_string} twice",
+            hint=f"{_describe(cert)}; RFC 5280 4.2: a certificate MUST NOT include more than one instance of an "
+            "extension; revoke it and check the CA and template that wrote it",
+        ) from None
+    except ValueError as exc:
+        raise CertificateRejected("certificate extensions cannot be parsed", hint=f"{_describe(cert)}; {exc}") from None
 
 
 def _check_leaf_usage(leaf: x509.Certificate) -> None:

@@ -55,6 +55,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import ClassVar
 from urllib.parse import unquote
 
 import httptools
@@ -101,8 +102,8 @@ def _fqdn() -> str:
 class _Date:
     """The Date header's value, formatted once a second."""
 
-    second = -1
-    value = b""
+    second: ClassVar[int] = -1
+    value: ClassVar[bytes] = b""
 
     @classmethod
     def now(cls) -> bytes:

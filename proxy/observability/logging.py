@@ -88,7 +88,8 @@ def scrub(text: str) -> str:
 
 
 def _foreign_exception(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """A library record's exception, rendered without what a client sent (see the module's docstring)."""
+    """A record's exception (a library's, or our own `log.exception`), rendered without what a client sent (see the
+    module's docstring)."""
     info = event.pop("exc_info", None)
     if info is True:
         info = sys.exc_info()
@@ -236,6 +237,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         structlog.processors.add_log_level,
         _add_pid,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _foreign_exception,  # log.exception(...): the error and, when ours, the traceback (not `exc_info: true`)
         _redact,
         structlog.processors.JSONRenderer(),
     ]

@@ -566,6 +566,11 @@ _HANDSHAKE_FIXES = (
         "client_certificates.intermediates or trust_anchors",
     ),
     ("unsuitable certificate purpose", "the certificate lacks the clientAuth extended key usage: reissue it"),
+    (
+        "unhandled critical extension",
+        "the certificate marks an extension critical that OpenSSL does not know (a SID extension 1.3.6.1.4.1.311.25.2 "
+        "marked critical, say: AD CS writes it non-critical): reissue it with that extension non-critical",
+    ),
     ("signature failure", "the certificate's signature does not verify: a forged or corrupted certificate"),
     ("http request", "a plain HTTP request reached the TLS port: use https://"),
     ("chain too long", "more CA certificates than client_certificates.max_chain_depth: a junk chain, or raise it"),

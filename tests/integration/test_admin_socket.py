@@ -18,6 +18,7 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually
 
 
 def _curl(sock: Path, path: str, *headers: str) -> tuple[int, str]:
@@ -28,6 +29,12 @@ def _curl(sock: Path, path: str, *headers: str) -> tuple[int, str]:
     done = subprocess.run([*args, f"http://localhost{path}"], capture_output=True, text=True, timeout=60, check=True)
     body, _, status = done.stdout.rpartition("\n")
     return int(status), body
+
+
+def _both_workers(sock: Path) -> str | None:
+    """The socket's `/metrics` once it carries worker 2's samples, else None."""
+    status, body = _curl(sock, "/metrics")
+    return body if status == 200 and 'kcd_requests_in_flight{worker="2"}' in body else None
 
 
 def _gateway(lab: LabLayout, directory: Path, sock: Path, extra: str = "") -> Gateway:
@@ -119,10 +126,9 @@ def test_with_two_workers_the_socket_answers_for_both(lab: LabLayout, tmp_path: 
     sock = tmp_path / "admin.sock"
     gw = _gateway(lab, tmp_path / "gw", sock, extra="workers = 2\n")
     try:
-        status, body = _curl(sock, "/metrics")
-        assert status == 200
+        # worker 2 answers its sibling once it is up, which may be after worker 1's socket is: poll, not read once
+        body = eventually(lambda: _both_workers(sock), "both workers' samples on the socket's /metrics")
         assert 'kcd_requests_in_flight{worker="1"}' in body
-        assert 'kcd_requests_in_flight{worker="2"}' in body
         assert len(gw.events("admin_listening")) == 1
     finally:
         gw.stop()

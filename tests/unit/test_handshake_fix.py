@@ -14,6 +14,7 @@ from proxy.tls.server import handshake_fix, peer_text
         ("unable to get issuer certificate", "add that issuer to client_certificates.intermediates"),
         ("certificate has expired", "issue the user a new one"),
         ("peer did not return a certificate", "install the user's certificate"),
+        ("unhandled critical extension", "1.3.6.1.4.1.311.25.2"),
     ],
 )
 def test_each_known_reason_has_its_fix(reason: str, in_fix: str) -> None:

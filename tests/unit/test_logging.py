@@ -10,6 +10,7 @@ import threading
 import warnings
 
 import pytest
+import structlog
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from proxy.observability import logging as proxy_logging
@@ -98,3 +99,17 @@ def test_our_own_bugs_keep_their_traceback(out: io.StringIO) -> None:
 def test_scrub(text: str, kept: str) -> None:
     """Header values and scheme tokens are replaced; other text is left alone."""
     assert proxy_logging.scrub(text) == kept
+
+
+def test_a_structlog_exception_says_what_failed(out: io.StringIO) -> None:
+    """`log.exception(...)` through structlog (the gateway's `request_failed`, a 500) carries the error's type and our
+    traceback, not only `exc_info: true`."""
+    try:
+        proxy_logging.scrub(None)  # type: ignore[arg-type]
+    except TypeError:
+        structlog.get_logger("proxy").exception("request_failed", request_id="r1")
+    (record,) = _lines(out)
+    assert record["event"] == "request_failed"
+    assert record["error"] == "TypeError"
+    assert "proxy/observability/logging.py" in str(record["traceback"])
+    assert "exc_info" not in record
