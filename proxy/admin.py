@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import os
@@ -365,7 +366,8 @@ async def _serve_bind(
 async def _serve_socket(live: Live, path: Path, siblings: Siblings | None, started: AdminListener) -> None:
     """The admin application on a Unix socket, mode 0600: the file's permissions are its access control (no TLS,
     no allow-list, and no `Host` check: a browser cannot reach a Unix socket, so no page can rebind a name to it).
-    A socket left by a gateway that died is replaced; any other file there is refused (`admin.socket`)."""
+    A socket left by a gateway that died is replaced; one a process answers on (a gateway running already), or any
+    other file there, is refused (`admin.socket`)."""
     runner = web.AppRunner(make_admin_app(live, siblings, unix=True), access_log=None, handle_signals=False)
     await runner.setup()
     started.runners.append(runner)
@@ -380,12 +382,25 @@ async def _serve_socket(live: Live, path: Path, siblings: Siblings | None, start
     log.info("admin_listening", socket=str(path))
 
 
+def _answers(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path` (else it is a dead gateway's)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:  # ECONNREFUSED: nobody listens there any more
+            return False
+    return True
+
+
 def _unix_socket(path: Path) -> socket.socket:
     """A Unix socket bound at `path` with mode 0600 from the start (no moment when others could connect)."""
+    if path.is_socket():
+        if _answers(path):  # not stale: a running gateway's (a second instance must not take it)
+            raise OSError(errno.EADDRINUSE, "another process answers on it (a gateway already running?)")
+        path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if path.is_socket():
-            path.unlink()
         os.fchmod(sock.fileno(), 0o600)  # Linux gives the socket's file this mode (less the umask) at bind
         sock.bind(str(path))
     except OSError:

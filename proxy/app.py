@@ -39,7 +39,7 @@ from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
 from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
-from proxy.tls.server import gate_factory
+from proxy.tls.server import gate_factory, host_port
 from proxy.workers import Worker
 
 log = structlog.get_logger("proxy")
@@ -341,7 +341,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None, worker: Wo
     accepting = [loop.create_task(accept_connections(sock, factory, slots, direct_cap)) for sock in sockets]
     log.info(
         "listening",
-        bind=f"{listener.host}:{listener.port}",
+        bind=host_port(listener.host, listener.port),
         routes=[r.prefix for r in config.routes],
         event_loop=type(loop).__module__.partition(".")[0],  # the loop really running: "asyncio" or "uvloop"
         http_server=listener.http_server,

@@ -32,6 +32,7 @@ from proxy.config import AuthMode, Route
 from proxy.device.request import DeviceRequest
 from proxy.errors import IdentityRejected, NoCertificate
 from proxy.identity.principal import UserPrincipal, ascii_lower
+from proxy.kerberos.delegate import asked_name
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,23 @@ async def authenticate(
     login = await basic.login(credentials, request.remote or "")
     if certified is None:
         return Authenticated(login.user, login, "password")
-    if ascii_lower(login.ticket.principal) != ascii_lower(certified.principal):  # Unicode folding equates look-alikes
+    if not _same_user(login, certified):
         raise IdentityRejected(
             "the user name does not match the certificate",
             hint=f"certificate names {certified.principal}, the password is {login.ticket.principal}'s",
         )
     return Authenticated(certified, login, "certificate+password")
+
+
+def _same_user(login: PasswordLogin, certified: UserPrincipal) -> bool:
+    """Whether the password's user is the certificate's: the KDC verified the password for the principal the
+    certificate's user is impersonated as, for the very name that user is asked for, or (enterprise names) for
+    the certificate's UPN. With enterprise names AD names the password's ticket as asked
+    (`carol\\@corp.example@AD.TEST`), never as the principal the identity stage built (`carol@AD.TEST`) or the
+    account strong mapping proved (`alice@AD.TEST`); an NT-ENTERPRISE UPN is one account of the forest, the one the
+    directory named for the certificate. ASCII case only: Unicode folding equates look-alikes."""
+    if ascii_lower(login.ticket.principal) == ascii_lower(certified.principal):
+        return True
+    if ascii_lower(asked_name(login.user)) == ascii_lower(asked_name(certified)):
+        return True
+    return login.user.enterprise is not None and ascii_lower(login.user.enterprise) == ascii_lower(certified.upn)

@@ -24,10 +24,18 @@ PREAUTH_REQUIRED included); no answer, a refused or reset connection do not. The
   is taken, until a probe finds one again: MIT's list is left as krb5.conf has it meanwhile;
 - users whose service tickets are cached are served from the cache throughout: that path asks no KDC.
 
+krb5.conf is read again before each probe: a KDC replaced in it (a domain controller retired, its successor named)
+is what the next probe asks (`kdc_list_changed`), within `PROBE_EVERY` seconds while one is silent or none answers,
+without a restart (a reload keeps the delegator, and with it this watch, when [kerberos] is unchanged). A krb5.conf
+the watch can no longer follow, two looks in a row, hands the realm back to MIT (`kdc_watch_off`).
+
 Not bounded: an exchange already inside MIT's wait when its KDC fell silent stays there (25 s a request; 10 s
 when another KDC follows). What is read from krb5.conf: `kdc` lines of the form host, host:port, [v6]:port,
 optionally `tcp/`-prefixed; a realm whose KDCs are found otherwise (DNS SRV records, `https://` KDC proxies,
-`udp/` entries) is not watched and MIT's behaviour stands (the log says so at start).
+`udp/` entries), a krb5.conf that reads other files (`include`, `includedir`, `module`: one of them may name
+more KDCs of the realm, which MIT merges into its list), or a realm named in more than one of KRB5_CONFIG's files
+(merged likewise), is not watched and MIT's behaviour stands (the log says
+so at start).
 """
 
 from __future__ import annotations
@@ -193,8 +201,13 @@ class KdcWatch:
         principal: str,
         probe_timeout: float,
         write_section: Callable[[str, str | None], None],
+        reread: Callable[[], RealmSection | str] | None = None,
     ) -> None:
         self.section = section
+        self._reread = reread  # the realm's section as krb5.conf has it now, or why it cannot be watched any more
+        self._doubt: str | None = (
+            None  # why the last look could not follow krb5.conf (given up if the next says so too)
+        )
         self._principal = principal
         self._timeout = probe_timeout
         self._write = write_section  # (realm, section text or None for krb5.conf's own): the overlay's
@@ -220,7 +233,10 @@ class KdcWatch:
         self._wake.set()
 
     async def check(self) -> tuple[KdcProbe, ...]:
-        """Probe every KDC at once; tell MIT which answer if that changed."""
+        """Probe every KDC krb5.conf lists now at once; tell MIT which answer if that changed."""
+        self._follow()
+        if not self.section.kdcs:  # no longer watched: MIT asks krb5.conf's KDCs itself
+            return ()
         probes = tuple(await asyncio.gather(*(probe(kdc, self._principal, self._timeout) for kdc in self.section.kdcs)))
         answering = tuple(p.address for p in probes if p.answered)
         changed = answering != self.answering or not self.last
@@ -251,6 +267,30 @@ class KdcWatch:
                     "users with cached tickets are still served",
                 )
         return probes
+
+    def _follow(self) -> None:
+        """Take krb5.conf's section of the realm as it is now: an operator who replaced a KDC there (MIT reads the
+        edit) would otherwise see the start's list probed, pinned in the overlay or all new users refused, until a
+        restart. A krb5.conf the watch can no longer follow leaves MIT's reading of it: every KDC counts as answering
+        and the overlay's section goes (`kdc_watch_off`)."""
+        if self._reread is None:
+            return
+        now = self._reread()
+        if isinstance(now, str) and now != self._doubt:  # once more first: a file written in place may be half-read
+            self._doubt = now
+            return
+        self._doubt = None
+        if isinstance(now, str):
+            log.info("kdc_watch_off", realm=self.section.realm, reason=now)
+            self._reread = None
+            self.section = RealmSection(self.section.realm, (), ())
+            self.last = ()
+            self.answering = ()
+            self._write(self.section.realm, None)
+        elif now != self.section:
+            log.info("kdc_list_changed", realm=now.realm, kdcs=list(now.kdcs), before=list(self.section.kdcs))
+            self.section = now
+            self.last = ()  # the next probe's answer is news, whatever it is
 
     async def _run(self) -> None:
         """Probe at start; then after each `check_soon`, and every `PROBE_EVERY` seconds while a KDC is silent (no
@@ -287,22 +327,38 @@ def watch_for(
     principal: str, krb5_config: Path | None, probe_timeout: float, write_section: Callable[[str, str | None], None]
 ) -> KdcWatch | None:
     """The watch of the gateway's realm (its principal's), or None when krb5.conf does not list its KDCs in a form
-    the gateway can ask (logged)."""
+    the gateway can ask, or not all in one place it reads (logged). The watch reads the realm's section again before
+    each probe, so an edited krb5.conf's list is the one it asks."""
     realm = principal.rpartition("@")[2]
+    section = watched_section(realm, krb5_config)
+    if isinstance(section, str):
+        log.info("kdc_watch_off", realm=realm, reason=section)
+        return None
+    return KdcWatch(section, principal, probe_timeout, write_section, lambda: watched_section(realm, krb5_config))
+
+
+def watched_section(realm: str, krb5_config: Path | None) -> RealmSection | str:
+    """`realm`'s section as the files MIT reads for the gateway have it, or why the watch cannot follow it."""
+    found: list[tuple[Path, RealmSection]] = []
     for path in krb5_files(krb5_config):
         try:
-            section = realm_section(path.read_bytes().decode(errors="replace"), realm)
+            text = path.read_bytes().decode(errors="replace")
+            directives = [line for line in krb5conf.read(text) if line.kind is krb5conf.Kind.DIRECTIVE]
+            section = realm_section(text, realm)
         except OSError:
             continue
         except krb5conf.ProfileSyntaxError as e:
-            log.info("kdc_watch_off", realm=realm, reason=f"{path}: {e.reason} (line {e.number}); MIT refuses it too")
-            return None
-        if section is None or not section.kdcs:
-            continue
-        unusable = [kdc for kdc in section.kdcs if kdc_address(kdc) is None]
-        if unusable:
-            log.info("kdc_watch_off", realm=realm, reason=f"kdc entries the gateway cannot ask: {unusable}")
-            return None
-        return KdcWatch(section, principal, probe_timeout, write_section)
-    log.info("kdc_watch_off", realm=realm, reason="krb5.conf lists no kdc for the realm (DNS or another file)")
-    return None
+            return f"{path}: {e.reason} (line {e.number}); MIT refuses it too"
+        if directives:  # an included file may name the realm's KDCs too: MIT merges them, the watch would not see them
+            named = ", ".join(line.raw.strip() for line in directives)
+            return f"{path} reads other files ({named}): MIT asks their KDCs too"
+        if section is not None:
+            found.append((path, section))
+    if len(found) > 1:  # MIT merges the realm's lines across KRB5_CONFIG's files; the overlay's `}*` would hide all
+        return f"the realm is named in several files ({', '.join(str(path) for path, _ in found)}): MIT merges them"
+    if not found or not found[0][1].kdcs:
+        return "krb5.conf lists no kdc for the realm (DNS or another file)"
+    unusable = [kdc for kdc in found[0][1].kdcs if kdc_address(kdc) is None]
+    if unusable:
+        return f"kdc entries the gateway cannot ask: {unusable}"
+    return found[0][1]

@@ -137,9 +137,18 @@ class _Merged:
             log.warning("krb5_conf_not_copied", file=base, reason=str(e), kept=kept)
             self._seen = seen  # once per edit, not once a second
             return False
-        if any(line.kind is krb5conf.Kind.DIRECTIVE for line in lines):
+        directives = [line.raw.strip() for line in lines if line.kind is krb5conf.Kind.DIRECTIVE]
+        if directives:
             # a module makes the profile; an included file would join the one file's tree, where the overlay's
             # final mark (`}*`, proxy.kerberos.kdcs) no longer keeps its realm's KDCs out: the list stays
+            if self.text:  # an edit of a file copied so far: MIT goes on reading the last copy until a restart
+                log.warning(
+                    "krb5_conf_not_copied",
+                    file=base,
+                    reason=f"it now reads other files ({', '.join(directives)}), which the one file cannot take",
+                    kept="the last copy; restart the gateway to have MIT read krb5.conf itself",
+                )
+                self._seen = seen  # once per edit, not once a second
             return False
         previous, self.text = self.text, text
         try:

@@ -86,9 +86,8 @@ def _ssl_ctx(ctx: ssl.SSLContext) -> int | None:
     return pointer
 
 
-def limit_client_chain(ctx: ssl.SSLContext, *, depth: int, max_bytes: int) -> str | None:
-    """Cap the client chain `ctx` accepts: `depth` CA certificates above the client's, a Certificate
-    message of `max_bytes`. None when both are in force, else why not (nothing was changed then)."""
+def _reach(ctx: ssl.SSLContext) -> tuple[ctypes.CDLL, int] | str:
+    """libssl and the `SSL_CTX *` of `ctx` (checked as `_ssl_ctx` says), or why they cannot be reached."""
     try:
         lib = _libssl()
         pointer = _ssl_ctx(ctx)
@@ -96,6 +95,16 @@ def limit_client_chain(ctx: ssl.SSLContext, *, depth: int, max_bytes: int) -> st
         return f"OpenSSL's functions are not reachable from Python here ({type(e).__name__}: {e})"
     if pointer is None:
         return "this Python's SSLContext does not have the layout expected (CPython's PySSLContext)"
+    return lib, pointer
+
+
+def limit_client_chain(ctx: ssl.SSLContext, *, depth: int, max_bytes: int) -> str | None:
+    """Cap the client chain `ctx` accepts: `depth` CA certificates above the client's, a Certificate
+    message of `max_bytes`. None when both are in force, else why not (nothing was changed then)."""
+    reached = _reach(ctx)
+    if isinstance(reached, str):
+        return reached
+    lib, pointer = reached
     lib.SSL_CTX_set_verify_depth(pointer, depth)
     lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_MAX_CERT_LIST, max_bytes, None)
     if lib.SSL_CTX_get_verify_depth(pointer) != depth:
@@ -108,13 +117,10 @@ def limit_client_chain(ctx: ssl.SSLContext, *, depth: int, max_bytes: int) -> st
 def keep_sessions(ctx: ssl.SSLContext, sessions: int) -> str | None:
     """Bound the session cache of `ctx` to `sessions` (OpenSSL drops the oldest past it). None when in force, else
     why not (nothing was changed then)."""
-    try:
-        lib = _libssl()
-        pointer = _ssl_ctx(ctx)
-    except (OSError, AttributeError, KeyError) as e:
-        return f"OpenSSL's functions are not reachable from Python here ({type(e).__name__}: {e})"
-    if pointer is None:
-        return "this Python's SSLContext does not have the layout expected (CPython's PySSLContext)"
+    reached = _reach(ctx)
+    if isinstance(reached, str):
+        return reached
+    lib, pointer = reached
     lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_SIZE, sessions, None)
     if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_SIZE, 0, None) != sessions:
         return "the session cache's size did not take"

@@ -520,10 +520,16 @@ def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
 
 
 def peer_text(peer: object) -> str:
-    """A socket's peer address for the log: `host:port`, or as it comes when it is not an address pair."""
+    """A socket's peer address for the log: `host:port` (`[host]:port` for IPv6, whose `::1:443` would not say
+    where the port begins), or as it comes when it is not an address pair."""
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
+        return host_port(str(peer[0]), peer[1])
     return str(peer)
+
+
+def host_port(host: str, port: object) -> str:
+    """`host:port`, an IPv6 address in brackets (RFC 3986's form)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def gate_factory(

@@ -284,7 +284,8 @@ def test_pinned_samba_ignores_resource_based_delegation(
 def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.AdRealm, tmp_path: Path) -> None:
     """`kcd-proxy lab up --ad` (what `make lab-ad` runs first) returns at once on a running realm, starts the
     Exchange stand-in in the namespace and prints an `ip netns exec ... curl`; with the gateway it configured
-    running in there, that curl, pasted as printed, gets alice through."""
+    running in there, that curl, pasted as printed, gets alice through, and `kcd-proxy trace` with that configuration
+    shows her request (it had no admin listener: "traces are not served")."""
     lab_dir = ad_realm.root.parent
     assert ad_realm.root.name == "ad"
     argv = [sys.executable, "-m", "proxy", "lab", "up", "--ad", "--dir", str(lab_dir)]
@@ -304,6 +305,10 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
         done = subprocess.run(["bash", "-c", printed + " -sS"], capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["principal"] == "alice@AD.TEST"
+        trace = [sys.executable, "-m", "proxy", "trace", "--config", str(ad_realm.root / "gateway.toml")]
+        shown = ad_realm.run(trace, timeout=60)  # what the README's operations commands show, in the AD lab too
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "alice@ad.test" in shown.stdout, shown.stdout
     finally:
         gw.terminate()
         gw.wait(timeout=15)

@@ -132,3 +132,34 @@ def test_with_two_workers_the_socket_answers_for_both(lab: LabLayout, tmp_path: 
         assert len(gw.events("admin_listening")) == 1
     finally:
         gw.stop()
+
+
+def test_a_second_gateway_never_takes_a_socket_another_one_answers_on(
+    lab: LabLayout, socket_only: tuple[Gateway, Path], tmp_path: Path
+) -> None:
+    """A second gateway started with the first one's `admin.socket` (a second instance by hand, a unit started twice):
+    the socket answers, so it is not stale; the second refuses to start, naming the key, and the first keeps its
+    admin listener. The second removed the live socket and bound its own, and when it stopped it removed that too:
+    the running gateway's health, metrics and traces were unreachable until it was restarted."""
+    first, sock = socket_only
+    config = tmp_path / "second.toml"
+    config.write_text(lab_config(lab, port=free_port()) + f'\n[admin]\nsocket = "{sock}"\n')
+    with (tmp_path / "second.log").open("wb") as out:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **lab.env()},
+        )
+    try:
+        second.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        second.terminate()
+        second.wait(timeout=30)
+        raise AssertionError((tmp_path / "second.log").read_text()[-3000:]) from None
+    said = (tmp_path / "second.log").read_text()
+    assert second.returncode != 0, said
+    assert "admin.socket" in said, said
+    assert sock.is_socket()
+    assert _curl(sock, "/healthz")[0] == 200  # the first gateway's, still
+    assert first.proc.poll() is None

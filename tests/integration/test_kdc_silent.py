@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 
 from proxy.kerberos.kdcs import probe
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, curl, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, curl, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
 
 PRINCIPAL = "HTTP/proxy.lab.test@LAB.TEST"
@@ -146,5 +147,92 @@ def test_with_no_kdc_answering_new_users_are_refused_at_once_and_cached_users_se
         second_kdc.answer_again()
         gw.wait_event("kdcs_answer", timeout=WAIT)
         assert _status(lab, gw, "carol") == 200
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("directive", ["include", "includedir"])
+def test_a_kdc_listed_in_an_included_file_is_asked_by_mit_as_before(
+    lab: LabLayout, tmp_path: Path, directive: str
+) -> None:
+    """krb5.conf names the realm twice: its own section lists a KDC that refuses connections, and a file it
+    includes (`include FILE` or `includedir DIR`, as sssd and distributions write them) lists the lab's KDC. MIT
+    merges both and asks the second after the first refuses: new users are served. The watch read only the main
+    file, found its one KDC refusing, and refused every new user with 503 at once (`kdcs_silent`)."""
+    extra_dir = tmp_path / "krb5.conf.d"
+    extra_dir.mkdir()
+    extra = extra_dir / "lab-kdc.conf"
+    extra.write_text(f"[realms]\n    LAB.TEST = {{\n        kdc = 127.0.0.1:{lab.kdc_port}\n    }}\n")
+    krb5 = lab.krb5_conf.read_text().replace(f"kdc = 127.0.0.1:{lab.kdc_port}", f"kdc = 127.0.0.1:{dead_port()}")
+    krb5 += f"\n{directive} {extra if directive == 'include' else extra_dir}\n"
+    krb5_conf = tmp_path / "krb5.conf"
+    krb5_conf.write_text(krb5)
+    text = lab_config(lab, port=free_port(), krb5_conf=krb5_conf)
+    gw = start_gateway(lab, tmp_path / "gateway", text)
+    try:
+        assert _status(lab, gw, "alice") == 200, gw.log_path.read_text()[-3000:]
+        assert not gw.events("kdcs_silent")
+        off = gw.events("kdc_watch_off")
+        assert off, gw.log_path.read_text()[-3000:]
+        assert directive in off[0]["reason"], off
+    finally:
+        gw.stop()
+
+
+def test_a_realm_named_in_two_files_of_krb5_config_keeps_mit_asking_both(lab: LabLayout, tmp_path: Path) -> None:
+    """KRB5_CONFIG lists two files (no `kerberos.krb5_config`), each naming LAB.TEST: the first a KDC that refuses
+    connections, the second the lab's. MIT merges a realm's `kdc` lines across files and reaches the second: new
+    users are served. The watch read the first file alone, found its KDC refusing and refused every new user
+    (503); it now stays off (`kdc_watch_off`) and MIT's list stands."""
+    first = tmp_path / "krb5.conf"
+    first.write_text(
+        lab.krb5_conf.read_text().replace(f"kdc = 127.0.0.1:{lab.kdc_port}", f"kdc = 127.0.0.1:{dead_port()}")
+    )
+    second = tmp_path / "krb5-site.conf"
+    second.write_text(f"[realms]\n    LAB.TEST = {{\n        kdc = 127.0.0.1:{lab.kdc_port}\n    }}\n")
+    port = free_port()
+    text = lab_config(lab, port=port).replace(f'krb5_config = "{lab.krb5_conf}"\n', "")
+    assert "krb5_config" not in text
+    (tmp_path / "gateway.toml").write_text(text)
+    env = {**os.environ, **lab.env(), "KRB5_CONFIG": f"{first}:{second}"}
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(tmp_path / "gateway.toml")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, tmp_path / "gateway.toml")
+    try:
+        gw.wait_event("listening")
+        assert _status(lab, gw, "alice") == 200, log_path.read_text()[-3000:]
+        assert not gw.events("kdcs_silent")
+        off = gw.events("kdc_watch_off")
+        assert off, log_path.read_text()[-3000:]
+        assert str(second) in off[0]["reason"], off
+    finally:
+        gw.stop()
+
+
+def test_a_kdc_list_edited_in_krb5_conf_is_what_the_watch_asks(lab: LabLayout, tmp_path: Path) -> None:
+    """krb5.conf lists one KDC for LAB.TEST, which refuses connections: new users get 503 at once (`kdcs_silent`).
+    The operator replaces it in krb5.conf with the lab's KDC (a DC decommissioned, its successor named): MIT would
+    reach it, and the watch, probing every few seconds while no KDC answers, now reads the edited list and finds it
+    answering (`kdcs_answer`): new users are served without a restart. It probed the start's list for good, and
+    refused every new user until the gateway was restarted (a reload kept it: [kerberos] had not changed)."""
+    dead = f"127.0.0.1:{dead_port()}"
+    gw = _gateway(lab, tmp_path, [dead])
+    krb5_conf = tmp_path / "krb5.conf"
+    try:
+        gw.wait_event("kdcs_silent")
+        assert _status(lab, gw, "alice") == 503
+        gw.mark()
+        edited = tmp_path / "krb5.conf.new"
+        edited.write_text(krb5_conf.read_text().replace(f"kdc = {dead}", f"kdc = 127.0.0.1:{lab.kdc_port}"))
+        edited.replace(krb5_conf)  # as an editor or a configuration tool writes it: whole, then renamed into place
+        answered = gw.wait_event("kdcs_answer", timeout=WAIT)
+        assert answered["kdcs"] == [f"127.0.0.1:{lab.kdc_port}"]
+        assert _status(lab, gw, "alice") == 200, gw.log_path.read_text()[-3000:]
     finally:
         gw.stop()

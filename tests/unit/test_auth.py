@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 from typing import Any
 
 import pytest
 
-from proxy.auth.basic import CredentialCache, Throttle, parse_basic
-from proxy.auth.modes import wants_password
+from proxy.auth.basic import CredentialCache, PasswordLogin, Throttle, parse_basic
+from proxy.auth.modes import _same_user, wants_password
 from proxy.config import Identity, Route
 from proxy.errors import AuthenticationRequired, IdentityRejected, KdcUnavailable, KerberosRefused
 from proxy.identity.principal import map_name
@@ -186,3 +187,39 @@ def test_which_requests_need_a_password() -> None:
     assert table["certificate-or-basic", True, "negotiate"] is False
     assert table["certificate-or-basic", True, "basic"] is True
     assert table["certificate-or-basic", False, "negotiate"] is True
+
+
+def test_certificate_and_password_are_one_user_by_principal_or_by_the_name_asked() -> None:
+    """certificate-and-basic: the password's user is the certificate's when the KDC's name for it is the mapped
+    principal, or when both were asked for by the same NT-ENTERPRISE UPN (AD names that ticket as asked,
+    `carol\\@corp.example@AD.TEST`: it was refused as another user); another UPN is another user however the
+    realm_map maps it."""
+    identity = Identity(default_realm="AD.TEST", enterprise_names=True, realm_map={"corp.example": "AD.TEST"})
+    carol = map_name("carol@corp.example", identity, source="san-upn")
+
+    def login(name: str, kdc_name: str) -> PasswordLogin:
+        return PasswordLogin(map_name(name, identity, source="basic"), ticket(kdc_name), "", cached=False)
+
+    assert _same_user(login("carol@corp.example", "carol\\@corp.example@AD.TEST"), carol)
+    assert _same_user(login("CAROL@corp.example", "CAROL\\@corp.example@AD.TEST"), carol)
+    assert _same_user(login("AD.TEST\\carol", "carol@AD.TEST"), carol)  # the mapped principal, as before
+    assert not _same_user(login("alice@corp.example", "alice\\@corp.example@AD.TEST"), carol)
+    assert not _same_user(
+        login("carol@ad.test", "carol\\@ad.test@AD.TEST"), carol
+    )  # another UPN: maybe another account
+
+
+def test_under_strong_mapping_the_password_of_the_certificates_upn_is_its_account() -> None:
+    """Strong mapping impersonates the proven account (`alice@AD.TEST`, no enterprise name); a password checked
+    under the certificate's UPN as an NT-ENTERPRISE name is that account's, whatever AD calls the ticket; another
+    UPN is not, even one whose realm_map principal is the same."""
+    identity = Identity(default_realm="AD.TEST", enterprise_names=True, realm_map={"corp.example": "AD.TEST"})
+    mapped = map_name("alice@ad.test", identity, source="san-upn")
+    alice = dataclasses.replace(mapped, enterprise=None, principal="alice@AD.TEST", account="alice")
+
+    def login(name: str, kdc_name: str) -> PasswordLogin:
+        return PasswordLogin(map_name(name, identity, source="basic"), ticket(kdc_name), "", cached=False)
+
+    assert _same_user(login("alice@ad.test", "alice\\@ad.test@AD.TEST"), alice)
+    assert _same_user(login("Alice@AD.test", "Alice\\@AD.test@AD.TEST"), alice)
+    assert not _same_user(login("alice@corp.example", "alice\\@corp.example@AD.TEST"), alice)  # mallory's UPN

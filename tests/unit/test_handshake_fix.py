@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.tls.server import handshake_fix
+from proxy.tls.server import handshake_fix, peer_text
 
 
 @pytest.mark.parametrize(
@@ -28,3 +28,12 @@ def test_each_known_reason_has_its_fix(reason: str, in_fix: str) -> None:
 def test_an_unknown_reason_has_no_fix() -> None:
     """A reason nobody mapped gets no made-up fix."""
     assert handshake_fix("something else entirely") is None
+
+
+def test_peer_addresses_in_the_log_say_where_the_port_begins() -> None:
+    """An IPv6 peer is `[::1]:36874` in the log (it was `::1:36874`: address and port could not be told apart); an
+    IPv4 one stays `127.0.0.1:443`; what is not an address pair is written as it comes."""
+    assert peer_text(("::1", 36874, 0, 0)) == "[::1]:36874"
+    assert peer_text(("2001:db8::7", 443)) == "[2001:db8::7]:443"
+    assert peer_text(("127.0.0.1", 443)) == "127.0.0.1:443"
+    assert peer_text(None) == "None"

@@ -134,3 +134,36 @@ def test_the_watch_tells_mit_what_answers_and_says_so(monkeypatch: pytest.Monkey
     assert (check(), written[-1], watch.none_answer) == (["kdcs_silent"], ("LAB.TEST", None), True)
     silent.clear()
     assert (check(), written[-1], watch.none_answer) == (["kdcs_answer"], ("LAB.TEST", None), False)
+
+
+def test_the_watch_follows_krb5_conf_and_lets_go_when_it_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before each probe the realm's section is read again: an edited kdc list is the one probed
+    (`kdc_list_changed`, then its news); a krb5.conf the watch can no longer follow (an include added, a line MIT
+    refuses), two looks in a row (a file written in place may be read half-written), hands the realm back to MIT:
+    the overlay's section goes, nothing is refused, nothing is probed."""
+    section = kdcs.realm_section(KRB5_CONF, "LAB.TEST")
+    assert section is not None
+    asked: list[str] = []
+
+    async def fake(entry: str, principal: str, within: float) -> kdcs.KdcProbe:
+        asked.append(entry)
+        return kdcs.KdcProbe(entry, entry != "10.0.0.9:88", "KRB-ERROR", 1.0)
+
+    monkeypatch.setattr(kdcs, "probe", fake)
+    now: list[kdcs.RealmSection | str] = [section]
+    written: list[tuple[str, str | None]] = []
+    watch = kdcs.KdcWatch(section, "P@LAB.TEST", 1, lambda realm, text: written.append((realm, text)), lambda: now[0])
+
+    def check() -> list[str]:
+        asked.clear()
+        with capture_logs() as logs:
+            asyncio.run(watch.check())
+        return [e["event"] for e in logs]
+
+    assert check() == ["kdcs_answer"]
+    now[0] = kdcs.RealmSection("LAB.TEST", ("10.0.0.9:88",), ())
+    assert (check(), asked, watch.none_answer) == (["kdc_list_changed", "kdcs_silent"], ["10.0.0.9:88"], True)
+    now[0] = "krb5.conf reads other files (include /etc/krb5.conf.d)"
+    assert (check(), asked) == ([], ["10.0.0.9:88"])  # the section in force, once more first
+    assert (check(), asked, watch.none_answer, written[-1]) == (["kdc_watch_off"], [], False, ("LAB.TEST", None))
+    assert check() == []

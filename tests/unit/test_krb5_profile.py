@@ -7,6 +7,7 @@ import ctypes.util
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from proxy.kerberos import kdcs, profile
 
@@ -176,3 +177,27 @@ def test_a_krb5_conf_that_includes_files_stays_in_the_list(tmp_path: Path) -> No
     for directive in ("include /etc/krb5.d/x.conf", "includedir /etc/krb5.conf.d/"):
         conf.write_text(f"{directive}\n[libdefaults]\n    default_realm = LAB.TEST\n")
         assert profile.use_profile(conf).endswith(f":{conf}")
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_an_edit_that_adds_an_include_is_said_not_silently_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """krb5.conf read as one file at start, then edited to include another file: the one file cannot take it (an
+    included file would join its tree), so MIT goes on reading the last copy. That is said once per edit
+    (`krb5_conf_not_copied`, naming the directive and the restart that makes MIT read krb5.conf itself), as for a
+    line MIT refuses; the edit was dropped without a word, and the file read and parsed again every second."""
+    conf = tmp_path / "krb5.conf"
+    _krb5_conf(conf, "127.0.0.1:8888")
+    value = profile.use_profile(conf)
+    conf.write_text(conf.read_text().replace("8888", "9999") + f"include {tmp_path / 'other.conf'}\n")
+    monkeypatch.setattr(profile._merged, "_looked", 0.0)
+    with capture_logs() as logs:
+        profile.refresh_profile()
+        monkeypatch.setattr(profile._merged, "_looked", 0.0)
+        profile.refresh_profile()  # the same edit: not said again
+    said = [e for e in logs if e["event"] == "krb5_conf_not_copied"]
+    assert len(said) == 1, logs
+    assert "include" in said[0]["reason"]
+    assert "restart" in said[0]["kept"]
+    assert _mit_value(value, "realms", "LAB.TEST", "kdc") == "127.0.0.1:8888"  # the last copy, as said

@@ -86,7 +86,7 @@ def test_the_per_address_cap_counts_open_connections_per_address() -> None:
     events = [e for e in logs if e["event"] == "address_connection_limit_reached"]
     assert [(e["address"], e["peer"], e["limit"]) for e in events] == [
         ("192.0.2.1", "192.0.2.1:1003", 2),
-        ("2001:db8:1:2::/64", "2001:db8:1:2:3::9:3", 2),
+        ("2001:db8:1:2::/64", "[2001:db8:1:2:3::9]:3", 2),
         ("192.0.2.1", "192.0.2.1:1006", 2),
     ]
 
