@@ -599,7 +599,10 @@ def main() -> int:
             scene.stop("gateway2")
         # Every held column starts from the same state: warmed with all the users, then left until the idle
         # backend connections the warm-up pooled are closed (docs/performance.md, "A fair held phase").
-        held_columns = ("nginx", "gateway", "gateway_aiohttp", "gateway_asyncio")
+        # The same gateway without the TLS session cache: a full cache frees an old session for each held one, so
+        # kcd-proxy's figure is the marginal cost with the cache's bounded memory (idle RSS) already paid.
+        scene.start_variant("gateway_nocache", core=scene.cores[0], session_cache=0)
+        held_columns = ("nginx", "gateway", "gateway_aiohttp", "gateway_asyncio", "gateway_nocache")
         bench_users = scene.users[: args.users]
         warmed = {proxy: warm(scene, proxy, bench_users) for proxy in held_columns}
         if args.traced:
@@ -677,6 +680,7 @@ HEADS = {
     "gateway_aiohttp": "kcd (aiohttp)",
     "gateway_asyncio": "kcd (asyncio)",
     "gateway_bound": "kcd (bound)",
+    "gateway_nocache": "kcd (no session cache)",
     "plain": "aiohttp",
     "nginx": "nginx",
 }
@@ -769,6 +773,9 @@ def report(
     if "gateway_aiohttp" in held:
         ha = held["gateway_aiohttp"]
         row("  kcd (aiohttp): per held (KiB)", ha.per_held_kib, hn.per_held_kib, ",.1f", f"{ha.held:,} held")
+    if "gateway_nocache" in held:
+        hc = held["gateway_nocache"]
+        row("  kcd (no session cache): per held", hc.per_held_kib, hn.per_held_kib, ",.1f", f"{hc.held:,} held")
     at_10k = (hg.rss_idle + hg.per_held_kib * 1024 * 10_000) / 2**30
     row(
         "memory while held (MiB)", hg.rss_held / 2**20, hn.rss_held / 2**20, ",.0f", f"< 1 GiB at 10k: {at_10k:.2f} GiB"

@@ -308,10 +308,18 @@ spn = "HTTP/cas.lab.test"
         self.start("gateway", argv, self.ports["gateway"], core=self.cores[0], env=self.layout.env())
 
     def start_variant(
-        self, name: str, *, core: str, event_loop: str = "uvloop", workers: int = 1, http_server: str = "own"
+        self,
+        name: str,
+        *,
+        core: str,
+        event_loop: str = "uvloop",
+        workers: int = 1,
+        http_server: str = "own",
+        session_cache: int | None = None,
     ) -> None:
         """The gateway again, on a port of its own: another event loop (`listener.event_loop`), another device-side
-        server (`listener.http_server`), another number of workers, or traced (`name` "traced": bench.traced,
+        server (`listener.http_server`), another number of workers, another TLS session cache
+        (`listener.tls_session_cache`, the default when None), or traced (`name` "traced": bench.traced,
         tracemalloc and a snapshot on SIGUSR1), or probed (`name` "native": bench.native, glibc's allocator; `name`
         "objects": bench.objects, deep tracebacks and object counts)."""
         self.ports[name] = free_port()
@@ -320,6 +328,8 @@ spn = "HTTP/cas.lab.test"
         assert bind in text, "the gateway's [listener] bind line moved"
         ours = f'bind = "{self.layout.bind_host}:{self.ports[name]}"\nworkers = {workers}\n'
         ours += f'event_loop = "{event_loop}"\nhttp_server = "{http_server}"\n'
+        if session_cache is not None:
+            ours += f"tls_session_cache = {session_cache}\n"
         (self.root / f"{name}.toml").write_text(text.replace(bind, ours, 1))
         module = {"traced": "bench.traced", "native": "bench.native", "objects": "bench.objects"}.get(name, "proxy")
         argv = [sys.executable, "-m", module, "run", "--config", str(self.root / f"{name}.toml")]

@@ -38,7 +38,7 @@ def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     assert figures["scaling"]["two_workers"]["machine_cores_busy"] > 0
     assert figures["held"]["gateway_asyncio"]["held"] == 40
     # every held column (and the traced gateway) met all the users before its idle RSS was read
-    for column in ("nginx", "gateway", "gateway_aiohttp", "gateway_asyncio"):
+    for column in ("nginx", "gateway", "gateway_aiohttp", "gateway_asyncio", "gateway_nocache"):
         assert figures["held"][column]["warmed"] == 4, figures["held"][column]
     breakdown = figures["held_breakdown"]
     assert breakdown["held"] == 20
