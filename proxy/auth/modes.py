@@ -76,9 +76,11 @@ async def authenticate(
     if certified is None:
         return Authenticated(login.user, login, "password")
     if not _same_user(login, certified):
+        named = certified.enterprise or certified.principal  # with enterprise names, the UPN AD is asked for
+        upn = "; sign in with the certificate's UPN" if certified.enterprise else ""
         raise IdentityRejected(
             "the user name does not match the certificate",
-            hint=f"certificate names {certified.principal}, the password is {login.ticket.principal}'s",
+            hint=f"certificate names {named}, the password is {login.ticket.principal}'s{upn}",
         )
     return Authenticated(certified, login, "certificate+password")
 
@@ -89,8 +91,11 @@ def _same_user(login: PasswordLogin, certified: UserPrincipal) -> bool:
     the certificate's UPN. With enterprise names AD names the password's ticket as asked
     (`carol\\@corp.example@AD.TEST`), never as the principal the identity stage built (`carol@AD.TEST`) or the
     account strong mapping proved (`alice@AD.TEST`); an NT-ENTERPRISE UPN is one account of the forest, the one the
-    directory named for the certificate. ASCII case only: Unicode folding equates look-alikes."""
-    if ascii_lower(login.ticket.principal) == ascii_lower(certified.principal):
+    directory named for the certificate. The principal the identity stage built counts only when it is what the
+    certificate's user is asked for: with an NT-ENTERPRISE UPN it is a name realm_map made, not the account AD
+    finds (mallory's `alice@corp.example` is `alice@AD.TEST` to realm_map, and alice's password under `ADTEST\\alice`
+    gets a ticket of that name). ASCII case only: Unicode folding equates look-alikes."""
+    if certified.enterprise is None and ascii_lower(login.ticket.principal) == ascii_lower(certified.principal):
         return True
     if ascii_lower(asked_name(login.user)) == ascii_lower(asked_name(certified)):
         return True

@@ -90,6 +90,40 @@ def test_certificate_and_basic_with_one_users_certificate_and_password(
         gw.stop()
 
 
+def test_certificate_and_basic_mallorys_certificate_with_alices_password_under_her_account_name(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """certificate-and-basic, enterprise names, no strong mapping: mallory's certificate (UPN alice@corp.example,
+    which realm_map builds into alice@AD.TEST) with alice's password under her down-level or bare name (AD's ticket
+    alice@AD.TEST) is two accounts: 403, never alice (it was served as alice: the built principal was taken for the
+    account). Mallory with her own password under her certificate's UPN is mallory."""
+    realm = ad_mapping_realm
+    gw = _gateway(realm, tmp_path, ad_backend, "certificate-and-basic")
+
+    def send(name: str, password: str) -> tuple[int, str]:
+        cmd = ["curl", "-sS", "--max-time", "30", "--cacert", str(realm.pki.root_cert)]
+        cmd += [
+            "--cert",
+            str(ad_mapping.cert(realm, "mallory-sid")),
+            "--key",
+            str(ad_mapping.key(realm, "mallory-sid")),
+        ]
+        cmd += ["-u", f"{name}:{password}", "-w", "\n%{http_code}", f"{gw.url}/owa/"]
+        return status_and_body(realm.run(cmd, timeout=60))
+
+    try:
+        for name in ("ADTEST\\alice", "alice"):
+            status, body = send(name, PASSWORDS["alice"])
+            assert status == 403, body
+        status, body = send(
+            ad_mapping.MALLORY_UPN, next(u.password for u in ad_mapping.MAPPING_USERS if u.name == "mallory")
+        )
+        assert status == 200, body
+        assert "alice\\@corp.example" in json.loads(body)["principal"].lower()  # AD's name for mallory's UPN
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize(
     ("name", "password", "status"),
     [

@@ -202,7 +202,8 @@ def test_certificate_and_password_are_one_user_by_principal_or_by_the_name_asked
 
     assert _same_user(login("carol@corp.example", "carol\\@corp.example@AD.TEST"), carol)
     assert _same_user(login("CAROL@corp.example", "CAROL\\@corp.example@AD.TEST"), carol)
-    assert _same_user(login("AD.TEST\\carol", "carol@AD.TEST"), carol)  # the mapped principal, as before
+    # the principal realm_map builds from carol@corp.example is a name, not the account AD finds by that UPN
+    assert not _same_user(login("AD.TEST\\carol", "carol@AD.TEST"), carol)
     assert not _same_user(login("alice@corp.example", "alice\\@corp.example@AD.TEST"), carol)
     assert not _same_user(
         login("carol@ad.test", "carol\\@ad.test@AD.TEST"), carol
@@ -223,3 +224,25 @@ def test_under_strong_mapping_the_password_of_the_certificates_upn_is_its_accoun
     assert _same_user(login("alice@ad.test", "alice\\@ad.test@AD.TEST"), alice)
     assert _same_user(login("Alice@AD.test", "Alice\\@AD.test@AD.TEST"), alice)
     assert not _same_user(login("alice@corp.example", "alice\\@corp.example@AD.TEST"), alice)  # mallory's UPN
+
+
+def test_with_enterprise_names_the_certificates_built_principal_is_no_account() -> None:
+    """enterprise_names without strong mapping: mallory's certificate (her UPN alice@corp.example, which realm_map
+    builds into alice@AD.TEST) with alice's password under a down-level or bare name (her ticket alice@AD.TEST) is
+    two accounts: the certificate's user is whoever AD finds by that UPN, so only a password asked for by the same
+    UPN is hers (it was served as alice). Without enterprise names the principal is what the KDC is asked for."""
+    identity = Identity(
+        default_realm="AD.TEST", enterprise_names=True, realm_map={"corp.example": "AD.TEST", "adtest": "AD.TEST"}
+    )
+    mallory = map_name("alice@corp.example", identity, source="san-upn")
+
+    def login(name: str, kdc_name: str, ident: Identity = identity) -> PasswordLogin:
+        return PasswordLogin(map_name(name, ident, source="basic"), ticket(kdc_name), "", cached=False)
+
+    assert not _same_user(login("ADTEST\\alice", "alice@AD.TEST"), mallory)
+    assert not _same_user(login("alice", "alice@AD.TEST"), mallory)
+    assert not _same_user(login("alice@ad.test", "alice@AD.TEST"), mallory)  # a KDC that canonicalises
+    assert _same_user(login("alice@corp.example", "alice\\@corp.example@AD.TEST"), mallory)  # the same UPN asked
+    plain = dataclasses.replace(identity, enterprise_names=False)
+    alice = map_name("alice@corp.example", plain, source="san-upn")
+    assert _same_user(login("ADTEST\\alice", "alice@AD.TEST", plain), alice)  # the principal the KDC is asked for
