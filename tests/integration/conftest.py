@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -30,6 +31,9 @@ from tests.integration.ad_fixtures import (  # noqa: F401 -- the AD realm's fixt
     ad_realm,
 )
 from tests.integration.jsonlog import WAIT, JsonLog
+
+if TYPE_CHECKING:  # recorder imports this module
+    from tests.integration.recorder import Recorder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -279,6 +283,21 @@ def metric(admin: str, name: str) -> float:
     with urllib.request.urlopen(admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
         text = r.read().decode()
     return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.split(" ")[0] == name)
+
+
+@dataclass
+class ServerScene:
+    """A gateway on one device-side server (`gateway_on_server`) in front of a recording backend, with its admin
+    listener: what the attack files' module fixtures yield, each adding its own probes."""
+
+    gw: Gateway
+    recorder: Recorder
+    admin: str
+    lab: LabLayout
+    server: str
+
+    def gauge(self, name: str) -> float:
+        return metric(self.admin, name)
 
 
 def client_context(lab: LabLayout, user: str | None) -> ssl.SSLContext:

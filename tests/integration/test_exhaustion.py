@@ -12,13 +12,12 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config, metric
+from tests.integration.conftest import ServerScene, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder
 
@@ -33,16 +32,8 @@ class SlowRecorder(Recorder):
         super()._one(conn)
 
 
-@dataclass
-class Scene:
-    gw: Gateway
-    recorder: Recorder
-    admin: str
-    lab: LabLayout
-    server: str
-
-    def gauge(self, name: str) -> float:
-        return metric(self.admin, name)
+class Scene(ServerScene):
+    """The scene with probes of its own: the gateway's sockets to a port."""
 
     def sockets_to(self, port: int) -> int:
         """How many of the gateway's sockets are connected to 127.0.0.1:`port` (any TCP state)."""

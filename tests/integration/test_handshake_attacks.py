@@ -18,13 +18,12 @@ import ssl
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 from proxy.lab.layout import LabLayout
 from proxy.tls.openssl import _ssl as _ssl_pointer
-from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config, metric
+from tests.integration.conftest import ServerScene, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder, read_until_closed
 
@@ -32,16 +31,8 @@ LIMIT_S = 3  # listener.handshake_timeout here
 GET = b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
-@dataclass
-class Scene:
-    gw: Gateway
-    recorder: Recorder
-    admin: str
-    lab: LabLayout
-    server: str
-
-    def gauge(self, name: str) -> float:
-        return metric(self.admin, name)
+class Scene(ServerScene):
+    """The scene with raw-socket probes: a TCP connection, and every slot given back."""
 
     def tcp(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.gw.port), timeout=30)
