@@ -300,6 +300,19 @@ class ServerScene:
         return metric(self.admin, name)
 
 
+def s_client_resumed(lab: LabLayout, port: int, version: str, session: Path) -> tuple[bytes, bytes]:
+    """alice's `openssl s_client` (`version`: `-tls1_2`, `-tls1_3`) asking EWS on `port` twice: a full handshake
+    that saves its session to `session` (`-sess_out`), then a connection offering it (`-sess_in`); both stdouts."""
+    users = lab.pki_dir / "users"
+    argv = ["openssl", "s_client", version, "-ign_eof", "-connect", f"127.0.0.1:{port}"]
+    argv += ["-CAfile", str(lab.pki_dir / "root.pem")]
+    argv += ["-cert", str(users / "alice.pem"), "-key", str(users / "alice.key")]
+    request = b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    first = subprocess.run([*argv, "-sess_out", str(session)], input=request, capture_output=True, timeout=60)
+    second = subprocess.run([*argv, "-sess_in", str(session)], input=request, capture_output=True, timeout=60)
+    return first.stdout, second.stdout
+
+
 def client_context(lab: LabLayout, user: str | None) -> ssl.SSLContext:
     """A device's TLS context: the lab root as trust, and a lab user's certificate (or one at an absolute
     path, without its .pem suffix; the key beside it)."""

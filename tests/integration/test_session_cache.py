@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy import config as config_module
 from proxy.lab.layout import LabLayout
 from proxy.tls import server as tls_server
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, s_client_resumed
 
 
 def _context(lab: LabLayout, tmp_path: Path, listener: str = "") -> ssl.SSLContext:
@@ -212,14 +211,7 @@ def test_tls_session_cache_0_sends_stateless_tickets(lab: LabLayout, tmp_path: P
 def test_a_tls_1_2_device_resumes_by_session_id(lab: LabLayout, gateway: Gateway, tmp_path: Path) -> None:
     """A TLS 1.2 device (no ticket now: the session ID names the cached session) resumes its next connection with
     `openssl s_client -sess_in` and is served as alice again."""
-    session = tmp_path / "alice-tls12.session"
-    users = lab.pki_dir / "users"
-    argv = ["openssl", "s_client", "-tls1_2", "-ign_eof", "-connect", f"127.0.0.1:{gateway.port}"]
-    argv += ["-CAfile", str(lab.pki_dir / "root.pem")]
-    argv += ["-cert", str(users / "alice.pem"), "-key", str(users / "alice.key")]
-    request = b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    first = subprocess.run([*argv, "-sess_out", str(session)], input=request, capture_output=True, timeout=60)
-    assert b"x-lab-principal: alice@lab.test" in first.stdout.lower(), first.stdout
-    second = subprocess.run([*argv, "-sess_in", str(session)], input=request, capture_output=True, timeout=60)
-    assert b"Reused, TLSv1.2" in second.stdout, second.stdout
-    assert b"x-lab-principal: alice@lab.test" in second.stdout.lower(), second.stdout
+    first, second = s_client_resumed(lab, gateway.port, "-tls1_2", tmp_path / "alice-tls12.session")
+    assert b"x-lab-principal: alice@lab.test" in first.lower(), first
+    assert b"Reused, TLSv1.2" in second, second
+    assert b"x-lab-principal: alice@lab.test" in second.lower(), second

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import subprocess
 import time
 from asyncio import sslproto
 from collections.abc import Callable, Coroutine, MutableMapping
@@ -28,7 +27,7 @@ from structlog.testing import capture_logs
 from proxy.lab.layout import LabLayout
 from proxy.tls import server as tls_server
 from proxy.tls.record import TlsRecords
-from tests.integration.conftest import Gateway, client_context
+from tests.integration.conftest import Gateway, client_context, s_client_resumed
 
 GET = b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -317,15 +316,8 @@ def test_one_session_ticket_per_handshake_and_the_device_resumes_with_it(
 ) -> None:
     """A TLS 1.3 device gets one session ticket per full handshake (OpenSSL's default is two, each costing a decode
     of the client certificate), resumes its next connection with it, and is served as alice again."""
-    session = tmp_path / "alice.session"
-    users = lab.pki_dir / "users"
-    argv = ["openssl", "s_client", "-tls1_3", "-ign_eof", "-connect", f"127.0.0.1:{gateway.port}"]
-    argv += ["-CAfile", str(lab.pki_dir / "root.pem")]
-    argv += ["-cert", str(users / "alice.pem"), "-key", str(users / "alice.key")]
-    request = b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    first = subprocess.run([*argv, "-sess_out", str(session)], input=request, capture_output=True, timeout=60)
-    assert first.stdout.count(b"New Session Ticket arrived") == 1, first.stdout
-    assert b"x-lab-principal: alice@lab.test" in first.stdout.lower(), first.stdout
-    second = subprocess.run([*argv, "-sess_in", str(session)], input=request, capture_output=True, timeout=60)
-    assert b"Reused, TLSv1.3" in second.stdout, second.stdout
-    assert b"x-lab-principal: alice@lab.test" in second.stdout.lower(), second.stdout
+    first, second = s_client_resumed(lab, gateway.port, "-tls1_3", tmp_path / "alice.session")
+    assert first.count(b"New Session Ticket arrived") == 1, first
+    assert b"x-lab-principal: alice@lab.test" in first.lower(), first
+    assert b"Reused, TLSv1.3" in second, second
+    assert b"x-lab-principal: alice@lab.test" in second.lower(), second
