@@ -86,7 +86,12 @@ _NESTED = (krb5conf.Kind.OPEN, krb5conf.Kind.BRACE, krb5conf.Kind.CLOSE)  # a ne
 def realm_section(text: str, realm: str) -> RealmSection | None:
     """The `[realms]` section of `realm` in krb5.conf `text`, if it has one (every time it is named, as MIT merges
     them); `krb5conf.ProfileSyntaxError` where MIT would not read `text`."""
-    lines = list(krb5conf.subsection_lines(krb5conf.read(text), "realms", realm))
+    return _realm_section(krb5conf.read(text), realm)
+
+
+def _realm_section(read: tuple[krb5conf.Line, ...], realm: str) -> RealmSection | None:
+    """`realm_section` of a krb5.conf already read (`krb5conf.read`)."""
+    lines = list(krb5conf.subsection_lines(read, "realms", realm))
     if not lines:
         return None
     kdcs, other = [], []
@@ -342,16 +347,16 @@ def watched_section(realm: str, krb5_config: Path | None) -> RealmSection | str:
     found: list[tuple[Path, RealmSection]] = []
     for path in krb5_files(krb5_config):
         try:
-            text = path.read_bytes().decode(errors="replace")
-            directives = [line for line in krb5conf.read(text) if line.kind is krb5conf.Kind.DIRECTIVE]
-            section = realm_section(text, realm)
+            read = krb5conf.read(path.read_bytes().decode(errors="replace"))
         except OSError:
             continue
         except krb5conf.ProfileSyntaxError as e:
             return f"{path}: {e.reason} (line {e.number}); MIT refuses it too"
+        directives = [line for line in read if line.kind is krb5conf.Kind.DIRECTIVE]
         if directives:  # an included file may name the realm's KDCs too: MIT merges them, the watch would not see them
             named = ", ".join(line.raw.strip() for line in directives)
             return f"{path} reads other files ({named}): MIT asks their KDCs too"
+        section = _realm_section(read, realm)
         if section is not None:
             found.append((path, section))
     if len(found) > 1:  # MIT merges the realm's lines across KRB5_CONFIG's files; the overlay's `}*` would hide all
