@@ -32,7 +32,11 @@ from tests.integration.jsonlog import eventually
 
 USERS = ("alice", "bob", "carol")
 # route prefix: the audit event its refusal writes
-REFUSED = {"/dead/": "backend_unavailable", "/not-delegable/": "kerberos_refused", "/wrong-key/": "backend_rejected_ticket"}
+REFUSED = {
+    "/dead/": "backend_unavailable",
+    "/not-delegable/": "kerberos_refused",
+    "/wrong-key/": "backend_rejected_ticket",
+}
 OUTSIDE = ("listening", "reloaded", "crl_loaded", "kdcs_answer", "admin_listening")
 
 
@@ -48,17 +52,19 @@ def _pipelined(lab: LabLayout, port: int, user: str, ready: threading.Barrier, o
     """`user`'s connection: handshake, wait for the others, then every route's request in one write; reads the
     answers until the connection has given three (or ends)."""
     ctx = client_context(lab, user)
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            ready.wait(timeout=60)
-            tls.sendall(b"".join(f"GET {prefix}{user} HTTP/1.1\r\nHost: gw\r\n\r\n".encode() for prefix in REFUSED))
-            got = b""
-            while got.count(b"HTTP/1.1 ") < len(REFUSED):
-                chunk = tls.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-            out.append(got)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=60) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        ready.wait(timeout=60)
+        tls.sendall(b"".join(f"GET {prefix}{user} HTTP/1.1\r\nHost: gw\r\n\r\n".encode() for prefix in REFUSED))
+        got = b""
+        while got.count(b"HTTP/1.1 ") < len(REFUSED):
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        out.append(got)
 
 
 def _requests(gw: Gateway, since: int, count: int) -> list[dict[str, Any]]:
@@ -114,16 +120,25 @@ def test_each_line_carries_its_own_requests_id(gw: Gateway, lab: LabLayout) -> N
 
 
 def test_an_unparsed_requests_line_has_no_bound_id(gw: Gateway, lab: LabLayout) -> None:
-    """A request the server cannot parse, on a connection that served one before: its summary line carries the
-    fresh trace's id (not the earlier request's), after its status, as every unparsed line did."""
+    """A request the server cannot parse after one it serves (on our server pipelined, so it is answered from where
+    that request ended):
+    its summary line carries the fresh trace's id (not the earlier request's), after its status, as every unparsed
+    line did."""
     since = gw.mark()
     ctx = client_context(lab, "alice")
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=60) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"GET /dead/first HTTP/1.1\r\nHost: gw\r\n\r\n")
+    served = b"GET /dead/first HTTP/1.1\r\nHost: gw\r\n\r\n"
+    bad = b"GET /x HTTP/1.1\r\nHost: gw\r\nBad Header\r\n\r\n"
+    with (
+        socket.create_connection(("127.0.0.1", gw.port), timeout=60) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        if 'http_server = "aiohttp"' in gw.config_path.read_text():
+            tls.sendall(served)  # aiohttp's parser refuses the whole buffer: the first request is sent alone
             _requests(gw, since, 1)
-            tls.sendall(b"GET /x HTTP/1.1\r\nHost: gw\r\nBad Header\r\n\r\n")
-            _drain(tls)
+            tls.sendall(bad)
+        else:
+            tls.sendall(served + bad)
+        _drain(tls)
     first, unparsed = _requests(gw, since, 2)
     assert unparsed["status"] == 400
     assert unparsed["request_id"] != first["request_id"]
