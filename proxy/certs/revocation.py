@@ -182,6 +182,7 @@ class CrlSet:
     _listed: frozenset[IssuerSerial] = field(default=frozenset(), repr=False, compare=False)
     _plain: dict[x509.Name, tuple[Crl, ...]] = field(default_factory=dict, repr=False, compare=False)
     _verdicts: dict[int, _Verdict] = field(default_factory=dict, repr=False, compare=False)  # id(chain) ->
+    _may_list: dict[int, tuple[VerifiedCertificate, bool]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -344,8 +345,19 @@ class CrlSet:
         return evidence
 
     def may_list(self, verified: VerifiedCertificate) -> bool:
-        """Whether any CRL here lists a certificate of this chain (a cheap pre-filter for re-checks)."""
-        return any((cert.issuer, cert.serial_number) in self._listed for cert in verified.chain[:-1])
+        """Whether any CRL here lists a certificate of this chain (a cheap pre-filter for re-checks).
+
+        The answer depends on nothing but this set and the chain, so it is remembered per chain object (held, so
+        its id stays its own), as `check`'s are: the look-up made an issuer `Name` per certificate and hashed it
+        (cryptography hashes a name by walking its attributes), about 2% of a keep-alive request (py-spy)."""
+        known = self._may_list.get(id(verified))
+        if known is not None and known[0] is verified:
+            return known[1]
+        listed = any((cert.issuer, cert.serial_number) in self._listed for cert in verified.chain[:-1])
+        if len(self._may_list) >= _REMEMBERED:
+            del self._may_list[next(iter(self._may_list))]  # the oldest answer
+        self._may_list[id(verified)] = (verified, listed)
+        return listed
 
     # --- the pieces of RFC 5280 6.3.3 ------------------------------------------------------------
 

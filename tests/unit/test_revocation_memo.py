@@ -194,3 +194,22 @@ def test_a_naive_time_is_still_refused(pki: Pki, trust: TrustList) -> None:
     crls.check(alice, at=NOW, policy="require")
     with pytest.raises(ValueError, match="timezone-aware"):
         crls.check(alice, at=NOW.replace(tzinfo=None), policy="require")
+
+
+def test_may_list_is_remembered_per_chain_and_per_set(pki: Pki, trust: TrustList) -> None:
+    """The pre-filter of the revocation watch: a revoked user's chain is listed, another's is not, each answer the
+    same when asked again and the same as a set that remembers nothing; a chain equal to a remembered one but
+    another object is decided afresh; a refreshed set that lists alice says so for the same chain object."""
+    erin, alice = verified(pki, trust, "revoked"), verified(pki, trust, "alice")
+    crls = crl_set(trust, crl(pki, (erin.serial,)))
+    for _ in range(2):
+        assert crls.may_list(erin) is True
+        assert crls.may_list(alice) is False
+    fresh = crl_set(trust, crl(pki, (erin.serial,)))
+    assert [fresh.may_list(erin), fresh.may_list(alice)] == [True, False]
+    again = verified(pki, trust, "revoked")  # another object for erin's chain
+    assert again is not erin
+    assert crls.may_list(again) is True
+    refreshed = crl_set(trust, crl(pki, (erin.serial, alice.serial), number=2))
+    assert refreshed.may_list(alice) is True
+    assert crls.may_list(alice) is False  # the old set is unchanged
