@@ -34,7 +34,7 @@ from proxy.directory import Directory
 from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed, TransferCodingNotImplemented
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
-from proxy.observability.logging import bind_request, summary_fields
+from proxy.observability.logging import summary_fields
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
@@ -111,7 +111,8 @@ def _refuse_smuggling(request: DeviceRequest) -> None:
 def _begin(live: Live, request: DeviceRequest) -> Trace:
     """A request's trace, its log context and its metrics started."""
     trace = Trace()
-    bind_request(trace.id)  # in the request's own task: its lines, and only its, carry the id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=trace.id)
     trace.note(method=request.method, path=request.path, client=request.remote)
     live.metrics.begin(trace)
     return trace
@@ -241,7 +242,7 @@ def _unparsed(live: Live, remote: str | None, status: int) -> None:
     live.metrics.begin(trace)
     trace.note(method=None, path=None, client=remote)
     trace.note(refused_stage="request", refusal="request_unparsed", reason="the request could not be parsed")
-    bind_request(None)  # written from the connection's callback, not a request's task: no request's id
+    structlog.contextvars.clear_contextvars()
     summary_fields("request", trace.summary(status=status))
     live.metrics.observe(trace, status)
 

@@ -1,9 +1,7 @@
 """Structured logging: JSON lines on stdout, one summary line per request, never a secret.
 
-A request's id is put on every line its task writes (and whatever that task awaits or starts) by one context
-variable of ours, set at the request's start (`bind_request`): a task runs in its own copy of the context, so
-nothing needs clearing and no other request's line can see it. structlog's own context variables are merged
-too, for whoever binds one (none of our code does). A last processor blanks any field
+Request context (request id, certificate, principal...) is bound with structlog's context variables
+by the request middleware, so every event of a request carries it. A last processor blanks any field
 whose name says it holds a secret: a safety net, not the plan (the plan is to never pass one).
 
 Everything else the process writes goes through the same pipeline: the standard `logging` module's
@@ -18,7 +16,6 @@ every string a library wrote is scrubbed of credential-shaped text (`scrub`) bef
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import logging
 import os
@@ -35,7 +32,6 @@ from typing import Any, TextIO, TypeVar
 import orjson
 import structlog
 from structlog._config import _CONFIG as _structlog_config  # see _configured_processors
-from structlog.contextvars import _CONTEXT_VARS as _structlog_vars  # see _context
 
 F = TypeVar("F", bound=Callable[..., Any])
 _PASS_THROUGH: set[CodeType] = set()  # code of functions marked with `pass_through`
@@ -48,41 +44,6 @@ def _is_secret(key: str) -> bool:
     every request (two thirds of the line's cost: 52 µs a line before, 17 µs after)."""
     lowered = key.lower()
     return any(word in lowered for word in _SECRET_WORDS)
-
-
-_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("kcd_request_id", default=None)
-
-
-def bind_request(request_id: str | None) -> None:
-    """Put `request_id` on every line written from here on in this context: called first in a request's own task
-    (each request runs in a task of its own, in a copy of its creator's context), or with None where a line
-    is written for a request outside any task of its own (an unparsed request's summary line)."""
-    _request_id.set(request_id)
-
-
-_PREFIX = structlog.contextvars.STRUCTLOG_KEY_PREFIX
-
-
-def _context() -> dict[str, Any]:
-    """The request id, then structlog's bound context variables: what `structlog.contextvars.get_contextvars()`
-    gave when the request id was one of them. It read every variable of the context (copied) to find structlog's
-    by their names' prefix, and binding one per request meant clearing them all first (`clear_contextvars`):
-    about 37 µs a request end to end (docs/performance.md). structlog's are read from its own list of them
-    instead (empty unless something binds one)."""
-    request_id = _request_id.get()
-    line: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
-    for name, var in tuple(_structlog_vars.items()):
-        value = var.get()
-        if value is not Ellipsis:
-            line.setdefault(name[len(_PREFIX) :], value)
-    return line
-
-
-def _merge_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """`structlog.contextvars.merge_contextvars` with the request id (see `_context`): fields the call names win."""
-    for key, value in _context().items():
-        event.setdefault(key, value)
-    return event
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -202,7 +163,7 @@ class SummaryLine:
             return
         if not self._enabled:
             return
-        line = _context()
+        line = structlog.contextvars.get_contextvars()
         line.update(fields)
         line["event"] = event
         line["level"] = "info"
@@ -272,7 +233,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     """structlog's JSON lines on `stream` (stdout), and every other log record and uncaught exception too."""
     out = stream or sys.stdout
     processors: list[Any] = [
-        _merge_context,
+        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _add_pid,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
