@@ -152,6 +152,10 @@ class Authentication:
     basic_cache_seconds: float = 60.0  # verified credentials are trusted this long without the KDC (0: never)
     basic_failures_per_user: int = 5  # failed logins before a user is refused for a while (429)
     basic_failures_per_address: int = 20  # the same, per client address
+    # A user's wrong passwords count until this long after the last one; at basic_failures_per_user of them, only
+    # the password the KDC last accepted reaches the KDC until then. Set it to the directory's lockout observation
+    # window ("Reset account lockout counter after") or more, so the gateway never forgets before AD does.
+    basic_failure_window_seconds: float = 1800.0
 
     @property
     def client_certificate(self) -> Literal["required", "optional", "none"]:
@@ -665,7 +669,14 @@ def _realm(r: _Reader, key: str, value: str) -> str:
 
 def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
     k = "authentication"
-    keys = ("mode", "basic_realm", "basic_cache_seconds", "basic_failures_per_user", "basic_failures_per_address")
+    keys = (
+        "mode",
+        "basic_realm",
+        "basic_cache_seconds",
+        "basic_failures_per_user",
+        "basic_failures_per_address",
+        "basic_failure_window_seconds",
+    )
     r.unknown(t, k, set(keys))
     mode = _named_choice(r, t, k, "mode", AUTH_MODES, "certificate")
     realm = r.get(t, f"{k}.basic_realm", "basic_realm", str, "") or "Exchange"
@@ -681,6 +692,7 @@ def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
         basic_cache_seconds=cache,
         basic_failures_per_user=_number(r, t, k, "basic_failures_per_user", int, 5),
         basic_failures_per_address=_number(r, t, k, "basic_failures_per_address", int, 20),
+        basic_failure_window_seconds=_number(r, t, k, "basic_failure_window_seconds", float, 1800.0),
     )
 
 
