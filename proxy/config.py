@@ -171,6 +171,10 @@ class Kerberos:
     max_in_flight: int = 16  # blocking GSSAPI calls allowed at once (each talks to the KDC)
     kdc_timeout: float = 10.0
     kdc_account: KdcAccountPolicy = "auto"  # an evidence ticket naming no account: proxy.kerberos.account
+    # A user's cached ticket is renewed (S4U2Self + S4U2Proxy again, in the background) this long after the exchange
+    # that made it, so an account disabled, deleted or restricted in the directory stops being served within it,
+    # not at the ticket's end (10 hours in AD): proxy.kerberos.delegate.
+    ticket_recheck_seconds: float = 300.0
 
 
 # What a route's `context_headers` may send to the backend about the caller.
@@ -793,7 +797,16 @@ def _directory(r: _Reader, t: dict[str, Any]) -> Directory | None:
 
 
 def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
-    r.unknown(t, "kerberos", {"principal", "keytab", "krb5_config", "max_in_flight", "kdc_timeout", "kdc_account"})
+    keys = {
+        "principal",
+        "keytab",
+        "krb5_config",
+        "max_in_flight",
+        "kdc_timeout",
+        "kdc_account",
+        "ticket_recheck_seconds",
+    }
+    r.unknown(t, "kerberos", keys)
     principal = r.get(t, "kerberos.principal", "principal", str) or ""
     if principal and "@" not in principal:
         r.problem("kerberos.principal", f"expected service/host@REALM, got {principal!r}")
@@ -806,6 +819,7 @@ def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
         max_in_flight=_number(r, t, "kerberos", "max_in_flight", int, 16),
         kdc_timeout=_number(r, t, "kerberos", "kdc_timeout", float, 10.0),
         kdc_account=cast(KdcAccountPolicy, kdc_account),
+        ticket_recheck_seconds=_number(r, t, "kerberos", "ticket_recheck_seconds", float, 300.0),
     )
 
 

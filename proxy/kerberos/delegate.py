@@ -15,12 +15,14 @@ cache of their own, holding a copy of the gateway's TGT, the evidence ticket and
 with it; a token built from a cached service ticket is local work (about 50 µs here), so it is built on the
 event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN) (`asked_name`: the
 principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can share) and know
-when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts a fresh
-exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
-seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one
-user never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
-`forget(principal, enterprise=...)` drops a user (their certificate was revoked) and `clear()` drops
-everything (the configuration changed).
+when their service ticket expires: from `RENEW_BEFORE` seconds before that, or
+`kerberos.ticket_recheck_seconds` (300) after the exchange that made it if that comes first, the next request
+starts a fresh exchange in the background and keeps using the old ticket meanwhile (AD issues tickets for 10
+hours: without the recheck a user disabled, deleted, marked sensitive or put in Protected Users was served on
+for up to that long); a ticket with less than `USABLE_FOR` seconds left is never used. Concurrent first
+requests of one key share one exchange (single flight), so one user never has more than one exchange in
+flight. The cache is bounded (least recently used evicted first); `forget(principal, enterprise=...)` drops a
+user (their certificate was revoked) and `clear()` drops everything (the configuration changed).
 
 Which name. The cache and the log name the user as the KDC returned them, the client name of the
 evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
@@ -132,6 +134,7 @@ class _Ticket:
     creds: gssapi.Credentials
     expires: float  # clock time when the service ticket expires
     renew_not_before: float = 0.0
+    obtained: float = float("inf")  # clock time of the exchange that made it (the recheck counts from there)
     facts: S4UFacts | None = None  # what the exchange that made this entry got from the KDC
     client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
     pac: PacFacts | None = None  # the evidence ticket's PAC: which account the KDC impersonated
@@ -234,7 +237,8 @@ class Delegator:
         if ticket is not None and cached:
             self._tickets.move_to_end(key)
             self.stats.hits += 1
-            if now >= max(ticket.expires - RENEW_BEFORE, ticket.renew_not_before) and asked not in self._flights:
+            renew_at = min(ticket.expires - RENEW_BEFORE, ticket.obtained + self._settings.ticket_recheck_seconds)
+            if now >= max(renew_at, ticket.renew_not_before) and asked not in self._flights:
                 ticket.renew_not_before = now + _RETRY_AFTER
                 self.stats.renewals += 1
                 self._flight(asked, user, spn, gss_target)
@@ -374,8 +378,9 @@ class Delegator:
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
         took = (middle - start) * 1000
         got = s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=_ms(after_pac), evidence_pac=pac)
+        now = self._clock()
         return _Ticket(
-            creds, self._clock() + lifetime, facts=got, pac=pac, pac_unreadable=unreadable, evidence_client=client
+            creds, now + lifetime, obtained=now, facts=got, pac=pac, pac_unreadable=unreadable, evidence_client=client
         )
 
     def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
