@@ -67,7 +67,11 @@ _RULES = (
         "server not found in kerberos database",
         KerberosMisconfigured,
         "the gateway's Kerberos set-up for {spn} is incomplete",
-        "the KDC does not know {spn} (or {proxy}): register the SPN on the backend's account, or fix routes[].spn",
+        "the KDC does not know {spn} (or {proxy}): register the SPN on the backend's account (AD: setspn -S {spn} "
+        "DOMAIN\\<account>; Samba: samba-tool spn add {spn} <account>), or fix routes[].spn to one the account has "
+        "(setspn -Q */<host>* lists them): AD compares SPNs without regard to case, but a short host name, another "
+        "service class or a port (:443) is another SPN; an SPN registered on two accounts fails this way too on "
+        "Windows (KDC event 11; setspn -X lists duplicates)",
     ),
     _Rule(
         "cannot contact any kdc",
@@ -141,19 +145,24 @@ _NOT_FORWARDABLE_REASON = "the gateway may not act for {user}: its evidence tick
 _NOT_FORWARDABLE_HINT = (
     "evidence ticket not forwardable: the service account {proxy} lacks protocol transition, or {user} is "
     "marked sensitive; give {proxy} protocol transition (+ok_to_auth_as_delegate on MIT, 'use any "
-    "authentication protocol' / TrustedToAuthForDelegation in AD), and clear 'account is sensitive and cannot "
-    "be delegated' on {user} (MIT: +allow_forwardable), or take it out of Protected Users"
+    "authentication protocol' / TrustedToAuthForDelegation in AD: Set-ADAccountControl {account} "
+    "-TrustedToAuthForDelegation $true, or samba-tool delegation for-any-protocol {account} on), and clear "
+    "'account is sensitive and cannot be delegated' on {user} (AD: Set-ADAccountControl <user> -AccountNotDelegated "
+    "$false; MIT: +allow_forwardable), or take it out of Protected Users"
 )
 _NOT_DELEGABLE_HINT = (
     "{spn} is not in the delegation list of {proxy} (the evidence ticket was forwardable, so protocol "
     "transition is fine): add {spn} to the delegation list of {proxy} (krbAllowedToDelegateTo on MIT/LDAP, "
-    "msDS-AllowedToDelegateTo in AD), or allow {proxy} on the backend's account (resource-based delegation)"
+    "msDS-AllowedToDelegateTo in AD: Set-ADUser {account} -Add @{{'msDS-AllowedToDelegateTo'='{spn}'}}, or "
+    "samba-tool delegation add-service {account} {spn}), or allow {proxy} on the backend's account "
+    "(resource-based delegation, msDS-AllowedToActOnBehalfOfOtherIdentity: Windows honours it, Samba 4.17's KDC "
+    "does not)"
 )
 
 
 def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
     """(reason, hint) for an evidence ticket that came back without the forwardable flag."""
-    fill = {"user": user, "proxy": proxy}
+    fill = {"user": user, "proxy": proxy, "account": _account(proxy)}
     return _NOT_FORWARDABLE_REASON.format(**fill), _NOT_FORWARDABLE_HINT.format(**fill)
 
 
@@ -198,7 +207,7 @@ def explain(
     `step` ("service", "s4u2self" or "s4u2proxy") and `evidence_forwardable`, when the caller knows them,
     narrow an ambiguous refusal down to its one cause."""
     lowered = _unnamed(message.lower())
-    fill = {"user": user, "spn": spn, "proxy": proxy, "realm": user.rpartition("@")[2]}
+    fill = {"user": user, "spn": spn, "proxy": proxy, "realm": user.rpartition("@")[2], "account": _account(proxy)}
     if step == "service":
         return _service_error(message, fill)
     if step == "s4u2self" and _POLICY in lowered:
@@ -229,6 +238,11 @@ _NAMED = re.compile(r"\b(server|client) \S+ not found in kerberos database")
 
 def _unnamed(lowered: str) -> str:
     return _NAMED.sub(r"\1 not found in kerberos database", lowered)
+
+
+def _account(proxy: str) -> str:
+    """The gateway's account as AD's tools name it: the principal without its realm (`svc-kcdproxy`)."""
+    return proxy.rpartition("@")[0] or proxy
 
 
 def _realm(principal: str) -> str:
