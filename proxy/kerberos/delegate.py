@@ -60,6 +60,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gssapi
 import gssapi.exceptions
@@ -88,6 +89,9 @@ _FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
 RENEW_BEFORE = 300.0  # seconds before a service ticket expires when a background renewal starts
 USABLE_FOR = 30.0  # a ticket with less left than this is not used: the request waits for a fresh one
 _RETRY_AFTER = 30.0  # after a failed background renewal, the next one starts no sooner than this
+# The KDC's words for "that key is wrong" to an AS exchange with the keytab: AD counts each as a bad password of the
+# gateway's account, towards its lockout threshold (two per try, as seen against Samba AD).
+_KEY_REFUSED = ("preauthentication failed", "integrity check failed", "password incorrect")
 
 Key = tuple[str, str]  # (the name asked for, `asked_name`, or the KDC's client name for it; SPN)
 _ENTERPRISE_KEY = "\\enterprise:"
@@ -196,6 +200,8 @@ class Delegator:
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
         self._service: gssapi.Credentials | None = None
         self._service_lock = threading.Lock()
+        # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
+        self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError] | None = None
         self._own: tuple[gssapi.Name, gssapi.Credentials] | None = None  # for reading evidence tickets' PACs
         self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
         self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
@@ -456,18 +462,37 @@ class Delegator:
             self._service_lock.acquire()
         try:
             if self._service is None or _remaining(self._service) < RENEW_BEFORE:
-                self._service = gssapi.Credentials(
-                    name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
-                    usage="both",
-                    store={
-                        "client_keytab": str(self._settings.keytab),
-                        "keytab": str(self._settings.keytab),
-                        "ccache": self._ccache,
-                    },
-                )
+                self._service = self._acquire_service()
             return self._service
         finally:
             self._service_lock.release()
+
+    def _acquire_service(self) -> gssapi.Credentials:
+        """The AS exchange with the keytab, unless the KDC refused these very keys before: a stale keytab (the
+        account's password was reset) is then refused from memory, without the KDC, until the file changes. Tried
+        per request, each try counted two bad passwords against the gateway's account in AD, which locked it within
+        a few requests, and the keytab exported again then met a locked account (tests/integration/
+        test_ad_service_account.py)."""
+        keytab = _file_version(self._settings.keytab)
+        refused = self._refused_keytab
+        if refused is not None and refused[0] == keytab:
+            raise refused[1]
+        try:
+            creds = gssapi.Credentials(
+                name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
+                usage="both",
+                store={
+                    "client_keytab": str(self._settings.keytab),
+                    "keytab": str(self._settings.keytab),
+                    "ccache": self._ccache,
+                },
+            )
+        except gssapi.raw.GSSError as e:
+            if any(words in e.gen_message().lower() for words in _KEY_REFUSED):
+                self._refused_keytab = (keytab, e)
+            raise
+        self._refused_keytab = None
+        return creds
 
     def _explain(self, message: str, principal: str, spn: str) -> GatewayError:
         return explain(message, user=principal, spn=spn, proxy=self._settings.principal)
@@ -592,3 +617,12 @@ def _remaining(creds: gssapi.Credentials) -> float:
     except gssapi.exceptions.ExpiredCredentialsError:
         return 0.0
     return float("inf") if lifetime is None else float(lifetime)
+
+
+def _file_version(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of a file, or None when it cannot be read: what tells a file written again."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns

@@ -107,7 +107,9 @@ _RULES = (
         "preauthentication failed",
         KerberosMisconfigured,
         "the gateway's Kerberos set-up is incomplete",
-        "the KDC rejected {proxy}'s own key: the keytab is stale (key version changed); export it again",
+        "the KDC rejected {proxy}'s own key: the keytab is stale (key version changed); export it again "
+        "(samba-tool domain exportkeytab, ktpass, msktutil --update); the gateway does not offer these keys again "
+        "until the keytab file changes, so the account is not locked out meanwhile",
     ),
     _Rule(
         "kdc policy rejects request",
@@ -120,8 +122,11 @@ _RULES = (
         "no support for encryption type",
         KerberosMisconfigured,
         "the gateway's Kerberos set-up is incomplete",
-        "no encryption type is shared (KDC_ERR_ETYPE_NOSUPP): the keys of {proxy} or {spn} are of types the "
-        "KDC or krb5.conf's permitted_enctypes no longer allow; create AES keys and export the keytab again",
+        "no encryption type is shared (KDC_ERR_ETYPE_NOSUPP): the keys or tickets of {proxy} or {spn} are of types "
+        "the KDC or krb5.conf's permitted_enctypes no longer allow; AD issues RC4 unless an account's "
+        "msDS-SupportedEncryptionTypes includes AES (24): Set-ADUser {account} -KerberosEncryptionType AES128,AES256 "
+        "(and the same on the backend's account; Samba: ldbmodify msDS-SupportedEncryptionTypes: 24), then export "
+        "the keytab again",
     ),
     _Rule(
         "integrity check failed",
@@ -242,7 +247,7 @@ def _unnamed(lowered: str) -> str:
 
 def _account(proxy: str) -> str:
     """The gateway's account as AD's tools name it: the principal without its realm (`svc-kcdproxy`)."""
-    return proxy.rpartition("@")[0] or proxy
+    return proxy.rpartition("@")[0] or "<account>"
 
 
 def _realm(principal: str) -> str:
@@ -250,8 +255,11 @@ def _realm(principal: str) -> str:
 
 
 def _service_error(message: str, fill: dict[str, str]) -> GatewayError:
-    """A failure of the gateway's own AS exchange: the operator's to fix (502), or the KDC is away (503)."""
+    """A failure of the gateway's own AS exchange: the operator's to fix (502), or the KDC is away (503). The rules'
+    hints speak of the account the exchange was for, the gateway's (a "revoked" here is the gateway's account
+    disabled or locked out, never the user's)."""
     lowered = _unnamed(message.lower())
+    fill = {**fill, "user": fill["proxy"]}
     if _CLIENT_NOT_FOUND in lowered:
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_SERVICE_NOT_FOUND_HINT.format(**fill)} [{message}]")
     for rule in _RULES:
