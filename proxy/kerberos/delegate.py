@@ -73,7 +73,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
-from proxy.kerberos.hints import explain
+from proxy.kerberos.hints import CLOCK_WORDS, clock_skew, explain
 from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
@@ -443,7 +443,11 @@ class Delegator:
             accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
             return context_pac(accepted.context), None
         except gssapi.raw.GSSError as e:
-            return None, f"the gateway cannot accept its own evidence ticket: {e.gen_message()}"
+            message = e.gen_message()
+            if any(words in message.lower() for words in CLOCK_WORDS):  # every user's ticket alike: the operator's
+                proxy = self._settings.principal
+                raise clock_skew(message, proxy=proxy, offset=_offset_from_kdc(creds, proxy)) from None
+            return None, f"the gateway cannot accept its own evidence ticket: {message}"
         except ValueError as e:
             return None, f"the PAC is malformed: {e}"
 
@@ -626,3 +630,9 @@ def _file_version(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _offset_from_kdc(creds: gssapi.Credentials, proxy: str) -> float | None:
+    """This clock minus the KDC's, in seconds, from the evidence ticket just issued (its authtime is the KDC's now)."""
+    facts = s4u_facts(creds, proxy=proxy, spn="", s4u2self_ms=0.0, s4u2proxy_ms=None)
+    return None if facts.evidence is None else time.time() - facts.evidence.authtime.timestamp()

@@ -270,3 +270,20 @@ def _service_error(message: str, fill: dict[str, str]) -> GatewayError:
             return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
     hint = _SERVICE_HINT.format(hint="check kerberos.principal, kerberos.keytab and krb5.conf", **fill)
     return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
+
+
+# What accepting a ticket says when the acceptor's clock is off the KDC's. MIT's client side corrects its own requests
+# by the KDC's time (kdc_timesync), so with a skewed clock S4U2Self and S4U2Proxy succeed and this is the first sign.
+CLOCK_WORDS = ("clock skew too great", "ticket not yet valid")
+
+
+def clock_skew(message: str, *, proxy: str, offset: float | None) -> GatewayError:
+    """The gateway's clock is off the KDC's (`offset`: the gateway's time minus the KDC's, in seconds, when known):
+    the operator's to fix (502), for every user alike, never a user's 403."""
+    off = "" if offset is None else f"about {abs(offset):.0f} s {'ahead of' if offset > 0 else 'behind'} the KDC's, "
+    return KerberosMisconfigured(
+        "the gateway's clock disagrees with the authentication service",
+        hint=f"the gateway's clock is {off}more than the allowed skew (5 minutes in AD): the KDC answered (MIT "
+        f"corrects its own requests by the KDC's time), but {proxy} cannot accept a ticket issued to it; synchronise "
+        f"the gateway's clock with the domain's (NTP from the DCs or the PDC emulator) [{message}]",
+    )
