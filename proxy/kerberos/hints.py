@@ -55,7 +55,18 @@ _RULES = (
         "credentials have been revoked",
         KerberosRefused,
         "the account {user} is disabled or locked",
-        "the KDC reports {user} disabled, locked or expired (KDC_ERR_CLIENT_REVOKED)",
+        "the KDC reports {user} disabled, locked or expired (KDC_ERR_CLIENT_REVOKED), or outside its logon hours "
+        "(AD's logonHours: Samba applies them to a password sign-in, not to S4U2Self); enable or unlock the account "
+        "(Enable-ADAccount / Unlock-ADAccount; samba-tool user enable / unlock)",
+    ),
+    _Rule(
+        "password has expired",
+        KerberosRefused,
+        "the password of {user} has expired or must be changed",
+        "the KDC refuses {user} until its password is changed (KDC_ERR_KEY_EXPIRED: expired under the password "
+        "policy, or 'must change password at next logon', pwdLastSet = 0); Samba 4.17 refuses S4U2Self for it too, "
+        "although no password is used: the user changes it (at a desktop, or OWA's password page). For a service "
+        "account: set 'password never expires', or change it and export the keytab again",
     ),
     _Rule(
         "client's entry in database has expired",
