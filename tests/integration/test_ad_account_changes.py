@@ -112,3 +112,26 @@ def test_an_account_made_again_under_the_same_upn_is_served_as_the_new_account_a
         _until(sid, 1, "fickle made again")
     finally:
         gw.stop()
+
+
+def test_a_upn_changed_while_cached_no_longer_serves_the_old_upns_certificate_after_the_recheck(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, fickle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """fickle's UPN becomes fickle.renamed@ad.test while his ticket is cached; his certificate still says
+    fickle@ad.test. After the recheck the new evidence ticket's PAC names the new UPN, which is not the
+    certificate's: 403 kdc_account_mismatch (the cached ticket served the old UPN's certificate for its life)."""
+    gw = start_ad_gateway(
+        ad_realm, tmp_path / "gw", ad_backend, kdc_account=f'"require"\nticket_recheck_seconds = {RECHECK}'
+    )
+    try:
+        status, body = _get(ad_realm, gw, fickle)
+        assert status == 200, body
+        ad_realm.ldbmodify(
+            ad._replace(f"CN={USER},CN=Users,{ad.BASE_DN}", "userPrincipalName", f"{USER}.renamed@ad.test")
+        )
+        time.sleep(RECHECK)
+        status, body = _until(lambda: _get(ad_realm, gw, fickle), 403, "renamed fickle")
+        assert f"the KDC's account for {USER}@AD.TEST is not the certificate's" in body
+        gw.wait_event("kdc_account_mismatch", principal=f"{USER}@AD.TEST")
+    finally:
+        gw.stop()
