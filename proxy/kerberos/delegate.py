@@ -15,14 +15,12 @@ cache of their own, holding a copy of the gateway's TGT, the evidence ticket and
 with it; a token built from a cached service ticket is local work (about 50 µs here), so it is built on the
 event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN) (`asked_name`: the
 principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can share) and know
-when their service ticket expires: from `RENEW_BEFORE` seconds before that, or
-`kerberos.ticket_recheck_seconds` (300) after the exchange that made it if that comes first, the next request
-starts a fresh exchange in the background and keeps using the old ticket meanwhile (AD issues tickets for 10
-hours: without the recheck a user disabled, deleted, marked sensitive or put in Protected Users was served on
-for up to that long); a ticket with less than `USABLE_FOR` seconds left is never used. Concurrent first
-requests of one key share one exchange (single flight), so one user never has more than one exchange in
-flight. The cache is bounded (least recently used evicted first); `forget(principal, enterprise=...)` drops a
-user (their certificate was revoked) and `clear()` drops everything (the configuration changed).
+when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts a fresh
+exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
+seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one
+user never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
+`forget(principal, enterprise=...)` drops a user (their certificate was revoked) and `clear()` drops
+everything (the configuration changed).
 
 Which name. The cache and the log name the user as the KDC returned them, the client name of the
 evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
@@ -40,6 +38,11 @@ always the certificate's account (`realm_map` against AD), so every request, fro
 cached ticket, is checked against the PAC read once per exchange; a mismatch is `AccountMismatch`, and so
 is a ticket without any PAC unless `kerberos.kdc_account = "optional"` (then each such ticket is logged as
 `kdc_account_unverified`).
+
+The recheck. AD issues tickets for 10 hours, and a cached one served its user that long whatever happened to the
+account meanwhile: disabled, deleted, marked sensitive, put in Protected Users, renamed. So an entry is also renewed
+(in the background, as above) `kerberos.ticket_recheck_seconds` (300) after the exchange that made it, when that
+comes before `RENEW_BEFORE`; the KDC's refusal then drops it, and the next request gets that refusal.
 
 The exchanges with the KDC block (and release the GIL): they run in a pool of `max_in_flight` threads
 and are bounded in time by `kdc_timeout`. A security context is built per request and never shared.
