@@ -6,6 +6,7 @@ running."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -52,3 +53,20 @@ def test_a_gateway_clock_ten_minutes_off_is_the_operators_502_naming_the_offset(
         assert not gw.events("kdc_account_mismatch")
     finally:
         gw.stop()
+
+
+def test_doctor_with_a_skewed_clock_says_what_the_gateway_says(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """`kcd-proxy doctor` ten minutes ahead: its clock and s4u2self checks fail with the gateway's own words and
+    offset (they read "A required input parameter could not be read -- No context has been established")."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(ad.gateway_config(ad_realm, port=ad_realm.free_port(), backend_port=ad_backend.port))
+    faked = ["env", f"LD_PRELOAD={LIBFAKETIME}", "FAKETIME=+10m", "FAKETIME_DONT_FAKE_MONOTONIC=1"]
+    done = ad_realm.run([*faked, sys.executable, "-m", "proxy", "doctor", "--config", str(config)], timeout=180)
+    assert done.returncode == 1, done.stdout + done.stderr
+    clock = r"FAIL\s+clock\s+cannot read the KDC's time: the gateway's clock disagrees"
+    assert re.search(clock, done.stdout), done.stdout
+    assert re.search(r"FAIL\s+s4u2self\s+the gateway's clock disagrees", done.stdout), done.stdout
+    assert "ahead of the KDC's" in done.stdout
+    assert "No context has been established" not in done.stdout
