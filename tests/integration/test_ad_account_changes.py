@@ -135,3 +135,23 @@ def test_a_upn_changed_while_cached_no_longer_serves_the_old_upns_certificate_af
         gw.wait_event("kdc_account_mismatch", principal=f"{USER}@AD.TEST")
     finally:
         gw.stop()
+
+
+def test_a_user_marked_sensitive_while_cached_is_refused_after_the_recheck(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, fickle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """fickle is marked 'sensitive and cannot be delegated' while his ticket is cached: after the recheck Samba
+    issues a non-forwardable evidence ticket, S4U2Proxy is refused, and the device gets 403 naming the evidence
+    ticket (the cached ticket had served him for its life)."""
+    gw = start_ad_gateway(
+        ad_realm, tmp_path / "gw", ad_backend, kdc_account=f'"require"\nticket_recheck_seconds = {RECHECK}'
+    )
+    try:
+        status, body = _get(ad_realm, gw, fickle)
+        assert status == 200, body
+        ad_realm.samba_tool("user", "sensitive", USER, "on")
+        time.sleep(RECHECK)
+        status, body = _until(lambda: _get(ad_realm, gw, fickle), 403, "sensitive fickle")
+        assert "its evidence ticket is not forwardable" in body
+    finally:
+        gw.stop()
