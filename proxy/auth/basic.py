@@ -24,7 +24,10 @@ User keys follow the directory: Active Directory compares user names without reg
 case-sensitive KDC such as MIT's only gets stricter throttling from that). The key folds case the
 Unicode way, which merges more than the directory does (`straße` and `strasse`): harmless for a
 throttle, so a cache hit is further served only to a name equal to the verified one up to ASCII case,
-and as the user the KDC verified, never the spelling of the request.
+and as the user the KDC verified, never the spelling of the request. The throttle counts the principal a
+name maps to: with `identity.enterprise_names` the UPN `alice@lab.test` (asked as an NT-ENTERPRISE name, a
+cache key of its own) and `LAB\\alice` share one count. A UPN whose local part is not the account name
+(`a.smith@lab.test` for `LAB\\asmith`) is the same user only by the directory's word, and is counted apart.
 
 Wrong passwords (and unknown users: both are the same 401, challenge again) are slowed down twice
 over, per user (`basic_failures_per_user`, default 5) and per client address
@@ -324,7 +327,9 @@ class BasicLogin:
             entry = self._cached(key, digest, user)
             if entry is not None:
                 return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
-        async with self._attempt(key, client) as attempt:  # refused here (429) before any hashing of its own
+        # counted by principal: `alice@lab.test` (NT-ENTERPRISE) and `LAB\\alice` are two cache keys, one count
+        guesses = user_key(user.principal)
+        async with self._attempt(guesses, client) as attempt:  # refused here (429) before any hashing of its own
             if digest is None:
                 digest = await self._digest(key, credentials.password)
             async with self._lock(key):  # one KDC check per user at a time; the ones waiting may find it cached
@@ -343,7 +348,7 @@ class BasicLogin:
                     self._cache.forget(key, digest)  # only if the KDC refused the very password it had accepted
                     raise AuthenticationRequired(e.reason, hint=e.hint, challenge=self.challenge) from None
                 self.pace.observe(time.monotonic() - started)
-                self._users.succeeded(key)
+                self._users.succeeded(guesses)
                 self._cache.put(key, digest, user, ticket, time.monotonic())
                 return PasswordLogin(user, ticket, credentials.header, cached=False)
 

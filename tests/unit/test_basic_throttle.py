@@ -357,3 +357,19 @@ def test_every_configured_domain_still_signs_in(monkeypatch: pytest.MonkeyPatch,
     service = BasicLogin(Authentication(mode="basic"), identity, kerberos)
     login = asyncio.run(service.login(creds(name, "pw"), "192.0.2.1"))
     assert (login.user.principal, asked) == (principal, [principal])
+
+
+@pytest.mark.parametrize("names", [("alice@lab.test", "LAB\\alice"), ("LAB\\alice", "alice@LAB.test")])
+def test_enterprise_names_count_a_upn_and_its_down_level_name_as_one_user(kdc: FakeKdc, names: tuple[str, str]) -> None:
+    """Under enterprise_names, `alice@lab.test` (asked as an NT-ENTERPRISE name) and `LAB\\alice` (the
+    principal) name the same principal: guesses alternating between the two spellings share one failure
+    counter, so a guesser gets `basic_failures_per_user` tries, not twice as many."""
+    settings = Authentication(mode="basic", basic_failures_per_user=4, basic_failures_per_address=100)
+    kerberos = Kerberos(principal="HTTP/proxy.lab.test@LAB.TEST", keytab=Path("/nonexistent"))
+    service = BasicLogin(settings, Identity(default_realm="LAB.TEST", enterprise_names=True), kerberos)
+
+    async def run() -> list[int | str]:
+        return [await outcome(service, names[i % 2], f"guess{i}") for i in range(6)]
+
+    assert asyncio.run(run()) == [401, 401, 401, 401, 429, 429]
+    assert len(kdc.asked) == 4
