@@ -280,3 +280,20 @@ def test_a_replaced_worker_answers_under_the_number_it_replaced(
         assert set(in_flight) == {'{worker="1"}', '{worker="2"}'}, in_flight
     assert gw.stop() == 0
     assert not any(s.parent.exists() for s in sockets)
+
+
+def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
+    """SIGKILL to the supervisor (which cannot remove its private directory then): the workers, stopping because
+    their parent died, remove their sockets and the last one the directory, so none is left in the temp directory."""
+    gw, _ = two_workers_admin
+    workers = _listening_pids(gw, 2)
+    directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
+    assert directory.is_dir()
+    gw.proc.kill()
+    gw.proc.wait()
+    deadline = time.monotonic() + WAIT
+    while (directory.exists() or any(_alive(pid) for pid in workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in [pid for pid in workers if _alive(pid)]:
+        os.kill(pid, signal.SIGKILL)
+    assert not directory.exists(), sorted(p.name for p in directory.iterdir())
