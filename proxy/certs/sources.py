@@ -35,9 +35,10 @@ from cryptography import x509
 
 from proxy.certs.chain import TrustList
 from proxy.certs.revocation import Crl, CrlSet, CrlUnusable, accept, parse_crls
+from proxy.files import read_bounded
 
 log = structlog.get_logger("proxy.crl")
-MAX_CRL_BYTES = 64 * 1024 * 1024  # a large enterprise CRL is a few MiB
+MAX_CRL_BYTES = 64 * 1024 * 1024  # a large enterprise CRL is a few MiB (a file or a URL's answer)
 MAX_LEARNED = 64  # distribution point URLs learned from certificates
 FETCH_TIMEOUT = 10.0
 
@@ -287,7 +288,7 @@ def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:
 
 
 def _read_file(location: str) -> bytes:
-    return Path(location).read_bytes()
+    return read_bounded(location, MAX_CRL_BYTES)
 
 
 def _describe(crl: Crl) -> dict[str, object]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.revocation import CrlSet, RevocationStatus
-from proxy.certs.sources import CrlSource, CrlStore, distribution_point_urls
+from proxy.certs.sources import MAX_CRL_BYTES, CrlSource, CrlStore, distribution_point_urls
 from proxy.lab.pki import Pki, make_pki, revoke
 from tests.pem import load_cert
 
@@ -238,3 +239,29 @@ def test_distribution_point_urls_skip_other_schemes(pki: Pki) -> None:
         "http://127.0.0.1:9/crl/root.crl",
     ]
     assert distribution_point_urls([load_cert(pki.root_cert)]) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_a_crl_file_turned_fifo_or_huge_fails_its_source_and_keeps_the_good_crl(
+    pki: Pki, trust: TrustList, tmp_path: Path, kind: str
+) -> None:
+    """The CRL file is replaced by a FIFO nobody writes to (the read blocked for good, and every later refresh of
+    every source with it) or by a file larger than MAX_CRL_BYTES (read whole into memory): the refresh ends, the
+    source reports why, and the last good CRL stays."""
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    store = CrlStore(trust, [CrlSource(str(path))])
+    assert store.load_files(now=NOW) == []
+    good = store.current.crls
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        with path.open("wb") as f:
+            f.truncate(MAX_CRL_BYTES + 1)  # sparse: costs no disk
+    asyncio.run(asyncio.wait_for(store.refresh(now=NOW), 20))
+    assert store.current.crls == good
+    (row,) = store.status(now=NOW)
+    problem = "not a regular file" if kind == "fifo" else f"more than {MAX_CRL_BYTES} bytes"
+    assert problem in str(row.last_error), row.last_error
