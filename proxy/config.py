@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from proxy.errors import BadRequest, ConfigError
+from proxy.files import read_bounded
 from proxy.identity.principal import ascii_lower
 from proxy.target import origin_form
 
@@ -32,6 +33,7 @@ OcspPolicy = Literal["off", "prefer", "require"]
 OCSP_POLICIES: tuple[OcspPolicy, ...] = ("off", "prefer", "require")
 IdentitySource = Literal["san-upn", "san-email", "subject-cn"]
 IDENTITY_SOURCES: tuple[IdentitySource, ...] = ("san-upn", "san-email", "subject-cn")
+MAX_CONFIG_BYTES = 1024 * 1024  # a configuration is a few KiB; more is a mistake (or /dev/zero)
 MAX_BACKDATING_SECONDS = 1_576_800_000  # 50 years of 365 days: longer than any certificate lives
 AuthMode = Literal["certificate", "certificate-or-basic", "certificate-and-basic", "basic"]
 AUTH_MODES: tuple[AuthMode, ...] = ("certificate", "certificate-or-basic", "certificate-and-basic", "basic")
@@ -352,8 +354,8 @@ class _Reader:
         if not required:
             return p
         try:
-            if not p.is_file():
-                self.problem(key, f"file not found: {p}")
+            if not p.is_file():  # a FIFO or a device (/dev/zero) is no file to read either
+                self.problem(key, f"not a regular file: {p}" if p.exists() else f"file not found: {p}")
         except OSError as e:  # is_file() says False only for a missing file; a name too long raises
             self.problem(key, f"{e.strerror}: {p}")
         return p
@@ -1128,11 +1130,13 @@ def load(path: Path) -> Config:
     # name was the deleted file at the next reload.
     path = path.absolute()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_bounded(path, MAX_CONFIG_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError([f"configuration file not found: {path}"]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"cannot read {path}: {e}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables by recursion
+        raise ConfigError([f"{path}: not valid TOML: arrays or tables nested too deeply"]) from None
     return parse(data, path)
