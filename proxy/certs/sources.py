@@ -91,6 +91,11 @@ class CrlStore:
         """Call `listener(old, new)` whenever a refresh changes the CRL set."""
         self._listeners.append(listener)
 
+    def off_change(self, listener: Callable[[CrlSet, CrlSet], None]) -> None:
+        """No longer call `listener` (registered with `on_change`)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
     # --- reading -----------------------------------------------------------------------------------
 
     def load_files(self, *, now: datetime) -> list[str]:
