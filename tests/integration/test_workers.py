@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -297,3 +298,17 @@ def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_work
     for pid in [pid for pid in workers if _alive(pid)]:
         os.kill(pid, signal.SIGKILL)
     assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+
+
+def test_a_trace_id_with_a_path_in_it_is_no_trace_not_a_question_for_another_path(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """`/traces/..%2Fmetrics` (and the page `/trace/...`): the id was put in the path asked of the sibling workers,
+    which then asked them `/metrics` and answered 500 on the text it got back; an id that is not a trace id is 404."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    for path in ("/traces/..%2Fmetrics", "/traces/%2E%2E%2Fmetrics", "/trace/..%2Fmetrics", "/traces/x%3Flimit=1"):
+        for _ in range(4):  # whichever worker the kernel gives the scrape
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _scrape(admin + path)
+            assert refused.value.code == 404, (path, refused.value.read())
