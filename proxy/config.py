@@ -9,6 +9,7 @@ relative to the configuration file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -342,6 +343,9 @@ class _Reader:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             self.problem(key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+            return default
+        if isinstance(value, float) and not math.isfinite(value):  # TOML's nan and inf; `nan <= 0` is false
+            self.problem(key, f"expected a finite number, got {value!r}")
             return default
         return value
 
