@@ -276,10 +276,10 @@ def test_a_changed_crl_is_vetted_and_indexed_off_the_event_loop(
     handshake each time the CRL changed: a refresh now does both in a worker thread, and still swaps the set."""
     import threading
 
-    from proxy.certs import sources
+    from proxy.certs import revocation
 
     threads: dict[str, set[int]] = {"accept": set(), "index": set()}
-    real_accept, real_of = sources.accept, sources.CrlSet.of
+    real_accept, real_of = revocation.accept, CrlSet.of
 
     def accept(*args: Any, **kwargs: Any) -> Any:
         threads["accept"].add(threading.get_ident())
@@ -289,8 +289,8 @@ def test_a_changed_crl_is_vetted_and_indexed_off_the_event_loop(
         threads["index"].add(threading.get_ident())
         return real_of(*args, **kwargs)
 
-    monkeypatch.setattr(sources, "accept", accept)
-    monkeypatch.setattr(sources.CrlSet, "of", of)
+    monkeypatch.setattr("proxy.certs.sources.accept", accept)
+    monkeypatch.setattr(CrlSet, "of", of)
     path = tmp_path / "issuing.crl"
     path.write_bytes(pki.issuing_crl.read_bytes())
     store = CrlStore(trust, [CrlSource(str(path))])
