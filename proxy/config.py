@@ -65,6 +65,7 @@ DEFAULT_MAX_HEADER_BYTES = 128 * 1024
 MAX_FIELD_BYTES = 96 * 1024  # one header field (aiohttp's max_field_size): the same token with room to spare
 MIN_HEADER_BYTES = 8 * 1024  # below this ordinary browsers and devices are refused
 DEFAULT_MAX_CONNECTIONS = 10_000
+MAX_WORKERS = 1024  # listener.workers: more than any machine has cores; a typo's count was forked until none was left
 # TLS sessions a worker keeps for resumption (proxy.tls.server.server_context): about 7 KiB each (the session and
 # the client's certificate and chain), 14 MiB in all
 DEFAULT_TLS_SESSION_CACHE = 2048
@@ -405,6 +406,15 @@ def _positive(r: _Reader, key: str, value: T | None, default: T) -> T:
     return value
 
 
+def _workers(r: _Reader, t: dict[str, Any]) -> int:
+    """`listener.workers`: a process count up to MAX_WORKERS (the supervisor forks that many at start)."""
+    workers = _number(r, t, "listener", "workers", int, 1)
+    if workers > MAX_WORKERS:
+        r.problem("listener.workers", f"at most {MAX_WORKERS} (one or two a core), got {workers}")
+        return 1
+    return workers
+
+
 def _number(r: _Reader, t: dict[str, Any], prefix: str, name: str, kind: type[T], default: T) -> T:
     """A positive int or float under `prefix.name`, or its default."""
     key = f"{prefix}.{name}"
@@ -449,7 +459,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         client_body_timeout=_number(r, t, "listener", "client_body_timeout", float, 60.0),
         client_send_timeout=_number(r, t, "listener", "client_send_timeout", float, 60.0),
         max_body_bytes=_number(r, t, "listener", "max_body_bytes", int, 64 * 1024 * 1024),
-        workers=_number(r, t, "listener", "workers", int, 1),
+        workers=_workers(r, t),
         max_header_bytes=_max_header_bytes(r, t),
         max_connections=_number(r, t, "listener", "max_connections", int, DEFAULT_MAX_CONNECTIONS),
         max_connections_per_address=_per_address(r, t),
