@@ -365,9 +365,7 @@ class BasicLogin:
             entry = self._cached(key, digest, user)
             if entry is not None:
                 return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
-        guesses = user_key(
-            user.principal
-        )  # `alice@lab.test` (NT-ENTERPRISE) and `LAB\\alice`: two cache keys, one count
+        guesses = user_key(user.principal)  # `alice@lab.test` (NT-ENTERPRISE), `LAB\\alice`: one count
         known = False
         if self._users.wait(guesses, started) > 0 and self._cache.known(key, started):
             digest = await self._known_or_refused(key, guesses, client, credentials.password, digest)
