@@ -6,15 +6,15 @@ mechTypes list the mechanisms the initiator offers, most preferred first, and wh
 token of the first of them (the "optimistic" token). The gateway offers krb5 alone (1.2.840.113554.1.2.2) and
 its mechToken is the krb5 AP-REQ token (RFC 4121 §4.1) built by MIT on the cached service ticket: exactly the
 token MIT's own SPNEGO initiator sends for a krb5 credential, byte for byte in the framing (no reqFlags, no
-mechListMIC; `tests/integration/test_negotiate_token.py` compares the two). docs/kerberos-negotiate.md says
+mechListMIC; `tests/integration/test_negotiate_token.py` compares the two). docs/negotiate-token.md says
 what MIT, Apache and Windows/IIS acceptors do with it.
 
 Why not MIT's SPNEGO mechanism: for one token it made the mechanism glue import the target name into krb5 and
 release it again, each with a krb5 library context of its own (a profile check, allocations), on top of the
 krb5 token itself; with the target name canonicalised for krb5 once (`gss_canonicalize_name`) and the krb5
-mechanism asked directly, a token costs 24 instead of 35 µs of CPU here (docs/performance.md, "The token on
-the krb5 mechanism"). Why not pyasn1: the structure is fixed, four nested lengths around one OCTET STRING; an
-ASN.1 encoder per request would cost more than it saves. Pure: no I/O, no Kerberos library.
+mechanism asked directly, a token costs 24 instead of 35 µs of CPU here (docs/performance.md, "The
+Negotiate token on the default route"). Why not pyasn1: the structure is fixed, four nested lengths around
+one OCTET STRING; an ASN.1 encoder per request would cost more than it saves. Pure: no I/O, no Kerberos library.
 """
 
 from __future__ import annotations
