@@ -22,11 +22,11 @@ def _app(n: int) -> tag.Tag:
     return tag.Tag(tag.tagClassApplication, tag.tagFormatConstructed, n)
 
 
-class MechTypeList(univ.SequenceOf):
+class MechTypeList(univ.SequenceOf):  # type: ignore[misc]  # pyasn1 has no type stubs: its bases are Any
     componentType = univ.ObjectIdentifier()
 
 
-class NegTokenInit(univ.Sequence):
+class NegTokenInit(univ.Sequence):  # type: ignore[misc]  # pyasn1 has no type stubs: its bases are Any
     componentType = namedtype.NamedTypes(
         namedtype.OptionalNamedType("mechTypes", MechTypeList().subtype(explicitTag=_ctx(0))),
         namedtype.OptionalNamedType("reqFlags", univ.BitString().subtype(explicitTag=_ctx(1))),
@@ -35,13 +35,13 @@ class NegTokenInit(univ.Sequence):
     )
 
 
-class NegotiationToken(univ.Choice):
+class NegotiationToken(univ.Choice):  # type: ignore[misc]  # pyasn1 has no type stubs: its bases are Any
     componentType = namedtype.NamedTypes(
         namedtype.NamedType("negTokenInit", NegTokenInit().subtype(explicitTag=_ctx(0))),
     )
 
 
-class InitialContextToken(univ.Sequence):
+class InitialContextToken(univ.Sequence):  # type: ignore[misc]  # pyasn1 has no type stubs: its bases are Any
     """RFC 2743 §3.1 with SPNEGO's inner token: [APPLICATION 0] IMPLICIT SEQUENCE { thisMech, NegotiationToken }."""
 
     tagSet = univ.Sequence.tagSet.tagImplicitly(_app(0))
@@ -51,7 +51,7 @@ class InitialContextToken(univ.Sequence):
     )
 
 
-class PrincipalName(univ.Sequence):
+class PrincipalName(univ.Sequence):  # type: ignore[misc]  # pyasn1 has no type stubs: its bases are Any
     componentType = namedtype.NamedTypes(
         namedtype.NamedType("name-type", univ.Integer().subtype(explicitTag=_ctx(0))),
         namedtype.NamedType(
@@ -60,7 +60,7 @@ class PrincipalName(univ.Sequence):
     )
 
 
-class EncryptedData(univ.Sequence):
+class EncryptedData(univ.Sequence):  # type: ignore[misc]  # pyasn1 has no type stubs: its bases are Any
     componentType = namedtype.NamedTypes(
         namedtype.NamedType("etype", univ.Integer().subtype(explicitTag=_ctx(0))),
         namedtype.OptionalNamedType("kvno", univ.Integer().subtype(explicitTag=_ctx(1))),
@@ -68,7 +68,7 @@ class EncryptedData(univ.Sequence):
     )
 
 
-class Ticket(univ.Sequence):
+class Ticket(univ.Sequence):  # type: ignore[misc]  # pyasn1 has no type stubs: its bases are Any
     tagSet = univ.Sequence.tagSet.tagExplicitly(_app(1))
     componentType = namedtype.NamedTypes(
         namedtype.NamedType("tkt-vno", univ.Integer().subtype(explicitTag=_ctx(0))),
@@ -78,7 +78,7 @@ class Ticket(univ.Sequence):
     )
 
 
-class APReq(univ.Sequence):
+class APReq(univ.Sequence):  # type: ignore[misc]  # pyasn1 has no type stubs: its bases are Any
     tagSet = univ.Sequence.tagSet.tagExplicitly(_app(14))
     componentType = namedtype.NamedTypes(
         namedtype.NamedType("pvno", univ.Integer().subtype(explicitTag=_ctx(0))),

@@ -30,7 +30,9 @@ def _krb5_token(ap_req_padding: int) -> bytes:
     def general(s: str) -> bytes:
         return tlv(0x1B, s.encode())
 
-    enc = lambda cipher: tlv(0x30, tlv(0xA0, integer(18)) + tlv(0xA2, tlv(0x04, cipher)))  # noqa: E731
+    def enc(cipher: bytes) -> bytes:
+        return tlv(0x30, tlv(0xA0, integer(18)) + tlv(0xA2, tlv(0x04, cipher)))
+
     sname = tlv(0x30, tlv(0xA0, integer(3)) + tlv(0xA1, tlv(0x30, general("HTTP") + general("cas.lab.test"))))
     ticket = tlv(
         0x61,
