@@ -277,12 +277,17 @@ class Delegator:
         target is a krb5 mechanism name, made once per target: given a name of no mechanism, MIT imports it into
         krb5 and releases it again for every token, each time with a library context of its own."""
         refresh_profile()
+        token = gssapi.raw.init_sec_context(self._target(gss_target), creds=creds, mech=KRB5, flags=_FLAGS).token
+        return neg_token_init(token) if token else b""
+
+    def _target(self, gss_target: str) -> gssapi.raw.Name:
+        """`HTTP@host` as a krb5 mechanism name, made once: S4U2Proxy fetches the service ticket for it and every
+        token names it, so both always look for the same principal."""
         target = self._targets.get(gss_target)
-        if target is None:
+        if target is None:  # two threads may both make it: the same name, either kept
             name = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
             target = self._targets[gss_target] = gssapi.raw.canonicalize_name(name, KRB5)
-        token = gssapi.raw.init_sec_context(target, creds=creds, mech=KRB5, flags=_FLAGS).token
-        return neg_token_init(token) if token else b""
+        return target
 
     # -- exchanges with the KDC ------------------------------------------------------------------------
 
@@ -363,8 +368,8 @@ class Delegator:
         if unreadable is None:
             self._require_stated(user, creds, proxy, spn, pac, client, (middle - start) * 1000)
         after_pac = time.perf_counter()
-        target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
         try:
+            target = self._target(gss_target)
             result = gssapi.raw.init_sec_context(target, creds=creds, mech=KRB5, flags=_FLAGS)  # S4U2Proxy
         except gssapi.raw.GSSError as e:
             took = (middle - start) * 1000
