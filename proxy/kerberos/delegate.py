@@ -9,19 +9,18 @@ ticket to the backend's SPN (S4U2Proxy, "constrained delegation"), which the KDC
 in the gateway's delegation list. The first GSSAPI token built on that service ticket goes into
 `Authorization: Negotiate`.
 
-The ticket cache. A user's first request to an SPN costs exactly two KDC exchanges (one S4U2Self, one
-S4U2Proxy); later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY credential
-cache of their own, holding a copy of the gateway's TGT, the evidence ticket and the service tickets obtained
-with it; a token built from a cached service ticket is local work (24 µs of CPU in a loop, 64 among requests:
-docs/performance.md), so it is built on the event loop, never in a thread. Entries are keyed by (the name the KDC
-is asked for, SPN) (`asked_name`: the principal, or the NT-ENTERPRISE UPN, never the principal built from it,
-which two UPNs can share) and know
-when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts a fresh
-exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
-seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one
-user never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
-`forget(principal, enterprise=...)` drops a user (their certificate was revoked) and `clear()` drops
-everything (the configuration changed).
+The ticket cache. A user's first request to an SPN costs exactly two KDC exchanges (one S4U2Self, one S4U2Proxy);
+later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY credential cache of their
+own, holding a copy of the gateway's TGT, the evidence ticket and the service tickets obtained with it; a token
+built from a cached service ticket is local work (24 µs of CPU in a loop, 64 among requests: docs/performance.md),
+so it is built on the event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN)
+(`asked_name`: the principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can
+share) and know when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts
+a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
+seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one user
+never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
+`forget(principal, enterprise=...)` drops a user (their certificate was revoked) and `clear()` drops everything
+(the configuration changed).
 
 Which name. The cache and the log name the user as the KDC returned them, the client name of the
 evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
