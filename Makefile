@@ -13,11 +13,12 @@ PY := .venv/bin/python
 # haproxy: tests/integration/test_balancer.py puts it (TCP mode, send-proxy-v2) in front of two gateways.
 # samba ... ldb-tools: the Active Directory realm (`make lab-ad`); samba-ad-provision is only a Recommends of
 # samba-ad-dc, and provisioning fails without it. iproute2: the AD realm's network namespace.
+# faketime: tests/integration/test_ad_clock_skew.py runs one gateway with its wall clock shifted (libfaketime).
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
         gcc make curl openssl python3-venv python3-dev \
         docker.io docker-compose mmdebstrap tini iptables systemd chromium \
         samba samba-ad-dc samba-ad-provision ldb-tools iproute2 haproxy \
-        libldap2-dev libsasl2-dev libsasl2-modules-gssapi-mit apache2 libapache2-mod-auth-gssapi
+        libldap2-dev libsasl2-dev libsasl2-modules-gssapi-mit apache2 libapache2-mod-auth-gssapi faketime
 STAMP := .venv/.installed
 
 .PHONY: setup debs lab lab-ad lab-down test lint unit integration clean bench bench-setup base-image

@@ -152,6 +152,10 @@ class Authentication:
     basic_cache_seconds: float = 60.0  # verified credentials are trusted this long without the KDC (0: never)
     basic_failures_per_user: int = 5  # failed logins before a user is refused for a while (429)
     basic_failures_per_address: int = 20  # the same, per client address
+    # A user's wrong passwords count until this long after the last one; at basic_failures_per_user of them, only
+    # the password the KDC last accepted reaches the KDC until then. Set it to the directory's lockout observation
+    # window ("Reset account lockout counter after") or more, so the gateway never forgets before AD does.
+    basic_failure_window_seconds: float = 1800.0
 
     @property
     def client_certificate(self) -> Literal["required", "optional", "none"]:
@@ -167,6 +171,10 @@ class Kerberos:
     max_in_flight: int = 16  # blocking GSSAPI calls allowed at once (each talks to the KDC)
     kdc_timeout: float = 10.0
     kdc_account: KdcAccountPolicy = "auto"  # an evidence ticket naming no account: proxy.kerberos.account
+    # A user's cached ticket is renewed (S4U2Self + S4U2Proxy again, in the background) this long after the exchange
+    # that made it, so an account disabled, deleted or restricted in the directory stops being served within it,
+    # not at the ticket's end (10 hours in AD): proxy.kerberos.delegate.
+    ticket_recheck_seconds: float = 300.0
 
 
 # What a route's `context_headers` may send to the backend about the caller.
@@ -665,7 +673,14 @@ def _realm(r: _Reader, key: str, value: str) -> str:
 
 def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
     k = "authentication"
-    keys = ("mode", "basic_realm", "basic_cache_seconds", "basic_failures_per_user", "basic_failures_per_address")
+    keys = (
+        "mode",
+        "basic_realm",
+        "basic_cache_seconds",
+        "basic_failures_per_user",
+        "basic_failures_per_address",
+        "basic_failure_window_seconds",
+    )
     r.unknown(t, k, set(keys))
     mode = _named_choice(r, t, k, "mode", AUTH_MODES, "certificate")
     realm = r.get(t, f"{k}.basic_realm", "basic_realm", str, "") or "Exchange"
@@ -681,6 +696,7 @@ def _authentication(r: _Reader, t: dict[str, Any]) -> Authentication:
         basic_cache_seconds=cache,
         basic_failures_per_user=_number(r, t, k, "basic_failures_per_user", int, 5),
         basic_failures_per_address=_number(r, t, k, "basic_failures_per_address", int, 20),
+        basic_failure_window_seconds=_number(r, t, k, "basic_failure_window_seconds", float, 1800.0),
     )
 
 
@@ -781,7 +797,16 @@ def _directory(r: _Reader, t: dict[str, Any]) -> Directory | None:
 
 
 def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
-    r.unknown(t, "kerberos", {"principal", "keytab", "krb5_config", "max_in_flight", "kdc_timeout", "kdc_account"})
+    keys = {
+        "principal",
+        "keytab",
+        "krb5_config",
+        "max_in_flight",
+        "kdc_timeout",
+        "kdc_account",
+        "ticket_recheck_seconds",
+    }
+    r.unknown(t, "kerberos", keys)
     principal = r.get(t, "kerberos.principal", "principal", str) or ""
     if principal and "@" not in principal:
         r.problem("kerberos.principal", f"expected service/host@REALM, got {principal!r}")
@@ -794,6 +819,7 @@ def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
         max_in_flight=_number(r, t, "kerberos", "max_in_flight", int, 16),
         kdc_timeout=_number(r, t, "kerberos", "kdc_timeout", float, 10.0),
         kdc_account=cast(KdcAccountPolicy, kdc_account),
+        ticket_recheck_seconds=_number(r, t, "kerberos", "ticket_recheck_seconds", float, 300.0),
     )
 
 

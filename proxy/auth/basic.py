@@ -30,11 +30,17 @@ Wrong passwords (and unknown users: both are the same 401, challenge again) are 
 over, per user (`basic_failures_per_user`, default 5) and per client address
 (`basic_failures_per_address`, default 20). An attempt counts against both *before* it is hashed or
 sent to the KDC: at most `limit - failures` attempts of one key are in flight at once, so 100 wrong
-passwords sent at once from one address cannot all reach the KDC. Once a key reaches its limit,
+passwords sent at once from one address cannot all reach the KDC. Once an address reaches its limit,
 further attempts are refused with 429 and `Retry-After` for 1 s, then 2, 4, ... up to 5 minutes,
-without asking the KDC and without hashing anything. That keeps a phone with a stale password from
-tripping the directory's own lockout policy (AD's), and a password sprayer from trying many users. A
-key is forgotten 15 minutes after its last failure, a user's count after a success. A disabled or
+without asking the KDC and without hashing anything; it is forgotten 15 minutes after its last failure.
+A user who reaches the limit is *held*: 429 until `basic_failure_window_seconds` (30 minutes) after
+the last failure, because the directory counts those failures too (Active Directory locks the account
+at its threshold and forgets only after its observation window without a bad password; the 1, 2, 4 ...
+releases carried a guesser past a threshold of 5 within 4 s, seen against Samba AD). Held, at most
+`basic_failures_per_user` guesses reach the KDC per window, so a threshold above that is never reached
+through the gateway; the one password that still goes on is the one the KDC last accepted for that
+user (its hash is kept for the window, never to serve anyone from it): the user's own device. A
+user's count is forgotten after a success, as AD resets its own. A disabled or
 locked account gets 403 and does not count (the KDC says so whatever the password). An IPv6 client is
 counted by its /64 (`address_key`): one device or home is given a whole /64 and picks addresses in it
 at will, so a sprayer stepping through its own prefix would otherwise get a fresh allowance per address.
@@ -154,6 +160,7 @@ class CredentialCache:
         self._max = max_entries
         self._salt = os.urandom(16)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._known: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (digest, until)
 
     def digest(self, key: str, password: bytes) -> bytes:
         """The hash kept instead of the password (CPU-bound, about 2 ms: call it from a thread)."""
@@ -171,7 +178,22 @@ class CredentialCache:
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float) -> None:
+    def known(self, key: str, now: float, digest: bytes | None = None) -> bool:
+        """Whether `key` has a password the KDC accepted within the failure window (with `digest`: this one).
+        Never a reason to serve anyone: only to let that password through a held user's throttle to the KDC."""
+        known = self._known.get(key)
+        if known is None or now >= known[1]:
+            return False
+        return digest is None or hmac.compare_digest(known[0], digest)
+
+    def put(
+        self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float, *, known_for: float = 0.0
+    ) -> None:
+        if known_for > 0:
+            self._known[key] = (digest, now + known_for)
+            self._known.move_to_end(key)
+            while len(self._known) > self._max:
+                self._known.popitem(last=False)
         if self._ttl <= 0:
             return
         self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
@@ -184,6 +206,9 @@ class CredentialCache:
         entry = self._entries.get(key)
         if entry is not None and (digest is None or hmac.compare_digest(entry.digest, digest)):
             del self._entries[key]
+        known = self._known.get(key)
+        if known is not None and (digest is None or hmac.compare_digest(known[0], digest)):
+            del self._known[key]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -198,14 +223,24 @@ class _Failures:
 
 
 class Throttle:
-    """Failed logins per key: after `limit` of them, refusals for 1, 2, 4 ... seconds (at most 5 minutes).
+    """Failed logins per key: after `limit` of them, refusals for 1, 2, 4 ... seconds (at most 5 minutes);
+    with `hold`, refusals until `forget` seconds after the last failure, when the key starts afresh.
 
     Attempts in flight count too: a key with `failures` recent failures may have at most
     `limit - failures` attempts (at least one) in flight at once, so concurrent attempts cannot all get
-    past the check before the first of them fails."""
+    past the check before the first of them fails.
 
-    def __init__(self, limit: int, *, max_keys: int = 100_000) -> None:
+    `hold` is for users, whose failures the directory counts too: Active Directory locks an account at its
+    threshold of bad passwords and forgets them only after its observation window without one, so the 1, 2, 4 ...
+    releases would carry a guesser's passwords past any threshold (5 + 5 in 31 s); held, at most `limit` of them
+    reach the KDC until `forget` (at least the directory's window) has passed."""
+
+    def __init__(
+        self, limit: int, *, forget: float = _THROTTLE_FORGET, hold: bool = False, max_keys: int = 100_000
+    ) -> None:
         self._limit = limit
+        self._forget = forget
+        self._hold = hold
         self._max = max_keys
         self._keys: OrderedDict[str, _Failures] = OrderedDict()
 
@@ -216,7 +251,7 @@ class Throttle:
             return 0.0
         if state.blocked_until > now:
             return state.blocked_until - now
-        count = state.count if now - state.last <= _THROTTLE_FORGET else 0
+        count = state.count if now - state.last <= self._forget else 0
         return 0.0 if state.in_flight < max(1, self._limit - count) else _THROTTLE_BASE
 
     def begin(self, key: str, now: float) -> None:
@@ -237,7 +272,9 @@ class Throttle:
         state = self._state(key, now)
         state.count += 1
         state.last = now
-        if state.count >= self._limit:
+        if state.count >= self._limit and self._hold:
+            state.blocked_until = now + self._forget
+        elif state.count >= self._limit:
             state.blocked_until = now + min(_THROTTLE_CAP, _THROTTLE_BASE * 2 ** min(state.count - self._limit, 20))
 
     def succeeded(self, key: str) -> None:
@@ -248,7 +285,7 @@ class Throttle:
     def _state(self, key: str, now: float) -> _Failures:
         """The state of `key`, made the most recent; failures older than the forget time start afresh."""
         state = self._keys.pop(key, None) or _Failures()
-        if state.count and now - state.last > _THROTTLE_FORGET:
+        if state.count and now - state.last > self._forget:
             state.count, state.blocked_until = 0, 0.0
         self._keys[key] = state
         while len(self._keys) > self._max:
@@ -295,7 +332,8 @@ class BasicLogin:
         self._timeout = kerberos.kdc_timeout
         self._slots = asyncio.Semaphore(kerberos.max_in_flight)
         self._cache = CredentialCache(settings.basic_cache_seconds)
-        self._users = Throttle(settings.basic_failures_per_user)
+        self._window = settings.basic_failure_window_seconds
+        self._users = Throttle(settings.basic_failures_per_user, forget=self._window, hold=True)
         self._addresses = Throttle(settings.basic_failures_per_address)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.pace = Pace()
@@ -324,7 +362,11 @@ class BasicLogin:
             entry = self._cached(key, digest, user)
             if entry is not None:
                 return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
-        async with self._attempt(key, client) as attempt:  # refused here (429) before any hashing of its own
+        known = False
+        if self._users.wait(key, started) > 0 and self._cache.known(key, started):
+            digest = await self._known_or_refused(key, client, credentials.password, digest)
+            known = True
+        async with self._attempt(key, client, known=known) as attempt:  # 429 here, before any hashing
             if digest is None:
                 digest = await self._digest(key, credentials.password)
             async with self._lock(key):  # one KDC check per user at a time; the ones waiting may find it cached
@@ -344,7 +386,7 @@ class BasicLogin:
                     raise AuthenticationRequired(e.reason, hint=e.hint, challenge=self.challenge) from None
                 self.pace.observe(time.monotonic() - started)
                 self._users.succeeded(key)
-                self._cache.put(key, digest, user, ticket, time.monotonic())
+                self._cache.put(key, digest, user, ticket, time.monotonic(), known_for=self._window)
                 return PasswordLogin(user, ticket, credentials.header, cached=False)
 
     async def authorization(self, login: PasswordLogin, route: Route) -> str:
@@ -388,17 +430,36 @@ class BasicLogin:
             return None
         return entry
 
+    async def _known_or_refused(self, key: str, client: str, password: bytes, digest: bytes | None) -> bytes:
+        """The digest of a held user's password when it is the one the KDC last accepted (the user's own device goes
+        on to the KDC); 429 otherwise, counted against the address: a guess, judged without the KDC."""
+        address = address_key(client)
+        if digest is not None or self._addresses.wait(address, time.monotonic()) == 0:  # held: no hashing
+            digest = digest or await self._digest(key, password)
+            if self._cache.known(key, time.monotonic(), digest):
+                return digest
+            self._addresses.failed(address, time.monotonic())
+        wait = self._users.wait(key, time.monotonic())
+        raise TooManyAttempts(
+            "too many failed sign-ins; wait and try again",
+            hint=f"{key} is held after basic_failures_per_user wrong passwords, so that the directory's lockout "
+            f"threshold is not reached, for {wait:.0f} s more (basic_failure_window_seconds); only the password the "
+            f"KDC last accepted goes on to it",
+            challenge={"Retry-After": str(max(1, round(wait)))},
+        )
+
     async def _digest(self, key: str, password: bytes) -> bytes:
         return await asyncio.to_thread(self._cache.digest, key, password)
 
     @asynccontextmanager
-    async def _attempt(self, key: str, client: str) -> AsyncIterator[_Attempt]:
+    async def _attempt(self, key: str, client: str, *, known: bool = False) -> AsyncIterator[_Attempt]:
         """Admit an attempt that may reach the KDC, counting it against the user and the address until it
-        ends; refuse it (429) when either key has no attempt left. Nothing is awaited between the check
-        and the count, so concurrent attempts see each other."""
+        ends; refuse it (429) when either key has no attempt left (`known`: the user's own last accepted
+        password, which passes a held user). Nothing is awaited between the check and the count, so
+        concurrent attempts see each other."""
         now = time.monotonic()
         client = address_key(client)
-        wait = max(self._users.wait(key, now), self._addresses.wait(client, now))
+        wait = max(0.0 if known else self._users.wait(key, now), self._addresses.wait(client, now))
         if wait > 0:
             raise TooManyAttempts(
                 "too many failed sign-ins; wait and try again",

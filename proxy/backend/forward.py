@@ -327,6 +327,7 @@ async def forward_device(
         authorization=authorization if isinstance(authorization, str) else "",  # set per connection
         extra=extra_headers,
     )
+    sent_bytes = len(authorization) if isinstance(authorization, str) else 0  # a number; the token is not kept
     if route.backend_binding != "connection":
         authorization = ""  # in the headers now, and gone with them once they are written (`_send`)
     body = ClientBody(request, pools.client_body_timeout) if request.body_exists else None
@@ -352,6 +353,8 @@ async def forward_device(
         except (OSError, TimeoutError, BackendProtocolError) as e:  # refused, reset, TLS, not HTTP, timed out
             raise _failure(route, e, body) from None
         ms = (time.perf_counter() - start) * 1000
+        if head.status in (400, 431) and token_sent and sent_bytes > LARGE_AUTHORIZATION:
+            _large_token_refused(route, principal, head.status, sent_bytes)
         if head.status == 401:
             # on a connection-bound route a connection that answered 401 is never reused, let alone bound
             exchange.finish(reuse=route.backend_binding != "connection")
@@ -461,6 +464,29 @@ async def _relay_whole(
     except TimeoutError as e:
         _cut(request, route, "stream_stalled", e)
     return True
+
+
+# Header field limits of common servers: nginx, Apache and aiohttp refuse fields over 8 KiB; IIS (http.sys) over 16 KiB.
+LARGE_AUTHORIZATION = 8 * 1024
+
+
+def _large_token_refused(route: Route, principal: str, status: int, sent_bytes: int) -> None:
+    """The backend said 400 (or 431) to a request carrying a large Negotiate header: most likely that header. The
+    answer goes to the device as the backend gave it; the log says why and what to change."""
+    log.warning(
+        "backend_refused_large_token",
+        principal=principal,
+        spn=route.spn,
+        upstream=route.upstream,
+        backend_status=status,
+        negotiate_header_bytes=sent_bytes,
+        fix=f"{route.upstream} answered {status} to a request whose Authorization header was {sent_bytes} bytes: the "
+        f"user's Kerberos ticket carries their groups (the PAC), and the backend's header limit is smaller. IIS "
+        f"(http.sys) refuses a field over MaxFieldLength and a request over MaxRequestBytes (both 16384 by "
+        f"default): raise both (DWORD, up to 65534) under HKLM\\SYSTEM\\CurrentControlSet\\Services\\HTTP\\"
+        f"Parameters and restart the HTTP service; Kerberos MaxTokenSize (48000 by default) bounds the ticket "
+        f"itself. Or reduce the user's group memberships (nested and SID-history groups count too)",
+    )
 
 
 def _cut(request: DeviceRequest, route: Route, event: str, e: Exception) -> None:

@@ -39,6 +39,11 @@ cached ticket, is checked against the PAC read once per exchange; a mismatch is 
 is a ticket without any PAC unless `kerberos.kdc_account = "optional"` (then each such ticket is logged as
 `kdc_account_unverified`).
 
+The recheck. AD issues tickets for 10 hours, and a cached one served its user that long whatever happened to the
+account meanwhile: disabled, deleted, marked sensitive, put in Protected Users, renamed. So an entry is also renewed
+(in the background, as above) `kerberos.ticket_recheck_seconds` (300) after the exchange that made it, when that
+comes before `RENEW_BEFORE`; the KDC's refusal then drops it, and the next request gets that refusal.
+
 The exchanges with the KDC block (and release the GIL): they run in a pool of `max_in_flight` threads
 and are bounded in time by `kdc_timeout`. A security context is built per request and never shared.
 Only this package imports `gssapi`.
@@ -58,6 +63,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gssapi
 import gssapi.exceptions
@@ -70,7 +76,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
-from proxy.kerberos.hints import explain
+from proxy.kerberos.hints import CLOCK_WORDS, clock_skew, explain
 from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
@@ -89,6 +95,9 @@ _FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
 RENEW_BEFORE = 300.0  # seconds before a service ticket expires when a background renewal starts
 USABLE_FOR = 30.0  # a ticket with less left than this is not used: the request waits for a fresh one
 _RETRY_AFTER = 30.0  # after a failed background renewal, the next one starts no sooner than this
+# The KDC's words for "that key is wrong" to an AS exchange with the keytab: AD counts each as a bad password of the
+# gateway's account, towards its lockout threshold (two per try, as seen against Samba AD).
+_KEY_REFUSED = ("preauthentication failed", "integrity check failed", "password incorrect")
 
 Key = tuple[str, str]  # (the name asked for, `asked_name`, or the KDC's client name for it; SPN)
 _ENTERPRISE_KEY = "\\enterprise:"
@@ -135,6 +144,7 @@ class _Ticket:
     creds: gssapi.Credentials
     expires: float  # clock time when the service ticket expires
     renew_not_before: float = 0.0
+    obtained: float = float("inf")  # clock time of the exchange that made it (the recheck counts from there)
     facts: S4UFacts | None = None  # what the exchange that made this entry got from the KDC
     client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
     pac: PacFacts | None = None  # the evidence ticket's PAC: which account the KDC impersonated
@@ -196,6 +206,8 @@ class Delegator:
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
         self._service: gssapi.Credentials | None = None
         self._service_lock = threading.Lock()
+        # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
+        self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError] | None = None
         self._own: tuple[gssapi.Name, gssapi.Credentials] | None = None  # for reading evidence tickets' PACs
         self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
         self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
@@ -237,7 +249,8 @@ class Delegator:
         if ticket is not None and cached:
             self._tickets.move_to_end(key)
             self.stats.hits += 1
-            if now >= max(ticket.expires - RENEW_BEFORE, ticket.renew_not_before) and asked not in self._flights:
+            renew_at = min(ticket.expires - RENEW_BEFORE, ticket.obtained + self._settings.ticket_recheck_seconds)
+            if now >= max(renew_at, ticket.renew_not_before) and asked not in self._flights:
                 ticket.renew_not_before = now + _RETRY_AFTER
                 self.stats.renewals += 1
                 self._flight(asked, user, spn, gss_target)
@@ -386,8 +399,9 @@ class Delegator:
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
         took = (middle - start) * 1000
         got = s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=_ms(after_pac), evidence_pac=pac)
+        now = self._clock()
         return _Ticket(
-            creds, self._clock() + lifetime, facts=got, pac=pac, pac_unreadable=unreadable, evidence_client=client
+            creds, now + lifetime, obtained=now, facts=got, pac=pac, pac_unreadable=unreadable, evidence_client=client
         )
 
     def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
@@ -444,7 +458,11 @@ class Delegator:
             accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
             return context_pac(accepted.context), None
         except gssapi.raw.GSSError as e:
-            return None, f"the gateway cannot accept its own evidence ticket: {e.gen_message()}"
+            message = e.gen_message()
+            if any(words in message.lower() for words in CLOCK_WORDS):  # every user's ticket alike: the operator's
+                proxy = self._settings.principal
+                raise clock_skew(message, proxy=proxy, offset=_offset_from_kdc(creds, proxy)) from None
+            return None, f"the gateway cannot accept its own evidence ticket: {message}"
         except ValueError as e:
             return None, f"the PAC is malformed: {e}"
 
@@ -463,18 +481,37 @@ class Delegator:
             self._service_lock.acquire()
         try:
             if self._service is None or _remaining(self._service) < RENEW_BEFORE:
-                self._service = gssapi.Credentials(
-                    name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
-                    usage="both",
-                    store={
-                        "client_keytab": str(self._settings.keytab),
-                        "keytab": str(self._settings.keytab),
-                        "ccache": self._ccache,
-                    },
-                )
+                self._service = self._acquire_service()
             return self._service
         finally:
             self._service_lock.release()
+
+    def _acquire_service(self) -> gssapi.Credentials:
+        """The AS exchange with the keytab, unless the KDC refused these very keys before: a stale keytab (the
+        account's password was reset) is then refused from memory, without the KDC, until the file changes. Tried
+        per request, each try counted two bad passwords against the gateway's account in AD, which locked it within
+        a few requests, and the keytab exported again then met a locked account (tests/integration/
+        test_ad_service_account.py)."""
+        keytab = _file_version(self._settings.keytab)
+        refused = self._refused_keytab
+        if refused is not None and refused[0] == keytab:
+            raise refused[1]
+        try:
+            creds = gssapi.Credentials(
+                name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
+                usage="both",
+                store={
+                    "client_keytab": str(self._settings.keytab),
+                    "keytab": str(self._settings.keytab),
+                    "ccache": self._ccache,
+                },
+            )
+        except gssapi.raw.GSSError as e:
+            if any(words in e.gen_message().lower() for words in _KEY_REFUSED):
+                self._refused_keytab = (keytab, e)
+            raise
+        self._refused_keytab = None
+        return creds
 
     def _explain(self, message: str, principal: str, spn: str) -> GatewayError:
         return explain(message, user=principal, spn=spn, proxy=self._settings.principal)
@@ -599,3 +636,18 @@ def _remaining(creds: gssapi.Credentials) -> float:
     except gssapi.exceptions.ExpiredCredentialsError:
         return 0.0
     return float("inf") if lifetime is None else float(lifetime)
+
+
+def _file_version(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of a file, or None when it cannot be read: what tells a file written again."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _offset_from_kdc(creds: gssapi.Credentials, proxy: str) -> float | None:
+    """This clock minus the KDC's, in seconds, from the evidence ticket just issued (its authtime is the KDC's now)."""
+    facts = s4u_facts(creds, proxy=proxy, spn="", s4u2self_ms=0.0, s4u2proxy_ms=None)
+    return None if facts.evidence is None else time.time() - facts.evidence.authtime.timestamp()

@@ -55,7 +55,18 @@ _RULES = (
         "credentials have been revoked",
         KerberosRefused,
         "the account {user} is disabled or locked",
-        "the KDC reports {user} disabled, locked or expired (KDC_ERR_CLIENT_REVOKED)",
+        "the KDC reports {user} disabled, locked or expired (KDC_ERR_CLIENT_REVOKED), or outside its logon hours "
+        "(AD's logonHours: Samba applies them to a password sign-in, not to S4U2Self); enable or unlock the account "
+        "(Enable-ADAccount / Unlock-ADAccount; samba-tool user enable / unlock)",
+    ),
+    _Rule(
+        "password has expired",
+        KerberosRefused,
+        "the password of {user} has expired or must be changed",
+        "the KDC refuses {user} until its password is changed (KDC_ERR_KEY_EXPIRED: expired under the password "
+        "policy, or 'must change password at next logon', pwdLastSet = 0); Samba 4.17 refuses S4U2Self for it too, "
+        "although no password is used: the user changes it (at a desktop, or OWA's password page). For a service "
+        "account: set 'password never expires', or change it and export the keytab again",
     ),
     _Rule(
         "client's entry in database has expired",
@@ -67,7 +78,11 @@ _RULES = (
         "server not found in kerberos database",
         KerberosMisconfigured,
         "the gateway's Kerberos set-up for {spn} is incomplete",
-        "the KDC does not know {spn} (or {proxy}): register the SPN on the backend's account, or fix routes[].spn",
+        "the KDC does not know {spn} (or {proxy}): register the SPN on the backend's account (AD: setspn -S {spn} "
+        "DOMAIN\\<account>; Samba: samba-tool spn add {spn} <account>), or fix routes[].spn to one the account has "
+        "(setspn -Q */<host>* lists them): AD compares SPNs without regard to case, but a short host name, another "
+        "service class or a port (:443) is another SPN; an SPN registered on two accounts fails this way too on "
+        "Windows (KDC event 11; setspn -X lists duplicates)",
     ),
     _Rule(
         "cannot contact any kdc",
@@ -103,7 +118,9 @@ _RULES = (
         "preauthentication failed",
         KerberosMisconfigured,
         "the gateway's Kerberos set-up is incomplete",
-        "the KDC rejected {proxy}'s own key: the keytab is stale (key version changed); export it again",
+        "the KDC rejected {proxy}'s own key: the keytab is stale (key version changed); export it again "
+        "(samba-tool domain exportkeytab, ktpass, msktutil --update); the gateway does not offer these keys again "
+        "until the keytab file changes, so the account is not locked out meanwhile",
     ),
     _Rule(
         "kdc policy rejects request",
@@ -116,8 +133,11 @@ _RULES = (
         "no support for encryption type",
         KerberosMisconfigured,
         "the gateway's Kerberos set-up is incomplete",
-        "no encryption type is shared (KDC_ERR_ETYPE_NOSUPP): the keys of {proxy} or {spn} are of types the "
-        "KDC or krb5.conf's permitted_enctypes no longer allow; create AES keys and export the keytab again",
+        "no encryption type is shared (KDC_ERR_ETYPE_NOSUPP): the keys or tickets of {proxy} or {spn} are of types "
+        "the KDC or krb5.conf's permitted_enctypes no longer allow; AD issues RC4 unless an account's "
+        "msDS-SupportedEncryptionTypes includes AES (24): Set-ADUser {account} -KerberosEncryptionType AES128,AES256 "
+        "(and the same on the backend's account; Samba: ldbmodify msDS-SupportedEncryptionTypes: 24), then export "
+        "the keytab again",
     ),
     _Rule(
         "integrity check failed",
@@ -141,19 +161,24 @@ _NOT_FORWARDABLE_REASON = "the gateway may not act for {user}: its evidence tick
 _NOT_FORWARDABLE_HINT = (
     "evidence ticket not forwardable: the service account {proxy} lacks protocol transition, or {user} is "
     "marked sensitive; give {proxy} protocol transition (+ok_to_auth_as_delegate on MIT, 'use any "
-    "authentication protocol' / TrustedToAuthForDelegation in AD), and clear 'account is sensitive and cannot "
-    "be delegated' on {user} (MIT: +allow_forwardable), or take it out of Protected Users"
+    "authentication protocol' / TrustedToAuthForDelegation in AD: Set-ADAccountControl {account} "
+    "-TrustedToAuthForDelegation $true, or samba-tool delegation for-any-protocol {account} on), and clear "
+    "'account is sensitive and cannot be delegated' on {user} (AD: Set-ADAccountControl <user> -AccountNotDelegated "
+    "$false; MIT: +allow_forwardable), or take it out of Protected Users"
 )
 _NOT_DELEGABLE_HINT = (
     "{spn} is not in the delegation list of {proxy} (the evidence ticket was forwardable, so protocol "
     "transition is fine): add {spn} to the delegation list of {proxy} (krbAllowedToDelegateTo on MIT/LDAP, "
-    "msDS-AllowedToDelegateTo in AD), or allow {proxy} on the backend's account (resource-based delegation)"
+    "msDS-AllowedToDelegateTo in AD: Set-ADUser {account} -Add @{{'msDS-AllowedToDelegateTo'='{spn}'}}, or "
+    "samba-tool delegation add-service {account} {spn}), or allow {proxy} on the backend's account "
+    "(resource-based delegation, msDS-AllowedToActOnBehalfOfOtherIdentity: Windows honours it, Samba 4.17's KDC "
+    "does not)"
 )
 
 
 def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
     """(reason, hint) for an evidence ticket that came back without the forwardable flag."""
-    fill = {"user": user, "proxy": proxy}
+    fill = {"user": user, "proxy": proxy, "account": _account(proxy)}
     return _NOT_FORWARDABLE_REASON.format(**fill), _NOT_FORWARDABLE_HINT.format(**fill)
 
 
@@ -198,7 +223,7 @@ def explain(
     `step` ("service", "s4u2self" or "s4u2proxy") and `evidence_forwardable`, when the caller knows them,
     narrow an ambiguous refusal down to its one cause."""
     lowered = _unnamed(message.lower())
-    fill = {"user": user, "spn": spn, "proxy": proxy, "realm": user.rpartition("@")[2]}
+    fill = {"user": user, "spn": spn, "proxy": proxy, "realm": user.rpartition("@")[2], "account": _account(proxy)}
     if step == "service":
         return _service_error(message, fill)
     if step == "s4u2self" and _POLICY in lowered:
@@ -231,13 +256,21 @@ def _unnamed(lowered: str) -> str:
     return _NAMED.sub(r"\1 not found in kerberos database", lowered)
 
 
+def _account(proxy: str) -> str:
+    """The gateway's account as AD's tools name it: the principal without its realm (`svc-kcdproxy`)."""
+    return proxy.rpartition("@")[0] or "<account>"
+
+
 def _realm(principal: str) -> str:
     return principal.rpartition("@")[2].upper()
 
 
 def _service_error(message: str, fill: dict[str, str]) -> GatewayError:
-    """A failure of the gateway's own AS exchange: the operator's to fix (502), or the KDC is away (503)."""
+    """A failure of the gateway's own AS exchange: the operator's to fix (502), or the KDC is away (503). The rules'
+    hints speak of the account the exchange was for, the gateway's (a "revoked" here is the gateway's account
+    disabled or locked out, never the user's)."""
     lowered = _unnamed(message.lower())
+    fill = {**fill, "user": fill["proxy"]}
     if _CLIENT_NOT_FOUND in lowered:
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_SERVICE_NOT_FOUND_HINT.format(**fill)} [{message}]")
     for rule in _RULES:
@@ -248,3 +281,20 @@ def _service_error(message: str, fill: dict[str, str]) -> GatewayError:
             return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
     hint = _SERVICE_HINT.format(hint="check kerberos.principal, kerberos.keytab and krb5.conf", **fill)
     return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
+
+
+# What accepting a ticket says when the acceptor's clock is off the KDC's. MIT's client side corrects its own requests
+# by the KDC's time (kdc_timesync), so with a skewed clock S4U2Self and S4U2Proxy succeed and this is the first sign.
+CLOCK_WORDS = ("clock skew too great", "ticket not yet valid")
+
+
+def clock_skew(message: str, *, proxy: str, offset: float | None) -> GatewayError:
+    """The gateway's clock is off the KDC's (`offset`: the gateway's time minus the KDC's, in seconds, when known):
+    the operator's to fix (502), for every user alike, never a user's 403."""
+    off = "" if offset is None else f"about {abs(offset):.0f} s {'ahead of' if offset > 0 else 'behind'} the KDC's, "
+    return KerberosMisconfigured(
+        "the gateway's clock disagrees with the authentication service",
+        hint=f"the gateway's clock is {off}more than the allowed skew (5 minutes in AD): the KDC answered (MIT "
+        f"corrects its own requests by the KDC's time), but {proxy} cannot accept a ticket issued to it; synchronise "
+        f"the gateway's clock with the domain's (NTP from the DCs or the PDC emulator) [{message}]",
+    )

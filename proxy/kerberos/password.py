@@ -9,8 +9,11 @@ then the user's own: the first one fetches a service ticket with that TGT (a pla
 S4U, no delegation rights needed on the gateway's account), later ones are built from the cached
 ticket without asking the KDC.
 
-The credentials are acquired for krb5 *and* SPNEGO (1.3.6.1.5.5.2): with krb5 alone MIT's SPNEGO finds
-no mechanism to offer with password credentials.
+The credentials are acquired for SPNEGO (1.3.6.1.5.5.2) alone, which makes one AS exchange and offers
+krb5 inside: the backend's token is SPNEGO. With krb5 alone MIT's SPNEGO finds no mechanism to offer, and
+with krb5 *and* SPNEGO MIT tries the password once per mechanism: two AS exchanges, so Active Directory
+counted every wrong password twice towards its lockout threshold (seen against Samba AD: a threshold of 5
+locked the account after the second guess, and AD's usual 10 after the gateway's own limit of 5 guesses).
 
 What it refuses, as the KDC answers: a wrong password and an unknown user are the same 401 to the
 client (user names cannot be probed), disabled or locked accounts and expired passwords 403, an
@@ -30,7 +33,7 @@ from proxy.kerberos.hints import explain
 
 SPNEGO = gssapi.OID.from_int_seq("1.3.6.1.5.5.2")
 ENTERPRISE = gssapi.OID.from_int_seq("1.2.840.113554.1.2.2.6")  # GSS_KRB5_NT_ENTERPRISE_NAME
-_MECHS = [gssapi.MechType.kerberos, SPNEGO]
+_MECHS = [SPNEGO]  # one AS exchange per password check: AD counts each one against its lockout threshold
 _FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
 # Minor messages (MIT; Heimdal and AD say the same in other words) meaning "these credentials are wrong".
 _WRONG = (

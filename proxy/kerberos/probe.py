@@ -19,6 +19,7 @@ requests. Failures come back as the gateway's errors, with the fix (`proxy.kerbe
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +31,8 @@ from proxy.config import Kerberos
 from proxy.errors import GatewayError
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
-from proxy.kerberos.hints import explain
+from proxy.kerberos.ccache import read_tickets
+from proxy.kerberos.hints import CLOCK_WORDS, clock_skew, explain
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import use_profile
@@ -89,11 +91,16 @@ class KerberosProbe:
         """Accept a ticket to ourselves with the keytab, and read what the KDC put in it."""
         try:
             acceptor = gssapi.Credentials(usage="accept", store={"keytab": str(self.settings.keytab)})
-            ctx = gssapi.SecurityContext(creds=acceptor, usage="accept")
-            ctx.step(token)
+            # the raw call: the high-level step() turned a refusal (clock skew) into a context never established,
+            # whose flags then failed with "No context has been established" instead of the refusal's own words
+            accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
+            ctx = accepted.context
             flags = int(gssapi.raw.krb5_get_tkt_flags(ctx))
             authtime = int(gssapi.raw.krb5_extract_authtime_from_sec_context(ctx))
         except gssapi.raw.GSSError as e:
+            message = e.gen_message()
+            if any(words in message.lower() for words in CLOCK_WORDS):
+                raise clock_skew(message, proxy=self.settings.principal, offset=self._offset()) from None
             raise self._fail(e, self.settings.principal, self.settings.principal) from None
         pac, unreadable = None, None
         try:
@@ -101,7 +108,12 @@ class KerberosProbe:
         except ValueError as e:
             unreadable = f"the PAC is malformed: {e}"
         when = datetime.fromtimestamp(authtime, UTC)
-        return TicketFacts(str(ctx.initiator_name), flags, when, pac, unreadable)
+        return TicketFacts(str(gssapi.Name(base=accepted.initiator_name)), flags, when, pac, unreadable)
+
+    def _offset(self) -> float | None:
+        """This clock minus the KDC's, from the authtime of the tickets just issued to the gateway (the KDC's now)."""
+        tickets = read_tickets(self._creds) if self._creds is not None else []
+        return time.time() - max(t.authtime for t in tickets).timestamp() if tickets else None
 
     def evidence_ticket(self, user: UserPrincipal, *, spn: str | None = None) -> TicketFacts:
         """S4U2Self for `user` (its NT-ENTERPRISE name with identity.enterprise_names); the facts of the

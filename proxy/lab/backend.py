@@ -594,6 +594,7 @@ def make_app(
     connection_bound: bool = False,
     service: str | None = None,
     rcache: Path | None = None,
+    max_field_bytes: int = MAX_HEADER_FIELD_BYTES,
 ) -> web.Application:
     """The backend as an aiohttp application. Raises GSSError at once if the keytab is unusable.
 
@@ -601,12 +602,15 @@ def make_app(
     default every principal the keytab holds keys for is accepted.
 
     `rcache` is a file for the replay cache; by default MIT's (under $KRB5RCACHEDIR, else /var/tmp).
+    `max_field_bytes` refuses (400) a request with a longer header field: 16384 is IIS's default (http.sys
+    MaxFieldLength), which a Negotiate header carrying a large PAC exceeds.
+
     Set KRB5_CONFIG before calling if the lab's krb5.conf is wanted.
     """
     backend = Backend(Acceptor(keytab, service=service, rcache=rcache), connection_bound=connection_bound)
     app = web.Application(
         middlewares=[_answer_and_log],
-        handler_args={"max_field_size": MAX_HEADER_FIELD_BYTES},
+        handler_args={"max_field_size": max_field_bytes},
     )
     app[BACKEND_KEY] = backend
     app.router.add_get("/healthz", _healthz)
@@ -642,6 +646,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"refuse tickets for any principal but this one, e.g. {SERVICE} (default: any in the keytab)",
     )
     parser.add_argument("--rcache", type=Path, help="replay cache file (default: MIT's, under $KRB5RCACHEDIR)")
+    parser.add_argument(
+        "--max-field-bytes",
+        type=int,
+        default=MAX_HEADER_FIELD_BYTES,
+        help=f"400 for a longer header field (default {MAX_HEADER_FIELD_BYTES}; IIS's http.sys default is 16384)",
+    )
     parser.add_argument("--tls-cert", type=Path, help="serve https with this PEM certificate (chain) ...")
     parser.add_argument("--tls-key", type=Path, help="... and this PEM private key")
     return parser.parse_args(argv)
@@ -653,7 +663,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.krb5_config is not None:
         os.environ["KRB5_CONFIG"] = str(args.krb5_config)  # before any GSSAPI call reads the profile
     try:
-        app = make_app(args.keytab, connection_bound=args.connection_bound, service=args.service, rcache=args.rcache)
+        app = make_app(
+            args.keytab,
+            connection_bound=args.connection_bound,
+            service=args.service,
+            rcache=args.rcache,
+            max_field_bytes=args.max_field_bytes,
+        )
     except GSSError as exc:
         print(f"lab backend: cannot accept with keytab {args.keytab}: {gss_reason(exc)}", file=sys.stderr)
         return 2

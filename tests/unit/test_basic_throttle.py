@@ -357,3 +357,39 @@ def test_every_configured_domain_still_signs_in(monkeypatch: pytest.MonkeyPatch,
     service = BasicLogin(Authentication(mode="basic"), identity, kerberos)
     login = asyncio.run(service.login(creds(name, "pw"), "192.0.2.1"))
     assert (login.user.principal, asked) == (principal, [principal])
+
+
+def test_a_held_user_is_held_for_the_whole_window_not_released_at_1_2_4_seconds() -> None:
+    """The user throttle (hold): after `limit` failures no attempt goes on until `forget` seconds after the last
+    one (the directory's lockout window), where the doubling throttle let one through after 1 s, 3 s, 7 s ..."""
+    held, doubling = Throttle(2, forget=1800, hold=True), Throttle(2)
+    for throttle in (held, doubling):
+        throttle.failed("alice", now=0)
+        throttle.failed("alice", now=0)
+    assert doubling.wait("alice", now=1.5) == 0
+    assert [held.wait("alice", now=t) for t in (1.5, 3.5, 7.5, 300, 1799)] == [1798.5, 1796.5, 1792.5, 1500, 1]
+    assert held.wait("alice", now=1800.5) == 0
+
+
+def test_a_held_users_own_last_accepted_password_still_reaches_the_kdc(kdc: FakeKdc, hashes: list[str]) -> None:
+    """With no cache (basic_cache_seconds = 0), a guesser holds alice after two wrong passwords: further guesses are
+    429 without the KDC (and count against the guesser's address), while alice's own password, the one the KDC last
+    accepted, still goes on to the KDC and is served; a held user the KDC never accepted gets 429 unhashed."""
+
+    async def run() -> list[int | str]:
+        settings = Authentication(mode="basic", basic_cache_seconds=0, basic_failures_per_user=2)
+        kerberos = Kerberos(principal="HTTP/proxy.lab.test@LAB.TEST", keytab=Path("/nonexistent"))
+        service = BasicLogin(settings, Identity(default_realm="LAB.TEST"), kerberos)
+        results = [await outcome(service, "alice", "alice-Pa55", "192.0.2.1")]
+        results += [await outcome(service, "alice", f"guess{i}", "198.51.100.7") for i in range(4)]
+        asked = len(kdc.asked)
+        results += [await outcome(service, "alice", "alice-Pa55", "192.0.2.1")]
+        assert len(kdc.asked) == asked + 1
+        results += [await outcome(service, "bob", "nope", "198.51.100.7") for _ in range(2)]
+        hashed = len(hashes)
+        results += [await outcome(service, "bob", "bob-Pa55", "192.0.2.1")]
+        assert len(hashes) == hashed
+        return results
+
+    assert asyncio.run(run()) == ["alice@LAB.TEST", 401, 401, 429, 429, "alice@LAB.TEST", 401, 401, 429]
+    assert kdc.asked.count("alice@LAB.TEST") == 4  # the first login, two guesses, her own password again

@@ -76,6 +76,11 @@ BROKEN = [
     ('basic_realm = "Mail"', 'basic_realm = "say \\"hi\\""', "authentication.basic_realm: must be printable"),
     ("basic_cache_seconds = 0", "basic_cache_seconds = -1", "authentication.basic_cache_seconds: must be 0"),
     ("basic_failures_per_user = 3", "basic_failures_per_user = 0", "authentication.basic_failures_per_user: must be"),
+    (
+        "basic_failures_per_user = 3",
+        "basic_failures_per_user = 3\nbasic_failure_window_seconds = 0",
+        "authentication.basic_failure_window_seconds: must be positive",
+    ),
     ('source = ["san-upn", "subject-cn"]', 'source = ["san-upn", "x509"]', "identity.source[1]: expected one of"),
     ('source = ["san-upn", "subject-cn"]', "source = []", "identity.source: expected one of"),
     ('source = ["san-upn", "subject-cn"]', 'source = ["san-upn", "san-upn"]', "identity.source: lists a source twice"),

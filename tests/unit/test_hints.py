@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import GatewayError, KdcUnavailable, KerberosMisconfigured, KerberosRefused
-from proxy.kerberos.hints import explain
+from proxy.kerberos.hints import clock_skew, explain
 
 
 @pytest.mark.parametrize(
@@ -189,3 +189,18 @@ def test_gateways_own_credentials_without_a_kdc_is_still_unavailable() -> None:
     )
     assert isinstance(error, KdcUnavailable)
     assert error.status == 503
+
+
+@pytest.mark.parametrize(
+    ("offset", "words"), [(601.4, "about 601 s ahead of the KDC's"), (-599.6, "about 600 s behind")]
+)
+def test_a_skewed_clock_is_the_operators_502_with_the_offset(offset: float, words: str) -> None:
+    """Accepting a ticket failed on the clock: 502 kerberos_misconfigured, the offset and the NTP fix in the hint."""
+    err = clock_skew("Clock skew too great", proxy="svc-kcdproxy@AD.TEST", offset=offset)
+    assert (type(err), err.status) == (KerberosMisconfigured, 502)
+    assert err.hint is not None
+    assert words in err.hint
+    assert "synchronise the gateway's clock" in err.hint
+    unknown = clock_skew("Ticket not yet valid", proxy="svc-kcdproxy@AD.TEST", offset=None)
+    assert unknown.hint is not None
+    assert unknown.hint.startswith("the gateway's clock is more than the allowed skew")
