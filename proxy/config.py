@@ -171,10 +171,11 @@ class Kerberos:
     max_in_flight: int = 16  # blocking GSSAPI calls allowed at once (each talks to the KDC)
     kdc_timeout: float = 10.0
     kdc_account: KdcAccountPolicy = "auto"  # an evidence ticket naming no account: proxy.kerberos.account
-    # A user's cached ticket is renewed (S4U2Self + S4U2Proxy again, in the background) this long after the exchange
-    # that made it, so an account disabled, deleted or restricted in the directory stops being served within it,
-    # not at the ticket's end (10 hours in AD): proxy.kerberos.delegate.
-    ticket_recheck_seconds: float = 300.0
+    # When positive, a user's cached ticket is renewed (S4U2Self + S4U2Proxy again, in the background) this long
+    # after the exchange that made it, so an account disabled, deleted or restricted in the directory stops being
+    # served within it, not at the ticket's end (10 hours in AD). 0 (the default): a ticket serves its life, two
+    # KDC exchanges per user per ticket lifetime (issue #18), as Windows' own ticket caches do: proxy.kerberos.delegate.
+    ticket_recheck_seconds: float = 0.0
 
 
 # What a route's `context_headers` may send to the backend about the caller.
@@ -819,8 +820,20 @@ def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
         max_in_flight=_number(r, t, "kerberos", "max_in_flight", int, 16),
         kdc_timeout=_number(r, t, "kerberos", "kdc_timeout", float, 10.0),
         kdc_account=cast(KdcAccountPolicy, kdc_account),
-        ticket_recheck_seconds=_number(r, t, "kerberos", "ticket_recheck_seconds", float, 300.0),
+        ticket_recheck_seconds=_ticket_recheck(r, t),
     )
+
+
+def _ticket_recheck(r: _Reader, t: dict[str, Any]) -> float:
+    """`kerberos.ticket_recheck_seconds`: 0 (a cached ticket serves its life) or a positive number of seconds."""
+    key = "kerberos.ticket_recheck_seconds"
+    value = r.get(t, key, "ticket_recheck_seconds", float, 0.0)
+    if value is None:  # not a number: said so by `get`
+        return 0.0
+    if value < 0:
+        r.problem(key, f"0 (a cached ticket serves its whole life) or a positive number of seconds, got {value}")
+        return 0.0
+    return value
 
 
 _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")

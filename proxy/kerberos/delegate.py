@@ -39,10 +39,12 @@ cached ticket, is checked against the PAC read once per exchange; a mismatch is 
 is a ticket without any PAC unless `kerberos.kdc_account = "optional"` (then each such ticket is logged as
 `kdc_account_unverified`).
 
-The recheck. AD issues tickets for 10 hours, and a cached one served its user that long whatever happened to the
-account meanwhile: disabled, deleted, marked sensitive, put in Protected Users, renamed. So an entry is also renewed
-(in the background, as above) `kerberos.ticket_recheck_seconds` (300) after the exchange that made it, when that
-comes before `RENEW_BEFORE`; the KDC's refusal then drops it, and the next request gets that refusal.
+The recheck. AD issues tickets for 10 hours, and a cached one serves its user that long whatever happens to the
+account meanwhile: disabled, deleted, marked sensitive, put in Protected Users, renamed (as a ticket already issued
+serves on at a Windows backend). Where `kerberos.ticket_recheck_seconds` is set (0, the default, keeps issue #18's
+two exchanges per user per ticket lifetime), an entry is also renewed (in the background, as above) that long after
+the exchange that made it, when that comes before `RENEW_BEFORE`; the KDC's refusal then drops it, and the next
+request gets that refusal. With `[directory]`, the account's state is read again every `cache_seconds` without it.
 
 The exchanges with the KDC block (and release the GIL): they run in a pool of `max_in_flight` threads
 and are bounded in time by `kdc_timeout`. A security context is built per request and never shared.
@@ -249,7 +251,9 @@ class Delegator:
         if ticket is not None and cached:
             self._tickets.move_to_end(key)
             self.stats.hits += 1
-            renew_at = min(ticket.expires - RENEW_BEFORE, ticket.obtained + self._settings.ticket_recheck_seconds)
+            renew_at = ticket.expires - RENEW_BEFORE
+            if self._settings.ticket_recheck_seconds:
+                renew_at = min(renew_at, ticket.obtained + self._settings.ticket_recheck_seconds)
             if now >= max(renew_at, ticket.renew_not_before) and asked not in self._flights:
                 ticket.renew_not_before = now + _RETRY_AFTER
                 self.stats.renewals += 1

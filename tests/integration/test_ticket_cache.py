@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -149,8 +150,10 @@ def new_user(lab: LabLayout) -> UserPrincipal:
     return UserPrincipal(upn=f"{name}@lab.test", principal=f"{name}@{REALM}", realm=REALM, source="test")
 
 
-def _delegator(lab: LabLayout, clock: Clock, **kwargs: int) -> Delegator:
+def _delegator(lab: LabLayout, clock: Clock, recheck: float | None = None, **kwargs: int) -> Delegator:
     settings = Kerberos(principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=lab.krb5_conf)
+    if recheck is not None:
+        settings = replace(settings, ticket_recheck_seconds=recheck)
     return Delegator(settings, clock=clock, **kwargs)
 
 
@@ -262,6 +265,34 @@ def test_a_user_disabled_since_is_dropped_at_renewal(lab: LabLayout, new_user: U
         d.close()
 
     asyncio.run(run())
+
+
+def test_a_ticket_serves_its_life_unless_a_recheck_is_set(lab: LabLayout, new_user: UserPrincipal) -> None:
+    """By default a ticket well past any recheck age but before its renewal window is served without the KDC (two
+    exchanges per user per ticket lifetime, issue #18); with kerberos.ticket_recheck_seconds set, the first
+    request after that age starts one exchange in the background and is served from the old ticket meanwhile."""
+    kdc = KdcLog(lab.kdc_log)
+    clock = Clock()
+
+    async def run() -> None:
+        default, rechecking = _delegator(lab, clock), _delegator(lab, clock, recheck=60)
+        for d in (default, rechecking):
+            await d.delegate(new_user, SPN, TARGET)
+        expires = default.ticket_expires(new_user.principal, SPN)
+        assert expires is not None
+        assert expires - RENEW_BEFORE > clock.now + 120, "the lab's tickets live too short for this test"
+        clock.now += 61
+        assert (await default.delegate(new_user, SPN, TARGET)).impersonation_cached
+        assert (await rechecking.delegate(new_user, SPN, TARGET)).impersonation_cached  # the old ticket, meanwhile
+        await _settle(rechecking)
+        assert (default.stats.renewals, default.stats.exchanges) == (0, 1)
+        assert (rechecking.stats.renewals, rechecking.stats.exchanges) == (1, 2)
+        for d in (default, rechecking):
+            d.close()
+
+    asyncio.run(run())
+    kdc.settled()
+    assert (kdc.count()[S4U2SELF], kdc.count()[S4U2PROXY]) == (3, 3)
 
 
 def _certificate_for(lab: LabLayout, user: str, directory: Path) -> tuple[Path, Path]:
