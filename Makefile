@@ -20,6 +20,9 @@ DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd lda
         samba samba-ad-dc samba-ad-provision ldb-tools iproute2 haproxy \
         libldap2-dev libsasl2-dev libsasl2-modules-gssapi-mit apache2 libapache2-mod-auth-gssapi faketime
 STAMP := .venv/.installed
+# Where `kcd-proxy lab up` puts the lab (KCD_LAB_DIR, as it reads it); `make lab` serves the gateway.toml it writes
+# there, with the lab's own ports and files (config/lab.toml is its twin for the default .lab only).
+LAB_DIR := $(or $(KCD_LAB_DIR),.lab)
 
 .PHONY: setup debs lab lab-ad lab-down test lint unit integration clean bench bench-setup base-image
 
@@ -60,13 +63,13 @@ base-image: debs
 
 lab: setup
 	$(PY) -m proxy lab up
-	$(PY) -m proxy run --config config/lab.toml
+	$(PY) -m proxy run --config $(LAB_DIR)/gateway.toml
 
 # The Samba AD DC realm AD.TEST in a network namespace of its own; the gateway runs in there too (the DC
 # listens nowhere else). `lab up --ad` prints a curl to paste, in its `ip netns exec` form.
 lab-ad: setup
 	$(PY) -m proxy lab up --ad
-	ip netns exec $$(cat $${KCD_LAB_DIR:-.lab}/ad/netns) $(PY) -m proxy run --config $${KCD_LAB_DIR:-.lab}/ad/gateway.toml
+	ip netns exec $$(cat $(LAB_DIR)/ad/netns) $(PY) -m proxy run --config $(LAB_DIR)/ad/gateway.toml
 
 lab-down:
 	$(PY) -m proxy lab down

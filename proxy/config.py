@@ -9,6 +9,7 @@ relative to the configuration file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from proxy.errors import BadRequest, ConfigError
+from proxy.files import read_bounded
 from proxy.identity.principal import ascii_lower
 from proxy.target import origin_form
 
@@ -32,6 +34,7 @@ OcspPolicy = Literal["off", "prefer", "require"]
 OCSP_POLICIES: tuple[OcspPolicy, ...] = ("off", "prefer", "require")
 IdentitySource = Literal["san-upn", "san-email", "subject-cn"]
 IDENTITY_SOURCES: tuple[IdentitySource, ...] = ("san-upn", "san-email", "subject-cn")
+MAX_CONFIG_BYTES = 1024 * 1024  # a configuration is a few KiB; more is a mistake (or /dev/zero)
 MAX_BACKDATING_SECONDS = 1_576_800_000  # 50 years of 365 days: longer than any certificate lives
 AuthMode = Literal["certificate", "certificate-or-basic", "certificate-and-basic", "basic"]
 AUTH_MODES: tuple[AuthMode, ...] = ("certificate", "certificate-or-basic", "certificate-and-basic", "basic")
@@ -62,6 +65,7 @@ DEFAULT_MAX_HEADER_BYTES = 128 * 1024
 MAX_FIELD_BYTES = 96 * 1024  # one header field (aiohttp's max_field_size): the same token with room to spare
 MIN_HEADER_BYTES = 8 * 1024  # below this ordinary browsers and devices are refused
 DEFAULT_MAX_CONNECTIONS = 10_000
+MAX_WORKERS = 1024  # listener.workers: more than any machine has cores; a typo's count was forked until none was left
 # TLS sessions a worker keeps for resumption (proxy.tls.server.server_context): about 7 KiB each (the session and
 # the client's certificate and chain), 14 MiB in all
 DEFAULT_TLS_SESSION_CACHE = 2048
@@ -350,6 +354,9 @@ class _Reader:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             self.problem(key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
             return default
+        if isinstance(value, float) and not math.isfinite(value):  # TOML's nan and inf; `nan <= 0` is false
+            self.problem(key, f"expected a finite number, got {value!r}")
+            return default
         return value
 
     def file(self, key: str, value: str | None, *, required: bool = True) -> Path:
@@ -361,8 +368,8 @@ class _Reader:
         if not required:
             return p
         try:
-            if not p.is_file():
-                self.problem(key, f"file not found: {p}")
+            if not p.is_file():  # a FIFO or a device (/dev/zero) is no file to read either
+                self.problem(key, f"not a regular file: {p}" if p.exists() else f"file not found: {p}")
         except OSError as e:  # is_file() says False only for a missing file; a name too long raises
             self.problem(key, f"{e.strerror}: {p}")
         return p
@@ -406,6 +413,15 @@ def _positive(r: _Reader, key: str, value: T | None, default: T) -> T:
         r.problem(key, f"must be positive, got {value!r}")
         return default
     return value
+
+
+def _workers(r: _Reader, t: dict[str, Any]) -> int:
+    """`listener.workers`: a process count up to MAX_WORKERS (the supervisor forks that many at start)."""
+    workers = _number(r, t, "listener", "workers", int, 1)
+    if workers > MAX_WORKERS:
+        r.problem("listener.workers", f"at most {MAX_WORKERS} (one or two a core), got {workers}")
+        return 1
+    return workers
 
 
 def _number(r: _Reader, t: dict[str, Any], prefix: str, name: str, kind: type[T], default: T) -> T:
@@ -452,7 +468,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         client_body_timeout=_number(r, t, "listener", "client_body_timeout", float, 60.0),
         client_send_timeout=_number(r, t, "listener", "client_send_timeout", float, 60.0),
         max_body_bytes=_number(r, t, "listener", "max_body_bytes", int, 64 * 1024 * 1024),
-        workers=_number(r, t, "listener", "workers", int, 1),
+        workers=_workers(r, t),
         max_header_bytes=_max_header_bytes(r, t),
         max_connections=_number(r, t, "listener", "max_connections", int, DEFAULT_MAX_CONNECTIONS),
         max_connections_per_address=_per_address(r, t),
@@ -1167,11 +1183,13 @@ def load(path: Path) -> Config:
     # name was the deleted file at the next reload.
     path = path.absolute()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_bounded(path, MAX_CONFIG_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError([f"configuration file not found: {path}"]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"cannot read {path}: {e}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables by recursion
+        raise ConfigError([f"{path}: not valid TOML: arrays or tables nested too deeply"]) from None
     return parse(data, path)

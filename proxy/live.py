@@ -8,7 +8,9 @@ reload builds a complete new pair from the file first (load, the cross-checks of
 TLS context, first fetch of the CRLs); only when all of that succeeded are both swapped in. So:
 
 - a request that started before the swap finishes with the gateway it started with: in-flight requests
-  and held long-polls are not disturbed;
+  and held long-polls are not disturbed, unless the new configuration refuses their certificate: a held request
+  whose CA the new trust list no longer holds, or whom the new CRLs revoke, is ended as a revocation ends one
+  (`LiveRevocation.hand_over`);
 - a connection keeps the TLS session it negotiated, but each of its later requests is checked against
   the new trust list, CRLs and routes; new connections get the new server certificate and trust list;
 - a configuration that does not load, fails a cross-check or cannot be built is refused: the reasons are
@@ -101,6 +103,7 @@ class Live:
             await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
             await gateway.delegator.watch_kdcs()  # a kept delegator's watch goes on; a new one's starts
             self.gateway, self.ssl_context = gateway, context
+            old.revocation.hand_over(gateway.revocation, gateway.trust)  # held requests: judged by the new trust
             if gateway.config.listener.proxy_protocol:
                 self.balancers = gateway.config.listener.trusted_proxies
             self.generation += 1

@@ -19,7 +19,8 @@ Workers share nothing, but the admin listener must answer for all of them: each 
 `/traces` reaches one worker (SO_REUSEPORT again). So the supervisor makes a private directory (mode 0700) before
 it forks, and gives each worker a number (1..N; a replacement takes the number of the worker it replaces) and that
 directory (`Worker`): each worker answers its siblings on a Unix socket there, and the one a scrape reaches asks
-the others (`proxy.observability.siblings`). The supervisor removes the directory when it stops.
+the others (`proxy.observability.siblings`). The supervisor removes the directory when it stops; killed outright,
+it cannot, and its workers, stopping with it, remove it instead (the last one to remove its socket).
 
 Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they
 have. SIGHUP goes to every worker too, and each reloads on its own (`proxy.live`); a worker still
@@ -109,7 +110,7 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _worker(lambda: serve_one(Worker(number, siblings)), supervisor)
+            _worker(lambda: serve_one(Worker(number, siblings)), supervisor, siblings)
         workers[pid] = (time.monotonic(), number)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info("worker_started", worker=pid, number=number)
@@ -144,8 +145,10 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
     return failure
 
 
-def _worker(serve_one: Callable[[], int], supervisor: int) -> None:
-    """The child side of the fork: default signal handling back, serve, and never return into the parent's code."""
+def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> None:
+    """The child side of the fork: default signal handling back, serve, and never return into the parent's code.
+    A worker outliving its supervisor (killed outright, so it never removed `siblings`) removes that directory
+    once it is empty: each such worker has removed its own socket by then, so the last one to stop succeeds."""
     code = 1
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -160,6 +163,9 @@ def _worker(serve_one: Callable[[], int], supervisor: int) -> None:
         log.exception("worker_crashed")
     finally:
         remove_overlay()  # os._exit runs no atexit handler
+        if os.getppid() != supervisor:
+            with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
+                siblings.rmdir()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

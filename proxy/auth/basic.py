@@ -24,7 +24,10 @@ User keys follow the directory: Active Directory compares user names without reg
 case-sensitive KDC such as MIT's only gets stricter throttling from that). The key folds case the
 Unicode way, which merges more than the directory does (`straße` and `strasse`): harmless for a
 throttle, so a cache hit is further served only to a name equal to the verified one up to ASCII case,
-and as the user the KDC verified, never the spelling of the request.
+and as the user the KDC verified, never the spelling of the request. The throttle counts the principal a
+name maps to: with `identity.enterprise_names` the UPN `alice@lab.test` (asked as an NT-ENTERPRISE name, a
+cache key of its own) and `LAB\\alice` share one count. A UPN whose local part is not the account name
+(`a.smith@lab.test` for `LAB\\asmith`) is the same user only by the directory's word, and is counted apart.
 
 Wrong passwords (and unknown users: both are the same 401, challenge again) are slowed down twice
 over, per user (`basic_failures_per_user`, default 5) and per client address
@@ -362,11 +365,12 @@ class BasicLogin:
             entry = self._cached(key, digest, user)
             if entry is not None:
                 return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
+        guesses = user_key(user.principal)  # `alice@lab.test` (NT-ENTERPRISE), `LAB\\alice`: one count
         known = False
-        if self._users.wait(key, started) > 0 and self._cache.known(key, started):
-            digest = await self._known_or_refused(key, client, credentials.password, digest)
+        if self._users.wait(guesses, started) > 0 and self._cache.known(key, started):
+            digest = await self._known_or_refused(key, guesses, client, credentials.password, digest)
             known = True
-        async with self._attempt(key, client, known=known) as attempt:  # 429 here, before any hashing
+        async with self._attempt(guesses, client, known=known) as attempt:  # 429 here, before any hashing
             if digest is None:
                 digest = await self._digest(key, credentials.password)
             async with self._lock(key):  # one KDC check per user at a time; the ones waiting may find it cached
@@ -385,7 +389,7 @@ class BasicLogin:
                     self._cache.forget(key, digest)  # only if the KDC refused the very password it had accepted
                     raise AuthenticationRequired(e.reason, hint=e.hint, challenge=self.challenge) from None
                 self.pace.observe(time.monotonic() - started)
-                self._users.succeeded(key)
+                self._users.succeeded(guesses)
                 self._cache.put(key, digest, user, ticket, time.monotonic(), known_for=self._window)
                 return PasswordLogin(user, ticket, credentials.header, cached=False)
 
@@ -430,7 +434,9 @@ class BasicLogin:
             return None
         return entry
 
-    async def _known_or_refused(self, key: str, client: str, password: bytes, digest: bytes | None) -> bytes:
+    async def _known_or_refused(
+        self, key: str, guesses: str, client: str, password: bytes, digest: bytes | None
+    ) -> bytes:
         """The digest of a held user's password when it is the one the KDC last accepted (the user's own device goes
         on to the KDC); 429 otherwise, counted against the address: a guess, judged without the KDC."""
         address = address_key(client)
@@ -439,7 +445,7 @@ class BasicLogin:
             if self._cache.known(key, time.monotonic(), digest):
                 return digest
             self._addresses.failed(address, time.monotonic())
-        wait = self._users.wait(key, time.monotonic())
+        wait = self._users.wait(guesses, time.monotonic())
         raise TooManyAttempts(
             "too many failed sign-ins; wait and try again",
             hint=f"{key} is held after basic_failures_per_user wrong passwords, so that the directory's lockout "

@@ -17,26 +17,33 @@ A request that reaches the backend is registered (`watch`) under its chain's cer
 as it is in flight: an ActiveSync Ping can be held for most of an hour. When a refresh swaps in CRLs
 that revoke one of them, its in-flight requests are ended: cancelled like a timeout, and answered 403
 if the backend's answer had not started, or cut if it had.
+
+A reload builds a new `LiveRevocation` for its new gateway, while requests held under the old one run on
+(`proxy.live`). `hand_over` lets the new configuration judge them: at the swap, a held request whose chain the
+new trust list no longer builds (a CA taken out of it) or whose certificate the new CRLs revoke is ended the same
+way, and so is one that a later refresh of the new CRLs revokes, until the old stage is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import weakref
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 import structlog
 
-from proxy.certs.chain import TrustList, VerifiedCertificate
+from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.ocsp import OcspClient
 from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus
 from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
 from proxy.config import ClientCertificates
 from proxy.device.request import DeviceRequest
-from proxy.errors import CertificateRevoked
+from proxy.errors import CertificateRejected, CertificateRevoked
 
 log = structlog.get_logger("proxy.revocation")
 
@@ -48,10 +55,10 @@ class _Watch:
         self.request = request
         self.verified = verified
         self.task = task
-        self.ended: CertificateRevoked | None = None
+        self.ended: CertificateRevoked | CertificateRejected | None = None
         self.answer_started = False
 
-    def end(self, error: CertificateRevoked) -> None:
+    def end(self, error: CertificateRevoked | CertificateRejected) -> None:
         if self.ended is not None:
             return
         self.ended = error
@@ -65,7 +72,7 @@ class _Watch:
         )
         if self.answer_started:
             self.request.abort()  # too late for a 403: cut the connection
-        self.task.cancel(msg="certificate revoked")
+        self.task.cancel(msg=error.reason)
 
 
 class _Watching:
@@ -115,6 +122,7 @@ class LiveRevocation:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
+        self._successor: tuple[LiveRevocation, Callable[[CrlSet, CrlSet], None]] | None = None
         self.crls.on_change(self._recheck_in_flight)
 
     def load(self, *, now: datetime) -> list[str]:
@@ -135,6 +143,10 @@ class LiveRevocation:
         self._task = asyncio.get_running_loop().create_task(self.crls.run(self._stop))
 
     async def close(self) -> None:
+        if self._successor is not None:
+            successor, listener = self._successor
+            successor.crls.off_change(listener)
+            self._successor = None
         self._stop.set()
         for task in (self._started, self._task):  # a fetch in progress is not waited for
             if task is not None and not task.done():
@@ -199,14 +211,38 @@ class LiveRevocation:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def _recheck_in_flight(self, _old: CrlSet, new: CrlSet) -> None:
-        if self.policy == "off" or not self._in_flight:
+    def hand_over(self, successor: LiveRevocation, trust: TrustList) -> None:
+        """A reload replaced this stage by `successor` (trust list `trust`): the requests still held here are judged
+        by the new configuration, now (its trust list and CRLs) and at each change of its CRLs until this stage
+        closes."""
+        if successor is self:
             return
         now = datetime.now(UTC)
         for watch in list(self._in_flight):
-            if not new.may_list(watch.verified):
-                continue
             try:
-                new.check(watch.verified, at=now, policy="best-effort")
-            except CertificateRevoked as revoked:
-                watch.end(revoked)
+                verify_chain(watch.verified.leaf, trust, at=now)
+            except CertificateRejected as e:
+                watch.end(
+                    CertificateRejected(f"the certificate is no longer trusted (reloaded): {e.reason}", hint=e.hint)
+                )
+        listener = functools.partial(_recheck, self._in_flight, successor.policy)
+        successor.crls.on_change(listener)
+        self._successor = (successor, listener)
+        listener(successor.crls.current, successor.crls.current)
+
+    def _recheck_in_flight(self, old: CrlSet, new: CrlSet) -> None:
+        _recheck(self._in_flight, self.policy, old, new)
+
+
+def _recheck(in_flight: set[_Watch], policy: str, _old: CrlSet, new: CrlSet) -> None:
+    """End the requests in flight whose chain the CRL set `new` revokes."""
+    if policy == "off" or not in_flight:
+        return
+    now = datetime.now(UTC)
+    for watch in list(in_flight):
+        if watch.ended is not None or not new.may_list(watch.verified):
+            continue
+        try:
+            new.check(watch.verified, at=now, policy="best-effort")
+        except CertificateRevoked as revoked:
+            watch.end(revoked)

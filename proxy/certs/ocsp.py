@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 import aiohttp
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.x509 import ocsp
@@ -86,8 +86,11 @@ def verify_response(
         raise OcspError(f"not an OCSP response ({exc})") from exc
     if response.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
         raise OcspError(f"the responder answered {response.response_status.name}")
-    single = _single_response(response, request)
-    _check_signer(response, issuer, at)
+    try:  # cryptography reads some fields only when asked: an algorithm it does not know raises there
+        single = _single_response(response, request)
+        _check_signer(response, issuer, at)
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        raise OcspError(f"a response that cannot be read ({exc})") from exc
     this_update, next_update = single.this_update_utc, single.next_update_utc
     if this_update > at + CLOCK_SKEW:
         raise OcspError(f"the answer's thisUpdate {format_time(this_update)} is in the future")

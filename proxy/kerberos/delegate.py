@@ -499,7 +499,7 @@ class Delegator:
         keytab = _file_version(self._settings.keytab)
         refused = self._refused_keytab
         if refused is not None and refused[0] == keytab:
-            raise refused[1]
+            raise refused[1].with_traceback(None)  # else each raise adds its frames to the one exception kept
         try:
             creds = gssapi.Credentials(
                 name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from proxy.workers import Worker
 
 log = structlog.get_logger("proxy.admin")
 ASK_TIMEOUT = 5.0  # seconds a sibling has to answer one question
+_TRACE_ID = re.compile(r"[0-9a-f]{16}")  # `proxy.observability.trace.trace_id`
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class Siblings(TraceSource):
         record = self.ring.get(trace_id)
         if record is not None:
             return {**record, "worker": self.worker.number}
+        if not _TRACE_ID.fullmatch(trace_id):  # it goes into the path asked of the others: `../metrics` is no id
+            return None
         for number, body in (await self.ask(f"/traces/{trace_id}")).items():
             if body is not None:
                 return {**json.loads(body), "worker": number}

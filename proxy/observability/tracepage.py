@@ -8,7 +8,8 @@ S4U2Self and S4U2Proxy as their own arrows to the KDC and back (dashed, grey and
 the ticket came from the gateway's cache, so nothing was sent), the backend request with `Authorization:
 Negotiate` and its answer; a refused request ends, in red, at the step that refused it. The diagram is SVG
 built here as text, server side, with no script; the trace's stages and the tickets' facts stand beside it.
-Every value that reaches the markup goes through `html.escape`; the pages take no input but the trace id
+Every value that reaches the markup goes through `html.escape`, its control and invisible characters (a
+bidirectional override in a path) shown as escapes (`printable`); the pages take no input but the trace id
 and the filters, which are escaped too.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.observability.siblings import TraceSource
-from proxy.observability.traces import describe
+from proxy.observability.traces import describe, printable
 
 DEFAULT_LIMIT = 50
 TRACE_SOURCE_KEY = web.AppKey("trace_source", TraceSource)
@@ -108,7 +109,8 @@ def _page(title: str, body: str) -> str:
 
 
 def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
+    """A value for the markup: escaped, and its invisible characters (a device's U+202E in a path) shown as escapes."""
+    return html.escape(printable("" if value is None else str(value)))
 
 
 def _clock(iso: Any) -> str:

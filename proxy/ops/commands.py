@@ -17,6 +17,9 @@ from typing import Any
 
 from proxy import config as config_module
 from proxy.errors import ConfigError
+from proxy.files import read_bounded
+
+MAX_CERTIFICATE_BYTES = 1024 * 1024  # `explain --cert`: a certificate is a few KiB (/dev/zero never ends)
 
 
 def _quiet_logs() -> None:
@@ -66,7 +69,7 @@ def explain(args: argparse.Namespace) -> int:
 
     _quiet_logs()
     try:
-        leaf = load_leaf(Path(args.cert).read_bytes())
+        leaf = load_leaf(read_bounded(Path(args.cert), MAX_CERTIFICATE_BYTES))
     except (OSError, ValueError) as e:
         print(f"kcd-proxy explain: cannot read a certificate from {args.cert}: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -156,3 +157,51 @@ def test_a_configuration_that_is_not_toml_exits_1_naming_the_file(tmp_path: Path
     res = _cli(path)
     assert res.returncode == 1
     assert res.stdout.startswith(f"{path}: not valid TOML")
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _sparse(path: Path) -> None:
+    with path.open("wb") as f:
+        f.truncate(config_module.MAX_CONFIG_BYTES + 1)  # sparse: costs no disk
+
+
+def _deep(path: Path) -> None:
+    path.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_fifo, "not a regular file"),
+        (_sparse, f"more than {1024 * 1024} bytes"),
+        (_deep, "nested too deeply"),
+    ],
+    ids=["fifo", "huge", "deep"],
+)
+def test_a_hostile_configuration_file_is_one_line_not_a_hang_or_a_traceback(
+    tmp_path: Path, make: Callable[[Path], None], problem: str
+) -> None:
+    """A configuration that is a FIFO nobody writes to (check-config waited for good), larger than any real one
+    (read whole into memory: /dev/zero never ends), or nested 5,000 arrays deep (tomllib's RecursionError came
+    out as a 200 KB traceback): exit 1 and one line naming the file and why."""
+    path = tmp_path / "gateway.toml"
+    make(path)
+    res = _cli(path)
+    assert res.returncode == 1, res
+    assert res.stdout.startswith(f"cannot read {path}: ") or res.stdout.startswith(f"{path}: "), res.stdout
+    assert problem in res.stdout, res.stdout
+    assert len(res.stdout.splitlines()) == 1
+    assert "Traceback" not in res.stdout + res.stderr
+
+
+def test_a_crl_path_naming_a_device_or_a_fifo_says_so(lab: LabLayout, tmp_path: Path) -> None:
+    """`client_certificates.crls` naming /dev/zero or a FIFO is refused by name and why (it said "file not found")."""
+    fifo = tmp_path / "crl.fifo"
+    os.mkfifo(fifo)
+    for where in (Path("/dev/zero"), fifo):
+        path = tmp_path / "gateway.toml"
+        path.write_text(lab_config(lab, port=free_port()).replace(str(lab.pki_dir / "crls.pem"), str(where)))
+        assert _problems(path) == [f"client_certificates.crls[0]: not a regular file: {where} (in {path})"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -198,3 +199,18 @@ def test_explain_prints_no_terminal_control_sequence_from_a_certificate(
     controls = [c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 or "\ud800" <= c <= "\udfff"]
     assert controls == []
     assert "pwned\\x07\\x1b[2J" in text  # (RFC 4514 escapes the `;`)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_certificate_path_that_is_no_file_exits_2_instead_of_reading_for_ever(
+    lab: LabLayout, config: Path, tmp_path: Path, kind: str
+) -> None:
+    """`--cert /dev/zero` read until memory ran out, `--cert` naming a FIFO waited for good: exit 2 and why."""
+    cert = Path("/dev/zero")
+    if kind == "fifo":
+        cert = tmp_path / "cert.fifo"
+        os.mkfifo(cert)
+    res = _explain(config, cert)
+    assert res.returncode == 2, res
+    assert res.stdout == ""
+    assert "not a regular file" in res.stderr, res.stderr

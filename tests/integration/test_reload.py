@@ -329,3 +329,60 @@ def test_a_configmap_style_update_through_symlinks_is_reloaded(lab: LabLayout, t
         assert asyncio.run(_get(lab, gw, "/EWS/Exchange.asmx", "alice"))[0] == 404
     finally:
         assert gw.stop() == 0
+
+
+def _held_across_reload(lab: LabLayout, gw: Gateway, text: str) -> tuple[int, str]:
+    """bob's Ping, held at the backend while `text` is reloaded: the answer it got (AssertionError if it ran on)."""
+    from tests.integration.test_revocation import held_at_the_backend, read_answer
+
+    with held_at_the_backend(lab, gw, "bob") as ping:
+        assert _reload(gw, text, "reloaded")["generation"] == 2
+        ping.settimeout(WAIT)
+        try:
+            answer = read_answer(ping)
+        except TimeoutError:
+            raise AssertionError("the held request ran on after the reload") from None
+    assert gw.wait_event("held_request_ended", cert_subject="CN=bob")["answer_started"] is False
+    return answer
+
+
+def test_a_held_request_whose_ca_a_reload_no_longer_trusts_is_ended(lab: LabLayout, tmp_path: Path) -> None:
+    """bob's Ping is held at the backend when a reload replaces the trust list by one that no longer holds bob's CAs
+    (only the rogue CAs): the held request is ended with 403, as a revocation ends one, instead of running on for
+    the rest of its hour under a trust the operator withdrew; a new connection of bob's is refused too."""
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port()))
+    try:
+        rogue = lab.pki_dir / "rogue"
+        untrusting = (
+            gw.config_path.read_text()
+            .replace(str(lab.pki_dir / "root.pem"), str(rogue / "root.pem"))
+            .replace(str(lab.pki_dir / "issuing.pem"), str(rogue / "issuing.pem"))
+            .replace(f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"', 'revocation = "off"')
+        )
+        assert untrusting.count(str(rogue)) == 2
+        assert "crls" not in untrusting
+        status, body = _held_across_reload(lab, gw, untrusting)
+        assert status == 403, body
+        assert "no longer trusted" in body
+        with pytest.raises(aiohttp.ClientError, match="unknown ca"):  # a new connection: refused in its handshake
+            asyncio.run(_get(lab, gw, "/owa/", "bob"))
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_held_request_revoked_by_a_crl_only_the_new_configuration_names_is_ended(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """bob's Ping is held when a reload names a new CRL file that revokes bob: the old configuration's CRL
+    refresher (which the held request was watched by) never reads that file, so it ran on; now it is ended."""
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port()))
+    try:
+        bob = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "bob.pem").read_bytes())
+        crl = write_crl(tmp_path / "crls.pem", load_ca(lab.pki_dir, "issuing"), revoked=[bob.serial_number])
+        status, body = _held_across_reload(
+            lab, gw, gw.config_path.read_text().replace(str(lab.pki_dir / "crls.pem"), str(crl))
+        )
+        assert status == 403, body
+        assert "was revoked on" in body
+    finally:
+        assert gw.stop() == 0

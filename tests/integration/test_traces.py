@@ -369,3 +369,35 @@ def test_trace_command_prints_no_control_sequence_from_what_answered_on_the_admi
     text = done.stderr.decode("utf-8", errors="surrogateescape")
     assert "pwned" in text
     assert [c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0] == []
+
+
+def test_unicode_separators_and_bidi_controls_a_client_sent_show_as_escapes(lab: LabLayout, traced: Traced) -> None:
+    """A device's path with U+202E (right-to-left override: the rest of the line is drawn reversed, so `exe.txt`
+    reads `txt.exe` and a status can be made to read as another), U+2066 (an isolate), U+200B (zero width) and
+    U+2028 (line separator): `kcd-proxy trace` and the admin's pages show each as an escape (`\\u202e`), never raw,
+    so what the operator reads is what the device sent."""
+    seen = _ids(traced.admin, None)
+    attack = "/owa/%E2%80%AEexe.txt%E2%81%A6%E2%80%8B%E2%80%A8done"
+    answer = raw_request(lab, traced.gw.port, f"GET {attack} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert answer.status in (200, 400, 404)
+    (record,) = _new_traces(traced.admin, seen, 1)
+    sneaky = ("\u202e", "\u2066", "\u200b", "\u2028")
+    assert all(c in record["path"] for c in sneaky)  # the trace keeps what was sent (JSON escapes it)
+    shown = subprocess.run(
+        [sys.executable, "-m", "proxy", "trace", "--config", str(traced.config), "--limit", "1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **lab.env()},
+        timeout=30,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert record["id"] in shown.stdout
+    assert [c for c in sneaky if c in shown.stdout] == []
+    assert "\\u202eexe.txt\\u2066\\u200b\\u2028done" in shown.stdout
+    for page in ("/", f"/trace/{record['id']}"):
+        status, html = _get(traced.admin + page)
+        assert status == 200
+        assert [c for c in sneaky if c in html] == [], page
+        assert "\\u202eexe.txt" in html, page

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,3 +281,34 @@ def test_a_replaced_worker_answers_under_the_number_it_replaced(
         assert set(in_flight) == {'{worker="1"}', '{worker="2"}'}, in_flight
     assert gw.stop() == 0
     assert not any(s.parent.exists() for s in sockets)
+
+
+def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
+    """SIGKILL to the supervisor (which cannot remove its private directory then): the workers, stopping because
+    their parent died, remove their sockets and the last one the directory, so none is left in the temp directory."""
+    gw, _ = two_workers_admin
+    workers = _listening_pids(gw, 2)
+    directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
+    assert directory.is_dir()
+    gw.proc.kill()
+    gw.proc.wait()
+    deadline = time.monotonic() + WAIT
+    while (directory.exists() or any(_alive(pid) for pid in workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in [pid for pid in workers if _alive(pid)]:
+        os.kill(pid, signal.SIGKILL)
+    assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+
+
+def test_a_trace_id_with_a_path_in_it_is_no_trace_not_a_question_for_another_path(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """`/traces/..%2Fmetrics` (and the page `/trace/...`): the id was put in the path asked of the sibling workers,
+    which then asked them `/metrics` and answered 500 on the text it got back; an id that is not a trace id is 404."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    for path in ("/traces/..%2Fmetrics", "/traces/%2E%2E%2Fmetrics", "/trace/..%2Fmetrics", "/traces/x%3Flimit=1"):
+        for _ in range(4):  # whichever worker the kernel gives the scrape
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _scrape(admin + path)
+            assert refused.value.code == 404, (path, refused.value.read())

@@ -359,6 +359,22 @@ def test_every_configured_domain_still_signs_in(monkeypatch: pytest.MonkeyPatch,
     assert (login.user.principal, asked) == (principal, [principal])
 
 
+@pytest.mark.parametrize("names", [("alice@lab.test", "LAB\\alice"), ("LAB\\alice", "alice@LAB.test")])
+def test_enterprise_names_count_a_upn_and_its_down_level_name_as_one_user(kdc: FakeKdc, names: tuple[str, str]) -> None:
+    """Under enterprise_names, `alice@lab.test` (asked as an NT-ENTERPRISE name) and `LAB\\alice` (the
+    principal) name the same principal: guesses alternating between the two spellings share one failure
+    counter, so a guesser gets `basic_failures_per_user` tries, not twice as many."""
+    settings = Authentication(mode="basic", basic_failures_per_user=4, basic_failures_per_address=100)
+    kerberos = Kerberos(principal="HTTP/proxy.lab.test@LAB.TEST", keytab=Path("/nonexistent"))
+    service = BasicLogin(settings, Identity(default_realm="LAB.TEST", enterprise_names=True), kerberos)
+
+    async def run() -> list[int | str]:
+        return [await outcome(service, names[i % 2], f"guess{i}") for i in range(6)]
+
+    assert asyncio.run(run()) == [401, 401, 401, 401, 429, 429]
+    assert len(kdc.asked) == 4
+
+
 def test_a_held_user_is_held_for_the_whole_window_not_released_at_1_2_4_seconds() -> None:
     """The user throttle (hold): after `limit` failures no attempt goes on until `forget` seconds after the last
     one (the directory's lockout window), where the doubling throttle let one through after 1 s, 3 s, 7 s ..."""

@@ -162,3 +162,24 @@ def test_checked_in_lab_configuration_points_into_the_default_lab() -> None:
 def test_a_route_prefix_is_whole_path_segments(prefix: str, path: str, taken: bool) -> None:
     """`/ews` takes `/ews` and what is under `/ews/`, never `/ewsfoo`."""
     assert config.Route(prefix=prefix, upstream="http://b", spn="HTTP/b").matches(path) is taken
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-nan", "+inf"])
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("[listener]", "keepalive_timeout"),
+        ("[client_certificates]", "crl_refresh_seconds"),
+        ("[kerberos]", "kdc_timeout"),
+        ("[identity]", "certificate_backdating_compensation"),
+    ],
+)
+def test_a_number_that_is_not_finite_names_its_key(tmp_path: Path, section: str, key: str, value: str) -> None:
+    """TOML reads `nan` and `inf` as floats, and `nan` passed every "must be positive" check (`nan <= 0` is false):
+    `crl_refresh_seconds = nan` made the CRL refresher a busy loop (asyncio.wait_for times out at once), a `nan`
+    timeout failed every wait at once. Each is refused, naming the key."""
+    text = GOOD.replace(section, f"{section}\n{key} = {value}", 1)
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, text))
+    prefix = section.strip("[]")
+    assert any(p.startswith(f"{prefix}.{key}: expected a finite number") for p in e.value.problems), e.value.problems

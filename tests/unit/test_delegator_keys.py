@@ -132,3 +132,37 @@ def test_while_one_thread_renews_the_gateways_tgt_the_others_use_the_current_one
     assert got == [current]
     assert isinstance(renewed[0], Creds)
     assert renewed[0].left == 36_000
+
+
+def test_a_refused_keytab_raised_from_memory_does_not_grow_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A keytab the KDC refused is refused from memory until the file changes, by raising the one GSSError kept: each
+    raise added its frames to that exception's traceback (two a request, each holding its frame and locals), so a
+    gateway with a stale keytab grew with every request until the keytab was exported again."""
+    import traceback
+
+    class Refused(gssapi.raw.GSSError):
+        def gen_message(self) -> str:
+            return "Preauthentication failed"
+
+    asked: list[object] = []
+
+    def credentials(**kwargs: object) -> gssapi.Credentials:
+        asked.append(kwargs)
+        raise Refused(0xD0000, 0)
+
+    monkeypatch.setattr(gssapi, "Credentials", credentials)  # the module delegate calls it through
+    keytab = tmp_path / "proxy.keytab"
+    keytab.write_bytes(b"\x05\x02")
+    delegator = Delegator(Kerberos(principal="HTTP/proxy.lab.test@LAB.TEST", keytab=keytab))
+    try:
+        depths = []
+        for _ in range(6):
+            with pytest.raises(gssapi.raw.GSSError) as refused:
+                delegator._acquire_service()
+            depths.append(len(traceback.extract_tb(refused.value.__traceback__)))
+    finally:
+        delegator.close()
+    assert len(asked) == 1  # the KDC was asked once; the other five were refused from memory
+    assert depths[1:] == [depths[1]] * 5, depths

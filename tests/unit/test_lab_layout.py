@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 
 
@@ -43,3 +47,20 @@ def test_a_bad_port_names_its_variable(tmp_path: Path, value: str) -> None:
 def test_a_wildcard_bind_is_reached_on_loopback(tmp_path: Path, bind: str, local: str) -> None:
     """Health checks reach a daemon bound to every interface through loopback, a specific address directly."""
     assert LabLayout(root=tmp_path, bind_host=bind).local_host == local
+
+
+def test_make_lab_serves_the_configuration_of_the_lab_it_brought_up(tmp_path: Path) -> None:
+    """`make lab` with the lab moved (`KCD_LAB_DIR`, or `KCD_LAB_*` ports) served config/lab.toml, which names the
+    default lab's files and ports: the gateway did not start, or listened where the printed curl does not go. It
+    serves the configuration `lab up` wrote for that lab, which is config/lab.toml's twin for the default lab."""
+    repo = Path(__file__).parents[2]
+    env = {**os.environ, "KCD_LAB_DIR": str(tmp_path / "moved")}
+    plan = subprocess.run(["make", "-n", "lab"], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    run = [line for line in plan.stdout.splitlines() if " -m proxy run " in line]
+    assert len(run) == 1, plan.stdout
+    assert run[0].endswith(f"--config {tmp_path / 'moved'}/gateway.toml"), run[0]
+    layout = LabLayout.from_env(env, root=tmp_path / "moved")
+    written = tomllib.loads(runner.gateway_config(layout, admin=True))
+    checked_in = tomllib.loads((repo / "config" / "lab.toml").read_text())
+    assert written["doctor"] == checked_in["doctor"]  # `kcd-proxy doctor --config` needs its canary too
+    assert written["admin"] == checked_in["admin"]

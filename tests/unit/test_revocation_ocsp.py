@@ -179,3 +179,37 @@ def _with_responder(pki: Pki, url: str) -> x509.Certificate:
         .add_extension(aia, critical=False)
     )
     return builder.sign(load_key(pki.issuing_key), hashes.SHA256())
+
+
+def test_an_answer_naming_a_hash_no_one_knows_is_no_answer_not_a_crash(pki: Pki) -> None:
+    """A responder (or anyone on the plain-http path to it) answers with a CertID whose hash algorithm is an OID
+    cryptography does not know: `UnsupportedAlgorithm` escaped before the signature was looked at, through the
+    revocation stage (a 500 for every request of that certificate, never cached, the CRL verdict never reached).
+    It is an answer not believed: OcspError from `verify_response`, UNKNOWN evidence from the client."""
+    sha1 = bytes.fromhex("06052b0e03021a")  # the CertID's hashAlgorithm, 1.3.14.3.2.26
+    good = answer(pki, load_cert(pki.user_cert("alice")))
+    assert sha1 in good
+    odd = good.replace(sha1, bytes.fromhex("06052b0e03021b"), 1)  # 1.3.14.3.2.27, same length
+    with pytest.raises(OcspError, match=r"1\.3\.14\.3\.2\.27"):
+        verify(pki, odd)
+    asyncio.run(_client_takes_an_odd_answer_as_none(pki, odd))
+
+
+async def _client_takes_an_odd_answer_as_none(pki: Pki, odd: bytes) -> None:
+    async def responder(_request: web.Request) -> web.Response:
+        return web.Response(body=odd)
+
+    app = web.Application()
+    app.router.add_post("/", responder)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    client = OcspClient(cache_seconds=60)
+    try:
+        alice = _with_responder(pki, f"http://127.0.0.1:{runner.addresses[0][1]}/")
+        evidence = await client.status(alice, load_cert(pki.issuing_cert), at=NOW)
+        assert evidence.status is RevocationStatus.UNKNOWN
+        assert "no usable answer" in evidence.detail
+    finally:
+        await client.close()
+        await runner.cleanup()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.revocation import CrlSet, RevocationStatus
-from proxy.certs.sources import CrlSource, CrlStore, distribution_point_urls
+from proxy.certs.sources import MAX_CRL_BYTES, CrlSource, CrlStore, distribution_point_urls
 from proxy.lab.pki import Pki, make_pki, revoke
 from tests.pem import load_cert
 
@@ -238,3 +240,70 @@ def test_distribution_point_urls_skip_other_schemes(pki: Pki) -> None:
         "http://127.0.0.1:9/crl/root.crl",
     ]
     assert distribution_point_urls([load_cert(pki.root_cert)]) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_a_crl_file_turned_fifo_or_huge_fails_its_source_and_keeps_the_good_crl(
+    pki: Pki, trust: TrustList, tmp_path: Path, kind: str
+) -> None:
+    """The CRL file is replaced by a FIFO nobody writes to (the read blocked for good, and every later refresh of
+    every source with it) or by a file larger than MAX_CRL_BYTES (read whole into memory): the refresh ends, the
+    source reports why, and the last good CRL stays."""
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    store = CrlStore(trust, [CrlSource(str(path))])
+    assert store.load_files(now=NOW) == []
+    good = store.current.crls
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        with path.open("wb") as f:
+            f.truncate(MAX_CRL_BYTES + 1)  # sparse: costs no disk
+    asyncio.run(asyncio.wait_for(store.refresh(now=NOW), 20))
+    assert store.current.crls == good
+    (row,) = store.status(now=NOW)
+    problem = "not a regular file" if kind == "fifo" else f"more than {MAX_CRL_BYTES} bytes"
+    assert problem in str(row.last_error), row.last_error
+
+
+def test_a_changed_crl_is_vetted_and_indexed_off_the_event_loop(
+    pki: Pki, trust: TrustList, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a CRL's entries, checking it and indexing the set take CPU in proportion to its size (a CRL of
+    200,000 entries, 6 MiB: about 2.6 s here), and a refresh did it on the event loop, stalling every request and
+    handshake each time the CRL changed: a refresh now does both in a worker thread, and still swaps the set."""
+    import threading
+
+    from proxy.certs import revocation
+
+    threads: dict[str, set[int]] = {"accept": set(), "index": set()}
+    real_accept, real_of = revocation.accept, CrlSet.of
+
+    def accept(*args: Any, **kwargs: Any) -> Any:
+        threads["accept"].add(threading.get_ident())
+        return real_accept(*args, **kwargs)
+
+    def of(*args: Any, **kwargs: Any) -> Any:
+        threads["index"].add(threading.get_ident())
+        return real_of(*args, **kwargs)
+
+    monkeypatch.setattr("proxy.certs.sources.accept", accept)
+    monkeypatch.setattr(CrlSet, "of", of)
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    store = CrlStore(trust, [CrlSource(str(path))])
+
+    async def run() -> int:
+        bob = verified(pki, trust, "bob")
+        revoke(pki, pki.user_cert("bob"), now=NOW)
+        path.write_bytes(pki.issuing_crl.read_bytes())
+        await store.refresh(now=NOW)
+        assert status(store, bob) is RevocationStatus.REVOKED
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert threads["accept"]
+    assert threads["index"]
+    assert loop_thread not in threads["accept"] | threads["index"]

@@ -59,6 +59,18 @@ def test_workers_must_be_a_positive_integer(tmp_path: Path, value: str) -> None:
     assert any(p.startswith("listener.workers:") for p in e.value.problems), e.value.problems
 
 
+@pytest.mark.parametrize("value", ["1025", "99999999999999999999"])
+def test_workers_beyond_any_machine_are_refused_before_a_fork(tmp_path: Path, value: str) -> None:
+    """`workers = 99999999999999999999` (a typo, or a hostile file) was taken, and the supervisor forked until the
+    machine ran out of processes: a count over MAX_WORKERS is refused, naming the key."""
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, _with_workers(value)))
+    assert any(p.startswith(f"listener.workers: at most {config.MAX_WORKERS}") for p in e.value.problems), (
+        e.value.problems
+    )
+    assert config.load(_write(tmp_path, _with_workers(str(config.MAX_WORKERS)))).listener.workers == config.MAX_WORKERS
+
+
 def test_port_check_refuses_an_address_something_listens_on() -> None:
     """SO_REUSEPORT would let a second gateway share a served port silently; the supervisor's check refuses."""
     with socket.socket() as busy:
