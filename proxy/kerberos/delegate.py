@@ -9,18 +9,18 @@ ticket to the backend's SPN (S4U2Proxy, "constrained delegation"), which the KDC
 in the gateway's delegation list. The first GSSAPI token built on that service ticket goes into
 `Authorization: Negotiate`.
 
-The ticket cache. A user's first request to an SPN costs exactly two KDC exchanges (one S4U2Self, one
-S4U2Proxy); later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY credential
-cache of their own, holding a copy of the gateway's TGT, the evidence ticket and the service tickets obtained
-with it; a token built from a cached service ticket is local work (about 50 µs here), so it is built on the
-event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN) (`asked_name`: the
-principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can share) and know
-when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts a fresh
-exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
-seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one
-user never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
-`forget(principal, enterprise=...)` drops a user (their certificate was revoked) and `clear()` drops
-everything (the configuration changed).
+The ticket cache. A user's first request to an SPN costs exactly two KDC exchanges (one S4U2Self, one S4U2Proxy);
+later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY credential cache of their
+own, holding a copy of the gateway's TGT, the evidence ticket and the service tickets obtained with it; a token
+built from a cached service ticket is local work (24 µs of CPU in a loop, 64 among requests: docs/performance.md),
+so it is built on the event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN)
+(`asked_name`: the principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can
+share) and know when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts
+a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
+seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one user
+never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
+`forget(principal, enterprise=...)` drops a user (their certificate was revoked) and `clear()` drops everything
+(the configuration changed).
 
 Which name. The cache and the log name the user as the KDC returned them, the client name of the
 evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
@@ -83,13 +83,16 @@ from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
+from proxy.kerberos.spnego import neg_token_init
 
 log = structlog.get_logger("proxy.kerberos")
 
-SPNEGO = gssapi.OID.from_int_seq("1.3.6.1.5.5.2")
-# Impersonate for SPNEGO only. With mechs=(krb5, SPNEGO) MIT runs S4U2Self once per mechanism (KRB5_TRACE
-# shows two PROTOCOL-TRANSITION requests), and with krb5 alone SPNEGO then finds no mechanism to offer.
-_MECHS = (SPNEGO,)
+KRB5 = gssapi.MechType.kerberos
+# Impersonate for krb5 only, and build tokens on the krb5 mechanism: the SPNEGO framing is ours
+# (`proxy.kerberos.spnego`, the same bytes MIT's SPNEGO initiator makes around the same krb5 token, for a
+# third less CPU per token). With mechs=(krb5, SPNEGO) MIT runs S4U2Self once per mechanism (KRB5_TRACE shows
+# two PROTOCOL-TRANSITION requests).
+_MECHS = (KRB5,)
 _FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
 RENEW_BEFORE = 300.0  # seconds before a service ticket expires when a background renewal starts
 USABLE_FOR = 30.0  # a ticket with less left than this is not used: the request waits for a fresh one
@@ -211,7 +214,7 @@ class Delegator:
         self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
         self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
         self._flights: dict[Key, asyncio.Task[_Ticket]] = {}
-        self._targets: dict[str, gssapi.Name] = {}
+        self._targets: dict[str, gssapi.raw.Name] = {}  # HTTP@host -> its krb5 mechanism name (`_token`)
         self._spns: set[str] = set()  # every SPN asked for: forget() looks a principal up under each
         self._cache_size = cache_size
         self._kdc = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="kdc")
@@ -286,13 +289,22 @@ class Delegator:
         return (self._canonical.get(principal, principal), spn)
 
     def _token(self, creds: gssapi.Credentials, gss_target: str) -> bytes:
-        """The first SPNEGO token on the cached service ticket: local work, no KDC."""
+        """The first SPNEGO token on the cached service ticket: local work, no KDC. A krb5 AP-REQ with a fresh
+        authenticator (MIT's), in the NegTokenInit MIT's SPNEGO would put it in (`proxy.kerberos.spnego`). The
+        target is a krb5 mechanism name, made once per target: given a name of no mechanism, MIT imports it into
+        krb5 and releases it again for every token, each time with a library context of its own."""
         refresh_profile()
+        token = gssapi.raw.init_sec_context(self._target(gss_target), creds=creds, mech=KRB5, flags=_FLAGS).token
+        return neg_token_init(token) if token else b""
+
+    def _target(self, gss_target: str) -> gssapi.raw.Name:
+        """`HTTP@host` as a krb5 mechanism name, made once: S4U2Proxy fetches the service ticket for it and every
+        token names it, so both always look for the same principal."""
         target = self._targets.get(gss_target)
-        if target is None:
-            target = self._targets[gss_target] = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
-        token = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=_FLAGS).token
-        return token or b""
+        if target is None:  # two threads may both make it: the same name, either kept
+            name = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
+            target = self._targets[gss_target] = gssapi.raw.canonicalize_name(name, KRB5)
+        return target
 
     # -- exchanges with the KDC ------------------------------------------------------------------------
 
@@ -373,9 +385,9 @@ class Delegator:
         if unreadable is None:
             self._require_stated(user, creds, proxy, spn, pac, client, (middle - start) * 1000)
         after_pac = time.perf_counter()
-        target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
         try:
-            result = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=_FLAGS)  # S4U2Proxy
+            target = self._target(gss_target)
+            result = gssapi.raw.init_sec_context(target, creds=creds, mech=KRB5, flags=_FLAGS)  # S4U2Proxy
         except gssapi.raw.GSSError as e:
             took = (middle - start) * 1000
             failed = s4u_facts(
@@ -444,7 +456,7 @@ class Delegator:
                     gssapi.Credentials(usage="accept", store={"keytab": str(self._settings.keytab), "rcache": "none:"}),
                 )
             own, acceptor = self._own
-            token = gssapi.raw.init_sec_context(own, creds=creds, mech=SPNEGO).token
+            token = gssapi.raw.init_sec_context(own, creds=creds, mech=KRB5).token
             if not token:
                 return None, "no AP-REQ could be built on the evidence ticket"
             accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
