@@ -332,18 +332,22 @@ def test_a_configmap_style_update_through_symlinks_is_reloaded(lab: LabLayout, t
 
 
 def _held_across_reload(lab: LabLayout, gw: Gateway, text: str) -> tuple[int, str]:
-    """bob's Ping, held at the backend while `text` is reloaded: the answer it got (AssertionError if it ran on)."""
+    """Two of bob's Pings (two connections of one certificate), held at the backend while `text` is reloaded: the
+    answer they got, the same for both (AssertionError if either ran on)."""
     from tests.integration.test_revocation import held_at_the_backend, read_answer
 
-    with held_at_the_backend(lab, gw, "bob") as ping:
+    answers = []
+    with held_at_the_backend(lab, gw, "bob") as ping, held_at_the_backend(lab, gw, "bob") as other:
         assert _reload(gw, text, "reloaded")["generation"] == 2
-        ping.settimeout(WAIT)
-        try:
-            answer = read_answer(ping)
-        except TimeoutError:
-            raise AssertionError("the held request ran on after the reload") from None
+        for held in (ping, other):
+            held.settimeout(WAIT)
+            try:
+                answers.append(read_answer(held))
+            except TimeoutError:
+                raise AssertionError("a held request ran on after the reload") from None
+    assert answers[0] == answers[1], answers
     assert gw.wait_event("held_request_ended", cert_subject="CN=bob")["answer_started"] is False
-    return answer
+    return answers[0]
 
 
 def test_a_held_request_whose_ca_a_reload_no_longer_trusts_is_ended(lab: LabLayout, tmp_path: Path) -> None:
