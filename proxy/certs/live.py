@@ -21,7 +21,8 @@ if the backend's answer had not started, or cut if it had.
 A reload builds a new `LiveRevocation` for its new gateway, while requests held under the old one run on
 (`proxy.live`). `hand_over` lets the new configuration judge them: at the swap, a held request whose chain the
 new trust list no longer builds (a CA taken out of it) or whose certificate the new CRLs revoke is ended the same
-way, and so is one that a later refresh of the new CRLs revokes, until the old stage is closed.
+way, and so is one that a later refresh of the new CRLs revokes, until the old stage is closed. A stage still
+holding requests when its successor is replaced in turn is handed over again, to the newest configuration.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class LiveRevocation:
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
         self._successor: tuple[LiveRevocation, Callable[[CrlSet, CrlSet], None]] | None = None
+        self._predecessors: set[LiveRevocation] = set()  # stages replaced by this one, still holding requests
         self.crls.on_change(self._recheck_in_flight)
 
     def load(self, *, now: datetime) -> list[str]:
@@ -143,10 +145,7 @@ class LiveRevocation:
         self._task = asyncio.get_running_loop().create_task(self.crls.run(self._stop))
 
     async def close(self) -> None:
-        if self._successor is not None:
-            successor, listener = self._successor
-            successor.crls.off_change(listener)
-            self._successor = None
+        self._leave_successor()
         self._stop.set()
         for task in (self._started, self._task):  # a fetch in progress is not waited for
             if task is not None and not task.done():
@@ -217,6 +216,8 @@ class LiveRevocation:
         closes."""
         if successor is self:
             return
+        for older in list(self._predecessors):  # held across an earlier reload: judged by the newest configuration
+            older.hand_over(successor, trust)
         now = datetime.now(UTC)
         for watch in list(self._in_flight):
             try:
@@ -225,10 +226,20 @@ class LiveRevocation:
                 watch.end(
                     CertificateRejected(f"the certificate is no longer trusted (reloaded): {e.reason}", hint=e.hint)
                 )
+        self._leave_successor()
         listener = functools.partial(_recheck, self._in_flight, successor.policy)
         successor.crls.on_change(listener)
         self._successor = (successor, listener)
+        successor._predecessors.add(self)
         listener(successor.crls.current, successor.crls.current)
+
+    def _leave_successor(self) -> None:
+        """No longer judged by the stage this one was handed over to (closed, or handed over again)."""
+        if self._successor is not None:
+            successor, listener = self._successor
+            successor.crls.off_change(listener)
+            successor._predecessors.discard(self)
+            self._successor = None
 
     def _recheck_in_flight(self, old: CrlSet, new: CrlSet) -> None:
         _recheck(self._in_flight, self.policy, old, new)
