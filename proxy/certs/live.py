@@ -123,7 +123,8 @@ class LiveRevocation:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
-        self._successor: tuple[LiveRevocation, Callable[[CrlSet, CrlSet], None]] | None = None
+        # (the stage a reload handed this one over to, its trust list, the listener on its CRLs)
+        self._successor: tuple[LiveRevocation, TrustList, Callable[[CrlSet, CrlSet], None]] | None = None
         self._predecessors: set[LiveRevocation] = set()  # stages replaced by this one, still holding requests
         self.crls.on_change(self._recheck_in_flight)
 
@@ -195,7 +196,9 @@ class LiveRevocation:
         Raises CertificateRevoked when a refresh revoked the chain meanwhile: while the request was held, and
         also before, between `check` and here (the identity and Kerberos stages can take seconds, and a refresh
         then ends no watch). The CRL set answers a chain it has judged from memory, so this costs a look-up.
-        A request that presented no certificate (a password-only route) is not watched.
+        A request that presented no certificate (a password-only route) is not watched. After a reload handed this
+        stage over (`hand_over`), the new configuration judges it here too: CertificateRejected when its trust
+        list no longer builds the chain, CertificateRevoked when its CRLs list it.
         """
         task = asyncio.current_task()
         verified = self._checked.pop(task, None) if task is not None else None
@@ -204,6 +207,8 @@ class LiveRevocation:
         current = self.crls.current
         if self.policy != "off" and current.may_list(verified):
             current.check(verified, at=datetime.now(UTC), policy="best-effort")  # raises CertificateRevoked
+        if self._successor is not None:  # a reload came between `check` and here: hand_over never saw this request
+            _judge(verified, *self._successor[:2])
         return _Watching(self._in_flight, _Watch(request, verified, task))
 
     @property
@@ -223,26 +228,39 @@ class LiveRevocation:
             try:
                 verify_chain(watch.verified.leaf, trust, at=now)
             except CertificateRejected as e:
-                watch.end(
-                    CertificateRejected(f"the certificate is no longer trusted (reloaded): {e.reason}", hint=e.hint)
-                )
+                watch.end(_untrusted(e))
         self._leave_successor()
         listener = functools.partial(_recheck, self._in_flight, successor.policy)
         successor.crls.on_change(listener)
-        self._successor = (successor, listener)
+        self._successor = (successor, trust, listener)
         successor._predecessors.add(self)
         listener(successor.crls.current, successor.crls.current)
 
     def _leave_successor(self) -> None:
         """No longer judged by the stage this one was handed over to (closed, or handed over again)."""
         if self._successor is not None:
-            successor, listener = self._successor
+            successor, _, listener = self._successor
             successor.crls.off_change(listener)
             successor._predecessors.discard(self)
             self._successor = None
 
     def _recheck_in_flight(self, old: CrlSet, new: CrlSet) -> None:
         _recheck(self._in_flight, self.policy, old, new)
+
+
+def _untrusted(e: CertificateRejected) -> CertificateRejected:
+    return CertificateRejected(f"the certificate is no longer trusted (reloaded): {e.reason}", hint=e.hint)
+
+
+def _judge(verified: VerifiedCertificate, successor: LiveRevocation, trust: TrustList) -> None:
+    """Refuse a chain the configuration a reload swapped in no longer trusts or whose CRLs revoke it."""
+    try:
+        verify_chain(verified.leaf, trust, at=datetime.now(UTC))
+    except CertificateRejected as e:
+        raise _untrusted(e) from None
+    newer = successor.crls.current
+    if successor.policy != "off" and newer.may_list(verified):
+        newer.check(verified, at=datetime.now(UTC), policy="best-effort")  # raises CertificateRevoked
 
 
 def _recheck(in_flight: set[_Watch], policy: str, _old: CrlSet, new: CrlSet) -> None:
