@@ -53,6 +53,24 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def apply_lockout_policy(realm: ad.AdRealm, pso: str, precedence: int, threshold: int, account: str) -> None:
+    """A fine-grained password policy (PSO) that locks `account` after `threshold` bad passwords within 30 minutes,
+    for 30 minutes: made once under its name, then applied to the account (call it under `_locked`)."""
+    if pso not in realm.samba_tool("domain", "passwordsettings", "pso", "list"):
+        realm.samba_tool(
+            "domain",
+            "passwordsettings",
+            "pso",
+            "create",
+            pso,
+            str(precedence),
+            f"--account-lockout-threshold={threshold}",
+            "--account-lockout-duration=30",
+            "--reset-account-lockout-after=30",
+        )
+    realm.samba_tool("domain", "passwordsettings", "pso", "apply", pso, account)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -19,6 +19,7 @@ from tests.integration.ad_fixtures import (
     AdProcess,
     _locked,
     ad_curl,
+    apply_lockout_policy,
     kdc_log_offset,
     start_ad_gateway,
     status_and_body,
@@ -42,19 +43,7 @@ def victim(ad_realm: ad.AdRealm) -> Iterator[str]:
         if VICTIM in ad_realm.samba_tool("user", "list"):
             ad_realm.samba_tool("user", "delete", VICTIM)
         ad_realm.samba_tool("user", "create", VICTIM, VICTIM_PASSWORD)
-        if PSO not in ad_realm.samba_tool("domain", "passwordsettings", "pso", "list"):
-            ad_realm.samba_tool(
-                "domain",
-                "passwordsettings",
-                "pso",
-                "create",
-                PSO,
-                "10",
-                f"--account-lockout-threshold={THRESHOLD}",
-                "--account-lockout-duration=30",
-                "--reset-account-lockout-after=30",
-            )
-        ad_realm.samba_tool("domain", "passwordsettings", "pso", "apply", PSO, VICTIM)
+        apply_lockout_policy(ad_realm, PSO, 10, THRESHOLD, VICTIM)
     try:
         yield VICTIM
     finally:

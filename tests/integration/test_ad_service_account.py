@@ -16,6 +16,7 @@ from tests.integration.ad_fixtures import (
     AdProcess,
     _locked,
     ad_curl,
+    apply_lockout_policy,
     kdc_log_offset,
     start_ad_gateway,
     status_and_body,
@@ -39,19 +40,7 @@ def account(ad_realm: ad.AdRealm) -> Iterator[str]:
         ad_realm.samba_tool("spn", "add", "HTTP/proxy3.ad.test", ACCOUNT)
         ad_realm.samba_tool("delegation", "for-any-protocol", ACCOUNT, "on")
         ad_realm.samba_tool("delegation", "add-service", ACCOUNT, ad.BACKEND_SPN)
-        if PSO not in ad_realm.samba_tool("domain", "passwordsettings", "pso", "list"):
-            ad_realm.samba_tool(
-                "domain",
-                "passwordsettings",
-                "pso",
-                "create",
-                PSO,
-                "11",
-                f"--account-lockout-threshold={THRESHOLD}",
-                "--account-lockout-duration=30",
-                "--reset-account-lockout-after=30",
-            )
-        ad_realm.samba_tool("domain", "passwordsettings", "pso", "apply", PSO, ACCOUNT)
+        apply_lockout_policy(ad_realm, PSO, 11, THRESHOLD, ACCOUNT)
     try:
         yield ACCOUNT
     finally:
