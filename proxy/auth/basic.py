@@ -43,7 +43,8 @@ releases carried a guesser past a threshold of 5 within 4 s, seen against Samba 
 `basic_failures_per_user` guesses reach the KDC per window, so a threshold above that is never reached
 through the gateway; the one password that still goes on is the one the KDC last accepted for that
 user (its hash is kept for the window, never to serve anyone from it): the user's own device. A
-user's count is forgotten after a success, as AD resets its own. A disabled or
+user's count is forgotten after a success, as AD resets its own. Each throttle keeps at most 100,000 keys; a
+flood of other names pushes out keys that are not refused first, never a held user's. A disabled or
 locked account gets 403 and does not count (the KDC says so whatever the password). An IPv6 client is
 counted by its /64 (`address_key`): one device or home is given a whole /64 and picks addresses in it
 at will, so a sprayer stepping through its own prefix would otherwise get a fresh allowance per address.
@@ -291,9 +292,24 @@ class Throttle:
         if state.count and now - state.last > self._forget:
             state.count, state.blocked_until = 0, 0.0
         self._keys[key] = state
-        while len(self._keys) > self._max:
-            self._keys.popitem(last=False)
+        self._evict(key, now)
         return state
+
+    def _evict(self, keep: str, now: float) -> None:
+        """Down to `max_keys`, least recently used first, but a key still refused goes last: a held user's key is not
+        touched while held, and a flood of other names (each guess at an unknown user a key) would otherwise
+        evict it and give its guesser a fresh allowance (towards the directory's lockout) before the window ends."""
+        passes = len(self._keys)  # each refused key is moved to the end at most once per eviction round
+        while len(self._keys) > self._max:
+            oldest, state = next(iter(self._keys.items()))
+            if oldest == keep:  # the key being counted (at the front once every other key was moved past it)
+                self._keys.move_to_end(oldest)
+                continue
+            if state.blocked_until > now and passes > 0:
+                self._keys.move_to_end(oldest)
+                passes -= 1
+                continue
+            del self._keys[oldest]
 
 
 class Pace:

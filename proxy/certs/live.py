@@ -21,7 +21,8 @@ if the backend's answer had not started, or cut if it had.
 A reload builds a new `LiveRevocation` for its new gateway, while requests held under the old one run on
 (`proxy.live`). `hand_over` lets the new configuration judge them: at the swap, a held request whose chain the
 new trust list no longer builds (a CA taken out of it) or whose certificate the new CRLs revoke is ended the same
-way, and so is one that a later refresh of the new CRLs revokes, until the old stage is closed.
+way, and so is one that a later refresh of the new CRLs revokes, until the old stage is closed. A stage still
+holding requests when its successor is replaced in turn is handed over again, to the newest configuration.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ class LiveRevocation:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
-        self._successor: tuple[LiveRevocation, Callable[[CrlSet, CrlSet], None]] | None = None
+        # (the stage a reload handed this one over to, its trust list, the listener on its CRLs)
+        self._successor: tuple[LiveRevocation, TrustList, Callable[[CrlSet, CrlSet], None]] | None = None
+        self._predecessors: set[LiveRevocation] = set()  # stages replaced by this one, still holding requests
         self.crls.on_change(self._recheck_in_flight)
 
     def load(self, *, now: datetime) -> list[str]:
@@ -144,10 +147,7 @@ class LiveRevocation:
         self._task = asyncio.get_running_loop().create_task(self.crls.run(self._stop))
 
     async def close(self) -> None:
-        if self._successor is not None:
-            successor, listener = self._successor
-            successor.crls.off_change(listener)
-            self._successor = None
+        self._leave_successor()
         self._stop.set()
         for task in (self._started, self._task):  # a fetch in progress is not waited for
             if task is not None and not task.done():
@@ -197,7 +197,9 @@ class LiveRevocation:
         Raises CertificateRevoked when a refresh revoked the chain meanwhile: while the request was held, and
         also before, between `check` and here (the identity and Kerberos stages can take seconds, and a refresh
         then ends no watch). The CRL set answers a chain it has judged from memory, so this costs a look-up.
-        A request that presented no certificate (a password-only route) is not watched.
+        A request that presented no certificate (a password-only route) is not watched. After a reload handed this
+        stage over (`hand_over`), the new configuration judges it here too: CertificateRejected when its trust
+        list no longer builds the chain, CertificateRevoked when its CRLs list it.
         """
         task = asyncio.current_task()
         verified = self._checked.pop(task, None) if task is not None else None
@@ -206,6 +208,8 @@ class LiveRevocation:
         current = self.crls.current
         if self.policy != "off" and current.may_list(verified):
             current.check(verified, at=datetime.now(UTC), policy="best-effort")  # raises CertificateRevoked
+        if self._successor is not None:  # a reload came between `check` and here: hand_over never saw this request
+            _judge(verified, *self._successor[:2])
         return _Watching(self._in_flight, _Watch(request, verified, task))
 
     @property
@@ -218,6 +222,8 @@ class LiveRevocation:
         closes."""
         if successor is self:
             return
+        for older in list(self._predecessors):  # held across an earlier reload: judged by the newest configuration
+            older.hand_over(successor, trust)
         now = datetime.now(UTC)
         judged: dict[x509.Certificate, CertificateRejected | None] = {}  # a device's held requests share a leaf
         for watch in list(self._in_flight):
@@ -230,15 +236,39 @@ class LiveRevocation:
                     judged[leaf] = e
             refused = judged[leaf]
             if refused is not None:  # an error of its own per request: each is raised in its own task
-                reason = f"the certificate is no longer trusted (reloaded): {refused.reason}"
-                watch.end(CertificateRejected(reason, hint=refused.hint))
+                watch.end(_untrusted(refused))
+        self._leave_successor()
         listener = functools.partial(_recheck, self._in_flight, successor.policy)
         successor.crls.on_change(listener)
-        self._successor = (successor, listener)
+        self._successor = (successor, trust, listener)
+        successor._predecessors.add(self)
         listener(successor.crls.current, successor.crls.current)
+
+    def _leave_successor(self) -> None:
+        """No longer judged by the stage this one was handed over to (closed, or handed over again)."""
+        if self._successor is not None:
+            successor, _, listener = self._successor
+            successor.crls.off_change(listener)
+            successor._predecessors.discard(self)
+            self._successor = None
 
     def _recheck_in_flight(self, old: CrlSet, new: CrlSet) -> None:
         _recheck(self._in_flight, self.policy, old, new)
+
+
+def _untrusted(e: CertificateRejected) -> CertificateRejected:
+    return CertificateRejected(f"the certificate is no longer trusted (reloaded): {e.reason}", hint=e.hint)
+
+
+def _judge(verified: VerifiedCertificate, successor: LiveRevocation, trust: TrustList) -> None:
+    """Refuse a chain the configuration a reload swapped in no longer trusts or whose CRLs revoke it."""
+    try:
+        verify_chain(verified.leaf, trust, at=datetime.now(UTC))
+    except CertificateRejected as e:
+        raise _untrusted(e) from None
+    newer = successor.crls.current
+    if successor.policy != "off" and newer.may_list(verified):
+        newer.check(verified, at=datetime.now(UTC), policy="best-effort")  # raises CertificateRevoked
 
 
 def _recheck(in_flight: set[_Watch], policy: str, _old: CrlSet, new: CrlSet) -> None:

@@ -206,6 +206,11 @@ class CrlStore:
         return False
 
     def _keep(self, state: _State, vetted: list[Crl] | ValueError | CrlUnusable, now: datetime) -> None:
+        if isinstance(vetted, list):  # vetted against what was held when its thread started: another fetch of this
+            try:  # source (a chain's first sight beside a refresh) may have kept a newer CRL since
+                _refuse_rollback(vetted, state.crls)
+            except CrlUnusable as exc:
+                vetted = exc
         if not isinstance(vetted, list):
             state.last_error = str(vetted)
             log.warning("crl_rejected", source=state.source.location, problem=state.last_error, **_held(state))

@@ -390,3 +390,31 @@ def test_a_held_request_revoked_by_a_crl_only_the_new_configuration_names_is_end
         assert "was revoked on" in body
     finally:
         assert gw.stop() == 0
+
+
+def test_a_request_held_across_two_reloads_is_judged_by_the_newest_configuration(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """bob's Ping is held across a first reload (nothing about bob changes) and then a second one naming a CRL that
+    revokes bob: the request, still under the first configuration, was judged only by the second configuration's
+    CRLs (whose refresher stops once that configuration's own requests end), never by the third's; now it is ended."""
+    from tests.integration.test_revocation import held_at_the_backend, read_answer
+
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port()))
+    try:
+        text = gw.config_path.read_text()
+        bob = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "bob.pem").read_bytes())
+        crl = write_crl(tmp_path / "crls.pem", load_ca(lab.pki_dir, "issuing"), revoked=[bob.serial_number])
+        with held_at_the_backend(lab, gw, "bob") as ping:
+            assert _reload(gw, text + "\n# the first reload\n", "reloaded")["generation"] == 2
+            assert _reload(gw, text.replace(str(lab.pki_dir / "crls.pem"), str(crl)), "reloaded")["generation"] == 3
+            ping.settimeout(WAIT)
+            try:
+                status, body = read_answer(ping)
+            except TimeoutError:
+                raise AssertionError("the held request ran on after the second reload") from None
+        assert status == 403, body
+        assert "was revoked on" in body
+        assert gw.wait_event("held_request_ended", cert_subject="CN=bob")["answer_started"] is False
+    finally:
+        assert gw.stop() == 0

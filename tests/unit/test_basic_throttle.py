@@ -387,6 +387,26 @@ def test_a_held_user_is_held_for_the_whole_window_not_released_at_1_2_4_seconds(
     assert held.wait("alice", now=1800.5) == 0
 
 
+def test_a_flood_of_other_names_never_evicts_a_held_user() -> None:
+    """The throttle keeps at most max_keys keys, least recently used out first, and a held user's key is not touched
+    while held (each guess is refused before it counts): wrong passwords for that many other names (unknown users,
+    from many /64s) evicted it and alice had a fresh allowance of guesses, towards the directory's lockout, long
+    before basic_failure_window_seconds. Keys that are not held go first; the count stays bounded."""
+    throttle = Throttle(2, forget=1800, hold=True, max_keys=3)
+    throttle.failed("alice", now=0)
+    throttle.failed("alice", now=0)
+    for n in range(10):
+        throttle.begin(f"nobody{n}", now=1 + n)
+        throttle.end(f"nobody{n}", now=1 + n, failed=True)
+    assert throttle.wait("alice", now=20) == 1780
+    assert len(throttle._keys) <= 3
+    full = Throttle(1, forget=1800, hold=True, max_keys=2)  # every key held: the one being counted stays
+    for name in ("bob", "carol", "dave"):
+        full.failed(name, now=0)
+    assert full.wait("dave", now=1) == 1799
+    assert len(full._keys) == 2
+
+
 def test_a_held_users_own_last_accepted_password_still_reaches_the_kdc(kdc: FakeKdc, hashes: list[str]) -> None:
     """With no cache (basic_cache_seconds = 0), a guesser holds alice after two wrong passwords: further guesses are
     429 without the KDC (and count against the guesser's address), while alice's own password, the one the KDC last

@@ -307,3 +307,78 @@ def test_a_changed_crl_is_vetted_and_indexed_off_the_event_loop(
     assert threads["accept"]
     assert threads["index"]
     assert loop_thread not in threads["accept"] | threads["index"]
+
+
+def test_a_replayed_crl_vetted_beside_a_newer_one_never_replaces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two fetches of one distribution point at once (a chain's first sight and the periodic refresh), one answered
+    with CRL #2 (carol revoked) and one with a replayed CRL #1: each was vetted in a thread against the CRLs held when
+    it started, so #1, vetted before #2 was kept and kept after it, replaced it and carol was good again."""
+    import threading
+
+    from proxy.certs import sources
+
+    real_vet, real_keep = sources._vet, CrlStore._keep
+    answers: list[bytes] = []
+    asked: list[str] = []
+    older_vetted, newer_held = threading.Event(), threading.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        body = answers_by_name["root"] if request.path == "/root.crl" else answers.pop(0)
+        return web.Response(body=body, content_type="application/pkix-crl")
+
+    def vet(state: Any, data: bytes, trust: TrustList, now: datetime) -> Any:
+        if data == answers_by_name["new"]:  # #2 is vetted once #1 has been, against the same CRLs held
+            older_vetted.wait(60)
+            return real_vet(state, data, trust, now)
+        vetted = real_vet(state, data, trust, now)
+        if data != answers_by_name["old"]:
+            return vetted
+        older_vetted.set()
+        newer_held.wait(60)  # #1's verdict is kept after #2 was
+        return vetted
+
+    def keep(self: CrlStore, state: Any, vetted: Any, now: datetime) -> None:
+        real_keep(self, state, vetted, now)
+        if state.source.location.endswith("/issuing.crl") and any(crl.number == 2 for crl in state.crls):
+            newer_held.set()
+
+    answers_by_name: dict[str, bytes] = {}
+    monkeypatch.setattr(sources, "_vet", vet)
+    monkeypatch.setattr(CrlStore, "_keep", keep)
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/{name}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            pki = make_pki(tmp_path / "pki", now=NOW, crl_base_url=base)
+            trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
+            answers_by_name["old"] = pki.issuing_crl.read_bytes()
+            revoke(pki, pki.user_cert("carol"), now=NOW)
+            answers_by_name["root"] = pki.root_crl.read_bytes()
+            answers_by_name["new"] = pki.issuing_crl.read_bytes()
+            answers.extend([answers_by_name["new"], answers_by_name["old"]])  # in the order asked
+            store = CrlStore(trust, [], use_distribution_points=True)
+            try:
+                await store.refresh(now=NOW)  # the root's CRL, named by the configured intermediate
+                carol = verified(pki, trust, "carol")
+                await asyncio.gather(store.learn(carol.chain), store.refresh(now=NOW))
+                assert asked.count("/issuing.crl") == 2
+                assert older_vetted.is_set()
+                assert newer_held.is_set()
+                assert status(store, carol) is RevocationStatus.REVOKED
+                row = next(row for row in store.status(now=NOW) if row.source == f"{base}/issuing.crl")
+                assert "older than the CRL #2" in str(row.last_error), row.last_error
+            finally:
+                await store.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(run())

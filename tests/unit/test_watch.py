@@ -215,3 +215,25 @@ def test_a_revocation_between_the_check_and_the_watch_refuses_the_request(pki: P
         assert revocation.in_flight == 0
 
     asyncio.run(run())
+
+
+def test_a_request_between_its_check_and_its_watch_at_a_reload_is_judged_by_the_new_configuration(pki: Pki) -> None:
+    """bob's request passed the old stage's revocation check and was in its identity or Kerberos stage (seconds
+    with a slow KDC) when a reload handed the old stage over to one whose CRLs revoke bob: its watch began after the
+    hand-over, judged by the old CRLs only, and the request was then held for its hour; now the watch refuses it."""
+
+    async def run() -> None:
+        old = live_revocation(pki)
+        trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
+        verified = verify_chain(load_cert(pki.user_cert("bob")), trust, at=NOW)
+        await old.check(verified, at=NOW)  # good under the old CRLs
+        revoke(pki, pki.user_cert("bob"), now=NOW)
+        new = live_revocation(pki)  # the reloaded configuration, whose CRLs list bob
+        old.hand_over(new, trust)
+        with pytest.raises(CertificateRevoked), old.watch(Request()):
+            pass
+        assert old.in_flight == 0
+        await old.close()
+        await new.close()
+
+    asyncio.run(run())
