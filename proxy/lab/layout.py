@@ -40,8 +40,10 @@ def default_root() -> Path:
 @dataclass(frozen=True)
 class LabLayout:
     root: Path
-    ldap_port: int = 53389
-    kdc_port: int = 58088
+    # Below Linux's ephemeral range (32768-60999): a port in it can be any outgoing connection's own end when the
+    # daemon binds (a busy machine, or a readiness probe connecting to itself), and krb5kdc then fails to start.
+    ldap_port: int = 8389
+    kdc_port: int = 8088
     backend_port: int = 8081
     gateway_port: int = 8443
     crl_port: int = 8082  # plain HTTP server publishing the lab CRLs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tomllib
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ def test_unset_variables_keep_the_native_defaults(tmp_path: Path) -> None:
     """Only KCD_LAB_DIR set: loopback everywhere and the documented ports."""
     layout = LabLayout.from_env({"KCD_LAB_DIR": str(tmp_path)})
     assert layout == LabLayout(root=tmp_path)
-    assert (layout.bind_host, layout.kdc_host, layout.kdc_port) == ("127.0.0.1", "127.0.0.1", 58088)
+    assert (layout.bind_host, layout.kdc_host, layout.kdc_port) == ("127.0.0.1", "127.0.0.1", 8088)
 
 
 def test_explicit_root_wins_over_the_environment(tmp_path: Path) -> None:
@@ -64,3 +64,13 @@ def test_make_lab_serves_the_configuration_of_the_lab_it_brought_up(tmp_path: Pa
     checked_in = tomllib.loads((repo / "config" / "lab.toml").read_text())
     assert written["doctor"] == checked_in["doctor"]  # `kcd-proxy doctor --config` needs its canary too
     assert written["admin"] == checked_in["admin"]
+
+
+def test_the_default_ports_are_outside_the_ephemeral_range() -> None:
+    """No default lab port lies in the kernel's ephemeral range, where an outgoing connection's own end (on a busy
+    machine, or a readiness probe connecting to itself) can hold it when the daemon binds."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    layout = LabLayout(root=Path("/nowhere"))
+    ports = {f.name: getattr(layout, f.name) for f in fields(LabLayout) if f.name.endswith("_port")}
+    assert len(ports) >= 7
+    assert not [name for name, port in ports.items() if low <= port <= high], (low, high, ports)
