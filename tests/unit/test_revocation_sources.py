@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -131,13 +131,18 @@ async def _test_older_crl_is_refused_as_a_replay(pki: Pki, trust: TrustList, tmp
 
 
 @contextlib.asynccontextmanager
-async def crl_server() -> AsyncIterator[tuple[str, dict[str, bytes], list[str]]]:
-    """A real HTTP server: path -> bytes it serves (404 when absent), and the paths asked for."""
+async def crl_server(
+    answer: Callable[[str], bytes] | None = None,
+) -> AsyncIterator[tuple[str, dict[str, bytes], list[str]]]:
+    """A real HTTP server: path -> bytes it serves (404 when absent), and the paths asked for. With `answer`, each
+    body is made from the path asked instead (a different CRL at each fetch of one path)."""
     served: dict[str, bytes] = {}
     asked: list[str] = []
 
     async def handler(request: web.Request) -> web.Response:
         asked.append(request.path)
+        if answer is not None:
+            return web.Response(body=answer(request.path), content_type="application/pkix-crl")
         if request.path not in served:
             raise web.HTTPNotFound
         return web.Response(body=served[request.path], content_type="application/pkix-crl")
@@ -149,8 +154,10 @@ async def crl_server() -> AsyncIterator[tuple[str, dict[str, bytes], list[str]]]
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}", served, asked
-    await runner.cleanup()
+    try:
+        yield f"http://127.0.0.1:{port}", served, asked
+    finally:
+        await runner.cleanup()
 
 
 Server = tuple[str, dict[str, bytes], list[str]]
@@ -321,13 +328,10 @@ def test_a_replayed_crl_vetted_beside_a_newer_one_never_replaces_it(
 
     real_vet, real_keep = sources._vet, CrlStore._keep
     answers: list[bytes] = []
-    asked: list[str] = []
     older_vetted, newer_held = threading.Event(), threading.Event()
 
-    async def handler(request: web.Request) -> web.Response:
-        asked.append(request.path)
-        body = answers_by_name["root"] if request.path == "/root.crl" else answers.pop(0)
-        return web.Response(body=body, content_type="application/pkix-crl")
+    def answer(path: str) -> bytes:
+        return answers_by_name["root"] if path == "/root.crl" else answers.pop(0)
 
     def vet(state: Any, data: bytes, trust: TrustList, now: datetime) -> Any:
         if data == answers_by_name["new"]:  # #2 is vetted once #1 has been, against the same CRLs held
@@ -350,14 +354,7 @@ def test_a_replayed_crl_vetted_beside_a_newer_one_never_replaces_it(
     monkeypatch.setattr(CrlStore, "_keep", keep)
 
     async def run() -> None:
-        app = web.Application()
-        app.router.add_get("/{name}", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        try:
+        async with crl_server(answer) as (base, _, asked):
             pki = make_pki(tmp_path / "pki", now=NOW, crl_base_url=base)
             trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
             answers_by_name["old"] = pki.issuing_crl.read_bytes()
@@ -378,7 +375,5 @@ def test_a_replayed_crl_vetted_beside_a_newer_one_never_replaces_it(
                 assert "older than the CRL #2" in str(row.last_error), row.last_error
             finally:
                 await store.close()
-        finally:
-            await runner.cleanup()
 
     asyncio.run(run())
