@@ -342,3 +342,19 @@ def test_explain_json_on_openssl_made_certificates(
     else:
         assert reason in answer["reason"], answer
         assert answer["reason"]
+
+
+def test_explain_json_stops_at_revocation_without_a_current_crl_under_require(
+    lab: LabLayout, pki: Path, tmp_path: Path
+) -> None:
+    """Issue 8: "revocation" is also the stage of a missing CRL under `revocation = "require"`: only the root's CRL
+    configured, alice's issuing CA has none; `explain --json` exits 1 at stage "revocation" with the reason."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_config(lab, tmp_path, pki, intermediates=ISSUING, crls='"{rel}/root/crl.pem"'))
+    command = Path(sys.executable).parent / "kcd-proxy"
+    argv = [str(command), "explain", "--config", str(config), "--cert", str(pki / "users" / "alice.pem"), "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["accepted"], answer["stage"]) == (False, "revocation"), answer
+    assert answer["reason"], answer
