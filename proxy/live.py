@@ -17,8 +17,11 @@ TLS context, first fetch of the CRLs); only when all of that succeeded are both 
   logged (`reload_refused`) and the old one keeps serving.
 
 The per-user backend connections always carry over (each route's TLS context too, unless the route or its
-CA bundle's bytes changed: `Pools.successor`), and the Kerberos ticket cache (and the Basic login cache)
-when their settings are unchanged, so a reload costs no KDC exchange. What the old gateway owned alone
+CA bundle's bytes changed: `Pools.successor`), and the Delegator (the gateway's own credentials, its KDC watch)
+and the Basic login cache when their settings are unchanged. The delegated tickets do not (issue #7): a reload
+empties the ticket cache, so each user's next request asks the KDC again (one S4U2Self and one S4U2Proxy), and
+an account disabled or taken off the delegation list since is refused from then on without a restart; requests
+in flight keep the token they have. What the old gateway owned alone
 (its CRL refresher, a replaced Delegator) is closed when its last request ends. The listener's and the
 admin listener's addresses, the number of workers and the listener's other settings but its certificate, key and
 `trusted_proxies` only change with a restart (`reload_needs_restart` names each one a reload left as it was).
@@ -104,6 +107,8 @@ class Live:
             await gateway.delegator.watch_kdcs()  # a kept delegator's watch goes on; a new one's starts
             self.gateway, self.ssl_context = gateway, context
             old.revocation.hand_over(gateway.revocation, gateway.trust)  # held requests: judged by the new trust
+            dropped = len(old.delegator)  # a replaced delegator's go when the old gateway's last request ends
+            gateway.delegator.clear()  # issue #7: delegated tickets do not outlive a reload (a kept delegator's)
             if gateway.config.listener.proxy_protocol:
                 self.balancers = gateway.config.listener.trusted_proxies
             self.generation += 1
@@ -116,6 +121,7 @@ class Live:
                 generation=self.generation,
                 changed=_changed(old.config, config),
                 routes=[r.prefix for r in config.routes],
+                tickets_dropped=dropped,
             )
             for key in _needs_restart(old.config, config):
                 log.warning("reload_needs_restart", key=key, detail="takes effect when the gateway restarts")

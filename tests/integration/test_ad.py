@@ -285,13 +285,19 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
     """`kcd-proxy lab up --ad` (what `make lab-ad` runs first) returns at once on a running realm, starts the
     Exchange stand-in in the namespace and prints an `ip netns exec ... curl`; with the gateway it configured
     running in there, that curl, pasted as printed, gets alice through, and `kcd-proxy trace` with that configuration
-    shows her request (it had no admin listener: "traces are not served")."""
+    shows her request (it had no admin listener: "traces are not served"). It also writes, and names, the
+    `gateway-strong.toml` the README's strong-mapping section points to, which check-config finds sound."""
     lab_dir = ad_realm.root.parent
     assert ad_realm.root.name == "ad"
     argv = [sys.executable, "-m", "proxy", "lab", "up", "--ad", "--dir", str(lab_dir)]
     with _locked(ad_realm.root):  # it makes the strong-mapping accounts and files, as `ad_mapping_realm` does
         up = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert up.returncode == 0, up.stderr
+    strong = ad_realm.root / "gateway-strong.toml"  # the strong-mapping twin the README names, beside the realm
+    assert f'# [identity] mapping = "strong": {strong};' in up.stdout, up.stdout
+    assert 'mapping = "strong"' in strong.read_text()
+    checked = ad_realm.run([sys.executable, "-m", "proxy", "check-config", str(strong)], timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     printed = up.stdout[up.stdout.index(f"ip netns exec {ad_realm.netns} curl") :].replace("\\\n", " ").strip()
     gw = ad_realm.popen(
         [sys.executable, "-m", "proxy", "run", "--config", str(ad_realm.root / "gateway.toml")], log=tmp_path / "gw.log"

@@ -10,6 +10,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import ADMIN_MAX_CONNECTIONS
 from proxy.lab.layout import LabLayout
+from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 
@@ -178,6 +180,33 @@ def test_not_ready_without_a_kdc(lab: LabLayout, tmp_path: Path) -> None:
         assert (answer["ready"], answer["crls"]) == (False, "ok")
         assert "unreachable" in answer["kdc"]
         assert _get(f"http://127.0.0.1:{admin_port}/healthz")[0] == 200
+    finally:
+        assert gw.stop() == 0
+
+
+def test_not_ready_once_a_crl_is_past_its_next_update(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 8: /readyz says "CRLs current": the issuing CA's CRL reaching its nextUpdate (3 s after it was made,
+    nothing newer published) makes /readyz 503 naming that CRL's source, while the KDC is still "ok"."""
+    now = datetime.now(UTC)
+    issuing = write_crl(
+        tmp_path / "issuing.crl", load_ca(lab.pki_dir, "issuing"), next_update=now + timedelta(seconds=3)
+    )
+    root = write_crl(tmp_path / "root.crl", load_ca(lab.pki_dir, "root"))
+    admin_port = free_port()
+    text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    gw = start_gateway(lab, tmp_path, text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]'))
+    try:
+
+        def stale() -> dict[str, Any] | None:
+            status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
+            return json.loads(body) if status == 503 else None
+
+        answer = eventually(stale, "/readyz 503 once the CRL is stale")
+        assert (answer["ready"], answer["kdc"]) == (False, "ok")
+        assert [line.split(": ")[0] for line in answer["crls"]] == [str(issuing)], answer  # the root's is current
+        assert "stale since" in answer["crls"][0]
     finally:
         assert gw.stop() == 0
 

@@ -19,13 +19,22 @@ REPO = Path(__file__).resolve().parents[2]
 def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     """Each phase runs end to end against real nginx, the real gateway (uvloop, the default, and asyncio) and the
     plain proxy; the JSON has the fixed-rate latencies, the scaling ratio, the asyncio column, the held columns each
-    warmed with every user, and the memory breakdown."""
+    warmed with every user, and the memory breakdown; the report prints the plain aiohttp proxy as a column beside
+    kcd-proxy and nginx with the ratio to nginx, each of issue 7's four measurements, and where the JSON went."""
     out = tmp_path / "bench.json"
     argv = [sys.executable, "-m", "bench.run", "--seconds", "1", "--rounds", "1", "--held", "40", "--users", "4"]
     argv += ["--traced", "20", "--rate", "100", "--settle", "1", "--json", str(out)]
     run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads(out.read_text())
+    # issue 18: the plain aiohttp proxy is a column beside kcd-proxy and nginx, in the JSON and the printed report
+    for column in ("gateway", "plain", "nginx"):
+        assert figures["keepalive"][column][0]["requests"] > 0, column
+    heads = next(line.split() for line in run.stdout.splitlines() if "kcd/ngx" in line)
+    assert {"kcd-proxy", "aiohttp", "nginx"} <= set(heads), heads
+    for section in ("1. keep-alive", "2. a new TLS connection", "3. held long-polls", "4. KDC requests per 1,000"):
+        assert section in run.stdout, section
+    assert f"bench: figures in {out}" in run.stdout
     for column in ("gateway", "gateway_asyncio", "plain", "nginx"):
         paced = figures["paced"][column]
         assert paced["answered"] == paced["sent"] == 100, paced

@@ -112,8 +112,10 @@ async def _in_process(config: Path, leaf: x509.Certificate, *args: str) -> Expla
 
 
 def test_a_kdc_refusal_comes_with_the_fix(lab: LabLayout, config: Path) -> None:
-    """Delegation to an SPN outside the allow-list: the fix names the delegation list to change."""
-    _, answer = _json(config, _user(lab, "carol"), "--kdc", "--path", "/not-delegable/x")
+    """Delegation to an SPN outside the allow-list: exit 1 at stage "kerberos" (issue 8), and the fix names the
+    delegation list to change."""
+    code, answer = _json(config, _user(lab, "carol"), "--kdc", "--path", "/not-delegable/x")
+    assert (code, answer["accepted"], answer["stage"], answer["spn"]) == (1, False, "kerberos", "HTTP/other.lab.test")
     assert "add HTTP/other.lab.test to the delegation list of HTTP/proxy.lab.test@LAB.TEST" in answer["fix"]
 
 

@@ -27,7 +27,7 @@ from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.tls.proxy_protocol import V2_SIGNATURE
 from tests.integration.conftest import Gateway, client_context, curl, free_port, start_gateway
-from tests.integration.jsonlog import WAIT
+from tests.integration.jsonlog import WAIT, eventually
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,31 @@ def test_v2_header_makes_the_device_the_client(lab: LabLayout, balanced: Gateway
     headers = {k.lower(): v for k, v in echo["headers"].items()}
     assert headers["x-forwarded-for"] == "203.0.113.7"
     balanced.wait_for("request", lambda e: (e.get("client"), e.get("status")) == ("203.0.113.7", 200))
+
+
+def test_the_trace_names_the_device_behind_the_balancer(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue 17: behind a balancer the device's address (the PROXY header's) is the client in the trace that
+    `GET /traces` on the admin listener returns, as it is in the log line and X-Forwarded-For; never the balancer's."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    admin = free_port()
+    text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    gw = start_gateway(
+        lab, tmp_path_factory.mktemp("balanced-traces"), text + f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    )
+    try:
+        assert through(lab, gw, v2_header("203.0.113.44", 40004))[0] == 200
+
+        def device_trace() -> dict[str, Any] | None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/traces?limit=10", timeout=30) as r:
+                records: list[dict[str, Any]] = json.loads(r.read())
+            return next((t for t in records if t["principal"] == "alice@LAB.TEST"), None)
+
+        record = eventually(device_trace, "alice's trace")
+        assert (record["client"], record["status"]) == ("203.0.113.44", 200)
+    finally:
+        assert gw.stop() == 0
 
 
 def test_v1_header_from_a_raw_socket_and_from_curl(lab: LabLayout, balanced: Gateway) -> None:

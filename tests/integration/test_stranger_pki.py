@@ -16,6 +16,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -294,3 +295,66 @@ def test_a_certificate_with_two_upns_is_refused(pki: Path, stranger_gateway: Gat
     assert "2 UPNs" in body
     line = stranger_gateway.wait_event("request", refused_stage="identity")
     assert "principal" not in line
+
+
+EXPLAIN_KEYS = {"accepted", "stage", "reason", "upn", "principal", "route", "spn"}  # issue #8's object
+
+
+@pytest.mark.parametrize(
+    ("cert", "args", "code", "stage", "reason"),
+    [
+        ("users/alice.pem", ("--path", "/Microsoft-Server-ActiveSync"), 0, None, None),
+        ("users/bob.pem", (), 1, "revocation", "was revoked on"),
+        ("users/twoupns.pem", (), 1, "identity", "2 UPNs"),
+        ("users/alice.pem", ("--at", "2099-01-01T00:00:00Z"), 1, "certificate", "expired"),
+        ("server.pem", (), 1, "certificate", ""),  # serverAuth only: no clientAuth EKU
+        ("{lab}/users/alice.pem", (), 1, "certificate", ""),  # another CA (the lab's)
+    ],
+    ids=["accepted", "revoked", "two upns", "expired then", "no clientAuth", "untrusted"],
+)
+def test_explain_json_on_openssl_made_certificates(
+    lab: LabLayout,
+    pki: Path,
+    tmp_path: Path,
+    cert: str,
+    args: tuple[str, ...],
+    code: int,
+    stage: str | None,
+    reason: str,
+) -> None:
+    """Issue 8: `kcd-proxy explain --config FILE --cert CERT.pem --json` on certificates `openssl ca` made: one JSON
+    object with the issue's keys, `stage` where a request would stop (null when accepted), exit 0 or 1."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_config(lab, tmp_path, pki, intermediates=ISSUING, crls=DER_AND_PEM_CRLS))
+    path = Path(cert.format(lab=lab.pki_dir)) if cert.startswith("{") else pki / cert
+    command = Path(sys.executable).parent / "kcd-proxy"  # the command as installed, as an operator types it
+    argv = [str(command), "explain", "--config", str(config), "--cert", str(path), "--json", *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == code, done.stdout + done.stderr
+    assert done.stdout.count("\n") == 1, done.stdout  # one object, on one line
+    answer = json.loads(done.stdout)
+    assert set(answer) >= EXPLAIN_KEYS, answer
+    assert (answer["accepted"], answer["stage"]) == (code == 0, stage)
+    if code == 0:
+        assert answer["reason"] is None
+        assert (answer["upn"], answer["principal"]) == ("alice@lab.test", "alice@LAB.TEST")
+        assert (answer["route"], answer["spn"]) == ("/", "HTTP/cas.lab.test")
+    else:
+        assert reason in answer["reason"], answer
+        assert answer["reason"]
+
+
+def test_explain_json_stops_at_revocation_without_a_current_crl_under_require(
+    lab: LabLayout, pki: Path, tmp_path: Path
+) -> None:
+    """Issue 8: "revocation" is also the stage of a missing CRL under `revocation = "require"`: only the root's CRL
+    configured, alice's issuing CA has none; `explain --json` exits 1 at stage "revocation" with the reason."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_config(lab, tmp_path, pki, intermediates=ISSUING, crls='"{rel}/root/crl.pem"'))
+    command = Path(sys.executable).parent / "kcd-proxy"
+    argv = [str(command), "explain", "--config", str(config), "--cert", str(pki / "users" / "alice.pem"), "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["accepted"], answer["stage"]) == (False, "revocation"), answer
+    assert answer["reason"], answer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import ssl
 import subprocess
 import time
@@ -339,5 +340,33 @@ def test_revoking_a_certificate_drops_its_users_tickets(lab: LabLayout, tmp_path
             assert time.monotonic() < deadline, "the revoked certificate is still served"
             time.sleep(0.2)
         assert gw.wait_event("tickets_forgotten", principal="carol@LAB.TEST")["tickets"] == 1
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_reload_drops_the_delegated_tickets(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 7: cache entries are dropped when the configuration reloads: a user's second request costs no KDC
+    exchange, and the first after a SIGHUP (the same file) one S4U2Self and one S4U2Proxy again."""
+    name = f"tc{uuid.uuid4().hex[:10]}"
+    _kadmin(lab, f"addprinc -randkey {name}")
+    principal = f"{name}@{REALM}"
+    cert, key = _certificate_for(lab, name, tmp_path)
+    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port()))
+
+    def exchanges() -> list[str | None]:
+        return [r.extension for r in kdc.settled() if r.user == principal]
+
+    try:
+        kdc = KdcLog(lab.kdc_log)
+        assert curl_with(lab, gw, cert, key)[0] == 200
+        assert curl_with(lab, gw, cert, key)[0] == 200
+        assert exchanges() == [S4U2SELF, S4U2PROXY]
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        reloaded = gw.wait_event("reloaded")
+        kdc = KdcLog(lab.kdc_log)
+        assert curl_with(lab, gw, cert, key)[0] == 200
+        assert exchanges() == [S4U2SELF, S4U2PROXY]
+        assert reloaded["tickets_dropped"] >= 1
     finally:
         assert gw.stop() == 0
