@@ -82,12 +82,13 @@ def stranger_gateway(lab: LabLayout, pki: Path, tmp_path_factory: pytest.TempPat
     assert gw.stop() == 0
 
 
-def _curl(pki: Path, gw: Gateway, user: str, path: str = "/owa/") -> tuple[str, int, str]:
-    """curl with the stranger's root as its trust and a user's certificate file as openssl ca wrote it:
-    (body, status, stderr); status 0 when no HTTP answer came."""
+def _curl(pki: Path, gw: Gateway, user: str | None, path: str = "/owa/", *args: str) -> tuple[str, int, str]:
+    """curl with the stranger's root as its trust and a user's certificate file as openssl ca wrote it (none for
+    `user` None): (body, status, stderr); status 0 when no HTTP answer came."""
     users = pki / "users"
-    argv = ["curl", "-sS", "--max-time", "60", "--cacert", str(pki / "root" / "cert.pem")]
-    argv += ["--cert", str(users / f"{user}.pem"), "--key", str(users / f"{user.removesuffix('-chain')}.key")]
+    argv = ["curl", "-sS", "--max-time", "60", "--cacert", str(pki / "root" / "cert.pem"), *args]
+    if user is not None:
+        argv += ["--cert", str(users / f"{user}.pem"), "--key", str(users / f"{user.removesuffix('-chain')}.key")]
     done = subprocess.run(
         [*argv, "-w", "\n%{http_code}", gw.url + path], capture_output=True, text=True, timeout=90, check=False
     )
@@ -293,4 +294,55 @@ def test_a_certificate_with_two_upns_is_refused(pki: Path, stranger_gateway: Gat
     assert code == 403, body
     assert "2 UPNs" in body
     line = stranger_gateway.wait_event("request", refused_stage="identity")
+    assert "principal" not in line
+
+
+@pytest.mark.parametrize(
+    ("user", "curl_says", "reason_in_log"),
+    [
+        (None, "alert certificate required", "peer did not return a certificate"),
+        ("expired", "alert certificate expired", "certificate has expired"),
+        ("notyet", "alert bad certificate", "certificate is not yet valid"),  # OpenSSL's alert; the log names it
+        ("rogue-chain", "alert decrypt error", "certificate signature failure"),
+        ("serverauth", "alert unsupported certificate", "unsuitable certificate purpose"),
+    ],
+)
+def test_openssl_made_certificates_issue_3_refuses_in_the_handshake(
+    pki: Path, stranger_gateway: Gateway, user: str | None, curl_says: str, reason_in_log: str
+) -> None:
+    """Issue 3's handshake refusals with certificates `openssl ca` and `openssl x509` made: none, expired, not yet
+    valid, a rogue CA pair copying the trusted root's and issuing CA's names byte for byte (its leaf has no key
+    identifier, so the names alone point at the trusted CA), serverAuth only: curl sees the TLS alert, the gateway
+    logs why, and no request line follows."""
+    mark = stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, user)
+    assert code == 0, body
+    assert curl_says in err.lower(), err
+    stranger_gateway.wait_for(
+        "tls_handshake_refused", lambda e: reason_in_log in e["reason"].lower(), what=reason_in_log
+    )
+    assert not stranger_gateway.events("request", after=mark)
+
+
+@pytest.mark.parametrize(
+    ("user", "stage", "reason"),
+    [
+        ("noeku", "certificate", "extended key usage"),
+        ("noupn", "identity", "no user principal name"),
+    ],
+)
+def test_openssl_made_certificates_issue_3_refuses_with_403(
+    pki: Path, stranger_gateway: Gateway, user: str, stage: str, reason: str
+) -> None:
+    """Issue 3's per-request refusals with `openssl ca` certificates: one with no EKU at all (OpenSSL's handshake
+    takes it; the certificate stage does not) and one whose only names are an e-mail address and a DNS name (no
+    UPN): 403 with a plain-text reason and the refusing stage, never delegated."""
+    stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, user, "/owa/", "-D", "-")
+    assert code == 403, (body, err)
+    assert reason in body.lower()
+    assert f"x-kcd-refused-stage: {stage}" in body.lower()
+    assert "text/plain" in body.lower()
+    line = stranger_gateway.wait_event("request", refused_stage=stage)
+    assert line["status"] == 403
     assert "principal" not in line
