@@ -473,3 +473,45 @@ extension = {{ oid = "{TEMPLATE_OID}", value = "{TEMPLATE_ID}" }}
         assert summary(gw, principal="bob@LAB.TEST", status=200)["restriction"] == "managed-device-template"
     finally:
         gw.stop()
+
+
+# -- what the TLS handshake asks for, seen by openssl s_client ------------------------------------------
+
+
+def _s_client_without_certificate(lab: LabLayout, gw: Gateway) -> tuple[bool, str]:
+    """`openssl s_client` presenting no certificate, sending one GET: (whether the server's handshake carried a
+    CertificateRequest, everything s_client printed)."""
+    argv = ["openssl", "s_client", "-msg", "-ign_eof", "-CAfile", str(lab.pki_dir / "root.pem")]
+    argv += ["-connect", f"127.0.0.1:{gw.port}"]
+    request = "GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    done = subprocess.run(argv, input=request, capture_output=True, text=True, timeout=90, check=False)
+    out = done.stdout + done.stderr
+    return "CertificateRequest" in out, out
+
+
+def test_the_handshake_asks_for_a_certificate_as_each_mode_says(
+    lab: LabLayout, gateway: Gateway, either: Gateway, both: Gateway, tmp_path: Path
+) -> None:
+    """Issue 5, seen in the TLS handshake itself: `certificate` asks for a certificate and requires it (no
+    certificate: an alert, no HTTP answer); `certificate-or-basic` and `certificate-and-basic` ask without
+    requiring (the handshake completes, the request is answered `401` or `403`); `basic` sends no
+    CertificateRequest at all, and its challenge names the default realm, `Basic realm="Exchange"`."""
+    asked, out = _s_client_without_certificate(lab, gateway)
+    assert asked, out
+    assert "HTTP/1.1" not in out
+    assert "certificate required" in out
+    asked, out = _s_client_without_certificate(lab, either)
+    assert asked, out
+    assert "HTTP/1.1 401" in out
+    assert 'WWW-Authenticate: Basic realm="Lab Exchange"' in out
+    asked, out = _s_client_without_certificate(lab, both)
+    assert asked, out
+    assert "HTTP/1.1 403" in out
+    gw = basic_gateway(lab, tmp_path)
+    try:
+        asked, out = _s_client_without_certificate(lab, gw)
+        assert not asked, out
+        assert "HTTP/1.1 401" in out
+        assert 'WWW-Authenticate: Basic realm="Exchange"' in out
+    finally:
+        gw.stop()
