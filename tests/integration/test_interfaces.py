@@ -3,16 +3,18 @@ them, the optional keys left out, and a signal the issue names."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 from proxy.lab import kdc
-from proxy.lab.layout import LabLayout
+from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 
@@ -143,3 +145,47 @@ def test_a_cached_password_does_not_outlive_a_failed_reverification(lab: LabLayo
             assert gw.stop() == 0
     finally:
         kdc._kadmin(lab, f"delprinc -force {user}")
+
+
+def test_the_lab_backend_to_an_ordinary_negotiate_client(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 2's Exchange stand-in as the running lab serves it, asked by curl, not by our code: without a token
+    401 and a bare `WWW-Authenticate: Negotiate`; with alice's own ticket (kinit, then `curl --negotiate`) each of
+    the four Exchange paths echoes her principal, the method, the path and the body's SHA-256; ActiveSync
+    OPTIONS names the protocol versions and commands; `Cmd=Ping` with `hold=1` is held, then answered."""
+    port = lab.backend_port
+    base = f"http://cas.lab.test:{port}"
+    env = {**os.environ, "KRB5_CONFIG": str(lab.krb5_conf), "KRB5CCNAME": f"FILE:{tmp_path / 'alice.ccache'}"}
+
+    def run(*args: str) -> tuple[str, str, int]:
+        """curl's last answer (its head, its body, its status): `--negotiate` sends a token after a 401."""
+        heads, body = tmp_path / "heads", tmp_path / "body"
+        argv = ["curl", "-sS", "--max-time", "60", "--resolve", f"cas.lab.test:{port}:127.0.0.1"]
+        argv += ["-D", str(heads), "-o", str(body), *args]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=90, check=False)
+        assert done.returncode == 0, done.stderr
+        head = heads.read_bytes().decode("latin-1").strip().split("\r\n\r\n")[-1]
+        return head, body.read_text(), int(head.split(" ", 2)[1])
+
+    head, _, status = run(base + "/owa/")
+    assert status == 401, head
+    assert "\r\nWWW-Authenticate: Negotiate\r\n" in head + "\r\n"  # a bare challenge
+    kinit = subprocess.run(
+        ["kinit", "alice@LAB.TEST"], input=USERS["alice"] + "\n", capture_output=True, text=True, env=env, timeout=60
+    )
+    assert kinit.returncode == 0, kinit.stderr
+    body = b"<Sync>an ActiveSync body</Sync>"
+    for path in ("/Microsoft-Server-ActiveSync", "/EWS/Exchange.asmx", "/owa/", "/autodiscover/autodiscover.xml"):
+        head, text, status = run("--negotiate", "-u", ":", "--data-binary", body.decode(), base + path)
+        assert status == 200, (path, head, text)
+        echo = json.loads(text)
+        assert (echo["principal"], echo["method"], echo["path"]) == ("alice@LAB.TEST", "POST", path)
+        assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+    head, _, status = run("--negotiate", "-u", ":", "-X", "OPTIONS", base + "/Microsoft-Server-ActiveSync")
+    assert status == 200, head
+    assert "MS-ASProtocolVersions: " in head
+    assert "Ping" in head.partition("MS-ASProtocolCommands: ")[2].partition("\r\n")[0]
+    started = time.monotonic()
+    head, text, status = run("--negotiate", "-u", ":", base + "/Microsoft-Server-ActiveSync?Cmd=Ping&hold=1")
+    assert status == 200, head
+    assert time.monotonic() - started >= 1
+    assert json.loads(text)["principal"] == "alice@LAB.TEST"
