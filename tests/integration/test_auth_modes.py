@@ -299,12 +299,15 @@ def test_repeated_failures_for_a_user_are_refused_without_the_kdc(lab: LabLayout
 
 
 def test_repeated_failures_from_an_address_are_refused(lab: LabLayout, tmp_path: Path) -> None:
-    """Password spraying: failures for different users from one address reach basic_failures_per_address."""
+    """Password spraying: failures for different users from one address reach basic_failures_per_address; the
+    address then gets 429 with `Retry-After: 1` (the first step of 1, 2, 4 ... s)."""
     gw = basic_gateway(lab, tmp_path, per_user=10, per_address=3)
     try:
         assert call(lab, gw, "/owa/", login=ALICE).status == 200  # cached before the spraying starts
         assert [call(lab, gw, "/owa/", login=f"{u}:spray").status for u in ("bob", "carol", "ghost")] == [401] * 3
-        assert call(lab, gw, "/owa/", login=f"carol:{USERS['carol']}").status == 429
+        refused = call(lab, gw, "/owa/", login=f"carol:{USERS['carol']}")
+        assert refused.status == 429
+        assert refused.headers["retry-after"] == "1"
         assert call(lab, gw, "/owa/", login=ALICE).status == 200  # a cached, verified password still works
     finally:
         gw.stop()
