@@ -67,7 +67,8 @@ subjectAltName = @user_san
 [user_san]
 email.1 = ${ENV::UPN}
 DNS.1 = device-${ENV::NAME}.example
-otherName.1 = 1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
+# FORMAT:UTF8: the value is UTF-8 already (without it openssl reads it as Latin-1 and encodes each byte again)
+otherName.1 = 1.3.6.1.4.1.311.20.2.3;FORMAT:UTF8,UTF8:${ENV::UPN}
 URI.1 = urn:device:${ENV::NAME}
 [v3_two_upns]
 basicConstraints = critical, CA:FALSE
@@ -116,8 +117,10 @@ ca -name root -selfsign -in root/req.pem -out root/cert.pem -extensions v3_root 
 openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout issuing/key.pem -out issuing/req.pem \
   -subj "/O=Stränger Örg/CN=Stränger Issuing CA 1" -utf8
 ca -name root -in issuing/req.pem -out issuing/cert.pem -extensions v3_issuing
-# name:upn; alice-corp carries a UPN whose suffix is not the realm's (identity.realm_map maps it)
-for entry in alice:alice@lab.test bob:bob@lab.test carol:carol@lab.test alice-corp:alice@corp.example; do
+# name:upn; alice-corp carries a UPN whose suffix is not the realm's (identity.realm_map maps it), alice-idn one
+# whose suffix has a non-ASCII letter (refused unless identity.realm_map names it)
+for entry in alice:alice@lab.test bob:bob@lab.test carol:carol@lab.test alice-corp:alice@corp.example \
+    alice-idn:alice@Bücher.example; do
   export NAME=${entry%%:*} UPN=${entry#*:}
   openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout "users/$NAME.key" -out "users/$NAME.req" \
     -subj "/O=Stränger Örg/CN=$NAME Ünïcode" -utf8

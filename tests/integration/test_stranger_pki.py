@@ -184,8 +184,9 @@ def test_an_intermediate_the_device_sends_is_never_used(lab: LabLayout, pki: Pat
 
 def test_realm_map_maps_a_upn_suffix_to_the_realm(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
     """`identity.realm_map = { "corp.example" = "LAB.TEST" }`: a UPN alice@corp.example is delegated as
-    alice@LAB.TEST (issue 3's realm mapping)."""
-    identity = 'realm_map = { "corp.example" = "LAB.TEST" }\n'
+    alice@LAB.TEST (issue 3's realm mapping); issue 14: a suffix with a non-ASCII letter is served when realm_map
+    names it (`bücher.example`, the certificate's `Bücher.example` compared with ASCII case ignored only)."""
+    identity = 'realm_map = { "corp.example" = "LAB.TEST", "bücher.example" = "LAB.TEST" }\n'
     gw = start_gateway(
         lab, tmp_path, _config(lab, tmp_path, pki, intermediates=ISSUING, crls=DER_AND_PEM_CRLS, identity=identity)
     )
@@ -195,8 +196,22 @@ def test_realm_map_maps_a_upn_suffix_to_the_realm(lab: LabLayout, pki: Path, tmp
         assert json.loads(body)["principal"] == "alice@LAB.TEST"
         line = gw.wait_event("request", upn="alice@corp.example")
         assert line["principal"] == "alice@LAB.TEST"
+        body, code, err = _curl(pki, gw, "alice-idn")
+        assert code == 200, (body, err)
+        assert json.loads(body)["principal"] == "alice@LAB.TEST"
     finally:
         assert gw.stop() == 0
+
+
+def test_a_non_ascii_upn_suffix_no_realm_map_names_is_refused(pki: Path, stranger_gateway: Gateway) -> None:
+    """Issue 14: UPN suffixes are mapped with ASCII case only; alice@Bücher.example, whose suffix no realm_map
+    names, is 403 at the identity stage (never `BÜCHER.EXAMPLE` built by Unicode upper-casing)."""
+    stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, "alice-idn")
+    assert code == 403, (body, err)
+    assert "not ASCII" in body
+    line = stranger_gateway.wait_event("request", refused_stage="identity")
+    assert "principal" not in line
 
 
 def _get_once(
