@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -189,3 +190,27 @@ def test_the_lab_backend_to_an_ordinary_negotiate_client(lab: LabLayout, tmp_pat
     assert status == 200, head
     assert time.monotonic() - started >= 1
     assert json.loads(text)["principal"] == "alice@LAB.TEST"
+
+
+def test_an_upstream_that_never_answers_its_handshake_is_504_after_connect_timeout(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Issue 6 and the README's refusal table: a route's `connect_timeout` bounds reaching the upstream; an https
+    upstream that takes the TCP connection and never answers the TLS handshake gets the device a 504 (not 502, not
+    a hang until `read_timeout`), logged with the route."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody ever reads or writes
+        extra = (
+            f'\n[[routes]]\nprefix = "/silent/"\nupstream = "https://127.0.0.1:{silent.getsockname()[1]}"\n'
+            f'spn = "HTTP/cas.lab.test"\nca_bundle = "{lab.pki_dir / "root.pem"}"\nconnect_timeout = 1\n'
+        )
+        gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+        try:
+            gw.mark()
+            body, code = _split(curl(lab, gw.url + "/silent/x", "alice").stdout)
+            assert code == 504, body
+            line = gw.wait_event("request", route="/silent/")
+            assert line["status"] == 504
+            assert line["refusal"] == "backend_timeout"
+            assert 1000 <= line["ms"]["backend"] < 5000  # connect_timeout = 1, not its default 10 s
+        finally:
+            assert gw.stop() == 0
