@@ -214,3 +214,62 @@ def test_an_upstream_that_never_answers_its_handshake_is_504_after_connect_timeo
             assert 1000 <= line["ms"]["backend"] < 5000  # connect_timeout = 1, not its default 10 s
         finally:
             assert gw.stop() == 0
+
+
+def _processes_of(lab_dir: Path) -> list[str]:
+    """Command lines of live processes that name a file of `lab_dir` or run with KCD_LAB_DIR set to it (a zombie's
+    are empty)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(f"{lab_dir}{os.sep}") for a in argv) or f"KCD_LAB_DIR={lab_dir}".encode() in environ:
+            found.append(" ".join(argv).strip())
+    return found
+
+
+def test_lab_up_as_make_lab_runs_it_and_lab_down_leaves_nothing(tmp_path: Path) -> None:
+    """Issue 2, as `make lab` runs it: `kcd-proxy lab up` (the console script) on a fresh directory finishes in under
+    30 s and prints a curl command; a second `up` is a no-op that succeeds; `lab status` says every part runs; the
+    gateway run with the `gateway.toml` it wrote serves that curl, pasted as printed (alice, through the Exchange
+    stand-in); `lab down` leaves no process of the lab and `lab status` then exits 1."""
+    lab_dir = tmp_path / "lab"
+    ports = ("ldap", "kdc", "backend", "gateway", "crl", "ocsp", "admin")
+    env = {**os.environ, "KCD_LAB_DIR": str(lab_dir), **{f"KCD_LAB_{p.upper()}_PORT": str(free_port()) for p in ports}}
+    kcd_proxy = str(Path(sys.executable).parent / "kcd-proxy")
+
+    def lab_command(action: str) -> subprocess.CompletedProcess[str]:
+        argv = [kcd_proxy, "lab", action]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
+
+    try:
+        started = time.monotonic()
+        up = lab_command("up")
+        elapsed = time.monotonic() - started
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert elapsed < 30, f"lab up took {elapsed:.1f} s"
+        printed = up.stdout[up.stdout.index("curl --cacert") :].replace("\\\n", " ").strip()
+        assert lab_command("up").returncode == 0
+        status = lab_command("status")
+        assert status.returncode == 0, status.stdout
+        assert all(json.loads(status.stdout).values())
+        layout = LabLayout.from_env(env)
+        gw = start_gateway(layout, tmp_path, (lab_dir / "gateway.toml").read_text())
+        try:
+            assert f"https://127.0.0.1:{layout.gateway_port}/" in printed
+            pasted = printed.replace(f"127.0.0.1:{layout.gateway_port}/", f"127.0.0.1:{gw.port}/")  # moved if taken
+            done = subprocess.run(
+                ["bash", "-c", pasted + " -sS"], capture_output=True, text=True, env=env, timeout=90, check=False
+            )
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["principal"] == "alice@LAB.TEST"
+        finally:
+            assert gw.stop() == 0
+    finally:
+        down = lab_command("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert _processes_of(lab_dir) == []
+    assert lab_command("status").returncode == 1
