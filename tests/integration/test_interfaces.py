@@ -273,3 +273,38 @@ def test_lab_up_as_make_lab_runs_it_and_lab_down_leaves_nothing(tmp_path: Path) 
     assert down.returncode == 0, down.stdout + down.stderr
     assert _processes_of(lab_dir) == []
     assert lab_command("status").returncode == 1
+
+
+def test_a_locked_out_account_signing_in_with_basic_is_403(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 5: "Disabled or locked user: 403". An MIT principal under a lockout policy (one failure locks it for
+    an hour), locked by a wrong kinit elsewhere: its right password through the gateway's Basic sign-in is 403
+    at the kerberos stage naming the account's state, never 401 (a wrong password) nor 502."""
+    user = f"locked{uuid.uuid4().hex[:8]}"
+    policy = f"lockout-{user}"
+    kdc._kadmin(lab, f"addpol -maxfailure 1 -failurecountinterval 0 -lockoutduration 3600 {policy}")
+    kdc._kadmin(lab, f"addprinc +requires_preauth -pw right-Pa55 -policy {policy} {user}")
+    try:
+        env = {**os.environ, "KRB5_CONFIG": str(lab.krb5_conf), "KRB5CCNAME": f"FILE:{tmp_path / 'cc'}"}
+        wrong = subprocess.run(
+            ["kinit", user], input="wrong\n", capture_output=True, text=True, env=env, timeout=60, check=False
+        )
+        assert wrong.returncode != 0
+        again = subprocess.run(
+            ["kinit", user], input="right-Pa55\n", capture_output=True, text=True, env=env, timeout=60, check=False
+        )
+        assert "revoked" in again.stderr.lower() or "locked" in again.stderr.lower(), again.stderr  # MIT locked it
+        gw = start_gateway(
+            lab, tmp_path, lab_config(lab, port=free_port(), extra='\n[authentication]\nmode = "basic"\n')
+        )
+        try:
+            gw.mark()
+            body, code = _split(curl(lab, gw.url + "/owa/", None, "-u", f"{user}:right-Pa55").stdout)
+            assert code == 403, body
+            line = gw.wait_event("request", status=403)
+            assert line["refused_stage"] == "kerberos", line
+            assert "disabled or locked" in body, body
+        finally:
+            assert gw.stop() == 0
+    finally:
+        kdc._kadmin(lab, f"delprinc -force {user}")
+        kdc._kadmin(lab, f"delpol -force {policy}")
