@@ -8,14 +8,17 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 from proxy.lab import kdc
 from proxy.lab.layout import USERS, LabLayout
+from proxy.lab.pki import Pki
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 
@@ -308,3 +311,60 @@ def test_a_locked_out_account_signing_in_with_basic_is_403(lab: LabLayout, tmp_p
     finally:
         kdc._kadmin(lab, f"delprinc -force {user}")
         kdc._kadmin(lab, f"delpol -force {policy}")
+
+
+class _SniRecorder:
+    """An https upstream with the lab's server certificate (SAN proxy.lab.test and 127.0.0.1) that records the SNI
+    of each TLS connection (None: none sent) and answers each request `200 ok`, closing the connection."""
+
+    def __init__(self, lab: LabLayout) -> None:
+        pki = Pki.at(lab.pki_dir)
+        self.names: list[str | None] = []
+        self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ctx.load_cert_chain(pki.server_chain, pki.server_key)
+        self._ctx.sni_callback = lambda _sock, name, _ctx: self.names.append(name)
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                with self._ctx.wrap_socket(raw, server_side=True) as tls:
+                    tls.settimeout(30)
+                    head = b""
+                    while b"\r\n\r\n" not in head and (chunk := tls.recv(65536)):
+                        head += chunk
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            except (OSError, ssl.SSLError):
+                continue
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_an_https_upstream_gets_the_server_name_as_sni(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 6: https upstreams are verified against `ca_bundle` "with SNI and an optional server-name override". A
+    route to https://127.0.0.1 with `server_name = "proxy.lab.test"` sends that name as SNI (and verifies the
+    certificate against it); the same upstream without `server_name` sends none (an address is never an SNI name,
+    RFC 6066) and is verified against the address."""
+    upstream = _SniRecorder(lab)
+    root = lab.pki_dir / "root.pem"
+    extra = "".join(
+        f'\n[[routes]]\nprefix = "{prefix}"\nupstream = "{upstream.url}"\nspn = "HTTP/cas.lab.test"\n'
+        f'ca_bundle = "{root}"\n{name}'
+        for prefix, name in (("/named/", 'server_name = "proxy.lab.test"\n'), ("/address/", ""))
+    )
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    try:
+        assert _split(curl(lab, gw.url + "/named/x", "alice").stdout) == ("ok", 200)
+        assert upstream.names == ["proxy.lab.test"]
+        assert _split(curl(lab, gw.url + "/address/x", "alice").stdout) == ("ok", 200)
+        assert upstream.names == ["proxy.lab.test", None]
+    finally:
+        assert gw.stop() == 0
+        upstream.close()
