@@ -3,6 +3,7 @@ them, the optional keys left out, and a signal the issue names."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -368,3 +369,46 @@ def test_an_https_upstream_gets_the_server_name_as_sni(lab: LabLayout, tmp_path:
     finally:
         assert gw.stop() == 0
         upstream.close()
+
+
+def _events(log: Path) -> list[str]:
+    """The `event` of each whole line of a JSON-lines log (a line that is not JSON raises)."""
+    text = log.read_text()
+    return [json.loads(line)["event"] for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def _listening_or_gone(proc: subprocess.Popen[bytes], log: Path) -> bool:
+    """Whether `proc` has exited or its log says it listens."""
+    return proc.poll() is not None or "listening" in _events(log)
+
+
+def test_the_gateway_logs_json_lines_to_stdout_and_nothing_to_stderr(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 3: `kcd-proxy run` "logs JSON lines to stdout". With stdout and stderr kept apart, as a supervisor
+    reading stdout keeps them: a served request, a refused handshake and a malformed request all log to stdout,
+    every line of it is one JSON object, from `listening` to `stopped`; stderr stays empty."""
+    config, out, err = tmp_path / "gateway.toml", tmp_path / "stdout", tmp_path / "stderr"
+    argv = [str(Path(sys.executable).parent / "kcd-proxy"), "run", "--config", str(config)]
+    for _ in range(3):  # a port taken between free_port and the bind: the gateway exits, and goes again elsewhere
+        port = free_port()
+        config.write_text(lab_config(lab, port=port))
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=REPO, env={**os.environ, **lab.env()})
+        eventually(functools.partial(_listening_or_gone, proc, out), "listening, or an exit")
+        if proc.poll() is None:
+            break
+    try:
+        url = f"https://127.0.0.1:{port}"
+        assert _split(curl(lab, url + "/owa/", "alice").stdout)[1] == 200
+        assert curl(lab, url + "/owa/", "expired").returncode != 0
+        assert _split(curl(lab, url + "/owa/%2f", "alice").stdout)[1] == 400
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert out.read_text().endswith("\n")
+    events = _events(out)  # each line one JSON object, or this raises
+    assert {"listening", "request", "tls_handshake_refused", "stopped"} <= set(events), events
+    assert events[-1] == "stopped"
+    assert err.read_text() == ""
