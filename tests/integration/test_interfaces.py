@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -412,3 +413,63 @@ def test_the_gateway_logs_json_lines_to_stdout_and_nothing_to_stderr(lab: LabLay
     assert {"listening", "request", "tls_handshake_refused", "stopped"} <= set(events), events
     assert events[-1] == "stopped"
     assert err.read_text() == ""
+
+
+ISSUE_3_CONFIG = """[listener]
+bind = "127.0.0.1:{port}"                 # host:port
+certificate = "tls/server-chain.pem"    # PEM, leaf then chain
+private_key = "tls/server.key"
+
+[client_certificates]
+trust_anchors = ["pki/root.pem"]        # the trust list: roots accepted for client certificates
+intermediates = ["pki/issuing.pem"]     # CAs the gateway may use to build chains
+crls = ["pki/crls.pem"]                 # CRL files, PEM (one or more CRLs) or DER
+
+[identity]
+source = "san-upn"                      # UPN from SubjectAltName otherName 1.3.6.1.4.1.311.20.2.3
+# realm_map = {{ "corp.example" = "LAB.TEST" }}   # UPN suffix -> realm; default: the suffix upper-cased
+
+[kerberos]
+principal = "HTTP/proxy.lab.test@LAB.TEST"
+keytab = "proxy.keytab"
+krb5_config = "krb5.conf"               # optional; otherwise the environment's
+
+[[routes]]
+prefix = "/"                            # longest prefix wins
+upstream = "http://127.0.0.1:{backend}"      # http or https
+spn = "HTTP/cas.lab.test"               # optional; default HTTP/<upstream host>
+"""
+
+
+def test_issue_3s_configuration_as_written_with_paths_relative_to_its_file(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 3's configuration block, comments and all (only the ports filled in), in a directory of its own that
+    holds tls/, pki/, proxy.keytab and krb5.conf, run from another working directory with no KRB5_CONFIG: every
+    relative path is read from the file's directory, and alice is delegated."""
+    home = tmp_path / "etc-kcd"
+    (home / "tls").mkdir(parents=True)
+    pki = Pki.at(lab.pki_dir)
+    shutil.copy(pki.server_chain, home / "tls" / "server-chain.pem")
+    shutil.copy(pki.server_key, home / "tls" / "server.key")
+    (home / "pki").symlink_to(lab.pki_dir)
+    shutil.copy(lab.proxy_keytab, home / "proxy.keytab")
+    shutil.copy(lab.krb5_conf, home / "krb5.conf")
+    config = home / "gateway.toml"
+    env = {k: v for k, v in os.environ.items() if k != "KRB5_CONFIG"}
+    for _ in range(3):  # a port taken between free_port and the bind: the gateway exits, and goes again elsewhere
+        port = free_port()
+        config.write_text(ISSUE_3_CONFIG.format(port=port, backend=lab.backend_port))
+        log = tmp_path / "gateway.log"
+        with log.open("wb") as out:
+            argv = [str(Path(sys.executable).parent / "kcd-proxy"), "run", "--config", "etc-kcd/gateway.toml"]
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+        eventually(functools.partial(_listening_or_gone, proc, log), "listening, or an exit")
+        if proc.poll() is None:
+            break
+    try:
+        body, code = _split(curl(lab, f"https://127.0.0.1:{port}/owa/", "alice").stdout)
+        assert code == 200, body
+        assert json.loads(body)["principal"] == "alice@LAB.TEST"
+        assert _split(curl(lab, f"https://127.0.0.1:{port}/owa/", "revoked").stdout)[1] == 403  # pki/crls.pem read
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
