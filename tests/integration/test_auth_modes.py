@@ -518,3 +518,32 @@ def test_the_handshake_asks_for_a_certificate_as_each_mode_says(
         assert 'WWW-Authenticate: Basic realm="Exchange"' in out
     finally:
         gw.stop()
+
+
+ISSUE_5_CONFIG = """
+[authentication]
+mode = "certificate"        # "certificate" | "certificate-or-basic" | "certificate-and-basic" | "basic"
+basic_realm = "Exchange"
+
+[[client_certificates.restrictions]]   # optional; a certificate must match at least one rule when any exist
+issuer = "{issuer}"           # and/or: subject (glob), eku (OIDs), extension = {{ oid = "...", value = "..." }}
+"""
+
+
+@pytest.mark.parametrize(("issuer", "status"), [("CN=Lab Issuing CA", 200), ("CN=Partner Issuing CA", 403)])
+def test_issue_5s_restriction_as_written(lab: LabLayout, tmp_path: Path, issuer: str, status: int) -> None:
+    """Issue 5's [authentication] and restriction blocks as written (a rule with an issuer and no name; identity
+    keys as the issue writes them): alice, issued by Lab Issuing CA, is served when the rule names that issuer, and
+    refused with 403 naming the rule set and its one rule (by its key) when it names another."""
+    identity = 'source = "san-upn"          # "san-upn" | "san-email" | "subject-cn"\nenterprise_names = false'
+    gw = gateway_with(lab, tmp_path, identity=identity, extra=ISSUE_5_CONFIG.format(issuer=issuer))
+    try:
+        answer = call(lab, gw, "/owa/", cert="alice")
+        assert answer.status == status, answer
+        if status == 403:
+            assert "client_certificates.restrictions (rules: client_certificates.restrictions[0])" in answer.body
+            assert summary(gw, status=403)["refused_stage"] == "certificate"  # `explain` names it "restrictions"
+        else:
+            assert summary(gw, principal="alice@LAB.TEST")["restriction"] == "client_certificates.restrictions[0]"
+    finally:
+        gw.stop()
