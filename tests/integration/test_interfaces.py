@@ -473,3 +473,48 @@ def test_issue_3s_configuration_as_written_with_paths_relative_to_its_file(lab: 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_the_backends_hop_by_hop_headers_never_reach_the_device(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 3: "the backend's status, headers and body come back unchanged (hop-by-hop headers aside)": a backend
+    answer naming `X-Hop` in `Connection`, with `Keep-Alive`, `Proxy-Authenticate`, `Upgrade` and `Trailer`,
+    reaches curl without any of them, and with its other headers (repeated ones too), status and body as sent."""
+    body = b"<Autodiscover>as sent</Autodiscover>"
+    answer = (
+        b"HTTP/1.1 207 Multi-Status\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
+        b"Proxy-Authenticate: Basic realm=backend\r\nUpgrade: h2c\r\nTrailer: X-Late\r\nX-Exchange-Thing: kept\r\n"
+        b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Type: text/xml\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(30)
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+                    head += chunk
+                conn.sendall(answer)
+                conn.recv(1)  # until the gateway closes or sends another request
+
+        threading.Thread(target=serve, daemon=True).start()
+        extra = f'\n[[routes]]\nprefix = "/raw/"\nupstream = "http://127.0.0.1:{listener.getsockname()[1]}"\n'
+        gw = start_gateway(
+            lab, tmp_path, lab_config(lab, port=free_port(), extra=extra + 'spn = "HTTP/cas.lab.test"\n')
+        )
+        try:
+            done = curl(lab, gw.url + "/raw/x", "alice", "-D", str(tmp_path / "head"))
+            got, status = _split(done.stdout)
+            assert (status, got.encode()) == (207, body), done.stderr
+            head = (tmp_path / "head").read_text().lower()
+            for name in ("x-hop", "keep-alive", "proxy-authenticate", "upgrade", "trailer"):
+                assert f"\n{name}:" not in head, head
+            assert "\nx-exchange-thing: kept" in head
+            assert "\nset-cookie: a=1" in head
+            assert "\nset-cookie: b=2" in head
+            assert "\ncontent-type: text/xml" in head
+        finally:
+            assert gw.stop() == 0
