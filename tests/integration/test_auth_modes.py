@@ -80,6 +80,14 @@ def kdc_requests(lab: LabLayout, principal: str) -> list[str]:
     return [line for line in lines if ("AS_REQ" in line or "TGS_REQ" in line) and principal in line]
 
 
+def s4u_lines(lab: LabLayout, principal: str) -> list[str]:
+    """The KDC's log lines saying it did S4U2Self (PROTOCOL-TRANSITION) or S4U2Proxy (CONSTRAINED-DELEGATION) for
+    `principal` (MIT writes them on lines of their own, after the TGS_REQ's)."""
+    marks = (f"PROTOCOL-TRANSITION s4u-client={principal}", f"CONSTRAINED-DELEGATION s4u-client={principal}")
+    lines = lab.kdc_log.read_text(errors="replace").splitlines()
+    return [line for line in lines if any(mark in line for mark in marks)]
+
+
 def gateway_with(lab: LabLayout, directory: Path, *, identity: str = "", extra: str = "") -> Gateway:
     text = lab_config(lab, port=free_port(), extra=extra)
     if identity:
@@ -143,7 +151,9 @@ basic_failures_per_address = 1000
 def test_curl_with_password_and_no_certificate_is_served_with_the_users_own_ticket(
     lab: LabLayout, either: Gateway
 ) -> None:
-    """certificate-or-basic: `curl -u alice:...` without a certificate reaches the backend as alice via Negotiate."""
+    """certificate-or-basic: `curl -u alice:...` without a certificate reaches the backend as alice via Negotiate,
+    from her own ticket: the KDC's log shows no S4U2Self or S4U2Proxy for her meanwhile (issue 5: "no S4U")."""
+    before = s4u_lines(lab, "alice@LAB.TEST")
     answer = call(lab, either, "/Microsoft-Server-ActiveSync?Cmd=Sync", login=ALICE)
     assert answer.status == 200, answer
     echo = answer.json()
@@ -151,6 +161,7 @@ def test_curl_with_password_and_no_certificate_is_served_with_the_users_own_tick
     event = summary(either, principal="alice@LAB.TEST", factors="password")
     assert event["status"] == 200
     assert "impersonation_cached" not in event  # no S4U on this path
+    assert s4u_lines(lab, "alice@LAB.TEST") == before
 
 
 def test_no_certificate_and_no_password_gets_the_basic_challenge(lab: LabLayout, either: Gateway) -> None:
