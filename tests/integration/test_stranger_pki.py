@@ -361,3 +361,16 @@ def test_openssl_made_certificates_issue_3_refuses_with_403(
     line = stranger_gateway.wait_event("request", refused_stage=stage)
     assert line["status"] == 403
     assert "principal" not in line
+
+
+def test_without_realm_map_the_upn_suffix_upper_cased_is_the_realm(pki: Path, stranger_gateway: Gateway) -> None:
+    """Issue 3: `realm_map`'s default is the UPN suffix upper-cased. Without one, alice@corp.example is asked for
+    as alice@CORP.EXAMPLE, a realm no KDC here serves: 403 at the kerberos stage naming the suffix, never
+    alice@LAB.TEST."""
+    stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, "alice-corp")
+    assert code == 403, (body, err)
+    line = stranger_gateway.wait_event("request", upn="alice@corp.example")
+    assert line["principal"] == "alice@CORP.EXAMPLE"
+    assert line["refused_stage"] == "kerberos"
+    assert "no Kerberos realm serves alice@CORP.EXAMPLE's UPN suffix" in body
