@@ -156,8 +156,9 @@ def test_a_cached_password_does_not_outlive_a_failed_reverification(lab: LabLayo
 def test_the_lab_backend_to_an_ordinary_negotiate_client(lab: LabLayout, tmp_path: Path) -> None:
     """Issue 2's Exchange stand-in as the running lab serves it, asked by curl, not by our code: without a token
     401 and a bare `WWW-Authenticate: Negotiate`; with alice's own ticket (kinit, then `curl --negotiate`) each of
-    the four Exchange paths echoes her principal, the method, the path and the body's SHA-256; ActiveSync
-    OPTIONS names the protocol versions and commands; `Cmd=Ping` with `hold=1` is held, then answered."""
+    the four Exchange paths echoes her principal, the method, the path and the body's SHA-256, while her ticket for
+    another service (HTTP/other.lab.test) gets 401; ActiveSync OPTIONS names the protocol versions and commands;
+    `Cmd=Ping` with `hold=1` is held, then answered."""
     port = lab.backend_port
     base = f"http://cas.lab.test:{port}"
     env = {**os.environ, "KRB5_CONFIG": str(lab.krb5_conf), "KRB5CCNAME": f"FILE:{tmp_path / 'alice.ccache'}"}
@@ -166,6 +167,7 @@ def test_the_lab_backend_to_an_ordinary_negotiate_client(lab: LabLayout, tmp_pat
         """curl's last answer (its head, its body, its status): `--negotiate` sends a token after a 401."""
         heads, body = tmp_path / "heads", tmp_path / "body"
         argv = ["curl", "-sS", "--max-time", "60", "--resolve", f"cas.lab.test:{port}:127.0.0.1"]
+        argv += ["--resolve", f"other.lab.test:{port}:127.0.0.1"]
         argv += ["-D", str(heads), "-o", str(body), *args]
         done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=90, check=False)
         assert done.returncode == 0, done.stderr
@@ -186,6 +188,9 @@ def test_the_lab_backend_to_an_ordinary_negotiate_client(lab: LabLayout, tmp_pat
         echo = json.loads(text)
         assert (echo["principal"], echo["method"], echo["path"]) == ("alice@LAB.TEST", "POST", path)
         assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+    head, text, status = run("--negotiate", "-u", ":", f"http://other.lab.test:{port}/owa/")
+    assert status == 401, (head, text)  # a real ticket, for HTTP/other.lab.test: not this backend's service
+    assert "HTTP/other.lab.test@LAB.TEST not found in keytab" in text  # the acceptor's reason: a token was sent
     head, _, status = run("--negotiate", "-u", ":", "-X", "OPTIONS", base + "/Microsoft-Server-ActiveSync")
     assert status == 200, head
     assert "MS-ASProtocolVersions: " in head
