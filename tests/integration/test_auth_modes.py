@@ -558,3 +558,21 @@ def test_issue_5s_restriction_as_written(lab: LabLayout, tmp_path: Path, issuer:
             assert summary(gw, principal="alice@LAB.TEST")["restriction"] == "client_certificates.restrictions[0]"
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("cert", "stage", "reason"),
+    [("revoked", "revocation", "was revoked"), ("noupn", "identity", "no user principal name")],
+)
+def test_a_certificate_refused_after_the_handshake_does_not_fall_back_either(
+    lab: LabLayout, either: Gateway, cert: str, stage: str, reason: str
+) -> None:
+    """certificate-or-basic: a certificate the handshake takes but a later stage refuses (revoked, no UPN) is 403
+    from that stage even with alice's good password beside it; the password is never tried instead (issue 5: "an
+    invalid certificate is still refused; it does not fall back")."""
+    answer = call(lab, either, "/owa/", cert=cert, login=ALICE)
+    assert answer.status == 403, answer
+    assert reason in answer.body
+    line = summary(either, status=403)
+    assert line["refused_stage"] == stage
+    assert "principal" not in line
