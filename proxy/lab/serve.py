@@ -20,6 +20,7 @@ with a body) and exits 0, or prints what is wrong and exits 1.
 from __future__ import annotations
 
 import functools
+import http.client
 import signal
 import sys
 import threading
@@ -126,3 +127,5 @@ def probe(layout: LabLayout, component: str) -> str | None:
             return f"{url} answered {response.status} with no body"
     except (urllib.error.URLError, OSError) as exc:
         return f"{url}: {exc}"
+    except http.client.HTTPException as exc:  # something answered, not in HTTP (another daemon holds the port)
+        return f"{url}: not an HTTP answer ({type(exc).__name__})"

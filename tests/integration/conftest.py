@@ -116,6 +116,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
             runner.down(layout)
             if attempt == 2:
                 raise
+        except BaseException:  # anything else `up` raises: what it started is stopped all the same
+            runner.down(layout)
+            raise
     os.environ.update({"KRB5_CONFIG": str(layout.krb5_conf)})
     try:
         yield layout

@@ -67,13 +67,36 @@ subjectAltName = @user_san
 [user_san]
 email.1 = ${ENV::UPN}
 DNS.1 = device-${ENV::NAME}.example
-otherName.1 = 1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
+# FORMAT:UTF8: the value is UTF-8 already (without it openssl reads it as Latin-1 and encodes each byte again)
+otherName.1 = 1.3.6.1.4.1.311.20.2.3;FORMAT:UTF8,UTF8:${ENV::UPN}
 URI.1 = urn:device:${ENV::NAME}
 [v3_two_upns]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
 extendedKeyUsage = clientAuth
 subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:carol@lab.test, otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test
+[v3_server_auth_only]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
+[v3_no_eku]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
+[v3_no_upn]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectAltName = email:${ENV::UPN}, DNS:device-${ENV::NAME}.example
+[v3_rogue_user]
+# no authorityKeyIdentifier (openssl x509 adds one unless told): the issuer's name alone points at the trusted CA
+authorityKeyIdentifier = none
+subjectKeyIdentifier = none
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
 [v3_server]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature, keyEncipherment
@@ -94,8 +117,10 @@ ca -name root -selfsign -in root/req.pem -out root/cert.pem -extensions v3_root 
 openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout issuing/key.pem -out issuing/req.pem \
   -subj "/O=Stränger Örg/CN=Stränger Issuing CA 1" -utf8
 ca -name root -in issuing/req.pem -out issuing/cert.pem -extensions v3_issuing
-# name:upn; alice-corp carries a UPN whose suffix is not the realm's (identity.realm_map maps it)
-for entry in alice:alice@lab.test bob:bob@lab.test carol:carol@lab.test alice-corp:alice@corp.example; do
+# name:upn; alice-corp carries a UPN whose suffix is not the realm's (identity.realm_map maps it), alice-idn one
+# whose suffix has a non-ASCII letter (refused unless identity.realm_map names it)
+for entry in alice:alice@lab.test bob:bob@lab.test carol:carol@lab.test alice-corp:alice@corp.example \
+    alice-idn:alice@Bücher.example; do
   export NAME=${entry%%:*} UPN=${entry#*:}
   openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout "users/$NAME.key" -out "users/$NAME.req" \
     -subj "/O=Stränger Örg/CN=$NAME Ünïcode" -utf8
@@ -110,6 +135,34 @@ openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout server.key 
 ca -name issuing -in server.req -out server.pem -extensions v3_server -notext
 cat server.pem issuing/cert.pem > server-chain.pem
 cat users/alice.pem issuing/cert.pem > users/alice-chain.pem
+# what issue 3 says is refused, each made as a careless or hostile issuer makes it (alice's UPN, unless noted):
+# expired, not yet valid, no clientAuth EKU, no EKU at all, no UPN (an e-mail SAN only), and a rogue CA pair
+# whose names copy the trusted root's and issuing CA's byte for byte
+stamp() { date -u -d "$1" +%Y%m%d%H%M%SZ; }
+user() {  # NAME EXTENSIONS [openssl ca options...]
+  export NAME=$1 UPN=alice@lab.test
+  openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout "users/$NAME.key" -out "users/$NAME.req" \
+    -subj "/CN=$NAME" -utf8
+  ca -name issuing -in "users/$NAME.req" -out "users/$NAME.pem" -extensions "$2" "${@:3}"
+}
+user expired v3_user -startdate "$(stamp '-20 days')" -enddate "$(stamp '-10 days')"
+user notyet v3_user -startdate "$(stamp '+10 days')" -enddate "$(stamp '+20 days')"
+user serverauth v3_server_auth_only
+user noeku v3_no_eku
+user noupn v3_no_upn
+mkdir -p rogue
+openssl req -config openssl.cnf -x509 -new -newkey rsa:2048 -nodes -keyout rogue/root.key -out rogue/root.pem \
+  -subj "/CN=Stränger Root CA/O=Stränger Örg" -utf8 -extensions v3_root -days 60
+openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout rogue/issuing.key -out rogue/issuing.req \
+  -subj "/CN=Stränger Issuing CA 1/O=Stränger Örg" -utf8
+openssl x509 -req -in rogue/issuing.req -CA rogue/root.pem -CAkey rogue/root.key -set_serial 0x2001 -days 30 \
+  -extfile openssl.cnf -extensions v3_issuing -out rogue/issuing.pem
+export NAME=rogue UPN=alice@lab.test
+openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout users/rogue.key -out users/rogue.req \
+  -subj "/CN=alice/O=Stränger Örg" -utf8
+openssl x509 -req -in users/rogue.req -CA rogue/issuing.pem -CAkey rogue/issuing.key -set_serial 0x2002 -days 30 \
+  -extfile openssl.cnf -extensions v3_rogue_user -out users/rogue.pem
+cat users/rogue.pem rogue/issuing.pem > users/rogue-chain.pem
 ca -name issuing -revoke users/bob.pem -crl_reason keyCompromise
 ca -name issuing -gencrl -crlexts crl_ext -out issuing/crl.pem
 ca -name root -gencrl -crlexts crl_ext -out root/crl.pem

@@ -80,6 +80,14 @@ def kdc_requests(lab: LabLayout, principal: str) -> list[str]:
     return [line for line in lines if ("AS_REQ" in line or "TGS_REQ" in line) and principal in line]
 
 
+def s4u_lines(lab: LabLayout, principal: str) -> list[str]:
+    """The KDC's log lines saying it did S4U2Self (PROTOCOL-TRANSITION) or S4U2Proxy (CONSTRAINED-DELEGATION) for
+    `principal` (MIT writes them on lines of their own, after the TGS_REQ's)."""
+    marks = (f"PROTOCOL-TRANSITION s4u-client={principal}", f"CONSTRAINED-DELEGATION s4u-client={principal}")
+    lines = lab.kdc_log.read_text(errors="replace").splitlines()
+    return [line for line in lines if any(mark in line for mark in marks)]
+
+
 def gateway_with(lab: LabLayout, directory: Path, *, identity: str = "", extra: str = "") -> Gateway:
     text = lab_config(lab, port=free_port(), extra=extra)
     if identity:
@@ -143,7 +151,9 @@ basic_failures_per_address = 1000
 def test_curl_with_password_and_no_certificate_is_served_with_the_users_own_ticket(
     lab: LabLayout, either: Gateway
 ) -> None:
-    """certificate-or-basic: `curl -u alice:...` without a certificate reaches the backend as alice via Negotiate."""
+    """certificate-or-basic: `curl -u alice:...` without a certificate reaches the backend as alice via Negotiate,
+    from her own ticket: the KDC's log shows no S4U2Self or S4U2Proxy for her meanwhile (issue 5: "no S4U")."""
+    before = s4u_lines(lab, "alice@LAB.TEST")
     answer = call(lab, either, "/Microsoft-Server-ActiveSync?Cmd=Sync", login=ALICE)
     assert answer.status == 200, answer
     echo = answer.json()
@@ -151,6 +161,7 @@ def test_curl_with_password_and_no_certificate_is_served_with_the_users_own_tick
     event = summary(either, principal="alice@LAB.TEST", factors="password")
     assert event["status"] == 200
     assert "impersonation_cached" not in event  # no S4U on this path
+    assert s4u_lines(lab, "alice@LAB.TEST") == before
 
 
 def test_no_certificate_and_no_password_gets_the_basic_challenge(lab: LabLayout, either: Gateway) -> None:
@@ -299,12 +310,15 @@ def test_repeated_failures_for_a_user_are_refused_without_the_kdc(lab: LabLayout
 
 
 def test_repeated_failures_from_an_address_are_refused(lab: LabLayout, tmp_path: Path) -> None:
-    """Password spraying: failures for different users from one address reach basic_failures_per_address."""
+    """Password spraying: failures for different users from one address reach basic_failures_per_address; the
+    address then gets 429 with `Retry-After: 1` (the first step of 1, 2, 4 ... s)."""
     gw = basic_gateway(lab, tmp_path, per_user=10, per_address=3)
     try:
         assert call(lab, gw, "/owa/", login=ALICE).status == 200  # cached before the spraying starts
         assert [call(lab, gw, "/owa/", login=f"{u}:spray").status for u in ("bob", "carol", "ghost")] == [401] * 3
-        assert call(lab, gw, "/owa/", login=f"carol:{USERS['carol']}").status == 429
+        refused = call(lab, gw, "/owa/", login=f"carol:{USERS['carol']}")
+        assert refused.status == 429
+        assert refused.headers["retry-after"] == "1"
         assert call(lab, gw, "/owa/", login=ALICE).status == 200  # a cached, verified password still works
     finally:
         gw.stop()
@@ -473,3 +487,92 @@ extension = {{ oid = "{TEMPLATE_OID}", value = "{TEMPLATE_ID}" }}
         assert summary(gw, principal="bob@LAB.TEST", status=200)["restriction"] == "managed-device-template"
     finally:
         gw.stop()
+
+
+# -- what the TLS handshake asks for, seen by openssl s_client ------------------------------------------
+
+
+def _s_client_without_certificate(lab: LabLayout, gw: Gateway) -> tuple[bool, str]:
+    """`openssl s_client` presenting no certificate, sending one GET: (whether the server's handshake carried a
+    CertificateRequest, everything s_client printed)."""
+    argv = ["openssl", "s_client", "-msg", "-ign_eof", "-CAfile", str(lab.pki_dir / "root.pem")]
+    argv += ["-connect", f"127.0.0.1:{gw.port}"]
+    request = "GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    done = subprocess.run(argv, input=request, capture_output=True, text=True, timeout=90, check=False)
+    out = done.stdout + done.stderr
+    return "CertificateRequest" in out, out
+
+
+def test_the_handshake_asks_for_a_certificate_as_each_mode_says(
+    lab: LabLayout, gateway: Gateway, either: Gateway, both: Gateway, tmp_path: Path
+) -> None:
+    """Issue 5, seen in the TLS handshake itself: `certificate` asks for a certificate and requires it (no
+    certificate: an alert, no HTTP answer); `certificate-or-basic` and `certificate-and-basic` ask without
+    requiring (the handshake completes, the request is answered `401` or `403`); `basic` sends no
+    CertificateRequest at all, and its challenge names the default realm, `Basic realm="Exchange"`."""
+    asked, out = _s_client_without_certificate(lab, gateway)
+    assert asked, out
+    assert "HTTP/1.1" not in out
+    assert "certificate required" in out
+    asked, out = _s_client_without_certificate(lab, either)
+    assert asked, out
+    assert "HTTP/1.1 401" in out
+    assert 'WWW-Authenticate: Basic realm="Lab Exchange"' in out
+    asked, out = _s_client_without_certificate(lab, both)
+    assert asked, out
+    assert "HTTP/1.1 403" in out
+    gw = basic_gateway(lab, tmp_path)
+    try:
+        asked, out = _s_client_without_certificate(lab, gw)
+        assert not asked, out
+        assert "HTTP/1.1 401" in out
+        assert 'WWW-Authenticate: Basic realm="Exchange"' in out
+    finally:
+        gw.stop()
+
+
+ISSUE_5_CONFIG = """
+[authentication]
+mode = "certificate"        # "certificate" | "certificate-or-basic" | "certificate-and-basic" | "basic"
+basic_realm = "Exchange"
+
+[[client_certificates.restrictions]]   # optional; a certificate must match at least one rule when any exist
+issuer = "{issuer}"           # and/or: subject (glob), eku (OIDs), extension = {{ oid = "...", value = "..." }}
+"""
+
+
+@pytest.mark.parametrize(("issuer", "status"), [("CN=Lab Issuing CA", 200), ("CN=Partner Issuing CA", 403)])
+def test_issue_5s_restriction_as_written(lab: LabLayout, tmp_path: Path, issuer: str, status: int) -> None:
+    """Issue 5's [authentication] and restriction blocks as written (a rule with an issuer and no name; identity
+    keys as the issue writes them): alice, issued by Lab Issuing CA, is served when the rule names that issuer, and
+    refused with 403 naming the rule set and its one rule (by its key) when it names another."""
+    identity = 'source = "san-upn"          # "san-upn" | "san-email" | "subject-cn"\nenterprise_names = false'
+    gw = gateway_with(lab, tmp_path, identity=identity, extra=ISSUE_5_CONFIG.format(issuer=issuer))
+    try:
+        answer = call(lab, gw, "/owa/", cert="alice")
+        assert answer.status == status, answer
+        if status == 403:
+            assert "client_certificates.restrictions (rules: client_certificates.restrictions[0])" in answer.body
+            assert summary(gw, status=403)["refused_stage"] == "certificate"  # `explain` names it "restrictions"
+        else:
+            assert summary(gw, principal="alice@LAB.TEST")["restriction"] == "client_certificates.restrictions[0]"
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("cert", "stage", "reason"),
+    [("revoked", "revocation", "was revoked"), ("noupn", "identity", "no user principal name")],
+)
+def test_a_certificate_refused_after_the_handshake_does_not_fall_back_either(
+    lab: LabLayout, either: Gateway, cert: str, stage: str, reason: str
+) -> None:
+    """certificate-or-basic: a certificate the handshake takes but a later stage refuses (revoked, no UPN) is 403
+    from that stage even with alice's good password beside it; the password is never tried instead (issue 5: "an
+    invalid certificate is still refused; it does not fall back")."""
+    answer = call(lab, either, "/owa/", cert=cert, login=ALICE)
+    assert answer.status == 403, answer
+    assert reason in answer.body
+    line = summary(either, status=403)
+    assert line["refused_stage"] == stage
+    assert "principal" not in line

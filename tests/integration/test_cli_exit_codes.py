@@ -23,6 +23,11 @@ MISTAKES = [
         ('source = "san-upn"\n', 'source = "san-upn"\ncertificate_backdating_compensation = -1\n'),
         "identity.certificate_backdating_compensation: must be seconds from 0",
     ),
+    (  # issue 14: a name that starts like localhost is resolved, not prefix-matched
+        "admin not loopback",
+        ("[listener]\n", '[admin]\nbind = "localhost.attacker.example:9443"\n\n[listener]\n'),
+        "admin.bind: localhost.attacker.example is not loopback",
+    ),
 ]
 
 # Each command: its arguments after the file, and the exit status a configuration error gives.

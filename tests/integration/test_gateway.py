@@ -211,10 +211,12 @@ def test_kdc_unreachable_is_503_with_retry_after(lab: LabLayout, tmp_path: Path)
 
 def test_one_summary_line_per_request_and_no_secrets(lab: LabLayout, gateway: Gateway) -> None:
     """Each request logs one JSON summary with who, which cert, which SPN and stage timings; no token."""
-    gateway.mark()
+    mark = gateway.mark()
     _body, code = _split(curl(lab, gateway.url + "/autodiscover/autodiscover.xml?probe=summary", "carol").stdout)
     assert code == 200
     line = gateway.wait_event("request", path="/autodiscover/autodiscover.xml", principal="carol@LAB.TEST")
+    assert len(gateway.events("request", after=mark)) == 1  # one line for the one request
+    assert len(line["request_id"]) >= 8
     assert line["status"] == 200
     assert line["upn"] == "carol@lab.test"
     assert line["cert_subject"] == "CN=carol"

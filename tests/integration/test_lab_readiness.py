@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,3 +77,36 @@ def test_lab_up_is_not_fooled_by_an_impostor_on_the_backend_port(tmp_path: Path,
     finally:
         runner.down(layout)
     assert not any(runner.status(layout).values())
+
+
+def test_an_answer_that_is_not_http_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    """`lab probe` on a port where something else answers bytes that are not HTTP (another lab's KDC took the
+    port the CRL server was to bind: its KRB-ERROR came back to the GET) reports what it saw, so `lab up` fails
+    with the RuntimeError the test session's lab retries on new ports; it raised BadStatusLine and the session's
+    lab was not retried (every test of a module erred)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        layout = LabLayout(
+            root=tmp_path / "lab",
+            ldap_port=free_port(),
+            kdc_port=free_port(),
+            backend_port=port,
+            crl_port=port,
+            ocsp_port=free_port(),
+            gateway_port=free_port(),
+        )
+
+        def answer_garbage() -> None:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(4096)
+                    conn.sendall(b"\x00\x00\x00\x58~V0T\xa0\x03\x02\x01\x05 not an HTTP status line\r\n\r\n")
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        for part in ("crl", "backend"):
+            problem = probe(layout, part)
+            assert problem is not None
+            assert f"127.0.0.1:{port}" in problem
+        thread.join(timeout=30)

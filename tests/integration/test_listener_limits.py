@@ -19,6 +19,7 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually
 
 FIELD = 95 * 1024  # each header field just under the per-field cap (96 KiB)
 FIELDS = 120
@@ -87,15 +88,34 @@ async def send_big_headers(port: int, ctx: ssl.SSLContext) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def basic_gw(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = gateway(lab, tmp_path_factory.mktemp("limits"))
+def basic_admin() -> str:
+    """The admin listener's URL of `basic_gw`."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def basic_gw(lab: LabLayout, basic_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = gateway(lab, tmp_path_factory.mktemp("limits"), admin_port=int(basic_admin.rpartition(":")[2]))
     yield gw
     gw.stop()
 
 
-def test_a_header_block_over_the_budget_is_refused_with_431(lab: LabLayout, basic_gw: Gateway) -> None:
+def refusals_counted(admin: str, stage: str, reason: str) -> float:
+    """`kcd_refusals_total{stage, reason}` on the admin listener at `admin` (0 before the first)."""
+    with urllib.request.urlopen(admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
+        text = r.read().decode()
+    labels = (f'stage="{stage}"', f'reason="{reason}"')
+    lines = [x for x in text.splitlines() if x.startswith("kcd_refusals_total{") and all(a in x for a in labels)]
+    return sum(float(x.rpartition(" ")[2]) for x in lines)
+
+
+def test_a_header_block_over_the_budget_is_refused_with_431(
+    lab: LabLayout, basic_gw: Gateway, basic_admin: str
+) -> None:
     """120 fields of 95 KiB (each under the per-field cap): 431 once the block passes 128 KiB, logged and
-    counted, before any stage runs (no summary line for it)."""
+    counted (`kcd_refusals_total{stage="request", reason="request_headers_too_large"}`, as the README's Security
+    table names it), before any stage runs (no summary line for it)."""
+    before = refusals_counted(basic_admin, "request", "request_headers_too_large")
     basic_gw.mark()
     answer = asyncio.run(send_big_headers(basic_gw.port, client_context(lab, None)))
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
@@ -103,6 +123,10 @@ def test_a_header_block_over_the_budget_is_refused_with_431(lab: LabLayout, basi
     assert event["stage"] == "request"
     assert "131072" in event["reason"]
     assert "aaaa" not in basic_gw.log_path.read_text()  # header values are never quoted
+    eventually(
+        lambda: refusals_counted(basic_admin, "request", "request_headers_too_large") == before + 1,
+        "the 431 counted in kcd_refusals_total",
+    )
 
 
 def test_one_big_kerberos_token_with_ordinary_headers_fits(lab: LabLayout, basic_gw: Gateway) -> None:

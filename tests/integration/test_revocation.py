@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -325,3 +327,69 @@ def test_ocsp_prefer_falls_back_to_crls(lab: LabLayout, ocsp_responder: str, tmp
         assert get(connect(lab, gw, "revoked"))[0] == 403
     finally:
         assert gw.stop() == 0
+
+
+class _FailingCrlServer:
+    """An HTTP server publishing the lab's issuing CRL at /issuing.crl until `failing` is set, then answering with
+    `failure`: (status, body)."""
+
+    def __init__(self, crl: bytes, failure: tuple[int, bytes]) -> None:
+        outer = self
+        self.failing = False
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, body = failure if outer.failing else (200, crl)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/issuing.crl"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("failure", "event", "error"),
+    [((503, b"down"), "crl_fetch_failed", "HTTP 503"), ((200, b"<html>a portal</html>"), "crl_rejected", "")],
+    ids=["http-503", "not-a-crl"],
+)
+def test_a_failed_fetch_keeps_the_last_good_crl(
+    lab: LabLayout, tmp_path: Path, failure: tuple[int, bytes], event: str, error: str
+) -> None:
+    """Issue 4: "a fetch that fails keeps the last good CRL until it goes stale", and "a CRL that fails to parse ...
+    never replaces a good one". The issuing CA's CRL comes from a URL refreshed every second; once that URL answers
+    503, or 200 with a page that is no CRL (logged, saying what it keeps), the revoked certificate is still refused
+    as revoked and alice still served: neither "no current CRL" nor a pass."""
+    pki = Pki.at(lab.pki_dir)
+    server = _FailingCrlServer(pki.issuing_crl.read_bytes(), failure)
+    try:
+        settings = (
+            f'crls = ["{server.url}", "{pki.root_crl}"]\ncrl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
+        )
+        gw = gateway_with(lab, tmp_path, settings)
+        try:
+            assert get(connect(lab, gw, "alice"))[0] == 200
+            status, body = get(connect(lab, gw, "revoked"))
+            assert (status, "was revoked on" in body) == (403, True), body
+            gw.mark()
+            server.failing = True
+            failed = gw.wait_event(event, source=server.url)
+            assert error in str(failed)
+            assert "CRL #" in failed["holding"]  # what it keeps serving with
+            gw.wait_events(event, 2, accept=lambda e: e["source"] == server.url)  # and again: still kept
+            status, body = get(connect(lab, gw, "revoked"))
+            assert (status, "was revoked on" in body) == (403, True), body
+            assert get(connect(lab, gw, "alice"))[0] == 200
+        finally:
+            assert gw.stop() == 0
+    finally:
+        server.close()

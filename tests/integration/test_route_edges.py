@@ -2,7 +2,8 @@
 written without a trailing slash, a route for one host name, and a `Host` naming another site.
 
 Routes: `/ews` (no trailing slash) and `/EWSAdmin/` to their own recorders, `/owa/` only for `mail.example.com`,
-and `/` to a catch-all recorder. Each recorder only ever sees the paths its route was meant for."""
+`/API/` with `case_sensitive = true`, and `/` to a catch-all recorder. Each recorder only ever sees the paths its
+route was meant for."""
 
 from __future__ import annotations
 
@@ -17,17 +18,19 @@ from tests.integration.recorder import Recorder, raw_request
 
 @pytest.fixture(scope="module")
 def routed(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, dict[str, Recorder]]]:
-    recorders = {name: Recorder() for name in ("ews", "ewsadmin", "mail-owa", "all")}
+    recorders = {name: Recorder() for name in ("ews", "ewsadmin", "mail-owa", "api", "all")}
     base = lab_config(lab, port=free_port()).split("[[routes]]", 1)[0]
     routes = (
         ("/ews", None, "ews"),
         ("/EWSAdmin/", None, "ewsadmin"),
         ("/owa/", "mail.example.com", "mail-owa"),
+        ("/API/", None, "api"),
         ("/", None, "all"),
     )
     text = base + "".join(
         f'[[routes]]\nprefix = "{prefix}"\nupstream = "{recorders[name].url}"\nspn = "HTTP/cas.lab.test"\n'
         + (f'host = "{host}"\n' if host else "")
+        + ("case_sensitive = true\n" if name == "api" else "")
         for prefix, host, name in routes
     )
     gw = start_gateway(lab, tmp_path_factory.mktemp("route-edges"), text)
@@ -68,6 +71,31 @@ def test_a_prefix_without_a_trailing_slash_ends_at_a_segment(
     assert _send(lab, gw, target) == 200
     taken = {name: [r.path for r in rec.taken()] for name, rec in recorders.items()}
     assert taken[route] == [path], taken
+    assert sum(len(paths) for paths in taken.values()) == 1, taken
+
+
+@pytest.mark.parametrize(
+    ("target", "route"),
+    [
+        ("/ewsadmin/x", "ewsadmin"),
+        ("/EwsAdmin/x", "ewsadmin"),
+        ("/API/x", "api"),
+        ("/api/x", "all"),
+        ("/Api/x", "all"),
+    ],
+)
+def test_prefixes_ignore_case_unless_the_route_is_case_sensitive(
+    lab: LabLayout, routed: tuple[Gateway, dict[str, Recorder]], target: str, route: str
+) -> None:
+    """Issue 14: `prefix` matches without regard to case by default (`/EWSAdmin/` takes `/ewsadmin/x`, as IIS
+    would serve it); a route with `case_sensitive = true` (`/API/`) takes only its own spelling, and `/api/x` goes
+    on to the catch-all route. The path reaches the upstream as sent."""
+    gw, recorders = routed
+    for rec in recorders.values():
+        rec.taken()
+    assert _send(lab, gw, target) == 200
+    taken = {name: [r.path for r in rec.taken()] for name, rec in recorders.items()}
+    assert taken[route] == [target], taken
     assert sum(len(paths) for paths in taken.values()) == 1, taken
 
 

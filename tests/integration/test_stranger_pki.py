@@ -83,15 +83,15 @@ def stranger_gateway(lab: LabLayout, pki: Path, tmp_path_factory: pytest.TempPat
     assert gw.stop() == 0
 
 
-def _curl(pki: Path, gw: Gateway, user: str, path: str = "/owa/") -> tuple[str, int, str]:
-    """curl with the stranger's root as its trust and a user's certificate file as openssl ca wrote it:
-    (body, status, stderr); status 0 when no HTTP answer came."""
+def _curl(pki: Path, gw: Gateway, user: str | None, path: str = "/owa/", *args: str) -> tuple[str, int, str]:
+    """curl with the stranger's root as its trust and a user's certificate file as openssl ca wrote it (none for
+    `user` None): (body, status, stderr); status 0 when no HTTP answer came."""
     users = pki / "users"
-    argv = ["curl", "-sS", "--max-time", "60", "--cacert", str(pki / "root" / "cert.pem")]
-    argv += ["--cert", str(users / f"{user}.pem"), "--key", str(users / f"{user.removesuffix('-chain')}.key")]
-    done = subprocess.run(
-        [*argv, "-w", "\n%{http_code}", gw.url + path], capture_output=True, text=True, timeout=90, check=False
-    )
+    argv = ["curl", "-sS", "--max-time", "60", "--cacert", str(pki / "root" / "cert.pem"), *args]
+    if user is not None:
+        argv += ["--cert", str(users / f"{user}.pem"), "--key", str(users / f"{user.removesuffix('-chain')}.key")]
+    argv += ["-w", "\n%{http_code}", gw.url + path]
+    done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=90, check=False)
     body, _, code = done.stdout.rpartition("\n")
     return body, int(code or 0), done.stderr
 
@@ -184,8 +184,9 @@ def test_an_intermediate_the_device_sends_is_never_used(lab: LabLayout, pki: Pat
 
 def test_realm_map_maps_a_upn_suffix_to_the_realm(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
     """`identity.realm_map = { "corp.example" = "LAB.TEST" }`: a UPN alice@corp.example is delegated as
-    alice@LAB.TEST (issue 3's realm mapping)."""
-    identity = 'realm_map = { "corp.example" = "LAB.TEST" }\n'
+    alice@LAB.TEST (issue 3's realm mapping); issue 14: a suffix with a non-ASCII letter is served when realm_map
+    names it (`bücher.example`, the certificate's `Bücher.example` compared with ASCII case ignored only)."""
+    identity = 'realm_map = { "corp.example" = "LAB.TEST", "bücher.example" = "LAB.TEST" }\n'
     gw = start_gateway(
         lab, tmp_path, _config(lab, tmp_path, pki, intermediates=ISSUING, crls=DER_AND_PEM_CRLS, identity=identity)
     )
@@ -195,8 +196,22 @@ def test_realm_map_maps_a_upn_suffix_to_the_realm(lab: LabLayout, pki: Path, tmp
         assert json.loads(body)["principal"] == "alice@LAB.TEST"
         line = gw.wait_event("request", upn="alice@corp.example")
         assert line["principal"] == "alice@LAB.TEST"
+        body, code, err = _curl(pki, gw, "alice-idn")
+        assert code == 200, (body, err)
+        assert json.loads(body)["principal"] == "alice@LAB.TEST"
     finally:
         assert gw.stop() == 0
+
+
+def test_a_non_ascii_upn_suffix_no_realm_map_names_is_refused(pki: Path, stranger_gateway: Gateway) -> None:
+    """Issue 14: UPN suffixes are mapped with ASCII case only; alice@Bücher.example, whose suffix no realm_map
+    names, is 403 at the identity stage (never `BÜCHER.EXAMPLE` built by Unicode upper-casing)."""
+    stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, "alice-idn")
+    assert code == 403, (body, err)
+    assert "not ASCII" in body
+    line = stranger_gateway.wait_event("request", refused_stage="identity")
+    assert "principal" not in line
 
 
 def _get_once(
@@ -358,3 +373,72 @@ def test_explain_json_stops_at_revocation_without_a_current_crl_under_require(
     answer = json.loads(done.stdout)
     assert (answer["accepted"], answer["stage"]) == (False, "revocation"), answer
     assert answer["reason"], answer
+
+
+@pytest.mark.parametrize(
+    ("user", "curl_says", "reason_in_log"),
+    [
+        (None, "alert certificate required", "peer did not return a certificate"),
+        ("expired", "alert certificate expired", "certificate has expired"),
+        ("notyet", "alert bad certificate", "certificate is not yet valid"),  # OpenSSL's alert; the log names it
+        ("rogue-chain", "alert decrypt error", "certificate signature failure"),
+        ("serverauth", "alert unsupported certificate", "unsuitable certificate purpose"),
+    ],
+)
+@pytest.mark.parametrize("tls", ["1.3", "1.2"])
+def test_openssl_made_certificates_issue_3_refuses_in_the_handshake(
+    pki: Path, stranger_gateway: Gateway, user: str | None, curl_says: str, reason_in_log: str, tls: str
+) -> None:
+    """Issue 3's handshake refusals with certificates `openssl ca` and `openssl x509` made: none, expired, not yet
+    valid, a rogue CA pair copying the trusted root's and issuing CA's names byte for byte (its leaf has no key
+    identifier, so the names alone point at the trusted CA), serverAuth only: curl (TLS 1.3, and 1.2) receives the
+    TLS alert naming it, the gateway logs why, and no request line follows. TLS 1.2 has no `certificate required`:
+    OpenSSL sends `handshake failure` there (README)."""
+    if tls == "1.2" and user is None:
+        curl_says = "alert handshake failure"
+    mark = stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, user, "/owa/", "--tls-max", tls, "-v")
+    assert code == 0, body
+    alert = curl_says.removeprefix("alert ")  # curl's error names it, or (TLS 1.2) only -v's "TLS alert, <name>"
+    assert f"alert {alert}" in err.lower() or f"tls alert, {alert}" in err.lower(), err
+    stranger_gateway.wait_for(
+        "tls_handshake_refused", lambda e: reason_in_log in e["reason"].lower(), what=reason_in_log
+    )
+    assert not stranger_gateway.events("request", after=mark)
+
+
+@pytest.mark.parametrize(
+    ("user", "stage", "reason"),
+    [
+        ("noeku", "certificate", "extended key usage"),
+        ("noupn", "identity", "no user principal name"),
+    ],
+)
+def test_openssl_made_certificates_issue_3_refuses_with_403(
+    pki: Path, stranger_gateway: Gateway, user: str, stage: str, reason: str
+) -> None:
+    """Issue 3's per-request refusals with `openssl ca` certificates: one with no EKU at all (OpenSSL's handshake
+    takes it; the certificate stage does not) and one whose only names are an e-mail address and a DNS name (no
+    UPN): 403 with a plain-text reason and the refusing stage, never delegated."""
+    stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, user, "/owa/", "-D", "-")
+    assert code == 403, (body, err)
+    assert reason in body.lower()
+    assert f"x-kcd-refused-stage: {stage}" in body.lower()
+    assert "text/plain" in body.lower()
+    line = stranger_gateway.wait_event("request", refused_stage=stage)
+    assert line["status"] == 403
+    assert "principal" not in line
+
+
+def test_without_realm_map_the_upn_suffix_upper_cased_is_the_realm(pki: Path, stranger_gateway: Gateway) -> None:
+    """Issue 3: `realm_map`'s default is the UPN suffix upper-cased. Without one, alice@corp.example is asked for
+    as alice@CORP.EXAMPLE, a realm no KDC here serves: 403 at the kerberos stage naming the suffix, never
+    alice@LAB.TEST."""
+    stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, "alice-corp")
+    assert code == 403, (body, err)
+    line = stranger_gateway.wait_event("request", upn="alice@corp.example")
+    assert line["principal"] == "alice@CORP.EXAMPLE"
+    assert line["refused_stage"] == "kerberos"
+    assert "no Kerberos realm serves alice@CORP.EXAMPLE's UPN suffix" in body
