@@ -12,6 +12,7 @@ import hashlib
 import re
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from proxy.lab import ad, ad_mapping
-from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, status_and_body
+from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, status_and_body
 from tests.integration.test_ad_mapping import served_as, start_gateway
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
@@ -542,3 +543,92 @@ def test_a_deleted_accounts_sid_is_another_accounts(realm: ad.AdRealm, strong: A
     assert status == 403, body
     assert "SID of another account" in body
     assert sid in strong.wait_event("mapping_refused")["fix"]
+
+
+# An issuing CA whose name has what CertNameToStr quotes (a comma, quotes) and a multi-valued RDN
+_TRICKY_CA_SUBJECT = '/DC=test/DC=ad/O=Corp, Inc.+OU=Devices/CN=Corp "Issuing" CA'
+_TRICKY_CA_WINDOWS = 'DC=test, DC=ad, O="Corp, Inc." + OU=Devices, CN="Corp ""Issuing"" CA"'
+_CA_EXTENSIONS = """\
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+@pytest.fixture(scope="module")
+def tricky_ca(realm: ad.AdRealm, minted: Path) -> tuple[Path, Path]:
+    """An intermediate under the lab's root, made with the openssl CLI, named `_TRICKY_CA_SUBJECT`."""
+    key, csr, cert, ext = (minted / f"tricky-ca.{suffix}" for suffix in ("key", "csr", "pem", "ext"))
+    argv = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    argv += ["-keyout", str(key), "-out", str(csr), "-multivalue-rdn", "-subj", _TRICKY_CA_SUBJECT]
+    subprocess.run(argv, check=True, capture_output=True)
+    ext.write_text(_CA_EXTENSIONS)
+    argv = ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(realm.pki.root_cert)]
+    argv += ["-CAkey", str(realm.pki.root_key), "-days", "5", "-set_serial", "0x7A11", "-extfile", str(ext)]
+    subprocess.run([*argv, "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tricky_gateway(
+    realm: ad.AdRealm, ad_backend: AdProcess, tricky_ca: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AdProcess]:
+    """A `strong` gateway that also trusts the tricky CA (revocation off: that CA publishes no CRL, and mapping
+    is what is tested), asking the directory on every request."""
+    where = tmp_path_factory.mktemp("tricky-gateway")
+    port = realm.free_port()
+    table = ad_mapping.directory_table(realm, cache_seconds=0)
+    text = ad_mapping.gateway_config(realm, "strong", port=port, backend_port=ad_backend.port, directory_text=table)
+    text = re.sub(
+        r'intermediates = \["([^"]+)"\]\ncrls = \[[^\]]*\]\nrevocation = "require"\n',
+        rf'intermediates = ["\1", "{tricky_ca[0]}"]\nrevocation = "off"\n',
+        text,
+    )
+    assert str(tricky_ca[0]) in text
+    (where / "gateway.toml").write_text(text)
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(where / "gateway.toml")]
+    gw = _start(realm, argv, port, where / "gateway.log", scheme="https")
+    yield gw
+    gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("label", "serial", "issuer", "status"),
+    [
+        ("windows", "0x7A0101", _TRICKY_CA_WINDOWS, 200),
+        ("windows-reversed", "0x7A0102", 'CN="Corp ""Issuing"" CA", OU=Devices + O="Corp, Inc.", DC=ad, DC=test', 200),
+        ("rfc4514", "0x7A0103", 'CN=Corp \\"Issuing\\" CA,O=Corp\\, Inc.+OU=Devices,DC=ad,DC=test', 200),
+        ("without-ou", "0x7A0104", 'DC=test, DC=ad, O="Corp, Inc.", CN="Corp ""Issuing"" CA"', 403),
+    ],
+)
+def test_an_issuer_name_with_quotes_and_a_multi_valued_rdn_as_windows_writes_it(
+    realm: ad.AdRealm,
+    tricky_gateway: AdProcess,
+    tricky_ca: tuple[Path, Path],
+    minted: Path,
+    fresh: str,
+    label: str,
+    serial: str,
+    issuer: str,
+    status: int,
+) -> None:
+    """`<I>..<SR>..` for a CA named `O=Corp, Inc.+OU=Devices, CN=Corp "Issuing" CA`: written as Windows writes it
+    (values quoted, ` + `; in either order) or with RFC 4514's escapes it maps the certificate (was 403 "no
+    altSecurityIdentities entry names this certificate"); the name without the RDN's second part does not."""
+    upn = f"{fresh}@{ad.DNS_DOMAIN}"
+    extfile = minted / f"tricky-{label}.ext"
+    extfile.write_text(_COMMON + upn_line(upn))
+    cert = minted / f"tricky-{label}.pem"
+    argv = ["openssl", "x509", "-req", "-in", str(minted / "device.csr"), "-CA", str(tricky_ca[0])]
+    argv += ["-CAkey", str(tricky_ca[1]), "-days", "5", "-set_serial", serial, "-extfile", str(extfile)]
+    subprocess.run([*argv, "-out", str(cert)], check=True, capture_output=True)
+    reversed_serial = bytes.fromhex(serial[2:])[::-1].hex()
+    set_alt_security_identities(realm, fresh, f"X509:<I>{issuer}<SR>{reversed_serial}")
+    got, body = curl(realm, tricky_gateway, cert, minted / "device.key")
+    assert got == status, body
+    if status == 200:
+        assert served_as(body) == f"{fresh}@{ad.REALM}"
+        assert tricky_gateway.wait_event("request", upn=upn)["mapping"] == "alt-security-identity"
+    else:
+        assert "no altSecurityIdentities entry names" in tricky_gateway.wait_event("mapping_refused")["reason"]
