@@ -48,6 +48,7 @@ import structlog
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
 from proxy.errors import DirectoryUnavailable, GatewayError, KerberosMisconfigured, MappingRefused
+from proxy.held_mapping import HeldMappings
 from proxy.identity.mapping import Account
 from proxy.identity.principal import ascii_lower
 from proxy.identity.sid import Sid
@@ -112,6 +113,7 @@ class Directory:
         self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
         self._locks: dict[str, asyncio.Lock] = {}  # url -> its connection's turn (see _search_at)
         self._failed: dict[str, float] = {}  # url -> when (self._clock) it last failed; gone once it answers
+        self.held = HeldMappings(self, settings.cache_seconds)  # requests held at the backend, judged again
         self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
         self.binds = 0  # connections opened and bound (a kept connection makes this 1 per server)
 
@@ -283,7 +285,8 @@ class Directory:
                 conn.close()
 
     def close(self) -> None:
-        """Close the kept connections."""
+        """Stop judging held requests; close the kept connections."""
+        self.held.close()
         for url in list(self._connections):
             self._drop(url)
 
