@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.type import univ
 
 from proxy.lab import ad, ad_mapping
 from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, status_and_body
@@ -632,3 +634,74 @@ def test_an_issuer_name_with_quotes_and_a_multi_valued_rdn_as_windows_writes_it(
         assert tricky_gateway.wait_event("request", upn=upn)["mapping"] == "alt-security-identity"
     else:
         assert "no altSecurityIdentities entry names" in tricky_gateway.wait_event("mapping_refused")["reason"]
+
+
+@pytest.mark.parametrize(("rid", "what"), [(512, "Domain Admins"), (502, "krbtgt"), (500, "Administrator")])
+def test_a_sid_of_a_group_or_of_krbtgt_on_alices_upn_is_another_accounts(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path, rid: int, what: str
+) -> None:
+    """alice's UPN with the SID of the domain's Domain Admins group, of krbtgt or of Administrator (the domain's
+    own SID, another RID): 403 "SID of another account", never served."""
+    domain = alice_sid(realm).rsplit("-", 1)[0]
+    line, section = sid_extension_text(f"OCTETSTRING:{domain}-{rid}")
+    cert = mint(realm, minted, f"rid{rid}", upn_line("alice@ad.test") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, (what, body)
+    assert "SID of another account" in body
+    assert f"{domain}-{rid}" in strong.wait_event("mapping_refused")["fix"]
+
+
+def _two_other_names(first: str, second: str) -> str:
+    return (
+        "[sid]\nfirst = IMPLICIT:0,SEQUENCE:one\nsecond = IMPLICIT:0,SEQUENCE:two\n"
+        f"[one]\ntype = OID:1.3.6.1.4.1.311.25.2.1\nvalue = EXPLICIT:0,OCTETSTRING:{first}\n"
+        f"[two]\ntype = OID:1.3.6.1.4.1.311.25.2.1\nvalue = EXPLICIT:0,OCTETSTRING:{second}\n"
+    )
+
+
+@pytest.mark.parametrize("shape", ["wrong-oid", "two-sids", "two-equal-sids", "trailing-bytes", "inner-trailing"])
+def test_a_sid_extension_of_another_shape_is_refused(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path, shape: str
+) -> None:
+    """The SID extension with the otherName's type another OID (the UPN's), two otherNames (bob's SID after alice's,
+    or alice's twice), or bytes after the GeneralNames or after the inner OCTET STRING: 403 at mapping, "the
+    certificate's SID extension cannot be read" (never alice's SID read from the first name and served)."""
+    sid, bob = alice_sid(realm), str(ad_mapping.object_sid(realm, "bob"))
+    line = "1.3.6.1.4.1.311.25.2 = ASN1:SEQUENCE:sid\n"
+    if shape == "wrong-oid":
+        section = _sid_section(f"OCTETSTRING:{sid}").replace("OID:1.3.6.1.4.1.311.25.2.1", "OID:1.3.6.1.4.1.311.20.2.3")
+    elif shape in ("two-sids", "two-equal-sids"):
+        section = _two_other_names(sid, bob if shape == "two-sids" else sid)
+    else:
+        inner = der_encoder.encode(univ.OctetString(sid.encode())) + (b"\x00\x00" if shape == "inner-trailing" else b"")
+        other = bytes([0x06, 10]) + bytes.fromhex("2b0601040182371902 01".replace(" ", ""))
+        other += b"\xa0" + _length(len(inner)) + inner
+        names = b"\xa0" + _length(len(other)) + other
+        value = b"\x30" + _length(len(names)) + names + (b"\x00\x00" if shape == "trailing-bytes" else b"")
+        line, section = f"1.3.6.1.4.1.311.25.2 = DER:{value.hex()}\n", ""
+    cert = mint(realm, minted, f"shape-{shape}", upn_line("alice@ad.test") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, (shape, body)
+    assert "the certificate's SID extension cannot be read" in body
+
+
+def _length(n: int) -> bytes:
+    """A DER length (short form below 128, else one or two length bytes)."""
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+@pytest.mark.parametrize("local", ["al*", "*", "a*)(samaccountname=alice", "al\\2a", "ålice", "alice*"])
+def test_a_upn_with_filter_characters_never_finds_alice(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path, local: str
+) -> None:
+    """A UPN written to widen the directory's LDAP filter (`*`, `)(`, an escape written out, non-ASCII), with
+    alice's SID: were the filter to match alice, her SID would admit it. 403 "no account", never served as alice."""
+    line, section = sid_extension_text(f"OCTETSTRING:{alice_sid(realm)}")
+    label = "filter-" + hashlib.sha1(local.encode(), usedforsecurity=False).hexdigest()[:8]
+    cert = mint(realm, minted, label, upn_line(f"{local}@ad.test") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, (local, body)
+    assert "no account in the directory has this name" in body  # the mapping stage asked, escaped: none matched
