@@ -98,6 +98,9 @@ class _Holding:
         raise held.ended from None
 
 
+_UNHELD = contextlib.nullcontext()
+
+
 class HeldMappings:
     """The held requests of one directory client, and the sweep that judges them again (module docstring)."""
 
@@ -113,7 +116,7 @@ class HeldMappings:
         """Keep this request, admitted for `upn` under `identity`, judged while it is in flight."""
         task = asyncio.current_task()
         if task is None:
-            return contextlib.nullcontext()
+            return _UNHELD
         if self._task is None or self._task.done():
             self._task = task.get_loop().create_task(self._run())
         return _Holding(self, _Held(request, task, leaf, upn, identity))

@@ -229,12 +229,15 @@ def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
     return gw.presented.read(*peer) if peer is not None else None
 
 
+_UNHELD = contextlib.nullcontext()  # one for every request no directory judges (a held long-poll keeps it)
+
+
 def _held(
     gw: Gateway, request: DeviceRequest, leaf: x509.Certificate | None, certified: UserPrincipal | None
 ) -> contextlib.AbstractContextManager[None]:
     """A request the mapping stage admitted is judged again while it is held (`proxy.held_mapping`)."""
     if gw.directory is None or leaf is None or certified is None:
-        return contextlib.nullcontext()
+        return _UNHELD
     return gw.directory.held.hold(request, leaf, certified.upn, gw.config.identity)
 
 
