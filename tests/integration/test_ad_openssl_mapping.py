@@ -705,3 +705,39 @@ def test_a_upn_with_filter_characters_never_finds_alice(
     status, body = curl(realm, strong, cert, minted / "device.key")
     assert status == 403, (local, body)
     assert "no account in the directory has this name" in body  # the mapping stage asked, escaped: none matched
+
+
+def _spki_sha1(cert: Path) -> str:
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    spki = loaded.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha1(spki, usedforsecurity=False).hexdigest()
+
+
+def test_key_entries_name_one_key_and_an_ski_entry_needs_the_extension(
+    realm: ad.AdRealm, uncached: AdProcess, minted: Path, fresh: str, tmp_path: Path
+) -> None:
+    """A certificate without a subjectKeyIdentifier extension: an `<SKI>` entry holding the SHA-1 of its key (what
+    CryptoAPI computes as a key identifier when the extension is absent) does not map it here (403); a
+    `<SHA1-PUKEY>` entry of another key does not either (403); its own key's `<SHA1-PUKEY>` does (200)."""
+    upn = f"{fresh}@{ad.DNS_DOMAIN}"
+    cert = mint(realm, minted, "no-ski", upn_line(upn) + "subjectKeyIdentifier = none\n", serial="0x0A0C01")
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    with pytest.raises(x509.ExtensionNotFound):
+        loaded.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    other_key = tmp_path / "other.key"
+    other_csr = tmp_path / "other.csr"
+    argv = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    subprocess.run([*argv, "-keyout", str(other_key), "-out", str(other_csr), "-subj", "/CN=other"], check=True)
+    other = tmp_path / "other.pem"
+    argv = ["openssl", "x509", "-req", "-in", str(other_csr), "-CA", str(realm.pki.issuing_cert), "-CAkey"]
+    argv += [str(realm.pki.issuing_key), "-days", "5", "-set_serial", "0x0A0C02", "-out", str(other)]
+    subprocess.run(argv, check=True, capture_output=True)
+    for entry, expected in (
+        (f"X509:<SKI>{_spki_sha1(cert)}", 403),
+        (f"X509:<SHA1-PUKEY>{_spki_sha1(other)}", 403),
+        (f"X509:<SHA1-PUKEY>{_thumbprint(other)}", 403),
+        (f"X509:<SHA1-PUKEY>{_spki_sha1(cert)}", 200),
+    ):
+        set_alt_security_identities(realm, fresh, entry)
+        status, body = curl(realm, uncached, cert, minted / "device.key")
+        assert status == expected, (entry, body)
