@@ -37,6 +37,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -113,6 +114,10 @@ class Directory:
         self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
         self._locks: dict[str, asyncio.Lock] = {}  # url -> its connection's turn (see _search_at)
         self._failed: dict[str, float] = {}  # url -> when (self._clock) it last failed; gone once it answers
+        # The bind's KDC exchanges (bind = "kerberos") in a thread of their own: a KDC that accepts and never answers
+        # holds the thread for MIT's own timeout (about 25 s) after the look-up gave up, and asyncio's default
+        # executor, shared with CRL vetting and Basic's hashing, must not fill up with such threads.
+        self._kdc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="directory-kdc")
         self.held = HeldMappings(self, settings.cache_seconds)  # requests held at the backend, judged again
         self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
         self.binds = 0  # connections opened and bound (a kept connection makes this 1 per server)
@@ -226,11 +231,11 @@ class Directory:
         return conn
 
     async def _tickets(self, url: str) -> None:
-        """bind = "kerberos": a TGT and the ldap/<host> ticket in CCACHE before SASL GSSAPI looks (a thread:
-        it may talk to the KDC)."""
+        """bind = "kerberos": a TGT and the ldap/<host> ticket in CCACHE before SASL GSSAPI looks (in the
+        directory's own KDC thread: it may talk to the KDC, which may hang)."""
         if self._settings.bind == "kerberos":
             host = urlsplit(url).hostname or ""
-            await asyncio.to_thread(ldap_ticket, self._kerberos, CCACHE, host)
+            await asyncio.get_running_loop().run_in_executor(self._kdc, ldap_ticket, self._kerberos, CCACHE, host)
 
     def _in_turn(self) -> list[str]:
         """The URLs in the order to try them: as configured, those that failed in the last
@@ -285,8 +290,9 @@ class Directory:
                 conn.close()
 
     def close(self) -> None:
-        """Stop judging held requests; close the kept connections."""
+        """Stop judging held requests; close the kept connections; drop KDC exchanges not yet begun."""
         self.held.close()
+        self._kdc.shutdown(wait=False, cancel_futures=True)
         for url in list(self._connections):
             self._drop(url)
 

@@ -8,6 +8,7 @@ half-open connection after a network change), and the shared DC itself is never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -41,7 +42,7 @@ async def pipe(reader, writer):
 
 async def serve(reader, writer):
     try:
-        up_reader, up_writer = await asyncio.open_connection(sys.argv[2], 389)
+        up_reader, up_writer = await asyncio.open_connection(sys.argv[2], int(sys.argv[3]))
     except OSError:
         writer.close()
         return
@@ -62,23 +63,29 @@ def realm(ad_mapping_realm: ad.AdRealm) -> ad.AdRealm:
     return ad_mapping_realm
 
 
-@pytest.fixture
-def relay(realm: ad.AdRealm, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A TCP relay to the DC's LDAP port on the DC's address, and its URL by the DC's name; let go on exit."""
+@contextlib.contextmanager
+def _relay_to(realm: ad.AdRealm, log: Path, upstream: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A TCP relay on the DC's address to the DC's port `upstream`, and the relay's port; let go on exit."""
     port = realm.free_port()
-    log = tmp_path / "relay.log"
-    proc = realm.popen([sys.executable, "-c", _RELAY, str(port), realm.dc_address], log=log)
+    proc = realm.popen([sys.executable, "-c", _RELAY, str(port), realm.dc_address, str(upstream)], log=log)
     try:
         deadline = time.monotonic() + WAIT
         while "relay listening" not in log.read_text():
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the relay did not start"
             time.sleep(0.1)
-        yield proc, f"ldap://{realm.dc_host}:{port}"
+        yield proc, port
     finally:
         proc.send_signal(signal.SIGCONT)
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def relay(realm: ad.AdRealm, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A TCP relay to the DC's LDAP port on the DC's address, and its URL by the DC's name; let go on exit."""
+    with _relay_to(realm, tmp_path / "relay.log", 389) as (proc, port):
+        yield proc, f"ldap://{realm.dc_host}:{port}"
 
 
 _BURST_PROBE = """
@@ -157,3 +164,59 @@ def test_a_directory_that_goes_silent_is_503_then_served_again(
         assert status == 200, body
     finally:
         gw.stop()
+
+
+_KDC_HUNG_PROBE = """
+import asyncio, json, os, signal, sys, time
+from pathlib import Path
+from proxy import config
+from proxy.directory import Directory
+from proxy.errors import DirectoryUnavailable
+
+async def main():
+    cfg = config.load(Path(sys.argv[1]))
+    kdc_relay = int(sys.argv[2])
+    d = Directory(cfg.directory, cfg.kerberos)
+    os.kill(kdc_relay, signal.SIGSTOP)
+    try:
+        refused = 0
+        for n in range(8):  # one after the other: each needs a new connection, so a ticket from the hung KDC
+            try:
+                await d.account(f"user{n}@ad.test")
+            except DirectoryUnavailable:
+                refused += 1
+        start = time.perf_counter()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 300)  # what CRL refreshes and Basic hashing use
+        waited = time.perf_counter() - start
+    finally:
+        os.kill(kdc_relay, signal.SIGCONT)
+    print(json.dumps({"refused": refused, "waited": waited}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_hung_kdc_under_the_directory_bind_does_not_take_the_shared_threads(
+    realm: ad.AdRealm, tmp_path: Path
+) -> None:
+    """bind = "kerberos" while the KDC accepts and never answers (a relay to port 88, frozen): each look-up is 503
+    within its timeout, and the threads the rest of the gateway shares (asyncio's default executor: CRL vetting,
+    Basic's hashing) stay free; before, each attempt's ticket request held one of them for MIT's own KDC timeout
+    (about 25 s), and eight look-ups left a thread hop waiting for seconds."""
+    with _relay_to(realm, tmp_path / "kdc-relay.log", 88) as (kdc, port):
+        krb5_conf = tmp_path / "krb5.conf"
+        krb5_conf.write_text(
+            realm.krb5_conf.read_text().replace(f"kdc = {realm.dc_address}:88", f"kdc = {realm.dc_address}:{port}")
+        )
+        assert f":{port}" in krb5_conf.read_text()
+        table = ad_mapping.directory_table(realm, cache_seconds=0) + "timeout = 1\n"
+        text = ad_mapping.gateway_config(realm, "strong", directory_text=table)
+        cfg = tmp_path / "gateway.toml"
+        cfg.write_text(text.replace(f'krb5_config = "{realm.krb5_conf}"', f'krb5_config = "{krb5_conf}"'))
+        assert str(krb5_conf) in cfg.read_text()
+        argv = [sys.executable, "-c", textwrap.dedent(_KDC_HUNG_PROBE), str(cfg), str(kdc.pid)]
+        done = realm.run(argv, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["refused"] == 8, result
+    assert result["waited"] < 1.0, result  # a free thread at once, not one MIT's KDC timeout frees
