@@ -128,3 +128,25 @@ def test_a_failed_server_is_tried_last_for_a_while_then_first_again(monkeypatch:
     down.clear()
     assert look_up() == ["dc1"]  # both failed lately: in their own order; dc1 answers and is forgotten as failed
     assert look_up() == ["dc1"]
+
+
+def test_a_name_two_accounts_answer_to_is_refused_never_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two entries for one name (a UPN on one account, the same name as another's implicit UPN: Windows allows
+    it across domains and in replication conflicts; Samba 4.17 refuses to write it): 403, naming both DNs."""
+    for name in ("KRB5_CONFIG", "KRB5CCNAME", "LDAPSASL_NOCANON"):  # Directory() sets them: restored after
+        monkeypatch.setenv(name, "")
+    first, second = _entry(), _entry()
+    second.dn = "CN=alice2,CN=Users,DC=ad,DC=test"  # an instance's dn, as bonsai has
+
+    class Two(Directory):
+        async def _search_at(self, url: str, filter_exp: str) -> list[object]:
+            return [first, second]
+
+    settings = DirectorySettings(urls=("ldap://dc.ad.test",), base_dn="DC=ad,DC=test")
+    directory = Two(settings, Kerberos("gateway@AD.TEST", Path("/nonexistent.keytab")))
+    with pytest.raises(MappingRefused) as refused:
+        asyncio.run(directory.account("alice@ad.test"))
+    assert refused.value.reason == "the name matches several accounts in the directory"
+    hint = refused.value.hint or ""
+    assert "CN=alice,CN=Users" in hint
+    assert "CN=alice2,CN=Users" in hint
