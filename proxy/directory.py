@@ -351,8 +351,15 @@ def _first(entry: Any, attr: str, default: Any = None) -> Any:
 
 
 def _int(entry: Any, attr: str) -> int:
+    """An integer attribute (userAccountControl, a FILETIME); one that is not a number is the directory's error,
+    not a state to guess at: MappingRefused (a 403 naming it), never a ValueError out of the mapping stage."""
     value = _first(entry, attr, 0)
-    return int(value.decode() if isinstance(value, bytes) else value)
+    try:
+        return int(value.decode() if isinstance(value, bytes) else value)
+    except ValueError:
+        raise MappingRefused(
+            f"the account's {attr} cannot be read", hint=f"{entry.dn} returned {attr} {value!r}"
+        ) from None
 
 
 def _account(entry: Any) -> Account:
@@ -360,13 +367,22 @@ def _account(entry: Any) -> Account:
     raw_sid = _first(entry, "objectSid")
     if not isinstance(raw_sid, bytes):
         raise MappingRefused("the account has no objectSid", hint=f"{entry.dn} returned no binary objectSid")
+    try:
+        sid = Sid.from_bytes(raw_sid)
+    except ValueError as e:
+        raise MappingRefused(
+            "the account's objectSid cannot be read", hint=f"{entry.dn} returned objectSid: {e}"
+        ) from None
     computed = entry.get("msDS-User-Account-Control-Computed")
-    alt = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in entry.get("altSecurityIdentities", []))
+    # bytes that are not UTF-8 read as U+FFFD (such an entry names no certificate), not a 500 on a UnicodeDecodeError
+    alt = tuple(
+        v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in entry.get("altSecurityIdentities", [])
+    )
     return Account(
         dn=str(entry.dn),
         sam_account_name=str(_first(entry, "sAMAccountName", "")),
         upn=_first(entry, "userPrincipalName"),
-        sid=Sid.from_bytes(raw_sid),
+        sid=sid,
         alt_security_identities=alt,
         user_account_control=_int(entry, "userAccountControl"),
         lockout_time=_int(entry, "lockoutTime"),

@@ -150,3 +150,22 @@ def test_a_name_two_accounts_answer_to_is_refused_never_the_first(monkeypatch: p
     hint = refused.value.hint or ""
     assert "CN=alice,CN=Users" in hint
     assert "CN=alice2,CN=Users" in hint
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("objectSid", bytes.fromhex("0105000000000005150000")),  # cut short
+        ("objectSid", bytes.fromhex("0201000000000005") + bytes(4)),  # revision 2
+        ("userAccountControl", "512x"),
+        ("accountExpires", b"never"),
+    ],
+)
+def test_an_unreadable_account_attribute_is_a_refusal_not_a_500(field: str, value: object) -> None:
+    """An objectSid of the wrong length or revision, a userAccountControl or accountExpires that is not a number:
+    the directory's answer cannot be decided on, so MappingRefused naming the attribute (a 403 with the reason),
+    not a ValueError out of the mapping stage (a 500)."""
+    entry = _entry()
+    entry[field] = [value]
+    with pytest.raises(MappingRefused, match=f"{field} cannot be read"):
+        _account(entry)
