@@ -13,6 +13,7 @@ from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
 from proxy.directory import FAILED_SERVER_SECONDS, Directory, _account, _domain, _escape, _filter
 from proxy.errors import DirectoryUnavailable, MappingRefused
+from proxy.identity import altsecid
 from proxy.identity.mapping import Account
 
 
@@ -169,3 +170,11 @@ def test_an_unreadable_account_attribute_is_a_refusal_not_a_500(field: str, valu
     entry[field] = [value]
     with pytest.raises(MappingRefused, match=f"{field} cannot be read"):
         _account(entry)
+
+
+def test_an_alt_security_identity_that_is_not_utf8_never_matches_and_is_no_500() -> None:
+    """altSecurityIdentities bytes that are not UTF-8: read with U+FFFD, an entry of no kind, not a decoding error."""
+    entry = _entry()
+    entry["altSecurityIdentities"] = [b"X509:<SKI>9c1f\xff"]
+    (raw,) = _account(entry).alt_security_identities
+    assert altsecid.parse(raw).kind == "unknown"
