@@ -13,6 +13,11 @@ whose `sAMAccountName` is its user part, the implicit UPN AD also accepts) under
 - Servers: `urls` are tried in order for each look-up; a server that does not answer within `timeout`
   is skipped. When none answers the result is `DirectoryUnavailable` (503 with Retry-After): a look-up that
   failed is never an admission, and never cached.
+- A server that failed is remembered for `FAILED_SERVER_SECONDS`: look-ups try it after the others (still
+  tried, so a lone server that answers again serves the next look-up), and look-ups that were waiting for its
+  connection when it failed give up on it at once instead of each waiting out `timeout` in turn. A look-up
+  waits for a server's connection at most `timeout`. A hung server therefore costs a burst of look-ups one
+  `timeout`, not one each.
 - Cache: an account found (or found missing) is kept `cache_seconds`; concurrent look-ups for one name share
   one LDAP search (single flight), so a burst of requests from one device costs one round trip.
 
@@ -27,10 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +49,7 @@ import structlog
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
 from proxy.errors import DirectoryUnavailable, GatewayError, KerberosMisconfigured, MappingRefused
+from proxy.held_mapping import HeldMappings
 from proxy.identity.mapping import Account
 from proxy.identity.principal import ascii_lower
 from proxy.identity.sid import Sid
@@ -53,6 +61,7 @@ log = structlog.get_logger("kcd-proxy.directory")
 CCACHE = "MEMORY:kcd-proxy-directory"  # the directory bind's credential cache (proxy.kerberos.client)
 _GENERALIZED_TIME = re.compile(r"(\d{14})(?:[.,]\d+)?Z")  # UTC only: AD writes whenCreated in UTC
 CACHE_SIZE = 50_000  # accounts kept at most (a few hundred bytes each)
+FAILED_SERVER_SECONDS = 30.0  # a server that failed is tried after the others for this long
 ATTRIBUTES = [
     "sAMAccountName",
     "userPrincipalName",
@@ -64,6 +73,10 @@ ATTRIBUTES = [
     "msDS-User-Account-Control-Computed",
     "whenCreated",
 ]
+
+
+class _GaveUp(Exception):
+    """A look-up passed a server by without asking it (its connection busy, or failed just now): the next URL."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,12 @@ class Directory:
         self._flights: dict[str, asyncio.Future[Account | None]] = {}
         self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
         self._locks: dict[str, asyncio.Lock] = {}  # url -> its connection's turn (see _search_at)
+        self._failed: dict[str, float] = {}  # url -> when (self._clock) it last failed; gone once it answers
+        # The bind's KDC exchanges (bind = "kerberos") in a thread of their own: a KDC that accepts and never answers
+        # holds the thread for MIT's own timeout (about 25 s) after the look-up gave up, and asyncio's default
+        # executor, shared with CRL vetting and Basic's hashing, must not fill up with such threads.
+        self._kdc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="directory-kdc")
+        self.held = HeldMappings(self, settings.cache_seconds)  # requests held at the backend, judged again
         self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
         self.binds = 0  # connections opened and bound (a kept connection makes this 1 per server)
 
@@ -176,13 +195,18 @@ class Directory:
     async def search(self, name: str) -> Account | None:
         """One look-up, no cache: each URL in order until one answers."""
         problems: list[str] = []
-        for url in self._settings.urls:
+        for url in self._in_turn():
             try:
                 entries = await self._search_at(url, _filter(name, self._settings.base_dn))
+            except _GaveUp as e:
+                problems.append(f"{url}: {e}")
+                continue
             except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured) as e:
+                self._failed[url] = self._clock()
                 problems.append(f"{url}: {_describe(e)}")
                 log.warning("directory_server_failed", url=url, error=_describe(e))
                 continue
+            self._failed.pop(url, None)
             self.searches += 1
             if len(entries) > 1:
                 dns = ", ".join(str(entry.dn) for entry in entries)
@@ -207,18 +231,38 @@ class Directory:
         return conn
 
     async def _tickets(self, url: str) -> None:
-        """bind = "kerberos": a TGT and the ldap/<host> ticket in CCACHE before SASL GSSAPI looks (a thread:
-        it may talk to the KDC)."""
+        """bind = "kerberos": a TGT and the ldap/<host> ticket in CCACHE before SASL GSSAPI looks (in the
+        directory's own KDC thread: it may talk to the KDC, which may hang)."""
         if self._settings.bind == "kerberos":
             host = urlsplit(url).hostname or ""
-            await asyncio.to_thread(ldap_ticket, self._kerberos, CCACHE, host)
+            await asyncio.get_running_loop().run_in_executor(self._kdc, ldap_ticket, self._kerberos, CCACHE, host)
+
+    def _in_turn(self) -> list[str]:
+        """The URLs in the order to try them: as configured, those that failed in the last
+        FAILED_SERVER_SECONDS after the others (a stable sort keeps their own order)."""
+        now = self._clock()
+        lately = {url for url, at in self._failed.items() if now - at < FAILED_SERVER_SECONDS}
+        return sorted(self._settings.urls, key=lambda url: url in lately)
 
     async def _search_at(self, url: str, filter_exp: str) -> list[Any]:
         # One operation at a time per connection: bonsai's asyncio connection waits for a result by
         # registering the socket with the event loop, and a second operation's registration replaces the
-        # first's, which then never completes. Look-ups of different names queue here (a few ms each).
-        async with self._locks.setdefault(url, asyncio.Lock()):
+        # first's, which then never completes. Look-ups of different names queue here (a few ms each), for
+        # `timeout` at most, and not at all behind an operation that failed meanwhile: a hung server must not
+        # cost each queued look-up a timeout of its own, one after the other.
+        lock = self._locks.setdefault(url, asyncio.Lock())
+        asked = self._clock()
+        try:
+            async with asyncio.timeout(self._settings.timeout):
+                await lock.acquire()
+        except TimeoutError:
+            raise _GaveUp(f"busy: no turn on its connection within {self._settings.timeout:g} s") from None
+        try:
+            if self._failed.get(url, -math.inf) > asked:
+                raise _GaveUp("failed for another look-up while this one waited for it")
             return await self._search_locked(url, filter_exp)
+        finally:
+            lock.release()
 
     async def _search_locked(self, url: str, filter_exp: str) -> list[Any]:
         timeout = self._settings.timeout
@@ -230,9 +274,10 @@ class Directory:
                     result = await conn.search(
                         self._settings.base_dn, bonsai.LDAPSearchScope.SUBTREE, filter_exp, ATTRIBUTES, timeout=timeout
                     )
-            except (TimeoutError, bonsai.LDAPError, OSError):
+            except (TimeoutError, bonsai.LDAPError, OSError) as e:
                 self._drop(url)
-                if attempt == 2 or not reused:
+                # A server that answered nothing in time is not retried: a new connection would wait as long
+                if attempt == 2 or not reused or isinstance(e, (TimeoutError, bonsai.TimeoutError)):
                     raise
                 continue
             return [entry for entry in result if isinstance(entry, bonsai.LDAPEntry)]  # referrals are not accounts
@@ -245,7 +290,9 @@ class Directory:
                 conn.close()
 
     def close(self) -> None:
-        """Close the kept connections."""
+        """Stop judging held requests; close the kept connections; drop KDC exchanges not yet begun."""
+        self.held.close()
+        self._kdc.shutdown(wait=False, cancel_futures=True)
         for url in list(self._connections):
             self._drop(url)
 
@@ -304,8 +351,15 @@ def _first(entry: Any, attr: str, default: Any = None) -> Any:
 
 
 def _int(entry: Any, attr: str) -> int:
+    """An integer attribute (userAccountControl, a FILETIME); one that is not a number is the directory's error,
+    not a state to guess at: MappingRefused (a 403 naming it), never a ValueError out of the mapping stage."""
     value = _first(entry, attr, 0)
-    return int(value.decode() if isinstance(value, bytes) else value)
+    try:
+        return int(value.decode() if isinstance(value, bytes) else value)
+    except ValueError:
+        raise MappingRefused(
+            f"the account's {attr} cannot be read", hint=f"{entry.dn} returned {attr} {value!r}"
+        ) from None
 
 
 def _account(entry: Any) -> Account:
@@ -313,13 +367,22 @@ def _account(entry: Any) -> Account:
     raw_sid = _first(entry, "objectSid")
     if not isinstance(raw_sid, bytes):
         raise MappingRefused("the account has no objectSid", hint=f"{entry.dn} returned no binary objectSid")
+    try:
+        sid = Sid.from_bytes(raw_sid)
+    except ValueError as e:
+        raise MappingRefused(
+            "the account's objectSid cannot be read", hint=f"{entry.dn} returned objectSid: {e}"
+        ) from None
     computed = entry.get("msDS-User-Account-Control-Computed")
-    alt = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in entry.get("altSecurityIdentities", []))
+    # bytes that are not UTF-8 read as U+FFFD (such an entry names no certificate), not a 500 on a UnicodeDecodeError
+    alt = tuple(
+        v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in entry.get("altSecurityIdentities", [])
+    )
     return Account(
         dn=str(entry.dn),
         sam_account_name=str(_first(entry, "sAMAccountName", "")),
         upn=_first(entry, "userPrincipalName"),
-        sid=Sid.from_bytes(raw_sid),
+        sid=sid,
         alt_security_identities=alt,
         user_account_control=_int(entry, "userAccountControl"),
         lockout_time=_int(entry, "lockoutTime"),

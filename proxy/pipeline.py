@@ -229,6 +229,18 @@ def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
     return gw.presented.read(*peer) if peer is not None else None
 
 
+_UNHELD = contextlib.nullcontext()  # one for every request no directory judges (a held long-poll keeps it)
+
+
+def _held(
+    gw: Gateway, request: DeviceRequest, leaf: x509.Certificate | None, certified: UserPrincipal | None
+) -> contextlib.AbstractContextManager[None]:
+    """A request the mapping stage admitted is judged again while it is held (`proxy.held_mapping`)."""
+    if gw.directory is None or leaf is None or certified is None:
+        return _UNHELD
+    return gw.directory.held.hold(request, leaf, certified.upn, gw.config.identity)
+
+
 async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     now = datetime.now(UTC)
     target = origin_form(request.raw_path)  # before any stage: the path the backend will act on
@@ -252,7 +264,8 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     trace.note(route=route.prefix, spn=route.spn, upstream=route.upstream, backend_auth=route.backend_auth)
     with trace.stage("kerberos"):
         authorization, principal = await backend_authorization(gw, auth, route, trace)
-    with trace.stage("backend"), gw.revocation.watch(request):  # ended if the certificate is revoked meanwhile
+    # ended if the certificate is revoked meanwhile, or (strong mapping) if the directory refuses it meanwhile
+    with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified):
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
         del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
         result = await forward_device(request, route, gw.pools, principal, authorization, context, target)

@@ -20,7 +20,9 @@ The details that trip people up, as Windows reads them:
   value is compared as a number, so the entry matches with or without that trailing `00`.
 - Issuer and subject names are written the way Windows prints them, most significant part first
   (`DC=com,DC=example,CN=Example CA`), the reverse of RFC 4514; some tools write RFC 4514 order. A name
-  matches in either order, attribute values compared case-insensitively.
+  matches in either order, attribute values compared case-insensitively. Windows (CertNameToStr) quotes a
+  value holding `,` `+` `=` `"` and the like (`O="Corp, Inc."`, a quote inside doubled) and joins the parts of
+  a multi-valued RDN with ` + `; RFC 4514 escapes with `\\` and joins with `+`. Both are read.
 - `<SHA1-PUKEY>`: despite the name, Windows compares the SHA-1 hash of the whole certificate (its
   "thumbprint"). The SHA-1 hash of the certificate's public key (SubjectPublicKeyInfo) is accepted too:
   it binds the entry to the key just as firmly, and tools differ on which they write.
@@ -53,7 +55,7 @@ Kind = Literal[
 STRONG_KINDS: frozenset[Kind] = frozenset({"X509IssuerSerialNumber", "X509SKI", "X509SHA1PublicKey"})
 
 _HEX = re.compile(r"[0-9A-Fa-f]+")
-_ATTRIBUTE_TYPE = re.compile(r"(^|(?<!\\)[,+])\s*([A-Za-z][A-Za-z0-9-]*)\s*=")
+_ATTRIBUTE = re.compile(r" *((?:OID\.)?[0-9]+(?:\.[0-9]+)+|[A-Za-z][A-Za-z0-9-]*) *= *", re.IGNORECASE)
 # Windows writes a few attribute types by names RFC 4514 does not know.
 _WINDOWS_ATTRIBUTES = {
     "E": NameOID.EMAIL_ADDRESS,
@@ -146,14 +148,97 @@ def subject_key_identifier(cert: x509.Certificate) -> str | None:
 
 def _rdns(text: str) -> tuple[tuple[tuple[str, str], ...], ...] | None:
     """A distinguished name as comparable RDNs (OID, value case-folded), or None when it does not parse."""
+    rfc4514 = _as_rfc4514(text)
+    if rfc4514 is None:
+        return None
     try:
-        # Windows prints ", " between RDNs, and attribute types in any case; cryptography wants "," and "CN="
-        text = re.sub(r"(?<!\\),\s+", ",", text.strip())
-        text = _ATTRIBUTE_TYPE.sub(lambda m: m.group(1) + m.group(2).upper() + "=", text)
-        name = x509.Name.from_rfc4514_string(text, attr_name_overrides=_WINDOWS_ATTRIBUTES)
+        name = x509.Name.from_rfc4514_string(rfc4514, attr_name_overrides=_WINDOWS_ATTRIBUTES)
     except ValueError:
         return None
     return _name_rdns(name)
+
+
+def _as_rfc4514(text: str) -> str | None:
+    """A name as Windows writes it (CertNameToStr, CERT_X500_NAME_STR) in the RFC 4514 syntax cryptography
+    reads; None when it is neither. Windows separates RDNs with `, ` (`;` with another flag) and the parts of a
+    multi-valued RDN with ` + `, and quotes a value holding `,` `+` `=` `"` `<` `>` `#` `;` or leading or
+    trailing spaces (`O="Corp, Inc."`, a `"` inside written `""`); RFC 4514 escapes them with `\\` instead,
+    which is read as written. Attribute types in any case (`cn=`), or as a dotted OID (`OID.2.5.4.3=`)."""
+    rdns: list[list[str]] = [[]]
+    at, end = 0, len(text)
+    while True:
+        found = _ATTRIBUTE.match(text, at)
+        if found is None:
+            return None
+        kind = found.group(1).upper().removeprefix("OID.")
+        at = found.end()
+        quoted = text.startswith('"', at)
+        value, at = _quoted(text, at) if quoted else _unquoted(text, at)
+        if value is None:
+            return None
+        rdns[-1].append(f"{kind}={_escape(value) if quoted else value}")
+        at = _skip_spaces(text, at)
+        if at == end:
+            return ",".join("+".join(rdn) for rdn in rdns)
+        if text[at] == "+":
+            at += 1
+        elif text[at] in ",;":
+            rdns.append([])
+            at += 1
+        else:
+            return None
+
+
+def _quoted(text: str, at: int) -> tuple[str | None, int]:
+    """The value of a quoted string starting at `at` (`""` and `\\"` are a quote), and where it ends."""
+    value: list[str] = []
+    at += 1
+    while at < len(text):
+        char = text[at]
+        if char == '"' and text.startswith('""', at):
+            value.append('"')
+            at += 2
+        elif char == '"':
+            return "".join(value), at + 1
+        elif char == "\\" and at + 1 < len(text):
+            value.append(text[at + 1])
+            at += 2
+        else:
+            value.append(char)
+            at += 1
+    return None, at  # no closing quote
+
+
+def _unquoted(text: str, at: int) -> tuple[str | None, int]:
+    """An unquoted value from `at` up to the next separator not escaped, as written (RFC 4514 escapes kept),
+    without the spaces around it; and where it ends."""
+    start = at
+    while at < len(text) and text[at] not in ",;+":
+        if text[at] == "\\":
+            at += 1
+            if at == len(text):
+                return None, at
+        at += 1
+    value = text[start:at].lstrip(" ")
+    while value.endswith(" ") and not value.endswith("\\ "):
+        value = value[:-1]
+    return value, at
+
+
+def _skip_spaces(text: str, at: int) -> int:
+    while at < len(text) and text[at] == " ":
+        at += 1
+    return at
+
+
+def _escape(value: str) -> str:
+    """A value in RFC 4514's escaped form."""
+    escaped = re.sub(r'([\\"+,;<>=])', r"\\\1", value).replace("\0", "\\00")
+    if escaped.startswith((" ", "#")):
+        escaped = "\\" + escaped
+    if escaped.endswith(" "):  # re.sub escapes no space, so the last one is unescaped
+        escaped = escaped[:-1] + "\\ "
+    return escaped
 
 
 def _name_rdns(name: x509.Name) -> tuple[tuple[tuple[str, str], ...], ...]:

@@ -12,6 +12,7 @@ import hashlib
 import re
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,9 +20,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.type import univ
 
 from proxy.lab import ad, ad_mapping
-from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, status_and_body
+from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, status_and_body
 from tests.integration.test_ad_mapping import served_as, start_gateway
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
@@ -542,3 +545,199 @@ def test_a_deleted_accounts_sid_is_another_accounts(realm: ad.AdRealm, strong: A
     assert status == 403, body
     assert "SID of another account" in body
     assert sid in strong.wait_event("mapping_refused")["fix"]
+
+
+# An issuing CA whose name has what CertNameToStr quotes (a comma, quotes) and a multi-valued RDN
+_TRICKY_CA_SUBJECT = '/DC=test/DC=ad/O=Corp, Inc.+OU=Devices/CN=Corp "Issuing" CA'
+_TRICKY_CA_WINDOWS = 'DC=test, DC=ad, O="Corp, Inc." + OU=Devices, CN="Corp ""Issuing"" CA"'
+_CA_EXTENSIONS = """\
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+@pytest.fixture(scope="module")
+def tricky_ca(realm: ad.AdRealm, minted: Path) -> tuple[Path, Path]:
+    """An intermediate under the lab's root, made with the openssl CLI, named `_TRICKY_CA_SUBJECT`."""
+    key, csr, cert, ext = (minted / f"tricky-ca.{suffix}" for suffix in ("key", "csr", "pem", "ext"))
+    argv = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    argv += ["-keyout", str(key), "-out", str(csr), "-multivalue-rdn", "-subj", _TRICKY_CA_SUBJECT]
+    subprocess.run(argv, check=True, capture_output=True)
+    ext.write_text(_CA_EXTENSIONS)
+    argv = ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(realm.pki.root_cert)]
+    argv += ["-CAkey", str(realm.pki.root_key), "-days", "5", "-set_serial", "0x7A11", "-extfile", str(ext)]
+    subprocess.run([*argv, "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tricky_gateway(
+    realm: ad.AdRealm, ad_backend: AdProcess, tricky_ca: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AdProcess]:
+    """A `strong` gateway that also trusts the tricky CA (revocation off: that CA publishes no CRL, and mapping
+    is what is tested), asking the directory on every request."""
+    where = tmp_path_factory.mktemp("tricky-gateway")
+    port = realm.free_port()
+    table = ad_mapping.directory_table(realm, cache_seconds=0)
+    text = ad_mapping.gateway_config(realm, "strong", port=port, backend_port=ad_backend.port, directory_text=table)
+    text = re.sub(
+        r'intermediates = \["([^"]+)"\]\ncrls = \[[^\]]*\]\nrevocation = "require"\n',
+        rf'intermediates = ["\1", "{tricky_ca[0]}"]\nrevocation = "off"\n',
+        text,
+    )
+    assert str(tricky_ca[0]) in text
+    (where / "gateway.toml").write_text(text)
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(where / "gateway.toml")]
+    gw = _start(realm, argv, port, where / "gateway.log", scheme="https")
+    yield gw
+    gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("label", "serial", "issuer", "status"),
+    [
+        ("windows", "0x7A0101", _TRICKY_CA_WINDOWS, 200),
+        ("windows-reversed", "0x7A0102", 'CN="Corp ""Issuing"" CA", OU=Devices + O="Corp, Inc.", DC=ad, DC=test', 200),
+        ("rfc4514", "0x7A0103", 'CN=Corp \\"Issuing\\" CA,O=Corp\\, Inc.+OU=Devices,DC=ad,DC=test', 200),
+        ("without-ou", "0x7A0104", 'DC=test, DC=ad, O="Corp, Inc.", CN="Corp ""Issuing"" CA"', 403),
+    ],
+)
+def test_an_issuer_name_with_quotes_and_a_multi_valued_rdn_as_windows_writes_it(
+    realm: ad.AdRealm,
+    tricky_gateway: AdProcess,
+    tricky_ca: tuple[Path, Path],
+    minted: Path,
+    fresh: str,
+    label: str,
+    serial: str,
+    issuer: str,
+    status: int,
+) -> None:
+    """`<I>..<SR>..` for a CA named `O=Corp, Inc.+OU=Devices, CN=Corp "Issuing" CA`: written as Windows writes it
+    (values quoted, ` + `; in either order) or with RFC 4514's escapes it maps the certificate (was 403 "no
+    altSecurityIdentities entry names this certificate"); the name without the RDN's second part does not."""
+    upn = f"{fresh}@{ad.DNS_DOMAIN}"
+    extfile = minted / f"tricky-{label}.ext"
+    extfile.write_text(_COMMON + upn_line(upn))
+    cert = minted / f"tricky-{label}.pem"
+    argv = ["openssl", "x509", "-req", "-in", str(minted / "device.csr"), "-CA", str(tricky_ca[0])]
+    argv += ["-CAkey", str(tricky_ca[1]), "-days", "5", "-set_serial", serial, "-extfile", str(extfile)]
+    subprocess.run([*argv, "-out", str(cert)], check=True, capture_output=True)
+    reversed_serial = bytes.fromhex(serial[2:])[::-1].hex()
+    set_alt_security_identities(realm, fresh, f"X509:<I>{issuer}<SR>{reversed_serial}")
+    got, body = curl(realm, tricky_gateway, cert, minted / "device.key")
+    assert got == status, body
+    if status == 200:
+        assert served_as(body) == f"{fresh}@{ad.REALM}"
+        assert tricky_gateway.wait_event("request", upn=upn)["mapping"] == "alt-security-identity"
+    else:
+        assert "no altSecurityIdentities entry names" in tricky_gateway.wait_event("mapping_refused")["reason"]
+
+
+@pytest.mark.parametrize(("rid", "what"), [(512, "Domain Admins"), (502, "krbtgt"), (500, "Administrator")])
+def test_a_sid_of_a_group_or_of_krbtgt_on_alices_upn_is_another_accounts(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path, rid: int, what: str
+) -> None:
+    """alice's UPN with the SID of the domain's Domain Admins group, of krbtgt or of Administrator (the domain's
+    own SID, another RID): 403 "SID of another account", never served."""
+    domain = alice_sid(realm).rsplit("-", 1)[0]
+    line, section = sid_extension_text(f"OCTETSTRING:{domain}-{rid}")
+    cert = mint(realm, minted, f"rid{rid}", upn_line("alice@ad.test") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, (what, body)
+    assert "SID of another account" in body
+    assert f"{domain}-{rid}" in strong.wait_event("mapping_refused")["fix"]
+
+
+def _two_other_names(first: str, second: str) -> str:
+    return (
+        "[sid]\nfirst = IMPLICIT:0,SEQUENCE:one\nsecond = IMPLICIT:0,SEQUENCE:two\n"
+        f"[one]\ntype = OID:1.3.6.1.4.1.311.25.2.1\nvalue = EXPLICIT:0,OCTETSTRING:{first}\n"
+        f"[two]\ntype = OID:1.3.6.1.4.1.311.25.2.1\nvalue = EXPLICIT:0,OCTETSTRING:{second}\n"
+    )
+
+
+@pytest.mark.parametrize("shape", ["wrong-oid", "two-sids", "two-equal-sids", "trailing-bytes", "inner-trailing"])
+def test_a_sid_extension_of_another_shape_is_refused(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path, shape: str
+) -> None:
+    """The SID extension with the otherName's type another OID (the UPN's), two otherNames (bob's SID after alice's,
+    or alice's twice), or bytes after the GeneralNames or after the inner OCTET STRING: 403 at mapping, "the
+    certificate's SID extension cannot be read" (never alice's SID read from the first name and served)."""
+    sid, bob = alice_sid(realm), str(ad_mapping.object_sid(realm, "bob"))
+    line = "1.3.6.1.4.1.311.25.2 = ASN1:SEQUENCE:sid\n"
+    if shape == "wrong-oid":
+        section = _sid_section(f"OCTETSTRING:{sid}").replace("OID:1.3.6.1.4.1.311.25.2.1", "OID:1.3.6.1.4.1.311.20.2.3")
+    elif shape in ("two-sids", "two-equal-sids"):
+        section = _two_other_names(sid, bob if shape == "two-sids" else sid)
+    else:
+        inner = der_encoder.encode(univ.OctetString(sid.encode())) + (b"\x00\x00" if shape == "inner-trailing" else b"")
+        other = bytes([0x06, 10]) + bytes.fromhex("2b0601040182371902 01".replace(" ", ""))
+        other += b"\xa0" + _length(len(inner)) + inner
+        names = b"\xa0" + _length(len(other)) + other
+        value = b"\x30" + _length(len(names)) + names + (b"\x00\x00" if shape == "trailing-bytes" else b"")
+        line, section = f"1.3.6.1.4.1.311.25.2 = DER:{value.hex()}\n", ""
+    cert = mint(realm, minted, f"shape-{shape}", upn_line("alice@ad.test") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, (shape, body)
+    assert "the certificate's SID extension cannot be read" in body
+
+
+def _length(n: int) -> bytes:
+    """A DER length (short form below 128, else one or two length bytes)."""
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+@pytest.mark.parametrize("local", ["al*", "*", "a*)(samaccountname=alice", "al\\2a", "ålice", "alice*"])
+def test_a_upn_with_filter_characters_never_finds_alice(
+    realm: ad.AdRealm, strong: AdProcess, minted: Path, local: str
+) -> None:
+    """A UPN written to widen the directory's LDAP filter (`*`, `)(`, an escape written out, non-ASCII), with
+    alice's SID: were the filter to match alice, her SID would admit it. 403 "no account", never served as alice."""
+    line, section = sid_extension_text(f"OCTETSTRING:{alice_sid(realm)}")
+    label = "filter-" + hashlib.sha1(local.encode(), usedforsecurity=False).hexdigest()[:8]
+    cert = mint(realm, minted, label, upn_line(f"{local}@ad.test") + line, section)
+    status, body = curl(realm, strong, cert, minted / "device.key")
+    assert status == 403, (local, body)
+    assert "no account in the directory has this name" in body  # the mapping stage asked, escaped: none matched
+
+
+def _spki_sha1(cert: Path) -> str:
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    spki = loaded.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha1(spki, usedforsecurity=False).hexdigest()
+
+
+def test_key_entries_name_one_key_and_an_ski_entry_needs_the_extension(
+    realm: ad.AdRealm, uncached: AdProcess, minted: Path, fresh: str, tmp_path: Path
+) -> None:
+    """A certificate without a subjectKeyIdentifier extension: an `<SKI>` entry holding the SHA-1 of its key (what
+    CryptoAPI computes as a key identifier when the extension is absent) does not map it here (403); a
+    `<SHA1-PUKEY>` entry of another key does not either (403); its own key's `<SHA1-PUKEY>` does (200)."""
+    upn = f"{fresh}@{ad.DNS_DOMAIN}"
+    cert = mint(realm, minted, "no-ski", upn_line(upn) + "subjectKeyIdentifier = none\n", serial="0x0A0C01")
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    with pytest.raises(x509.ExtensionNotFound):
+        loaded.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    other_key = tmp_path / "other.key"
+    other_csr = tmp_path / "other.csr"
+    argv = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    subprocess.run([*argv, "-keyout", str(other_key), "-out", str(other_csr), "-subj", "/CN=other"], check=True)
+    other = tmp_path / "other.pem"
+    argv = ["openssl", "x509", "-req", "-in", str(other_csr), "-CA", str(realm.pki.issuing_cert), "-CAkey"]
+    argv += [str(realm.pki.issuing_key), "-days", "5", "-set_serial", "0x0A0C02", "-out", str(other)]
+    subprocess.run(argv, check=True, capture_output=True)
+    for entry, expected in (
+        (f"X509:<SKI>{_spki_sha1(cert)}", 403),
+        (f"X509:<SHA1-PUKEY>{_spki_sha1(other)}", 403),
+        (f"X509:<SHA1-PUKEY>{_thumbprint(other)}", 403),
+        (f"X509:<SHA1-PUKEY>{_spki_sha1(cert)}", 200),
+    ):
+        set_alt_security_identities(realm, fresh, entry)
+        status, body = curl(realm, uncached, cert, minted / "device.key")
+        assert status == expected, (entry, body)

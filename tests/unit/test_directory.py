@@ -11,8 +11,9 @@ import pytest
 
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
-from proxy.directory import Directory, _account, _domain, _escape, _filter
-from proxy.errors import MappingRefused
+from proxy.directory import FAILED_SERVER_SECONDS, Directory, _account, _domain, _escape, _filter
+from proxy.errors import DirectoryUnavailable, MappingRefused
+from proxy.identity import altsecid
 from proxy.identity.mapping import Account
 
 
@@ -90,3 +91,90 @@ def test_an_unreadable_when_created_is_a_refusal_not_a_guess(value: str) -> None
     """A whenCreated without Z, with a 13th month, in another format or another zone: MappingRefused naming it."""
     with pytest.raises(MappingRefused, match="whenCreated cannot be read"):
         _account(_entry(whenCreated=value))
+
+
+def test_a_failed_server_is_tried_last_for_a_while_then_first_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dc1 fails: for FAILED_SERVER_SECONDS look-ups ask dc2 first (dc1 still after it, so a lone server is still
+    asked), then dc1 first again; both failed lately: their own order; a server that answers is forgotten."""
+    for name in ("KRB5_CONFIG", "KRB5CCNAME", "LDAPSASL_NOCANON"):  # Directory() sets them: restored after
+        monkeypatch.setenv(name, "")
+    now = [1000.0]
+    down = {"ldap://dc1.ad.test"}
+    asked: list[str] = []
+
+    class Servers(Directory):
+        async def _search_locked(self, url: str, filter_exp: str) -> list[object]:
+            asked.append(url)
+            if url in down:
+                raise TimeoutError
+            return []
+
+    settings = DirectorySettings(urls=("ldap://dc1.ad.test", "ldap://dc2.ad.test"), base_dn="DC=ad,DC=test")
+    directory = Servers(settings, Kerberos("gateway@AD.TEST", Path("/nonexistent.keytab")), clock=lambda: now[0])
+
+    def look_up() -> list[str]:
+        asked.clear()
+        asyncio.run(directory.search("alice@ad.test"))
+        return [url.removeprefix("ldap://").removesuffix(".ad.test") for url in asked]
+
+    assert look_up() == ["dc1", "dc2"]
+    now[0] += FAILED_SERVER_SECONDS - 1
+    assert look_up() == ["dc2"]
+    now[0] += 1
+    assert look_up() == ["dc1", "dc2"]  # FAILED_SERVER_SECONDS later dc1 is asked first again (and fails again)
+    down.add("ldap://dc2.ad.test")
+    with pytest.raises(DirectoryUnavailable):
+        look_up()
+    assert asked == ["ldap://dc2.ad.test", "ldap://dc1.ad.test"]  # dc2 had not failed lately, dc1 had
+    down.clear()
+    assert look_up() == ["dc1"]  # both failed lately: in their own order; dc1 answers and is forgotten as failed
+    assert look_up() == ["dc1"]
+
+
+def test_a_name_two_accounts_answer_to_is_refused_never_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two entries for one name (a UPN on one account, the same name as another's implicit UPN: Windows allows
+    it across domains and in replication conflicts; Samba 4.17 refuses to write it): 403, naming both DNs."""
+    for name in ("KRB5_CONFIG", "KRB5CCNAME", "LDAPSASL_NOCANON"):  # Directory() sets them: restored after
+        monkeypatch.setenv(name, "")
+    first, second = _entry(), _entry()
+    second.dn = "CN=alice2,CN=Users,DC=ad,DC=test"  # an instance's dn, as bonsai has
+
+    class Two(Directory):
+        async def _search_at(self, url: str, filter_exp: str) -> list[object]:
+            return [first, second]
+
+    settings = DirectorySettings(urls=("ldap://dc.ad.test",), base_dn="DC=ad,DC=test")
+    directory = Two(settings, Kerberos("gateway@AD.TEST", Path("/nonexistent.keytab")))
+    with pytest.raises(MappingRefused) as refused:
+        asyncio.run(directory.account("alice@ad.test"))
+    assert refused.value.reason == "the name matches several accounts in the directory"
+    hint = refused.value.hint or ""
+    assert "CN=alice,CN=Users" in hint
+    assert "CN=alice2,CN=Users" in hint
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("objectSid", bytes.fromhex("0105000000000005150000")),  # cut short
+        ("objectSid", bytes.fromhex("0201000000000005") + bytes(4)),  # revision 2
+        ("userAccountControl", "512x"),
+        ("accountExpires", b"never"),
+    ],
+)
+def test_an_unreadable_account_attribute_is_a_refusal_not_a_500(field: str, value: object) -> None:
+    """An objectSid of the wrong length or revision, a userAccountControl or accountExpires that is not a number:
+    the directory's answer cannot be decided on, so MappingRefused naming the attribute (a 403 with the reason),
+    not a ValueError out of the mapping stage (a 500)."""
+    entry = _entry()
+    entry[field] = [value]
+    with pytest.raises(MappingRefused, match=f"{field} cannot be read"):
+        _account(entry)
+
+
+def test_an_alt_security_identity_that_is_not_utf8_never_matches_and_is_no_500() -> None:
+    """altSecurityIdentities bytes that are not UTF-8: read with U+FFFD, an entry of no kind, not a decoding error."""
+    entry = _entry()
+    entry["altSecurityIdentities"] = [b"X509:<SKI>9c1f\xff"]
+    (raw,) = _account(entry).alt_security_identities
+    assert altsecid.parse(raw).kind == "unknown"

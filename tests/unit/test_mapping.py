@@ -557,3 +557,53 @@ def test_a_sid_url_written_by_the_openssl_cli_is_read(tmp_path: Path) -> None:
     )
     cert = x509.load_pem_x509_certificate(pem.read_bytes())
     assert certificate_sid(cert) == ALICE_SID
+
+
+_TRICKY_ISSUER = x509.Name(
+    [
+        x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "test")]),
+        x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "ad")]),
+        x509.RelativeDistinguishedName(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Corp, Inc."),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Devices"),
+            ]
+        ),
+        x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, 'Corp "Issuing" CA')]),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("issuer", "matched"),
+    [
+        # CertNameToStr(CERT_X500_NAME_STR), as Windows writes it: values with `,` or `"` quoted, `""` inside,
+        # the parts of a multi-valued RDN joined by ` + `
+        ('DC=test, DC=ad, O="Corp, Inc." + OU=Devices, CN="Corp ""Issuing"" CA"', True),
+        ('DC=test,DC=ad,O="Corp, Inc."+OU=Devices,CN="Corp ""Issuing"" CA"', True),
+        ('CN="Corp ""Issuing"" CA", OU=Devices + O="Corp, Inc.", DC=ad, DC=test', True),
+        ('DC=test; DC=ad; O="Corp, Inc." + OU=Devices; CN="Corp ""Issuing"" CA"', True),  # SEMICOLON_FLAG
+        ('OID.0.9.2342.19200300.100.1.25=test, DC=ad, O="Corp, Inc." + OU=Devices, CN="Corp ""Issuing"" CA"', True),
+        ('DC=test,DC=ad,O=Corp\\, Inc.+OU=Devices,CN=Corp \\"Issuing\\" CA', True),  # RFC 4514's escapes
+        # another name: the multi-valued RDN without its second part, or the `+` inside the quoted value
+        ('DC=test, DC=ad, O="Corp, Inc.", CN="Corp ""Issuing"" CA"', False),
+        ('DC=test, DC=ad, O="Corp, Inc. + OU=Devices", CN="Corp ""Issuing"" CA"', False),
+        ('DC=test, DC=ad, O="Corp, Inc." + OU=Devices, CN="Corp ""Issuing CA"', False),  # unbalanced quotes
+    ],
+)
+def test_issuer_names_as_windows_writes_them_match(issuer: str, matched: bool) -> None:
+    """An `<I>` issuer with a comma and quotes in its values and a multi-valued RDN matches as Windows'
+    CertNameToStr writes it (quoted values, ` + `) and as RFC 4514 escapes it; a different name never does."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")]))
+        .issuer_name(_TRICKY_ISSUER)
+        .public_key(key.public_key())
+        .serial_number(0x123456)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    entry = altsecid.parse(f"X509:<I>{issuer}<SR>563412")
+    assert (entry.kind, altsecid.matches(entry, cert)) == ("X509IssuerSerialNumber", matched)

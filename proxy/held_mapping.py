@@ -1,0 +1,183 @@
+"""Requests held at the backend, judged again by the directory while they are held.
+
+Theory of operation. The mapping stage (`proxy.pipeline.map_certificate`) decides once per request, before it is
+forwarded. An ActiveSync `Ping` is then held at the backend for up to its heartbeat (about an hour), and a device
+keeps one held nearly all the time: without a second look, an account disabled, locked out or expired, or a strong
+`altSecurityIdentities` entry removed, while its Ping is held would be served on until the Ping ends.
+
+`HeldMappings.hold` registers each request the mapping stage admitted, for as long as it is in flight, under its
+UPN, with its certificate and the `[identity]` settings it was decided under (a request keeps the configuration it
+started with). Every `[directory] cache_seconds` (at least one second) one sweep looks each held UPN up again,
+one name after the other (`Directory.lookup`: the cache, or one search; never a burst that would keep live
+requests' look-ups waiting for the connection), and decides again as the mapping stage does: the account's state,
+then `decide`. A refusal ends that UPN's held requests as a revocation ends one: `403` with the refusal's reason if
+the backend's answer has not started, a cut connection if it has; `held_request_ended` is logged with the reason and
+the fix. A weakly mapped certificate `strong-or-audit` served is served on (the same decision as at the start). The
+directory unreachable ends nothing: a held request was admitted, and an outage is not a verdict on the account; the
+UPN is looked at again at the next sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from cryptography import x509
+
+from proxy.config import Identity
+from proxy.device.request import DeviceRequest
+from proxy.errors import AccountRefused, DirectoryUnavailable, MappingRefused
+from proxy.identity.mapping import Account, account_state, decide, no_account
+from proxy.identity.principal import ascii_lower
+
+if TYPE_CHECKING:
+    from proxy.directory import Directory
+
+log = structlog.get_logger("proxy.mapping")
+
+
+class _Held:
+    """One request in flight that the mapping stage admitted, and how to end it."""
+
+    __slots__ = ("answer_started", "ended", "identity", "leaf", "request", "task", "upn")
+
+    def __init__(
+        self, request: DeviceRequest, task: asyncio.Task[Any], leaf: x509.Certificate, upn: str, identity: Identity
+    ) -> None:
+        self.request = request
+        self.task = task
+        self.leaf = leaf
+        self.upn = upn
+        self.identity = identity
+        self.ended: MappingRefused | AccountRefused | None = None
+        self.answer_started = False
+
+    def end(self, error: MappingRefused | AccountRefused) -> None:
+        if self.ended is not None:
+            return
+        self.ended = error
+        self.answer_started = self.request.answer_started
+        log.warning(
+            "held_request_ended",
+            upn=self.upn,
+            cert_serial=format(self.leaf.serial_number, "x"),
+            reason=error.reason,
+            fix=error.hint,
+            answer_started=self.answer_started,
+        )
+        if self.answer_started:
+            self.request.abort()  # too late for a 403: cut the connection
+        self.task.cancel(msg=error.reason)
+
+
+class _Holding:
+    """`HeldMappings.hold` for one request (a class: a held long-poll keeps it for its whole life)."""
+
+    __slots__ = ("_held", "_owner")
+
+    def __init__(self, owner: HeldMappings, held: _Held) -> None:
+        self._owner = owner
+        self._held = held
+
+    def __enter__(self) -> None:
+        self._owner._add(self._held)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        held = self._held
+        self._owner._remove(held)
+        if not isinstance(error, asyncio.CancelledError):
+            return  # finished, or failed on its own: the error (if any) goes on
+        if held.ended is None or held.answer_started:
+            return  # not ours; or the answer had started, the connection is cut and nobody is left to tell
+        if held.task.uncancel() > 0:
+            return  # cancelled for another reason as well
+        raise held.ended from None
+
+
+_UNHELD = contextlib.nullcontext()
+
+
+class HeldMappings:
+    """The held requests of one directory client, and the sweep that judges them again (module docstring)."""
+
+    def __init__(self, directory: Directory, every: float) -> None:
+        self._directory = directory
+        self._every = max(every, 1.0)
+        self._held: dict[str, set[_Held]] = {}  # the UPN, ASCII-lower-cased as the directory's cache key
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(
+        self, request: DeviceRequest, leaf: x509.Certificate, upn: str, identity: Identity
+    ) -> contextlib.AbstractContextManager[None]:
+        """Keep this request, admitted for `upn` under `identity`, judged while it is in flight."""
+        task = asyncio.current_task()
+        if task is None:
+            return _UNHELD
+        if self._task is None or self._task.done():
+            self._task = task.get_loop().create_task(self._run())
+        return _Holding(self, _Held(request, task, leaf, upn, identity))
+
+    @property
+    def held(self) -> int:
+        return sum(len(held) for held in self._held.values())
+
+    def _add(self, held: _Held) -> None:
+        self._held.setdefault(ascii_lower(held.upn), set()).add(held)
+
+    def _remove(self, held: _Held) -> None:
+        key = ascii_lower(held.upn)
+        same = self._held.get(key)
+        if same is not None:
+            same.discard(held)
+            if not same:
+                del self._held[key]
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._every)
+            try:
+                await self.sweep()
+            except Exception as e:  # noqa: BLE001  a sweep that failed must not end the sweeps: the next one retries
+                log.warning("held_mapping_sweep_failed", error=f"{type(e).__name__}: {str(e)[:200]}")
+
+    async def sweep(self, now: datetime | None = None) -> None:
+        """Look each held UPN up again and end the held requests the directory's answer refuses."""
+        for key in list(self._held):
+            held = self._held.get(key)
+            if not held:
+                continue
+            upn = next(iter(held)).upn
+            try:
+                account = await self._directory.lookup(upn)
+            except DirectoryUnavailable:
+                continue  # an outage is no verdict on the account: looked at again at the next sweep
+            except MappingRefused as e:  # the name matches several accounts now
+                for one in list(held):
+                    one.end(e)
+                continue
+            at = now or datetime.now(UTC)
+            for one in list(self._held.get(key, ())):
+                try:
+                    _judge(one, account, self._directory, at)
+                except (MappingRefused, AccountRefused) as e:
+                    one.end(e)
+
+    def close(self) -> None:
+        """Stop the sweep (the directory client is closing); the requests still held run on unjudged."""
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _judge(held: _Held, account: Account | None, directory: Directory, now: datetime) -> None:
+    """The mapping stage's decision again, for a held request (raises as it would)."""
+    mode = held.identity.mapping
+    if account is None:
+        no_account(held.upn, directory.base_dn, mode)  # refused in strong; still weak in strong-or-audit
+        return
+    account_state(account, now)
+    backdating = timedelta(seconds=held.identity.certificate_backdating_compensation)
+    decide(held.leaf, account, mode, directory.realm, backdating)

@@ -1,0 +1,111 @@
+"""Held requests judged again (`proxy.held_mapping`): what a sweep ends and what it leaves held, with a directory
+that answers as told (the lab test, tests/integration/test_ad_held_mapping.py, runs it against Samba)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import pytest
+
+from proxy.config import Identity
+from proxy.errors import AccountRefused, DirectoryUnavailable, GatewayError, MappingRefused
+from proxy.held_mapping import HeldMappings
+from proxy.identity.mapping import Account
+from tests.unit.test_mapping import ALICE_SID, NOW, account, certificate
+
+ENTRY = "X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>563412"  # certificate()'s serial 0x123456, reversed
+
+
+class _Request:
+    """What a held request offers the sweep: whether its answer started, and how to cut it."""
+
+    answer_started = False
+
+    def abort(self) -> None:
+        raise AssertionError("the answer had not started: a 403, not a cut connection")
+
+
+class _Directory:
+    """Answers `lookup` with `answer` (an account, None, or an error to raise)."""
+
+    base_dn = "DC=ad,DC=test"
+    realm = "AD.TEST"
+
+    def __init__(self, answer: Account | GatewayError | None) -> None:
+        self.answer = answer
+
+    async def lookup(self, name: str) -> Account | None:
+        if isinstance(self.answer, GatewayError):
+            raise self.answer
+        return self.answer
+
+
+def _swept(answer: Account | GatewayError | None, mode: str = "strong") -> BaseException | None:
+    """Hold one request of alice's (her certificate, strongly mapped by ENTRY when admitted), sweep once with the
+    directory answering `answer`: the error the held request ended with, or None if it is still held."""
+
+    async def run() -> BaseException | None:
+        held = HeldMappings(cast(Any, _Directory(answer)), every=3600)
+        identity = Identity(mapping=cast(Any, mode))
+        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def request() -> None:
+            with held.hold(cast(Any, _Request()), certificate(), "alice@ad.test", identity):
+                await forever
+
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0)
+        assert held.held == 1
+        await held.sweep(NOW)
+        await asyncio.sleep(0)
+        held.close()
+        if not task.done():
+            task.cancel()
+            return None
+        return task.exception()
+
+    return asyncio.run(run())
+
+
+def test_still_mapped_is_still_held() -> None:
+    """The account still lists the certificate: the held request goes on."""
+    assert _swept(account(ENTRY)) is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "reason"),
+    [
+        (account(), MappingRefused, "not strongly mapped"),  # the entry removed
+        (account(ENTRY, user_account_control=0x202), AccountRefused, "disabled"),
+        (account(ENTRY, lockout_time=1), AccountRefused, "locked out"),
+        (None, MappingRefused, "no account"),  # deleted
+        (MappingRefused("the name matches several accounts in the directory"), MappingRefused, "several"),
+    ],
+)
+def test_a_refusal_ends_the_held_request_with_it(
+    answer: Account | GatewayError | None, error: type[GatewayError], reason: str
+) -> None:
+    """The entry removed, the account disabled, locked out, deleted, or the name now two accounts': ended, with
+    the refusal the mapping stage would give a new request."""
+    ended = _swept(answer)
+    assert isinstance(ended, error), ended
+    assert reason in ended.reason
+
+
+def test_another_accounts_sid_ends_it() -> None:
+    """The account was made again (another SID) and lists nothing: ended."""
+    other = account(sid=ALICE_SID.__class__(5, (21, 1, 2, 3, 4242)))
+    assert isinstance(_swept(other), MappingRefused)
+
+
+def test_an_outage_ends_nothing() -> None:
+    """The directory unreachable is no verdict on the account: the held request goes on."""
+    assert _swept(DirectoryUnavailable("the directory cannot be reached; try again later")) is None
+
+
+def test_audit_mode_keeps_serving_what_it_served() -> None:
+    """strong-or-audit admitted it weakly (no entry): the sweep decides the same and leaves it held; a disabled
+    account is ended in that mode too."""
+    assert _swept(account(), mode="strong-or-audit") is None
+    assert isinstance(_swept(account(user_account_control=0x202), mode="strong-or-audit"), AccountRefused)
