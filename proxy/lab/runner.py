@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,12 +22,66 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from proxy.lab import kdc, pki
-from proxy.lab.layout import USERS, LabLayout
+from proxy.lab.layout import USERS, LabLayout, variable
 
 # The foreground entry points, as `kcd-proxy` arguments: `lab up` runs them in the background, and the
 # compose services of the same names run them as their command (tests/integration/test_deploy.py checks).
 SERVE: dict[str, tuple[str, ...]] = {name: ("lab", "serve", name) for name in ("kdc", "backend", "crl")}
 _DAEMONS = tuple(SERVE)
+# The layout's ports each part listens on; `make lab`'s gateway listens on the last two.
+_PORTS: dict[str, tuple[str, ...]] = {
+    "kdc": ("ldap_port", "kdc_port"),
+    "backend": ("backend_port",),
+    "crl": ("crl_port",),
+}
+_GATEWAY_PORTS = ("gateway_port", "admin_port")
+
+
+class LabError(RuntimeError):
+    """`lab up` could not bring a part up; the message names the part and what to do (a port, a log)."""
+
+
+def _taken(host: str, port: int) -> bool:
+    """Whether another socket listens on host:port (a bind with SO_REUSEADDR fails only then, not for TIME_WAIT)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def taken_ports(layout: LabLayout, fields: tuple[str, ...]) -> list[str]:
+    """Each of these layout ports another process listens on, as "127.0.0.1:8088 (KCD_LAB_KDC_PORT)"."""
+    taken = []
+    for field in fields:
+        host = "127.0.0.1" if field == "ldap_port" else layout.bind_host  # slapd listens on loopback always
+        port = getattr(layout, field)
+        if _taken(host, port):
+            taken.append(f"{host}:{port} ({variable(field)})")
+    return taken
+
+
+def _check_ports(layout: LabLayout) -> None:
+    """Before anything starts: the ports of the parts not running yet are free. A taken one failed deep in a
+    daemon's start (a traceback), or, held by another lab's part that answers, passed that part's probe."""
+    running_daemons = kdc.realm_status(layout)  # this lab's own slapd and krb5kdc: `serve kdc` restarts them
+    own = {"ldap_port": running_daemons["slapd"], "kdc_port": running_daemons["krb5kdc"]}
+    fields = tuple(
+        field
+        for name, ports in _PORTS.items()
+        if _pid_alive(layout, name) is None
+        for field in ports
+        if not own.get(field, False)
+    )
+    taken = taken_ports(layout, fields)
+    if taken:
+        raise LabError(
+            f"another process listens on {', '.join(taken)}, where this lab's parts would listen (another lab on "
+            "the default ports?): set each variable named to a free port below 32768 (`ss -ltn` lists the ones taken), "
+            "e.g. `KCD_LAB_KDC_PORT=18088 make lab`; KCD_LAB_DIR=<dir> keeps that lab's files apart too"
+        )
 
 
 def _pid_file(layout: LabLayout, name: str) -> Path:
@@ -73,7 +128,7 @@ def _wait_ready(layout: LabLayout, proc: subprocess.Popen[bytes], name: str, tim
         return
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
     verdict = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready within {timeout:g} s"
-    raise RuntimeError(f"lab {name} {verdict}: {problem}\nits log {log}:\n{tail}")
+    raise LabError(f"lab {name} {verdict}: {problem}\nits log {log}:\n{tail}")
 
 
 def _spawn(layout: LabLayout, name: str, timeout: float = 15) -> None:
@@ -156,6 +211,7 @@ def init(layout: LabLayout) -> None:
 
 
 def up(layout: LabLayout) -> None:
+    _check_ports(layout)
     init(layout)
     _spawn(layout, "kdc", timeout=60)  # provisioning a fresh realm takes seconds
     _spawn(layout, "backend", timeout=30)
@@ -175,6 +231,18 @@ def down(layout: LabLayout) -> None:
                 os.killpg(pid, signal.SIGKILL)
         _pid_file(layout, name).unlink(missing_ok=True)
     kdc.stop_realm(layout)
+
+
+def gateway_port_warning(layout: LabLayout) -> str | None:
+    """What `lab up` says when the ports `make lab`'s gateway serves on are taken, or None; not an error: that
+    may be this lab's own gateway, running while `lab up` is run again."""
+    taken = taken_ports(layout, _GATEWAY_PORTS)
+    if not taken:
+        return None
+    return (
+        f"note: {', '.join(taken)} in use: unless that is this lab's gateway, `make lab`'s gateway cannot listen "
+        "there; set the variable to a free port below 32768"
+    )
 
 
 def status(layout: LabLayout) -> dict[str, bool]:
