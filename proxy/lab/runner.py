@@ -151,11 +151,18 @@ def _spawn(layout: LabLayout, name: str, timeout: float = 15) -> None:
 
 
 def gateway_config(
-    layout: LabLayout, *, gateway_port: int | None = None, admin: bool = False, behind_balancer: bool = False
+    layout: LabLayout,
+    *,
+    gateway_port: int | None = None,
+    admin: bool = False,
+    behind_balancer: bool = False,
+    basic: bool = False,
 ) -> str:
     """The gateway's TOML configuration for this lab, with absolute paths; `admin` adds the admin listener
-    on loopback and the doctor's canary user, `behind_balancer` the PROXY protocol from `layout.balancer_subnet`."""
+    on loopback and the doctor's canary user, `behind_balancer` the PROXY protocol from `layout.balancer_subnet`,
+    `basic` the `certificate-or-basic` mode (a certificate if the device has one, else Basic credentials)."""
     p = layout.pki_dir
+    authentication = '\n[authentication]\nmode = "certificate-or-basic"\n' if basic else ""
     balancer = f'proxy_protocol = true\ntrusted_proxies = ["{layout.balancer_subnet}"]\n' if behind_balancer else ""
     admin_section = f'\n[admin]\nbind = "127.0.0.1:{layout.admin_port}"\n' if admin else ""
     if admin:  # what `make lab` serves, and `doctor --config` reads: its canary, as config/lab.toml's
@@ -184,7 +191,7 @@ krb5_config = "{layout.krb5_conf}"
 prefix = "/"
 upstream = "http://{layout.backend_host}:{layout.backend_port}"
 spn = "HTTP/cas.lab.test"
-{admin_section}"""
+{authentication}{admin_section}"""
 
 
 def publish_dir(layout: LabLayout) -> Path:
@@ -199,8 +206,9 @@ def publish_dir(layout: LabLayout) -> Path:
 
 
 def init(layout: LabLayout) -> None:
-    """The lab's files that need no daemon: PKI, CRL publishing directory, gateway.toml and gateway-balanced.toml
-    (behind a balancer: the compose profile `scale`); the compose `pki` step."""
+    """The lab's files that need no daemon: PKI, CRL publishing directory, gateway.toml, gateway-balanced.toml
+    (behind a balancer: the compose profile `scale`) and gateway-basic.toml (Basic sign-in where a device has no
+    certificate); the compose `pki` step."""
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     crl_base_url = f"http://{layout.crl_host}:{layout.crl_port}"
     ocsp_url = f"http://{layout.crl_host}:{layout.ocsp_port}"
@@ -208,6 +216,7 @@ def init(layout: LabLayout) -> None:
     publish_dir(layout)
     (layout.root / "gateway.toml").write_text(gateway_config(layout, admin=True))
     (layout.root / "gateway-balanced.toml").write_text(gateway_config(layout, admin=True, behind_balancer=True))
+    (layout.root / "gateway-basic.toml").write_text(gateway_config(layout, admin=True, basic=True))
 
 
 def up(layout: LabLayout) -> None:
@@ -256,7 +265,10 @@ def describe(layout: LabLayout) -> str:
     """How to reach the lab: environment, users, and a ready-to-paste curl command."""
     p = layout.pki_dir
     user = next(iter(USERS))
-    env = "\n".join(f"export {k}={v}" for k, v in layout.env().items())
+    moved = {k: v for k, v in layout.as_env().items() if v != LabLayout(root=layout.root).as_env()[k]}
+    env = "\n".join(f"export {k}={v}" for k, v in {**layout.env(), **moved}.items())  # for a second terminal
+    url = f"https://127.0.0.1:{layout.gateway_port}/Microsoft-Server-ActiveSync"
+    basic = layout.root / "gateway-basic.toml"
     return f"""{env}
 # realm LAB.TEST: KDC {layout.kdc_host}:{layout.kdc_port}, LDAP ldap://127.0.0.1:{layout.ldap_port}/
 # backend (Exchange stand-in, Negotiate for HTTP/cas.lab.test): http://{layout.backend_host}:{layout.backend_port}/
@@ -264,4 +276,10 @@ def describe(layout: LabLayout) -> str:
 # users: {", ".join(f"{u} / {pw}" for u, pw in USERS.items())}; certificates and .p12 (password "lab") in {p}/users/
 # gateway configuration: {layout.root / "gateway.toml"}
 curl --cacert {p / "root.pem"} --cert {p / "users" / f"{user}.pem"} --key {p / "users" / f"{user}.key"} \\
-  https://127.0.0.1:{layout.gateway_port}/Microsoft-Server-ActiveSync"""
+  {url}
+# a certificate the gateway refuses (revoked: 403 and the reason; expired.pem, untrusted.pem: a TLS alert):
+curl --cacert {p / "root.pem"} --cert {p / "users" / "revoked.pem"} --key {p / "users" / "revoked.key"} \\
+  {url}
+# Basic sign-in instead of a certificate: serve {basic} instead of gateway.toml (in make lab's
+# terminal: Ctrl-C, then .venv/bin/kcd-proxy run --config {basic}), then:
+curl --cacert {p / "root.pem"} -u {user}:{USERS[user]} {url}"""
