@@ -85,7 +85,7 @@ lint: setup
 test: lint bench-setup
 	.venv/bin/pytest -q -n 2 --dist loadfile
 
-# `make bench`: kcd-proxy against nginx, side by side (bench/run.py; about 7 minutes; only its tiny smoke run is in `make test`).
+# `make bench`: kcd-proxy against nginx, side by side (bench/run.py; about nine minutes; only its tiny smoke run is in `make test`).
 BENCH_DEBS := nginx-light wrk gcc libssl-dev curl util-linux heaptrack
 
 bench-setup:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from proxy import config as config_module
 from proxy.errors import ConfigError
-from proxy.lab import ad, ad_mapping
+from proxy.lab import ad, ad_mapping, kdc
 from proxy.lab.layout import LabLayout
 from proxy.ops import commands as ops_commands
 from proxy.ops import trace_cli
@@ -62,8 +62,14 @@ def _lab(args: argparse.Namespace) -> int:
         runner.init(layout)
         print(f"lab files in {layout.root}")
     elif args.action == "up":
-        runner.up(layout)
+        try:
+            runner.up(layout)
+        except (runner.LabError, kdc.RealmError) as e:
+            print(f"kcd-proxy lab up: {e}", file=sys.stderr)
+            return 1
         print(runner.describe(layout))
+        if warning := runner.gateway_port_warning(layout):
+            print(warning, file=sys.stderr)
     elif args.action == "down":
         runner.down(layout)
         ad.down(ad.AdRealm.at(layout.root / "ad"))  # the AD realm too, if it runs: its namespace goes

@@ -8,6 +8,7 @@ relative to the configuration file.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -392,7 +393,9 @@ class _Reader:
 
     def unknown(self, table: dict[str, Any], prefix: str, known: set[str]) -> None:
         for name in sorted(set(table) - known):
-            self.problem(f"{prefix}.{name}" if prefix else name, "unknown key")
+            near = difflib.get_close_matches(name, sorted(known), n=1)  # a misspelt key's likely meaning
+            hint = f"; did you mean {near[0]}?" if near else ""
+            self.problem(f"{prefix}.{name}" if prefix else name, f"unknown key{hint}")
 
 
 def _host_port(r: _Reader, key: str, value: str | None) -> tuple[str, int]:

@@ -103,7 +103,12 @@ def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.C
     found = certificate_name(leaf, identity.sources)
     if found is None:
         wanted = " or ".join(SOURCE_NAMES[source] for source in identity.sources)
-        raise IdentityRejected(f"the certificate carries no {wanted}; ask for a certificate issued for your account")
+        configured = ", ".join(identity.sources)
+        raise IdentityRejected(
+            f"the certificate carries no {wanted}; ask for a certificate issued for your account",
+            hint=f"identity.source is {configured}: have the CA issue certificates carrying that name, or add a "
+            "source these certificates carry (san-upn, san-email, subject-cn; the first one present is used)",
+        )
     name, source = found
     user = map_certificate_name(name, source, identity)
     if "@" in name:

@@ -506,7 +506,9 @@ def _failure(route: Route, e: Exception, body: ClientBody | None) -> Exception:
             f"or read_timeout={route.read_timeout:g} s",
         )
     return BackendUnavailable(
-        "the mail server cannot be reached; try again later", hint=f"{where}: {type(e).__name__}: {e}"
+        "the mail server cannot be reached; try again later",
+        hint=f"{where}: {type(e).__name__}: {e}; is the backend running and reachable from the gateway, and is "
+        "routes[].upstream its address?",
     )
 
 

@@ -41,7 +41,7 @@ from cryptography import x509
 
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.ocsp import OcspClient
-from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus
+from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus, revoked_fix
 from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
 from proxy.config import ClientCertificates
 from proxy.device.request import DeviceRequest
@@ -177,8 +177,7 @@ class LiveRevocation:
         if self.ocsp is not None and len(verified.chain) > 1:
             answer = await self.ocsp.status(verified.leaf, verified.chain[1], at=at)
             if answer.status is RevocationStatus.REVOKED:
-                hint = f"{verified.subject}, from {answer.source}"
-                raise CertificateRevoked(f"certificate {answer.detail}", hint=hint)
+                raise CertificateRevoked(f"certificate {answer.detail}", hint=revoked_fix(verified, answer.source))
             if answer.status is RevocationStatus.GOOD:
                 return answer
             if self.ocsp_policy == "require":

@@ -75,6 +75,14 @@ _KNOWN_CRL_EXTENSIONS = (
 )
 
 
+def revoked_fix(verified: VerifiedCertificate, source: str) -> str:
+    """The fix a revoked certificate's refusal names: the user's, not the gateway's."""
+    return (
+        f"{verified.subject} is revoked by its CA ({source}): the user needs a new certificate; "
+        "if it was revoked by mistake, that is the CA's to undo (a certificate on hold: remove it from the CRL)"
+    )
+
+
 class RevocationStatus(enum.Enum):
     GOOD = "good"
     REVOKED = "revoked"
@@ -335,9 +343,7 @@ class CrlSet:
                 )
         evidence = self.lookup(verified.leaf, chain[1], at=at)
         if evidence.status is RevocationStatus.REVOKED:
-            raise CertificateRevoked(
-                f"certificate {evidence.detail}", hint=f"{verified.subject}, from {evidence.source}"
-            )
+            raise CertificateRevoked(f"certificate {evidence.detail}", hint=revoked_fix(verified, evidence.source))
         if evidence.status is RevocationStatus.UNKNOWN and policy == "require":
             raise CertificateRevoked(
                 evidence.detail, hint='publish or load a current CRL for this CA, or set revocation = "best-effort"'

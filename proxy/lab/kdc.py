@@ -53,6 +53,7 @@ from proxy.lab.layout import (
     REALM,
     USERS,
     LabLayout,
+    variable,
 )
 
 SUFFIX = "dc=lab,dc=test"
@@ -388,7 +389,7 @@ def _start(daemon: _Daemon, layout: LabLayout) -> None:
     if _accepts(daemon):
         raise RealmError(
             f"{daemon.host}:{daemon.port} is taken by another process, so {daemon.name} cannot listen there; "
-            "stop it or give the LabLayout other ports"
+            f"stop it, or set {variable('ldap_port' if daemon.name == 'slapd' else 'kdc_port')} to a free port"
         )
     daemon.pid_file.unlink(missing_ok=True)
     log_offset = layout.kdc_log.stat().st_size if layout.kdc_log.exists() else 0

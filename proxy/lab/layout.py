@@ -29,6 +29,11 @@ USERS = {"alice": "alice-Pa55", "bob": "bob-Pa55", "carol": "carol-Pa55"}
 DISABLED_USERS = {"dave": "dave-Pa55"}
 
 
+def variable(field: str) -> str:
+    """The environment variable that sets a layout field: `kdc_port` is KCD_LAB_KDC_PORT."""
+    return f"KCD_LAB_{field.upper()}"
+
+
 def default_root() -> Path:
     """The lab directory: $KCD_LAB_DIR, else `.lab/` in the checkout."""
     env = os.environ.get("KCD_LAB_DIR")
@@ -64,12 +69,12 @@ class LabLayout:
         """The layout that `KCD_LAB_DIR` and `KCD_LAB_<FIELD>` (e.g. KCD_LAB_KDC_PORT) describe; defaults elsewhere."""
         values: dict[str, str | int] = {}
         for f in fields(cls):
-            raw = env.get(f"KCD_LAB_{f.name.upper()}")
+            raw = env.get(variable(f.name))
             if f.name == "root" or raw is None:
                 continue
             if f.type == "int":
                 if not raw.isdigit() or not 0 < int(raw) < 65536:
-                    raise ValueError(f"KCD_LAB_{f.name.upper()}: expected a port number, got {raw!r}")
+                    raise ValueError(f"{variable(f.name)}: expected a port number, got {raw!r}")
                 values[f.name] = int(raw)
             else:
                 values[f.name] = raw
@@ -79,7 +84,7 @@ class LabLayout:
 
     def as_env(self) -> dict[str, str]:
         """This layout as `KCD_LAB_*` variables, for `from_env` in another process or a container."""
-        env = {f"KCD_LAB_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self) if f.name != "root"}
+        env = {variable(f.name): str(getattr(self, f.name)) for f in fields(self) if f.name != "root"}
         return {"KCD_LAB_DIR": str(self.root), **env}
 
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,12 +22,66 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from proxy.lab import kdc, pki
-from proxy.lab.layout import USERS, LabLayout
+from proxy.lab.layout import USERS, LabLayout, variable
 
 # The foreground entry points, as `kcd-proxy` arguments: `lab up` runs them in the background, and the
 # compose services of the same names run them as their command (tests/integration/test_deploy.py checks).
 SERVE: dict[str, tuple[str, ...]] = {name: ("lab", "serve", name) for name in ("kdc", "backend", "crl")}
 _DAEMONS = tuple(SERVE)
+# The layout's ports each part listens on; `make lab`'s gateway listens on the last two.
+_PORTS: dict[str, tuple[str, ...]] = {
+    "kdc": ("ldap_port", "kdc_port"),
+    "backend": ("backend_port",),
+    "crl": ("crl_port",),
+}
+_GATEWAY_PORTS = ("gateway_port", "admin_port")
+
+
+class LabError(RuntimeError):
+    """`lab up` could not bring a part up; the message names the part and what to do (a port, a log)."""
+
+
+def _taken(host: str, port: int) -> bool:
+    """Whether another socket listens on host:port (a bind with SO_REUSEADDR fails only then, not for TIME_WAIT)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def taken_ports(layout: LabLayout, fields: tuple[str, ...]) -> list[str]:
+    """Each of these layout ports another process listens on, as "127.0.0.1:8088 (KCD_LAB_KDC_PORT)"."""
+    taken = []
+    for field in fields:
+        host = "127.0.0.1" if field == "ldap_port" else layout.bind_host  # slapd listens on loopback always
+        port = getattr(layout, field)
+        if _taken(host, port):
+            taken.append(f"{host}:{port} ({variable(field)})")
+    return taken
+
+
+def _check_ports(layout: LabLayout) -> None:
+    """Before anything starts: the ports of the parts not running yet are free. A taken one failed deep in a
+    daemon's start (a traceback), or, held by another lab's part that answers, passed that part's probe."""
+    running_daemons = kdc.realm_status(layout)  # this lab's own slapd and krb5kdc: `serve kdc` restarts them
+    own = {"ldap_port": running_daemons["slapd"], "kdc_port": running_daemons["krb5kdc"]}
+    fields = tuple(
+        field
+        for name, ports in _PORTS.items()
+        if _pid_alive(layout, name) is None
+        for field in ports
+        if not own.get(field, False)
+    )
+    taken = taken_ports(layout, fields)
+    if taken:
+        raise LabError(
+            f"another process listens on {', '.join(taken)}, where this lab's parts would listen (another lab on "
+            "the default ports?): set each variable named to a free port below 32768 (`ss -ltn` lists the ones taken), "
+            "e.g. `KCD_LAB_KDC_PORT=18088 make lab`; KCD_LAB_DIR=<dir> keeps that lab's files apart too"
+        )
 
 
 def _pid_file(layout: LabLayout, name: str) -> Path:
@@ -73,7 +128,7 @@ def _wait_ready(layout: LabLayout, proc: subprocess.Popen[bytes], name: str, tim
         return
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
     verdict = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready within {timeout:g} s"
-    raise RuntimeError(f"lab {name} {verdict}: {problem}\nits log {log}:\n{tail}")
+    raise LabError(f"lab {name} {verdict}: {problem}\nits log {log}:\n{tail}")
 
 
 def _spawn(layout: LabLayout, name: str, timeout: float = 15) -> None:
@@ -96,11 +151,18 @@ def _spawn(layout: LabLayout, name: str, timeout: float = 15) -> None:
 
 
 def gateway_config(
-    layout: LabLayout, *, gateway_port: int | None = None, admin: bool = False, behind_balancer: bool = False
+    layout: LabLayout,
+    *,
+    gateway_port: int | None = None,
+    admin: bool = False,
+    behind_balancer: bool = False,
+    basic: bool = False,
 ) -> str:
     """The gateway's TOML configuration for this lab, with absolute paths; `admin` adds the admin listener
-    on loopback and the doctor's canary user, `behind_balancer` the PROXY protocol from `layout.balancer_subnet`."""
+    on loopback and the doctor's canary user, `behind_balancer` the PROXY protocol from `layout.balancer_subnet`,
+    `basic` the `certificate-or-basic` mode (a certificate if the device has one, else Basic credentials)."""
     p = layout.pki_dir
+    authentication = '\n[authentication]\nmode = "certificate-or-basic"\n' if basic else ""
     balancer = f'proxy_protocol = true\ntrusted_proxies = ["{layout.balancer_subnet}"]\n' if behind_balancer else ""
     admin_section = f'\n[admin]\nbind = "127.0.0.1:{layout.admin_port}"\n' if admin else ""
     if admin:  # what `make lab` serves, and `doctor --config` reads: its canary, as config/lab.toml's
@@ -129,7 +191,7 @@ krb5_config = "{layout.krb5_conf}"
 prefix = "/"
 upstream = "http://{layout.backend_host}:{layout.backend_port}"
 spn = "HTTP/cas.lab.test"
-{admin_section}"""
+{authentication}{admin_section}"""
 
 
 def publish_dir(layout: LabLayout) -> Path:
@@ -144,8 +206,9 @@ def publish_dir(layout: LabLayout) -> Path:
 
 
 def init(layout: LabLayout) -> None:
-    """The lab's files that need no daemon: PKI, CRL publishing directory, gateway.toml and gateway-balanced.toml
-    (behind a balancer: the compose profile `scale`); the compose `pki` step."""
+    """The lab's files that need no daemon: PKI, CRL publishing directory, gateway.toml, gateway-balanced.toml
+    (behind a balancer: the compose profile `scale`) and gateway-basic.toml (Basic sign-in where a device has no
+    certificate); the compose `pki` step."""
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     crl_base_url = f"http://{layout.crl_host}:{layout.crl_port}"
     ocsp_url = f"http://{layout.crl_host}:{layout.ocsp_port}"
@@ -153,9 +216,11 @@ def init(layout: LabLayout) -> None:
     publish_dir(layout)
     (layout.root / "gateway.toml").write_text(gateway_config(layout, admin=True))
     (layout.root / "gateway-balanced.toml").write_text(gateway_config(layout, admin=True, behind_balancer=True))
+    (layout.root / "gateway-basic.toml").write_text(gateway_config(layout, admin=True, basic=True))
 
 
 def up(layout: LabLayout) -> None:
+    _check_ports(layout)
     init(layout)
     _spawn(layout, "kdc", timeout=60)  # provisioning a fresh realm takes seconds
     _spawn(layout, "backend", timeout=30)
@@ -177,6 +242,18 @@ def down(layout: LabLayout) -> None:
     kdc.stop_realm(layout)
 
 
+def gateway_port_warning(layout: LabLayout) -> str | None:
+    """What `lab up` says when the ports `make lab`'s gateway serves on are taken, or None; not an error: that
+    may be this lab's own gateway, running while `lab up` is run again."""
+    taken = taken_ports(layout, _GATEWAY_PORTS)
+    if not taken:
+        return None
+    return (
+        f"note: {', '.join(taken)} in use: unless that is this lab's gateway, `make lab`'s gateway cannot listen "
+        "there; set the variable to a free port below 32768"
+    )
+
+
 def status(layout: LabLayout) -> dict[str, bool]:
     running = dict(kdc.realm_status(layout))
     for name in _DAEMONS:
@@ -188,7 +265,10 @@ def describe(layout: LabLayout) -> str:
     """How to reach the lab: environment, users, and a ready-to-paste curl command."""
     p = layout.pki_dir
     user = next(iter(USERS))
-    env = "\n".join(f"export {k}={v}" for k, v in layout.env().items())
+    moved = {k: v for k, v in layout.as_env().items() if v != LabLayout(root=layout.root).as_env()[k]}
+    env = "\n".join(f"export {k}={v}" for k, v in {**layout.env(), **moved}.items())  # for a second terminal
+    url = f"https://127.0.0.1:{layout.gateway_port}/Microsoft-Server-ActiveSync"
+    basic = layout.root / "gateway-basic.toml"
     return f"""{env}
 # realm LAB.TEST: KDC {layout.kdc_host}:{layout.kdc_port}, LDAP ldap://127.0.0.1:{layout.ldap_port}/
 # backend (Exchange stand-in, Negotiate for HTTP/cas.lab.test): http://{layout.backend_host}:{layout.backend_port}/
@@ -196,4 +276,10 @@ def describe(layout: LabLayout) -> str:
 # users: {", ".join(f"{u} / {pw}" for u, pw in USERS.items())}; certificates and .p12 (password "lab") in {p}/users/
 # gateway configuration: {layout.root / "gateway.toml"}
 curl --cacert {p / "root.pem"} --cert {p / "users" / f"{user}.pem"} --key {p / "users" / f"{user}.key"} \\
-  https://127.0.0.1:{layout.gateway_port}/Microsoft-Server-ActiveSync"""
+  {url}
+# a certificate the gateway refuses (revoked: 403 and the reason; expired.pem, untrusted.pem: a TLS alert):
+curl --cacert {p / "root.pem"} --cert {p / "users" / "revoked.pem"} --key {p / "users" / "revoked.key"} \\
+  {url}
+# Basic sign-in instead of a certificate: serve {basic} instead of gateway.toml (in make lab's
+# terminal: Ctrl-C, then .venv/bin/kcd-proxy run --config {basic}), then:
+curl --cacert {p / "root.pem"} -u {user}:{USERS[user]} {url}"""

@@ -353,6 +353,8 @@ def _describe_certificate(s: dict[str, Any]) -> str:
 
 
 def _describe_revocation(s: dict[str, Any]) -> str:
+    if s.get("status") is None:  # refused before a status was established (revoked: the reason says it all)
+        return ""
     text = f"{s.get('status')} from {s.get('source') or 'no source'}"
     if s.get("age_s") is not None:
         text += f" (CRL {s['age_s']:g} s old)"
@@ -360,6 +362,8 @@ def _describe_revocation(s: dict[str, Any]) -> str:
 
 
 def _describe_identity(s: dict[str, Any]) -> str:
+    if s.get("upn") is None:  # refused before a name was read (none in the certificate, two of them...)
+        return ""
     return f"{s.get('rule')}: {s.get('upn')} -> {s.get('principal')}"
 
 

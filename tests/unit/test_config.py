@@ -101,6 +101,8 @@ BROKEN = [
     ('prefix = "/EWS/"', 'prefix = "/"', "routes[1].prefix: duplicate prefix"),
     ('prefix = "/EWS/"', 'prefix = "/EWS./"', "routes[1].prefix: '/EWS./': a path segment ends in a dot"),
     ("[identity]", "colour = 1\n[identity]", "client_certificates.colour: unknown key"),
+    ('source = "san-upn"', 'sorce = "san-upn"', "identity.sorce: unknown key; did you mean source?"),
+    ("[kerberos]", "[kerberoz]", "kerberoz: unknown key; did you mean kerberos?"),
     ('spn = "HTTP/cas.lab.test"', 'spn = "HTTP/cas.lab.test"\nread_timeout = -1', "routes[0].read_timeout: must be"),
 ]
 

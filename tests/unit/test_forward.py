@@ -10,9 +10,10 @@ import pytest
 from cryptography import x509
 from multidict import CIMultiDict
 
-from proxy.backend import headers
+from proxy.backend import forward, headers
 from proxy.backend.forward import Pools, _rejected
 from proxy.config import Route
+from proxy.errors import BackendUnavailable
 from proxy.identity.principal import UserPrincipal
 from proxy.lab.pki import make_pki
 
@@ -191,3 +192,15 @@ def test_expect_ends_at_the_gateway() -> None:
     )
     assert "Expect" not in out
     assert out["Content-Length"] == "10"
+
+
+def test_an_unreachable_backends_fix_says_what_to_check() -> None:
+    """The backend down (connection refused): the log's fix was the bare error ('http://...:8081 (/):
+    ConnectionRefusedError: ...'); it names the upstream and its route and says what to check: that the backend
+    runs there and that `routes[].upstream` is its address."""
+    error = forward._failure(ROUTE, ConnectionRefusedError(111, "Connection refused"), None)
+    assert isinstance(error, BackendUnavailable)
+    assert error.status == 502
+    assert error.hint is not None
+    assert "ConnectionRefusedError" in error.hint
+    assert "routes[].upstream" in error.hint, error.hint

@@ -22,6 +22,7 @@ from proxy.identity.upn import (
     upn_other_name,
 )
 from proxy.lab.pki import Pki, make_pki
+from proxy.pipeline import identify
 from tests.pem import load_cert
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -245,3 +246,12 @@ def test_a_name_that_is_not_plain_for_its_source_is_refused(name: str, source: s
 def test_a_plain_name_maps_for_its_source(name: str, source: str, principal: str) -> None:
     """The controls: one plain name of each source maps to its principal."""
     assert map_certificate_name(name, source, IDENTITY).principal == principal
+
+
+def test_a_certificate_without_the_configured_name_has_a_fix(pki: Pki) -> None:
+    """The lab's noupn certificate under `source = "san-upn"`: the device's reason was right, but the log's
+    `fix` (and the trace's) was null; it names identity.source and what the certificate would need."""
+    with pytest.raises(IdentityRejected) as info:
+        identify(load_cert(pki.user_cert("noupn")), Identity(default_realm="LAB.TEST"))
+    assert info.value.hint is not None
+    assert "identity.source" in info.value.hint, info.value.hint

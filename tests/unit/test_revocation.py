@@ -222,3 +222,12 @@ def test_openssl_ca_crl_accepted(pki: Pki, trust: TrustList, tmp_path: Path) -> 
     assert problems == []
     with pytest.raises(CertificateRevoked, match=f"serial 0x{carol.serial:x} was revoked"):
         crls.check(carol, at=now, policy="require")
+
+
+def test_a_revoked_certificates_fix_says_what_to_do(pki: Pki, trust: TrustList, crls: CrlSet) -> None:
+    """The fix of a revoked leaf (the log's `fix`, `explain`, the trace) was 'CN=erin, from crls.pem': where, not what
+    to do. It names the certificate and the CRL, and says the user needs a new certificate."""
+    with pytest.raises(CertificateRevoked) as info:
+        crls.check(verified(pki, trust, "revoked"), at=NOW, policy="require")
+    assert info.value.hint is not None
+    assert "new certificate" in info.value.hint, info.value.hint

@@ -243,3 +243,26 @@ def test_the_mapping_stage_shows_between_identity_and_kerberos() -> None:
     record = build_record(refused, 403, 1.0)
     assert record["refused"]["stage"] == "mapping"
     assert next(s for s in record["stages"] if s["name"] == "mapping")["refused"] is True
+
+
+def _refused_early(stage: str, reason: str) -> dict[str, object]:
+    """The record of a request refused at `stage`, before that stage established any fact."""
+    t = Trace()
+    t.note(method="GET", path="/owa/", client="127.0.0.1", tls_version="TLSv1.3", tls_cipher="X", tls_resumed=False)
+    t.note(cert_subject="CN=heidi", cert_issuer="CN=Lab Issuing CA", cert_serial="1f", restriction=None)
+    if stage == "identity":
+        t.note(revocation="good", revocation_source="crls.pem")
+    for name in ("tls", "certificate", "revocation", "identity")[: 3 if stage == "revocation" else 4]:
+        t.ms[name] = 0.1
+    t.note(refused_stage=stage, reason=reason, refusal=f"{stage}_refused")
+    return build_record(t, 403, 1.0)
+
+
+@pytest.mark.parametrize("stage", ["revocation", "identity"])
+def test_a_stage_refused_before_its_facts_prints_no_none(stage: str) -> None:
+    """`kcd-proxy trace` of a revoked certificate or one without a UPN said `— None from no source` and
+    `— None: None -> None` after the reason: a stage refused before it knew anything prints its reason alone."""
+    text = render_text([_refused_early(stage, "the reason")])
+    line = next(line for line in text.splitlines() if line.lstrip().startswith(stage))
+    assert line.endswith("REFUSED: the reason"), text
+    assert "None" not in text, text
