@@ -63,6 +63,7 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from proxy.device.framing import BodyEnd, head_end
+from proxy.device.request import CONTINUE, expectations
 from proxy.errors import BadRequest
 from proxy.tls.limits import refuse_header_block
 from proxy.tls.record import TlsRecords
@@ -237,7 +238,7 @@ class DeviceHttpRequest:
             self.version >= (1, 1)
             and self.body is not None
             and self.status is None
-            and self.headers.get("Expect", "").lower() == "100-continue"
+            and CONTINUE in expectations(self.headers)
         ):
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await self._connection.drain()
