@@ -42,7 +42,8 @@ at its threshold and forgets only after its observation window without a bad pas
 releases carried a guesser past a threshold of 5 within 4 s, seen against Samba AD). Held, at most
 `basic_failures_per_user` guesses reach the KDC per window, so a threshold above that is never reached
 through the gateway; the one password that still goes on is the one the KDC last accepted for that
-user (its hash is kept for the window, never to serve anyone from it): the user's own device. A
+user (its hash is kept for the window after the device last used it, whether the KDC accepted it or the
+cache served it, never to serve anyone from it): the user's own device. A
 user's count is forgotten after a success, as AD resets its own. Each throttle keeps at most 100,000 keys; a
 flood of other names pushes out keys that are not refused first, never a held user's. A disabled or
 locked account gets 403 and does not count (the KDC says so whatever the password). An IPv6 client is
@@ -157,10 +158,14 @@ class _Entry:
 class CredentialCache:
     """Verified passwords, as salted scrypt hashes, each trusted for `ttl` seconds; least recently used out first.
 
-    Keys are `user_key`s: one entry per user however a request spells the name."""
+    Keys are `user_key`s: one entry per user however a request spells the name. With `known_for`, the password the
+    KDC last accepted for a user is also known (`known`) until that long after it was last used: accepted by the
+    KDC or served from the entry. Counted from the KDC's acceptance alone, it ended while a longer-lived entry still
+    served the device, and the device was then refused for the rest of a hold."""
 
-    def __init__(self, ttl: float, *, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl: float, *, max_entries: int = 10_000, known_for: float = 0.0) -> None:
         self._ttl = ttl
+        self._known_for = known_for
         self._max = max_entries
         self._salt = os.urandom(16)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -180,6 +185,8 @@ class CredentialCache:
         if entry is None or now >= entry.expires or not hmac.compare_digest(entry.digest, digest):
             return None
         self._entries.move_to_end(key)
+        if self._known_for > 0:
+            self._know(key, entry.digest, now)
         return entry
 
     def known(self, key: str, now: float, digest: bytes | None = None) -> bool:
@@ -190,20 +197,22 @@ class CredentialCache:
             return False
         return digest is None or hmac.compare_digest(known[0], digest)
 
-    def put(
-        self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float, *, known_for: float = 0.0
-    ) -> None:
-        if known_for > 0:
-            self._known[key] = (digest, now + known_for)
-            self._known.move_to_end(key)
-            while len(self._known) > self._max:
-                self._known.popitem(last=False)
+    def put(self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float) -> None:
+        """The KDC accepted `digest`'s password for `user` just now."""
+        if self._known_for > 0:
+            self._know(key, digest, now)
         if self._ttl <= 0:
             return
         self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+    def _know(self, key: str, digest: bytes, now: float) -> None:
+        self._known[key] = (digest, now + self._known_for)
+        self._known.move_to_end(key)
+        while len(self._known) > self._max:
+            self._known.popitem(last=False)
 
     def forget(self, key: str, digest: bytes | None = None) -> None:
         """Drop the entry of `key`; with `digest`, only if it is that password's (the KDC refused it)."""
@@ -350,8 +359,8 @@ class BasicLogin:
         self._realms = {identity.default_realm, *identity.realm_map.values()}
         self._timeout = kerberos.kdc_timeout
         self._slots = asyncio.Semaphore(kerberos.max_in_flight)
-        self._cache = CredentialCache(settings.basic_cache_seconds)
         self._window = settings.basic_failure_window_seconds
+        self._cache = CredentialCache(settings.basic_cache_seconds, known_for=self._window)
         self._users = Throttle(settings.basic_failures_per_user, forget=self._window, hold=True)
         self._addresses = Throttle(settings.basic_failures_per_address)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -406,7 +415,7 @@ class BasicLogin:
                     raise AuthenticationRequired(e.reason, hint=e.hint, challenge=self.challenge) from None
                 self.pace.observe(time.monotonic() - started)
                 self._users.succeeded(guesses)
-                self._cache.put(key, digest, user, ticket, time.monotonic(), known_for=self._window)
+                self._cache.put(key, digest, user, ticket, time.monotonic())
                 return PasswordLogin(user, ticket, credentials.header, cached=False)
 
     async def authorization(self, login: PasswordLogin, route: Route) -> str:
