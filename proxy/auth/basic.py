@@ -255,7 +255,11 @@ class Throttle:
         self._forget = forget
         self._hold = hold
         self._max = max_keys
-        self._keys: OrderedDict[str, _Failures] = OrderedDict()
+        self._keys: dict[str, _Failures] = {}  # every key counted
+        # Eviction's two queues, every key in one: keys not refused, least recently counted first, and keys refused,
+        # in the order they were last counted (`_evict`)
+        self._free: OrderedDict[str, None] = OrderedDict()
+        self._refused: OrderedDict[str, None] = OrderedDict()
 
     def wait(self, key: str, now: float) -> float:
         """Seconds `key` must still wait before its next attempt may start (0: go ahead)."""
@@ -279,7 +283,7 @@ class Throttle:
         if failed:
             self.failed(key, now)
         elif state is not None and state.in_flight == 0 and state.count == 0:
-            del self._keys[key]
+            self._drop(key)
 
     def failed(self, key: str, now: float) -> None:
         state = self._state(key, now)
@@ -289,36 +293,62 @@ class Throttle:
             state.blocked_until = now + self._forget
         elif state.count >= self._limit:
             state.blocked_until = now + min(_THROTTLE_CAP, _THROTTLE_BASE * 2 ** min(state.count - self._limit, 20))
+        self._queue(key, refused=state.blocked_until > now)
 
     def succeeded(self, key: str) -> None:
         state = self._keys.get(key)
         if state is not None:
             state.count, state.blocked_until = 0, 0.0
+            self._queue(key, refused=False)
 
     def _state(self, key: str, now: float) -> _Failures:
         """The state of `key`, made the most recent; failures older than the forget time start afresh."""
-        state = self._keys.pop(key, None) or _Failures()
-        if state.count and now - state.last > self._forget:
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _Failures()
+        elif state.count and now - state.last > self._forget:
             state.count, state.blocked_until = 0, 0.0
-        self._keys[key] = state
+        self._queue(key, refused=state.blocked_until > now)
         self._evict(key, now)
         return state
 
+    def _queue(self, key: str, *, refused: bool) -> None:
+        """`key` to the end of its eviction queue: the refused keys' while it is refused, else the others'."""
+        if refused:
+            self._free.pop(key, None)
+            self._refused[key] = None
+            self._refused.move_to_end(key)
+        else:
+            self._refused.pop(key, None)
+            self._free[key] = None
+            self._free.move_to_end(key)
+
     def _evict(self, keep: str, now: float) -> None:
-        """Down to `max_keys`, least recently used first, but a key still refused goes last: a held user's key is not
-        touched while held, and a flood of other names (each guess at an unknown user a key) would otherwise
-        evict it and give its guesser a fresh allowance (towards the directory's lockout) before the window ends."""
-        passes = len(self._keys)  # each refused key is moved to the end at most once per eviction round
+        """Down to `max_keys`: keys that are not refused first, least recently counted first, then refused keys in the
+        order they were counted, never `keep` (the key being counted). A held user's key is not touched while held,
+        and a flood of other names (each guess at an unknown user a key) would otherwise evict it and give its
+        guesser a fresh allowance (towards the directory's lockout) before the window ends. A refused key whose time
+        has passed since is old news at the front of its queue: it goes before the others. Each step looks at the
+        front of a queue only (the whole table was walked past for each new key when every key was refused)."""
         while len(self._keys) > self._max:
-            oldest, state = next(iter(self._keys.items()))
-            if oldest == keep:  # the key being counted (at the front once every other key was moved past it)
-                self._keys.move_to_end(oldest)
-                continue
-            if state.blocked_until > now and passes > 0:
-                self._keys.move_to_end(oldest)
-                passes -= 1
-                continue
-            del self._keys[oldest]
+            lapsed = self._first(self._refused, keep)
+            if lapsed is None or self._keys[lapsed].blocked_until > now:
+                lapsed = None
+            victim = lapsed or self._first(self._free, keep) or self._first(self._refused, keep)
+            if victim is None:
+                return
+            self._drop(victim)
+
+    @staticmethod
+    def _first(queue: OrderedDict[str, None], keep: str) -> str | None:
+        """The front of `queue`, unless it is `keep` (then it is also its end, being the most recent: alone there)."""
+        front = next(iter(queue), None)
+        return None if front == keep else front
+
+    def _drop(self, key: str) -> None:
+        del self._keys[key]
+        self._free.pop(key, None)
+        self._refused.pop(key, None)
 
 
 class Pace:
