@@ -22,7 +22,7 @@ import pytest
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
-from tests.integration.recorder import Recorder, dechunk, read_until_closed
+from tests.integration.recorder import Recorder, dechunk, read_head, read_until_closed
 
 MAX_HEADER_BYTES = 16384
 SERVERS = ("own", "aiohttp")
@@ -492,11 +492,7 @@ def test_100_continue_is_met_whatever_its_case_and_ignored_where_it_must_be(
     with scene.connect() as tls:
         tls.sendall(head + b"Host: 127.0.0.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
         if continued:
-            interim = b""
-            while b"\r\n\r\n" not in interim:
-                chunk = tls.recv(65536)
-                assert chunk, interim
-                interim += chunk
+            interim = read_head(tls)
             assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
         tls.sendall(b"hello")
         rest = read_until_closed(tls)
