@@ -501,3 +501,24 @@ def test_100_continue_is_met_whatever_its_case_and_ignored_where_it_must_be(
     (recorded,) = scene.recorder.taken()
     assert recorded.body == b"hello"
     assert not recorded.headers("Expect")
+
+
+def test_a_head_over_the_budget_is_logged_when_read_even_if_the_device_leaves_before_its_431(scene: Scene) -> None:
+    """A request the backend holds, then a head one byte over the budget, then the device leaves: the refusal is
+    logged (`request_headers_too_large`, with the metric) when the head is read, not when its 431 would be written.
+    The own server wrote it only with the 431, after the answers before it: a device that left first (or whose
+    request ahead was a half-hour long-poll) left no trace of the attack."""
+    release = scene.recorder.hold("/rec/held-then-gone")
+    try:
+        with scene.connect() as tls:
+            scene.gw.mark()
+            tls.sendall(get("/rec/held-then-gone", close=False))
+            eventually(
+                lambda: any(r.path == "/rec/held-then-gone" for r in scene.recorder.requests), "the request held"
+            )
+            tls.sendall(_head_of(MAX_HEADER_BYTES + 1))
+        line = scene.gw.wait_event("request_headers_too_large")
+        assert str(MAX_HEADER_BYTES) in line["reason"]
+    finally:
+        release.set()
+        scene.recorder.taken()
