@@ -413,8 +413,8 @@ def test_doctor_compares_the_basic_throttle_with_the_lockout_policies(
 ) -> None:
     """doctor in a Basic mode reads the domain's lockout policy and the canary's PSO from the DC. A PSO the gateway's
     account may not read (AD's default) is a skip naming it and the grant; once readable, a throttle that lets 5
-    guesses through a 60 s window fails against it (threshold 5, 30 minutes), naming both keys and the PSO, and 3
-    guesses held for 1800 s pass. The domain's line states the threshold the DC keeps."""
+    guesses through a 60 s window fails against it (threshold 5, 30 minutes), naming both keys and the PSO (what
+    passes: test_ops_pure). The domain's line states the threshold the DC keeps."""
     domain = realm.ldbsearch("(objectClass=domain)", "lockoutThreshold", base="DC=ad,DC=test")
     threshold = int(domain.split("lockoutThreshold: ")[1].split()[0])
     upn = f"{lockout_user}@ad.test"
@@ -453,9 +453,6 @@ def test_doctor_compares_the_basic_throttle_with_the_lockout_policies(
     assert "basic_failure_window_seconds (60)" in mine, mine
     assert "basic_failures_per_user to 4 or less" in loose["fixes"], loose["fixes"]
     assert "basic_failure_window_seconds to 1800 or more" in loose["fixes"], loose["fixes"]
-    tight = doctor(3, 1800)
-    assert tight[f"basic-lockout {upn}"].startswith("PASS"), tight
-    assert "at most 3 through" in tight[f"basic-lockout {upn}"]
 
 
 def test_the_mapped_account_is_impersonated_not_the_name(
