@@ -303,7 +303,12 @@ async def _lockout(config: Config, directory: Directory, name: str, account_dn: 
     except GatewayError as e:
         return Check(name, "fail", e.hint or e.reason, "check [directory] urls (see directory)")
     if account_dn is not None and policy.source.upper().startswith("DC="):
-        return Check(name, "pass", f"{account_dn} has no fine-grained password policy: the domain's applies")
+        return Check(
+            name,
+            "pass",
+            f"{account_dn} shows no fine-grained password policy (msDS-ResultantPSO): the domain's applies, unless the"
+            " gateway's account may not read that attribute (then ask an administrator which PSO applies)",
+        )
     if policy.threshold is None:
         return Check(
             name,
