@@ -28,10 +28,17 @@ from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
 from proxy.device.aiohttp_side import AiohttpRequest
-from proxy.device.request import DeviceRequest
+from proxy.device.request import CONTINUE, DeviceRequest, expectations
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
 from proxy.directory import Directory
-from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed, TransferCodingNotImplemented
+from proxy.errors import (
+    BadRequest,
+    ConfigError,
+    ExpectationFailed,
+    GatewayError,
+    MethodNotAllowed,
+    TransferCodingNotImplemented,
+)
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
 from proxy.observability.logging import summary_fields
@@ -105,6 +112,12 @@ def _refuse_smuggling(request: DeviceRequest) -> None:
         raise TransferCodingNotImplemented(
             "only the chunked transfer coding is accepted",
             hint=f"Transfer-Encoding: {', '.join(codings)}; the body would reach the backend still coded",
+        )
+    unmet = [member for member in expectations(request.headers) if member != CONTINUE]
+    if unmet:
+        raise ExpectationFailed(
+            f"Expect: {unmet[0][:64]!r} cannot be met; only 100-continue is",
+            hint="the device may send the request again without that Expect member",
         )
 
 

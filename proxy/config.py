@@ -433,6 +433,29 @@ def _number(r: _Reader, t: dict[str, Any], prefix: str, name: str, kind: type[T]
     return _positive(r, key, r.get(t, key, name, kind, default), default)
 
 
+N = TypeVar("N", int, float)
+
+# Keys whose 0 turns something off: what 0 means there, and what a positive value counts (`_off_or_positive`).
+_ZERO_MEANS = {
+    "listener.max_connections_per_address": ("off", "open connections per client address"),  # 0 by default: CGNAT
+    "listener.tls_session_cache": ("stateless session tickets", "TLS sessions per worker"),
+    "kerberos.ticket_recheck_seconds": ("a cached ticket serves its whole life", "seconds"),
+}
+
+
+def _off_or_positive(r: _Reader, t: dict[str, Any], key: str, default: N) -> N:
+    """`key` (one of `_ZERO_MEANS`): 0 or a positive number of default's type; the default when absent, not a number
+    (said so by `get`) or negative (said so here, with what 0 means)."""
+    value = r.get(t, key, key.rpartition(".")[2], type(default), default)
+    if value is None:
+        return default
+    if value < 0:
+        zero, unit = _ZERO_MEANS[key]
+        r.problem(key, f"0 ({zero}) or a positive number of {unit}, got {value}")
+        return default
+    return value
+
+
 def _choice(r: _Reader, key: str, value: str | None, choices: tuple[str, ...], default: str) -> str:
     if value is None:
         return default
@@ -474,12 +497,12 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         workers=_workers(r, t),
         max_header_bytes=_max_header_bytes(r, t),
         max_connections=_number(r, t, "listener", "max_connections", int, DEFAULT_MAX_CONNECTIONS),
-        max_connections_per_address=_per_address(r, t),
+        max_connections_per_address=_off_or_positive(r, t, "listener.max_connections_per_address", 0),
         proxy_protocol=proxy_protocol,
         trusted_proxies=trusted_proxies,
         event_loop=_event_loop(r, t),
         http_server=cast(HttpServer, _named_choice(r, t, "listener", "http_server", HTTP_SERVERS, "own")),
-        tls_session_cache=_tls_session_cache(r, t),
+        tls_session_cache=_off_or_positive(r, t, "listener.tls_session_cache", DEFAULT_TLS_SESSION_CACHE),
     )
 
 
@@ -493,29 +516,6 @@ def _event_loop(r: _Reader, t: dict[str, Any]) -> EventLoop:
         if missing is not None:
             r.problem("listener.event_loop", f'"uvloop" is not usable here ({missing}); install it or use "asyncio"')
     return chosen
-
-
-def _per_address(r: _Reader, t: dict[str, Any]) -> int:
-    """`listener.max_connections_per_address`: 0 (off, the default: CGNAT puts many devices behind one address)
-    or a positive number of connections."""
-    key = "listener.max_connections_per_address"
-    value = r.get(t, key, "max_connections_per_address", int, 0) or 0
-    if value < 0:
-        r.problem(key, f"0 (off) or a positive number of open connections per client address, got {value}")
-        return 0
-    return value
-
-
-def _tls_session_cache(r: _Reader, t: dict[str, Any]) -> int:
-    """`listener.tls_session_cache`: 0 (stateless session tickets) or a positive number of sessions per worker."""
-    key = "listener.tls_session_cache"
-    value = r.get(t, key, "tls_session_cache", int, DEFAULT_TLS_SESSION_CACHE)
-    if value is None:  # not an integer: said so by `get`
-        return DEFAULT_TLS_SESSION_CACHE
-    if value < 0:
-        r.problem(key, f"0 (stateless session tickets) or a positive number of TLS sessions per worker, got {value}")
-        return DEFAULT_TLS_SESSION_CACHE
-    return value
 
 
 def _max_header_bytes(r: _Reader, t: dict[str, Any]) -> int:
@@ -839,20 +839,8 @@ def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
         max_in_flight=_number(r, t, "kerberos", "max_in_flight", int, 16),
         kdc_timeout=_number(r, t, "kerberos", "kdc_timeout", float, 10.0),
         kdc_account=cast(KdcAccountPolicy, kdc_account),
-        ticket_recheck_seconds=_ticket_recheck(r, t),
+        ticket_recheck_seconds=_off_or_positive(r, t, "kerberos.ticket_recheck_seconds", 0.0),
     )
-
-
-def _ticket_recheck(r: _Reader, t: dict[str, Any]) -> float:
-    """`kerberos.ticket_recheck_seconds`: 0 (a cached ticket serves its life) or a positive number of seconds."""
-    key = "kerberos.ticket_recheck_seconds"
-    value = r.get(t, key, "ticket_recheck_seconds", float, 0.0)
-    if value is None:  # not a number: said so by `get`
-        return 0.0
-    if value < 0:
-        r.problem(key, f"0 (a cached ticket serves its whole life) or a positive number of seconds, got {value}")
-        return 0.0
-    return value
 
 
 _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")

@@ -80,6 +80,20 @@ class _GaveUp(Exception):
 
 
 @dataclass(frozen=True)
+class LockoutPolicy:
+    """An account lockout policy as the directory keeps it (`doctor`): the domain's (`lockoutThreshold`,
+    `lockOutObservationWindow` on the domain object) or a fine-grained one's (a PSO's `msDS-LockoutThreshold`,
+    `msDS-LockoutObservationWindow`), read where `source` names."""
+
+    source: str  # the DN it was read from
+    threshold: int | None  # bad passwords within the window that lock the account; 0: never; None: not readable
+    window_seconds: float = 0.0  # "Reset account lockout counter after": the count is forgotten this long after
+
+
+_HUNDRED_NS = 10_000_000  # AD writes intervals as negative counts of 100 ns
+
+
+@dataclass(frozen=True)
 class BindCheck:
     """What `doctor` reports about the directory: the server that answered and who it says we are."""
 
@@ -244,7 +258,9 @@ class Directory:
         lately = {url for url, at in self._failed.items() if now - at < FAILED_SERVER_SECONDS}
         return sorted(self._settings.urls, key=lambda url: url in lately)
 
-    async def _search_at(self, url: str, filter_exp: str) -> list[Any]:
+    async def _search_at(
+        self, url: str, filter_exp: str, base: str | None = None, attributes: list[str] = ATTRIBUTES
+    ) -> list[Any]:
         # One operation at a time per connection: bonsai's asyncio connection waits for a result by
         # registering the socket with the event loop, and a second operation's registration replaces the
         # first's, which then never completes. Look-ups of different names queue here (a few ms each), for
@@ -260,19 +276,21 @@ class Directory:
         try:
             if self._failed.get(url, -math.inf) > asked:
                 raise _GaveUp("failed for another look-up while this one waited for it")
-            return await self._search_locked(url, filter_exp)
+            return await self._search_locked(url, filter_exp, base, attributes)
         finally:
             lock.release()
 
-    async def _search_locked(self, url: str, filter_exp: str) -> list[Any]:
+    async def _search_locked(self, url: str, filter_exp: str, base: str | None, attributes: list[str]) -> list[Any]:
+        """`filter_exp` under base_dn (a subtree), or the entry `base` itself when given."""
         timeout = self._settings.timeout
+        scope = bonsai.LDAPSearchScope.SUBTREE if base is None else bonsai.LDAPSearchScope.BASE
         for attempt in (1, 2):  # a kept connection the server has since closed fails once; a new one is tried
             reused = url in self._connections
             try:
                 async with asyncio.timeout(timeout * 2):  # connect (and bind), then search, each within timeout
                     conn = await self._connection(url)
                     result = await conn.search(
-                        self._settings.base_dn, bonsai.LDAPSearchScope.SUBTREE, filter_exp, ATTRIBUTES, timeout=timeout
+                        base or self._settings.base_dn, scope, filter_exp, attributes, timeout=timeout
                     )
             except (TimeoutError, bonsai.LDAPError, OSError) as e:
                 self._drop(url)
@@ -282,6 +300,40 @@ class Directory:
                 continue
             return [entry for entry in result if isinstance(entry, bonsai.LDAPEntry)]  # referrals are not accounts
         raise AssertionError("unreachable")
+
+    async def lockout_policy(self, account_dn: str | None = None) -> LockoutPolicy:
+        """The lockout policy that applies to the account at `account_dn` (its resultant PSO, when it has one), or
+        the domain's (`doctor`); its threshold None when we may not read it (AD lets only administrators read a
+        PSO's settings by default). DirectoryUnavailable if no server answers."""
+        domain = ",".join(f"DC={label}" for label in _domain(self._settings.base_dn).split("."))
+        source, attributes = domain, ["lockoutThreshold", "lockOutObservationWindow"]
+        if account_dn is not None:
+            entry = await self._read(account_dn, ["msDS-ResultantPSO"])
+            pso = None if entry is None else _first(entry, "msDS-ResultantPSO")
+            if pso is not None:
+                source, attributes = str(pso), ["msDS-LockoutThreshold", "msDS-LockoutObservationWindow"]
+        entry = await self._read(source, attributes)
+        if entry is None or _first(entry, attributes[0]) is None:
+            return LockoutPolicy(source, None)
+        return LockoutPolicy(source, _int(entry, attributes[0]), abs(_int(entry, attributes[1])) / _HUNDRED_NS)
+
+    async def _read(self, dn: str, attributes: list[str]) -> Any | None:
+        """The entry at `dn` with `attributes` (those we may read), from the first server that answers; None when
+        it does not exist for us."""
+        problems: list[str] = []
+        for url in self._settings.urls:
+            try:
+                entries = await self._search_at(url, "(objectClass=*)", base=dn, attributes=attributes)
+            except (bonsai.NoSuchObjectError, bonsai.InsufficientAccess):
+                return None
+            except _GaveUp as e:  # its connection busy past `timeout`, or failed meanwhile: the next URL
+                problems.append(f"{url}: {e}")
+                continue
+            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured) as e:
+                problems.append(f"{url}: {_describe(e)}")
+                continue
+            return entries[0] if entries else None
+        raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
 
     def _drop(self, url: str) -> None:
         conn = self._connections.pop(url, None)

@@ -39,6 +39,14 @@ class TransferCodingNotImplemented(BadRequest):
     status = 501
 
 
+class ExpectationFailed(BadRequest):
+    """An `Expect` member other than `100-continue` (RFC 9110 10.1.1 allows 417, as Apache answers): the gateway
+    meets no other expectation and passes none on, so forwarding the request without it (nginx's way) would serve
+    a request the device and any server in front of the gateway may read otherwise."""
+
+    status = 417
+
+
 class MethodNotAllowed(GatewayError):
     """TRACE, TRACK and CONNECT: a gateway echoes nothing back (TRACE would show the device the gateway's own
     headers) and tunnels nothing."""

@@ -42,7 +42,8 @@ at its threshold and forgets only after its observation window without a bad pas
 releases carried a guesser past a threshold of 5 within 4 s, seen against Samba AD). Held, at most
 `basic_failures_per_user` guesses reach the KDC per window, so a threshold above that is never reached
 through the gateway; the one password that still goes on is the one the KDC last accepted for that
-user (its hash is kept for the window, never to serve anyone from it): the user's own device. A
+user (its hash is kept for the window after the device last used it, whether the KDC accepted it or the
+cache served it, never to serve anyone from it): the user's own device. A
 user's count is forgotten after a success, as AD resets its own. Each throttle keeps at most 100,000 keys; a
 flood of other names pushes out keys that are not refused first, never a held user's. A disabled or
 locked account gets 403 and does not count (the KDC says so whatever the password). An IPv6 client is
@@ -157,10 +158,14 @@ class _Entry:
 class CredentialCache:
     """Verified passwords, as salted scrypt hashes, each trusted for `ttl` seconds; least recently used out first.
 
-    Keys are `user_key`s: one entry per user however a request spells the name."""
+    Keys are `user_key`s: one entry per user however a request spells the name. With `known_for`, the password the
+    KDC last accepted for a user is also known (`known`) until that long after it was last used: accepted by the
+    KDC or served from the entry. Counted from the KDC's acceptance alone, it ended while a longer-lived entry still
+    served the device, and the device was then refused for the rest of a hold."""
 
-    def __init__(self, ttl: float, *, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl: float, *, max_entries: int = 10_000, known_for: float = 0.0) -> None:
         self._ttl = ttl
+        self._known_for = known_for
         self._max = max_entries
         self._salt = os.urandom(16)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -180,6 +185,8 @@ class CredentialCache:
         if entry is None or now >= entry.expires or not hmac.compare_digest(entry.digest, digest):
             return None
         self._entries.move_to_end(key)
+        if self._known_for > 0:
+            self._know(key, entry.digest, now)
         return entry
 
     def known(self, key: str, now: float, digest: bytes | None = None) -> bool:
@@ -190,20 +197,22 @@ class CredentialCache:
             return False
         return digest is None or hmac.compare_digest(known[0], digest)
 
-    def put(
-        self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float, *, known_for: float = 0.0
-    ) -> None:
-        if known_for > 0:
-            self._known[key] = (digest, now + known_for)
-            self._known.move_to_end(key)
-            while len(self._known) > self._max:
-                self._known.popitem(last=False)
+    def put(self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float) -> None:
+        """The KDC accepted `digest`'s password for `user` just now."""
+        if self._known_for > 0:
+            self._know(key, digest, now)
         if self._ttl <= 0:
             return
         self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+    def _know(self, key: str, digest: bytes, now: float) -> None:
+        self._known[key] = (digest, now + self._known_for)
+        self._known.move_to_end(key)
+        while len(self._known) > self._max:
+            self._known.popitem(last=False)
 
     def forget(self, key: str, digest: bytes | None = None) -> None:
         """Drop the entry of `key`; with `digest`, only if it is that password's (the KDC refused it)."""
@@ -246,7 +255,11 @@ class Throttle:
         self._forget = forget
         self._hold = hold
         self._max = max_keys
-        self._keys: OrderedDict[str, _Failures] = OrderedDict()
+        self._keys: dict[str, _Failures] = {}  # every key counted
+        # Eviction's two queues, every key in one: keys not refused, least recently counted first, and keys refused,
+        # in the order they were last counted (`_evict`)
+        self._free: OrderedDict[str, None] = OrderedDict()
+        self._refused: OrderedDict[str, None] = OrderedDict()
 
     def wait(self, key: str, now: float) -> float:
         """Seconds `key` must still wait before its next attempt may start (0: go ahead)."""
@@ -270,7 +283,7 @@ class Throttle:
         if failed:
             self.failed(key, now)
         elif state is not None and state.in_flight == 0 and state.count == 0:
-            del self._keys[key]
+            self._drop(key)
 
     def failed(self, key: str, now: float) -> None:
         state = self._state(key, now)
@@ -280,36 +293,62 @@ class Throttle:
             state.blocked_until = now + self._forget
         elif state.count >= self._limit:
             state.blocked_until = now + min(_THROTTLE_CAP, _THROTTLE_BASE * 2 ** min(state.count - self._limit, 20))
+        self._queue(key, refused=state.blocked_until > now)
 
     def succeeded(self, key: str) -> None:
         state = self._keys.get(key)
         if state is not None:
             state.count, state.blocked_until = 0, 0.0
+            self._queue(key, refused=False)
 
     def _state(self, key: str, now: float) -> _Failures:
         """The state of `key`, made the most recent; failures older than the forget time start afresh."""
-        state = self._keys.pop(key, None) or _Failures()
-        if state.count and now - state.last > self._forget:
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _Failures()
+        elif state.count and now - state.last > self._forget:
             state.count, state.blocked_until = 0, 0.0
-        self._keys[key] = state
+        self._queue(key, refused=state.blocked_until > now)
         self._evict(key, now)
         return state
 
+    def _queue(self, key: str, *, refused: bool) -> None:
+        """`key` to the end of its eviction queue: the refused keys' while it is refused, else the others'."""
+        if refused:
+            self._free.pop(key, None)
+            self._refused[key] = None
+            self._refused.move_to_end(key)
+        else:
+            self._refused.pop(key, None)
+            self._free[key] = None
+            self._free.move_to_end(key)
+
     def _evict(self, keep: str, now: float) -> None:
-        """Down to `max_keys`, least recently used first, but a key still refused goes last: a held user's key is not
-        touched while held, and a flood of other names (each guess at an unknown user a key) would otherwise
-        evict it and give its guesser a fresh allowance (towards the directory's lockout) before the window ends."""
-        passes = len(self._keys)  # each refused key is moved to the end at most once per eviction round
+        """Down to `max_keys`: keys that are not refused first, least recently counted first, then refused keys in the
+        order they were counted, never `keep` (the key being counted). A held user's key is not touched while held,
+        and a flood of other names (each guess at an unknown user a key) would otherwise evict it and give its
+        guesser a fresh allowance (towards the directory's lockout) before the window ends. A refused key whose time
+        has passed since is old news at the front of its queue: it goes before the others. Each step looks at the
+        front of a queue only (the whole table was walked past for each new key when every key was refused)."""
         while len(self._keys) > self._max:
-            oldest, state = next(iter(self._keys.items()))
-            if oldest == keep:  # the key being counted (at the front once every other key was moved past it)
-                self._keys.move_to_end(oldest)
-                continue
-            if state.blocked_until > now and passes > 0:
-                self._keys.move_to_end(oldest)
-                passes -= 1
-                continue
-            del self._keys[oldest]
+            lapsed = self._first(self._refused, keep)
+            if lapsed is None or self._keys[lapsed].blocked_until > now:
+                lapsed = None
+            victim = lapsed or self._first(self._free, keep) or self._first(self._refused, keep)
+            if victim is None:
+                return
+            self._drop(victim)
+
+    @staticmethod
+    def _first(queue: OrderedDict[str, None], keep: str) -> str | None:
+        """The front of `queue`, unless it is `keep` (then it is also its end, being the most recent: alone there)."""
+        front = next(iter(queue), None)
+        return None if front == keep else front
+
+    def _drop(self, key: str) -> None:
+        del self._keys[key]
+        self._free.pop(key, None)
+        self._refused.pop(key, None)
 
 
 class Pace:
@@ -350,8 +389,8 @@ class BasicLogin:
         self._realms = {identity.default_realm, *identity.realm_map.values()}
         self._timeout = kerberos.kdc_timeout
         self._slots = asyncio.Semaphore(kerberos.max_in_flight)
-        self._cache = CredentialCache(settings.basic_cache_seconds)
         self._window = settings.basic_failure_window_seconds
+        self._cache = CredentialCache(settings.basic_cache_seconds, known_for=self._window)
         self._users = Throttle(settings.basic_failures_per_user, forget=self._window, hold=True)
         self._addresses = Throttle(settings.basic_failures_per_address)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -406,7 +445,7 @@ class BasicLogin:
                     raise AuthenticationRequired(e.reason, hint=e.hint, challenge=self.challenge) from None
                 self.pace.observe(time.monotonic() - started)
                 self._users.succeeded(guesses)
-                self._cache.put(key, digest, user, ticket, time.monotonic(), known_for=self._window)
+                self._cache.put(key, digest, user, ticket, time.monotonic())
                 return PasswordLogin(user, ticket, credentials.header, cached=False)
 
     async def authorization(self, login: PasswordLogin, route: Route) -> str:

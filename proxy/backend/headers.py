@@ -9,7 +9,8 @@ dropped altogether, as nginx does by default. Hop-by-hop headers, and those the 
 end at the gateway. `X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own, never the client's.
 
 `Expect` ends at the gateway too: the gateway answers `100 Continue` itself once it has decided to
-forward, and the backend gets the body straight away.
+forward, and the backend gets the body straight away (any other expectation was refused, 417, before
+any stage: `proxy.app`).
 
 Context headers (a route's `context_headers`, e.g. `X-KCD-UPN: alice@lab.test`) tell the backend who
 the gateway established the caller to be. A client-sent header of the same name, in any case or

@@ -12,6 +12,8 @@ from aiohttp import web
 from aiohttp.http import HttpVersion10
 from multidict import MultiMapping
 
+from proxy.device.request import CONTINUE, expectations
+
 
 class AiohttpRequest:
     """A `proxy.device.request.DeviceRequest` over aiohttp's `web.Request`."""
@@ -81,7 +83,7 @@ class AiohttpRequest:
 
     async def send_continue(self) -> None:
         request = self._request
-        if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version >= (1, 1) and CONTINUE in expectations(request.headers):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the interim answer is not part of the response (as aiohttp does)
 

@@ -18,6 +18,14 @@ from typing import Protocol
 
 from multidict import MultiMapping
 
+CONTINUE = "100-continue"
+
+
+def expectations(headers: MultiMapping[str]) -> list[str]:
+    """The members of a request's `Expect` fields, lower case (RFC 9110 10.1.1: a case-insensitive list, whose
+    empty members count for nothing)."""
+    return [m for v in headers.getall("Expect", ()) for m in (m.strip().lower() for m in v.split(",")) if m]
+
 
 class DeviceRequest(Protocol):
     """One request of a device, as a server parsed it, and the way back to that device."""

@@ -63,8 +63,9 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from proxy.device.framing import BodyEnd, head_end
+from proxy.device.request import CONTINUE, expectations
 from proxy.errors import BadRequest
-from proxy.tls.limits import refuse_header_block
+from proxy.tls.limits import answer_too_large, refuse_header_block
 from proxy.tls.record import TlsRecords
 from proxy.tls.server import peer_text, socket_transport
 
@@ -237,7 +238,7 @@ class DeviceHttpRequest:
             self.version >= (1, 1)
             and self.body is not None
             and self.status is None
-            and self.headers.get("Expect", "").lower() == "100-continue"
+            and CONTINUE in expectations(self.headers)
         ):
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await self._connection.drain()
@@ -652,8 +653,10 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _refuse_head_block(self) -> None:
-        """The head being read passed the budget: nothing more is parsed, the requests read before it (the device's
-        own) are answered in order, then the 431, which ends the connection (`_answer_too_large`)."""
+        """The head being read passed the budget: logged and counted now, nothing more is parsed, the requests read
+        before it (the device's own) are answered in order, then the 431, which ends the connection
+        (`_answer_too_large`). Logged when the 431 was written, a device that left before it left no trace."""
+        refuse_header_block(self.transport, self._limits.max_header_bytes, self._on_headers_refused, answer=False)
         self._stop()
         self._queue.append(_TOO_LARGE)
 
@@ -662,7 +665,7 @@ class DeviceConnection(asyncio.Protocol):
         self._cancel_idle()
         if self.transport is not None:
             self.transport.resume_reading()  # read and discarded until the linger ends (proxy.tls.limits)
-            refuse_header_block(self.transport, self._limits.max_header_bytes, self._on_headers_refused)
+            answer_too_large(self.transport)
 
     # -- serving, in order -----------------------------------------------------------------------------------
 

@@ -78,7 +78,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
-from proxy.kerberos.hints import CLOCK_WORDS, clock_skew, explain
+from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
 from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
@@ -463,7 +463,7 @@ class Delegator:
             return context_pac(accepted.context), None
         except gssapi.raw.GSSError as e:
             message = e.gen_message()
-            if any(words in message.lower() for words in CLOCK_WORDS):  # every user's ticket alike: the operator's
+            if is_clock_skew(message):  # every user's ticket alike: the operator's
                 proxy = self._settings.principal
                 raise clock_skew(message, proxy=proxy, offset=_offset_from_kdc(creds, proxy)) from None
             return None, f"the gateway cannot accept its own evidence ticket: {message}"

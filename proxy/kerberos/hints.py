@@ -288,6 +288,12 @@ def _service_error(message: str, fill: dict[str, str]) -> GatewayError:
 CLOCK_WORDS = ("clock skew too great", "ticket not yet valid")
 
 
+def is_clock_skew(message: str) -> bool:
+    """Whether GSSAPI's `message` for a failed acceptance says the gateway's clock is off the KDC's (`clock_skew`)."""
+    lowered = message.lower()
+    return any(words in lowered for words in CLOCK_WORDS)
+
+
 def clock_skew(message: str, *, proxy: str, offset: float | None) -> GatewayError:
     """The gateway's clock is off the KDC's (`offset`: the gateway's time minus the KDC's, in seconds, when known):
     the operator's to fix (502), for every user alike, never a user's 403."""

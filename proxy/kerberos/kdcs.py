@@ -27,7 +27,9 @@ PREAUTH_REQUIRED included); no answer, a refused or reset connection do not. The
 krb5.conf is read again before each probe: a KDC replaced in it (a domain controller retired, its successor named)
 is what the next probe asks (`kdc_list_changed`), within `PROBE_EVERY` seconds while one is silent or none answers,
 without a restart (a reload keeps the delegator, and with it this watch, when [kerberos] is unchanged). A krb5.conf
-the watch can no longer follow, two looks in a row, hands the realm back to MIT (`kdc_watch_off`).
+the watch can no longer follow, two looks in a row, hands the realm back to MIT (`kdc_watch_off`). A file that ends
+inside the realm's section is one of those: written in place and read half-way, its last `kdc` value may be cut
+(`10.0.0.3:7`), and taken, that address was probed and MIT pinned to what else answered until the next look.
 
 Not bounded: an exchange already inside MIT's wait when its KDC fell silent stays there (25 s a request; 10 s
 when another KDC follows). What is read from krb5.conf: `kdc` lines of the form host, host:port, [v6]:port,
@@ -101,6 +103,17 @@ def _realm_section(read: tuple[krb5conf.Line, ...], realm: str) -> RealmSection 
         elif line.kind is krb5conf.Kind.RELATION or (len(line.path) > 2 and line.kind in _NESTED):
             other.append(line.raw.strip())  # not the realm's own braces, comments, nor directives
     return RealmSection(realm, tuple(kdcs), tuple(other))
+
+
+def _ends_inside(read: tuple[krb5conf.Line, ...], realm: str) -> bool:
+    """Whether krb5.conf ends inside `realm`'s section: a file being written in place and read half-way, whose last
+    `kdc` value may be cut (`10.0.0.3:7` of `10.0.0.3:750`). MIT closes the section at the end of the file and reads
+    what is there; the watch does not take it (`KdcWatch._follow` looks once more, then lets MIT decide)."""
+    if not read:
+        return False
+    last = read[-1]
+    inside = last.path[:-1] if last.kind is krb5conf.Kind.CLOSE else last.path
+    return inside[:2] == ("realms", realm)
 
 
 def kdc_address(entry: str) -> tuple[str, int] | None:
@@ -357,6 +370,8 @@ def watched_section(realm: str, krb5_config: Path | None) -> RealmSection | str:
             named = ", ".join(line.raw.strip() for line in directives)
             return f"{path} reads other files ({named}): MIT asks their KDCs too"
         section = _realm_section(read, realm)
+        if section is not None and _ends_inside(read, realm):
+            return f"{path} ends inside the realm's section (its `}}` not written yet?): its kdc list may be cut short"
         if section is not None:
             found.append((path, section))
     if len(found) > 1:  # MIT merges the realm's lines across KRB5_CONFIG's files; the overlay's `}*` would hide all

@@ -32,7 +32,7 @@ from proxy.errors import GatewayError
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.ccache import read_tickets
-from proxy.kerberos.hints import CLOCK_WORDS, clock_skew, explain
+from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import use_profile
@@ -99,7 +99,7 @@ class KerberosProbe:
             authtime = int(gssapi.raw.krb5_extract_authtime_from_sec_context(ctx))
         except gssapi.raw.GSSError as e:
             message = e.gen_message()
-            if any(words in message.lower() for words in CLOCK_WORDS):
+            if is_clock_skew(message):
                 raise clock_skew(message, proxy=self.settings.principal, offset=self._offset()) from None
             raise self._fail(e, self.settings.principal, self.settings.principal) from None
         pac, unreadable = None, None

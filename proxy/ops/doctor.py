@@ -23,6 +23,13 @@ backends:
 8. With a `[directory]`: `directory` binds (SASL GSSAPI with the keytab, or simple over ldaps) and asks the
    server who it thinks we are; `directory-lookup` finds the canary user's account, reads its SID and
    state, and says how many strong `altSecurityIdentities` entries it has.
+9. With a `[directory]` and a Basic mode: `basic-lockout` compares the Basic throttle with the domain's account
+   lockout policy, and `basic-lockout <UPN>` with the canary's fine-grained one (its resultant PSO), where it has
+   one: the guesses the gateway lets reach the DC while the DC still counts them must stay below the lockout
+   threshold (docs/throttles-and-limits.md). A user is held after `basic_failures_per_user` wrong passwords
+   until `basic_failure_window_seconds` after the last one, in each of `listener.workers` processes; a window
+   shorter than the DC's observation window releases the user while the DC still counts, so the guesses add up
+   with every window until the account locks.
 
 Checks that need a canary user are skipped without one (`--user`, or `[doctor] canary_user`). The clock is
 a parameter; the evaluations are pure functions of what the probes returned.
@@ -37,17 +44,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from proxy.backend.forward import upstream_tls
-from proxy.config import Config, Kerberos, Route
+from proxy.config import Authentication, Config, Kerberos, Route
 from proxy.errors import AccountMismatch, GatewayError
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.kerberos.account import kdc_account
 from proxy.kerberos.hints import not_forwardable
 from proxy.kerberos.keytab import kvnos, read_keytab
 from proxy.kerberos.pac import PacFacts
+
+if TYPE_CHECKING:
+    from proxy.directory import Directory, LockoutPolicy
 
 MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
 Status = Literal["pass", "fail", "skip"]
@@ -174,6 +184,40 @@ def kdc_account_check(
     )
 
 
+def lockout_check(name: str, policy: LockoutPolicy, auth: Authentication, workers: int) -> Check:
+    """The Basic throttle against the lockout policy `policy` (`proxy.directory.LockoutPolicy`): how many wrong
+    passwords reach the DC while it still counts them, and whether that reaches its threshold."""
+    assert policy.threshold is not None  # a policy we may not read is never judged
+    where = f"{policy.source} locks after {policy.threshold} bad passwords within {policy.window_seconds:g} s"
+    if policy.threshold == 0:
+        return Check(name, "pass", f"{policy.source} has no lockout threshold: the DC never locks an account")
+    per_user, window = auth.basic_failures_per_user, auth.basic_failure_window_seconds
+    problems, fixes = [], []
+    if window < policy.window_seconds:
+        problems.append(
+            f"basic_failure_window_seconds ({window:g}) is shorter: a held user is released while the DC still counts,"
+            f" and each window lets {per_user} more guesses through until the account locks"
+        )
+        fixes.append(f"set authentication.basic_failure_window_seconds to {policy.window_seconds:g} or more")
+    reaching = per_user * workers
+    if reaching >= policy.threshold:
+        each = f"basic_failures_per_user {per_user}" + (f" in each of {workers} workers" if workers > 1 else "")
+        problems.append(f"{reaching} guesses ({each}) reach the DC within its window, and {policy.threshold} lock")
+        most = (policy.threshold - 1) // workers
+        fixes.append(
+            f"set authentication.basic_failures_per_user to {most} or less (below the threshold"
+            + (f" divided by listener.workers, {workers}" if workers > 1 else "")
+            + ", with room for the user's own typing)"
+            if most >= 1
+            else f"use fewer listener.workers than {policy.threshold}: each counts a user's failures on its own"
+        )
+    if problems:
+        return Check(name, "fail", f"{where}; " + "; ".join(problems), "; ".join(fixes))
+    return Check(
+        name, "pass", f"{where}; the gateway lets at most {reaching} through while the DC counts (window {window:g} s)"
+    )
+
+
 def header_check(route: Route, header_bytes: int, limit: int, user: str) -> Check:
     name = f"header-size {route.prefix}"
     detail = f"Authorization header of {header_bytes} bytes for {user}; the backends accept {limit}"
@@ -230,12 +274,17 @@ async def _directory_checks(
         )
         return [Check("directory", "fail", e.hint or e.reason, fix), Check("directory-lookup", "skip", "no bind")], None
     checks = [Check("directory", "pass", f"{bound.url} bound us as {bound.whoami!r} in {bound.ms:.0f} ms")]
+    basic = config.authentication.mode != "certificate"
+    if basic:
+        checks.append(await _lockout(config, directory, "basic-lockout", None))
     if upn is None:
         return [*checks, Check("directory-lookup", "skip", "no canary user: run with --user UPN")], None
     try:
         account = await directory.account(upn)
     except GatewayError as e:
         return [*checks, Check("directory-lookup", "fail", e.reason, e.hint)], None
+    if basic:
+        checks.append(await _lockout(config, directory, f"basic-lockout {upn}", account.dn))
     mapped = Mapped(account.sam_account_name, directory.realm)
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
     created = account.when_created.isoformat() if account.when_created else "unknown (no whenCreated)"
@@ -245,6 +294,31 @@ async def _directory_checks(
     except GatewayError as e:
         return [*checks, Check("directory-lookup", "fail", f"{detail}; {e.reason}", e.hint)], mapped
     return [*checks, Check("directory-lookup", "pass", detail)], mapped
+
+
+async def _lockout(config: Config, directory: Directory, name: str, account_dn: str | None) -> Check:
+    """`basic-lockout`: the domain's policy (account_dn None), or the one that applies to that account."""
+    try:
+        policy = await directory.lockout_policy(account_dn)
+    except GatewayError as e:
+        return Check(name, "fail", e.hint or e.reason, "check [directory] urls (see directory)")
+    if account_dn is not None and policy.source.upper().startswith("DC="):
+        return Check(
+            name,
+            "pass",
+            f"{account_dn} shows no fine-grained password policy (msDS-ResultantPSO): the domain's applies, unless the"
+            " gateway's account may not read that attribute (then ask an administrator which PSO applies)",
+        )
+    if policy.threshold is None:
+        return Check(
+            name,
+            "skip",
+            f"the lockout policy {policy.source} cannot be read with the gateway's bind",
+            f"let {config.kerberos.principal} read it (Read on that object; AD lets only administrators read a"
+            " PSO), or compare authentication.basic_failures_per_user and basic_failure_window_seconds with it by"
+            " hand (docs/throttles-and-limits.md)",
+        )
+    return lockout_check(name, policy, config.authentication, config.listener.workers)
 
 
 def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped: Mapped | None) -> Iterator[Check]:

@@ -12,6 +12,11 @@ it has no bind: `unix:/path`, which `--admin` takes too), else `http://127.0.0.1
 bind). An https admin listener with a client allow-list
 needs `--cert`/`--key` (and `--cacert` for its server certificate). Exit codes: 0 printed (or interrupted
 while following), 1 the admin listener did not answer, 2 usage or configuration error.
+
+Whatever answers on the admin port is read with bounds, as `proxy.files.read_bounded` reads a file: at most
+`RECORD_BYTES` per record asked for (and `ANSWER_BYTES` in all), within `ANSWER_SECONDS`. A program that took the
+port while the gateway was down, or a broken listener, ends the command with an error saying where it stopped;
+it cannot make it read (and hold) an answer without end.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from proxy.observability.traces import printable, render_text
 
 DEFAULT_ADMIN = "http://127.0.0.1:9443"
 _FOLLOW_WINDOW = 200  # records asked for on each poll while following (the gateway keeps 200 by default)
+RECORD_BYTES = 64 * 1024  # one record's JSON at most: a few KiB, a 8 KiB path escaped character by character ~50
+ANSWER_BYTES = 256 * 1024 * 1024  # whatever --limit asks
+ANSWER_SECONDS = 30.0  # to read one answer whole (each wait for bytes is bounded by the socket's 10 s)
 
 
 class AdminUnreachable(Exception):
@@ -81,16 +89,19 @@ def admin_url(args: argparse.Namespace) -> str:
     return DEFAULT_ADMIN
 
 
-def fetch(base: str, *, limit: int, user: str | None, context: ssl.SSLContext | None) -> list[dict[str, Any]]:
-    """`GET /traces` of the admin listener at `base`: records, newest first."""
+def fetch(
+    base: str, *, limit: int, user: str | None, context: ssl.SSLContext | None, seconds: float = ANSWER_SECONDS
+) -> list[dict[str, Any]]:
+    """`GET /traces` of the admin listener at `base`: records, newest first; its answer read within `seconds`."""
     query = {"limit": str(limit), **({"user": user} if user else {})}
     url = f"{base}/traces?{urllib.parse.urlencode(query)}"
+    bound = _Bound(min(ANSWER_BYTES, RECORD_BYTES * (limit + 1)), limit, seconds)
     try:
         if base.startswith("unix:"):
-            records = json.loads(_get_unix(base.removeprefix("unix:"), url.removeprefix(base)))
+            records = json.loads(_get_unix(base.removeprefix("unix:"), url.removeprefix(base), bound))
         else:
             with urllib.request.urlopen(url, timeout=10, context=context) as answer:  # noqa: S310  operator-given URL
-                records = json.loads(answer.read())
+                records = json.loads(bound.read(answer))
     except urllib.error.HTTPError as e:
         body = printable(e.read(1000).decode(errors="replace").strip())  # whatever answered on that port wrote it
         raise AdminUnreachable(f"{url}: HTTP {e.code} {body}") from None
@@ -99,6 +110,30 @@ def fetch(base: str, *, limit: int, user: str | None, context: ssl.SSLContext | 
     if not isinstance(records, list):
         raise AdminUnreachable(f"{url}: expected a JSON list of traces")
     return [r for r in records if isinstance(r, dict)]
+
+
+class _Bound:
+    """How much of an answer is read, and for how long."""
+
+    def __init__(self, size: int, limit: int, seconds: float) -> None:
+        self.size = size
+        self.limit = limit
+        self.seconds = seconds
+
+    def read(self, answer: http.client.HTTPResponse) -> bytes:
+        """The answer's body; `ValueError` once it holds more than `size` bytes or takes more than `seconds`."""
+        deadline = time.monotonic() + self.seconds
+        body = bytearray()
+        while chunk := answer.read1(64 * 1024):  # what one receive brought: a trickle is seen at its deadline
+            body += chunk
+            if len(body) > self.size:
+                raise ValueError(
+                    f"the answer is over {self.size} bytes, more than {self.limit} trace(s) (--limit) can be:"
+                    " is this the gateway's admin listener?"
+                )
+            if time.monotonic() > deadline:
+                raise ValueError(f"the answer did not end within {self.seconds:g} s ({len(body)} bytes read)")
+        return bytes(body)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -114,13 +149,13 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def _get_unix(path: str, target: str) -> bytes:
+def _get_unix(path: str, target: str, bound: _Bound) -> bytes:
     """`GET target` on the admin listener's Unix socket at `path`: the body of a 200, else `AdminUnreachable`."""
     connection = _UnixConnection(path)
     try:
         connection.request("GET", target)
         answer = connection.getresponse()
-        body = answer.read()
+        body = bound.read(answer)
     finally:
         connection.close()
     if answer.status != 200:

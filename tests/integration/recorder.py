@@ -125,6 +125,17 @@ def _chunks_complete(body: bytes) -> bool:
             return False
 
 
+def read_head(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """One answer's head (an interim `100 Continue`, say), read a byte at a time up to its blank line: nothing after
+    it is taken from the socket."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, head
+        head += chunk
+    return head
+
+
 def read_until_closed(sock: socket.socket | ssl.SSLSocket) -> bytes:
     """Everything `sock` reads until the gateway ends the connection (a TLS error or a reset ends it too)."""
     data = b""

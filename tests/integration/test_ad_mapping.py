@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 
 from proxy.lab import ad, ad_mapping
-from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, start_ad_gateway, status_and_body
+from tests.integration.ad_fixtures import (
+    AD_TIMEOUT,
+    AdProcess,
+    _locked,
+    _start,
+    apply_lockout_policy,
+    start_ad_gateway,
+    status_and_body,
+)
 from tests.integration.jsonlog import eventually, whole_json_lines
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
@@ -374,6 +382,77 @@ def test_doctor_names_a_disabled_canary(realm: ad.AdRealm, tmp_path: Path) -> No
     line = next(line for line in done.stdout.splitlines() if " directory-lookup " in f" {line} ")
     assert line.startswith("FAIL"), done.stdout
     assert "disabled" in line
+
+
+LOCKOUT_USER = "lockdoctor"
+LOCKOUT_PSO = "kcd-test-doctor-lockout"  # threshold 5 within 30 minutes, on LOCKOUT_USER only
+LOCKOUT_PSO_DN = f"CN={LOCKOUT_PSO},CN=Password Settings Container,CN=System,DC=ad,DC=test"
+
+
+@pytest.fixture
+def lockout_user(realm: ad.AdRealm) -> Iterator[str]:
+    """LOCKOUT_USER under a PSO of its own (5 bad passwords within 30 minutes), which the gateway's account may not
+    read (AD's default); both deleted afterwards."""
+    with _locked(realm.root):
+        if LOCKOUT_USER in realm.samba_tool("user", "list"):
+            realm.samba_tool("user", "delete", LOCKOUT_USER)
+        if LOCKOUT_PSO in realm.samba_tool("domain", "passwordsettings", "pso", "list"):
+            realm.samba_tool("domain", "passwordsettings", "pso", "delete", LOCKOUT_PSO)
+        realm.samba_tool("user", "create", LOCKOUT_USER, "Lockdoctor-Ad-Pa55")
+        apply_lockout_policy(realm, LOCKOUT_PSO, 11, 5, LOCKOUT_USER)
+    try:
+        yield LOCKOUT_USER
+    finally:
+        with _locked(realm.root):
+            realm.samba_tool("user", "delete", LOCKOUT_USER)
+            realm.samba_tool("domain", "passwordsettings", "pso", "delete", LOCKOUT_PSO)
+
+
+def test_doctor_compares_the_basic_throttle_with_the_lockout_policies(
+    realm: ad.AdRealm, lockout_user: str, tmp_path: Path
+) -> None:
+    """doctor in a Basic mode reads the domain's lockout policy and the canary's PSO from the DC. A PSO the gateway's
+    account may not read (AD's default) is a skip naming it and the grant; once readable, a throttle that lets 5
+    guesses through a 60 s window fails against it (threshold 5, 30 minutes), naming both keys and the PSO (what
+    passes: test_ops_pure). The domain's line states the threshold the DC keeps."""
+    domain = realm.ldbsearch("(objectClass=domain)", "lockoutThreshold", base="DC=ad,DC=test")
+    threshold = int(domain.split("lockoutThreshold: ")[1].split()[0])
+    upn = f"{lockout_user}@ad.test"
+    config = ad_mapping.gateway_config(realm, "strong") + '\n[authentication]\nmode = "certificate-or-basic"\n'
+
+    def doctor(per_user: int, window: int) -> dict[str, str]:
+        cfg = tmp_path / "gateway.toml"
+        cfg.write_text(f"{config}basic_failures_per_user = {per_user}\nbasic_failure_window_seconds = {window}\n")
+        done = realm.run([sys.executable, "-m", "proxy", "doctor", "--config", str(cfg), "--user", upn], timeout=120)
+        lines = done.stdout.splitlines()
+        found = {" ".join(line.split()[1:3]): line for line in lines if line.startswith(("PASS", "FAIL", "SKIP"))}
+        found["fixes"] = "\n".join(line.strip() for line in lines if line.strip().startswith("fix:"))
+        return found
+
+    hidden = doctor(5, 60)
+    assert hidden[f"basic-lockout {upn}"].startswith("SKIP"), hidden
+    assert LOCKOUT_PSO_DN in hidden[f"basic-lockout {upn}"]
+    assert "let svc-kcdproxy@AD.TEST read it" in hidden["fixes"], hidden["fixes"]
+    domain_line = next(v for k, v in hidden.items() if k.startswith("basic-lockout") and upn not in k)
+    if threshold == 0:
+        assert domain_line.startswith("PASS"), domain_line
+        assert "never locks" in domain_line, domain_line
+    else:
+        assert f"locks after {threshold} bad passwords" in domain_line, domain_line
+
+    sid = realm.ldbsearch(f"(sAMAccountName={ad.GATEWAY_ACCOUNT})", "objectSid").split("objectSid: ")[1].split()[0]
+    with _locked(realm.root):  # what an administrator grants: read on the PSO
+        realm.samba_tool(
+            "dsacl", "set", f"-H{realm.sam_ldb}", f"--objectdn={LOCKOUT_PSO_DN}", f"--sddl=(A;;RPLCRC;;;{sid})"
+        )
+    loose = doctor(5, 60)
+    mine = loose[f"basic-lockout {upn}"]
+    assert mine.startswith("FAIL"), loose
+    assert f"{LOCKOUT_PSO_DN} locks after 5 bad passwords within 1800 s" in mine, mine
+    assert "5 guesses" in mine, mine
+    assert "basic_failure_window_seconds (60)" in mine, mine
+    assert "basic_failures_per_user to 4 or less" in loose["fixes"], loose["fixes"]
+    assert "basic_failure_window_seconds to 1800 or more" in loose["fixes"], loose["fixes"]
 
 
 def test_the_mapped_account_is_impersonated_not_the_name(

@@ -124,7 +124,9 @@ async def front(route: Route) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
+    # aiohttp reads and discards a body its handler left unread for up to lingering_time (10 s) before the
+    # handler's end: a stand-in for the gateway need not; the 504 of a backend that takes no body left 12 MB unread
+    runner = web.AppRunner(app, lingering_time=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -22,7 +22,7 @@ import pytest
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
-from tests.integration.recorder import Recorder, dechunk, read_until_closed
+from tests.integration.recorder import Recorder, dechunk, read_head, read_until_closed
 
 MAX_HEADER_BYTES = 16384
 SERVERS = ("own", "aiohttp")
@@ -444,3 +444,81 @@ def test_pipelined_requests_longer_than_the_head_budget_together_are_all_served(
     assert len(data) > 4 * MAX_HEADER_BYTES
     got = exchange(scene, data)
     assert [s for s, _, _ in got] == [404] * 2000
+
+
+_UNMET = {  # Expect fields no server behind the gateway is asked to meet
+    "unknown": b"Expect: foo\r\n",
+    "100-continue and another": b"Expect: 100-continue, foo\r\n",
+    "100-continue with a parameter": b"Expect: 100-continue;x=1\r\n",
+    "obfuscated 100-continue": b"Expect: y 100-continue\r\n",
+    "a second Expect field": b"Expect: 100-continue\r\nExpect: foo\r\n",
+}
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+@pytest.mark.parametrize("name", list(_UNMET))
+def test_an_expectation_the_gateway_cannot_meet_is_417_and_never_forwarded(
+    scene: Scene, name: str, version: str
+) -> None:
+    """An `Expect` member other than `100-continue` (RFC 9110 10.1.1): 417 naming it, before any stage, and the
+    request never forwarded (it was forwarded without its Expect field, so the device and any server in front
+    could read the request two ways)."""
+    head = f"POST /rec/expect HTTP/{version}\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n".encode() + _UNMET[name]
+    scene.recorder.taken()
+    scene.gw.mark()
+    after = get("/rec/next") if version == "1.1" else b""  # HTTP/1.0 without keep-alive: nothing after it
+    got = exchange(scene, head + b"\r\nhello" + after)
+    assert got[0][0] == 417, (name, got)
+    assert b"only 100-continue" in got[0][2], got[0][2]
+    assert [r.path for r in scene.recorder.taken()] in ([], ["/rec/next"]), name
+    line = scene.gw.wait_event("request", status=417)
+    assert line["refused_stage"] == "request"
+
+
+@pytest.mark.parametrize(
+    ("name", "head", "continued"),
+    [
+        ("any case", b"POST /rec/continue HTTP/1.1\r\nExpect: 100-Continue\r\n", True),
+        ("HTTP/1.0 (ignored)", b"POST /rec/continue HTTP/1.0\r\nExpect: 100-continue\r\n", False),
+        ("empty (ignored)", b"POST /rec/continue HTTP/1.1\r\nExpect:\r\n", False),
+    ],
+)
+def test_100_continue_is_met_whatever_its_case_and_ignored_where_it_must_be(
+    scene: Scene, name: str, head: bytes, continued: bool
+) -> None:
+    """`Expect: 100-continue` in any case gets `100 Continue` and the request is forwarded with its body and without
+    the field; in HTTP/1.0 (RFC 9110 10.1.1: ignored) and empty, no 100 and the request is served as if unasked."""
+    scene.recorder.taken()
+    with scene.connect() as tls:
+        tls.sendall(head + b"Host: 127.0.0.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+        if continued:
+            interim = read_head(tls)
+            assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        tls.sendall(b"hello")
+        rest = read_until_closed(tls)
+    assert b"100 Continue" not in rest
+    assert [s for s, _, _ in answers(rest)] == [200], name
+    (recorded,) = scene.recorder.taken()
+    assert recorded.body == b"hello"
+    assert not recorded.headers("Expect")
+
+
+def test_a_head_over_the_budget_is_logged_when_read_even_if_the_device_leaves_before_its_431(scene: Scene) -> None:
+    """A request the backend holds, then a head one byte over the budget, then the device leaves: the refusal is
+    logged (`request_headers_too_large`, with the metric) when the head is read, not when its 431 would be written.
+    The own server wrote it only with the 431, after the answers before it: a device that left first (or whose
+    request ahead was a half-hour long-poll) left no trace of the attack."""
+    release = scene.recorder.hold("/rec/held-then-gone")
+    try:
+        with scene.connect() as tls:
+            scene.gw.mark()
+            tls.sendall(get("/rec/held-then-gone", close=False))
+            eventually(
+                lambda: any(r.path == "/rec/held-then-gone" for r in scene.recorder.requests), "the request held"
+            )
+            tls.sendall(_head_of(MAX_HEADER_BYTES + 1))
+        line = scene.gw.wait_event("request_headers_too_large")
+        assert str(MAX_HEADER_BYTES) in line["reason"]
+    finally:
+        release.set()
+        scene.recorder.taken()

@@ -28,6 +28,7 @@ from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki, ocsp_responder_argv, revoke
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
+from tests.integration.recorder import read_head
 
 REFRESH = 1  # crl_refresh_seconds in these tests
 GRACE = 5  # the promise: refused at most crl_refresh_seconds + 5 s after the CRL is published
@@ -74,11 +75,7 @@ def held_at_the_backend(lab: LabLayout, gw: Gateway, user: str) -> Iterator[ssl.
     with client_context(lab, user).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         head = f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Lab-Hold-Seconds: 50\r\n"
         tls.sendall(head.encode() + b"Expect: 100-continue\r\nContent-Length: 1\r\n\r\n")
-        interim = b""
-        while b"\r\n\r\n" not in interim:
-            chunk = tls.recv(1)
-            assert chunk, interim
-            interim += chunk
+        interim = read_head(tls)
         assert interim.startswith(b"HTTP/1.1 100 "), interim
         tls.sendall(b"x")  # the body: the backend reads it, then holds
         yield tls

@@ -401,3 +401,65 @@ def test_unicode_separators_and_bidi_controls_a_client_sent_show_as_escapes(lab:
         assert status == 200
         assert [c for c in sneaky if c in html] == [], page
         assert "\\u202eexe.txt" in html, page
+
+
+def test_trace_command_stops_reading_an_answer_larger_than_it_asked_for() -> None:
+    """Whatever answers on the admin port cannot make `kcd-proxy trace` read without bound: a well-formed list far
+    larger than `--limit` records can be (20 MiB for one record) and an answer that never ends each end the command
+    with exit 1 and an error naming the size it stopped at and `--limit`, not a read to the end (or forever)."""
+    record = {"id": "0" * 16, "path": "/" + "a" * 10_000, "stages": []}
+    huge = json.dumps([record] * 2_000).encode()
+
+    async def large(_request: web.Request) -> web.Response:
+        return web.Response(body=huge, content_type="application/json")
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        answer = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await answer.prepare(request)
+        await answer.write(b"[")
+        while True:  # until the command hangs up
+            await answer.write(json.dumps(record).encode() + b",")
+
+    async def run(handler: Any) -> subprocess.CompletedProcess[bytes]:
+        app = web.Application()
+        app.router.add_get("/traces", handler)
+        async with serving(app) as url:
+            argv = [sys.executable, "-m", "proxy", "trace", "--admin", url, "--limit", "1"]
+            proc = await asyncio.create_subprocess_exec(*argv, cwd=REPO, stdout=PIPE, stderr=PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+            return subprocess.CompletedProcess(argv, proc.returncode or 0, out, err)
+
+    for handler in (large, endless):
+        done = asyncio.run(run(handler))
+        assert done.returncode == 1, (handler.__name__, done.returncode, done.stderr[-500:])
+        assert done.stdout == b"", handler.__name__
+        assert b"--limit" in done.stderr, (handler.__name__, done.stderr[-500:])
+        assert b"bytes" in done.stderr, (handler.__name__, done.stderr[-500:])
+
+
+def test_trace_fetch_gives_up_on_an_answer_that_trickles() -> None:
+    """An answer that comes a byte at a time, each within the socket's timeout, ends `trace`'s read once its
+    deadline has passed (2 s here), not when (or if) the answer ends."""
+    from proxy.ops.trace_cli import AdminUnreachable, fetch
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        answer = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await answer.prepare(request)
+        while True:
+            await answer.write(b" ")
+            await asyncio.sleep(0.2)  # the scenario: a byte now and then, never a silence the timeout would end
+
+    async def run() -> tuple[float, str]:
+        app = web.Application()
+        app.router.add_get("/traces", trickle)
+        async with serving(app) as url:
+            start = time.monotonic()
+            try:
+                await asyncio.to_thread(fetch, url, limit=1, user=None, context=None, seconds=2)
+            except AdminUnreachable as e:
+                return time.monotonic() - start, str(e)
+            raise AssertionError("the trickling answer was read to an end")
+
+    took, error = asyncio.run(run())
+    assert "2 s" in error, error
+    assert took < 30, took

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
-from proxy.directory import FAILED_SERVER_SECONDS, Directory, _account, _domain, _escape, _filter
+from proxy.directory import ATTRIBUTES, FAILED_SERVER_SECONDS, Directory, _account, _domain, _escape, _filter
 from proxy.errors import DirectoryUnavailable, MappingRefused
 from proxy.identity import altsecid
 from proxy.identity.mapping import Account
@@ -103,7 +103,9 @@ def test_a_failed_server_is_tried_last_for_a_while_then_first_again(monkeypatch:
     asked: list[str] = []
 
     class Servers(Directory):
-        async def _search_locked(self, url: str, filter_exp: str) -> list[object]:
+        async def _search_locked(
+            self, url: str, filter_exp: str, base: str | None, attributes: list[str]
+        ) -> list[object]:
             asked.append(url)
             if url in down:
                 raise TimeoutError
@@ -140,7 +142,9 @@ def test_a_name_two_accounts_answer_to_is_refused_never_the_first(monkeypatch: p
     second.dn = "CN=alice2,CN=Users,DC=ad,DC=test"  # an instance's dn, as bonsai has
 
     class Two(Directory):
-        async def _search_at(self, url: str, filter_exp: str) -> list[object]:
+        async def _search_at(
+            self, url: str, filter_exp: str, base: str | None = None, attributes: list[str] = ATTRIBUTES
+        ) -> list[object]:
             return [first, second]
 
     settings = DirectorySettings(urls=("ldap://dc.ad.test",), base_dn="DC=ad,DC=test")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 from pyasn1.codec.der import decoder
@@ -167,3 +168,40 @@ def test_the_watch_follows_krb5_conf_and_lets_go_when_it_cannot(monkeypatch: pyt
     assert (check(), asked) == ([], ["10.0.0.9:88"])  # the section in force, once more first
     assert (check(), asked, watch.none_answer, written[-1]) == (["kdc_watch_off"], [], False, ("LAB.TEST", None))
     assert check() == []
+
+
+def test_a_krb5_conf_read_while_it_is_written_in_place_is_not_taken_cut_short(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """krb5.conf rewritten in place (an editor, `cat > krb5.conf`) and read half-way, cut in the middle of a kdc value
+    (`10.0.0.3:7` of `10.0.0.3:750`), the realm's `}` not yet written: the watch neither probes the cut address nor
+    pins MIT to what answers of it until the next look, 5 s later (a cut address answers nothing; were it the only
+    one, every new user got 503 meanwhile); it keeps the list in force, and takes the new list once the file is
+    whole."""
+    asked: list[str] = []
+
+    async def fake(entry: str, principal: str, within: float) -> kdcs.KdcProbe:
+        asked.append(entry)
+        return kdcs.KdcProbe(entry, entry in ("10.0.0.1:88", "10.0.0.3:750"), "KRB-ERROR", 1.0)
+
+    monkeypatch.setattr(kdcs, "probe", fake)
+    conf = tmp_path / "krb5.conf"
+    old = "[realms]\n    LAB.TEST = {\n        kdc = 10.0.0.1:88\n    }\n"
+    new = "[realms]\n    LAB.TEST = {\n        kdc = 10.0.0.1:88\n        kdc = 10.0.0.3:750\n    }\n"
+    conf.write_text(old)
+    written: list[tuple[str, str | None]] = []
+    watch = kdcs.watch_for("P@LAB.TEST", conf, 1, lambda realm, text: written.append((realm, text)))
+    assert watch is not None
+
+    def check() -> list[str]:
+        asked.clear()
+        with capture_logs() as logs:
+            asyncio.run(watch.check())
+        return [e["event"] for e in logs]
+
+    assert (check(), asked) == (["kdcs_answer"], ["10.0.0.1:88"])
+    conf.write_text(new[: new.index("10.0.0.3:750") + len("10.0.0.3:7")])
+    assert (check(), asked, watch.none_answer) == ([], ["10.0.0.1:88"], False)
+    assert written == [("LAB.TEST", None)]  # MIT's list left as it was
+    conf.write_text(new)
+    assert (check(), asked) == (["kdc_list_changed", "kdcs_answer"], ["10.0.0.1:88", "10.0.0.3:750"])

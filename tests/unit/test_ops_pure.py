@@ -8,7 +8,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.certs.sources import CrlStatus
-from proxy.config import Route
+from proxy.config import Authentication, Route
+from proxy.directory import LockoutPolicy
 from proxy.observability.metrics import LONG_POLL_AFTER, Metrics
 from proxy.observability.trace import Trace
 from proxy.ops import doctor
@@ -55,6 +56,34 @@ def test_a_delegated_header_larger_than_the_backends_limit_fails() -> None:
     assert big.status == "fail"
     assert big.fix is not None
     assert "MaxFieldLength" in big.fix
+
+
+def test_the_basic_throttle_is_held_against_the_lockout_threshold_and_window() -> None:
+    """basic-lockout: a throttle that lets fewer guesses through than the threshold, for at least the DC's window,
+    passes; as many as the threshold (counting each worker's own throttle) fails naming basic_failures_per_user and
+    the largest value that passes; a window shorter than the DC's fails naming basic_failure_window_seconds; a
+    domain without a threshold passes whatever the throttle."""
+    policy = LockoutPolicy("DC=corp,DC=example", threshold=10, window_seconds=1800)
+    auth = Authentication(mode="basic", basic_failures_per_user=5, basic_failure_window_seconds=1800)
+    assert doctor.lockout_check("basic-lockout", policy, auth, workers=1).status == "pass"
+    two = doctor.lockout_check("basic-lockout", policy, auth, workers=2)
+    assert two.status == "fail"
+    assert "10 guesses" in two.detail
+    assert two.fix is not None
+    assert "basic_failures_per_user to 4 or less" in two.fix
+    assert "listener.workers, 2" in two.fix
+    at = doctor.lockout_check("basic-lockout", LockoutPolicy("DC=corp", 5, 1800), auth, workers=1)
+    assert at.status == "fail"
+    assert at.fix is not None
+    assert "basic_failures_per_user to 4 or less" in at.fix
+    short = Authentication(mode="basic", basic_failures_per_user=3, basic_failure_window_seconds=600)
+    released = doctor.lockout_check("basic-lockout", policy, short, workers=1)
+    assert released.status == "fail"
+    assert released.fix == "set authentication.basic_failure_window_seconds to 1800 or more"
+    assert "released while the DC still counts" in released.detail
+    never = doctor.lockout_check("basic-lockout", LockoutPolicy("DC=corp", 0, 0), short, workers=8)
+    assert never.status == "pass"
+    assert "never locks" in never.detail
 
 
 def test_doctor_output_has_one_line_per_check_and_the_fix_under_a_failure() -> None:
