@@ -31,7 +31,14 @@ from proxy.device.aiohttp_side import AiohttpRequest
 from proxy.device.request import DeviceRequest
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
 from proxy.directory import Directory
-from proxy.errors import BadRequest, ConfigError, GatewayError, MethodNotAllowed, TransferCodingNotImplemented
+from proxy.errors import (
+    BadRequest,
+    ConfigError,
+    GatewayError,
+    MethodNotAllowed,
+    TransferCodingNotImplemented,
+    VersionNotSupported,
+)
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
 from proxy.observability.logging import summary_fields
@@ -94,6 +101,8 @@ def _refuse_smuggling(request: DeviceRequest) -> None:
     """Shapes both device-side parsers let through that a gateway must not forward."""
     if request.version < (1, 0):
         raise BadRequest("the request line has no HTTP version (HTTP/0.9 is not served)")
+    if request.version >= (2, 0):  # llhttp reads `HTTP/2.0`; a request line of HTTP/2 is no request of HTTP/2
+        raise VersionNotSupported(f"HTTP/{request.version[0]}.{request.version[1]} is not served: only HTTP/1.x")
     if request.method in _NOT_FORWARDED:
         raise MethodNotAllowed(f"{request.method} is not forwarded")
     if "://" in request.raw_path.partition("?")[0]:  # the target as sent (aiohttp's request.url is always absolute)

@@ -352,6 +352,18 @@ def test_a_request_line_without_a_version_is_400_never_http_0_9(scene: Scene, re
     assert not any(scene.taken().values())
 
 
+@pytest.mark.parametrize("host", [b"Host: 127.0.0.1\r\n", b""])
+def test_a_request_line_of_another_major_version_is_505_never_forwarded_as_http_1_1(scene: Scene, host: bytes) -> None:
+    """`GET /owa/ HTTP/2.0` (llhttp accepts the version) is not an HTTP/1.x request: 505 written as HTTP/1.1, and
+    nothing reaches a backend. It used to be forwarded as HTTP/1.1, without a Host where it had none (the HTTP/1.1
+    rule that a request carries one was checked for version 1.1 only)."""
+    scene.taken()
+    answer = raw_request(scene._lab, scene.gw.port, b"GET /owa/ HTTP/2.0\r\n" + host + b"Connection: close\r\n\r\n")
+    assert answer.status_line.startswith("HTTP/1.1 "), answer
+    assert answer.status == 505
+    assert not any(scene.taken().values())
+
+
 def test_answers_aiohttp_gives_itself_carry_their_status_in_the_summary(scene: Scene) -> None:
     """`OPTIONS *` and an unparseable request: the summary line and the metrics say the status the client got,
     not 500."""
