@@ -30,7 +30,9 @@ Bounds before any stage runs (`proxy.tls.limits` has the why):
   complete within `listener.keepalive_timeout`, or the connection is closed (aiohttp's rule); a device
   that stops taking an answer is cut after `listener.client_send_timeout` (each wait, local answers too);
 - bodies: at most `BODY_HIGH` bytes of a request body are held; past that, reading from the device
-  pauses until the backend stage takes them.
+  pauses until the backend stage takes them. What is not payload in a chunked body (sizes, extensions,
+  trailers) is held to `listener.max_header_bytes` per run between payload bytes, to the byte (`BodyEnd.framing`):
+  one byte over is 400.
 
 Requests are answered one at a time, in order. A request that arrives while the one before is still being
 served (pipelining) waits, parsed; the bytes after it are kept unparsed (up to `BACKLOG_HIGH`, then reading
@@ -344,7 +346,6 @@ class DeviceConnection(asyncio.Protocol):
         "_drain",
         "_field_count",
         "_fields",
-        "_framing",
         "_head_seen",
         "_head_tail",
         "_heads",
@@ -405,7 +406,6 @@ class DeviceConnection(asyncio.Protocol):
         self._begun = 0  # messages llhttp has started
         self._body_end: BodyEnd | None = None  # where the body being read ends
         self._completed = 0  # requests llhttp has read to their end
-        self._framing = 0  # bytes read inside a body since its last payload bytes
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
         self._paused = 0
         self._backlog = bytearray()  # pipelined bytes not parsed yet: a request before them waits (`_keep`)
@@ -463,15 +463,15 @@ class DeviceConnection(asyncio.Protocol):
                     if self._heads == heads:  # the head goes on: its last bytes may start its end
                         self._head_tail = (self._head_tail + data[max(0, take - 3) : take])[-3:]
             else:
-                # Inside a body, what is not payload (chunk sizes, extensions, trailers) is bounded like a head:
-                # llhttp holds a trailer field whole until it ends.
-                if self._framing > self._limits.max_header_bytes:
-                    self._malformed("chunk extensions or trailer fields longer than listener.max_header_bytes")
-                    break
                 # None is never seen here (llhttp ends a bodiless message at its head); if it were, 0 bytes ending
                 # a body the parser is still in is refused below as any disagreement is
-                take, ended = (0, True) if self._body_end is None else self._body_end.end(data)
-                self._framing += take  # payload in these bytes resets it (on_body)
+                body_end = self._body_end
+                take, ended = (0, True) if body_end is None else body_end.end(data)
+                if body_end is not None and body_end.framing > self._limits.max_header_bytes:
+                    # Inside a body, what is not payload (chunk sizes, extensions, trailers) is bounded like a head,
+                    # to the byte (llhttp holds a trailer field whole until it ends): none of these bytes is fed.
+                    self._malformed("chunk extensions or trailer fields longer than listener.max_header_bytes")
+                    break
                 begun = self._begun
                 self._feed(data[:take])
                 if not self._stopped and (ended != self._in_head or begun != self._begun):
@@ -598,7 +598,6 @@ class DeviceConnection(asyncio.Protocol):
         self._queue.append(request)  # served once llhttp has read all of this read's bytes (`_read`)
 
     def on_body(self, data: bytes) -> None:
-        self._framing = 0
         if self._receiving is not None:
             self._receiving.feed(data)
 
@@ -611,7 +610,6 @@ class DeviceConnection(asyncio.Protocol):
             self._receiving = None
         self._in_head = True
         self._head_seen = 0
-        self._framing = 0
 
     # -- parsing -------------------------------------------------------------------------------------------
 

@@ -100,7 +100,7 @@ def _read_request(conn: socket.socket) -> Recorded:
     while True:
         if length and len(rest) >= int(length[0]):
             break
-        if chunked and _chunks_complete(rest):
+        if chunked and chunks_complete(rest):
             break
         if not length and not chunked:
             break
@@ -111,7 +111,8 @@ def _read_request(conn: socket.socket) -> Recorded:
     return Recorded(recorded.head, rest)
 
 
-def _chunks_complete(body: bytes) -> bool:
+def chunks_complete(body: bytes) -> bool:
+    """Whether `body` holds a whole chunked body (its last chunk and the end of its trailer section)."""
     at = 0
     while True:
         end = body.find(b"\r\n", at)

@@ -22,7 +22,7 @@ import pytest
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
-from tests.integration.recorder import Recorder, dechunk, read_until_closed
+from tests.integration.recorder import Recorder, chunks_complete, dechunk, read_until_closed
 
 MAX_HEADER_BYTES = 16384
 SERVERS = ("own", "aiohttp")
@@ -224,6 +224,46 @@ def test_chunk_extensions_and_trailers_stay_at_the_gateway(scene: Scene) -> None
     assert b"name=value" not in raw
     assert b"X-Smuggled" not in raw
     assert b"Basic" not in raw
+
+
+def _chunked(body: bytes, path: str = "/rec/framing") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("a chunk extension", b"3;x=" + b"a" * MAX_HEADER_BYTES + b"\r\nabc\r\n0\r\n\r\n"),
+        ("a trailer field", b"3\r\nabc\r\n0\r\nX-T: " + b"a" * MAX_HEADER_BYTES + b"\r\n\r\n"),
+        ("trailer fields", b"3\r\nabc\r\n0\r\n" + b"X-T: aaaaaaaaaa\r\n" * (MAX_HEADER_BYTES // 17 + 1) + b"\r\n"),
+        ("a chunk size's zeros", b"0" * MAX_HEADER_BYTES + b"3\r\nabc\r\n0\r\n\r\n"),
+    ],
+)
+def test_framing_inside_a_body_past_the_header_budget_is_400_even_in_one_read(
+    scene: Scene, name: str, body: bytes
+) -> None:
+    """What is not payload inside a chunked body (a size, an extension, trailer fields) is held to
+    `max_header_bytes`, counted to the byte wherever the reads fall: one run of it a little over the budget, sent
+    in one write with the request's end, is 400 and the backend never gets a whole request (its head, if the bytes
+    before the framing came in a read of their own, and never the body's end). The own server counted whole reads
+    and looked only before the next one, so such a body that ended in the same read was served (200)."""
+    scene.recorder.taken()
+    got = exchange(scene, _chunked(body))
+    assert [s for s, _, _ in got] == [400], name
+    assert not [r for r in scene.recorder.taken() if chunks_complete(r.body)], name
+
+
+def test_framing_inside_a_body_within_the_header_budget_is_served(scene: Scene) -> None:
+    """Chunk extensions and trailer fields that together stay under `max_header_bytes` (each run of framing between
+    payload bytes counted on its own) pass: the backend gets the payload."""
+    extension = b";x=" + b"a" * (MAX_HEADER_BYTES - 100)
+    body = b"3" + extension + b"\r\nabc\r\n4" + extension + b"\r\ndefg\r\n0\r\nX-T: " + b"b" * 10000 + b"\r\n\r\n"
+    scene.recorder.taken()
+    got = exchange(scene, _chunked(body))
+    assert [s for s, _, _ in got] == [200]
+    (recorded,) = scene.recorder.taken()
+    assert dechunk(recorded.body) == b"abcdefg"
 
 
 @pytest.mark.parametrize(
