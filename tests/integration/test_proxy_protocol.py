@@ -81,6 +81,23 @@ def test_v1_header_from_a_raw_socket_and_from_curl(lab: LabLayout, balanced: Gat
     assert done.stdout.rpartition("\n")[2] == "200", done.stdout + done.stderr
 
 
+def test_the_device_address_is_an_address_and_an_ipv4_device_is_named_by_its_ipv4_address(
+    lab: LabLayout, balanced: Gateway
+) -> None:
+    """A v1 TCP6 source with a zone (`fe80::1%eth0,192.0.2.66`: Python reads any text after `%` as one) is refused
+    before TLS; it was the device's address, so the backend got `X-Forwarded-For: fe80::1%eth0,192.0.2.66`, a list
+    naming a second client. A dual-stack balancer's `::ffff:198.51.100.20` is the IPv4 device 198.51.100.20 for the
+    backend and the log, as the throttles and the per-address cap count it (it went on as `::ffff:c633:6414`)."""
+    balanced.mark()
+    with pytest.raises((ConnectionError, OSError)):
+        through(lab, balanced, b"PROXY TCP6 fe80::1%eth0,192.0.2.66 ::1 40005 443\r\n")
+    balanced.wait_for("proxy_header_refused", lambda e: "bad address" in str(e.get("reason")))
+    assert not any("192.0.2.66" in str(e.get("client")) for e in balanced.logs())
+    status, echo = through(lab, balanced, b"PROXY TCP6 ::ffff:198.51.100.20 ::1 40006 443\r\n")
+    assert (status, {k.lower(): v for k, v in echo["headers"].items()}["x-forwarded-for"]) == (200, "198.51.100.20")
+    balanced.wait_for("request", lambda e: e.get("client") == "198.51.100.20")
+
+
 def test_a_connection_without_the_header_is_closed_before_tls(lab: LabLayout, balanced: Gateway) -> None:
     """A device that skips the balancer (plain TLS from the trusted address): no handshake, a logged refusal."""
     balanced.mark()
