@@ -718,7 +718,9 @@ class DeviceConnection(asyncio.Protocol):
         self._stop()
         self._queue.clear()
         log.warning("request_unparsed", stage="request", peer=self.remote, reason=reason)
-        body = b"the request could not be parsed\n"
+        # The reason is ours or llhttp's (a fixed description: no byte of the request is quoted), as aiohttp's server
+        # says why; it used to be the same sentence for every shape, the reason in the log only.
+        body = f"the request could not be parsed: {reason}\n".encode("utf-8", "replace")
         self.write(
             b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nX-KCD-Refused-Stage: request\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)

@@ -322,6 +322,29 @@ def test_malformed_framing_is_400_and_nothing_is_forwarded(scene: Scene, name: s
     assert not scene.recorder.taken(), name
 
 
+@pytest.mark.parametrize(
+    ("limit", "request_bytes", "named"),
+    [
+        ("the target's length", b"GET /rec/" + b"a" * 8190 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "8190"),
+        (
+            "the number of fields",
+            b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(128)) + b"\r\n",
+            "header",
+        ),
+        ("Host is required", b"GET /rec/x HTTP/1.1\r\nX-A: a\r\n\r\n", "Host"),
+        ("one Host", b"GET /rec/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "Host"),
+        ("framing in a body", _chunked(b"3;" + b"a" * MAX_HEADER_BYTES + b"\r\nabc\r\n0\r\n\r\n"), "max_header_bytes"),
+    ],
+)
+def test_a_request_the_parser_refuses_is_told_why(scene: Scene, limit: str, request_bytes: bytes, named: str) -> None:
+    """A request refused while it is parsed (a limit of the device side, a missing or doubled Host, framing over the
+    budget) gets a 400 whose text names what is wrong, as every other refusal's does. The own server answered
+    each with the same `the request could not be parsed` (the reason was in its log only)."""
+    got = exchange(scene, request_bytes)
+    assert [s for s, _, _ in got] == [400], limit
+    assert named in got[0][2].decode(), (limit, got[0][2])
+
+
 _CODINGS = {  # the codings, and the status: 501 for a coding not implemented, 400 for two fields (aiohttp's parser)
     "gzip, chunked": (b"Transfer-Encoding: gzip, chunked\r\n", 501),
     "deflate then chunked, two fields": (b"Transfer-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n", 400),
