@@ -142,6 +142,32 @@ def test_the_header_budget_is_exact_whatever_the_pieces(split: int) -> None:
         assert len(served.requests) == (1 if expected == [200] else 0)
 
 
+def _trailed(run: int) -> bytes:
+    """A chunked request whose longest run of bytes that are not payload (after `abc`: CRLF, the last chunk, one
+    trailer field, the empty line) is exactly `run` bytes."""
+    end = b"\r\n0\r\nX-T: \r\n\r\n"
+    trailer = end.replace(b"X-T: ", b"X-T: " + b"a" * (run - len(end)))
+    assert len(trailer) == run
+    return b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc" + trailer
+
+
+@pytest.mark.parametrize("split", [1, 7, 1000, 10_000])
+def test_the_framing_budget_inside_a_body_is_exact_whatever_the_pieces(split: int) -> None:
+    """A run of chunk framing and trailer fields of exactly max_header_bytes is served; with one byte more the
+    request's body never ends at the pipeline (its read fails: the gateway's pipeline answers that 400, this bare
+    handler does not; whole, it is never served and the connection answers 400), in pieces of any size (it was
+    counted per read, so one byte more ending in the same read passed)."""
+    fields = DeviceLimits(max_header_bytes=LIMITS.max_header_bytes, max_field_bytes=8192, keepalive_timeout=5)
+    data = _trailed(4096)
+    served, transport, _ = asyncio.run(run([data[i : i + split] for i in range(0, len(data), split)], fields))
+    assert statuses(bytes(transport.written)) == [200], split
+    assert [b for _, _, _, b in served.requests] == [b"abc"]
+    data = _trailed(4097)
+    served, transport, _ = asyncio.run(run([data[i : i + split] for i in range(0, len(data), split)], fields))
+    assert statuses(bytes(transport.written)) == ([400] if split > len(data) else []), split
+    assert not served.requests, split
+
+
 @pytest.mark.parametrize(
     "bad",
     [
