@@ -8,6 +8,9 @@ or WSGI layer sees `X_Remote_User` and `X-Remote-User` as the same variable). He
 dropped altogether, as nginx does by default. Hop-by-hop headers, and those the client names in `Connection`,
 end at the gateway. `X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own, never the client's.
 
+A `Content-Length` goes on as its number (`010` as `10`): the device's parser read it in decimal, and a backend
+that takes a leading zero as octal would end the body elsewhere.
+
 `Expect` ends at the gateway too: the gateway answers `100 Continue` itself once it has decided to
 forward, and the backend gets the body straight away.
 
@@ -187,6 +190,8 @@ def to_backend(
             continue
         if n == "host" and upstream_host is not None:
             continue
+        if n == "content-length" and value.isascii() and value.isdigit():
+            value = str(int(value))  # `010` is 10 to the device's parser, 8 to a reader that takes a leading 0 as octal
         out.add(name, value)
     if upstream_host is not None:
         out["Host"] = upstream_host

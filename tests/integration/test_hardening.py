@@ -214,6 +214,20 @@ def test_a_gzip_body_reaches_the_backend_byte_for_byte(scene: Scene, framing: st
         assert got.headers("Content-Length") == [str(len(payload))]
 
 
+@pytest.mark.parametrize("length", ["010", "0000000010", "00"])
+def test_a_content_length_with_leading_zeros_reaches_the_backend_as_its_number(scene: Scene, length: str) -> None:
+    """`Content-Length: 010` is 10 to llhttp, and it went on as sent: a backend that reads a leading zero as octal
+    (C's `strtol` with base 0) takes 8 bytes as the body and the rest as the start of its next request on the user's
+    pooled connection. The backend gets the length as a plain number and the body whole, nothing else."""
+    body = b"0123456789"[: int(length)]
+    scene.taken()
+    head = f"POST /owa/len HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    assert scene.send(head.encode() + body) == 200
+    (got,) = scene.taken()["/owa/"]
+    assert got.headers("Content-Length") == [str(int(length))]
+    assert got.body == body
+
+
 # -- 6. the smaller ones --------------------------------------------------------------------------------
 
 
