@@ -793,6 +793,17 @@ class DeviceConnection(asyncio.Protocol):
             self._idle.cancel()
             self._idle = None
 
+    def _answer_head_timeout(self) -> None:
+        """408 to a request whose head began and never ended (RFC 9110 15.5.9): the device saw its connection end
+        without a word. Only once a request line has begun: an idle kept-alive connection, or one that sent nothing but
+        the empty lines a server ignores before a request (an old client's CRLF after a body), gets none, since a
+        request the device sends meanwhile would take the 408 as its answer."""
+        body = f"the request's head was not complete within {self._limits.keepalive_timeout:g} s\n".encode()
+        self.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"X-KCD-Refused-Stage: request\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+
     def _idle_expired(self) -> None:
         self._idle = None
         if self._task is None and not self._queue:  # no request is being served: a head never came whole
@@ -806,6 +817,8 @@ class DeviceConnection(asyncio.Protocol):
                     reason=f"the request's head was not complete {self._limits.keepalive_timeout:g} s after the "
                     "connection opened or the last answer ended (listener.keepalive_timeout)",
                 )
+                if self._begun > self._heads:
+                    self._answer_head_timeout()
             else:
                 log.debug("device_idle_closed", peer=peer_text(peer))
             self._stop()

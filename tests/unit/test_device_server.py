@@ -399,3 +399,41 @@ def test_nothing_after_a_request_that_closes_the_connection_is_served() -> None:
         served, transport, _ = asyncio.run(run(pieces))
         assert [p for _, p, _, _ in served.requests] == ["/a"]
         assert statuses(bytes(transport.written)) == [200]
+
+
+@pytest.mark.parametrize(
+    ("sent", "answered"),
+    [
+        (b"GET /a HTTP/1.1\r\nHost: h\r\nX-Slow: a", [408]),  # a head begun and never ended
+        (b"G", [408]),
+        (GET, [200]),  # an idle kept-alive connection
+        (POST + b"\r\n", [200]),  # an old client's CRLF after a body: ignored before a request line, no request
+        (b"\r\n", []),
+    ],
+    ids=["slow head", "one byte", "idle after a request", "CRLF after a body", "CRLF alone"],
+)
+def test_a_head_that_never_ends_is_told_408_and_an_idle_connection_nothing(sent: bytes, answered: list[int]) -> None:
+    """At keepalive_timeout a request line begun and never ended gets a 408 saying why, then the connection closes;
+    a connection with no request begun (idle after an answer, or holding only empty lines) is closed without one,
+    since a request the device sends meanwhile would read it as its answer."""
+
+    async def scenario() -> bytes:
+        limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=0.2)
+        connection, transport = _connected(Served(), limits)
+        ended = asyncio.Event()
+        close = transport.close
+
+        def noted_close() -> None:
+            close()
+            ended.set()
+
+        transport.close = noted_close  # type: ignore[method-assign]
+        connection.data_received(sent)
+        await asyncio.wait_for(ended.wait(), timeout=30)  # the deadline is for a failure only
+        connection.connection_lost(None)
+        return bytes(transport.written)
+
+    written = asyncio.run(scenario())
+    assert statuses(written) == answered
+    if 408 in answered:
+        assert written.endswith(b"the request's head was not complete within 0.2 s\n")
