@@ -808,7 +808,9 @@ class DeviceConnection(asyncio.Protocol):
         self._idle = None
         if self._task is None and not self._queue:  # no request is being served: a head never came whole
             peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-            if self._head_seen:  # a head begun and never ended: a slow or stalled client (slowloris), said so
+            # a request line begun and its head never ended: a slow or stalled client (slowloris), said so. Bytes
+            # without one are the empty lines a server ignores before a request (an old client's CRLF after a body).
+            if self._begun > self._heads:
                 log.warning(
                     "request_head_timeout",
                     stage="request",
@@ -817,8 +819,7 @@ class DeviceConnection(asyncio.Protocol):
                     reason=f"the request's head was not complete {self._limits.keepalive_timeout:g} s after the "
                     "connection opened or the last answer ended (listener.keepalive_timeout)",
                 )
-                if self._begun > self._heads:
-                    self._answer_head_timeout()
+                self._answer_head_timeout()
             else:
                 log.debug("device_idle_closed", peer=peer_text(peer))
             self._stop()

@@ -11,6 +11,7 @@ from typing import Any
 import httptools
 import pytest
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
 from proxy.device.framing import ChunkedEnd
 from proxy.device.server import DeviceConnection, DeviceHttpRequest, DeviceLimits, Serve
@@ -437,3 +438,31 @@ def test_a_head_that_never_ends_is_told_408_and_an_idle_connection_nothing(sent:
     assert statuses(written) == answered
     if 408 in answered:
         assert written.endswith(b"the request's head was not complete within 0.2 s\n")
+
+
+@pytest.mark.parametrize(("sent", "warned"), [(b"GET /a HTTP/1.1\r\nHost: h\r\n", True), (POST + b"\r\n", False)])
+def test_only_a_request_line_begun_is_a_head_timeout_in_the_log(sent: bytes, warned: bool) -> None:
+    """`request_head_timeout` (a warning: a slow or stalled client) is logged for a request line begun and never
+    ended; a kept-alive connection that holds only the CRLF an old client sends after a body is an idle one
+    (`device_idle_closed`, debug). It was a warning naming 2 bytes received, at every such connection's end."""
+
+    async def scenario() -> None:
+        limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=0.2)
+        connection, transport = _connected(Served(), limits)
+        ended = asyncio.Event()
+        close = transport.close
+
+        def noted_close() -> None:
+            close()
+            ended.set()
+
+        transport.close = noted_close  # type: ignore[method-assign]
+        connection.data_received(sent)
+        await asyncio.wait_for(ended.wait(), timeout=30)
+        connection.connection_lost(None)
+
+    with capture_logs() as logs:
+        asyncio.run(scenario())
+    events = [e["event"] for e in logs]
+    assert ("request_head_timeout" in events) == warned, events
+    assert ("device_idle_closed" in events) == (not warned), events
