@@ -391,6 +391,43 @@ def test_upgrade_is_not_a_way_around_the_parser(scene: Scene) -> None:
         assert [r.path for r in recorded] == ["/rec/ws"]  # nothing after an Upgrade is read
 
 
+@pytest.mark.parametrize("end", ["tcp-fin", "close_notify"])
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_a_body_cut_short_by_the_devices_end_never_reaches_the_backend_whole(
+    scene: Scene, framing: str, end: str
+) -> None:
+    """The device sends half its body and ends the connection (a TCP end without close_notify, a truncation; or its
+    close_notify) once the backend has the request's head: the backend never gets the body's end (no last chunk, or
+    fewer bytes than the Content-Length), so it never acts on a body cut short; the request ends at the gateway as
+    one the device left (499)."""
+    path = f"/rec/cut-{framing}-{end}"
+    if framing == "chunked":
+        head, part = "Transfer-Encoding: chunked", b"5\r\nhello\r\n3\r\nab"
+    else:
+        head, part = "Content-Length: 10", b"hello"
+    scene.recorder.taken()
+    scene.gw.mark()
+    with scene.connect() as tls:
+        tls.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\nExpect: 100-continue\r\n\r\n".encode())
+        interim = b""
+        while b"\r\n\r\n" not in interim:  # 100 Continue: every stage passed and the request is being forwarded
+            chunk = tls.recv(1000)
+            assert chunk, interim
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        tls.sendall(part)
+        eventually(lambda: path in scene.recorder.heads, "the request's head at the backend")
+        if end == "tcp-fin":
+            tls.shutdown(socket.SHUT_WR)  # SSLSocket.shutdown: the TCP end, no close_notify
+        else:
+            tls.unwrap()
+        read_until_closed(tls) if end == "tcp-fin" else None
+    assert scene.gw.wait_event("request", path=path)["status"] == 499
+    eventually(lambda: scene.recorder.open == 0, "the backend's connection ended")  # closed before the line above
+    (got,) = (r for r in scene.recorder.taken() if r.path == path)
+    assert not chunks_complete(got.body) if framing == "chunked" else len(got.body) < 10, got.body
+
+
 def test_a_body_on_get_is_framed_by_its_length(scene: Scene) -> None:
     """A GET with a Content-Length body: the backend gets exactly that body, and the next pipelined request
     starts where the body ended."""
