@@ -144,6 +144,13 @@ class RequestBody:
             self._error = error
             self._wake()
 
+    def let_go(self) -> None:
+        """The request was answered without reading this body, and nothing ever will: its buffered bytes go now (the
+        connection's TLS close may wait up to 30 s for the device's close_notify)."""
+        self._chunks.clear()
+        self._size = 0
+        self.fail(ConnectionResetError("the request was answered without its body"))
+
     async def read(self) -> bytes:
         while not self._chunks:
             if self._error is not None:
@@ -706,6 +713,8 @@ class DeviceConnection(asyncio.Protocol):
                 self._stop()
                 self._queue.clear()
                 self._backlog.clear()
+                if request.body is not None and not request.body.complete:
+                    request.body.let_go()  # up to BODY_HIGH, which the close would otherwise keep
             self._loop.call_soon(self._after, request)
 
     def _after(self, request: DeviceHttpRequest) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import tracemalloc
 from typing import Any
 
 import httptools
@@ -466,3 +467,36 @@ def test_only_a_request_line_begun_is_a_head_timeout_in_the_log(sent: bytes, war
     events = [e["event"] for e in logs]
     assert ("request_head_timeout" in events) == warned, events
     assert ("device_idle_closed" in events) == (not warned), events
+
+
+def test_the_buffered_body_of_a_request_answered_unread_is_let_go_at_once() -> None:
+    """A request answered before its body was read (a refusal: 401 before a password is checked, 403) ends its
+    connection, whose TLS close then waits up to 30 s for the device's close_notify. The body bytes buffered
+    meanwhile (up to BODY_HIGH, 256 KiB, before reading pauses) are let go when the answer is given, not kept for
+    those 30 s: the connection holds almost nothing of them afterwards (it held all 256 KiB)."""
+
+    async def refuse(request: DeviceHttpRequest) -> None:
+        await request.answer(401, None, CIMultiDict(), b"sign in")
+
+    async def scenario() -> int:
+        connection, transport = _connected(refuse)
+        tracemalloc.start()
+        try:
+            connection.data_received(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
+            for _ in range(300):  # the device's reads, as TLS hands them over, until reading pauses
+                if transport.paused:
+                    break
+                connection.data_received(bytes(1000))
+            assert transport.paused  # BODY_HIGH reached: the body waits for the pipeline, which never reads it
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert statuses(bytes(transport.written)) == [401]
+            assert transport.closed  # closing: asyncio's transport (or TlsRecords) still holds the protocol
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        connection.connection_lost(None)
+        return kept
+
+    assert asyncio.run(scenario()) < 64 * 1024
