@@ -92,6 +92,10 @@ IDENTITY_PREFIXES = (
     "x-original-",
     "x-iisnode-",
     "x-ms-exchange-organization-",  # Exchange trusts these as set by its own transport, never by a client
+    # the signed statement of who the user is that a front end hands its backend: Azure App Service's tokens
+    # (`X-MS-TOKEN-AAD-ID-TOKEN`), AWS ALB's OIDC claims and token (`X-Amzn-Oidc-Data`, `-Accesstoken`)
+    "x-ms-token-",
+    "x-amzn-oidc-",
 )
 
 
@@ -101,6 +105,7 @@ IDENTITY_PREFIXES = (
 IDENTITY_LAST_WORDS = frozenset(
     {"user", "username", "userid", "uid", "upn", "principal", "identity", "email", "login", "account"}
     | {"userinfo", "groups", "roles", "sid", "claims"}  # what the user is, beside who (`X-Webauth-Groups`)
+    | {"assertion"}  # a signed statement of both (`X-Goog-Iap-Jwt-Assertion`, `Cf-Access-Jwt-Assertion`)
 )
 # Words that, anywhere in an `X-` name, say the header describes the caller (`X-User-Id`, `X-User-Sid`,
 # `X-Consumer-Id`, an API gateway's): no such name is Exchange's except its mailbox headers (below).

@@ -261,8 +261,11 @@ def test_identity_and_client_address_headers_never_reach_the_backend(scene: Scen
 
 def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> None:
     """Names that say who the user is in spellings no list can foresee (`X-Webauth-User`, `X-Proxy-User`, an SSO
-    product's `...-Authenticated-User-Email`, `X-Amzn-Oidc-Identity`, `Proxy-User`) are the gateway's to set, never
-    the device's: none reaches the backend; ordinary headers and Exchange's mailbox headers still do."""
+    product's `...-Authenticated-User-Email`, `X-Amzn-Oidc-Identity`, `Proxy-User`), and the signed statements of who
+    the user is that front ends hand their backends (Azure App Service's `X-MS-TOKEN-AAD-*`, AWS ALB's
+    `X-Amzn-Oidc-Data`, IAP's and Cloudflare Access's `...-Jwt-Assertion`, an API gateway's `X-JWT-Assertion`: they
+    passed) are the gateway's to set, never the device's: none reaches the backend; ordinary headers and Exchange's
+    mailbox headers still do."""
     sent = [
         "X-Webauth-User: mallory",
         "X-Proxy-User: mallory",
@@ -282,6 +285,13 @@ def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> N
         "X-Consumer-Id: mallory",
         "X-Id-Token: mallory",
         "X-Access-Token: mallory",
+        "X-MS-TOKEN-AAD-ID-TOKEN: mallory",
+        "X-MS-TOKEN-AAD-ACCESS-TOKEN: mallory",
+        "X-Amzn-Oidc-Data: mallory",
+        "X-Amzn-Oidc-Accesstoken: mallory",
+        "X-Goog-Iap-Jwt-Assertion: mallory",
+        "Cf-Access-Jwt-Assertion: mallory",
+        "X-JWT-Assertion: mallory",
         "X-CSRF-Token: csrf-kept",
         "X-Request-Id: id-kept",
         "X-Anchormailbox: alice@lab.test",
