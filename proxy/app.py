@@ -38,6 +38,7 @@ from proxy.errors import (
     GatewayError,
     MethodNotAllowed,
     TransferCodingNotImplemented,
+    VersionNotSupported,
 )
 from proxy.kerberos.delegate import Delegator
 from proxy.live import Live
@@ -101,6 +102,8 @@ def _refuse_smuggling(request: DeviceRequest) -> None:
     """Shapes both device-side parsers let through that a gateway must not forward."""
     if request.version < (1, 0):
         raise BadRequest("the request line has no HTTP version (HTTP/0.9 is not served)")
+    if request.version >= (2, 0):  # llhttp reads `HTTP/2.0`; a request line of HTTP/2 is no request of HTTP/2
+        raise VersionNotSupported(f"HTTP/{request.version[0]}.{request.version[1]} is not served: only HTTP/1.x")
     if request.method in _NOT_FORWARDED:
         raise MethodNotAllowed(f"{request.method} is not forwarded")
     if "://" in request.raw_path.partition("?")[0]:  # the target as sent (aiohttp's request.url is always absolute)

@@ -47,6 +47,14 @@ class ExpectationFailed(BadRequest):
     status = 417
 
 
+class VersionNotSupported(BadRequest):
+    """A request line of another major version than 1 (`HTTP/2.0`, which llhttp reads): its framing and its rules
+    (Host among them) are not HTTP/1.x's, and the gateway would forward it as an HTTP/1.1 request (RFC 9110 15.6.6:
+    505)."""
+
+    status = 505
+
+
 class MethodNotAllowed(GatewayError):
     """TRACE, TRACK and CONNECT: a gateway echoes nothing back (TRACE would show the device the gateway's own
     headers) and tunnels nothing."""

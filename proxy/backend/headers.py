@@ -8,6 +8,9 @@ or WSGI layer sees `X_Remote_User` and `X-Remote-User` as the same variable). He
 dropped altogether, as nginx does by default. Hop-by-hop headers, and those the client names in `Connection`,
 end at the gateway. `X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own, never the client's.
 
+A `Content-Length` goes on as its number (`010` as `10`): the device's parser read it in decimal, and a backend
+that takes a leading zero as octal would end the body elsewhere.
+
 `Expect` ends at the gateway too: the gateway answers `100 Continue` itself once it has decided to
 forward, and the backend gets the body straight away (any other expectation was refused, 417, before
 any stage: `proxy.app`).
@@ -90,6 +93,10 @@ IDENTITY_PREFIXES = (
     "x-original-",
     "x-iisnode-",
     "x-ms-exchange-organization-",  # Exchange trusts these as set by its own transport, never by a client
+    # the signed statement of who the user is that a front end hands its backend: Azure App Service's tokens
+    # (`X-MS-TOKEN-AAD-ID-TOKEN`), AWS ALB's OIDC claims and token (`X-Amzn-Oidc-Data`, `-Accesstoken`)
+    "x-ms-token-",
+    "x-amzn-oidc-",
 )
 
 
@@ -99,6 +106,7 @@ IDENTITY_PREFIXES = (
 IDENTITY_LAST_WORDS = frozenset(
     {"user", "username", "userid", "uid", "upn", "principal", "identity", "email", "login", "account"}
     | {"userinfo", "groups", "roles", "sid", "claims"}  # what the user is, beside who (`X-Webauth-Groups`)
+    | {"assertion"}  # a signed statement of both (`X-Goog-Iap-Jwt-Assertion`, `Cf-Access-Jwt-Assertion`)
 )
 # Words that, anywhere in an `X-` name, say the header describes the caller (`X-User-Id`, `X-User-Sid`,
 # `X-Consumer-Id`, an API gateway's): no such name is Exchange's except its mailbox headers (below).
@@ -188,6 +196,8 @@ def to_backend(
             continue
         if n == "host" and upstream_host is not None:
             continue
+        if n == "content-length" and value.isascii() and value.isdigit():
+            value = str(int(value))  # `010` is 10 to the device's parser, 8 to a reader that takes a leading 0 as octal
         out.add(name, value)
     if upstream_host is not None:
         out["Host"] = upstream_host

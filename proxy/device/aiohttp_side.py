@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
-from aiohttp.http import HttpVersion10
+from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import MultiMapping
 
 from proxy.device.request import CONTINUE, expectations
@@ -29,6 +29,9 @@ class AiohttpRequest:
             # with the request's version (a cached property): the refusal goes out as HTTP/1.0, which closes.
             request._cache.pop("version", None)
             request._version = HttpVersion10
+        elif request.version >= (2, 0):  # `HTTP/2.0` (llhttp reads it): its 505 goes out as HTTP/1.1, as the own one
+            request._cache.pop("version", None)
+            request._version = HttpVersion11
 
     @property
     def method(self) -> str:

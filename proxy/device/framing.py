@@ -34,7 +34,7 @@ class ChunkedEnd:
     way llhttp does (every line ends at LF: llhttp refuses a bare CR or LF, and a quoted extension value cannot
     hold either). When the two disagree, the connection's bytes stop being HTTP (`DeviceConnection`)."""
 
-    __slots__ = ("_left", "_line", "_line_bytes", "_state")
+    __slots__ = ("_left", "_line", "_line_bytes", "_run", "_state", "framing")
 
     _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
 
@@ -43,6 +43,8 @@ class ChunkedEnd:
         self._left = 0  # payload bytes of the current chunk still to come
         self._line = b""  # the first bytes of the current line (a chunk size, zeros aside, is at most 16 hex digits)
         self._line_bytes = 0  # bytes of the current line before its LF
+        self._run = 0  # bytes that are not payload (sizes, extensions, line ends, trailers) since the last payload byte
+        self.framing = 0  # the longest such run read so far: what a parser holds or skips without a byte of payload
 
     def end(self, data: bytes) -> int | None:
         """Reads `data`, the body's next bytes: the offset just past the body's end, or None if it goes on."""
@@ -52,11 +54,14 @@ class ChunkedEnd:
                 step = min(self._left, size - at)
                 at += step
                 self._left -= step
+                self._run = 0
                 if not self._left:
                     self._state = self._DATA_END
                 continue
             lf = data.find(b"\n", at)
             stop = size if lf < 0 else lf
+            self._run += stop - at + (lf >= 0)
+            self.framing = max(self.framing, self._run)
             zeros = _ZEROS.match(data, at, stop) if self._state == self._SIZE and not self._line else None
             start = zeros.end() if zeros else at
             if len(self._line) < 24:  # a size's leading zeros, as many as the device likes, are not kept
@@ -90,6 +95,12 @@ class BodyEnd:
     def __init__(self, length: int = 0, *, chunked: bool = False) -> None:
         self._left = length  # Content-Length bytes still to come
         self._chunks = ChunkedEnd() if chunked else None
+
+    @property
+    def framing(self) -> int:
+        """The longest run of bytes that are not payload read so far (`ChunkedEnd.framing`; 0 for a Content-Length).
+        Both servers hold it to `listener.max_header_bytes`: llhttp holds a trailer field whole until it ends."""
+        return 0 if self._chunks is None else self._chunks.framing
 
     def end(self, data: bytes) -> tuple[int, bool]:
         """How many bytes of `data`, the body's next bytes, belong to the body, and whether it ends with them."""

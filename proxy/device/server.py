@@ -30,7 +30,9 @@ Bounds before any stage runs (`proxy.tls.limits` has the why):
   complete within `listener.keepalive_timeout`, or the connection is closed (aiohttp's rule); a device
   that stops taking an answer is cut after `listener.client_send_timeout` (each wait, local answers too);
 - bodies: at most `BODY_HIGH` bytes of a request body are held; past that, reading from the device
-  pauses until the backend stage takes them.
+  pauses until the backend stage takes them. What is not payload in a chunked body (sizes, extensions,
+  trailers) is held to `listener.max_header_bytes` per run between payload bytes, to the byte (`BodyEnd.framing`):
+  one byte over is 400.
 
 Requests are answered one at a time, in order. A request that arrives while the one before is still being
 served (pipelining) waits, parsed; the bytes after it are kept unparsed (up to `BACKLOG_HIGH`, then reading
@@ -142,6 +144,13 @@ class RequestBody:
         if not self.complete:
             self._error = error
             self._wake()
+
+    def let_go(self) -> None:
+        """The request was answered without reading this body, and nothing ever will: its buffered bytes go now (the
+        connection's TLS close may wait up to 30 s for the device's close_notify)."""
+        self._chunks.clear()
+        self._size = 0
+        self.fail(ConnectionResetError("the request was answered without its body"))
 
     async def read(self) -> bytes:
         while not self._chunks:
@@ -345,7 +354,6 @@ class DeviceConnection(asyncio.Protocol):
         "_drain",
         "_field_count",
         "_fields",
-        "_framing",
         "_head_seen",
         "_head_tail",
         "_heads",
@@ -406,7 +414,6 @@ class DeviceConnection(asyncio.Protocol):
         self._begun = 0  # messages llhttp has started
         self._body_end: BodyEnd | None = None  # where the body being read ends
         self._completed = 0  # requests llhttp has read to their end
-        self._framing = 0  # bytes read inside a body since its last payload bytes
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
         self._paused = 0
         self._backlog = bytearray()  # pipelined bytes not parsed yet: a request before them waits (`_keep`)
@@ -464,15 +471,15 @@ class DeviceConnection(asyncio.Protocol):
                     if self._heads == heads:  # the head goes on: its last bytes may start its end
                         self._head_tail = (self._head_tail + data[max(0, take - 3) : take])[-3:]
             else:
-                # Inside a body, what is not payload (chunk sizes, extensions, trailers) is bounded like a head:
-                # llhttp holds a trailer field whole until it ends.
-                if self._framing > self._limits.max_header_bytes:
-                    self._malformed("chunk extensions or trailer fields longer than listener.max_header_bytes")
-                    break
                 # None is never seen here (llhttp ends a bodiless message at its head); if it were, 0 bytes ending
                 # a body the parser is still in is refused below as any disagreement is
-                take, ended = (0, True) if self._body_end is None else self._body_end.end(data)
-                self._framing += take  # payload in these bytes resets it (on_body)
+                body_end = self._body_end
+                take, ended = (0, True) if body_end is None else body_end.end(data)
+                if body_end is not None and body_end.framing > self._limits.max_header_bytes:
+                    # Inside a body, what is not payload (chunk sizes, extensions, trailers) is bounded like a head,
+                    # to the byte (llhttp holds a trailer field whole until it ends): none of these bytes is fed.
+                    self._malformed("chunk extensions or trailer fields longer than listener.max_header_bytes")
+                    break
                 begun = self._begun
                 self._feed(data[:take])
                 if not self._stopped and (ended != self._in_head or begun != self._begun):
@@ -599,7 +606,6 @@ class DeviceConnection(asyncio.Protocol):
         self._queue.append(request)  # served once llhttp has read all of this read's bytes (`_read`)
 
     def on_body(self, data: bytes) -> None:
-        self._framing = 0
         if self._receiving is not None:
             self._receiving.feed(data)
 
@@ -612,7 +618,6 @@ class DeviceConnection(asyncio.Protocol):
             self._receiving = None
         self._in_head = True
         self._head_seen = 0
-        self._framing = 0
 
     # -- parsing -------------------------------------------------------------------------------------------
 
@@ -711,6 +716,8 @@ class DeviceConnection(asyncio.Protocol):
                 self._stop()
                 self._queue.clear()
                 self._backlog.clear()
+                if request.body is not None and not request.body.complete:
+                    request.body.let_go()  # up to BODY_HIGH, which the close would otherwise keep
             self._loop.call_soon(self._after, request)
 
     def _after(self, request: DeviceHttpRequest) -> None:
@@ -723,7 +730,9 @@ class DeviceConnection(asyncio.Protocol):
         self._stop()
         self._queue.clear()
         log.warning("request_unparsed", stage="request", peer=self.remote, reason=reason)
-        body = b"the request could not be parsed\n"
+        # The reason is ours or llhttp's (a fixed description: no byte of the request is quoted), as aiohttp's server
+        # says why; it used to be the same sentence for every shape, the reason in the log only.
+        body = f"the request could not be parsed: {reason}\n".encode("utf-8", "replace")
         self.write(
             b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nX-KCD-Refused-Stage: request\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
@@ -796,11 +805,24 @@ class DeviceConnection(asyncio.Protocol):
             self._idle.cancel()
             self._idle = None
 
+    def _answer_head_timeout(self) -> None:
+        """408 to a request whose head began and never ended (RFC 9110 15.5.9): the device saw its connection end
+        without a word. Only once a request line has begun: an idle kept-alive connection, or one that sent nothing but
+        the empty lines a server ignores before a request (an old client's CRLF after a body), gets none, since a
+        request the device sends meanwhile would take the 408 as its answer."""
+        body = f"the request's head was not complete within {self._limits.keepalive_timeout:g} s\n".encode()
+        self.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"X-KCD-Refused-Stage: request\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+
     def _idle_expired(self) -> None:
         self._idle = None
         if self._task is None and not self._queue:  # no request is being served: a head never came whole
             peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-            if self._head_seen:  # a head begun and never ended: a slow or stalled client (slowloris), said so
+            # a request line begun and its head never ended: a slow or stalled client (slowloris), said so. Bytes
+            # without one are the empty lines a server ignores before a request (an old client's CRLF after a body).
+            if self._begun > self._heads:
                 log.warning(
                     "request_head_timeout",
                     stage="request",
@@ -809,6 +831,7 @@ class DeviceConnection(asyncio.Protocol):
                     reason=f"the request's head was not complete {self._limits.keepalive_timeout:g} s after the "
                     "connection opened or the last answer ended (listener.keepalive_timeout)",
                 )
+                self._answer_head_timeout()
             else:
                 log.debug("device_idle_closed", peer=peer_text(peer))
             self._stop()

@@ -45,6 +45,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from proxy.addresses import address_key
 from proxy.device.framing import BodyEnd, head_end
+from proxy.errors import BadRequest
 from proxy.observability.logging import pass_through
 from proxy.tls.server import peer_text
 
@@ -279,6 +280,8 @@ class HeaderBlockBudget:
             in_body = body is not None
             if body is not None:
                 take, ended = body.end(data)
+                if body.framing > self._limit:  # sizes, extensions, trailers: bounded like a head, to the byte
+                    self._framing_refused(out)
             else:
                 take = head_end(self._tail, data)
                 if take > self._limit - self._seen:
@@ -300,6 +303,16 @@ class HeaderBlockBudget:
                 self._upgraded = True
                 return out, True, tail + data
         return out, False, b""
+
+    def _framing_refused(self, parsed: list[Any]) -> None:
+        """Too many bytes that are not payload inside a chunked body: refused as aiohttp's parser refuses a bad chunk
+        (its handler's read of the body fails, and aiohttp answers 400 and closes). A body whose head aiohttp was
+        given in an earlier read is being served: its read fails with a 400 of the gateway's (a `BadRequest`), so
+        nothing of it ends at the backend as if whole."""
+        reason = "chunk extensions or trailer fields longer than listener.max_header_bytes"
+        if self._payload is not None and all(payload is not self._payload for _, payload in parsed):
+            self._payload.set_exception(BadRequest(reason))
+        raise BadHttpMessage(reason)
 
     def _handed_over(self, message: Any, payload: Any) -> None:
         """A request's head was read: the next bytes are its body, framed as it says, or the next head."""

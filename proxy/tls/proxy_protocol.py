@@ -27,8 +27,9 @@ A `LOCAL` v2 header (the balancer's own health check) or a v1 `UNKNOWN` carries 
 connection's own address stands. A connection that ends before its first byte (HAProxy's health checks end
 with a reset, often before they are accepted, when no address is left to judge) is closed without a refusal,
 counted as an empty connection (`kcd_listener_empty_connections_total`) and logged at debug level only.
-Unix-socket and UDP addresses are refused (a gateway listens on TCP). The header's TLVs (v2 extensions) are
-skipped unread.
+Unix-socket and UDP addresses are refused (a gateway listens on TCP), and so is a v1 IPv6 address with a zone
+(`%eth0`). An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, from a dual-stack balancer) names the IPv4 device
+a.b.c.d. The header's TLVs (v2 extensions) are skipped unread.
 """
 
 from __future__ import annotations
@@ -123,12 +124,24 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
 
 
 def _v1_address(text: str, version: int) -> str:
+    # No zone: `ip_address` takes any text after a `%` (`fe80::1%eth0,192.0.2.66`), which would be the device's
+    # address in the log and X-Forwarded-For; a zone names an interface of the balancer, never a device.
     try:
-        address = ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text) if "%" not in text else None
     except ValueError:
-        raise ProxyHeaderError(f"v1 header with a bad address {text!r}") from None
+        address = None
+    if address is None:
+        raise ProxyHeaderError(f"v1 header with a bad address {text[:V1_MAX]!r}")
     if address.version != version:
         raise ProxyHeaderError(f"v1 header: {text} is not an IPv{version} address")
+    return _named(address)
+
+
+def _named(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address as the gateway names the device: an IPv4-mapped IPv6 address (a dual-stack balancer's name for an
+    IPv4 device) as its IPv4 address, as `proxy.addresses.address_key` counts it."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
     return str(address)
 
 
@@ -172,7 +185,7 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     src = ipaddress.ip_address(data[at : at + size])
     dst = ipaddress.ip_address(data[at + size : at + 2 * size])
     sport, dport = struct.unpack_from("!HH", data, at + 2 * size)
-    return ProxyHeader(2, "proxy", (str(src), sport), (str(dst), dport), length)
+    return ProxyHeader(2, "proxy", (_named(src), sport), (_named(dst), dport), length)
 
 
 def trusted(peer: object, networks: Sequence[IPNetwork]) -> bool:

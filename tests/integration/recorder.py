@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.lab.layout import LabLayout
@@ -45,6 +46,8 @@ class Recorder:
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         self.requests: list[Recorded] = []
         self.holds: dict[str, threading.Event] = {}  # path -> answered once set (`hold`)
+        self.open = 0  # connections accepted and not yet recorded or given up (a witness that nothing is in flight)
+        self.heads: list[str] = []  # the path of each request whose head has arrived, its body perhaps not yet
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -55,17 +58,22 @@ class Recorder:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            with self._lock:
+                self.open += 1
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
     def _one(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         with conn:
             try:
-                recorded = _read_request(conn)
+                recorded = _read_request(conn, self.heads.append)
             except (OSError, ValueError):
+                with self._lock:
+                    self.open -= 1
                 return
             with self._lock:
                 self.requests.append(recorded)
+                self.open -= 1
             held = self.holds.get(recorded.path)
             if held is not None:
                 held.wait(30)
@@ -86,7 +94,7 @@ class Recorder:
         self._sock.close()
 
 
-def _read_request(conn: socket.socket) -> Recorded:
+def _read_request(conn: socket.socket, head_read: Callable[[str], None] = lambda _: None) -> Recorded:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
@@ -95,12 +103,13 @@ def _read_request(conn: socket.socket) -> Recorded:
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
     recorded = Recorded(head + b"\r\n\r\n", b"")
+    head_read(recorded.path)
     length = recorded.headers("Content-Length")
     chunked = any("chunked" in v.lower() for v in recorded.headers("Transfer-Encoding"))
     while True:
         if length and len(rest) >= int(length[0]):
             break
-        if chunked and _chunks_complete(rest):
+        if chunked and chunks_complete(rest):
             break
         if not length and not chunked:
             break
@@ -111,7 +120,8 @@ def _read_request(conn: socket.socket) -> Recorded:
     return Recorded(recorded.head, rest)
 
 
-def _chunks_complete(body: bytes) -> bool:
+def chunks_complete(body: bytes) -> bool:
+    """Whether `body` holds a whole chunked body (its last chunk and the end of its trailer section)."""
     at = 0
     while True:
         end = body.find(b"\r\n", at)

@@ -22,7 +22,7 @@ import pytest
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
-from tests.integration.recorder import Recorder, dechunk, read_head, read_until_closed
+from tests.integration.recorder import Recorder, chunks_complete, dechunk, read_head, read_until_closed
 
 MAX_HEADER_BYTES = 16384
 SERVERS = ("own", "aiohttp")
@@ -226,6 +226,46 @@ def test_chunk_extensions_and_trailers_stay_at_the_gateway(scene: Scene) -> None
     assert b"Basic" not in raw
 
 
+def _chunked(body: bytes, path: str = "/rec/framing") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("a chunk extension", b"3;x=" + b"a" * MAX_HEADER_BYTES + b"\r\nabc\r\n0\r\n\r\n"),
+        ("a trailer field", b"3\r\nabc\r\n0\r\nX-T: " + b"a" * MAX_HEADER_BYTES + b"\r\n\r\n"),
+        ("trailer fields", b"3\r\nabc\r\n0\r\n" + b"X-T: aaaaaaaaaa\r\n" * (MAX_HEADER_BYTES // 17 + 1) + b"\r\n"),
+        ("a chunk size's zeros", b"0" * MAX_HEADER_BYTES + b"3\r\nabc\r\n0\r\n\r\n"),
+    ],
+)
+def test_framing_inside_a_body_past_the_header_budget_is_400_even_in_one_read(
+    scene: Scene, name: str, body: bytes
+) -> None:
+    """What is not payload inside a chunked body (a size, an extension, trailer fields) is held to
+    `max_header_bytes`, counted to the byte wherever the reads fall: one run of it a little over the budget, sent
+    in one write with the request's end, is 400 and the backend never gets a whole request (its head, if the bytes
+    before the framing came in a read of their own, and never the body's end). The own server counted whole reads
+    and looked only before the next one, so such a body that ended in the same read was served (200)."""
+    scene.recorder.taken()
+    got = exchange(scene, _chunked(body))
+    assert [s for s, _, _ in got] == [400], name
+    assert not [r for r in scene.recorder.taken() if chunks_complete(r.body)], name
+
+
+def test_framing_inside_a_body_within_the_header_budget_is_served(scene: Scene) -> None:
+    """Chunk extensions and trailer fields that together stay under `max_header_bytes` (each run of framing between
+    payload bytes counted on its own) pass: the backend gets the payload."""
+    extension = b";x=" + b"a" * (MAX_HEADER_BYTES - 100)
+    body = b"3" + extension + b"\r\nabc\r\n4" + extension + b"\r\ndefg\r\n0\r\nX-T: " + b"b" * 10000 + b"\r\n\r\n"
+    scene.recorder.taken()
+    got = exchange(scene, _chunked(body))
+    assert [s for s, _, _ in got] == [200]
+    (recorded,) = scene.recorder.taken()
+    assert dechunk(recorded.body) == b"abcdefg"
+
+
 @pytest.mark.parametrize(
     ("name", "request_bytes"),
     [
@@ -282,6 +322,29 @@ def test_malformed_framing_is_400_and_nothing_is_forwarded(scene: Scene, name: s
     assert not scene.recorder.taken(), name
 
 
+@pytest.mark.parametrize(
+    ("limit", "request_bytes", "named"),
+    [
+        ("the target's length", b"GET /rec/" + b"a" * 8190 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "8190"),
+        (
+            "the number of fields",
+            b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(128)) + b"\r\n",
+            "header",
+        ),
+        ("Host is required", b"GET /rec/x HTTP/1.1\r\nX-A: a\r\n\r\n", "Host"),
+        ("one Host", b"GET /rec/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "Host"),
+        ("framing in a body", _chunked(b"3;" + b"a" * MAX_HEADER_BYTES + b"\r\nabc\r\n0\r\n\r\n"), "max_header_bytes"),
+    ],
+)
+def test_a_request_the_parser_refuses_is_told_why(scene: Scene, limit: str, request_bytes: bytes, named: str) -> None:
+    """A request refused while it is parsed (a limit of the device side, a missing or doubled Host, framing over the
+    budget) gets a 400 whose text names what is wrong, as every other refusal's does. The own server answered
+    each with the same `the request could not be parsed` (the reason was in its log only)."""
+    got = exchange(scene, request_bytes)
+    assert [s for s, _, _ in got] == [400], limit
+    assert named in got[0][2].decode(), (limit, got[0][2])
+
+
 _CODINGS = {  # the codings, and the status: 501 for a coding not implemented, 400 for two fields (aiohttp's parser)
     "gzip, chunked": (b"Transfer-Encoding: gzip, chunked\r\n", 501),
     "deflate then chunked, two fields": (b"Transfer-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n", 400),
@@ -326,6 +389,43 @@ def test_upgrade_is_not_a_way_around_the_parser(scene: Scene) -> None:
     assert b"upgrade" not in recorded[0].head.lower()
     if scene.server == "own":
         assert [r.path for r in recorded] == ["/rec/ws"]  # nothing after an Upgrade is read
+
+
+@pytest.mark.parametrize("end", ["tcp-fin", "close_notify"])
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_a_body_cut_short_by_the_devices_end_never_reaches_the_backend_whole(
+    scene: Scene, framing: str, end: str
+) -> None:
+    """The device sends half its body and ends the connection (a TCP end without close_notify, a truncation; or its
+    close_notify) once the backend has the request's head: the backend never gets the body's end (no last chunk, or
+    fewer bytes than the Content-Length), so it never acts on a body cut short; the request ends at the gateway as
+    one the device left (499)."""
+    path = f"/rec/cut-{framing}-{end}"
+    if framing == "chunked":
+        head, part = "Transfer-Encoding: chunked", b"5\r\nhello\r\n3\r\nab"
+    else:
+        head, part = "Content-Length: 10", b"hello"
+    scene.recorder.taken()
+    scene.gw.mark()
+    with scene.connect() as tls:
+        tls.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\nExpect: 100-continue\r\n\r\n".encode())
+        interim = b""
+        while b"\r\n\r\n" not in interim:  # 100 Continue: every stage passed and the request is being forwarded
+            chunk = tls.recv(1000)
+            assert chunk, interim
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        tls.sendall(part)
+        eventually(lambda: path in scene.recorder.heads, "the request's head at the backend")
+        if end == "tcp-fin":
+            tls.shutdown(socket.SHUT_WR)  # SSLSocket.shutdown: the TCP end, no close_notify
+        else:
+            tls.unwrap()
+        read_until_closed(tls) if end == "tcp-fin" else None
+    assert scene.gw.wait_event("request", path=path)["status"] == 499
+    eventually(lambda: scene.recorder.open == 0, "the backend's connection ended")  # closed before the line above
+    (got,) = (r for r in scene.recorder.taken() if r.path == path)
+    assert not chunks_complete(got.body) if framing == "chunked" else len(got.body) < 10, got.body
 
 
 def test_a_body_on_get_is_framed_by_its_length(scene: Scene) -> None:

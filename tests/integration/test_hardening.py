@@ -214,6 +214,20 @@ def test_a_gzip_body_reaches_the_backend_byte_for_byte(scene: Scene, framing: st
         assert got.headers("Content-Length") == [str(len(payload))]
 
 
+@pytest.mark.parametrize("length", ["010", "0000000010", "00"])
+def test_a_content_length_with_leading_zeros_reaches_the_backend_as_its_number(scene: Scene, length: str) -> None:
+    """`Content-Length: 010` is 10 to llhttp, and it went on as sent: a backend that reads a leading zero as octal
+    (C's `strtol` with base 0) takes 8 bytes as the body and the rest as the start of its next request on the user's
+    pooled connection. The backend gets the length as a plain number and the body whole, nothing else."""
+    body = b"0123456789"[: int(length)]
+    scene.taken()
+    head = f"POST /owa/len HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    assert scene.send(head.encode() + body) == 200
+    (got,) = scene.taken()["/owa/"]
+    assert got.headers("Content-Length") == [str(int(length))]
+    assert got.body == body
+
+
 # -- 6. the smaller ones --------------------------------------------------------------------------------
 
 
@@ -247,8 +261,11 @@ def test_identity_and_client_address_headers_never_reach_the_backend(scene: Scen
 
 def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> None:
     """Names that say who the user is in spellings no list can foresee (`X-Webauth-User`, `X-Proxy-User`, an SSO
-    product's `...-Authenticated-User-Email`, `X-Amzn-Oidc-Identity`, `Proxy-User`) are the gateway's to set, never
-    the device's: none reaches the backend; ordinary headers and Exchange's mailbox headers still do."""
+    product's `...-Authenticated-User-Email`, `X-Amzn-Oidc-Identity`, `Proxy-User`), and the signed statements of who
+    the user is that front ends hand their backends (Azure App Service's `X-MS-TOKEN-AAD-*`, AWS ALB's
+    `X-Amzn-Oidc-Data`, IAP's and Cloudflare Access's `...-Jwt-Assertion`, an API gateway's `X-JWT-Assertion`: they
+    passed) are the gateway's to set, never the device's: none reaches the backend; ordinary headers and Exchange's
+    mailbox headers still do."""
     sent = [
         "X-Webauth-User: mallory",
         "X-Proxy-User: mallory",
@@ -268,6 +285,13 @@ def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> N
         "X-Consumer-Id: mallory",
         "X-Id-Token: mallory",
         "X-Access-Token: mallory",
+        "X-MS-TOKEN-AAD-ID-TOKEN: mallory",
+        "X-MS-TOKEN-AAD-ACCESS-TOKEN: mallory",
+        "X-Amzn-Oidc-Data: mallory",
+        "X-Amzn-Oidc-Accesstoken: mallory",
+        "X-Goog-Iap-Jwt-Assertion: mallory",
+        "Cf-Access-Jwt-Assertion: mallory",
+        "X-JWT-Assertion: mallory",
         "X-CSRF-Token: csrf-kept",
         "X-Request-Id: id-kept",
         "X-Anchormailbox: alice@lab.test",
@@ -349,6 +373,18 @@ def test_a_request_line_without_a_version_is_400_never_http_0_9(scene: Scene, re
     answer = raw_request(scene._lab, scene.gw.port, request_line)
     assert answer.status_line.startswith("HTTP/1."), answer
     assert answer.status == 400
+    assert not any(scene.taken().values())
+
+
+@pytest.mark.parametrize("host", [b"Host: 127.0.0.1\r\n", b""])
+def test_a_request_line_of_another_major_version_is_505_never_forwarded_as_http_1_1(scene: Scene, host: bytes) -> None:
+    """`GET /owa/ HTTP/2.0` (llhttp accepts the version) is not an HTTP/1.x request: 505 written as HTTP/1.1, and
+    nothing reaches a backend. It used to be forwarded as HTTP/1.1, without a Host where it had none (the HTTP/1.1
+    rule that a request carries one was checked for version 1.1 only)."""
+    scene.taken()
+    answer = raw_request(scene._lab, scene.gw.port, b"GET /owa/ HTTP/2.0\r\n" + host + b"Connection: close\r\n\r\n")
+    assert answer.status_line.startswith("HTTP/1.1 "), answer
+    assert answer.status == 505
     assert not any(scene.taken().values())
 
 

@@ -106,6 +106,23 @@ def test_v1_header_from_a_raw_socket_and_from_curl(lab: LabLayout, balanced: Gat
     assert done.stdout.rpartition("\n")[2] == "200", done.stdout + done.stderr
 
 
+def test_the_device_address_is_an_address_and_an_ipv4_device_is_named_by_its_ipv4_address(
+    lab: LabLayout, balanced: Gateway
+) -> None:
+    """A v1 TCP6 source with a zone (`fe80::1%eth0,192.0.2.66`: Python reads any text after `%` as one) is refused
+    before TLS; it was the device's address, so the backend got `X-Forwarded-For: fe80::1%eth0,192.0.2.66`, a list
+    naming a second client. A dual-stack balancer's `::ffff:198.51.100.20` is the IPv4 device 198.51.100.20 for the
+    backend and the log, as the throttles and the per-address cap count it (it went on as `::ffff:c633:6414`)."""
+    balanced.mark()
+    with pytest.raises((ConnectionError, OSError)):
+        through(lab, balanced, b"PROXY TCP6 fe80::1%eth0,192.0.2.66 ::1 40005 443\r\n")
+    balanced.wait_for("proxy_header_refused", lambda e: "bad address" in str(e.get("reason")))
+    assert not any("192.0.2.66" in str(e.get("client")) for e in balanced.logs())
+    status, echo = through(lab, balanced, b"PROXY TCP6 ::ffff:198.51.100.20 ::1 40006 443\r\n")
+    assert (status, {k.lower(): v for k, v in echo["headers"].items()}["x-forwarded-for"]) == (200, "198.51.100.20")
+    balanced.wait_for("request", lambda e: e.get("client") == "198.51.100.20")
+
+
 def test_a_connection_without_the_header_is_closed_before_tls(lab: LabLayout, balanced: Gateway) -> None:
     """A device that skips the balancer (plain TLS from the trusted address): no handshake, a logged refusal."""
     balanced.mark()
@@ -138,6 +155,38 @@ def test_a_refused_handshake_behind_the_balancer_is_logged_with_the_devices_addr
     with pytest.raises((ConnectionError, OSError)):
         ctx.wrap_socket(raw, server_hostname="proxy.lab.test").recv(1)  # the handshake's alert, or the reset
     balanced.wait_for("tls_handshake_refused", lambda e: str(e.get("peer", "")).startswith("203.0.113.44:"))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_header_split_into_one_byte_segments_is_read_whole(lab: LabLayout, balanced: Gateway, version: str) -> None:
+    """A balancer (or a slow network) that delivers the header a byte per TCP segment: the gate reads it whole and the
+    device behind it is served under its own address."""
+    header = v2_header("203.0.113.51", 40007) if version == "v2" else b"PROXY TCP4 203.0.113.51 127.0.0.1 40007 443\r\n"
+    raw = socket.create_connection(("127.0.0.1", balanced.port), timeout=30)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for i in range(len(header)):
+        raw.sendall(header[i : i + 1])
+        time.sleep(0.002)  # the scenario: one segment per byte
+    with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n")
+        response = http.client.HTTPResponse(tls)
+        response.begin()
+        echo = json.loads(response.read())
+    assert response.status == 200
+    assert {k.lower(): v for k, v in echo["headers"].items()}["x-forwarded-for"] == "203.0.113.51"
+
+
+@pytest.mark.parametrize("first", ["v1", "v2"])
+def test_a_second_header_is_never_read_as_one(lab: LabLayout, balanced: Gateway, first: str) -> None:
+    """Two headers on one connection (a device that sends its own behind the balancer's): only the first is the
+    PROXY protocol's; the second is where the TLS handshake should be, which is refused under the first's address,
+    and nothing is served as the second's (203.0.113.99)."""
+    one = v2_header("203.0.113.52", 40008) if first == "v2" else b"PROXY TCP4 203.0.113.52 127.0.0.1 40008 443\r\n"
+    balanced.mark()
+    with pytest.raises((ConnectionError, OSError)):
+        through(lab, balanced, one + v2_header("203.0.113.99", 40009))
+    balanced.wait_for("tls_handshake_refused", lambda e: str(e.get("peer", "")).startswith("203.0.113.52:"))
+    assert not any("203.0.113.99" in str(e.get("client")) + str(e.get("peer")) for e in balanced.logs())
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -416,5 +417,53 @@ def test_a_request_held_across_two_reloads_is_judged_by_the_newest_configuration
         assert status == 403, body
         assert "was revoked on" in body
         assert gw.wait_event("held_request_ended", cert_subject="CN=bob")["answer_started"] is False
+    finally:
+        assert gw.stop() == 0
+
+
+def _get_resuming(
+    context: ssl.SSLContext, port: int, session: ssl.SSLSession | None
+) -> tuple[int, bool, ssl.SSLSession | None]:
+    """One GET on a new TLS connection offering `session`: (status, whether it was resumed, the session to offer)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
+    ):
+        tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+        return int(answer.split(b" ", 2)[1]), bool(tls.session_reused), tls.session
+
+
+@pytest.mark.parametrize("cache", [2048, 0], ids=["stateful", "stateless-tickets"])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+def test_a_session_resumed_after_a_reload_that_no_longer_trusts_its_ca_is_refused(
+    lab: LabLayout, tmp_path: Path, version: ssl.TLSVersion, cache: int
+) -> None:
+    """A resumed TLS session skips the certificate check of the handshake: alice's session (TLS 1.2 by session ID or
+    ticket, TLS 1.3 by ticket; the session kept by the gateway, or sealed in a stateless ticket) is offered after a
+    reload whose trust list no longer holds her CAs. The trust decision is made again: the reload's new TLS context
+    resumes nothing of the old one, so the handshake is a full one and refused (`unknown ca`), never served."""
+    text = lab_config(lab, port=free_port()).replace("[listener]\n", f"[listener]\ntls_session_cache = {cache}\n", 1)
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        context = client_context(lab, "alice")
+        context.minimum_version = context.maximum_version = version
+        status, _, session = _get_resuming(context, gw.port, None)
+        assert status == 200
+        status, resumed, session = _get_resuming(context, gw.port, session)
+        assert (status, resumed) == (200, True)  # the gateway resumes sessions: the case is real
+        rogue = lab.pki_dir / "rogue"
+        untrusting = (
+            gw.config_path.read_text()
+            .replace(str(lab.pki_dir / "root.pem"), str(rogue / "root.pem"))
+            .replace(str(lab.pki_dir / "issuing.pem"), str(rogue / "issuing.pem"))
+            .replace(f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"', 'revocation = "off"')
+        )
+        assert untrusting.count(str(rogue)) == 2
+        _reload(gw, untrusting, "reloaded")
+        with pytest.raises(ssl.SSLError, match=r"unknown ca|UNKNOWN_CA"):
+            _get_resuming(context, gw.port, session)
     finally:
         assert gw.stop() == 0

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import tracemalloc
 from typing import Any
 
 import httptools
 import pytest
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
 from proxy.device.framing import ChunkedEnd
 from proxy.device.server import DeviceConnection, DeviceHttpRequest, DeviceLimits, Serve
@@ -140,6 +142,32 @@ def test_the_header_budget_is_exact_whatever_the_pieces(split: int) -> None:
         served, transport, _ = asyncio.run(run(pieces, fields))
         assert statuses(bytes(transport.written)) == expected, (size, split)
         assert len(served.requests) == (1 if expected == [200] else 0)
+
+
+def _trailed(run: int) -> bytes:
+    """A chunked request whose longest run of bytes that are not payload (after `abc`: CRLF, the last chunk, one
+    trailer field, the empty line) is exactly `run` bytes."""
+    end = b"\r\n0\r\nX-T: \r\n\r\n"
+    trailer = end.replace(b"X-T: ", b"X-T: " + b"a" * (run - len(end)))
+    assert len(trailer) == run
+    return b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc" + trailer
+
+
+@pytest.mark.parametrize("split", [1, 7, 1000, 10_000])
+def test_the_framing_budget_inside_a_body_is_exact_whatever_the_pieces(split: int) -> None:
+    """A run of chunk framing and trailer fields of exactly max_header_bytes is served; with one byte more the
+    request's body never ends at the pipeline (its read fails: the gateway's pipeline answers that 400, this bare
+    handler does not; whole, it is never served and the connection answers 400), in pieces of any size (it was
+    counted per read, so one byte more ending in the same read passed)."""
+    fields = DeviceLimits(max_header_bytes=LIMITS.max_header_bytes, max_field_bytes=8192, keepalive_timeout=5)
+    data = _trailed(4096)
+    served, transport, _ = asyncio.run(run([data[i : i + split] for i in range(0, len(data), split)], fields))
+    assert statuses(bytes(transport.written)) == [200], split
+    assert [b for _, _, _, b in served.requests] == [b"abc"]
+    data = _trailed(4097)
+    served, transport, _ = asyncio.run(run([data[i : i + split] for i in range(0, len(data), split)], fields))
+    assert statuses(bytes(transport.written)) == ([400] if split > len(data) else []), split
+    assert not served.requests, split
 
 
 @pytest.mark.parametrize(
@@ -373,3 +401,102 @@ def test_nothing_after_a_request_that_closes_the_connection_is_served() -> None:
         served, transport, _ = asyncio.run(run(pieces))
         assert [p for _, p, _, _ in served.requests] == ["/a"]
         assert statuses(bytes(transport.written)) == [200]
+
+
+@pytest.mark.parametrize(
+    ("sent", "answered"),
+    [
+        (b"GET /a HTTP/1.1\r\nHost: h\r\nX-Slow: a", [408]),  # a head begun and never ended
+        (b"G", [408]),
+        (GET, [200]),  # an idle kept-alive connection
+        (POST + b"\r\n", [200]),  # an old client's CRLF after a body: ignored before a request line, no request
+        (b"\r\n", []),
+    ],
+    ids=["slow head", "one byte", "idle after a request", "CRLF after a body", "CRLF alone"],
+)
+def test_a_head_that_never_ends_is_told_408_and_an_idle_connection_nothing(sent: bytes, answered: list[int]) -> None:
+    """At keepalive_timeout a request line begun and never ended gets a 408 saying why, then the connection closes;
+    a connection with no request begun (idle after an answer, or holding only empty lines) is closed without one,
+    since a request the device sends meanwhile would read it as its answer."""
+
+    async def scenario() -> bytes:
+        limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=0.2)
+        connection, transport = _connected(Served(), limits)
+        ended = asyncio.Event()
+        close = transport.close
+
+        def noted_close() -> None:
+            close()
+            ended.set()
+
+        transport.close = noted_close  # type: ignore[method-assign]
+        connection.data_received(sent)
+        await asyncio.wait_for(ended.wait(), timeout=30)  # the deadline is for a failure only
+        connection.connection_lost(None)
+        return bytes(transport.written)
+
+    written = asyncio.run(scenario())
+    assert statuses(written) == answered
+    if 408 in answered:
+        assert written.endswith(b"the request's head was not complete within 0.2 s\n")
+
+
+@pytest.mark.parametrize(("sent", "warned"), [(b"GET /a HTTP/1.1\r\nHost: h\r\n", True), (POST + b"\r\n", False)])
+def test_only_a_request_line_begun_is_a_head_timeout_in_the_log(sent: bytes, warned: bool) -> None:
+    """`request_head_timeout` (a warning: a slow or stalled client) is logged for a request line begun and never
+    ended; a kept-alive connection that holds only the CRLF an old client sends after a body is an idle one
+    (`device_idle_closed`, debug). It was a warning naming 2 bytes received, at every such connection's end."""
+
+    async def scenario() -> None:
+        limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=0.2)
+        connection, transport = _connected(Served(), limits)
+        ended = asyncio.Event()
+        close = transport.close
+
+        def noted_close() -> None:
+            close()
+            ended.set()
+
+        transport.close = noted_close  # type: ignore[method-assign]
+        connection.data_received(sent)
+        await asyncio.wait_for(ended.wait(), timeout=30)
+        connection.connection_lost(None)
+
+    with capture_logs() as logs:
+        asyncio.run(scenario())
+    events = [e["event"] for e in logs]
+    assert ("request_head_timeout" in events) == warned, events
+    assert ("device_idle_closed" in events) == (not warned), events
+
+
+def test_the_buffered_body_of_a_request_answered_unread_is_let_go_at_once() -> None:
+    """A request answered before its body was read (a refusal: 401 before a password is checked, 403) ends its
+    connection, whose TLS close then waits up to 30 s for the device's close_notify. The body bytes buffered
+    meanwhile (up to BODY_HIGH, 256 KiB, before reading pauses) are let go when the answer is given, not kept for
+    those 30 s: the connection holds almost nothing of them afterwards (it held all 256 KiB)."""
+
+    async def refuse(request: DeviceHttpRequest) -> None:
+        await request.answer(401, None, CIMultiDict(), b"sign in")
+
+    async def scenario() -> int:
+        connection, transport = _connected(refuse)
+        tracemalloc.start()
+        try:
+            connection.data_received(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
+            for _ in range(300):  # the device's reads, as TLS hands them over, until reading pauses
+                if transport.paused:
+                    break
+                connection.data_received(bytes(1000))
+            assert transport.paused  # BODY_HIGH reached: the body waits for the pipeline, which never reads it
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert statuses(bytes(transport.written)) == [401]
+            assert transport.closed  # closing: asyncio's transport (or TlsRecords) still holds the protocol
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        connection.connection_lost(None)
+        return kept
+
+    assert asyncio.run(scenario()) < 64 * 1024

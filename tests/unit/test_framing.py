@@ -80,3 +80,17 @@ def test_aiohttps_server_reads_body_ends_from_body_end(monkeypatch: pytest.Monke
     monkeypatch.setattr("proxy.device.framing.ChunkedEnd", _Early)
     with pytest.raises(BadHttpMessage, match="the body ends where the parser did not end it"):
         asyncio.run(_aiohttp_reads(data))
+
+
+def test_the_longest_run_of_framing_is_counted_to_the_byte_whatever_the_pieces() -> None:
+    """`BodyEnd.framing` is the longest run of bytes that are not payload (a size line, its extension, the CRLF
+    after a chunk, the trailer section), the same whether the body comes whole or a byte at a time, and payload
+    ends a run."""
+    body = b"3;ext=12345\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+    whole = BodyEnd(chunked=True)
+    assert whole.end(body) == (len(body), True)
+    bytewise = BodyEnd(chunked=True)
+    ends = [bytewise.end(body[i : i + 1]) for i in range(len(body))]
+    assert ends[-1] == (1, True)
+    assert whole.framing == bytewise.framing == len(b"\r\n0\r\nX-T: 1\r\n\r\n")  # longer than the first size line
+    assert BodyEnd(5).framing == 0

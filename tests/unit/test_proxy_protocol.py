@@ -52,6 +52,31 @@ def test_v2_ipv4_ipv6_and_tlvs() -> None:
     assert parsed6.source == ("2001:db8::7", 1)
 
 
+@pytest.mark.parametrize(
+    "source",
+    [b"fe80::1%eth0", b"fe80::1%eth0,192.0.2.66", b'::1%x"y', b"2001:db8::7%" + b"a" * 60],
+)
+def test_a_v1_address_with_a_zone_is_refused(source: bytes) -> None:
+    """An IPv6 zone (`%eth0`) names an interface of the balancer, not a device, and Python's `ip_address` takes any
+    text after the `%`: `fe80::1%eth0,192.0.2.66` became the device's address, sent on as `X-Forwarded-For` (a list
+    of two to the backend) and logged as the client. Refused, as any address that is not one."""
+    with pytest.raises(ProxyHeaderError, match="bad address"):
+        parse(b"PROXY TCP6 " + source + b" 2001:db8::1 50123 443\r\n")
+
+
+def test_an_ipv4_mapped_device_address_is_its_ipv4_address() -> None:
+    """A dual-stack balancer names an IPv4 device as `::ffff:a.b.c.d` (v1 TCP6, v2 INET6): the device is a.b.c.d,
+    as the address throttle and the per-address cap count it, and so it is logged and sent as `X-Forwarded-For`
+    (it was `::ffff:cb00:7107`)."""
+    header = parse(b"PROXY TCP6 ::ffff:203.0.113.7 ::ffff:192.0.2.1 50123 443\r\n")
+    assert header is not None
+    assert (header.source, header.destination) == (("203.0.113.7", 50123), ("192.0.2.1", 443))
+    mapped = ipaddress.IPv6Address("::ffff:203.0.113.7").packed + ipaddress.IPv6Address("2001:db8::1").packed
+    parsed = parse(v2(family=0x21, addresses=mapped + struct.pack("!HH", 1, 2)))
+    assert parsed is not None
+    assert parsed.source == ("203.0.113.7", 1)
+
+
 def test_v2_local_is_the_balancers_own_connection() -> None:
     """LOCAL (HAProxy's health checks) and UNSPEC carry no device: nothing is claimed."""
     for header in (v2(command=0, family=0, addresses=b""), v2(family=0x00, addresses=b"")):
