@@ -316,42 +316,51 @@ def test_pipelined_heads_are_budgeted_one_by_one() -> None:
     assert 431 not in written
 
 
+class _ClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when the test moves it: timers fire by the test's clock, so a busy
+    machine's late wake-ups cannot make a deadline look passed (or not)."""
+
+    now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
 def test_the_idle_deadline_runs_from_the_last_answer_and_is_kept() -> None:
     """keepalive_timeout counts from the end of the last answer, however many requests came before: never cut
     sooner (not at the deadline the first request set), and cut once it has passed."""
+    loop = _ClockLoop()
 
-    async def scenario() -> tuple[float, float, int]:
-        loop = asyncio.get_running_loop()
+    async def passes() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def scenario() -> list[bool]:
         limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=1.0)
         connection = DeviceConnection(Served(), limits, on_headers_refused=lambda: None, on_unparsed=lambda _, s: None)
         transport = Transport()
-        closed_at: list[float] = []
-        close = transport.close
-
-        def noted_close() -> None:
-            closed_at.append(loop.time())
-            close()
-
-        transport.close = noted_close  # type: ignore[method-assign]
         connection.connection_made(transport)
-        answered_at = loop.time()
+        seen = []
         for _ in range(3):  # requests 0.6 s apart: each within the deadline the one before set, the sum beyond it
-            await asyncio.sleep(0.6)
-            assert not transport.closed
+            loop.now += 0.6
+            await passes()
+            seen.append(transport.closed)
             connection.data_received(GET)
-            for _ in range(20):
-                await asyncio.sleep(0)
-            answered_at = loop.time()
-        for _ in range(200):
-            if transport.closed:
-                break
-            await asyncio.sleep(0.05)
+            await passes()  # answered: the deadline runs from here
+        loop.now += 0.99
+        await passes()
+        seen.append(transport.closed)  # just before the last answer's deadline: open
+        loop.now += 0.02
+        await passes()
+        seen.append(transport.closed)  # just after it: closed
+        assert statuses(bytes(transport.written)) == [200, 200, 200]
         connection.connection_lost(None)
-        return answered_at, closed_at[0] if closed_at else float("inf"), len(statuses(bytes(transport.written)))
+        return seen
 
-    answered_at, closed_at, answers = asyncio.run(scenario())
-    assert answers == 3
-    assert answered_at + 1.0 <= closed_at < answered_at + 10
+    try:
+        assert loop.run_until_complete(scenario()) == [False, False, False, False, True]
+    finally:
+        loop.close()
 
 
 def _parsers() -> int:
