@@ -47,8 +47,8 @@ import gssapi
 import gssapi.raw
 
 from proxy.kerberos.profile import held_context
+from proxy.kerberos.spnego import KRB5_OID_DER
 
-KRB5_OID_DER: Final = bytes.fromhex("06092a864886f712010202")  # 1.2.840.113554.1.2.2
 _TOK_ID_AP_REQ: Final = b"\x01\x00"  # RFC 4121 §4.1
 _AP_OPTS_USE_SUBKEY: Final = 0x1
 _DO_SEQUENCE: Final = 0x4  # KRB5_AUTH_CONTEXT_DO_SEQUENCE
@@ -119,18 +119,18 @@ _LOCK = threading.RLock()
 
 
 def _load() -> ctypes.CDLL | None:
+    """MIT's libkrb5 with the signatures above, or None (then python-gssapi makes every token)."""
     try:
         library = ctypes.CDLL(ctypes.util.find_library("krb5") or "libkrb5.so.3")
-    except OSError:
+        for name, arguments in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes = arguments
+            function.restype = c_int32
+            if name.startswith("krb5_free"):
+                function.restype = None
+        library.krb5_get_error_message.restype = c_void_p  # const char *, freed with krb5_free_error_message
+    except (OSError, AttributeError):  # no libkrb5, or not MIT's
         return None
-    for name, arguments in _SIGNATURES.items():
-        function = getattr(library, name)
-        function.argtypes = arguments
-        function.restype = c_void_p if name == "krb5_get_error_message" else c_int32
-    for name in ("krb5_free_context", "krb5_free_principal", "krb5_free_string", "krb5_free_creds"):
-        getattr(library, name).restype = None
-    for name in ("krb5_free_data_contents", "krb5_free_error_message"):
-        getattr(library, name).restype = None
     return library
 
 
