@@ -11,9 +11,11 @@ in the gateway's delegation list. The first GSSAPI token built on that service t
 
 The ticket cache. A user's first request to an SPN costs exactly two KDC exchanges (one S4U2Self, one S4U2Proxy);
 later requests cost none. MIT keeps the impersonated credentials of a user in a MEMORY credential cache of their
-own, holding a copy of the gateway's TGT, the evidence ticket and the service tickets obtained with it; a token
-built from a cached service ticket is local work (24 µs of CPU in a loop, 64 among requests: docs/performance.md),
-so it is built on the event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN)
+own, holding a copy of the gateway's TGT, the evidence ticket and the service tickets obtained with it. Right after
+S4U2Proxy the service ticket is also read out of it once and held with the entry (`proxy.kerberos.ap_req`), and
+each token is MIT's `krb5_mk_req_extended` on it: local work (15 µs of CPU in a loop, against 21 through MIT's GSS
+initiator, which is kept for a ticket that cannot be read that way: docs/performance.md), so it is built on the
+event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN)
 (`asked_name`: the principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can
 share) and know when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts
 a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
@@ -77,6 +79,7 @@ from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, Kerbero
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
+from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
 from proxy.kerberos.kdcs import KdcWatch, watch_for
@@ -155,6 +158,7 @@ class _Ticket:
         default_factory=dict
     )  # names the PAC matched
     evidence_client: str | None = None  # the evidence ticket's client principal, as the KDC returned it
+    tokens: TicketTokens | None = None  # the service ticket held for tokens (`proxy.kerberos.ap_req`), if read
 
     def account_for(self, user: UserPrincipal, settings: Kerberos) -> KdcAccount:
         """`kdc_account` for `user`, remembered per certificate name: a cached ticket's request pays a dict look-up."""
@@ -269,14 +273,14 @@ class Delegator:
             if isinstance(e, AccountReplaced):  # a cached ticket may be the earlier account's: the KDC is asked again
                 self.forget(user.principal, enterprise=user.enterprise)
             raise
-        creds = ticket.creds
+        creds, tokens = ticket.creds, ticket.tokens
 
         def make_token() -> bytes:
             try:
-                token = self._token(creds, gss_target)
-            except gssapi.raw.GSSError as e:
+                token = self._token(creds, gss_target, tokens)
+            except (gssapi.raw.GSSError, Krb5Error) as e:
                 self._drop(asked)
-                raise self._explain(e.gen_message(), client, spn) from None
+                raise self._explain(_message(e), client, spn) from None
             if not token:
                 raise self._explain("no token produced", client, spn)
             return token
@@ -288,14 +292,27 @@ class Delegator:
         """The cache key of `principal` at `spn`: the client name the KDC returned for it, once known."""
         return (self._canonical.get(principal, principal), spn)
 
-    def _token(self, creds: gssapi.Credentials, gss_target: str) -> bytes:
+    def _token(self, creds: gssapi.Credentials, gss_target: str, tokens: TicketTokens | None = None) -> bytes:
         """The first SPNEGO token on the cached service ticket: local work, no KDC. A krb5 AP-REQ with a fresh
-        authenticator (MIT's), in the NegTokenInit MIT's SPNEGO would put it in (`proxy.kerberos.spnego`). The
-        target is a krb5 mechanism name, made once per target: given a name of no mechanism, MIT imports it into
-        krb5 and releases it again for every token, each time with a library context of its own."""
+        authenticator (MIT's), in the NegTokenInit MIT's SPNEGO would put it in (`proxy.kerberos.spnego`). Made by
+        MIT's `krb5_mk_req_extended` on the ticket held for it (`tokens`, `proxy.kerberos.ap_req`: no library
+        context and no ccache look-up per token), else by MIT's GSS initiator (the same token, slower) on a
+        target that is a krb5 mechanism name, made once per target: given a name of no mechanism, MIT imports it
+        into krb5 and releases it again for every token, each time with a library context of its own."""
         refresh_profile()
+        if tokens is not None:
+            return neg_token_init(tokens.token())
         token = gssapi.raw.init_sec_context(self._target(gss_target), creds=creds, mech=KRB5, flags=_FLAGS).token
         return neg_token_init(token) if token else b""
+
+    def _tokens(self, creds: gssapi.Credentials, gss_target: str) -> TicketTokens | None:
+        """The service ticket S4U2Proxy just put in `creds`, held for tokens; None (and python-gssapi makes them)
+        where it cannot be read that way (no libkrb5, or MIT filed it under another name)."""
+        try:
+            return TicketTokens.read(creds, self._target(gss_target), _FLAGS)
+        except (gssapi.raw.GSSError, Krb5Error) as e:
+            log.info("krb5_tokens_unavailable", reason=_message(e), spn=gss_target.replace("@", "/", 1))
+            return None
 
     def _target(self, gss_target: str) -> gssapi.raw.Name:
         """`HTTP@host` as a krb5 mechanism name, made once: S4U2Proxy fetches the service ticket for it and every
@@ -405,7 +422,14 @@ class Delegator:
         got = s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=_ms(after_pac), evidence_pac=pac)
         now = self._clock()
         return _Ticket(
-            creds, now + lifetime, obtained=now, facts=got, pac=pac, pac_unreadable=unreadable, evidence_client=client
+            creds,
+            now + lifetime,
+            obtained=now,
+            facts=got,
+            pac=pac,
+            pac_unreadable=unreadable,
+            evidence_client=client,
+            tokens=self._tokens(creds, gss_target),
         )
 
     def delegate_blocking(self, user: UserPrincipal, spn: str, gss_target: str) -> DelegatedToken:
@@ -414,11 +438,11 @@ class Delegator:
         try:
             ticket = self._exchange_blocking(user, gss_target)
             account = ticket.account_for(user, self._settings)
-            token = self._token(ticket.creds, gss_target)
+            token = self._token(ticket.creds, gss_target, ticket.tokens)
         except _StepFailed as e:
             raise self._step_error(e, user.principal, spn) from None
-        except gssapi.raw.GSSError as e:
-            raise self._explain(e.gen_message(), user.principal, spn) from None
+        except (gssapi.raw.GSSError, Krb5Error) as e:
+            raise self._explain(_message(e), user.principal, spn) from None
         return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts, account)
 
     def _require_stated(
@@ -620,6 +644,10 @@ def asked_name(user: UserPrincipal) -> str:
     map to one principal (`realm_map`: mallory's alice@corp.example and alice's alice@ad.test are both
     alice@AD.TEST) are two names to the KDC, often two accounts, and so two entries."""
     return _ENTERPRISE_KEY + user.enterprise if user.enterprise else user.principal
+
+
+def _message(error: gssapi.raw.GSSError | Krb5Error) -> str:
+    return error.gen_message() if isinstance(error, gssapi.raw.GSSError) else str(error)
 
 
 def _client_name(creds: gssapi.Credentials) -> str | None:

@@ -258,3 +258,9 @@ def hold_profile() -> bool:
         return False
     _held[config] = context  # never freed: it lives as long as the process, as the files it keeps parsed
     return True
+
+
+def held_context() -> ctypes.c_void_p | None:
+    """The krb5 library context held for the current KRB5_CONFIG (`hold_profile`), else any held one, else None:
+    `proxy.kerberos.ap_req` makes Negotiate tokens on it (one thread at a time: its lock)."""
+    return _held.get(os.environ.get("KRB5_CONFIG")) or next(iter(_held.values()), None)
