@@ -10,11 +10,11 @@ UPN, with its certificate and the `[identity]` settings it was decided under (a 
 started with). Every `[directory] cache_seconds` (at least one second) one sweep looks each held UPN up again,
 one name after the other (`Directory.lookup`: the cache, or one search; never a burst that would keep live
 requests' look-ups waiting for the connection), and decides again as the mapping stage does: the account's state,
-then `decide`. A refusal ends that UPN's held requests as a revocation ends one: `403` with the refusal's reason if
-the backend's answer has not started, a cut connection if it has; `held_request_ended` is logged with the reason and
-the fix. A weakly mapped certificate `strong-or-audit` served is served on (the same decision as at the start). The
-directory unreachable ends nothing: a held request was admitted, and an outage is not a verdict on the account; the
-UPN is looked at again at the next sweep.
+then `decide`. A refusal ends that UPN's held requests as a revocation ends one (`proxy.held`): `403` with the
+refusal's reason if the backend's answer has not started, a cut connection if it has; `held_request_ended` is logged
+with the reason and the fix. A weakly mapped certificate `strong-or-audit` served is served on (the same decision
+as at the start). The directory unreachable ends nothing: a held request was admitted, and an outage is not a verdict
+on the account; the UPN is looked at again at the next sweep.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -31,6 +30,7 @@ from cryptography import x509
 from proxy.config import Identity
 from proxy.device.request import DeviceRequest
 from proxy.errors import AccountRefused, DirectoryUnavailable, MappingRefused
+from proxy.held import HeldRequest
 from proxy.identity.mapping import Account, account_state, decide, no_account
 from proxy.identity.principal import ascii_lower
 
@@ -40,62 +40,35 @@ if TYPE_CHECKING:
 log = structlog.get_logger("proxy.mapping")
 
 
-class _Held:
-    """One request in flight that the mapping stage admitted, and how to end it."""
+class _Held(HeldRequest):
+    """One request in flight that the mapping stage admitted, kept under its UPN while it is held; how it is ended
+    is `proxy.held`'s (a class: a held long-poll keeps it for its whole life)."""
 
-    __slots__ = ("answer_started", "ended", "identity", "leaf", "request", "task", "upn")
+    __slots__ = ("_owner", "identity", "leaf", "upn")
 
     def __init__(
-        self, request: DeviceRequest, task: asyncio.Task[Any], leaf: x509.Certificate, upn: str, identity: Identity
+        self,
+        owner: HeldMappings,
+        request: DeviceRequest,
+        task: asyncio.Task[Any],
+        leaf: x509.Certificate,
+        upn: str,
+        identity: Identity,
     ) -> None:
-        self.request = request
-        self.task = task
+        super().__init__(request, task)
+        self._owner = owner
         self.leaf = leaf
         self.upn = upn
         self.identity = identity
-        self.ended: MappingRefused | AccountRefused | None = None
-        self.answer_started = False
 
-    def end(self, error: MappingRefused | AccountRefused) -> None:
-        if self.ended is not None:
-            return
-        self.ended = error
-        self.answer_started = self.request.answer_started
-        log.warning(
-            "held_request_ended",
-            upn=self.upn,
-            cert_serial=format(self.leaf.serial_number, "x"),
-            reason=error.reason,
-            fix=error.hint,
-            answer_started=self.answer_started,
-        )
-        if self.answer_started:
-            self.request.abort()  # too late for a 403: cut the connection
-        self.task.cancel(msg=error.reason)
+    def _hold(self) -> None:
+        self._owner._add(self)
 
+    def _let_go(self) -> None:
+        self._owner._remove(self)
 
-class _Holding:
-    """`HeldMappings.hold` for one request (a class: a held long-poll keeps it for its whole life)."""
-
-    __slots__ = ("_held", "_owner")
-
-    def __init__(self, owner: HeldMappings, held: _Held) -> None:
-        self._owner = owner
-        self._held = held
-
-    def __enter__(self) -> None:
-        self._owner._add(self._held)
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        held = self._held
-        self._owner._remove(held)
-        if not isinstance(error, asyncio.CancelledError):
-            return  # finished, or failed on its own: the error (if any) goes on
-        if held.ended is None or held.answer_started:
-            return  # not ours; or the answer had started, the connection is cut and nobody is left to tell
-        if held.task.uncancel() > 0:
-            return  # cancelled for another reason as well
-        raise held.ended from None
+    def _facts(self) -> dict[str, object]:
+        return {"upn": self.upn, "cert_serial": format(self.leaf.serial_number, "x")}
 
 
 _UNHELD = contextlib.nullcontext()
@@ -119,7 +92,7 @@ class HeldMappings:
             return _UNHELD
         if self._task is None or self._task.done():
             self._task = task.get_loop().create_task(self._run())
-        return _Holding(self, _Held(request, task, leaf, upn, identity))
+        return _Held(self, request, task, leaf, upn, identity)
 
     @property
     def held(self) -> int:

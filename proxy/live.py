@@ -238,6 +238,8 @@ async def _close(gw: Gateway, *, keep: Gateway | None) -> None:
         await gw.revocation.close()
     if keep is None or gw.delegator is not keep.delegator:
         gw.delegator.close()
+    if keep is None or gw.basic is not keep.basic:
+        gw.basic.close()
     if gw.directory is not None and (keep is None or gw.directory is not keep.directory):
         gw.directory.close()
 

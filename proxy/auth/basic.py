@@ -63,8 +63,14 @@ sign-in (401 or 429) is therefore answered no sooner than the slowest of the las
 existing accounts took (`Pace`): both answers leave at the same moment, and the wait costs no CPU.
 
 Pure parts (`parse_basic`, `CredentialCache`, `Throttle`) take the time as a parameter; `BasicLogin`
-is the I/O edge, running the KDC exchange in a thread, bounded in number (`kerberos.max_in_flight`)
-and in time (`kerberos.kdc_timeout`). Neither passwords nor headers reach `repr` or the logs.
+is the I/O edge, running the KDC exchanges in threads of its own (`proxy.kerberos.threads`), bounded in number
+(`kerberos.max_in_flight`) and in time (`kerberos.kdc_timeout`): a KDC that accepts and never answers holds each
+thread for MIT's own wait (about 25 s), and asyncio's default executor, which CRL reads and vetting and the password
+hashes here use, must not fill up with them. Password checks and the backend's tokens have a set of threads each:
+logins anyone can send (any name, any password) cannot take the threads a signed-in user's token needs. A check or
+token that finds no thread to wait for (every one held by a call the KDC left unanswered past `kdc_timeout`, or as
+many waiting already) is 503 at once with Retry-After, naming the realm whose KDC does not answer. Neither passwords
+nor headers reach `repr` or the logs.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ from proxy.errors import (
     AuthenticationRequired,
     GatewayError,
     IdentityRejected,
+    KdcUnavailable,
     KerberosRefused,
     TooManyAttempts,
     UserUnknown,
@@ -97,6 +104,7 @@ from proxy.identity.principal import UserPrincipal, ascii_lower, configured_doma
 from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
+from proxy.kerberos.threads import KdcThreads, NoThread
 
 T = TypeVar("T")
 
@@ -387,8 +395,8 @@ class BasicLogin:
         self.challenge = {"WWW-Authenticate": f'Basic realm="{settings.basic_realm}"'}
         self._identity = identity
         self._realms = {identity.default_realm, *identity.realm_map.values()}
-        self._timeout = kerberos.kdc_timeout
-        self._slots = asyncio.Semaphore(kerberos.max_in_flight)
+        self._checks = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-kdc")  # password checks
+        self._tokens = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-token")  # backend tokens
         self._window = settings.basic_failure_window_seconds
         self._cache = CredentialCache(settings.basic_cache_seconds, known_for=self._window)
         self._users = Throttle(settings.basic_failures_per_user, forget=self._window, hold=True)
@@ -433,7 +441,7 @@ class BasicLogin:
                 if entry is not None:
                     return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
                 try:
-                    ticket = await self._kdc(login_blocking, user, credentials.password)
+                    ticket = await _kdc(self._checks, user.realm, login_blocking, user, credentials.password)
                 except KerberosRefused:  # disabled, locked, expired: said whatever the password, so not a guess
                     self._cache.forget(key)
                     raise
@@ -452,7 +460,7 @@ class BasicLogin:
         """The backend's Authorization: the client's Basic header where the route says so, else Negotiate."""
         if route.backend_auth == "basic":
             return login.header
-        token = await self._kdc(token_blocking, login.ticket, route.gss_target, route.spn)
+        token = await _kdc(self._tokens, login.user.realm, token_blocking, login.ticket, route.gss_target, route.spn)
         return "Negotiate " + base64.b64encode(token).decode("ascii")
 
     def _user(self, username: str) -> UserPrincipal:
@@ -540,12 +548,10 @@ class BasicLogin:
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
-    async def _kdc(self, call: Callable[..., T], *args: object) -> T:
-        async with self._slots:
-            try:
-                return await asyncio.wait_for(asyncio.to_thread(call, *args), timeout=self._timeout)
-            except TimeoutError:
-                raise _unreachable(self._timeout) from None
+    def close(self) -> None:
+        """Start no more KDC calls (the gateway is closing); one still inside MIT finishes on its own."""
+        self._checks.close()
+        self._tokens.close()
 
 
 @dataclass
@@ -553,5 +559,31 @@ class _Attempt:
     failed: bool = False  # set when the KDC said wrong password or no such user
 
 
+async def _kdc(threads: KdcThreads, realm: str, call: Callable[..., T], *args: object) -> T:
+    """`call(*args)` in one of `threads`: 503 at kdc_timeout, or at once when no thread is to be had."""
+    try:
+        return await threads.run(call, *args)
+    except TimeoutError:
+        raise _unreachable(threads.timeout) from None
+    except NoThread as e:
+        raise _no_thread(threads, realm, e) from None
+
+
 def _unreachable(timeout: float) -> GatewayError:
     return explain(f"cannot contact any KDC within {timeout:g} s", user="-", spn="-", proxy="the gateway")
+
+
+def _no_thread(threads: KdcThreads, realm: str, e: NoThread) -> KdcUnavailable:
+    if e.abandoned >= e.held:
+        return KdcUnavailable(
+            "the authentication service is unreachable; try again shortly",
+            hint=f"the KDC of {realm} does not answer: all {e.held} threads for Basic's KDC calls "
+            f"(kerberos.max_in_flight) are held by calls it left unanswered past kerberos.kdc_timeout "
+            f"({threads.timeout:g} s), until MIT gives up (about 25 s); check krb5.conf's kdc entries for {realm} "
+            "and that the KDC is up",
+        )
+    return KdcUnavailable(
+        "the authentication service is busy; try again shortly",
+        hint=f"the KDC of {realm} answers slowly: all {e.held} threads for Basic's KDC calls (kerberos.max_in_flight) "
+        f"are in calls to it and as many wait; raise kerberos.max_in_flight if the KDC keeps up",
+    )

@@ -16,7 +16,7 @@ its next request:
 A request that reaches the backend is registered (`watch`) under its chain's certificates for as long
 as it is in flight: an ActiveSync Ping can be held for most of an hour. When a refresh swaps in CRLs
 that revoke one of them, its in-flight requests are ended: cancelled like a timeout, and answered 403
-if the backend's answer had not started, or cut if it had.
+if the backend's answer had not started, or cut if it had (`proxy.held`, as the directory ends one).
 
 A reload builds a new `LiveRevocation` for its new gateway, while requests held under the old one run on
 (`proxy.live`). `hand_over` lets the new configuration judge them: at the swap, a held request whose chain the
@@ -33,10 +33,8 @@ import functools
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
-import structlog
 from cryptography import x509
 
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
@@ -46,60 +44,30 @@ from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
 from proxy.config import ClientCertificates
 from proxy.device.request import DeviceRequest
 from proxy.errors import CertificateRejected, CertificateRevoked
+from proxy.held import HeldRequest
 
-log = structlog.get_logger("proxy.revocation")
 
+class _Watch(HeldRequest):
+    """One request in flight under a chain, kept in its stage's `in_flight` set while it is held; how it is ended
+    is `proxy.held`'s (a class, not `contextlib.contextmanager`: a held long-poll keeps it for its whole life)."""
 
-class _Watch:
-    """One request in flight, and how to end it."""
+    __slots__ = ("_in_flight", "verified")
 
-    def __init__(self, request: DeviceRequest, verified: VerifiedCertificate, task: asyncio.Task[Any]) -> None:
-        self.request = request
+    def __init__(
+        self, request: DeviceRequest, verified: VerifiedCertificate, task: asyncio.Task[Any], in_flight: set[_Watch]
+    ) -> None:
+        super().__init__(request, task)
         self.verified = verified
-        self.task = task
-        self.ended: CertificateRevoked | CertificateRejected | None = None
-        self.answer_started = False
-
-    def end(self, error: CertificateRevoked | CertificateRejected) -> None:
-        if self.ended is not None:
-            return
-        self.ended = error
-        self.answer_started = self.request.answer_started
-        log.warning(
-            "held_request_ended",
-            cert_subject=self.verified.subject,
-            cert_serial=f"{self.verified.serial:x}",
-            reason=error.reason,
-            answer_started=self.answer_started,
-        )
-        if self.answer_started:
-            self.request.abort()  # too late for a 403: cut the connection
-        self.task.cancel(msg=error.reason)
-
-
-class _Watching:
-    """`LiveRevocation.watch` for one request: a class, not `contextlib.contextmanager`, since a held long-poll
-    keeps it for its whole life (a generator's frame and context manager were about 0.5 KiB of each)."""
-
-    __slots__ = ("_in_flight", "_watch")
-
-    def __init__(self, in_flight: set[_Watch], watch: _Watch) -> None:
         self._in_flight = in_flight
-        self._watch = watch
 
-    def __enter__(self) -> None:
-        self._in_flight.add(self._watch)
+    def _hold(self) -> None:
+        self._in_flight.add(self)
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        watch = self._watch
-        self._in_flight.discard(watch)
-        if not isinstance(error, asyncio.CancelledError):
-            return  # finished, or failed on its own: the error (if any) goes on
-        if watch.ended is None or watch.answer_started:
-            return  # not ours; or the answer had started, the connection is cut and nobody is left to tell
-        if watch.task.uncancel() > 0:
-            return  # cancelled for another reason as well
-        raise watch.ended from None
+    def _let_go(self) -> None:
+        self._in_flight.discard(self)
+
+    def _facts(self) -> dict[str, object]:
+        return {"cert_subject": self.verified.subject, "cert_serial": f"{self.verified.serial:x}"}
 
 
 _UNWATCHED = contextlib.nullcontext()
@@ -209,7 +177,7 @@ class LiveRevocation:
             current.check(verified, at=datetime.now(UTC), policy="best-effort")  # raises CertificateRevoked
         if self._successor is not None:  # a reload came between `check` and here: hand_over never saw this request
             _judge(verified, *self._successor[:2])
-        return _Watching(self._in_flight, _Watch(request, verified, task))
+        return _Watch(request, verified, task, self._in_flight)
 
     @property
     def in_flight(self) -> int:

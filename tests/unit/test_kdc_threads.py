@@ -1,0 +1,104 @@
+"""`KdcThreads`: blocking calls in threads of their own, a thread counted taken until its call returns."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from proxy.kerberos.threads import KdcThreads, NoThread
+
+LONG = 30.0  # a timeout no call here reaches unless it is meant to
+
+
+def _blocked(release: threading.Event) -> str:
+    """A KDC that answers once `release` is set (as MIT's wait ends)."""
+    assert release.wait(60)
+    return "answered"
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Poll the event loop until `condition()` holds (a deadline, never a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not condition():
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+def test_a_thread_stays_taken_after_its_caller_timed_out_and_the_next_call_is_refused_at_once() -> None:
+    """Two threads, both in calls whose callers timed out: a third call is NoThread at once (no wait for a thread
+    MIT holds); once the calls return in their threads, calls run again."""
+
+    async def scenario() -> None:
+        threads = KdcThreads(2, 0.2, "test")
+        release = threading.Event()
+        try:
+            for _ in range(2):
+                with pytest.raises(TimeoutError):
+                    await threads.run(_blocked, release)
+            assert (threads.held, threads.abandoned) == (2, 2)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(NoThread) as refused:
+                await threads.run(_blocked, release)
+            assert loop.time() - start < 0.2  # not a wait of its timeout
+            assert (refused.value.held, refused.value.abandoned) == (2, 2)
+            release.set()
+            await _until(lambda: threads.held == 0, "the threads given back")
+            assert threads.abandoned == 0
+            assert await threads.run(lambda: "ok") == "ok"
+        finally:
+            release.set()
+            threads.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_waits_for_a_thread_a_live_call_holds_and_as_many_may_wait_as_there_are_threads() -> None:
+    """One thread, in a call whose caller still waits: one more call waits for it and runs once it is free; a third
+    call meanwhile is NoThread at once (as many wait as there are threads)."""
+
+    async def scenario() -> None:
+        threads = KdcThreads(1, LONG, "test")
+        release = threading.Event()
+        try:
+            first = asyncio.create_task(threads.run(_blocked, release))
+            await _until(lambda: threads.held == 1, "the first call in its thread")
+            second = asyncio.create_task(threads.run(lambda: "second"))
+            await _until(lambda: threads._waiting == 1, "the second call waiting")
+            with pytest.raises(NoThread):
+                await threads.run(lambda: "third")
+            release.set()
+            assert (await first, await second) == ("answered", "second")
+        finally:
+            release.set()
+            threads.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_waiting_for_a_thread_times_out_within_its_own_timeout() -> None:
+    """The wait for a thread counts against the call's timeout: a live call holding the only thread longer makes
+    the waiting call TimeoutError, and the thread is not counted twice."""
+
+    async def scenario() -> None:
+        threads = KdcThreads(1, 0.3, "test")
+        release = threading.Event()
+        try:
+            first = asyncio.create_task(threads.run(_blocked, release))
+            await _until(lambda: threads.held == 1, "the first call in its thread")
+            with pytest.raises(TimeoutError):
+                await threads.run(lambda: "late")
+            with pytest.raises(TimeoutError):
+                await first
+            release.set()
+            await _until(lambda: threads.held == 0, "the thread given back")
+            assert await threads.run(lambda: "again") == "again"
+        finally:
+            release.set()
+            threads.close()
+
+    asyncio.run(scenario())
