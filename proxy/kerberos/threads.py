@@ -60,7 +60,10 @@ class KdcThreads:
         """`call(*args)` in one of the threads; TimeoutError after `timeout` (waiting for a thread included),
         NoThread at once when there is no thread to wait for (module docstring)."""
         async with asyncio.timeout(self.timeout):
-            if self._free.locked() and (self._waiting >= self.threads or self.abandoned >= self.held):
+            # Every thread in a call (not merely passing from a returned call to a waiter, when none is held),
+            # and as many calls waiting, or every one of those calls abandoned: no thread frees soon.
+            busy = self.held >= self.threads
+            if busy and (self._waiting >= self.threads or self.abandoned >= self.held):
                 raise NoThread(self.held, self.abandoned)
             self._waiting += 1
             try:
