@@ -412,6 +412,25 @@ def test_nothing_after_a_request_that_closes_the_connection_is_served() -> None:
         assert statuses(bytes(transport.written)) == [200]
 
 
+async def _until_closed(sent: bytes) -> bytes:
+    """What a connection with keepalive_timeout 0.2 s wrote after receiving `sent`, once it closed itself (the
+    30 s deadline is for a failure only)."""
+    limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=0.2)
+    connection, transport = _connected(Served(), limits)
+    ended = asyncio.Event()
+    close = transport.close
+
+    def noted_close() -> None:
+        close()
+        ended.set()
+
+    transport.close = noted_close  # type: ignore[method-assign]
+    connection.data_received(sent)
+    await asyncio.wait_for(ended.wait(), timeout=30)
+    connection.connection_lost(None)
+    return bytes(transport.written)
+
+
 @pytest.mark.parametrize(
     ("sent", "answered"),
     [
@@ -428,23 +447,7 @@ def test_a_head_that_never_ends_is_told_408_and_an_idle_connection_nothing(sent:
     a connection with no request begun (idle after an answer, or holding only empty lines) is closed without one,
     since a request the device sends meanwhile would read it as its answer."""
 
-    async def scenario() -> bytes:
-        limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=0.2)
-        connection, transport = _connected(Served(), limits)
-        ended = asyncio.Event()
-        close = transport.close
-
-        def noted_close() -> None:
-            close()
-            ended.set()
-
-        transport.close = noted_close  # type: ignore[method-assign]
-        connection.data_received(sent)
-        await asyncio.wait_for(ended.wait(), timeout=30)  # the deadline is for a failure only
-        connection.connection_lost(None)
-        return bytes(transport.written)
-
-    written = asyncio.run(scenario())
+    written = asyncio.run(_until_closed(sent))
     assert statuses(written) == answered
     if 408 in answered:
         assert written.endswith(b"the request's head was not complete within 0.2 s\n")
@@ -456,23 +459,8 @@ def test_only_a_request_line_begun_is_a_head_timeout_in_the_log(sent: bytes, war
     ended; a kept-alive connection that holds only the CRLF an old client sends after a body is an idle one
     (`device_idle_closed`, debug). It was a warning naming 2 bytes received, at every such connection's end."""
 
-    async def scenario() -> None:
-        limits = DeviceLimits(max_header_bytes=4096, max_field_bytes=2048, keepalive_timeout=0.2)
-        connection, transport = _connected(Served(), limits)
-        ended = asyncio.Event()
-        close = transport.close
-
-        def noted_close() -> None:
-            close()
-            ended.set()
-
-        transport.close = noted_close  # type: ignore[method-assign]
-        connection.data_received(sent)
-        await asyncio.wait_for(ended.wait(), timeout=30)
-        connection.connection_lost(None)
-
     with capture_logs() as logs:
-        asyncio.run(scenario())
+        asyncio.run(_until_closed(sent))
     events = [e["event"] for e in logs]
     assert ("request_head_timeout" in events) == warned, events
     assert ("device_idle_closed" in events) == (not warned), events
