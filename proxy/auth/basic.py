@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.addresses import address_key
+from proxy.auth.shared import SharedTable, SharedThrottle
 from proxy.config import Authentication, Identity, Kerberos, Route
 from proxy.errors import (
     AuthenticationRequired,
@@ -258,6 +259,14 @@ class Throttle:
         count = state.count if now - state.last <= self._forget else 0
         return 0.0 if state.in_flight < max(1, self._limit - count) else _THROTTLE_BASE
 
+    def admit(self, key: str, now: float, *, force: bool = False) -> float:
+        """Check and count in one step: 0 and the attempt is in flight (until `end`), or the seconds to wait (nothing
+        counted). `force`: counted whatever the wait (a held user's own last accepted password)."""
+        wait = 0.0 if force else self.wait(key, now)
+        if wait == 0:
+            self.begin(key, now)
+        return wait
+
     def begin(self, key: str, now: float) -> None:
         """An attempt of `key` is admitted: it counts as in flight until `end`."""
         self._state(key, now).in_flight += 1
@@ -344,7 +353,10 @@ class PasswordLogin:
 class BasicLogin:
     """Checks Basic credentials with the KDC, with the cache and throttles above; makes the backend's header."""
 
-    def __init__(self, settings: Authentication, identity: Identity, kerberos: Kerberos) -> None:
+    def __init__(
+        self, settings: Authentication, identity: Identity, kerberos: Kerberos, *, shared: SharedTable | None = None
+    ) -> None:
+        """`shared`: the workers' table (`proxy.auth.shared`), where the per-user counts live with several workers."""
         self.challenge = {"WWW-Authenticate": f'Basic realm="{settings.basic_realm}"'}
         self._identity = identity
         self._realms = {identity.default_realm, *identity.realm_map.values()}
@@ -352,7 +364,13 @@ class BasicLogin:
         self._slots = asyncio.Semaphore(kerberos.max_in_flight)
         self._cache = CredentialCache(settings.basic_cache_seconds)
         self._window = settings.basic_failure_window_seconds
-        self._users = Throttle(settings.basic_failures_per_user, forget=self._window, hold=True)
+        self.shared = shared
+        limit = settings.basic_failures_per_user
+        self._users: Throttle | SharedThrottle = (
+            Throttle(limit, forget=self._window, hold=True)
+            if shared is None
+            else SharedThrottle(shared, limit, forget=self._window, stale_after=_stale_after(limit, kerberos))
+        )
         self._addresses = Throttle(settings.basic_failures_per_address)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.pace = Pace()
@@ -481,7 +499,9 @@ class BasicLogin:
         concurrent attempts see each other."""
         now = time.monotonic()
         client = address_key(client)
-        wait = max(0.0 if known else self._users.wait(key, now), self._addresses.wait(client, now))
+        wait = self._addresses.wait(client, now)
+        if wait == 0:  # the user's check and count are one step: with workers, the table is shared (proxy.auth.shared)
+            wait = self._users.admit(key, now, force=known)
         if wait > 0:
             raise TooManyAttempts(
                 "too many failed sign-ins; wait and try again",
@@ -489,7 +509,6 @@ class BasicLogin:
                 challenge={"Retry-After": str(max(1, round(wait)))},
             )
         attempt = _Attempt()
-        self._users.begin(key, now)
         self._addresses.begin(client, now)
         try:
             yield attempt
@@ -512,6 +531,12 @@ class BasicLogin:
 @dataclass
 class _Attempt:
     failed: bool = False  # set when the KDC said wrong password or no such user
+
+
+def _stale_after(limit: int, kerberos: Kerberos) -> float:
+    """When a user's attempts still counted in flight are taken to be those of a worker that died: the longest a
+    worker's attempts of one user take, one KDC check at a time (`BasicLogin._lock`), and a margin."""
+    return limit * kerberos.kdc_timeout + 30.0
 
 
 def _unreachable(timeout: float) -> GatewayError:

@@ -1,0 +1,81 @@
+"""The Basic per-user throttle with `[listener] workers = 2`: the kernel spreads a guesser's connections over both
+workers, and the wrong passwords that reach the KDC through the one gateway must stay within
+`basic_failures_per_user` (the directory's lockout threshold is sized against it: docs/throttles-and-limits.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import aiohttp
+
+from proxy.lab.kdclog import KdcLog
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually
+
+PER_USER = 4
+GUESSES = 24  # each on a new connection: all of them landing on one worker is a chance of 2**-23
+
+
+def _two_worker_basic_gateway(lab: LabLayout, directory: Path) -> Gateway:
+    port = free_port()
+    extra = f"""
+[authentication]
+mode = "basic"
+basic_failures_per_user = {PER_USER}
+basic_failures_per_address = 1000
+basic_failure_window_seconds = 600
+"""
+    text = lab_config(lab, port=port, extra=extra)
+    bind = f'bind = "127.0.0.1:{port}"\n'
+    assert bind in text
+    return start_gateway(lab, directory, text.replace(bind, f"{bind}workers = 2\n"))
+
+
+async def _guess_on_fresh_connections(lab: LabLayout, gw: Gateway, user: str, n: int) -> list[int]:
+    """`n` wrong passwords for `user`, one after the other, each on a connection of its own."""
+    statuses = []
+    for i in range(n):
+        login = base64.b64encode(f"{user}:Wrong-{i}".encode()).decode()
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+            session.get(
+                gw.url + "/owa/", headers={"Authorization": f"Basic {login}"}, ssl=client_context(lab, None)
+            ) as r,
+        ):
+            await r.read()
+            statuses.append(r.status)
+    return statuses
+
+
+def test_a_guesser_spread_over_two_workers_reaches_the_kdc_at_most_the_per_user_limit(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """24 wrong passwords for carol, each on a new connection to a gateway of two workers, both of which answer: at
+    most basic_failures_per_user (4) of them are checked by the KDC (401; the KDC logs an AS request for each), the
+    rest are 429 without the KDC (before: 4 per worker, 8 reached the KDC, so the directory's lockout threshold
+    counted twice the limit the administrator sized it against)."""
+    gw = _two_worker_basic_gateway(lab, tmp_path / "gw")
+    try:
+        kdc = KdcLog(lab.kdc_log)
+        gw.mark()
+        statuses = asyncio.run(_guess_on_fresh_connections(lab, gw, "carol", GUESSES))
+        answered = gw.wait_events("request", GUESSES)
+        assert len({e["pid"] for e in answered}) == 2, "one worker answered every guess"
+        assert set(statuses) == {401, 429}, statuses
+        assert statuses.count(401) <= PER_USER, statuses
+        checked = statuses.count(401)  # each a password the KDC checked (the lab does not require pre-auth:
+        # the KDC logs one AS_REQ that it answered, and the client library finds the password wrong)
+
+        def kdc_checks() -> list[str]:
+            with lab.kdc_log.open(errors="replace") as f:
+                f.seek(kdc.offset)
+                return [line for line in f.read().splitlines() if "AS_REQ" in line and "carol@LAB.TEST" in line]
+
+        eventually(lambda: len(kdc_checks()) >= checked or None, f"{checked} AS requests for carol in the KDC's log")
+        kdc.settled()
+        assert len(kdc_checks()) == checked, kdc_checks()
+    finally:
+        gw.stop()
