@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -77,5 +79,43 @@ def test_a_guesser_spread_over_two_workers_reaches_the_kdc_at_most_the_per_user_
         eventually(lambda: len(kdc_checks()) >= checked or None, f"{checked} AS requests for carol in the KDC's log")
         kdc.settled()
         assert len(kdc_checks()) == checked, kdc_checks()
+    finally:
+        gw.stop()
+
+
+def test_a_held_user_stays_held_when_a_worker_is_replaced_and_under_a_burst(lab: LabLayout, tmp_path: Path) -> None:
+    """bob held after basic_failures_per_user wrong passwords (sent at once, 24 connections: at most 4 reach the KDC);
+    one worker killed and replaced by the supervisor: the new worker answers bob's further guesses 429 too, without
+    the KDC (a worker's own throttle would have started afresh and let 4 more through)."""
+    gw = _two_worker_basic_gateway(lab, tmp_path / "gw")
+    try:
+        pids = sorted({e["pid"] for e in gw.wait_events("listening", 2)})
+
+        async def burst() -> list[list[int]]:
+            return list(await asyncio.gather(*(_guess_on_fresh_connections(lab, gw, "bob", 1) for _ in range(GUESSES))))
+
+        first = [s for answers in asyncio.run(burst()) for s in answers]
+        assert first.count(401) <= PER_USER, first
+        assert set(first) <= {401, 429}, first
+        kdc = KdcLog(lab.kdc_log)
+
+        os.kill(pids[0], signal.SIGKILL)
+        replacement = eventually(
+            lambda: next((e["pid"] for e in gw.events("listening") if e["pid"] not in pids), None),
+            "a replacement worker listening",
+        )
+        gw.mark()
+        later: list[int] = []
+
+        def replacement_answered() -> bool | None:
+            later.extend(asyncio.run(_guess_on_fresh_connections(lab, gw, "bob", 4)))
+            return any(e.get("pid") == replacement for e in gw.events("request", gw.since)) or None
+
+        eventually(replacement_answered, "the replacement worker answering one of bob's guesses")
+        assert set(later) == {429}, later
+        kdc.settled()
+        with lab.kdc_log.open(errors="replace") as f:
+            f.seek(kdc.offset)
+            assert not [line for line in f.read().splitlines() if "AS_REQ" in line and "bob@LAB.TEST" in line]
     finally:
         gw.stop()
