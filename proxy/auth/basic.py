@@ -45,7 +45,9 @@ through the gateway; the one password that still goes on is the one the KDC last
 user (its hash is kept for the window, never to serve anyone from it): the user's own device. A
 user's count is forgotten after a success, as AD resets its own. Each throttle keeps at most 100,000 keys; a
 flood of other names pushes out keys that are not refused first, never a held user's. A disabled or
-locked account gets 403 and does not count (the KDC says so whatever the password). An IPv6 client is
+locked account gets 403 and does not count (the KDC says so whatever the password). With several workers the
+users' counts live in a table they share (`proxy.auth.shared`), so a guesser's connections spread over the workers
+meet one limit; the addresses' counts stay per worker. An IPv6 client is
 counted by its /64 (`address_key`): one device or home is given a whole /64 and picks addresses in it
 at will, so a sprayer stepping through its own prefix would otherwise get a fresh allowance per address.
 
