@@ -162,10 +162,12 @@ class CredentialCache:
 
     Keys are `user_key`s: one entry per user however a request spells the name."""
 
-    def __init__(self, ttl: float, *, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl: float, *, max_entries: int = 10_000, shared: SharedTable | None = None) -> None:
+        """`shared`: the workers' table, which keeps the passwords the KDC last accepted (`known`) for every worker."""
         self._ttl = ttl
         self._max = max_entries
-        self._salt = os.urandom(16)
+        self._shared = shared
+        self._salt = os.urandom(16) if shared is None else shared.salt
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._known: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (digest, until)
 
@@ -188,6 +190,8 @@ class CredentialCache:
     def known(self, key: str, now: float, digest: bytes | None = None) -> bool:
         """Whether `key` has a password the KDC accepted within the failure window (with `digest`: this one).
         Never a reason to serve anyone: only to let that password through a held user's throttle to the KDC."""
+        if self._shared is not None:
+            return self._shared.known(key, now, digest)
         known = self._known.get(key)
         if known is None or now >= known[1]:
             return False
@@ -196,7 +200,9 @@ class CredentialCache:
     def put(
         self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float, *, known_for: float = 0.0
     ) -> None:
-        if known_for > 0:
+        if known_for > 0 and self._shared is not None:
+            self._shared.keep_known(key, digest, now + known_for)
+        elif known_for > 0:
             self._known[key] = (digest, now + known_for)
             self._known.move_to_end(key)
             while len(self._known) > self._max:
@@ -213,6 +219,8 @@ class CredentialCache:
         entry = self._entries.get(key)
         if entry is not None and (digest is None or hmac.compare_digest(entry.digest, digest)):
             del self._entries[key]
+        if self._shared is not None:
+            self._shared.forget_known(key, digest)
         known = self._known.get(key)
         if known is not None and (digest is None or hmac.compare_digest(known[0], digest)):
             del self._known[key]
@@ -364,7 +372,7 @@ class BasicLogin:
         self._realms = {identity.default_realm, *identity.realm_map.values()}
         self._timeout = kerberos.kdc_timeout
         self._slots = asyncio.Semaphore(kerberos.max_in_flight)
-        self._cache = CredentialCache(settings.basic_cache_seconds)
+        self._cache = CredentialCache(settings.basic_cache_seconds, shared=shared)
         self._window = settings.basic_failure_window_seconds
         self.shared = shared
         limit = settings.basic_failures_per_user

@@ -21,13 +21,17 @@ cannot both see the last attempt free; the lock is the kernel's and goes with a 
 attempt in flight in a worker that dies is never ended; its count lapses `stale_after` seconds after the key's last
 admitted attempt (a check is bounded by the KDC timeout), so the user is not refused for ever.
 
-The address throttle, the credential cache and the refusal pace stay per worker (docs/throttles-and-limits.md).
+The table also keeps, per user, the password the KDC last accepted (its salted scrypt digest, with one salt for every
+worker, `CredentialCache.known`): what lets a held user's own device through, on whichever worker its connection
+lands. The address throttle, the cache of fresh sign-ins and the refusal pace stay per worker
+(docs/throttles-and-limits.md).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import mmap
 import os
 import struct
@@ -40,6 +44,7 @@ SLOT_BYTES = 64  # _SLOT.size (56) rounded up
 SLOTS_PER_BUCKET = 8
 _EMPTY = bytes(16)
 _RETRY = 1.0  # seconds: Retry-After of a key with every attempt in flight, or with no slot it may take
+_KNOWN = struct.Struct("<16s32sd")  # key hash, the scrypt digest of the password the KDC last accepted, until when
 
 
 @dataclass
@@ -56,13 +61,16 @@ class _Slot:
 class SharedTable:
     """Shared memory for per-user throttle state, made once before the workers fork (module docstring)."""
 
-    def __init__(self, max_keys: int = 100_000) -> None:
+    def __init__(self, max_keys: int = 100_000, max_known: int = 10_000) -> None:
         self.buckets = max(1, -(-max_keys // SLOTS_PER_BUCKET))
-        size = self.buckets * SLOTS_PER_BUCKET * SLOT_BYTES
+        self._known_buckets = max(1, -(-max_known // SLOTS_PER_BUCKET))
+        self._known_at = self.buckets * SLOTS_PER_BUCKET * SLOT_BYTES  # the known passwords follow the slots
+        size = self._known_at + self._known_buckets * SLOTS_PER_BUCKET * SLOT_BYTES
         self._fd = os.memfd_create("kcd-proxy-basic-throttle", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, size)
         self._map = mmap.mmap(self._fd, size)  # MAP_SHARED: forked workers see one memory
         self._secret = os.urandom(16)
+        self.salt = os.urandom(16)  # the credential cache's, one for every worker: a digest means the same in each
 
     @property
     def capacity(self) -> int:
@@ -92,6 +100,43 @@ class SharedTable:
     def bucket(self, digest: bytes) -> range:
         first = int.from_bytes(digest[:8], "little") % self.buckets * SLOTS_PER_BUCKET
         return range(first, first + SLOTS_PER_BUCKET)
+
+    # The password the KDC last accepted for a user (`CredentialCache.known`), kept for the failure window: what lets
+    # a held user's own device through, whichever worker its connection lands on. At most `max_known` users, the
+    # one kept longest out first (as the in-process LRU of puts).
+
+    def known(self, key: str, now: float, digest: bytes | None = None) -> bool:
+        """Whether `key` has an accepted password until after `now` (with `digest`: this one)."""
+        hashed = self.digest(key)
+        with self.locked():
+            for offset in self._known_bucket(hashed):
+                stored, accepted, until = _KNOWN.unpack_from(self._map, offset)
+                if stored == hashed:
+                    return now < until and (digest is None or hmac.compare_digest(accepted, digest))
+        return False
+
+    def keep_known(self, key: str, digest: bytes, until: float) -> None:
+        hashed = self.digest(key)
+        with self.locked():
+            bucket = self._known_bucket(hashed)
+            place = next((o for o in bucket if _KNOWN.unpack_from(self._map, o)[0] in (hashed, _EMPTY)), None)
+            if place is None:
+                place = min(bucket, key=lambda o: float(_KNOWN.unpack_from(self._map, o)[2]))
+            _KNOWN.pack_into(self._map, place, hashed, digest, until)
+
+    def forget_known(self, key: str, digest: bytes | None = None) -> None:
+        """Drop `key`'s accepted password; with `digest`, only if it is that one (the KDC refused it)."""
+        hashed = self.digest(key)
+        with self.locked():
+            for offset in self._known_bucket(hashed):
+                stored, accepted, _ = _KNOWN.unpack_from(self._map, offset)
+                if stored == hashed and (digest is None or hmac.compare_digest(accepted, digest)):
+                    self._map[offset : offset + SLOT_BYTES] = bytes(SLOT_BYTES)
+
+    def _known_bucket(self, hashed: bytes) -> range:
+        first = int.from_bytes(hashed[8:], "little") % self._known_buckets * SLOTS_PER_BUCKET
+        start = self._known_at + first * SLOT_BYTES
+        return range(start, start + SLOTS_PER_BUCKET * SLOT_BYTES, SLOT_BYTES)
 
 
 class SharedThrottle:

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.lab.kdclog import KdcLog
-from proxy.lab.layout import LabLayout
+from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 
@@ -21,11 +21,12 @@ PER_USER = 4
 GUESSES = 24  # each on a new connection: all of them landing on one worker is a chance of 2**-23
 
 
-def _two_worker_basic_gateway(lab: LabLayout, directory: Path) -> Gateway:
+def _two_worker_basic_gateway(lab: LabLayout, directory: Path, *, cache_seconds: float = 60) -> Gateway:
     port = free_port()
     extra = f"""
 [authentication]
 mode = "basic"
+basic_cache_seconds = {cache_seconds}
 basic_failures_per_user = {PER_USER}
 basic_failures_per_address = 1000
 basic_failure_window_seconds = 600
@@ -36,11 +37,13 @@ basic_failure_window_seconds = 600
     return start_gateway(lab, directory, text.replace(bind, f"{bind}workers = 2\n"))
 
 
-async def _guess_on_fresh_connections(lab: LabLayout, gw: Gateway, user: str, n: int) -> list[int]:
-    """`n` wrong passwords for `user`, one after the other, each on a connection of its own."""
+async def _guess_on_fresh_connections(
+    lab: LabLayout, gw: Gateway, user: str, n: int, password: str | None = None
+) -> list[int]:
+    """`n` wrong passwords for `user` (or `password` n times), one after the other, each on a connection of its own."""
     statuses = []
     for i in range(n):
-        login = base64.b64encode(f"{user}:Wrong-{i}".encode()).decode()
+        login = base64.b64encode(f"{user}:{password or f'Wrong-{i}'}".encode()).decode()
         async with (
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
             session.get(
@@ -117,5 +120,40 @@ def test_a_held_user_stays_held_when_a_worker_is_replaced_and_under_a_burst(lab:
         with lab.kdc_log.open(errors="replace") as f:
             f.seek(kdc.offset)
             assert not [line for line in f.read().splitlines() if "AS_REQ" in line and "bob@LAB.TEST" in line]
+    finally:
+        gw.stop()
+
+
+def test_a_held_users_own_password_gets_in_on_any_worker_after_the_one_that_accepted_it_is_replaced(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """alice signs in once (one worker's KDC check accepts her password), a guesser holds her, and that worker is
+    killed and replaced: her device's next connections, on the replacement or the other worker, are served (the
+    password the KDC last accepted is kept in the workers' table); each worker kept its own and answered 429 until
+    the window ended."""
+    gw = _two_worker_basic_gateway(lab, tmp_path / "gw", cache_seconds=0)
+    try:
+        pids = sorted({e["pid"] for e in gw.wait_events("listening", 2)})
+        gw.mark()
+        assert asyncio.run(_guess_on_fresh_connections(lab, gw, "alice", 1, USERS["alice"])) == [200]
+        accepted_by = gw.wait_event("request", status=200)["pid"]
+        guesses = asyncio.run(_guess_on_fresh_connections(lab, gw, "alice", PER_USER + 2))
+        assert guesses == [401] * PER_USER + [429, 429], guesses
+
+        os.kill(accepted_by, signal.SIGKILL)
+        replacement = eventually(
+            lambda: next((e["pid"] for e in gw.events("listening") if e["pid"] not in pids), None),
+            "a replacement worker listening",
+        )
+        serving = {replacement, *(pid for pid in pids if pid != accepted_by)}
+        gw.mark()
+        device: list[int] = []
+
+        def both_answered() -> bool | None:
+            device.extend(asyncio.run(_guess_on_fresh_connections(lab, gw, "alice", 2, USERS["alice"])))
+            return {e.get("pid") for e in gw.events("request", gw.since)} >= serving or None
+
+        eventually(both_answered, "both serving workers answering alice's device")
+        assert set(device) == {200}, device
     finally:
         gw.stop()

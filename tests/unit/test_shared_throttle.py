@@ -81,3 +81,36 @@ def test_a_bucket_of_held_users_refuses_a_new_key_instead_of_releasing_one() -> 
         _fail(throttle, f"held-{i}", 0.0)
     assert throttle.admit("newcomer", 1.0) == 1.0
     assert all(throttle.wait(f"held-{i}", 2.0) > 1700 for i in range(8))
+
+
+def test_the_accepted_password_kept_in_one_process_is_known_in_another() -> None:
+    """A child process (a worker) keeps alice's accepted digest; here it is known, only that digest and only until its
+    time; a refusal of that very digest forgets it, one of another digest does not."""
+    table = SharedTable(max_keys=64, max_known=64)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            table.keep_known("alice", b"a" * 32, until=100.0)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert table.known("alice", 50.0, b"a" * 32)
+    assert table.known("alice", 50.0)
+    assert not table.known("alice", 50.0, b"b" * 32)
+    assert not table.known("alice", 100.0, b"a" * 32)
+    table.forget_known("alice", b"b" * 32)
+    assert table.known("alice", 50.0, b"a" * 32)
+    table.forget_known("alice", b"a" * 32)
+    assert not table.known("alice", 50.0)
+
+
+def test_known_passwords_are_bounded_and_the_one_kept_longest_goes_first() -> None:
+    """One bucket of 8: a ninth user's accepted password takes the place of the one that expires first."""
+    table = SharedTable(max_keys=8, max_known=8)
+    for i in range(9):
+        table.keep_known(f"user-{i}", bytes([i]) * 32, until=1000.0 + i)
+    assert not table.known("user-0", 0.0)
+    assert all(table.known(f"user-{i}", 0.0, bytes([i]) * 32) for i in range(1, 9))
