@@ -510,7 +510,9 @@ class BasicLogin:
         now = time.monotonic()
         client = address_key(client)
         wait = self._addresses.wait(client, now)
-        if wait == 0:  # the user's check and count are one step: with workers, the table is shared (proxy.auth.shared)
+        if wait > 0:  # refused by the address; the user's wait only lengthens Retry-After
+            wait = max(wait, 0.0 if known else self._users.wait(key, now))
+        else:  # the user's check and count are one step: with workers, the table is shared (proxy.auth.shared)
             wait = self._users.admit(key, now, force=known)
         if wait > 0:
             raise TooManyAttempts(
