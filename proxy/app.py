@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from proxy.admin import start_admin
 from proxy.auth.basic import BasicLogin
+from proxy.auth.shared import SharedTable
 from proxy.backend.forward import Pools, defer_continue
 from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
@@ -55,7 +56,8 @@ TRACE_KEY = web.RequestKey("trace", Trace)
 DEVICE_KEY = web.RequestKey("device", AiohttpRequest)
 
 
-def build(config: Config) -> Gateway:
+def build(config: Config, *, shared: SharedTable | None = None) -> Gateway:
+    """The gateway a configuration describes; `shared`: the workers' table for the Basic per-user throttle."""
     cc = config.client_certificates
     problems: list[str] = []
     try:
@@ -83,7 +85,7 @@ def build(config: Config) -> Gateway:
         revocation=revocation,
         delegator=Delegator(config.kerberos),
         pools=Pools(config.routes, config.listener),
-        basic=BasicLogin(config.authentication, config.identity, config.kerberos),
+        basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),
     )
 
@@ -283,10 +285,17 @@ def _who(trace: Trace) -> dict[str, object]:
     return {k: trace.facts[k] for k in keys if k in trace.facts}
 
 
-async def serve(config: Config, *, stop: asyncio.Event | None = None, worker: Worker | None = None) -> None:
+async def serve(
+    config: Config,
+    *,
+    stop: asyncio.Event | None = None,
+    worker: Worker | None = None,
+    shared: SharedTable | None = None,
+) -> None:
     """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT; SIGHUP reloads (`proxy.live`).
-    `worker`: this process is one of `listener.workers` (`proxy.workers`), whose admin listener answers for all."""
-    live = Live.start(config)
+    `worker`: this process is one of `listener.workers` (`proxy.workers`), whose admin listener answers for all;
+    `shared`: the table its siblings count Basic failures in (`proxy.auth.shared`)."""
+    live = Live.start(config, shared=shared)
     gw = live.gateway
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

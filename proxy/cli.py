@@ -28,10 +28,14 @@ def _run(args: argparse.Namespace) -> int:
         return e.report()
 
     from proxy import workers
+    from proxy.auth.shared import SharedTable
+
+    # several workers count a user's wrong passwords in one table, made before they fork (proxy.auth.shared)
+    shared = SharedTable() if cfg.listener.workers > 1 else None
 
     def serve_one(worker: workers.Worker | None = None) -> int:
         try:
-            event_loop.run(app.serve(cfg, worker=worker), cfg.listener.event_loop)
+            event_loop.run(app.serve(cfg, worker=worker, shared=shared), cfg.listener.event_loop)
         except ConfigError as e:
             return e.report()
         return 0

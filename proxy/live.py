@@ -44,6 +44,7 @@ from typing import Any
 import structlog
 
 from proxy import config as config_module
+from proxy.auth.shared import SharedTable
 from proxy.config import Config, IPNetwork
 from proxy.errors import ConfigError
 from proxy.observability.metrics import Metrics
@@ -74,11 +75,11 @@ class Live:
         self.metrics.crls = lambda: self.gateway.revocation.status()
 
     @classmethod
-    def start(cls, config: Config) -> Live:
+    def start(cls, config: Config, *, shared: SharedTable | None = None) -> Live:
         from proxy.app import build
         from proxy.tls.server import server_context
 
-        return cls(build(config), server_context(config), balancers=config.listener.trusted_proxies)
+        return cls(build(config, shared=shared), server_context(config), balancers=config.listener.trusted_proxies)
 
     @property
     def config(self) -> Config:
@@ -213,7 +214,7 @@ def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext]:
     problems = check(config, at=datetime.now(UTC), crls=False)
     if problems:
         raise ConfigError(problems)
-    return _carry_over(build(config), old), server_context(config)
+    return _carry_over(build(config, shared=old.basic.shared), old), server_context(config)
 
 
 def _carry_over(new: Gateway, old: Gateway) -> Gateway:

@@ -11,11 +11,16 @@ Why the check: SO_REUSEPORT lets any process of the same user bind the same port
 started by mistake on a port that one already serves would quietly take half of its connections instead
 of failing. A plain bind (SO_REUSEADDR only) fails when anything listens there; that is the check.
 
-Workers share nothing: each has its own Kerberos credentials and ticket cache, per-user backend pools
+Workers share nothing but one thing: each has its own Kerberos credentials and ticket cache, per-user backend pools
 and CRLs, so a user whose connections land on two workers costs two S4U2Self exchanges. That is also
-why several machines behind a load balancer need no coordination (docs/deploying.md).
+why several machines behind a load balancer need no coordination (docs/deploying.md; their Basic per-user limit is
+sized for their number instead, docs/throttles-and-limits.md).
 
-Workers share nothing, but the admin listener must answer for all of them: each scrape of `/metrics` or read of
+The one thing shared is the Basic per-user throttle (`proxy.auth.shared`): a table in shared memory that the
+command line makes before `supervise` forks, so that a guesser's connections spread over the workers count against
+one limit, and a replacement worker finds the users its predecessor held.
+
+Workers share nothing else, but the admin listener must answer for all of them: each scrape of `/metrics` or read of
 `/traces` reaches one worker (SO_REUSEPORT again). So the supervisor makes a private directory (mode 0700) before
 it forks, and gives each worker a number (1..N; a replacement takes the number of the worker it replaces) and that
 directory (`Worker`): each worker answers its siblings on a Unix socket there, and the one a scrape reaches asks

@@ -46,7 +46,9 @@ user (its hash is kept for the window after the device last used it, whether the
 cache served it, never to serve anyone from it): the user's own device. A
 user's count is forgotten after a success, as AD resets its own. Each throttle keeps at most 100,000 keys; a
 flood of other names pushes out keys that are not refused first, never a held user's. A disabled or
-locked account gets 403 and does not count (the KDC says so whatever the password). An IPv6 client is
+locked account gets 403 and does not count (the KDC says so whatever the password). With several workers the
+users' counts live in a table they share (`proxy.auth.shared`), so a guesser's connections spread over the workers
+meet one limit; the addresses' counts stay per worker. An IPv6 client is
 counted by its /64 (`address_key`): one device or home is given a whole /64 and picks addresses in it
 at will, so a sprayer stepping through its own prefix would otherwise get a fresh allowance per address.
 
@@ -90,6 +92,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.addresses import address_key
+from proxy.auth.shared import SharedTable, SharedThrottle
 from proxy.config import Authentication, Identity, Kerberos, Route
 from proxy.errors import (
     AuthenticationRequired,
@@ -171,11 +174,15 @@ class CredentialCache:
     KDC or served from the entry. Counted from the KDC's acceptance alone, it ended while a longer-lived entry still
     served the device, and the device was then refused for the rest of a hold."""
 
-    def __init__(self, ttl: float, *, max_entries: int = 10_000, known_for: float = 0.0) -> None:
+    def __init__(
+        self, ttl: float, *, max_entries: int = 10_000, known_for: float = 0.0, shared: SharedTable | None = None
+    ) -> None:
+        """`shared`: the workers' table, which keeps the passwords the KDC last accepted (`known`) for every worker."""
         self._ttl = ttl
         self._known_for = known_for
         self._max = max_entries
-        self._salt = os.urandom(16)
+        self._shared = shared
+        self._salt = os.urandom(16) if shared is None else shared.salt
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._known: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (digest, until)
 
@@ -200,6 +207,8 @@ class CredentialCache:
     def known(self, key: str, now: float, digest: bytes | None = None) -> bool:
         """Whether `key` has a password the KDC accepted within the failure window (with `digest`: this one).
         Never a reason to serve anyone: only to let that password through a held user's throttle to the KDC."""
+        if self._shared is not None:
+            return self._shared.known(key, now, digest)
         known = self._known.get(key)
         if known is None or now >= known[1]:
             return False
@@ -217,6 +226,9 @@ class CredentialCache:
             self._entries.popitem(last=False)
 
     def _know(self, key: str, digest: bytes, now: float) -> None:
+        if self._shared is not None:
+            self._shared.keep_known(key, digest, now + self._known_for)
+            return
         self._known[key] = (digest, now + self._known_for)
         self._known.move_to_end(key)
         while len(self._known) > self._max:
@@ -227,6 +239,8 @@ class CredentialCache:
         entry = self._entries.get(key)
         if entry is not None and (digest is None or hmac.compare_digest(entry.digest, digest)):
             del self._entries[key]
+        if self._shared is not None:
+            self._shared.forget_known(key, digest)
         known = self._known.get(key)
         if known is not None and (digest is None or hmac.compare_digest(known[0], digest)):
             del self._known[key]
@@ -278,6 +292,14 @@ class Throttle:
             return state.blocked_until - now
         count = state.count if now - state.last <= self._forget else 0
         return 0.0 if state.in_flight < max(1, self._limit - count) else _THROTTLE_BASE
+
+    def admit(self, key: str, now: float, *, force: bool = False) -> float:
+        """Check and count in one step: 0 and the attempt is in flight (until `end`), or the seconds to wait (nothing
+        counted). `force`: counted whatever the wait (a held user's own last accepted password)."""
+        wait = 0.0 if force else self.wait(key, now)
+        if wait == 0:
+            self.begin(key, now)
+        return wait
 
     def begin(self, key: str, now: float) -> None:
         """An attempt of `key` is admitted: it counts as in flight until `end`."""
@@ -391,15 +413,24 @@ class PasswordLogin:
 class BasicLogin:
     """Checks Basic credentials with the KDC, with the cache and throttles above; makes the backend's header."""
 
-    def __init__(self, settings: Authentication, identity: Identity, kerberos: Kerberos) -> None:
+    def __init__(
+        self, settings: Authentication, identity: Identity, kerberos: Kerberos, *, shared: SharedTable | None = None
+    ) -> None:
+        """`shared`: the workers' table (`proxy.auth.shared`), where the per-user counts live with several workers."""
         self.challenge = {"WWW-Authenticate": f'Basic realm="{settings.basic_realm}"'}
         self._identity = identity
         self._realms = {identity.default_realm, *identity.realm_map.values()}
         self._checks = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-kdc")  # password checks
         self._tokens = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-token")  # backend tokens
         self._window = settings.basic_failure_window_seconds
-        self._cache = CredentialCache(settings.basic_cache_seconds, known_for=self._window)
-        self._users = Throttle(settings.basic_failures_per_user, forget=self._window, hold=True)
+        self._cache = CredentialCache(settings.basic_cache_seconds, known_for=self._window, shared=shared)
+        self.shared = shared
+        limit = settings.basic_failures_per_user
+        self._users: Throttle | SharedThrottle = (
+            Throttle(limit, forget=self._window, hold=True)
+            if shared is None
+            else SharedThrottle(shared, limit, forget=self._window, stale_after=_stale_after(limit, kerberos))
+        )
         self._addresses = Throttle(settings.basic_failures_per_address)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.pace = Pace()
@@ -528,7 +559,11 @@ class BasicLogin:
         concurrent attempts see each other."""
         now = time.monotonic()
         client = address_key(client)
-        wait = max(0.0 if known else self._users.wait(key, now), self._addresses.wait(client, now))
+        wait = self._addresses.wait(client, now)
+        if wait > 0:  # refused by the address; the user's wait only lengthens Retry-After
+            wait = max(wait, 0.0 if known else self._users.wait(key, now))
+        else:  # the user's check and count are one step: with workers, the table is shared (proxy.auth.shared)
+            wait = self._users.admit(key, now, force=known)
         if wait > 0:
             raise TooManyAttempts(
                 "too many failed sign-ins; wait and try again",
@@ -536,7 +571,6 @@ class BasicLogin:
                 challenge={"Retry-After": str(max(1, round(wait)))},
             )
         attempt = _Attempt()
-        self._users.begin(key, now)
         self._addresses.begin(client, now)
         try:
             yield attempt
@@ -567,6 +601,12 @@ async def _kdc(threads: KdcThreads, realm: str, call: Callable[..., T], *args: o
         raise _unreachable(threads.timeout) from None
     except NoThread as e:
         raise _no_thread(threads, realm, e) from None
+
+
+def _stale_after(limit: int, kerberos: Kerberos) -> float:
+    """When a user's attempts still counted in flight are taken to be those of a worker that died: the longest a
+    worker's attempts of one user take, one KDC check at a time (`BasicLogin._lock`), and a margin."""
+    return limit * kerberos.kdc_timeout + 30.0
 
 
 def _unreachable(timeout: float) -> GatewayError:

@@ -41,6 +41,25 @@ def check(config: Config, *, at: datetime, crls: bool = True) -> list[str]:
     return [f"{key}: {message}{where}" for key, message in _problems(config, at, crls)]
 
 
+def warnings(config: Config) -> list[str]:
+    """What is sound but worth knowing, as `key: message (in FILE)`: check-config prints these and still says ok.
+
+    Behind a balancer (`listener.proxy_protocol`) there are usually several gateways, and each counts a user's wrong
+    Basic passwords on its own (the workers of one gateway share a table; gateways share nothing): the directory's
+    lockout threshold must be sized against the limit times the number of gateways (docs/throttles-and-limits.md)."""
+    where = f" (in {config.path})"
+    auth = config.authentication
+    if not config.listener.proxy_protocol or auth.mode == "certificate":
+        return []
+    limit, window = auth.basic_failures_per_user, auth.basic_failure_window_seconds
+    return [
+        f"authentication.basic_failures_per_user: behind a balancer (listener.proxy_protocol) each gateway counts a "
+        f"user's wrong passwords on its own: N gateways let N x {limit} of them reach the directory within "
+        f"basic_failure_window_seconds ({window:g}); keep N x {limit} below the domain's account lockout threshold "
+        f"(docs/throttles-and-limits.md, 'Several gateways'){where}"
+    ]
+
+
 def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, str]]:
     listener = config.listener
     yield from _server_certificate("listener", listener.certificate, listener.private_key, at)

@@ -36,7 +36,7 @@ async def _close(gw: Any) -> None:
 
 def check_config(args: argparse.Namespace) -> int:
     from proxy import app
-    from proxy.ops.check import check
+    from proxy.ops.check import check, warnings
 
     _quiet_logs()
     try:
@@ -50,6 +50,8 @@ def check_config(args: argparse.Namespace) -> int:
         print(problem)
     if problems:
         return 1
+    for warning in warnings(cfg):  # on stderr: stdout stays the problems or the one ok line
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{cfg.path}: ok ({len(cfg.routes)} route(s))")
     return 0
 

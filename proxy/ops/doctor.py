@@ -27,9 +27,10 @@ backends:
    lockout policy, and `basic-lockout <UPN>` with the canary's fine-grained one (its resultant PSO), where it has
    one: the guesses the gateway lets reach the DC while the DC still counts them must stay below the lockout
    threshold (docs/throttles-and-limits.md). A user is held after `basic_failures_per_user` wrong passwords
-   until `basic_failure_window_seconds` after the last one, in each of `listener.workers` processes; a window
-   shorter than the DC's observation window releases the user while the DC still counts, so the guesses add up
-   with every window until the account locks.
+   until `basic_failure_window_seconds` after the last one, counted once for all of `listener.workers` (they
+   share the count); a window shorter than the DC's observation window releases the user while the DC still
+   counts, so the guesses add up with every window until the account locks. Several gateways behind a balancer
+   each count on their own: `check-config` warns, and the docs size the limit for them.
 
 Checks that need a canary user are skipped without one (`--user`, or `[doctor] canary_user`). The clock is
 a parameter; the evaluations are pure functions of what the probes returned.
@@ -184,9 +185,10 @@ def kdc_account_check(
     )
 
 
-def lockout_check(name: str, policy: LockoutPolicy, auth: Authentication, workers: int) -> Check:
+def lockout_check(name: str, policy: LockoutPolicy, auth: Authentication) -> Check:
     """The Basic throttle against the lockout policy `policy` (`proxy.directory.LockoutPolicy`): how many wrong
-    passwords reach the DC while it still counts them, and whether that reaches its threshold."""
+    passwords reach the DC while it still counts them, and whether that reaches its threshold. A gateway's workers
+    share one count (`proxy.auth.shared`), so their number does not multiply it."""
     assert policy.threshold is not None  # a policy we may not read is never judged
     where = f"{policy.source} locks after {policy.threshold} bad passwords within {policy.window_seconds:g} s"
     if policy.threshold == 0:
@@ -199,22 +201,21 @@ def lockout_check(name: str, policy: LockoutPolicy, auth: Authentication, worker
             f" and each window lets {per_user} more guesses through until the account locks"
         )
         fixes.append(f"set authentication.basic_failure_window_seconds to {policy.window_seconds:g} or more")
-    reaching = per_user * workers
-    if reaching >= policy.threshold:
-        each = f"basic_failures_per_user {per_user}" + (f" in each of {workers} workers" if workers > 1 else "")
-        problems.append(f"{reaching} guesses ({each}) reach the DC within its window, and {policy.threshold} lock")
-        most = (policy.threshold - 1) // workers
+    if per_user >= policy.threshold:
+        problems.append(
+            f"{per_user} guesses (basic_failures_per_user) reach the DC within its window, and {policy.threshold} lock"
+        )
         fixes.append(
-            f"set authentication.basic_failures_per_user to {most} or less (below the threshold"
-            + (f" divided by listener.workers, {workers}" if workers > 1 else "")
-            + ", with room for the user's own typing)"
-            if most >= 1
-            else f"use fewer listener.workers than {policy.threshold}: each counts a user's failures on its own"
+            f"set authentication.basic_failures_per_user to {policy.threshold - 1} or less (below the threshold,"
+            " with room for the user's own typing)"
         )
     if problems:
         return Check(name, "fail", f"{where}; " + "; ".join(problems), "; ".join(fixes))
     return Check(
-        name, "pass", f"{where}; the gateway lets at most {reaching} through while the DC counts (window {window:g} s)"
+        name,
+        "pass",
+        f"{where}; the gateway lets at most {per_user} through while the DC counts (window {window:g} s; one count"
+        " for all its workers, one per gateway behind a balancer)",
     )
 
 
@@ -318,7 +319,7 @@ async def _lockout(config: Config, directory: Directory, name: str, account_dn: 
             " PSO), or compare authentication.basic_failures_per_user and basic_failure_window_seconds with it by"
             " hand (docs/throttles-and-limits.md)",
         )
-    return lockout_check(name, policy, config.authentication, config.listener.workers)
+    return lockout_check(name, policy, config.authentication)
 
 
 def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped: Mapped | None) -> Iterator[Check]:

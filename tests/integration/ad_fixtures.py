@@ -167,13 +167,16 @@ def ad_backend(ad_realm: ad.AdRealm, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def start_ad_gateway(
-    realm: ad.AdRealm, directory: Path, backend: AdProcess, extra: str = "", **replace: str
+    realm: ad.AdRealm, directory: Path, backend: AdProcess, extra: str = "", *, workers: int = 1, **replace: str
 ) -> AdProcess:
     """`kcd-proxy run` inside the namespace with the realm's lab configuration, `extra` TOML appended and
-    each `replace` key's line (e.g. principal=...) given a new value."""
+    each `replace` key's line (e.g. principal=...) given a new value; `workers`: `listener.workers`."""
     directory.mkdir(parents=True, exist_ok=True)
     port = realm.free_port()
     text = ad.gateway_config(realm, port=port, backend_port=backend.port)
+    if workers != 1:
+        bind = next(line for line in text.splitlines() if line.startswith("bind = "))
+        text = text.replace(bind + "\n", f"{bind}\nworkers = {workers}\n", 1)
     for key, value in replace.items():
         lines = text.splitlines()
         index = next(i for i, line in enumerate(lines) if line.startswith(f"{key} = "))

@@ -117,3 +117,42 @@ def test_a_guessing_device_does_not_lock_the_ad_account_and_the_users_own_passwo
         assert gw.wait_event("request", status=200, principal=f"{victim}@AD.TEST")
     finally:
         gw.stop()
+
+
+def test_a_guesser_spread_over_two_workers_does_not_lock_the_ad_account(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, victim: str, tmp_path: Path
+) -> None:
+    """With listener.workers = 2, twelve wrong passwords for lockme, each a new connection (curl), reach the DC
+    basic_failures_per_user (3) times: badPwdCount 3, lockoutTime 0 (each worker counting on its own let 6 through and
+    the DC locked the account at its threshold of 5). Then lockme's own device, retrying, gets in through the KDC
+    (the password the KDC last accepted passes the hold; nothing is cached, so a cache hit cannot stand in for it),
+    never sees a 401, and AD's count is back to 0."""
+    extra = (
+        '\n[authentication]\nmode = "basic"\nbasic_cache_seconds = 0\n'
+        f"basic_failures_per_user = {GATEWAY_LIMIT}\nbasic_failures_per_address = 1000\n"
+    )
+    gw = start_ad_gateway(ad_realm, tmp_path, ad_backend, extra, workers=2)
+    url = f"{gw.url}/Microsoft-Server-ActiveSync"
+    own = ("-u", f"{victim}@ad.test:{VICTIM_PASSWORD}")
+    try:
+        signed_in = [status_and_body(ad_curl(ad_realm, url, None, *own))[0] for _ in range(4)]
+        assert set(signed_in) == {200}, signed_in
+        statuses = [
+            status_and_body(ad_curl(ad_realm, url, None, "-u", f"{victim}@ad.test:Guess-{i}"))[0] for i in range(12)
+        ]
+        assert len({e["pid"] for e in gw.events("request")}) == 2, "one worker answered every request"
+        assert statuses.count(401) == GATEWAY_LIMIT, statuses
+        assert set(statuses) == {401, 429}, statuses
+        assert _directory_says(ad_realm, victim) == (GATEWAY_LIMIT, 0), statuses
+
+        gw.mark()
+        retries: list[int] = []
+        deadline = time.monotonic() + 20
+        while 200 not in retries and time.monotonic() < deadline:
+            retries.append(status_and_body(ad_curl(ad_realm, url, None, *own))[0])
+        assert retries[-1] == 200, retries
+        assert set(retries) <= {200, 429}, retries
+        assert gw.wait_event("request", status=200, principal=f"{victim}@AD.TEST").get("basic_cached") is False
+        assert _directory_says(ad_realm, victim) == (0, 0)
+    finally:
+        gw.stop()

@@ -136,6 +136,29 @@ def test_the_lab_configuration_is_sound(lab: LabLayout, tmp_path: Path) -> None:
     assert res.stdout.strip() == f"{path}: ok (1 route(s))"
 
 
+@pytest.mark.parametrize("mode", ["basic", "certificate-or-basic", "certificate"])
+def test_basic_behind_a_balancer_is_ok_with_a_warning_to_size_the_limit_per_gateway(
+    lab: LabLayout, tmp_path: Path, mode: str
+) -> None:
+    """Basic sign-ins behind a balancer (proxy_protocol): exit 0, the ok line alone on stdout, and on stderr a warning
+    naming basic_failures_per_user, the limit and the gateways' multiple of it; certificate mode, no warning."""
+    port = free_port()
+    text = lab_config(lab, port=port, extra=f'\n[authentication]\nmode = "{mode}"\nbasic_failures_per_user = 3\n')
+    bind = f'bind = "127.0.0.1:{port}"\n'
+    path = tmp_path / "gateway.toml"
+    path.write_text(text.replace(bind, f'{bind}proxy_protocol = true\ntrusted_proxies = ["10.0.1.0/24"]\n'))
+    res = _cli(path)
+    assert res.returncode == 0, res
+    assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+    if mode == "certificate":
+        assert "basic_failures_per_user" not in res.stderr, res.stderr
+        return
+    warning = next(line for line in res.stderr.splitlines() if line.startswith("warning: "))
+    assert warning.startswith("warning: authentication.basic_failures_per_user: behind a balancer"), warning
+    assert "N x 3" in warning, warning
+    assert warning.endswith(f"(in {path})"), warning
+
+
 def test_the_command_exits_1_with_one_line_per_problem(lab: LabLayout, tmp_path: Path) -> None:
     """Several problems at once: exit 1 and every one of them on stdout, one per line, nothing else."""
     text = lab_config(lab, port=free_port())

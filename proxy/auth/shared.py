@@ -1,0 +1,246 @@
+"""The Basic per-user throttle shared by the worker processes of one gateway.
+
+Theory of operation. With `listener.workers = N` the kernel spreads a client's connections over N processes
+(SO_REUSEPORT), and each used to count wrong passwords on its own: a guesser opening many connections had N times
+`basic_failures_per_user` guesses at the KDC per window, enough to reach the directory's lockout threshold the
+per-user hold is sized against (docs/throttles-and-limits.md). So the supervisor makes one `SharedTable` before it
+forks: a memory file (`memfd_create`) mapped shared into every worker, a replacement worker included, so a held
+user stays held when the worker that held it dies, and across reloads. Each worker reads and writes it through a
+`SharedThrottle`, which keeps the in-process `Throttle`'s rules (a held user, attempts in flight).
+
+The table is a fixed array: `SLOTS_PER_BUCKET` slots per bucket, the bucket chosen by a keyed hash of the user key
+(BLAKE2b with a random key the supervisor picks: nobody outside can aim names at one bucket). A slot keeps the key's
+hash, its failures, the time of the last one, how long it is refused, its attempts in flight and when it was last
+counted. Bounded like the in-process throttle (100,000 keys by default, 64 bytes each): a new key takes a free slot
+of its bucket, else the least recently counted slot that is neither refused nor has attempts in flight. A bucket
+whose every slot is held or busy takes no new key, and that key is refused (429) rather than a held user's key
+released: a flood of other names never frees a held user.
+
+Check and count are one step (`admit`), under a POSIX record lock on the memory file (`lockf`), so two workers
+cannot both see the last attempt free; the lock is the kernel's and goes with a process that dies holding it. An
+attempt in flight in a worker that dies is never ended; its count lapses `stale_after` seconds after the key's last
+admitted attempt (a check is bounded by the KDC timeout), so the user is not refused for ever.
+
+The table also keeps, per user, the password the KDC last accepted (its salted scrypt digest, with one salt for every
+worker, `CredentialCache.known`): what lets a held user's own device through, on whichever worker its connection
+lands. The address throttle, the cache of fresh sign-ins and the refusal pace stay per worker
+(docs/throttles-and-limits.md).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass
+
+_SLOT = struct.Struct("<16sIIdddd")  # key hash, failures, in flight, last failure, refused until, busy until, used
+SLOT_BYTES = 64  # _SLOT.size (56) rounded up
+SLOTS_PER_BUCKET = 8
+_EMPTY = bytes(16)
+_RETRY = 1.0  # seconds: Retry-After of a key with every attempt in flight, or with no slot it may take
+_KNOWN = struct.Struct("<16s32sd")  # key hash, the scrypt digest of the password the KDC last accepted, until when
+
+
+@dataclass
+class _Slot:
+    key: bytes = _EMPTY  # the key's keyed hash; all zeros: a free slot
+    count: int = 0  # failures
+    in_flight: int = 0  # attempts admitted and not yet ended
+    last: float = 0.0  # the last failure
+    blocked_until: float = 0.0
+    busy_until: float = 0.0  # in_flight counts until then (a dead worker's attempts lapse)
+    used: float = 0.0  # last counted, for eviction
+
+
+class SharedTable:
+    """Shared memory for per-user throttle state, made once before the workers fork (module docstring)."""
+
+    def __init__(self, max_keys: int = 100_000, max_known: int = 10_000) -> None:
+        self.buckets = max(1, -(-max_keys // SLOTS_PER_BUCKET))
+        self._known_buckets = max(1, -(-max_known // SLOTS_PER_BUCKET))
+        self._known_at = self.buckets * SLOTS_PER_BUCKET * SLOT_BYTES  # the known passwords follow the slots
+        size = self._known_at + self._known_buckets * SLOTS_PER_BUCKET * SLOT_BYTES
+        self._fd = os.memfd_create("kcd-proxy-basic-throttle", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, size)
+        self._map = mmap.mmap(self._fd, size)  # MAP_SHARED: forked workers see one memory
+        self._secret = os.urandom(16)
+        self.salt = os.urandom(16)  # the credential cache's, one for every worker: a digest means the same in each
+
+    @property
+    def capacity(self) -> int:
+        return self.buckets * SLOTS_PER_BUCKET
+
+    def digest(self, key: str) -> bytes:
+        return hashlib.blake2b(key.encode(), key=self._secret, digest_size=16).digest()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive access among processes (a record lock: per process, released if it dies)."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def read(self, index: int) -> _Slot:
+        return _Slot(*_SLOT.unpack_from(self._map, index * SLOT_BYTES))
+
+    def write(self, index: int, slot: _Slot) -> None:
+        _SLOT.pack_into(self._map, index * SLOT_BYTES, *astuple(slot))
+
+    def clear(self, index: int) -> None:
+        self._map[index * SLOT_BYTES : (index + 1) * SLOT_BYTES] = bytes(SLOT_BYTES)
+
+    def bucket(self, digest: bytes) -> range:
+        first = int.from_bytes(digest[:8], "little") % self.buckets * SLOTS_PER_BUCKET
+        return range(first, first + SLOTS_PER_BUCKET)
+
+    # The password the KDC last accepted for a user (`CredentialCache.known`), kept for the failure window: what lets
+    # a held user's own device through, whichever worker its connection lands on. At most `max_known` users, the
+    # one kept longest out first (as the in-process LRU of puts).
+
+    def known(self, key: str, now: float, digest: bytes | None = None) -> bool:
+        """Whether `key` has an accepted password until after `now` (with `digest`: this one)."""
+        hashed = self.digest(key)
+        with self.locked():
+            for offset in self._known_bucket(hashed):
+                stored, accepted, until = _KNOWN.unpack_from(self._map, offset)
+                if stored == hashed:
+                    return now < until and (digest is None or hmac.compare_digest(accepted, digest))
+        return False
+
+    def keep_known(self, key: str, digest: bytes, until: float) -> None:
+        hashed = self.digest(key)
+        with self.locked():
+            bucket = self._known_bucket(hashed)
+            place = next((o for o in bucket if _KNOWN.unpack_from(self._map, o)[0] in (hashed, _EMPTY)), None)
+            if place is None:
+                place = min(bucket, key=lambda o: float(_KNOWN.unpack_from(self._map, o)[2]))
+            _KNOWN.pack_into(self._map, place, hashed, digest, until)
+
+    def forget_known(self, key: str, digest: bytes | None = None) -> None:
+        """Drop `key`'s accepted password; with `digest`, only if it is that one (the KDC refused it)."""
+        hashed = self.digest(key)
+        with self.locked():
+            for offset in self._known_bucket(hashed):
+                stored, accepted, _ = _KNOWN.unpack_from(self._map, offset)
+                if stored == hashed and (digest is None or hmac.compare_digest(accepted, digest)):
+                    self._map[offset : offset + SLOT_BYTES] = bytes(SLOT_BYTES)
+
+    def _known_bucket(self, hashed: bytes) -> range:
+        first = int.from_bytes(hashed[8:], "little") % self._known_buckets * SLOTS_PER_BUCKET
+        start = self._known_at + first * SLOT_BYTES
+        return range(start, start + SLOTS_PER_BUCKET * SLOT_BYTES, SLOT_BYTES)
+
+
+class SharedThrottle:
+    """`proxy.auth.basic.Throttle` with `hold=True`, its state in a `SharedTable`: wrong passwords of a user counted
+    across every worker. `stale_after`: seconds after a key's last admitted attempt when attempts still counted in
+    flight are taken to be a dead worker's."""
+
+    def __init__(self, table: SharedTable, limit: int, *, forget: float, stale_after: float) -> None:
+        self._table = table
+        self._limit = limit
+        self._forget = forget
+        self._stale = stale_after
+
+    def wait(self, key: str, now: float) -> float:
+        """Seconds `key` must still wait before its next attempt may start (0: go ahead)."""
+        with self._table.locked():
+            index = self._find(self._table.digest(key))
+            return 0.0 if index is None else self._wait(self._table.read(index), now)
+
+    def admit(self, key: str, now: float, *, force: bool = False) -> float:
+        """Check and count in one step: 0 and the attempt is in flight, or the seconds to wait (nothing counted).
+        `force`: counted whatever the wait (a held user's own last accepted password)."""
+        digest = self._table.digest(key)
+        with self._table.locked():
+            index = self._find(digest)
+            if index is None:
+                index = self._place(digest, now)
+                if index is None:
+                    return 0.0 if force else _RETRY
+            slot = self._fresh(self._table.read(index), now)
+            wait = 0.0 if force else self._wait(slot, now)
+            if wait == 0:
+                slot.in_flight = self._in_flight(slot, now) + 1
+                slot.busy_until = now + self._stale
+                slot.used = now
+                self._table.write(index, slot)
+            return wait
+
+    def end(self, key: str, now: float, *, failed: bool) -> None:
+        """The attempt `admit` counted is over; `failed`: it was a wrong password or an unknown user."""
+        digest = self._table.digest(key)
+        with self._table.locked():
+            index = self._find(digest)
+            if index is None:
+                if not failed:
+                    return
+                index = self._place(digest, now)
+                if index is None:
+                    return
+            slot = self._fresh(self._table.read(index), now)
+            slot.in_flight = max(0, self._in_flight(slot, now) - 1)
+            if failed:
+                slot.count += 1
+                slot.last = slot.used = now
+                if slot.count >= self._limit:
+                    slot.blocked_until = now + self._forget
+            elif slot.in_flight == 0 and slot.count == 0:
+                self._table.clear(index)
+                return
+            self._table.write(index, slot)
+
+    def succeeded(self, key: str) -> None:
+        with self._table.locked():
+            index = self._find(self._table.digest(key))
+            if index is not None:
+                slot = self._table.read(index)
+                slot.count, slot.blocked_until = 0, 0.0
+                self._table.write(index, slot)
+
+    def _wait(self, slot: _Slot, now: float) -> float:
+        if slot.blocked_until > now:
+            return slot.blocked_until - now
+        count = slot.count if now - slot.last <= self._forget else 0
+        return 0.0 if self._in_flight(slot, now) < max(1, self._limit - count) else _RETRY
+
+    def _fresh(self, slot: _Slot, now: float) -> _Slot:
+        """The slot with failures older than the forget time started afresh (as the in-process throttle does)."""
+        if slot.count and now - slot.last > self._forget:
+            slot.count, slot.blocked_until = 0, 0.0
+        return slot
+
+    @staticmethod
+    def _in_flight(slot: _Slot, now: float) -> int:
+        return slot.in_flight if slot.busy_until > now else 0
+
+    def _find(self, digest: bytes) -> int | None:
+        for index in self._table.bucket(digest):
+            if self._table.read(index).key == digest:
+                return index
+        return None
+
+    def _place(self, digest: bytes, now: float) -> int | None:
+        """A slot for a new key: a free one, else the least recently used that is neither refused nor busy."""
+        victim, oldest = None, float("inf")
+        for index in self._table.bucket(digest):
+            slot = self._table.read(index)
+            if slot.key == _EMPTY:
+                victim = index
+                break
+            if slot.blocked_until > now or self._in_flight(slot, now) > 0:
+                continue
+            if slot.used < oldest:
+                victim, oldest = index, slot.used
+        if victim is None:
+            return None
+        self._table.write(victim, _Slot(key=digest, used=now))
+        return victim

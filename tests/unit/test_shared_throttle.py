@@ -1,0 +1,116 @@
+"""The workers' shared Basic per-user throttle (`proxy.auth.shared`): one count across processes, bounded, a held
+user never evicted, a dead worker's attempts lapsing."""
+
+from __future__ import annotations
+
+import os
+
+from proxy.auth.basic import Throttle
+from proxy.auth.shared import SharedTable, SharedThrottle
+
+
+def _throttle(table: SharedTable, limit: int = 3) -> SharedThrottle:
+    return SharedThrottle(table, limit, forget=1800, stale_after=60)
+
+
+def _fail(throttle: SharedThrottle | Throttle, key: str, now: float) -> None:
+    assert throttle.admit(key, now) == 0
+    throttle.end(key, now, failed=True)
+
+
+def test_failures_in_a_forked_process_count_in_the_parent() -> None:
+    """Two wrong passwords counted in a child process (a worker) and one here hold the user for the window (limit 3)."""
+    table = SharedTable(max_keys=64)
+    throttle = _throttle(table)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _fail(throttle, "alice@lab.test", 100.0)
+            _fail(throttle, "alice@lab.test", 101.0)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert throttle.wait("alice@lab.test", 102.0) == 0
+    _fail(throttle, "alice@lab.test", 102.0)
+    assert throttle.wait("alice@lab.test", 103.0) == 1799.0
+    assert throttle.admit("alice@lab.test", 103.0) > 0
+    assert throttle.wait("alice@lab.test", 102.0 + 1800.5) == 0
+
+
+def test_admit_counts_attempts_in_flight_as_the_in_process_throttle_does() -> None:
+    """With one failure of three, two attempts may be in flight; the third waits; a success clears the count. The
+    in-process throttle answers the same sequence the same way."""
+    for throttle in (_throttle(SharedTable(max_keys=64)), Throttle(3, forget=1800, hold=True)):
+        _fail(throttle, "bob", 10.0)
+        assert [throttle.admit("bob", 11.0) for _ in range(3)] == [0, 0, 1.0]
+        throttle.end("bob", 12.0, failed=False)
+        throttle.succeeded("bob")
+        throttle.end("bob", 12.0, failed=False)
+        assert throttle.wait("bob", 12.0) == 0
+
+
+def test_a_dead_workers_attempts_in_flight_lapse() -> None:
+    """Attempts admitted and never ended (their worker died) stop counting stale_after seconds after the last one."""
+    throttle = _throttle(SharedTable(max_keys=64), limit=2)
+    assert [throttle.admit("carol", 0.0) for _ in range(3)] == [0, 0, 1.0]
+    assert throttle.wait("carol", 59.0) == 1.0
+    assert throttle.wait("carol", 60.5) == 0
+
+
+def test_a_flood_of_other_names_never_evicts_a_held_user() -> None:
+    """A table of 16 keys: a held user, then 10,000 other names' failures; the user is still held, and the table
+    never holds more than its slots."""
+    table = SharedTable(max_keys=16)
+    throttle = _throttle(table, limit=2)
+    for _ in range(2):
+        _fail(throttle, "held", 0.0)
+    for i in range(10_000):
+        _fail(throttle, f"flood-{i}", 1.0 + i / 10_000)
+    assert throttle.wait("held", 5.0) > 1700
+    assert table.capacity == 16
+
+
+def test_a_bucket_of_held_users_refuses_a_new_key_instead_of_releasing_one() -> None:
+    """When every slot a new key could take is held, the new key is refused (429), and the held keys stay held."""
+    table = SharedTable(max_keys=8)  # one bucket
+    throttle = _throttle(table, limit=1)
+    for i in range(8):
+        _fail(throttle, f"held-{i}", 0.0)
+    assert throttle.admit("newcomer", 1.0) == 1.0
+    assert all(throttle.wait(f"held-{i}", 2.0) > 1700 for i in range(8))
+
+
+def test_the_accepted_password_kept_in_one_process_is_known_in_another() -> None:
+    """A child process (a worker) keeps alice's accepted digest; here it is known, only that digest and only until its
+    time; a refusal of that very digest forgets it, one of another digest does not."""
+    table = SharedTable(max_keys=64, max_known=64)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            table.keep_known("alice", b"a" * 32, until=100.0)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert table.known("alice", 50.0, b"a" * 32)
+    assert table.known("alice", 50.0)
+    assert not table.known("alice", 50.0, b"b" * 32)
+    assert not table.known("alice", 100.0, b"a" * 32)
+    table.forget_known("alice", b"b" * 32)
+    assert table.known("alice", 50.0, b"a" * 32)
+    table.forget_known("alice", b"a" * 32)
+    assert not table.known("alice", 50.0)
+
+
+def test_known_passwords_are_bounded_and_the_one_kept_longest_goes_first() -> None:
+    """One bucket of 8: a ninth user's accepted password takes the place of the one that expires first."""
+    table = SharedTable(max_keys=8, max_known=8)
+    for i in range(9):
+        table.keep_known(f"user-{i}", bytes([i]) * 32, until=1000.0 + i)
+    assert not table.known("user-0", 0.0)
+    assert all(table.known(f"user-{i}", 0.0, bytes([i]) * 32) for i in range(1, 9))
