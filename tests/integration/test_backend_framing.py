@@ -195,6 +195,16 @@ BAD = [
         "gzip then chunked, two fields",
     ),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00", "gzip to the close"),
+    # chunked applied twice (RFC 9112, 6.1: never): read once, the device would get the inner chunks as the body
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", "chunked twice"),
+    # statuses outside 100-599 (RFC 9110, 15): below 100 was read as an interim answer and waited past it
+    (b"HTTP/1.1 099 Early\r\nContent-Length: 5\r\n\r\nhello", "status below 100"),
+    (b"HTTP/1.1 000 Zero\r\nContent-Length: 5\r\n\r\nhello", "status 000"),
+    (b"HTTP/1.1 600 Beyond\r\nContent-Length: 5\r\n\r\nhello", "status above 599"),
+    # a reason phrase is HTAB, SP, VCHAR and obs-text (RFC 9112, 4): a control byte reached the device raw, or
+    # made aiohttp's device side raise (a 500 'Internal Server Error' and a traceback)
+    (b"HTTP/1.1 200 O\x01K\r\nContent-Length: 5\r\n\r\nhello", "control byte in the reason"),
+    (b"HTTP/1.1 200 O\x7fK\r\nContent-Length: 5\r\n\r\nhello", "DEL in the reason"),
 ]
 
 
