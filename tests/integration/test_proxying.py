@@ -631,7 +631,7 @@ def test_many_users_at_once_never_share_a_backend_connection(lab: LabLayout, tmp
     no connection that carried two users, and keep-alive to the backend did happen."""
     (tmp_path / "backend").mkdir()
     backends = _start_backend(lab, tmp_path / "backend")
-    backend = next(backends)
+    backend = next(backends)  # stopped by exhausting the generator (its `finally`) at the end
     routes = f'\n[[routes]]\nprefix = "/iso/"\nupstream = "{backend.url}"\nspn = "HTTP/cas.lab.test"\n'
     gw = start_gateway(lab, tmp_path / "gateway", lab_config(lab, port=free_port(), extra=routes))
     try:
@@ -683,4 +683,4 @@ def test_many_users_at_once_never_share_a_backend_connection(lab: LabLayout, tmp
         assert all(len(principals) == 1 for principals in by_connection.values()), by_connection
         assert len(by_connection) < len(lines) / 2  # keep-alive to the backend happened
     finally:
-        backends.close()
+        next(backends, None)
