@@ -88,6 +88,11 @@ class ReadTimeout(TimeoutError):
     """No byte from the backend within the route's read_timeout."""
 
 
+class PoolBusy(TimeoutError):
+    """All of one user's connections to the upstream (`LIMIT_PER_UPSTREAM`) stayed busy for the route's
+    connect_timeout: held long-polls, most likely, or a device sending more at once than a user needs."""
+
+
 @dataclass(frozen=True, eq=False)
 class Upstream:
     """Where a route's requests go, read once from its configuration (`Pools.upstream`).
@@ -623,7 +628,10 @@ class UserPool:
         self._sweep: asyncio.TimerHandle | None = None
 
     async def acquire(self, upstream: Upstream, connect_timeout: float, *, fresh: bool = False) -> BackendConnection:
-        """An idle connection of this user to `upstream`, or a new one (`fresh`: always a new one)."""
+        """An idle connection of this user to `upstream`, or a new one (`fresh`: always a new one). With `limit`
+        of them open and none idle, it waits for one to come back, at most `connect_timeout` seconds (`PoolBusy`):
+        a request behind held long-polls is answered, not kept waiting until one of them ends."""
+        deadline: float | None = None
         while True:
             idle = self._idle.get(upstream)
             while idle and not fresh:
@@ -637,7 +645,9 @@ class UserPool:
                 idle.popleft().close()
                 self._gone(upstream)
                 continue
-            await self._wait_turn(upstream)
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + connect_timeout
+            await self._wait_turn(upstream, deadline)
         self._open[upstream] = self._open.get(upstream, 0) + 1
         try:
             return await connect(upstream, connect_timeout)
@@ -689,14 +699,18 @@ class UserPool:
         self._open[upstream] -= 1
         self._wake(upstream)
 
-    async def _wait_turn(self, upstream: Upstream) -> None:
+    async def _wait_turn(self, upstream: Upstream, deadline: float) -> None:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(upstream, deque()).append(waiter)
         try:
-            await waiter
-        except asyncio.CancelledError:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except (TimeoutError, asyncio.CancelledError) as e:
             if waiter.done() and not waiter.cancelled():
                 self._wake(upstream)  # the turn handed to this one goes to the next
+            if isinstance(e, TimeoutError):
+                busy = f"all {self._limit} of the user's connections to {upstream.authority} stayed busy"
+                raise PoolBusy(f"{busy} (held requests?)") from None
             raise
 
     def _wake(self, upstream: Upstream) -> None:

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
-from proxy.backend.client import BUFFER_HIGH, Exchange, ResponseHead, Upstream, UserPool
+from proxy.backend.client import BUFFER_HIGH, LIMIT_PER_UPSTREAM, Exchange, ResponseHead, Upstream, UserPool
 from proxy.backend.forward import Pools, forward
 from proxy.config import Route
 from proxy.errors import GatewayError
@@ -726,3 +726,43 @@ def test_a_framed_https_answer_cut_short_cuts_the_device(
     (outcome,), logs = tls_run(upstream_cert, loop, close_notify, [head, b"hello"])
     assert outcome.status is None, outcome
     assert any(e["event"] == "backend_stream_broken" for e in logs), logs
+
+
+def test_a_request_behind_a_users_held_requests_is_answered_within_connect_timeout() -> None:
+    """One user holds all 32 of their connections to the upstream (long-polls the backend has not answered):
+    a 33rd request waits for one at most the route's connect_timeout, then 504 naming the busy connections;
+    it is not kept until a long-poll ends. Once the held ones are answered, the user is served again."""
+    release, all_held = asyncio.Event(), asyncio.Event()
+    held_now = 0
+
+    async def serve(conn: Conn) -> None:
+        nonlocal held_now
+        while request := await conn.request():
+            if b"/held" in request.split(b"\r\n", 1)[0]:
+                held_now += 1
+                if held_now == LIMIT_PER_UPSTREAM:
+                    all_held.set()
+                await release.wait()
+            await conn.send(ok(b"done"))
+
+    async def case() -> tuple[list[Outcome], Outcome, Outcome]:
+        async with gateway(serve, connect_timeout=1) as (url, _):
+            sessions = [aiohttp.ClientSession() for _ in range(LIMIT_PER_UPSTREAM + 1)]
+            try:
+                held = [asyncio.create_task(ask(s, url + "/held")) for s in sessions[:-1]]
+                await all_held.wait()  # (within the case's 30 s)
+                behind = await asyncio.wait_for(ask(sessions[-1], url + "/behind"), 20)
+                release.set()
+                answered = await asyncio.gather(*held)
+                after = await ask(sessions[-1], url + "/after")
+            finally:
+                for session in sessions:
+                    await session.close()
+            return answered, behind, after
+
+    answered, behind, after = asyncio.run(asyncio.wait_for(case(), 30))
+    assert behind.status == 504
+    assert f"all {LIMIT_PER_UPSTREAM} of the user's connections" in HINTS[-1]
+    assert "connect_timeout=1 s" in HINTS[-1]
+    assert all((o.status, o.body) == (200, b"done") for o in answered)
+    assert (after.status, after.body) == (200, b"done")
