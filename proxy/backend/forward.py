@@ -512,6 +512,12 @@ def _failure(route: Route, e: Exception, body: ClientBody | None) -> Exception:
             hint=f"{where}: {type(e).__name__}: no answer within connect_timeout={route.connect_timeout:g} s "
             f"or read_timeout={route.read_timeout:g} s",
         )
+    if isinstance(e, BackendProtocolError):  # it was reached, and answered with something that is not HTTP/1.1
+        return BackendUnavailable(
+            "the mail server cannot be reached; try again later",
+            hint=f"{where}: the exchange is not valid HTTP/1.1: {e}; the backend, or a device between it and the "
+            "gateway, is broken, or routes[].upstream names a server of another protocol",
+        )
     return BackendUnavailable(
         "the mail server cannot be reached; try again later",
         hint=f"{where}: {type(e).__name__}: {e}; is the backend running and reachable from the gateway, and is "
