@@ -13,11 +13,12 @@ over (`Exchange.start`), the target as the gateway read it (`proxy.target`).
 A `BackendConnection` is one asyncio `Protocol` per TCP or TLS connection. The answer is parsed by llhttp
 (`httptools`) with none of its leniencies, and refused (the connection is closed; the request gets a 502,
 or, once the answer has begun, the device's connection is cut) when it is:
-- not HTTP/1.x, or a head over `MAX_HEAD_BYTES` or with more than `MAX_HEAD_FIELDS` fields;
+- not HTTP/1.x, a status outside 100-599, a reason phrase with a control character, or a head over
+  `MAX_HEAD_BYTES` or with more than `MAX_HEAD_FIELDS` fields;
 - framed two ways (Content-Length and Transfer-Encoding), with two Content-Lengths, or with a chunk size
   that is not hexadecimal (llhttp's own checks);
 - in a transfer coding other than chunked (`gzip, chunked`: the coding is hop-by-hop, so the device would get
-  the coded bytes without it);
+  the coded bytes without it), or chunked twice;
 - a `101 Switching Protocols` (the gateway never asks for an upgrade), a second answer to one request,
   a body after the answer to HEAD, or any byte while no request is outstanding.
 Interim answers (100, 102, 103) are read and dropped, as aiohttp did. HEAD answers and 204/304 have no
@@ -47,6 +48,7 @@ method whose body (if any) was not read yet (RFC 9112, 9.3.1).
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable
@@ -64,6 +66,7 @@ KEEPALIVE_SECONDS = 30.0  # an idle pooled connection is closed after this (aioh
 LIMIT_PER_UPSTREAM = 32  # connections of one user to one upstream (aiohttp's limit_per_host)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110, 9.2.2
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 added when bodiless
+_NOT_REASON = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")  # a reason phrase is HTAB, SP, VCHAR, obs-text (RFC 9112, 4)
 
 
 class BackendProtocolError(Exception):
@@ -83,6 +86,11 @@ class BackendClosed(ConnectionError):
 
 class ReadTimeout(TimeoutError):
     """No byte from the backend within the route's read_timeout."""
+
+
+class PoolBusy(TimeoutError):
+    """All of one user's connections to the upstream (`LIMIT_PER_UPSTREAM`) stayed busy for the route's
+    connect_timeout: held long-polls, most likely, or a device sending more at once than a user needs."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -407,6 +415,10 @@ class BackendConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:  # llhttp takes any three digits; below 100 would pass for an interim answer
+            raise BackendProtocolError(f"status {status:03d} is not an HTTP status (100-599)")
+        if _NOT_REASON.search(self._reason):  # llhttp lets control bytes through; the device's writer would not
+            raise BackendProtocolError("the answer's reason phrase holds a control character")
         if status < 200:
             if status == 101:
                 raise BackendProtocolError("101 Switching Protocols to a request that asked for no upgrade")
@@ -418,7 +430,9 @@ class BackendConnection(asyncio.Protocol):
         codings = [c.strip().lower() for v in headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
         if any(coding != "chunked" for coding in codings):  # the device would get the coded bytes, the coding dropped
             raise BackendProtocolError(f"the answer's transfer coding is not decoded here: {', '.join(codings)}")
-        chunked = bool(codings)  # llhttp refuses `chunked` twice
+        if len(codings) > 1:  # llhttp refuses two `chunked` fields, not `chunked, chunked` in one (decoded once)
+            raise BackendProtocolError("the answer is chunked more than once (RFC 9112, 6.1)")
+        chunked = bool(codings)
         length = headers.get("Content-Length")
         bodyless = self._head_method or status in (204, 304)
         self._until_close = not bodyless and length is None and not chunked
@@ -614,7 +628,10 @@ class UserPool:
         self._sweep: asyncio.TimerHandle | None = None
 
     async def acquire(self, upstream: Upstream, connect_timeout: float, *, fresh: bool = False) -> BackendConnection:
-        """An idle connection of this user to `upstream`, or a new one (`fresh`: always a new one)."""
+        """An idle connection of this user to `upstream`, or a new one (`fresh`: always a new one). With `limit`
+        of them open and none idle, it waits for one to come back, at most `connect_timeout` seconds (`PoolBusy`):
+        a request behind held long-polls is answered, not kept waiting until one of them ends."""
+        deadline: float | None = None
         while True:
             idle = self._idle.get(upstream)
             while idle and not fresh:
@@ -628,7 +645,9 @@ class UserPool:
                 idle.popleft().close()
                 self._gone(upstream)
                 continue
-            await self._wait_turn(upstream)
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + connect_timeout
+            await self._wait_turn(upstream, deadline)
         self._open[upstream] = self._open.get(upstream, 0) + 1
         try:
             return await connect(upstream, connect_timeout)
@@ -680,14 +699,18 @@ class UserPool:
         self._open[upstream] -= 1
         self._wake(upstream)
 
-    async def _wait_turn(self, upstream: Upstream) -> None:
+    async def _wait_turn(self, upstream: Upstream, deadline: float) -> None:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(upstream, deque()).append(waiter)
         try:
-            await waiter
-        except asyncio.CancelledError:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except (TimeoutError, asyncio.CancelledError) as e:
             if waiter.done() and not waiter.cancelled():
                 self._wake(upstream)  # the turn handed to this one goes to the next
+            if isinstance(e, TimeoutError):
+                busy = f"all {self._limit} of the user's connections to {upstream.authority} stayed busy"
+                raise PoolBusy(f"{busy} (held requests?)") from None
             raise
 
     def _wake(self, upstream: Upstream) -> None:

@@ -37,7 +37,8 @@ small) goes out in one write with a Content-Length. `Expect: 100-continue` is an
 stage has said yes, just before the body is forwarded: a refused device never sends it.
 
 Timeouts. Nothing bounds a backend request as a whole (a total would cut ActiveSync `Ping` and EWS
-streaming notifications); the route's `connect_timeout` bounds the connection and its `read_timeout` each
+streaming notifications); the route's `connect_timeout` bounds the connection (and a wait for one of the user's
+connections when all `LIMIT_PER_UPSTREAM` are busy) and its `read_timeout` each
 wait for the backend's next bytes or for it to take more of the request body (504 before the answer has
 begun). On the device's side, `listener.client_body_timeout` bounds each wait for its next body bytes (408) and
 `listener.client_send_timeout` each wait for it to take ours. When the device goes away, the device-side
@@ -72,6 +73,7 @@ from proxy.backend.client import (
     BackendClosed,
     BackendProtocolError,
     Exchange,
+    PoolBusy,
     ResponseHead,
     Upstream,
     UserPool,
@@ -499,11 +501,22 @@ def _failure(route: Route, e: Exception, body: ClientBody | None) -> Exception:
     where = f"{route.upstream} ({route.prefix})"
     if body is not None and body.timed_out:
         return ClientBodyTimeout("the request body stopped arriving", hint=f"client_body_timeout; to {where}")
+    if isinstance(e, PoolBusy):
+        return BackendTimeout(
+            "the mail server did not answer in time; try again later",
+            hint=f"{where}: {e} for connect_timeout={route.connect_timeout:g} s; the user's requests wait for one",
+        )
     if isinstance(e, TimeoutError):
         return BackendTimeout(
             "the mail server did not answer in time; try again later",
             hint=f"{where}: {type(e).__name__}: no answer within connect_timeout={route.connect_timeout:g} s "
             f"or read_timeout={route.read_timeout:g} s",
+        )
+    if isinstance(e, BackendProtocolError):  # it was reached, and answered with something that is not HTTP/1.1
+        return BackendUnavailable(
+            "the mail server cannot be reached; try again later",
+            hint=f"{where}: the exchange is not valid HTTP/1.1: {e}; the backend, or a device between it and the "
+            "gateway, is broken, or routes[].upstream names a server of another protocol",
         )
     return BackendUnavailable(
         "the mail server cannot be reached; try again later",

@@ -8,7 +8,9 @@ connection that misbehaved is never used for the next request."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import random
 import socket
 import ssl
 import threading
@@ -31,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
-from proxy.backend.client import BUFFER_HIGH, Exchange, ResponseHead, Upstream, UserPool
+from proxy.backend.client import BUFFER_HIGH, LIMIT_PER_UPSTREAM, Exchange, ResponseHead, Upstream, UserPool
 from proxy.backend.forward import Pools, forward
 from proxy.config import Route
 from proxy.errors import GatewayError
@@ -197,6 +199,16 @@ BAD = [
         "gzip then chunked, two fields",
     ),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00", "gzip to the close"),
+    # chunked applied twice (RFC 9112, 6.1: never): read once, the device would get the inner chunks as the body
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", "chunked twice"),
+    # statuses outside 100-599 (RFC 9110, 15): below 100 was read as an interim answer and waited past it
+    (b"HTTP/1.1 099 Early\r\nContent-Length: 5\r\n\r\nhello", "status below 100"),
+    (b"HTTP/1.1 000 Zero\r\nContent-Length: 5\r\n\r\nhello", "status 000"),
+    (b"HTTP/1.1 600 Beyond\r\nContent-Length: 5\r\n\r\nhello", "status above 599"),
+    # a reason phrase is HTAB, SP, VCHAR and obs-text (RFC 9112, 4): a control byte reached the device raw, or
+    # made aiohttp's device side raise (a 500 'Internal Server Error' and a traceback)
+    (b"HTTP/1.1 200 O\x01K\r\nContent-Length: 5\r\n\r\nhello", "control byte in the reason"),
+    (b"HTTP/1.1 200 O\x7fK\r\nContent-Length: 5\r\n\r\nhello", "DEL in the reason"),
 ]
 
 
@@ -718,3 +730,141 @@ def test_a_framed_https_answer_cut_short_cuts_the_device(
     (outcome,), logs = tls_run(upstream_cert, loop, close_notify, [head, b"hello"])
     assert outcome.status is None, outcome
     assert any(e["event"] == "backend_stream_broken" for e in logs), logs
+
+
+def test_a_request_behind_a_users_held_requests_is_answered_within_connect_timeout() -> None:
+    """One user holds all 32 of their connections to the upstream (long-polls the backend has not answered):
+    a 33rd request waits for one at most the route's connect_timeout, then 504 naming the busy connections;
+    it is not kept until a long-poll ends. Once the held ones are answered, the user is served again."""
+    release, all_held = asyncio.Event(), asyncio.Event()
+    held_now = 0
+
+    async def serve(conn: Conn) -> None:
+        nonlocal held_now
+        while request := await conn.request():
+            if b"/held" in request.split(b"\r\n", 1)[0]:
+                held_now += 1
+                if held_now == LIMIT_PER_UPSTREAM:
+                    all_held.set()
+                await release.wait()
+            await conn.send(ok(b"done"))
+
+    async def case() -> tuple[list[Outcome], Outcome, Outcome]:
+        async with gateway(serve, connect_timeout=1) as (url, _):
+            sessions = [aiohttp.ClientSession() for _ in range(LIMIT_PER_UPSTREAM + 1)]
+            try:
+                held = [asyncio.create_task(ask(s, url + "/held")) for s in sessions[:-1]]
+                await all_held.wait()  # (within the case's 30 s)
+                behind = await asyncio.wait_for(ask(sessions[-1], url + "/behind"), 20)
+                release.set()
+                answered = await asyncio.gather(*held)
+                after = await ask(sessions[-1], url + "/after")
+            finally:
+                for session in sessions:
+                    await session.close()
+            return answered, behind, after
+
+    answered, behind, after = asyncio.run(asyncio.wait_for(case(), 30))
+    assert behind.status == 504
+    assert f"all {LIMIT_PER_UPSTREAM} of the user's connections" in HINTS[-1]
+    assert "connect_timeout=1 s" in HINTS[-1]
+    assert all((o.status, o.body) == (200, b"done") for o in answered)
+    assert (after.status, after.body) == (200, b"done")
+
+
+# -- many users at once on a backend that misbehaves at random -------------------------------------------
+
+
+@asynccontextmanager
+async def front_of_users(route: Route) -> AsyncIterator[str]:
+    """A minimal gateway that forwards `/u/<user>/...` as `<user>@LAB.TEST` with a token naming the user."""
+    pools = Pools([route])
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        user = request.path.split("/")[2]
+        token = base64.b64encode(user.encode()).decode()
+        try:
+            response, _ = await forward(request, route, pools, f"{user}@LAB.TEST", f"Negotiate {token}")
+        except GatewayError as e:
+            return web.Response(status=e.status, text=e.reason)
+        return response
+
+    app = web.Application(handler_args={"handler_cancellation": True})  # as the gateway: a device that leaves
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await pools.close()
+        await runner.cleanup()
+
+
+def test_many_users_on_a_backend_that_misbehaves_at_random_never_share_a_connection() -> None:
+    """Six users on three devices each, all at once, against a backend that at random closes before answering
+    (a pooled GET is then retried on a new connection), mid-body, or after answering; answers slowly; sends a
+    second answer behind the first; and devices that give up mid-request. No backend connection ever carries
+    two users' tokens, and every answer a device reads whole is its own request's, with its own user's token."""
+    rng = random.Random(20261205)
+    tokens: dict[int, set[bytes]] = {}
+
+    async def serve(conn: Conn) -> None:
+        while request := await conn.request():
+            lines = request.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+            token = next(line for line in lines if line.lower().startswith(b"authorization:")).split()[-1]
+            tokens.setdefault(conn.number, set()).add(token)
+            body = b"%b %b" % (token, lines[0].split(b" ")[1])
+            move = rng.random()
+            if move < 0.1:
+                return  # closed without an answer
+            if move < 0.2:
+                await conn.send(ok(body)[:-3])  # closed mid-body
+                return
+            if move < 0.3:
+                await conn.send(ok(body, b"Connection: close\r\n"))
+                return
+            if move < 0.4:
+                await asyncio.sleep(0.1)
+            elif move < 0.45:
+                await conn.send(ok(body) + ok(b"SMUGGLED"))
+                continue
+            await conn.send(ok(body))
+
+    async def device(url: str, user: str, number: int) -> list[tuple[str, Outcome]]:
+        outcomes = []
+        async with aiohttp.ClientSession() as session:
+            for i in range(20):
+                path = f"/u/{user}/{number}-{i}"
+                if i % 7 == 6:  # this device gives up early on this one
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            await ask(session, url + path)
+                    continue
+                outcomes.append((path, await ask(session, url + path)))
+        return outcomes
+
+    async def case() -> list[tuple[str, Outcome]]:
+        backend = Backend(serve)
+        server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        route = Route(prefix="/", upstream=f"http://127.0.0.1:{port}", spn="HTTP/cas.lab.test", read_timeout=5)
+        users = [f"user{n}" for n in range(6)]
+        try:
+            async with front_of_users(route) as url:
+                devices = [device(url, user, number) for user in users for number in range(3)]
+                done = await asyncio.gather(*devices)
+        finally:
+            server.close()
+        return [answer for answers in done for answer in answers]
+
+    outcomes = on_loop("asyncio", asyncio.wait_for(case(), 60))
+    assert all(len(seen) == 1 for seen in tokens.values()), tokens  # no connection carried two users
+    assert len(tokens) > 1
+    whole = [(path, o) for path, o in outcomes if o.status == 200]
+    assert len(whole) > len(outcomes) / 2
+    for path, o in whole:
+        user = path.split("/")[2]
+        assert o.body == b"%b %b" % (base64.b64encode(user.encode()), path.encode()), (path, o.body)
+    assert {o.status for _, o in outcomes} <= {200, 502, None}

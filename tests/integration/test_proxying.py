@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import contextlib
 import hashlib
 import json
 import os
+import random
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -20,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import gssapi
@@ -581,3 +586,108 @@ def test_head_keeps_the_backends_length_and_bodyless_answers_stay_bodyless(lab: 
         assert head_block.startswith(f"HTTP/1.1 {status}")
         assert "content-length" not in head_block.lower()
         assert rest == f"\n{status}"  # nothing between the headers and curl's status line
+
+
+# -- isolation under concurrency -----------------------------------------------------------------------
+
+
+ISOLATION_KINDS = ("plain", "closed", "slow", "leaves-waiting", "leaves-reading")
+
+
+async def _isolation_device(
+    gw: Gateway, tls: ssl.SSLContext, user: str, device: int, seed: int
+) -> list[dict[str, Any]]:
+    """One device of `user`: keep-alive requests of every kind in `ISOLATION_KINDS`, in a seeded random order. The
+    backend closes after some answers (`Connection: close`), holds others, and the device leaves some while it
+    waits for the head or after the first KiB of a 500 kB body. The echoes of the answers it read whole."""
+    rng = random.Random(seed)
+    kinds = [k for k in ISOLATION_KINDS for _ in range(3)]
+    rng.shuffle(kinds)
+    hooks = {"closed": "lab_header=Connection:%20close", "slow": "hold=0.2", "leaves-waiting": "hold=5"}
+    hooks["leaves-reading"] = "lab_body_bytes=500000"
+    echoes = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        for i, kind in enumerate(kinds):
+            url = f"{gw.url}/iso/{user}/{device}-{i}-{kind}?{hooks.get(kind, '')}"
+            if kind == "leaves-waiting":
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.3), session.get(url, ssl=tls) as r:
+                        await r.read()
+                continue
+            async with session.get(url, ssl=tls) as r:
+                assert r.status == 200, (url, r.status, await r.text())
+                if kind == "leaves-reading":
+                    await r.content.readexactly(1024)
+                    r.close()  # the device leaves mid-answer
+                    continue
+                echoes.append({**await r.json(), "user": user, "asked": urlsplit(url).path})
+    return echoes
+
+
+@pytest.mark.parametrize("server", ["own", "aiohttp"])
+def test_many_users_at_once_never_share_a_backend_connection(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """Three users with four devices each, all at once, through a real gateway (either device-side server: they
+    notice a device that leaves each its own way) to a backend of the test's own:
+    answers after which the backend closes, slow ones, devices that leave while waiting or mid-body, and a reload
+    (SIGHUP) mid-flight. Every answer a device read is its own request's, as its own user; the backend's log
+    (which Negotiate principal came on which TCP connection, for every request, the abandoned ones too) shows
+    no connection that carried two users, and keep-alive to the backend did happen."""
+    (tmp_path / "backend").mkdir()
+    backends = _start_backend(lab, tmp_path / "backend")
+    backend = next(backends)  # stopped by exhausting the generator (its `finally`) at the end
+    routes = f'\n[[routes]]\nprefix = "/iso/"\nupstream = "{backend.url}"\nspn = "HTTP/cas.lab.test"\n'
+    text = lab_config(lab, port=free_port(), extra=routes)
+    gw = start_gateway(
+        lab, tmp_path / "gateway", text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n', 1)
+    )
+    try:
+        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
+
+        async def everyone() -> list[dict[str, Any]]:
+            contexts = {user: client_context(lab, user) for user in USERS}
+            devices = [
+                asyncio.create_task(_isolation_device(gw, contexts[user], user, device, seed=device * 31 + n))
+                for n, user in enumerate(USERS)
+                for device in range(4)
+            ]
+            await asyncio.sleep(0)  # the devices have started; the reload comes while they run
+            while not any(t.done() for t in devices):
+                if any(e.get("event") == "request" and e.get("path", "").startswith("/iso/") for e in gw.logs()):
+                    gw.proc.send_signal(signal.SIGHUP)
+                    break
+                await asyncio.sleep(0.05)
+            return [echo for answers in await asyncio.gather(*devices) for echo in answers]
+
+        echoes = asyncio.run(everyone())
+        gw.wait_event("reloaded")
+    finally:
+        gw.stop()
+    try:
+        assert len(echoes) == len(USERS) * 4 * 9  # plain, closed and slow: three each per device
+        for echo in echoes:
+            assert echo["principal"] == f"{echo['user']}@LAB.TEST", echo
+            assert echo["path"] == echo["asked"], echo  # the answer to this request, not another's
+        asked = {echo["asked"] for echo in echoes}
+
+        def logged() -> list[dict[str, str]]:
+            """The backend's `request` lines for /iso/ (its console format: `key=value` after the event)."""
+            lines = [line for line in backend.log.read_text().splitlines() if "] request " in line]
+            fields = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in lines]
+            return [f for f in fields if f.get("path", "").startswith("/iso/")]
+
+        deadline = time.monotonic() + WAIT
+        while not asked <= {e["path"] for e in logged()} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = logged()
+        assert asked <= {e["path"] for e in lines}
+        by_connection: dict[str, set[str]] = {}
+        for e in lines:
+            if e["principal"] != "None":  # None: refused before a principal (never expected here)
+                user = e["path"].split("/")[2]
+                assert e["principal"] == f"{user}@LAB.TEST", e  # nothing forwarded as the wrong user
+            by_connection.setdefault(e["connection"], set()).add(e["principal"])
+        assert all(len(principals) == 1 for principals in by_connection.values()), by_connection
+        per_connection = collections.Counter(e["connection"] for e in lines)
+        assert sum(n > 1 for n in per_connection.values()) > len(USERS)  # keep-alive to the backend happened
+    finally:
+        next(backends, None)

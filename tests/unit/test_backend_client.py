@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from proxy.backend.client import BackendProtocolError, Upstream, UserPool, connect, request_head
+from proxy.backend.client import BackendProtocolError, PoolBusy, Upstream, UserPool, connect, request_head
 
 
 def test_the_request_head_is_one_block_with_host_first() -> None:
@@ -88,6 +88,28 @@ def test_a_user_has_at_most_limit_connections_per_upstream() -> None:
         assert not second.done()
         pool.discard(upstream, first)
         assert (await asyncio.wait_for(second, 30)) is not first
+        pool.close()
+        server.close()
+
+    asyncio.run(case())
+
+
+def test_a_wait_for_a_place_ends_at_connect_timeout_and_leaves_no_turn_behind() -> None:
+    """With every place taken and none coming back, a request waits `connect_timeout` at most (PoolBusy); the
+    wait it gave up takes no turn from the next one, which gets the place as soon as it is free."""
+
+    async def case() -> None:
+        server, upstream, _ = await _listener()
+        pool = UserPool(limit=1)
+        first = await pool.acquire(upstream, 5)
+        started = time.monotonic()
+        with pytest.raises(PoolBusy, match="all 1 of the user's connections"):
+            await pool.acquire(upstream, 0.2)
+        assert 0.15 < time.monotonic() - started < 10
+        after = asyncio.ensure_future(pool.acquire(upstream, 30))
+        await asyncio.sleep(0)
+        pool.discard(upstream, first)
+        assert (await asyncio.wait_for(after, 30)) is not first
         pool.close()
         server.close()
 

@@ -11,6 +11,7 @@ from cryptography import x509
 from multidict import CIMultiDict
 
 from proxy.backend import forward, headers
+from proxy.backend.client import BackendProtocolError
 from proxy.backend.forward import Pools, _rejected
 from proxy.config import Route
 from proxy.errors import BackendUnavailable
@@ -204,3 +205,17 @@ def test_an_unreachable_backends_fix_says_what_to_check() -> None:
     assert error.hint is not None
     assert "ConnectionRefusedError" in error.hint
     assert "routes[].upstream" in error.hint, error.hint
+
+
+def test_a_malformed_answers_fix_says_the_backend_answered_badly_not_that_it_is_unreachable() -> None:
+    """A backend that answered with something that is not HTTP/1.1 (a head over 64 KiB, a status 099): the log's
+    fix said to check that the backend runs and that `routes[].upstream` is its address, which it is; it says
+    what the backend sent and where to look instead. The device still gets 502."""
+    why = BackendProtocolError("the backend's answer head is over 65536 bytes")
+    error = forward._failure(ROUTE, why, None)
+    assert isinstance(error, BackendUnavailable)
+    assert error.status == 502
+    assert error.hint is not None
+    assert "answer head is over 65536 bytes" in error.hint
+    assert "reachable" not in error.hint, error.hint
+    assert "not valid HTTP/1.1" in error.hint, error.hint
