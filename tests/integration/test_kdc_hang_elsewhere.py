@@ -58,6 +58,50 @@ def _status(lab: LabLayout, gw: Gateway, user: str) -> tuple[int, float]:
     return int(done.stdout.rsplit("\n", 1)[-1]), time.monotonic() - start
 
 
+def test_readiness_probes_during_a_kdc_hang_hold_one_thread_of_their_own(
+    lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz's KDC probe (an AS exchange, `Readiness`) asked again each time its answer is older than
+    READY_CACHE_SECONDS, while the KDC is frozen: the first probe is "no answer" at kdc_timeout; the next ones,
+    finding it still inside MIT's wait, say the KDC does not answer at once instead of starting another; and
+    asyncio's shared executor (2 threads here, as few as a busy gateway may have free), which CRL reads and
+    vetting use, still runs work at once. Before, each probe held a thread of the shared executor for MIT's
+    wait (about 25 s): the third probe found both held, and so did the CRL work after it."""
+    monkeypatch.setenv("KRB5_CONFIG", os.environ.get("KRB5_CONFIG", ""))  # the probe sets it: put back after
+    config_path = tmp_path / "gateway.toml"
+    config_path.write_text(_config_text(lab, tmp_path, second_kdc))
+    live = cast(Live, SimpleNamespace(config=load(config_path)))
+    now = [0.0]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+        readiness = Readiness(live, clock=lambda: now[0])
+        assert await readiness.kdc_problem() is None  # the KDC answers
+        second_kdc.stop_answering()
+        now[0] += READY_CACHE_SECONDS + 1
+        first = await readiness.kdc_problem()
+        assert first == f"no answer from the KDC within {KDC_TIMEOUT:g} s", first
+        later: list[tuple[str | None, float]] = []
+        for _ in range(3):
+            now[0] += READY_CACHE_SECONDS + 1
+            start = loop.time()
+            later.append((await readiness.kdc_problem(), loop.time() - start))
+        started = loop.time()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.to_thread(lambda: "vetted"), KDC_TIMEOUT * 3)
+        assert loop.time() - started < KDC_TIMEOUT, f"the shared executor waited for MIT; probes: {later}"
+        for problem, seconds in later:
+            assert problem is not None, later
+            assert "does not answer" in problem, later
+            assert seconds < KDC_TIMEOUT / 2, f"a probe waited for the KDC again: {later}"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        second_kdc.answer_again()  # MIT's wait ends, and the probe's thread with it
+
+
 def test_new_users_past_every_kdc_thread_and_as_many_waiting_are_503_at_once(
     lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc
 ) -> None:
