@@ -126,3 +126,38 @@ def test_new_users_past_every_kdc_thread_and_as_many_waiting_are_503_at_once(
     finally:
         second_kdc.answer_again()
         gw.stop()
+
+
+def test_a_gateway_stopped_during_a_kdc_hang_exits_at_once(
+    lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc
+) -> None:
+    """The only KDC frozen, and a thread inside MIT's wait for each kind of KDC call: a certificate user's exchange,
+    a Basic login's password check, a /readyz probe (each answered 503 at kdc_timeout). SIGTERM: the gateway exits
+    0 well before MIT gives up (the calls' callers are gone; nothing waits for their answers). Before, Python's
+    exit joined the executors' threads, and the stop took until MIT's wait ended (about 25 s after the calls)."""
+    admin = free_port()
+    extra = f'\n[admin]\nbind = "127.0.0.1:{admin}"\n\n[authentication]\nmode = "certificate-or-basic"\n'
+    gw = start_gateway(lab, tmp_path / "gateway", _config_text(lab, tmp_path, second_kdc, extra=extra))
+    try:
+        second_kdc.stop_answering()
+        gw.mark()
+        assert _status(lab, gw, "alice")[0] == 503
+        basic = ["curl", "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "30"]
+        header = _basic(f"carol:{USERS['carol']}-not")["Authorization"]
+        done = curl_raw([*basic, "-H", f"Authorization: {header}", f"{gw.url}/EWS/Exchange.asmx"])
+        assert done == "503", done
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=30)
+        assert not_ready.value.code == 503
+        assert len(gw.wait_events("kdc_unavailable", 2)) == 2  # alice's exchange, carol's password check
+        start = time.monotonic()
+        assert gw.stop() == 0
+        assert time.monotonic() - start < 10, "the stop waited for MIT"
+    finally:
+        second_kdc.answer_again()
+        gw.stop()
+
+
+def curl_raw(command: list[str]) -> str:
+    """curl's output (here the status it was given)."""
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False).stdout
