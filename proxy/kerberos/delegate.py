@@ -48,9 +48,11 @@ two exchanges per user per ticket lifetime), an entry is also renewed (in the ba
 the exchange that made it, when that comes before `RENEW_BEFORE`; the KDC's refusal then drops it, and the next
 request gets that refusal. With `[directory]`, the account's state is read again every `cache_seconds` without it.
 
-The exchanges with the KDC block (and release the GIL): they run in a pool of `max_in_flight` threads
-and are bounded in time by `kdc_timeout`. A security context is built per request and never shared.
-Only this package imports `gssapi`.
+The exchanges with the KDC block (and release the GIL): they run in `max_in_flight` threads of their own
+(`proxy.kerberos.threads`), bounded in time by `kdc_timeout` (the wait for a thread included); an exchange that
+finds every thread held by calls a silent KDC left unanswered, or as many exchanges waiting as there are threads,
+is refused at once (503), and a stop never waits for a thread MIT holds. A security context is built per request
+and never shared. Only this package imports `gssapi`.
 """
 
 from __future__ import annotations
