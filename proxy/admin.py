@@ -55,6 +55,7 @@ from cryptography import x509
 
 from proxy.config import Admin
 from proxy.errors import ConfigError, GatewayError
+from proxy.kerberos.threads import KdcThreads, NoThread
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
 from proxy.observability.siblings import Siblings, TraceSource, serve_siblings
@@ -76,6 +77,9 @@ class Readiness:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._last: tuple[float, str | None] | None = None
+        # one thread of its own for the probe (proxy.kerberos.threads): a KDC that never answers holds it for MIT's
+        # wait (about 25 s), past kdc_timeout; the next probe then finds it held and says so, without another
+        self._thread = KdcThreads(1, live.config.kerberos.kdc_timeout, "ready-kdc")
 
     async def kdc_problem(self) -> str | None:
         async with self._lock:
@@ -85,14 +89,21 @@ class Readiness:
             self._last = (self._clock(), problem)
             return problem
 
+    def close(self) -> None:
+        """Start no more probes (one still inside MIT's wait ends on its own, and never holds up an exit)."""
+        self._thread.close()
+
     async def _probe(self) -> str | None:
         from proxy.kerberos.probe import KerberosProbe
 
         settings = self._live.config.kerberos
+        self._thread.timeout = settings.kdc_timeout  # as reloaded
         try:
-            await asyncio.wait_for(asyncio.to_thread(KerberosProbe(settings).self_ticket), settings.kdc_timeout)
+            await self._thread.run(KerberosProbe(settings).self_ticket)
         except TimeoutError:
             return f"no answer from the KDC within {settings.kdc_timeout:g} s"
+        except NoThread:  # the probe before this one still inside MIT's wait: its caller gave up at kdc_timeout
+            return f"the KDC does not answer: an earlier probe still waits for it, past {settings.kdc_timeout:g} s"
         except GatewayError as e:
             return f"{e.reason} ({e.hint})" if e.hint else e.reason
         return None
@@ -149,7 +160,12 @@ def make_admin_app(live: Live, siblings: Siblings | None = None, *, unix: bool =
         middlewares.append(_loopback_host(admin.host))
     app = web.Application(middlewares=middlewares)
     app[LIVE_KEY] = live
-    app[READINESS_KEY] = Readiness(live)
+    app[READINESS_KEY] = readiness = Readiness(live)
+
+    async def close_readiness(_: web.Application) -> None:
+        readiness.close()
+
+    app.on_cleanup.append(close_readiness)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -98,7 +98,6 @@ from proxy.errors import (
     AuthenticationRequired,
     GatewayError,
     IdentityRejected,
-    KdcUnavailable,
     KerberosRefused,
     TooManyAttempts,
     UserUnknown,
@@ -107,7 +106,7 @@ from proxy.identity.principal import UserPrincipal, ascii_lower, configured_doma
 from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
-from proxy.kerberos.threads import KdcThreads, NoThread
+from proxy.kerberos.threads import KdcThreads, NoThread, no_thread_error
 
 T = TypeVar("T")
 
@@ -600,7 +599,7 @@ async def _kdc(threads: KdcThreads, realm: str, call: Callable[..., T], *args: o
     except TimeoutError:
         raise _unreachable(threads.timeout) from None
     except NoThread as e:
-        raise _no_thread(threads, realm, e) from None
+        raise no_thread_error(e, threads, realm, "Basic's KDC calls") from None
 
 
 def _stale_after(limit: int, kerberos: Kerberos) -> float:
@@ -611,19 +610,3 @@ def _stale_after(limit: int, kerberos: Kerberos) -> float:
 
 def _unreachable(timeout: float) -> GatewayError:
     return explain(f"cannot contact any KDC within {timeout:g} s", user="-", spn="-", proxy="the gateway")
-
-
-def _no_thread(threads: KdcThreads, realm: str, e: NoThread) -> KdcUnavailable:
-    if e.abandoned >= e.held:
-        return KdcUnavailable(
-            "the authentication service is unreachable; try again shortly",
-            hint=f"the KDC of {realm} does not answer: all {e.held} threads for Basic's KDC calls "
-            f"(kerberos.max_in_flight) are held by calls it left unanswered past kerberos.kdc_timeout "
-            f"({threads.timeout:g} s), until MIT gives up (about 25 s); check krb5.conf's kdc entries for {realm} "
-            "and that the KDC is up",
-        )
-    return KdcUnavailable(
-        "the authentication service is busy; try again shortly",
-        hint=f"the KDC of {realm} answers slowly: all {e.held} threads for Basic's KDC calls (kerberos.max_in_flight) "
-        f"are in calls to it and as many wait; raise kerberos.max_in_flight if the KDC keeps up",
-    )

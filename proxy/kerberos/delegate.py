@@ -48,16 +48,17 @@ two exchanges per user per ticket lifetime), an entry is also renewed (in the ba
 the exchange that made it, when that comes before `RENEW_BEFORE`; the KDC's refusal then drops it, and the next
 request gets that refusal. With `[directory]`, the account's state is read again every `cache_seconds` without it.
 
-The exchanges with the KDC block (and release the GIL): they run in a pool of `max_in_flight` threads
-and are bounded in time by `kdc_timeout`. A security context is built per request and never shared.
-Only this package imports `gssapi`.
+The exchanges with the KDC block (and release the GIL): they run in `max_in_flight` threads of their own
+(`proxy.kerberos.threads`), bounded in time by `kdc_timeout` (the wait for a thread included); an exchange that
+finds every thread held by calls a silent KDC left unanswered, or as many exchanges waiting as there are threads,
+is refused at once (503), and a stop never waits for a thread MIT holds. A security context is built per request
+and never shared. Only this package imports `gssapi`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import itertools
 import threading
@@ -65,7 +66,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +87,7 @@ from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
 from proxy.kerberos.spnego import neg_token_init
+from proxy.kerberos.threads import KdcThreads, NoThread, no_thread_error
 
 log = structlog.get_logger("proxy.kerberos")
 
@@ -221,7 +222,8 @@ class Delegator:
         self._targets: dict[str, gssapi.raw.Name] = {}  # HTTP@host -> its krb5 mechanism name (`_token`)
         self._spns: set[str] = set()  # every SPN asked for: forget() looks a principal up under each
         self._cache_size = cache_size
-        self._kdc = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="kdc")
+        # the exchanges' threads: bounded in number and in waiters, a stop never waits for MIT (proxy.kerberos.threads)
+        self._kdc = KdcThreads(settings.max_in_flight, settings.kdc_timeout, "kdc")
         self.stats = CacheStats()
         # which of the realm's KDCs answer (proxy.kerberos.kdcs); started with the event loop (`watch_kdcs`)
         self.kdcs: KdcWatch | None = watch_for(
@@ -349,7 +351,6 @@ class Delegator:
         return task
 
     async def _exchange(self, user: UserPrincipal, spn: str, gss_target: str) -> _Ticket:
-        loop = asyncio.get_running_loop()
         kdcs = self.kdcs
         if kdcs is not None and kdcs.none_answer:  # no thread is given to MIT's 25 s wait for a silent KDC
             silent = ", ".join(f"{p.address} ({p.detail})" for p in kdcs.last)
@@ -361,10 +362,10 @@ class Delegator:
         self.stats.exchanges += 1
         refresh_profile()
         try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._kdc, self._exchange_blocking, user, gss_target),
-                timeout=self._settings.kdc_timeout,
-            )
+            return await self._kdc.run(self._exchange_blocking, user, gss_target)
+        except NoThread as e:  # every thread in a call and as many waiting, or held by calls MIT keeps
+            realm = kdcs.section.realm if kdcs is not None else self._settings.principal.rpartition("@")[2]
+            raise no_thread_error(e, self._kdc, realm, "the gateway's KDC exchanges") from None
         except TimeoutError:
             if kdcs is not None:
                 kdcs.check_soon()  # which KDC went silent: MIT is told to ask the others
@@ -612,8 +613,7 @@ class Delegator:
         self.clear()
         if self.kdcs is not None:
             self.kdcs.stop()
-        with contextlib.suppress(RuntimeError):
-            self._kdc.shutdown(wait=False, cancel_futures=True)
+        self._kdc.close()
 
 
 class _StepFailed(Exception):

@@ -13,15 +13,25 @@ threads wait and at least one thread is held by a call whose caller is still wai
 a thread frees soon). Otherwise it is refused at once (`NoThread`): every thread is held by calls whose callers gave
 up (the KDC did not answer in time: no thread frees before MIT gives up), or as many calls wait already. Nothing is
 queued without bound, and nothing waits for a thread that MIT holds.
+
+The threads are daemon threads, not a `ThreadPoolExecutor`'s: Python joins an executor's threads at exit, so a gateway
+stopped while MIT held one waited for MIT (up to about 25 s per call). A stop does not wait for them: each call's
+caller gave up on it already (its client was answered 503), and what the call would bring (a ticket in an in-memory
+ccache, a password's verdict) dies with the process; the KDC keeps nothing half-done for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from proxy.errors import KdcUnavailable
 
 T = TypeVar("T")
 
@@ -44,13 +54,66 @@ class _Call:
         self.abandoned = False
 
 
+_Work = tuple[Future[Any], Callable[..., Any], tuple[object, ...]]
+
+
+class _DaemonThreads:
+    """At most `threads` daemon threads running submitted calls, started as calls find none idle. Daemon threads:
+    the interpreter exits without waiting for a call inside MIT (module docstring)."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._threads = threads
+        self._name = name
+        self._numbers = itertools.count()
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._started: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, call: Callable[..., T], *args: object) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("closed: no more calls")
+            self._work.put((future, call, args))
+            if not self._idle.acquire(blocking=False) and len(self._started) < self._threads:
+                thread = threading.Thread(target=self._serve, name=f"{self._name}_{next(self._numbers)}", daemon=True)
+                self._started.append(thread)
+                thread.start()
+        return future
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            future, call, args = work
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = call(*args)
+                except BaseException as e:  # noqa: BLE001  the caller's to raise, as an executor's future carries it
+                    future.set_exception(e)
+                else:
+                    future.set_result(result)
+            del work, future, call, args  # nothing of the call outlives it here
+            self._idle.release()
+
+    def close(self) -> None:
+        """Start no more calls: queued ones are cancelled, idle threads end, a thread in a call ends after it."""
+        with self._lock:
+            self._closed = True
+            with contextlib.suppress(queue.Empty):
+                while (work := self._work.get_nowait()) is not None:
+                    work[0].cancel()
+            for _ in self._started:
+                self._work.put(None)
+
+
 class KdcThreads:
     """An executor of `threads` threads for blocking KDC calls, each call bounded in time (module docstring)."""
 
     def __init__(self, threads: int, timeout: float, name: str) -> None:
         self.threads = threads
         self.timeout = timeout
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._executor = _DaemonThreads(threads, name)
         self._free = asyncio.Semaphore(threads)  # given back when a call returns in its thread
         self._waiting = 0
         self.held = 0  # threads inside a call
@@ -103,4 +166,21 @@ class KdcThreads:
 
     def close(self) -> None:
         """Start no more calls; a call still inside MIT finishes on its own."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.close()
+
+
+def no_thread_error(e: NoThread, threads: KdcThreads, realm: str, calls: str) -> KdcUnavailable:
+    """The 503 for a call refused for want of a thread; `calls` names whose threads they are ("Basic's KDC calls")."""
+    if e.abandoned >= e.held:
+        return KdcUnavailable(
+            "the authentication service is unreachable; try again shortly",
+            hint=f"the KDC of {realm} does not answer: all {e.held} threads for {calls} "
+            f"(kerberos.max_in_flight) are held by calls it left unanswered past kerberos.kdc_timeout "
+            f"({threads.timeout:g} s), until MIT gives up (about 25 s); check krb5.conf's kdc entries for {realm} "
+            "and that the KDC is up",
+        )
+    return KdcUnavailable(
+        "the authentication service is busy; try again shortly",
+        hint=f"the KDC of {realm} answers slowly: all {e.held} threads for {calls} (kerberos.max_in_flight) "
+        f"are in calls to it and as many wait; raise kerberos.max_in_flight if the KDC keeps up",
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -129,5 +131,50 @@ def test_a_call_arriving_while_a_freed_thread_passes_to_a_waiter_waits_too() -> 
         finally:
             release.set()
             threads.close()
+
+    asyncio.run(scenario())
+
+
+EXIT_WITH_A_CALL_HELD = """
+import asyncio, sys, threading
+from proxy.kerberos.threads import KdcThreads
+
+async def main() -> None:
+    threads = KdcThreads(2, 0.2, "test")
+    try:
+        await threads.run(threading.Event().wait)  # a KDC that never answers
+    except TimeoutError:
+        print("timed out", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_call_still_held_does_not_hold_up_the_interpreters_exit() -> None:
+    """A process whose only KDC call never returns (its caller timed out) exits as soon as its main code ends: the
+    threads are daemon threads. Before, they were a ThreadPoolExecutor's, which Python joins at exit: such a process
+    (a gateway stopped during a KDC hang) waited for MIT, here for ever."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_A_CALL_HELD], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout) == (0, "timed out\n"), done.stderr
+
+
+def test_a_closed_kdc_threads_cancels_calls_not_started_and_starts_none() -> None:
+    """close(): a call queued behind a held thread is cancelled, a later one refused (RuntimeError), and the held call
+    still returns in its thread."""
+
+    async def scenario() -> None:
+        threads = KdcThreads(1, LONG, "test")
+        release = threading.Event()
+        held = asyncio.ensure_future(threads.run(_blocked, release))
+        await _until(lambda: threads.held == 1, "the first call started")
+        queued = threads._executor.submit(_blocked, release)  # behind it, as a second caller's would be
+        threads.close()
+        assert queued.cancelled()
+        release.set()
+        assert await held == "answered"
+        with pytest.raises(RuntimeError):
+            await threads.run(_blocked, release)
 
     asyncio.run(scenario())
