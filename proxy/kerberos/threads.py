@@ -13,6 +13,10 @@ threads wait and at least one thread is held by a call whose caller is still wai
 a thread frees soon). Otherwise it is refused at once (`NoThread`): every thread is held by calls whose callers gave
 up (the KDC did not answer in time: no thread frees before MIT gives up), or as many calls wait already. Nothing is
 queued without bound, and nothing waits for a thread that MIT holds.
+
+A call abandoned so may still reach the KDC, and its answer still counts (a wrong password is one more towards the
+account's lockout): a caller that must know it passes an `Outcome`, told when its call is abandoned and, on the
+event loop, when the call returns in its thread.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -35,13 +39,24 @@ class NoThread(Exception):
         self.abandoned = abandoned
 
 
+class Outcome(Protocol):
+    """Told what becomes of a call its caller stopped waiting for while it ran (module docstring)."""
+
+    def abandoned(self) -> None:
+        """The caller stopped waiting; the call runs on in its thread (told before the caller's exception goes on)."""
+
+    def returned(self, future: Future[Any]) -> None:
+        """The abandoned call returned in its thread (on the event loop): its result or exception is `future`'s."""
+
+
 class _Call:
     """One call's thread, as the event loop sees it: whether its caller gave up on it while it ran."""
 
-    __slots__ = ("abandoned",)
+    __slots__ = ("abandoned", "outcome")
 
-    def __init__(self) -> None:
+    def __init__(self, outcome: Outcome | None) -> None:
         self.abandoned = False
+        self.outcome = outcome
 
 
 class KdcThreads:
@@ -56,9 +71,10 @@ class KdcThreads:
         self.held = 0  # threads inside a call
         self.abandoned = 0  # of those, the calls whose callers stopped waiting (timed out or cancelled)
 
-    async def run(self, call: Callable[..., T], *args: object) -> T:
+    async def run(self, call: Callable[..., T], *args: object, outcome: Outcome | None = None) -> T:
         """`call(*args)` in one of the threads; TimeoutError after `timeout` (waiting for a thread included),
-        NoThread at once when there is no thread to wait for (module docstring)."""
+        NoThread at once when there is no thread to wait for; `outcome` told of the call if abandoned (module
+        docstring)."""
         async with asyncio.timeout(self.timeout):
             # Every thread in a call (not merely passing from a returned call to a waiter, when none is held),
             # and as many calls waiting, or every one of those calls abandoned: no thread frees soon.
@@ -70,11 +86,11 @@ class KdcThreads:
                 await self._free.acquire()
             finally:
                 self._waiting -= 1
-            return await self._start(call, args)
+            return await self._start(call, args, outcome)
 
-    async def _start(self, call: Callable[..., T], args: tuple[object, ...]) -> T:
+    async def _start(self, call: Callable[..., T], args: tuple[object, ...], outcome: Outcome | None) -> T:
         loop = asyncio.get_running_loop()
-        mine = _Call()
+        mine = _Call(outcome)
         try:
             future = self._executor.submit(call, *args)
         except RuntimeError:  # shut down (the gateway is closing)
@@ -82,9 +98,9 @@ class KdcThreads:
             raise
         self.held += 1
 
-        def returned(_: Future[T]) -> None:  # in the call's thread, or here when it never started
+        def returned(done: Future[T]) -> None:  # in the call's thread, or here when it never started
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to count
-                loop.call_soon_threadsafe(self._returned, mine)
+                loop.call_soon_threadsafe(self._returned, mine, done)
 
         future.add_done_callback(returned)
         try:
@@ -93,13 +109,17 @@ class KdcThreads:
             if not future.done():  # the thread runs on inside MIT; the caller is gone
                 mine.abandoned = True
                 self.abandoned += 1
+                if outcome is not None:
+                    outcome.abandoned()
             raise
 
-    def _returned(self, call: _Call) -> None:
+    def _returned(self, call: _Call, done: Future[Any]) -> None:
         self.held -= 1
         if call.abandoned:
             self.abandoned -= 1
         self._free.release()
+        if call.abandoned and call.outcome is not None:
+            call.outcome.returned(done)
 
     def close(self) -> None:
         """Start no more calls; a call still inside MIT finishes on its own."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -126,6 +128,40 @@ def test_a_call_arriving_while_a_freed_thread_passes_to_a_waiter_waits_too() -> 
             assert threads._waiting == 1, "the second call has not taken the thread yet"
             third = await threads.run(lambda: "third")
             assert (await first, await second, third) == ("answered", "second", "third")
+        finally:
+            release.set()
+            threads.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_whose_caller_went_away_tells_its_outcome_when_it_returns() -> None:
+    """A caller cancelled (the device hung up) while its call runs: its `Outcome` is told the call was abandoned
+    before the cancellation reaches the caller's code, and, once the call returns in its thread, the call's result;
+    a call its caller waited for tells nothing."""
+    told: list[object] = []
+
+    class Recorder:
+        def abandoned(self) -> None:
+            told.append("abandoned")
+
+        def returned(self, future: Future[Any]) -> None:
+            told.append(future.result())
+
+    async def scenario() -> None:
+        threads = KdcThreads(2, LONG, "test")
+        release = threading.Event()
+        try:
+            assert await threads.run(lambda: "ok", outcome=Recorder()) == "ok"
+            caller = asyncio.create_task(threads.run(_blocked, release, outcome=Recorder()))
+            await _until(lambda: threads.held == 1, "the call started")
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            assert told == ["abandoned"]
+            release.set()
+            await _until(lambda: threads.held == 0, "the thread given back")
+            assert told == ["abandoned", "answered"]
         finally:
             release.set()
             threads.close()
