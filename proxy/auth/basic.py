@@ -87,9 +87,10 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from proxy.addresses import address_key
 from proxy.auth.shared import SharedTable, SharedThrottle
@@ -106,7 +107,7 @@ from proxy.identity.principal import UserPrincipal, ascii_lower, configured_doma
 from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
-from proxy.kerberos.threads import KdcThreads, NoThread, no_thread_error
+from proxy.kerberos.threads import KdcThreads, NoThread, Outcome, no_thread_error
 
 T = TypeVar("T")
 
@@ -471,7 +472,9 @@ class BasicLogin:
                 if entry is not None:
                     return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
                 try:
-                    ticket = await _kdc(self._checks, user.realm, login_blocking, user, credentials.password)
+                    ticket = await _kdc(
+                        self._checks, user.realm, login_blocking, user, credentials.password, outcome=attempt
+                    )
                 except KerberosRefused:  # disabled, locked, expired: said whatever the password, so not a guess
                     self._cache.forget(key)
                     raise
@@ -571,12 +574,19 @@ class BasicLogin:
             )
         attempt = _Attempt()
         self._addresses.begin(client, now)
+
+        def end(failed: bool) -> None:
+            now = time.monotonic()
+            self._users.end(key, now, failed=failed)
+            self._addresses.end(client, now, failed=failed)
+
         try:
             yield attempt
         finally:
-            now = time.monotonic()
-            self._users.end(key, now, failed=attempt.failed)
-            self._addresses.end(client, now, failed=attempt.failed)
+            if attempt.running:  # its password check goes on in MIT, whose answer the KDC counts: so does this
+                attempt.end = end
+            else:
+                end(attempt.failed)
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -589,13 +599,33 @@ class BasicLogin:
 
 @dataclass
 class _Attempt:
+    """One attempt that may reach the KDC; an `Outcome` of its password check (`KdcThreads.run`): a check its
+    caller stopped waiting for (kdc_timeout, or the device hung up) still reaches the KDC, which counts a wrong
+    password towards the account's lockout, so the attempt counts as in flight until the check returns, and as
+    failed if it failed. Ended at once, anyone could send an account any number of wrong passwords by hanging up."""
+
     failed: bool = False  # set when the KDC said wrong password or no such user
+    running: bool = False  # its check runs on in its thread, its caller gone
+    end: Callable[[bool], None] | None = None  # how the attempt ends once that check returns (whether it failed)
+
+    def abandoned(self) -> None:
+        self.running = True
+
+    def returned(self, future: Future[Any]) -> None:
+        self.running = False
+        error = None if future.cancelled() else future.exception()
+        self.failed = self.failed or isinstance(error, AuthenticationRequired)
+        if self.end is not None:
+            end, self.end = self.end, None
+            end(self.failed)
 
 
-async def _kdc(threads: KdcThreads, realm: str, call: Callable[..., T], *args: object) -> T:
+async def _kdc(
+    threads: KdcThreads, realm: str, call: Callable[..., T], *args: object, outcome: Outcome | None = None
+) -> T:
     """`call(*args)` in one of `threads`: 503 at kdc_timeout, or at once when no thread is to be had."""
     try:
-        return await threads.run(call, *args)
+        return await threads.run(call, *args, outcome=outcome)
     except TimeoutError:
         raise _unreachable(threads.timeout) from None
     except NoThread as e:

@@ -8,16 +8,23 @@ share, so anyone able to start them (a Basic login needs no valid name or passwo
 
 `KdcThreads` runs them in an executor of `threads` threads of their own, and counts a thread as taken from the
 call's start until the call returns in its thread, not until its caller stops waiting. A call finding every thread
-taken may wait for one, as part of its `timeout` (the wait and the call share it), while fewer calls than there are
-threads wait and at least one thread is held by a call whose caller is still waiting (the KDC answers, only slowly:
-a thread frees soon). Otherwise it is refused at once (`NoThread`): every thread is held by calls whose callers gave
-up (the KDC did not answer in time: no thread frees before MIT gives up), or as many calls wait already. Nothing is
-queued without bound, and nothing waits for a thread that MIT holds.
+taken may wait for one, as part of its `timeout` (the wait and the call share it), while fewer than `waiting` calls
+(`WAITING_PER_THREAD` per thread by default) wait and at least one thread is held by a call whose caller is still
+waiting (the KDC answers, only slowly: a thread frees soon). Otherwise it is refused at once (`NoThread`): every thread
+is held by calls whose callers gave up (the KDC did not answer in time: no thread frees before MIT gives up), or
+`waiting` calls wait already. Nothing is queued without bound, and nothing waits for a thread that MIT holds. The
+bound on waiting calls is generous on purpose: devices reconnecting together (a gateway restarted, a reload that
+emptied the ticket cache) are many new users at once against a KDC that answers in milliseconds, and each should
+wait its turn, not be refused (with as many waiting as threads, 100 calls at once on 2 threads got 96 refusals).
 
 The threads are daemon threads, not a `ThreadPoolExecutor`'s: Python joins an executor's threads at exit, so a gateway
 stopped while MIT held one waited for MIT (up to about 25 s per call). A stop does not wait for them: each call's
 caller gave up on it already (its client was answered 503), and what the call would bring (a ticket in an in-memory
 ccache, a password's verdict) dies with the process; the KDC keeps nothing half-done for it.
+
+A call abandoned so may still reach the KDC, and its answer still counts (a wrong password is one more towards the
+account's lockout): a caller that must know it passes an `Outcome`, told when its call is abandoned and, on the
+event loop, when the call returns in its thread.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from proxy.errors import KdcUnavailable
 
 T = TypeVar("T")
+
+WAITING_PER_THREAD = 64  # calls that may wait for a thread, per thread (module docstring)
 
 
 class NoThread(Exception):
@@ -45,13 +54,24 @@ class NoThread(Exception):
         self.abandoned = abandoned
 
 
+class Outcome(Protocol):
+    """Told what becomes of a call its caller stopped waiting for while it ran (module docstring)."""
+
+    def abandoned(self) -> None:
+        """The caller stopped waiting; the call runs on in its thread (told before the caller's exception goes on)."""
+
+    def returned(self, future: Future[Any]) -> None:
+        """The abandoned call returned in its thread (on the event loop): its result or exception is `future`'s."""
+
+
 class _Call:
     """One call's thread, as the event loop sees it: whether its caller gave up on it while it ran."""
 
-    __slots__ = ("abandoned",)
+    __slots__ = ("abandoned", "outcome")
 
-    def __init__(self) -> None:
+    def __init__(self, outcome: Outcome | None) -> None:
         self.abandoned = False
+        self.outcome = outcome
 
 
 _Work = tuple[Future[Any], Callable[..., Any], tuple[object, ...]]
@@ -110,34 +130,36 @@ class _DaemonThreads:
 class KdcThreads:
     """An executor of `threads` threads for blocking KDC calls, each call bounded in time (module docstring)."""
 
-    def __init__(self, threads: int, timeout: float, name: str) -> None:
+    def __init__(self, threads: int, timeout: float, name: str, *, waiting: int | None = None) -> None:
         self.threads = threads
         self.timeout = timeout
+        self.waiting = threads * WAITING_PER_THREAD if waiting is None else waiting  # calls that may wait at once
         self._executor = _DaemonThreads(threads, name)
         self._free = asyncio.Semaphore(threads)  # given back when a call returns in its thread
         self._waiting = 0
         self.held = 0  # threads inside a call
         self.abandoned = 0  # of those, the calls whose callers stopped waiting (timed out or cancelled)
 
-    async def run(self, call: Callable[..., T], *args: object) -> T:
+    async def run(self, call: Callable[..., T], *args: object, outcome: Outcome | None = None) -> T:
         """`call(*args)` in one of the threads; TimeoutError after `timeout` (waiting for a thread included),
-        NoThread at once when there is no thread to wait for (module docstring)."""
+        NoThread at once when there is no thread to wait for; `outcome` told of the call if abandoned (module
+        docstring)."""
         async with asyncio.timeout(self.timeout):
             # Every thread in a call (not merely passing from a returned call to a waiter, when none is held),
-            # and as many calls waiting, or every one of those calls abandoned: no thread frees soon.
+            # and `waiting` calls waiting already, or every one of those calls abandoned: no thread frees soon.
             busy = self.held >= self.threads
-            if busy and (self._waiting >= self.threads or self.abandoned >= self.held):
+            if busy and (self._waiting >= self.waiting or self.abandoned >= self.held):
                 raise NoThread(self.held, self.abandoned)
             self._waiting += 1
             try:
                 await self._free.acquire()
             finally:
                 self._waiting -= 1
-            return await self._start(call, args)
+            return await self._start(call, args, outcome)
 
-    async def _start(self, call: Callable[..., T], args: tuple[object, ...]) -> T:
+    async def _start(self, call: Callable[..., T], args: tuple[object, ...], outcome: Outcome | None) -> T:
         loop = asyncio.get_running_loop()
-        mine = _Call()
+        mine = _Call(outcome)
         try:
             future = self._executor.submit(call, *args)
         except RuntimeError:  # shut down (the gateway is closing)
@@ -145,9 +167,9 @@ class KdcThreads:
             raise
         self.held += 1
 
-        def returned(_: Future[T]) -> None:  # in the call's thread, or here when it never started
+        def returned(done: Future[T]) -> None:  # in the call's thread, or here when it never started
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to count
-                loop.call_soon_threadsafe(self._returned, mine)
+                loop.call_soon_threadsafe(self._returned, mine, done)
 
         future.add_done_callback(returned)
         try:
@@ -156,13 +178,17 @@ class KdcThreads:
             if not future.done():  # the thread runs on inside MIT; the caller is gone
                 mine.abandoned = True
                 self.abandoned += 1
+                if outcome is not None:
+                    outcome.abandoned()
             raise
 
-    def _returned(self, call: _Call) -> None:
+    def _returned(self, call: _Call, done: Future[Any]) -> None:
         self.held -= 1
         if call.abandoned:
             self.abandoned -= 1
         self._free.release()
+        if call.abandoned and call.outcome is not None:
+            call.outcome.returned(done)
 
     def close(self) -> None:
         """Start no more calls; a call still inside MIT finishes on its own."""
@@ -182,5 +208,5 @@ def no_thread_error(e: NoThread, threads: KdcThreads, realm: str, calls: str) ->
     return KdcUnavailable(
         "the authentication service is busy; try again shortly",
         hint=f"the KDC of {realm} answers slowly: all {e.held} threads for {calls} (kerberos.max_in_flight) "
-        f"are in calls to it and as many wait; raise kerberos.max_in_flight if the KDC keeps up",
+        f"are in calls to it and {threads.waiting} more wait; raise kerberos.max_in_flight if the KDC keeps up",
     )

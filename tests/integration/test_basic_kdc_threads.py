@@ -39,7 +39,9 @@ def second_kdc(lab: LabLayout, tmp_path: Path) -> Iterator[SecondKdc]:
     kdc.close()
 
 
-def _gateway(lab: LabLayout, directory: Path, kdc: SecondKdc, *, crl: Path, kerberos: str = "") -> Gateway:
+def _gateway(
+    lab: LabLayout, directory: Path, kdc: SecondKdc, *, crl: Path, kerberos: str = "", failures_per_user: int = 100
+) -> Gateway:
     """certificate-or-basic, with only `kdc` in krb5.conf, kdc_timeout 2 s, and the CRL file `crl` (refreshed
     every second) for the lab's issuing CA."""
     krb5_conf = directory / "krb5.conf"
@@ -54,7 +56,7 @@ def _gateway(lab: LabLayout, directory: Path, kdc: SecondKdc, *, crl: Path, kerb
     text = text.replace(lab_crls, crls)
     text += (
         '\n[authentication]\nmode = "certificate-or-basic"\n'
-        "basic_failures_per_user = 100\nbasic_failures_per_address = 1000\n"
+        f"basic_failures_per_user = {failures_per_user}\nbasic_failures_per_address = 1000\n"
     )
     return start_gateway(lab, directory / "gateway", text)
 
@@ -183,6 +185,46 @@ def test_a_login_that_finds_every_thread_held_by_the_silent_kdc_is_503_at_once(
             return [a.status for a in asyncio.run(_send(lab, gw, [bob]))] == [200]
 
         eventually(signed_in, "bob signed in once MIT let the threads go")
+    finally:
+        second_kdc.answer_again()
+        gw.stop()
+
+
+def test_wrong_passwords_still_at_the_kdc_after_their_503_count_against_the_user(
+    lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc
+) -> None:
+    """basic_failures_per_user = 2 and the only KDC silent: two wrong passwords for bob are 503 at kdc_timeout, but
+    MIT still holds them for the KDC, which checks them once it answers again; so the next two are 429 without
+    reaching the KDC, and the KDC answers exactly two of bob's passwords (AD counts each towards bob's lockout).
+    Before, an attempt stopped counting when its caller stopped waiting (a timeout, or the device hanging up), so
+    anyone could send bob's account any number of wrong passwords past the throttle that exists to prevent it."""
+    crl = tmp_path / "issuing.crl"
+    _publish_crl(lab, tmp_path / "first", crl, serials=[])
+    gw = _gateway(lab, tmp_path, second_kdc, crl=crl, kerberos="max_in_flight = 8\n", failures_per_user=2)
+    kdc_log = tmp_path / lab.kdc_log.relative_to(lab.run_dir)
+    try:
+        second_kdc.stop_answering()
+        tag = uuid.uuid4().hex[:8]
+        answers = [asyncio.run(_send(lab, gw, [f"bob:wrong-{tag}-{n}"]))[0] for n in range(4)]
+        assert [a.status for a in answers] == [503, 503, 429, 429], answers
+        second_kdc.answer_again()
+
+        def checked() -> list[str]:
+            text = kdc_log.read_text(errors="replace") if kdc_log.exists() else ""
+            # one answer per password: ISSUE for the lab's bob (no preauthentication: his client finds the password
+            # wrong), PREAUTH_FAILED where the KDC checks it (AD)
+            finals = ("ISSUE:", "PREAUTH_FAILED")
+            return [
+                line
+                for line in text.splitlines()
+                if "bob@LAB.TEST for krbtgt/" in line and any(final in line for final in finals)
+            ]
+
+        eventually(lambda: len(checked()) >= 2, "the KDC checked the two passwords MIT held for it")
+        gw.mark()
+        [after] = asyncio.run(_send(lab, gw, [f"bob:wrong-{tag}-after"]))
+        assert after.status == 429, after  # both counted once MIT let them go: bob is held
+        assert len(checked()) == 2, checked()
     finally:
         second_kdc.answer_again()
         gw.stop()

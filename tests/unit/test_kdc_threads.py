@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -59,12 +61,12 @@ def test_a_thread_stays_taken_after_its_caller_timed_out_and_the_next_call_is_re
     asyncio.run(scenario())
 
 
-def test_a_call_waits_for_a_thread_a_live_call_holds_and_as_many_may_wait_as_there_are_threads() -> None:
-    """One thread, in a call whose caller still waits: one more call waits for it and runs once it is free; a third
-    call meanwhile is NoThread at once (as many wait as there are threads)."""
+def test_a_call_waits_for_a_thread_a_live_call_holds_and_at_most_waiting_calls_wait() -> None:
+    """One thread, in a call whose caller still waits, and `waiting = 1`: one more call waits for it and runs once
+    it is free; a third call meanwhile is NoThread at once (as many wait as may)."""
 
     async def scenario() -> None:
-        threads = KdcThreads(1, LONG, "test")
+        threads = KdcThreads(1, LONG, "test", waiting=1)
         release = threading.Event()
         try:
             first = asyncio.create_task(threads.run(_blocked, release))
@@ -177,4 +179,56 @@ def test_a_closed_kdc_threads_cancels_calls_not_started_and_starts_none() -> Non
         with pytest.raises(RuntimeError):
             await threads.run(_blocked, release)
 
+
+def test_a_call_whose_caller_went_away_tells_its_outcome_when_it_returns() -> None:
+    """A caller cancelled (the device hung up) while its call runs: its `Outcome` is told the call was abandoned
+    before the cancellation reaches the caller's code, and, once the call returns in its thread, the call's result;
+    a call its caller waited for tells nothing."""
+    told: list[object] = []
+
+    class Recorder:
+        def abandoned(self) -> None:
+            told.append("abandoned")
+
+        def returned(self, future: Future[Any]) -> None:
+            told.append(future.result())
+
+    async def scenario() -> None:
+        threads = KdcThreads(2, LONG, "test")
+        release = threading.Event()
+        try:
+            assert await threads.run(lambda: "ok", outcome=Recorder()) == "ok"
+            caller = asyncio.create_task(threads.run(_blocked, release, outcome=Recorder()))
+            await _until(lambda: threads.held == 1, "the call started")
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            assert told == ["abandoned"]
+            release.set()
+            await _until(lambda: threads.held == 0, "the thread given back")
+            assert told == ["abandoned", "answered"]
+        finally:
+            release.set()
+            threads.close()
+
     asyncio.run(scenario())
+
+
+def test_many_calls_at_once_against_a_kdc_that_answers_all_wait_their_turn() -> None:
+    """Two threads and 100 calls at once (devices reconnecting together, each a new user) while the KDC answers,
+    if slowly: every call waits for a thread and runs; none is NoThread. With as many waiting as there are
+    threads, 96 of them were refused at once."""
+
+    async def scenario() -> list[str]:
+        threads = KdcThreads(2, LONG, "test")
+        release = threading.Event()
+        try:
+            calls = [asyncio.ensure_future(threads.run(_blocked, release)) for _ in range(100)]
+            await _until(lambda: threads.held == 2 and threads._waiting == 98, "two calls in threads, 98 waiting")
+            release.set()
+            return list(await asyncio.gather(*calls))
+        finally:
+            release.set()
+            threads.close()
+
+    assert asyncio.run(scenario()) == ["answered"] * 100
