@@ -62,6 +62,20 @@ async def _get(lab: LabLayout, gw: Gateway, path: str, user: str, **headers: str
         return r.status, await r.text(), time.monotonic() - start
 
 
+def _untrusting(lab: LabLayout, gw: Gateway) -> str:
+    """The gateway's configuration with the lab's trust list replaced by the rogue CAs only (none of the lab users'
+    chains) and no CRLs (the rogue CAs have none here)."""
+    rogue = lab.pki_dir / "rogue"
+    untrusting = (
+        gw.config_path.read_text()
+        .replace(str(lab.pki_dir / "root.pem"), str(rogue / "root.pem"))
+        .replace(str(lab.pki_dir / "issuing.pem"), str(rogue / "issuing.pem"))
+        .replace(f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"', 'revocation = "off"')
+    )
+    assert untrusting.count(str(rogue)) == 2
+    return untrusting
+
+
 def test_reload_swaps_routes_crls_and_certificate_while_a_held_request_finishes(lab: LabLayout, tmp_path: Path) -> None:
     """A request held across a reload is answered by the old configuration; new requests and connections use
     the new routes, CRLs and server certificate; a broken configuration is refused and the last good one serves."""
@@ -357,14 +371,7 @@ def test_a_held_request_whose_ca_a_reload_no_longer_trusts_is_ended(lab: LabLayo
     the rest of its hour under a trust the operator withdrew; a new connection of bob's is refused too."""
     gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port()))
     try:
-        rogue = lab.pki_dir / "rogue"
-        untrusting = (
-            gw.config_path.read_text()
-            .replace(str(lab.pki_dir / "root.pem"), str(rogue / "root.pem"))
-            .replace(str(lab.pki_dir / "issuing.pem"), str(rogue / "issuing.pem"))
-            .replace(f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"', 'revocation = "off"')
-        )
-        assert untrusting.count(str(rogue)) == 2
+        untrusting = _untrusting(lab, gw)
         assert "crls" not in untrusting
         status, body = _held_across_reload(lab, gw, untrusting)
         assert status == 403, body
@@ -454,14 +461,7 @@ def test_a_session_resumed_after_a_reload_that_no_longer_trusts_its_ca_is_refuse
         assert status == 200
         status, resumed, session = _get_resuming(context, gw.port, session)
         assert (status, resumed) == (200, True)  # the gateway resumes sessions: the case is real
-        rogue = lab.pki_dir / "rogue"
-        untrusting = (
-            gw.config_path.read_text()
-            .replace(str(lab.pki_dir / "root.pem"), str(rogue / "root.pem"))
-            .replace(str(lab.pki_dir / "issuing.pem"), str(rogue / "issuing.pem"))
-            .replace(f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"', 'revocation = "off"')
-        )
-        assert untrusting.count(str(rogue)) == 2
+        untrusting = _untrusting(lab, gw)
         _reload(gw, untrusting, "reloaded")
         with pytest.raises(ssl.SSLError, match=r"unknown ca|UNKNOWN_CA"):
             _get_resuming(context, gw.port, session)
