@@ -471,6 +471,8 @@ class BasicLogin:
                 entry = self._cached(key, digest, user)
                 if entry is not None:
                     return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
+                if known and not self._cache.known(key, time.monotonic(), digest):  # the check waited for refused it
+                    raise self._held(key, guesses)
                 try:
                     ticket = await _kdc(
                         self._checks, user.realm, login_blocking, user, credentials.password, outcome=attempt
@@ -541,8 +543,13 @@ class BasicLogin:
             if self._cache.known(key, time.monotonic(), digest):
                 return digest
             self._addresses.failed(address, time.monotonic())
+        raise self._held(key, guesses)
+
+    def _held(self, key: str, guesses: str) -> TooManyAttempts:
+        """The 429 of a held user whose password is not the one the KDC last accepted (or no longer is: a device
+        let past the hold with it, waiting for another check of the user that the KDC refused, never reaches it)."""
         wait = self._users.wait(guesses, time.monotonic())
-        raise TooManyAttempts(
+        return TooManyAttempts(
             "too many failed sign-ins; wait and try again",
             hint=f"{key} is held after basic_failures_per_user wrong passwords, so that the directory's lockout "
             f"threshold is not reached, for {wait:.0f} s more (basic_failure_window_seconds); only the password the "
