@@ -234,11 +234,12 @@ def test_many_calls_at_once_against_a_kdc_that_answers_all_wait_their_turn() -> 
     assert asyncio.run(scenario()) == ["answered"] * 100
 
 
-@pytest.mark.parametrize("seen", [False, True], ids=["return-not-yet-seen", "return-seen"])
-def test_a_caller_going_away_as_its_call_returns_still_tells_the_outcome(seen: bool) -> None:
+@pytest.mark.parametrize("handed", [False, True], ids=["result-not-yet-handed-over", "result-handed-over"])
+def test_a_caller_going_away_as_its_call_returns_still_tells_the_outcome(handed: bool) -> None:
     """A caller cancelled after its call returned in its thread but before the caller took the result (the KDC's
     answer and the device's hang-up or kdc_timeout at once): the `Outcome` is told the call's result all the same,
-    whether or not the event loop had seen the return yet; a wrong password so answered still counts."""
+    whether the cancellation came before the result was handed to the caller's future or after (the caller not yet
+    resumed); a wrong password so answered still counts."""
     told: list[object] = []
 
     class Recorder:
@@ -266,8 +267,8 @@ def test_a_caller_going_away_as_its_call_returns_still_tells_the_outcome(seen: b
             release.set()
             wait([calls[0]], timeout=30)  # on the loop's thread: the return is queued for the loop, not yet run
             assert calls[0].done()
-            if seen:
-                await asyncio.sleep(0)  # the loop takes the return in (the thread given back), the caller not yet
+            if handed:
+                await asyncio.sleep(0)  # the loop takes the return in and hands the result over; the caller not resumed
             caller.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await caller
