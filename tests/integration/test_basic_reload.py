@@ -35,9 +35,7 @@ def test_a_reload_that_changes_authentication_keeps_a_held_user_held(lab: LabLay
         guesses = asyncio.run(_guess_on_fresh_connections(lab, gw, "alice", PER_USER + 1))
         assert guesses == [401] * PER_USER + [429], guesses
         gw.mark()
-        gw.config_path.write_text(
-            lab_config(lab, port=port, extra=BASIC.format(limit=PER_USER + 1, realm="Mail"))
-        )
+        gw.config_path.write_text(lab_config(lab, port=port, extra=BASIC.format(limit=PER_USER + 1, realm="Mail")))
         gw.proc.send_signal(signal.SIGHUP)
         assert "authentication" in str(gw.wait_event("reloaded")["changed"])
         assert asyncio.run(_guess_on_fresh_connections(lab, gw, "alice", 2)) == [429, 429]
