@@ -225,6 +225,8 @@ def _carry_over(new: Gateway, old: Gateway) -> Gateway:
         new.delegator.close()
     if all(getattr(new.config, s) == getattr(old.config, s) for s in ("authentication", "identity", "kerberos")):
         keep["basic"] = old.basic
+    else:  # rebuilt, but a held user stays held (and its own password still gets in)
+        new.basic.take_over(old.basic)
     same = new.config.directory == old.config.directory and new.config.kerberos == old.config.kerberos
     if same and new.directory is not None and old.directory is not None:  # mapping "upn" has none, either side
         keep["directory"] = old.directory  # its account cache survives a reload that left it alone

@@ -225,6 +225,11 @@ class CredentialCache:
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
+    def keep_known_of(self, old: CredentialCache) -> None:
+        """Go on with `old`'s accepted passwords (and the salt they were hashed with), not its sign-ins: a reload."""
+        if self._shared is None and old._shared is None:
+            self._salt, self._known = old._salt, old._known
+
     def _know(self, key: str, digest: bytes, now: float) -> None:
         if self._shared is not None:
             self._shared.keep_known(key, digest, now + self._known_for)
@@ -282,6 +287,11 @@ class Throttle:
         # in the order they were last counted (`_evict`)
         self._free: OrderedDict[str, None] = OrderedDict()
         self._refused: OrderedDict[str, None] = OrderedDict()
+
+    def retuned(self, like: Throttle) -> Throttle:
+        """This throttle, its counts kept, with the limit and forget time of `like` (a reload's)."""
+        self._limit, self._forget = like._limit, like._forget
+        return self
 
     def wait(self, key: str, now: float) -> float:
         """Seconds `key` must still wait before its next attempt may start (0: go ahead)."""
@@ -471,6 +481,8 @@ class BasicLogin:
                 entry = self._cached(key, digest, user)
                 if entry is not None:
                     return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
+                if known and not self._cache.known(key, time.monotonic(), digest):  # the check waited for refused it
+                    raise self._held(key, guesses)
                 try:
                     ticket = await _kdc(
                         self._checks, user.realm, login_blocking, user, credentials.password, outcome=attempt
@@ -541,8 +553,13 @@ class BasicLogin:
             if self._cache.known(key, time.monotonic(), digest):
                 return digest
             self._addresses.failed(address, time.monotonic())
+        raise self._held(key, guesses)
+
+    def _held(self, key: str, guesses: str) -> TooManyAttempts:
+        """The 429 of a held user whose password is not the one the KDC last accepted (or no longer is: a device
+        let past the hold with it, waiting for another check of the user that the KDC refused, never reaches it)."""
         wait = self._users.wait(guesses, time.monotonic())
-        raise TooManyAttempts(
+        return TooManyAttempts(
             "too many failed sign-ins; wait and try again",
             hint=f"{key} is held after basic_failures_per_user wrong passwords, so that the directory's lockout "
             f"threshold is not reached, for {wait:.0f} s more (basic_failure_window_seconds); only the password the "
@@ -590,6 +607,16 @@ class BasicLogin:
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
+
+    def take_over(self, old: BasicLogin) -> None:
+        """After a reload that rebuilt Basic (its settings changed): the users' and addresses' counts and the passwords
+        the KDC last accepted go on here, under the new limits. Started afresh, a reload gave every guesser a new
+        allowance of `basic_failures_per_user` guesses towards the directory's lockout. With workers they are in
+        their shared table already."""
+        if isinstance(self._users, Throttle) and isinstance(old._users, Throttle):
+            self._users = old._users.retuned(self._users)
+        self._addresses = old._addresses.retuned(self._addresses)
+        self._cache.keep_known_of(old._cache)
 
     def close(self) -> None:
         """Start no more KDC calls (the gateway is closing); one still inside MIT finishes on its own."""

@@ -67,11 +67,12 @@ class Outcome(Protocol):
 class _Call:
     """One call's thread, as the event loop sees it: whether its caller gave up on it while it ran."""
 
-    __slots__ = ("abandoned", "outcome")
+    __slots__ = ("abandoned", "outcome", "returned")
 
     def __init__(self, outcome: Outcome | None) -> None:
         self.abandoned = False
         self.outcome = outcome
+        self.returned = False  # the loop has counted its thread given back (`KdcThreads._returned`)
 
 
 _Work = tuple[Future[Any], Callable[..., Any], tuple[object, ...]]
@@ -175,14 +176,22 @@ class KdcThreads:
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            if not future.done():  # the thread runs on inside MIT; the caller is gone
+            # The call ran (it was not cancelled before its thread took it), and its caller is gone: while the loop
+            # has not seen it return (it runs on inside MIT, or returned just now), `_returned` tells the outcome;
+            # once seen, its result was on its way to this caller, and is told here. Judged by `future.done()`, an
+            # answer that came with the cancellation (a wrong password, as the device hung up) was never told.
+            if not future.cancelled() and not mine.returned:
                 mine.abandoned = True
                 self.abandoned += 1
                 if outcome is not None:
                     outcome.abandoned()
+            elif not future.cancelled() and outcome is not None:
+                outcome.abandoned()
+                outcome.returned(future)
             raise
 
     def _returned(self, call: _Call, done: Future[Any]) -> None:
+        call.returned = True
         self.held -= 1
         if call.abandoned:
             self.abandoned -= 1

@@ -496,3 +496,28 @@ def test_counting_a_new_key_costs_the_same_however_many_held_keys_fill_the_throt
 
     small, large = min(cost(100) for _ in range(3)), min(cost(10_000) for _ in range(3))
     assert large < 10 * small + 0.01, (small, large)
+
+
+def test_a_held_users_old_password_from_several_devices_at_once_reaches_the_kdc_once(
+    kdc: FakeKdc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice is held (two wrong passwords, limit 2) and then changes her password in the directory: five of her
+    devices sending the old one at once, each let past the hold as the password the KDC last accepted, reach the
+    KDC once; the KDC's refusal drops that password, and the ones that were waiting for alice's check get 429
+    without the KDC (each would be one more wrong password towards the account's lockout)."""
+    kdc.delay = 0.3  # the devices' requests all arrive while the first check is in the KDC
+
+    async def run() -> list[int | str]:
+        settings = Authentication(mode="basic", basic_cache_seconds=0, basic_failures_per_user=2)
+        kerberos = Kerberos(principal="HTTP/proxy.lab.test@LAB.TEST", keytab=Path("/nonexistent"))
+        service = BasicLogin(settings, Identity(default_realm="LAB.TEST"), kerberos)
+        assert await outcome(service, "alice", "alice-Pa55") == "alice@LAB.TEST"
+        assert [await outcome(service, "alice", f"guess{i}", "198.51.100.7") for i in range(2)] == [401, 401]
+        monkeypatch.setitem(PASSWORDS, "alice@LAB.TEST", b"alice-N3w")
+        asked = len(kdc.asked)
+        devices = [outcome(service, "alice", "alice-Pa55", f"192.0.2.{i}") for i in range(10, 15)]
+        results = list(await asyncio.gather(*devices))
+        assert len(kdc.asked) == asked + 1, kdc.asked[asked:]
+        return results
+
+    assert sorted(asyncio.run(run()), key=str) == [401, 429, 429, 429, 429]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 import pytest
@@ -232,3 +232,51 @@ def test_many_calls_at_once_against_a_kdc_that_answers_all_wait_their_turn() -> 
             threads.close()
 
     assert asyncio.run(scenario()) == ["answered"] * 100
+
+
+@pytest.mark.parametrize("handed", [False, True], ids=["result-not-yet-handed-over", "result-handed-over"])
+def test_a_caller_going_away_as_its_call_returns_still_tells_the_outcome(handed: bool) -> None:
+    """A caller cancelled after its call returned in its thread but before the caller took the result (the KDC's
+    answer and the device's hang-up or kdc_timeout at once): the `Outcome` is told the call's result all the same,
+    whether the cancellation came before the result was handed to the caller's future or after (the caller not yet
+    resumed); a wrong password so answered still counts."""
+    told: list[object] = []
+
+    class Recorder:
+        def abandoned(self) -> None:
+            told.append("abandoned")
+
+        def returned(self, future: Future[Any]) -> None:
+            told.append(future.result())
+
+    async def scenario() -> None:
+        threads = KdcThreads(1, LONG, "test")
+        executor: Any = threads._executor  # the call's own future, to know when its thread is done
+        submit, calls = executor.submit, []
+
+        def capture(*args: Any) -> Future[Any]:
+            future: Future[Any] = submit(*args)
+            calls.append(future)
+            return future
+
+        executor.submit = capture
+        release = threading.Event()
+        try:
+            caller = asyncio.create_task(threads.run(_blocked, release, outcome=Recorder()))
+            await _until(lambda: threads.held == 1, "the call started")
+            release.set()
+            wait([calls[0]], timeout=30)  # on the loop's thread: the return is queued for the loop, not yet run
+            assert calls[0].done()
+            if handed:
+                await asyncio.sleep(0)  # the loop takes the return in and hands the result over; the caller not resumed
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            await _until(lambda: threads.held == 0, "the thread given back")
+            assert told == ["abandoned", "answered"]
+            assert threads.abandoned == 0
+        finally:
+            release.set()
+            threads.close()
+
+    asyncio.run(scenario())
