@@ -114,6 +114,7 @@ class _DaemonThreads:
                     future.set_exception(e)
                 else:
                     future.set_result(result)
+                    del result  # a ticket with its session key: not kept by an idle thread until its next call
             del work, future, call, args  # nothing of the call outlives it here
             self._idle.release()
 

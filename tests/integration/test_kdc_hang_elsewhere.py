@@ -8,26 +8,20 @@ the gateway gave up at `kerberos.kdc_timeout`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
+import json
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
-from typing import cast
 
 import pytest
 
-from proxy.admin import READY_CACHE_SECONDS, Readiness
-from proxy.config import load
 from proxy.lab.layout import USERS, LabLayout
-from proxy.live import Live
-from tests.integration.conftest import Gateway, curl, free_port, lab_config, start_gateway
+from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.test_basic_kdc_threads import _basic
 from tests.integration.test_kdc_silent import SecondKdc
 
@@ -58,8 +52,46 @@ def _status(lab: LabLayout, gw: Gateway, user: str) -> tuple[int, float]:
     return int(done.stdout.rsplit("\n", 1)[-1]), time.monotonic() - start
 
 
+# The probes run in a process of their own: MIT keeps a parsed krb5.conf per path for the process and looks at the
+# file again at most once a second, so in this test process a profile an earlier test wrote to the same overlay
+# path could still be MIT's (the lab's KDC, which answers) when the first probe runs.
+READINESS_UNDER_A_HANG = """
+import asyncio, contextlib, json, os, signal, sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from proxy.admin import READY_CACHE_SECONDS, Readiness
+from proxy.config import load
+
+config, kdc_pid, timeout = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+now = [0.0]
+
+async def scenario() -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))  # as few as a busy gateway may have free
+    readiness = Readiness(SimpleNamespace(config=load(config)), clock=lambda: now[0])
+    seen = {"answering": await readiness.kdc_problem()}
+    os.kill(kdc_pid, signal.SIGSTOP)
+    now[0] += READY_CACHE_SECONDS + 1
+    seen["first"] = await readiness.kdc_problem()
+    later = []
+    for _ in range(3):
+        now[0] += READY_CACHE_SECONDS + 1
+        start = loop.time()
+        later.append((await readiness.kdc_problem(), loop.time() - start))
+    seen["later"] = later
+    started = loop.time()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.to_thread(lambda: "vetted"), timeout * 3)
+    seen["shared_executor_wait"] = loop.time() - started
+    print(json.dumps(seen), flush=True)
+
+asyncio.run(scenario())
+"""
+
+
 def test_readiness_probes_during_a_kdc_hang_hold_one_thread_of_their_own(
-    lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc, monkeypatch: pytest.MonkeyPatch
+    lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc
 ) -> None:
     """/readyz's KDC probe (an AS exchange, `Readiness`) asked again each time its answer is older than
     READY_CACHE_SECONDS, while the KDC is frozen: the first probe is "no answer" at kdc_timeout; the next ones,
@@ -67,39 +99,22 @@ def test_readiness_probes_during_a_kdc_hang_hold_one_thread_of_their_own(
     asyncio's shared executor (2 threads here, as few as a busy gateway may have free), which CRL reads and
     vetting use, still runs work at once. Before, each probe held a thread of the shared executor for MIT's
     wait (about 25 s): the third probe found both held, and so did the CRL work after it."""
-    monkeypatch.setenv("KRB5_CONFIG", os.environ.get("KRB5_CONFIG", ""))  # the probe sets it: put back after
     config_path = tmp_path / "gateway.toml"
     config_path.write_text(_config_text(lab, tmp_path, second_kdc))
-    live = cast(Live, SimpleNamespace(config=load(config_path)))
-    now = [0.0]
-
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
-        readiness = Readiness(live, clock=lambda: now[0])
-        assert await readiness.kdc_problem() is None  # the KDC answers
-        second_kdc.stop_answering()
-        now[0] += READY_CACHE_SECONDS + 1
-        first = await readiness.kdc_problem()
-        assert first == f"no answer from the KDC within {KDC_TIMEOUT:g} s", first
-        later: list[tuple[str | None, float]] = []
-        for _ in range(3):
-            now[0] += READY_CACHE_SECONDS + 1
-            start = loop.time()
-            later.append((await readiness.kdc_problem(), loop.time() - start))
-        started = loop.time()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.to_thread(lambda: "vetted"), KDC_TIMEOUT * 3)
-        assert loop.time() - started < KDC_TIMEOUT, f"the shared executor waited for MIT; probes: {later}"
-        for problem, seconds in later:
-            assert problem is not None, later
-            assert "does not answer" in problem, later
-            assert seconds < KDC_TIMEOUT / 2, f"a probe waited for the KDC again: {later}"
-
+    argv = [sys.executable, "-c", READINESS_UNDER_A_HANG, str(config_path), str(second_kdc.proc.pid), str(KDC_TIMEOUT)]
     try:
-        asyncio.run(scenario())
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     finally:
         second_kdc.answer_again()  # MIT's wait ends, and the probe's thread with it
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["answering"] is None, seen  # the KDC answers
+    assert seen["first"] == f"no answer from the KDC within {KDC_TIMEOUT:g} s", seen
+    assert seen["shared_executor_wait"] < KDC_TIMEOUT, f"the shared executor waited for MIT: {seen}"
+    for problem, seconds in seen["later"]:
+        assert problem is not None, seen
+        assert "does not answer" in problem, seen
+        assert seconds < KDC_TIMEOUT / 2, f"a probe waited for the KDC again: {seen}"
 
 
 def test_new_users_while_every_kdc_thread_is_held_by_an_unanswered_exchange_are_503_at_once(
