@@ -17,6 +17,19 @@ from proxy.kerberos.threads import KdcThreads, NoThread
 LONG = 30.0  # a timeout no call here reaches unless it is meant to
 
 
+class _Told:
+    """An `Outcome` that writes down what it is told: "abandoned", then the returned call's result."""
+
+    def __init__(self, told: list[object]) -> None:
+        self._told = told
+
+    def abandoned(self) -> None:
+        self._told.append("abandoned")
+
+    def returned(self, future: Future[Any]) -> None:
+        self._told.append(future.result())
+
+
 def _blocked(release: threading.Event) -> str:
     """A KDC that answers once `release` is set (as MIT's wait ends)."""
     assert release.wait(60)
@@ -186,19 +199,12 @@ def test_a_call_whose_caller_went_away_tells_its_outcome_when_it_returns() -> No
     a call its caller waited for tells nothing."""
     told: list[object] = []
 
-    class Recorder:
-        def abandoned(self) -> None:
-            told.append("abandoned")
-
-        def returned(self, future: Future[Any]) -> None:
-            told.append(future.result())
-
     async def scenario() -> None:
         threads = KdcThreads(2, LONG, "test")
         release = threading.Event()
         try:
-            assert await threads.run(lambda: "ok", outcome=Recorder()) == "ok"
-            caller = asyncio.create_task(threads.run(_blocked, release, outcome=Recorder()))
+            assert await threads.run(lambda: "ok", outcome=_Told(told)) == "ok"
+            caller = asyncio.create_task(threads.run(_blocked, release, outcome=_Told(told)))
             await _until(lambda: threads.held == 1, "the call started")
             caller.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -242,13 +248,6 @@ def test_a_caller_going_away_as_its_call_returns_still_tells_the_outcome(handed:
     resumed); a wrong password so answered still counts."""
     told: list[object] = []
 
-    class Recorder:
-        def abandoned(self) -> None:
-            told.append("abandoned")
-
-        def returned(self, future: Future[Any]) -> None:
-            told.append(future.result())
-
     async def scenario() -> None:
         threads = KdcThreads(1, LONG, "test")
         executor: Any = threads._executor  # the call's own future, to know when its thread is done
@@ -262,7 +261,7 @@ def test_a_caller_going_away_as_its_call_returns_still_tells_the_outcome(handed:
         executor.submit = capture
         release = threading.Event()
         try:
-            caller = asyncio.create_task(threads.run(_blocked, release, outcome=Recorder()))
+            caller = asyncio.create_task(threads.run(_blocked, release, outcome=_Told(told)))
             await _until(lambda: threads.held == 1, "the call started")
             release.set()
             wait([calls[0]], timeout=30)  # on the loop's thread: the return is queued for the loop, not yet run
