@@ -128,7 +128,13 @@ async def front(route: Route) -> AsyncIterator[str]:
     app.router.add_route("*", "/{tail:.*}", handler)
     # aiohttp reads and discards a body its handler left unread for up to lingering_time (10 s) before the
     # handler's end: a stand-in for the gateway need not; the 504 of a backend that takes no body left 12 MB unread
-    runner = web.AppRunner(app, lingering_time=0.5)
+    async with _served(web.AppRunner(app, lingering_time=0.5), pools) as url:
+        yield url
+
+
+@asynccontextmanager
+async def _served(runner: web.AppRunner, pools: Pools) -> AsyncIterator[str]:
+    """`runner`'s application on a free loopback port, its URL; `pools` closed with it."""
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -791,15 +797,8 @@ async def front_of_users(route: Route) -> AsyncIterator[str]:
 
     app = web.Application(handler_args={"handler_cancellation": True})  # as the gateway: a device that leaves
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await pools.close()
-        await runner.cleanup()
+    async with _served(web.AppRunner(app), pools) as url:
+        yield url
 
 
 def test_many_users_on_a_backend_that_misbehaves_at_random_never_share_a_connection() -> None:
