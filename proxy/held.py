@@ -24,6 +24,7 @@ object per held request, held for the request's life: slots, no per-instance dic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import TracebackType
 from typing import Any
 
@@ -31,6 +32,9 @@ import structlog
 
 from proxy.device.request import DeviceRequest
 from proxy.errors import GatewayError
+
+# The context of a request nobody judges while it is held: one for all of them (a held long-poll keeps it)
+NOT_HELD = contextlib.nullcontext()
 
 log = structlog.get_logger("proxy.held")
 

@@ -30,7 +30,7 @@ from cryptography import x509
 from proxy.config import Identity
 from proxy.device.request import DeviceRequest
 from proxy.errors import AccountRefused, DirectoryUnavailable, MappingRefused
-from proxy.held import HeldRequest
+from proxy.held import NOT_HELD, HeldRequest
 from proxy.identity.mapping import Account, account_state, decide, no_account
 from proxy.identity.principal import ascii_lower
 
@@ -71,9 +71,6 @@ class _Held(HeldRequest):
         return {"upn": self.upn, "cert_serial": format(self.leaf.serial_number, "x")}
 
 
-_UNHELD = contextlib.nullcontext()
-
-
 class HeldMappings:
     """The held requests of one directory client, and the sweep that judges them again (module docstring)."""
 
@@ -89,7 +86,7 @@ class HeldMappings:
         """Keep this request, admitted for `upn` under `identity`, judged while it is in flight."""
         task = asyncio.current_task()
         if task is None:
-            return _UNHELD
+            return NOT_HELD
         if self._task is None or self._task.done():
             self._task = task.get_loop().create_task(self._run())
         return _Held(self, request, task, leaf, upn, identity)

@@ -39,6 +39,7 @@ from proxy.config import Config, Identity, Route
 from proxy.device.request import DeviceRequest
 from proxy.directory import Directory
 from proxy.errors import AccountReplaced, CertificateRevoked, GatewayError, IdentityRejected, NoRoute
+from proxy.held import NOT_HELD
 from proxy.identity.constraints import require_within
 from proxy.identity.mapping import Mapping, account_state, decide, no_account
 from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate_name
@@ -234,15 +235,12 @@ def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
     return gw.presented.read(*peer) if peer is not None else None
 
 
-_UNHELD = contextlib.nullcontext()  # one for every request no directory judges (a held long-poll keeps it)
-
-
 def _held(
     gw: Gateway, request: DeviceRequest, leaf: x509.Certificate | None, certified: UserPrincipal | None
 ) -> contextlib.AbstractContextManager[None]:
     """A request the mapping stage admitted is judged again while it is held (`proxy.held_mapping`)."""
     if gw.directory is None or leaf is None or certified is None:
-        return _UNHELD
+        return NOT_HELD
     return gw.directory.held.hold(request, leaf, certified.upn, gw.config.identity)
 
 

@@ -44,7 +44,7 @@ from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
 from proxy.config import ClientCertificates
 from proxy.device.request import DeviceRequest
 from proxy.errors import CertificateRejected, CertificateRevoked
-from proxy.held import HeldRequest
+from proxy.held import NOT_HELD, HeldRequest
 
 
 class _Watch(HeldRequest):
@@ -70,7 +70,6 @@ class _Watch(HeldRequest):
         return {"cert_subject": self.verified.subject, "cert_serial": f"{self.verified.serial:x}"}
 
 
-_UNWATCHED = contextlib.nullcontext()
 _CHECKING_OFF = RevocationEvidence(RevocationStatus.UNKNOWN, "", "revocation checking is off")
 
 
@@ -171,7 +170,7 @@ class LiveRevocation:
         task = asyncio.current_task()
         verified = self._checked.pop(task, None) if task is not None else None
         if task is None or verified is None:
-            return _UNWATCHED
+            return NOT_HELD
         current = self.crls.current
         if self.policy != "off" and current.may_list(verified):
             current.check(verified, at=datetime.now(UTC), policy="best-effort")  # raises CertificateRevoked
