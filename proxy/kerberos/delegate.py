@@ -78,7 +78,7 @@ from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
-from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
+from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated, require_user_account
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
@@ -461,6 +461,7 @@ class Delegator:
         under "optional" a ticket without a PAC is logged."""
         settings = self._settings
         try:
+            require_user_account(user, pac)
             require_stated(user.principal, pac, policy=settings.kdc_account, proxy=proxy)
             if pac is None or (pac.upn is None and pac.sam_name is None):
                 require_client(user, client, proxy=proxy)
