@@ -78,3 +78,22 @@ def test_a_upn_naming_the_domain_controllers_computer_account_is_refused(
     wait_kdc_reason(realm, offset, "s4u2self", "impersonating dc1$@AD.TEST")  # it was asked, and answered
     after = realm.samba_log.read_bytes()[offset:].decode(errors="replace")
     assert "constrained delegation for dc1$@AD.TEST" not in after  # refused before S4U2Proxy
+
+
+def test_a_upn_naming_the_gateways_own_account_is_the_users_403_not_the_operators_502(
+    realm: ad.AdRealm, gateway: AdProcess, minted: Path
+) -> None:
+    """UPN `svc-kcdproxy@ad.test`, the gateway's own account: S4U2Self to itself fails at the KDC ("KDC has no
+    support for padata type"), which was the operator's 502 and a `kerberos_misconfigured` line ("unexpected
+    Kerberos failure"): any holder of such a certificate raised the gateway's misconfiguration alarm at will. It
+    is the certificate's problem: 403 at `kerberos` naming the gateway's account, and the KDC is not asked."""
+    cert = mint(realm, minted, "gateway-account", upn_line(f"{ad.GATEWAY_ACCOUNT}@{ad.DNS_DOMAIN}"))
+    offset = kdc_log_offset(realm)
+    status, body = curl(realm, gateway, cert, minted / "device.key")
+    assert status == 403, body
+    assert "names the gateway's own account" in body
+    event = gateway.wait_event("kerberos_refused", upn=f"{ad.GATEWAY_ACCOUNT}@{ad.DNS_DOMAIN}")
+    assert "revoke" in event["fix"]
+    assert not gateway.events("kerberos_misconfigured", gateway.since)
+    after = realm.samba_log.read_bytes()[offset:].decode(errors="replace")
+    assert f"impersonating {ad.GATEWAY_ACCOUNT}@{ad.REALM}" not in after  # no S4U2Self for it
