@@ -97,3 +97,20 @@ def test_a_upn_naming_the_gateways_own_account_is_the_users_403_not_the_operator
     assert not gateway.events("kerberos_misconfigured", gateway.since)
     after = realm.samba_log.read_bytes()[offset:].decode(errors="replace")
     assert f"impersonating {ad.GATEWAY_ACCOUNT}@{ad.REALM}" not in after  # no S4U2Self for it
+
+
+def test_a_upn_in_the_domains_netbios_name_is_the_users_403_not_a_kdc_outage(
+    realm: ad.AdRealm, gateway: AdProcess, minted: Path
+) -> None:
+    """UPN `alice@ADTEST` (the down-level domain name as a suffix): S4U2Self for alice@ADTEST, which Samba refers to
+    a realm ADTEST that krb5.conf gives no KDC ("Cannot find KDC for requested realm"). That was a `503` with
+    `Retry-After` (the device retries for ever) and `kdc_unavailable` ("add it to krb5.conf [realms]": the operator
+    told the KDC is away) for one certificate's suffix. It is the certificate's: 403 as for any suffix no realm
+    serves, `kerberos_refused` with the fix."""
+    cert = mint(realm, minted, "netbios-suffix", upn_line(f"alice@{ad.NETBIOS_DOMAIN}"))
+    gateway.mark()
+    status, body = curl(realm, gateway, cert, minted / "device.key")
+    assert status == 403, body
+    assert f"no Kerberos realm serves alice@{ad.NETBIOS_DOMAIN}'s UPN suffix" in body
+    assert "enterprise_names" in gateway.wait_event("kerberos_refused", upn=f"alice@{ad.NETBIOS_DOMAIN}")["fix"]
+    assert not gateway.events("kdc_unavailable", gateway.since)
