@@ -210,9 +210,12 @@ def test_no_kdc_for_the_users_own_realm_at_s4u2self_is_the_certificates_suffix_n
     """S4U2Self for alice@ADTEST (Samba refers its NetBIOS name to a realm krb5.conf gives no KDC): 403 naming the
     suffix; the same words for the gateway's own realm, or outside S4U2Self, stay a KDC that cannot be found (503)."""
     message = "Unspecified GSS failure.  Minor code may provide more information, Cannot find KDC for requested realm"
-    fill = {"spn": "HTTP/cas.ad.test", "proxy": "svc-kcdproxy@AD.TEST"}
-    refused = explain(message, user="alice@ADTEST", step="s4u2self", **fill)
+
+    def explained(user: str, step: str) -> GatewayError:
+        return explain(message, user=user, spn="HTTP/cas.ad.test", proxy="svc-kcdproxy@AD.TEST", step=step)
+
+    refused = explained("alice@ADTEST", "s4u2self")
     assert isinstance(refused, KerberosRefused)
     assert refused.reason == "no Kerberos realm serves alice@ADTEST's UPN suffix"
-    assert isinstance(explain(message, user="alice@AD.TEST", step="s4u2self", **fill), KdcUnavailable)
-    assert isinstance(explain(message, user="alice@ADTEST", step="s4u2proxy", **fill), KdcUnavailable)
+    assert isinstance(explained("alice@AD.TEST", "s4u2self"), KdcUnavailable)
+    assert isinstance(explained("alice@ADTEST", "s4u2proxy"), KdcUnavailable)
