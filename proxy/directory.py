@@ -160,11 +160,13 @@ class Directory:
             )
         return found
 
-    async def lookup(self, name: str) -> Account | None:
-        """The account `name` names, or None; MappingRefused if several; DirectoryUnavailable if no server answers."""
+    async def lookup(self, name: str, *, fresh: bool = False) -> Account | None:
+        """The account `name` names, or None; MappingRefused if several; DirectoryUnavailable if no server answers.
+        `fresh`: ask the directory (or join a search in flight) whatever the cache holds, and keep its answer (the
+        held requests' sweep: a cached answer may be older than the change the sweep is there to see)."""
         key = ascii_lower(name)
         now = self._clock()
-        cached = self._cache.get(key)
+        cached = None if fresh else self._cache.get(key)
         if cached is not None and now < cached[0]:
             found = cached[1]
         else:

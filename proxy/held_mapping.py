@@ -7,14 +7,17 @@ keeps one held nearly all the time: without a second look, an account disabled, 
 
 `HeldMappings.hold` registers each request the mapping stage admitted, for as long as it is in flight, under its
 UPN, with its certificate and the `[identity]` settings it was decided under (a request keeps the configuration it
-started with). Every `[directory] cache_seconds` (at least one second) one sweep looks each held UPN up again,
-one name after the other (`Directory.lookup`: the cache, or one search; never a burst that would keep live
-requests' look-ups waiting for the connection), and decides again as the mapping stage does: the account's state,
-then `decide`. A refusal ends that UPN's held requests as a revocation ends one (`proxy.held`): `403` with the
-refusal's reason if the backend's answer has not started, a cut connection if it has; `held_request_ended` is logged
-with the reason and the fix. A weakly mapped certificate `strong-or-audit` served is served on (the same decision
-as at the start). The directory unreachable ends nothing: a held request was admitted, and an outage is not a verdict
-on the account; the UPN is looked at again at the next sweep.
+started with). Every `[directory] cache_seconds` (at least one second) one sweep looks each held UPN up again, one
+name after the other (`Directory.lookup(fresh=True)`: one search each, whose answer the cache keeps; never a burst
+that would keep live requests' look-ups waiting for the connection), and decides again as the mapping stage does:
+the account's state, then `decide`. The sweep does not take the cache's answer: one kept from a look-up between two
+sweeps (a device's first request) may predate a change made since, and the sweep after would then see the change
+only a sweep later, up to twice `cache_seconds` after it; asked afresh, the first sweep after a change ends the
+request, within `cache_seconds`. A refusal ends that UPN's held requests as a revocation ends one (`proxy.held`):
+`403` with the refusal's reason if the backend's answer has not started, a cut connection if it has;
+`held_request_ended` is logged with the reason and the fix. A weakly mapped certificate `strong-or-audit` served is
+served on (the same decision as at the start). The directory unreachable ends nothing: a held request was admitted,
+and an outage is not a verdict on the account; the UPN is looked at again at the next sweep.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ class HeldMappings:
                 continue
             upn = next(iter(held)).upn
             try:
-                account = await self._directory.lookup(upn)
+                account = await self._directory.lookup(upn, fresh=True)
             except DirectoryUnavailable:
                 continue  # an outage is no verdict on the account: looked at again at the next sweep
             except MappingRefused as e:  # the name matches several accounts now

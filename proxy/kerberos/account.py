@@ -20,7 +20,9 @@ cached ticket pays a dictionary look-up, about 0.2 µs). The rule:
   has one (`AccountReplaced` otherwise: the account was deleted and made again under its name since the
   directory's answer, which the directory cache may have kept; docs/strong-mapping.md);
 - otherwise a name with `@` (a UPN, or an e-mail address used as one): the PAC's UPN is that name (`upn`);
-- otherwise a bare name (a common name, `DOMAIN\\user`): the PAC's sAMAccountName is that name (`sam`).
+- otherwise a bare name (a common name, `DOMAIN\\user`): the PAC's sAMAccountName is that name (`sam`);
+- whatever the name: the PAC's sAMAccountName is not a computer's or a trust's (ends in `$`,
+  `require_user_account`): `dc1$@ad.test` is the DC's computer account's implicit UPN.
 
 Names are compared without regard to ASCII case, as AD compares them (`ascii_lower`, the identity
 stage's rule: Unicode case folding would make straße strasse's). A PAC the gateway could not read is refused
@@ -126,6 +128,7 @@ def kdc_account(
             f"the KDC's account for {user.principal} cannot be verified",
             hint=f"the evidence ticket's PAC could not be read ({unreadable}); is kerberos.keytab current?",
         )
+    require_user_account(user, pac)
     if pac is None or (pac.upn is None and pac.sam_name is None):
         require_stated(user.principal, pac, policy=policy, proxy=proxy)
         require_client(user, client, proxy=proxy)
@@ -139,6 +142,24 @@ def kdc_account(
         return _match(user, "upn", user.upn, pac.upn, pac, _FIX.format(principal=user.principal, wanted=user.upn))
     name = user.upn.rpartition("\\")[2]
     return _match(user, "sam", name, pac.sam_name, pac, _FIX.format(principal=user.principal, wanted=name))
+
+
+def require_user_account(user: UserPrincipal, pac: PacFacts | None) -> None:
+    """AccountMismatch when the evidence ticket's PAC names a computer or trust account: its sAMAccountName ends
+    in `$`, as AD requires of computer accounts (since the CVE-2021-42278 updates) and writes for trust accounts.
+    A certificate naming `dc1$@ad.test` (the implicit UPN of the DC's computer account) was served as the domain
+    controller: the KDC impersonates a computer for S4U2Self as readily as a user, and its PAC's implicit UPN is the
+    certificate's. A machine's account is never a device's user. Also asked by the Kerberos stage right after
+    S4U2Self, before S4U2Proxy."""
+    if pac is None or pac.sam_name is None or not pac.sam_name.endswith("$"):
+        return
+    raise AccountMismatch(
+        f"the KDC's account for {user.principal} is a computer or trust account, not a user",
+        hint=f"the evidence ticket's PAC names the account {pac.sam_name} ({pac.sid or 'no SID'}) for the "
+        f"certificate's name {user.upn}: a sAMAccountName ending in '$' is a computer's or a trust's, and the "
+        "gateway serves users only. A certificate naming it was issued by a template that lets the requester "
+        "choose the name, or for the machine itself: revoke it and check the template",
+    )
 
 
 def require_stated(principal: str, pac: PacFacts | None, *, policy: KdcAccountPolicy, proxy: str = "") -> None:

@@ -76,9 +76,9 @@ import structlog
 
 from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KerberosRefused
-from proxy.identity.principal import UserPrincipal
+from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.acceptor import context_pac
-from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated
+from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated, require_user_account
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
@@ -248,6 +248,7 @@ class Delegator:
     async def delegation(self, user: UserPrincipal, spn: str, gss_target: str) -> Delegation:
         """The service ticket for `user` at `spn` (cached, or after one exchange); tokens on it come later."""
         start = time.perf_counter()
+        self._not_the_gateway(user)
         asked = (asked_name(user), spn)  # what single-flights an exchange: the name the KDC is asked for
         key = self._key(*asked)  # where its result is kept: the KDC's name for the user
         self._spns.add(spn)
@@ -446,6 +447,20 @@ class Delegator:
             raise self._explain(_message(e), user.principal, spn) from None
         return DelegatedToken(user.principal, spn, token, False, _ms(start), ticket.facts, account)
 
+    def _not_the_gateway(self, user: UserPrincipal) -> None:
+        """KerberosRefused (403) when `user` is the gateway's own account: S4U2Self to itself fails at the KDC (AD:
+        "KDC has no support for padata type"), which was the operator's 502 and a `kerberos_misconfigured` line for
+        any holder of a certificate naming the gateway's account. Compared as AD compares names (ASCII case)."""
+        proxy = self._settings.principal
+        if ascii_lower(user.principal) != ascii_lower(proxy):
+            return
+        raise KerberosRefused(
+            f"the certificate names the gateway's own account {proxy}",
+            hint=f"{user.upn} (identity source {user.source}) is the gateway's service account ({proxy}), which it "
+            "does not impersonate; a certificate naming it was issued by a template that lets the requester choose "
+            "the name, or for the service itself: revoke it and check the template",
+        )
+
     def _require_stated(
         self,
         user: UserPrincipal,
@@ -461,6 +476,7 @@ class Delegator:
         under "optional" a ticket without a PAC is logged."""
         settings = self._settings
         try:
+            require_user_account(user, pac)
             require_stated(user.principal, pac, policy=settings.kdc_account, proxy=proxy)
             if pac is None or (pac.upn is None and pac.sam_name is None):
                 require_client(user, client, proxy=proxy)

@@ -185,6 +185,7 @@ def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
 _POLICY = "kdc policy rejects request"
 _SERVER_NOT_FOUND = "server not found in kerberos database"
 _CLIENT_NOT_FOUND = "not found in kerberos database"
+_NO_KDC_FOR_REALM = "cannot find kdc"
 _SELF_POLICY_REASON = "the account {user} is disabled or may not sign in"
 _SELF_POLICY_HINT = (
     "the KDC refused S4U2Self for {user} (KDC_ERR_POLICY): the account is disabled, or restricted by logon "
@@ -229,7 +230,10 @@ def explain(
     if step == "s4u2self" and _POLICY in lowered:
         hint = f"{_SELF_POLICY_HINT.format(**fill)} [{message}]"
         return KerberosRefused(_SELF_POLICY_REASON.format(**fill), hint=hint)
-    if step == "s4u2self" and _SERVER_NOT_FOUND in lowered and _realm(user) != _realm(proxy):
+    # The KDC does not serve the user's realm ("Server not found"), or refers it to a realm krb5.conf gives no KDC
+    # (Samba for its NetBIOS name, alice@ADTEST): either way the certificate's suffix, not a KDC outage (503).
+    foreign = _SERVER_NOT_FOUND in lowered or _NO_KDC_FOR_REALM in lowered
+    if step == "s4u2self" and foreign and _realm(user) != _realm(proxy):
         return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{_FOREIGN_HINT.format(**fill)} [{message}]")
     if step == "s4u2proxy" and _BADOPTION in lowered and evidence_forwardable is not None:
         if evidence_forwardable:

@@ -147,3 +147,49 @@ def test_a_held_ping_is_ended_when_the_directory_stops_admitting_it(
             device.kill()
             device.wait()
         gw.stop()
+
+
+def test_a_held_ping_is_ended_within_cache_seconds_of_the_change_whatever_the_cache_held(
+    realm: ad.AdRealm, ad_backend: AdProcess, account: str, tmp_path: Path
+) -> None:
+    """The sweeps run every `cache_seconds` from the first request the gateway held; a Ping whose account was looked
+    up between two sweeps (its device's first request) had its answer in the cache at the next sweep, which judged
+    it on that answer, from before the change: its strong entry removed just after the Ping was held, it was ended
+    by the sweep after, about 1.5 x cache_seconds after the change (16 s with 10). Each sweep now asks the directory
+    afresh: the first sweep after the change ends it, within cache_seconds."""
+    every = 10
+    upn = f"{account}@{ad.DNS_DOMAIN}"
+    cert, key = _certificate(realm, tmp_path, upn)
+    _modify(
+        realm, account, "replace: altSecurityIdentities\naltSecurityIdentities: X509:<I>CN=Lab Issuing CA<SR>010a4d\n"
+    )
+    table = ad_mapping.directory_table(realm, cache_seconds=every)
+    gw = start_gateway(realm, tmp_path / "gw", ad_backend, "strong", directory_text=table)
+    device = None
+    try:
+        # Another user's request starts the sweeps' clock (the first request held): sweeps at about +10, +20 s.
+        cmd = ["curl", "-sS", "--max-time", "30", "--cacert", str(realm.pki.root_cert), "-o", "/dev/null"]
+        cmd += ["--cert", str(ad_mapping.cert(realm, "alice-sid")), "--key", str(ad_mapping.key(realm, "alice-sid"))]
+        assert realm.run([*cmd, "-w", "%{http_code}", f"{gw.url}/owa/"], timeout=60).stdout == "200"
+        first = time.monotonic()
+        # Place the Ping early in the sweeps' cycle (a placement in time, not a wait for a condition): its look-up,
+        # kept for 10 s, is then still in the cache at the first sweep, which comes after the change.
+        time.sleep(max(0.0, first + 2 - time.monotonic()))
+        argv = [sys.executable, "-c", _DEVICE, str(gw.port), str(cert), str(key), str(realm.pki.root_cert), str(HOLD)]
+        device = subprocess.Popen(realm.netns_argv(argv), stdout=subprocess.PIPE, text=True, env=None)
+        assert device.stdout is not None
+        interim = json.loads(device.stdout.readline() or "{}")
+        assert interim.get("interim", "").startswith("HTTP/1.1 100"), interim  # held at the backend now
+        _modify(realm, account, "delete: altSecurityIdentities\n")
+        changed = time.monotonic()
+        answer = json.loads(device.stdout.readline() or "{}")
+        ended_after = time.monotonic() - changed
+        assert answer.get("status") == "403", answer
+        assert ended_after < every + 2, (ended_after, answer)  # the first sweep after the change, plus its search
+        assert "not strongly mapped" in gw.wait_event("held_request_ended", upn=upn)["reason"]
+        assert device.wait(timeout=WAIT) == 0
+    finally:
+        if device is not None and device.poll() is None:
+            device.kill()
+            device.wait()
+        gw.stop()

@@ -64,6 +64,36 @@ def test_the_cache_joins_names_only_by_ascii_case(monkeypatch: pytest.MonkeyPatc
     assert asked == ["strasse@ad.test", "straße@ad.test"]
 
 
+def test_a_fresh_look_up_asks_the_directory_and_keeps_its_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lookup(fresh=True)` (the held requests' sweep) searches although the cache holds the name, and the cache then
+    keeps that newer answer for the look-ups after it."""
+    for name in ("KRB5_CONFIG", "KRB5CCNAME", "LDAPSASL_NOCANON"):  # Directory() sets them: restored after
+        monkeypatch.setenv(name, "")
+    asked: list[str] = []
+
+    class Recording(Directory):
+        async def search(self, name: str) -> Account | None:
+            asked.append(name)
+            return None if len(asked) == 1 else _account(_entry())
+
+    settings = DirectorySettings(urls=("ldap://dc.ad.test",), base_dn="DC=ad,DC=test", cache_seconds=300)
+    directory = Recording(settings, Kerberos("gateway@AD.TEST", Path("/nonexistent.keytab")))
+
+    async def run() -> list[Account | None]:
+        return [
+            await directory.lookup("alice@ad.test"),
+            await directory.lookup("alice@ad.test"),  # the cache's
+            await directory.lookup("alice@ad.test", fresh=True),  # asked again
+            await directory.lookup("alice@ad.test"),  # the fresh answer, from the cache
+        ]
+
+    found = asyncio.run(run())
+    assert asked == ["alice@ad.test", "alice@ad.test"]
+    assert found[:2] == [None, None]
+    assert found[2] is not None
+    assert found[3] == found[2]
+
+
 class _Entry(dict[str, list[object]]):
     """What bonsai hands over for one account: attribute -> values, and a dn."""
 

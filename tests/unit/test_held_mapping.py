@@ -34,8 +34,10 @@ class _Directory:
 
     def __init__(self, answer: Account | GatewayError | None) -> None:
         self.answer = answer
+        self.fresh: list[bool] = []  # per look-up: whether it asked past the cache
 
-    async def lookup(self, name: str) -> Account | None:
+    async def lookup(self, name: str, *, fresh: bool = False) -> Account | None:
+        self.fresh.append(fresh)
         if isinstance(self.answer, GatewayError):
             raise self.answer
         return self.answer
@@ -109,3 +111,26 @@ def test_audit_mode_keeps_serving_what_it_served() -> None:
     account is ended in that mode too."""
     assert _swept(account(), mode="strong-or-audit") is None
     assert isinstance(_swept(account(user_account_control=0x202), mode="strong-or-audit"), AccountRefused)
+
+
+def test_a_sweep_asks_past_the_cache() -> None:
+    """Each sweep's look-up is a fresh one: an answer the cache kept from between two sweeps may predate the change
+    the sweep is there to see (tests/integration/test_ad_held_mapping.py shows the delay it made)."""
+    directory = _Directory(account(ENTRY))
+
+    async def run() -> None:
+        held = HeldMappings(cast(Any, directory), every=3600)
+        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def request() -> None:
+            with held.hold(cast(Any, _Request()), certificate(), "alice@ad.test", Identity(mapping="strong")):
+                await forever
+
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0)
+        await held.sweep(NOW)
+        held.close()
+        task.cancel()
+
+    asyncio.run(run())
+    assert directory.fresh == [True]

@@ -204,3 +204,18 @@ def test_a_skewed_clock_is_the_operators_502_with_the_offset(offset: float, word
     unknown = clock_skew("Ticket not yet valid", proxy="svc-kcdproxy@AD.TEST", offset=None)
     assert unknown.hint is not None
     assert unknown.hint.startswith("the gateway's clock is more than the allowed skew")
+
+
+def test_no_kdc_for_the_users_own_realm_at_s4u2self_is_the_certificates_suffix_not_an_outage() -> None:
+    """S4U2Self for alice@ADTEST (Samba refers its NetBIOS name to a realm krb5.conf gives no KDC): 403 naming the
+    suffix; the same words for the gateway's own realm, or outside S4U2Self, stay a KDC that cannot be found (503)."""
+    message = "Unspecified GSS failure.  Minor code may provide more information, Cannot find KDC for requested realm"
+
+    def explained(user: str, step: str) -> GatewayError:
+        return explain(message, user=user, spn="HTTP/cas.ad.test", proxy="svc-kcdproxy@AD.TEST", step=step)
+
+    refused = explained("alice@ADTEST", "s4u2self")
+    assert isinstance(refused, KerberosRefused)
+    assert refused.reason == "no Kerberos realm serves alice@ADTEST's UPN suffix"
+    assert isinstance(explained("alice@AD.TEST", "s4u2self"), KdcUnavailable)
+    assert isinstance(explained("alice@ADTEST", "s4u2proxy"), KdcUnavailable)

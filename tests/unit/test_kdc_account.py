@@ -191,3 +191,17 @@ def test_split_principal_honours_escapes() -> None:
     assert split_principal("carol\\@corp.example@AD.TEST") == ("carol\\@corp.example", "AD.TEST")
     assert split_principal("a\\\\@B") == ("a\\\\", "B")
     assert split_principal("carol\\@corp.example") == ("carol\\@corp.example", "")
+
+
+@pytest.mark.parametrize("sam", ["DC1$", "EXCH01$", "ADTEST$"])
+def test_a_computer_or_trust_account_is_never_a_user(sam: str) -> None:
+    """A PAC whose sAMAccountName ends in `$` (a computer's, a trust's) is refused even when its implicit UPN is the
+    certificate's own name, and whatever the mapping proved: the gateway serves users only."""
+    pac = dataclasses.replace(ALICE_PAC, upn=f"{sam.lower()}@ad.test", sam_name=sam)
+    with pytest.raises(AccountMismatch) as refused:
+        kdc_account(map_upn(f"{sam.lower()}@ad.test", realm_map={}), pac)
+    assert "is a computer or trust account" in refused.value.reason
+    assert sam in (refused.value.hint or "")
+    proven = UserPrincipal("x@ad.test", f"{sam}@AD.TEST", "AD.TEST", "san-upn", account=sam, account_sid=pac.sid)
+    with pytest.raises(AccountMismatch):
+        kdc_account(proven, pac)
