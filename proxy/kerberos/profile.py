@@ -16,8 +16,9 @@ reading and parsing krb5.conf again: about a third of a token's cost (perf under
 context held open for the life of the process keeps the parsed file shared; the profile library still
 checks the file's modification time (at most once a second) and rereads it when it changes.
 
-python-gssapi has no call for a krb5 context and this is the only one needed, so it is two C calls through
-ctypes rather than another Kerberos binding. Without libkrb5 to load, tokens work as before, only slower.
+python-gssapi has no call for a krb5 context and this is the only one needed, so it is one C call through ctypes
+(`proxy.kerberos.libkrb5`) rather than another Kerberos binding. Without libkrb5 to load, tokens work as before, only
+slower.
 
 One file, not two: every library context MIT opens (four per Negotiate token) checks each file KRB5_CONFIG
 names, an `access()` and a `stat()` each, and every look-up walks each file's tree. So where
@@ -38,19 +39,22 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import structlog
 
-from proxy.kerberos import krb5conf
+from proxy.kerberos import krb5conf, libkrb5
 
 log = structlog.get_logger("proxy.kerberos")
 
 _held: dict[str | None, ctypes.c_void_p] = {}  # KRB5_CONFIG -> the context kept open for it
+# A held context, one thread at a time (`proxy.kerberos.ap_req` makes tokens on it). Reentrant: a collection inside a
+# token's calls may run a held ticket's finalizer, which frees it on that context.
+HELD_LOCK = threading.RLock()
 _DEFAULT_PROFILE = "/etc/krb5.conf"  # MIT's, when KRB5_CONFIG is not set
 _OVERLAY = "[libdefaults]\n    forwardable = true\n"
 _overlay: list[str] = []  # the overlay file in force in this process, written once (or inherited over a fork)
@@ -245,11 +249,9 @@ def hold_profile() -> bool:
     config = os.environ.get("KRB5_CONFIG")
     if config in _held:
         return True
-    name = ctypes.util.find_library("krb5") or "libkrb5.so.3"
-    try:
-        library = ctypes.CDLL(name)
-    except OSError as e:
-        log.info("krb5_profile_not_held", reason=str(e))
+    library = libkrb5.LIB
+    if library is None:
+        log.info("krb5_profile_not_held", reason=libkrb5.NOT_LOADED)
         return False
     context = ctypes.c_void_p()
     code = library.krb5_init_context(ctypes.byref(context))
@@ -262,5 +264,5 @@ def hold_profile() -> bool:
 
 def held_context() -> ctypes.c_void_p | None:
     """The krb5 library context held for the current KRB5_CONFIG (`hold_profile`), else any held one, else None:
-    `proxy.kerberos.ap_req` makes Negotiate tokens on it (one thread at a time: its lock)."""
+    `proxy.kerberos.ap_req` makes Negotiate tokens on it (one thread at a time: under HELD_LOCK)."""
     return _held.get(os.environ.get("KRB5_CONFIG")) or next(iter(_held.values()), None)

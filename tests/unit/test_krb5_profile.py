@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from proxy.kerberos import kdcs, profile
+from proxy.kerberos import ap_req, kdcs, libkrb5, profile
 
 
 def test_one_context_is_held_per_configuration_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,3 +201,31 @@ def test_an_edit_that_adds_an_include_is_said_not_silently_dropped(
     assert "include" in said[0]["reason"]
     assert "restart" in said[0]["kept"]
     assert _mit_value(value, "realms", "LAB.TEST", "kdc") == "127.0.0.1:8888"  # the last copy, as said
+
+
+def test_libkrb5_is_loaded_once_with_every_prototype_declared() -> None:
+    """One library object for the held context and the tokens (proxy.kerberos.libkrb5), each call declared: a wrong
+    argument is refused by ctypes before it reaches C, and the error message's pointer is not cut to an int."""
+    library = libkrb5.LIB
+    assert library is not None, libkrb5.NOT_LOADED
+    assert library.krb5_get_error_message.restype is ctypes.c_void_p
+    assert library.krb5_free_context.restype is None
+    with pytest.raises(ctypes.ArgumentError):
+        library.krb5_init_context("not a pointer")
+    libkrb5.check(0, ctypes.c_void_p(), "nothing")  # code 0: no error, nothing asked of MIT
+
+
+def test_without_libkrb5_no_context_is_held_and_tokens_are_python_gssapis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libkrb5 that cannot be loaded: no context is held (`krb5_profile_not_held` with the loader's reason), and a
+    held ticket cannot be read (Krb5Error: the delegator logs krb5_tokens_unavailable, python-gssapi makes tokens)."""
+    monkeypatch.setattr(libkrb5, "LIB", None)
+    monkeypatch.setattr(libkrb5, "NOT_LOADED", "libkrb5.so.3: cannot open shared object file")
+    monkeypatch.setattr(profile, "_held", {})
+    with capture_logs() as logs:
+        assert not profile.hold_profile()
+    assert [e["reason"] for e in logs if e["event"] == "krb5_profile_not_held"] == [
+        "libkrb5.so.3: cannot open shared object file"
+    ]
+    assert profile.held_context() is None
+    with pytest.raises(ap_req.Krb5Error, match="libkrb5 is not loaded"):
+        ap_req.TicketTokens.read(None, None, [])  # type: ignore[arg-type]  # refused before either is looked at
