@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,51 @@ def test_without_libkrb5_no_context_is_held_and_tokens_are_python_gssapis(monkey
     assert profile.held_context() is None
     with pytest.raises(ap_req.Krb5Error, match="libkrb5 is not loaded"):
         ap_req.TicketTokens.read(None, None, [])  # type: ignore[arg-type]  # refused before either is looked at
+
+
+def _held_value(*names: str) -> str | None:
+    """What the held library context (`profile.held_context`) reads for `names` from its profile."""
+    library = ctypes.CDLL(ctypes.util.find_library("krb5") or "libkrb5.so.3")
+    handle = ctypes.c_void_p()
+    assert library.krb5_get_profile(profile.held_context(), ctypes.byref(handle)) == 0
+    try:
+        value = ctypes.c_char_p()
+        path = [n.encode() for n in names] + [None] * (3 - len(names))
+        assert library.profile_get_string(handle, *path, None, ctypes.byref(value)) == 0
+        text = None if value.value is None else value.value.decode()
+        library.profile_release_string(value)
+        return text
+    finally:
+        library.profile_release(handle)
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_a_reload_to_another_krb5_conf_is_read_by_new_and_held_contexts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """use_profile for another krb5.conf (a reload that changes kerberos.krb5_config): contexts opened after it read
+    the new file's KDC, and so does the held context, a fresh one (the earlier freed). The one-file overlay kept the
+    krb5.conf it had copied first, so MIT read the old realm's KDCs until a restart. The new profile is a new overlay
+    file: the one before stays as it was for a call begun on it, older ones are removed."""
+    monkeypatch.setattr(profile, "_held", {})
+    first, second, third = tmp_path / "first.conf", tmp_path / "second.conf", tmp_path / "third.conf"
+    for path, kdc in ((first, "127.0.0.1:1111"), (second, "127.0.0.1:2222"), (third, "127.0.0.1:3333")):
+        _krb5_conf(path, kdc)
+    realm_kdc = ("realms", "LAB.TEST", "kdc")
+    before = profile.use_profile(first)
+    assert profile.hold_profile()
+    earlier = profile.held_context()
+    assert _held_value(*realm_kdc) == "127.0.0.1:1111"
+    value = profile.use_profile(second)
+    assert profile.hold_profile()
+    assert value != before
+    assert _mit_value(value, *realm_kdc) == "127.0.0.1:2222"
+    assert _held_value(*realm_kdc) == "127.0.0.1:2222"
+    assert list(profile._held) == [value]
+    assert profile.held_context() is not earlier
+    assert _mit_value(before, *realm_kdc) == "127.0.0.1:1111"  # a call begun before reads on as it began
+    assert profile.use_profile(second) == value  # the same profile again (the directory's call): the same file
+    latest = profile.use_profile(third)
+    assert profile._written[os.getpid()][-2:] == [value, latest]
+    assert not Path(before).exists()
+    assert sorted(tmp_path.iterdir()) == [first, second, third]
