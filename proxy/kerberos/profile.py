@@ -41,6 +41,11 @@ once, when a context is made). Rewritten in place, a file is looked at again by 
 a second (MIT's per-file stat), and an overlay path that stayed the same kept the held context of the start; the
 one-file overlay even kept copying the krb5.conf of the start. The file before stays, as it was, for a call begun on
 it (MIT would skip a file gone from under an open context); older ones are removed.
+
+The files' life: `kcd-proxy-krb5-<pid>-*.conf` in the temporary directory (TMPDIR), mode 0600. A process removes
+its own at exit (`remove_overlay`; a worker from its own exit). One killed outright (SIGKILL, the OOM killer)
+cannot; the next gateway to start removes such files (`_remove_stale`): named for a process that is gone, and
+locked by none, as each process holds a shared lock on each of its files while it runs.
 """
 
 from __future__ import annotations
@@ -48,7 +53,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import os
+import re
+import stat
 import tempfile
 import threading
 import time
@@ -70,6 +78,9 @@ _overlay: list[str] = []  # [the overlay file in force in this process]: its own
 _realms: dict[str, str] = {}  # realm -> its [realms] section in the overlay (`proxy.kerberos.kdcs`: answering KDCs)
 _written: dict[int, list[str]] = {}  # pid -> the overlay files that process wrote (newest last), only it removes
 _texts: dict[str, str] = {}  # overlay file -> the text this process last wrote there
+_locks: dict[str, int] = {}  # overlay file -> a descriptor holding a shared lock on it while ours (`_remove_stale`)
+# an overlay file's name, or that of `_write`'s copy of one
+_OVERLAY_NAME = re.compile(r"kcd-proxy-krb5-(\d+)-[^/]*\.conf(?:\.[^/]*\.new)?")
 _KEPT = 2  # overlay files a process keeps: the one in force, and the one before it (module docstring, "A reload")
 
 
@@ -213,16 +224,41 @@ def _without_realms(text: str, realms: set[str]) -> str:
 def _write(path: str, text: str) -> None:
     """Replace `path`'s content at once: a library context opened meanwhile reads the old file or the new."""
     directory, name = os.path.split(path)
-    fd, staging = tempfile.mkstemp(dir=directory, prefix=f"{name}.", suffix=".new")  # 0600, a name nobody made
+    fd, staging = _created(directory, f"{name}.", ".new", text)  # 0600, a name nobody made
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
         Path(staging).replace(path)
     except BaseException:
         with contextlib.suppress(OSError):
             Path(staging).unlink()
+        os.close(fd)
         raise
     _texts[path] = text
+    _hold_lock(path, fd)
+
+
+def _created(directory: str | None, prefix: str, suffix: str, text: str) -> tuple[int, str]:
+    """A new file holding `text`, and a descriptor holding a shared lock on it (taken before anything is written:
+    `_remove_stale` never takes a file of a live process for a dead one's); OSError if it cannot be written."""
+    fd, path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        data = text.encode("utf-8")
+        while data:
+            data = data[os.write(fd, data) :]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+        raise
+    return fd, path
+
+
+def _hold_lock(path: str, fd: int) -> None:
+    """Keep `fd` (locking `path`'s file) open for as long as `path` is this process's; the earlier one's is let go."""
+    earlier = _locks.pop(path, None)
+    _locks[path] = fd
+    if earlier is not None:
+        os.close(earlier)
 
 
 def _own_overlay() -> str | None:
@@ -234,15 +270,16 @@ def _own_overlay() -> str | None:
 
 def _overlay_file(text: str) -> str | None:
     """An overlay file of this process's own holding `text`: the one in force if it holds that already, else a new
-    one (module docstring, "A reload"), which is then in force; None if none can be written (logged)."""
+    one (module docstring, "A reload"), which is then in force; None if none can be written (logged). The first
+    one a process writes comes after removing those that gateways killed outright left (`_remove_stale`)."""
     current = _own_overlay()
     if current is not None and _texts.get(current) == text:
         return current
     pid = os.getpid()
+    if pid not in _written:
+        _remove_stale(tempfile.gettempdir())
     try:
-        fd, path = tempfile.mkstemp(prefix=f"kcd-proxy-krb5-{pid}-", suffix=".conf")
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
+        fd, path = _created(None, f"kcd-proxy-krb5-{pid}-", ".conf", text)
     except OSError as e:
         if current is not None:  # rewritten in place, as MIT may miss for a second rather than not at all
             with contextlib.suppress(OSError):
@@ -251,6 +288,7 @@ def _overlay_file(text: str) -> str | None:
         log.warning("krb5_overlay_not_written", reason=str(e), fix="set forwardable = true in krb5.conf")
         return None
     _texts[path] = text
+    _hold_lock(path, fd)
     if pid not in _written:
         atexit.register(remove_overlay)
     mine = _written.setdefault(pid, [])
@@ -266,6 +304,52 @@ def _remove(path: str) -> None:
     _texts.pop(path, None)
     with contextlib.suppress(OSError):
         Path(path).unlink()
+    fd = _locks.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove_stale(directory: str) -> None:
+    """Remove the overlay files (and half-written copies) that gateways killed outright left in `directory`: this
+    user's regular files, named for a process that is gone, that no process holds locked. A gateway holds a shared
+    lock on each of its files for as long as it runs (also in another PID namespace, where its PID means nothing
+    here); a PID in use again by another process keeps a dead gateway's file, which the next start after it removes."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        named = _OVERLAY_NAME.fullmatch(entry.name)
+        if named is None or _alive(int(named.group(1))):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live process holds it
+                Path(entry.path).unlink()
+                removed.append(entry.name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("krb5_overlays_removed", directory=directory, files=removed, reason="their gateways are gone")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def set_realm_section(realm: str, section: str | None) -> None:
@@ -287,7 +371,8 @@ def set_realm_section(realm: str, section: str | None) -> None:
 
 def remove_overlay() -> None:
     """Remove the overlay files this process wrote, if any: at exit, and from a forked worker's own exit
-    (`os._exit` runs no atexit handler). A file inherited over a fork is its writer's to remove."""
+    (`os._exit` runs no atexit handler). A file inherited over a fork is its writer's to remove. A process killed
+    outright removes nothing: the next gateway to start does (`_remove_stale`)."""
     for path in _written.pop(os.getpid(), []):
         _remove(path)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -278,3 +280,40 @@ def test_a_reload_to_another_krb5_conf_is_read_by_new_and_held_contexts(
     assert profile._written[os.getpid()][-2:] == [value, latest]
     assert not Path(before).exists()
     assert sorted(tmp_path.iterdir()) == [first, second, third]
+
+
+def test_only_overlays_no_live_process_holds_are_removed_as_stale(tmp_path: Path) -> None:
+    """`_remove_stale` removes this user's overlay files (and half-written copies) named for a process that is gone
+    and locked by none; it keeps a file a live process holds locked (a gateway in another PID namespace, whose PID
+    means nothing here), another user's, one named for a live process, and files of other names."""
+    gone = _gone_pid()
+    names = {
+        "stale": f"kcd-proxy-krb5-{gone}-a1.conf",
+        "half_written": f"kcd-proxy-krb5-{gone}-a1.conf.b2.new",
+        "locked": f"kcd-proxy-krb5-{gone}-c3.conf",
+        "other_user": f"kcd-proxy-krb5-{gone}-d4.conf",
+        "live": f"kcd-proxy-krb5-{os.getpid()}-e5.conf",
+        "unrelated": f"kcd-proxy-krb5-{gone}.txt",
+    }
+    for name in names.values():
+        (tmp_path / name).write_text("[libdefaults]\n")
+    os.chown(tmp_path / names["other_user"], 65534, 65534)
+    holder = os.open(tmp_path / names["locked"], os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        with capture_logs() as logs:
+            profile._remove_stale(str(tmp_path))
+    finally:
+        os.close(holder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        names[k] for k in ("locked", "other_user", "live", "unrelated")
+    )
+    [said] = [e for e in logs if e["event"] == "krb5_overlays_removed"]
+    assert sorted(said["files"]) == sorted([names["stale"], names["half_written"]])
+
+
+def _gone_pid() -> int:
+    """The PID of a process that has exited (and been waited for)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
