@@ -42,6 +42,7 @@ from proxy.errors import (
     VersionNotSupported,
 )
 from proxy.kerberos.delegate import Delegator
+from proxy.kerberos.profile import remove_stale_overlays
 from proxy.live import Live
 from proxy.observability.logging import summary_fields
 from proxy.observability.trace import Trace
@@ -295,6 +296,7 @@ async def serve(
     """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT; SIGHUP reloads (`proxy.live`).
     `worker`: this process is one of `listener.workers` (`proxy.workers`), whose admin listener answers for all;
     `shared`: the table its siblings count Basic failures in (`proxy.auth.shared`)."""
+    remove_stale_overlays()  # krb5.conf overlays of gateways killed outright (proxy.kerberos.profile)
     live = Live.start(config, shared=shared)
     gw = live.gateway
     stop = stop or asyncio.Event()

@@ -44,8 +44,8 @@ it (MIT would skip a file gone from under an open context); older ones are remov
 
 The files' life: `kcd-proxy-krb5-<pid>-*.conf` in the temporary directory (TMPDIR), mode 0600. A process removes
 its own at exit (`remove_overlay`; a worker from its own exit). One killed outright (SIGKILL, the OOM killer)
-cannot; the next gateway to start removes such files (`_remove_stale`): named for a process that is gone, and
-locked by none, as each process holds a shared lock on each of its files while it runs.
+cannot; the next gateway to start removes such files (`remove_stale_overlays`): named for a process that is gone,
+and locked by none, as each process holds a shared lock on each of its files while it runs.
 """
 
 from __future__ import annotations
@@ -270,14 +270,11 @@ def _own_overlay() -> str | None:
 
 def _overlay_file(text: str) -> str | None:
     """An overlay file of this process's own holding `text`: the one in force if it holds that already, else a new
-    one (module docstring, "A reload"), which is then in force; None if none can be written (logged). The first
-    one a process writes comes after removing those that gateways killed outright left (`_remove_stale`)."""
+    one (module docstring, "A reload"), which is then in force; None if none can be written (logged)."""
     current = _own_overlay()
     if current is not None and _texts.get(current) == text:
         return current
     pid = os.getpid()
-    if pid not in _written:
-        _remove_stale(tempfile.gettempdir())
     try:
         fd, path = _created(None, f"kcd-proxy-krb5-{pid}-", ".conf", text)
     except OSError as e:
@@ -307,6 +304,11 @@ def _remove(path: str) -> None:
     fd = _locks.pop(path, None)
     if fd is not None:
         os.close(fd)
+
+
+def remove_stale_overlays() -> None:
+    """Remove the overlay files gateways killed outright left in the temporary directory (a gateway's start)."""
+    _remove_stale(tempfile.gettempdir())
 
 
 def _remove_stale(directory: str) -> None:
