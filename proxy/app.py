@@ -37,6 +37,7 @@ from proxy.errors import (
     ConfigError,
     ExpectationFailed,
     GatewayError,
+    KdcNotAsked,
     MethodNotAllowed,
     TransferCodingNotImplemented,
     VersionNotSupported,
@@ -141,6 +142,8 @@ def _refused(e: GatewayError, trace: Trace) -> tuple[CIMultiDict[str], bytes]:
     """A refusal noted in the trace and logged as its audit event; the answer's headers and body."""
     trace.note(refused_stage=e.stage, reason=e.reason, refusal=e.event)
     trace.detail("refused", fix=e.hint)
+    if isinstance(e, KdcNotAsked):
+        trace.detail(e.stage, kdc_asked=False)  # a refusal, not a request that went to the KDC (metrics)
     log.warning(e.event, stage=e.stage, reason=e.reason, fix=e.hint, **_who(trace))
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "text/plain; charset=utf-8"})
     headers.extend({"X-KCD-Refused-Stage": e.stage, **e.headers, **e.challenge})
