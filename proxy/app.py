@@ -37,11 +37,13 @@ from proxy.errors import (
     ConfigError,
     ExpectationFailed,
     GatewayError,
+    KdcNotAsked,
     MethodNotAllowed,
     TransferCodingNotImplemented,
     VersionNotSupported,
 )
 from proxy.kerberos.delegate import Delegator
+from proxy.kerberos.profile import remove_stale_overlays
 from proxy.live import Live
 from proxy.observability.logging import summary_fields
 from proxy.observability.trace import Trace
@@ -140,6 +142,8 @@ def _refused(e: GatewayError, trace: Trace) -> tuple[CIMultiDict[str], bytes]:
     """A refusal noted in the trace and logged as its audit event; the answer's headers and body."""
     trace.note(refused_stage=e.stage, reason=e.reason, refusal=e.event)
     trace.detail("refused", fix=e.hint)
+    if isinstance(e, KdcNotAsked):
+        trace.detail(e.stage, kdc_asked=False)  # a refusal, not a request that went to the KDC (metrics)
     log.warning(e.event, stage=e.stage, reason=e.reason, fix=e.hint, **_who(trace))
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "text/plain; charset=utf-8"})
     headers.extend({"X-KCD-Refused-Stage": e.stage, **e.headers, **e.challenge})
@@ -295,6 +299,7 @@ async def serve(
     """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT; SIGHUP reloads (`proxy.live`).
     `worker`: this process is one of `listener.workers` (`proxy.workers`), whose admin listener answers for all;
     `shared`: the table its siblings count Basic failures in (`proxy.auth.shared`)."""
+    remove_stale_overlays()  # krb5.conf overlays of gateways killed outright (proxy.kerberos.profile)
     live = Live.start(config, shared=shared)
     gw = live.gateway
     stop = stop or asyncio.Event()

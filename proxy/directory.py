@@ -37,7 +37,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -48,13 +47,14 @@ import structlog
 
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
-from proxy.errors import DirectoryUnavailable, GatewayError, KerberosMisconfigured, MappingRefused
+from proxy.errors import DirectoryUnavailable, GatewayError, KdcUnavailable, KerberosMisconfigured, MappingRefused
 from proxy.held_mapping import HeldMappings
 from proxy.identity.mapping import Account
 from proxy.identity.principal import ascii_lower
 from proxy.identity.sid import Sid
 from proxy.kerberos.client import ldap_ticket
 from proxy.kerberos.profile import use_profile
+from proxy.kerberos.threads import KdcThreads, NoThread, no_thread_error
 
 log = structlog.get_logger("kcd-proxy.directory")
 
@@ -128,10 +128,12 @@ class Directory:
         self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
         self._locks: dict[str, asyncio.Lock] = {}  # url -> its connection's turn (see _search_at)
         self._failed: dict[str, float] = {}  # url -> when (self._clock) it last failed; gone once it answers
-        # The bind's KDC exchanges (bind = "kerberos") in a thread of their own: a KDC that accepts and never answers
-        # holds the thread for MIT's own timeout (about 25 s) after the look-up gave up, and asyncio's default
-        # executor, shared with CRL vetting and Basic's hashing, must not fill up with such threads.
-        self._kdc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="directory-kdc")
+        # The bind's KDC exchanges (bind = "kerberos") in a thread of their own (proxy.kerberos.threads): a KDC that
+        # accepts and never answers holds it for MIT's own timeout (about 25 s) after the look-up gave up. asyncio's
+        # default executor, shared with CRL vetting and Basic's hashing, must not fill up with such threads; a bind
+        # finding the thread held by such a call is refused at once, not queued behind it; and a stop does not
+        # wait for MIT (a daemon thread: Python's exit joins a ThreadPoolExecutor's threads).
+        self._kdc = KdcThreads(1, kerberos.kdc_timeout, "directory-kdc")
         self.held = HeldMappings(self, settings.cache_seconds)  # requests held at the backend, judged again
         self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
         self.binds = 0  # connections opened and bound (a kept connection makes this 1 per server)
@@ -217,7 +219,7 @@ class Directory:
             except _GaveUp as e:
                 problems.append(f"{url}: {e}")
                 continue
-            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured) as e:
+            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured, KdcUnavailable) as e:
                 self._failed[url] = self._clock()
                 problems.append(f"{url}: {_describe(e)}")
                 log.warning("directory_server_failed", url=url, error=_describe(e))
@@ -248,10 +250,14 @@ class Directory:
 
     async def _tickets(self, url: str) -> None:
         """bind = "kerberos": a TGT and the ldap/<host> ticket in CCACHE before SASL GSSAPI looks (in the
-        directory's own KDC thread: it may talk to the KDC, which may hang)."""
+        directory's own KDC thread: it may talk to the KDC, which may hang). KdcUnavailable at once when that thread
+        is held by a call the KDC left unanswered."""
         if self._settings.bind == "kerberos":
             host = urlsplit(url).hostname or ""
-            await asyncio.get_running_loop().run_in_executor(self._kdc, ldap_ticket, self._kerberos, CCACHE, host)
+            try:
+                await self._kdc.run(ldap_ticket, self._kerberos, CCACHE, host)
+            except NoThread as e:
+                raise no_thread_error(e, self._kdc, self._realm, "the directory bind's tickets") from None
 
     def _in_turn(self) -> list[str]:
         """The URLs in the order to try them: as configured, those that failed in the last
@@ -331,7 +337,7 @@ class Directory:
             except _GaveUp as e:  # its connection busy past `timeout`, or failed meanwhile: the next URL
                 problems.append(f"{url}: {e}")
                 continue
-            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured) as e:
+            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured, KdcUnavailable) as e:
                 problems.append(f"{url}: {_describe(e)}")
                 continue
             return entries[0] if entries else None
@@ -346,7 +352,7 @@ class Directory:
     def close(self) -> None:
         """Stop judging held requests; close the kept connections; drop KDC exchanges not yet begun."""
         self.held.close()
-        self._kdc.shutdown(wait=False, cancel_futures=True)
+        self._kdc.close()
         for url in list(self._connections):
             self._drop(url)
 
@@ -372,7 +378,7 @@ class Directory:
                             who = f"{bound_as} (the server does not answer Who am I?)"
                     finally:
                         conn.close()
-            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured) as e:
+            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured, KdcUnavailable) as e:
                 problems.append(f"{url}: {_describe(e)}")
                 continue
             return BindCheck(url, who, (time.perf_counter() - start) * 1000)

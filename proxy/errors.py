@@ -132,6 +132,11 @@ class KdcUnavailable(GatewayError):
     headers: ClassVar[dict[str, str]] = {"Retry-After": "30"}
 
 
+class KdcNotAsked(KdcUnavailable):
+    """The same refusal, made before any KDC was asked (every thread for KDC calls held by unanswered calls, or no
+    KDC answered the gateway's last probe): a refusal in the metrics, never a request that went to the KDC."""
+
+
 class BackendUnavailable(GatewayError):
     status = 502
     stage = "backend"

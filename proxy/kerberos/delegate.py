@@ -75,7 +75,7 @@ import gssapi.raw
 import structlog
 
 from proxy.config import Kerberos
-from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KerberosRefused
+from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KdcNotAsked, KerberosRefused
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated, require_user_account
@@ -187,7 +187,8 @@ class _Ticket:
 
 @dataclass
 class CacheStats:
-    """Counters for metrics and tests: hits, KDC exchanges (S4U2Self + S4U2Proxy pairs), renewals."""
+    """Counters for metrics and tests: hits, KDC exchanges (S4U2Self + S4U2Proxy pairs begun in a thread: not one
+    refused before any KDC was asked), renewals, failures (refusals included)."""
 
     hits: int = 0
     exchanges: int = 0
@@ -355,15 +356,15 @@ class Delegator:
         kdcs = self.kdcs
         if kdcs is not None and kdcs.none_answer:  # no thread is given to MIT's 25 s wait for a silent KDC
             silent = ", ".join(f"{p.address} ({p.detail})" for p in kdcs.last)
-            raise self._explain(
+            refusal = self._explain(
                 f"cannot contact any KDC: none of {kdcs.section.realm}'s answered the gateway's last probe: {silent}",
                 user.principal,
                 spn,
             )
-        self.stats.exchanges += 1
+            raise KdcNotAsked(refusal.reason, hint=refusal.hint)
         refresh_profile()
-        try:
-            return await self._kdc.run(self._exchange_blocking, user, gss_target)
+        try:  # an exchange counts once a thread is given to it: a call refused before the KDC is asked does not
+            return await self._kdc.run(self._exchange_blocking, user, gss_target, started=self._count_exchange)
         except NoThread as e:  # every thread in a call and as many waiting, or held by calls MIT keeps
             realm = kdcs.section.realm if kdcs is not None else self._settings.principal.rpartition("@")[2]
             raise no_thread_error(e, self._kdc, realm, "the gateway's KDC exchanges") from None
@@ -377,6 +378,9 @@ class Delegator:
             raise self._step_error(e, user.principal, spn) from None
         except gssapi.raw.GSSError as e:
             raise self._explain(e.gen_message(), user.principal, spn) from None
+
+    def _count_exchange(self) -> None:
+        self.stats.exchanges += 1
 
     def _exchange_blocking(self, user: UserPrincipal, gss_target: str) -> _Ticket:
         """S4U2Self, then S4U2Proxy (the first token fetches the service ticket into the user's ccache).

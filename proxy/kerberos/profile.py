@@ -16,8 +16,9 @@ reading and parsing krb5.conf again: about a third of a token's cost (perf under
 context held open for the life of the process keeps the parsed file shared; the profile library still
 checks the file's modification time (at most once a second) and rereads it when it changes.
 
-python-gssapi has no call for a krb5 context and this is the only one needed, so it is two C calls through
-ctypes rather than another Kerberos binding. Without libkrb5 to load, tokens work as before, only slower.
+python-gssapi has no call for a krb5 context and this is the only one needed, so it is one C call through ctypes
+(`proxy.kerberos.libkrb5`) rather than another Kerberos binding. Without libkrb5 to load, tokens work as before, only
+slower.
 
 One file, not two: every library context MIT opens (four per Negotiate token) checks each file KRB5_CONFIG
 names, an `access()` and a `stat()` each, and every look-up walks each file's tree. So where
@@ -31,6 +32,20 @@ sections (`set_realm_section`) come first in that file, and krb5.conf's own sect
 out of the copy: MIT honours their final mark (`}*`) across files only. The environment's KRB5_CONFIG (which
 may be a list), or a file that is not plain text (a `module` directive) or includes others, keeps the two-file
 list.
+
+A reload: the configuration built again calls `use_profile` again. A profile other than the one in force (another
+`kerberos.krb5_config`, or the same file changed) is written to a new overlay file, which KRB5_CONFIG names from
+then on, and `hold_profile` holds a fresh context for it and frees the one before. So the first KDC exchange after
+`reloaded` reads the new file, and the held context has its settings (MIT reads some of them, such as the clock skew,
+once, when a context is made). Rewritten in place, a file is looked at again by a context already open at most once
+a second (MIT's per-file stat), and an overlay path that stayed the same kept the held context of the start; the
+one-file overlay even kept copying the krb5.conf of the start. The file before stays, as it was, for a call begun on
+it (MIT would skip a file gone from under an open context); older ones are removed.
+
+The files' life: `kcd-proxy-krb5-<pid>-*.conf` in the temporary directory (TMPDIR), mode 0600. A process removes
+its own at exit (`remove_overlay`; a worker from its own exit). One killed outright (SIGKILL, the OOM killer)
+cannot; the next gateway to start removes such files (`remove_stale_overlays`): named for a process that is gone,
+and locked by none, as each process holds a shared lock on each of its files while it runs.
 """
 
 from __future__ import annotations
@@ -38,42 +53,56 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import ctypes.util
+import fcntl
 import os
+import re
+import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import structlog
 
-from proxy.kerberos import krb5conf
+from proxy.kerberos import krb5conf, libkrb5
 
 log = structlog.get_logger("proxy.kerberos")
 
 _held: dict[str | None, ctypes.c_void_p] = {}  # KRB5_CONFIG -> the context kept open for it
+# A held context, one thread at a time (`proxy.kerberos.ap_req` makes tokens on it). Reentrant: a collection inside a
+# token's calls may run a held ticket's finalizer, which frees it on that context.
+HELD_LOCK = threading.RLock()
 _DEFAULT_PROFILE = "/etc/krb5.conf"  # MIT's, when KRB5_CONFIG is not set
 _OVERLAY = "[libdefaults]\n    forwardable = true\n"
-_overlay: list[str] = []  # the overlay file in force in this process, written once (or inherited over a fork)
+_overlay: list[str] = []  # [the overlay file in force in this process]: its own, or inherited over a fork
 _realms: dict[str, str] = {}  # realm -> its [realms] section in the overlay (`proxy.kerberos.kdcs`: answering KDCs)
-_written: dict[int, str] = {}  # pid -> the overlay file that process wrote, which only it removes
+_written: dict[int, list[str]] = {}  # pid -> the overlay files that process wrote (newest last), only it removes
+_texts: dict[str, str] = {}  # overlay file -> the text this process last wrote there
+_locks: dict[str, int] = {}  # overlay file -> a descriptor holding a shared lock on it while ours (`_remove_stale`)
+# an overlay file's name, or that of `_write`'s copy of one
+_OVERLAY_NAME = re.compile(r"kcd-proxy-krb5-(\d+)-[^/]*\.conf(?:\.[^/]*\.new)?")
+_KEPT = 2  # overlay files a process keeps: the one in force, and the one before it (module docstring, "A reload")
 
 
 def use_profile(krb5_config: Path | None) -> str:
     """Set KRB5_CONFIG for this process: the gateway's overlay, then `krb5_config` (or what KRB5_CONFIG named
     before, or MIT's default), in one file where krb5.conf is one plain file (the module's docstring), else as
-    a list of two. Returns the value set. Without a writable temporary directory the overlay is left out, and
-    krb5.conf alone decides (the log says so)."""
+    a list of two. Returns the value set. A profile other than the one in force is written to a new overlay file
+    (module docstring, "A reload"). Without a writable temporary directory the overlay is left out, and krb5.conf
+    alone decides (the log says so)."""
     previous = os.environ.get("KRB5_CONFIG") or _DEFAULT_PROFILE
     configured = str(krb5_config) if krb5_config is not None else None  # the environment's may be a list
     if _overlay and previous.startswith(_overlay[0] + ":"):
         previous = previous[len(_overlay[0]) + 1 :]
     elif _overlay and previous == _overlay[0] and _merged:
-        previous = configured = _merged.base  # the configured file, copied by an earlier call
+        previous = _merged.base  # the file an earlier call copied: the environment's, without the overlay
+        configured = configured or previous
     base = configured or previous
-    overlay = _overlay_file()
+    one_file = _merged.start(configured or "")
+    overlay = _overlay_file(_overlay_text())
     value = base
     if overlay:
-        value = overlay if _merged.start(overlay, configured or "") else f"{overlay}:{base}"
+        value = overlay if one_file else f"{overlay}:{base}"
     os.environ["KRB5_CONFIG"] = value
     return value
 
@@ -89,23 +118,24 @@ class _Merged:
     def __init__(self) -> None:
         self.base = ""  # the krb5.conf copied; "" while the overlay file holds the overlay alone
         self.text = ""  # its text when copied
-        self._path = ""
         self._seen: tuple[int, int, int] | None = None  # krb5.conf's (inode, size, mtime) when copied
         self._looked = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.base)
 
-    def start(self, path: str, base: str) -> bool:
-        """Make `path` the overlay and `base` in one file; False (and `path` the overlay alone) where `base` is
-        not one plain readable file."""
-        self._path, self.base, self.text, self._seen = path, "", "", None
-        if base and ":" not in base and self._copy(base):
-            self.base = base
-            self._looked = time.monotonic()
-            return True
-        _write(path, _overlay_text())
-        return False
+    def start(self, base: str) -> bool:
+        """Copy `base` into the one file from now on; False (the overlay file holds the overlay alone) where `base`
+        is not one plain readable file."""
+        self.base, self.text, self._seen = "", "", None
+        if not base or ":" in base:
+            return False
+        text = self._read(base)
+        if text is None:
+            return False
+        self.base, self.text = base, text
+        self._looked = time.monotonic()
+        return True
 
     def refresh(self) -> None:
         if not self.base:
@@ -114,8 +144,18 @@ class _Merged:
         if now - self._looked < 1.0:
             return
         self._looked = now
-        if self._stat(self.base) != self._seen:
-            self._copy(self.base)  # unreadable now: the last copy stays, as MIT keeps a file it cannot reread
+        if self._stat(self.base) == self._seen:
+            return
+        seen = self._seen
+        text = self._read(self.base)  # None (unreadable now): the last copy stays, as MIT keeps a file it cannot reread
+        path = _own_overlay()
+        if text is None or path is None:
+            return
+        previous, self.text = self.text, text
+        try:
+            _write(path, _overlay_text())  # in place: MIT rereads it when it looks again (at most once a second)
+        except OSError:
+            self.text, self._seen = previous, seen
 
     def _stat(self, base: str) -> tuple[int, int, int] | None:
         try:
@@ -124,19 +164,21 @@ class _Merged:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _copy(self, base: str) -> bool:
+    def _read(self, base: str) -> str | None:
+        """`base`'s text if the one file can take it (MIT reads it, and it names no other file), else None (said in
+        the log where that matters). `_seen` is the file as read, also when refused: an edit is said once."""
         seen = self._stat(base)
         try:
             text = Path(base).read_bytes().decode("utf-8")  # its line ends as written: MIT ends lines at \n only
         except (OSError, UnicodeDecodeError):
-            return False
+            return None
         try:
             lines = krb5conf.read(text)
         except krb5conf.ProfileSyntaxError as e:
             kept = "the last copy" if self.text else "krb5.conf in KRB5_CONFIG's list (MIT reads it itself)"
             log.warning("krb5_conf_not_copied", file=base, reason=str(e), kept=kept)
             self._seen = seen  # once per edit, not once a second
-            return False
+            return None
         directives = [line.raw.strip() for line in lines if line.kind is krb5conf.Kind.DIRECTIVE]
         if directives:
             # a module makes the profile; an included file would join the one file's tree, where the overlay's
@@ -149,33 +191,27 @@ class _Merged:
                     kept="the last copy; restart the gateway to have MIT read krb5.conf itself",
                 )
                 self._seen = seen  # once per edit, not once a second
-            return False
-        previous, self.text = self.text, text
-        try:
-            _write(self._path, _overlay_text(copied=True))
-        except OSError:
-            self.text = previous
-            return False
+            return None
         self._seen = seen
-        return True
+        return text
 
 
 _merged = _Merged()
 
 
-def _overlay_text(*, copied: bool = False) -> str:
+def _overlay_text() -> str:
     """The overlay file's text: the overlay's line, the realms' sections the KDC watch set (`set_realm_section`),
     and in one-file mode krb5.conf's text without those realms' sections. Across files the sections' final mark
     (`}*`) keeps krb5.conf's KDCs of the realm out; inside one file MIT would add them, so they are left out."""
     text = _OVERLAY + ("\n[realms]\n" + "".join(_realms.values()) if _realms else "")
-    if copied or _merged:
+    if _merged:
         text += "\n" + _without_realms(_merged.text, set(_realms))
     return text
 
 
 def _without_realms(text: str, realms: set[str]) -> str:
     """krb5.conf's `text` without the `[realms]` sections of `realms` (each of them, however many times named), every
-    other line as written. `text` is one MIT reads (`_Merged._copy` has checked)."""
+    other line as written. `text` is one MIT reads (`_Merged._read` has checked)."""
     if not realms:
         return text
     return "".join(
@@ -188,30 +224,134 @@ def _without_realms(text: str, realms: set[str]) -> str:
 def _write(path: str, text: str) -> None:
     """Replace `path`'s content at once: a library context opened meanwhile reads the old file or the new."""
     directory, name = os.path.split(path)
-    fd, staging = tempfile.mkstemp(dir=directory, prefix=f"{name}.", suffix=".new")  # 0600, a name nobody made
+    fd, staging = _created(directory, f"{name}.", ".new", text)  # 0600, a name nobody made
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
         Path(staging).replace(path)
     except BaseException:
         with contextlib.suppress(OSError):
             Path(staging).unlink()
+        os.close(fd)
         raise
+    _texts[path] = text
+    _hold_lock(path, fd)
 
 
-def _overlay_file() -> str | None:
-    if not _overlay:
-        try:
-            fd, path = tempfile.mkstemp(prefix=f"kcd-proxy-krb5-{os.getpid()}-", suffix=".conf")
-            with os.fdopen(fd, "w") as out:
-                out.write(_OVERLAY)
-        except OSError as e:
-            log.warning("krb5_overlay_not_written", reason=str(e), fix="set forwardable = true in krb5.conf")
-            return None
-        _written[os.getpid()] = path
+def _created(directory: str | None, prefix: str, suffix: str, text: str) -> tuple[int, str]:
+    """A new file holding `text`, and a descriptor holding a shared lock on it (taken before anything is written:
+    `_remove_stale` never takes a file of a live process for a dead one's); OSError if it cannot be written."""
+    fd, path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        data = text.encode("utf-8")
+        while data:
+            data = data[os.write(fd, data) :]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+        raise
+    return fd, path
+
+
+def _hold_lock(path: str, fd: int) -> None:
+    """Keep `fd` (locking `path`'s file) open for as long as `path` is this process's; the earlier one's is let go."""
+    earlier = _locks.pop(path, None)
+    _locks[path] = fd
+    if earlier is not None:
+        os.close(earlier)
+
+
+def _own_overlay() -> str | None:
+    """The overlay file in force, if this process wrote it (one inherited over a fork is its writer's)."""
+    if _overlay and _overlay[0] in _written.get(os.getpid(), ()):
+        return _overlay[0]
+    return None
+
+
+def _overlay_file(text: str) -> str | None:
+    """An overlay file of this process's own holding `text`: the one in force if it holds that already, else a new
+    one (module docstring, "A reload"), which is then in force; None if none can be written (logged)."""
+    current = _own_overlay()
+    if current is not None and _texts.get(current) == text:
+        return current
+    pid = os.getpid()
+    try:
+        fd, path = _created(None, f"kcd-proxy-krb5-{pid}-", ".conf", text)
+    except OSError as e:
+        if current is not None:  # rewritten in place, as MIT may miss for a second rather than not at all
+            with contextlib.suppress(OSError):
+                _write(current, text)
+                return current
+        log.warning("krb5_overlay_not_written", reason=str(e), fix="set forwardable = true in krb5.conf")
+        return None
+    _texts[path] = text
+    _hold_lock(path, fd)
+    if pid not in _written:
         atexit.register(remove_overlay)
-        _overlay.append(path)
-    return _overlay[0]
+    mine = _written.setdefault(pid, [])
+    mine.append(path)
+    _overlay[:] = [path]
+    for old in mine[:-_KEPT]:  # the one before stays for a KDC call begun on it (MIT rereads a file once a second)
+        mine.remove(old)
+        _remove(old)
+    return path
+
+
+def _remove(path: str) -> None:
+    _texts.pop(path, None)
+    with contextlib.suppress(OSError):
+        Path(path).unlink()
+    fd = _locks.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_stale_overlays() -> None:
+    """Remove the overlay files gateways killed outright left in the temporary directory (a gateway's start)."""
+    _remove_stale(tempfile.gettempdir())
+
+
+def _remove_stale(directory: str) -> None:
+    """Remove the overlay files (and half-written copies) that gateways killed outright left in `directory`: this
+    user's regular files, named for a process that is gone, that no process holds locked. A gateway holds a shared
+    lock on each of its files for as long as it runs (also in another PID namespace, where its PID means nothing
+    here); a PID in use again by another process keeps a dead gateway's file, which the next start after it removes."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        named = _OVERLAY_NAME.fullmatch(entry.name)
+        if named is None or _alive(int(named.group(1))):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live process holds it
+                Path(entry.path).unlink()
+                removed.append(entry.name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("krb5_overlays_removed", directory=directory, files=removed, reason="their gateways are gone")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def set_realm_section(realm: str, section: str | None) -> None:
@@ -225,42 +365,43 @@ def set_realm_section(realm: str, section: str | None) -> None:
         if _realms.get(realm) == section:
             return
         _realms[realm] = section
-    path = _overlay[0] if _overlay and _written.get(os.getpid()) == _overlay[0] else None
+    path = _own_overlay()
     if path is None:  # no overlay of this process's own to write (none could be written, or it is inherited)
         return
     _write(path, _overlay_text())  # in one-file mode, with krb5.conf's text less the realm's own section
 
 
 def remove_overlay() -> None:
-    """Remove the overlay file this process wrote, if any: at exit, and from a forked worker's own exit
-    (`os._exit` runs no atexit handler). A file inherited over a fork is its writer's to remove."""
-    path = _written.pop(os.getpid(), None)
-    if path is not None:
-        with contextlib.suppress(OSError):
-            Path(path).unlink()
+    """Remove the overlay files this process wrote, if any: at exit, and from a forked worker's own exit
+    (`os._exit` runs no atexit handler). A file inherited over a fork is its writer's to remove. A process killed
+    outright removes nothing: the next gateway to start does (`_remove_stale`)."""
+    for path in _written.pop(os.getpid(), []):
+        _remove(path)
 
 
 def hold_profile() -> bool:
-    """Open one krb5 context for the current KRB5_CONFIG, once per process and file; True if one is held."""
+    """Open one krb5 context for the current KRB5_CONFIG, once per process and value; True if one is held. The
+    context held for an earlier value is freed once the new one is open (a reload's new file: module docstring)."""
     config = os.environ.get("KRB5_CONFIG")
     if config in _held:
         return True
-    name = ctypes.util.find_library("krb5") or "libkrb5.so.3"
-    try:
-        library = ctypes.CDLL(name)
-    except OSError as e:
-        log.info("krb5_profile_not_held", reason=str(e))
+    library = libkrb5.LIB
+    if library is None:
+        log.info("krb5_profile_not_held", reason=libkrb5.NOT_LOADED)
         return False
     context = ctypes.c_void_p()
     code = library.krb5_init_context(ctypes.byref(context))
     if code != 0:
         log.info("krb5_profile_not_held", reason=f"krb5_init_context returned {code}")
         return False
-    _held[config] = context  # never freed: it lives as long as the process, as the files it keeps parsed
+    with HELD_LOCK:  # no token is being made on the context freed
+        for earlier in list(_held):
+            library.krb5_free_context(_held.pop(earlier))
+        _held[config] = context  # kept until KRB5_CONFIG names another file, as the file it keeps parsed
     return True
 
 
 def held_context() -> ctypes.c_void_p | None:
     """The krb5 library context held for the current KRB5_CONFIG (`hold_profile`), else any held one, else None:
-    `proxy.kerberos.ap_req` makes Negotiate tokens on it (one thread at a time: its lock)."""
+    `proxy.kerberos.ap_req` makes Negotiate tokens on it (one thread at a time: under HELD_LOCK)."""
     return _held.get(os.environ.get("KRB5_CONFIG")) or next(iter(_held.values()), None)

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
-from proxy.errors import KdcUnavailable
+from proxy.errors import KdcNotAsked
 
 T = TypeVar("T")
 
@@ -142,10 +142,17 @@ class KdcThreads:
         self.held = 0  # threads inside a call
         self.abandoned = 0  # of those, the calls whose callers stopped waiting (timed out or cancelled)
 
-    async def run(self, call: Callable[..., T], *args: object, outcome: Outcome | None = None) -> T:
+    async def run(
+        self,
+        call: Callable[..., T],
+        *args: object,
+        outcome: Outcome | None = None,
+        started: Callable[[], None] | None = None,
+    ) -> T:
         """`call(*args)` in one of the threads; TimeoutError after `timeout` (waiting for a thread included),
         NoThread at once when there is no thread to wait for; `outcome` told of the call if abandoned (module
-        docstring)."""
+        docstring); `started` called (on the event loop) once a thread is given to the call, so a caller counts
+        the calls that began (a KDC asked), not those refused or timed out waiting for a thread."""
         async with asyncio.timeout(self.timeout):
             # Every thread in a call (not merely passing from a returned call to a waiter, when none is held),
             # and `waiting` calls waiting already, or every one of those calls abandoned: no thread frees soon.
@@ -157,9 +164,15 @@ class KdcThreads:
                 await self._free.acquire()
             finally:
                 self._waiting -= 1
-            return await self._start(call, args, outcome)
+            return await self._start(call, args, outcome, started)
 
-    async def _start(self, call: Callable[..., T], args: tuple[object, ...], outcome: Outcome | None) -> T:
+    async def _start(
+        self,
+        call: Callable[..., T],
+        args: tuple[object, ...],
+        outcome: Outcome | None,
+        started: Callable[[], None] | None,
+    ) -> T:
         loop = asyncio.get_running_loop()
         mine = _Call(outcome)
         try:
@@ -168,6 +181,8 @@ class KdcThreads:
             self._free.release()
             raise
         self.held += 1
+        if started is not None:
+            started()
 
         def returned(done: Future[T]) -> None:  # in the call's thread, or here when it never started
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to count
@@ -205,17 +220,17 @@ class KdcThreads:
         self._executor.close()
 
 
-def no_thread_error(e: NoThread, threads: KdcThreads, realm: str, calls: str) -> KdcUnavailable:
+def no_thread_error(e: NoThread, threads: KdcThreads, realm: str, calls: str) -> KdcNotAsked:
     """The 503 for a call refused for want of a thread; `calls` names whose threads they are ("Basic's KDC calls")."""
     if e.abandoned >= e.held:
-        return KdcUnavailable(
+        return KdcNotAsked(
             "the authentication service is unreachable; try again shortly",
             hint=f"the KDC of {realm} does not answer: all {e.held} threads for {calls} "
             f"(kerberos.max_in_flight) are held by calls it left unanswered past kerberos.kdc_timeout "
             f"({threads.timeout:g} s), until MIT gives up (about 25 s); check krb5.conf's kdc entries for {realm} "
             "and that the KDC is up",
         )
-    return KdcUnavailable(
+    return KdcNotAsked(
         "the authentication service is busy; try again shortly",
         hint=f"the KDC of {realm} answers slowly: all {e.held} threads for {calls} (kerberos.max_in_flight) "
         f"are in calls to it and {threads.waiting} more wait; raise kerberos.max_in_flight if the KDC keeps up",

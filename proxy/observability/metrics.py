@@ -139,7 +139,8 @@ class Metrics:
             self._child(self.mappings, str(rule)).inc()
         cached = facts.get("impersonation_cached")
         if refused_stage == "kerberos":
-            self.kdc_requests.labels(refusal).inc()
+            if trace.details.get("kerberos", {}).get("kdc_asked", True):  # not one refused before (KdcNotAsked)
+                self.kdc_requests.labels(refusal).inc()
         elif cached is not None:
             tally.count(self._child(self.ticket_cache, "hit" if cached else "miss"))
             if not cached:

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import USERS, LabLayout
-from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
+from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, metric, start_gateway
+from tests.integration.jsonlog import eventually
 from tests.integration.test_basic_kdc_threads import _basic
 from tests.integration.test_kdc_silent import SecondKdc
 
@@ -139,6 +140,36 @@ def test_new_users_while_every_kdc_thread_is_held_by_an_unanswered_exchange_are_
             assert "within" not in refused["fix"], refused  # no wait of their own
             assert "does not answer: all 1 threads for the gateway's KDC exchanges" in refused["fix"], refused
         assert max(seconds for _, seconds in answers) < KDC_TIMEOUT, answers
+    finally:
+        second_kdc.answer_again()
+        gw.stop()
+
+
+def test_exchanges_refused_for_want_of_a_thread_are_refusals_not_kdc_requests(
+    lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc
+) -> None:
+    """kerberos.max_in_flight = 1 and the only KDC frozen: alice's exchange went to the KDC (503 at kdc_timeout), bob's
+    was refused before any KDC was asked (no thread). The metrics count two kerberos refusals but one KDC request:
+    `kcd_kdc_requests` ("Kerberos stages that went to the KDC") counted bob's refusal as one, so a gateway refusing
+    at once looked like one asking a silent KDC for every new user."""
+    admin = free_port()
+    extra = f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    text = _config_text(lab, tmp_path, second_kdc, extra=extra, kerberos="max_in_flight = 1\n")
+    gw = start_gateway(lab, tmp_path / "gateway", text)
+    url = f"http://127.0.0.1:{admin}"
+    asked = 'kcd_kdc_requests_total{outcome="kdc_unavailable"}'
+    refused = 'kcd_refusals_total{reason="kdc_unavailable",stage="kerberos"}'
+    try:
+        second_kdc.stop_answering()
+        gw.mark()
+        assert _status(lab, gw, "alice")[0] == 503
+        assert "within" in gw.wait_event("kdc_unavailable")["fix"]  # her own wait: the KDC was asked
+        gw.mark()
+        assert _status(lab, gw, "bob")[0] == 503
+        assert "threads" in gw.wait_event("kdc_unavailable")["fix"]  # refused before the KDC
+        gw.wait_events("request", 1)  # counted in the metrics as its summary line is written
+        eventually(lambda: metric(url, refused) == 2, "two kerberos refusals in the metrics")
+        assert metric(url, asked) == 1
     finally:
         second_kdc.answer_again()
         gw.stop()

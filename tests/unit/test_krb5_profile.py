@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from proxy.kerberos import kdcs, profile
+from proxy.kerberos import ap_req, kdcs, libkrb5, profile
 
 
 def test_one_context_is_held_per_configuration_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,3 +204,116 @@ def test_an_edit_that_adds_an_include_is_said_not_silently_dropped(
     assert "include" in said[0]["reason"]
     assert "restart" in said[0]["kept"]
     assert _mit_value(value, "realms", "LAB.TEST", "kdc") == "127.0.0.1:8888"  # the last copy, as said
+
+
+def test_libkrb5_is_loaded_once_with_every_prototype_declared() -> None:
+    """One library object for the held context and the tokens (proxy.kerberos.libkrb5), each call declared: a wrong
+    argument is refused by ctypes before it reaches C, and the error message's pointer is not cut to an int."""
+    library = libkrb5.LIB
+    assert library is not None, libkrb5.NOT_LOADED
+    assert library.krb5_get_error_message.restype is ctypes.c_void_p
+    assert library.krb5_free_context.restype is None
+    with pytest.raises(ctypes.ArgumentError):
+        library.krb5_init_context("not a pointer")
+    libkrb5.check(0, ctypes.c_void_p(), "nothing")  # code 0: no error, nothing asked of MIT
+
+
+def test_without_libkrb5_no_context_is_held_and_tokens_are_python_gssapis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libkrb5 that cannot be loaded: no context is held (`krb5_profile_not_held` with the loader's reason), and a
+    held ticket cannot be read (Krb5Error: the delegator logs krb5_tokens_unavailable, python-gssapi makes tokens)."""
+    monkeypatch.setattr(libkrb5, "LIB", None)
+    monkeypatch.setattr(libkrb5, "NOT_LOADED", "libkrb5.so.3: cannot open shared object file")
+    monkeypatch.setattr(profile, "_held", {})
+    with capture_logs() as logs:
+        assert not profile.hold_profile()
+    assert [e["reason"] for e in logs if e["event"] == "krb5_profile_not_held"] == [
+        "libkrb5.so.3: cannot open shared object file"
+    ]
+    assert profile.held_context() is None
+    with pytest.raises(ap_req.Krb5Error, match="libkrb5 is not loaded"):
+        ap_req.TicketTokens.read(None, None, [])  # type: ignore[arg-type]  # refused before either is looked at
+
+
+def _held_value(*names: str) -> str | None:
+    """What the held library context (`profile.held_context`) reads for `names` from its profile."""
+    library = ctypes.CDLL(ctypes.util.find_library("krb5") or "libkrb5.so.3")
+    handle = ctypes.c_void_p()
+    assert library.krb5_get_profile(profile.held_context(), ctypes.byref(handle)) == 0
+    try:
+        value = ctypes.c_char_p()
+        path = [n.encode() for n in names] + [None] * (3 - len(names))
+        assert library.profile_get_string(handle, *path, None, ctypes.byref(value)) == 0
+        text = None if value.value is None else value.value.decode()
+        library.profile_release_string(value)
+        return text
+    finally:
+        library.profile_release(handle)
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_a_reload_to_another_krb5_conf_is_read_by_new_and_held_contexts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """use_profile for another krb5.conf (a reload that changes kerberos.krb5_config): contexts opened after it read
+    the new file's KDC, and so does the held context, a fresh one (the earlier freed). The one-file overlay kept the
+    krb5.conf it had copied first, so MIT read the old realm's KDCs until a restart. The new profile is a new overlay
+    file: the one before stays as it was for a call begun on it, older ones are removed."""
+    monkeypatch.setattr(profile, "_held", {})
+    first, second, third = tmp_path / "first.conf", tmp_path / "second.conf", tmp_path / "third.conf"
+    for path, kdc in ((first, "127.0.0.1:1111"), (second, "127.0.0.1:2222"), (third, "127.0.0.1:3333")):
+        _krb5_conf(path, kdc)
+    realm_kdc = ("realms", "LAB.TEST", "kdc")
+    before = profile.use_profile(first)
+    assert profile.hold_profile()
+    earlier = profile.held_context()
+    assert _held_value(*realm_kdc) == "127.0.0.1:1111"
+    value = profile.use_profile(second)
+    assert profile.hold_profile()
+    assert value != before
+    assert _mit_value(value, *realm_kdc) == "127.0.0.1:2222"
+    assert _held_value(*realm_kdc) == "127.0.0.1:2222"
+    assert list(profile._held) == [value]
+    assert profile.held_context() is not earlier
+    assert _mit_value(before, *realm_kdc) == "127.0.0.1:1111"  # a call begun before reads on as it began
+    assert profile.use_profile(second) == value  # the same profile again (the directory's call): the same file
+    latest = profile.use_profile(third)
+    assert profile._written[os.getpid()][-2:] == [value, latest]
+    assert not Path(before).exists()
+    assert sorted(tmp_path.iterdir()) == [first, second, third]
+
+
+def test_only_overlays_no_live_process_holds_are_removed_as_stale(tmp_path: Path) -> None:
+    """`_remove_stale` removes this user's overlay files (and half-written copies) named for a process that is gone
+    and locked by none; it keeps a file a live process holds locked (a gateway in another PID namespace, whose PID
+    means nothing here), another user's, one named for a live process, and files of other names."""
+    gone = _gone_pid()
+    names = {
+        "stale": f"kcd-proxy-krb5-{gone}-a1.conf",
+        "half_written": f"kcd-proxy-krb5-{gone}-a1.conf.b2.new",
+        "locked": f"kcd-proxy-krb5-{gone}-c3.conf",
+        "other_user": f"kcd-proxy-krb5-{gone}-d4.conf",
+        "live": f"kcd-proxy-krb5-{os.getpid()}-e5.conf",
+        "unrelated": f"kcd-proxy-krb5-{gone}.txt",
+    }
+    for name in names.values():
+        (tmp_path / name).write_text("[libdefaults]\n")
+    os.chown(tmp_path / names["other_user"], 65534, 65534)
+    holder = os.open(tmp_path / names["locked"], os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        with capture_logs() as logs:
+            profile._remove_stale(str(tmp_path))
+    finally:
+        os.close(holder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        names[k] for k in ("locked", "other_user", "live", "unrelated")
+    )
+    [said] = [e for e in logs if e["event"] == "krb5_overlays_removed"]
+    assert sorted(said["files"]) == sorted([names["stale"], names["half_written"]])
+
+
+def _gone_pid() -> int:
+    """The PID of a process that has exited (and been waited for)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
