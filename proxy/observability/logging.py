@@ -101,11 +101,16 @@ def _foreign_exception(_: Any, __: str, event: MutableMapping[str, Any]) -> Muta
         if _is_ours(tb):
             event["traceback"] = "".join(traceback.format_exception(kind, exc, tb))
         else:
-            first = str(getattr(exc, "message", "") or exc).strip().split("\n", 1)[0]
-            event["error_detail"] = _QUOTED.split(first, 1)[0].rstrip(" :") + (
-                " (quoted bytes left out)" if _QUOTED.search(first) else ""
-            )
+            event["error_detail"] = unquoted(str(getattr(exc, "message", "") or exc))
     return event
+
+
+def unquoted(message: str) -> str:
+    """The first line of a library's error `message` up to its first quote: what was wrong, without the bytes a
+    client sent that aiohttp's parse errors quote after it (`Invalid header value char:` then the header line,
+    `Authorization: Basic ...` included)."""
+    first = message.strip().split("\n", 1)[0]
+    return _QUOTED.split(first, 1)[0].rstrip(" :") + (" (quoted bytes left out)" if _QUOTED.search(first) else "")
 
 
 def pass_through(function: F) -> F:

@@ -41,12 +41,12 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 
 from proxy.addresses import address_key
 from proxy.device.framing import BodyEnd, head_end
 from proxy.errors import BadRequest
-from proxy.observability.logging import pass_through
+from proxy.observability.logging import pass_through, unquoted
 from proxy.tls.server import peer_text
 
 log = structlog.get_logger("proxy.tls")
@@ -270,6 +270,18 @@ class HeaderBlockBudget:
 
     @pass_through  # aiohttp's parse errors raised below quote the client's bytes: they stay aiohttp's to log
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+        """The parser's `feed_data`, within the budget. A parse error leaves with its message cut before the bytes it
+        quotes: aiohttp answers the device with that message as the body of its 400, and a quoted `Cookie` or
+        `Authorization` line would hand a page's script the credentials its browser keeps from it (an HttpOnly
+        cookie: Apache's CVE-2012-0053), or put them in whatever records answers."""
+        try:
+            return self._feed(data)
+        except HttpProcessingError as e:
+            e.message = unquoted(e.message)
+            raise
+
+    @pass_through
+    def _feed(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         if self._refused:
             return [], False, b""
         if self._upgraded:
