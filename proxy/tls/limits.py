@@ -385,6 +385,34 @@ def answer_too_large(transport: asyncio.Transport) -> None:
         asyncio.get_running_loop().call_later(_LINGER, transport.close)
 
 
+class UnquotedParseErrors:
+    """Stands in for aiohttp's request parser where no header budget does (the admin listener): a parse error leaves
+    with its message cut before the bytes it quotes, which aiohttp would send back as its 400's body
+    (`HeaderBlockBudget.feed_data` says why that matters)."""
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+
+    @pass_through
+    def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+        try:
+            return self._parser.feed_data(data)  # type: ignore[no-any-return]
+        except HttpProcessingError as e:
+            e.message = unquoted(e.message)
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # feed_eof, message_consumed, set_upgraded ...
+        return getattr(self._parser, name)
+
+
+def unquote_parse_errors(handler: asyncio.Protocol) -> None:
+    """Put `UnquotedParseErrors` in front of the parser of aiohttp's request `handler`."""
+    parser = getattr(handler, "_parser", None)
+    if parser is None or not hasattr(parser, "feed_data"):
+        raise RuntimeError("aiohttp's request handler has no _parser: its 400 answers would quote what a client sent")
+    handler._parser = UnquotedParseErrors(parser)  # type: ignore[attr-defined]
+
+
 def limit_header_block(handler: asyncio.Protocol, limit: int, on_refused: Callable[[], None]) -> None:
     """Put a `HeaderBlockBudget` of `limit` bytes in front of the parser of aiohttp's request `handler`."""
     parser = getattr(handler, "_parser", None)

@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -247,6 +248,9 @@ def _collect(lab: LabLayout, scene: Scene) -> None:
     for trace_id in ids:
         out[f"GET /traces/{trace_id}"] = _get(f"{admin}/traces/{trace_id}")
         out[f"GET /trace/{trace_id}"] = _get(f"{admin}/trace/{trace_id}")
+    port = int(admin.rsplit(":", 1)[1])
+    for malformed in _malformed_requests()[:4]:  # the admin listener is aiohttp's server too
+        out[f"admin's answer to {malformed[:40]!r}"] = _plain_request(port, malformed)
     config = str(scene.gw.config_path)
     out["kcd-proxy trace"] = _cli(lab, "trace", "--config", config, "--limit", "500")
     out["kcd-proxy trace --json"] = _cli(lab, "trace", "--config", config, "--limit", "500", "--json")
@@ -258,6 +262,16 @@ def _collect(lab: LabLayout, scene: Scene) -> None:
     pid = scene.gw.proc.pid
     out["/proc/environ"] = Path(f"/proc/{pid}/environ").read_bytes()
     out["/proc/cmdline"] = Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _plain_request(port: int, request: bytes) -> bytes:
+    """`request` sent byte for byte over plain TCP; the answer, read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
 
 
 def _secrets(lab: LabLayout, scene: Scene) -> dict[str, str]:
