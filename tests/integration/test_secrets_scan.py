@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.lab.kdc import MASTER_PASSWORD, ROOT_PASSWORD
 from proxy.lab.layout import DISABLED_USERS, USERS, LabLayout
-from tests.integration.conftest import REPO, Gateway, free_port, lab_config, start_gateway
+from tests.integration.conftest import REPO, Gateway, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder, raw_request
 from tests.integration.test_audit import BASIC as AUDIT_BASIC
@@ -438,3 +439,78 @@ def test_no_credential_cache_or_secret_file_is_written(scene: Scene) -> None:
     temporary directory after it stopped is nothing at all (the krb5 overlay is removed with the process)."""
     assert not scene.default_ccache.exists()
     assert not list(scene.tmpdir.iterdir()), list(scene.tmpdir.iterdir())
+
+
+@dataclass
+class KdcTrouble:
+    """A gateway whose only KDC does not answer (`silent`: it accepts and says nothing) or is not there (`dead`)."""
+
+    gw: Gateway
+    answers: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module", params=["silent", "dead"])
+def kdc_trouble(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> KdcTrouble:
+    """Certificate and Basic sign-ins with the device's secrets while the KDC is slow or down: 503s, and at capacity
+    (one KDC thread, held by the silent KDC) a 503 at once; the gateway stopped, its output kept."""
+    directory = tmp_path_factory.mktemp(f"secrets-kdc-{request.param}")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # connections complete in the kernel's backlog; nothing ever reads them
+        port = silent.getsockname()[1] if request.param == "silent" else dead_port()
+        krb5 = directory / "krb5.conf"
+        krb5.write_text(lab.krb5_conf.read_text().replace(f"127.0.0.1:{lab.kdc_port}", f"127.0.0.1:{port}"))
+        text = lab_config(lab, port=free_port(), krb5_conf=krb5, extra=_TROUBLE)
+        text = text.replace("[kerberos]\n", "[kerberos]\nkdc_timeout = 2\nmax_in_flight = 1\n", 1)
+        gw = start_gateway(lab, directory / "gw", text, args=("--log-level", "debug"))
+        scene = KdcTrouble(gw)
+        try:
+
+            def sign_in(user: str, password: str, path: str) -> None:
+                scene.answers.append(
+                    _curl_to(lab, gw.url + path, None, *_device_headers(f"Basic {_basic(user, password)}"))
+                )
+
+            threads = [
+                threading.Thread(target=sign_in, args=(user, password, f"/capture/{user}"))
+                for user, password in [("alice", USERS["alice"]), ("bob", WRONG), *ACCOUNTS.items()]
+            ]
+            for thread in threads:
+                thread.start()
+            scene.answers.append(_curl_to(lab, gw.url + "/owa/", "carol", *_device_headers(f"Bearer {BEARER}")))
+            for thread in threads:
+                thread.join()
+        finally:
+            assert gw.stop() == 0
+    return scene
+
+
+_TROUBLE = """
+[authentication]
+mode = "certificate-or-basic"
+"""
+
+
+def _curl_to(lab: LabLayout, url: str, user: str | None, *args: str) -> str:
+    """`_curl` without a scene: the whole answer, status line and headers included."""
+    cmd = ["curl", "-sS", "-i", "--max-time", "60", "--cacert", str(lab.pki_dir / "root.pem")]
+    if user is not None:
+        users = lab.pki_dir / "users"
+        cmd += ["--cert", str(users / f"{user}.pem"), "--key", str(users / f"{user}.key")]
+    done = subprocess.run([*cmd, *args, url], capture_output=True, timeout=90, check=False)
+    return done.stdout.decode("latin-1") + done.stderr.decode("latin-1")
+
+
+def test_a_kdc_slow_or_down_leaks_no_secret(lab: LabLayout, kdc_trouble: KdcTrouble) -> None:
+    """With the KDC silent (503 after kdc_timeout, and 503 at once at capacity) or down (503), neither the answers nor
+    the log hold a password, the device's credentials, a cookie, an identity header or a key."""
+    statuses = [_status(answer) for answer in kdc_trouble.answers]
+    assert len(statuses) == 2 + len(ACCOUNTS), statuses
+    assert set(statuses) == {503}, statuses
+    needles = {password: f"{user}'s password" for user, password in [*USERS.items(), *ACCOUNTS.items()]}
+    needles.update({WRONG: "a wrong password", BEARER: "the Bearer token", "cookie-s3cret-4f1e": "a cookie"})
+    needles.update({value: name for name, value in IDENTITY_HEADERS.items()})
+    needles.update({_basic(user, password): f"{user}'s Basic credentials" for user, password in ACCOUNTS.items()})
+    outputs = {"log": kdc_trouble.gw.log_path.read_text(errors="replace"), "answers": "\n".join(kdc_trouble.answers)}
+    leaks = [(where, what) for where, text in outputs.items() for secret, what in needles.items() if secret in text]
+    assert not leaks, leaks
