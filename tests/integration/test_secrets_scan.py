@@ -110,6 +110,7 @@ class Scene:
     admin: str
     tmpdir: Path
     default_ccache: Path
+    limits: str = ""  # /proc/<pid>/limits of the running gateway
     answers: list[str] = field(default_factory=list)
     outputs: dict[str, bytes] = field(default_factory=dict)
 
@@ -263,6 +264,7 @@ def _collect(lab: LabLayout, scene: Scene) -> None:
     pid = scene.gw.proc.pid
     out["/proc/environ"] = Path(f"/proc/{pid}/environ").read_bytes()
     out["/proc/cmdline"] = Path(f"/proc/{pid}/cmdline").read_bytes()
+    scene.limits = Path(f"/proc/{pid}/limits").read_text()
 
 
 def _plain_request(port: int, request: bytes) -> bytes:
@@ -432,6 +434,13 @@ def test_the_backend_gets_no_client_credential_or_identity_header(scene: Scene) 
         else:  # `doctor` asks each upstream without a token
             assert [a[:13] for a in authorization] in ([], ["Negotiate YII"]), recorded.request_line
         assert not recorded.headers("Proxy-Authorization")
+
+
+def test_a_crash_leaves_no_core_file(scene: Scene) -> None:
+    """The gateway holds keytab keys, session keys and users' tickets: its core file size limit is 0, soft and hard,
+    so a crash writes none (nor does systemd-coredump keep one: it honours the limit)."""
+    (line,) = [line for line in scene.limits.splitlines() if line.startswith("Max core file size")]
+    assert line.split()[4:6] == ["0", "0"], line
 
 
 def test_no_credential_cache_or_secret_file_is_written(scene: Scene) -> None:
