@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,6 +65,46 @@ IDENTITY_HEADERS = {
     "X-KCD-UPN": "xkcdupn-s3cret-Ff5",
 }
 QUERY = "query-s3cret-9b2d"
+BACKEND_COOKIE = "backend-cookie-s3cret-Rt6"
+BACKEND_TOKEN = base64.b64encode(b"backend-mutual-s3cret-token-Uy7").decode()
+# What a hostile or broken backend answers, by path: a mutual-authentication token and a cookie with a 200, the
+# same in a 401, and heads the gateway cannot parse that carry them.
+HOSTILE_ANSWERS = {
+    "/hostile/ok": f"HTTP/1.1 200 OK\r\nWWW-Authenticate: Negotiate {BACKEND_TOKEN}\r\n"
+    f"Set-Cookie: s={BACKEND_COOKIE}; HttpOnly\r\nContent-Length: 2\r\n\r\nok",
+    "/hostile/401": f"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Negotiate {BACKEND_TOKEN}\r\n"
+    f"Set-Cookie: s={BACKEND_COOKIE}\r\nContent-Length: 0\r\n\r\n",
+    "/hostile/ctl": f"HTTP/1.1 200 OK\r\nSet-Cookie: s={BACKEND_COOKIE}\x01\r\nContent-Length: 0\r\n\r\n",
+    "/hostile/fold": f"HTTP/1.1 200 OK\r\nX-A: b\r\n WWW-Authenticate: Negotiate {BACKEND_TOKEN}\r\n\r\n",
+    "/hostile/status": f"HTTP/1.1 2x0 {BACKEND_COOKIE}\r\nContent-Length: 0\r\n\r\n",
+    "/hostile/reason": f"HTTP/1.1 200 {BACKEND_COOKIE}\x01\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+class HostileBackend:
+    """An upstream that answers each request with `HOSTILE_ANSWERS[path]` and closes."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(30)
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+                    head += chunk
+                path = head.split(b" ", 2)[1].decode("latin-1") if head.count(b" ") >= 2 else ""
+                conn.sendall(HOSTILE_ANSWERS.get(path.split("?")[0], "HTTP/1.1 404 x\r\n\r\n").encode("latin-1"))
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def _basic(user: str, password: str) -> str:
@@ -152,11 +193,17 @@ def _get(url: str) -> bytes:
         return body
 
 
-def _configuration(lab: LabLayout, recorder: Recorder, admin_port: int, export: Path, server: str) -> str:
+def _configuration(
+    lab: LabLayout, recorder: Recorder, hostile: HostileBackend, admin_port: int, export: Path, server: str
+) -> str:
     text = lab_config(
         lab,
         port=free_port(),
         extra=f"""
+[[routes]]
+prefix = "/hostile/"
+upstream = "{hostile.url}"
+spn = "HTTP/cas.lab.test"
 [[routes]]
 prefix = "/capture/"
 upstream = "{recorder.url}"
@@ -228,6 +275,11 @@ def _run_scene(lab: LabLayout, scene: Scene) -> None:
     assert _status(_curl(lab, scene, "/capture/j", None, "-H", f"Cookie: {COOKIES}")) == 401
     answer = _curl(lab, scene, "/basic-route/k", "bob", *_device_headers(f"Basic {_basic('alice', USERS['alice'])}"))
     assert _status(answer) == 403
+    # a hostile backend's tokens and cookies: its mutual-authentication token never reaches the device
+    for path in HOSTILE_ANSWERS:
+        answer = _curl(lab, scene, path, "alice", "-H", f"Cookie: {COOKIES}")
+        assert _status(answer) in (200, 502), (path, answer[-300:])
+        assert BACKEND_TOKEN not in answer, path
     for malformed in _malformed_requests():
         raw = raw_request(lab, scene.gw.port, malformed)
         scene.answers.append(raw.head + "\r\n\r\n" + raw.body.decode("latin-1"))
@@ -294,6 +346,8 @@ def _secrets(lab: LabLayout, scene: Scene) -> dict[str, str]:
         MASTER_PASSWORD: "the KDC master password",
         "Negotiate YII": "a Negotiate header",
         AUDIT_BASIC: "the Basic credentials of the malformed requests",
+        BACKEND_TOKEN: "a backend's mutual-authentication token",
+        "backend-mutual-s3cret": "a backend's mutual-authentication token, decoded",
     }
     found.update({value: f"the device's {name}" for name, value in IDENTITY_HEADERS.items()})
     for guess in GUESSES:
@@ -385,7 +439,8 @@ def scene(
     default_ccache = directory / "default-ccache"
     recorder = Recorder()
     admin_port = free_port()
-    text = _configuration(lab, recorder, admin_port, directory / "traces.jsonl", server)
+    hostile = HostileBackend()
+    text = _configuration(lab, recorder, hostile, admin_port, directory / "traces.jsonl", server)
     env = {"TMPDIR": str(tmpdir), "KRB5CCNAME": f"FILE:{default_ccache}"}
     gw = start_gateway(lab, directory / "gw", text, args=("--log-level", "debug"), env=env)
     scene = Scene(gw, recorder, f"http://127.0.0.1:{admin_port}", tmpdir, default_ccache)
@@ -397,11 +452,16 @@ def scene(
     finally:
         assert gw.stop() == 0
         recorder.close()
+        hostile.close()
     scene.outputs["the gateway's stdout and stderr"] = gw.log_path.read_bytes()
     scene.outputs["the trace export"] = (directory / "traces.jsonl").read_bytes()
     scene.outputs["the device's answers"] = "\n".join(scene.answers).encode("utf-8", "surrogateescape")
     scene.outputs["files left"] = b"\n".join(f"{k}\n".encode() + v for k, v in _files(tmpdir).items())
     return scene
+
+
+# A scheme and a token (token68 with a digit, `+`, `/` or `=` in it: not a word such as "continuation")
+_SCHEME_TOKEN = re.compile(r"(?i)\b(basic|bearer|negotiate|ntlm)\s+(?=[A-Za-z._~-]*[0-9+/=])[A-Za-z0-9+/._~-]{12,}=*")
 
 
 def test_no_output_holds_a_secret(lab: LabLayout, scene: Scene) -> None:
@@ -411,10 +471,15 @@ def test_no_output_holds_a_secret(lab: LabLayout, scene: Scene) -> None:
     raw = _raw_secrets(scene)
     leaks: set[tuple[str, str, str]] = set()
     for where, data in scene.outputs.items():
+        if where != "the device's answers":  # a backend's own cookie goes to the device as the backend set it
+            needles[BACKEND_COOKIE] = "a backend's cookie"
         for text in (data.decode("latin-1"), data.decode("utf-8", "replace")):
             for secret, what in needles.items():
                 if (at := text.find(secret)) >= 0:
                     leaks.add((where, what, text[max(0, at - 200) : at + 80]))  # the context says who wrote it
+            for found in _SCHEME_TOKEN.finditer(text):  # any credential of any scheme, known to this test or not
+                leaks.add((where, "a scheme and its token", text[max(0, found.start() - 200) : found.end() + 20]))
+        needles.pop(BACKEND_COOKIE, None)
         leaks |= {(where, what, "") for secret, what in raw.items() if secret in data}
     assert not leaks, sorted(leaks)
 
