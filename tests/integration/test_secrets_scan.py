@@ -237,7 +237,9 @@ canary_user = "alice@lab.test"
 export = "{export}"
 """,
     )
-    return text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n', 1)
+    server, _, workers = server.partition("-workers-")  # "own-workers-2": the own server in two worker processes
+    listener = f'http_server = "{server}"\n' + (f"workers = {workers}\n" if workers else "")
+    return text.replace("[listener]\n", f"[listener]\n{listener}", 1)
 
 
 def _run_scene(lab: LabLayout, scene: Scene) -> None:
@@ -426,12 +428,13 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module", params=["own", "aiohttp"])
+@pytest.fixture(scope="module", params=["own", "aiohttp", "own-workers-2"])
 def scene(
     request: pytest.FixtureRequest, lab: LabLayout, accounts: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Scene:
-    """A gateway at `--log-level debug` on one device-side server, run through every path, then stopped; its
-    temporary directory and default credential cache its own, to see what it writes there."""
+    """A gateway at `--log-level debug` on one device-side server (or two workers: their shared throttle, their
+    sibling sockets), run through every path, then stopped; its temporary directory and default credential cache its
+    own, to see what it writes there."""
     server: str = request.param
     directory = tmp_path_factory.mktemp(f"secrets-{server}")
     tmpdir = directory / "tmp"
@@ -579,7 +582,7 @@ def test_a_kdc_slow_or_down_leaks_no_secret(lab: LabLayout, kdc_trouble: KdcTrou
     """With the KDC silent (503 after kdc_timeout, and 503 at once at capacity) or down (503), neither the answers nor
     the log hold a password, the device's credentials, a cookie, an identity header or a key."""
     statuses = [_status(answer) for answer in kdc_trouble.answers]
-    assert len(statuses) == 2 + len(ACCOUNTS), statuses
+    assert len(statuses) == 3 + len(ACCOUNTS), statuses  # alice, bob, the accounts; carol by certificate
     assert set(statuses) == {503}, statuses
     needles = {password: f"{user}'s password" for user, password in [*USERS.items(), *ACCOUNTS.items()]}
     needles.update({WRONG: "a wrong password", BEARER: "the Bearer token", "cookie-s3cret-4f1e": "a cookie"})
