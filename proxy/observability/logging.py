@@ -11,7 +11,8 @@ redaction. Their text is written by libraries that quote what a client sent: aio
 quote the offending header line, `Authorization: Basic ...` and `Cookie: ...` included. So an
 exception from a library is logged by its type and the first line of its message up to the first
 quote (aiohttp's says what was wrong; the quoted bytes follow), our own by the whole traceback, and
-every string a library wrote is scrubbed of credential-shaped text (`scrub`) before it is rendered.
+every string a library wrote, and every traceback, is scrubbed of credential-shaped text (`scrub`) before it is
+rendered.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def _foreign_exception(_: Any, __: str, event: MutableMapping[str, Any]) -> Muta
     if isinstance(info, tuple) and info[0] is not None:
         kind, exc, tb = info
         event["error"] = kind.__name__
-        if _is_ours(tb):
-            event["traceback"] = "".join(traceback.format_exception(kind, exc, tb))
+        if _is_ours(tb):  # scrubbed here: our own events skip `_scrub_strings`, and a message may quote a header
+            event["traceback"] = scrub("".join(traceback.format_exception(kind, exc, tb)))
         else:
             event["error_detail"] = unquoted(str(getattr(exc, "message", "") or exc))
     return event
