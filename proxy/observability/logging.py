@@ -106,11 +106,18 @@ def _foreign_exception(_: Any, __: str, event: MutableMapping[str, Any]) -> Muta
     return event
 
 
+# aiohttp's messages that quote a name of its own, never the client's bytes: a singleton header it found missing
+# or twice (its parser checks a fixed list of names), which the client is told as the own server tells it.
+_NAMED_HEADER = re.compile(r"(Missing|Duplicate) '[A-Za-z-]+' header[a-z .]*")
+
+
 def unquoted(message: str) -> str:
     """The first line of a library's error `message` up to its first quote: what was wrong, without the bytes a
     client sent that aiohttp's parse errors quote after it (`Invalid header value char:` then the header line,
     `Authorization: Basic ...` included)."""
     first = message.strip().split("\n", 1)[0]
+    if _NAMED_HEADER.fullmatch(first):
+        return first
     return _QUOTED.split(first, 1)[0].rstrip(" :") + (" (quoted bytes left out)" if _QUOTED.search(first) else "")
 
 

@@ -130,3 +130,18 @@ def test_our_own_traceback_through_structlog_is_scrubbed(out: io.StringIO) -> No
     (record,) = _lines(out)
     assert "in parse" in str(record["traceback"])
     assert SECRET not in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("message", "told"),
+    [
+        ("Missing 'Host' header in request.", "Missing 'Host' header in request."),
+        ("Duplicate 'Host' header found.", "Duplicate 'Host' header found."),
+        (f"Invalid header value char:\n\n  b'Cookie: s={SECRET}\\x01'\n  ^", "Invalid header value char"),
+        (f"Bad status line 'GET /?{SECRET} HTTP/1.1 x'", "Bad status line (quoted bytes left out)"),
+        (f"Duplicate 'X-{SECRET}' header found. 'x'", "Duplicate (quoted bytes left out)"),
+    ],
+)
+def test_unquoted_keeps_what_was_wrong_and_drops_what_the_client_sent(message: str, told: str) -> None:
+    """A parse error's message as a device and the log get it: aiohttp's own header names kept, a client's bytes cut."""
+    assert proxy_logging.unquoted(message) == told
