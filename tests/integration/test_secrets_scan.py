@@ -273,8 +273,11 @@ def _run_scene(lab: LabLayout, scene: Scene) -> None:
     ]
     assert statuses[:4] == [401, 403, 403, 401], statuses
     assert 429 in statuses[4:], statuses  # held
-    # no credentials at all: the challenge; a certificate of another user than the password's on a Basic route
+    # no credentials, or only another scheme's: the challenge; a certificate of another user than the password's on a
+    # Basic route
     assert _status(_curl(lab, scene, "/capture/j", None, "-H", f"Cookie: {COOKIES}")) == 401
+    assert _status(_curl(lab, scene, "/capture/j", None, *bearer)) == 401
+    assert _status(_curl(lab, scene, "/capture/j", None, *bogus)) == 401
     answer = _curl(lab, scene, "/basic-route/k", "bob", *_device_headers(f"Basic {_basic('alice', USERS['alice'])}"))
     assert _status(answer) == 403
     # a hostile backend's tokens and cookies: its mutual-authentication token never reaches the device
