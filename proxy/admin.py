@@ -60,6 +60,7 @@ from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
 from proxy.observability.siblings import Siblings, TraceSource, serve_siblings
 from proxy.observability.tracepage import add_trace_views
+from proxy.tls.limits import unquote_parse_errors
 from proxy.workers import Worker
 
 log = structlog.get_logger("proxy.admin")
@@ -328,7 +329,9 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
         if full:
             return _Refused()
         open_ += 1
-        return _Counted(handlers(), closed)
+        protocol = handlers()
+        unquote_parse_errors(protocol)  # aiohttp's 400 would quote a bad header line back, a Cookie's included
+        return _Counted(protocol, closed)
 
     return factory
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def _run(args: argparse.Namespace) -> int:
     from proxy.observability.logging import configure
 
     configure(args.log_level)
+    _no_core_dumps()
     try:
         cfg = config_module.load(Path(args.config))
     except ConfigError as e:
@@ -48,6 +50,13 @@ def _run(args: argparse.Namespace) -> int:
     except workers.PortInUse as e:
         print(f"cannot serve: {e}", file=sys.stderr)
         return 2
+
+
+def _no_core_dumps() -> None:
+    """A crash of the gateway writes no core file, soft and hard limit 0 (its workers inherit it): the process holds
+    the keytab's keys, every cached user's tickets with their session keys and, after a Basic sign-in, the user's TGT;
+    a core file (or systemd-coredump's copy, which honours the limit too) would put them all on disk."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def _lab(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ redaction. Their text is written by libraries that quote what a client sent: aio
 quote the offending header line, `Authorization: Basic ...` and `Cookie: ...` included. So an
 exception from a library is logged by its type and the first line of its message up to the first
 quote (aiohttp's says what was wrong; the quoted bytes follow), our own by the whole traceback, and
-every string a library wrote is scrubbed of credential-shaped text (`scrub`) before it is rendered.
+every string a library wrote, and every traceback, is scrubbed of credential-shaped text (`scrub`) before it is
+rendered.
 """
 
 from __future__ import annotations
@@ -98,14 +99,26 @@ def _foreign_exception(_: Any, __: str, event: MutableMapping[str, Any]) -> Muta
     if isinstance(info, tuple) and info[0] is not None:
         kind, exc, tb = info
         event["error"] = kind.__name__
-        if _is_ours(tb):
-            event["traceback"] = "".join(traceback.format_exception(kind, exc, tb))
+        if _is_ours(tb):  # scrubbed here: our own events skip `_scrub_strings`, and a message may quote a header
+            event["traceback"] = scrub("".join(traceback.format_exception(kind, exc, tb)))
         else:
-            first = str(getattr(exc, "message", "") or exc).strip().split("\n", 1)[0]
-            event["error_detail"] = _QUOTED.split(first, 1)[0].rstrip(" :") + (
-                " (quoted bytes left out)" if _QUOTED.search(first) else ""
-            )
+            event["error_detail"] = unquoted(str(getattr(exc, "message", "") or exc))
     return event
+
+
+# aiohttp's messages that quote a name of its own, never the client's bytes: a singleton header it found missing
+# or twice (its parser checks a fixed list of names), which the client is told as the own server tells it.
+_NAMED_HEADER = re.compile(r"(Missing|Duplicate) '[A-Za-z-]+' header[a-z .]*")
+
+
+def unquoted(message: str) -> str:
+    """The first line of a library's error `message` up to its first quote: what was wrong, without the bytes a
+    client sent that aiohttp's parse errors quote after it (`Invalid header value char:` then the header line,
+    `Authorization: Basic ...` included)."""
+    first = message.strip().split("\n", 1)[0]
+    if _NAMED_HEADER.fullmatch(first):
+        return first
+    return _QUOTED.split(first, 1)[0].rstrip(" :") + (" (quoted bytes left out)" if _QUOTED.search(first) else "")
 
 
 def pass_through(function: F) -> F:

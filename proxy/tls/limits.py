@@ -41,12 +41,12 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 
 from proxy.addresses import address_key
 from proxy.device.framing import BodyEnd, head_end
 from proxy.errors import BadRequest
-from proxy.observability.logging import pass_through
+from proxy.observability.logging import pass_through, unquoted
 from proxy.tls.server import peer_text
 
 log = structlog.get_logger("proxy.tls")
@@ -270,6 +270,18 @@ class HeaderBlockBudget:
 
     @pass_through  # aiohttp's parse errors raised below quote the client's bytes: they stay aiohttp's to log
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+        """The parser's `feed_data`, within the budget. A parse error leaves with its message cut before the bytes it
+        quotes: aiohttp answers the device with that message as the body of its 400, and a quoted `Cookie` or
+        `Authorization` line would hand a page's script the credentials its browser keeps from it (an HttpOnly
+        cookie: Apache's CVE-2012-0053), or put them in whatever records answers."""
+        try:
+            return self._feed(data)
+        except HttpProcessingError as e:
+            e.message = unquoted(e.message)
+            raise
+
+    @pass_through
+    def _feed(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         if self._refused:
             return [], False, b""
         if self._upgraded:
@@ -371,6 +383,34 @@ def answer_too_large(transport: asyncio.Transport) -> None:
     if not transport.is_closing():
         transport.write(_TOO_LARGE)
         asyncio.get_running_loop().call_later(_LINGER, transport.close)
+
+
+class UnquotedParseErrors:
+    """Stands in for aiohttp's request parser where no header budget does (the admin listener): a parse error leaves
+    with its message cut before the bytes it quotes, which aiohttp would send back as its 400's body
+    (`HeaderBlockBudget.feed_data` says why that matters)."""
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+
+    @pass_through
+    def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+        try:
+            return self._parser.feed_data(data)  # type: ignore[no-any-return]
+        except HttpProcessingError as e:
+            e.message = unquoted(e.message)
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # feed_eof, message_consumed, set_upgraded ...
+        return getattr(self._parser, name)
+
+
+def unquote_parse_errors(handler: asyncio.Protocol) -> None:
+    """Put `UnquotedParseErrors` in front of the parser of aiohttp's request `handler`."""
+    parser = getattr(handler, "_parser", None)
+    if parser is None or not hasattr(parser, "feed_data"):
+        raise RuntimeError("aiohttp's request handler has no _parser: its 400 answers would quote what a client sent")
+    handler._parser = UnquotedParseErrors(parser)  # type: ignore[attr-defined]
 
 
 def limit_header_block(handler: asyncio.Protocol, limit: int, on_refused: Callable[[], None]) -> None:

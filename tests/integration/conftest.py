@@ -147,11 +147,18 @@ class Gateway(JsonLog):
         return self.proc.returncode
 
 
-def start_gateway(lab: LabLayout, directory: Path, config_text: str) -> Gateway:
-    """`kcd-proxy run` with `config_text`, once its log says it listens (and its admin listener too, if it has
-    one). Its port was free when the test picked it, but another process (another test run on this machine) may
-    have bound it since: then the gateway is started again on a new port, the configuration rewritten (a cheap
-    retry; nothing else names that port)."""
+def start_gateway(
+    lab: LabLayout,
+    directory: Path,
+    config_text: str,
+    *,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Gateway:
+    """`kcd-proxy run` with `config_text` (and `args`, such as `--log-level debug`; `env` added to the lab's),
+    once its log says it listens (and its admin listener too, if it has one). Its port was free when the test
+    picked it, but another process (another test run on this machine) may have bound it since: then the gateway is
+    started again on a new port, the configuration rewritten (a cheap retry; nothing else names that port)."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "gateway.toml"
     log_path = directory / "gateway.log"
@@ -160,11 +167,11 @@ def start_gateway(lab: LabLayout, directory: Path, config_text: str) -> Gateway:
         config_path.write_text(config_text)
         with log_path.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
+                [sys.executable, "-m", "proxy", "run", "--config", str(config_path), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
-                env={**os.environ, **lab.env()},
+                env={**os.environ, **lab.env(), **(env or {})},
             )
         gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
         if _listening(gw, _admin_bind(config_text)):

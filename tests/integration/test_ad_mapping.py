@@ -702,3 +702,65 @@ def test_two_upns_one_principal_apart_never_share_a_ticket(
         assert not gw.events("kdc_account_mismatch")
     finally:
         gw.stop()
+
+
+_DEVICE_SECRETS = {
+    "Authorization": "Bearer ad-bearer-s3cret-Kp4",
+    "Cookie": "session=ad-cookie-s3cret-Wq2",
+    "X-Remote-User": "ad-xremote-s3cret-Mn8",
+    "Proxy-Authorization": "Basic YWQtcHJveHktczNjcmV0LUp0Nw==",
+}
+_WRONG_BIND = "wr0ng-bind-s3cret-Lz3"
+
+
+def test_strong_mapping_refusals_and_a_simple_bind_leak_no_secret(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """The secrets audit's AD part (docs/hardening.md, section 9): a gateway with bind = "simple" (its password,
+    right and then wrong) refusing certificates by strong mapping (another account's SID, no SID, weak only, a
+    disabled account) and serving one, each request carrying the device's own Authorization, cookie and identity
+    header: neither the log, the trace export nor the answers hold the bind password or the device's secrets."""
+    ca = realm.samba_dir / "private" / "tls" / "ca.pem"
+    right = ad.SERVICE_PASSWORD.format(account=ad.GATEWAY_ACCOUNT)
+    outputs: dict[str, str] = {}
+    for password, certificates in (
+        (right, ("alice-sid", "alice-bob-sid", "bob", "grace-weak", "dave-sid")),
+        (_WRONG_BIND, ("alice-sid",)),
+    ):
+        directory = tmp_path / ("right" if password == right else "wrong")
+        directory.mkdir()
+        (directory / "ldap.pw").write_text(password + "\n")
+        text = f"""
+[directory]
+urls = ["ldaps://{realm.dc_host}"]
+base_dn = "{realm.base_dn}"
+bind = "simple"
+bind_dn = "CN={ad.GATEWAY_ACCOUNT},CN=Users,{realm.base_dn}"
+password_file = "{directory / "ldap.pw"}"
+ca_file = "{ca}"
+"""
+        gw = start_gateway(realm, directory, ad_backend, "strong", directory_text=text)
+        try:
+            for name in certificates:
+                argv = ["curl", "-sS", "-i", "--max-time", "30", "--cacert", str(realm.pki.root_cert)]
+                cert, key = ad_mapping.cert(realm, name), ad_mapping.key(realm, name)
+                if not cert.exists():  # the realm's plain certificate (as `curl` does)
+                    cert, key = realm.user_cert(name), realm.user_key(name)
+                argv += ["--cert", str(cert), "--key", str(key)]
+                argv += [arg for header, value in _DEVICE_SECRETS.items() for arg in ("-H", f"{header}: {value}")]
+                done = realm.run([*argv, f"{gw.url}/Microsoft-Server-ActiveSync"], timeout=60)
+                outputs[f"{directory.name} {name}: answer"] = done.stdout + done.stderr
+                assert " 200 " in done.stdout or " 403 " in done.stdout or " 503 " in done.stdout, done.stdout[:300]
+        finally:
+            gw.stop()
+        outputs[f"{directory.name}: log"] = gw.log_path.read_text(errors="replace")
+        outputs[f"{directory.name}: traces"] = (directory / "traces.jsonl").read_text(errors="replace")
+    needles = {right: "the bind password", _WRONG_BIND: "a wrong bind password"}
+    needles.update({"ad-bearer-s3cret-Kp4": "the device's Bearer token", "ad-xremote-s3cret-Mn8": "X-Remote-User"})
+    needles.update({"YWQtcHJveHktczNjcmV0LUp0Nw==": "the device's Proxy-Authorization"})
+    leaks = [(where, what) for where, text in outputs.items() for secret, what in needles.items() if secret in text]
+    cookie = "ad-cookie-s3cret-Wq2"  # the backend's echo shows it: cookies go on to the backend (OWA's session)
+    leaks += [
+        (where, "the device's cookie") for where, text in outputs.items() if cookie in text and "answer" not in where
+    ]
+    assert not leaks, leaks

@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 import warnings
+from typing import Any
 
 import pytest
 import structlog
@@ -113,3 +114,34 @@ def test_a_structlog_exception_says_what_failed(out: io.StringIO) -> None:
     assert record["error"] == "TypeError"
     assert "proxy/observability/logging.py" in str(record["traceback"])
     assert "exc_info" not in record
+
+
+def test_our_own_traceback_through_structlog_is_scrubbed(out: io.StringIO) -> None:
+    """`log.exception(...)` of our own code (the gateway's `request_failed`, a 500) whose exception quotes a header it
+    was handed keeps its traceback, the credential in it redacted: the structlog chain scrubs it as the standard one
+    does (the header value a bug of ours puts in a message is the client's)."""
+
+    ours: dict[str, Any] = {"__name__": "proxy.example"}  # a function of a gateway module, as `_is_ours` sees it
+    exec("def parse(value):\n    raise ValueError(f'cannot read {value!r}')", ours)  # noqa: S102
+    try:
+        ours["parse"](f"Authorization: Basic {SECRET}")
+    except ValueError:
+        structlog.get_logger("proxy").exception("request_failed", request_id="r1")
+    (record,) = _lines(out)
+    assert "in parse" in str(record["traceback"])
+    assert SECRET not in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("message", "told"),
+    [
+        ("Missing 'Host' header in request.", "Missing 'Host' header in request."),
+        ("Duplicate 'Host' header found.", "Duplicate 'Host' header found."),
+        (f"Invalid header value char:\n\n  b'Cookie: s={SECRET}\\x01'\n  ^", "Invalid header value char"),
+        (f"Bad status line 'GET /?{SECRET} HTTP/1.1 x'", "Bad status line (quoted bytes left out)"),
+        (f"Duplicate 'X-{SECRET}' header found. 'x'", "Duplicate (quoted bytes left out)"),
+    ],
+)
+def test_unquoted_keeps_what_was_wrong_and_drops_what_the_client_sent(message: str, told: str) -> None:
+    """A parse error's message as a device and the log get it: aiohttp's own header names kept, a client's bytes cut."""
+    assert proxy_logging.unquoted(message) == told
