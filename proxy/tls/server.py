@@ -44,7 +44,7 @@ import structlog
 
 from proxy.certs.chain import load_certificates
 from proxy.config import Config
-from proxy.tls.openssl import fresh_bios, keep_sessions, limit_client_chain
+from proxy.tls.openssl import fresh_bios, keep_sessions, limit_client_chain, remember_verified_chains
 from proxy.tls.record import TlsRecords
 
 log = structlog.get_logger("proxy.tls")
@@ -84,7 +84,17 @@ def server_context(config: Config) -> ssl.SSLContext:
     if unavailable is not None:
         log.warning("client_chain_limits_unavailable", reason=unavailable, detail="OpenSSL's defaults apply")
     _session_tickets(ctx, config.listener.tls_session_cache)
+    # Last, once the trust store and the verification settings are what they will stay: a client chain OpenSSL
+    # verified is not verified again for the same bytes while its certificates are valid (proxy.tls.openssl,
+    # docs/performance.md "The new-connection path, a fifth look").
+    if ctx.verify_mode != ssl.CERT_NONE:
+        remembered = remember_verified_chains(ctx, VERIFIED_CHAINS)
+        if isinstance(remembered, str):
+            log.warning("verified_chains_unavailable", reason=remembered, detail="every client chain is verified")
     return ctx
+
+
+VERIFIED_CHAINS = 4096  # client chains remembered per context (about 100 bytes each)
 
 
 def _session_tickets(ctx: ssl.SSLContext, sessions: int) -> None:
