@@ -1,5 +1,5 @@
 """What Python's `ssl` lacks, reached through ctypes: two limits on the client's chain, the size of the TLS session
-cache, and fresh memory BIOs.
+cache, fresh memory BIOs, and client chains OpenSSL verified remembered.
 
 A client chooses the chain it sends in its Certificate message. OpenSSL parses all of it and, to verify
 the client's certificate, builds paths through it up to its verify depth (100 by default): a long chain

@@ -7,7 +7,9 @@ required") that curl and devices show to the user. That is the first filter. Ope
 configured trust anchors and intermediates, and no CRLs: revocation, EKU, identity and the
 authoritative chain check (built only from configured CAs, never from what the client sent) are the
 certificate stage's, per request, so a certificate revoked while its device holds a connection is
-refused on its next request.
+refused on its next request. A chain OpenSSL verified is remembered for the context: the same certificates
+presented again while they are all valid are not verified again (`proxy.tls.openssl.remember_verified_chains`;
+what fails is always OpenSSL's to say, and a reload's new context starts empty).
 
 asyncio logs failed handshakes only in debug mode, and before Python 3.15 it drops the alert OpenSSL
 wrote for the client (https://github.com/python/cpython/issues/98078): the device sees a bare reset
