@@ -39,9 +39,10 @@ handshake (`X509_verify_cert`: the chain built from the trust store, a signature
 purposes, the depth), about 130 µs of a handshake's 550 here, and most of it is the same work every time a device
 reconnects: the result depends only on the bytes the device presented, the trust store, the verification
 parameters and the time. So the context's certificate-verification callback (`SSL_CTX_set_cert_verify_callback`,
-which OpenSSL calls instead of `X509_verify_cert`) remembers each chain that verified, keyed by the SHA-256 of the
-exact certificates presented (the peer's and every other one it sent), the verification flags and depth and the
-number of objects in the trust store, with the span in which every certificate of the verified chain is valid.
+which OpenSSL calls instead of `X509_verify_cert`) remembers each chain that verified, keyed by a SHA-256 over the
+SHA-256 of each certificate presented (`X509_digest` of the peer's and of every other one it sent, as OpenSSL parsed
+them), the verification flags and depth and the number of objects in the trust store, with the span in which every
+certificate of the verified chain is valid (their notBefore and notAfter as OpenSSL reads them, `ASN1_TIME_to_tm`).
 The same bytes within that span are accepted without verifying them again; anything else (a chain not seen, a
 chain that failed, one outside its span, a changed store or flags, CRL checking or a fixed check time asked for)
 goes to `X509_verify_cert` as before, whose error, alert and log are unchanged. A failure is never remembered.
@@ -52,6 +53,7 @@ On a remembered chain OpenSSL keeps no verified chain for the connection (`SSL_g
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import ctypes
 import functools
@@ -59,8 +61,6 @@ import hashlib
 import ssl
 import time
 from collections.abc import Callable
-
-from cryptography import x509
 
 _SSL_CTRL_SET_MAX_CERT_LIST = 51
 _SSL_CTRL_GET_MAX_CERT_LIST = 50
@@ -219,22 +219,45 @@ def _libcrypto() -> ctypes.CDLL:
     lib.OPENSSL_sk_num.restype = ctypes.c_int
     lib.OPENSSL_sk_value.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.OPENSSL_sk_value.restype = ctypes.c_void_p
-    lib.i2d_X509.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.i2d_X509.restype = ctypes.c_int
+    for name in ("X509_get0_notBefore", "X509_get0_notAfter"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_void_p
+    lib.ASN1_TIME_to_tm.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.ASN1_TIME_to_tm.restype = ctypes.c_int
+    lib.EVP_sha256.argtypes = []
+    lib.EVP_sha256.restype = ctypes.c_void_p
+    lib.X509_digest.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.X509_digest.restype = ctypes.c_int
     lib.X509_verify_cert.argtypes = [ctypes.c_void_p]
     lib.X509_verify_cert.restype = ctypes.c_int
     return lib
 
 
-def _der_of(lib: ctypes.CDLL, cert: int) -> bytes:
-    """The DER encoding of OpenSSL's `X509 *cert`."""
-    size = lib.i2d_X509(cert, None)
-    if size <= 0:
-        raise ValueError("i2d_X509 failed")
-    buffer = ctypes.create_string_buffer(size)
-    cursor = ctypes.c_void_p(ctypes.addressof(buffer))
-    lib.i2d_X509(cert, ctypes.byref(cursor))
-    return buffer.raw
+def _sha256_of(lib: ctypes.CDLL, cert: int) -> bytes:
+    """The SHA-256 of the DER encoding of OpenSSL's `X509 *cert` (`X509_digest`)."""
+    digest = ctypes.create_string_buffer(32)
+    size = ctypes.c_uint(0)
+    if lib.X509_digest(cert, _sha256(lib), digest, ctypes.byref(size)) != 1 or size.value != 32:
+        raise ValueError("X509_digest failed")
+    return digest.raw
+
+
+@functools.cache
+def _sha256(lib: ctypes.CDLL) -> int:
+    md: int | None = lib.EVP_sha256()
+    if not md:
+        raise ValueError("no SHA-256 in this OpenSSL")
+    return md
+
+
+def _posix(lib: ctypes.CDLL, when: int | None) -> float:
+    """OpenSSL's `ASN1_TIME *when` (a certificate's notBefore or notAfter, as OpenSSL compares it) in POSIX seconds."""
+    if not when:
+        raise ValueError("no time")
+    tm = (ctypes.c_int * 16)()  # struct tm: its first six ints are what is read; room for the rest
+    if lib.ASN1_TIME_to_tm(when, tm) != 1:
+        raise ValueError("ASN1_TIME_to_tm failed")
+    return float(calendar.timegm((tm[5] + 1900, tm[4] + 1, tm[3], tm[2], tm[1], tm[0])))
 
 
 def _stack(lib: ctypes.CDLL, stack: int | None) -> list[int]:
@@ -263,9 +286,7 @@ class VerifiedChains:
         objects = lib.OPENSSL_sk_num(lib.X509_STORE_get0_objects(lib.X509_STORE_CTX_get0_store(store_ctx)))
         digest = hashlib.sha256(b"%d %d %d " % (flags, lib.X509_VERIFY_PARAM_get_depth(param), objects))
         for cert in presented:
-            der = _der_of(lib, cert)
-            digest.update(len(der).to_bytes(4, "big"))
-            digest.update(der)
+            digest.update(_sha256_of(lib, cert))
         return digest.digest()
 
     def _verify(self, store_ctx: int, _arg: int | None) -> int:
@@ -286,12 +307,11 @@ class VerifiedChains:
         return verified
 
     def _remember(self, lib: ctypes.CDLL, store_ctx: int, key: bytes) -> None:
-        verified = _stack(lib, lib.X509_STORE_CTX_get0_chain(store_ctx))
-        chain = [x509.load_der_x509_certificate(_der_of(lib, cert)) for cert in verified]
-        if not chain:
+        chain = _stack(lib, lib.X509_STORE_CTX_get0_chain(store_ctx))
+        if not chain or self.size <= 0:
             return
-        start = max(c.not_valid_before_utc.timestamp() for c in chain) + 1
-        end = min(c.not_valid_after_utc.timestamp() for c in chain) - 1
+        start = max(_posix(lib, lib.X509_get0_notBefore(cert)) for cert in chain) + 1
+        end = min(_posix(lib, lib.X509_get0_notAfter(cert)) for cert in chain) - 1
         if len(self.spans) >= self.size:
             del self.spans[next(iter(self.spans))]
         self.spans[key] = (start, end)

@@ -119,7 +119,8 @@ def _short_lived(lab: LabLayout, tmp_path: Path, seconds: float) -> tuple[Path, 
 def test_a_chain_verified_once_is_accepted_again_from_memory(
     lab: LabLayout, tmp_path: Path, version: ssl.TLSVersion
 ) -> None:
-    """alice's first full handshake verifies her chain and remembers it; her next full handshakes (TLS 1.3 and 1.2)
+    """alice's first full handshake verifies her chain and remembers it, for the span in which her certificate, the
+    issuing CA's and the root's are all valid (a second inside each end); her next full handshakes (TLS 1.3 and 1.2)
     are accepted from memory, each connection carrying her certificate."""
     server = _context(lab, tmp_path)
     users = lab.pki_dir / "users"
@@ -129,6 +130,13 @@ def test_a_chain_verified_once_is_accepted_again_from_memory(
     assert (len(_chains(server).spans), _chains(server).hits) == (1, 0)
     assert [_handshake(server, device) for _ in range(3)] == [alice] * 3
     assert (len(_chains(server).spans), _chains(server).hits) == (1, 3)
+    chain = [x509.load_pem_x509_certificate(p.read_bytes()) for p in (users / "alice.pem", lab.pki_dir / "issuing.pem")]
+    chain.append(x509.load_pem_x509_certificate((lab.pki_dir / "root.pem").read_bytes()))
+    span = (
+        max(c.not_valid_before_utc.timestamp() for c in chain) + 1,
+        min(c.not_valid_after_utc.timestamp() for c in chain) - 1,
+    )
+    assert list(_chains(server).spans.values()) == [span], "not the span of every certificate of the chain"
 
 
 def test_a_remembered_certificate_is_refused_once_it_has_expired(lab: LabLayout, tmp_path: Path) -> None:
