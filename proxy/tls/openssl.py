@@ -1,5 +1,5 @@
 """What Python's `ssl` lacks, reached through ctypes: two limits on the client's chain, the size of the TLS session
-cache, and fresh memory BIOs.
+cache, fresh memory BIOs, and client chains OpenSSL verified remembered.
 
 A client chooses the chain it sends in its Certificate message. OpenSSL parses all of it and, to verify
 the client's certificate, builds paths through it up to its verify depth (100 by default): a long chain
@@ -33,13 +33,34 @@ and `SSL_set0_wbio`. CPython keeps the `SSL *` right after the socket weakref of
 (Modules/_ssl.c, `PySSLSocket`) and a memory BIO's `BIO *` right after the object header
 (`PySSLMemoryBIO`); neither is an API, so the pointers are used only when the `SSL`'s own read and write
 BIOs are the two BIOs Python says the object has, and nothing is changed otherwise.
+
+Verified client chains remembered (`remember_verified_chains`). OpenSSL verifies the client's chain in every full
+handshake (`X509_verify_cert`: the chain built from the trust store, a signature checked per link, validity,
+purposes, the depth), about 130 µs of a handshake's 550 here, and most of it is the same work every time a device
+reconnects: the result depends only on the bytes the device presented, the trust store, the verification
+parameters and the time. So the context's certificate-verification callback (`SSL_CTX_set_cert_verify_callback`,
+which OpenSSL calls instead of `X509_verify_cert`) remembers each chain that verified, keyed by a SHA-256 over the
+SHA-256 of each certificate presented (`X509_digest` of the peer's and of every other one it sent, as OpenSSL parsed
+them), the verification flags and depth and the number of objects in the trust store, with the span in which every
+certificate of the verified chain is valid (their notBefore and notAfter as OpenSSL reads them, `ASN1_TIME_to_tm`).
+The same bytes within that span are accepted without verifying them again; anything else (a chain not seen, a
+chain that failed, one outside its span, a changed store or flags, CRL checking or a fixed check time asked for)
+goes to `X509_verify_cert` as before, whose error, alert and log are unchanged. A failure is never remembered.
+One memo per context, so a reload (a new context, another trust list) starts empty; bounded, the oldest dropped.
+On a remembered chain OpenSSL keeps no verified chain for the connection (`SSL_get0_verified_chain`, Python 3.13's
+`get_verified_chain()`): nothing here reads it, the certificate stages build the chain themselves.
 """
 
 from __future__ import annotations
 
+import calendar
+import contextlib
 import ctypes
 import functools
+import hashlib
 import ssl
+import time
+from collections.abc import Callable
 
 _SSL_CTRL_SET_MAX_CERT_LIST = 51
 _SSL_CTRL_GET_MAX_CERT_LIST = 50
@@ -165,3 +186,149 @@ def fresh_bios(
     lib.SSL_set0_rbio(ssl_pointer, _bio(new_in))  # frees the SSL's reference to the old ones
     lib.SSL_set0_wbio(ssl_pointer, _bio(new_out))
     return new_in, new_out
+
+
+# X509_V_FLAG_USE_CHECK_TIME, X509_V_FLAG_CRL_CHECK, X509_V_FLAG_CRL_CHECK_ALL: a result that depends on more than the
+# chain, the store and the current time; with any of them set, nothing is remembered.
+_NOT_REMEMBERED_FLAGS = 0x2 | 0x4 | 0x8
+_VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+@functools.cache
+def _libcrypto() -> ctypes.CDLL:
+    """libssl's handle again, with the X509 functions `remember_verified_chains` calls (libcrypto's, reached through
+    libssl's dependencies)."""
+    lib = _libssl()
+    lib.SSL_CTX_set_cert_verify_callback.argtypes = [ctypes.c_void_p, _VERIFY_CALLBACK, ctypes.c_void_p]
+    lib.SSL_CTX_set_cert_verify_callback.restype = None
+    for name in (
+        "X509_STORE_CTX_get0_cert",
+        "X509_STORE_CTX_get0_untrusted",
+        "X509_STORE_CTX_get0_chain",
+        "X509_STORE_CTX_get0_param",
+        "X509_STORE_CTX_get0_store",
+        "X509_STORE_get0_objects",
+    ):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_void_p
+    lib.X509_VERIFY_PARAM_get_flags.argtypes = [ctypes.c_void_p]
+    lib.X509_VERIFY_PARAM_get_flags.restype = ctypes.c_ulong
+    lib.X509_VERIFY_PARAM_get_depth.argtypes = [ctypes.c_void_p]
+    lib.X509_VERIFY_PARAM_get_depth.restype = ctypes.c_int
+    lib.OPENSSL_sk_num.argtypes = [ctypes.c_void_p]
+    lib.OPENSSL_sk_num.restype = ctypes.c_int
+    lib.OPENSSL_sk_value.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.OPENSSL_sk_value.restype = ctypes.c_void_p
+    for name in ("X509_get0_notBefore", "X509_get0_notAfter"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_void_p
+    lib.ASN1_TIME_to_tm.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.ASN1_TIME_to_tm.restype = ctypes.c_int
+    lib.EVP_sha256.argtypes = []
+    lib.EVP_sha256.restype = ctypes.c_void_p
+    lib.X509_digest.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.X509_digest.restype = ctypes.c_int
+    lib.X509_verify_cert.argtypes = [ctypes.c_void_p]
+    lib.X509_verify_cert.restype = ctypes.c_int
+    return lib
+
+
+def _sha256_of(lib: ctypes.CDLL, cert: int) -> bytes:
+    """The SHA-256 of the DER encoding of OpenSSL's `X509 *cert` (`X509_digest`)."""
+    digest = ctypes.create_string_buffer(32)
+    size = ctypes.c_uint(0)
+    if lib.X509_digest(cert, _sha256(lib), digest, ctypes.byref(size)) != 1 or size.value != 32:
+        raise ValueError("X509_digest failed")
+    return digest.raw
+
+
+@functools.cache
+def _sha256(lib: ctypes.CDLL) -> int:
+    md: int | None = lib.EVP_sha256()
+    if not md:
+        raise ValueError("no SHA-256 in this OpenSSL")
+    return md
+
+
+def _posix(lib: ctypes.CDLL, when: int | None) -> float:
+    """OpenSSL's `ASN1_TIME *when` (a certificate's notBefore or notAfter, as OpenSSL compares it) in POSIX seconds."""
+    if not when:
+        raise ValueError("no time")
+    tm = (ctypes.c_int * 16)()  # struct tm: its first six ints are what is read; room for the rest
+    if lib.ASN1_TIME_to_tm(when, tm) != 1:
+        raise ValueError("ASN1_TIME_to_tm failed")
+    return float(calendar.timegm((tm[5] + 1900, tm[4] + 1, tm[3], tm[2], tm[1], tm[0])))
+
+
+def _stack(lib: ctypes.CDLL, stack: int | None) -> list[int]:
+    return [lib.OPENSSL_sk_value(stack, i) for i in range(lib.OPENSSL_sk_num(stack))] if stack else []
+
+
+class VerifiedChains:
+    """The chains OpenSSL verified for one context: key → (valid from, valid until), POSIX seconds with a second's
+    margin inside the span of every certificate of the verified chain. Bounded; the oldest goes first."""
+
+    def __init__(self, size: int, now: Callable[[], float] = time.time) -> None:
+        self.size = size
+        self.spans: dict[bytes, tuple[float, float]] = {}
+        self.hits = 0  # handshakes whose chain was accepted from here (tests, docs/performance.md)
+        self._now = now
+        self.callback = _VERIFY_CALLBACK(self._verify)  # kept alive with the context (see remember_verified_chains)
+
+    def _key(self, lib: ctypes.CDLL, store_ctx: int) -> bytes | None:
+        """What OpenSSL's result depends on besides the time, or None when it depends on more than that."""
+        param = lib.X509_STORE_CTX_get0_param(store_ctx)
+        flags = lib.X509_VERIFY_PARAM_get_flags(param)
+        if flags & _NOT_REMEMBERED_FLAGS:
+            return None
+        leaf = lib.X509_STORE_CTX_get0_cert(store_ctx)
+        presented = [leaf, *(c for c in _stack(lib, lib.X509_STORE_CTX_get0_untrusted(store_ctx)) if c != leaf)]
+        objects = lib.OPENSSL_sk_num(lib.X509_STORE_get0_objects(lib.X509_STORE_CTX_get0_store(store_ctx)))
+        digest = hashlib.sha256(b"%d %d %d " % (flags, lib.X509_VERIFY_PARAM_get_depth(param), objects))
+        for cert in presented:
+            digest.update(_sha256_of(lib, cert))
+        return digest.digest()
+
+    def _verify(self, store_ctx: int, _arg: int | None) -> int:
+        lib = _libcrypto()
+        try:
+            key = self._key(lib, store_ctx)
+        except Exception:  # noqa: BLE001 -- whatever went wrong, OpenSSL's own verification decides
+            key = None
+        if key is not None:
+            span = self.spans.get(key)
+            if span is not None and span[0] < self._now() < span[1]:
+                self.hits += 1
+                return 1
+        verified: int = lib.X509_verify_cert(store_ctx)
+        if verified == 1 and key is not None:
+            with contextlib.suppress(Exception):  # not remembered: the next handshake verifies again
+                self._remember(lib, store_ctx, key)
+        return verified
+
+    def _remember(self, lib: ctypes.CDLL, store_ctx: int, key: bytes) -> None:
+        chain = _stack(lib, lib.X509_STORE_CTX_get0_chain(store_ctx))
+        if not chain or self.size <= 0:
+            return
+        start = max(_posix(lib, lib.X509_get0_notBefore(cert)) for cert in chain) + 1
+        end = min(_posix(lib, lib.X509_get0_notAfter(cert)) for cert in chain) - 1
+        if len(self.spans) >= self.size:
+            del self.spans[next(iter(self.spans))]
+        self.spans[key] = (start, end)
+
+
+def remember_verified_chains(ctx: ssl.SSLContext, size: int) -> VerifiedChains | str:
+    """OpenSSL's verification of client chains remembered for `ctx` (at most `size` chains), or why not (nothing was
+    changed then). Call it once `ctx` has its trust store and verification settings."""
+    reached = _reach(ctx)
+    if isinstance(reached, str):
+        return reached
+    _, pointer = reached
+    try:
+        lib = _libcrypto()
+    except AttributeError as e:
+        return f"OpenSSL's functions are not reachable from Python here ({type(e).__name__}: {e})"
+    chains = VerifiedChains(size)
+    lib.SSL_CTX_set_cert_verify_callback(pointer, chains.callback, None)
+    ctx.verified_chains = chains  # type: ignore[attr-defined]  # the callback lives as long as the context
+    return chains

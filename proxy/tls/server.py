@@ -7,7 +7,9 @@ required") that curl and devices show to the user. That is the first filter. Ope
 configured trust anchors and intermediates, and no CRLs: revocation, EKU, identity and the
 authoritative chain check (built only from configured CAs, never from what the client sent) are the
 certificate stage's, per request, so a certificate revoked while its device holds a connection is
-refused on its next request.
+refused on its next request. A chain OpenSSL verified is remembered for the context: the same certificates
+presented again while they are all valid are not verified again (`proxy.tls.openssl.remember_verified_chains`;
+what fails is always OpenSSL's to say, and a reload's new context starts empty).
 
 asyncio logs failed handshakes only in debug mode, and before Python 3.15 it drops the alert OpenSSL
 wrote for the client (https://github.com/python/cpython/issues/98078): the device sees a bare reset
@@ -44,7 +46,7 @@ import structlog
 
 from proxy.certs.chain import load_certificates
 from proxy.config import Config
-from proxy.tls.openssl import fresh_bios, keep_sessions, limit_client_chain
+from proxy.tls.openssl import fresh_bios, keep_sessions, limit_client_chain, remember_verified_chains
 from proxy.tls.record import TlsRecords
 
 log = structlog.get_logger("proxy.tls")
@@ -84,7 +86,17 @@ def server_context(config: Config) -> ssl.SSLContext:
     if unavailable is not None:
         log.warning("client_chain_limits_unavailable", reason=unavailable, detail="OpenSSL's defaults apply")
     _session_tickets(ctx, config.listener.tls_session_cache)
+    # Last, once the trust store and the verification settings are what they will stay: a client chain OpenSSL
+    # verified is not verified again for the same bytes while its certificates are valid (proxy.tls.openssl,
+    # docs/performance.md "The new-connection path, a fifth look").
+    if ctx.verify_mode != ssl.CERT_NONE:
+        remembered = remember_verified_chains(ctx, VERIFIED_CHAINS)
+        if isinstance(remembered, str):
+            log.warning("verified_chains_unavailable", reason=remembered, detail="every client chain is verified")
     return ctx
+
+
+VERIFIED_CHAINS = 4096  # client chains remembered per context (about 100 bytes each)
 
 
 def _session_tickets(ctx: ssl.SSLContext, sessions: int) -> None:
