@@ -34,8 +34,12 @@ def _run(args: argparse.Namespace) -> int:
     shared = SharedTable() if cfg.listener.workers > 1 else None
 
     def serve_one(worker: workers.Worker | None = None) -> int:
+        from proxy.live import replacement_config
+
+        # a replacement for a worker that died serves what its siblings reloaded since the start, not `cfg`
+        current = replacement_config(cfg) if worker is not None and worker.replacement else cfg
         try:
-            event_loop.run(app.serve(cfg, worker=worker, shared=shared), cfg.listener.event_loop)
+            event_loop.run(app.serve(current, worker=worker, shared=shared), cfg.listener.event_loop)
         except ConfigError as e:
             return e.report()
         return 0

@@ -26,6 +26,11 @@ in flight keep the token they have. What the old gateway owned alone
 admin listener's addresses, the number of workers and the listener's other settings but its certificate, key and
 `trusted_proxies` only change with a restart (`reload_needs_restart` names each one a reload left as it was).
 
+A worker that replaces one that died (`[listener] workers`, `proxy.workers`) starts from the file too, as a reload
+would read it (`replacement_config`): it was forked with the configuration the supervisor read at start, and so
+served what every reload since had retired (a route, a CA taken off the trust list) beside siblings that had not.
+Its restart-only keys stay as the gateway started with them, as its siblings' do.
+
 With `[reload] watch = true`, the configuration file and every file it names are polled every
 `watch_interval` seconds (size and modification time); a change triggers the same reload once the files have
 stayed unchanged for one more look, so that a file written in place is not read half-written.
@@ -274,6 +279,34 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
     if old.admin != new.admin:
         changed.append("admin")
     return changed
+
+
+def replacement_config(started: Config) -> Config:
+    """What a worker replacing a dead one serves: the file read and cross-checked again, as its siblings' reloads
+    read it, with the keys a reload leaves for a restart (the listener's but LISTENER_RELOADED, `[admin]`) as the
+    gateway started with them. If the file does not load now, its siblings refused it too and serve their last
+    good one; the replacement then serves `started` and says so (`worker_configuration_refused`): a SIGHUP once
+    the file is fixed brings every worker to the same configuration."""
+    from proxy.ops.check import check
+
+    try:
+        config = config_module.load(started.path)
+        problems = check(config, at=datetime.now(UTC), crls=False)
+    except ConfigError as e:
+        problems = e.problems
+    except (OSError, ssl.SSLError, ValueError) as e:
+        problems = [f"{type(e).__name__}: {e}"]
+    if problems:
+        log.error(
+            "worker_configuration_refused",
+            config=str(started.path),
+            problems=problems,
+            detail="this worker serves the configuration the gateway started with; fix the file, then reload",
+        )
+        return started
+    kept = {f.name: getattr(started.listener, f.name) for f in dataclasses.fields(started.listener)}
+    kept = {name: value for name, value in kept.items() if name not in LISTENER_RELOADED}
+    return dataclasses.replace(config, listener=dataclasses.replace(config.listener, **kept), admin=started.admin)
 
 
 SETTLE_LOOKS = 5  # looks at most for a changed file to stay unchanged before it is reloaded anyway

@@ -34,7 +34,9 @@ outright (SIGKILL, which it cannot pass on) takes its workers with it: each asks
 when its parent dies (PR_SET_PDEATHSIG), so none runs on as an orphan holding the port. A worker that dies on its own is
 replaced after a pause, unless it exited with an error within `MIN_UPTIME` seconds of starting: a
 gateway that cannot start (unreadable keytab, ...) would only fail again, so the supervisor stops the
-rest and exits with that worker's code. (A worker killed by a signal is replaced whenever it dies.)
+rest and exits with that worker's code. (A worker killed by a signal is replaced whenever it dies.) A replacement
+reads the configuration file again (`proxy.live.replacement_config`): its siblings may have reloaded since the
+supervisor read it.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Worker:
 
     number: int  # 1..N, kept by a replacement
     siblings: Path  # the supervisor's private directory: one Unix socket per worker, `<number>.sock`
+    replacement: bool = False  # started in place of one that died: reads the configuration afresh (proxy.live)
 
     @property
     def socket(self) -> Path:
@@ -109,13 +112,13 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def start(number: int) -> None:
+    def start(number: int, *, replacement: bool = False) -> None:
         # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _worker(lambda: serve_one(Worker(number, siblings)), supervisor, siblings)
+            _worker(lambda: serve_one(Worker(number, siblings, replacement)), supervisor, siblings)
         workers[pid] = (time.monotonic(), number)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info("worker_started", worker=pid, number=number)
@@ -141,7 +144,7 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
                 continue
             time.sleep(_RESTART_PAUSE)
             if not stopping:
-                start(number)
+                start(number, replacement=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -138,6 +138,61 @@ def test_sighup_reaches_every_worker_which_reloads_in_place(lab: LabLayout, two_
     assert gw.events("worker_exited") == []
 
 
+def test_a_worker_replaced_after_a_reload_serves_the_reloaded_configuration(lab: LabLayout, tmp_path: Path) -> None:
+    """A worker that dies after a SIGHUP reload is replaced by one serving what its siblings reloaded: it was
+    forked with the configuration the supervisor read at start, so a route the reload retired (or a CA it no
+    longer trusted, a CRL it added) came back on about half of the new connections. Keys a reload leaves for a
+    restart (here the listener's address) stay as the gateway started with them, in every worker."""
+    port = free_port()
+    retired = '\n[[routes]]\nprefix = "/retired/"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
+    gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, port, 2) + retired)
+    try:
+        first, second = _listening_pids(gw, 2)
+        assert all("/retired/" in e["routes"] for e in gw.events("listening"))
+        edited = tmp_path / "edited.toml"
+        edited.write_text(_with_workers(lab, free_port(), 2))  # another port too: that one needs a restart
+        edited.replace(gw.config_path)
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            assert "/retired/" not in gw.wait_event("reloaded", pid=pid)["routes"]
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        listening = gw.wait_event("listening", pid=replacement)
+        assert "/retired/" not in listening["routes"]
+        assert listening["bind"] == f"127.0.0.1:{port}"
+        assert gw.events("worker_configuration_refused") == []
+        assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
+    finally:
+        gw.stop()
+
+
+def test_a_worker_replaced_while_the_file_is_broken_serves_and_says_so(lab: LabLayout, tmp_path: Path) -> None:
+    """A worker that dies while the configuration file does not load (a half-edited file) is still replaced: the
+    replacement serves the configuration the gateway started with and logs `worker_configuration_refused` with
+    the problem (the supervisor is never stopped by it); once the file is fixed a SIGHUP reloads every worker."""
+    gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, free_port(), 2))
+    try:
+        first, second = _listening_pids(gw, 2)
+        good = gw.config_path.read_text()
+        gw.config_path.write_text(good + "\n[listener\n")
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        refused = gw.wait_event("worker_configuration_refused", pid=replacement)
+        assert refused["problems"]
+        assert refused["config"] == str(gw.config_path)
+        assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
+        gw.config_path.write_text(good)
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (second, replacement):
+            gw.wait_event("reloaded", pid=pid)
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+
+
 def test_workers_do_not_outlive_a_killed_supervisor(lab: LabLayout, two_workers: Gateway) -> None:
     """SIGKILL to the supervisor (which it cannot pass on): the workers stop too, the port is free again."""
     gw = two_workers
