@@ -233,6 +233,19 @@ def test_a_lone_gateway_on_a_taken_port_names_listener_bind(lab: LabLayout, tmp_
     assert "Traceback" not in done.stdout + done.stderr
 
 
+def test_an_admin_listener_on_the_workers_port_is_refused_before_any_starts(lab: LabLayout, tmp_path: Path) -> None:
+    """`[admin] bind` copied from `listener.bind` with two workers: both sockets took SO_REUSEPORT and the kernel
+    gave about half of the devices' connections to the plain-HTTP admin listener (their TLS failed; `/traces`
+    answered on the device port). The configuration is refused, naming both keys, before a worker starts."""
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(_with_workers(lab, port, 2) + f'\n[admin]\nbind = "127.0.0.1:{port}"\n')
+    done = _run(lab, config, timeout=60)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert f"admin.bind: 127.0.0.1:{port} takes connections meant for listener.bind" in done.stderr
+    assert "worker_started" not in done.stdout
+
+
 def test_workers_that_cannot_start_stop_the_supervisor(lab: LabLayout, tmp_path: Path) -> None:
     """A configuration every worker fails on (a private key that is not one) ends the supervisor, no loop."""
     bad_key = tmp_path / "server.key"
