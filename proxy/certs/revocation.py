@@ -446,14 +446,29 @@ def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
 
 def parse_crls(data: bytes, source: str) -> list[x509.CertificateRevocationList]:
     """The CRLs in `data` (PEM with one or more CRLs, or one DER CRL); ValueError naming `source`."""
-    blocks = _PEM_CRL.findall(data) if b"-----BEGIN" in data else [data]
+    pem = b"-----BEGIN" in data
+    blocks = _PEM_CRL.findall(data) if pem else [data]
     if not blocks:
         raise ValueError(f"{source}: PEM without a 'BEGIN X509 CRL' block")
+    if pem:
+        _whole(_PEM_CRL.sub(b"", data), source)
     load = x509.load_pem_x509_crl if b"-----BEGIN" in data else x509.load_der_x509_crl
     try:
         return [load(block) for block in blocks]
     except ValueError as exc:
         raise ValueError(f"{source}: not a PEM or DER CRL ({exc})") from exc
+
+
+_BEGIN_CRL = b"-----BEGIN X509 CRL-----"
+
+
+def _whole(rest: bytes, source: str) -> None:
+    """ValueError if what is left of a PEM file once its CRL blocks are taken out holds the start of one more: a file
+    cut short (a copy interrupted, a full disk) would otherwise be read as the CRLs before the cut, and a source's
+    CRLs are replaced as a whole: the issuer whose CRL was cut off would have none."""
+    last = rest.rstrip().rpartition(b"\n")[2].strip()
+    if b"X509 CRL" in rest or (len(last) >= 5 and _BEGIN_CRL.startswith(last)):
+        raise ValueError(f"{source}: a CRL block without its END line (the file cut short?)")
 
 
 # --- accepting a CRL -------------------------------------------------------------------------------

@@ -377,3 +377,31 @@ def test_a_replayed_crl_vetted_beside_a_newer_one_never_replaces_it(
                 await store.close()
 
     asyncio.run(run())
+
+
+def test_a_crl_bundle_cut_short_never_replaces_the_crls_it_held(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """A PEM bundle of two CRLs cut inside the second (a copy interrupted, a full disk) was read as the first alone:
+    the second issuer's CRL was dropped, so its users were refused under `require`, and its revoked users served
+    under `best-effort`. A CRL block without its END line makes the read unusable; the last good CRLs stay."""
+    asyncio.run(_test_a_crl_bundle_cut_short_never_replaces_the_crls_it_held(pki, trust, tmp_path))
+
+
+async def _test_a_crl_bundle_cut_short_never_replaces_the_crls_it_held(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    revoke(pki, pki.user_cert("carol"), now=NOW)
+    bundle = pki.crls.read_bytes()  # the root's CRL, then the issuing CA's
+    assert bundle.count(b"-----BEGIN X509 CRL-----") == 2
+    path = tmp_path / "crls.pem"
+    path.write_bytes(bundle)
+    store = CrlStore(trust, [CrlSource(str(path))])
+    store.load_files(now=NOW)
+    carol = verified(pki, trust, "carol")
+    assert status(store, carol) is RevocationStatus.REVOKED
+    good = store.current.crls
+    for cut in (len(bundle) - 40, bundle.rindex(b"-----BEGIN X509 CRL-----") + 12):
+        path.write_bytes(bundle[:cut])
+        await store.refresh(now=NOW)
+        assert store.current.crls == good, cut
+        assert status(store, carol) is RevocationStatus.REVOKED
+        assert "cut short" in str(store.status(now=NOW)[0].last_error)
