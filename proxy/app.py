@@ -56,8 +56,9 @@ TRACE_KEY = web.RequestKey("trace", Trace)
 DEVICE_KEY = web.RequestKey("device", AiohttpRequest)
 
 
-def build(config: Config, *, shared: SharedTable | None = None) -> Gateway:
-    """The gateway a configuration describes; `shared`: the workers' table for the Basic per-user throttle."""
+def build(config: Config, *, shared: SharedTable | None = None, previous: Gateway | None = None) -> Gateway:
+    """The gateway a configuration describes; `shared`: the workers' table for the Basic per-user throttle;
+    `previous`: the gateway a reload replaces, whose CRLs the new ones start from (`CrlStore.inherit`)."""
     cc = config.client_certificates
     problems: list[str] = []
     try:
@@ -72,6 +73,8 @@ def build(config: Config, *, shared: SharedTable | None = None) -> Gateway:
     if problems:
         raise ConfigError(problems)
     revocation = LiveRevocation(cc, trust)
+    if previous is not None:  # a reload: what a source held stays the floor a replayed CRL is refused below
+        revocation.crls.inherit(previous.revocation.crls)
     for problem in revocation.load(now=datetime.now(UTC)):
         log.warning("crl_not_used", problem=problem)
     if cc.revocation == "off":

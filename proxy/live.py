@@ -16,6 +16,10 @@ TLS context, first fetch of the CRLs); only when all of that succeeded are both 
 - a configuration that does not load, fails a cross-check or cannot be built is refused: the reasons are
   logged (`reload_refused`) and the old one keeps serving.
 
+The CRLs do too, as the floor of the new ones (`CrlStore.inherit`): for a source both configurations read, the new
+store starts from the last good CRLs the old one held (those whose signer the new trust list still holds), so a
+reload, like a refresh, never takes a CRL older than the one held (a replay) and keeps the last good one when the
+source gives nothing usable; built afresh, a reload took last week's CRL and served a certificate revoked since.
 The per-user backend connections always carry over (each route's TLS context too, unless the route or its
 CA bundle's bytes changed: `Pools.successor`), and the Delegator (the gateway's own credentials, its KDC watch)
 and the Basic login cache when their settings are unchanged. The delegated tickets do not (issue #7): a reload
@@ -219,7 +223,7 @@ def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext]:
     problems = check(config, at=datetime.now(UTC), crls=False)
     if problems:
         raise ConfigError(problems)
-    return _carry_over(build(config, shared=old.basic.shared), old), server_context(config)
+    return _carry_over(build(config, shared=old.basic.shared, previous=old), old), server_context(config)
 
 
 def _carry_over(new: Gateway, old: Gateway) -> Gateway:

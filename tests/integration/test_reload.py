@@ -467,3 +467,29 @@ def test_a_session_resumed_after_a_reload_that_no_longer_trusts_its_ca_is_refuse
             _get_resuming(context, gw.port, session)
     finally:
         assert gw.stop() == 0
+
+
+def test_a_reload_never_takes_a_crl_older_than_the_one_held(lab: LabLayout, tmp_path: Path) -> None:
+    """A refresh refuses a CRL older than the one held (a replay: last week's CRL, from before a revocation, still
+    within its nextUpdate); a reload, for any reason, built its CRLs afresh and took it: the revoked certificate was
+    served again. A reload now starts from the CRLs the running configuration holds for the sources it keeps, so
+    the older one is refused (`crl_rejected`, "replayed?") and the revoked certificate stays refused."""
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
+    crl = write_crl(tmp_path / "issuing.crl", issuing, revoked=[carol.serial_number], number=2001)
+    root_crl = write_crl(tmp_path / "root.crl", root)
+    text = lab_config(lab, port=free_port())
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    text = text.replace(lab_crls, f'crls = ["{crl}", "{root_crl}"]')
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    try:
+        assert asyncio.run(_get(lab, gw, "/owa/", "carol"))[0] == 403
+        write_crl(tmp_path / "older.crl", issuing, number=2000).replace(crl)  # carol not yet revoked
+        reloaded = _reload(gw, text + "\n# a reload for another reason\n", "reloaded")
+        assert reloaded["generation"] == 2
+        assert asyncio.run(_get(lab, gw, "/owa/", "carol"))[0] == 403
+        rejected = gw.wait_event("crl_rejected", source=str(crl))
+        assert "replayed?" in rejected["problem"]
+    finally:
+        assert gw.stop() == 0

@@ -405,3 +405,33 @@ async def _test_a_crl_bundle_cut_short_never_replaces_the_crls_it_held(
         assert store.current.crls == good, cut
         assert status(store, carol) is RevocationStatus.REVOKED
         assert "cut short" in str(store.status(now=NOW)[0].last_error)
+
+
+def test_a_reloaded_store_starts_from_the_crls_its_trust_list_still_vouches_for(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """`inherit` (a reload): a replayed CRL read by the new store is refused against the CRL the old one held; a
+    store whose trust list no longer holds that CRL's signer starts from nothing and takes what it reads."""
+    asyncio.run(_test_a_reloaded_store_starts_from_the_crls_its_trust_list_still_vouches_for(pki, trust, tmp_path))
+
+
+async def _test_a_reloaded_store_starts_from_the_crls_its_trust_list_still_vouches_for(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    path = tmp_path / "issuing.crl"
+    older = pki.issuing_crl.read_bytes()
+    revoke(pki, pki.user_cert("carol"), now=NOW)
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    old = CrlStore(trust, [CrlSource(str(path))])
+    old.load_files(now=NOW)
+    carol = verified(pki, trust, "carol")
+    path.write_bytes(older)  # carol not yet revoked, still current
+    reloaded = CrlStore(trust, [CrlSource(str(path))])
+    reloaded.inherit(old)
+    reloaded.load_files(now=NOW)
+    assert status(reloaded, carol) is RevocationStatus.REVOKED
+    assert "replayed?" in str(reloaded.status(now=NOW)[0].last_error)
+    root_only = TrustList.load([pki.root_cert])  # the issuing CA's certificate is no longer configured
+    elsewhere = CrlStore(root_only, [CrlSource(str(path))])
+    elsewhere.inherit(old)
+    assert elsewhere.status(now=NOW)[0].crl_number is None
