@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
         return serve_one()
 
     try:
-        return workers.supervise(cfg.listener, serve_one)
+        return workers.supervise(cfg.listener, serve_one, cfg.admin)
     except workers.PortInUse as e:
         print(f"cannot serve: {e}", file=sys.stderr)
         return 2

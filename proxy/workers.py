@@ -9,7 +9,8 @@ itself serves nothing and holds no socket.
 
 Why the check: SO_REUSEPORT lets any process of the same user bind the same port, so a second gateway
 started by mistake on a port that one already serves would quietly take half of its connections instead
-of failing. A plain bind (SO_REUSEADDR only) fails when anything listens there; that is the check.
+of failing. A plain bind (SO_REUSEADDR only) fails when anything listens there; that is the check, made for the
+admin listener's port too (its workers share it the same way).
 
 Workers share nothing but one thing: each has its own Kerberos credentials and ticket cache, per-user backend pools
 and CRLs, so a user whose connections land on two workers costs two S4U2Self exchanges. That is also
@@ -57,7 +58,7 @@ from types import FrameType
 
 import structlog
 
-from proxy.config import Listener
+from proxy.config import Admin, Listener
 from proxy.kerberos.profile import remove_overlay
 
 log = structlog.get_logger("proxy.workers")
@@ -85,20 +86,28 @@ class PortInUse(Exception):
     """Something already listens on the gateway's address."""
 
 
-def check_port_free(listener: Listener) -> None:
-    """Bind the address the way a lone gateway would (no SO_REUSEPORT): this fails if anything listens."""
-    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+def check_port_free(listener: Listener, admin: Admin | None = None) -> None:
+    """Bind the address the way a lone gateway would (no SO_REUSEPORT): this fails if anything listens. The admin
+    listener's too (`admin`, when it has a TCP address): its workers share it with SO_REUSEPORT as well, so a second
+    gateway given the same admin port answered half of the first one's scrapes and readiness probes."""
+    _check_free(listener.host, listener.port, "")
+    if admin is not None and admin.bound:
+        _check_free(admin.host, admin.port, "admin.bind ")
+
+
+def _check_free(host: str, port: int, key: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((listener.host, listener.port))
+            probe.bind((host, port))
         except OSError as exc:
-            raise PortInUse(f"{listener.host}:{listener.port}: {exc.strerror}") from None
+            raise PortInUse(f"{key}{host}:{port}: {exc.strerror}") from None
 
 
-def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
+def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Admin | None = None) -> int:
     """Run `serve_one` (one whole gateway; returns an exit code) in `listener.workers` processes."""
-    check_port_free(listener)
+    check_port_free(listener, admin)
     workers: dict[int, tuple[float, int]] = {}  # pid -> (when it started, its number)
     siblings = Path(tempfile.mkdtemp(prefix="kcd-proxy-workers-"))  # mode 0700
     stopping = False

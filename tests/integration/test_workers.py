@@ -246,6 +246,24 @@ def test_an_admin_listener_on_the_workers_port_is_refused_before_any_starts(lab:
     assert "worker_started" not in done.stdout
 
 
+def test_a_second_gateway_on_a_served_admin_port_refuses_to_start(lab: LabLayout, tmp_path: Path) -> None:
+    """Two gateways with several workers each, the second given the first one's admin port by mistake: SO_REUSEPORT
+    let the second's workers share it silently, and each scrape or `/readyz` probe reached either gateway (one's
+    readiness answered by the other). The supervisor checks the admin port as it checks the listener's."""
+    admin_port = free_port()
+    admin = f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
+    first = start_gateway(lab, tmp_path / "first", _with_workers(lab, free_port(), 2) + admin)
+    try:
+        config = tmp_path / "second.toml"
+        config.write_text(_with_workers(lab, free_port(), 2) + admin)
+        done = _run(lab, config, timeout=60)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"cannot serve: admin.bind 127.0.0.1:{admin_port}: Address already in use" in done.stderr
+        assert "worker_started" not in done.stdout
+    finally:
+        first.stop()
+
+
 def test_workers_that_cannot_start_stop_the_supervisor(lab: LabLayout, tmp_path: Path) -> None:
     """A configuration every worker fails on (a private key that is not one) ends the supervisor, no loop."""
     bad_key = tmp_path / "server.key"
