@@ -185,19 +185,26 @@ def test_not_ready_without_a_kdc(lab: LabLayout, tmp_path: Path) -> None:
 
 
 def test_not_ready_once_a_crl_is_past_its_next_update(lab: LabLayout, tmp_path: Path) -> None:
-    """Issue 8: /readyz says "CRLs current": the issuing CA's CRL reaching its nextUpdate (3 s after it was made,
-    nothing newer published) makes /readyz 503 naming that CRL's source, while the KDC is still "ok"."""
-    now = datetime.now(UTC)
-    issuing = write_crl(
-        tmp_path / "issuing.crl", load_ca(lab.pki_dir, "issuing"), next_update=now + timedelta(seconds=3)
-    )
+    """Issue 8: /readyz says "CRLs current": the issuing CA's CRL reaching its nextUpdate (15 s after it was made,
+    nothing newer published) makes /readyz 503 naming that CRL's source, while the KDC is still "ok". The short-lived
+    CRL replaces a day-long one once the gateway runs (a CRL made 3 s before a start on a loaded machine was stale
+    when first read: "no usable CRL", never "stale since")."""
+    issuing_ca = load_ca(lab.pki_dir, "issuing")
+    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca)
     root = write_crl(tmp_path / "root.crl", load_ca(lab.pki_dir, "root"))
     admin_port = free_port()
     text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
     assert lab_crls in text
-    gw = start_gateway(lab, tmp_path, text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]'))
+    text = text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1')
+    gw = start_gateway(lab, tmp_path, text)
     try:
+        gw.mark()
+        short = write_crl(
+            tmp_path / "short.crl", issuing_ca, next_update=datetime.now(UTC) + timedelta(seconds=15), number=1001
+        )
+        short.replace(issuing)
+        gw.wait_event("crl_loaded", source=str(issuing), crl_number=1001)
 
         def stale() -> dict[str, Any] | None:
             status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
