@@ -60,6 +60,7 @@ RevocationPolicy = Literal["require", "best-effort", "off"]
 Scope = Literal["all", "users", "cas", "attributes"]
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 _F = x509.ReasonFlags
+MAX_NAME_SHOWN = 256  # characters of an unverified CRL's issuer name in an error (a label, a log line, /readyz)
 CLOCK_SKEW = timedelta(minutes=5)  # a CRL issued "now" by a CA whose clock runs a little ahead is usable
 _US = timedelta(microseconds=1)  # datetime's resolution: t <= end is t < end + 1 µs
 _REMEMBERED = 10_000  # answers a set keeps (about one per certificate in use)
@@ -479,8 +480,9 @@ def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *
     at = _utc(at)
     name = crl.issuer.rfc4514_string()
     cas = trust.named(crl.issuer)
-    if not cas:
-        raise CrlUnusable(f"CRL issuer '{name}' is not in the trust list")
+    if not cas:  # anyone on an http source's path sends any name: it is shown cut short (a label, a log line)
+        shown = name if len(name) <= MAX_NAME_SHOWN else f"{name[:MAX_NAME_SHOWN]}... ({len(name)} characters)"
+        raise CrlUnusable(f"CRL issuer '{shown}' is not in the trust list")
     signers = [ca for ca in cas if _signed_by(crl, ca)]
     if not signers:
         raise CrlUnusable(f"CRL signature does not verify against the trusted '{name}' (signed with another key?)")

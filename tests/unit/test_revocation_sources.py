@@ -435,3 +435,40 @@ async def _test_a_reloaded_store_starts_from_the_crls_its_trust_list_still_vouch
     elsewhere = CrlStore(root_only, [CrlSource(str(path))])
     elsewhere.inherit(old)
     assert elsewhere.status(now=NOW)[0].crl_number is None
+
+
+def test_an_unverified_crls_issuer_name_is_cut_short_in_its_error(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """Whoever is on the path of an http CRL source sends any CRL, unsigned by anyone trusted: its issuer name went
+    whole into the source's error, which is a label of `kcd_crl_last_error` on every scrape, a `crl_rejected` log
+    line at every refresh and part of /readyz (a 600 KiB name here; up to the 64 MiB a CRL may be). The name is cut
+    to MAX_NAME_SHOWN characters in the error; the last good CRL stays."""
+    asyncio.run(_test_an_unverified_crls_issuer_name_is_cut_short_in_its_error(pki, trust, tmp_path))
+
+
+async def _test_an_unverified_crls_issuer_name_is_cut_short_in_its_error(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    from proxy.certs.revocation import MAX_NAME_SHOWN
+
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    store = CrlStore(trust, [CrlSource(str(path))])
+    store.load_files(now=NOW)
+    good = store.current.crls
+    rogue = serialization.load_pem_private_key(pki.rogue_issuing_key.read_bytes(), password=None)
+    assert isinstance(rogue, ec.EllipticCurvePrivateKey)
+    unit = x509.NameAttribute(x509.NameOID.ORGANIZATIONAL_UNIT_NAME, "u" * 60)
+    huge = x509.Name([x509.RelativeDistinguishedName([unit])] * 10_000)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(huge)
+        .last_update(NOW - timedelta(minutes=1))
+        .next_update(NOW + timedelta(days=1))
+        .sign(rogue, hashes.SHA256())
+    )
+    path.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    await store.refresh(now=NOW)
+    assert store.current.crls == good
+    error = str(store.status(now=NOW)[0].last_error)
+    assert "is not in the trust list" in error
+    assert len(error) < MAX_NAME_SHOWN + 200
