@@ -282,15 +282,17 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
             changed.append(f"listener.{f.name}")
     if old.admin != new.admin:
         changed.append("admin")
+    if old.reload.watch != new.reload.watch:  # the watch task starts with the process (its interval: at each look)
+        changed.append("reload.watch")
     return changed
 
 
 def replacement_config(started: Config) -> Config:
     """What a worker replacing a dead one serves: the file read and cross-checked again, as its siblings' reloads
-    read it, with the keys a reload leaves for a restart (the listener's but LISTENER_RELOADED, `[admin]`) as the
-    gateway started with them. If the file does not load now, its siblings refused it too and serve their last
-    good one; the replacement then serves `started` and says so (`worker_configuration_refused`): a SIGHUP once
-    the file is fixed brings every worker to the same configuration."""
+    read it, with the keys a reload leaves for a restart (the listener's but LISTENER_RELOADED, `[admin]`,
+    `reload.watch`) as the gateway started with them. If the file does not load now, its siblings refused it too
+    and serve their last good one; the replacement then serves `started` and says so (`worker_configuration_refused`):
+    a SIGHUP once the file is fixed brings every worker to the same configuration."""
     from proxy.ops.check import check
 
     try:
@@ -310,7 +312,9 @@ def replacement_config(started: Config) -> Config:
         return started
     kept = {f.name: getattr(started.listener, f.name) for f in dataclasses.fields(started.listener)}
     kept = {name: value for name, value in kept.items() if name not in LISTENER_RELOADED}
-    return dataclasses.replace(config, listener=dataclasses.replace(config.listener, **kept), admin=started.admin)
+    listener = dataclasses.replace(config.listener, **kept)
+    reload = dataclasses.replace(config.reload, watch=started.reload.watch)
+    return dataclasses.replace(config, listener=listener, admin=started.admin, reload=reload)
 
 
 SETTLE_LOOKS = 5  # looks at most for a changed file to stay unchanged before it is reloaded anyway
