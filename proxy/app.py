@@ -49,7 +49,7 @@ from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
 from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
 from proxy.tls.server import gate_factory, host_port
-from proxy.workers import Worker
+from proxy.workers import Worker, reload_asked_while_starting
 
 log = structlog.get_logger("proxy")
 TRACE_KEY = web.RequestKey("trace", Trace)
@@ -305,6 +305,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
+    if worker is not None and reload_asked_while_starting():  # passed on by the supervisor before the line above
+        live.reload_soon()
     listener = config.listener
     slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections

@@ -30,7 +30,8 @@ it cannot, and its workers, stopping with it, remove it instead (the last one to
 
 Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they
 have. SIGHUP goes to every worker too, and each reloads on its own (`proxy.live`); a worker still
-starting, before its reload handler is in place, ignores it rather than die of it. A supervisor killed
+starting, before its reload handler is in place, remembers it (rather than die of it, or miss the reload) and
+reloads once it serves. A supervisor killed
 outright (SIGKILL, which it cannot pass on) takes its workers with it: each asks the kernel for SIGTERM
 when its parent dies (PR_SET_PDEATHSIG), so none runs on as an orphan holding the port. A worker that dies on its own is
 replaced after a pause, unless it exited with an error within `MIN_UPTIME` seconds of starting: a
@@ -162,6 +163,20 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     return failure
 
 
+_reload_asked = False  # a SIGHUP came while this worker started (`_remember_reload`)
+
+
+def _remember_reload(signum: int, frame: FrameType | None) -> None:
+    global _reload_asked
+    _reload_asked = True
+
+
+def reload_asked_while_starting() -> bool:
+    """Whether a SIGHUP reached this worker before its reload handler was in place (then it reloads once it serves:
+    the supervisor passed on a reload the worker would otherwise have missed, serving the file as read before)."""
+    return _reload_asked
+
+
 def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> None:
     """The child side of the fork: default signal handling back, serve, and never return into the parent's code.
     A worker outliving its supervisor (killed outright, so it never removed `siblings`) removes that directory
@@ -170,7 +185,7 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until proxy.app.serve installs its reload handler
+        signal.signal(signal.SIGHUP, _remember_reload)  # until proxy.app.serve installs its reload handler
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != supervisor:  # it died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)  # delivered when the mask is lifted below

@@ -7,6 +7,7 @@ of the process that wrote it, which is how the tests see which worker served a r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -18,13 +19,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import WAIT
+from tests.integration.jsonlog import WAIT, eventually
 
 
 def _with_workers(lab: LabLayout, port: int, workers: int) -> str:
@@ -191,6 +193,54 @@ def test_a_worker_replaced_while_the_file_is_broken_serves_and_says_so(lab: LabL
         assert gw.proc.poll() is None
     finally:
         gw.stop()
+
+
+def test_a_sighup_while_the_workers_start_reaches_them_all(lab: LabLayout, tmp_path: Path) -> None:
+    """systemd's ExecReload (or a configuration tool) right after a start: SIGHUP reached workers still starting,
+    which ignored it until their reload handler was in place, and served the configuration read before the edit
+    beside siblings that had reloaded it. A worker now remembers a SIGHUP that came while it started and reloads
+    once it serves: every worker ends up serving the edited file."""
+    port = free_port()
+    retired = '\n[[routes]]\nprefix = "/retired/"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
+    config = tmp_path / "gw" / "gateway.toml"
+    config.parent.mkdir()
+    config.write_text(_with_workers(lab, port, 2) + retired)
+    log = tmp_path / "gw" / "gateway.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **lab.env()},
+        )
+    try:
+
+        def lines(event: str) -> list[dict[str, Any]]:
+            found = []
+            for line in log.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    if (record := json.loads(line)).get("event") == event:
+                        found.append(record)
+            return found
+
+        workers = eventually(lambda: [e["worker"] for e in lines("worker_started")] or None, "a worker forked")
+        edited = tmp_path / "edited.toml"
+        edited.write_text(_with_workers(lab, port, 2))
+        edited.replace(config)
+        proc.send_signal(signal.SIGHUP)  # the first worker was forked a moment ago: it is still starting
+
+        def serving_the_edit() -> bool:
+            started = [e["worker"] for e in lines("worker_started")]
+            if len(started) < 2 or len(lines("listening")) < 2:
+                return False
+            latest = {e["pid"]: e["routes"] for e in lines("listening") + lines("reloaded")}
+            return all("/retired/" not in latest.get(pid, ["/retired/"]) for pid in started)
+
+        assert eventually(serving_the_edit, "every worker serving the edited file"), log.read_text()[-3000:]
+        assert workers
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def test_workers_do_not_outlive_a_killed_supervisor(lab: LabLayout, two_workers: Gateway) -> None:
