@@ -305,7 +305,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
-    if worker is not None and reload_asked_while_starting():  # passed on by the supervisor before the line above
+    if reload_asked_while_starting():  # a SIGHUP before the line above (`kcd-proxy run`, proxy.workers)
         live.reload_soon()
     listener = config.listener
     slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)

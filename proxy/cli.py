@@ -17,6 +17,14 @@ from proxy.ops import trace_cli
 
 
 def _run(args: argparse.Namespace) -> int:
+    import signal
+
+    from proxy import workers
+
+    # A SIGHUP from here on (systemd's ExecReload just after a start) is a reload once the gateway serves, never the
+    # signal's default end of the process, which systemd's Restart=on-failure does not restart (proxy.workers).
+    signal.signal(signal.SIGHUP, workers.remember_reload)
+
     from proxy import app
     from proxy import loop as event_loop
     from proxy.observability.logging import configure
@@ -27,7 +35,6 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return e.report()
 
-    from proxy import workers
     from proxy.auth.shared import SharedTable
 
     # several workers count a user's wrong passwords in one table, made before they fork (proxy.auth.shared)

@@ -163,18 +163,23 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     return failure
 
 
-_reload_asked = False  # a SIGHUP came while this worker started (`_remember_reload`)
+_reload_asked = False  # a SIGHUP came while this process started (`remember_reload`)
 
 
-def _remember_reload(signum: int, frame: FrameType | None) -> None:
+def remember_reload(signum: int, frame: FrameType | None) -> None:
+    """SIGHUP's handler until the event loop's is in place (`kcd-proxy run` from its start; a worker from its fork):
+    the reload is remembered, not lost, and SIGHUP's default action (the end of the process) never taken."""
     global _reload_asked
     _reload_asked = True
 
 
 def reload_asked_while_starting() -> bool:
-    """Whether a SIGHUP reached this worker before its reload handler was in place (then it reloads once it serves:
-    the supervisor passed on a reload the worker would otherwise have missed, serving the file as read before)."""
-    return _reload_asked
+    """Whether a SIGHUP reached this process before its reload handler was in place (then it reloads once it serves:
+    a worker would otherwise have missed a reload the supervisor passed on, serving the file as read before; a lone
+    gateway would have ended). Asked once: the answer is the process's to act on, then forgotten."""
+    global _reload_asked
+    asked, _reload_asked = _reload_asked, False
+    return asked
 
 
 def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> None:
@@ -185,7 +190,7 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, _remember_reload)  # until proxy.app.serve installs its reload handler
+        signal.signal(signal.SIGHUP, remember_reload)  # until proxy.app.serve installs its reload handler
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != supervisor:  # it died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)  # delivered when the mask is lifted below
