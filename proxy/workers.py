@@ -137,6 +137,9 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     try:
         for number in range(1, listener.workers + 1):
             start(number)
+        # a SIGHUP before `on_signal` was in place is the first workers' to act on (each forked with the flag set),
+        # not every replacement's to come (each reads the file afresh anyway)
+        reload_asked_while_starting()
         while workers:
             pid, status = os.wait()
             if pid not in workers:
