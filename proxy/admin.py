@@ -20,9 +20,10 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
 
 At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one is closed as soon as it is
-made (`admin_connection_limit_reached`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, so
-connections that never send a request can neither take the file descriptors the device listener needs nor
-keep the admin listener full.
+made (`admin_connection_limit_reached`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
+idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head still unfinished
+after it, and a TLS handshake not done by then: connections that never send a request, or stop half-way, can
+neither take the file descriptors the device listener needs nor keep the admin listener full.
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
@@ -48,6 +49,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -68,6 +70,13 @@ LIVE_KEY = web.AppKey("live", Live)
 READY_CACHE_SECONDS = 10.0
 ADMIN_MAX_CONNECTIONS = 64  # open at once; probes, scrapers and an operator's browser need a few
 ADMIN_SILENT_SECONDS = 10.0  # a new connection that sends nothing for this long is closed
+# an idle keep-alive connection, or a request head unfinished, is closed after ADMIN_SILENT_SECONDS too (aiohttp's
+# keep-alive timer runs from the connection's start and after each answer, and closes it if no whole request came)
+_RUNNER_SETTINGS: dict[str, Any] = {
+    "access_log": None,
+    "handle_signals": False,
+    "keepalive_timeout": ADMIN_SILENT_SECONDS,
+}
 
 
 class Readiness:
@@ -363,7 +372,7 @@ async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener
 async def _serve_bind(
     live: Live, admin: Admin, siblings: Siblings | None, worker: Worker | None, started: AdminListener
 ) -> None:
-    runner = web.AppRunner(make_admin_app(live, siblings), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_admin_app(live, siblings), **_RUNNER_SETTINGS)
     await runner.setup()
     started.runners.append(runner)
     assert runner.server is not None
@@ -371,7 +380,12 @@ async def _serve_bind(
     shared = live.config.listener.workers > 1
     try:
         server = await asyncio.get_running_loop().create_server(
-            _capped(runner.server), admin.host, admin.port, ssl=admin_ssl_context(admin), reuse_port=shared
+            _capped(runner.server),
+            admin.host,
+            admin.port,
+            ssl=(context := admin_ssl_context(admin)),
+            ssl_handshake_timeout=ADMIN_SILENT_SECONDS if context is not None else None,
+            reuse_port=shared,
         )
     except OSError as e:
         raise ConfigError(
@@ -387,7 +401,7 @@ async def _serve_socket(live: Live, path: Path, siblings: Siblings | None, start
     no allow-list, and no `Host` check: a browser cannot reach a Unix socket, so no page can rebind a name to it).
     A socket left by a gateway that died is replaced; one a process answers on (a gateway running already), or any
     other file there, is refused (`admin.socket`)."""
-    runner = web.AppRunner(make_admin_app(live, siblings, unix=True), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_admin_app(live, siblings, unix=True), **_RUNNER_SETTINGS)
     await runner.setup()
     started.runners.append(runner)
     assert runner.server is not None

@@ -51,15 +51,16 @@ from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
 from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
 from proxy.tls.server import gate_factory, host_port
-from proxy.workers import Worker
+from proxy.workers import Worker, reload_asked_while_starting
 
 log = structlog.get_logger("proxy")
 TRACE_KEY = web.RequestKey("trace", Trace)
 DEVICE_KEY = web.RequestKey("device", AiohttpRequest)
 
 
-def build(config: Config, *, shared: SharedTable | None = None) -> Gateway:
-    """The gateway a configuration describes; `shared`: the workers' table for the Basic per-user throttle."""
+def build(config: Config, *, shared: SharedTable | None = None, previous: Gateway | None = None) -> Gateway:
+    """The gateway a configuration describes; `shared`: the workers' table for the Basic per-user throttle;
+    `previous`: the gateway a reload replaces, whose CRLs the new ones start from (`CrlStore.inherit`)."""
     cc = config.client_certificates
     problems: list[str] = []
     try:
@@ -74,6 +75,8 @@ def build(config: Config, *, shared: SharedTable | None = None) -> Gateway:
     if problems:
         raise ConfigError(problems)
     revocation = LiveRevocation(cc, trust)
+    if previous is not None:  # a reload: what a source held stays the floor a replayed CRL is refused below
+        revocation.crls.inherit(previous.revocation.crls)
     for problem in revocation.load(now=datetime.now(UTC)):
         log.warning("crl_not_used", problem=problem)
     if cc.revocation == "off":
@@ -307,6 +310,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
+    if reload_asked_while_starting():  # a SIGHUP before the line above (`kcd-proxy run`, proxy.workers)
+        live.reload_soon()
     listener = config.listener
     slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections

@@ -18,6 +18,14 @@ from proxy.ops import trace_cli
 
 
 def _run(args: argparse.Namespace) -> int:
+    import signal
+
+    from proxy import workers
+
+    # A SIGHUP from here on (systemd's ExecReload just after a start) is a reload once the gateway serves, never the
+    # signal's default end of the process, which systemd's Restart=on-failure does not restart (proxy.workers).
+    signal.signal(signal.SIGHUP, workers.remember_reload)
+
     from proxy import app
     from proxy import loop as event_loop
     from proxy.observability.logging import configure
@@ -29,15 +37,18 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return e.report()
 
-    from proxy import workers
     from proxy.auth.shared import SharedTable
 
     # several workers count a user's wrong passwords in one table, made before they fork (proxy.auth.shared)
     shared = SharedTable() if cfg.listener.workers > 1 else None
 
     def serve_one(worker: workers.Worker | None = None) -> int:
+        from proxy.live import replacement_config
+
+        # a replacement for a worker that died serves what its siblings reloaded since the start, not `cfg`
+        current = replacement_config(cfg) if worker is not None and worker.replacement else cfg
         try:
-            event_loop.run(app.serve(cfg, worker=worker, shared=shared), cfg.listener.event_loop)
+            event_loop.run(app.serve(current, worker=worker, shared=shared), cfg.listener.event_loop)
         except ConfigError as e:
             return e.report()
         return 0
@@ -46,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
         return serve_one()
 
     try:
-        return workers.supervise(cfg.listener, serve_one)
+        return workers.supervise(cfg.listener, serve_one, cfg.admin)
     except workers.PortInUse as e:
         print(f"cannot serve: {e}", file=sys.stderr)
         return 2

@@ -978,6 +978,23 @@ def is_loopback(host: str, resolve: Callable[..., list[Any]] | None = None) -> b
     return bool(addresses) and all(ipaddress.ip_address(a.partition("%")[0]).is_loopback for a in addresses)
 
 
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})  # the names of "every address"
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether listening sockets at the hosts `one` and `other` (on one port) take each other's connections: the
+    same host, a wildcard on either side (`[::]` takes IPv4 too, unless v6only), or two loopback names. Two
+    sockets with SO_REUSEPORT (several workers) then share the port silently instead of failing to bind."""
+    one, other = one.lower(), other.lower()
+    if one == other or one in WILDCARD_HOSTS or other in WILDCARD_HOSTS:
+        return True
+    return is_loopback(one) and is_loopback(other)
+
+
 def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
     known = {"bind", "certificate", "private_key", "client_ca", "allowed_clients", "socket"}
     r.unknown(t, "admin", known)
@@ -1115,6 +1132,12 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     identity = _identity(r, r.table(data, "identity"))
     kerberos = _kerberos(r, r.table(data, "kerberos"))
     admin = _admin(r, r.table(data, "admin"))
+    if admin is not None and admin.bound and _overlap(listener.host, admin.host) and listener.port == admin.port:
+        r.problem(
+            "admin.bind",
+            f"{_bind(admin.host, admin.port)} takes connections meant for listener.bind "
+            f"({_bind(listener.host, listener.port)}): give the admin listener a port of its own",
+        )
     reload = _reload(r, r.table(data, "reload"))
     doctor = _doctor(r, r.table(data, "doctor"))
     authentication = _authentication(r, r.table(data, "authentication"))

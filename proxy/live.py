@@ -16,6 +16,10 @@ TLS context, first fetch of the CRLs); only when all of that succeeded are both 
 - a configuration that does not load, fails a cross-check or cannot be built is refused: the reasons are
   logged (`reload_refused`) and the old one keeps serving.
 
+The CRLs do too, as the floor of the new ones (`CrlStore.inherit`): for a source both configurations read, the new
+store starts from the last good CRLs the old one held (those whose signer the new trust list still holds), so a
+reload, like a refresh, never takes a CRL older than the one held (a replay) and keeps the last good one when the
+source gives nothing usable; built afresh, a reload took last week's CRL and served a certificate revoked since.
 The per-user backend connections always carry over (each route's TLS context too, unless the route or its
 CA bundle's bytes changed: `Pools.successor`), and the Delegator (the gateway's own credentials, its KDC watch)
 and the Basic login cache when their settings are unchanged. The delegated tickets do not (issue #7): a reload
@@ -25,6 +29,11 @@ in flight keep the token they have. What the old gateway owned alone
 (its CRL refresher, a replaced Delegator) is closed when its last request ends. The listener's and the
 admin listener's addresses, the number of workers and the listener's other settings but its certificate, key and
 `trusted_proxies` only change with a restart (`reload_needs_restart` names each one a reload left as it was).
+
+A worker that replaces one that died (`[listener] workers`, `proxy.workers`) starts from the file too, as a reload
+would read it (`replacement_config`): it was forked with the configuration the supervisor read at start, and so
+served what every reload since had retired (a route, a CA taken off the trust list) beside siblings that had not.
+Its restart-only keys stay as the gateway started with them, as its siblings' do.
 
 With `[reload] watch = true`, the configuration file and every file it names are polled every
 `watch_interval` seconds (size and modification time); a change triggers the same reload once the files have
@@ -214,7 +223,7 @@ def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext]:
     problems = check(config, at=datetime.now(UTC), crls=False)
     if problems:
         raise ConfigError(problems)
-    return _carry_over(build(config, shared=old.basic.shared), old), server_context(config)
+    return _carry_over(build(config, shared=old.basic.shared, previous=old), old), server_context(config)
 
 
 def _carry_over(new: Gateway, old: Gateway) -> Gateway:
@@ -273,7 +282,39 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
             changed.append(f"listener.{f.name}")
     if old.admin != new.admin:
         changed.append("admin")
+    if old.reload.watch != new.reload.watch:  # the watch task starts with the process (its interval: at each look)
+        changed.append("reload.watch")
     return changed
+
+
+def replacement_config(started: Config) -> Config:
+    """What a worker replacing a dead one serves: the file read and cross-checked again, as its siblings' reloads
+    read it, with the keys a reload leaves for a restart (the listener's but LISTENER_RELOADED, `[admin]`,
+    `reload.watch`) as the gateway started with them. If the file does not load now, its siblings refused it too
+    and serve their last good one; the replacement then serves `started` and says so (`worker_configuration_refused`):
+    a SIGHUP once the file is fixed brings every worker to the same configuration."""
+    from proxy.ops.check import check
+
+    try:
+        config = config_module.load(started.path)
+        problems = check(config, at=datetime.now(UTC), crls=False)
+    except ConfigError as e:
+        problems = e.problems
+    except (OSError, ssl.SSLError, ValueError) as e:
+        problems = [f"{type(e).__name__}: {e}"]
+    if problems:
+        log.error(
+            "worker_configuration_refused",
+            config=str(started.path),
+            problems=problems,
+            detail="this worker serves the configuration the gateway started with; fix the file, then reload",
+        )
+        return started
+    kept = {f.name: getattr(started.listener, f.name) for f in dataclasses.fields(started.listener)}
+    kept = {name: value for name, value in kept.items() if name not in LISTENER_RELOADED}
+    listener = dataclasses.replace(config.listener, **kept)
+    reload = dataclasses.replace(config.reload, watch=started.reload.watch)
+    return dataclasses.replace(config, listener=listener, admin=started.admin, reload=reload)
 
 
 SETTLE_LOOKS = 5  # looks at most for a changed file to stay unchanged before it is reloaded anyway

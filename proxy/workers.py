@@ -9,7 +9,8 @@ itself serves nothing and holds no socket.
 
 Why the check: SO_REUSEPORT lets any process of the same user bind the same port, so a second gateway
 started by mistake on a port that one already serves would quietly take half of its connections instead
-of failing. A plain bind (SO_REUSEADDR only) fails when anything listens there; that is the check.
+of failing. A plain bind (SO_REUSEADDR only) fails when anything listens there; that is the check, made for the
+admin listener's port too (its workers share it the same way).
 
 Workers share nothing but one thing: each has its own Kerberos credentials and ticket cache, per-user backend pools
 and CRLs, so a user whose connections land on two workers costs two S4U2Self exchanges. That is also
@@ -29,12 +30,15 @@ it cannot, and its workers, stopping with it, remove it instead (the last one to
 
 Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they
 have. SIGHUP goes to every worker too, and each reloads on its own (`proxy.live`); a worker still
-starting, before its reload handler is in place, ignores it rather than die of it. A supervisor killed
+starting, before its reload handler is in place, remembers it (rather than die of it, or miss the reload) and
+reloads once it serves. A supervisor killed
 outright (SIGKILL, which it cannot pass on) takes its workers with it: each asks the kernel for SIGTERM
 when its parent dies (PR_SET_PDEATHSIG), so none runs on as an orphan holding the port. A worker that dies on its own is
 replaced after a pause, unless it exited with an error within `MIN_UPTIME` seconds of starting: a
 gateway that cannot start (unreadable keytab, ...) would only fail again, so the supervisor stops the
-rest and exits with that worker's code. (A worker killed by a signal is replaced whenever it dies.)
+rest and exits with that worker's code. (A worker killed by a signal is replaced whenever it dies.) A replacement
+reads the configuration file again (`proxy.live.replacement_config`): its siblings may have reloaded since the
+supervisor read it.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from types import FrameType
 
 import structlog
 
-from proxy.config import Listener
+from proxy.config import Admin, Listener
 from proxy.kerberos.profile import remove_overlay
 
 log = structlog.get_logger("proxy.workers")
@@ -72,6 +76,7 @@ class Worker:
 
     number: int  # 1..N, kept by a replacement
     siblings: Path  # the supervisor's private directory: one Unix socket per worker, `<number>.sock`
+    replacement: bool = False  # started in place of one that died: reads the configuration afresh (proxy.live)
 
     @property
     def socket(self) -> Path:
@@ -82,20 +87,28 @@ class PortInUse(Exception):
     """Something already listens on the gateway's address."""
 
 
-def check_port_free(listener: Listener) -> None:
-    """Bind the address the way a lone gateway would (no SO_REUSEPORT): this fails if anything listens."""
-    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+def check_port_free(listener: Listener, admin: Admin | None = None) -> None:
+    """Bind the address the way a lone gateway would (no SO_REUSEPORT): this fails if anything listens. The admin
+    listener's too (`admin`, when it has a TCP address): its workers share it with SO_REUSEPORT as well, so a second
+    gateway given the same admin port answered half of the first one's scrapes and readiness probes."""
+    _check_free(listener.host, listener.port, "")
+    if admin is not None and admin.bound:
+        _check_free(admin.host, admin.port, "admin.bind ")
+
+
+def _check_free(host: str, port: int, key: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((listener.host, listener.port))
+            probe.bind((host, port))
         except OSError as exc:
-            raise PortInUse(f"{listener.host}:{listener.port}: {exc.strerror}") from None
+            raise PortInUse(f"{key}{host}:{port}: {exc.strerror}") from None
 
 
-def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
+def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Admin | None = None) -> int:
     """Run `serve_one` (one whole gateway; returns an exit code) in `listener.workers` processes."""
-    check_port_free(listener)
+    check_port_free(listener, admin)
     workers: dict[int, tuple[float, int]] = {}  # pid -> (when it started, its number)
     siblings = Path(tempfile.mkdtemp(prefix="kcd-proxy-workers-"))  # mode 0700
     stopping = False
@@ -109,13 +122,13 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def start(number: int) -> None:
+    def start(number: int, *, replacement: bool = False) -> None:
         # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _worker(lambda: serve_one(Worker(number, siblings)), supervisor, siblings)
+            _worker(lambda: serve_one(Worker(number, siblings, replacement)), supervisor, siblings)
         workers[pid] = (time.monotonic(), number)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info("worker_started", worker=pid, number=number)
@@ -124,6 +137,9 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
     try:
         for number in range(1, listener.workers + 1):
             start(number)
+        # a SIGHUP before `on_signal` was in place is the first workers' to act on (each forked with the flag set),
+        # not every replacement's to come (each reads the file afresh anyway)
+        reload_asked_while_starting()
         while workers:
             pid, status = os.wait()
             if pid not in workers:
@@ -141,13 +157,32 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int]) -> int:
                 continue
             time.sleep(_RESTART_PAUSE)
             if not stopping:
-                start(number)
+                start(number, replacement=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutil.rmtree(siblings, ignore_errors=True)
     log.info("supervisor_stopped")
     return failure
+
+
+_reload_asked = False  # a SIGHUP came while this process started (`remember_reload`)
+
+
+def remember_reload(signum: int, frame: FrameType | None) -> None:
+    """SIGHUP's handler until the event loop's is in place (`kcd-proxy run` from its start; a worker from its fork):
+    the reload is remembered, not lost, and SIGHUP's default action (the end of the process) never taken."""
+    global _reload_asked
+    _reload_asked = True
+
+
+def reload_asked_while_starting() -> bool:
+    """Whether a SIGHUP reached this process before its reload handler was in place (then it reloads once it serves:
+    a worker would otherwise have missed a reload the supervisor passed on, serving the file as read before; a lone
+    gateway would have ended). Asked once: the answer is the process's to act on, then forgotten."""
+    global _reload_asked
+    asked, _reload_asked = _reload_asked, False
+    return asked
 
 
 def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> None:
@@ -158,7 +193,7 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until proxy.app.serve installs its reload handler
+        signal.signal(signal.SIGHUP, remember_reload)  # until proxy.app.serve installs its reload handler
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != supervisor:  # it died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)  # delivered when the mask is lifted below

@@ -60,6 +60,7 @@ RevocationPolicy = Literal["require", "best-effort", "off"]
 Scope = Literal["all", "users", "cas", "attributes"]
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 _F = x509.ReasonFlags
+MAX_NAME_SHOWN = 256  # characters of an unverified CRL's issuer name in an error (a label, a log line, /readyz)
 CLOCK_SKEW = timedelta(minutes=5)  # a CRL issued "now" by a CA whose clock runs a little ahead is usable
 _US = timedelta(microseconds=1)  # datetime's resolution: t <= end is t < end + 1 µs
 _REMEMBERED = 10_000  # answers a set keeps (about one per certificate in use)
@@ -446,14 +447,29 @@ def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
 
 def parse_crls(data: bytes, source: str) -> list[x509.CertificateRevocationList]:
     """The CRLs in `data` (PEM with one or more CRLs, or one DER CRL); ValueError naming `source`."""
-    blocks = _PEM_CRL.findall(data) if b"-----BEGIN" in data else [data]
+    pem = b"-----BEGIN" in data
+    blocks = _PEM_CRL.findall(data) if pem else [data]
     if not blocks:
         raise ValueError(f"{source}: PEM without a 'BEGIN X509 CRL' block")
+    if pem:
+        _whole(_PEM_CRL.sub(b"", data), source)
     load = x509.load_pem_x509_crl if b"-----BEGIN" in data else x509.load_der_x509_crl
     try:
         return [load(block) for block in blocks]
     except ValueError as exc:
         raise ValueError(f"{source}: not a PEM or DER CRL ({exc})") from exc
+
+
+_BEGIN_CRL = b"-----BEGIN X509 CRL-----"
+
+
+def _whole(rest: bytes, source: str) -> None:
+    """ValueError if what is left of a PEM file once its CRL blocks are taken out holds the start of one more: a file
+    cut short (a copy interrupted, a full disk) would otherwise be read as the CRLs before the cut, and a source's
+    CRLs are replaced as a whole: the issuer whose CRL was cut off would have none."""
+    last = rest.rstrip().rpartition(b"\n")[2].strip()
+    if b"X509 CRL" in rest or (len(last) >= 5 and _BEGIN_CRL.startswith(last)):
+        raise ValueError(f"{source}: a CRL block without its END line (the file cut short?)")
 
 
 # --- accepting a CRL -------------------------------------------------------------------------------
@@ -464,8 +480,9 @@ def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *
     at = _utc(at)
     name = crl.issuer.rfc4514_string()
     cas = trust.named(crl.issuer)
-    if not cas:
-        raise CrlUnusable(f"CRL issuer '{name}' is not in the trust list")
+    if not cas:  # anyone on an http source's path sends any name: it is shown cut short (a label, a log line)
+        shown = name if len(name) <= MAX_NAME_SHOWN else f"{name[:MAX_NAME_SHOWN]}... ({len(name)} characters)"
+        raise CrlUnusable(f"CRL issuer '{shown}' is not in the trust list")
     signers = [ca for ca in cas if _signed_by(crl, ca)]
     if not signers:
         raise CrlUnusable(f"CRL signature does not verify against the trusted '{name}' (signed with another key?)")

@@ -96,6 +96,22 @@ class CrlStore:
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
 
+    def inherit(self, old: CrlStore) -> None:
+        """Start from `old`'s last good CRLs (a reload, before this store reads anything): for each source both
+        read (and, with distribution points, the ones `old` learned), the CRLs whose signer this trust list still
+        holds. They are what a replayed CRL is refused below and what stays when the source gives nothing usable,
+        as in a refresh: a store built afresh took any CRL still within its nextUpdate, last week's included."""
+        if self.use_distribution_points:
+            learned = [s.source for s in old._states.values() if s.source.learned and s.crls]
+            for source in learned[:MAX_LEARNED]:
+                self._states.setdefault(source.location, _State(source))
+        for location, state in self._states.items():
+            before = old._states.get(location)
+            if before is None or state.crls:
+                continue
+            state.crls = tuple(crl for crl in before.crls if crl.signer in self.trust.named(crl.issuer))
+            state.last_success = before.last_success if state.crls else None
+
     # --- reading -----------------------------------------------------------------------------------
 
     def load_files(self, *, now: datetime) -> list[str]:

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin import ADMIN_MAX_CONNECTIONS
+from proxy.admin import ADMIN_MAX_CONNECTIONS, ADMIN_SILENT_SECONDS
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
@@ -185,19 +185,26 @@ def test_not_ready_without_a_kdc(lab: LabLayout, tmp_path: Path) -> None:
 
 
 def test_not_ready_once_a_crl_is_past_its_next_update(lab: LabLayout, tmp_path: Path) -> None:
-    """Issue 8: /readyz says "CRLs current": the issuing CA's CRL reaching its nextUpdate (3 s after it was made,
-    nothing newer published) makes /readyz 503 naming that CRL's source, while the KDC is still "ok"."""
-    now = datetime.now(UTC)
-    issuing = write_crl(
-        tmp_path / "issuing.crl", load_ca(lab.pki_dir, "issuing"), next_update=now + timedelta(seconds=3)
-    )
+    """Issue 8: /readyz says "CRLs current": the issuing CA's CRL reaching its nextUpdate (15 s after it was made,
+    nothing newer published) makes /readyz 503 naming that CRL's source, while the KDC is still "ok". The short-lived
+    CRL replaces a day-long one once the gateway runs (a CRL made 3 s before a start on a loaded machine was stale
+    when first read: "no usable CRL", never "stale since")."""
+    issuing_ca = load_ca(lab.pki_dir, "issuing")
+    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca)
     root = write_crl(tmp_path / "root.crl", load_ca(lab.pki_dir, "root"))
     admin_port = free_port()
     text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
     assert lab_crls in text
-    gw = start_gateway(lab, tmp_path, text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]'))
+    text = text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1')
+    gw = start_gateway(lab, tmp_path, text)
     try:
+        gw.mark()
+        short = write_crl(
+            tmp_path / "short.crl", issuing_ca, next_update=datetime.now(UTC) + timedelta(seconds=15), number=1001
+        )
+        short.replace(issuing)
+        gw.wait_event("crl_loaded", source=str(issuing), crl_number=1001)
 
         def stale() -> dict[str, Any] | None:
             status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
@@ -211,8 +218,8 @@ def test_not_ready_once_a_crl_is_past_its_next_update(lab: LabLayout, tmp_path: 
         assert gw.stop() == 0
 
 
-def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayout, tmp_path: Path) -> None:
-    """With TLS and an allow-list, a listed certificate is served, another trusted one gets 403."""
+def _tls_admin(lab: LabLayout, tmp_path: Path) -> tuple[Gateway, int]:
+    """A gateway whose admin listener takes TLS and alice's certificate only; its admin port."""
     admin_port = free_port()
     p = lab.pki_dir
     bundle = tmp_path / "admin-ca.pem"  # the root and the intermediate: devices send their leaf only
@@ -225,7 +232,12 @@ private_key = "{p / "server.key"}"
 client_ca = "{bundle}"
 allowed_clients = ["CN=alice"]
 """
-    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    return start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra)), admin_port
+
+
+def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayout, tmp_path: Path) -> None:
+    """With TLS and an allow-list, a listed certificate is served, another trusted one gets 403."""
+    gw, admin_port = _tls_admin(lab, tmp_path)
     url = f"https://127.0.0.1:{admin_port}/metrics"
     try:
         status, body = _get(url, client_context(lab, "alice"))
@@ -236,6 +248,35 @@ allowed_clients = ["CN=alice"]
         assert "allow-list" in body
         assert gw.wait_event("admin_refused")["subject"] == "CN=bob"
     finally:
+        assert gw.stop() == 0
+
+
+def test_tls_handshakes_never_finished_do_not_hold_the_admin_listener(lab: LabLayout, tmp_path: Path) -> None:
+    """Anyone who reaches a TLS admin listener (bound off loopback) could keep it full without a certificate:
+    connections that never finish their handshake held ADMIN_MAX_CONNECTIONS slots for asyncio's 60 s handshake
+    timeout, renewed at will. They are closed after ADMIN_SILENT_SECONDS, so the allowed client is served again
+    within a few times that while their client still holds them open."""
+    gw, admin_port = _tls_admin(lab, tmp_path)
+    url = f"https://127.0.0.1:{admin_port}/healthz"
+    stalled = []
+    try:
+        gw.mark()
+        for _ in range(ADMIN_MAX_CONNECTIONS + 1):  # the last one is refused, and says so
+            stalled.append(socket.create_connection(("127.0.0.1", admin_port), timeout=15))
+        gw.wait_event("admin_connection_limit_reached")  # the next one is refused: every slot is held
+        started = time.monotonic()
+
+        def served() -> bool:
+            try:
+                return _get(url, client_context(lab, "alice"))[0] == 200
+            except (OSError, http.client.HTTPException):
+                return False
+
+        eventually(served, "alice served again", timeout=3 * ADMIN_SILENT_SECONDS)
+        assert time.monotonic() - started < 3 * ADMIN_SILENT_SECONDS
+    finally:
+        for sock in stalled:
+            sock.close()
         assert gw.stop() == 0
 
 
@@ -322,4 +363,31 @@ def test_idle_connections_to_the_admin_listener_are_capped(lab: LabLayout, admin
         assert eventually(lambda: _answers(admin + "/healthz"), "the admin answering again")
     finally:
         for sock in idle:
+            sock.close()
+
+
+def test_connections_that_send_a_request_or_part_of_one_do_not_hold_the_admin_listener(
+    lab: LabLayout, admin_gateway: tuple[Gateway, str]
+) -> None:
+    """Any local user could shut the admin listener (and with it the orchestrator's /readyz and /healthz probes)
+    for an hour: connections that sent one request and then idled (aiohttp's keep-alive, 3630 s) or half a request
+    head escaped the silence timer and held the ADMIN_MAX_CONNECTIONS slots. Both are closed once idle for
+    ADMIN_SILENT_SECONDS, so the admin answers again while their client still holds them open."""
+    gw, admin = admin_gateway
+    port = urlsplit(admin).port
+    assert port is not None
+    held = []
+    try:
+        for i in range(ADMIN_MAX_CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+            if i % 2:  # a whole request, answered, then the connection kept alive and idle
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            else:  # a request head that never ends
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            held.append(sock)
+        assert eventually(lambda: _closed_at_once(port), "a new connection closed at once: the cap is reached")
+        assert eventually(lambda: _answers(admin + "/healthz"), "the admin answering again")
+        assert curl(lab, gw.url + "/owa/", "alice").returncode == 0
+    finally:
+        for sock in held:
             sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -12,16 +13,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl, write_server_certificate
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway, wait_port
-from tests.integration.jsonlog import WAIT, eventually
+from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
 
 # How long the backend holds the request that spans the reload: longer than the reload and the requests around
 # it take on a loaded machine (the test asserts it is still held after them).
@@ -467,3 +471,86 @@ def test_a_session_resumed_after_a_reload_that_no_longer_trusts_its_ca_is_refuse
             _get_resuming(context, gw.port, session)
     finally:
         assert gw.stop() == 0
+
+
+def test_a_reload_never_takes_a_crl_older_than_the_one_held(lab: LabLayout, tmp_path: Path) -> None:
+    """A refresh refuses a CRL older than the one held (a replay: last week's CRL, from before a revocation, still
+    within its nextUpdate); a reload, for any reason, built its CRLs afresh and took it: the revoked certificate was
+    served again. A reload now starts from the CRLs the running configuration holds for the sources it keeps, so
+    the older one is refused (`crl_rejected`, "replayed?") and the revoked certificate stays refused."""
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
+    crl = write_crl(tmp_path / "issuing.crl", issuing, revoked=[carol.serial_number], number=2001)
+    root_crl = write_crl(tmp_path / "root.crl", root)
+    text = lab_config(lab, port=free_port())
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    text = text.replace(lab_crls, f'crls = ["{crl}", "{root_crl}"]')
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    try:
+        assert asyncio.run(_get(lab, gw, "/owa/", "carol"))[0] == 403
+        write_crl(tmp_path / "older.crl", issuing, number=2000).replace(crl)  # carol not yet revoked
+        reloaded = _reload(gw, text + "\n# a reload for another reason\n", "reloaded")
+        assert reloaded["generation"] == 2
+        assert asyncio.run(_get(lab, gw, "/owa/", "carol"))[0] == 403
+        rejected = gw.wait_event("crl_rejected", source=str(crl))
+        assert "replayed?" in rejected["problem"]
+    finally:
+        assert gw.stop() == 0
+
+
+def _long_crl(path: Path, ca: tuple[x509.Certificate, Any], entries: int) -> Path:
+    """A CRL of `ca` listing `entries` serials (none of the lab users'): seconds to vet, as a large CA's is."""
+    now = datetime.now(UTC)
+    revoked = [
+        x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - timedelta(minutes=10)).build()
+        for serial in range(10**30, 10**30 + entries)
+    ]
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=ca[0].subject,
+        last_update=now - timedelta(minutes=5),
+        next_update=now + timedelta(days=1),
+        extensions=[x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(7))],
+        revoked_certificates=revoked,
+    )
+    path.write_bytes(builder.sign(ca[1], hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    return path
+
+
+def test_a_sighup_while_the_gateway_starts_is_a_reload_not_its_end(lab: LabLayout, tmp_path: Path) -> None:
+    """`systemctl reload` just after a start (Type=exec: started once exec'd): SIGHUP reached a gateway still
+    reading its CRLs, before its reload handler was in place, and ended it; the shipped unit's Restart=on-failure
+    does not restart a process that SIGHUP ended (a "clean" signal to systemd), so the gateway stayed down. A SIGHUP
+    from the moment `run` begins is remembered and becomes a reload once the gateway serves."""
+    root = write_crl(tmp_path / "root.crl", load_ca(lab.pki_dir, "root"))
+    issuing = _long_crl(tmp_path / "issuing.crl", load_ca(lab.pki_dir, "issuing"), 200_000)
+    text = lab_config(lab, port=free_port())
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    config = tmp_path / "gateway.toml"
+    config.write_text(text.replace(lab_crls, f'crls = ["{root}", "{issuing}"]'))
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **lab.env()},
+        )
+    try:
+
+        def seen(event: str, **fields: object) -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"the gateway ended ({proc.returncode}): {log.read_text()[-2000:]}")
+            return any(
+                e.get("event") == event and all(e.get(k) == v for k, v in fields.items()) for e in whole_json_lines(log)
+            )
+
+        eventually(lambda: seen("crl_loaded", source=str(root)), "the root's CRL read: the long one is next")
+        proc.send_signal(signal.SIGHUP)
+        eventually(lambda: seen("listening"), "the gateway listening")
+        eventually(lambda: seen("reloaded", generation=2), "the SIGHUP's reload")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -7,6 +7,7 @@ of the process that wrote it, which is how the tests see which worker served a r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -18,13 +19,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import WAIT
+from tests.integration.jsonlog import WAIT, eventually
 
 
 def _with_workers(lab: LabLayout, port: int, workers: int) -> str:
@@ -138,6 +140,109 @@ def test_sighup_reaches_every_worker_which_reloads_in_place(lab: LabLayout, two_
     assert gw.events("worker_exited") == []
 
 
+def test_a_worker_replaced_after_a_reload_serves_the_reloaded_configuration(lab: LabLayout, tmp_path: Path) -> None:
+    """A worker that dies after a SIGHUP reload is replaced by one serving what its siblings reloaded: it was
+    forked with the configuration the supervisor read at start, so a route the reload retired (or a CA it no
+    longer trusted, a CRL it added) came back on about half of the new connections. Keys a reload leaves for a
+    restart (here the listener's address) stay as the gateway started with them, in every worker."""
+    port = free_port()
+    retired = '\n[[routes]]\nprefix = "/retired/"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
+    gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, port, 2) + retired)
+    try:
+        first, second = _listening_pids(gw, 2)
+        assert all("/retired/" in e["routes"] for e in gw.events("listening"))
+        edited = tmp_path / "edited.toml"
+        edited.write_text(_with_workers(lab, free_port(), 2))  # another port too: that one needs a restart
+        edited.replace(gw.config_path)
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            assert "/retired/" not in gw.wait_event("reloaded", pid=pid)["routes"]
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        listening = gw.wait_event("listening", pid=replacement)
+        assert "/retired/" not in listening["routes"]
+        assert listening["bind"] == f"127.0.0.1:{port}"
+        assert gw.events("worker_configuration_refused") == []
+        assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
+    finally:
+        gw.stop()
+
+
+def test_a_worker_replaced_while_the_file_is_broken_serves_and_says_so(lab: LabLayout, tmp_path: Path) -> None:
+    """A worker that dies while the configuration file does not load (a half-edited file) is still replaced: the
+    replacement serves the configuration the gateway started with and logs `worker_configuration_refused` with
+    the problem (the supervisor is never stopped by it); once the file is fixed a SIGHUP reloads every worker."""
+    gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, free_port(), 2))
+    try:
+        first, second = _listening_pids(gw, 2)
+        good = gw.config_path.read_text()
+        gw.config_path.write_text(good + "\n[listener\n")
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        refused = gw.wait_event("worker_configuration_refused", pid=replacement)
+        assert refused["problems"]
+        assert refused["config"] == str(gw.config_path)
+        assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
+        gw.config_path.write_text(good)
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (second, replacement):
+            gw.wait_event("reloaded", pid=pid)
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+
+
+def test_a_sighup_while_the_workers_start_reaches_them_all(lab: LabLayout, tmp_path: Path) -> None:
+    """systemd's ExecReload (or a configuration tool) right after a start: SIGHUP reached workers still starting,
+    which ignored it until their reload handler was in place, and served the configuration read before the edit
+    beside siblings that had reloaded it. A worker now remembers a SIGHUP that came while it started and reloads
+    once it serves: every worker ends up serving the edited file."""
+    port = free_port()
+    retired = '\n[[routes]]\nprefix = "/retired/"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
+    config = tmp_path / "gw" / "gateway.toml"
+    config.parent.mkdir()
+    config.write_text(_with_workers(lab, port, 2) + retired)
+    log = tmp_path / "gw" / "gateway.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **lab.env()},
+        )
+    try:
+
+        def lines(event: str) -> list[dict[str, Any]]:
+            found = []
+            for line in log.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    if (record := json.loads(line)).get("event") == event:
+                        found.append(record)
+            return found
+
+        workers = eventually(lambda: [e["worker"] for e in lines("worker_started")] or None, "a worker forked")
+        edited = tmp_path / "edited.toml"
+        edited.write_text(_with_workers(lab, port, 2))
+        edited.replace(config)
+        proc.send_signal(signal.SIGHUP)  # the first worker was forked a moment ago: it is still starting
+
+        def serving_the_edit() -> bool:
+            started = [e["worker"] for e in lines("worker_started")]
+            if len(started) < 2 or len(lines("listening")) < 2:
+                return False
+            latest = {e["pid"]: e["routes"] for e in lines("listening") + lines("reloaded")}
+            return all("/retired/" not in latest.get(pid, ["/retired/"]) for pid in started)
+
+        assert eventually(serving_the_edit, "every worker serving the edited file"), log.read_text()[-3000:]
+        assert workers
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 def test_workers_do_not_outlive_a_killed_supervisor(lab: LabLayout, two_workers: Gateway) -> None:
     """SIGKILL to the supervisor (which it cannot pass on): the workers stop too, the port is free again."""
     gw = two_workers
@@ -176,6 +281,37 @@ def test_a_lone_gateway_on_a_taken_port_names_listener_bind(lab: LabLayout, tmp_
     wanted = f"configuration error: listener.bind: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert wanted in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_an_admin_listener_on_the_workers_port_is_refused_before_any_starts(lab: LabLayout, tmp_path: Path) -> None:
+    """`[admin] bind` copied from `listener.bind` with two workers: both sockets took SO_REUSEPORT and the kernel
+    gave about half of the devices' connections to the plain-HTTP admin listener (their TLS failed; `/traces`
+    answered on the device port). The configuration is refused, naming both keys, before a worker starts."""
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(_with_workers(lab, port, 2) + f'\n[admin]\nbind = "127.0.0.1:{port}"\n')
+    done = _run(lab, config, timeout=60)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert f"admin.bind: 127.0.0.1:{port} takes connections meant for listener.bind" in done.stderr
+    assert "worker_started" not in done.stdout
+
+
+def test_a_second_gateway_on_a_served_admin_port_refuses_to_start(lab: LabLayout, tmp_path: Path) -> None:
+    """Two gateways with several workers each, the second given the first one's admin port by mistake: SO_REUSEPORT
+    let the second's workers share it silently, and each scrape or `/readyz` probe reached either gateway (one's
+    readiness answered by the other). The supervisor checks the admin port as it checks the listener's."""
+    admin_port = free_port()
+    admin = f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
+    first = start_gateway(lab, tmp_path / "first", _with_workers(lab, free_port(), 2) + admin)
+    try:
+        config = tmp_path / "second.toml"
+        config.write_text(_with_workers(lab, free_port(), 2) + admin)
+        done = _run(lab, config, timeout=60)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"cannot serve: admin.bind 127.0.0.1:{admin_port}: Address already in use" in done.stderr
+        assert "worker_started" not in done.stdout
+    finally:
+        first.stop()
 
 
 def test_workers_that_cannot_start_stop_the_supervisor(lab: LabLayout, tmp_path: Path) -> None:

@@ -185,3 +185,30 @@ def test_a_number_that_is_not_finite_names_its_key(tmp_path: Path, section: str,
         config.load(_write(tmp_path, text))
     prefix = section.strip("[]")
     assert any(p.startswith(f"{prefix}.{key}: expected a finite number") for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize(
+    ("listener", "admin"),
+    [
+        ("127.0.0.1:8443", "127.0.0.1:8443"),
+        ("0.0.0.0:8443", "127.0.0.1:8443"),
+        ("[::]:8443", "127.0.0.1:8443"),
+        ("127.0.0.1:8443", "localhost:8443"),
+    ],
+)
+def test_an_admin_listener_on_the_listeners_address_is_refused(tmp_path: Path, listener: str, admin: str) -> None:
+    """`admin.bind` on the device listener's port, at its address or under its wildcard, is refused naming both
+    keys: with several workers both bind with SO_REUSEPORT and the kernel gave about half of the devices'
+    connections to the plain-HTTP admin listener (TLS failed, and the traces answered on the device port)."""
+    text = GOOD.replace('bind = "127.0.0.1:8443"', f'bind = "{listener}"\nworkers = 2')
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, text + f'\n[admin]\nbind = "{admin}"\n'))
+    assert any(p.startswith("admin.bind:") and "listener.bind" in p for p in e.value.problems), e.value.problems
+
+
+def test_an_admin_listener_on_another_port_or_address_is_accepted(tmp_path: Path) -> None:
+    """The same port at another specific address, or another port, is no overlap."""
+    for listener, admin in (("192.0.2.10:8443", "127.0.0.1:8443"), ("0.0.0.0:8443", "127.0.0.1:9443")):
+        text = GOOD.replace('bind = "127.0.0.1:8443"', f'bind = "{listener}"')
+        cfg = config.load(_write(tmp_path, text + f'\n[admin]\nbind = "{admin}"\n'))
+        assert cfg.admin is not None

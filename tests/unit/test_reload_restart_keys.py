@@ -77,3 +77,16 @@ def test_watch_covers_the_files_a_reload_reads(tmp_path: Path) -> None:
     watched = watched_files(config.load(_write(tmp_path, text)))
     assert {tmp_path / n for n in ("backend-ca.pem", "dc-ca.pem", "ldap.pw")} <= set(watched)
     assert len(watched) == len(set(watched))
+
+
+@pytest.mark.parametrize(("before", "after"), [("", "\n[reload]\nwatch = true\n"), ("\n[reload]\nwatch = true\n", "")])
+def test_turning_the_file_watch_on_or_off_is_named(tmp_path: Path, before: str, after: str) -> None:
+    """The watch task is started, or not, when the process starts: a reload that turned `[reload] watch` off logged
+    `reloaded` while the files were still watched and reloaded as they changed (half-edited ones included), and one
+    that turned it on watched nothing. Both are named in `reload_needs_restart`; the interval is read at each look."""
+    old, new = config.load(_write(tmp_path, GOOD + before)), config.load(_write(tmp_path, GOOD + after))
+    assert _needs_restart(old, new) == ["reload.watch"]
+    slower = config.load(
+        _write(tmp_path, GOOD + before + ("\n[reload]\n" if not before else "") + "watch_interval = 9\n")
+    )
+    assert _needs_restart(old, slower) == []

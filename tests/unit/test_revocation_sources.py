@@ -377,3 +377,98 @@ def test_a_replayed_crl_vetted_beside_a_newer_one_never_replaces_it(
                 await store.close()
 
     asyncio.run(run())
+
+
+def test_a_crl_bundle_cut_short_never_replaces_the_crls_it_held(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """A PEM bundle of two CRLs cut inside the second (a copy interrupted, a full disk) was read as the first alone:
+    the second issuer's CRL was dropped, so its users were refused under `require`, and its revoked users served
+    under `best-effort`. A CRL block without its END line makes the read unusable; the last good CRLs stay."""
+    asyncio.run(_test_a_crl_bundle_cut_short_never_replaces_the_crls_it_held(pki, trust, tmp_path))
+
+
+async def _test_a_crl_bundle_cut_short_never_replaces_the_crls_it_held(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    revoke(pki, pki.user_cert("carol"), now=NOW)
+    bundle = pki.crls.read_bytes()  # the root's CRL, then the issuing CA's
+    assert bundle.count(b"-----BEGIN X509 CRL-----") == 2
+    path = tmp_path / "crls.pem"
+    path.write_bytes(bundle)
+    store = CrlStore(trust, [CrlSource(str(path))])
+    store.load_files(now=NOW)
+    carol = verified(pki, trust, "carol")
+    assert status(store, carol) is RevocationStatus.REVOKED
+    good = store.current.crls
+    for cut in (len(bundle) - 40, bundle.rindex(b"-----BEGIN X509 CRL-----") + 12):
+        path.write_bytes(bundle[:cut])
+        await store.refresh(now=NOW)
+        assert store.current.crls == good, cut
+        assert status(store, carol) is RevocationStatus.REVOKED
+        assert "cut short" in str(store.status(now=NOW)[0].last_error)
+
+
+def test_a_reloaded_store_starts_from_the_crls_its_trust_list_still_vouches_for(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """`inherit` (a reload): a replayed CRL read by the new store is refused against the CRL the old one held; a
+    store whose trust list no longer holds that CRL's signer starts from nothing and takes what it reads."""
+    asyncio.run(_test_a_reloaded_store_starts_from_the_crls_its_trust_list_still_vouches_for(pki, trust, tmp_path))
+
+
+async def _test_a_reloaded_store_starts_from_the_crls_its_trust_list_still_vouches_for(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    path = tmp_path / "issuing.crl"
+    older = pki.issuing_crl.read_bytes()
+    revoke(pki, pki.user_cert("carol"), now=NOW)
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    old = CrlStore(trust, [CrlSource(str(path))])
+    old.load_files(now=NOW)
+    carol = verified(pki, trust, "carol")
+    path.write_bytes(older)  # carol not yet revoked, still current
+    reloaded = CrlStore(trust, [CrlSource(str(path))])
+    reloaded.inherit(old)
+    reloaded.load_files(now=NOW)
+    assert status(reloaded, carol) is RevocationStatus.REVOKED
+    assert "replayed?" in str(reloaded.status(now=NOW)[0].last_error)
+    root_only = TrustList.load([pki.root_cert])  # the issuing CA's certificate is no longer configured
+    elsewhere = CrlStore(root_only, [CrlSource(str(path))])
+    elsewhere.inherit(old)
+    assert elsewhere.status(now=NOW)[0].crl_number is None
+
+
+def test_an_unverified_crls_issuer_name_is_cut_short_in_its_error(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """Whoever is on the path of an http CRL source sends any CRL, unsigned by anyone trusted: its issuer name went
+    whole into the source's error, which is a label of `kcd_crl_last_error` on every scrape, a `crl_rejected` log
+    line at every refresh and part of /readyz (a 600 KiB name here; up to the 64 MiB a CRL may be). The name is cut
+    to MAX_NAME_SHOWN characters in the error; the last good CRL stays."""
+    asyncio.run(_test_an_unverified_crls_issuer_name_is_cut_short_in_its_error(pki, trust, tmp_path))
+
+
+async def _test_an_unverified_crls_issuer_name_is_cut_short_in_its_error(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    from proxy.certs.revocation import MAX_NAME_SHOWN
+
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    store = CrlStore(trust, [CrlSource(str(path))])
+    store.load_files(now=NOW)
+    good = store.current.crls
+    rogue = serialization.load_pem_private_key(pki.rogue_issuing_key.read_bytes(), password=None)
+    assert isinstance(rogue, ec.EllipticCurvePrivateKey)
+    unit = x509.NameAttribute(x509.NameOID.ORGANIZATIONAL_UNIT_NAME, "u" * 60)
+    huge = x509.Name([x509.RelativeDistinguishedName([unit])] * 10_000)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(huge)
+        .last_update(NOW - timedelta(minutes=1))
+        .next_update(NOW + timedelta(days=1))
+        .sign(rogue, hashes.SHA256())
+    )
+    path.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    await store.refresh(now=NOW)
+    assert store.current.crls == good
+    error = str(store.status(now=NOW)[0].last_error)
+    assert "is not in the trust list" in error
+    assert len(error) < MAX_NAME_SHOWN + 200
