@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -123,12 +124,16 @@ def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.C
 def forget_tickets(gw: Gateway, leaf: x509.Certificate) -> None:
     """A refused certificate's user loses their cached delegated tickets: none outlives the certificate."""
     with contextlib.suppress(GatewayError):
-        user = identify(leaf, gw.config.identity)
-        gw.delegator.forget(user.principal, enterprise=user.enterprise)
-        directory = gw.directory
-        account = directory.cached(user.upn) if directory is not None else None
-        if directory is not None and account is not None:  # strong mapping impersonated sAMAccountName@REALM
-            gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}")
+        forget_user(gw, identify(leaf, gw.config.identity))
+
+
+def forget_user(gw: Gateway, user: UserPrincipal) -> None:
+    """Drop `user`'s cached delegated tickets: the next request asks the KDC again (which refuses a disabled user)."""
+    gw.delegator.forget(user.principal, enterprise=user.enterprise)
+    directory = gw.directory
+    account = directory.cached(user.upn) if directory is not None else None
+    if directory is not None and account is not None:  # strong mapping impersonated sAMAccountName@REALM
+        gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}")
 
 
 async def certificate_user(
@@ -161,7 +166,7 @@ async def certificate_user(
     with trace.stage("identity"):
         user = gw.identify(verified)
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
-    if gw.directory is not None:  # only with mapping "strong" / "strong-or-audit" (`proxy.app.build`, reloads)
+    if gw.directory is not None and gw.config.identity.mapping != "upn":  # "strong" / "strong-or-audit"
         with trace.stage("mapping"):
             mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity, trace, now)
         if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
@@ -236,12 +241,37 @@ def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
 
 
 def _held(
-    gw: Gateway, request: DeviceRequest, leaf: x509.Certificate | None, certified: UserPrincipal | None
+    gw: Gateway,
+    request: DeviceRequest,
+    leaf: x509.Certificate | None,
+    certified: UserPrincipal | None,
+    auth: Authenticated,
 ) -> contextlib.AbstractContextManager[None]:
-    """A request the mapping stage admitted is judged again while it is held (`proxy.held_mapping`)."""
-    if gw.directory is None or leaf is None or certified is None:
+    """A request is judged again by the directory while it is held, wherever one is configured (`proxy.held_mapping`):
+    under a strong mode the mapping stage's decision on its certificate; after a Basic sign-in, or for a certificate
+    under `mapping = "upn"`, its account's state."""
+    directory = gw.directory
+    if directory is None:
         return NOT_HELD
-    return gw.directory.held.hold(request, leaf, certified.upn, gw.config.identity)
+    if auth.login is not None:  # the account the KDC signed in; the Basic entry is dropped if it is ended
+        login = auth.login
+        return directory.held.hold_account(
+            request, directory_name(login.ticket.principal), basic_user=login.ticket.principal,
+            forget=lambda: gw.basic.forget(login),
+        )  # fmt: skip
+    if leaf is None or certified is None:
+        return NOT_HELD
+    forget = functools.partial(forget_user, gw, certified)
+    if gw.config.identity.mapping == "upn":  # the KDC's account has the certificate's UPN (proxy.kerberos.account)
+        return directory.held.hold_account(request, certified.upn, forget=forget)
+    return directory.held.hold(request, leaf, certified.upn, gw.config.identity, forget=forget)
+
+
+def directory_name(principal: str) -> str:
+    """The name to look a signed-in principal up by: an NT-ENTERPRISE principal's UPN (`carol\\@corp.example@AD.TEST`
+    is carol@corp.example), else the principal itself (`alice@AD.TEST`: the directory finds its sAMAccountName)."""
+    local = principal.rpartition("@")[0]
+    return local.replace("\\@", "@") if "\\@" in local else principal
 
 
 async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
@@ -267,8 +297,8 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     trace.note(route=route.prefix, spn=route.spn, upstream=route.upstream, backend_auth=route.backend_auth)
     with trace.stage("kerberos"):
         authorization, principal = await backend_authorization(gw, auth, route, trace)
-    # ended if the certificate is revoked meanwhile, or (strong mapping) if the directory refuses it meanwhile
-    with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified):
+    # ended if the certificate is revoked meanwhile, or (with a [directory]) if the directory refuses it meanwhile
+    with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified, auth):
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
         del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
         result = await forward_device(request, route, gw.pools, principal, authorization, context, target)
