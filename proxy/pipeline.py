@@ -39,7 +39,15 @@ from proxy.certs.revocation import CrlSet
 from proxy.config import Config, Identity, Route
 from proxy.device.request import DeviceRequest
 from proxy.directory import Directory
-from proxy.errors import AccountReplaced, CertificateRevoked, GatewayError, IdentityRejected, NoRoute
+from proxy.errors import (
+    AccountRefused,
+    AccountReplaced,
+    AccountRevoked,
+    CertificateRevoked,
+    GatewayError,
+    IdentityRejected,
+    NoRoute,
+)
 from proxy.held import NOT_HELD
 from proxy.identity.constraints import require_within
 from proxy.identity.mapping import Mapping, account_state, decide, no_account
@@ -233,6 +241,24 @@ async def backend_authorization(
     return Handover(delegation.authorization()), delegation.principal  # `forward_device` takes it once
 
 
+async def account_named(gw: Gateway, refused: AccountRevoked, now: datetime) -> AccountRevoked:
+    """The KDC's "disabled, locked or expired" (one code for the three) as the one state the directory names, where
+    a [directory] is configured and has the account (its cache, else one search: `cache_seconds` per user at most);
+    else the KDC's refusal as it is. Either way the user's 403 at `kerberos`."""
+    if gw.directory is None or not refused.user:
+        return refused
+    try:
+        account = await gw.directory.lookup(directory_name(refused.user))
+        if account is not None:
+            account_state(account, now)
+    except AccountRefused as state:  # "the account has expired": named with the principal, the KDC's words kept
+        reason = state.reason.replace("the account", f"the account {refused.user}", 1)
+        return AccountRevoked(reason, hint=f"{state.hint}; the KDC: {refused.hint}", user=refused.user)
+    except GatewayError:
+        return refused  # the directory unreachable, or the name several accounts': the KDC's word alone
+    return refused
+
+
 def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
     """The certificate the request's connection presents, as the connection's earlier requests read it if its
     bytes are the same (`PresentedCertificates`); None without one."""
@@ -287,7 +313,10 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         leaf = presented.leaf if presented is not None else None
     certified = await certificate_user(gw, leaf, trace, now, presented=presented) if leaf is not None else None
     with trace.stage("authentication"):
-        auth = await authenticate(gw.basic, gw.config.authentication.mode, request, certified, route)
+        try:
+            auth = await authenticate(gw.basic, gw.config.authentication.mode, request, certified, route)
+        except AccountRevoked as e:
+            raise await account_named(gw, e, now) from None
         user = auth.user
         trace.note(factors=auth.factors, upn=user.upn, principal=user.principal)
         if auth.login is not None:
@@ -296,7 +325,10 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         raise NoRoute("nothing is published at this path")
     trace.note(route=route.prefix, spn=route.spn, upstream=route.upstream, backend_auth=route.backend_auth)
     with trace.stage("kerberos"):
-        authorization, principal = await backend_authorization(gw, auth, route, trace)
+        try:
+            authorization, principal = await backend_authorization(gw, auth, route, trace)
+        except AccountRevoked as e:
+            raise await account_named(gw, e, now) from None
     # ended if the certificate is revoked meanwhile, or (with a [directory]) if the directory refuses it meanwhile
     with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified, auth):
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)

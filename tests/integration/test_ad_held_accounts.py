@@ -231,3 +231,23 @@ def test_a_directory_that_does_not_answer_ends_no_held_ping(
         if ping is not None:
             ping.stop()
         gw.stop()
+
+
+def test_an_expired_account_signing_in_with_basic_is_told_it_has_expired(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """ivan's accountExpires is in 2020 (the mapping realm). Samba refuses his right password with
+    KDC_ERR_CLIENT_REVOKED, its one code for disabled, locked and expired: the 403 said 'disabled or locked'. With a
+    [directory] configured the gateway asks it which: 'the account ivan@AD.TEST has expired', the fix names
+    setexpiry; without one the reason names all three (tests/unit/test_hints.py)."""
+    gw = _gateway(realm, tmp_path / "gw", ad_backend)
+    try:
+        gw.mark()
+        status, body = status_and_body(ad_curl(realm, f"{gw.url}/owa/", None, "-u", "ivan@ad.test:Ivan-Ad-Pa55"))
+        assert status == 403, body
+        assert "the account ivan@AD.TEST has expired" in body
+        refused = gw.wait_event("kerberos_refused")
+        assert "setexpiry" in refused["fix"]
+        assert "KDC_ERR_CLIENT_REVOKED" in refused["fix"]  # the KDC's words kept beside the directory's
+    finally:
+        gw.stop()
