@@ -27,7 +27,7 @@ from functools import cached_property
 import structlog
 from cryptography import x509
 
-from proxy.auth.basic import BasicLogin
+from proxy.auth.basic import BasicLogin, PasswordLogin
 from proxy.auth.modes import Authenticated, authenticate
 from proxy.backend import headers
 from proxy.backend.forward import Authorization, Handover, Pools, forward_device
@@ -279,18 +279,27 @@ def _held(
     directory = gw.directory
     if directory is None:
         return NOT_HELD
-    if auth.login is not None:  # the account the KDC signed in; the Basic entry is dropped if it is ended
-        login = auth.login
-        return directory.held.hold_account(
-            request, directory_name(login.ticket.principal), basic_user=login.ticket.principal,
-            forget=lambda: gw.basic.forget(login),
-        )  # fmt: skip
+    login = auth.login
+    if leaf is not None and certified is not None and gw.config.identity.mapping != "upn":  # with a password too
+        forget = functools.partial(_forget_all, gw, certified, login)
+        return directory.held.hold(request, leaf, certified.upn, gw.config.identity, forget=forget)
+    if login is not None:  # the account the KDC signed in; the Basic entry is dropped if it is ended
+        name = directory_name(login.ticket.principal)
+        forget = functools.partial(_forget_all, gw, None, login)
+        return directory.held.hold_account(request, name, basic_user=login.ticket.principal, forget=forget)
     if leaf is None or certified is None:
         return NOT_HELD
-    forget = functools.partial(forget_user, gw, certified)
-    if gw.config.identity.mapping == "upn":  # the KDC's account has the certificate's UPN (proxy.kerberos.account)
-        return directory.held.hold_account(request, certified.upn, forget=forget)
-    return directory.held.hold(request, leaf, certified.upn, gw.config.identity, forget=forget)
+    # mapping "upn": the KDC's account has the certificate's UPN (proxy.kerberos.account)
+    return directory.held.hold_account(request, certified.upn, forget=functools.partial(_forget_all, gw, certified))
+
+
+def _forget_all(gw: Gateway, certified: UserPrincipal | None, login: PasswordLogin | None = None) -> None:
+    """What the gateway keeps that would serve the user's next request without the KDC: the delegated tickets of the
+    certificate's user, the verified password of a Basic sign-in."""
+    if certified is not None:
+        forget_user(gw, certified)
+    if login is not None:
+        gw.basic.forget(login)
 
 
 def directory_name(principal: str) -> str:

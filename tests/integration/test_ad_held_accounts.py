@@ -116,14 +116,22 @@ def other(realm: ad.AdRealm) -> Iterator[_User]:
     yield from _user(realm)
 
 
-def _gateway(realm: ad.AdRealm, where: Path, backend: AdProcess, *, urls: tuple[str, ...] | None = None) -> AdProcess:
-    """A gateway under `mapping = "upn"` that takes a certificate or else Basic, with the realm's directory (or
+def _gateway(
+    realm: ad.AdRealm,
+    where: Path,
+    backend: AdProcess,
+    *,
+    urls: tuple[str, ...] | None = None,
+    mapping: str = "upn",
+    mode: str = "certificate-or-basic",
+) -> AdProcess:
+    """A gateway under `mapping` that takes a certificate or else Basic (`mode`), with the realm's directory (or
     `urls`) configured, swept every EVERY seconds."""
     where.mkdir(parents=True, exist_ok=True)
     port = realm.free_port()
     table = ad_mapping.directory_table(realm, urls=urls, cache_seconds=EVERY)
-    text = ad_mapping.gateway_config(realm, "upn", port=port, backend_port=backend.port, directory_text=table)
-    text += '\n[authentication]\nmode = "certificate-or-basic"\n'
+    text = ad_mapping.gateway_config(realm, mapping, port=port, backend_port=backend.port, directory_text=table)
+    text += f'\n[authentication]\nmode = "{mode}"\n'
     config = where / "gateway.toml"
     config.write_text(text)
     argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
@@ -205,6 +213,32 @@ def test_a_held_ping_is_ended_when_its_account_is_disabled_and_another_users_is_
         assert "disabled" in body
     finally:
         for ping in pings:
+            ping.stop()
+        gw.stop()
+
+
+def test_a_held_ping_with_a_certificate_and_a_password_is_still_judged_on_its_strong_mapping(
+    realm: ad.AdRealm, ad_backend: AdProcess, user: _User, tmp_path: Path
+) -> None:
+    """`certificate-and-basic` under `mapping = "strong"`: a Ping held with both is judged on the certificate's
+    mapping (its strong altSecurityIdentities entry removed: 403 'not strongly mapped'), not only on the account's
+    state that a password alone would be judged on."""
+    entry = "altSecurityIdentities: X509:<I>CN=Lab Issuing CA<SR>010a4d\n"
+    dn = f"dn: CN={user.name},CN=Users,{realm.base_dn}\nchangetype: modify\n"
+    realm.ldbmodify(dn + "replace: altSecurityIdentities\n" + entry)
+    (tmp_path / "cert").mkdir()
+    cert = _certificate(realm, tmp_path / "cert", user.upn)
+    gw = _gateway(realm, tmp_path / "gw", ad_backend, mapping="strong", mode="certificate-and-basic")
+    ping = None
+    try:
+        ping = _Ping(realm, gw, HOLD, basic=user.basic, cert=cert)
+        gw.mark()
+        realm.ldbmodify(dn + "delete: altSecurityIdentities\n")
+        answer = _ended_within_a_sweep(ping)
+        assert "not strongly mapped" in str(answer["answer"])
+        assert "not strongly mapped" in gw.wait_event("held_request_ended", upn=user.upn)["reason"]
+    finally:
+        if ping is not None:
             ping.stop()
         gw.stop()
 

@@ -12,6 +12,7 @@ from proxy.config import Identity
 from proxy.errors import AccountRefused, DirectoryUnavailable, GatewayError, MappingRefused
 from proxy.held_mapping import HeldMappings
 from proxy.identity.mapping import Account
+from proxy.pipeline import directory_name
 from tests.unit.test_mapping import ALICE_SID, NOW, account, certificate
 
 ENTRY = "X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>563412"  # certificate()'s serial 0x123456, reversed
@@ -236,3 +237,10 @@ def test_audit_mode_ends_a_request_whose_account_was_deleted_while_held() -> Non
         return task.exception()
 
     assert isinstance(asyncio.run(run()), AccountRefused)
+
+
+def test_a_signed_in_principal_is_looked_up_by_its_account_or_enterprise_upn() -> None:
+    """A Basic sign-in's principal as the directory finds it: `alice@AD.TEST` as is (sAMAccountName in the domain's
+    own name), an NT-ENTERPRISE principal by the UPN it carries."""
+    assert directory_name("alice@AD.TEST") == "alice@AD.TEST"
+    assert directory_name("carol\\@corp.example@AD.TEST") == "carol@corp.example"
