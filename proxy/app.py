@@ -96,8 +96,9 @@ def build(config: Config, *, shared: SharedTable | None = None, previous: Gatewa
 
 
 def _directory(config: Config) -> Directory | None:
-    """The directory client, when the mapping stage uses one (a [directory] with mapping "upn" is for doctor)."""
-    if config.directory is None or config.identity.mapping == "upn":
+    """The directory client, wherever a [directory] is configured: the mapping stage's under a strong mode; in every
+    mode the judge of held requests' accounts (`proxy.held_mapping`), and doctor's."""
+    if config.directory is None:
         return None
     return Directory(config.directory, config.kerberos)
 

@@ -107,6 +107,16 @@ class KerberosRefused(GatewayError):
     event = "kerberos_refused"
 
 
+class AccountRevoked(KerberosRefused):
+    """The KDC refused the user's account (KDC_ERR_CLIENT_REVOKED): disabled, locked out or expired, one code for all
+    three (Samba's and Windows' KDCs; which one is only in the error's e-data, which GSSAPI does not show). `user`:
+    the principal refused, so that a configured directory can name the state (`proxy.pipeline.account_named`)."""
+
+    def __init__(self, reason: str, *, hint: str | None = None, user: str = "") -> None:
+        super().__init__(reason, hint=hint)
+        self.user = user
+
+
 class AccountMismatch(GatewayError):
     """The KDC impersonated another account than the certificate names (the evidence ticket's PAC says which):
     never forwarded (`proxy.kerberos.account`)."""

@@ -2,8 +2,9 @@
 
 Theory of operation. Two stages keep judging a request after it was admitted, for as long as it is in flight (an
 ActiveSync Ping is held at the backend for most of an hour): the revocation watch (`proxy.certs.live`: a refresh's
-CRLs revoke its chain, or a reload's trust list no longer builds it) and the directory (`proxy.held_mapping`: its
-account disabled, its mapping removed). Either ends a request the same way, `HeldRequest.end`:
+CRLs revoke its chain, or a reload's trust list no longer builds it) and, wherever one is configured, the directory
+(`proxy.held_mapping`: its account disabled, locked out, expired or deleted, its strong mapping removed). Either
+ends a request the same way, `HeldRequest.end`:
 
 1. `held_request_ended` is logged with what the judge names (certificate, UPN), the reason, the fix, and whether
    the backend's answer had started;

@@ -1,29 +1,43 @@
-"""Requests held at the backend, judged again by the directory while they are held.
+"""Requests held at the backend, judged again by the directory while they are held: in every authentication mode,
+wherever a `[directory]` is configured.
 
-Theory of operation. The mapping stage (`proxy.pipeline.map_certificate`) decides once per request, before it is
-forwarded. An ActiveSync `Ping` is then held at the backend for up to its heartbeat (about an hour), and a device
-keeps one held nearly all the time: without a second look, an account disabled, locked out or expired, or a strong
-`altSecurityIdentities` entry removed, while its Ping is held would be served on until the Ping ends.
+Theory of operation. A request is admitted once, before it is forwarded: by the mapping stage
+(`proxy.pipeline.map_certificate`) under a strong mode, otherwise by the KDC alone (a Basic sign-in's AS exchange, a
+certificate's S4U2Self under `mapping = "upn"`). An ActiveSync `Ping` is then held at the backend for up to its
+heartbeat (about an hour), and a device keeps one held nearly all the time: without a second look, an account
+disabled, locked out, expired or deleted, or a strong `altSecurityIdentities` entry removed, while its Ping is held
+would be served on until the Ping ends.
 
 `HeldMappings.hold` registers each request the mapping stage admitted, for as long as it is in flight, under its
 UPN, with its certificate and the `[identity]` settings it was decided under (a request keeps the configuration it
-started with). Every `[directory] cache_seconds` (at least one second) one sweep looks each held UPN up again, one
-name after the other (`Directory.lookup(fresh=True)`: one search each, whose answer the cache keeps; never a burst
-that would keep live requests' look-ups waiting for the connection), and decides again as the mapping stage does:
-the account's state, then `decide`. The sweep does not take the cache's answer: one kept from a look-up between two
-sweeps (a device's first request) may predate a change made since, and the sweep after would then see the change
-only a sweep later, up to twice `cache_seconds` after it; asked afresh, the first sweep after a change ends the
-request, within `cache_seconds`. A refusal ends that UPN's held requests as a revocation ends one (`proxy.held`):
-`403` with the refusal's reason if the backend's answer has not started, a cut connection if it has;
-`held_request_ended` is logged with the reason and the fix. A weakly mapped certificate `strong-or-audit` served is
-served on (the same decision as at the start). The directory unreachable ends nothing: a held request was admitted,
-and an outage is not a verdict on the account; the UPN is looked at again at the next sweep.
+started with); `hold_account` registers one the directory did not decide (Basic: under the principal the KDC signed
+in; `mapping = "upn"`: under the certificate's UPN, which the KDC's account has, `proxy.kerberos.account`). Every
+`[directory] cache_seconds` (at least one second) one sweep looks each held name up again, one name after the other
+(`Directory.lookup(fresh=True)`: one search each, whose answer the cache keeps; never a burst that would keep live
+requests' look-ups waiting for the connection), and decides again: the account's state (disabled, locked out,
+expired), then, for a strong mode's certificate, `decide`. The sweep does not take the cache's answer: one kept
+from a look-up between two sweeps (a device's first request) may predate a change made since, and the sweep after
+would then see the change only a sweep later, up to twice `cache_seconds` after it; asked afresh, the first sweep
+after a change ends the request, within `cache_seconds`. A refusal ends that name's held requests as a revocation
+ends one (`proxy.held`): `403` with the refusal's reason if the backend's answer has not started, a cut connection
+if it has; `held_request_ended` is logged with the reason and the fix; and what the gateway keeps of the user (the
+delegated tickets, a verified Basic password) is dropped, so the user's next request is decided afresh by the KDC
+(which, under `"upn"` and Basic, is the only one asked on the way in).
+
+What a sweep leaves held: a weakly mapped certificate `strong-or-audit` served (the same decision as at the start);
+a name the directory has never found (an account outside `base_dn`, another realm's: the KDC admitted it, the
+directory has no verdict), while one it did find (the mapping stage's look-up, an earlier sweep) and finds no more
+was deleted and is ended; and everything while the directory is unreachable (fail open): a held request was
+admitted, an outage is no verdict on the account, and ending every held Ping at once would only make every device
+come back at once (under `"upn"` and Basic the directory is not asked on the way in, so they would be served
+again); the name is looked at again at the next sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +46,7 @@ from cryptography import x509
 
 from proxy.config import Identity
 from proxy.device.request import DeviceRequest
-from proxy.errors import AccountRefused, DirectoryUnavailable, MappingRefused
+from proxy.errors import AccountRefused, DirectoryUnavailable, GatewayError, MappingRefused
 from proxy.held import NOT_HELD, HeldRequest
 from proxy.identity.mapping import Account, account_state, decide, no_account
 from proxy.identity.principal import ascii_lower
@@ -44,25 +58,41 @@ log = structlog.get_logger("proxy.mapping")
 
 
 class _Held(HeldRequest):
-    """One request in flight that the mapping stage admitted, kept under its UPN while it is held; how it is ended
-    is `proxy.held`'s (a class: a held long-poll keeps it for its whole life)."""
+    """One request in flight kept under the name the directory is asked about while it is held; how it is ended is
+    `proxy.held`'s (a class: a held long-poll keeps it for its whole life). With `leaf` (a strong mode's
+    certificate) the mapping stage's whole decision is made again; without (a Basic sign-in, a certificate under
+    `mapping = "upn"`) only the account's state."""
 
-    __slots__ = ("_owner", "identity", "leaf", "upn")
+    __slots__ = ("_forget", "_owner", "basic_user", "identity", "leaf", "upn")
 
     def __init__(
         self,
         owner: HeldMappings,
         request: DeviceRequest,
         task: asyncio.Task[Any],
-        leaf: x509.Certificate,
         upn: str,
-        identity: Identity,
+        *,
+        leaf: x509.Certificate | None = None,
+        identity: Identity | None = None,
+        basic_user: str | None = None,
+        forget: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(request, task)
         self._owner = owner
-        self.leaf = leaf
         self.upn = upn
+        self.leaf = leaf
         self.identity = identity
+        self.basic_user = basic_user
+        self._forget = forget
+
+    def end(self, error: GatewayError) -> None:
+        """End the request (`HeldRequest.end`), and let the user's next request be decided afresh: drop what the
+        gateway keeps of the user (delegated tickets, a verified password), which would serve it without asking
+        the KDC (with `mapping = "upn"` and Basic, the directory is not asked on the way in)."""
+        first = self.ended is None
+        super().end(error)
+        if first and self._forget is not None:
+            self._forget()
 
     def _hold(self) -> None:
         self._owner._add(self)
@@ -71,7 +101,12 @@ class _Held(HeldRequest):
         self._owner._remove(self)
 
     def _facts(self) -> dict[str, object]:
-        return {"upn": self.upn, "cert_serial": format(self.leaf.serial_number, "x")}
+        if self.basic_user is not None:
+            return {"basic_user": self.basic_user, "upn": self.upn}
+        facts: dict[str, object] = {"upn": self.upn}
+        if self.leaf is not None:
+            facts["cert_serial"] = format(self.leaf.serial_number, "x")
+        return facts
 
 
 class HeldMappings:
@@ -81,25 +116,45 @@ class HeldMappings:
         self._directory = directory
         self._every = max(every, 1.0)
         self._held: dict[str, set[_Held]] = {}  # the UPN, ASCII-lower-cased as the directory's cache key
+        self._found: set[str] = set()  # held names the directory has found an account for (a look-up or a sweep)
         self._task: asyncio.Task[None] | None = None
 
     def hold(
-        self, request: DeviceRequest, leaf: x509.Certificate, upn: str, identity: Identity
+        self,
+        request: DeviceRequest,
+        leaf: x509.Certificate,
+        upn: str,
+        identity: Identity,
+        *,
+        forget: Callable[[], None] | None = None,
     ) -> contextlib.AbstractContextManager[None]:
-        """Keep this request, admitted for `upn` under `identity`, judged while it is in flight."""
+        """Keep this request, admitted for `upn` under `identity` (a strong mode), judged while it is in flight."""
+        return self._held_request(request, upn, leaf=leaf, identity=identity, forget=forget)
+
+    def hold_account(
+        self, request: DeviceRequest, name: str, *, basic_user: str | None = None, forget: Callable[[], None]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Keep this request, admitted without the directory (Basic: `basic_user`; a certificate under
+        `mapping = "upn"`), ended while it is in flight if the account `name` names may no longer sign in."""
+        return self._held_request(request, name, basic_user=basic_user, forget=forget)
+
+    def _held_request(self, request: DeviceRequest, name: str, **kept: Any) -> contextlib.AbstractContextManager[None]:
         task = asyncio.current_task()
         if task is None:
             return NOT_HELD
         if self._task is None or self._task.done():
             self._task = task.get_loop().create_task(self._run())
-        return _Held(self, request, task, leaf, upn, identity)
+        return _Held(self, request, task, name, **kept)
 
     @property
     def held(self) -> int:
         return sum(len(held) for held in self._held.values())
 
     def _add(self, held: _Held) -> None:
-        self._held.setdefault(ascii_lower(held.upn), set()).add(held)
+        key = ascii_lower(held.upn)
+        self._held.setdefault(key, set()).add(held)
+        if self._directory.cached(held.upn) is not None:  # the mapping stage (or a request between sweeps) found it
+            self._found.add(key)
 
     def _remove(self, held: _Held) -> None:
         key = ascii_lower(held.upn)
@@ -108,6 +163,7 @@ class HeldMappings:
             same.discard(held)
             if not same:
                 del self._held[key]
+                self._found.discard(key)
 
     async def _run(self) -> None:
         while True:
@@ -132,10 +188,13 @@ class HeldMappings:
                 for one in list(held):
                     one.end(e)
                 continue
+            found_before = key in self._found
+            if account is not None and key in self._held:
+                self._found.add(key)
             at = now or datetime.now(UTC)
             for one in list(self._held.get(key, ())):
                 try:
-                    _judge(one, account, self._directory, at)
+                    _judge(one, account, self._directory, at, found_before=found_before)
                 except (MappingRefused, AccountRefused) as e:
                     one.end(e)
 
@@ -145,12 +204,21 @@ class HeldMappings:
             self._task.cancel()
 
 
-def _judge(held: _Held, account: Account | None, directory: Directory, now: datetime) -> None:
-    """The mapping stage's decision again, for a held request (raises as it would)."""
-    mode = held.identity.mapping
+def _judge(held: _Held, account: Account | None, directory: Directory, now: datetime, *, found_before: bool) -> None:
+    """The mapping stage's decision again, for a held request (raises as it would); for a request admitted without
+    the directory, the account's state. `found_before`: the directory found this name's account earlier."""
     if account is None:
-        no_account(held.upn, directory.base_dn, mode)  # refused in strong; still weak in strong-or-audit
-        return
+        if held.leaf is not None and held.identity is not None:
+            no_account(held.upn, directory.base_dn, held.identity.mapping)  # strong refuses; strong-or-audit: weak
+        if not found_before:
+            return  # never found: a name outside base_dn (another domain's, another realm's), the KDC's to judge
+        raise AccountRefused(  # found while held, gone now: whatever admitted it, nobody is left to serve
+            "the account no longer exists in the directory",
+            hint=f"{held.upn} was found under {directory.base_dn} while this request was held and is gone now "
+            "(deleted or renamed); a device of a new account of that name signs in afresh",
+        )
     account_state(account, now)
+    if held.leaf is None or held.identity is None:
+        return  # admitted without a certificate mapping: the account's state is all there is to judge
     backdating = timedelta(seconds=held.identity.certificate_backdating_compensation)
-    decide(held.leaf, account, mode, directory.realm, backdating)
+    decide(held.leaf, account, held.identity.mapping, directory.realm, backdating)

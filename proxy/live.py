@@ -237,7 +237,7 @@ def _carry_over(new: Gateway, old: Gateway) -> Gateway:
     else:  # rebuilt, but a held user stays held (and its own password still gets in)
         new.basic.take_over(old.basic)
     same = new.config.directory == old.config.directory and new.config.kerberos == old.config.kerberos
-    if same and new.directory is not None and old.directory is not None:  # mapping "upn" has none, either side
+    if same and new.directory is not None and old.directory is not None:  # no [directory]: none, either side
         keep["directory"] = old.directory  # its account cache survives a reload that left it alone
     return dataclasses.replace(new, **keep)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,7 @@ from functools import cached_property
 import structlog
 from cryptography import x509
 
-from proxy.auth.basic import BasicLogin
+from proxy.auth.basic import BasicLogin, PasswordLogin
 from proxy.auth.modes import Authenticated, authenticate
 from proxy.backend import headers
 from proxy.backend.forward import Authorization, Handover, Pools, forward_device
@@ -38,7 +39,15 @@ from proxy.certs.revocation import CrlSet
 from proxy.config import Config, Identity, Route
 from proxy.device.request import DeviceRequest
 from proxy.directory import Directory
-from proxy.errors import AccountReplaced, CertificateRevoked, GatewayError, IdentityRejected, NoRoute
+from proxy.errors import (
+    AccountRefused,
+    AccountReplaced,
+    AccountRevoked,
+    CertificateRevoked,
+    GatewayError,
+    IdentityRejected,
+    NoRoute,
+)
 from proxy.held import NOT_HELD
 from proxy.identity.constraints import require_within
 from proxy.identity.mapping import Mapping, account_state, decide, no_account
@@ -123,12 +132,16 @@ def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.C
 def forget_tickets(gw: Gateway, leaf: x509.Certificate) -> None:
     """A refused certificate's user loses their cached delegated tickets: none outlives the certificate."""
     with contextlib.suppress(GatewayError):
-        user = identify(leaf, gw.config.identity)
-        gw.delegator.forget(user.principal, enterprise=user.enterprise)
-        directory = gw.directory
-        account = directory.cached(user.upn) if directory is not None else None
-        if directory is not None and account is not None:  # strong mapping impersonated sAMAccountName@REALM
-            gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}")
+        forget_user(gw, identify(leaf, gw.config.identity))
+
+
+def forget_user(gw: Gateway, user: UserPrincipal) -> None:
+    """Drop `user`'s cached delegated tickets: the next request asks the KDC again (which refuses a disabled user)."""
+    gw.delegator.forget(user.principal, enterprise=user.enterprise)
+    directory = gw.directory
+    account = directory.cached(user.upn) if directory is not None else None
+    if directory is not None and account is not None:  # strong mapping impersonated sAMAccountName@REALM
+        gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}")
 
 
 async def certificate_user(
@@ -161,7 +174,7 @@ async def certificate_user(
     with trace.stage("identity"):
         user = gw.identify(verified)
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
-    if gw.directory is not None:  # only with mapping "strong" / "strong-or-audit" (`proxy.app.build`, reloads)
+    if gw.directory is not None and gw.config.identity.mapping != "upn":  # "strong" / "strong-or-audit"
         with trace.stage("mapping"):
             mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity, trace, now)
         if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
@@ -228,6 +241,24 @@ async def backend_authorization(
     return Handover(delegation.authorization()), delegation.principal  # `forward_device` takes it once
 
 
+async def account_named(gw: Gateway, refused: AccountRevoked, now: datetime) -> AccountRevoked:
+    """The KDC's "disabled, locked or expired" (one code for the three) as the one state the directory names, where
+    a [directory] is configured and has the account (its cache, else one search: `cache_seconds` per user at most);
+    else the KDC's refusal as it is. Either way the user's 403 at `kerberos`."""
+    if gw.directory is None or not refused.user:
+        return refused
+    try:
+        account = await gw.directory.lookup(directory_name(refused.user))
+        if account is not None:
+            account_state(account, now)
+    except AccountRefused as state:  # "the account has expired": named with the principal, the KDC's words kept
+        reason = state.reason.replace("the account", f"the account {refused.user}", 1)
+        return AccountRevoked(reason, hint=f"{state.hint}; the KDC: {refused.hint}", user=refused.user)
+    except GatewayError:
+        return refused  # the directory unreachable, or the name several accounts': the KDC's word alone
+    return refused
+
+
 def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
     """The certificate the request's connection presents, as the connection's earlier requests read it if its
     bytes are the same (`PresentedCertificates`); None without one."""
@@ -236,12 +267,46 @@ def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
 
 
 def _held(
-    gw: Gateway, request: DeviceRequest, leaf: x509.Certificate | None, certified: UserPrincipal | None
+    gw: Gateway,
+    request: DeviceRequest,
+    leaf: x509.Certificate | None,
+    certified: UserPrincipal | None,
+    auth: Authenticated,
 ) -> contextlib.AbstractContextManager[None]:
-    """A request the mapping stage admitted is judged again while it is held (`proxy.held_mapping`)."""
-    if gw.directory is None or leaf is None or certified is None:
+    """A request is judged again by the directory while it is held, wherever one is configured (`proxy.held_mapping`):
+    under a strong mode the mapping stage's decision on its certificate; after a Basic sign-in, or for a certificate
+    under `mapping = "upn"`, its account's state."""
+    directory = gw.directory
+    if directory is None:
         return NOT_HELD
-    return gw.directory.held.hold(request, leaf, certified.upn, gw.config.identity)
+    login = auth.login
+    if leaf is not None and certified is not None and gw.config.identity.mapping != "upn":  # with a password too
+        forget = functools.partial(_forget_all, gw, certified, login)
+        return directory.held.hold(request, leaf, certified.upn, gw.config.identity, forget=forget)
+    if login is not None:  # the account the KDC signed in; the Basic entry is dropped if it is ended
+        name = directory_name(login.ticket.principal)
+        forget = functools.partial(_forget_all, gw, None, login)
+        return directory.held.hold_account(request, name, basic_user=login.ticket.principal, forget=forget)
+    if leaf is None or certified is None:
+        return NOT_HELD
+    # mapping "upn": the KDC's account has the certificate's UPN (proxy.kerberos.account)
+    return directory.held.hold_account(request, certified.upn, forget=functools.partial(_forget_all, gw, certified))
+
+
+def _forget_all(gw: Gateway, certified: UserPrincipal | None, login: PasswordLogin | None = None) -> None:
+    """What the gateway keeps that would serve the user's next request without the KDC: the delegated tickets of the
+    certificate's user, the verified password of a Basic sign-in."""
+    if certified is not None:
+        forget_user(gw, certified)
+    if login is not None:
+        gw.basic.forget(login)
+
+
+def directory_name(principal: str) -> str:
+    """The name to look a signed-in principal up by: an NT-ENTERPRISE principal's UPN (`carol\\@corp.example@AD.TEST`
+    is carol@corp.example), else the principal itself (`alice@AD.TEST`: the directory finds its sAMAccountName)."""
+    local = principal.rpartition("@")[0]
+    return local.replace("\\@", "@") if "\\@" in local else principal
 
 
 async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
@@ -257,7 +322,10 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         leaf = presented.leaf if presented is not None else None
     certified = await certificate_user(gw, leaf, trace, now, presented=presented) if leaf is not None else None
     with trace.stage("authentication"):
-        auth = await authenticate(gw.basic, gw.config.authentication.mode, request, certified, route)
+        try:
+            auth = await authenticate(gw.basic, gw.config.authentication.mode, request, certified, route)
+        except AccountRevoked as e:
+            raise await account_named(gw, e, now) from None
         user = auth.user
         trace.note(factors=auth.factors, upn=user.upn, principal=user.principal)
         if auth.login is not None:
@@ -266,9 +334,12 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         raise NoRoute("nothing is published at this path")
     trace.note(route=route.prefix, spn=route.spn, upstream=route.upstream, backend_auth=route.backend_auth)
     with trace.stage("kerberos"):
-        authorization, principal = await backend_authorization(gw, auth, route, trace)
-    # ended if the certificate is revoked meanwhile, or (strong mapping) if the directory refuses it meanwhile
-    with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified):
+        try:
+            authorization, principal = await backend_authorization(gw, auth, route, trace)
+        except AccountRevoked as e:
+            raise await account_named(gw, e, now) from None
+    # ended if the certificate is revoked meanwhile, or (with a [directory]) if the directory refuses it meanwhile
+    with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified, auth):
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
         del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
         result = await forward_device(request, route, gw.pools, principal, authorization, context, target)

@@ -508,6 +508,11 @@ class BasicLogin:
         token = await _kdc(self._tokens, login.user.realm, token_blocking, login.ticket, route.gss_target, route.spn)
         return "Negotiate " + base64.b64encode(token).decode("ascii")
 
+    def forget(self, login: PasswordLogin) -> None:
+        """Drop the verified password of `login`'s user (its directory account may no longer sign in,
+        `proxy.held_mapping`): the user's next request is a KDC check, which refuses a disabled account."""
+        self._cache.forget(user_key(asked_name(login.user)))
+
     def _user(self, username: str) -> UserPrincipal:
         """The principal a Basic user name names; 401 for a name of a domain nobody configured (before anything is
         hashed or asked: `EVIL\\alice` is not alice of the default realm) or a name that is not plain."""

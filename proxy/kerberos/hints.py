@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from proxy.errors import GatewayError, KdcUnavailable, KerberosMisconfigured, KerberosRefused
+from proxy.errors import AccountRevoked, GatewayError, KdcUnavailable, KerberosMisconfigured, KerberosRefused
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ _RULES = (
     ),
     _Rule(
         "credentials have been revoked",
-        KerberosRefused,
-        "the account {user} is disabled or locked",
+        AccountRevoked,
+        "the account {user} is disabled or locked, or has expired",
         "the KDC reports {user} disabled, locked or expired (KDC_ERR_CLIENT_REVOKED), or outside its logon hours "
         "(AD's logonHours: Samba applies them to a password sign-in, not to S4U2Self); enable or unlock the account "
         "(Enable-ADAccount / Unlock-ADAccount; samba-tool user enable / unlock)",
@@ -243,7 +243,10 @@ def explain(
         return KerberosRefused(reason, hint=f"{hint} [{message}]")
     for rule in _RULES:
         if rule.needle in lowered:
-            return rule.error(rule.reason.format(**fill), hint=f"{rule.hint.format(**fill)} [{message}]")
+            error = rule.error(rule.reason.format(**fill), hint=f"{rule.hint.format(**fill)} [{message}]")
+            if isinstance(error, AccountRevoked):
+                error.user = user  # the directory, where there is one, says which of the three (proxy.pipeline)
+            return error
     return KerberosMisconfigured(
         "the gateway could not obtain a Kerberos ticket for this request",
         hint=f"unexpected Kerberos failure for {user} at {spn}: {message}",

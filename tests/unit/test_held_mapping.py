@@ -12,6 +12,7 @@ from proxy.config import Identity
 from proxy.errors import AccountRefused, DirectoryUnavailable, GatewayError, MappingRefused
 from proxy.held_mapping import HeldMappings
 from proxy.identity.mapping import Account
+from proxy.pipeline import directory_name
 from tests.unit.test_mapping import ALICE_SID, NOW, account, certificate
 
 ENTRY = "X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>563412"  # certificate()'s serial 0x123456, reversed
@@ -32,9 +33,13 @@ class _Directory:
     base_dn = "DC=ad,DC=test"
     realm = "AD.TEST"
 
-    def __init__(self, answer: Account | GatewayError | None) -> None:
+    def __init__(self, answer: Account | GatewayError | None, cached: Account | None = None) -> None:
         self.answer = answer
+        self.kept = cached  # what the cache holds when a request is held
         self.fresh: list[bool] = []  # per look-up: whether it asked past the cache
+
+    def cached(self, name: str) -> Account | None:
+        return self.kept
 
     async def lookup(self, name: str, *, fresh: bool = False) -> Account | None:
         self.fresh.append(fresh)
@@ -134,3 +139,108 @@ def test_a_sweep_asks_past_the_cache() -> None:
 
     asyncio.run(run())
     assert directory.fresh == [True]
+
+
+def _swept_account(
+    *answers: Account | GatewayError | None, cached: Account | None = None
+) -> tuple[BaseException | None, int]:
+    """Hold one request admitted without the directory (a Basic sign-in, a certificate under mapping "upn"), sweep
+    once per answer: the error it ended with (None if still held), and how often its user's state was dropped."""
+    directory = _Directory(None, cached)
+    forgotten = []
+
+    async def run() -> BaseException | None:
+        held = HeldMappings(cast(Any, directory), every=3600)
+        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def request() -> None:
+            with held.hold_account(cast(Any, _Request()), "alice@AD.TEST", forget=lambda: forgotten.append(1)):
+                await forever
+
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0)
+        for answer in answers:
+            directory.answer = answer
+            await held.sweep(NOW)
+            await held.sweep(NOW)  # a second verdict changes nothing
+            await asyncio.sleep(0)
+        held.close()
+        if not task.done():
+            task.cancel()
+            return None
+        return task.exception()
+
+    ended = asyncio.run(run())
+    return ended, len(forgotten)
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        (account(user_account_control=0x202), "disabled"),
+        (account(lockout_time=1), "locked out"),
+        (account(account_expires=1), "expired"),
+    ],
+)
+def test_an_account_admitted_without_the_directory_is_ended_by_its_state(state: Account, reason: str) -> None:
+    """Basic and mapping "upn": the account disabled, locked out or expired while held ends the request, once, and
+    drops what the gateway keeps of the user (its next request goes to the KDC)."""
+    ended, forgotten = _swept_account(state)
+    assert isinstance(ended, AccountRefused), ended
+    assert reason in ended.reason
+    assert forgotten == 1
+
+
+def test_an_account_admitted_without_the_directory_is_judged_on_state_only() -> None:
+    """No certificate mapping to decide again: an enabled account with no altSecurityIdentities stays held."""
+    assert _swept_account(account()) == (None, 0)
+
+
+def test_a_name_the_directory_never_found_stays_held_and_one_it_found_is_ended_when_gone() -> None:
+    """Never found (outside base_dn, another realm's): the KDC admitted it, the directory has no verdict. Found by
+    one sweep and gone at the next (deleted): ended. Found by the request's look-up (the cache) and gone: ended."""
+    assert _swept_account(None) == (None, 0)
+    ended, forgotten = _swept_account(account(), None)
+    assert isinstance(ended, AccountRefused), ended
+    assert "no longer exists" in ended.reason
+    assert forgotten == 1
+    ended, _ = _swept_account(None, cached=account())
+    assert isinstance(ended, AccountRefused), ended
+
+
+def test_an_outage_ends_no_request_admitted_without_the_directory() -> None:
+    """The directory unreachable: no verdict, the request stays held (fail open, as for the strong modes)."""
+    assert _swept_account(DirectoryUnavailable("the directory cannot be reached; try again later")) == (None, 0)
+
+
+def test_audit_mode_ends_a_request_whose_account_was_deleted_while_held() -> None:
+    """strong-or-audit serves a certificate whose name no account has (weakly); one whose account the mapping
+    stage found and that is deleted while held is ended: nobody is left to serve."""
+
+    async def run() -> BaseException | None:
+        held = HeldMappings(cast(Any, _Directory(None, cached=account())), every=3600)
+        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def request() -> None:
+            identity = Identity(mapping="strong-or-audit")
+            with held.hold(cast(Any, _Request()), certificate(), "alice@ad.test", identity):
+                await forever
+
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0)
+        await held.sweep(NOW)
+        await asyncio.sleep(0)
+        held.close()
+        if not task.done():
+            task.cancel()
+            return None
+        return task.exception()
+
+    assert isinstance(asyncio.run(run()), AccountRefused)
+
+
+def test_a_signed_in_principal_is_looked_up_by_its_account_or_enterprise_upn() -> None:
+    """A Basic sign-in's principal as the directory finds it: `alice@AD.TEST` as is (sAMAccountName in the domain's
+    own name), an NT-ENTERPRISE principal by the UPN it carries."""
+    assert directory_name("alice@AD.TEST") == "alice@AD.TEST"
+    assert directory_name("carol\\@corp.example@AD.TEST") == "carol@corp.example"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.errors import GatewayError, KdcUnavailable, KerberosMisconfigured, KerberosRefused
+from proxy.errors import AccountRevoked, GatewayError, KdcUnavailable, KerberosMisconfigured, KerberosRefused
 from proxy.kerberos.hints import clock_skew, explain
 
 
@@ -19,7 +19,13 @@ from proxy.kerberos.hints import clock_skew, explain
             "add HTTP/cas.lab.test to the delegation list of HTTP/proxy.lab.test@LAB.TEST",
         ),
         ("Client not found in Kerberos database", KerberosRefused, 403, "no Kerberos account", "realm_map"),
-        ("Client's credentials have been revoked", KerberosRefused, 403, "disabled or locked", "CLIENT_REVOKED"),
+        (
+            "Client's credentials have been revoked",
+            AccountRevoked,
+            403,
+            "alice@LAB.TEST is disabled or locked, or has expired",
+            "CLIENT_REVOKED",
+        ),
         ("Cannot contact any KDC for realm 'LAB.TEST'", KdcUnavailable, 503, "unreachable", "KDC is up"),
         ("Server not found in Kerberos database", KerberosMisconfigured, 502, "incomplete", "register the SPN"),
         ("Clock skew too great", KerberosMisconfigured, 502, "clock", "NTP"),
@@ -36,6 +42,16 @@ def test_kdc_messages_map_to_errors_with_fixes(
     assert in_reason in err.reason
     assert err.hint is not None
     assert in_hint in err.hint
+
+
+def test_a_revoked_account_names_all_three_states_and_keeps_the_principal() -> None:
+    """KDC_ERR_CLIENT_REVOKED is Samba's and Windows' one code for disabled, locked out and expired accounts: the
+    reason names all three (it said 'disabled or locked' to an expired account's user), and the error keeps the
+    principal so that a configured directory can name the one that holds (proxy.pipeline.account_named)."""
+    err = explain("Client's credentials have been revoked", user="ivan@AD.TEST", spn="krbtgt", proxy="svc@AD.TEST")
+    assert isinstance(err, AccountRevoked)
+    assert err.reason == "the account ivan@AD.TEST is disabled or locked, or has expired"
+    assert err.user == "ivan@AD.TEST"
 
 
 def test_kdc_unavailable_tells_the_client_when_to_retry() -> None:
