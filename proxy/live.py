@@ -290,7 +290,9 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
 def replacement_config(started: Config) -> Config:
     """What a worker replacing a dead one serves: the file read and cross-checked again, as its siblings' reloads
     read it, with the keys a reload leaves for a restart (the listener's but LISTENER_RELOADED, `[admin]`,
-    `reload.watch`) as the gateway started with them. If the file does not load now, its siblings refused it too
+    `reload.watch`) as the gateway started with them, and the balancers it believes too when the file turns
+    `proxy_protocol` off (its siblings keep the ones last in force until the restart; the file's empty list made it
+    close every connection it got). If the file does not load now, its siblings refused it too
     and serve their last good one; the replacement then serves `started` and says so (`worker_configuration_refused`):
     a SIGHUP once the file is fixed brings every worker to the same configuration."""
     from proxy.ops.check import check
@@ -312,6 +314,8 @@ def replacement_config(started: Config) -> Config:
         return started
     kept = {f.name: getattr(started.listener, f.name) for f in dataclasses.fields(started.listener)}
     kept = {name: value for name, value in kept.items() if name not in LISTENER_RELOADED}
+    if not config.listener.proxy_protocol:  # turned off, which waits for a restart: its siblings still believe the
+        kept["trusted_proxies"] = started.listener.trusted_proxies  # balancers last in force (Live.balancers)
     listener = dataclasses.replace(config.listener, **kept)
     reload = dataclasses.replace(config.reload, watch=started.reload.watch)
     return dataclasses.replace(config, listener=listener, admin=started.admin, reload=reload)
