@@ -305,13 +305,7 @@ def replacement_config(started: Config) -> Config:
     except (OSError, ssl.SSLError, ValueError) as e:
         problems = [f"{type(e).__name__}: {e}"]
     if problems:
-        log.error(
-            "worker_configuration_refused",
-            config=str(started.path),
-            problems=problems,
-            detail="this worker serves the configuration the gateway started with; fix the file, then reload",
-        )
-        return started
+        return replacement_refused(started, problems)
     kept = {f.name: getattr(started.listener, f.name) for f in dataclasses.fields(started.listener)}
     kept = {name: value for name, value in kept.items() if name not in LISTENER_RELOADED}
     if not config.listener.proxy_protocol:  # turned off, which waits for a restart: its siblings still believe the
@@ -319,6 +313,19 @@ def replacement_config(started: Config) -> Config:
     listener = dataclasses.replace(config.listener, **kept)
     reload = dataclasses.replace(config.reload, watch=started.reload.watch)
     return dataclasses.replace(config, listener=listener, admin=started.admin, reload=reload)
+
+
+def replacement_refused(started: Config, problems: list[str]) -> Config:
+    """A replacement worker's file that does not load, or (`kcd-proxy run`) does not build, as a reload would refuse
+    it: logged, and `started` served instead (its siblings serve their last good one; the supervisor, which stops the
+    gateway when a worker fails to start, is never stopped by a file its siblings refused)."""
+    log.error(
+        "worker_configuration_refused",
+        config=str(started.path),
+        problems=problems,
+        detail="this worker serves the configuration the gateway started with; fix the file, then reload",
+    )
+    return started
 
 
 SETTLE_LOOKS = 5  # looks at most for a changed file to stay unchanged before it is reloaded anyway

@@ -257,6 +257,38 @@ def test_a_worker_replaced_while_the_file_is_broken_serves_and_says_so(lab: LabL
         gw.stop()
 
 
+def test_a_worker_replaced_while_the_file_does_not_build_serves_and_the_gateway_stays(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A file that loads and passes the cross-checks a replacement makes but does not build (here a CRL file that does
+    not parse: check-config's CRL part is a reload's to skip) is refused by the reload, and the workers keep serving;
+    a worker replaced then failed to start on it within MIN_UPTIME, and the supervisor stopped the whole gateway. The
+    replacement serves the configuration the gateway started with and says so (`worker_configuration_refused`)."""
+    port = free_port()
+    gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, port, 2))
+    try:
+        first, second = _listening_pids(gw, 2)
+        garbage = tmp_path / "garbage.crl"
+        garbage.write_bytes(b"not a CRL")
+        crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+        text = gw.config_path.read_text()
+        assert crls in text
+        gw.config_path.write_text(text.replace(crls, f'crls = ["{lab.pki_dir / "crls.pem"}", "{garbage}"]'))
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            gw.wait_event("reload_refused", pid=pid)
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        gw.wait_event("listening", pid=replacement)
+        refused = gw.wait_event("worker_configuration_refused", pid=replacement)
+        assert any(str(garbage) in problem for problem in refused["problems"])
+        assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+
+
 def test_a_sighup_while_the_workers_start_reaches_them_all(lab: LabLayout, tmp_path: Path) -> None:
     """systemd's ExecReload (or a configuration tool) right after a start: SIGHUP reached workers still starting,
     which ignored it until their reload handler was in place, and served the configuration read before the edit
