@@ -19,7 +19,8 @@ TLS context, first fetch of the CRLs); only when all of that succeeded are both 
 The CRLs do too, as the floor of the new ones (`CrlStore.inherit`): for a source both configurations read, the new
 store starts from the last good CRLs the old one held (those whose signer the new trust list still holds), so a
 reload, like a refresh, never takes a CRL older than the one held (a replay) and keeps the last good one when the
-source gives nothing usable; built afresh, a reload took last week's CRL and served a certificate revoked since.
+source gives nothing usable; built afresh, a reload took last week's CRL and served a certificate revoked since. A
+source the new configuration renames starts from the CRLs of the sources it no longer reads.
 The per-user backend connections always carry over (each route's TLS context too, unless the route or its
 CA bundle's bytes changed: `Pools.successor`), and the Delegator (the gateway's own credentials, its KDC watch)
 and the Basic login cache when their settings are unchanged. The delegated tickets do not (issue #7): a reload
