@@ -43,14 +43,22 @@ def _run(args: argparse.Namespace) -> int:
     shared = SharedTable() if cfg.listener.workers > 1 else None
 
     def serve_one(worker: workers.Worker | None = None) -> int:
-        from proxy.live import replacement_config
+        from proxy.live import replacement_config, replacement_refused
 
         # a replacement for a worker that died serves what its siblings reloaded since the start, not `cfg`
         current = replacement_config(cfg) if worker is not None and worker.replacement else cfg
         try:
             event_loop.run(app.serve(current, worker=worker, shared=shared), cfg.listener.event_loop)
         except ConfigError as e:
-            return e.report()
+            if current is cfg:
+                return e.report()
+            # a file its siblings' reload refused as it built (a CRL file that does not parse, ...): not a reason to
+            # fail to start, which stops the whole gateway (proxy.workers), but to serve what the gateway started with
+            current = replacement_refused(cfg, e.problems)
+            try:
+                event_loop.run(app.serve(current, worker=worker, shared=shared), cfg.listener.event_loop)
+            except ConfigError as again:
+                return again.report()
         return 0
 
     if cfg.listener.workers == 1:

@@ -19,7 +19,8 @@ TLS context, first fetch of the CRLs); only when all of that succeeded are both 
 The CRLs do too, as the floor of the new ones (`CrlStore.inherit`): for a source both configurations read, the new
 store starts from the last good CRLs the old one held (those whose signer the new trust list still holds), so a
 reload, like a refresh, never takes a CRL older than the one held (a replay) and keeps the last good one when the
-source gives nothing usable; built afresh, a reload took last week's CRL and served a certificate revoked since.
+source gives nothing usable; built afresh, a reload took last week's CRL and served a certificate revoked since. A
+source the new configuration renames starts from the CRLs of the sources it no longer reads.
 The per-user backend connections always carry over (each route's TLS context too, unless the route or its
 CA bundle's bytes changed: `Pools.successor`), and the Delegator (the gateway's own credentials, its KDC watch)
 and the Basic login cache when their settings are unchanged. The delegated tickets do not (issue #7): a reload
@@ -290,7 +291,9 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
 def replacement_config(started: Config) -> Config:
     """What a worker replacing a dead one serves: the file read and cross-checked again, as its siblings' reloads
     read it, with the keys a reload leaves for a restart (the listener's but LISTENER_RELOADED, `[admin]`,
-    `reload.watch`) as the gateway started with them. If the file does not load now, its siblings refused it too
+    `reload.watch`) as the gateway started with them, and the balancers it believes too when the file turns
+    `proxy_protocol` off (its siblings keep the ones last in force until the restart; the file's empty list made it
+    close every connection it got). If the file does not load now, its siblings refused it too
     and serve their last good one; the replacement then serves `started` and says so (`worker_configuration_refused`):
     a SIGHUP once the file is fixed brings every worker to the same configuration."""
     from proxy.ops.check import check
@@ -303,18 +306,27 @@ def replacement_config(started: Config) -> Config:
     except (OSError, ssl.SSLError, ValueError) as e:
         problems = [f"{type(e).__name__}: {e}"]
     if problems:
-        log.error(
-            "worker_configuration_refused",
-            config=str(started.path),
-            problems=problems,
-            detail="this worker serves the configuration the gateway started with; fix the file, then reload",
-        )
-        return started
+        return replacement_refused(started, problems)
     kept = {f.name: getattr(started.listener, f.name) for f in dataclasses.fields(started.listener)}
     kept = {name: value for name, value in kept.items() if name not in LISTENER_RELOADED}
+    if not config.listener.proxy_protocol:  # turned off, which waits for a restart: its siblings still believe the
+        kept["trusted_proxies"] = started.listener.trusted_proxies  # balancers last in force (Live.balancers)
     listener = dataclasses.replace(config.listener, **kept)
     reload = dataclasses.replace(config.reload, watch=started.reload.watch)
     return dataclasses.replace(config, listener=listener, admin=started.admin, reload=reload)
+
+
+def replacement_refused(started: Config, problems: list[str]) -> Config:
+    """A replacement worker's file that does not load, or (`kcd-proxy run`) does not build, as a reload would refuse
+    it: logged, and `started` served instead (its siblings serve their last good one; the supervisor, which stops the
+    gateway when a worker fails to start, is never stopped by a file its siblings refused)."""
+    log.error(
+        "worker_configuration_refused",
+        config=str(started.path),
+        problems=problems,
+        detail="this worker serves the configuration the gateway started with; fix the file, then reload",
+    )
+    return started
 
 
 SETTLE_LOOKS = 5  # looks at most for a changed file to stay unchanged before it is reloaded anyway

@@ -31,7 +31,8 @@ it cannot, and its workers, stopping with it, remove it instead (the last one to
 Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they
 have. SIGHUP goes to every worker too, and each reloads on its own (`proxy.live`); a worker still
 starting, before its reload handler is in place, remembers it (rather than die of it, or miss the reload) and
-reloads once it serves. A supervisor killed
+reloads once it serves, and one forked after the supervisor got a SIGHUP (between two forks) is forked with it
+remembered. A supervisor killed
 outright (SIGKILL, which it cannot pass on) takes its workers with it: each asks the kernel for SIGTERM
 when its parent dies (PR_SET_PDEATHSIG), so none runs on as an orphan holding the port. A worker that dies on its own is
 replaced after a pause, unless it exited with an error within `MIN_UPTIME` seconds of starting: a
@@ -112,12 +113,15 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     workers: dict[int, tuple[float, int]] = {}  # pid -> (when it started, its number)
     siblings = Path(tempfile.mkdtemp(prefix="kcd-proxy-workers-"))  # mode 0700
     stopping = False
+    starting = True  # the first workers are being forked
     failure = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         if signum != signal.SIGHUP:
             stopping = True
+        elif starting:  # passed on to the workers forked so far; the ones still to fork inherit it remembered
+            remember_reload(signum, frame)
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -137,8 +141,9 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     try:
         for number in range(1, listener.workers + 1):
             start(number)
-        # a SIGHUP before `on_signal` was in place is the first workers' to act on (each forked with the flag set),
-        # not every replacement's to come (each reads the file afresh anyway)
+        starting = False
+        # a SIGHUP before `on_signal` was in place, or between two forks, is the first workers' to act on (each forked
+        # after it with the flag set), not every replacement's to come (each reads the file afresh anyway)
         reload_asked_while_starting()
         while workers:
             pid, status = os.wait()

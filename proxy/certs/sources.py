@@ -100,17 +100,21 @@ class CrlStore:
         """Start from `old`'s last good CRLs (a reload, before this store reads anything): for each source both
         read (and, with distribution points, the ones `old` learned), the CRLs whose signer this trust list still
         holds. They are what a replayed CRL is refused below and what stays when the source gives nothing usable,
-        as in a refresh: a store built afresh took any CRL still within its nextUpdate, last week's included."""
+        as in a refresh: a store built afresh took any CRL still within its nextUpdate, last week's included.
+        A source `old` did not read (a file moved, a URL pointed at a mirror) starts from the CRLs of the sources
+        `old` read and this store does not (a renamed source's floor; its first good read replaces them)."""
         if self.use_distribution_points:
             learned = [s.source for s in old._states.values() if s.source.learned and s.crls]
             for source in learned[:MAX_LEARNED]:
                 self._states.setdefault(source.location, _State(source))
+        gone = tuple(crl for location, s in old._states.items() if location not in self._states for crl in s.crls)
         for location, state in self._states.items():
             before = old._states.get(location)
-            if before is None or state.crls:
+            if state.crls:
                 continue
-            state.crls = tuple(crl for crl in before.crls if crl.signer in self.trust.named(crl.issuer))
-            state.last_success = before.last_success if state.crls else None
+            held = gone if before is None else before.crls
+            state.crls = tuple(crl for crl in held if crl.signer in self.trust.named(crl.issuer))
+            state.last_success = before.last_success if before is not None and state.crls else None
 
     # --- reading -----------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import http.client
 import json
 import os
 import signal
@@ -24,7 +26,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy import config as config_module
+from proxy.lab import runner
 from proxy.lab.layout import LabLayout
+from proxy.live import replacement_config
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 
@@ -169,6 +174,63 @@ def test_a_worker_replaced_after_a_reload_serves_the_reloaded_configuration(lab:
         gw.stop()
 
 
+def test_a_worker_replaced_after_the_proxy_protocol_was_turned_off_believes_its_siblings_balancers(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Behind a balancer, a reload turning `proxy_protocol` off (a restart-only key: every worker still reads PROXY
+    headers) keeps the balancers last in force; a worker replaced after it kept `proxy_protocol` as started but took
+    the file's empty `trusted_proxies`, and so closed every connection the kernel gave it ('untrusted_peer') beside
+    siblings serving them. The replacement believes the balancers its siblings believe."""
+    port = free_port()
+    balanced = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    text = runner.gateway_config(balanced, gateway_port=port, behind_balancer=True)
+    gw = start_gateway(
+        lab, tmp_path / "gw", text.replace(f'bind = "127.0.0.1:{port}"\n', f'bind = "127.0.0.1:{port}"\nworkers = 2\n')
+    )
+    try:
+        first, second = _listening_pids(gw, 2)
+        started = config_module.load(gw.config_path)
+        assert started.listener.proxy_protocol
+        assert started.listener.workers == 2
+        edited = tmp_path / "edited.toml"
+        edited.write_text(_with_workers(lab, port, 2))  # no PROXY protocol: needs a restart
+        edited.replace(gw.config_path)
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            gw.wait_event("reloaded", pid=pid)
+        assert {e["key"] for e in gw.events("reload_needs_restart")} >= {"listener.proxy_protocol"}
+        served = replacement_config(started)  # what a replacement serves, read in this process
+        assert served.listener.proxy_protocol
+        assert served.listener.trusted_proxies == started.listener.trusted_proxies
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        gw.wait_event("listening", pid=replacement)
+        statuses = [_through_balancer(lab, gw) for _ in range(8)]  # the kernel spreads them over both workers
+        assert statuses == [200] * 8, gw.events("proxy_header_refused")
+        assert gw.events("proxy_header_refused") == []
+    finally:
+        gw.stop()
+
+
+def _through_balancer(lab: LabLayout, gw: Gateway) -> int | str:
+    """One request on a new connection from 127.0.0.1 as a balancer passes it on (a PROXY v1 header, then TLS); the
+    status, or the error of a connection the gateway closed."""
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    try:
+        raw.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 443\r\n")
+        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n")
+            response = http.client.HTTPResponse(tls)
+            response.begin()
+            response.read()
+            return response.status
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        raw.close()
+
+
 def test_a_worker_replaced_while_the_file_is_broken_serves_and_says_so(lab: LabLayout, tmp_path: Path) -> None:
     """A worker that dies while the configuration file does not load (a half-edited file) is still replaced: the
     replacement serves the configuration the gateway started with and logs `worker_configuration_refused` with
@@ -190,6 +252,38 @@ def test_a_worker_replaced_while_the_file_is_broken_serves_and_says_so(lab: LabL
         gw.proc.send_signal(signal.SIGHUP)
         for pid in (second, replacement):
             gw.wait_event("reloaded", pid=pid)
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+
+
+def test_a_worker_replaced_while_the_file_does_not_build_serves_and_the_gateway_stays(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A file that loads and passes the cross-checks a replacement makes but does not build (here a CRL file that does
+    not parse: check-config's CRL part is a reload's to skip) is refused by the reload, and the workers keep serving;
+    a worker replaced then failed to start on it within MIN_UPTIME, and the supervisor stopped the whole gateway. The
+    replacement serves the configuration the gateway started with and says so (`worker_configuration_refused`)."""
+    port = free_port()
+    gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, port, 2))
+    try:
+        first, second = _listening_pids(gw, 2)
+        garbage = tmp_path / "garbage.crl"
+        garbage.write_bytes(b"not a CRL")
+        crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+        text = gw.config_path.read_text()
+        assert crls in text
+        gw.config_path.write_text(text.replace(crls, f'crls = ["{lab.pki_dir / "crls.pem"}", "{garbage}"]'))
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            gw.wait_event("reload_refused", pid=pid)
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        gw.wait_event("listening", pid=replacement)
+        refused = gw.wait_event("worker_configuration_refused", pid=replacement)
+        assert any(str(garbage) in problem for problem in refused["problems"])
+        assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
         assert gw.proc.poll() is None
     finally:
         gw.stop()

@@ -437,6 +437,31 @@ async def _test_a_reloaded_store_starts_from_the_crls_its_trust_list_still_vouch
     assert elsewhere.status(now=NOW)[0].crl_number is None
 
 
+def test_a_source_renamed_by_a_reload_starts_from_the_crls_the_old_name_held(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """`inherit` with a source renamed (a CRL file moved, a URL pointed at a mirror): the new name had no floor and
+    took a replayed CRL, serving a certificate revoked since, the replay a reload of the same name refuses. A source
+    the old configuration did not read starts from the CRLs of the sources it no longer reads (their trusted ones)."""
+    older = pki.issuing_crl.read_bytes()
+    revoke(pki, pki.user_cert("carol"), now=NOW)
+    (tmp_path / "old-name.crl").write_bytes(pki.issuing_crl.read_bytes())
+    old = CrlStore(trust, [CrlSource(str(tmp_path / "old-name.crl"))])
+    old.load_files(now=NOW)
+    carol = verified(pki, trust, "carol")
+    assert status(old, carol) is RevocationStatus.REVOKED
+    (tmp_path / "new-name.crl").write_bytes(older)  # what the path gives the new name: carol not yet revoked
+    reloaded = CrlStore(trust, [CrlSource(str(tmp_path / "new-name.crl"))])
+    reloaded.inherit(old)
+    reloaded.load_files(now=NOW)
+    assert status(reloaded, carol) is RevocationStatus.REVOKED
+    assert "replayed?" in str(reloaded.status(now=NOW)[0].last_error)
+    (tmp_path / "new-name.crl").write_bytes(pki.issuing_crl.read_bytes())  # the CA's current one: taken
+    asyncio.run(reloaded.refresh(now=NOW))
+    assert reloaded.status(now=NOW)[0].last_error is None
+    assert status(reloaded, carol) is RevocationStatus.REVOKED
+
+
 def test_an_unverified_crls_issuer_name_is_cut_short_in_its_error(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
     """Whoever is on the path of an http CRL source sends any CRL, unsigned by anyone trusted: its issuer name went
     whole into the source's error, which is a label of `kcd_crl_last_error` on every scrape, a `crl_rejected` log
