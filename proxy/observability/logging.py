@@ -121,6 +121,16 @@ def unquoted(message: str) -> str:
     return _QUOTED.split(first, 1)[0].rstrip(" :") + (" (quoted bytes left out)" if _QUOTED.search(first) else "")
 
 
+def logged_path(path: str) -> str:
+    """A request's decoded path as the log and the trace keep it: an absolute-form target (`http://user:password@host/x`,
+    a client taking the gateway for a proxy; refused) without the user information before its host's `@`, where a
+    password sits. Decoded, that part may hold a `/` or an `@` of its own: everything up to the last `@` goes."""
+    if path.startswith("/") or "://" not in path or "@" not in path:
+        return path
+    scheme = path.partition("://")[0]
+    return f"{scheme}://[redacted]@{path.rpartition('@')[2]}"
+
+
 def pass_through(function: F) -> F:
     """Marks a function of ours that only hands a client's bytes to a library (the header budget in front of
     aiohttp's parser): an exception the library raises below it is still the library's, logged without the

@@ -537,3 +537,25 @@ def test_a_long_junk_client_chain_is_cut_short(
     seen = _handshake(scene, chain, key)
     assert not seen.startswith("HTTP/"), seen
     scene.gw.wait_for("tls_handshake_refused", lambda e: reason in e["reason"], what=reason)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://alice:{secret}@cas.lab.test/owa/",
+        "http://alice:{secret}%2Fx%40y@cas.lab.test/owa/",  # a '/' and an '@' in the password, percent-encoded
+        "https://alice:{secret}@cas.lab.test:99999/owa/",
+        "http://cas.lab.test:99999/owa/?access_token={secret}",  # a port out of range: not parsed as a URL
+    ],
+)
+def test_a_password_in_an_absolute_form_target_is_neither_logged_nor_answered(scene: Scene, target: str) -> None:
+    """An absolute-form target (`GET http://user:password@host/...`, a client that takes the gateway for a proxy)
+    is refused 400, and neither the answer nor the log holds the password: the summary line's `path` (and the
+    trace) held the target's user information, password included."""
+    secret = "Qx7TargetSecret42"
+    mark = scene.gw.mark()
+    answer = raw_request(scene._lab, scene.gw.port, _get(target.format(secret=secret)))
+    assert answer.status == 400
+    assert secret not in answer.head + answer.body.decode("latin-1")
+    scene.gw.wait_event("request", status=400)
+    assert not [(e["event"], k) for e in scene.gw.logs()[mark:] for k, v in e.items() if secret in str(v)]

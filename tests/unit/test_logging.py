@@ -145,3 +145,18 @@ def test_our_own_traceback_through_structlog_is_scrubbed(out: io.StringIO) -> No
 def test_unquoted_keeps_what_was_wrong_and_drops_what_the_client_sent(message: str, told: str) -> None:
     """A parse error's message as a device and the log get it: aiohttp's own header names kept, a client's bytes cut."""
     assert proxy_logging.unquoted(message) == told
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/owa/a@b:c", "/owa/a@b:c"),  # origin-form: a path, whatever it holds
+        ("*", "*"),
+        ("http://cas.lab.test/owa/", "http://cas.lab.test/owa/"),
+        (f"http://alice:{SECRET}@cas.lab.test/owa/", "http://[redacted]@cas.lab.test/owa/"),
+        (f"https://alice:{SECRET}/x@y@cas.lab.test/owa/", "https://[redacted]@cas.lab.test/owa/"),  # decoded '/', '@'
+    ],
+)
+def test_logged_path_keeps_no_user_information_of_an_absolute_form_target(path: str, logged: str) -> None:
+    """The summary line's path: an absolute-form target's user information (a password) left out, every path kept."""
+    assert proxy_logging.logged_path(path) == logged
