@@ -45,7 +45,7 @@ from proxy.errors import (
 from proxy.kerberos.delegate import Delegator
 from proxy.kerberos.profile import remove_stale_overlays
 from proxy.live import Live
-from proxy.observability.logging import summary_fields
+from proxy.observability.logging import logged_path, summary_fields
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
@@ -137,7 +137,7 @@ def _begin(live: Live, request: DeviceRequest) -> Trace:
     trace = Trace()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=trace.id)
-    trace.note(method=request.method, path=request.path, client=request.remote)
+    trace.note(method=request.method, path=logged_path(request.path), client=request.remote)
     live.metrics.begin(trace)
     return trace
 

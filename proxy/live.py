@@ -115,6 +115,8 @@ class Live:
             except (OSError, ssl.SSLError, ValueError) as e:
                 return self._refused(path, [f"{type(e).__name__}: {e}"])
             await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
+            if gateway.delegator is not old.delegator:  # its watch's KDC list out of the overlay before the new one's
+                old.delegator.stop_watch()  # (its requests still in flight are served on as they are)
             await gateway.delegator.watch_kdcs()  # a kept delegator's watch goes on; a new one's starts
             self.gateway, self.ssl_context = gateway, context
             old.revocation.hand_over(gateway.revocation, gateway.trust)  # held requests: judged by the new trust

@@ -231,6 +231,12 @@ class Delegator:
             settings.principal, settings.krb5_config, settings.kdc_timeout / 2, set_realm_section
         )
 
+    def stop_watch(self) -> None:
+        """Stop watching the realm's KDCs, the watch's section taken out of the overlay (a reload replaced this
+        delegator: the new one's watch, if any, decides from now on)."""
+        if self.kdcs is not None:
+            self.kdcs.stop()
+
     async def watch_kdcs(self) -> None:
         """Probe the realm's KDCs once, then watch them (once per delegator; from the running event loop)."""
         if self.kdcs is not None:

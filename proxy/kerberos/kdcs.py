@@ -228,7 +228,8 @@ class KdcWatch:
         )
         self._principal = principal
         self._timeout = probe_timeout
-        self._write = write_section  # (realm, section text or None for krb5.conf's own): the overlay's
+        self._write_section = write_section  # (realm, section text or None for krb5.conf's own): the overlay's
+        self._wrote = False  # the overlay holds a section of this watch's (`stop` takes it out)
         self.answering: tuple[str, ...] = section.kdcs  # until the first probe says otherwise
         self.last: tuple[KdcProbe, ...] = ()
         self._task: asyncio.Task[None] | None = None
@@ -326,10 +327,20 @@ class KdcWatch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), PROBE_EVERY)
 
+    def _write(self, realm: str, section: str | None) -> None:
+        self._write_section(realm, section)
+        self._wrote = section is not None
+
     def stop(self) -> None:
+        """Stop probing, and take this watch's section out of the overlay (krb5.conf's own list stands): a watch a
+        reload replaced, or one whose successor is off (`kdc_watch_off`), left its KDC list in force, final, over the
+        krb5.conf the reload named, until a restart."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._wrote:
+            with contextlib.suppress(OSError):  # the overlay cannot be written: MIT keeps the last one it read
+                self._write(self.section.realm, None)
 
 
 def krb5_files(krb5_config: Path | None) -> list[Path]:

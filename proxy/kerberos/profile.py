@@ -344,10 +344,11 @@ def _remove_stale(directory: str) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process `pid` exists (ours or another user's)."""
+    """Whether a process `pid` exists (ours or another user's). A name's PID beyond a C int (anyone may name a file so
+    in /tmp) is no process's."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

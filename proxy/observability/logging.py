@@ -114,11 +114,26 @@ _NAMED_HEADER = re.compile(r"(Missing|Duplicate) '[A-Za-z-]+' header[a-z .]*")
 def unquoted(message: str) -> str:
     """The first line of a library's error `message` up to its first quote: what was wrong, without the bytes a
     client sent that aiohttp's parse errors quote after it (`Invalid header value char:` then the header line,
-    `Authorization: Basic ...` included)."""
+    `Authorization: Basic ...` included). A first line without a space is no description but the client's bytes
+    alone: aiohttp's InvalidURLError for a target it cannot parse is the target (`http://h:99999/?access_token=...`,
+    `user:password@h:99999`), which no quote marks."""
     first = message.strip().split("\n", 1)[0]
     if _NAMED_HEADER.fullmatch(first):
         return first
+    if not any(c.isspace() for c in first):
+        return "(the client's bytes left out)"
     return _QUOTED.split(first, 1)[0].rstrip(" :") + (" (quoted bytes left out)" if _QUOTED.search(first) else "")
+
+
+def logged_path(path: str) -> str:
+    """A request's decoded path as the log and the trace keep it: an absolute-form target (`http://user:password@host/x`,
+    a client taking the gateway for a proxy; refused) or an authority-form one (CONNECT's `user:password@host:443`)
+    without the user information before its host's `@`, where a password sits. Decoded, that part may hold a `/` or
+    an `@` of its own: everything up to the last `@` goes."""
+    if path.startswith("/") or "@" not in path:
+        return path
+    scheme = path.partition("://")[0] + "://" if "://" in path else ""  # none in CONNECT's authority-form
+    return f"{scheme}[redacted]@{path.rpartition('@')[2]}"
 
 
 def pass_through(function: F) -> F:

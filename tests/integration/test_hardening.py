@@ -537,3 +537,59 @@ def test_a_long_junk_client_chain_is_cut_short(
     seen = _handshake(scene, chain, key)
     assert not seen.startswith("HTTP/"), seen
     scene.gw.wait_for("tls_handshake_refused", lambda e: reason in e["reason"], what=reason)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://alice:{secret}@cas.lab.test/owa/",
+        "http://alice:{secret}%2Fx%40y@cas.lab.test/owa/",  # a '/' and an '@' in the password, percent-encoded
+        "https://alice:{secret}@cas.lab.test:99999/owa/",
+        "http://cas.lab.test:99999/owa/?access_token={secret}",  # a port out of range: not parsed as a URL
+    ],
+)
+def test_a_password_in_an_absolute_form_target_is_neither_logged_nor_answered(scene: Scene, target: str) -> None:
+    """An absolute-form target (`GET http://user:password@host/...`, a client that takes the gateway for a proxy)
+    is refused 400, and neither the answer nor the log holds the password: the summary line's `path` (and the
+    trace) held the target's user information, password included."""
+    secret = "Qx7TargetSecret42"
+    mark = scene.gw.mark()
+    answer = raw_request(scene._lab, scene.gw.port, _get(target.format(secret=secret)))
+    assert answer.status == 400
+    assert secret not in answer.head + answer.body.decode("latin-1")
+    scene.gw.wait_event("request", status=400)
+    assert not [(e["event"], k) for e in scene.gw.logs()[mark:] for k, v in e.items() if secret in str(v)]
+
+
+def _plain_request(port: int, request: bytes) -> bytes:
+    """`request` sent byte for byte over plain TCP (the admin listener); the answer, read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    ["GET http://h:99999/?access_token={secret} HTTP/1.1", "CONNECT alice:{secret}@h:99999 HTTP/1.1"],
+)
+def test_a_target_aiohttp_cannot_parse_is_neither_answered_nor_logged(scene: Scene, request_line: str) -> None:
+    """A request target aiohttp's parser refuses (a port out of range) is left out of the 400 and the log, on the
+    device side and the admin listener: aiohttp's message for it (InvalidURLError) is the target alone, without a
+    quote for `unquoted` to cut at, so a query's token or a password in it was the 400's body and the
+    `error_detail` of an error line."""
+    secret = "Qx7UnparsedTarget42"
+    request = f"{request_line.format(secret=secret)}\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    mark = scene.gw.mark()
+    device = raw_request(scene._lab, scene.gw.port, request)
+    admin = _plain_request(int(scene.admin.rsplit(":", 1)[1]), request)
+    assert device.status in (400, 405)
+    assert admin.startswith(b"HTTP/1.0 400 ") or admin.startswith(b"HTTP/1.1 400 "), admin
+    assert secret not in device.head + device.body.decode("latin-1")
+    assert secret not in admin.decode("latin-1")
+    # a request's summary line written after both answers: the lines about them are in the log before it
+    raw_request(scene._lab, scene.gw.port, _get("/owa/after-the-unparsed-target", "Connection: close"))
+    scene.gw.wait_event("request", path="/owa/after-the-unparsed-target")
+    assert not [(e["event"], k) for e in scene.gw.logs()[mark:] for k, v in e.items() if secret in str(v)]

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import curl, free_port, lab_config, start_gateway
+from tests.integration.conftest import curl, dead_port, free_port, lab_config, metric, start_gateway
+from tests.integration.jsonlog import eventually
 from tests.integration.test_kdc_silent import SecondKdc
 
 
@@ -55,3 +57,75 @@ def test_a_reload_to_another_krb5_conf_is_what_mit_reads_at_once(
         assert _status(lab, gw.url, "alice") == 200  # the reload dropped her ticket: a new exchange, the new KDC
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["idle", "a-request-held-across-the-reload"])
+def test_a_reload_ends_the_replaced_watchs_kdc_list(
+    lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc, held: bool
+) -> None:
+    """The gateway starts on a krb5.conf listing a KDC that refuses connections and the second KDC: the watch tells
+    MIT to ask the second alone (`kdc_silent`). A reload names a krb5.conf the watch cannot follow (the lab's KDC in
+    an included file: `kdc_watch_off`), and the second KDC is stopped: a new user is served by the lab's KDC. The
+    replaced watch's section (the second KDC alone, final) stayed in the overlay, MIT asked only the stopped KDC, and
+    every new user got 503 until a restart; with a request of the old configuration still in flight (`held`), the
+    replaced watch also went on probing and writing its section until that request ended."""
+    first = tmp_path / "krb5-first.conf"
+    first.write_text(
+        lab.krb5_conf.read_text().replace(
+            f"kdc = 127.0.0.1:{lab.kdc_port}", f"kdc = 127.0.0.1:{dead_port()}\n        kdc = {second_kdc.address}"
+        )
+    )
+    extra = tmp_path / "lab-kdc.conf"
+    extra.write_text(f"[realms]\n    LAB.TEST = {{\n        kdc = 127.0.0.1:{lab.kdc_port}\n    }}\n")
+    second = _krb5_conf(lab, tmp_path / "krb5-second.conf", f"127.0.0.1:{dead_port()}")
+    second.write_text(second.read_text() + f"\ninclude {extra}\n")
+    admin = free_port()
+    text = lab_config(lab, port=free_port(), krb5_conf=first, extra=f'\n[admin]\nbind = "127.0.0.1:{admin}"\n')
+    gw = start_gateway(lab, tmp_path / "gateway", text)
+    holding: subprocess.Popen[bytes] | None = None
+    try:
+        gw.wait_event("kdc_silent")
+        assert _status(lab, gw.url, "alice") == 200, gw.log_path.read_text()[-3000:]
+        if held:  # alice's Ping, held at the backend: the old gateway (and its delegator) is not retired meanwhile
+            holding = _held_ping(lab, gw.url)
+            eventually(lambda: metric(f"http://127.0.0.1:{admin}", "kcd_requests_in_flight") >= 1, "the Ping held")
+        gw.config_path.write_text(text.replace(f'krb5_config = "{first}"', f'krb5_config = "{second}"'))
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_event("reloaded")
+        assert gw.events("kdc_watch_off", after=gw.since), gw.log_path.read_text()[-3000:]
+        second_kdc.close()  # the only KDC the first watch's section lets MIT ask
+        assert _status(lab, gw.url, "bob") == 200, gw.log_path.read_text()[-3000:]
+        assert holding is None or holding.poll() is None  # still held: the old gateway was not retired
+    finally:
+        gw.stop()
+        if holding is not None:
+            holding.kill()
+            holding.wait()
+
+
+def _held_ping(lab: LabLayout, url: str) -> subprocess.Popen[bytes]:
+    """alice's ActiveSync Ping, which the lab backend holds for a minute (ended by the test)."""
+    users = lab.pki_dir / "users"
+    tls = [
+        "--cacert",
+        str(lab.pki_dir / "root.pem"),
+        "--cert",
+        str(users / "alice.pem"),
+        "--key",
+        str(users / "alice.key"),
+    ]
+    return subprocess.Popen(
+        [
+            "curl",
+            "-sS",
+            *tls,
+            "-H",
+            "X-Lab-Hold-Seconds: 60",
+            "-o",
+            "/dev/null",
+            f"{url}/Microsoft-Server-ActiveSync?Cmd=Ping",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

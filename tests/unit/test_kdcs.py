@@ -205,3 +205,27 @@ def test_a_krb5_conf_read_while_it_is_written_in_place_is_not_taken_cut_short(
     assert written == [("LAB.TEST", None)]  # MIT's list left as it was
     conf.write_text(new)
     assert (check(), asked) == (["kdc_list_changed", "kdcs_answer"], ["10.0.0.1:88", "10.0.0.3:750"])
+
+
+def test_a_stopped_watch_takes_its_section_out_of_the_overlay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch that told MIT to ask only the KDCs that answer takes that section out when it stops (a reload's new
+    delegator replaces it, or the gateway stops): the section, final (`}*`), stayed in the overlay over whatever
+    krb5.conf a reload named, until a restart. A watch that wrote no section writes nothing when it stops."""
+    section = kdcs.realm_section(KRB5_CONF, "LAB.TEST")
+    assert section is not None
+
+    async def one_silent(entry: str, principal: str, within: float) -> kdcs.KdcProbe:
+        answered = entry != "10.0.0.1:88"
+        return kdcs.KdcProbe(entry, answered, "KRB-ERROR" if answered else "silent", 1.0)
+
+    monkeypatch.setattr(kdcs, "probe", one_silent)
+    written: list[tuple[str, str | None]] = []
+    watch = kdcs.KdcWatch(section, "HTTP/proxy.lab.test@LAB.TEST", 1, lambda realm, text: written.append((realm, text)))
+    asyncio.run(watch.check())
+    assert written[-1][1] is not None
+    watch.stop()
+    assert written[-1] == ("LAB.TEST", None)
+    quiet = kdcs.KdcWatch(section, "HTTP/proxy.lab.test@LAB.TEST", 1, lambda realm, text: written.append((realm, text)))
+    count = len(written)
+    quiet.stop()
+    assert len(written) == count

@@ -317,3 +317,16 @@ def _gone_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_an_overlay_name_with_a_pid_no_process_can_have_does_not_stop_the_start(tmp_path: Path) -> None:
+    """A file in the temporary directory named as an overlay of a PID beyond any C int (anyone may make one in /tmp)
+    is judged like any other stale file: `_remove_stale` removes it if it is this user's and unlocked, and leaves
+    another user's. os.kill raised OverflowError on it, which stopped every gateway's start (app.serve)."""
+    ours = tmp_path / f"kcd-proxy-krb5-{2**31}-a1.conf"
+    theirs = tmp_path / f"kcd-proxy-krb5-{10**20}-b2.conf"
+    for path in (ours, theirs):
+        path.write_text("[libdefaults]\n")
+    os.chown(theirs, 65534, 65534)
+    profile._remove_stale(str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == [theirs]

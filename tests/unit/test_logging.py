@@ -145,3 +145,28 @@ def test_our_own_traceback_through_structlog_is_scrubbed(out: io.StringIO) -> No
 def test_unquoted_keeps_what_was_wrong_and_drops_what_the_client_sent(message: str, told: str) -> None:
     """A parse error's message as a device and the log get it: aiohttp's own header names kept, a client's bytes cut."""
     assert proxy_logging.unquoted(message) == told
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/owa/a@b:c", "/owa/a@b:c"),  # origin-form: a path, whatever it holds
+        ("*", "*"),
+        ("http://cas.lab.test/owa/", "http://cas.lab.test/owa/"),
+        (f"http://alice:{SECRET}@cas.lab.test/owa/", "http://[redacted]@cas.lab.test/owa/"),
+        (f"https://alice:{SECRET}/x@y@cas.lab.test/owa/", "https://[redacted]@cas.lab.test/owa/"),  # decoded '/', '@'
+        (f"alice:{SECRET}@cas.lab.test:443", "[redacted]@cas.lab.test:443"),  # CONNECT's authority-form
+    ],
+)
+def test_logged_path_keeps_no_user_information_of_an_absolute_form_target(path: str, logged: str) -> None:
+    """The summary line's path: an absolute-form target's user information (a password) left out, every path kept."""
+    assert proxy_logging.logged_path(path) == logged
+
+
+@pytest.mark.parametrize(
+    "message",
+    [f"http://h:99999/?access_token={SECRET}", f"alice:{SECRET}@h:99999", f"/owa/{SECRET}\x7f"],
+)
+def test_unquoted_leaves_out_a_message_that_is_the_clients_bytes_alone(message: str) -> None:
+    """aiohttp's InvalidURLError for a target it cannot parse is the target, unquoted: left out whole."""
+    assert proxy_logging.unquoted(message) == "(the client's bytes left out)"
