@@ -1,0 +1,32 @@
+"""The order of a run: the files that hold long tests come first, so that xdist's workers end together.
+
+`make test` runs `pytest -n 3 --dist loadfile --no-loadscope-reorder`: each worker takes whole files, in the
+order they are collected here. Left to itself, xdist queues the files with the most tests first, so the one
+test that holds a Ping for 310 s (a file of one test) started last, on a worker that had nothing left to do
+beside it, and the run waited five minutes for it. A test that takes long (tens of seconds on a loaded
+machine) says so with `@pytest.mark.slow(seconds=N)`, N a rough figure; each file's marked seconds are
+summed, and the files run longest first. The others keep pytest's order behind them (integration, then the
+quick unit tests, which fill the workers' last minutes evenly). docs/testing.md, "Long tests".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def slow_seconds(item: pytest.Item) -> float:
+    """The seconds `item`'s `slow` mark gives (`slow(seconds=N)`), 0 without one."""
+    mark = item.get_closest_marker("slow")
+    return 0.0 if mark is None else float(mark.kwargs["seconds"])
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has grouped the items by their fixtures' scopes
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files by the seconds of their slow tests, longest first; a stable sort, so each file keeps its own order
+    and the files without a slow test keep their collection order."""
+    weight: dict[Path, float] = {}
+    for item in items:
+        weight[item.path] = weight.get(item.path, 0.0) + slow_seconds(item)
+    items.sort(key=lambda item: -weight[item.path])
