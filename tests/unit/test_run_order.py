@@ -18,6 +18,7 @@ class _Item:
     name: str
     path: Path
     seconds: float | None = None
+    fixturenames: tuple[str, ...] = ()
 
     def get_closest_marker(self, name: str) -> pytest.Mark | None:
         if name != "slow" or self.seconds is None:
@@ -50,3 +51,19 @@ def test_a_run_without_slow_tests_keeps_the_collection_order() -> None:
     """No `slow` mark: nothing moves."""
     items = [_Item(f"t{i}", Path(f"tests/unit/test_{i % 3}.py")) for i in range(6)]
     assert _ordered(items) == [f"t{i}" for i in range(6)]
+
+
+def test_the_first_file_using_the_ad_realm_starts_beside_the_long_files() -> None:
+    """The first file whose tests use `ad_realm` (they provision it in a fresh checkout; the other AD files wait
+    for it) counts its provisioning's seconds: it goes before a file of 85 s, after one of 310 s; the later AD
+    files do not move."""
+    ad = ("ad_realm", "tmp_path")
+    items = [
+        _Item("ad1", Path("tests/integration/test_ad.py"), fixturenames=ad),
+        _Item("ad2", Path("tests/integration/test_ad_more.py"), fixturenames=ad),
+        _Item("bench", Path("tests/integration/test_bench.py"), 85),
+        _Item("plain", Path("tests/integration/test_plain.py")),
+        _Item("ping", Path("tests/integration/test_ping.py"), 310),
+    ]
+    assert conftest.AD_REALM_SECONDS > 85
+    assert _ordered(items) == ["ping", "ad1", "bench", "ad2", "plain"]
