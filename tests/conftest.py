@@ -20,10 +20,13 @@ import pytest
 AD_REALM_SECONDS = 100.0  # provisioning the AD realm (tests/integration/ad_fixtures.py) in a fresh checkout
 
 
+SLOW_SECONDS = 30.0  # a bare `@pytest.mark.slow`, without its seconds
+
+
 def slow_seconds(item: pytest.Item) -> float:
-    """The seconds `item`'s `slow` mark gives (`slow(seconds=N)`), 0 without one."""
+    """The seconds `item`'s `slow` mark gives (`slow(seconds=N)`; SLOW_SECONDS for a bare one), 0 without one."""
     mark = item.get_closest_marker("slow")
-    return 0.0 if mark is None else float(mark.kwargs["seconds"])
+    return 0.0 if mark is None else float(mark.kwargs.get("seconds", SLOW_SECONDS))
 
 
 @pytest.hookimpl(trylast=True)  # after pytest has grouped the items by their fixtures' scopes

@@ -17,13 +17,13 @@ class _Item:
 
     name: str
     path: Path
-    seconds: float | None = None
+    seconds: float | None = None  # None: no slow mark; 0: a bare one
     fixturenames: tuple[str, ...] = ()
 
     def get_closest_marker(self, name: str) -> pytest.Mark | None:
         if name != "slow" or self.seconds is None:
             return None
-        return pytest.mark.slow(seconds=self.seconds).mark
+        return pytest.mark.slow(seconds=self.seconds).mark if self.seconds else pytest.mark.slow.mark
 
 
 def _ordered(items: list[_Item]) -> list[str]:
@@ -67,3 +67,14 @@ def test_the_first_file_using_the_ad_realm_starts_beside_the_long_files() -> Non
     ]
     assert conftest.AD_REALM_SECONDS > 85
     assert _ordered(items) == ["ping", "ad1", "bench", "ad2", "plain"]
+
+
+def test_a_bare_slow_mark_counts_as_some_seconds() -> None:
+    """`@pytest.mark.slow` without seconds (as marks were written before) is not an error: it counts as
+    SLOW_SECONDS, so its file goes before the unmarked ones and after a longer marked one."""
+    items = [
+        _Item("plain", Path("tests/integration/test_plain.py")),
+        _Item("bare", Path("tests/integration/test_bare.py"), 0),
+        _Item("long", Path("tests/integration/test_long.py"), 310),
+    ]
+    assert _ordered(items) == ["long", "bare", "plain"]
