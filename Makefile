@@ -79,11 +79,14 @@ lint: setup
 	.venv/bin/ruff format --check proxy tests bench
 	.venv/bin/mypy
 
-# Two workers, one test file each at a time (--dist loadfile): each brings up its own lab on free ports,
-# and the slow ActiveSync Ping test (310 s) runs beside the rest of the suite. bench-setup: a tiny `make bench`
-# run is part of the suite (tests/integration/test_bench_smoke.py), so nginx and wrk are installed for it.
+# Three workers on two cores, one test file each at a time (--dist loadfile): each brings up its own lab on free
+# ports. Three, because the suite mostly waits (the ActiveSync Ping test alone holds its worker 310 s doing
+# nothing; docs/testing.md, "Long tests"). --no-loadscope-reorder: the files in tests/conftest.py's order, those
+# with `slow` tests first (the Ping test from the start, beside the rest of the suite, not after it; xdist's own
+# order, most tests first, started it last). bench-setup: a tiny `make bench` run is part of the suite
+# (tests/integration/test_bench_smoke.py), so nginx and wrk are installed for it.
 test: lint bench-setup
-	.venv/bin/pytest -q -n 2 --dist loadfile
+	.venv/bin/pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 # `make bench`: kcd-proxy against nginx, side by side (bench/run.py; about nine minutes; only its tiny smoke run is in `make test`).
 BENCH_DEBS := nginx-light wrk gcc libssl-dev curl util-linux heaptrack

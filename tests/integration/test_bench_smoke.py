@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow(seconds=85)
 def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     """Each phase runs end to end against real nginx, the real gateway (uvloop, the default, and asyncio) and the
     plain proxy; the JSON has the fixed-rate latencies, the scaling ratio, the asyncio column, the held columns each

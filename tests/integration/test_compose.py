@@ -33,7 +33,7 @@ import pytest
 from tests.integration.conftest import REPO, free_port
 from tests.integration.jsonlog import eventually
 
-pytestmark = pytest.mark.timeout(2400)
+pytestmark = [pytest.mark.timeout(2400), pytest.mark.slow(seconds=15)]  # a build, up and down besides the tests
 
 SOCKET = "/var/run/docker.sock"
 LOCK = Path("/run/lock/kcd-proxy-dockerd.lock")  # shared: a run using the engine; exclusive: stopping it

@@ -1,0 +1,43 @@
+"""The order of a run: the files that hold long tests come first, so that xdist's workers end together.
+
+`make test` runs `pytest -n 3 --dist loadfile --no-loadscope-reorder`: each worker takes whole files, in the
+order they are collected here. Left to itself, xdist queues the files with the most tests first, so the one
+test that holds a Ping for 310 s (a file of one test) started last, on a worker that had nothing left to do
+beside it, and the run waited five minutes for it. A test that takes long (tens of seconds on a loaded
+machine) says so with `@pytest.mark.slow(seconds=N)`, N a rough figure; each file's marked seconds are
+summed, and the files run longest first. The others keep pytest's order behind them (integration, then the
+quick unit tests, which fill the workers' last minutes evenly). The first file that uses the AD realm counts as
+slow too: it provisions the realm in a fresh checkout (30-130 s), and every other AD file waits for it, so it
+starts beside the long files, not after them. docs/testing.md, "Long tests".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+AD_REALM_SECONDS = 100.0  # provisioning the AD realm (tests/integration/ad_fixtures.py) in a fresh checkout
+
+
+SLOW_SECONDS = 30.0  # a bare `@pytest.mark.slow`, without its seconds
+
+
+def slow_seconds(item: pytest.Item) -> float:
+    """The seconds `item`'s `slow` mark gives (`slow(seconds=N)`; SLOW_SECONDS for a bare one), 0 without one."""
+    mark = item.get_closest_marker("slow")
+    return 0.0 if mark is None else float(mark.kwargs.get("seconds", SLOW_SECONDS))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has grouped the items by their fixtures' scopes
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files by the seconds of their slow tests, longest first (the first file using the AD realm with its
+    provisioning's seconds added); a stable sort, so each file keeps its own order and the files without a slow
+    test keep their collection order."""
+    weight: dict[Path, float] = {}
+    for item in items:
+        weight[item.path] = weight.get(item.path, 0.0) + slow_seconds(item)
+    first_ad = next((item.path for item in items if "ad_realm" in getattr(item, "fixturenames", ())), None)
+    if first_ad is not None:
+        weight[first_ad] += AD_REALM_SECONDS
+    items.sort(key=lambda item: -weight[item.path])
