@@ -28,7 +28,7 @@ import structlog
 from cryptography import x509
 
 from proxy.auth.basic import BasicLogin
-from proxy.auth.modes import Authenticated, authenticate
+from proxy.auth.modes import Authenticated, authenticate, by_certificate
 from proxy.backend import headers
 from proxy.backend.forward import Authorization, Handover, Pools, forward_device
 from proxy.certs.chain import TrustList, VerifiedCertificate
@@ -148,6 +148,10 @@ class CertifiedChains:
         if len(known) >= self._size and id(certified.verified) not in known:
             del known[next(iter(known))]
         known[id(certified.verified)] = certified
+
+
+_AUTHENTICATED = ("factors", "upn", "principal")  # the authentication stage's facts, in the order noted
+_ROUTED = ("route", "spn", "upstream", "backend_auth")  # `Route.facts`'s names
 
 
 def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.Certificate] = ()) -> UserPrincipal:
@@ -377,14 +381,15 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         known = await certificate_stages(gw, leaf, trace, now, presented=presented) if leaf is not None else None
     certified = await mapped_user(gw, known.verified, known.user, trace, now) if known is not None else None
     with trace.stage("authentication"):
-        auth = await authenticate(gw.basic, gw.config.authentication.mode, request, certified, route)
+        mode = gw.config.authentication.mode
+        auth = by_certificate(mode, certified, route) or await authenticate(gw.basic, mode, request, certified, route)
         user = auth.user
-        trace.note(factors=auth.factors, upn=user.upn, principal=user.principal)
+        trace.note_all(_AUTHENTICATED, (auth.factors, user.upn, user.principal))
         if auth.login is not None:
             trace.note(basic_user=auth.login.user.upn, basic_cached=auth.login.cached)
     if route is None:
         raise NoRoute("nothing is published at this path")
-    trace.note(route=route.prefix, spn=route.spn, upstream=route.upstream, backend_auth=route.backend_auth)
+    trace.note_all(_ROUTED, route.facts)
     with trace.stage("kerberos"):
         authorization, principal = await backend_authorization(gw, auth, route, trace)
     # ended if the certificate is revoked meanwhile, or (strong mapping) if the directory refuses it meanwhile
