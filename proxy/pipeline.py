@@ -12,6 +12,9 @@ in at all, before the KDC is asked for anything.
 Each stage returns its evidence (a verified certificate, a revocation status, a user principal, a
 delegated token) or raises a `proxy.errors.GatewayError`, which the middleware in `proxy.app` turns
 into the local reply. Nothing reaches a backend before every stage has said yes.
+
+A keep-alive connection's later requests take what the TLS and certificate stages made of its certificate from
+its first request, where nothing that outcome rests on has changed (`again`, its theory of operation).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class Gateway:
 
 
 TLS_FACTS = ("tls_version", "tls_cipher", "tls_resumed")  # `tls_facts`'s names, in its order
+_TLS_SEEN: dict[tuple[object, ...], tuple[object, ...]] = {}  # a handful: the listener's versions x ciphers x resumed
 
 
 class Certified:
@@ -352,6 +356,27 @@ def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
     return gw.presented.read(*peer) if peer is not None else None
 
 
+async def _certificate(
+    gw: Gateway, request: DeviceRequest, trace: Trace, now: datetime
+) -> tuple[Presented | None, Certified | None]:
+    """The TLS stage and the certificate stages: the certificate the connection presents (None without one), and
+    what the stages made of it: as the connection's first request decided it if nothing it rests on has changed
+    (`again`), else decided in full."""
+    start = time.perf_counter()
+    presented = _presented(gw, request)
+    known = again(gw, presented, trace, now, start) if presented is not None else None  # a keep-alive request
+    if known is None:  # the connection's first request, or something the stages rest on changed: all of them
+        facts = tls_facts(request)
+        trace.note(**facts)
+        if presented is not None and facts:
+            values = tuple(facts[name] for name in TLS_FACTS)
+            presented.tls = _TLS_SEEN.setdefault(values, values)  # one tuple for all connections alike
+        trace.timed("tls", round((time.perf_counter() - start) * 1000, 3))
+        if presented is not None:
+            known = await certificate_stages(gw, presented.leaf, trace, now, presented=presented)
+    return presented, known
+
+
 def _held(
     gw: Gateway, request: DeviceRequest, leaf: x509.Certificate | None, certified: UserPrincipal | None
 ) -> contextlib.AbstractContextManager[None]:
@@ -368,17 +393,8 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     if target.forward != request.rel_raw_path:
         trace.note(backend_path=target.path)
     route = gw.config.route_for(target.path, request.host)
-    start = time.perf_counter()
-    presented = _presented(gw, request)
+    presented, known = await _certificate(gw, request, trace, now)
     leaf = presented.leaf if presented is not None else None
-    known = again(gw, presented, trace, now, start) if presented is not None else None  # a keep-alive request
-    if known is None:  # the connection's first request, or something the stages rest on changed: all of them
-        facts = tls_facts(request)
-        trace.note(**facts)
-        if presented is not None and facts:
-            presented.tls = tuple(facts[name] for name in TLS_FACTS)
-        trace.timed("tls", round((time.perf_counter() - start) * 1000, 3))
-        known = await certificate_stages(gw, leaf, trace, now, presented=presented) if leaf is not None else None
     certified = await mapped_user(gw, known.verified, known.user, trace, now) if known is not None else None
     with trace.stage("authentication"):
         mode = gw.config.authentication.mode
