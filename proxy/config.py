@@ -248,7 +248,12 @@ class Route:
     def https(self) -> bool:
         return self.upstream.startswith("https://")
 
-    @property
+    @cached_property
+    def facts(self) -> tuple[str, str, str, str]:
+        """What the summary line says of the route a request took: `route`, `spn`, `upstream`, `backend_auth`."""
+        return (self.prefix, self.spn, self.upstream, self.backend_auth)
+
+    @cached_property
     def gss_target(self) -> str:
         """The SPN in GSSAPI host-based form: HTTP/cas.lab.test -> HTTP@cas.lab.test."""
         service, _, host = self.spn.partition("/")

@@ -12,6 +12,9 @@ in at all, before the KDC is asked for anything.
 Each stage returns its evidence (a verified certificate, a revocation status, a user principal, a
 delegated token) or raises a `proxy.errors.GatewayError`, which the middleware in `proxy.app` turns
 into the local reply. Nothing reaches a backend before every stage has said yes.
+
+A keep-alive connection's later requests take what the TLS and certificate stages made of its certificate from
+its first request, where nothing that outcome rests on has changed (`again`, its theory of operation).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,14 +32,14 @@ import structlog
 from cryptography import x509
 
 from proxy.auth.basic import BasicLogin, PasswordLogin
-from proxy.auth.modes import Authenticated, authenticate
+from proxy.auth.modes import Authenticated, authenticate, by_certificate
 from proxy.backend import headers
 from proxy.backend.forward import Authorization, Handover, Pools, forward_device
-from proxy.certs.chain import TrustList
+from proxy.certs.chain import TrustList, VerifiedCertificate
 from proxy.certs.live import LiveRevocation
 from proxy.certs.memo import ChainFacts, Presented, PresentedCertificates, VerifiedChains
 from proxy.certs.restrictions import Admission, admit
-from proxy.certs.revocation import CrlSet
+from proxy.certs.revocation import CrlSet, RevocationEvidence
 from proxy.config import Config, Identity, Route
 from proxy.device.request import DeviceRequest
 from proxy.directory import Directory
@@ -86,6 +90,11 @@ class Gateway:
         return PresentedCertificates(self.chains)
 
     @cached_property
+    def certified(self) -> CertifiedChains:
+        """What the certificate stages made of each chain, for a connection's later requests (`again`)."""
+        return CertifiedChains()
+
+    @cached_property
     def identify(self) -> ChainFacts[UserPrincipal]:
         """`identify` under this configuration, remembered per verified chain (refusals are not remembered).
 
@@ -104,6 +113,58 @@ class Gateway:
     def crls(self) -> CrlSet:
         """The CRLs in force now (the live set is swapped whole on every refresh)."""
         return self.revocation.crls.current
+
+
+TLS_FACTS = ("tls_version", "tls_cipher", "tls_resumed")  # `tls_facts`'s names, in its order
+_TLS_SEEN: dict[tuple[object, ...], tuple[object, ...]] = {}  # a handful: the listener's versions x ciphers x resumed
+
+
+class Certified:
+    """What the certificate stages made of one verified chain under one configuration: the revocation evidence
+    they found, the user, and the facts they noted (after the TLS facts), in the order they noted them."""
+
+    __slots__ = ("evidence", "names", "user", "values", "verified")
+
+    def __init__(
+        self, verified: VerifiedCertificate, evidence: RevocationEvidence, user: UserPrincipal, restriction: str | None
+    ) -> None:
+        self.verified = verified
+        self.evidence = evidence
+        self.user = user
+        self.names = _CERTIFIED_FACTS
+        self.values = (
+            *(verified.subject, verified.issuer, verified.serial_hex, restriction),
+            *(evidence.status.value, evidence.source, user.upn, user.principal, user.source),
+        )
+
+
+_CERTIFIED_FACTS = (
+    *("cert_subject", "cert_issuer", "cert_serial", "restriction"),
+    *("revocation", "revocation_source", "upn", "principal", "identity_source"),
+)
+
+
+class CertifiedChains:
+    """The certificate stages' last outcome for each verified chain (`Certified`), by the chain object's identity
+    (held, so that the identity stays its own), at most `size`, the oldest out first. One per `Gateway`."""
+
+    def __init__(self, *, size: int = 10_000) -> None:
+        self._size = size
+        self._known: dict[int, Certified] = {}
+
+    def get(self, verified: VerifiedCertificate) -> Certified | None:
+        known = self._known.get(id(verified))
+        return known if known is not None and known.verified is verified else None
+
+    def keep(self, certified: Certified) -> None:
+        known = self._known
+        if len(known) >= self._size and id(certified.verified) not in known:
+            del known[next(iter(known))]
+        known[id(certified.verified)] = certified
+
+
+_AUTHENTICATED = ("factors", "upn", "principal")  # the authentication stage's facts, in the order noted
+_ROUTED = ("route", "spn", "upstream", "backend_auth")  # `Route.facts`'s names
 
 
 def identify(leaf: x509.Certificate, identity: Identity, *, cas: Sequence[x509.Certificate] = ()) -> UserPrincipal:
@@ -147,8 +208,17 @@ def forget_user(gw: Gateway, user: UserPrincipal) -> None:
 async def certificate_user(
     gw: Gateway, leaf: x509.Certificate, trace: Trace, now: datetime, *, presented: Presented | None = None
 ) -> UserPrincipal:
-    """The certificate stages: chain, restrictions, revocation, identity. `presented`: the connection's reading
-    of `leaf` (`Gateway.presented`), which remembers the chain for the connection's later requests."""
+    """The certificate stages: chain, restrictions, revocation, identity, then (strong mapping) the mapping stage.
+    `presented`: the connection's reading of `leaf` (`Gateway.presented`), which remembers the chain for the
+    connection's later requests."""
+    certified = await certificate_stages(gw, leaf, trace, now, presented=presented)
+    return await mapped_user(gw, certified.verified, certified.user, trace, now)
+
+
+async def certificate_stages(
+    gw: Gateway, leaf: x509.Certificate, trace: Trace, now: datetime, *, presented: Presented | None = None
+) -> Certified:
+    """Chain, restrictions, revocation and identity; what they made of the chain is kept for `again`."""
     with trace.stage("certificate"):
         try:
             if presented is not None:
@@ -162,7 +232,8 @@ async def certificate_user(
         # the names as the chain memo rendered them once, not on every request
         trace.note(cert_subject=verified.subject, cert_issuer=verified.issuer, cert_serial=verified.serial_hex)
         trace.detail("certificate", verified=verified)  # the chain, rendered only if the trace is read
-        trace.note(restriction=gw.admission(verified).rule)
+        restriction = gw.admission(verified).rule
+        trace.note(restriction=restriction)
     with trace.stage("revocation"):
         try:
             revocation = await gw.revocation.check(verified, at=now)
@@ -174,21 +245,71 @@ async def certificate_user(
     with trace.stage("identity"):
         user = gw.identify(verified)
         trace.note(upn=user.upn, principal=user.principal, identity_source=user.source)
-    if gw.directory is not None and gw.config.identity.mapping != "upn":  # "strong" / "strong-or-audit"
-        with trace.stage("mapping"):
-            mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity, trace, now)
-        if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
-            proven = {"principal": mapping.principal, "realm": gw.directory.realm, "account": mapping.account_name}
-            proven["account_sid"] = mapping.account_sid  # the KDC's account must have it (proxy.kerberos.account)
-            user = dataclasses.replace(user, enterprise=None, **proven)
-        if mapping.weak:
-            log.warning(
-                "weak_certificate_mapping",
-                upn=user.upn,
-                account=mapping.account_dn,
-                cert_serial=verified.serial_hex,
-                detail=mapping.detail,
-            )
+    certified = Certified(verified, revocation, user, restriction)
+    if presented is not None:
+        gw.certified.keep(certified)
+    return certified
+
+
+def again(gw: Gateway, presented: Presented, trace: Trace, now: datetime, start: float) -> Certified | None:
+    """The certificate stages of a connection's later request, decided as its first request decided them, if
+    nothing they rest on has changed; None (nothing noted) when anything has, and the stages run in full.
+
+    Theory of operation. A keep-alive connection's requests present the same certificate, and under one
+    configuration (one `Gateway`: a reload makes a new one, with none of this) the chain, the restriction and the
+    identity depend on nothing else; the TLS facts (version, cipher, resumption) are the handshake's, which no
+    renegotiation can change (`proxy.tls.server` refuses it). So each request checks only what can change, each
+    by a test that cannot be stale: its connection's peer certificate is read and its DER bytes compared
+    (`PresentedCertificates.read`), the request's time against the chain's earliest notAfter, and revocation is
+    asked of the CRL set in force now (`LiveRevocation.known`: the set's own verdict for the chain, which a
+    refresh replaces with the set), the request going on only if the answer is the very evidence the full stages
+    found (a new set, a CRL becoming or ceasing to be current, OCSP or a revocation: the full stages decide,
+    and refuse, as always). What it skips: parsing, the memos' look-ups, the stages' coroutine and their notes one
+    by one; the summary line, the trace and the stage times are the ones the full stages give. The mapping
+    stage (strong mapping) runs on every request after this, as its directory verdicts are its own."""
+    read = time.perf_counter()
+    verified, until, tls = presented.verified, presented.until, presented.tls
+    if verified is None or until is None or tls is None or now > until:
+        return None
+    known = gw.certified.get(verified)
+    if known is None:
+        return None
+    checked = time.perf_counter()
+    if gw.revocation.known(verified, at=now) is not known.evidence:
+        return None
+    revoked = time.perf_counter()
+    trace.note_all(TLS_FACTS, tls)
+    trace.note_all(known.names, known.values)
+    trace.detail("certificate", verified=verified)
+    trace.detail("revocation", evidence=known.evidence, at=now)
+    trace.timed("tls", round((read - start) * 1000, 3))  # the connection's certificate read and compared
+    trace.timed("certificate", round((checked - read) * 1000, 3))  # its chain's notAfter; what the stages made of it
+    trace.timed("revocation", round((revoked - checked) * 1000, 3))
+    trace.timed("identity", round((time.perf_counter() - revoked) * 1000, 3))
+    return known
+
+
+async def mapped_user(
+    gw: Gateway, verified: VerifiedCertificate, user: UserPrincipal, trace: Trace, now: datetime
+) -> UserPrincipal:
+    """With mapping "strong" / "strong-or-audit" the mapping stage, on every request: the user the directory proves
+    the certificate belongs to; else `user` (a `[directory]` under "upn" judges held requests only)."""
+    if gw.directory is None or gw.config.identity.mapping == "upn":
+        return user
+    with trace.stage("mapping"):
+        mapping = await map_certificate(gw.directory, verified.leaf, user, gw.config.identity, trace, now)
+    if mapping.principal:  # impersonate the account the certificate belongs to, not a name built from its UPN
+        proven = {"principal": mapping.principal, "realm": gw.directory.realm, "account": mapping.account_name}
+        proven["account_sid"] = mapping.account_sid  # the KDC's account must have it (proxy.kerberos.account)
+        user = dataclasses.replace(user, enterprise=None, **proven)
+    if mapping.weak:
+        log.warning(
+            "weak_certificate_mapping",
+            upn=user.upn,
+            account=mapping.account_dn,
+            cert_serial=verified.serial_hex,
+            detail=mapping.detail,
+        )
     return user
 
 
@@ -266,6 +387,27 @@ def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
     return gw.presented.read(*peer) if peer is not None else None
 
 
+async def _certificate(
+    gw: Gateway, request: DeviceRequest, trace: Trace, now: datetime
+) -> tuple[Presented | None, Certified | None]:
+    """The TLS stage and the certificate stages: the certificate the connection presents (None without one), and
+    what the stages made of it: as the connection's first request decided it if nothing it rests on has changed
+    (`again`), else decided in full."""
+    start = time.perf_counter()
+    presented = _presented(gw, request)
+    known = again(gw, presented, trace, now, start) if presented is not None else None  # a keep-alive request
+    if known is None:  # the connection's first request, or something the stages rest on changed: all of them
+        facts = tls_facts(request)
+        trace.note(**facts)
+        if presented is not None and facts:
+            values = tuple(facts[name] for name in TLS_FACTS)
+            presented.tls = _TLS_SEEN.setdefault(values, values)  # one tuple for all connections alike
+        trace.timed("tls", round((time.perf_counter() - start) * 1000, 3))
+        if presented is not None:
+            known = await certificate_stages(gw, presented.leaf, trace, now, presented=presented)
+    return presented, known
+
+
 def _held(
     gw: Gateway,
     request: DeviceRequest,
@@ -316,23 +458,24 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     if target.forward != request.rel_raw_path:
         trace.note(backend_path=target.path)
     route = gw.config.route_for(target.path, request.host)
-    with trace.stage("tls"):
-        trace.note(**tls_facts(request))
-        presented = _presented(gw, request)
-        leaf = presented.leaf if presented is not None else None
-    certified = await certificate_user(gw, leaf, trace, now, presented=presented) if leaf is not None else None
+    presented, known = await _certificate(gw, request, trace, now)
+    leaf = presented.leaf if presented is not None else None
+    certified = await mapped_user(gw, known.verified, known.user, trace, now) if known is not None else None
     with trace.stage("authentication"):
-        try:
-            auth = await authenticate(gw.basic, gw.config.authentication.mode, request, certified, route)
-        except AccountRevoked as e:
-            raise await account_named(gw, e, now) from None
+        mode = gw.config.authentication.mode
+        auth = by_certificate(mode, certified, route)  # a certificate alone: nothing to await
+        if auth is None:
+            try:
+                auth = await authenticate(gw.basic, mode, request, certified, route)
+            except AccountRevoked as e:
+                raise await account_named(gw, e, now) from None
         user = auth.user
-        trace.note(factors=auth.factors, upn=user.upn, principal=user.principal)
+        trace.note_all(_AUTHENTICATED, (auth.factors, user.upn, user.principal))
         if auth.login is not None:
             trace.note(basic_user=auth.login.user.upn, basic_cached=auth.login.cached)
     if route is None:
         raise NoRoute("nothing is published at this path")
-    trace.note(route=route.prefix, spn=route.spn, upstream=route.upstream, backend_auth=route.backend_auth)
+    trace.note_all(_ROUTED, route.facts)
     with trace.stage("kerberos"):
         try:
             authorization, principal = await backend_authorization(gw, auth, route, trace)

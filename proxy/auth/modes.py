@@ -53,6 +53,14 @@ def wants_password(mode: AuthMode, certified: bool, route: Route | None) -> bool
     return True
 
 
+def by_certificate(mode: AuthMode, certified: UserPrincipal | None, route: Route | None) -> Authenticated | None:
+    """`authenticate`'s answer where the certificate's user alone is enough (no password wanted), decided without
+    awaiting anything; None where `authenticate` must decide."""
+    if certified is None or wants_password(mode, True, route):
+        return None
+    return Authenticated(certified, None, "certificate")
+
+
 async def authenticate(
     basic: BasicLogin, mode: AuthMode, request: DeviceRequest, certified: UserPrincipal | None, route: Route | None
 ) -> Authenticated:
@@ -62,9 +70,9 @@ async def authenticate(
             "this gateway requires a client certificate; install the certificate issued to you and try again",
             challenge=basic.challenge if mode == "certificate-and-basic" else None,
         )
-    if not wants_password(mode, certified is not None, route):
-        assert certified is not None  # only certificate users get here
-        return Authenticated(certified, None, "certificate")
+    alone = by_certificate(mode, certified, route)
+    if alone is not None:
+        return alone
     credentials = parse_basic(request.headers.get("Authorization"))
     if credentials is None:
         if mode == "certificate-and-basic":

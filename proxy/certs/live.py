@@ -157,6 +157,27 @@ class LiveRevocation:
             )
         return crl
 
+    def known(self, verified: VerifiedCertificate, *, at: datetime) -> RevocationEvidence | None:
+        """`check`'s evidence when the CRL set in force answers it at once: the same checks, in the same order, on
+        the set in force now (whose verdict per chain is remembered until one of its CRLs changes state), and the
+        chain remembered for `watch` in this task as `check` does. None where `check` would have to await (not yet
+        started, OCSP on, distribution points to learn) or would refuse: the caller then calls `check`, which
+        decides (and raises) as always. Never an answer of an earlier set: nothing is remembered here."""
+        started = self._started
+        if started is None or not started.done() or self.ocsp is not None or self.crls.use_distribution_points:
+            return None
+        crl = _CHECKING_OFF
+        if self.policy != "off":
+            try:
+                crl = self.crls.current.check(verified, at=at, policy="best-effort")
+            except CertificateRevoked:
+                return None
+        if crl.status is RevocationStatus.UNKNOWN and self.policy == "require":
+            return None
+        if (task := asyncio.current_task()) is not None:
+            self._checked[task] = verified
+        return crl
+
     def watch(self, request: DeviceRequest) -> contextlib.AbstractContextManager[None]:
         """Keep this request in flight under the chain `check` saw for it; end it if that gets revoked.
 

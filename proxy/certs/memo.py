@@ -92,13 +92,14 @@ class Presented:
     """What one TLS connection's peer presented, as the certificate stages read it: the DER bytes, the parsed
     certificate and, once the chain was validated, the chain and the instant its validation stops holding."""
 
-    __slots__ = ("der", "leaf", "until", "verified")
+    __slots__ = ("der", "leaf", "tls", "until", "verified")
 
     def __init__(self, der: bytes, leaf: x509.Certificate) -> None:
         self.der = der
         self.leaf = leaf
         self.verified: VerifiedCertificate | None = None
         self.until: datetime | None = None
+        self.tls: tuple[object, ...] | None = None  # the connection's TLS facts, as `proxy.pipeline` noted them
 
 
 class PresentedCertificates:

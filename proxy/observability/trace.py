@@ -112,6 +112,15 @@ class Trace:
         self._noted.extend(facts)
         self._values.extend(facts.values())
 
+    def note_all(self, names: tuple[str, ...], values: tuple[Any, ...]) -> None:
+        """`note` of the facts `names` with `values`, in that order, as one call of `note` per fact would note them
+        (a connection's facts, made into these two tuples once: `proxy.pipeline`)."""
+        if self._facts is not None:
+            self._facts.update(zip(names, values, strict=True))
+            return
+        self._noted.extend(names)
+        self._values.extend(values)
+
     def detail(self, stage: str, **facts: Any) -> None:
         """Facts of `stage` for the trace record only (not the summary line)."""
         if self._details is not None:
