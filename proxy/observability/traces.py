@@ -33,12 +33,13 @@ shows.
 Never in a record: a token, a key, a password, a ticket. The ring holds the trace's facts and the frozen
 evidence objects the stages returned (chain, CRL answer, ticket facts), not the request or any error.
 With several workers each keeps its own ring, and the admin listener asks every worker's
-(`proxy.observability.siblings`); the export file is shared (one `write` per line, appended).
+(`proxy.observability.siblings`); the export file is shared (one `write` per line, appended), created 0600.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -135,11 +136,19 @@ class TraceRing:
                 if self._export is None or self._export_path != path:
                     if self._export is not None:
                         self._export.close()
-                    self._export = path.open("a", encoding="utf-8", buffering=1)  # line-buffered: one write a line
+                    self._export = _open_export(path)
                     self._export_path = path
                 self._export.write(line)
             except OSError:
                 self.export_errors += 1  # a full disk must not fail requests; counted for whoever looks
+
+
+def _open_export(path: Path) -> IO[str]:
+    """The export file for appending, line-buffered (one write a line). Created 0600 whatever the umask: its lines
+    name users, their addresses and paths (a launcher other than the shipped unit leaves 022, so 0644). A file
+    already there keeps its mode (an operator may have given a log shipper's group read access)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
 
 # -- one trace to its record ----------------------------------------------------------------------------------

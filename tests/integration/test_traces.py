@@ -187,6 +187,16 @@ def test_refusals_land_on_the_step_the_kdc_refused_with_cause_and_fix(lab: LabLa
     assert "no Kerberos account matches" in ghost["refused"]["reason"]
 
 
+def test_the_export_file_is_readable_by_the_gateways_user_only(lab: LabLayout, traced: Traced) -> None:
+    """The JSON-lines export (users' names, addresses, paths) is created 0600 by the running gateway, not with the
+    umask's 0644 (the test's gateway runs under the test's umask, 022 here)."""
+    seen = _ids(traced.admin)
+    curl(lab, traced.gw.url + "/owa/", "alice")
+    (record,) = _new_traces(traced.admin, seen, 1)
+    eventually(lambda: record["id"] in traced.export.read_text() or None, "the request's trace exported")
+    assert oct(traced.export.stat().st_mode & 0o777) == oct(0o600)
+
+
 def test_no_secret_reaches_a_trace(lab: LabLayout, traced: Traced) -> None:
     """After real traffic, /traces, the pages and the JSON-lines export hold no Negotiate token and no password."""
     seen = _ids(traced.admin)
