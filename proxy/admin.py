@@ -55,8 +55,9 @@ import structlog
 from aiohttp import web
 from cryptography import x509
 
+from proxy.certs.chain import verify_chain
 from proxy.config import Admin
-from proxy.errors import ConfigError, GatewayError
+from proxy.errors import CertificateRejected, CertificateRevoked, ConfigError, GatewayError
 from proxy.kerberos.threads import KdcThreads, NoThread
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
@@ -198,6 +199,8 @@ def admin_ssl_context(admin: Admin) -> ssl.SSLContext | None:
 
 
 def _allow_list(allowed: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Serve a request only from a client certificate on the allow-list (its exact subject, every attribute in
+    order, or its SHA-256 fingerprint) that the gateway's CRLs do not list as revoked (`admin_revocation`)."""
     names: list[x509.Name] = []
     fingerprints: set[str] = set()
     for entry in allowed:
@@ -214,12 +217,44 @@ def _allow_list(allowed: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamR
         der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
         if der:
             cert = x509.load_der_x509_certificate(der)
+            subject = cert.subject.rfc4514_string()
             if cert.subject in names or hashlib.sha256(der).hexdigest() in fingerprints:
-                return await handler(request)
-            log.warning("admin_refused", stage="admin", subject=cert.subject.rfc4514_string(), path=request.path)
+                revoked = admin_revocation(request.app[LIVE_KEY], cert)
+                if revoked is None:
+                    return await handler(request)
+                log.warning(
+                    "admin_refused", stage="admin", reason="revoked", subject=subject, path=request.path, detail=revoked
+                )
+                raise web.HTTPForbidden(text=f"this admin client certificate is refused: {revoked}\n")
+            log.warning("admin_refused", stage="admin", reason="not_allowed", subject=subject, path=request.path)
         raise web.HTTPForbidden(text="this client certificate is not on the admin allow-list\n")
 
     return allow_list
+
+
+def admin_revocation(live: Live, cert: x509.Certificate) -> str | None:
+    """Why the admin client certificate `cert` is revoked, per the CRLs the gateway holds now; None if it is not.
+
+    Theory of operation. OpenSSL verified `cert` against `admin.client_ca` in the handshake, without CRLs. Each
+    request (a kept-alive connection's too) is checked here against the CRL set the device side reads
+    (`client_certificates.crls`, distribution points; refreshed every `crl_refresh_seconds`): the chain is built
+    from the gateway's device trust list, whose CAs are the only ones those CRLs can be signed by. A certificate
+    under another CA (a separate operators' CA, as docs/deploying.md advises) has no CRL here and is not checked
+    (`check-config` says so). A missing or stale CRL does not refuse an operator (best-effort, whatever the device
+    side's `revocation`): the admin listener is where that outage is seen (`/readyz`)."""
+    if live.config.client_certificates.revocation == "off":
+        return None
+    gateway = live.gateway
+    now = datetime.now(UTC)
+    try:
+        verified = verify_chain(cert, gateway.trust, at=now, purpose="any")
+    except CertificateRejected:
+        return None  # not under the device trust list: the gateway holds no CRL of its CA
+    try:
+        gateway.revocation.crls.current.check(verified, at=now, policy="best-effort")
+    except CertificateRevoked as e:
+        return e.reason
+    return None
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost."})

@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -248,6 +249,81 @@ def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayo
         assert "allow-list" in body
         assert gw.wait_event("admin_refused")["subject"] == "CN=bob"
     finally:
+        assert gw.stop() == 0
+
+
+def _openssl_admin_certificate(lab: LabLayout, where: Path, name: str, serial: int) -> Path:
+    """An operator's client certificate `CN=<name>` from the lab's issuing CA, made with the openssl CLI; its path
+    without the .pem suffix (the key beside it), as `client_context` takes it."""
+    base = where / name
+    key, csr, ext = (Path(f"{base}.{suffix}") for suffix in ("key", "csr", "ext"))
+    argv = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    subprocess.run(
+        [*argv, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}"], check=True, capture_output=True
+    )
+    ext.write_text(
+        "basicConstraints = CA:FALSE\nkeyUsage = critical, digitalSignature\nextendedKeyUsage = clientAuth\n"
+    )
+    argv = ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(lab.pki_dir / "issuing.pem"), "-CAkey"]
+    argv += [str(lab.pki_dir / "issuing.key"), "-days", "5", "-set_serial", hex(serial), "-extfile", str(ext)]
+    subprocess.run([*argv, "-out", f"{base}.pem"], check=True, capture_output=True)
+    return base
+
+
+def _get_on(connection: http.client.HTTPSConnection, path: str) -> tuple[int, str]:
+    connection.request("GET", path)
+    answer = connection.getresponse()
+    return answer.status, answer.read().decode()
+
+
+def test_a_revoked_admin_certificate_is_refused_and_a_crl_refresh_cuts_a_connected_admin(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """The TLS admin listener checks its clients' certificates against the CRLs the gateway holds for their CA, on
+    every request: a revoked operator certificate on the allow-list gets 403 naming the revocation (it read
+    /traces and /metrics before), a good one is served, and once a refreshed CRL lists that one too, the next
+    request on its open connection is refused. Certificates from the openssl CLI, under the lab's issuing CA."""
+    good = _openssl_admin_certificate(lab, tmp_path, "ops-good", 0xAD0001)
+    revoked = _openssl_admin_certificate(lab, tmp_path, "ops-revoked", 0xAD0002)
+    issuing_ca = load_ca(lab.pki_dir, "issuing")
+    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca, revoked=[0xAD0002])
+    root = write_crl(tmp_path / "root.crl", load_ca(lab.pki_dir, "root"))
+    admin_port = free_port()
+    bundle = tmp_path / "admin-ca.pem"
+    bundle.write_bytes((lab.pki_dir / "root.pem").read_bytes() + (lab.pki_dir / "issuing.pem").read_bytes())
+    extra = f"""
+[admin]
+bind = "127.0.0.1:{admin_port}"
+certificate = "{lab.pki_dir / "server-chain.pem"}"
+private_key = "{lab.pki_dir / "server.key"}"
+client_ca = "{bundle}"
+allowed_clients = ["CN=ops-good", "CN=ops-revoked"]
+"""
+    text = lab_config(lab, port=free_port(), extra=extra)
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    gw = start_gateway(
+        lab, tmp_path, text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1')
+    )
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", admin_port, context=client_context(lab, str(good)), timeout=30
+    )
+    try:
+        for path in ("/traces?limit=1", "/metrics"):
+            status, body = _get(f"https://127.0.0.1:{admin_port}{path}", client_context(lab, str(revoked)))
+            assert status == 403, (path, status, body)
+            assert "revoked" in body, body
+        refused = gw.wait_event("admin_refused", reason="revoked")
+        assert refused["subject"] == "CN=ops-revoked"
+        assert _get_on(connection, "/metrics")[0] == 200
+        gw.mark()
+        write_crl(tmp_path / "next.crl", issuing_ca, revoked=[0xAD0001, 0xAD0002], number=1001).replace(issuing)
+        gw.wait_event("crl_loaded", source=str(issuing), crl_number=1001)
+        status, body = _get_on(connection, "/traces?limit=1")  # the same TLS connection, admitted before
+        assert status == 403, (status, body)
+        assert "revoked" in body
+    finally:
+        connection.close()
         assert gw.stop() == 0
 
 
