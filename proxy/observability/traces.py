@@ -58,6 +58,26 @@ from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.trace import Trace
 
 STAGES = ("tls", "certificate", "revocation", "identity", "mapping", "s4u2self", "s4u2proxy", "backend")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of `/traces?before=<id>` starts: after trace `id`. In one ring, after its place there; over
+    several workers' rings, after its place in their merged order, newest first by (`time`, `worker`) and, within
+    one worker's records of one millisecond, that ring's order (`proxy.observability.siblings.merge_traces`)."""
+
+    id: str
+    time: str | None = None  # the trace's record's `time`, and the worker holding it: a merged view's cursor
+    worker: int = 0
+
+    def follows(self, time: str, worker: int, after_id_in_ring: bool) -> bool:
+        """Whether a record of `worker` at `time` comes after this cursor in the merged order (`after_id_in_ring`:
+        that worker's ring lists it after the cursor's trace, which decides a tie)."""
+        assert self.time is not None
+        mine, theirs = (time, worker), (self.time, self.worker)
+        return mine < theirs or (mine == theirs and after_id_in_ring)
+
+
 # Where a refusal's stage (`GatewayError.stage`) shows in the record's stages.
 _REFUSAL_STAGE = {"authentication": "identity", "restrictions": "certificate"}
 
@@ -94,13 +114,27 @@ class TraceRing:
         if export is not None:
             self._write(export, self._render(entry))
 
-    def recent(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
-        """Up to `limit` records, newest first; with `user`, only that UPN's or principal's."""
+    def recent(
+        self, limit: int, user: str | None = None, before: Cursor | None = None, worker: int = 0
+    ) -> list[dict[str, Any]]:
+        """Up to `limit` records, newest first; with `user`, only that UPN's or principal's; with `before`, only those
+        listed after that trace (this ring's order, or, for a cursor with a `time`, the merged order of every
+        worker's records, where this ring is worker number `worker`)."""
         wanted = user.lower() if user else None
         out: list[dict[str, Any]] = []
+        passed = before is None
         for entry in reversed(self._entries):
             if len(out) >= limit:
                 break
+            if before is not None:
+                if entry.trace.id == before.id:
+                    passed = True
+                    continue
+                if before.time is None:
+                    if not passed:
+                        continue
+                elif not before.follows(str(self._render(entry).get("time", "")), worker, passed):
+                    continue
             if wanted is not None:
                 facts = entry.trace.facts
                 names = {str(facts.get("upn", "")).lower(), str(facts.get("principal", "")).lower()}
