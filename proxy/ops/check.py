@@ -48,16 +48,45 @@ def warnings(config: Config) -> list[str]:
     Basic passwords on its own (the workers of one gateway share a table; gateways share nothing): the directory's
     lockout threshold must be sized against the limit times the number of gateways (docs/throttles-and-limits.md)."""
     where = f" (in {config.path})"
+    found = [f"{key}: {message}{where}" for key, message in _admin_ca_shared(config)]
     auth = config.authentication
     if not config.listener.proxy_protocol or auth.mode == "certificate":
-        return []
+        return found
     limit, window = auth.basic_failures_per_user, auth.basic_failure_window_seconds
     return [
         f"authentication.basic_failures_per_user: behind a balancer (listener.proxy_protocol) each gateway counts a "
         f"user's wrong passwords on its own: N gateways let N x {limit} of them reach the directory within "
         f"basic_failure_window_seconds ({window:g}); keep N x {limit} below the domain's account lockout threshold "
-        f"(docs/throttles-and-limits.md, 'Several gateways'){where}"
+        f"(docs/throttles-and-limits.md, 'Several gateways'){where}",
+        *found,
     ]
+
+
+def _admin_ca_shared(config: Config) -> Iterator[tuple[str, str]]:
+    """`admin.client_ca` holds a CA of the device trust list and `admin.allowed_clients` names a subject: every
+    device certificate that CA issued with that subject (a template that lets the requester choose it, or an issuing
+    mistake) reads the admin listener. Its files' own problems are `check`'s, not repeated here."""
+    admin, cc = config.admin, config.client_certificates
+    if admin is None or admin.client_ca is None or not any("=" in entry for entry in admin.allowed_clients):
+        return
+    try:
+        device = {
+            (cert.subject, _spki(cert.public_key()))
+            for path in (*cc.trust_anchors, *cc.intermediates)
+            for cert in load_certificates(path)
+        }
+        operators = load_certificates(admin.client_ca)
+    except (OSError, ValueError):
+        return
+    shared = [cert.subject.rfc4514_string() for cert in operators if (cert.subject, _spki(cert.public_key())) in device]
+    if shared:
+        yield (
+            "admin.client_ca",
+            f"{admin.client_ca} holds a CA the devices' certificates come from ({'; '.join(shared)}): any device "
+            "certificate it issues with a subject admin.allowed_clients names reads the admin listener (traces, "
+            "metrics); give operators a CA of their own, or list SHA-256 fingerprints only (docs/deploying.md, "
+            "'The admin listener's client certificates')",
+        )
 
 
 def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, str]]:

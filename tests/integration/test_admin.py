@@ -252,14 +252,17 @@ def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayo
         assert gw.stop() == 0
 
 
-def _openssl_admin_certificate(lab: LabLayout, where: Path, name: str, serial: int) -> Path:
-    """An operator's client certificate `CN=<name>` from the lab's issuing CA, made with the openssl CLI; its path
-    without the .pem suffix (the key beside it), as `client_context` takes it."""
+def _openssl_admin_certificate(lab: LabLayout, where: Path, name: str, serial: int, subject: str = "") -> Path:
+    """An operator's client certificate `CN=<name>` (or `subject`, openssl's /A=b/C=d form) from the lab's issuing
+    CA, made with the openssl CLI; its path without the .pem suffix (the key beside it), as `client_context` takes
+    it."""
     base = where / name
     key, csr, ext = (Path(f"{base}.{suffix}") for suffix in ("key", "csr", "ext"))
     argv = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     subprocess.run(
-        [*argv, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}"], check=True, capture_output=True
+        [*argv, "-keyout", str(key), "-out", str(csr), "-subj", subject or f"/CN={name}"],
+        check=True,
+        capture_output=True,
     )
     ext.write_text(
         "basicConstraints = CA:FALSE\nkeyUsage = critical, digitalSignature\nextendedKeyUsage = clientAuth\n"
@@ -324,6 +327,24 @@ allowed_clients = ["CN=ops-good", "CN=ops-revoked"]
         assert "revoked" in body
     finally:
         connection.close()
+        assert gw.stop() == 0
+
+
+def test_the_admin_allow_list_matches_a_whole_subject_exactly(lab: LabLayout, tmp_path: Path) -> None:
+    """`allowed_clients = ["CN=alice"]` (the lab's users' CA as `client_ca`) admits the subject `CN=alice` and
+    nothing that merely contains or resembles it: `O=Evil, CN=alice`, `CN=alice, OU=x`, `CN=Alice`, `CN=alice ` are
+    each 403 `admin_refused` (openssl-CLI certificates under the same CA)."""
+    gw, admin_port = _tls_admin(lab, tmp_path)
+    url = f"https://127.0.0.1:{admin_port}/traces?limit=1"
+    try:
+        exact = _openssl_admin_certificate(lab, tmp_path, "exact", 0xAD0101, "/CN=alice")
+        assert _get(url, client_context(lab, str(exact)))[0] == 200
+        for n, subject in enumerate(["/O=Evil/CN=alice", "/CN=alice/OU=x", "/CN=Alice", "/CN=alice "]):
+            cert = _openssl_admin_certificate(lab, tmp_path, f"near{n}", 0xAD0110 + n, subject)
+            status, body = _get(url, client_context(lab, str(cert)))
+            assert (status, "allow-list" in body) == (403, True), (subject, status, body)
+        assert len(gw.wait_events("admin_refused", count=4)) >= 4
+    finally:
         assert gw.stop() == 0
 
 
