@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates
 from proxy.certs.revocation import CrlSet, load_crls
+from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
 from proxy.kerberos.keytab import read_keytab
 
@@ -84,7 +85,8 @@ def _admin_ca_shared(config: Config) -> Iterator[tuple[str, str]]:
             "admin.client_ca",
             f"{admin.client_ca} holds a CA the devices' certificates come from ({'; '.join(shared)}): any device "
             "certificate it issues with a subject admin.allowed_clients names reads the admin listener (traces, "
-            "metrics); give operators a CA of their own, or list SHA-256 fingerprints only (docs/deploying.md, "
+            "metrics); give operators a CA of their own (its CRLs in admin.crls), or list SHA-256 fingerprints only "
+            "(docs/deploying.md, "
             "'The admin listener's client certificates')",
         )
 
@@ -101,7 +103,17 @@ def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, s
     if admin is not None and admin.certificate is not None and admin.private_key is not None:
         yield from _server_certificate("admin", admin.certificate, admin.private_key, at)
     if admin is not None and admin.client_ca is not None:
-        yield from _certificates("admin.client_ca", admin.client_ca, at)
+        found = list(_certificates("admin.client_ca", admin.client_ca, at))
+        yield from found
+        if admin.crls and not found and crls:
+            yield from _admin_crls(admin.client_ca, admin.crls, at)
+
+
+def _admin_crls(client_ca: Path, files: tuple[Path, ...], at: datetime) -> Iterator[tuple[str, str]]:
+    """`[admin] crls` files parse, are signed by a CA of `admin.client_ca` and are current (as the devices')."""
+    store = CrlStore(TrustList(anchors=tuple(load_certificates(client_ca))), sources_from_config(files, ()))
+    for problem in store.load_files(now=at):
+        yield "admin.crls", problem
 
 
 def _server_certificate(table: str, cert_path: Path, key_path: Path, at: datetime) -> Iterator[tuple[str, str]]:

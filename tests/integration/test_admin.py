@@ -252,7 +252,9 @@ def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayo
         assert gw.stop() == 0
 
 
-def _openssl_admin_certificate(lab: LabLayout, where: Path, name: str, serial: int, subject: str = "") -> Path:
+def _openssl_admin_certificate(
+    lab: LabLayout, where: Path, name: str, serial: int, subject: str = "", issuer: Path | None = None
+) -> Path:
     """An operator's client certificate `CN=<name>` (or `subject`, openssl's /A=b/C=d form) from the lab's issuing
     CA, made with the openssl CLI; its path without the .pem suffix (the key beside it), as `client_context` takes
     it."""
@@ -267,8 +269,9 @@ def _openssl_admin_certificate(lab: LabLayout, where: Path, name: str, serial: i
     ext.write_text(
         "basicConstraints = CA:FALSE\nkeyUsage = critical, digitalSignature\nextendedKeyUsage = clientAuth\n"
     )
-    argv = ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(lab.pki_dir / "issuing.pem"), "-CAkey"]
-    argv += [str(lab.pki_dir / "issuing.key"), "-days", "5", "-set_serial", hex(serial), "-extfile", str(ext)]
+    ca = issuer or lab.pki_dir / "issuing.pem"  # (its key beside it)
+    argv = ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca.with_suffix(".key"))]
+    argv += ["-days", "5", "-set_serial", hex(serial), "-extfile", str(ext)]
     subprocess.run([*argv, "-out", f"{base}.pem"], check=True, capture_output=True)
     return base
 
@@ -325,6 +328,49 @@ allowed_clients = ["CN=ops-good", "CN=ops-revoked"]
         status, body = _get_on(connection, "/traces?limit=1")  # the same TLS connection, admitted before
         assert status == 403, (status, body)
         assert "revoked" in body
+    finally:
+        connection.close()
+        assert gw.stop() == 0
+
+
+def test_an_operators_own_ca_is_checked_against_admin_crls(lab: LabLayout, tmp_path: Path) -> None:
+    """Operators' certificates from a CA of their own (openssl CLI; the devices' CRLs cannot speak for it) are
+    checked against `[admin] crls`, re-read every `crl_refresh_seconds`: the revoked one gets 403 naming the
+    revocation, the good one is served, and a CRL revoking it too refuses the next request on its open connection."""
+    ca, ca_key = tmp_path / "ops-ca.pem", tmp_path / "ops-ca.key"
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "5"]
+    argv += ["-subj", "/CN=Operators CA", "-addext", "basicConstraints=critical,CA:TRUE"]
+    argv += ["-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", str(ca_key), "-out", str(ca)]
+    subprocess.run(argv, check=True, capture_output=True)
+    good = _openssl_admin_certificate(lab, tmp_path, "ops-good", 0xAD0201, issuer=ca)
+    revoked = _openssl_admin_certificate(lab, tmp_path, "ops-revoked", 0xAD0202, issuer=ca)
+    operators_ca = load_ca(tmp_path, "ops-ca")
+    crl = write_crl(tmp_path / "ops.crl", operators_ca, revoked=[0xAD0202])
+    admin_port = free_port()
+    extra = f"""
+[admin]
+bind = "127.0.0.1:{admin_port}"
+certificate = "{lab.pki_dir / "server-chain.pem"}"
+private_key = "{lab.pki_dir / "server.key"}"
+client_ca = "{ca}"
+allowed_clients = ["CN=ops-good", "CN=ops-revoked"]
+crls = ["{crl}"]
+"""
+    text = lab_config(lab, port=free_port(), extra=extra)
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    gw = start_gateway(lab, tmp_path, text.replace(lab_crls, f"{lab_crls}\ncrl_refresh_seconds = 1"))
+    context = client_context(lab, str(good))
+    connection = http.client.HTTPSConnection("127.0.0.1", admin_port, context=context, timeout=30)
+    try:
+        status, body = _get(f"https://127.0.0.1:{admin_port}/traces?limit=1", client_context(lab, str(revoked)))
+        assert (status, "revoked" in body) == (403, True), (status, body)
+        assert gw.wait_event("admin_refused", reason="revoked")["subject"] == "CN=ops-revoked"
+        assert _get_on(connection, "/metrics")[0] == 200
+        gw.mark()
+        write_crl(tmp_path / "next.crl", operators_ca, revoked=[0xAD0201, 0xAD0202], number=1001).replace(crl)
+        gw.wait_event("crl_loaded", source=str(crl), crl_number=1001)
+        status, body = _get_on(connection, "/metrics")
+        assert (status, "revoked" in body) == (403, True), (status, body)
     finally:
         connection.close()
         assert gw.stop() == 0

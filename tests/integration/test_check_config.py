@@ -197,6 +197,26 @@ allowed_clients = [{allowed}]
     assert warned(admin, f'"{fingerprint}"') == []
 
 
+def test_admin_crls_must_be_signed_by_an_admin_client_ca(lab: LabLayout, tmp_path: Path) -> None:
+    """`[admin] crls` are checked as the devices' are, against `admin.client_ca`: the issuing CA's CRL under an
+    admin CA of the root alone is a problem naming admin.crls; `crls` without `client_ca` is a configuration error."""
+    crl = write_crl(tmp_path / "issuing.crl", load_ca(lab.pki_dir, "issuing"))
+    admin = f"""
+[admin]
+bind = "127.0.0.1:{free_port()}"
+certificate = "{lab.pki_dir / "server-chain.pem"}"
+private_key = "{lab.pki_dir / "server.key"}"
+client_ca = "{lab.pki_dir / "root.pem"}"
+allowed_clients = ["{"ab" * 32}"]
+crls = ["{crl}"]
+"""
+    path = tmp_path / "gateway.toml"
+    path.write_text(lab_config(lab, port=free_port(), extra=admin))
+    assert [p for p in _problems(path) if p.startswith("admin.crls: ")], _problems(path)
+    path.write_text(lab_config(lab, port=free_port(), extra=admin.replace(str(lab.pki_dir / "root.pem"), "")))
+    assert any(p.startswith("admin.crls: ") and "admin.client_ca" in p for p in _problems(path)), _problems(path)
+
+
 def test_the_command_exits_1_with_one_line_per_problem(lab: LabLayout, tmp_path: Path) -> None:
     """Several problems at once: exit 1 and every one of them on stdout, one per line, nothing else."""
     text = lab_config(lab, port=free_port())
