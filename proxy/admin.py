@@ -55,8 +55,10 @@ import structlog
 from aiohttp import web
 from cryptography import x509
 
+from proxy.certs.chain import TrustList, load_certificates, verify_chain
+from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Admin
-from proxy.errors import ConfigError, GatewayError
+from proxy.errors import CertificateRejected, CertificateRevoked, ConfigError, GatewayError
 from proxy.kerberos.threads import KdcThreads, NoThread
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
@@ -160,9 +162,12 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def make_admin_app(live: Live, siblings: Siblings | None = None, *, unix: bool = False) -> web.Application:
+def make_admin_app(
+    live: Live, siblings: Siblings | None = None, *, unix: bool = False, crls: AdminCrls | None = None
+) -> web.Application:
     """The admin application over the running gateway's state (and, for a worker, its siblings'); other views add
-    their routes to it. `unix`: for the Unix socket (`admin.socket`), whose file mode is its access control."""
+    their routes to it. `unix`: for the Unix socket (`admin.socket`), whose file mode is its access control.
+    `crls`: `[admin] crls`, for the allow-list's revocation check."""
     admin = live.config.admin
     allowed = admin.allowed_clients if admin is not None and not unix else ()
     middlewares = [_allow_list(allowed)] if allowed else []
@@ -171,6 +176,8 @@ def make_admin_app(live: Live, siblings: Siblings | None = None, *, unix: bool =
     app = web.Application(middlewares=middlewares)
     app[LIVE_KEY] = live
     app[READINESS_KEY] = readiness = Readiness(live)
+    if crls is not None:
+        app[ADMIN_CRLS_KEY] = crls
 
     async def close_readiness(_: web.Application) -> None:
         readiness.close()
@@ -198,6 +205,8 @@ def admin_ssl_context(admin: Admin) -> ssl.SSLContext | None:
 
 
 def _allow_list(allowed: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Serve a request only from a client certificate on the allow-list (its exact subject, every attribute in
+    order, or its SHA-256 fingerprint) that the gateway's CRLs do not list as revoked (`admin_revocation`)."""
     names: list[x509.Name] = []
     fingerprints: set[str] = set()
     for entry in allowed:
@@ -214,12 +223,78 @@ def _allow_list(allowed: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamR
         der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
         if der:
             cert = x509.load_der_x509_certificate(der)
+            subject = cert.subject.rfc4514_string()
             if cert.subject in names or hashlib.sha256(der).hexdigest() in fingerprints:
-                return await handler(request)
-            log.warning("admin_refused", stage="admin", subject=cert.subject.rfc4514_string(), path=request.path)
+                own = request.app.get(ADMIN_CRLS_KEY)
+                revoked = admin_revocation(request.app[LIVE_KEY], cert, None if own is None else own.store)
+                if revoked is None:
+                    return await handler(request)
+                log.warning(
+                    "admin_refused", stage="admin", reason="revoked", subject=subject, path=request.path, detail=revoked
+                )
+                raise web.HTTPForbidden(text=f"this admin client certificate is refused: {revoked}\n")
+            log.warning("admin_refused", stage="admin", reason="not_allowed", subject=subject, path=request.path)
         raise web.HTTPForbidden(text="this client certificate is not on the admin allow-list\n")
 
     return allow_list
+
+
+def admin_revocation(live: Live, cert: x509.Certificate, own: CrlStore | None = None) -> str | None:
+    """Why the admin client certificate `cert` is revoked, per the CRLs held now (`own`: `[admin] crls`, and the
+    device side's); None if none lists it.
+
+    Theory of operation. OpenSSL verified `cert` against `admin.client_ca` in the handshake, without CRLs. Each
+    request (a kept-alive connection's too) is checked here, its chain built from the CAs each CRL set may be signed
+    by: `[admin] crls` against `admin.client_ca` (an operators' CA of its own), and the CRL set the device side
+    reads (`client_certificates.crls`, distribution points) against the device trust list. Both are refreshed every
+    `client_certificates.crl_refresh_seconds`. A certificate neither speaks for is not checked. A missing or stale
+    CRL does not refuse an operator (best-effort, whatever the device side's `revocation`): the admin listener is
+    where that outage is looked into (`/readyz`, the CRL metrics and log lines)."""
+    now = datetime.now(UTC)
+    gateway = live.gateway
+    sets = [] if own is None else [(own.trust, own.current)]
+    if live.config.client_certificates.revocation != "off":
+        sets.append((gateway.trust, gateway.revocation.crls.current))
+    for trust, crls in sets:
+        try:
+            verified = verify_chain(cert, trust, at=now, purpose="any")
+        except CertificateRejected:
+            continue  # not under these CAs: these CRLs cannot speak for it
+        try:
+            crls.check(verified, at=now, policy="best-effort")
+        except CertificateRevoked as e:
+            return e.reason
+    return None
+
+
+class AdminCrls:
+    """`[admin] crls`: the CRLs of `admin.client_ca`'s CAs, read at start and re-read (files) or re-fetched (URLs)
+    every `client_certificates.crl_refresh_seconds`, with the device side's rules (`proxy.certs.sources`)."""
+
+    def __init__(self, live: Live, admin: Admin) -> None:
+        assert admin.client_ca is not None
+        trust = TrustList(anchors=tuple(load_certificates(admin.client_ca)))
+        refresh = live.config.client_certificates.crl_refresh_seconds
+        self.store = CrlStore(trust, sources_from_config(admin.crls, admin.crl_urls), refresh_seconds=refresh)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for problem in self.store.load_files(now=datetime.now(UTC)):
+            log.warning("admin_crl_problem", problem=problem)
+        await self.store.refresh()
+        self._task = asyncio.get_running_loop().create_task(self.store.run(self._stop))
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.store.close()
+
+
+ADMIN_CRLS_KEY = web.AppKey("admin_crls", AdminCrls)
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
@@ -306,12 +381,15 @@ class AdminListener:
     servers: list[asyncio.Server] = field(default_factory=list)
     runners: list[web.AppRunner] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    crls: AdminCrls | None = None
 
     async def cleanup(self) -> None:
         for server in self.servers:
             server.close()
         for runner in self.runners:
             await runner.cleanup()
+        if self.crls is not None:
+            await self.crls.close()
         for path in self.files:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -359,6 +437,9 @@ async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener
             started.runners.append(await serve_siblings(worker, live.traces, lambda: live.metrics.render()))
             started.files.append(worker.socket)
         if admin.bound:
+            if admin.crls or admin.crl_urls:
+                started.crls = AdminCrls(live, admin)
+                await started.crls.start()
             await _serve_bind(live, admin, siblings, worker, started)
         # One process binds a Unix socket's path: the first worker (whose number a replacement keeps) answers for all.
         if admin.socket is not None and (worker is None or worker.number == 1):
@@ -372,7 +453,7 @@ async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener
 async def _serve_bind(
     live: Live, admin: Admin, siblings: Siblings | None, worker: Worker | None, started: AdminListener
 ) -> None:
-    runner = web.AppRunner(make_admin_app(live, siblings), **_RUNNER_SETTINGS)
+    runner = web.AppRunner(make_admin_app(live, siblings, crls=started.crls), **_RUNNER_SETTINGS)
     await runner.setup()
     started.runners.append(runner)
     assert runner.server is not None

@@ -271,6 +271,8 @@ class Admin:
     client_ca: Path | None = None  # PEM bundle of the CAs (root and intermediates) for admin client certificates
     allowed_clients: tuple[str, ...] = ()  # subjects (RFC 4514) or SHA-256 fingerprints (hex)
     socket: Path | None = None  # also (or only, without a bind: port 0) on this Unix socket, mode 0600
+    crls: tuple[Path, ...] = ()  # CRLs of client_ca's CAs (files; `crl_urls` the http(s) ones), for operators'
+    crl_urls: tuple[str, ...] = ()  # certificates outside the device trust list; refreshed as the devices' are
 
     @property
     def tls(self) -> bool:
@@ -1001,7 +1003,7 @@ def _overlap(one: str, other: str) -> bool:
 
 
 def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
-    known = {"bind", "certificate", "private_key", "client_ca", "allowed_clients", "socket"}
+    known = {"bind", "certificate", "private_key", "client_ca", "allowed_clients", "socket", "crls"}
     r.unknown(t, "admin", known)
     if not t:
         return None
@@ -1027,7 +1029,11 @@ def _admin(r: _Reader, t: dict[str, Any]) -> Admin | None:
         client_ca=optional("client_ca"),
         allowed_clients=tuple(str(a) for a in allowed),
         socket=unix,
+        crls=(crls := _crl_locations(r, t, "admin.crls"))[0],
+        crl_urls=crls[1],
     )
+    if (admin.crls or admin.crl_urls) and admin.client_ca is None:
+        r.problem("admin.crls", "CRLs of admin client certificates need admin.client_ca (and admin.allowed_clients)")
     if (admin.certificate is None) != (admin.private_key is None):
         r.problem("admin.private_key", "admin.certificate and admin.private_key go together")
     if (admin.client_ca is None) != (not admin.allowed_clients):

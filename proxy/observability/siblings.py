@@ -35,12 +35,12 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from proxy.observability.traces import TraceRing
+from proxy.observability.traces import Cursor, TraceRing
 from proxy.workers import Worker
 
 log = structlog.get_logger("proxy.admin")
 ASK_TIMEOUT = 5.0  # seconds a sibling has to answer one question
-_TRACE_ID = re.compile(r"[0-9a-f]{16}")  # `proxy.observability.trace.trace_id`
+TRACE_ID = re.compile(r"[0-9a-f]{16}")  # `proxy.observability.trace.trace_id`
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,12 @@ class TraceSource:
     def __init__(self, ring: TraceRing) -> None:
         self.ring = ring
 
-    async def recent(self, limit: int, user: str | None) -> Recent:
-        return Recent(self.ring.recent(limit, user), len(self.ring), self.ring.keep)
+    async def recent(self, limit: int, user: str | None, before: str | None = None) -> Recent | None:
+        """Up to `limit` records, newest first (of `user`; after trace `before`); None if `before` is not held."""
+        if before is not None and self.ring.get(before) is None:
+            return None
+        cursor = None if before is None else Cursor(before)
+        return Recent(self.ring.recent(limit, user, cursor), len(self.ring), self.ring.keep)
 
     async def get(self, trace_id: str) -> dict[str, Any] | None:
         return self.ring.get(trace_id)
@@ -99,9 +103,16 @@ class Siblings(TraceSource):
         others = await self.ask("/metrics")
         return merge_metrics({self.worker.number: self._render(), **others})
 
-    async def recent(self, limit: int, user: str | None) -> Recent:
+    async def recent(self, limit: int, user: str | None, before: str | None = None) -> Recent | None:
         query = {"limit": str(limit), **({"user": user} if user else {})}
-        answers = {self.worker.number: ring_answer(self.ring, limit, user)}
+        cursor = None
+        if before is not None:
+            held = await self.get(before)
+            if held is None:
+                return None
+            cursor = Cursor(before, str(held.get("time", "")), int(held["worker"]))
+            query |= {"before": cursor.id, "before_time": cursor.time or "", "before_worker": str(cursor.worker)}
+        answers = {self.worker.number: ring_answer(self.ring, limit, user, cursor, self.worker.number)}
         for number, body in (await self.ask("/traces", query)).items():
             if body is not None:
                 answers[number] = json.loads(body)
@@ -112,7 +123,7 @@ class Siblings(TraceSource):
         record = self.ring.get(trace_id)
         if record is not None:
             return {**record, "worker": self.worker.number}
-        if not _TRACE_ID.fullmatch(trace_id):  # it goes into the path asked of the others: `../metrics` is no id
+        if not TRACE_ID.fullmatch(trace_id):  # it goes into the path asked of the others: `../metrics` is no id
             return None
         for number, body in (await self.ask(f"/traces/{trace_id}")).items():
             if body is not None:
@@ -150,24 +161,33 @@ class _Families(Collector):
 def merge_traces(records: Mapping[int, list[dict[str, Any]]], limit: int) -> list[dict[str, Any]]:
     """Each worker's records (newest first) into one list, newest first, each with its `worker`; at most `limit`."""
     merged = [{**r, "worker": number} for number, rs in records.items() for r in rs]
-    merged.sort(key=lambda r: str(r.get("time", "")), reverse=True)  # ISO 8601 in UTC, to the millisecond
+    # ISO 8601 in UTC, to the millisecond; a tie by worker number, then each ring's order (the sort is stable):
+    # the order `Cursor` pages in
+    merged.sort(key=lambda r: (str(r.get("time", "")), r["worker"]), reverse=True)
     return merged[:limit]
 
 
-def ring_answer(ring: TraceRing, limit: int, user: str | None) -> dict[str, Any]:
-    """One worker's part of `/traces`: its records (newest first), how many it holds and may keep."""
-    return {"records": ring.recent(limit, user), "held": len(ring), "keep": ring.keep}
+def ring_answer(
+    ring: TraceRing, limit: int, user: str | None, cursor: Cursor | None = None, worker: int = 0
+) -> dict[str, Any]:
+    """One worker's part of `/traces` (that worker's number `worker`): its records (newest first; after `cursor`),
+    how many it holds and may keep."""
+    return {"records": ring.recent(limit, user, cursor, worker), "held": len(ring), "keep": ring.keep}
 
 
-def sibling_app(ring: TraceRing, render: Callable[[], bytes]) -> web.Application:
-    """What this worker tells its siblings: its own `/metrics` and `/traces` (`{"records", "held", "keep"}`)."""
+def sibling_app(ring: TraceRing, render: Callable[[], bytes], number: int = 0) -> web.Application:
+    """What worker `number` tells its siblings: its own `/metrics` and `/traces` (`{"records", "held", "keep"}`)."""
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=render())
 
     async def traces(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "50"))  # checked by the admin view that asked
-        return web.json_response(ring_answer(ring, limit, request.query.get("user") or None))
+        cursor = None
+        if "before" in request.query:  # set by the worker that asked, from the trace it found
+            q = request.query
+            cursor = Cursor(q["before"], q.get("before_time", ""), int(q.get("before_worker", "0")))
+        return web.json_response(ring_answer(ring, limit, request.query.get("user") or None, cursor, number))
 
     async def trace(request: web.Request) -> web.Response:
         record = ring.get(request.match_info["id"])
@@ -184,7 +204,7 @@ async def serve_siblings(worker: Worker, ring: TraceRing, render: Callable[[], b
     """Answer the siblings on `worker.socket` (a replaced worker's socket file is taken over); the caller cleans up."""
     with contextlib.suppress(FileNotFoundError):
         worker.socket.unlink()
-    runner = web.AppRunner(sibling_app(ring, render), access_log=None, handle_signals=False)
+    runner = web.AppRunner(sibling_app(ring, render, worker.number), access_log=None, handle_signals=False)
     await runner.setup()
     await web.UnixSite(runner, str(worker.socket)).start()
     return runner

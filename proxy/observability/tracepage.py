@@ -1,7 +1,8 @@
 """The admin listener's trace views: `/traces` (JSON), `/` (recent requests) and `/trace/<id>` (one, drawn).
 
 Theory of operation. Everything here reads the `TraceRing` records (`proxy.observability.traces`) and
-nothing else. `/traces?limit=N[&user=UPN]` is the JSON list, newest first; `/traces/<id>` one record.
+nothing else. `/traces?limit=N[&user=UPN][&before=<id>]` is the JSON list, newest first, at most MAX_TRACES
+records an answer (a bigger `limit` gets MAX_TRACES), `before` paging on after that trace; `/traces/<id>` one record.
 `/` is an HTML table of the recent requests; `/trace/<id>` draws one request as a sequence diagram between
 four lifelines (device, gateway, KDC, backend): the TLS handshake and the request, the gateway's own checks,
 S4U2Self and S4U2Proxy as their own arrows to the KDC and back (dashed, grey and marked "cache hit" when
@@ -22,10 +23,11 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.observability.siblings import TraceSource
+from proxy.observability.siblings import TRACE_ID, TraceSource
 from proxy.observability.traces import describe, printable
 
 DEFAULT_LIMIT = 50
+MAX_TRACES = 1000
 TRACE_SOURCE_KEY = web.AppKey("trace_source", TraceSource)
 
 
@@ -39,17 +41,34 @@ def add_trace_views(app: web.Application, source: TraceSource) -> None:
 
 
 def _limit(request: web.Request) -> int:
+    """`limit`, at most MAX_TRACES: `[traces] keep` may hold 100,000, and one answer renders every record it lists."""
     raw = request.query.get("limit", str(DEFAULT_LIMIT))
     # ASCII digits only (str.isdigit takes "²", which int() refuses), and few of them (int() refuses 4,301)
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) < 1:
         raise web.HTTPBadRequest(
             text='{"error": "limit must be a positive integer"}\n', content_type="application/json"
         )
-    return int(raw)
+    return min(int(raw), MAX_TRACES)
+
+
+def _before(request: web.Request) -> str | None:
+    """`before`, a trace id: the page after that trace."""
+    before = request.query.get("before")
+    if before is not None and not TRACE_ID.fullmatch(before):
+        raise web.HTTPBadRequest(
+            text='{"error": "before must be a trace id (16 hex digits)"}\n', content_type="application/json"
+        )
+    return before
 
 
 async def traces_json(request: web.Request) -> web.Response:
-    recent = await request.app[TRACE_SOURCE_KEY].recent(_limit(request), request.query.get("user") or None)
+    user = request.query.get("user") or None
+    recent = await request.app[TRACE_SOURCE_KEY].recent(_limit(request), user, _before(request))
+    if recent is None:
+        raise web.HTTPNotFound(
+            text='{"error": "no such trace to page on from (before=): kept are the most recent only"}\n',
+            content_type="application/json",
+        )
     return web.json_response(recent.records)
 
 
@@ -65,6 +84,7 @@ async def trace_json(request: web.Request) -> web.Response:
 async def index_page(request: web.Request) -> web.Response:
     user = request.query.get("user") or None
     recent = await request.app[TRACE_SOURCE_KEY].recent(_limit(request), user)
+    assert recent is not None  # (no `before`)
     page = render_index(recent.records, user=user, held=recent.held, keep=recent.keep)
     return web.Response(text=page, content_type="text/html")
 

@@ -33,12 +33,13 @@ shows.
 Never in a record: a token, a key, a password, a ticket. The ring holds the trace's facts and the frozen
 evidence objects the stages returned (chain, CRL answer, ticket facts), not the request or any error.
 With several workers each keeps its own ring, and the admin listener asks every worker's
-(`proxy.observability.siblings`); the export file is shared (one `write` per line, appended).
+(`proxy.observability.siblings`); the export file is shared (one `write` per line, appended), created 0600.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -57,6 +58,26 @@ from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.trace import Trace
 
 STAGES = ("tls", "certificate", "revocation", "identity", "mapping", "s4u2self", "s4u2proxy", "backend")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of `/traces?before=<id>` starts: after trace `id`. In one ring, after its place there; over
+    several workers' rings, after its place in their merged order, newest first by (`time`, `worker`) and, within
+    one worker's records of one millisecond, that ring's order (`proxy.observability.siblings.merge_traces`)."""
+
+    id: str
+    time: str | None = None  # the trace's record's `time`, and the worker holding it: a merged view's cursor
+    worker: int = 0
+
+    def follows(self, time: str, worker: int, after_id_in_ring: bool) -> bool:
+        """Whether a record of `worker` at `time` comes after this cursor in the merged order (`after_id_in_ring`:
+        that worker's ring lists it after the cursor's trace, which decides a tie)."""
+        assert self.time is not None
+        mine, theirs = (time, worker), (self.time, self.worker)
+        return mine < theirs or (mine == theirs and after_id_in_ring)
+
+
 # Where a refusal's stage (`GatewayError.stage`) shows in the record's stages.
 _REFUSAL_STAGE = {"authentication": "identity", "restrictions": "certificate"}
 
@@ -93,13 +114,27 @@ class TraceRing:
         if export is not None:
             self._write(export, self._render(entry))
 
-    def recent(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
-        """Up to `limit` records, newest first; with `user`, only that UPN's or principal's."""
+    def recent(
+        self, limit: int, user: str | None = None, before: Cursor | None = None, worker: int = 0
+    ) -> list[dict[str, Any]]:
+        """Up to `limit` records, newest first; with `user`, only that UPN's or principal's; with `before`, only those
+        listed after that trace (this ring's order, or, for a cursor with a `time`, the merged order of every
+        worker's records, where this ring is worker number `worker`)."""
         wanted = user.lower() if user else None
         out: list[dict[str, Any]] = []
+        passed = before is None
         for entry in reversed(self._entries):
             if len(out) >= limit:
                 break
+            if before is not None:
+                if entry.trace.id == before.id:
+                    passed = True
+                    continue
+                if before.time is None:
+                    if not passed:
+                        continue
+                elif not before.follows(str(self._render(entry).get("time", "")), worker, passed):
+                    continue
             if wanted is not None:
                 facts = entry.trace.facts
                 names = {str(facts.get("upn", "")).lower(), str(facts.get("principal", "")).lower()}
@@ -135,11 +170,19 @@ class TraceRing:
                 if self._export is None or self._export_path != path:
                     if self._export is not None:
                         self._export.close()
-                    self._export = path.open("a", encoding="utf-8", buffering=1)  # line-buffered: one write a line
+                    self._export = _open_export(path)
                     self._export_path = path
                 self._export.write(line)
             except OSError:
                 self.export_errors += 1  # a full disk must not fail requests; counted for whoever looks
+
+
+def _open_export(path: Path) -> IO[str]:
+    """The export file for appending, line-buffered (one write a line). Created 0600 whatever the umask: its lines
+    name users, their addresses and paths (a launcher other than the shipped unit leaves 022, so 0644). A file
+    already there keeps its mode (an operator may have given a log shipper's group read access)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
 
 # -- one trace to its record ----------------------------------------------------------------------------------

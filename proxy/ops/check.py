@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates
 from proxy.certs.revocation import CrlSet, load_crls
+from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
 from proxy.kerberos.keytab import read_keytab
 
@@ -48,16 +49,46 @@ def warnings(config: Config) -> list[str]:
     Basic passwords on its own (the workers of one gateway share a table; gateways share nothing): the directory's
     lockout threshold must be sized against the limit times the number of gateways (docs/throttles-and-limits.md)."""
     where = f" (in {config.path})"
+    found = [f"{key}: {message}{where}" for key, message in _admin_ca_shared(config)]
     auth = config.authentication
     if not config.listener.proxy_protocol or auth.mode == "certificate":
-        return []
+        return found
     limit, window = auth.basic_failures_per_user, auth.basic_failure_window_seconds
     return [
         f"authentication.basic_failures_per_user: behind a balancer (listener.proxy_protocol) each gateway counts a "
         f"user's wrong passwords on its own: N gateways let N x {limit} of them reach the directory within "
         f"basic_failure_window_seconds ({window:g}); keep N x {limit} below the domain's account lockout threshold "
-        f"(docs/throttles-and-limits.md, 'Several gateways'){where}"
+        f"(docs/throttles-and-limits.md, 'Several gateways'){where}",
+        *found,
     ]
+
+
+def _admin_ca_shared(config: Config) -> Iterator[tuple[str, str]]:
+    """`admin.client_ca` holds a CA of the device trust list and `admin.allowed_clients` names a subject: every
+    device certificate that CA issued with that subject (a template that lets the requester choose it, or an issuing
+    mistake) reads the admin listener. Its files' own problems are `check`'s, not repeated here."""
+    admin, cc = config.admin, config.client_certificates
+    if admin is None or admin.client_ca is None or not any("=" in entry for entry in admin.allowed_clients):
+        return
+    try:
+        device = {
+            (cert.subject, _spki(cert.public_key()))
+            for path in (*cc.trust_anchors, *cc.intermediates)
+            for cert in load_certificates(path)
+        }
+        operators = load_certificates(admin.client_ca)
+    except (OSError, ValueError):
+        return
+    shared = [cert.subject.rfc4514_string() for cert in operators if (cert.subject, _spki(cert.public_key())) in device]
+    if shared:
+        yield (
+            "admin.client_ca",
+            f"{admin.client_ca} holds a CA the devices' certificates come from ({'; '.join(shared)}): any device "
+            "certificate it issues with a subject admin.allowed_clients names reads the admin listener (traces, "
+            "metrics); give operators a CA of their own (its CRLs in admin.crls), or list SHA-256 fingerprints only "
+            "(docs/deploying.md, "
+            "'The admin listener's client certificates')",
+        )
 
 
 def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, str]]:
@@ -72,7 +103,17 @@ def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, s
     if admin is not None and admin.certificate is not None and admin.private_key is not None:
         yield from _server_certificate("admin", admin.certificate, admin.private_key, at)
     if admin is not None and admin.client_ca is not None:
-        yield from _certificates("admin.client_ca", admin.client_ca, at)
+        found = list(_certificates("admin.client_ca", admin.client_ca, at))
+        yield from found
+        if admin.crls and not found and crls:
+            yield from _admin_crls(admin.client_ca, admin.crls, at)
+
+
+def _admin_crls(client_ca: Path, files: tuple[Path, ...], at: datetime) -> Iterator[tuple[str, str]]:
+    """`[admin] crls` files parse, are signed by a CA of `admin.client_ca` and are current (as the devices')."""
+    store = CrlStore(TrustList(anchors=tuple(load_certificates(client_ca))), sources_from_config(files, ()))
+    for problem in store.load_files(now=at):
+        yield "admin.crls", problem
 
 
 def _server_certificate(table: str, cert_path: Path, key_path: Path, at: datetime) -> Iterator[tuple[str, str]]:

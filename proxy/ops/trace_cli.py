@@ -57,7 +57,12 @@ def add_command(sub: Any) -> None:
     p.add_argument("--config", help="the gateway's TOML configuration, for its [admin] bind")
     p.add_argument("--user", help="only this user's requests (UPN or principal)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new requests until interrupted")
-    p.add_argument("--limit", type=_positive, default=10, help="how many recent requests to print first (10)")
+    p.add_argument(
+        "--limit",
+        type=_positive,
+        default=10,
+        help="how many recent requests to print first (10; the gateway answers 1,000 at most)",
+    )
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow (1)")
     p.add_argument("--json", action="store_true", help="one JSON object per request and line")
     p.add_argument("--cacert", help="CA bundle for an https admin listener's certificate")

@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -247,6 +248,148 @@ def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayo
         assert status == 403
         assert "allow-list" in body
         assert gw.wait_event("admin_refused")["subject"] == "CN=bob"
+    finally:
+        assert gw.stop() == 0
+
+
+def _openssl_admin_certificate(
+    lab: LabLayout, where: Path, name: str, serial: int, subject: str = "", issuer: Path | None = None
+) -> Path:
+    """An operator's client certificate `CN=<name>` (or `subject`, openssl's /A=b/C=d form) from the lab's issuing
+    CA, made with the openssl CLI; its path without the .pem suffix (the key beside it), as `client_context` takes
+    it."""
+    base = where / name
+    key, csr, ext = (Path(f"{base}.{suffix}") for suffix in ("key", "csr", "ext"))
+    argv = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    subprocess.run(
+        [*argv, "-keyout", str(key), "-out", str(csr), "-subj", subject or f"/CN={name}"],
+        check=True,
+        capture_output=True,
+    )
+    ext.write_text(
+        "basicConstraints = CA:FALSE\nkeyUsage = critical, digitalSignature\nextendedKeyUsage = clientAuth\n"
+    )
+    ca = issuer or lab.pki_dir / "issuing.pem"  # (its key beside it)
+    argv = ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca.with_suffix(".key"))]
+    argv += ["-days", "5", "-set_serial", hex(serial), "-extfile", str(ext)]
+    subprocess.run([*argv, "-out", f"{base}.pem"], check=True, capture_output=True)
+    return base
+
+
+def _get_on(connection: http.client.HTTPSConnection, path: str) -> tuple[int, str]:
+    connection.request("GET", path)
+    answer = connection.getresponse()
+    return answer.status, answer.read().decode()
+
+
+def test_a_revoked_admin_certificate_is_refused_and_a_crl_refresh_cuts_a_connected_admin(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """The TLS admin listener checks its clients' certificates against the CRLs the gateway holds for their CA, on
+    every request: a revoked operator certificate on the allow-list gets 403 naming the revocation (it read
+    /traces and /metrics before), a good one is served, and once a refreshed CRL lists that one too, the next
+    request on its open connection is refused. Certificates from the openssl CLI, under the lab's issuing CA."""
+    good = _openssl_admin_certificate(lab, tmp_path, "ops-good", 0xAD0001)
+    revoked = _openssl_admin_certificate(lab, tmp_path, "ops-revoked", 0xAD0002)
+    issuing_ca = load_ca(lab.pki_dir, "issuing")
+    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca, revoked=[0xAD0002])
+    root = write_crl(tmp_path / "root.crl", load_ca(lab.pki_dir, "root"))
+    admin_port = free_port()
+    bundle = tmp_path / "admin-ca.pem"
+    bundle.write_bytes((lab.pki_dir / "root.pem").read_bytes() + (lab.pki_dir / "issuing.pem").read_bytes())
+    extra = f"""
+[admin]
+bind = "127.0.0.1:{admin_port}"
+certificate = "{lab.pki_dir / "server-chain.pem"}"
+private_key = "{lab.pki_dir / "server.key"}"
+client_ca = "{bundle}"
+allowed_clients = ["CN=ops-good", "CN=ops-revoked"]
+"""
+    text = lab_config(lab, port=free_port(), extra=extra)
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    gw = start_gateway(
+        lab, tmp_path, text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1')
+    )
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", admin_port, context=client_context(lab, str(good)), timeout=30
+    )
+    try:
+        for path in ("/traces?limit=1", "/metrics"):
+            status, body = _get(f"https://127.0.0.1:{admin_port}{path}", client_context(lab, str(revoked)))
+            assert status == 403, (path, status, body)
+            assert "revoked" in body, body
+        refused = gw.wait_event("admin_refused", reason="revoked")
+        assert refused["subject"] == "CN=ops-revoked"
+        assert _get_on(connection, "/metrics")[0] == 200
+        gw.mark()
+        write_crl(tmp_path / "next.crl", issuing_ca, revoked=[0xAD0001, 0xAD0002], number=1001).replace(issuing)
+        gw.wait_event("crl_loaded", source=str(issuing), crl_number=1001)
+        status, body = _get_on(connection, "/traces?limit=1")  # the same TLS connection, admitted before
+        assert status == 403, (status, body)
+        assert "revoked" in body
+    finally:
+        connection.close()
+        assert gw.stop() == 0
+
+
+def test_an_operators_own_ca_is_checked_against_admin_crls(lab: LabLayout, tmp_path: Path) -> None:
+    """Operators' certificates from a CA of their own (openssl CLI; the devices' CRLs cannot speak for it) are
+    checked against `[admin] crls`, re-read every `crl_refresh_seconds`: the revoked one gets 403 naming the
+    revocation, the good one is served, and a CRL revoking it too refuses the next request on its open connection."""
+    ca, ca_key = tmp_path / "ops-ca.pem", tmp_path / "ops-ca.key"
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "5"]
+    argv += ["-subj", "/CN=Operators CA", "-addext", "basicConstraints=critical,CA:TRUE"]
+    argv += ["-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", str(ca_key), "-out", str(ca)]
+    subprocess.run(argv, check=True, capture_output=True)
+    good = _openssl_admin_certificate(lab, tmp_path, "ops-good", 0xAD0201, issuer=ca)
+    revoked = _openssl_admin_certificate(lab, tmp_path, "ops-revoked", 0xAD0202, issuer=ca)
+    operators_ca = load_ca(tmp_path, "ops-ca")
+    crl = write_crl(tmp_path / "ops.crl", operators_ca, revoked=[0xAD0202])
+    admin_port = free_port()
+    extra = f"""
+[admin]
+bind = "127.0.0.1:{admin_port}"
+certificate = "{lab.pki_dir / "server-chain.pem"}"
+private_key = "{lab.pki_dir / "server.key"}"
+client_ca = "{ca}"
+allowed_clients = ["CN=ops-good", "CN=ops-revoked"]
+crls = ["{crl}"]
+"""
+    text = lab_config(lab, port=free_port(), extra=extra)
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    gw = start_gateway(lab, tmp_path, text.replace(lab_crls, f"{lab_crls}\ncrl_refresh_seconds = 1"))
+    context = client_context(lab, str(good))
+    connection = http.client.HTTPSConnection("127.0.0.1", admin_port, context=context, timeout=30)
+    try:
+        status, body = _get(f"https://127.0.0.1:{admin_port}/traces?limit=1", client_context(lab, str(revoked)))
+        assert (status, "revoked" in body) == (403, True), (status, body)
+        assert gw.wait_event("admin_refused", reason="revoked")["subject"] == "CN=ops-revoked"
+        assert _get_on(connection, "/metrics")[0] == 200
+        gw.mark()
+        write_crl(tmp_path / "next.crl", operators_ca, revoked=[0xAD0201, 0xAD0202], number=1001).replace(crl)
+        gw.wait_event("crl_loaded", source=str(crl), crl_number=1001)
+        status, body = _get_on(connection, "/metrics")
+        assert (status, "revoked" in body) == (403, True), (status, body)
+    finally:
+        connection.close()
+        assert gw.stop() == 0
+
+
+def test_the_admin_allow_list_matches_a_whole_subject_exactly(lab: LabLayout, tmp_path: Path) -> None:
+    """`allowed_clients = ["CN=alice"]` (the lab's users' CA as `client_ca`) admits the subject `CN=alice` and
+    nothing that merely contains or resembles it: `O=Evil, CN=alice`, `CN=alice, OU=x`, `CN=Alice`, `CN=alice ` are
+    each 403 `admin_refused` (openssl-CLI certificates under the same CA)."""
+    gw, admin_port = _tls_admin(lab, tmp_path)
+    url = f"https://127.0.0.1:{admin_port}/traces?limit=1"
+    try:
+        exact = _openssl_admin_certificate(lab, tmp_path, "exact", 0xAD0101, "/CN=alice")
+        assert _get(url, client_context(lab, str(exact)))[0] == 200
+        for n, subject in enumerate(["/O=Evil/CN=alice", "/CN=alice/OU=x", "/CN=Alice", "/CN=alice "]):
+            cert = _openssl_admin_certificate(lab, tmp_path, f"near{n}", 0xAD0110 + n, subject)
+            status, body = _get(url, client_context(lab, str(cert)))
+            assert (status, "allow-list" in body) == (403, True), (subject, status, body)
+        assert len(gw.wait_events("admin_refused", count=4)) >= 4
     finally:
         assert gw.stop() == 0
 

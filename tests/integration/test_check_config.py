@@ -159,6 +159,64 @@ def test_basic_behind_a_balancer_is_ok_with_a_warning_to_size_the_limit_per_gate
     assert warning.endswith(f"(in {path})"), warning
 
 
+def test_an_admin_ca_that_is_a_device_trust_anchor_is_ok_with_a_warning(lab: LabLayout, tmp_path: Path) -> None:
+    """`admin.client_ca` holding a CA of the device trust list, with a subject on `admin.allowed_clients`: any
+    device certificate under it with that subject reads the admin listener. check-config says ok and warns naming
+    admin.client_ca and the shared CA; with an operators' CA of its own (openssl CLI), or fingerprints only, no
+    warning."""
+    admin = tmp_path / "admin-ca.pem"
+    admin.write_bytes((lab.pki_dir / "root.pem").read_bytes() + (lab.pki_dir / "issuing.pem").read_bytes())
+    key, own = tmp_path / "ops-ca.key", tmp_path / "ops-ca.pem"
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "5"]
+    argv += ["-subj", "/CN=Operators CA", "-addext", "basicConstraints=critical,CA:TRUE", "-keyout", str(key)]
+    subprocess.run([*argv, "-out", str(own)], check=True, capture_output=True)
+    fingerprint = "ab" * 32
+
+    def warned(ca: Path, allowed: str) -> list[str]:
+        extra = f"""
+[admin]
+bind = "127.0.0.1:{free_port()}"
+certificate = "{lab.pki_dir / "server-chain.pem"}"
+private_key = "{lab.pki_dir / "server.key"}"
+client_ca = "{ca}"
+allowed_clients = [{allowed}]
+"""
+        path = tmp_path / "gateway.toml"
+        path.write_text(lab_config(lab, port=free_port(), extra=extra))
+        res = _cli(path)
+        assert res.returncode == 0, res
+        assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+        return [line for line in res.stderr.splitlines() if line.startswith("warning: admin.")]
+
+    (warning,) = warned(admin, '"CN=ops"')
+    assert warning.startswith("warning: admin.client_ca: "), warning
+    assert "any device certificate" in warning, warning
+    assert "admin.allowed_clients" in warning, warning
+    assert "CN=Lab Root CA" in warning, warning
+    assert warned(own, '"CN=ops"') == []
+    assert warned(admin, f'"{fingerprint}"') == []
+
+
+def test_admin_crls_must_be_signed_by_an_admin_client_ca(lab: LabLayout, tmp_path: Path) -> None:
+    """`[admin] crls` are checked as the devices' are, against `admin.client_ca`: the issuing CA's CRL under an
+    admin CA of the root alone is a problem naming admin.crls; `crls` without `client_ca` is a configuration error."""
+    crl = write_crl(tmp_path / "issuing.crl", load_ca(lab.pki_dir, "issuing"))
+    admin = f"""
+[admin]
+bind = "127.0.0.1:{free_port()}"
+certificate = "{lab.pki_dir / "server-chain.pem"}"
+private_key = "{lab.pki_dir / "server.key"}"
+client_ca = "{lab.pki_dir / "root.pem"}"
+allowed_clients = ["{"ab" * 32}"]
+crls = ["{crl}"]
+"""
+    path = tmp_path / "gateway.toml"
+    path.write_text(lab_config(lab, port=free_port(), extra=admin))
+    assert [p for p in _problems(path) if p.startswith("admin.crls: ")], _problems(path)
+    path.write_text(lab_config(lab, port=free_port(), extra=admin.replace(str(lab.pki_dir / "root.pem"), "")))
+    assert any(p.startswith("admin.crls: ") and "admin.client_ca" in p for p in _problems(path)), _problems(path)
+
+
 def test_the_command_exits_1_with_one_line_per_problem(lab: LabLayout, tmp_path: Path) -> None:
     """Several problems at once: exit 1 and every one of them on stdout, one per line, nothing else."""
     text = lab_config(lab, port=free_port())

@@ -31,6 +31,7 @@ import pytest
 from aiohttp import web
 
 from proxy.lab.layout import USERS, LabLayout
+from proxy.observability.tracepage import MAX_TRACES
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.loopback import serving
@@ -80,8 +81,9 @@ def _get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def _traces(admin: str, limit: int = 100, user: str | None = None) -> list[dict[str, Any]]:
-    status, body = _get(f"{admin}/traces?limit={limit}" + (f"&user={user}" if user else ""))
+def _traces(admin: str, limit: int = 100, user: str | None = None, before: str | None = None) -> list[dict[str, Any]]:
+    query = f"limit={limit}" + (f"&user={user}" if user else "") + (f"&before={before}" if before else "")
+    status, body = _get(f"{admin}/traces?{query}")
     assert status == 200, body
     records: list[dict[str, Any]] = json.loads(body)
     return records
@@ -185,6 +187,44 @@ def test_refusals_land_on_the_step_the_kdc_refused_with_cause_and_fix(lab: LabLa
     assert [s["name"] for s in ghost["stages"]][-1] == "s4u2self"
     assert ghost["refused"]["stage"] == "s4u2self"
     assert "no Kerberos account matches" in ghost["refused"]["reason"]
+
+
+def test_the_export_file_is_readable_by_the_gateways_user_only(lab: LabLayout, traced: Traced) -> None:
+    """The JSON-lines export (users' names, addresses, paths) is created 0600 by the running gateway, not with the
+    umask's 0644 (the test's gateway runs under the test's umask, 022 here)."""
+    seen = _ids(traced.admin)
+    curl(lab, traced.gw.url + "/owa/", "alice")
+    (record,) = _new_traces(traced.admin, seen, 1)
+    eventually(lambda: record["id"] in traced.export.read_text() or None, "the request's trace exported")
+    assert oct(traced.export.stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_one_traces_answer_is_bounded_and_the_rest_is_paged_with_before(lab: LabLayout, tmp_path: Path) -> None:
+    """`[traces] keep` may be 100,000: `/traces?limit=` asking for more than MAX_TRACES gets MAX_TRACES (it got
+    the whole ring), and `before=<id>` pages on from the last one, so every held trace is reached once; a `before`
+    the ring no longer holds is a 404 saying so, a malformed one a 400."""
+    admin_port = free_port()
+    extra = f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n\n[traces]\nkeep = {MAX_TRACES + 100}\n'
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        sent = MAX_TRACES + 5
+        done = curl(lab, f"{gw.url}/owa/[1-{sent}]", "alice", "-o", "/dev/null")  # one connection, curl's URL glob
+        assert done.returncode == 0, done.stderr
+
+        def page(count: int, before: str | None = None) -> list[dict[str, Any]] | None:
+            records = _traces(admin, limit=sent * 10, before=before)
+            return records if len(records) == count else None
+
+        first = eventually(lambda: page(MAX_TRACES), "a full first page")
+        rest = eventually(lambda: page(5, first[-1]["id"]), "the 5 oldest on the second page")
+        ids = [r["id"] for r in first + rest]
+        assert len(set(ids)) == sent
+        assert _traces(admin, limit=2, before=first[0]["id"]) == first[1:3]
+        assert _get(f"{admin}/traces?before=0123456789abcdef")[0] == 404
+        assert _get(f"{admin}/traces?before=../metrics")[0] == 400
+    finally:
+        assert gw.stop() == 0
 
 
 def test_no_secret_reaches_a_trace(lab: LabLayout, traced: Traced) -> None:

@@ -30,6 +30,7 @@ SECTIONS: dict[str, type[Any]] = {
 # Fields whose key in the file has another name, or that the loader derives from another key.
 KEYS = {("listener", "host"): "bind", ("listener", "port"): "bind", ("admin", "host"): "bind"}
 KEYS |= {("admin", "port"): "bind", ("identity", "sources"): "source", ("client_certificates", "crl_urls"): "crls"}
+KEYS |= {("admin", "crl_urls"): "crls"}
 # Keys the example sets to a site's value on purpose (its comment gives the default).
 SITE_VALUES = {("identity", "default_realm")}
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.observability.metrics import Metrics
-from proxy.observability.siblings import merge_metrics, merge_traces
+from proxy.observability.siblings import merge_metrics, merge_traces, ring_answer
 from proxy.observability.trace import Trace
+from proxy.observability.traces import Cursor, TraceRing
 
 
 def _served(metrics: Metrics, n: int, status: int = 200) -> bytes:
@@ -67,3 +68,26 @@ def test_traces_are_merged_newest_first_with_their_worker() -> None:
     merged = merge_traces({1: a, 2: b}, limit=3)
     assert [(r["id"], r["worker"]) for r in merged] == [("a2", 1), ("b2", 2), ("a1", 1)]
     assert "worker" not in a[0]  # the workers' own records are not changed
+
+
+def test_pages_after_a_cursor_cover_every_workers_records_once_in_the_merged_order() -> None:
+    """`/traces?before=<id>` over two workers: paging two at a time from the merged list's records, ties of one
+    millisecond within a worker and across workers included, lists every record exactly once, in the order one
+    merged answer of them all has."""
+    rings = {1: TraceRing(keep=50), 2: TraceRing(keep=50)}
+    for number, seconds in [(1, 1.0), (2, 1.0), (1, 2.0), (1, 2.0), (2, 2.0), (2, 3.0), (1, 3.5), (2, 3.5), (2, 3.5)]:
+        trace = Trace()
+        trace.wall = 1_800_000_000 + seconds
+        rings[number].record(trace, 200)
+    everything = merge_traces({n: ring.recent(50) for n, ring in rings.items()}, limit=50)
+    assert len(everything) == 9
+    pages: list[dict[str, object]] = []
+    cursor = None
+    while True:
+        page = merge_traces({n: ring_answer(ring, 2, None, cursor, n)["records"] for n, ring in rings.items()}, 2)
+        if not page:
+            break
+        pages += page
+        last = page[-1]
+        cursor = Cursor(str(last["id"]), str(last["time"]), int(str(last["worker"])))
+    assert [(r["id"], r["worker"]) for r in pages] == [(r["id"], r["worker"]) for r in everything]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -266,3 +268,18 @@ def test_a_stage_refused_before_its_facts_prints_no_none(stage: str) -> None:
     line = next(line for line in text.splitlines() if line.lstrip().startswith(stage))
     assert line.endswith("REFUSED: the reason"), text
     assert "None" not in text, text
+
+
+def test_the_export_file_is_created_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    """Traces carry users' names, addresses and paths: the export is created 0600 even under umask 000 (a launcher
+    other than the shipped unit); it was the umask's 0666/0644."""
+    export = tmp_path / "traces.jsonl"
+    ring = TraceRing()
+    old = os.umask(0)
+    try:
+        ring.record(_trace(cached=False), 200, Traces(keep=3, export=export))
+    finally:
+        os.umask(old)
+        ring.close()
+    assert stat.S_IMODE(export.stat().st_mode) == 0o600
+    assert json.loads(export.read_text())["status"] == 200
