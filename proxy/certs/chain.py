@@ -183,7 +183,15 @@ def _check_period(cert: x509.Certificate, at: datetime, what: str) -> None:
             hint=f"{_describe(cert)}; is the gateway's or the issuer's clock wrong?",
         )
     if at > cert.not_valid_after_utc:
-        raise CertificateRejected(f"{what} expired on {format_time(cert.not_valid_after_utc)}", hint=_describe(cert))
+        fix = (
+            "renew that CA, configure its new certificate (client_certificates.trust_anchors or intermediates) and "
+            "reissue the certificates it signed"
+            if is_ca(cert)
+            else "the certificate expired: issue the user a new one"
+        )
+        raise CertificateRejected(
+            f"{what} expired on {format_time(cert.not_valid_after_utc)}", hint=f"{_describe(cert)}; {fix}"
+        )
 
 
 def _check_extensions(cert: x509.Certificate) -> None:
@@ -216,14 +224,18 @@ def _check_leaf_usage(leaf: x509.Certificate) -> None:
     if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         have = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku) or "none"
         raise CertificateRejected(
-            f"certificate lacks the clientAuth extended key usage (it has: {have})", hint=_describe(leaf)
+            f"certificate lacks the clientAuth extended key usage (it has: {have})",
+            hint=f"{_describe(leaf)}; reissue it from a template with Client Authentication (clientAuth)",
         )
     try:
         key_usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return
     if not key_usage.digital_signature:
-        raise CertificateRejected("certificate key usage lacks digitalSignature", hint=_describe(leaf))
+        raise CertificateRejected(
+            "certificate key usage lacks digitalSignature",
+            hint=f"{_describe(leaf)}; reissue it with digitalSignature in its key usage (a TLS client signs with it)",
+        )
 
 
 def _signing_issuer(cert: x509.Certificate, trust: TrustList) -> x509.Certificate:
@@ -231,7 +243,11 @@ def _signing_issuer(cert: x509.Certificate, trust: TrustList) -> x509.Certificat
     candidates = trust.named(cert.issuer)
     issuer = cert.issuer.rfc4514_string()
     if not candidates:
-        raise CertificateRejected(f"issuer '{issuer}' is not in the trust list", hint=_describe(cert))
+        raise CertificateRejected(
+            f"issuer '{issuer}' is not in the trust list",
+            hint=f"{_describe(cert)}; add its CA to client_certificates.trust_anchors or intermediates, "
+            "or the certificate was not issued by our PKI",
+        )
     for candidate in candidates:
         try:
             cert.verify_directly_issued_by(candidate)
@@ -240,7 +256,8 @@ def _signing_issuer(cert: x509.Certificate, trust: TrustList) -> x509.Certificat
         return candidate
     raise CertificateRejected(
         f"signature does not verify against the trusted '{issuer}' (a certificate copying a trusted CA's name?)",
-        hint=_describe(cert),
+        hint=f"{_describe(cert)}; a forged certificate, or one from another CA of the same name: if that CA is "
+        "yours (a renewed key), add its certificate to client_certificates.intermediates or trust_anchors",
     )
 
 

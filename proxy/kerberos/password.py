@@ -85,9 +85,17 @@ def refusal(message: str, principal: str) -> GatewayError:
     """What the KDC's answer to an AS exchange means for the client. Pure."""
     lowered = message.lower()
     if _UNKNOWN in lowered:
-        return UserUnknown("the user name or password is incorrect", hint=f"{principal}: {message}")
+        hint = (
+            f"the KDC has no account {principal}: a mistyped user name, or a domain or UPN suffix that "
+            f"identity.realm_map or enterprise_names does not map to the account's realm [{message}]"
+        )
+        return UserUnknown("the user name or password is incorrect", hint=hint)
     if any(needle in lowered for needle in _WRONG):
-        return AuthenticationRequired("the user name or password is incorrect", hint=f"{principal}: {message}")
+        hint = (
+            f"the KDC refused the password of {principal}: a wrong password (the user's to type again; after "
+            f"authentication.basic_failures_per_user of them the user is held with 429) [{message}]"
+        )
+        return AuthenticationRequired("the user name or password is incorrect", hint=hint)
     if "password has expired" in lowered:
         return KerberosRefused(
             f"the password of {principal} has expired; change it, then sign in again", hint=f"[{message}]"

@@ -171,6 +171,24 @@ def test_kdc_answers_to_a_password(message: str, error: type[Exception], status:
     assert mapped.status == status
 
 
+@pytest.mark.parametrize(
+    ("message", "cause"),
+    [
+        ("Major (458752): No credentials were supplied, Minor (100005): Decrypt integrity check failed", "wrong"),
+        ("Minor (100001): Preauthentication failed", "wrong password"),
+        ("Minor (100007): Client 'x@LAB.TEST' not found in Kerberos database", "has no account x@LAB.TEST"),
+    ],
+    ids=["wrong-password", "preauth", "unknown-user"],
+)
+def test_a_refused_password_is_explained_for_the_log(message: str, cause: str) -> None:
+    """The log's fix for a refused password says the cause in words, the KDC's text after it (it was the raw
+    'x@LAB.TEST: Major (458752): ...' alone, as a newcomer's wrong-password curl showed in the trace)."""
+    hint = refusal(message, "x@LAB.TEST").hint
+    assert hint is not None
+    assert cause in hint
+    assert hint.endswith(f"[{message}]")
+
+
 def test_which_requests_need_a_password() -> None:
     """certificate: never; basic and certificate-and-basic: always; certificate-or-basic: without a
     certificate, or on a route that forwards Basic."""

@@ -254,3 +254,44 @@ def test_openssl_cli_intermediate_passes(tmp_path: Path) -> None:
     trust = TrustList.load([tmp_path / "ca.pem"], [tmp_path / "i.pem"])
     verified = verify_chain(leaf, trust, at=leaf.not_valid_before_utc + timedelta(minutes=1))
     assert verified.chain == (leaf, issuing, load_cert(tmp_path / "ca.pem"))
+
+
+def refusal_hint(leaf: x509.Certificate, trust: TrustList, at: datetime = NOW) -> str:
+    with pytest.raises(CertificateRejected) as info:
+        verify_chain(leaf, trust, at=at)
+    assert info.value.hint is not None
+    return info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("name", "fix"),
+    [
+        ("expired", "issue the user a new one"),
+        ("noclientauth", "reissue it from a template with Client Authentication"),
+        ("untrusted", "a forged certificate, or one from another CA of the same name"),
+    ],
+)
+def test_a_refused_certificate_names_its_fix(pki: Pki, trust: TrustList, name: str, fix: str) -> None:
+    """The certificate stage's hint (explain's and the log's `fix`) says what to do, after naming the certificate
+    (it named the certificate only: `explain --at` a year on printed "fix: subject 'CN=alice', issuer ...")."""
+    hint = refusal_hint(load_cert(pki.user_cert(name)), trust)
+    assert hint.startswith("subject 'CN=")
+    assert fix in hint
+
+
+def test_an_issuer_missing_from_the_trust_list_names_the_keys_to_set(pki: Pki) -> None:
+    """An issuer that is not configured: the hint names the keys that configure it."""
+    hint = refusal_hint(load_cert(pki.user_cert("alice")), TrustList.load([pki.root_cert]))
+    assert "client_certificates.trust_anchors or intermediates" in hint
+
+
+def test_an_expired_issuing_ca_names_the_ca_fix(pki: Pki) -> None:
+    """An expired issuing CA is the PKI's to renew, not one user's certificate to reissue."""
+    old_ca, old_key = issue(
+        load_cert(pki.root_cert), load_key(pki.root_key), "Old Issuing CA", CA, not_after=NOW - timedelta(days=2)
+    )
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(old_ca,))
+    leaf, _ = issue(old_ca, old_key, "alice", CLIENT_AUTH, UPN_SAN)
+    hint = refusal_hint(leaf, trust)
+    assert "renew that CA" in hint
+    assert "issue the user a new one" not in hint
