@@ -414,14 +414,17 @@ def test_a_chunked_body_refused_mid_body_is_a_400_and_no_unhandled_exception(sce
 
 
 @pytest.mark.parametrize("tail", [b"zz\r\n", b"0\r\nX-T: " + b"t" * (128 * 1024)], ids=["bad-size", "long-trailer"])
-@pytest.mark.parametrize(("user", "target", "status"), [(None, "/owa/refused-unread", 401), ("alice", "/owa/a%2Fb", 400)])
+@pytest.mark.parametrize(
+    ("user", "target", "status"), [(None, "/owa/refused-unread", 401), ("alice", "/owa/a%2Fb", 400)]
+)
 def test_a_body_refused_unread_whose_framing_breaks_later_leaves_no_unhandled_exception(
     scene: Scene, tail: bytes, user: str | None, target: str, status: int
 ) -> None:
-    """A request refused before its body is read (no certificate, no password: 401), whose chunked body then breaks
-    its framing (a chunk size that is not hexadecimal, a trailer over `listener.max_header_bytes`): the device has its
-    401 and the connection ends, as with the own server; aiohttp's server read the rest of the body after the answer
-    (its lingering close) and logged the refusal as `Unhandled exception` with a traceback."""
+    """A request refused before its body is read (no certificate and no password: 401; an encoded slash: 400), whose
+    chunked body then breaks its framing (a chunk size that is not hexadecimal, a trailer over
+    `listener.max_header_bytes`): the device has its refusal, and neither server logs an error, an unhandled exception
+    or a traceback (aiohttp's reads the rest of a body after its answer, its lingering close, and would log a failed
+    read there as `Unhandled exception`)."""
     mark = scene.gw.mark()
     ctx = client_context(scene._lab, user)
     head = f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".encode()
