@@ -245,6 +245,8 @@ def make_app(live: Live) -> web.Application:
             headers, body = _refused(e, trace)
             response = web.Response(status=e.status, body=body)
             response.headers.extend(headers)
+            if request.content.exception() is not None:
+                await _answer_and_close(request, response)
             return response
         finally:
             _end(live, trace, status)
@@ -259,6 +261,17 @@ def make_app(live: Live) -> web.Application:
     app = web.Application(middlewares=[gateway_middleware], client_max_size=live.config.listener.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", proxy_handler, expect_handler=defer_continue)
     return app
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
+    """A refusal of a request whose body failed (its framing refused on a later read, `proxy.tls.limits`): written
+    here, and the connection closed after it, as the own server does. Left to aiohttp, its lingering close would read
+    the failed body again after the answer, get the same error and log it as "Unhandled exception" with a
+    traceback."""
+    response.force_close()  # Connection: close
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # no lingering read; what was written is flushed before the TLS close
 
 
 async def _aiohttp_server(live: Live) -> web.AppRunner:
