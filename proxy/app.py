@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from proxy.admin import start_admin
 from proxy.auth.basic import BasicLogin
@@ -104,6 +104,16 @@ def _directory(config: Config) -> Directory | None:
 
 
 _NOT_FORWARDED = frozenset({"TRACE", "TRACK", "CONNECT"})
+# Methods whose content has no defined semantics (RFC 9110 9.3.1, 9.3.2): a body on them is refused, never forwarded.
+# A backend that ignores a body on GET (as many do) reads it as the next request on the user's pooled connection.
+_BODILESS = frozenset({"GET", "HEAD"})
+
+
+def _carries_body(headers: MultiMapping[str]) -> bool:
+    """Whether a request's framing says it has a body: a Transfer-Encoding, or a Content-Length other than 0 (both
+    parsers have checked it is digits)."""
+    length = headers.get("Content-Length")
+    return "Transfer-Encoding" in headers or (length is not None and length.strip("0") != "")
 
 
 def _refuse_smuggling(request: DeviceRequest) -> None:
@@ -114,6 +124,11 @@ def _refuse_smuggling(request: DeviceRequest) -> None:
         raise VersionNotSupported(f"HTTP/{request.version[0]}.{request.version[1]} is not served: only HTTP/1.x")
     if request.method in _NOT_FORWARDED:
         raise MethodNotAllowed(f"{request.method} is not forwarded")
+    if request.method in _BODILESS and _carries_body(request.headers):
+        raise BadRequest(
+            f"a {request.method} request may not carry a body",
+            hint="send it without Content-Length or Transfer-Encoding (RFC 9110 9.3.1), or with another method (POST)",
+        )
     if "://" in request.raw_path.partition("?")[0]:  # the target as sent (aiohttp's request.url is always absolute)
         raise BadRequest("absolute-form request targets are not accepted here")
     codings = [c.strip().lower() for v in request.headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
@@ -230,6 +245,8 @@ def make_app(live: Live) -> web.Application:
             headers, body = _refused(e, trace)
             response = web.Response(status=e.status, body=body)
             response.headers.extend(headers)
+            if request.content.exception() is not None:
+                await _answer_and_close(request, response)
             return response
         finally:
             _end(live, trace, status)
@@ -244,6 +261,17 @@ def make_app(live: Live) -> web.Application:
     app = web.Application(middlewares=[gateway_middleware], client_max_size=live.config.listener.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", proxy_handler, expect_handler=defer_continue)
     return app
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
+    """A refusal of a request whose body failed (its framing refused on a later read, `proxy.tls.limits`): written
+    here, and the connection closed after it, as the own server does. Left to aiohttp, its lingering close would read
+    the failed body again after the answer, get the same error and log it as "Unhandled exception" with a
+    traceback."""
+    response.force_close()  # Connection: close
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # no lingering read; what was written is flushed before the TLS close
 
 
 async def _aiohttp_server(live: Live) -> web.AppRunner:

@@ -4,9 +4,12 @@ Towards the backend, the gateway is the only source of identity: the client's ow
 `Proxy-Authorization` and anything that looks like an identity header (a known name or prefix, a name whose
 last word is one of `IDENTITY_LAST_WORDS` or that has the word `authenticated`, an `X-` name with a word of
 `IDENTITY_WORDS`) are dropped, whatever their case and whether they spell `-` as `_` (a backend behind a CGI
-or WSGI layer sees `X_Remote_User` and `X-Remote-User` as the same variable). Headers with an underscore are
-dropped altogether, as nginx does by default. Hop-by-hop headers, and those the client names in `Connection`,
-end at the gateway. `X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own, never the client's.
+or WSGI layer sees `X_Remote_User` and `X-Remote-User` as the same variable). Names with any character other than
+a letter, a digit or `-` are dropped altogether, as nginx does by default (`ignore_invalid_headers`): `_`, and the
+other token characters (`X.Forwarded.For`, `Remote~User`) that a layer in front of an application may fold to `_` or
+`-` (PHP turns `.` into `_`), where no list of identity names would see them. Hop-by-hop headers, and those the
+client names in `Connection`, end at the gateway. `X-Forwarded-For`, `-Proto` and `-Host` are the gateway's own,
+never the client's.
 
 A `Content-Length` goes on as its number (`010` as `10`): the device's parser read it in decimal, and a backend
 that takes a leading zero as octal would end the body elsewhere.
@@ -26,6 +29,7 @@ token (the AP-REP IIS sends on success) belongs to the gateway's Kerberos exchan
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
@@ -152,13 +156,18 @@ _TO_BACKEND: dict[str, str | None] = {}
 _TO_CLIENT: dict[str, str | None] = {}
 
 
+# The names that go to a backend at all: letters, digits and `-` (a `_`, `.` or other token character is dropped).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9-]+")
+
+
 def _towards_backend(name: str) -> str | None:
-    """`name` in lower case, or None if it never goes to a backend (hop-by-hop, identity, underscore)."""
+    """`name` in lower case, or None if it never goes to a backend (hop-by-hop, identity, a character other than a
+    letter, a digit or `-`)."""
     known = _TO_BACKEND.get(name, "")
     if known != "":
         return known
     n = name.lower()
-    verdict = None if n in HOP_BY_HOP or "_" in name or is_identity_header(name) else n
+    verdict = None if n in HOP_BY_HOP or not _PLAIN_NAME.fullmatch(name) or is_identity_header(name) else n
     if len(_TO_BACKEND) < REMEMBERED_NAMES:
         _TO_BACKEND[name] = verdict
     return verdict

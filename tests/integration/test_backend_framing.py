@@ -426,6 +426,37 @@ def test_chunked_answers_with_extensions_and_trailers_pass() -> None:
     assert len(backend.conns) == 1
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ok(b"first") + b"EXTRA",
+        ok(b"first") + b"HTTP/1.1 200 OK\r\n",
+        ok(b"first") + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n0\r\n\r\nEXTRA",
+    ],
+    ids=["junk", "half-a-head", "whole-answer", "after-chunked"],
+)
+def test_bytes_past_an_answers_end_never_reach_the_users_next_request(answer: bytes) -> None:
+    """A backend that sends more than its answer's framing says (past its Content-Length or its last chunk), in the
+    same write: the answer passes, its connection is never reused, and the user's next request gets its own answer
+    on a new connection (a desync inside one user's pool would hand it another request's answer)."""
+    outcomes, backend = run(answering(answer, ok(b"second")), ("GET", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"first"), (200, b"second")]
+    assert len(backend.conns) == 2
+
+
+def test_a_long_chunk_extension_from_the_backend_is_skipped_not_held() -> None:
+    """A chunk extension of 1 MiB (`1;ext=...`): llhttp skips extensions without keeping them, so the answer passes
+    whole and the connection is reused; what such a backend costs is time, bounded per byte by read_timeout as any
+    trickle is (docs/hardening.md)."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=" + b"e" * (1 << 20) + b"\r\nhello\r\n0\r\n\r\n"
+    )
+    outcomes, backend = run(answering(answer, ok(b"again")), ("GET", "/a"), ("GET", "/b"))
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"hello"), (200, b"again")]
+    assert len(backend.conns) == 1
+
+
 # -- a pooled connection the backend closed meanwhile ----------------------------------------------------
 
 

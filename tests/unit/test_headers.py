@@ -60,6 +60,17 @@ def test_client_identity_headers_never_reach_the_backend(name: str) -> None:
     assert out["Accept"] == "*/*"
 
 
+@pytest.mark.parametrize(
+    "name", ["X.Forwarded.For", "Remote.User", "X~Remote~User", "X-Remote!User", "X.Innocent", "A'B"]
+)
+def test_names_with_token_characters_other_than_letters_digits_and_dash_never_reach_the_backend(name: str) -> None:
+    """A name with `.`, `~`, `!` or another token character a layer in front of an application may fold to `_` or `-`
+    (PHP's `.`): dropped whatever it names, as nginx's `ignore_invalid_headers` does; letters, digits and `-` pass."""
+    out = _backend([(name, "mallory"), ("X-Request-Id-2", "kept")])
+    assert "mallory" not in out.values()
+    assert out["X-Request-Id-2"] == "kept"
+
+
 def test_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
     """Hop-by-hop headers, and those the client lists in Connection, end at the gateway."""
     out = _backend(
