@@ -250,6 +250,12 @@ class CredentialCache:
         if known is not None and (digest is None or hmac.compare_digest(known[0], digest)):
             del self._known[key]
 
+    def forget_account(self, principal: str) -> None:
+        """Drop every entry whose sign-in the KDC gave `principal` (up to ASCII case), whatever name it was asked."""
+        account = ascii_lower(principal)
+        for key in [k for k, entry in self._entries.items() if ascii_lower(entry.ticket.principal) == account]:
+            self.forget(key)
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -510,8 +516,11 @@ class BasicLogin:
 
     def forget(self, login: PasswordLogin) -> None:
         """Drop the verified password of `login`'s user (its directory account may no longer sign in,
-        `proxy.held_mapping`): the user's next request is a KDC check, which refuses a disabled account."""
+        `proxy.held_mapping`): the user's next request is a KDC check, which refuses a disabled account. Every name
+        form the KDC signed that account in by goes (`alice@ad.test` as NT-ENTERPRISE and `AD\\alice` are two keys,
+        one account), not only the ended request's."""
         self._cache.forget(user_key(asked_name(login.user)))
+        self._cache.forget_account(login.ticket.principal)
 
     def _user(self, username: str) -> UserPrincipal:
         """The principal a Basic user name names; 401 for a name of a domain nobody configured (before anything is
