@@ -169,7 +169,8 @@ class _Entry:
 class CredentialCache:
     """Verified passwords, as salted scrypt hashes, each trusted for `ttl` seconds; least recently used out first.
 
-    Keys are `user_key`s: one entry per user however a request spells the name. With `known_for`, the password the
+    Keys are `user_key`s: one entry per user however a request spells the name. With `shared` (workers), an entry
+    is served only while the table still knows its password: one worker's `forget` ends every worker's. With `known_for`, the password the
     KDC last accepted for a user is also known (`known`) until that long after it was last used: accepted by the
     KDC or served from the entry. Counted from the KDC's acceptance alone, it ended while a longer-lived entry still
     served the device, and the device was then refused for the rest of a hold."""
@@ -198,6 +199,11 @@ class CredentialCache:
     def get(self, key: str, digest: bytes, now: float) -> _Entry | None:
         entry = self._entries.get(key)
         if entry is None or now >= entry.expires or not hmac.compare_digest(entry.digest, digest):
+            return None
+        if self._shared is not None and self._known_for > 0 and not self._shared.known(key, now, digest):
+            # another worker forgot it (a held request of the user ended by the directory, the KDC refused it):
+            # served by no worker until the KDC accepts it again
+            del self._entries[key]
             return None
         self._entries.move_to_end(key)
         if self._known_for > 0:
