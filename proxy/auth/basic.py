@@ -169,11 +169,11 @@ class _Entry:
 class CredentialCache:
     """Verified passwords, as salted scrypt hashes, each trusted for `ttl` seconds; least recently used out first.
 
-    Keys are `user_key`s: one entry per user however a request spells the name. With `shared` (workers), an entry
-    is served only while the table still knows its password: one worker's `forget` ends every worker's. With `known_for`, the password the
+    Keys are `user_key`s: one entry per user however a request spells the name. With `known_for`, the password the
     KDC last accepted for a user is also known (`known`) until that long after it was last used: accepted by the
     KDC or served from the entry. Counted from the KDC's acceptance alone, it ended while a longer-lived entry still
-    served the device, and the device was then refused for the rest of a hold."""
+    served the device, and the device was then refused for the rest of a hold. With `shared` (workers) as well, an
+    entry is served only while the table still knows its password: one worker's `forget` ends every worker's."""
 
     def __init__(
         self, ttl: float, *, max_entries: int = 10_000, known_for: float = 0.0, shared: SharedTable | None = None
