@@ -244,3 +244,50 @@ def test_a_signed_in_principal_is_looked_up_by_its_account_or_enterprise_upn() -
     own name), an NT-ENTERPRISE principal by the UPN it carries."""
     assert directory_name("alice@AD.TEST") == "alice@AD.TEST"
     assert directory_name("carol\\@corp.example@AD.TEST") == "carol@corp.example"
+
+
+def _held_as(principal: str, *, certified: str | None = None) -> list[str]:
+    """The names `pipeline._held` registers with the directory (AD.TEST, `mapping = "upn"`) for a request signed in
+    as the Basic `principal` (the KDC's name for it), or, with `certified`, for a certificate of that UPN
+    (realm_map: corp.example is the MIT realm CORP.EXAMPLE) and no password."""
+    from types import SimpleNamespace
+
+    from proxy.auth.basic import PasswordLogin
+    from proxy.auth.modes import Authenticated
+    from proxy.identity.principal import map_upn
+    from proxy.kerberos.password import UserTicket
+    from proxy.pipeline import _held
+
+    names: list[str] = []
+
+    def hold_account(request: object, name: str, **_: object) -> None:
+        names.append(name)
+
+    held = SimpleNamespace(hold_account=hold_account)
+    directory = SimpleNamespace(realm="AD.TEST", base_dn="DC=ad,DC=test", held=held)
+    gw: Any = SimpleNamespace(directory=directory, config=SimpleNamespace(identity=Identity(mapping="upn")))
+    realm_map = {"corp.example": "CORP.EXAMPLE", "ad.test": "AD.TEST"}
+    if certified is not None:
+        user = map_upn(certified, realm_map=realm_map)
+        _held(gw, cast(Any, _Request()), cast(Any, object()), user, Authenticated(user, None, "certificate"))
+    else:
+        user = map_upn("alice@corp.example", realm_map=realm_map, source="basic")
+        creds: Any = object()
+        login = PasswordLogin(user, UserTicket(principal=principal, creds=creds), "Basic x", cached=False)
+        _held(gw, cast(Any, _Request()), None, None, Authenticated(user, login, "password"))
+    return names
+
+
+def test_another_realms_user_is_not_judged_by_a_directory_account_of_the_same_name() -> None:
+    """The directory's realm is AD.TEST; identity.realm_map sends corp.example to an MIT realm, CORP.EXAMPLE, whose
+    KDC signs alice@CORP.EXAMPLE in. Looked up as `alice@CORP.EXAMPLE`, the directory finds whichever AD account has
+    the UPN alice@corp.example (an alternate UPN suffix: another person, mallory in the lab), and judged alice's held
+    request by mallory's state: mallory disabled, or locked out by anyone's wrong passwords at the DC, ended alice's
+    Ping at every sweep and dropped her password. Another realm's user is the KDC's to judge (the documented
+    "never found"), so nothing is held with the directory for it; AD.TEST's users still are. Failed before the fix
+    (both other-realm requests were registered under alice@CORP.EXAMPLE / alice@corp.example)."""
+    assert _held_as("alice@CORP.EXAMPLE") == []
+    assert _held_as("", certified="alice@corp.example") == []
+    assert _held_as("alice@AD.TEST") == ["alice@AD.TEST"]
+    assert _held_as("carol\\@corp.example@AD.TEST") == ["carol@corp.example"]  # NT-ENTERPRISE, signed in by AD.TEST
+    assert _held_as("", certified="alice@ad.test") == ["alice@ad.test"]
