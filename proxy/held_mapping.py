@@ -30,7 +30,8 @@ directory has no verdict), while one it did find (the mapping stage's look-up, a
 was deleted and is ended; and everything while the directory is unreachable (fail open): a held request was
 admitted, an outage is no verdict on the account, and ending every held Ping at once would only make every device
 come back at once (under `"upn"` and Basic the directory is not asked on the way in, so they would be served
-again); the name is looked at again at the next sweep.
+again); the name is looked at again at the next sweep, and counted meanwhile in `/metrics`'
+`kcd_held_users_unjudged`, so that a sweep that keeps failing shows.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class HeldMappings:
         self._every = max(every, 1.0)
         self._held: dict[str, set[_Held]] = {}  # the UPN, ASCII-lower-cased as the directory's cache key
         self._found: set[str] = set()  # held names the directory has found an account for (a look-up or a sweep)
+        self._unjudged: set[str] = set()  # held names whose last sweep found no directory server (fail open)
         self._task: asyncio.Task[None] | None = None
 
     def hold(
@@ -150,6 +152,12 @@ class HeldMappings:
     def held(self) -> int:
         return sum(len(held) for held in self._held.values())
 
+    @property
+    def unjudged(self) -> int:
+        """Held names the last sweep could not look up, no directory server answering (`kcd_held_users_unjudged`):
+        their requests are served on unjudged (fail open) until a sweep reaches a server."""
+        return len(self._unjudged)
+
     def _add(self, held: _Held) -> None:
         key = ascii_lower(held.upn)
         self._held.setdefault(key, set()).add(held)
@@ -164,6 +172,7 @@ class HeldMappings:
             if not same:
                 del self._held[key]
                 self._found.discard(key)
+                self._unjudged.discard(key)
 
     async def _run(self) -> None:
         while True:
@@ -183,11 +192,15 @@ class HeldMappings:
             try:
                 account = await self._directory.lookup(upn, fresh=True)
             except DirectoryUnavailable:
+                if key in self._held:
+                    self._unjudged.add(key)
                 continue  # an outage is no verdict on the account: looked at again at the next sweep
             except MappingRefused as e:  # the name matches several accounts now
+                self._unjudged.discard(key)
                 for one in list(held):
                     one.end(e)
                 continue
+            self._unjudged.discard(key)
             found_before = key in self._found
             if account is not None and key in self._held:
                 self._found.add(key)

@@ -291,3 +291,41 @@ def test_another_realms_user_is_not_judged_by_a_directory_account_of_the_same_na
     assert _held_as("alice@AD.TEST") == ["alice@AD.TEST"]
     assert _held_as("carol\\@corp.example@AD.TEST") == ["carol@corp.example"]  # NT-ENTERPRISE, signed in by AD.TEST
     assert _held_as("", certified="alice@ad.test") == ["alice@ad.test"]
+
+
+def test_a_sweep_that_finds_no_directory_shows_in_the_metrics() -> None:
+    """Fail open is silent to the held request; it must not be to the operator: while no directory server answers the
+    sweep, `kcd_held_users_unjudged` counts the held users it could not look up (their disabled accounts would be
+    served on), and goes back to 0 once one answers. Failed before the fix: there was no such gauge (and nothing in
+    /readyz or /metrics told a failing sweep from a working one)."""
+    from proxy.observability.metrics import Metrics
+
+    directory = _Directory(DirectoryUnavailable("the directory cannot be reached; try again later"))
+    metrics = Metrics()
+
+    async def run() -> list[bytes]:
+        held = HeldMappings(cast(Any, directory), every=3600)
+        metrics.held_unjudged = lambda: held.unjudged
+        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def request(name: str) -> None:
+            with held.hold_account(cast(Any, _Request()), name, forget=lambda: None):
+                await forever
+
+        tasks = [asyncio.ensure_future(request(name)) for name in ("alice@AD.TEST", "bob@AD.TEST", "ALICE@ad.test")]
+        await asyncio.sleep(0)
+        rendered = [metrics.render()]
+        await held.sweep(NOW)
+        rendered.append(metrics.render())
+        directory.answer = account()
+        await held.sweep(NOW)
+        rendered.append(metrics.render())
+        held.close()
+        for task in tasks:
+            task.cancel()
+        return rendered
+
+    before, down, back = asyncio.run(run())
+    assert b"kcd_held_users_unjudged 0.0" in before
+    assert b"kcd_held_users_unjudged 2.0" in down  # alice (two spellings, one user) and bob
+    assert b"kcd_held_users_unjudged 0.0" in back
