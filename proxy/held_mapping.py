@@ -32,8 +32,8 @@ admitted, an outage is no verdict on the account, and ending every held Ping at 
 come back at once (under `"upn"` and Basic the directory is not asked on the way in, so they would be served
 again); the name is looked at again at the next sweep, and counted meanwhile in `/metrics`'
 `kcd_held_users_unjudged`, so that a sweep that keeps failing shows. A sweep stops at the first look-up no server
-answers: each of the names after it would wait out `[directory] timeout` against a hung server too (a sweep of
-1,000 held users, 83 minutes at 5 s), and the accounts changed during the outage would be judged only when such a
+answers: each of the names after it would wait out `[directory] timeout` against a hung server too (1,000 held
+users at 5 s: 83 minutes, computed), and the accounts changed during the outage would be judged only when such a
 sweep came round to them, long after the directory answered again. Those names count as unjudged, and the next sweep
 starts with them, so the first sweep that reaches a server judges every held name.
 """
