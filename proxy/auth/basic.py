@@ -82,6 +82,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import os
 import time
 import weakref
@@ -186,6 +187,7 @@ class CredentialCache:
         self._salt = os.urandom(16) if shared is None else shared.salt
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._known: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (digest, until)
+        self._forgotten: OrderedDict[str, float] = OrderedDict()  # key -> when (monotonic) `forget` last dropped it
 
     def digest(self, key: str, password: bytes) -> bytes:
         """The hash kept instead of the password (CPU-bound, about 2 ms: call it from a thread)."""
@@ -220,11 +222,22 @@ class CredentialCache:
             return False
         return digest is None or hmac.compare_digest(known[0], digest)
 
-    def put(self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float) -> None:
-        """The KDC accepted `digest`'s password for `user` just now."""
+    def put(
+        self,
+        key: str,
+        digest: bytes,
+        user: UserPrincipal,
+        ticket: UserTicket,
+        now: float,
+        *,
+        asked: float | None = None,
+    ) -> None:
+        """The KDC accepted `digest`'s password for `user` just now. `asked`: when the sign-in began (monotonic); one
+        that began before the user's entry was last dropped (`forget`: the directory ended a held request, the
+        account disabled) is not kept, as the KDC's acceptance may predate the change."""
         if self._known_for > 0:
             self._know(key, digest, now)
-        if self._ttl <= 0:
+        if self._ttl <= 0 or (asked is not None and self._forgotten.get(key, -math.inf) >= asked):
             return
         self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
         self._entries.move_to_end(key)
@@ -247,6 +260,11 @@ class CredentialCache:
 
     def forget(self, key: str, digest: bytes | None = None) -> None:
         """Drop the entry of `key`; with `digest`, only if it is that password's (the KDC refused it)."""
+        if digest is None:
+            self._forgotten[key] = time.monotonic()
+            self._forgotten.move_to_end(key)
+            while len(self._forgotten) > self._max:
+                self._forgotten.popitem(last=False)
         entry = self._entries.get(key)
         if entry is not None and (digest is None or hmac.compare_digest(entry.digest, digest)):
             del self._entries[key]
@@ -510,7 +528,7 @@ class BasicLogin:
                     raise AuthenticationRequired(e.reason, hint=e.hint, challenge=self.challenge) from None
                 self.pace.observe(time.monotonic() - started)
                 self._users.succeeded(guesses)
-                self._cache.put(key, digest, user, ticket, time.monotonic())
+                self._cache.put(key, digest, user, ticket, time.monotonic(), asked=started)
                 return PasswordLogin(user, ticket, credentials.header, cached=False)
 
     async def authorization(self, login: PasswordLogin, route: Route) -> str:
