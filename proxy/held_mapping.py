@@ -30,7 +30,12 @@ directory has no verdict), while one it did find (the mapping stage's look-up, a
 was deleted and is ended; and everything while the directory is unreachable (fail open): a held request was
 admitted, an outage is no verdict on the account, and ending every held Ping at once would only make every device
 come back at once (under `"upn"` and Basic the directory is not asked on the way in, so they would be served
-again); the name is looked at again at the next sweep.
+again); the name is looked at again at the next sweep, and counted meanwhile in `/metrics`'
+`kcd_held_users_unjudged`, so that a sweep that keeps failing shows. A sweep stops at the first look-up no server
+answers: each of the names after it would wait out `[directory] timeout` against a hung server too (1,000 held
+users at 5 s: 83 minutes, computed), and the accounts changed during the outage would be judged only when such a
+sweep came round to them, long after the directory answered again. Those names count as unjudged, and the next sweep
+starts with them, so the first sweep that reaches a server judges every held name.
 """
 
 from __future__ import annotations
@@ -117,6 +122,7 @@ class HeldMappings:
         self._every = max(every, 1.0)
         self._held: dict[str, set[_Held]] = {}  # the UPN, ASCII-lower-cased as the directory's cache key
         self._found: set[str] = set()  # held names the directory has found an account for (a look-up or a sweep)
+        self._unjudged: set[str] = set()  # held names whose last sweep found no directory server (fail open)
         self._task: asyncio.Task[None] | None = None
 
     def hold(
@@ -150,6 +156,12 @@ class HeldMappings:
     def held(self) -> int:
         return sum(len(held) for held in self._held.values())
 
+    @property
+    def unjudged(self) -> int:
+        """Held names the last sweep could not look up, no directory server answering (`kcd_held_users_unjudged`):
+        their requests are served on unjudged (fail open) until a sweep reaches a server."""
+        return len(self._unjudged)
+
     def _add(self, held: _Held) -> None:
         key = ascii_lower(held.upn)
         self._held.setdefault(key, set()).add(held)
@@ -164,6 +176,7 @@ class HeldMappings:
             if not same:
                 del self._held[key]
                 self._found.discard(key)
+                self._unjudged.discard(key)
 
     async def _run(self) -> None:
         while True:
@@ -174,20 +187,25 @@ class HeldMappings:
                 log.warning("held_mapping_sweep_failed", error=f"{type(e).__name__}: {str(e)[:200]}")
 
     async def sweep(self, now: datetime | None = None) -> None:
-        """Look each held UPN up again and end the held requests the directory's answer refuses."""
-        for key in list(self._held):
+        """Look each held UPN up again and end the held requests the directory's answer refuses. The names the last
+        sweep could not look up first; at a look-up no server answers, the sweep stops (module docstring)."""
+        order = sorted(self._held, key=lambda key: key not in self._unjudged)  # stable: unjudged first
+        for at_key, key in enumerate(order):
             held = self._held.get(key)
             if not held:
                 continue
             upn = next(iter(held)).upn
             try:
                 account = await self._directory.lookup(upn, fresh=True)
-            except DirectoryUnavailable:
-                continue  # an outage is no verdict on the account: looked at again at the next sweep
+            except DirectoryUnavailable:  # an outage is no verdict on the account: looked at again at the next sweep
+                self._unjudged.update(k for k in order[at_key:] if k in self._held)
+                return  # the names after it would each wait out the directory's timeout as well
             except MappingRefused as e:  # the name matches several accounts now
+                self._unjudged.discard(key)
                 for one in list(held):
                     one.end(e)
                 continue
+            self._unjudged.discard(key)
             found_before = key in self._found
             if account is not None and key in self._held:
                 self._found.add(key)

@@ -83,6 +83,12 @@ class Live:
 
     def __post_init__(self) -> None:
         self.metrics.crls = lambda: self.gateway.revocation.status()
+        self.metrics.held_unjudged = self._held_unjudged
+
+    def _held_unjudged(self) -> int:
+        """The current directory's held users its sweep could not look up (`kcd_held_users_unjudged`)."""
+        directory = self.gateway.directory
+        return directory.held.unjudged if directory is not None else 0
 
     @classmethod
     def start(cls, config: Config, *, shared: SharedTable | None = None) -> Live:

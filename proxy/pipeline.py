@@ -426,13 +426,22 @@ def _held(
         forget = functools.partial(_forget_all, gw, certified, login)
         return directory.held.hold(request, leaf, certified.upn, gw.config.identity, forget=forget)
     if login is not None:  # the account the KDC signed in; the Basic entry is dropped if it is ended
+        if not _in_realm(login.ticket.principal, directory.realm):
+            return NOT_HELD  # another realm's account: the directory's account of that name is someone else
         name = directory_name(login.ticket.principal)
         forget = functools.partial(_forget_all, gw, None, login)
         return directory.held.hold_account(request, name, basic_user=login.ticket.principal, forget=forget)
-    if leaf is None or certified is None:
+    if leaf is None or certified is None or not _in_realm(certified.principal, directory.realm):
         return NOT_HELD
     # mapping "upn": the KDC's account has the certificate's UPN (proxy.kerberos.account)
     return directory.held.hold_account(request, certified.upn, forget=functools.partial(_forget_all, gw, certified))
+
+
+def _in_realm(principal: str, realm: str) -> bool:
+    """Whether the directory's realm signed `principal` in. A principal of another realm (`identity.realm_map` to an
+    MIT realm) is never the directory's account: looked up by its name, the directory would answer with whichever of
+    its accounts has that UPN (an alternate suffix: another person), whose state would end this user's requests."""
+    return ascii_lower(principal.rpartition("@")[2]) == ascii_lower(realm)
 
 
 def _forget_all(gw: Gateway, certified: UserPrincipal | None, login: PasswordLogin | None = None) -> None:

@@ -82,6 +82,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import os
 import time
 import weakref
@@ -172,7 +173,8 @@ class CredentialCache:
     Keys are `user_key`s: one entry per user however a request spells the name. With `known_for`, the password the
     KDC last accepted for a user is also known (`known`) until that long after it was last used: accepted by the
     KDC or served from the entry. Counted from the KDC's acceptance alone, it ended while a longer-lived entry still
-    served the device, and the device was then refused for the rest of a hold."""
+    served the device, and the device was then refused for the rest of a hold. With `shared` (workers) as well, an
+    entry is served only while the table still knows its password: one worker's `forget` ends every worker's."""
 
     def __init__(
         self, ttl: float, *, max_entries: int = 10_000, known_for: float = 0.0, shared: SharedTable | None = None
@@ -185,6 +187,7 @@ class CredentialCache:
         self._salt = os.urandom(16) if shared is None else shared.salt
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._known: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (digest, until)
+        self._forgotten: OrderedDict[str, float] = OrderedDict()  # key -> when (monotonic) `forget` last dropped it
 
     def digest(self, key: str, password: bytes) -> bytes:
         """The hash kept instead of the password (CPU-bound, about 2 ms: call it from a thread)."""
@@ -198,6 +201,11 @@ class CredentialCache:
     def get(self, key: str, digest: bytes, now: float) -> _Entry | None:
         entry = self._entries.get(key)
         if entry is None or now >= entry.expires or not hmac.compare_digest(entry.digest, digest):
+            return None
+        if self._shared is not None and self._known_for > 0 and not self._shared.known(key, now, digest):
+            # another worker forgot it (a held request of the user ended by the directory, the KDC refused it):
+            # served by no worker until the KDC accepts it again
+            del self._entries[key]
             return None
         self._entries.move_to_end(key)
         if self._known_for > 0:
@@ -214,11 +222,22 @@ class CredentialCache:
             return False
         return digest is None or hmac.compare_digest(known[0], digest)
 
-    def put(self, key: str, digest: bytes, user: UserPrincipal, ticket: UserTicket, now: float) -> None:
-        """The KDC accepted `digest`'s password for `user` just now."""
+    def put(
+        self,
+        key: str,
+        digest: bytes,
+        user: UserPrincipal,
+        ticket: UserTicket,
+        now: float,
+        *,
+        asked: float | None = None,
+    ) -> None:
+        """The KDC accepted `digest`'s password for `user` just now. `asked`: when the sign-in began (monotonic); one
+        that began before the user's entry was last dropped (`forget`: the directory ended a held request, the
+        account disabled) is not kept, as the KDC's acceptance may predate the change."""
         if self._known_for > 0:
             self._know(key, digest, now)
-        if self._ttl <= 0:
+        if self._ttl <= 0 or (asked is not None and self._forgotten.get(key, -math.inf) >= asked):
             return
         self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
         self._entries.move_to_end(key)
@@ -241,6 +260,11 @@ class CredentialCache:
 
     def forget(self, key: str, digest: bytes | None = None) -> None:
         """Drop the entry of `key`; with `digest`, only if it is that password's (the KDC refused it)."""
+        if digest is None:
+            self._forgotten[key] = time.monotonic()
+            self._forgotten.move_to_end(key)
+            while len(self._forgotten) > self._max:
+                self._forgotten.popitem(last=False)
         entry = self._entries.get(key)
         if entry is not None and (digest is None or hmac.compare_digest(entry.digest, digest)):
             del self._entries[key]
@@ -249,6 +273,12 @@ class CredentialCache:
         known = self._known.get(key)
         if known is not None and (digest is None or hmac.compare_digest(known[0], digest)):
             del self._known[key]
+
+    def forget_account(self, principal: str) -> None:
+        """Drop every entry whose sign-in the KDC gave `principal` (up to ASCII case), whatever name it was asked."""
+        account = ascii_lower(principal)
+        for key in [k for k, entry in self._entries.items() if ascii_lower(entry.ticket.principal) == account]:
+            self.forget(key)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -498,7 +528,7 @@ class BasicLogin:
                     raise AuthenticationRequired(e.reason, hint=e.hint, challenge=self.challenge) from None
                 self.pace.observe(time.monotonic() - started)
                 self._users.succeeded(guesses)
-                self._cache.put(key, digest, user, ticket, time.monotonic())
+                self._cache.put(key, digest, user, ticket, time.monotonic(), asked=started)
                 return PasswordLogin(user, ticket, credentials.header, cached=False)
 
     async def authorization(self, login: PasswordLogin, route: Route) -> str:
@@ -510,8 +540,11 @@ class BasicLogin:
 
     def forget(self, login: PasswordLogin) -> None:
         """Drop the verified password of `login`'s user (its directory account may no longer sign in,
-        `proxy.held_mapping`): the user's next request is a KDC check, which refuses a disabled account."""
+        `proxy.held_mapping`): the user's next request is a KDC check, which refuses a disabled account. Every name
+        form the KDC signed that account in by goes (`alice@ad.test` as NT-ENTERPRISE and `AD\\alice` are two keys,
+        one account), not only the ended request's."""
         self._cache.forget(user_key(asked_name(login.user)))
+        self._cache.forget_account(login.ticket.principal)
 
     def _user(self, username: str) -> UserPrincipal:
         """The principal a Basic user name names; 401 for a name of a domain nobody configured (before anything is

@@ -98,6 +98,7 @@ class Metrics:
         self.accepted_connections: Callable[[], int] = lambda: 0  # from accept to close, TLS handshakes included
         self.connection_limit = 0
         self.crls: Callable[[], Iterable[CrlStatus]] = list
+        self.held_unjudged: Callable[[], int] = lambda: 0  # `proxy.held_mapping.HeldMappings.unjudged`
         self._clock = clock
         self._in_flight: dict[str, float] = {}  # trace id -> when the request started
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -241,6 +242,12 @@ class _Gauges(Collector):
             self._m.accepted_connections(),
         )
         yield _gauge("kcd_listener_connection_limit", "listener.max_connections", self._m.connection_limit)
+        yield _gauge(
+            "kcd_held_users_unjudged",
+            "Users with requests held whose last directory sweep reached no directory server: served on unjudged "
+            "(fail open) until one answers",
+            self._m.held_unjudged(),
+        )
         now = datetime.now(UTC)
         labels = ["source", "issuer"]
         age = GaugeMetricFamily("kcd_crl_age_seconds", "Seconds since the CRL's thisUpdate", labels=labels)

@@ -10,6 +10,7 @@ import pytest
 
 from proxy.auth.basic import CredentialCache, PasswordLogin, Throttle, parse_basic
 from proxy.auth.modes import _same_user, wants_password
+from proxy.auth.shared import SharedTable
 from proxy.config import Identity, Route
 from proxy.errors import AuthenticationRequired, IdentityRejected, KdcUnavailable, KerberosRefused
 from proxy.identity.principal import map_name
@@ -109,6 +110,26 @@ def test_cache_keeps_salted_hashes_and_forgets_on_request() -> None:
     off = CredentialCache(0)
     off.put("alice@LAB.TEST", digest, USER, ticket(), now=0)
     assert len(off) == 0
+
+
+def test_a_password_one_worker_forgets_is_served_by_no_worker() -> None:
+    """Two workers (two caches on one SharedTable, the memory file the supervisor maps into each) both signed alice
+    in. The directory's sweep in the first ends her held request and forgets her password (`BasicLogin.forget`):
+    the second must not serve her next request from its own entry, or a disabled account is served for up to
+    basic_cache_seconds on every worker but the one that held her Ping. Failed before the fix: the second served."""
+    table = SharedTable(max_keys=64)
+    one, two = (CredentialCache(60, known_for=1800, shared=table) for _ in range(2))
+    digest = one.digest("alice@LAB.TEST", b"pw")
+    assert two.digest("alice@LAB.TEST", b"pw") == digest  # one salt for every worker
+    one.put("alice@LAB.TEST", digest, USER, ticket(), now=0)
+    two.put("alice@LAB.TEST", digest, USER, ticket(), now=0)
+    assert two.get("alice@LAB.TEST", digest, now=1) is not None
+    one.forget("alice@LAB.TEST")
+    assert two.get("alice@LAB.TEST", digest, now=2) is None
+    assert one.get("alice@LAB.TEST", digest, now=2) is None
+    two.put("alice@LAB.TEST", digest, USER, ticket(), now=3)  # the KDC accepted her again: served again
+    assert one.get("alice@LAB.TEST", digest, now=4) is None  # its own entry went with the forget
+    assert two.get("alice@LAB.TEST", digest, now=4) is not None
 
 
 def test_cache_is_bounded() -> None:

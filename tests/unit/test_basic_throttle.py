@@ -521,3 +521,71 @@ def test_a_held_users_old_password_from_several_devices_at_once_reaches_the_kdc_
         return results
 
     assert sorted(asyncio.run(run()), key=str) == [401, 429, 429, 429, 429]
+
+
+def test_a_held_users_end_drops_the_cached_password_of_every_name_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With enterprise_names, alice signs in as `alice@ad.test` (NT-ENTERPRISE) on one connection and `AD\\alice` on
+    another: two cache keys, one account (the KDC names alice@AD.TEST in both tickets). The directory's sweep ends the
+    first connection's held request and drops its login's password (`BasicLogin.forget`); the other form's must go
+    too, or its next request is served from the cache for up to basic_cache_seconds without asking the KDC, which
+    now refuses the disabled account. Failed before the fix: the second form was served from the cache."""
+    kdc = EnterpriseKdc()
+
+    def login_blocking(user: UserPrincipal, password: bytes) -> UserTicket:
+        if user.enterprise is None:  # the down-level name: the principal itself
+            creds_: Any = object()
+            return UserTicket(principal=user.principal, creds=creds_)
+        return kdc(user, password)
+
+    monkeypatch.setattr(basic, "login_blocking", login_blocking)
+    identity = Identity(default_realm="AD.TEST", enterprise_names=True)
+    kerberos = Kerberos(principal="HTTP/proxy.ad.test@AD.TEST", keytab=Path("/nonexistent"))
+    service = BasicLogin(Authentication(mode="basic"), identity, kerberos)
+
+    async def run() -> bool:
+        upn = await service.login(creds("alice@ad.test", "Same-Pa55"), "192.0.2.1")
+        down_level = await service.login(creds("AD\\alice", "Same-Pa55"), "192.0.2.2")
+        assert (upn.ticket.principal, down_level.ticket.principal) == ("alice@AD.TEST", "alice@AD.TEST")
+        assert (await service.login(creds("AD\\alice", "Same-Pa55"), "192.0.2.2")).cached
+        service.forget(upn)  # the sweep ended the held request of the NT-ENTERPRISE sign-in
+        return (await service.login(creds("AD\\alice", "Same-Pa55"), "192.0.2.2")).cached
+
+    assert asyncio.run(run()) is False  # the KDC is asked again (and would refuse the disabled account)
+
+
+def test_a_sign_in_the_kdc_accepted_before_a_forget_is_not_cached_after_it(
+    kdc: FakeKdc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's device signs in on a second connection while the directory's sweep ends her held request on the first
+    (her account disabled): the KDC's acceptance of the second may predate the disable, and it arrives after the
+    sweep dropped her password (`BasicLogin.forget`). That one request is served (it is the KDC's answer), but the
+    password must not be cached again, or her device's next requests are served for up to basic_cache_seconds
+    without asking the KDC, which now refuses her. Failed before the fix: the request after was served cached."""
+    release = threading.Event()
+
+    async def run() -> bool:
+        loop = asyncio.get_running_loop()
+        began = asyncio.Event()
+
+        def held_kdc(user: UserPrincipal, password: bytes) -> UserTicket:
+            ticket = kdc(user, password)
+            if len(kdc.asked) == 2:  # the second sign-in: its answer waits until the sweep has forgotten her
+                loop.call_soon_threadsafe(began.set)
+                release.wait(30)
+            return ticket
+
+        monkeypatch.setattr(basic, "login_blocking", held_kdc)
+        service = login_service()
+        held = await service.login(creds("alice", "alice-Pa55"), "192.0.2.1")
+        service._cache.forget(user_key("alice@LAB.TEST"))  # her entry expired: the next sign-in asks the KDC
+        second = asyncio.ensure_future(service.login(creds("alice", "alice-Pa55"), "192.0.2.2"))
+        await asyncio.wait_for(began.wait(), 30)
+        service.forget(held)  # the sweep ended the held request: the account is disabled
+        release.set()
+        assert not (await second).cached
+        return (await service.login(creds("alice", "alice-Pa55"), "192.0.2.2")).cached
+
+    try:
+        assert asyncio.run(run()) is False
+    finally:
+        release.set()

@@ -244,3 +244,129 @@ def test_a_signed_in_principal_is_looked_up_by_its_account_or_enterprise_upn() -
     own name), an NT-ENTERPRISE principal by the UPN it carries."""
     assert directory_name("alice@AD.TEST") == "alice@AD.TEST"
     assert directory_name("carol\\@corp.example@AD.TEST") == "carol@corp.example"
+
+
+def _held_as(principal: str, *, certified: str | None = None) -> list[str]:
+    """The names `pipeline._held` registers with the directory (AD.TEST, `mapping = "upn"`) for a request signed in
+    as the Basic `principal` (the KDC's name for it), or, with `certified`, for a certificate of that UPN
+    (realm_map: corp.example is the MIT realm CORP.EXAMPLE) and no password."""
+    from types import SimpleNamespace
+
+    from proxy.auth.basic import PasswordLogin
+    from proxy.auth.modes import Authenticated
+    from proxy.identity.principal import map_upn
+    from proxy.kerberos.password import UserTicket
+    from proxy.pipeline import _held
+
+    names: list[str] = []
+
+    def hold_account(request: object, name: str, **_: object) -> None:
+        names.append(name)
+
+    held = SimpleNamespace(hold_account=hold_account)
+    directory = SimpleNamespace(realm="AD.TEST", base_dn="DC=ad,DC=test", held=held)
+    gw: Any = SimpleNamespace(directory=directory, config=SimpleNamespace(identity=Identity(mapping="upn")))
+    realm_map = {"corp.example": "CORP.EXAMPLE", "ad.test": "AD.TEST"}
+    if certified is not None:
+        user = map_upn(certified, realm_map=realm_map)
+        _held(gw, cast(Any, _Request()), cast(Any, object()), user, Authenticated(user, None, "certificate"))
+    else:
+        user = map_upn("alice@corp.example", realm_map=realm_map, source="basic")
+        creds: Any = object()
+        login = PasswordLogin(user, UserTicket(principal=principal, creds=creds), "Basic x", cached=False)
+        _held(gw, cast(Any, _Request()), None, None, Authenticated(user, login, "password"))
+    return names
+
+
+def test_another_realms_user_is_not_judged_by_a_directory_account_of_the_same_name() -> None:
+    """The directory's realm is AD.TEST; identity.realm_map sends corp.example to an MIT realm, CORP.EXAMPLE, whose
+    KDC signs alice@CORP.EXAMPLE in. Looked up as `alice@CORP.EXAMPLE`, the directory finds whichever AD account has
+    the UPN alice@corp.example (an alternate UPN suffix: another person, mallory in the lab), and judged alice's held
+    request by mallory's state: mallory disabled, or locked out by anyone's wrong passwords at the DC, ended alice's
+    Ping at every sweep and dropped her password. Another realm's user is the KDC's to judge (the documented
+    "never found"), so nothing is held with the directory for it; AD.TEST's users still are. Failed before the fix
+    (both other-realm requests were registered under alice@CORP.EXAMPLE / alice@corp.example)."""
+    assert _held_as("alice@CORP.EXAMPLE") == []
+    assert _held_as("", certified="alice@corp.example") == []
+    assert _held_as("alice@AD.TEST") == ["alice@AD.TEST"]
+    assert _held_as("carol\\@corp.example@AD.TEST") == ["carol@corp.example"]  # NT-ENTERPRISE, signed in by AD.TEST
+    assert _held_as("", certified="alice@ad.test") == ["alice@ad.test"]
+
+
+def test_a_sweep_that_finds_no_directory_shows_in_the_metrics() -> None:
+    """Fail open is silent to the held request; it must not be to the operator: while no directory server answers the
+    sweep, `kcd_held_users_unjudged` counts the held users it could not look up (their disabled accounts would be
+    served on), and goes back to 0 once one answers. Failed before the fix: there was no such gauge (and nothing in
+    /readyz or /metrics told a failing sweep from a working one)."""
+    from proxy.observability.metrics import Metrics
+
+    directory = _Directory(DirectoryUnavailable("the directory cannot be reached; try again later"))
+    metrics = Metrics()
+
+    async def run() -> list[bytes]:
+        held = HeldMappings(cast(Any, directory), every=3600)
+        metrics.held_unjudged = lambda: held.unjudged
+        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def request(name: str) -> None:
+            with held.hold_account(cast(Any, _Request()), name, forget=lambda: None):
+                await forever
+
+        tasks = [asyncio.ensure_future(request(name)) for name in ("alice@AD.TEST", "bob@AD.TEST", "ALICE@ad.test")]
+        await asyncio.sleep(0)
+        rendered = [metrics.render()]
+        await held.sweep(NOW)
+        rendered.append(metrics.render())
+        directory.answer = account()
+        await held.sweep(NOW)
+        rendered.append(metrics.render())
+        held.close()
+        for task in tasks:
+            task.cancel()
+        return rendered
+
+    before, down, back = asyncio.run(run())
+    assert b"kcd_held_users_unjudged 0.0" in before
+    assert b"kcd_held_users_unjudged 2.0" in down  # alice (two spellings, one user) and bob
+    assert b"kcd_held_users_unjudged 0.0" in back
+
+
+def test_a_sweep_stops_at_a_directory_that_does_not_answer_and_starts_with_whom_it_skipped() -> None:
+    """A hung directory costs each look-up `[directory] timeout` (a connect nobody answers). A sweep went on through
+    every held user regardless, one timeout each: with 1,000 held users and timeout 5 s, 83 minutes of sweeping
+    against a dead server, a `directory_server_failed` line per user, and an account disabled during the outage was
+    judged only when that sweep came round to it again, long after the directory was back (the documentation says
+    the first sweep after the outage ends it). Now a sweep stops at the first look-up no server answers, counts every
+    user it did not reach as unjudged, and the next sweep starts with them. Failed before the fix: three look-ups
+    against the dead directory instead of one."""
+    directory = _Directory(DirectoryUnavailable("the directory cannot be reached; try again later"))
+    asked: list[str] = []
+    lookup = directory.lookup
+
+    async def counted(name: str, *, fresh: bool = False) -> Account | None:
+        asked.append(name)
+        return await lookup(name, fresh=fresh)
+
+    directory.lookup = counted  # type: ignore[method-assign]
+
+    async def run() -> tuple[int, int, int]:
+        held = HeldMappings(cast(Any, directory), every=3600)
+        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def request(name: str) -> None:
+            with held.hold_account(cast(Any, _Request()), name, forget=lambda: None):
+                await forever
+
+        tasks = [asyncio.ensure_future(request(f"u{i}@AD.TEST")) for i in range(3)]
+        await asyncio.sleep(0)
+        await held.sweep(NOW)
+        down = (len(asked), held.unjudged)
+        directory.answer = account()
+        await held.sweep(NOW)
+        held.close()
+        for task in tasks:
+            task.cancel()
+        return down[0], down[1], held.unjudged
+
+    assert asyncio.run(run()) == (1, 3, 0)
+    assert sorted(asked[1:]) == ["u0@AD.TEST", "u1@AD.TEST", "u2@AD.TEST"]  # the sweep after: everyone, once
