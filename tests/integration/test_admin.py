@@ -55,13 +55,28 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-@pytest.fixture(scope="module")
-def admin_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def _start_admin_gateway(lab: LabLayout, directory: Path) -> tuple[Gateway, str]:
+    """A gateway with a dead route (/dead/) and a plain admin listener on loopback: (gateway, admin URL)."""
     admin_port = free_port()
     extra = f'\n[[routes]]\nprefix = "/dead/"\nupstream = "http://127.0.0.1:{dead_port()}"\n'
     extra += f'spn = "HTTP/cas.lab.test"\n\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
-    gw = start_gateway(lab, tmp_path_factory.mktemp("admin"), lab_config(lab, port=free_port(), extra=extra))
-    yield gw, f"http://127.0.0.1:{admin_port}"
+    gw = start_gateway(lab, directory, lab_config(lab, port=free_port(), extra=extra))
+    return gw, f"http://127.0.0.1:{admin_port}"
+
+
+@pytest.fixture(scope="module")
+def admin_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    gw, admin = _start_admin_gateway(lab, tmp_path_factory.mktemp("admin"))
+    yield gw, admin
+    gw.stop()
+
+
+@pytest.fixture
+def own_admin_gateway(lab: LabLayout, tmp_path: Path) -> Any:
+    """`admin_gateway`, for one test only: counts that no other test's requests (alice's ticket cached, or 200s
+    counted before) can change."""
+    gw, admin = _start_admin_gateway(lab, tmp_path / "admin")
+    yield gw, admin
     gw.stop()
 
 
@@ -87,10 +102,11 @@ async def _held_request(lab: LabLayout, gw: Gateway, admin: str) -> tuple[int, S
         return status, samples
 
 
-def test_metrics_after_traffic(lab: LabLayout, admin_gateway: tuple[Gateway, str]) -> None:
+def test_metrics_after_traffic(lab: LabLayout, own_admin_gateway: tuple[Gateway, str]) -> None:
     """Requests by route and status, refusals by stage and reason (TLS included), KDC requests and latency,
-    ticket-cache hits, CRL ages, open connections and a held long-poll all show in one scrape format."""
-    gw, admin = admin_gateway
+    ticket-cache hits, CRL ages, open connections and a held long-poll all show in one scrape format. A gateway of
+    its own: on the module's, a test that ran first (alice's 200 in the loopback-names test) changed the counts."""
+    gw, admin = own_admin_gateway
     for user, path in [
         ("alice", "/owa/"),
         ("alice", "/owa/"),
