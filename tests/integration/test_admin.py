@@ -27,6 +27,9 @@ from tests.integration.conftest import Gateway, client_context, curl, dead_port,
 from tests.integration.jsonlog import eventually
 
 HOLD = 8  # seconds the backend holds the Ping
+# seconds from a CRL's publication to its nextUpdate: the gateway re-reads the file every second, and must take it
+# before then on a machine that stalled a whole gateway start for 6.4 s
+STALE_AFTER = 10
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -53,13 +56,28 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-@pytest.fixture(scope="module")
-def admin_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def _start_admin_gateway(lab: LabLayout, directory: Path) -> tuple[Gateway, str]:
+    """A gateway with a dead route (/dead/) and a plain admin listener on loopback: (gateway, admin URL)."""
     admin_port = free_port()
     extra = f'\n[[routes]]\nprefix = "/dead/"\nupstream = "http://127.0.0.1:{dead_port()}"\n'
     extra += f'spn = "HTTP/cas.lab.test"\n\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
-    gw = start_gateway(lab, tmp_path_factory.mktemp("admin"), lab_config(lab, port=free_port(), extra=extra))
-    yield gw, f"http://127.0.0.1:{admin_port}"
+    gw = start_gateway(lab, directory, lab_config(lab, port=free_port(), extra=extra))
+    return gw, f"http://127.0.0.1:{admin_port}"
+
+
+@pytest.fixture(scope="module")
+def admin_gateway(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    gw, admin = _start_admin_gateway(lab, tmp_path_factory.mktemp("admin"))
+    yield gw, admin
+    gw.stop()
+
+
+@pytest.fixture
+def own_admin_gateway(lab: LabLayout, tmp_path: Path) -> Any:
+    """`admin_gateway`, for one test only: counts that no other test's requests (alice's ticket cached, or 200s
+    counted before) can change."""
+    gw, admin = _start_admin_gateway(lab, tmp_path / "admin")
+    yield gw, admin
     gw.stop()
 
 
@@ -85,10 +103,11 @@ async def _held_request(lab: LabLayout, gw: Gateway, admin: str) -> tuple[int, S
         return status, samples
 
 
-def test_metrics_after_traffic(lab: LabLayout, admin_gateway: tuple[Gateway, str]) -> None:
+def test_metrics_after_traffic(lab: LabLayout, own_admin_gateway: tuple[Gateway, str]) -> None:
     """Requests by route and status, refusals by stage and reason (TLS included), KDC requests and latency,
-    ticket-cache hits, CRL ages, open connections and a held long-poll all show in one scrape format."""
-    gw, admin = admin_gateway
+    ticket-cache hits, CRL ages, open connections and a held long-poll all show in one scrape format. A gateway of
+    its own: on the module's, a test that ran first (alice's 200 in the loopback-names test) changed the counts."""
+    gw, admin = own_admin_gateway
     for user, path in [
         ("alice", "/owa/"),
         ("alice", "/owa/"),
@@ -186,35 +205,46 @@ def test_not_ready_without_a_kdc(lab: LabLayout, tmp_path: Path) -> None:
 
 
 def test_not_ready_once_a_crl_is_past_its_next_update(lab: LabLayout, tmp_path: Path) -> None:
-    """Issue 8: /readyz says "CRLs current": the issuing CA's CRL reaching its nextUpdate (15 s after it was made,
-    nothing newer published) makes /readyz 503 naming that CRL's source, while the KDC is still "ok". The short-lived
-    CRL replaces a day-long one once the gateway runs (a CRL made 3 s before a start on a loaded machine was stale
-    when first read: "no usable CRL", never "stale since")."""
+    """Issue 8: /readyz says "CRLs current": ready while they are, then the issuing CA's CRL reaching its nextUpdate
+    (STALE_AFTER s after it was published, nothing newer since) makes /readyz 503 naming that CRL's source, while the
+    KDC is still "ok".
+
+    The short-lived CRL is published once the gateway runs and taken by its refresh (`crl_loaded`, the witness):
+    written before the start, it was past its nextUpdate before a slow start read it (6.4 s from the write to the
+    read, with 3 s of life, on a loaded machine), and a CRL never taken is "no usable CRL", not a stale one."""
     issuing_ca = load_ca(lab.pki_dir, "issuing")
-    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca)
+    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca)  # current for a day: the gateway starts ready
     root = write_crl(tmp_path / "root.crl", load_ca(lab.pki_dir, "root"))
     admin_port = free_port()
     text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
     assert lab_crls in text
-    text = text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1')
-    gw = start_gateway(lab, tmp_path, text)
+    crls = f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1'  # re-read every second
+    gw = start_gateway(lab, tmp_path, text.replace(lab_crls, crls))
+    readyz = f"http://127.0.0.1:{admin_port}/readyz"
     try:
+        assert _get(readyz)[0] == 200
         gw.mark()
-        short = write_crl(
-            tmp_path / "short.crl", issuing_ca, next_update=datetime.now(UTC) + timedelta(seconds=15), number=1001
-        )
-        short.replace(issuing)
-        gw.wait_event("crl_loaded", source=str(issuing), crl_number=1001)
+        short = datetime.now(UTC) + timedelta(seconds=STALE_AFTER)
+        write_crl(tmp_path / "issuing.new", issuing_ca, number=1001, next_update=short).replace(issuing)  # whole
+
+        def read() -> dict[str, Any] | None:  # taken, or refused (read past its nextUpdate), or not read
+            outcomes = ("crl_loaded", "crl_rejected", "crl_fetch_failed")
+            lines = gw.logs()[gw.since :]
+            return next((e for e in lines if e.get("event") in outcomes and e.get("source") == str(issuing)), None)
+
+        taken = eventually(read, "the gateway's refresh to read the short-lived CRL")
+        assert (taken["event"], taken.get("crl_number")) == ("crl_loaded", 1001), f"read too late for the test: {taken}"
 
         def stale() -> dict[str, Any] | None:
-            status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
+            status, body = _get(readyz)
             return json.loads(body) if status == 503 else None
 
         answer = eventually(stale, "/readyz 503 once the CRL is stale")
         assert (answer["ready"], answer["kdc"]) == (False, "ok")
         assert [line.split(": ")[0] for line in answer["crls"]] == [str(issuing)], answer  # the root's is current
         assert "stale since" in answer["crls"][0]
+        assert datetime.now(UTC) >= short.replace(microsecond=0)
     finally:
         assert gw.stop() == 0
 
