@@ -21,7 +21,9 @@ def _run(args: argparse.Namespace) -> int:
     import signal
 
     from proxy import workers
+    from proxy.kerberos import default_ccache
 
+    default_ccache.pin()  # before any thread: MIT's default ccache is never a file (proxy.kerberos.default_ccache)
     # A SIGHUP from here on (systemd's ExecReload just after a start) is a reload once the gateway serves, never the
     # signal's default end of the process, which systemd's Restart=on-failure does not restart (proxy.workers).
     signal.signal(signal.SIGHUP, workers.remember_reload)
@@ -154,6 +156,9 @@ def _lab_part(layout: LabLayout, action: str, component: str | None) -> int:
         print(f"kcd-proxy lab {action}: name one of {', '.join(allowed)}", file=sys.stderr)
         return 2
     if action == "serve":
+        from proxy.kerberos import default_ccache
+
+        default_ccache.pin()  # before any thread (proxy.kerberos.default_ccache)
         return serve.serve(layout, component)
     problem = serve.probe(layout, component)
     print(f"{component}: {problem or 'ok'}")

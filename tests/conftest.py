@@ -9,6 +9,9 @@ summed, and the files run longest first. The others keep pytest's order behind t
 quick unit tests, which fill the workers' last minutes evenly). The first file that uses the AD realm counts as
 slow too: it provisions the realm in a fresh checkout (30-130 s), and every other AD file waits for it, so it
 starts beside the long files, not after them. docs/testing.md, "Long tests".
+
+And a run that leaves a new file in the repository's root fails, whatever its tests said (tests/root_files.py:
+a user's FILE credential cache once appeared there).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from tests.root_files import new_files, root_files
 
 AD_REALM_SECONDS = 100.0  # provisioning the AD realm (tests/integration/ad_fixtures.py) in a fresh checkout
 
@@ -41,3 +46,40 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if first_ad is not None:
         weight[first_ad] += AD_REALM_SECONDS
     items.sort(key=lambda item: -weight[item.path])
+
+
+_ROOT_FILES = pytest.StashKey[set[str]]()
+_NEW_ROOT_FILES = pytest.StashKey[list[str]]()
+
+
+def _checks_the_root(config: pytest.Config) -> bool:
+    """The root is checked once per run: by the xdist controller (the workers' runs are parts of its run), or by
+    the only process."""
+    return not hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """What the repository's root holds before any test runs (tests/root_files.py)."""
+    if _checks_the_root(session.config):
+        session.config.stash[_ROOT_FILES] = root_files(session.config.rootpath)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A run that left a new file in the repository's root fails (tests/root_files.py), whatever its tests said."""
+    before = session.config.stash.get(_ROOT_FILES, None)
+    if before is None:
+        return
+    found = new_files(session.config.rootpath, before)
+    if found:
+        session.config.stash[_NEW_ROOT_FILES] = found
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Names the files a run left in the root, and fails it (`pytest_sessionfinish`)."""
+    found = terminalreporter.config.stash.get(_NEW_ROOT_FILES, None)
+    if found:
+        terminalreporter.section("files left in the repository's root", sep="=", red=True)
+        for line in found:
+            terminalreporter.line(line, red=True)
+        terminalreporter.line("the run fails: a test or a gateway it started wrote into its working directory")

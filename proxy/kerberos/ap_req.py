@@ -155,10 +155,14 @@ def _read(context: c_void_p, creds: gssapi.Credentials, server_name: bytes) -> c
     try:
         full = c_void_p()
         check(library.krb5_cc_get_full_name(context, cache, byref(full)), context, "krb5_cc_get_full_name")
-        name = ctypes.string_at(full).decode()
+        name = ctypes.string_at(full)
         library.krb5_free_string(context, full)
+        # bytes, never str: python-gssapi (1.12) hands MIT pointers into bytes it encodes a str key or value into
+        # and frees before MIT reads them (with the GIL released): another thread's allocations then made MIT
+        # store this user's credential into the default ccache or a FILE ccache named by garbage in the working
+        # directory (tests/integration/test_ccache_names.py). The dict's own bytes live through the call.
         gssapi.raw.store_cred_into(
-            {"ccache": name}, creds, usage="initiate", mech=gssapi.MechType.kerberos, overwrite=True
+            {b"ccache": name}, creds, usage="initiate", mech=gssapi.MechType.kerberos, overwrite=True
         )
         wanted = Creds()
         client, server = c_void_p(), c_void_p()
