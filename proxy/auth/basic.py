@@ -174,7 +174,9 @@ class CredentialCache:
     KDC last accepted for a user is also known (`known`) until that long after it was last used: accepted by the
     KDC or served from the entry. Counted from the KDC's acceptance alone, it ended while a longer-lived entry still
     served the device, and the device was then refused for the rest of a hold. With `shared` (workers) as well, an
-    entry is served only while the table still knows its password: one worker's `forget` ends every worker's."""
+    entry is served only while the table still knows its password and its account (the principal the KDC named):
+    one worker's `forget` ends every worker's entry of that key, its `forget_account` every worker's entry of that
+    account under any name form, including forms that worker never saw."""
 
     def __init__(
         self, ttl: float, *, max_entries: int = 10_000, known_for: float = 0.0, shared: SharedTable | None = None
@@ -202,11 +204,14 @@ class CredentialCache:
         entry = self._entries.get(key)
         if entry is None or now >= entry.expires or not hmac.compare_digest(entry.digest, digest):
             return None
-        if self._shared is not None and self._known_for > 0 and not self._shared.known(key, now, digest):
-            # another worker forgot it (a held request of the user ended by the directory, the KDC refused it):
-            # served by no worker until the KDC accepts it again
-            del self._entries[key]
-            return None
+        if self._shared is not None and self._known_for > 0:
+            account = ascii_lower(entry.ticket.principal)
+            if not self._shared.known(key, now, digest) or not self._shared.known(account, now, account=True):
+                # another worker forgot it or its account (a held request of the user ended by the directory, under
+                # this name form or another; the KDC refused it): served by no worker until the KDC accepts it again
+                del self._entries[key]
+                return None
+            self._shared.keep_known(account, digest, now + self._known_for, account=True)
         self._entries.move_to_end(key)
         if self._known_for > 0:
             self._know(key, entry.digest, now)
@@ -237,6 +242,8 @@ class CredentialCache:
         account disabled) is not kept, as the KDC's acceptance may predate the change."""
         if self._known_for > 0:
             self._know(key, digest, now)
+            if self._shared is not None:  # the account signed in again: every worker may serve its entries again
+                self._shared.keep_known(ascii_lower(ticket.principal), digest, now + self._known_for, account=True)
         if self._ttl <= 0 or (asked is not None and self._forgotten.get(key, -math.inf) >= asked):
             return
         self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
@@ -279,6 +286,8 @@ class CredentialCache:
         account = ascii_lower(principal)
         for key in [k for k, entry in self._entries.items() if ascii_lower(entry.ticket.principal) == account]:
             self.forget(key)
+        if self._shared is not None:  # the other workers' entries, under name forms this one never saw
+            self._shared.forget_known(account, account=True)
 
     def __len__(self) -> int:
         return len(self._entries)

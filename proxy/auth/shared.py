@@ -78,8 +78,10 @@ class SharedTable:
     def capacity(self) -> int:
         return self.buckets * SLOTS_PER_BUCKET
 
-    def digest(self, key: str) -> bytes:
-        return hashlib.blake2b(key.encode(), key=self._secret, digest_size=16).digest()
+    def digest(self, key: str, *, account: bool = False) -> bytes:
+        """The key's keyed hash; `account`: an account's (a principal's), never equal to a user key's of that name."""
+        person = b"account" if account else b""
+        return hashlib.blake2b(key.encode(), key=self._secret, digest_size=16, person=person).digest()
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -108,9 +110,10 @@ class SharedTable:
     # a held user's own device through, whichever worker its connection lands on. At most `max_known` users, the
     # one kept longest out first (as the in-process LRU of puts).
 
-    def known(self, key: str, now: float, digest: bytes | None = None) -> bool:
-        """Whether `key` has an accepted password until after `now` (with `digest`: this one)."""
-        hashed = self.digest(key)
+    def known(self, key: str, now: float, digest: bytes | None = None, *, account: bool = False) -> bool:
+        """Whether `key` has an accepted password until after `now` (with `digest`: this one). `account`: `key` is an
+        account's, whichever name form it was signed in by (`CredentialCache.forget_account`)."""
+        hashed = self.digest(key, account=account)
         with self.locked():
             for offset in self._known_bucket(hashed):
                 stored, accepted, until = _KNOWN.unpack_from(self._map, offset)
@@ -118,8 +121,8 @@ class SharedTable:
                     return now < until and (digest is None or hmac.compare_digest(accepted, digest))
         return False
 
-    def keep_known(self, key: str, digest: bytes, until: float) -> None:
-        hashed = self.digest(key)
+    def keep_known(self, key: str, digest: bytes, until: float, *, account: bool = False) -> None:
+        hashed = self.digest(key, account=account)
         with self.locked():
             bucket = self._known_bucket(hashed)
             place = next((o for o in bucket if _KNOWN.unpack_from(self._map, o)[0] in (hashed, _EMPTY)), None)
@@ -127,9 +130,9 @@ class SharedTable:
                 place = min(bucket, key=lambda o: float(_KNOWN.unpack_from(self._map, o)[2]))
             _KNOWN.pack_into(self._map, place, hashed, digest, until)
 
-    def forget_known(self, key: str, digest: bytes | None = None) -> None:
+    def forget_known(self, key: str, digest: bytes | None = None, *, account: bool = False) -> None:
         """Drop `key`'s accepted password; with `digest`, only if it is that one (the KDC refused it)."""
-        hashed = self.digest(key)
+        hashed = self.digest(key, account=account)
         with self.locked():
             for offset in self._known_bucket(hashed):
                 stored, accepted, _ = _KNOWN.unpack_from(self._map, offset)

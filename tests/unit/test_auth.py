@@ -132,6 +132,29 @@ def test_a_password_one_worker_forgets_is_served_by_no_worker() -> None:
     assert two.get("alice@LAB.TEST", digest, now=4) is not None
 
 
+def test_an_account_one_worker_forgets_is_served_by_no_worker_under_any_name_form() -> None:
+    """Two workers (two caches on one SharedTable) signed alice in under two name forms, one each (`alice@ad.test` as
+    NT-ENTERPRISE in the first, `AD\\alice` in the second: two keys, one account the KDC named alice@AD.TEST). The
+    first's sweep ends her held request and drops her account (`BasicLogin.forget` -> `forget_account`): the second
+    must not serve its own name form from its entry either, or the disabled account is served there for up to
+    basic_cache_seconds. Failed before the fix: the second worker served it."""
+    table = SharedTable(max_keys=64)
+    one, two = (CredentialCache(60, known_for=1800, shared=table) for _ in range(2))
+    upn, down_level = "alice@ad.test", "alice@AD.TEST"  # the two user_keys
+    upn_digest, down_digest = one.digest(upn, b"pw"), two.digest(down_level, b"pw")
+    one.put(upn, upn_digest, USER, ticket("alice@AD.TEST"), now=0)
+    two.put(down_level, down_digest, USER, ticket("alice@AD.TEST"), now=0)
+    bob = two.digest("bob@AD.TEST", b"pw")
+    two.put("bob@AD.TEST", bob, USER, ticket("bob@AD.TEST"), now=0)
+    assert two.get(down_level, down_digest, now=1) is not None
+    one.forget_account("ALICE@ad.test")  # the ticket's principal, any ASCII case
+    assert one.get(upn, upn_digest, now=2) is None
+    assert two.get(down_level, down_digest, now=2) is None
+    assert two.get("bob@AD.TEST", bob, now=2) is not None  # another account's entry stays
+    two.put(down_level, down_digest, USER, ticket("alice@AD.TEST"), now=3)  # the KDC accepted her again
+    assert two.get(down_level, down_digest, now=4) is not None
+
+
 def test_cache_is_bounded() -> None:
     """Beyond max_entries the least recently used entry goes first."""
     cache = CredentialCache(60, max_entries=2)
