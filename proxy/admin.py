@@ -273,7 +273,7 @@ class AdminCrls:
 
     def __init__(self, live: Live, admin: Admin) -> None:
         assert admin.client_ca is not None
-        trust = TrustList(anchors=tuple(load_certificates(admin.client_ca)))
+        trust = _bundle_trust(load_certificates(admin.client_ca))
         refresh = live.config.client_certificates.crl_refresh_seconds
         self.store = CrlStore(trust, sources_from_config(admin.crls, admin.crl_urls), refresh_seconds=refresh)
         self._stop = asyncio.Event()
@@ -295,6 +295,17 @@ class AdminCrls:
 
 
 ADMIN_CRLS_KEY = web.AppKey("admin_crls", AdminCrls)
+
+
+def _bundle_trust(bundle: list[x509.Certificate]) -> TrustList:
+    """`admin.client_ca`, a bundle of the operators' root and intermediates, as OpenSSL reads it: its self-issued
+    certificates are the anchors, the others intermediates (a bundle without a root: every one an anchor). With every
+    certificate an anchor, a chain ended at the intermediate that issued it, and the root's CRL was never asked about
+    that intermediate: a revoked operators' sub-CA went on admitting its operators."""
+    roots = tuple(cert for cert in bundle if cert.subject == cert.issuer)
+    if not roots:
+        return TrustList(anchors=tuple(bundle))
+    return TrustList(anchors=roots, intermediates=tuple(cert for cert in bundle if cert.subject != cert.issuer))
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost."})

@@ -35,7 +35,9 @@ again); the name is looked at again at the next sweep, and counted meanwhile in 
 answers: each of the names after it would wait out `[directory] timeout` against a hung server too (1,000 held
 users at 5 s: 83 minutes, computed), and the accounts changed during the outage would be judged only when such a
 sweep came round to them, long after the directory answered again. Those names count as unjudged, and the next sweep
-starts with them, so the first sweep that reaches a server judges every held name.
+starts with them, so the first sweep that reaches a server judges every held name; the name it stopped at comes last
+in the next sweep, so that one name no server answers for (a search refused for it alone) cannot stop every sweep
+before anyone else is judged.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class HeldMappings:
         self._held: dict[str, set[_Held]] = {}  # the UPN, ASCII-lower-cased as the directory's cache key
         self._found: set[str] = set()  # held names the directory has found an account for (a look-up or a sweep)
         self._unjudged: set[str] = set()  # held names whose last sweep found no directory server (fail open)
+        self._stopped_at: str | None = None  # the name whose look-up stopped the last sweep: the next one asks it last
         self._task: asyncio.Task[None] | None = None
 
     def hold(
@@ -189,7 +192,10 @@ class HeldMappings:
     async def sweep(self, now: datetime | None = None) -> None:
         """Look each held UPN up again and end the held requests the directory's answer refuses. The names the last
         sweep could not look up first; at a look-up no server answers, the sweep stops (module docstring)."""
-        order = sorted(self._held, key=lambda key: key not in self._unjudged)  # stable: unjudged first
+        # stable: unjudged first, but the name the last sweep stopped at last (a name whose own look-up fails at every
+        # server would otherwise stop every sweep before anyone else is judged)
+        stopped, self._stopped_at = self._stopped_at, None
+        order = sorted(self._held, key=lambda key: (key == stopped, key not in self._unjudged))
         for at_key, key in enumerate(order):
             held = self._held.get(key)
             if not held:
@@ -199,6 +205,7 @@ class HeldMappings:
                 account = await self._directory.lookup(upn, fresh=True)
             except DirectoryUnavailable:  # an outage is no verdict on the account: looked at again at the next sweep
                 self._unjudged.update(k for k in order[at_key:] if k in self._held)
+                self._stopped_at = key
                 return  # the names after it would each wait out the directory's timeout as well
             except MappingRefused as e:  # the name matches several accounts now
                 self._unjudged.discard(key)

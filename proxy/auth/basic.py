@@ -159,6 +159,12 @@ def parse_basic(value: str | None) -> BasicCredentials | None:
     return BasicCredentials(username=username, password=password, header=value.strip())
 
 
+# The shared table's namespaces (`SharedTable.digest`) of an account, the principal the KDC named whatever name form
+# it was asked by: the account known (served by any worker), and when a worker last forgot it (`forget_account`).
+_ACCOUNT = b"account"
+_FORGOTTEN = b"forgotten"
+
+
 @dataclass
 class _Entry:
     digest: bytes = field(repr=False)
@@ -174,7 +180,9 @@ class CredentialCache:
     KDC last accepted for a user is also known (`known`) until that long after it was last used: accepted by the
     KDC or served from the entry. Counted from the KDC's acceptance alone, it ended while a longer-lived entry still
     served the device, and the device was then refused for the rest of a hold. With `shared` (workers) as well, an
-    entry is served only while the table still knows its password: one worker's `forget` ends every worker's."""
+    entry is served only while the table still knows its password and its account (the principal the KDC named):
+    one worker's `forget` ends every worker's entry of that key, its `forget_account` every worker's entry of that
+    account under any name form, including forms that worker never saw."""
 
     def __init__(
         self, ttl: float, *, max_entries: int = 10_000, known_for: float = 0.0, shared: SharedTable | None = None
@@ -202,11 +210,14 @@ class CredentialCache:
         entry = self._entries.get(key)
         if entry is None or now >= entry.expires or not hmac.compare_digest(entry.digest, digest):
             return None
-        if self._shared is not None and self._known_for > 0 and not self._shared.known(key, now, digest):
-            # another worker forgot it (a held request of the user ended by the directory, the KDC refused it):
-            # served by no worker until the KDC accepts it again
-            del self._entries[key]
-            return None
+        if self._shared is not None and self._known_for > 0:
+            account = ascii_lower(entry.ticket.principal)
+            if not self._shared.known(key, now, digest) or not self._shared.known(account, now, kind=_ACCOUNT):
+                # another worker forgot it or its account (a held request of the user ended by the directory, under
+                # this name form or another; the KDC refused it): served by no worker until the KDC accepts it again
+                del self._entries[key]
+                return None
+            self._shared.keep_known(account, digest, now + self._known_for, kind=_ACCOUNT)
         self._entries.move_to_end(key)
         if self._known_for > 0:
             self._know(key, entry.digest, now)
@@ -234,10 +245,19 @@ class CredentialCache:
     ) -> None:
         """The KDC accepted `digest`'s password for `user` just now. `asked`: when the sign-in began (monotonic); one
         that began before the user's entry was last dropped (`forget`: the directory ended a held request, the
-        account disabled) is not kept, as the KDC's acceptance may predate the change."""
+        account disabled; with workers, `forget_account` in any of them) is not kept, as the KDC's acceptance may
+        predate the change."""
+        account = ascii_lower(ticket.principal)
         if self._known_for > 0:
             self._know(key, digest, now)
-        if self._ttl <= 0 or (asked is not None and self._forgotten.get(key, -math.inf) >= asked):
+        if asked is not None and (
+            self._forgotten.get(key, -math.inf) >= asked
+            or (self._shared is not None and self._shared.until(account, kind=_FORGOTTEN) >= asked)  # any worker's
+        ):
+            return
+        if self._known_for > 0 and self._shared is not None:  # the account signed in again: served by every worker
+            self._shared.keep_known(account, digest, now + self._known_for, kind=_ACCOUNT)
+        if self._ttl <= 0:
             return
         self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
         self._entries.move_to_end(key)
@@ -279,6 +299,12 @@ class CredentialCache:
         account = ascii_lower(principal)
         for key in [k for k, entry in self._entries.items() if ascii_lower(entry.ticket.principal) == account]:
             self.forget(key)
+        if self._shared is not None:  # the other workers' entries, under name forms this one never saw
+            self._shared.forget_known(account, kind=_ACCOUNT)
+            # and their sign-ins begun before now, whose KDC answer may predate the change (`put`'s `asked`); the time
+            # kept where an accepted password's end would be (the first out of a full bucket: then such a racing
+            # sign-in is cached, as before)
+            self._shared.keep_known(account, bytes(32), time.monotonic(), kind=_FORGOTTEN)
 
     def __len__(self) -> int:
         return len(self._entries)

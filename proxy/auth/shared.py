@@ -34,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
+import math
 import mmap
 import os
 import struct
@@ -78,8 +79,10 @@ class SharedTable:
     def capacity(self) -> int:
         return self.buckets * SLOTS_PER_BUCKET
 
-    def digest(self, key: str) -> bytes:
-        return hashlib.blake2b(key.encode(), key=self._secret, digest_size=16).digest()
+    def digest(self, key: str, *, kind: bytes = b"") -> bytes:
+        """The key's keyed hash; `kind` (b"account", b"forgotten": `CredentialCache`) a namespace of its own, where no
+        user key's hash can equal it whatever its name."""
+        return hashlib.blake2b(key.encode(), key=self._secret, digest_size=16, person=kind).digest()
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -108,18 +111,22 @@ class SharedTable:
     # a held user's own device through, whichever worker its connection lands on. At most `max_known` users, the
     # one kept longest out first (as the in-process LRU of puts).
 
-    def known(self, key: str, now: float, digest: bytes | None = None) -> bool:
-        """Whether `key` has an accepted password until after `now` (with `digest`: this one)."""
-        hashed = self.digest(key)
+    def known(self, key: str, now: float, digest: bytes | None = None, *, kind: bytes = b"") -> bool:
+        """Whether `key` has an accepted password until after `now` (with `digest`: this one). `kind`: `digest`'s."""
+        return now < self.until(key, digest, kind=kind)
+
+    def until(self, key: str, digest: bytes | None = None, *, kind: bytes = b"") -> float:
+        """Until when `key` has an accepted password (with `digest`: this one); -inf if it has none."""
+        hashed = self.digest(key, kind=kind)
         with self.locked():
             for offset in self._known_bucket(hashed):
                 stored, accepted, until = _KNOWN.unpack_from(self._map, offset)
                 if stored == hashed:
-                    return now < until and (digest is None or hmac.compare_digest(accepted, digest))
-        return False
+                    return float(until) if digest is None or hmac.compare_digest(accepted, digest) else -math.inf
+        return -math.inf
 
-    def keep_known(self, key: str, digest: bytes, until: float) -> None:
-        hashed = self.digest(key)
+    def keep_known(self, key: str, digest: bytes, until: float, *, kind: bytes = b"") -> None:
+        hashed = self.digest(key, kind=kind)
         with self.locked():
             bucket = self._known_bucket(hashed)
             place = next((o for o in bucket if _KNOWN.unpack_from(self._map, o)[0] in (hashed, _EMPTY)), None)
@@ -127,9 +134,9 @@ class SharedTable:
                 place = min(bucket, key=lambda o: float(_KNOWN.unpack_from(self._map, o)[2]))
             _KNOWN.pack_into(self._map, place, hashed, digest, until)
 
-    def forget_known(self, key: str, digest: bytes | None = None) -> None:
+    def forget_known(self, key: str, digest: bytes | None = None, *, kind: bytes = b"") -> None:
         """Drop `key`'s accepted password; with `digest`, only if it is that one (the KDC refused it)."""
-        hashed = self.digest(key)
+        hashed = self.digest(key, kind=kind)
         with self.locked():
             for offset in self._known_bucket(hashed):
                 stored, accepted, _ = _KNOWN.unpack_from(self._map, offset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -130,6 +131,49 @@ def test_a_password_one_worker_forgets_is_served_by_no_worker() -> None:
     two.put("alice@LAB.TEST", digest, USER, ticket(), now=3)  # the KDC accepted her again: served again
     assert one.get("alice@LAB.TEST", digest, now=4) is None  # its own entry went with the forget
     assert two.get("alice@LAB.TEST", digest, now=4) is not None
+
+
+def test_an_account_one_worker_forgets_is_served_by_no_worker_under_any_name_form() -> None:
+    """Two workers (two caches on one SharedTable) signed alice in under two name forms, one each (`alice@ad.test` as
+    NT-ENTERPRISE in the first, `AD\\alice` in the second: two keys, one account the KDC named alice@AD.TEST). The
+    first's sweep ends her held request and drops her account (`BasicLogin.forget` -> `forget_account`): the second
+    must not serve its own name form from its entry either, or the disabled account is served there for up to
+    basic_cache_seconds. Failed before the fix: the second worker served it."""
+    table = SharedTable(max_keys=64)
+    one, two = (CredentialCache(60, known_for=1800, shared=table) for _ in range(2))
+    upn, down_level = "alice@ad.test", "alice@AD.TEST"  # the two user_keys
+    upn_digest, down_digest = one.digest(upn, b"pw"), two.digest(down_level, b"pw")
+    one.put(upn, upn_digest, USER, ticket("alice@AD.TEST"), now=0)
+    two.put(down_level, down_digest, USER, ticket("alice@AD.TEST"), now=0)
+    bob = two.digest("bob@AD.TEST", b"pw")
+    two.put("bob@AD.TEST", bob, USER, ticket("bob@AD.TEST"), now=0)
+    assert two.get(down_level, down_digest, now=1) is not None
+    one.forget_account("ALICE@ad.test")  # the ticket's principal, any ASCII case
+    assert one.get(upn, upn_digest, now=2) is None
+    assert two.get(down_level, down_digest, now=2) is None
+    assert two.get("bob@AD.TEST", bob, now=2) is not None  # another account's entry stays
+    two.put(down_level, down_digest, USER, ticket("alice@AD.TEST"), now=3)  # the KDC accepted her again
+    assert two.get(down_level, down_digest, now=4) is not None
+
+
+def test_a_sign_in_another_worker_began_before_an_accounts_forget_is_not_cached() -> None:
+    """alice's device signs in on the second worker while the first worker's sweep ends her held request and forgets
+    her account (her account disabled): the KDC's acceptance may predate the disable and reaches the second worker
+    after the forget. It must not be cached (in either worker), or her devices are served for up to
+    basic_cache_seconds without the KDC, which now refuses her. Failed before the fix: the second worker served it."""
+    table = SharedTable(max_keys=64)
+    one, two = (CredentialCache(60, known_for=1800, shared=table) for _ in range(2))
+    key = "alice@AD.TEST"
+    digest = one.digest(key, b"pw")
+    one.put(key, digest, USER, ticket(key), now=time.monotonic())
+    asked = time.monotonic()  # the second worker's sign-in begins
+    one.forget_account(key)
+    now = time.monotonic()
+    two.put(key, digest, USER, ticket(key), now, asked=asked)  # the KDC's answer, after the forget
+    assert two.get(key, digest, now) is None
+    assert one.get(key, digest, now) is None
+    two.put(key, digest, USER, ticket(key), now, asked=time.monotonic())  # a sign-in begun after it: cached
+    assert two.get(key, digest, now) is not None
 
 
 def test_cache_is_bounded() -> None:

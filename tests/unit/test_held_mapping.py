@@ -370,3 +370,41 @@ def test_a_sweep_stops_at_a_directory_that_does_not_answer_and_starts_with_whom_
 
     assert asyncio.run(run()) == (1, 3, 0)
     assert sorted(asked[1:]) == ["u0@AD.TEST", "u1@AD.TEST", "u2@AD.TEST"]  # the sweep after: everyone, once
+
+
+def test_one_name_no_server_answers_for_does_not_stop_every_later_sweep_before_the_others() -> None:
+    """One held name's look-up fails at every server (a search the servers refuse for that name alone), the others'
+    succeed. The sweep stops at it (it cannot tell that from an outage) and counts the rest unjudged; the next sweep
+    must not start with that name again, or it stops there every time and no other held user is judged ever again (a
+    disabled account's held Ping served for its whole hour). Failed before the fix: the second sweep stopped at the
+    same name first, the others still unjudged."""
+    directory = _Directory(account())
+    lookup = directory.lookup
+
+    async def refused_for_one(name: str, *, fresh: bool = False) -> Account | None:
+        if name.startswith("poison"):
+            raise DirectoryUnavailable("the directory cannot be reached; try again later")
+        return await lookup(name, fresh=fresh)
+
+    directory.lookup = refused_for_one  # type: ignore[method-assign]
+
+    async def run() -> list[int]:
+        held = HeldMappings(cast(Any, directory), every=3600)
+        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def request(name: str) -> None:
+            with held.hold_account(cast(Any, _Request()), name, forget=lambda: None):
+                await forever
+
+        tasks = [asyncio.ensure_future(request(name)) for name in ("poison@AD.TEST", "u1@AD.TEST", "u2@AD.TEST")]
+        await asyncio.sleep(0)
+        unjudged = []
+        for _ in range(2):
+            await held.sweep(NOW)
+            unjudged.append(held.unjudged)
+        held.close()
+        for task in tasks:
+            task.cancel()
+        return unjudged
+
+    assert asyncio.run(run()) == [3, 1]  # the second sweep judges everyone but the name it cannot look up
