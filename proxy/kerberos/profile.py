@@ -14,7 +14,8 @@ afterwards. The profile library shares a parsed krb5.conf among the contexts ope
 when the last of them closes, so with no context open in between, every Negotiate token began by opening,
 reading and parsing krb5.conf again: about a third of a token's cost (perf under `make bench`). One
 context held open for the life of the process keeps the parsed file shared; the profile library still
-checks the file's modification time (at most once a second) and rereads it when it changes.
+checks the file's modification time (a context made afterwards at once, one already open at most once a second) and
+rereads it when it differs from the one read: a file the gateway replaces gets a later one (`_later_than`).
 
 python-gssapi has no call for a krb5 context and this is the only one needed, so it is one C call through ctypes
 (`proxy.kerberos.libkrb5`) rather than another Kerberos binding. Without libkrb5 to load, tokens work as before, only
@@ -226,6 +227,7 @@ def _write(path: str, text: str) -> None:
     directory, name = os.path.split(path)
     fd, staging = _created(directory, f"{name}.", ".new", text)  # 0600, a name nobody made
     try:
+        _later_than(fd, path)
         Path(staging).replace(path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -234,6 +236,22 @@ def _write(path: str, text: str) -> None:
         raise
     _texts[path] = text
     _hold_lock(path, fd)
+
+
+def _later_than(fd: int, path: str) -> None:
+    """Give the file open as `fd` a modification time after that of the file `path` names (if any). MIT rereads a
+    profile file only when its modification time (seconds and nanoseconds) differs from the one it read, and the
+    kernel stamps a new file with a clock that moves in ticks of a few ms: a file replaced within the tick MIT read it
+    in kept its time, and every context made afterwards the old text, for as long as a context held it parsed (the
+    held one: for good). Times set here only ever grow; a file system keeping no fraction of a second gets a second."""
+    try:
+        before = Path(path).stat().st_mtime_ns
+    except OSError:
+        return
+    for step in (1_000, 1_000_000_000):
+        if os.fstat(fd).st_mtime_ns > before:
+            return
+        os.utime(fd, ns=(before + step, before + step))
 
 
 def _created(directory: str | None, prefix: str, suffix: str, text: str) -> tuple[int, str]:
@@ -357,8 +375,8 @@ def _alive(pid: int) -> bool:
 
 def set_realm_section(realm: str, section: str | None) -> None:
     """Put `realm`'s section (`proxy.kerberos.kdcs.overlay_section`) in the overlay, or take it out (None: krb5.conf's
-    own stands). The file is replaced whole (a new file renamed over it): MIT rereads it when its modification time
-    changes, at most once a second."""
+    own stands). The file is replaced whole (a new file renamed over it, with a later modification time): a library
+    context made afterwards reads it at once, one already open within a second."""
     if section is None:
         if _realms.pop(realm, None) is None:
             return

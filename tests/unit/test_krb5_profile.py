@@ -330,3 +330,32 @@ def test_an_overlay_name_with_a_pid_no_process_can_have_does_not_stop_the_start(
     os.chown(theirs, 65534, 65534)
     profile._remove_stale(str(tmp_path))
     assert sorted(tmp_path.iterdir()) == [theirs]
+
+
+@pytest.mark.usefixtures("fresh_profile")
+@pytest.mark.parametrize("include", [False, True], ids=["one-file", "krb5-conf-in-the-list"])
+def test_the_kdc_watchs_section_is_read_by_the_next_context_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, include: bool
+) -> None:
+    """The KDC watch's section put in the overlay, or taken out (a reload's `stop_watch`), right after the held
+    context read the file: the next library context reads the new KDC list. MIT rereads a shared profile file only
+    when its modification time (seconds and nanoseconds) differs from the one it read, and the kernel stamps a file
+    with a clock that moves in ticks of a few ms: the file replaced within the tick kept the time, and MIT the old list
+    for as long as the context held it open lived (CI: bob 503, "Cannot contact any KDC", after a reload)."""
+    monkeypatch.setattr(profile, "_held", {})
+    conf = tmp_path / "krb5.conf"
+    _krb5_conf(conf, "127.0.0.1:1111")
+    if include:  # the two-file list the failing reload had: the overlay holds the overlay's lines alone
+        (tmp_path / "other.conf").write_text("[libdefaults]\n    ticket_lifetime = 1h\n")
+        conf.write_text(conf.read_text() + f"\ninclude {tmp_path / 'other.conf'}\n")
+    profile.use_profile(conf)
+    realm_kdc = ("realms", "LAB.TEST", "kdc")
+    section = kdcs.RealmSection("LAB.TEST", ("127.0.0.1:1111",), ())
+    for round_ in range(5):  # each time at once after MIT read the file, within the same clock tick as a rule
+        assert profile.hold_profile()
+        kdc = f"127.0.0.1:{2000 + round_}"
+        profile.set_realm_section("LAB.TEST", kdcs.overlay_section(section, [kdc]))
+        assert _mit_values(os.environ["KRB5_CONFIG"], *realm_kdc) == [kdc], f"round {round_}: section put in"
+        assert _held_value(*realm_kdc) == kdc
+        profile.set_realm_section("LAB.TEST", None)
+        assert _mit_values(os.environ["KRB5_CONFIG"], *realm_kdc) == ["127.0.0.1:1111"], f"round {round_}: taken out"
