@@ -338,9 +338,6 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
-    if reload_asked_while_starting():  # a SIGHUP before the line above (`kcd-proxy run`, proxy.workers)
-        live.reload_soon()
     listener = config.listener
     slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections
@@ -417,6 +414,13 @@ async def serve(
     watcher = loop.create_task(live.watch()) if config.reload.watch else None
     try:
         admin = await start_admin(live, worker)
+        # SIGHUP reloads from here on, once nothing above still awaits the gateway start-up built: a reload retires
+        # that gateway and closes what it owns, and start-up awaiting its first CRL fetch got CancelledError, which
+        # ended the process (a worker exiting 1 that way stopped them all: proxy.workers). Until here, a SIGHUP is
+        # remembered (`remember_reload`: `kcd-proxy run`, proxy.workers) and the reload it asked for runs now.
+        loop.add_signal_handler(signal.SIGHUP, live.reload_soon)
+        if reload_asked_while_starting():
+            live.reload_soon()
         await stop.wait()
     finally:
         log.info("stopping")

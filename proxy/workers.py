@@ -44,6 +44,7 @@ supervisor read it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -204,7 +205,7 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
             os.kill(os.getpid(), signal.SIGTERM)  # delivered when the mask is lifted below
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         code = serve_one()
-    except Exception:
+    except (Exception, asyncio.CancelledError):  # CancelledError (a BaseException) used to end it with no line
         log.exception("worker_crashed")
     finally:
         remove_overlay()  # os._exit runs no atexit handler

@@ -31,7 +31,7 @@ from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.live import replacement_config
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import WAIT, eventually
+from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
 
 
 def _with_workers(lab: LabLayout, port: int, workers: int) -> str:
@@ -293,7 +293,9 @@ def test_a_sighup_while_the_workers_start_reaches_them_all(lab: LabLayout, tmp_p
     """systemd's ExecReload (or a configuration tool) right after a start: SIGHUP reached workers still starting,
     which ignored it until their reload handler was in place, and served the configuration read before the edit
     beside siblings that had reloaded it. A worker now remembers a SIGHUP that came while it started and reloads
-    once it serves: every worker ends up serving the edited file."""
+    once it serves: every worker ends up serving the edited file. (Reloading before it served, a worker's start-up
+    awaited the first CRL fetch of the gateway the reload retired and closed, died of CancelledError, and the
+    supervisor stopped them all.)"""
     port = free_port()
     retired = '\n[[routes]]\nprefix = "/retired/"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
     config = tmp_path / "gw" / "gateway.toml"
@@ -324,13 +326,20 @@ def test_a_sighup_while_the_workers_start_reaches_them_all(lab: LabLayout, tmp_p
         proc.send_signal(signal.SIGHUP)  # the first worker was forked a moment ago: it is still starting
 
         def serving_the_edit() -> bool:
+            assert proc.poll() is None, f"the gateway ended ({proc.returncode})"  # a worker crashed: it stops them all
             started = [e["worker"] for e in lines("worker_started")]
             if len(started) < 2 or len(lines("listening")) < 2:
                 return False
-            latest = {e["pid"]: e["routes"] for e in lines("listening") + lines("reloaded")}
+            latest: dict[int, list[str]] = {}  # a worker's routes: its last `listening` or `reloaded` line's
+            for record in whole_json_lines(log):
+                if record.get("event") in ("listening", "reloaded"):
+                    latest[record["pid"]] = record["routes"]
             return all("/retired/" not in latest.get(pid, ["/retired/"]) for pid in started)
 
-        assert eventually(serving_the_edit, "every worker serving the edited file"), log.read_text()[-3000:]
+        try:
+            eventually(serving_the_edit, "every worker serving the edited file")
+        except AssertionError as e:  # raised before an assert message would be built: the log's tail says why
+            raise AssertionError(f"{e}\n{log.read_text(errors='replace')[-6000:]}") from None
         assert workers
     finally:
         proc.send_signal(signal.SIGTERM)
