@@ -27,53 +27,12 @@ import pytest
 from proxy.lab import ad, ad_mapping
 from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, ad_curl, status_and_body
 from tests.integration.jsonlog import WAIT
-from tests.integration.test_ad_held_mapping import _certificate
+from tests.integration.test_ad_held_mapping import _DEVICE, _certificate
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
 HOLD = 40  # seconds the backend holds an ended Ping; the gateway must end it long before
 EVERY = 2  # [directory] cache_seconds: the sweep's period
-
-_DEVICE = """
-import json, socket, ssl, sys, time
-port, root, hold, authorization = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-context = ssl.create_default_context(cafile=root)
-context.check_hostname = False
-if len(sys.argv) > 5:
-    context.load_cert_chain(sys.argv[5], sys.argv[6])
-tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=120), server_hostname="127.0.0.1")
-auth = f"Authorization: {authorization}\\r\\n" if authorization else ""
-head = ("POST /Microsoft-Server-ActiveSync?Cmd=Ping HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n" + auth +
-        f"X-Lab-Hold-Seconds: {hold}\\r\\nExpect: 100-continue\\r\\nContent-Length: 1\\r\\n\\r\\n")
-tls.sendall(head.encode())
-interim = b""
-while b"\\r\\n\\r\\n" not in interim:
-    chunk = tls.recv(1)
-    if not chunk:
-        break
-    interim += chunk
-print(json.dumps({"interim": interim.decode("latin-1").split("\\r\\n")[0]}), flush=True)
-tls.sendall(b"x")
-held = time.monotonic()
-answer = b""
-while True:
-    try:
-        chunk = tls.recv(65536)
-    except OSError:
-        break
-    if not chunk:
-        break
-    answer += chunk
-    if b"\\r\\n\\r\\n" in answer:
-        head_, _, body = answer.partition(b"\\r\\n\\r\\n")
-        lines = head_.decode("latin-1").split("\\r\\n")
-        length = [int(x.split(":", 1)[1]) for x in lines if x.lower().startswith("content-length:")]
-        if length and len(body) >= length[0]:
-            break
-status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/1.1 ") else ""
-print(json.dumps({"status": status, "answer": answer.decode(errors="replace")[-2000:],
-                  "seconds": time.monotonic() - held}), flush=True)
-"""
 
 
 @dataclass

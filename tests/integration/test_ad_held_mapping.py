@@ -31,13 +31,15 @@ HOLD = 40  # seconds the backend holds the Ping; the gateway must end it long be
 
 _DEVICE = """
 import json, socket, ssl, sys, time
-port, cert, key, root = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+port, root, hold, authorization = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 context = ssl.create_default_context(cafile=root)
 context.check_hostname = False
-context.load_cert_chain(cert, key)
+if len(sys.argv) > 5:
+    context.load_cert_chain(sys.argv[5], sys.argv[6])
 tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=120), server_hostname="127.0.0.1")
-head = ("POST /Microsoft-Server-ActiveSync?Cmd=Ping HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n"
-        f"X-Lab-Hold-Seconds: {sys.argv[5]}\\r\\nExpect: 100-continue\\r\\nContent-Length: 1\\r\\n\\r\\n")
+auth = f"Authorization: {authorization}\\r\\n" if authorization else ""
+head = ("POST /Microsoft-Server-ActiveSync?Cmd=Ping HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n" + auth +
+        f"X-Lab-Hold-Seconds: {hold}\\r\\nExpect: 100-continue\\r\\nContent-Length: 1\\r\\n\\r\\n")
 tls.sendall(head.encode())
 interim = b""
 while b"\\r\\n\\r\\n" not in interim:
@@ -122,7 +124,8 @@ def test_a_held_ping_is_ended_when_the_directory_stops_admitting_it(
     gw = start_gateway(realm, tmp_path / "gw", ad_backend, "strong", directory_text=table)
     device = None
     try:
-        argv = [sys.executable, "-c", _DEVICE, str(gw.port), str(cert), str(key), str(realm.pki.root_cert), str(HOLD)]
+        argv = [sys.executable, "-c", _DEVICE, str(gw.port), str(realm.pki.root_cert), str(HOLD)]
+        argv += ["", str(cert), str(key)]  # no Authorization header: the certificate alone
         device = subprocess.Popen(realm.netns_argv(argv), stdout=subprocess.PIPE, text=True, env=None)
         assert device.stdout is not None
         interim = json.loads(device.stdout.readline() or "{}")
@@ -175,7 +178,8 @@ def test_a_held_ping_is_ended_within_cache_seconds_of_the_change_whatever_the_ca
         # Place the Ping early in the sweeps' cycle (a placement in time, not a wait for a condition): its look-up,
         # kept for 10 s, is then still in the cache at the first sweep, which comes after the change.
         time.sleep(max(0.0, first + 2 - time.monotonic()))
-        argv = [sys.executable, "-c", _DEVICE, str(gw.port), str(cert), str(key), str(realm.pki.root_cert), str(HOLD)]
+        argv = [sys.executable, "-c", _DEVICE, str(gw.port), str(realm.pki.root_cert), str(HOLD)]
+        argv += ["", str(cert), str(key)]  # no Authorization header: the certificate alone
         device = subprocess.Popen(realm.netns_argv(argv), stdout=subprocess.PIPE, text=True, env=None)
         assert device.stdout is not None
         interim = json.loads(device.stdout.readline() or "{}")
