@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from proxy.config import Kerberos
+from proxy.kerberos.delegate import Delegator
 from proxy.lab import runner
-from proxy.lab.layout import LabLayout
+from proxy.lab.layout import PROXY_SERVICE, REALM, LabLayout
 from tests.integration.ad_fixtures import (  # noqa: F401 -- the AD realm's fixtures, for every file
     ad_backend,
     ad_mapping_realm,
@@ -124,6 +126,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
         yield layout
     finally:
         runner.down(layout)
+
+
+@pytest.fixture
+def delegator(lab: LabLayout) -> Iterator[Delegator]:
+    """The gateway's Delegator on the lab's keytab and krb5.conf, in the test's own process (closed after)."""
+    settings = Kerberos(principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=lab.krb5_conf)
+    delegator = Delegator(settings)
+    try:
+        yield delegator
+    finally:
+        delegator.close()
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
 
@@ -20,27 +20,16 @@ import pytest
 import structlog
 from gssapi.raw.named_tuples import AcceptSecContextResult
 
-from proxy.config import Kerberos
 from proxy.errors import GatewayError
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos import ap_req
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.delegate import Delegation, Delegator
-from proxy.lab.layout import PROXY_SERVICE, REALM, LabLayout
+from proxy.lab.layout import REALM, LabLayout
 from tests.negotiate_asn1 import read_negotiate
 
 SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
 ALICE = UserPrincipal(upn="alice@lab.test", principal=f"alice@{REALM}", realm=REALM, source="test")
-
-
-@pytest.fixture
-def delegator(lab: LabLayout) -> Iterator[Delegator]:
-    settings = Kerberos(principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=lab.krb5_conf)
-    delegator = Delegator(settings)
-    try:
-        yield delegator
-    finally:
-        delegator.close()
 
 
 def _delegation(delegator: Delegator) -> Delegation:

@@ -20,34 +20,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import gssapi
 import pytest
 
-from proxy.config import Kerberos
-from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.delegate import Delegator
-from proxy.lab.layout import PROXY_SERVICE, REALM, LabLayout
+from tests.integration.test_ap_req import ALICE, SPN, TARGET
 
-SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
-ALICE = UserPrincipal(upn="alice@lab.test", principal=f"alice@{REALM}", realm=REALM, source="test")
 _FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
 _THREADS = 4
 _READS = 150  # per thread: without the fix, the first leak came within a few dozen reads on an idle machine
 _DEADLINE = 120.0  # seconds for all the reads, on a loaded machine
-
-
-@pytest.fixture
-def delegator(lab: LabLayout) -> Iterator[Delegator]:
-    settings = Kerberos(principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=lab.krb5_conf)
-    delegator = Delegator(settings)
-    try:
-        yield delegator
-    finally:
-        delegator.close()
 
 
 def _churn(stop: threading.Event) -> None:

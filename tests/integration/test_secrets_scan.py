@@ -40,6 +40,7 @@ from tests.integration.conftest import REPO, Gateway, dead_port, free_port, lab_
 from tests.integration.recorder import Recorder, raw_request
 from tests.integration.test_audit import BASIC as AUDIT_BASIC
 from tests.integration.test_audit import _malformed_requests
+from tests.integration.test_ticket_cache import _kadmin
 from tests.krb5_keys import token_keys
 from tests.negotiate_asn1 import read_negotiate
 
@@ -119,18 +120,6 @@ def _device_headers(authorization: str, *, cookie: bool = True) -> list[str]:
     headers += [f"Cookie: {COOKIES}"] if cookie else []
     headers += [f"{name}: {value}" for name, value in IDENTITY_HEADERS.items()]
     return [arg for header in headers for arg in ("-H", header)]
-
-
-def _kadmin(lab: LabLayout, query: str) -> None:
-    done = subprocess.run(
-        ["kadmin.local", "-q", query],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **lab.env()},
-        timeout=30,
-        check=True,
-    )
-    assert "error" not in done.stderr.lower() or "already exists" in done.stderr, done.stderr
 
 
 @pytest.fixture(scope="module")
