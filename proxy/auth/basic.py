@@ -7,7 +7,8 @@ value). A name whose domain the configuration does not name (`domain_realm`: `EV
 is refused (401) without asking anyone, hashing anything or counting against a throttle. The password is
 checked by the user's own AS exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway
 holding the user's TGT; the backend then gets a Negotiate token from that TGT, or, on routes with
-`backend_auth = "basic"`, the client's own Basic header, and on no other route.
+`backend_auth = "basic"`, the client's own Basic header, and on no other route. The credentials are read as UTF-8,
+or as Latin-1 where they are not valid UTF-8 (older devices), and the password goes to the KDC as UTF-8 either way.
 
 A device polls (ActiveSync every few seconds to minutes), so a verified password is remembered for
 `authentication.basic_cache_seconds` (default 60): the cache keeps, per user, a salted scrypt hash of
@@ -147,16 +148,23 @@ def parse_basic(value: str | None) -> BasicCredentials | None:
         decoded = base64.b64decode(encoded.strip(), validate=True)
     except (binascii.Error, ValueError):
         return None
-    raw_user, colon, password = decoded.partition(b":")
-    if not colon or not raw_user or not password or b"\x00" in password:
+    raw_user, colon, raw_password = decoded.partition(b":")
+    if not colon or not raw_user or not raw_password or b"\x00" in raw_password:
         # Kerberos reads a password up to its first NUL ("secret\0junk" would pass as "secret"), and an empty one
         # is no proof (GSSAPI refuses it as an invalid argument, which read as a misconfiguration): neither is tried.
         return None
-    try:  # RFC 7617 leaves the charset open; devices send UTF-8 or, the older ones, Latin-1
-        username = raw_user.decode("utf-8")
+    # RFC 7617 leaves the charset open without `charset="UTF-8"`; devices send UTF-8 or, the older ones, Latin-1. The
+    # KDC derives the user's key from the password's UTF-8 (AD from its UTF-16 as UTF-8), so a Latin-1 password goes
+    # to it as UTF-8: as sent, `Pässwort` was a wrong password, counted towards the hold and the directory's lockout.
+    return BasicCredentials(username=_text(raw_user), password=_text(raw_password).encode(), header=value.strip())
+
+
+def _text(raw: bytes) -> str:
+    """A part of Basic credentials as text: UTF-8 where it is valid UTF-8, else Latin-1 (every byte a character)."""
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        username = raw_user.decode("latin-1")
-    return BasicCredentials(username=username, password=password, header=value.strip())
+        return raw.decode("latin-1")
 
 
 # The shared table's namespaces (`SharedTable.digest`) of an account, the principal the KDC named whatever name form

@@ -45,6 +45,17 @@ def test_basic_header_is_parsed_and_the_password_kept_out_of_repr() -> None:
     assert latin.username == "jürgen"
 
 
+def test_a_latin1_password_goes_to_the_kdc_as_utf8() -> None:
+    """A password sent in Latin-1 (not valid UTF-8) is the UTF-8 of the same text, as the KDC derives keys from;
+    one sent in UTF-8 is kept byte for byte."""
+    latin = parse_basic(basic("jürgen:Pässwört".encode("latin-1")))
+    utf8 = parse_basic(basic("jürgen:Pässwört".encode()))
+    assert latin is not None
+    assert utf8 is not None
+    assert latin.password == utf8.password == "Pässwört".encode()
+    assert latin.header != utf8.header  # a backend_auth = "basic" route gets the header as the device sent it
+
+
 @pytest.mark.parametrize(
     "header",
     [

@@ -1,0 +1,94 @@
+"""Basic credentials as devices (and attackers) send them, against a real gateway and the lab's real KDC.
+
+Requests are written with `http.client` so that a test chooses every byte of the `Authorization` field (its
+charset, how many there are); the KDC's own log is the witness for what reached it, and the gateway's summary lines
+say who was served.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.lab.layout import REALM, LabLayout
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.test_ticket_cache import _kadmin
+
+BASIC = """
+[authentication]
+mode = "basic"
+basic_failures_per_user = 100
+basic_failures_per_address = 1000
+"""
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+
+    @property
+    def principal(self) -> str:
+        """Who the lab backend was told it serves."""
+        return str(json.loads(self.body)["principal"])
+
+
+def send(lab: LabLayout, gw: Gateway, *authorizations: str) -> Answer:
+    """One request on a connection of its own, with exactly these `Authorization` fields (none, one or several)."""
+    gw.mark()
+    conn = http.client.HTTPSConnection("127.0.0.1", gw.port, context=client_context(lab, None), timeout=60)
+    try:
+        conn.putrequest("GET", "/owa/")
+        for value in authorizations:
+            conn.putheader("Authorization", value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return Answer(response.status, response.read())
+    finally:
+        conn.close()
+
+
+def basic(raw: bytes) -> str:
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def kdc_lines(lab: LabLayout, needle: str) -> list[str]:
+    """The KDC's log lines for AS and TGS requests that contain `needle`."""
+    lines = lab.kdc_log.read_text(errors="replace").splitlines()
+    return [line for line in lines if ("AS_REQ" in line or "TGS_REQ" in line) and needle in line]
+
+
+def new_user(lab: LabLayout, password: str) -> str:
+    """A principal of its own with `password`, so no other test's sign-ins or failures touch it; its name."""
+    name = f"bc{uuid.uuid4().hex[:10]}"
+    _kadmin(lab, f"addprinc -pw {password} {name}")
+    return name
+
+
+@pytest.fixture(scope="module")
+def gw(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = start_gateway(lab, tmp_path_factory.mktemp("basic"), lab_config(lab, port=free_port(), extra=BASIC))
+    yield gateway
+    gateway.stop()
+
+
+def test_a_device_sending_latin1_signs_in_with_a_non_ascii_password(lab: LabLayout, gw: Gateway) -> None:
+    """A device that encodes `user:password` in Latin-1 (RFC 7617 names no charset without `charset="UTF-8"`; older
+    devices send Latin-1) signs in with a password holding ä and ö, and the same password sent in UTF-8 is the same
+    sign-in (served from its cache entry). The KDC derives the key from the password's UTF-8 (AD too): the Latin-1
+    bytes were a wrong password, 401 and a failure counted towards the user's hold and the directory's lockout."""
+    password = f"Pässwörd-{uuid.uuid4().hex[:6]}"
+    name = new_user(lab, password)
+    latin = send(lab, gw, basic(f"{name}:{password}".encode("latin-1")))
+    assert latin.status == 200, latin
+    assert latin.principal == f"{name}@{REALM}"
+    assert gw.wait_event("request", principal=f"{name}@{REALM}")["basic_cached"] is False
+    utf8 = send(lab, gw, basic(f"{name}:{password}".encode()))
+    assert utf8.status == 200, utf8
+    assert gw.wait_event("request", principal=f"{name}@{REALM}")["basic_cached"] is True
