@@ -18,7 +18,8 @@ same within that time is served without the KDC, as that user. Any other passwor
 after the time, is checked with the KDC again; a failed re-verification of the cached password drops
 the entry, a wrong *other* password does not (a guess says nothing about the password the KDC accepted).
 The price is that a password changed or an account disabled in the directory keeps working from the
-cache for at most that long (a disabled or locked account drops the entry as soon as the KDC says so).
+cache for at most that long (a disabled or locked account drops the entry as soon as the KDC says so; a reload
+drops every entry, as it drops every cached ticket).
 
 User keys follow the directory: Active Directory compares user names without regard to case, so
 `ALICE`, `Alice` and `alice` are one user to the cache, the throttle and the per-user lock (a
@@ -204,6 +205,7 @@ class CredentialCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._known: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (digest, until)
         self._forgotten: OrderedDict[str, float] = OrderedDict()  # key -> when (monotonic) `forget` last dropped it
+        self._cleared = -math.inf  # when (monotonic) `clear` last dropped every entry
 
     def digest(self, key: str, password: bytes) -> bytes:
         """The hash kept instead of the password (CPU-bound, about 2 ms: call it from a thread)."""
@@ -259,7 +261,7 @@ class CredentialCache:
         if self._known_for > 0:
             self._know(key, digest, now)
         if asked is not None and (
-            self._forgotten.get(key, -math.inf) >= asked
+            max(self._forgotten.get(key, -math.inf), self._cleared) >= asked
             or (self._shared is not None and self._shared.until(account, kind=_FORGOTTEN) >= asked)  # any worker's
         ):
             return
@@ -301,6 +303,12 @@ class CredentialCache:
         known = self._known.get(key)
         if known is not None and (digest is None or hmac.compare_digest(known[0], digest)):
             del self._known[key]
+
+    def clear(self) -> None:
+        """Drop every entry (a reload: every user's next request is a KDC check); a sign-in begun before is not kept.
+        The passwords the KDC last accepted stay known: a held user's own device still gets through its hold."""
+        self._entries.clear()
+        self._cleared = time.monotonic()
 
     def forget_account(self, principal: str) -> None:
         """Drop every entry whose sign-in the KDC gave `principal` (up to ASCII case), whatever name it was asked."""
@@ -579,6 +587,11 @@ class BasicLogin:
         one account), not only the ended request's."""
         self._cache.forget(user_key(asked_name(login.user)))
         self._cache.forget_account(login.ticket.principal)
+
+    def forget_sign_ins(self) -> None:
+        """Drop every verified password (a reload drops every cached ticket, these users' own TGTs too): each user's
+        next request asks the KDC, which refuses an account disabled since."""
+        self._cache.clear()
 
     def _user(self, username: str) -> UserPrincipal:
         """The principal a Basic user name names; 401 for a name of a domain nobody configured (before anything is

@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +94,27 @@ def test_a_device_sending_latin1_signs_in_with_a_non_ascii_password(lab: LabLayo
     utf8 = send(lab, gw, basic(f"{name}:{password}".encode()))
     assert utf8.status == 200, utf8
     assert gw.wait_event("request", principal=f"{name}@{REALM}")["basic_cached"] is True
+
+
+def test_a_reload_drops_the_verified_passwords_so_a_disabled_user_is_refused(lab: LabLayout, tmp_path: Path) -> None:
+    """A reload drops every cached ticket, a Basic sign-in's too: a user signed in from the cache (the TGT the KDC
+    gave for the password), disabled in the KDC, and a SIGHUP that changes nothing: the next request asks the KDC
+    again and is refused (403). The sign-ins outlived a reload that left [authentication], [identity] and
+    [kerberos] alone (served 200 from the cache for up to basic_cache_seconds), and only such a reload."""
+    password = f"Reload-{uuid.uuid4().hex[:8]}"
+    name = new_user(lab, password)
+    text = lab_config(lab, port=free_port(), extra=BASIC)
+    gateway = start_gateway(lab, tmp_path, text)
+    try:
+        assert send(lab, gateway, basic(f"{name}:{password}".encode())).status == 200
+        assert send(lab, gateway, basic(f"{name}:{password}".encode())).status == 200
+        assert gateway.wait_event("request", principal=f"{name}@{REALM}")["basic_cached"] is True
+        _kadmin(lab, f"modprinc -allow_tix {name}")
+        gateway.mark()
+        gateway.proc.send_signal(signal.SIGHUP)
+        assert gateway.wait_event("reloaded")["changed"] == []
+        refused = send(lab, gateway, basic(f"{name}:{password}".encode()))
+        assert refused.status == 403, refused
+        assert gateway.wait_event("kerberos_refused")["reason"].startswith(f"the account {name}@{REALM} is disabled")
+    finally:
+        gateway.stop()

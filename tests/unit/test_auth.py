@@ -99,6 +99,22 @@ def test_names_that_would_change_meaning_are_refused(name: str) -> None:
         map_name(name, IDENTITY, source="basic")
 
 
+def test_clearing_the_cache_drops_every_entry_and_sign_ins_begun_before_but_keeps_known_passwords() -> None:
+    """`clear` (a reload) drops every fresh entry, and a sign-in that began before it is not kept when the KDC's
+    answer comes after; the password the KDC last accepted stays known (a held user's device passes its hold)."""
+    cache = CredentialCache(60, known_for=600)
+    good = cache.digest("alice@lab.test", b"alice-Pa55")
+    cache.put("alice@lab.test", good, USER, ticket(), now=time.monotonic())
+    began = time.monotonic()
+    cache.clear()
+    assert cache.get("alice@lab.test", good, now=time.monotonic()) is None
+    cache.put("alice@lab.test", good, USER, ticket(), now=time.monotonic(), asked=began)
+    assert cache.get("alice@lab.test", good, now=time.monotonic()) is None
+    assert cache.known("alice@lab.test", time.monotonic(), good)
+    cache.put("alice@lab.test", good, USER, ticket(), now=time.monotonic(), asked=time.monotonic())
+    assert cache.get("alice@lab.test", good, now=time.monotonic()) is not None
+
+
 def test_cache_serves_the_same_password_until_it_expires() -> None:
     """A verified password is served from the cache for ttl seconds; another password or user is not."""
     cache = CredentialCache(60)
