@@ -118,3 +118,20 @@ def test_a_reload_drops_the_verified_passwords_so_a_disabled_user_is_refused(lab
         assert gateway.wait_event("kerberos_refused")["reason"].startswith(f"the account {name}@{REALM} is disabled")
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("order", ["good-first", "wrong-first"])
+def test_two_authorization_fields_are_a_bad_request(lab: LabLayout, gw: Gateway, order: str) -> None:
+    """A request with two Authorization fields (one a user's right password, one another user's guess) is 400 naming
+    the header, whichever comes first, and neither reaches the KDC: the gateway read the first one only, and a
+    balancer, a WAF or a backend_auth = "basic" site reading the last would have judged another user."""
+    password = f"Two-{uuid.uuid4().hex[:8]}"
+    name, other = new_user(lab, password), new_user(lab, password)
+    fields = [basic(f"{name}:{password}".encode()), basic(f"{other}:guess".encode())]
+    answer = send(lab, gw, *(fields if order == "good-first" else fields[::-1]))
+    assert answer.status == 400, answer
+    assert b"one Authorization header" in answer.body
+    assert "Authorization" in gw.wait_event("request_refused", stage="request")["fix"]
+    assert kdc_lines(lab, name) == []
+    assert kdc_lines(lab, other) == []
+    assert send(lab, gw, fields[0]).principal == f"{name}@{REALM}"  # one field: signed in
