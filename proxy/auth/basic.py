@@ -120,6 +120,9 @@ _THROTTLE_CAP = 300.0
 _THROTTLE_FORGET = 900.0  # seconds after its last failure when a key starts afresh
 _PACE_SEED = 0.05  # seconds: the refusal pace before any password check of an existing account was timed
 _PACE_SAMPLES = 32
+# The longest user name tried: AD keeps a userPrincipalName to 1,024 characters (its schema's rangeUpper), and a
+# down-level DOMAIN\user is far shorter. A longer one is nobody's: not sent to the KDC, logged or kept as a key.
+MAX_USER_NAME = 1024
 
 
 def user_key(principal: str) -> str:
@@ -595,7 +598,14 @@ class BasicLogin:
 
     def _user(self, username: str) -> UserPrincipal:
         """The principal a Basic user name names; 401 for a name of a domain nobody configured (before anything is
-        hashed or asked: `EVIL\\alice` is not alice of the default realm) or a name that is not plain."""
+        hashed or asked: `EVIL\\alice` is not alice of the default realm), a name that is not plain, or one longer than
+        any directory's (`MAX_USER_NAME`)."""
+        if len(username) > MAX_USER_NAME:
+            raise AuthenticationRequired(
+                f"the user name is longer than {MAX_USER_NAME} characters",
+                hint=f"a Basic user name of {len(username)} characters, starting {username[:40]!r}",
+                challenge=self.challenge,
+            )
         down_level = "\\" in username
         domain = username.rpartition("\\")[0] if down_level else username.rpartition("@")[2] if "@" in username else ""
         if domain and domain_realm(domain, self._identity, down_level=down_level) is None:

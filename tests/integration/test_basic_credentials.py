@@ -135,3 +135,16 @@ def test_two_authorization_fields_are_a_bad_request(lab: LabLayout, gw: Gateway,
     assert kdc_lines(lab, name) == []
     assert kdc_lines(lab, other) == []
     assert send(lab, gw, fields[0]).principal == f"{name}@{REALM}"  # one field: signed in
+
+
+def test_a_user_name_longer_than_any_directorys_never_reaches_the_kdc_or_the_log(lab: LabLayout, gw: Gateway) -> None:
+    """A user name of 2,000 characters (AD keeps userPrincipalName to 1,024) is 401 at once, saying so: it reached
+    the KDC, was logged whole (twice a line) and kept whole as a throttle key (100,000 of them up to the 96 KiB a
+    header field may hold: gigabytes)."""
+    name = "u" + uuid.uuid4().hex[:8] * 250
+    answer = send(lab, gw, basic(f"{name}:whatever".encode()))
+    assert answer.status == 401, answer
+    assert b"1024 characters" in answer.body
+    assert gw.wait_event("authentication_required")["stage"] == "authentication"
+    assert kdc_lines(lab, name[:100]) == []
+    assert name[:1025] not in gw.log_path.read_text()
