@@ -19,7 +19,8 @@ after the time, is checked with the KDC again; a failed re-verification of the c
 the entry, a wrong *other* password does not (a guess says nothing about the password the KDC accepted).
 The price is that a password changed or an account disabled in the directory keeps working from the
 cache for at most that long (a disabled or locked account drops the entry as soon as the KDC says so; a reload
-drops every entry, as it drops every cached ticket).
+drops every entry, as it drops every cached ticket). An entry ends sooner where the user's TGT does (MIT's maxlife,
+AD's logon hours): served on, its requests failed at the backend token for the rest of the time.
 
 User keys follow the directory: Active Directory compares user names without regard to case, so
 `ALICE`, `Alice` and `alice` are one user to the cache, the throttle and the per-user lock (a
@@ -123,6 +124,9 @@ _PACE_SAMPLES = 32
 # The longest user name tried: AD keeps a userPrincipalName to 1,024 characters (its schema's rangeUpper), and a
 # down-level DOMAIN\user is far shorter. A longer one is nobody's: not sent to the KDC, logged or kept as a key.
 MAX_USER_NAME = 1024
+# Seconds before its TGT ends when a sign-in stops being served from the cache: time for the request's token (a
+# service ticket asked with that TGT) and its way to the backend.
+_TICKET_MARGIN = 10.0
 
 
 def user_key(principal: str) -> str:
@@ -270,9 +274,10 @@ class CredentialCache:
             return
         if self._known_for > 0 and self._shared is not None:  # the account signed in again: served by every worker
             self._shared.keep_known(account, digest, now + self._known_for, kind=_ACCOUNT)
-        if self._ttl <= 0:
+        ttl = min(self._ttl, ticket.lifetime - _TICKET_MARGIN)  # never served on a TGT that has ended
+        if ttl <= 0:
             return
-        self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
+        self._entries[key] = _Entry(digest, now + ttl, user, ticket)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)

@@ -11,6 +11,7 @@ import base64
 import http.client
 import json
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,3 +149,31 @@ def test_a_user_name_longer_than_any_directorys_never_reaches_the_kdc_or_the_log
     assert gw.wait_event("authentication_required")["stage"] == "authentication"
     assert kdc_lines(lab, name[:100]) == []
     assert name[:1025] not in gw.log_path.read_text()
+
+
+def test_a_sign_in_is_not_served_from_the_cache_past_its_tickets_end(lab: LabLayout, tmp_path: Path) -> None:
+    """A user whose TGT lives 16 s (MIT's maxlife; AD ends a TGT early too, at the end of the user's logon hours)
+    polls every half second for 19 s with basic_cache_seconds = 60: every request is 200, the first ones from the
+    cache. The cache entry outlived its TGT, and each request after the ticket's end was 502
+    `kerberos_misconfigured` ("a ticket of the gateway has expired: check the gateway's clock") until the entry's
+    60 s were up."""
+    password = f"Short-{uuid.uuid4().hex[:8]}"
+    name = f"bc{uuid.uuid4().hex[:10]}"
+    _kadmin(lab, f'addprinc -pw {password} -maxlife "16 seconds" {name}')
+    extra = BASIC + "basic_cache_seconds = 60\n"
+    gateway = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    try:
+        since = gateway.mark()
+        signed_in = time.monotonic()
+        statuses = []
+        while time.monotonic() < signed_in + 19:  # past the ticket's end, one request after the other
+            statuses.append(send(lab, gateway, basic(f"{name}:{password}".encode())).status)
+            time.sleep(0.5)  # a device's polling interval, not a wait for the gateway
+        assert set(statuses) == {200}, statuses
+        assert gateway.events("kerberos_misconfigured") == []
+        cached = [e["basic_cached"] for e in gateway.events("request", after=since) if e.get("status") == 200]
+        assert cached[0] is False
+        assert True in cached  # while the ticket lives, the cache serves
+        assert cached.count(False) >= 2  # after it, the KDC is asked again (and the new ticket served from the cache)
+    finally:
+        gateway.stop()

@@ -115,6 +115,18 @@ def test_clearing_the_cache_drops_every_entry_and_sign_ins_begun_before_but_keep
     assert cache.get("alice@lab.test", good, now=time.monotonic()) is not None
 
 
+def test_a_cache_entry_ends_before_its_ticket_does() -> None:
+    """An entry is served until basic_cache_seconds or until 10 s before its TGT ends, whichever comes first; a
+    TGT with less than that left is not kept at all."""
+    cache = CredentialCache(60)
+    good = cache.digest("alice@lab.test", b"alice-Pa55")
+    cache.put("alice@lab.test", good, USER, dataclasses.replace(ticket(), lifetime=30), now=100)
+    assert cache.get("alice@lab.test", good, now=119) is not None
+    assert cache.get("alice@lab.test", good, now=120) is None
+    cache.put("alice@lab.test", good, USER, dataclasses.replace(ticket(), lifetime=10), now=200)
+    assert cache.get("alice@lab.test", good, now=200) is None
+
+
 def test_cache_serves_the_same_password_until_it_expires() -> None:
     """A verified password is served from the cache for ttl seconds; another password or user is not."""
     cache = CredentialCache(60)
