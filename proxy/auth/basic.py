@@ -4,7 +4,8 @@ Theory of operation. `Authorization: Basic base64(user:password)` (RFC 7617) nam
 device's mail account does: `alice`, `LAB\\alice` or `alice@lab.test`; `proxy.identity.principal.map_name`
 turns that into a principal of a realm the configuration names (the default realm or a `realm_map`
 value). A name whose domain the configuration does not name (`domain_realm`: `EVIL\\alice`, `alice@evil.test`)
-is refused (401) without asking anyone, hashing anything or counting against a throttle. The password is
+is refused (401) without asking anyone, hashing anything or counting against a throttle, and so is a name longer than
+any directory holds (`MAX_USER_NAME`). The password is
 checked by the user's own AS exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway
 holding the user's TGT; the backend then gets a Negotiate token from that TGT, or, on routes with
 `backend_auth = "basic"`, the client's own Basic header, and on no other route. The credentials are read as UTF-8,
