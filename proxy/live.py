@@ -128,6 +128,7 @@ class Live:
             old.revocation.hand_over(gateway.revocation, gateway.trust)  # held requests: judged by the new trust
             dropped = len(old.delegator)  # a replaced delegator's go when the old gateway's last request ends
             gateway.delegator.clear()  # issue #7: delegated tickets do not outlive a reload (a kept delegator's)
+            gateway.basic.forget_sign_ins()  # nor Basic's verified passwords and their TGTs (a kept BasicLogin's)
             if gateway.config.listener.proxy_protocol:
                 self.balancers = gateway.config.listener.trusted_proxies
             self.generation += 1

@@ -4,10 +4,12 @@ Theory of operation. `Authorization: Basic base64(user:password)` (RFC 7617) nam
 device's mail account does: `alice`, `LAB\\alice` or `alice@lab.test`; `proxy.identity.principal.map_name`
 turns that into a principal of a realm the configuration names (the default realm or a `realm_map`
 value). A name whose domain the configuration does not name (`domain_realm`: `EVIL\\alice`, `alice@evil.test`)
-is refused (401) without asking anyone, hashing anything or counting against a throttle. The password is
+is refused (401) without asking anyone, hashing anything or counting against a throttle, and so is a name longer than
+any directory holds (`MAX_USER_NAME`). The password is
 checked by the user's own AS exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway
 holding the user's TGT; the backend then gets a Negotiate token from that TGT, or, on routes with
-`backend_auth = "basic"`, the client's own Basic header, and on no other route.
+`backend_auth = "basic"`, the client's own Basic header, and on no other route. The credentials are read as UTF-8,
+or as Latin-1 where they are not valid UTF-8 (older devices), and the password goes to the KDC as UTF-8 either way.
 
 A device polls (ActiveSync every few seconds to minutes), so a verified password is remembered for
 `authentication.basic_cache_seconds` (default 60): the cache keeps, per user, a salted scrypt hash of
@@ -17,7 +19,9 @@ same within that time is served without the KDC, as that user. Any other passwor
 after the time, is checked with the KDC again; a failed re-verification of the cached password drops
 the entry, a wrong *other* password does not (a guess says nothing about the password the KDC accepted).
 The price is that a password changed or an account disabled in the directory keeps working from the
-cache for at most that long (a disabled or locked account drops the entry as soon as the KDC says so).
+cache for at most that long (a disabled or locked account drops the entry as soon as the KDC says so; a reload
+drops every entry, as it drops every cached ticket). An entry ends sooner where the user's TGT does (MIT's maxlife,
+AD's logon hours): served on, its requests failed at the backend token for the rest of the time.
 
 User keys follow the directory: Active Directory compares user names without regard to case, so
 `ALICE`, `Alice` and `alice` are one user to the cache, the throttle and the per-user lock (a
@@ -118,6 +122,12 @@ _THROTTLE_CAP = 300.0
 _THROTTLE_FORGET = 900.0  # seconds after its last failure when a key starts afresh
 _PACE_SEED = 0.05  # seconds: the refusal pace before any password check of an existing account was timed
 _PACE_SAMPLES = 32
+# The longest user name tried: AD keeps a userPrincipalName to 1,024 characters (its schema's rangeUpper), and a
+# down-level DOMAIN\user is far shorter. A longer one is nobody's: not sent to the KDC, logged or kept as a key.
+MAX_USER_NAME = 1024
+# Seconds before its TGT ends when a sign-in stops being served from the cache: time for the request's token (a
+# service ticket asked with that TGT) and its way to the backend.
+_TICKET_MARGIN = 10.0
 
 
 def user_key(principal: str) -> str:
@@ -147,16 +157,23 @@ def parse_basic(value: str | None) -> BasicCredentials | None:
         decoded = base64.b64decode(encoded.strip(), validate=True)
     except (binascii.Error, ValueError):
         return None
-    raw_user, colon, password = decoded.partition(b":")
-    if not colon or not raw_user or not password or b"\x00" in password:
+    raw_user, colon, raw_password = decoded.partition(b":")
+    if not colon or not raw_user or not raw_password or b"\x00" in raw_password:
         # Kerberos reads a password up to its first NUL ("secret\0junk" would pass as "secret"), and an empty one
         # is no proof (GSSAPI refuses it as an invalid argument, which read as a misconfiguration): neither is tried.
         return None
-    try:  # RFC 7617 leaves the charset open; devices send UTF-8 or, the older ones, Latin-1
-        username = raw_user.decode("utf-8")
+    # RFC 7617 leaves the charset open without `charset="UTF-8"`; devices send UTF-8 or, the older ones, Latin-1. The
+    # KDC derives the user's key from the password's UTF-8 (AD from its UTF-16 as UTF-8), so a Latin-1 password goes
+    # to it as UTF-8: as sent, `Pässwort` was a wrong password, counted towards the hold and the directory's lockout.
+    return BasicCredentials(username=_text(raw_user), password=_text(raw_password).encode(), header=value.strip())
+
+
+def _text(raw: bytes) -> str:
+    """A part of Basic credentials as text: UTF-8 where it is valid UTF-8, else Latin-1 (every byte a character)."""
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        username = raw_user.decode("latin-1")
-    return BasicCredentials(username=username, password=password, header=value.strip())
+        return raw.decode("latin-1")
 
 
 # The shared table's namespaces (`SharedTable.digest`) of an account, the principal the KDC named whatever name form
@@ -196,6 +213,7 @@ class CredentialCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._known: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (digest, until)
         self._forgotten: OrderedDict[str, float] = OrderedDict()  # key -> when (monotonic) `forget` last dropped it
+        self._cleared = -math.inf  # when (monotonic) `clear` last dropped every entry
 
     def digest(self, key: str, password: bytes) -> bytes:
         """The hash kept instead of the password (CPU-bound, about 2 ms: call it from a thread)."""
@@ -251,15 +269,16 @@ class CredentialCache:
         if self._known_for > 0:
             self._know(key, digest, now)
         if asked is not None and (
-            self._forgotten.get(key, -math.inf) >= asked
+            max(self._forgotten.get(key, -math.inf), self._cleared) >= asked
             or (self._shared is not None and self._shared.until(account, kind=_FORGOTTEN) >= asked)  # any worker's
         ):
             return
         if self._known_for > 0 and self._shared is not None:  # the account signed in again: served by every worker
             self._shared.keep_known(account, digest, now + self._known_for, kind=_ACCOUNT)
-        if self._ttl <= 0:
+        ttl = min(self._ttl, ticket.lifetime - _TICKET_MARGIN)  # never served on a TGT that has ended
+        if ttl <= 0:
             return
-        self._entries[key] = _Entry(digest, now + self._ttl, user, ticket)
+        self._entries[key] = _Entry(digest, now + ttl, user, ticket)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
@@ -293,6 +312,12 @@ class CredentialCache:
         known = self._known.get(key)
         if known is not None and (digest is None or hmac.compare_digest(known[0], digest)):
             del self._known[key]
+
+    def clear(self) -> None:
+        """Drop every entry (a reload: every user's next request is a KDC check); a sign-in begun before is not kept.
+        The passwords the KDC last accepted stay known: a held user's own device still gets through its hold."""
+        self._entries.clear()
+        self._cleared = time.monotonic()
 
     def forget_account(self, principal: str) -> None:
         """Drop every entry whose sign-in the KDC gave `principal` (up to ASCII case), whatever name it was asked."""
@@ -572,9 +597,21 @@ class BasicLogin:
         self._cache.forget(user_key(asked_name(login.user)))
         self._cache.forget_account(login.ticket.principal)
 
+    def forget_sign_ins(self) -> None:
+        """Drop every verified password (a reload drops every cached ticket, these users' own TGTs too): each user's
+        next request asks the KDC, which refuses an account disabled since."""
+        self._cache.clear()
+
     def _user(self, username: str) -> UserPrincipal:
         """The principal a Basic user name names; 401 for a name of a domain nobody configured (before anything is
-        hashed or asked: `EVIL\\alice` is not alice of the default realm) or a name that is not plain."""
+        hashed or asked: `EVIL\\alice` is not alice of the default realm), a name that is not plain, or one longer than
+        any directory's (`MAX_USER_NAME`)."""
+        if len(username) > MAX_USER_NAME:
+            raise AuthenticationRequired(
+                f"the user name is longer than {MAX_USER_NAME} characters",
+                hint=f"a Basic user name of {len(username)} characters, starting {username[:40]!r}",
+                challenge=self.challenge,
+            )
         down_level = "\\" in username
         domain = username.rpartition("\\")[0] if down_level else username.rpartition("@")[2] if "@" in username else ""
         if domain and domain_realm(domain, self._identity, down_level=down_level) is None:

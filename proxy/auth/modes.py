@@ -17,7 +17,8 @@ the answer is 401 with `WWW-Authenticate: Basic realm="..."`; in certificate-and
 proof is 403 (the mode's contract), still naming the Basic scheme so a client knows what to send, and a
 certificate and a login for different users are 403. A route with `backend_auth = "basic"` needs the
 password itself, so there even a certificate user of certificate-or-basic is asked for it (and it
-must name the certificate's user).
+must name the certificate's user). A request with several Authorization fields is 400 wherever a password is read:
+the gateway would judge one, and whatever reads another (a balancer, a backend_auth = "basic" site) another user.
 
 With a password, the backend gets a token from the user's own ticket (no S4U); with a certificate alone,
 the Kerberos stage impersonates and delegates.
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from proxy.auth.basic import BasicLogin, PasswordLogin, parse_basic
 from proxy.config import AuthMode, Route
 from proxy.device.request import DeviceRequest
-from proxy.errors import IdentityRejected, NoCertificate
+from proxy.errors import BadRequest, IdentityRejected, NoCertificate
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.delegate import asked_name
 
@@ -73,7 +74,13 @@ async def authenticate(
     alone = by_certificate(mode, certified, route)
     if alone is not None:
         return alone
-    credentials = parse_basic(request.headers.get("Authorization"))
+    fields = request.headers.getall("Authorization", ())
+    if len(fields) > 1:  # one is read; a balancer, a WAF or a backend_auth = "basic" site may read another
+        raise BadRequest(
+            "send one Authorization header, not several",
+            hint=f"{len(fields)} Authorization header fields: a request carries one set of credentials",
+        )
+    credentials = parse_basic(fields[0] if fields else None)
     if credentials is None:
         if mode == "certificate-and-basic":
             raise IdentityRejected(

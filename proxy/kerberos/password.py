@@ -22,6 +22,7 @@ unreachable KDC 503 (`proxy.kerberos.hints`). The calls block on the KDC: run th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import gssapi
@@ -50,6 +51,7 @@ class UserTicket:
 
     principal: str
     creds: gssapi.Credentials = field(repr=False)
+    lifetime: float = math.inf  # seconds the TGT had left when the KDC gave it (its maxlife, AD's logon hours)
 
 
 def user_name(user: UserPrincipal) -> gssapi.Name:
@@ -64,7 +66,8 @@ def login_blocking(user: UserPrincipal, password: bytes) -> UserTicket:
     try:
         result = gssapi.raw.acquire_cred_with_password(user_name(user), password, usage="initiate", mechs=_MECHS)
         creds = gssapi.Credentials(base=result.creds)
-        return UserTicket(principal=str(creds.name), creds=creds)
+        lifetime = result.lifetime  # None: indefinite
+        return UserTicket(str(creds.name), creds, math.inf if lifetime is None else float(lifetime))
     except gssapi.raw.GSSError as e:
         raise refusal(e.gen_message(), user.principal) from None
 

@@ -6,15 +6,26 @@ realm's namespace; the backend echoes whom it authenticated."""
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from proxy.lab import ad, ad_mapping
-from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, ad_curl, start_ad_gateway, status_and_body
+from tests.integration.ad_fixtures import (
+    AD_TIMEOUT,
+    AdProcess,
+    _locked,
+    _start,
+    ad_curl,
+    start_ad_gateway,
+    status_and_body,
+)
+from tests.integration.test_ad_lockout import _directory_says
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
@@ -175,3 +186,23 @@ def test_certificate_and_basic_under_strong_mapping_is_one_account_by_its_upn(
         assert status == 403, body
     finally:
         gw.stop()
+
+
+def test_a_device_sending_latin1_signs_in_at_ad_and_costs_no_bad_password(
+    ad_realm: ad.AdRealm, basic_gw: AdProcess
+) -> None:
+    """An AD user whose password holds ä and ö, from a device that encodes `user:password` in Latin-1: 200, and the
+    DC's badPwdCount stays 0. AD derives the user's keys from the password's UTF-8; the Latin-1 bytes went to it as
+    they came, a wrong password (401) that the DC counted towards the account's lockout on every poll."""
+    name, password = f"latin{uuid.uuid4().hex[:6]}", "Pässwört-Ad-1"
+    with _locked(ad_realm.root):
+        ad_realm.samba_tool("user", "create", name, password)
+    try:
+        header = "Authorization: Basic " + base64.b64encode(f"{name}:{password}".encode("latin-1")).decode()
+        status, body = status_and_body(ad_curl(ad_realm, f"{basic_gw.url}/owa/", None, "-H", header))
+        assert status == 200, body
+        assert json.loads(body)["principal"].lower() == f"{name}@ad.test"
+        assert _directory_says(ad_realm, name) == (0, 0)
+    finally:
+        with _locked(ad_realm.root):
+            ad_realm.samba_tool("user", "delete", name)

@@ -51,6 +51,7 @@ ACCOUNTS = {
     "sx-long": "long-s3cret-" + "Yq8wErT5" * 40,
     "sx-expired": "exp1red-s3cret-Hr5",
     "sx-held": "h3ld-own-s3cret-Fv2",
+    "sx-latin1": "lätin-s3cret-Öq5",  # also sent as Latin-1 (an older device), which goes to the KDC as UTF-8
 }
 WRONG = "wr0ng-s3cret-Jm2"
 GUESSES = [f"gu3ss-s3cret-N{i}q" for i in range(4)]
@@ -109,8 +110,8 @@ class HostileBackend:
         self._sock.close()
 
 
-def _basic(user: str, password: str) -> str:
-    return base64.b64encode(f"{user}:{password}".encode()).decode()
+def _basic(user: str, password: str, charset: str = "utf-8") -> str:
+    return base64.b64encode(f"{user}:{password}".encode(charset)).decode()
 
 
 def _device_headers(authorization: str, *, cookie: bool = True) -> list[str]:
@@ -255,6 +256,9 @@ def _run_scene(lab: LabLayout, scene: Scene) -> None:
         for path in (f"/capture/g{query}", "/basic-route/h"):
             answer = _curl(lab, scene, path, None, *_device_headers(f"Basic {_basic(user, password)}"))
             assert _status(answer) == 200, (user, answer[-300:])
+    latin1 = _device_headers(f"Basic {_basic('sx-latin1', ACCOUNTS['sx-latin1'], 'latin-1')}")
+    for path in (f"/capture/g{query}", "/basic-route/h"):
+        assert _status(_curl(lab, scene, path, None, *latin1)) == 200
     # refused passwords: wrong, expired, a disabled account's right one, an unknown user, a held user's guesses
     refused = [("alice", WRONG), ("sx-expired", ACCOUNTS["sx-expired"]), ("dave", DISABLED_USERS["dave"]), UNKNOWN]
     refused += [("sx-held", guess) for guess in GUESSES]
@@ -353,6 +357,9 @@ def _secrets(lab: LabLayout, scene: Scene) -> dict[str, str]:
         found[password[:16]] = f"the start of {user}'s password"
         found[_basic(user, password)] = f"{user}'s Basic credentials"
         found[password.encode().hex()] = f"{user}'s password (hex)"
+    latin1 = ACCOUNTS["sx-latin1"]
+    found[_basic("sx-latin1", latin1, "latin-1")] = "sx-latin1's Basic credentials, as Latin-1"
+    found[latin1.encode("latin-1").hex()] = "sx-latin1's password as Latin-1 (hex)"
     for user, password in [("alice", WRONG), UNKNOWN, ("carol", WRONG), *(("sx-held", g) for g in GUESSES)]:
         found[_basic(user, password)] = "refused Basic credentials"
     for keytab in (lab.proxy_keytab, lab.backend_keytab, lab.other_keytab):

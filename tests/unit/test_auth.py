@@ -45,6 +45,17 @@ def test_basic_header_is_parsed_and_the_password_kept_out_of_repr() -> None:
     assert latin.username == "jürgen"
 
 
+def test_a_latin1_password_goes_to_the_kdc_as_utf8() -> None:
+    """A password sent in Latin-1 (not valid UTF-8) is the UTF-8 of the same text, as the KDC derives keys from;
+    one sent in UTF-8 is kept byte for byte."""
+    latin = parse_basic(basic("jürgen:Pässwört".encode("latin-1")))
+    utf8 = parse_basic(basic("jürgen:Pässwört".encode()))
+    assert latin is not None
+    assert utf8 is not None
+    assert latin.password == utf8.password == "Pässwört".encode()
+    assert latin.header != utf8.header  # a backend_auth = "basic" route gets the header as the device sent it
+
+
 @pytest.mark.parametrize(
     "header",
     [
@@ -86,6 +97,34 @@ def test_names_that_would_change_meaning_are_refused(name: str) -> None:
     """Service-like names, an empty domain, whitespace and double '@' never become principals."""
     with pytest.raises(IdentityRejected):
         map_name(name, IDENTITY, source="basic")
+
+
+def test_clearing_the_cache_drops_every_entry_and_sign_ins_begun_before_but_keeps_known_passwords() -> None:
+    """`clear` (a reload) drops every fresh entry, and a sign-in that began before it is not kept when the KDC's
+    answer comes after; the password the KDC last accepted stays known (a held user's device passes its hold)."""
+    cache = CredentialCache(60, known_for=600)
+    good = cache.digest("alice@lab.test", b"alice-Pa55")
+    cache.put("alice@lab.test", good, USER, ticket(), now=time.monotonic())
+    began = time.monotonic()
+    cache.clear()
+    assert cache.get("alice@lab.test", good, now=time.monotonic()) is None
+    cache.put("alice@lab.test", good, USER, ticket(), now=time.monotonic(), asked=began)
+    assert cache.get("alice@lab.test", good, now=time.monotonic()) is None
+    assert cache.known("alice@lab.test", time.monotonic(), good)
+    cache.put("alice@lab.test", good, USER, ticket(), now=time.monotonic(), asked=time.monotonic())
+    assert cache.get("alice@lab.test", good, now=time.monotonic()) is not None
+
+
+def test_a_cache_entry_ends_before_its_ticket_does() -> None:
+    """An entry is served until basic_cache_seconds or until 10 s before its TGT ends, whichever comes first; a
+    TGT with less than that left is not kept at all."""
+    cache = CredentialCache(60)
+    good = cache.digest("alice@lab.test", b"alice-Pa55")
+    cache.put("alice@lab.test", good, USER, dataclasses.replace(ticket(), lifetime=30), now=100)
+    assert cache.get("alice@lab.test", good, now=119) is not None
+    assert cache.get("alice@lab.test", good, now=120) is None
+    cache.put("alice@lab.test", good, USER, dataclasses.replace(ticket(), lifetime=10), now=200)
+    assert cache.get("alice@lab.test", good, now=200) is None
 
 
 def test_cache_serves_the_same_password_until_it_expires() -> None:
