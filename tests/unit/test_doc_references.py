@@ -1,0 +1,75 @@
+"""What the README and docs/ point a reader to is there: each repository path they name (`proxy/tls/server.py`,
+`tests/integration/test_ad.py`), each Markdown link and its #anchor, and each dotted name in proxy
+(`proxy.tls.limits.HeaderBlockBudget`). A file moved or a function renamed then fails here."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A path in the repository: not part of a longer one (/etc/kcd-proxy/...) nor a placeholder's start (`bench-<time>`).
+PATH = re.compile(r"(?<![\w/.<-])((?:proxy|tests|docs|bench|deploy|config)/[\w./-]*\w)(?![\w-]*<)")
+DOTTED = re.compile(r"(?<![\w/.@-])(proxy(?:\.[A-Za-z_]\w*)+)")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, each space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _headings(doc: Path) -> set[str]:
+    prose = re.sub(r"^ *```.*?^ *```", "", doc.read_text(), flags=re.MULTILINE | re.DOTALL)
+    return {_anchor(h) for h in re.findall(r"^#+ (.*)$", prose, flags=re.MULTILINE)}
+
+
+def _resolve(dotted: str) -> object | None:
+    """The module or attribute `dotted` names (a submodule imported where the package does not hold it), or None."""
+    obj: object = importlib.import_module("proxy")
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[1:], start=2):
+        if not hasattr(obj, part) and hasattr(obj, "__path__"):
+            try:
+                importlib.import_module(".".join(parts[:i]))
+            except ModuleNotFoundError:
+                return None
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_each_repository_path_named_exists(doc: Path) -> None:
+    """Every `proxy/...`, `tests/...`, `docs/...`, `bench/...`, `deploy/...` or `config/...` path it names exists."""
+    assert sorted({p for p in PATH.findall(doc.read_text()) if not (ROOT / p).exists()}) == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_each_link_and_anchor_resolves(doc: Path) -> None:
+    """Every relative Markdown link names a file that exists, and its #anchor a heading of that file."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        name, _, anchor = target.partition("#")
+        linked = (doc.parent / name).resolve() if name else doc
+        if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in _headings(linked)):
+            broken.append(target)
+    assert broken == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_each_dotted_name_in_proxy_resolves(doc: Path) -> None:
+    """Every `proxy.module.name` it names (host names such as proxy.lab.test apart) is a module or an attribute."""
+    missing = []
+    for dotted in set(DOTTED.findall(doc.read_text())):
+        if dotted.endswith(".test"):
+            continue
+        if _resolve(dotted) is None:
+            missing.append(dotted)
+    assert sorted(missing) == []
