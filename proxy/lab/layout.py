@@ -19,7 +19,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 REALM = "LAB.TEST"
-DOMAIN = "lab.test"
 PROXY_SERVICE = "HTTP/proxy.lab.test"  # the gateway's own principal: protocol transition + delegation
 BACKEND_SERVICE = "HTTP/cas.lab.test"  # the Exchange stand-in; in the proxy's delegation allow-list
 OTHER_SERVICE = "HTTP/other.lab.test"  # a real service that is *not* in the allow-list
