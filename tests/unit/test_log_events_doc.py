@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "log-events.md"
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
-EVENT_NAME = re.compile(r"[a-z][a-z_]*")
+EVENT_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def _modules() -> list[ast.Module]:
@@ -62,7 +62,7 @@ def code_events() -> set[str]:
 
 def doc_events() -> set[str]:
     """The events docs/log-events.md's tables name, one a row."""
-    return set(re.findall(r"^\| `([a-z_]+)` \|", DOC.read_text(), flags=re.MULTILINE))
+    return set(re.findall(r"^\| `([a-z0-9_]+)` \|", DOC.read_text(), flags=re.MULTILINE))
 
 
 def test_the_reader_finds_the_events_logged_each_way() -> None:
