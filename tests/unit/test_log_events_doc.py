@@ -6,6 +6,10 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import get_args
+
+from proxy import errors
+from proxy.tls import proxy_protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "log-events.md"
@@ -84,3 +88,12 @@ def test_every_documented_event_is_still_logged() -> None:
 def test_the_readme_links_the_event_reference() -> None:
     """The README, the tour, points to the reference."""
     assert "docs/log-events.md" in (ROOT / "README.md").read_text()
+
+
+def test_the_refusal_counters_labels_are_documented() -> None:
+    """The refusal counter's section names every stage an error refuses at and each PROXY-gate refusal kind."""
+    section = DOC.read_text().partition("## The refusal counter's reasons")[2]
+    refusals = [cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.GatewayError)]
+    stages = {cls.stage for cls in refusals} - {"gateway"}
+    kinds = set(get_args(proxy_protocol.Refusal))
+    assert sorted(name for name in stages | kinds if f"`{name}`" not in section) == []
