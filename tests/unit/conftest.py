@@ -13,6 +13,7 @@ import pytest
 import structlog
 
 from proxy.certs.chain import TrustList
+from proxy.kerberos import profile
 from proxy.lab.pki import Pki, make_pki
 from proxy.observability import logging as proxy_logging
 
@@ -48,3 +49,14 @@ def out() -> Iterator[io.StringIO]:
             proxy_logging._handler = None
         logging.captureWarnings(False)
         proxy_logging._summary = None
+
+
+@pytest.fixture
+def fresh_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """proxy.kerberos.profile as at a process's start: no copy made, no realm section, no KRB5_CONFIG. What
+    `use_profile` then writes into KRB5_CONFIG is undone after the test (a delenv of a variable that is not set
+    records nothing, and a child process of a later test inherited an overlay naming a krb5.conf MIT refuses)."""
+    monkeypatch.setattr(profile, "_merged", profile._Merged())
+    monkeypatch.setattr(profile, "_realms", {})
+    monkeypatch.setenv("KRB5_CONFIG", "")  # recorded, whether it was set or not: restored as it was
+    monkeypatch.delenv("KRB5_CONFIG")

@@ -74,13 +74,6 @@ def _krb5_conf(path: Path, kdc: str) -> None:
     )
 
 
-@pytest.fixture
-def fresh_profile(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(profile, "_merged", profile._Merged())
-    monkeypatch.setattr(profile, "_realms", {})
-    monkeypatch.delenv("KRB5_CONFIG", raising=False)
-
-
 @pytest.mark.usefixtures("fresh_profile")
 def test_a_configured_krb5_conf_is_read_as_one_file_with_the_overlay_winning(tmp_path: Path) -> None:
     """kerberos.krb5_config, one plain file: KRB5_CONFIG names one file (a token's library contexts check one
