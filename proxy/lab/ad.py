@@ -373,15 +373,7 @@ def namespace_pids(realm: AdRealm) -> list[int]:
 def krb5_conf_text(realm: AdRealm) -> str:
     """A krb5.conf for clients inside the namespace: the DC's KDC, no DNS, AES."""
     return f"""# Written by kcd-proxy's lab for the AD realm in {realm.root}
-[libdefaults]
-    default_realm = {REALM}
-    dns_lookup_kdc = false
-    dns_lookup_realm = false
-    dns_canonicalize_hostname = false
-    rdns = false
-    forwardable = true
-    udp_preference_limit = 1
-
+{layout.krb5_libdefaults(REALM)}
 [realms]
     {REALM} = {{
         kdc = {DC_ADDRESS}:88

@@ -28,6 +28,23 @@ USERS = {"alice": "alice-Pa55", "bob": "bob-Pa55", "carol": "carol-Pa55"}
 DISABLED_USERS = {"dave": "dave-Pa55"}
 
 
+def krb5_libdefaults(realm: str, *more: str) -> str:
+    """The `[libdefaults]` of every krb5.conf a lab writes (the MIT realm, the AD realm, the tests' mini realm), then
+    `more` relations: no DNS look-ups for KDCs, realms or host names (each krb5.conf names its KDC and domains),
+    forwardable tickets (S4U2Proxy needs a forwardable evidence ticket), and TCP to the KDC (udp_preference_limit)."""
+    relations = [
+        f"default_realm = {realm}",
+        "dns_lookup_kdc = false",
+        "dns_lookup_realm = false",
+        "dns_canonicalize_hostname = false",
+        "rdns = false",
+        "forwardable = true",
+        "udp_preference_limit = 1",
+        *more,
+    ]
+    return "[libdefaults]\n" + "".join(f"    {relation}\n" for relation in relations)
+
+
 def variable(field: str) -> str:
     """The environment variable that sets a layout field: `kdc_port` is KCD_LAB_KDC_PORT."""
     return f"KCD_LAB_{field.upper()}"
