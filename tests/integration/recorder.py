@@ -194,15 +194,7 @@ def raw_request(
         ctx.wrap_socket(tcp, server_hostname="127.0.0.1") as tls,
     ):
         tls.sendall(request)
-        data = b""
-        while True:
-            try:
-                chunk = tls.recv(65536)
-            except (ssl.SSLError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            data += chunk
+        data = read_until_closed(tls)
     head, _, body = data.partition(b"\r\n\r\n")
     text = head.decode("latin-1")
     return RawAnswer(text.split("\r\n", 1)[0], text, body)
