@@ -1,6 +1,7 @@
 """What the README and docs/ point a reader to is there: each repository path they name (`proxy/tls/server.py`,
 `tests/integration/test_ad.py`), each Markdown link and its #anchor, and each dotted name in proxy
-(`proxy.tls.limits.HeaderBlockBudget`). A file moved or a function renamed then fails here."""
+(`proxy.tls.limits.HeaderBlockBudget`); and each path the code's comments and the build files name. A file moved or
+a function renamed then fails here."""
 
 from __future__ import annotations
 
@@ -47,6 +48,22 @@ def _resolve(dotted: str) -> object | None:
 def test_each_repository_path_named_exists(doc: Path) -> None:
     """Every `proxy/...`, `tests/...`, `docs/...`, `bench/...`, `deploy/...` or `config/...` path it names exists."""
     assert sorted({p for p in PATH.findall(doc.read_text()) if not (ROOT / p).exists()}) == []
+
+
+def test_each_repository_path_the_code_and_build_files_name_exists() -> None:
+    """The comments and docstrings of proxy/ and bench/, the Makefile, pyproject.toml, config/ and deploy/ name
+    only paths that exist (`tests/integration/test_compose.py`, `docs/performance.md`)."""
+    named = [ROOT / "Makefile", ROOT / "pyproject.toml", ROOT / "docker-compose.yml"]
+    for folder, pattern in (("proxy", "*.py"), ("bench", "*.py"), ("config", "*"), ("deploy", "*")):
+        named += [p for p in sorted((ROOT / folder).rglob(pattern)) if p.is_file() and "__pycache__" not in p.parts]
+    missing = []
+    for source in named:
+        try:
+            text = source.read_text()
+        except UnicodeDecodeError:
+            continue
+        missing += [f"{source.relative_to(ROOT)}: {p}" for p in PATH.findall(text) if not (ROOT / p).exists()]
+    assert sorted(set(missing)) == []
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
