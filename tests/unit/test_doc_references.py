@@ -98,3 +98,16 @@ def test_the_readmes_layout_names_each_part_of_proxy() -> None:
     parts = [p.name + ("/" if p.is_dir() else "") for p in (ROOT / "proxy").iterdir() if not p.name.startswith("_")]
     parts = [p for p in parts if p.endswith((".py", "/"))]
     assert sorted(p for p in parts if not re.search(rf"(?<![\w/]){re.escape(p)}", layout)) == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_each_name_given_in_a_module_is_there(doc: Path) -> None:
+    """Every "`NAME` in `proxy/module.py`" (also "of" or "from") names an attribute of that module
+    (`TOKEN_FLAGS` in `proxy/kerberos/password.py`)."""
+    said = re.findall(r"`([A-Za-z_]\w*)(?:\(\))?`,? (?:in|of|from) `((?:proxy|bench)/[\w/]+)\.py`", doc.read_text())
+    missing = [f"{name} in {path}.py" for name, path in said if not hasattr(_module(path), name)]
+    assert missing == []
+
+
+def _module(path: str) -> object:
+    return importlib.import_module(path.replace("/", "."))
