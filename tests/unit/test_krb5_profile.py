@@ -16,6 +16,7 @@ from proxy.kerberos import ap_req, kdcs, libkrb5, profile
 
 
 def test_one_context_is_held_per_configuration_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hold_profile opens one krb5 context for the KRB5_CONFIG in force, and a second call opens none."""
     conf = tmp_path / "krb5.conf"
     conf.write_text("[libdefaults]\n    default_realm = LAB.TEST\n")
     monkeypatch.setenv("KRB5_CONFIG", str(conf))
@@ -28,6 +29,7 @@ def test_one_context_is_held_per_configuration_file(tmp_path: Path, monkeypatch:
 
 
 def test_a_configuration_krb5_refuses_holds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A krb5.conf MIT cannot parse: hold_profile says no context is held, and holds none."""
     conf = tmp_path / "krb5.conf"
     conf.write_text("[libdefaults\n")  # a syntax error: krb5_init_context fails, tokens would fail too
     monkeypatch.setenv("KRB5_CONFIG", str(conf))
