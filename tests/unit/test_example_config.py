@@ -15,6 +15,7 @@ import pytest
 
 from proxy import config
 from proxy.errors import ConfigError
+from tests.unit.test_config import GOOD, _write
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "example.toml"
 
@@ -116,23 +117,9 @@ def test_each_scalar_key_shown_with_a_value_shows_its_default() -> None:
     assert wrong == []
 
 
-MINIMAL = """
-[listener]
-bind = "127.0.0.1:8443"
-certificate = "tls/server-chain.pem"
-private_key = "tls/server.key"
-
-[client_certificates]
-trust_anchors = ["pki/root.pem"]
-
-[kerberos]
-principal = "HTTP/proxy.lab.test@LAB.TEST"
-keytab = "proxy.keytab"
-
-[[routes]]
-prefix = "/"
-upstream = "http://127.0.0.1:8081"
-
+# The optional sections, added to test_config's GOOD so that every section loads ([admin] and [directory] with their
+# required keys only).
+OPTIONAL_SECTIONS = """
 [admin]
 bind = "127.0.0.1:9443"
 
@@ -140,7 +127,6 @@ bind = "127.0.0.1:9443"
 urls = ["ldap://dc.lab.test"]
 base_dn = "DC=lab,DC=test"
 
-[identity]
 [authentication]
 [reload]
 [doctor]
@@ -153,17 +139,15 @@ DERIVED = {("identity", "default_realm")}
 def test_a_key_left_out_takes_the_default_the_example_is_checked_against(tmp_path: Path) -> None:
     """Each optional key left out loads as its dataclass field's default, the value the test above holds the
     example to: the loader's own fallback (written again in each `_number(...)` call) cannot drift from it."""
-    for name in ("tls/server-chain.pem", "tls/server.key", "pki/root.pem", "proxy.keytab"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("x")
-    (tmp_path / "gateway.toml").write_text(MINIMAL)
-    cfg = config.load(tmp_path / "gateway.toml")
+    cfg = config.load(_write(tmp_path, GOOD + OPTIONAL_SECTIONS))
+    given = tomllib.loads(GOOD + OPTIONAL_SECTIONS)
     loaded = {section: getattr(cfg, section) for section in SECTIONS if section != "routes"} | {"routes": cfg.routes[0]}
     wrong = []
     for section, value in loaded.items():
         for f in dataclasses.fields(value):
             default, got = _default(f), getattr(value, f.name)
-            if (section, f.name) not in DERIVED and default is not dataclasses.MISSING and got != default:
+            left_out = f.name not in _table(given, section) and (section, f.name) not in DERIVED
+            if left_out and default is not dataclasses.MISSING and got != default:
                 wrong.append(f"{section}.{f.name} = {got!r}; the dataclass says {default!r}")
     assert wrong == []
 
