@@ -2,8 +2,9 @@
 
 `build` loads what the configuration names (trust list, CRLs, Kerberos credentials) and fails with a
 `ConfigError` naming the key when something is unusable. `serve` runs the listener until SIGTERM or
-SIGINT. The middleware here is the one place where a refusal becomes a response, an audit event and
-the request's summary line.
+SIGINT. A refusal becomes a response, an audit event and the request's summary line here only: in
+`own_server_handler` (the gateway's own server, `listener.http_server = "own"`) or in `make_app`'s middleware
+(aiohttp's), both through `_refused` and `_end`.
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ _NOT_FOUND = b"404: Not Found"
 
 
 def own_server_handler(live: Live) -> Callable[[DeviceRequest], Awaitable[None]]:
-    """The request path on `proxy.device.server`: the stages, and the one place a refusal becomes an answer."""
+    """The request path on `proxy.device.server`: the stages, and where a refusal becomes an answer on this server
+    (`make_app`'s middleware does it on aiohttp's)."""
 
     async def serve_request(request: DeviceRequest) -> None:
         trace = _begin(live, request)

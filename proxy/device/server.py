@@ -349,7 +349,6 @@ class DeviceConnection(asyncio.Protocol):
         "_backlog",
         "_begun",
         "_body_end",
-        "_completed",
         "_connections",
         "_drain",
         "_field_count",
@@ -413,7 +412,6 @@ class DeviceConnection(asyncio.Protocol):
         self._heads = 0  # heads llhttp has read to their end
         self._begun = 0  # messages llhttp has started
         self._body_end: BodyEnd | None = None  # where the body being read ends
-        self._completed = 0  # requests llhttp has read to their end
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
         self._paused = 0
         self._backlog = bytearray()  # pipelined bytes not parsed yet: a request before them waits (`_keep`)
@@ -610,7 +608,6 @@ class DeviceConnection(asyncio.Protocol):
             self._receiving.feed(data)
 
     def on_message_complete(self) -> None:
-        self._completed += 1
         self._body_end = None
         self._parsing = None
         if self._receiving is not None:

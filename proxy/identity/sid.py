@@ -15,7 +15,7 @@ Its value has the shape of a GeneralNames holding one otherName whose type is `s
 
 Since 2023 Windows also reads the SID from a subjectAltName URL, `tag:microsoft.com,2022-09-14:sid:<SID>`
 (a tag URI, RFC 4151; the prefix is matched without regard to case, as Windows matches it), for CAs that cannot
-write the extension. `certificate_sid` reads both. One URL of that kind at most, holding exactly one SID
+write the extension. `read_certificate_sid` reads both. One URL of that kind at most, holding exactly one SID
 string; when the extension and the URL are both there they must name the same SID (`SidConflict`
 otherwise: a certificate that names two accounts names none).
 

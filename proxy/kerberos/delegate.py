@@ -84,7 +84,7 @@ from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
 from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.pac import PacFacts
-from proxy.kerberos.password import user_name
+from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
 from proxy.kerberos.spnego import neg_token_init
 from proxy.kerberos.threads import KdcThreads, NoThread, no_thread_error
@@ -97,7 +97,6 @@ KRB5 = gssapi.MechType.kerberos
 # third less CPU per token). With mechs=(krb5, SPNEGO) MIT runs S4U2Self once per mechanism (KRB5_TRACE shows
 # two PROTOCOL-TRANSITION requests).
 _MECHS = (KRB5,)
-_FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
 RENEW_BEFORE = 300.0  # seconds before a service ticket expires when a background renewal starts
 USABLE_FOR = 30.0  # a ticket with less left than this is not used: the request waits for a fresh one
 _RETRY_AFTER = 30.0  # after a failed background renewal, the next one starts no sooner than this
@@ -312,14 +311,14 @@ class Delegator:
         refresh_profile()
         if tokens is not None:
             return neg_token_init(tokens.token())
-        token = gssapi.raw.init_sec_context(self._target(gss_target), creds=creds, mech=KRB5, flags=_FLAGS).token
+        token = gssapi.raw.init_sec_context(self._target(gss_target), creds=creds, mech=KRB5, flags=TOKEN_FLAGS).token
         return neg_token_init(token) if token else b""
 
     def _tokens(self, creds: gssapi.Credentials, gss_target: str) -> TicketTokens | None:
         """The service ticket S4U2Proxy just put in `creds`, held for tokens; None (and python-gssapi makes them)
         where it cannot be read that way (no libkrb5, or MIT filed it under another name)."""
         try:
-            return TicketTokens.read(creds, self._target(gss_target), _FLAGS)
+            return TicketTokens.read(creds, self._target(gss_target), TOKEN_FLAGS)
         except (gssapi.raw.GSSError, Krb5Error) as e:
             log.info("krb5_tokens_unavailable", reason=_message(e), spn=gss_target.replace("@", "/", 1))
             return None
@@ -416,7 +415,7 @@ class Delegator:
         after_pac = time.perf_counter()
         try:
             target = self._target(gss_target)
-            result = gssapi.raw.init_sec_context(target, creds=creds, mech=KRB5, flags=_FLAGS)  # S4U2Proxy
+            result = gssapi.raw.init_sec_context(target, creds=creds, mech=KRB5, flags=TOKEN_FLAGS)  # S4U2Proxy
         except gssapi.raw.GSSError as e:
             took = (middle - start) * 1000
             failed = s4u_facts(

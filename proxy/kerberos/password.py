@@ -35,7 +35,8 @@ from proxy.kerberos.hints import explain
 SPNEGO = gssapi.OID.from_int_seq("1.3.6.1.5.5.2")
 ENTERPRISE = gssapi.OID.from_int_seq("1.2.840.113554.1.2.2.6")  # GSS_KRB5_NT_ENTERPRISE_NAME
 _MECHS = [SPNEGO]  # one AS exchange per password check: AD counts each one against its lockout threshold
-_FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
+# What a backend's first token asks of its context: a Basic user's (here), a delegated one's (proxy.kerberos.delegate)
+TOKEN_FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
 # Minor messages (MIT; Heimdal and AD say the same in other words) meaning "these credentials are wrong".
 _WRONG = (
     "decrypt integrity check failed",  # MIT, when the KDC does not require pre-authentication
@@ -76,7 +77,8 @@ def token_blocking(ticket: UserTicket, gss_target: str, spn: str) -> bytes:
     """The first SPNEGO token for `gss_target` (HTTP@host) on the user's own ticket; may ask the KDC once."""
     target = gssapi.Name(gss_target, gssapi.NameType.hostbased_service)
     try:
-        token: bytes | None = gssapi.raw.init_sec_context(target, creds=ticket.creds, mech=SPNEGO, flags=_FLAGS).token
+        context = gssapi.raw.init_sec_context(target, creds=ticket.creds, mech=SPNEGO, flags=TOKEN_FLAGS)
+        token: bytes | None = context.token
     except gssapi.raw.GSSError as e:
         raise explain(e.gen_message(), user=ticket.principal, spn=spn, proxy="the gateway") from None
     if not token:

@@ -8,7 +8,7 @@ The realm's API, for tests and for other lab code (keep it small)
   `import pytest` and ask for `ad_realm` like any fixture; mark them `@pytest.mark.timeout(AD_TIMEOUT)`:
   the first one pays for provisioning (7 s idle, 90-130 s on a busy machine; later runs restart the
   kept state, `.lab/test/ad/`, in seconds). Beside it: `ad_backend` (the Exchange stand-in for
-  `HTTP/cas.ad.test` in the namespace), `start_ad_gateway(realm, dir, backend, extra_toml, key=value)` (a
+  `HTTP/cas.ad.test` in the namespace), `start_ad_gateway(realm, dir, backend, extra, key=value)` (a
   `kcd-proxy run` in there), `ad_curl(realm, url, user)` (a device), `kdc_log_offset` + `wait_kdc_reason`
   (what Samba's KDC logged for a request).
 - `realm.dc_address` ("10.213.0.1") and `realm.dc_host` ("dc1.ad.test"): where the DC answers inside the
@@ -373,15 +373,7 @@ def namespace_pids(realm: AdRealm) -> list[int]:
 def krb5_conf_text(realm: AdRealm) -> str:
     """A krb5.conf for clients inside the namespace: the DC's KDC, no DNS, AES."""
     return f"""# Written by kcd-proxy's lab for the AD realm in {realm.root}
-[libdefaults]
-    default_realm = {REALM}
-    dns_lookup_kdc = false
-    dns_lookup_realm = false
-    dns_canonicalize_hostname = false
-    rdns = false
-    forwardable = true
-    udp_preference_limit = 1
-
+{layout.krb5_libdefaults(REALM)}
 [realms]
     {REALM} = {{
         kdc = {DC_ADDRESS}:88

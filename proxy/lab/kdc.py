@@ -53,6 +53,7 @@ from proxy.lab.layout import (
     REALM,
     USERS,
     LabLayout,
+    krb5_libdefaults,
     variable,
 )
 
@@ -208,15 +209,7 @@ def _slapd_conf_text(layout: LabLayout) -> str:
 def _krb5_conf_text(layout: LabLayout) -> str:
     return f"""\
 # The lab realm, for clients and for the KDC's database module; written by proxy.lab.kdc.
-[libdefaults]
-    default_realm = {REALM}
-    dns_lookup_kdc = false
-    dns_lookup_realm = false
-    dns_canonicalize_hostname = false
-    rdns = false
-    forwardable = true
-    udp_preference_limit = 1
-
+{krb5_libdefaults(REALM)}
 [realms]
     {REALM} = {{
         kdc = {layout.kdc_host}:{layout.kdc_port}

@@ -19,7 +19,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 REALM = "LAB.TEST"
-DOMAIN = "lab.test"
 PROXY_SERVICE = "HTTP/proxy.lab.test"  # the gateway's own principal: protocol transition + delegation
 BACKEND_SERVICE = "HTTP/cas.lab.test"  # the Exchange stand-in; in the proxy's delegation allow-list
 OTHER_SERVICE = "HTTP/other.lab.test"  # a real service that is *not* in the allow-list
@@ -27,6 +26,23 @@ OTHER_SERVICE = "HTTP/other.lab.test"  # a real service that is *not* in the all
 # Lab users: name -> password. `dave` exists but is disabled (-allow_tix).
 USERS = {"alice": "alice-Pa55", "bob": "bob-Pa55", "carol": "carol-Pa55"}
 DISABLED_USERS = {"dave": "dave-Pa55"}
+
+
+def krb5_libdefaults(realm: str, *more: str) -> str:
+    """The `[libdefaults]` of every krb5.conf a lab writes (the MIT realm, the AD realm, the tests' mini realm), then
+    `more` relations: no DNS look-ups for KDCs, realms or host names (each krb5.conf names its KDC and domains),
+    forwardable tickets (S4U2Proxy needs a forwardable evidence ticket), and TCP to the KDC (udp_preference_limit)."""
+    relations = [
+        f"default_realm = {realm}",
+        "dns_lookup_kdc = false",
+        "dns_lookup_realm = false",
+        "dns_canonicalize_hostname = false",
+        "rdns = false",
+        "forwardable = true",
+        "udp_preference_limit = 1",
+        *more,
+    ]
+    return "[libdefaults]\n" + "".join(f"    {relation}\n" for relation in relations)
 
 
 def variable(field: str) -> str:

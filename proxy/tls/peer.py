@@ -1,19 +1,11 @@
-"""The client certificate of the connection a request arrived on."""
+"""The TLS facts of the connection a request arrived on: its client certificate's bytes, version, cipher."""
 
 from __future__ import annotations
 
 import ssl
 import sys
 
-from cryptography import x509
-
 from proxy.device.request import DeviceRequest
-
-
-def presented_certificate(request: DeviceRequest) -> x509.Certificate | None:
-    """The leaf certificate the client presented (OpenSSL verified it in the handshake), or None."""
-    presented = presented_der(request)
-    return x509.load_der_x509_certificate(presented[1]) if presented is not None else None
 
 
 def presented_der(request: DeviceRequest) -> tuple[ssl.SSLObject, bytes] | None:
@@ -28,6 +20,8 @@ def presented_der(request: DeviceRequest) -> tuple[ssl.SSLObject, bytes] | None:
 
 
 def tls_facts(request: DeviceRequest) -> dict[str, object]:
+    """The TLS version, cipher and whether the session was resumed, noted on the request's trace and summary line;
+    {} without TLS."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if not isinstance(ssl_object, ssl.SSLObject):

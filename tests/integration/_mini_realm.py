@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy.lab.layout import krb5_libdefaults
+
 REALM = "LAB.TEST"
 MASTER_PASSWORD = "mini-realm-master"
 _READY_TIMEOUT = 60.0  # krb5kdc starts in well under a second, on a loaded machine in several
@@ -107,16 +109,7 @@ def _write_configs(root: Path, port: int) -> tuple[Path, Path, Path]:
     kdc_conf = root / "kdc.conf"
     kdc_log = root / "kdc.log"
     krb5_conf.write_text(
-        f"""[libdefaults]
-    default_realm = {REALM}
-    dns_lookup_kdc = false
-    dns_lookup_realm = false
-    dns_canonicalize_hostname = false
-    rdns = false
-    forwardable = true
-    udp_preference_limit = 1
-    default_ccache_name = FILE:{root / "ccache"}
-
+        f"""{krb5_libdefaults(REALM, f"default_ccache_name = FILE:{root / 'ccache'}")}
 [realms]
     {REALM} = {{
         kdc = 127.0.0.1:{port}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import client_context
+from tests.integration.jsonlog import WAIT
 
 
 @dataclass(frozen=True)
@@ -194,15 +195,23 @@ def raw_request(
         ctx.wrap_socket(tcp, server_hostname="127.0.0.1") as tls,
     ):
         tls.sendall(request)
-        data = b""
-        while True:
-            try:
-                chunk = tls.recv(65536)
-            except (ssl.SSLError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            data += chunk
+        data = read_until_closed(tls)
     head, _, body = data.partition(b"\r\n\r\n")
     text = head.decode("latin-1")
     return RawAnswer(text.split("\r\n", 1)[0], text, body)
+
+
+def get_resuming(
+    context: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None, timeout: float = WAIT
+) -> tuple[int, bool, ssl.SSLSession | None]:
+    """One `GET /owa/` on a new TLS connection to the gateway, offering `session` if given: (the answer's status,
+    whether the session was resumed, the session to offer next)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
+    ):
+        tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+        return int(answer.split(b" ", 2)[1]), bool(tls.session_reused), tls.session

@@ -27,9 +27,9 @@ import pytest
 
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.delegate import Delegator
+from proxy.kerberos.password import TOKEN_FLAGS
 from tests.integration.test_ap_req import ALICE, SPN, TARGET
 
-_FLAGS = [gssapi.RequirementFlag.out_of_sequence_detection]
 _THREADS = 4
 _READS = 150  # per thread: without the fix, the first leak came within a few dozen reads on an idle machine
 _DEADLINE = 120.0  # seconds for all the reads, on a loaded machine
@@ -80,7 +80,7 @@ def test_copying_a_users_credential_under_allocation_churn_writes_no_file(
                 failures.append("deadline")
                 return
             try:
-                TicketTokens.read(ticket.creds, target, _FLAGS)
+                TicketTokens.read(ticket.creds, target, TOKEN_FLAGS)
             except (Krb5Error, gssapi.raw.GSSError) as e:
                 failures.append(str(e))
 

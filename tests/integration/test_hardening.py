@@ -30,7 +30,7 @@ from proxy.identity.upn import UPN_OID
 from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
-from tests.integration.recorder import Recorded, Recorder, dechunk, raw_request
+from tests.integration.recorder import Recorded, Recorder, dechunk, raw_request, read_head, read_until_closed
 
 BASIC = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
 
@@ -389,22 +389,10 @@ def test_a_chunked_body_refused_mid_body_is_a_400_and_no_unhandled_exception(sce
         ctx.wrap_socket(tcp, server_hostname="127.0.0.1") as tls,
     ):
         tls.sendall(head)
-        interim = b""
-        while b"\r\n\r\n" not in interim:  # every stage passed and the request is at the backend
-            chunk = tls.recv(4096)
-            assert chunk, interim
-            interim += chunk
+        interim = read_head(tls)  # every stage passed and the request is at the backend
         assert interim.startswith(b"HTTP/1.1 100 "), interim
         tls.sendall(b"5\r\nhello\r\n" + tail)
-        data = interim.partition(b"\r\n\r\n")[2]
-        while True:
-            try:
-                chunk = tls.recv(65536)
-            except (ssl.SSLError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            data += chunk
+        data = read_until_closed(tls)
     assert data.startswith(b"HTTP/1.1 400 "), data
     scene.gw.wait_event("request_refused", stage="request")
     scene.gw.wait_event("request", path="/owa/late-bad-chunk", status=400)

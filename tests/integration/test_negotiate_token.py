@@ -20,7 +20,7 @@ import gssapi.raw
 import pytest
 from gssapi.raw.named_tuples import AcceptSecContextResult
 
-from proxy.kerberos.delegate import _FLAGS
+from proxy.kerberos.password import TOKEN_FLAGS
 from proxy.kerberos.spnego import neg_token_init
 from proxy.lab.layout import PROXY_SERVICE, LabLayout
 from tests.integration.conftest import Gateway, curl, free_port, lab_config, start_gateway
@@ -88,7 +88,7 @@ def _mit_spnego_token(lab: LabLayout, monkeypatch: pytest.MonkeyPatch) -> bytes:
     alice = gssapi.Name("alice@LAB.TEST", gssapi.NameType.kerberos_principal)
     creds = service.impersonate(alice, usage="initiate", mechs=(SPNEGO,))
     target = gssapi.Name("HTTP@cas.lab.test", gssapi.NameType.hostbased_service)
-    token = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=_FLAGS).token
+    token = gssapi.raw.init_sec_context(target, creds=creds, mech=SPNEGO, flags=TOKEN_FLAGS).token
     assert token
     return token
 
@@ -116,7 +116,7 @@ def test_the_token_is_what_mits_spnego_initiator_sends(
 ) -> None:
     """MIT's SPNEGO token re-wrapped by the gateway's encoder is byte for byte MIT's (the framing is the same), and
     the gateway's token asks for the same AP options and context flags (out-of-sequence detection, no mutual
-    authentication, no delegation) as MIT's SPNEGO made with the same `_FLAGS`."""
+    authentication, no delegation) as MIT's SPNEGO made with the same `TOKEN_FLAGS`."""
     gw, recorder = recorded
     (ours,) = _tokens(gw, recorder, lab, 1)
     mit = _mit_spnego_token(lab, monkeypatch)

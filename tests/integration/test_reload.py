@@ -26,6 +26,7 @@ from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl, write_server_certificate
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway, wait_port
 from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
+from tests.integration.recorder import get_resuming
 
 # How long the backend holds the request that spans the reload: longer than the reload and the requests around
 # it take on a loaded machine (the test asserts it is still held after them).
@@ -432,21 +433,6 @@ def test_a_request_held_across_two_reloads_is_judged_by_the_newest_configuration
         assert gw.stop() == 0
 
 
-def _get_resuming(
-    context: ssl.SSLContext, port: int, session: ssl.SSLSession | None
-) -> tuple[int, bool, ssl.SSLSession | None]:
-    """One GET on a new TLS connection offering `session`: (status, whether it was resumed, the session to offer)."""
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw,
-        context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
-    ):
-        tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        answer = b""
-        while chunk := tls.recv(65536):
-            answer += chunk
-        return int(answer.split(b" ", 2)[1]), bool(tls.session_reused), tls.session
-
-
 @pytest.mark.parametrize("cache", [2048, 0], ids=["stateful", "stateless-tickets"])
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
 def test_a_session_resumed_after_a_reload_that_no_longer_trusts_its_ca_is_refused(
@@ -461,14 +447,14 @@ def test_a_session_resumed_after_a_reload_that_no_longer_trusts_its_ca_is_refuse
     try:
         context = client_context(lab, "alice")
         context.minimum_version = context.maximum_version = version
-        status, _, session = _get_resuming(context, gw.port, None)
+        status, _, session = get_resuming(context, gw.port)
         assert status == 200
-        status, resumed, session = _get_resuming(context, gw.port, session)
+        status, resumed, session = get_resuming(context, gw.port, session)
         assert (status, resumed) == (200, True)  # the gateway resumes sessions: the case is real
         untrusting = _untrusting(lab, gw)
         _reload(gw, untrusting, "reloaded")
         with pytest.raises(ssl.SSLError, match=r"unknown ca|UNKNOWN_CA"):
-            _get_resuming(context, gw.port, session)
+            get_resuming(context, gw.port, session)
     finally:
         assert gw.stop() == 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import REPO, Gateway, free_port, start_gateway
+from tests.integration.recorder import get_resuming
 
 SCRIPT = REPO / "tests" / "integration" / "stranger_pki.sh"
 
@@ -214,21 +214,6 @@ def test_a_non_ascii_upn_suffix_no_realm_map_names_is_refused(pki: Path, strange
     assert "principal" not in line
 
 
-def _get_once(
-    context: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None
-) -> tuple[int, bool, ssl.SSLSession | None]:
-    """One GET on a new TLS connection (resuming `session` if given): (status, resumed, the session to resume)."""
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
-        context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
-    ):
-        tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        answer = b""
-        while chunk := tls.recv(65536):
-            answer += chunk
-        return int(answer.split(b" ", 2)[1]), bool(tls.session_reused), tls.session
-
-
 def test_a_resumed_tls_session_of_a_revoked_certificate_is_refused(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
     """Issue 4: revocation is decided per request, a resumed TLS session included. carol's session is resumed
     (no certificate sent again) after `openssl ca -revoke` and `-gencrl` rewrote the CRL file: refused within
@@ -241,10 +226,10 @@ def test_a_resumed_tls_session_of_a_revoked_certificate_is_refused(lab: LabLayou
     try:
         context = ssl.create_default_context(cafile=str(ca / "root" / "cert.pem"))
         context.load_cert_chain(ca / "users" / "carol.pem", ca / "users" / "carol.key")
-        status, _, session = _get_once(context, gw.port)
+        status, _, session = get_resuming(context, gw.port)
         assert status == 200
         assert session is not None
-        status, resumed, session = _get_once(context, gw.port, session)
+        status, resumed, session = get_resuming(context, gw.port, session)
         assert (status, resumed) == (200, True)  # the gateway does resume sessions
         env = {**os.environ, "UPN": "unused", "NAME": "unused"}
         for step in (
@@ -257,7 +242,7 @@ def test_a_resumed_tls_session_of_a_revoked_certificate_is_refused(lab: LabLayou
         (ca / "issuing" / "crl.new").replace(ca / "issuing" / "crl.pem")  # published whole, at once
         published = time.monotonic()
         while True:
-            status, resumed, session = _get_once(context, gw.port, session)
+            status, resumed, session = get_resuming(context, gw.port, session)
             assert resumed
             if status != 200:
                 break

@@ -55,12 +55,6 @@ async def _get(session: aiohttp.ClientSession, gw: Gateway, ctx: ssl.SSLContext,
         return r.headers["X-Lab-Principal"]
 
 
-async def _raw_get(gw: Gateway, ctx: ssl.SSLContext, path: str) -> bytes:
-    """One request on its own TLS connection, for connections opened before any request is sent."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx)
-    return await _finish(reader, writer, path)
-
-
 async def _finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
     writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
     answer = await reader.read()

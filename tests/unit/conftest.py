@@ -7,11 +7,29 @@ import logging
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 import structlog
 
+from proxy.certs.chain import TrustList
+from proxy.kerberos import profile
+from proxy.lab.pki import Pki, make_pki
 from proxy.observability import logging as proxy_logging
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)  # the certificate tests' clock: the lab PKI is made at it
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The lab's PKI (root, issuing CA, users, CRLs) made at NOW, one for each test module."""
+    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
+
+
+@pytest.fixture(scope="module")
+def trust(pki: Pki) -> TrustList:
+    """The trust list of that PKI: its root as the anchor, its issuing CA as the intermediate."""
+    return TrustList.load([pki.root_cert], [pki.issuing_cert])
 
 
 @pytest.fixture
@@ -31,3 +49,14 @@ def out() -> Iterator[io.StringIO]:
             proxy_logging._handler = None
         logging.captureWarnings(False)
         proxy_logging._summary = None
+
+
+@pytest.fixture
+def fresh_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """proxy.kerberos.profile as at a process's start: no copy made, no realm section, no KRB5_CONFIG. What
+    `use_profile` then writes into KRB5_CONFIG is undone after the test (a delenv of a variable that is not set
+    records nothing, and a child process of a later test inherited an overlay naming a krb5.conf MIT refuses)."""
+    monkeypatch.setattr(profile, "_merged", profile._Merged())
+    monkeypatch.setattr(profile, "_realms", {})
+    monkeypatch.setenv("KRB5_CONFIG", "")  # recorded, whether it was set or not: restored as it was
+    monkeypatch.delenv("KRB5_CONFIG")

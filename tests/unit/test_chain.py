@@ -6,7 +6,7 @@ import hashlib
 import shlex
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,20 +19,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from proxy.certs.chain import MAX_CHAIN_DEPTH, TrustList, verify_chain
 from proxy.errors import CertificateRejected
 from proxy.identity.upn import upn_from_certificate, upn_other_name
-from proxy.lab.pki import Pki, make_pki
+from proxy.lab.pki import Pki
 from tests.pem import load_cert, load_key
-
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
-
-
-@pytest.fixture(scope="module")
-def trust(pki: Pki) -> TrustList:
-    return TrustList.load([pki.root_cert], [pki.issuing_cert])
+from tests.unit.conftest import NOW
 
 
 def issue(

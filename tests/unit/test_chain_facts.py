@@ -8,7 +8,6 @@ two users interleaved, a reloaded configuration that maps or restricts different
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,15 +18,9 @@ from proxy.certs.chain import TrustList, VerifiedCertificate
 from proxy.certs.memo import ChainFacts, VerifiedChains
 from proxy.config import Identity, Restriction
 from proxy.errors import CertificateRejected, IdentityRejected
-from proxy.lab.pki import Pki, make_pki
+from proxy.lab.pki import Pki
 from proxy.pipeline import Gateway
-
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
+from tests.unit.conftest import NOW
 
 
 @pytest.fixture(scope="module")

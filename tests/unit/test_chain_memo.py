@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from cryptography import x509
@@ -11,14 +11,8 @@ from proxy.certs.chain import TrustList
 from proxy.certs.memo import VerifiedChains
 from proxy.errors import CertificateRejected
 from proxy.identity.upn import certificate_name
-from proxy.lab.pki import Pki, make_pki
-
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
+from proxy.lab.pki import Pki
+from tests.unit.conftest import NOW
 
 
 @pytest.fixture

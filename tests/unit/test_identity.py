@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from cryptography import x509
@@ -21,17 +21,12 @@ from proxy.identity.upn import (
     upn_from_certificate,
     upn_other_name,
 )
-from proxy.lab.pki import Pki, make_pki
+from proxy.lab.pki import Pki
 from proxy.pipeline import identify
 from tests.pem import load_cert
+from tests.unit.conftest import NOW
 
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 LAB = {"lab.test": "LAB.TEST"}
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
 
 
 def with_san(*names: x509.GeneralName, cn: str = "crafted") -> x509.Certificate:

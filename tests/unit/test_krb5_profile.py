@@ -16,6 +16,7 @@ from proxy.kerberos import ap_req, kdcs, libkrb5, profile
 
 
 def test_one_context_is_held_per_configuration_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hold_profile opens one krb5 context for the KRB5_CONFIG in force, and a second call opens none."""
     conf = tmp_path / "krb5.conf"
     conf.write_text("[libdefaults]\n    default_realm = LAB.TEST\n")
     monkeypatch.setenv("KRB5_CONFIG", str(conf))
@@ -28,6 +29,7 @@ def test_one_context_is_held_per_configuration_file(tmp_path: Path, monkeypatch:
 
 
 def test_a_configuration_krb5_refuses_holds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A krb5.conf MIT cannot parse: hold_profile says no context is held, and holds none."""
     conf = tmp_path / "krb5.conf"
     conf.write_text("[libdefaults\n")  # a syntax error: krb5_init_context fails, tokens would fail too
     monkeypatch.setenv("KRB5_CONFIG", str(conf))
@@ -72,13 +74,6 @@ def _krb5_conf(path: Path, kdc: str) -> None:
         "[libdefaults]\n    default_realm = LAB.TEST\n    forwardable = false\n\n"
         f"[realms]\n    LAB.TEST = {{\n        kdc = {kdc}\n    }}\n"
     )
-
-
-@pytest.fixture
-def fresh_profile(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(profile, "_merged", profile._Merged())
-    monkeypatch.setattr(profile, "_realms", {})
-    monkeypatch.delenv("KRB5_CONFIG", raising=False)
 
 
 @pytest.mark.usefixtures("fresh_profile")

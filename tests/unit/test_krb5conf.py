@@ -187,14 +187,10 @@ def test_the_one_files_copy_leaves_out_exactly_the_realms_sections(tmp_path: Pat
     assert _mit_tree(copy) == mit
 
 
+@pytest.mark.usefixtures("fresh_profile")
 @pytest.mark.parametrize("text", REFUSED_BY_MIT.values(), ids=REFUSED_BY_MIT.keys())
-def test_a_krb5_conf_mit_refuses_is_not_copied_into_the_one_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
-) -> None:
+def test_a_krb5_conf_mit_refuses_is_not_copied_into_the_one_file(tmp_path: Path, text: str) -> None:
     """use_profile keeps such a krb5.conf in KRB5_CONFIG's list, for MIT to refuse itself, and says why."""
-    monkeypatch.setattr(profile, "_merged", profile._Merged())
-    monkeypatch.setattr(profile, "_realms", {})
-    monkeypatch.delenv("KRB5_CONFIG", raising=False)
     conf = _file(tmp_path, text)
     with capture_logs() as logs:
         value = profile.use_profile(conf)
@@ -237,14 +233,12 @@ def test_a_krb5_conf_mit_refuses_turns_the_kdc_watch_off_naming_the_line(tmp_pat
     assert "(line 4)" in event["reason"]
 
 
+@pytest.mark.usefixtures("fresh_profile")
 def test_an_edit_mit_would_refuse_leaves_the_last_copy_and_is_said_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """krb5.conf edited into something MIT refuses, in one-file mode: the last good copy stays in force (MIT reads
     it), `krb5_conf_not_copied` is logged once for that edit, not at every look; the next good edit is copied."""
-    monkeypatch.setattr(profile, "_merged", profile._Merged())
-    monkeypatch.setattr(profile, "_realms", {})
-    monkeypatch.delenv("KRB5_CONFIG", raising=False)
     conf = _file(tmp_path, "[realms]\n LAB.TEST = {\n  kdc = 127.0.0.1:1111\n }\n")
     value = profile.use_profile(conf)
     assert ":" not in value

@@ -6,7 +6,7 @@ import ipaddress
 import json
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,14 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from proxy.certs.revocation import load_crls
 from proxy.lab.pki import P12_PASSWORD, USER_CERTIFICATES, Pki, make_pki, revoke
 from tests.pem import load_cert
-
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
-
+from tests.unit.conftest import NOW
 
 E = TypeVar("E", bound=x509.ExtensionType)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from cryptography import x509
@@ -12,18 +12,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy.certs.chain import TrustList
 from proxy.certs.memo import PresentedCertificates, VerifiedChains
 from proxy.errors import CertificateRejected
-from proxy.lab.pki import Pki, make_pki
-
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+from proxy.lab.pki import Pki
+from tests.unit.conftest import NOW
 
 
 class Connection:
     """Stands for a connection's `ssl.SSLObject`: what the memory is keyed on (weakly)."""
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,10 @@ from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.restrictions import admit, extension_readings, matches
 from proxy.config import Restriction
 from proxy.errors import CertificateRejected
-from proxy.lab.pki import Pki, make_pki
+from proxy.lab.pki import Pki
+from tests.unit.conftest import NOW
 
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
 
 
 def verified(pki: Pki, user: str) -> VerifiedCertificate:

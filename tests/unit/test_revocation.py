@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,19 +17,9 @@ from proxy.certs.revocation import CrlSet, RevocationPolicy, RevocationStatus, l
 from proxy.errors import CertificateRevoked
 from proxy.lab.pki import Pki, make_pki, revoke
 from tests.pem import load_cert, load_key
+from tests.unit.conftest import NOW
 
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(days=8)  # past the lab CRLs' nextUpdate (NOW + 7 days)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
-
-
-@pytest.fixture(scope="module")
-def trust(pki: Pki) -> TrustList:
-    return TrustList.load([pki.root_cert], [pki.issuing_cert])
 
 
 @pytest.fixture(scope="module")

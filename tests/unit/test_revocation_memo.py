@@ -10,7 +10,7 @@ set that has remembered nothing.
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -19,21 +19,11 @@ from cryptography.hazmat.primitives import hashes
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.revocation import CLOCK_SKEW, CrlSet, RevocationEvidence, RevocationPolicy, RevocationStatus
 from proxy.errors import CertificateRevoked
-from proxy.lab.pki import Pki, make_pki
+from proxy.lab.pki import Pki
 from tests.pem import load_cert, load_key
+from tests.unit.conftest import NOW
 
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
-
-
-@pytest.fixture(scope="module")
-def trust(pki: Pki) -> TrustList:
-    return TrustList.load([pki.root_cert], [pki.issuing_cert])
 
 
 def verified(pki: Pki, trust: TrustList, name: str) -> VerifiedCertificate:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -15,23 +15,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.revocation import CrlSet, RevocationStatus
 from proxy.errors import CertificateRevoked
-from proxy.lab.pki import Pki, make_pki
+from proxy.lab.pki import Pki
 from tests.pem import load_cert, load_key
+from tests.unit.conftest import NOW
 
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 F = x509.ReasonFlags
 Ext = tuple[x509.ExtensionType, bool]
 Listed = tuple[int, F | None] | tuple[int, F | None, x509.Name]  # serial, reason, certificate issuer
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), now=NOW)
-
-
-@pytest.fixture(scope="module")
-def trust(pki: Pki) -> TrustList:
-    return TrustList.load([pki.root_cert], [pki.issuing_cert])
 
 
 def crl(

@@ -10,31 +10,7 @@ import pytest
 from proxy import config
 from proxy.errors import ConfigError
 from proxy.workers import PortInUse, check_port_free
-
-GOOD = """
-[listener]
-bind = "127.0.0.1:8443"
-certificate = "server.pem"
-private_key = "server.key"
-
-[client_certificates]
-trust_anchors = ["root.pem"]
-
-[kerberos]
-principal = "HTTP/proxy.lab.test@LAB.TEST"
-keytab = "proxy.keytab"
-
-[[routes]]
-prefix = "/"
-upstream = "http://127.0.0.1:8081"
-"""
-
-
-def _write(tmp_path: Path, text: str) -> Path:
-    for name in ("server.pem", "server.key", "root.pem", "proxy.keytab"):
-        (tmp_path / name).write_text("x")
-    (tmp_path / "gateway.toml").write_text(text)
-    return tmp_path / "gateway.toml"
+from tests.unit.test_config import GOOD, _write
 
 
 def _with_workers(value: str) -> str:
