@@ -9,6 +9,7 @@ device's (127.0.0.3) through the balancer, never the balancer's own.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -36,12 +37,13 @@ class Balanced:
     stats: Path  # HAProxy's stats socket
 
 
-def _haproxy_config(port: int, gateways: tuple[Gateway, Gateway], stats: Path) -> str:
+def _haproxy_config(
+    port: int, gateways: tuple[Gateway, ...], stats: Path, check: str = "check check-send-proxy inter 500ms"
+) -> str:
     """TCP mode (TLS ends on the gateways), round robin, PROXY v2 on every connection and on the health
-    checks (HAProxy sends those as v2 LOCAL, which names no device)."""
+    checks (HAProxy sends those as v2 LOCAL, which names no device); `check` is each server's health check."""
     servers = "\n".join(
-        f"    server gw{i} 127.0.0.1:{gw.port} send-proxy-v2 check check-send-proxy inter 500ms"
-        for i, gw in enumerate(gateways, 1)
+        f"    server gw{i} 127.0.0.1:{gw.port} send-proxy-v2 {check}" for i, gw in enumerate(gateways, 1)
     )
     return f"""global
     log stdout format raw local0 info
@@ -70,7 +72,6 @@ def balanced(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Two gateways that believe PROXY headers from 127.0.0.1 only, and HAProxy in front of them."""
     layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
     gateways: list[Gateway] = []
-    proc: subprocess.Popen[bytes] | None = None
     try:
         for name in ("gw1", "gw2"):
             text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
@@ -79,21 +80,29 @@ def balanced(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         pair = (gateways[0], gateways[1])
         port = free_port()
         directory = tmp_path_factory.mktemp("haproxy")
-        cfg = directory / "haproxy.cfg"
         stats = directory / "stats.sock"
-        cfg.write_text(_haproxy_config(port, pair, stats))
-        check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
-        assert check.returncode == 0, check.stdout + check.stderr
-        with (directory / "haproxy.log").open("wb") as out:
-            proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
-        wait_port(port, proc)
-        yield Balanced(port, pair, stats)
+        with _haproxy(directory, port, _haproxy_config(port, pair, stats)):
+            yield Balanced(port, pair, stats)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
         for gw in gateways:
             gw.stop()
+
+
+@contextlib.contextmanager
+def _haproxy(directory: Path, port: int, config: str) -> Iterator[None]:
+    """HAProxy (`haproxy -db`) run with `config`, checked first, once it listens on `port`; stopped at the end."""
+    cfg = directory / "haproxy.cfg"
+    cfg.write_text(config)
+    check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    with (directory / "haproxy.log").open("wb") as out:
+        proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _through(lab: LabLayout, balanced: Balanced, user: str) -> tuple[str, str]:
@@ -182,3 +191,48 @@ def _check_status(balanced: Balanced) -> dict[str, str]:
         for row in rows[1:]
         if len(row) == len(header) and row[header.index("svname")].startswith("gw")
     }
+
+
+def test_a_balancers_tls_health_check_without_a_certificate_is_no_refusal(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """HAProxy's `check-ssl` check (`check-send-proxy`: a PROXY v2 LOCAL header, then a TLS handshake without a
+    client certificate; every 200 ms here, 2 s by default) is the balancer's own connection: each one is logged at
+    debug level (`tls_handshake_refused`, `health_check`) and counted in `kcd_listener_health_checks_total`, never a
+    warning nor in `kcd_refusals_total` (it was both, each check: a log filled with refusals naming the balancer and
+    a refusal rate no alert could use). A device without a certificate through the same balancer is still refused,
+    logged at warning level under its own address and counted."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    admin = free_port()
+    text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    text += f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    gw = start_gateway(lab, tmp_path_factory.mktemp("tls-check"), text, args=("--log-level", "debug"))
+    try:
+        directory = tmp_path_factory.mktemp("haproxy-tls-check")
+        port = free_port()
+        check = "check check-ssl verify none check-send-proxy inter 200ms"
+        with _haproxy(directory, port, _haproxy_config(port, (gw,), directory / "stats.sock", check)):
+
+            def checks() -> list[dict[str, object]]:
+                lines = gw.events("tls_handshake_refused")
+                return [e for e in lines if str(e.get("peer", "")).startswith("127.0.0.1:")]
+
+            eventually(lambda: len(checks()) >= 3, "three of HAProxy's TLS health checks")
+            assert {(e["level"], e.get("health_check")) for e in checks()} == {("debug", True)}
+            gw.mark()
+            done = curl(lab, f"https://127.0.0.1:{port}/EWS/Exchange.asmx", None, "--interface", DEVICE)
+            assert done.returncode != 0, done.stdout
+            device = gw.wait_for("tls_handshake_refused", lambda e: str(e.get("peer", "")).startswith(f"{DEVICE}:"))
+            assert (device["level"], device.get("health_check")) == ("warning", None)
+        counted = _metrics(f"http://127.0.0.1:{admin}")
+        assert counted.get('kcd_refusals_total{reason="peer did not return a certificate",stage="tls"}') == 1.0
+        assert counted["kcd_listener_health_checks_total"] >= 3
+    finally:
+        assert gw.stop() == 0
+
+
+def _metrics(admin: str) -> dict[str, float]:
+    """Every sample of the gateway's /metrics, by its name and labels."""
+    with urllib.request.urlopen(admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
+        lines = r.read().decode().splitlines()
+    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in lines if not line.startswith("#")}

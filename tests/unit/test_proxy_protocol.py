@@ -78,11 +78,15 @@ def test_an_ipv4_mapped_device_address_is_its_ipv4_address() -> None:
 
 
 def test_v2_local_is_the_balancers_own_connection() -> None:
-    """LOCAL (HAProxy's health checks) and UNSPEC carry no device: nothing is claimed."""
-    for header in (v2(command=0, family=0, addresses=b""), v2(family=0x00, addresses=b"")):
+    """LOCAL (HAProxy's health checks) and UNSPEC carry no device: nothing is claimed. Only LOCAL is the balancer's own
+    connection (a health check); UNSPEC and v1 UNKNOWN relay a device whose address the balancer does not know."""
+    for header, check in ((v2(command=0, family=0, addresses=b""), True), (v2(family=0x00, addresses=b""), False)):
         parsed = parse(header)
         assert parsed is not None
-        assert (parsed.command, parsed.source) == ("local", None)
+        assert (parsed.command, parsed.source, parsed.health_check) == ("local", None, check)
+    unknown = parse(b"PROXY UNKNOWN\r\n")
+    assert unknown is not None
+    assert not unknown.health_check
 
 
 @pytest.mark.parametrize(
@@ -150,7 +154,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.handed = []
 
-    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes) -> None:
+    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False) -> None:
         self.handed.append((client, preread))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
