@@ -24,7 +24,7 @@ import pytest
 
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, curl, free_port, start_gateway, wait_port
+from tests.integration.conftest import REPO, Gateway, curl, dead_port, free_port, start_gateway, wait_port
 from tests.integration.jsonlog import eventually
 
 DEVICE = "127.0.0.3"  # curl's source address: loopback, but not a balancer
@@ -236,3 +236,24 @@ def _metrics(admin: str) -> dict[str, float]:
     with urllib.request.urlopen(admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
         lines = r.read().decode().splitlines()
     return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in lines if not line.startswith("#")}
+
+
+def test_the_shipped_balancer_configuration_serves_every_device_while_a_gateway_is_down(
+    lab: LabLayout, balanced: Balanced, tmp_path: Path
+) -> None:
+    """`deploy/balancer/haproxy.cfg` as shipped, its two servers pointed at a running gateway and at a port where
+    no gateway listens (one that died, or is restarting): every device connection is served, by the running one.
+    The file had no health check and no redispatch: HAProxy kept sending every other device to the dead gateway,
+    retried there and gave up, so half the devices' connections were closed until it came back."""
+    shipped = (REPO / "deploy" / "balancer" / "haproxy.cfg").read_text()
+    port = free_port()
+    config = shipped.replace("bind :8443", f"bind 127.0.0.1:{port}")
+    config = config.replace("gateway-1:8443", f"127.0.0.1:{balanced.gateways[0].port}")
+    config = config.replace("gateway-2:8443", f"127.0.0.1:{dead_port()}")
+    assert config.count("127.0.0.1:") == 3, config
+    with _haproxy(tmp_path, port, config):
+        statuses = []
+        for _ in range(6):
+            done = curl(lab, f"https://127.0.0.1:{port}/EWS/Exchange.asmx", "alice", "--interface", DEVICE)
+            statuses.append(done.stdout.rpartition("\n")[2])
+    assert statuses == ["200"] * 6, statuses
