@@ -14,8 +14,11 @@ import csv
 import dataclasses
 import io
 import json
+import http.client
 import socket
+import ssl
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +27,18 @@ import pytest
 
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import REPO, Gateway, curl, dead_port, free_port, start_gateway, wait_port
+from tests.integration.conftest import (
+    REPO,
+    Gateway,
+    client_context,
+    curl,
+    dead_port,
+    free_port,
+    start_gateway,
+    wait_port,
+)
 from tests.integration.jsonlog import eventually
+from tests.integration.test_proxy_protocol import v2_header
 
 DEVICE = "127.0.0.3"  # curl's source address: loopback, but not a balancer
 
@@ -257,3 +270,77 @@ def test_the_shipped_balancer_configuration_serves_every_device_while_a_gateway_
             done = curl(lab, f"https://127.0.0.1:{port}/EWS/Exchange.asmx", "alice", "--interface", DEVICE)
             statuses.append(done.stdout.rpartition("\n")[2])
     assert statuses == ["200"] * 6, statuses
+
+
+@pytest.mark.parametrize("sessions", ["stateful", "stateless"])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+def test_a_session_made_on_one_gateway_is_not_resumed_on_the_other(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory, sessions: str, version: ssl.TLSVersion
+) -> None:
+    """The gateways share no TLS session state: a session alice's device made on gateway 1 resumes there, and on
+    gateway 2 (the balancer's next pick) it is a full handshake, served; with stateful tickets (the default) and
+    with stateless ones (`tls_session_cache = 0`, whose ticket keys OpenSSL draws per process). So a CA one gateway
+    stopped trusting, or a session it never judged, is never carried in by another gateway's session."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    extra = "[listener]\ntls_session_cache = 0\n" if sessions == "stateless" else "[listener]\n"
+    gateways = []
+    try:
+        for name in ("one", "two"):
+            text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+            text = text.replace("[listener]\n", extra, 1)
+            gateways.append(start_gateway(lab, tmp_path_factory.mktemp(f"sessions-{name}"), text))
+        ctx = client_context(lab, "alice")
+        ctx.minimum_version = ctx.maximum_version = version
+
+        def request(gw: Gateway, session: ssl.SSLSession | None) -> tuple[int, ssl.SSLSession | None, bool]:
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(v2_header("203.0.113.80", 40080))
+            with ctx.wrap_socket(raw, server_hostname="proxy.lab.test", session=session) as tls:
+                tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n")
+                response = http.client.HTTPResponse(tls)  # read to the gateway's close_notify: the session is kept
+                response.begin()
+                response.read()
+                return response.status, tls.session, tls.session_reused
+
+        status, session, _ = request(gateways[0], None)
+        assert status == 200
+        assert request(gateways[0], session)[::2] == (200, True)  # the device does offer it, and gateway 1 takes it
+        assert request(gateways[1], session)[::2] == (200, False)
+    finally:
+        for gw in gateways:
+            assert gw.stop() == 0
+
+
+def test_two_gateways_tokens_for_one_user_at_once_are_both_accepted(lab: LabLayout, balanced: Balanced) -> None:
+    """Both gateways (one keytab, one service principal) send alice's delegated token to the backend at the same
+    moment, five times: every request is served. Each token has its own authenticator (the time to the
+    microsecond, a random subkey and sequence number), and the lab backend's MIT acceptor, whose replay cache
+    (file2) records a hash of each authenticator, takes both; a replay of either would be refused
+    (test_ap_req.py). What Windows' replay cache does differently is in docs/deploying.md, "Several gateways"."""
+    for gw in balanced.gateways:
+        gw.mark()
+    ctx = client_context(lab, "alice")
+    for round_ in range(5):
+        start = threading.Barrier(2)
+        statuses: dict[int, int] = {}
+
+        def one(i: int, gw: Gateway) -> None:
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(v2_header("203.0.113.81", 40081 + i))
+            with ctx.wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+                start.wait(timeout=30)  # both handshakes done: the two requests leave together
+                tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n")
+                response = http.client.HTTPResponse(tls)
+                response.begin()
+                response.read()
+                statuses[i] = response.status
+
+        threads = [threading.Thread(target=one, args=(i, gw)) for i, gw in enumerate(balanced.gateways)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+        assert statuses == {0: 200, 1: 200}, (round_, statuses)
+    for gw in balanced.gateways:
+        lines = gw.wait_events("request", 5)
+        assert {(e.get("principal"), e.get("status")) for e in lines} == {("alice@LAB.TEST", 200)}
