@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import http.client
 import io
 import json
-import http.client
 import socket
 import ssl
 import subprocess
