@@ -292,7 +292,7 @@ def test_a_session_made_on_one_gateway_is_not_resumed_on_the_other(
         ctx = client_context(lab, "alice")
         ctx.minimum_version = ctx.maximum_version = version
 
-        def request(gw: Gateway, session: ssl.SSLSession | None) -> tuple[int, ssl.SSLSession | None, bool]:
+        def request(gw: Gateway, session: ssl.SSLSession | None) -> tuple[int, ssl.SSLSession | None, bool | None]:
             raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
             raw.sendall(v2_header("203.0.113.80", 40080))
             with ctx.wrap_socket(raw, server_hostname="proxy.lab.test", session=session) as tls:
@@ -324,7 +324,7 @@ def test_two_gateways_tokens_for_one_user_at_once_are_both_accepted(lab: LabLayo
         start = threading.Barrier(2)
         statuses: dict[int, int] = {}
 
-        def one(i: int, gw: Gateway) -> None:
+        def one(i: int, gw: Gateway, start: threading.Barrier, statuses: dict[int, int]) -> None:
             raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
             raw.sendall(v2_header("203.0.113.81", 40081 + i))
             with ctx.wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
@@ -335,7 +335,9 @@ def test_two_gateways_tokens_for_one_user_at_once_are_both_accepted(lab: LabLayo
                 response.read()
                 statuses[i] = response.status
 
-        threads = [threading.Thread(target=one, args=(i, gw)) for i, gw in enumerate(balanced.gateways)]
+        threads = [
+            threading.Thread(target=one, args=(i, gw, start, statuses)) for i, gw in enumerate(balanced.gateways)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
