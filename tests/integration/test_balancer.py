@@ -206,21 +206,25 @@ def _check_status(balanced: Balanced) -> dict[str, str]:
     }
 
 
+@pytest.mark.parametrize("server", ["own", "aiohttp"])
 def test_a_balancers_tls_health_check_without_a_certificate_is_no_refusal(
-    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory, server: str
 ) -> None:
     """HAProxy's `check-ssl` check (`check-send-proxy`: a PROXY v2 LOCAL header, then a TLS handshake without a
     client certificate; every 200 ms here, 2 s by default) is the balancer's own connection: each one is logged at
     debug level (`tls_handshake_refused`, `health_check`) and counted in `kcd_listener_health_checks_total`, never a
     warning nor in `kcd_refusals_total` (it was both, each check: a log filled with refusals naming the balancer and
     a refusal rate no alert could use). A device without a certificate through the same balancer is still refused,
-    logged at warning level under its own address and counted."""
+    logged at warning level under its own address and counted. On both device-side servers (`listener.http_server`),
+    whose handshakes are driven apart."""
     layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
     admin = free_port()
     text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    text = text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n', 1)
     text += f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
     gw = start_gateway(lab, tmp_path_factory.mktemp("tls-check"), text, args=("--log-level", "debug"))
     try:
+        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
         directory = tmp_path_factory.mktemp("haproxy-tls-check")
         port = free_port()
         check = "check check-ssl verify none check-send-proxy inter 200ms"
