@@ -382,6 +382,7 @@ async def serve(
         listener.handshake_timeout,
         on_refused=live.metrics.handshake_refused,
         on_empty=live.metrics.empty_connections.inc,
+        on_health_check=live.metrics.health_checks.inc,
     )
     factory: Callable[[Callable[[], None]], asyncio.Protocol] = tls_gate
     if listener.proxy_protocol:  # behind a balancer: its PROXY header first, then TLS

@@ -3,7 +3,8 @@
 Counters are fed from each request's `Trace` when the request ends (`observe`: its route, status,
 stage timings, ticket cache result and, for a refusal, the stage and the audit event that the middleware
 noted as `refused_stage` and `refusal`), from the TLS listener for refused handshakes
-(`handshake_refused`) and for connections that ended before their first TLS byte (`empty_connections`), and
+(`handshake_refused`), for connections that ended before their first TLS byte (`empty_connections`) and for a
+balancer's TLS health checks without a certificate (`health_checks`), and
 from the PROXY gate for connections it closed (`proxy_header_refused`), from the listener for connections
 over the per-address cap (`address_connections_refused`): stages
 do not know about metrics. Gauges are read when `/metrics` is scraped,
@@ -86,6 +87,12 @@ class Metrics:
             "Connections that ended (reset or closed by the client) before their first TLS byte, a PROXY header "
             "aside: health checks (HAProxy's end with a reset, often before they are accepted) and port scans; "
             "not refusals",
+            registry=r,
+        )
+        self.health_checks = Counter(
+            "kcd_listener_health_checks",
+            "The balancers' own TLS health checks (a PROXY v2 LOCAL header, then a handshake without a client "
+            "certificate: HAProxy's check-ssl), refused as any connection without one; not refusals",
             registry=r,
         )
         self.mappings = Counter(

@@ -24,9 +24,12 @@ the first TLS byte. This module reads it:
   check, which names no device, is not counted.
 
 A `LOCAL` v2 header (the balancer's own health check) or a v1 `UNKNOWN` carries no device: the
-connection's own address stands. A connection that ends before its first byte (HAProxy's health checks end
-with a reset, often before they are accepted, when no address is left to judge) is closed without a refusal,
-counted as an empty connection (`kcd_listener_empty_connections_total`) and logged at debug level only.
+connection's own address stands. A `LOCAL` connection whose TLS handshake then ends without a client certificate
+(HAProxy's `check-ssl`) is the balancer checking the port, not a device refused: the TLS gate logs it at debug
+level and counts it as a health check, not as a refusal (`TlsGate.behind_balancer`). A connection that ends
+before its first byte (HAProxy's health checks end with a reset, often before they are accepted, when no address
+is left to judge) is closed without a refusal, counted as an empty connection
+(`kcd_listener_empty_connections_total`) and logged at debug level only.
 Unix-socket and UDP addresses are refused (a gateway listens on TCP), and so is a v1 IPv6 address with a zone
 (`%eth0`). An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, from a dual-stack balancer) names the IPv4 device
 a.b.c.d. The header's TLVs (v2 extensions) are skipped unread.
@@ -75,6 +78,7 @@ class ProxyHeader:
     source: Address | None  # the device's address and port; None for local/UNKNOWN
     destination: Address | None  # the address the device connected to (the balancer's)
     length: int  # bytes the header took; what follows is the device's first TLS bytes
+    health_check: bool = False  # v2 LOCAL: a connection the balancer made itself (its health check), relaying no one
 
 
 def parse(data: bytes) -> ProxyHeader | None:
@@ -169,7 +173,7 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     if len(data) < length:
         return None
     if command == 0:  # LOCAL: the balancer speaking for itself; whatever follows is ignored
-        return ProxyHeader(2, "local", None, None, length)
+        return ProxyHeader(2, "local", None, None, length, health_check=True)
     family, transport = family_transport >> 4, family_transport & 0x0F
     if family == 0:  # UNSPEC: the balancer does not know the addresses
         return ProxyHeader(2, "local", None, None, length)
@@ -260,7 +264,7 @@ class ProxyHeaderGate(asyncio.Protocol):
             closed = admitted
         transport, self._transport = self._transport, None
         gate = self._tls_gate(closed)
-        gate.behind_balancer(client, self._buffer[header.length :])
+        gate.behind_balancer(client, self._buffer[header.length :], health_check=header.health_check)
         transport.set_protocol(gate)
         gate.connection_made(transport)
 

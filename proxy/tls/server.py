@@ -276,12 +276,15 @@ class TlsGate(asyncio.Protocol):
         on_refused: Callable[[str], None] | None = None,
         closed: Callable[[], None] = lambda: None,
         on_empty: Callable[[], None] | None = None,
+        on_health_check: Callable[[], None] | None = None,
     ) -> None:
         self._app = app_protocol
         self._ctx = ctx
         self._timeout = timeout
         self._on_refused = on_refused
         self._on_empty = on_empty  # counts a connection that ended before its first TLS byte (metrics)
+        self._on_health_check = on_health_check  # counts the balancer's TLS checks without a certificate (metrics)
+        self._health_check = False  # a PROXY v2 LOCAL connection: the balancer's own, relaying no device
         self._closed = closed  # gives the connection's slot back (proxy.tls.limits); safe to call twice
         self._task: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
@@ -289,11 +292,14 @@ class TlsGate(asyncio.Protocol):
         self._client: tuple[str, int] | None = None  # the device, when a balancer said so (PROXY protocol)
         self._preread = b""
 
-    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes) -> None:
+    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False) -> None:
         """Before `connection_made`: the device's address from a PROXY header (None: the connection's own
-        address stands), and the bytes read after that header (the device's first TLS bytes)."""
+        address stands), the bytes read after that header (the device's first TLS bytes), and whether the header
+        was a v2 `LOCAL` one: the balancer's own connection, whose handshake without a client certificate is its
+        TLS health check (HAProxy's `check-ssl`, every `inter`), not a device to refuse in the log and metrics."""
         self._client = client
         self._preread = preread
+        self._health_check = health_check
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The TLS protocol takes the socket here, before this returns, not in the task: uvloop starts reading
@@ -356,6 +362,13 @@ class TlsGate(asyncio.Protocol):
     def _refused(self, peer: object, exc: BaseException) -> None:
         """OpenSSL ended the handshake (its alert sent): logged with what to fix, and counted as a refusal."""
         reason = handshake_reason(exc)
+        if self._health_check and NO_CERTIFICATE in reason:
+            # The balancer's own check (PROXY v2 LOCAL), refused as any connection without a certificate, but logged
+            # at debug level and counted apart: a warning and a refusal per check named the balancer every 2 s.
+            log.debug("tls_handshake_refused", stage="tls", peer=peer_text(peer), reason=reason, health_check=True)
+            if self._on_health_check is not None:
+                self._on_health_check()
+            return
         fix = handshake_fix(reason)
         log.warning("tls_handshake_refused", stage="tls", peer=peer_text(peer), reason=reason, fix=fix)
         if self._on_refused is not None:
@@ -551,6 +564,7 @@ def gate_factory(
     *,
     on_refused: Callable[[str], None] | None = None,
     on_empty: Callable[[], None] | None = None,
+    on_health_check: Callable[[], None] | None = None,
 ) -> Callable[[Callable[[], None]], TlsGate]:
     """A protocol factory for `proxy.tls.limits.accept_connections` that puts TLS in front of aiohttp's handler.
 
@@ -558,13 +572,15 @@ def gate_factory(
     `ctx` may be a function returning the current context: each new connection then gets the one in force
     when it arrives (a reload swaps the server certificate and trust list for new connections only).
     `on_refused` hears the reason of each refused handshake, `on_empty` of each connection that ended before its
-    first TLS byte (metrics)."""
+    first TLS byte, `on_health_check` of each balancer's TLS health check refused for want of a certificate
+    (metrics)."""
     current = ctx if callable(ctx) else lambda: ctx
-    return lambda closed: TlsGate(app_factory(), current(), timeout, on_refused, closed, on_empty)
+    return lambda closed: TlsGate(app_factory(), current(), timeout, on_refused, closed, on_empty, on_health_check)
 
 
+NO_CERTIFICATE = "did not return a certificate"  # OpenSSL's reason, TLS 1.2 and 1.3, for a client that sent none
 _HANDSHAKE_FIXES = (
-    ("did not return a certificate", "the device presented no certificate: install the user's certificate on it"),
+    (NO_CERTIFICATE, "the device presented no certificate: install the user's certificate on it"),
     ("has expired", "the certificate expired: issue the user a new one"),
     ("not yet valid", "the certificate is not valid yet: check the clocks of the device and of the issuing CA"),
     (

@@ -9,12 +9,16 @@ device's (127.0.0.3) through the balancer, never the balancer's own.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import http.client
 import io
 import json
 import socket
+import ssl
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +27,18 @@ import pytest
 
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, curl, free_port, start_gateway, wait_port
+from tests.integration.conftest import (
+    REPO,
+    Gateway,
+    client_context,
+    curl,
+    dead_port,
+    free_port,
+    start_gateway,
+    wait_port,
+)
 from tests.integration.jsonlog import eventually
+from tests.integration.test_proxy_protocol import v2_header
 
 DEVICE = "127.0.0.3"  # curl's source address: loopback, but not a balancer
 
@@ -36,12 +50,13 @@ class Balanced:
     stats: Path  # HAProxy's stats socket
 
 
-def _haproxy_config(port: int, gateways: tuple[Gateway, Gateway], stats: Path) -> str:
+def _haproxy_config(
+    port: int, gateways: tuple[Gateway, ...], stats: Path, check: str = "check check-send-proxy inter 500ms"
+) -> str:
     """TCP mode (TLS ends on the gateways), round robin, PROXY v2 on every connection and on the health
-    checks (HAProxy sends those as v2 LOCAL, which names no device)."""
+    checks (HAProxy sends those as v2 LOCAL, which names no device); `check` is each server's health check."""
     servers = "\n".join(
-        f"    server gw{i} 127.0.0.1:{gw.port} send-proxy-v2 check check-send-proxy inter 500ms"
-        for i, gw in enumerate(gateways, 1)
+        f"    server gw{i} 127.0.0.1:{gw.port} send-proxy-v2 {check}" for i, gw in enumerate(gateways, 1)
     )
     return f"""global
     log stdout format raw local0 info
@@ -70,7 +85,6 @@ def balanced(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Two gateways that believe PROXY headers from 127.0.0.1 only, and HAProxy in front of them."""
     layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
     gateways: list[Gateway] = []
-    proc: subprocess.Popen[bytes] | None = None
     try:
         for name in ("gw1", "gw2"):
             text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
@@ -79,21 +93,29 @@ def balanced(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         pair = (gateways[0], gateways[1])
         port = free_port()
         directory = tmp_path_factory.mktemp("haproxy")
-        cfg = directory / "haproxy.cfg"
         stats = directory / "stats.sock"
-        cfg.write_text(_haproxy_config(port, pair, stats))
-        check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
-        assert check.returncode == 0, check.stdout + check.stderr
-        with (directory / "haproxy.log").open("wb") as out:
-            proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
-        wait_port(port, proc)
-        yield Balanced(port, pair, stats)
+        with _haproxy(directory, port, _haproxy_config(port, pair, stats)):
+            yield Balanced(port, pair, stats)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
         for gw in gateways:
             gw.stop()
+
+
+@contextlib.contextmanager
+def _haproxy(directory: Path, port: int, config: str) -> Iterator[None]:
+    """HAProxy (`haproxy -db`) run with `config`, checked first, once it listens on `port`; stopped at the end."""
+    cfg = directory / "haproxy.cfg"
+    cfg.write_text(config)
+    check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    with (directory / "haproxy.log").open("wb") as out:
+        proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _through(lab: LabLayout, balanced: Balanced, user: str) -> tuple[str, str]:
@@ -182,3 +204,149 @@ def _check_status(balanced: Balanced) -> dict[str, str]:
         for row in rows[1:]
         if len(row) == len(header) and row[header.index("svname")].startswith("gw")
     }
+
+
+@pytest.mark.parametrize("server", ["own", "aiohttp"])
+def test_a_balancers_tls_health_check_without_a_certificate_is_no_refusal(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory, server: str
+) -> None:
+    """HAProxy's `check-ssl` check (`check-send-proxy`: a PROXY v2 LOCAL header, then a TLS handshake without a
+    client certificate; every 200 ms here, 2 s by default) is the balancer's own connection: each one is logged at
+    debug level (`tls_handshake_refused`, `health_check`) and counted in `kcd_listener_health_checks_total`, never a
+    warning nor in `kcd_refusals_total` (it was both, each check: a log filled with refusals naming the balancer and
+    a refusal rate no alert could use). A device without a certificate through the same balancer is still refused,
+    logged at warning level under its own address and counted. On both device-side servers (`listener.http_server`),
+    whose handshakes are driven apart."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    admin = free_port()
+    text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    text = text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n', 1)
+    text += f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    gw = start_gateway(lab, tmp_path_factory.mktemp("tls-check"), text, args=("--log-level", "debug"))
+    try:
+        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
+        directory = tmp_path_factory.mktemp("haproxy-tls-check")
+        port = free_port()
+        check = "check check-ssl verify none check-send-proxy inter 200ms"
+        with _haproxy(directory, port, _haproxy_config(port, (gw,), directory / "stats.sock", check)):
+
+            def checks() -> list[dict[str, object]]:
+                lines = gw.events("tls_handshake_refused")
+                return [e for e in lines if str(e.get("peer", "")).startswith("127.0.0.1:")]
+
+            eventually(lambda: len(checks()) >= 3, "three of HAProxy's TLS health checks")
+            assert {(e["level"], e.get("health_check")) for e in checks()} == {("debug", True)}
+            gw.mark()
+            done = curl(lab, f"https://127.0.0.1:{port}/EWS/Exchange.asmx", None, "--interface", DEVICE)
+            assert done.returncode != 0, done.stdout
+            device = gw.wait_for("tls_handshake_refused", lambda e: str(e.get("peer", "")).startswith(f"{DEVICE}:"))
+            assert (device["level"], device.get("health_check")) == ("warning", None)
+        counted = _metrics(f"http://127.0.0.1:{admin}")
+        assert counted.get('kcd_refusals_total{reason="peer did not return a certificate",stage="tls"}') == 1.0
+        assert counted["kcd_listener_health_checks_total"] >= 3
+    finally:
+        assert gw.stop() == 0
+
+
+def _metrics(admin: str) -> dict[str, float]:
+    """Every sample of the gateway's /metrics, by its name and labels."""
+    with urllib.request.urlopen(admin + "/metrics", timeout=30) as r:  # noqa: S310  loopback
+        lines = r.read().decode().splitlines()
+    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in lines if not line.startswith("#")}
+
+
+def test_the_shipped_balancer_configuration_serves_every_device_while_a_gateway_is_down(
+    lab: LabLayout, balanced: Balanced, tmp_path: Path
+) -> None:
+    """`deploy/balancer/haproxy.cfg` as shipped, its two servers pointed at a running gateway and at a port where
+    no gateway listens (one that died, or is restarting): every device connection is served, by the running one.
+    The file had no health check and no redispatch: HAProxy kept sending every other device to the dead gateway,
+    retried there and gave up, so half the devices' connections were closed until it came back."""
+    shipped = (REPO / "deploy" / "balancer" / "haproxy.cfg").read_text()
+    port = free_port()
+    config = shipped.replace("bind :8443", f"bind 127.0.0.1:{port}")
+    config = config.replace("gateway-1:8443", f"127.0.0.1:{balanced.gateways[0].port}")
+    config = config.replace("gateway-2:8443", f"127.0.0.1:{dead_port()}")
+    assert config.count("127.0.0.1:") == 3, config
+    with _haproxy(tmp_path, port, config):
+        statuses = []
+        for _ in range(6):
+            done = curl(lab, f"https://127.0.0.1:{port}/EWS/Exchange.asmx", "alice", "--interface", DEVICE)
+            statuses.append(done.stdout.rpartition("\n")[2])
+    assert statuses == ["200"] * 6, statuses
+
+
+@pytest.mark.parametrize("sessions", ["stateful", "stateless"])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+def test_a_session_made_on_one_gateway_is_not_resumed_on_the_other(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory, sessions: str, version: ssl.TLSVersion
+) -> None:
+    """The gateways share no TLS session state: a session alice's device made on gateway 1 resumes there, and on
+    gateway 2 (the balancer's next pick) it is a full handshake, served; with stateful tickets (the default) and
+    with stateless ones (`tls_session_cache = 0`, whose ticket keys OpenSSL draws per process). So a CA one gateway
+    stopped trusting, or a session it never judged, is never carried in by another gateway's session."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    extra = "[listener]\ntls_session_cache = 0\n" if sessions == "stateless" else "[listener]\n"
+    gateways = []
+    try:
+        for name in ("one", "two"):
+            text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+            text = text.replace("[listener]\n", extra, 1)
+            gateways.append(start_gateway(lab, tmp_path_factory.mktemp(f"sessions-{name}"), text))
+        ctx = client_context(lab, "alice")
+        ctx.minimum_version = ctx.maximum_version = version
+
+        def request(gw: Gateway, session: ssl.SSLSession | None) -> tuple[int, ssl.SSLSession | None, bool | None]:
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(v2_header("203.0.113.80", 40080))
+            with ctx.wrap_socket(raw, server_hostname="proxy.lab.test", session=session) as tls:
+                tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n")
+                response = http.client.HTTPResponse(tls)  # read to the gateway's close_notify: the session is kept
+                response.begin()
+                response.read()
+                return response.status, tls.session, tls.session_reused
+
+        status, session, _ = request(gateways[0], None)
+        assert status == 200
+        assert request(gateways[0], session)[::2] == (200, True)  # the device does offer it, and gateway 1 takes it
+        assert request(gateways[1], session)[::2] == (200, False)
+    finally:
+        for gw in gateways:
+            assert gw.stop() == 0
+
+
+def test_two_gateways_tokens_for_one_user_at_once_are_both_accepted(lab: LabLayout, balanced: Balanced) -> None:
+    """Both gateways (one keytab, one service principal) send alice's delegated token to the backend at the same
+    moment, five times: every request is served. Each token has its own authenticator (the time to the
+    microsecond, a random subkey and sequence number), and the lab backend's MIT acceptor, whose replay cache
+    (file2) records a hash of each authenticator, takes both; a replay of either would be refused
+    (test_ap_req.py). What Windows' replay cache does differently is in docs/deploying.md, "Several gateways"."""
+    for gw in balanced.gateways:
+        gw.mark()
+    ctx = client_context(lab, "alice")
+    for round_ in range(5):
+        start = threading.Barrier(2)
+        statuses: dict[int, int] = {}
+
+        def one(i: int, gw: Gateway, start: threading.Barrier, statuses: dict[int, int]) -> None:
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(v2_header("203.0.113.81", 40081 + i))
+            with ctx.wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+                start.wait(timeout=30)  # both handshakes done: the two requests leave together
+                tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n")
+                response = http.client.HTTPResponse(tls)
+                response.begin()
+                response.read()
+                statuses[i] = response.status
+
+        threads = [
+            threading.Thread(target=one, args=(i, gw, start, statuses)) for i, gw in enumerate(balanced.gateways)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+        assert statuses == {0: 200, 1: 200}, (round_, statuses)
+    for gw in balanced.gateways:
+        lines = gw.wait_events("request", 5)
+        assert {(e.get("principal"), e.get("status")) for e in lines} == {("alice@LAB.TEST", 200)}

@@ -107,9 +107,10 @@ def test_the_balancer_passes_tcp_with_proxy_v2_to_both_gateways() -> None:
     assert re.search(r"^\s+mode tcp$", cfg, re.MULTILINE)
     servers = re.findall(r"^\s+server (\S+) (\S+) (.*)$", cfg, re.MULTILINE)
     assert [(name, address, options.split()) for name, address, options in servers] == [
-        ("gateway-1", "gateway-1:8443", ["send-proxy-v2"]),
-        ("gateway-2", "gateway-2:8443", ["send-proxy-v2"]),
+        (f"gateway-{n}", f"gateway-{n}:8443", ["send-proxy-v2", "check", "check-send-proxy", "inter", "2s"])
+        for n in (1, 2)
     ]
+    assert re.search(r"^\s+option redispatch$", cfg, re.MULTILINE)  # a dead gateway's devices go to another
     services = _services()
     for replica in ("gateway-1", "gateway-2"):
         assert services[replica]["command"] == ["kcd-proxy", "run", "--config", "/lab/gateway-balanced.toml"]

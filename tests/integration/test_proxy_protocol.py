@@ -15,6 +15,7 @@ import http.client
 import json
 import signal
 import socket
+import ssl
 import struct
 import time
 import urllib.request
@@ -26,7 +27,7 @@ import pytest
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.tls.proxy_protocol import V2_SIGNATURE
-from tests.integration.conftest import Gateway, client_context, curl, free_port, start_gateway
+from tests.integration.conftest import Gateway, client_context, curl, free_port, gateway_on_server, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 
 
@@ -399,3 +400,95 @@ def test_the_per_address_cap_counts_the_device_behind_the_balancer(
             held.close()
     finally:
         gw.stop()
+
+
+def _ssl_tlv_header(source: str, port: int) -> bytes:
+    """A v2 header carrying PP2_TYPE_SSL (0x20) as a TLS-terminating balancer writes it: client 0x07 (TLS, a
+    certificate on this connection and in its session), verify 0 (verified), CN "alice" (0x22) and version
+    "TLSv1.3" (0x21); then a TLV whose length runs past the block (ignored: TLVs are not read)."""
+    subtlvs = b"\x21" + struct.pack("!H", 7) + b"TLSv1.3" + b"\x22" + struct.pack("!H", 5) + b"alice"
+    ssl_value = b"\x07" + struct.pack("!I", 0) + subtlvs
+    tlvs = b"\x20" + struct.pack("!H", len(ssl_value)) + ssl_value + b"\x04" + struct.pack("!H", 200) + b"x"
+    body = socket.inet_aton(source) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", port, 443) + tlvs
+    return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
+
+
+def _ask_without_a_certificate(lab: LabLayout, raw: socket.socket) -> bytes:
+    """A request on `raw` over TLS without a client certificate; the answer's first byte."""
+    with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n")
+        return tls.recv(1)
+
+
+def test_a_tlv_claiming_a_verified_client_certificate_is_never_one(lab: LabLayout, balanced: Gateway) -> None:
+    """A v2 header whose SSL TLV says the balancer verified alice's client certificate (what a TLS-terminating
+    balancer would send) is no certificate: the TLVs are never read, and the device's own handshake, without a
+    certificate, is refused under the header's address; with alice's certificate it is served (the header itself,
+    the TLV running past the block included, is sound)."""
+    balanced.mark()
+    raw = socket.create_connection(("127.0.0.1", balanced.port), timeout=30)
+    raw.sendall(_ssl_tlv_header("203.0.113.90", 40090))
+    with pytest.raises((ConnectionError, OSError)):  # the handshake's alert; an answer's first byte would fail here
+        _ask_without_a_certificate(lab, raw)
+    refused = balanced.wait_for("tls_handshake_refused", lambda e: str(e.get("peer", "")).startswith("203.0.113.90:"))
+    assert refused["reason"] == "peer did not return a certificate"
+    status, echo = through(lab, balanced, _ssl_tlv_header("203.0.113.91", 40091))
+    assert (status, echo["principal"]) == (200, "alice@LAB.TEST")
+    assert not any(e.get("client") == "203.0.113.90" for e in balanced.events("request", balanced.since))
+
+
+def _one_segment(lab: LabLayout, port: int, header: bytes) -> dict[str, Any]:
+    """alice's request on a connection whose first segment is `header` and the TLS ClientHello together (what a
+    balancer that coalesces writes sends), the TLS driven on memory BIOs; the backend's echo."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(lab, "alice").wrap_bio(incoming, outgoing, server_hostname="proxy.lab.test")
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with raw:
+
+        def pump() -> None:  # what TLS wrote goes out; then what the gateway sent next comes in
+            if outgoing.pending:
+                raw.sendall(outgoing.read())
+            data = raw.recv(65536)
+            incoming.write(data) if data else incoming.write_eof()
+
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        raw.sendall(header + outgoing.read())  # one send: one segment on loopback
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pump()
+        tls.write(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while True:
+            try:
+                data = tls.read(65536)  # b"" once the gateway's close_notify came
+            except ssl.SSLWantReadError:
+                pump()
+                continue
+            if not data:
+                break
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    echo: dict[str, Any] = json.loads(body)
+    return echo
+
+
+@pytest.mark.parametrize("server", ["own", "aiohttp"])
+def test_a_header_and_the_client_hello_in_one_segment(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory, server: str
+) -> None:
+    """The header and the device's ClientHello in one TCP segment: the bytes after the header are the handshake's
+    first (on both device-side servers). A v2 LOCAL header (the balancer's own connection) names no device: the
+    connection's own address, the balancer's, is then the client (X-Forwarded-For 127.0.0.1)."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    with gateway_on_server(lab, tmp_path_factory.mktemp(f"one-segment-{server}"), server, text) as gw:
+        proxied = _one_segment(lab, gw.port, v2_header("203.0.113.92", 40092))
+        assert {k.lower(): v for k, v in proxied["headers"].items()}["x-forwarded-for"] == "203.0.113.92"
+        local = _one_segment(lab, gw.port, V2_SIGNATURE + b"\x20\x00\x00\x00")
+        assert {k.lower(): v for k, v in local["headers"].items()}["x-forwarded-for"] == "127.0.0.1"
+        assert local["principal"] == "alice@LAB.TEST"

@@ -78,11 +78,15 @@ def test_an_ipv4_mapped_device_address_is_its_ipv4_address() -> None:
 
 
 def test_v2_local_is_the_balancers_own_connection() -> None:
-    """LOCAL (HAProxy's health checks) and UNSPEC carry no device: nothing is claimed."""
-    for header in (v2(command=0, family=0, addresses=b""), v2(family=0x00, addresses=b"")):
+    """LOCAL (HAProxy's health checks) and UNSPEC carry no device: nothing is claimed. Only LOCAL is the balancer's own
+    connection (a health check); UNSPEC and v1 UNKNOWN relay a device whose address the balancer does not know."""
+    for header, check in ((v2(command=0, family=0, addresses=b""), True), (v2(family=0x00, addresses=b""), False)):
         parsed = parse(header)
         assert parsed is not None
-        assert (parsed.command, parsed.source) == ("local", None)
+        assert (parsed.command, parsed.source, parsed.health_check) == ("local", None, check)
+    unknown = parse(b"PROXY UNKNOWN\r\n")
+    assert unknown is not None
+    assert not unknown.health_check
 
 
 @pytest.mark.parametrize(
@@ -150,7 +154,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.handed = []
 
-    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes) -> None:
+    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False) -> None:
         self.handed.append((client, preread))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -312,3 +316,30 @@ def test_a_balancer_connection_that_ends_before_its_first_byte_is_no_refusal(end
         asyncio.run(run())
     assert (counted, empty, given_back) == ([], [None], [None])
     assert [e["event"] for e in logs if e["log_level"] != "debug"] == []
+
+
+def test_a_v1_line_of_107_bytes_is_read_and_one_of_108_is_refused() -> None:
+    """The specification's longest v1 line is 107 bytes, CRLF included: a line of exactly 107 (UNKNOWN with its
+    padding) is a header; 108, or 107 bytes with no CRLF in them, is refused as soon as the 107th byte is read;
+    a CR as the 106th byte waits for its LF."""
+    exact = b"PROXY UNKNOWN " + b"x" * 91 + b"\r\n"
+    assert len(exact) == 107
+    header = parse(exact + CLIENT_HELLO)
+    assert header is not None
+    assert header.length == 107
+    longer = b"PROXY UNKNOWN " + b"x" * 92 + b"\r\n"
+    with pytest.raises(ProxyHeaderError, match="longer than 107"):
+        parse(longer)
+    with pytest.raises(ProxyHeaderError, match="longer than 107"):
+        parse(longer[:107])
+    assert parse(exact[:106]) is None  # ends with the CR
+
+
+def test_a_v2_length_past_the_data_waits_and_a_local_headers_addresses_are_not_read() -> None:
+    """A v2 length larger than what came is 'not yet' (the gate's deadline ends the wait); LOCAL names nobody even
+    when the block carries addresses (a balancer's check claiming a device is not believed)."""
+    whole = v2(command=0, family=0x11)
+    assert parse(whole[:-1]) is None
+    local = parse(whole)
+    assert local is not None
+    assert (local.command, local.source, local.health_check) == ("local", None, True)
