@@ -490,8 +490,10 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
             authorization, principal = await backend_authorization(gw, auth, route, trace)
         except AccountRevoked as e:
             raise await account_named(gw, e, now) from None
-    # ended if the certificate is revoked meanwhile, or (with a [directory]) if the directory refuses it meanwhile
-    with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified, auth):
+    # ended if the certificate is revoked meanwhile (and its user's tickets dropped), or (with a [directory]) if the
+    # directory refuses it meanwhile
+    forget = None if certified is None else functools.partial(forget_user, gw, certified)
+    with trace.stage("backend"), gw.revocation.watch(request, forget=forget), _held(gw, request, leaf, certified, auth):
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
         del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
         result = await forward_device(request, route, gw.pools, principal, authorization, context, target)

@@ -36,7 +36,7 @@ from proxy.lab.layout import PROXY_SERVICE, REALM, LabLayout
 from proxy.lab.pki import Pki, revoke
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
-from tests.integration.test_revocation import crl_url, curl_with, gateway_with
+from tests.integration.test_revocation import crl_url, curl_with, gateway_with, held_at_the_backend, read_answer
 
 SPN = "HTTP/cas.lab.test"
 TARGET = "HTTP@cas.lab.test"
@@ -340,6 +340,37 @@ def test_revoking_a_certificate_drops_its_users_tickets(lab: LabLayout, tmp_path
             assert time.monotonic() < deadline, "the revoked certificate is still served"
             time.sleep(0.2)
         assert gw.wait_event("tickets_forgotten", principal="carol@LAB.TEST")["tickets"] == 1
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_held_request_ended_by_revocation_drops_its_users_tickets(lab: LabLayout, tmp_path: Path) -> None:
+    """A user's phone holds a Ping; its certificate is revoked while the Ping is held, which ends it (403). The
+    user's cached tickets go with it, as at a revoked certificate's refused request (issue #7: entries dropped when
+    the user's certificate is revoked; docs/hardening.md, "A revoked certificate and its user's tickets"): the next
+    request of the user's tablet, whose certificate is valid, is served, after one S4U2Self and one S4U2Proxy asked
+    afresh. Before, the tickets stayed until the revoked phone's next request, and the tablet was served from them
+    without the KDC (no tickets_forgotten: this waited in vain)."""
+    name = f"tc{uuid.uuid4().hex[:10]}"
+    _kadmin(lab, f"addprinc -randkey {name}")
+    principal = f"{name}@{REALM}"
+    for device in ("phone", "tablet"):
+        (tmp_path / device).mkdir()
+    phone, tablet = (_certificate_for(lab, name, tmp_path / device) for device in ("phone", "tablet"))
+    issuing, root = crl_url(lab, "issuing.crl"), crl_url(lab, "root.crl")
+    gw = gateway_with(lab, tmp_path / "gw", f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1\n')
+    try:
+        assert curl_with(lab, gw, *tablet)[0] == 200  # the user's tickets, cached
+        with held_at_the_backend(lab, gw, str(phone[0].with_suffix(""))) as ping:
+            revoke(Pki.at(lab.pki_dir), phone[0], now=datetime.now(UTC))
+            ping.settimeout(WAIT)
+            status, body = read_answer(ping)
+        assert status == 403, body
+        assert "was revoked on" in body
+        assert gw.wait_event("tickets_forgotten", principal=principal)["tickets"] == 1
+        kdc = KdcLog(lab.kdc_log)
+        assert curl_with(lab, gw, *tablet)[0] == 200  # the other device is not refused: its tickets are asked afresh
+        assert [r.extension for r in kdc.settled() if r.user == principal] == [S4U2SELF, S4U2PROXY]
     finally:
         assert gw.stop() == 0
 
