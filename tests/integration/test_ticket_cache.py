@@ -151,11 +151,11 @@ def new_user(lab: LabLayout) -> UserPrincipal:
     return UserPrincipal(upn=f"{name}@lab.test", principal=f"{name}@{REALM}", realm=REALM, source="test")
 
 
-def _delegator(lab: LabLayout, clock: Clock, recheck: float | None = None, **kwargs: int) -> Delegator:
+def _delegator(lab: LabLayout, clock: Clock, recheck: float | None = None, *, cache_size: int = 10_000) -> Delegator:
     settings = Kerberos(principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=lab.krb5_conf)
     if recheck is not None:
         settings = replace(settings, ticket_recheck_seconds=recheck)
-    return Delegator(settings, clock=clock, **kwargs)
+    return Delegator(settings, clock=clock, cache_size=cache_size)
 
 
 async def _settle(delegator: Delegator) -> None:
