@@ -12,6 +12,7 @@ import os
 import signal
 import ssl
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from proxy.config import Kerberos
 from proxy.errors import KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.identity.upn import upn_other_name
+from proxy.kerberos import profile
 from proxy.kerberos.delegate import RENEW_BEFORE, USABLE_FOR, Delegator
 from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 from proxy.lab.layout import PROXY_SERVICE, REALM, LabLayout
@@ -294,6 +296,48 @@ def test_a_ticket_serves_its_life_unless_a_recheck_is_set(lab: LabLayout, new_us
     asyncio.run(run())
     kdc.settled()
     assert (kdc.count()[S4U2SELF], kdc.count()[S4U2PROXY]) == (3, 3)
+
+
+def test_the_krb5_overlay_is_written_from_the_event_loop_only(
+    lab: LabLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_Merged.refresh` (krb5.conf edited) and the KDC watch rewrite the overlay file without a lock, while the KDC
+    exchanges run in threads of their own: safe because every writer runs on the event loop's thread, and the threads
+    only read the file, through MIT, which `_write` replaces whole by a rename (proxy/kerberos/profile.py, "One
+    writer"). Pinned: three users' first exchanges at once, twice, each time after an edit of krb5.conf, with the KDC
+    watch started: the edits are written, every write from the loop's thread, none from a KDC thread."""
+    conf = tmp_path / "krb5.conf"
+    conf.write_text(lab.krb5_conf.read_text())
+    names = [f"tc{uuid.uuid4().hex[:10]}" for _ in range(6)]
+    for name in names:
+        _kadmin(lab, f"addprinc -randkey {name}")
+    users = [UserPrincipal(upn=f"{n}@lab.test", principal=f"{n}@{REALM}", realm=REALM, source="test") for n in names]
+    writers: list[str] = []
+    write = profile._write
+
+    def recorded(path: str, text: str) -> None:
+        writers.append(threading.current_thread().name)
+        write(path, text)
+
+    monkeypatch.setattr(profile, "_write", recorded)
+    settings = Kerberos(principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=conf)
+
+    async def run() -> str:
+        delegator = Delegator(settings)
+        await delegator.watch_kdcs()
+        try:
+            for edit, batch in enumerate((users[:3], users[3:])):
+                conf.write_text(conf.read_text() + f"\n# edit {edit}\n")
+                profile._merged._looked = 0.0  # looked at again now, not within its second
+                await asyncio.gather(*(delegator.delegate(user, SPN, TARGET) for user in batch))
+            assert delegator.stats.exchanges == len(users)
+        finally:
+            delegator.close()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(run())
+    assert len(writers) >= 2  # each edit written to the overlay
+    assert set(writers) == {loop_thread}
 
 
 def _certificate_for(lab: LabLayout, user: str, directory: Path) -> tuple[Path, Path]:
