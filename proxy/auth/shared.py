@@ -34,6 +34,11 @@ another request from them (`proxy.kerberos.delegate.Delegator`): a generation co
 request path without the lock (a changed value sends it to `forgotten_since`, under the lock), and the last
 `FORGOTTEN_SLOTS` entries. A worker further behind than that, or an entry too long for its slot, drops every ticket
 it holds: never a user kept.
+
+And the CRL floors: per CRL issuer, signing key and scope (`proxy.certs.sources`), the highest (CRL number,
+thisUpdate) a worker took, so that a worker replacing one that died, whose CRL store starts empty, refuses a CRL older
+than one its siblings held (a replayed CRL would serve a certificate revoked since). `CRL_FLOORS` slots; when all are
+taken, the one with the oldest thisUpdate goes.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ _GENERATION = struct.Struct("<Q")  # how many entries were ever written
 _LENGTH = struct.Struct("<I")
 _EVERYONE = 0xFFFFFFFF  # an entry's length when its names did not fit: every ticket goes
 
+CRL_FLOORS = 256  # issuer x key x scope floors kept (`raise_crl_floor`)
+_FLOOR = struct.Struct("<16s21sd")  # the scope's hash, its CRL number + 1 (big-endian: up to 20 octets), thisUpdate
+
 ForgottenUser = tuple[str, str | None]  # (principal, NT-ENTERPRISE name): `Delegator.forget`'s arguments
 
 
@@ -84,7 +92,8 @@ class SharedTable:
         self._known_buckets = max(1, -(-max_known // SLOTS_PER_BUCKET))
         self._known_at = self.buckets * SLOTS_PER_BUCKET * SLOT_BYTES  # the known passwords follow the slots
         self._log_at = self._known_at + self._known_buckets * SLOTS_PER_BUCKET * SLOT_BYTES  # forgotten tickets
-        size = self._log_at + SLOT_BYTES + FORGOTTEN_SLOTS * _FORGOTTEN_BYTES
+        self._floors_at = self._log_at + SLOT_BYTES + FORGOTTEN_SLOTS * _FORGOTTEN_BYTES
+        size = self._floors_at + CRL_FLOORS * SLOT_BYTES
         self._fd = os.memfd_create("kcd-proxy-basic-throttle", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, size)
         self._map = mmap.mmap(self._fd, size)  # MAP_SHARED: forked workers see one memory
@@ -198,6 +207,37 @@ class SharedTable:
                 entry = json.loads(self._map[start : start + length])
                 users += [(str(principal), None if e is None else str(e)) for principal, e in entry]
             return generation, users
+
+    # The CRL floors (module docstring): `scope` is `proxy.certs.sources.floor_scope`'s hash of issuer, key and scope.
+
+    def crl_floor(self, scope: bytes) -> tuple[int, float] | None:
+        """The highest (CRL number, thisUpdate as POSIX time) a worker took for `scope`; None if none did (a CRL
+        without a number counts as number -1)."""
+        with self.locked():
+            for offset in self._floor_slots():
+                stored, number, this_update = _FLOOR.unpack_from(self._map, offset)
+                if stored == scope:
+                    return int.from_bytes(number, "big") - 1, float(this_update)
+        return None
+
+    def raise_crl_floor(self, scope: bytes, number: int, this_update: float) -> None:
+        """A worker took this CRL: `scope`'s floor is at least (number, this_update) from now on."""
+        with self.locked():
+            held: dict[bytes, int] = {}  # scope -> its slot's offset
+            oldest: tuple[float, int] | None = None  # (thisUpdate, offset) of the scope heard of longest ago
+            for offset in self._floor_slots():
+                stored, floor, at = _FLOOR.unpack_from(self._map, offset)
+                if stored == scope and (number, this_update) <= (int.from_bytes(floor, "big") - 1, at):
+                    return
+                held.setdefault(stored, offset)
+                if oldest is None or at < oldest[0]:
+                    oldest = (float(at), offset)
+            assert oldest is not None
+            place = held.get(scope, held.get(_EMPTY, oldest[1]))  # its own slot, a free one, else the oldest
+            _FLOOR.pack_into(self._map, place, scope, (number + 1).to_bytes(21, "big"), this_update)
+
+    def _floor_slots(self) -> range:
+        return range(self._floors_at, self._floors_at + CRL_FLOORS * SLOT_BYTES, SLOT_BYTES)
 
     def _log_slot(self, generation: int) -> int:
         return self._log_at + SLOT_BYTES + generation % FORGOTTEN_SLOTS * _FORGOTTEN_BYTES

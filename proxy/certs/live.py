@@ -37,6 +37,7 @@ from typing import Any
 
 from cryptography import x509
 
+from proxy.auth.shared import SharedTable
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.ocsp import OcspClient
 from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus, revoked_fix
@@ -92,7 +93,8 @@ _CHECKING_OFF = RevocationEvidence(RevocationStatus.UNKNOWN, "", "revocation che
 class LiveRevocation:
     """The revocation stage of a running gateway."""
 
-    def __init__(self, config: ClientCertificates, trust: TrustList) -> None:
+    def __init__(self, config: ClientCertificates, trust: TrustList, *, floors: SharedTable | None = None) -> None:
+        """`floors`: the workers' shared table, whose CRL replay floors the store keeps to (`proxy.certs.sources`)."""
         self.policy = config.revocation
         self.ocsp_policy = config.ocsp
         self.crls = CrlStore(
@@ -100,6 +102,7 @@ class LiveRevocation:
             sources_from_config(config.crls, config.crl_urls),
             refresh_seconds=config.crl_refresh_seconds,
             use_distribution_points=config.use_distribution_points,
+            floors=floors,
         )
         self.ocsp = None if config.ocsp == "off" else OcspClient(cache_seconds=config.crl_refresh_seconds)
         self._in_flight: set[_Watch] = set()
