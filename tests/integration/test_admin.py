@@ -592,13 +592,22 @@ def _trickling(port: int, kind: str) -> socket.socket:
     return sock
 
 
+def _pipelined(sock: socket.socket) -> None:
+    """As many more whole requests as the buffers take now (`sock` is non-blocking)."""
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(40_000):
+            sock.send(_HEAD + b"\r\n")
+
+
 def _keep_busy(socks: list[socket.socket], stop: threading.Event, *, read: bool = False) -> None:
-    """Every half second, a byte from each of `socks`, or (`read`) a byte read from each."""
+    """Every half second, a byte from each of `socks`; or (`read`) a byte read from each and more requests sent,
+    so that the gateway has answers to write until they fill every buffer, however fast it reads."""
     while not stop.wait(0.5):
         for sock in socks:
             with contextlib.suppress(OSError):
                 if read:
                     sock.recv(1)
+                    _pipelined(sock)
                 else:
                     sock.send(b"x")
 
@@ -649,9 +658,7 @@ def test_a_client_that_reads_its_answers_slowly_is_cut(own_admin_gateway: tuple[
     try:
         sock.connect(("127.0.0.1", port))
         sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            for _ in range(40_000):  # as many as the buffers take: their answers outgrow every buffer on the way
-                sock.send(_HEAD + b"\r\n")
+        _pipelined(sock)  # and more each half second: their answers outgrow every buffer on the way
         busy.start()
         stalled = gw.wait_event("admin_send_stalled", timeout=6 * ADMIN_SILENT_SECONDS)
         assert stalled["unsent"] > 0
