@@ -23,7 +23,12 @@ At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one 
 made (`admin_connection_limit_reached`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
 idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head still unfinished
 after it, and a TLS handshake not done by then: connections that never send a request, or stop half-way, can
-neither take the file descriptors the device listener needs nor keep the admin listener full.
+neither take the file descriptors the device listener needs nor keep the admin listener full. Nor can one that
+is never silent but never done: a request's head must be whole ADMIN_SILENT_SECONDS after the connection opened or
+the last answer ended (aiohttp's keep-alive timer), a body the handler leaves unread is read for at most 10 s
+(aiohttp's lingering close), and a connection whose answers still wait to be sent at two looks ADMIN_SILENT_SECONDS
+apart is cut (`admin_send_stalled`): a client reading them a byte at a time kept its connection, and with 64 of
+them /readyz, for as long as it liked (a close waits for what is unsent, so no timer of aiohttp's ended it).
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
@@ -49,7 +54,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -356,11 +361,34 @@ class _Counted(asyncio.Protocol):
         self._inner = inner
         self._done = weakref.finalize(self, done)
         self._silent: asyncio.TimerHandle | None = None
+        self._sending: asyncio.TimerHandle | None = None
+        self._unsent = False  # answers were waiting in the write buffer at the last look
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a connection that sends nothing for ADMIN_SILENT_SECONDS is closed (aiohttp would keep it for good)
         self._silent = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, transport.close)
+        # (uvloop's transports are not asyncio.WriteTransport subclasses; every stream transport is one in kind)
+        writing = cast(asyncio.WriteTransport, transport)
+        self._sending = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, self._look, writing)
         self._inner.connection_made(transport)
+
+    def _look(self, transport: asyncio.WriteTransport) -> None:
+        """Cut the connection if answers have waited in its write buffer since the last look, ADMIN_SILENT_SECONDS
+        ago: the client does not read them (a close waits for them to be sent, so not even aiohttp's keep-alive
+        timer ends such a connection); else look again then."""
+        unsent = transport.get_write_buffer_size() > 0
+        if unsent and self._unsent:
+            log.warning(
+                "admin_send_stalled",
+                unsent=transport.get_write_buffer_size(),
+                seconds=ADMIN_SILENT_SECONDS,
+                fix="the client did not read the answers: a scraper or probe this slow is stuck, and a client "
+                "holding admin connections this way is cut",
+            )
+            transport.abort()
+            return
+        self._unsent = unsent
+        self._sending = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, self._look, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._silent is not None:
@@ -378,8 +406,9 @@ class _Counted(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._silent is not None:
-            self._silent.cancel()
+        for timer in (self._silent, self._sending):
+            if timer is not None:
+                timer.cancel()
         self._done()
         self._inner.connection_lost(exc)
 

@@ -60,8 +60,9 @@ DEVICE_KEY = web.RequestKey("device", AiohttpRequest)
 
 
 def build(config: Config, *, shared: SharedTable | None = None, previous: Gateway | None = None) -> Gateway:
-    """The gateway a configuration describes; `shared`: the workers' table for the Basic per-user throttle;
-    `previous`: the gateway a reload replaces, whose CRLs the new ones start from (`CrlStore.inherit`)."""
+    """The gateway a configuration describes; `shared`: the workers' table (the Basic per-user throttle, the log of
+    users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
+    whose CRLs the new ones start from (`CrlStore.inherit`)."""
     cc = config.client_certificates
     problems: list[str] = []
     try:
@@ -75,7 +76,7 @@ def build(config: Config, *, shared: SharedTable | None = None, previous: Gatewa
             problems.append(f"client_certificates.crls[{i}]: {path}: {e} (in {config.path})")
     if problems:
         raise ConfigError(problems)
-    revocation = LiveRevocation(cc, trust)
+    revocation = LiveRevocation(cc, trust, floors=shared)
     if previous is not None:  # a reload: what a source held stays the floor a replayed CRL is refused below
         revocation.crls.inherit(previous.revocation.crls)
     for problem in revocation.load(now=datetime.now(UTC)):
@@ -89,7 +90,7 @@ def build(config: Config, *, shared: SharedTable | None = None, previous: Gatewa
         config=config,
         trust=trust,
         revocation=revocation,
-        delegator=Delegator(config.kerberos),
+        delegator=Delegator(config.kerberos, shared=shared),
         pools=Pools(config.routes, config.listener),
         basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),

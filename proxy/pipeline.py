@@ -196,13 +196,14 @@ def forget_tickets(gw: Gateway, leaf: x509.Certificate) -> None:
         forget_user(gw, identify(leaf, gw.config.identity))
 
 
-def forget_user(gw: Gateway, user: UserPrincipal) -> None:
-    """Drop `user`'s cached delegated tickets: the next request asks the KDC again (which refuses a disabled user)."""
-    gw.delegator.forget(user.principal, enterprise=user.enterprise)
+def forget_user(gw: Gateway, user: UserPrincipal, *, everywhere: bool = False) -> None:
+    """Drop `user`'s cached delegated tickets: the next request asks the KDC again (which refuses a disabled user).
+    `everywhere`: in every worker (a held request's end: `Delegator.forget`)."""
+    gw.delegator.forget(user.principal, enterprise=user.enterprise, everywhere=everywhere)
     directory = gw.directory
     account = directory.cached(user.upn) if directory is not None else None
     if directory is not None and account is not None:  # strong mapping impersonated sAMAccountName@REALM
-        gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}")
+        gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}", everywhere=everywhere)
 
 
 async def certificate_user(
@@ -448,7 +449,7 @@ def _forget_all(gw: Gateway, certified: UserPrincipal | None, login: PasswordLog
     """What the gateway keeps that would serve the user's next request without the KDC: the delegated tickets of the
     certificate's user, the verified password of a Basic sign-in."""
     if certified is not None:
-        forget_user(gw, certified)
+        forget_user(gw, certified, everywhere=True)
     if login is not None:
         gw.basic.forget(login)
 
@@ -490,8 +491,10 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
             authorization, principal = await backend_authorization(gw, auth, route, trace)
         except AccountRevoked as e:
             raise await account_named(gw, e, now) from None
-    # ended if the certificate is revoked meanwhile, or (with a [directory]) if the directory refuses it meanwhile
-    with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified, auth):
+    # ended if the certificate is revoked meanwhile (and its user's tickets dropped), or (with a [directory]) if the
+    # directory refuses it meanwhile
+    forget = None if certified is None else functools.partial(forget_user, gw, certified, everywhere=True)
+    with trace.stage("backend"), gw.revocation.watch(request, forget=forget), _held(gw, request, leaf, certified, auth):
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
         del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
         result = await forward_device(request, route, gw.pools, principal, authorization, context, target)

@@ -27,6 +27,18 @@ The table also keeps, per user, the password the KDC last accepted (its salted s
 worker, `CredentialCache.known`): what lets a held user's own device through, on whichever worker its connection
 lands. The address throttle, the cache of fresh sign-ins and the refusal pace stay per worker
 (docs/throttles-and-limits.md).
+
+And it keeps the log of users whose delegated tickets a worker dropped (`forget_users`: the directory ended a held
+request of theirs, their certificate was revoked), so that every other worker drops its own before it serves
+another request from them (`proxy.kerberos.delegate.Delegator`): a generation counter, which a worker reads on the
+request path without the lock (a changed value sends it to `forgotten_since`, under the lock), and the last
+`FORGOTTEN_SLOTS` entries. A worker further behind than that, or an entry too long for its slot, drops every ticket
+it holds: never a user kept.
+
+And the CRL floors: per CRL issuer, signing key and scope (`proxy.certs.sources`), the highest (CRL number,
+thisUpdate) a worker took, so that a worker replacing one that died, whose CRL store starts empty, refuses a CRL older
+than one its siblings held (a replayed CRL would serve a certificate revoked since). `CRL_FLOORS` slots; when all are
+taken, the one with the oldest thisUpdate goes.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
+import json
 import math
 import mmap
 import os
@@ -48,6 +61,16 @@ SLOTS_PER_BUCKET = 8
 _EMPTY = bytes(16)
 _RETRY = 1.0  # seconds: Retry-After of a key with every attempt in flight, or with no slot it may take
 _KNOWN = struct.Struct("<16s32sd")  # key hash, the scrypt digest of the password the KDC last accepted, until when
+FORGOTTEN_SLOTS = 256  # the users the log of forgotten tickets keeps (`forget_users`)
+_FORGOTTEN_BYTES = 1024  # one entry: its length, then its names as JSON
+_GENERATION = struct.Struct("<Q")  # how many entries were ever written
+_LENGTH = struct.Struct("<I")
+_EVERYONE = 0xFFFFFFFF  # an entry's length when its names did not fit: every ticket goes
+
+CRL_FLOORS = 256  # issuer x key x scope floors kept (`raise_crl_floor`)
+_FLOOR = struct.Struct("<16s21sd")  # the scope's hash, its CRL number + 1 (big-endian: up to 20 octets), thisUpdate
+
+ForgottenUser = tuple[str, str | None]  # (principal, NT-ENTERPRISE name): `Delegator.forget`'s arguments
 
 
 @dataclass
@@ -68,7 +91,9 @@ class SharedTable:
         self.buckets = max(1, -(-max_keys // SLOTS_PER_BUCKET))
         self._known_buckets = max(1, -(-max_known // SLOTS_PER_BUCKET))
         self._known_at = self.buckets * SLOTS_PER_BUCKET * SLOT_BYTES  # the known passwords follow the slots
-        size = self._known_at + self._known_buckets * SLOTS_PER_BUCKET * SLOT_BYTES
+        self._log_at = self._known_at + self._known_buckets * SLOTS_PER_BUCKET * SLOT_BYTES  # forgotten tickets
+        self._floors_at = self._log_at + SLOT_BYTES + FORGOTTEN_SLOTS * _FORGOTTEN_BYTES
+        size = self._floors_at + CRL_FLOORS * SLOT_BYTES
         self._fd = os.memfd_create("kcd-proxy-basic-throttle", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, size)
         self._map = mmap.mmap(self._fd, size)  # MAP_SHARED: forked workers see one memory
@@ -142,6 +167,80 @@ class SharedTable:
                 stored, accepted, _ = _KNOWN.unpack_from(self._map, offset)
                 if stored == hashed and (digest is None or hmac.compare_digest(accepted, digest)):
                     self._map[offset : offset + SLOT_BYTES] = bytes(SLOT_BYTES)
+
+    # The users whose delegated tickets a worker dropped, for the others to drop theirs (module docstring).
+
+    def generation(self) -> int:
+        """How many entries `forget_users` ever wrote: read without the lock (the request path compares it with the
+        last it caught up with; a torn read can only differ from it, and sends the worker to `forgotten_since`)."""
+        return int(_GENERATION.unpack_from(self._map, self._log_at)[0])
+
+    def forget_users(self, users: list[ForgottenUser]) -> int:
+        """Tell every worker to drop these users' tickets; returns the generation that includes this entry."""
+        payload = json.dumps(users).encode()
+        with self.locked():
+            generation = self.generation()
+            offset = self._log_slot(generation)
+            if len(payload) > _FORGOTTEN_BYTES - _LENGTH.size:
+                _LENGTH.pack_into(self._map, offset, _EVERYONE)
+            else:
+                _LENGTH.pack_into(self._map, offset, len(payload))
+                start = offset + _LENGTH.size
+                self._map[start : start + len(payload)] = payload
+            _GENERATION.pack_into(self._map, self._log_at, generation + 1)  # after the entry: read under the lock
+            return generation + 1
+
+    def forgotten_since(self, seen: int) -> tuple[int, list[ForgottenUser] | None]:
+        """The generation now, and the users forgotten after generation `seen`; None: every user (`seen` is more
+        than FORGOTTEN_SLOTS behind, or an entry did not fit its slot)."""
+        with self.locked():
+            generation = self.generation()
+            if not 0 <= generation - seen <= FORGOTTEN_SLOTS:
+                return generation, None
+            users: list[ForgottenUser] = []
+            for at in range(seen, generation):
+                offset = self._log_slot(at)
+                (length,) = _LENGTH.unpack_from(self._map, offset)
+                if length == _EVERYONE:
+                    return generation, None
+                start = offset + _LENGTH.size
+                entry = json.loads(self._map[start : start + length])
+                users += [(str(principal), None if e is None else str(e)) for principal, e in entry]
+            return generation, users
+
+    # The CRL floors (module docstring): `scope` is `proxy.certs.sources.floor_scope`'s hash of issuer, key and scope.
+
+    def crl_floor(self, scope: bytes) -> tuple[int, float] | None:
+        """The highest (CRL number, thisUpdate as POSIX time) a worker took for `scope`; None if none did (a CRL
+        without a number counts as number -1)."""
+        with self.locked():
+            for offset in self._floor_slots():
+                stored, number, this_update = _FLOOR.unpack_from(self._map, offset)
+                if stored == scope:
+                    return int.from_bytes(number, "big") - 1, float(this_update)
+        return None
+
+    def raise_crl_floor(self, scope: bytes, number: int, this_update: float) -> None:
+        """A worker took this CRL: `scope`'s floor is at least (number, this_update) from now on."""
+        with self.locked():
+            held: dict[bytes, int] = {}  # scope -> its slot's offset
+            oldest: tuple[float, int] | None = None  # (thisUpdate, offset) of the scope heard of longest ago
+            for offset in self._floor_slots():
+                stored, floor, at = _FLOOR.unpack_from(self._map, offset)
+                if stored == scope and (number, this_update) <= (int.from_bytes(floor, "big") - 1, at):
+                    return
+                held.setdefault(stored, offset)
+                if oldest is None or at < oldest[0]:
+                    oldest = (float(at), offset)
+            assert oldest is not None
+            place = held.get(scope, held.get(_EMPTY, oldest[1]))  # its own slot, a free one, else the oldest
+            _FLOOR.pack_into(self._map, place, scope, (number + 1).to_bytes(21, "big"), this_update)
+
+    def _floor_slots(self) -> range:
+        return range(self._floors_at, self._floors_at + CRL_FLOORS * SLOT_BYTES, SLOT_BYTES)
+
+    def _log_slot(self, generation: int) -> int:
+        return self._log_at + SLOT_BYTES + generation % FORGOTTEN_SLOTS * _FORGOTTEN_BYTES
 
     def _known_bucket(self, hashed: bytes) -> range:
         first = int.from_bytes(hashed[8:], "little") % self._known_buckets * SLOTS_PER_BUCKET

@@ -37,13 +37,14 @@ from typing import Any
 
 from cryptography import x509
 
+from proxy.auth.shared import SharedTable
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.ocsp import OcspClient
 from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus, revoked_fix
 from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
 from proxy.config import ClientCertificates
 from proxy.device.request import DeviceRequest
-from proxy.errors import CertificateRejected, CertificateRevoked
+from proxy.errors import CertificateRejected, CertificateRevoked, GatewayError
 from proxy.held import NOT_HELD, HeldRequest
 
 
@@ -51,14 +52,30 @@ class _Watch(HeldRequest):
     """One request in flight under a chain, kept in its stage's `in_flight` set while it is held; how it is ended
     is `proxy.held`'s (a class, not `contextlib.contextmanager`: a held long-poll keeps it for its whole life)."""
 
-    __slots__ = ("_in_flight", "verified")
+    __slots__ = ("_forget", "_in_flight", "verified")
 
     def __init__(
-        self, request: DeviceRequest, verified: VerifiedCertificate, task: asyncio.Task[Any], in_flight: set[_Watch]
+        self,
+        request: DeviceRequest,
+        verified: VerifiedCertificate,
+        task: asyncio.Task[Any],
+        in_flight: set[_Watch],
+        forget: Callable[[], None] | None,
     ) -> None:
         super().__init__(request, task)
         self.verified = verified
         self._in_flight = in_flight
+        self._forget = forget
+
+    def end(self, error: GatewayError) -> None:
+        """End the request (`HeldRequest.end`) and drop what the gateway keeps of its user (`forget`: the delegated
+        tickets), as a revoked certificate's refused request does: the certificate is revoked, so its user's next
+        request, from whichever device, is the KDC's to decide afresh (docs/hardening.md, "A revoked certificate
+        and its user's tickets")."""
+        first = self.ended is None
+        super().end(error)
+        if first and self._forget is not None:
+            self._forget()
 
     def _hold(self) -> None:
         self._in_flight.add(self)
@@ -76,7 +93,8 @@ _CHECKING_OFF = RevocationEvidence(RevocationStatus.UNKNOWN, "", "revocation che
 class LiveRevocation:
     """The revocation stage of a running gateway."""
 
-    def __init__(self, config: ClientCertificates, trust: TrustList) -> None:
+    def __init__(self, config: ClientCertificates, trust: TrustList, *, floors: SharedTable | None = None) -> None:
+        """`floors`: the workers' shared table, whose CRL replay floors the store keeps to (`proxy.certs.sources`)."""
         self.policy = config.revocation
         self.ocsp_policy = config.ocsp
         self.crls = CrlStore(
@@ -84,6 +102,7 @@ class LiveRevocation:
             sources_from_config(config.crls, config.crl_urls),
             refresh_seconds=config.crl_refresh_seconds,
             use_distribution_points=config.use_distribution_points,
+            floors=floors,
         )
         self.ocsp = None if config.ocsp == "off" else OcspClient(cache_seconds=config.crl_refresh_seconds)
         self._in_flight: set[_Watch] = set()
@@ -178,8 +197,11 @@ class LiveRevocation:
             self._checked[task] = verified
         return crl
 
-    def watch(self, request: DeviceRequest) -> contextlib.AbstractContextManager[None]:
-        """Keep this request in flight under the chain `check` saw for it; end it if that gets revoked.
+    def watch(
+        self, request: DeviceRequest, *, forget: Callable[[], None] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Keep this request in flight under the chain `check` saw for it; end it if that gets revoked, and then call
+        `forget` (which drops the user's delegated tickets).
 
         Raises CertificateRevoked when a refresh revoked the chain meanwhile: while the request was held, and
         also before, between `check` and here (the identity and Kerberos stages can take seconds, and a refresh
@@ -193,11 +215,16 @@ class LiveRevocation:
         if task is None or verified is None:
             return NOT_HELD
         current = self.crls.current
-        if self.policy != "off" and current.may_list(verified):
-            current.check(verified, at=datetime.now(UTC), policy="best-effort")  # raises CertificateRevoked
-        if self._successor is not None:  # a reload came between `check` and here: hand_over never saw this request
-            _judge(verified, *self._successor[:2])
-        return _Watch(request, verified, task, self._in_flight)
+        try:
+            if self.policy != "off" and current.may_list(verified):
+                current.check(verified, at=datetime.now(UTC), policy="best-effort")  # raises CertificateRevoked
+            if self._successor is not None:  # a reload came between `check` and here: hand_over never saw it
+                _judge(verified, *self._successor[:2])
+        except (CertificateRejected, CertificateRevoked):
+            if forget is not None:  # as if it had been held a moment longer
+                forget()
+            raise
+        return _Watch(request, verified, task, self._in_flight, forget)
 
     @property
     def in_flight(self) -> int:

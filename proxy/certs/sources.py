@@ -16,6 +16,17 @@ registered with `on_change` (the in-flight registry) run when the set changed.
 
 Every source's state (its CRLs' issuer, number, thisUpdate and nextUpdate; last fetch, last success,
 last error) is logged when it changes and returned by `status()` for metrics.
+
+The replay floor. A refresh refuses a CRL older than the one its source holds, and a reload's store starts from the
+CRLs the running one holds (`inherit`); a store that starts empty has nothing to compare with. With workers, the
+stores of one gateway share floors (`floors`, the workers' `SharedTable`): each CRL a store takes raises the floor of
+its scope, and one below it (a lower CRL number, or the same number with an earlier thisUpdate) is refused as a
+replay, in a worker that replaced one that died as in any other. A scope is the CRL's issuer name, the key that
+verified its signature (the SubjectPublicKeyInfo, not the CA certificate: a CA certificate renewed with the same key
+goes on with the same CRL numbers, RFC 5280 5.2.3, and its floor stays; a new key starts a scope of its own, as a CA
+rebuilt under the same name starts its numbers again) and the partition (delta or complete, distribution point,
+reasons). The AKI of a CRL only names that key; the key is what was checked. Kept in memory only: a restart starts
+with no floor (docs/hardening.md, section 12: the proposal for a state directory).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +45,7 @@ import aiohttp
 import structlog
 from cryptography import x509
 
+from proxy.auth.shared import SharedTable
 from proxy.certs.chain import TrustList
 from proxy.certs.revocation import Crl, CrlSet, CrlUnusable, accept, parse_crls
 from proxy.files import read_bounded
@@ -79,6 +92,7 @@ class CrlStore:
     _listeners: list[Callable[[CrlSet, CrlSet], None]] = field(default_factory=list, repr=False)
     _learning: dict[str, asyncio.Task[None]] = field(default_factory=dict, repr=False)
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
+    floors: SharedTable | None = field(default=None, repr=False)  # the workers' replay floors (module docstring)
 
     def __post_init__(self) -> None:
         for source in self.sources:
@@ -229,6 +243,8 @@ class CrlStore:
         if isinstance(vetted, list):  # vetted against what was held when its thread started: another fetch of this
             try:  # source (a chain's first sight beside a refresh) may have kept a newer CRL since
                 _refuse_rollback(vetted, state.crls)
+                if self.floors is not None:
+                    _refuse_below_floor(vetted, self.floors)
             except CrlUnusable as exc:
                 vetted = exc
         if not isinstance(vetted, list):
@@ -237,6 +253,8 @@ class CrlStore:
             return
         state.crls, state.last_success, state.last_error = tuple(vetted), now, None
         for crl in vetted:
+            if self.floors is not None:
+                self.floors.raise_crl_floor(floor_scope(crl), crl.number, crl.this_update.timestamp())
             log.info("crl_loaded", **_describe(crl))
 
     def _swap(self, now: datetime) -> CrlSet:
@@ -346,6 +364,25 @@ def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:
             same = (old.issuer, old.signer_key, old.partition) == (crl.issuer, crl.signer_key, crl.partition)
             if same and (crl.number, crl.this_update) < (old.number, old.this_update):
                 raise CrlUnusable(f"{crl.label} is older than the {old.label} already held (replayed?)")
+
+
+def floor_scope(crl: Crl) -> bytes:
+    """The scope a CRL's replay floor is kept under (module docstring): its issuer, the key that verified it, its
+    partition."""
+    material = b"\0".join((crl.issuer.public_bytes(), crl.signer_key, repr(crl.partition).encode()))
+    return hashlib.blake2b(material, digest_size=16, person=b"crl-floor").digest()
+
+
+def _refuse_below_floor(new: Sequence[Crl], floors: SharedTable) -> None:
+    for crl in new:
+        floor = floors.crl_floor(floor_scope(crl))
+        if floor is not None and (crl.number, crl.this_update.timestamp()) < floor:
+            number, this_update = floor
+            seen = datetime.fromtimestamp(this_update, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            raise CrlUnusable(
+                f"{crl.label} is older than the one a worker of this gateway took (CRL number {number}, thisUpdate "
+                f"{seen}; replayed?)"
+            )
 
 
 def _read_file(location: str) -> bytes:

@@ -21,8 +21,12 @@ share) and know when their service ticket expires: from `RENEW_BEFORE` seconds b
 a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
 seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one user
 never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
-`forget(principal, enterprise=...)` drops a user (their certificate was revoked) and `clear()` drops everything
-(the configuration changed).
+`forget(principal, enterprise=...)` drops a user (their certificate was revoked, the directory ended their held
+request) and `clear()` drops everything (the configuration changed). With several workers each has a cache of its
+own; when a held request ends, `forget(..., everywhere=True)` also writes the user into the log the workers share
+(`proxy.auth.shared.SharedTable.forget_users`): every other worker drops that user's tickets before it serves its
+next request from any ticket (`delegation` reads the log's generation first, a read of shared memory), so an account
+the directory found disabled is served by none of them.
 
 Which name. The cache and the log name the user as the KDC returned them, the client name of the
 evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
@@ -74,6 +78,7 @@ import gssapi.exceptions
 import gssapi.raw
 import structlog
 
+from proxy.auth.shared import SharedTable
 from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KdcNotAsked, KerberosRefused
 from proxy.identity.principal import UserPrincipal, ascii_lower
@@ -204,7 +209,9 @@ class Delegator:
         *,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedTable | None = None,
     ) -> None:
+        """`shared`: the workers' table, whose log of forgotten users every worker's delegator follows."""
         # MIT krb5 reads its profile from the environment when a library context is created.
         use_profile(settings.krb5_config)
         hold_profile()  # krb5.conf parsed once, not once per token (proxy.kerberos.profile)
@@ -222,6 +229,8 @@ class Delegator:
         self._targets: dict[str, gssapi.raw.Name] = {}  # HTTP@host -> its krb5 mechanism name (`_token`)
         self._spns: set[str] = set()  # every SPN asked for: forget() looks a principal up under each
         self._cache_size = cache_size
+        self._shared = shared
+        self._seen = shared.generation() if shared is not None else 0  # the shared log's entries acted on
         # the exchanges' threads: bounded in number and in waiters, a stop never waits for MIT (proxy.kerberos.threads)
         self._kdc = KdcThreads(settings.max_in_flight, settings.kdc_timeout, "kdc")
         self.stats = CacheStats()
@@ -254,6 +263,9 @@ class Delegator:
     async def delegation(self, user: UserPrincipal, spn: str, gss_target: str) -> Delegation:
         """The service ticket for `user` at `spn` (cached, or after one exchange); tokens on it come later."""
         start = time.perf_counter()
+        shared = self._shared
+        if shared is not None and shared.generation() != self._seen:  # another worker forgot users meanwhile
+            self._catch_up(shared)
         self._not_the_gateway(user)
         asked = (asked_name(user), spn)  # what single-flights an exchange: the name the KDC is asked for
         key = self._key(*asked)  # where its result is kept: the KDC's name for the user
@@ -602,9 +614,20 @@ class Delegator:
     def _drop(self, asked: Key) -> None:
         self._tickets.pop(self._key(*asked), None)
 
-    def forget(self, principal: str, *, enterprise: str | None = None) -> int:
+    def forget(self, principal: str, *, enterprise: str | None = None, everywhere: bool = False) -> int:
         """Drop every cached ticket of `principal` (and ignore its exchanges in flight), and those asked for by
-        its NT-ENTERPRISE name `enterprise` when given; returns how many."""
+        its NT-ENTERPRISE name `enterprise` when given; returns how many (here). `everywhere`: with workers, every
+        other worker's too (module docstring): for a held request's end, which each admitted request can cause once,
+        not for a refused request's, which a device can repeat at will (each entry would cost every worker a
+        look-up, and a flood of them more than the log keeps would drop every user's tickets there)."""
+        dropped = self._forget_here(principal, enterprise)
+        if everywhere and self._shared is not None:
+            generation = self._shared.forget_users([(principal, enterprise)])
+            if generation == self._seen + 1:  # no other worker's entry to act on first: this one is done here
+                self._seen = generation
+        return dropped
+
+    def _forget_here(self, principal: str, enterprise: str | None, *, sibling: bool = False) -> int:
         dropped = 0
         names = [principal] + ([_ENTERPRISE_KEY + enterprise] if enterprise else [])
         for name, spn in itertools.product(names, self._spns):
@@ -612,8 +635,24 @@ class Delegator:
             flight = self._flights.pop((name, spn), None)
             dropped += ticket is not None or flight is not None
         if dropped:
-            log.info("tickets_forgotten", principal=principal, tickets=dropped)
+            if sibling:
+                log.info("tickets_forgotten", principal=principal, tickets=dropped, by="another worker")
+            else:
+                log.info("tickets_forgotten", principal=principal, tickets=dropped)
         return dropped
+
+    def _catch_up(self, shared: SharedTable) -> None:
+        """Drop the tickets of the users other workers forgot since this delegator last looked (all of them if it
+        is too far behind to know which)."""
+        self._seen, users = shared.forgotten_since(self._seen)
+        if users is None:
+            if self._tickets or self._flights:
+                log.info("tickets_forgotten", tickets=len(self._tickets), by="another worker", everyone=True)
+            self._tickets.clear()
+            self._flights.clear()
+            return
+        for principal, enterprise in users:
+            self._forget_here(principal, enterprise, sibling=True)
 
     def clear(self) -> None:
         """Drop the whole cache, e.g. when the configuration is reloaded."""

@@ -43,6 +43,14 @@ a second (MIT's per-file stat), and an overlay path that stayed the same kept th
 one-file overlay even kept copying the krb5.conf of the start. The file before stays, as it was, for a call begun on
 it (MIT would skip a file gone from under an open context); older ones are removed.
 
+One writer, no lock: the overlay is written by `use_profile` (a delegator, a probe or the directory client being
+built), `refresh_profile` (`_Merged.refresh`, before a KDC exchange is handed to its thread and before a token is
+made) and `set_realm_section` (the KDC watch), and all of them run on the event loop's thread: a gateway never calls
+them from the threads that talk to the KDC (`proxy.kerberos.threads`), which only read the file, through MIT. So two
+writes never interleave, and a reader sees the old file or the new one whole, since `_write` renames a new file over
+it. `test_the_krb5_overlay_is_written_from_the_event_loop_only` (tests/integration/test_ticket_cache.py) pins it: it
+fails as soon as a write comes from a KDC thread. A caller that writes from another thread needs a lock here first.
+
 The files' life: `kcd-proxy-krb5-<pid>-*.conf` in the temporary directory (TMPDIR), mode 0600. A process removes
 its own at exit (`remove_overlay`; a worker from its own exit). One killed outright (SIGKILL, the OOM killer)
 cannot; the next gateway to start removes such files (`remove_stale_overlays`): named for a process that is gone,

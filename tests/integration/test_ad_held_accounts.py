@@ -83,13 +83,17 @@ def _gateway(
     urls: tuple[str, ...] | None = None,
     mapping: str = "upn",
     mode: str = "certificate-or-basic",
+    workers: int = 1,
 ) -> AdProcess:
     """A gateway under `mapping` that takes a certificate or else Basic (`mode`), with the realm's directory (or
-    `urls`) configured, swept every EVERY seconds."""
+    `urls`) configured, swept every EVERY seconds; in `workers` processes."""
     where.mkdir(parents=True, exist_ok=True)
     port = realm.free_port()
     table = ad_mapping.directory_table(realm, urls=urls, cache_seconds=EVERY)
     text = ad_mapping.gateway_config(realm, mapping, port=port, backend_port=backend.port, directory_text=table)
+    bind = f'bind = "127.0.0.1:{port}"\n'
+    assert bind in text
+    text = text.replace(bind, f"{bind}workers = {workers}\n")
     text += f'\n[authentication]\nmode = "{mode}"\n'
     config = where / "gateway.toml"
     config.write_text(text)
@@ -173,6 +177,48 @@ def test_a_held_ping_is_ended_when_its_account_is_disabled_and_another_users_is_
         assert "disabled" in body
     finally:
         for ping in pings:
+            ping.stop()
+        gw.stop()
+
+
+def _until_both_workers_answered(realm: ad.AdRealm, gw: AdProcess, cert: tuple[Path, Path], status: int) -> None:
+    """Requests of the certificate, each on a new connection (the kernel places each anew), until each of the two
+    workers has answered one since `gw.mark()`: every answer must be `status`."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        done = ad_curl(realm, f"{gw.url}/owa/", None, "--cert", str(cert[0]), "--key", str(cert[1]))
+        got, body = status_and_body(done)
+        assert got == status, (got, body)
+        answered = {e["pid"] for e in gw.events("request", gw.since) if e.get("path") == "/owa/"}
+        if len(answered) == 2:
+            return
+        assert time.monotonic() < deadline, f"one worker answered every request: {answered}"
+
+
+def test_with_two_workers_a_held_upn_users_end_drops_the_tickets_of_every_worker(
+    realm: ad.AdRealm, ad_backend: AdProcess, user: _User, tmp_path: Path
+) -> None:
+    """`mapping = "upn"` in two workers: each has served the user's certificate (and cached the user's delegated
+    tickets). A Ping of that certificate held in one of them is ended when the account is disabled; then no worker
+    serves the user's next requests from its tickets: each is refused (403, the KDC asked again). Before, only the
+    worker whose sweep ended the Ping dropped them, and the other served the disabled account (200) from its own
+    until they ended (10 hours at AD) or `kerberos.ticket_recheck_seconds`; under the strong modes the mapping stage
+    refuses the account on the way in, and a Basic password is dropped through the workers' shared table."""
+    (tmp_path / "cert").mkdir()
+    cert = _certificate(realm, tmp_path / "cert", user.upn)
+    gw = _gateway(realm, tmp_path / "gw", ad_backend, workers=2)
+    ping = None
+    try:
+        gw.mark()
+        _until_both_workers_answered(realm, gw, cert, 200)  # both hold the user's tickets now
+        ping = _Ping(realm, gw, HOLD, cert=cert)
+        realm.samba_tool("user", "disable", user.name)
+        answer = _ended_within_a_sweep(ping)
+        assert "the account is disabled" in str(answer["answer"])
+        gw.mark()
+        _until_both_workers_answered(realm, gw, cert, 403)
+    finally:
+        if ping is not None:
             ping.stop()
         gw.stop()
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -576,3 +578,105 @@ def test_connections_that_send_a_request_or_part_of_one_do_not_hold_the_admin_li
     finally:
         for sock in held:
             sock.close()
+
+
+_HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+
+def _trickling(port: int, kind: str) -> socket.socket:
+    """A connection to the admin listener that is never silent for long and never done: it has sent a request head
+    (`head`) or a body (`body`) in part, and `_keep_busy` sends the rest a byte at a time."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    sock.sendall(_HEAD + (b"X-Slow: " if kind == "head" else b"Content-Length: 1000000\r\n\r\n"))
+    sock.setblocking(False)
+    return sock
+
+
+def _pipelined(sock: socket.socket) -> None:
+    """As many more whole requests as the buffers take now (`sock` is non-blocking)."""
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(40_000):
+            sock.send(_HEAD + b"\r\n")
+
+
+def _keep_busy(socks: list[socket.socket], stop: threading.Event, *, read: bool = False) -> None:
+    """Every half second, a byte from each of `socks`; or (`read`) a byte read from each and more requests sent,
+    so that the gateway has answers to write until they fill every buffer, however fast it reads."""
+    while not stop.wait(0.5):
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                if read:
+                    sock.recv(1)
+                    _pipelined(sock)
+                else:
+                    sock.send(b"x")
+
+
+@pytest.mark.parametrize("kind", ["head", "body"])
+def test_connections_that_trickle_a_request_do_not_hold_the_admin_listener(
+    own_admin_gateway: tuple[Gateway, str], kind: str
+) -> None:
+    """A local user holds ADMIN_MAX_CONNECTIONS connections that are never silent: each trickles its request's head
+    or body a byte every half second. A request's head must be whole ADMIN_SILENT_SECONDS after the connection
+    opened (aiohttp's keep-alive timer) and a body the handler leaves unread is read for at most 10 s (aiohttp's
+    lingering close): the slots come free, and the admin answers /healthz again."""
+    _, admin = own_admin_gateway
+    port = urlsplit(admin).port
+    assert port is not None
+    socks: list[socket.socket] = []
+    stop = threading.Event()
+    busy = threading.Thread(target=_keep_busy, args=(socks, stop), daemon=True)
+    try:
+        socks += [_trickling(port, kind) for _ in range(ADMIN_MAX_CONNECTIONS)]
+        busy.start()
+        assert eventually(lambda: _closed_at_once(port), "a new connection closed at once: the cap is reached")
+        assert eventually(
+            lambda: _answers(admin + "/healthz"), "the admin answering again", timeout=4 * ADMIN_SILENT_SECONDS
+        )
+    finally:
+        stop.set()
+        if busy.is_alive():
+            busy.join()
+        for sock in socks:
+            sock.close()
+
+
+def test_a_client_that_reads_its_answers_slowly_is_cut(own_admin_gateway: tuple[Gateway, str]) -> None:
+    """A local user's connection pipelines requests and reads the answers a byte every half second, its receive
+    buffer small: past the kernel's buffers the answers wait in the gateway's, and aiohttp's timers never end such
+    a connection (its close waits for what is unsent), so 64 of them held the admin listener, and /readyz, for as
+    long as they liked. A connection whose answers still wait at two looks ADMIN_SILENT_SECONDS apart is cut
+    (`admin_send_stalled`); before, this one was served on for the test's whole wait."""
+    gw, admin = own_admin_gateway
+    port = urlsplit(admin).port
+    assert port is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(15)
+    stop = threading.Event()
+    busy = threading.Thread(target=_keep_busy, args=([sock], stop), kwargs={"read": True}, daemon=True)
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        _pipelined(sock)  # and more each half second: their answers outgrow every buffer on the way
+        busy.start()
+        stalled = gw.wait_event("admin_send_stalled", timeout=6 * ADMIN_SILENT_SECONDS)
+        assert stalled["unsent"] > 0
+        assert stalled["seconds"] == ADMIN_SILENT_SECONDS
+        stop.set()
+        busy.join()
+        sock.setblocking(True)
+
+        def cut() -> bool:
+            try:
+                return sock.recv(65536) == b""
+            except ConnectionResetError:
+                return True
+
+        assert eventually(cut, "the connection cut")
+        assert _answers(admin + "/healthz")
+    finally:
+        stop.set()
+        if busy.is_alive():
+            busy.join()
+        sock.close()

@@ -12,6 +12,7 @@ import os
 import signal
 import ssl
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,13 +31,14 @@ from proxy.config import Kerberos
 from proxy.errors import KerberosRefused
 from proxy.identity.principal import UserPrincipal
 from proxy.identity.upn import upn_other_name
+from proxy.kerberos import profile
 from proxy.kerberos.delegate import RENEW_BEFORE, USABLE_FOR, Delegator
 from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 from proxy.lab.layout import PROXY_SERVICE, REALM, LabLayout
 from proxy.lab.pki import Pki, revoke
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
-from tests.integration.test_revocation import crl_url, curl_with, gateway_with
+from tests.integration.test_revocation import crl_url, curl_with, gateway_with, held_at_the_backend, read_answer
 
 SPN = "HTTP/cas.lab.test"
 TARGET = "HTTP@cas.lab.test"
@@ -145,11 +147,11 @@ def new_user(lab: LabLayout) -> UserPrincipal:
     return UserPrincipal(upn=f"{name}@lab.test", principal=f"{name}@{REALM}", realm=REALM, source="test")
 
 
-def _delegator(lab: LabLayout, clock: Clock, recheck: float | None = None, **kwargs: int) -> Delegator:
+def _delegator(lab: LabLayout, clock: Clock, recheck: float | None = None, *, cache_size: int = 10_000) -> Delegator:
     settings = Kerberos(principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=lab.krb5_conf)
     if recheck is not None:
         settings = replace(settings, ticket_recheck_seconds=recheck)
-    return Delegator(settings, clock=clock, **kwargs)
+    return Delegator(settings, clock=clock, cache_size=cache_size)
 
 
 async def _settle(delegator: Delegator) -> None:
@@ -290,6 +292,48 @@ def test_a_ticket_serves_its_life_unless_a_recheck_is_set(lab: LabLayout, new_us
     assert (kdc.count()[S4U2SELF], kdc.count()[S4U2PROXY]) == (3, 3)
 
 
+def test_the_krb5_overlay_is_written_from_the_event_loop_only(
+    lab: LabLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_Merged.refresh` (krb5.conf edited) and the KDC watch rewrite the overlay file without a lock, while the KDC
+    exchanges run in threads of their own: safe because every writer runs on the event loop's thread, and the threads
+    only read the file, through MIT, which `_write` replaces whole by a rename (proxy/kerberos/profile.py, "One
+    writer"). Pinned: three users' first exchanges at once, twice, each time after an edit of krb5.conf, with the KDC
+    watch started: the edits are written, every write from the loop's thread, none from a KDC thread."""
+    conf = tmp_path / "krb5.conf"
+    conf.write_text(lab.krb5_conf.read_text())
+    names = [f"tc{uuid.uuid4().hex[:10]}" for _ in range(6)]
+    for name in names:
+        _kadmin(lab, f"addprinc -randkey {name}")
+    users = [UserPrincipal(upn=f"{n}@lab.test", principal=f"{n}@{REALM}", realm=REALM, source="test") for n in names]
+    writers: list[str] = []
+    write = profile._write
+
+    def recorded(path: str, text: str) -> None:
+        writers.append(threading.current_thread().name)
+        write(path, text)
+
+    monkeypatch.setattr(profile, "_write", recorded)
+    settings = Kerberos(principal=f"{PROXY_SERVICE}@{REALM}", keytab=lab.proxy_keytab, krb5_config=conf)
+
+    async def run() -> str:
+        delegator = Delegator(settings)
+        await delegator.watch_kdcs()
+        try:
+            for edit, batch in enumerate((users[:3], users[3:])):
+                conf.write_text(conf.read_text() + f"\n# edit {edit}\n")
+                profile._merged._looked = 0.0  # looked at again now, not within its second
+                await asyncio.gather(*(delegator.delegate(user, SPN, TARGET) for user in batch))
+            assert delegator.stats.exchanges == len(users)
+        finally:
+            delegator.close()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(run())
+    assert len(writers) >= 2  # each edit written to the overlay
+    assert set(writers) == {loop_thread}
+
+
 def _certificate_for(lab: LabLayout, user: str, directory: Path) -> tuple[Path, Path]:
     """A second certificate for a lab user (say, a tablet), from the lab's issuing CA."""
     pki = lab.pki_dir
@@ -334,6 +378,37 @@ def test_revoking_a_certificate_drops_its_users_tickets(lab: LabLayout, tmp_path
             assert time.monotonic() < deadline, "the revoked certificate is still served"
             time.sleep(0.2)
         assert gw.wait_event("tickets_forgotten", principal="carol@LAB.TEST")["tickets"] == 1
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_held_request_ended_by_revocation_drops_its_users_tickets(lab: LabLayout, tmp_path: Path) -> None:
+    """A user's phone holds a Ping; its certificate is revoked while the Ping is held, which ends it (403). The
+    user's cached tickets go with it, as at a revoked certificate's refused request (issue #7: entries dropped when
+    the user's certificate is revoked; docs/hardening.md, "A revoked certificate and its user's tickets"): the next
+    request of the user's tablet, whose certificate is valid, is served, after one S4U2Self and one S4U2Proxy asked
+    afresh. Before, the tickets stayed until the revoked phone's next request, and the tablet was served from them
+    without the KDC (no tickets_forgotten: this waited in vain)."""
+    name = f"tc{uuid.uuid4().hex[:10]}"
+    _kadmin(lab, f"addprinc -randkey {name}")
+    principal = f"{name}@{REALM}"
+    for device in ("phone", "tablet"):
+        (tmp_path / device).mkdir()
+    phone, tablet = (_certificate_for(lab, name, tmp_path / device) for device in ("phone", "tablet"))
+    issuing, root = crl_url(lab, "issuing.crl"), crl_url(lab, "root.crl")
+    gw = gateway_with(lab, tmp_path / "gw", f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1\n')
+    try:
+        assert curl_with(lab, gw, *tablet)[0] == 200  # the user's tickets, cached
+        with held_at_the_backend(lab, gw, str(phone[0].with_suffix(""))) as ping:
+            revoke(Pki.at(lab.pki_dir), phone[0], now=datetime.now(UTC))
+            ping.settimeout(WAIT)
+            status, body = read_answer(ping)
+        assert status == 403, body
+        assert "was revoked on" in body
+        assert gw.wait_event("tickets_forgotten", principal=principal)["tickets"] == 1
+        kdc = KdcLog(lab.kdc_log)
+        assert curl_with(lab, gw, *tablet)[0] == 200  # the other device is not refused: its tickets are asked afresh
+        assert [r.extension for r in kdc.settled() if r.user == principal] == [S4U2SELF, S4U2PROXY]
     finally:
         assert gw.stop() == 0
 

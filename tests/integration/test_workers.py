@@ -25,11 +25,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
 
 from proxy import config as config_module
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.live import replacement_config
+from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
 
@@ -63,14 +65,14 @@ def _listening_pids(gw: Gateway, count: int, timeout: float = WAIT) -> list[int]
     raise AssertionError(f"fewer than {count} workers listening: {gw.log_path.read_text()[-3000:]}")
 
 
-async def _fresh_connections(lab: LabLayout, gw: Gateway, n: int) -> list[int]:
-    """n requests, each on a new TLS connection, so the kernel places each anew."""
+async def _fresh_connections(lab: LabLayout, gw: Gateway, n: int, user: str = "alice") -> list[int]:
+    """n requests of `user`, each on a new TLS connection, so the kernel places each anew."""
     statuses = []
     for _ in range(n):
         connector = aiohttp.TCPConnector(force_close=True)
         async with (
             aiohttp.ClientSession(connector=connector) as session,
-            session.get(gw.url + "/EWS/Exchange.asmx", ssl=client_context(lab, "alice")) as r,
+            session.get(gw.url + "/EWS/Exchange.asmx", ssl=client_context(lab, user)) as r,
         ):
             await r.read()
             statuses.append(r.status)
@@ -551,3 +553,38 @@ def test_a_trace_id_with_a_path_in_it_is_no_trace_not_a_question_for_another_pat
             with pytest.raises(urllib.error.HTTPError) as refused:
                 _scrape(admin + path)
             assert refused.value.code == 404, (path, refused.value.read())
+
+
+def test_a_replacement_worker_never_takes_a_crl_older_than_its_siblings_held(lab: LabLayout, tmp_path: Path) -> None:
+    """Two workers read the issuing CA's CRL number 3001, which revokes carol. The file is then replaced by number
+    3000, from before her revocation and still within its nextUpdate (a replay: a stale mirror, a compromised
+    distribution point), and a worker dies. Its replacement built its CRL store afresh and took 3000: carol was
+    served again on every connection the kernel gave it. The workers keep the highest CRL number seen per issuer, key
+    and scope in the memory they share (`proxy.auth.shared`), so the replacement refuses 3000 (`crl_rejected`,
+    "replayed?") and carol stays refused on every worker."""
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
+    crl = write_crl(tmp_path / "issuing.crl", issuing, revoked=[carol.serial_number], number=3001)
+    root_crl = write_crl(tmp_path / "root.crl", root)
+    port = free_port()
+    text = _with_workers(lab, port, 2)
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_crls, f'crls = ["{crl}", "{root_crl}"]'))
+    try:
+        first, second = _listening_pids(gw, 2)
+        write_crl(tmp_path / "older.crl", issuing, number=3000).replace(crl)  # carol not yet revoked
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        rejected = gw.wait_event("crl_rejected", source=str(crl), pid=replacement)
+        assert "replayed?" in rejected["problem"]
+        served: set[int] = set()
+        subject = carol.subject.rfc4514_string()
+        deadline = time.monotonic() + WAIT
+        while served != {second, replacement}:  # new connections until both workers answered carol
+            assert asyncio.run(_fresh_connections(lab, gw, 1, "carol")) == [403]
+            served = {e["pid"] for e in gw.events("request", gw.since) if e.get("cert_subject") == subject}
+            assert time.monotonic() < deadline, f"only {served} answered"
+    finally:
+        assert gw.stop() == 0

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from proxy.auth.shared import CRL_FLOORS, SharedTable
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.revocation import CrlSet, RevocationStatus
 from proxy.certs.sources import MAX_CRL_BYTES, CrlSource, CrlStore, distribution_point_urls
@@ -497,3 +498,50 @@ async def _test_an_unverified_crls_issuer_name_is_cut_short_in_its_error(
     error = str(store.status(now=NOW)[0].last_error)
     assert "is not in the trust list" in error
     assert len(error) < MAX_NAME_SHOWN + 200
+
+
+def test_a_fresh_store_of_a_worker_refuses_a_crl_older_than_a_sibling_took(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """Two stores on one SharedTable (two workers): the first took CRL #2 (carol revoked); the file then holds #1
+    again (a replay) and a store that starts empty (a worker replacing one that died) must not take it, or carol is
+    served there. A store without the table (one worker) cannot know, as before: it takes #1."""
+    path = tmp_path / "issuing.crl"
+    old = pki.issuing_crl.read_bytes()
+    revoke(pki, pki.user_cert("carol"), now=NOW)
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    table = SharedTable(max_keys=8)
+    first = CrlStore(trust, [CrlSource(str(path))], floors=table)
+    assert first.load_files(now=NOW) == []
+    path.write_bytes(old)
+    replacement = CrlStore(trust, [CrlSource(str(path))], floors=table)
+    [problem] = replacement.load_files(now=NOW)
+    assert "CRL #1 of 'CN=Lab Issuing CA' is older than the one a worker of this gateway took (CRL number 2" in problem
+    assert "replayed?" in problem
+    assert (
+        status(replacement, verified(pki, trust, "carol")) is RevocationStatus.UNKNOWN
+    )  # no CRL: refused under require
+    alone = CrlStore(trust, [CrlSource(str(path))])
+    assert alone.load_files(now=NOW) == []
+    assert status(alone, verified(pki, trust, "carol")) is RevocationStatus.GOOD
+
+
+def test_crl_floors_keep_the_highest_per_scope_and_make_room_for_new_scopes() -> None:
+    """A floor only rises (a lower number, or the same number with an earlier thisUpdate, leaves it); each scope has
+    its own; numbers up to RFC 5280's 20 octets fit; past CRL_FLOORS scopes the one heard of longest ago goes."""
+    table = SharedTable(max_keys=8)
+    table.raise_crl_floor(b"a" * 16, 5, 100.0)
+    table.raise_crl_floor(b"a" * 16, 4, 200.0)
+    table.raise_crl_floor(b"a" * 16, 5, 50.0)
+    assert table.crl_floor(b"a" * 16) == (5, 100.0)
+    table.raise_crl_floor(b"a" * 16, 2**159, 300.0)
+    assert table.crl_floor(b"a" * 16) == (2**159, 300.0)
+    table.raise_crl_floor(b"b" * 16, -1, 10.0)  # a CRL without a number
+    assert table.crl_floor(b"b" * 16) == (-1, 10.0)
+    assert table.crl_floor(b"c" * 16) is None
+    for n in range(CRL_FLOORS - 2):
+        table.raise_crl_floor((n + 1).to_bytes(16, "big"), 1, 1000.0 + n)
+    table.raise_crl_floor(b"d" * 16, 1, 5000.0)  # full: b's floor (thisUpdate 10) makes room
+    assert table.crl_floor(b"d" * 16) == (1, 5000.0)
+    assert table.crl_floor(b"b" * 16) is None
+    assert table.crl_floor(b"a" * 16) == (2**159, 300.0)

@@ -58,10 +58,17 @@ class Request(SimpleNamespace):
         )
 
 
-async def held(revocation: LiveRevocation, pki: Pki, request: Any, started: asyncio.Event, name: str = "alice") -> str:
+async def held(
+    revocation: LiveRevocation,
+    pki: Pki,
+    request: Any,
+    started: asyncio.Event,
+    name: str = "alice",
+    forgotten: list[str] | None = None,
+) -> str:
     verified = verify_chain(load_cert(pki.user_cert(name)), TrustList.load([pki.root_cert], [pki.issuing_cert]), at=NOW)
     await revocation.check(verified, at=NOW)
-    with revocation.watch(request):
+    with revocation.watch(request, forget=None if forgotten is None else lambda: forgotten.append(name)):
         assert revocation.in_flight == 1
         started.set()
         await asyncio.sleep(3600)
@@ -69,18 +76,22 @@ async def held(revocation: LiveRevocation, pki: Pki, request: Any, started: asyn
 
 
 def test_a_revocation_ends_a_held_request_with_a_refusal(pki: Pki) -> None:
-    """A CRL refresh that lists the certificate ends its held request: CertificateRevoked, nothing left watched."""
+    """A CRL refresh that lists the certificate ends its held request: CertificateRevoked, nothing left watched, and
+    the user's tickets dropped once (`forget`)."""
 
     async def run() -> None:
         revocation = live_revocation(pki)
         started = asyncio.Event()
-        task = asyncio.create_task(held(revocation, pki, Request(), started))
+        forgotten: list[str] = []
+        task = asyncio.create_task(held(revocation, pki, Request(), started, forgotten=forgotten))
         await started.wait()
+        assert forgotten == []
         revoke(pki, pki.user_cert("alice"), now=NOW)
         await revocation.crls.refresh()
         with pytest.raises(CertificateRevoked, match="was revoked"):
             await task
         assert revocation.in_flight == 0
+        assert forgotten == ["alice"]
 
     asyncio.run(run())
 
@@ -200,7 +211,8 @@ def test_watch_and_use_are_small(pki: Pki) -> None:
 
 def test_a_revocation_between_the_check_and_the_watch_refuses_the_request(pki: Pki) -> None:
     """A CRL refresh that lists the certificate while its request is in the identity or Kerberos stages (after
-    the revocation check, before the backend stage's watch begins): the request is refused, never forwarded."""
+    the revocation check, before the backend stage's watch begins): the request is refused, never forwarded, and
+    its user's tickets are dropped (`forget`), as when a held request is ended by the revocation."""
 
     async def run() -> None:
         revocation = live_revocation(pki)
@@ -210,9 +222,14 @@ def test_a_revocation_between_the_check_and_the_watch_refuses_the_request(pki: P
         await revocation.check(verified, at=NOW)
         revoke(pki, pki.user_cert("alice"), now=NOW)
         await revocation.crls.refresh()  # meanwhile: the KDC answers slowly
-        with pytest.raises(CertificateRevoked, match="was revoked"), revocation.watch(Request()):
+        forgotten: list[bool] = []
+        with (
+            pytest.raises(CertificateRevoked, match="was revoked"),
+            revocation.watch(Request(), forget=lambda: forgotten.append(True)),
+        ):
             pytest.fail("the backend stage ran for a revoked certificate")
         assert revocation.in_flight == 0
+        assert forgotten == [True]
 
     asyncio.run(run())
 

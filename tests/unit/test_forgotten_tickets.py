@@ -1,0 +1,110 @@
+"""With workers, a user whose delegated tickets one worker drops is served from a ticket by no worker.
+
+Two delegators on one `SharedTable` (the memory file the supervisor maps into every worker), their KDC exchange
+replaced by a recorded answer as in test_delegator_keys.py; the same scene against the Samba DC, two real workers and
+a held Ping ended by the directory, is test_ad_held_accounts.py's
+`test_with_two_workers_a_held_upn_users_end_drops_the_tickets_of_every_worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import cast
+
+import gssapi
+import pytest
+
+from proxy.auth.shared import FORGOTTEN_SLOTS, SharedTable
+from proxy.config import Kerberos
+from proxy.identity.principal import UserPrincipal, map_upn
+from proxy.kerberos.delegate import Delegator, _Ticket
+
+ALICE, BOB = map_upn("alice@ad.test", realm_map={}), map_upn("bob@ad.test", realm_map={})
+SPN, TARGET = "HTTP/cas.ad.test", "HTTP@cas.ad.test"
+
+
+@pytest.fixture
+def workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Delegator, Delegator]:
+    """Two workers' delegators sharing one table; every exchange succeeds (no KDC, no keytab read)."""
+
+    def exchange(self: Delegator, user: UserPrincipal, gss_target: str) -> _Ticket:
+        creds = cast(gssapi.Credentials, object())
+        return _Ticket(creds=creds, expires=10_000.0, client=user.principal, evidence_client=user.principal)
+
+    monkeypatch.setattr(Delegator, "_exchange_blocking", exchange)
+    settings = Kerberos(principal="HTTP/proxy.ad.test@AD.TEST", keytab=tmp_path / "none.keytab", kdc_account="optional")
+    table = SharedTable(max_keys=64)
+    one, two = (Delegator(settings, clock=lambda: 0.0, shared=table) for _ in range(2))
+    return one, two
+
+
+def _cached(delegator: Delegator, user: UserPrincipal) -> bool:
+    async def run() -> bool:
+        return (await delegator.delegation(user, SPN, TARGET)).impersonation_cached
+
+    return asyncio.run(run())
+
+
+def test_a_user_one_worker_forgets_is_asked_of_the_kdc_again_by_every_worker(workers: tuple[Delegator, ...]) -> None:
+    """Both workers hold alice's and bob's tickets; the first forgets alice (the directory ended her held Ping):
+    the second's next request of alice is an exchange, not its cached ticket, while bob stays cached in both and
+    the first does not drop its own fresh ticket again. Failed before: the second served alice from its cache."""
+    one, two = workers
+    for worker in (one, two):
+        assert not _cached(worker, ALICE)
+        assert not _cached(worker, BOB)
+        assert _cached(worker, ALICE)
+    one.forget(ALICE.principal, everywhere=True)
+    assert not _cached(one, ALICE)
+    assert not _cached(two, ALICE)  # dropped there too, before any ticket served her
+    assert _cached(two, ALICE)  # asked afresh once, then cached again
+    assert _cached(one, ALICE)
+    assert [_cached(one, BOB), _cached(two, BOB)] == [True, True]
+    assert (one.stats.exchanges, two.stats.exchanges) == (3, 3)
+
+
+def test_a_worker_too_far_behind_the_log_drops_every_ticket(workers: tuple[Delegator, ...]) -> None:
+    """More users forgotten by the first worker than the log keeps, while the second served nobody: the second
+    cannot know whether alice was among them, so it drops every ticket it holds (never a user kept)."""
+    one, two = workers
+    assert not _cached(two, ALICE)
+    for n in range(FORGOTTEN_SLOTS + 1):
+        one.forget(f"user{n}@AD.TEST", everywhere=True)
+    assert not _cached(two, ALICE)
+    assert _cached(two, ALICE)
+
+
+def test_the_shared_log_gives_each_worker_what_it_has_not_seen() -> None:
+    """`forget_users` entries come back in order from any generation within the log; a name too long for a slot, or
+    a reader more than FORGOTTEN_SLOTS behind, reads as everyone (None)."""
+    table = SharedTable(max_keys=8)
+    start = table.generation()
+    table.forget_users([("alice@AD.TEST", None)])
+    seen = table.forget_users([("carol\\@corp.example@AD.TEST", "carol@corp.example")])
+    assert table.forgotten_since(start) == (
+        seen,
+        [("alice@AD.TEST", None), ("carol\\@corp.example@AD.TEST", "carol@corp.example")],
+    )
+    assert table.forgotten_since(seen) == (seen, [])
+    table.forget_users([("x" * 2000 + "@AD.TEST", None)])
+    assert table.forgotten_since(seen) == (seen + 1, None)
+    for n in range(FORGOTTEN_SLOTS):
+        table.forget_users([(f"user{n}@AD.TEST", None)])
+    assert table.forgotten_since(seen)[1] is None  # FORGOTTEN_SLOTS + 1 behind
+    assert table.forgotten_since(seen + 1)[1] == [(f"user{n}@AD.TEST", None) for n in range(FORGOTTEN_SLOTS)]
+
+
+def test_a_refused_requests_forget_stays_in_its_worker(workers: tuple[Delegator, ...]) -> None:
+    """A revoked certificate's refused request drops its user's tickets in its own worker only (`everywhere` off): a
+    device can repeat such requests at will, and each entry in the log would cost every worker a look-up (a flood
+    past FORGOTTEN_SLOTS would drop every user's tickets there). Held requests' ends are bounded by admissions."""
+    one, two = workers
+    for worker in (one, two):
+        assert not _cached(worker, ALICE)
+    generation = one._shared.generation() if one._shared is not None else None
+    one.forget(ALICE.principal)
+    assert one._shared is not None
+    assert one._shared.generation() == generation
+    assert _cached(two, ALICE)
+    assert not _cached(one, ALICE)
