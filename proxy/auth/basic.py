@@ -335,7 +335,7 @@ class CredentialCache:
         return len(self._entries)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Failures:
     count: int = 0
     last: float = 0.0
@@ -354,7 +354,11 @@ class Throttle:
     `hold` is for users, whose failures the directory counts too: Active Directory locks an account at its
     threshold of bad passwords and forgets them only after its observation window without one, so the 1, 2, 4 ...
     releases would carry a guesser's passwords past any threshold (5 + 5 in 31 s); held, at most `limit` of them
-    reach the KDC until `forget` (at least the directory's window) has passed."""
+    reach the KDC until `forget` (at least the directory's window) has passed.
+
+    A key is kept as its 16-byte BLAKE2b hash (`_hashed`), never as sent: a guess at an unknown user is a key, and a
+    user name may be 1,024 characters long, so the throttle's 100,000 keys held 130 MB (1.3 kB each) where they now
+    hold 27 MB (docs/hardening.md, "What an attacker can make the gateway keep")."""
 
     def __init__(
         self, limit: int, *, forget: float = _THROTTLE_FORGET, hold: bool = False, max_keys: int = 100_000
@@ -363,11 +367,11 @@ class Throttle:
         self._forget = forget
         self._hold = hold
         self._max = max_keys
-        self._keys: dict[str, _Failures] = {}  # every key counted
+        self._keys: dict[bytes, _Failures] = {}  # every key counted, by its hash
         # Eviction's two queues, every key in one: keys not refused, least recently counted first, and keys refused,
         # in the order they were last counted (`_evict`)
-        self._free: OrderedDict[str, None] = OrderedDict()
-        self._refused: OrderedDict[str, None] = OrderedDict()
+        self._free: OrderedDict[bytes, None] = OrderedDict()
+        self._refused: OrderedDict[bytes, None] = OrderedDict()
 
     def retuned(self, like: Throttle) -> Throttle:
         """This throttle, its counts kept, with the limit and forget time of `like` (a reload's)."""
@@ -376,6 +380,9 @@ class Throttle:
 
     def wait(self, key: str, now: float) -> float:
         """Seconds `key` must still wait before its next attempt may start (0: go ahead)."""
+        return self._wait(_hashed(key), now)
+
+    def _wait(self, key: bytes, now: float) -> float:
         state = self._keys.get(key)
         if state is None:
             return 0.0
@@ -387,26 +394,31 @@ class Throttle:
     def admit(self, key: str, now: float, *, force: bool = False) -> float:
         """Check and count in one step: 0 and the attempt is in flight (until `end`), or the seconds to wait (nothing
         counted). `force`: counted whatever the wait (a held user's own last accepted password)."""
-        wait = 0.0 if force else self.wait(key, now)
+        hashed = _hashed(key)
+        wait = 0.0 if force else self._wait(hashed, now)
         if wait == 0:
-            self.begin(key, now)
+            self._state(hashed, now).in_flight += 1
         return wait
 
     def begin(self, key: str, now: float) -> None:
         """An attempt of `key` is admitted: it counts as in flight until `end`."""
-        self._state(key, now).in_flight += 1
+        self._state(_hashed(key), now).in_flight += 1
 
     def end(self, key: str, now: float, *, failed: bool) -> None:
         """The attempt `begin` admitted is over; `failed`: it was a wrong password or an unknown user."""
-        state = self._keys.get(key)
+        hashed = _hashed(key)
+        state = self._keys.get(hashed)
         if state is not None:
             state.in_flight = max(0, state.in_flight - 1)
         if failed:
-            self.failed(key, now)
+            self._failed(hashed, now)
         elif state is not None and state.in_flight == 0 and state.count == 0:
-            self._drop(key)
+            self._drop(hashed)
 
     def failed(self, key: str, now: float) -> None:
+        self._failed(_hashed(key), now)
+
+    def _failed(self, key: bytes, now: float) -> None:
         state = self._state(key, now)
         state.count += 1
         state.last = now
@@ -417,12 +429,13 @@ class Throttle:
         self._queue(key, refused=state.blocked_until > now)
 
     def succeeded(self, key: str) -> None:
-        state = self._keys.get(key)
+        hashed = _hashed(key)
+        state = self._keys.get(hashed)
         if state is not None:
             state.count, state.blocked_until = 0, 0.0
-            self._queue(key, refused=False)
+            self._queue(hashed, refused=False)
 
-    def _state(self, key: str, now: float) -> _Failures:
+    def _state(self, key: bytes, now: float) -> _Failures:
         """The state of `key`, made the most recent; failures older than the forget time start afresh."""
         state = self._keys.get(key)
         if state is None:
@@ -433,7 +446,7 @@ class Throttle:
         self._evict(key, now)
         return state
 
-    def _queue(self, key: str, *, refused: bool) -> None:
+    def _queue(self, key: bytes, *, refused: bool) -> None:
         """`key` to the end of its eviction queue: the refused keys' while it is refused, else the others'."""
         if refused:
             self._free.pop(key, None)
@@ -444,7 +457,7 @@ class Throttle:
             self._free[key] = None
             self._free.move_to_end(key)
 
-    def _evict(self, keep: str, now: float) -> None:
+    def _evict(self, keep: bytes, now: float) -> None:
         """Down to `max_keys`: keys that are not refused first, least recently counted first, then refused keys in the
         order they were counted, never `keep` (the key being counted). A held user's key is not touched while held,
         and a flood of other names (each guess at an unknown user a key) would otherwise evict it and give its
@@ -461,15 +474,20 @@ class Throttle:
             self._drop(victim)
 
     @staticmethod
-    def _first(queue: OrderedDict[str, None], keep: str) -> str | None:
+    def _first(queue: OrderedDict[bytes, None], keep: bytes) -> bytes | None:
         """The front of `queue`, unless it is `keep` (then it is also its end, being the most recent: alone there)."""
         front = next(iter(queue), None)
         return None if front == keep else front
 
-    def _drop(self, key: str) -> None:
+    def _drop(self, key: bytes) -> None:
         del self._keys[key]
         self._free.pop(key, None)
         self._refused.pop(key, None)
+
+
+def _hashed(key: str) -> bytes:
+    """What a `Throttle` keeps of `key`: 16 bytes however long the name (a collision takes 2**64 guesses of names)."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class Pace:

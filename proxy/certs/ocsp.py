@@ -13,7 +13,9 @@ the answer only if:
   than `MAX_AGE` (a replayed old "good" is refused).
 A checked answer (good, revoked, or the responder's "unknown") is cached per issuer key and serial
 until its nextUpdate, or for `cache_seconds` if it has none; a failure to get one is cached for
-`FAILURE_SECONDS`, so that a dead responder costs one timeout, not one per request. Concurrent
+`FAILURE_SECONDS`, so that a dead responder costs one timeout, not one per request. At most `size` answers
+(`CACHE_SIZE`, as many as the chain memo keeps) are kept, the least recently used dropped first: every certificate
+of a trusted CA is a key, and the cache was never pruned before. Concurrent
 requests for the same certificate share one exchange. What the policy makes of the answer is
 `proxy.certs.live`'s business; here an answer is evidence, never a verdict.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -42,6 +45,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 MAX_AGE = timedelta(minutes=5)  # oldest thisUpdate accepted from a responder that did not echo our nonce
 FAILURE_SECONDS = 5.0
 MAX_RESPONSE_BYTES = 1024 * 1024
+CACHE_SIZE = 10_000  # answers kept at most: as many as `proxy.certs.memo.VerifiedChains` keeps chains
 
 
 class OcspError(Exception):
@@ -114,10 +118,11 @@ def verify_response(
 class OcspClient:
     """Asks responders, checks and caches their answers."""
 
-    def __init__(self, *, cache_seconds: float, timeout: float = 5.0) -> None:
+    def __init__(self, *, cache_seconds: float, timeout: float = 5.0, size: int = CACHE_SIZE) -> None:
         self._cache_for = timedelta(seconds=cache_seconds)
         self._timeout = timeout
-        self._cache: dict[tuple[bytes, int], _Cached] = {}
+        self._size = size
+        self._cache: OrderedDict[tuple[bytes, int], _Cached] = OrderedDict()  # least recently used first
         self._pending: dict[tuple[bytes, int], asyncio.Future[RevocationEvidence]] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -129,6 +134,7 @@ class OcspClient:
         key = (x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest, cert.serial_number)
         cached = self._cache.get(key)
         if cached is not None and at <= cached.until:
+            self._cache.move_to_end(key)
             return cached.evidence
         pending = self._pending.get(key)
         if pending is not None:
@@ -137,7 +143,7 @@ class OcspClient:
         self._pending[key] = future
         try:
             evidence, until = await self._ask(url, cert, issuer, at)
-            self._cache[key] = _Cached(evidence, until)
+            self._keep(key, _Cached(evidence, until))
             future.set_result(evidence)
             return evidence
         except BaseException as exc:
@@ -146,6 +152,17 @@ class OcspClient:
             raise
         finally:
             del self._pending[key]
+
+    def _keep(self, key: tuple[bytes, int], cached: _Cached) -> None:
+        self._cache[key] = cached
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+
+    @property
+    def kept(self) -> int:
+        """Answers kept (tests, docs/hardening.md); not `__len__`: an empty client would be false."""
+        return len(self._cache)
 
     def forget(self, issuer_key_digest: bytes, serial: int) -> None:
         self._cache.pop((issuer_key_digest, serial), None)

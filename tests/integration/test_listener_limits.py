@@ -318,3 +318,49 @@ def test_a_connection_over_the_per_address_cap_is_reset_before_tls(lab: LabLayou
         assert not gw.events("connection_limit_reached", gw.since)
     finally:
         gw.stop()
+
+
+def test_at_the_connection_cap_stalled_clients_are_cut_and_the_others_served(lab: LabLayout, tmp_path: Path) -> None:
+    """max_connections = 2 taken by two stalled clients: one opens TCP and never starts TLS, one finishes its
+    handshake and never sends a byte. Meanwhile the admin listener (a server of its own) answers /readyz and a good
+    client waits in the backlog; the first staller is cut at handshake_timeout (2 s), the second at keepalive_timeout
+    (2 s), and the good client is then served, without either staller having been sent anything."""
+    admin_port = free_port()
+    listener = "max_connections = 2\nhandshake_timeout = 2\nkeepalive_timeout = 2\n"
+    gw = gateway(lab, tmp_path, listener=listener, admin_port=admin_port)
+    request = b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    def readyz() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=10) as r:
+            return int(r.status)
+
+    async def run() -> None:
+        ctx = client_context(lab, None)
+        started = time.monotonic()  # neither staller can be cut sooner than 2 s after this
+        silent_tcp = await asyncio.open_connection("127.0.0.1", gw.port)  # no ClientHello, ever
+        silent_tls = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx)  # handshake done, no request
+
+        async def good() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx)
+            writer.write(request)
+            await writer.drain()
+            try:
+                return await reader.readuntil(b"\r\n\r\n")
+            finally:
+                writer.close()
+
+        waiting = asyncio.ensure_future(good())
+        assert await asyncio.to_thread(readyz) == 200  # the admin listener is not behind the device listener's cap
+        assert (await asyncio.wait_for(waiting, timeout=60)).startswith(b"HTTP/1.1 401 ")
+        assert time.monotonic() - started >= 1.9, "served while two stalled clients held both slots"
+        for reader, _ in (silent_tcp, silent_tls):  # both were closed by the gateway, having been sent nothing
+            assert await asyncio.wait_for(reader.read(), timeout=30) == b""
+        for _, writer in (silent_tcp, silent_tls):
+            writer.close()
+
+    try:
+        gw.mark()
+        asyncio.run(run())
+        assert gw.wait_event("connection_limit_reached")["limit"] == 2
+    finally:
+        gw.stop()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -589,3 +591,31 @@ def test_a_sign_in_the_kdc_accepted_before_a_forget_is_not_cached_after_it(
         assert asyncio.run(run()) is False
     finally:
         release.set()
+
+
+def test_a_spray_of_the_longest_user_names_costs_the_throttle_a_few_hundred_bytes_a_name(kdc: FakeKdc) -> None:
+    """Every wrong guess at an unknown user is a key of the per-user throttle until 100,000 of them: with names of a
+    thousand characters (the longest one signs in with is 1,024) each key cost about 1.3 kB, 130 MB at the bound,
+    sent by anyone with enough addresses. The throttle keeps a fixed-size hash of the key now: 300 such names, wrong
+    passwords from three addresses, leave less than 500 bytes a name allocated by proxy/auth/basic.py (traced)."""
+
+    async def run() -> tuple[list[int | str], tracemalloc.Snapshot, tracemalloc.Snapshot, int]:
+        service = login_service(per_user=5, per_address=1_000)
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        results: list[int | str] = []
+        for batch in range(3):
+            names = (f"{batch:02d}{n:03d}".ljust(1_000, "x") for n in range(100))
+            results += await asyncio.gather(*(outcome(service, name, "guess", f"198.51.100.{batch}") for name in names))
+        gc.collect()  # what the requests left in reference cycles (their exceptions' frames)
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        return results, before, after, len(service._users._keys)  # type: ignore[union-attr]
+
+    results, before, after, keys = asyncio.run(run())
+    assert set(results) == {401}
+    assert keys == 300
+    kept = [tracemalloc.Filter(inclusive=True, filename_pattern=basic.__file__)]
+    grown = sum(stat.size_diff for stat in after.filter_traces(kept).compare_to(before.filter_traces(kept), "filename"))
+    assert grown < 300 * 500, f"{grown / 300:.0f} bytes a name"

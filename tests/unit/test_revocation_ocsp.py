@@ -162,8 +162,8 @@ async def _client_caches_answers_and_failures(pki: Pki) -> None:
     await client.close()
 
 
-def _with_responder(pki: Pki, url: str) -> x509.Certificate:
-    """alice's certificate, reissued (same serial and key) to name `url` as its OCSP responder."""
+def _with_responder(pki: Pki, url: str, *, serial: int | None = None) -> x509.Certificate:
+    """alice's certificate, reissued (same key; same serial unless `serial`) to name `url` as its OCSP responder."""
     alice = load_cert(pki.user_cert("alice"))
     aia = x509.AuthorityInformationAccess(
         [x509.AccessDescription(x509.oid.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(url))]
@@ -173,7 +173,7 @@ def _with_responder(pki: Pki, url: str) -> x509.Certificate:
         .subject_name(alice.subject)
         .issuer_name(alice.issuer)
         .public_key(alice.public_key())
-        .serial_number(alice.serial_number)
+        .serial_number(alice.serial_number if serial is None else serial)
         .not_valid_before(alice.not_valid_before_utc)
         .not_valid_after(alice.not_valid_after_utc)
         .add_extension(aia, critical=False)
@@ -210,6 +210,46 @@ async def _client_takes_an_odd_answer_as_none(pki: Pki, odd: bytes) -> None:
         evidence = await client.status(alice, load_cert(pki.issuing_cert), at=NOW)
         assert evidence.status is RevocationStatus.UNKNOWN
         assert "no usable answer" in evidence.detail
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+def test_the_answer_cache_keeps_at_most_its_size_the_least_recently_used_out(pki: Pki) -> None:
+    """Every certificate a trusted CA issued with an OCSP URL got a cache entry kept for ever (the cache was a plain
+    dict, never pruned): many certificates, or one CA's users over months, grew it without bound. At most `size`
+    answers are kept now, the least recently used dropped first; a kept one is still answered without a POST."""
+    asyncio.run(_cache_keeps_at_most_its_size(pki))
+
+
+async def _cache_keeps_at_most_its_size(pki: Pki) -> None:
+    posts: list[int] = []
+    issued: dict[int, x509.Certificate] = {}
+
+    async def responder(request: web.Request) -> web.Response:
+        asked = ocsp.load_der_ocsp_request(await request.read())
+        posts.append(asked.serial_number)
+        nonce = asked.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+        return web.Response(body=answer(pki, issued[asked.serial_number], nonce=nonce))
+
+    app = web.Application()
+    app.router.add_post("/", responder)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    client = OcspClient(cache_seconds=60, size=4)
+    issuing = load_cert(pki.issuing_cert)
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
+        for serial in range(1000, 1012):
+            issued[serial] = _with_responder(pki, url, serial=serial)
+        for serial, cert in issued.items():
+            assert (await client.status(cert, issuing, at=NOW)).status is RevocationStatus.GOOD
+            assert client.kept <= 4, f"{client.kept} answers kept after serial {serial}"
+        await client.status(issued[1008], issuing, at=NOW)  # kept (1008-1011), and now the most recently used
+        await client.status(issued[1000], issuing, at=NOW)  # dropped long ago: asked again; 1009 makes room
+        await client.status(issued[1008], issuing, at=NOW)  # still kept: the least recently used went, not the oldest
+        assert posts == [*range(1000, 1012), 1000]
     finally:
         await client.close()
         await runner.cleanup()
