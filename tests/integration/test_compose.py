@@ -237,8 +237,10 @@ def test_a_revoked_certificate_is_refused(stack: Stack) -> None:
 
 
 def test_curl_from_the_host(stack: Stack, tmp_path: Path) -> None:
-    """The README's commands: `docker cp` the lab's certificates out, then curl on the published loopback port."""
-    subprocess.run([stack.docker, "cp", f"{stack.container('gateway')}:/lab/pki", str(tmp_path / "pki")], check=True)
+    """The README's commands: `docker cp` the lab's certificates out of the (exited) pki container, then curl on the
+    published loopback port."""
+    pki_container = stack.compose("ps", "-a", "-q", "pki").stdout.strip()
+    subprocess.run([stack.docker, "cp", f"{pki_container}:/lab/pki", str(tmp_path / "pki")], check=True)
     pki = tmp_path / "pki"
     port = stack.gateway_port
     cmd = ["curl", "-sS", "--max-time", "30", "--cacert", str(pki / "root.pem")]
@@ -303,3 +305,49 @@ def test_the_gateway_image_imports_every_module_of_the_package(stack: Stack) -> 
     done = stack.compose("run", "--rm", "--no-deps", "device", "python3", "-c", walk, check=False, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("modules")
+
+
+# What no container but the lab's writers (pki, kdc) may hold: the CAs' keys, the KDC's master key stash and LDAP
+# bind password, the LDAP database (every principal's keys), and the keytab of a service that is not its own.
+_REALM_SECRETS = {
+    "pki/root.key",
+    "pki/issuing.key",
+    "pki/ocsp.key",
+    "pki/rogue/root.key",
+    "kdc/stash",
+    "kdc/ldap-service.keyfile",
+    "ldap/data/data.mdb",
+    "ldap/slapd.conf",
+    "keytabs/other.keytab",
+}
+_LIST_LAB = (
+    "import os, json; print(json.dumps(sorted(os.path.relpath(os.path.join(d, f), '/lab') "
+    "for d, _, fs in os.walk('/lab') for f in fs)))"
+)
+
+
+def test_no_reader_of_the_lab_holds_a_ca_key_or_a_secret_of_the_realm(stack: Stack) -> None:
+    """The gateway, backend, CRL server and device see in /lab what they read and nothing of the CAs' keys, the
+    KDC's files or another service's keytab (they mounted the whole lab volume: the device read the CA's key)."""
+    held: dict[str, set[str]] = {}
+    for service in ("gateway", "backend", "crl"):
+        done = subprocess.run(
+            [stack.docker, "exec", stack.container(service), "python3", "-c", _LIST_LAB],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        held[service] = set(json.loads(done.stdout))
+    done = stack.compose("run", "--rm", "--no-deps", "device", "python3", "-c", _LIST_LAB, timeout=300)
+    held["device"] = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert "keytabs/proxy.keytab" in held["gateway"]
+    assert "pki/server.key" in held["gateway"]
+    assert "pki/users/alice.key" in held["device"]
+    for service, files in held.items():
+        assert not files & _REALM_SECRETS, (service, sorted(files & _REALM_SECRETS))
+        assert not any(f.startswith(("kdc/", "ldap/")) for f in files), service
+        own = {"gateway": {"keytabs/proxy.keytab"}, "backend": {"keytabs/cas.keytab"}}.get(service, set())
+        assert {f for f in files if f.endswith(".keytab")} == own, service
+        if service != "device":
+            assert not any(f.startswith("pki/users/") and f.endswith((".key", ".p12")) for f in files), service

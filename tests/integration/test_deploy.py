@@ -21,6 +21,7 @@ import yaml
 
 from proxy import cli
 from proxy.lab import device, runner, serve
+from proxy.lab import handout as handout_module
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import REPO
 
@@ -75,10 +76,10 @@ def test_docker_compose_validates_the_file() -> None:
 
 
 def test_the_lab_services_are_all_there() -> None:
-    """The issue's four services, plus the one-shot pki step and the CRL server; the profile `scale` adds the
-    balancer, two gateways behind it and a device in front of it, and nothing else."""
+    """The issue's four services, plus the one-shot pki and handout steps and the CRL server; the profile `scale`
+    adds the balancer, two gateways behind it and a device in front of it, and nothing else."""
     services = _services()
-    assert set(services) == {"pki", "kdc", "backend", "crl", "gateway", "device"} | {
+    assert set(services) == {"pki", "kdc", "handout", "backend", "crl", "gateway", "device"} | {
         "balancer",
         "gateway-1",
         "gateway-2",
@@ -153,14 +154,81 @@ def test_only_the_gateway_publishes_a_port_and_only_on_loopback() -> None:
     }
 
 
-def test_every_service_shares_the_lab_volume_and_only_writers_write() -> None:
-    """One named volume at KCD_LAB_DIR; the gateway, device and CRL server mount it read-only."""
+# The lab volume holds the CAs' keys, the KDC's master key and LDAP database and every keytab: only the parts
+# that write it mount it; each other part mounts a volume of its own that `lab handout` fills with its files.
+WRITERS = {"pki": "lab:/lab", "kdc": "lab:/lab", "handout": "lab:/lab:ro"}
+OWN_VOLUME = {
+    "gateway": "lab-gateway:/lab:ro",
+    "gateway-1": "lab-gateway:/lab:ro",
+    "gateway-2": "lab-gateway:/lab:ro",
+    "backend": "lab-backend:/lab",  # its replay cache, in run/
+    "crl": "lab-crl:/lab:ro",
+    "device": "lab-device:/lab:ro",
+    "device-scaled": "lab-device:/lab:ro",
+}
+
+
+def test_only_the_writers_mount_the_lab_volume_and_each_reader_its_own() -> None:
+    """pki and kdc mount the lab volume (handout reads it); the gateway, backend, CRL server and devices each mount
+    only the volume `lab handout` fills for them, read-only but for the backend's replay cache."""
     compose = _compose()
-    assert set(compose["volumes"]) == {"lab"}
-    for name, service in _lab_services().items():
+    services = _lab_services()
+    for name, service in services.items():
         root = service["environment"]["KCD_LAB_DIR"]
-        read_only = name in ("gateway", "gateway-1", "gateway-2", "device", "device-scaled", "crl")
-        assert service["volumes"] == [f"lab:{root}:ro" if read_only else f"lab:{root}"], name
+        assert root == "/lab", name
+        if name == "handout":
+            continue
+        assert service["volumes"] == [WRITERS.get(name) or OWN_VOLUME[name]], name
+    handout = services["handout"]
+    assert handout["volumes"] == ["lab:/lab:ro"] + [f"lab-{part}:/handout/{part}" for part in handout_module.PARTS]
+    assert handout["command"] == ["kcd-proxy", "lab", "handout", "--into", "/handout"]
+    assert set(compose["volumes"]) == {"lab"} | {f"lab-{part}" for part in handout_module.PARTS}
+    assert set(WRITERS) | set(OWN_VOLUME) == set(services)
+
+
+def test_the_handout_gives_each_part_the_files_it_reads_and_no_secret_of_another(tmp_path: Path) -> None:
+    """`lab handout` after `lab init` and the KDC (its files stood in for): the gateway gets every file its
+    configurations name and no CA key, KDC file or other keytab; the device the users' keys, the CRL server the
+    CRLs, the backend its keytab; none of them anything of kdc/ or ldap/."""
+    layout = LabLayout.from_env(_services()["pki"]["environment"], root=tmp_path / "lab")
+    runner.init(layout)
+    for secret in (layout.proxy_keytab, layout.backend_keytab, layout.other_keytab, layout.kdc_dir / "stash"):
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(b"secret")
+    layout.krb5_conf.write_text("[libdefaults]\n")
+    (layout.ldap_dir / "data").mkdir(parents=True)
+    (layout.ldap_dir / "data" / "data.mdb").write_bytes(b"secret")
+    into = tmp_path / "handout"
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+
+    def held(part: str) -> set[str]:
+        return {str(p.relative_to(into / part)) for p in (into / part).rglob("*") if not p.is_dir()}
+
+    gateway = held("gateway")
+    for name in handout_module.GATEWAY_CONFIGS:
+        named = re.findall(r'"(/[^"]+)"', (layout.root / name).read_text())
+        assert named, name
+        assert {str(Path(path).relative_to(layout.root)) for path in named} <= gateway, name
+    assert {"pki/server.key", "keytabs/proxy.keytab"} <= gateway
+    assert "pki/users/alice.key" in held("device")
+    assert {"pki/issuing.crl", "pki/root.crl", "crl-publish/issuing.crl", "crl-publish/root.crl"} == held("crl")
+    assert held("backend") == {"krb5.conf", "keytabs/cas.keytab"}
+    assert (into / "backend" / "run").is_dir()
+
+    def secrets(part: str) -> set[str]:
+        return {p for p in held(part) if p.endswith((".key", ".keytab", ".p12", "stash", ".mdb", ".keyfile"))}
+
+    assert secrets("gateway") == {"pki/server.key", "keytabs/proxy.keytab"}
+    assert secrets("backend") == {"keytabs/cas.keytab"}
+    assert secrets("crl") == set()
+    assert secrets("device")
+    assert all(p.startswith("pki/users/") for p in secrets("device"))
+    for part in handout_module.PARTS:
+        assert not any(p.startswith(("kdc/", "ldap/")) for p in held(part)), part
+    assert (into / "gateway" / "pki" / "server.key").stat().st_mode & 0o077 == 0  # the key stays its owner's
+    published = into / "crl" / "crl-publish" / "issuing.crl"
+    assert published.is_symlink()
+    assert published.readlink() == layout.pki_dir / "issuing.crl"
 
 
 def test_the_layout_in_every_container_names_services_that_exist() -> None:
@@ -172,7 +240,8 @@ def test_the_layout_in_every_container_names_services_that_exist() -> None:
 
 
 def test_dependencies_wait_for_health_or_completion() -> None:
-    """A service waits for `service_healthy` only of services with a health check; pki runs to completion."""
+    """A service waits for `service_healthy` only of services with a health check; pki and handout run to completion
+    (the gateways wait for the backend and the CRL server, which wait for handout)."""
     services = _services()
     for name, service in services.items():
         for dep, how in service.get("depends_on", {}).items():
@@ -182,7 +251,9 @@ def test_dependencies_wait_for_health_or_completion() -> None:
             elif condition == "service_started":
                 assert (name, dep) == ("device-scaled", "balancer"), name  # HAProxy has no health check here
             else:
-                assert (dep, condition) == ("pki", "service_completed_successfully"), name
+                assert condition == "service_completed_successfully", name
+                assert (name, dep) in {("kdc", "pki"), ("backend", "handout"), ("crl", "handout")}, name
+    assert set(services["handout"]["depends_on"]) == {"kdc"}  # healthy: provisioned, its keytabs written
     for gateway in ("gateway", "gateway-1", "gateway-2"):
         assert set(services[gateway]["depends_on"]) == {"kdc", "backend", "crl"}
     assert set(services["device"]["depends_on"]) == {"gateway"}
