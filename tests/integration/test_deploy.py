@@ -410,6 +410,28 @@ def test_unit_has_the_hardening_the_issue_asks_for() -> None:
     _check_argv(["kcd-proxy", *args])
 
 
+def test_the_files_the_example_configuration_has_the_gateway_write_are_writable_under_the_unit() -> None:
+    """`[admin] socket` and `[traces] export` at the paths config/example.toml and the docs give lie in directories
+    the unit makes the gateway's (ProtectSystem=strict left it none: the socket failed, traces were never written)."""
+    unit = _unit()
+    assert unit["ProtectSystem"] == ["strict"]
+    writable = [Path("/run", name) for name in unit.get("RuntimeDirectory", [])]
+    writable += [Path("/var/log", name) for name in unit.get("LogsDirectory", [])]
+    writable += [Path("/var/lib", name) for name in unit.get("StateDirectory", [])]
+    texts = [(REPO / name).read_text() for name in ("config/example.toml", "docs/deploying.md", "README.md")]
+    paths = {Path(m) for text in texts for m in re.findall(r'(?:socket|export) = "(/[^"]+)"', text)}
+    assert {Path("/run/kcd-proxy/admin.sock"), Path("/var/log/kcd-proxy/traces.jsonl")} <= paths
+    for path in paths:
+        assert any(path.parent == directory for directory in writable), f"{path}: read-only under {UNIT.name}"
+    assert unit.get("RuntimeDirectoryMode", ["0755"]) == ["0750"]  # the socket is 0600; the group may list it
+    assert unit.get("LogsDirectoryMode", ["0755"]) == ["0750"]  # traces name users: not for every local user
+
+
+def test_unit_denies_writable_executable_memory() -> None:
+    """MemoryDenyWriteExecute=yes: test_systemd_unit.py shows the gateway serving under its kernel equivalent."""
+    assert _unit()["MemoryDenyWriteExecute"] == ["yes"]
+
+
 def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing to say about the unit (pointed at this checkout's kcd-proxy)."""
     analyze = shutil.which("systemd-analyze")
