@@ -333,6 +333,22 @@ def test_builds_install_the_pinned_versions_of_the_declared_dependencies() -> No
     assert "-c constraints.txt" in (REPO / "Makefile").read_text()  # `make setup` installs the same versions
 
 
+def test_the_base_image_keeps_no_apt_cache_and_each_image_cleans_its_own() -> None:
+    """base-image.sh writes apt's no-cache settings into the image (not as --aptopt: mmdebstrap's own apt then
+    lost the packages it had downloaded); every final stage that installs packages runs `apt-get clean`, for a
+    base image without them (test_compose.py looks into the built images)."""
+    script = (REPO / "deploy" / "base-image.sh").read_text()
+    settings = ('APT::Keep-Downloaded-Packages "false";', 'Dir::Cache::pkgcache "";', 'Dir::Cache::srcpkgcache "";')
+    for setting in settings:
+        assert f"'{setting}'" in script, setting
+    assert "--aptopt='APT::Keep" not in script
+    assert '--customize-hook="cp $work/zz-kcd-no-cache' in script
+    for name in ("gateway", "kdc", "balancer"):
+        final = _stages(REPO / "deploy" / name / "Dockerfile")[-1]
+        assert "apt-get install" in final, name
+        assert "&& apt-get clean && rm -rf /var/lib/apt/lists/*" in final, name
+
+
 def test_commands_given_work_with_compose_v1() -> None:
     """The README and the compose header give no v2-only command (`docker compose cp`, `docker compose ...`),
     and mention `up --exit-code-from` only to warn against it."""
