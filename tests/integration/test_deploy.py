@@ -307,6 +307,20 @@ def test_images_run_as_uid_and_gid_10001_and_own_lab() -> None:
             assert "install -d -o kcd-proxy -g kcd-proxy -m 0755 /lab" in final, name
 
 
+def test_each_image_exposes_the_ports_its_daemons_listen_on() -> None:
+    """EXPOSE names the lab's ports (the kdc image said 58088, the KDC's port before the lab moved it below the
+    ephemeral range: `docker ps` showed it, and `docker run -P` published a port nothing listens on)."""
+    layout = LabLayout(root=Path())
+    expected = {
+        "gateway": [f"{layout.gateway_port}"],
+        "kdc": [f"{layout.kdc_port}/tcp", f"{layout.kdc_port}/udp"],
+        "balancer": ["8443"],
+    }
+    for name, ports in expected.items():
+        exposed = re.findall(r"^EXPOSE\s+(.+)$", (REPO / "deploy" / name / "Dockerfile").read_text(), re.MULTILINE)
+        assert [port for line in exposed for port in line.split()] == ports, name
+
+
 def test_no_compiler_in_the_images_and_gssapi_compiled_once() -> None:
     """The kdc image has two stages like the gateway's: gcc and headers stay in the build stage, which is the
     same, line for line, in both Dockerfiles (the engine's cache then compiles python-gssapi once)."""
