@@ -368,3 +368,29 @@ def test_the_images_carry_no_apt_cache(stack: Stack) -> None:
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == [], f"{image}: {done.stdout.split()[:5]} ..."
+
+
+_CONNECT = (
+    "import socket, sys\n"
+    "for host, port in [(h, int(p)) for h, p in (a.split(':') for a in sys.argv[1:])]:\n"
+    "    try:\n"
+    "        socket.create_connection((host, port), timeout=10).close()\n"
+    "        print(host, port, 'reached')\n"
+    "    except OSError as e:\n"
+    "        print(host, port, 'unreachable', type(e).__name__)\n"
+)
+
+
+def test_a_device_reaches_the_gateways_and_nothing_behind_them(stack: Stack) -> None:
+    """The device's container reaches the gateway (and gateway-1, whose PROXY-protocol trust is what refuses it),
+    never the backend, the KDC or the CRL server: it went round the gateway to the Exchange stand-in and the KDC."""
+    targets = ["proxy.lab.test:8443", "gateway-1:8443", "backend:8081", "kdc:8088", "crl:8082"]
+    done = stack.compose("run", "--rm", "--no-deps", "device", "python3", "-c", _CONNECT, *targets, timeout=300)
+    seen = {" ".join(line.split()[:2]): line.split()[2] for line in done.stdout.splitlines() if len(line.split()) > 2}
+    assert seen == {
+        "proxy.lab.test 8443": "reached",
+        "gateway-1 8443": "reached",
+        "backend 8081": "unreachable",
+        "kdc 8088": "unreachable",
+        "crl 8082": "unreachable",
+    }, done.stdout

@@ -114,7 +114,7 @@ def test_the_balancer_passes_tcp_with_proxy_v2_to_both_gateways() -> None:
     services = _services()
     for replica in ("gateway-1", "gateway-2"):
         assert services[replica]["command"] == ["kcd-proxy", "run", "--config", "/lab/gateway-balanced.toml"]
-        assert set(services[replica]["networks"]) == {"lab", "balanced"}
+        assert set(services[replica]["networks"]) == {"lab", "balanced", "devices"}
     assert set(services["balancer"]["networks"]) == {"balanced", "front"}
     assert services["device-scaled"]["networks"] == ["front"]
     subnet = services["pki"]["environment"]["KCD_LAB_BALANCER_SUBNET"]
@@ -229,6 +229,19 @@ def test_the_handout_gives_each_part_the_files_it_reads_and_no_secret_of_another
     published = into / "crl" / "crl-publish" / "issuing.crl"
     assert published.is_symlink()
     assert published.readlink() == layout.pki_dir / "issuing.crl"
+
+
+def test_the_devices_share_a_network_with_the_gateways_alone() -> None:
+    """`device` is on the network `devices` only, where the gateway answers as proxy.lab.test; the KDC, backend and
+    CRL server are on `lab`, which no device joins (test_compose.py connects from a device to check)."""
+    services = _services()
+    assert services["device"]["networks"] == ["devices"]
+    assert set(services["gateway"]["networks"]) == {"lab", "devices"}
+    assert services["gateway"]["networks"]["devices"]["aliases"] == ["proxy.lab.test"]
+    on_devices = {name for name, s in services.items() if "devices" in s.get("networks", [])}
+    assert on_devices == {"device", "gateway", "gateway-1", "gateway-2"}
+    for name in ("kdc", "backend", "crl"):
+        assert services[name]["networks"] == ["lab"], name
 
 
 def test_the_layout_in_every_container_names_services_that_exist() -> None:
