@@ -1,6 +1,7 @@
-"""Deployment artefacts: docker-compose.yml, the images and the systemd unit, checked without a Docker engine.
+"""Deployment artefacts: docker-compose.yml, the images and the systemd unit, checked without a Docker engine
+(test_compose.py builds and runs them on one).
 
-No engine runs here, so the compose file is checked three ways: Debian's docker-compose parses and
+The compose file is checked three ways: Debian's docker-compose parses and
 validates it (`config -q`); every command and health check is parsed by the project's own argument
 parsers (it names a real console script or module, with arguments they accept); and the services run
 exactly the entry points the native lab runs (`proxy.lab.runner.SERVE`), which the integration tests
