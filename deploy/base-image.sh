@@ -12,6 +12,9 @@
 #   - the host's CA bundle, named in /etc/pip.conf, for an index reached through a TLS-inspecting proxy
 #     (pip in the image trusts its own certifi bundle otherwise).
 #
+# With SOURCE_DATE_EPOCH set (mmdebstrap honours it), the same archive gives the same image byte for byte (two
+# builds gave one tar), so machines can compare their base layers; without it every build differs.
+#
 # Usage: deploy/base-image.sh [docker|podman]     (default: docker; DOCKER=... also works)
 set -eu
 
