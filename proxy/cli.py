@@ -95,6 +95,8 @@ def _lab(args: argparse.Namespace) -> int:
     if args.action == "init":
         runner.init(layout)
         print(f"lab files in {layout.root}")
+    elif args.action == "handout":
+        return _lab_handout(layout, args.into)
     elif args.action == "up":
         try:
             runner.up(layout)
@@ -115,6 +117,22 @@ def _lab(args: argparse.Namespace) -> int:
         return 0 if all(state.values()) else 1
     else:
         print(runner.describe(layout))
+    return 0
+
+
+def _lab_handout(layout: LabLayout, into: str | None) -> int:
+    """`kcd-proxy lab handout --into DIR`: each compose container's files, and only those (proxy.lab.handout)."""
+    from proxy.lab import handout
+
+    if into is None:
+        print("kcd-proxy lab handout: --into DIR is required (DIR/<part> for each of the containers)", file=sys.stderr)
+        return 2
+    try:
+        handout.hand_out(layout, Path(into))
+    except OSError as e:
+        print(f"kcd-proxy lab handout: {e} (run `kcd-proxy lab init` and the kdc first)", file=sys.stderr)
+        return 1
+    print(f"lab files handed out into {into}/{{{','.join(handout.PARTS)}}}")
     return 0
 
 
@@ -178,9 +196,10 @@ def parser() -> argparse.ArgumentParser:
     ops_commands.add_commands(sub)
     trace_cli.add_command(sub)
     lab = sub.add_parser("lab", help="the self-contained lab: KDC + LDAP, PKI, Exchange stand-in")
-    lab.add_argument("action", choices=["up", "down", "status", "env", "init", "serve", "probe"])
+    lab.add_argument("action", choices=["up", "down", "status", "env", "init", "serve", "probe", "handout"])
     lab.add_argument("component", nargs="?", help="serve/probe: kdc, backend, crl (probe: also gateway)")
     lab.add_argument("--dir", help="lab directory (default: $KCD_LAB_DIR or .lab/ in the checkout)")
+    lab.add_argument("--into", help="handout: where each compose container's files go (<into>/<part>)")
     lab.add_argument(
         "--ad", action="store_true", help="up/down/status/env: the Samba AD DC realm AD.TEST (in <dir>/ad, own netns)"
     )

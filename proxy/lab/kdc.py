@@ -336,11 +336,20 @@ def _run(argv: Sequence[str], layout: LabLayout, stdin: str = "") -> subprocess.
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RealmError(f"{shlex.join(argv)} did not run: {exc}") from exc
+        raise RealmError(f"{_shown(argv)} did not run: {exc}") from exc
     if done.returncode != 0:
         output = (done.stderr.strip() or done.stdout.strip()).replace("\n", " / ")
-        raise RealmError(f"{shlex.join(argv)} exited with {done.returncode}" + (f": {output}" if output else ""))
+        raise RealmError(f"{_shown(argv)} exited with {done.returncode}" + (f": {output}" if output else ""))
     return done
+
+
+_PASSWORD_OPTIONS = ("-w", "-P")  # ldapadd/ldapmodify's bind password, kdb5_ldap_util's master password
+
+
+def _shown(argv: Sequence[str]) -> str:
+    """The command line for an error message, the value of each password option replaced by `***`."""
+    shown = ["***" if i > 0 and argv[i - 1] in _PASSWORD_OPTIONS else arg for i, arg in enumerate(argv)]
+    return shlex.join(shown).replace("'***'", "***")
 
 
 # --- Daemons -----------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ _PORTS: dict[str, tuple[str, ...]] = {
     "crl": ("crl_port",),
 }
 _GATEWAY_PORTS = ("gateway_port", "admin_port")
+PUBLISH_DIR = "crl-publish"  # under the lab directory: what the CRL server serves (`publish_dir`)
 
 
 class LabError(RuntimeError):
@@ -196,7 +197,7 @@ spn = "HTTP/cas.lab.test"
 
 def publish_dir(layout: LabLayout) -> Path:
     """What the CRL server serves: links to the DER CRLs, and nothing else (the PKI directory holds keys)."""
-    publish = layout.root / "crl-publish"
+    publish = layout.root / PUBLISH_DIR
     publish.mkdir(parents=True, exist_ok=True)
     for name in ("issuing.crl", "root.crl"):
         link = publish / name

@@ -29,7 +29,7 @@ import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 
-from proxy.lab import kdc, runner
+from proxy.lab import kdc
 from proxy.lab.layout import LabLayout
 
 COMPONENTS = ("kdc", "backend", "crl")
@@ -95,6 +95,8 @@ def serve_backend(layout: LabLayout) -> int:
 
 
 def serve_crl(layout: LabLayout) -> int:
+    from proxy.lab import runner  # not at the top: `probe`, the containers' health check, stays light (proxy.lab.probe)
+
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(runner.publish_dir(layout)))
     with ThreadingHTTPServer((layout.bind_host, layout.crl_port), handler) as server:
         stop = _stop_on_signals()

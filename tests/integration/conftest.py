@@ -167,11 +167,13 @@ def start_gateway(
     *,
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    launcher: tuple[str, ...] = (sys.executable,),
 ) -> Gateway:
-    """`kcd-proxy run` with `config_text` (and `args`, such as `--log-level debug`; `env` added to the lab's),
-    once its log says it listens (and its admin listener too, if it has one). Its port was free when the test
-    picked it, but another process (another test run on this machine) may have bound it since: then the gateway is
-    started again on a new port, the configuration rewritten (a cheap retry; nothing else names that port)."""
+    """`kcd-proxy run` with `config_text` (and `args`, such as `--log-level debug`; `env` added to the lab's;
+    `launcher` the Python, or a script that runs it, given `-m proxy run ...`), once its log says it listens (and
+    its admin listener too, if it has one). Its port was free when the test picked it, but another process (another
+    test run on this machine) may have bound it since: then the gateway is started again on a new port, the
+    configuration rewritten (a cheap retry; nothing else names that port)."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "gateway.toml"
     log_path = directory / "gateway.log"
@@ -180,7 +182,7 @@ def start_gateway(
         config_path.write_text(config_text)
         with log_path.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "--config", str(config_path), *args],
+                [*launcher, "-m", "proxy", "run", "--config", str(config_path), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,

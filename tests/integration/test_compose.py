@@ -237,8 +237,10 @@ def test_a_revoked_certificate_is_refused(stack: Stack) -> None:
 
 
 def test_curl_from_the_host(stack: Stack, tmp_path: Path) -> None:
-    """The README's commands: `docker cp` the lab's certificates out, then curl on the published loopback port."""
-    subprocess.run([stack.docker, "cp", f"{stack.container('gateway')}:/lab/pki", str(tmp_path / "pki")], check=True)
+    """The README's commands: `docker cp` the lab's certificates out of the (exited) pki container, then curl on the
+    published loopback port."""
+    pki_container = stack.compose("ps", "-a", "-q", "pki").stdout.strip()
+    subprocess.run([stack.docker, "cp", f"{pki_container}:/lab/pki", str(tmp_path / "pki")], check=True)
     pki = tmp_path / "pki"
     port = stack.gateway_port
     cmd = ["curl", "-sS", "--max-time", "30", "--cacert", str(pki / "root.pem")]
@@ -303,3 +305,109 @@ def test_the_gateway_image_imports_every_module_of_the_package(stack: Stack) -> 
     done = stack.compose("run", "--rm", "--no-deps", "device", "python3", "-c", walk, check=False, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("modules")
+
+
+# What no container but the lab's writers (pki, kdc) may hold: the CAs' keys, the KDC's master key stash and LDAP
+# bind password, the LDAP database (every principal's keys), and the keytab of a service that is not its own.
+_REALM_SECRETS = {
+    "pki/root.key",
+    "pki/issuing.key",
+    "pki/ocsp.key",
+    "pki/rogue/root.key",
+    "kdc/stash",
+    "kdc/ldap-service.keyfile",
+    "ldap/data/data.mdb",
+    "ldap/slapd.conf",
+    "keytabs/other.keytab",
+}
+_LIST_LAB = (
+    "import os, json; print(json.dumps(sorted(os.path.relpath(os.path.join(d, f), '/lab') "
+    "for d, _, fs in os.walk('/lab') for f in fs)))"
+)
+
+
+def test_no_reader_of_the_lab_holds_a_ca_key_or_a_secret_of_the_realm(stack: Stack) -> None:
+    """The gateway, backend, CRL server and device see in /lab what they read and nothing of the CAs' keys, the
+    KDC's files or another service's keytab (they mounted the whole lab volume: the device read the CA's key)."""
+    held: dict[str, set[str]] = {}
+    for service in ("gateway", "backend", "crl"):
+        done = subprocess.run(
+            [stack.docker, "exec", stack.container(service), "python3", "-c", _LIST_LAB],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        held[service] = set(json.loads(done.stdout))
+    done = stack.compose("run", "--rm", "--no-deps", "device", "python3", "-c", _LIST_LAB, timeout=300)
+    held["device"] = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert "keytabs/proxy.keytab" in held["gateway"]
+    assert "pki/server.key" in held["gateway"]
+    assert "pki/users/alice.key" in held["device"]
+    for service, files in held.items():
+        assert not files & _REALM_SECRETS, (service, sorted(files & _REALM_SECRETS))
+        assert not any(f.startswith(("kdc/", "ldap/")) for f in files), service
+        own = {"gateway": {"keytabs/proxy.keytab"}, "backend": {"keytabs/cas.keytab"}}.get(service, set())
+        assert {f for f in files if f.endswith(".keytab")} == own, service
+        if service != "device":
+            assert not any(f.startswith("pki/users/") and f.endswith((".key", ".p12")) for f in files), service
+
+
+def test_the_images_carry_no_apt_cache(stack: Stack) -> None:
+    """No downloaded package, apt binary cache or package list stays in the three images (the local base image has
+    no docker-clean apt hook as the official one has: 81-108 MB of /var/cache/apt were in every image)."""
+    tag = stack.env["KCD_IMAGE_TAG"]
+    for image in (f"kcd-proxy:{tag}", f"kcd-proxy-kdc:{tag}", f"kcd-proxy-balancer:{tag}"):
+        run = [stack.docker, "run", "--rm", "--user", "0", "--network", "none", "--entrypoint", "find", image]
+        done = subprocess.run(
+            [*run, "/var/cache/apt", "/var/lib/apt/lists", "-type", "f", "-size", "+0c"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [], f"{image}: {done.stdout.split()[:5]} ..."
+
+
+_CONNECT = (
+    "import socket, sys\n"
+    "for host, port in [(h, int(p)) for h, p in (a.split(':') for a in sys.argv[1:])]:\n"
+    "    try:\n"
+    "        socket.create_connection((host, port), timeout=10).close()\n"
+    "        print(host, port, 'reached')\n"
+    "    except OSError as e:\n"
+    "        print(host, port, 'unreachable', type(e).__name__)\n"
+)
+
+
+def test_a_device_reaches_the_gateways_and_nothing_behind_them(stack: Stack) -> None:
+    """The device's container reaches the gateway (and gateway-1, whose PROXY-protocol trust is what refuses it),
+    never the backend, the KDC or the CRL server: it went round the gateway to the Exchange stand-in and the KDC."""
+    targets = ["proxy.lab.test:8443", "gateway-1:8443", "backend:8081", "kdc:8088", "crl:8082"]
+    done = stack.compose("run", "--rm", "--no-deps", "device", "python3", "-c", _CONNECT, *targets, timeout=300)
+    seen = {" ".join(line.split()[:2]): line.split()[2] for line in done.stdout.splitlines() if len(line.split()) > 2}
+    assert seen == {
+        "proxy.lab.test 8443": "reached",
+        "gateway-1 8443": "reached",
+        "backend 8081": "unreachable",
+        "kdc 8088": "unreachable",
+        "crl 8082": "unreachable",
+    }, done.stdout
+
+
+def test_no_container_log_holds_a_password_or_a_key(stack: Stack) -> None:
+    """Every service's log (pki, kdc and handout included, after the device runs above) holds no lab password (LDAP
+    root, KDC master, the users'), no PEM private key and no Negotiate token: the compose logs the secrets audit
+    (docs/hardening.md, section 9) did not cover."""
+    from proxy.lab.kdc import MASTER_PASSWORD, ROOT_PASSWORD
+    from proxy.lab.layout import DISABLED_USERS, USERS
+
+    logs = stack.compose("logs", "--no-color", "--timestamps").stdout
+    assert "handout" in logs  # every service's lines, the one-shots' included
+    assert "lab files handed out" in logs
+    needles = {ROOT_PASSWORD: "the LDAP root password", MASTER_PASSWORD: "the KDC master password"}
+    needles |= {password: f"{user}'s password" for user, password in {**USERS, **DISABLED_USERS}.items()}
+    needles |= {"PRIVATE KEY": "a PEM private key", "Negotiate YII": "a Negotiate token"}
+    found = [what for needle, what in needles.items() if needle in logs]
+    assert found == [], found

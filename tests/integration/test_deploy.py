@@ -1,6 +1,7 @@
-"""Deployment artefacts: docker-compose.yml, the images and the systemd unit, checked without a Docker engine.
+"""Deployment artefacts: docker-compose.yml, the images and the systemd unit, checked without a Docker engine
+(test_compose.py builds and runs them on one).
 
-No engine runs here, so the compose file is checked three ways: Debian's docker-compose parses and
+The compose file is checked three ways: Debian's docker-compose parses and
 validates it (`config -q`); every command and health check is parsed by the project's own argument
 parsers (it names a real console script or module, with arguments they accept); and the services run
 exactly the entry points the native lab runs (`proxy.lab.runner.SERVE`), which the integration tests
@@ -10,9 +11,11 @@ exercise. The systemd unit goes through `systemd-analyze verify` and `security -
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,15 +23,16 @@ from typing import Any
 import yaml
 
 from proxy import cli
-from proxy.lab import device, runner, serve
-from proxy.lab.layout import LabLayout
-from tests.integration.conftest import REPO
+from proxy.lab import device, probe, runner, serve
+from proxy.lab import handout as handout_module
+from proxy.lab.layout import LabLayout, variable
+from tests.integration.conftest import REPO, dead_port
 
 COMPOSE = REPO / "docker-compose.yml"
 UNIT = REPO / "deploy" / "systemd" / "kcd-proxy.service"
 CONSOLE_SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 # Modules a service may run with `python3 -m`, and their argument parsers.
-MODULE_PARSERS = {"proxy.lab.device": device.parse_args}
+MODULE_PARSERS = {"proxy.lab.device": device.parse_args, "proxy.lab.probe": probe.parse_args}
 
 
 def _compose() -> dict[str, Any]:
@@ -75,10 +79,10 @@ def test_docker_compose_validates_the_file() -> None:
 
 
 def test_the_lab_services_are_all_there() -> None:
-    """The issue's four services, plus the one-shot pki step and the CRL server; the profile `scale` adds the
-    balancer, two gateways behind it and a device in front of it, and nothing else."""
+    """The issue's four services, plus the one-shot pki and handout steps and the CRL server; the profile `scale`
+    adds the balancer, two gateways behind it and a device in front of it, and nothing else."""
     services = _services()
-    assert set(services) == {"pki", "kdc", "backend", "crl", "gateway", "device"} | {
+    assert set(services) == {"pki", "kdc", "handout", "backend", "crl", "gateway", "device"} | {
         "balancer",
         "gateway-1",
         "gateway-2",
@@ -100,6 +104,32 @@ def test_every_command_and_health_check_exists_in_the_project() -> None:
             _check_argv(test[1:])
 
 
+# What a health check has no use for: the command line's imports (configuration, TLS, HTTP, Kerberos libraries).
+HEAVY_MODULES = ("cryptography", "aiohttp", "gssapi", "bonsai", "proxy.config", "proxy.cli")
+
+
+def test_the_health_checks_import_only_what_they_ask_with(tmp_path: Path) -> None:
+    """Each service's health check, run here against ports nothing answers on, says what is wrong and exits 1
+    without importing the command line (cryptography, aiohttp, gssapi...): `kcd-proxy lab probe` did, 0.24 s of CPU
+    every 5 s in every container, 2 s of wall time at load 28, and at load 30 every probe passed its 5 s timeout:
+    `docker-compose up -d` stopped on "Container is unhealthy" while every service answered."""
+    dead = {variable(name): str(dead_port()) for name in ("ldap_port", "kdc_port", "backend_port", "crl_port")}
+    dead[variable("admin_port")] = str(dead_port())
+    for name, service in _lab_services().items():
+        if "healthcheck" not in service:
+            continue
+        argv = service["healthcheck"]["test"][1:]
+        assert argv[:3] == ["python3", "-m", "proxy.lab.probe"], name
+        env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1", "KCD_LAB_DIR": str(tmp_path), **dead}
+        done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, env=env, check=False)
+        assert done.returncode == 1, (name, done.stdout, done.stderr[-2000:])
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "import time:" in line}
+        assert "proxy.lab.layout" in imported, name  # the import profile is there to look at
+        heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY_MODULES or m in HEAVY_MODULES)
+        assert heavy == [], (name, heavy)
+        assert argv[-1] in done.stdout + done.stderr, (name, done.stdout)
+
+
 def test_the_balancer_passes_tcp_with_proxy_v2_to_both_gateways() -> None:
     """HAProxy in TCP mode (TLS ends on the gateways), send-proxy-v2 to gateway-1 and gateway-2, which expect it
     from the balancer's network only; the devices in front reach no gateway but through the balancer."""
@@ -114,7 +144,7 @@ def test_the_balancer_passes_tcp_with_proxy_v2_to_both_gateways() -> None:
     services = _services()
     for replica in ("gateway-1", "gateway-2"):
         assert services[replica]["command"] == ["kcd-proxy", "run", "--config", "/lab/gateway-balanced.toml"]
-        assert set(services[replica]["networks"]) == {"lab", "balanced"}
+        assert set(services[replica]["networks"]) == {"lab", "balanced", "devices"}
     assert set(services["balancer"]["networks"]) == {"balanced", "front"}
     assert services["device-scaled"]["networks"] == ["front"]
     subnet = services["pki"]["environment"]["KCD_LAB_BALANCER_SUBNET"]
@@ -154,14 +184,94 @@ def test_only_the_gateway_publishes_a_port_and_only_on_loopback() -> None:
     }
 
 
-def test_every_service_shares_the_lab_volume_and_only_writers_write() -> None:
-    """One named volume at KCD_LAB_DIR; the gateway, device and CRL server mount it read-only."""
+# The lab volume holds the CAs' keys, the KDC's master key and LDAP database and every keytab: only the parts
+# that write it mount it; each other part mounts a volume of its own that `lab handout` fills with its files.
+WRITERS = {"pki": "lab:/lab", "kdc": "lab:/lab", "handout": "lab:/lab:ro"}
+OWN_VOLUME = {
+    "gateway": "lab-gateway:/lab:ro",
+    "gateway-1": "lab-gateway:/lab:ro",
+    "gateway-2": "lab-gateway:/lab:ro",
+    "backend": "lab-backend:/lab",  # its replay cache, in run/
+    "crl": "lab-crl:/lab:ro",
+    "device": "lab-device:/lab:ro",
+    "device-scaled": "lab-device:/lab:ro",
+}
+
+
+def test_only_the_writers_mount_the_lab_volume_and_each_reader_its_own() -> None:
+    """pki and kdc mount the lab volume (handout reads it); the gateway, backend, CRL server and devices each mount
+    only the volume `lab handout` fills for them, read-only but for the backend's replay cache."""
     compose = _compose()
-    assert set(compose["volumes"]) == {"lab"}
-    for name, service in _lab_services().items():
+    services = _lab_services()
+    for name, service in services.items():
         root = service["environment"]["KCD_LAB_DIR"]
-        read_only = name in ("gateway", "gateway-1", "gateway-2", "device", "device-scaled", "crl")
-        assert service["volumes"] == [f"lab:{root}:ro" if read_only else f"lab:{root}"], name
+        assert root == "/lab", name
+        if name == "handout":
+            continue
+        assert service["volumes"] == [WRITERS.get(name) or OWN_VOLUME[name]], name
+    handout = services["handout"]
+    assert handout["volumes"] == ["lab:/lab:ro"] + [f"lab-{part}:/handout/{part}" for part in handout_module.PARTS]
+    assert handout["command"] == ["kcd-proxy", "lab", "handout", "--into", "/handout"]
+    assert set(compose["volumes"]) == {"lab"} | {f"lab-{part}" for part in handout_module.PARTS}
+    assert set(WRITERS) | set(OWN_VOLUME) == set(services)
+
+
+def test_the_handout_gives_each_part_the_files_it_reads_and_no_secret_of_another(tmp_path: Path) -> None:
+    """`lab handout` after `lab init` and the KDC (its files stood in for): the gateway gets every file its
+    configurations name and no CA key, KDC file or other keytab; the device the users' keys, the CRL server the
+    CRLs, the backend its keytab; none of them anything of kdc/ or ldap/."""
+    layout = LabLayout.from_env(_services()["pki"]["environment"], root=tmp_path / "lab")
+    runner.init(layout)
+    for secret in (layout.proxy_keytab, layout.backend_keytab, layout.other_keytab, layout.kdc_dir / "stash"):
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(b"secret")
+    layout.krb5_conf.write_text("[libdefaults]\n")
+    (layout.ldap_dir / "data").mkdir(parents=True)
+    (layout.ldap_dir / "data" / "data.mdb").write_bytes(b"secret")
+    into = tmp_path / "handout"
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+
+    def held(part: str) -> set[str]:
+        return {str(p.relative_to(into / part)) for p in (into / part).rglob("*") if not p.is_dir()}
+
+    gateway = held("gateway")
+    for name in handout_module.GATEWAY_CONFIGS:
+        named = re.findall(r'"(/[^"]+)"', (layout.root / name).read_text())
+        assert named, name
+        assert {str(Path(path).relative_to(layout.root)) for path in named} <= gateway, name
+    assert {"pki/server.key", "keytabs/proxy.keytab"} <= gateway
+    assert "pki/users/alice.key" in held("device")
+    assert {"pki/issuing.crl", "pki/root.crl", "crl-publish/issuing.crl", "crl-publish/root.crl"} == held("crl")
+    assert held("backend") == {"krb5.conf", "keytabs/cas.keytab"}
+    assert (into / "backend" / "run").is_dir()
+
+    def secrets(part: str) -> set[str]:
+        return {p for p in held(part) if p.endswith((".key", ".keytab", ".p12", "stash", ".mdb", ".keyfile"))}
+
+    assert secrets("gateway") == {"pki/server.key", "keytabs/proxy.keytab"}
+    assert secrets("backend") == {"keytabs/cas.keytab"}
+    assert secrets("crl") == set()
+    assert secrets("device")
+    assert all(p.startswith("pki/users/") for p in secrets("device"))
+    for part in handout_module.PARTS:
+        assert not any(p.startswith(("kdc/", "ldap/")) for p in held(part)), part
+    assert (into / "gateway" / "pki" / "server.key").stat().st_mode & 0o077 == 0  # the key stays its owner's
+    published = into / "crl" / "crl-publish" / "issuing.crl"
+    assert published.is_symlink()
+    assert published.readlink() == layout.pki_dir / "issuing.crl"
+
+
+def test_the_devices_share_a_network_with_the_gateways_alone() -> None:
+    """`device` is on the network `devices` only, where the gateway answers as proxy.lab.test; the KDC, backend and
+    CRL server are on `lab`, which no device joins (test_compose.py connects from a device to check)."""
+    services = _services()
+    assert services["device"]["networks"] == ["devices"]
+    assert set(services["gateway"]["networks"]) == {"lab", "devices"}
+    assert services["gateway"]["networks"]["devices"]["aliases"] == ["proxy.lab.test"]
+    on_devices = {name for name, s in services.items() if "devices" in s.get("networks", [])}
+    assert on_devices == {"device", "gateway", "gateway-1", "gateway-2"}
+    for name in ("kdc", "backend", "crl"):
+        assert services[name]["networks"] == ["lab"], name
 
 
 def test_the_layout_in_every_container_names_services_that_exist() -> None:
@@ -173,7 +283,8 @@ def test_the_layout_in_every_container_names_services_that_exist() -> None:
 
 
 def test_dependencies_wait_for_health_or_completion() -> None:
-    """A service waits for `service_healthy` only of services with a health check; pki runs to completion."""
+    """A service waits for `service_healthy` only of services with a health check; pki and handout run to completion
+    (the gateways wait for the backend and the CRL server, which wait for handout)."""
     services = _services()
     for name, service in services.items():
         for dep, how in service.get("depends_on", {}).items():
@@ -183,7 +294,9 @@ def test_dependencies_wait_for_health_or_completion() -> None:
             elif condition == "service_started":
                 assert (name, dep) == ("device-scaled", "balancer"), name  # HAProxy has no health check here
             else:
-                assert (dep, condition) == ("pki", "service_completed_successfully"), name
+                assert condition == "service_completed_successfully", name
+                assert (name, dep) in {("kdc", "pki"), ("backend", "handout"), ("crl", "handout")}, name
+    assert set(services["handout"]["depends_on"]) == {"kdc"}  # healthy: provisioned, its keytabs written
     for gateway in ("gateway", "gateway-1", "gateway-2"):
         assert set(services[gateway]["depends_on"]) == {"kdc", "backend", "crl"}
     assert set(services["device"]["depends_on"]) == {"gateway"}
@@ -237,6 +350,20 @@ def test_images_run_as_uid_and_gid_10001_and_own_lab() -> None:
             assert "install -d -o kcd-proxy -g kcd-proxy -m 0755 /lab" in final, name
 
 
+def test_each_image_exposes_the_ports_its_daemons_listen_on() -> None:
+    """EXPOSE names the lab's ports (the kdc image said 58088, the KDC's port before the lab moved it below the
+    ephemeral range: `docker ps` showed it, and `docker run -P` published a port nothing listens on)."""
+    layout = LabLayout(root=Path())
+    expected = {
+        "gateway": [f"{layout.gateway_port}"],
+        "kdc": [f"{layout.kdc_port}/tcp", f"{layout.kdc_port}/udp"],
+        "balancer": ["8443"],
+    }
+    for name, ports in expected.items():
+        exposed = re.findall(r"^EXPOSE\s+(.+)$", (REPO / "deploy" / name / "Dockerfile").read_text(), re.MULTILINE)
+        assert [port for line in exposed for port in line.split()] == ports, name
+
+
 def test_no_compiler_in_the_images_and_gssapi_compiled_once() -> None:
     """The kdc image has two stages like the gateway's: gcc and headers stay in the build stage, which is the
     same, line for line, in both Dockerfiles (the engine's cache then compiles python-gssapi once)."""
@@ -261,6 +388,22 @@ def test_builds_install_the_pinned_versions_of_the_declared_dependencies() -> No
     pinned = {name.lower().replace("_", "-") for name in pins}
     assert declared <= pinned
     assert "-c constraints.txt" in (REPO / "Makefile").read_text()  # `make setup` installs the same versions
+
+
+def test_the_base_image_keeps_no_apt_cache_and_each_image_cleans_its_own() -> None:
+    """base-image.sh writes apt's no-cache settings into the image (not as --aptopt: mmdebstrap's own apt then
+    lost the packages it had downloaded); every final stage that installs packages runs `apt-get clean`, for a
+    base image without them (test_compose.py looks into the built images)."""
+    script = (REPO / "deploy" / "base-image.sh").read_text()
+    settings = ('APT::Keep-Downloaded-Packages "false";', 'Dir::Cache::pkgcache "";', 'Dir::Cache::srcpkgcache "";')
+    for setting in settings:
+        assert f"'{setting}'" in script, setting
+    assert "--aptopt='APT::Keep" not in script
+    assert '--customize-hook="cp $work/zz-kcd-no-cache' in script
+    for name in ("gateway", "kdc", "balancer"):
+        final = _stages(REPO / "deploy" / name / "Dockerfile")[-1]
+        assert "apt-get install" in final, name
+        assert "&& apt-get clean && rm -rf /var/lib/apt/lists/*" in final, name
 
 
 def test_commands_given_work_with_compose_v1() -> None:
@@ -338,6 +481,28 @@ def test_unit_has_the_hardening_the_issue_asks_for() -> None:
     program, *args = unit["ExecStart"][0].split()
     assert Path(program).name in CONSOLE_SCRIPTS
     _check_argv(["kcd-proxy", *args])
+
+
+def test_the_files_the_example_configuration_has_the_gateway_write_are_writable_under_the_unit() -> None:
+    """`[admin] socket` and `[traces] export` at the paths config/example.toml and the docs give lie in directories
+    the unit makes the gateway's (ProtectSystem=strict left it none: the socket failed, traces were never written)."""
+    unit = _unit()
+    assert unit["ProtectSystem"] == ["strict"]
+    writable = [Path("/run", name) for name in unit.get("RuntimeDirectory", [])]
+    writable += [Path("/var/log", name) for name in unit.get("LogsDirectory", [])]
+    writable += [Path("/var/lib", name) for name in unit.get("StateDirectory", [])]
+    texts = [(REPO / name).read_text() for name in ("config/example.toml", "docs/deploying.md", "README.md")]
+    paths = {Path(m) for text in texts for m in re.findall(r'(?:socket|export) = "(/[^"]+)"', text)}
+    assert {Path("/run/kcd-proxy/admin.sock"), Path("/var/log/kcd-proxy/traces.jsonl")} <= paths
+    for path in paths:
+        assert any(path.parent == directory for directory in writable), f"{path}: read-only under {UNIT.name}"
+    assert unit.get("RuntimeDirectoryMode", ["0755"]) == ["0750"]  # the socket is 0600; the group may list it
+    assert unit.get("LogsDirectoryMode", ["0755"]) == ["0750"]  # traces name users: not for every local user
+
+
+def test_unit_denies_writable_executable_memory() -> None:
+    """MemoryDenyWriteExecute=yes: test_systemd_unit.py shows the gateway serving under its kernel equivalent."""
+    assert _unit()["MemoryDenyWriteExecute"] == ["yes"]
 
 
 def test_systemd_accepts_the_unit(tmp_path: Path) -> None:

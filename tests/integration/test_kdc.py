@@ -156,3 +156,28 @@ def test_failed_start_names_the_port_and_leaves_nothing_running(tmp_path: Path) 
 
     assert realm_status(layout) == {"slapd": False, "krb5kdc": False}
     assert _lab_processes(layout) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ldapadd", "-x", "-H", "ldap://127.0.0.1:{port}/", "-D", "cn=admin,dc=lab,dc=test", "-w", "{secret}"],
+        ["kdb5_ldap_util", "-H", "ldap://127.0.0.1:{port}/", "create", "-r", "LAB.TEST", "-s", "-P", "{secret}"],
+        ["no-such-lab-tool-{port}", "-w", "{secret}"],
+    ],
+    ids=["ldapadd", "kdb5_ldap_util", "not-run"],
+)
+def test_a_failing_lab_tool_is_named_without_the_password_it_was_given(tmp_path: Path, argv: list[str]) -> None:
+    """A provisioning step that fails (ldapadd -w, kdb5_ldap_util -P; a tool that does not run) raises RealmError
+    naming the command, with `-w`'s and `-P`'s value left out: the message reaches `lab serve kdc`'s stderr, the
+    container's log (it quoted the LDAP root and KDC master passwords)."""
+    from proxy.lab import kdc
+
+    password = f"s3cret-{uuid.uuid4().hex[:8]}"
+    layout = LabLayout(root=tmp_path, ldap_port=free_port(), kdc_port=free_port())
+    command = [arg.format(port=layout.ldap_port, secret=password) for arg in argv]
+    with pytest.raises(RealmError) as e:
+        kdc._run(command, layout)
+    assert command[0] in str(e.value)
+    assert password not in str(e.value)
+    assert "-w ***" in str(e.value) or "-P ***" in str(e.value)

@@ -1,4 +1,5 @@
 """deploy/k8s/: the Kubernetes manifests validate against the API's schemas, and agree with the gateway and image.
+The Secrets' shapes are in deploy/k8s/secrets/, out of what `kubectl apply -f deploy/k8s/` applies.
 
 The schemas come with the PyPI package kubernetes-validate (no cluster, no network): every document is
 checked strictly (an unknown field is an error) against the oldest Kubernetes release still supported
@@ -28,7 +29,7 @@ VERSIONS = ("1.31.0", kubernetes_validate.utils.latest_version())
 
 def _documents() -> list[dict[str, Any]]:
     docs = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(K8S.glob("*.yaml")) + sorted(K8S.glob("*/*.yaml")):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
@@ -51,9 +52,11 @@ def _gateway_config(tmp_path: Path) -> tuple[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_manifest_validates_strictly(version: str) -> None:
-    """Deployment, Service, PodDisruptionBudget, ConfigMap and Secrets pass the API schema, unknown fields refused."""
+    """Deployment, Service, PodDisruptionBudget, NetworkPolicy, ConfigMap and Secrets pass the API schema, unknown
+    fields refused."""
     docs = _documents()
-    assert {d["kind"] for d in docs} == {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap", "Secret"}
+    kinds = {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap", "Secret"}
+    assert {d["kind"] for d in docs} == kinds
     for doc in docs:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -120,3 +123,24 @@ def test_pods_run_as_the_images_user_without_privileges() -> None:
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
+
+
+def test_applying_the_directory_never_overwrites_the_secrets() -> None:
+    """`kubectl apply -f deploy/k8s/` (not recursive) carries no Secret: the shapes shown with empty values replaced
+    the keytab and TLS key an operator had made with `kubectl create secret` by empty ones (apply patches `data`)."""
+    applied = [d for path in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    assert [d["metadata"]["name"] for d in applied if d["kind"] == "Secret"] == []
+    shapes = [d for d in _documents() if d["kind"] == "Secret"]
+    assert {d["metadata"]["name"] for d in shapes} == {"kcd-proxy-keytab", "kcd-proxy-tls"}
+
+
+def test_a_network_policy_lets_in_the_device_port_alone() -> None:
+    """The pods take connections on the https port only: the admin listener (loopback here, but a `bind` moved to
+    0.0.0.0 for a scraper) and anything else a pod opens stay unreachable from the cluster."""
+    policy = _one("NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == _one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert "from" not in rule  # devices come from anywhere
+    assert rule["ports"] == [{"protocol": "TCP", "port": _container()["ports"][0]["name"]}]
