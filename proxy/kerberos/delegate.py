@@ -83,6 +83,7 @@ from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
 from proxy.kerberos.kdcs import KdcWatch, watch_for
+from proxy.kerberos.keytab import missing_key
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
@@ -399,7 +400,9 @@ class Delegator:
         try:
             service = self._service_credentials()  # the AS exchange with the keytab, when none is held
         except gssapi.raw.GSSError as e:
-            raise explain(e.gen_message(), user=user.principal, spn=spn, proxy=proxy, step="service") from None
+            keytab = missing_key(self._settings.keytab, proxy)  # what the file holds, if not the gateway's key
+            message = e.gen_message()
+            raise explain(message, user=user.principal, spn=spn, proxy=proxy, step="service", keytab=keytab) from None
         start = time.perf_counter()
         try:
             creds = service.impersonate(name, usage="initiate", mechs=_MECHS)  # S4U2Self

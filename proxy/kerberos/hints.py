@@ -183,6 +183,7 @@ def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
 
 
 _POLICY = "kdc policy rejects request"
+_NO_KEY = "no key table entry found"
 _SERVER_NOT_FOUND = "server not found in kerberos database"
 _CLIENT_NOT_FOUND = "not found in kerberos database"
 _NO_KDC_FOR_REALM = "cannot find kdc"
@@ -218,15 +219,17 @@ def explain(
     proxy: str,
     step: str | None = None,
     evidence_forwardable: bool | None = None,
+    keytab: tuple[str, str] | None = None,
 ) -> GatewayError:
     """Turn a GSSAPI failure message into the gateway error that says what happened and what to fix.
 
     `step` ("service", "s4u2self" or "s4u2proxy") and `evidence_forwardable`, when the caller knows them,
-    narrow an ambiguous refusal down to its one cause."""
+    narrow an ambiguous refusal down to its one cause; `keytab`, (what is wrong, the fix) from
+    `proxy.kerberos.keytab.missing_key`, says what the keytab holds when MIT found no key in it."""
     lowered = _unnamed(message.lower())
     fill = {"user": user, "spn": spn, "proxy": proxy, "realm": user.rpartition("@")[2], "account": _account(proxy)}
     if step == "service":
-        return _service_error(message, fill)
+        return _service_error(message, fill, keytab)
     if step == "s4u2self" and _POLICY in lowered:
         hint = f"{_SELF_POLICY_HINT.format(**fill)} [{message}]"
         return KerberosRefused(_SELF_POLICY_REASON.format(**fill), hint=hint)
@@ -272,12 +275,16 @@ def _realm(principal: str) -> str:
     return principal.rpartition("@")[2].upper()
 
 
-def _service_error(message: str, fill: dict[str, str]) -> GatewayError:
+def _service_error(message: str, fill: dict[str, str], keytab: tuple[str, str] | None = None) -> GatewayError:
     """A failure of the gateway's own AS exchange: the operator's to fix (502), or the KDC is away (503). The rules'
     hints speak of the account the exchange was for, the gateway's (a "revoked" here is the gateway's account
-    disabled or locked out, never the user's)."""
+    disabled or locked out, never the user's); no key in the keytab is told with what it holds (`keytab`)."""
     lowered = _unnamed(message.lower())
     fill = {**fill, "user": fill["proxy"]}
+    if keytab is not None and _NO_KEY in lowered:
+        what, fix = keytab
+        hint = _SERVICE_HINT.format(hint=f"{what}: {fix}", **fill)
+        return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
     if _CLIENT_NOT_FOUND in lowered:
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_SERVICE_NOT_FOUND_HINT.format(**fill)} [{message}]")
     for rule in _RULES:

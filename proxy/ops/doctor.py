@@ -6,7 +6,9 @@ backends:
 1. `kdc`: an AS exchange with the keytab and a ticket to the gateway itself (`proxy.kerberos.probe`):
    the KDC answers and accepts the keytab's key.
 2. `keytab`: the key version the KDC used for that ticket (read from its clear-text header) is one the
-   keytab holds; a password or key reset on the account makes it stale.
+   keytab holds; a password or key reset on the account makes it stale. When `kdc` failed, the file alone: a
+   keytab without the principal's key fails, naming the principals it holds (another account's keytab, or the
+   principal spelt in another case).
 3. `clock`: the ticket's authentication time is the KDC's clock; ours must be within `MAX_SKEW` of it
    (Kerberos refuses at 5 minutes, and backends check authenticators against their own clocks).
 4. `s4u2self`: S4U2Self for a canary user gives an evidence ticket, and it is forwardable. The canary is
@@ -54,7 +56,7 @@ from proxy.errors import AccountMismatch, GatewayError
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.kerberos.account import kdc_account
 from proxy.kerberos.hints import not_forwardable
-from proxy.kerberos.keytab import kvnos, read_keytab
+from proxy.kerberos.keytab import kvnos, missing_key, read_keytab
 from proxy.kerberos.pac import PacFacts
 
 if TYPE_CHECKING:
@@ -350,7 +352,11 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped:
         except GatewayError as e:
             yield Check("clock", "fail", f"cannot read the KDC's time: {e.reason}", e.hint)
     else:
-        yield Check("keytab", "skip", "needs a ticket from the KDC (see kdc)")
+        missing = missing_key(settings.keytab, settings.principal)  # the file alone says that much
+        if missing is None:
+            yield Check("keytab", "skip", "needs a ticket from the KDC (see kdc)")
+        else:
+            yield Check("keytab", "fail", *missing)
         yield Check("clock", "skip", "needs a ticket from the KDC (see kdc)")
 
     routes = [r for r in config.routes if r.backend_auth == "negotiate"]  # "basic" routes need no delegation

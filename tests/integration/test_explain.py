@@ -119,6 +119,16 @@ def test_a_kdc_refusal_comes_with_the_fix(lab: LabLayout, config: Path) -> None:
     assert "add HTTP/other.lab.test to the delegation list of HTTP/proxy.lab.test@LAB.TEST" in answer["fix"]
 
 
+def test_a_keytab_of_another_account_is_named_in_the_fix(lab: LabLayout, tmp_path: Path) -> None:
+    """kerberos.keytab pointing at the backend's keytab: the Kerberos stage's fix names the principal the file holds
+    keys for (it said "the keytab holds no key ...: export it again", leaving the learner to guess why)."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(lab_config(lab, port=free_port()).replace(str(lab.proxy_keytab), str(lab.backend_keytab)))
+    code, answer = _json(path, _user(lab, "alice"), "--kdc")
+    assert (code, answer["accepted"], answer["stage"]) == (1, False, "kerberos")
+    assert "holds keys for HTTP/cas.lab.test@LAB.TEST only, none for HTTP/proxy.lab.test@LAB.TEST" in answer["fix"]
+
+
 def test_a_ghost_user_passes_until_the_kdc_is_asked(lab: LabLayout, config: Path) -> None:
     """Without --kdc the Kerberos stage is not run, so a user unknown to the KDC is accepted so far."""
     code, answer = _json(config, _user(lab, "ghost"))
