@@ -160,11 +160,11 @@ _BADOPTION = "can't fulfill requested option"
 _NOT_FORWARDABLE_REASON = "the gateway may not act for {user}: its evidence ticket is not forwardable"
 _NOT_FORWARDABLE_HINT = (
     "evidence ticket not forwardable: the service account {proxy} lacks protocol transition, or {user} is "
-    "marked sensitive; give {proxy} protocol transition (+ok_to_auth_as_delegate on MIT, 'use any "
-    "authentication protocol' / TrustedToAuthForDelegation in AD: Set-ADAccountControl {account} "
+    "marked sensitive; give {proxy} protocol transition (MIT: kadmin.local -q 'modprinc +ok_to_auth_as_delegate "
+    "{proxy}'; 'use any authentication protocol' / TrustedToAuthForDelegation in AD: Set-ADAccountControl {account} "
     "-TrustedToAuthForDelegation $true, or samba-tool delegation for-any-protocol {account} on), and clear "
     "'account is sensitive and cannot be delegated' on {user} (AD: Set-ADAccountControl <user> -AccountNotDelegated "
-    "$false; MIT: +allow_forwardable), or take it out of Protected Users"
+    "$false; MIT: kadmin.local -q 'modprinc +allow_forwardable {user}'), or take it out of Protected Users"
 )
 _NOT_DELEGABLE_HINT = (
     "{spn} is not in the delegation list of {proxy} (the evidence ticket was forwardable, so protocol "

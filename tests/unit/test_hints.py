@@ -83,6 +83,15 @@ def test_badoption_after_a_not_forwardable_evidence_ticket_names_protocol_transi
     assert "delegation list" not in err.hint
 
 
+def test_the_not_forwardable_fix_gives_mits_commands_as_it_gives_ads() -> None:
+    """On the MIT lab the fix named bare flags (`+ok_to_auth_as_delegate`, `+allow_forwardable`) where AD got commands:
+    a learner gets the kadmin command for each, for the gateway's principal and for the user."""
+    err = _explain(BADOPTION, step="s4u2proxy", evidence_forwardable=False)
+    assert err.hint is not None
+    assert "kadmin.local -q 'modprinc +ok_to_auth_as_delegate HTTP/proxy.lab.test@LAB.TEST'" in err.hint
+    assert "kadmin.local -q 'modprinc +allow_forwardable eve@LAB.TEST'" in err.hint
+
+
 def test_badoption_after_a_forwardable_evidence_ticket_names_the_delegation_list_only() -> None:
     """S4U2Proxy refused although the evidence ticket was forwardable: the SPN is not allowed."""
     err = _explain(BADOPTION, step="s4u2proxy", evidence_forwardable=True)
