@@ -205,7 +205,11 @@ async def _kerberos(out: Explanation, gw: Gateway, user: UserPrincipal, route: R
             "kerberos",
             True,
             f"S4U2Self: the KDC issued {proxy} an evidence ticket for {facts.client} (forwardable)",
-            [f"authenticated at {format_time(facts.authtime)}, ticket flags 0x{facts.flags:08x}"],
+            [
+                f"authtime {format_time(facts.authtime)}, the gateway's own TGT's: {facts.client} did not authenticate "
+                "(protocol transition), the KDC copies the time from the TGT S4U2Self was asked with",
+                f"ticket flags 0x{facts.flags:08x}",
+            ],
         )
     )
     delegated = await gw.delegator.delegate(user, route.spn, route.gss_target)

@@ -76,6 +76,28 @@ def test_with_the_kdc_the_real_s4u2self_and_s4u2proxy_are_reported(lab: LabLayou
     assert kerberos[1] == "S4U2Proxy: the KDC issued a service ticket for bob@LAB.TEST to HTTP/cas.lab.test"
 
 
+def test_the_evidence_tickets_authtime_is_named_as_the_gateways_tgts(lab: LabLayout, config: Path) -> None:
+    """S4U2Self's ticket carries the authtime of the TGT it was asked with (the gateway's own, from its AS exchange in
+    the KDC's log), not a time the user authenticated (protocol transition: the user never did); explain said
+    "authenticated at", now it says whose time it is, and the time is the one the KDC logged for that AS exchange."""
+    offset = lab.kdc_log.stat().st_size
+    code, answer = _json(config, _user(lab, "bob"), "--kdc")
+    assert code == 0
+    with lab.kdc_log.open("rb") as log:
+        log.seek(offset)
+        written = log.read().decode()
+    issued = [
+        int(line.split("authtime ")[1].split(",")[0])
+        for line in written.splitlines()
+        if "AS_REQ" in line and "HTTP/proxy.lab.test@LAB.TEST for krbtgt/LAB.TEST@LAB.TEST" in line
+    ]
+    assert issued, written
+    when = datetime.fromtimestamp(issued[-1], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (details,) = [s["details"] for s in answer["steps"] if s["summary"].startswith("S4U2Self")]
+    assert details[0].startswith(f"authtime {when}, the gateway's own TGT's: bob@LAB.TEST did not authenticate")
+    assert "authenticated at" not in details[0]
+
+
 @pytest.mark.parametrize(
     ("user", "args", "stage", "reason"),
     [
