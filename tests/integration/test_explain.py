@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki, UserSpec, issue_user, write_pem
 from proxy.ops.explain import Explanation, explain, load_leaf
 from tests.integration.conftest import REPO, free_port, lab_config
+from tests.integration.test_ticket_cache import _certificate_for, _kadmin
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,28 @@ def test_the_evidence_tickets_authtime_is_named_as_the_gateways_tgts(lab: LabLay
     (details,) = [s["details"] for s in answer["steps"] if s["summary"].startswith("S4U2Self")]
     assert details[0].startswith(f"authtime {when}, the gateway's own TGT's: bob@LAB.TEST did not authenticate")
     assert "authenticated at" not in details[0]
+
+
+def test_a_non_forwardable_evidence_ticket_is_left_to_the_kdc_as_the_gateway_leaves_it(
+    lab: LabLayout, config: Path, tmp_path: Path
+) -> None:
+    """A user marked sensitive (MIT: -allow_forwardable): the gateway asks S4U2Proxy anyway and the KDC refuses it
+    (krb5kdc.log: EVIDENCE_TKT_NOT_FORWARDABLE), as it must, since Windows grants it under resource-based delegation.
+    explain refused at the non-forwardable evidence ticket without asking: now it asks, and the refusal is the KDC's,
+    with the same reason and the not-forwardable fix."""
+    name = f"xs{uuid.uuid4().hex[:8]}"
+    _kadmin(lab, f"addprinc -randkey -allow_forwardable {name}")
+    cert, _ = _certificate_for(lab, name, tmp_path)
+    offset = lab.kdc_log.stat().st_size
+    code, answer = _json(config, cert, "--kdc")
+    with lab.kdc_log.open("rb") as log:
+        log.seek(offset)
+        written = log.read().decode()
+    assert (code, answer["accepted"], answer["stage"]) == (1, False, "kerberos")
+    assert answer["reason"] == f"the gateway may not act for {name}@LAB.TEST: its evidence ticket is not forwardable"
+    assert answer["fix"].startswith("evidence ticket not forwardable")
+    assert "EVIDENCE_TKT_NOT_FORWARDABLE" in written, written
+    assert "HTTP/proxy.lab.test@LAB.TEST for HTTP/cas.lab.test@LAB.TEST" in written
 
 
 @pytest.mark.parametrize(
