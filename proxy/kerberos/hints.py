@@ -184,6 +184,14 @@ def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
 
 _POLICY = "kdc policy rejects request"
 _NO_KEY = "no key table entry found"
+_INTEGRITY = "integrity check failed"
+_AS_INTEGRITY_HINT = (
+    "the KDC answered the gateway's own AS exchange (kerberos.keytab), but its answer did not decrypt with the "
+    "keytab's key for {proxy} (KRB_AP_ERR_BAD_INTEGRITY): "
+    "the keytab holds a key the account no longer has (its password or keys changed since the export, even at the "
+    "same key version) or another account's; export it again (kadmin ktadd, samba-tool domain exportkeytab, ktpass, "
+    "msktutil --update)"
+)
 _SERVER_NOT_FOUND = "server not found in kerberos database"
 _CLIENT_NOT_FOUND = "not found in kerberos database"
 _NO_KDC_FOR_REALM = "cannot find kdc"
@@ -285,6 +293,8 @@ def _service_error(message: str, fill: dict[str, str], keytab: tuple[str, str] |
         what, fix = keytab
         hint = _SERVICE_HINT.format(hint=f"{what}: {fix}", **fill)
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
+    if _INTEGRITY in lowered:  # no ticket here: the AS reply is encrypted with the account's own key
+        return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_AS_INTEGRITY_HINT.format(**fill)} [{message}]")
     if _CLIENT_NOT_FOUND in lowered:
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_SERVICE_NOT_FOUND_HINT.format(**fill)} [{message}]")
     for rule in _RULES:

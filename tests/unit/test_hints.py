@@ -207,6 +207,19 @@ def test_gateways_own_principal_unknown_is_misconfiguration_naming_the_account()
     assert "UPN" in error.hint
 
 
+def test_an_as_reply_the_keytab_cannot_decrypt_is_named_as_such_not_as_a_ticket() -> None:
+    """'Decrypt integrity check failed' in the gateway's own AS exchange (a keytab whose key is not the account's:
+    seen on the MIT lab with a keytab of the right name and version and another key) is the KDC's reply failing to
+    decrypt with the keytab's key; the fix said "a ticket did not decrypt with the key it names"."""
+    error = explain("Decrypt integrity check failed", user="alice@LAB.TEST", spn=_SPN, proxy=_PROXY, step="service")
+    assert isinstance(error, KerberosMisconfigured)
+    assert error.hint is not None
+    assert "a ticket did not decrypt" not in error.hint
+    assert f"its answer did not decrypt with the keytab's key for {_PROXY}" in error.hint
+    assert "the KDC refused" not in error.hint
+    assert "export it again" in error.hint
+
+
 def test_gateways_own_credentials_without_a_kdc_is_still_unavailable() -> None:
     """No KDC for the gateway's own AS exchange stays a 503 with Retry-After."""
     error = explain(
