@@ -79,7 +79,8 @@ _RULES = (
         KerberosMisconfigured,
         "the gateway's Kerberos set-up for {spn} is incomplete",
         "the KDC does not know {spn} (or {proxy}): register the SPN on the backend's account (AD: setspn -S {spn} "
-        "DOMAIN\\<account>; Samba: samba-tool spn add {spn} <account>), or fix routes[].spn to one the account has "
+        "DOMAIN\\<account>; Samba: samba-tool spn add {spn} <account>; MIT: kadmin.local -q 'addprinc -randkey {spn}', "
+        "then ktadd its key into the backend's keytab), or fix routes[].spn to one the account has "
         "(setspn -Q */<host>* lists them): AD compares SPNs without regard to case, but a short host name, another "
         "service class or a port (:443) is another SPN; an SPN registered on two accounts fails this way too on "
         "Windows (KDC event 11; setspn -X lists duplicates)",

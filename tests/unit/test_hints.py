@@ -188,6 +188,20 @@ def test_mits_server_not_found_naming_the_spn_is_the_spn_misconfiguration() -> N
     assert isinstance(named_client, KerberosRefused)
 
 
+def test_an_spn_the_kdc_lacks_gets_mits_command_too() -> None:
+    """The unknown-SPN fix gave AD's and Samba's commands only; on the MIT lab (doctor with a route to an SPN no
+    principal has) a learner gets kadmin's as well."""
+    error = explain(
+        "Server HTTP/nothere.lab.test@LAB.TEST not found in Kerberos database",
+        user="alice@LAB.TEST",
+        step="s4u2proxy",
+        spn="HTTP/nothere.lab.test",
+        proxy=_PROXY,
+    )
+    assert error.hint is not None
+    assert "MIT: kadmin.local -q 'addprinc -randkey HTTP/nothere.lab.test'" in error.hint
+
+
 def test_gateways_own_principal_unknown_is_misconfiguration_naming_the_account() -> None:
     """'Client not found' for the gateway's own AS exchange is a 502 telling the operator to use the account's name
     (AD gives no TGT to a bare SPN), not the user's 'no Kerberos account matches'."""
