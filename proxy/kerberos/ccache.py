@@ -136,6 +136,7 @@ class S4UFacts:
     failed_step: str | None = None  # "s4u2self" or "s4u2proxy" when the KDC (or the library) said no
     unavailable: str | None = None  # why the ticket facts could not be read, when they could not
     evidence_pac: PacFacts | None = None  # the evidence ticket's PAC, read with the gateway's own key
+    gateway_tgt_ms: float | None = None  # the gateway's own AS exchange (its TGT), when this exchange needed one
 
     def ticket_json(self, which: str) -> dict[str, Any]:
         """`evidence` or `service` as trace details; says why when the facts are missing. The evidence
@@ -301,8 +302,10 @@ def s4u_facts(
     s4u2proxy_ms: float | None,
     failed_step: str | None = None,
     evidence_pac: PacFacts | None = None,
+    gateway_tgt_ms: float | None = None,
 ) -> S4UFacts:
-    """The facts of one exchange from its impersonated credential (`creds`; None when S4U2Self failed)."""
+    """The facts of one exchange from its impersonated credential (`creds`; None when S4U2Self failed);
+    `gateway_tgt_ms`, when the exchange began with the gateway's own AS exchange, how long that took."""
     evidence = service = None
     unavailable = None
     if creds is not None:
@@ -313,4 +316,6 @@ def s4u_facts(
         else:
             if evidence is None and service is None:
                 unavailable = "the credential shows no ticket (not an MIT MEMORY credential cache?)"
-    return S4UFacts(evidence, service, s4u2self_ms, s4u2proxy_ms, failed_step, unavailable, evidence_pac)
+    return S4UFacts(
+        evidence, service, s4u2self_ms, s4u2proxy_ms, failed_step, unavailable, evidence_pac, gateway_tgt_ms
+    )

@@ -88,6 +88,7 @@ from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
 from proxy.kerberos.kdcs import KdcWatch, watch_for
+from proxy.kerberos.keytab import missing_key
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
@@ -407,16 +408,26 @@ class Delegator:
         own credentials come first, as a step of their own: their failure is the operator's, not the user's."""
         name = user_name(user)  # the principal, or the NT-ENTERPRISE UPN with identity.enterprise_names
         proxy, spn = self._settings.principal, gss_target.replace("@", "/", 1)
+        held, before = self._service, time.perf_counter()
         try:
             service = self._service_credentials()  # the AS exchange with the keytab, when none is held
         except gssapi.raw.GSSError as e:
-            raise explain(e.gen_message(), user=user.principal, spn=spn, proxy=proxy, step="service") from None
+            keytab = missing_key(self._settings.keytab, proxy)  # what the file holds, if not the gateway's key
+            message = e.gen_message()
+            raise explain(message, user=user.principal, spn=spn, proxy=proxy, step="service", keytab=keytab) from None
         start = time.perf_counter()
+        tgt_ms = None if service is held else (start - before) * 1000  # a TGT this exchange waited for: shown
         try:
             creds = service.impersonate(name, usage="initiate", mechs=_MECHS)  # S4U2Self
         except gssapi.raw.GSSError as e:
             failed = s4u_facts(
-                None, proxy=proxy, spn=spn, s4u2self_ms=_ms(start), s4u2proxy_ms=None, failed_step="s4u2self"
+                None,
+                proxy=proxy,
+                spn=spn,
+                s4u2self_ms=_ms(start),
+                s4u2proxy_ms=None,
+                failed_step="s4u2self",
+                gateway_tgt_ms=tgt_ms,
             )
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
@@ -438,11 +449,15 @@ class Delegator:
                 s4u2proxy_ms=None,
                 failed_step="s4u2proxy",
                 evidence_pac=pac,
+                gateway_tgt_ms=tgt_ms,
             )
             raise _StepFailed(e, failed) from None
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
         took = (middle - start) * 1000
-        got = s4u_facts(creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=_ms(after_pac), evidence_pac=pac)
+        after = _ms(after_pac)
+        got = s4u_facts(
+            creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=after, evidence_pac=pac, gateway_tgt_ms=tgt_ms
+        )
         now = self._clock()
         return _Ticket(
             creds,

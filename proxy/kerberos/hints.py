@@ -79,7 +79,8 @@ _RULES = (
         KerberosMisconfigured,
         "the gateway's Kerberos set-up for {spn} is incomplete",
         "the KDC does not know {spn} (or {proxy}): register the SPN on the backend's account (AD: setspn -S {spn} "
-        "DOMAIN\\<account>; Samba: samba-tool spn add {spn} <account>), or fix routes[].spn to one the account has "
+        "DOMAIN\\<account>; Samba: samba-tool spn add {spn} <account>; MIT: kadmin.local -q 'addprinc -randkey {spn}', "
+        "then ktadd its key into the backend's keytab), or fix routes[].spn to one the account has "
         "(setspn -Q */<host>* lists them): AD compares SPNs without regard to case, but a short host name, another "
         "service class or a port (:443) is another SPN; an SPN registered on two accounts fails this way too on "
         "Windows (KDC event 11; setspn -X lists duplicates)",
@@ -160,11 +161,11 @@ _BADOPTION = "can't fulfill requested option"
 _NOT_FORWARDABLE_REASON = "the gateway may not act for {user}: its evidence ticket is not forwardable"
 _NOT_FORWARDABLE_HINT = (
     "evidence ticket not forwardable: the service account {proxy} lacks protocol transition, or {user} is "
-    "marked sensitive; give {proxy} protocol transition (+ok_to_auth_as_delegate on MIT, 'use any "
-    "authentication protocol' / TrustedToAuthForDelegation in AD: Set-ADAccountControl {account} "
+    "marked sensitive; give {proxy} protocol transition (MIT: kadmin.local -q 'modprinc +ok_to_auth_as_delegate "
+    "{proxy}'; 'use any authentication protocol' / TrustedToAuthForDelegation in AD: Set-ADAccountControl {account} "
     "-TrustedToAuthForDelegation $true, or samba-tool delegation for-any-protocol {account} on), and clear "
     "'account is sensitive and cannot be delegated' on {user} (AD: Set-ADAccountControl <user> -AccountNotDelegated "
-    "$false; MIT: +allow_forwardable), or take it out of Protected Users"
+    "$false; MIT: kadmin.local -q 'modprinc +allow_forwardable {user}'), or take it out of Protected Users"
 )
 _NOT_DELEGABLE_HINT = (
     "{spn} is not in the delegation list of {proxy} (the evidence ticket was forwardable, so protocol "
@@ -183,6 +184,15 @@ def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
 
 
 _POLICY = "kdc policy rejects request"
+_NO_KEY = "no key table entry found"
+_INTEGRITY = "integrity check failed"
+_AS_INTEGRITY_HINT = (
+    "the KDC answered the gateway's own AS exchange (kerberos.keytab), but its answer did not decrypt with the "
+    "keytab's key for {proxy} (KRB_AP_ERR_BAD_INTEGRITY): "
+    "the keytab holds a key the account no longer has (its password or keys changed since the export, even at the "
+    "same key version) or another account's; export it again (kadmin ktadd, samba-tool domain exportkeytab, ktpass, "
+    "msktutil --update)"
+)
 _SERVER_NOT_FOUND = "server not found in kerberos database"
 _CLIENT_NOT_FOUND = "not found in kerberos database"
 _NO_KDC_FOR_REALM = "cannot find kdc"
@@ -218,15 +228,17 @@ def explain(
     proxy: str,
     step: str | None = None,
     evidence_forwardable: bool | None = None,
+    keytab: tuple[str, str] | None = None,
 ) -> GatewayError:
     """Turn a GSSAPI failure message into the gateway error that says what happened and what to fix.
 
     `step` ("service", "s4u2self" or "s4u2proxy") and `evidence_forwardable`, when the caller knows them,
-    narrow an ambiguous refusal down to its one cause."""
+    narrow an ambiguous refusal down to its one cause; `keytab`, (what is wrong, the fix) from
+    `proxy.kerberos.keytab.missing_key`, says what the keytab holds when MIT found no key in it."""
     lowered = _unnamed(message.lower())
     fill = {"user": user, "spn": spn, "proxy": proxy, "realm": user.rpartition("@")[2], "account": _account(proxy)}
     if step == "service":
-        return _service_error(message, fill)
+        return _service_error(message, fill, keytab)
     if step == "s4u2self" and _POLICY in lowered:
         hint = f"{_SELF_POLICY_HINT.format(**fill)} [{message}]"
         return KerberosRefused(_SELF_POLICY_REASON.format(**fill), hint=hint)
@@ -272,12 +284,18 @@ def _realm(principal: str) -> str:
     return principal.rpartition("@")[2].upper()
 
 
-def _service_error(message: str, fill: dict[str, str]) -> GatewayError:
+def _service_error(message: str, fill: dict[str, str], keytab: tuple[str, str] | None = None) -> GatewayError:
     """A failure of the gateway's own AS exchange: the operator's to fix (502), or the KDC is away (503). The rules'
     hints speak of the account the exchange was for, the gateway's (a "revoked" here is the gateway's account
-    disabled or locked out, never the user's)."""
+    disabled or locked out, never the user's); no key in the keytab is told with what it holds (`keytab`)."""
     lowered = _unnamed(message.lower())
     fill = {**fill, "user": fill["proxy"]}
+    if keytab is not None and _NO_KEY in lowered:
+        what, fix = keytab
+        hint = _SERVICE_HINT.format(hint=f"{what}: {fix}", **fill)
+        return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
+    if _INTEGRITY in lowered:  # no ticket here: the AS reply is encrypted with the account's own key
+        return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_AS_INTEGRITY_HINT.format(**fill)} [{message}]")
     if _CLIENT_NOT_FOUND in lowered:
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_SERVICE_NOT_FOUND_HINT.format(**fill)} [{message}]")
     for rule in _RULES:

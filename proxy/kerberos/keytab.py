@@ -8,8 +8,10 @@ components as 16-bit-length-prefixed strings, name type), a timestamp, an 8-bit 
 version that supersedes the 8-bit one (key versions above 255).
 
 `check-config` uses this to say whether the keytab holds the gateway's principal and `doctor` to compare
-its key version with the KDC's. Pure: bytes in, entries out; the key bytes are kept out of `repr` and are
-never printed.
+its key version with the KDC's; `missing_key` says, when MIT found no key for the principal, what the file holds
+instead (another account's keytab, or the principal spelt in another case), for `doctor`, `explain` and the log.
+Pure but for `read_keytab` and `missing_key`, which read the file: bytes in, entries out; the key bytes are kept out of
+`repr` and are never printed.
 """
 
 from __future__ import annotations
@@ -115,3 +117,42 @@ def read_keytab(path: Path) -> list[KeytabEntry]:
 def kvnos(entries: list[KeytabEntry], principal: str) -> set[int]:
     """The key versions the keytab holds for `principal` (case-sensitive, as Kerberos compares names)."""
     return {e.kvno for e in entries if e.principal == principal}
+
+
+def missing_key(path: Path, principal: str) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when the keytab at `path` holds no key for `principal`; None when it holds one or
+    cannot be read (the caller's message says that). MIT's "No key table entry found" alone does not say whether the
+    file is another account's keytab or the principal is spelt otherwise: the names it holds do."""
+    try:
+        held = sorted({e.principal for e in read_keytab(path)})
+    except (OSError, ValueError):
+        return None
+    if principal in held:
+        return None
+    if not held:
+        return f"{path} holds no keys at all", f"export {principal}'s key into it (kadmin ktadd, ktpass, msktutil)"
+    what = f"{path} holds keys for {', '.join(held)} only, none for {principal}"
+    same = [p for p in held if p.lower() == principal.lower()]
+    if same:
+        return what, (
+            f"Kerberos compares names with their case, and the keytab spells it {same[0]}: "
+            f'set kerberos.principal = "{same[0]}"'
+        )
+    return what, (
+        "it is another account's keytab (kerberos.keytab names the wrong file), or kerberos.principal is not the name "
+        f"it was exported for: point kerberos.keytab at {principal}'s keytab, or export {principal}'s key into this "
+        "one (kadmin ktadd, ktpass, msktutil)" + account_advice(principal, held)
+    )
+
+
+def account_advice(principal: str, held: list[str]) -> str:
+    """When the principal is an SPN and the keytab holds an account's name (what Active Directory's tools export),
+    say so: AD gives a ticket to an account's name or UPN, never to a bare SPN."""
+    realm = principal.rpartition("@")[2]
+    accounts = [p for p in held if "/" not in p.rpartition("@")[0] and p.rpartition("@")[2] == realm]
+    if "/" not in principal.rpartition("@")[0] or not accounts:
+        return ""
+    return (
+        f"; or, in Active Directory, set kerberos.principal to the service account's name ({accounts[0]}): "
+        f"AD issues no ticket to the bare SPN {principal} unless it is also the account's UPN"
+    )

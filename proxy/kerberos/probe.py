@@ -33,6 +33,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.ccache import read_tickets
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
+from proxy.kerberos.keytab import missing_key
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import use_profile
@@ -74,7 +75,9 @@ class KerberosProbe:
         return self._creds
 
     def _fail(self, error: gssapi.raw.GSSError, user: str, spn: str, step: str | None = None) -> GatewayError:
-        return explain(error.gen_message(), user=user, spn=spn, proxy=self.settings.principal, step=step)
+        principal = self.settings.principal
+        keytab = missing_key(self.settings.keytab, principal) if step == "service" else None
+        return explain(error.gen_message(), user=user, spn=spn, proxy=principal, step=step, keytab=keytab)
 
     def self_ticket(self) -> bytes:
         """AS exchange with the keytab, then a ticket to ourselves: the raw krb5 AP-REQ token."""

@@ -359,8 +359,21 @@ def _s4u(name: str, stage: dict[str, Any], record: dict[str, Any]) -> list[Messa
     else:
         answer, answer_sub = what, str(stage.get("facts") or stage.get("note") or "")
     return [
+        *_gateway_tgt(stage),
         Message(name, "gateway", "kdc", ask, f"{sub} · {ms}", cached=cached),
         Message(name, "kdc", "gateway", answer, answer_sub, reply=True, cached=cached, refused=refused),
+    ]
+
+
+def _gateway_tgt(stage: dict[str, Any]) -> list[Message]:
+    """The gateway's own AS exchange, drawn before S4U2Self when this request's exchange made one (its time is part
+    of S4U2Self's): the KDC logs it, so the diagram shows it."""
+    if stage.get("gateway_tgt_ms") is None:
+        return []
+    gateway = _principal_name(str(stage.get("server")))
+    return [
+        Message("s4u2self", "gateway", "kdc", "AS-REQ (the gateway's own TGT, from its keytab)", f"for {gateway}"),
+        Message("s4u2self", "kdc", "gateway", "TGT", f"{stage['gateway_tgt_ms']} ms", reply=True),
     ]
 
 

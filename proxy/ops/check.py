@@ -29,7 +29,7 @@ from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates
 from proxy.certs.revocation import CrlSet, load_crls
 from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
-from proxy.kerberos.keytab import read_keytab
+from proxy.kerberos.keytab import account_advice, read_keytab
 
 
 def check(config: Config, *, at: datetime, crls: bool = True) -> list[str]:
@@ -239,21 +239,8 @@ def _keytab(config: Config) -> Iterator[tuple[str, str]]:
             "kerberos.keytab",
             f"{kerberos.keytab} holds no key for {kerberos.principal} (it holds: {holds}); "
             "export the gateway's key into it (kadmin ktadd, ktpass, msktutil)"
-            + _account_advice(kerberos.principal, held),
+            + account_advice(kerberos.principal, held),
         )
-
-
-def _account_advice(principal: str, held: list[str]) -> str:
-    """When the principal is an SPN and the keytab holds an account's name (what Active Directory's tools export),
-    say so: AD gives a ticket to an account's name or UPN, never to a bare SPN."""
-    realm = principal.rpartition("@")[2]
-    accounts = [p for p in held if "/" not in p.rpartition("@")[0] and p.rpartition("@")[2] == realm]
-    if "/" not in principal.rpartition("@")[0] or not accounts:
-        return ""
-    return (
-        f"; or, in Active Directory, set kerberos.principal to the service account's name ({accounts[0]}): "
-        f"AD issues no ticket to the bare SPN {principal} unless it is also the account's UPN"
-    )
 
 
 def _routes(config: Config) -> Iterator[tuple[str, str]]:

@@ -6,13 +6,16 @@ backends:
 1. `kdc`: an AS exchange with the keytab and a ticket to the gateway itself (`proxy.kerberos.probe`):
    the KDC answers and accepts the keytab's key.
 2. `keytab`: the key version the KDC used for that ticket (read from its clear-text header) is one the
-   keytab holds; a password or key reset on the account makes it stale.
+   keytab holds; a password or key reset on the account makes it stale. When `kdc` failed, the file alone: a
+   keytab without the principal's key fails, naming the principals it holds (another account's keytab, or the
+   principal spelt in another case).
 3. `clock`: the ticket's authentication time is the KDC's clock; ours must be within `MAX_SKEW` of it
    (Kerberos refuses at 5 minutes, and backends check authenticators against their own clocks).
-4. `s4u2self`: S4U2Self for a canary user gives an evidence ticket, and it is forwardable. The canary is
-   impersonated as the gateway would impersonate it: with `identity.mapping` "strong" or "strong-or-audit",
-   the account the directory maps its UPN to (`sAMAccountName@REALM`, the line says so), else the principal
-   built from the UPN (`realm_map`, `enterprise_names`).
+4. `s4u2self`: S4U2Self for a canary user gives an evidence ticket, and it is forwardable (or, not forwardable,
+   the KDC granted every S4U2Proxy on it all the same: Windows' resource-based delegation, `settle_evidence`).
+   The canary is impersonated as the gateway would impersonate it: with `identity.mapping` "strong" or
+   "strong-or-audit", the account the directory maps its UPN to (`sAMAccountName@REALM`, the line says so), else
+   the principal built from the UPN (`realm_map`, `enterprise_names`).
    `kdc-account`: the evidence ticket's PAC judged as a request's would be (`proxy.kerberos.account`): the
    canary's account, MIT's PAC naming nobody, or no PAC at all (refused unless `kerberos.kdc_account =
    "optional"`, which this check fails: nothing then says which account the KDC impersonated).
@@ -54,7 +57,7 @@ from proxy.errors import AccountMismatch, GatewayError
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.kerberos.account import kdc_account
 from proxy.kerberos.hints import not_forwardable
-from proxy.kerberos.keytab import kvnos, read_keytab
+from proxy.kerberos.keytab import kvnos, missing_key, read_keytab
 from proxy.kerberos.pac import PacFacts
 
 if TYPE_CHECKING:
@@ -244,7 +247,37 @@ def run(config: Config, *, user: str | None, clock: Callable[[], float] = time.t
         directory_checks, mapped = asyncio.run(_directory_checks(config, upn, clock))
     if config.identity.mapping == "upn":
         mapped = None  # the gateway impersonates the name built from the UPN; the directory is only looked at
-    return [*_checks(config, upn, clock, mapped), *directory_checks]
+    return [*settle_evidence(list(_checks(config, upn, clock, mapped))), *directory_checks]
+
+
+_NOT_FORWARDABLE = "is not forwardable: classic constrained delegation will refuse S4U2Proxy"
+
+
+def not_forwardable_check(principal: str, whose: str, proxy: str) -> Check:
+    """The `s4u2self` check for an evidence ticket without the forwardable flag, with the KDC error explainer's fix."""
+    _, fix = not_forwardable(user=principal, proxy=proxy)
+    return Check("s4u2self", "fail", f"the evidence ticket for {principal}{whose} {_NOT_FORWARDABLE}", fix)
+
+
+def settle_evidence(checks: list[Check]) -> list[Check]:
+    """A non-forwardable evidence ticket is no failure where the KDC granted every S4U2Proxy asked on it: Windows does
+    under resource-based delegation (the backend's account allows the gateway's), which needs no protocol transition
+    (MS-SFU 3.2.5.2.2). The `s4u2self` check then passes and says why; else it stays as it was."""
+    proxies = [c for c in checks if c.name.startswith("s4u2proxy ")]
+    if not proxies or any(c.status != "pass" for c in proxies):
+        return checks
+    settled = []
+    for c in checks:
+        if c.name == "s4u2self" and c.status == "fail" and _NOT_FORWARDABLE in c.detail:
+            before = c.detail.split(" is not forwardable", 1)[0]
+            c = Check(
+                c.name,
+                "pass",
+                f"{before} is not forwardable, and the KDC granted S4U2Proxy on it all the same: resource-based "
+                "delegation (the backend's account allows the gateway's), which needs no protocol transition",
+            )
+        settled.append(c)
+    return settled
 
 
 @dataclass(frozen=True)
@@ -350,7 +383,11 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped:
         except GatewayError as e:
             yield Check("clock", "fail", f"cannot read the KDC's time: {e.reason}", e.hint)
     else:
-        yield Check("keytab", "skip", "needs a ticket from the KDC (see kdc)")
+        missing = missing_key(settings.keytab, settings.principal)  # the file alone says that much
+        if missing is None:
+            yield Check("keytab", "skip", "needs a ticket from the KDC (see kdc)")
+        else:
+            yield Check("keytab", "fail", *missing)
         yield Check("clock", "skip", "needs a ticket from the KDC (see kdc)")
 
     routes = [r for r in config.routes if r.backend_auth == "negotiate"]  # "basic" routes need no delegation
@@ -378,9 +415,7 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped:
         if evidence.forwardable:
             yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal}{whose} is forwardable")
         else:
-            _, fix = not_forwardable(user=user.principal, proxy=settings.principal)  # the KDC error explainer
-            detail = f"the evidence ticket for {user.principal}{whose} is not forwardable: S4U2Proxy will be refused"
-            yield Check("s4u2self", "fail", detail, fix)
+            yield not_forwardable_check(user.principal, whose, settings.principal)
         yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings, client=evidence.client)
     delegator = Delegator(settings)
     try:

@@ -7,8 +7,9 @@ with `kdc` the Delegator's S4U2Self + S4U2Proxy for the route's SPN, so a certif
 where a request would. Around that verdict, explain shows the evidence: each certificate of the chain,
 the revocation decision and its source, the restriction rule that admitted it, the principal, the
 directory account and the rule that tied the certificate to it, the route and SPN, and (with `kdc`)
-whether the evidence ticket is forwardable (`proxy.kerberos.probe`). A refusal carries the stage, the
-reason a client would see and the administrator's fix. The validation time is a parameter (`--at`).
+whether the evidence ticket is forwardable (`proxy.kerberos.probe`; not forwardable, S4U2Proxy is still asked, as
+the gateway asks it, and the KDC refuses or, with resource-based delegation, grants it). A refusal carries the stage,
+the reason a client would see and the administrator's fix. The validation time is a parameter (`--at`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from cryptography import x509
 
 from proxy.certs.chain import VerifiedCertificate, format_time, verify_chain
 from proxy.config import Route
-from proxy.errors import BadRequest, CertificateRejected, GatewayError, KerberosRefused, NoRoute
+from proxy.errors import BadRequest, CertificateRejected, GatewayError, NoRoute
 from proxy.identity.mapping import describe as describe_mapping
 from proxy.identity.principal import UserPrincipal
-from proxy.kerberos.hints import not_forwardable
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, certificate_user
 from proxy.target import origin_form
@@ -197,15 +197,20 @@ async def _kerberos(out: Explanation, gw: Gateway, user: UserPrincipal, route: R
 
     proxy = gw.config.kerberos.principal
     facts = KerberosProbe(gw.config.kerberos).evidence_ticket(user, spn=route.spn)
-    if not facts.forwardable:
-        reason, hint = not_forwardable(user=user.principal, proxy=proxy)  # the KDC error explainer's words
-        raise KerberosRefused(reason, hint=hint)
+    # Not forwardable: S4U2Proxy is still asked, as the gateway asks it. The KDC decides: classic constrained
+    # delegation refuses it (the refusal then says why, in the KDC error explainer's words), Windows' resource-based
+    # delegation grants it (MS-SFU 3.2.5.2.2).
+    flag = "forwardable" if facts.forwardable else "NOT forwardable: S4U2Proxy is the KDC's to refuse or grant"
     out.steps.append(
         Step(
             "kerberos",
             True,
-            f"S4U2Self: the KDC issued {proxy} an evidence ticket for {facts.client} (forwardable)",
-            [f"authenticated at {format_time(facts.authtime)}, ticket flags 0x{facts.flags:08x}"],
+            f"S4U2Self: the KDC issued {proxy} an evidence ticket for {facts.client} ({flag})",
+            [
+                f"authtime {format_time(facts.authtime)}, the gateway's own TGT's: {facts.client} did not authenticate "
+                "(protocol transition), the KDC copies the time from the TGT S4U2Self was asked with",
+                f"ticket flags 0x{facts.flags:08x}",
+            ],
         )
     )
     delegated = await gw.delegator.delegate(user, route.spn, route.gss_target)

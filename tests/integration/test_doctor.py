@@ -112,6 +112,40 @@ def test_a_stale_keytab_and_a_small_header_limit_fail(lab: LabLayout, tmp_path: 
     assert "MaxFieldLength" in fix
 
 
+def test_a_keytab_of_another_account_names_what_it_holds(lab: LabLayout, tmp_path: Path) -> None:
+    """kerberos.keytab pointing at the backend's keytab (a learner's slip): the kdc check's fix says which principal
+    the file holds keys for and that it is another account's keytab, and the keytab check fails from the file alone
+    (no KDC ticket is needed to see that), where "export it again" was all it said."""
+    text = lab_config(lab, port=free_port()).replace(str(lab.proxy_keytab), str(lab.backend_keytab))
+    code, checks = _doctor(lab, tmp_path, text, "--user", "alice@lab.test")
+    assert code == 1
+    status, _, fix = checks["kdc"]
+    assert status == "fail"
+    assert "holds keys for HTTP/cas.lab.test@LAB.TEST only, none for HTTP/proxy.lab.test@LAB.TEST" in fix
+    assert "another account's keytab" in fix
+    status, detail, fix = checks["keytab"]
+    assert status == "fail"
+    assert detail == (
+        f"{lab.backend_keytab} holds keys for HTTP/cas.lab.test@LAB.TEST only, none for HTTP/proxy.lab.test@LAB.TEST"
+    )
+    assert "point kerberos.keytab at HTTP/proxy.lab.test@LAB.TEST's keytab" in fix
+
+
+def test_a_principal_spelt_in_another_case_than_the_keytabs_says_so(lab: LabLayout, tmp_path: Path) -> None:
+    """kerberos.principal `http/proxy.lab.test@LAB.TEST` beside a keytab for `HTTP/proxy.lab.test@LAB.TEST`: MIT finds
+    no key (names are compared with their case), and the fix gives the spelling the keytab has."""
+    text = lab_config(lab, port=free_port()).replace(
+        'principal = "HTTP/proxy.lab.test@LAB.TEST"', 'principal = "http/proxy.lab.test@LAB.TEST"'
+    )
+    assert 'principal = "http/proxy.lab.test@LAB.TEST"' in text
+    code, checks = _doctor(lab, tmp_path, text)
+    assert code == 1
+    status, _, fix = checks["kdc"]
+    assert status == "fail"
+    assert 'set kerberos.principal = "HTTP/proxy.lab.test@LAB.TEST"' in fix
+    assert checks["keytab"][0] == "fail"
+
+
 def test_an_unknown_canary_fails_s4u2self_and_no_canary_skips(lab: LabLayout, tmp_path: Path) -> None:
     """A canary the KDC does not know fails S4U2Self; without any canary those checks are skipped, exit 0."""
     text = lab_config(lab, port=free_port())

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki, UserSpec, issue_user, write_pem
 from proxy.ops.explain import Explanation, explain, load_leaf
 from tests.integration.conftest import REPO, free_port, lab_config
+from tests.integration.test_ticket_cache import _certificate_for, _kadmin
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,50 @@ def test_with_the_kdc_the_real_s4u2self_and_s4u2proxy_are_reported(lab: LabLayou
     assert kerberos[1] == "S4U2Proxy: the KDC issued a service ticket for bob@LAB.TEST to HTTP/cas.lab.test"
 
 
+def test_the_evidence_tickets_authtime_is_named_as_the_gateways_tgts(lab: LabLayout, config: Path) -> None:
+    """S4U2Self's ticket carries the authtime of the TGT it was asked with (the gateway's own, from its AS exchange in
+    the KDC's log), not a time the user authenticated (protocol transition: the user never did); explain said
+    "authenticated at", now it says whose time it is, and the time is the one the KDC logged for that AS exchange."""
+    offset = lab.kdc_log.stat().st_size
+    code, answer = _json(config, _user(lab, "bob"), "--kdc")
+    assert code == 0
+    with lab.kdc_log.open("rb") as log:
+        log.seek(offset)
+        written = log.read().decode()
+    issued = [
+        int(line.split("authtime ")[1].split(",")[0])
+        for line in written.splitlines()
+        if "AS_REQ" in line and "HTTP/proxy.lab.test@LAB.TEST for krbtgt/LAB.TEST@LAB.TEST" in line
+    ]
+    assert issued, written
+    when = datetime.fromtimestamp(issued[-1], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (details,) = [s["details"] for s in answer["steps"] if s["summary"].startswith("S4U2Self")]
+    assert details[0].startswith(f"authtime {when}, the gateway's own TGT's: bob@LAB.TEST did not authenticate")
+    assert "authenticated at" not in details[0]
+
+
+def test_a_non_forwardable_evidence_ticket_is_left_to_the_kdc_as_the_gateway_leaves_it(
+    lab: LabLayout, config: Path, tmp_path: Path
+) -> None:
+    """A user marked sensitive (MIT: -allow_forwardable): the gateway asks S4U2Proxy anyway and the KDC refuses it
+    (krb5kdc.log: EVIDENCE_TKT_NOT_FORWARDABLE), as it must, since Windows grants it under resource-based delegation.
+    explain refused at the non-forwardable evidence ticket without asking: now it asks, and the refusal is the KDC's,
+    with the same reason and the not-forwardable fix."""
+    name = f"xs{uuid.uuid4().hex[:8]}"
+    _kadmin(lab, f"addprinc -randkey -allow_forwardable {name}")
+    cert, _ = _certificate_for(lab, name, tmp_path)
+    offset = lab.kdc_log.stat().st_size
+    code, answer = _json(config, cert, "--kdc")
+    with lab.kdc_log.open("rb") as log:
+        log.seek(offset)
+        written = log.read().decode()
+    assert (code, answer["accepted"], answer["stage"]) == (1, False, "kerberos")
+    assert answer["reason"] == f"the gateway may not act for {name}@LAB.TEST: its evidence ticket is not forwardable"
+    assert answer["fix"].startswith("evidence ticket not forwardable")
+    assert "EVIDENCE_TKT_NOT_FORWARDABLE" in written, written
+    assert "HTTP/proxy.lab.test@LAB.TEST for HTTP/cas.lab.test@LAB.TEST" in written
+
+
 @pytest.mark.parametrize(
     ("user", "args", "stage", "reason"),
     [
@@ -117,6 +163,16 @@ def test_a_kdc_refusal_comes_with_the_fix(lab: LabLayout, config: Path) -> None:
     code, answer = _json(config, _user(lab, "carol"), "--kdc", "--path", "/not-delegable/x")
     assert (code, answer["accepted"], answer["stage"], answer["spn"]) == (1, False, "kerberos", "HTTP/other.lab.test")
     assert "add HTTP/other.lab.test to the delegation list of HTTP/proxy.lab.test@LAB.TEST" in answer["fix"]
+
+
+def test_a_keytab_of_another_account_is_named_in_the_fix(lab: LabLayout, tmp_path: Path) -> None:
+    """kerberos.keytab pointing at the backend's keytab: the Kerberos stage's fix names the principal the file holds
+    keys for (it said "the keytab holds no key ...: export it again", leaving the learner to guess why)."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(lab_config(lab, port=free_port()).replace(str(lab.proxy_keytab), str(lab.backend_keytab)))
+    code, answer = _json(path, _user(lab, "alice"), "--kdc")
+    assert (code, answer["accepted"], answer["stage"]) == (1, False, "kerberos")
+    assert "holds keys for HTTP/cas.lab.test@LAB.TEST only, none for HTTP/proxy.lab.test@LAB.TEST" in answer["fix"]
 
 
 def test_a_ghost_user_passes_until_the_kdc_is_asked(lab: LabLayout, config: Path) -> None:

@@ -152,6 +152,40 @@ def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab
     assert _get(f"{traced.admin}/trace/{'0' * 16}")[0] == 404
 
 
+def test_the_gateways_own_as_exchange_is_shown_where_it_happened(lab: LabLayout, tmp_path: Path) -> None:
+    """A fresh gateway's first delegated request also asks the KDC for the gateway's own TGT (an AS-REQ for
+    HTTP/proxy.lab.test in the KDC's log, before the PROTOCOL-TRANSITION TGS-REQ): the trace's S4U2Self step shows
+    that exchange and its time (it showed two KDC exchanges where the log has three, and counted the AS exchange's
+    time as S4U2Proxy's); the next user's first request on the same gateway holds that TGT and shows none."""
+    admin_port = free_port()
+    extra = f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        names = [f"as{uuid.uuid4().hex[:8]}" for _ in range(2)]
+        records = []
+        for name in names:
+            _kadmin(lab, f"addprinc -randkey {name}")
+            cert, key = _certificate_for(lab, name, tmp_path)
+            offset = lab.kdc_log.stat().st_size
+            assert curl_with(lab, gw, cert, key)[0] == 200
+            (record,) = _new_traces(admin, set(), 1, f"{name}@lab.test")
+            with lab.kdc_log.open("rb") as log:
+                log.seek(offset)
+                records.append((record, log.read().decode()))
+        (first, first_log), (second, second_log) = records
+        as_req = "HTTP/proxy.lab.test@LAB.TEST for krbtgt/LAB.TEST@LAB.TEST"
+        assert as_req in first_log, first_log
+        assert "AS_REQ" in first_log
+        evidence = _stages(first)["s4u2self"]
+        assert evidence["gateway_tgt_ms"] > 0
+        assert evidence["ms"] >= evidence["gateway_tgt_ms"]
+        assert "gateway_tgt_ms" not in _stages(second)["s4u2self"]
+        assert "PROTOCOL-TRANSITION" in second_log
+    finally:
+        assert gw.stop() == 0
+
+
 def test_refusals_land_on_the_step_the_kdc_refused_with_cause_and_fix(lab: LabLayout, traced: Traced) -> None:
     """An SPN outside the delegation list: S4U2Proxy refused after a forwardable evidence ticket. A user whose
     tickets may not be forwarded: the evidence ticket is not forwardable, and the explainer says so (also in

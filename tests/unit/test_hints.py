@@ -83,6 +83,15 @@ def test_badoption_after_a_not_forwardable_evidence_ticket_names_protocol_transi
     assert "delegation list" not in err.hint
 
 
+def test_the_not_forwardable_fix_gives_mits_commands_as_it_gives_ads() -> None:
+    """On the MIT lab the fix named bare flags (`+ok_to_auth_as_delegate`, `+allow_forwardable`) where AD got commands:
+    a learner gets the kadmin command for each, for the gateway's principal and for the user."""
+    err = _explain(BADOPTION, step="s4u2proxy", evidence_forwardable=False)
+    assert err.hint is not None
+    assert "kadmin.local -q 'modprinc +ok_to_auth_as_delegate HTTP/proxy.lab.test@LAB.TEST'" in err.hint
+    assert "kadmin.local -q 'modprinc +allow_forwardable eve@LAB.TEST'" in err.hint
+
+
 def test_badoption_after_a_forwardable_evidence_ticket_names_the_delegation_list_only() -> None:
     """S4U2Proxy refused although the evidence ticket was forwardable: the SPN is not allowed."""
     err = _explain(BADOPTION, step="s4u2proxy", evidence_forwardable=True)
@@ -179,6 +188,20 @@ def test_mits_server_not_found_naming_the_spn_is_the_spn_misconfiguration() -> N
     assert isinstance(named_client, KerberosRefused)
 
 
+def test_an_spn_the_kdc_lacks_gets_mits_command_too() -> None:
+    """The unknown-SPN fix gave AD's and Samba's commands only; on the MIT lab (doctor with a route to an SPN no
+    principal has) a learner gets kadmin's as well."""
+    error = explain(
+        "Server HTTP/nothere.lab.test@LAB.TEST not found in Kerberos database",
+        user="alice@LAB.TEST",
+        step="s4u2proxy",
+        spn="HTTP/nothere.lab.test",
+        proxy=_PROXY,
+    )
+    assert error.hint is not None
+    assert "MIT: kadmin.local -q 'addprinc -randkey HTTP/nothere.lab.test'" in error.hint
+
+
 def test_gateways_own_principal_unknown_is_misconfiguration_naming_the_account() -> None:
     """'Client not found' for the gateway's own AS exchange is a 502 telling the operator to use the account's name
     (AD gives no TGT to a bare SPN), not the user's 'no Kerberos account matches'."""
@@ -196,6 +219,19 @@ def test_gateways_own_principal_unknown_is_misconfiguration_naming_the_account()
     assert "svc-kcdproxy@CORP.EXAMPLE.COM" in error.hint
     assert "kerberos.principal" in error.hint
     assert "UPN" in error.hint
+
+
+def test_an_as_reply_the_keytab_cannot_decrypt_is_named_as_such_not_as_a_ticket() -> None:
+    """'Decrypt integrity check failed' in the gateway's own AS exchange (a keytab whose key is not the account's:
+    seen on the MIT lab with a keytab of the right name and version and another key) is the KDC's reply failing to
+    decrypt with the keytab's key; the fix said "a ticket did not decrypt with the key it names"."""
+    error = explain("Decrypt integrity check failed", user="alice@LAB.TEST", spn=_SPN, proxy=_PROXY, step="service")
+    assert isinstance(error, KerberosMisconfigured)
+    assert error.hint is not None
+    assert "a ticket did not decrypt" not in error.hint
+    assert f"its answer did not decrypt with the keytab's key for {_PROXY}" in error.hint
+    assert "the KDC refused" not in error.hint
+    assert "export it again" in error.hint
 
 
 def test_gateways_own_credentials_without_a_kdc_is_still_unavailable() -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import struct
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
-from proxy.kerberos.keytab import kvnos, parse_keytab
+from proxy.kerberos.keytab import kvnos, missing_key, parse_keytab
 from proxy.kerberos.ticket import ticket_header
 
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -116,3 +117,23 @@ def test_the_ticket_header_names_service_realm_enctype_and_key_version() -> None
     header = ticket_header(_ap_req(4))
     assert (header.realm, header.sname, header.etype, header.kvno) == ("LAB.TEST", "HTTP/proxy.lab.test", 18, 4)
     assert ticket_header(_ap_req(None)).kvno is None
+
+
+def test_missing_key_names_what_the_keytab_holds_instead(tmp_path: Path) -> None:
+    """No key for the principal: the file's own principals are named, a case-only difference gives the spelling to
+    use, an AD account name beside an SPN principal gives AD's advice, and a keytab holding the key says nothing."""
+    path = tmp_path / "k.keytab"
+    path.write_bytes(b"\x05\x02" + _record("svc-kcdproxy@AD.TEST", 2, 18, b"k" * 32))
+    what, fix = missing_key(path, "HTTP/gw.ad.test@AD.TEST") or ("", "")
+    assert what == f"{path} holds keys for svc-kcdproxy@AD.TEST only, none for HTTP/gw.ad.test@AD.TEST"
+    assert "another account's keytab" in fix
+    assert "set kerberos.principal to the service account's name (svc-kcdproxy@AD.TEST)" in fix
+    assert missing_key(path, "svc-kcdproxy@AD.TEST") is None
+    what, fix = missing_key(path, "SVC-kcdproxy@AD.TEST") or ("", "")
+    assert fix.endswith('set kerberos.principal = "svc-kcdproxy@AD.TEST"')
+    path.write_bytes(b"\x05\x02")
+    assert missing_key(path, "svc-kcdproxy@AD.TEST") == (
+        f"{path} holds no keys at all",
+        "export svc-kcdproxy@AD.TEST's key into it (kadmin ktadd, ktpass, msktutil)",
+    )
+    assert missing_key(tmp_path / "absent.keytab", "svc-kcdproxy@AD.TEST") is None

@@ -37,6 +37,22 @@ def test_keytab_versions_are_compared_with_the_kdcs() -> None:
     assert doctor.keytab_check("P@R", set(), 3).detail == "the keytab holds no key for P@R"
 
 
+def test_a_non_forwardable_evidence_ticket_passes_when_every_s4u2proxy_was_granted() -> None:
+    """Windows grants S4U2Proxy on a non-forwardable evidence ticket under resource-based delegation (MS-SFU
+    3.2.5.2.2; neither lab KDC has it, so this is the pure verdict): doctor said "S4U2Proxy will be refused" and
+    failed, beside passing s4u2proxy checks. Now s4u2self passes, saying why; a refused S4U2Proxy keeps the fail."""
+    refused = doctor.not_forwardable_check("alice@AD.TEST", "", "svc@AD.TEST")
+    assert refused.status == "fail"
+    granted = doctor.Check("s4u2proxy HTTP/mail.ad.test", "pass", "the KDC issued a service ticket")
+    denied = doctor.Check("s4u2proxy HTTP/other.ad.test", "fail", "the gateway may not act for alice@AD.TEST")
+    (verdict,) = doctor.settle_evidence([refused, granted])[:1]
+    assert verdict.status == "pass"
+    assert "not forwardable" in verdict.detail
+    assert "resource-based" in verdict.detail
+    assert doctor.settle_evidence([refused, granted, denied])[0] == refused
+    assert doctor.settle_evidence([refused])[0] == refused  # no S4U2Proxy asked: nothing granted it
+
+
 def test_a_backend_must_answer_401_negotiate_to_an_unauthenticated_request() -> None:
     """401 with Negotiate passes; 200, 401 with another scheme, or no answer fail with a fix."""
     url = "http://127.0.0.1:8081/owa/"

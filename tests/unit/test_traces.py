@@ -100,6 +100,27 @@ def test_a_cache_hit_costs_s4u2self_nothing_and_says_cached() -> None:
     assert (stages["s4u2self"]["ms"], stages["s4u2proxy"]["ms"]) == (0.0, 0.3)
 
 
+def test_an_exchange_that_fetched_the_gateways_tgt_shows_the_as_exchange_first() -> None:
+    """The gateway's own AS exchange, when this request's exchange made one: its time in S4U2Self's (it came first),
+    `gateway_tgt_ms`, the line's words, and an AS-REQ arrow to the KDC before S4U2Self's in the page's diagram."""
+    facts = S4UFacts(EVIDENCE, SERVICE, s4u2self_ms=2.0, s4u2proxy_ms=1.5, gateway_tgt_ms=1.25)
+    record = build_record(_trace(cached=False, facts=facts, kerberos_ms=6.0), 200, 10.0)
+    stages = {s["name"]: s for s in record["stages"]}
+    assert (stages["s4u2self"]["ms"], stages["s4u2self"]["gateway_tgt_ms"], stages["s4u2proxy"]["ms"]) == (
+        3.25,
+        1.25,
+        2.75,
+    )
+    assert "after the gateway's own TGT (an AS exchange with its keytab, 1.25 ms)" in render_text([record])
+    arrows = [(m.step, m.source, m.target, m.label) for m in messages(record) if "kdc" in (m.source, m.target)]
+    assert arrows[0] == ("s4u2self", "gateway", "kdc", "AS-REQ (the gateway's own TGT, from its keytab)")
+    assert arrows[1][:3] == ("s4u2self", "kdc", "gateway")
+    assert arrows[2][3].startswith("S4U2Self (TGS-REQ")
+    cached = build_record(_trace(cached=True, facts=facts, kerberos_ms=0.3), 200, 4.0)
+    assert "gateway_tgt_ms" not in {s["name"]: s for s in cached["stages"]}["s4u2self"]
+    assert not [m for m in messages(cached) if m.label.startswith("AS-REQ")]
+
+
 def test_a_refused_s4u2proxy_ends_the_stages_with_reason_fix_and_the_evidence_ticket() -> None:
     """The refusal lands on the step that failed; S4U2Self before it shows the not-forwardable evidence."""
     evidence = _ticket("eve@LAB.TEST", "HTTP/proxy.lab.test@LAB.TEST", forwardable=False)
