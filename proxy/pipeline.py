@@ -491,10 +491,9 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         except AccountRevoked as e:
             raise await account_named(gw, e, now) from None
     # ended if the certificate is revoked meanwhile, or (with a [directory]) if the directory refuses it meanwhile
-    chain = known.verified if known is not None else None  # the chain the revocation stage checked, or None
-    with trace.stage("backend"), gw.revocation.watch(request, chain), _held(gw, request, leaf, certified, auth):
+    with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified, auth):
         context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
-        del leaf, presented, chain  # not kept by a held request (the connection's reading is the connection's)
+        del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
         result = await forward_device(request, route, gw.pools, principal, authorization, context, target)
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
     if route.backend_binding == "connection":

@@ -159,11 +159,10 @@ class LiveRevocation:
 
     def known(self, verified: VerifiedCertificate, *, at: datetime) -> RevocationEvidence | None:
         """`check`'s evidence when the CRL set in force answers it at once: the same checks, in the same order, on
-        the set in force now (whose verdict per chain is remembered until one of its CRLs changes state). The caller
-        gives `watch` the chain itself: nothing is handed over through the task as `check` does (a `current_task()`
-        and a weak-dictionary entry per request). None where `check` would have to await (not yet started, OCSP on,
-        distribution points to learn) or would refuse: the caller then calls `check`, which decides (and raises) as
-        always. Never an answer of an earlier set: nothing is remembered here."""
+        the set in force now (whose verdict per chain is remembered until one of its CRLs changes state), and the
+        chain remembered for `watch` in this task as `check` does. None where `check` would have to await (not yet
+        started, OCSP on, distribution points to learn) or would refuse: the caller then calls `check`, which
+        decides (and raises) as always. Never an answer of an earlier set: nothing is remembered here."""
         started = self._started
         if started is None or not started.done() or self.ocsp is not None or self.crls.use_distribution_points:
             return None
@@ -175,13 +174,12 @@ class LiveRevocation:
                 return None
         if crl.status is RevocationStatus.UNKNOWN and self.policy == "require":
             return None
+        if (task := asyncio.current_task()) is not None:
+            self._checked[task] = verified
         return crl
 
-    def watch(
-        self, request: DeviceRequest, chain: VerifiedCertificate | None = None
-    ) -> contextlib.AbstractContextManager[None]:
-        """Keep this request in flight under the chain `check` saw for it (or `chain`, the one its caller had
-        checked or `known` answered for); end it if that gets revoked.
+    def watch(self, request: DeviceRequest) -> contextlib.AbstractContextManager[None]:
+        """Keep this request in flight under the chain `check` saw for it; end it if that gets revoked.
 
         Raises CertificateRevoked when a refresh revoked the chain meanwhile: while the request was held, and
         also before, between `check` and here (the identity and Kerberos stages can take seconds, and a refresh
@@ -191,11 +189,8 @@ class LiveRevocation:
         list no longer builds the chain, CertificateRevoked when its CRLs list it.
         """
         task = asyncio.current_task()
-        if task is None:
-            return NOT_HELD
-        checked = self._checked.pop(task, None) if self._checked else None  # what `check` saw in this task
-        verified = checked if chain is None else chain
-        if verified is None:
+        verified = self._checked.pop(task, None) if task is not None else None
+        if task is None or verified is None:
             return NOT_HELD
         current = self.crls.current
         if self.policy != "off" and current.may_list(verified):
