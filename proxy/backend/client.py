@@ -297,13 +297,12 @@ class BackendConnection(asyncio.Protocol):
             and not self.transport.is_closing()
         )
 
-    def idle(self) -> None:
+    def idle(self, now: float) -> None:
         """Back in the pool: from now on any byte from the backend is a protocol error. A body nobody read (a
-        401's page, refused before relaying) is dropped here, or the next answer would be read behind it. (The
-        time from the connection's own loop: `asyncio.get_running_loop()` costs a `getpid()` on Python 3.11.)"""
+        401's page, refused before relaying) is dropped here, or the next answer would be read behind it."""
         self._state = _IDLE
         self._parser = None
-        self.idle_since = self._loop.time()
+        self.idle_since = now
         self._body.clear()
         self._buffered = 0
         if self._reading_paused:
@@ -661,7 +660,7 @@ class UserPool:
         if self.closed or not connection.reusable:
             self.discard(upstream, connection)
             return
-        connection.idle()
+        connection.idle(asyncio.get_running_loop().time())
         self._put_idle(upstream, connection)
 
     def unused(self, upstream: Upstream, connection: BackendConnection) -> None:
