@@ -99,6 +99,12 @@ class AiohttpRequest:
         await response.prepare(self._request)
         await response.write_eof()
 
+    def answer_written(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> bool | None:
+        return None  # aiohttp's response is written by coroutines only: `answer`
+
+    async def drain(self) -> None:
+        return None  # never asked: `answer_written` writes nothing here
+
     async def start_answer(
         self, status: int, reason: str | None, headers: MultiMapping[str], content_length: int | None
     ) -> None:

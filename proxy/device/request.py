@@ -80,6 +80,14 @@ class DeviceRequest(Protocol):
     async def answer(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> None:
         """A whole answer: head and body in one write, framed by a Content-Length."""
 
+    def answer_written(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> bool | None:
+        """`answer` up to its wait: the answer written, and whether the device has yet to take it (then `drain`
+        waits for that, as `answer` would have); None, with nothing written, where this server cannot write
+        without waiting (then `answer`). The caller's bound on the wait then needs no timer when nothing waits."""
+
+    async def drain(self) -> None:
+        """Wait while the device is not taking our bytes (after `answer_written` said it has yet to)."""
+
     async def start_answer(
         self, status: int, reason: str | None, headers: MultiMapping[str], content_length: int | None
     ) -> None:

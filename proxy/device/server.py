@@ -256,11 +256,19 @@ class DeviceHttpRequest:
         self.headers = _NO_FIELDS  # the connection no longer refers to them either (`on_headers_complete`)
 
     async def answer(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> None:
+        self.answer_written(status, reason, headers, body)
+        await self._connection.drain()
+
+    def answer_written(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> bool:
         bodyless = status in _NO_BODY_STATUS
         length = None if bodyless else len(body)
         head = self._head(status, reason, headers, length, chunked=False)
-        self._connection.write(head if bodyless or self._head_only or not body else head + body)
+        connection = self._connection
+        connection.write(head if bodyless or self._head_only or not body else head + body)
         self._answered = True
+        return connection.transport is None or connection.write_paused  # what `drain` would wait for, or raise on
+
+    async def drain(self) -> None:
         await self._connection.drain()
 
     async def start_answer(
@@ -742,6 +750,11 @@ class DeviceConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    @property
+    def write_paused(self) -> bool:
+        """Whether the device is not taking our bytes now (`drain` would wait)."""
+        return self._write_paused
 
     async def drain(self) -> None:
         """Wait while the device is not taking our bytes, at most `send_timeout`; then the connection is cut (no
