@@ -69,6 +69,9 @@ _EVERYONE = 0xFFFFFFFF  # an entry's length when its names did not fit: every ti
 
 CRL_FLOORS = 256  # issuer x key x scope floors kept (`raise_crl_floor`)
 _FLOOR = struct.Struct("<16s21sd")  # the scope's hash, its CRL number + 1 (big-endian: up to 20 octets), thisUpdate
+# The highest CRL number a floor records: a longer one (past RFC 5280's 20 octets, which only a CA's own numbering
+# makes) is recorded as this, so a replay below it is still refused, one between it and the CRL's own is not.
+_FLOOR_MAX = 2 ** (8 * 21) - 2
 
 ForgottenUser = tuple[str, str | None]  # (principal, NT-ENTERPRISE name): `Delegator.forget`'s arguments
 
@@ -234,7 +237,8 @@ class SharedTable:
                     oldest = (float(at), offset)
             assert oldest is not None
             place = held.get(scope, held.get(_EMPTY, oldest[1]))  # its own slot, a free one, else the oldest
-            _FLOOR.pack_into(self._map, place, scope, (number + 1).to_bytes(21, "big"), this_update)
+            stored_number = min(number, _FLOOR_MAX) + 1
+            _FLOOR.pack_into(self._map, place, scope, stored_number.to_bytes(21, "big"), this_update)
 
     def _floor_slots(self) -> range:
         return range(self._floors_at, self._floors_at + CRL_FLOORS * SLOT_BYTES, SLOT_BYTES)
