@@ -9,7 +9,8 @@ any directory holds (`MAX_USER_NAME`). The password is
 checked by the user's own AS exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway
 holding the user's TGT; the backend then gets a Negotiate token from that TGT, or, on routes with
 `backend_auth = "basic"`, the client's own Basic header, and on no other route. The credentials are read as UTF-8,
-or as Latin-1 where they are not valid UTF-8 (older devices), and the password goes to the KDC as UTF-8 either way.
+or as Latin-1 (as windows-1252) where they are not valid UTF-8 (older devices), and the password goes to the KDC as
+UTF-8 either way.
 
 A device polls (ActiveSync every few seconds to minutes), so a verified password is remembered for
 `authentication.basic_cache_seconds` (default 60): the cache keeps, per user, a salted scrypt hash of
@@ -162,18 +163,26 @@ def parse_basic(value: str | None) -> BasicCredentials | None:
         # Kerberos reads a password up to its first NUL ("secret\0junk" would pass as "secret"), and an empty one
         # is no proof (GSSAPI refuses it as an invalid argument, which read as a misconfiguration): neither is tried.
         return None
-    # RFC 7617 leaves the charset open without `charset="UTF-8"`; devices send UTF-8 or, the older ones, Latin-1. The
+    # RFC 7617 leaves the charset open without `charset="UTF-8"`; devices send UTF-8 or, the older ones, Latin-1 (as
+    # windows-1252: `_WINDOWS_1252`). The
     # KDC derives the user's key from the password's UTF-8 (AD from its UTF-16 as UTF-8), so a Latin-1 password goes
     # to it as UTF-8: as sent, `Pässwort` was a wrong password, counted towards the hold and the directory's lockout.
     return BasicCredentials(username=_text(raw_user), password=_text(raw_password).encode(), header=value.strip())
 
 
+# windows-1252, byte by byte: what older Windows devices send, and what browsers mean by Latin-1 (the WHATWG Encoding
+# Standard's `iso-8859-1` label): Latin-1 but for 0x80-0x9f (`€`, `„`, `™`...), whose five bytes it leaves undefined
+# staying Latin-1's (as WHATWG's windows-1252 decodes them). Latin-1 read those as C1 control characters nobody types.
+_WINDOWS_1252 = [bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(256)]
+
+
 def _text(raw: bytes) -> str:
-    """A part of Basic credentials as text: UTF-8 where it is valid UTF-8, else Latin-1 (every byte a character)."""
+    """A part of Basic credentials as text: UTF-8 where it is valid UTF-8, else windows-1252 (every byte a character:
+    `_WINDOWS_1252`)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode("latin-1")
+        return "".join(_WINDOWS_1252[b] for b in raw)
 
 
 # The shared table's namespaces (`SharedTable.digest`) of an account, the principal the KDC named whatever name form

@@ -32,8 +32,8 @@ And it keeps the log of users whose delegated tickets a worker dropped (`forget_
 request of theirs, their certificate was revoked), so that every other worker drops its own before it serves
 another request from them (`proxy.kerberos.delegate.Delegator`): a generation counter, which a worker reads on the
 request path without the lock (a changed value sends it to `forgotten_since`, under the lock), and the last
-`FORGOTTEN_SLOTS` entries. A worker further behind than that, or an entry too long for its slot, drops every ticket
-it holds: never a user kept.
+`FORGOTTEN_SLOTS` entries, each holding as many users as fit (`_packed`). A worker further behind than that, or an
+entry for a user whose names do not fit one, drops every ticket it holds: never a user kept.
 
 And the CRL floors: per CRL issuer, signing key and scope (`proxy.certs.sources`), the highest (CRL number,
 thisUpdate) a worker took, so that a worker replacing one that died, whose CRL store starts empty, refuses a CRL older
@@ -69,6 +69,9 @@ _EVERYONE = 0xFFFFFFFF  # an entry's length when its names did not fit: every ti
 
 CRL_FLOORS = 256  # issuer x key x scope floors kept (`raise_crl_floor`)
 _FLOOR = struct.Struct("<16s21sd")  # the scope's hash, its CRL number + 1 (big-endian: up to 20 octets), thisUpdate
+# The highest CRL number a floor records: a longer one (past RFC 5280's 20 octets, which only a CA's own numbering
+# makes) is recorded as this, so a replay below it is still refused, one between it and the CRL's own is not.
+_FLOOR_MAX = 2 ** (8 * 21) - 2
 
 ForgottenUser = tuple[str, str | None]  # (principal, NT-ENTERPRISE name): `Delegator.forget`'s arguments
 
@@ -175,20 +178,26 @@ class SharedTable:
         last it caught up with; a torn read can only differ from it, and sends the worker to `forgotten_since`)."""
         return int(_GENERATION.unpack_from(self._map, self._log_at)[0])
 
-    def forget_users(self, users: list[ForgottenUser]) -> int:
-        """Tell every worker to drop these users' tickets; returns the generation that includes this entry."""
-        payload = json.dumps(users).encode()
+    def forget_users(self, users: list[ForgottenUser]) -> tuple[int, int]:
+        """Tell every worker to drop these users' tickets, in as few entries as their names fit (`_packed`); returns
+        the generation before and after them. More entries than the log keeps are written as one that drops every
+        ticket, as a reader that far behind would."""
+        entries = _packed(users)
+        if len(entries) > FORGOTTEN_SLOTS:
+            entries = [None]
         with self.locked():
-            generation = self.generation()
-            offset = self._log_slot(generation)
-            if len(payload) > _FORGOTTEN_BYTES - _LENGTH.size:
-                _LENGTH.pack_into(self._map, offset, _EVERYONE)
-            else:
-                _LENGTH.pack_into(self._map, offset, len(payload))
-                start = offset + _LENGTH.size
-                self._map[start : start + len(payload)] = payload
-            _GENERATION.pack_into(self._map, self._log_at, generation + 1)  # after the entry: read under the lock
-            return generation + 1
+            before = generation = self.generation()
+            for payload in entries:
+                offset = self._log_slot(generation)
+                if payload is None:
+                    _LENGTH.pack_into(self._map, offset, _EVERYONE)
+                else:
+                    _LENGTH.pack_into(self._map, offset, len(payload))
+                    start = offset + _LENGTH.size
+                    self._map[start : start + len(payload)] = payload
+                generation += 1
+            _GENERATION.pack_into(self._map, self._log_at, generation)  # after the entries: read under the lock
+            return before, generation
 
     def forgotten_since(self, seen: int) -> tuple[int, list[ForgottenUser] | None]:
         """The generation now, and the users forgotten after generation `seen`; None: every user (`seen` is more
@@ -204,7 +213,7 @@ class SharedTable:
                 if length == _EVERYONE:
                     return generation, None
                 start = offset + _LENGTH.size
-                entry = json.loads(self._map[start : start + length])
+                entry = json.loads(self._map[start : start + length].decode("utf-8", "surrogatepass"))
                 users += [(str(principal), None if e is None else str(e)) for principal, e in entry]
             return generation, users
 
@@ -234,7 +243,8 @@ class SharedTable:
                     oldest = (float(at), offset)
             assert oldest is not None
             place = held.get(scope, held.get(_EMPTY, oldest[1]))  # its own slot, a free one, else the oldest
-            _FLOOR.pack_into(self._map, place, scope, (number + 1).to_bytes(21, "big"), this_update)
+            stored_number = min(number, _FLOOR_MAX) + 1
+            _FLOOR.pack_into(self._map, place, scope, stored_number.to_bytes(21, "big"), this_update)
 
     def _floor_slots(self) -> range:
         return range(self._floors_at, self._floors_at + CRL_FLOORS * SLOT_BYTES, SLOT_BYTES)
@@ -363,3 +373,29 @@ class SharedThrottle:
             if slot.blocked_until <= now and self._in_flight(slot, now) == 0 and slot.used < oldest:
                 victim, oldest = index, slot.used
         return victim
+
+
+def _packed(users: list[ForgottenUser]) -> list[bytes | None]:
+    """`users` (each once) as the payloads of log entries, each a JSON list within one entry; UTF-8, not JSON's \\u
+    escapes (a non-ASCII name took six bytes a character). None: an entry for a user whose names alone do not fit,
+    which drops every ticket. One entry per user would let one CRL change or one directory sweep that ends a few
+    hundred held requests put every worker past the log, and every worker drop every user's tickets."""
+    room = _FORGOTTEN_BYTES - _LENGTH.size - 2  # the list's brackets
+    entries: list[bytes | None] = []
+    batch: list[bytes] = []
+    size = 0
+    for user in dict.fromkeys(users):
+        piece = json.dumps(list(user), ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+        if batch and size + 1 + len(piece) <= room:
+            batch.append(piece)
+            size += 1 + len(piece)
+            continue
+        if batch:
+            entries.append(b"[" + b",".join(batch) + b"]")
+        batch, size = [piece], len(piece)
+        if size > room:
+            entries.append(None)
+            batch, size = [], 0
+    if batch:
+        entries.append(b"[" + b",".join(batch) + b"]")
+    return entries

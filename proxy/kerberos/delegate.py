@@ -24,9 +24,9 @@ never has more than one exchange in flight. The cache is bounded (least recently
 `forget(principal, enterprise=...)` drops a user (their certificate was revoked, the directory ended their held
 request) and `clear()` drops everything (the configuration changed). With several workers each has a cache of its
 own; when a held request ends, `forget(..., everywhere=True)` also writes the user into the log the workers share
-(`proxy.auth.shared.SharedTable.forget_users`): every other worker drops that user's tickets before it serves its
-next request from any ticket (`delegation` reads the log's generation first, a read of shared memory), so an account
-the directory found disabled is served by none of them.
+(`proxy.auth.shared.SharedTable.forget_users`, the users of one turn of the event loop together): every other worker
+drops that user's tickets before it serves its next request from any ticket (`delegation` reads the log's generation
+first, a read of shared memory), so an account the directory found disabled is served by none of them.
 
 Which name. The cache and the log name the user as the KDC returned them, the client name of the
 evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
@@ -78,7 +78,7 @@ import gssapi.exceptions
 import gssapi.raw
 import structlog
 
-from proxy.auth.shared import SharedTable
+from proxy.auth.shared import ForgottenUser, SharedTable
 from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KdcNotAsked, KerberosRefused
 from proxy.identity.principal import UserPrincipal, ascii_lower
@@ -232,6 +232,7 @@ class Delegator:
         self._cache_size = cache_size
         self._shared = shared
         self._seen = shared.generation() if shared is not None else 0  # the shared log's entries acted on
+        self._telling: dict[ForgottenUser, None] = {}  # users forgotten everywhere this turn, not yet in the log
         # the exchanges' threads: bounded in number and in waiters, a stop never waits for MIT (proxy.kerberos.threads)
         self._kdc = KdcThreads(settings.max_in_flight, settings.kdc_timeout, "kdc")
         self.stats = CacheStats()
@@ -637,10 +638,27 @@ class Delegator:
         look-up, and a flood of them more than the log keeps would drop every user's tickets there)."""
         dropped = self._forget_here(principal, enterprise)
         if everywhere and self._shared is not None:
-            generation = self._shared.forget_users([(principal, enterprise)])
-            if generation == self._seen + 1:  # no other worker's entry to act on first: this one is done here
-                self._seen = generation
+            self._telling[(principal, enterprise)] = None
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a tool, a test): written at once
+                self._tell()
+            else:
+                if len(self._telling) == 1:  # the loop's next turn writes what this one forgot, packed
+                    loop.call_soon(self._tell)
         return dropped
+
+    def _tell(self) -> None:
+        """Write the users forgotten everywhere since the last call into the shared log, packed: a CRL change or a
+        directory sweep ends every held request it judges in one turn, a few hundred of them one entry each would put
+        every other worker past the log (`SharedTable.forget_users`). Their tickets here went at once (`forget`); the
+        other workers read the log on their next request, a turn of this loop later at most."""
+        users, self._telling = list(self._telling), {}
+        if not users or self._shared is None:
+            return
+        before, after = self._shared.forget_users(users)
+        if before == self._seen:  # no other worker's entry to act on first: these are done here
+            self._seen = after
 
     def _forget_here(self, principal: str, enterprise: str | None, *, sibling: bool = False) -> int:
         dropped = 0

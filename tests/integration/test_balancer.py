@@ -241,11 +241,30 @@ def test_a_balancers_tls_health_check_without_a_certificate_is_no_refusal(
             assert done.returncode != 0, done.stdout
             device = gw.wait_for("tls_handshake_refused", lambda e: str(e.get("peer", "")).startswith(f"{DEVICE}:"))
             assert (device["level"], device.get("health_check")) == ("warning", None)
+            # the device sends a LOCAL header of its own, then a handshake without a certificate: the gateway reads
+            # the balancer's header only, so the device's is TLS that is not TLS, a warning under its address
+            gw.mark()
+            _own_local_header_then_tls(port)
+            local = gw.wait_for("tls_handshake_refused", lambda e: str(e.get("peer", "")).startswith(f"{DEVICE}:"))
+            assert (local["level"], local.get("health_check")) == ("warning", None)
         counted = _metrics(f"http://127.0.0.1:{admin}")
         assert counted.get('kcd_refusals_total{reason="peer did not return a certificate",stage="tls"}') == 1.0
         assert counted["kcd_listener_health_checks_total"] >= 3
     finally:
         assert gw.stop() == 0
+
+
+def _own_local_header_then_tls(port: int) -> None:
+    """From the device's address through the balancer at `port`: a PROXY v2 LOCAL header, then a TLS handshake
+    without a client certificate (what a balancer's check sends, but from a device)."""
+    local = b"\r\n\r\n\x00\r\nQUIT\n" + b"\x20\x00\x00\x00"  # v2, LOCAL, UNSPEC, no addresses
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(DEVICE, 0)) as raw:
+        raw.sendall(local)
+        with contextlib.suppress(ssl.SSLError, OSError), context.wrap_socket(raw, server_hostname="proxy.lab.test"):
+            pass
 
 
 def _metrics(admin: str) -> dict[str, float]:

@@ -56,6 +56,23 @@ def test_a_latin1_password_goes_to_the_kdc_as_utf8() -> None:
     assert latin.header != utf8.header  # a backend_auth = "basic" route gets the header as the device sent it
 
 
+def test_a_windows_1252_password_with_bytes_0x80_to_0x9f_goes_to_the_kdc_as_its_text() -> None:
+    """An older Windows device (and what browsers call Latin-1: WHATWG's `iso-8859-1` is windows-1252) sends `€`,
+    `„` or a right quote as one byte of 0x80-0x9f: read as that character, the password reaches the KDC as the UTF-8 of
+    what the user typed. Failed before: Latin-1 read them as C1 control characters nobody types (U+0080...), a wrong
+    password counted towards the hold and the directory's lockout. Bytes windows-1252 leaves undefined: Latin-1's."""
+    typed = parse_basic(basic("jürgen:€uro„quoted\u2019".encode("cp1252")))
+    assert typed is not None
+    assert typed.username == "jürgen"
+    assert typed.password == "€uro„quoted\u2019".encode()
+    undefined = parse_basic(basic(b"j\xfcrgen:\x81\x8d\x8f\x90\x9d\xe9"))
+    assert undefined is not None
+    assert undefined.password == "\x81\x8d\x8f\x90\x9dé".encode()
+    user = parse_basic(basic("Bj€rn:x".encode("cp1252")))
+    assert user is not None
+    assert user.username == "Bj€rn"
+
+
 @pytest.mark.parametrize(
     "header",
     [

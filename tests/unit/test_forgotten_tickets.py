@@ -9,6 +9,7 @@ a held Ping ended by the directory, is test_ad_held_accounts.py's
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
@@ -81,7 +82,7 @@ def test_the_shared_log_gives_each_worker_what_it_has_not_seen() -> None:
     table = SharedTable(max_keys=8)
     start = table.generation()
     table.forget_users([("alice@AD.TEST", None)])
-    seen = table.forget_users([("carol\\@corp.example@AD.TEST", "carol@corp.example")])
+    _, seen = table.forget_users([("carol\\@corp.example@AD.TEST", "carol@corp.example")])
     assert table.forgotten_since(start) == (
         seen,
         [("alice@AD.TEST", None), ("carol\\@corp.example@AD.TEST", "carol@corp.example")],
@@ -108,3 +109,47 @@ def test_a_refused_requests_forget_stays_in_its_worker(workers: tuple[Delegator,
     assert one._shared.generation() == generation
     assert _cached(two, ALICE)
     assert not _cached(one, ALICE)
+
+
+def _forget_in_one_turn(delegator: Delegator, users: Sequence[tuple[str, str | None]]) -> None:
+    """`forget(..., everywhere=True)` for each of `users` in one turn of an event loop, as a CRL change or the
+    directory's sweep ends every held request it judges (proxy.held), then the loop's next turns."""
+
+    async def run() -> None:
+        for principal, enterprise in users:
+            delegator.forget(principal, enterprise=enterprise, everywhere=True)
+        await asyncio.sleep(0)
+
+    asyncio.run(run())
+
+
+def test_one_sweep_ending_more_held_requests_than_the_log_keeps_costs_other_users_nothing(
+    workers: tuple[Delegator, ...],
+) -> None:
+    """A CRL change revoking 300 users' certificates, each with a held Ping, ends 300 requests in one turn, and one
+    device's 300 held requests (its pool's connections over several routes, two names each under strong mapping) as
+    many: the log gets a few packed entries, not one per request, so the second worker keeps bob's ticket (the KDC is
+    not asked again for every user of every worker) and still drops the revoked ones. Failed before: every ended
+    request was an entry of its own, the second worker was FORGOTTEN_SLOTS behind and dropped every ticket."""
+    one, two = workers
+    for worker in (one, two):
+        assert not _cached(worker, BOB)
+        assert not _cached(worker, ALICE)
+    _forget_in_one_turn(one, [(f"user{n}@AD.TEST", None) for n in range(300)] + [(ALICE.principal, None)])
+    _forget_in_one_turn(one, [(ALICE.principal, None)] * (FORGOTTEN_SLOTS + 1))
+    assert _cached(two, BOB)
+    assert not _cached(two, ALICE)  # still dropped in the second worker
+    assert two.stats.exchanges == 3
+
+
+def test_a_long_non_ascii_name_fits_its_entry_as_utf8(workers: tuple[Delegator, ...]) -> None:
+    """A UPN of 300 non-ASCII characters (AD allows Unicode UPNs) forgotten: its entry holds it as UTF-8 and drops that
+    user only. Failed before: JSON's \\u escapes took six bytes a character, the entry overflowed its slot, and every
+    worker dropped every ticket."""
+    one, two = workers
+    assert not _cached(two, BOB)
+    name = "é" * 300 + "@AD.TEST"
+    _forget_in_one_turn(one, [(name, None)])
+    assert _cached(two, BOB)
+    assert one._shared is not None
+    assert one._shared.forgotten_since(0) == (one._shared.generation(), [(name, None)])

@@ -545,3 +545,40 @@ def test_crl_floors_keep_the_highest_per_scope_and_make_room_for_new_scopes() ->
     assert table.crl_floor(b"d" * 16) == (1, 5000.0)
     assert table.crl_floor(b"b" * 16) is None
     assert table.crl_floor(b"a" * 16) == (2**159, 300.0)
+
+
+def _issuing_crl(pki: Pki, number: int, serial: int) -> bytes:
+    """A CRL of the lab's issuing CA, signed with its own key, numbered `number`, listing `serial`."""
+    key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=1))
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(load_cert(pki.issuing_cert).subject)
+        .last_update(NOW - timedelta(minutes=1))
+        .next_update(NOW + timedelta(days=1))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_revoked_certificate(entry.build())
+        .sign(key, hashes.SHA256())
+    )
+    return crl.public_bytes(serialization.Encoding.DER)
+
+
+def test_a_crl_number_longer_than_twenty_octets_is_taken_beside_the_shared_floor(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """A CRL of a trusted CA whose number takes more than RFC 5280's 20 octets (a CA's own odd numbering): the store
+    on the workers' table takes it as a store without one does (carol revoked), and its floor keeps replays below it
+    out. Failed before: the floor's 21-octet field raised OverflowError out of the store (load_files, and a refresh's
+    task), so the revocation went unseen with workers."""
+    carol = verified(pki, trust, "carol")
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(_issuing_crl(pki, 2**200, carol.leaf.serial_number))
+    table = SharedTable(max_keys=8)
+    store = CrlStore(trust, [CrlSource(str(path))], floors=table)
+    assert store.load_files(now=NOW) == []
+    assert status(store, carol) is RevocationStatus.REVOKED
+    path.write_bytes(_issuing_crl(pki, 7, 1))  # an older CRL of that CA, replayed, in which carol is not listed
+    replacement = CrlStore(trust, [CrlSource(str(path))], floors=table)
+    [problem] = replacement.load_files(now=NOW)
+    assert "older than the one a worker of this gateway took" in problem
