@@ -491,7 +491,8 @@ def test_the_files_the_example_configuration_has_the_gateway_write_are_writable_
     writable = [Path("/run", name) for name in unit.get("RuntimeDirectory", [])]
     writable += [Path("/var/log", name) for name in unit.get("LogsDirectory", [])]
     writable += [Path("/var/lib", name) for name in unit.get("StateDirectory", [])]
-    texts = [(REPO / name).read_text() for name in ("config/example.toml", "docs/deploying.md", "README.md")]
+    names = ("config/example.toml", "docs/deploying.md", "docs/operations.md", "README.md")
+    texts = [(REPO / name).read_text() for name in names]
     paths = {Path(m) for text in texts for m in re.findall(r'(?:socket|export) = "(/[^"]+)"', text)}
     assert {Path("/run/kcd-proxy/admin.sock"), Path("/var/log/kcd-proxy/traces.jsonl")} <= paths
     for path in paths:
