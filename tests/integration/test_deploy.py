@@ -407,9 +407,9 @@ def test_the_base_image_keeps_no_apt_cache_and_each_image_cleans_its_own() -> No
 
 
 def test_commands_given_work_with_compose_v1() -> None:
-    """The README and the compose header give no v2-only command (`docker compose cp`, `docker compose ...`),
-    and mention `up --exit-code-from` only to warn against it."""
-    for path in (COMPOSE, REPO / "README.md"):
+    """The README, docs/containers.md and the compose header give no v2-only command (`docker compose cp`, `docker
+    compose ...`), and mention `up --exit-code-from` only to warn against it."""
+    for path in (COMPOSE, REPO / "README.md", REPO / "docs" / "containers.md"):
         text = path.read_text()
         assert not re.search(r"docker compose (cp|up|run|build|down|ps)\b", text), path
         for line in text.splitlines():
