@@ -170,7 +170,7 @@ class SummaryLine:
     integer past 64 bits, a string with a lone surrogate, or any non-ASCII text, which the chain writes as
     `\\u` escapes) goes through the chain instead, as does every line while the process's logging is
     not the configuration `configure` made (a test capturing logs, say). Before (structlog chain with
-    the JSON renderer) and after are in the README's Performance section."""
+    the JSON renderer) and after are in docs/performance.md, "Where a keep-alive request's CPU goes"."""
 
     def __init__(self, out: TextIO, processors: list[Any], enabled: bool) -> None:
         self._out = out

@@ -5,7 +5,7 @@ carry no clientAuth) against the PKITS trust anchor, every PKITS CA certificate 
 intermediate, and then `CrlSet.check` under "require" with every PKITS CRL loaded, at a fixed time
 inside the CRLs' validity (they run from 2010 to the end of 2030). The expected verdict is the test's
 name: "Valid..." must pass, "Invalid..." must be refused. The data comes from the `cryptography-vectors`
-package. The README's "PKITS results" section records the outcome.
+package. docs/revocation.md's "PKITS results" section records the outcome.
 """
 
 from __future__ import annotations

@@ -407,9 +407,9 @@ def test_the_base_image_keeps_no_apt_cache_and_each_image_cleans_its_own() -> No
 
 
 def test_commands_given_work_with_compose_v1() -> None:
-    """The README and the compose header give no v2-only command (`docker compose cp`, `docker compose ...`),
-    and mention `up --exit-code-from` only to warn against it."""
-    for path in (COMPOSE, REPO / "README.md"):
+    """The README, docs/containers.md and the compose header give no v2-only command (`docker compose cp`, `docker
+    compose ...`), and mention `up --exit-code-from` only to warn against it."""
+    for path in (COMPOSE, REPO / "README.md", REPO / "docs" / "containers.md"):
         text = path.read_text()
         assert not re.search(r"docker compose (cp|up|run|build|down|ps)\b", text), path
         for line in text.splitlines():
@@ -491,7 +491,8 @@ def test_the_files_the_example_configuration_has_the_gateway_write_are_writable_
     writable = [Path("/run", name) for name in unit.get("RuntimeDirectory", [])]
     writable += [Path("/var/log", name) for name in unit.get("LogsDirectory", [])]
     writable += [Path("/var/lib", name) for name in unit.get("StateDirectory", [])]
-    texts = [(REPO / name).read_text() for name in ("config/example.toml", "docs/deploying.md", "README.md")]
+    names = ("config/example.toml", "docs/deploying.md", "docs/operations.md", "README.md")
+    texts = [(REPO / name).read_text() for name in names]
     paths = {Path(m) for text in texts for m in re.findall(r'(?:socket|export) = "(/[^"]+)"', text)}
     assert {Path("/run/kcd-proxy/admin.sock"), Path("/var/log/kcd-proxy/traces.jsonl")} <= paths
     for path in paths:

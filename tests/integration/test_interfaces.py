@@ -208,7 +208,7 @@ def test_the_lab_backend_to_an_ordinary_negotiate_client(lab: LabLayout, tmp_pat
 def test_an_upstream_that_never_answers_its_handshake_is_504_after_connect_timeout(
     lab: LabLayout, tmp_path: Path
 ) -> None:
-    """Issue 6 and the README's refusal table: a route's `connect_timeout` bounds reaching the upstream; an https
+    """Issue 6 and docs/refusals.md's table: a route's `connect_timeout` bounds reaching the upstream; an https
     upstream that takes the TCP connection and never answers the TLS handshake gets the device a 504 (not 502, not
     a hang until `read_timeout`), logged with the route."""
     with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody ever reads or writes

@@ -113,7 +113,7 @@ def test_a_header_block_over_the_budget_is_refused_with_431(
     lab: LabLayout, basic_gw: Gateway, basic_admin: str
 ) -> None:
     """120 fields of 95 KiB (each under the per-field cap): 431 once the block passes 128 KiB, logged and
-    counted (`kcd_refusals_total{stage="request", reason="request_headers_too_large"}`, as the README's Security
+    counted (`kcd_refusals_total{stage="request", reason="request_headers_too_large"}`, as docs/hardening.md's
     table names it), before any stage runs (no summary line for it)."""
     before = refusals_counted(basic_admin, "request", "request_headers_too_large")
     basic_gw.mark()
@@ -207,7 +207,7 @@ def test_the_connection_cap_holds_and_the_next_connection_waits(lab: LabLayout, 
 
 def test_memory_per_connection_before_authentication(lab: LabLayout, tmp_path: Path) -> None:
     """100 TLS connections held open without a request, then 100 more each holding a header block just under
-    the budget: prints what each costs a fresh gateway (the README's figures) and checks both stay far below
+    the budget: prints what each costs a fresh gateway (docs/hardening.md's figures) and checks both stay far below
     what one connection could hold without the budget (12 MiB)."""
     gw = gateway(lab, tmp_path)
 

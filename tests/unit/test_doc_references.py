@@ -92,9 +92,10 @@ def test_each_dotted_name_in_proxy_resolves(doc: Path) -> None:
     assert sorted(missing) == []
 
 
-def test_the_readmes_layout_names_each_part_of_proxy() -> None:
-    """The README's Layout block names every module and package directly under proxy/ (`held.py`, `tls/`)."""
-    layout = (ROOT / "README.md").read_text().partition("## Layout")[2].partition("\nconfig/")[0]
+def test_the_layout_page_names_each_part_of_proxy() -> None:
+    """docs/layout.md's block (the README's Layout until it grew) names every module and package directly under
+    proxy/ (`held.py`, `tls/`)."""
+    layout = (ROOT / "docs" / "layout.md").read_text().partition("\nconfig/")[0]
     parts = [p.name + ("/" if p.is_dir() else "") for p in (ROOT / "proxy").iterdir() if not p.name.startswith("_")]
     parts = [p for p in parts if p.endswith((".py", "/"))]
     assert sorted(p for p in parts if not re.search(rf"(?<![\w/]){re.escape(p)}", layout)) == []
@@ -113,13 +114,14 @@ def _module(path: str) -> object:
     return importlib.import_module(path.replace("/", "."))
 
 
-def test_each_metric_is_in_the_readme_and_each_one_named_is_served() -> None:
-    """The metrics proxy/observability/metrics.py defines are each named in the README (`kcd_refusals_total`), and
-    no `kcd_...` name in the README or docs/ is one it does not define (a counter's `_total` read as its name)."""
+def test_each_metric_is_in_the_operations_page_and_each_one_named_is_served() -> None:
+    """The metrics proxy/observability/metrics.py defines are each named in docs/operations.md, the admin listener's
+    reference (`kcd_refusals_total`), and no `kcd_...` name in the README or docs/ is one it does not define (a
+    counter's `_total` read as its name)."""
     defined = set(re.findall(r'"(kcd_[a-z_]+)"', (ROOT / "proxy" / "observability" / "metrics.py").read_text()))
-    readme = (ROOT / "README.md").read_text()
+    operations = (ROOT / "docs" / "operations.md").read_text()
     named = {
         re.sub(r"_(total|bucket|count|sum)$", "", m) for doc in DOCS for m in re.findall(r"`(kcd_\w+)", doc.read_text())
     }
-    assert sorted(m for m in defined if f"`{m}" not in readme) == []
+    assert sorted(m for m in defined if f"`{m}" not in operations) == []
     assert sorted(named - defined) == []
