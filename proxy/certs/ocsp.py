@@ -15,7 +15,9 @@ A checked answer (good, revoked, or the responder's "unknown") is cached per iss
 until its nextUpdate, or for `cache_seconds` if it has none; a failure to get one is cached for
 `FAILURE_SECONDS`, so that a dead responder costs one timeout, not one per request. At most `size` answers
 (`CACHE_SIZE`, as many as the chain memo keeps) are kept, the least recently used dropped first: every certificate
-of a trusted CA is a key, and the cache was never pruned before. Concurrent
+of a trusted CA is a key, and the cache was never pruned before. A "revoked" answer is kept apart, never dropped for
+other answers (only the CA makes one; a churn of "good" ones would otherwise leave a revoked certificate to a dead
+responder's UNKNOWN, which `ocsp = "best-effort"` serves), at most `size` of them too. Concurrent
 requests for the same certificate share one exchange. What the policy makes of the answer is
 `proxy.certs.live`'s business; here an answer is evidence, never a verdict.
 """
@@ -123,6 +125,7 @@ class OcspClient:
         self._timeout = timeout
         self._size = size
         self._cache: OrderedDict[tuple[bytes, int], _Cached] = OrderedDict()  # least recently used first
+        self._revoked: OrderedDict[tuple[bytes, int], _Cached] = OrderedDict()  # "revoked" answers, apart
         self._pending: dict[tuple[bytes, int], asyncio.Future[RevocationEvidence]] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -132,9 +135,10 @@ class OcspClient:
         if url is None:
             return RevocationEvidence(RevocationStatus.UNKNOWN, "", "the certificate names no OCSP responder")
         key = (x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest, cert.serial_number)
-        cached = self._cache.get(key)
+        table = self._revoked if key in self._revoked else self._cache
+        cached = table.get(key)
         if cached is not None and at <= cached.until:
-            self._cache.move_to_end(key)
+            table.move_to_end(key)
             return cached.evidence
         pending = self._pending.get(key)
         if pending is not None:
@@ -154,18 +158,21 @@ class OcspClient:
             del self._pending[key]
 
     def _keep(self, key: tuple[bytes, int], cached: _Cached) -> None:
-        self._cache[key] = cached
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._size:
-            self._cache.popitem(last=False)
+        """`cached` the answer for `key`, in its table: a "revoked" one where other answers never evict it."""
+        self.forget(*key)
+        table = self._revoked if cached.evidence.status is RevocationStatus.REVOKED else self._cache
+        table[key] = cached
+        while len(table) > self._size:
+            table.popitem(last=False)
 
     @property
     def kept(self) -> int:
         """Answers kept (tests, docs/hardening.md); not `__len__`: an empty client would be false."""
-        return len(self._cache)
+        return len(self._cache) + len(self._revoked)
 
     def forget(self, issuer_key_digest: bytes, serial: int) -> None:
         self._cache.pop((issuer_key_digest, serial), None)
+        self._revoked.pop((issuer_key_digest, serial), None)
 
     async def close(self) -> None:
         if self._session is not None:

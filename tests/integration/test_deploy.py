@@ -261,6 +261,31 @@ def test_the_handout_gives_each_part_the_files_it_reads_and_no_secret_of_another
     assert published.readlink() == layout.pki_dir / "issuing.crl"
 
 
+def test_a_rerun_handout_does_not_follow_a_link_a_container_planted_in_its_volume(tmp_path: Path) -> None:
+    """The backend mounts its volume writable (its replay cache): a backend that replaced `keytabs/` there with a link
+    into the device's volume had the next `lab handout` write the backend's keytab through it, into the device's
+    `pki/users/` (a device then held a key of the backend's service). The link is replaced by a directory of its
+    own; nothing is written where it pointed."""
+    layout = LabLayout.from_env(_services()["pki"]["environment"], root=tmp_path / "lab")
+    runner.init(layout)
+    for secret in (layout.proxy_keytab, layout.backend_keytab):
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(b"secret")
+        secret.chmod(0o600)
+    layout.krb5_conf.write_text("[libdefaults]\n")
+    into = tmp_path / "handout"
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    planted = into / "backend" / "keytabs"
+    shutil.rmtree(planted)
+    planted.symlink_to(into / "device" / "pki" / "users")
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    assert not (into / "device" / "pki" / "users" / "cas.keytab").exists()
+    assert not planted.is_symlink()
+    assert planted.is_dir()
+    assert (planted / "cas.keytab").read_bytes() == b"secret"
+    assert (planted / "cas.keytab").stat().st_mode & 0o777 == 0o600
+
+
 def test_the_devices_share_a_network_with_the_gateways_alone() -> None:
     """`device` is on the network `devices` only, where the gateway answers as proxy.lab.test; the KDC, backend and
     CRL server are on `lab`, which no device joins (test_compose.py connects from a device to check)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +65,59 @@ def test_whole_backend_answers_the_device_never_reads_are_cut_at_client_send_tim
         stalled = gw.wait_for("stream_stalled", lambda e: True, timeout=180, what="a stalled device")
         assert stalled["error"].startswith("TimeoutError")
         assert gw.events("device_send_stalled", gw.since) == []
+
+
+def _answers(data: bytes) -> tuple[list[bytes], int]:
+    """The status lines of the whole answers (each framed by a Content-Length) at the start of `data`, in order, and
+    where the first answer not yet whole begins."""
+    heads = []
+    start = 0
+    while (end := data.find(b"\r\n\r\n", start)) >= 0:
+        head = data[start:end]
+        length = next(
+            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        if len(data) < end + 4 + length:
+            break
+        heads.append(head.split(b"\r\n", 1)[0])
+        start = end + 4 + length
+    return heads, start
+
+
+def test_whole_answers_a_device_takes_after_stalls_shorter_than_client_send_timeout_are_served(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """perf7 arms the whole answer's send timeout only when the device has yet to take what was written: a device
+    that stops reading while its pipelined whole answers (32 KiB each) back up, and resumes each time well before
+    client_send_timeout (3 s here; stalls of 1 s, each past what the socket buffers hold: 6 MiB of answers) is served
+    every answer, as before: nothing is cut (no stream_stalled, no device_send_stalled)."""
+    count, stall = 200, 1.0
+    text = lab_config(lab, port=free_port()).replace("[listener]\n", "[listener]\nclient_send_timeout = 3\n", 1)
+    gw = start_gateway(lab, tmp_path / "gateway", text)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tcp.settimeout(60)
+        tcp.connect(("127.0.0.1", gw.port))
+        tls = client_context(lab, "alice").wrap_socket(tcp, server_hostname="127.0.0.1")
+        gw.mark()
+        tls.sendall(b"GET /owa/stall HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Lab-Body-Bytes: 32768\r\n\r\n" * count)
+        statuses: list[bytes] = []
+        pending, taken, stalls = b"", 0, 0
+        while len(statuses) < count:
+            if taken >= stalls * 1024 * 1024:  # at first and every MiB taken, the device stops reading a while
+                stalls += 1
+                time.sleep(stall)
+            chunk = tls.recv(65536)
+            assert chunk, f"the gateway closed the connection after {len(statuses)} answers"
+            taken += len(chunk)
+            more, used = _answers(pending + chunk)  # what is pending is less than one answer: no quadratic parsing
+            statuses += more
+            pending = (pending + chunk)[used:]
+        assert stalls >= 6
+        assert set(statuses) == {b"HTTP/1.1 200 OK"}
+        assert gw.events("stream_stalled", gw.since) == []
+        assert gw.events("device_send_stalled", gw.since) == []
+    finally:
+        tcp.close()
+        gw.stop()

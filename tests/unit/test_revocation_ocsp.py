@@ -253,3 +253,51 @@ async def _cache_keeps_at_most_its_size(pki: Pki) -> None:
     finally:
         await client.close()
         await runner.cleanup()
+
+
+def test_a_revoked_answer_outlives_a_churn_of_good_ones(pki: Pki) -> None:
+    """The answer cache's least-recently-used eviction dropped a "revoked" answer still within its time when enough
+    other certificates' "good" answers came after it (every user of a large CA, or one holding many certificates):
+    the revoked certificate's next request asked the responder again, and with the responder down that was UNKNOWN,
+    which `ocsp = "best-effort"` serves. A "revoked" answer is kept apart now, not evicted by other answers (only the
+    CA can make one), and answers until its time is up, as before the cache was bounded."""
+    asyncio.run(_revoked_answer_outlives_a_churn(pki))
+
+
+async def _revoked_answer_outlives_a_churn(pki: Pki) -> None:
+    posts: list[int] = []
+    issued: dict[int, x509.Certificate] = {}
+    down = False
+
+    async def responder(request: web.Request) -> web.Response:
+        asked = ocsp.load_der_ocsp_request(await request.read())
+        posts.append(asked.serial_number)
+        if down:
+            return web.Response(status=503)
+        nonce = asked.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+        status = ocsp.OCSPCertStatus.REVOKED if asked.serial_number == 2000 else ocsp.OCSPCertStatus.GOOD
+        return web.Response(body=answer(pki, issued[asked.serial_number], nonce=nonce, status=status))
+
+    app = web.Application()
+    app.router.add_post("/", responder)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    client = OcspClient(cache_seconds=3600, size=2)
+    issuing = load_cert(pki.issuing_cert)
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
+        for serial in (2000, *range(1000, 1004)):
+            issued[serial] = _with_responder(pki, url, serial=serial)
+        assert (await client.status(issued[2000], issuing, at=NOW)).status is RevocationStatus.REVOKED
+        for serial in range(1000, 1004):  # the churn: more good answers than the cache keeps
+            assert (await client.status(issued[serial], issuing, at=NOW)).status is RevocationStatus.GOOD
+        down = True
+        again = await client.status(issued[2000], issuing, at=NOW + timedelta(minutes=1))
+        assert again.status is RevocationStatus.REVOKED, again.detail
+        assert posts == [2000, *range(1000, 1004)]  # answered from the cache, the responder not asked
+        assert (await client.status(issued[1000], issuing, at=NOW)).status is RevocationStatus.UNKNOWN  # evicted
+        assert client.kept <= 3
+    finally:
+        await client.close()
+        await runner.cleanup()
