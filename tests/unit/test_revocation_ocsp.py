@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -162,6 +164,20 @@ async def _client_caches_answers_and_failures(pki: Pki) -> None:
     await client.close()
 
 
+@contextlib.asynccontextmanager
+async def _serving(responder: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """A real HTTP OCSP responder on a loopback port answering POSTs with `responder`; yields its URL."""
+    app = web.Application()
+    app.router.add_post("/", responder)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/"
+    finally:
+        await runner.cleanup()
+
+
 def _with_responder(pki: Pki, url: str, *, serial: int | None = None) -> x509.Certificate:
     """alice's certificate, reissued (same key; same serial unless `serial`) to name `url` as its OCSP responder."""
     alice = load_cert(pki.user_cert("alice"))
@@ -199,20 +215,14 @@ async def _client_takes_an_odd_answer_as_none(pki: Pki, odd: bytes) -> None:
     async def responder(_request: web.Request) -> web.Response:
         return web.Response(body=odd)
 
-    app = web.Application()
-    app.router.add_post("/", responder)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    client = OcspClient(cache_seconds=60)
-    try:
-        alice = _with_responder(pki, f"http://127.0.0.1:{runner.addresses[0][1]}/")
-        evidence = await client.status(alice, load_cert(pki.issuing_cert), at=NOW)
-        assert evidence.status is RevocationStatus.UNKNOWN
-        assert "no usable answer" in evidence.detail
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with _serving(responder) as url:
+        client = OcspClient(cache_seconds=60)
+        try:
+            evidence = await client.status(_with_responder(pki, url), load_cert(pki.issuing_cert), at=NOW)
+            assert evidence.status is RevocationStatus.UNKNOWN
+            assert "no usable answer" in evidence.detail
+        finally:
+            await client.close()
 
 
 def test_the_answer_cache_keeps_at_most_its_size_the_least_recently_used_out(pki: Pki) -> None:
@@ -232,27 +242,22 @@ async def _cache_keeps_at_most_its_size(pki: Pki) -> None:
         nonce = asked.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
         return web.Response(body=answer(pki, issued[asked.serial_number], nonce=nonce))
 
-    app = web.Application()
-    app.router.add_post("/", responder)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    client = OcspClient(cache_seconds=60, size=4)
-    issuing = load_cert(pki.issuing_cert)
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
-        for serial in range(1000, 1012):
-            issued[serial] = _with_responder(pki, url, serial=serial)
-        for serial, cert in issued.items():
-            assert (await client.status(cert, issuing, at=NOW)).status is RevocationStatus.GOOD
-            assert client.kept <= 4, f"{client.kept} answers kept after serial {serial}"
-        await client.status(issued[1008], issuing, at=NOW)  # kept (1008-1011), and now the most recently used
-        await client.status(issued[1000], issuing, at=NOW)  # dropped long ago: asked again; 1009 makes room
-        await client.status(issued[1008], issuing, at=NOW)  # still kept: the least recently used went, not the oldest
-        assert posts == [*range(1000, 1012), 1000]
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with _serving(responder) as url:
+        client = OcspClient(cache_seconds=60, size=4)
+        issuing = load_cert(pki.issuing_cert)
+        try:
+            for serial in range(1000, 1012):
+                issued[serial] = _with_responder(pki, url, serial=serial)
+            for serial, cert in issued.items():
+                assert (await client.status(cert, issuing, at=NOW)).status is RevocationStatus.GOOD
+                assert client.kept <= 4, f"{client.kept} answers kept after serial {serial}"
+            await client.status(issued[1008], issuing, at=NOW)  # kept (1008-1011), and now the most recently used
+            await client.status(issued[1000], issuing, at=NOW)  # dropped long ago: asked again; 1009 makes room
+            # still kept: the least recently used went, not the oldest
+            await client.status(issued[1008], issuing, at=NOW)
+            assert posts == [*range(1000, 1012), 1000]
+        finally:
+            await client.close()
 
 
 def test_a_revoked_answer_outlives_a_churn_of_good_ones(pki: Pki) -> None:
@@ -278,26 +283,20 @@ async def _revoked_answer_outlives_a_churn(pki: Pki) -> None:
         status = ocsp.OCSPCertStatus.REVOKED if asked.serial_number == 2000 else ocsp.OCSPCertStatus.GOOD
         return web.Response(body=answer(pki, issued[asked.serial_number], nonce=nonce, status=status))
 
-    app = web.Application()
-    app.router.add_post("/", responder)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    client = OcspClient(cache_seconds=3600, size=2)
-    issuing = load_cert(pki.issuing_cert)
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
-        for serial in (2000, *range(1000, 1004)):
-            issued[serial] = _with_responder(pki, url, serial=serial)
-        assert (await client.status(issued[2000], issuing, at=NOW)).status is RevocationStatus.REVOKED
-        for serial in range(1000, 1004):  # the churn: more good answers than the cache keeps
-            assert (await client.status(issued[serial], issuing, at=NOW)).status is RevocationStatus.GOOD
-        down = True
-        again = await client.status(issued[2000], issuing, at=NOW + timedelta(minutes=1))
-        assert again.status is RevocationStatus.REVOKED, again.detail
-        assert posts == [2000, *range(1000, 1004)]  # answered from the cache, the responder not asked
-        assert (await client.status(issued[1000], issuing, at=NOW)).status is RevocationStatus.UNKNOWN  # evicted
-        assert client.kept <= 3
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with _serving(responder) as url:
+        client = OcspClient(cache_seconds=3600, size=2)
+        issuing = load_cert(pki.issuing_cert)
+        try:
+            for serial in (2000, *range(1000, 1004)):
+                issued[serial] = _with_responder(pki, url, serial=serial)
+            assert (await client.status(issued[2000], issuing, at=NOW)).status is RevocationStatus.REVOKED
+            for serial in range(1000, 1004):  # the churn: more good answers than the cache keeps
+                assert (await client.status(issued[serial], issuing, at=NOW)).status is RevocationStatus.GOOD
+            down = True
+            again = await client.status(issued[2000], issuing, at=NOW + timedelta(minutes=1))
+            assert again.status is RevocationStatus.REVOKED, again.detail
+            assert posts == [2000, *range(1000, 1004)]  # answered from the cache, the responder not asked
+            assert (await client.status(issued[1000], issuing, at=NOW)).status is RevocationStatus.UNKNOWN  # evicted
+            assert client.kept <= 3
+        finally:
+            await client.close()
