@@ -46,17 +46,27 @@ def status(store: CrlStore, v: VerifiedCertificate, at: datetime = NOW) -> Revoc
 
 def forged_crl(pki: Pki, serial: int) -> bytes:
     """A CRL that names the lab's issuing CA and lists `serial`, but is signed with the rogue CA's key."""
-    rogue = serialization.load_pem_private_key(pki.rogue_issuing_key.read_bytes(), password=None)
-    assert isinstance(rogue, ec.EllipticCurvePrivateKey)
+    return _crl(pki, pki.rogue_issuing_key, 99, serial)
+
+
+def _issuing_crl(pki: Pki, number: int, serial: int) -> bytes:
+    """A CRL of the lab's issuing CA, signed with its own key, numbered `number`, listing `serial`."""
+    return _crl(pki, pki.issuing_key, number, serial)
+
+
+def _crl(pki: Pki, signer: Path, number: int, serial: int) -> bytes:
+    """A DER CRL naming the lab's issuing CA, numbered `number`, listing `serial`, signed with the key at `signer`."""
+    key = serialization.load_pem_private_key(signer.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
     entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=1))
     crl = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(load_cert(pki.issuing_cert).subject)
         .last_update(NOW - timedelta(minutes=1))
         .next_update(NOW + timedelta(days=1))
-        .add_extension(x509.CRLNumber(99), critical=False)
+        .add_extension(x509.CRLNumber(number), critical=False)
         .add_revoked_certificate(entry.build())
-        .sign(rogue, hashes.SHA256())
+        .sign(key, hashes.SHA256())
     )
     return crl.public_bytes(serialization.Encoding.DER)
 
@@ -545,23 +555,6 @@ def test_crl_floors_keep_the_highest_per_scope_and_make_room_for_new_scopes() ->
     assert table.crl_floor(b"d" * 16) == (1, 5000.0)
     assert table.crl_floor(b"b" * 16) is None
     assert table.crl_floor(b"a" * 16) == (2**159, 300.0)
-
-
-def _issuing_crl(pki: Pki, number: int, serial: int) -> bytes:
-    """A CRL of the lab's issuing CA, signed with its own key, numbered `number`, listing `serial`."""
-    key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=1))
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(load_cert(pki.issuing_cert).subject)
-        .last_update(NOW - timedelta(minutes=1))
-        .next_update(NOW + timedelta(days=1))
-        .add_extension(x509.CRLNumber(number), critical=False)
-        .add_revoked_certificate(entry.build())
-        .sign(key, hashes.SHA256())
-    )
-    return crl.public_bytes(serialization.Encoding.DER)
 
 
 def test_a_crl_number_longer_than_twenty_octets_is_taken_beside_the_shared_floor(
