@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -16,19 +17,33 @@ from tests.integration.conftest import Gateway, client_context, free_port, lab_c
 PIPELINED = 60_000  # `OPTIONS *` requests (404 each, no stage runs): their answers outgrow the socket buffers
 
 
+def _gateway(lab: LabLayout, tmp_path: Path, *, client_send_timeout: int) -> Gateway:
+    """The lab's gateway with `listener.client_send_timeout` set."""
+    setting = f"[listener]\nclient_send_timeout = {client_send_timeout}\n"
+    return start_gateway(
+        lab, tmp_path / "gateway", lab_config(lab, port=free_port()).replace("[listener]\n", setting, 1)
+    )
+
+
+def _small_window(lab: LabLayout, gw: Gateway, tcp: socket.socket, *, timeout: float) -> ssl.SSLSocket:
+    """alice's device on `tcp`, with a 4 KiB receive buffer so that unread answers back up into the gateway, its
+    handshake done and the gateway's log marked."""
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    tcp.settimeout(timeout)
+    tcp.connect(("127.0.0.1", gw.port))
+    tls = client_context(lab, "alice").wrap_socket(tcp, server_hostname="127.0.0.1")
+    gw.mark()
+    return tls
+
+
 @contextlib.contextmanager
 def _device_that_never_reads(lab: LabLayout, tmp_path: Path, requests: bytes) -> Iterator[Gateway]:
     """A gateway with client_send_timeout = 1 and alice's device (a 4 KiB receive buffer) pipelining `requests` from
     a thread without reading an answer; on leaving, that thread must have been stopped by the gateway's cut."""
-    text = lab_config(lab, port=free_port()).replace("[listener]\n", "[listener]\nclient_send_timeout = 1\n", 1)
-    gw = start_gateway(lab, tmp_path / "gateway", text)
+    gw = _gateway(lab, tmp_path, client_send_timeout=1)
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        tcp.settimeout(120)
-        tcp.connect(("127.0.0.1", gw.port))
-        tls = client_context(lab, "alice").wrap_socket(tcp, server_hostname="127.0.0.1")
-        gw.mark()
+        tls = _small_window(lab, gw, tcp, timeout=120)
 
         def send() -> None:
             with contextlib.suppress(OSError):  # the gateway cuts the connection while this still sends
@@ -92,15 +107,10 @@ def test_whole_answers_a_device_takes_after_stalls_shorter_than_client_send_time
     client_send_timeout (3 s here; stalls of 1 s, each past what the socket buffers hold: 6 MiB of answers) is served
     every answer, as before: nothing is cut (no stream_stalled, no device_send_stalled)."""
     count, stall = 200, 1.0
-    text = lab_config(lab, port=free_port()).replace("[listener]\n", "[listener]\nclient_send_timeout = 3\n", 1)
-    gw = start_gateway(lab, tmp_path / "gateway", text)
+    gw = _gateway(lab, tmp_path, client_send_timeout=3)
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        tcp.settimeout(60)
-        tcp.connect(("127.0.0.1", gw.port))
-        tls = client_context(lab, "alice").wrap_socket(tcp, server_hostname="127.0.0.1")
-        gw.mark()
+        tls = _small_window(lab, gw, tcp, timeout=60)
         tls.sendall(b"GET /owa/stall HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Lab-Body-Bytes: 32768\r\n\r\n" * count)
         statuses: list[bytes] = []
         pending, taken, stalls = b"", 0, 0
