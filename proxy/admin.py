@@ -27,8 +27,12 @@ neither take the file descriptors the device listener needs nor keep the admin l
 is never silent but never done: a request's head must be whole ADMIN_SILENT_SECONDS after the connection opened or
 the last answer ended (aiohttp's keep-alive timer), a body the handler leaves unread is read for at most 10 s
 (aiohttp's lingering close), and a connection whose answers still wait to be sent at two looks ADMIN_SILENT_SECONDS
-apart is cut (`admin_send_stalled`): a client reading them a byte at a time kept its connection, and with 64 of
-them /readyz, for as long as it liked (a close waits for what is unsent, so no timer of aiohttp's ended it).
+apart, the client having taken none of their bytes in between, is cut (`admin_send_stalled`): a client reading them
+a byte at a time kept its connection, and with 64 of them /readyz, for as long as it liked (a close waits for what
+is unsent, so no timer of aiohttp's ended it). Progress is the bytes the client's kernel acknowledged (TCP_INFO's
+`tcpi_bytes_acked`) or the write buffer shrinking: a scraper on a slow link that keeps reading a large answer is
+served on, while one that reads a byte now and then takes nothing its kernel would acknowledge (its receive window
+stays closed until a good part of its buffer is free) and is cut.
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
@@ -48,6 +52,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -353,6 +358,45 @@ class _Refused(asyncio.Protocol):
         transport.close()
 
 
+_TCP_INFO_BYTES_ACKED = struct.Struct("=Q")  # struct tcp_info's tcpi_bytes_acked (Linux 4.1 on), at this offset:
+_BYTES_ACKED_AT = 120  # 8 bytes of states and flags, 23 u32 fields (rto .. total_retrans), 2 u64 pacing rates
+
+
+@dataclass(frozen=True, slots=True)
+class _Progress:
+    """What a client had taken of a connection's answers at one look: the bytes its kernel acknowledged (TCP_INFO,
+    where Linux offers it; None on a Unix socket or elsewhere) and the bytes still in the gateway's write buffer."""
+
+    acked: int | None
+    unsent: int
+
+    @classmethod
+    def of(cls, transport: asyncio.WriteTransport) -> _Progress:
+        return cls(_bytes_acked(transport), transport.get_write_buffer_size())
+
+    def moved_since(self, last: _Progress) -> bool:
+        """Whether the client took bytes since `last`: its kernel acknowledged more, or the write buffer shrank (the
+        kernel took bytes from it, which it does only as the client reads)."""
+        return (self.acked is not None and last.acked is not None and self.acked > last.acked) or (
+            self.unsent < last.unsent
+        )
+
+
+def _bytes_acked(transport: asyncio.BaseTransport) -> int | None:
+    """The connection's `tcpi_bytes_acked` (TCP_INFO), or None where there is none (not TCP, not Linux)."""
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_INFO", None)
+    if sock is None or option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, option, _BYTES_ACKED_AT + _TCP_INFO_BYTES_ACKED.size)
+    except OSError:
+        return None
+    if len(info) < _BYTES_ACKED_AT + _TCP_INFO_BYTES_ACKED.size:
+        return None  # a kernel older than tcpi_bytes_acked
+    return int(_TCP_INFO_BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)[0])
+
+
 class _Counted(asyncio.Protocol):
     """aiohttp's handler for one admin connection, counted from its creation (at accept) until the connection is
     lost, or until it is dropped unused (a TLS handshake that failed never reaches `connection_lost`)."""
@@ -362,7 +406,7 @@ class _Counted(asyncio.Protocol):
         self._done = weakref.finalize(self, done)
         self._silent: asyncio.TimerHandle | None = None
         self._sending: asyncio.TimerHandle | None = None
-        self._unsent = False  # answers were waiting in the write buffer at the last look
+        self._last: _Progress | None = None  # the last look's, if answers were waiting in the write buffer then
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a connection that sends nothing for ADMIN_SILENT_SECONDS is closed (aiohttp would keep it for good)
@@ -373,21 +417,23 @@ class _Counted(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def _look(self, transport: asyncio.WriteTransport) -> None:
-        """Cut the connection if answers have waited in its write buffer since the last look, ADMIN_SILENT_SECONDS
-        ago: the client does not read them (a close waits for them to be sent, so not even aiohttp's keep-alive
-        timer ends such a connection); else look again then."""
-        unsent = transport.get_write_buffer_size() > 0
-        if unsent and self._unsent:
+        """Cut the connection if answers waited in its write buffer at this look and the last, ADMIN_SILENT_SECONDS
+        ago, and the client took none of their bytes in between (`_Progress`): it does not read them (a close waits
+        for them to be sent, so not even aiohttp's keep-alive timer ends such a connection). A client that reads,
+        however slowly (a scraper on a slow link reading a large /traces answer), is served on. Else look again then."""
+        unsent = transport.get_write_buffer_size()
+        now = _Progress.of(transport) if unsent else None
+        if now is not None and self._last is not None and not now.moved_since(self._last):
             log.warning(
                 "admin_send_stalled",
-                unsent=transport.get_write_buffer_size(),
+                unsent=unsent,
                 seconds=ADMIN_SILENT_SECONDS,
                 fix="the client did not read the answers: a scraper or probe this slow is stuck, and a client "
                 "holding admin connections this way is cut",
             )
             transport.abort()
             return
-        self._unsent = unsent
+        self._last = now
         self._sending = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, self._look, transport)
 
     def data_received(self, data: bytes) -> None:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from cryptography import x509
 
+from proxy.auth.shared import packing_forgotten
 from proxy.config import Identity
 from proxy.device.request import DeviceRequest
 from proxy.errors import AccountRefused, DirectoryUnavailable, GatewayError, MappingRefused
@@ -196,6 +197,10 @@ class HeldMappings:
         # server would otherwise stop every sweep before anyone else is judged)
         stopped, self._stopped_at = self._stopped_at, None
         order = sorted(self._held, key=lambda key: (key == stopped, key not in self._unjudged))
+        with packing_forgotten():  # the users it ends dropped everywhere together: a mass disable is a few log entries
+            await self._sweep(order, now)
+
+    async def _sweep(self, order: list[str], now: datetime | None) -> None:
         for at_key, key in enumerate(order):
             held = self._held.get(key)
             if not held:

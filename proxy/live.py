@@ -84,6 +84,7 @@ class Live:
     def __post_init__(self) -> None:
         self.metrics.crls = lambda: self.gateway.revocation.status()
         self.metrics.held_unjudged = self._held_unjudged
+        self.metrics.trace_export_errors = lambda: self.traces.export_errors
 
     def _held_unjudged(self) -> int:
         """The current directory's held users its sweep could not look up (`kcd_held_users_unjudged`)."""

@@ -33,7 +33,9 @@ request of theirs, their certificate was revoked), so that every other worker dr
 another request from them (`proxy.kerberos.delegate.Delegator`): a generation counter, which a worker reads on the
 request path without the lock (a changed value sends it to `forgotten_since`, under the lock), and the last
 `FORGOTTEN_SLOTS` entries, each holding as many users as fit (`_packed`). A worker further behind than that, or an
-entry for a user whose names do not fit one, drops every ticket it holds: never a user kept.
+entry for a user whose names do not fit one, drops every ticket it holds: never a user kept. A worker writes the
+users it forgets in one turn of its event loop together; a directory sweep, whose users are ended one look-up apart,
+writes those it ends together within `packing_forgotten` (at the sweep's end, or `PACK_FOR` seconds after the first).
 
 And the CRL floors: per CRL issuer, signing key and scope (`proxy.certs.sources`), the highest (CRL number,
 thisUpdate) a worker took, so that a worker replacing one that died, whose CRL store starts empty, refuses a CRL older
@@ -51,8 +53,10 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import astuple, dataclass
 
 _SLOT = struct.Struct("<16sIIdddd")  # key hash, failures, in flight, last failure, refused until, busy until, used
@@ -62,6 +66,7 @@ _EMPTY = bytes(16)
 _RETRY = 1.0  # seconds: Retry-After of a key with every attempt in flight, or with no slot it may take
 _KNOWN = struct.Struct("<16s32sd")  # key hash, the scrypt digest of the password the KDC last accepted, until when
 FORGOTTEN_SLOTS = 256  # the users the log of forgotten tickets keeps (`forget_users`)
+PACK_FOR = 1.0  # seconds: the longest `packing_forgotten` keeps a forgotten user from the log
 _FORGOTTEN_BYTES = 1024  # one entry: its length, then its names as JSON
 _GENERATION = struct.Struct("<Q")  # how many entries were ever written
 _LENGTH = struct.Struct("<I")
@@ -399,3 +404,53 @@ def _packed(users: list[ForgottenUser]) -> list[bytes | None]:
     if batch:
         entries.append(b"[" + b",".join(batch) + b"]")
     return entries
+
+
+class _Packing:
+    """The writes to the log of forgotten tickets put off by `packing_forgotten` (each worker's `Delegator._tell`)."""
+
+    def __init__(self) -> None:
+        self.writes: dict[Callable[[], None], None] = {}
+        self.since = 0.0  # when the first of them was put off (monotonic)
+        self.open = True  # False once the block ended (a task started within it inherits it: it writes at once)
+
+    def write(self) -> None:
+        writes, self.writes = list(self.writes), {}
+        for write in writes:
+            write()
+
+
+_PACKING: ContextVar[_Packing | None] = ContextVar("kcd_packing_forgotten", default=None)
+
+
+@contextmanager
+def packing_forgotten() -> Iterator[None]:
+    """Within it (a task's code, to its awaits), the users forgotten everywhere are written into the shared log
+    together: at its end, or once `PACK_FOR` seconds passed since the first was put off, whichever comes first.
+    For a directory sweep, which ends each user's held requests after that user's own look-up: each write on the loop's
+    next turn would make an entry per user, and a mass disable (a few hundred users) would put every other worker past
+    the log, and every worker would drop every user's tickets (a KDC storm). `PACK_FOR` bounds how long the other
+    workers may serve a user from a ticket this worker dropped."""
+    packing = _Packing()
+    token = _PACKING.set(packing)
+    try:
+        yield
+    finally:
+        _PACKING.reset(token)
+        packing.open = False
+        packing.write()
+
+
+def put_off(write: Callable[[], None]) -> bool:
+    """Within `packing_forgotten`, keep `write` (a log write, called once however often it is put off) for the
+    block's end and return True (`write` now if the first write put off waited `PACK_FOR` seconds); outside, False."""
+    packing = _PACKING.get()
+    if packing is None or not packing.open:
+        return False
+    now = time.monotonic()
+    if not packing.writes:
+        packing.since = now
+    packing.writes[write] = None
+    if now - packing.since >= PACK_FOR:
+        packing.write()
+    return True

@@ -24,7 +24,8 @@ never has more than one exchange in flight. The cache is bounded (least recently
 `forget(principal, enterprise=...)` drops a user (their certificate was revoked, the directory ended their held
 request) and `clear()` drops everything (the configuration changed). With several workers each has a cache of its
 own; when a held request ends, `forget(..., everywhere=True)` also writes the user into the log the workers share
-(`proxy.auth.shared.SharedTable.forget_users`, the users of one turn of the event loop together): every other worker
+(`proxy.auth.shared.SharedTable.forget_users`, the users of one turn of the event loop together, those of one
+directory sweep together: `proxy.auth.shared.packing_forgotten`): every other worker
 drops that user's tickets before it serves its next request from any ticket (`delegation` reads the log's generation
 first, a read of shared memory), so an account the directory found disabled is served by none of them.
 
@@ -78,7 +79,7 @@ import gssapi.exceptions
 import gssapi.raw
 import structlog
 
-from proxy.auth.shared import ForgottenUser, SharedTable
+from proxy.auth.shared import ForgottenUser, SharedTable, put_off
 from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KdcNotAsked, KerberosRefused
 from proxy.identity.principal import UserPrincipal, ascii_lower
@@ -233,6 +234,7 @@ class Delegator:
         self._shared = shared
         self._seen = shared.generation() if shared is not None else 0  # the shared log's entries acted on
         self._telling: dict[ForgottenUser, None] = {}  # users forgotten everywhere this turn, not yet in the log
+        self._tell_soon = False  # the loop's next turn writes them (`forget`)
         # the exchanges' threads: bounded in number and in waiters, a stop never waits for MIT (proxy.kerberos.threads)
         self._kdc = KdcThreads(settings.max_in_flight, settings.kdc_timeout, "kdc")
         self.stats = CacheStats()
@@ -639,12 +641,15 @@ class Delegator:
         dropped = self._forget_here(principal, enterprise)
         if everywhere and self._shared is not None:
             self._telling[(principal, enterprise)] = None
+            if put_off(self._tell):  # a directory sweep: written with the other users it ends (`packing_forgotten`)
+                return dropped
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no event loop (a tool, a test): written at once
                 self._tell()
             else:
-                if len(self._telling) == 1:  # the loop's next turn writes what this one forgot, packed
+                if not self._tell_soon:  # the loop's next turn writes what this one forgot, packed
+                    self._tell_soon = True
                     loop.call_soon(self._tell)
         return dropped
 
@@ -653,7 +658,7 @@ class Delegator:
         directory sweep ends every held request it judges in one turn, a few hundred of them one entry each would put
         every other worker past the log (`SharedTable.forget_users`). Their tickets here went at once (`forget`); the
         other workers read the log on their next request, a turn of this loop later at most."""
-        users, self._telling = list(self._telling), {}
+        users, self._telling, self._tell_soon = list(self._telling), {}, False
         if not users or self._shared is None:
             return
         before, after = self._shared.forget_users(users)

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy.certs.sources import CrlStatus
@@ -106,6 +106,7 @@ class Metrics:
         self.connection_limit = 0
         self.crls: Callable[[], Iterable[CrlStatus]] = list
         self.held_unjudged: Callable[[], int] = lambda: 0  # `proxy.held_mapping.HeldMappings.unjudged`
+        self.trace_export_errors: Callable[[], int] = lambda: 0  # `proxy.observability.traces.TraceRing.export_errors`
         self._clock = clock
         self._in_flight: dict[str, float] = {}  # trace id -> when the request started
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -254,6 +255,11 @@ class _Gauges(Collector):
             "Users with requests held whose last directory sweep reached no directory server: served on unjudged "
             "(fail open) until one answers",
             self._m.held_unjudged(),
+        )
+        yield CounterMetricFamily(
+            "kcd_trace_export_errors",
+            "Traces whose append to [traces] export failed (a full disk, an unwritable file): not exported",
+            value=self._m.trace_export_errors(),
         )
         now = datetime.now(UTC)
         labels = ["source", "issuer"]

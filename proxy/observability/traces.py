@@ -36,10 +36,14 @@ Never in a record: a token, a key, a password, a ticket. The ring holds the trac
 evidence objects the stages returned (chain, CRL answer, ticket facts), not the request or any error.
 With several workers each keeps its own ring, and the admin listener asks every worker's
 (`proxy.observability.siblings`); the export file is shared (one `write` per line, appended), created 0600.
+An export that fails (a full disk, a file made unwritable) never fails the request: each failure is counted
+(`kcd_trace_export_errors_total`), the first of a streak logged (`trace_export_failed`), and the next trace opens the
+file again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -52,12 +56,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+import structlog
 from cryptography import x509
 
 from proxy.config import Traces
 from proxy.identity.mapping import describe as mapping_words
 from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.trace import Trace
+
+log = structlog.get_logger("proxy.traces")
 
 STAGES = ("tls", "certificate", "revocation", "identity", "mapping", "s4u2self", "s4u2proxy", "backend")
 
@@ -101,7 +108,8 @@ class TraceRing:
     _export_path: Path | None = field(default=None, repr=False)
     _export: IO[str] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    export_errors: int = 0
+    export_errors: int = 0  # traces whose export failed (`kcd_trace_export_errors_total`)
+    _export_failing: bool = field(default=False, repr=False)  # the last export failed: `trace_export_failed` logged
 
     def record(self, trace: Trace, status: int, settings: Traces | None = None) -> None:
         """The request of `trace` ended with `status`: keep it (and export it, when configured)."""
@@ -175,8 +183,23 @@ class TraceRing:
                     self._export = _open_export(path)
                     self._export_path = path
                 self._export.write(line)
-            except OSError:
-                self.export_errors += 1  # a full disk must not fail requests; counted for whoever looks
+            except OSError as e:  # a full disk must not fail requests: counted (/metrics), logged once per streak
+                self.export_errors += 1
+                if self._export is not None:  # its unwritten line is dropped with it; the next one opens it again
+                    with contextlib.suppress(OSError):
+                        self._export.close()
+                    self._export = None
+                if not self._export_failing:
+                    log.warning(
+                        "trace_export_failed",
+                        path=str(path),
+                        error=f"{type(e).__name__}: {e.strerror or e}"[:200],
+                        fix="free space on its file system or make the file writable for the gateway; until then "
+                        "traces are not exported (kcd_trace_export_errors_total counts them), requests are served",
+                    )
+                self._export_failing = True
+            else:
+                self._export_failing = False
 
 
 def _open_export(path: Path) -> IO[str]:

@@ -45,11 +45,12 @@ def check(config: Config, *, at: datetime, crls: bool = True) -> list[str]:
 def warnings(config: Config) -> list[str]:
     """What is sound but worth knowing, as `key: message (in FILE)`: check-config prints these and still says ok.
 
-    Behind a balancer (`listener.proxy_protocol`) there are usually several gateways, and each counts a user's wrong
+    A `listener.trusted_proxies` block wider than /16 or /48 is named (`_wide_balancers`). Behind a balancer
+    (`listener.proxy_protocol`) there are usually several gateways, and each counts a user's wrong
     Basic passwords on its own (the workers of one gateway share a table; gateways share nothing): the directory's
     lockout threshold must be sized against the limit times the number of gateways (docs/throttles-and-limits.md)."""
     where = f" (in {config.path})"
-    found = [f"{key}: {message}{where}" for key, message in _admin_ca_shared(config)]
+    found = [f"{key}: {message}{where}" for key, message in (*_wide_balancers(config), *_admin_ca_shared(config))]
     auth = config.authentication
     if not config.listener.proxy_protocol or auth.mode == "certificate":
         return found
@@ -61,6 +62,24 @@ def warnings(config: Config) -> list[str]:
         f"(docs/throttles-and-limits.md, 'Several gateways'){where}",
         *found,
     ]
+
+
+WIDEST_BALANCERS = {4: 16, 6: 48}  # IP version -> the shortest `listener.trusted_proxies` prefix taken without a word
+
+
+def _wide_balancers(config: Config) -> Iterator[tuple[str, str]]:
+    """A `listener.trusted_proxies` block wider than a /16 (IPv4) or a /48 (IPv6): every address in it may write any
+    client address into a PROXY header, which the address throttles, the logs and X-Forwarded-For then take for the
+    device's. Balancers sit at a few known addresses; /0 is `proxy.config`'s refusal."""
+    for i, block in enumerate(config.listener.trusted_proxies):
+        widest = WIDEST_BALANCERS[block.version]
+        if 0 < block.prefixlen < widest:
+            yield (
+                f"listener.trusted_proxies[{i}]",
+                f"{block} is wider than a /{widest}: every address in it ({block.num_addresses:,}) may write any "
+                "client address into a PROXY header, and the gateway takes it for the device's (its throttles, "
+                "logs and X-Forwarded-For); list the balancers' own addresses or subnet (docs/deploying.md)",
+            )
 
 
 def _admin_ca_shared(config: Config) -> Iterator[tuple[str, str]]:

@@ -680,3 +680,41 @@ def test_a_client_that_reads_its_answers_slowly_is_cut(own_admin_gateway: tuple[
         if busy.is_alive():
             busy.join()
         sock.close()
+
+
+def test_a_client_that_reads_its_answers_slowly_but_steadily_is_not_cut(own_admin_gateway: tuple[Gateway, str]) -> None:
+    """A scraper on a slow link: its receive buffer small, it reads a few KiB every second of answers larger than
+    every buffer on the way (pipelined requests, more of them each second), for longer than two looks of the stall
+    check. It takes bytes between every two looks, so it is served on: the check judges by progress (the bytes the
+    client's kernel acknowledged, or the write buffer shrinking), not by answers waiting. Failed before: answers
+    waited in the write buffer at two looks ADMIN_SILENT_SECONDS apart, and the connection was cut while it read."""
+    gw, admin = own_admin_gateway
+    port = urlsplit(admin).port
+    assert port is not None
+    mark = gw.mark()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(15)
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        _pipelined(sock)
+        read = 0
+        deadline = time.monotonic() + 2.5 * ADMIN_SILENT_SECONDS  # past two looks, whenever the first one falls
+        while time.monotonic() < deadline:
+            sock.setblocking(True)
+            for _ in range(2):  # 4 KiB a second at most: far slower than loopback, and never stopped
+                try:
+                    chunk = sock.recv(2048)
+                except ConnectionResetError:
+                    chunk = b""
+                assert chunk, f"the connection was cut after {read} bytes: {gw.events('admin_send_stalled', mark)}"
+                read += len(chunk)
+            sock.setblocking(False)
+            _pipelined(sock)  # answers keep waiting in the gateway's buffer
+            time.sleep(1)  # the reader's pace (what the test is about), not a wait for the gateway
+        assert gw.events("admin_send_stalled", mark) == []
+        assert read > 10_000
+    finally:
+        sock.close()
+    assert _answers(admin + "/healthz")

@@ -159,6 +159,39 @@ def test_basic_behind_a_balancer_is_ok_with_a_warning_to_size_the_limit_per_gate
     assert warning.endswith(f"(in {path})"), warning
 
 
+@pytest.mark.parametrize(
+    ("blocks", "wide"),
+    [
+        ('"10.0.1.0/24", "10.0.0.0/8"', "10.0.0.0/8"),
+        ('"192.0.2.10/32", "2001:db8::/32"', "2001:db8::/32"),
+        ('"10.1.0.0/16", "2001:db8:1::/48", "10.0.1.7/32"', None),
+    ],
+)
+def test_a_wide_trusted_proxies_block_is_ok_with_a_warning(
+    lab: LabLayout, tmp_path: Path, blocks: str, wide: str | None
+) -> None:
+    """A `listener.trusted_proxies` block wider than /16 (IPv4) or /48 (IPv6): exit 0, the ok line, and on stderr a
+    warning naming the key's entry and the block, saying every address in it may write any client address into a
+    PROXY header; /16, /48 and narrower: no such warning. Failed before: only /0 was refused, a /8 passed silently."""
+    port = free_port()
+    text = lab_config(lab, port=port)
+    bind = f'bind = "127.0.0.1:{port}"\n'
+    path = tmp_path / "gateway.toml"
+    path.write_text(text.replace(bind, f"{bind}proxy_protocol = true\ntrusted_proxies = [{blocks}]\n"))
+    res = _cli(path)
+    assert res.returncode == 0, res
+    assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: listener.trusted_proxies")]
+    if wide is None:
+        assert warned == [], res.stderr
+        return
+    (warning,) = warned
+    assert warning.startswith("warning: listener.trusted_proxies[1]: "), warning
+    assert wide in warning, warning
+    assert "any client address" in warning, warning
+    assert warning.endswith(f"(in {path})"), warning
+
+
 def test_an_admin_ca_that_is_a_device_trust_anchor_is_ok_with_a_warning(lab: LabLayout, tmp_path: Path) -> None:
     """`admin.client_ca` holding a CA of the device trust list, with a subject on `admin.allowed_clients`: any
     device certificate under it with that subject reads the admin listener. check-config says ok and warns naming

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.lab.layout import USERS, LabLayout
 from proxy.observability.tracepage import MAX_TRACES
@@ -537,3 +538,36 @@ def test_trace_fetch_gives_up_on_an_answer_that_trickles() -> None:
     took, error = asyncio.run(run())
     assert "2 s" in error, error
     assert took < 30, took
+
+
+def test_a_failing_export_is_logged_once_per_streak_and_counted(lab: LabLayout, tmp_path: Path) -> None:
+    """`[traces] export` on a full disk (/dev/full: every write fails with ENOSPC): requests are served, the first
+    failure logs `trace_export_failed` naming the file and the error, the next ones of the streak log nothing more,
+    and `/metrics` counts each (`kcd_trace_export_errors_total`). Failed before: nothing said so (the count was read
+    by nothing)."""
+    admin_port = free_port()
+    extra = f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n\n[traces]\nexport = "/dev/full"\n'
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    try:
+        mark = gw.mark()
+        for _ in range(3):
+            res = curl(lab, gw.url + "/owa/", "alice")
+            assert res.stdout.endswith("\n200"), res
+        failed = gw.wait_event("trace_export_failed")
+        assert failed["path"] == "/dev/full"
+        assert "No space left on device" in failed["error"], failed
+
+        def counted() -> float | None:
+            text = _get(f"http://127.0.0.1:{admin_port}/metrics")[1]
+            value = sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "kcd_trace_export_errors_total"
+            )
+            return value if value >= 3 else None
+
+        assert eventually(counted, "three failed exports counted")
+        assert len(gw.events("trace_export_failed", mark)) == 1  # once for the streak
+    finally:
+        assert gw.stop() == 0

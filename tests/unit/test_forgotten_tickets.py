@@ -11,15 +11,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import gssapi
 import pytest
 
+from proxy.auth import shared
 from proxy.auth.shared import FORGOTTEN_SLOTS, SharedTable
 from proxy.config import Kerberos
+from proxy.errors import AccountRefused
+from proxy.held_mapping import HeldMappings
+from proxy.identity.mapping import Account
 from proxy.identity.principal import UserPrincipal, map_upn
 from proxy.kerberos.delegate import Delegator, _Ticket
+from tests.unit.test_mapping import account
 
 ALICE, BOB = map_upn("alice@ad.test", realm_map={}), map_upn("bob@ad.test", realm_map={})
 SPN, TARGET = "HTTP/cas.ad.test", "HTTP@cas.ad.test"
@@ -153,3 +158,90 @@ def test_a_long_non_ascii_name_fits_its_entry_as_utf8(workers: tuple[Delegator, 
     assert _cached(two, BOB)
     assert one._shared is not None
     assert one._shared.forgotten_since(0) == (one._shared.generation(), [(name, None)])
+
+
+class _DisablingDirectory:
+    """A directory whose every account is disabled now; each look-up takes a turn of the event loop or more, as a
+    search over the network does (the forgets of two users are not in one turn)."""
+
+    base_dn = "DC=ad,DC=test"
+    realm = "AD.TEST"
+
+    def cached(self, name: str) -> Account | None:
+        return None
+
+    async def lookup(self, name: str, *, fresh: bool = False) -> Account | None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return account(user_account_control=0x202)  # ACCOUNTDISABLE
+
+
+class _Held:
+    """What a held request offers the sweep: its answer has not started (ended with a 403)."""
+
+    answer_started = False
+
+    def abort(self) -> None:
+        raise AssertionError("the answer had not started")
+
+
+def test_a_directory_sweep_ending_many_users_costs_other_users_nothing(workers: tuple[Delegator, ...]) -> None:
+    """A mass disable in the directory: one sweep of `proxy.held_mapping` ends the held requests of 400 users, each
+    after its own look-up (a turn of the loop or more apart), and drops each user's tickets everywhere: the log gets
+    packed entries, so the second worker keeps bob's ticket and still drops alice's. Failed before: each user's end
+    was written on the loop's next turn, an entry each, the second worker was past the log and dropped every ticket
+    (a KDC storm: every user's next request an S4U2Self and an S4U2Proxy in every worker)."""
+    one, two = workers
+    for worker in (one, two):
+        assert not _cached(worker, BOB)
+        assert not _cached(worker, ALICE)
+    names = [f"user{n}@AD.TEST" for n in range(400)] + [ALICE.principal]
+
+    async def sweep() -> None:
+        held = HeldMappings(cast(Any, _DisablingDirectory()), every=3600)
+
+        async def request(name: str) -> None:
+            def forget() -> None:
+                one.forget(name, everywhere=True)
+
+            with held.hold_account(cast(Any, _Held()), name, forget=forget):
+                await asyncio.Event().wait()  # a held Ping: until the sweep ends it
+
+        tasks = [asyncio.ensure_future(request(name)) for name in names]
+        await asyncio.sleep(0)
+        assert held.held == len(names)
+        await held.sweep()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        held.close()
+        assert all(isinstance(task.exception(), AccountRefused) for task in tasks)
+        await asyncio.sleep(0)  # the loop's next turn: whatever waits for one is written
+
+    asyncio.run(sweep())
+    assert one._shared is not None
+    assert one._shared.generation() < FORGOTTEN_SLOTS // 4  # packed: a few entries, not one per user
+    assert _cached(two, BOB)
+    assert not _cached(two, ALICE)  # still dropped in the second worker
+    assert two.stats.exchanges == 3
+
+
+def test_a_long_sweep_writes_what_it_forgot_within_pack_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within `packing_forgotten` a write waits for the block's end, but no longer than PACK_FOR seconds after the
+    first put off (the other workers would serve those users on meanwhile), and once however often it is put off;
+    after the block a put-off is refused (a task started within it must not wait for a write that never comes)."""
+    clock = [100.0]
+    monkeypatch.setattr("proxy.auth.shared.time.monotonic", lambda: clock[0])
+    writes: list[str] = []
+
+    def write() -> None:
+        writes.append("written")
+
+    with shared.packing_forgotten():
+        assert shared.put_off(write)
+        assert shared.put_off(write)
+        assert writes == []
+        clock[0] += shared.PACK_FOR
+        assert shared.put_off(write)
+        assert writes == ["written"]  # the first waited PACK_FOR: written, with what came since
+        assert shared.put_off(write)
+    assert writes == ["written", "written"]  # the rest at the block's end
+    assert not shared.put_off(write)
