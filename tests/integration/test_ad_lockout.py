@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from tests.integration.ad_fixtures import (
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
-VICTIM = "lockme"
+VICTIM = "lockme"  # the victims' names begin so
 VICTIM_PASSWORD = "Lockme-Ad-Pa55"
 PSO = "kcd-test-lockout"
 THRESHOLD = 5  # the PSO's msDS-LockoutThreshold
@@ -38,18 +39,19 @@ GUESSES = 2 * THRESHOLD  # a guessing device's wrong passwords: enough to lock t
 
 @pytest.fixture
 def victim(ad_realm: ad.AdRealm) -> Iterator[str]:
-    """A fresh account (bad-password count 0) under a PSO that locks it after THRESHOLD bad passwords within 30
-    minutes, for 30 minutes; deleted afterwards."""
+    """A fresh account of this test's own (bad-password count 0) under a PSO that locks it after THRESHOLD bad
+    passwords within 30 minutes, for 30 minutes; deleted afterwards. Its name is the test's alone: the realm is shared
+    by the run's workers, and under `--dist load` this file's tests run at once on two of them; with one name for
+    all (lockme), one test's set-up deleted and made again the account another was guessing at."""
+    name = f"{VICTIM}{secrets.token_hex(3)}"
     with _locked(ad_realm.root):
-        if VICTIM in ad_realm.samba_tool("user", "list"):
-            ad_realm.samba_tool("user", "delete", VICTIM)
-        ad_realm.samba_tool("user", "create", VICTIM, VICTIM_PASSWORD)
-        apply_lockout_policy(ad_realm, PSO, 10, THRESHOLD, VICTIM)
+        ad_realm.samba_tool("user", "create", name, VICTIM_PASSWORD)
+        apply_lockout_policy(ad_realm, PSO, 10, THRESHOLD, name)
     try:
-        yield VICTIM
+        yield name
     finally:
         with _locked(ad_realm.root):
-            ad_realm.samba_tool("user", "delete", VICTIM)
+            ad_realm.samba_tool("user", "delete", name)
 
 
 def _directory_says(realm: ad.AdRealm, name: str) -> tuple[int, int]:
