@@ -491,10 +491,15 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         except AccountRevoked as e:
             raise await account_named(gw, e, now) from None
     # ended if the certificate is revoked meanwhile, or (with a [directory]) if the directory refuses it meanwhile
-    with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified, auth):
-        context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
-        del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
-        result = await forward_device(request, route, gw.pools, principal, authorization, context, target)
+    try:
+        with trace.stage("backend"), gw.revocation.watch(request), _held(gw, request, leaf, certified, auth):
+            context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
+            del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
+            result = await forward_device(request, route, gw.pools, principal, authorization, context, target)
+    except CertificateRevoked:  # revoked while held: its user's tickets go, as at the revocation stage
+        if certified is not None:
+            forget_user(gw, certified)
+        raise
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
     if route.backend_binding == "connection":
         trace.note(backend_auth_sent=result.token_sent)  # False: the connection already carries the user's identity
