@@ -8,6 +8,7 @@ certificate's notAfter passing: `test_connection_certificate`; a directory chang
 from __future__ import annotations
 
 import http.client
+import itertools
 import signal
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 
-LIFE = 8  # seconds from now to the CRL's nextUpdate: time for a gateway's start and a first request
+LIFE = 8  # seconds from its publication to the short-lived CRL's nextUpdate: time for a reload and a first request
 
 
 def _get(conn: http.client.HTTPSConnection) -> tuple[int, str, str | None]:
@@ -43,9 +44,14 @@ def test_a_crl_that_stops_being_current_refuses_the_open_connection_at_its_next_
 ) -> None:
     """The issuing CA's only CRL reaches its nextUpdate while alice's keep-alive connection is open (revocation
     "require", nothing refreshed meanwhile): her next request on that connection is refused at the revocation stage
-    instead of being served on the verdict her connection's first request got."""
-    next_update = (datetime.now(UTC) + timedelta(seconds=LIFE)).replace(microsecond=0)  # as the CRL encodes it
-    issuing = write_crl(tmp_path / "issuing.pem", load_ca(lab.pki_dir, "issuing"), next_update=next_update)
+    instead of being served on the verdict her connection's first request got.
+
+    The short-lived CRL is put in force by a reload once the gateway runs and the connection is open (a reload makes
+    a new gateway: the connection's next request is its first there): written before the start, its LIFE of 8 s ran
+    out before a slow start served the first request (403 for it, on a loaded machine). Where the reload and that
+    request still take longer than the CRL's life, it is published again with twice the life."""
+    issuing_ca = load_ca(lab.pki_dir, "issuing")
+    issuing = write_crl(tmp_path / "issuing.pem", issuing_ca)  # current for a day: the start may take its time
     crls = f'crls = ["{lab.pki_dir / "root.crl"}", "{issuing}"]'
     text = lab_config(lab, port=free_port()).replace(f'crls = ["{lab.pki_dir / "crls.pem"}"]', crls)
     assert crls in text
@@ -53,8 +59,21 @@ def test_a_crl_that_stops_being_current_refuses_the_open_connection_at_its_next_
     conn = http.client.HTTPSConnection("127.0.0.1", gw.port, context=client_context(lab, "alice"), timeout=30)
     try:
         assert _get(conn)[0] == 200
-        local, served = _local(conn), 1
-        deadline = time.monotonic() + LIFE + 30
+        local = _local(conn)
+        life, deadline = LIFE, time.monotonic() + 300
+        for number in itertools.count(1001):  # each publication newer than the last (a CRL number never goes back)
+            next_update = (datetime.now(UTC) + timedelta(seconds=life)).replace(microsecond=0)  # as the CRL has it
+            write_crl(tmp_path / "issuing.new", issuing_ca, next_update=next_update, number=number).replace(issuing)
+            _reload(gw, text)
+            taken = [e for e in gw.events("crl_loaded", gw.since) if e.get("source") == str(issuing)]
+            if [e.get("crl_number") for e in taken] == [number]:
+                answer = _get(conn)
+                if answer[0] == 200:
+                    break  # served on the short-lived CRL: this connection's first request on the new gateway
+                assert datetime.now(UTC) > next_update, f"refused while the CRL was current: {answer}"
+            assert time.monotonic() < deadline, "no reload put the short-lived CRL in force in time"
+            life *= 2  # read or asked for past its nextUpdate: the machine is slower than that life
+        served = 1
         while (answer := _get(conn))[0] == 200:
             assert datetime.now(UTC) <= next_update + timedelta(seconds=1), "served on a CRL past its nextUpdate"
             assert time.monotonic() < deadline

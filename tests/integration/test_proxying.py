@@ -213,14 +213,16 @@ def test_backend_request_is_cancelled_when_the_device_leaves(lab: LabLayout, gw:
 
 
 def test_route_read_timeout_is_504(lab: LabLayout, gw: Gateway) -> None:
-    """A backend silent for longer than the route's read_timeout (1 s here) is a 504, in about that time."""
+    """A backend silent for longer than the route's read_timeout (1 s here) is a 504, in about that time (the
+    gateway's own backend stage: curl's start and the TLS handshake, seconds on a loaded machine, are not the
+    route's to bound)."""
     gw.mark()
-    started = time.monotonic()
     res = curl(lab, gw.url + "/short/x", "alice", "-H", "X-Lab-Hold-Seconds: 5")
     body, code = _split(res.stdout)
     assert code == 504
     assert "did not answer in time" in body
-    assert time.monotonic() - started < 4
+    waited = gw.wait_event("request", path="/short/x")["ms"]["backend"]
+    assert waited < 4000, waited
     assert "read_timeout=1 s" in gw.wait_event("backend_timeout")["fix"]
 
 
@@ -228,16 +230,16 @@ def test_stalled_request_body_is_408(lab: LabLayout, gw: Gateway) -> None:
     """A device that stops sending its body for longer than listener.client_body_timeout (1 s) gets 408."""
     ctx = client_context(lab, "alice")
     gw.mark()
-    started = time.monotonic()
     with (
         socket.create_connection(("127.0.0.1", gw.port)) as raw,
         ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
     ):
         tls.sendall(b"POST /owa/stall HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        stalled = time.monotonic()  # the body stalls from here (the handshake before is not the timeout's)
         tls.settimeout(10)
         answer = tls.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - stalled < 5
     assert gw.wait_event("client_body_timeout")["stage"] == "request"
 
 

@@ -128,7 +128,9 @@ def test_revoked_certificate_is_refused_on_its_open_connection(lab: LabLayout, t
 
 
 def test_held_request_of_a_revoked_user_is_ended(lab: LabLayout, tmp_path: Path) -> None:
-    """A Ping held at the backend ends with 403 once a refresh revokes its certificate (CRL learned from the CDP)."""
+    """A Ping held at the backend ends with 403 once a refresh revokes its certificate (CRL learned from the CDP), and
+    its user's cached delegated tickets are dropped (they were kept: only the revocation stage's refusal dropped them,
+    and test_ticket_cache's revoked-certificate test, taking a held request's 403 for that refusal, failed once)."""
     settings = f'crls = []\nuse_distribution_points = true\ncrl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
     gw = gateway_with(lab, tmp_path, settings)
     try:
@@ -149,6 +151,8 @@ def test_held_request_of_a_revoked_user_is_ended(lab: LabLayout, tmp_path: Path)
         assert "was revoked on" in body
         print(f"bob-phone's held request ended {elapsed:.2f} s after the CRL was published")
         assert gw.wait_event("held_request_ended", cert_subject="CN=bob")["answer_started"] is False
+        # the revoked certificate's user loses the delegated tickets, as when the revocation stage refuses it
+        assert gw.wait_event("tickets_forgotten", principal="bob@LAB.TEST")["tickets"] == 1
     finally:
         assert gw.stop() == 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -30,6 +31,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def trust(pki: Pki) -> TrustList:
     """The trust list of that PKI: its root as the anchor, its issuing CA as the intermediate."""
     return TrustList.load([pki.root_cert], [pki.issuing_cert])
+
+
+@pytest.fixture(autouse=True)
+def _krb5_config_put_back() -> Iterator[None]:
+    """KRB5_CONFIG as it was before each test. `proxy.kerberos.profile.use_profile` (a Delegator, a Directory, the
+    profile tests) sets it for the whole process, and `monkeypatch.delenv("KRB5_CONFIG", raising=False)` puts
+    nothing back when it was not set: test_krb5conf's krb5.conf that MIT refuses stayed named there, and a later
+    test's child process (test_default_ccache's, which inherits the environment) failed krb5_init_context."""
+    before = os.environ.get("KRB5_CONFIG")
+    yield
+    if before is None:
+        os.environ.pop("KRB5_CONFIG", None)
+    else:
+        os.environ["KRB5_CONFIG"] = before
 
 
 @pytest.fixture

@@ -204,8 +204,16 @@ def test_a_call_whose_caller_went_away_tells_its_outcome_when_it_returns() -> No
         release = threading.Event()
         try:
             assert await threads.run(lambda: "ok", outcome=_Told(told)) == "ok"
-            caller = asyncio.create_task(threads.run(_blocked, release, outcome=_Told(told)))
-            await _until(lambda: threads.held == 1, "the call started")
+            running = threading.Event()
+
+            def call() -> str:
+                running.set()
+                return _blocked(release)
+
+            caller = asyncio.create_task(threads.run(call, outcome=_Told(told)))
+            # The call itself says it runs: `held` counts it from its hand-over to the thread, and a call cancelled
+            # before its thread took it up (a loaded machine) never runs, which is told nothing, rightly.
+            await _until(running.is_set, "the call running in its thread")
             caller.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await caller
