@@ -43,6 +43,14 @@ a second (MIT's per-file stat), and an overlay path that stayed the same kept th
 one-file overlay even kept copying the krb5.conf of the start. The file before stays, as it was, for a call begun on
 it (MIT would skip a file gone from under an open context); older ones are removed.
 
+Overlays never stack (`overlay2:overlay1:krb5.conf`) in a gateway: each call takes the overlay in force (`_overlay`)
+off the front of KRB5_CONFIG before putting the new one there, or, in one-file mode, goes back to the file it copied.
+The process that set KRB5_CONFIG is the one that knows its overlay, in a reload as at the start, and a worker (a
+replacement too) is forked, not executed: it inherits `_overlay` with the environment, and puts its own overlay in
+place of its supervisor's. Only a process given the environment without the module's state (a test that resets
+`_overlay`, a program the gateway would execute: it executes none) would stack.
+`test_reloads_and_a_forked_worker_never_stack_overlays` (tests/unit/test_krb5_profile.py) pins it.
+
 One writer, no lock: the overlay is written by `use_profile` (a delegator, a probe or the directory client being
 built), `refresh_profile` (`_Merged.refresh`, before a KDC exchange is handed to its thread and before a token is
 made) and `set_realm_section` (the KDC watch), and all of them run on the event loop's thread: a gateway never calls

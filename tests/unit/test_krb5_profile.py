@@ -354,3 +354,70 @@ def test_the_kdc_watchs_section_is_read_by_the_next_context_at_once(
         assert _held_value(*realm_kdc) == kdc
         profile.set_realm_section("LAB.TEST", None)
         assert _mit_values(os.environ["KRB5_CONFIG"], *realm_kdc) == ["127.0.0.1:1111"], f"round {round_}: taken out"
+
+
+def _names_one_overlay(value: str, base: str) -> str:
+    """The overlay file `value` (a KRB5_CONFIG) names, checked to be the only overlay in it, followed by `base` alone
+    (or, in one-file mode, nothing: the overlay holds base's text). The caller checks that it exists."""
+    files = value.split(":")
+    overlays = [f for f in files if profile._OVERLAY_NAME.fullmatch(Path(f).name)]
+    assert overlays == files[:1], value  # one overlay, first
+    assert files[1:] in ([], [base]), value
+    return files[0]
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_reloads_and_a_forked_worker_never_stack_overlays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway's life without the module state reset between calls (unlike the tests above): reloads that change
+    kerberos.krb5_config (one-file and two-file mode in turn), the KDC watch's realm sections in between, and a worker
+    forked afterwards, as the supervisor forks a replacement. KRB5_CONFIG names one overlay, then the base file (no
+    `overlay2:overlay1:krb5.conf`), and only the overlay in force and the one before it are left."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(profile.tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(profile, "_overlay", [])
+    monkeypatch.setattr(profile, "_written", {})
+    monkeypatch.setattr(profile, "_texts", {})
+    monkeypatch.setattr(profile, "_locks", {})
+    plain_a, plain_b, including = tmp_path / "a.conf", tmp_path / "b.conf", tmp_path / "i.conf"
+    _krb5_conf(plain_a, "127.0.0.1:1111")
+    _krb5_conf(plain_b, "127.0.0.1:2222")
+    including.write_text(f"include {plain_a}\n[libdefaults]\n    default_realm = LAB.TEST\n")
+    monkeypatch.setenv("KRB5_CONFIG", str(plain_b))  # the environment's: two-file mode while none is configured
+    # (kerberos.krb5_config, the file MIT then reads): a reload keeping the environment's, then ones changing the key
+    steps: list[tuple[Path | None, Path]] = [
+        (None, plain_b), (None, plain_b), (including, including), (plain_a, plain_a), (including, including),
+        (plain_b, plain_b), (plain_a, plain_a), (plain_a, plain_a),
+    ]  # fmt: skip
+    named: list[str] = []
+    try:
+        for n, (configured, base) in enumerate(steps):
+            value = profile.use_profile(configured)
+            assert os.environ["KRB5_CONFIG"] == value
+            overlay = _names_one_overlay(value, str(base))
+            assert Path(overlay).is_file()
+            if overlay not in named:  # the same profile again (the last step) keeps its file
+                named.append(overlay)
+            profile.set_realm_section("LAB.TEST", f"    LAB.TEST = {{\n        kdc = 127.0.0.1:{3000 + n}\n    }}*\n")
+            assert {str(p) for p in temp.iterdir()} == set(named[-2:])  # older overlays are removed
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the replacement worker: inherits the environment and the module's state, builds its own
+            code = 1
+            try:
+                os.close(read)
+                os.write(write, profile.use_profile(plain_a).encode())
+                profile.remove_overlay()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            child = pipe.read().decode()
+        assert os.waitpid(pid, 0)[1] == 0
+        own = _names_one_overlay(child, str(plain_a))
+        assert f"-{pid}-" in Path(own).name  # the worker's own overlay, in place of ours (not on top of it)
+        assert not Path(own).exists()  # removed at the worker's exit; ours stay ours
+        assert {str(p) for p in temp.iterdir()} == set(named[-2:])
+    finally:
+        profile.remove_overlay()
