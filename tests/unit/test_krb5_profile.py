@@ -7,6 +7,7 @@ import ctypes.util
 import fcntl
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -374,7 +375,7 @@ def test_reloads_and_a_forked_worker_never_stack_overlays(tmp_path: Path, monkey
     `overlay2:overlay1:krb5.conf`), and only the overlay in force and the one before it are left."""
     temp = tmp_path / "tmp"
     temp.mkdir()
-    monkeypatch.setattr(profile.tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.setattr(profile, "_overlay", [])
     monkeypatch.setattr(profile, "_written", {})
     monkeypatch.setattr(profile, "_texts", {})
