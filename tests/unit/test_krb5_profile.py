@@ -41,14 +41,15 @@ def test_a_configuration_krb5_refuses_holds_nothing(tmp_path: Path, monkeypatch:
 
 def test_the_profile_is_the_overlay_then_the_configured_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """use_profile: KRB5_CONFIG names the gateway's overlay (forwardable = true) first, then kerberos.krb5_config;
-    without one, what KRB5_CONFIG named before, else /etc/krb5.conf; a second call does not stack overlays."""
+    without one, what the environment's KRB5_CONFIG named, else /etc/krb5.conf; a second call does not stack
+    overlays."""
     conf = tmp_path / "krb5.conf"
     monkeypatch.setenv("KRB5_CONFIG", "/somewhere/else.conf")
     value = profile.use_profile(conf)
     overlay, _, rest = value.partition(":")
     assert rest == str(conf)
     assert Path(overlay).read_text() == "[libdefaults]\n    forwardable = true\n"
-    assert profile.use_profile(None) == f"{overlay}:{conf}"  # the environment's, without the overlay again
+    assert profile.use_profile(None) == f"{overlay}:/somewhere/else.conf"  # the environment's again
     monkeypatch.delenv("KRB5_CONFIG")
     assert profile.use_profile(None) == f"{overlay}:/etc/krb5.conf"
 
@@ -88,7 +89,7 @@ def test_a_configured_krb5_conf_is_read_as_one_file_with_the_overlay_winning(tmp
     assert _mit_value(value, "libdefaults", "forwardable") == "true"
     assert _mit_value(str(conf), "libdefaults", "forwardable") == "false"
     assert _mit_value(value, "realms", "LAB.TEST", "kdc") == "127.0.0.1:8888"
-    assert profile.use_profile(None) == value  # the environment's is that file's again, not a copy of the copy
+    assert profile.use_profile(None).endswith(":/etc/krb5.conf")  # the environment's again, not a copy of the copy
 
 
 @pytest.mark.usefixtures("fresh_profile")
@@ -422,3 +423,25 @@ def test_reloads_and_a_forked_worker_never_stack_overlays(tmp_path: Path, monkey
         assert {str(p) for p in temp.iterdir()} == set(named[-2:])
     finally:
         profile.remove_overlay()
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_a_reload_that_drops_kerberos_krb5_config_reads_the_environments_krb5_conf_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kerberos.krb5_config set at the start (one file, or a list where it includes another), then taken out of the
+    configuration and reloaded: MIT reads the environment's krb5.conf again, as at a start without the key, and the
+    KDC watch follows that file. The gateway went on reading the file no longer configured (its copy, in one-file mode,
+    where the KDC watch then found no krb5.conf at all) until a restart."""
+    environment, configured, including = tmp_path / "env.conf", tmp_path / "a.conf", tmp_path / "i.conf"
+    _krb5_conf(environment, "127.0.0.1:2222")
+    _krb5_conf(configured, "127.0.0.1:1111")
+    including.write_text(f"include {configured}\n")
+    realm_kdc = ("realms", "LAB.TEST", "kdc")
+    for first in (configured, including):
+        monkeypatch.setenv("KRB5_CONFIG", str(environment))
+        assert _mit_value(profile.use_profile(first), *realm_kdc) == "127.0.0.1:1111"
+        value = profile.use_profile(None)
+        assert _mit_value(value, *realm_kdc) == "127.0.0.1:2222", value
+        assert kdcs.krb5_files(None) == [environment]
+        assert profile.use_profile(None) == value  # and so on, reload after reload
