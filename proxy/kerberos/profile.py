@@ -43,6 +43,18 @@ a second (MIT's per-file stat), and an overlay path that stayed the same kept th
 one-file overlay even kept copying the krb5.conf of the start. The file before stays, as it was, for a call begun on
 it (MIT would skip a file gone from under an open context); older ones are removed.
 
+A reload that takes `kerberos.krb5_config` out goes back to what the environment named: each call remembers it beside
+the value it set (`_set`), and a KRB5_CONFIG still as set is replaced, not built upon (the file no longer configured
+was read on until a restart, and in one-file mode the KDC watch then found no krb5.conf to follow).
+
+Overlays never stack (`overlay2:overlay1:krb5.conf`) in a gateway: each call replaces a KRB5_CONFIG it set (`_set`),
+else takes the overlay in force (`_overlay`) off its front, or, in one-file mode, goes back to the file it copied.
+The process that set KRB5_CONFIG is the one that knows its overlay, in a reload as at the start, and a worker (a
+replacement too) is forked, not executed: it inherits `_set` and `_overlay` with the environment, and puts its own
+overlay in place of its supervisor's. Only a process given the environment without the module's state (a test
+that resets `_set` and `_overlay`, a program the gateway would execute: it executes none) would stack.
+`test_reloads_and_a_forked_worker_never_stack_overlays` (tests/unit/test_krb5_profile.py) pins it.
+
 One writer, no lock: the overlay is written by `use_profile` (a delegator, a probe or the directory client being
 built), `refresh_profile` (`_Merged.refresh`, before a KDC exchange is handed to its thread and before a token is
 made) and `set_realm_section` (the KDC watch), and all of them run on the event loop's thread: a gateway never calls
@@ -86,6 +98,7 @@ _OVERLAY = "[libdefaults]\n    forwardable = true\n"
 _overlay: list[str] = []  # [the overlay file in force in this process]: its own, or inherited over a fork
 _realms: dict[str, str] = {}  # realm -> its [realms] section in the overlay (`proxy.kerberos.kdcs`: answering KDCs)
 _written: dict[int, list[str]] = {}  # pid -> the overlay files that process wrote (newest last), only it removes
+_set: list[str] = []  # [KRB5_CONFIG as `use_profile` last set it, what the environment named before it did]
 _texts: dict[str, str] = {}  # overlay file -> the text this process last wrote there
 _locks: dict[str, int] = {}  # overlay file -> a descriptor holding a shared lock on it while ours (`_remove_stale`)
 # an overlay file's name, or that of `_write`'s copy of one
@@ -94,14 +107,16 @@ _KEPT = 2  # overlay files a process keeps: the one in force, and the one before
 
 
 def use_profile(krb5_config: Path | None) -> str:
-    """Set KRB5_CONFIG for this process: the gateway's overlay, then `krb5_config` (or what KRB5_CONFIG named
-    before, or MIT's default), in one file where krb5.conf is one plain file (the module's docstring), else as
-    a list of two. Returns the value set. A profile other than the one in force is written to a new overlay file
-    (module docstring, "A reload"). Without a writable temporary directory the overlay is left out, and krb5.conf
-    alone decides (the log says so)."""
+    """Set KRB5_CONFIG for this process: the gateway's overlay, then `krb5_config` (or what the environment's
+    KRB5_CONFIG named, also after a call for a `krb5_config` since taken out, or MIT's default), in one file where
+    krb5.conf is one plain file (the module's docstring), else as a list of two. Returns the value set. A profile
+    other than the one in force is written to a new overlay file (module docstring, "A reload"). Without a writable
+    temporary directory the overlay is left out, and krb5.conf alone decides (the log says so)."""
     previous = os.environ.get("KRB5_CONFIG") or _DEFAULT_PROFILE
     configured = str(krb5_config) if krb5_config is not None else None  # the environment's may be a list
-    if _overlay and previous.startswith(_overlay[0] + ":"):
+    if _set and previous == _set[0]:  # KRB5_CONFIG is as this process (or its forker) set it
+        previous = _set[1]  # what the environment named: the file(s) to read without kerberos.krb5_config
+    elif _overlay and previous.startswith(_overlay[0] + ":"):
         previous = previous[len(_overlay[0]) + 1 :]
     elif _overlay and previous == _overlay[0] and _merged:
         previous = _merged.base  # the file an earlier call copied: the environment's, without the overlay
@@ -113,6 +128,7 @@ def use_profile(krb5_config: Path | None) -> str:
     if overlay:
         value = overlay if one_file else f"{overlay}:{base}"
     os.environ["KRB5_CONFIG"] = value
+    _set[:] = [value, previous]
     return value
 
 

@@ -253,6 +253,8 @@ def render_trace(record: dict[str, Any]) -> str:
     table = (
         "<table><thead><tr><th>stage</th><th>ms</th><th>what it established</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
+        "<p class='muted'>s4u2self and s4u2proxy: each KDC exchange's own time; the Kerberos stage's other work "
+        "(a thread's hand-off, reading the PAC) is in neither.</p>"
     )
     body = f"{heading}{fix}<div class='layout'><div>{sequence_svg(record)}</div><div><h2>Trace</h2>{table}</div></div>"
     return _page(f"kcd-proxy trace {record.get('id')}", body)

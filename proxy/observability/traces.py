@@ -19,11 +19,14 @@ and `stages`, in the order they ran, each `{"name", "ms", ...facts}`:
   and the authentication mode's factors (its milliseconds are counted here);
 - `s4u2self`: the evidence ticket (client, server, flags with `forwardable` named, enctype, start and end)
   and `cached`; `s4u2proxy`: the service ticket (the same fields, the SPN) and `cached`. The gateway
-  times the two KDC exchanges separately; on a cache hit nothing went to the KDC, S4U2Self took no time and
-  S4U2Proxy's time is building the token from the cached ticket. When the exchange first had to get the
-  gateway's own TGT (an AS exchange with its keytab: the first request after a start, or once the TGT is near
-  its end), S4U2Self's time includes it and `gateway_tgt_ms` says how much: three KDC exchanges, as the KDC
-  logs. Requests after a Basic sign-in have one `kerberos` stage instead (the user's own ticket, no S4U);
+  times the two KDC exchanges separately, and each step's `ms` is its exchange's own: the Kerberos stage's other
+  work (the hand-off to a KDC thread, reading the evidence ticket's PAC) is in neither, so the two may add up to
+  less than the stage (before, S4U2Proxy's was the stage less S4U2Self's, that work included). On a cache hit
+  nothing went to the KDC, S4U2Self took no time and S4U2Proxy's time is building the token from the cached
+  ticket. When the exchange first had to get the gateway's own TGT (an AS exchange with its keytab: the first
+  request after a start, or once the TGT is near its end), S4U2Self's time includes it and `gateway_tgt_ms` says
+  how much: three KDC exchanges, as the KDC logs. Requests after a Basic sign-in have one `kerberos` stage
+  instead (the user's own ticket, no S4U);
 - `backend`: the status, time to the answer's headers, whether the pooled connection was reused.
 
 A refused request's stages stop at the one that refused, which carries `refused: true`, the `reason` the
@@ -368,7 +371,10 @@ def _kerberos_stages(trace: Trace, ms: float) -> list[dict[str, Any]]:
         self_ms, proxy_ms = 0.0, ms
     else:
         self_ms = round(min(facts.s4u2self_ms + (tgt_ms or 0.0), ms), 3)  # the gateway's TGT came first
-        proxy_ms = round(max(ms - self_ms, 0.0), 3)
+        rest = max(ms - self_ms, 0.0)  # the stage's time after S4U2Self: a thread's hand-off and the PAC included
+        # the exchange as measured; the rest where S4U2Proxy failed (not measured), and never beyond the stage (a
+        # request that joined another's exchange waited for part of it only)
+        proxy_ms = round(rest if facts.s4u2proxy_ms is None else min(facts.s4u2proxy_ms, rest), 3)
     evidence = {"name": "s4u2self", "ms": self_ms, "cached": cached, **facts.ticket_json("evidence")}
     if tgt_ms is not None:
         evidence["gateway_tgt_ms"] = round(tgt_ms, 3)

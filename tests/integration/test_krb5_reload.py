@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +130,33 @@ def _held_ping(lab: LabLayout, url: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def test_reloads_that_take_krb5_config_out_read_the_environments_krb5_conf_with_one_overlay(
+    lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc
+) -> None:
+    """The gateway starts with krb5_config naming the second KDC alone (KRB5_CONFIG in its environment: the lab's
+    krb5.conf, the lab's KDC), then is reloaded five times, the key taken out and put back in turn, ending without
+    it; the second KDC is stopped: a new exchange is served (the environment's file, the lab's KDC). After every
+    reload the gateway holds at most two overlay files (the one in force and the one before: never a stack). The
+    gateway went on reading its copy of the file no longer configured, so every new exchange asked the stopped KDC
+    (503) until a restart."""
+    first = _krb5_conf(lab, tmp_path / "krb5-first.conf", second_kdc.address)
+    with_key = lab_config(lab, port=free_port(), krb5_conf=first)
+    without_key = with_key.replace(f'krb5_config = "{first}"\n', "")
+    assert without_key != with_key
+    gw = start_gateway(lab, tmp_path / "gateway", with_key)
+    mine = f"kcd-proxy-krb5-{gw.proc.pid}-"
+    try:
+        assert _status(lab, gw.url, "alice") == 200, gw.log_path.read_text()[-3000:]
+        for text in (without_key, with_key, without_key, with_key, without_key):
+            gw.config_path.write_text(text)
+            gw.mark()
+            gw.proc.send_signal(signal.SIGHUP)
+            assert "kerberos" in gw.wait_event("reloaded")["changed"]
+            overlays = [p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(mine)]
+            assert 1 <= len(overlays) <= 2, overlays
+        second_kdc.close()  # the configured file's only KDC: gone; the environment's names the lab's
+        assert _status(lab, gw.url, "bob") == 200, gw.log_path.read_text()[-3000:]
+    finally:
+        gw.stop()

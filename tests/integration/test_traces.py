@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -571,3 +572,89 @@ def test_a_failing_export_is_logged_once_per_streak_and_counted(lab: LabLayout, 
         assert len(gw.events("trace_export_failed", mark)) == 1  # once for the streak
     finally:
         assert gw.stop() == 0
+
+
+class _SlowKdc:
+    """A TCP relay to the lab's KDC that holds each of the KDC's answers `delay` seconds: every KDC exchange through it
+    takes at least that long, and so does nothing else."""
+
+    def __init__(self, kdc_port: int, delay: float) -> None:
+        self._kdc, self._delay = kdc_port, delay
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._closing = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            kdc = socket.create_connection(("127.0.0.1", self._kdc))
+            asked = threading.Event()
+            threading.Thread(target=self._pump, args=(client, kdc, asked, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(kdc, client, asked, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, asked: threading.Event, answers: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not answers:
+                    asked.set()
+                elif asked.is_set():  # the first bytes of an answer: held, once per request
+                    asked.clear()
+                    time.sleep(self._delay)  # the KDC's slowness itself, not a wait for an event
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._server.close()
+
+
+def test_s4u2proxys_time_is_its_kdc_exchange_not_a_wait_for_a_thread(lab: LabLayout, tmp_path: Path) -> None:
+    """Against a KDC whose every answer takes DELAY s, with one KDC thread (`max_in_flight = 1`), two new users at once:
+    the one that waited for the other's exchange spent about 2 * DELAY in the Kerberos stage before its own began.
+    Each trace's S4U2Proxy time is its own exchange (at least DELAY, under 2 * DELAY) and S4U2Self + S4U2Proxy fit in
+    the request. Before, S4U2Proxy's was the stage less S4U2Self: the wait for the thread counted as S4U2Proxy's."""
+    delay = 1.0
+    kdc = _SlowKdc(lab.kdc_port, delay)
+    krb5 = tmp_path / "krb5.conf"
+    krb5.write_text(lab.krb5_conf.read_text().replace(f"127.0.0.1:{lab.kdc_port}", f"127.0.0.1:{kdc.port}"))
+    admin_port = free_port()
+    text = lab_config(lab, port=free_port(), krb5_conf=krb5, extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    text = text.replace("[kerberos]\n", "[kerberos]\nmax_in_flight = 1\nkdc_timeout = 30\n", 1)
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        users = []
+        for _ in range(3):
+            name = f"sp{uuid.uuid4().hex[:8]}"
+            _kadmin(lab, f"addprinc -randkey {name}")
+            users.append((name, *_certificate_for(lab, name, tmp_path)))
+        warm, *pair = users
+        assert curl_with(lab, gw, warm[1], warm[2])[0] == 200  # the gateway's own TGT, out of the way
+        statuses: list[int] = []
+        threads = [
+            threading.Thread(target=lambda c=cert, k=key: statuses.append(curl_with(lab, gw, c, k)[0]))
+            for _, cert, key in pair
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200, 200]
+        records = [_new_traces(admin, set(), 1, f"{name}@lab.test")[0] for name, _, _ in pair]
+        waited = []
+        for record in records:
+            stages = _stages(record)
+            self_ms, proxy_ms = stages["s4u2self"]["ms"], stages["s4u2proxy"]["ms"]
+            assert stages["s4u2proxy"]["cached"] is False
+            assert delay * 1000 <= proxy_ms < 2 * delay * 1000, record
+            assert self_ms + proxy_ms <= record["ms"], record
+            waited.append(record["ms"] - self_ms - proxy_ms)
+        assert max(waited) >= delay * 1000, records  # one did wait for the other's exchange (the case at hand)
+    finally:
+        assert gw.stop() == 0
+        kdc.close()

@@ -73,5 +73,6 @@ def fresh_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     records nothing, and a child process of a later test inherited an overlay naming a krb5.conf MIT refuses)."""
     monkeypatch.setattr(profile, "_merged", profile._Merged())
     monkeypatch.setattr(profile, "_realms", {})
+    monkeypatch.setattr(profile, "_set", [])
     monkeypatch.setenv("KRB5_CONFIG", "")  # recorded, whether it was set or not: restored as it was
     monkeypatch.delenv("KRB5_CONFIG")

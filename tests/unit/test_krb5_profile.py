@@ -7,6 +7,7 @@ import ctypes.util
 import fcntl
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,15 @@ def test_a_configuration_krb5_refuses_holds_nothing(tmp_path: Path, monkeypatch:
 
 def test_the_profile_is_the_overlay_then_the_configured_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """use_profile: KRB5_CONFIG names the gateway's overlay (forwardable = true) first, then kerberos.krb5_config;
-    without one, what KRB5_CONFIG named before, else /etc/krb5.conf; a second call does not stack overlays."""
+    without one, what the environment's KRB5_CONFIG named, else /etc/krb5.conf; a second call does not stack
+    overlays."""
     conf = tmp_path / "krb5.conf"
     monkeypatch.setenv("KRB5_CONFIG", "/somewhere/else.conf")
     value = profile.use_profile(conf)
     overlay, _, rest = value.partition(":")
     assert rest == str(conf)
     assert Path(overlay).read_text() == "[libdefaults]\n    forwardable = true\n"
-    assert profile.use_profile(None) == f"{overlay}:{conf}"  # the environment's, without the overlay again
+    assert profile.use_profile(None) == f"{overlay}:/somewhere/else.conf"  # the environment's again
     monkeypatch.delenv("KRB5_CONFIG")
     assert profile.use_profile(None) == f"{overlay}:/etc/krb5.conf"
 
@@ -87,7 +89,7 @@ def test_a_configured_krb5_conf_is_read_as_one_file_with_the_overlay_winning(tmp
     assert _mit_value(value, "libdefaults", "forwardable") == "true"
     assert _mit_value(str(conf), "libdefaults", "forwardable") == "false"
     assert _mit_value(value, "realms", "LAB.TEST", "kdc") == "127.0.0.1:8888"
-    assert profile.use_profile(None) == value  # the environment's is that file's again, not a copy of the copy
+    assert profile.use_profile(None).endswith(":/etc/krb5.conf")  # the environment's again, not a copy of the copy
 
 
 @pytest.mark.usefixtures("fresh_profile")
@@ -354,3 +356,92 @@ def test_the_kdc_watchs_section_is_read_by_the_next_context_at_once(
         assert _held_value(*realm_kdc) == kdc
         profile.set_realm_section("LAB.TEST", None)
         assert _mit_values(os.environ["KRB5_CONFIG"], *realm_kdc) == ["127.0.0.1:1111"], f"round {round_}: taken out"
+
+
+def _names_one_overlay(value: str, base: str) -> str:
+    """The overlay file `value` (a KRB5_CONFIG) names, checked to be the only overlay in it, followed by `base` alone
+    (or, in one-file mode, nothing: the overlay holds base's text). The caller checks that it exists."""
+    files = value.split(":")
+    overlays = [f for f in files if profile._OVERLAY_NAME.fullmatch(Path(f).name)]
+    assert overlays == files[:1], value  # one overlay, first
+    assert files[1:] in ([], [base]), value
+    return files[0]
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_reloads_and_a_forked_worker_never_stack_overlays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway's life without the module state reset between calls (unlike the tests above): reloads that change
+    kerberos.krb5_config (one-file and two-file mode in turn), the KDC watch's realm sections in between, and a worker
+    forked afterwards, as the supervisor forks a replacement. KRB5_CONFIG names one overlay, then the base file (no
+    `overlay2:overlay1:krb5.conf`), and only the overlay in force and the one before it are left."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(profile, "_overlay", [])
+    monkeypatch.setattr(profile, "_written", {})
+    monkeypatch.setattr(profile, "_texts", {})
+    monkeypatch.setattr(profile, "_locks", {})
+    plain_a, plain_b, including = tmp_path / "a.conf", tmp_path / "b.conf", tmp_path / "i.conf"
+    _krb5_conf(plain_a, "127.0.0.1:1111")
+    _krb5_conf(plain_b, "127.0.0.1:2222")
+    including.write_text(f"include {plain_a}\n[libdefaults]\n    default_realm = LAB.TEST\n")
+    monkeypatch.setenv("KRB5_CONFIG", str(plain_b))  # the environment's: two-file mode while none is configured
+    # (kerberos.krb5_config, the file MIT then reads): a reload keeping the environment's, then ones changing the key
+    steps: list[tuple[Path | None, Path]] = [
+        (None, plain_b), (None, plain_b), (including, including), (plain_a, plain_a), (including, including),
+        (plain_b, plain_b), (plain_a, plain_a), (plain_a, plain_a),
+    ]  # fmt: skip
+    named: list[str] = []
+    try:
+        for n, (configured, base) in enumerate(steps):
+            value = profile.use_profile(configured)
+            assert os.environ["KRB5_CONFIG"] == value
+            overlay = _names_one_overlay(value, str(base))
+            assert Path(overlay).is_file()
+            if overlay not in named:  # the same profile again (the last step) keeps its file
+                named.append(overlay)
+            profile.set_realm_section("LAB.TEST", f"    LAB.TEST = {{\n        kdc = 127.0.0.1:{3000 + n}\n    }}*\n")
+            assert {str(p) for p in temp.iterdir()} == set(named[-2:])  # older overlays are removed
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the replacement worker: inherits the environment and the module's state, builds its own
+            code = 1
+            try:
+                os.close(read)
+                os.write(write, profile.use_profile(plain_a).encode())
+                profile.remove_overlay()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            child = pipe.read().decode()
+        assert os.waitpid(pid, 0)[1] == 0
+        own = _names_one_overlay(child, str(plain_a))
+        assert f"-{pid}-" in Path(own).name  # the worker's own overlay, in place of ours (not on top of it)
+        assert not Path(own).exists()  # removed at the worker's exit; ours stay ours
+        assert {str(p) for p in temp.iterdir()} == set(named[-2:])
+    finally:
+        profile.remove_overlay()
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_a_reload_that_drops_kerberos_krb5_config_reads_the_environments_krb5_conf_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kerberos.krb5_config set at the start (one file, or a list where it includes another), then taken out of the
+    configuration and reloaded: MIT reads the environment's krb5.conf again, as at a start without the key, and the
+    KDC watch follows that file. The gateway went on reading the file no longer configured (its copy, in one-file mode,
+    where the KDC watch then found no krb5.conf at all) until a restart."""
+    environment, configured, including = tmp_path / "env.conf", tmp_path / "a.conf", tmp_path / "i.conf"
+    _krb5_conf(environment, "127.0.0.1:2222")
+    _krb5_conf(configured, "127.0.0.1:1111")
+    including.write_text(f"include {configured}\n")
+    realm_kdc = ("realms", "LAB.TEST", "kdc")
+    for first in (configured, including):
+        monkeypatch.setenv("KRB5_CONFIG", str(environment))
+        assert _mit_value(profile.use_profile(first), *realm_kdc) == "127.0.0.1:1111"
+        value = profile.use_profile(None)
+        assert _mit_value(value, *realm_kdc) == "127.0.0.1:2222", value
+        assert kdcs.krb5_files(None) == [environment]
+        assert profile.use_profile(None) == value  # and so on, reload after reload
