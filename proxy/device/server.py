@@ -67,7 +67,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from proxy.device.framing import BodyEnd, head_end
 from proxy.device.request import CONTINUE, expectations
 from proxy.errors import BadRequest
-from proxy.tls.limits import answer_too_large, refuse_header_block
+from proxy.tls.limits import Linger, answer_too_large, refuse_header_block
 from proxy.tls.record import TlsRecords
 from proxy.tls.server import peer_text, socket_transport
 
@@ -368,6 +368,7 @@ class DeviceConnection(asyncio.Protocol):
         "_idle",
         "_in_head",
         "_limits",
+        "_linger",
         "_loop",
         "_on_headers_refused",
         "_on_unparsed",
@@ -421,6 +422,7 @@ class DeviceConnection(asyncio.Protocol):
         self._begun = 0  # messages llhttp has started
         self._body_end: BodyEnd | None = None  # where the body being read ends
         self._stopped = False  # no more bytes are parsed (malformed, refused, upgraded)
+        self._linger: Linger | None = None  # once a 431 is written: told of what is read and discarded after it
         self._paused = 0
         self._backlog = bytearray()  # pipelined bytes not parsed yet: a request before them waits (`_keep`)
         self._write_paused = False
@@ -445,6 +447,8 @@ class DeviceConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._stopped:
+            if self._linger is not None:
+                self._linger.heard(len(data))
             return
         if self._backlog:
             self._keep(data)
@@ -666,7 +670,7 @@ class DeviceConnection(asyncio.Protocol):
         """The head being read passed the budget: logged and counted now, nothing more is parsed, the requests read
         before it (the device's own) are answered in order, then the 431, which ends the connection
         (`_answer_too_large`). Logged when the 431 was written, a device that left before it left no trace."""
-        refuse_header_block(self.transport, self._limits.max_header_bytes, self._on_headers_refused, answer=False)
+        refuse_header_block(self.transport, self._limits.max_header_bytes, self._on_headers_refused)
         self._stop()
         self._queue.append(_TOO_LARGE)
 
@@ -675,7 +679,7 @@ class DeviceConnection(asyncio.Protocol):
         self._cancel_idle()
         if self.transport is not None:
             self.transport.resume_reading()  # read and discarded until the linger ends (proxy.tls.limits)
-            answer_too_large(self.transport)
+            self._linger = answer_too_large(self.transport)
 
     # -- serving, in order -----------------------------------------------------------------------------------
 

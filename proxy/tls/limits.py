@@ -23,8 +23,9 @@ block it sends, which aiohttp's parser keeps whole until the block ends. Two cap
   about 12 MiB held by one connection. `HeaderBlockBudget` sits in front of the parser, cuts each read
   where a head or a body ends (`proxy.device.framing`) and counts the bytes of each head from its first
   byte; past the budget the client gets 431 before any stage runs, logged (`request_headers_too_large`)
-  and counted, and the connection is closed after a short linger in which the rest of what the client
-  sends is discarded unparsed.
+  and counted, and the connection is closed after a lingering close (`Linger`): what the client still sends
+  is read and discarded unparsed until it has been quiet for 2 s (30 s and 16 MiB at most), so that closing
+  does not meet its bytes with a reset that can destroy the 431 before it is read (RFC 9112 9.6).
   aiohttp exposes no such setting, and its own refusals are a 400 through its error handler, so the
   budget answers by itself. It reaches the parser through the handler's `_parser` attribute
   (aiohttp's `BaseProtocol`), the one private name this relies on.
@@ -60,9 +61,15 @@ _TOO_LARGE = (
     b"Content-Length: %d\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
 )
 _ACCEPT_PAUSE = 1.0  # seconds to wait after accept() fails (out of file descriptors), as asyncio's server does
-# Seconds a refused connection stays open after its 431, discarding what the client still sends: closing at
-# once would make the kernel answer those bytes with a reset, which can destroy the 431 before it is read.
-_LINGER = 2.0
+# A refused connection stays open after its 431, what the client still sends read and discarded, until the client
+# has been quiet for _LINGER_QUIET seconds (nginx's lingering_timeout), at most _LINGER_TIME seconds (its
+# lingering_time) or _LINGER_BYTES discarded. Closing while the client still sends makes the kernel answer its
+# bytes with a reset, which can destroy the 431 before it is read (RFC 9112 9.6). _LINGER_BYTES is above the
+# largest header block the parser's own caps let through (128 fields of 96 KiB, 12 MiB); the close that follows
+# discards 1 MiB more (proxy.tls.record.DISCARD_LIMIT).
+_LINGER_QUIET = 2.0
+_LINGER_TIME = 30.0
+_LINGER_BYTES = 16 * 1024 * 1024
 _IDLE_LOOK = 0.01  # seconds to the first look for aiohttp's handler to be idle, a 431 waiting for earlier answers
 
 
@@ -266,6 +273,7 @@ class HeaderBlockBudget:
         self._seen = 0  # bytes of the head being read
         self._tail = b""  # its last bytes (at most 3)
         self._refused = False
+        self._linger: Linger | None = None  # once the 431 is written
         self._upgraded = False
 
     @pass_through  # aiohttp's parse errors raised below quote the client's bytes: they stay aiohttp's to log
@@ -283,6 +291,8 @@ class HeaderBlockBudget:
     @pass_through
     def _feed(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         if self._refused:
+            if self._linger is not None:
+                self._linger.heard(len(data))
             return [], False, b""
         if self._upgraded:
             return self._parser.feed_data(data)  # type: ignore[no-any-return]
@@ -338,7 +348,7 @@ class HeaderBlockBudget:
     def _refuse(self) -> None:
         self._refused = True
         transport: Any = getattr(self._handler, "transport", None)
-        refuse_header_block(transport, self._limit, self._on_refused, answer=False)
+        refuse_header_block(transport, self._limit, self._on_refused)
         self._answer_when_idle(transport, _IDLE_LOOK)
 
     def _answer_when_idle(self, transport: asyncio.Transport | None, after: float) -> None:
@@ -354,17 +364,15 @@ class HeaderBlockBudget:
         if waiter is None or waiter.done() or getattr(handler, "_messages", None):
             asyncio.get_running_loop().call_later(after, self._answer_when_idle, transport, min(2 * after, 1.0))
             return
-        answer_too_large(transport)
+        self._linger = answer_too_large(transport)
 
     def __getattr__(self, name: str) -> Any:  # feed_eof, pause_reading, message_consumed, set_upgraded ...
         return getattr(self._parser, name)
 
 
-def refuse_header_block(
-    transport: asyncio.Transport | None, limit: int, on_refused: Callable[[], None], *, answer: bool = True
-) -> None:
-    """A header block passed `limit` bytes: logged, counted, and (with `answer`) answered 431, the connection closed
-    after a linger."""
+def refuse_header_block(transport: asyncio.Transport | None, limit: int, on_refused: Callable[[], None]) -> None:
+    """A header block passed `limit` bytes: logged and counted (the caller answers 431 when its turn comes,
+    `answer_too_large`)."""
     peer = transport.get_extra_info("peername") if transport is not None else None
     log.warning(
         "request_headers_too_large",
@@ -374,15 +382,49 @@ def refuse_header_block(
         fix="a client sending this much header is broken or hostile; listener.max_header_bytes sets the limit",
     )
     on_refused()
-    if answer and transport is not None:
-        answer_too_large(transport)
 
 
-def answer_too_large(transport: asyncio.Transport) -> None:
-    """431 on `transport`, then the connection closed after a linger (so the device reads the answer)."""
-    if not transport.is_closing():
-        transport.write(_TOO_LARGE)
-        asyncio.get_running_loop().call_later(_LINGER, transport.close)
+def answer_too_large(transport: asyncio.Transport) -> Linger | None:
+    """431 on `transport`, then the connection closed after a linger (so the device reads the answer): the caller
+    tells the `Linger` returned of every read it discards after this (None: the connection is already closing)."""
+    if transport.is_closing():
+        return None
+    transport.write(_TOO_LARGE)
+    return Linger(transport)
+
+
+class Linger:
+    """A refused connection's lingering close: `transport` is closed once the client has sent nothing for
+    `_LINGER_QUIET` seconds, `_LINGER_TIME` seconds after the answer at the latest, or at once when more than
+    `_LINGER_BYTES` were discarded meanwhile (`heard`). One timer, moved on only when it fires: a read costs a
+    subtraction and a clock read."""
+
+    __slots__ = ("_ends", "_heard", "_left", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._heard = self._loop.time()
+        self._ends = self._heard + _LINGER_TIME
+        self._left = _LINGER_BYTES
+        self._loop.call_later(_LINGER_QUIET, self._look)
+
+    def heard(self, nbytes: int) -> None:
+        """The client sent `nbytes` more, discarded."""
+        self._heard = self._loop.time()
+        self._left -= nbytes
+        if self._left < 0:
+            self._transport.close()
+
+    def _look(self) -> None:
+        if self._transport.is_closing():
+            return
+        now = self._loop.time()
+        until = min(self._heard + _LINGER_QUIET, self._ends)
+        if now >= until:
+            self._transport.close()
+        else:
+            self._loop.call_later(until - now, self._look)
 
 
 class UnquotedParseErrors:

@@ -8,6 +8,7 @@ resident set, read from /proc while the attack runs.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import threading
 import time
@@ -161,6 +162,46 @@ def test_many_connections_sending_big_headers_keep_the_gateway_small(lab: LabLay
     print(f"gateway RSS: {rss.baseline / 1024:.1f} MiB before, peak growth {rss.growth_mib:.1f} MiB")
     assert rss.growth_mib < 48
     assert all(a.startswith(b"HTTP/1.1 431 ") for a in answers), [a[:40] for a in answers]
+
+
+SLOW_SENDING = 3.5  # seconds a slow client goes on sending its refused head: longer than the old fixed linger (2 s)
+
+
+def test_a_client_still_sending_its_big_header_long_after_the_431_reads_it_and_is_not_reset(
+    lab: LabLayout, basic_gw: Gateway
+) -> None:
+    """A slow client goes on sending its oversized header block for 3.5 s after the gateway refused it (128 KiB
+    every tenth of a second, 4 MiB in all), then reads: it gets the 431 and the connection's end, never a reset.
+    Before, the gateway closed the connection a fixed 2 s after the 431 and, past the 1 MiB its close discards,
+    reset it: the client's next write failed, and a client whose stack drops unread data on a reset (asyncio's
+    streams, as in the 12-client test flake3 saw get b"" at load 25; Windows) lost the 431 (RFC 9112 9.6)."""
+    ctx = client_context(lab, None)
+    basic_gw.mark()
+    reset: list[OSError] = []
+    answer = b""
+    with (
+        socket.create_connection(("127.0.0.1", basic_gw.port), timeout=30) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        try:
+            tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            tls.sendall(b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * FIELD) for i in range(2)))  # over 128 KiB
+            basic_gw.wait_event("request_headers_too_large")
+            refused = time.monotonic()
+            i = 2
+            while time.monotonic() - refused < SLOW_SENDING:
+                time.sleep(0.1)  # the client's own pace (what is tested), not a wait for the gateway
+                tls.sendall(b"X-Pad-%d: %s\r\n" % (i, b"a" * 131072))
+                i += 1
+        except OSError as e:
+            reset.append(e)
+        try:
+            while chunk := tls.recv(65536):
+                answer += chunk
+        except OSError as e:
+            reset.append(e)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:60]
+    assert not reset, reset
 
 
 def test_the_connection_cap_holds_and_the_next_connection_waits(lab: LabLayout, tmp_path: Path) -> None:
