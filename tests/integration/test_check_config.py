@@ -136,20 +136,30 @@ def test_the_lab_configuration_is_sound(lab: LabLayout, tmp_path: Path) -> None:
     assert res.stdout.strip() == f"{path}: ok (1 route(s))"
 
 
+def _behind_a_balancer(
+    lab: LabLayout, tmp_path: Path, blocks: str, *, extra: str = ""
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """check-config on the lab's configuration with `proxy_protocol` on and `trusted_proxies = [blocks]` (and
+    `extra`): the file and the command's result, which must be exit 0 and the ok line alone on stdout."""
+    port = free_port()
+    bind = f'bind = "127.0.0.1:{port}"\n'
+    path = tmp_path / "gateway.toml"
+    text = lab_config(lab, port=port, extra=extra)
+    path.write_text(text.replace(bind, f"{bind}proxy_protocol = true\ntrusted_proxies = [{blocks}]\n"))
+    res = _cli(path)
+    assert res.returncode == 0, res
+    assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+    return path, res
+
+
 @pytest.mark.parametrize("mode", ["basic", "certificate-or-basic", "certificate"])
 def test_basic_behind_a_balancer_is_ok_with_a_warning_to_size_the_limit_per_gateway(
     lab: LabLayout, tmp_path: Path, mode: str
 ) -> None:
     """Basic sign-ins behind a balancer (proxy_protocol): exit 0, the ok line alone on stdout, and on stderr a warning
     naming basic_failures_per_user, the limit and the gateways' multiple of it; certificate mode, no warning."""
-    port = free_port()
-    text = lab_config(lab, port=port, extra=f'\n[authentication]\nmode = "{mode}"\nbasic_failures_per_user = 3\n')
-    bind = f'bind = "127.0.0.1:{port}"\n'
-    path = tmp_path / "gateway.toml"
-    path.write_text(text.replace(bind, f'{bind}proxy_protocol = true\ntrusted_proxies = ["10.0.1.0/24"]\n'))
-    res = _cli(path)
-    assert res.returncode == 0, res
-    assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+    extra = f'\n[authentication]\nmode = "{mode}"\nbasic_failures_per_user = 3\n'
+    path, res = _behind_a_balancer(lab, tmp_path, '"10.0.1.0/24"', extra=extra)
     if mode == "certificate":
         assert "basic_failures_per_user" not in res.stderr, res.stderr
         return
@@ -173,14 +183,7 @@ def test_a_wide_trusted_proxies_block_is_ok_with_a_warning(
     """A `listener.trusted_proxies` block wider than /16 (IPv4) or /48 (IPv6): exit 0, the ok line, and on stderr a
     warning naming the key's entry and the block, saying every address in it may write any client address into a
     PROXY header; /16, /48 and narrower: no such warning. Failed before: only /0 was refused, a /8 passed silently."""
-    port = free_port()
-    text = lab_config(lab, port=port)
-    bind = f'bind = "127.0.0.1:{port}"\n'
-    path = tmp_path / "gateway.toml"
-    path.write_text(text.replace(bind, f"{bind}proxy_protocol = true\ntrusted_proxies = [{blocks}]\n"))
-    res = _cli(path)
-    assert res.returncode == 0, res
-    assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+    path, res = _behind_a_balancer(lab, tmp_path, blocks)
     warned = [line for line in res.stderr.splitlines() if line.startswith("warning: listener.trusted_proxies")]
     if wide is None:
         assert warned == [], res.stderr
