@@ -46,6 +46,13 @@ class Scene:
     def taken(self) -> dict[str, list[Recorded]]:
         return {prefix: rec.taken() for prefix, rec in self.recorders.items()}
 
+    def forwarded(self, request: bytes) -> Recorded:
+        """`request` sent as alice and served 200: the one request the `/owa/` backend got for it."""
+        self.taken()
+        assert self.send(request) == 200
+        (got,) = self.taken()["/owa/"]
+        return got
+
     _lab: LabLayout
     admin: str
 
@@ -204,10 +211,8 @@ def test_a_gzip_body_reaches_the_backend_byte_for_byte(scene: Scene, framing: st
     else:
         body = payload
         head.append(f"Content-Length: {len(payload)}")
-    scene.taken()
     request = ("\r\n".join([*head, "Connection: close", "", ""])).encode() + body
-    assert scene.send(request) == 200
-    (got,) = scene.taken()["/owa/"]
+    got = scene.forwarded(request)
     received = dechunk(got.body) if got.headers("Transfer-Encoding") else got.body
     assert received == payload
     assert got.headers("Content-Encoding") == ["gzip"]
@@ -221,10 +226,8 @@ def test_a_content_length_with_leading_zeros_reaches_the_backend_as_its_number(s
     (C's `strtol` with base 0) takes 8 bytes as the body and the rest as the start of its next request on the user's
     pooled connection. The backend gets the length as a plain number and the body whole, nothing else."""
     body = b"0123456789"[: int(length)]
-    scene.taken()
     head = f"POST /owa/len HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
-    assert scene.send(head.encode() + body) == 200
-    (got,) = scene.taken()["/owa/"]
+    got = scene.forwarded(head.encode() + body)
     assert got.headers("Content-Length") == [str(int(length))]
     assert got.body == body
 
@@ -249,9 +252,7 @@ def test_identity_and_client_address_headers_never_reach_the_backend(scene: Scen
         "X-Original-URL: /ecp/",
         "MS-ASProtocolVersion: 16.1",
     ]
-    scene.taken()
-    assert scene.send(_get("/owa/h", *sent)) == 200
-    (got,) = scene.taken()["/owa/"]
+    got = scene.forwarded(_get("/owa/h", *sent))
     head = got.head.decode("latin-1")
     assert "203.0.113.9" not in head
     assert "mallory" not in head
@@ -300,9 +301,7 @@ def test_user_headers_of_any_spelling_never_reach_the_backend(scene: Scene) -> N
         "X-OWA-ExplicitLogonUser: shared@lab.test",
         "User-Agent: Outlook-iOS/2.0",
     ]
-    scene.taken()
-    assert scene.send(_get("/owa/h", *sent)) == 200
-    (got,) = scene.taken()["/owa/"]
+    got = scene.forwarded(_get("/owa/h", *sent))
     assert "mallory" not in got.head.decode("latin-1")
     assert got.headers("X-AnchorMailbox") == ["alice@lab.test"]
     assert got.headers("X-User-Identity") == ["alice@lab.test"]
@@ -328,9 +327,7 @@ def test_header_names_a_backend_could_fold_into_an_identity_header_never_reach_i
         "X.Innocent: dotted",
         "X-Request-Id: id-kept",
     ]
-    scene.taken()
-    assert scene.send(_get("/owa/h", *sent)) == 200
-    (got,) = scene.taken()["/owa/"]
+    got = scene.forwarded(_get("/owa/h", *sent))
     head = got.head.decode("latin-1")
     assert "mallory" not in head
     assert "203.0.113.9" not in head
@@ -362,10 +359,8 @@ def test_a_body_on_get_or_head_is_refused_never_forwarded(scene: Scene, method: 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_a_get_or_head_with_content_length_0_is_served(scene: Scene, method: str) -> None:
     """`Content-Length: 0` on GET or HEAD says there is no body (some clients send it): served as any GET."""
-    scene.taken()
     head = f"{method} /owa/empty HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    assert scene.send(head.encode()) == 200
-    (got,) = scene.taken()["/owa/"]
+    got = scene.forwarded(head.encode())
     assert got.body == b""
 
 
@@ -458,10 +453,8 @@ def test_a_host_that_is_not_a_host_is_refused(scene: Scene, host: str) -> None:
 def test_host_names_and_addresses_are_served(scene: Scene, host: str) -> None:
     """Host names (any case, a trailing dot, `_`), IPv4 and IPv6 addresses, with or without a port: served, and the
     backend's `X-Forwarded-Host` is the device's `Host`."""
-    scene.taken()
     request = _get("/owa/h").replace(b"Host: 127.0.0.1\r\n", f"Host: {host}\r\n".encode("latin-1"))
-    assert scene.send(request) == 200
-    (got,) = scene.taken()["/owa/"]
+    got = scene.forwarded(request)
     assert got.headers("X-Forwarded-Host") == [host]
 
 
