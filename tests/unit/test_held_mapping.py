@@ -4,6 +4,8 @@ that answers as told (the lab test, tests/integration/test_ad_held_mapping.py, r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
 import pytest
@@ -293,6 +295,26 @@ def test_another_realms_user_is_not_judged_by_a_directory_account_of_the_same_na
     assert _held_as("", certified="alice@ad.test") == ["alice@ad.test"]
 
 
+@contextlib.asynccontextmanager
+async def _holding(held: HeldMappings, names: Iterable[str]) -> AsyncIterator[None]:
+    """A request admitted without the directory held for each of `names` (until the block ends, when the sweep is
+    stopped and the requests cancelled)."""
+    forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def request(name: str) -> None:
+        with held.hold_account(cast(Any, _Request()), name, forget=lambda: None):
+            await forever
+
+    tasks = [asyncio.ensure_future(request(name)) for name in names]
+    await asyncio.sleep(0)
+    try:
+        yield
+    finally:
+        held.close()
+        for task in tasks:
+            task.cancel()
+
+
 def test_a_sweep_that_finds_no_directory_shows_in_the_metrics() -> None:
     """Fail open is silent to the held request; it must not be to the operator: while no directory server answers the
     sweep, `kcd_held_users_unjudged` counts the held users it could not look up (their disabled accounts would be
@@ -306,23 +328,13 @@ def test_a_sweep_that_finds_no_directory_shows_in_the_metrics() -> None:
     async def run() -> list[bytes]:
         held = HeldMappings(cast(Any, directory), every=3600)
         metrics.held_unjudged = lambda: held.unjudged
-        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def request(name: str) -> None:
-            with held.hold_account(cast(Any, _Request()), name, forget=lambda: None):
-                await forever
-
-        tasks = [asyncio.ensure_future(request(name)) for name in ("alice@AD.TEST", "bob@AD.TEST", "ALICE@ad.test")]
-        await asyncio.sleep(0)
-        rendered = [metrics.render()]
-        await held.sweep(NOW)
-        rendered.append(metrics.render())
-        directory.answer = account()
-        await held.sweep(NOW)
-        rendered.append(metrics.render())
-        held.close()
-        for task in tasks:
-            task.cancel()
+        async with _holding(held, ("alice@AD.TEST", "bob@AD.TEST", "ALICE@ad.test")):
+            rendered = [metrics.render()]
+            await held.sweep(NOW)
+            rendered.append(metrics.render())
+            directory.answer = account()
+            await held.sweep(NOW)
+            rendered.append(metrics.render())
         return rendered
 
     before, down, back = asyncio.run(run())
@@ -351,21 +363,11 @@ def test_a_sweep_stops_at_a_directory_that_does_not_answer_and_starts_with_whom_
 
     async def run() -> tuple[int, int, int]:
         held = HeldMappings(cast(Any, directory), every=3600)
-        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def request(name: str) -> None:
-            with held.hold_account(cast(Any, _Request()), name, forget=lambda: None):
-                await forever
-
-        tasks = [asyncio.ensure_future(request(f"u{i}@AD.TEST")) for i in range(3)]
-        await asyncio.sleep(0)
-        await held.sweep(NOW)
-        down = (len(asked), held.unjudged)
-        directory.answer = account()
-        await held.sweep(NOW)
-        held.close()
-        for task in tasks:
-            task.cancel()
+        async with _holding(held, [f"u{i}@AD.TEST" for i in range(3)]):
+            await held.sweep(NOW)
+            down = (len(asked), held.unjudged)
+            directory.answer = account()
+            await held.sweep(NOW)
         return down[0], down[1], held.unjudged
 
     assert asyncio.run(run()) == (1, 3, 0)
@@ -390,21 +392,11 @@ def test_one_name_no_server_answers_for_does_not_stop_every_later_sweep_before_t
 
     async def run() -> list[int]:
         held = HeldMappings(cast(Any, directory), every=3600)
-        forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def request(name: str) -> None:
-            with held.hold_account(cast(Any, _Request()), name, forget=lambda: None):
-                await forever
-
-        tasks = [asyncio.ensure_future(request(name)) for name in ("poison@AD.TEST", "u1@AD.TEST", "u2@AD.TEST")]
-        await asyncio.sleep(0)
-        unjudged = []
-        for _ in range(2):
-            await held.sweep(NOW)
-            unjudged.append(held.unjudged)
-        held.close()
-        for task in tasks:
-            task.cancel()
+        async with _holding(held, ("poison@AD.TEST", "u1@AD.TEST", "u2@AD.TEST")):
+            unjudged = []
+            for _ in range(2):
+                await held.sweep(NOW)
+                unjudged.append(held.unjudged)
         return unjudged
 
     assert asyncio.run(run()) == [3, 1]  # the second sweep judges everyone but the name it cannot look up
