@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -368,8 +369,12 @@ def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:
 
 def floor_scope(crl: Crl) -> bytes:
     """The scope a CRL's replay floor is kept under (module docstring): its issuer, the key that verified it, its
-    partition."""
-    material = b"\0".join((crl.issuer.public_bytes(), crl.signer_key, repr(crl.partition).encode()))
+    partition. The same in every process, so that a floor read back from `client_certificates.crl_state` after a
+    restart names the same scope: the partition's sets are written sorted (the repr of a frozenset follows the
+    process's string hashing, which differs from one start to the next)."""
+    names, reasons = sorted(repr(name) for name in crl.idp_names), sorted(reason.value for reason in crl.reasons)
+    partition = json.dumps([crl.scope, names, reasons, crl.indirect, crl.delta_base is not None])  # `Crl.partition`
+    material = b"\0".join((crl.issuer.public_bytes(), crl.signer_key, partition.encode()))
     return hashlib.blake2b(material, digest_size=16, person=b"crl-floor").digest()
 
 
