@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from proxy.lab.pki import Pki
 from tests.unit.conftest import NOW
