@@ -5,8 +5,11 @@ an older CRL (a replay: still before its nextUpdate, from before a revocation)."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +20,7 @@ from cryptography import x509
 
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl
-from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+from tests.integration.conftest import REPO, Gateway, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 from tests.integration.test_revocation import connect, get
 
@@ -201,3 +204,31 @@ def test_workers_keep_one_floor_in_the_file_and_in_memory(scene: Scene) -> None:
         assert scene.recorded_number() == 7002
     finally:
         assert gw.stop() == 0
+
+
+def test_a_damaged_state_file_stops_the_start_and_check_config_never_writes(scene: Scene) -> None:
+    """`kcd-proxy run` with a state file that does not parse exits 2 with a configuration error naming the key and
+    the file (never serving with an empty floor); check-config says the same, and on a sound file says ok without
+    writing it (its mtime and bytes unchanged: run as root it would leave a file the gateway's user cannot replace)."""
+    scene.publish(8001, alice_revoked=True)
+    config = scene.tmp_path / "gateway.toml"
+    config.write_text(scene.config(kept=True))
+    scene.state.write_bytes(b'{"format": 1, "floors": [')
+    scene.state.chmod(0o600)
+    env = {**os.environ, **scene.lab.env()}
+    run = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=60, cwd=REPO, env=env, check=False)
+    assert done.returncode == 2, done
+    assert f"configuration error: client_certificates.crl_state: {scene.state} is damaged" in done.stderr
+    check = [sys.executable, "-m", "proxy", "check-config", str(config)]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=60, cwd=REPO, env=env, check=False)
+    assert done.returncode == 1, done
+    assert done.stdout.startswith(f"client_certificates.crl_state: {scene.state} is damaged"), done.stdout
+    scene.state.unlink()
+    gw = scene.start("first", kept=True)
+    assert gw.stop() == 0
+    written = (scene.state.stat().st_mtime_ns, scene.state.read_bytes())
+    write_crl(scene.root_crl, load_ca(scene.lab.pki_dir, "root"), number=1001)  # a floor check-config raises
+    done = subprocess.run(check, capture_output=True, text=True, timeout=60, cwd=REPO, env=env, check=False)
+    assert done.returncode == 0, done
+    assert (scene.state.stat().st_mtime_ns, scene.state.read_bytes()) == written
