@@ -16,7 +16,8 @@ With `crl_state` set, `PersistedFloors` keeps the table's floors in that file to
 - written whenever this process raised a floor, before the new CRLs are swapped in, and once when a serving gateway
   is built: the whole table, into a new file (O_EXCL | O_NOFOLLOW, mode 0600) beside it that is fsync'ed and renamed
   over it, then the directory fsync'ed. Writers (the workers, a reload beside its predecessor) take an exclusive
-  flock on the directory and read the table inside it, so the last file written holds every floor raised before it.
+  flock on a lock file beside it (`.<name>.lock`, 0600: no other user can hold it) and read the table inside it, so
+  the last file written holds every floor raised before it.
   A write that fails (a full disk) is logged (`crl_state_write_failed`) and tried again at the next rise; the CRL is
   taken all the same: refusing a newer CRL for want of a disk would un-revoke certificates, the opposite of the aim.
 - what it holds: per scope, the issuer's name (for the operator), the CRL number and thisUpdate. No CRL, no key,
@@ -168,7 +169,7 @@ def _render(floors: list[Floor]) -> bytes:
 def write_state(path: Path, snapshot: Callable[[], list[Floor]]) -> int:
     """Replace the state file at `path` whole with `snapshot()`, taken under the directory's lock (module docstring);
     returns how many floors it holds. OSError if it cannot be written."""
-    with _locked_directory(path.parent) as directory:
+    with _locked_directory(path) as directory:
         floors = snapshot()
         partial = f".{path.name}.partial"
         with contextlib.suppress(FileNotFoundError):
@@ -191,13 +192,22 @@ def write_state(path: Path, snapshot: Callable[[], list[Floor]]) -> int:
 
 
 @contextlib.contextmanager
-def _locked_directory(directory: Path) -> Iterator[int]:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _locked_directory(path: Path) -> Iterator[int]:
+    """The directory of `path` (an fd, for the writes relative to it and its fsync), held under an exclusive flock on
+    `.<name>.lock` beside it: a file of the gateway's user, 0600, which no other user can open to hold the lock (the
+    directory itself may be readable by others, and a lock they held would stall every write, and the CRL refreshes
+    waiting for them)."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        lock = os.open(f".{path.name}.lock", flags, 0o600, dir_fd=directory)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield directory
+        finally:
+            os.close(lock)  # the lock goes with it
     finally:
-        os.close(fd)  # the lock goes with it
+        os.close(directory)
 
 
 class PersistedFloors:

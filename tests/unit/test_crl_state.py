@@ -4,8 +4,11 @@ floor is kept under, the file's reading and writing, and a store that starts fro
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import fcntl
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -143,8 +146,7 @@ def test_a_failed_write_is_logged_and_the_new_crl_taken_all_the_same(
     crl.write_bytes(_issuing_crl(pki, 5, []))
     store = _store(trust, crl, state)
     assert store.load_files(now=NOW) == []
-    state.unlink()
-    state.parent.rmdir()
+    shutil.rmtree(state.parent)
     crl.write_bytes(_issuing_crl(pki, 6, [carol.serial]))
     with capture_logs() as logs:
         asyncio.run(store.refresh(now=NOW))
@@ -170,7 +172,9 @@ def test_the_state_file_is_never_read_or_written_through_a_link(tmp_path: Path) 
     assert not state.is_symlink()
     assert target.read_text() == "precious"
     assert read_state(state) == {b"s" * 16: Floor(b"s" * 16, 3, 1000.0, "CN=x")}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["crl-state.json", "elsewhere.json"]  # no partial file
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".crl-state.json.lock", "crl-state.json", "elsewhere.json"]  # no partial file left
+    assert stat.S_IMODE((tmp_path / ".crl-state.json.lock").stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize(
@@ -242,3 +246,19 @@ def test_check_config_names_a_state_directory_the_user_cannot_write(tmp_path: Pa
     finally:
         directory.chmod(0o700)
         directory.rmdir()
+
+
+def test_a_lock_held_on_the_state_directory_stalls_no_write(tmp_path: Path) -> None:
+    """Another local user who may read the state directory opens it and holds an flock on it: a write still goes
+    through (the writers lock a 0600 file of their own beside the state, which no other user can open). Before, the
+    writers locked the directory itself, and such a lock stalled every write and the CRL refresh waiting for it."""
+    state = tmp_path / "crl-state.json"
+    held = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        written = pool.submit(write_state, state, lambda: [Floor(b"s" * 16, 3, 1000.0, "CN=x")])
+        assert written.result(timeout=60) == 1
+    finally:
+        os.close(held)  # (a write that waited for it ends now, and the pool with it)
+        pool.shutdown()
