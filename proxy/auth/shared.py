@@ -40,7 +40,8 @@ writes those it ends together within `packing_forgotten` (at the sweep's end, or
 And the CRL floors: per CRL issuer, signing key and scope (`proxy.certs.sources`), the highest (CRL number,
 thisUpdate) a worker took, so that a worker replacing one that died, whose CRL store starts empty, refuses a CRL older
 than one its siblings held (a replayed CRL would serve a certificate revoked since). `CRL_FLOORS` slots; when all are
-taken, the one with the oldest thisUpdate goes.
+taken, the one with the oldest thisUpdate goes. With `client_certificates.crl_state` they are kept in that file too
+(`proxy.certs.floors`: read into the table as each worker is built, written whole by the worker that raised one).
 """
 
 from __future__ import annotations
