@@ -26,6 +26,7 @@ from proxy.auth.basic import BasicLogin
 from proxy.auth.shared import SharedTable
 from proxy.backend.forward import Pools, defer_continue
 from proxy.certs.chain import TrustList
+from proxy.certs.floors import CrlStateError, FloorTable, LocalFloors, PersistedFloors
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
@@ -59,10 +60,13 @@ TRACE_KEY = web.RequestKey("trace", Trace)
 DEVICE_KEY = web.RequestKey("device", AiohttpRequest)
 
 
-def build(config: Config, *, shared: SharedTable | None = None, previous: Gateway | None = None) -> Gateway:
+def build(
+    config: Config, *, shared: SharedTable | None = None, previous: Gateway | None = None, serving: bool = False
+) -> Gateway:
     """The gateway a configuration describes; `shared`: the workers' table (the Basic per-user throttle, the log of
     users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
-    whose CRLs the new ones start from (`CrlStore.inherit`)."""
+    whose CRLs the new ones start from (`CrlStore.inherit`); `serving`: a gateway that will serve (start, reload),
+    which writes `client_certificates.crl_state` (check-config and explain only read it)."""
     cc = config.client_certificates
     problems: list[str] = []
     try:
@@ -76,11 +80,15 @@ def build(config: Config, *, shared: SharedTable | None = None, previous: Gatewa
             problems.append(f"client_certificates.crls[{i}]: {path}: {e} (in {config.path})")
     if problems:
         raise ConfigError(problems)
-    revocation = LiveRevocation(cc, trust, floors=shared)
+    revocation = LiveRevocation(cc, trust, floors=_floors(config, shared, previous, serving=serving))
     if previous is not None:  # a reload: what a source held stays the floor a replayed CRL is refused below
         revocation.crls.inherit(previous.revocation.crls)
+        revocation.crls.raise_floors()
     for problem in revocation.load(now=datetime.now(UTC)):
         log.warning("crl_not_used", problem=problem)
+    floors = revocation.crls.floors
+    if isinstance(floors, PersistedFloors) and floors.failed is not None:  # written once as it starts: proof it can
+        raise ConfigError([f"client_certificates.crl_state: {floors.failed} (in {config.path})"])
     if cc.revocation == "off":
         log.warning("revocation_off", detail="client certificates are not checked against any CRL")
     for route in config.routes:
@@ -95,6 +103,25 @@ def build(config: Config, *, shared: SharedTable | None = None, previous: Gatewa
         basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),
     )
+
+
+def _floors(
+    config: Config, shared: SharedTable | None, previous: Gateway | None, *, serving: bool
+) -> FloorTable | None:
+    """The CRL replay floors (`proxy.certs.floors`): the workers' table, else the one the gateway a reload replaces
+    kept (None: a gateway of one process without `crl_state`, as before it existed); with `crl_state`, that table
+    (a new one where there is none) read from and written to the file."""
+    table: FloorTable | None = shared
+    if table is None and previous is not None:
+        held = previous.revocation.crls.floors
+        table = held.table if isinstance(held, PersistedFloors) else held
+    path = config.client_certificates.crl_state
+    if path is None:
+        return table
+    try:
+        return PersistedFloors(table or LocalFloors(), path, writes=serving)
+    except CrlStateError as e:
+        raise ConfigError([f"client_certificates.crl_state: {e} (in {config.path})"]) from None
 
 
 def _directory(config: Config) -> Directory | None:

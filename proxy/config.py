@@ -108,6 +108,7 @@ class ClientCertificates:
     ocsp: OcspPolicy = "off"  # ask the responder a certificate names (AIA): "off" | "prefer" | "require"
     max_chain_depth: int = 4  # CA certificates between a client's certificate and its anchor (OpenSSL's verify depth)
     max_chain_bytes: int = 10240  # the largest Certificate message (the client's chain) the handshake reads
+    crl_state: Path | None = None  # the CRL replay floors kept across restarts (proxy.certs.floors); None: memory only
 
 
 @dataclass(frozen=True)
@@ -578,6 +579,7 @@ def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:
             "restrictions",
             "max_chain_depth",
             "max_chain_bytes",
+            "crl_state",
         },
     )
     anchors = r.files(t, f"{k}.trust_anchors", "trust_anchors")
@@ -608,7 +610,23 @@ def _client_certificates(r: _Reader, t: dict[str, Any]) -> ClientCertificates:
         ocsp=cast(OcspPolicy, ocsp),
         max_chain_depth=_number(r, t, k, "max_chain_depth", int, 4),
         max_chain_bytes=_number(r, t, k, "max_chain_bytes", int, 10240),
+        crl_state=_crl_state(r, t),
     )
+
+
+def _crl_state(r: _Reader, t: dict[str, Any]) -> Path | None:
+    """`client_certificates.crl_state`: a file in a directory that exists (check-config also checks it is writable,
+    and the file, if there is one, usable: `proxy.ops.check`)."""
+    key = "client_certificates.crl_state"
+    value = r.get(t, key, "crl_state", str, "")
+    if not value:
+        return None
+    path = r.file(key, value, required=False)
+    if not _is_dir(path.parent):
+        r.problem(key, f"directory not found: {path.parent} (the state directory, writable by the gateway's user)")
+    elif _is_dir(path):
+        r.problem(key, f"{path} is a directory; name a file in it, such as {path / 'crl-state.json'}")
+    return path
 
 
 def _crl_locations(r: _Reader, t: dict[str, Any], key: str) -> tuple[tuple[Path, ...], tuple[str, ...]]:

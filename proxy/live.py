@@ -96,7 +96,8 @@ class Live:
         from proxy.app import build
         from proxy.tls.server import server_context
 
-        return cls(build(config, shared=shared), server_context(config), balancers=config.listener.trusted_proxies)
+        gateway = build(config, shared=shared, serving=True)
+        return cls(gateway, server_context(config), balancers=config.listener.trusted_proxies)
 
     @property
     def config(self) -> Config:
@@ -234,7 +235,7 @@ def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext]:
     problems = check(config, at=datetime.now(UTC), crls=False)
     if problems:
         raise ConfigError(problems)
-    return _carry_over(build(config, shared=old.basic.shared, previous=old), old), server_context(config)
+    return _carry_over(build(config, shared=old.basic.shared, previous=old, serving=True), old), server_context(config)
 
 
 def _carry_over(new: Gateway, old: Gateway) -> Gateway:

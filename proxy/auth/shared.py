@@ -40,7 +40,8 @@ writes those it ends together within `packing_forgotten` (at the sweep's end, or
 And the CRL floors: per CRL issuer, signing key and scope (`proxy.certs.sources`), the highest (CRL number,
 thisUpdate) a worker took, so that a worker replacing one that died, whose CRL store starts empty, refuses a CRL older
 than one its siblings held (a replayed CRL would serve a certificate revoked since). `CRL_FLOORS` slots; when all are
-taken, the one with the oldest thisUpdate goes.
+taken, the one with the oldest thisUpdate goes. With `client_certificates.crl_state` they are kept in that file too
+(`proxy.certs.floors`: read into the table as each worker is built, written whole by the worker that raised one).
 """
 
 from __future__ import annotations
@@ -234,15 +235,26 @@ class SharedTable:
                     return int.from_bytes(number, "big") - 1, float(this_update)
         return None
 
-    def raise_crl_floor(self, scope: bytes, number: int, this_update: float) -> None:
-        """A worker took this CRL: `scope`'s floor is at least (number, this_update) from now on."""
+    def crl_floors(self) -> dict[bytes, tuple[int, float]]:
+        """Every floor held (`proxy.certs.floors` writes them to `client_certificates.crl_state`)."""
+        with self.locked():
+            floors = {}
+            for offset in self._floor_slots():
+                stored, number, this_update = _FLOOR.unpack_from(self._map, offset)
+                if stored != _EMPTY:
+                    floors[bytes(stored)] = (int.from_bytes(number, "big") - 1, float(this_update))
+            return floors
+
+    def raise_crl_floor(self, scope: bytes, number: int, this_update: float) -> bool:
+        """A worker took this CRL: `scope`'s floor is at least (number, this_update) from now on; whether that
+        raised it."""
         with self.locked():
             held: dict[bytes, int] = {}  # scope -> its slot's offset
             oldest: tuple[float, int] | None = None  # (thisUpdate, offset) of the scope heard of longest ago
             for offset in self._floor_slots():
                 stored, floor, at = _FLOOR.unpack_from(self._map, offset)
-                if stored == scope and (number, this_update) <= (int.from_bytes(floor, "big") - 1, at):
-                    return
+                if stored == scope and (min(number, _FLOOR_MAX), this_update) <= (int.from_bytes(floor, "big") - 1, at):
+                    return False
                 held.setdefault(stored, offset)
                 if oldest is None or at < oldest[0]:
                     oldest = (float(at), offset)
@@ -250,6 +262,7 @@ class SharedTable:
             place = held.get(scope, held.get(_EMPTY, oldest[1]))  # its own slot, a free one, else the oldest
             stored_number = min(number, _FLOOR_MAX) + 1
             _FLOOR.pack_into(self._map, place, scope, stored_number.to_bytes(21, "big"), this_update)
+            return True
 
     def _floor_slots(self) -> range:
         return range(self._floors_at, self._floors_at + CRL_FLOORS * SLOT_BYTES, SLOT_BYTES)

@@ -37,8 +37,8 @@ from typing import Any
 
 from cryptography import x509
 
-from proxy.auth.shared import SharedTable
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
+from proxy.certs.floors import FloorTable
 from proxy.certs.ocsp import OcspClient
 from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus, revoked_fix
 from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
@@ -93,8 +93,9 @@ _CHECKING_OFF = RevocationEvidence(RevocationStatus.UNKNOWN, "", "revocation che
 class LiveRevocation:
     """The revocation stage of a running gateway."""
 
-    def __init__(self, config: ClientCertificates, trust: TrustList, *, floors: SharedTable | None = None) -> None:
-        """`floors`: the workers' shared table, whose CRL replay floors the store keeps to (`proxy.certs.sources`)."""
+    def __init__(self, config: ClientCertificates, trust: TrustList, *, floors: FloorTable | None = None) -> None:
+        """`floors`: the CRL replay floors the store keeps to (`proxy.certs.sources`): the workers' shared table, a
+        `crl_state` file's (`proxy.certs.floors`), or none."""
         self.policy = config.revocation
         self.ocsp_policy = config.ocsp
         self.crls = CrlStore(

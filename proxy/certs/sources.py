@@ -25,8 +25,9 @@ replay, in a worker that replaced one that died as in any other. A scope is the 
 verified its signature (the SubjectPublicKeyInfo, not the CA certificate: a CA certificate renewed with the same key
 goes on with the same CRL numbers, RFC 5280 5.2.3, and its floor stays; a new key starts a scope of its own, as a CA
 rebuilt under the same name starts its numbers again) and the partition (delta or complete, distribution point,
-reasons). The AKI of a CRL only names that key; the key is what was checked. Kept in memory only: a restart starts
-with no floor (docs/hardening.md, section 12: the proposal for a state directory).
+reasons). The AKI of a CRL only names that key; the key is what was checked. In memory only, a restart starts with
+no floor; with `client_certificates.crl_state` the floors are kept in that file too (`proxy.certs.floors`), written
+before a round's new CRLs are swapped in, so a restarted gateway refuses a replay as a running one does.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,8 +47,8 @@ import aiohttp
 import structlog
 from cryptography import x509
 
-from proxy.auth.shared import SharedTable
 from proxy.certs.chain import TrustList
+from proxy.certs.floors import KEY, FloorTable, PersistedFloors
 from proxy.certs.revocation import Crl, CrlSet, CrlUnusable, accept, parse_crls
 from proxy.files import read_bounded
 
@@ -92,7 +94,7 @@ class CrlStore:
     _listeners: list[Callable[[CrlSet, CrlSet], None]] = field(default_factory=list, repr=False)
     _learning: dict[str, asyncio.Task[None]] = field(default_factory=dict, repr=False)
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
-    floors: SharedTable | None = field(default=None, repr=False)  # the workers' replay floors (module docstring)
+    floors: FloorTable | None = field(default=None, repr=False)  # the replay floors (module docstring)
 
     def __post_init__(self) -> None:
         for source in self.sources:
@@ -142,6 +144,7 @@ class CrlStore:
                     self._failed(state, now, exc)
                     continue
                 self._take(state, data, now)
+        self._save_floors()
         self._swap(now)
         return [f"{s.source.location}: {s.last_error}" for s in self._states.values() if s.last_error]
 
@@ -149,6 +152,7 @@ class CrlStore:
         """Read every source once, then swap in the new set (returned)."""
         now = now or datetime.now(UTC)
         await asyncio.gather(*(self._fetch(state, now) for state in list(self._states.values())))
+        await self._save_floors_in_thread()
         return await self._swap_in_thread(now)
 
     async def learn(self, chain: Sequence[x509.Certificate]) -> None:
@@ -175,6 +179,7 @@ class CrlStore:
     async def _learn(self, state: _State) -> None:
         now = datetime.now(UTC)
         await self._fetch(state, now)
+        await self._save_floors_in_thread()
         await self._swap_in_thread(now)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -253,9 +258,32 @@ class CrlStore:
             return
         state.crls, state.last_success, state.last_error = tuple(vetted), now, None
         for crl in vetted:
-            if self.floors is not None:
-                self.floors.raise_crl_floor(floor_scope(crl), crl.number, crl.this_update.timestamp())
+            self._raise_floor(crl)
             log.info("crl_loaded", **_describe(crl))
+
+    def _raise_floor(self, crl: Crl) -> None:
+        if self.floors is None:
+            return
+        scope = floor_scope(crl)
+        if isinstance(self.floors, PersistedFloors):
+            self.floors.issuers[scope] = crl.issuer.rfc4514_string()
+        self.floors.raise_crl_floor(scope, crl.number, crl.this_update.timestamp())
+
+    def raise_floors(self) -> None:
+        """Raise the floors to the CRLs held (a reload's, after `inherit`: a table the old store did not keep, such
+        as the one of a `crl_state` the reload adds, starts from them)."""
+        for crl in self._held():
+            self._raise_floor(crl)
+
+    def _save_floors(self) -> None:
+        """The floors into `crl_state` (`proxy.certs.floors`) if this store raised one, before its CRLs are used."""
+        if isinstance(self.floors, PersistedFloors):
+            self.floors.save()
+
+    async def _save_floors_in_thread(self) -> None:
+        """`_save_floors` off the event loop (a write and two fsyncs), and only when there is something to write."""
+        if isinstance(self.floors, PersistedFloors) and self.floors.dirty:
+            await asyncio.to_thread(self.floors.save)
 
     def _swap(self, now: datetime) -> CrlSet:
         return self._install(*CrlSet.of(self._held(), self.trust, at=now))
@@ -368,17 +396,27 @@ def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:
 
 def floor_scope(crl: Crl) -> bytes:
     """The scope a CRL's replay floor is kept under (module docstring): its issuer, the key that verified it, its
-    partition."""
-    material = b"\0".join((crl.issuer.public_bytes(), crl.signer_key, repr(crl.partition).encode()))
+    partition. The same in every process, so that a floor read back from `client_certificates.crl_state` after a
+    restart names the same scope: the partition's sets are written sorted (the repr of a frozenset follows the
+    process's string hashing, which differs from one start to the next)."""
+    names, reasons = sorted(repr(name) for name in crl.idp_names), sorted(reason.value for reason in crl.reasons)
+    partition = json.dumps([crl.scope, names, reasons, crl.indirect, crl.delta_base is not None])  # `Crl.partition`
+    material = b"\0".join((crl.issuer.public_bytes(), crl.signer_key, partition.encode()))
     return hashlib.blake2b(material, digest_size=16, person=b"crl-floor").digest()
 
 
-def _refuse_below_floor(new: Sequence[Crl], floors: SharedTable) -> None:
+def _refuse_below_floor(new: Sequence[Crl], floors: FloorTable) -> None:
     for crl in new:
         floor = floors.crl_floor(floor_scope(crl))
         if floor is not None and (crl.number, crl.this_update.timestamp()) < floor:
             number, this_update = floor
             seen = datetime.fromtimestamp(this_update, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if isinstance(floors, PersistedFloors):
+                raise CrlUnusable(
+                    f"{crl.label} is older than the one this gateway took (CRL number {number}, thisUpdate {seen}, "
+                    f"kept in {KEY} {floors.path} across restarts; replayed? A CA that numbered a CRL too high by "
+                    "mistake: docs/revocation.md)"
+                )
             raise CrlUnusable(
                 f"{crl.label} is older than the one a worker of this gateway took (CRL number {number}, thisUpdate "
                 f"{seen}; replayed?)"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
+import pwd
 import ssl
 import tomllib
 from collections.abc import Callable, Generator, Iterator
@@ -26,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates
+from proxy.certs.floors import CrlStateError, read_state
 from proxy.certs.revocation import CrlSet, load_crls
 from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
@@ -118,6 +121,10 @@ def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, s
         yield from _crls(config, trust, at)
     yield from _keytab(config)
     yield from _routes(config)
+    if config.client_certificates.crl_state is not None:
+        yield from (
+            ("client_certificates.crl_state", problem) for problem in crl_state(config.client_certificates.crl_state)
+        )
     admin = config.admin
     if admin is not None and admin.certificate is not None and admin.private_key is not None:
         yield from _server_certificate("admin", admin.certificate, admin.private_key, at)
@@ -126,6 +133,27 @@ def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, s
         yield from found
         if admin.crls and not found and crls:
             yield from _admin_crls(admin.client_ca, admin.crls, at)
+
+
+def crl_state(path: Path) -> Iterator[str]:
+    """`client_certificates.crl_state`: its directory (whose existence the configuration checked) is one this user may
+    write and search (the gateway replaces the file there: run check-config as the gateway's user), and the file, if
+    there is one yet, is one the gateway will read (`proxy.certs.floors.read_state`)."""
+    directory = path.parent
+    if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # a uid without a name (a container's)
+            user = f"uid {os.geteuid()}"
+        yield (
+            f"{directory} is not writable by {user}: the gateway writes {path.name} there (a new file renamed over "
+            "it); make it the gateway's (systemd: StateDirectory=kcd-proxy), and run check-config as the gateway's user"
+        )
+        return
+    try:
+        read_state(path)
+    except CrlStateError as e:
+        yield str(e)
 
 
 def _admin_crls(client_ca: Path, files: tuple[Path, ...], at: datetime) -> Iterator[tuple[str, str]]:

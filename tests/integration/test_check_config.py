@@ -72,6 +72,20 @@ def _wildcard_loop(lab: LabLayout, text: str, tmp: Path) -> str:
     return text.replace(f'upstream = "http://127.0.0.1:{lab.backend_port}"', f'upstream = "http://127.0.0.1:{port}"')
 
 
+def _crl_state(content: bytes | None, directory: str = "state") -> Callable[[LabLayout, str, Path], str]:
+    """`client_certificates.crl_state` in `tmp/directory` (made if `content` is not None, the file holding it)."""
+
+    def edit(lab: LabLayout, text: str, tmp: Path) -> str:
+        state = tmp / directory / "crl-state.json"
+        if content is not None:
+            state.parent.mkdir(mode=0o700)
+            state.write_bytes(content)
+            state.chmod(0o600)
+        return text.replace('revocation = "require"\n', f'revocation = "require"\ncrl_state = "{state}"\n', 1)
+
+    return edit
+
+
 LONG = "x" * 300  # a file name over NAME_MAX (255 bytes): the system refuses it (ENAMETOOLONG)
 CATALOGUE = [
     ("missing file", _replace('certificate = "{lab.pki_dir}/server-chain.pem"', 'certificate = "{tmp}/nope.pem"'),
@@ -108,6 +122,8 @@ CATALOGUE = [
         f'upstream = "http://127.0.0.1:{lab.backend_port}"', f'upstream = "http://127.0.0.1:{_gateway_port(text)}"'),
      "routes[0].upstream", "the gateway's own listener"),
     ("route to the admin listener", _admin_route, "routes[1].upstream", "the admin listener"),
+    ("CRL state in a directory not made", _crl_state(None), "client_certificates.crl_state", "directory not found"),
+    ("damaged CRL state file", _crl_state(b"{"), "client_certificates.crl_state", "crl-state.json is damaged"),
     ("route back to a gateway bound on every address", _wildcard_loop, "routes[0].upstream",
      "the gateway's own listener"),
 ]  # fmt: skip

@@ -509,8 +509,9 @@ def test_unit_has_the_hardening_the_issue_asks_for() -> None:
 
 
 def test_the_files_the_example_configuration_has_the_gateway_write_are_writable_under_the_unit() -> None:
-    """`[admin] socket` and `[traces] export` at the paths config/example.toml and the docs give lie in directories
-    the unit makes the gateway's (ProtectSystem=strict left it none: the socket failed, traces were never written)."""
+    """`[admin] socket`, `[traces] export` and `client_certificates.crl_state` at the paths config/example.toml and
+    the docs give lie in directories the unit makes the gateway's (ProtectSystem=strict left it none: the socket
+    failed, traces were never written; the CRL state's start failed, its directory read-only)."""
     unit = _unit()
     assert unit["ProtectSystem"] == ["strict"]
     writable = [Path("/run", name) for name in unit.get("RuntimeDirectory", [])]
@@ -518,12 +519,14 @@ def test_the_files_the_example_configuration_has_the_gateway_write_are_writable_
     writable += [Path("/var/lib", name) for name in unit.get("StateDirectory", [])]
     names = ("config/example.toml", "docs/deploying.md", "docs/operations.md", "README.md")
     texts = [(REPO / name).read_text() for name in names]
-    paths = {Path(m) for text in texts for m in re.findall(r'(?:socket|export) = "(/[^"]+)"', text)}
-    assert {Path("/run/kcd-proxy/admin.sock"), Path("/var/log/kcd-proxy/traces.jsonl")} <= paths
+    paths = {Path(m) for text in texts for m in re.findall(r'(?:socket|export|crl_state) = "(/[^"]+)"', text)}
+    expected = {Path("/run/kcd-proxy/admin.sock"), Path("/var/log/kcd-proxy/traces.jsonl")}
+    assert expected | {Path("/var/lib/kcd-proxy/crl-state.json")} <= paths
     for path in paths:
         assert any(path.parent == directory for directory in writable), f"{path}: read-only under {UNIT.name}"
     assert unit.get("RuntimeDirectoryMode", ["0755"]) == ["0750"]  # the socket is 0600; the group may list it
     assert unit.get("LogsDirectoryMode", ["0755"]) == ["0750"]  # traces name users: not for every local user
+    assert unit.get("StateDirectoryMode", ["0755"]) == ["0700"]  # the CRL floors: the gateway's alone
 
 
 def test_unit_denies_writable_executable_memory() -> None:

@@ -1,0 +1,264 @@
+"""The CRL replay floor kept across restarts (`client_certificates.crl_state`, `proxy.certs.floors`): the scope a
+floor is kept under, the file's reading and writing, and a store that starts from it."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fcntl
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from structlog.testing import capture_logs
+
+from proxy.auth.shared import CRL_FLOORS, SharedTable
+from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
+from proxy.certs.floors import CrlStateError, Floor, LocalFloors, PersistedFloors, read_state, write_state
+from proxy.certs.revocation import RevocationStatus
+from proxy.certs.sources import CrlSource, CrlStore
+from proxy.lab.pki import Pki
+from proxy.ops.check import crl_state
+from tests.pem import load_cert
+from tests.unit.conftest import NOW
+
+REPO = Path(__file__).resolve().parents[2]
+
+_SCOPE_OF_ISSUING_CRL = """
+import sys
+from datetime import datetime
+from pathlib import Path
+from proxy.certs.chain import TrustList
+from proxy.certs.revocation import accept, parse_crls
+from proxy.certs.sources import floor_scope
+root, issuing, crl, at = sys.argv[1:]
+trust = TrustList.load([Path(root)], [Path(issuing)])
+data = Path(crl).read_bytes()
+print(" ".join(floor_scope(accept(crl, c, trust, at=datetime.fromisoformat(at))).hex() for c in parse_crls(data, crl)))
+"""
+
+
+def _scope_in_a_process(pki: Pki, seed: str) -> str:
+    argv = [str(pki.root_cert), str(pki.issuing_cert), str(pki.issuing_crl), NOW.isoformat()]
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    done = subprocess.run(
+        [sys.executable, "-c", _SCOPE_OF_ISSUING_CRL, *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_crl_floor_scope_is_the_same_in_every_process(pki: Pki) -> None:
+    """The scope a floor is kept under is the same in a process started later (another hash seed): it hashed the
+    repr of a frozenset of reasons, whose order follows the process's string hashing, so a floor read from the state
+    file after a restart never matched the scope of the same CRL (four seeds gave four scopes)."""
+    scopes = {_scope_in_a_process(pki, seed) for seed in ("1", "2", "3", "4")}
+    assert len(scopes) == 1, scopes
+
+
+def _issuing_crl(pki: Pki, number: int, serials: list[int]) -> bytes:
+    """A DER CRL of the issuing CA (its own key), numbered `number`, listing `serials`, current at NOW."""
+    key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(load_cert(pki.issuing_cert).subject)
+        .last_update(NOW - timedelta(minutes=number))  # a later number, a later thisUpdate
+        .next_update(NOW + timedelta(days=1))
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )
+    for serial in serials:
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=1))
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def _carol(pki: Pki, trust: TrustList) -> VerifiedCertificate:
+    return verify_chain(load_cert(pki.user_cert("carol")), trust, at=NOW)
+
+
+def _status(store: CrlStore, v: VerifiedCertificate) -> RevocationStatus:
+    return store.current.lookup(v.leaf, v.chain[1], at=NOW).status
+
+
+def _store(trust: TrustList, crl: Path, state: Path, *, writes: bool = True) -> CrlStore:
+    """A store reading `crl`, on a fresh floor table kept in `state`: a gateway (of one process) just started."""
+    return CrlStore(trust, [CrlSource(str(crl))], floors=PersistedFloors(LocalFloors(), state, writes=writes))
+
+
+def test_a_store_started_afresh_refuses_a_crl_below_the_floor_its_file_kept(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """A store took CRL #20 (carol revoked) and wrote its floor; a store started afresh on that file (a restarted
+    gateway) refuses #10, replayed, naming the floor and the file, and holds no CRL for the CA; a store with the
+    file unset takes #10 (no floor: the behaviour without the key)."""
+    carol = _carol(pki, trust)
+    crl, state = tmp_path / "issuing.crl", tmp_path / "state" / "crl-state.json"
+    state.parent.mkdir()
+    crl.write_bytes(_issuing_crl(pki, 20, [carol.serial]))
+    first = _store(trust, crl, state)
+    assert first.load_files(now=NOW) == []
+    assert _status(first, carol) is RevocationStatus.REVOKED
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    [floor] = json.loads(state.read_text())["floors"]
+    assert (floor["issuer"], floor["crl_number"]) == ("CN=Lab Issuing CA", 20)
+    assert floor["this_update"] == (NOW - timedelta(minutes=20)).isoformat()
+    crl.write_bytes(_issuing_crl(pki, 10, []))
+    restarted = _store(trust, crl, state)
+    [problem] = restarted.load_files(now=NOW)
+    assert "CRL #10 of 'CN=Lab Issuing CA' is older than the one this gateway took (CRL number 20" in problem
+    assert f"kept in client_certificates.crl_state {state} across restarts; replayed?" in problem
+    assert _status(restarted, carol) is RevocationStatus.UNKNOWN  # refused under "require"
+    alone = CrlStore(trust, [CrlSource(str(crl))])
+    assert alone.load_files(now=NOW) == []
+    assert _status(alone, carol) is RevocationStatus.GOOD
+
+
+def test_a_reading_store_never_writes_the_file(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """check-config's and explain's floors (`writes=False`) read the file and never write it, even on a new CRL:
+    run as root they would leave a root-owned file the gateway's user cannot replace."""
+    crl, state = tmp_path / "issuing.crl", tmp_path / "crl-state.json"
+    crl.write_bytes(_issuing_crl(pki, 5, []))
+    store = _store(trust, crl, state, writes=False)
+    assert store.load_files(now=NOW) == []
+    assert not state.exists()
+
+
+def test_a_failed_write_is_logged_and_the_new_crl_taken_all_the_same(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """The state directory gone (a full or lost disk): a refresh that takes a new CRL (#6, carol revoked) logs
+    `crl_state_write_failed` naming the file, and carol is refused: refusing a newer CRL for want of a disk would
+    un-revoke. The write is tried again at the next round once the directory is back."""
+    carol = _carol(pki, trust)
+    crl, state = tmp_path / "issuing.crl", tmp_path / "state" / "crl-state.json"
+    state.parent.mkdir()
+    crl.write_bytes(_issuing_crl(pki, 5, []))
+    store = _store(trust, crl, state)
+    assert store.load_files(now=NOW) == []
+    shutil.rmtree(state.parent)
+    crl.write_bytes(_issuing_crl(pki, 6, [carol.serial]))
+    with capture_logs() as logs:
+        asyncio.run(store.refresh(now=NOW))
+    assert _status(store, carol) is RevocationStatus.REVOKED
+    [failed] = [e for e in logs if e["event"] == "crl_state_write_failed"]
+    assert (failed["path"], failed["log_level"]) == (str(state), "error")
+    assert "FileNotFoundError" in failed["error"]
+    state.parent.mkdir()
+    asyncio.run(store.refresh(now=NOW))
+    assert [f["crl_number"] for f in json.loads(state.read_text())["floors"]] == [6]
+
+
+def test_the_state_file_is_never_read_or_written_through_a_link(tmp_path: Path) -> None:
+    """A link planted at the file's path (to a file its planter wants overwritten, or to floors of its choosing):
+    reading refuses it, naming it; a write replaces the link itself, the file it pointed at untouched."""
+    target = tmp_path / "elsewhere.json"
+    target.write_text("precious")
+    state = tmp_path / "crl-state.json"
+    state.symlink_to(target)
+    with pytest.raises(CrlStateError, match="is a symbolic link"):
+        read_state(state)
+    assert write_state(state, lambda: [Floor(b"s" * 16, 3, 1000.0, "CN=x")]) == 1
+    assert not state.is_symlink()
+    assert target.read_text() == "precious"
+    assert read_state(state) == {b"s" * 16: Floor(b"s" * 16, 3, 1000.0, "CN=x")}
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".crl-state.json.lock", "crl-state.json", "elsewhere.json"]  # no partial file left
+    assert stat.S_IMODE((tmp_path / ".crl-state.json.lock").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "message"),
+    [
+        (b"{not json", 0o600, "is damaged (JSONDecodeError"),
+        (b'{"format": 2, "floors": []}', 0o600, "expected a JSON object with format 1"),
+        (b'{"format": 1, "floors": [{"scope": "00", "crl_number": 1, "this_update": "2026-01-01T00:00:00+00:00"}]}',
+         0o600, "a scope is 32 hex digits"),
+        (b'{"format": 1, "floors": [{"scope": "' + b"ab" * 16 + b'", "crl_number": true, '
+         b'"this_update": "2026-01-01T00:00:00+00:00"}]}', 0o600, "floors[0].crl_number: expected a CRL number"),
+        (b'{"format": 1, "floors": []}', 0o666, "is writable by others (mode 0666)"),
+    ],
+    ids=["not-json", "other-format", "short-scope", "boolean-number", "world-writable"],
+)  # fmt: skip
+def test_a_state_file_that_cannot_be_trusted_is_an_error_not_an_empty_floor(
+    tmp_path: Path, content: bytes, mode: int, message: str
+) -> None:
+    """A damaged file, one of another format or writable by others is an error that says what is wrong and what to
+    do, never read as no floor (which is the replay hole itself)."""
+    state = tmp_path / "crl-state.json"
+    state.write_bytes(content)
+    state.chmod(mode)
+    with pytest.raises(CrlStateError) as refused:
+        read_state(state)
+    assert message in str(refused.value)
+    assert str(state) in str(refused.value)
+
+
+def test_a_missing_state_file_is_a_fresh_floor(tmp_path: Path) -> None:
+    """No file yet (the first start with the key): no floor, no error."""
+    assert read_state(tmp_path / "crl-state.json") == {}
+
+
+def test_local_floors_keep_the_shared_tables_rules() -> None:
+    """The floors of a gateway of one process rise only, say whether they rose, and past CRL_FLOORS scopes drop the
+    one with the oldest thisUpdate, as the workers' shared table does."""
+    floors, shared = LocalFloors(), SharedTable(max_keys=8)
+    for table in (floors, shared):
+        assert table.raise_crl_floor(b"a" * 16, 5, 100.0) is True
+        assert table.raise_crl_floor(b"a" * 16, 4, 200.0) is False
+        assert table.raise_crl_floor(b"a" * 16, 5, 100.0) is False
+        assert table.raise_crl_floor(b"a" * 16, 5, 101.0) is True
+        for n in range(CRL_FLOORS - 1):
+            table.raise_crl_floor((n + 1).to_bytes(16, "big"), 1, 1000.0 + n)
+        assert table.raise_crl_floor(b"z" * 16, 1, 5000.0) is True
+        assert table.crl_floor(b"a" * 16) is None  # the oldest thisUpdate went
+        assert len(table.crl_floors()) == CRL_FLOORS
+    assert floors.crl_floors() == shared.crl_floors()
+
+
+def test_check_config_names_a_state_directory_the_user_cannot_write(tmp_path: Path) -> None:
+    """check-config's `crl_state` check, run as a user who cannot write the state directory (nobody, or the owner
+    of a directory made read-only when not root): one problem naming the directory and the fix."""
+    directory = Path(tempfile.mkdtemp(prefix="crl-state-"))
+    try:
+        directory.chmod(0o755 if os.geteuid() == 0 else 0o555)
+        code = "import sys; from pathlib import Path; from proxy.ops.check import crl_state; "
+        code += "print(*crl_state(Path(sys.argv[1])), sep='\\n')"
+        argv = [sys.executable, "-c", code, str(directory / "crl-state.json")]
+        if os.geteuid() == 0:
+            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        [problem] = done.stdout.splitlines()
+        assert problem.startswith(f"{directory} is not writable by ")
+        assert "run check-config as the gateway's user" in problem
+        assert list(crl_state(tmp_path / "crl-state.json")) == []  # a directory this user owns: sound
+    finally:
+        directory.chmod(0o700)
+        directory.rmdir()
+
+
+def test_a_lock_held_on_the_state_directory_stalls_no_write(tmp_path: Path) -> None:
+    """Another local user who may read the state directory opens it and holds an flock on it: a write still goes
+    through (the writers lock a 0600 file of their own beside the state, which no other user can open). Before, the
+    writers locked the directory itself, and such a lock stalled every write and the CRL refresh waiting for it."""
+    state = tmp_path / "crl-state.json"
+    held = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        written = pool.submit(write_state, state, lambda: [Floor(b"s" * 16, 3, 1000.0, "CN=x")])
+        assert written.result(timeout=60) == 1
+    finally:
+        os.close(held)  # (a write that waited for it ends now, and the pool with it)
+        pool.shutdown()
