@@ -29,6 +29,7 @@ from proxy.certs.chain import TrustList
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
+from proxy.descriptors import DescriptorBudget
 from proxy.device.aiohttp_side import AiohttpRequest
 from proxy.device.request import CONTINUE, DeviceRequest, expectations
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
@@ -91,7 +92,9 @@ def build(config: Config, *, shared: SharedTable | None = None, previous: Gatewa
         trust=trust,
         revocation=revocation,
         delegator=Delegator(config.kerberos, shared=shared),
-        pools=Pools(config.routes, config.listener),
+        pools=Pools(
+            config.routes, config.listener, max_connections=DescriptorBudget.of(config.listener.max_connections).backend
+        ),
         basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),
     )
@@ -324,6 +327,30 @@ def _who(trace: Trace) -> dict[str, object]:
     return {k: trace.facts[k] for k in keys if k in trace.facts}
 
 
+def _descriptor_budget(max_connections: int) -> DescriptorBudget:
+    """This worker's file descriptors shared out (`proxy.descriptors`), logged; a warning where the open-file limit
+    cannot hold `listener.max_connections`."""
+    budget = DescriptorBudget.of(max_connections)
+    figures = {
+        "limit": budget.limit,
+        "reserved": budget.reserve,
+        "device_connections": budget.device,
+        "backend_connections": budget.backend,
+    }
+    if budget.cut:
+        log.warning(
+            "descriptor_limit_low",
+            **figures,
+            max_connections=max_connections,
+            fix=f"the open-file limit ({budget.limit}) holds {budget.device} device connections with a backend "
+            f"connection each, not listener.max_connections = {max_connections}: raise it to {budget.needed} "
+            "(LimitNOFILE= in the systemd unit, ulimit -n, the container's nofile), or lower max_connections",
+        )
+    else:
+        log.info("descriptor_budget", **figures)
+    return budget
+
+
 async def serve(
     config: Config,
     *,
@@ -342,9 +369,11 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     listener = config.listener
-    slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
+    budget = _descriptor_budget(listener.max_connections)
+    slots = ConnectionSlots(budget.device, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections
-    live.metrics.connection_limit = listener.max_connections
+    live.metrics.connection_limit = budget.device
+    live.metrics.backend_sockets = lambda: live.gateway.pools.sockets
     per_address = listener.max_connections_per_address
     cap = AddressCap(per_address, on_refused=live.metrics.address_connections_refused) if per_address else None
     await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed

@@ -153,6 +153,16 @@ class BackendUnavailable(GatewayError):
     event = "backend_unavailable"
 
 
+class BackendBusy(GatewayError):
+    """Every backend connection the worker's file descriptors allow is open and busy (`proxy.descriptors`): refused
+    before a connection is tried, so that accept(), the admin listener, the KDC and CRL fetches keep theirs."""
+
+    status = 503
+    stage = "backend"
+    event = "backend_connections_exhausted"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "30"}
+
+
 class BackendRejectedTicket(GatewayError):
     status = 502
     stage = "backend"
