@@ -37,6 +37,7 @@ from proxy.directory import Directory
 from proxy.errors import (
     BadRequest,
     ConfigError,
+    DeviceUnnamed,
     ExpectationFailed,
     GatewayError,
     KdcNotAsked,
@@ -52,7 +53,7 @@ from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
 from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
-from proxy.tls.server import gate_factory, host_port
+from proxy.tls.server import UNNAMED, gate_factory, host_port
 from proxy.workers import Worker, reload_asked_while_starting
 
 log = structlog.get_logger("proxy")
@@ -119,6 +120,18 @@ def _carries_body(headers: MultiMapping[str]) -> bool:
     parsers have checked it is digits)."""
     length = headers.get("Content-Length")
     return "Transfer-Encoding" in headers or (length is not None and length.strip("0") != "")
+
+
+def _refuse_unnamed(request: DeviceRequest) -> None:
+    """A request relayed by a balancer that could not name its device (`proxy.tls.proxy_protocol`)."""
+    if request.remote == UNNAMED[0]:
+        raise DeviceUnnamed(
+            "the balancer in front of the gateway named no device for this connection",
+            hint="the balancer sent a PROXY header without the device's address (v1 UNKNOWN, or v2 family UNSPEC): a "
+            "device the gateway cannot name is not served (every one would be the balancer's address for the "
+            "throttles and the per-address cap); have the balancer relay TCP connections with their addresses, and "
+            "send its health checks as v2 LOCAL",
+        )
 
 
 def _refuse_smuggling(request: DeviceRequest) -> None:
@@ -191,6 +204,7 @@ def own_server_handler(live: Live) -> Callable[[DeviceRequest], Awaitable[None]]
         trace = _begin(live, request)
         status = 500
         try:
+            _refuse_unnamed(request)
             _refuse_smuggling(request)
             if not request.raw_path.startswith("/"):  # `OPTIONS *`: aiohttp's router matched nothing (404)
                 status = 404
@@ -236,6 +250,7 @@ def make_app(live: Live) -> web.Application:
         request[TRACE_KEY] = trace
         status = 500
         try:
+            _refuse_unnamed(device)
             _refuse_smuggling(device)
             response = await handler(request)
             status = response.status
