@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow(seconds=90)
 LIMIT = 512  # the gateway's RLIMIT_NOFILE, soft and hard
 USERS = 100
 HELD = 5  # requests each user holds at once, each on a device connection of its own
+SHARE = (LIMIT - min(256, LIMIT // 4)) // 2  # device, and backend, connections (docs/throttles-and-limits.md)
 
 
 @dataclass
@@ -154,7 +155,7 @@ def test_many_users_holding_requests_leave_descriptors_for_accept_the_admin_and_
             await asyncio.sleep(0.1)
         try:
             metrics = await asyncio.to_thread(scene.scrape)
-            while _sample(metrics, "kcd_backend_connections") < 192:  # every device accepted has its Ping held
+            while _sample(metrics, "kcd_backend_connections") < SHARE:  # every device accepted has its Ping held
                 assert loop.time() < deadline, f"{scene.descriptors()} descriptors open"
                 await asyncio.sleep(0.2)
                 metrics = await asyncio.to_thread(scene.scrape)
@@ -176,14 +177,14 @@ def test_many_users_holding_requests_leave_descriptors_for_accept_the_admin_and_
     assert "kcd_backend_connections" in metrics, metrics
     assert not [a for a in answers if a], "held requests were answered (refused) before the devices left"
     assert {int(e["status"]) for e in gw.events("request", after=mark)} <= {499}  # the devices left
-    assert _sample(metrics, "kcd_listener_connection_limit") == 192
-    assert _sample(metrics, "kcd_backend_connections") == _sample(metrics, "kcd_backend_connection_limit") == 192
-    assert descriptors <= LIMIT - 64, descriptors  # held: 192 device and 192 backend connections, and the gateway's
+    assert _sample(metrics, "kcd_listener_connection_limit") == SHARE
+    assert _sample(metrics, "kcd_backend_connections") == _sample(metrics, "kcd_backend_connection_limit") == SHARE
+    assert descriptors <= LIMIT - 64, descriptors  # held: SHARE device and SHARE backend connections, and the gateway's
     # the devices gone, the gateway gives its descriptors back
     eventually(lambda: scene.descriptors() < 64, "the gateway's descriptors back to what it holds at start")
     # and its start said what its open-file limit holds, and what would hold listener.max_connections
     low = gw.events("descriptor_limit_low")[0]
-    assert (low["limit"], low["device_connections"], low["backend_connections"]) == (LIMIT, 192, 192)
+    assert (low["limit"], low["device_connections"], low["backend_connections"]) == (LIMIT, SHARE, SHARE)
     assert "raise it to 20256" in low["fix"]
 
 
@@ -208,5 +209,5 @@ def test_idle_backend_connections_of_many_users_make_room_for_new_ones(scene: Sc
     assert not gw.events("accept_failed", after=mark)
     metrics = scene.scrape()
     assert _sample(metrics, "kcd_backend_connections_reclaimed_total") > 0
-    assert _sample(metrics, "kcd_backend_connections") <= _sample(metrics, "kcd_backend_connection_limit") == 192
+    assert _sample(metrics, "kcd_backend_connections") <= _sample(metrics, "kcd_backend_connection_limit") == SHARE
     assert scene.descriptors() <= LIMIT - 64
