@@ -30,6 +30,7 @@ from proxy.certs.floors import CrlStateError, FloorTable, LocalFloors, Persisted
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
+from proxy.descriptors import DescriptorBudget
 from proxy.device.aiohttp_side import AiohttpRequest
 from proxy.device.request import CONTINUE, DeviceRequest, expectations
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
@@ -37,6 +38,7 @@ from proxy.directory import Directory
 from proxy.errors import (
     BadRequest,
     ConfigError,
+    DeviceUnnamed,
     ExpectationFailed,
     GatewayError,
     KdcNotAsked,
@@ -52,7 +54,7 @@ from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
 from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
-from proxy.tls.server import gate_factory, host_port
+from proxy.tls.server import UNNAMED, gate_factory, host_port
 from proxy.workers import Worker, reload_asked_while_starting
 
 log = structlog.get_logger("proxy")
@@ -99,7 +101,9 @@ def build(
         trust=trust,
         revocation=revocation,
         delegator=Delegator(config.kerberos, shared=shared),
-        pools=Pools(config.routes, config.listener),
+        pools=Pools(
+            config.routes, config.listener, max_connections=DescriptorBudget.of(config.listener.max_connections).backend
+        ),
         basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),
     )
@@ -143,6 +147,18 @@ def _carries_body(headers: MultiMapping[str]) -> bool:
     parsers have checked it is digits)."""
     length = headers.get("Content-Length")
     return "Transfer-Encoding" in headers or (length is not None and length.strip("0") != "")
+
+
+def _refuse_unnamed(request: DeviceRequest) -> None:
+    """A request relayed by a balancer that could not name its device (`proxy.tls.proxy_protocol`)."""
+    if request.remote == UNNAMED[0]:
+        raise DeviceUnnamed(
+            "the balancer in front of the gateway named no device for this connection",
+            hint="the balancer sent a PROXY header without the device's address (v1 UNKNOWN, or v2 family UNSPEC): a "
+            "device the gateway cannot name is not served (every one would be the balancer's address for the "
+            "throttles and the per-address cap); have the balancer relay TCP connections with their addresses, and "
+            "send its health checks as v2 LOCAL",
+        )
 
 
 def _refuse_smuggling(request: DeviceRequest) -> None:
@@ -215,6 +231,7 @@ def own_server_handler(live: Live) -> Callable[[DeviceRequest], Awaitable[None]]
         trace = _begin(live, request)
         status = 500
         try:
+            _refuse_unnamed(request)
             _refuse_smuggling(request)
             if not request.raw_path.startswith("/"):  # `OPTIONS *`: aiohttp's router matched nothing (404)
                 status = 404
@@ -260,6 +277,7 @@ def make_app(live: Live) -> web.Application:
         request[TRACE_KEY] = trace
         status = 500
         try:
+            _refuse_unnamed(device)
             _refuse_smuggling(device)
             response = await handler(request)
             status = response.status
@@ -351,6 +369,30 @@ def _who(trace: Trace) -> dict[str, object]:
     return {k: trace.facts[k] for k in keys if k in trace.facts}
 
 
+def _descriptor_budget(max_connections: int) -> DescriptorBudget:
+    """This worker's file descriptors shared out (`proxy.descriptors`), logged; a warning where the open-file limit
+    cannot hold `listener.max_connections`."""
+    budget = DescriptorBudget.of(max_connections)
+    figures = {
+        "limit": budget.limit,
+        "reserved": budget.reserve,
+        "device_connections": budget.device,
+        "backend_connections": budget.backend,
+    }
+    if budget.cut:
+        log.warning(
+            "descriptor_limit_low",
+            **figures,
+            max_connections=max_connections,
+            fix=f"the open-file limit ({budget.limit}) holds {budget.device} device connections with a backend "
+            f"connection each, not listener.max_connections = {max_connections}: raise it to {budget.needed} "
+            "(LimitNOFILE= in the systemd unit, ulimit -n, the container's nofile), or lower max_connections",
+        )
+    else:
+        log.info("descriptor_budget", **figures)
+    return budget
+
+
 async def serve(
     config: Config,
     *,
@@ -369,9 +411,11 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     listener = config.listener
-    slots = ConnectionSlots(listener.max_connections, on_wait=live.metrics.connection_waits.inc)
+    budget = _descriptor_budget(listener.max_connections)
+    slots = ConnectionSlots(budget.device, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections
-    live.metrics.connection_limit = listener.max_connections
+    live.metrics.connection_limit = budget.device
+    live.metrics.backend_sockets = lambda: live.gateway.pools.sockets
     per_address = listener.max_connections_per_address
     cap = AddressCap(per_address, on_refused=live.metrics.address_connections_refused) if per_address else None
     await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed

@@ -55,6 +55,15 @@ class VersionNotSupported(BadRequest):
     status = 505
 
 
+class DeviceUnnamed(GatewayError):
+    """Behind a balancer, a connection whose PROXY header names no device (v1 `UNKNOWN`, v2 `UNSPEC`): every such
+    device would be the balancer's address for the throttles, the caps, the log and X-Forwarded-For."""
+
+    status = 400
+    stage = "proxy_protocol"
+    event = "no_device_address"
+
+
 class MethodNotAllowed(GatewayError):
     """TRACE, TRACK and CONNECT: a gateway echoes nothing back (TRACE would show the device the gateway's own
     headers) and tunnels nothing."""
@@ -151,6 +160,16 @@ class BackendUnavailable(GatewayError):
     status = 502
     stage = "backend"
     event = "backend_unavailable"
+
+
+class BackendBusy(GatewayError):
+    """Every backend connection the worker's file descriptors allow is open and busy (`proxy.descriptors`): refused
+    before a connection is tried, so that accept(), the admin listener, the KDC and CRL fetches keep theirs."""
+
+    status = 503
+    stage = "backend"
+    event = "backend_connections_exhausted"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "30"}
 
 
 class BackendRejectedTicket(GatewayError):

@@ -6,7 +6,10 @@ This replaces aiohttp's `ClientSession` behind `proxy.backend.forward` with what
 (docs/performance.md: the general client was 45% of the gateway's busy thread). A `UserPool` is one
 user's connections: per upstream, a deque of idle `BackendConnection`s, at most `LIMIT_PER_UPSTREAM`
 open at once (more requests wait for one), an idle one closed after `KEEPALIVE_SECONDS`. A connection
-never leaves the pool it was opened for, so it never carries two users. There are no tracing hooks, no
+never leaves the pool it was opened for, so it never carries two users. All users' pools together hold at
+most `BackendSockets.limit` connections (the worker's file descriptors: `proxy.descriptors`): a new one
+past it first closes an idle one of the least recently used user (`BackendSockets.reclaim`), and with none
+idle is refused (`BackendSocketsExhausted`, a 503). There are no tracing hooks, no
 cookie jar, no URL parsing per request: the request head is one string join of what the caller hands
 over (`Exchange.start`), the target as the gateway read it (`proxy.target`).
 
@@ -51,7 +54,7 @@ import asyncio
 import re
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -91,6 +94,35 @@ class ReadTimeout(TimeoutError):
 class PoolBusy(TimeoutError):
     """All of one user's connections to the upstream (`LIMIT_PER_UPSTREAM`) stayed busy for the route's
     connect_timeout: held long-polls, most likely, or a device sending more at once than a user needs."""
+
+
+class BackendSocketsExhausted(Exception):
+    """Every backend connection the worker's descriptors allow (`BackendSockets.limit`) is open and busy."""
+
+
+class BackendSockets:
+    """The backend connections of all users' pools together: at most `limit` open at once.
+
+    `reclaim` (set by the owner of the pools: `proxy.backend.forward.Pools`) closes one idle connection somewhere
+    and says whether it did; a pool that would open one past the limit calls it first."""
+
+    __slots__ = ("limit", "open", "reclaim", "reclaimed")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.reclaimed = 0  # idle connections closed to make room (kcd_backend_connections_reclaimed_total)
+        self.reclaim: Callable[[], bool] = lambda: False
+
+    def take(self) -> None:
+        """A place for one more connection, an idle one closed for it if need be; `BackendSocketsExhausted` if none."""
+        while self.open >= self.limit:
+            if not self.reclaim():
+                raise BackendSocketsExhausted(
+                    f"all {self.limit} backend connections this worker's file descriptors allow are busy"
+                )
+            self.reclaimed += 1
+        self.open += 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -616,11 +648,18 @@ def _keeps_alive(version: str, headers: CIMultiDict[str]) -> bool:
 
 class UserPool:
     """One user's backend connections: per upstream, the idle ones (most recently used last) and a count
-    of all that are open, at most `limit` of them."""
+    of all that are open, at most `limit` of them; every user's counted in `sockets` too."""
 
-    def __init__(self, *, limit: int = LIMIT_PER_UPSTREAM, keepalive: float = KEEPALIVE_SECONDS) -> None:
+    def __init__(
+        self,
+        *,
+        limit: int = LIMIT_PER_UPSTREAM,
+        keepalive: float = KEEPALIVE_SECONDS,
+        sockets: BackendSockets | None = None,
+    ) -> None:
         self.closed = False
         self._limit = limit
+        self._sockets = BackendSockets(1 << 20) if sockets is None else sockets
         self._keepalive = keepalive
         self._idle: dict[Upstream, deque[BackendConnection]] = {}
         self._open: dict[Upstream, int] = {}
@@ -648,6 +687,7 @@ class UserPool:
             if deadline is None:
                 deadline = asyncio.get_running_loop().time() + connect_timeout
             await self._wait_turn(upstream, deadline)
+        self._sockets.take()  # (an idle connection of another user closed for it, if need be)
         self._open[upstream] = self._open.get(upstream, 0) + 1
         try:
             return await connect(upstream, connect_timeout)
@@ -690,13 +730,27 @@ class UserPool:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for idle in self._idle.values():
+        for upstream, idle in self._idle.items():
             for connection in idle:
                 connection.close()
+                self._gone(upstream)
         self._idle.clear()
+
+    def drop_idle(self) -> bool:
+        """Close the connection idle the longest, of any upstream (room for another user's); whether there was one."""
+        oldest: tuple[float, Upstream] | None = None
+        for upstream, idle in self._idle.items():
+            if idle and (oldest is None or idle[0].idle_since < oldest[0]):
+                oldest = (idle[0].idle_since, upstream)
+        if oldest is None:
+            return False
+        self._idle[oldest[1]].popleft().abort()  # its descriptor free at once (a TLS close waits for the peer)
+        self._gone(oldest[1])
+        return True
 
     def _gone(self, upstream: Upstream) -> None:
         self._open[upstream] -= 1
+        self._sockets.open -= 1
         self._wake(upstream)
 
     async def _wait_turn(self, upstream: Upstream, deadline: float) -> None:

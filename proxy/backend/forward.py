@@ -72,6 +72,8 @@ from proxy.backend.client import (
     IDEMPOTENT,
     BackendClosed,
     BackendProtocolError,
+    BackendSockets,
+    BackendSocketsExhausted,
     Exchange,
     PoolBusy,
     ResponseHead,
@@ -81,7 +83,13 @@ from proxy.backend.client import (
 from proxy.config import Listener, Route
 from proxy.device.aiohttp_side import AiohttpRequest
 from proxy.device.request import DeviceRequest
-from proxy.errors import BackendRejectedTicket, BackendTimeout, BackendUnavailable, ClientBodyTimeout
+from proxy.errors import (
+    BackendBusy,
+    BackendRejectedTicket,
+    BackendTimeout,
+    BackendUnavailable,
+    ClientBodyTimeout,
+)
 from proxy.target import OriginForm, origin_form
 
 log = structlog.get_logger("proxy.backend")
@@ -131,7 +139,9 @@ class _Leased:
 
 class Pools:
     """One `UserPool` per user principal (`proxy.backend.client`), plus what every forwarded request needs:
-    each route's upstream and TLS context, read once, and the device-side idle limits of the listener."""
+    each route's upstream and TLS context, read once, and the device-side idle limits of the listener. All the
+    pools together hold at most `max_connections` backend connections (`BackendSockets`): past it, the
+    connection idle the longest in the least recently used user's pool is closed for a new one."""
 
     def __init__(
         self,
@@ -142,8 +152,12 @@ class Pools:
         idle_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         users: OrderedDict[str, _Lease] | None = None,
+        max_connections: int = 1 << 20,
+        sockets: BackendSockets | None = None,
     ) -> None:
         self._pools: OrderedDict[str, _Lease] = OrderedDict() if users is None else users
+        self.sockets = BackendSockets(max_connections) if sockets is None else sockets
+        self.sockets.reclaim = self._reclaim
         self._max_users = max_users
         self._idle = idle_seconds
         self._clock = clock
@@ -160,7 +174,13 @@ class Pools:
         under the same name (a CA rotation) thus applies from the next request, on new connections."""
         routes = tuple(routes)
         new = Pools(
-            routes, listener, max_users=self._max_users, idle_seconds=self._idle, clock=self._clock, users=self._pools
+            routes,
+            listener,
+            max_users=self._max_users,
+            idle_seconds=self._idle,
+            clock=self._clock,
+            users=self._pools,
+            sockets=self.sockets,
         )
         new.client_send_timeout = self.client_send_timeout  # the device server's too: a restart changes both
         for route in routes:
@@ -197,11 +217,15 @@ class Pools:
         while any are running."""
         lease = self._pools.pop(principal, None)
         if lease is None or lease.pool.closed:
-            lease = _Lease(UserPool())
+            lease = _Lease(UserPool(sockets=self.sockets))
         self._pools[principal] = lease  # most recently used last
         lease.in_flight += 1  # before eviction: a pool in use is never closed
         self._evict(self._clock())
         return _Leased(lease, self._clock)
+
+    def _reclaim(self) -> bool:
+        """Close one idle backend connection, the least recently used user's first; whether there was one."""
+        return any(lease.pool.drop_idle() for lease in self._pools.values())
 
     def users(self) -> dict[str, int]:
         """Principals with a pool, and how many of their requests are in flight."""
@@ -352,7 +376,7 @@ async def forward_device(
                 except BaseException:
                     exchange.finish(reuse=False)
                     raise
-        except (OSError, TimeoutError, BackendProtocolError) as e:  # refused, reset, TLS, not HTTP, timed out
+        except (OSError, TimeoutError, BackendProtocolError, BackendSocketsExhausted) as e:  # refused, reset, TLS, ...
             raise _failure(route, e, body) from None
         ms = (time.perf_counter() - start) * 1000
         if head.status in (400, 431) and token_sent and sent_bytes > LARGE_AUTHORIZATION:
@@ -518,6 +542,12 @@ def _failure(route: Route, e: Exception, body: ClientBody | None) -> Exception:
     where = f"{route.upstream} ({route.prefix})"
     if body is not None and body.timed_out:
         return ClientBodyTimeout("the request body stopped arriving", hint=f"client_body_timeout; to {where}")
+    if isinstance(e, BackendSocketsExhausted):
+        return BackendBusy(
+            "the gateway is serving as many requests as it can; try again later",
+            hint=f"{where}: {e} (the process's open-file limit: docs/throttles-and-limits.md); raise LimitNOFILE, "
+            "or add workers or gateways",
+        )
     if isinstance(e, PoolBusy):
         return BackendTimeout(
             "the mail server did not answer in time; try again later",

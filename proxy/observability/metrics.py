@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.backend.client import BackendSockets
 from proxy.certs.sources import CrlStatus
 from proxy.observability.trace import Trace
 
@@ -104,6 +105,7 @@ class Metrics:
         self.open_connections: Callable[[], int] = lambda: 0
         self.accepted_connections: Callable[[], int] = lambda: 0  # from accept to close, TLS handshakes included
         self.connection_limit = 0
+        self.backend_sockets: Callable[[], BackendSockets | None] = lambda: None  # all users' backend connections
         self.crls: Callable[[], Iterable[CrlStatus]] = list
         self.held_unjudged: Callable[[], int] = lambda: 0  # `proxy.held_mapping.HeldMappings.unjudged`
         self.trace_export_errors: Callable[[], int] = lambda: 0  # `proxy.observability.traces.TraceRing.export_errors`
@@ -249,7 +251,24 @@ class _Gauges(Collector):
             "Client connections open, from accept to close (TLS handshakes included)",
             self._m.accepted_connections(),
         )
-        yield _gauge("kcd_listener_connection_limit", "listener.max_connections", self._m.connection_limit)
+        yield _gauge(
+            "kcd_listener_connection_limit",
+            "listener.max_connections, or less where the open-file limit holds fewer (proxy.descriptors)",
+            self._m.connection_limit,
+        )
+        sockets = self._m.backend_sockets()
+        if sockets is not None:
+            yield _gauge("kcd_backend_connections", "Backend connections open, all users and upstreams", sockets.open)
+            yield _gauge(
+                "kcd_backend_connection_limit",
+                "Backend connections the worker's open-file limit allows (proxy.descriptors)",
+                sockets.limit,
+            )
+            yield CounterMetricFamily(
+                "kcd_backend_connections_reclaimed",
+                "Idle backend connections closed to make room for another user's at kcd_backend_connection_limit",
+                value=sockets.reclaimed,
+            )
         yield _gauge(
             "kcd_held_users_unjudged",
             "Users with requests held whose last directory sweep reached no directory server: served on unjudged "

@@ -23,12 +23,15 @@ the first TLS byte. This module reads it:
   connection over the cap is reset there, before TLS (`proxy.tls.limits.AddressCap`); a `LOCAL` health
   check, which names no device, is not counted.
 
-A `LOCAL` v2 header (the balancer's own health check) or a v1 `UNKNOWN` carries no device: the
-connection's own address stands. A `LOCAL` connection whose TLS handshake then ends without a client certificate
-(HAProxy's `check-ssl`) is the balancer checking the port, not a device refused: the TLS gate logs it at debug
-level and counts it as a health check, not as a refusal (`TlsGate.behind_balancer`). A connection that ends
-before its first byte (HAProxy's health checks end with a reset, often before they are accepted, when no address
-is left to judge) is closed without a refusal, counted as an empty connection
+A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands. A v1
+`UNKNOWN` or a v2 `PROXY` header of family `UNSPEC` relays a device the balancer cannot name (a chain through a Unix
+socket, say): every such device would be the balancer's address, one for the Basic throttles and uncounted by the
+per-address cap, so the connection's requests are refused (400, `no_device_address`, `proxy.app`); its TLS
+handshake, which a health check may stop at, goes on as any. A `LOCAL` connection whose TLS handshake then ends
+without a client certificate (HAProxy's `check-ssl`) is the balancer checking the port, not a device refused: the
+TLS gate logs it at debug level and counts it as a health check, not as a refusal (`TlsGate.behind_balancer`). A
+connection that ends before its first byte (HAProxy's health checks end with a reset, often before they are
+accepted, when no address is left to judge) is closed without a refusal, counted as an empty connection
 (`kcd_listener_empty_connections_total`) and logged at debug level only.
 Unix-socket and UDP addresses are refused (a gateway listens on TCP), and so is a v1 IPv6 address with a zone
 (`%eth0`). An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, from a dual-stack balancer) names the IPv4 device
@@ -79,6 +82,7 @@ class ProxyHeader:
     destination: Address | None  # the address the device connected to (the balancer's)
     length: int  # bytes the header took; what follows is the device's first TLS bytes
     health_check: bool = False  # v2 LOCAL: a connection the balancer made itself (its health check), relaying no one
+    unnamed: bool = False  # v1 UNKNOWN, v2 PROXY with UNSPEC: a device relayed that the balancer cannot name
 
 
 def parse(data: bytes) -> ProxyHeader | None:
@@ -111,7 +115,7 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
     fields = line.split(" ")
     length = end + 2
     if len(fields) >= 2 and fields[1] == "UNKNOWN":
-        return ProxyHeader(1, "local", None, None, length)
+        return ProxyHeader(1, "local", None, None, length, unnamed=True)
     if len(fields) != 6:
         raise ProxyHeaderError(f"v1 header with {len(fields)} fields, expected 6: {line[:V1_MAX]!r}")
     _, family, src, dst, sport, dport = fields
@@ -176,7 +180,7 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         return ProxyHeader(2, "local", None, None, length, health_check=True)
     family, transport = family_transport >> 4, family_transport & 0x0F
     if family == 0:  # UNSPEC: the balancer does not know the addresses
-        return ProxyHeader(2, "local", None, None, length)
+        return ProxyHeader(2, "local", None, None, length, unnamed=True)
     if transport != 1:
         raise ProxyHeaderError(f"v2 header for transport {transport}, not a TCP stream")
     sizes = {1: 4, 2: 16}
@@ -264,7 +268,8 @@ class ProxyHeaderGate(asyncio.Protocol):
             closed = admitted
         transport, self._transport = self._transport, None
         gate = self._tls_gate(closed)
-        gate.behind_balancer(client, self._buffer[header.length :], health_check=header.health_check)
+        preread = self._buffer[header.length :]
+        gate.behind_balancer(client, preread, health_check=header.health_check, unnamed=header.unnamed)
         transport.set_protocol(gate)
         gate.connection_made(transport)
 

@@ -97,6 +97,9 @@ def server_context(config: Config) -> ssl.SSLContext:
 
 
 VERIFIED_CHAINS = 4096  # client chains remembered per context (about 100 bytes each)
+# The address a connection's requests see when a PROXY header relayed a device without naming it (v1 UNKNOWN, v2
+# UNSPEC): not an address, so nothing counts it as one; `proxy.app` refuses its requests.
+UNNAMED = ("unknown", 0)
 
 
 def _session_tickets(ctx: ssl.SSLContext, sessions: int) -> None:
@@ -290,16 +293,28 @@ class TlsGate(asyncio.Protocol):
         self._early: list[bytes] = []
         self._early_eof = False
         self._client: tuple[str, int] | None = None  # the device, when a balancer said so (PROXY protocol)
+        self._unnamed = False  # the balancer relays a device it cannot name (PROXY UNKNOWN, UNSPEC)
         self._preread = b""
 
-    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False) -> None:
+    def behind_balancer(
+        self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False, unnamed: bool = False
+    ) -> None:
         """Before `connection_made`: the device's address from a PROXY header (None: the connection's own
         address stands), the bytes read after that header (the device's first TLS bytes), and whether the header
         was a v2 `LOCAL` one: the balancer's own connection, whose handshake without a client certificate is its
-        TLS health check (HAProxy's `check-ssl`, every `inter`), not a device to refuse in the log and metrics."""
+        TLS health check (HAProxy's `check-ssl`, every `inter`), not a device to refuse in the log and metrics.
+        `unnamed`: the header relays a device it does not name (v1 `UNKNOWN`, v2 `UNSPEC`): its requests see the
+        address `UNNAMED` (and are refused: `proxy.app`), the log of its handshake the balancer's."""
         self._client = client
+        self._unnamed = unnamed
         self._preread = preread
         self._health_check = health_check
+
+    @property
+    def _app_peer(self) -> tuple[str, int] | None:
+        """The address the connection's requests see, where it is not the socket's own: the device a PROXY header
+        named, or `UNNAMED`."""
+        return UNNAMED if self._unnamed else self._client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The TLS protocol takes the socket here, before this returns, not in the task: uvloop starts reading
@@ -326,8 +341,8 @@ class TlsGate(asyncio.Protocol):
         )
         stream.set_protocol(tls_protocol)
         tls_protocol.connection_made(stream)
-        if self._client is not None:
-            tls_protocol._extra["peername"] = self._client  # what aiohttp's request.remote reports
+        if self._app_peer is not None:
+            tls_protocol._extra["peername"] = self._app_peer  # what aiohttp's request.remote reports
         if self._preread:
             _feed(tls_protocol, self._preread)
         self._task = loop.create_task(self._upgrade(tls_protocol, waiter, peer))
@@ -474,7 +489,7 @@ class _Handshake(asyncio.BufferedProtocol):
             incoming,
             outgoing,
             self._buffer,
-            peername=gate._client,
+            peername=gate._app_peer,
             closed=gate._closed,
         )
         stream.set_protocol(records)

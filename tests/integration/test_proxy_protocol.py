@@ -492,3 +492,46 @@ def test_a_header_and_the_client_hello_in_one_segment(
         local = _one_segment(lab, gw.port, V2_SIGNATURE + b"\x20\x00\x00\x00")
         assert {k.lower(): v for k, v in local["headers"].items()}["x-forwarded-for"] == "127.0.0.1"
         assert local["principal"] == "alice@LAB.TEST"
+
+
+UNKNOWN_V1 = b"PROXY UNKNOWN\r\n"  # the balancer relays a connection whose addresses it does not know
+UNSPEC_V2 = V2_SIGNATURE + b"\x21\x00\x00\x00"  # v2, PROXY, family UNSPEC, no addresses
+
+
+def _status_through(lab: LabLayout, gw: Gateway, header: bytes) -> tuple[int, bytes]:
+    """alice's request on a connection opened with `header`: the status and the body."""
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    raw.sendall(header)
+    with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n")
+        response = http.client.HTTPResponse(tls)
+        response.begin()
+        return response.status, response.read()
+
+
+@pytest.mark.parametrize("header", [UNKNOWN_V1, UNSPEC_V2], ids=["v1-unknown", "v2-unspec"])
+def test_a_header_that_names_no_device_serves_no_request(lab: LabLayout, balanced: Gateway, header: bytes) -> None:
+    """A v1 UNKNOWN or v2 UNSPEC header relays a device the balancer cannot name: the request is refused (400, the
+    reason naming the balancer's header) before any stage, logged and never forwarded. Before, it was served as the
+    balancer's own address (X-Forwarded-For 127.0.0.1), which every such device shared."""
+    balanced.mark()
+    status, body = _status_through(lab, balanced, header)
+    assert status == 400, body
+    assert b"named no device" in body
+    refused = balanced.wait_event("no_device_address")
+    assert (refused["stage"], refused["level"]) == ("proxy_protocol", "warning")
+    assert "v1 UNKNOWN, or v2 family UNSPEC" in str(refused["fix"])
+    assert balanced.wait_event("request", status=400)["client"] == "unknown"
+    status, _ = through(lab, balanced, v2_header("203.0.113.21", 40021))  # a device the balancer names is served
+    assert status == 200
+
+
+def test_devices_the_balancer_cannot_name_are_not_throttled_together(lab: LabLayout, balanced_basic: Gateway) -> None:
+    """Wrong Basic passwords over v1 UNKNOWN headers are refused before the Basic stage (400, never 401 or 429), so
+    they neither count against the balancer's address nor throttle other devices that come the same way. Before,
+    they all counted as the balancer's address: after 2 (basic_failures_per_address) every such device got 429."""
+    balanced_basic.mark()
+    statuses = [_basic_from(lab, balanced_basic, UNKNOWN_V1, f"nobody{i}@lab.test") for i in range(4)]
+    assert statuses == [400] * 4
+    assert not balanced_basic.events("authentication_throttled", balanced_basic.since)
+    assert _basic(lab, balanced_basic, "203.0.113.22", "carol@lab.test") == 401  # a named device: its own answer

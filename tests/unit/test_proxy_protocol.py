@@ -83,10 +83,10 @@ def test_v2_local_is_the_balancers_own_connection() -> None:
     for header, check in ((v2(command=0, family=0, addresses=b""), True), (v2(family=0x00, addresses=b""), False)):
         parsed = parse(header)
         assert parsed is not None
-        assert (parsed.command, parsed.source, parsed.health_check) == ("local", None, check)
+        assert (parsed.command, parsed.source, parsed.health_check, parsed.unnamed) == ("local", None, check, not check)
     unknown = parse(b"PROXY UNKNOWN\r\n")
     assert unknown is not None
-    assert not unknown.health_check
+    assert (unknown.health_check, unknown.unnamed) == (False, True)  # its requests are refused (proxy.app)
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,9 @@ class _Recorder:
     def __init__(self) -> None:
         self.handed = []
 
-    def behind_balancer(self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False) -> None:
+    def behind_balancer(
+        self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False, unnamed: bool = False
+    ) -> None:
         self.handed.append((client, preread))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -1,0 +1,213 @@
+"""Many users' held requests against a gateway whose file descriptors are few (`prlimit`): what is left for the rest.
+
+Each request a device holds open (an ActiveSync `Ping`) costs the gateway two descriptors, its device connection and
+its backend connection, and every user's pool keeps up to 32 backend connections per upstream. The gateway runs under
+`prlimit --nofile=LIMIT` in front of the lab's Exchange stand-in (a real Negotiate acceptor, holding each answer as a
+`Ping` does), with a CRL URL refreshed every second and its admin listener; devices of many users of their own (lab
+principals and certificates made here) hold requests. What the gateway holds is read from outside: /proc, its log,
+its admin listener."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import WAIT, eventually
+from tests.integration.test_revocation import crl_url
+from tests.integration.test_ticket_cache import _certificate_for
+
+pytestmark = pytest.mark.slow(seconds=90)
+
+LIMIT = 512  # the gateway's RLIMIT_NOFILE, soft and hard
+USERS = 100
+HELD = 5  # requests each user holds at once, each on a device connection of its own
+SHARE = (LIMIT - min(256, LIMIT // 4)) // 2  # device, and backend, connections (docs/throttles-and-limits.md)
+
+
+@dataclass
+class Users:
+    names: list[str]
+    bases: dict[str, Path]  # name -> the certificate's path without .pem (its key beside it)
+
+
+@pytest.fixture(scope="module")
+def users(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Users:
+    """USERS lab principals of this module's own, each with a certificate; made in one kadmin.local."""
+    tag = uuid.uuid4().hex[:6]
+    names = [f"fd{tag}{i:03d}" for i in range(USERS)]
+    script = "".join(f"addprinc -randkey {name}\n" for name in names)
+    done = subprocess.run(
+        ["kadmin.local"], input=script, capture_output=True, text=True, env={**os.environ, **lab.env()}, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "error" not in done.stderr.lower(), done.stderr[-2000:]
+    directory = tmp_path_factory.mktemp("fd-users")
+    bases = {}
+    for name in names:
+        cert, _ = _certificate_for(lab, name, directory)
+        bases[name] = cert.with_suffix("")
+    return Users(names, bases)
+
+
+@dataclass
+class Scene:
+    gw: Gateway
+    admin: str
+    lab: LabLayout
+
+    def descriptors(self) -> int:
+        """The gateway process's open file descriptors."""
+        return len(list(Path(f"/proc/{self.gw.proc.pid}/fd").iterdir()))
+
+    def scrape(self, timeout: float = 10) -> str:
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=timeout) as r:  # noqa: S310  loopback
+            return str(r.read().decode())
+
+
+@pytest.fixture
+def scene(lab: LabLayout, tmp_path: Path) -> Iterator[Scene]:
+    """A gateway of its own under `prlimit --nofile=LIMIT`, with a CRL URL refreshed every second and an admin
+    listener."""
+    admin = free_port()
+    crls = f'crls = ["{lab.pki_dir / "crls.pem"}", "{crl_url(lab, "issuing.crl")}"]\ncrl_refresh_seconds = 1\n'
+    text = lab_config(lab, port=free_port()).replace('crls = ["' + str(lab.pki_dir / "crls.pem") + '"]\n', crls, 1)
+    assert "crl_refresh_seconds = 1" in text
+    text += f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    gw = start_gateway(lab, tmp_path / "gw", text, launcher=("prlimit", f"--nofile={LIMIT}:{LIMIT}", sys.executable))
+    try:
+        yield Scene(gw, f"http://127.0.0.1:{admin}", lab)
+    finally:
+        gw.stop()
+
+
+async def _device(port: int, ctx: ssl.SSLContext, hold: float, stop: asyncio.Event) -> bytes:
+    """One device: a TLS connection (it may wait in the gateway's listen backlog), then a Ping the backend holds
+    `hold` seconds; the gateway's answer, or b"" when `stop` is set first (the device then leaves)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
+    writer.write(
+        b"POST /Microsoft-Server-ActiveSync?Cmd=Ping&hold=%g HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Connection: close\r\nContent-Length: 0\r\n\r\n" % hold
+    )
+    answer = asyncio.ensure_future(reader.read())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({answer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    writer.transport.abort()
+    if answer.done():
+        return answer.result()
+    answer.cancel()
+    return b""
+
+
+def _devices(scene: Scene, users: Users, hold: float, stop: asyncio.Event) -> list[asyncio.Future[bytes]]:
+    """HELD devices of each user, all at once (a user's one after the other: they reach the gateway together)."""
+    contexts = {name: client_context(scene.lab, str(base)) for name, base in users.bases.items()}
+    return [
+        asyncio.ensure_future(_device(scene.gw.port, contexts[name], hold, stop))
+        for name in users.names
+        for _ in range(HELD)
+    ]
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample of a /metrics page (0 when absent)."""
+    inside = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    wanted = f"{name}{{{inside}}}" if labels else name
+    return sum(float(line.rpartition(" ")[2]) for line in metrics.splitlines() if line.split(" ")[0] == wanted)
+
+
+def test_many_users_holding_requests_leave_descriptors_for_accept_the_admin_and_crl_fetches(
+    scene: Scene, users: Users
+) -> None:
+    """USERS users x HELD held requests, each two descriptors (device and backend connection), twice what the
+    gateway has: it holds as many as its descriptors allow and leaves the rest waiting in the listen backlog. Its
+    accept() never fails, the admin listener answers, CRL fetches go on, and no held request is refused.
+
+    Before, every descriptor went (to device connections first): accept() failed (`accept_failed`), the admin
+    listener reset the scrape, the CRL fetches failed, and the KDC calls too, so users not yet cached got 502
+    (`kerberos_misconfigured`, "Too many open files")."""
+    gw = scene.gw
+    assert scene.descriptors() < 64  # what a gateway opens for itself at start
+    mark = gw.mark()
+    url = crl_url(scene.lab, "issuing.crl")
+
+    async def attack() -> tuple[list[bytes], int, str]:
+        stop = asyncio.Event()
+        devices = _devices(scene, users, 3600, stop)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        # the gateway has taken all it will: its log says it stopped accepting, for lack of slots or of descriptors
+        while not (gw.events("connection_limit_reached", after=mark) or gw.events("accept_failed", after=mark)):
+            assert loop.time() < deadline, f"{scene.descriptors()} descriptors open"
+            await asyncio.sleep(0.1)
+        try:
+            metrics = await asyncio.to_thread(scene.scrape)
+            while _sample(metrics, "kcd_backend_connections") < SHARE:  # every device accepted has its Ping held
+                assert loop.time() < deadline, f"{scene.descriptors()} descriptors open"
+                await asyncio.sleep(0.2)
+                metrics = await asyncio.to_thread(scene.scrape)
+            full = time.time()
+            while _sample(metrics, "kcd_crl_last_success_timestamp_seconds", source=url) <= full + 1:
+                assert not gw.events("crl_fetch_failed", after=mark), gw.events("crl_fetch_failed", after=mark)
+                assert loop.time() < deadline, "no CRL fetched while the requests are held"
+                await asyncio.sleep(0.2)
+                metrics = await asyncio.to_thread(scene.scrape)
+        except OSError as e:  # the admin listener's accept() failed: it reset the scrape
+            metrics = f"{type(e).__name__}: {e}"
+        descriptors = scene.descriptors()
+        stop.set()
+        answers = await asyncio.gather(*devices, return_exceptions=True)
+        return [a for a in answers if isinstance(a, bytes)], descriptors, metrics
+
+    answers, descriptors, metrics = asyncio.run(attack())
+    assert not gw.events("accept_failed", after=mark)
+    assert "kcd_backend_connections" in metrics, metrics
+    assert not [a for a in answers if a], "held requests were answered (refused) before the devices left"
+    assert {int(e["status"]) for e in gw.events("request", after=mark)} <= {499}  # the devices left
+    assert _sample(metrics, "kcd_listener_connection_limit") == SHARE
+    assert _sample(metrics, "kcd_backend_connections") == _sample(metrics, "kcd_backend_connection_limit") == SHARE
+    assert descriptors <= LIMIT - 64, descriptors  # held: SHARE device and SHARE backend connections, and the gateway's
+    # the devices gone, the gateway gives its descriptors back
+    eventually(lambda: scene.descriptors() < 64, "the gateway's descriptors back to what it holds at start")
+    # and its start said what its open-file limit holds, and what would hold listener.max_connections
+    low = gw.events("descriptor_limit_low")[0]
+    assert (low["limit"], low["device_connections"], low["backend_connections"]) == (LIMIT, SHARE, SHARE)
+    assert "raise it to 20256" in low["fix"]
+
+
+def test_idle_backend_connections_of_many_users_make_room_for_new_ones(scene: Scene, users: Users) -> None:
+    """USERS users x HELD requests at once, each held a second at the backend and answered: each user's pool keeps
+    its connections for the next requests, more of them than the worker's backend connections may be, so the idle
+    ones of the least recently used users are closed for new ones. Every request is served; the backend connections
+    stay within their limit, counted in `kcd_backend_connections_reclaimed_total`.
+
+    Before, the idle connections stayed (32 per user and upstream, up to 1,000 users, for 30 s), and once they and the
+    device connections held every descriptor a backend connect() failed: 502 for the request."""
+    gw = scene.gw
+    mark = gw.mark()
+
+    async def run() -> list[bytes | BaseException]:
+        return await asyncio.gather(*_devices(scene, users, 1, asyncio.Event()), return_exceptions=True)
+
+    answers = asyncio.run(run())
+    assert all(isinstance(a, bytes) and a.startswith(b"HTTP/1.1 200 ") for a in answers), {
+        a[:12] if isinstance(a, bytes) else repr(a) for a in answers
+    }
+    assert not gw.events("accept_failed", after=mark)
+    metrics = scene.scrape()
+    assert _sample(metrics, "kcd_backend_connections_reclaimed_total") > 0
+    assert _sample(metrics, "kcd_backend_connections") <= _sample(metrics, "kcd_backend_connection_limit") == SHARE
+    assert scene.descriptors() <= LIMIT - 64

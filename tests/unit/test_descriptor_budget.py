@@ -1,0 +1,119 @@
+"""The worker's file descriptors shared out (`proxy.descriptors`), and the backend connections of all users held to
+their share (`proxy.backend.client.BackendSockets`) against a loopback listener: idle ones of the least recently used
+user closed for a new one, a 503 when none is idle."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+
+import pytest
+
+from proxy.backend.client import BackendConnection, BackendSocketsExhausted, Upstream
+from proxy.backend.forward import Pools, _failure
+from proxy.config import Route
+from proxy.descriptors import RESERVE, DescriptorBudget
+from proxy.errors import BackendBusy
+
+
+@pytest.mark.parametrize(
+    ("limit", "max_connections", "device", "backend"),
+    [
+        (65536, 10_000, 10_000, 65536 - RESERVE - 10_000),  # the systemd unit's LimitNOFILE: max_connections holds
+        (20000, 10_000, (20000 - RESERVE) // 2, (20000 - RESERVE) // 2),  # each device connection with a backend one
+        (1024, 10_000, 384, 384),  # a shell's default
+        (512, 10_000, 192, 192),  # the reserve is a quarter of a small limit
+        (1024, 100, 100, 1024 - RESERVE - 100),  # a small max_connections is kept; the backend gets the rest
+    ],
+)
+def test_the_limit_is_shared_out(limit: int, max_connections: int, device: int, backend: int) -> None:
+    """A reserve, then device connections (at most half of the rest and max_connections), then the backend's, never
+    fewer than the device connections: each held request finds its backend connection."""
+    budget = DescriptorBudget.of(max_connections, limit)
+    assert (budget.device, budget.backend) == (device, backend)
+    assert budget.reserve + budget.device + budget.backend == limit
+    assert budget.backend >= budget.device
+    assert budget.cut == (device < max_connections)
+    assert budget.needed == 2 * max_connections + RESERVE
+
+
+def test_this_process_limit_is_read() -> None:
+    """Without a limit given, the process's soft RLIMIT_NOFILE is the one shared out."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert DescriptorBudget.of(10).limit == min(soft, 1 << 20)
+
+
+async def _listener() -> tuple[asyncio.Server, Upstream]:
+    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client closes
+
+    server = await asyncio.start_server(keep, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, Upstream.of(f"http://127.0.0.1:{port}", None, None)
+
+
+def _answered(connection: BackendConnection) -> None:
+    """The connection carried a request and its whole answer: it can go back to its pool."""
+    connection.begin("GET", 0)
+    connection.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    connection.request_sent()
+
+
+def test_past_the_limit_the_least_recently_used_users_idle_connection_makes_room() -> None:
+    """Two connections for all users: alice's and bob's idle ones are kept until carol needs one; then alice's (the
+    least recently used user) is closed, and bob's is kept."""
+
+    async def case() -> None:
+        server, upstream = await _listener()
+        pools = Pools(max_connections=2)
+        idle: dict[str, BackendConnection] = {}
+        for user in ("alice", "bob"):
+            with pools.lease(user) as pool:
+                idle[user] = connection = await pool.acquire(upstream, 5)
+                _answered(connection)
+                pool.release(upstream, connection)
+        assert pools.sockets.open == 2
+        with pools.lease("carol") as pool:
+            carols = await pool.acquire(upstream, 5)
+            assert not idle["alice"].usable  # aborted
+            assert idle["bob"].usable
+            assert (pools.sockets.open, pools.sockets.reclaimed) == (2, 1)
+            pool.discard(upstream, carols)
+        assert pools.sockets.open == 1
+        await pools.close()
+        assert pools.sockets.open == 0
+        server.close()
+
+    asyncio.run(case())
+
+
+def test_with_every_connection_busy_a_new_one_is_refused_with_503() -> None:
+    """Nothing idle to close: the request is refused at once (503, Retry-After), not queued behind held requests, and
+    the place is free again as soon as one of them ends."""
+
+    async def case() -> None:
+        server, upstream = await _listener()
+        pools = Pools(max_connections=1)
+        with pools.lease("alice") as alices:
+            held = await alices.acquire(upstream, 5)
+            with pools.lease("bob") as bobs:
+                with pytest.raises(BackendSocketsExhausted) as refused:
+                    await bobs.acquire(upstream, 5)
+                assert pools.sockets.open == 1
+                alices.discard(upstream, held)
+                bobs.discard(upstream, await bobs.acquire(upstream, 5))
+        route = Route(prefix="/", upstream="http://127.0.0.1:1", spn="HTTP/cas.lab.test")
+        error = _failure(route, refused.value, None)
+        assert isinstance(error, BackendBusy)
+        assert (error.status, error.headers["Retry-After"], error.event) == (503, "30", "backend_connections_exhausted")
+        assert "LimitNOFILE" in (error.hint or "")
+        await pools.close()
+        server.close()
+
+    asyncio.run(case())
+
+
+def test_a_reload_keeps_counting_the_same_connections() -> None:
+    """A reloaded configuration's pools share the users' connections, and with them their count and limit."""
+    pools = Pools(max_connections=7)
+    assert pools.successor((), None).sockets is pools.sockets
