@@ -386,7 +386,7 @@ def _descriptor_budget(max_connections: int) -> DescriptorBudget:
             max_connections=max_connections,
             fix=f"the open-file limit ({budget.limit}) holds {budget.device} device connections with a backend "
             f"connection each, not listener.max_connections = {max_connections}: raise it to {budget.needed} "
-            "(LimitNOFILE= in the systemd unit, ulimit -n, the container's nofile), or lower max_connections",
+            "(LimitNOFILE= in the systemd unit, ulimit -Hn, the container's nofile), or lower max_connections",
         )
     else:
         log.info("descriptor_budget", **figures)

@@ -34,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
 
     configure(args.log_level)
     _no_core_dumps()
+    _open_file_limit_raised()
     try:
         cfg = config_module.load(Path(args.config))
     except ConfigError as e:
@@ -78,6 +79,16 @@ def _no_core_dumps() -> None:
     the keytab's keys, every cached user's tickets with their session keys and, after a Basic sign-in, the user's TGT;
     a core file (or systemd-coredump's copy, which honours the limit too) would put them all on disk."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _open_file_limit_raised() -> None:
+    """The soft open-file limit raised to the hard one (its workers inherit it), as Go's runtime and nginx's
+    `worker_rlimit_nofile` do: a shell's soft 1,024 (systemd's default for services too, hard 524,288) would share
+    out 384 device connections (`proxy.descriptors`) where the operator's hard limit allows far more. The hard limit
+    stays the operator's (`LimitNOFILE=`, `ulimit -Hn`, a container's `nofile`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _lab(args: argparse.Namespace) -> int:

@@ -22,8 +22,9 @@ So each worker shares its soft limit out once, at start (`DescriptorBudget.of`):
   connection of the least recently used user is closed to make room; with none idle, the request is refused with
   `503` and `Retry-After` (`backend_connections_exhausted`).
 
-Nothing is configured: the limit is the operator's (`LimitNOFILE=` in the systemd unit, `ulimit -n`, a container's
-`nofile`). A `listener.max_connections` the limit cannot hold is cut to what it can, and the start says so
+Nothing is configured: the limit is the operator's hard limit (`LimitNOFILE=` in the systemd unit, `ulimit -Hn`, a
+container's `nofile`), to which `kcd-proxy run` raises its soft limit at start (`proxy.cli`). A
+`listener.max_connections` the limit cannot hold is cut to what it can, and the start says so
 (`descriptor_limit_low`, with the limit that would hold it)."""
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -211,3 +212,22 @@ def test_idle_backend_connections_of_many_users_make_room_for_new_ones(scene: Sc
     assert _sample(metrics, "kcd_backend_connections_reclaimed_total") > 0
     assert _sample(metrics, "kcd_backend_connections") <= _sample(metrics, "kcd_backend_connection_limit") == SHARE
     assert scene.descriptors() <= LIMIT - 64
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(lab: LabLayout, tmp_path: Path) -> None:
+    """Started with a shell's kind of limit (soft 512, hard 4,096), the gateway raises its soft limit to the hard one
+    and shares that out: the start shares out 4,096, and the process's own soft limit is 4,096 (a soft 512 would
+    have given its devices 192 connections)."""
+    gw = start_gateway(
+        lab,
+        tmp_path / "gw",
+        lab_config(lab, port=free_port()),
+        launcher=("prlimit", "--nofile=512:4096", sys.executable),
+    )
+    try:
+        budget = gw.events("descriptor_limit_low")[0]  # 4,096 does not hold the default max_connections either
+        assert (budget["limit"], budget["device_connections"]) == (4096, (4096 - 256) // 2)
+        limits = Path(f"/proc/{gw.proc.pid}/limits").read_text()
+        assert re.search(r"^Max open files\s+4096\s+4096\s", limits, re.M), limits
+    finally:
+        gw.stop()
