@@ -212,15 +212,18 @@ class Delegator:
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         shared: SharedTable | None = None,
+        service: gssapi.Credentials | None = None,
     ) -> None:
-        """`shared`: the workers' table, whose log of forgotten users every worker's delegator follows."""
+        """`shared`: the workers' table, whose log of forgotten users every worker's delegator follows. `service`: the
+        gateway's own credentials where the caller holds them already (doctor's probe: one AS exchange per run);
+        renewed from the keytab like any others."""
         # MIT krb5 reads its profile from the environment when a library context is created.
         use_profile(settings.krb5_config)
         hold_profile()  # krb5.conf parsed once, not once per token (proxy.kerberos.profile)
         self._settings = settings
         self._clock = clock
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
-        self._service: gssapi.Credentials | None = None
+        self._service: gssapi.Credentials | None = service
         self._service_lock = threading.Lock()
         # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
         self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError] | None = None
