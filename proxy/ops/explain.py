@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography import x509
 
-from proxy.certs.chain import VerifiedCertificate, format_time, verify_chain
+from proxy.certs.chain import VerifiedCertificate, format_time, parse_certificates, verify_chain
 from proxy.config import Route
 from proxy.errors import BadRequest, CertificateRejected, GatewayError, NoRoute
 from proxy.identity.mapping import describe as describe_mapping
@@ -93,10 +93,8 @@ class Explanation:
 
 
 def load_leaf(data: bytes) -> x509.Certificate:
-    """The first certificate of a PEM file (a chain is fine), or a DER certificate."""
-    if b"-----BEGIN" in data:
-        return x509.load_pem_x509_certificates(data)[0]
-    return x509.load_der_x509_certificate(data)
+    """The first certificate of a PEM file (a chain is fine), or a DER certificate (and nothing after it)."""
+    return parse_certificates(data)[0]
 
 
 async def explain(
