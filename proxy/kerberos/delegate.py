@@ -212,18 +212,15 @@ class Delegator:
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         shared: SharedTable | None = None,
-        service: gssapi.Credentials | None = None,
     ) -> None:
-        """`shared`: the workers' table, whose log of forgotten users every worker's delegator follows. `service`: the
-        gateway's own credentials where the caller holds them already (doctor's probe: one AS exchange per run);
-        renewed from the keytab like any others."""
+        """`shared`: the workers' table, whose log of forgotten users every worker's delegator follows."""
         # MIT krb5 reads its profile from the environment when a library context is created.
         use_profile(settings.krb5_config)
         hold_profile()  # krb5.conf parsed once, not once per token (proxy.kerberos.profile)
         self._settings = settings
         self._clock = clock
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
-        self._service: gssapi.Credentials | None = service
+        self._service: gssapi.Credentials | None = None
         self._service_lock = threading.Lock()
         # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
         self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError] | None = None
@@ -552,6 +549,11 @@ class Delegator:
             return None, f"the gateway cannot accept its own evidence ticket: {message}"
         except ValueError as e:
             return None, f"the PAC is malformed: {e}"
+
+    def service_credentials(self) -> gssapi.Credentials:
+        """The gateway's own credentials, as the exchanges use them (`_service_credentials`): for `explain` and
+        `doctor`, whose probe asks with them rather than with an AS exchange of its own (`proxy.kerberos.probe`)."""
+        return self._service_credentials()
 
     def _service_credentials(self) -> gssapi.Credentials:
         """The gateway's own credentials (its TGT, from the keytab), renewed `RENEW_BEFORE` seconds before they

@@ -5,8 +5,9 @@ accepted with the same keytab; an accepted context tells what the KDC put in the
 authentication time). That gives, without any other party:
 
 - `credentials`: the gateway's own credentials, from one AS exchange with the keytab (into an in-memory ccache of
-  this probe's), made on first use and kept: every later question of the probe, and a `Delegator` given them
-  (doctor), asks with them. A refusal is kept too and raised again without asking the KDC again.
+  this probe's), or from the `source` it was given (`explain` and `doctor` give their `Delegator`'s, so that a run
+  asks the KDC for them once), made on first use and kept: every later question of the probe asks with them. A
+  refusal is kept too and raised again without asking the KDC again.
 - `self_ticket`: with those, a service ticket to the gateway's own principal. It proves the KDC is reachable and
   accepts the keytab's key; the ticket's clear-text header (`proxy.kerberos.ticket`) carries the key version the
   KDC currently uses.
@@ -16,14 +17,16 @@ authentication time). That gives, without any other party:
   whether it is forwardable, which S4U2Proxy requires (the account needs protocol transition, and the
   user must not be marked sensitive), and its PAC which account the KDC impersonated (or that it names none).
 
-Each probe builds its own credentials and ccache and shares nothing with the `Delegator` that serves
-requests. Failures come back as the gateway's errors, with the fix (`proxy.kerberos.hints`).
+A probe without a `source` builds its own credentials and ccache and shares nothing with the `Delegator` that serves
+requests (the admin listener's readiness check). Failures come back as the gateway's errors, with the fix
+(`proxy.kerberos.hints`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -60,12 +63,26 @@ class TicketFacts:
 
 
 class KerberosProbe:
-    def __init__(self, settings: Kerberos) -> None:
+    def __init__(self, settings: Kerberos, *, source: Callable[[], gssapi.Credentials] | None = None) -> None:
+        """`source`: where the gateway's own credentials come from (a `Delegator.service_credentials`), instead of an
+        AS exchange of the probe's own."""
         use_profile(settings.krb5_config)
         self.settings = settings
+        self._source = source
         self._name = gssapi.Name(settings.principal, gssapi.NameType.kerberos_principal)
         self._creds: gssapi.Credentials | None = None
         self._refused: GatewayError | None = None  # why the AS exchange failed: not asked again
+
+    def _acquire(self) -> gssapi.Credentials:
+        keytab = str(self.settings.keytab)
+        store: dict[bytes | str, bytes | str] = {
+            "client_keytab": keytab,
+            "keytab": keytab,
+            "ccache": f"MEMORY:kcd-probe-{uuid.uuid4().hex}",
+        }
+        # krb5 alone: with no mechanism named, MIT acquires for each it has (krb5, IAKERB), and a refused key made one
+        # AS exchange for each
+        return gssapi.Credentials(name=self._name, usage="both", mechs=[gssapi.MechType.kerberos], store=store)
 
     @property
     def refused(self) -> GatewayError | None:
@@ -78,17 +95,8 @@ class KerberosProbe:
         if self._refused is not None:
             raise self._refused
         if self._creds is None:
-            keytab = str(self.settings.keytab)
-            store: dict[bytes | str, bytes | str] = {
-                "client_keytab": keytab,
-                "keytab": keytab,
-                "ccache": f"MEMORY:kcd-probe-{uuid.uuid4().hex}",
-            }
             try:
-                # krb5 alone: with no mechanism named, MIT acquires for each it has (krb5, IAKERB), and a refused key
-                # made one AS exchange for each
-                mechs = [gssapi.MechType.kerberos]
-                self._creds = gssapi.Credentials(name=self._name, usage="both", mechs=mechs, store=store)
+                self._creds = self._source() if self._source is not None else self._acquire()
             except gssapi.raw.GSSError as e:
                 principal = self.settings.principal
                 self._refused = self._fail(e, principal, principal, step="service")

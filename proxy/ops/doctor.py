@@ -65,9 +65,8 @@ from proxy.kerberos.keytab import kvnos, missing_key, read_keytab
 from proxy.kerberos.pac import PacFacts
 
 if TYPE_CHECKING:
-    import gssapi
-
     from proxy.directory import Directory, LockoutPolicy
+    from proxy.kerberos.delegate import Delegator
 
 MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
 Status = Literal["pass", "fail", "skip"]
@@ -364,16 +363,26 @@ async def _lockout(config: Config, directory: Directory, name: str, account_dn: 
 
 def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped: Mapped | None) -> Iterator[Check]:
     from proxy.kerberos.delegate import Delegator
+
+    delegator = Delegator(config.kerberos)
+    try:
+        yield from _kerberos_checks(config, upn, clock, mapped, delegator)
+    finally:
+        delegator.close()
+
+
+def _kerberos_checks(
+    config: Config, upn: str | None, clock: Callable[[], float], mapped: Mapped | None, delegator: Delegator
+) -> Iterator[Check]:
     from proxy.kerberos.probe import KerberosProbe
     from proxy.kerberos.ticket import ticket_header
 
     settings = config.kerberos
-    probe = KerberosProbe(settings)
+    probe = KerberosProbe(settings, source=delegator.service_credentials)  # the run's one AS exchange, shared
     before = clock()
     own: GatewayError | None = None  # the gateway's own credentials refused: what needs them is not run
-    service: gssapi.Credentials | None = None
     try:
-        service = probe.credentials()  # the run's one AS exchange with the keytab; the Delegator below reuses it
+        probe.credentials()
         token = probe.self_ticket()
     except GatewayError as e:
         own = e if probe.refused is not None else None
@@ -436,30 +445,26 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped:
         else:
             yield not_forwardable_check(user.principal, whose, settings.principal)
         yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings, client=evidence.client)
-    delegator = Delegator(settings, service=service)
-    try:
-        headers: dict[str, str] = {}
-        for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):
-            try:
-                token = delegator.delegate_blocking(user, spn, target).token
-            except GatewayError as e:
-                yield Check(f"s4u2proxy {spn}", "fail", e.reason, e.hint)
-                continue
-            headers[spn] = "Negotiate " + base64.b64encode(token).decode("ascii")
-            yield Check(f"s4u2proxy {spn}", "pass", f"the KDC issued a service ticket for {user.principal} to {spn}")
-        for route in routes:
-            yield _negotiate(route)
-            authorization = headers.get(route.spn)
-            if authorization is None:
-                yield Check(f"ticket {route.prefix}", "skip", f"no ticket for {route.spn} (see s4u2proxy)")
-                continue
-            url = route.upstream + route.prefix
-            status, _, error = _get(route, url, {"Authorization": authorization})
-            yield ticket_check(route, url, status, error)
-            size = len("Authorization: ") + len(authorization)
-            yield header_check(route, size, config.doctor.backend_header_limit, user.principal)
-    finally:
-        delegator.close()
+    headers: dict[str, str] = {}
+    for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):
+        try:
+            token = delegator.delegate_blocking(user, spn, target).token
+        except GatewayError as e:
+            yield Check(f"s4u2proxy {spn}", "fail", e.reason, e.hint)
+            continue
+        headers[spn] = "Negotiate " + base64.b64encode(token).decode("ascii")
+        yield Check(f"s4u2proxy {spn}", "pass", f"the KDC issued a service ticket for {user.principal} to {spn}")
+    for route in routes:
+        yield _negotiate(route)
+        authorization = headers.get(route.spn)
+        if authorization is None:
+            yield Check(f"ticket {route.prefix}", "skip", f"no ticket for {route.spn} (see s4u2proxy)")
+            continue
+        url = route.upstream + route.prefix
+        status, _, error = _get(route, url, {"Authorization": authorization})
+        yield ticket_check(route, url, status, error)
+        size = len("Authorization: ") + len(authorization)
+        yield header_check(route, size, config.doctor.backend_header_limit, user.principal)
 
 
 def _negotiate(route: Route) -> Check:

@@ -194,7 +194,8 @@ async def _kerberos(out: Explanation, gw: Gateway, user: UserPrincipal, route: R
     from proxy.kerberos.probe import KerberosProbe
 
     proxy = gw.config.kerberos.principal
-    facts = KerberosProbe(gw.config.kerberos).evidence_ticket(user, spn=route.spn)
+    probe = KerberosProbe(gw.config.kerberos, source=gw.delegator.service_credentials)  # one AS exchange in all
+    facts = probe.evidence_ticket(user, spn=route.spn)
     # Not forwardable: S4U2Proxy is still asked, as the gateway asks it. The KDC decides: classic constrained
     # delegation refuses it (the refusal then says why, in the KDC error explainer's words), Windows' resource-based
     # delegation grants it (MS-SFU 3.2.5.2.2).
