@@ -19,13 +19,14 @@ from datetime import UTC, datetime
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from cryptography import x509
 from multidict import CIMultiDict, MultiMapping
 
 from proxy.admin import start_admin
 from proxy.auth.basic import BasicLogin
 from proxy.auth.shared import SharedTable
 from proxy.backend.forward import Pools, defer_continue
-from proxy.certs.chain import TrustList
+from proxy.certs.chain import TrustList, load_certificates
 from proxy.certs.floors import CrlStateError, FloorTable, LocalFloors, PersistedFloors
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
@@ -71,9 +72,18 @@ def build(
     which writes `client_certificates.crl_state` (check-config and explain only read it)."""
     cc = config.client_certificates
     problems: list[str] = []
+    loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}
+    for key, paths in (("trust_anchors", cc.trust_anchors), ("intermediates", cc.intermediates)):
+        for i, path in enumerate(paths):
+            try:
+                loaded[key] += load_certificates(path)
+            except ValueError as e:  # names the file and what is wrong with it
+                problems.append(f"client_certificates.{key}[{i}]: {e} (in {config.path})")
+    if problems:
+        raise ConfigError(problems)
     try:
-        trust = TrustList.load(cc.trust_anchors, cc.intermediates)
-    except (ValueError, OSError) as e:
+        trust = TrustList(anchors=tuple(loaded["trust_anchors"]), intermediates=tuple(loaded["intermediates"]))
+    except ValueError as e:
         raise ConfigError([f"client_certificates.trust_anchors: {e} (in {config.path})"]) from None
     for i, path in enumerate(cc.crls):
         try:

@@ -50,6 +50,7 @@ from cryptography.x509.verification import (
 )
 
 from proxy.errors import CertificateRejected
+from proxy.files import read_bounded
 
 Purpose = Literal["client", "any"]
 MAX_CHAIN_DEPTH = 5  # intermediates between leaf and anchor; enterprise PKIs use one or two
@@ -115,15 +116,44 @@ class VerifiedCertificate:
         return format(self.serial, "x")
 
 
+MAX_CA_FILE_BYTES = 16 * 1024 * 1024  # a CA file of the configuration: 10,000 CA certificates in PEM take about 7 MiB
+
+
 def load_certificates(path: Path) -> list[x509.Certificate]:
-    """The certificates in `path`: a PEM bundle, or one DER certificate."""
-    data = path.read_bytes()
+    """The certificates in `path`: a PEM bundle, or one DER certificate. ValueError naming the file and what is wrong
+    (not a regular file, more than MAX_CA_FILE_BYTES, neither PEM nor DER)."""
     try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
+        data = read_bounded(path, MAX_CA_FILE_BYTES)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        return parse_certificates(data)
     except ValueError as exc:
-        raise ValueError(f"{path}: not a PEM or DER certificate ({exc})") from exc
+        raise ValueError(f"{path}: not a PEM or DER certificate ({exc})") from None
+
+
+def parse_certificates(data: bytes) -> list[x509.Certificate]:
+    """The certificates of a PEM bundle, or the one DER certificate `data` is (and nothing after it)."""
+    if b"-----BEGIN" in data:
+        return x509.load_pem_x509_certificates(data)
+    if tail := _after_der(data):  # the library's word for it is "ParseError { kind: ExtraData }"
+        raise ValueError(f"{tail} bytes after the end of the DER certificate")
+    return [x509.load_der_x509_certificate(data)]
+
+
+def _after_der(data: bytes) -> int:
+    """How many bytes follow the DER SEQUENCE `data` starts with, as its length octets count it (0 when it is not one:
+    the parser then says why)."""
+    if len(data) < 2 or data[0] != 0x30:
+        return 0
+    if data[1] < 0x80:
+        start, size = 2, data[1]
+    else:
+        octets = data[1] & 0x7F
+        if not 0 < octets <= 4 or len(data) < 2 + octets:
+            return 0
+        start, size = 2 + octets, int.from_bytes(data[2 : 2 + octets], "big")
+    return max(len(data) - start - size, 0)
 
 
 def verify_chain(

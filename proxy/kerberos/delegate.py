@@ -550,6 +550,11 @@ class Delegator:
         except ValueError as e:
             return None, f"the PAC is malformed: {e}"
 
+    def service_credentials(self) -> gssapi.Credentials:
+        """The gateway's own credentials, as the exchanges use them (`_service_credentials`): for `explain` and
+        `doctor`, whose probe asks with them rather than with an AS exchange of its own (`proxy.kerberos.probe`)."""
+        return self._service_credentials()
+
     def _service_credentials(self) -> gssapi.Credentials:
         """The gateway's own credentials (its TGT, from the keytab), renewed `RENEW_BEFORE` seconds before they
         expire by one thread at a time. While one renews, the others go on with the current ones if these are still
@@ -573,9 +578,9 @@ class Delegator:
     def _acquire_service(self) -> gssapi.Credentials:
         """The AS exchange with the keytab, unless the KDC refused these very keys before: a stale keytab (the
         account's password was reset) is then refused from memory, without the KDC, until the file changes. Tried
-        per request, each try counted two bad passwords against the gateway's account in AD, which locked it within
-        a few requests, and the keytab exported again then met a locked account (tests/integration/
-        test_ad_service_account.py)."""
+        per request, each try counted bad passwords against the gateway's account in AD (two a try, before `mechs`
+        named krb5 alone), which locked it within a few requests, and the keytab exported again then met a locked
+        account (tests/integration/test_ad_service_account.py)."""
         keytab = _file_version(self._settings.keytab)
         refused = self._refused_keytab
         if refused is not None and refused[0] == keytab:
@@ -584,6 +589,9 @@ class Delegator:
             creds = gssapi.Credentials(
                 name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
                 usage="both",
+                # krb5 alone: with no mechanism named MIT acquires for each it has (krb5, IAKERB), and a refused key
+                # made two AS exchanges per acquisition, two bad passwords against the account in AD
+                mechs=_MECHS,
                 store={
                     "client_keytab": str(self._settings.keytab),
                     "keytab": str(self._settings.keytab),

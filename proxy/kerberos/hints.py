@@ -218,6 +218,12 @@ _SERVICE_NOT_FOUND_HINT = (
     "that UPN"
 )
 _SERVICE_HINT = "the KDC refused the gateway's own credentials ({proxy}, kerberos.keytab): {hint}"
+_NOT_A_KEYTAB = "unsupported key table format"
+_NOT_A_KEYTAB_HINT = (
+    "kerberos.keytab is not a keytab MIT can read (a keytab file starts with the bytes 05 02; this is another kind of "
+    "file, or empty): no AS exchange was made; export {proxy}'s keytab again (kadmin ktadd -norandkey, samba-tool "
+    "domain exportkeytab, ktpass, msktutil) and point kerberos.keytab at it"
+)
 
 
 def explain(
@@ -294,6 +300,8 @@ def _service_error(message: str, fill: dict[str, str], keytab: tuple[str, str] |
         what, fix = keytab
         hint = _SERVICE_HINT.format(hint=f"{what}: {fix}", **fill)
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
+    if _NOT_A_KEYTAB in lowered:
+        return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_NOT_A_KEYTAB_HINT.format(**fill)} [{message}]")
     if _INTEGRITY in lowered:  # no ticket here: the AS reply is encrypted with the account's own key
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_AS_INTEGRITY_HINT.format(**fill)} [{message}]")
     if _CLIENT_NOT_FOUND in lowered:

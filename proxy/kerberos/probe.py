@@ -4,23 +4,29 @@ Theory of operation. The gateway's keytab lets it get tickets to itself, and a t
 accepted with the same keytab; an accepted context tells what the KDC put in the ticket (flags,
 authentication time). That gives, without any other party:
 
-- `self_ticket`: a fresh AS exchange with the keytab (a new in-memory ccache each time), then a service
-  ticket to the gateway's own principal. It proves the KDC is reachable and accepts the keytab's key; the
-  ticket's clear-text header (`proxy.kerberos.ticket`) carries the key version the KDC currently uses.
+- `credentials`: the gateway's own credentials, from one AS exchange with the keytab (into an in-memory ccache of
+  this probe's), or from the `source` it was given (`explain` and `doctor` give their `Delegator`'s, so that a run
+  asks the KDC for them once), made on first use and kept: every later question of the probe asks with them. A
+  refusal is kept too and raised again without asking the KDC again.
+- `self_ticket`: with those, a service ticket to the gateway's own principal. It proves the KDC is reachable and
+  accepts the keytab's key; the ticket's clear-text header (`proxy.kerberos.ticket`) carries the key version the
+  KDC currently uses.
 - `accept`: the same ticket accepted with the keytab; its authtime is the KDC's clock at the AS exchange,
   so comparing it with ours measures the clock skew (to a second).
 - `evidence_ticket`: S4U2Self for a user, and the evidence ticket accepted with the keytab: its flags say
   whether it is forwardable, which S4U2Proxy requires (the account needs protocol transition, and the
   user must not be marked sensitive), and its PAC which account the KDC impersonated (or that it names none).
 
-Each probe builds its own credentials and ccache and shares nothing with the `Delegator` that serves
-requests. Failures come back as the gateway's errors, with the fix (`proxy.kerberos.hints`).
+A probe without a `source` builds its own credentials and ccache and shares nothing with the `Delegator` that serves
+requests (the admin listener's readiness check). Failures come back as the gateway's errors, with the fix
+(`proxy.kerberos.hints`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -57,21 +63,44 @@ class TicketFacts:
 
 
 class KerberosProbe:
-    def __init__(self, settings: Kerberos) -> None:
+    def __init__(self, settings: Kerberos, *, source: Callable[[], gssapi.Credentials] | None = None) -> None:
+        """`source`: where the gateway's own credentials come from (a `Delegator.service_credentials`), instead of an
+        AS exchange of the probe's own."""
         use_profile(settings.krb5_config)
         self.settings = settings
+        self._source = source
         self._name = gssapi.Name(settings.principal, gssapi.NameType.kerberos_principal)
         self._creds: gssapi.Credentials | None = None
+        self._refused: GatewayError | None = None  # why the AS exchange failed: not asked again
 
-    def _service(self) -> gssapi.Credentials:
+    def _acquire(self) -> gssapi.Credentials:
+        keytab = str(self.settings.keytab)
+        store: dict[bytes | str, bytes | str] = {
+            "client_keytab": keytab,
+            "keytab": keytab,
+            "ccache": f"MEMORY:kcd-probe-{uuid.uuid4().hex}",
+        }
+        # krb5 alone: with no mechanism named, MIT acquires for each it has (krb5, IAKERB), and a refused key made one
+        # AS exchange for each
+        return gssapi.Credentials(name=self._name, usage="both", mechs=[gssapi.MechType.kerberos], store=store)
+
+    @property
+    def refused(self) -> GatewayError | None:
+        """Why the gateway's own credentials could not be had (`credentials`), or None: not asked, or granted."""
+        return self._refused
+
+    def credentials(self) -> gssapi.Credentials:
+        """The gateway's own credentials: the AS exchange with the keytab on first use (MIT makes it when the
+        credentials are acquired), then these. A failure is explained (`step="service"`: the operator's) and kept."""
+        if self._refused is not None:
+            raise self._refused
         if self._creds is None:
-            keytab = str(self.settings.keytab)
-            store: dict[bytes | str, bytes | str] = {
-                "client_keytab": keytab,
-                "keytab": keytab,
-                "ccache": f"MEMORY:kcd-probe-{uuid.uuid4().hex}",
-            }
-            self._creds = gssapi.Credentials(name=self._name, usage="both", store=store)
+            try:
+                self._creds = self._source() if self._source is not None else self._acquire()
+            except gssapi.raw.GSSError as e:
+                principal = self.settings.principal
+                self._refused = self._fail(e, principal, principal, step="service")
+                raise self._refused from None
         return self._creds
 
     def _fail(self, error: gssapi.raw.GSSError, user: str, spn: str, step: str | None = None) -> GatewayError:
@@ -80,11 +109,10 @@ class KerberosProbe:
         return explain(error.gen_message(), user=user, spn=spn, proxy=principal, step=step, keytab=keytab)
 
     def self_ticket(self) -> bytes:
-        """AS exchange with the keytab, then a ticket to ourselves: the raw krb5 AP-REQ token."""
+        """The gateway's credentials (`credentials`), then a ticket to ourselves: the raw krb5 AP-REQ token."""
+        creds = self.credentials()
         try:
-            ctx = gssapi.SecurityContext(
-                name=self._name, creds=self._service(), usage="initiate", mech=gssapi.MechType.kerberos
-            )
+            ctx = gssapi.SecurityContext(name=self._name, creds=creds, usage="initiate", mech=gssapi.MechType.kerberos)
             token: bytes = ctx.step()
         except gssapi.raw.GSSError as e:
             raise self._fail(e, self.settings.principal, self.settings.principal, step="service") from None
@@ -124,10 +152,7 @@ class KerberosProbe:
 
         `spn`, the service the ticket is meant for in the end, only makes a refusal's message name it."""
         principal = user.principal
-        try:
-            service = self._service()
-        except gssapi.raw.GSSError as e:
-            raise self._fail(e, principal, spn or self.settings.principal, step="service") from None
+        service = self.credentials()
         try:
             creds = service.impersonate(user_name(user), usage="initiate", mechs=[gssapi.MechType.kerberos])
         except gssapi.raw.GSSError as e:

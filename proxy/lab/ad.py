@@ -57,7 +57,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -71,7 +70,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.lab import layout
+from proxy.lab import layout, tools
 from proxy.lab import pki as lab_pki
 
 REALM = "AD.TEST"
@@ -588,15 +587,9 @@ def status(realm: AdRealm) -> dict[str, bool]:
 
 
 def _run(argv: Sequence[str], *, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """A tool of the realm's; a failure names the command and quotes its output."""
-    try:
-        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise AdRealmError(f"{shlex.join(argv)} did not run: {exc}") from exc
-    if done.returncode != 0:
-        output = (done.stderr.strip() or done.stdout.strip())[-2000:]
-        raise AdRealmError(f"{shlex.join(argv)} exited with {done.returncode}: {output}")
-    return done
+    """A tool of the realm's; a failure names the command and quotes its output, with every password of the command
+    line (`samba-tool user create NAME PASSWORD`, `--newpassword=`, `--adminpass=`) masked (`proxy.lab.tools`)."""
+    return tools.run(argv, AdRealmError, stdin=stdin, timeout=_COMMAND_TIMEOUT)
 
 
 # -- the lab around the realm: the Exchange stand-in and the gateway's configuration -------------------------

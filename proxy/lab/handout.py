@@ -18,20 +18,35 @@ A volume may hold what its container planted there (the backend's is writable: i
 writes into it again: no link found there is followed. A link where a directory of the part's should be is
 replaced by a directory (it led the backend's keytab into the device's volume), and a file is written only into
 one `open` made afresh (`O_EXCL | O_NOFOLLOW`), never through a link raced in after the old one was removed.
+
+A re-run leaves each volume holding what the lab hands out now, no more: a user deleted since (a device kept the
+revoked user's key), a file a part no longer reads (a gateway kept an old keytab) is removed. Each volume lists what
+the handout wrote into it (`MANIFEST`, one relative path a line); a re-run records the union of that list and the
+new files before it writes, writes, removes what the old list has and the new one lacks, then records the new list.
+Only files on that list are removed, never a directory with something in it, nothing a container made itself (the
+backend's replay cache). The list is read as untrusted (the backend can write it): an entry that is absolute, has a
+`..` or leads through a link is skipped, and every step down to the file is opened with `O_NOFOLLOW` from the volume
+itself, so a removal never leaves the volume. A volume filled before there was a list holds none: its first re-run
+removes nothing (`docker-compose down -v` empties the volumes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import stat
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from proxy.lab import pki, runner
 from proxy.lab.layout import LabLayout
 
 PARTS = ("gateway", "backend", "crl", "device")
 GATEWAY_CONFIGS = ("gateway.toml", "gateway-balanced.toml", "gateway-basic.toml")  # what `lab init` writes
+MANIFEST = ".handout"  # in each volume: the files the handout wrote there (module docstring)
 
 
 def files(layout: LabLayout, part: str) -> list[Path]:
@@ -52,11 +67,82 @@ def files(layout: LabLayout, part: str) -> list[Path]:
 
 
 def hand_out(layout: LabLayout, into: Path) -> None:
-    """Copy each part's files into `into/<part>/` (links as links); the backend also gets an empty `run/`."""
+    """Copy each part's files into `into/<part>/` (links as links), and remove those an earlier run wrote there that
+    the lab no longer hands out; the backend also gets an empty `run/`."""
     for part in PARTS:
-        for source in files(layout, part):
-            _copy(source, into / part, source.relative_to(layout.root))
+        volume = into / part
+        sources = files(layout, part)
+        now = [source.relative_to(layout.root) for source in sources]
+        before = _listed(volume)
+        _record(volume, [*before, *now])  # first: a run cut short leaves nothing it wrote off the list
+        for source, relative in zip(sources, now, strict=True):
+            _copy(source, volume, relative)
+        for stale in dict.fromkeys(before).keys() - set(now):
+            _remove(volume, stale)
+        _record(volume, now)
     _directory(into / "backend", layout.run_dir.relative_to(layout.root))
+
+
+def _listed(volume: Path) -> list[Path]:
+    """The files an earlier run recorded in `volume`, those that are safe to name: relative, without `..` or `.`."""
+    try:
+        fd = os.open(volume / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # none yet (a first run, a volume filled before there was a list), or a link: no list
+        return []
+    with os.fdopen(fd, "rb") as manifest:
+        if not stat.S_ISREG(os.fstat(manifest.fileno()).st_mode):
+            return []
+        text = manifest.read(1 << 20).decode("utf-8", errors="replace")
+    listed = []
+    for line in text.splitlines():
+        path = PurePosixPath(line)
+        if line and not path.is_absolute() and not {"..", "."} & set(line.split("/")) and path.name != MANIFEST:
+            listed.append(Path(path))
+    return listed
+
+
+def _record(volume: Path, relative: list[Path]) -> None:
+    """Write the list of files the handout wrote into `volume` (replaced whole, never through a link)."""
+    volume.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{path.as_posix()}\n" for path in sorted(dict.fromkeys(relative)))
+    _write(volume / MANIFEST, lambda out: out.write(text.encode()), 0o644)
+
+
+def _remove(volume: Path, relative: Path) -> None:
+    """Remove `volume / relative` if it is a file or a link (the link itself), walking down from the volume without
+    following a link; then its directories that are left empty, up to the volume. Anything else is left alone."""
+    with _directories(volume, relative.parent) as fds:
+        if fds is None:
+            return
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            os.unlink(relative.name, dir_fd=fds[-1])
+        names = relative.parent.parts
+        for depth in range(len(names), 0, -1):  # the deepest first; rmdir fails on one that holds anything
+            try:
+                os.rmdir(names[depth - 1], dir_fd=fds[depth - 1])
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR, errno.EBUSY):
+                    break
+                raise
+
+
+@contextlib.contextmanager
+def _directories(volume: Path, relative: PurePosixPath | Path) -> Iterator[list[int] | None]:
+    """File descriptors of `volume` and of each directory down to `volume / relative`, each opened without following
+    a link (`O_NOFOLLOW`); None when one of them is missing or is not a directory."""
+    fds: list[int] = []
+    try:
+        try:
+            fds.append(os.open(volume, os.O_RDONLY | os.O_DIRECTORY))
+            for name in relative.parts:
+                fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+        except OSError:
+            yield None
+        else:
+            yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _directory(volume: Path, relative: Path) -> Path:
@@ -74,15 +160,32 @@ def _directory(volume: Path, relative: Path) -> Path:
 
 def _copy(source: Path, volume: Path, relative: Path) -> None:
     target = _directory(volume, relative.parent) / relative.name
+    if source.is_symlink():  # the CRL server's published links point into pki/, which it gets too
+        partial = _partial(target)
+        partial.symlink_to(source.readlink())
+        partial.replace(target)
+        return
+    held = source.stat()
+
+    def fill(out: BinaryIO) -> None:
+        with source.open("rb") as data:
+            shutil.copyfileobj(data, out)
+        os.utime(out.fileno(), ns=(held.st_atime_ns, held.st_mtime_ns))
+
+    _write(target, fill, stat.S_IMODE(held.st_mode))  # the mode too: a key stays its owner's alone
+
+
+def _partial(target: Path) -> Path:
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
-    if source.is_symlink():  # the CRL server's published links point into pki/, which it gets too
-        partial.symlink_to(source.readlink())
-    else:
-        held = source.stat()
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out, source.open("rb") as data:
-            shutil.copyfileobj(data, out)
-            os.fchmod(out.fileno(), stat.S_IMODE(held.st_mode))  # the mode too: a key stays its owner's alone
-            os.utime(out.fileno(), ns=(held.st_atime_ns, held.st_mtime_ns))
+    return partial
+
+
+def _write(target: Path, fill: Callable[[BinaryIO], object], mode: int) -> None:
+    """`target` replaced whole: written beside it into a file this `open` made (`O_EXCL | O_NOFOLLOW`), then renamed."""
+    partial = _partial(target)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        fill(out)
+        os.fchmod(out.fileno(), mode)
     partial.replace(target)

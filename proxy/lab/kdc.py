@@ -34,7 +34,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -44,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.lab import readiness
+from proxy.lab import readiness, tools
 from proxy.lab.layout import (
     BACKEND_SERVICE,
     DISABLED_USERS,
@@ -311,10 +310,12 @@ def _provision(layout: LabLayout) -> None:
 
 def _kadmin(layout: LabLayout, query: str) -> None:
     """One kadmin.local query. It exits 0 even when the query fails (MIT 1.20): its stderr is the verdict."""
-    done = _run(["kadmin.local", "-q", query], layout)
+    argv = ["kadmin.local", "-q", query]
+    done = _run(argv, layout)
     problems = [line for line in done.stderr.splitlines() if line and not line.startswith("No policy specified")]
     if problems:
-        raise RealmError(f"kadmin.local -q {query!r} failed: {' / '.join(problems)}")
+        hidden = tools.secrets(argv)  # addprinc -pw <password>
+        raise RealmError(f"{tools.shown(argv)} failed: {tools.masked(' / '.join(problems), hidden)}")
 
 
 def _ldap(layout: LabLayout, tool: str, ldif: list[str]) -> None:
@@ -324,32 +325,10 @@ def _ldap(layout: LabLayout, tool: str, ldif: list[str]) -> None:
 
 
 def _run(argv: Sequence[str], layout: LabLayout, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """Run a tool in the lab's Kerberos environment; a failure names the command and quotes its stderr."""
-    try:
-        done = subprocess.run(
-            argv,
-            input=stdin,  # never the caller's terminal: a tool that prompts gets EOF and fails
-            capture_output=True,
-            text=True,
-            env={**os.environ, **layout.env(), "LDAPNOINIT": "1"},  # libldap: ignore /etc/ldap/ldap.conf, ~/.ldaprc
-            timeout=_COMMAND_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RealmError(f"{_shown(argv)} did not run: {exc}") from exc
-    if done.returncode != 0:
-        output = (done.stderr.strip() or done.stdout.strip()).replace("\n", " / ")
-        raise RealmError(f"{_shown(argv)} exited with {done.returncode}" + (f": {output}" if output else ""))
-    return done
-
-
-_PASSWORD_OPTIONS = ("-w", "-P")  # ldapadd/ldapmodify's bind password, kdb5_ldap_util's master password
-
-
-def _shown(argv: Sequence[str]) -> str:
-    """The command line for an error message, the value of each password option replaced by `***`."""
-    shown = ["***" if i > 0 and argv[i - 1] in _PASSWORD_OPTIONS else arg for i, arg in enumerate(argv)]
-    return shlex.join(shown).replace("'***'", "***")
+    """Run a tool in the lab's Kerberos environment; a failure names the command and quotes its stderr, with every
+    password of the command line masked (`proxy.lab.tools`)."""
+    env = {**os.environ, **layout.env(), "LDAPNOINIT": "1"}  # libldap: ignore /etc/ldap/ldap.conf, ~/.ldaprc
+    return tools.run(argv, RealmError, stdin=stdin, env=env, timeout=_COMMAND_TIMEOUT)
 
 
 # --- Daemons -----------------------------------------------------------------------------------------

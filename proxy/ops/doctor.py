@@ -7,8 +7,9 @@ backends:
    the KDC answers and accepts the keytab's key.
 2. `keytab`: the key version the KDC used for that ticket (read from its clear-text header) is one the
    keytab holds; a password or key reset on the account makes it stale. When `kdc` failed, the file alone: a
-   keytab without the principal's key fails, naming the principals it holds (another account's keytab, or the
-   principal spelt in another case).
+   keytab without the principal's key names the principals it holds (another account's keytab, or the
+   principal spelt in another case); `kdc`'s fix says so already when that is why the gateway got no credentials,
+   and the check is then not run, else it fails.
 3. `clock`: the ticket's authentication time is the KDC's clock; ours must be within `MAX_SKEW` of it
    (Kerberos refuses at 5 minutes, and backends check authenticators against their own clocks).
 4. `s4u2self`: S4U2Self for a canary user gives an evidence ticket, and it is forwardable (or, not forwardable,
@@ -35,7 +36,10 @@ backends:
    counts, so the guesses add up with every window until the account locks. Several gateways behind a balancer
    each count on their own: `check-config` warns, and the docs size the limit for them.
 
-Checks that need a canary user are skipped without one (`--user`, or `[doctor] canary_user`). The clock is
+Checks that need a canary user are skipped without one (`--user`, or `[doctor] canary_user`). A failure is told
+once: when the gateway cannot get its own credentials (the AS exchange with the keytab: `kdc` fails with the fix),
+the checks that need them (s4u2self, kdc-account, s4u2proxy, ticket) are not run and say so, where each repeated
+`kdc`'s failure. The run makes one AS exchange: the probe's credentials are the Delegator's too. The clock is
 a parameter; the evaluations are pure functions of what the probes returned.
 """
 
@@ -62,6 +66,7 @@ from proxy.kerberos.pac import PacFacts
 
 if TYPE_CHECKING:
     from proxy.directory import Directory, LockoutPolicy
+    from proxy.kerberos.delegate import Delegator
 
 MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
 Status = Literal["pass", "fail", "skip"]
@@ -251,6 +256,7 @@ def run(config: Config, *, user: str | None, clock: Callable[[], float] = time.t
 
 
 _NOT_FORWARDABLE = "is not forwardable: classic constrained delegation will refuse S4U2Proxy"
+_NO_CREDENTIALS = "not run: needs the gateway's own credentials (see kdc)"
 
 
 def not_forwardable_check(principal: str, whose: str, proxy: str) -> Check:
@@ -357,15 +363,29 @@ async def _lockout(config: Config, directory: Directory, name: str, account_dn: 
 
 def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped: Mapped | None) -> Iterator[Check]:
     from proxy.kerberos.delegate import Delegator
+
+    delegator = Delegator(config.kerberos)
+    try:
+        yield from _kerberos_checks(config, upn, clock, mapped, delegator)
+    finally:
+        delegator.close()
+
+
+def _kerberos_checks(
+    config: Config, upn: str | None, clock: Callable[[], float], mapped: Mapped | None, delegator: Delegator
+) -> Iterator[Check]:
     from proxy.kerberos.probe import KerberosProbe
     from proxy.kerberos.ticket import ticket_header
 
     settings = config.kerberos
-    probe = KerberosProbe(settings)
+    probe = KerberosProbe(settings, source=delegator.service_credentials)  # the run's one AS exchange, shared
     before = clock()
+    own: GatewayError | None = None  # the gateway's own credentials refused: what needs them is not run
     try:
+        probe.credentials()
         token = probe.self_ticket()
     except GatewayError as e:
+        own = e if probe.refused is not None else None
         yield Check("kdc", "fail", e.reason, e.hint)
         token = None
     after = clock()
@@ -386,16 +406,24 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped:
         missing = missing_key(settings.keytab, settings.principal)  # the file alone says that much
         if missing is None:
             yield Check("keytab", "skip", "needs a ticket from the KDC (see kdc)")
+        elif own is not None:  # kdc's fix already says it (proxy.kerberos.hints): the failure is told once
+            yield Check("keytab", "skip", f"not run: kdc failed on this keytab: {missing[0]}")
         else:
             yield Check("keytab", "fail", *missing)
         yield Check("clock", "skip", "needs a ticket from the KDC (see kdc)")
 
     routes = [r for r in config.routes if r.backend_auth == "negotiate"]  # "basic" routes need no delegation
-    if upn is None:
-        why = "no canary user: run with --user UPN, or set [doctor] canary_user"
+    if upn is None or own is not None:
+        # without a canary, or without the gateway's own credentials, S4U is not tried: kdc said why, once
+        why = "no canary user: run with --user UPN, or set [doctor] canary_user" if upn is None else _NO_CREDENTIALS
         yield Check("s4u2self", "skip", why)
+        if upn is not None:
+            yield Check("kdc-account", "skip", why)
         yield from (Check(f"s4u2proxy {spn}", "skip", why) for spn in dict.fromkeys(r.spn for r in routes))
-        yield from (_negotiate(route) for route in routes)
+        for route in routes:
+            yield _negotiate(route)
+            if upn is not None:
+                yield Check(f"ticket {route.prefix}", "skip", why)
         return
     whose = ""  # what the canary's principal is, when it is not the name built from the UPN
     try:
@@ -417,30 +445,26 @@ def _checks(config: Config, upn: str | None, clock: Callable[[], float], mapped:
         else:
             yield not_forwardable_check(user.principal, whose, settings.principal)
         yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings, client=evidence.client)
-    delegator = Delegator(settings)
-    try:
-        headers: dict[str, str] = {}
-        for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):
-            try:
-                token = delegator.delegate_blocking(user, spn, target).token
-            except GatewayError as e:
-                yield Check(f"s4u2proxy {spn}", "fail", e.reason, e.hint)
-                continue
-            headers[spn] = "Negotiate " + base64.b64encode(token).decode("ascii")
-            yield Check(f"s4u2proxy {spn}", "pass", f"the KDC issued a service ticket for {user.principal} to {spn}")
-        for route in routes:
-            yield _negotiate(route)
-            authorization = headers.get(route.spn)
-            if authorization is None:
-                yield Check(f"ticket {route.prefix}", "skip", f"no ticket for {route.spn} (see s4u2proxy)")
-                continue
-            url = route.upstream + route.prefix
-            status, _, error = _get(route, url, {"Authorization": authorization})
-            yield ticket_check(route, url, status, error)
-            size = len("Authorization: ") + len(authorization)
-            yield header_check(route, size, config.doctor.backend_header_limit, user.principal)
-    finally:
-        delegator.close()
+    headers: dict[str, str] = {}
+    for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):
+        try:
+            token = delegator.delegate_blocking(user, spn, target).token
+        except GatewayError as e:
+            yield Check(f"s4u2proxy {spn}", "fail", e.reason, e.hint)
+            continue
+        headers[spn] = "Negotiate " + base64.b64encode(token).decode("ascii")
+        yield Check(f"s4u2proxy {spn}", "pass", f"the KDC issued a service ticket for {user.principal} to {spn}")
+    for route in routes:
+        yield _negotiate(route)
+        authorization = headers.get(route.spn)
+        if authorization is None:
+            yield Check(f"ticket {route.prefix}", "skip", f"no ticket for {route.spn} (see s4u2proxy)")
+            continue
+        url = route.upstream + route.prefix
+        status, _, error = _get(route, url, {"Authorization": authorization})
+        yield ticket_check(route, url, status, error)
+        size = len("Authorization: ") + len(authorization)
+        yield header_check(route, size, config.doctor.backend_header_limit, user.principal)
 
 
 def _negotiate(route: Route) -> Check:

@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography import x509
 
-from proxy.certs.chain import VerifiedCertificate, format_time, verify_chain
+from proxy.certs.chain import VerifiedCertificate, format_time, parse_certificates, verify_chain
 from proxy.config import Route
 from proxy.errors import BadRequest, CertificateRejected, GatewayError, NoRoute
 from proxy.identity.mapping import describe as describe_mapping
@@ -93,10 +93,8 @@ class Explanation:
 
 
 def load_leaf(data: bytes) -> x509.Certificate:
-    """The first certificate of a PEM file (a chain is fine), or a DER certificate."""
-    if b"-----BEGIN" in data:
-        return x509.load_pem_x509_certificates(data)[0]
-    return x509.load_der_x509_certificate(data)
+    """The first certificate of a PEM file (a chain is fine), or a DER certificate (and nothing after it)."""
+    return parse_certificates(data)[0]
 
 
 async def explain(
@@ -196,7 +194,8 @@ async def _kerberos(out: Explanation, gw: Gateway, user: UserPrincipal, route: R
     from proxy.kerberos.probe import KerberosProbe
 
     proxy = gw.config.kerberos.principal
-    facts = KerberosProbe(gw.config.kerberos).evidence_ticket(user, spn=route.spn)
+    probe = KerberosProbe(gw.config.kerberos, source=gw.delegator.service_credentials)  # one AS exchange in all
+    facts = probe.evidence_ticket(user, spn=route.spn)
     # Not forwardable: S4U2Proxy is still asked, as the gateway asks it. The KDC decides: classic constrained
     # delegation refuses it (the refusal then says why, in the KDC error explainer's words), Windows' resource-based
     # delegation grants it (MS-SFU 3.2.5.2.2).

@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from proxy import cli
@@ -232,7 +233,7 @@ def test_the_handout_gives_each_part_the_files_it_reads_and_no_secret_of_another
     assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
 
     def held(part: str) -> set[str]:
-        return {str(p.relative_to(into / part)) for p in (into / part).rglob("*") if not p.is_dir()}
+        return _handed_out(into, part)
 
     gateway = held("gateway")
     for name in handout_module.GATEWAY_CONFIGS:
@@ -284,6 +285,109 @@ def test_a_rerun_handout_does_not_follow_a_link_a_container_planted_in_its_volum
     assert planted.is_dir()
     assert (planted / "cas.keytab").read_bytes() == b"secret"
     assert (planted / "cas.keytab").stat().st_mode & 0o777 == 0o600
+
+
+def _handed_out(into: Path, part: str) -> set[str]:
+    """What a part's volume holds: files and links (to directories too), the handout's own list left out."""
+    volume = into / part
+    held = (p for p in volume.rglob("*") if p.is_symlink() or not p.is_dir())
+    return {str(p.relative_to(volume)) for p in held if p.name != handout_module.MANIFEST}
+
+
+def _lab_for_handout(root: Path) -> LabLayout:
+    """`lab init` and the KDC's keytabs stood in for: what `lab handout` reads."""
+    layout = LabLayout.from_env(_services()["pki"]["environment"], root=root)
+    runner.init(layout)
+    for secret in (layout.proxy_keytab, layout.backend_keytab, layout.other_keytab):
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(b"secret")
+        secret.chmod(0o600)
+    layout.krb5_conf.write_text("[libdefaults]\n")
+    return layout
+
+
+def test_a_rerun_handout_leaves_exactly_what_the_lab_hands_out_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user deleted from the lab after a handout (alice's certificate and key), and files an earlier handout gave the
+    gateway that it no longer gets (another service's keytab, a configuration in a directory of its own): the re-run
+    removes them (and the directory left empty), so the device no longer holds alice's key nor the gateway the old
+    keytab; each volume then holds what a handout into empty volumes gives, and what a container made there itself (the
+    backend's replay cache, a file the device wrote) stays. A re-run left them all."""
+    layout = _lab_for_handout(tmp_path / "lab")
+    into = tmp_path / "handout"
+    old_config = layout.root / "old" / "gateway-old.toml"
+    old_config.parent.mkdir()
+    old_config.write_text("# an earlier lab's\n")
+    then = handout_module.files
+
+    def earlier(lab: LabLayout, part: str) -> list[Path]:
+        extra = [lab.other_keytab, old_config] if part == "gateway" else []
+        return [*then(lab, part), *extra]
+
+    monkeypatch.setattr(handout_module, "files", earlier)
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    monkeypatch.undo()
+    assert {"keytabs/other.keytab", "old/gateway-old.toml"} <= _handed_out(into, "gateway")
+    assert {"pki/users/alice.pem", "pki/users/alice.key"} <= _handed_out(into, "device")
+    (into / "backend" / "run" / "cas.rcache2").write_bytes(b"the backend's own")
+    (into / "device" / "notes.txt").write_text("the device's own")
+    for name in ("alice.pem", "alice.key", "alice.p12"):
+        (layout.pki_dir / "users" / name).unlink(missing_ok=True)
+
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    fresh = tmp_path / "fresh"
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(fresh)]) == 0
+    for part in handout_module.PARTS:
+        extra = {"backend": {"run/cas.rcache2"}, "device": {"notes.txt"}}.get(part, set())
+        assert _handed_out(into, part) == _handed_out(fresh, part) | extra, part
+    assert not any(name.startswith("pki/users/alice.") for name in _handed_out(into, "device"))
+    assert "keytabs/other.keytab" not in _handed_out(into, "gateway")
+    assert not (into / "gateway" / "old").exists()
+    assert (into / "backend" / "run" / "cas.rcache2").read_bytes() == b"the backend's own"
+
+
+def test_a_rerun_handout_removes_nothing_outside_what_it_wrote(tmp_path: Path) -> None:
+    """The backend's volume is writable, so its list of what the handout wrote is not to be believed: entries leading
+    out of the volume (`..`, an absolute path, through a link planted into the device's volume, the list itself a link
+    to the device's list) and one naming a directory remove nothing; the re-run still writes every file and a list of
+    its own."""
+    layout = _lab_for_handout(tmp_path / "lab")
+    into = tmp_path / "handout"
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the handout's")
+    backend = into / "backend"
+    (backend / "through").symlink_to(into / "device" / "pki")
+    (backend / "held").mkdir()
+    (backend / "held" / "cache").write_text("the backend's own")
+    hostile = [
+        "../device/pki/users/bob.key",
+        str(outside),
+        "through/users/bob.pem",
+        "held",
+        "run",
+        "keytabs/../../gateway/krb5.conf",
+    ]
+    (backend / handout_module.MANIFEST).write_text("\n".join(hostile) + "\n")
+    device_before = _handed_out(into, "device")
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    assert outside.read_text() == "not the handout's"
+    assert _handed_out(into, "device") == device_before
+    assert (into / "gateway" / "krb5.conf").exists()
+    assert (backend / "held" / "cache").read_text() == "the backend's own"
+    assert (backend / "run").is_dir()
+    assert _handed_out(into, "backend") == {"krb5.conf", "keytabs/cas.keytab", "through", "held/cache"}
+    listed = (backend / handout_module.MANIFEST).read_text().splitlines()
+    assert listed == ["keytabs/cas.keytab", "krb5.conf"]
+
+    (backend / handout_module.MANIFEST).unlink()
+    (backend / handout_module.MANIFEST).symlink_to(into / "device" / handout_module.MANIFEST)
+    device_list = (into / "device" / handout_module.MANIFEST).read_text()
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    assert (into / "device" / handout_module.MANIFEST).read_text() == device_list
+    assert _handed_out(into, "device") == device_before
+    assert not (backend / handout_module.MANIFEST).is_symlink()
 
 
 def test_the_devices_share_a_network_with_the_gateways_alone() -> None:

@@ -114,8 +114,8 @@ def test_a_stale_keytab_and_a_small_header_limit_fail(lab: LabLayout, tmp_path: 
 
 def test_a_keytab_of_another_account_names_what_it_holds(lab: LabLayout, tmp_path: Path) -> None:
     """kerberos.keytab pointing at the backend's keytab (a learner's slip): the kdc check's fix says which principal
-    the file holds keys for and that it is another account's keytab, and the keytab check fails from the file alone
-    (no KDC ticket is needed to see that), where "export it again" was all it said."""
+    the file holds keys for and that it is another account's keytab, where "export it again" was all it said; the
+    keytab check, not run, names what the file holds (from the file alone) without repeating the failure and its fix."""
     text = lab_config(lab, port=free_port()).replace(str(lab.proxy_keytab), str(lab.backend_keytab))
     code, checks = _doctor(lab, tmp_path, text, "--user", "alice@lab.test")
     assert code == 1
@@ -123,12 +123,14 @@ def test_a_keytab_of_another_account_names_what_it_holds(lab: LabLayout, tmp_pat
     assert status == "fail"
     assert "holds keys for HTTP/cas.lab.test@LAB.TEST only, none for HTTP/proxy.lab.test@LAB.TEST" in fix
     assert "another account's keytab" in fix
-    status, detail, fix = checks["keytab"]
-    assert status == "fail"
-    assert detail == (
-        f"{lab.backend_keytab} holds keys for HTTP/cas.lab.test@LAB.TEST only, none for HTTP/proxy.lab.test@LAB.TEST"
-    )
     assert "point kerberos.keytab at HTTP/proxy.lab.test@LAB.TEST's keytab" in fix
+    status, detail, fix = checks["keytab"]
+    assert (status, fix) == ("skip", "")
+    assert detail == (
+        f"not run: kdc failed on this keytab: {lab.backend_keytab} holds keys for HTTP/cas.lab.test@LAB.TEST only, "
+        "none for HTTP/proxy.lab.test@LAB.TEST"
+    )
+    assert [name for name, (status, _, _) in checks.items() if status == "fail"] == ["kdc"]
 
 
 def test_a_principal_spelt_in_another_case_than_the_keytabs_says_so(lab: LabLayout, tmp_path: Path) -> None:
@@ -143,7 +145,8 @@ def test_a_principal_spelt_in_another_case_than_the_keytabs_says_so(lab: LabLayo
     status, _, fix = checks["kdc"]
     assert status == "fail"
     assert 'set kerberos.principal = "HTTP/proxy.lab.test@LAB.TEST"' in fix
-    assert checks["keytab"][0] == "fail"
+    assert checks["keytab"][0] == "skip"
+    assert "none for http/proxy.lab.test@LAB.TEST" in checks["keytab"][1]
 
 
 def test_an_unknown_canary_fails_s4u2self_and_no_canary_skips(lab: LabLayout, tmp_path: Path) -> None:
@@ -170,3 +173,45 @@ def test_an_unreachable_kdc_fails_first_with_the_fix(lab: LabLayout, tmp_path: P
     assert "unreachable" in detail
     assert "krb5.conf" in fix
     assert (checks["keytab"][0], checks["clock"][0]) == ("skip", "skip")
+
+
+def _gateway_as_reqs(lab: LabLayout, offset: int) -> list[str]:
+    """The AS exchanges the KDC logged for the gateway's principal since `offset` (one line each: the lab's principal
+    needs no pre-authentication, so the KDC answers the first AS-REQ)."""
+    with lab.kdc_log.open("rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    return [line for line in lines if "AS_REQ" in line and "HTTP/proxy.lab.test@LAB.TEST for krbtgt/" in line]
+
+
+def test_a_passing_run_makes_one_as_exchange(lab: LabLayout, tmp_path: Path) -> None:
+    """The whole preflight with a canary (the gateway's ticket, S4U2Self, S4U2Proxy) asks the KDC for the gateway's
+    TGT once: the probe and the delegations share the gateway's credentials (it made two AS exchanges)."""
+    offset = lab.kdc_log.stat().st_size
+    code, checks = _doctor(lab, tmp_path, lab_config(lab, port=free_port()), "--user", "alice@lab.test")
+    assert code == 0, checks
+    assert checks["s4u2proxy HTTP/cas.lab.test"][0] == "pass"
+    assert len(_gateway_as_reqs(lab, offset)) == 1, _gateway_as_reqs(lab, offset)
+
+
+def test_a_refused_gateway_key_fails_once_and_what_needs_it_is_not_run(lab: LabLayout, tmp_path: Path) -> None:
+    """A keytab whose keys the KDC does not hold (the account's key changed, the version kept): `kdc` fails once with
+    its fix; keytab and clock are skipped as before, and s4u2self, kdc-account, s4u2proxy and ticket are not run
+    ("needs the gateway's own credentials, see kdc"), where s4u2self and s4u2proxy each repeated kdc's failure and
+    asked the KDC again; the backend's own check (negotiate) still runs; one AS exchange in all; exit 1."""
+    wrong = tmp_path / "wrong.keytab"
+    records = (_record(e.principal, e.kvno, e.enctype, bytes(len(e.key))) for e in read_keytab(lab.proxy_keytab))
+    wrong.write_bytes(b"\x05\x02" + b"".join(records))
+    text = lab_config(lab, port=free_port()).replace(str(lab.proxy_keytab), str(wrong))
+    offset = lab.kdc_log.stat().st_size
+    code, checks = _doctor(lab, tmp_path, text, "--user", "alice@lab.test")
+    assert code == 1
+    assert [name for name, (status, _, _) in checks.items() if status == "fail"] == ["kdc"], checks
+    assert checks["kdc"][2], "the kdc check names its fix"
+    assert checks["clock"][0] == "skip"
+    for name in ("s4u2self", "kdc-account", "s4u2proxy HTTP/cas.lab.test", "ticket /"):
+        status, detail, fix = checks[name]
+        assert (status, fix) == ("skip", ""), (name, checks[name])
+        assert detail == "not run: needs the gateway's own credentials (see kdc)", (name, detail)
+    assert checks["negotiate /"][0] == "pass"
+    assert len(_gateway_as_reqs(lab, offset)) == 1, _gateway_as_reqs(lab, offset)

@@ -12,9 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.kerberos.keytab import read_keytab
 from proxy.lab.layout import USERS, LabLayout
 from tests.integration._alerts import HANDSHAKE_REFUSALS
 from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
+from tests.unit.test_keytab import _record
 
 
 def _split(out: str) -> tuple[str, int]:
@@ -205,6 +207,32 @@ def test_kdc_unreachable_is_503_with_retry_after(lab: LabLayout, tmp_path: Path)
         body, code = _split(res.stdout)
         assert code == 503
         assert "retry-after:" in body.lower()
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_refused_keytab_costs_one_as_exchange_for_all_requests(lab: LabLayout, tmp_path: Path) -> None:
+    """A keytab whose keys the KDC no longer holds (same version, other bytes): the first request is 502 naming the
+    keytab, after one AS exchange; the next is refused from memory without the KDC. Each AS exchange is a bad
+    password against the gateway's account in AD (lockout): MIT, asked for credentials of every mechanism it has
+    (krb5 and IAKERB), made two for one acquisition."""
+    wrong = tmp_path / "wrong.keytab"
+    records = (_record(e.principal, e.kvno, e.enctype, bytes(len(e.key))) for e in read_keytab(lab.proxy_keytab))
+    wrong.write_bytes(b"\x05\x02" + b"".join(records))
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port()).replace(str(lab.proxy_keytab), str(wrong)))
+    try:
+        offset = lab.kdc_log.stat().st_size  # after the start's KDC probe (an AS-REQ too): the requests' alone
+        for user in ("alice", "bob"):
+            gw.mark()
+            body, code = _split(curl(lab, gw.url + "/owa/", user).stdout)
+            assert code == 502, body
+            event = gw.wait_event("kerberos_misconfigured", principal=f"{user}@LAB.TEST")
+            assert "export it again" in event["fix"]
+        with lab.kdc_log.open("rb") as log:
+            log.seek(offset)
+            lines = log.read().decode(errors="replace").splitlines()
+        exchanges = [line for line in lines if "AS_REQ" in line and "HTTP/proxy.lab.test@LAB.TEST for krbtgt/" in line]
+        assert len(exchanges) == 1, exchanges
     finally:
         assert gw.stop() == 0
 

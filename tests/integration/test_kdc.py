@@ -181,3 +181,18 @@ def test_a_failing_lab_tool_is_named_without_the_password_it_was_given(tmp_path:
     assert command[0] in str(e.value)
     assert password not in str(e.value)
     assert "-w ***" in str(e.value) or "-P ***" in str(e.value)
+
+
+def test_a_failing_kadmin_query_is_named_without_the_password_it_sets(tmp_path: Path) -> None:
+    """`kadmin.local -q "addprinc -pw <password> alice"` failing (here: no realm database behind the lab's krb5.conf)
+    raises RealmError naming the query with `-pw ***`: it quoted the query whole, the user's password with it."""
+    from proxy.lab import kdc
+
+    password = f"s3cret-{uuid.uuid4().hex[:8]}"
+    layout = LabLayout(root=tmp_path, ldap_port=free_port(), kdc_port=free_port())
+    kdc._write_files(layout)
+    with pytest.raises(RealmError) as e:
+        kdc._kadmin(layout, f"addprinc -pw {password} alice")
+    assert "kadmin.local -q" in str(e.value)
+    assert "addprinc -pw *** alice" in str(e.value)
+    assert password not in str(e.value)
