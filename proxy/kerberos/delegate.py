@@ -84,7 +84,14 @@ from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KdcNotAsked, KerberosRefused
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.acceptor import context_pac
-from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated, require_user_account
+from proxy.kerberos.account import (
+    KdcAccount,
+    kdc_account,
+    require_client,
+    require_readable,
+    require_stated,
+    require_user_account,
+)
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
@@ -159,8 +166,7 @@ class _Ticket:
     obtained: float = float("inf")  # clock time of the exchange that made it (the recheck counts from there)
     facts: S4UFacts | None = None  # what the exchange that made this entry got from the KDC
     client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
-    pac: PacFacts | None = None  # the evidence ticket's PAC: which account the KDC impersonated
-    pac_unreadable: str | None = None  # why the PAC could not be read (then no request is served from it)
+    pac: PacFacts | None = None  # the evidence ticket's PAC (read, else the exchange failed): which account it names
     accounts: dict[tuple[str, str | None, str, str | None, str | None], KdcAccount] = field(
         default_factory=dict
     )  # names the PAC matched
@@ -175,7 +181,6 @@ class _Ticket:
             found = kdc_account(  # a mismatch raises and is not remembered
                 user,
                 self.pac,
-                self.pac_unreadable,
                 client=self.evidence_client,
                 policy=settings.kdc_account,
                 proxy=settings.principal,
@@ -436,8 +441,7 @@ class Delegator:
         middle = time.perf_counter()
         client = _client_name(creds)  # whom the KDC impersonated, as it wrote the evidence ticket's client
         pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
-        if unreadable is None:
-            self._require_stated(user, creds, proxy, spn, pac, client, (middle - start) * 1000)
+        self._require_stated(user, creds, proxy, spn, (pac, unreadable), client, (middle - start) * 1000)
         after_pac = time.perf_counter()
         try:
             target = self._target(gss_target)
@@ -468,7 +472,6 @@ class Delegator:
             obtained=now,
             facts=got,
             pac=pac,
-            pac_unreadable=unreadable,
             evidence_client=client,
             tokens=self._tokens(creds, gss_target),
         )
@@ -506,15 +509,18 @@ class Delegator:
         creds: gssapi.Credentials,
         proxy: str,
         spn: str,
-        pac: PacFacts | None,
+        read: tuple[PacFacts | None, str | None],
         client: str | None,
         ms: float,
     ) -> None:
-        """A ticket naming no account, refused by kerberos.kdc_account whoever's certificate asked, or whose client
-        principal is not the one asked for: refused here, before S4U2Proxy asks the KDC for anything more on it;
-        under "optional" a ticket without a PAC is logged."""
+        """A ticket whose PAC could not be read (`read`: the PAC, or why not), naming no account, refused by
+        kerberos.kdc_account whoever's certificate asked, or whose client principal is not the one asked for: refused
+        here, before S4U2Proxy asks the KDC for anything more on it, and so never cached; under "optional" a ticket
+        without a PAC is logged."""
         settings = self._settings
+        pac, unreadable = read
         try:
+            require_readable(user, unreadable)
             require_user_account(user, pac)
             require_stated(user.principal, pac, policy=settings.kdc_account, proxy=proxy)
             if pac is None or (pac.upn is None and pac.sam_name is None):

@@ -1,0 +1,111 @@
+"""The gateway's own key rotated at the lab's KDC (kvno + 1) before, or while, its keytab holds the new one.
+
+Each test makes a gateway principal of its own in the lab realm (`+ok_to_auth_as_delegate`, HTTP/cas.lab.test in
+its `krbAllowedToDelegateTo`) with a keytab of its own, so changing its key disturbs no other test. `cpw -randkey`
+changes the key at the KDC only: the gateway's TGT (sealed in krbtgt's key) stays good, S4U2Self and S4U2Proxy
+still succeed, but the evidence ticket, sealed in the new key, cannot be opened with the keytab, so its PAC cannot
+be read. `ktadd -norandkey` then writes the KDC's current key into the keytab, as an operator (or `msktutil`,
+`ktpass`) does some time after a rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Kerberos
+from proxy.errors import AccountMismatch
+from proxy.identity.principal import UserPrincipal
+from proxy.kerberos.delegate import Delegator
+from proxy.lab import kdc
+from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
+from proxy.lab.layout import BACKEND_SERVICE, REALM, LabLayout
+
+SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A gateway principal of the lab realm with a keytab of its own."""
+
+    principal: str  # without the realm
+    keytab: Path
+
+    def settings(self, lab: LabLayout) -> Kerberos:
+        return Kerberos(principal=f"{self.principal}@{REALM}", keytab=self.keytab, krb5_config=lab.krb5_conf)
+
+
+def _kadmin(lab: LabLayout, query: str) -> None:
+    env = {**os.environ, **lab.env()}
+    done = subprocess.run(
+        ["kadmin.local", "-q", query], capture_output=True, text=True, env=env, timeout=30, check=True
+    )
+    assert "error" not in done.stderr.lower(), done.stderr
+
+
+def _new_user(lab: LabLayout) -> UserPrincipal:
+    name = f"rk{uuid.uuid4().hex[:10]}"
+    _kadmin(lab, f"addprinc -randkey {name}")
+    return UserPrincipal(upn=f"{name}@lab.test", principal=f"{name}@{REALM}", realm=REALM, source="test")
+
+
+@pytest.fixture
+def own_gateway(lab: LabLayout, tmp_path: Path) -> Iterator[Gateway]:
+    """A principal like the lab gateway's (protocol transition, delegation to HTTP/cas.lab.test), keytab in tmp_path."""
+    principal = f"HTTP/rot-{uuid.uuid4().hex[:8]}.lab.test"
+    keytab = tmp_path / "gateway.keytab"
+    _kadmin(lab, f"addprinc -randkey +ok_to_auth_as_delegate {principal}")
+    _kadmin(lab, f"ktadd -k {keytab} -norandkey {principal}")
+    modify = [f"dn: {kdc.principal_dn(principal)}", "changetype: modify", "replace: krbAllowedToDelegateTo"]
+    kdc._ldap(lab, "ldapmodify", [*modify, f"krbAllowedToDelegateTo: {BACKEND_SERVICE}@{REALM}"])
+    yield Gateway(principal, keytab)
+    _kadmin(lab, f"delprinc -force {principal}")
+
+
+def _exchanges(kdc_log: KdcLog, user: UserPrincipal) -> tuple[int, int]:
+    """(S4U2Self, S4U2Proxy) requests the KDC logged for `user` since `kdc_log` was made."""
+    requests = [r for r in kdc_log.settled() if r.user == user.principal]
+    return sum(r.extension == S4U2SELF for r in requests), sum(r.extension == S4U2PROXY for r in requests)
+
+
+def test_a_user_refused_while_the_keytab_was_stale_is_served_once_it_is_current(
+    lab: LabLayout, own_gateway: Gateway
+) -> None:
+    """The key rotated at the KDC, the keytab not yet: a new user's evidence ticket cannot be opened, 403 "cannot be
+    verified", and nothing of that exchange is kept (S4U2Proxy is not even asked for). Once the keytab holds the new
+    key the same user is served at the next request, after a fresh exchange, not refused from the cache until the
+    unverifiable ticket would have expired (hours)."""
+    user, earlier = _new_user(lab), _new_user(lab)
+
+    async def run() -> None:
+        delegator = Delegator(own_gateway.settings(lab))
+        try:
+            await delegator.delegation(earlier, SPN, TARGET)  # the gateway's TGT, from the key it has
+            _kadmin(lab, f"cpw -randkey {own_gateway.principal}")  # kvno + 1 at the KDC; the keytab is stale
+            kdc_log = KdcLog(lab.kdc_log)
+            with pytest.raises(AccountMismatch) as refused:
+                await delegator.delegation(user, SPN, TARGET)
+            assert refused.value.reason == f"the KDC's account for {user.principal} cannot be verified"
+            assert "is kerberos.keytab current?" in (refused.value.hint or "")
+            assert _exchanges(kdc_log, user) == (1, 0)
+            assert len(delegator) == 1  # the earlier user's entry only
+
+            _kadmin(lab, f"ktadd -k {own_gateway.keytab} -norandkey {own_gateway.principal}")
+            kdc_log = KdcLog(lab.kdc_log)
+            served = await delegator.delegation(user, SPN, TARGET)
+            assert (served.principal, served.impersonation_cached) == (user.principal, False)
+            assert served.account.client == user.principal
+            assert _exchanges(kdc_log, user) == (1, 1)
+            again = await delegator.delegation(earlier, SPN, TARGET)  # its ticket, sealed in cas's key, serves on
+            assert again.impersonation_cached
+        finally:
+            delegator.close()
+
+    asyncio.run(run())
