@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.config import Kerberos
 from proxy.errors import KerberosRefused
-from proxy.identity.principal import UserPrincipal
+from proxy.identity.principal import UserPrincipal, map_upn
 from proxy.identity.upn import upn_other_name
 from proxy.kerberos import profile
 from proxy.kerberos.delegate import RENEW_BEFORE, USABLE_FOR, Delegator
@@ -262,6 +262,44 @@ def test_a_user_disabled_since_is_dropped_at_renewal(lab: LabLayout, new_user: U
         d.close()
 
     asyncio.run(run())
+
+
+def test_a_refusal_is_not_remembered_and_a_look_alike_name_costs_the_real_user_nothing(
+    lab: LabLayout, new_user: UserPrincipal
+) -> None:
+    """No negative cache: look-alikes of a user the gateway has not served yet (the local part in another case, which
+    MIT holds for other principals) are refused by the KDC first, and the user is then served after one exchange of
+    their own; the user refused while disabled is served at the very next request once enabled again, without waiting
+    for anything to expire. The UPN's suffix in another case is the same principal, served from the same ticket."""
+    local, _, realm = new_user.principal.partition("@")
+    look_alikes = [
+        replace(new_user, upn=f"{name}@lab.test", principal=f"{name}@{realm}")
+        for name in (local.upper(), local.capitalize())
+    ]
+    kdc = KdcLog(lab.kdc_log)
+
+    async def run() -> None:
+        d = _delegator(lab, Clock())
+        try:
+            for look_alike in look_alikes:
+                with pytest.raises(KerberosRefused):
+                    await d.delegate(look_alike, SPN, TARGET)
+            _kadmin(lab, f"modprinc -allow_tix {new_user.principal}")
+            with pytest.raises(KerberosRefused, match="disabled"):
+                await d.delegate(new_user, SPN, TARGET)
+            _kadmin(lab, f"modprinc +allow_tix {new_user.principal}")
+            served = await d.delegate(new_user, SPN, TARGET)
+            assert (served.principal, served.impersonation_cached) == (new_user.principal, False)
+            same = map_upn(f"{local}@Lab.TEST", realm_map={}, source="test")
+            assert (await d.delegate(same, SPN, TARGET)).impersonation_cached
+            assert len(d) == 1
+            assert d.stats.exchanges == 4  # two look-alikes, the refusal, the one that serves
+        finally:
+            d.close()
+
+    asyncio.run(run())
+    delegated = [r.user for r in kdc.settled() if r.extension == S4U2PROXY]
+    assert delegated == [new_user.principal], delegated
 
 
 def test_a_ticket_serves_its_life_unless_a_recheck_is_set(lab: LabLayout, new_user: UserPrincipal) -> None:
