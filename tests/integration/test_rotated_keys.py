@@ -26,7 +26,8 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.delegate import Delegator
 from proxy.lab import kdc
 from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
-from proxy.lab.layout import BACKEND_SERVICE, REALM, LabLayout
+from proxy.lab.layout import BACKEND_SERVICE, PROXY_SERVICE, REALM, LabLayout
+from tests.integration.conftest import curl, free_port, lab_config, start_gateway
 
 SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
 
@@ -109,3 +110,35 @@ def test_a_user_refused_while_the_keytab_was_stale_is_served_once_it_is_current(
             delegator.close()
 
     asyncio.run(run())
+
+
+def test_through_the_gateway_a_user_refused_in_the_window_is_served_once_the_keytab_is_rewritten(
+    lab: LabLayout, own_gateway: Gateway, tmp_path: Path
+) -> None:
+    """The running gateway with a principal of its own, as deployed (no `[reload] watch`, nobody sends SIGHUP: a
+    reload would empty the ticket cache): alice served; the key rotated at the KDC; bob, new, 403 "cannot be
+    verified"; the keytab rewritten with the new key (as `msktutil --auto-update` from cron does); bob's next request
+    is served as bob, not refused from a cached ticket for the rest of its life."""
+    text = lab_config(lab, port=free_port())
+    text = text.replace(f'principal = "{PROXY_SERVICE}@{REALM}"', f'principal = "{own_gateway.principal}@{REALM}"', 1)
+    text = text.replace(f'keytab = "{lab.proxy_keytab}"', f'keytab = "{own_gateway.keytab}"', 1)
+    assert f"{own_gateway.principal}@{REALM}" in text
+    assert str(own_gateway.keytab) in text
+    gw = start_gateway(lab, tmp_path / "gateway", text)
+    try:
+        done = curl(lab, f"{gw.url}/owa/", "alice")
+        assert done.stdout.endswith("\n200"), done.stdout + done.stderr
+        _kadmin(lab, f"cpw -randkey {own_gateway.principal}")
+        done = curl(lab, f"{gw.url}/owa/", "bob")
+        assert done.stdout.endswith("\n403"), done.stdout + done.stderr
+        assert "the KDC's account for bob@LAB.TEST cannot be verified" in done.stdout
+
+        _kadmin(lab, f"ktadd -k {own_gateway.keytab} -norandkey {own_gateway.principal}")
+        gw.mark()
+        done = curl(lab, f"{gw.url}/owa/", "bob")
+        assert done.stdout.endswith("\n200"), done.stdout + done.stderr
+        line = gw.wait_event("request", upn="bob@lab.test")
+        assert (line["principal"], line["impersonation_cached"]) == (f"bob@{REALM}", False), line
+        assert not gw.events("reloaded", gw.since)
+    finally:
+        gw.stop()
