@@ -44,7 +44,9 @@ account than the certificate (`proxy.kerberos.account`): the name the gateway as
 always the certificate's account (`realm_map` against AD), so every request, from a fresh or a
 cached ticket, is checked against the PAC read once per exchange; a mismatch is `AccountMismatch`, and so
 is a ticket without any PAC unless `kerberos.kdc_account = "optional"` (then each such ticket is logged as
-`kdc_account_unverified`).
+`kdc_account_unverified`). An evidence ticket whose PAC cannot be read (the gateway's key changed at the KDC and
+the keytab not rewritten yet) is refused right after S4U2Self and never cached: kept, it refused its user for its
+whole life, long after the keytab was current.
 
 The recheck. AD issues tickets for 10 hours, and a cached one serves its user that long whatever happens to the
 account meanwhile: disabled, deleted, marked sensitive, put in Protected Users, renamed (as a ticket already issued
