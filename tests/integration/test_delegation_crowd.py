@@ -185,6 +185,7 @@ def test_fifty_new_users_at_once_each_reach_the_backend_as_themselves(
     assert all(len(found) == 1 for found in keys.values()), {u: len(k) for u, k in keys.items() if len(k) != 1}
     assert len({key for found in keys.values() for key in found}) == CROWD + 1  # no two users share a ticket
 
-    exchanges = Counter((r.extension, r.user) for r in kdc.settled() if r.extension)
+    mine = {f"{name}@{REALM}" for name in names}  # another module's gateway, if one still runs, is not counted
+    exchanges = Counter((r.extension, r.user) for r in kdc.settled() if r.extension and r.user in mine)
     wanted = Counter({(step, f"{name}@{REALM}"): 1 for name in names for step in (S4U2SELF, S4U2PROXY)})
     assert exchanges == wanted, exchanges
