@@ -139,3 +139,18 @@ def test_alices_name_in_another_case_is_her_account_under_a_ticket_and_pool_of_i
     line = gateway.wait_event("request", upn=upn)
     assert (line["status"], line["principal"]) == (200, asked), line
     assert line["kdc_account"] in ("upn alice@ad.test", "sam alice"), line
+
+
+@pytest.mark.parametrize("local", ["*", "ali*", "alice)(sAMAccountName=*"], ids=["wildcard", "prefix", "filter"])
+def test_ldap_filter_syntax_in_a_upn_matches_no_account(
+    realm: ad.AdRealm, gateway: AdProcess, minted: Path, local: str
+) -> None:
+    """A UPN whose local part is LDAP filter syntax: the directory's search (strong-or-audit) and Samba's KDC both
+    escape it, so it names no account, never alice or the first user found: 403 at `kerberos`, nothing forwarded."""
+    upn = f"{local}@ad.test"
+    cert = mint(realm, minted, f"filter-{len(local)}", upn_line(upn))
+    status, body = curl(realm, gateway, cert, minted / "device.key")
+    assert status == 403, body
+    line = gateway.wait_event("request", upn=upn)
+    assert (line["status"], line["refused_stage"]) == (403, "kerberos"), line
+    assert "backend" not in line["ms"]
