@@ -17,9 +17,9 @@ each token is MIT's `krb5_mk_req_extended` on it: local work (15 µs of CPU in a
 initiator, which is kept for a ticket that cannot be read that way: docs/performance.md), so it is built on the
 event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN)
 (`asked_name`: the principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can
-share) and know when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts
-a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
-seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one user
+share) and know when their service ticket expires: from `RENEW_BEFORE` seconds before that (or from halfway through
+its life, for a ticket that lives less), the next request starts a fresh exchange in the background and keeps using
+the old ticket meanwhile; a ticket with less than `USABLE_FOR` seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one user
 never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
 `forget(principal, enterprise=...)` drops a user (their certificate was revoked, the directory ended their held
 request) and `clear()` drops everything (the configuration changed). With several workers each has a cache of its
@@ -192,6 +192,18 @@ class _Ticket:
             self.accounts[key] = found
         return found
 
+    def renew_at(self, recheck: float) -> float:
+        """When a request starts this entry's background renewal: `RENEW_BEFORE` seconds before its service ticket
+        expires, but not before the ticket is half its life old (one living less than `RENEW_BEFORE`, which a short
+        maxlife at the KDC gives, was in its window from birth, and every request started another exchange), or
+        `recheck` seconds (kerberos.ticket_recheck_seconds, 0: none) after the exchange that made it, if sooner."""
+        renew_at = self.expires - RENEW_BEFORE
+        if self.obtained < self.expires:
+            renew_at = max(renew_at, (self.obtained + self.expires) / 2)
+        if recheck:
+            renew_at = min(renew_at, self.obtained + recheck)
+        return renew_at
+
     def __post_init__(self) -> None:
         if not self.client and self.facts is not None:
             ticket = self.facts.evidence or self.facts.service
@@ -287,9 +299,7 @@ class Delegator:
         if ticket is not None and cached:
             self._tickets.move_to_end(key)
             self.stats.hits += 1
-            renew_at = ticket.expires - RENEW_BEFORE
-            if self._settings.ticket_recheck_seconds:
-                renew_at = min(renew_at, ticket.obtained + self._settings.ticket_recheck_seconds)
+            renew_at = ticket.renew_at(self._settings.ticket_recheck_seconds)
             if now >= max(renew_at, ticket.renew_not_before) and asked not in self._flights:
                 ticket.renew_not_before = now + _RETRY_AFTER
                 self.stats.renewals += 1

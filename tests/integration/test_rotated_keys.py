@@ -11,6 +11,7 @@ be read. `ktadd -norandkey` then writes the KDC's current key into the keytab, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import uuid
@@ -57,17 +58,27 @@ def _new_user(lab: LabLayout) -> UserPrincipal:
     return UserPrincipal(upn=f"{name}@lab.test", principal=f"{name}@{REALM}", realm=REALM, source="test")
 
 
+@contextlib.contextmanager
+def gateway_principal(lab: LabLayout, directory: Path, options: str = "") -> Iterator[Gateway]:
+    """A principal like the lab gateway's (protocol transition, delegation to HTTP/cas.lab.test) with kadmin's
+    `options` too (e.g. `-maxlife "2 minutes"`), its keytab in `directory`; deleted at the end."""
+    principal = f"HTTP/rot-{uuid.uuid4().hex[:8]}.lab.test"
+    keytab = directory / "gateway.keytab"
+    _kadmin(lab, f"addprinc -randkey +ok_to_auth_as_delegate {options} {principal}")
+    try:
+        _kadmin(lab, f"ktadd -k {keytab} -norandkey {principal}")
+        modify = [f"dn: {kdc.principal_dn(principal)}", "changetype: modify", "replace: krbAllowedToDelegateTo"]
+        kdc._ldap(lab, "ldapmodify", [*modify, f"krbAllowedToDelegateTo: {BACKEND_SERVICE}@{REALM}"])
+        yield Gateway(principal, keytab)
+    finally:
+        _kadmin(lab, f"delprinc -force {principal}")
+
+
 @pytest.fixture
 def own_gateway(lab: LabLayout, tmp_path: Path) -> Iterator[Gateway]:
-    """A principal like the lab gateway's (protocol transition, delegation to HTTP/cas.lab.test), keytab in tmp_path."""
-    principal = f"HTTP/rot-{uuid.uuid4().hex[:8]}.lab.test"
-    keytab = tmp_path / "gateway.keytab"
-    _kadmin(lab, f"addprinc -randkey +ok_to_auth_as_delegate {principal}")
-    _kadmin(lab, f"ktadd -k {keytab} -norandkey {principal}")
-    modify = [f"dn: {kdc.principal_dn(principal)}", "changetype: modify", "replace: krbAllowedToDelegateTo"]
-    kdc._ldap(lab, "ldapmodify", [*modify, f"krbAllowedToDelegateTo: {BACKEND_SERVICE}@{REALM}"])
-    yield Gateway(principal, keytab)
-    _kadmin(lab, f"delprinc -force {principal}")
+    """`gateway_principal` for one test."""
+    with gateway_principal(lab, tmp_path) as made:
+        yield made
 
 
 def _exchanges(kdc_log: KdcLog, user: UserPrincipal) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from proxy.lab.pki import Pki, revoke
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
 from tests.integration.test_revocation import crl_url, curl_with, gateway_with, held_at_the_backend, read_answer
+from tests.integration.test_rotated_keys import gateway_principal
 
 SPN = "HTTP/cas.lab.test"
 TARGET = "HTTP@cas.lab.test"
@@ -205,6 +206,40 @@ def test_renewal_runs_in_the_background_before_expiry(lab: LabLayout, new_user: 
     asyncio.run(run())
     kdc.settled()
     assert (kdc.count()[S4U2SELF], kdc.count()[S4U2PROXY]) == (2, 2)
+
+
+def test_a_ticket_shorter_lived_than_the_renewal_window_is_renewed_halfway_not_per_request(
+    lab: LabLayout, new_user: UserPrincipal, tmp_path: Path
+) -> None:
+    """Tickets that live 2 minutes (the gateway principal's maxlife bounds the evidence ticket, and so the service
+    ticket), less than RENEW_BEFORE: each was in its renewal window from birth, so every request started another
+    background exchange (two KDC requests per request, the cache bought nothing). Now such a ticket is renewed once
+    it is half its life old: requests in its first half are served from it with no exchange, the first in its second
+    half starts one renewal."""
+    clock = Clock()
+
+    async def run(settings: Kerberos) -> None:
+        d = Delegator(settings, clock=clock)
+        try:
+            await d.delegate(new_user, SPN, TARGET)
+            expires = d.ticket_expires(new_user.principal, SPN)
+            assert expires is not None
+            start = clock.now
+            life = expires - start
+            assert USABLE_FOR * 2 < life <= 120 < RENEW_BEFORE, life
+            for after in (1.0, 10.0, life / 2 - 1):
+                clock.now = start + after
+                assert (await d.delegate(new_user, SPN, TARGET)).impersonation_cached
+            assert (d.stats.exchanges, d.stats.renewals) == (1, 0)
+            clock.now = start + life / 2 + 1
+            assert (await d.delegate(new_user, SPN, TARGET)).impersonation_cached  # the old ticket, meanwhile
+            await _settle(d)
+            assert (d.stats.exchanges, d.stats.renewals) == (2, 1)
+        finally:
+            d.close()
+
+    with gateway_principal(lab, tmp_path, '-maxlife "2 minutes"') as gateway:
+        asyncio.run(run(gateway.settings(lab)))
 
 
 def test_a_nearly_expired_ticket_is_not_used(lab: LabLayout, new_user: UserPrincipal) -> None:
