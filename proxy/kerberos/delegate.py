@@ -15,14 +15,14 @@ own, holding a copy of the gateway's TGT, the evidence ticket and the service ti
 S4U2Proxy the service ticket is also read out of it once and held with the entry (`proxy.kerberos.ap_req`), and
 each token is MIT's `krb5_mk_req_extended` on it: local work (15 µs of CPU in a loop, against 21 through MIT's GSS
 initiator, which is kept for a ticket that cannot be read that way: docs/performance.md), so it is built on the
-event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN)
-(`asked_name`: the principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can
-share) and know when their service ticket expires: from `RENEW_BEFORE` seconds before that (or from halfway through
-its life, for a ticket that lives less), the next request starts a fresh exchange in the background and keeps using
-the old ticket meanwhile; a ticket with less than `USABLE_FOR` seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one user
-never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
-`forget(principal, enterprise=...)` drops a user (their certificate was revoked, the directory ended their held
-request) and `clear()` drops everything (the configuration changed). With several workers each has a cache of its
+event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN) (`asked_name`: the
+principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can share) and know when
+their service ticket expires: from `RENEW_BEFORE` seconds before that (or from halfway through its life, for a
+ticket that lives less), the next request starts a fresh exchange in the background and keeps using the old ticket
+meanwhile; a ticket with less than `USABLE_FOR` seconds left is never used. Concurrent first requests of one key
+share one exchange (single flight), so one user never has more than one exchange in flight. The cache is bounded
+(least recently used evicted first); `forget(principal, enterprise=...)` drops a user (their certificate was
+revoked, the directory ended their held request) and `clear()` drops everything (the configuration changed). With several workers each has a cache of its
 own; when a held request ends, `forget(..., everywhere=True)` also writes the user into the log the workers share
 (`proxy.auth.shared.SharedTable.forget_users`, the users of one turn of the event loop together, those of one
 directory sweep together: `proxy.auth.shared.packing_forgotten`): every other worker
