@@ -22,12 +22,12 @@ ticket that lives less), the next request starts a fresh exchange in the backgro
 meanwhile; a ticket with less than `USABLE_FOR` seconds left is never used. Concurrent first requests of one key
 share one exchange (single flight), so one user never has more than one exchange in flight. The cache is bounded
 (least recently used evicted first); `forget(principal, enterprise=...)` drops a user (their certificate was
-revoked, the directory ended their held request) and `clear()` drops everything (the configuration changed). With several workers each has a cache of its
-own; when a held request ends, `forget(..., everywhere=True)` also writes the user into the log the workers share
-(`proxy.auth.shared.SharedTable.forget_users`, the users of one turn of the event loop together, those of one
-directory sweep together: `proxy.auth.shared.packing_forgotten`): every other worker
-drops that user's tickets before it serves its next request from any ticket (`delegation` reads the log's generation
-first, a read of shared memory), so an account the directory found disabled is served by none of them.
+revoked, the directory ended their held request) and `clear()` drops everything (the configuration changed). With
+several workers each has a cache of its own; when a held request ends, `forget(..., everywhere=True)` also writes
+the user into the log the workers share (`proxy.auth.shared.SharedTable.forget_users`, the users of one turn of the
+event loop together, those of one directory sweep together: `proxy.auth.shared.packing_forgotten`): every other
+worker drops that user's tickets before it serves its next request from any ticket (`delegation` reads the log's
+generation first, a read of shared memory), so an account the directory found disabled is served by none of them.
 
 Which name. The cache and the log name the user as the KDC returned them, the client name of the
 evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
