@@ -768,7 +768,8 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
         if not isinstance(realm, str) or not realm or "@" in suffix:
             r.problem(f"identity.realm_map.{suffix}", f"expected a realm name, got {realm!r}")
             continue
-        clean[ascii_lower(suffix)] = realm  # ASCII case only: proxy.identity.principal
+        # the realm of every principal built with it: a '/', '@', '\\' or space there is no realm the KDC serves
+        clean[ascii_lower(suffix)] = _realm(r, f"identity.realm_map.{suffix}", realm)  # ASCII case only (principal)
     return Identity(
         sources=sources,
         realm_map=clean,

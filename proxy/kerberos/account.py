@@ -123,11 +123,7 @@ def kdc_account(
     it is another account's, if the PAC could not be read (`unreadable` says why), or if the ticket names no
     account and `policy` wants one, or its client principal (`client`, None when unknown) is not the one asked
     for (see the module's docstring). `proxy` (the gateway's principal) is for the fix."""
-    if unreadable is not None:
-        raise AccountMismatch(
-            f"the KDC's account for {user.principal} cannot be verified",
-            hint=f"the evidence ticket's PAC could not be read ({unreadable}); is kerberos.keytab current?",
-        )
+    require_readable(user, unreadable)
     require_user_account(user, pac)
     if pac is None or (pac.upn is None and pac.sam_name is None):
         require_stated(user.principal, pac, policy=policy, proxy=proxy)
@@ -142,6 +138,19 @@ def kdc_account(
         return _match(user, "upn", user.upn, pac.upn, pac, _FIX.format(principal=user.principal, wanted=user.upn))
     name = user.upn.rpartition("\\")[2]
     return _match(user, "sam", name, pac.sam_name, pac, _FIX.format(principal=user.principal, wanted=name))
+
+
+def require_readable(user: UserPrincipal, unreadable: str | None) -> None:
+    """AccountMismatch when the evidence ticket's PAC could not be read (`unreadable` says why): evidence that cannot
+    be read is never an admission. Asked by the Kerberos stage right after S4U2Self, before S4U2Proxy, so that such a
+    ticket is never kept: a keytab without the key the KDC sealed it in (the key rotated at the KDC, the keytab not
+    yet) refused each user who came meanwhile until their ticket expired, hours after the keytab was current."""
+    if unreadable is None:
+        return
+    raise AccountMismatch(
+        f"the KDC's account for {user.principal} cannot be verified",
+        hint=f"the evidence ticket's PAC could not be read ({unreadable}); is kerberos.keytab current?",
+    )
 
 
 def require_user_account(user: UserPrincipal, pac: PacFacts | None) -> None:

@@ -15,19 +15,19 @@ own, holding a copy of the gateway's TGT, the evidence ticket and the service ti
 S4U2Proxy the service ticket is also read out of it once and held with the entry (`proxy.kerberos.ap_req`), and
 each token is MIT's `krb5_mk_req_extended` on it: local work (15 µs of CPU in a loop, against 21 through MIT's GSS
 initiator, which is kept for a ticket that cannot be read that way: docs/performance.md), so it is built on the
-event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN)
-(`asked_name`: the principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can
-share) and know when their service ticket expires: from `RENEW_BEFORE` seconds before that, the next request starts
-a fresh exchange in the background and keeps using the old ticket meanwhile; a ticket with less than `USABLE_FOR`
-seconds left is never used. Concurrent first requests of one key share one exchange (single flight), so one user
-never has more than one exchange in flight. The cache is bounded (least recently used evicted first);
-`forget(principal, enterprise=...)` drops a user (their certificate was revoked, the directory ended their held
-request) and `clear()` drops everything (the configuration changed). With several workers each has a cache of its
-own; when a held request ends, `forget(..., everywhere=True)` also writes the user into the log the workers share
-(`proxy.auth.shared.SharedTable.forget_users`, the users of one turn of the event loop together, those of one
-directory sweep together: `proxy.auth.shared.packing_forgotten`): every other worker
-drops that user's tickets before it serves its next request from any ticket (`delegation` reads the log's generation
-first, a read of shared memory), so an account the directory found disabled is served by none of them.
+event loop, never in a thread. Entries are keyed by (the name the KDC is asked for, SPN) (`asked_name`: the
+principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can share) and know when
+their service ticket expires: from `RENEW_BEFORE` seconds before that (or from halfway through its life, for a
+ticket that lives less), the next request starts a fresh exchange in the background and keeps using the old ticket
+meanwhile; a ticket with less than `USABLE_FOR` seconds left is never used. Concurrent first requests of one key
+share one exchange (single flight), so one user never has more than one exchange in flight. The cache is bounded
+(least recently used evicted first); `forget(principal, enterprise=...)` drops a user (their certificate was
+revoked, the directory ended their held request) and `clear()` drops everything (the configuration changed). With
+several workers each has a cache of its own; when a held request ends, `forget(..., everywhere=True)` also writes
+the user into the log the workers share (`proxy.auth.shared.SharedTable.forget_users`, the users of one turn of the
+event loop together, those of one directory sweep together: `proxy.auth.shared.packing_forgotten`): every other
+worker drops that user's tickets before it serves its next request from any ticket (`delegation` reads the log's
+generation first, a read of shared memory), so an account the directory found disabled is served by none of them.
 
 Which name. The cache and the log name the user as the KDC returned them, the client name of the
 evidence ticket, not as the gateway asked: with `identity.enterprise_names` the gateway asks for the
@@ -44,7 +44,9 @@ account than the certificate (`proxy.kerberos.account`): the name the gateway as
 always the certificate's account (`realm_map` against AD), so every request, from a fresh or a
 cached ticket, is checked against the PAC read once per exchange; a mismatch is `AccountMismatch`, and so
 is a ticket without any PAC unless `kerberos.kdc_account = "optional"` (then each such ticket is logged as
-`kdc_account_unverified`).
+`kdc_account_unverified`). An evidence ticket whose PAC cannot be read (the gateway's key changed at the KDC and
+the keytab not rewritten yet) is refused right after S4U2Self and never cached: kept, it refused its user for its
+whole life, long after the keytab was current.
 
 The recheck. AD issues tickets for 10 hours, and a cached one serves its user that long whatever happens to the
 account meanwhile: disabled, deleted, marked sensitive, put in Protected Users, renamed (as a ticket already issued
@@ -84,7 +86,14 @@ from proxy.config import Kerberos
 from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KdcNotAsked, KerberosRefused
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.acceptor import context_pac
-from proxy.kerberos.account import KdcAccount, kdc_account, require_client, require_stated, require_user_account
+from proxy.kerberos.account import (
+    KdcAccount,
+    kdc_account,
+    require_client,
+    require_readable,
+    require_stated,
+    require_user_account,
+)
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
@@ -159,8 +168,7 @@ class _Ticket:
     obtained: float = float("inf")  # clock time of the exchange that made it (the recheck counts from there)
     facts: S4UFacts | None = None  # what the exchange that made this entry got from the KDC
     client: str = ""  # the client name the KDC returned (the evidence ticket's), or the name asked for
-    pac: PacFacts | None = None  # the evidence ticket's PAC: which account the KDC impersonated
-    pac_unreadable: str | None = None  # why the PAC could not be read (then no request is served from it)
+    pac: PacFacts | None = None  # the evidence ticket's PAC (read, else the exchange failed): which account it names
     accounts: dict[tuple[str, str | None, str, str | None, str | None], KdcAccount] = field(
         default_factory=dict
     )  # names the PAC matched
@@ -175,7 +183,6 @@ class _Ticket:
             found = kdc_account(  # a mismatch raises and is not remembered
                 user,
                 self.pac,
-                self.pac_unreadable,
                 client=self.evidence_client,
                 policy=settings.kdc_account,
                 proxy=settings.principal,
@@ -184,6 +191,18 @@ class _Ticket:
                 self.accounts.clear()
             self.accounts[key] = found
         return found
+
+    def renew_at(self, recheck: float) -> float:
+        """When a request starts this entry's background renewal: `RENEW_BEFORE` seconds before its service ticket
+        expires, but not before the ticket is half its life old (one living less than `RENEW_BEFORE`, which a short
+        maxlife at the KDC gives, was in its window from birth, and every request started another exchange), or
+        `recheck` seconds (kerberos.ticket_recheck_seconds, 0: none) after the exchange that made it, if sooner."""
+        renew_at = self.expires - RENEW_BEFORE
+        if self.obtained < self.expires:
+            renew_at = max(renew_at, (self.obtained + self.expires) / 2)
+        if recheck:
+            renew_at = min(renew_at, self.obtained + recheck)
+        return renew_at
 
     def __post_init__(self) -> None:
         if not self.client and self.facts is not None:
@@ -280,9 +299,7 @@ class Delegator:
         if ticket is not None and cached:
             self._tickets.move_to_end(key)
             self.stats.hits += 1
-            renew_at = ticket.expires - RENEW_BEFORE
-            if self._settings.ticket_recheck_seconds:
-                renew_at = min(renew_at, ticket.obtained + self._settings.ticket_recheck_seconds)
+            renew_at = ticket.renew_at(self._settings.ticket_recheck_seconds)
             if now >= max(renew_at, ticket.renew_not_before) and asked not in self._flights:
                 ticket.renew_not_before = now + _RETRY_AFTER
                 self.stats.renewals += 1
@@ -436,8 +453,7 @@ class Delegator:
         middle = time.perf_counter()
         client = _client_name(creds)  # whom the KDC impersonated, as it wrote the evidence ticket's client
         pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
-        if unreadable is None:
-            self._require_stated(user, creds, proxy, spn, pac, client, (middle - start) * 1000)
+        self._require_stated(user, creds, proxy, spn, (pac, unreadable), client, (middle - start) * 1000)
         after_pac = time.perf_counter()
         try:
             target = self._target(gss_target)
@@ -468,7 +484,6 @@ class Delegator:
             obtained=now,
             facts=got,
             pac=pac,
-            pac_unreadable=unreadable,
             evidence_client=client,
             tokens=self._tokens(creds, gss_target),
         )
@@ -506,15 +521,18 @@ class Delegator:
         creds: gssapi.Credentials,
         proxy: str,
         spn: str,
-        pac: PacFacts | None,
+        read: tuple[PacFacts | None, str | None],
         client: str | None,
         ms: float,
     ) -> None:
-        """A ticket naming no account, refused by kerberos.kdc_account whoever's certificate asked, or whose client
-        principal is not the one asked for: refused here, before S4U2Proxy asks the KDC for anything more on it;
-        under "optional" a ticket without a PAC is logged."""
+        """A ticket whose PAC could not be read (`read`: the PAC, or why not), naming no account, refused by
+        kerberos.kdc_account whoever's certificate asked, or whose client principal is not the one asked for: refused
+        here, before S4U2Proxy asks the KDC for anything more on it, and so never cached; under "optional" a ticket
+        without a PAC is logged."""
         settings = self._settings
+        pac, unreadable = read
         try:
+            require_readable(user, unreadable)
             require_user_account(user, pac)
             require_stated(user.principal, pac, policy=settings.kdc_account, proxy=proxy)
             if pac is None or (pac.upn is None and pac.sam_name is None):

@@ -8,6 +8,7 @@ gateway inside the realm's namespace.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +115,42 @@ def test_a_upn_in_the_domains_netbios_name_is_the_users_403_not_a_kdc_outage(
     assert f"no Kerberos realm serves alice@{ad.NETBIOS_DOMAIN}'s UPN suffix" in body
     assert "enterprise_names" in gateway.wait_event("kerberos_refused", upn=f"alice@{ad.NETBIOS_DOMAIN}")["fix"]
     assert not gateway.events("kdc_unavailable", gateway.since)
+
+
+@pytest.mark.parametrize("upn", ["Alice@AD.TEST", "ALICE@ad.test"])
+def test_alices_name_in_another_case_is_her_account_under_a_ticket_and_pool_of_its_own(
+    request: pytest.FixtureRequest, realm: ad.AdRealm, gateway: AdProcess, minted: Path, upn: str
+) -> None:
+    """AD compares names without regard to case: `Alice@AD.TEST` is alice's one account (MIT would hold another
+    principal). Under `mapping = "upn"` the gateway asks for the name as spelled; Samba impersonates alice's account
+    and writes the ticket's client as asked, so the backend serves alice's account (PAC: UPN alice@ad.test,
+    sAMAccountName alice) under that spelling, which the gateway keeps apart (its own ticket and backend pool, never
+    another account's). Under `strong-or-audit` the directory's account is asked for: `alice@AD.TEST`, alice's own
+    entry. Either way the summary line says the PAC named alice."""
+    cert = mint(realm, minted, f"case-{upn}", upn_line(upn))
+    status, body = curl(realm, gateway, cert, minted / "device.key")
+    assert status == 200, body
+    echo = json.loads(body)
+    asked = (
+        f"{upn.partition('@')[0]}@{ad.REALM}" if request.node.callspec.params["gateway"] == "upn" else "alice@AD.TEST"
+    )
+    assert echo["principal"] == asked
+    assert (echo["pac"]["upn"], echo["pac"]["sam_name"]) == ("alice@ad.test", "alice")
+    line = gateway.wait_event("request", upn=upn)
+    assert (line["status"], line["principal"]) == (200, asked), line
+    assert line["kdc_account"] in ("upn alice@ad.test", "sam alice"), line
+
+
+@pytest.mark.parametrize("local", ["*", "ali*", "alice)(sAMAccountName=*"], ids=["wildcard", "prefix", "filter"])
+def test_ldap_filter_syntax_in_a_upn_matches_no_account(
+    realm: ad.AdRealm, gateway: AdProcess, minted: Path, local: str
+) -> None:
+    """A UPN whose local part is LDAP filter syntax: the directory's search (strong-or-audit) and Samba's KDC both
+    escape it, so it names no account, never alice or the first user found: 403 at `kerberos`, nothing forwarded."""
+    upn = f"{local}@ad.test"
+    cert = mint(realm, minted, f"filter-{len(local)}", upn_line(upn))
+    status, body = curl(realm, gateway, cert, minted / "device.key")
+    assert status == 403, body
+    line = gateway.wait_event("request", upn=upn)
+    assert (line["status"], line["refused_stage"]) == (403, "kerberos"), line
+    assert "backend" not in line["ms"]

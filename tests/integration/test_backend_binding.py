@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.test_delegation_crowd import new_users, tls_context
 from tests.integration.test_proxying import Backend, _start_backend
 
 
@@ -157,3 +160,44 @@ def test_a_backend_that_is_not_connection_bound_gets_502_never_another_identity(
     # after a 502 the next request opens a new backend connection and carries a token again
     served = [a for a in answers[1:] if a["status"] == 200]
     assert all(a["authorization_sent"] and a["connection_request_index"] == 1 for a in served)
+
+
+def test_two_mit_principals_differing_in_case_never_share_a_ticket_or_a_connection(
+    lab: LabLayout, gw: Gateway, tmp_path: Path
+) -> None:
+    """`Name@LAB.TEST` and `name@LAB.TEST` are two principals to MIT (AD would have one account): two devices of each,
+    interleaving keep-alive requests on the connection-bound route, are each served as their own principal, on backend
+    connections of their own, each connection's one token on a ticket of that principal (the KDC logged one exchange
+    for each, under its own case)."""
+    lower = f"case{uuid.uuid4().hex[:8]}"
+    upper = lower.capitalize()
+    assert new_users(lab, [lower, upper]) == [lower, upper]
+    contexts = {name: tls_context(lab, name, tmp_path) for name in (lower, upper)}
+    kdc = KdcLog(lab.kdc_log)
+
+    async def device(user: str) -> list[dict[str, Any]]:
+        answers = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
+            for i in range(8):
+                url = f"{gw.url}/bound/EWS/Exchange.asmx?user={user}&i={i}"
+                async with session.post(url, data=b"<Envelope/>", ssl=contexts[user]) as r:
+                    assert r.status == 200, await r.text()
+                    answers.append({**json.loads(await r.read()), "user": user})
+        return answers
+
+    async def devices() -> list[dict[str, Any]]:
+        return [
+            a for answers in await asyncio.gather(*(device(u) for u in (lower, upper, lower, upper))) for a in answers
+        ]
+
+    echoes = asyncio.run(devices())
+    assert all(e["principal"] == f"{e['user']}@LAB.TEST" for e in echoes), [
+        e for e in echoes if e["principal"] != f"{e['user']}@LAB.TEST"
+    ]
+    by_connection: dict[int, set[str]] = {}
+    for e in echoes:
+        by_connection.setdefault(e["connection_number"], set()).add(e["principal"])
+    assert all(len(principals) == 1 for principals in by_connection.values()), by_connection
+    mine = {f"{lower}@LAB.TEST", f"{upper}@LAB.TEST"}
+    exchanges = Counter((r.extension, r.user) for r in kdc.settled() if r.extension and r.user in mine)
+    assert exchanges == Counter({(s, f"{u}@LAB.TEST"): 1 for u in (lower, upper) for s in (S4U2SELF, S4U2PROXY)})

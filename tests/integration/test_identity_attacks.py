@@ -243,15 +243,16 @@ def test_a_partner_ca_cannot_name_a_user_of_the_default_realm_by_common_name(
 
 @pytest.mark.parametrize(
     "local",
-    ["\u00e9lise", "a" * 3000, "alice.", "ALICE"],
-    ids=["non-ASCII", "3000 characters", "trailing dot", "upper case"],
+    ["\u00e9lise", "a" * 3000, "alice.", "ALICE", "*", "ali*", "alice)(krbPrincipalName=*"],
+    ids=["non-ASCII", "3000 characters", "trailing dot", "upper case", "wildcard", "prefix", "filter"],
 )
 def test_a_upn_no_account_has_is_refused_as_that_user_and_costs_nobody_else(
     lab: LabLayout, gw: Gateway, tmp_path: Path, local: str
 ) -> None:
     """A plain UPN that names no account (non-ASCII, 3000 characters, a trailing dot, alice's name in upper case:
-    MIT compares principal names exactly): 403 at the kerberos stage, never 502 or 503, nothing forwarded; and
-    the KDC is not taken for gone: bob is served right after."""
+    MIT compares principal names exactly; LDAP filter syntax, which the KDC's LDAP back end escapes, so `*` or
+    `ali*` matches no principal): 403 at the kerberos stage, never 502 or 503, nothing forwarded; and the KDC is not
+    taken for gone: bob is served right after."""
     cert = mint(lab, tmp_path, f"{UPN};UTF8:{local}@lab.test")
     gw.mark()
     status, body = curl_as(lab, gw, cert)

@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.config import Kerberos
 from proxy.errors import KerberosRefused
-from proxy.identity.principal import UserPrincipal
+from proxy.identity.principal import UserPrincipal, map_upn
 from proxy.identity.upn import upn_other_name
 from proxy.kerberos import profile
 from proxy.kerberos.delegate import RENEW_BEFORE, USABLE_FOR, Delegator
@@ -39,6 +39,7 @@ from proxy.lab.pki import Pki, revoke
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
 from tests.integration.test_revocation import crl_url, curl_with, gateway_with, held_at_the_backend, read_answer
+from tests.integration.test_rotated_keys import gateway_principal
 
 SPN = "HTTP/cas.lab.test"
 TARGET = "HTTP@cas.lab.test"
@@ -207,6 +208,40 @@ def test_renewal_runs_in_the_background_before_expiry(lab: LabLayout, new_user: 
     assert (kdc.count()[S4U2SELF], kdc.count()[S4U2PROXY]) == (2, 2)
 
 
+def test_a_ticket_shorter_lived_than_the_renewal_window_is_renewed_halfway_not_per_request(
+    lab: LabLayout, new_user: UserPrincipal, tmp_path: Path
+) -> None:
+    """Tickets that live 2 minutes (the gateway principal's maxlife bounds the evidence ticket, and so the service
+    ticket), less than RENEW_BEFORE: each was in its renewal window from birth, so every request started another
+    background exchange (two KDC requests per request, the cache bought nothing). Now such a ticket is renewed once
+    it is half its life old: requests in its first half are served from it with no exchange, the first in its second
+    half starts one renewal."""
+    clock = Clock()
+
+    async def run(settings: Kerberos) -> None:
+        d = Delegator(settings, clock=clock)
+        try:
+            await d.delegate(new_user, SPN, TARGET)
+            expires = d.ticket_expires(new_user.principal, SPN)
+            assert expires is not None
+            start = clock.now
+            life = expires - start
+            assert USABLE_FOR * 2 < life <= 120 < RENEW_BEFORE, life
+            for after in (1.0, 10.0, life / 2 - 1):
+                clock.now = start + after
+                assert (await d.delegate(new_user, SPN, TARGET)).impersonation_cached
+            assert (d.stats.exchanges, d.stats.renewals) == (1, 0)
+            clock.now = start + life / 2 + 1
+            assert (await d.delegate(new_user, SPN, TARGET)).impersonation_cached  # the old ticket, meanwhile
+            await _settle(d)
+            assert (d.stats.exchanges, d.stats.renewals) == (2, 1)
+        finally:
+            d.close()
+
+    with gateway_principal(lab, tmp_path, '-maxlife "2 minutes"') as gateway:
+        asyncio.run(run(gateway.settings(lab)))
+
+
 def test_a_nearly_expired_ticket_is_not_used(lab: LabLayout, new_user: UserPrincipal) -> None:
     """With less than USABLE_FOR seconds left the request waits for a fresh exchange."""
     clock = Clock()
@@ -262,6 +297,44 @@ def test_a_user_disabled_since_is_dropped_at_renewal(lab: LabLayout, new_user: U
         d.close()
 
     asyncio.run(run())
+
+
+def test_a_refusal_is_not_remembered_and_a_look_alike_name_costs_the_real_user_nothing(
+    lab: LabLayout, new_user: UserPrincipal
+) -> None:
+    """No negative cache: look-alikes of a user the gateway has not served yet (the local part in another case, which
+    MIT holds for other principals) are refused by the KDC first, and the user is then served after one exchange of
+    their own; the user refused while disabled is served at the very next request once enabled again, without waiting
+    for anything to expire. The UPN's suffix in another case is the same principal, served from the same ticket."""
+    local, _, realm = new_user.principal.partition("@")
+    look_alikes = [
+        replace(new_user, upn=f"{name}@lab.test", principal=f"{name}@{realm}")
+        for name in (local.upper(), local.capitalize())
+    ]
+    kdc = KdcLog(lab.kdc_log)
+
+    async def run() -> None:
+        d = _delegator(lab, Clock())
+        try:
+            for look_alike in look_alikes:
+                with pytest.raises(KerberosRefused):
+                    await d.delegate(look_alike, SPN, TARGET)
+            _kadmin(lab, f"modprinc -allow_tix {new_user.principal}")
+            with pytest.raises(KerberosRefused, match="disabled"):
+                await d.delegate(new_user, SPN, TARGET)
+            _kadmin(lab, f"modprinc +allow_tix {new_user.principal}")
+            served = await d.delegate(new_user, SPN, TARGET)
+            assert (served.principal, served.impersonation_cached) == (new_user.principal, False)
+            same = map_upn(f"{local}@Lab.TEST", realm_map={}, source="test")
+            assert (await d.delegate(same, SPN, TARGET)).impersonation_cached
+            assert len(d) == 1
+            assert d.stats.exchanges == 4  # two look-alikes, the refusal, the one that serves
+        finally:
+            d.close()
+
+    asyncio.run(run())
+    delegated = [r.user for r in kdc.settled() if r.extension == S4U2PROXY]
+    assert delegated == [new_user.principal], delegated
 
 
 def test_a_ticket_serves_its_life_unless_a_recheck_is_set(lab: LabLayout, new_user: UserPrincipal) -> None:

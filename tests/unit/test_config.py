@@ -104,6 +104,9 @@ BROKEN = [
     ('source = "san-upn"', 'sorce = "san-upn"', "identity.sorce: unknown key; did you mean source?"),
     ("[kerberos]", "[kerberoz]", "kerberoz: unknown key; did you mean kerberos?"),
     ('spn = "HTTP/cas.lab.test"', 'spn = "HTTP/cas.lab.test"\nread_timeout = -1', "routes[0].read_timeout: must be"),
+    ('"LAB.TEST" }', '"LAB.TEST/x" }', "identity.realm_map.Corp.Example: expected a Kerberos realm name"),
+    ('"LAB.TEST" }', '"LAB.TEST@EVIL.TEST" }', "identity.realm_map.Corp.Example: expected a Kerberos realm name"),
+    ('"LAB.TEST" }', '"LAB TEST" }', "identity.realm_map.Corp.Example: expected a Kerberos realm name"),
 ]
 
 

@@ -1,0 +1,155 @@
+"""The gateway's own key rotated at the lab's KDC (kvno + 1) before, or while, its keytab holds the new one.
+
+Each test makes a gateway principal of its own in the lab realm (`+ok_to_auth_as_delegate`, HTTP/cas.lab.test in
+its `krbAllowedToDelegateTo`) with a keytab of its own, so changing its key disturbs no other test. `cpw -randkey`
+changes the key at the KDC only: the gateway's TGT (sealed in krbtgt's key) stays good, S4U2Self and S4U2Proxy
+still succeed, but the evidence ticket, sealed in the new key, cannot be opened with the keytab, so its PAC cannot
+be read. `ktadd -norandkey` then writes the KDC's current key into the keytab, as an operator (or `msktutil`,
+`ktpass`) does some time after a rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Kerberos
+from proxy.errors import AccountMismatch
+from proxy.identity.principal import UserPrincipal
+from proxy.kerberos.delegate import Delegator
+from proxy.lab import kdc
+from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
+from proxy.lab.layout import BACKEND_SERVICE, PROXY_SERVICE, REALM, LabLayout
+from tests.integration.conftest import curl, free_port, lab_config, start_gateway
+
+SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A gateway principal of the lab realm with a keytab of its own."""
+
+    principal: str  # without the realm
+    keytab: Path
+
+    def settings(self, lab: LabLayout) -> Kerberos:
+        return Kerberos(principal=f"{self.principal}@{REALM}", keytab=self.keytab, krb5_config=lab.krb5_conf)
+
+
+def _kadmin(lab: LabLayout, query: str) -> None:
+    env = {**os.environ, **lab.env()}
+    done = subprocess.run(
+        ["kadmin.local", "-q", query], capture_output=True, text=True, env=env, timeout=30, check=True
+    )
+    assert "error" not in done.stderr.lower(), done.stderr
+
+
+def _new_user(lab: LabLayout) -> UserPrincipal:
+    name = f"rk{uuid.uuid4().hex[:10]}"
+    _kadmin(lab, f"addprinc -randkey {name}")
+    return UserPrincipal(upn=f"{name}@lab.test", principal=f"{name}@{REALM}", realm=REALM, source="test")
+
+
+@contextlib.contextmanager
+def gateway_principal(lab: LabLayout, directory: Path, options: str = "") -> Iterator[Gateway]:
+    """A principal like the lab gateway's (protocol transition, delegation to HTTP/cas.lab.test) with kadmin's
+    `options` too (e.g. `-maxlife "2 minutes"`), its keytab in `directory`; deleted at the end."""
+    principal = f"HTTP/rot-{uuid.uuid4().hex[:8]}.lab.test"
+    keytab = directory / "gateway.keytab"
+    _kadmin(lab, f"addprinc -randkey +ok_to_auth_as_delegate {options} {principal}")
+    try:
+        _kadmin(lab, f"ktadd -k {keytab} -norandkey {principal}")
+        modify = [f"dn: {kdc.principal_dn(principal)}", "changetype: modify", "replace: krbAllowedToDelegateTo"]
+        kdc._ldap(lab, "ldapmodify", [*modify, f"krbAllowedToDelegateTo: {BACKEND_SERVICE}@{REALM}"])
+        yield Gateway(principal, keytab)
+    finally:
+        _kadmin(lab, f"delprinc -force {principal}")
+
+
+@pytest.fixture
+def own_gateway(lab: LabLayout, tmp_path: Path) -> Iterator[Gateway]:
+    """`gateway_principal` for one test."""
+    with gateway_principal(lab, tmp_path) as made:
+        yield made
+
+
+def _exchanges(kdc_log: KdcLog, user: UserPrincipal) -> tuple[int, int]:
+    """(S4U2Self, S4U2Proxy) requests the KDC logged for `user` since `kdc_log` was made."""
+    requests = [r for r in kdc_log.settled() if r.user == user.principal]
+    return sum(r.extension == S4U2SELF for r in requests), sum(r.extension == S4U2PROXY for r in requests)
+
+
+def test_a_user_refused_while_the_keytab_was_stale_is_served_once_it_is_current(
+    lab: LabLayout, own_gateway: Gateway
+) -> None:
+    """The key rotated at the KDC, the keytab not yet: a new user's evidence ticket cannot be opened, 403 "cannot be
+    verified", and nothing of that exchange is kept (S4U2Proxy is not even asked for). Once the keytab holds the new
+    key the same user is served at the next request, after a fresh exchange, not refused from the cache until the
+    unverifiable ticket would have expired (hours)."""
+    user, earlier = _new_user(lab), _new_user(lab)
+
+    async def run() -> None:
+        delegator = Delegator(own_gateway.settings(lab))
+        try:
+            await delegator.delegation(earlier, SPN, TARGET)  # the gateway's TGT, from the key it has
+            _kadmin(lab, f"cpw -randkey {own_gateway.principal}")  # kvno + 1 at the KDC; the keytab is stale
+            kdc_log = KdcLog(lab.kdc_log)
+            with pytest.raises(AccountMismatch) as refused:
+                await delegator.delegation(user, SPN, TARGET)
+            assert refused.value.reason == f"the KDC's account for {user.principal} cannot be verified"
+            assert "is kerberos.keytab current?" in (refused.value.hint or "")
+            assert _exchanges(kdc_log, user) == (1, 0)
+            assert len(delegator) == 1  # the earlier user's entry only
+
+            _kadmin(lab, f"ktadd -k {own_gateway.keytab} -norandkey {own_gateway.principal}")
+            kdc_log = KdcLog(lab.kdc_log)
+            served = await delegator.delegation(user, SPN, TARGET)
+            assert (served.principal, served.impersonation_cached) == (user.principal, False)
+            assert served.account.client == user.principal
+            assert _exchanges(kdc_log, user) == (1, 1)
+            again = await delegator.delegation(earlier, SPN, TARGET)  # its ticket, sealed in cas's key, serves on
+            assert again.impersonation_cached
+        finally:
+            delegator.close()
+
+    asyncio.run(run())
+
+
+def test_through_the_gateway_a_user_refused_in_the_window_is_served_once_the_keytab_is_rewritten(
+    lab: LabLayout, own_gateway: Gateway, tmp_path: Path
+) -> None:
+    """The running gateway with a principal of its own, as deployed (no `[reload] watch`, nobody sends SIGHUP: a
+    reload would empty the ticket cache): alice served; the key rotated at the KDC; bob, new, 403 "cannot be
+    verified"; the keytab rewritten with the new key (as `msktutil --auto-update` from cron does); bob's next request
+    is served as bob, not refused from a cached ticket for the rest of its life."""
+    text = lab_config(lab, port=free_port())
+    text = text.replace(f'principal = "{PROXY_SERVICE}@{REALM}"', f'principal = "{own_gateway.principal}@{REALM}"', 1)
+    text = text.replace(f'keytab = "{lab.proxy_keytab}"', f'keytab = "{own_gateway.keytab}"', 1)
+    assert f"{own_gateway.principal}@{REALM}" in text
+    assert str(own_gateway.keytab) in text
+    gw = start_gateway(lab, tmp_path / "gateway", text)
+    try:
+        done = curl(lab, f"{gw.url}/owa/", "alice")
+        assert done.stdout.endswith("\n200"), done.stdout + done.stderr
+        _kadmin(lab, f"cpw -randkey {own_gateway.principal}")
+        done = curl(lab, f"{gw.url}/owa/", "bob")
+        assert done.stdout.endswith("\n403"), done.stdout + done.stderr
+        assert "the KDC's account for bob@LAB.TEST cannot be verified" in done.stdout
+
+        _kadmin(lab, f"ktadd -k {own_gateway.keytab} -norandkey {own_gateway.principal}")
+        gw.mark()
+        done = curl(lab, f"{gw.url}/owa/", "bob")
+        assert done.stdout.endswith("\n200"), done.stdout + done.stderr
+        line = gw.wait_event("request", upn="bob@lab.test")
+        assert (line["principal"], line["impersonation_cached"]) == (f"bob@{REALM}", False), line
+        assert not gw.events("reloaded", gw.since)
+    finally:
+        gw.stop()
