@@ -18,22 +18,17 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import gssapi
 import gssapi.raw
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy.identity.upn import upn_other_name
 from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 from proxy.lab.layout import REALM, LabLayout
 from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
 from tests.integration.recorder import Recorder
+from tests.integration.test_ticket_cache import _certificate_for
 from tests.krb5_keys import token_keys
 from tests.negotiate_asn1 import read_negotiate
 
@@ -69,30 +64,8 @@ def new_users(lab: LabLayout, names: list[str]) -> list[str]:
 
 def tls_context(lab: LabLayout, user: str, directory: Path) -> ssl.SSLContext:
     """A TLS client context presenting a certificate from the lab's issuing CA with the UPN `user`@lab.test."""
-    pki = lab.pki_dir
-    ca_cert = x509.load_pem_x509_certificate((pki / "issuing.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((pki / "issuing.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([upn_other_name(f"{user}@lab.test")]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{user}.pem", directory / f"{user}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + (pki / "issuing.pem").read_bytes())
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    ctx = ssl.create_default_context(cafile=str(pki / "root.pem"))
+    cert_path, key_path = _certificate_for(lab, user, directory)
+    ctx = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
     ctx.check_hostname = False
     ctx.load_cert_chain(cert_path, key_path)
     return ctx
