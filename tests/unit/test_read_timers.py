@@ -64,6 +64,10 @@ def test_timers_due_close_together_share_one_loop_timer_and_fire_only_their_own(
     assert handles <= slots
 
 
+def _callback_name(handle: asyncio.TimerHandle) -> str:
+    return str(getattr(getattr(handle, "_callback", None), "__name__", ""))
+
+
 def test_held_requests_keep_no_loop_timer_of_their_own_and_a_closed_connection_leaves_its_slot() -> None:
     """Twenty requests sent to a backend that never answers (held long-polls with an hour's read timeout) are twenty
     places in one or two slots, with a loop timer per slot, not one per connection (about 0.6 KiB each); the
@@ -79,16 +83,8 @@ def test_held_requests_keep_no_loop_timer_of_their_own_and_a_closed_connection_l
             c.write(b"GET /ping HTTP/1.1\r\nHost: h\r\n\r\n")
             c.request_sent()
         gc.collect()
-        own = sum(
-            1
-            for o in gc.get_objects()
-            if isinstance(o, asyncio.TimerHandle) and getattr(o._callback, "__name__", "") == "_check_read"
-        )
-        fire = sum(
-            1
-            for o in gc.get_objects()
-            if isinstance(o, asyncio.TimerHandle) and getattr(o._callback, "__name__", "") == "_fire"
-        )
+        callbacks = [_callback_name(o) for o in gc.get_objects() if isinstance(o, asyncio.TimerHandle)]
+        own, fire = callbacks.count("_check_read"), callbacks.count("_fire")
         armed = len(read_timers(loop))
         for c in connections:
             c.close()
