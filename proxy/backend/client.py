@@ -606,9 +606,17 @@ class ReadTimers:
             slot.discard(connection)
 
     def _fire(self, due: float) -> None:
+        """The slot's loop timer: each connection still in it is checked. One whose check fails is reported as a loop
+        timer's callback would be, and the others are checked all the same (each had a timer of its own before)."""
         for connection in self._slots.pop(due, ()):
-            if connection._due == due:  # its timer is this slot's (a connection is in one slot at most)
+            if connection._due != due:  # its timer is another slot's by now (a connection is in one slot at most)
+                continue
+            try:
                 connection._check_read()
+            except Exception as e:  # noqa: BLE001  reported like a failing loop callback; the slot goes on
+                connection._loop.call_exception_handler(
+                    {"message": "a backend connection's read timer failed", "exception": e}
+                )
 
     def __len__(self) -> int:
         """Connections with a read timer armed."""

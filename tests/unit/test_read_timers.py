@@ -64,6 +64,42 @@ def test_timers_due_close_together_share_one_loop_timer_and_fire_only_their_own(
     assert handles <= slots
 
 
+def test_a_failing_check_is_reported_and_the_rest_of_its_slot_still_checked() -> None:
+    """A connection whose check raises is reported to the loop's exception handler, and every other connection in
+    the slot is still checked: no read timeout is lost with it (each connection had a loop timer of its own before)."""
+
+    class Connection:
+        def __init__(self, loop: asyncio.AbstractEventLoop, fails: bool) -> None:
+            self._loop = loop
+            self._due = 0.0
+            self.fails = fails
+            self.checked = 0
+
+        def _check_read(self) -> None:
+            self.checked += 1
+            self._due = 0.0
+            if self.fails:
+                raise RuntimeError("boom")
+
+    async def case() -> tuple[list[int], list[str]]:
+        loop = asyncio.get_running_loop()
+        reported: list[str] = []
+        loop.set_exception_handler(lambda _, context: reported.append(str(context.get("exception"))))
+        timers = ReadTimers()
+        connections = [Connection(loop, fails=i % 2 == 0) for i in range(6)]
+        now = loop.time()
+        for c in connections:
+            c._due = timers.add(cast(BackendConnection, c), loop, now + 0.1, 0.1)
+        deadline = time.monotonic() + 30
+        while sum(c.checked for c in connections) < 6 and time.monotonic() < deadline:  # noqa: ASYNC110  the slot
+            await asyncio.sleep(0.05)
+        return [c.checked for c in connections], reported
+
+    checked, reported = asyncio.run(case())
+    assert checked == [1] * 6
+    assert reported == ["boom"] * 3
+
+
 def _callback_name(handle: asyncio.TimerHandle) -> str:
     return str(getattr(getattr(handle, "_callback", None), "__name__", ""))
 
