@@ -337,36 +337,106 @@ def machine_busy() -> tuple[float, float]:
     return (sum(ticks[:8]) - idle) / TICK, time.monotonic()
 
 
-def scaling(scene: Scene, url_one: str, url_two: str, *, seconds: float, rounds: int, certs: Path) -> dict[str, object]:
-    """Keep-alive throughput of the gateway with `workers = 2` (nothing pinned: two cores shared with wrk and
-    the backend) against one worker pinned to a core (wrk and the backend on the other), alternating. Each run
-    also records how many cores the whole machine kept busy: what the gateway did not use went to wrk, the
-    backend and whatever else runs on the machine."""
-    runs: dict[str, list[tuple[WrkResult, float]]] = {"one": [], "two": []}
-    for _ in range(rounds):
-        for key, proxy, url, pinned in (("one", "gateway", url_one, True), ("two", "gateway2", url_two, False)):
+def requests_per_worker(log: Path, since: int) -> dict[int, int]:
+    """Summary lines (`"event":"request"`) per worker pid in a gateway's log written after byte `since`: how evenly
+    the kernel spread wrk's connections (SO_REUSEPORT) over the workers."""
+    counts: dict[int, int] = {}
+    with log.open("rb") as f:
+        f.seek(since)
+        for line in f:
+            found = re.search(rb'"pid":(\d+)', line) if b'"event":"request"' in line else None
+            if found:
+                counts[int(found.group(1))] = counts.get(int(found.group(1)), 0) + 1
+    return counts
+
+
+@dataclass
+class ScalingRun:
+    """One wrk run of the scaling phase, with what every process of the scene took meanwhile."""
+
+    result: WrkResult
+    machine_cores_busy: float  # the whole machine's busy cores (/proc/stat)
+    wrk_cpu_s: float  # the load generator's own CPU
+    backend_cpu_s: float  # the static backend's (nginx) CPU
+    per_worker: dict[int, int]  # requests per gateway worker (pid), from the summary lines; empty for nginx
+
+    def figures(self) -> dict[str, Any]:
+        r = self.result
+        per_request = 1e6 / max(r.requests, 1)
+        return {
+            **vars(r),
+            "cpu_us": r.cpu_us,
+            "rate": r.rate,
+            "machine_cores_busy": self.machine_cores_busy,
+            "wrk_us": self.wrk_cpu_s * per_request,
+            "backend_us": self.backend_cpu_s * per_request,
+            "requests_per_worker": sorted(self.per_worker.values()),
+        }
+
+
+def scaling(
+    scene: Scene, urls: dict[str, tuple[str, str, bool]], *, seconds: float, rounds: int, certs: Path
+) -> dict[str, object]:
+    """Keep-alive throughput with two workers (nothing pinned: two cores shared with wrk and the backend) against one
+    worker pinned to a core (wrk and the backend on the other), alternating, for the gateway and for nginx (the honest
+    reference: what the same two shared cores let a proxy that needs 17 µs a request do). `urls`: key -> (process,
+    URL, pinned) for "one", "two", "nginx_one", "nginx_two".
+
+    Each run also records the CPU of wrk and of the static backend per request, and how many cores the whole machine
+    kept busy: with two workers on two cores, whatever the gateway does not get went to wrk, the backend and the
+    machine's other tenants. `ceiling` is the ratio the two arrangements would show with the machine to themselves,
+    from the CPU per request measured: two workers, both cores over what one request costs the proxy, wrk and the
+    backend together; one worker, one core over the larger of the proxy's cost and wrk's and the backend's (which
+    share the other core). Read beside the measured ratio (docs/performance.md, "Two workers on two cores")."""
+    runs: dict[str, list[ScalingRun]] = {key: [] for key in urls}
+    backend = scene.procs["backend"].pid
+    for n in range(rounds):
+        keys = list(urls)
+        for key in keys[n % len(keys) :] + keys[: n % len(keys)]:  # each leads a round in turn
+            proxy, url, pinned = urls[key]
+            log = scene.root / f"{proxy}.log"
+            since = log.stat().st_size if proxy.startswith("gateway") else 0
             busy_before, t_before = machine_busy()
+            backend_before = cpu_seconds(backend)
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
             result = wrk(scene, proxy, url, seconds=seconds, connections=50, certs=certs, args=[], pinned=pinned)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            backend_cpu = cpu_seconds(backend) - backend_before
             busy_after, t_after = machine_busy()
-            runs[key].append((result, (busy_after - busy_before) / (t_after - t_before)))
+            wrk_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+            per_worker = requests_per_worker(log, since) if proxy.startswith("gateway") else {}
+            busy = (busy_after - busy_before) / (t_after - t_before)
+            runs[key].append(ScalingRun(result, busy, wrk_cpu, backend_cpu, per_worker))
 
     def summary(key: str) -> dict[str, Any]:
-        results = [r for r, _ in runs[key]]
+        done = [run.figures() for run in runs[key]]
         return {
-            "runs": [{**vars(r), "cpu_us": r.cpu_us, "rate": r.rate, "machine_cores_busy": b} for r, b in runs[key]],
-            "rate": median(r.rate for r in results),
-            "gateway_cores": median(r.cpu_s / r.seconds for r in results),
-            "machine_cores_busy": median(b for _, b in runs[key]),
-            "cpu_us": median(r.cpu_us for r in results),
+            "runs": done,
+            "rate": median(r["rate"] for r in done),
+            "gateway_cores": median(r["cpu_s"] / r["seconds"] for r in done),  # the proxy's cores, nginx's too
+            "machine_cores_busy": median(r["machine_cores_busy"] for r in done),
+            "cpu_us": median(r["cpu_us"] for r in done),
+            "wrk_us": median(r["wrk_us"] for r in done),
+            "backend_us": median(r["backend_us"] for r in done),
+        }
+
+    def ratios(one: dict[str, Any], two: dict[str, Any]) -> dict[str, float]:
+        # Each arrangement with the machine to itself: one worker is held by the busier of its two cores (the proxy's
+        # own, or wrk's and the backend's), two workers by what one request costs all three on both cores.
+        one_alone = 1e6 / max(one["cpu_us"], one["wrk_us"] + one["backend_us"])
+        two_alone = (os.cpu_count() or 1) * 1e6 / (two["cpu_us"] + two["wrk_us"] + two["backend_us"])
+        return {
+            "throughput_ratio": two["rate"] / one["rate"],
+            "cpu_per_request_ratio": two["cpu_us"] / one["cpu_us"],
+            "ceiling": two_alone / one_alone,
         }
 
     one, two = summary("one"), summary("two")
-    return {
-        "one_worker": one,
-        "two_workers": two,
-        "throughput_ratio": two["rate"] / one["rate"],
-        "cpu_per_request_ratio": two["cpu_us"] / one["cpu_us"],
-    }
+    out: dict[str, object] = {"one_worker": one, "two_workers": two, **ratios(one, two)}
+    if "nginx_one" in urls:
+        nginx_one, nginx_two = summary("nginx_one"), summary("nginx_two")
+        out["nginx"] = {"one_worker": nginx_one, "two_workers": nginx_two, **ratios(nginx_one, nginx_two)}
+    return out
 
 
 # -- where a held long-poll's memory goes ---------------------------------------------------------------
@@ -588,15 +658,19 @@ def main() -> int:
         figures["paced"] = {column: paced_summary(runs) for column, runs in paced_runs.items()}
         if args.workers == 1 and scene.cores[0]:
             scene.start_variant("gateway2", core="", workers=2)
-            figures["scaling"] = scaling(
-                scene,
-                columns["gateway"][1],
-                f"https://127.0.0.1:{scene.ports['gateway2']}{path}",
-                seconds=args.seconds,
-                rounds=args.rounds,
-                certs=one_cert,
-            )
+            scene.start_nginx_workers("nginx2", 2, core="")
+            scaled = {
+                "one": ("gateway", columns["gateway"][1], True),
+                "two": ("gateway2", f"https://127.0.0.1:{scene.ports['gateway2']}{path}", False),
+                "nginx_one": ("nginx", columns["nginx"][1], True),
+                "nginx_two": ("nginx2", f"https://127.0.0.1:{scene.ports['nginx2']}{path}", False),
+            }
+            for proxy, url, pinned in scaled.values():  # warm up (the one-worker processes are warm already)
+                if proxy.endswith("2"):
+                    wrk(scene, proxy, url, seconds=2, connections=50, certs=one_cert, args=[], pinned=pinned)
+            figures["scaling"] = scaling(scene, scaled, seconds=args.seconds, rounds=args.rounds, certs=one_cert)
             scene.stop("gateway2")
+            scene.stop("nginx2")
         # Every held column starts from the same state: warmed with all the users, then left until the idle
         # backend connections the warm-up pooled are closed (docs/performance.md, "A fair held phase").
         # The same gateway without the TLS session cache: a full cache frees an old session for each held one, so
@@ -750,16 +824,24 @@ def report(
     scale = figures.get("scaling")
     if isinstance(scale, dict):
         print("2c. two workers (nothing pinned, wrk and the backend share the two cores) against one pinned worker")
-        for key, name in (("one_worker", "one worker, pinned"), ("two_workers", "two workers")):
-            part = scale[key]
+        for proxy, part in (("kcd-proxy", scale), ("nginx", scale.get("nginx"))):
+            if not isinstance(part, dict):
+                continue
+            for key, name in (("one_worker", "one worker, pinned"), ("two_workers", "two workers")):
+                run = part[key]
+                print(
+                    f"  {proxy + ', ' + name:<31} {run['rate']:8,.0f} requests/s; it used {run['gateway_cores']:.2f} "
+                    f"cores, the machine {run['machine_cores_busy']:.2f} of {os.cpu_count()}; µs a request: "
+                    f"{run['cpu_us']:,.0f}, wrk {run['wrk_us']:,.0f}, the backend {run['backend_us']:,.0f}"
+                )
             print(
-                f"  {name:<20} {part['rate']:8,.0f} requests/s; the gateway used {part['gateway_cores']:.2f} cores, "
-                f"the machine {part['machine_cores_busy']:.2f} of {os.cpu_count()}; {part['cpu_us']:,.0f} µs a request"
+                f"  {proxy}: throughput ratio {part['throughput_ratio']:.2f}"
+                + (" (target >= 1.8)" if part is scale else "")
+                + f"; CPU per request, two workers / one: {part['cpu_per_request_ratio']:.2f}; "
+                f"with the machine to itself (from the CPU per request of proxy, wrk, backend): {part['ceiling']:.2f}"
             )
-        print(
-            f"  throughput ratio {scale['throughput_ratio']:.2f} (target >= 1.8); "
-            f"CPU per request, two workers / one: {scale['cpu_per_request_ratio']:.2f}"
-        )
+        balance = [run["requests_per_worker"] for run in scale["two_workers"]["runs"]]
+        print(f"  requests per kcd-proxy worker in each run: {balance}")
     print(f"  {'':<36} {'kcd-proxy':>12} {'nginx':>12} {'ratio':>7}   target")
     hg, hn = held["gateway"], held["nginx"]
     print(f"3. held long-polls ({args.held:,} asked for, {args.users} users)")

@@ -293,6 +293,24 @@ spn = "HTTP/cas.lab.test"
             "nginx", [nginx, "-c", str(conf), "-p", str(self.root / "nginx")], self.ports["nginx"], core=self.cores[0]
         )
 
+    def start_nginx_workers(self, name: str, workers: int, *, core: str) -> None:
+        """The reference again on a port of its own with `workers` processes, each with a listening socket of its own
+        (`reuseport`: the kernel spreads connections over them as over the gateway's workers; without it, one nginx
+        worker took nearly every connection of wrk's 50 in this scene), its own pid file and access log."""
+        self.ports[name] = port = free_port()
+        text = (self.root / "nginx" / "front.conf").read_text()
+        listen = f"listen 127.0.0.1:{self.ports['nginx']} ssl"
+        assert listen in text, "the reference's listen line moved"
+        assert f"worker_processes {self.workers};" in text, "the reference's worker_processes line moved"
+        text = text.replace(listen, f"listen 127.0.0.1:{port} ssl reuseport", 1)
+        text = text.replace(f"worker_processes {self.workers};", f"worker_processes {workers};", 1)
+        text = text.replace("/nginx/front.pid", f"/nginx/{name}.pid")
+        text = text.replace("/nginx/access.log", f"/nginx/{name}-access.log")
+        conf = self.root / "nginx" / f"{name}.conf"
+        conf.write_text(text)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.start(name, [nginx, "-c", str(conf), "-p", str(self.root / "nginx")], port, core=core)
+
     def start_plain(self) -> None:
         """The plain aiohttp reverse proxy (bench.plain): the same TLS and client certificate check as nginx."""
         pki = self.layout.pki_dir

@@ -40,6 +40,11 @@ gateway waits for the backend's next bytes, and stops while reading is paused fo
 wait is the device's, bounded by `client_send_timeout`) and once the answer is complete; it also bounds
 each wait for the backend to take more of the request body (`drain`). The
 connection itself is bounded by `connect_timeout` (TCP and TLS handshake), as with aiohttp's `sock_connect`.
+The read timers of every connection of an event loop share its timers (`ReadTimers`): a timer is due at its
+deadline rounded up to a 64th of its length (a power of two of seconds), and connections due in the same slot
+wait on one loop timer, so that a held long-poll keeps a place in a set instead of a timer of its own (about
+0.6 KiB with the loop's handle, its libuv timer, context and bound method). A read timeout therefore ends the
+exchange up to 1/64 of its length after it is due (a second's at most 16 ms later, an hour's at most 32 s).
 
 Reuse. A connection goes back to its pool only when its answer was complete, framed by length or chunks,
 the request was sent whole, and neither side asked to close. A pooled connection the backend has
@@ -51,8 +56,10 @@ method whose body (if any) was not read yet (RFC 9112, 9.3.1).
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import ssl
+import weakref
 from collections import deque
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
@@ -170,6 +177,7 @@ class BackendConnection(asyncio.Protocol):
         "_buffered",
         "_clean_eof",
         "_drain",
+        "_due",
         "_error",
         "_field_bytes",
         "_fields",
@@ -187,7 +195,7 @@ class BackendConnection(asyncio.Protocol):
         "_sent",
         "_spoiled",
         "_state",
-        "_timer",
+        "_timers",
         "_until_close",
         "_waiter",
         "_writing_paused",
@@ -216,7 +224,8 @@ class BackendConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._reading_paused = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timers = read_timers(loop)
+        self._due = 0.0  # when this connection's read timer fires (its slot in `_timers`); 0: not armed
         self._read_timeout = 0.0
         self._last_read = 0.0
         self._sent = False
@@ -567,28 +576,28 @@ class BackendConnection(asyncio.Protocol):
         self.abort()
 
     def _arm(self, delay: float) -> None:
-        """The read timer fires `delay` seconds from now at the latest. A timer already due earlier is kept:
-        when it fires it waits the rest (`_check_read`), so a request on a kept-alive connection usually
-        schedules nothing."""
+        """The read timer fires `delay` seconds from now at the latest (rounded up to its slot: `ReadTimers`). A
+        timer already due earlier is kept: when it fires it waits the rest (`_check_read`), so a request on a
+        kept-alive connection usually schedules nothing."""
         if not delay:
             return
         when = self._loop.time() + delay
-        if self._timer is not None:
-            if self._timer.when() <= when:
+        if self._due:
+            if self._due <= when:
                 return
-            self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._check_read)
+            self._timers.remove(self, self._due)
+        self._due = self._timers.add(self, self._loop, when, delay)
 
     def _drop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._due:
+            self._timers.remove(self, self._due)
+            self._due = 0.0
 
     def _check_read(self) -> None:
         """The read timer: bytes came since it was armed, so wait the rest; or none did, and the wait is over.
 
         One timer per connection rather than one per read or per request: data_received only notes the time."""
-        self._timer = None
+        self._due = 0.0
         if not self._sent or self.complete or self._reading_paused or self._error is not None:
             return  # no wait is running: the next one arms a timer of its own
         waited = self._loop.time() - self._last_read
@@ -596,6 +605,65 @@ class BackendConnection(asyncio.Protocol):
             self._arm(self._read_timeout - waited)
             return
         self._set_error(ReadTimeout(f"no bytes from the backend for {self._read_timeout:g} s"))
+
+
+class ReadTimers:
+    """The read timers of one event loop's backend connections, in slots (module docstring, "Timeouts").
+
+    A timer of `delay` seconds due at `when` goes in the slot at `when` rounded up to a multiple of the largest
+    power of two of seconds not above `delay / 64`; each slot is a set of connections and one loop timer, made
+    when the slot is. A connection is in one slot at most (`BackendConnection._due`), and leaves it when its
+    timer is dropped (the answer is paused for the device, the connection closes) or fires."""
+
+    __slots__ = ("__weakref__", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: dict[float, set[BackendConnection]] = {}
+
+    def add(self, connection: BackendConnection, loop: asyncio.AbstractEventLoop, when: float, delay: float) -> float:
+        """Put `connection` in the slot of `when`; returns that slot's time (when its `_check_read` runs)."""
+        _, exponent = math.frexp(delay / 64)
+        grain = math.ldexp(1.0, exponent - 1)  # delay / 64 = m * 2**exponent, 0.5 <= m < 1
+        due = math.ceil(when / grain) * grain
+        slot = self._slots.get(due)
+        if slot is None:
+            slot = self._slots[due] = set()
+            loop.call_at(due, self._fire, due)
+        slot.add(connection)
+        return due
+
+    def remove(self, connection: BackendConnection, due: float) -> None:
+        slot = self._slots.get(due)
+        if slot is not None:
+            slot.discard(connection)
+
+    def _fire(self, due: float) -> None:
+        """The slot's loop timer: each connection still in it is checked. One whose check fails is reported as a loop
+        timer's callback would be, and the others are checked all the same (each had a timer of its own before)."""
+        for connection in self._slots.pop(due, ()):
+            if connection._due != due:  # its timer is another slot's by now (a connection is in one slot at most)
+                continue
+            try:
+                connection._check_read()
+            except Exception as e:  # noqa: BLE001  reported like a failing loop callback; the slot goes on
+                connection._loop.call_exception_handler(
+                    {"message": "a backend connection's read timer failed", "exception": e}
+                )
+
+    def __len__(self) -> int:
+        """Connections with a read timer armed."""
+        return sum(len(slot) for slot in self._slots.values())
+
+
+_read_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReadTimers] = weakref.WeakKeyDictionary()
+
+
+def read_timers(loop: asyncio.AbstractEventLoop) -> ReadTimers:
+    """The loop's `ReadTimers` (made on first use; gone with the loop)."""
+    timers = _read_timers.get(loop)
+    if timers is None:
+        timers = _read_timers[loop] = ReadTimers()
+    return timers
 
 
 async def connect(upstream: Upstream, within: float) -> BackendConnection:

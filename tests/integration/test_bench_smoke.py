@@ -1,8 +1,8 @@
 """`make bench` runs its whole course on a tiny scale: every phase ends and writes the figures the README uses.
 
 No figure is judged here (timings never go into `make test`); what is pinned is that each measurement ran and
-produced its keys: the fixed-rate run of bench.paced, the asyncio column, two workers against one, the held
-long-polls and where their memory goes (bench.traced). The bench's tools (nginx, wrk, gcc, libssl-dev) come
+produced its keys: the fixed-rate run of bench.paced, the asyncio column, two workers against one (nginx's too),
+the held long-polls and where their memory goes (bench.traced). The bench's tools (nginx, wrk, gcc, libssl-dev) come
 from `make bench-setup`, which `make test` runs first.
 """
 
@@ -48,6 +48,14 @@ def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     assert figures["scaling"]["throughput_ratio"] > 0
     assert figures["scaling"]["two_workers"]["runs"][0]["errors"] == 0
     assert figures["scaling"]["two_workers"]["machine_cores_busy"] > 0
+    # the same two shared cores for nginx (the reference's own ratio), and what each run's CPU went to
+    assert figures["scaling"]["nginx"]["throughput_ratio"] > 0
+    assert figures["scaling"]["nginx"]["two_workers"]["runs"][0]["errors"] == 0
+    assert figures["scaling"]["ceiling"] > 0
+    two_workers = figures["scaling"]["two_workers"]["runs"][0]
+    assert two_workers["wrk_us"] > 0
+    assert two_workers["backend_us"] > 0
+    assert len(two_workers["requests_per_worker"]) == 2, two_workers  # both workers served (50 connections)
     assert figures["held"]["gateway_asyncio"]["held"] == 40
     # every held column (and the traced gateway) met all the users before its idle RSS was read
     for column in ("nginx", "gateway", "gateway_aiohttp", "gateway_asyncio", "gateway_nocache"):
