@@ -855,7 +855,12 @@ def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
     r.unknown(t, "kerberos", keys)
     principal = r.get(t, "kerberos.principal", "principal", str) or ""
     if principal and "@" not in principal:
-        r.problem("kerberos.principal", f"expected service/host@REALM, got {principal!r}")
+        r.problem(
+            "kerberos.principal",
+            f"{principal!r} has no realm: write it as {principal}@REALM, the realm in capitals (Active Directory: the "
+            "service account's name, e.g. svc-kcdproxy@CORP.EXAMPLE.COM; MIT: the gateway's service principal, "
+            "e.g. HTTP/kcd-gw.corp.example.com@CORP.EXAMPLE.COM)",
+        )
     krb5 = r.get(t, "kerberos.krb5_config", "krb5_config", str, "")
     kdc_account = _named_choice(r, t, "kerberos", "kdc_account", KDC_ACCOUNT_POLICIES, "auto")
     return Kerberos(

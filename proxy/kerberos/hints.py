@@ -208,7 +208,9 @@ _FOREIGN_HINT = (
     "krbtgt/{realm}): in Active Directory a UPN suffix that is not the realm (uPNSuffixes) is found only by its "
     "enterprise name; set identity.enterprise_names = true (identity.realm_map fits only a realm where each "
     "UPN's local part is its own account name: elsewhere it names another account, and the gateway refuses "
-    "the certificate when the KDC's PAC names that other account)"
+    "the certificate when the KDC's PAC names that other account). An MIT KDC has no enterprise names and its "
+    'principals are local part@realm: there, identity.realm_map = {{ "{suffix}" = "{own_realm}" }} asks for '
+    "the UPN's local part in the gateway's realm"
 )
 _SERVICE_REASON = "the gateway's Kerberos set-up is incomplete"
 _SERVICE_NOT_FOUND_HINT = (
@@ -242,7 +244,9 @@ def explain(
     narrow an ambiguous refusal down to its one cause; `keytab`, (what is wrong, the fix) from
     `proxy.kerberos.keytab.missing_key`, says what the keytab holds when MIT found no key in it."""
     lowered = _unnamed(message.lower())
-    fill = {"user": user, "spn": spn, "proxy": proxy, "realm": user.rpartition("@")[2], "account": _account(proxy)}
+    realm, own_realm = user.rpartition("@")[2], proxy.rpartition("@")[2]
+    fill = {"user": user, "spn": spn, "proxy": proxy, "realm": realm, "account": _account(proxy)}
+    fill |= {"suffix": realm.lower(), "own_realm": own_realm}
     if step == "service":
         return _service_error(message, fill, keytab)
     if step == "s4u2self" and _POLICY in lowered:

@@ -53,7 +53,10 @@ def warnings(config: Config) -> list[str]:
     Basic passwords on its own (the workers of one gateway share a table; gateways share nothing): the directory's
     lockout threshold must be sized against the limit times the number of gateways (docs/throttles-and-limits.md)."""
     where = f" (in {config.path})"
-    found = [f"{key}: {message}{where}" for key, message in (*_wide_balancers(config), *_admin_ca_shared(config))]
+    found = [
+        f"{key}: {message}{where}"
+        for key, message in (*_wide_balancers(config), *_admin_ca_shared(config), *_unmatched_issuers(config))
+    ]
     auth = config.authentication
     if not config.listener.proxy_protocol or auth.mode == "certificate":
         return found
@@ -111,6 +114,32 @@ def _admin_ca_shared(config: Config) -> Iterator[tuple[str, str]]:
             "(docs/deploying.md, "
             "'The admin listener's client certificates')",
         )
+
+
+def _unmatched_issuers(config: Config) -> Iterator[tuple[str, str]]:
+    """A restriction whose `issuer` is the subject of none of the configured CAs admits no certificate: a chain is
+    built from `trust_anchors` and `intermediates` alone, and the rule compares its issuer with the leaf's issuer
+    and its chain's CAs (`proxy.certs.restrictions`), case-insensitively. Its files' own problems are `check`'s."""
+    cc = config.client_certificates
+    if not any(rule.issuer for rule in cc.restrictions):
+        return
+    try:
+        cas = [
+            cert.subject.rfc4514_string()
+            for path in (*cc.trust_anchors, *cc.intermediates)
+            for cert in load_certificates(path)
+        ]
+    except (OSError, ValueError):
+        return
+    known = {name.casefold() for name in cas}
+    for i, rule in enumerate(cc.restrictions):
+        if rule.issuer is not None and rule.issuer.casefold() not in known:
+            yield (
+                f"client_certificates.restrictions[{i}].issuer",
+                f"'{rule.issuer}' is none of the configured CAs ({'; '.join(cas)}): rule '{rule.name}' admits no "
+                "certificate, and without another rule every device is refused with 403; name the CA that issues "
+                "the devices' certificates, or one above it, as `kcd-proxy explain --cert` shows the chain",
+            )
 
 
 def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, str]]:

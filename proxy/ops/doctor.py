@@ -22,7 +22,9 @@ backends:
    "optional"`, which this check fails: nothing then says which account the KDC impersonated).
 5. `s4u2proxy <SPN>`: for each route's SPN, the gateway's own S4U2Self + S4U2Proxy.
 6. `negotiate <route>`: the upstream answers an unauthenticated request with 401 and
-   `WWW-Authenticate: Negotiate`; `ticket <route>`: it accepts the delegated ticket (no 401 with it).
+   `WWW-Authenticate: Negotiate`; `ticket <route>`: it accepts the delegated ticket (no 401 with it). An https
+   upstream is reached as the gateway reaches it: its `ca_bundle`, and `server_name` as the SNI and the name its
+   certificate must carry.
 7. `header-size <route>`: the `Authorization: Negotiate` header fits the backends' header limit.
 8. With a `[directory]`: `directory` binds (SASL GSSAPI with the keytab, or simple over ldaps) and asks the
    server who it thinks we are; `directory-lookup` finds the canary user's account, reads its SID and
@@ -48,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.client
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -130,10 +133,23 @@ def keytab_check(principal: str, held: set[int], kdc_kvno: int | None) -> Check:
     )
 
 
+def unreachable_fix(route: Route, error: str) -> str:
+    """The fix for a backend that gave no answer: a certificate refused is the route's TLS settings, not a backend
+    that is down."""
+    if not error.startswith("SSLCertVerificationError"):
+        return "start the backend, or fix the route's upstream"
+    name = route.server_name or urlsplit(route.upstream).hostname
+    return (
+        f"the backend's certificate is not accepted for {name}: the route's ca_bundle must hold the CA that issued it "
+        f"(without ca_bundle, the system's CAs), and its server_name a name the certificate carries (without "
+        f"server_name, the upstream's host); the gateway checks both, as this check does"
+    )
+
+
 def negotiate_check(route: Route, url: str, status: int | None, challenge: str, error: str = "") -> Check:
     name = f"negotiate {route.prefix}"
     if status is None:
-        return Check(name, "fail", f"{url}: {error}", "start the backend, or fix the route's upstream")
+        return Check(name, "fail", f"{url}: {error}", unreachable_fix(route, error))
     schemes = [part.strip().split(" ")[0].lower() for part in challenge.split(",") if part.strip()]
     if status == 401 and "negotiate" in schemes:
         return Check(name, "pass", f"{url} answers 401 with WWW-Authenticate: Negotiate")
@@ -155,7 +171,7 @@ def negotiate_check(route: Route, url: str, status: int | None, challenge: str, 
 def ticket_check(route: Route, url: str, status: int | None, error: str = "") -> Check:
     name = f"ticket {route.prefix}"
     if status is None:
-        return Check(name, "fail", f"{url}: {error}", "start the backend, or fix the route's upstream")
+        return Check(name, "fail", f"{url}: {error}", unreachable_fix(route, error))
     if status == 401:
         return Check(
             name,
@@ -473,13 +489,28 @@ def _negotiate(route: Route) -> Check:
     return negotiate_check(route, url, status, challenge, error)
 
 
+class _NamedHTTPSConnection(http.client.HTTPSConnection):
+    """http.client's HTTPS connection with the route's `server_name` (when set) as the SNI and the name the
+    certificate is checked against, instead of the URL's host (`proxy.backend.client.Upstream` does the same)."""
+
+    def __init__(
+        self, host: str, port: int | None, timeout: float, context: ssl.SSLContext, server_name: str | None
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._tls, self._server_name = context, server_name or host
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._server_name)
+
+
 def _get(route: Route, url: str, headers: dict[str, str], timeout: float = 5.0) -> tuple[int | None, str, str]:
     """GET `url`: (status, WWW-Authenticate values joined, error); the status is None when it failed."""
     parts = urlsplit(url)
     conn: http.client.HTTPConnection
     if parts.scheme == "https":
-        context = upstream_tls(route)  # the route's CA bundle, as the gateway uses it (not its server_name)
-        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=context)
+        context = upstream_tls(route)  # the route's CA bundle and server_name, as the gateway uses them
+        conn = _NamedHTTPSConnection(parts.hostname or "", parts.port, timeout, context, route.server_name)
     else:
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
     try:

@@ -46,12 +46,20 @@ def write_crl(
 
 
 def write_server_certificate(
-    directory: Path, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], *, cn: str = "proxy.lab.test"
+    directory: Path,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    *,
+    cn: str = "proxy.lab.test",
+    local: bool = True,
 ) -> tuple[Path, Path, x509.Certificate]:
-    """A fresh server certificate for 127.0.0.1 and localhost issued by `ca`: (chain file, key file, leaf)."""
+    """A fresh server certificate for `cn` issued by `ca`, and (`local`) for 127.0.0.1 and localhost too: (chain
+    file, key file, leaf). Without `local` it names `cn` alone, as a production server's does."""
     now = datetime.now(UTC)
     cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(cn)]
+    if local:
+        names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     leaf = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
@@ -60,12 +68,7 @@ def write_server_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(cn), x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )

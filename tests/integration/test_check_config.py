@@ -249,6 +249,39 @@ allowed_clients = [{allowed}]
     assert warned(admin, f'"{fingerprint}"') == []
 
 
+def test_a_restriction_whose_issuer_is_no_configured_ca_is_ok_with_a_warning(lab: LabLayout, tmp_path: Path) -> None:
+    """A `[[client_certificates.restrictions]]` rule whose `issuer` is none of the configured CAs can admit no
+    certificate (chains are built from those CAs alone): check-config says ok and warns naming the rule's key, its
+    issuer and the configured CAs; a rule naming the lab's issuing CA (in another case) or its root is not named.
+    Failed before: config/example.toml's rule (issuer "CN=Corp Issuing CA,...") copied beside a PKI of one's own
+    passed check-config and doctor silently, and every device was refused with 403."""
+    extra = """
+[[client_certificates.restrictions]]
+name = "managed devices"
+issuer = "CN=Corp Issuing CA,DC=corp,DC=example"
+
+[[client_certificates.restrictions]]
+name = "lab devices"
+issuer = "CN=lab issuing ca"
+
+[[client_certificates.restrictions]]
+issuer = "CN=Lab Root CA"
+"""
+    path = tmp_path / "gateway.toml"
+    path.write_text(lab_config(lab, port=free_port(), extra=extra))
+    res = _cli(path)
+    assert res.returncode == 0, res
+    assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: client_certificates.restrictions")]
+    (warning,) = warned
+    assert warning.startswith("warning: client_certificates.restrictions[0].issuer: "), warning
+    assert "'CN=Corp Issuing CA,DC=corp,DC=example'" in warning, warning
+    assert "managed devices" in warning, warning
+    assert "admits no certificate" in warning, warning
+    assert "CN=Lab Issuing CA" in warning, warning
+    assert warning.endswith(f"(in {path})"), warning
+
+
 def test_admin_crls_must_be_signed_by_an_admin_client_ca(lab: LabLayout, tmp_path: Path) -> None:
     """`[admin] crls` are checked as the devices' are, against `admin.client_ca`: the issuing CA's CRL under an
     admin CA of the root alone is a problem naming admin.crls; `crls` without `client_ca` is a configuration error."""

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from proxy.kerberos.keytab import read_keytab
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import REPO, dead_port, failing_routes, free_port, lab_config
+from tests.integration._pki_tools import load_ca, write_server_certificate
+from tests.integration.conftest import REPO, dead_port, failing_routes, free_port, lab_config, wait_port
 from tests.unit.test_keytab import _record
 
 
@@ -44,7 +45,7 @@ _NAMES = sorted(
         *(
             f"{check} {prefix}"
             for check in ("negotiate", "ticket", "header-size")
-            for prefix in ("/", "/dead/", "/wrong-key/", "/not-delegable/")
+            for prefix in ("/", "/dead/", "/wrong-key/", "/not-delegable/", "/tls/", "/tls-wrong-name/")
         ),
     ],
     key=len,
@@ -215,3 +216,50 @@ def test_a_refused_gateway_key_fails_once_and_what_needs_it_is_not_run(lab: LabL
         assert detail == "not run: needs the gateway's own credentials (see kdc)", (name, detail)
     assert checks["negotiate /"][0] == "pass"
     assert len(_gateway_as_reqs(lab, offset)) == 1, _gateway_as_reqs(lab, offset)
+
+
+def test_an_https_upstream_is_checked_with_the_routes_server_name_as_the_gateway_does(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """An https backend whose certificate names cas.lab.test only, behind routes to https://127.0.0.1:<port> with
+    `ca_bundle` and `server_name = "cas.lab.test"`: the gateway serves it (SNI and the name checked are
+    server_name), and so does doctor's negotiate and ticket checks; with a server_name the certificate does not
+    carry they fail, and the fix names ca_bundle and server_name, not "start the backend". Failed before: doctor
+    checked the certificate against 127.0.0.1 ("IP address mismatch") and told the operator to start the backend."""
+    chain, key, _ = write_server_certificate(
+        tmp_path / "tls", load_ca(lab.pki_dir, "issuing"), cn="cas.lab.test", local=False
+    )
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "proxy.lab.backend",
+        "--keytab",
+        str(lab.backend_keytab),
+        "--bind",
+        f"127.0.0.1:{port}",
+    ]
+    argv += ["--krb5-config", str(lab.krb5_conf), "--rcache", str(tmp_path / "rc"), "--tls-cert", str(chain)]
+    with (tmp_path / "backend.log").open("wb") as out:
+        backend = subprocess.Popen([*argv, "--tls-key", str(key)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, backend)
+        extra = ""
+        for prefix, name in (("/tls/", "cas.lab.test"), ("/tls-wrong-name/", "mail.lab.test")):
+            extra += f'\n[[routes]]\nprefix = "{prefix}"\nupstream = "https://127.0.0.1:{port}"\n'
+            extra += f'spn = "HTTP/cas.lab.test"\nca_bundle = "{lab.pki_dir / "root.pem"}"\nserver_name = "{name}"\n'
+        code, checks = _doctor(
+            lab, tmp_path, lab_config(lab, port=free_port(), extra=extra), "--user", "alice@lab.test"
+        )
+        assert code == 1
+        assert checks["negotiate /tls/"][0] == "pass", checks["negotiate /tls/"]
+        assert checks["ticket /tls/"][0] == "pass", checks["ticket /tls/"]
+        status, detail, fix = checks["negotiate /tls-wrong-name/"]
+        assert status == "fail"
+        assert "mail.lab.test" in detail, detail
+        assert "server_name" in fix, fix
+        assert "ca_bundle" in fix, fix
+        assert "start the backend" not in fix, fix
+    finally:
+        backend.terminate()
+        backend.wait(timeout=30)

@@ -92,7 +92,11 @@ BROKEN = [
     ('trust_anchors = ["pki/root.pem"]', "trust_anchors = []", "client_certificates.trust_anchors: at least one"),
     ('crls = ["pki/crls.pem"]', 'crls = ["pki/gone.pem"]', "client_certificates.crls[0]: file not found"),
     ('source = "san-upn"', 'source = "fingerprint"', "identity.source: expected one of"),
-    ('principal = "HTTP/proxy.lab.test@LAB.TEST"', 'principal = "HTTP/proxy"', "kerberos.principal: expected"),
+    (
+        'principal = "HTTP/proxy.lab.test@LAB.TEST"',
+        'principal = "HTTP/proxy"',
+        "kerberos.principal: 'HTTP/proxy' has no realm",
+    ),
     ('keytab = "proxy.keytab"', "keytab = 7", "kerberos.keytab: expected str, got int"),
     ('upstream = "http://127.0.0.1:8081"', 'upstream = "ftp://x"', "routes[0].upstream: expected http(s)"),
     ('upstream = "http://127.0.0.1:8081"', 'upstream = "http://x/owa"', "routes[0].upstream: expected http(s)"),
@@ -119,6 +123,23 @@ def test_broken_configurations_name_the_key_and_the_file(tmp_path: Path, old: st
     assert any(p.startswith(problem) and str(tmp_path / "gateway.toml") in p for p in e.value.problems), (
         e.value.problems
     )
+
+
+@pytest.mark.parametrize("name", ["svc-kcdproxy", "HTTP/kcd-gw.corp.example.com"])
+def test_a_principal_without_its_realm_is_refused_naming_the_realm_and_both_forms(tmp_path: Path, name: str) -> None:
+    """`kerberos.principal` without `@REALM` is refused saying the realm is missing and how to write it, for an
+    account's name (AD: what docs/deploying.md says to use) as for a service principal (MIT). Failed before: the
+    message was "expected service/host@REALM" for both, steering an AD administrator to the bare SPN that AD
+    refuses as a client."""
+    text = GOOD.replace('principal = "HTTP/proxy.lab.test@LAB.TEST"', f'principal = "{name}"')
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, text))
+    (problem,) = [p for p in e.value.problems if p.startswith("kerberos.principal:")]
+    assert f"{name!r} has no realm" in problem, problem
+    assert f"{name}@" in problem, problem
+    assert "svc-kcdproxy@CORP.EXAMPLE.COM" in problem, problem
+    assert "HTTP/" in problem, problem
+    assert "expected service/host@REALM" not in problem, problem
 
 
 def test_all_problems_are_reported_together(tmp_path: Path) -> None:

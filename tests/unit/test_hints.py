@@ -162,6 +162,19 @@ def test_upn_suffix_outside_the_realm_is_a_user_side_403_naming_enterprise_names
     assert "HTTP/cas.ad.test" not in error.hint
 
 
+def test_upn_suffix_outside_the_realm_gives_the_realm_map_line_for_an_mit_kdc() -> None:
+    """Against an MIT KDC, which has no enterprise names, the fix for a UPN suffix outside the realm is a realm_map
+    entry: the hint gives the line to write, the suffix mapped to the gateway's own realm. Failed before: the hint
+    named enterprise_names first (which MIT cannot resolve) and realm_map only in general words."""
+    proxy = "HTTP/kcd-gw.nc4.test@NC4.TEST"
+    error = explain(_SERVER_NOT_FOUND, user="alice@CORP.NC4.EXAMPLE", step="s4u2self", spn=_SPN, proxy=proxy)
+    assert isinstance(error, KerberosRefused)
+    assert error.hint is not None
+    assert 'identity.realm_map = { "corp.nc4.example" = "NC4.TEST" }' in error.hint, error.hint
+    assert "MIT" in error.hint, error.hint
+    assert "enterprise_names" in error.hint, error.hint
+
+
 def test_server_not_found_in_the_gateways_own_realm_is_still_misconfiguration() -> None:
     """The same message for a user of the gateway's realm (or from S4U2Proxy) stays the SPN misconfiguration."""
     for step in ("s4u2self", "s4u2proxy"):
