@@ -1,0 +1,125 @@
+#!/bin/bash
+# CA chains a careless or hostile administrator makes, with the openssl CLI only (`openssl req`, `openssl ca` with
+# its index database, hand-written extension sections): a root, then intermediates that each get one thing wrong
+# (expired, an extended key usage without clientAuth, CA:FALSE, a pathlen one CA too short, a UPN name constraint,
+# a directoryName constraint, revoked by the root's CRL), each signing a user certificate for alice@lab.test; a good
+# intermediate beside them, a user certificate of it that expired and one signed with SHA-224; a second trust anchor
+# that expired, with a valid intermediate and user below it. CRLs from `openssl ca -gencrl`.
+# Usage: hostile_ca_pki.sh DIR (tests/integration/test_hostile_ca_chains.py).
+set -euo pipefail
+export CADIR=root  # ca.cnf names it; each `openssl ca` sets its own
+cd "$1"
+cat > ca.cnf <<'CNF'
+[ca]
+default_ca = any_ca
+[any_ca]
+dir = ${ENV::CADIR}
+database = $dir/index.txt
+new_certs_dir = $dir
+serial = $dir/serial
+crlnumber = $dir/crlnumber
+certificate = $dir/cert.pem
+private_key = $dir/key.pem
+default_md = sha256
+default_days = 2
+default_crl_days = 2
+policy = any
+unique_subject = no
+[any]
+organizationName = optional
+commonName = supplied
+[req]
+distinguished_name = dn
+[dn]
+[v3_root]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[v3_ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[v3_ca_pathlen0]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+[v3_ca_eku_server]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+extendedKeyUsage = serverAuth
+[v3_ca_false]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, keyCertSign, cRLSign
+[v3_ca_nc_upn]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+nameConstraints = critical, permitted;otherName:1.3.6.1.4.1.311.20.2.3;UTF8:lab.test
+[v3_ca_nc_dirname]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+nameConstraints = critical, permitted;dirName:partner_dn
+[partner_dn]
+O = Partner
+[v3_user]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+authorityKeyIdentifier = keyid
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test
+CNF
+stamp() { date -u -d "$1" +%Y%m%d%H%M%SZ; }
+newca() { mkdir -p "$1"; : > "$1/index.txt"; openssl rand -hex 8 > "$1/serial"; echo 01 > "$1/crlnumber"; }
+request() {  # DIR SUBJECT: a P-256 key and a request
+  openssl req -config ca.cnf -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$1/key.pem" \
+    -subj "$2" -out "$1/req.pem" 2>&1
+}
+issue() {  # ISSUER DIR EXTENSIONS [openssl ca options...]
+  CADIR=$1 openssl ca -batch -config ca.cnf -notext -preserveDN -in "$2/req.pem" -out "$2/cert.pem" \
+    -extensions "$3" "${@:4}" 2>&1
+}
+intermediate() {  # NAME EXTENSIONS [openssl ca options...]: a CA under the root, and alice's certificate from it
+  newca "$1"
+  request "$1" "/CN=Hostile $1 CA"
+  issue root "$1" "$2" "${@:3}"
+  mkdir -p "$1/alice"
+  request "$1/alice" "${SUBJECT:-/CN=alice of $1}"
+  issue "$1" "$1/alice" v3_user
+}
+newca root
+openssl req -config ca.cnf -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout root/key.pem \
+  -subj "/CN=Hostile Root CA" -extensions v3_root -days 10 -out root/cert.pem 2>&1
+intermediate good v3_ca
+intermediate expired v3_ca -startdate "$(stamp '-20 days')" -enddate "$(stamp '-10 days')"
+intermediate eku_server v3_ca_eku_server
+intermediate not_ca v3_ca_false
+intermediate nc_upn v3_ca_nc_upn
+SUBJECT="/O=Partner/CN=alice" intermediate nc_dirname v3_ca_nc_dirname
+intermediate revoked v3_ca
+# a CA below a pathlen:0 CA, and alice's certificate from it
+newca pathlen0
+request pathlen0 "/CN=Hostile pathlen0 CA"
+issue root pathlen0 v3_ca_pathlen0
+newca deep
+request deep "/CN=Hostile deep CA"
+issue pathlen0 deep v3_ca
+mkdir -p deep/alice
+request deep/alice "/CN=alice of deep"
+issue deep deep/alice v3_user
+# the good CA's own careless certificates: expired, and signed with SHA-224
+for name in alice_expired alice_sha224; do mkdir -p "good/$name"; request "good/$name" "/CN=$name"; done
+issue good good/alice_expired v3_user -startdate "$(stamp '-20 days')" -enddate "$(stamp '-10 days')"
+issue good good/alice_sha224 v3_user -md sha224
+# a trust anchor that expired ten days ago, an intermediate it signed before then (still valid), alice's from that
+newca oldroot
+request oldroot "/CN=Hostile expired Root CA"
+CADIR=oldroot openssl ca -batch -config ca.cnf -notext -selfsign -in oldroot/req.pem -out oldroot/cert.pem \
+  -extensions v3_root -startdate "$(stamp '-30 days')" -enddate "$(stamp '-10 days')" 2>&1
+newca oldint
+request oldint "/CN=Hostile oldint CA"
+issue oldroot oldint v3_ca -startdate "$(stamp '-20 days')" -enddate "$(stamp '+20 days')"
+mkdir -p oldint/alice
+request oldint/alice "/CN=alice of oldint"
+issue oldint oldint/alice v3_user
+CADIR=root openssl ca -batch -config ca.cnf -revoke revoked/cert.pem -crl_reason keyCompromise 2>&1
+for ca in root good revoked; do CADIR=$ca openssl ca -batch -config ca.cnf -gencrl -out "$ca/crl.pem" 2>&1; done
+cat root/crl.pem good/crl.pem revoked/crl.pem > crls.pem

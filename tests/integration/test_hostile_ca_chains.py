@@ -1,0 +1,135 @@
+"""CA chains a careless or hostile administrator makes (hostile_ca_pki.sh, the openssl CLI only), presented by curl
+to a running gateway over the lab's KDC.
+
+OpenSSL refuses most of them in the handshake. Its reason ("certificate has expired", "unsuitable certificate
+purpose") does not say which certificate of the chain it is about, and the fix differs: a user's expired certificate
+wants a new certificate for that user, an expired issuing CA a renewed CA for everyone. So the log's
+`tls_handshake_refused` names the certificate OpenSSL's verification failed on (`certificate`, `depth`: 0 is the
+device's own) and gives the fix for that one. The rest pass the handshake and are refused with 403: a CA revoked by
+its root's CRL, a signature algorithm the certificate stage does not accept, a directoryName name constraint.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import REPO, Gateway, free_port, gateway_on_server, lab_config, start_gateway
+
+SCRIPT = REPO / "tests" / "integration" / "hostile_ca_pki.sh"
+CAS = ("good", "expired", "eku_server", "not_ca", "nc_upn", "nc_dirname", "revoked", "pathlen0", "deep", "oldint")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The hostile CA chains, made once for this file."""
+    directory = tmp_path_factory.mktemp("hostile-ca-pki")
+    done = subprocess.run([str(SCRIPT), str(directory)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return directory
+
+
+def _config(lab: LabLayout, pki: Path) -> str:
+    """The lab's gateway trusting the hostile root, every intermediate configured, the root's and the good and
+    revoked CAs' CRLs loaded, under `revocation = "require"`."""
+    text = lab_config(lab, port=free_port())
+    anchor = f'trust_anchors = ["{pki / "root" / "cert.pem"}", "{pki / "oldroot" / "cert.pem"}"]'
+    text = text.replace(f'trust_anchors = ["{lab.pki_dir / "root.pem"}"]', anchor)
+    intermediates = ", ".join(f'"{pki / ca / "cert.pem"}"' for ca in CAS)
+    text = text.replace(f'intermediates = ["{lab.pki_dir / "issuing.pem"}"]', f"intermediates = [{intermediates}]")
+    return text.replace(f'crls = ["{lab.pki_dir / "crls.pem"}"]', f'crls = ["{pki / "crls.pem"}"]')
+
+
+@pytest.fixture(scope="module")
+def gw(lab: LabLayout, pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The gateway of `_config` (the device side is the gateway's own server)."""
+    gateway = start_gateway(lab, tmp_path_factory.mktemp("hostile-ca-gateway"), _config(lab, pki))
+    yield gateway
+    assert gateway.stop() == 0
+
+
+def _curl(lab: LabLayout, gw: Gateway, user: Path) -> tuple[int, str, str]:
+    """curl as the user certificate in directory `user`: (status, body, stderr); status 0 without an HTTP answer."""
+    argv = ["curl", "-sS", "--max-time", "60", "--cacert", str(lab.pki_dir / "root.pem"), "-v"]
+    argv += ["--cert", str(user / "cert.pem"), "--key", str(user / "key.pem"), "-w", "\n%{http_code}", gw.url + "/owa/"]
+    done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=90, check=False)
+    body, _, code = done.stdout.rpartition("\n")
+    return int(code or 0), body, done.stderr
+
+
+def _subject(cert: Path) -> str:
+    """The certificate's subject as the gateway writes it (RFC 4514; these subjects are one CN)."""
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in", str(cert)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().removeprefix("subject=")
+
+
+@pytest.mark.parametrize(
+    ("user", "alert", "reason", "about", "depth", "in_fix"),
+    [
+        ("expired/alice", "certificate expired", "certificate has expired", "expired", 1, "renew that CA"),
+        (
+            "eku_server/alice",
+            "unsupported certificate",
+            "unsuitable certificate purpose",
+            "eku_server",
+            1,
+            "applies a CA's extended key usage to every certificate below it",
+        ),
+        ("oldint/alice", "certificate expired", "certificate has expired", "oldroot", 2, "renew that CA"),
+        ("not_ca/alice", "unknown ca", "invalid ca certificate", "not_ca", 1, "may not sign certificates"),
+        ("deep/alice", "unknown ca", "path length constraint exceeded", "pathlen0", 2, "pathlen"),
+        ("nc_upn/alice", "certificate unknown", "unsupported name constraint type", "nc_upn/alice", 0, "UPN"),
+        (
+            "good/alice_expired",
+            "certificate expired",
+            "certificate has expired",
+            "good/alice_expired",
+            0,
+            "issue the user a new one",
+        ),
+    ],
+)
+def test_a_handshake_refusal_names_the_certificate_it_is_about_and_its_fix(
+    lab: LabLayout, pki: Path, gw: Gateway, user: str, alert: str, reason: str, about: str, depth: int, in_fix: str
+) -> None:
+    """OpenSSL refuses these chains in the handshake (curl gets its alert, no request is served); the log's
+    `tls_handshake_refused` names the certificate the refusal is about and its depth, and the fix is that
+    certificate's: a renewed CA for an expired issuing CA or trust anchor (was "issue the user a new one"), the CA's
+    extended key usage for one without clientAuth (was "the certificate lacks clientAuth", about alice's, which has
+    it), and a fix at all for CA:FALSE, an exceeded pathlen and a UPN name constraint (there was none)."""
+    mark = gw.mark()
+    status, body, err = _curl(lab, gw, pki / user)
+    assert status == 0, body
+    assert f"alert {alert}" in err.lower() or f"tls alert, {alert}" in err.lower(), err
+    line = gw.wait_for("tls_handshake_refused", lambda e: reason in e["reason"].lower(), what=reason)
+    assert line["depth"] == depth, line
+    assert line["certificate"] == _subject(pki / about / "cert.pem"), line
+    assert in_fix in (line["fix"] or ""), line
+    assert not gw.events("request", after=mark)
+
+
+def test_aiohttps_device_side_names_the_expired_ca_too(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
+    """With `listener.http_server = "aiohttp"` the handshake is asyncio's TLS protocol, not the gateway's own: its
+    refusal of a chain through an expired CA names that CA and the CA's fix all the same."""
+    with gateway_on_server(lab, tmp_path, "aiohttp", _config(lab, pki)) as gw:
+        status, body, _ = _curl(lab, gw, pki / "expired" / "alice")
+        assert status == 0, body
+        line = gw.wait_for("tls_handshake_refused", lambda e: "expired" in e["reason"], what="expired")
+        assert (line["certificate"], line["depth"]) == ("CN=Hostile expired CA", 1), line
+        assert "renew that CA" in line["fix"], line
+
+
+def test_the_good_ca_serves_alice(lab: LabLayout, pki: Path, gw: Gateway) -> None:
+    """The control: alice's certificate from the good intermediate, on no CRL, is served as alice@LAB.TEST."""
+    status, body, err = _curl(lab, gw, pki / "good" / "alice")
+    assert status == 200, (body, err)
+    assert '"principal": "alice@LAB.TEST"' in body
