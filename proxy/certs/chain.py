@@ -16,7 +16,10 @@ What it refuses (CertificateRejected, with a reason the device owner or the admi
   did not sign the leaf (the classic forgery: a private CA copying a trusted CA's name);
 - CA certificates without basicConstraints cA=TRUE, or beyond a path length constraint;
 - what the verifier's web-PKI profile refuses and we kept (weak keys, SHA-1 signatures, X.509 v1,
-  unknown critical extensions).
+  unknown critical extensions). It accepts signatures of RSA (PKCS#1 v1.5 or PSS) and ECDSA with SHA-256, -384
+  or -512 only, so a CA with an Ed25519, Ed448 or DSA key cannot sign a usable certificate (a leaf's own key may
+  be of any kind OpenSSL takes in the handshake: it signs nothing the verifier checks); the refusal names the
+  certificate and the algorithm, not the verifier's words.
 
 The web-PKI profile is relaxed where enterprise CAs (Active Directory Certificate Services, or the
 openssl CLI with its default settings) legitimately differ from the CA/Browser Forum's rules: a CA
@@ -38,7 +41,8 @@ from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 from cryptography.x509.verification import (
     ClientVerifier,
     Criticality,
@@ -147,6 +151,8 @@ def verify_chain(
         # Say what is wrong higher up the chain if we can; else pass the verifier's own words on.
         _diagnose_issuers(issuer, trust, at)
         message = str(exc).split(" (encountered processing", 1)[0]  # the rest repeats a certificate's repr
+        if "Forbidden signature algorithm" in message or "Forbidden public key algorithm" in message:
+            _diagnose_algorithms(leaf, trust)
         raise CertificateRejected(
             f"certificate chain does not validate: {message}", hint=f"{_describe(leaf)}; {exc}"
         ) from exc
@@ -268,6 +274,58 @@ def _diagnose_issuers(issuer: x509.Certificate, trust: TrustList, at: datetime) 
         if trust.is_anchor(issuer):
             return
         issuer = _signing_issuer(issuer, trust)
+
+
+# What the verifier accepts (cryptography's web-PKI profile): the signature algorithms, and the kinds of CA keys.
+_ACCEPTED_SIGNATURES = frozenset(
+    {
+        SignatureAlgorithmOID.RSA_WITH_SHA256,
+        SignatureAlgorithmOID.RSA_WITH_SHA384,
+        SignatureAlgorithmOID.RSA_WITH_SHA512,
+        SignatureAlgorithmOID.RSASSA_PSS,
+        SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+        SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+        SignatureAlgorithmOID.ECDSA_WITH_SHA512,
+    }
+)
+_KEY_NAMES = (
+    (ed25519.Ed25519PublicKey, "Ed25519"),
+    (ed448.Ed448PublicKey, "Ed448"),
+    (dsa.DSAPublicKey, "DSA"),
+)
+_ALGORITHM_FIX = (
+    "the gateway accepts certificates signed with RSA (PKCS#1 v1.5 or PSS) or ECDSA, with SHA-256, SHA-384 or "
+    "SHA-512: reissue"
+)
+
+
+def _diagnose_algorithms(leaf: x509.Certificate, trust: TrustList) -> None:
+    """Walk up from the leaf through the configured CAs and raise for the first signature algorithm, or the first
+    CA key, the verifier does not accept (its own message names neither the certificate nor, readably, the
+    algorithm); nothing if none is found."""
+    cert = leaf
+    for _ in range(MAX_CHAIN_DEPTH + 2):
+        issuer = next(iter(trust.named(cert.issuer)), None)
+        key = None if issuer is None else issuer.public_key()
+        kind = next((name for cls, name in _KEY_NAMES if isinstance(key, cls)), None)
+        if kind is None and not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | None):
+            kind = type(key).__name__
+        if issuer is not None and kind is not None:  # its signatures are of that kind too: the CA is what to fix
+            raise CertificateRejected(
+                f"certificate chain does not validate: CA '{issuer.subject.rfc4514_string()}' has an {kind} key, "
+                "which the gateway does not accept for signing certificates",
+                hint=f"{_describe(issuer)}; {_ALGORITHM_FIX} that CA with an RSA (2048 bits or more) or ECDSA key",
+            )
+        if cert.signature_algorithm_oid not in _ACCEPTED_SIGNATURES:
+            oid = cert.signature_algorithm_oid
+            raise CertificateRejected(
+                f"certificate chain does not validate: certificate '{cert.subject.rfc4514_string()}' is signed with "
+                f"{getattr(oid, '_name', None) or oid.dotted_string}, which the gateway does not accept",
+                hint=f"{_describe(cert)}; {_ALGORITHM_FIX} it",
+            )
+        if issuer is None or trust.is_anchor(issuer) or issuer.subject == issuer.issuer:
+            return
+        cert = issuer
 
 
 def _describe(cert: x509.Certificate) -> str:

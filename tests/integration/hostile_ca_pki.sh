@@ -2,9 +2,10 @@
 # CA chains a careless or hostile administrator makes, with the openssl CLI only (`openssl req`, `openssl ca` with
 # its index database, hand-written extension sections): a root, then intermediates that each get one thing wrong
 # (expired, an extended key usage without clientAuth, CA:FALSE, a pathlen one CA too short, a UPN name constraint,
-# a directoryName constraint, revoked by the root's CRL), each signing a user certificate for alice@lab.test; a good
-# intermediate beside them, a user certificate of it that expired and one signed with SHA-224; a second trust anchor
-# that expired, with a valid intermediate and user below it. CRLs from `openssl ca -gencrl`.
+# a directoryName constraint, revoked by the root's CRL, an Ed25519 key), each signing a user certificate for
+# alice@lab.test; a good intermediate beside them, a user certificate of it that expired and one signed with
+# SHA-224; a second trust anchor that expired, with a valid intermediate and user below it. CRLs from
+# `openssl ca -gencrl`.
 # Usage: hostile_ca_pki.sh DIR (tests/integration/test_hostile_ca_chains.py).
 set -euo pipefail
 export CADIR=root  # ca.cnf names it; each `openssl ca` sets its own
@@ -105,6 +106,14 @@ issue pathlen0 deep v3_ca
 mkdir -p deep/alice
 request deep/alice "/CN=alice of deep"
 issue deep deep/alice v3_user
+# an issuing CA with an Ed25519 key (OpenSSL takes it; the certificate stage's verifier does not), alice's from it
+newca ed25519
+openssl req -config ca.cnf -new -newkey ed25519 -nodes -keyout ed25519/key.pem -subj "/CN=Hostile ed25519 CA" \
+  -out ed25519/req.pem 2>&1
+issue root ed25519 v3_ca
+mkdir -p ed25519/alice
+request ed25519/alice "/CN=alice of ed25519"
+issue ed25519 ed25519/alice v3_user
 # the good CA's own careless certificates: expired, and signed with SHA-224
 for name in alice_expired alice_sha224; do mkdir -p "good/$name"; request "good/$name" "/CN=$name"; done
 issue good good/alice_expired v3_user -startdate "$(stamp '-20 days')" -enddate "$(stamp '-10 days')"

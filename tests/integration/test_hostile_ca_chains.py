@@ -22,6 +22,7 @@ from tests.integration.conftest import REPO, Gateway, free_port, gateway_on_serv
 
 SCRIPT = REPO / "tests" / "integration" / "hostile_ca_pki.sh"
 CAS = ("good", "expired", "eku_server", "not_ca", "nc_upn", "nc_dirname", "revoked", "pathlen0", "deep", "oldint")
+CAS += ("ed25519",)
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +134,30 @@ def test_the_good_ca_serves_alice(lab: LabLayout, pki: Path, gw: Gateway) -> Non
     status, body, err = _curl(lab, gw, pki / "good" / "alice")
     assert status == 200, (body, err)
     assert '"principal": "alice@LAB.TEST"' in body
+
+
+@pytest.mark.parametrize(
+    ("user", "stage", "reason"),
+    [
+        ("revoked/alice", "revocation", "issuing CA 'CN=Hostile revoked CA' serial 0x"),
+        ("good/alice_sha224", "certificate", "certificate 'CN=alice_sha224' is signed with ecdsa-with-SHA224"),
+        ("ed25519/alice", "certificate", "CA 'CN=Hostile ed25519 CA' has an Ed25519 key"),
+        ("nc_dirname/alice", "certificate", "directoryName"),
+    ],
+)
+def test_chains_the_handshake_takes_are_refused_with_403_naming_why(
+    lab: LabLayout, pki: Path, gw: Gateway, user: str, stage: str, reason: str
+) -> None:
+    """OpenSSL's handshake takes these chains and the later stages refuse them, with 403, the refusing stage and a
+    reason naming what to fix: an issuing CA its root's CRL revokes (`openssl ca -revoke`), a certificate signed with
+    SHA-224 and an issuing CA with an Ed25519 key (the certificate stage's verifier accepts neither: the reason was
+    the verifier's debug dump, `AlgorithmIdentifier { oid: DefinedByMarker(PhantomData<...`, naming no certificate),
+    a CA's directoryName name constraint (a form the verifier cannot check, docs/refusals.md). Never delegated."""
+    gw.mark()
+    status, body, err = _curl(lab, gw, pki / user)
+    assert status == 403, (body, err)
+    assert reason in body, body
+    assert "PhantomData" not in body
+    line = gw.wait_for("request", lambda e: e.get("refused_stage") == stage, what=stage)
+    assert line["status"] == 403
+    assert "principal" not in line

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
@@ -284,3 +284,57 @@ def test_an_expired_issuing_ca_names_the_ca_fix(pki: Pki) -> None:
     hint = refusal_hint(leaf, trust)
     assert "renew that CA" in hint
     assert "issue the user a new one" not in hint
+
+
+def test_a_signature_algorithm_the_verifier_refuses_is_named_with_its_certificate(pki: Pki) -> None:
+    """A leaf signed with ECDSA and SHA-224 is refused naming that certificate and the algorithm, not with the
+    verifier's debug dump (`AlgorithmIdentifier { oid: DefinedByMarker(PhantomData<...`)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sha224")]))
+        .issuer_name(load_cert(pki.issuing_cert).subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(*CLIENT_AUTH)
+        .add_extension(*UPN_SAN)
+        .sign(load_key(pki.issuing_key), hashes.SHA224())
+    )
+    trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
+    reason = rejected(leaf, trust)
+    assert "certificate 'CN=sha224' is signed with ecdsa-with-SHA224, which the gateway does not accept" in reason
+    assert "PhantomData" not in reason
+
+
+def test_a_ca_key_the_verifier_refuses_is_named_with_its_ca(pki: Pki) -> None:
+    """An intermediate with an Ed25519 key (OpenSSL's handshake takes it) is refused naming that CA and its key, not
+    the leaf's signature: the CA is what to reissue."""
+    ca_key = ed25519.Ed25519PrivateKey.generate()
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Edwards CA")]))
+        .issuer_name(load_cert(pki.root_cert).subject)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(*CA)
+        .sign(load_key(pki.root_key), hashes.SHA256())
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice")]))
+        .issuer_name(ca.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(*CLIENT_AUTH)
+        .add_extension(*UPN_SAN)
+        .sign(ca_key, None)
+    )
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(ca,))
+    assert "CA 'CN=Edwards CA' has an Ed25519 key, which the gateway does not accept" in rejected(leaf, trust)
