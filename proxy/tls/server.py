@@ -380,7 +380,7 @@ class TlsGate(asyncio.Protocol):
             if self._on_health_check is not None:
                 self._on_health_check()
             return
-        refused = _REFUSED_CERTIFICATES.pop(exc, None)
+        refused = _REFUSED_CERTIFICATES.pop(exc, None) if isinstance(exc, ssl.SSLCertVerificationError) else None
         fix = handshake_fix(reason, refused)
         about = {} if refused is None else {"certificate": _subject(refused), "depth": refused.depth}
         log.warning("tls_handshake_refused", stage="tls", peer=peer_text(peer), reason=reason, fix=fix, **about)
@@ -682,6 +682,8 @@ def handshake_fix(reason: str, refused: RefusedCertificate | None = None) -> str
     return next((fix for needle, fix in _HANDSHAKE_FIXES if needle in lowered), None)
 
 
+# Only `ssl.SSLCertVerificationError` is filed here and asked about: it is a heap type, weakly referable; `ssl.SSLError`
+# itself (a refusal without a certificate to blame) is not, and a look-up with one raises TypeError.
 _REFUSED_CERTIFICATES: weakref.WeakKeyDictionary[BaseException, RefusedCertificate] = weakref.WeakKeyDictionary()
 
 
