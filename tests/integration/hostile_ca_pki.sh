@@ -4,8 +4,8 @@
 # (expired, an extended key usage without clientAuth, CA:FALSE, a pathlen one CA too short, a UPN name constraint,
 # a directoryName constraint, revoked by the root's CRL, an Ed25519 key), each signing a user certificate for
 # alice@lab.test; a good intermediate beside them, a user certificate of it that expired and one signed with
-# SHA-224; a second trust anchor that expired, with a valid intermediate and user below it. CRLs from
-# `openssl ca -gencrl`.
+# SHA-224; a second trust anchor that expired, with a valid intermediate and user below it; a CA renewed with a
+# new key. CRLs from `openssl ca -gencrl`.
 # Usage: hostile_ca_pki.sh DIR (tests/integration/test_hostile_ca_chains.py).
 set -euo pipefail
 export CADIR=root  # ca.cnf names it; each `openssl ca` sets its own
@@ -129,6 +129,15 @@ issue oldroot oldint v3_ca -startdate "$(stamp '-20 days')" -enddate "$(stamp '+
 mkdir -p oldint/alice
 request oldint/alice "/CN=alice of oldint"
 issue oldint oldint/alice v3_user
+# a CA key renewal: a second key under the same CA name (AD CS's "renew with a new key pair"); alice's and bob's
+# certificates from the first key, alice's revoked on that key's CRL; each key publishes its own CRL
+for key in renewed_old renewed_new; do newca $key; request $key "/CN=Hostile renewed CA"; issue root $key v3_ca; done
+for name in alice bob; do
+  mkdir -p "renewed_old/$name"; request "renewed_old/$name" "/CN=$name of the old key"
+  issue renewed_old "renewed_old/$name" v3_user
+done
+CADIR=renewed_old openssl ca -batch -config ca.cnf -revoke renewed_old/alice/cert.pem -crl_reason keyCompromise 2>&1
+for ca in renewed_old renewed_new; do CADIR=$ca openssl ca -batch -config ca.cnf -gencrl -out "$ca/crl.pem" 2>&1; done
 CADIR=root openssl ca -batch -config ca.cnf -revoke revoked/cert.pem -crl_reason keyCompromise 2>&1
 for ca in root good revoked; do CADIR=$ca openssl ca -batch -config ca.cnf -gencrl -out "$ca/crl.pem" 2>&1; done
 cat root/crl.pem good/crl.pem revoked/crl.pem > crls.pem

@@ -161,3 +161,34 @@ def test_chains_the_handshake_takes_are_refused_with_403_naming_why(
     line = gw.wait_for("request", lambda e: e.get("refused_stage") == stage, what=stage)
     assert line["status"] == 403
     assert "principal" not in line
+
+
+@pytest.mark.parametrize(
+    ("crls", "user", "status", "said"),
+    [
+        (("renewed_new",), "alice", 403, "no current CRL for issuer 'CN=Hostile renewed CA'"),
+        (("renewed_new",), "bob", 403, "no current CRL for issuer 'CN=Hostile renewed CA'"),
+        (("renewed_old", "renewed_new"), "alice", 403, "was revoked on"),
+        (("renewed_old", "renewed_new"), "bob", 200, '"principal": "alice@LAB.TEST"'),  # every UPN here is alice's
+    ],
+)
+def test_after_a_ca_key_renewal_only_a_crl_of_the_certificates_own_key_vouches_for_it(
+    lab: LabLayout, pki: Path, tmp_path: Path, crls: tuple[str, ...], user: str, status: int, said: str
+) -> None:
+    """A CA renewed with a new key (the same name, two CA certificates, both configured) publishes one CRL per key,
+    each listing what that key signed, as AD CS does. A certificate of the old key is vouched for only by the old
+    key's CRL: with the new key's CRL alone, alice's certificate, revoked on the old key's CRL, was served (200: "not
+    on CRL #1 of 'CN=Hostile renewed CA'", the new key's) under `revocation = "require"`, and bob's too; now both get
+    403 naming no current CRL. With both keys' CRLs, alice is refused as revoked and bob served."""
+    text = _config(lab, pki)
+    intermediates = ", ".join(f'"{pki / ca / "cert.pem"}"' for ca in ("renewed_old", "renewed_new"))
+    text = text.replace("intermediates = [", f"intermediates = [{intermediates}, ", 1)
+    files = ", ".join(f'"{pki / ca / "crl.pem"}"' for ca in ("root", *crls))
+    text = text.replace(f'crls = ["{pki / "crls.pem"}"]', f"crls = [{files}]", 1)
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        got, body, err = _curl(lab, gw, pki / "renewed_old" / user)
+        assert got == status, (body, err)
+        assert said in body, body
+    finally:
+        gw.stop()
