@@ -153,6 +153,8 @@ def verify_chain(
         message = str(exc).split(" (encountered processing", 1)[0]  # the rest repeats a certificate's repr
         if "Forbidden signature algorithm" in message or "Forbidden public key algorithm" in message:
             _diagnose_algorithms(leaf, trust)
+        if "unaccounted-for critical extensions" in message:
+            _diagnose_critical(leaf, trust, message)
         raise CertificateRejected(
             f"certificate chain does not validate: {message}", hint=f"{_describe(leaf)}; {exc}"
         ) from exc
@@ -326,6 +328,45 @@ def _diagnose_algorithms(leaf: x509.Certificate, trust: TrustList) -> None:
         if issuer is None or trust.is_anchor(issuer) or issuer.subject == issuer.issuer:
             return
         cert = issuer
+
+
+_POLICY_EXTENSIONS = {
+    "2.5.29.32": "certificatePolicies",
+    "2.5.29.33": "policyMappings",
+    "2.5.29.36": "policyConstraints",
+    "2.5.29.54": "inhibitAnyPolicy",
+}
+
+
+def _diagnose_critical(leaf: x509.Certificate, trust: TrustList, message: str) -> None:
+    """The verifier's "invalid extension: <oid>: certificate contains unaccounted-for critical extensions" names the
+    extension, not the certificate: find the first certificate on the leaf's way up that marks it critical and raise
+    naming both; nothing if none is found. The verifier does no certificate-policy processing (nor does OpenSSL's
+    handshake by default), so a critical policy extension, which RFC 5280 makes policyConstraints and
+    inhibitAnyPolicy always, is refused rather than ignored."""
+    dotted = message.split("invalid extension: ", 1)[-1].split(":", 1)[0].strip()
+    name = _POLICY_EXTENSIONS.get(dotted, "an extension")
+    cert: x509.Certificate | None = leaf
+    for _ in range(MAX_CHAIN_DEPTH + 2):
+        if cert is None:
+            return
+        try:
+            critical = any(ext.critical and ext.oid.dotted_string == dotted for ext in cert.extensions)
+        except ValueError:
+            critical = False
+        if critical:
+            who = "certificate" if cert is leaf else "CA"
+            why = "no certificate-policy processing" if dotted in _POLICY_EXTENSIONS else "nothing with it"
+            raise CertificateRejected(
+                f"certificate chain does not validate: {who} '{cert.subject.rfc4514_string()}' marks {name} "
+                f"({dotted}) critical, which the gateway does not process",
+                hint=f"{_describe(cert)}; the gateway does {why} and refuses a critical extension it does not process "
+                "rather than ignore it: reissue that certificate without it, or with it non-critical where RFC 5280 "
+                "allows",
+            )
+        if trust.is_anchor(cert) or cert.subject == cert.issuer:
+            return
+        cert = next(iter(trust.named(cert.issuer)), None)
 
 
 def _describe(cert: x509.Certificate) -> str:

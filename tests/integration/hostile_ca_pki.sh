@@ -2,10 +2,10 @@
 # CA chains a careless or hostile administrator makes, with the openssl CLI only (`openssl req`, `openssl ca` with
 # its index database, hand-written extension sections): a root, then intermediates that each get one thing wrong
 # (expired, an extended key usage without clientAuth, CA:FALSE, a pathlen one CA too short, a UPN name constraint,
-# a directoryName constraint, revoked by the root's CRL, an Ed25519 key), each signing a user certificate for
-# alice@lab.test; a good intermediate beside them, a user certificate of it that expired and one signed with
-# SHA-224; a second trust anchor that expired, with a valid intermediate and user below it; a CA renewed with a
-# new key. CRLs from `openssl ca -gencrl`.
+# a directoryName constraint, revoked by the root's CRL, an Ed25519 key, a critical policyConstraints), each
+# signing a user certificate for alice@lab.test; a good intermediate beside them, a user certificate of it that
+# expired and one signed with SHA-224; a second trust anchor that expired, with a valid intermediate and user below
+# it; a CA renewed with a new key. CRLs from `openssl ca -gencrl`.
 # Usage: hostile_ca_pki.sh DIR (tests/integration/test_hostile_ca_chains.py).
 set -euo pipefail
 export CADIR=root  # ca.cnf names it; each `openssl ca` sets its own
@@ -61,6 +61,11 @@ keyUsage = critical, keyCertSign, cRLSign
 nameConstraints = critical, permitted;dirName:partner_dn
 [partner_dn]
 O = Partner
+[v3_ca_policy]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+certificatePolicies = 1.3.6.1.4.1.99999.1
+policyConstraints = critical, requireExplicitPolicy:0
 [v3_user]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
@@ -96,6 +101,7 @@ intermediate not_ca v3_ca_false
 intermediate nc_upn v3_ca_nc_upn
 SUBJECT="/O=Partner/CN=alice" intermediate nc_dirname v3_ca_nc_dirname
 intermediate revoked v3_ca
+intermediate policy v3_ca_policy
 # a CA below a pathlen:0 CA, and alice's certificate from it
 newca pathlen0
 request pathlen0 "/CN=Hostile pathlen0 CA"

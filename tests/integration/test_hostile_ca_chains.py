@@ -22,7 +22,7 @@ from tests.integration.conftest import REPO, Gateway, free_port, gateway_on_serv
 
 SCRIPT = REPO / "tests" / "integration" / "hostile_ca_pki.sh"
 CAS = ("good", "expired", "eku_server", "not_ca", "nc_upn", "nc_dirname", "revoked", "pathlen0", "deep", "oldint")
-CAS += ("ed25519",)
+CAS += ("ed25519", "policy")
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,12 @@ def test_the_good_ca_serves_alice(lab: LabLayout, pki: Path, gw: Gateway) -> Non
         ("good/alice_sha224", "certificate", "certificate 'CN=alice_sha224' is signed with ecdsa-with-SHA224"),
         ("ed25519/alice", "certificate", "CA 'CN=Hostile ed25519 CA' has an Ed25519 key"),
         ("nc_dirname/alice", "certificate", "directoryName"),
+        (
+            "policy/alice",
+            "certificate",
+            "CA 'CN=Hostile policy CA' marks policyConstraints (2.5.29.36) critical, which the gateway does not "
+            "process",
+        ),
     ],
 )
 def test_chains_the_handshake_takes_are_refused_with_403_naming_why(
@@ -152,7 +158,8 @@ def test_chains_the_handshake_takes_are_refused_with_403_naming_why(
     reason naming what to fix: an issuing CA its root's CRL revokes (`openssl ca -revoke`), a certificate signed with
     SHA-224 and an issuing CA with an Ed25519 key (the certificate stage's verifier accepts neither: the reason was
     the verifier's debug dump, `AlgorithmIdentifier { oid: DefinedByMarker(PhantomData<...`, naming no certificate),
-    a CA's directoryName name constraint (a form the verifier cannot check, docs/refusals.md). Never delegated."""
+    a CA's directoryName name constraint (a form the verifier cannot check, docs/refusals.md), a CA's critical
+    policyConstraints (the reason named the extension's OID only, not the certificate). Never delegated."""
     gw.mark()
     status, body, err = _curl(lab, gw, pki / user)
     assert status == 403, (body, err)

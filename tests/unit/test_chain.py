@@ -338,3 +338,14 @@ def test_a_ca_key_the_verifier_refuses_is_named_with_its_ca(pki: Pki) -> None:
     )
     trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(ca,))
     assert "CA 'CN=Edwards CA' has an Ed25519 key, which the gateway does not accept" in rejected(leaf, trust)
+
+
+def test_a_critical_policy_extension_the_verifier_does_not_process_is_named_with_its_ca(pki: Pki) -> None:
+    """A CA with a critical policyConstraints (RFC 5280 makes it critical always) is refused, as the verifier does
+    no policy processing, and the reason names that CA and the extension, not only the verifier's OID."""
+    constraints = (x509.PolicyConstraints(require_explicit_policy=0, inhibit_policy_mapping=None), True)
+    policy_ca, policy_key = issue(load_cert(pki.root_cert), load_key(pki.root_key), "Policy CA", CA, constraints)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(policy_ca,))
+    leaf, _ = issue(policy_ca, policy_key, "alice", CLIENT_AUTH, UPN_SAN)
+    reason = rejected(leaf, trust)
+    assert "CA 'CN=Policy CA' marks policyConstraints (2.5.29.36) critical, which the gateway does not" in reason
