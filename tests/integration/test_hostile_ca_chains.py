@@ -21,8 +21,10 @@ from proxy.lab.layout import LabLayout
 from tests.integration.conftest import REPO, Gateway, free_port, gateway_on_server, lab_config, start_gateway
 
 SCRIPT = REPO / "tests" / "integration" / "hostile_ca_pki.sh"
-CAS = ("good", "expired", "eku_server", "not_ca", "nc_upn", "nc_dirname", "revoked", "pathlen0", "deep", "oldint")
-CAS += ("ed25519", "policy")
+CAS = (  # the intermediates every gateway here is configured with
+    *("good", "expired", "eku_server", "not_ca", "nc_upn", "nc_dirname", "revoked", "pathlen0", "deep", "oldint"),
+    *("ed25519", "policy"),
+)
 
 
 @pytest.fixture(scope="module")
