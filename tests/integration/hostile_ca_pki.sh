@@ -5,7 +5,7 @@
 # a directoryName constraint, revoked by the root's CRL, an Ed25519 key, a critical policyConstraints), each
 # signing a user certificate for alice@lab.test; a good intermediate beside them, a user certificate of it that
 # expired and one signed with SHA-224; a second trust anchor that expired, with a valid intermediate and user below
-# it; a CA renewed with a new key. CRLs from `openssl ca -gencrl`.
+# it; a CA renewed with a new key. CRLs from `openssl ca -gencrl`, three of them careless.
 # Usage: hostile_ca_pki.sh DIR (tests/integration/test_hostile_ca_chains.py).
 set -euo pipefail
 export CADIR=root  # ca.cnf names it; each `openssl ca` sets its own
@@ -66,6 +66,14 @@ basicConstraints = critical, CA:TRUE
 keyUsage = critical, keyCertSign, cRLSign
 certificatePolicies = 1.3.6.1.4.1.99999.1
 policyConstraints = critical, requireExplicitPolicy:0
+[crl_critical_unknown]
+authorityKeyIdentifier = keyid:always
+1.3.6.1.4.1.99999.7 = critical, DER:05:00
+[crl_cas_only]
+authorityKeyIdentifier = keyid:always
+issuingDistributionPoint = critical, @cas_only
+[cas_only]
+onlyCA = TRUE
 [v3_user]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
@@ -147,3 +155,8 @@ for ca in renewed_old renewed_new; do CADIR=$ca openssl ca -batch -config ca.cnf
 CADIR=root openssl ca -batch -config ca.cnf -revoke revoked/cert.pem -crl_reason keyCompromise 2>&1
 for ca in root good revoked; do CADIR=$ca openssl ca -batch -config ca.cnf -gencrl -out "$ca/crl.pem" 2>&1; done
 cat root/crl.pem good/crl.pem revoked/crl.pem > crls.pem
+# the good CA's careless CRLs: an unknown critical extension, a thisUpdate a day ahead, a scope of CA certificates only
+crl() { CADIR=good openssl ca -batch -config ca.cnf -gencrl -out "good/$1.pem" "${@:2}" 2>&1; }
+crl crl_critical_unknown -crlexts crl_critical_unknown
+crl crl_future -crl_lastupdate "$(stamp '+1 day')" -crl_nextupdate "$(stamp '+3 days')"
+crl crl_cas_only -crlexts crl_cas_only

@@ -201,3 +201,33 @@ def test_after_a_ca_key_renewal_only_a_crl_of_the_certificates_own_key_vouches_f
         assert said in body, body
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("crl", "problem"),
+    [
+        ("crl_critical_unknown", "CRL has an unsupported critical extension 1.3.6.1.4.1.99999.7"),
+        ("crl_future", "is not valid yet: its thisUpdate is"),
+        ("crl_cas_only", None),
+    ],
+)
+def test_a_crl_that_cannot_speak_for_the_certificate_leaves_it_unknown(
+    lab: LabLayout, pki: Path, tmp_path: Path, crl: str, problem: str | None
+) -> None:
+    """The good CA's only CRL, made by `openssl ca -gencrl`, is one that cannot vouch for alice: with an unknown
+    critical extension or a thisUpdate a day ahead it is refused (`crl_rejected` says why), with an
+    issuingDistributionPoint of CA certificates only it is taken but speaks for no user certificate. Either way,
+    under `revocation = "require"`, alice gets 403 at revocation naming no current CRL, never "good"."""
+    text = _config(lab, pki)
+    crls = f'crls = ["{pki / "root" / "crl.pem"}", "{pki / "good" / f"{crl}.pem"}"]'
+    gw = start_gateway(lab, tmp_path, text.replace(f'crls = ["{pki / "crls.pem"}"]', crls, 1))
+    try:
+        if problem is not None:
+            gw.wait_for("crl_rejected", lambda e: problem in e["problem"], what=problem)
+        status, body, err = _curl(lab, gw, pki / "good" / "alice")
+        assert status == 403, (body, err)
+        assert "no current CRL for issuer 'CN=Hostile good CA'" in body
+        line = gw.wait_event("request", refused_stage="revocation")
+        assert line["status"] == 403
+    finally:
+        gw.stop()
