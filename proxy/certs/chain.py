@@ -14,7 +14,9 @@ What it refuses (CertificateRejected, with a reason the device owner or the admi
 - a leaf whose key usage, when present, lacks digitalSignature (the key signs the TLS handshake);
 - an issuer that is not in the trust list, or one whose name matches a trusted CA but whose key
   did not sign the leaf (the classic forgery: a private CA copying a trusted CA's name);
-- CA certificates without basicConstraints cA=TRUE, or beyond a path length constraint;
+- CA certificates without basicConstraints cA=TRUE, or beyond a path length constraint, or whose extended key
+  usage (when they have one) lacks clientAuth: OpenSSL's handshake applies a CA's EKU to the certificates below it
+  and refuses such a chain, so `explain` must too;
 - what the verifier's web-PKI profile refuses and we kept (weak keys, SHA-1 signatures, X.509 v1,
   unknown critical extensions). It accepts signatures of RSA (PKCS#1 v1.5 or PSS) and ECDSA with SHA-256, -384
   or -512 only, so a CA with an Ed25519, Ed448 or DSA key cannot sign a usable certificate (a leaf's own key may
@@ -155,6 +157,8 @@ def verify_chain(
             _diagnose_algorithms(leaf, trust)
         if "unaccounted-for critical extensions" in message:
             _diagnose_critical(leaf, trust, message)
+        if "CA extended key usage lacks clientAuth" in message:
+            _diagnose_ca_usage(leaf, trust)
         raise CertificateRejected(
             f"certificate chain does not validate: {message}", hint=f"{_describe(leaf)}; {exc}"
         ) from exc
@@ -369,6 +373,31 @@ def _diagnose_critical(leaf: x509.Certificate, trust: TrustList, message: str) -
         cert = next(iter(trust.named(cert.issuer)), None)
 
 
+def _diagnose_ca_usage(leaf: x509.Certificate, trust: TrustList) -> None:
+    """Raise naming the first CA above the leaf whose extended key usage lacks clientAuth; nothing if none does."""
+    cert = leaf
+    for _ in range(MAX_CHAIN_DEPTH + 1):
+        if trust.is_anchor(cert) or cert.subject == cert.issuer:
+            return
+        ca = next(iter(trust.named(cert.issuer)), None)
+        if ca is None:
+            return
+        try:
+            usage = ca.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except (x509.ExtensionNotFound, ValueError):
+            usage = None
+        if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+            have = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in usage) or "none"
+            raise CertificateRejected(
+                f"certificate chain does not validate: CA '{ca.subject.rfc4514_string()}' has an extended key usage "
+                f"without clientAuth (it has: {have})",
+                hint=f"{_describe(ca)}; a CA's extended key usage applies to every certificate below it (OpenSSL's "
+                "handshake and Windows read it so; anyExtendedKeyUsage on a CA is not clientAuth to OpenSSL): reissue "
+                "that CA without an extended key usage, or with clientAuth in it",
+            )
+        cert = ca
+
+
 def _describe(cert: x509.Certificate) -> str:
     return (
         f"subject '{cert.subject.rfc4514_string()}', issuer '{cert.issuer.rfc4514_string()}', "
@@ -396,6 +425,11 @@ def _ca_key_usage(_policy: Policy, _cert: x509.Certificate, value: x509.KeyUsage
         raise ValueError("CA key usage lacks keyCertSign")
 
 
+def _ca_extended_key_usage(_policy: Policy, _cert: x509.Certificate, value: x509.ExtendedKeyUsage | None) -> None:
+    if value is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in value:
+        raise ValueError("CA extended key usage lacks clientAuth")
+
+
 def _ee_extended_key_usage(_policy: Policy, _cert: x509.Certificate, value: x509.ExtendedKeyUsage) -> None:
     if ExtendedKeyUsageOID.CLIENT_AUTH not in value:
         raise ValueError("leaf lacks the clientAuth extended key usage")
@@ -413,6 +447,10 @@ _CA_POLICY = (
     .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
     .may_be_present(x509.SubjectKeyIdentifier, Criticality.AGNOSTIC, None)
 )
+# The gateway's own chains: a CA's extended key usage, when it has one, must include clientAuth, as OpenSSL's handshake
+# requires (cryptography's default takes anyExtendedKeyUsage on a CA, which OpenSSL refuses: explain would then pass a
+# chain the handshake ends). Chains of purpose "any" (a CRL signer's, PKITS) keep the default.
+_CLIENT_CA_POLICY = _CA_POLICY.may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ca_extended_key_usage)
 _EE_POLICY = (
     ExtensionPolicy.webpki_defaults_ee()
     .require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ee_extended_key_usage)
@@ -442,6 +480,9 @@ def _verifier(trust: TrustList, at: datetime, purpose: Purpose = "client") -> Cl
         .store(trust.store)
         .time(at)
         .max_chain_depth(MAX_CHAIN_DEPTH)
-        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY if purpose == "client" else _ANY_EE_POLICY)
+        .extension_policies(
+            ca_policy=_CLIENT_CA_POLICY if purpose == "client" else _CA_POLICY,
+            ee_policy=_EE_POLICY if purpose == "client" else _ANY_EE_POLICY,
+        )
         .build_client_verifier()
     )

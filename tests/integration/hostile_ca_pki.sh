@@ -1,7 +1,7 @@
 #!/bin/bash
 # CA chains a careless or hostile administrator makes, with the openssl CLI only (`openssl req`, `openssl ca` with
 # its index database, hand-written extension sections): a root, then intermediates that each get one thing wrong
-# (expired, an extended key usage without clientAuth, CA:FALSE, a pathlen one CA too short, a UPN name constraint,
+# (expired, an extended key usage without clientAuth (serverAuth; anyExtendedKeyUsage), CA:FALSE, a pathlen one CA too short, a UPN name constraint,
 # a directoryName constraint, revoked by the root's CRL, an Ed25519 key, a critical policyConstraints), each
 # signing a user certificate for alice@lab.test; a good intermediate beside them, a user certificate of it that
 # expired and one signed with SHA-224; a second trust anchor that expired, with a valid intermediate and user below
@@ -48,6 +48,10 @@ keyUsage = critical, keyCertSign, cRLSign
 basicConstraints = critical, CA:TRUE
 keyUsage = critical, keyCertSign, cRLSign
 extendedKeyUsage = serverAuth
+[v3_ca_eku_any]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+extendedKeyUsage = anyExtendedKeyUsage
 [v3_ca_false]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, keyCertSign, cRLSign
@@ -105,6 +109,7 @@ openssl req -config ca.cnf -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-25
 intermediate good v3_ca
 intermediate expired v3_ca -startdate "$(stamp '-20 days')" -enddate "$(stamp '-10 days')"
 intermediate eku_server v3_ca_eku_server
+intermediate eku_any v3_ca_eku_any
 intermediate not_ca v3_ca_false
 intermediate nc_upn v3_ca_nc_upn
 SUBJECT="/O=Partner/CN=alice" intermediate nc_dirname v3_ca_nc_dirname

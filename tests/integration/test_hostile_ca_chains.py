@@ -11,7 +11,9 @@ its root's CRL, a signature algorithm the certificate stage does not accept, a d
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from tests.integration.conftest import REPO, Gateway, free_port, gateway_on_serv
 SCRIPT = REPO / "tests" / "integration" / "hostile_ca_pki.sh"
 CAS = (  # the intermediates every gateway here is configured with
     *("good", "expired", "eku_server", "not_ca", "nc_upn", "nc_dirname", "revoked", "pathlen0", "deep", "oldint"),
-    *("ed25519", "policy"),
+    *("ed25519", "policy", "eku_any"),
 )
 
 
@@ -88,6 +90,14 @@ def _subject(cert: Path) -> str:
             "applies a CA's extended key usage to every certificate below it",
         ),
         ("oldint/alice", "certificate expired", "certificate has expired", "oldroot", 2, "renew that CA"),
+        (
+            "eku_any/alice",
+            "unsupported certificate",
+            "unsuitable certificate purpose",
+            "eku_any",
+            1,
+            "applies a CA's extended key usage to every certificate below it",
+        ),
         ("not_ca/alice", "unknown ca", "invalid ca certificate", "not_ca", 1, "may not sign certificates"),
         ("deep/alice", "unknown ca", "path length constraint exceeded", "pathlen0", 2, "pathlen"),
         ("nc_upn/alice", "certificate unknown", "unsupported name constraint type", "nc_upn/alice", 0, "UPN"),
@@ -231,3 +241,31 @@ def test_a_crl_that_cannot_speak_for_the_certificate_leaves_it_unknown(
         assert line["status"] == 403
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("ca", ["eku_server", "eku_any"])
+def test_explain_refuses_a_ca_whose_extended_key_usage_lacks_client_auth_as_the_handshake_does(
+    lab: LabLayout, pki: Path, tmp_path: Path, ca: str
+) -> None:
+    """`explain` says where a request would stop. A CA whose extended key usage lacks clientAuth ends the handshake
+    (OpenSSL applies a CA's EKU to the certificates below it, and reads anyExtendedKeyUsage on a CA as no
+    clientAuth); `explain --json` refuses it at the certificate stage too, naming that CA: it accepted the
+    anyExtendedKeyUsage CA's user (exit 0, while the device got a TLS alert), and for serverAuth said only "Neither
+    EKU nor anyEKU could be found", about no certificate."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_config(lab, pki))
+    argv = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "explain",
+        "--config",
+        str(config),
+        "--cert",
+        str(pki / ca / "alice" / "cert.pem"),
+    ]
+    done = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+    assert done.returncode == 1, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["accepted"], answer["stage"]) == (False, "certificate"), answer
+    assert f"CA 'CN=Hostile {ca} CA' has an extended key usage without clientAuth" in answer["reason"], answer

@@ -349,3 +349,32 @@ def test_a_critical_policy_extension_the_verifier_does_not_process_is_named_with
     leaf, _ = issue(policy_ca, policy_key, "alice", CLIENT_AUTH, UPN_SAN)
     reason = rejected(leaf, trust)
     assert "CA 'CN=Policy CA' marks policyConstraints (2.5.29.36) critical, which the gateway does not" in reason
+
+
+@pytest.mark.parametrize(
+    ("usages", "has"),
+    [
+        ([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE], "anyExtendedKeyUsage"),
+        ([ExtendedKeyUsageOID.SERVER_AUTH], "serverAuth"),
+    ],
+)
+def test_a_ca_whose_extended_key_usage_lacks_client_auth_is_refused_naming_it(
+    pki: Pki, usages: list[x509.ObjectIdentifier], has: str
+) -> None:
+    """A CA's extended key usage without clientAuth ends OpenSSL's handshake (anyExtendedKeyUsage included), so the
+    certificate stage refuses it too (cryptography's default took anyExtendedKeyUsage), naming the CA."""
+    eku = (x509.ExtendedKeyUsage(usages), False)
+    eku_ca, eku_key = issue(load_cert(pki.root_cert), load_key(pki.root_key), "EKU CA", CA, eku)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(eku_ca,))
+    leaf, _ = issue(eku_ca, eku_key, "alice", CLIENT_AUTH, UPN_SAN)
+    reason = rejected(leaf, trust)
+    assert f"CA 'CN=EKU CA' has an extended key usage without clientAuth (it has: {has})" in reason
+
+
+def test_a_ca_whose_extended_key_usage_has_client_auth_issues(pki: Pki) -> None:
+    """A CA whose extended key usage includes clientAuth still issues client certificates."""
+    eku = (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]), False)
+    eku_ca, eku_key = issue(load_cert(pki.root_cert), load_key(pki.root_key), "EKU CA", CA, eku)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(eku_ca,))
+    leaf, _ = issue(eku_ca, eku_key, "alice", CLIENT_AUTH, UPN_SAN)
+    assert verify_chain(leaf, trust, at=NOW).chain[1] == eku_ca
