@@ -11,7 +11,8 @@ What it refuses (CertificateRejected, with a reason the device owner or the admi
 - a leaf outside its validity period at `at`, or any CA in its chain outside its own;
 - a leaf without the clientAuth extended key usage. RFC 5280 reads a missing EKU as "any purpose";
   the gateway does not: a certificate must have been issued for client authentication;
-- a leaf whose key usage, when present, lacks digitalSignature (the key signs the TLS handshake);
+- a leaf whose key usage, when present, lacks digitalSignature (the key signs the TLS handshake), or whose key
+  OpenSSL's handshake refuses as too weak (RSA or DSA under 2048 bits, a curve under 224);
 - an issuer that is not in the trust list, or one whose name matches a trusted CA but whose key
   did not sign the leaf (the classic forgery: a private CA copying a trusted CA's name);
 - CA certificates without basicConstraints cA=TRUE, or beyond a path length constraint, or whose extended key
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
@@ -146,6 +148,7 @@ def verify_chain(
     _check_period(leaf, at, "certificate")
     if purpose == "client":
         _check_leaf_usage(leaf)
+        _check_leaf_key(leaf)
     issuer = _signing_issuer(leaf, trust)
     try:
         verified = _verifier(trust, at, purpose).verify(leaf, list(trust.intermediates))
@@ -247,6 +250,28 @@ def _check_leaf_usage(leaf: x509.Certificate) -> None:
         raise CertificateRejected(
             "certificate key usage lacks digitalSignature",
             hint=f"{_describe(leaf)}; reissue it with digitalSignature in its key usage (a TLS client signs with it)",
+        )
+
+
+def _check_leaf_key(leaf: x509.Certificate) -> None:
+    """Refuse the keys OpenSSL's handshake refuses at its default security level 2 ("EE certificate key too weak":
+    RSA and DSA under 2048 bits, elliptic curves under 224), so that `explain` stops where a request does; the
+    verifier checks only the keys of CAs, which sign something it verifies."""
+    try:
+        key = leaf.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return  # a key type OpenSSL may know and cryptography not: the handshake decides
+    if isinstance(key, rsa.RSAPublicKey | dsa.DSAPublicKey):
+        kind, bits, least = ("RSA" if isinstance(key, rsa.RSAPublicKey) else "DSA"), key.key_size, 2048
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        kind, bits, least = f"elliptic-curve ({key.curve.name})", key.curve.key_size, 224
+    else:
+        return
+    if bits < least:
+        raise CertificateRejected(
+            f"certificate has a {bits}-bit {kind} key; the gateway's TLS requires {least} bits or more",
+            hint=f"{_describe(leaf)}; OpenSSL's security level 2 refuses it in the handshake: issue the user a "
+            "certificate with a 2048-bit or larger RSA key, or an ECDSA P-256 key",
         )
 
 

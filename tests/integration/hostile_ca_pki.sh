@@ -1,11 +1,12 @@
 #!/bin/bash
 # CA chains a careless or hostile administrator makes, with the openssl CLI only (`openssl req`, `openssl ca` with
 # its index database, hand-written extension sections): a root, then intermediates that each get one thing wrong
-# (expired, an extended key usage without clientAuth (serverAuth; anyExtendedKeyUsage), CA:FALSE, a pathlen one CA too short, a UPN name constraint,
-# a directoryName constraint, revoked by the root's CRL, an Ed25519 key, a critical policyConstraints), each
-# signing a user certificate for alice@lab.test; a good intermediate beside them, a user certificate of it that
-# expired and one signed with SHA-224; a second trust anchor that expired, with a valid intermediate and user below
-# it; a CA renewed with a new key. CRLs from `openssl ca -gencrl`, three of them careless.
+# (expired, an extended key usage without clientAuth (serverAuth; anyExtendedKeyUsage), CA:FALSE, a pathlen one CA
+# too short, a UPN name constraint, a directoryName constraint, revoked by the root's CRL, an Ed25519 key, a critical
+# policyConstraints), each signing a user certificate for alice@lab.test; a good intermediate beside them, user
+# certificates of it that expired, signed with SHA-224, with a 1024-bit RSA key; a second trust anchor that expired,
+# with a valid intermediate and user below it; a CA renewed with a new key. CRLs from `openssl ca -gencrl`, three
+# of them careless.
 # Usage: hostile_ca_pki.sh DIR (tests/integration/test_hostile_ca_chains.py).
 set -euo pipefail
 export CADIR=root  # ca.cnf names it; each `openssl ca` sets its own
@@ -133,8 +134,12 @@ issue root ed25519 v3_ca
 mkdir -p ed25519/alice
 request ed25519/alice "/CN=alice of ed25519"
 issue ed25519 ed25519/alice v3_user
-# the good CA's own careless certificates: expired, and signed with SHA-224
+# the good CA's own careless certificates: expired, signed with SHA-224, an RSA key of 1024 bits
 for name in alice_expired alice_sha224; do mkdir -p "good/$name"; request "good/$name" "/CN=$name"; done
+mkdir -p good/alice_rsa1024
+openssl req -config ca.cnf -new -newkey rsa:1024 -nodes -keyout good/alice_rsa1024/key.pem -subj /CN=alice_rsa1024 \
+  -out good/alice_rsa1024/req.pem 2>&1
+issue good good/alice_rsa1024 v3_user
 issue good good/alice_expired v3_user -startdate "$(stamp '-20 days')" -enddate "$(stamp '-10 days')"
 issue good good/alice_sha224 v3_user -md sha224
 # a trust anchor that expired ten days ago, an intermediate it signed before then (still valid), alice's from that

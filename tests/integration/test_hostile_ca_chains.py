@@ -269,3 +269,17 @@ def test_explain_refuses_a_ca_whose_extended_key_usage_lacks_client_auth_as_the_
     answer = json.loads(done.stdout)
     assert (answer["accepted"], answer["stage"]) == (False, "certificate"), answer
     assert f"CA 'CN=Hostile {ca} CA' has an extended key usage without clientAuth" in answer["reason"], answer
+
+
+def test_explain_refuses_a_key_the_handshake_refuses(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
+    """A user certificate with a 1024-bit RSA key ends OpenSSL's handshake ("EE certificate key too weak", its
+    security level 2); `explain --json` refuses it at the certificate stage too, naming the key (it accepted it)."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_config(lab, pki))
+    cert = pki / "good" / "alice_rsa1024" / "cert.pem"
+    argv = [sys.executable, "-m", "proxy", "explain", "--config", str(config), "--cert", str(cert), "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+    assert done.returncode == 1, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["accepted"], answer["stage"]) == (False, "certificate"), answer
+    assert "certificate has a 1024-bit RSA key" in answer["reason"], answer

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
@@ -378,3 +378,28 @@ def test_a_ca_whose_extended_key_usage_has_client_auth_issues(pki: Pki) -> None:
     trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(eku_ca,))
     leaf, _ = issue(eku_ca, eku_key, "alice", CLIENT_AUTH, UPN_SAN)
     assert verify_chain(leaf, trust, at=NOW).chain[1] == eku_ca
+
+
+def test_a_leaf_key_the_handshake_refuses_is_refused_naming_its_size(pki: Pki) -> None:
+    """A user certificate with a 1024-bit RSA key, which OpenSSL's handshake refuses ("EE certificate key too weak"),
+    is refused by the certificate stage too, naming the key; 2048 bits pass."""
+    issuing = load_cert(pki.issuing_cert)
+    trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
+    for bits, refused in ((1024, True), (2048, False)):
+        key = rsa.generate_private_key(65537, bits)
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"rsa{bits}")]))
+            .issuer_name(issuing.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(days=1))
+            .not_valid_after(NOW + timedelta(days=1))
+            .add_extension(*CLIENT_AUTH)
+            .add_extension(*UPN_SAN)
+            .sign(load_key(pki.issuing_key), hashes.SHA256())
+        )
+        if refused:
+            assert "certificate has a 1024-bit RSA key" in rejected(leaf, trust)
+        else:
+            assert verify_chain(leaf, trust, at=NOW).leaf == leaf
