@@ -18,6 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.type import univ, useful
+from pyasn1_modules import rfc5280
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import REPO, Gateway, free_port, gateway_on_server, lab_config, start_gateway
@@ -283,3 +290,35 @@ def test_explain_refuses_a_key_the_handshake_refuses(lab: LabLayout, pki: Path, 
     answer = json.loads(done.stdout)
     assert (answer["accepted"], answer["stage"]) == (False, "certificate"), answer
     assert "certificate has a 1024-bit RSA key" in answer["reason"], answer
+
+
+def test_a_validity_in_generalized_time_before_2050_is_refused(lab: LabLayout, pki: Path, gw: Gateway) -> None:
+    """RFC 5280 4.1.2.5: validity dates through 2049 MUST be UTCTime. alice's certificate re-encoded with its
+    notBefore as a GeneralizedTime (a DER edit, signed again with the good CA's key: openssl cannot write one) passes
+    OpenSSL's handshake, which reads either, and is refused at the certificate stage, whose verifier holds to the
+    RFC (docs/refusals.md): 403 naming it, never delegated."""
+    cert, _ = der_decoder.decode(
+        x509.load_pem_x509_certificate((pki / "good" / "alice" / "cert.pem").read_bytes()).public_bytes(
+            serialization.Encoding.DER
+        ),
+        asn1Spec=rfc5280.Certificate(),
+    )
+    tbs = cert["tbsCertificate"]
+    when = rfc5280.Time()
+    when["generalTime"] = useful.GeneralizedTime("20" + str(tbs["validity"]["notBefore"].getComponent()))
+    tbs["validity"]["notBefore"] = when
+    key = serialization.load_pem_private_key((pki / "good" / "key.pem").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    cert["signature"] = univ.BitString.fromOctetString(key.sign(der_encoder.encode(tbs), ec.ECDSA(hashes.SHA256())))
+    user = pki / "good" / "alice_generalized_time"
+    user.mkdir(exist_ok=True)
+    (user / "cert.pem").write_bytes(
+        x509.load_der_x509_certificate(der_encoder.encode(cert)).public_bytes(serialization.Encoding.PEM)
+    )
+    (user / "key.pem").write_bytes((pki / "good" / "alice" / "key.pem").read_bytes())
+    gw.mark()
+    status, body, err = _curl(lab, gw, user)
+    assert status == 403, (body, err)
+    assert "validity dates between 1950 and 2049 must be UtcTime" in body
+    line = gw.wait_event("request", refused_stage="certificate")
+    assert "principal" not in line
