@@ -4,9 +4,9 @@
 # (expired, an extended key usage without clientAuth (serverAuth; anyExtendedKeyUsage), CA:FALSE, a pathlen one CA
 # too short, a UPN name constraint, a directoryName constraint, revoked by the root's CRL, an Ed25519 key, a critical
 # policyConstraints), each signing a user certificate for alice@lab.test; a good intermediate beside them, user
-# certificates of it that expired, signed with SHA-224, with a 1024-bit RSA key; a second trust anchor that expired,
-# with a valid intermediate and user below it; a CA renewed with a new key. CRLs from `openssl ca -gencrl`, three
-# of them careless.
+# certificates of it that expired, signed with SHA-224, with a 1024-bit RSA key, and others it may issue (other
+# device keys, a critical EKU, an empty subject, ...); a second trust anchor that expired, with a valid intermediate
+# and user below it; a CA renewed with a new key. CRLs from `openssl ca -gencrl`, three of them careless.
 # Usage: hostile_ca_pki.sh DIR (tests/integration/test_hostile_ca_chains.py).
 set -euo pipefail
 export CADIR=root  # ca.cnf names it; each `openssl ca` sets its own
@@ -71,6 +71,20 @@ basicConstraints = critical, CA:TRUE
 keyUsage = critical, keyCertSign, cRLSign
 certificatePolicies = 1.3.6.1.4.1.99999.1
 policyConstraints = critical, requireExplicitPolicy:0
+[v3_user_critical_eku]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = critical, clientAuth, 1.3.6.1.4.1.311.20.2.2
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test
+[v3_user_no_subject]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectAltName = critical, otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test
+[v3_user_bare]
+extendedKeyUsage = clientAuth
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test
+1.3.6.1.4.1.99999.8 = DER:05:00
 [crl_critical_unknown]
 authorityKeyIdentifier = keyid:always
 1.3.6.1.4.1.99999.7 = critical, DER:05:00
@@ -140,6 +154,30 @@ mkdir -p good/alice_rsa1024
 openssl req -config ca.cnf -new -newkey rsa:1024 -nodes -keyout good/alice_rsa1024/key.pem -subj /CN=alice_rsa1024 \
   -out good/alice_rsa1024/req.pem 2>&1
 issue good good/alice_rsa1024 v3_user
+# and what it may issue and the gateway serves: device keys of other kinds, a critical EKU with smartcardLogon, an
+# empty subject (the SAN critical), no basicConstraints or keyUsage with an unknown non-critical extension, and a
+# certificate that outlives its CA
+for kind in ed25519 ed448; do
+  mkdir -p "good/alice_$kind"
+  openssl req -config ca.cnf -new -newkey "$kind" -nodes -keyout "good/alice_$kind/key.pem" -subj "/CN=alice_$kind" \
+    -out "good/alice_$kind/req.pem" 2>&1
+  issue good "good/alice_$kind" v3_user
+done
+mkdir -p good/alice_p521
+openssl req -config ca.cnf -new -newkey ec -pkeyopt ec_paramgen_curve:P-521 -nodes -keyout good/alice_p521/key.pem \
+  -subj /CN=alice_p521 -out good/alice_p521/req.pem 2>&1
+issue good good/alice_p521 v3_user
+for name in alice_critical_eku alice_no_subject alice_bare alice_outlives; do mkdir -p "good/$name"; done
+request good/alice_critical_eku /CN=alice_critical_eku
+issue good good/alice_critical_eku v3_user_critical_eku
+openssl req -config ca.cnf -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout good/alice_no_subject/key.pem \
+  -subj / -out good/alice_no_subject/req.pem 2>&1
+openssl x509 -req -in good/alice_no_subject/req.pem -CA good/cert.pem -CAkey good/key.pem -set_serial 0x4e05 -days 1 \
+  -extfile ca.cnf -extensions v3_user_no_subject -out good/alice_no_subject/cert.pem 2>&1
+request good/alice_bare /CN=alice_bare
+issue good good/alice_bare v3_user_bare
+request good/alice_outlives /CN=alice_outlives
+issue good good/alice_outlives v3_user -enddate "$(stamp '+400 days')"
 issue good good/alice_expired v3_user -startdate "$(stamp '-20 days')" -enddate "$(stamp '-10 days')"
 issue good good/alice_sha224 v3_user -md sha224
 # a trust anchor that expired ten days ago, an intermediate it signed before then (still valid), alice's from that

@@ -148,11 +148,30 @@ def test_aiohttps_device_side_names_the_expired_ca_too(lab: LabLayout, pki: Path
         assert "renew that CA" in line["fix"], line
 
 
-def test_the_good_ca_serves_alice(lab: LabLayout, pki: Path, gw: Gateway) -> None:
-    """The control: alice's certificate from the good intermediate, on no CRL, is served as alice@LAB.TEST."""
-    status, body, err = _curl(lab, gw, pki / "good" / "alice")
+@pytest.mark.parametrize(
+    "user",
+    [
+        "alice",
+        "alice_ed25519",
+        "alice_ed448",
+        "alice_p521",
+        "alice_critical_eku",
+        "alice_no_subject",
+        "alice_bare",
+        "alice_outlives",
+    ],
+)
+def test_what_the_good_ca_may_issue_is_served(lab: LabLayout, pki: Path, gw: Gateway, user: str) -> None:
+    """The good intermediate's certificates the gateway serves as alice@LAB.TEST (docs/refusals.md, "Served"): the
+    control; device keys of Ed25519, Ed448 and P-521 (the CA's signature is what the chain needs); a critical EKU
+    with clientAuth and smartcardLogon; an empty subject with a critical SAN; no basicConstraints nor keyUsage, with
+    an unknown non-critical extension; a certificate whose notAfter is past its CA's (served while the CA is valid)."""
+    gw.mark()
+    status, body, err = _curl(lab, gw, pki / "good" / user)
     assert status == 200, (body, err)
     assert '"principal": "alice@LAB.TEST"' in body
+    line = gw.wait_event("request", status=200)
+    assert line["revocation"] == "good"
 
 
 @pytest.mark.parametrize(
