@@ -11,12 +11,18 @@ What it refuses (CertificateRejected, with a reason the device owner or the admi
 - a leaf outside its validity period at `at`, or any CA in its chain outside its own;
 - a leaf without the clientAuth extended key usage. RFC 5280 reads a missing EKU as "any purpose";
   the gateway does not: a certificate must have been issued for client authentication;
-- a leaf whose key usage, when present, lacks digitalSignature (the key signs the TLS handshake);
+- a leaf whose key usage, when present, lacks digitalSignature (the key signs the TLS handshake), or whose key
+  OpenSSL's handshake refuses as too weak (RSA or DSA under 2048 bits, a curve under 224);
 - an issuer that is not in the trust list, or one whose name matches a trusted CA but whose key
   did not sign the leaf (the classic forgery: a private CA copying a trusted CA's name);
-- CA certificates without basicConstraints cA=TRUE, or beyond a path length constraint;
+- CA certificates without basicConstraints cA=TRUE, or beyond a path length constraint, or whose extended key
+  usage (when they have one) lacks clientAuth: OpenSSL's handshake applies a CA's EKU to the certificates below it
+  and refuses such a chain, so `explain` must too;
 - what the verifier's web-PKI profile refuses and we kept (weak keys, SHA-1 signatures, X.509 v1,
-  unknown critical extensions).
+  unknown critical extensions). It accepts signatures of RSA (PKCS#1 v1.5 or PSS) and ECDSA with SHA-256, -384
+  or -512 only, so a CA with an Ed25519, Ed448 or DSA key cannot sign a usable certificate (a leaf's own key may
+  be of any kind OpenSSL takes in the handshake: it signs nothing the verifier checks); the refusal names the
+  certificate and the algorithm, not the verifier's words.
 
 The web-PKI profile is relaxed where enterprise CAs (Active Directory Certificate Services, or the
 openssl CLI with its default settings) legitimately differ from the CA/Browser Forum's rules: a CA
@@ -37,8 +43,10 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 from cryptography.x509.verification import (
     ClientVerifier,
     Criticality,
@@ -170,6 +178,7 @@ def verify_chain(
     _check_period(leaf, at, "certificate")
     if purpose == "client":
         _check_leaf_usage(leaf)
+        _check_leaf_key(leaf)
     issuer = _signing_issuer(leaf, trust)
     try:
         verified = _verifier(trust, at, purpose).verify(leaf, list(trust.intermediates))
@@ -177,6 +186,12 @@ def verify_chain(
         # Say what is wrong higher up the chain if we can; else pass the verifier's own words on.
         _diagnose_issuers(issuer, trust, at)
         message = str(exc).split(" (encountered processing", 1)[0]  # the rest repeats a certificate's repr
+        if "Forbidden signature algorithm" in message or "Forbidden public key algorithm" in message:
+            _diagnose_algorithms(leaf, trust)
+        if "unaccounted-for critical extensions" in message:
+            _diagnose_critical(leaf, trust, message)
+        if "CA extended key usage lacks clientAuth" in message:
+            _diagnose_ca_usage(leaf, trust)
         raise CertificateRejected(
             f"certificate chain does not validate: {message}", hint=f"{_describe(leaf)}; {exc}"
         ) from exc
@@ -268,6 +283,28 @@ def _check_leaf_usage(leaf: x509.Certificate) -> None:
         )
 
 
+def _check_leaf_key(leaf: x509.Certificate) -> None:
+    """Refuse the keys OpenSSL's handshake refuses at its default security level 2 ("EE certificate key too weak":
+    RSA and DSA under 2048 bits, elliptic curves under 224), so that `explain` stops where a request does; the
+    verifier checks only the keys of CAs, which sign something it verifies."""
+    try:
+        key = leaf.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return  # a key type OpenSSL may know and cryptography not: the handshake decides
+    if isinstance(key, rsa.RSAPublicKey | dsa.DSAPublicKey):
+        kind, bits, least = ("RSA" if isinstance(key, rsa.RSAPublicKey) else "DSA"), key.key_size, 2048
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        kind, bits, least = f"elliptic-curve ({key.curve.name})", key.curve.key_size, 224
+    else:
+        return
+    if bits < least:
+        raise CertificateRejected(
+            f"certificate has a {bits}-bit {kind} key; the gateway's TLS requires {least} bits or more",
+            hint=f"{_describe(leaf)}; OpenSSL's security level 2 refuses it in the handshake: issue the user a "
+            "certificate with a 2048-bit or larger RSA key, or an ECDSA P-256 key",
+        )
+
+
 def _signing_issuer(cert: x509.Certificate, trust: TrustList) -> x509.Certificate:
     """The configured CA that signed `cert`, or the reason there is none."""
     candidates = trust.named(cert.issuer)
@@ -300,6 +337,122 @@ def _diagnose_issuers(issuer: x509.Certificate, trust: TrustList, at: datetime) 
         issuer = _signing_issuer(issuer, trust)
 
 
+# What the verifier accepts (cryptography's web-PKI profile): the signature algorithms, and the kinds of CA keys.
+_ACCEPTED_SIGNATURES = frozenset(
+    {
+        SignatureAlgorithmOID.RSA_WITH_SHA256,
+        SignatureAlgorithmOID.RSA_WITH_SHA384,
+        SignatureAlgorithmOID.RSA_WITH_SHA512,
+        SignatureAlgorithmOID.RSASSA_PSS,
+        SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+        SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+        SignatureAlgorithmOID.ECDSA_WITH_SHA512,
+    }
+)
+_KEY_NAMES = (
+    (ed25519.Ed25519PublicKey, "Ed25519"),
+    (ed448.Ed448PublicKey, "Ed448"),
+    (dsa.DSAPublicKey, "DSA"),
+)
+_ALGORITHM_FIX = (
+    "the gateway accepts certificates signed with RSA (PKCS#1 v1.5 or PSS) or ECDSA, with SHA-256, SHA-384 or "
+    "SHA-512: reissue"
+)
+
+
+def _diagnose_algorithms(leaf: x509.Certificate, trust: TrustList) -> None:
+    """Walk up from the leaf through the configured CAs and raise for the first signature algorithm, or the first
+    CA key, the verifier does not accept (its own message names neither the certificate nor, readably, the
+    algorithm); nothing if none is found."""
+    cert = leaf
+    for _ in range(MAX_CHAIN_DEPTH + 2):
+        issuer = next(iter(trust.named(cert.issuer)), None)
+        key = None if issuer is None else issuer.public_key()
+        kind = next((name for cls, name in _KEY_NAMES if isinstance(key, cls)), None)
+        if kind is None and not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | None):
+            kind = type(key).__name__
+        if issuer is not None and kind is not None:  # its signatures are of that kind too: the CA is what to fix
+            raise CertificateRejected(
+                f"certificate chain does not validate: CA '{issuer.subject.rfc4514_string()}' has an {kind} key, "
+                "which the gateway does not accept for signing certificates",
+                hint=f"{_describe(issuer)}; {_ALGORITHM_FIX} that CA with an RSA (2048 bits or more) or ECDSA key",
+            )
+        if cert.signature_algorithm_oid not in _ACCEPTED_SIGNATURES:
+            oid = cert.signature_algorithm_oid
+            raise CertificateRejected(
+                f"certificate chain does not validate: certificate '{cert.subject.rfc4514_string()}' is signed with "
+                f"{getattr(oid, '_name', None) or oid.dotted_string}, which the gateway does not accept",
+                hint=f"{_describe(cert)}; {_ALGORITHM_FIX} it",
+            )
+        if issuer is None or trust.is_anchor(issuer) or issuer.subject == issuer.issuer:
+            return
+        cert = issuer
+
+
+_POLICY_EXTENSIONS = {
+    "2.5.29.32": "certificatePolicies",
+    "2.5.29.33": "policyMappings",
+    "2.5.29.36": "policyConstraints",
+    "2.5.29.54": "inhibitAnyPolicy",
+}
+
+
+def _diagnose_critical(leaf: x509.Certificate, trust: TrustList, message: str) -> None:
+    """The verifier's "invalid extension: <oid>: certificate contains unaccounted-for critical extensions" names the
+    extension, not the certificate: find the first certificate on the leaf's way up that marks it critical and raise
+    naming both; nothing if none is found. The verifier does no certificate-policy processing (nor does OpenSSL's
+    handshake by default), so a critical policy extension, which RFC 5280 makes policyConstraints and
+    inhibitAnyPolicy always, is refused rather than ignored."""
+    dotted = message.split("invalid extension: ", 1)[-1].split(":", 1)[0].strip()
+    name = _POLICY_EXTENSIONS.get(dotted, "an extension")
+    cert: x509.Certificate | None = leaf
+    for _ in range(MAX_CHAIN_DEPTH + 2):
+        if cert is None:
+            return
+        try:
+            critical = any(ext.critical and ext.oid.dotted_string == dotted for ext in cert.extensions)
+        except ValueError:
+            critical = False
+        if critical:
+            who = "certificate" if cert is leaf else "CA"
+            why = "no certificate-policy processing" if dotted in _POLICY_EXTENSIONS else "nothing with it"
+            raise CertificateRejected(
+                f"certificate chain does not validate: {who} '{cert.subject.rfc4514_string()}' marks {name} "
+                f"({dotted}) critical, which the gateway does not process",
+                hint=f"{_describe(cert)}; the gateway does {why} and refuses a critical extension it does not process "
+                "rather than ignore it: reissue that certificate without it, or with it non-critical where RFC 5280 "
+                "allows",
+            )
+        if trust.is_anchor(cert) or cert.subject == cert.issuer:
+            return
+        cert = next(iter(trust.named(cert.issuer)), None)
+
+
+def _diagnose_ca_usage(leaf: x509.Certificate, trust: TrustList) -> None:
+    """Raise naming the first CA above the leaf whose extended key usage lacks clientAuth; nothing if none does."""
+    cert = leaf
+    for _ in range(MAX_CHAIN_DEPTH + 1):
+        if trust.is_anchor(cert) or cert.subject == cert.issuer:
+            return
+        ca = next(iter(trust.named(cert.issuer)), None)
+        if ca is None:
+            return
+        try:
+            usage = ca.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except (x509.ExtensionNotFound, ValueError):
+            usage = None
+        if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+            have = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in usage) or "none"
+            raise CertificateRejected(
+                f"certificate chain does not validate: CA '{ca.subject.rfc4514_string()}' has an extended key usage "
+                f"without clientAuth (it has: {have})",
+                hint=f"{_describe(ca)}; a CA's extended key usage applies to every certificate below it (OpenSSL's "
+                "handshake and Windows read it so; anyExtendedKeyUsage on a CA is not clientAuth to OpenSSL): reissue "
+                "that CA without an extended key usage, or with clientAuth in it",
+            )
+        cert = ca
+
+
 def _describe(cert: x509.Certificate) -> str:
     return (
         f"subject '{cert.subject.rfc4514_string()}', issuer '{cert.issuer.rfc4514_string()}', "
@@ -327,6 +480,11 @@ def _ca_key_usage(_policy: Policy, _cert: x509.Certificate, value: x509.KeyUsage
         raise ValueError("CA key usage lacks keyCertSign")
 
 
+def _ca_extended_key_usage(_policy: Policy, _cert: x509.Certificate, value: x509.ExtendedKeyUsage | None) -> None:
+    if value is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in value:
+        raise ValueError("CA extended key usage lacks clientAuth")
+
+
 def _ee_extended_key_usage(_policy: Policy, _cert: x509.Certificate, value: x509.ExtendedKeyUsage) -> None:
     if ExtendedKeyUsageOID.CLIENT_AUTH not in value:
         raise ValueError("leaf lacks the clientAuth extended key usage")
@@ -344,6 +502,10 @@ _CA_POLICY = (
     .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
     .may_be_present(x509.SubjectKeyIdentifier, Criticality.AGNOSTIC, None)
 )
+# The gateway's own chains: a CA's extended key usage, when it has one, must include clientAuth, as OpenSSL's handshake
+# requires (cryptography's default takes anyExtendedKeyUsage on a CA, which OpenSSL refuses: explain would then pass a
+# chain the handshake ends). Chains of purpose "any" (a CRL signer's, PKITS) keep the default.
+_CLIENT_CA_POLICY = _CA_POLICY.may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ca_extended_key_usage)
 _EE_POLICY = (
     ExtensionPolicy.webpki_defaults_ee()
     .require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ee_extended_key_usage)
@@ -373,6 +535,9 @@ def _verifier(trust: TrustList, at: datetime, purpose: Purpose = "client") -> Cl
         .store(trust.store)
         .time(at)
         .max_chain_depth(MAX_CHAIN_DEPTH)
-        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY if purpose == "client" else _ANY_EE_POLICY)
+        .extension_policies(
+            ca_policy=_CLIENT_CA_POLICY if purpose == "client" else _CA_POLICY,
+            ee_policy=_EE_POLICY if purpose == "client" else _ANY_EE_POLICY,
+        )
         .build_client_verifier()
     )

@@ -14,6 +14,12 @@ Everything else becomes a problem string for the operator and is never used.
 `CrlSet.of` then indexes what was accepted, newest CRL per issuer, signer key and scope, and
 `CrlSet.lookup` answers for one certificate with RFC 5280 section 6.3.3: the CRLs that may speak for
 it are the complete CRLs of its issuer, or of an indirect CRL issuer its CRL distribution point names;
+of its issuer's own CRLs, those signed with the key that signed the certificate, or by a certificate that
+cannot sign certificates (keyUsage without keyCertSign: a separate CRL key, PKITS 4.4.19). A CA renewed with
+a new key (AD CS's "new key pair") publishes one CRL per key, each listing what that key signed, and Windows
+matches a CRL to a certificate by that key: the new key's CRL cannot say that a certificate of the old key
+is good (it never lists it, revoked or not). Any accepted CRL of the issuer's name that lists the serial
+still revokes it (the safe side);
 a CRL's issuingDistributionPoint must match the certificate (distribution point name, user or CA
 certificates only, never attribute certificates); a CRL limited to some reasons counts for those
 reasons only, and status is known once the CRLs found cover every reason. A delta CRL is applied to
@@ -121,6 +127,7 @@ class Crl:
     crl: x509.CertificateRevocationList
     signer: x509.Certificate  # the configured certificate whose key verified it
     signer_key: bytes  # its SubjectPublicKeyInfo, DER
+    signer_certifies: bool  # the signer may sign certificates (keyUsage keyCertSign, or no keyUsage)
     number: int  # cRLNumber, -1 when absent (openssl ca's v1 CRLs)
     delta_base: int | None  # a delta CRL's base CRL number; None for a complete CRL
     scope: Scope
@@ -144,6 +151,12 @@ class Crl:
 
     def current(self, at: datetime) -> bool:
         return self.this_update - CLOCK_SKEW <= at <= self.next_update
+
+    def vouches_for(self, issuer_key: bytes) -> bool:
+        """Whether this CRL of a certificate's own issuer can say the certificate is good: it was signed with the key
+        that signed the certificate (`issuer_key`, its SubjectPublicKeyInfo), or by a separate CRL signer that cannot
+        have signed the certificate. Another certificate-signing key of the same CA name lists only what it signed."""
+        return self.signer_key == issuer_key or not self.signer_certifies
 
     @property
     def partition(self) -> tuple[object, ...]:
@@ -256,6 +269,7 @@ class CrlSet:
         key = (cert.issuer, cert.serial_number)
         # Every current CRL that speaks for the certificate is consulted, not only the newest: after a CA
         # renews its key, each key's CRL lists the certificates that key signed.
+        issuer_key = _key_of(issuer)
         plain = self._plain.get(cert.issuer)
         if plain is not None:
             good: tuple[Crl, Crl | bool | None] | None = None
@@ -264,7 +278,8 @@ class CrlSet:
                     continue
                 if (entry := _entry(key, delta, crl)) is not None:
                     return self._revoked(cert, crl, delta, entry)
-                good = good or (crl, delta)
+                if good is None and crl.vouches_for(issuer_key):
+                    good = (crl, delta)
             return self._good(cert, *good) if good else self._unknown(cert, issuer, at, [])
         cert_is_ca = is_ca(cert)
         covered: set[x509.ReasonFlags] = set()
@@ -278,6 +293,8 @@ class CrlSet:
                     continue
                 if (entry := _entry(key, delta, crl)) is not None:
                     return self._revoked(cert, crl, delta, entry)
+                if not point.crl_issuers and not crl.vouches_for(issuer_key):
+                    continue  # another certificate-signing key of the issuer's name: it lists only what it signed
                 covered |= crl.reasons & point.reasons
                 used.append((crl, delta))
         if used and covered >= ALL_REASONS:
@@ -293,7 +310,7 @@ class CrlSet:
             missing = ", ".join(sorted(r.value for r in ALL_REASONS - covered))
             detail = f"the current CRLs for issuer '{name}' do not cover every revocation reason (missing: {missing})"
             return RevocationEvidence(RevocationStatus.UNKNOWN, used[0].source, detail)
-        detail = f"no current CRL for issuer '{name}'{self._why(cert, at)}"
+        detail = f"no current CRL for issuer '{name}'{self._why(cert, issuer, at)}"
         return RevocationEvidence(RevocationStatus.UNKNOWN, "", detail)
 
     def check(self, verified: VerifiedCertificate, *, at: datetime, policy: RevocationPolicy) -> RevocationEvidence:
@@ -416,12 +433,20 @@ class CrlSet:
             crl_next_update=min(crl.next_update, delta.next_update) if isinstance(delta, Crl) else crl.next_update,
         )
 
-    def _why(self, cert: x509.Certificate, at: datetime) -> str:
-        stale = [crl for crl in self._complete.get(cert.issuer, ()) if crl.next_update < at]
-        if not stale:
-            return ""
-        newest = max(stale, key=_age)
-        return f" (the CRL from {newest.source} expired on {format_time(newest.next_update)})"
+    def _why(self, cert: x509.Certificate, issuer: x509.Certificate, at: datetime) -> str:
+        issuer_key = _key_of(issuer)
+        complete = self._complete.get(cert.issuer, ())
+        stale = [crl for crl in complete if crl.next_update < at and crl.vouches_for(issuer_key)]
+        if stale:
+            newest = max(stale, key=_age)
+            return f" (the CRL from {newest.source} expired on {format_time(newest.next_update)})"
+        others = [crl for crl in complete if crl.current(at) and not crl.vouches_for(issuer_key)]
+        if others:
+            return (
+                f" signed with the key that signed the certificate (the current CRL from {others[0].source} is another "
+                "key's of that CA name, and lists only what that key signed: load the CRL of the certificate's own key)"
+            )
+        return ""
 
     def _signer_revoked(self, crl: Crl, trust: TrustList, at: datetime) -> str:
         """Why a CRL's signer (when not a trust anchor) cannot be used, judged by the other CRLs here."""
@@ -502,6 +527,7 @@ def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *
         crl=crl,
         signer=signer,
         signer_key=_spki(signer),
+        signer_certifies=_may_sign_certificates(signer),
         number=number,
         delta_base=delta_base,
         scope=_scope(idp),
@@ -642,6 +668,13 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
         return False
 
 
+def _may_sign_certificates(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    except x509.ExtensionNotFound:
+        return True
+
+
 def _may_sign_crls(cert: x509.Certificate) -> bool:
     try:
         return cert.extensions.get_extension_for_class(x509.KeyUsage).value.crl_sign
@@ -654,6 +687,12 @@ def _may_sign_crls(cert: x509.Certificate) -> bool:
 
 def _spki(cert: x509.Certificate) -> bytes:
     return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_of(cert: x509.Certificate) -> bytes:
+    """`_spki` of a CA certificate, remembered: it is asked for on every revocation look-up."""
+    return _spki(cert)
 
 
 def _age(crl: Crl) -> tuple[int, datetime]:

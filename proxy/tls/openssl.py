@@ -49,6 +49,15 @@ goes to `X509_verify_cert` as before, whose error, alert and log are unchanged. 
 One memo per context, so a reload (a new context, another trust list) starts empty; bounded, the oldest dropped.
 On a remembered chain OpenSSL keeps no verified chain for the connection (`SSL_get0_verified_chain`, Python 3.13's
 `get_verified_chain()`): nothing here reads it, the certificate stages build the chain themselves.
+
+Which certificate a refusal is about (`refused_certificate`). Python's `ssl.SSLCertVerificationError` carries
+OpenSSL's reason ("certificate has expired") but not which certificate of the chain it is about: the device's own,
+or a CA above it (an expired issuing CA, a CA whose extended key usage lacks clientAuth). Their fixes differ (a new
+certificate for the user, or a renewed CA for everyone), so when `X509_verify_cert` fails the callback keeps the
+error depth (`X509_STORE_CTX_get_error_depth`, 0 the device's certificate) and the certificate it failed on
+(`X509_STORE_CTX_get_current_cert`, as DER) for the thread. OpenSSL calls the callback inside the `do_handshake`
+that then raises, in the same thread and the same synchronous call, so the caller takes it right there
+(`take_refused_certificate`) and nothing of another connection can come between.
 """
 
 from __future__ import annotations
@@ -59,8 +68,10 @@ import ctypes
 import functools
 import hashlib
 import ssl
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 _SSL_CTRL_SET_MAX_CERT_LIST = 51
 _SSL_CTRL_GET_MAX_CERT_LIST = 50
@@ -230,7 +241,45 @@ def _libcrypto() -> ctypes.CDLL:
     lib.X509_digest.restype = ctypes.c_int
     lib.X509_verify_cert.argtypes = [ctypes.c_void_p]
     lib.X509_verify_cert.restype = ctypes.c_int
+    lib.X509_STORE_CTX_get_error_depth.argtypes = [ctypes.c_void_p]
+    lib.X509_STORE_CTX_get_error_depth.restype = ctypes.c_int
+    lib.X509_STORE_CTX_get_current_cert.argtypes = [ctypes.c_void_p]
+    lib.X509_STORE_CTX_get_current_cert.restype = ctypes.c_void_p
+    lib.i2d_X509.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    lib.i2d_X509.restype = ctypes.c_int
     return lib
+
+
+@dataclass(frozen=True)
+class RefusedCertificate:
+    """The certificate OpenSSL's verification failed on: its depth in the chain (0: the device's own) and its DER
+    encoding (empty when OpenSSL named none)."""
+
+    depth: int
+    der: bytes
+
+
+_refused = threading.local()  # the last failed verification of this thread's handshake (module docstring)
+
+
+def take_refused_certificate() -> RefusedCertificate | None:
+    """The certificate the verification that just failed in this thread was about, once; None if none failed."""
+    refused: RefusedCertificate | None = getattr(_refused, "value", None)
+    _refused.value = None
+    return refused
+
+
+def _der_of(lib: ctypes.CDLL, cert: int | None) -> bytes:
+    """The DER encoding of OpenSSL's `X509 *cert` (`i2d_X509`); empty for none."""
+    if not cert:
+        return b""
+    size = lib.i2d_X509(cert, None)
+    if size <= 0:
+        return b""
+    buffer = ctypes.create_string_buffer(size)
+    cursor = ctypes.c_void_p(ctypes.addressof(buffer))  # i2d_X509 writes there and moves it on
+    written = lib.i2d_X509(cert, ctypes.byref(cursor))
+    return buffer.raw[: max(written, 0)]
 
 
 def _sha256_of(lib: ctypes.CDLL, cert: int) -> bytes:
@@ -291,6 +340,7 @@ class VerifiedChains:
 
     def _verify(self, store_ctx: int, _arg: int | None) -> int:
         lib = _libcrypto()
+        _refused.value = None
         try:
             key = self._key(lib, store_ctx)
         except Exception:  # noqa: BLE001 -- whatever went wrong, OpenSSL's own verification decides
@@ -304,6 +354,10 @@ class VerifiedChains:
         if verified == 1 and key is not None:
             with contextlib.suppress(Exception):  # not remembered: the next handshake verifies again
                 self._remember(lib, store_ctx, key)
+        elif verified != 1:
+            with contextlib.suppress(Exception):  # the refusal is logged without naming the certificate then
+                depth = lib.X509_STORE_CTX_get_error_depth(store_ctx)
+                _refused.value = RefusedCertificate(depth, _der_of(lib, lib.X509_STORE_CTX_get_current_cert(store_ctx)))
         return verified
 
     def _remember(self, lib: ctypes.CDLL, store_ctx: int, key: bytes) -> None:

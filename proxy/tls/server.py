@@ -37,16 +37,25 @@ import asyncio
 import contextlib
 import ssl
 import threading
+import weakref
 from asyncio import sslproto
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, cast, overload
 
 import structlog
+from cryptography import x509
 
 from proxy.certs.chain import load_certificates
 from proxy.config import Config
-from proxy.tls.openssl import fresh_bios, keep_sessions, limit_client_chain, remember_verified_chains
+from proxy.tls.openssl import (
+    RefusedCertificate,
+    fresh_bios,
+    keep_sessions,
+    limit_client_chain,
+    remember_verified_chains,
+    take_refused_certificate,
+)
 from proxy.tls.record import TlsRecords
 
 log = structlog.get_logger("proxy.tls")
@@ -228,6 +237,8 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
         return keep_open
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            note_refused_certificate(handshake_exc)  # called from the do_handshake that raised it, synchronously
         transport = None if self._transport is None else socket_transport(self._transport)
         if handshake_exc is not None and transport is not None and not transport.is_closing():
             with contextlib.suppress(Exception):
@@ -384,8 +395,10 @@ class TlsGate(asyncio.Protocol):
             if self._on_health_check is not None:
                 self._on_health_check()
             return
-        fix = handshake_fix(reason)
-        log.warning("tls_handshake_refused", stage="tls", peer=peer_text(peer), reason=reason, fix=fix)
+        refused = _REFUSED_CERTIFICATES.pop(exc, None) if isinstance(exc, ssl.SSLCertVerificationError) else None
+        fix = handshake_fix(reason, refused)
+        about = {} if refused is None else {"certificate": _subject(refused), "depth": refused.depth}
+        log.warning("tls_handshake_refused", stage="tls", peer=peer_text(peer), reason=reason, fix=fix, **about)
         if self._on_refused is not None:
             self._on_refused(reason)
 
@@ -468,6 +481,7 @@ class _Handshake(asyncio.BufferedProtocol):
                 stream.write(self._outgoing.read())
             return
         except OSError as exc:  # ssl.SSLError: OpenSSL refused it, and its alert is in the outgoing BIO
+            note_refused_certificate(exc)
             self._refused(stream, exc)
             return
         self._done(stream)
@@ -608,6 +622,7 @@ _HANDSHAKE_FIXES = (
         "a CA of the chain is in the trust list but its own issuer is not: add that issuer to "
         "client_certificates.intermediates or trust_anchors",
     ),
+    ("self-signed certificate", "the certificate signed itself: it was not issued by our PKI"),
     ("unsuitable certificate purpose", "the certificate lacks the clientAuth extended key usage: reissue it"),
     (
         "unhandled critical extension",
@@ -615,13 +630,89 @@ _HANDSHAKE_FIXES = (
         "marked critical, say: AD CS writes it non-critical): reissue it with that extension non-critical",
     ),
     ("signature failure", "the certificate's signature does not verify: a forged or corrupted certificate"),
+    (
+        "invalid ca certificate",
+        "a CA certificate of the chain may not sign certificates (its basicConstraints lacks cA=TRUE, or it has none, "
+        "or its keyUsage lacks keyCertSign): reissue that CA certificate as a CA",
+    ),
+    (
+        "path length constraint exceeded",
+        "a CA of the chain allows fewer CAs below it (basicConstraints pathlen) than the chain has: issue the "
+        "certificate from a CA that pathlen allows, or reissue that CA",
+    ),
+    (
+        "subtree violation",
+        "the certificate carries a name outside a CA's nameConstraints (subject, e-mail, DNS name): a CA of the "
+        "chain may not name this user; issue the certificate from a CA whose constraints allow its names",
+    ),
+    (
+        "unsupported name constraint type",
+        "a CA of the chain has nameConstraints of a form OpenSSL cannot check (a UPN otherName, say): reissue that CA "
+        "with e-mail or DNS name constraints, which the gateway applies to the UPN (docs/refusals.md)",
+    ),
+    (
+        "too weak",
+        "the certificate or a CA of its chain has a key or signature digest below OpenSSL's security level (an RSA "
+        "key under 2048 bits, SHA-1 or MD5): reissue it with a 2048-bit or larger key and SHA-256",
+    ),
     ("http request", "a plain HTTP request reached the TLS port: use https://"),
     ("chain too long", "more CA certificates than client_certificates.max_chain_depth: a junk chain, or raise it"),
     ("excessive message size", "a client chain over client_certificates.max_chain_bytes: a junk chain, or raise it"),
 )
+# OpenSSL's reason about a CA above the device's certificate (error depth > 0): the fix is the CA's, not the user's.
+_CA_FIXES = (
+    (
+        "has expired",
+        "the CA certificate {ca} expired: renew that CA, configure its new certificate "
+        "(client_certificates.trust_anchors or intermediates) and reissue the certificates it signed",
+    ),
+    ("not yet valid", "the CA certificate {ca} is not valid yet: check the clocks of the gateway and of that CA"),
+    (
+        "unsuitable certificate purpose",
+        "the CA certificate {ca} has an extended key usage without clientAuth, and OpenSSL applies a CA's extended key "
+        "usage to every certificate below it (as Windows does): reissue that CA without one, or with clientAuth",
+    ),
+    (
+        "unhandled critical extension",
+        "the CA certificate {ca} marks an extension critical that OpenSSL does not know: reissue that CA with it "
+        "non-critical",
+    ),
+    (
+        "signature failure",
+        "the signature on the CA certificate {ca} does not verify against its issuer: a forged or corrupted CA "
+        "certificate, or the wrong one configured",
+    ),
+)
 
 
-def handshake_fix(reason: str) -> str | None:
-    """What the administrator can do about a refused handshake, when that is known."""
+def handshake_fix(reason: str, refused: RefusedCertificate | None = None) -> str | None:
+    """What the administrator can do about a refused handshake, when that is known; `refused` (the certificate
+    OpenSSL's verification failed on) makes a reason about a CA above the device's certificate name that CA."""
     lowered = reason.lower()
+    if refused is not None and refused.depth > 0:
+        ca = f"'{_subject(refused)}' (depth {refused.depth})"
+        fix = next((fix for needle, fix in _CA_FIXES if needle in lowered), None)
+        if fix is not None:
+            return fix.format(ca=ca)
     return next((fix for needle, fix in _HANDSHAKE_FIXES if needle in lowered), None)
+
+
+# Only `ssl.SSLCertVerificationError` is filed here and asked about: it is a heap type, weakly referable; `ssl.SSLError`
+# itself (a refusal without a certificate to blame) is not, and a look-up with one raises TypeError.
+_REFUSED_CERTIFICATES: weakref.WeakKeyDictionary[BaseException, RefusedCertificate] = weakref.WeakKeyDictionary()
+
+
+def note_refused_certificate(exc: BaseException) -> None:
+    """File the certificate the failed verification was about with the handshake's exception. Called where
+    `do_handshake` raised `exc`, in the same synchronous call (proxy.tls.openssl, "Which certificate")."""
+    refused = take_refused_certificate()
+    if refused is not None and isinstance(exc, ssl.SSLCertVerificationError):
+        _REFUSED_CERTIFICATES[exc] = refused
+
+
+def _subject(refused: RefusedCertificate) -> str:
+    """The RFC 4514 subject of the refused certificate, or what stands in for it."""
+    try:
+        return x509.load_der_x509_certificate(refused.der).subject.rfc4514_string()
+    except ValueError:
+        return "(a certificate OpenSSL named but that cannot be read)"

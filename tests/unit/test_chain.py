@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
@@ -284,3 +284,122 @@ def test_an_expired_issuing_ca_names_the_ca_fix(pki: Pki) -> None:
     hint = refusal_hint(leaf, trust)
     assert "renew that CA" in hint
     assert "issue the user a new one" not in hint
+
+
+def test_a_signature_algorithm_the_verifier_refuses_is_named_with_its_certificate(pki: Pki) -> None:
+    """A leaf signed with ECDSA and SHA-224 is refused naming that certificate and the algorithm, not with the
+    verifier's debug dump (`AlgorithmIdentifier { oid: DefinedByMarker(PhantomData<...`)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sha224")]))
+        .issuer_name(load_cert(pki.issuing_cert).subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(*CLIENT_AUTH)
+        .add_extension(*UPN_SAN)
+        .sign(load_key(pki.issuing_key), hashes.SHA224())
+    )
+    trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
+    reason = rejected(leaf, trust)
+    assert "certificate 'CN=sha224' is signed with ecdsa-with-SHA224, which the gateway does not accept" in reason
+    assert "PhantomData" not in reason
+
+
+def test_a_ca_key_the_verifier_refuses_is_named_with_its_ca(pki: Pki) -> None:
+    """An intermediate with an Ed25519 key (OpenSSL's handshake takes it) is refused naming that CA and its key, not
+    the leaf's signature: the CA is what to reissue."""
+    ca_key = ed25519.Ed25519PrivateKey.generate()
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Edwards CA")]))
+        .issuer_name(load_cert(pki.root_cert).subject)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(*CA)
+        .sign(load_key(pki.root_key), hashes.SHA256())
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice")]))
+        .issuer_name(ca.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(*CLIENT_AUTH)
+        .add_extension(*UPN_SAN)
+        .sign(ca_key, None)
+    )
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(ca,))
+    assert "CA 'CN=Edwards CA' has an Ed25519 key, which the gateway does not accept" in rejected(leaf, trust)
+
+
+def test_a_critical_policy_extension_the_verifier_does_not_process_is_named_with_its_ca(pki: Pki) -> None:
+    """A CA with a critical policyConstraints (RFC 5280 makes it critical always) is refused, as the verifier does
+    no policy processing, and the reason names that CA and the extension, not only the verifier's OID."""
+    constraints = (x509.PolicyConstraints(require_explicit_policy=0, inhibit_policy_mapping=None), True)
+    policy_ca, policy_key = issue(load_cert(pki.root_cert), load_key(pki.root_key), "Policy CA", CA, constraints)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(policy_ca,))
+    leaf, _ = issue(policy_ca, policy_key, "alice", CLIENT_AUTH, UPN_SAN)
+    reason = rejected(leaf, trust)
+    assert "CA 'CN=Policy CA' marks policyConstraints (2.5.29.36) critical, which the gateway does not" in reason
+
+
+@pytest.mark.parametrize(
+    ("usages", "has"),
+    [
+        ([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE], "anyExtendedKeyUsage"),
+        ([ExtendedKeyUsageOID.SERVER_AUTH], "serverAuth"),
+    ],
+)
+def test_a_ca_whose_extended_key_usage_lacks_client_auth_is_refused_naming_it(
+    pki: Pki, usages: list[x509.ObjectIdentifier], has: str
+) -> None:
+    """A CA's extended key usage without clientAuth ends OpenSSL's handshake (anyExtendedKeyUsage included), so the
+    certificate stage refuses it too (cryptography's default took anyExtendedKeyUsage), naming the CA."""
+    eku = (x509.ExtendedKeyUsage(usages), False)
+    eku_ca, eku_key = issue(load_cert(pki.root_cert), load_key(pki.root_key), "EKU CA", CA, eku)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(eku_ca,))
+    leaf, _ = issue(eku_ca, eku_key, "alice", CLIENT_AUTH, UPN_SAN)
+    reason = rejected(leaf, trust)
+    assert f"CA 'CN=EKU CA' has an extended key usage without clientAuth (it has: {has})" in reason
+
+
+def test_a_ca_whose_extended_key_usage_has_client_auth_issues(pki: Pki) -> None:
+    """A CA whose extended key usage includes clientAuth still issues client certificates."""
+    eku = (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]), False)
+    eku_ca, eku_key = issue(load_cert(pki.root_cert), load_key(pki.root_key), "EKU CA", CA, eku)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(eku_ca,))
+    leaf, _ = issue(eku_ca, eku_key, "alice", CLIENT_AUTH, UPN_SAN)
+    assert verify_chain(leaf, trust, at=NOW).chain[1] == eku_ca
+
+
+def test_a_leaf_key_the_handshake_refuses_is_refused_naming_its_size(pki: Pki) -> None:
+    """A user certificate with a 1024-bit RSA key, which OpenSSL's handshake refuses ("EE certificate key too weak"),
+    is refused by the certificate stage too, naming the key; 2048 bits pass."""
+    issuing = load_cert(pki.issuing_cert)
+    trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
+    for bits, refused in ((1024, True), (2048, False)):
+        key = rsa.generate_private_key(65537, bits)
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"rsa{bits}")]))
+            .issuer_name(issuing.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(days=1))
+            .not_valid_after(NOW + timedelta(days=1))
+            .add_extension(*CLIENT_AUTH)
+            .add_extension(*UPN_SAN)
+            .sign(load_key(pki.issuing_key), hashes.SHA256())
+        )
+        if refused:
+            assert "certificate has a 1024-bit RSA key" in rejected(leaf, trust)
+        else:
+            assert verify_chain(leaf, trust, at=NOW).leaf == leaf

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.tls.openssl import RefusedCertificate
 from proxy.tls.server import handshake_fix, peer_text
 
 
@@ -15,6 +16,14 @@ from proxy.tls.server import handshake_fix, peer_text
         ("certificate has expired", "issue the user a new one"),
         ("peer did not return a certificate", "install the user's certificate"),
         ("unhandled critical extension", "1.3.6.1.4.1.311.25.2"),
+        ("invalid CA certificate", "basicConstraints lacks cA=TRUE"),
+        ("path length constraint exceeded", "pathlen"),
+        ("permitted subtree violation", "nameConstraints"),
+        ("excluded subtree violation", "nameConstraints"),
+        ("unsupported name constraint type", "e-mail or DNS name constraints"),
+        ("CA signature digest algorithm too weak", "SHA-256"),
+        ("EE certificate key too weak", "2048-bit"),
+        ("self-signed certificate", "not issued by our PKI"),
     ],
 )
 def test_each_known_reason_has_its_fix(reason: str, in_fix: str) -> None:
@@ -23,6 +32,26 @@ def test_each_known_reason_has_its_fix(reason: str, in_fix: str) -> None:
     fix = handshake_fix(reason)
     assert fix is not None
     assert in_fix in fix
+
+
+@pytest.mark.parametrize(
+    ("reason", "in_fix"),
+    [
+        ("certificate has expired", "renew that CA"),
+        ("certificate is not yet valid", "clocks of the gateway and of that CA"),
+        ("unsuitable certificate purpose", "applies a CA's extended key usage"),
+        ("unhandled critical extension", "reissue that CA"),
+        ("certificate signature failure", "forged or corrupted CA certificate"),
+    ],
+)
+def test_a_reason_about_a_ca_gets_the_cas_fix(reason: str, in_fix: str) -> None:
+    """OpenSSL's reason about a certificate above the device's (depth > 0) gets that CA's fix, naming it and its
+    depth; the same reason about the device's own certificate (depth 0) keeps the user's fix."""
+    fix = handshake_fix(reason, RefusedCertificate(1, b"not DER"))
+    assert fix is not None
+    assert in_fix in fix
+    assert "(depth 1)" in fix
+    assert handshake_fix(reason, RefusedCertificate(0, b"")) == handshake_fix(reason)
 
 
 def test_an_unknown_reason_has_no_fix() -> None:

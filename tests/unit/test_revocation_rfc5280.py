@@ -295,3 +295,51 @@ def test_every_current_crl_of_the_issuer_is_consulted(pki: Pki) -> None:
     crls, problems = CrlSet.build([("old-key.crl", old_crl), ("new-key.crl", new_crl)], trust, at=NOW)
     assert problems == []
     assert status(crls, alice) is RevocationStatus.REVOKED
+
+
+def _same_name_ca(pki: Pki, *extensions: Ext) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A second CA certificate with the issuing CA's name and a key of its own, certified by the root."""
+    root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
+    name, _ = issuing(pki)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+    )
+    for value, critical in extensions:
+        builder = builder.add_extension(value, critical=critical)
+    return builder.sign(root_key, hashes.SHA256()), key
+
+
+def test_a_renewed_keys_crl_does_not_vouch_for_the_old_keys_certificates(pki: Pki) -> None:
+    """After a CA key renewal the new key's CRL lists what the new key signed: alone, it leaves a certificate of the
+    old key unknown (it was "good", a revoked one too), and the reason says whose CRL is missing."""
+    renewed, new_key = _same_name_ca(pki)
+    name, _ = issuing(pki)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(load_cert(pki.issuing_cert), renewed))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    crls, problems = CrlSet.build([("new-key.crl", crl(name, new_key, (), number=8))], trust, at=NOW)
+    assert problems == []
+    evidence = crls.lookup(alice.leaf, alice.chain[1], at=NOW)
+    assert evidence.status is RevocationStatus.UNKNOWN
+    assert "signed with the key that signed the certificate" in evidence.detail
+    assert "new-key.crl is another key's" in evidence.detail
+
+
+def test_a_separate_crl_signer_vouches_for_its_cas_certificates(pki: Pki) -> None:
+    """A second certificate of the CA's name whose keyUsage allows cRLSign and not keyCertSign signs CRLs only
+    (PKITS 4.4.19): its CRL says a certificate it does not list is good."""
+    crl_only = x509.KeyUsage(False, False, False, False, False, False, True, False, False)
+    signer, signer_key = _same_name_ca(pki, (crl_only, True))
+    name, _ = issuing(pki)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(load_cert(pki.issuing_cert), signer))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    crls, problems = CrlSet.build([("crl-key.crl", crl(name, signer_key, ()))], trust, at=NOW)
+    assert problems == []
+    assert status(crls, alice) is RevocationStatus.GOOD
