@@ -193,13 +193,11 @@ class _Ticket:
         return found
 
     def renew_at(self, recheck: float) -> float:
-        """When a request starts this entry's background renewal: `RENEW_BEFORE` seconds before its service ticket
-        expires, but not before the ticket is half its life old (one living less than `RENEW_BEFORE`, which a short
-        maxlife at the KDC gives, was in its window from birth, and every request started another exchange), or
-        `recheck` seconds (kerberos.ticket_recheck_seconds, 0: none) after the exchange that made it, if sooner."""
-        renew_at = self.expires - RENEW_BEFORE
-        if self.obtained < self.expires:
-            renew_at = max(renew_at, (self.obtained + self.expires) / 2)
+        """When a request starts this entry's background renewal: `renew_from` (`RENEW_BEFORE` seconds before its
+        service ticket expires, not before it is half its life old: one living less, which a short maxlife at the KDC
+        gives, was in its window from birth, and every request started another exchange), or `recheck` seconds
+        (kerberos.ticket_recheck_seconds, 0: none) after the exchange that made it, if sooner."""
+        renew_at = renew_from(self.obtained, self.expires)
         if recheck:
             renew_at = min(renew_at, self.obtained + recheck)
         return renew_at
@@ -240,6 +238,7 @@ class Delegator:
         self._clock = clock
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
         self._service: gssapi.Credentials | None = None
+        self._service_renew_at = 0.0  # time.monotonic() from which `_service_credentials` acquires them again
         self._service_lock = threading.Lock()
         # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
         self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError] | None = None
@@ -574,12 +573,15 @@ class Delegator:
         return self._service_credentials()
 
     def _service_credentials(self) -> gssapi.Credentials:
-        """The gateway's own credentials (its TGT, from the keytab), renewed `RENEW_BEFORE` seconds before they
-        expire by one thread at a time. While one renews, the others go on with the current ones if these are still
-        usable, rather than wait: an AS exchange with a KDC that accepts and never answers holds its thread about
-        50 s in MIT (`proxy.kerberos.kdcs`), and every new user's exchange used to wait behind it."""
+        """The gateway's own credentials (its TGT, from the keytab), renewed when `renew_from` says (`RENEW_BEFORE`
+        seconds before they expire, not before half their life: a TGT living less, a short maxlife on the gateway's
+        principal or on krbtgt, was acquired again for every exchange, and every trace said it began with an AS
+        exchange; MIT answered from the ccache until its own refresh time, half the TGT's life) by one thread at a
+        time. While one renews, the others go on with the current ones if these are still usable, rather than wait:
+        an AS exchange with a KDC that accepts and never answers holds its thread about 50 s in MIT
+        (`proxy.kerberos.kdcs`), and every new user's exchange used to wait behind it."""
         current = self._service
-        if current is not None and _remaining(current) >= RENEW_BEFORE:
+        if current is not None and time.monotonic() < self._service_renew_at:
             return current
         if current is not None and _remaining(current) > USABLE_FOR:
             if not self._service_lock.acquire(blocking=False):
@@ -587,8 +589,10 @@ class Delegator:
         else:
             self._service_lock.acquire()
         try:
-            if self._service is None or _remaining(self._service) < RENEW_BEFORE:
+            if self._service is None or time.monotonic() >= self._service_renew_at:
                 self._service = self._acquire_service()
+                now = time.monotonic()
+                self._service_renew_at = renew_from(now, now + _remaining(self._service))
             return self._service
         finally:
             self._service_lock.release()
@@ -772,6 +776,17 @@ def asked_name(user: UserPrincipal) -> str:
     map to one principal (`realm_map`: mallory's alice@corp.example and alice's alice@ad.test are both
     alice@AD.TEST) are two names to the KDC, often two accounts, and so two entries."""
     return _ENTERPRISE_KEY + user.enterprise if user.enterprise else user.principal
+
+
+def renew_from(obtained: float, expires: float) -> float:
+    """When a credential obtained at `obtained` that expires at `expires` (clock times) is renewed: `RENEW_BEFORE`
+    seconds before it expires, but not before it is half its life old. One that lives less than `RENEW_BEFORE` (a
+    short maxlife at the KDC) is in that window from birth; renewed at every use, it would buy nothing. The rule of
+    the users' tickets (`_Ticket.renew_at`) and of the gateway's own TGT (`Delegator._service_credentials`)."""
+    renew_at = expires - RENEW_BEFORE
+    if obtained < expires:
+        renew_at = max(renew_at, (obtained + expires) / 2)
+    return renew_at
 
 
 def _message(error: gssapi.raw.GSSError | Krb5Error) -> str:
