@@ -58,7 +58,7 @@ import asyncio
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
@@ -255,7 +255,16 @@ class Pools:
         await asyncio.sleep(0)  # the transports' close callbacks run
 
 
-Authorization = str | Callable[[], str]  # the header's value, or how to make it (only when it is sent)
+# the header's value, or how to make it (only when it is sent: on a connection-bound route, once the connection is open)
+Authorization = str | Callable[[], str] | Callable[[], Awaitable[str]]
+
+
+async def _value(authorization: Authorization) -> str:
+    """The header's value, made now if it is to be made."""
+    if isinstance(authorization, str):
+        return authorization
+    made = authorization()
+    return made if isinstance(made, str) else await made
 
 
 class Handover:
@@ -344,7 +353,7 @@ async def forward_device(
     The path sent is `target`'s (the one the route was chosen on: `proxy.target`), as is."""
     target = target or origin_form(request.raw_path)
     if route.backend_binding != "connection" and not isinstance(authorization, str):
-        authorization = authorization()
+        authorization = await _value(authorization)
     out_headers = headers.to_backend(
         request.headers,
         client_ip=request.remote or "",
@@ -416,7 +425,7 @@ async def _send(
     while True:
         connection = await pool.acquire(upstream, route.connect_timeout, fresh=fresh)
         try:
-            token_sent = _authorize(connection.bound_spn, out_headers, route, authorization)
+            token_sent = await _authorize(connection.bound_spn, out_headers, route, authorization)
         except BaseException:
             pool.unused(upstream, connection)  # nothing was written on it
             raise
@@ -440,7 +449,7 @@ async def _send(
         return exchange, head, token_sent
 
 
-def _authorize(
+async def _authorize(
     bound_spn: str | None, out_headers: CIMultiDict[str], route: Route, authorization: Authorization
 ) -> bool:
     """On a connection-bound route: a token on a connection not yet bound to this user for this SPN, else
@@ -450,7 +459,7 @@ def _authorize(
     if bound_spn == route.spn:
         out_headers.popall("Authorization", None)
         return False
-    out_headers["Authorization"] = authorization if isinstance(authorization, str) else authorization()
+    out_headers["Authorization"] = await _value(authorization)
     return True
 
 

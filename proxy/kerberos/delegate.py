@@ -115,6 +115,7 @@ KRB5 = gssapi.MechType.kerberos
 _MECHS = (KRB5,)
 RENEW_BEFORE = 300.0  # seconds before a service ticket expires when a background renewal starts
 USABLE_FOR = 30.0  # a ticket with less left than this is not used: the request waits for a fresh one
+TOKEN_LEFT = 2.0  # a token made later (`Delegation.valid`) needs a ticket with this much left: the clocks' rounding
 _RETRY_AFTER = 30.0  # after a failed background renewal, the next one starts no sooner than this
 # The KDC's words for "that key is wrong" to an AS exchange with the keytab: AD counts each as a bad password of the
 # gateway's account, towards its lockout threshold (two per try, as seen against Samba AD).
@@ -153,6 +154,9 @@ class Delegation:
     facts: S4UFacts | None
     make_token: Callable[[], bytes] = field(repr=False)
     account: KdcAccount = field(default_factory=lambda: KdcAccount("none"))  # whom the evidence ticket's PAC names
+    # whether the service ticket is still good for a token now: a connection-bound route makes its token once the
+    # backend connection is open, up to connect_timeout later, and asks again for a ticket that ended meanwhile
+    valid: Callable[[], bool] = field(default=lambda: True, repr=False)
 
     def authorization(self) -> str:
         return "Negotiate " + base64.b64encode(self.make_token()).decode("ascii")
@@ -326,8 +330,13 @@ class Delegator:
                 raise self._explain("no token produced", client, spn)
             return token
 
+        expires = ticket.expires
+
+        def valid() -> bool:
+            return self._clock() < expires - TOKEN_LEFT
+
         ms = (time.perf_counter() - start) * 1000
-        return Delegation(client, spn, cached, ms, ticket.facts, make_token, account)
+        return Delegation(client, spn, cached, ms, ticket.facts, make_token, account, valid)
 
     def _key(self, principal: str, spn: str) -> Key:
         """The cache key of `principal` at `spn`: the client name the KDC returned for it, once known."""
