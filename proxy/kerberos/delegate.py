@@ -67,7 +67,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import errno
 import itertools
+import socket
 import threading
 import time
 import uuid
@@ -83,7 +85,14 @@ import structlog
 
 from proxy.auth.shared import ForgottenUser, SharedTable, put_off
 from proxy.config import Kerberos
-from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KdcNotAsked, KerberosRefused
+from proxy.errors import (
+    AccountMismatch,
+    AccountReplaced,
+    GatewayError,
+    KdcNotAsked,
+    KdcUnavailable,
+    KerberosRefused,
+)
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import (
@@ -96,7 +105,7 @@ from proxy.kerberos.account import (
 )
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
-from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
+from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc
 from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.keytab import missing_key
 from proxy.kerberos.pac import PacFacts
@@ -409,6 +418,15 @@ class Delegator:
             )
             raise KdcNotAsked(refusal.reason, hint=refusal.hint)
         refresh_profile()
+        try:
+            return await self._exchange_in_thread(user, spn, gss_target)
+        except KdcUnavailable as e:
+            if type(e) is KdcUnavailable and not _descriptor_left():  # MIT opened no socket: this process is full
+                raise no_descriptor_for_kdc(e.hint or e.reason) from None
+            raise
+
+    async def _exchange_in_thread(self, user: UserPrincipal, spn: str, gss_target: str) -> _Ticket:
+        kdcs = self.kdcs
         try:  # an exchange counts once a thread is given to it: a call refused before the KDC is asked does not
             return await self._kdc.run(self._exchange_blocking, user, gss_target, started=self._count_exchange)
         except NoThread as e:  # every thread in a call and as many waiting, or held by calls MIT keeps
@@ -808,6 +826,16 @@ def _client_name(creds: gssapi.Credentials) -> str | None:
         return str(creds.name)
     except gssapi.raw.GSSError:
         return None
+
+
+def _descriptor_left() -> bool:
+    """Whether this process can open a descriptor now (a socket, opened and closed): MIT reports a KDC socket it could
+    not open (EMFILE) as "Cannot contact any KDC", the words of a KDC outage."""
+    try:
+        socket.socket().close()
+    except OSError as e:
+        return e.errno not in (errno.EMFILE, errno.ENFILE)
+    return True
 
 
 def _ms(since: float) -> float:
