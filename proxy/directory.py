@@ -47,7 +47,14 @@ import structlog
 
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
-from proxy.errors import DirectoryUnavailable, GatewayError, KdcUnavailable, KerberosMisconfigured, MappingRefused
+from proxy.errors import (
+    DirectoryUnavailable,
+    GatewayError,
+    KdcUnavailable,
+    KerberosMisconfigured,
+    KerberosOverloaded,
+    MappingRefused,
+)
 from proxy.held_mapping import HeldMappings
 from proxy.identity.mapping import Account
 from proxy.identity.principal import ascii_lower
@@ -62,6 +69,8 @@ CCACHE = "MEMORY:kcd-proxy-directory"  # the directory bind's credential cache (
 _GENERALIZED_TIME = re.compile(r"(\d{14})(?:[.,]\d+)?Z")  # UTC only: AD writes whenCreated in UTC
 CACHE_SIZE = 50_000  # accounts kept at most (a few hundred bytes each)
 FAILED_SERVER_SECONDS = 30.0  # a server that failed is tried after the others for this long
+# what makes one directory server's attempt fail, the next one tried (the bind's Kerberos failures included)
+_SERVER_FAILED = (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured, KerberosOverloaded, KdcUnavailable)
 ATTRIBUTES = [
     "sAMAccountName",
     "userPrincipalName",
@@ -219,7 +228,7 @@ class Directory:
             except _GaveUp as e:
                 problems.append(f"{url}: {e}")
                 continue
-            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured, KdcUnavailable) as e:
+            except _SERVER_FAILED as e:
                 self._failed[url] = self._clock()
                 problems.append(f"{url}: {_describe(e)}")
                 log.warning("directory_server_failed", url=url, error=_describe(e))
@@ -337,7 +346,7 @@ class Directory:
             except _GaveUp as e:  # its connection busy past `timeout`, or failed meanwhile: the next URL
                 problems.append(f"{url}: {e}")
                 continue
-            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured, KdcUnavailable) as e:
+            except _SERVER_FAILED as e:
                 problems.append(f"{url}: {_describe(e)}")
                 continue
             return entries[0] if entries else None
@@ -378,7 +387,7 @@ class Directory:
                             who = f"{bound_as} (the server does not answer Who am I?)"
                     finally:
                         conn.close()
-            except (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured, KdcUnavailable) as e:
+            except _SERVER_FAILED as e:
                 problems.append(f"{url}: {_describe(e)}")
                 continue
             return BindCheck(url, who, (time.perf_counter() - start) * 1000)

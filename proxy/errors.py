@@ -156,6 +156,16 @@ class KdcNotAsked(KdcUnavailable):
     KDC answered the gateway's last probe): a refusal in the metrics, never a request that went to the KDC."""
 
 
+class KerberosOverloaded(GatewayError):
+    """The gateway itself ran out of something in a KDC call (a file descriptor, memory): its own overload, neither
+    the KDC's refusal nor a wrong keytab, and gone once load falls; 503 with Retry-After as the other overloads."""
+
+    status = 503
+    stage = "kerberos"
+    event = "kerberos_resources_exhausted"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "30"}
+
+
 class BackendUnavailable(GatewayError):
     status = 502
     stage = "backend"

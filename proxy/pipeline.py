@@ -58,7 +58,7 @@ from proxy.identity.mapping import Mapping, account_state, decide, no_account
 from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
-from proxy.kerberos.delegate import Delegator
+from proxy.kerberos.delegate import Delegation, Delegator
 from proxy.observability.trace import Trace
 from proxy.target import checked_host, origin_form
 from proxy.tls.peer import presented_der, tls_facts
@@ -359,8 +359,23 @@ async def backend_authorization(
         trace.note(principal=delegation.principal, requested_principal=auth.user.principal)
     trace.detail("kerberos", facts=delegation.facts, cached=delegation.impersonation_cached)  # tickets' facts
     if route.backend_binding == "connection":
-        return delegation.authorization, delegation.principal
+        return _once_connected(gw, auth.user, route, delegation), delegation.principal
     return Handover(delegation.authorization()), delegation.principal  # `forward_device` takes it once
+
+
+def _once_connected(gw: Gateway, user: UserPrincipal, route: Route, delegation: Delegation) -> Authorization:
+    """The token of a connection-bound route, made once the backend connection is open (`proxy.backend.forward`):
+    up to `connect_timeout` after the ticket was taken from the cache, long enough for a short-lived ticket to end
+    (MIT then refuses to make a token on it, and the device got 502). A ticket that ended meanwhile is asked for
+    again (cached, or one more exchange with the KDC), and the token is made on that one."""
+
+    async def authorization() -> str:
+        current = delegation
+        if not current.valid():
+            current = await gw.delegator.delegation(user, route.spn, route.gss_target)
+        return current.authorization()
+
+    return authorization
 
 
 async def account_named(gw: Gateway, refused: AccountRevoked, now: datetime) -> AccountRevoked:

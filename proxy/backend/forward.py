@@ -18,7 +18,9 @@ because the connection only ever carries this user. With `backend_binding = "con
 request of each backend connection carries a token, and the token is built only then (building it was
 about a quarter of the gateway's CPU per request: bench/run.py, docs/performance.md): once the user's pool
 has handed out the connection, `_authorize` decides from whether that connection has already carried one
-of this user's tokens for this SPN and got an answer other than 401 (`BackendConnection.bound_spn`). On
+of this user's tokens for this SPN and got an answer other than 401 (`BackendConnection.bound_spn`). The token is
+made once the connection is open, up to `connect_timeout` after the ticket was taken: a ticket that ended meanwhile
+is asked for again first (`proxy.pipeline._once_connected`), never used for a token MIT refuses to make. On
 such a route a connection that answers 401 is closed, never reused. Any 401 from the backend, whether a
 bare challenge, a `Negotiate` continuation (a KRB-ERROR such as clock skew or a replay) or a challenge for
 another scheme, means the backend did not accept the delegated ticket: the device gets 502, never a 401 it
@@ -58,7 +60,7 @@ import asyncio
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
@@ -255,7 +257,16 @@ class Pools:
         await asyncio.sleep(0)  # the transports' close callbacks run
 
 
-Authorization = str | Callable[[], str]  # the header's value, or how to make it (only when it is sent)
+# the header's value, or how to make it (only when it is sent: on a connection-bound route, once the connection is open)
+Authorization = str | Callable[[], str] | Callable[[], Awaitable[str]]
+
+
+async def _value(authorization: Authorization) -> str:
+    """The header's value, made now if it is to be made."""
+    if isinstance(authorization, str):
+        return authorization
+    made = authorization()
+    return made if isinstance(made, str) else await made
 
 
 class Handover:
@@ -344,7 +355,7 @@ async def forward_device(
     The path sent is `target`'s (the one the route was chosen on: `proxy.target`), as is."""
     target = target or origin_form(request.raw_path)
     if route.backend_binding != "connection" and not isinstance(authorization, str):
-        authorization = authorization()
+        authorization = await _value(authorization)
     out_headers = headers.to_backend(
         request.headers,
         client_ip=request.remote or "",
@@ -416,7 +427,7 @@ async def _send(
     while True:
         connection = await pool.acquire(upstream, route.connect_timeout, fresh=fresh)
         try:
-            token_sent = _authorize(connection.bound_spn, out_headers, route, authorization)
+            token_sent = await _authorize(connection.bound_spn, out_headers, route, authorization)
         except BaseException:
             pool.unused(upstream, connection)  # nothing was written on it
             raise
@@ -440,7 +451,7 @@ async def _send(
         return exchange, head, token_sent
 
 
-def _authorize(
+async def _authorize(
     bound_spn: str | None, out_headers: CIMultiDict[str], route: Route, authorization: Authorization
 ) -> bool:
     """On a connection-bound route: a token on a connection not yet bound to this user for this SPN, else
@@ -450,7 +461,7 @@ def _authorize(
     if bound_spn == route.spn:
         out_headers.popall("Authorization", None)
         return False
-    out_headers["Authorization"] = authorization if isinstance(authorization, str) else authorization()
+    out_headers["Authorization"] = await _value(authorization)
     return True
 
 

@@ -67,7 +67,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import errno
 import itertools
+import socket
 import threading
 import time
 import uuid
@@ -83,7 +85,14 @@ import structlog
 
 from proxy.auth.shared import ForgottenUser, SharedTable, put_off
 from proxy.config import Kerberos
-from proxy.errors import AccountMismatch, AccountReplaced, GatewayError, KdcNotAsked, KerberosRefused
+from proxy.errors import (
+    AccountMismatch,
+    AccountReplaced,
+    GatewayError,
+    KdcNotAsked,
+    KdcUnavailable,
+    KerberosRefused,
+)
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.account import (
@@ -96,7 +105,7 @@ from proxy.kerberos.account import (
 )
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
-from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
+from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc
 from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.keytab import missing_key
 from proxy.kerberos.pac import PacFacts
@@ -115,6 +124,7 @@ KRB5 = gssapi.MechType.kerberos
 _MECHS = (KRB5,)
 RENEW_BEFORE = 300.0  # seconds before a service ticket expires when a background renewal starts
 USABLE_FOR = 30.0  # a ticket with less left than this is not used: the request waits for a fresh one
+TOKEN_LEFT = 2.0  # a token made later (`Delegation.valid`) needs a ticket with this much left: the clocks' rounding
 _RETRY_AFTER = 30.0  # after a failed background renewal, the next one starts no sooner than this
 # The KDC's words for "that key is wrong" to an AS exchange with the keytab: AD counts each as a bad password of the
 # gateway's account, towards its lockout threshold (two per try, as seen against Samba AD).
@@ -153,6 +163,9 @@ class Delegation:
     facts: S4UFacts | None
     make_token: Callable[[], bytes] = field(repr=False)
     account: KdcAccount = field(default_factory=lambda: KdcAccount("none"))  # whom the evidence ticket's PAC names
+    # whether the service ticket is still good for a token now: a connection-bound route makes its token once the
+    # backend connection is open, up to connect_timeout later, and asks again for a ticket that ended meanwhile
+    valid: Callable[[], bool] = field(default=lambda: True, repr=False)
 
     def authorization(self) -> str:
         return "Negotiate " + base64.b64encode(self.make_token()).decode("ascii")
@@ -193,13 +206,11 @@ class _Ticket:
         return found
 
     def renew_at(self, recheck: float) -> float:
-        """When a request starts this entry's background renewal: `RENEW_BEFORE` seconds before its service ticket
-        expires, but not before the ticket is half its life old (one living less than `RENEW_BEFORE`, which a short
-        maxlife at the KDC gives, was in its window from birth, and every request started another exchange), or
-        `recheck` seconds (kerberos.ticket_recheck_seconds, 0: none) after the exchange that made it, if sooner."""
-        renew_at = self.expires - RENEW_BEFORE
-        if self.obtained < self.expires:
-            renew_at = max(renew_at, (self.obtained + self.expires) / 2)
+        """When a request starts this entry's background renewal: `renew_from` (`RENEW_BEFORE` seconds before its
+        service ticket expires, not before it is half its life old: one living less, which a short maxlife at the KDC
+        gives, was in its window from birth, and every request started another exchange), or `recheck` seconds
+        (kerberos.ticket_recheck_seconds, 0: none) after the exchange that made it, if sooner."""
+        renew_at = renew_from(self.obtained, self.expires)
         if recheck:
             renew_at = min(renew_at, self.obtained + recheck)
         return renew_at
@@ -240,6 +251,7 @@ class Delegator:
         self._clock = clock
         self._ccache = f"MEMORY:kcd-proxy-{uuid.uuid4().hex}"
         self._service: gssapi.Credentials | None = None
+        self._service_renew_at = 0.0  # time.monotonic() from which `_service_credentials` acquires them again
         self._service_lock = threading.Lock()
         # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
         self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError] | None = None
@@ -327,8 +339,13 @@ class Delegator:
                 raise self._explain("no token produced", client, spn)
             return token
 
+        expires = ticket.expires
+
+        def valid() -> bool:
+            return self._clock() < expires - TOKEN_LEFT
+
         ms = (time.perf_counter() - start) * 1000
-        return Delegation(client, spn, cached, ms, ticket.facts, make_token, account)
+        return Delegation(client, spn, cached, ms, ticket.facts, make_token, account, valid)
 
     def _key(self, principal: str, spn: str) -> Key:
         """The cache key of `principal` at `spn`: the client name the KDC returned for it, once known."""
@@ -401,6 +418,15 @@ class Delegator:
             )
             raise KdcNotAsked(refusal.reason, hint=refusal.hint)
         refresh_profile()
+        try:
+            return await self._exchange_in_thread(user, spn, gss_target)
+        except KdcUnavailable as e:
+            if type(e) is KdcUnavailable and not _descriptor_left():  # MIT opened no socket: this process is full
+                raise no_descriptor_for_kdc(e.hint or e.reason) from None
+            raise
+
+    async def _exchange_in_thread(self, user: UserPrincipal, spn: str, gss_target: str) -> _Ticket:
+        kdcs = self.kdcs
         try:  # an exchange counts once a thread is given to it: a call refused before the KDC is asked does not
             return await self._kdc.run(self._exchange_blocking, user, gss_target, started=self._count_exchange)
         except NoThread as e:  # every thread in a call and as many waiting, or held by calls MIT keeps
@@ -574,12 +600,15 @@ class Delegator:
         return self._service_credentials()
 
     def _service_credentials(self) -> gssapi.Credentials:
-        """The gateway's own credentials (its TGT, from the keytab), renewed `RENEW_BEFORE` seconds before they
-        expire by one thread at a time. While one renews, the others go on with the current ones if these are still
-        usable, rather than wait: an AS exchange with a KDC that accepts and never answers holds its thread about
-        50 s in MIT (`proxy.kerberos.kdcs`), and every new user's exchange used to wait behind it."""
+        """The gateway's own credentials (its TGT, from the keytab), renewed when `renew_from` says (`RENEW_BEFORE`
+        seconds before they expire, not before half their life: a TGT living less, a short maxlife on the gateway's
+        principal or on krbtgt, was acquired again for every exchange, and every trace said it began with an AS
+        exchange; MIT answered from the ccache until its own refresh time, half the TGT's life) by one thread at a
+        time. While one renews, the others go on with the current ones if these are still usable, rather than wait:
+        an AS exchange with a KDC that accepts and never answers holds its thread about 50 s in MIT
+        (`proxy.kerberos.kdcs`), and every new user's exchange used to wait behind it."""
         current = self._service
-        if current is not None and _remaining(current) >= RENEW_BEFORE:
+        if current is not None and time.monotonic() < self._service_renew_at:
             return current
         if current is not None and _remaining(current) > USABLE_FOR:
             if not self._service_lock.acquire(blocking=False):
@@ -587,8 +616,10 @@ class Delegator:
         else:
             self._service_lock.acquire()
         try:
-            if self._service is None or _remaining(self._service) < RENEW_BEFORE:
+            if self._service is None or time.monotonic() >= self._service_renew_at:
                 self._service = self._acquire_service()
+                now = time.monotonic()
+                self._service_renew_at = renew_from(now, now + _remaining(self._service))
             return self._service
         finally:
             self._service_lock.release()
@@ -774,6 +805,17 @@ def asked_name(user: UserPrincipal) -> str:
     return _ENTERPRISE_KEY + user.enterprise if user.enterprise else user.principal
 
 
+def renew_from(obtained: float, expires: float) -> float:
+    """When a credential obtained at `obtained` that expires at `expires` (clock times) is renewed: `RENEW_BEFORE`
+    seconds before it expires, but not before it is half its life old. One that lives less than `RENEW_BEFORE` (a
+    short maxlife at the KDC) is in that window from birth; renewed at every use, it would buy nothing. The rule of
+    the users' tickets (`_Ticket.renew_at`) and of the gateway's own TGT (`Delegator._service_credentials`)."""
+    renew_at = expires - RENEW_BEFORE
+    if obtained < expires:
+        renew_at = max(renew_at, (obtained + expires) / 2)
+    return renew_at
+
+
 def _message(error: gssapi.raw.GSSError | Krb5Error) -> str:
     return error.gen_message() if isinstance(error, gssapi.raw.GSSError) else str(error)
 
@@ -784,6 +826,16 @@ def _client_name(creds: gssapi.Credentials) -> str | None:
         return str(creds.name)
     except gssapi.raw.GSSError:
         return None
+
+
+def _descriptor_left() -> bool:
+    """Whether this process can open a descriptor now (a socket, opened and closed): MIT reports a KDC socket it could
+    not open (EMFILE) as "Cannot contact any KDC", the words of a KDC outage."""
+    try:
+        socket.socket().close()
+    except OSError as e:
+        return e.errno not in (errno.EMFILE, errno.ENFILE)
+    return True
 
 
 def _ms(since: float) -> float:

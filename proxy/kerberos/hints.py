@@ -5,6 +5,9 @@ minor message. This module is the one boundary where those messages become the g
 client-visible reason, and for the log, `explain`, `doctor` and the trace page a hint that says the
 cause and then the fix, in plain words ("cause: fix [library message]"). Pure: it sees only strings.
 
+Whatever the step, a message naming a shortage of the gateway's own (MIT's strerror: "Too many open files",
+"Cannot allocate memory") is its overload, 503 with Retry-After (`local_shortage`), never its set-up's 502.
+
 One message means different things at different steps, so the caller that knows which step failed
 (`proxy.kerberos.delegate`, `proxy.kerberos.probe`) passes `step`:
 - `service`, the gateway's own credentials (an AS exchange with its keytab): whatever the KDC says is
@@ -24,7 +27,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from proxy.errors import AccountRevoked, GatewayError, KdcUnavailable, KerberosMisconfigured, KerberosRefused
+from proxy.errors import (
+    AccountRevoked,
+    GatewayError,
+    KdcUnavailable,
+    KerberosMisconfigured,
+    KerberosOverloaded,
+    KerberosRefused,
+)
 
 
 @dataclass(frozen=True)
@@ -247,6 +257,9 @@ def explain(
     realm, own_realm = user.rpartition("@")[2], proxy.rpartition("@")[2]
     fill = {"user": user, "spn": spn, "proxy": proxy, "realm": realm, "account": _account(proxy)}
     fill |= {"suffix": realm.lower(), "own_realm": own_realm}
+    shortage = local_shortage(message)
+    if shortage is not None:
+        return shortage
     if step == "service":
         return _service_error(message, fill, keytab)
     if step == "s4u2self" and _POLICY in lowered:
@@ -272,6 +285,48 @@ def explain(
     return KerberosMisconfigured(
         "the gateway could not obtain a Kerberos ticket for this request",
         hint=f"unexpected Kerberos failure for {user} at {spn}: {message}",
+    )
+
+
+# The gateway's own shortages, as MIT words the errno of a call that failed on this machine (strerror, in the minor
+# status): reading the keytab, krb5.conf or the ccache, or opening the socket to the KDC. Most specific first.
+_SHORTAGES = (
+    (
+        "too many open files in system",
+        "the machine's open-file table is full (ENFILE): raise fs.file-max, or find the process holding them",
+    ),
+    (
+        "too many open files",
+        "the gateway has no file descriptor left for its KDC call (EMFILE: its open-file limit is reached): raise "
+        "the hard limit (LimitNOFILE= in the systemd unit, ulimit -Hn, a container's nofile: "
+        "docs/throttles-and-limits.md#file-descriptors), or lower listener.max_connections",
+    ),
+    ("cannot allocate memory", "the gateway could not allocate memory (ENOMEM): give it more, or lower its load"),
+    ("out of memory", "the gateway could not allocate memory: give it more, or lower its load"),
+    ("no buffer space available", "the kernel has no socket buffer left (ENOBUFS): lower the machine's load"),
+)
+
+
+def local_shortage(message: str) -> KerberosOverloaded | None:
+    """A KDC call that failed for want of the gateway's own resources (`message`, GSSAPI's): 503 and Retry-After,
+    its own fix, not the keytab and krb5.conf (`kerberos_misconfigured`) nor the user's account; else None."""
+    lowered = message.lower()
+    for words, fix in _SHORTAGES:
+        if words in lowered:
+            return _overloaded(fix, message)
+    return None
+
+
+def no_descriptor_for_kdc(message: str) -> KerberosOverloaded:
+    """MIT's "Cannot contact any KDC" (`message`) in a process that has no descriptor left: it could not open a socket
+    to any KDC and says so in the words of a KDC outage, the errno lost (seen: S4U2Self with the gateway's TGT held,
+    at the open-file limit)."""
+    return _overloaded(_SHORTAGES[1][1], f"{message}; no descriptor could be opened either")
+
+
+def _overloaded(fix: str, message: str) -> KerberosOverloaded:
+    return KerberosOverloaded(
+        "the gateway is overloaded; try again shortly", hint=f"not a Kerberos set-up problem: {fix} [{message}]"
     )
 
 

@@ -45,6 +45,14 @@ class KdcLog:
                     found[-1] = KdcRequest(found[-1].kind, extension, user)
         return found
 
+    def as_requests_of(self, principal: str) -> int:
+        """How many AS exchanges `principal` made since this object was made (MIT logs `... <client> for krbtgt/...`
+        on each AS_REQ line, whether it issued a ticket or asked for preauthentication)."""
+        with self.path.open(errors="replace") as f:
+            f.seek(self.offset)
+            lines = f.read().splitlines()
+        return sum("): AS_REQ " in line and f" {principal} for krbtgt/" in line for line in lines)
+
     def count(self) -> Counter[str]:
         """Requests by kind: "AS_REQ", "TGS_REQ", and the S4U extensions among the latter."""
         counts: Counter[str] = Counter()

@@ -140,12 +140,17 @@ def _kadmin(lab: LabLayout, query: str) -> None:
     assert "error" not in done.stderr.lower(), done.stderr
 
 
-@pytest.fixture
-def new_user(lab: LabLayout) -> UserPrincipal:
-    """A principal of its own, so cache counts are not disturbed by anything another test did."""
+def _user_of_its_own(lab: LabLayout) -> UserPrincipal:
+    """A principal of its own, made with kadmin.local."""
     name = f"tc{uuid.uuid4().hex[:10]}"
     _kadmin(lab, f"addprinc -randkey {name}")
     return UserPrincipal(upn=f"{name}@lab.test", principal=f"{name}@{REALM}", realm=REALM, source="test")
+
+
+@pytest.fixture
+def new_user(lab: LabLayout) -> UserPrincipal:
+    """A principal of its own, so cache counts are not disturbed by anything another test did."""
+    return _user_of_its_own(lab)
 
 
 def _delegator(lab: LabLayout, clock: Clock, recheck: float | None = None, *, cache_size: int = 10_000) -> Delegator:
@@ -240,6 +245,39 @@ def test_a_ticket_shorter_lived_than_the_renewal_window_is_renewed_halfway_not_p
 
     with gateway_principal(lab, tmp_path, '-maxlife "2 minutes"') as gateway:
         asyncio.run(run(gateway.settings(lab)))
+
+
+def test_a_gateway_tgt_shorter_lived_than_the_renewal_window_is_renewed_halfway_not_per_exchange(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """The gateway's own TGT living 2 minutes (a short maxlife on its principal), less than RENEW_BEFORE, was in its
+    renewal window from birth: every new user's exchange acquired it again (MIT answered from its ccache, one AS_REQ
+    at the KDC) and every trace said the exchange began with an AS exchange of the gateway's. Now it is renewed once
+    half its life is gone, as users' tickets are: five new users, one AS exchange, shown in the first trace only."""
+
+    async def run(settings: Kerberos) -> list[float | None]:
+        d = Delegator(settings)
+        try:
+            shown = []
+            for _ in range(5):
+                got = await d.delegation(_user_of_its_own(lab), SPN, TARGET)
+                assert got.facts is not None
+                assert not got.impersonation_cached
+                shown.append(got.facts.gateway_tgt_ms)
+            lifetime = d.service_credentials().lifetime
+            assert lifetime is not None
+            assert USABLE_FOR * 2 < lifetime <= 120 < RENEW_BEFORE, lifetime
+            return shown
+        finally:
+            d.close()
+
+    with gateway_principal(lab, tmp_path, '-maxlife "2 minutes"') as gateway:
+        kdc = KdcLog(lab.kdc_log)
+        tgt_ms = asyncio.run(run(gateway.settings(lab)))
+        kdc.settled()
+        assert kdc.as_requests_of(f"{gateway.principal}@{REALM}") == 1, kdc.requests()
+    assert tgt_ms[0] is not None, tgt_ms
+    assert tgt_ms[1:] == [None] * 4, tgt_ms
 
 
 def test_a_nearly_expired_ticket_is_not_used(lab: LabLayout, new_user: UserPrincipal) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.errors import AccountRevoked, GatewayError, KdcUnavailable, KerberosMisconfigured, KerberosRefused
+from proxy.errors import (
+    AccountRevoked,
+    GatewayError,
+    KdcUnavailable,
+    KerberosMisconfigured,
+    KerberosOverloaded,
+    KerberosRefused,
+)
 from proxy.kerberos.hints import clock_skew, explain
 
 
@@ -284,3 +291,29 @@ def test_no_kdc_for_the_users_own_realm_at_s4u2self_is_the_certificates_suffix_n
     assert refused.reason == "no Kerberos realm serves alice@ADTEST's UPN suffix"
     assert isinstance(explained("alice@AD.TEST", "s4u2self"), KdcUnavailable)
     assert isinstance(explained("alice@ADTEST", "s4u2proxy"), KdcUnavailable)
+
+
+@pytest.mark.parametrize("step", ["service", "s4u2self", "s4u2proxy", None])
+@pytest.mark.parametrize(
+    ("minor", "in_hint"),
+    [
+        ("Too many open files", "EMFILE"),
+        ("Too many open files in system", "ENFILE"),
+        ("Cannot allocate memory", "ENOMEM"),
+        ("No buffer space available", "ENOBUFS"),
+    ],
+)
+def test_a_local_shortage_in_a_kdc_call_is_the_gateways_overload_not_its_set_up(
+    step: str | None, minor: str, in_hint: str
+) -> None:
+    """The gateway out of descriptors or memory in a KDC call (MIT's strerror in the minor status) is its own
+    overload, 503 with Retry-After and a fix of its own: it was `kerberos_misconfigured` (502), the keytab blamed."""
+    message = f"Major (458752): No credentials were supplied, or the credentials were unavailable, Minor (24): {minor}"
+    err = explain(message, user="a@B", spn="HTTP/x", proxy="HTTP/p@B", step=step)
+    assert type(err) is KerberosOverloaded
+    assert (err.status, err.event, err.headers) == (503, "kerberos_resources_exhausted", {"Retry-After": "30"})
+    assert err.reason == "the gateway is overloaded; try again shortly"
+    assert err.hint is not None
+    assert in_hint in err.hint
+    assert "keytab" not in err.hint
+    assert minor in err.hint
