@@ -4,6 +4,7 @@ an older CRL (a replay: still before its nextUpdate, from before a revocation)."
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -233,3 +234,50 @@ def test_a_damaged_state_file_stops_the_start_and_check_config_never_writes(scen
     done = subprocess.run(check, capture_output=True, text=True, timeout=60, cwd=REPO, env=env, check=False)
     assert done.returncode == 0, done
     assert (scene.state.stat().st_mtime_ns, scene.state.read_bytes()) == written
+
+
+def test_a_stuck_writer_never_holds_back_a_revocation(scene: Scene) -> None:
+    """A process of the gateway's user holds the state's lock and never lets go (a writer stopped mid-write): CRL
+    #9002, which revokes alice, still comes into force within the refresh, its write failing after the bounded wait
+    (`crl_state_write_failed`, naming the lock); once the lock is free, the next round writes #9002's floor. Before,
+    the refresh waited for the lock for ever, and alice, revoked, was served on."""
+    scene.publish(9001, alice_revoked=False)
+    gw = scene.start("first", kept=True)
+    held = os.open(scene.state.parent / ".crl-state.json.lock", os.O_RDWR)
+    try:
+        assert scene.alice_answer(gw)[0] == 200
+        fcntl.flock(held, fcntl.LOCK_EX)
+        gw.mark()
+        scene.publish(9002, alice_revoked=True)
+        failed = gw.wait_event("crl_state_write_failed", path=str(scene.state))
+        assert "is held by another process" in failed["error"]
+        eventually(lambda: scene.alice_answer(gw)[0] == 403, "alice refused under CRL #9002")
+        assert scene.recorded_number() == 9001
+        fcntl.flock(held, fcntl.LOCK_UN)
+        eventually(lambda: scene.recorded_number() == 9002 or None, "the floor of CRL #9002 in the state file")
+    finally:
+        os.close(held)
+        assert gw.stop() == 0
+
+
+def test_a_state_directory_others_can_write_stops_the_start(scene: Scene) -> None:
+    """A state directory any local user may write (mode 1777, as /tmp): `kcd-proxy run` exits 2 with a configuration
+    error naming the key, the directory and the fix, and check-config says the same; nothing is made there. Before,
+    the gateway served with it, and another user could plant its lock file and stall every CRL refresh."""
+    config = scene.tmp_path / "gateway.toml"
+    config.write_text(scene.config(kept=True))
+    scene.publish(9101, alice_revoked=False)
+    scene.state.parent.chmod(0o1777)
+    env = {**os.environ, **scene.lab.env()}
+    run = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=REPO, env=env, check=False)
+    assert done.returncode == 2, done
+    expected = f"{scene.state.parent} is writable by others (mode 1777)"
+    assert "configuration error: client_certificates.crl_state: " in done.stderr
+    assert expected in done.stderr
+    assert "chmod 700" in done.stderr
+    check = [sys.executable, "-m", "proxy", "check-config", str(config)]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=120, cwd=REPO, env=env, check=False)
+    assert done.returncode == 1, done
+    assert f"client_certificates.crl_state: {expected}" in done.stdout
+    assert list(scene.state.parent.iterdir()) == []
