@@ -16,8 +16,9 @@ With `crl_state` set, `PersistedFloors` keeps the table's floors in that file to
 - written whenever this process raised a floor, before the new CRLs are swapped in, and once when a serving gateway
   is built: the whole table, into a new file (O_EXCL | O_NOFOLLOW, mode 0600) beside it that is fsync'ed and renamed
   over it, then the directory fsync'ed. Writers (the workers, a reload beside its predecessor) take an exclusive
-  flock on a lock file beside it (`.<name>.lock`, 0600: no other user can hold it) and read the table inside it, so
-  the last file written holds every floor raised before it.
+  flock on a lock file beside it (`.<name>.lock`, 0600: no other user can hold it) and read the table inside it,
+  raised first to the floors the file holds (another writer's with a table of its own: a second gateway on the same
+  file, one a reload left running), so the last file written holds every floor raised before it.
 - where it is written: a directory no other user may write or owns (not writable by group or others, the gateway's
   user's or root's), checked on the directory opened for each write; and a lock file no other user may open. In a
   directory others could write (a /tmp), they could plant the lock file and hold it, or the state file, or the
@@ -323,9 +324,15 @@ class PersistedFloors:
         return False
 
     def _snapshot(self) -> list[Floor]:
-        """The table's floors, each with its issuer's name from this process or from the file as written now."""
+        """The table's floors, first raised to those the file holds as written now (under the lock): another writer's
+        that this table lacks or holds lower (a second gateway on the same file, or one a reload left running) are
+        kept, never replaced by older ones (floors only rise); each with its issuer's name from this process or from
+        the file."""
+        recorded: dict[bytes, Floor] = {}
         with contextlib.suppress(CrlStateError):
-            for scope, floor in read_state(self.path).items():
-                if floor.issuer is not None:
-                    self.issuers.setdefault(scope, floor.issuer)
+            recorded = read_state(self.path)
+        for scope, floor in recorded.items():
+            if floor.issuer is not None:
+                self.issuers.setdefault(scope, floor.issuer)
+            self.table.raise_crl_floor(scope, floor.number, floor.this_update)
         return [Floor(scope, n, t, self.issuers.get(scope)) for scope, (n, t) in self.table.crl_floors().items()]

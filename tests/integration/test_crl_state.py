@@ -281,3 +281,42 @@ def test_a_state_directory_others_can_write_stops_the_start(scene: Scene) -> Non
     assert done.returncode == 1, done
     assert f"client_certificates.crl_state: {expected}" in done.stdout
     assert list(scene.state.parent.iterdir()) == []
+
+
+def test_a_second_gateway_on_the_same_file_never_drops_the_firsts_floor(scene: Scene) -> None:
+    """Two gateways running with one state file (against docs/revocation.md's advice, or a copy of the unit left
+    running beside a new one): the first takes CRL #9202 (alice revoked) from the URL after the second started; the
+    second, which reads only a root CRL of its own, then takes a new one and writes the file. Restarted while the URL
+    replays #9201, the first still refuses it (the file kept #9202's floor) and alice. Before, the second's write
+    replaced the file with its own table, read when it started (#9201), and the restarted first served alice again."""
+    scene.publish(9201, alice_revoked=False)
+    first = scene.start("first", kept=True)
+    own_root = write_crl(scene.tmp_path / "root-second.crl", load_ca(scene.lab.pki_dir, "root"), number=2001)
+    text = scene.config(kept=True).replace(f'"{scene.url}", "{scene.root_crl}"', f'"{own_root}"')
+    assert scene.url not in text
+    text = text.replace(f'bind = "127.0.0.1:{scene.port}"', f'bind = "127.0.0.1:{free_port()}"')
+    second = start_gateway(scene.lab, scene.tmp_path / "second", text)
+    try:
+        assert scene.alice_answer(first)[0] == 200
+        first.mark()
+        scene.publish(9202, alice_revoked=True)
+        first.wait_event("crl_loaded", source=scene.url, crl_number=9202)
+        eventually(lambda: scene.recorded_number() == 9202 or None, "the floor of CRL #9202 in the state file")
+        second.mark()
+        write_crl(scene.tmp_path / "root-second-new.crl", load_ca(scene.lab.pki_dir, "root"), number=2002).replace(
+            own_root
+        )
+        second.wait_event("crl_loaded", crl_number=2002)
+        second.wait_event("crl_state_written", path=str(scene.state))
+        assert scene.recorded_number() == 9202
+    finally:
+        assert second.stop() == 0
+        assert first.stop() == 0
+    scene.publish(9201, alice_revoked=False, hours_ago=24)
+    first = scene.start("first-again", kept=True)
+    try:
+        assert scene.alice_answer(first)[0] == 403
+        rejected = first.wait_event("crl_rejected", source=scene.url)
+        assert "(CRL number 9202" in rejected["problem"]
+    finally:
+        assert first.stop() == 0

@@ -336,3 +336,26 @@ def test_a_lock_held_too_long_fails_the_write_within_a_bound(tmp_path: Path, mon
         os.close(held)
         pool.shutdown()
     assert read_state(state)[b"s" * 16].number == 3
+
+
+def test_two_writers_of_one_file_keep_each_others_floors(tmp_path: Path) -> None:
+    """Two gateways (not workers: each with a table of its own) writing one state file, or a gateway beside one a
+    reload left running: each write keeps the floors the file holds that its own table lacks or holds lower, and
+    raises its table to them (floors only rise). Before, the last writer's table replaced the file whole, and the other
+    gateway's floors were gone: restarted, it took a replayed CRL below them."""
+    state = tmp_path / "crl-state.json"
+    first = PersistedFloors(LocalFloors(), state, writes=True)
+    second = PersistedFloors(LocalFloors(), state, writes=True)
+    first.raise_crl_floor(b"a" * 16, 5, 1000.0)
+    assert first.save()
+    second.raise_crl_floor(b"b" * 16, 7, 2000.0)
+    second.raise_crl_floor(b"a" * 16, 3, 500.0)  # lower than the first's
+    assert second.save()
+    recorded = read_state(state)
+    assert {scope: (f.number, f.this_update) for scope, f in recorded.items()} == {
+        b"a" * 16: (5, 1000.0),
+        b"b" * 16: (7, 2000.0),
+    }
+    assert second.crl_floor(b"a" * 16) == (5, 1000.0)
+    restarted = PersistedFloors(LocalFloors(), state, writes=False)
+    assert restarted.crl_floor(b"a" * 16) == (5, 1000.0)
