@@ -16,8 +16,15 @@ With `crl_state` set, `PersistedFloors` keeps the table's floors in that file to
 - written whenever this process raised a floor, before the new CRLs are swapped in, and once when a serving gateway
   is built: the whole table, into a new file (O_EXCL | O_NOFOLLOW, mode 0600) beside it that is fsync'ed and renamed
   over it, then the directory fsync'ed. Writers (the workers, a reload beside its predecessor) take an exclusive
-  flock on a lock file beside it (`.<name>.lock`, 0600: no other user can hold it) and read the table inside it, so
-  the last file written holds every floor raised before it.
+  flock on a lock file beside it (`.<name>.lock`, 0600: no other user can hold it) and read the table inside it,
+  raised first to the floors the file holds (another writer's with a table of its own: a second gateway on the same
+  file, one a reload left running), so the last file written holds every floor raised before it.
+- where it is written: a directory no other user may write or owns (not writable by group or others, the gateway's
+  user's or root's), checked on the directory opened for each write; and a lock file no other user may open. In a
+  directory others could write (a /tmp), they could plant the lock file and hold it, or the state file, or the
+  temporary one: such a write is refused (at start, a configuration error). A writer waits `LOCK_WAIT_SECONDS` at most
+  for the lock (a write takes milliseconds; a writer that stopped holding it would otherwise hold back the CRL refresh
+  behind it, and every revocation with it), then the write fails as a full disk's does.
   A write that fails (a full disk) is logged (`crl_state_write_failed`) and tried again at the next rise; the CRL is
   taken all the same: refusing a newer CRL for want of a disk would un-revoke certificates, the opposite of the aim.
 - what it holds: per scope, the issuer's name (for the operator), the CRL number and thisUpdate. No CRL, no key,
@@ -32,6 +39,7 @@ import fcntl
 import json
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +54,8 @@ log = structlog.get_logger("proxy.crl")
 FORMAT = 1  # the file's "format"; another one is refused, not guessed at
 MAX_STATE_BYTES = 1024 * 1024  # CRL_FLOORS floors are about 50 KiB
 KEY = "client_certificates.crl_state"
+LOCK_WAIT_SECONDS = 5.0  # the longest a writer waits for another's lock (module docstring)
+_LOCK_POLL_SECONDS = 0.01
 
 
 class FloorTable(Protocol):
@@ -168,7 +178,7 @@ def _render(floors: list[Floor]) -> bytes:
 
 def write_state(path: Path, snapshot: Callable[[], list[Floor]]) -> int:
     """Replace the state file at `path` whole with `snapshot()`, taken under the directory's lock (module docstring);
-    returns how many floors it holds. OSError if it cannot be written."""
+    returns how many floors it holds. OSError if it cannot be written, CrlStateError if it must not be there."""
     with _locked_directory(path) as directory:
         floors = snapshot()
         partial = f".{path.name}.partial"
@@ -196,18 +206,67 @@ def _locked_directory(path: Path) -> Iterator[int]:
     """The directory of `path` (an fd, for the writes relative to it and its fsync), held under an exclusive flock on
     `.<name>.lock` beside it: a file of the gateway's user, 0600, which no other user can open to hold the lock (the
     directory itself may be readable by others, and a lock they held would stall every write, and the CRL refreshes
-    waiting for them)."""
+    waiting for them). CrlStateError for a directory or a lock file another user could write or hold; TimeoutError
+    (an OSError) for a lock held `LOCK_WAIT_SECONDS`."""
     directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        _refuse_open_directory(path.parent, os.fstat(directory))
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        lock = os.open(f".{path.name}.lock", flags, 0o600, dir_fd=directory)
+        name = f".{path.name}.lock"
+        lock = os.open(name, flags, 0o600, dir_fd=directory)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            _refuse_open_lock(path.parent / name, os.fstat(lock))
+            _flock(lock, path.parent / name)
             yield directory
         finally:
             os.close(lock)  # the lock goes with it
     finally:
         os.close(directory)
+
+
+def trusted_directory(path: Path) -> None:
+    """CrlStateError if the directory of the state file at `path` is one another user may write or owns
+    (`kcd-proxy check-config`; the writes check the directory they opened)."""
+    _refuse_open_directory(path.parent, path.parent.stat())
+
+
+def _refuse_open_directory(directory: Path, st: os.stat_result) -> None:
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise CrlStateError(
+            f"{directory} is writable by others (mode {mode:04o}): another user could plant the state file or its lock "
+            f"there (and hold it, stalling the CRL refreshes); chmod 700 {directory}, owned by the gateway's user "
+            "(systemd: StateDirectory=, StateDirectoryMode=0700)"
+        )
+    if st.st_uid not in (os.geteuid(), 0):
+        raise CrlStateError(
+            f"{directory} belongs to uid {st.st_uid}, not to this gateway's user ({os.geteuid()}) or root: its owner "
+            "could replace the state file; make it the gateway's user's, mode 0700"
+        )
+
+
+def _refuse_open_lock(lock: Path, st: os.stat_result) -> None:
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or mode & 0o077:
+        raise CrlStateError(
+            f"{lock} may be opened by others (mode {mode:04o}, uid {st.st_uid}): whoever holds it stalls the writes; "
+            "remove it (the gateway makes its own, 0600)"
+        )
+
+
+def _flock(lock: int, name: Path) -> None:
+    """An exclusive flock on `lock`, waited for `LOCK_WAIT_SECONDS` at most (TimeoutError)."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{name} is held by another process for {LOCK_WAIT_SECONDS:g} s (a writer stopped while writing?)",
+                ) from None
+            time.sleep(_LOCK_POLL_SECONDS)
 
 
 class PersistedFloors:
@@ -247,9 +306,9 @@ class PersistedFloors:
         self._dirty = False  # before the snapshot: a floor raised meanwhile makes it dirty again
         try:
             count = write_state(self.path, self._snapshot)
-        except OSError as e:
+        except (OSError, CrlStateError) as e:
             self._dirty = True
-            error = f"{type(e).__name__}: {e}"
+            error = str(e) if isinstance(e, CrlStateError) else f"{type(e).__name__}: {e}"
         else:
             self.failed = None
             log.info("crl_state_written", path=str(self.path), floors=count)
@@ -265,9 +324,15 @@ class PersistedFloors:
         return False
 
     def _snapshot(self) -> list[Floor]:
-        """The table's floors, each with its issuer's name from this process or from the file as written now."""
+        """The table's floors, first raised to those the file holds as written now (under the lock): another writer's
+        that this table lacks or holds lower (a second gateway on the same file, or one a reload left running) are
+        kept, never replaced by older ones (floors only rise); each with its issuer's name from this process or from
+        the file."""
+        recorded: dict[bytes, Floor] = {}
         with contextlib.suppress(CrlStateError):
-            for scope, floor in read_state(self.path).items():
-                if floor.issuer is not None:
-                    self.issuers.setdefault(scope, floor.issuer)
+            recorded = read_state(self.path)
+        for scope, floor in recorded.items():
+            if floor.issuer is not None:
+                self.issuers.setdefault(scope, floor.issuer)
+            self.table.raise_crl_floor(scope, floor.number, floor.this_update)
         return [Floor(scope, n, t, self.issuers.get(scope)) for scope, (n, t) in self.table.crl_floors().items()]

@@ -76,7 +76,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import gssapi
 import gssapi.exceptions
@@ -107,7 +106,7 @@ from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc
 from proxy.kerberos.kdcs import KdcWatch, watch_for
-from proxy.kerberos.keytab import missing_key
+from proxy.kerberos.keytab import file_version, key_refused, missing_key
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
@@ -128,8 +127,6 @@ TOKEN_LEFT = 2.0  # a token made later (`Delegation.valid`) needs a ticket with 
 _RETRY_AFTER = 30.0  # after a failed background renewal, the next one starts no sooner than this
 # The KDC's words for "that key is wrong" to an AS exchange with the keytab: AD counts each as a bad password of the
 # gateway's account, towards its lockout threshold (two per try, as seen against Samba AD).
-_KEY_REFUSED = ("preauthentication failed", "integrity check failed", "password incorrect")
-
 Key = tuple[str, str]  # (the name asked for, `asked_name`, or the KDC's client name for it; SPN)
 _ENTERPRISE_KEY = "\\enterprise:"
 
@@ -630,7 +627,7 @@ class Delegator:
         per request, each try counted bad passwords against the gateway's account in AD (two a try, before `mechs`
         named krb5 alone), which locked it within a few requests, and the keytab exported again then met a locked
         account (tests/integration/test_ad_service_account.py)."""
-        keytab = _file_version(self._settings.keytab)
+        keytab = file_version(self._settings.keytab)
         refused = self._refused_keytab
         if refused is not None and refused[0] == keytab:
             raise refused[1].with_traceback(None)  # else each raise adds its frames to the one exception kept
@@ -648,7 +645,7 @@ class Delegator:
                 },
             )
         except gssapi.raw.GSSError as e:
-            if any(words in e.gen_message().lower() for words in _KEY_REFUSED):
+            if key_refused(e.gen_message()):
                 self._refused_keytab = (keytab, e)
             raise
         self._refused_keytab = None
@@ -848,15 +845,6 @@ def _remaining(creds: gssapi.Credentials) -> float:
     except gssapi.exceptions.ExpiredCredentialsError:
         return 0.0
     return float("inf") if lifetime is None else float(lifetime)
-
-
-def _file_version(path: Path) -> tuple[int, int, int] | None:
-    """(inode, size, mtime in ns) of a file, or None when it cannot be read: what tells a file written again."""
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _offset_from_kdc(creds: gssapi.Credentials, proxy: str) -> float | None:

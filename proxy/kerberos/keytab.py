@@ -156,3 +156,23 @@ def account_advice(principal: str, held: list[str]) -> str:
         f"; or, in Active Directory, set kerberos.principal to the service account's name ({accounts[0]}): "
         f"AD issues no ticket to the bare SPN {principal} unless it is also the account's UPN"
     )
+
+
+# A key the KDC refused, in the words of MIT's messages (AD's and MIT's KDCs alike): preauthentication failed, or an
+# AS reply that the keytab's key cannot open.
+_KEY_REFUSED = ("preauthentication failed", "integrity check failed", "password incorrect")
+
+
+def key_refused(message: str) -> bool:
+    """Whether a GSSAPI error's message (`gen_message()`) says the KDC refused the keytab's key: offering it again
+    counts another bad password against the account (AD locks it), so it is not offered until the file changes."""
+    return any(words in message.lower() for words in _KEY_REFUSED)
+
+
+def file_version(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of a file, or None when it cannot be read: what tells a file written again."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns

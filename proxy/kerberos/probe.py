@@ -39,7 +39,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.ccache import read_tickets
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
-from proxy.kerberos.keytab import missing_key
+from proxy.kerberos.keytab import key_refused, missing_key
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import use_profile
@@ -72,6 +72,7 @@ class KerberosProbe:
         self._name = gssapi.Name(settings.principal, gssapi.NameType.kerberos_principal)
         self._creds: gssapi.Credentials | None = None
         self._refused: GatewayError | None = None  # why the AS exchange failed: not asked again
+        self.key_refused = False  # whether it failed because the KDC refused the keytab's key (a stale keytab)
 
     def _acquire(self) -> gssapi.Credentials:
         keytab = str(self.settings.keytab)
@@ -99,6 +100,7 @@ class KerberosProbe:
                 self._creds = self._source() if self._source is not None else self._acquire()
             except gssapi.raw.GSSError as e:
                 principal = self.settings.principal
+                self.key_refused = key_refused(e.gen_message())
                 self._refused = self._fail(e, principal, principal, step="service")
                 raise self._refused from None
         return self._creds

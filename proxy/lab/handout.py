@@ -17,7 +17,9 @@ secret and no other service's keytab. Each file keeps its mode (keys and keytabs
 A volume may hold what its container planted there (the backend's is writable: its replay cache), and a re-run
 writes into it again: no link found there is followed. A link where a directory of the part's should be is
 replaced by a directory (it led the backend's keytab into the device's volume), and a file is written only into
-one `open` made afresh (`O_EXCL | O_NOFOLLOW`), never through a link raced in after the old one was removed.
+one `open` made afresh (`O_EXCL | O_NOFOLLOW`), never through a link raced in after the old one was removed. Each
+directory down to it is opened from the one above without following a link, and the file is written relative to
+that descriptor: a directory swapped for a link once it was checked (a race) is not written through either.
 
 A re-run leaves each volume holding what the lab hands out now, no more: a user deleted since (a device kept the
 revoked user's key), a file a part no longer reads (a gateway kept an old keytab) is removed. Each volume lists what
@@ -80,7 +82,7 @@ def hand_out(layout: LabLayout, into: Path) -> None:
         for stale in dict.fromkeys(before).keys() - set(now):
             _remove(volume, stale)
         _record(volume, now)
-    _directory(into / "backend", layout.run_dir.relative_to(layout.root))
+    os.close(_directory(into / "backend", layout.run_dir.relative_to(layout.root)))
 
 
 def _listed(volume: Path) -> list[Path]:
@@ -103,9 +105,12 @@ def _listed(volume: Path) -> list[Path]:
 
 def _record(volume: Path, relative: list[Path]) -> None:
     """Write the list of files the handout wrote into `volume` (replaced whole, never through a link)."""
-    volume.mkdir(parents=True, exist_ok=True)
     text = "".join(f"{path.as_posix()}\n" for path in sorted(dict.fromkeys(relative)))
-    _write(volume / MANIFEST, lambda out: out.write(text.encode()), 0o644)
+    directory = _directory(volume, Path())
+    try:
+        _write(directory, MANIFEST, lambda out: out.write(text.encode()), 0o644)
+    finally:
+        os.close(directory)
 
 
 def _remove(volume: Path, relative: Path) -> None:
@@ -145,47 +150,74 @@ def _directories(volume: Path, relative: PurePosixPath | Path) -> Iterator[list[
             os.close(fd)
 
 
-def _directory(volume: Path, relative: Path) -> Path:
-    """`volume / relative`, each directory on the way made where missing, and one made in place of a link or a file
-    found there (`volume` itself, a mount point, is taken as it is)."""
+def _directory(volume: Path, relative: Path) -> int:
+    """A descriptor of `volume / relative` (the caller closes it), each directory on the way made where missing, and
+    one made in place of a link or a file found there (`volume` itself, a mount point, is taken as it is). Each step
+    is opened from the one above without following a link, and the files are then written relative to the
+    descriptor: a link a container swaps in for a directory once it was checked is never written through."""
     volume.mkdir(parents=True, exist_ok=True)
-    path = volume
-    for name in relative.parts:
-        path = path / name
-        if path.is_symlink() or (path.exists() and not path.is_dir()):
-            path.unlink()
-        path.mkdir(exist_ok=True)
-    return path
+    fd = os.open(volume, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in relative.parts:
+            below = _step(fd, name)
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _step(parent: int, name: str) -> int:
+    """The directory `name` in `parent`, opened without following a link: made where missing, made in place of a
+    link or a file found there."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        os.unlink(name, dir_fd=parent)  # a link or a file where a directory of the part's belongs
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, dir_fd=parent)
+    return os.open(name, flags, dir_fd=parent)
 
 
 def _copy(source: Path, volume: Path, relative: Path) -> None:
-    target = _directory(volume, relative.parent) / relative.name
-    if source.is_symlink():  # the CRL server's published links point into pki/, which it gets too
-        partial = _partial(target)
-        partial.symlink_to(source.readlink())
-        partial.replace(target)
-        return
-    held = source.stat()
+    directory = _directory(volume, relative.parent)
+    try:
+        if source.is_symlink():  # the CRL server's published links point into pki/, which it gets too
+            partial = _partial(directory, relative.name)
+            os.symlink(source.readlink(), partial, dir_fd=directory)
+            os.replace(partial, relative.name, src_dir_fd=directory, dst_dir_fd=directory)
+            return
+        held = source.stat()
 
-    def fill(out: BinaryIO) -> None:
-        with source.open("rb") as data:
-            shutil.copyfileobj(data, out)
-        os.utime(out.fileno(), ns=(held.st_atime_ns, held.st_mtime_ns))
+        def fill(out: BinaryIO) -> None:
+            with source.open("rb") as data:
+                shutil.copyfileobj(data, out)
+            os.utime(out.fileno(), ns=(held.st_atime_ns, held.st_mtime_ns))
 
-    _write(target, fill, stat.S_IMODE(held.st_mode))  # the mode too: a key stays its owner's alone
+        _write(directory, relative.name, fill, stat.S_IMODE(held.st_mode))  # the mode too: a key stays its owner's
+    finally:
+        os.close(directory)
 
 
-def _partial(target: Path) -> Path:
-    partial = target.with_name(f".{target.name}.partial")
-    partial.unlink(missing_ok=True)
+def _partial(directory: int, name: str) -> str:
+    partial = f".{name}.partial"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial, dir_fd=directory)
     return partial
 
 
-def _write(target: Path, fill: Callable[[BinaryIO], object], mode: int) -> None:
-    """`target` replaced whole: written beside it into a file this `open` made (`O_EXCL | O_NOFOLLOW`), then renamed."""
-    partial = _partial(target)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+def _write(directory: int, name: str, fill: Callable[[BinaryIO], object], mode: int) -> None:
+    """`name` in `directory` replaced whole: written beside it into a file this `open` made (`O_EXCL | O_NOFOLLOW`),
+    then renamed, all relative to the directory's descriptor."""
+    partial = _partial(directory, name)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory)
     with os.fdopen(fd, "wb") as out:
         fill(out)
         os.fchmod(out.fileno(), mode)
-    partial.replace(target)
+    os.replace(partial, name, src_dir_fd=directory, dst_dir_fd=directory)

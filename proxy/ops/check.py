@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates
-from proxy.certs.floors import CrlStateError, read_state
+from proxy.certs.floors import CrlStateError, read_state, trusted_directory
 from proxy.certs.revocation import CrlSet, load_crls
 from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
@@ -166,8 +166,9 @@ def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, s
 
 def crl_state(path: Path) -> Iterator[str]:
     """`client_certificates.crl_state`: its directory (whose existence the configuration checked) is one this user may
-    write and search (the gateway replaces the file there: run check-config as the gateway's user), and the file, if
-    there is one yet, is one the gateway will read (`proxy.certs.floors.read_state`)."""
+    write and search (the gateway replaces the file there: run check-config as the gateway's user) and no other user
+    may write (`proxy.certs.floors.trusted_directory`), and the file, if there is one yet, is one the gateway will read
+    (`proxy.certs.floors.read_state`)."""
     directory = path.parent
     if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
         try:
@@ -180,6 +181,7 @@ def crl_state(path: Path) -> Iterator[str]:
         )
         return
     try:
+        trusted_directory(path)
         read_state(path)
     except CrlStateError as e:
         yield str(e)

@@ -4,6 +4,7 @@ an older CRL (a replay: still before its nextUpdate, from before a revocation)."
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -233,3 +234,89 @@ def test_a_damaged_state_file_stops_the_start_and_check_config_never_writes(scen
     done = subprocess.run(check, capture_output=True, text=True, timeout=60, cwd=REPO, env=env, check=False)
     assert done.returncode == 0, done
     assert (scene.state.stat().st_mtime_ns, scene.state.read_bytes()) == written
+
+
+def test_a_stuck_writer_never_holds_back_a_revocation(scene: Scene) -> None:
+    """A process of the gateway's user holds the state's lock and never lets go (a writer stopped mid-write): CRL
+    #9002, which revokes alice, still comes into force within the refresh, its write failing after the bounded wait
+    (`crl_state_write_failed`, naming the lock); once the lock is free, the next round writes #9002's floor. Before,
+    the refresh waited for the lock for ever, and alice, revoked, was served on."""
+    scene.publish(9001, alice_revoked=False)
+    gw = scene.start("first", kept=True)
+    held = os.open(scene.state.parent / ".crl-state.json.lock", os.O_RDWR)
+    try:
+        assert scene.alice_answer(gw)[0] == 200
+        fcntl.flock(held, fcntl.LOCK_EX)
+        gw.mark()
+        scene.publish(9002, alice_revoked=True)
+        failed = gw.wait_event("crl_state_write_failed", path=str(scene.state))
+        assert "is held by another process" in failed["error"]
+        eventually(lambda: scene.alice_answer(gw)[0] == 403, "alice refused under CRL #9002")
+        assert scene.recorded_number() == 9001
+        fcntl.flock(held, fcntl.LOCK_UN)
+        eventually(lambda: scene.recorded_number() == 9002 or None, "the floor of CRL #9002 in the state file")
+    finally:
+        os.close(held)
+        assert gw.stop() == 0
+
+
+def test_a_state_directory_others_can_write_stops_the_start(scene: Scene) -> None:
+    """A state directory any local user may write (mode 1777, as /tmp): `kcd-proxy run` exits 2 with a configuration
+    error naming the key, the directory and the fix, and check-config says the same; nothing is made there. Before,
+    the gateway served with it, and another user could plant its lock file and stall every CRL refresh."""
+    config = scene.tmp_path / "gateway.toml"
+    config.write_text(scene.config(kept=True))
+    scene.publish(9101, alice_revoked=False)
+    scene.state.parent.chmod(0o1777)
+    env = {**os.environ, **scene.lab.env()}
+    run = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=REPO, env=env, check=False)
+    assert done.returncode == 2, done
+    expected = f"{scene.state.parent} is writable by others (mode 1777)"
+    assert "configuration error: client_certificates.crl_state: " in done.stderr
+    assert expected in done.stderr
+    assert "chmod 700" in done.stderr
+    check = [sys.executable, "-m", "proxy", "check-config", str(config)]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=120, cwd=REPO, env=env, check=False)
+    assert done.returncode == 1, done
+    assert f"client_certificates.crl_state: {expected}" in done.stdout
+    assert list(scene.state.parent.iterdir()) == []
+
+
+def test_a_second_gateway_on_the_same_file_never_drops_the_firsts_floor(scene: Scene) -> None:
+    """Two gateways running with one state file (against docs/revocation.md's advice, or a copy of the unit left
+    running beside a new one): the first takes CRL #9202 (alice revoked) from the URL after the second started; the
+    second, which reads only a root CRL of its own, then takes a new one and writes the file. Restarted while the URL
+    replays #9201, the first still refuses it (the file kept #9202's floor) and alice. Before, the second's write
+    replaced the file with its own table, read when it started (#9201), and the restarted first served alice again."""
+    scene.publish(9201, alice_revoked=False)
+    first = scene.start("first", kept=True)
+    own_root = write_crl(scene.tmp_path / "root-second.crl", load_ca(scene.lab.pki_dir, "root"), number=2001)
+    text = scene.config(kept=True).replace(f'"{scene.url}", "{scene.root_crl}"', f'"{own_root}"')
+    assert scene.url not in text
+    text = text.replace(f'bind = "127.0.0.1:{scene.port}"', f'bind = "127.0.0.1:{free_port()}"')
+    second = start_gateway(scene.lab, scene.tmp_path / "second", text)
+    try:
+        assert scene.alice_answer(first)[0] == 200
+        first.mark()
+        scene.publish(9202, alice_revoked=True)
+        first.wait_event("crl_loaded", source=scene.url, crl_number=9202)
+        eventually(lambda: scene.recorded_number() == 9202 or None, "the floor of CRL #9202 in the state file")
+        second.mark()
+        write_crl(scene.tmp_path / "root-second-new.crl", load_ca(scene.lab.pki_dir, "root"), number=2002).replace(
+            own_root
+        )
+        second.wait_event("crl_loaded", crl_number=2002)
+        second.wait_event("crl_state_written", path=str(scene.state))
+        assert scene.recorded_number() == 9202
+    finally:
+        assert second.stop() == 0
+        assert first.stop() == 0
+    scene.publish(9201, alice_revoked=False, hours_ago=24)
+    first = scene.start("first-again", kept=True)
+    try:
+        assert scene.alice_answer(first)[0] == 403
+        rejected = first.wait_event("crl_rejected", source=scene.url)
+        assert "(CRL number 9202" in rejected["problem"]
+    finally:
+        assert first.stop() == 0

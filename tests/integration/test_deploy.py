@@ -287,6 +287,34 @@ def test_a_rerun_handout_does_not_follow_a_link_a_container_planted_in_its_volum
     assert (planted / "cas.keytab").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_link_raced_in_after_the_handout_made_a_directory_is_not_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend, whose volume is writable, swaps `keytabs/` for a link into the device's volume after the handout
+    made sure it was a directory and before it writes the keytab there (a race a container renaming in a loop can
+    win; made certain here by doing it right after that step): nothing is written through the link, no keytab and no
+    temporary file lands in the device's `pki/users/`, and the run ends. Before, the directory was checked by path and
+    the file then opened by path, and the backend's keytab was written through the link raced in between."""
+    layout = _lab_for_handout(tmp_path / "lab")
+    into = tmp_path / "handout"
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    users = into / "device" / "pki" / "users"
+    before = sorted(p.name for p in users.iterdir())
+    step = handout_module._directory
+
+    def raced(volume: Path, relative: Path) -> object:
+        made = step(volume, relative)
+        if volume.name == "backend" and relative == Path("keytabs"):
+            (volume / "keytabs").rename(volume / "keytabs-moved")
+            (volume / "keytabs").symlink_to(users)
+        return made
+
+    monkeypatch.setattr(handout_module, "_directory", raced)
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    assert sorted(p.name for p in users.iterdir()) == before
+    assert not (users / "cas.keytab").exists()
+
+
 def _handed_out(into: Path, part: str) -> set[str]:
     """What a part's volume holds: files and links (to directories too), the handout's own list left out."""
     volume = into / part

@@ -18,9 +18,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
+from proxy.admin import READY_CACHE_SECONDS, Readiness
 from proxy.config import Kerberos
 from proxy.errors import AccountMismatch
 from proxy.identity.principal import UserPrincipal
@@ -28,6 +31,7 @@ from proxy.kerberos.delegate import Delegator
 from proxy.lab import kdc
 from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 from proxy.lab.layout import BACKEND_SERVICE, PROXY_SERVICE, REALM, LabLayout
+from proxy.live import Live
 from tests.integration.conftest import curl, free_port, lab_config, start_gateway
 
 SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
@@ -153,3 +157,44 @@ def test_through_the_gateway_a_user_refused_in_the_window_is_served_once_the_key
         assert not gw.events("reloaded", gw.since)
     finally:
         gw.stop()
+
+
+def _preauth_failures(lab: LabLayout, offset: int, principal: str) -> int:
+    """PREAUTH_FAILED lines the KDC logged for `principal` after `offset` (once its log is quiet)."""
+    KdcLog(lab.kdc_log).settled()
+    with lab.kdc_log.open(errors="replace") as f:
+        f.seek(offset)
+        return sum("PREAUTH_FAILED" in line and f"{principal}@{REALM} for krbtgt/" in line for line in f)
+
+
+def test_readiness_offers_a_refused_key_once_until_the_keytab_changes(lab: LabLayout, tmp_path: Path) -> None:
+    """/readyz's KDC probe (`Readiness`, a fresh AS exchange each time its answer is older than READY_CACHE_SECONDS)
+    with a keytab the KDC refuses (the key changed at the KDC, preauthentication required, as in AD): five probes,
+    each past the cache, are five "not ready" answers naming the fix, but the stale key goes to the KDC once, as the
+    serving `Delegator` already does (in AD each try is a bad password, and a balancer asking every few seconds
+    locked the account before anyone exported the keytab again). Once the file changes, the next probe asks again
+    and is ready. Before, every probe made an AS exchange with the refused key."""
+    with gateway_principal(lab, tmp_path, "+requires_preauth") as own:
+        _kadmin(lab, f"cpw -randkey {own.principal}")
+        offset = lab.kdc_log.stat().st_size
+        now = [0.0]
+        live = cast(Live, SimpleNamespace(config=SimpleNamespace(kerberos=own.settings(lab))))
+        readiness = Readiness(live, clock=lambda: now[0])
+
+        async def probes() -> tuple[list[str | None], str | None]:
+            stale = []
+            for _ in range(5):
+                stale.append(await readiness.kdc_problem())
+                now[0] += READY_CACHE_SECONDS + 1
+            _kadmin(lab, f"ktadd -k {own.keytab} -norandkey {own.principal}")
+            return stale, await readiness.kdc_problem()
+
+        try:
+            stale, current = asyncio.run(probes())
+        finally:
+            readiness.close()
+        assert stale[0] is not None
+        assert "keytab" in stale[0]
+        assert stale == [stale[0]] * 5
+        assert current is None
+        assert _preauth_failures(lab, offset, own.principal) == 1

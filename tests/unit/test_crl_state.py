@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from structlog.testing import capture_logs
 
 from proxy.auth.shared import CRL_FLOORS, SharedTable
+from proxy.certs import floors
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.floors import CrlStateError, Floor, LocalFloors, PersistedFloors, read_state, write_state
 from proxy.certs.revocation import RevocationStatus
@@ -262,3 +263,99 @@ def test_a_lock_held_on_the_state_directory_stalls_no_write(tmp_path: Path) -> N
     finally:
         os.close(held)  # (a write that waited for it ends now, and the pool with it)
         pool.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "message"),
+    [
+        (0o1777, None, "is writable by others (mode 1777)"),
+        (0o770, None, "is writable by others (mode 0770)"),
+        (0o700, 65534, "belongs to uid 65534"),
+    ],
+    ids=["sticky-world-writable", "group-writable", "another-users"],
+)
+def test_a_state_directory_another_user_can_write_is_refused(
+    tmp_path: Path, mode: int, owner: int | None, message: str
+) -> None:
+    """A state directory another user may write (a /tmp-like one, a group's) or owns: a write is refused naming the
+    directory and the fix, before any file is made there. Such a user could plant the lock file (`.name.lock`) and
+    hold its flock, which stalled every write and with it the CRL refresh (a new revocation never in force), or plant
+    the state file and the temporary one. Before, the write went ahead in any directory."""
+    if owner is not None and os.geteuid() != 0:
+        pytest.skip("a directory of another user's needs root to make here")
+    directory = tmp_path / "state"
+    directory.mkdir()
+    directory.chmod(mode)
+    if owner is not None:
+        os.chown(directory, owner, -1)
+    state = directory / "crl-state.json"
+    with pytest.raises(CrlStateError) as refused:
+        write_state(state, lambda: [Floor(b"s" * 16, 3, 1000.0, "CN=x")])
+    assert message in str(refused.value)
+    assert str(directory) in str(refused.value)
+    assert list(directory.iterdir()) == []
+    assert list(crl_state(state)) == [str(refused.value)]  # check-config says the same
+
+
+def test_a_lock_file_another_user_could_hold_is_refused(tmp_path: Path) -> None:
+    """A lock file beside the state that another user could open (planted while the directory was open to them, or
+    left readable): a write is refused naming it and the fix (remove it), never waiting on a lock its planter holds."""
+    state = tmp_path / "crl-state.json"
+    lock = tmp_path / ".crl-state.json.lock"
+    lock.touch()
+    lock.chmod(0o644)
+    with pytest.raises(CrlStateError) as refused:
+        write_state(state, lambda: [Floor(b"s" * 16, 3, 1000.0, "CN=x")])
+    assert f"{lock} may be opened by others (mode 0644" in str(refused.value)
+    assert "remove it" in str(refused.value)
+    assert not state.exists()
+    if os.geteuid() == 0:  # 0600, but another user's: they may open it
+        lock.chmod(0o600)
+        os.chown(lock, 65534, -1)
+        with pytest.raises(CrlStateError, match="uid 65534"):
+            write_state(state, lambda: [Floor(b"s" * 16, 3, 1000.0, "CN=x")])
+    lock.unlink()
+    assert write_state(state, lambda: [Floor(b"s" * 16, 3, 1000.0, "CN=x")]) == 1
+
+
+def test_a_lock_held_too_long_fails_the_write_within_a_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer stuck holding the lock (a stopped sibling process): the next write waits `LOCK_WAIT_SECONDS` at most,
+    then fails with a TimeoutError (an OSError: `crl_state_write_failed`, the CRL taken all the same) instead of
+    waiting for ever, which held the CRL refresh, and every revocation after it, behind the stuck writer."""
+    monkeypatch.setattr(floors, "LOCK_WAIT_SECONDS", 0.5)
+    state = tmp_path / "crl-state.json"
+    assert write_state(state, lambda: [Floor(b"s" * 16, 3, 1000.0, "CN=x")]) == 1
+    held = os.open(tmp_path / ".crl-state.json.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        written = pool.submit(write_state, state, lambda: [Floor(b"s" * 16, 4, 1000.0, "CN=x")])
+        with pytest.raises(TimeoutError, match=r"\.crl-state\.json\.lock is held by another process"):
+            written.result(timeout=30)
+    finally:
+        os.close(held)
+        pool.shutdown()
+    assert read_state(state)[b"s" * 16].number == 3
+
+
+def test_two_writers_of_one_file_keep_each_others_floors(tmp_path: Path) -> None:
+    """Two gateways (not workers: each with a table of its own) writing one state file, or a gateway beside one a
+    reload left running: each write keeps the floors the file holds that its own table lacks or holds lower, and
+    raises its table to them (floors only rise). Before, the last writer's table replaced the file whole, and the other
+    gateway's floors were gone: restarted, it took a replayed CRL below them."""
+    state = tmp_path / "crl-state.json"
+    first = PersistedFloors(LocalFloors(), state, writes=True)
+    second = PersistedFloors(LocalFloors(), state, writes=True)
+    first.raise_crl_floor(b"a" * 16, 5, 1000.0)
+    assert first.save()
+    second.raise_crl_floor(b"b" * 16, 7, 2000.0)
+    second.raise_crl_floor(b"a" * 16, 3, 500.0)  # lower than the first's
+    assert second.save()
+    recorded = read_state(state)
+    assert {scope: (f.number, f.this_update) for scope, f in recorded.items()} == {
+        b"a" * 16: (5, 1000.0),
+        b"b" * 16: (7, 2000.0),
+    }
+    assert second.crl_floor(b"a" * 16) == (5, 1000.0)
+    restarted = PersistedFloors(LocalFloors(), state, writes=False)
+    assert restarted.crl_floor(b"a" * 16) == (5, 1000.0)
