@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
@@ -23,16 +24,21 @@ from proxy.lab.pki import Pki
 from tests.pem import load_cert, load_key
 from tests.unit.conftest import NOW
 
+_SHA256 = hashes.SHA256()
+
 
 def issue(
     issuer: x509.Certificate,
-    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer_key: CertificateIssuerPrivateKeyTypes,
     cn: str,
     *extensions: tuple[x509.ExtensionType, bool],
     not_after: datetime = NOW + timedelta(days=30),
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A certificate for `cn` with exactly the given extensions, signed by `issuer_key`."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: CertificateIssuerPrivateKeyTypes | None = None,
+    digest: hashes.SHA224 | hashes.SHA256 | None = _SHA256,
+) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
+    """A certificate for `cn` with exactly the given extensions and `key` (a new P-256 key by default), signed by
+    `issuer_key` with `digest` (None for an Ed25519 issuer)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
@@ -44,7 +50,7 @@ def issue(
     )
     for value, critical in extensions:
         builder = builder.add_extension(value, critical=critical)
-    return builder.sign(issuer_key, hashes.SHA256()), key
+    return builder.sign(issuer_key, digest), key
 
 
 CLIENT_AUTH = (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
@@ -173,8 +179,9 @@ def test_expired_issuing_ca_named_in_reason(pki: Pki) -> None:
 
 def test_chain_depth_is_bounded(pki: Pki) -> None:
     """MAX_CHAIN_DEPTH intermediates are accepted; one more is refused, however well formed."""
-    issuer, key = load_cert(pki.root_cert), load_key(pki.root_key)
-    cas: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
+    issuer = load_cert(pki.root_cert)
+    key: CertificateIssuerPrivateKeyTypes = load_key(pki.root_key)
+    cas: list[tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]] = []
     for depth in range(MAX_CHAIN_DEPTH + 1):
         issuer, key = issue(issuer, key, f"Deep CA {depth}", CA)
         cas.append((issuer, key))
@@ -289,19 +296,8 @@ def test_an_expired_issuing_ca_names_the_ca_fix(pki: Pki) -> None:
 def test_a_signature_algorithm_the_verifier_refuses_is_named_with_its_certificate(pki: Pki) -> None:
     """A leaf signed with ECDSA and SHA-224 is refused naming that certificate and the algorithm, not with the
     verifier's debug dump (`AlgorithmIdentifier { oid: DefinedByMarker(PhantomData<...`)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sha224")]))
-        .issuer_name(load_cert(pki.issuing_cert).subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=1))
-        .add_extension(*CLIENT_AUTH)
-        .add_extension(*UPN_SAN)
-        .sign(load_key(pki.issuing_key), hashes.SHA224())
-    )
+    issuing, issuing_key = load_cert(pki.issuing_cert), load_key(pki.issuing_key)
+    leaf, _ = issue(issuing, issuing_key, "sha224", CLIENT_AUTH, UPN_SAN, digest=hashes.SHA224())
     trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
     reason = rejected(leaf, trust)
     assert "certificate 'CN=sha224' is signed with ecdsa-with-SHA224, which the gateway does not accept" in reason
@@ -311,31 +307,9 @@ def test_a_signature_algorithm_the_verifier_refuses_is_named_with_its_certificat
 def test_a_ca_key_the_verifier_refuses_is_named_with_its_ca(pki: Pki) -> None:
     """An intermediate with an Ed25519 key (OpenSSL's handshake takes it) is refused naming that CA and its key, not
     the leaf's signature: the CA is what to reissue."""
-    ca_key = ed25519.Ed25519PrivateKey.generate()
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Edwards CA")]))
-        .issuer_name(load_cert(pki.root_cert).subject)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=30))
-        .add_extension(*CA)
-        .sign(load_key(pki.root_key), hashes.SHA256())
-    )
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice")]))
-        .issuer_name(ca.subject)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=1))
-        .add_extension(*CLIENT_AUTH)
-        .add_extension(*UPN_SAN)
-        .sign(ca_key, None)
-    )
+    root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
+    ca, ca_key = issue(root, root_key, "Edwards CA", CA, key=ed25519.Ed25519PrivateKey.generate())
+    leaf, _ = issue(ca, ca_key, "alice", CLIENT_AUTH, UPN_SAN, digest=None)
     trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(ca,))
     assert "CA 'CN=Edwards CA' has an Ed25519 key, which the gateway does not accept" in rejected(leaf, trust)
 
@@ -387,18 +361,7 @@ def test_a_leaf_key_the_handshake_refuses_is_refused_naming_its_size(pki: Pki) -
     trust = TrustList.load([pki.root_cert], [pki.issuing_cert])
     for bits, refused in ((1024, True), (2048, False)):
         key = rsa.generate_private_key(65537, bits)
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"rsa{bits}")]))
-            .issuer_name(issuing.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - timedelta(days=1))
-            .not_valid_after(NOW + timedelta(days=1))
-            .add_extension(*CLIENT_AUTH)
-            .add_extension(*UPN_SAN)
-            .sign(load_key(pki.issuing_key), hashes.SHA256())
-        )
+        leaf, _ = issue(issuing, load_key(pki.issuing_key), f"rsa{bits}", CLIENT_AUTH, UPN_SAN, key=key)
         if refused:
             assert "certificate has a 1024-bit RSA key" in rejected(leaf, trust)
         else:
