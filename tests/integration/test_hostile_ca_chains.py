@@ -240,6 +240,35 @@ def test_after_a_ca_key_renewal_only_a_crl_of_the_certificates_own_key_vouches_f
 
 
 @pytest.mark.parametrize(
+    ("signer", "status", "said"),
+    [
+        ("partner_crl_signer", 403, "no current CRL for issuer 'CN=Hostile good CA' of its own trust anchor"),
+        ("root_crl_signer", 200, '"principal": "alice@LAB.TEST"'),
+    ],
+)
+def test_a_crl_signer_under_another_trust_anchor_does_not_vouch(
+    lab: LabLayout, pki: Path, tmp_path: Path, signer: str, status: int, said: str
+) -> None:
+    """RFC 5280 6.3.3 (f): a CRL's signer must have a path to the trust anchor of the certificate it speaks for. A
+    partner's root, configured as a second anchor for its own users, certifies a cRLSign-only key under the good CA's
+    name (and the administrator loads the partner's bundle and CRL): with the good CA's own CRL missing, that CRL
+    (listing nothing) said alice was good, and she was served (200) under `revocation = "require"`; now 403 naming
+    no current CRL of her own trust anchor. The same CRL-only key under her own root still vouches."""
+    text = _config(lab, pki)
+    anchors = f'"{pki / "oldroot" / "cert.pem"}"'
+    text = text.replace(anchors, f'{anchors}, "{pki / "partner" / "cert.pem"}"', 1)
+    text = text.replace("intermediates = [", f'intermediates = ["{pki / signer / "cert.pem"}", ', 1)
+    crls = f'crls = ["{pki / "root" / "crl.pem"}", "{pki / signer / "crl.pem"}"]'
+    gw = start_gateway(lab, tmp_path, text.replace(f'crls = ["{pki / "crls.pem"}"]', crls, 1))
+    try:
+        got, body, err = _curl(lab, gw, pki / "good" / "alice")
+        assert got == status, (body, err)
+        assert said in body, body
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize(
     ("crl", "problem"),
     [
         ("crl_critical_unknown", "CRL has an unsupported critical extension 1.3.6.1.4.1.99999.7"),
