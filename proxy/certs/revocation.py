@@ -25,8 +25,8 @@ still revokes it (the safe side);
 a CRL's issuingDistributionPoint must match the certificate (distribution point name, user or CA
 certificates only, never attribute certificates); a CRL limited to some reasons counts for those
 reasons only, and status is known once the CRLs found cover every reason. A delta CRL is applied to
-the complete CRL it extends (base CRL number <= complete number < delta number); a delta CRL that has
-gone stale makes that pair unusable, and an entry with reason removeFromCRL lifts a hold. The serial
+the complete CRL it extends (signed with the same key, base CRL number <= complete number < delta number); a
+delta CRL that has gone stale makes that pair unusable, and an entry with reason removeFromCRL lifts a hold. The serial
 lookups are dictionary lookups: this runs on every request.
 
 `CrlSet.check` applies the policy to a verified chain (from `chain.verify_chain`):
@@ -409,11 +409,16 @@ class CrlSet:
             yield from (crl for crl in self._complete.get(name, ()) if crl.indirect)
 
     def _delta_for(self, crl: Crl, at: datetime) -> Crl | bool | None:
-        """The newest delta CRL extending `crl`; False if that delta is stale; None if there is none."""
+        """The newest delta CRL extending `crl`; False if that delta is stale; None if there is none.
+
+        Only a delta signed with `crl`'s own key extends it (RFC 5280 5.2.4): another key of the issuer's name (a
+        renewed CA's, a partner's CA of that name) would otherwise lift the base's entries with removeFromCRL, or hide
+        the real delta behind a higher number."""
         deltas = [
             d
             for d in self._deltas.get(crl.issuer, ())
-            if d.partition[:4] == crl.partition[:4]
+            if d.signer_key == crl.signer_key
+            and d.partition[:4] == crl.partition[:4]
             and d.delta_base is not None
             and d.delta_base <= crl.number < d.number
         ]

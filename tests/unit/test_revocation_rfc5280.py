@@ -428,3 +428,24 @@ def test_an_indirect_crl_from_under_another_trust_anchor_does_not_vouch(pki: Pki
     crls, problems = CrlSet.build([("partner-indirect.crl", indirect)], trust, at=NOW)
     assert problems == []
     assert status(crls, alice) is RevocationStatus.UNKNOWN
+
+
+def test_a_delta_crl_of_another_key_neither_lifts_nor_shadows_the_base_crls_entries(pki: Pki) -> None:
+    """RFC 5280 5.2.4: a delta CRL updates only complete CRLs signed with its own key. A second CA certificate of the
+    issuing CA's name (a renewed key, or a partner's) signed a delta CRL on top of the issuing key's CRL #1: its
+    removeFromCRL entry lifted alice's keyCompromise revocation, and its higher number hid the issuing key's own delta
+    listing bob; both were "good". Now the other key's delta applies to no CRL of the issuing key."""
+    renewed, new_key = _same_name_ca(pki)
+    name, key = issuing(pki)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(load_cert(pki.issuing_cert), renewed))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    bob = verify_chain(leaf(pki), trust, at=NOW)
+    base = crl(name, key, [(alice.serial, F.key_compromise)], number=1)
+    own_delta = crl(name, key, [(bob.serial, F.key_compromise)], (x509.DeltaCRLIndicator(1), True), number=2)
+    lifting = crl(name, new_key, [(alice.serial, F.remove_from_crl)], (x509.DeltaCRLIndicator(1), True), number=99)
+    crls, problems = CrlSet.build(
+        [("base.crl", base), ("own-delta.crl", own_delta), ("other-key-delta.crl", lifting)], trust, at=NOW
+    )
+    assert problems == []
+    assert status(crls, alice) is RevocationStatus.REVOKED
+    assert status(crls, bob) is RevocationStatus.REVOKED
