@@ -130,7 +130,8 @@ class Crl:
     signer: x509.Certificate  # the configured certificate whose key verified it
     signer_key: bytes  # its SubjectPublicKeyInfo, DER
     signer_certifies: bool  # the signer may sign certificates (keyUsage keyCertSign, or no keyUsage)
-    signer_anchor: bytes  # SubjectPublicKeyInfo of the trust anchor its signer's path ends at; b"" without a path
+    signer_anchor: bytes  # SubjectPublicKeyInfo of the trust anchor its signer's path ends at (a separate CRL signer's,
+    # an indirect CRL's); b"" without a path, or for a certificate-signing CA's own CRL, which vouches by its key alone
     number: int  # cRLNumber, -1 when absent (openssl ca's v1 CRLs)
     delta_base: int | None  # a delta CRL's base CRL number; None for a complete CRL
     scope: Scope
@@ -550,13 +551,15 @@ def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *
         raise CrlUnusable(f"CRL of '{name}' is not valid yet: its thisUpdate is {format_time(crl.last_update_utc)}")
     number, delta_base, idp = _crl_extensions(crl)
     indirect = bool(idp and idp.indirect_crl)
+    certifies = _may_sign_certificates(signer)
     return Crl(
         source=source,
         crl=crl,
         signer=signer,
         signer_key=_spki(signer),
-        signer_certifies=_may_sign_certificates(signer),
-        signer_anchor=_anchor_key(signer, trust, at),
+        signer_certifies=certifies,
+        # only asked of a separate CRL signer's CRL and of an indirect one (a CA's own CRL vouches by its key)
+        signer_anchor=_anchor_key(signer, trust, at) if indirect or not certifies else b"",
         number=number,
         delta_base=delta_base,
         scope=_scope(idp),
