@@ -15,7 +15,9 @@ Everything else becomes a problem string for the operator and is never used.
 `CrlSet.lookup` answers for one certificate with RFC 5280 section 6.3.3: the CRLs that may speak for
 it are the complete CRLs of its issuer, or of an indirect CRL issuer its CRL distribution point names;
 of its issuer's own CRLs, those signed with the key that signed the certificate, or by a certificate that
-cannot sign certificates (keyUsage without keyCertSign: a separate CRL key, PKITS 4.4.19). A CA renewed with
+cannot sign certificates (keyUsage without keyCertSign: a separate CRL key, PKITS 4.4.19) whose path ends at the
+certificate's own trust anchor, as an indirect CRL's signer's must (6.3.3 (f): a partner's root, trusted for its
+own users, that certifies a key under your CA's name is no delegate of your CA). A CA renewed with
 a new key (AD CS's "new key pair") publishes one CRL per key, each listing what that key signed, and Windows
 matches a CRL to a certificate by that key: the new key's CRL cannot say that a certificate of the old key
 is good (it never lists it, revoked or not). Any accepted CRL of the issuer's name that lists the serial
@@ -23,8 +25,8 @@ still revokes it (the safe side);
 a CRL's issuingDistributionPoint must match the certificate (distribution point name, user or CA
 certificates only, never attribute certificates); a CRL limited to some reasons counts for those
 reasons only, and status is known once the CRLs found cover every reason. A delta CRL is applied to
-the complete CRL it extends (base CRL number <= complete number < delta number); a delta CRL that has
-gone stale makes that pair unusable, and an entry with reason removeFromCRL lifts a hold. The serial
+the complete CRL it extends (signed with the same key, base CRL number <= complete number < delta number); a
+delta CRL that has gone stale makes that pair unusable, and an entry with reason removeFromCRL lifts a hold. The serial
 lookups are dictionary lookups: this runs on every request.
 
 `CrlSet.check` applies the policy to a verified chain (from `chain.verify_chain`):
@@ -128,6 +130,8 @@ class Crl:
     signer: x509.Certificate  # the configured certificate whose key verified it
     signer_key: bytes  # its SubjectPublicKeyInfo, DER
     signer_certifies: bool  # the signer may sign certificates (keyUsage keyCertSign, or no keyUsage)
+    signer_anchor: bytes  # SubjectPublicKeyInfo of the trust anchor its signer's path ends at (a separate CRL signer's,
+    # an indirect CRL's); b"" without a path, or for a certificate-signing CA's own CRL, which vouches by its key alone
     number: int  # cRLNumber, -1 when absent (openssl ca's v1 CRLs)
     delta_base: int | None  # a delta CRL's base CRL number; None for a complete CRL
     scope: Scope
@@ -152,11 +156,19 @@ class Crl:
     def current(self, at: datetime) -> bool:
         return self.this_update - CLOCK_SKEW <= at <= self.next_update
 
-    def vouches_for(self, issuer_key: bytes) -> bool:
+    def vouches_for(self, issuer_key: bytes, anchor_key: bytes) -> bool:
         """Whether this CRL of a certificate's own issuer can say the certificate is good: it was signed with the key
         that signed the certificate (`issuer_key`, its SubjectPublicKeyInfo), or by a separate CRL signer that cannot
-        have signed the certificate. Another certificate-signing key of the same CA name lists only what it signed."""
-        return self.signer_key == issuer_key or not self.signer_certifies
+        have signed the certificate and whose path ends at the certificate's own trust anchor (`anchor_key`; RFC 5280
+        6.3.3 (f): another anchor's CA of that name is no delegate of the issuer). Another certificate-signing key of
+        the same CA name lists only what it signed."""
+        return self.signer_key == issuer_key or (not self.signer_certifies and self.signer_anchor == anchor_key)
+
+    def delegated_for(self, issuer_key: bytes, anchor_key: bytes) -> bool:
+        """Whether this indirect CRL, of a CRL issuer the certificate's distribution point names, can say it is good:
+        signed with the issuer's own key, or by a signer whose path ends at the certificate's trust anchor (RFC 5280
+        6.3.3 (f))."""
+        return self.signer_key == issuer_key or self.signer_anchor == anchor_key
 
     @property
     def partition(self) -> tuple[object, ...]:
@@ -263,13 +275,16 @@ class CrlSet:
             plain,
         )
 
-    def lookup(self, cert: x509.Certificate, issuer: x509.Certificate, *, at: datetime) -> RevocationEvidence:
-        """Is `cert` (signed by `issuer`) revoked, per the CRLs current at `at`? No policy applied."""
+    def lookup(
+        self, cert: x509.Certificate, issuer: x509.Certificate, *, at: datetime, anchor: x509.Certificate
+    ) -> RevocationEvidence:
+        """Is `cert` (signed by `issuer`, on a path to `anchor`) revoked, per the CRLs current at `at`? No policy
+        applied. Only a CRL of the issuer's own key, or of a signer under the same `anchor`, says "good"."""
         at = _utc(at)
         key = (cert.issuer, cert.serial_number)
         # Every current CRL that speaks for the certificate is consulted, not only the newest: after a CA
         # renews its key, each key's CRL lists the certificates that key signed.
-        issuer_key = _key_of(issuer)
+        issuer_key, anchor_key = _key_of(issuer), _key_of(anchor)
         plain = self._plain.get(cert.issuer)
         if plain is not None:
             good: tuple[Crl, Crl | bool | None] | None = None
@@ -278,9 +293,9 @@ class CrlSet:
                     continue
                 if (entry := _entry(key, delta, crl)) is not None:
                     return self._revoked(cert, crl, delta, entry)
-                if good is None and crl.vouches_for(issuer_key):
+                if good is None and crl.vouches_for(issuer_key, anchor_key):
                     good = (crl, delta)
-            return self._good(cert, *good) if good else self._unknown(cert, issuer, at, [])
+            return self._good(cert, *good) if good else self._unknown(cert, issuer, anchor_key, at, [])
         cert_is_ca = is_ca(cert)
         covered: set[x509.ReasonFlags] = set()
         used: list[tuple[Crl, Crl | bool | None]] = []
@@ -293,16 +308,18 @@ class CrlSet:
                     continue
                 if (entry := _entry(key, delta, crl)) is not None:
                     return self._revoked(cert, crl, delta, entry)
-                if not point.crl_issuers and not crl.vouches_for(issuer_key):
+                if not point.crl_issuers and not crl.vouches_for(issuer_key, anchor_key):
                     continue  # another certificate-signing key of the issuer's name: it lists only what it signed
+                if point.crl_issuers and not crl.delegated_for(issuer_key, anchor_key):
+                    continue  # a CA of the named CRL issuer's name under another trust anchor: no delegate
                 covered |= crl.reasons & point.reasons
                 used.append((crl, delta))
         if used and covered >= ALL_REASONS:
             return self._good(cert, *used[0])
-        return self._unknown(cert, issuer, at, [crl for crl, _ in used])
+        return self._unknown(cert, issuer, anchor_key, at, [crl for crl, _ in used])
 
     def _unknown(
-        self, cert: x509.Certificate, issuer: x509.Certificate, at: datetime, used: list[Crl]
+        self, cert: x509.Certificate, issuer: x509.Certificate, anchor_key: bytes, at: datetime, used: list[Crl]
     ) -> RevocationEvidence:
         name = issuer.subject.rfc4514_string()
         if used:
@@ -310,7 +327,7 @@ class CrlSet:
             missing = ", ".join(sorted(r.value for r in ALL_REASONS - covered))
             detail = f"the current CRLs for issuer '{name}' do not cover every revocation reason (missing: {missing})"
             return RevocationEvidence(RevocationStatus.UNKNOWN, used[0].source, detail)
-        detail = f"no current CRL for issuer '{name}'{self._why(cert, issuer, at)}"
+        detail = f"no current CRL for issuer '{name}'{self._why(cert, issuer, anchor_key, at)}"
         return RevocationEvidence(RevocationStatus.UNKNOWN, "", detail)
 
     def check(self, verified: VerifiedCertificate, *, at: datetime, policy: RevocationPolicy) -> RevocationEvidence:
@@ -353,13 +370,13 @@ class CrlSet:
         if len(chain) < 2:
             return RevocationEvidence(RevocationStatus.UNKNOWN, "", "the certificate is itself a trust anchor")
         for cert, issuer in itertools.pairwise(chain[1:]):  # each CA below the anchor, and its issuer
-            evidence = self.lookup(cert, issuer, at=at)
+            evidence = self.lookup(cert, issuer, at=at, anchor=chain[-1])
             if evidence.status is RevocationStatus.REVOKED:
                 raise CertificateRevoked(
                     f"issuing CA '{cert.subject.rfc4514_string()}' {evidence.detail}",
                     hint=f"from {evidence.source}; every certificate it issued is refused",
                 )
-        evidence = self.lookup(verified.leaf, chain[1], at=at)
+        evidence = self.lookup(verified.leaf, chain[1], at=at, anchor=chain[-1])
         if evidence.status is RevocationStatus.REVOKED:
             raise CertificateRevoked(f"certificate {evidence.detail}", hint=revoked_fix(verified, evidence.source))
         if evidence.status is RevocationStatus.UNKNOWN and policy == "require":
@@ -393,11 +410,16 @@ class CrlSet:
             yield from (crl for crl in self._complete.get(name, ()) if crl.indirect)
 
     def _delta_for(self, crl: Crl, at: datetime) -> Crl | bool | None:
-        """The newest delta CRL extending `crl`; False if that delta is stale; None if there is none."""
+        """The newest delta CRL extending `crl`; False if that delta is stale; None if there is none.
+
+        Only a delta signed with `crl`'s own key extends it (RFC 5280 5.2.4): another key of the issuer's name (a
+        renewed CA's, a partner's CA of that name) would otherwise lift the base's entries with removeFromCRL, or hide
+        the real delta behind a higher number."""
         deltas = [
             d
             for d in self._deltas.get(crl.issuer, ())
-            if d.partition[:4] == crl.partition[:4]
+            if d.signer_key == crl.signer_key
+            and d.partition[:4] == crl.partition[:4]
             and d.delta_base is not None
             and d.delta_base <= crl.number < d.number
         ]
@@ -433,18 +455,25 @@ class CrlSet:
             crl_next_update=min(crl.next_update, delta.next_update) if isinstance(delta, Crl) else crl.next_update,
         )
 
-    def _why(self, cert: x509.Certificate, issuer: x509.Certificate, at: datetime) -> str:
+    def _why(self, cert: x509.Certificate, issuer: x509.Certificate, anchor_key: bytes, at: datetime) -> str:
         issuer_key = _key_of(issuer)
         complete = self._complete.get(cert.issuer, ())
-        stale = [crl for crl in complete if crl.next_update < at and crl.vouches_for(issuer_key)]
+        stale = [crl for crl in complete if crl.next_update < at and crl.vouches_for(issuer_key, anchor_key)]
         if stale:
             newest = max(stale, key=_age)
             return f" (the CRL from {newest.source} expired on {format_time(newest.next_update)})"
-        others = [crl for crl in complete if crl.current(at) and not crl.vouches_for(issuer_key)]
+        others = [crl for crl in complete if crl.current(at) and not crl.vouches_for(issuer_key, anchor_key)]
+        if any(crl.signer_certifies for crl in others):
+            crl = next(crl for crl in others if crl.signer_certifies)
+            return (
+                f" signed with the key that signed the certificate (the current CRL from {crl.source} is another "
+                "key's of that CA name, and lists only what that key signed: load the CRL of the certificate's own key)"
+            )
         if others:
             return (
-                f" signed with the key that signed the certificate (the current CRL from {others[0].source} is another "
-                "key's of that CA name, and lists only what that key signed: load the CRL of the certificate's own key)"
+                f" of its own trust anchor (the current CRL from {others[0].source} is signed by a CRL signer of that "
+                f"CA name certified under another trust anchor, '{others[0].signer.issuer.rfc4514_string()}', which "
+                "cannot speak for this CA's certificates: load the CA's own CRL)"
             )
         return ""
 
@@ -459,7 +488,7 @@ class CrlSet:
         for i, (cert, issuer) in enumerate(itertools.pairwise(path.chain)):
             # The signer itself is judged by the other CRLs: one cannot vouch for its own signer.
             judge = self if i else CrlSet._index(tuple(c for c in self.crls if c is not crl))
-            evidence = judge.lookup(cert, issuer, at=at)
+            evidence = judge.lookup(cert, issuer, at=at, anchor=path.chain[-1])
             if evidence.status is RevocationStatus.REVOKED:
                 return f"the certificate that signed {crl.label} is revoked: {evidence.detail}"
         return ""
@@ -522,12 +551,15 @@ def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *
         raise CrlUnusable(f"CRL of '{name}' is not valid yet: its thisUpdate is {format_time(crl.last_update_utc)}")
     number, delta_base, idp = _crl_extensions(crl)
     indirect = bool(idp and idp.indirect_crl)
+    certifies = _may_sign_certificates(signer)
     return Crl(
         source=source,
         crl=crl,
         signer=signer,
         signer_key=_spki(signer),
-        signer_certifies=_may_sign_certificates(signer),
+        signer_certifies=certifies,
+        # only asked of a separate CRL signer's CRL and of an indirect one (a CA's own CRL vouches by its key)
+        signer_anchor=_anchor_key(signer, trust, at) if indirect or not certifies else b"",
         number=number,
         delta_base=delta_base,
         scope=_scope(idp),
@@ -666,6 +698,17 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
         return crl.is_signature_valid(key)
     except (ValueError, TypeError):
         return False
+
+
+def _anchor_key(signer: x509.Certificate, trust: TrustList, at: datetime) -> bytes:
+    """The SubjectPublicKeyInfo of the trust anchor a CRL signer's path ends at; b"" when it has none (then
+    `CrlSet.of` drops its CRLs, saying why)."""
+    if trust.is_anchor(signer):
+        return _spki(signer)
+    try:
+        return _spki(verify_chain(signer, trust, at=at, purpose="any").chain[-1])
+    except CertificateRejected:
+        return b""
 
 
 def _may_sign_certificates(cert: x509.Certificate) -> bool:

@@ -21,15 +21,16 @@ one `open` made afresh (`O_EXCL | O_NOFOLLOW`), never through a link raced in af
 directory down to it is opened from the one above without following a link, and the file is written relative to
 that descriptor: a directory swapped for a link once it was checked (a race) is not written through either.
 
-A re-run leaves each volume holding what the lab hands out now, no more: a user deleted since (a device kept the
-revoked user's key), a file a part no longer reads (a gateway kept an old keytab) is removed. Each volume lists what
-the handout wrote into it (`MANIFEST`, one relative path a line); a re-run records the union of that list and the
-new files before it writes, writes, removes what the old list has and the new one lacks, then records the new list.
-Only files on that list are removed, never a directory with something in it, nothing a container made itself (the
-backend's replay cache). The list is read as untrusted (the backend can write it): an entry that is absolute, has a
-`..` or leads through a link is skipped, and every step down to the file is opened with `O_NOFOLLOW` from the volume
-itself, so a removal never leaves the volume. A volume filled before there was a list holds none: its first re-run
-removes nothing (`docker-compose down -v` empties the volumes).
+A re-run leaves each volume holding what the lab hands out now, no more: a user deleted since (a device kept the revoked
+user's key), a file a part no longer reads (a gateway kept an old keytab) is removed. Each volume lists what the handout
+wrote into it (`MANIFEST`, one relative path a line); a re-run records the union of that list and the new files before
+it writes, writes, removes what the old list has and the new one lacks, then records the new list. Only files on that
+list are removed, never a directory with something in it, nothing a container made itself (the backend's replay cache).
+The list is read as untrusted (the backend can write it): an entry that is absolute, has a `..`, a NUL byte or a name
+longer than a file name may be, or leads through a link is skipped (one that no file can have stopped the handout before
+the parts after the backend's: the devices kept a deleted user's key), and every step down to the file is opened with
+`O_NOFOLLOW` from the volume itself, so a removal never leaves the volume. A volume filled before there was a list holds
+none: its first re-run removes nothing (`docker-compose down -v` empties the volumes).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from proxy.lab.layout import LabLayout
 PARTS = ("gateway", "backend", "crl", "device")
 GATEWAY_CONFIGS = ("gateway.toml", "gateway-balanced.toml", "gateway-basic.toml")  # what `lab init` writes
 MANIFEST = ".handout"  # in each volume: the files the handout wrote there (module docstring)
+NAME_MAX = 255  # bytes of one file name (Linux, every file system the volumes are on)
 
 
 def files(layout: LabLayout, part: str) -> list[Path]:
@@ -97,8 +99,15 @@ def _listed(volume: Path) -> list[Path]:
         text = manifest.read(1 << 20).decode("utf-8", errors="replace")
     listed = []
     for line in text.splitlines():
-        path = PurePosixPath(line)
-        if line and not path.is_absolute() and not {"..", "."} & set(line.split("/")) and path.name != MANIFEST:
+        path, names = PurePosixPath(line), line.split("/")
+        if (
+            line
+            and not path.is_absolute()
+            and not {"..", "."} & set(names)
+            and path.name != MANIFEST
+            and "\0" not in line  # no file has it (os.open raised ValueError, and the parts after went without)
+            and all(len(os.fsencode(name)) <= NAME_MAX for name in names)  # nor a longer name (ENAMETOOLONG)
+        ):
             listed.append(Path(path))
     return listed
 

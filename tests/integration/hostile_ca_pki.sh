@@ -1,12 +1,14 @@
 #!/bin/bash
-# CA chains a careless or hostile administrator makes, with the openssl CLI only (`openssl req`, `openssl ca` with
-# its index database, hand-written extension sections): a root, then intermediates that each get one thing wrong
-# (expired, an extended key usage without clientAuth (serverAuth; anyExtendedKeyUsage), CA:FALSE, a pathlen one CA
-# too short, a UPN name constraint, a directoryName constraint, revoked by the root's CRL, an Ed25519 key, a critical
+# CA chains a careless or hostile administrator makes, with the openssl CLI only (`openssl req`, `openssl ca` with its
+# index database, hand-written extension sections): a root, then intermediates that each get one thing wrong (expired,
+# an extended key usage without clientAuth (serverAuth; anyExtendedKeyUsage), CA:FALSE, a pathlen one CA too short, a
+# UPN name constraint, a directoryName constraint, revoked by the root's CRL, an Ed25519 key, a critical
 # policyConstraints), each signing a user certificate for alice@lab.test; a good intermediate beside them, user
-# certificates of it that expired, signed with SHA-224, with a 1024-bit RSA key, and others it may issue (other
-# device keys, a critical EKU, an empty subject, ...); a second trust anchor that expired, with a valid intermediate
-# and user below it; a CA renewed with a new key. CRLs from `openssl ca -gencrl`, three of them careless.
+# certificates of it that expired, signed with SHA-224, with a 1024-bit RSA key, and others it may issue (other device
+# keys, a critical EKU, an empty subject, ...); a second trust anchor that expired, with a valid intermediate and user
+# below it; a CA renewed with a new key (and a delta CRL of the new key over the old key's CRL); a CRL-only key of the
+# good CA's name under a partner's root, and one under its own root. CRLs from `openssl ca -gencrl`, three of them
+# careless.
 # Usage: hostile_ca_pki.sh DIR (tests/integration/test_hostile_ca_chains.py).
 set -euo pipefail
 export CADIR=root  # ca.cnf names it; each `openssl ca` sets its own
@@ -85,9 +87,16 @@ subjectAltName = critical, otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test
 extendedKeyUsage = clientAuth
 subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test
 1.3.6.1.4.1.99999.8 = DER:05:00
+[v3_crl_signer]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, cRLSign
+authorityKeyIdentifier = keyid
 [crl_critical_unknown]
 authorityKeyIdentifier = keyid:always
 1.3.6.1.4.1.99999.7 = critical, DER:05:00
+[delta_of_1]
+authorityKeyIdentifier = keyid:always
+2.5.29.27 = critical, DER:02:01:01
 [crl_cas_only]
 authorityKeyIdentifier = keyid:always
 issuingDistributionPoint = critical, @cas_only
@@ -200,9 +209,26 @@ for name in alice bob; do
 done
 CADIR=renewed_old openssl ca -batch -config ca.cnf -revoke renewed_old/alice/cert.pem -crl_reason keyCompromise 2>&1
 for ca in renewed_old renewed_new; do CADIR=$ca openssl ca -batch -config ca.cnf -gencrl -out "$ca/crl.pem" 2>&1; done
+# then the new key signs a delta CRL on top of the old key's CRL #1 whose removeFromCRL entry lifts alice's revocation
+CADIR=renewed_new openssl ca -batch -config ca.cnf -revoke renewed_old/alice/cert.pem -crl_reason removeFromCRL 2>&1
+CADIR=renewed_new openssl ca -batch -config ca.cnf -gencrl -crlexts delta_of_1 -out renewed_new/delta_lifting.pem 2>&1
 CADIR=root openssl ca -batch -config ca.cnf -revoke revoked/cert.pem -crl_reason keyCompromise 2>&1
 for ca in root good revoked; do CADIR=$ca openssl ca -batch -config ca.cnf -gencrl -out "$ca/crl.pem" 2>&1; done
 cat root/crl.pem good/crl.pem revoked/crl.pem > crls.pem
+# a second trust anchor (a partner's, trusted for its own users) that certifies a CRL-only key under the good CA's
+# name, and that key's CRL listing nothing: it may not speak for the good CA's certificates (RFC 5280 6.3.3 (f))
+newca partner
+openssl req -config ca.cnf -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout partner/key.pem \
+  -subj "/CN=Hostile partner Root CA" -extensions v3_root -days 10 -out partner/cert.pem 2>&1
+newca partner_crl_signer
+request partner_crl_signer "/CN=Hostile good CA"
+issue partner partner_crl_signer v3_crl_signer
+CADIR=partner_crl_signer openssl ca -batch -config ca.cnf -gencrl -out partner_crl_signer/crl.pem 2>&1
+# the same under the good CA's own root: a separate CRL key the good CA's certificates may be vouched for by
+newca root_crl_signer
+request root_crl_signer "/CN=Hostile good CA"
+issue root root_crl_signer v3_crl_signer
+CADIR=root_crl_signer openssl ca -batch -config ca.cnf -gencrl -out root_crl_signer/crl.pem 2>&1
 # the good CA's careless CRLs: an unknown critical extension, a thisUpdate a day ahead, a scope of CA certificates only
 crl() { CADIR=good openssl ca -batch -config ca.cnf -gencrl -out "good/$1.pem" "${@:2}" 2>&1; }
 crl crl_critical_unknown -crlexts crl_critical_unknown

@@ -33,7 +33,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
-from proxy.backend.client import BUFFER_HIGH, LIMIT_PER_UPSTREAM, Exchange, ResponseHead, Upstream, UserPool
+from proxy.backend.client import (
+    BUFFER_HIGH,
+    LIMIT_PER_UPSTREAM,
+    Exchange,
+    ResponseHead,
+    Upstream,
+    UserPool,
+    read_timers,
+)
 from proxy.backend.forward import Pools, forward
 from proxy.config import Route
 from proxy.errors import GatewayError
@@ -898,3 +906,50 @@ def test_many_users_on_a_backend_that_misbehaves_at_random_never_share_a_connect
         user = path.split("/")[2]
         assert o.body == b"%b %b" % (base64.b64encode(user.encode()), path.encode()), (path, o.body)
     assert {o.status for _, o in outcomes} <= {200, 502, None}
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_dripping_answer_is_never_cut_early_and_a_held_one_ends_at_its_read_timeout(loop: str) -> None:
+    """The shared read timers (`ReadTimers`): an answer whose body comes a byte every 0.6 read timeouts, for three
+    read timeouts, passes whole; the next request on that kept-alive connection (whose first timer is still in its
+    slot), held by the backend, ends in 504 no sooner than the read timeout and soon after it; and after 300 more
+    requests whose connections the backend closes, no closed connection is left in a slot, and every slot (one per
+    1/64 of the read timeout in which a timer was armed, most of them emptied as their connections closed) is gone
+    once its loop timer has fired."""
+    timeout = 0.5
+
+    async def serve(conn: Conn) -> None:
+        while request := await conn.request():
+            if b"/drip" in request:
+                await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                for byte in b"drips":
+                    await asyncio.sleep(timeout * 0.6)
+                    await conn.send(bytes([byte]))
+            elif b"/held" in request:
+                await asyncio.sleep(timeout * 10)
+                return
+            else:
+                await conn.send(ok(b"short", b"Connection: close\r\n"))
+                return
+
+    async def case() -> tuple[Outcome, Outcome, float, list[Outcome], int, int]:
+        async with gateway(serve, read_timeout=timeout) as (url, _), aiohttp.ClientSession() as session:
+            dripped = await ask(session, url + "/drip")
+            started = asyncio.get_running_loop().time()
+            held = await ask(session, url + "/held")
+            waited = asyncio.get_running_loop().time() - started
+            short = [await ask(session, url + f"/short/{i}") for i in range(300)]
+            timers = read_timers(asyncio.get_running_loop())
+            armed = len(timers)
+            deadline = asyncio.get_running_loop().time() + timeout * 2 + 10
+            while timers._slots and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110  the timers state
+                await asyncio.sleep(0.05)  # each slot's loop timer fires once and takes the slot with it
+            return dripped, held, waited, short, armed, len(timers._slots)
+
+    dripped, held, waited, short, armed, slots = on_loop(loop, asyncio.wait_for(case(), 60))
+    assert (dripped.status, dripped.body) == (200, b"drips")
+    assert held.status == 504
+    assert timeout <= waited < timeout + 1.5, waited  # at most 1/64 late, plus a loaded machine's scheduling
+    assert {(o.status, o.body) for o in short} == {(200, b"short")}
+    assert armed == 0  # each connection left its slot as it closed (the held one too)
+    assert slots == 0, slots  # no slot outlives its loop timer, empty or not

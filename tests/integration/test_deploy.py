@@ -418,6 +418,27 @@ def test_a_rerun_handout_removes_nothing_outside_what_it_wrote(tmp_path: Path) -
     assert not (backend / handout_module.MANIFEST).is_symlink()
 
 
+def test_a_list_no_file_can_be_named_by_does_not_stop_the_handout(tmp_path: Path) -> None:
+    """The backend writes into its own volume's list an entry with a NUL byte or one with a name longer than a file
+    name may be: the re-run stopped in the backend's part (a traceback, ValueError "embedded null byte"; exit 1, "File
+    name too long" from the unlink), so the CRL server's and the devices' volumes, handed out after it, kept what they
+    had (a deleted user's key stayed on the device). Now such entries (and one under an over-long directory, one not
+    UTF-8) name nothing, the re-run hands every part out, and the backend's list is its own again."""
+    layout = _lab_for_handout(tmp_path / "lab")
+    into = tmp_path / "handout"
+    assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0
+    backend = into / "backend"
+    for hostile in ("keytabs/a\x00b", "x" * 300, f"{'d' * 300}/cas.keytab", "keytabs/\udcff"):
+        (backend / handout_module.MANIFEST).write_bytes(f"krb5.conf\n{hostile}\n".encode(errors="surrogateescape"))
+        for name in ("alice.pem", "alice.key", "alice.p12"):
+            (layout.pki_dir / "users" / name).unlink(missing_ok=True)
+        assert cli.main(["lab", "handout", "--dir", str(layout.root), "--into", str(into)]) == 0, hostile
+        assert not any(name.startswith("pki/users/alice.") for name in _handed_out(into, "device")), hostile
+        listed = (backend / handout_module.MANIFEST).read_text().splitlines()
+        assert listed == ["keytabs/cas.keytab", "krb5.conf"], hostile
+        assert (into / "gateway" / "krb5.conf").exists()
+
+
 def test_the_devices_share_a_network_with_the_gateways_alone() -> None:
     """`device` is on the network `devices` only, where the gateway answers as proxy.lab.test; the KDC, backend and
     CRL server are on `lab`, which no device joins (test_compose.py connects from a device to check)."""

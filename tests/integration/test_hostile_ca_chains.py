@@ -239,6 +239,59 @@ def test_after_a_ca_key_renewal_only_a_crl_of_the_certificates_own_key_vouches_f
         gw.stop()
 
 
+def test_a_delta_crl_of_another_key_does_not_lift_the_base_crls_revocation(
+    lab: LabLayout, pki: Path, tmp_path: Path
+) -> None:
+    """RFC 5280 5.2.4: a delta CRL updates only the complete CRLs signed with its own key. The renewed CA's new key
+    signed a delta CRL (made with `openssl ca -gencrl`, a deltaCRLIndicator of 1) over the old key's CRL #1, with a
+    removeFromCRL entry for alice: her certificate, revoked on the old key's CRL for keyCompromise, was served (200)
+    under `revocation = "require"`. Now the delta extends no CRL of the old key, and alice gets 403 as revoked."""
+    text = _config(lab, pki)
+    intermediates = ", ".join(f'"{pki / ca / "cert.pem"}"' for ca in ("renewed_old", "renewed_new"))
+    text = text.replace("intermediates = [", f"intermediates = [{intermediates}, ", 1)
+    files = ", ".join(
+        f'"{pki / path}"' for path in ("root/crl.pem", "renewed_old/crl.pem", "renewed_new/delta_lifting.pem")
+    )
+    text = text.replace(f'crls = ["{pki / "crls.pem"}"]', f"crls = [{files}]", 1)
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        got, body, err = _curl(lab, gw, pki / "renewed_old" / "alice")
+        assert got == 403, (body, err)
+        assert "was revoked on" in body, body
+        assert "reason keyCompromise" in body, body
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("signer", "status", "said"),
+    [
+        ("partner_crl_signer", 403, "no current CRL for issuer 'CN=Hostile good CA' of its own trust anchor"),
+        ("root_crl_signer", 200, '"principal": "alice@LAB.TEST"'),
+    ],
+)
+def test_a_crl_signer_under_another_trust_anchor_does_not_vouch(
+    lab: LabLayout, pki: Path, tmp_path: Path, signer: str, status: int, said: str
+) -> None:
+    """RFC 5280 6.3.3 (f): a CRL's signer must have a path to the trust anchor of the certificate it speaks for. A
+    partner's root, configured as a second anchor for its own users, certifies a cRLSign-only key under the good CA's
+    name (and the administrator loads the partner's bundle and CRL): with the good CA's own CRL missing, that CRL
+    (listing nothing) said alice was good, and she was served (200) under `revocation = "require"`; now 403 naming
+    no current CRL of her own trust anchor. The same CRL-only key under her own root still vouches."""
+    text = _config(lab, pki)
+    anchors = f'"{pki / "oldroot" / "cert.pem"}"'
+    text = text.replace(anchors, f'{anchors}, "{pki / "partner" / "cert.pem"}"', 1)
+    text = text.replace("intermediates = [", f'intermediates = ["{pki / signer / "cert.pem"}", ', 1)
+    crls = f'crls = ["{pki / "root" / "crl.pem"}", "{pki / signer / "crl.pem"}"]'
+    gw = start_gateway(lab, tmp_path, text.replace(f'crls = ["{pki / "crls.pem"}"]', crls, 1))
+    try:
+        got, body, err = _curl(lab, gw, pki / "good" / "alice")
+        assert got == status, (body, err)
+        assert said in body, body
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize(
     ("crl", "problem"),
     [

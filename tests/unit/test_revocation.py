@@ -80,7 +80,7 @@ def test_revoked_certificate_refused(pki: Pki, trust: TrustList, crls: CrlSet, p
 def test_lookup_reports_revoked_without_raising(pki: Pki, trust: TrustList, crls: CrlSet) -> None:
     """lookup() is the policy-free view: REVOKED evidence with the revocation time."""
     chain = verified(pki, trust, "revoked").chain
-    evidence = crls.lookup(chain[0], chain[1], at=NOW)
+    evidence = crls.lookup(chain[0], chain[1], at=NOW, anchor=chain[-1])
     assert evidence.status is RevocationStatus.REVOKED
     assert evidence.revoked_at == NOW - timedelta(hours=2)
 

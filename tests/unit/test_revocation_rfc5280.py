@@ -84,7 +84,7 @@ def idp(**kwargs: object) -> Ext:
 
 
 def status(crls: CrlSet, v: VerifiedCertificate) -> RevocationStatus:
-    return crls.lookup(v.leaf, v.chain[1], at=NOW).status
+    return crls.lookup(v.leaf, v.chain[1], at=NOW, anchor=v.chain[-1]).status
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,10 @@ def test_stale_delta_makes_status_unknown(pki: Pki, trust: TrustList, alice: Ver
     assert status(crls, alice) is RevocationStatus.GOOD
     later = delta.next_update_utc
     assert later is not None
-    assert crls.lookup(alice.leaf, alice.chain[1], at=later + timedelta(seconds=1)).status is RevocationStatus.UNKNOWN
+    assert (
+        crls.lookup(alice.leaf, alice.chain[1], at=later + timedelta(seconds=1), anchor=alice.chain[-1]).status
+        is RevocationStatus.UNKNOWN
+    )
 
 
 def test_delta_older_than_base_is_ignored(pki: Pki, trust: TrustList, alice: VerifiedCertificate) -> None:
@@ -177,7 +180,7 @@ def test_reason_partitioned_crls_must_cover_every_reason(
         name, key, (), idp(only_some_reasons=frozenset(set(F) - compromise - {F.unspecified, F.remove_from_crl}))
     )
     crls, _ = CrlSet.build([("compromise.crl", first)], trust, at=NOW)
-    evidence = crls.lookup(alice.leaf, alice.chain[1], at=NOW)
+    evidence = crls.lookup(alice.leaf, alice.chain[1], at=NOW, anchor=alice.chain[-1])
     assert evidence.status is RevocationStatus.UNKNOWN
     assert "do not cover every revocation reason (missing: aACompromise, affiliationChanged" in evidence.detail
     crls, _ = CrlSet.build([("compromise.crl", first), ("rest.crl", rest)], trust, at=NOW)
@@ -326,7 +329,7 @@ def test_a_renewed_keys_crl_does_not_vouch_for_the_old_keys_certificates(pki: Pk
     alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
     crls, problems = CrlSet.build([("new-key.crl", crl(name, new_key, (), number=8))], trust, at=NOW)
     assert problems == []
-    evidence = crls.lookup(alice.leaf, alice.chain[1], at=NOW)
+    evidence = crls.lookup(alice.leaf, alice.chain[1], at=NOW, anchor=alice.chain[-1])
     assert evidence.status is RevocationStatus.UNKNOWN
     assert "signed with the key that signed the certificate" in evidence.detail
     assert "new-key.crl is another key's" in evidence.detail
@@ -343,3 +346,106 @@ def test_a_separate_crl_signer_vouches_for_its_cas_certificates(pki: Pki) -> Non
     crls, problems = CrlSet.build([("crl-key.crl", crl(name, signer_key, ()))], trust, at=NOW)
     assert problems == []
     assert status(crls, alice) is RevocationStatus.GOOD
+
+
+def _other_anchor() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A second trust anchor (a partner's root), self-signed."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Partner Root CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def test_a_crl_signer_certified_under_another_trust_anchor_does_not_vouch(pki: Pki) -> None:
+    """RFC 5280 6.3.3 (f): a CRL's signer must chain to the trust anchor of the certificate it speaks for. A partner's
+    root, trusted for its own users, certifies a cRLSign-only key under the issuing CA's name: its CRL (listing
+    nothing) said alice was "good" with her own CA's CRL missing; now she is unknown (refused under "require"). A CRL
+    of that signer that lists her still revokes her."""
+    crl_only = x509.KeyUsage(False, False, False, False, False, False, True, False, False)
+    partner, partner_key = _other_anchor()
+    name, _ = issuing(pki)
+    signer_key = ec.generate_private_key(ec.SECP256R1())
+    signer = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(partner.subject)
+        .public_key(signer_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(crl_only, critical=True)
+        .sign(partner_key, hashes.SHA256())
+    )
+    trust = TrustList(anchors=(load_cert(pki.root_cert), partner), intermediates=(load_cert(pki.issuing_cert), signer))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    crls, problems = CrlSet.build([("partner.crl", crl(name, signer_key, ()))], trust, at=NOW)
+    assert problems == []
+    evidence = crls.lookup(alice.leaf, alice.chain[1], at=NOW, anchor=alice.chain[-1])
+    assert evidence.status is RevocationStatus.UNKNOWN, evidence
+    with pytest.raises(CertificateRevoked, match="no current CRL for issuer"):
+        crls.check(alice, at=NOW, policy="require")
+    listed = crl(name, signer_key, [(alice.serial, F.key_compromise)], number=2)
+    crls, _ = CrlSet.build([("partner.crl", listed)], trust, at=NOW)
+    assert status(crls, alice) is RevocationStatus.REVOKED  # a CRL that lists it still revokes (the safe side)
+
+
+def test_an_indirect_crl_from_under_another_trust_anchor_does_not_vouch(pki: Pki) -> None:
+    """RFC 5280 6.3.3 (f) for indirect CRLs: alice's distribution point names a CRL issuer, and a partner's root
+    (trusted for its own users) holds a CA of that name. Its indirect CRL listing nothing said "good"; it is not of
+    alice's trust anchor, so she is unknown."""
+    partner, partner_key = _other_anchor()
+    delegate = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Corp CRL Issuer")])
+    dp = x509.CRLDistributionPoints([x509.DistributionPoint(None, None, None, [x509.DirectoryName(delegate)])])
+    signer_key = ec.generate_private_key(ec.SECP256R1())
+    crl_only = x509.KeyUsage(False, False, False, False, False, False, True, False, False)
+    signer = (
+        x509.CertificateBuilder()
+        .subject_name(delegate)
+        .issuer_name(partner.subject)
+        .public_key(signer_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(crl_only, critical=True)
+        .sign(partner_key, hashes.SHA256())
+    )
+    trust = TrustList(anchors=(load_cert(pki.root_cert), partner), intermediates=(load_cert(pki.issuing_cert), signer))
+    alice = verify_chain(leaf(pki, (dp, False)), trust, at=NOW)
+    indirect = crl(delegate, signer_key, (), idp(indirect_crl=True))
+    crls, problems = CrlSet.build([("partner-indirect.crl", indirect)], trust, at=NOW)
+    assert problems == []
+    assert status(crls, alice) is RevocationStatus.UNKNOWN
+
+
+def test_a_delta_crl_of_another_key_neither_lifts_nor_shadows_the_base_crls_entries(pki: Pki) -> None:
+    """RFC 5280 5.2.4: a delta CRL updates only complete CRLs signed with its own key. A second CA certificate of the
+    issuing CA's name (a renewed key, or a partner's) signed a delta CRL on top of the issuing key's CRL #1: its
+    removeFromCRL entry lifted alice's keyCompromise revocation, and its higher number hid the issuing key's own delta
+    listing bob; both were "good". Now the other key's delta applies to no CRL of the issuing key."""
+    renewed, new_key = _same_name_ca(pki)
+    name, key = issuing(pki)
+    trust = TrustList(anchors=(load_cert(pki.root_cert),), intermediates=(load_cert(pki.issuing_cert), renewed))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    bob = verify_chain(leaf(pki), trust, at=NOW)
+    base = crl(name, key, [(alice.serial, F.key_compromise)], number=1)
+    own_delta = crl(name, key, [(bob.serial, F.key_compromise)], (x509.DeltaCRLIndicator(1), True), number=2)
+    lifting = crl(name, new_key, [(alice.serial, F.remove_from_crl)], (x509.DeltaCRLIndicator(1), True), number=99)
+    crls, problems = CrlSet.build(
+        [("base.crl", base), ("own-delta.crl", own_delta), ("other-key-delta.crl", lifting)], trust, at=NOW
+    )
+    assert problems == []
+    assert status(crls, alice) is RevocationStatus.REVOKED
+    assert status(crls, bob) is RevocationStatus.REVOKED

@@ -41,7 +41,7 @@ def verified(pki: Pki, trust: TrustList, name: str) -> VerifiedCertificate:
 
 
 def status(store: CrlStore, v: VerifiedCertificate, at: datetime = NOW) -> RevocationStatus:
-    return store.current.lookup(v.leaf, v.chain[1], at=at).status
+    return store.current.lookup(v.leaf, v.chain[1], at=at, anchor=v.chain[-1]).status
 
 
 def forged_crl(pki: Pki, serial: int) -> bytes:
