@@ -490,7 +490,7 @@ class CrlSet:
         signers: list[x509.Certificate] = []
         anchors: set[bytes] = set()
         problems: list[str] = []
-        for candidate in _certificates_of(crl.signer_key, crl.issuer, trust):
+        for candidate in signer_certificates(crl.signer_key, crl.issuer, trust):
             anchor = self._signer_path(crl, candidate, trust, at)
             if isinstance(anchor, str):
                 problems.append(anchor)
@@ -745,7 +745,7 @@ def _anchor_keys(signers: list[x509.Certificate], trust: TrustList, at: datetime
     return anchors
 
 
-def _certificates_of(key: bytes, name: x509.Name, trust: TrustList) -> list[x509.Certificate]:
+def signer_certificates(key: bytes, name: x509.Name, trust: TrustList) -> list[x509.Certificate]:
     """The configured certificates named `name` with the public key `key` (its SubjectPublicKeyInfo) that may sign
     CRLs, in the trust list's order."""
     return [ca for ca in trust.named(name) if _key_of(ca) == key and _may_sign_crls(ca)]
