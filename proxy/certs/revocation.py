@@ -47,6 +47,8 @@ set, which remembers nothing: a certificate a new CRL lists is refused on its ne
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
 import functools
 import itertools
@@ -127,11 +129,13 @@ class Crl:
 
     source: str
     crl: x509.CertificateRevocationList
-    signer: x509.Certificate  # the configured certificate whose key verified it
+    signer: x509.Certificate  # a configured certificate whose key verified it (`CrlSet.of`: one with a valid path)
     signer_key: bytes  # its SubjectPublicKeyInfo, DER
-    signer_certifies: bool  # the signer may sign certificates (keyUsage keyCertSign, or no keyUsage)
-    signer_anchor: bytes  # SubjectPublicKeyInfo of the trust anchor its signer's path ends at (a separate CRL signer's,
-    # an indirect CRL's); b"" without a path, or for a certificate-signing CA's own CRL, which vouches by its key alone
+    signer_certifies: bool  # a certificate of that key may sign certificates (keyUsage keyCertSign, or no keyUsage)
+    # SubjectPublicKeyInfo of each trust anchor a path of a certificate of the signer's key ends at (one key may be
+    # certified under two anchors, or twice under one: renewed). `accept` leaves it empty for a certificate-signing
+    # CA's own CRL, which vouches by its key alone; `CrlSet.of` keeps the anchors of the paths no CRL revokes.
+    signer_anchors: frozenset[bytes]
     number: int  # cRLNumber, -1 when absent (openssl ca's v1 CRLs)
     delta_base: int | None  # a delta CRL's base CRL number; None for a complete CRL
     scope: Scope
@@ -162,13 +166,13 @@ class Crl:
         have signed the certificate and whose path ends at the certificate's own trust anchor (`anchor_key`; RFC 5280
         6.3.3 (f): another anchor's CA of that name is no delegate of the issuer). Another certificate-signing key of
         the same CA name lists only what it signed."""
-        return self.signer_key == issuer_key or (not self.signer_certifies and self.signer_anchor == anchor_key)
+        return self.signer_key == issuer_key or (not self.signer_certifies and anchor_key in self.signer_anchors)
 
     def delegated_for(self, issuer_key: bytes, anchor_key: bytes) -> bool:
         """Whether this indirect CRL, of a CRL issuer the certificate's distribution point names, can say it is good:
         signed with the issuer's own key, or by a signer whose path ends at the certificate's trust anchor (RFC 5280
         6.3.3 (f))."""
-        return self.signer_key == issuer_key or self.signer_anchor == anchor_key
+        return self.signer_key == issuer_key or anchor_key in self.signer_anchors
 
     @property
     def partition(self) -> tuple[object, ...]:
@@ -235,7 +239,8 @@ class CrlSet:
 
     @classmethod
     def of(cls, accepted: Iterable[Crl], trust: TrustList, *, at: datetime) -> tuple[CrlSet, list[str]]:
-        """Index accepted CRLs: the newest per issuer, key and partition; drop those of revoked signers."""
+        """Index accepted CRLs: the newest per issuer, key and partition, each with the signers `trust` holds for it
+        at `at` (`_vetted`); drop those whose every signer is revoked or has no valid path."""
         newest: dict[tuple[x509.Name, bytes, tuple[object, ...]], Crl] = {}
         for crl in accepted:
             key = (crl.issuer, crl.signer_key, crl.partition)
@@ -245,11 +250,11 @@ class CrlSet:
         kept: list[Crl] = []
         problems: list[str] = []
         for crl in newest.values():
-            why = preliminary._signer_revoked(crl, trust, at)
-            if why:
-                problems.append(f"{crl.source}: {why}")
+            vetted = preliminary._vetted(crl, trust, at)
+            if isinstance(vetted, str):
+                problems.append(f"{crl.source}: {vetted}")
             else:
-                kept.append(crl)
+                kept.append(vetted)
         return cls._index(tuple(kept)), problems
 
     @classmethod
@@ -477,12 +482,35 @@ class CrlSet:
             )
         return ""
 
-    def _signer_revoked(self, crl: Crl, trust: TrustList, at: datetime) -> str:
-        """Why a CRL's signer (when not a trust anchor) cannot be used, judged by the other CRLs here."""
-        if trust.is_anchor(crl.signer):
-            return ""
+    def _vetted(self, crl: Crl, trust: TrustList, at: datetime) -> Crl | str:
+        """`crl` resting on the certificates of its signer's key that `trust` holds and that may sign CRLs, each with
+        a valid path at `at` that the other CRLs here do not revoke: the first of them its `signer`, their paths'
+        anchors its `signer_anchors`; or why none is left. One key may be certified twice (renewed: the expired
+        certificate still in the bundle; or under two trust anchors): the order of the bundle decides nothing."""
+        signers: list[x509.Certificate] = []
+        anchors: set[bytes] = set()
+        problems: list[str] = []
+        for candidate in signer_certificates(crl.signer_key, crl.issuer, trust):
+            anchor = self._signer_path(crl, candidate, trust, at)
+            if isinstance(anchor, str):
+                problems.append(anchor)
+            else:
+                signers.append(candidate)
+                anchors.add(anchor)
+        if not signers:
+            return problems[0] if problems else f"the certificate that signed {crl.label} is no longer configured"
+        kept = frozenset(anchors) if crl.indirect or not crl.signer_certifies else frozenset()
+        if signers[0] == crl.signer and kept == crl.signer_anchors:
+            return crl  # the same object: `CrlStore` tells its listeners of a change by the CRLs' identities
+        return dataclasses.replace(crl, signer=signers[0], signer_anchors=kept)
+
+    def _signer_path(self, crl: Crl, signer: x509.Certificate, trust: TrustList, at: datetime) -> bytes | str:
+        """The anchor (its SubjectPublicKeyInfo) of `signer`'s valid path at `at`, or why it cannot vouch for `crl`:
+        no valid path, or a certificate on it revoked, judged by the other CRLs here."""
+        if trust.is_anchor(signer):
+            return _spki(signer)
         try:
-            path = verify_chain(crl.signer, trust, at=at, purpose="any")
+            path = verify_chain(signer, trust, at=at, purpose="any")
         except CertificateRejected as exc:
             return f"the certificate that signed {crl.label} has no valid path: {exc.reason}"
         for i, (cert, issuer) in enumerate(itertools.pairwise(path.chain)):
@@ -491,7 +519,7 @@ class CrlSet:
             evidence = judge.lookup(cert, issuer, at=at, anchor=path.chain[-1])
             if evidence.status is RevocationStatus.REVOKED:
                 return f"the certificate that signed {crl.label} is revoked: {evidence.detail}"
-        return ""
+        return _spki(path.chain[-1])
 
 
 def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
@@ -540,8 +568,8 @@ def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *
     signers = [ca for ca in cas if _signed_by(crl, ca)]
     if not signers:
         raise CrlUnusable(f"CRL signature does not verify against the trusted '{name}' (signed with another key?)")
-    signer = next((ca for ca in signers if _may_sign_crls(ca)), None)
-    if signer is None:
+    allowed = [ca for ca in signers if _may_sign_crls(ca)]
+    if not allowed:
         raise CrlUnusable(f"the key usage of '{name}' does not allow cRLSign")
     if crl.next_update_utc is None:
         raise CrlUnusable(f"CRL of '{name}' has no nextUpdate, so it is never known to be current")
@@ -551,7 +579,11 @@ def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *
         raise CrlUnusable(f"CRL of '{name}' is not valid yet: its thisUpdate is {format_time(crl.last_update_utc)}")
     number, delta_base, idp = _crl_extensions(crl)
     indirect = bool(idp and idp.indirect_crl)
-    certifies = _may_sign_certificates(signer)
+    certifies = any(_may_sign_certificates(ca) for ca in allowed)
+    # the signers' paths, where more than one certificate has the key or the anchor matters: the first with a valid
+    # path signs (an expired certificate of a renewed key is still in the bundle); their revocation is `CrlSet.of`'s
+    paths = _anchor_keys(allowed, trust, at) if len(allowed) > 1 or indirect or not certifies else {}
+    signer = next(iter(paths), allowed[0])
     return Crl(
         source=source,
         crl=crl,
@@ -559,7 +591,7 @@ def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *
         signer_key=_spki(signer),
         signer_certifies=certifies,
         # only asked of a separate CRL signer's CRL and of an indirect one (a CA's own CRL vouches by its key)
-        signer_anchor=_anchor_key(signer, trust, at) if indirect or not certifies else b"",
+        signer_anchors=frozenset(paths.values()) if indirect or not certifies else frozenset(),
         number=number,
         delta_base=delta_base,
         scope=_scope(idp),
@@ -700,15 +732,23 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
         return False
 
 
-def _anchor_key(signer: x509.Certificate, trust: TrustList, at: datetime) -> bytes:
-    """The SubjectPublicKeyInfo of the trust anchor a CRL signer's path ends at; b"" when it has none (then
-    `CrlSet.of` drops its CRLs, saying why)."""
-    if trust.is_anchor(signer):
-        return _spki(signer)
-    try:
-        return _spki(verify_chain(signer, trust, at=at, purpose="any").chain[-1])
-    except CertificateRejected:
-        return b""
+def _anchor_keys(signers: list[x509.Certificate], trust: TrustList, at: datetime) -> dict[x509.Certificate, bytes]:
+    """Each of a CRL's `signers` that has a valid path at `at`, in their order, with the SubjectPublicKeyInfo of the
+    trust anchor it ends at (none: `CrlSet.of` drops its CRLs, saying why)."""
+    anchors: dict[x509.Certificate, bytes] = {}
+    for signer in signers:
+        if trust.is_anchor(signer):
+            anchors[signer] = _spki(signer)
+            continue
+        with contextlib.suppress(CertificateRejected):
+            anchors[signer] = _spki(verify_chain(signer, trust, at=at, purpose="any").chain[-1])
+    return anchors
+
+
+def signer_certificates(key: bytes, name: x509.Name, trust: TrustList) -> list[x509.Certificate]:
+    """The configured certificates named `name` with the public key `key` (its SubjectPublicKeyInfo) that may sign
+    CRLs, in the trust list's order."""
+    return [ca for ca in trust.named(name) if _key_of(ca) == key and _may_sign_crls(ca)]
 
 
 def _may_sign_certificates(cert: x509.Certificate) -> bool:

@@ -49,7 +49,7 @@ from cryptography import x509
 
 from proxy.certs.chain import TrustList
 from proxy.certs.floors import KEY, FloorTable, PersistedFloors
-from proxy.certs.revocation import Crl, CrlSet, CrlUnusable, accept, parse_crls
+from proxy.certs.revocation import Crl, CrlSet, CrlUnusable, accept, parse_crls, signer_certificates
 from proxy.files import read_bounded
 
 log = structlog.get_logger("proxy.crl")
@@ -114,11 +114,12 @@ class CrlStore:
 
     def inherit(self, old: CrlStore) -> None:
         """Start from `old`'s last good CRLs (a reload, before this store reads anything): for each source both
-        read (and, with distribution points, the ones `old` learned), the CRLs whose signer this trust list still
-        holds. They are what a replayed CRL is refused below and what stays when the source gives nothing usable,
-        as in a refresh: a store built afresh took any CRL still within its nextUpdate, last week's included.
-        A source `old` did not read (a file moved, a URL pointed at a mirror) starts from the CRLs of the sources
-        `old` read and this store does not (a renamed source's floor; its first good read replaces them)."""
+        read (and, with distribution points, the ones `old` learned), the CRLs whose signer's key this trust list
+        still holds a certificate of. They are what a replayed CRL is refused below and what stays when the source
+        gives nothing usable, as in a refresh: a store built afresh took any CRL still within its nextUpdate, last
+        week's included. A source `old` did not read (a file moved, a URL pointed at a mirror) starts from the CRLs
+        of the sources `old` read and this store does not (a renamed source's floor; its first good read replaces
+        them)."""
         if self.use_distribution_points:
             learned = [s.source for s in old._states.values() if s.source.learned and s.crls]
             for source in learned[:MAX_LEARNED]:
@@ -129,7 +130,8 @@ class CrlStore:
             if state.crls:
                 continue
             held = gone if before is None else before.crls
-            state.crls = tuple(crl for crl in held if crl.signer in self.trust.named(crl.issuer))
+            # a certificate of its signer's key, not that one certificate: a CA's renewed on the same key still signs
+            state.crls = tuple(crl for crl in held if signer_certificates(crl.signer_key, crl.issuer, self.trust))
             state.last_success = before.last_success if before is not None and state.crls else None
 
     # --- reading -----------------------------------------------------------------------------------

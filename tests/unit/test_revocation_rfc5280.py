@@ -449,3 +449,132 @@ def test_a_delta_crl_of_another_key_neither_lifts_nor_shadows_the_base_crls_entr
     assert problems == []
     assert status(crls, alice) is RevocationStatus.REVOKED
     assert status(crls, bob) is RevocationStatus.REVOKED
+
+
+def _crl_signer(
+    name: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    issuer: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    not_after: datetime = NOW + timedelta(days=30),
+) -> x509.Certificate:
+    """A cRLSign-only certificate for `public_key` under the name `name` (a CA's separate CRL signer), from `issuer`."""
+    crl_only = x509.KeyUsage(False, False, False, False, False, False, True, False, False)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(min(NOW - timedelta(days=1), not_after - timedelta(days=1)))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(crl_only, critical=True)
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+@pytest.mark.parametrize("partner_first", [True, False])
+def test_a_crl_signer_key_also_certified_under_another_anchor_still_vouches_under_its_own(
+    pki: Pki, partner_first: bool
+) -> None:
+    """The issuing CA's separate CRL signer, certified by the own root, whose public key a partner's root certified as
+    well (a public key is anyone's to certify): its CRL is alice's whatever the order of the intermediates. With the
+    partner's certificate listed first its anchor alone was recorded, and alice was unknown (refused under
+    "require"); the order of a bundle, or of a reload, decided."""
+    partner, partner_key = _other_anchor()
+    name, _ = issuing(pki)
+    root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
+    signer_key = ec.generate_private_key(ec.SECP256R1())
+    own = _crl_signer(name, signer_key.public_key(), root, root_key)
+    partners = _crl_signer(name, signer_key.public_key(), partner, partner_key)
+    signers = (partners, own) if partner_first else (own, partners)
+    trust = TrustList(anchors=(root, partner), intermediates=(load_cert(pki.issuing_cert), *signers))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    crls, problems = CrlSet.build([("crl-key.crl", crl(name, signer_key, ()))], trust, at=NOW)
+    assert problems == []
+    assert status(crls, alice) is RevocationStatus.GOOD
+
+
+@pytest.mark.parametrize("partner_first", [True, False])
+def test_a_crl_signer_whose_own_certificate_is_revoked_does_not_vouch_through_another_anchors(
+    pki: Pki, partner_first: bool
+) -> None:
+    """The own root revoked its certificate for the CRL signer's key; the partner's certificate for the same key stays
+    valid. The key's CRL is not alice's in either order: it speaks only under the partner's anchor (unknown)."""
+    partner, partner_key = _other_anchor()
+    name, _ = issuing(pki)
+    root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
+    signer_key = ec.generate_private_key(ec.SECP256R1())
+    own = _crl_signer(name, signer_key.public_key(), root, root_key)
+    partners = _crl_signer(name, signer_key.public_key(), partner, partner_key)
+    signers = (partners, own) if partner_first else (own, partners)
+    trust = TrustList(anchors=(root, partner), intermediates=(load_cert(pki.issuing_cert), *signers))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    root_crl = crl(root.subject, root_key, [(own.serial_number, F.key_compromise)])
+    crls, _ = CrlSet.build([("root.crl", root_crl), ("crl-key.crl", crl(name, signer_key, ()))], trust, at=NOW)
+    assert status(crls, alice) is RevocationStatus.UNKNOWN
+
+
+def test_a_crl_signer_certificate_renewed_on_the_same_key_vouches_with_the_expired_one_still_listed(pki: Pki) -> None:
+    """A separate CRL signer's certificate renewed on the same key, the expired one still first in the intermediates
+    bundle: the CRL is vouched for by the current certificate. It was dropped ("the certificate that signed it has no
+    valid path": the expired one was taken as its signer) and alice was unknown under "require"."""
+    name, _ = issuing(pki)
+    root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
+    signer_key = ec.generate_private_key(ec.SECP256R1())
+    expired = _crl_signer(name, signer_key.public_key(), root, root_key, not_after=NOW - timedelta(days=1))
+    renewed = _crl_signer(name, signer_key.public_key(), root, root_key)
+    trust = TrustList(anchors=(root,), intermediates=(load_cert(pki.issuing_cert), expired, renewed))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    crls, problems = CrlSet.build([("crl-key.crl", crl(name, signer_key, ()))], trust, at=NOW)
+    assert problems == []
+    assert status(crls, alice) is RevocationStatus.GOOD
+    assert crls.crls[0].signer == renewed
+
+
+def test_a_cas_own_crl_is_used_with_its_expired_certificate_of_the_same_key_listed_first(pki: Pki) -> None:
+    """The issuing CA's certificate renewed on the same key (AD CS "renew with the same key pair"), the expired one
+    still first in the bundle: the CA's own CRL stays in use. It was dropped (its signer taken to be the expired
+    certificate, with no valid path) and every user was unknown under "require"."""
+    name, key = issuing(pki)
+    root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
+    current = load_cert(pki.issuing_cert)
+    expired = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=400))
+        .not_valid_after(NOW - timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    trust = TrustList(anchors=(root,), intermediates=(expired, current))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    crls, problems = CrlSet.build([("issuing.crl", crl(name, key, ()))], trust, at=NOW)
+    assert problems == []
+    assert status(crls, alice) is RevocationStatus.GOOD
+
+
+def test_a_reload_that_certifies_the_crl_signer_under_the_own_root_makes_its_held_crl_vouch(pki: Pki) -> None:
+    """A CRL accepted while only a partner's root certified its signer's key, then a reload whose bundle adds the own
+    root's certificate for that key (the CRL is held across it, `CrlStore.inherit`): the held CRL is alice's. The
+    anchor worked out when it was first read was kept, and alice stayed unknown until the CRL was read again."""
+    partner, partner_key = _other_anchor()
+    name, _ = issuing(pki)
+    root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
+    signer_key = ec.generate_private_key(ec.SECP256R1())
+    partners = _crl_signer(name, signer_key.public_key(), partner, partner_key)
+    before = TrustList(anchors=(root, partner), intermediates=(load_cert(pki.issuing_cert), partners))
+    held, problems = CrlSet.build([("crl-key.crl", crl(name, signer_key, ()))], before, at=NOW)
+    assert problems == []
+    own = _crl_signer(name, signer_key.public_key(), root, root_key)
+    after = TrustList(anchors=(root, partner), intermediates=(load_cert(pki.issuing_cert), partners, own))
+    alice = verify_chain(load_cert(pki.user_cert("alice")), after, at=NOW)
+    assert status(held, alice) is RevocationStatus.UNKNOWN  # under the partner's root alone: not alice's
+    reloaded, problems = CrlSet.of(held.crls, after, at=NOW)
+    assert problems == []
+    assert status(reloaded, alice) is RevocationStatus.GOOD

@@ -21,7 +21,7 @@ from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.revocation import CrlSet, RevocationStatus
 from proxy.certs.sources import MAX_CRL_BYTES, CrlSource, CrlStore, distribution_point_urls
 from proxy.lab.pki import Pki, make_pki, revoke
-from tests.pem import load_cert
+from tests.pem import load_cert, load_key
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -446,6 +446,42 @@ async def _test_a_reloaded_store_starts_from_the_crls_its_trust_list_still_vouch
     elsewhere = CrlStore(root_only, [CrlSource(str(path))])
     elsewhere.inherit(old)
     assert elsewhere.status(now=NOW)[0].crl_number is None
+
+
+def test_a_reload_with_the_issuing_cas_certificate_renewed_on_its_key_keeps_the_crls_it_held(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """A reload whose bundle has the issuing CA's certificate renewed on the same key (AD CS "renew with the same key
+    pair"; the old certificate taken out), its CRL source unreadable meanwhile: the CRL held, signed by that key, stays
+    and carol stays revoked. `inherit` kept only CRLs whose signer certificate itself was still configured: the CRL
+    was dropped and carol, revoked, was unknown (served under revocation = "best-effort") until the source was read."""
+    path = tmp_path / "issuing.crl"
+    revoke(pki, pki.user_cert("carol"), now=NOW)
+    path.write_bytes(pki.issuing_crl.read_bytes())
+    old = CrlStore(trust, [CrlSource(str(path))])
+    old.load_files(now=NOW)
+    carol = verified(pki, trust, "carol")
+    assert status(old, carol) is RevocationStatus.REVOKED
+    issuing, root = load_cert(pki.issuing_cert), load_cert(pki.root_cert)
+    renewed = (
+        x509.CertificateBuilder()
+        .subject_name(issuing.subject)
+        .issuer_name(root.subject)
+        .public_key(issuing.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(load_key(pki.root_key), hashes.SHA256())
+    )
+    reloaded_trust = TrustList(anchors=(root,), intermediates=(renewed,))
+    path.unlink()  # the source gives nothing this time (a file being replaced, an http source down)
+    reloaded = CrlStore(reloaded_trust, [CrlSource(str(path))])
+    reloaded.inherit(old)
+    reloaded.load_files(now=NOW)
+    carol = verify_chain(load_cert(pki.user_cert("carol")), reloaded_trust, at=NOW)
+    assert carol.chain[1] == renewed
+    assert status(reloaded, carol) is RevocationStatus.REVOKED
 
 
 def test_a_source_renamed_by_a_reload_starts_from_the_crls_the_old_name_held(
