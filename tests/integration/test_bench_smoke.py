@@ -9,8 +9,12 @@ from `make bench-setup`, which `make test` runs first.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,16 +22,46 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _stall_the_kdc_as_two_workers_start(scene: Path, bench: subprocess.Popen[str]) -> None:
+    """SIGSTOP the scene's KDC for 3 s (the scenario: a KDC slow to answer) once the scaling phase's two-worker
+    gateway says it listens, so that its workers' first requests wait for tickets; nothing if the bench ends first."""
+    log = scene / "gateway2.log"
+    while '"listening"' not in (log.read_text(errors="replace") if log.exists() else ""):
+        if bench.poll() is not None:
+            return
+        time.sleep(0.01)
+    kdc = int((scene / "lab" / "run" / "krb5kdc.pid").read_text())
+    os.kill(kdc, signal.SIGSTOP)
+    try:
+        time.sleep(3)
+    finally:
+        os.kill(kdc, signal.SIGCONT)
+
+
 @pytest.mark.slow(seconds=85)
 def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     """Each phase runs end to end against real nginx, the real gateway (uvloop, the default, and asyncio) and the
     plain proxy; the JSON has the fixed-rate latencies, the scaling ratio, the asyncio column, the held columns each
     warmed with every user, and the memory breakdown; the report prints the plain aiohttp proxy as a column beside
-    kcd-proxy and nginx with the ratio to nginx, each of issue 7's four measurements, and where the JSON went."""
+    kcd-proxy and nginx with the ratio to nginx, each of issue 7's four measurements, and where the JSON went. The
+    scene's KDC stalls for 3 s as the two-worker gateway starts: the scaling phase measures its workers warm (their
+    first S4U2Self and S4U2Proxy waited for), not 0 requests in a 1 s run, as on a loaded machine before."""
     out = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "bench.run", "--seconds", "1", "--rounds", "1", "--held", "40", "--users", "4"]
-    argv += ["--traced", "20", "--rate", "100", "--settle", "1", "--json", str(out)]
-    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    argv = [sys.executable, "-u", "-m", "bench.run", "--seconds", "1", "--rounds", "1", "--held", "40"]
+    argv += ["--users", "4", "--traced", "20", "--rate", "100", "--settle", "1", "--json", str(out)]
+    bench = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert bench.stdout is not None
+    first = bench.stdout.readline()  # "bench: scene in <root>; ..."
+    scene = Path(first.removeprefix("bench: scene in ").partition(";")[0])
+    stall = threading.Thread(target=_stall_the_kdc_as_two_workers_start, args=(scene, bench), daemon=True)
+    stall.start()
+    try:
+        stdout, stderr = bench.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        bench.kill()
+        raise
+    stall.join(timeout=60)
+    run = subprocess.CompletedProcess(argv, bench.returncode, first + stdout, stderr)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads(out.read_text())
     # issue 18: the plain aiohttp proxy is a column beside kcd-proxy and nginx, in the JSON and the printed report
