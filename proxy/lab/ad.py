@@ -660,7 +660,7 @@ def up_lab(realm: AdRealm) -> None:
     (realm.root / "gateway.toml").write_text(gateway_config(realm, admin=True))
     (realm.root / "netns").write_text(realm.netns + "\n")
     pid_file = realm.run_dir / "backend.pid"
-    if _pid_in(pid_file) is None:
+    if backend_pid(realm) is None:
         proc = realm.popen(backend_argv(realm, LAB_BACKEND_PORT), log=realm.run_dir / "backend.log")
         pid_file.write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + 60
@@ -671,13 +671,17 @@ def up_lab(realm: AdRealm) -> None:
             time.sleep(0.2)
 
 
-def _pid_in(pid_file: Path) -> int | None:
+def backend_pid(realm: AdRealm) -> int | None:
+    """The pid in `backend.pid` if that process runs and is this realm's Exchange stand-in (its command line is
+    `backend_argv`'s, with this realm's krb5.conf); a pid file left behind names a number the system may have given
+    to any program since (another test's gateway), which is neither taken for the backend nor signalled."""
     try:
-        pid = int(pid_file.read_text().strip())
-        os.kill(pid, 0)
+        pid = int((realm.run_dir / "backend.pid").read_text().strip())
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
     except (OSError, ValueError):
         return None
-    return pid
+    ours = "proxy.lab.backend" in argv and str(realm.krb5_conf) in argv
+    return pid if ours else None
 
 
 def describe(realm: AdRealm) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from proxy.lab import ad
@@ -25,3 +27,31 @@ def test_the_gateway_configuration_names_the_account_not_the_spn(tmp_path: Path)
     assert 'bind = "127.0.0.1:9443"' in text
     assert 'upstream = "http://127.0.0.1:9081"' in text
     assert 'spn = "HTTP/cas.ad.test"' in text
+
+
+def test_a_stale_backend_pid_file_names_no_backend(tmp_path: Path) -> None:
+    """`backend.pid` naming a live process that is not this realm's Exchange stand-in (the number given since to
+    another program, say another test's gateway) is not taken for the backend, so neither `lab up --ad` skips starting
+    it nor test_ad signals that program; the stand-in itself, run with this realm's krb5.conf, is found."""
+    realm = ad.AdRealm.at(tmp_path / "ad")
+    realm.run_dir.mkdir(parents=True)
+    stranger = subprocess.Popen(["sleep", "60"])
+    stand_in = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; time.sleep(60)",
+            "proxy.lab.backend",
+            "--krb5-config",
+            str(realm.krb5_conf),
+        ]
+    )
+    try:
+        (realm.run_dir / "backend.pid").write_text(f"{stranger.pid}\n")
+        assert ad.backend_pid(realm) is None
+        (realm.run_dir / "backend.pid").write_text(f"{stand_in.pid}\n")
+        assert ad.backend_pid(realm) == stand_in.pid
+    finally:
+        for proc in (stranger, stand_in):
+            proc.kill()
+            proc.wait()
