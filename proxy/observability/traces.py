@@ -458,6 +458,8 @@ def _describe_mapping(s: dict[str, Any]) -> str:
 
 def _describe_ticket(s: dict[str, Any]) -> str:
     what = "evidence ticket" if s.get("name") == "s4u2self" else "service ticket"
+    if s.get("again"):  # the ticket asked for again once a slow backend connection was open
+        what = f"again, once the backend connection was open: {what}"
     if "client" not in s:
         facts = s.get("facts") or s.get("note") or "no facts"
         return f"{what}: {facts}" + (", from the cache" if s.get("cached") else "")
