@@ -346,36 +346,71 @@ async def backend_authorization(
         trace.detail("kerberos", own_ticket=True)
         # the principal the KDC gave the password's ticket: with enterprise names two UPNs may map to one
         # principal the identity stage built, and a backend pool keyed by it would carry both users
-        return await gw.basic.authorization(auth.login, route), auth.login.ticket.principal
-    try:
-        delegation = await gw.delegator.delegation(auth.user, route.spn, route.gss_target)
-    except GatewayError as e:
-        trace.detail("kerberos", facts=facts_of(e))  # which step the KDC refused, and the evidence ticket
-        if isinstance(e, AccountReplaced) and gw.directory is not None:  # the account was made again since the
-            gw.directory.forget(auth.user.upn)  # look-up: the next request is decided on a fresh one
-        raise
-    trace.note(impersonation_cached=delegation.impersonation_cached, kdc_account=str(delegation.account))
-    if delegation.principal != auth.user.principal:
-        trace.note(principal=delegation.principal, requested_principal=auth.user.principal)
-    trace.detail("kerberos", facts=delegation.facts, cached=delegation.impersonation_cached)  # tickets' facts
+        try:
+            return await gw.basic.authorization(auth.login, route), auth.login.ticket.principal
+        except AccountRevoked as e:
+            raise await account_named(gw, e, datetime.now(UTC)) from None
+    delegation = await delegated(gw, auth.user, route, trace)
     if route.backend_binding == "connection":
-        return _once_connected(gw, auth.user, route, delegation), delegation.principal
+        return OnceConnected(gw, auth.user, route, delegation, trace), delegation.principal
     return Handover(delegation.authorization()), delegation.principal  # `forward_device` takes it once
 
 
-def _once_connected(gw: Gateway, user: UserPrincipal, route: Route, delegation: Delegation) -> Authorization:
+async def delegated(gw: Gateway, user: UserPrincipal, route: Route, trace: Trace, *, again: bool = False) -> Delegation:
+    """The user's delegated ticket for the route's SPN (the delegator's cache, else S4U2Self and S4U2Proxy), and what
+    the request's summary line and trace say of it; a refusal as the Kerberos stage gives it.
+
+    Theory of operation. The Kerberos stage calls this once; a connection-bound route's backend stage calls it
+    again when the ticket ended while the backend connection was being opened (`OnceConnected`, `again`). Both go
+    through the same steps: `impersonation_cached` and `kdc_account` on the summary line (the last exchange's),
+    the tickets' facts in the trace (the second exchange's under the detail stage `kerberos_again`, shown as a second
+    S4U2Self and S4U2Proxy), and on a refusal the KDC's "disabled, locked or expired" named by the directory
+    (`account_named`, the 403 at `kerberos`), the directory's entry dropped for an account made again since its
+    look-up, and which step the KDC refused in the trace."""
+    detail = "kerberos_again" if again else "kerberos"
+    if again:
+        trace.note(delegated_again=True)
+    try:
+        delegation = await gw.delegator.delegation(user, route.spn, route.gss_target)
+    except GatewayError as e:
+        trace.detail(detail, facts=facts_of(e))  # which step the KDC refused, and the evidence ticket
+        if isinstance(e, AccountReplaced) and gw.directory is not None:  # the account was made again since the
+            gw.directory.forget(user.upn)  # look-up: the next request is decided on a fresh one
+        if isinstance(e, AccountRevoked):
+            raise await account_named(gw, e, datetime.now(UTC)) from None
+        raise
+    trace.note(impersonation_cached=delegation.impersonation_cached, kdc_account=str(delegation.account))
+    if delegation.principal != user.principal:
+        trace.note(principal=delegation.principal, requested_principal=user.principal)
+    trace.detail(detail, facts=delegation.facts, cached=delegation.impersonation_cached)  # tickets' facts
+    return delegation
+
+
+class OnceConnected:
     """The token of a connection-bound route, made once the backend connection is open (`proxy.backend.forward`):
     up to `connect_timeout` after the ticket was taken from the cache, long enough for a short-lived ticket to end
     (MIT then refuses to make a token on it, and the device got 502). A ticket that ended meanwhile is asked for
-    again (cached, or one more exchange with the KDC), and the token is made on that one."""
+    again by `delegated`, as the Kerberos stage asked for it (cached, or one more exchange with the KDC), and the
+    token is made on that one. `again_ms`: that second look-up's time, counted in the Kerberos stage's, not the
+    backend's (`handle`)."""
 
-    async def authorization() -> str:
-        current = delegation
+    __slots__ = ("_delegation", "_gw", "_route", "_trace", "_user", "again_ms")
+
+    def __init__(self, gw: Gateway, user: UserPrincipal, route: Route, delegation: Delegation, trace: Trace) -> None:
+        self._gw, self._user, self._route, self._delegation, self._trace = gw, user, route, delegation, trace
+        self.again_ms = 0.0
+
+    async def __call__(self) -> str:
+        current = self._delegation
         if not current.valid():
-            current = await gw.delegator.delegation(user, route.spn, route.gss_target)
+            trace, start = self._trace, time.perf_counter()
+            try:
+                current = await delegated(self._gw, self._user, self._route, trace, again=True)
+            finally:
+                self.again_ms = round((time.perf_counter() - start) * 1000, 3)
+                trace.detail("kerberos_again", ms=self.again_ms)
+                trace.timed("kerberos", round(trace.ms.get("kerberos", 0.0) + self.again_ms, 3))
         return current.authorization()
-
-    return authorization
 
 
 async def account_named(gw: Gateway, refused: AccountRevoked, now: datetime) -> AccountRevoked:
@@ -502,17 +537,22 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         raise NoRoute("nothing is published at this path")
     trace.note_all(_ROUTED, route.facts)
     with trace.stage("kerberos"):
-        try:
-            authorization, principal = await backend_authorization(gw, auth, route, trace)
-        except AccountRevoked as e:
-            raise await account_named(gw, e, now) from None
+        authorization, principal = await backend_authorization(gw, auth, route, trace)
     # ended if the certificate is revoked meanwhile (and its user's tickets dropped), or (with a [directory]) if the
     # directory refuses it meanwhile
     forget = None if certified is None else functools.partial(forget_user, gw, certified, everywhere=True)
-    with trace.stage("backend"), gw.revocation.watch(request, forget=forget), _held(gw, request, leaf, certified, auth):
-        context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
-        del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
-        result = await forward_device(request, route, gw.pools, principal, authorization, context, target)
+    try:
+        with (
+            trace.stage("backend"),
+            gw.revocation.watch(request, forget=forget),
+            _held(gw, request, leaf, certified, auth),
+        ):
+            context = headers.context_headers(route.context_headers, user=user, leaf=leaf)
+            del leaf, presented  # not kept by a held request (the connection's reading is the connection's)
+            result = await forward_device(request, route, gw.pools, principal, authorization, context, target)
+    finally:
+        if isinstance(authorization, OnceConnected) and authorization.again_ms:  # timed as the Kerberos stage's
+            trace.timed("backend", round(max(trace.ms["backend"] - authorization.again_ms, 0.0), 3))
     trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
     if route.backend_binding == "connection":
         trace.note(backend_auth_sent=result.token_sent)  # False: the connection already carries the user's identity

@@ -20,7 +20,7 @@ about a quarter of the gateway's CPU per request: bench/run.py, docs/performance
 has handed out the connection, `_authorize` decides from whether that connection has already carried one
 of this user's tokens for this SPN and got an answer other than 401 (`BackendConnection.bound_spn`). The token is
 made once the connection is open, up to `connect_timeout` after the ticket was taken: a ticket that ended meanwhile
-is asked for again first (`proxy.pipeline._once_connected`), never used for a token MIT refuses to make. On
+is asked for again first (`proxy.pipeline.OnceConnected`), never used for a token MIT refuses to make. On
 such a route a connection that answers 401 is closed, never reused. Any 401 from the backend, whether a
 bare challenge, a `Negotiate` continuation (a KRB-ERROR such as clock skew or a replay) or a challenge for
 another scheme, means the backend did not accept the delegated ticket: the device gets 502, never a 401 it

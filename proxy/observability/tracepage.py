@@ -298,9 +298,10 @@ def messages(record: dict[str, Any]) -> list[Message]:
         out.append(Message(name, "gateway", "gateway", _check_label(name, stage), refused=refused))
         if refused:
             return [*out, _refusal(record)]
-    for name in ("s4u2self", "s4u2proxy"):
-        stage = stages.get(name)
-        if stage is None:
+    # in order, a pair of them twice where the ticket was asked for again once a slow backend connection was open
+    for stage in record.get("stages", []):
+        name = stage["name"]
+        if name not in ("s4u2self", "s4u2proxy"):
             continue
         out.extend(_s4u(name, stage, record))
         if stage.get("refused"):
@@ -352,6 +353,8 @@ def _s4u(name: str, stage: dict[str, Any], record: dict[str, Any]) -> list[Messa
         )
     if cached:
         ask, sub = f"{ask.split(' ')[0]}: cache hit, not sent", "from the gateway's cache"
+    if stage.get("again"):  # asked for again once a slow backend connection was open (proxy.pipeline.delegated)
+        ask = f"again: {ask}"
     if refused:
         answer, answer_sub = "KRB-ERROR", _short(str(stage.get("reason")))
     elif "client" in stage:

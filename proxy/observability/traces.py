@@ -26,7 +26,8 @@ and `stages`, in the order they ran, each `{"name", "ms", ...facts}`:
   ticket. When the exchange first had to get the gateway's own TGT (an AS exchange with its keytab: the first
   request after a start, or once the TGT is near its end), S4U2Self's time includes it and `gateway_tgt_ms` says
   how much: three KDC exchanges, as the KDC logs. Requests after a Basic sign-in have one `kerberos` stage
-  instead (the user's own ticket, no S4U);
+  instead (the user's own ticket, no S4U). A connection-bound route's ticket asked for again once a slow backend
+  connection was open (`proxy.pipeline.delegated`) adds a second `s4u2self` and `s4u2proxy`, with `again: true`;
 - `backend`: the status, time to the answer's headers, whether the pooled connection was reused.
 
 A refused request's stages stop at the one that refused, which carries `refused: true`, the `reason` the
@@ -225,7 +226,13 @@ def build_record(trace: Trace, status: int, total_ms: float) -> dict[str, Any]:
         if name == "authentication":
             _fold_authentication(stages, trace, ms)
         elif name == "kerberos":
-            stages.extend(_kerberos_stages(trace, ms))
+            again = trace.details.get("kerberos_again")
+            if again is None:
+                stages.extend(_kerberos_stages(trace.details.get("kerberos", {}), trace, ms))
+            else:  # the ticket asked for again once a slow backend connection was open (`proxy.pipeline.delegated`)
+                again_ms = float(again.get("ms", 0.0))
+                stages.extend(_kerberos_stages(trace.details.get("kerberos", {}), trace, round(ms - again_ms, 3)))
+                stages.extend({**s, "again": True} for s in _kerberos_stages(again, trace, again_ms))
         else:
             stages.append({"name": name, "ms": ms, **_STAGE_FACTS.get(name, _no_facts)(trace)})
     refused = None
@@ -355,9 +362,8 @@ def _fold_authentication(stages: list[dict[str, Any]], trace: Trace, ms: float) 
         identity["basic_cached"] = f.get("basic_cached")
 
 
-def _kerberos_stages(trace: Trace, ms: float) -> list[dict[str, Any]]:
-    """The Kerberos stage, shown as its two KDC exchanges: S4U2Self, then S4U2Proxy."""
-    detail = trace.details.get("kerberos", {})
+def _kerberos_stages(detail: dict[str, Any], trace: Trace, ms: float) -> list[dict[str, Any]]:
+    """The Kerberos stage (its trace `detail`), shown as its two KDC exchanges: S4U2Self, then S4U2Proxy."""
     if detail.get("own_ticket"):
         return [{"name": "kerberos", "ms": ms, "ticket": "the user's own (Basic credentials checked at the KDC)"}]
     facts: S4UFacts | None = detail.get("facts")
@@ -452,6 +458,8 @@ def _describe_mapping(s: dict[str, Any]) -> str:
 
 def _describe_ticket(s: dict[str, Any]) -> str:
     what = "evidence ticket" if s.get("name") == "s4u2self" else "service ticket"
+    if s.get("again"):  # the ticket asked for again once a slow backend connection was open
+        what = f"again, once the backend connection was open: {what}"
     if "client" not in s:
         facts = s.get("facts") or s.get("note") or "no facts"
         return f"{what}: {facts}" + (", from the cache" if s.get("cached") else "")

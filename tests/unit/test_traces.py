@@ -16,7 +16,7 @@ from proxy.config import Traces
 from proxy.kerberos.ccache import S4UFacts, TicketFacts
 from proxy.observability.trace import Trace
 from proxy.observability.tracepage import messages, render_index, render_trace, sequence_svg
-from proxy.observability.traces import STAGES, TraceRing, build_record, render_text
+from proxy.observability.traces import STAGES, TraceRing, build_record, describe, render_text
 from proxy.ops.trace_cli import DEFAULT_ADMIN, admin_url
 from tests.unit.test_config import FILES, GOOD
 
@@ -317,3 +317,37 @@ def test_s4u2proxys_time_is_the_kdc_exchange_measured_not_the_stages_rest() -> N
     assert (joined["s4u2self"]["ms"], joined["s4u2proxy"]["ms"]) == (2.0, 0.5)
     for record in (stages, joined):
         assert record["s4u2self"]["ms"] + record["s4u2proxy"]["ms"] <= (40.0 if record is stages else 2.5)
+
+
+def test_a_ticket_asked_for_again_after_a_slow_connect_is_a_second_pair_of_s4u_steps_in_record_and_diagram() -> None:
+    """A connection-bound route's ticket asked for again once a slow backend connection was open (detail stage
+    `kerberos_again`, its time counted in `ms.kerberos`): the record shows the first exchange on the stage's time less
+    the second's, then the second with `again: true`; the diagram draws both pairs of S4U arrows, first then second,
+    before the backend request (it keyed the steps by name, and the second pair hid the first)."""
+    t = _trace(cached=True, kerberos_ms=4.3)
+    t.detail("kerberos_again", facts=S4UFacts(EVIDENCE, SERVICE, s4u2self_ms=2.0, s4u2proxy_ms=1.5), cached=False)
+    t.detail("kerberos_again", ms=4.0)
+    record = build_record(t, 200, 12.0)
+    steps = [(s["name"], s["ms"], s["cached"], s.get("again", False)) for s in record["stages"] if "s4u" in s["name"]]
+    assert steps == [
+        ("s4u2self", 0.0, True, False),
+        ("s4u2proxy", 0.3, True, False),
+        ("s4u2self", 2.0, False, True),
+        ("s4u2proxy", 1.5, False, True),
+    ]
+    arrows = [(m.step, m.source, m.cached) for m in messages(record) if m.step.startswith(("s4u", "backend"))]
+    assert arrows == [
+        ("s4u2self", "gateway", True),
+        ("s4u2self", "kdc", True),
+        ("s4u2proxy", "gateway", True),
+        ("s4u2proxy", "kdc", True),
+        ("s4u2self", "gateway", False),
+        ("s4u2self", "kdc", False),
+        ("s4u2proxy", "gateway", False),
+        ("s4u2proxy", "kdc", False),
+        ("backend", "gateway", False),
+        ("backend", "backend", False),
+    ]
+    assert sequence_svg(record).count(">again: S4U2") == 2
+    described = [describe(s) for s in record["stages"] if "s4u" in s["name"]]
+    assert [d.startswith("again, once the backend connection was open: ") for d in described] == [False, False, True, True]
