@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from proxy.lab import ad
@@ -50,6 +51,9 @@ def test_a_stale_backend_pid_file_names_no_backend(tmp_path: Path) -> None:
         (realm.run_dir / "backend.pid").write_text(f"{stranger.pid}\n")
         assert ad.backend_pid(realm) is None
         (realm.run_dir / "backend.pid").write_text(f"{stand_in.pid}\n")
+        deadline = time.monotonic() + 30  # until the child has exec'd (its command line was pytest's before)
+        while ad.backend_pid(realm) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert ad.backend_pid(realm) == stand_in.pid
     finally:
         for proc in (stranger, stand_in):

@@ -350,4 +350,5 @@ def test_a_ticket_asked_for_again_after_a_slow_connect_is_a_second_pair_of_s4u_s
     ]
     assert sequence_svg(record).count(">again: S4U2") == 2
     described = [describe(s) for s in record["stages"] if "s4u" in s["name"]]
-    assert [d.startswith("again, once the backend connection was open: ") for d in described] == [False, False, True, True]
+    again = [d.startswith("again, once the backend connection was open: ") for d in described]
+    assert again == [False, False, True, True]
