@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -88,7 +89,8 @@ def _open_file_limit_raised() -> None:
     stays the operator's (`LimitNOFILE=`, `ulimit -Hn`, a container's `nofile`)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel will not give (past fs.nr_open)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _lab(args: argparse.Namespace) -> int:
