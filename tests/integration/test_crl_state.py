@@ -86,6 +86,18 @@ class Scene:
         floors = self.floors()
         return int(floors[0]["crl_number"]) if floors else None
 
+    def replay_refused(self, name: str, replayed: int, floor: int) -> None:
+        """CRL #`replayed` (alice not on it, a day old) served to a gateway started with the state file: alice is
+        refused, and `crl_rejected` names the floor (#`floor`) the file kept across the restart."""
+        self.publish(replayed, alice_revoked=False, hours_ago=24)
+        gw = self.start(name, kept=True)
+        try:
+            assert self.alice_answer(gw)[0] == 403
+            rejected = gw.wait_event("crl_rejected", source=self.url)
+            assert f"(CRL number {floor}" in rejected["problem"]
+        finally:
+            assert gw.stop() == 0
+
     def close(self) -> None:
         self.published.unlink(missing_ok=True)
 
@@ -169,14 +181,7 @@ def test_a_reload_adds_and_removes_the_crl_state(scene: Scene) -> None:
         assert scene.alice_answer(gw)[0] == 403
     finally:
         assert gw.stop() == 0
-    scene.publish(6000, alice_revoked=False, hours_ago=24)
-    gw = scene.start("second", kept=True)
-    try:
-        assert scene.alice_answer(gw)[0] == 403
-        rejected = gw.wait_event("crl_rejected", source=scene.url)
-        assert "(CRL number 6002" in rejected["problem"]
-    finally:
-        assert gw.stop() == 0
+    scene.replay_refused("second", 6000, floor=6002)
 
 
 def test_workers_keep_one_floor_in_the_file_and_in_memory(scene: Scene) -> None:
@@ -312,11 +317,4 @@ def test_a_second_gateway_on_the_same_file_never_drops_the_firsts_floor(scene: S
     finally:
         assert second.stop() == 0
         assert first.stop() == 0
-    scene.publish(9201, alice_revoked=False, hours_ago=24)
-    first = scene.start("first-again", kept=True)
-    try:
-        assert scene.alice_answer(first)[0] == 403
-        rejected = first.wait_event("crl_rejected", source=scene.url)
-        assert "(CRL number 9202" in rejected["problem"]
-    finally:
-        assert first.stop() == 0
+    scene.replay_refused("first-again", 9201, floor=9202)

@@ -429,14 +429,12 @@ def _crl_signer(
     )
 
 
-@pytest.mark.parametrize("partner_first", [True, False])
-def test_a_crl_signer_key_also_certified_under_another_anchor_still_vouches_under_its_own(
+def _signer_certified_twice(
     pki: Pki, partner_first: bool
-) -> None:
-    """The issuing CA's separate CRL signer, certified by the own root, whose public key a partner's root certified as
-    well (a public key is anyone's to certify): its CRL is alice's whatever the order of the intermediates. With the
-    partner's certificate listed first its anchor alone was recorded, and alice was unknown (refused under
-    "require"); the order of a bundle, or of a reload, decided."""
+) -> tuple[TrustList, VerifiedCertificate, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A separate CRL signer's key for the issuing CA's name, certified by the own root and by a partner's root (listed
+    first when `partner_first`): the trust list, alice verified under it, the own root's certificate of the key, and
+    the key."""
     partner, partner_key = _other_anchor()
     name, _ = issuing(pki)
     root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
@@ -445,7 +443,19 @@ def test_a_crl_signer_key_also_certified_under_another_anchor_still_vouches_unde
     partners = _crl_signer(name, signer_key.public_key(), partner, partner_key)
     signers = (partners, own) if partner_first else (own, partners)
     trust = TrustList(anchors=(root, partner), intermediates=(load_cert(pki.issuing_cert), *signers))
-    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
+    return trust, verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW), own, signer_key
+
+
+@pytest.mark.parametrize("partner_first", [True, False])
+def test_a_crl_signer_key_also_certified_under_another_anchor_still_vouches_under_its_own(
+    pki: Pki, partner_first: bool
+) -> None:
+    """The issuing CA's separate CRL signer, certified by the own root, whose public key a partner's root certified as
+    well (a public key is anyone's to certify): its CRL is alice's whatever the order of the intermediates. With the
+    partner's certificate listed first its anchor alone was recorded, and alice was unknown (refused under
+    "require"); the order of a bundle, or of a reload, decided."""
+    trust, alice, _, signer_key = _signer_certified_twice(pki, partner_first)
+    name, _ = issuing(pki)
     crls, problems = CrlSet.build([("crl-key.crl", crl(name, signer_key, ()))], trust, at=NOW)
     assert problems == []
     assert status(crls, alice) is RevocationStatus.GOOD
@@ -457,15 +467,9 @@ def test_a_crl_signer_whose_own_certificate_is_revoked_does_not_vouch_through_an
 ) -> None:
     """The own root revoked its certificate for the CRL signer's key; the partner's certificate for the same key stays
     valid. The key's CRL is not alice's in either order: it speaks only under the partner's anchor (unknown)."""
-    partner, partner_key = _other_anchor()
+    trust, alice, own, signer_key = _signer_certified_twice(pki, partner_first)
     name, _ = issuing(pki)
     root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
-    signer_key = ec.generate_private_key(ec.SECP256R1())
-    own = _crl_signer(name, signer_key.public_key(), root, root_key)
-    partners = _crl_signer(name, signer_key.public_key(), partner, partner_key)
-    signers = (partners, own) if partner_first else (own, partners)
-    trust = TrustList(anchors=(root, partner), intermediates=(load_cert(pki.issuing_cert), *signers))
-    alice = verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW)
     root_crl = crl(root.subject, root_key, [(own.serial_number, F.key_compromise)])
     crls, _ = CrlSet.build([("root.crl", root_crl), ("crl-key.crl", crl(name, signer_key, ()))], trust, at=NOW)
     assert status(crls, alice) is RevocationStatus.UNKNOWN
