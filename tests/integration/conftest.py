@@ -128,6 +128,22 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
         runner.down(layout)
 
 
+@pytest.fixture(autouse=True)
+def _krb5_config_as_found() -> Iterator[None]:
+    """Every test leaves the process's KRB5_CONFIG as it found it (the lab's, once the lab is up). A Delegator made
+    in the test's process points KRB5_CONFIG at its overlay of the krb5.conf it was given, which is the gateway's
+    behaviour (one Delegator per process); a test's krb5.conf naming its own relay or second KDC, gone at its end,
+    then stayed MIT's for the next tests in this process that use the environment's ("Cannot contact any KDC")."""
+    found = os.environ.get("KRB5_CONFIG")
+    try:
+        yield
+    finally:
+        if found is None:
+            os.environ.pop("KRB5_CONFIG", None)
+        else:
+            os.environ["KRB5_CONFIG"] = found
+
+
 @pytest.fixture
 def delegator(lab: LabLayout) -> Iterator[Delegator]:
     """The gateway's Delegator on the lab's keytab and krb5.conf, in the test's own process (closed after)."""
