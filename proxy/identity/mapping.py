@@ -77,8 +77,22 @@ class Account:
 
 
 def filetime(value: int) -> datetime:
-    """A Windows FILETIME (100 ns since 1601) as a UTC datetime."""
+    """A Windows FILETIME (100 ns since 1601) as a UTC datetime; OverflowError past datetime's years 1 to 9999."""
     return _FILETIME_EPOCH + timedelta(microseconds=value // 10)
+
+
+def as_filetime(when: datetime) -> int:
+    """A UTC datetime as a Windows FILETIME: what a directory's times are compared with, as integers, since they
+    may lie past the year 9999 that a datetime can hold (`accountExpires` is any 64-bit integer)."""
+    return (when - _FILETIME_EPOCH) // timedelta(microseconds=1) * 10
+
+
+def _filetime_text(value: int) -> str:
+    """A FILETIME for a reason or a fix: its UTC time, or the integer when a datetime cannot hold it."""
+    try:
+        return filetime(value).isoformat()
+    except OverflowError:
+        return f"FILETIME {value} (outside the years 1 to 9999)"
 
 
 def account_state(account: Account, now: datetime) -> None:
@@ -98,10 +112,10 @@ def account_state(account: Account, now: datetime) -> None:
             hint=f"{who} ({account.dn}) is locked out (lockoutTime set); "
             "unlock it (samba-tool user unlock / Unlock-ADAccount) or wait for the lockout duration",
         )
-    if account.account_expires not in _NEVER and filetime(account.account_expires) <= now:
+    if account.account_expires not in _NEVER and account.account_expires <= as_filetime(now):
         raise AccountRefused(
             "the account has expired",
-            hint=f"{who} ({account.dn}) expired at {filetime(account.account_expires).isoformat()} "
+            hint=f"{who} ({account.dn}) expired at {_filetime_text(account.account_expires)} "
             "(accountExpires); extend it (samba-tool user setexpiry / Set-ADAccountExpiration)",
         )
 
