@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -175,7 +176,23 @@ class Directory:
         """The account `name` names, or None; MappingRefused if several; DirectoryUnavailable if no server answers.
         `fresh`: ask the directory (or join a search in flight) whatever the cache holds, and keep its answer (the
         held requests' sweep: a cached answer may be older than the change the sweep is there to see)."""
-        key = ascii_lower(name)
+        return await self._kept(ascii_lower(name), functools.partial(self.search, name), fresh=fresh)
+
+    async def sid_owner(self, sid: Sid, name: str) -> Account | None:
+        """The object whose objectSid is `sid` if it is not the account `name` names (by the rules of `lookup`),
+        searched in the whole domain of base_dn, not only under base_dn (a SID is the domain's); None when no
+        other object has it. For a certificate whose name no account under base_dn has but whose SID extension
+        names someone: the certificate is then that someone's. Cached and shared as `lookup`'s answers are."""
+        key = f"\0{sid}\0{ascii_lower(name)}"  # never a name's key: a name has no NUL (proxy.identity.principal)
+        base_dn = self._settings.base_dn
+        # a foreignSecurityPrincipal stands for a trusted domain's account here: its SID is that account's own
+        other = f"(&(objectSid={_escape_bytes(sid.to_bytes())})(!(objectClass=foreignSecurityPrincipal))"
+        sid_filter = f"{other}(!{_names(name, base_dn)}))"
+        search = functools.partial(self._find, sid_filter, f"objectSid {sid}", kind="SID", root=_domain_dn(base_dn))
+        return await self._kept(key, search, fresh=False)
+
+    async def _kept(self, key: str, search: Callable[[], Awaitable[Account | None]], *, fresh: bool) -> Account | None:
+        """The cache's answer for `key`, else `search`'s (one search in flight per key), which the cache keeps."""
         now = self._clock()
         cached = None if fresh else self._cache.get(key)
         if cached is not None and now < cached[0]:
@@ -183,7 +200,7 @@ class Directory:
         else:
             flight = self._flights.get(key)
             if flight is None:
-                flight = self._flights[key] = asyncio.ensure_future(self._search_and_keep(key, name))
+                flight = self._flights[key] = asyncio.ensure_future(self._search_and_keep(key, search))
                 flight.add_done_callback(lambda _: self._flights.pop(key, None))
             found = await asyncio.shield(flight)
         return found
@@ -207,8 +224,8 @@ class Directory:
         (`proxy.errors.AccountReplaced`). A look-up in flight is left to finish; its answer is the newer one."""
         self._cache.pop(ascii_lower(name), None)
 
-    async def _search_and_keep(self, key: str, name: str) -> Account | None:
-        found = await self.search(name)
+    async def _search_and_keep(self, key: str, search: Callable[[], Awaitable[Account | None]]) -> Account | None:
+        found = await search()
         if self._settings.cache_seconds > 0:
             now = self._clock()
             self._cache[key] = (now + self._settings.cache_seconds, found)
@@ -221,10 +238,16 @@ class Directory:
 
     async def search(self, name: str) -> Account | None:
         """One look-up, no cache: each URL in order until one answers."""
+        return await self._find(_filter(name, self._settings.base_dn), repr(name))
+
+    async def _find(self, filter_exp: str, what: str, *, kind: str = "name", root: str | None = None) -> Account | None:
+        """The one account `filter_exp` finds under `root` (base_dn), or None; MappingRefused if several (`what`
+        names what was looked for, a `kind`); DirectoryUnavailable if no server answers. Each URL in order until one
+        answers."""
         problems: list[str] = []
         for url in self._in_turn():
             try:
-                entries = await self._search_at(url, _filter(name, self._settings.base_dn))
+                entries = await self._search_at(url, filter_exp, root=root)
             except _GaveUp as e:
                 problems.append(f"{url}: {e}")
                 continue
@@ -237,9 +260,9 @@ class Directory:
             self.searches += 1
             if len(entries) > 1:
                 dns = ", ".join(str(entry.dn) for entry in entries)
+                rule = "a UPN must name one account" if kind == "name" else "a SID names one object"
                 raise MappingRefused(
-                    "the name matches several accounts in the directory",
-                    hint=f"{name!r} matches {dns}; a UPN must name one account",
+                    f"the {kind} matches several accounts in the directory", hint=f"{what} matches {dns}; {rule}"
                 )
             return _account(entries[0]) if entries else None
         raise DirectoryUnavailable(
@@ -276,7 +299,13 @@ class Directory:
         return sorted(self._settings.urls, key=lambda url: url in lately)
 
     async def _search_at(
-        self, url: str, filter_exp: str, base: str | None = None, attributes: list[str] = ATTRIBUTES
+        self,
+        url: str,
+        filter_exp: str,
+        base: str | None = None,
+        attributes: list[str] = ATTRIBUTES,
+        *,
+        root: str | None = None,
     ) -> list[Any]:
         # One operation at a time per connection: bonsai's asyncio connection waits for a result by
         # registering the socket with the event loop, and a second operation's registration replaces the
@@ -293,12 +322,14 @@ class Directory:
         try:
             if self._failed.get(url, -math.inf) > asked:
                 raise _GaveUp("failed for another look-up while this one waited for it")
-            return await self._search_locked(url, filter_exp, base, attributes)
+            return await self._search_locked(url, filter_exp, base, attributes, root)
         finally:
             lock.release()
 
-    async def _search_locked(self, url: str, filter_exp: str, base: str | None, attributes: list[str]) -> list[Any]:
-        """`filter_exp` under base_dn (a subtree), or the entry `base` itself when given."""
+    async def _search_locked(
+        self, url: str, filter_exp: str, base: str | None, attributes: list[str], root: str | None = None
+    ) -> list[Any]:
+        """`filter_exp` under `root` (default base_dn; a subtree), or the entry `base` itself when given."""
         timeout = self._settings.timeout
         scope = bonsai.LDAPSearchScope.SUBTREE if base is None else bonsai.LDAPSearchScope.BASE
         for attempt in (1, 2):  # a kept connection the server has since closed fails once; a new one is tried
@@ -307,7 +338,7 @@ class Directory:
                 async with asyncio.timeout(timeout * 2):  # connect (and bind), then search, each within timeout
                     conn = await self._connection(url)
                     result = await conn.search(
-                        base or self._settings.base_dn, scope, filter_exp, attributes, timeout=timeout
+                        base or root or self._settings.base_dn, scope, filter_exp, attributes, timeout=timeout
                     )
             except (TimeoutError, bonsai.LDAPError, OSError) as e:
                 self._drop(url)
@@ -322,7 +353,7 @@ class Directory:
         """The lockout policy that applies to the account at `account_dn` (its resultant PSO, when it has one), or
         the domain's (`doctor`); its threshold None when we may not read it (AD lets only administrators read a
         PSO's settings by default). DirectoryUnavailable if no server answers."""
-        domain = ",".join(f"DC={label}" for label in _domain(self._settings.base_dn).split("."))
+        domain = _domain_dn(self._settings.base_dn)
         source, attributes = domain, ["lockoutThreshold", "lockOutObservationWindow"]
         if account_dn is not None:
             entry = await self._read(account_dn, ["msDS-ResultantPSO"])
@@ -396,17 +427,32 @@ class Directory:
 
 def _filter(name: str, base_dn: str) -> str:
     """The LDAP filter for the account `name` names: by UPN, or by sAMAccountName for the domain's own names."""
+    return f"(&(objectCategory=person)(objectClass=user){_names(name, base_dn)})"
+
+
+def _names(name: str, base_dn: str) -> str:
+    """The filter an object `name` names matches: its UPN, or its sAMAccountName for the domain's own names."""
     local, at, suffix = name.partition("@")
     upn = f"(userPrincipalName={_escape(name)})" if at else ""
     domain = _domain(base_dn)
     sam = f"(sAMAccountName={_escape(local)})" if not at or ascii_lower(suffix) == ascii_lower(domain) else ""
-    return f"(&(objectCategory=person)(objectClass=user)(|{upn}{sam}))"
+    return f"(|{upn}{sam})"
 
 
 def _escape(value: str) -> str:
     """An assertion value for an LDAP filter (RFC 4515): `*`, `(`, `)`, `\\` and NUL as `\\xx`. Our own
     because bonsai's `escape_filter_exp` writes NUL as `\\0`, which is not RFC 4515."""
     return "".join(f"\\{ord(c):02x}" if c in "*()\\\0" else c for c in value)
+
+
+def _escape_bytes(value: bytes) -> str:
+    """A binary assertion value for an LDAP filter (RFC 4515): every byte as `\\xx`."""
+    return "".join(f"\\{b:02x}" for b in value)
+
+
+def _domain_dn(base_dn: str) -> str:
+    """The DN of the domain a base DN is in: its DC components (`OU=Staff,DC=corp,DC=com`: `DC=corp,DC=com`)."""
+    return ",".join(f"DC={label}" for label in _domain(base_dn).split("."))
 
 
 def _domain(base_dn: str) -> str:

@@ -217,6 +217,9 @@ class HeldMappings:
                 for one in list(held):
                     one.end(e)
                 continue
+            except Exception as e:  # noqa: BLE001  one user nobody can judge must not keep the sweep from the others
+                self._failed(upn, e)
+                continue
             self._unjudged.discard(key)
             found_before = key in self._found
             if account is not None and key in self._held:
@@ -227,6 +230,16 @@ class HeldMappings:
                     _judge(one, account, self._directory, at, found_before=found_before)
                 except (MappingRefused, AccountRefused) as e:
                     one.end(e)
+                except Exception as e:  # noqa: BLE001  as above: this user's request stays held, the sweep goes on
+                    self._failed(upn, e)
+                    break
+
+    @staticmethod
+    def _failed(upn: str, e: Exception) -> None:
+        """A held user the sweep could not judge (an error nobody expected): logged, left held, the next user judged.
+        Before, the error ended the sweep at that user, every sweep alike (the order is stable): nobody after them
+        was judged while their request was held."""
+        log.warning("held_mapping_sweep_failed", upn=upn, error=f"{type(e).__name__}: {str(e)[:200]}")
 
     def close(self) -> None:
         """Stop the sweep (the directory client is closing); the requests still held run on unjudged."""

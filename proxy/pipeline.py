@@ -54,7 +54,7 @@ from proxy.errors import (
 )
 from proxy.held import NOT_HELD
 from proxy.identity.constraints import require_within
-from proxy.identity.mapping import Mapping, account_state, decide, no_account
+from proxy.identity.mapping import Mapping, account_state, decide, no_account, sid_of_another, stated_sid
 from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
@@ -321,7 +321,14 @@ async def map_certificate(
     mode = identity.mapping
     account = await directory.lookup(user.upn)
     if account is None:
-        mapping = no_account(user.upn, directory.base_dn, mode)  # refused in strong; weak in strong-or-audit
+        # strong-or-audit serves a name no account has as weakly mapped, unless the certificate says it is another's:
+        # a SID is the domain's, wherever its object is (AD CS writes the requester's; ESC1 lets them write the UPN)
+        found = stated_sid(leaf) if mode == "strong-or-audit" else None
+        owner = await directory.sid_owner(found.sid, user.upn) if found is not None else None
+        if found is not None and owner is not None:
+            raise sid_of_another(found, owner, user.upn, directory.base_dn)
+        sid = found.sid if found is not None else None
+        mapping = no_account(user.upn, directory.base_dn, mode, sid)  # refused in strong; weak in strong-or-audit
         trace.note(**mapping.as_facts())
         return mapping
     trace.note(account_dn=account.dn, account_sid=str(account.sid))

@@ -47,7 +47,7 @@ from proxy.config import MappingMode
 from proxy.errors import AccountRefused, MappingRefused
 from proxy.identity import altsecid
 from proxy.identity.altsecid import AltSecurityIdentity
-from proxy.identity.sid import SID_URL_PREFIX, MalformedSid, Sid, SidConflict, read_certificate_sid
+from proxy.identity.sid import SID_URL_PREFIX, CertificateSid, MalformedSid, Sid, SidConflict, read_certificate_sid
 
 Rule = Literal["sid-extension", "sid-url", "alt-security-identity", "weak-audit"]
 _SID_WHERE = {"extension": "SID extension", "url": "subjectAltName SID URL", "both": "SID extension (and URL)"}
@@ -77,8 +77,22 @@ class Account:
 
 
 def filetime(value: int) -> datetime:
-    """A Windows FILETIME (100 ns since 1601) as a UTC datetime."""
+    """A Windows FILETIME (100 ns since 1601) as a UTC datetime; OverflowError past datetime's years 1 to 9999."""
     return _FILETIME_EPOCH + timedelta(microseconds=value // 10)
+
+
+def as_filetime(when: datetime) -> int:
+    """A UTC datetime as a Windows FILETIME: what a directory's times are compared with, as integers, since they
+    may lie past the year 9999 that a datetime can hold (`accountExpires` is any 64-bit integer)."""
+    return (when - _FILETIME_EPOCH) // timedelta(microseconds=1) * 10
+
+
+def _filetime_text(value: int) -> str:
+    """A FILETIME for a reason or a fix: its UTC time, or the integer when a datetime cannot hold it."""
+    try:
+        return filetime(value).isoformat()
+    except OverflowError:
+        return f"FILETIME {value} (outside the years 1 to 9999)"
 
 
 def account_state(account: Account, now: datetime) -> None:
@@ -98,10 +112,10 @@ def account_state(account: Account, now: datetime) -> None:
             hint=f"{who} ({account.dn}) is locked out (lockoutTime set); "
             "unlock it (samba-tool user unlock / Unlock-ADAccount) or wait for the lockout duration",
         )
-    if account.account_expires not in _NEVER and filetime(account.account_expires) <= now:
+    if account.account_expires not in _NEVER and account.account_expires <= as_filetime(now):
         raise AccountRefused(
             "the account has expired",
-            hint=f"{who} ({account.dn}) expired at {filetime(account.account_expires).isoformat()} "
+            hint=f"{who} ({account.dn}) expired at {_filetime_text(account.account_expires)} "
             "(accountExpires); extend it (samba-tool user setexpiry / Set-ADAccountExpiration)",
         )
 
@@ -152,34 +166,11 @@ def decide(
     mapped certificate may be in "strong-or-audit" ([identity] certificate_backdating_compensation)."""
     sam = account.sam_account_name
     principal = f"{sam}@{realm}" if realm else ""
-    try:
-        found = read_certificate_sid(cert)
-    except SidConflict as e:
-        raise MappingRefused(
-            "the certificate names two different SIDs",
-            hint=f"{e}: a certificate that names two accounts belongs to neither; revoke it and check the CA "
-            "and template that wrote it",
-        ) from None
-    except MalformedSid as e:
-        if e.form == "url":
-            raise MappingRefused(
-                "the certificate's subjectAltName SID URL cannot be read",
-                hint=f"{e}; ask the CA to reissue the certificate with one subjectAltName URL "
-                f"{SID_URL_PREFIX}<SID> holding exactly the account's SID",
-            ) from None
-        raise MappingRefused(
-            "the certificate's SID extension cannot be read",
-            hint=f"{e}; ask the CA to reissue the certificate (AD CS writes the SID extension for the enrollee)",
-        ) from None
+    found = stated_sid(cert)
     cert_sid = found.sid if found is not None else None
     where = f"{account.upn or account.sam_account_name} ({account.dn}, {account.sid})"
     if found is not None and cert_sid != account.sid:
-        raise MappingRefused(
-            "the certificate belongs to another account (SID of another account)",
-            hint=f"its {_SID_WHERE[found.source]} names {cert_sid}, but its UPN names {where}: a certificate issued "
-            "for one account carrying another's name (ESC1, CVE-2022-26923); revoke it and check the template "
-            "that issued it (does it let the requester supply the subject?)",
-        )
+        raise _another_account(found, f"its UPN names {where}")
     if found is not None:
         rule: Rule = "sid-url" if found.source == "url" else "sid-extension"
         detail = str(found.sid) + (" (SID extension and subjectAltName URL)" if found.source == "both" else "")
@@ -199,6 +190,46 @@ def decide(
         detail = f"{why}; {fix}"
         return Mapping(mode, account.dn, str(account.sid), "weak-audit", detail, True, principal, sam)
     raise MappingRefused(f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}")
+
+
+def stated_sid(cert: x509.Certificate) -> CertificateSid | None:
+    """The SID the certificate states (its SID extension, its subjectAltName SID URL, or both agreeing), or None;
+    MappingRefused when it is malformed or the two disagree (in every mode, whatever the directory says)."""
+    try:
+        return read_certificate_sid(cert)
+    except SidConflict as e:
+        raise MappingRefused(
+            "the certificate names two different SIDs",
+            hint=f"{e}: a certificate that names two accounts belongs to neither; revoke it and check the CA "
+            "and template that wrote it",
+        ) from None
+    except MalformedSid as e:
+        if e.form == "url":
+            raise MappingRefused(
+                "the certificate's subjectAltName SID URL cannot be read",
+                hint=f"{e}; ask the CA to reissue the certificate with one subjectAltName URL "
+                f"{SID_URL_PREFIX}<SID> holding exactly the account's SID",
+            ) from None
+        raise MappingRefused(
+            "the certificate's SID extension cannot be read",
+            hint=f"{e}; ask the CA to reissue the certificate (AD CS writes the SID extension for the enrollee)",
+        ) from None
+
+
+def sid_of_another(found: CertificateSid, owner: Account, name: str, base_dn: str) -> MappingRefused:
+    """The refusal for a certificate whose name no account under `base_dn` has and whose SID is `owner`'s, another
+    object of the domain (`Directory.sid_owner`): the certificate is `owner`'s, whatever name it carries."""
+    who = f"{owner.upn or owner.sam_account_name or 'an object'} ({owner.dn})"
+    return _another_account(found, f"that is {who}, while its UPN {name!r} names no user account under {base_dn}")
+
+
+def _another_account(found: CertificateSid, whose: str) -> MappingRefused:
+    return MappingRefused(
+        "the certificate belongs to another account (SID of another account)",
+        hint=f"its {_SID_WHERE[found.source]} names {found.sid}, but {whose}: a certificate issued "
+        "for one account carrying another's name (ESC1, CVE-2022-26923); revoke it and check the template "
+        "that issued it (does it let the requester supply the subject?)",
+    )
 
 
 def _not_older_than_account(cert: x509.Certificate, account: Account, backdating: timedelta, fix: str) -> None:
@@ -244,13 +275,15 @@ def describe(rule: str | None, account_dn: str | None, account_sid: str | None) 
     return account  # the stage refused before a rule applied
 
 
-def no_account(name: str, base_dn: str, mode: MappingMode) -> Mapping:
+def no_account(name: str, base_dn: str, mode: MappingMode, sid: Sid | None = None) -> Mapping:
     """No account has the certificate's name: `strong` refuses; `strong-or-audit` serves it as weakly mapped
-    (the KDC still decides whether the name is a user: an account outside base_dn, a trusted domain's)."""
+    (the KDC still decides whether the name is a user: an account outside base_dn, a trusted domain's). `sid`: the
+    SID the certificate states, which no other object of the domain has (the caller made sure: `sid_of_another`)."""
     where = f"no user with userPrincipalName or sAMAccountName {name!r} under {base_dn}"
     if mode != "strong-or-audit":
         raise MappingRefused("no account in the directory has this name", hint=where)
-    detail = f"{where}; the certificate cannot be mapped strongly: extend [directory] base_dn or reissue it"
+    stated = f" (its SID {sid} is no other object's in the domain)" if sid is not None else ""
+    detail = f"{where}{stated}; the certificate cannot be mapped strongly: extend [directory] base_dn or reissue it"
     return Mapping(mode, "", "", "weak-audit", detail, True, "")
 
 

@@ -15,6 +15,7 @@ from proxy.directory import ATTRIBUTES, FAILED_SERVER_SECONDS, Directory, _accou
 from proxy.errors import DirectoryUnavailable, MappingRefused
 from proxy.identity import altsecid
 from proxy.identity.mapping import Account
+from proxy.identity.sid import Sid
 
 
 def test_filter_by_upn_and_by_the_domains_own_names() -> None:
@@ -134,7 +135,7 @@ def test_a_failed_server_is_tried_last_for_a_while_then_first_again(monkeypatch:
 
     class Servers(Directory):
         async def _search_locked(
-            self, url: str, filter_exp: str, base: str | None, attributes: list[str]
+            self, url: str, filter_exp: str, base: str | None, attributes: list[str], root: str | None = None
         ) -> list[object]:
             asked.append(url)
             if url in down:
@@ -173,7 +174,13 @@ def test_a_name_two_accounts_answer_to_is_refused_never_the_first(monkeypatch: p
 
     class Two(Directory):
         async def _search_at(
-            self, url: str, filter_exp: str, base: str | None = None, attributes: list[str] = ATTRIBUTES
+            self,
+            url: str,
+            filter_exp: str,
+            base: str | None = None,
+            attributes: list[str] = ATTRIBUTES,
+            *,
+            root: str | None = None,
         ) -> list[object]:
             return [first, second]
 
@@ -212,3 +219,45 @@ def test_an_alt_security_identity_that_is_not_utf8_never_matches_and_is_no_500()
     entry["altSecurityIdentities"] = [b"X509:<SKI>9c1f\xff"]
     (raw,) = _account(entry).alt_security_identities
     assert altsecid.parse(raw).kind == "unknown"
+
+
+def test_a_sids_owner_is_searched_in_the_whole_domain_and_never_the_names_own_account(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`sid_owner`: the binary SID, every byte escaped (RFC 4515), under the domain's DN even with a narrower base_dn;
+    the account the name names and a trusted domain's foreignSecurityPrincipal are left out by the filter; the
+    answer is cached under a key no name can have, so a name's look-up is never answered by it."""
+    for name in ("KRB5_CONFIG", "KRB5CCNAME", "LDAPSASL_NOCANON"):  # Directory() sets them: restored after
+        monkeypatch.setenv(name, "")
+    asked: list[tuple[str, str | None]] = []
+
+    class Recorded(Directory):
+        async def _search_at(
+            self,
+            url: str,
+            filter_exp: str,
+            base: str | None = None,
+            attributes: list[str] = ATTRIBUTES,
+            *,
+            root: str | None = None,
+        ) -> list[object]:
+            asked.append((filter_exp, root))
+            return [_entry()]
+
+    settings = DirectorySettings(urls=("ldap://dc.ad.test",), base_dn="CN=Users,DC=ad,DC=test", cache_seconds=60)
+    directory = Recorded(settings, Kerberos("gateway@AD.TEST", Path("/nonexistent.keytab")))
+    sid = Sid.parse("S-1-5-21-1-2-3-1104")
+    owner = asyncio.run(directory.sid_owner(sid, "ws01$@ad.test"))
+    assert owner is not None
+    assert owner.dn == "CN=alice,CN=Users,DC=ad,DC=test"
+    escaped = "".join(f"\\{b:02x}" for b in sid.to_bytes())
+    assert asked == [
+        (
+            f"(&(objectSid={escaped})(!(objectClass=foreignSecurityPrincipal))"
+            "(!(|(userPrincipalName=ws01$@ad.test)(sAMAccountName=ws01$))))",
+            "DC=ad,DC=test",
+        )
+    ]
+    asyncio.run(directory.sid_owner(sid, "WS01$@ad.test"))  # the cache's answer: no second search
+    assert len(asked) == 1
+    assert directory.cached("ws01$@ad.test") is None  # a name's key is not the SID's

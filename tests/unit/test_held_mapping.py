@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
+import structlog
 
 from proxy.config import Identity
 from proxy.errors import AccountRefused, DirectoryUnavailable, GatewayError, MappingRefused
@@ -400,3 +402,42 @@ def test_one_name_no_server_answers_for_does_not_stop_every_later_sweep_before_t
         return unjudged
 
     assert asyncio.run(run()) == [3, 1]  # the second sweep judges everyone but the name it cannot look up
+
+
+def test_one_user_the_sweep_cannot_judge_does_not_keep_it_from_the_others() -> None:
+    """One held user whose judging raises an error nobody expected (an OverflowError from an accountExpires past the
+    year 9999 was one: docs/strong-mapping.md) and another, disabled, held after them: the sweep logs the first and
+    ends the second's request in the same sweep. Failed before the fix: the error ended the sweep at the first user,
+    every sweep alike (the order is stable), and the disabled account's request stayed held."""
+    directory = _Directory(replace(account(), user_account_control=0x202))  # disabled
+    lookup = directory.lookup
+
+    async def broken_for_one(name: str, *, fresh: bool = False) -> Account | None:
+        if name.startswith("poison"):
+            raise OverflowError("date value out of range")
+        return await lookup(name, fresh=fresh)
+
+    directory.lookup = broken_for_one  # type: ignore[method-assign]
+
+    async def run() -> list[BaseException | None]:
+        held = HeldMappings(cast(Any, directory), every=3600)
+
+        async def request(name: str) -> None:
+            with held.hold_account(cast(Any, _Request()), name, forget=lambda: None):
+                await asyncio.get_running_loop().create_future()  # its own: cancelling one ends no other
+
+        tasks = [asyncio.ensure_future(request(name)) for name in ("poison@AD.TEST", "u1@AD.TEST")]
+        await asyncio.sleep(0)
+        with structlog.testing.capture_logs() as logs:
+            await held.sweep(NOW)
+        await asyncio.wait([tasks[1]], timeout=5)  # ended by the sweep: done at once (the deadline is for a failure)
+        held.close()
+        assert [e["upn"] for e in logs if e["event"] == "held_mapping_sweep_failed"] == ["poison@AD.TEST"]
+        ended = [task.exception() if task.done() else None for task in tasks]
+        for task in tasks:
+            task.cancel()
+        return ended
+
+    poison, disabled = asyncio.run(run())
+    assert poison is None  # left held: no verdict on it
+    assert isinstance(disabled, AccountRefused)

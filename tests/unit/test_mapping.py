@@ -301,6 +301,8 @@ def filetime(at: datetime) -> int:
         ({"user_account_control": 0x200, "lockout_time": filetime(NOW - timedelta(minutes=1))}, "locked out"),
         ({"user_account_control": 0x200, "computed_control": 0x10}, "locked out"),
         ({"user_account_control": 0x200, "account_expires": filetime(NOW - timedelta(seconds=1))}, "expired"),
+        # before the year 1: a time long past (was an OverflowError, a 500), its hint the integer
+        ({"user_account_control": 0x200, "account_expires": -(2**63)}, "expired"),
     ],
 )
 def test_account_state_refused(state: dict[str, Any], reason: str) -> None:
@@ -317,6 +319,9 @@ def test_account_state_refused(state: dict[str, Any], reason: str) -> None:
         {"user_account_control": 0x200},
         {"user_account_control": 0x200, "account_expires": 0x7FFFFFFFFFFFFFFF},
         {"user_account_control": 0x200, "account_expires": filetime(NOW + timedelta(days=1))},
+        # past the year 9999, which a datetime cannot hold: a time not yet come (was an OverflowError, a 500)
+        {"user_account_control": 0x200, "account_expires": 0x7FFFFFFFFFFFFFFE},
+        {"user_account_control": 0x200, "account_expires": 3_000_000_000_000_000_000},
         # the lockout duration has passed: the directory computes "not locked" although lockoutTime is still set
         {"user_account_control": 0x200, "lockout_time": filetime(NOW - timedelta(hours=2)), "computed_control": 0},
     ],
