@@ -22,6 +22,7 @@ from proxy.errors import AuthenticationRequired, TooManyAttempts
 from proxy.lab.kdclog import KdcLog
 from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.test_ticket_cache import _kadmin
 
 
 def basic_gateway(lab: LabLayout, directory: Path, *, per_user: int, per_address: int) -> Gateway:
@@ -202,3 +203,25 @@ def test_a_throttled_attempt_costs_no_hash_against_the_real_kdc(
 
     assert asyncio.run(run()) == [401, 401, 429, 429, 429]
     assert hashed == ["bob@lab.test"] * 2
+
+
+def test_names_active_directory_takes_for_one_account_share_the_hold(lab: LabLayout, tmp_path: Path) -> None:
+    """Wrong passwords for one account sent under the spellings Active Directory takes for that account's name
+    (full-width letters, accents precomposed or combining, a slashed o: MS-ADTS 6.5 compares names ignoring case,
+    width, non-spacing marks and kana type) count against one user: with basic_failures_per_user = 3 the fourth
+    spelling, and the name itself, are 429 without the KDC. Each spelling was a user of its own to the throttle, so a
+    guesser carried an AD account past its lockout threshold (20 guesses from one address, 5 per spelling) while the
+    gateway's hold was meant to keep it below."""
+    tag = uuid.uuid4().hex[:8]
+    name = f"fold{tag}"
+    _kadmin(lab, f"addprinc -pw Fold-{tag} {name}")
+    spellings = [name, f"\uff46old{tag}", f"f\u00f3ld{tag}", f"fo\u0301ld{tag}", f"f\u00f8ld{tag}", name]
+    gw = basic_gateway(lab, tmp_path, per_user=3, per_address=100)
+    try:
+        kdc = KdcLog(lab.kdc_log)
+        answers = statuses(lab, gw, [f"{spelling}:guess-{i}" for i, spelling in enumerate(spellings)])
+        reached = [line for line in _as_lines(lab, kdc) if tag in line]
+    finally:
+        gw.stop()
+    assert answers == [401, 401, 401, 429, 429, 429], answers
+    assert len(reached) == 3, reached
