@@ -5,7 +5,8 @@ device's mail account does: `alice`, `LAB\\alice` or `alice@lab.test`; `proxy.id
 turns that into a principal of a realm the configuration names (the default realm or a `realm_map`
 value). A name whose domain the configuration does not name (`domain_realm`: `EVIL\\alice`, `alice@evil.test`)
 is refused (401) without asking anyone, hashing anything or counting against a throttle, and so is a name longer than
-any directory holds (`MAX_USER_NAME`). The password is
+any directory holds (`MAX_USER_NAME`), and the gateway's own account (`kerberos.principal`, however spelt: its wrong
+passwords would count towards locking out the account every delegation needs). The password is
 checked by the user's own AS exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway
 holding the user's TGT; the backend then gets a Negotiate token from that TGT, or, on routes with
 `backend_auth = "basic"`, the client's own Basic header, and on no other route. The credentials are read as UTF-8,
@@ -563,6 +564,7 @@ class BasicLogin:
         self.challenge = {"WWW-Authenticate": f'Basic realm="{settings.basic_realm}"'}
         self._identity = identity
         self._realms = {identity.default_realm, *identity.realm_map.values()}
+        self._own = guess_key(kerberos.principal)  # the gateway's own account: nobody's Basic sign-in (`_user`)
         self._checks = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-kdc")  # password checks
         self._tokens = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-token")  # backend tokens
         self._window = settings.basic_failure_window_seconds
@@ -682,6 +684,14 @@ class BasicLogin:
             raise AuthenticationRequired(
                 "the user name or password is incorrect",
                 hint=f"{user.principal}: realm {user.realm} is not the default realm or in identity.realm_map",
+                challenge=self.challenge,
+            )
+        if guess_key(user.principal) == self._own:
+            raise AuthenticationRequired(
+                "the user name or password is incorrect",
+                hint=f"Basic user {username!r} names the gateway's own account (kerberos.principal), which signs in "
+                "with its keytab only: not sent to the KDC, where each wrong password would count towards locking out "
+                "the account every delegation needs",
                 challenge=self.challenge,
             )
         return user

@@ -225,3 +225,33 @@ def test_names_active_directory_takes_for_one_account_share_the_hold(lab: LabLay
         gw.stop()
     assert answers == [401, 401, 401, 429, 429, 429], answers
     assert len(reached) == 3, reached
+
+
+def test_a_basic_sign_in_as_the_gateways_own_account_never_reaches_the_kdc(lab: LabLayout, tmp_path: Path) -> None:
+    """A gateway whose principal is an account name (as on AD: `svc-kcdproxy@AD.TEST`): Basic guesses at that name,
+    however spelt (`gw...`, `LAB\\gw...`, `gw...@lab.test`), are the same 401 as any wrong password and never reach
+    the KDC. Each one was a failed pre-authentication of the gateway's own account, towards the directory's lockout
+    of the one account every delegation needs (with several gateways behind a balancer, `basic_failures_per_user` of
+    them each)."""
+    tag = uuid.uuid4().hex[:8]
+    account = f"gw{tag}"
+    keytab = tmp_path / "gateway.keytab"
+    _kadmin(lab, f"addprinc -randkey +requires_preauth {account}")
+    _kadmin(lab, f"ktadd -k {keytab} {account}")
+    extra = '\n[authentication]\nmode = "basic"\nbasic_failures_per_user = 3\nbasic_failures_per_address = 100\n'
+    text = lab_config(lab, port=free_port(), extra=extra)
+    text = text.replace('principal = "HTTP/proxy.lab.test@LAB.TEST"', f'principal = "{account}@LAB.TEST"')
+    text = text.replace(f'keytab = "{lab.proxy_keytab}"', f'keytab = "{keytab}"')
+    assert f'keytab = "{keytab}"' in text
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        kdc = KdcLog(lab.kdc_log)
+        logins = [f"{account}:guess-1", f"LAB\\{account}:guess-2", f"{account}@lab.test:guess-3"]
+        answers = statuses(lab, gw, logins)
+        refused = [line for line in _as_lines(lab, kdc) if f"PREAUTH_FAILED: {account}@" in line]
+        reason = gw.wait_event("authentication_required", stage="authentication")["fix"]
+    finally:
+        gw.stop()
+    assert answers == [401, 401, 401], answers
+    assert refused == [], refused
+    assert "kerberos.principal" in reason
