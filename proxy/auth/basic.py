@@ -5,7 +5,8 @@ device's mail account does: `alice`, `LAB\\alice` or `alice@lab.test`; `proxy.id
 turns that into a principal of a realm the configuration names (the default realm or a `realm_map`
 value). A name whose domain the configuration does not name (`domain_realm`: `EVIL\\alice`, `alice@evil.test`)
 is refused (401) without asking anyone, hashing anything or counting against a throttle, and so is a name longer than
-any directory holds (`MAX_USER_NAME`). The password is
+any directory holds (`MAX_USER_NAME`), and the gateway's own account (`kerberos.principal`, however spelt: its wrong
+passwords would count towards locking out the account every delegation needs). The password is
 checked by the user's own AS exchange with the KDC (`proxy.kerberos.password`), which leaves the gateway
 holding the user's TGT; the backend then gets a Negotiate token from that TGT, or, on routes with
 `backend_auth = "basic"`, the client's own Basic header, and on no other route. The credentials are read as UTF-8,
@@ -30,7 +31,9 @@ case-sensitive KDC such as MIT's only gets stricter throttling from that). The k
 Unicode way, which merges more than the directory does (`straße` and `strasse`): harmless for a
 throttle, so a cache hit is further served only to a name equal to the verified one up to ASCII case,
 and as the user the KDC verified, never the spelling of the request. The throttle counts the principal a
-name maps to: with `identity.enterprise_names` the UPN `alice@lab.test` (asked as an NT-ENTERPRISE name, a
+name maps to, folded further (`guess_key`): AD also ignores width, accents and kana type, so a full-width `alice`
+and `álice` are alice's account there, and each guess under them one more towards its lockout; they share alice's
+count and hold. With `identity.enterprise_names` the UPN `alice@lab.test` (asked as an NT-ENTERPRISE name, a
 cache key of its own) and `LAB\\alice` share one count. A UPN whose local part is not the account name
 (`a.smith@lab.test` for `LAB\\asmith`) is the same user only by the directory's word, and is counted apart.
 
@@ -90,6 +93,7 @@ import hmac
 import math
 import os
 import time
+import unicodedata
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
@@ -132,9 +136,31 @@ _TICKET_MARGIN = 10.0
 
 
 def user_key(principal: str) -> str:
-    """The key of a user for the cache, the throttle and the lock: names compared as the directory does
-    (Active Directory: without regard to case), so `ALICE@LAB.TEST` and `alice@LAB.TEST` are one user."""
+    """The key of a user for the cache and the lock: names compared without regard to case (as Active Directory
+    does), so `ALICE@LAB.TEST` and `alice@LAB.TEST` are one user."""
     return principal.casefold()
+
+
+# Letters Windows' comparison takes for their base letter that Unicode does not decompose (a stroke, a bar, no dot).
+_BASE_LETTERS = str.maketrans("øđłħŧıƀƶǥɨʉ", "odlhtibzgiu")
+_KATAKANA = range(0x30A1, 0x30F7)  # to hiragana, 0x60 below: Windows' NORM_IGNOREKANATYPE
+
+
+def guess_key(principal: str) -> str:
+    """The key of a user for the throttle and the hold: every spelling Active Directory takes for the same account
+    is one key. AD compares names ignoring case, width, non-spacing marks and kana type (MS-ADTS 6.5: `alice` in full
+    width, `álice`, `a` with a combining acute and `alice` are one sAMAccountName), so a guess under each spelling
+    counts towards the one account's lockout, and must count towards its one hold. Folded here: case, compatibility
+    forms (NFKD: full and half width, circled letters, ligatures), combining marks, a few letters with a stroke,
+    katakana as hiragana. It merges more than AD may (`straße` and `strasse`), which only makes the throttle stricter;
+    the cache never serves by it."""
+    decomposed = unicodedata.normalize("NFKD", principal.casefold())
+    bare = "".join(
+        chr(ord(char) - 0x60) if ord(char) in _KATAKANA else char
+        for char in decomposed
+        if not unicodedata.combining(char)
+    )
+    return bare.translate(_BASE_LETTERS).casefold()
 
 
 @dataclass(frozen=True)
@@ -538,6 +564,7 @@ class BasicLogin:
         self.challenge = {"WWW-Authenticate": f'Basic realm="{settings.basic_realm}"'}
         self._identity = identity
         self._realms = {identity.default_realm, *identity.realm_map.values()}
+        self._own = guess_key(kerberos.principal)  # the gateway's own account: nobody's Basic sign-in (`_user`)
         self._checks = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-kdc")  # password checks
         self._tokens = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-token")  # backend tokens
         self._window = settings.basic_failure_window_seconds
@@ -577,7 +604,7 @@ class BasicLogin:
             entry = self._cached(key, digest, user)
             if entry is not None:
                 return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
-        guesses = user_key(user.principal)  # `alice@lab.test` (NT-ENTERPRISE), `LAB\\alice`: one count
+        guesses = guess_key(user.principal)  # `alice@lab.test` (NT-ENTERPRISE), `LAB\\alice`, `álice`: one count
         known = False
         if self._users.wait(guesses, started) > 0 and self._cache.known(key, started):
             digest = await self._known_or_refused(key, guesses, client, credentials.password, digest)
@@ -657,6 +684,14 @@ class BasicLogin:
             raise AuthenticationRequired(
                 "the user name or password is incorrect",
                 hint=f"{user.principal}: realm {user.realm} is not the default realm or in identity.realm_map",
+                challenge=self.challenge,
+            )
+        if guess_key(user.principal) == self._own:
+            raise AuthenticationRequired(
+                "the user name or password is incorrect",
+                hint=f"Basic user {username!r} names the gateway's own account (kerberos.principal), which signs in "
+                "with its keytab only: not sent to the KDC, where each wrong password would count towards locking out "
+                "the account every delegation needs",
                 challenge=self.challenge,
             )
         return user

@@ -13,7 +13,9 @@ The credentials are acquired for SPNEGO (1.3.6.1.5.5.2) alone, which makes one A
 krb5 inside: the backend's token is SPNEGO. With krb5 alone MIT's SPNEGO finds no mechanism to offer, and
 with krb5 *and* SPNEGO MIT tries the password once per mechanism: two AS exchanges, so Active Directory
 counted every wrong password twice towards its lockout threshold (seen against Samba AD: a threshold of 5
-locked the account after the second guess, and AD's usual 10 after the gateway's own limit of 5 guesses).
+locked the account after the second guess, and AD's usual 10 after the gateway's own limit of 5 guesses). MIT also
+sends a refused password once more to the realm's primary KDC when a replica refused it; the gateway's krb5 overlay
+names every listed KDC a primary, so that one refusal is final (`proxy.kerberos.profile._primaries`).
 
 What it refuses, as the KDC answers: a wrong password and an unknown user are the same 401 to the
 client (user names cannot be probed), disabled or locked accounts and expired passwords 403, an

@@ -97,6 +97,7 @@ _DEFAULT_PROFILE = "/etc/krb5.conf"  # MIT's, when KRB5_CONFIG is not set
 _OVERLAY = "[libdefaults]\n    forwardable = true\n"
 _overlay: list[str] = []  # [the overlay file in force in this process]: its own, or inherited over a fork
 _realms: dict[str, str] = {}  # realm -> its [realms] section in the overlay (`proxy.kerberos.kdcs`: answering KDCs)
+_bases: list[str] = []  # with two files: the krb5.conf file(s) KRB5_CONFIG names after the overlay (`_primaries`)
 _written: dict[int, list[str]] = {}  # pid -> the overlay files that process wrote (newest last), only it removes
 _set: list[str] = []  # [KRB5_CONFIG as `use_profile` last set it, what the environment named before it did]
 _texts: dict[str, str] = {}  # overlay file -> the text this process last wrote there
@@ -123,6 +124,7 @@ def use_profile(krb5_config: Path | None) -> str:
         configured = configured or previous
     base = configured or previous
     one_file = _merged.start(configured or "")
+    _bases[:] = [] if one_file else [path for path in base.split(":") if path]
     overlay = _overlay_file(_overlay_text())
     value = base
     if overlay:
@@ -226,12 +228,56 @@ _merged = _Merged()
 
 def _overlay_text() -> str:
     """The overlay file's text: the overlay's line, the realms' sections the KDC watch set (`set_realm_section`),
-    and in one-file mode krb5.conf's text without those realms' sections. Across files the sections' final mark
-    (`}*`) keeps krb5.conf's KDCs of the realm out; inside one file MIT would add them, so they are left out."""
+    every KDC of krb5.conf named a primary KDC of its realm (`_primaries`), and in one-file mode krb5.conf's text
+    without the watched realms' sections. Across files the sections' final mark (`}*`) keeps krb5.conf's KDCs of the
+    realm out; inside one file MIT would add them, so they are left out."""
     text = _OVERLAY + ("\n[realms]\n" + "".join(_realms.values()) if _realms else "")
+    text += _primaries([_merged.text] if _merged else [_text_of(path) for path in _bases])
     if _merged:
         text += "\n" + _without_realms(_merged.text, set(_realms))
     return text
+
+
+def _primaries(texts: list[str]) -> str:
+    """A `[realms]` section naming every `kdc` of each realm in krb5.conf's `texts` as a `primary_kdc` of that realm
+    too ("" where none names a KDC).
+
+    Why: MIT sends a password the KDC refused once more, to the realm's primary KDC (`primary_kdc`, or DNS's
+    `_kerberos-master` records), whenever the refusal came from a KDC that is not one of those (a replica may not have
+    a new password yet: `krb5_get_init_creds_password`, trace "Retrying AS request with primary KDC"). Each wrong
+    Basic password was then two failures at the directory, and the gateway's `basic_failures_per_user` guesses twice
+    that many towards its lockout. Named a primary, every KDC's refusal is final: one AS exchange per password. The
+    values merge with krb5.conf's own `primary_kdc` lines, in one file or across two, so this needs nothing taken
+    out of krb5.conf. The price: a password changed at the primary is refused by a replica until it has it (Active
+    Directory's domain controllers ask their PDC emulator themselves). A realm whose KDCs come from DNS alone is left
+    to MIT (docs/throttles-and-limits.md)."""
+    kdcs: dict[str, dict[str, None]] = {}
+    for text in texts:
+        try:
+            lines = krb5conf.read(text)
+        except krb5conf.ProfileSyntaxError:
+            continue  # MIT reads the file itself, or refuses it: nothing to add
+        for line in lines:
+            if (
+                line.kind is krb5conf.Kind.RELATION
+                and len(line.path) == 2
+                and line.path[0] == "realms"
+                and line.name == "kdc"
+            ):
+                kdcs.setdefault(line.path[1], {})[line.value] = None
+    sections = []
+    for realm, named in kdcs.items():
+        body = "".join(f"        {krb5conf.relation('primary_kdc', kdc)}\n" for kdc in named)
+        sections.append(f"    {realm} = {{\n{body}    }}\n")
+    return "\n[realms]\n" + "".join(sections) if sections else ""
+
+
+def _text_of(path: str) -> str:
+    """A krb5.conf file's text, "" where it cannot be read as text."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _without_realms(text: str, realms: set[str]) -> str:

@@ -180,3 +180,37 @@ def test_a_sign_in_is_not_served_from_the_cache_past_its_tickets_end(lab: LabLay
         assert cached.count(False) >= 2  # after it, the KDC is asked again (and the new ticket served from the cache)
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize(
+    ("case", "user", "password"),
+    [
+        ("a NUL in the name", b"{name}\x00x", b"{password}"),
+        ("a control character in the name", b"{name}\x01", b"{password}"),
+        ("a tab after the name", b"{name}\t", b"{password}"),
+        ("a space before the name", b" {name}", b"{password}"),
+        ("the name as a service principal", b"{name}/admin", b"{password}"),
+        ("two @", b"{name}@x@lab.test", b"{password}"),
+        ("DOMAIN\\ and @ at once", b"LAB\\{name}@lab.test", b"{password}"),
+        ("an empty DOMAIN\\", b"\\{name}", b"{password}"),
+        ("a name that is not UTF-8", b"{name}\xff\xfe", b"{password}"),
+        ("a password of 60,000 characters", b"{name}", b"{password}" + b"x" * 60_000),
+    ],
+)
+def test_a_malformed_basic_name_is_401_and_never_another_principal_at_the_kdc(
+    lab: LabLayout, gw: Gateway, case: str, user: bytes, password: bytes
+) -> None:
+    """Names a device or attacker may send with a user's right password, each a plain 401 challenge (never a 500 or
+    a 502), none served as the user (the KDC never gave a ticket to the user cut at the NUL, the space or the slash,
+    and the 60,000-character password is simply wrong), and the password nowhere in the gateway's log."""
+    secret = f"Mal-{uuid.uuid4().hex[:10]}"
+    name = f"bc{uuid.uuid4().hex[:10]}"
+    _kadmin(lab, f"addprinc -pw {secret} +requires_preauth {name}")  # a ticket ISSUEd only for the right password
+    raw_user = user.replace(b"{name}", name.encode())
+    raw = raw_user + b":" + password.replace(b"{password}", secret.encode())
+    answer = send(lab, gw, basic(raw))
+    assert answer.status == 401, (case, answer)
+    assert answer.body.startswith(b"the user name or password is incorrect"), (case, answer)
+    assert gw.wait_event("authentication_required")["stage"] == "authentication"
+    assert [line for line in kdc_lines(lab, f"{name}@{REALM}") if "ISSUE" in line] == [], case
+    assert secret not in gw.log_path.read_text()

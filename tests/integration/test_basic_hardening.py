@@ -22,6 +22,7 @@ from proxy.errors import AuthenticationRequired, TooManyAttempts
 from proxy.lab.kdclog import KdcLog
 from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.test_ticket_cache import _kadmin
 
 
 def basic_gateway(lab: LabLayout, directory: Path, *, per_user: int, per_address: int) -> Gateway:
@@ -202,3 +203,55 @@ def test_a_throttled_attempt_costs_no_hash_against_the_real_kdc(
 
     assert asyncio.run(run()) == [401, 401, 429, 429, 429]
     assert hashed == ["bob@lab.test"] * 2
+
+
+def test_names_active_directory_takes_for_one_account_share_the_hold(lab: LabLayout, tmp_path: Path) -> None:
+    """Wrong passwords for one account sent under the spellings Active Directory takes for that account's name
+    (full-width letters, accents precomposed or combining, a slashed o: MS-ADTS 6.5 compares names ignoring case,
+    width, non-spacing marks and kana type) count against one user: with basic_failures_per_user = 3 the fourth
+    spelling, and the name itself, are 429 without the KDC. Each spelling was a user of its own to the throttle, so a
+    guesser carried an AD account past its lockout threshold (20 guesses from one address, 5 per spelling) while the
+    gateway's hold was meant to keep it below."""
+    tag = uuid.uuid4().hex[:8]
+    name = f"fold{tag}"
+    _kadmin(lab, f"addprinc -pw Fold-{tag} {name}")
+    spellings = [name, f"\uff46old{tag}", f"f\u00f3ld{tag}", f"fo\u0301ld{tag}", f"f\u00f8ld{tag}", name]
+    gw = basic_gateway(lab, tmp_path, per_user=3, per_address=100)
+    try:
+        kdc = KdcLog(lab.kdc_log)
+        answers = statuses(lab, gw, [f"{spelling}:guess-{i}" for i, spelling in enumerate(spellings)])
+        reached = [line for line in _as_lines(lab, kdc) if tag in line]
+    finally:
+        gw.stop()
+    assert answers == [401, 401, 401, 429, 429, 429], answers
+    assert len(reached) == 3, reached
+
+
+def test_a_basic_sign_in_as_the_gateways_own_account_never_reaches_the_kdc(lab: LabLayout, tmp_path: Path) -> None:
+    """A gateway whose principal is an account name (as on AD: `svc-kcdproxy@AD.TEST`): Basic guesses at that name,
+    however spelt (`gw...`, `LAB\\gw...`, `gw...@lab.test`), are the same 401 as any wrong password and never reach
+    the KDC. Each one was a failed pre-authentication of the gateway's own account, towards the directory's lockout
+    of the one account every delegation needs (with several gateways behind a balancer, `basic_failures_per_user` of
+    them each)."""
+    tag = uuid.uuid4().hex[:8]
+    account = f"gw{tag}"
+    keytab = tmp_path / "gateway.keytab"
+    _kadmin(lab, f"addprinc -randkey +requires_preauth {account}")
+    _kadmin(lab, f"ktadd -k {keytab} {account}")
+    extra = '\n[authentication]\nmode = "basic"\nbasic_failures_per_user = 3\nbasic_failures_per_address = 100\n'
+    text = lab_config(lab, port=free_port(), extra=extra)
+    text = text.replace('principal = "HTTP/proxy.lab.test@LAB.TEST"', f'principal = "{account}@LAB.TEST"')
+    text = text.replace(f'keytab = "{lab.proxy_keytab}"', f'keytab = "{keytab}"')
+    assert f'keytab = "{keytab}"' in text
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        kdc = KdcLog(lab.kdc_log)
+        logins = [f"{account}:guess-1", f"LAB\\{account}:guess-2", f"{account}@lab.test:guess-3"]
+        answers = statuses(lab, gw, logins)
+        refused = [line for line in _as_lines(lab, kdc) if f"PREAUTH_FAILED: {account}@" in line]
+        reason = gw.wait_event("authentication_required", stage="authentication")["fix"]
+    finally:
+        gw.stop()
+    assert answers == [401, 401, 401], answers
+    assert refused == [], refused
+    assert "kerberos.principal" in reason

@@ -74,5 +74,6 @@ def fresh_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(profile, "_merged", profile._Merged())
     monkeypatch.setattr(profile, "_realms", {})
     monkeypatch.setattr(profile, "_set", [])
+    monkeypatch.setattr(profile, "_bases", [])
     monkeypatch.setenv("KRB5_CONFIG", "")  # recorded, whether it was set or not: restored as it was
     monkeypatch.delenv("KRB5_CONFIG")

@@ -20,7 +20,7 @@ import pytest
 
 from proxy.addresses import address_key
 from proxy.auth import basic
-from proxy.auth.basic import BasicLogin, CredentialCache, Pace, Throttle, parse_basic, user_key
+from proxy.auth.basic import BasicLogin, CredentialCache, Pace, Throttle, guess_key, parse_basic, user_key
 from proxy.config import Authentication, Identity, Kerberos
 from proxy.errors import AuthenticationRequired, TooManyAttempts, UserUnknown
 from proxy.identity.principal import UserPrincipal
@@ -145,6 +145,42 @@ def test_a_unicode_fold_shares_the_counter_but_never_the_session(kdc: FakeKdc) -
     assert asyncio.run(run()) == ["strasse@LAB.TEST", 401]
     assert kdc.asked == ["strasse@LAB.TEST", "straße@LAB.TEST"]
     assert user_key("straße@LAB.TEST") == user_key("strasse@LAB.TEST")
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "björn",
+        "BJÖRN",
+        "bjo\u0308rn",
+        "\uff42\uff4a\uff4f\uff52\uff4e",
+        "bjørn",
+        "bjǫrṅ",
+        "b\u0328\u0301j\u1ab2ǫ\u0308Ⓡn",
+    ],
+)
+def test_the_spellings_active_directory_takes_for_one_name_are_one_throttle_key(spelling: str) -> None:
+    """guess_key folds what AD's name comparison ignores (MS-ADTS 6.5: case, width, non-spacing marks, kana type;
+    Samba's bug 14847 lists `björn`, `bjǫrṅ` and a name buried in combining marks as one Windows account): each is
+    bjorn's throttle key, while bjoern, another account, keeps its own."""
+    assert guess_key(f"{spelling}@AD.TEST") == guess_key("bjorn@AD.TEST")
+    assert guess_key("bjoern@AD.TEST") != guess_key("bjorn@AD.TEST")
+
+
+def test_guesses_under_spellings_of_one_name_share_its_hold_but_not_its_session(kdc: FakeKdc) -> None:
+    """alice signs in; wrong passwords under a full-width `alice` and `álice` count against alice's hold (the next
+    guess under `alice` is 429 without the KDC); alice's cached password is still served to alice, and to the
+    full-width name neither from the cache nor as alice: the KDC is asked about that name."""
+
+    async def run() -> list[int | str]:
+        service = login_service(per_user=2)
+        results = [await outcome(service, "alice", "alice-Pa55")]
+        results += [await outcome(service, name, "guess") for name in ("\uff41lice", "\u00e1lice", "alice")]
+        results += [await outcome(service, "alice", "alice-Pa55")]
+        return results
+
+    assert asyncio.run(run()) == ["alice@LAB.TEST", 401, 401, 429, "alice@LAB.TEST"]
+    assert kdc.asked == ["alice@LAB.TEST", "\uff41lice@LAB.TEST", "\u00e1lice@LAB.TEST"]
 
 
 def test_a_signed_in_device_is_served_while_a_guesser_is_throttled(kdc: FakeKdc) -> None:

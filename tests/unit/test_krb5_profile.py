@@ -51,7 +51,10 @@ def test_the_profile_is_the_overlay_then_the_configured_file(tmp_path: Path, mon
     assert Path(overlay).read_text() == "[libdefaults]\n    forwardable = true\n"
     assert profile.use_profile(None) == f"{overlay}:/somewhere/else.conf"  # the environment's again
     monkeypatch.delenv("KRB5_CONFIG")
-    assert profile.use_profile(None) == f"{overlay}:/etc/krb5.conf"
+    # one overlay, then MIT's default (the overlay's text names /etc/krb5.conf's KDCs as primaries: a file of its own)
+    first, _, default = profile.use_profile(None).partition(":")
+    assert default == "/etc/krb5.conf"
+    assert profile._OVERLAY_NAME.fullmatch(Path(first).name)
 
 
 def _mit_value(config: str, *names: str) -> str | None:
@@ -167,6 +170,38 @@ def test_the_kdc_watch_still_replaces_a_realms_kdcs_in_the_one_file(tmp_path: Pa
     assert _mit_value(value, "libdefaults", "forwardable") == "true"
     profile.set_realm_section("LAB.TEST", None)
     assert _mit_values(value, "realms", "LAB.TEST", "kdc") == ["127.0.0.1:1111", "127.0.0.1:2222"]
+
+
+@pytest.mark.usefixtures("fresh_profile")
+@pytest.mark.parametrize("files", ["one", "two"])
+def test_every_kdc_of_krb5_conf_is_a_primary_kdc_to_mit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: str
+) -> None:
+    """MIT reads each realm's `kdc` entries as its `primary_kdc` too, ahead of krb5.conf's own primary, in one file
+    and across two (the environment's KRB5_CONFIG), also while the KDC watch's section stands for the realm; a realm
+    without `kdc` lines gets none. A reply from any of them is then a primary's: MIT no longer sends a refused
+    password again to the primary KDC, which counted each wrong Basic password twice towards the directory's
+    lockout (tests/integration/test_basic_primary_kdc.py)."""
+    conf = tmp_path / "krb5.conf"
+    conf.write_text(
+        "[libdefaults]\n    default_realm = LAB.TEST\n\n[realms]\n"
+        "    LAB.TEST = {\n        kdc = 127.0.0.1:1111\n        kdc = tcp/dc2.lab.test\n"
+        "        primary_kdc = pdc.lab.test\n    }\n"
+        "    DNS.TEST = {\n        admin_server = a\n    }\n"
+    )
+    if files == "two":
+        monkeypatch.setenv("KRB5_CONFIG", str(conf))
+    value = profile.use_profile(conf if files == "one" else None)
+    assert (":" in value) == (files == "two")
+    expected = ["127.0.0.1:1111", "tcp/dc2.lab.test", "pdc.lab.test"]
+    assert _mit_values(value, "realms", "LAB.TEST", "primary_kdc") == expected
+    assert _mit_values(value, "realms", "LAB.TEST", "kdc") == expected[:2]
+    assert _mit_value(value, "realms", "DNS.TEST", "primary_kdc") is None
+    section = kdcs.realm_section(conf.read_text(), "LAB.TEST")
+    assert section is not None
+    profile.set_realm_section("LAB.TEST", kdcs.overlay_section(section, ["127.0.0.1:1111"]))
+    assert _mit_values(value, "realms", "LAB.TEST", "kdc") == ["127.0.0.1:1111"]
+    assert set(expected[:2]) <= set(_mit_values(value, "realms", "LAB.TEST", "primary_kdc"))
 
 
 @pytest.mark.usefixtures("fresh_profile")
