@@ -44,9 +44,10 @@ account than the certificate (`proxy.kerberos.account`): the name the gateway as
 always the certificate's account (`realm_map` against AD), so every request, from a fresh or a
 cached ticket, is checked against the PAC read once per exchange; a mismatch is `AccountMismatch`, and so
 is a ticket without any PAC unless `kerberos.kdc_account = "optional"` (then each such ticket is logged as
-`kdc_account_unverified`). An evidence ticket whose PAC cannot be read (the gateway's key changed at the KDC and
-the keytab not rewritten yet) is refused right after S4U2Self and never cached: kept, it refused its user for its
-whole life, long after the keytab was current.
+`kdc_account_unverified`). An evidence ticket the gateway cannot open (its key changed at the KDC and the keytab not
+rewritten yet) is refused right after S4U2Self, as the operator's 502 (`kerberos_misconfigured`, naming the key
+versions: the user did nothing wrong), and never cached: kept, it refused its user for its whole life, long after the
+keytab was current.
 
 The recheck. AD issues tickets for 10 hours, and a cached one serves its user that long whatever happens to the
 account meanwhile: disabled, deleted, marked sensitive, put in Protected Users, renamed (as a ticket already issued
@@ -90,6 +91,7 @@ from proxy.errors import (
     GatewayError,
     KdcNotAsked,
     KdcUnavailable,
+    KerberosMisconfigured,
     KerberosRefused,
 )
 from proxy.identity.principal import UserPrincipal, ascii_lower
@@ -104,9 +106,9 @@ from proxy.kerberos.account import (
 )
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
-from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc
+from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc, own_ticket_refused
 from proxy.kerberos.kdcs import KdcWatch, watch_for
-from proxy.kerberos.keytab import file_version, key_refused, missing_key
+from proxy.kerberos.keytab import file_version, held_versions, key_refused, missing_key
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
@@ -475,7 +477,16 @@ class Delegator:
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
         client = _client_name(creds)  # whom the KDC impersonated, as it wrote the evidence ticket's client
-        pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
+        try:
+            pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
+        except KerberosMisconfigured as e:  # the trace shows the evidence ticket the gateway could not open
+            attach(
+                e,
+                s4u_facts(
+                    creds, proxy=proxy, spn=spn, s4u2self_ms=_ms(start), s4u2proxy_ms=None, failed_step="s4u2self"
+                ),
+            )
+            raise
         self._require_stated(user, creds, proxy, spn, (pac, unreadable), client, (middle - start) * 1000)
         after_pac = time.perf_counter()
         try:
@@ -583,11 +594,14 @@ class Delegator:
             accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
             return context_pac(accepted.context), None
         except gssapi.raw.GSSError as e:
-            message = e.gen_message()
+            message, proxy = e.gen_message(), self._settings.principal
             if is_clock_skew(message):  # every user's ticket alike: the operator's
-                proxy = self._settings.principal
                 raise clock_skew(message, proxy=proxy, offset=_offset_from_kdc(creds, proxy)) from None
-            return None, f"the gateway cannot accept its own evidence ticket: {message}"
+            # its own key, its own ticket: every user's alike, the keytab's (the operator's 502, not a user's 403)
+            keytab = self._settings.keytab
+            sealed = _evidence_kvno(creds, proxy)
+            held = held_versions(keytab, proxy)
+            raise own_ticket_refused(message, proxy=proxy, keytab=str(keytab), sealed=sealed, held=held) from None
         except ValueError as e:
             return None, f"the PAC is malformed: {e}"
 
@@ -845,6 +859,12 @@ def _remaining(creds: gssapi.Credentials) -> float:
     except gssapi.exceptions.ExpiredCredentialsError:
         return 0.0
     return float("inf") if lifetime is None else float(lifetime)
+
+
+def _evidence_kvno(creds: gssapi.Credentials, proxy: str) -> int | None:
+    """The version of the gateway's key the KDC sealed the evidence ticket in (from its clear-text header)."""
+    facts = s4u_facts(creds, proxy=proxy, spn="", s4u2self_ms=0.0, s4u2proxy_ms=None)
+    return None if facts.evidence is None else facts.evidence.kvno
 
 
 def _offset_from_kdc(creds: gssapi.Credentials, proxy: str) -> float | None:

@@ -119,6 +119,14 @@ def kvnos(entries: list[KeytabEntry], principal: str) -> set[int]:
     return {e.kvno for e in entries if e.principal == principal}
 
 
+def held_versions(path: Path, principal: str) -> set[int] | None:
+    """The key versions the keytab at `path` holds for `principal`; None when the file cannot be read."""
+    try:
+        return kvnos(read_keytab(path), principal)
+    except (OSError, ValueError):
+        return None
+
+
 def missing_key(path: Path, principal: str) -> tuple[str, str] | None:
     """(what is wrong, the fix) when the keytab at `path` holds no key for `principal`; None when it holds one or
     cannot be read (the caller's message says that). MIT's "No key table entry found" alone does not say whether the
