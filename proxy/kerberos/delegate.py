@@ -108,7 +108,7 @@ from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc, own_ticket_refused
 from proxy.kerberos.kdcs import KdcWatch, watch_for
-from proxy.kerberos.keytab import file_version, held_versions, key_refused, missing_key
+from proxy.kerberos.keytab import file_version, held_versions, key_refused, missing_key, refused_keys
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
@@ -252,8 +252,6 @@ class Delegator:
         self._service: gssapi.Credentials | None = None
         self._service_renew_at = 0.0  # time.monotonic() from which `_service_credentials` acquires them again
         self._service_lock = threading.Lock()
-        # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
-        self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError] | None = None
         self._own: tuple[gssapi.Name, gssapi.Credentials] | None = None  # for reading evidence tickets' PACs
         self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
         self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
@@ -636,15 +634,17 @@ class Delegator:
             self._service_lock.release()
 
     def _acquire_service(self) -> gssapi.Credentials:
-        """The AS exchange with the keytab, unless the KDC refused these very keys before: a stale keytab (the
-        account's password was reset) is then refused from memory, without the KDC, until the file changes. Tried
-        per request, each try counted bad passwords against the gateway's account in AD (two a try, before `mechs`
-        named krb5 alone), which locked it within a few requests, and the keytab exported again then met a locked
-        account (tests/integration/test_ad_service_account.py)."""
-        keytab = file_version(self._settings.keytab)
-        refused = self._refused_keytab
-        if refused is not None and refused[0] == keytab:
-            raise refused[1].with_traceback(None)  # else each raise adds its frames to the one exception kept
+        """The AS exchange with the keytab, unless the KDC refused these very keys before (to this delegator or to
+        /readyz's probe: one memory, `proxy.kerberos.keytab.refused_keys`): a stale keytab (the account's password
+        was reset) is then refused from memory, without the KDC, until the file changes. Tried per request, each try
+        counted bad passwords against the gateway's account in AD (two a try, before `mechs` named krb5 alone), which
+        locked it within a few requests, and the keytab exported again then met a locked account
+        (tests/integration/test_ad_service_account.py)."""
+        principal, path = self._settings.principal, self._settings.keytab
+        refused = refused_keys.refusal(principal, path)
+        if isinstance(refused, gssapi.raw.GSSError):
+            raise refused.with_traceback(None)  # else each raise adds its frames to the one exception kept
+        version = file_version(path)
         try:
             creds = gssapi.Credentials(
                 name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
@@ -660,9 +660,9 @@ class Delegator:
             )
         except gssapi.raw.GSSError as e:
             if key_refused(e.gen_message()):
-                self._refused_keytab = (keytab, e)
+                refused_keys.remember(principal, path, version, e)
             raise
-        self._refused_keytab = None
+        refused_keys.forget(principal, path)
         return creds
 
     def _explain(self, message: str, principal: str, spn: str) -> GatewayError:

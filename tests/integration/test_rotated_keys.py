@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 from proxy.lab.layout import BACKEND_SERVICE, PROXY_SERVICE, REALM, LabLayout
 from proxy.live import Live
 from tests.integration.conftest import curl, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually
 
 SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
 
@@ -209,3 +213,57 @@ def test_readiness_offers_a_refused_key_once_until_the_keytab_changes(lab: LabLa
         assert stale == [stale[0]] * 5
         assert current is None
         assert _preauth_failures(lab, offset, own.principal) == 1
+
+
+def _own_gateway_config(lab: LabLayout, own: Gateway, extra: str = "") -> str:
+    """The lab gateway's configuration with `own`'s principal and keytab instead of the lab's."""
+    text = lab_config(lab, port=free_port(), extra=extra)
+    text = text.replace(f'principal = "{PROXY_SERVICE}@{REALM}"', f'principal = "{own.principal}@{REALM}"', 1)
+    text = text.replace(f'keytab = "{lab.proxy_keytab}"', f'keytab = "{own.keytab}"', 1)
+    assert f"{own.principal}@{REALM}" in text
+    assert str(own.keytab) in text
+    return text
+
+
+def _get(url: str) -> tuple[int, dict[str, object]]:
+    """GET `url` (the admin listener, plain HTTP on loopback): (status, the JSON body)."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310  a loopback test URL
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("first", ["request", "readyz"])
+def test_requests_and_readyz_offer_a_refused_key_once_between_them(lab: LabLayout, tmp_path: Path, first: str) -> None:
+    """The gateway's key changed at the KDC before its first request (preauthentication required, as in AD), so the
+    keytab's key is refused. A request (502) and /readyz (503 naming the keytab), in either order, then another
+    request: the stale key went to the KDC once between them, not once for the serving Delegator and once more for
+    /readyz's probe (each a bad password against the account in AD; with a memory each, as before, two). Once the
+    keytab holds the KDC's key, both agree again: /readyz is ready and the request is served."""
+    admin = free_port()
+    with gateway_principal(lab, tmp_path, "+requires_preauth") as own:
+        _kadmin(lab, f"cpw -randkey {own.principal}")
+        gw = start_gateway(
+            lab, tmp_path / "gateway", _own_gateway_config(lab, own, f'\n[admin]\nbind = "127.0.0.1:{admin}"\n')
+        )
+        readyz = f"http://127.0.0.1:{admin}/readyz"
+        try:
+            offset = lab.kdc_log.stat().st_size
+            steps = ["request", "readyz"] if first == "request" else ["readyz", "request"]
+            for step in [*steps, "request"]:
+                if step == "request":
+                    done = curl(lab, f"{gw.url}/owa/", "bob")
+                    assert done.stdout.endswith("\n502"), done.stdout + done.stderr
+                else:
+                    status, body = _get(readyz)
+                    assert status == 503, body
+                    assert "keytab" in str(body["kdc"]), body
+            assert _preauth_failures(lab, offset, own.principal) == 1
+
+            _kadmin(lab, f"ktadd -k {own.keytab} -norandkey {own.principal}")
+            eventually(lambda: _get(readyz)[0] == 200, "/readyz ready once the keytab holds the KDC's key")
+            done = curl(lab, f"{gw.url}/owa/", "bob")
+            assert done.stdout.endswith("\n200"), done.stdout + done.stderr
+        finally:
+            gw.stop()
