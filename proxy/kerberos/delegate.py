@@ -19,7 +19,8 @@ event loop, never in a thread. Entries are keyed by (the name the KDC is asked f
 principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can share) and know when
 their service ticket expires: from `RENEW_BEFORE` seconds before that (or from halfway through its life, for a
 ticket that lives less), the next request starts a fresh exchange in the background and keeps using the old ticket
-meanwhile; a ticket with less than `USABLE_FOR` seconds left is never used. Concurrent first requests of one key
+meanwhile; a ticket with less than `USABLE_FOR` seconds left (a quarter of its life, for one living less than
+4 x `USABLE_FOR`: `usable_until`) is never used. Concurrent first requests of one key
 share one exchange (single flight), so one user never has more than one exchange in flight. The cache is bounded
 (least recently used evicted first); `forget(principal, enterprise=...)` drops a user (their certificate was
 revoked, the directory ended their held request) and `clear()` drops everything (the configuration changed). With
@@ -304,7 +305,7 @@ class Delegator:
         self._spns.add(spn)
         now = self._clock()
         ticket = self._tickets.get(key)
-        cached = ticket is not None and now < ticket.expires - USABLE_FOR
+        cached = ticket is not None and now < usable_until(ticket.obtained, ticket.expires)
         if ticket is not None and cached:
             self._tickets.move_to_end(key)
             self.stats.hits += 1
@@ -825,6 +826,18 @@ def renew_from(obtained: float, expires: float) -> float:
     if obtained < expires:
         renew_at = max(renew_at, (obtained + expires) / 2)
     return renew_at
+
+
+def usable_until(obtained: float, expires: float) -> float:
+    """Until when a service ticket obtained at `obtained` that expires at `expires` (clock times) serves requests:
+    `USABLE_FOR` seconds before it expires, or a quarter of its life before (at least `TOKEN_LEFT`) when that is less.
+    A fixed 30 s margin left a ticket of a 30 s KDC policy unused from birth, and one of 30-60 s for part of its life:
+    every request then waited for a fresh S4U2Self + S4U2Proxy, in the foreground, and the cache bought nothing.
+    With a quarter, such a ticket serves its first three quarters, and its background renewal (`renew_from`: halfway)
+    lands before then. A ticket obtained at an unknown time (`obtained` infinite) keeps `USABLE_FOR`."""
+    life = expires - obtained
+    margin = USABLE_FOR if not 0 < life < 4 * USABLE_FOR else max(life / 4, TOKEN_LEFT)
+    return expires - margin
 
 
 def _message(error: gssapi.raw.GSSError | Krb5Error) -> str:
