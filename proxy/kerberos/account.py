@@ -141,15 +141,16 @@ def kdc_account(
 
 
 def require_readable(user: UserPrincipal, unreadable: str | None) -> None:
-    """AccountMismatch when the evidence ticket's PAC could not be read (`unreadable` says why): evidence that cannot
-    be read is never an admission. Asked by the Kerberos stage right after S4U2Self, before S4U2Proxy, so that such a
-    ticket is never kept: a keytab without the key the KDC sealed it in (the key rotated at the KDC, the keytab not
-    yet) refused each user who came meanwhile until their ticket expired, hours after the keytab was current."""
+    """AccountMismatch when the evidence ticket's PAC could not be read (`unreadable` says why: a malformed PAC):
+    evidence that cannot be read is never an admission. Asked by the Kerberos stage right after S4U2Self, before
+    S4U2Proxy, so that such a ticket is never kept. A ticket the gateway cannot open at all (a keytab without the key
+    the KDC sealed it in, a clock off the KDC's) never gets here: the Kerberos stage makes that the operator's 502
+    (`proxy.kerberos.hints.own_ticket_refused`, `clock_skew`)."""
     if unreadable is None:
         return
     raise AccountMismatch(
         f"the KDC's account for {user.principal} cannot be verified",
-        hint=f"the evidence ticket's PAC could not be read ({unreadable}); is kerberos.keytab current?",
+        hint=f"the evidence ticket's PAC could not be read ({unreadable})",
     )
 
 

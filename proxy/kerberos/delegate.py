@@ -19,7 +19,8 @@ event loop, never in a thread. Entries are keyed by (the name the KDC is asked f
 principal, or the NT-ENTERPRISE UPN, never the principal built from it, which two UPNs can share) and know when
 their service ticket expires: from `RENEW_BEFORE` seconds before that (or from halfway through its life, for a
 ticket that lives less), the next request starts a fresh exchange in the background and keeps using the old ticket
-meanwhile; a ticket with less than `USABLE_FOR` seconds left is never used. Concurrent first requests of one key
+meanwhile; a ticket with less than `USABLE_FOR` seconds left (a quarter of its life, for one living less than
+4 x `USABLE_FOR`: `usable_until`) is never used. Concurrent first requests of one key
 share one exchange (single flight), so one user never has more than one exchange in flight. The cache is bounded
 (least recently used evicted first); `forget(principal, enterprise=...)` drops a user (their certificate was
 revoked, the directory ended their held request) and `clear()` drops everything (the configuration changed). With
@@ -44,9 +45,10 @@ account than the certificate (`proxy.kerberos.account`): the name the gateway as
 always the certificate's account (`realm_map` against AD), so every request, from a fresh or a
 cached ticket, is checked against the PAC read once per exchange; a mismatch is `AccountMismatch`, and so
 is a ticket without any PAC unless `kerberos.kdc_account = "optional"` (then each such ticket is logged as
-`kdc_account_unverified`). An evidence ticket whose PAC cannot be read (the gateway's key changed at the KDC and
-the keytab not rewritten yet) is refused right after S4U2Self and never cached: kept, it refused its user for its
-whole life, long after the keytab was current.
+`kdc_account_unverified`). An evidence ticket the gateway cannot open (its key changed at the KDC and the keytab not
+rewritten yet) is refused right after S4U2Self, as the operator's 502 (`kerberos_misconfigured`, naming the key
+versions: the user did nothing wrong), and never cached: kept, it refused its user for its whole life, long after the
+keytab was current.
 
 The recheck. AD issues tickets for 10 hours, and a cached one serves its user that long whatever happens to the
 account meanwhile: disabled, deleted, marked sensitive, put in Protected Users, renamed (as a ticket already issued
@@ -90,6 +92,7 @@ from proxy.errors import (
     GatewayError,
     KdcNotAsked,
     KdcUnavailable,
+    KerberosMisconfigured,
     KerberosRefused,
 )
 from proxy.identity.principal import UserPrincipal, ascii_lower
@@ -104,9 +107,9 @@ from proxy.kerberos.account import (
 )
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
-from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc
+from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc, own_ticket_refused
 from proxy.kerberos.kdcs import KdcWatch, watch_for
-from proxy.kerberos.keytab import file_version, key_refused, missing_key
+from proxy.kerberos.keytab import file_version, held_versions, key_refused, missing_key, refused_keys
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
@@ -250,8 +253,6 @@ class Delegator:
         self._service: gssapi.Credentials | None = None
         self._service_renew_at = 0.0  # time.monotonic() from which `_service_credentials` acquires them again
         self._service_lock = threading.Lock()
-        # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
-        self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError] | None = None
         self._own: tuple[gssapi.Name, gssapi.Credentials] | None = None  # for reading evidence tickets' PACs
         self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
         self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
@@ -304,7 +305,7 @@ class Delegator:
         self._spns.add(spn)
         now = self._clock()
         ticket = self._tickets.get(key)
-        cached = ticket is not None and now < ticket.expires - USABLE_FOR
+        cached = ticket is not None and now < usable_until(ticket.obtained, ticket.expires)
         if ticket is not None and cached:
             self._tickets.move_to_end(key)
             self.stats.hits += 1
@@ -475,7 +476,16 @@ class Delegator:
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
         client = _client_name(creds)  # whom the KDC impersonated, as it wrote the evidence ticket's client
-        pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
+        try:
+            pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
+        except KerberosMisconfigured as e:  # the trace shows the evidence ticket the gateway could not open
+            attach(
+                e,
+                s4u_facts(
+                    creds, proxy=proxy, spn=spn, s4u2self_ms=_ms(start), s4u2proxy_ms=None, failed_step="s4u2self"
+                ),
+            )
+            raise
         self._require_stated(user, creds, proxy, spn, (pac, unreadable), client, (middle - start) * 1000)
         after_pac = time.perf_counter()
         try:
@@ -583,11 +593,14 @@ class Delegator:
             accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
             return context_pac(accepted.context), None
         except gssapi.raw.GSSError as e:
-            message = e.gen_message()
+            message, proxy = e.gen_message(), self._settings.principal
             if is_clock_skew(message):  # every user's ticket alike: the operator's
-                proxy = self._settings.principal
                 raise clock_skew(message, proxy=proxy, offset=_offset_from_kdc(creds, proxy)) from None
-            return None, f"the gateway cannot accept its own evidence ticket: {message}"
+            # its own key, its own ticket: every user's alike, the keytab's (the operator's 502, not a user's 403)
+            keytab = self._settings.keytab
+            sealed = _evidence_kvno(creds, proxy)
+            held = held_versions(keytab, proxy)
+            raise own_ticket_refused(message, proxy=proxy, keytab=str(keytab), sealed=sealed, held=held) from None
         except ValueError as e:
             return None, f"the PAC is malformed: {e}"
 
@@ -622,15 +635,17 @@ class Delegator:
             self._service_lock.release()
 
     def _acquire_service(self) -> gssapi.Credentials:
-        """The AS exchange with the keytab, unless the KDC refused these very keys before: a stale keytab (the
-        account's password was reset) is then refused from memory, without the KDC, until the file changes. Tried
-        per request, each try counted bad passwords against the gateway's account in AD (two a try, before `mechs`
-        named krb5 alone), which locked it within a few requests, and the keytab exported again then met a locked
-        account (tests/integration/test_ad_service_account.py)."""
-        keytab = file_version(self._settings.keytab)
-        refused = self._refused_keytab
-        if refused is not None and refused[0] == keytab:
-            raise refused[1].with_traceback(None)  # else each raise adds its frames to the one exception kept
+        """The AS exchange with the keytab, unless the KDC refused these very keys before (to this delegator or to
+        /readyz's probe: one memory, `proxy.kerberos.keytab.refused_keys`): a stale keytab (the account's password
+        was reset) is then refused from memory, without the KDC, until the file changes. Tried per request, each try
+        counted bad passwords against the gateway's account in AD (two a try, before `mechs` named krb5 alone), which
+        locked it within a few requests, and the keytab exported again then met a locked account
+        (tests/integration/test_ad_service_account.py)."""
+        principal, path = self._settings.principal, self._settings.keytab
+        refused = refused_keys.refusal(principal, path)
+        if isinstance(refused, gssapi.raw.GSSError):
+            raise refused.with_traceback(None)  # else each raise adds its frames to the one exception kept
+        version = file_version(path)
         try:
             creds = gssapi.Credentials(
                 name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
@@ -646,9 +661,9 @@ class Delegator:
             )
         except gssapi.raw.GSSError as e:
             if key_refused(e.gen_message()):
-                self._refused_keytab = (keytab, e)
+                refused_keys.remember(principal, path, version, e)
             raise
-        self._refused_keytab = None
+        refused_keys.forget(principal, path)
         return creds
 
     def _explain(self, message: str, principal: str, spn: str) -> GatewayError:
@@ -813,6 +828,18 @@ def renew_from(obtained: float, expires: float) -> float:
     return renew_at
 
 
+def usable_until(obtained: float, expires: float) -> float:
+    """Until when a service ticket obtained at `obtained` that expires at `expires` (clock times) serves requests:
+    `USABLE_FOR` seconds before it expires, or a quarter of its life before (at least `TOKEN_LEFT`) when that is less.
+    A fixed 30 s margin left a ticket of a 30 s KDC policy unused from birth, and one of 30-60 s for part of its life:
+    every request then waited for a fresh S4U2Self + S4U2Proxy, in the foreground, and the cache bought nothing.
+    With a quarter, such a ticket serves its first three quarters, and its background renewal (`renew_from`: halfway)
+    lands before then. A ticket obtained at an unknown time (`obtained` infinite) keeps `USABLE_FOR`."""
+    life = expires - obtained
+    margin = USABLE_FOR if not 0 < life < 4 * USABLE_FOR else max(life / 4, TOKEN_LEFT)
+    return expires - margin
+
+
 def _message(error: gssapi.raw.GSSError | Krb5Error) -> str:
     return error.gen_message() if isinstance(error, gssapi.raw.GSSError) else str(error)
 
@@ -845,6 +872,12 @@ def _remaining(creds: gssapi.Credentials) -> float:
     except gssapi.exceptions.ExpiredCredentialsError:
         return 0.0
     return float("inf") if lifetime is None else float(lifetime)
+
+
+def _evidence_kvno(creds: gssapi.Credentials, proxy: str) -> int | None:
+    """The version of the gateway's key the KDC sealed the evidence ticket in (from its clear-text header)."""
+    facts = s4u_facts(creds, proxy=proxy, spn="", s4u2self_ms=0.0, s4u2proxy_ms=None)
+    return None if facts.evidence is None else facts.evidence.kvno
 
 
 def _offset_from_kdc(creds: gssapi.Credentials, proxy: str) -> float | None:

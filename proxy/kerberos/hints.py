@@ -375,6 +375,32 @@ def _service_error(message: str, fill: dict[str, str], keytab: tuple[str, str] |
     return KerberosMisconfigured(_SERVICE_REASON, hint=f"{hint} [{message}]")
 
 
+def own_ticket_refused(
+    message: str, *, proxy: str, keytab: str, sealed: int | None, held: set[int] | None
+) -> KerberosMisconfigured:
+    """The gateway could not open its own evidence ticket (`message`, GSSAPI's) with kerberos.keytab (`keytab`): the
+    KDC sealed it in key version `sealed` of `proxy` (None: unknown), the keytab holds versions `held` (None: the file
+    cannot be read). Every user's ticket alike: the operator's 502, never a user's 403 (it was `kdc_account_mismatch`,
+    "the KDC's account ... cannot be verified"). Typically the key changed at the KDC (`ktadd`, a password reset, AD's
+    machine password change) and the keytab was not rewritten yet, while the gateway's TGT is still good."""
+    if sealed is not None and held is not None and sealed not in held:
+        versions = ", ".join(str(v) for v in sorted(held)) or "none"
+        cause = (
+            f"the KDC sealed it in key version {sealed} of {proxy}, and {keytab} holds version "
+            f"{versions} only: the account's key changed at the KDC (kadmin ktadd or cpw, a password reset) after the "
+            "keytab was written"
+        )
+    else:
+        cause = f"{keytab} holds no key that opens it (a stale keytab, or another account's)"
+    return KerberosMisconfigured(
+        _SERVICE_REASON,
+        hint=f"the gateway cannot open its own evidence ticket with kerberos.keytab: {cause}; write the KDC's current "
+        "key into the keytab (kadmin ktadd -norandkey, samba-tool domain exportkeytab, ktpass, msktutil --update); "
+        f"`kcd-proxy doctor` compares the versions. Nothing of the exchange is kept: each user is served at their next "
+        f"request once the keytab holds the key [{message}]",
+    )
+
+
 # What accepting a ticket says when the acceptor's clock is off the KDC's. MIT's client side corrects its own requests
 # by the KDC's time (kdc_timesync), so with a skewed clock S4U2Self and S4U2Proxy succeed and this is the first sign.
 CLOCK_WORDS = ("clock skew too great", "ticket not yet valid")

@@ -17,6 +17,7 @@ Pure but for `read_keytab` and `missing_key`, which read the file: bytes in, ent
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,6 +120,14 @@ def kvnos(entries: list[KeytabEntry], principal: str) -> set[int]:
     return {e.kvno for e in entries if e.principal == principal}
 
 
+def held_versions(path: Path, principal: str) -> set[int] | None:
+    """The key versions the keytab at `path` holds for `principal`; None when the file cannot be read."""
+    try:
+        return kvnos(read_keytab(path), principal)
+    except (OSError, ValueError):
+        return None
+
+
 def missing_key(path: Path, principal: str) -> tuple[str, str] | None:
     """(what is wrong, the fix) when the keytab at `path` holds no key for `principal`; None when it holds one or
     cannot be read (the caller's message says that). MIT's "No key table entry found" alone does not say whether the
@@ -176,3 +185,41 @@ def file_version(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+FileVersion = tuple[int, int, int] | None
+
+
+class RefusedKeys:
+    """The KDC's refusals of a keytab's keys (`key_refused`), one memory for every AS exchange of this process: the
+    serving `Delegator` and /readyz's probe (`proxy.admin.Readiness`). Each offer of a refused key is a bad password
+    against the account (AD locks it), so a key refused to either is offered by neither until the keytab file
+    changes (`file_version`). With a memory each, the stale key went to the KDC once for the requests and once
+    more for /readyz, and either could go on answering from a refusal the other had seen superseded. Keyed by
+    (principal, keytab path); the version is the file's as it was *before* the refused exchange, so a file
+    rewritten meanwhile is tried. Thread-safe (KDC threads, the readiness thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refused: dict[tuple[str, Path], tuple[FileVersion, Exception]] = {}
+
+    def refusal(self, principal: str, keytab: Path) -> Exception | None:
+        """The KDC's refusal of `principal`'s keys in `keytab`, if the file is still the one it refused."""
+        with self._lock:
+            refused = self._refused.get((principal, keytab))
+        if refused is None or refused[0] != file_version(keytab):
+            return None
+        return refused[1]
+
+    def remember(self, principal: str, keytab: Path, version: FileVersion, error: Exception) -> None:
+        """The KDC refused `principal`'s keys in `keytab` as it was at `version` (`error`, raised again meanwhile)."""
+        with self._lock:
+            self._refused[(principal, keytab)] = (version, error)
+
+    def forget(self, principal: str, keytab: Path) -> None:
+        """The KDC took `principal`'s keys in `keytab`: whatever it refused before is past."""
+        with self._lock:
+            self._refused.pop((principal, keytab), None)
+
+
+refused_keys = RefusedKeys()  # the process's one memory (class docstring)

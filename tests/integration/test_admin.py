@@ -106,9 +106,10 @@ async def _held_request(lab: LabLayout, gw: Gateway, admin: str) -> tuple[int, S
 
 
 def test_metrics_after_traffic(lab: LabLayout, own_admin_gateway: tuple[Gateway, str]) -> None:
-    """Requests by route and status, refusals by stage and reason (TLS included), KDC requests and latency,
-    ticket-cache hits, CRL ages, open connections and a held long-poll all show in one scrape format. A gateway of
-    its own: on the module's, a test that ran first (alice's 200 in the loopback-names test) changed the counts."""
+    """Requests by route and status, refusals by stage and reason (TLS included), KDC requests and latency (the
+    stage's, and S4U2Self's and S4U2Proxy's apart), ticket-cache hits, CRL ages, open connections and a held
+    long-poll all show in one scrape format. A gateway of its own: on the module's, a test that ran first (alice's
+    200 in the loopback-names test) changed the counts."""
     gw, admin = own_admin_gateway
     for user, path in [
         ("alice", "/owa/"),
@@ -139,6 +140,12 @@ def test_metrics_after_traffic(lab: LabLayout, own_admin_gateway: tuple[Gateway,
     assert _value(after, "kcd_kdc_requests_total", outcome="kerberos_refused") == 1
     assert _value(after, "kcd_kdc_request_seconds_count") == _value(after, "kcd_kdc_requests_total", outcome="ok")
     assert 0 < _value(after, "kcd_kdc_request_seconds_sum") < 10
+    for exchange in ("s4u2self", "s4u2proxy"):  # each of the two, apart: which one is slow
+        count = _value(after, "kcd_kdc_exchange_seconds_count", exchange=exchange)
+        assert count == _value(after, "kcd_kdc_request_seconds_count"), exchange
+        assert 0 < _value(after, "kcd_kdc_exchange_seconds_sum", exchange=exchange) < 10
+    both = sum(_value(after, "kcd_kdc_exchange_seconds_sum", exchange=e) for e in ("s4u2self", "s4u2proxy"))
+    assert both <= _value(after, "kcd_kdc_request_seconds_sum")  # parts of the stages' time
     assert _value(after, "kcd_ticket_cache_total", result="hit") >= 2  # alice's second request and her Ping
     assert _value(after, "kcd_long_polls_held") == 0
     crls = str(lab.pki_dir / "crls.pem")

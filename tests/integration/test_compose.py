@@ -421,3 +421,40 @@ def test_no_container_log_holds_a_password_or_a_key(stack: Stack) -> None:
     needles |= {"PRIVATE KEY": "a PEM private key", "Negotiate YII": "a Negotiate token"}
     found = [what for needle, what in needles.items() if needle in logs]
     assert found == [], found
+
+
+_STATE = "/var/lib/kcd-proxy/crl-state.json"
+_PLANT = """
+import json, sys
+with open(sys.argv[1], "r+") as f:  # rewritten in place: its owner and mode 0600 stay
+    state = json.load(f)
+    state["floors"].append({"issuer": "CN=planted", "crl_number": 7, "this_update": "2026-01-01T00:00:00+00:00",
+                            "scope": "ab" * 16})
+    f.seek(0)
+    f.truncate()
+    json.dump(state, f)
+"""
+
+
+def test_a_restarted_gateway_container_keeps_its_crl_floors(stack: Stack) -> None:
+    """The gateway keeps its CRL replay floors (`crl_state`) in a volume of its own, in a directory of its user's,
+    mode 0700, as it requires (nothing set `crl_state` in the compose lab: a restarted container forgot its floors
+    and would take a replayed older CRL again). A floor planted in the file is still there after `docker restart`,
+    and the restarted gateway read it: it is among the floors its start wrote back. Runs last (a restart)."""
+    container = stack.container("gateway")
+
+    def inside(*argv: str) -> str:
+        done = subprocess.run([stack.docker, "exec", container, *argv], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert inside("stat", "-c", "%a %u", str(Path(_STATE).parent), _STATE).split("\n")[:2] == ["700 10001", "600 10001"]
+    before = json.loads(inside("cat", _STATE))["floors"]
+    assert before, "the gateway wrote no floor of the lab's CRLs"
+    inside("python3", "-c", _PLANT, _STATE)
+    subprocess.run([stack.docker, "restart", "-t", "20", container], capture_output=True, check=True, timeout=120)
+    eventually(lambda: stack.health("gateway") == "healthy", "the restarted gateway healthy", 120)
+    after = json.loads(inside("cat", _STATE))["floors"]
+    assert {f["scope"] for f in after} == {f["scope"] for f in before} | {"ab" * 16}, after
+    written = [e for e in stack.logs("gateway") if e.get("event") == "crl_state_written"]
+    assert written[-1]["floors"] == len(before) + 1, written

@@ -198,10 +198,13 @@ OWN_VOLUME = {
     "device-scaled": "lab-device:/lab:ro",
 }
 
+STATE_VOLUMES = {"gateway": "gateway-state", "gateway-1": "gateway-1-state", "gateway-2": "gateway-2-state"}
+
 
 def test_only_the_writers_mount_the_lab_volume_and_each_reader_its_own() -> None:
     """pki and kdc mount the lab volume (handout reads it); the gateway, backend, CRL server and devices each mount
-    only the volume `lab handout` fills for them, read-only but for the backend's replay cache."""
+    only the volume `lab handout` fills for them, read-only but for the backend's replay cache (and each gateway its
+    own state volume besides, which holds no lab file)."""
     compose = _compose()
     services = _lab_services()
     for name, service in services.items():
@@ -209,12 +212,50 @@ def test_only_the_writers_mount_the_lab_volume_and_each_reader_its_own() -> None
         assert root == "/lab", name
         if name == "handout":
             continue
-        assert service["volumes"] == [WRITERS.get(name) or OWN_VOLUME[name]], name
+        lab_volumes = [v for v in service["volumes"] if v.split(":")[0] not in STATE_VOLUMES.values()]
+        assert lab_volumes == [WRITERS.get(name) or OWN_VOLUME[name]], name
+        if name in STATE_VOLUMES:  # the gateway's own writable state, no lab file in it (its test is below)
+            assert service["volumes"][1].split(":")[0] == STATE_VOLUMES[name], name
     handout = services["handout"]
     assert handout["volumes"] == ["lab:/lab:ro"] + [f"lab-{part}:/handout/{part}" for part in handout_module.PARTS]
     assert handout["command"] == ["kcd-proxy", "lab", "handout", "--into", "/handout"]
-    assert set(compose["volumes"]) == {"lab"} | {f"lab-{part}" for part in handout_module.PARTS}
+    assert set(compose["volumes"]) == {"lab"} | {f"lab-{part}" for part in handout_module.PARTS} | set(
+        STATE_VOLUMES.values()
+    )
     assert set(WRITERS) | set(OWN_VOLUME) == set(services)
+
+
+def test_every_gateway_keeps_its_crl_floors_in_a_volume_of_its_own(tmp_path: Path) -> None:
+    """`client_certificates.crl_state` in the compose lab (nothing set it: a restarted gateway container forgot its
+    CRL floors and took a replayed older CRL again): the configuration each `kcd-proxy run` service reads, as `lab
+    init` writes it with the compose environment, names a state file in a directory where a named volume of that
+    gateway's alone is mounted writable; the image makes that directory the gateway's user's, mode 0700, which a
+    fresh named volume takes over (Docker copies the mount point's owner and mode into it), and check-config's test
+    of the directory passes for one made so."""
+    from proxy.ops.check import crl_state
+
+    services = _services()
+    layout = LabLayout.from_env(services["pki"]["environment"], root=tmp_path)
+    runner.init(layout)
+    final = _stages(REPO / "deploy" / "gateway" / "Dockerfile")[-1]
+    gateways = {name: s for name, s in services.items() if s.get("command", [])[:2] == ["kcd-proxy", "run"]}
+    assert set(gateways) == {"gateway", "gateway-1", "gateway-2"}
+    volumes_used = []
+    for name, service in gateways.items():
+        config_path = Path(service["command"][service["command"].index("--config") + 1])
+        text = (tmp_path / config_path.relative_to("/lab")).read_text()
+        state = Path(tomllib.loads(text)["client_certificates"]["crl_state"])
+        mounts = [v.split(":") for v in service["volumes"]]
+        (volume,) = [v for v, target, *mode in mounts if target == str(state.parent)]
+        assert [mode for v, target, *mode in mounts if v == volume] == [[]], f"{name}: {volume} mounted read-only"
+        assert volume in _compose()["volumes"], volume
+        volumes_used.append(volume)
+        assert f"install -d -o kcd-proxy -g kcd-proxy -m 0700 {state.parent}" in final, name
+    assert len(set(volumes_used)) == len(volumes_used), f"two gateways share a state volume: {volumes_used}"
+
+    made = tmp_path / "state"
+    made.mkdir(mode=0o700)
+    assert list(crl_state(made / "crl-state.json")) == []
 
 
 def test_the_handout_gives_each_part_the_files_it_reads_and_no_secret_of_another(tmp_path: Path) -> None:
@@ -236,8 +277,13 @@ def test_the_handout_gives_each_part_the_files_it_reads_and_no_secret_of_another
         return _handed_out(into, part)
 
     gateway = held("gateway")
+    state = Path(layout.state_dir)  # the gateway's own writable volume (crl_state): nothing of the lab's goes there
     for name in handout_module.GATEWAY_CONFIGS:
-        named = re.findall(r'"(/[^"]+)"', (layout.root / name).read_text())
+        named = [
+            path
+            for path in re.findall(r'"(/[^"]+)"', (layout.root / name).read_text())
+            if state not in Path(path).parents
+        ]
         assert named, name
         assert {str(Path(path).relative_to(layout.root)) for path in named} <= gateway, name
     assert {"pki/server.key", "keytabs/proxy.keytab"} <= gateway

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ import pytest
 
 from proxy.admin import READY_CACHE_SECONDS, Readiness
 from proxy.config import Kerberos
-from proxy.errors import AccountMismatch
+from proxy.errors import KerberosMisconfigured
 from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.delegate import Delegator
 from proxy.lab import kdc
@@ -33,6 +36,7 @@ from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 from proxy.lab.layout import BACKEND_SERVICE, PROXY_SERVICE, REALM, LabLayout
 from proxy.live import Live
 from tests.integration.conftest import curl, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually
 
 SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
 
@@ -94,10 +98,12 @@ def _exchanges(kdc_log: KdcLog, user: UserPrincipal) -> tuple[int, int]:
 def test_a_user_refused_while_the_keytab_was_stale_is_served_once_it_is_current(
     lab: LabLayout, own_gateway: Gateway
 ) -> None:
-    """The key rotated at the KDC, the keytab not yet: a new user's evidence ticket cannot be opened, 403 "cannot be
-    verified", and nothing of that exchange is kept (S4U2Proxy is not even asked for). Once the keytab holds the new
-    key the same user is served at the next request, after a fresh exchange, not refused from the cache until the
-    unverifiable ticket would have expired (hours)."""
+    """The key rotated at the KDC, the keytab not yet: a new user's evidence ticket cannot be opened, the operator's
+    502 (`kerberos_misconfigured`, was the user's 403 `kdc_account_mismatch` "cannot be verified") whose fix names
+    kerberos.keytab, the key version the KDC sealed the ticket in and the one the keytab holds, and nothing of that
+    exchange is kept (S4U2Proxy is not even asked for). Once the keytab holds the new key the same user is served at
+    the next request, after a fresh exchange, not refused from the cache until the unverifiable ticket would have
+    expired (hours)."""
     user, earlier = _new_user(lab), _new_user(lab)
 
     async def run() -> None:
@@ -106,10 +112,13 @@ def test_a_user_refused_while_the_keytab_was_stale_is_served_once_it_is_current(
             await delegator.delegation(earlier, SPN, TARGET)  # the gateway's TGT, from the key it has
             _kadmin(lab, f"cpw -randkey {own_gateway.principal}")  # kvno + 1 at the KDC; the keytab is stale
             kdc_log = KdcLog(lab.kdc_log)
-            with pytest.raises(AccountMismatch) as refused:
+            with pytest.raises(KerberosMisconfigured) as refused:
                 await delegator.delegation(user, SPN, TARGET)
-            assert refused.value.reason == f"the KDC's account for {user.principal} cannot be verified"
-            assert "is kerberos.keytab current?" in (refused.value.hint or "")
+            assert refused.value.reason == "the gateway's Kerberos set-up is incomplete"
+            hint = refused.value.hint or ""
+            assert f"the KDC sealed it in key version 2 of {own_gateway.principal}@{REALM}" in hint, hint
+            assert f"{own_gateway.keytab} holds version 1 only" in hint, hint
+            assert "ktadd -norandkey" in hint, hint
             assert _exchanges(kdc_log, user) == (1, 0)
             assert len(delegator) == 1  # the earlier user's entry only
 
@@ -131,9 +140,10 @@ def test_through_the_gateway_a_user_refused_in_the_window_is_served_once_the_key
     lab: LabLayout, own_gateway: Gateway, tmp_path: Path
 ) -> None:
     """The running gateway with a principal of its own, as deployed (no `[reload] watch`, nobody sends SIGHUP: a
-    reload would empty the ticket cache): alice served; the key rotated at the KDC; bob, new, 403 "cannot be
-    verified"; the keytab rewritten with the new key (as `msktutil --auto-update` from cron does); bob's next request
-    is served as bob, not refused from a cached ticket for the rest of its life."""
+    reload would empty the ticket cache): alice served; the key rotated at the KDC; bob, new, 502 with the operator's
+    `kerberos_misconfigured` naming the keytab (was 403 "cannot be verified", `kdc_account_mismatch`: the user did
+    nothing wrong); the keytab rewritten with the new key (as `msktutil --auto-update` from cron does); bob's next
+    request is served as bob, not refused from a cached ticket for the rest of its life."""
     text = lab_config(lab, port=free_port())
     text = text.replace(f'principal = "{PROXY_SERVICE}@{REALM}"', f'principal = "{own_gateway.principal}@{REALM}"', 1)
     text = text.replace(f'keytab = "{lab.proxy_keytab}"', f'keytab = "{own_gateway.keytab}"', 1)
@@ -144,9 +154,14 @@ def test_through_the_gateway_a_user_refused_in_the_window_is_served_once_the_key
         done = curl(lab, f"{gw.url}/owa/", "alice")
         assert done.stdout.endswith("\n200"), done.stdout + done.stderr
         _kadmin(lab, f"cpw -randkey {own_gateway.principal}")
+        gw.mark()
         done = curl(lab, f"{gw.url}/owa/", "bob")
-        assert done.stdout.endswith("\n403"), done.stdout + done.stderr
-        assert "the KDC's account for bob@LAB.TEST cannot be verified" in done.stdout
+        assert done.stdout.endswith("\n502"), done.stdout + done.stderr
+        assert "the gateway's Kerberos set-up is incomplete" in done.stdout
+        event = gw.wait_event("kerberos_misconfigured", principal=f"bob@{REALM}")
+        assert "kerberos.keytab" in event["fix"], event
+        assert "key version 2" in event["fix"], event
+        assert not gw.events("kdc_account_mismatch", gw.since)
 
         _kadmin(lab, f"ktadd -k {own_gateway.keytab} -norandkey {own_gateway.principal}")
         gw.mark()
@@ -198,3 +213,57 @@ def test_readiness_offers_a_refused_key_once_until_the_keytab_changes(lab: LabLa
         assert stale == [stale[0]] * 5
         assert current is None
         assert _preauth_failures(lab, offset, own.principal) == 1
+
+
+def _own_gateway_config(lab: LabLayout, own: Gateway, extra: str = "") -> str:
+    """The lab gateway's configuration with `own`'s principal and keytab instead of the lab's."""
+    text = lab_config(lab, port=free_port(), extra=extra)
+    text = text.replace(f'principal = "{PROXY_SERVICE}@{REALM}"', f'principal = "{own.principal}@{REALM}"', 1)
+    text = text.replace(f'keytab = "{lab.proxy_keytab}"', f'keytab = "{own.keytab}"', 1)
+    assert f"{own.principal}@{REALM}" in text
+    assert str(own.keytab) in text
+    return text
+
+
+def _get(url: str) -> tuple[int, dict[str, object]]:
+    """GET `url` (the admin listener, plain HTTP on loopback): (status, the JSON body)."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310  a loopback test URL
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("first", ["request", "readyz"])
+def test_requests_and_readyz_offer_a_refused_key_once_between_them(lab: LabLayout, tmp_path: Path, first: str) -> None:
+    """The gateway's key changed at the KDC before its first request (preauthentication required, as in AD), so the
+    keytab's key is refused. A request (502) and /readyz (503 naming the keytab), in either order, then another
+    request: the stale key went to the KDC once between them, not once for the serving Delegator and once more for
+    /readyz's probe (each a bad password against the account in AD; with a memory each, as before, two). Once the
+    keytab holds the KDC's key, both agree again: /readyz is ready and the request is served."""
+    admin = free_port()
+    with gateway_principal(lab, tmp_path, "+requires_preauth") as own:
+        _kadmin(lab, f"cpw -randkey {own.principal}")
+        gw = start_gateway(
+            lab, tmp_path / "gateway", _own_gateway_config(lab, own, f'\n[admin]\nbind = "127.0.0.1:{admin}"\n')
+        )
+        readyz = f"http://127.0.0.1:{admin}/readyz"
+        try:
+            offset = lab.kdc_log.stat().st_size
+            steps = ["request", "readyz"] if first == "request" else ["readyz", "request"]
+            for step in [*steps, "request"]:
+                if step == "request":
+                    done = curl(lab, f"{gw.url}/owa/", "bob")
+                    assert done.stdout.endswith("\n502"), done.stdout + done.stderr
+                else:
+                    status, body = _get(readyz)
+                    assert status == 503, body
+                    assert "keytab" in str(body["kdc"]), body
+            assert _preauth_failures(lab, offset, own.principal) == 1
+
+            _kadmin(lab, f"ktadd -k {own.keytab} -norandkey {own.principal}")
+            eventually(lambda: _get(readyz)[0] == 200, "/readyz ready once the keytab holds the KDC's key")
+            done = curl(lab, f"{gw.url}/owa/", "bob")
+            assert done.stdout.endswith("\n200"), done.stdout + done.stderr
+        finally:
+            gw.stop()

@@ -247,6 +247,45 @@ def test_a_ticket_shorter_lived_than_the_renewal_window_is_renewed_halfway_not_p
         asyncio.run(run(gateway.settings(lab)))
 
 
+def test_tickets_of_thirty_seconds_serve_requests_from_the_cache_and_renew_in_the_background(
+    lab: LabLayout, new_user: UserPrincipal, tmp_path: Path
+) -> None:
+    """A KDC policy of 30 s tickets (the gateway principal's maxlife bounds the evidence ticket, and so the service
+    ticket): a ticket with less than USABLE_FOR (30 s) left was never used, so one that lives 30 s or less was never
+    served from the cache: every request waited for a fresh S4U2Self + S4U2Proxy (61 pairs for 61 requests, one a
+    second for a minute; one living 30-60 s served for its first (life - 30) s only, then the same). Now the margin a
+    ticket keeps is a quarter of its life when that is less than USABLE_FOR (at least TOKEN_LEFT): requests after
+    the first are served from the cache and the ticket is renewed in the background once half its life is gone, about
+    one pair per 15 s, counted in the KDC's log."""
+    clock = Clock()
+
+    async def run(settings: Kerberos) -> list[bool]:
+        d = Delegator(settings, clock=clock)
+        try:
+            await d.delegate(new_user, SPN, TARGET)
+            expires = d.ticket_expires(new_user.principal, SPN)
+            assert expires is not None
+            assert 10 < expires - clock.now <= USABLE_FOR, expires - clock.now  # the policy's 30 s, give or take
+            cached = []
+            for _ in range(60):
+                clock.now += 1.0
+                cached.append((await d.delegate(new_user, SPN, TARGET)).impersonation_cached)
+                await _settle(d)  # a background renewal lands before the clock moves on, as it would in 1 s
+            return cached
+        finally:
+            d.close()
+
+    with gateway_principal(lab, tmp_path, '-maxlife "30 seconds"') as gateway:
+        kdc = KdcLog(lab.kdc_log)
+        cached = asyncio.run(run(gateway.settings(lab)))
+        kdc.settled()
+        mine = [r for r in kdc.requests() if r.user == new_user.principal]
+        pairs = sum(r.extension == S4U2SELF for r in mine), sum(r.extension == S4U2PROXY for r in mine)
+    assert all(cached), cached  # none waited for the KDC
+    assert pairs[0] == pairs[1], pairs
+    assert 2 <= pairs[0] <= 6, pairs  # the first, then one renewal per half-life (about 15 s) over 60 s
+
+
 def test_a_gateway_tgt_shorter_lived_than_the_renewal_window_is_renewed_halfway_not_per_exchange(
     lab: LabLayout, tmp_path: Path
 ) -> None:

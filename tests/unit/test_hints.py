@@ -12,7 +12,7 @@ from proxy.errors import (
     KerberosOverloaded,
     KerberosRefused,
 )
-from proxy.kerberos.hints import clock_skew, explain
+from proxy.kerberos.hints import clock_skew, explain, own_ticket_refused
 
 
 @pytest.mark.parametrize(
@@ -276,6 +276,24 @@ def test_a_skewed_clock_is_the_operators_502_with_the_offset(offset: float, word
     unknown = clock_skew("Ticket not yet valid", proxy="svc-kcdproxy@AD.TEST", offset=None)
     assert unknown.hint is not None
     assert unknown.hint.startswith("the gateway's clock is more than the allowed skew")
+
+
+def test_an_evidence_ticket_the_keytab_cannot_open_is_the_operators_502_naming_the_key_versions() -> None:
+    """The gateway's own evidence ticket sealed in a key version its keytab lacks: 502 kerberos_misconfigured whose fix
+    names both versions and the keytab's path; versions unknown (or the one the KDC used held), a stale or foreign
+    keytab, still the operator's 502."""
+    message = "Request ticket server HTTP/proxy.lab.test@LAB.TEST kvno 3 not found in keytab"
+    proxy, keytab = "HTTP/proxy.lab.test@LAB.TEST", "/etc/kcd-proxy/proxy.keytab"
+    err = own_ticket_refused(message, proxy=proxy, keytab=keytab, sealed=3, held={1, 2})
+    assert (type(err), err.status, err.event) == (KerberosMisconfigured, 502, "kerberos_misconfigured")
+    assert err.hint is not None
+    assert f"key version 3 of {proxy}, and {keytab} holds version 1, 2 only" in err.hint
+    assert "ktadd -norandkey" in err.hint
+    assert err.hint.endswith(f"[{message}]")
+    for sealed, held in ((None, {1}), (3, None), (3, {3})):
+        other = own_ticket_refused(message, proxy=proxy, keytab=keytab, sealed=sealed, held=held)
+        assert other.status == 502
+        assert f"{keytab} holds no key that opens it" in (other.hint or "")
 
 
 def test_no_kdc_for_the_users_own_realm_at_s4u2self_is_the_certificates_suffix_not_an_outage() -> None:

@@ -11,6 +11,7 @@ admin listener it configures, the mounts hold the files it names, and the pods r
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -73,14 +74,20 @@ def test_the_validation_catches_a_mistake() -> None:
 
 
 def test_the_configuration_loads_but_for_the_files_it_names(tmp_path: Path) -> None:
-    """The ConfigMap's kcd-proxy.toml has no unknown key nor bad value: loading it fails on missing files only."""
-    text, _ = _gateway_config(tmp_path)
+    """The ConfigMap's kcd-proxy.toml has no unknown key nor bad value: loading it fails on missing files only (and
+    the state directory the pod's init container makes)."""
+    text, data = _gateway_config(tmp_path)
     path = tmp_path / "kcd-proxy.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as e:
         config.load(path)
     assert e.value.problems
-    assert all("file not found" in p for p in e.value.problems), e.value.problems
+    state = (
+        f"client_certificates.crl_state: directory not found: {Path(data['client_certificates']['crl_state']).parent}"
+    )
+    missing = [p for p in e.value.problems if not p.startswith(state)]
+    assert len(missing) == len(e.value.problems) - 1, e.value.problems
+    assert all("file not found" in p for p in missing), e.value.problems
 
 
 def test_the_mounts_hold_the_files_the_configuration_names(tmp_path: Path) -> None:
@@ -144,3 +151,43 @@ def test_a_network_policy_lets_in_the_device_port_alone() -> None:
     (rule,) = spec["ingress"]
     assert "from" not in rule  # devices come from anywhere
     assert rule["ports"] == [{"protocol": "TCP", "port": _container()["ports"][0]["name"]}]
+
+
+def _mount_of(path: str, container: dict[str, Any]) -> dict[str, Any]:
+    """The container's volume mount that `path` lies under."""
+    return next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+
+
+def test_the_crl_floors_are_kept_in_a_directory_of_the_gateways_user_on_a_writable_volume(tmp_path: Path) -> None:
+    """`client_certificates.crl_state` is set (a restarted container forgot its CRL floors: nothing set it), in a
+    directory on a writable emptyDir that an init container of the same image, as the pod's user, makes 0700: the
+    volume itself, group-writable under fsGroup (kubelet makes it 2777), is refused by the gateway. Both run here:
+    the init container's command on a directory made as kubelet makes it, then check-config's test of the state
+    file's directory, which passes for the one made and refuses the volume's own root."""
+    from proxy.ops.check import crl_state
+
+    _, data = _gateway_config(tmp_path)
+    state = data["client_certificates"]["crl_state"]
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    container = _container()
+    mount = _mount_of(state, container)
+    assert not mount.get("readOnly", False), mount
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume, volume  # survives the container's restart (not the pod's: docs/revocation.md)
+    assert "fsGroup" in pod["securityContext"]
+
+    (init,) = pod["initContainers"]
+    assert init["image"] == container["image"]
+    assert init["securityContext"] == container["securityContext"]
+    assert _mount_of(state, init) == {"name": mount["name"], "mountPath": mount["mountPath"]}
+    directory = str(Path(state).parent)
+    assert init["command"] == ["mkdir", "-p", "-m", "0700", directory]
+
+    volume_root = tmp_path / "volume"
+    volume_root.mkdir()
+    volume_root.chmod(0o2777)  # an emptyDir under fsGroup
+    local = volume_root / Path(directory).relative_to(mount["mountPath"])
+    subprocess.run([*init["command"][:-1], str(local)], check=True)
+    assert list(crl_state(local / Path(state).name)) == []
+    (refused,) = crl_state(volume_root / Path(state).name)
+    assert "writable by others" in refused, refused

@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.certs.sources import CrlStatus
 from proxy.config import Authentication, Route
 from proxy.directory import LockoutPolicy
+from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.metrics import LONG_POLL_AFTER, Metrics
 from proxy.observability.trace import Trace
 from proxy.ops import doctor
@@ -152,6 +154,38 @@ def test_metrics_count_requests_refusals_kdc_requests_and_cache_hits_from_traces
     assert got[("kcd_ticket_cache_total", (("result", "hit"),))] == 1
     assert got[("kcd_ticket_cache_total", (("result", "miss"),))] == 1
     assert got[("kcd_requests_in_flight", ())] == 0
+
+
+def test_kdc_exchanges_are_timed_each_in_a_series_of_their_own_beside_the_old_one() -> None:
+    """A request whose Kerberos stage went to the KDC: S4U2Self and S4U2Proxy (and the gateway's own AS exchange when
+    the stage fetched its TGT first) each in `kcd_kdc_exchange_seconds{exchange}`, so an operator sees which is slow;
+    `kcd_kdc_request_seconds` (the whole stage, no label) keeps its one series for existing dashboards; a cached
+    ticket and a refusal add nothing to either."""
+    m = Metrics()
+    first = S4UFacts(None, None, s4u2self_ms=3.0, s4u2proxy_ms=40.0, gateway_tgt_ms=2.0)
+    later = S4UFacts(None, None, s4u2self_ms=5.0, s4u2proxy_ms=1.0)
+    for facts, cached, refusal in [
+        (first, False, None),
+        (later, False, None),
+        (later, True, None),
+        (first, False, "x"),
+    ]:
+        trace = _trace(route="/owa/", impersonation_cached=cached)
+        if refusal is not None:
+            trace = _trace(route="/owa/", refused_stage="kerberos", refusal="kerberos_refused")
+        trace.detail("kerberos", facts=facts, cached=cached)
+        m.begin(trace)
+        m.observe(trace, 200 if refusal is None else 403)
+    got = _scrape(m)
+    assert got[("kcd_kdc_exchange_seconds_count", (("exchange", "s4u2self"),))] == 2
+    assert got[("kcd_kdc_exchange_seconds_sum", (("exchange", "s4u2self"),))] == pytest.approx(0.008)
+    assert got[("kcd_kdc_exchange_seconds_count", (("exchange", "s4u2proxy"),))] == 2
+    assert got[("kcd_kdc_exchange_seconds_sum", (("exchange", "s4u2proxy"),))] == pytest.approx(0.041)
+    assert got[("kcd_kdc_exchange_seconds_bucket", (("exchange", "s4u2proxy"), ("le", "0.025")))] == 1
+    assert got[("kcd_kdc_exchange_seconds_count", (("exchange", "as"),))] == 1
+    assert got[("kcd_kdc_exchange_seconds_sum", (("exchange", "as"),))] == pytest.approx(0.002)
+    assert got[("kcd_kdc_request_seconds_count", ())] == 2
+    assert {labels for name, labels in got if name == "kcd_kdc_request_seconds_count"} == {()}
 
 
 def test_requests_in_flight_longer_than_the_threshold_count_as_held_long_polls() -> None:
