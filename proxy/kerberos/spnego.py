@@ -19,7 +19,6 @@ one OCTET STRING; an ASN.1 encoder per request would cost more than it saves. Pu
 
 from __future__ import annotations
 
-import functools
 from typing import Final
 
 SPNEGO_OID_DER: Final = bytes.fromhex("06062b0601050502")  # 1.3.6.1.5.5.2
@@ -55,27 +54,3 @@ def neg_token_init(krb5_token: bytes) -> bytes:
     choice = b"\xa0" + _length(len(sequence)) + sequence  # NegotiationToken: negTokenInit [0]
     inner = SPNEGO_OID_DER + choice
     return b"\x60" + _length(len(inner)) + inner  # InitialContextToken ::= [APPLICATION 0] IMPLICIT SEQUENCE
-
-
-def krb5_initial_token(ap_req: bytes) -> bytes:
-    """The krb5 initial context token (RFC 4121 §4.1) around a KRB_AP_REQ: `[APPLICATION 0]`, the krb5 OID,
-    TOK_ID 01 00, the AP-REQ."""
-    inner = KRB5_OID_DER + _KRB5_AP_REQ + ap_req
-    return b"\x60" + _length(len(inner)) + inner
-
-
-def neg_token_init_ap_req(ap_req: bytes) -> bytes:
-    """`neg_token_init(krb5_initial_token(ap_req))`, in one concatenation: the AP-REQ is the last field of both
-    framings, so every byte before it depends on its length alone (`_framing`, made once per length; an AP-REQ's
-    length changes only with its ticket's). Each token on the default route is built this way: the two framings
-    cost a tenth of the token's CPU, made afresh (docs/performance.md, "The token's framing made once per length")."""
-    if not ap_req:
-        raise ValueError("an empty AP-REQ: nothing to wrap in a NegTokenInit")
-    return _framing(len(ap_req)) + ap_req
-
-
-@functools.lru_cache(maxsize=256)
-def _framing(length: int) -> bytes:
-    """The bytes of `neg_token_init_ap_req`'s token before an AP-REQ of `length` bytes."""
-    token = neg_token_init(krb5_initial_token(bytes(length)))
-    return token[: len(token) - length]
