@@ -69,7 +69,6 @@ from proxy.certs.chain import TrustList, load_certificates, verify_chain
 from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Admin
 from proxy.errors import CertificateRejected, CertificateRevoked, ConfigError, GatewayError
-from proxy.kerberos.keytab import file_version
 from proxy.kerberos.threads import KdcThreads, NoThread
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
@@ -93,18 +92,18 @@ _RUNNER_SETTINGS: dict[str, Any] = {
 
 
 class Readiness:
-    """Whether the KDC answers, remembered for READY_CACHE_SECONDS so probes do not load the KDC. A keytab whose key
-    the KDC refused (a stale keytab: the account's password was reset) is not offered again until the file changes,
-    as the serving `Delegator` does: each offer is a bad password against the account (AD locks it), and a
-    balancer or kubelet asks /readyz every few seconds; the answer meanwhile is the refusal, with its fix."""
+    """Whether the KDC answers, remembered for READY_CACHE_SECONDS so probes do not load the KDC. Each probe is an AS
+    exchange of its own with the keytab, made through the serving `Delegator` (`Delegator.fresh_credentials`): a key
+    the KDC refused (a stale keytab: the account's password was reset), whether a request or a probe offered it, is
+    not offered again until the file changes, by either, nor by the other admin listener (a port and a Unix socket
+    each have a `Readiness`): each offer is a bad password against the account (AD locks it), and a balancer or
+    kubelet asks /readyz every few seconds; the answer meanwhile is the refusal, with its fix."""
 
     def __init__(self, live: Live, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._live = live
         self._clock = clock
         self._lock = asyncio.Lock()
         self._last: tuple[float, str | None] | None = None
-        # (keytab path, its file version, the problem) of the last probe whose key the KDC refused
-        self._refused: tuple[Path, tuple[int, int, int] | None, str] | None = None
         # one thread of its own for the probe (proxy.kerberos.threads): a KDC that never answers holds it for MIT's
         # wait (about 25 s), past kdc_timeout; the next probe then finds it held and says so, without another
         self._thread = KdcThreads(1, live.config.kerberos.kdc_timeout, "ready-kdc")
@@ -126,10 +125,8 @@ class Readiness:
 
         settings = self._live.config.kerberos
         self._thread.timeout = settings.kdc_timeout  # as reloaded
-        keytab = (settings.keytab, file_version(settings.keytab))
-        if self._refused is not None and self._refused[:2] == keytab:
-            return self._refused[2]  # the same refused key: not offered again (class docstring)
-        probe = KerberosProbe(settings)
+        # the gateway's delegator remembers a refused key for the request path and every probe (class docstring)
+        probe = KerberosProbe(settings, source=self._live.gateway.delegator.fresh_credentials)
         try:
             await self._thread.run(probe.self_ticket)
         except TimeoutError:
@@ -137,10 +134,7 @@ class Readiness:
         except NoThread:  # the probe before this one still inside MIT's wait: its caller gave up at kdc_timeout
             return f"the KDC does not answer: an earlier probe still waits for it, past {settings.kdc_timeout:g} s"
         except GatewayError as e:
-            problem = f"{e.reason} ({e.hint})" if e.hint else e.reason
-            self._refused = (*keytab, problem) if probe.key_refused else None
-            return problem
-        self._refused = None
+            return f"{e.reason} ({e.hint})" if e.hint else e.reason
         return None
 
 

@@ -596,6 +596,13 @@ class Delegator:
         `doctor`, whose probe asks with them rather than with an AS exchange of its own (`proxy.kerberos.probe`)."""
         return self._service_credentials()
 
+    def fresh_credentials(self) -> gssapi.Credentials:
+        """The gateway's own credentials from an AS exchange of their own, into a ccache of their own: for `/readyz`'s
+        probe (`proxy.admin.Readiness`), whose point is to ask the KDC now. The key the KDC refused, whether the request
+        path or an earlier probe offered it, is refused from memory until the keytab changes (`_acquire_service`): the
+        request path and every admin listener's probe offered it once each, bad passwords against the account in AD."""
+        return self._acquire_service(f"MEMORY:kcd-probe-{uuid.uuid4().hex}")
+
     def _service_credentials(self) -> gssapi.Credentials:
         """The gateway's own credentials (its TGT, from the keytab), renewed when `renew_from` says (`RENEW_BEFORE`
         seconds before they expire, not before half their life: a TGT living less, a short maxlife on the gateway's
@@ -621,12 +628,12 @@ class Delegator:
         finally:
             self._service_lock.release()
 
-    def _acquire_service(self) -> gssapi.Credentials:
-        """The AS exchange with the keytab, unless the KDC refused these very keys before: a stale keytab (the
-        account's password was reset) is then refused from memory, without the KDC, until the file changes. Tried
-        per request, each try counted bad passwords against the gateway's account in AD (two a try, before `mechs`
-        named krb5 alone), which locked it within a few requests, and the keytab exported again then met a locked
-        account (tests/integration/test_ad_service_account.py)."""
+    def _acquire_service(self, ccache: str | None = None) -> gssapi.Credentials:
+        """The AS exchange with the keytab (into `ccache`, else the delegator's own), unless the KDC refused these very
+        keys before: a stale keytab (the account's password was reset) is then refused from memory, without the KDC,
+        until the file changes. Tried per request, each try counted bad passwords against the gateway's account in AD
+        (two a try, before `mechs` named krb5 alone), which locked it within a few requests, and the keytab exported
+        again then met a locked account (tests/integration/test_ad_service_account.py)."""
         keytab = file_version(self._settings.keytab)
         refused = self._refused_keytab
         if refused is not None and refused[0] == keytab:
@@ -641,7 +648,7 @@ class Delegator:
                 store={
                     "client_keytab": str(self._settings.keytab),
                     "keytab": str(self._settings.keytab),
-                    "ccache": self._ccache,
+                    "ccache": ccache or self._ccache,
                 },
             )
         except gssapi.raw.GSSError as e:

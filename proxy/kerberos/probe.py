@@ -18,8 +18,9 @@ authentication time). That gives, without any other party:
   user must not be marked sensitive), and its PAC which account the KDC impersonated (or that it names none).
 
 A probe without a `source` builds its own credentials and ccache and shares nothing with the `Delegator` that serves
-requests (the admin listener's readiness check). Failures come back as the gateway's errors, with the fix
-(`proxy.kerberos.hints`).
+requests. The admin listener's readiness check gives the serving `Delegator`'s `fresh_credentials`: an AS exchange of
+the probe's own, into a ccache of its own, that offers no key the KDC refused before (the delegator remembers it for
+the request path and every probe). Failures come back as the gateway's errors, with the fix (`proxy.kerberos.hints`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.ccache import read_tickets
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
-from proxy.kerberos.keytab import key_refused, missing_key
+from proxy.kerberos.keytab import missing_key
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import use_profile
@@ -72,7 +73,6 @@ class KerberosProbe:
         self._name = gssapi.Name(settings.principal, gssapi.NameType.kerberos_principal)
         self._creds: gssapi.Credentials | None = None
         self._refused: GatewayError | None = None  # why the AS exchange failed: not asked again
-        self.key_refused = False  # whether it failed because the KDC refused the keytab's key (a stale keytab)
 
     def _acquire(self) -> gssapi.Credentials:
         keytab = str(self.settings.keytab)
@@ -100,7 +100,6 @@ class KerberosProbe:
                 self._creds = self._source() if self._source is not None else self._acquire()
             except gssapi.raw.GSSError as e:
                 principal = self.settings.principal
-                self.key_refused = key_refused(e.gen_message())
                 self._refused = self._fail(e, principal, principal, step="service")
                 raise self._refused from None
         return self._creds
