@@ -14,7 +14,9 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
 - `GET /healthz`: 200 while the process serves; says which configuration generation is in force.
 - `GET /readyz`: 200 when the gateway can serve, 503 otherwise, with the reasons as JSON: the KDC answers
   and accepts the gateway's key (an AS exchange and a ticket to itself, at most every
-  `READY_CACHE_SECONDS`), and, unless revocation is off, every CRL is current.
+  `READY_CACHE_SECONDS`), and, under `revocation = "require"`, every CRL is current. Under "best-effort" a stale
+  CRL is named in the answer's `crls` but leaves it 200: the gateway serves on (its CA's certificates as unknown),
+  and a 503 took every gateway sharing that CA out of its balancer at once, the outage best-effort is there to avoid.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
@@ -139,7 +141,8 @@ class Readiness:
 
 
 def crl_problems(live: Live, now: datetime) -> list[str]:
-    """Why the CRLs are not current (nothing when revocation is off)."""
+    """Why the CRLs are not current (nothing when revocation is off): under "require", why the gateway refuses the
+    certificates they speak for; under "best-effort", why it serves them as unknown."""
     if live.config.client_certificates.revocation == "off":
         return []
     reports = live.gateway.revocation.status()
@@ -165,7 +168,8 @@ async def readyz(request: web.Request) -> web.Response:
     live = request.app[LIVE_KEY]
     kdc = await request.app[READINESS_KEY].kdc_problem()
     crls = crl_problems(live, datetime.now(UTC))
-    ready = kdc is None and not crls
+    refusing = bool(crls) and live.config.client_certificates.revocation == "require"  # best-effort serves on
+    ready = kdc is None and not refusing
     body = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok", "generation": live.generation}
     return web.json_response(body, status=200 if ready else 503)
 

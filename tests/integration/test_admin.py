@@ -251,6 +251,36 @@ def test_not_ready_once_a_crl_is_past_its_next_update(lab: LabLayout, tmp_path: 
         assert gw.stop() == 0
 
 
+def test_a_stale_crl_under_best_effort_is_named_by_readyz_but_the_gateway_stays_ready(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Under `revocation = "best-effort"` a CRL past its nextUpdate does not stop the gateway serving (the certificates
+    it speaks for are served as unknown), so /readyz stays 200 and names the stale CRL in `crls`, as it did. Before, it
+    was 503: a balancer or kubelet took out every gateway sharing the late CA at once, the outage best-effort is
+    chosen to avoid (under "require" a stale CRL refuses its CA's users, and /readyz is 503: the test above)."""
+    issuing_ca = load_ca(lab.pki_dir, "issuing")
+    past = datetime.now(UTC) - timedelta(hours=1)
+    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca, this_update=past - timedelta(days=1), next_update=past)
+    root = write_crl(tmp_path / "root.crl", load_ca(lab.pki_dir, "root"))
+    admin_port = free_port()
+    text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    policy = 'revocation = "require"'
+    assert lab_crls in text
+    assert policy in text
+    text = text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]').replace(policy, 'revocation = "best-effort"')
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        done = curl(lab, f"{gw.url}/owa/", "alice")
+        assert done.stdout.endswith("\n200"), done.stdout + done.stderr  # served: the gateway can serve
+        status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
+        answer = json.loads(body)
+        assert [line.split(": ")[0] for line in answer["crls"]] == [str(issuing)], answer  # named all the same
+        assert (status, answer["ready"], answer["kdc"]) == (200, True, "ok"), answer
+    finally:
+        assert gw.stop() == 0
+
+
 def _tls_admin(lab: LabLayout, tmp_path: Path) -> tuple[Gateway, int]:
     """A gateway whose admin listener takes TLS and alice's certificate only; its admin port."""
     admin_port = free_port()
