@@ -68,6 +68,7 @@ import asyncio
 import base64
 import dataclasses
 import errno
+import hashlib
 import itertools
 import socket
 import threading
@@ -106,7 +107,7 @@ from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc
 from proxy.kerberos.kdcs import KdcWatch, watch_for
-from proxy.kerberos.keytab import file_version, key_refused, missing_key
+from proxy.kerberos.keytab import RefusedBefore, file_version, missing_key, refusal_words
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
@@ -251,7 +252,7 @@ class Delegator:
         self._service_renew_at = 0.0  # time.monotonic() from which `_service_credentials` acquires them again
         self._service_lock = threading.Lock()
         # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
-        self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError] | None = None
+        self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError | RefusedBefore] | None = None
         self._own: tuple[gssapi.Name, gssapi.Credentials] | None = None  # for reading evidence tickets' PACs
         self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
         self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
@@ -454,7 +455,7 @@ class Delegator:
         held, before = self._service, time.perf_counter()
         try:
             service = self._service_credentials()  # the AS exchange with the keytab, when none is held
-        except gssapi.raw.GSSError as e:
+        except (gssapi.raw.GSSError, RefusedBefore) as e:
             keytab = missing_key(self._settings.keytab, proxy)  # what the file holds, if not the gateway's key
             message = e.gen_message()
             raise explain(message, user=user.principal, spn=spn, proxy=proxy, step="service", keytab=keytab) from None
@@ -633,11 +634,17 @@ class Delegator:
         keys before: a stale keytab (the account's password was reset) is then refused from memory, without the KDC,
         until the file changes. Tried per request, each try counted bad passwords against the gateway's account in AD
         (two a try, before `mechs` named krb5 alone), which locked it within a few requests, and the keytab exported
-        again then met a locked account (tests/integration/test_ad_service_account.py)."""
+        again then met a locked account (tests/integration/test_ad_service_account.py). With workers, a refusal is
+        kept in the workers' table too (`SharedTable.refused_key`): each worker offered the refused key once."""
         keytab = file_version(self._settings.keytab)
         refused = self._refused_keytab
         if refused is not None and refused[0] == keytab:
             raise refused[1].with_traceback(None)  # else each raise adds its frames to the one exception kept
+        shared, path, version = self._shared, str(self._settings.keytab), _version_digest(keytab)
+        words = shared.refused_key(path, version) if shared is not None else None
+        if words is not None:  # another worker offered this very key, and the KDC refused it
+            self._refused_keytab = (keytab, RefusedBefore(words))
+            raise self._refused_keytab[1]
         try:
             creds = gssapi.Credentials(
                 name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
@@ -652,8 +659,11 @@ class Delegator:
                 },
             )
         except gssapi.raw.GSSError as e:
-            if key_refused(e.gen_message()):
+            words = refusal_words(e.gen_message())
+            if words is not None:
                 self._refused_keytab = (keytab, e)
+                if shared is not None:
+                    shared.keep_refused_key(path, version, words)
             raise
         self._refused_keytab = None
         return creds
@@ -818,6 +828,11 @@ def renew_from(obtained: float, expires: float) -> float:
     if obtained < expires:
         renew_at = max(renew_at, (obtained + expires) / 2)
     return renew_at
+
+
+def _version_digest(version: tuple[int, int, int] | None) -> bytes:
+    """A keytab's file version (`file_version`) as the workers' table keeps it: 16 bytes."""
+    return hashlib.blake2b(repr(version).encode(), digest_size=16).digest()
 
 
 def _message(error: gssapi.raw.GSSError | Krb5Error) -> str:

@@ -166,7 +166,29 @@ _KEY_REFUSED = ("preauthentication failed", "integrity check failed", "password 
 def key_refused(message: str) -> bool:
     """Whether a GSSAPI error's message (`gen_message()`) says the KDC refused the keytab's key: offering it again
     counts another bad password against the account (AD locks it), so it is not offered until the file changes."""
-    return any(words in message.lower() for words in _KEY_REFUSED)
+    return refusal_words(message) is not None
+
+
+def refusal_words(message: str) -> int | None:
+    """Which of the KDC's refusals of the keytab's key a GSSAPI error's message says (its number), or None."""
+    lowered = message.lower()
+    return next((number for number, words in enumerate(_KEY_REFUSED) if words in lowered), None)
+
+
+class RefusedBefore(Exception):
+    """The KDC refused this keytab's key (in the words numbered `words`, `refusal_words`) when another worker of the
+    gateway offered it (`proxy.auth.shared.SharedTable.refused_key`): not offered again until the file changes.
+    `gen_message` gives the message a GSSError would, in the KDC's words, for the hints to explain."""
+
+    def __init__(self, words: int) -> None:
+        self.message = (
+            f"{_KEY_REFUSED[words % len(_KEY_REFUSED)].capitalize()} (when another worker of this gateway offered this "
+            "keytab's key; not offered again until the file changes)"
+        )
+        super().__init__(self.message)
+
+    def gen_message(self) -> str:
+        return self.message
 
 
 def file_version(path: Path) -> tuple[int, int, int] | None:

@@ -40,7 +40,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.ccache import read_tickets
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
-from proxy.kerberos.keytab import missing_key
+from proxy.kerberos.keytab import RefusedBefore, missing_key
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import use_profile
@@ -98,13 +98,15 @@ class KerberosProbe:
         if self._creds is None:
             try:
                 self._creds = self._source() if self._source is not None else self._acquire()
-            except gssapi.raw.GSSError as e:
+            except (gssapi.raw.GSSError, RefusedBefore) as e:
                 principal = self.settings.principal
                 self._refused = self._fail(e, principal, principal, step="service")
                 raise self._refused from None
         return self._creds
 
-    def _fail(self, error: gssapi.raw.GSSError, user: str, spn: str, step: str | None = None) -> GatewayError:
+    def _fail(
+        self, error: gssapi.raw.GSSError | RefusedBefore, user: str, spn: str, step: str | None = None
+    ) -> GatewayError:
         principal = self.settings.principal
         keytab = missing_key(self.settings.keytab, principal) if step == "service" else None
         return explain(error.gen_message(), user=user, spn=spn, proxy=principal, step=step, keytab=keytab)

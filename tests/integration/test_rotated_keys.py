@@ -214,13 +214,15 @@ def _readyz(url: str, sock: Path | None = None) -> tuple[int, dict[str, Any]]:
     return int(status), json.loads(body)
 
 
-def test_a_running_gateway_offers_a_refused_key_once_whoever_asks(lab: LabLayout, tmp_path: Path) -> None:
-    """A real gateway (admin listener on a port and on a Unix socket) whose keytab the KDC refuses (its key changed at
-    the KDC before the start, preauthentication required, as in AD): device requests (502, the gateway's own AS
-    exchange refused) and /readyz on both admin listeners (503, naming the keytab) all say so, but the stale key goes
-    to the KDC once in all, not once for the request path and once more for each admin listener's readiness check
-    (in AD each is a bad password against the gateway's account, and a lockout threshold of a few is common). Once the
-    keytab holds the KDC's key, /readyz is 200 again and a device is served."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_running_gateway_offers_a_refused_key_once_whoever_asks(lab: LabLayout, tmp_path: Path, workers: int) -> None:
+    """A real gateway (admin listener on a port and on a Unix socket; one worker, or two) whose keytab the KDC refuses
+    (its key changed at the KDC before the start, preauthentication required, as in AD): device requests (502, the
+    gateway's own AS exchange refused) and /readyz on both admin listeners (503, naming the keytab) all say so, but
+    the stale key goes to the KDC once in all, not once for the request path and once more for each admin listener's
+    readiness check, nor once per worker (in AD each is a bad password against the gateway's account, and a lockout
+    threshold of a few is common). Once the keytab holds the KDC's key, /readyz is 200 again and a device is
+    served."""
     with gateway_principal(lab, tmp_path, "+requires_preauth") as own:
         _kadmin(lab, f"cpw -randkey {own.principal}")
         offset = lab.kdc_log.stat().st_size
@@ -229,10 +231,11 @@ def test_a_running_gateway_offers_a_refused_key_once_whoever_asks(lab: LabLayout
         text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\nsocket = "{sock}"\n')
         text = text.replace(f'principal = "{PROXY_SERVICE}@{REALM}"', f'principal = "{own.principal}@{REALM}"', 1)
         text = text.replace(f'keytab = "{lab.proxy_keytab}"', f'keytab = "{own.keytab}"', 1)
+        text = text.replace("[listener]\n", f"[listener]\nworkers = {workers}\n", 1)
         gw = start_gateway(lab, tmp_path / "gateway", text)
         try:
             gw.wait_event("admin_listening", socket=str(sock))
-            for _ in range(2):
+            for _ in range(3 * workers):  # new connections: the kernel spreads them over the workers
                 done = curl(lab, f"{gw.url}/owa/", "alice")
                 assert done.stdout.endswith("\n502"), done.stdout + done.stderr
                 for status, body in (_readyz(f"http://{admin}"), _readyz("http://localhost", sock)):
