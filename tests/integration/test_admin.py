@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -26,7 +28,7 @@ from proxy.admin import ADMIN_MAX_CONNECTIONS, ADMIN_SILENT_SECONDS
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import eventually
+from tests.integration.jsonlog import WAIT, eventually
 
 HOLD = 8  # seconds the backend holds the Ping
 # seconds from a CRL's publication to its nextUpdate: the gateway re-reads the file every second, and must take it
@@ -279,6 +281,30 @@ def test_a_stale_crl_under_best_effort_is_named_by_readyz_but_the_gateway_stays_
         assert (status, answer["ready"], answer["kdc"]) == (200, True, "ok"), answer
     finally:
         assert gw.stop() == 0
+
+
+def test_a_route_to_the_admin_listener_is_refused_at_start_as_at_a_reload(lab: LabLayout, tmp_path: Path) -> None:
+    """A route whose upstream is the gateway's own admin listener (`http://127.0.0.1:<admin port>`) lets every device
+    with a certificate read it through the gateway: the traces of every user (who, from where, which paths), the
+    metrics. `check-config` and a reload refused it, but `kcd-proxy run` started with it and served bob the admin's
+    /traces. It is refused at the start too: exit 2, the route named."""
+    port, admin_port = free_port(), free_port()
+    route = f'[[routes]]\nprefix = "/traces"\nupstream = "http://127.0.0.1:{admin_port}"\nspn = "HTTP/cas.lab.test"\n'
+    config = tmp_path / "gateway.toml"
+    config.write_text(lab_config(lab, port=port, extra=f'\n{route}\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'))
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    env = {**os.environ, **lab.env()}
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as run:
+        try:
+            _, stderr = run.communicate(timeout=WAIT)
+        except subprocess.TimeoutExpired:  # it serves: what a device reads through it
+            answer = curl(lab, f"https://127.0.0.1:{port}/traces", "bob").stdout
+            run.kill()
+            run.communicate()
+            raise AssertionError(f"kcd-proxy run served a route to its admin listener; bob read {answer!r}") from None
+    assert run.returncode == 2, stderr
+    assert "routes[1].upstream: " in stderr  # the lab's "/" is routes[0]
+    assert "is the admin listener" in stderr
 
 
 def _tls_admin(lab: LabLayout, tmp_path: Path) -> tuple[Gateway, int]:
