@@ -21,8 +21,9 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
 
-At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one is closed as soon as it is
-made (`admin_connection_limit_reached`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
+At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one takes the place of the oldest one
+past its TLS handshake, which is closed (`admin_connection_limit_reached`; a new one is closed as soon as it is made
+when every place holds a handshake: `_capped`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
 idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head still unfinished
 after it, and a TLS handshake not done by then: connections that never send a request, or stop half-way, can
 neither take the file descriptors the device listener needs nor keep the admin listener full. Nor can one that
@@ -49,8 +50,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import ipaddress
+import itertools
 import os
 import socket
 import ssl
@@ -363,7 +366,7 @@ def _is_loopback_name(host: str, allowed: frozenset[str]) -> bool:
 
 
 class _Refused(asyncio.Protocol):
-    """A connection past ADMIN_MAX_CONNECTIONS: closed as soon as it is made."""
+    """A connection past ADMIN_MAX_CONNECTIONS when none open can make room for it: closed as soon as it is made."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
@@ -415,11 +418,25 @@ class _Counted(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol, done: Callable[[], None]) -> None:
         self._inner = inner
         self._done = weakref.finalize(self, done)
+        self._transport: asyncio.WriteTransport | None = None  # once past the TLS handshake: what `evict` closes
         self._silent: asyncio.TimerHandle | None = None
         self._sending: asyncio.TimerHandle | None = None
         self._last: _Progress | None = None  # the last look's, if answers were waiting in the write buffer then
 
+    @property
+    def evictable(self) -> bool:
+        """Whether `evict` can close it: past its TLS handshake (before that, asyncio's TLS protocol owns the socket,
+        and the handshake's own timeout, ADMIN_SILENT_SECONDS, ends it)."""
+        return self._transport is not None
+
+    def evict(self) -> None:
+        """Close it now, to make room for a new connection (`_capped`): counted as gone at once."""
+        self._done()
+        if self._transport is not None:
+            self._transport.abort()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.WriteTransport, transport)  # (a stream's: see below)
         # a connection that sends nothing for ADMIN_SILENT_SECONDS is closed (aiohttp would keep it for good)
         self._silent = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, transport.close)
         # (uvloop's transports are not asyncio.WriteTransport subclasses; every stream transport is one in kind)
@@ -493,31 +510,57 @@ class AdminListener:
 
 
 def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
-    """aiohttp's protocol factory, but a connection past ADMIN_MAX_CONNECTIONS open is closed at once. Any local
-    user reaches a loopback listener, and aiohttp keeps a connection that never sends a request open for good:
-    without a cap, idle connections took the process's file descriptors from under the device listener. They are
-    counted from the factory (accept), not from aiohttp's list: asyncio accepts a burst before any joins it."""
-    open_ = 0
-    refusing = False
+    """aiohttp's protocol factory, with at most ADMIN_MAX_CONNECTIONS connections open. Any local user reaches a
+    loopback listener, and aiohttp keeps a connection that never sends a request open for good: without a cap, idle
+    connections took the process's file descriptors from under the device listener. They are counted from the factory
+    (accept), not from aiohttp's list: asyncio accepts a burst before any joins it.
 
-    def closed() -> None:
-        nonlocal open_
-        open_ -= 1
+    At the cap a new connection takes the place of the oldest one past its TLS handshake, which is closed: a client
+    that keeps its connections busy within every timer (a request every few seconds on each, answered at once) held
+    every place, and each new connection, /readyz's probe among them, was closed at once for as long as it liked. Its
+    connections are now the oldest: a probe's, made and done in milliseconds, is closed only by as many new
+    connections opened meanwhile. Connections still in their TLS handshake are not closed for a new one (asyncio's
+    TLS protocol owns them until it ends, within ADMIN_SILENT_SECONDS): when every place holds one, a new connection is
+    closed at once, as it was at the cap."""
+    open_: dict[int, weakref.ref[_Counted]] = {}  # by accept order, oldest first
+    serials = itertools.count()
+    full_since: bool = False
 
     def factory() -> asyncio.BaseProtocol:
-        nonlocal open_, refusing
-        full = open_ >= ADMIN_MAX_CONNECTIONS
-        if full and not refusing:
-            log.warning("admin_connection_limit_reached", limit=ADMIN_MAX_CONNECTIONS, detail="new ones are closed")
-        refusing = full
-        if full:
+        nonlocal full_since
+        full = len(open_) >= ADMIN_MAX_CONNECTIONS
+        if full and not full_since:
+            log.warning(
+                "admin_connection_limit_reached",
+                limit=ADMIN_MAX_CONNECTIONS,
+                detail="the oldest connections are closed to make room for new ones; a new one is closed when every "
+                "connection is still in its TLS handshake",
+            )
+        full_since = full
+        if full and not _evict_oldest(open_):
             return _Refused()
-        open_ += 1
+        serial = next(serials)
         protocol = handlers()
         unquote_parse_errors(protocol)  # aiohttp's 400 would quote a bad header line back, a Cookie's included
-        return _Counted(protocol, closed)
+        counted = _Counted(protocol, functools.partial(_forget, open_, serial))
+        open_[serial] = weakref.ref(counted)
+        return counted
 
     return factory
+
+
+def _forget(open_: dict[int, weakref.ref[_Counted]], serial: int) -> None:
+    open_.pop(serial, None)
+
+
+def _evict_oldest(open_: dict[int, weakref.ref[_Counted]]) -> bool:
+    """Close the oldest of `open_` past its TLS handshake (`_Counted.evict`, which takes it out); False if none is."""
+    for ref in list(open_.values()):
+        counted = ref()
+        if counted is not None and counted.evictable:
+            counted.evict()
+            return True
+    return False
 
 
 async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener | None:
