@@ -14,13 +14,16 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
 - `GET /healthz`: 200 while the process serves; says which configuration generation is in force.
 - `GET /readyz`: 200 when the gateway can serve, 503 otherwise, with the reasons as JSON: the KDC answers
   and accepts the gateway's key (an AS exchange and a ticket to itself, at most every
-  `READY_CACHE_SECONDS`), and, unless revocation is off, every CRL is current.
+  `READY_CACHE_SECONDS`), and, under `revocation = "require"`, every CRL is current. Under "best-effort" a stale
+  CRL is named in the answer's `crls` but leaves it 200: the gateway serves on (its CA's certificates as unknown),
+  and a 503 took every gateway sharing that CA out of its balancer at once, the outage best-effort is there to avoid.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
 
-At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one is closed as soon as it is
-made (`admin_connection_limit_reached`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
+At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one takes the place of the oldest one
+past its TLS handshake, which is closed (`admin_connection_limit_reached`; a new one is closed as soon as it is made
+when every place holds a handshake: `_capped`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
 idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head still unfinished
 after it, and a TLS handshake not done by then: connections that never send a request, or stop half-way, can
 neither take the file descriptors the device listener needs nor keep the admin listener full. Nor can one that
@@ -47,8 +50,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import ipaddress
+import itertools
 import os
 import socket
 import ssl
@@ -92,11 +97,12 @@ _RUNNER_SETTINGS: dict[str, Any] = {
 
 
 class Readiness:
-    """Whether the KDC answers, remembered for READY_CACHE_SECONDS so probes do not load the KDC. A keytab whose key
-    the KDC refused (a stale keytab: the account's password was reset), to a probe or to the serving `Delegator`, is
-    not offered again by either until the file changes (one memory, `proxy.kerberos.keytab.refused_keys`): each offer
-    is a bad password against the account (AD locks it), and a balancer or kubelet asks /readyz every few seconds; the
-    answer meanwhile is the refusal, with its fix."""
+    """Whether the KDC answers, remembered for READY_CACHE_SECONDS so probes do not load the KDC. Each probe is an AS
+    exchange of its own with the keytab, made through the serving `Delegator` (`Delegator.fresh_credentials`): a key
+    the KDC refused (a stale keytab: the account's password was reset), whether a request or a probe offered it, is
+    not offered again until the file changes, by either, nor by the other admin listener (a port and a Unix socket
+    each have a `Readiness`): each offer is a bad password against the account (AD locks it), and a balancer or
+    kubelet asks /readyz every few seconds; the answer meanwhile is the refusal, with its fix."""
 
     def __init__(self, live: Live, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._live = live
@@ -124,7 +130,8 @@ class Readiness:
 
         settings = self._live.config.kerberos
         self._thread.timeout = settings.kdc_timeout  # as reloaded
-        probe = KerberosProbe(settings)  # a refused key is refused from memory, without the KDC (class docstring)
+        # the gateway's delegator remembers a refused key for the request path and every probe (class docstring)
+        probe = KerberosProbe(settings, source=self._live.gateway.delegator.fresh_credentials)
         try:
             await self._thread.run(probe.self_ticket)
         except TimeoutError:
@@ -137,7 +144,8 @@ class Readiness:
 
 
 def crl_problems(live: Live, now: datetime) -> list[str]:
-    """Why the CRLs are not current (nothing when revocation is off)."""
+    """Why the CRLs are not current (nothing when revocation is off): under "require", why the gateway refuses the
+    certificates they speak for; under "best-effort", why it serves them as unknown."""
     if live.config.client_certificates.revocation == "off":
         return []
     reports = live.gateway.revocation.status()
@@ -163,7 +171,8 @@ async def readyz(request: web.Request) -> web.Response:
     live = request.app[LIVE_KEY]
     kdc = await request.app[READINESS_KEY].kdc_problem()
     crls = crl_problems(live, datetime.now(UTC))
-    ready = kdc is None and not crls
+    refusing = bool(crls) and live.config.client_certificates.revocation == "require"  # best-effort serves on
+    ready = kdc is None and not refusing
     body = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok", "generation": live.generation}
     return web.json_response(body, status=200 if ready else 503)
 
@@ -357,7 +366,7 @@ def _is_loopback_name(host: str, allowed: frozenset[str]) -> bool:
 
 
 class _Refused(asyncio.Protocol):
-    """A connection past ADMIN_MAX_CONNECTIONS: closed as soon as it is made."""
+    """A connection past ADMIN_MAX_CONNECTIONS when none open can make room for it: closed as soon as it is made."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
@@ -409,11 +418,25 @@ class _Counted(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol, done: Callable[[], None]) -> None:
         self._inner = inner
         self._done = weakref.finalize(self, done)
+        self._transport: asyncio.WriteTransport | None = None  # once past the TLS handshake: what `evict` closes
         self._silent: asyncio.TimerHandle | None = None
         self._sending: asyncio.TimerHandle | None = None
         self._last: _Progress | None = None  # the last look's, if answers were waiting in the write buffer then
 
+    @property
+    def evictable(self) -> bool:
+        """Whether `evict` can close it: past its TLS handshake (before that, asyncio's TLS protocol owns the socket,
+        and the handshake's own timeout, ADMIN_SILENT_SECONDS, ends it)."""
+        return self._transport is not None
+
+    def evict(self) -> None:
+        """Close it now, to make room for a new connection (`_capped`): counted as gone at once."""
+        self._done()
+        if self._transport is not None:
+            self._transport.abort()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.WriteTransport, transport)  # (a stream's: see below)
         # a connection that sends nothing for ADMIN_SILENT_SECONDS is closed (aiohttp would keep it for good)
         self._silent = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, transport.close)
         # (uvloop's transports are not asyncio.WriteTransport subclasses; every stream transport is one in kind)
@@ -487,31 +510,57 @@ class AdminListener:
 
 
 def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
-    """aiohttp's protocol factory, but a connection past ADMIN_MAX_CONNECTIONS open is closed at once. Any local
-    user reaches a loopback listener, and aiohttp keeps a connection that never sends a request open for good:
-    without a cap, idle connections took the process's file descriptors from under the device listener. They are
-    counted from the factory (accept), not from aiohttp's list: asyncio accepts a burst before any joins it."""
-    open_ = 0
-    refusing = False
+    """aiohttp's protocol factory, with at most ADMIN_MAX_CONNECTIONS connections open. Any local user reaches a
+    loopback listener, and aiohttp keeps a connection that never sends a request open for good: without a cap, idle
+    connections took the process's file descriptors from under the device listener. They are counted from the factory
+    (accept), not from aiohttp's list: asyncio accepts a burst before any joins it.
 
-    def closed() -> None:
-        nonlocal open_
-        open_ -= 1
+    At the cap a new connection takes the place of the oldest one past its TLS handshake, which is closed: a client
+    that keeps its connections busy within every timer (a request every few seconds on each, answered at once) held
+    every place, and each new connection, /readyz's probe among them, was closed at once for as long as it liked. Its
+    connections are now the oldest: a probe's, made and done in milliseconds, is closed only by as many new
+    connections opened meanwhile. Connections still in their TLS handshake are not closed for a new one (asyncio's
+    TLS protocol owns them until it ends, within ADMIN_SILENT_SECONDS): when every place holds one, a new connection is
+    closed at once, as it was at the cap."""
+    open_: dict[int, weakref.ref[_Counted]] = {}  # by accept order, oldest first
+    serials = itertools.count()
+    full_since: bool = False
 
     def factory() -> asyncio.BaseProtocol:
-        nonlocal open_, refusing
-        full = open_ >= ADMIN_MAX_CONNECTIONS
-        if full and not refusing:
-            log.warning("admin_connection_limit_reached", limit=ADMIN_MAX_CONNECTIONS, detail="new ones are closed")
-        refusing = full
-        if full:
+        nonlocal full_since
+        full = len(open_) >= ADMIN_MAX_CONNECTIONS
+        if full and not full_since:
+            log.warning(
+                "admin_connection_limit_reached",
+                limit=ADMIN_MAX_CONNECTIONS,
+                detail="the oldest connections are closed to make room for new ones; a new one is closed when every "
+                "connection is still in its TLS handshake",
+            )
+        full_since = full
+        if full and not _evict_oldest(open_):
             return _Refused()
-        open_ += 1
+        serial = next(serials)
         protocol = handlers()
         unquote_parse_errors(protocol)  # aiohttp's 400 would quote a bad header line back, a Cookie's included
-        return _Counted(protocol, closed)
+        counted = _Counted(protocol, functools.partial(_forget, open_, serial))
+        open_[serial] = weakref.ref(counted)
+        return counted
 
     return factory
+
+
+def _forget(open_: dict[int, weakref.ref[_Counted]], serial: int) -> None:
+    open_.pop(serial, None)
+
+
+def _evict_oldest(open_: dict[int, weakref.ref[_Counted]]) -> bool:
+    """Close the oldest of `open_` past its TLS handshake (`_Counted.evict`, which takes it out); False if none is."""
+    for ref in list(open_.values()):
+        counted = ref()
+        if counted is not None and counted.evictable:
+            counted.evict()
+            return True
+    return False
 
 
 async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener | None:

@@ -36,10 +36,14 @@ def _run(args: argparse.Namespace) -> int:
     configure(args.log_level)
     _no_core_dumps()
     _open_file_limit_raised()
+    from proxy.ops.check import loops
+
     try:
         cfg = config_module.load(Path(args.config))
     except ConfigError as e:
         return e.report()
+    if problems := loops(cfg):  # a reload refuses them too; started with one, every device read the traces
+        return ConfigError(problems).report()
 
     from proxy.auth.shared import SharedTable
 

@@ -37,6 +37,10 @@ entry for a user whose names do not fit one, drops every ticket it holds: never 
 users it forgets in one turn of its event loop together; a directory sweep, whose users are ended one look-up apart,
 writes those it ends together within `packing_forgotten` (at the sweep's end, or `PACK_FOR` seconds after the first).
 
+And the keytab key the KDC refused (`refused_key`): by the keytab's path and file version, so that a stale keytab
+(the gateway's account password reset) is offered by one worker once, not by each: every offer is a bad password
+against the gateway's account in AD (`proxy.kerberos.delegate.Delegator._acquire_service`).
+
 And the CRL floors: per CRL issuer, signing key and scope (`proxy.certs.sources`), the highest (CRL number,
 thisUpdate) a worker took, so that a worker replacing one that died, whose CRL store starts empty, refuses a CRL older
 than one its siblings held (a replayed CRL would serve a certificate revoked since). `CRL_FLOORS` slots; when all are
@@ -71,6 +75,7 @@ PACK_FOR = 1.0  # seconds: the longest `packing_forgotten` keeps a forgotten use
 _FORGOTTEN_BYTES = 1024  # one entry: its length, then its names as JSON
 _GENERATION = struct.Struct("<Q")  # how many entries were ever written
 _LENGTH = struct.Struct("<I")
+_KEYTAB = b"refused-keytab"  # `refused_key`'s kind
 _EVERYONE = 0xFFFFFFFF  # an entry's length when its names did not fit: every ticket goes
 
 CRL_FLOORS = 256  # issuer x key x scope floors kept (`raise_crl_floor`)
@@ -176,6 +181,24 @@ class SharedTable:
                 stored, accepted, _ = _KNOWN.unpack_from(self._map, offset)
                 if stored == hashed and (digest is None or hmac.compare_digest(accepted, digest)):
                     self._map[offset : offset + SLOT_BYTES] = bytes(SLOT_BYTES)
+
+    # The gateway's keytab key the KDC refused (`proxy.kerberos.delegate.Delegator`), by the keytab's path and file
+    # version: one worker's refusal keeps the others from offering the same key, each offer a bad password against
+    # the gateway's account in AD. Kept among the known passwords, under a kind of its own, until the file changes.
+
+    def refused_key(self, keytab: str, version: bytes) -> int | None:
+        """The KDC's words (`proxy.kerberos.keytab.refusal_words`) for the key of the keytab at `keytab` in its file
+        version `version` (16 bytes), when a worker offered it and it was refused; None if none was."""
+        hashed = self.digest(keytab, kind=_KEYTAB)
+        with self.locked():
+            for offset in self._known_bucket(hashed):
+                stored, kept, _ = _KNOWN.unpack_from(self._map, offset)
+                if stored == hashed and kept[:16] == version:
+                    return int(kept[16])
+        return None
+
+    def keep_refused_key(self, keytab: str, version: bytes, words: int) -> None:
+        self.keep_known(keytab, version + bytes([words]) + bytes(15), math.inf, kind=_KEYTAB)
 
     # The users whose delegated tickets a worker dropped, for the others to drop theirs (module docstring).
 

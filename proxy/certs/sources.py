@@ -15,7 +15,10 @@ After each round the accepted CRLs of all sources are indexed into a new `CrlSet
 registered with `on_change` (the in-flight registry) run when the set changed.
 
 Every source's state (its CRLs' issuer, number, thisUpdate and nextUpdate; last fetch, last success,
-last error) is logged when it changes and returned by `status()` for metrics.
+last error) is logged when it changes and returned by `status()` for metrics. A source is named there, in /readyz, in
+the traces and in refusals' fixes by its `name`: a URL that signs in to its server (`http://user:password@host/...`)
+with `[redacted]` for the password, which only the fetch uses (/metrics is scraped into a store many more people read
+than the configuration).
 
 The replay floor. A refresh refuses a CRL older than the one its source holds, and a reload's store starts from the
 CRLs the running one holds (`inherit`); a store that starts empty has nothing to compare with. With workers, the
@@ -42,6 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import structlog
@@ -68,6 +72,30 @@ class CrlSource:
     @property
     def is_url(self) -> bool:
         return self.location.startswith(("http://", "https://"))
+
+    @property
+    def name(self) -> str:
+        """The source as logs, `/metrics`, `/readyz`, traces and refusals name it (`shown_location`)."""
+        return shown_location(self.location)
+
+    def scrubbed(self, text: str) -> str:
+        """`text` (an error a fetch raised, which may quote the URL) without the URL's password."""
+        password = urlsplit(self.location).password if self.is_url else None
+        return text.replace(self.location, self.name).replace(password, REDACTED) if password else text
+
+
+REDACTED = "[redacted]"
+
+
+def shown_location(location: str) -> str:
+    """A CRL location as it may be shown: a URL's password (`user:password@host`) as `[redacted]`."""
+    if not location.startswith(("http://", "https://")):
+        return location
+    parts = urlsplit(location)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return location
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"))
 
 
 @dataclass
@@ -148,7 +176,7 @@ class CrlStore:
                 self._take(state, data, now)
         self._save_floors()
         self._swap(now)
-        return [f"{s.source.location}: {s.last_error}" for s in self._states.values() if s.last_error]
+        return [f"{s.source.name}: {s.last_error}" for s in self._states.values() if s.last_error]
 
     async def refresh(self, *, now: datetime | None = None) -> CrlSet:
         """Read every source once, then swap in the new set (returned)."""
@@ -165,7 +193,8 @@ class CrlStore:
         waiting = [self._learning[url] for url in distribution_point_urls(chain[:-1]) if url in self._learning]
         for url in new:
             if sum(s.source.learned for s in self._states.values()) >= MAX_LEARNED:
-                log.warning("crl_distribution_point_ignored", source=url, reason=f"already {MAX_LEARNED} learned")
+                shown = shown_location(url)
+                log.warning("crl_distribution_point_ignored", source=shown, reason=f"already {MAX_LEARNED} learned")
                 break
             state = self._states[url] = _State(CrlSource(url, learned=True))
             task = asyncio.get_running_loop().create_task(self._learn(state))
@@ -216,8 +245,8 @@ class CrlStore:
 
     def _failed(self, state: _State, now: datetime, exc: Exception) -> None:
         state.last_fetch = now
-        state.last_error = f"fetch failed: {type(exc).__name__}: {exc}".rstrip(": ")
-        log.warning("crl_fetch_failed", source=state.source.location, error=state.last_error, **_held(state))
+        state.last_error = state.source.scrubbed(f"fetch failed: {type(exc).__name__}: {exc}".rstrip(": "))
+        log.warning("crl_fetch_failed", source=state.source.name, error=state.last_error, **_held(state))
 
     async def _get(self, url: str) -> bytes:
         if self._session is None or self._session.closed:
@@ -255,8 +284,8 @@ class CrlStore:
             except CrlUnusable as exc:
                 vetted = exc
         if not isinstance(vetted, list):
-            state.last_error = str(vetted)
-            log.warning("crl_rejected", source=state.source.location, problem=state.last_error, **_held(state))
+            state.last_error = state.source.scrubbed(str(vetted))
+            log.warning("crl_rejected", source=state.source.name, problem=state.last_error, **_held(state))
             return
         state.crls, state.last_success, state.last_error = tuple(vetted), now, None
         for crl in vetted:
@@ -319,7 +348,7 @@ class CrlStore:
         rows: list[CrlStatus] = []
         for state in self._states.values():
             common = CrlStatus(
-                state.source.location, state.source.learned, state.last_fetch, state.last_success, state.last_error
+                state.source.name, state.source.learned, state.last_fetch, state.last_success, state.last_error
             )
             if not state.crls:
                 rows.append(common)
@@ -379,7 +408,7 @@ def _vet(state: _State, data: bytes, trust: TrustList, now: datetime) -> list[Cr
     """The CRLs in what a source returned, each checked (`accept`) and none older than the one it replaces; or why
     not. Run in a thread by a refresh: reading a CRL's entries and checking it takes CPU in proportion to its size
     (200,000 entries, 6 MiB: about 2.2 s here), which on the event loop stalled every request each time it changed."""
-    where = state.source.location
+    where = state.source.name  # each CRL's `source`: what a refusal's fix and the traces name
     try:
         crls = [accept(where, crl, trust, at=now) for crl in parse_crls(data, where)]
         _refuse_rollback(crls, state.crls)

@@ -70,6 +70,7 @@ import asyncio
 import base64
 import dataclasses
 import errno
+import hashlib
 import itertools
 import socket
 import threading
@@ -109,7 +110,7 @@ from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc, own_ticket_refused
 from proxy.kerberos.kdcs import KdcWatch, watch_for
-from proxy.kerberos.keytab import file_version, held_versions, key_refused, missing_key, refused_keys
+from proxy.kerberos.keytab import RefusedBefore, file_version, held_versions, missing_key, refusal_words
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
@@ -253,6 +254,8 @@ class Delegator:
         self._service: gssapi.Credentials | None = None
         self._service_renew_at = 0.0  # time.monotonic() from which `_service_credentials` acquires them again
         self._service_lock = threading.Lock()
+        # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
+        self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError | RefusedBefore] | None = None
         self._own: tuple[gssapi.Name, gssapi.Credentials] | None = None  # for reading evidence tickets' PACs
         self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
         self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
@@ -455,7 +458,7 @@ class Delegator:
         held, before = self._service, time.perf_counter()
         try:
             service = self._service_credentials()  # the AS exchange with the keytab, when none is held
-        except gssapi.raw.GSSError as e:
+        except (gssapi.raw.GSSError, RefusedBefore) as e:
             keytab = missing_key(self._settings.keytab, proxy)  # what the file holds, if not the gateway's key
             message = e.gen_message()
             raise explain(message, user=user.principal, spn=spn, proxy=proxy, step="service", keytab=keytab) from None
@@ -609,6 +612,13 @@ class Delegator:
         `doctor`, whose probe asks with them rather than with an AS exchange of its own (`proxy.kerberos.probe`)."""
         return self._service_credentials()
 
+    def fresh_credentials(self) -> gssapi.Credentials:
+        """The gateway's own credentials from an AS exchange of their own, into a ccache of their own: for `/readyz`'s
+        probe (`proxy.admin.Readiness`), whose point is to ask the KDC now. The key the KDC refused, whether the request
+        path or an earlier probe offered it, is refused from memory until the keytab changes (`_acquire_service`): the
+        request path and every admin listener's probe offered it once each, bad passwords against the account in AD."""
+        return self._acquire_service(f"MEMORY:kcd-probe-{uuid.uuid4().hex}")
+
     def _service_credentials(self) -> gssapi.Credentials:
         """The gateway's own credentials (its TGT, from the keytab), renewed when `renew_from` says (`RENEW_BEFORE`
         seconds before they expire, not before half their life: a TGT living less, a short maxlife on the gateway's
@@ -634,18 +644,22 @@ class Delegator:
         finally:
             self._service_lock.release()
 
-    def _acquire_service(self) -> gssapi.Credentials:
-        """The AS exchange with the keytab, unless the KDC refused these very keys before (to this delegator or to
-        /readyz's probe: one memory, `proxy.kerberos.keytab.refused_keys`): a stale keytab (the account's password
-        was reset) is then refused from memory, without the KDC, until the file changes. Tried per request, each try
-        counted bad passwords against the gateway's account in AD (two a try, before `mechs` named krb5 alone), which
-        locked it within a few requests, and the keytab exported again then met a locked account
-        (tests/integration/test_ad_service_account.py)."""
-        principal, path = self._settings.principal, self._settings.keytab
-        refused = refused_keys.refusal(principal, path)
-        if isinstance(refused, gssapi.raw.GSSError):
-            raise refused.with_traceback(None)  # else each raise adds its frames to the one exception kept
-        version = file_version(path)
+    def _acquire_service(self, ccache: str | None = None) -> gssapi.Credentials:
+        """The AS exchange with the keytab (into `ccache`, else the delegator's own), unless the KDC refused these very
+        keys before: a stale keytab (the account's password was reset) is then refused from memory, without the KDC,
+        until the file changes. Tried per request, each try counted bad passwords against the gateway's account in AD
+        (two a try, before `mechs` named krb5 alone), which locked it within a few requests, and the keytab exported
+        again then met a locked account (tests/integration/test_ad_service_account.py). With workers, a refusal is
+        kept in the workers' table too (`SharedTable.refused_key`): each worker offered the refused key once."""
+        keytab = file_version(self._settings.keytab)
+        refused = self._refused_keytab
+        if refused is not None and refused[0] == keytab:
+            raise refused[1].with_traceback(None)  # else each raise adds its frames to the one exception kept
+        shared, path, version = self._shared, str(self._settings.keytab), _version_digest(keytab)
+        words = shared.refused_key(path, version) if shared is not None else None
+        if words is not None:  # another worker offered this very key, and the KDC refused it
+            self._refused_keytab = (keytab, RefusedBefore(words))
+            raise self._refused_keytab[1]
         try:
             creds = gssapi.Credentials(
                 name=gssapi.Name(self._settings.principal, gssapi.NameType.kerberos_principal),
@@ -656,14 +670,17 @@ class Delegator:
                 store={
                     "client_keytab": str(self._settings.keytab),
                     "keytab": str(self._settings.keytab),
-                    "ccache": self._ccache,
+                    "ccache": ccache or self._ccache,
                 },
             )
         except gssapi.raw.GSSError as e:
-            if key_refused(e.gen_message()):
-                refused_keys.remember(principal, path, version, e)
+            words = refusal_words(e.gen_message())
+            if words is not None:
+                self._refused_keytab = (keytab, e)
+                if shared is not None:
+                    shared.keep_refused_key(path, version, words)
             raise
-        refused_keys.forget(principal, path)
+        self._refused_keytab = None
         return creds
 
     def _explain(self, message: str, principal: str, spn: str) -> GatewayError:
@@ -838,6 +855,11 @@ def usable_until(obtained: float, expires: float) -> float:
     life = expires - obtained
     margin = USABLE_FOR if not 0 < life < 4 * USABLE_FOR else max(life / 4, TOKEN_LEFT)
     return expires - margin
+
+
+def _version_digest(version: tuple[int, int, int] | None) -> bytes:
+    """A keytab's file version (`file_version`) as the workers' table keeps it: 16 bytes."""
+    return hashlib.blake2b(repr(version).encode(), digest_size=16).digest()
 
 
 def _message(error: gssapi.raw.GSSError | Krb5Error) -> str:

@@ -17,7 +17,6 @@ Pure but for `read_keytab` and `missing_key`, which read the file: bytes in, ent
 from __future__ import annotations
 
 import struct
-import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,10 +171,26 @@ def account_advice(principal: str, held: list[str]) -> str:
 _KEY_REFUSED = ("preauthentication failed", "integrity check failed", "password incorrect")
 
 
-def key_refused(message: str) -> bool:
-    """Whether a GSSAPI error's message (`gen_message()`) says the KDC refused the keytab's key: offering it again
-    counts another bad password against the account (AD locks it), so it is not offered until the file changes."""
-    return any(words in message.lower() for words in _KEY_REFUSED)
+def refusal_words(message: str) -> int | None:
+    """Which of the KDC's refusals of the keytab's key a GSSAPI error's message says (its number), or None."""
+    lowered = message.lower()
+    return next((number for number, words in enumerate(_KEY_REFUSED) if words in lowered), None)
+
+
+class RefusedBefore(Exception):
+    """The KDC refused this keytab's key (in the words numbered `words`, `refusal_words`) when another worker of the
+    gateway offered it (`proxy.auth.shared.SharedTable.refused_key`): not offered again until the file changes.
+    `gen_message` gives the message a GSSError would, in the KDC's words, for the hints to explain."""
+
+    def __init__(self, words: int) -> None:
+        self.message = (
+            f"{_KEY_REFUSED[words % len(_KEY_REFUSED)].capitalize()} (when another worker of this gateway offered this "
+            "keytab's key; not offered again until the file changes)"
+        )
+        super().__init__(self.message)
+
+    def gen_message(self) -> str:
+        return self.message
 
 
 def file_version(path: Path) -> tuple[int, int, int] | None:
@@ -185,41 +200,3 @@ def file_version(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return status.st_ino, status.st_size, status.st_mtime_ns
-
-
-FileVersion = tuple[int, int, int] | None
-
-
-class RefusedKeys:
-    """The KDC's refusals of a keytab's keys (`key_refused`), one memory for every AS exchange of this process: the
-    serving `Delegator` and /readyz's probe (`proxy.admin.Readiness`). Each offer of a refused key is a bad password
-    against the account (AD locks it), so a key refused to either is offered by neither until the keytab file
-    changes (`file_version`). With a memory each, the stale key went to the KDC once for the requests and once
-    more for /readyz, and either could go on answering from a refusal the other had seen superseded. Keyed by
-    (principal, keytab path); the version is the file's as it was *before* the refused exchange, so a file
-    rewritten meanwhile is tried. Thread-safe (KDC threads, the readiness thread)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._refused: dict[tuple[str, Path], tuple[FileVersion, Exception]] = {}
-
-    def refusal(self, principal: str, keytab: Path) -> Exception | None:
-        """The KDC's refusal of `principal`'s keys in `keytab`, if the file is still the one it refused."""
-        with self._lock:
-            refused = self._refused.get((principal, keytab))
-        if refused is None or refused[0] != file_version(keytab):
-            return None
-        return refused[1]
-
-    def remember(self, principal: str, keytab: Path, version: FileVersion, error: Exception) -> None:
-        """The KDC refused `principal`'s keys in `keytab` as it was at `version` (`error`, raised again meanwhile)."""
-        with self._lock:
-            self._refused[(principal, keytab)] = (version, error)
-
-    def forget(self, principal: str, keytab: Path) -> None:
-        """The KDC took `principal`'s keys in `keytab`: whatever it refused before is past."""
-        with self._lock:
-            self._refused.pop((principal, keytab), None)
-
-
-refused_keys = RefusedKeys()  # the process's one memory (class docstring)

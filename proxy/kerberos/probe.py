@@ -17,10 +17,10 @@ authentication time). That gives, without any other party:
   whether it is forwardable, which S4U2Proxy requires (the account needs protocol transition, and the
   user must not be marked sensitive), and its PAC which account the KDC impersonated (or that it names none).
 
-A probe without a `source` builds its own credentials and ccache (the admin listener's readiness check) and shares
-with the `Delegator` that serves requests only the memory of a key the KDC refused
-(`proxy.kerberos.keytab.refused_keys`): a stale keytab is offered once between them until the file changes. Failures
-come back as the gateway's errors, with the fix (`proxy.kerberos.hints`).
+A probe without a `source` builds its own credentials and ccache and shares nothing with the `Delegator` that serves
+requests. The admin listener's readiness check gives the serving `Delegator`'s `fresh_credentials`: an AS exchange of
+the probe's own, into a ccache of its own, that offers no key the KDC refused before (the delegator remembers it for
+the request path and every probe). Failures come back as the gateway's errors, with the fix (`proxy.kerberos.hints`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.acceptor import context_pac
 from proxy.kerberos.ccache import read_tickets
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew
-from proxy.kerberos.keytab import file_version, key_refused, missing_key, refused_keys
+from proxy.kerberos.keytab import RefusedBefore, missing_key
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import user_name
 from proxy.kerberos.profile import use_profile
@@ -73,32 +73,17 @@ class KerberosProbe:
         self._name = gssapi.Name(settings.principal, gssapi.NameType.kerberos_principal)
         self._creds: gssapi.Credentials | None = None
         self._refused: GatewayError | None = None  # why the AS exchange failed: not asked again
-        self.key_refused = False  # whether it failed because the KDC refused the keytab's key (a stale keytab)
 
     def _acquire(self) -> gssapi.Credentials:
-        """The probe's own AS exchange with the keytab, unless the KDC refused these very keys before, to this
-        process's serving `Delegator` or to an earlier probe (`refused_keys`, one memory for both): that refusal is
-        raised again, without the KDC, until the keytab file changes."""
-        principal, path = self.settings.principal, self.settings.keytab
-        refused = refused_keys.refusal(principal, path)
-        if isinstance(refused, gssapi.raw.GSSError):
-            raise refused.with_traceback(None)
-        version = file_version(path)
+        keytab = str(self.settings.keytab)
         store: dict[bytes | str, bytes | str] = {
-            "client_keytab": str(path),
-            "keytab": str(path),
+            "client_keytab": keytab,
+            "keytab": keytab,
             "ccache": f"MEMORY:kcd-probe-{uuid.uuid4().hex}",
         }
-        try:
-            # krb5 alone: with no mechanism named, MIT acquires for each it has (krb5, IAKERB), and a refused key made
-            # one AS exchange for each
-            creds = gssapi.Credentials(name=self._name, usage="both", mechs=[gssapi.MechType.kerberos], store=store)
-        except gssapi.raw.GSSError as e:
-            if key_refused(e.gen_message()):
-                refused_keys.remember(principal, path, version, e)
-            raise
-        refused_keys.forget(principal, path)
-        return creds
+        # krb5 alone: with no mechanism named, MIT acquires for each it has (krb5, IAKERB), and a refused key made one
+        # AS exchange for each
+        return gssapi.Credentials(name=self._name, usage="both", mechs=[gssapi.MechType.kerberos], store=store)
 
     @property
     def refused(self) -> GatewayError | None:
@@ -113,14 +98,15 @@ class KerberosProbe:
         if self._creds is None:
             try:
                 self._creds = self._source() if self._source is not None else self._acquire()
-            except gssapi.raw.GSSError as e:
+            except (gssapi.raw.GSSError, RefusedBefore) as e:
                 principal = self.settings.principal
-                self.key_refused = key_refused(e.gen_message())
                 self._refused = self._fail(e, principal, principal, step="service")
                 raise self._refused from None
         return self._creds
 
-    def _fail(self, error: gssapi.raw.GSSError, user: str, spn: str, step: str | None = None) -> GatewayError:
+    def _fail(
+        self, error: gssapi.raw.GSSError | RefusedBefore, user: str, spn: str, step: str | None = None
+    ) -> GatewayError:
         principal = self.settings.principal
         keytab = missing_key(self.settings.keytab, principal) if step == "service" else None
         return explain(error.gen_message(), user=user, spn=spn, proxy=principal, step=step, keytab=keytab)

@@ -45,6 +45,14 @@ def check(config: Config, *, at: datetime, crls: bool = True) -> list[str]:
     return [f"{key}: {message}{where}" for key, message in _problems(config, at, crls)]
 
 
+def loops(config: Config) -> list[str]:
+    """`check`'s problems with routes that point back at the gateway's own listener or at its admin listener (every
+    device would read the traces of every user through the gateway): what `kcd-proxy run` refuses at its start, as a
+    reload refuses it with the rest of `check`."""
+    where = f" (in {config.path})"
+    return [f"{key}: {message}{where}" for key, message in _routes(config)]
+
+
 def warnings(config: Config) -> list[str]:
     """What is sound but worth knowing, as `key: message (in FILE)`: check-config prints these and still says ok.
 

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -26,7 +28,7 @@ from proxy.admin import ADMIN_MAX_CONNECTIONS, ADMIN_SILENT_SECONDS
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import eventually
+from tests.integration.jsonlog import WAIT, eventually
 
 HOLD = 8  # seconds the backend holds the Ping
 # seconds from a CRL's publication to its nextUpdate: the gateway re-reads the file every second, and must take it
@@ -256,6 +258,60 @@ def test_not_ready_once_a_crl_is_past_its_next_update(lab: LabLayout, tmp_path: 
         assert datetime.now(UTC) >= short.replace(microsecond=0)
     finally:
         assert gw.stop() == 0
+
+
+def test_a_stale_crl_under_best_effort_is_named_by_readyz_but_the_gateway_stays_ready(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Under `revocation = "best-effort"` a CRL past its nextUpdate does not stop the gateway serving (the certificates
+    it speaks for are served as unknown), so /readyz stays 200 and names the stale CRL in `crls`, as it did. Before, it
+    was 503: a balancer or kubelet took out every gateway sharing the late CA at once, the outage best-effort is
+    chosen to avoid (under "require" a stale CRL refuses its CA's users, and /readyz is 503: the test above)."""
+    issuing_ca = load_ca(lab.pki_dir, "issuing")
+    past = datetime.now(UTC) - timedelta(hours=1)
+    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca, this_update=past - timedelta(days=1), next_update=past)
+    root = write_crl(tmp_path / "root.crl", load_ca(lab.pki_dir, "root"))
+    admin_port = free_port()
+    text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    policy = 'revocation = "require"'
+    assert lab_crls in text
+    assert policy in text
+    text = text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]').replace(policy, 'revocation = "best-effort"')
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        done = curl(lab, f"{gw.url}/owa/", "alice")
+        assert done.stdout.endswith("\n200"), done.stdout + done.stderr  # served: the gateway can serve
+        status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
+        answer = json.loads(body)
+        assert [line.split(": ")[0] for line in answer["crls"]] == [str(issuing)], answer  # named all the same
+        assert (status, answer["ready"], answer["kdc"]) == (200, True, "ok"), answer
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_route_to_the_admin_listener_is_refused_at_start_as_at_a_reload(lab: LabLayout, tmp_path: Path) -> None:
+    """A route whose upstream is the gateway's own admin listener (`http://127.0.0.1:<admin port>`) lets every device
+    with a certificate read it through the gateway: the traces of every user (who, from where, which paths), the
+    metrics. `check-config` and a reload refused it, but `kcd-proxy run` started with it and served bob the admin's
+    /traces. It is refused at the start too: exit 2, the route named."""
+    port, admin_port = free_port(), free_port()
+    route = f'[[routes]]\nprefix = "/traces"\nupstream = "http://127.0.0.1:{admin_port}"\nspn = "HTTP/cas.lab.test"\n'
+    config = tmp_path / "gateway.toml"
+    config.write_text(lab_config(lab, port=port, extra=f'\n{route}\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'))
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    env = {**os.environ, **lab.env()}
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as run:
+        try:
+            _, stderr = run.communicate(timeout=WAIT)
+        except subprocess.TimeoutExpired:  # it serves: what a device reads through it
+            answer = curl(lab, f"https://127.0.0.1:{port}/traces", "bob").stdout
+            run.kill()
+            run.communicate()
+            raise AssertionError(f"kcd-proxy run served a route to its admin listener; bob read {answer!r}") from None
+    assert run.returncode == 2, stderr
+    assert "routes[1].upstream: " in stderr  # the lab's "/" is routes[0]
+    assert "is the admin listener" in stderr
 
 
 def _tls_admin(lab: LabLayout, tmp_path: Path) -> tuple[Gateway, int]:
@@ -525,22 +581,25 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _closed_at_once(port: int) -> bool:
-    """Whether a new connection to the admin listener is closed without an answer to its request."""
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        try:
-            return sock.recv(100) == b""
-        except ConnectionResetError:
-            return True
+def _closed(sock: socket.socket) -> bool:
+    """Whether the admin listener closed `sock` (what it answered before is read and dropped), without waiting."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
 
 
 def test_idle_connections_to_the_admin_listener_are_capped(lab: LabLayout, admin_gateway: tuple[Gateway, str]) -> None:
     """Any local user reaches the loopback admin listener: 600 connections that never send a request held 600 of
     the gateway's file descriptors (the device listener is capped, this one was not; at a soft limit of 1024 the
-    devices' accept() then fails). Past ADMIN_MAX_CONNECTIONS new ones are closed at once: the descriptors stay
-    bounded, devices are served meanwhile, and the silent ones are closed after ADMIN_SILENT_SECONDS, so the
-    admin answers again while their client still holds them."""
+    devices' accept() then fails). Past ADMIN_MAX_CONNECTIONS each new one takes the place of the oldest, which is
+    closed: the descriptors stay bounded, devices are served meanwhile, and the admin answers at once while their
+    client still holds the rest."""
     gw, admin = admin_gateway
     port = urlsplit(admin).port
     assert port is not None
@@ -550,11 +609,11 @@ def test_idle_connections_to_the_admin_listener_are_capped(lab: LabLayout, admin
     try:
         for _ in range(600):
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=15))
-        assert eventually(lambda: _closed_at_once(port), "a new connection closed at once: the cap is reached")
+        assert eventually(lambda: _closed(idle[0]), "the oldest connection closed to make room: the cap is reached")
         bound = before + ADMIN_MAX_CONNECTIONS + 20
         eventually(lambda: len(list(fds.iterdir())) <= bound, f"at most {bound} descriptors open")
         assert curl(lab, gw.url + "/owa/", "alice").returncode == 0
-        assert eventually(lambda: _answers(admin + "/healthz"), "the admin answering again")
+        assert _answers(admin + "/healthz")  # in the place of the oldest of the idle ones
     finally:
         for sock in idle:
             sock.close()
@@ -566,7 +625,8 @@ def test_connections_that_send_a_request_or_part_of_one_do_not_hold_the_admin_li
     """Any local user could shut the admin listener (and with it the orchestrator's /readyz and /healthz probes)
     for an hour: connections that sent one request and then idled (aiohttp's keep-alive, 3630 s) or half a request
     head escaped the silence timer and held the ADMIN_MAX_CONNECTIONS slots. Both are closed once idle for
-    ADMIN_SILENT_SECONDS, so the admin answers again while their client still holds them open."""
+    ADMIN_SILENT_SECONDS (no new connection asking meanwhile: a new one would take the oldest one's place), and the
+    admin answers while their client still holds them open."""
     gw, admin = admin_gateway
     port = urlsplit(admin).port
     assert port is not None
@@ -579,8 +639,9 @@ def test_connections_that_send_a_request_or_part_of_one_do_not_hold_the_admin_li
             else:  # a request head that never ends
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             held.append(sock)
-        assert eventually(lambda: _closed_at_once(port), "a new connection closed at once: the cap is reached")
-        assert eventually(lambda: _answers(admin + "/healthz"), "the admin answering again")
+        timeout = 4 * ADMIN_SILENT_SECONDS
+        assert eventually(lambda: all(_closed(s) for s in held), "each closed by its timer", timeout=timeout)
+        assert _answers(admin + "/healthz")
         assert curl(lab, gw.url + "/owa/", "alice").returncode == 0
     finally:
         for sock in held:
@@ -626,7 +687,8 @@ def test_connections_that_trickle_a_request_do_not_hold_the_admin_listener(
     """A local user holds ADMIN_MAX_CONNECTIONS connections that are never silent: each trickles its request's head
     or body a byte every half second. A request's head must be whole ADMIN_SILENT_SECONDS after the connection
     opened (aiohttp's keep-alive timer) and a body the handler leaves unread is read for at most 10 s (aiohttp's
-    lingering close): the slots come free, and the admin answers /healthz again."""
+    lingering close): each is closed (no new connection asking meanwhile: a new one would take the oldest one's
+    place), and the admin answers /healthz."""
     _, admin = own_admin_gateway
     port = urlsplit(admin).port
     assert port is not None
@@ -636,10 +698,9 @@ def test_connections_that_trickle_a_request_do_not_hold_the_admin_listener(
     try:
         socks += [_trickling(port, kind) for _ in range(ADMIN_MAX_CONNECTIONS)]
         busy.start()
-        assert eventually(lambda: _closed_at_once(port), "a new connection closed at once: the cap is reached")
-        assert eventually(
-            lambda: _answers(admin + "/healthz"), "the admin answering again", timeout=4 * ADMIN_SILENT_SECONDS
-        )
+        timeout = 4 * ADMIN_SILENT_SECONDS
+        assert eventually(lambda: all(_closed(s) for s in socks), "each closed by its timers", timeout=timeout)
+        assert _answers(admin + "/healthz")
     finally:
         stop.set()
         if busy.is_alive():
@@ -725,3 +786,36 @@ def test_a_client_that_reads_its_answers_slowly_but_steadily_is_not_cut(own_admi
     finally:
         sock.close()
     assert _answers(admin + "/healthz")
+
+
+def test_connections_that_keep_asking_do_not_starve_readyz(own_admin_gateway: tuple[Gateway, str]) -> None:
+    """A local user holds ADMIN_MAX_CONNECTIONS connections, each asking /healthz again every 2 s and reading the
+    answer: never silent, never slow, never cut, so every new connection was closed at once and /readyz failed for as
+    long as they liked (0 of 29 probes in 30 s). At the cap a new connection now takes the place of the oldest one
+    past its TLS handshake: the probes are served while those connections keep asking."""
+    _, admin = own_admin_gateway
+    port = urlsplit(admin).port
+    assert port is not None
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(ADMIN_MAX_CONNECTIONS)]
+    stop, asked = threading.Event(), threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.sendall(_HEAD + b"\r\n")
+                    sock.recv(4096)
+            asked.set()  # every connection asked once, and was answered (or cut): all of them were open at once
+            stop.wait(2)
+
+    asking = threading.Thread(target=keep_asking, daemon=True)
+    try:
+        asking.start()
+        assert asked.wait(WAIT)
+        served = [_answers(admin + "/readyz") for _ in range(5)]
+        assert served == [True] * 5
+    finally:
+        stop.set()
+        asking.join()
+        for sock in socks:
+            sock.close()

@@ -63,6 +63,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from proxy.admin import READY_CACHE_SECONDS, Readiness
 from proxy.config import load
+from proxy.kerberos.delegate import Delegator
 
 config, kdc_pid, timeout = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 now = [0.0]
@@ -70,7 +71,9 @@ now = [0.0]
 async def scenario() -> None:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=2))  # as few as a busy gateway may have free
-    readiness = Readiness(SimpleNamespace(config=load(config)), clock=lambda: now[0])
+    settings = load(config)
+    gateway = SimpleNamespace(delegator=Delegator(settings.kerberos))  # whose AS exchanges the probes make
+    readiness = Readiness(SimpleNamespace(config=settings, gateway=gateway), clock=lambda: now[0])
     seen = {"answering": await readiness.kdc_problem()}
     os.kill(kdc_pid, signal.SIGSTOP)
     now[0] += READY_CACHE_SECONDS + 1

@@ -7,14 +7,19 @@ CRLs under each policy; OCSP good, revoked and unknown from `openssl ocsp`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import http.server
+import json
 import socket
 import ssl
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -390,6 +395,94 @@ def test_a_failed_fetch_keeps_the_last_good_crl(
             status, body = get(connect(lab, gw, "revoked"))
             assert (status, "was revoked on" in body) == (403, True), body
             assert get(connect(lab, gw, "alice"))[0] == 200
+        finally:
+            assert gw.stop() == 0
+    finally:
+        server.close()
+
+
+class _SignInCrlServer:
+    """An HTTP server publishing the lab's issuing CRL at /issuing.crl to a client that signs in with Basic
+    `user:password` only (401 otherwise), and nothing (404) at any other path; `asked` counts the signed-in GETs."""
+
+    def __init__(self, crl: bytes, user: str, password: str) -> None:
+        outer = self
+        self.asked = 0
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                signed_in = self.headers.get("Authorization") == expected
+                outer.asked += signed_in
+                status, body = (200, crl) if self.path == "/issuing.crl" else (404, b"none here")
+                status, body = (status, body) if signed_in else (401, b"sign in")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _admin_outputs(admin: str) -> dict[str, str]:
+    """Everything the admin listener at `admin` shows: /metrics, /readyz, /healthz, /traces, the page and each trace
+    (as JSON and drawn), by path."""
+
+    def body(path: str) -> str:
+        try:
+            with urllib.request.urlopen(admin + path, timeout=30) as answer:  # noqa: S310  loopback
+                return str(answer.read().decode())
+        except urllib.error.HTTPError as e:  # /readyz's 503 has a body too
+            return str(e.read().decode())
+
+    outputs = {path: body(path) for path in ("/metrics", "/readyz", "/healthz", "/traces?limit=1000", "/")}
+    for record in json.loads(outputs["/traces?limit=1000"]):
+        for path in (f"/traces/{record['id']}", f"/trace/{record['id']}"):
+            outputs[path] = body(path)
+    return outputs
+
+
+def test_a_crl_urls_password_is_used_to_fetch_it_and_shown_nowhere(lab: LabLayout, tmp_path: Path) -> None:
+    """A CRL URL with a user and password (`http://user:password@host/...`: a CRL endpoint behind Basic sign-in) is
+    fetched with them (the issuing CA's CRL comes only from there, under "require": alice 200, a revoked user 403),
+    but no output names the password: not /metrics' `source` labels, /readyz's list of CRLs that are not current (a
+    second URL of the same server answers 404), the traces and their pages, nor the log; each shows the URL with
+    `[redacted]` for the password. Before, the whole URL was the CRL's name everywhere, password included, and
+    /metrics is scraped into a store that many more people read than the gateway's configuration."""
+    password = "S3cret-crl-" + uuid.uuid4().hex[:8]
+    pki = Pki.at(lab.pki_dir)
+    server = _SignInCrlServer(pki.issuing_crl.read_bytes(), "crlsvc", password)
+    try:
+        signed_in = f"http://crlsvc:{password}@127.0.0.1:{server.port}"
+        shown = f"http://crlsvc:[redacted]@127.0.0.1:{server.port}"
+        admin = f"http://127.0.0.1:{free_port()}"
+        settings = (
+            f'crls = ["{signed_in}/issuing.crl", "{signed_in}/missing.crl", "{pki.root_crl}"]\n'
+            f'crl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
+        )
+        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin[len("http://") :]}"\n')
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path, text.replace(lab_settings, settings))
+        try:
+            assert get(connect(lab, gw, "alice"))[0] == 200
+            status, body = get(connect(lab, gw, "revoked"))
+            assert (status, "was revoked on" in body) == (403, True), body
+            assert server.asked >= 2  # both URLs fetched, signed in
+            outputs = _admin_outputs(admin)
+            assert f'source="{shown}/issuing.crl"' in outputs["/metrics"]  # named, without the password
+            assert f"{shown}/missing.crl: " in outputs["/readyz"]
+            outputs["log"] = gw.log_path.read_text()
+            assert f"{shown}/issuing.crl" in outputs["log"]
+            assert [where for where, text in outputs.items() if password in text] == []
         finally:
             assert gw.stop() == 0
     finally:

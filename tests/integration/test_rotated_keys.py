@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -193,7 +193,9 @@ def test_readiness_offers_a_refused_key_once_until_the_keytab_changes(lab: LabLa
         _kadmin(lab, f"cpw -randkey {own.principal}")
         offset = lab.kdc_log.stat().st_size
         now = [0.0]
-        live = cast(Live, SimpleNamespace(config=SimpleNamespace(kerberos=own.settings(lab))))
+        delegator = Delegator(own.settings(lab))
+        gateway = SimpleNamespace(delegator=delegator)
+        live = cast(Live, SimpleNamespace(config=SimpleNamespace(kerberos=own.settings(lab)), gateway=gateway))
         readiness = Readiness(live, clock=lambda: now[0])
 
         async def probes() -> tuple[list[str | None], str | None]:
@@ -208,6 +210,7 @@ def test_readiness_offers_a_refused_key_once_until_the_keytab_changes(lab: LabLa
             stale, current = asyncio.run(probes())
         finally:
             readiness.close()
+            delegator.close()
         assert stale[0] is not None
         assert "keytab" in stale[0]
         assert stale == [stale[0]] * 5
@@ -264,6 +267,53 @@ def test_requests_and_readyz_offer_a_refused_key_once_between_them(lab: LabLayou
             _kadmin(lab, f"ktadd -k {own.keytab} -norandkey {own.principal}")
             eventually(lambda: _get(readyz)[0] == 200, "/readyz ready once the keytab holds the KDC's key")
             done = curl(lab, f"{gw.url}/owa/", "bob")
+            assert done.stdout.endswith("\n200"), done.stdout + done.stderr
+        finally:
+            gw.stop()
+
+
+def _readyz(url: str, sock: Path | None = None) -> tuple[int, dict[str, Any]]:
+    """GET /readyz at `url` (over the Unix socket `sock` if given): (status, its JSON body)."""
+    args = ["curl", "-sS", "--max-time", "60", "-w", "\n%{http_code}"]
+    args += ["--unix-socket", str(sock)] if sock is not None else []
+    done = subprocess.run([*args, f"{url}/readyz"], capture_output=True, text=True, timeout=90, check=True)
+    body, _, status = done.stdout.rpartition("\n")
+    return int(status), json.loads(body)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_running_gateway_offers_a_refused_key_once_whoever_asks(lab: LabLayout, tmp_path: Path, workers: int) -> None:
+    """A real gateway (admin listener on a port and on a Unix socket; one worker, or two) whose keytab the KDC refuses
+    (its key changed at the KDC before the start, preauthentication required, as in AD): device requests (502, the
+    gateway's own AS exchange refused) and /readyz on both admin listeners (503, naming the keytab) all say so, but
+    the stale key goes to the KDC once in all, not once for the request path and once more for each admin listener's
+    readiness check, nor once per worker (in AD each is a bad password against the gateway's account, and a lockout
+    threshold of a few is common). Once the keytab holds the KDC's key, /readyz is 200 again and a device is
+    served."""
+    with gateway_principal(lab, tmp_path, "+requires_preauth") as own:
+        _kadmin(lab, f"cpw -randkey {own.principal}")
+        offset = lab.kdc_log.stat().st_size
+        sock = tmp_path / "admin.sock"
+        admin = f"127.0.0.1:{free_port()}"
+        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\nsocket = "{sock}"\n')
+        text = text.replace(f'principal = "{PROXY_SERVICE}@{REALM}"', f'principal = "{own.principal}@{REALM}"', 1)
+        text = text.replace(f'keytab = "{lab.proxy_keytab}"', f'keytab = "{own.keytab}"', 1)
+        text = text.replace("[listener]\n", f"[listener]\nworkers = {workers}\n", 1)
+        gw = start_gateway(lab, tmp_path / "gateway", text)
+        try:
+            gw.wait_event("admin_listening", socket=str(sock))
+            for _ in range(3 * workers):  # new connections: the kernel spreads them over the workers
+                done = curl(lab, f"{gw.url}/owa/", "alice")
+                assert done.stdout.endswith("\n502"), done.stdout + done.stderr
+                for status, body in (_readyz(f"http://{admin}"), _readyz("http://localhost", sock)):
+                    assert status == 503, body
+                    assert "keytab" in body["kdc"], body
+            assert _preauth_failures(lab, offset, own.principal) == 1
+
+            _kadmin(lab, f"ktadd -k {own.keytab} -norandkey {own.principal}")
+            eventually(lambda: _readyz(f"http://{admin}")[0] == 200, "/readyz 200 with the keytab current")
+            eventually(lambda: _readyz("http://localhost", sock)[0] == 200, "the socket's /readyz 200 too")
+            done = curl(lab, f"{gw.url}/owa/", "alice")
             assert done.stdout.endswith("\n200"), done.stdout + done.stderr
         finally:
             gw.stop()

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from proxy.auth.shared import CRL_FLOORS, SharedTable
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.revocation import CrlSet, RevocationStatus
-from proxy.certs.sources import MAX_CRL_BYTES, CrlSource, CrlStore, distribution_point_urls
+from proxy.certs.sources import MAX_CRL_BYTES, CrlSource, CrlStore, distribution_point_urls, shown_location
 from proxy.lab.pki import Pki, make_pki, revoke
 from tests.pem import load_cert, load_key
 
@@ -611,3 +611,19 @@ def test_a_crl_number_longer_than_twenty_octets_is_taken_beside_the_shared_floor
     replacement = CrlStore(trust, [CrlSource(str(path))], floors=table)
     [problem] = replacement.load_files(now=NOW)
     assert "older than the one a worker of this gateway took" in problem
+
+
+def test_a_crl_location_is_shown_without_a_urls_password() -> None:
+    """`shown_location`: a URL's password as `[redacted]` (the user name kept), everything else as it is; a fetch error
+    that quotes the URL, or the password alone, is scrubbed the same way (`CrlSource.scrubbed`)."""
+    assert shown_location("/etc/kcd/ca.crl") == "/etc/kcd/ca.crl"
+    assert shown_location("http://crl.corp/ca.crl") == "http://crl.corp/ca.crl"
+    assert shown_location("http://svc@crl.corp/ca.crl") == "http://svc@crl.corp/ca.crl"
+    assert (
+        shown_location("https://svc:pw:x@crl.corp:8443/ca.crl?v=1") == "https://svc:[redacted]@crl.corp:8443/ca.crl?v=1"
+    )
+    source = CrlSource("http://svc:Pa55word@crl.corp/ca.crl")
+    assert source.name == "http://svc:[redacted]@crl.corp/ca.crl"
+    error = "fetch failed: InvalidURL: http://svc:Pa55word@crl.corp/ca.crl (auth Pa55word)"
+    assert source.scrubbed(error) == "fetch failed: InvalidURL: http://svc:[redacted]@crl.corp/ca.crl (auth [redacted])"
+    assert CrlSource("/etc/kcd/ca.crl").scrubbed("no such file") == "no such file"

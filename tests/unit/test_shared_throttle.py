@@ -132,3 +132,21 @@ def test_known_passwords_are_bounded_and_the_one_kept_longest_goes_first() -> No
         table.keep_known(f"user-{i}", bytes([i]) * 32, until=1000.0 + i)
     assert not table.known("user-0", 0.0)
     assert all(table.known(f"user-{i}", 0.0, bytes([i]) * 32) for i in range(1, 9))
+
+
+def test_a_refused_keytab_key_is_kept_by_path_and_file_version() -> None:
+    """`SharedTable.refused_key`: the KDC's words for a keytab's refused key, kept by its path and file version (what
+    every worker's `Delegator` reads before an AS exchange); another version or another path is not refused, and a
+    refusal of the next version replaces the last."""
+    table = SharedTable(max_keys=64, max_known=16)
+    old, new = bytes(range(16)), bytes(range(1, 17))
+    assert table.refused_key("/etc/kcd/gateway.keytab", old) is None
+    table.keep_refused_key("/etc/kcd/gateway.keytab", old, 1)
+    assert table.refused_key("/etc/kcd/gateway.keytab", old) == 1
+    assert table.refused_key("/etc/kcd/gateway.keytab", new) is None  # the file written again: offered again
+    assert table.refused_key("/etc/kcd/other.keytab", old) is None
+    table.keep_refused_key("/etc/kcd/gateway.keytab", new, 0)
+    assert (table.refused_key("/etc/kcd/gateway.keytab", new), table.refused_key("/etc/kcd/gateway.keytab", old)) == (
+        0,
+        None,
+    )
