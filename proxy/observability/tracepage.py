@@ -186,6 +186,9 @@ def pac_summary(pac: dict[str, Any]) -> str:
 
 
 def _ticket_facts(stage: dict[str, Any]) -> str:
+    """A ticket's facts, with the names docs/delegation-flow.md reads them by: its flags also in hex, as the KDC's
+    log shows them, and its authtime, which is the gateway's own TGT's (protocol transition: the user never
+    authenticated), beside its start and end."""
     keys = (
         "client",
         "server",
@@ -195,6 +198,7 @@ def _ticket_facts(stage: dict[str, Any]) -> str:
         "enctype",
         "session_enctype",
         "kvno",
+        "authtime",
         "start",
         "end",
         "pac",
@@ -205,8 +209,8 @@ def _ticket_facts(stage: dict[str, Any]) -> str:
             value = stage[key]
             if isinstance(value, dict):
                 value = pac_summary(value)
-            elif isinstance(value, list):
-                value = ", ".join(value)
+            elif isinstance(value, list):  # the flags by name, then as the KDC's log and klist show them
+                value = ", ".join(value) + (f" ({stage['flags_hex']})" if stage.get("flags_hex") else "")
             elif isinstance(value, bool):
                 value = "yes" if value else "no"
             items.append(f"<dt>{_e(key)}</dt><dd>{_e(value)}</dd>")
