@@ -166,7 +166,7 @@ def render_index(records: Iterable[dict[str, Any]], *, user: str | None, held: i
     filtered = f" for {_e(user)} (<a href='/'>all</a>)" if user else ""
     body = (
         f"<h1>kcd-proxy: recent requests{filtered}</h1>"
-        f'<p class="muted">{held} requests held (the last {keep} are kept), newest first. '
+        f'<p class="muted">{held} request{"" if held == 1 else "s"} held (the last {keep} are kept), newest first. '
         'Open one to see its delegation flow. JSON: <a href="/traces">/traces</a>.</p>'
         '<form method="get" action="/"><label>User (UPN or principal) <input name="user" '
         f'value="{_e(user)}"></label> <button>Filter</button></form><br>'

@@ -211,6 +211,15 @@ def test_the_trace_page_shows_each_tickets_authtime_and_flags_in_hex() -> None:
         assert ticket["flags"] == "forwardable, transited-policy-checked, enc-pa-rep (0x40090000)"
 
 
+def test_the_list_page_counts_one_request_in_the_singular() -> None:
+    """The lab's first page after the README's one curl says "1 request held", not "1 requests held"."""
+    record = build_record(_trace(cached=False), 200, 9.0)
+    assert '<p class="muted">1 request held (the last 200 are kept)' in render_index(
+        [record], user=None, held=1, keep=200
+    )
+    assert "2 requests held" in render_index([record, record], user=None, held=2, keep=200)
+
+
 def test_pages_escape_what_requests_carry() -> None:
     """A path or user name with markup shows as text on the list and the trace page."""
     t = _trace(cached=True)
