@@ -29,6 +29,14 @@ fi
 for tool in mmdebstrap "$engine"; do
     command -v "$tool" >/dev/null || { echo "base-image: $tool is missing (make base-image installs it)" >&2; exit 1; }
 done
+# Before anything is built (mmdebstrap takes half a minute, minutes on a busy machine): an engine that answers.
+# Installing docker.io starts the daemon only where systemd runs.
+if ! said=$("$engine" info 2>&1 >/dev/null); then
+    echo "base-image: $engine does not answer ($(printf '%s\n' "$said" | tail -n 1)): start it first:" \
+        "\`systemctl start docker\`, or without systemd, as root, \`dockerd --host=unix:///var/run/docker.sock &\`" \
+        "(docs/containers.md)" >&2
+    exit 1
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -75,7 +75,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return workers.supervise(cfg.listener, serve_one, cfg.admin)
     except workers.PortInUse as e:
-        print(f"cannot serve: {e}", file=sys.stderr)
+        print(
+            f"cannot serve: {e} (in {cfg.path}): something listens there already (this gateway started before?): "
+            f"stop it, or give {e.key} another port",
+            file=sys.stderr,
+        )
         return 2
 
 

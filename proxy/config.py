@@ -12,6 +12,7 @@ import difflib
 import ipaddress
 import math
 import os
+import pwd
 import re
 import socket
 import tomllib
@@ -379,6 +380,15 @@ class _Reader:
         try:
             if not p.is_file():  # a FIFO or a device (/dev/zero) is no file to read either
                 self.problem(key, f"not a regular file: {p}" if p.exists() else f"file not found: {p}")
+            else:
+                os.close(os.open(p, os.O_RDONLY))  # read later (a keytab by GSSAPI, per request): fail at the start
+        except PermissionError as e:
+            self.problem(
+                key,
+                f"{p}: not readable by {_this_user()} ({e.strerror}); give the gateway's user read access (its group, "
+                "mode 0640), or pass it as a systemd credential (LoadCredential=, deploy/systemd/kcd-proxy.service); "
+                "run check-config as that user",
+            )
         except OSError as e:  # is_file() says False only for a missing file; a name too long raises
             self.problem(key, f"{e.strerror}: {p}")
         return p
@@ -404,6 +414,14 @@ class _Reader:
             near = difflib.get_close_matches(name, sorted(known), n=1)  # a misspelt key's likely meaning
             hint = f"; did you mean {near[0]}?" if near else ""
             self.problem(f"{prefix}.{name}" if prefix else name, f"unknown key{hint}")
+
+
+def _this_user() -> str:
+    """The name of the user this process runs as, or its uid where it has no name (a container's)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _host_port(r: _Reader, key: str, value: str | None) -> tuple[str, int]:

@@ -86,26 +86,30 @@ class Worker:
 
 
 class PortInUse(Exception):
-    """Something already listens on the gateway's address."""
+    """Something already listens on the gateway's address; `key` is the configuration key that names it."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def check_port_free(listener: Listener, admin: Admin | None = None) -> None:
     """Bind the address the way a lone gateway would (no SO_REUSEPORT): this fails if anything listens. The admin
     listener's too (`admin`, when it has a TCP address): its workers share it with SO_REUSEPORT as well, so a second
     gateway given the same admin port answered half of the first one's scrapes and readiness probes."""
-    _check_free(listener.host, listener.port, "")
+    _check_free(listener.host, listener.port, "listener.bind", "")
     if admin is not None and admin.bound:
-        _check_free(admin.host, admin.port, "admin.bind ")
+        _check_free(admin.host, admin.port, "admin.bind", "admin.bind ")
 
 
-def _check_free(host: str, port: int, key: str) -> None:
+def _check_free(host: str, port: int, key: str, prefix: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise PortInUse(f"{key}{host}:{port}: {exc.strerror}") from None
+            raise PortInUse(f"{prefix}{host}:{port}: {exc.strerror}", key) from None
 
 
 def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Admin | None = None) -> int:

@@ -166,7 +166,7 @@ def render_index(records: Iterable[dict[str, Any]], *, user: str | None, held: i
     filtered = f" for {_e(user)} (<a href='/'>all</a>)" if user else ""
     body = (
         f"<h1>kcd-proxy: recent requests{filtered}</h1>"
-        f'<p class="muted">{held} requests held (the last {keep} are kept), newest first. '
+        f'<p class="muted">{held} request{"" if held == 1 else "s"} held (the last {keep} are kept), newest first. '
         'Open one to see its delegation flow. JSON: <a href="/traces">/traces</a>.</p>'
         '<form method="get" action="/"><label>User (UPN or principal) <input name="user" '
         f'value="{_e(user)}"></label> <button>Filter</button></form><br>'
@@ -186,6 +186,9 @@ def pac_summary(pac: dict[str, Any]) -> str:
 
 
 def _ticket_facts(stage: dict[str, Any]) -> str:
+    """A ticket's facts, with the names docs/delegation-flow.md reads them by: its flags also in hex, as the KDC's
+    log shows them, and its authtime, which is the gateway's own TGT's (protocol transition: the user never
+    authenticated), beside its start and end."""
     keys = (
         "client",
         "server",
@@ -195,6 +198,7 @@ def _ticket_facts(stage: dict[str, Any]) -> str:
         "enctype",
         "session_enctype",
         "kvno",
+        "authtime",
         "start",
         "end",
         "pac",
@@ -205,8 +209,8 @@ def _ticket_facts(stage: dict[str, Any]) -> str:
             value = stage[key]
             if isinstance(value, dict):
                 value = pac_summary(value)
-            elif isinstance(value, list):
-                value = ", ".join(value)
+            elif isinstance(value, list):  # the flags by name, then as the KDC's log and klist show them
+                value = ", ".join(value) + (f" ({stage['flags_hex']})" if stage.get("flags_hex") else "")
             elif isinstance(value, bool):
                 value = "yes" if value else "no"
             items.append(f"<dt>{_e(key)}</dt><dd>{_e(value)}</dd>")

@@ -4,8 +4,12 @@ line naming the key and the file. A stranger's typo must never start a gateway o
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -103,3 +107,88 @@ def test_a_reader_that_went_away_ends_the_command_quietly(lab: LabLayout, tmp_pa
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def _as_nobody(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """`kcd-proxy ARGV`'s exit status and output, run as nobody in a forked child of this process (a new interpreter
+    run as nobody could not import this checkout from a clone directory of mode 0700, as `mktemp -d` makes). The
+    child gives up after 30 s (SIGALRM), so a gateway that starts serving ends the test instead of hanging it."""
+    import importlib
+
+    from proxy import cli
+
+    # what the commands import when they run, imported before the child drops to nobody (this interpreter's own
+    # standard library may be in a directory nobody may read: a pyenv build under /root)
+    modules = ("proxy.app", "proxy.live", "proxy.ops.check", "proxy.ops.explain", "proxy.ops.doctor")
+    for module in (*modules, "uvloop", "concurrent.futures.thread"):
+        importlib.import_module(module)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 70
+        try:
+            os.close(read)
+            os.dup2(write, 1)
+            os.dup2(write, 2)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115  pytest's capture is not the file descriptors
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            os.environ.update(env)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler: the kernel ends it
+            signal.alarm(30)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            status = cli.main(argv)
+        except BaseException:  # whatever escaped is the test's to see, as the traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as out:
+        output = out.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the commands as another user (nobody)")
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("key", ["kerberos.keytab", "listener.private_key"])
+def test_a_file_the_gateways_user_cannot_read_is_named_with_the_fix(lab: LabLayout, command: str, key: str) -> None:
+    """The gateway started as a user who cannot read its keytab or its TLS key (root's, mode 0600): each command
+    exits as for any configuration error, naming the key, the file, the user and the fix. Before, `run` served with
+    an unreadable keytab (every request then 502) and died with a PermissionError traceback on the TLS key; explain
+    and doctor did much the same; only check-config named them."""
+    shared = Path(tempfile.mkdtemp(prefix="kcd-unreadable-"))
+    try:
+        shared.chmod(0o755)  # nobody may reach the files: the configuration, the lab's PKI, krb5.conf and keytab
+        for part in ("pki", "keytabs"):
+            shutil.copytree(lab.root / part, shared / part)
+        shutil.copy(lab.krb5_conf, shared / "krb5.conf")
+        for path in (shared, *shared.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        secret = {
+            "kerberos.keytab": shared / "keytabs" / "proxy.keytab",
+            "listener.private_key": shared / "pki" / "server.key",
+        }[key]
+        secret.chmod(0o600)
+        text = lab_config(lab, port=free_port()).replace(str(lab.root), str(shared))
+        assert str(lab.root) not in text
+        config = shared / "gateway.toml"
+        config.write_text(text)
+        config.chmod(0o644)
+        argv = [a.replace(str(lab.root), str(shared)) for a in _argv(command, config, lab)[3:]]  # after `-m proxy`
+        code, output = _as_nobody(argv, {**lab.env(), "KRB5_CONFIG": str(shared / "krb5.conf")})
+        assert code == COMMANDS[command][1], output
+        line = next(
+            (x for x in output.splitlines() if f"{key}: {secret}: not readable by nobody (Permission denied)" in x),
+            None,
+        )
+        assert line is not None, output
+        assert "give the gateway's user read access" in line
+        assert str(config) in line
+        assert "Traceback" not in output
+        assert '"listening"' not in output
+    finally:
+        shutil.rmtree(shared)

@@ -25,6 +25,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -361,6 +362,55 @@ def test_no_reader_of_the_lab_holds_a_ca_key_or_a_secret_of_the_realm(stack: Sta
         assert {f for f in files if f.endswith(".keytab")} == own, service
         if service != "device":
             assert not any(f.startswith("pki/users/") and f.endswith((".key", ".p12")) for f in files), service
+
+
+def _readme_host_lines() -> str:
+    """The README's container commands from its `docker cp` of the lab's PKI through the curl (continuation lines
+    included), as printed."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Containers") :]
+    block = block[block.index("```sh\n") + 6 :]
+    lines = block[: block.index("```")].splitlines()
+    start = next(i for i, line in enumerate(lines) if "docker cp" in line)
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("curl"))
+    while lines[end].endswith("\\"):
+        end += 1
+    return "\n".join(lines[start : end + 1]) + "\n"
+
+
+def _run_readme_host_lines(stack: Stack, where: Path) -> subprocess.CompletedProcess[str]:
+    """The README's `docker cp` and curl lines, run by bash in `where` against this project, on its published port
+    (`KCD_GATEWAY_PORT`, as a newcomer who moved it from `make lab`'s 8443 would have it set)."""
+    env = {**stack.env, "COMPOSE_FILE": str(REPO / "docker-compose.yml")}
+    script = "set -eu\n" + _readme_host_lines()
+    return subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=120, check=False, cwd=where, env=env
+    )
+
+
+def test_the_readmes_curl_as_printed_follows_the_moved_port(stack: Stack, tmp_path: Path) -> None:
+    """`make lab`'s gateway holds 127.0.0.1:8443, so a newcomer who followed the README's lab first moves this one
+    with KCD_GATEWAY_PORT, as the README says: its curl, as printed, reaches this stack's gateway as alice. It named
+    8443 outright and so reached `make lab`'s gateway, which refused the compose lab's certificates ("unable to get
+    local issuer certificate")."""
+    assert stack.gateway_port != 8443
+    done = _run_readme_host_lines(stack, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["principal"] == "alice@LAB.TEST"
+
+
+def test_the_readmes_copy_of_the_pki_replaces_an_earlier_labs(stack: Stack, tmp_path: Path) -> None:
+    """A newcomer who ran the stack before (`down -v`, `up -d` again: a new PKI) still has the earlier lab's
+    `lab-pki`: the README's lines, as printed, leave the lab's PKI of now there, and its curl gets alice's answer.
+    `docker cp` into the existing directory put the new PKI under lab-pki/pki and the curl used the old root and
+    keys ("unable to get local issuer certificate")."""
+    from proxy.lab import pki
+
+    pki.make_pki(tmp_path / "lab-pki", now=datetime.now(UTC))  # the earlier lab's PKI: other CA, other keys
+    done = _run_readme_host_lines(stack, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["principal"] == "alice@LAB.TEST"
+    assert not (tmp_path / "lab-pki" / "pki").exists()
 
 
 def test_the_images_carry_no_apt_cache(stack: Stack) -> None:

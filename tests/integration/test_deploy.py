@@ -756,3 +756,23 @@ def test_systemd_rates_the_unit_well_hardened(tmp_path: Path) -> None:
     found = re.search(r"Overall exposure level for kcd-proxy\.service: (\d+\.\d+)", done.stdout)
     assert found, done.stdout + done.stderr
     assert float(found.group(1)) <= 2.0, done.stdout
+
+
+def test_base_image_without_an_engine_stops_at_once_and_says_how_to_start_one(tmp_path: Path) -> None:
+    """`make base-image` with no engine answering (a machine without systemd, where installing docker.io starts no
+    daemon): it stops before building anything, naming the engine and how to start it. It built the root file system
+    first (mmdebstrap: 26-43 s, minutes on a busy machine) and only then failed at `docker import`."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    called = tmp_path / "mmdebstrap-called"
+    (fake / "mmdebstrap").write_text(f"#!/bin/sh\ntouch {called}\nexit 1\n")
+    (fake / "mmdebstrap").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "DOCKER_HOST": f"unix://{tmp_path}/none.sock"}
+    done = subprocess.run(
+        [REPO / "deploy" / "base-image.sh"], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert not called.exists(), done.stdout + done.stderr
+    assert "base-image: docker does not answer" in done.stderr
+    assert "dockerd --host=unix:///var/run/docker.sock &" in done.stderr
+    assert "systemctl start docker" in done.stderr

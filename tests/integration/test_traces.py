@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import socket
 import struct
@@ -343,6 +344,30 @@ def test_the_page_draws_a_known_request_in_a_real_browser(lab: LabLayout, traced
     assert (width, height) == (1200, 900)
     assert shot.stat().st_size > 30_000
     assert distinct > 32  # a drawing, not a blank page
+
+
+def test_the_page_shows_each_tickets_authtime_and_flags_as_delegation_flow_reads_them(
+    lab: LabLayout, traced: Traced
+) -> None:
+    """The trace page of a real request, read as docs/delegation-flow.md reads a trace: each ticket's authtime (the
+    gateway's own TGT's, the same in the evidence and the service ticket, no later than either's start) and its flags
+    by name and as 0x40090000 (the page showed neither: a learner found the doc's authtime only in the JSON)."""
+    seen = _ids(traced.admin, "carol@lab.test")
+    assert curl(lab, traced.gw.url + "/owa/", "carol").stdout.endswith("200")
+    (record,) = _new_traces(traced.admin, seen, 1, "carol@lab.test")
+    stages = _stages(record)
+    status, page = _get(f"{traced.admin}/trace/{record['id']}")
+    assert status == 200, page
+    shown = [
+        dict(re.findall(r"<dt>([^<]+)</dt><dd>([^<]*)</dd>", dl))
+        for dl in re.findall(r'<dl class="facts">(.*?)</dl>', page)
+    ]
+    assert len(shown) == 2, page  # the evidence ticket's facts, then the service ticket's
+    for name, facts in zip(("s4u2self", "s4u2proxy"), shown, strict=True):
+        assert facts["authtime"] == stages[name]["authtime"]
+        assert facts["authtime"] <= facts["start"] == stages[name]["start"]
+        assert facts["flags"] == "forwardable, transited-policy-checked, enc-pa-rep (0x40090000)"
+    assert stages["s4u2self"]["authtime"] == stages["s4u2proxy"]["authtime"]
 
 
 def test_trace_command_prints_and_follows_one_users_requests(lab: LabLayout, traced: Traced) -> None:

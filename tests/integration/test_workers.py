@@ -372,6 +372,19 @@ def test_a_second_gateway_on_a_served_port_refuses_to_start(lab: LabLayout, two_
     assert f"cannot serve: 127.0.0.1:{two_workers.port}: Address already in use" in done.stderr
 
 
+def test_a_second_gateway_with_workers_on_a_served_port_names_the_key_the_file_and_the_fix(
+    lab: LabLayout, two_workers: Gateway
+) -> None:
+    """The same gateway started twice (several workers): its refusal names `listener.bind`, the configuration file and
+    what to do, as a lone gateway's does; it said only "cannot serve: 127.0.0.1:PORT: Address already in use"."""
+    done = _run(lab, two_workers.config_path, timeout=30)
+    assert done.returncode == 2, done.stdout + done.stderr
+    line = next(x for x in done.stderr.splitlines() if x.startswith("cannot serve: "))
+    assert f"127.0.0.1:{two_workers.port}: Address already in use" in line
+    assert f"(in {two_workers.config_path})" in line
+    assert "stop it, or give listener.bind another port" in line
+
+
 def test_a_lone_gateway_on_a_taken_port_names_listener_bind(lab: LabLayout, tmp_path: Path) -> None:
     """One worker (no supervisor) whose address is taken: exit 2 and one line naming `listener.bind`, the address
     and why, as `admin.bind` does; never an uncaught exception's traceback."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -189,6 +190,34 @@ def test_a_refused_request_stops_the_diagram_at_the_refusing_step() -> None:
     steps = [(m.step, m.source, m.target, m.refused) for m in messages(build_record(t, 403, 5.0))]
     assert ("backend", "gateway", "backend", False) not in steps
     assert steps[-2:] == [("s4u2proxy", "kdc", "gateway", True), ("response", "gateway", "device", True)]
+
+
+def test_the_trace_page_shows_each_tickets_authtime_and_flags_in_hex() -> None:
+    """docs/delegation-flow.md reads two facts off each ticket: its authtime (the gateway's own TGT's, copied by the
+    KDC: the user never authenticated) and its flags in hex (0x40090000); the trace page shows both, for the evidence
+    ticket and the service ticket (it showed neither: a learner following the doc on the page found no authtime)."""
+    tgt = NOW - timedelta(minutes=13)  # the gateway's AS exchange, before this user's request
+    evidence = dataclasses.replace(EVIDENCE, authtime=tgt)
+    service = dataclasses.replace(SERVICE, authtime=tgt)
+    page = render_trace(build_record(_trace(cached=False, facts=S4UFacts(evidence, service, 2.0, 1.5)), 200, 9.0))
+    facts = [
+        dict(re.findall(r"<dt>([^<]+)</dt><dd>([^<]*)</dd>", dl))
+        for dl in re.findall(r'<dl class="facts">(.*?)</dl>', page)
+    ]
+    assert len(facts) == 2  # S4U2Self's and S4U2Proxy's
+    for ticket in facts:
+        assert ticket["authtime"] == "2026-05-01T11:47:00Z"
+        assert ticket["start"] == "2026-05-01T12:00:00Z"
+        assert ticket["flags"] == "forwardable, transited-policy-checked, enc-pa-rep (0x40090000)"
+
+
+def test_the_list_page_counts_one_request_in_the_singular() -> None:
+    """The lab's first page after the README's one curl says "1 request held", not "1 requests held"."""
+    record = build_record(_trace(cached=False), 200, 9.0)
+    assert '<p class="muted">1 request held (the last 200 are kept)' in render_index(
+        [record], user=None, held=1, keep=200
+    )
+    assert "2 requests held" in render_index([record, record], user=None, held=2, keep=200)
 
 
 def test_pages_escape_what_requests_carry() -> None:
