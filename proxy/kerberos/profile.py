@@ -75,6 +75,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import math
 import os
 import re
 import stat
@@ -135,8 +136,32 @@ def use_profile(krb5_config: Path | None) -> str:
 
 
 def refresh_profile() -> None:
-    """Write the one-file profile again if krb5.conf changed since (looked at once a second at most)."""
+    """Write the one-file profile again if krb5.conf changed since; with two files, the overlay again if the KDCs MIT
+    reads in krb5.conf changed since (`_primaries`). Looked at once a second at most."""
     _merged.refresh()
+    if not _merged and _bases:
+        _refresh_primaries()
+
+
+_primaries_looked: list[float] = [-math.inf]  # with two files: when `_refresh_primaries` last looked
+
+
+def _refresh_primaries() -> None:
+    """With two files MIT reads krb5.conf itself, and rereads it when it changes (an included file too): a KDC added
+    there is used at once, so it is named a primary at once too, or a refusal from it went once more to the KDCs
+    named primaries at the start (two failures per wrong password until a reload). Once a second: MIT's parser over
+    the files (tens of µs), and the overlay written again only where its text differs."""
+    now = time.monotonic()
+    if now - _primaries_looked[0] < 1.0:
+        return
+    _primaries_looked[0] = now
+    path = _own_overlay()
+    if path is None:
+        return
+    text = _overlay_text()
+    if _texts.get(path) != text:
+        with contextlib.suppress(OSError):  # the last one stands; looked at again in a second
+            _write(path, text)
 
 
 class _Merged:
