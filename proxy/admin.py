@@ -22,8 +22,9 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
 
 At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one takes the place of the oldest one
-past its TLS handshake, which is closed (`admin_connection_limit_reached`; a new one is closed as soon as it is made
-when every place holds a handshake: `_capped`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
+past its TLS handshake and not answering a request (`_evict_oldest`), which is closed
+(`admin_connection_limit_reached`; a new one is closed as soon as it is made when every place holds a handshake:
+`_capped`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
 idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head still unfinished
 after it, and a TLS handshake not done by then: connections that never send a request, or stop half-way, can
 neither take the file descriptors the device listener needs nor keep the admin listener full. Nor can one that
@@ -194,7 +195,7 @@ def make_admin_app(
     `crls`: `[admin] crls`, for the allow-list's revocation check."""
     admin = live.config.admin
     allowed = admin.allowed_clients if admin is not None and not unix else ()
-    middlewares = [_allow_list(allowed)] if allowed else []
+    middlewares = [_answering, *([_allow_list(allowed)] if allowed else [])]
     if admin is not None and admin.client_ca is None and not unix:
         middlewares.append(_loopback_host(admin.host))
     app = web.Application(middlewares=middlewares)
@@ -424,6 +425,11 @@ class _Counted(asyncio.Protocol):
         self._last: _Progress | None = None  # the last look's, if answers were waiting in the write buffer then
 
     @property
+    def answering(self) -> bool:
+        """Whether a request of this connection is in its handler now (`_answering`)."""
+        return self._transport is not None and id(self._transport) in _ANSWERING
+
+    @property
     def evictable(self) -> bool:
         """Whether `evict` can close it: past its TLS handshake (before that, asyncio's TLS protocol owns the socket,
         and the handshake's own timeout, ADMIN_SILENT_SECONDS, ends it)."""
@@ -521,7 +527,8 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
     connections are now the oldest: a probe's, made and done in milliseconds, is closed only by as many new
     connections opened meanwhile. Connections still in their TLS handshake are not closed for a new one (asyncio's
     TLS protocol owns them until it ends, within ADMIN_SILENT_SECONDS): when every place holds one, a new connection is
-    closed at once, as it was at the cap."""
+    closed at once, as it was at the cap. Nor is one whose request is being answered while another can go
+    (`_evict_oldest`): a flood of new connections would otherwise close a probe waiting for its /readyz."""
     open_: dict[int, weakref.ref[_Counted]] = {}  # by accept order, oldest first
     serials = itertools.count()
     full_since: bool = False
@@ -554,13 +561,35 @@ def _forget(open_: dict[int, weakref.ref[_Counted]], serial: int) -> None:
 
 
 def _evict_oldest(open_: dict[int, weakref.ref[_Counted]]) -> bool:
-    """Close the oldest of `open_` past its TLS handshake (`_Counted.evict`, which takes it out); False if none is."""
-    for ref in list(open_.values()):
-        counted = ref()
-        if counted is not None and counted.evictable:
-            counted.evict()
-            return True
-    return False
+    """Close the oldest of `open_` past its TLS handshake and not answering a request (`_Counted.evict`, which takes
+    it out), else the oldest past its handshake; False if none is. A probe's connection is not the oldest idle one
+    while it waits for its answer: a flood of new connections (a local user's loop) made it the oldest within
+    ADMIN_MAX_CONNECTIONS accepts, milliseconds, while its /readyz waited for the KDC, and closed it unanswered."""
+    evictable = [c for ref in list(open_.values()) if (c := ref()) is not None and c.evictable]
+    chosen = next((c for c in evictable if not c.answering), evictable[0] if evictable else None)
+    if chosen is None:
+        return False
+    chosen.evict()
+    return True
+
+
+_ANSWERING: dict[int, int] = {}  # id() of a connection's transport -> its requests in a handler now (`_answering`)
+
+
+@web.middleware
+async def _answering(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Mark the request's connection as answering while its handler runs (`_Counted.answering`: the cap closes others
+    first). Kept by the transport's id only while the handler runs, so an id reused later finds nothing."""
+    key = id(request.transport)
+    _ANSWERING[key] = _ANSWERING.get(key, 0) + 1
+    try:
+        return await handler(request)
+    finally:
+        left = _ANSWERING.pop(key) - 1
+        if left:
+            _ANSWERING[key] = left
 
 
 async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener | None:

@@ -117,6 +117,7 @@ from proxy.identity.principal import UserPrincipal, ascii_lower, configured_doma
 from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
+from proxy.kerberos.profile import refresh_profile
 from proxy.kerberos.threads import KdcThreads, NoThread, Outcome, no_thread_error
 
 T = TypeVar("T")
@@ -618,6 +619,7 @@ class BasicLogin:
                     return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
                 if known and not self._cache.known(key, time.monotonic(), digest):  # the check waited for refused it
                     raise self._held(key, guesses)
+                refresh_profile()  # krb5.conf edited since: its KDCs named primaries before MIT sends this password
                 try:
                     ticket = await _kdc(
                         self._checks, user.realm, login_blocking, user, credentials.password, outcome=attempt

@@ -186,10 +186,12 @@ class SharedTable:
     # version: one worker's refusal keeps the others from offering the same key, each offer a bad password against
     # the gateway's account in AD. Kept among the known passwords, under a kind of its own, until the file changes.
 
-    def refused_key(self, keytab: str, version: bytes) -> int | None:
-        """The KDC's words (`proxy.kerberos.keytab.refusal_words`) for the key of the keytab at `keytab` in its file
-        version `version` (16 bytes), when a worker offered it and it was refused; None if none was."""
-        hashed = self.digest(keytab, kind=_KEYTAB)
+    def refused_key(self, keytab: str, principal: str, version: bytes) -> int | None:
+        """The KDC's words (`proxy.kerberos.keytab.refusal_words`) for `principal`'s key in the keytab at `keytab` in
+        its file version `version` (16 bytes), when a worker offered it and it was refused; None if none was. By the
+        principal too: a reload naming another principal of the same file offers that one's key (it was refused from
+        memory, never offered, until the file changed)."""
+        hashed = self.digest(_refused_name(keytab, principal), kind=_KEYTAB)
         with self.locked():
             for offset in self._known_bucket(hashed):
                 stored, kept, _ = _KNOWN.unpack_from(self._map, offset)
@@ -197,8 +199,8 @@ class SharedTable:
                     return int(kept[16])
         return None
 
-    def keep_refused_key(self, keytab: str, version: bytes, words: int) -> None:
-        self.keep_known(keytab, version + bytes([words]) + bytes(15), math.inf, kind=_KEYTAB)
+    def keep_refused_key(self, keytab: str, principal: str, version: bytes, words: int) -> None:
+        self.keep_known(_refused_name(keytab, principal), version + bytes([words]) + bytes(15), math.inf, kind=_KEYTAB)
 
     # The users whose delegated tickets a worker dropped, for the others to drop theirs (module docstring).
 
@@ -490,3 +492,8 @@ def put_off(write: Callable[[], None]) -> bool:
     if now - packing.since >= PACK_FOR:
         packing.write()
     return True
+
+
+def _refused_name(keytab: str, principal: str) -> str:
+    """`refused_key`'s name for a principal's key in a keytab: NUL, in no path, between them."""
+    return f"{keytab}\0{principal}"

@@ -110,7 +110,14 @@ from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
 from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc, own_ticket_refused
 from proxy.kerberos.kdcs import KdcWatch, watch_for
-from proxy.kerberos.keytab import RefusedBefore, file_version, held_versions, missing_key, refusal_words
+from proxy.kerberos.keytab import (
+    FileVersion,
+    RefusedBefore,
+    file_version,
+    held_versions,
+    missing_key,
+    refusal_words,
+)
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
@@ -255,7 +262,7 @@ class Delegator:
         self._service_renew_at = 0.0  # time.monotonic() from which `_service_credentials` acquires them again
         self._service_lock = threading.Lock()
         # (the keytab file as it was, the KDC's refusal of its keys): not offered again until the file changes
-        self._refused_keytab: tuple[tuple[int, int, int] | None, gssapi.raw.GSSError | RefusedBefore] | None = None
+        self._refused_keytab: tuple[FileVersion | None, gssapi.raw.GSSError | RefusedBefore] | None = None
         self._own: tuple[gssapi.Name, gssapi.Credentials] | None = None  # for reading evidence tickets' PACs
         self._tickets: OrderedDict[Key, _Ticket] = OrderedDict()  # keyed by the KDC's client name
         self._canonical: dict[str, str] = {}  # the principal asked for -> the client name the KDC returned
@@ -656,7 +663,8 @@ class Delegator:
         if refused is not None and refused[0] == keytab:
             raise refused[1].with_traceback(None)  # else each raise adds its frames to the one exception kept
         shared, path, version = self._shared, str(self._settings.keytab), _version_digest(keytab)
-        words = shared.refused_key(path, version) if shared is not None else None
+        principal = self._settings.principal  # a keytab holds keys of several: one refused says nothing of another's
+        words = shared.refused_key(path, principal, version) if shared is not None else None
         if words is not None:  # another worker offered this very key, and the KDC refused it
             self._refused_keytab = (keytab, RefusedBefore(words))
             raise self._refused_keytab[1]
@@ -678,7 +686,7 @@ class Delegator:
             if words is not None:
                 self._refused_keytab = (keytab, e)
                 if shared is not None:
-                    shared.keep_refused_key(path, version, words)
+                    shared.keep_refused_key(path, principal, version, words)
             raise
         self._refused_keytab = None
         return creds
@@ -857,7 +865,7 @@ def usable_until(obtained: float, expires: float) -> float:
     return expires - margin
 
 
-def _version_digest(version: tuple[int, int, int] | None) -> bytes:
+def _version_digest(version: FileVersion | None) -> bytes:
     """A keytab's file version (`file_version`) as the workers' table keeps it: 16 bytes."""
     return hashlib.blake2b(repr(version).encode(), digest_size=16).digest()
 

@@ -16,6 +16,7 @@ Pure but for `read_keytab` and `missing_key`, which read the file: bytes in, ent
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -193,10 +194,17 @@ class RefusedBefore(Exception):
         return self.message
 
 
-def file_version(path: Path) -> tuple[int, int, int] | None:
-    """(inode, size, mtime in ns) of a file, or None when it cannot be read: what tells a file written again."""
+FileVersion = tuple[int, int, int, bytes]
+
+
+def file_version(path: Path) -> FileVersion | None:
+    """(inode, size, mtime in ns, a digest of the content) of a file, or None when it cannot be read: what tells a file
+    written again. The content too: a keytab written again in place keeps its inode, and its size whenever it holds the
+    same principals and enctypes, and `cp -p`, `rsync -t` or `install -p` set its mtime to the source's (a refused key
+    was kept refused after the fix). A keytab is a few hundred bytes; this is read before an AS exchange only."""
     try:
         status = path.stat()
+        content = path.read_bytes()
     except OSError:
         return None
-    return status.st_ino, status.st_size, status.st_mtime_ns
+    return status.st_ino, status.st_size, status.st_mtime_ns, hashlib.blake2b(content, digest_size=16).digest()

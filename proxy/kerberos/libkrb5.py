@@ -1,8 +1,9 @@
 """MIT's libkrb5 through ctypes: loaded once, with the prototype of every call the gateway makes.
 
 Two modules call libkrb5 directly, for what python-gssapi has no call for: `proxy.kerberos.profile` holds a library
-context open (krb5.conf kept parsed between tokens) and `proxy.kerberos.ap_req` makes Negotiate tokens on a held
-service ticket. Both use `LIB`, loaded here once, the library python-gssapi already has in the process. Every
+context open (krb5.conf kept parsed between tokens) and reads the realms' KDCs with MIT's own profile parser, includes
+followed (`realm_kdcs`), and `proxy.kerberos.ap_req` makes Negotiate tokens on a held service ticket. Both use
+`LIB`, loaded here once, the library python-gssapi already has in the process. Every
 function they call is declared below with its arguments and result (krb5.h), so a wrong argument raises
 `ctypes.ArgumentError` rather than reaching C, and a pointer result is not cut to a C int.
 
@@ -71,8 +72,17 @@ _SIGNATURES: Final = {
     "krb5_free_data_contents": [c_void_p, POINTER(Data)],
     "krb5_get_error_message": [c_void_p, c_int32],
     "krb5_free_error_message": [c_void_p, c_void_p],
+    "profile_init_path": [c_char_p, POINTER(c_void_p)],
+    "profile_get_subsection_names": [c_void_p, POINTER(c_char_p), POINTER(POINTER(c_char_p))],
+    "profile_get_values": [c_void_p, POINTER(c_char_p), POINTER(POINTER(c_char_p))],
+    "profile_free_list": [POINTER(c_char_p)],
+    "profile_release": [c_void_p],
 }
-_RESULTS: Final = {"krb5_get_error_message": c_void_p}  # const char *, freed with krb5_free_error_message
+_RESULTS: Final = {
+    "krb5_get_error_message": c_void_p,  # const char *, freed with krb5_free_error_message
+    "profile_free_list": None,  # void
+    "profile_release": None,  # void
+}
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -102,3 +112,33 @@ def check(code: int, context: c_void_p, what: str) -> None:
         message = ctypes.string_at(text).decode("utf-8", "replace")
         LIB.krb5_free_error_message(context, text)
     raise Krb5Error(f"{what}: {message}")
+
+
+def realm_kdcs(files: str) -> dict[str, list[str]] | None:
+    """Each realm's `kdc` values in the krb5.conf `files` (a KRB5_CONFIG-style colon-separated list), as MIT's profile
+    library reads them: `include`, `includedir` and `module` followed, sections named twice merged, final marks kept.
+    None where libkrb5 is not loaded or MIT reads none of the files."""
+    if LIB is None:
+        return None
+    handle = c_void_p()
+    if LIB.profile_init_path(files.encode(), ctypes.byref(handle)) != 0:
+        return None
+    try:
+        return {realm: _profile_list(handle, "profile_get_values", ("realms", realm, "kdc"))
+                for realm in _profile_list(handle, "profile_get_subsection_names", ("realms",))}  # fmt: skip
+    finally:
+        LIB.profile_release(handle)
+
+
+def _profile_list(handle: c_void_p, call: str, path: tuple[str, ...]) -> list[str]:
+    """The names or values the profile call `call` answers at `path`; [] where there are none."""
+    assert LIB is not None
+    names = (c_char_p * (len(path) + 1))(*[name.encode() for name in path], None)
+    found = POINTER(c_char_p)()
+    if getattr(LIB, call)(handle, names, ctypes.byref(found)) != 0:
+        return []  # PROF_NO_SECTION, PROF_NO_RELATION: nothing there
+    values: list[str] = []
+    while (value := found[len(values)]) is not None:
+        values.append(value.decode("utf-8", "replace"))
+    LIB.profile_free_list(found)
+    return values

@@ -75,6 +75,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import math
 import os
 import re
 import stat
@@ -135,8 +136,32 @@ def use_profile(krb5_config: Path | None) -> str:
 
 
 def refresh_profile() -> None:
-    """Write the one-file profile again if krb5.conf changed since (looked at once a second at most)."""
+    """Write the one-file profile again if krb5.conf changed since; with two files, the overlay again if the KDCs MIT
+    reads in krb5.conf changed since (`_primaries`). Looked at once a second at most."""
     _merged.refresh()
+    if not _merged and _bases:
+        _refresh_primaries()
+
+
+_primaries_looked: list[float] = [-math.inf]  # with two files: when `_refresh_primaries` last looked
+
+
+def _refresh_primaries() -> None:
+    """With two files MIT reads krb5.conf itself, and rereads it when it changes (an included file too): a KDC added
+    there is used at once, so it is named a primary at once too, or a refusal from it went once more to the KDCs
+    named primaries at the start (two failures per wrong password until a reload). Once a second: MIT's parser over
+    the files (tens of µs), and the overlay written again only where its text differs."""
+    now = time.monotonic()
+    if now - _primaries_looked[0] < 1.0:
+        return
+    _primaries_looked[0] = now
+    path = _own_overlay()
+    if path is None:
+        return
+    text = _overlay_text()
+    if _texts.get(path) != text:
+        with contextlib.suppress(OSError):  # the last one stands; looked at again in a second
+            _write(path, text)
 
 
 class _Merged:
@@ -232,13 +257,13 @@ def _overlay_text() -> str:
     without the watched realms' sections. Across files the sections' final mark (`}*`) keeps krb5.conf's KDCs of the
     realm out; inside one file MIT would add them, so they are left out."""
     text = _OVERLAY + ("\n[realms]\n" + "".join(_realms.values()) if _realms else "")
-    text += _primaries([_merged.text] if _merged else [_text_of(path) for path in _bases])
+    text += _primaries([_merged.text] if _merged else [_text_of(path) for path in _bases], _bases)
     if _merged:
         text += "\n" + _without_realms(_merged.text, set(_realms))
     return text
 
 
-def _primaries(texts: list[str]) -> str:
+def _primaries(texts: list[str], files: list[str] | None = None) -> str:
     """A `[realms]` section naming every `kdc` of each realm in krb5.conf's `texts` as a `primary_kdc` of that realm
     too ("" where none names a KDC).
 
@@ -250,9 +275,17 @@ def _primaries(texts: list[str]) -> str:
     values merge with krb5.conf's own `primary_kdc` lines, in one file or across two, so this needs nothing taken
     out of krb5.conf. The price: a password changed at the primary is refused by a replica until it has it (Active
     Directory's domain controllers ask their PDC emulator themselves). A realm whose KDCs come from DNS alone is left
-    to MIT (docs/throttles-and-limits.md)."""
+    to MIT (docs/throttles-and-limits.md).
+
+    With two files, the KDCs are read from krb5.conf's `files` by MIT's own profile parser (`libkrb5.realm_kdcs`),
+    which follows `include` and `includedir` as MIT's KDC look-up does: read from the files' text alone, a realm
+    whose section is in an included file (as distributions ship krb5.conf) had no primaries named, and every wrong
+    password was two failures again. One-file mode copies a file that includes none; without libkrb5, the texts."""
     kdcs: dict[str, dict[str, None]] = {}
-    for text in texts:
+    from_mit = libkrb5.realm_kdcs(":".join(files)) if files else None
+    for realm, values in (from_mit or {}).items():
+        kdcs.setdefault(realm, {}).update(dict.fromkeys(values))
+    for text in texts if from_mit is None else []:
         try:
             lines = krb5conf.read(text)
         except krb5conf.ProfileSyntaxError:

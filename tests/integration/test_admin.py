@@ -819,3 +819,91 @@ def test_connections_that_keep_asking_do_not_starve_readyz(own_admin_gateway: tu
         asking.join()
         for sock in socks:
             sock.close()
+
+
+class _HeldKdc:
+    """A TCP relay to the lab's KDC that holds what clients send while `hold` is set (`held` says something came):
+    the gateway's AS exchange waits in it, as it would for a slow KDC."""
+
+    def __init__(self, kdc_port: int) -> None:
+        self.hold, self.held, self._stop = threading.Event(), threading.Event(), threading.Event()
+        self._kdc_port = kdc_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._serve, daemon=True)]
+        self._threads[0].start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            kdc = socket.create_connection(("127.0.0.1", self._kdc_port), timeout=30)
+            for source, target, holds in ((client, kdc, True), (kdc, client, False)):
+                thread = threading.Thread(target=self._pump, args=(source, target, holds), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _pump(self, source: socket.socket, target: socket.socket, holds: bool) -> None:
+        with contextlib.suppress(OSError):
+            source.settimeout(0.2)
+            while not self._stop.is_set():
+                try:
+                    data = source.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                while holds and self.hold.is_set() and not self._stop.is_set():
+                    self.held.set()
+                    self._stop.wait(0.05)
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        self._listener.close()
+
+
+def test_a_flood_of_new_connections_does_not_evict_a_probe_being_answered(lab: LabLayout, tmp_path: Path) -> None:
+    """A kubelet's /readyz waits for its KDC probe (the KDC slow: a relay holds the AS exchange) while a local user
+    opens three times ADMIN_MAX_CONNECTIONS new admin connections: at the cap each new one takes the place of the
+    oldest idle one, never the probe's, which is answered 200 once the KDC answers. Before, the probe's connection
+    became the oldest within ADMIN_MAX_CONNECTIONS accepts and was closed unanswered (seen with a plain flood too: the
+    first /readyz past the cache cut, 1 of 3)."""
+    relay = _HeldKdc(lab.kdc_port)
+    kdc = f"kdc = 127.0.0.1:{lab.kdc_port}"
+    text = lab.krb5_conf.read_text()
+    assert kdc in text, text
+    krb5_conf = tmp_path / "krb5-relay.conf"
+    krb5_conf.write_text(text.replace(kdc, f"kdc = 127.0.0.1:{relay.port}"))
+    admin_port = free_port()
+    config = lab_config(
+        lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n', krb5_conf=krb5_conf
+    )
+    gw = start_gateway(lab, tmp_path / "gateway", config)
+    flood: list[socket.socket] = []
+    answered: list[bool] = []
+    try:
+        relay.hold.set()
+        probe = threading.Thread(target=lambda: answered.append(_answers(f"http://127.0.0.1:{admin_port}/readyz")))
+        probe.start()
+        assert relay.held.wait(WAIT), "the probe's AS exchange never reached the relay"
+        flood = [
+            socket.create_connection(("127.0.0.1", admin_port), timeout=15) for _ in range(3 * ADMIN_MAX_CONNECTIONS)
+        ]
+        eventually(lambda: _closed(flood[2 * ADMIN_MAX_CONNECTIONS - 1]), "the cap closed the flood's oldest")
+        relay.hold.clear()
+        probe.join(WAIT)
+        assert answered == [True]
+    finally:
+        relay.hold.clear()
+        for sock in flood:
+            sock.close()
+        gw.stop()
+        relay.close()

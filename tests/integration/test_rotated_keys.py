@@ -24,9 +24,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import gssapi
 import pytest
 
 from proxy.admin import READY_CACHE_SECONDS, Readiness
+from proxy.auth.shared import SharedTable
 from proxy.config import Kerberos
 from proxy.errors import KerberosMisconfigured
 from proxy.identity.principal import UserPrincipal
@@ -317,3 +319,61 @@ def test_a_running_gateway_offers_a_refused_key_once_whoever_asks(lab: LabLayout
             assert done.stdout.endswith("\n200"), done.stdout + done.stderr
         finally:
             gw.stop()
+
+
+def test_a_reload_to_another_principal_of_the_same_keytab_offers_its_key(lab: LabLayout, tmp_path: Path) -> None:
+    """One keytab file holding two gateway principals' keys, the first's stale (changed at the KDC, preauthentication
+    required, as in AD): with workers, the workers' table keeps the first's refusal. A reload naming the second
+    principal (the operator's fix) builds a new Delegator on the same table: its key, never offered, goes to the KDC
+    and is accepted. Before, the table kept the refusal by the keytab's path alone, and refused the second principal
+    from memory, without the KDC, until the file changed."""
+    with gateway_principal(lab, tmp_path, "+requires_preauth") as stale, gateway_principal(lab, tmp_path) as good:
+        assert good.keytab == stale.keytab  # one file, both principals' keys
+        _kadmin(lab, f"cpw -randkey {stale.principal}")
+        table = SharedTable(max_keys=64, max_known=64)
+        first = Delegator(stale.settings(lab), shared=table)
+        try:
+            with pytest.raises(gssapi.raw.GSSError):
+                first.fresh_credentials()
+        finally:
+            first.close()
+        reloaded = Delegator(Gateway(good.principal, stale.keytab).settings(lab), shared=table)
+        try:
+            creds = reloaded.fresh_credentials()
+            assert str(creds.name) == f"{good.principal}@{REALM}"
+        finally:
+            reloaded.close()
+
+
+def test_a_keytab_rewritten_in_place_with_its_size_and_mtime_is_offered_again(lab: LabLayout, tmp_path: Path) -> None:
+    """A stale keytab refused (in this process's memory and the workers' table), then written again in place with the
+    KDC's current key: the same inode, the same size (same principal, same enctypes) and its mtime set back (`cp -p`,
+    `rsync -t`, `install -p` from a source with normalised mtimes). The file's content changed, so the key is offered
+    again and accepted. Before, the memory compared (inode, size, mtime) alone and kept refusing until some other
+    write."""
+    with gateway_principal(lab, tmp_path, "+requires_preauth") as own:
+        _kadmin(lab, f"cpw -randkey {own.principal}")
+        table = SharedTable(max_keys=64, max_known=64)
+        delegator = Delegator(own.settings(lab), shared=table)
+        try:
+            with pytest.raises(gssapi.raw.GSSError):
+                delegator.fresh_credentials()
+            current = tmp_path / "current.keytab"
+            _kadmin(lab, f"ktadd -k {current} -norandkey {own.principal}")
+            before = own.keytab.stat()
+            assert current.stat().st_size == before.st_size  # only the content tells them apart
+            with own.keytab.open("r+b") as f:
+                f.write(current.read_bytes())
+            os.utime(own.keytab, ns=(before.st_atime_ns, before.st_mtime_ns))
+            after = own.keytab.stat()
+            assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+            assert after.st_mtime_ns == before.st_mtime_ns
+            creds = delegator.fresh_credentials()
+            assert str(creds.name) == f"{own.principal}@{REALM}"
+            other = Delegator(own.settings(lab), shared=table)  # a worker with no memory of its own: the table's
+            try:
+                assert str(other.fresh_credentials().name) == f"{own.principal}@{REALM}"
+            finally:
+                other.close()
+        finally:
+            delegator.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import sys
 import threading
@@ -75,5 +76,6 @@ def fresh_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(profile, "_realms", {})
     monkeypatch.setattr(profile, "_set", [])
     monkeypatch.setattr(profile, "_bases", [])
+    monkeypatch.setattr(profile, "_primaries_looked", [-math.inf])
     monkeypatch.setenv("KRB5_CONFIG", "")  # recorded, whether it was set or not: restored as it was
     monkeypatch.delenv("KRB5_CONFIG")

@@ -8,6 +8,7 @@ import fcntl
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -480,3 +481,28 @@ def test_a_reload_that_drops_kerberos_krb5_config_reads_the_environments_krb5_co
         assert _mit_value(value, *realm_kdc) == "127.0.0.1:2222", value
         assert kdcs.krb5_files(None) == [environment]
         assert profile.use_profile(None) == value  # and so on, reload after reload
+
+
+@pytest.mark.usefixtures("fresh_profile")
+def test_a_kdc_added_to_krb5_conf_read_as_two_files_becomes_a_primary_without_a_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """krb5.conf read by MIT itself (two files: it includes another) and edited to name another KDC: MIT uses it
+    within a second, so the overlay names it a primary_kdc too within a second of `refresh_profile`, without a reload.
+    Before, the overlay's primaries stayed those of the start: a refusal from the new KDC was sent again to the old
+    ones as to the primary, two failures per wrong Basic password until a reload."""
+    extra = tmp_path / "extra.conf"
+    extra.write_text("[libdefaults]\n    dns_lookup_realm = false\n")
+    conf = tmp_path / "krb5.conf"
+    realm = "[realms]\n    LAB.TEST = {\n        kdc = 127.0.0.1:1111\n    }\n"
+    conf.write_text(f"include {extra}\n{realm}")
+    value = profile.use_profile(conf)
+    assert value.endswith(f":{conf}")
+    assert _mit_values(value, "realms", "LAB.TEST", "primary_kdc") == ["127.0.0.1:1111"]
+    added = realm.replace("1111\n", "1111\n        kdc = 127.0.0.2:2222\n")
+    conf.write_text(f"include {extra}\n{added}")
+    deadline = time.monotonic() + 10
+    while _mit_values(value, "realms", "LAB.TEST", "primary_kdc") != ["127.0.0.1:1111", "127.0.0.2:2222"]:
+        assert time.monotonic() < deadline, _mit_values(value, "realms", "LAB.TEST", "primary_kdc")
+        profile.refresh_profile()
+        time.sleep(0.05)  # a poll's pace: the deadline above bounds the wait

@@ -134,19 +134,18 @@ def test_known_passwords_are_bounded_and_the_one_kept_longest_goes_first() -> No
     assert all(table.known(f"user-{i}", 0.0, bytes([i]) * 32) for i in range(1, 9))
 
 
-def test_a_refused_keytab_key_is_kept_by_path_and_file_version() -> None:
-    """`SharedTable.refused_key`: the KDC's words for a keytab's refused key, kept by its path and file version (what
-    every worker's `Delegator` reads before an AS exchange); another version or another path is not refused, and a
-    refusal of the next version replaces the last."""
+def test_a_refused_keytab_key_is_kept_by_path_principal_and_file_version() -> None:
+    """`SharedTable.refused_key`: the KDC's words for a keytab's refused key, kept by its path, principal and file
+    version (what every worker's `Delegator` reads before an AS exchange); another version, another path or another
+    principal of the same file is not refused, and a refusal of the next version replaces the last."""
     table = SharedTable(max_keys=64, max_known=16)
     old, new = bytes(range(16)), bytes(range(1, 17))
-    assert table.refused_key("/etc/kcd/gateway.keytab", old) is None
-    table.keep_refused_key("/etc/kcd/gateway.keytab", old, 1)
-    assert table.refused_key("/etc/kcd/gateway.keytab", old) == 1
-    assert table.refused_key("/etc/kcd/gateway.keytab", new) is None  # the file written again: offered again
-    assert table.refused_key("/etc/kcd/other.keytab", old) is None
-    table.keep_refused_key("/etc/kcd/gateway.keytab", new, 0)
-    assert (table.refused_key("/etc/kcd/gateway.keytab", new), table.refused_key("/etc/kcd/gateway.keytab", old)) == (
-        0,
-        None,
-    )
+    path, gateway = "/etc/kcd/gateway.keytab", "HTTP/proxy.lab.test@LAB.TEST"
+    assert table.refused_key(path, gateway, old) is None
+    table.keep_refused_key(path, gateway, old, 1)
+    assert table.refused_key(path, gateway, old) == 1
+    assert table.refused_key(path, gateway, new) is None  # the file written again: offered again
+    assert table.refused_key("/etc/kcd/other.keytab", gateway, old) is None
+    assert table.refused_key(path, "proxy$@LAB.TEST", old) is None  # a reload naming another principal of the file
+    table.keep_refused_key(path, gateway, new, 0)
+    assert (table.refused_key(path, gateway, new), table.refused_key(path, gateway, old)) == (0, None)
