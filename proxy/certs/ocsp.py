@@ -202,10 +202,14 @@ class OcspClient:
         async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
             if response.status != 200:
                 raise OcspError(f"HTTP {response.status}")
-            der = await response.content.read(MAX_RESPONSE_BYTES + 1)
-            if len(der) > MAX_RESPONSE_BYTES:
-                raise OcspError("response too large")
-            return der
+            # to its end: `content.read(n)` returns what has arrived so far, which an answer of more than one
+            # TCP segment cut short ("not an OCSP response" for a good certificate)
+            der = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                der += chunk
+                if len(der) > MAX_RESPONSE_BYTES:
+                    raise OcspError(f"response too large (more than {MAX_RESPONSE_BYTES} bytes)")
+            return bytes(der)
 
 
 # --- checking a response ---------------------------------------------------------------------------

@@ -1,0 +1,210 @@
+"""A hostile OCSP responder against a real gateway: the responder is whoever answers on the plain-HTTP path.
+
+The test plays the responder (a raw socket server answering with bytes it controls, OCSP answers minted with
+`cryptography` and the lab's issuing CA key) for a certificate of alice's whose authorityInfoAccess names it; curl and
+Python's TLS client are the devices.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+from proxy.lab.layout import LabLayout
+from proxy.lab.pki import Pki
+from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+from tests.integration.test_revocation import curl_with
+
+Answer = Callable[[ocsp.OCSPRequest], list[bytes]]  # the request asked -> the parts sent, a pause between two
+
+
+class HostileResponder:
+    """A raw HTTP/1.1 server on loopback: each request's body is read as an OCSP request and `answer` gives the
+    bytes sent back (head and body), in parts with `pause` seconds between them; `asked` counts the requests."""
+
+    def __init__(self, answer: Answer, pause: float = 0.0) -> None:
+        self.answer, self.pause, self.asked = answer, pause, 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.asked += 1
+            for i, part in enumerate(self.answer(ocsp.load_der_ocsp_request(body))):
+                if i:
+                    time.sleep(self.pause)  # the scenario: the answer's second part comes later
+                conn.sendall(part)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def http_answer(body: bytes, split: int | None = None) -> list[bytes]:
+    """An HTTP 200 `application/ocsp-response` carrying `body`, in two parts cut `split` bytes into the body."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/ocsp-response\r\nContent-Length: {len(body)}\r\n"
+    whole = head.encode() + b"Connection: close\r\n\r\n" + body
+    cut = len(whole) - len(body) + split if split is not None else len(whole)
+    return [whole[:cut], whole[cut:]] if cut < len(whole) else [whole]
+
+
+def issuing_ca(lab: LabLayout) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    pki = Pki.at(lab.pki_dir)
+    key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return x509.load_pem_x509_certificate(pki.issuing_cert.read_bytes()), key
+
+
+def good_from_the_ca(lab: LabLayout, request: ocsp.OCSPRequest) -> bytes:
+    """A "good" answer for exactly what `request` asks (its serial, its nonce), signed by the issuing CA itself."""
+    return good_answer(request, *issuing_ca(lab))
+
+
+def good_from_a_stranger(request: ocsp.OCSPRequest, certificates: int) -> bytes:
+    """A "good" answer for what `request` asks, signed by a responder of the path's own making (`CN=Responder`), its
+    certificate attached `certificates` times."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Responder")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return good_answer(request, cert, key, ocsp.OCSPResponderEncoding.NAME, certificates)
+
+
+def good_answer(
+    request: ocsp.OCSPRequest,
+    signer: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    responder_id: ocsp.OCSPResponderEncoding = ocsp.OCSPResponderEncoding.HASH,
+    certificates: int = 0,
+) -> bytes:
+    """A "good" answer for exactly what `request` asks (its serial, its nonce), signed by `signer`'s `key`, with
+    `certificates` copies of `signer` attached."""
+    now = datetime.now(UTC)
+    builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+        issuer_name_hash=request.issuer_name_hash,
+        issuer_key_hash=request.issuer_key_hash,
+        serial_number=request.serial_number,
+        algorithm=request.hash_algorithm,
+        cert_status=ocsp.OCSPCertStatus.GOOD,
+        this_update=now - timedelta(seconds=30),
+        next_update=now + timedelta(minutes=10),
+        revocation_time=None,
+        revocation_reason=None,
+    )
+    builder = builder.responder_id(responder_id, signer)
+    if certificates:
+        builder = builder.certificates([signer] * certificates)
+    nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
+    builder = builder.add_extension(nonce, critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def alice_answered_by(lab: LabLayout, directory: Path, responder: str) -> tuple[Path, Path]:
+    """A certificate for alice@lab.test from the issuing CA (the lab's profile) whose only OCSP responder is
+    `responder`; its serial is on no CRL."""
+    pki = Pki.at(lab.pki_dir)
+    alice = x509.load_pem_x509_certificate(pki.user_cert("alice").read_bytes())
+    _, ca_key = issuing_ca(lab)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(alice.subject)
+        .issuer_name(alice.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.now(UTC) - timedelta(hours=1))
+        .not_valid_after(datetime.now(UTC) + timedelta(days=30))
+    )
+    for ext in alice.extensions:  # the same profile: UPN, clientAuth, CRL distribution point; AKI as alice's
+        if not isinstance(ext.value, x509.SubjectKeyIdentifier | x509.AuthorityInformationAccess):
+            builder = builder.add_extension(ext.value, critical=ext.critical)
+    where = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(responder))
+    builder = builder.add_extension(x509.AuthorityInformationAccess([where]), critical=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key_path = directory / "alice.pem", directory / "alice.key"
+    cert.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert, key_path
+
+
+@pytest.fixture
+def ocsp_only(lab: LabLayout, tmp_path: Path) -> Iterator[Callable[[], Gateway]]:
+    """A factory for the lab gateway with OCSP alone deciding (`revocation = "off"`, `ocsp = "require"`)."""
+    started: list[Gateway] = []
+
+    def start() -> Gateway:
+        text = lab_config(lab, port=free_port())
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        assert lab_settings in text
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, 'revocation = "off"\nocsp = "require"\n'))
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        assert gw.stop() == 0
+
+
+def test_an_answer_in_two_tcp_segments_is_read_whole(
+    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+) -> None:
+    """A responder's good answer that arrives in two parts (its head and the first 40 bytes of its body, then the
+    rest 0.3 s later, as a delegated responder's answer of more than one TCP segment may on a real network) is read
+    whole: alice is served under `ocsp = "require"`. Before, the gateway read what had arrived first and took that for
+    the whole answer ("not an OCSP response"): 403 for a good certificate."""
+    responder = HostileResponder(lambda request: http_answer(good_from_the_ca(lab, request), split=40), pause=0.3)
+    try:
+        gw = ocsp_only()
+        cert, key = alice_answered_by(lab, tmp_path / "alice", responder.url)
+        gw.mark()
+        status, body = curl_with(lab, gw, cert, key)
+        assert (status, responder.asked) == (200, 1), body
+        answered = gw.wait_event("ocsp_answer", responder=responder.url)
+        assert answered["status"] == "good"
+    finally:
+        responder.close()
