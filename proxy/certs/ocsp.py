@@ -4,8 +4,9 @@ Theory of operation. For a verified leaf and the CA that issued it, `OcspClient.
 request (RFC 6960: one CertID with SHA-1 hashes, as RFC 5019 responders expect, and a fresh nonce) by
 HTTP POST to the first http(s) OCSP URL in the leaf's authorityInfoAccess. `verify_response` accepts
 the answer only if:
-- the response status is successful and it holds a single response for exactly our CertID (serial,
-  issuer name hash, issuer key hash);
+- the response status is successful, it carries at most `MAX_CERTIFICATES` certificates (counted from the DER
+  headers before any is read: cryptography reads them in quadratic time, holding the GIL) and it holds a single
+  response for exactly our CertID (serial, issuer name hash, issuer key hash);
 - it is signed by the issuing CA itself, or by a responder certificate that the issuing CA issued for
   id-kp-OCSPSigning and that is valid now; the response's responder ID names that signer (4.2.2.2);
 - it is fresh: thisUpdate is not in the future (beyond `CLOCK_SKEW`) and nextUpdate, if given, has
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -47,6 +49,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 MAX_AGE = timedelta(minutes=5)  # oldest thisUpdate accepted from a responder that did not echo our nonce
 FAILURE_SECONDS = 5.0
 MAX_RESPONSE_BYTES = 1024 * 1024
+MAX_CERTIFICATES = 10  # attached to an answer: the responder's own, perhaps its chain (RFC 5019 wants only the first)
 CACHE_SIZE = 10_000  # answers kept at most: as many as `proxy.certs.memo.VerifiedChains` keeps chains
 
 
@@ -93,6 +96,8 @@ def verify_response(
     if response.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
         raise OcspError(f"the responder answered {response.response_status.name}")
     try:  # cryptography reads some fields only when asked: an algorithm it does not know raises there
+        if _certificates_attached(der) > MAX_CERTIFICATES:
+            raise OcspError(f"the answer carries more than {MAX_CERTIFICATES} certificates (refused unread)")
         single = _single_response(response, request)
         _check_signer(response, issuer, at)
     except (UnsupportedAlgorithm, ValueError) as exc:
@@ -250,6 +255,57 @@ def _check_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate, at: dat
         _check_signature(response, candidate)
         return
     raise OcspError("the response is signed by neither the CA nor a responder it authorised")
+
+
+def _certificates_attached(der: bytes) -> int:
+    """How many certificates a successful answer carries (BasicOCSPResponse's `certs`), counted from the DER headers
+    alone, MAX_CERTIFICATES + 1 at most. `OCSPResponse.certificates` reads them all, in time quadratic in their
+    number and holding the GIL (3,000 in 800 KB: 4-8 s here), so it is not asked before they are counted."""
+    try:
+        status_and_bytes = _inside(der, (0, 0, len(der)))  # OCSPResponse: responseStatus, [0] EXPLICIT ResponseBytes
+        response_bytes = _inside(der, _inside(der, status_and_bytes[1])[0])  # responseType, response OCTET STRING
+        basic = _inside(der, response_bytes[1])[0]  # the OCTET STRING holds the BasicOCSPResponse
+        certs = [part for part in _inside(der, basic) if part[0] == 0xA0]  # after tbs, algorithm and signature
+        if not certs:
+            return 0
+        count = 0
+        for _ in _elements(der, *_value(der, _inside(der, certs[0])[0])):  # [0] EXPLICIT SEQUENCE OF Certificate
+            count += 1
+            if count > MAX_CERTIFICATES:
+                break
+    except IndexError as exc:
+        raise ValueError("a BasicOCSPResponse cut short") from exc
+    return count
+
+
+Element = tuple[int, int, int]  # a DER element: its tag, where its header starts, where it ends
+
+
+def _inside(der: bytes, element: Element) -> list[Element]:
+    """The elements inside `element` (a constructed one: SEQUENCE, explicit tag; or an OCTET STRING that holds DER)."""
+    return list(_elements(der, *_value(der, element)))
+
+
+def _value(der: bytes, element: Element) -> tuple[int, int]:
+    """Where the value of `element` starts and ends."""
+    _, at, end = element
+    start, length = at + 2, der[at + 1]
+    if der[at] & 0x1F == 0x1F:
+        raise ValueError("a DER tag of more than one byte")
+    if length & 0x80:
+        size = length & 0x7F
+        start, length = start + size, int.from_bytes(der[start : start + size])
+    if start + length > end:
+        raise ValueError("a DER element longer than what holds it")
+    return start, start + length
+
+
+def _elements(der: bytes, start: int, end: int) -> Iterator[Element]:
+    """The DER elements one after another from `start` to `end`."""
+    while start < end:
+        element_end = _value(der, (der[start], start, end))[1]
+        yield der[start], start, element_end
+        start = element_end
 
 
 def _names(response: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:

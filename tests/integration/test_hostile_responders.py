@@ -208,3 +208,24 @@ def test_an_answer_in_two_tcp_segments_is_read_whole(
         assert answered["status"] == "good"
     finally:
         responder.close()
+
+
+def test_an_answer_carrying_thousands_of_certificates_is_refused_unread(
+    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+) -> None:
+    """An answer with 3,000 certificates attached (about 400 KB, under the 1 MiB cap), signed by a responder of the
+    path's making, is refused before they are read (more than
+    10). Before, reading them (cryptography's `OCSPResponse.certificates`, quadratic in their number, holding the GIL)
+    took 3-8 s on the event loop, once per certificate every 5 s: every device of the gateway waited that long."""
+    responder = HostileResponder(lambda request: http_answer(good_from_a_stranger(request, certificates=3000)))
+    try:
+        gw = ocsp_only()
+        cert, key = alice_answered_by(lab, tmp_path / "alice", responder.url)
+        gw.mark()
+        status, body = curl_with(lab, gw, cert, key)
+        assert status == 403, body
+        failed = gw.wait_event("ocsp_failed", responder=responder.url)
+        assert "more than 10 certificates" in failed["error"], failed
+        assert responder.asked == 1
+    finally:
+        responder.close()
