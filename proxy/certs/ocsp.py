@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -42,6 +41,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from proxy.certs.chain import format_time
+from proxy.certs.der import elements, inside, value, whole
 from proxy.certs.revocation import RevocationEvidence, RevocationStatus
 
 log = structlog.get_logger("proxy.ocsp")
@@ -262,50 +262,20 @@ def _certificates_attached(der: bytes) -> int:
     alone, MAX_CERTIFICATES + 1 at most. `OCSPResponse.certificates` reads them all, in time quadratic in their
     number and holding the GIL (3,000 in 800 KB: 4-8 s here), so it is not asked before they are counted."""
     try:
-        status_and_bytes = _inside(der, (0, 0, len(der)))  # OCSPResponse: responseStatus, [0] EXPLICIT ResponseBytes
-        response_bytes = _inside(der, _inside(der, status_and_bytes[1])[0])  # responseType, response OCTET STRING
-        basic = _inside(der, response_bytes[1])[0]  # the OCTET STRING holds the BasicOCSPResponse
-        certs = [part for part in _inside(der, basic) if part[0] == 0xA0]  # after tbs, algorithm and signature
+        status_and_bytes = inside(der, whole(der))  # OCSPResponse: responseStatus, [0] EXPLICIT ResponseBytes
+        response_bytes = inside(der, inside(der, status_and_bytes[1])[0])  # responseType, response OCTET STRING
+        basic = inside(der, response_bytes[1])[0]  # the OCTET STRING holds the BasicOCSPResponse
+        certs = [part for part in inside(der, basic) if part[0] == 0xA0]  # after tbs, algorithm and signature
         if not certs:
             return 0
         count = 0
-        for _ in _elements(der, *_value(der, _inside(der, certs[0])[0])):  # [0] EXPLICIT SEQUENCE OF Certificate
+        for _ in elements(der, *value(der, inside(der, certs[0])[0])):  # [0] EXPLICIT SEQUENCE OF Certificate
             count += 1
             if count > MAX_CERTIFICATES:
                 break
     except IndexError as exc:
         raise ValueError("a BasicOCSPResponse cut short") from exc
     return count
-
-
-Element = tuple[int, int, int]  # a DER element: its tag, where its header starts, where it ends
-
-
-def _inside(der: bytes, element: Element) -> list[Element]:
-    """The elements inside `element` (a constructed one: SEQUENCE, explicit tag; or an OCTET STRING that holds DER)."""
-    return list(_elements(der, *_value(der, element)))
-
-
-def _value(der: bytes, element: Element) -> tuple[int, int]:
-    """Where the value of `element` starts and ends."""
-    _, at, end = element
-    start, length = at + 2, der[at + 1]
-    if der[at] & 0x1F == 0x1F:
-        raise ValueError("a DER tag of more than one byte")
-    if length & 0x80:
-        size = length & 0x7F
-        start, length = start + size, int.from_bytes(der[start : start + size])
-    if start + length > end:
-        raise ValueError("a DER element longer than what holds it")
-    return start, start + length
-
-
-def _elements(der: bytes, start: int, end: int) -> Iterator[Element]:
-    """The DER elements one after another from `start` to `end`."""
-    while start < end:
-        element_end = _value(der, (der[start], start, end))[1]
-        yield der[start], start, element_end
-        start = element_end
 
 
 def _names(response: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:

@@ -7,6 +7,7 @@ Python's TLS client are the devices.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -24,7 +25,8 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki
 from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
-from tests.integration.test_revocation import curl_with
+from tests.integration.jsonlog import WAIT
+from tests.integration.test_revocation import connect, curl_with, get
 
 Answer = Callable[[ocsp.OCSPRequest], list[bytes]]  # the request asked -> the parts sent, a pause between two
 
@@ -229,3 +231,98 @@ def test_an_answer_carrying_thousands_of_certificates_is_refused_unread(
         assert responder.asked == 1
     finally:
         responder.close()
+
+
+# --- a distribution point's path ------------------------------------------------------------------
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def forged_crl(issuer: x509.Name, entries: int) -> bytes:
+    """A DER CRL under `issuer`'s name, current, listing `entries` certificates (the same one, which costs as much to
+    read), signed with a key of the path's making: 23 bytes an entry, 2.8 million in the gateway's 64 MiB."""
+    now = datetime.now(UTC)
+
+    def utc(when: datetime) -> bytes:
+        return _der(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
+
+    entry = _der(0x30, _der(0x02, b"\x01\x00\x00\x01") + utc(now - timedelta(days=1)))
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))  # ecdsa-with-SHA256
+    times = utc(now - timedelta(minutes=1)) + utc(now + timedelta(days=1))
+    tbs = _der(0x30, _der(0x02, b"\x01") + algorithm + issuer.public_bytes() + times + _der(0x30, entry * entries))
+    signature = ec.generate_private_key(ec.SECP256R1()).sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
+
+
+class CrlPath:
+    """A raw HTTP/1.1 server answering every GET with `body` (200, `Content-Length`, then closed)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/issuing.crl"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            with contextlib.suppress(OSError):
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.mark.slow(seconds=60)
+def test_a_forged_crl_of_millions_of_entries_stalls_no_device(lab: LabLayout, tmp_path: Path) -> None:
+    """A distribution point's path answers, at every refresh (1 s), a 64 MB CRL under the issuing CA's name with 2.8
+    million entries, signed by another key. It is refused (`crl_rejected`: the signature) and alice, served from the
+    lab's CRL file meanwhile, waits less than 2 s for any of her requests. Before, the refusal took
+    `is_signature_valid`, which encodes the whole tbsCertList again holding the GIL: each refresh stalled every device
+    2.3 s and more (its thread did not help)."""
+    ca, _ = issuing_ca(lab)
+    path = CrlPath(forged_crl(ca.subject, 2_800_000))
+    try:
+        settings = (
+            f'crls = ["{path.url}", "{lab.pki_dir / "crls.pem"}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+        )
+        text = lab_config(lab, port=free_port())
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        try:
+            rejected = gw.wait_event("crl_rejected", source=path.url)
+            assert "signature does not verify" in rejected["problem"], rejected
+            conn = connect(lab, gw, "alice", timeout=60)
+            assert get(conn)[0] == 200
+            gw.mark()
+            slowest, deadline = 0.0, time.monotonic() + WAIT
+            while len(gw.events("crl_rejected", gw.since)) < 4:  # four more refreshes of the forged CRL
+                assert time.monotonic() < deadline, "the forged CRL was not fetched again"
+                started = time.monotonic()
+                assert get(conn)[0] == 200
+                slowest = max(slowest, time.monotonic() - started)
+            assert slowest < 2.0, f"alice waited {slowest:.2f} s"
+        finally:
+            assert gw.stop() == 0
+    finally:
+        path.close()
