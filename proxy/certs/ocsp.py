@@ -42,7 +42,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 
 from proxy.certs.chain import format_time
 from proxy.certs.der import elements, inside, value, whole
-from proxy.certs.revocation import RevocationEvidence, RevocationStatus
+from proxy.certs.revocation import RevocationEvidence, RevocationStatus, shown_error
 
 log = structlog.get_logger("proxy.ocsp")
 CLOCK_SKEW = timedelta(minutes=5)
@@ -316,4 +316,5 @@ def _check_nonce(response: ocsp.OCSPResponse, nonce: bytes, this_update: datetim
 
 
 def _words(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+    """The error as the log and the device's refusal show it (`shown_error`: one line, 300 characters at most)."""
+    return shown_error(str(exc) or type(exc).__name__)

@@ -80,6 +80,8 @@ Scope = Literal["all", "users", "cas", "attributes"]
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 _F = x509.ReasonFlags
 MAX_NAME_SHOWN = 256  # characters of an unverified CRL's issuer name in an error (a label, a log line, /readyz)
+MAX_ERROR_SHOWN = 300  # characters of a fetch's error (a CRL's last error, an OCSP failure sent to the device)
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 CLOCK_SKEW = timedelta(minutes=5)  # a CRL issued "now" by a CA whose clock runs a little ahead is usable
 _US = timedelta(microseconds=1)  # datetime's resolution: t <= end is t < end + 1 µs
 _REMEMBERED = 10_000  # answers a set keeps (about one per certificate in use)
@@ -574,6 +576,15 @@ def _whole(rest: bytes, source: str) -> None:
     last = rest.rstrip().rpartition(b"\n")[2].strip()
     if b"X509 CRL" in rest or (len(last) >= 5 and _BEGIN_CRL.startswith(last)):
         raise ValueError(f"{source}: a CRL block without its END line (the file cut short?)")
+
+
+def shown_error(text: str) -> str:
+    """A fetch's error as logs, /metrics, /readyz and a device's refusal may show it: on one line, control characters
+    as escapes, `MAX_ERROR_SHOWN` characters at most. aiohttp's errors quote what the server sent (a refused header
+    line, 8 KB of the server's choosing, over several lines) and anyone on a plain-HTTP path is that server."""
+    text = " ".join(text.split())
+    text = _CONTROLS.sub(lambda m: ascii(m.group())[1:-1], text)
+    return text if len(text) <= MAX_ERROR_SHOWN else f"{text[: MAX_ERROR_SHOWN - 30]}... ({len(text)} characters)"
 
 
 # --- accepting a CRL -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -322,6 +323,61 @@ def test_a_forged_crl_of_millions_of_entries_stalls_no_device(lab: LabLayout, tm
                 assert get(conn)[0] == 200
                 slowest = max(slowest, time.monotonic() - started)
             assert slowest < 2.0, f"alice waited {slowest:.2f} s"
+        finally:
+            assert gw.stop() == 0
+    finally:
+        path.close()
+
+
+LONG_BAD_HEADER = b"HTTP/1.1 200 OK\r\nX-Long\x01: " + b"B" * 8000 + b"\r\n\r\n"  # aiohttp's error quotes the line
+
+
+def test_a_responders_bad_head_is_not_echoed_to_the_device(
+    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+) -> None:
+    """A responder answering a head aiohttp refuses (a control character in a header name, then 8,000 bytes of its
+    choosing): the device's 403 and the `ocsp_failed` line name the fault in one line of at most 300 characters, not
+    the responder's 8 KB. Before, aiohttp's error, which quotes the whole line (over several lines), was the reason
+    sent to the device and logged."""
+    responder = HostileResponder(lambda _request: [LONG_BAD_HEADER])
+    try:
+        gw = ocsp_only()
+        cert, key = alice_answered_by(lab, tmp_path / "alice", responder.url)
+        gw.mark()
+        status, body = curl_with(lab, gw, cert, key)
+        assert status == 403, body
+        assert "BBBBBBBBBB" * 30 not in body, body[:500]
+        assert "Invalid header token" in body
+        failed = gw.wait_event("ocsp_failed", responder=responder.url)
+        assert len(failed["error"]) <= 300, failed["error"][:500]
+        assert "\n" not in failed["error"]
+    finally:
+        responder.close()
+
+
+def test_a_distribution_points_bad_head_is_shown_cut_short(lab: LabLayout, tmp_path: Path) -> None:
+    """The same head from a CRL URL: `crl_fetch_failed` and /metrics' `kcd_crl_last_error` show one line of at most 300
+    characters, not the 8 KB the server chose (written again at each refresh)."""
+    path = CrlPath(b"")
+    path.answer = LONG_BAD_HEADER
+    admin = f"127.0.0.1:{free_port()}"
+    try:
+        settings = (
+            f'crls = ["{path.url}", "{lab.pki_dir / "crls.pem"}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+        )
+        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        try:
+            failed = gw.wait_event("crl_fetch_failed", source=path.url)
+            assert "Invalid header token" in failed["error"]
+            assert len(failed["error"]) <= 300, failed["error"][:500]
+            assert "\n" not in failed["error"]
+            with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as answer:
+                metrics = answer.read().decode()
+            (line,) = [m for m in metrics.splitlines() if m.startswith("kcd_crl_last_error{")]
+            assert "Invalid header token" in line
+            assert len(line) < 500, line[:600]
         finally:
             assert gw.stop() == 0
     finally:
