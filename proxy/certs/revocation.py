@@ -773,18 +773,24 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate, der: b
 
 
 def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> bool:
-    """False where the signature surely does not verify with `key` (RSA or EC): checked over the CRL's signed bytes
-    as they came (the DER is strict: they are what cryptography would encode again), hashed by hashlib, which lets
-    go of the GIL. `is_signature_valid` encodes the whole tbsCertList again first, holding the GIL: 2.4 s for a
+    """False where the signature surely does not verify with `key`: checked over the CRL's signed bytes as they came
+    (the DER is strict: they are what cryptography would encode again), for RSA and EC keys hashed by hashlib, which
+    lets go of the GIL. `is_signature_valid` encodes the whole tbsCertList again first, holding the GIL: 2.4 s for a
     64 MB CRL of 2.8 million entries, which anyone on a distribution point's path could send under the CA's name at
     each refresh, stalling every device (its thread did not help). True otherwise (then cryptography decides)."""
     params, algorithm = crl.signature_algorithm_parameters, crl.signature_hash_algorithm
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        return True  # DSA, Ed25519 and Ed448: cryptography's check alone
-    if algorithm is None:
-        return False
     signed = inside(der, whole(der))[0]  # CertificateList: tbsCertList, signatureAlgorithm, signatureValue
     data = memoryview(der)[signed[1] : signed[2]]
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):  # no prehash: the bytes themselves
+        try:
+            key.verify(crl.signature, bytes(data))
+        except InvalidSignature:
+            return False
+        return True
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return True  # DSA: cryptography's check alone
+    if algorithm is None:
+        return False
     try:
         digest = hashlib.new(algorithm.name, data).digest()
     except ValueError:  # a hash hashlib does not have
