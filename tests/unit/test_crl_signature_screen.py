@@ -1,5 +1,6 @@
 """The CRL signature screen (`proxy.certs.revocation._screened`): it refuses, for a hash's cost, only what
-cryptography's `is_signature_valid` refuses, whatever the CA's key and signature algorithm, from DER or PEM."""
+cryptography's `is_signature_valid` refuses, whatever the CA's key and signature algorithm, from DER or PEM; and how
+a fetch's error is shown (`shown_error`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from proxy.certs.chain import TrustList
-from proxy.certs.revocation import CrlUnusable, accept, read_crls
+from proxy.certs.revocation import MAX_ERROR_SHOWN, CrlUnusable, accept, read_crls, shown_error
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Screen CA")])
@@ -80,3 +81,15 @@ def test_a_crl_signed_with_another_kind_of_key_is_refused(ca_kind: str, signer_k
     ((forged, der),) = read_crls(_crl(_key(signer_kind), signer_kind, serialization.Encoding.DER), "screen")
     with pytest.raises(CrlUnusable, match="signature does not verify"):
         accept("screen", forged, trust, at=NOW, der=der)
+
+
+def test_a_fetch_error_is_shown_on_one_line_cut_short() -> None:
+    """`shown_error`: aiohttp's multi-line quote of a server's bytes on one line, control characters (ESC, BEL) as
+    escapes (the line separator a space), 300 characters at most with the full length named; a short one as it was."""
+    said = 'Invalid header token:\n\n  b"X-Long\x01"\x1b[31m\a\u2028' + "B" * 8000 + "\n   ^"
+    shown = shown_error(said)
+    assert len(shown) <= MAX_ERROR_SHOWN == 300
+    assert shown.startswith('Invalid header token: b"X-Long\\x01"\\x1b[31m\\x07 BBB')  # U+2028 is a line break
+    assert shown.endswith("BBB... (8050 characters)")
+    assert not any(ord(c) < 0x20 for c in shown)
+    assert shown_error("HTTP 503") == "HTTP 503"
