@@ -4,8 +4,9 @@ Theory of operation. For a verified leaf and the CA that issued it, `OcspClient.
 request (RFC 6960: one CertID with SHA-1 hashes, as RFC 5019 responders expect, and a fresh nonce) by
 HTTP POST to the first http(s) OCSP URL in the leaf's authorityInfoAccess. `verify_response` accepts
 the answer only if:
-- the response status is successful and it holds a single response for exactly our CertID (serial,
-  issuer name hash, issuer key hash);
+- the response status is successful, it carries at most `MAX_CERTIFICATES` certificates (counted from the DER
+  headers before any is read: cryptography reads them in quadratic time, holding the GIL) and it holds a single
+  response for exactly our CertID (serial, issuer name hash, issuer key hash);
 - it is signed by the issuing CA itself, or by a responder certificate that the issuing CA issued for
   id-kp-OCSPSigning and that is valid now; the response's responder ID names that signer (4.2.2.2);
 - it is fresh: thisUpdate is not in the future (beyond `CLOCK_SKEW`) and nextUpdate, if given, has
@@ -40,13 +41,15 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from proxy.certs.chain import format_time
-from proxy.certs.revocation import RevocationEvidence, RevocationStatus
+from proxy.certs.der import elements, inside, value, whole
+from proxy.certs.revocation import RevocationEvidence, RevocationStatus, shown_error
 
 log = structlog.get_logger("proxy.ocsp")
 CLOCK_SKEW = timedelta(minutes=5)
 MAX_AGE = timedelta(minutes=5)  # oldest thisUpdate accepted from a responder that did not echo our nonce
 FAILURE_SECONDS = 5.0
 MAX_RESPONSE_BYTES = 1024 * 1024
+MAX_CERTIFICATES = 10  # attached to an answer: the responder's own, perhaps its chain (RFC 5019 wants only the first)
 CACHE_SIZE = 10_000  # answers kept at most: as many as `proxy.certs.memo.VerifiedChains` keeps chains
 
 
@@ -93,6 +96,8 @@ def verify_response(
     if response.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
         raise OcspError(f"the responder answered {response.response_status.name}")
     try:  # cryptography reads some fields only when asked: an algorithm it does not know raises there
+        if _certificates_attached(der) > MAX_CERTIFICATES:
+            raise OcspError(f"the answer carries more than {MAX_CERTIFICATES} certificates (refused unread)")
         single = _single_response(response, request)
         _check_signer(response, issuer, at)
     except (UnsupportedAlgorithm, ValueError) as exc:
@@ -202,10 +207,14 @@ class OcspClient:
         async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
             if response.status != 200:
                 raise OcspError(f"HTTP {response.status}")
-            der = await response.content.read(MAX_RESPONSE_BYTES + 1)
-            if len(der) > MAX_RESPONSE_BYTES:
-                raise OcspError("response too large")
-            return der
+            # to its end: `content.read(n)` returns what has arrived so far, which an answer of more than one
+            # TCP segment cut short ("not an OCSP response" for a good certificate)
+            der = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                der += chunk
+                if len(der) > MAX_RESPONSE_BYTES:
+                    raise OcspError(f"response too large (more than {MAX_RESPONSE_BYTES} bytes)")
+            return bytes(der)
 
 
 # --- checking a response ---------------------------------------------------------------------------
@@ -248,6 +257,27 @@ def _check_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate, at: dat
     raise OcspError("the response is signed by neither the CA nor a responder it authorised")
 
 
+def _certificates_attached(der: bytes) -> int:
+    """How many certificates a successful answer carries (BasicOCSPResponse's `certs`), counted from the DER headers
+    alone, MAX_CERTIFICATES + 1 at most. `OCSPResponse.certificates` reads them all, in time quadratic in their
+    number and holding the GIL (3,000 in 800 KB: 4-8 s here), so it is not asked before they are counted."""
+    try:
+        status_and_bytes = inside(der, whole(der))  # OCSPResponse: responseStatus, [0] EXPLICIT ResponseBytes
+        response_bytes = inside(der, inside(der, status_and_bytes[1])[0])  # responseType, response OCTET STRING
+        basic = inside(der, response_bytes[1])[0]  # the OCTET STRING holds the BasicOCSPResponse
+        certs = [part for part in inside(der, basic) if part[0] == 0xA0]  # after tbs, algorithm and signature
+        if not certs:
+            return 0
+        count = 0
+        for _ in elements(der, *value(der, inside(der, certs[0])[0])):  # [0] EXPLICIT SEQUENCE OF Certificate
+            count += 1
+            if count > MAX_CERTIFICATES:
+                break
+    except IndexError as exc:
+        raise ValueError("a BasicOCSPResponse cut short") from exc
+    return count
+
+
 def _names(response: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:
     """Does the response's responder ID (by name or by key hash) name `cert`?"""
     if response.responder_name is not None:
@@ -286,4 +316,5 @@ def _check_nonce(response: ocsp.OCSPResponse, nonce: bytes, this_update: datetim
 
 
 def _words(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+    """The error as the log and the device's refusal show it (`shown_error`: one line, 300 characters at most)."""
+    return shown_error(str(exc) or type(exc).__name__)

@@ -9,6 +9,10 @@ URLs and refreshes both) and are vetted one by one by `accept`, which keeps only
   valid path to one at `at`, and must not be revoked (`CrlSet.of` drops its CRLs otherwise);
 - it is current at `at` (thisUpdate <= at <= nextUpdate; a CRL without nextUpdate never is);
 - every critical extension, of the CRL and of each entry, is one we implement.
+A fetched CRL's signature is screened first over its DER as it came (`_screened`: hashlib, then a prehashed
+verification), so that one signed by another key is refused for a hash's cost: cryptography's `is_signature_valid`
+encodes the whole tbsCertList again holding the GIL (seconds for millions of entries), and it decides only for a CRL
+the screen let through.
 Everything else becomes a problem string for the operator and is never used.
 
 `CrlSet.of` then indexes what was accepted, newest CRL per issuer, signer key and scope, and
@@ -47,10 +51,12 @@ set, which remembers nothing: a certificate a new CRL lists is refused on its ne
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import enum
 import functools
+import hashlib
 import itertools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -60,10 +66,13 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 
 from proxy.certs.chain import TrustList, VerifiedCertificate, format_time, is_ca, verify_chain
+from proxy.certs.der import inside, whole
 from proxy.errors import CertificateRejected, CertificateRevoked
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
@@ -71,6 +80,8 @@ Scope = Literal["all", "users", "cas", "attributes"]
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 _F = x509.ReasonFlags
 MAX_NAME_SHOWN = 256  # characters of an unverified CRL's issuer name in an error (a label, a log line, /readyz)
+MAX_ERROR_SHOWN = 300  # characters of a fetch's error (a CRL's last error, an OCSP failure sent to the device)
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 CLOCK_SKEW = timedelta(minutes=5)  # a CRL issued "now" by a CA whose clock runs a little ahead is usable
 _US = timedelta(microseconds=1)  # datetime's resolution: t <= end is t < end + 1 µs
 _REMEMBERED = 10_000  # answers a set keeps (about one per certificate in use)
@@ -529,17 +540,30 @@ def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
 
 def parse_crls(data: bytes, source: str) -> list[x509.CertificateRevocationList]:
     """The CRLs in `data` (PEM with one or more CRLs, or one DER CRL); ValueError naming `source`."""
+    return [crl for crl, _ in read_crls(data, source)]
+
+
+def read_crls(data: bytes, source: str) -> list[tuple[x509.CertificateRevocationList, bytes]]:
+    """`parse_crls`, each CRL with its DER: `accept` checks the signature over those bytes (`_signed_by`)."""
     pem = b"-----BEGIN" in data
     blocks = _PEM_CRL.findall(data) if pem else [data]
     if not blocks:
         raise ValueError(f"{source}: PEM without a 'BEGIN X509 CRL' block")
     if pem:
         _whole(_PEM_CRL.sub(b"", data), source)
-    load = x509.load_pem_x509_crl if b"-----BEGIN" in data else x509.load_der_x509_crl
+    load = x509.load_pem_x509_crl if pem else x509.load_der_x509_crl
     try:
-        return [load(block) for block in blocks]
+        return [(load(block), _der(block) if pem else block) for block in blocks]
     except ValueError as exc:
         raise ValueError(f"{source}: not a PEM or DER CRL ({exc})") from exc
+
+
+def _der(pem_block: bytes) -> bytes:
+    """The DER of one PEM CRL block that cryptography has read (b"" if it is not plain base64: headers)."""
+    try:
+        return base64.b64decode(b"".join(pem_block.split()[3:-3]), validate=True)
+    except ValueError:
+        return b""
 
 
 _BEGIN_CRL = b"-----BEGIN X509 CRL-----"
@@ -554,18 +578,30 @@ def _whole(rest: bytes, source: str) -> None:
         raise ValueError(f"{source}: a CRL block without its END line (the file cut short?)")
 
 
+def shown_error(text: str) -> str:
+    """A fetch's error as logs, /metrics, /readyz and a device's refusal may show it: on one line, control characters
+    as escapes, `MAX_ERROR_SHOWN` characters at most. aiohttp's errors quote what the server sent (a refused header
+    line, 8 KB of the server's choosing, over several lines) and anyone on a plain-HTTP path is that server."""
+    text = " ".join(text.split())
+    text = _CONTROLS.sub(lambda m: ascii(m.group())[1:-1], text)
+    return text if len(text) <= MAX_ERROR_SHOWN else f"{text[: MAX_ERROR_SHOWN - 30]}... ({len(text)} characters)"
+
+
 # --- accepting a CRL -------------------------------------------------------------------------------
 
 
-def accept(source: str, crl: x509.CertificateRevocationList, trust: TrustList, *, at: datetime) -> Crl:
-    """Vet one CRL (signer, signature, currency, extensions) and read it; CrlUnusable says why not."""
+def accept(
+    source: str, crl: x509.CertificateRevocationList, trust: TrustList, *, at: datetime, der: bytes = b""
+) -> Crl:
+    """Vet one CRL (signer, signature, currency, extensions) and read it; CrlUnusable says why not. With its `der`
+    (`read_crls`), a signature that does not verify costs a hash (`_signed_by`)."""
     at = _utc(at)
     name = crl.issuer.rfc4514_string()
     cas = trust.named(crl.issuer)
     if not cas:  # anyone on an http source's path sends any name: it is shown cut short (a label, a log line)
         shown = name if len(name) <= MAX_NAME_SHOWN else f"{name[:MAX_NAME_SHOWN]}... ({len(name)} characters)"
         raise CrlUnusable(f"CRL issuer '{shown}' is not in the trust list")
-    signers = [ca for ca in cas if _signed_by(crl, ca)]
+    signers = [ca for ca in cas if _signed_by(crl, ca, der)]
     if not signers:
         raise CrlUnusable(f"CRL signature does not verify against the trusted '{name}' (signed with another key?)")
     allowed = [ca for ca in signers if _may_sign_crls(ca)]
@@ -715,7 +751,9 @@ def _entry(key: IssuerSerial, delta: Crl | bool | None, crl: Crl | None) -> Entr
     return entry
 
 
-def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate, der: bytes = b"") -> bool:
+    """Does `ca`'s key verify the CRL's signature? cryptography's `is_signature_valid` decides; with the CRL's `der`,
+    `_screened` first refuses what it would refuse, for a hash's cost (module docstring)."""
     key = ca.public_key()
     if not isinstance(
         key,
@@ -727,9 +765,49 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
     ):
         return False
     try:
+        if der and not _screened(crl, key, der):
+            return False
         return crl.is_signature_valid(key)
     except (ValueError, TypeError):
         return False
+
+
+def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> bool:
+    """False where the signature surely does not verify with `key`: checked over the CRL's signed bytes as they came
+    (the DER is strict: they are what cryptography would encode again), for RSA and EC keys hashed by hashlib, which
+    lets go of the GIL. `is_signature_valid` encodes the whole tbsCertList again first, holding the GIL: 2.4 s for a
+    64 MB CRL of 2.8 million entries, which anyone on a distribution point's path could send under the CA's name at
+    each refresh, stalling every device (its thread did not help). True otherwise (then cryptography decides)."""
+    params, algorithm = crl.signature_algorithm_parameters, crl.signature_hash_algorithm
+    signed = inside(der, whole(der))[0]  # CertificateList: tbsCertList, signatureAlgorithm, signatureValue
+    data = memoryview(der)[signed[1] : signed[2]]
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):  # no prehash: the bytes themselves
+        try:
+            key.verify(crl.signature, bytes(data))
+        except InvalidSignature:
+            return False
+        return True
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return True  # DSA: cryptography's check alone
+    if algorithm is None:
+        return False
+    try:
+        digest = hashlib.new(algorithm.name, data).digest()
+    except ValueError:  # a hash hashlib does not have
+        hasher = hashes.Hash(algorithm)
+        hasher.update(data)
+        digest = hasher.finalize()
+    prehashed = asym_utils.Prehashed(algorithm)
+    try:
+        if isinstance(key, rsa.RSAPublicKey) and isinstance(params, padding.PKCS1v15 | padding.PSS):
+            key.verify(crl.signature, digest, params, prehashed)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
+            key.verify(crl.signature, digest, ec.ECDSA(prehashed))
+        else:
+            return False  # a signature algorithm of another kind of key
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _anchor_keys(signers: list[x509.Certificate], trust: TrustList, at: datetime) -> dict[x509.Certificate, bytes]:

@@ -53,7 +53,7 @@ from cryptography import x509
 
 from proxy.certs.chain import TrustList
 from proxy.certs.floors import KEY, FloorTable, PersistedFloors
-from proxy.certs.revocation import Crl, CrlSet, CrlUnusable, accept, parse_crls, signer_certificates
+from proxy.certs.revocation import Crl, CrlSet, CrlUnusable, accept, read_crls, shown_error, signer_certificates
 from proxy.files import read_bounded
 
 log = structlog.get_logger("proxy.crl")
@@ -245,7 +245,8 @@ class CrlStore:
 
     def _failed(self, state: _State, now: datetime, exc: Exception) -> None:
         state.last_fetch = now
-        state.last_error = state.source.scrubbed(f"fetch failed: {type(exc).__name__}: {exc}".rstrip(": "))
+        error = state.source.scrubbed(f"fetch failed: {type(exc).__name__}: {exc}".rstrip(": "))  # no password
+        state.last_error = shown_error(error)  # then cut short: aiohttp's errors may quote kilobytes the server sent
         log.warning("crl_fetch_failed", source=state.source.name, error=state.last_error, **_held(state))
 
     async def _get(self, url: str) -> bytes:
@@ -410,7 +411,7 @@ def _vet(state: _State, data: bytes, trust: TrustList, now: datetime) -> list[Cr
     (200,000 entries, 6 MiB: about 2.2 s here), which on the event loop stalled every request each time it changed."""
     where = state.source.name  # each CRL's `source`: what a refusal's fix and the traces name
     try:
-        crls = [accept(where, crl, trust, at=now) for crl in parse_crls(data, where)]
+        crls = [accept(where, crl, trust, at=now, der=der) for crl, der in read_crls(data, where)]
         _refuse_rollback(crls, state.crls)
     except (ValueError, CrlUnusable) as exc:
         return exc

@@ -37,8 +37,9 @@ def answer(
     nonce: bytes | None = NONCE,
     this_update: datetime = NOW,
     next_update: datetime | None = None,
+    attached: int = 1,
 ) -> bytes:
-    """A DER OCSP response about `subject`, as a responder would sign it."""
+    """A DER OCSP response about `subject`, as a responder would sign it (its certificate attached `attached` times)."""
     issuing = load_cert(pki.issuing_cert)
     revoked = status is ocsp.OCSPCertStatus.REVOKED
     builder = ocsp.OCSPResponseBuilder().add_response(
@@ -61,8 +62,8 @@ def answer(
         "tampered": (issuing, load_key(pki.issuing_key)),  # the CA's, with one bit of the signature flipped below
     }[signer]
     builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, signing_cert)
-    if signer not in ("ca", "tampered"):
-        builder = builder.certificates([signing_cert])
+    if signer not in ("ca", "tampered") and attached:
+        builder = builder.certificates([signing_cert] * attached)
     der = builder.sign(signing_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
     return der[:-1] + bytes([der[-1] ^ 1]) if signer == "tampered" else der
 
@@ -109,6 +110,23 @@ def test_unbelievable_answers_are_refused(pki: Pki, kwargs: dict[str, object], w
     """Wrong signer, a responder certificate without id-kp-OCSPSigning, a replayed or stale answer: OcspError."""
     with pytest.raises(OcspError, match=why):
         verify(pki, answer(pki, load_cert(pki.user_cert("alice")), **kwargs))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("attached", "refused"), [(0, False), (10, False), (11, True), (3000, True)])
+def test_an_answer_with_more_than_ten_certificates_is_refused_before_they_are_read(
+    pki: Pki, attached: int, refused: bool
+) -> None:
+    """The delegated responder's good answer counts with up to 10 certificates attached (0: the responder's certificate
+    missing, refused for that); with more it is refused before cryptography reads them (quadratic, holding the GIL)."""
+    der = answer(pki, load_cert(pki.user_cert("alice")), attached=attached)
+    if refused:
+        with pytest.raises(OcspError, match="carries more than 10 certificates"):
+            verify(pki, der)
+    elif attached:
+        assert verify(pki, der)[0] is RevocationStatus.GOOD
+    else:
+        with pytest.raises(OcspError, match="signed by neither the CA nor a responder it authorised"):
+            verify(pki, der)
 
 
 def test_answer_about_another_certificate_is_refused(pki: Pki) -> None:

@@ -1,0 +1,384 @@
+"""A hostile OCSP responder against a real gateway: the responder is whoever answers on the plain-HTTP path.
+
+The test plays the responder (a raw socket server answering with bytes it controls, OCSP answers minted with
+`cryptography` and the lab's issuing CA key) for a certificate of alice's whose authorityInfoAccess names it; curl and
+Python's TLS client are the devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+from proxy.lab.layout import LabLayout
+from proxy.lab.pki import Pki
+from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import WAIT
+from tests.integration.test_revocation import connect, curl_with, get
+
+Answer = Callable[[ocsp.OCSPRequest], list[bytes]]  # the request asked -> the parts sent, a pause between two
+
+
+class HostileResponder:
+    """A raw HTTP/1.1 server on loopback: each request's body is read as an OCSP request and `answer` gives the
+    bytes sent back (head and body), in parts with `pause` seconds between them; `asked` counts the requests."""
+
+    def __init__(self, answer: Answer, pause: float = 0.0) -> None:
+        self.answer, self.pause, self.asked = answer, pause, 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.asked += 1
+            for i, part in enumerate(self.answer(ocsp.load_der_ocsp_request(body))):
+                if i:
+                    time.sleep(self.pause)  # the scenario: the answer's second part comes later
+                conn.sendall(part)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def http_answer(body: bytes, split: int | None = None) -> list[bytes]:
+    """An HTTP 200 `application/ocsp-response` carrying `body`, in two parts cut `split` bytes into the body."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/ocsp-response\r\nContent-Length: {len(body)}\r\n"
+    whole = head.encode() + b"Connection: close\r\n\r\n" + body
+    cut = len(whole) - len(body) + split if split is not None else len(whole)
+    return [whole[:cut], whole[cut:]] if cut < len(whole) else [whole]
+
+
+def issuing_ca(lab: LabLayout) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    pki = Pki.at(lab.pki_dir)
+    key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return x509.load_pem_x509_certificate(pki.issuing_cert.read_bytes()), key
+
+
+def good_from_the_ca(lab: LabLayout, request: ocsp.OCSPRequest) -> bytes:
+    """A "good" answer for exactly what `request` asks (its serial, its nonce), signed by the issuing CA itself."""
+    return good_answer(request, *issuing_ca(lab))
+
+
+def good_from_a_stranger(request: ocsp.OCSPRequest, certificates: int) -> bytes:
+    """A "good" answer for what `request` asks, signed by a responder of the path's own making (`CN=Responder`), its
+    certificate attached `certificates` times."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Responder")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return good_answer(request, cert, key, ocsp.OCSPResponderEncoding.NAME, certificates)
+
+
+def good_answer(
+    request: ocsp.OCSPRequest,
+    signer: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    responder_id: ocsp.OCSPResponderEncoding = ocsp.OCSPResponderEncoding.HASH,
+    certificates: int = 0,
+) -> bytes:
+    """A "good" answer for exactly what `request` asks (its serial, its nonce), signed by `signer`'s `key`, with
+    `certificates` copies of `signer` attached."""
+    now = datetime.now(UTC)
+    builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+        issuer_name_hash=request.issuer_name_hash,
+        issuer_key_hash=request.issuer_key_hash,
+        serial_number=request.serial_number,
+        algorithm=request.hash_algorithm,
+        cert_status=ocsp.OCSPCertStatus.GOOD,
+        this_update=now - timedelta(seconds=30),
+        next_update=now + timedelta(minutes=10),
+        revocation_time=None,
+        revocation_reason=None,
+    )
+    builder = builder.responder_id(responder_id, signer)
+    if certificates:
+        builder = builder.certificates([signer] * certificates)
+    nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
+    builder = builder.add_extension(nonce, critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def alice_answered_by(lab: LabLayout, directory: Path, responder: str) -> tuple[Path, Path]:
+    """A certificate for alice@lab.test from the issuing CA (the lab's profile) whose only OCSP responder is
+    `responder`; its serial is on no CRL."""
+    pki = Pki.at(lab.pki_dir)
+    alice = x509.load_pem_x509_certificate(pki.user_cert("alice").read_bytes())
+    _, ca_key = issuing_ca(lab)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(alice.subject)
+        .issuer_name(alice.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.now(UTC) - timedelta(hours=1))
+        .not_valid_after(datetime.now(UTC) + timedelta(days=30))
+    )
+    for ext in alice.extensions:  # the same profile: UPN, clientAuth, CRL distribution point; AKI as alice's
+        if not isinstance(ext.value, x509.SubjectKeyIdentifier | x509.AuthorityInformationAccess):
+            builder = builder.add_extension(ext.value, critical=ext.critical)
+    where = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(responder))
+    builder = builder.add_extension(x509.AuthorityInformationAccess([where]), critical=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key_path = directory / "alice.pem", directory / "alice.key"
+    cert.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert, key_path
+
+
+@pytest.fixture
+def ocsp_only(lab: LabLayout, tmp_path: Path) -> Iterator[Callable[[], Gateway]]:
+    """A factory for the lab gateway with OCSP alone deciding (`revocation = "off"`, `ocsp = "require"`)."""
+    started: list[Gateway] = []
+
+    def start() -> Gateway:
+        text = lab_config(lab, port=free_port())
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        assert lab_settings in text
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, 'revocation = "off"\nocsp = "require"\n'))
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        assert gw.stop() == 0
+
+
+def test_an_answer_in_two_tcp_segments_is_read_whole(
+    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+) -> None:
+    """A responder's good answer that arrives in two parts (its head and the first 40 bytes of its body, then the
+    rest 0.3 s later, as a delegated responder's answer of more than one TCP segment may on a real network) is read
+    whole: alice is served under `ocsp = "require"`. Before, the gateway read what had arrived first and took that for
+    the whole answer ("not an OCSP response"): 403 for a good certificate."""
+    responder = HostileResponder(lambda request: http_answer(good_from_the_ca(lab, request), split=40), pause=0.3)
+    try:
+        gw = ocsp_only()
+        cert, key = alice_answered_by(lab, tmp_path / "alice", responder.url)
+        gw.mark()
+        status, body = curl_with(lab, gw, cert, key)
+        assert (status, responder.asked) == (200, 1), body
+        answered = gw.wait_event("ocsp_answer", responder=responder.url)
+        assert answered["status"] == "good"
+    finally:
+        responder.close()
+
+
+def test_an_answer_carrying_thousands_of_certificates_is_refused_unread(
+    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+) -> None:
+    """An answer with 3,000 certificates attached (about 400 KB, under the 1 MiB cap), signed by a responder of the
+    path's making, is refused before they are read (more than
+    10). Before, reading them (cryptography's `OCSPResponse.certificates`, quadratic in their number, holding the GIL)
+    took 3-8 s on the event loop, once per certificate every 5 s: every device of the gateway waited that long."""
+    responder = HostileResponder(lambda request: http_answer(good_from_a_stranger(request, certificates=3000)))
+    try:
+        gw = ocsp_only()
+        cert, key = alice_answered_by(lab, tmp_path / "alice", responder.url)
+        gw.mark()
+        status, body = curl_with(lab, gw, cert, key)
+        assert status == 403, body
+        failed = gw.wait_event("ocsp_failed", responder=responder.url)
+        assert "more than 10 certificates" in failed["error"], failed
+        assert responder.asked == 1
+    finally:
+        responder.close()
+
+
+# --- a distribution point's path ------------------------------------------------------------------
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def forged_crl(issuer: x509.Name, entries: int) -> bytes:
+    """A DER CRL under `issuer`'s name, current, listing `entries` certificates (the same one, which costs as much to
+    read), signed with a key of the path's making: 23 bytes an entry, 2.8 million in the gateway's 64 MiB."""
+    now = datetime.now(UTC)
+
+    def utc(when: datetime) -> bytes:
+        return _der(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
+
+    entry = _der(0x30, _der(0x02, b"\x01\x00\x00\x01") + utc(now - timedelta(days=1)))
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))  # ecdsa-with-SHA256
+    times = utc(now - timedelta(minutes=1)) + utc(now + timedelta(days=1))
+    tbs = _der(0x30, _der(0x02, b"\x01") + algorithm + issuer.public_bytes() + times + _der(0x30, entry * entries))
+    signature = ec.generate_private_key(ec.SECP256R1()).sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
+
+
+class CrlPath:
+    """A raw HTTP/1.1 server answering every GET with `body` (200, `Content-Length`, then closed)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/issuing.crl"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            with contextlib.suppress(OSError):
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.mark.slow(seconds=60)
+def test_a_forged_crl_of_millions_of_entries_stalls_no_device(lab: LabLayout, tmp_path: Path) -> None:
+    """A distribution point's path answers, at every refresh (1 s), a 64 MB CRL under the issuing CA's name with 2.8
+    million entries, signed by another key. It is refused (`crl_rejected`: the signature) and alice, served from the
+    lab's CRL file meanwhile, waits less than 2 s for any of her requests. Before, the refusal took
+    `is_signature_valid`, which encodes the whole tbsCertList again holding the GIL: each refresh stalled every device
+    2.3 s and more (its thread did not help)."""
+    ca, _ = issuing_ca(lab)
+    path = CrlPath(forged_crl(ca.subject, 2_800_000))
+    try:
+        settings = (
+            f'crls = ["{path.url}", "{lab.pki_dir / "crls.pem"}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+        )
+        text = lab_config(lab, port=free_port())
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        try:
+            rejected = gw.wait_event("crl_rejected", source=path.url)
+            assert "signature does not verify" in rejected["problem"], rejected
+            conn = connect(lab, gw, "alice", timeout=60)
+            assert get(conn)[0] == 200
+            gw.mark()
+            slowest, deadline = 0.0, time.monotonic() + WAIT
+            while len(gw.events("crl_rejected", gw.since)) < 4:  # four more refreshes of the forged CRL
+                assert time.monotonic() < deadline, "the forged CRL was not fetched again"
+                started = time.monotonic()
+                assert get(conn)[0] == 200
+                slowest = max(slowest, time.monotonic() - started)
+            assert slowest < 2.0, f"alice waited {slowest:.2f} s"
+        finally:
+            assert gw.stop() == 0
+    finally:
+        path.close()
+
+
+LONG_BAD_HEADER = b"HTTP/1.1 200 OK\r\nX-Long\x01: " + b"B" * 8000 + b"\r\n\r\n"  # aiohttp's error quotes the line
+
+
+def test_a_responders_bad_head_is_not_echoed_to_the_device(
+    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+) -> None:
+    """A responder answering a head aiohttp refuses (a control character in a header name, then 8,000 bytes of its
+    choosing): the device's 403 and the `ocsp_failed` line name the fault in one line of at most 300 characters, not
+    the responder's 8 KB. Before, aiohttp's error, which quotes the whole line (over several lines), was the reason
+    sent to the device and logged."""
+    responder = HostileResponder(lambda _request: [LONG_BAD_HEADER])
+    try:
+        gw = ocsp_only()
+        cert, key = alice_answered_by(lab, tmp_path / "alice", responder.url)
+        gw.mark()
+        status, body = curl_with(lab, gw, cert, key)
+        assert status == 403, body
+        assert "BBBBBBBBBB" * 30 not in body, body[:500]
+        assert "Invalid header token" in body
+        failed = gw.wait_event("ocsp_failed", responder=responder.url)
+        assert len(failed["error"]) <= 300, failed["error"][:500]
+        assert "\n" not in failed["error"]
+    finally:
+        responder.close()
+
+
+def test_a_distribution_points_bad_head_is_shown_cut_short(lab: LabLayout, tmp_path: Path) -> None:
+    """The same head from a CRL URL: `crl_fetch_failed` and /metrics' `kcd_crl_last_error` show one line of at most 300
+    characters, not the 8 KB the server chose (written again at each refresh)."""
+    path = CrlPath(b"")
+    path.answer = LONG_BAD_HEADER
+    admin = f"127.0.0.1:{free_port()}"
+    try:
+        settings = (
+            f'crls = ["{path.url}", "{lab.pki_dir / "crls.pem"}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+        )
+        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        try:
+            failed = gw.wait_event("crl_fetch_failed", source=path.url)
+            assert "Invalid header token" in failed["error"]
+            assert len(failed["error"]) <= 300, failed["error"][:500]
+            assert "\n" not in failed["error"]
+            with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as answer:
+                metrics = answer.read().decode()
+            (line,) = [m for m in metrics.splitlines() if m.startswith("kcd_crl_last_error{")]
+            assert "Invalid header token" in line
+            assert len(line) < 500, line[:600]
+        finally:
+            assert gw.stop() == 0
+    finally:
+        path.close()

@@ -1,0 +1,95 @@
+"""The CRL signature screen (`proxy.certs.revocation._screened`): it refuses, for a hash's cost, only what
+cryptography's `is_signature_valid` refuses, whatever the CA's key and signature algorithm, from DER or PEM; and how
+a fetch's error is shown (`shown_error`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import NameOID
+
+from proxy.certs.chain import TrustList
+from proxy.certs.revocation import MAX_ERROR_SHOWN, CrlUnusable, accept, read_crls, shown_error
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Screen CA")])
+PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+
+Key = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+def _key(kind: str) -> Key:
+    if kind.startswith("rsa"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return ec.generate_private_key(ec.SECP384R1() if kind == "ec-384" else ec.SECP256R1())
+
+
+def _ca(key: Key) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(NAME)
+        .issuer_name(NAME)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    )
+    return builder.sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+
+
+def _crl(key: Key, kind: str, encoding: serialization.Encoding) -> bytes:
+    builder = x509.CertificateRevocationListBuilder().issuer_name(NAME)
+    builder = builder.last_update(NOW - timedelta(hours=1)).next_update(NOW + timedelta(days=1))
+    for serial in range(2, 200):
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(days=1))
+        builder = builder.add_revoked_certificate(entry.build())
+    builder = builder.add_extension(x509.CRLNumber(7), critical=False)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        crl = builder.sign(key, None)
+    else:
+        algorithm = hashes.SHA384() if kind == "ec-384" else hashes.SHA256()
+        crl = builder.sign(key, algorithm, rsa_padding=PSS if kind == "rsa-pss" else None)
+    return crl.public_bytes(encoding)
+
+
+@pytest.mark.parametrize("encoding", [serialization.Encoding.DER, serialization.Encoding.PEM], ids=["der", "pem"])
+@pytest.mark.parametrize("kind", ["ec-256", "ec-384", "rsa-pkcs1", "rsa-pss", "ed25519"])
+def test_a_crl_the_ca_signed_is_accepted_and_another_keys_refused(kind: str, encoding: serialization.Encoding) -> None:
+    """The CA's own CRL is accepted with its DER screened (ECDSA P-256/P-384, RSA PKCS#1 v1.5 and PSS, Ed25519; DER
+    and PEM); the same CRL signed by another key of that kind is refused as not verifying."""
+    key = _key(kind)
+    trust = TrustList(anchors=(_ca(key),))
+    ((crl, der),) = read_crls(_crl(key, kind, encoding), "screen")
+    assert der == crl.public_bytes(serialization.Encoding.DER)  # what the screen checks the signature over
+    assert accept("screen", crl, trust, at=NOW, der=der).number == 7
+    ((forged, forged_der),) = read_crls(_crl(_key(kind), kind, encoding), "screen")
+    with pytest.raises(CrlUnusable, match="signature does not verify"):
+        accept("screen", forged, trust, at=NOW, der=forged_der)
+
+
+@pytest.mark.parametrize(("ca_kind", "signer_kind"), [("ec-256", "rsa-pkcs1"), ("rsa-pkcs1", "ec-256")])
+def test_a_crl_signed_with_another_kind_of_key_is_refused(ca_kind: str, signer_kind: str) -> None:
+    """A CRL under the CA's name signed with an RSA key where the CA's is EC (or the other way round) is refused."""
+    trust = TrustList(anchors=(_ca(_key(ca_kind)),))
+    ((forged, der),) = read_crls(_crl(_key(signer_kind), signer_kind, serialization.Encoding.DER), "screen")
+    with pytest.raises(CrlUnusable, match="signature does not verify"):
+        accept("screen", forged, trust, at=NOW, der=der)
+
+
+def test_a_fetch_error_is_shown_on_one_line_cut_short() -> None:
+    """`shown_error`: aiohttp's multi-line quote of a server's bytes on one line, control characters (ESC, BEL) as
+    escapes (the line separator a space), 300 characters at most with the full length named; a short one as it was."""
+    said = 'Invalid header token:\n\n  b"X-Long\x01"\x1b[31m\a\u2028' + "B" * 8000 + "\n   ^"
+    shown = shown_error(said)
+    assert len(shown) <= MAX_ERROR_SHOWN == 300
+    assert shown.startswith('Invalid header token: b"X-Long\\x01"\\x1b[31m\\x07 BBB')  # U+2028 is a line break
+    assert shown.endswith("BBB... (8050 characters)")
+    assert not any(ord(c) < 0x20 for c in shown)
+    assert shown_error("HTTP 503") == "HTTP 503"
