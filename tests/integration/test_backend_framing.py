@@ -45,6 +45,7 @@ from proxy.backend.client import (
 from proxy.backend.forward import Pools, forward
 from proxy.config import Route
 from proxy.errors import GatewayError
+from tests.integration.loopback import stop_listening
 
 Serve = Callable[["Conn"], Awaitable[None]]
 HINTS: list[str] = []  # the log hints of the refusals, latest last
@@ -722,7 +723,7 @@ def tls_run(
         with structlog.testing.capture_logs() as logs:
             outcomes = on_loop(loop, asyncio.wait_for(case(), 30))
     finally:
-        upstream.sock.close()
+        stop_listening(upstream.sock)
     return outcomes, logs
 
 
