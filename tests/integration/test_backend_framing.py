@@ -48,7 +48,14 @@ from proxy.errors import GatewayError
 from tests.integration.loopback import stop_listening
 
 Serve = Callable[["Conn"], Awaitable[None]]
-HINTS: list[str] = []  # the log hints of the refusals, latest last
+HINTS: list[str] = []  # the log hints of this test's refusals, latest last (`_hints_of_this_test`)
+
+
+@pytest.fixture(autouse=True)
+def _hints_of_this_test() -> None:
+    """HINTS starts empty for each test: a test reading HINTS[-1] after a request of its own that recorded no hint
+    read the previous test's in this worker (the read-timeout cases share `read_timeout=0.5 s`), and passed on it."""
+    HINTS.clear()
 
 
 @dataclass
