@@ -1,19 +1,24 @@
 """What a test leaves of its process for the next test in the same worker: the environment, the working directory,
-the umask and the open-file and core-file limits.
+the umask, the open-file and core-file limits, the excepthooks and the root logger's level.
 
 Why: a test passed or failed by the order xdist gave its worker. A Delegator made in a test's process points
 KRB5_CONFIG at its overlay of the krb5.conf it was given (the gateway's behaviour: one per process); a krb5.conf
 naming the test's own relay, gone at its end, stayed the process's, and the next test that relied on the
 environment reached no KDC ("Cannot contact any KDC"). tests/conftest.py checks every test: what it changed here and
 did not put back is put back, and the test fails naming it (the fix: `monkeypatch`, or a `try`/`finally` that
-restores). State a fixture of a wider scope sets (the lab's KRB5_CONFIG, a module's realm) is set before the check's
-snapshot and undone after its comparison, so it never counts against a test.
+restores). The excepthooks are pytest's own (installed once per run): `proxy.observability.logging.configure` replaces
+them, and a test that left them replaced had every later test's thread dying of an exception reported to the gateway's
+logger instead of by pytest. State a fixture of a wider scope sets (the lab's KRB5_CONFIG, a module's realm) is set
+before the check's snapshot and undone after its comparison, so it never counts against a test.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,16 @@ class ProcessState:
     cwd: str
     umask: int
     limits: dict[str, tuple[int, int]]
+    hooks: dict[str, object]
+    root_level: int
+
+
+def _hooks() -> dict[str, object]:
+    return {
+        "sys.excepthook": sys.excepthook,
+        "threading.excepthook": threading.excepthook,
+        "sys.unraisablehook": sys.unraisablehook,
+    }
 
 
 def snapshot() -> ProcessState:
@@ -40,6 +55,8 @@ def snapshot() -> ProcessState:
         cwd=_cwd(),
         umask=umask,
         limits={name: resource.getrlimit(limit) for name, limit in _LIMITS.items()},
+        hooks=_hooks(),
+        root_level=logging.getLogger().level,
     )
 
 
@@ -72,6 +89,12 @@ def differences(before: ProcessState, after: ProcessState) -> list[str]:
     for name, was_limit in before.limits.items():
         if after.limits[name] != was_limit:
             lines.append(f"resource.{name} (soft, hard): {was_limit}, now {after.limits[name]}")
+    for name, hook in before.hooks.items():
+        if after.hooks[name] is not hook:
+            lines.append(f"{name}: {hook!r}, now {after.hooks[name]!r}")
+    if before.root_level != after.root_level:
+        was_level, now_level = (logging.getLevelName(n) for n in (before.root_level, after.root_level))
+        lines.append(f"the root logger's level: {was_level}, now {now_level}")
     return lines
 
 
@@ -91,3 +114,7 @@ def restore(state: ProcessState) -> None:
                 resource.setrlimit(_LIMITS[name], limit)
             except (ValueError, OSError):
                 continue
+    sys.excepthook = state.hooks["sys.excepthook"]  # type: ignore[assignment]
+    threading.excepthook = state.hooks["threading.excepthook"]  # type: ignore[assignment]
+    sys.unraisablehook = state.hooks["sys.unraisablehook"]  # type: ignore[assignment]
+    logging.getLogger().setLevel(state.root_level)

@@ -94,3 +94,27 @@ def test_after_the_realm(realm):
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
     result.assert_outcomes(passed=3)
+
+
+def test_a_replaced_excepthook_and_root_level_are_put_back(pytester: pytest.Pytester) -> None:
+    """A test that replaces threading.excepthook (pytest's own, installed once per run) and lowers the root logger's
+    level, as the gateway's logging set-up does, errors naming both; the next test has pytest's hook and the level
+    of before, so a thread of it dying of an exception is reported by pytest again."""
+    pytester.makeconftest(_FIXTURE)
+    pytester.makepyfile(
+        test_order="""
+import logging, threading
+
+FOUND = (threading.excepthook, logging.getLogger().level)
+
+def test_leaves():
+    threading.excepthook = lambda args: None
+    logging.getLogger().setLevel(logging.DEBUG)
+
+def test_next():
+    assert (threading.excepthook, logging.getLogger().level) == FOUND
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*threading.excepthook: *, now <function test_leaves.<locals>.<lambda>*", "*DEBUG"])
