@@ -94,6 +94,7 @@ class Recorder:
 
     def close(self) -> None:
         stop_listening(self._sock)
+        self._thread.join(timeout=WAIT)  # closed means its thread is gone, not about to go
 
 
 def _read_request(conn: socket.socket, head_read: Callable[[str], None] = lambda _: None) -> Recorded:

@@ -75,7 +75,6 @@ def test_a_closed_recorder_listens_no_more_and_its_thread_ends() -> None:
         client.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         assert client.recv(65536).startswith(b"HTTP/1.1 ")  # served: the accepting thread is back in accept()
     recorder.close()
-    recorder._thread.join(timeout=WAIT)
     assert not recorder._thread.is_alive()
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
