@@ -11,15 +11,19 @@ slow too: it provisions the realm in a fresh checkout (30-130 s), and every othe
 starts beside the long files, not after them. docs/testing.md, "Long tests".
 
 And a run that leaves a new file in the repository's root fails, whatever its tests said (tests/root_files.py:
-a user's FILE credential cache once appeared there).
+a user's FILE credential cache once appeared there). A test that leaves its process changed for the next test in its
+worker (an environment variable, the working directory, the umask, a resource limit) fails, and the process is put
+back (tests/process_state.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import process_state
 from tests.root_files import new_files, root_files
 
 AD_REALM_SECONDS = 100.0  # provisioning the AD realm (tests/integration/ad_fixtures.py) in a fresh checkout
@@ -83,3 +87,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         for line in found:
             terminalreporter.line(line, red=True)
         terminalreporter.line("the run fails: a test or a gateway it started wrote into its working directory")
+
+
+@pytest.fixture(autouse=True)
+def _process_as_found() -> Iterator[None]:
+    """Every test leaves its process as it found it (tests/process_state.py): what it changed and did not put back
+    is put back, and the test fails at its teardown, naming each change. Fixtures of a wider scope (the lab's
+    KRB5_CONFIG) are set up before this snapshot and torn down after this comparison, and the tiers' own
+    KRB5_CONFIG fixtures (a Delegator's overlay, by design) put it back before it."""
+    before = process_state.snapshot()
+    yield
+    left = process_state.differences(before, process_state.snapshot())
+    if left:
+        process_state.restore(before)
+        changes = "\n  ".join(left)
+        pytest.fail(
+            "this test left its process changed for the next test in this worker (put back now); restore what it "
+            f"changes (monkeypatch, or try/finally):\n  {changes}",
+            pytrace=False,
+        )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import client_context
 from tests.integration.jsonlog import WAIT
+from tests.integration.loopback import stop_listening
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class Recorder:
         return taken
 
     def close(self) -> None:
-        self._sock.close()
+        stop_listening(self._sock)
+        self._thread.join(timeout=WAIT)  # closed means its thread is gone, not about to go
 
 
 def _read_request(conn: socket.socket, head_read: Callable[[str], None] = lambda _: None) -> Recorded:

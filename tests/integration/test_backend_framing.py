@@ -45,9 +45,17 @@ from proxy.backend.client import (
 from proxy.backend.forward import Pools, forward
 from proxy.config import Route
 from proxy.errors import GatewayError
+from tests.integration.loopback import stop_listening
 
 Serve = Callable[["Conn"], Awaitable[None]]
-HINTS: list[str] = []  # the log hints of the refusals, latest last
+HINTS: list[str] = []  # the log hints of this test's refusals, latest last (`_hints_of_this_test`)
+
+
+@pytest.fixture(autouse=True)
+def _hints_of_this_test() -> None:
+    """HINTS starts empty for each test: a test reading HINTS[-1] after a request of its own that recorded no hint
+    read the previous test's in this worker (the read-timeout cases share `read_timeout=0.5 s`), and passed on it."""
+    HINTS.clear()
 
 
 @dataclass
@@ -722,7 +730,7 @@ def tls_run(
         with structlog.testing.capture_logs() as logs:
             outcomes = on_loop(loop, asyncio.wait_for(case(), 30))
     finally:
-        upstream.sock.close()
+        stop_listening(upstream.sock)
     return outcomes, logs
 
 

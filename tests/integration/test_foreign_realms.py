@@ -24,6 +24,7 @@ from proxy.errors import KerberosRefused
 from proxy.identity.principal import map_upn
 from proxy.kerberos.delegate import Delegator
 from proxy.lab.layout import PROXY_SERVICE, REALM, LabLayout
+from tests.integration.loopback import stop_listening
 
 SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
 
@@ -48,7 +49,7 @@ class Listener:
             conn.close()
 
     def close(self) -> None:
-        self.sock.close()
+        stop_listening(self.sock)
 
 
 @pytest.fixture

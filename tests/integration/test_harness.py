@@ -1,8 +1,10 @@
 """The integration tests' own harness on a shared machine: a port taken by someone else between `free_port()`
-and the bind never passes for our daemon being ready, and a gateway is then started on another port."""
+and the bind never passes for our daemon being ready, and a gateway is then started on another port; an in-process
+server closed at a test's end listens no more for the next tests in that worker."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import curl, dead_port, free_port, lab_config, start_gateway, wait_port
+from tests.integration.jsonlog import WAIT
+from tests.integration.recorder import Recorder
 
 
 def test_a_gateway_whose_port_was_taken_meanwhile_starts_on_another(lab: LabLayout, tmp_path: Path) -> None:
@@ -59,3 +63,18 @@ def test_a_dead_port_refuses_connections_and_cannot_be_taken() -> None:
         assert s.connect_ex(("127.0.0.1", port)) != 0
     with socket.socket() as other, pytest.raises(OSError, match="Address already in use"):
         other.bind(("127.0.0.1", port))
+
+
+def test_a_closed_recorder_listens_no_more_and_its_thread_ends() -> None:
+    """A Recorder (the in-process upstream of many tests) that served a request and was closed: its accepting thread
+    ends and a connection to its port is refused. Closing the socket alone left the thread blocked in accept() and
+    the port listening for the rest of the worker's life, taking the next connection made to it."""
+    recorder = Recorder()
+    port = int(recorder.url.rpartition(":")[2])
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+        client.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert client.recv(65536).startswith(b"HTTP/1.1 ")  # served: the accepting thread is back in accept()
+    recorder.close()
+    assert not recorder._thread.is_alive()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED

@@ -26,6 +26,7 @@ from proxy.lab.layout import USERS, LabLayout
 from proxy.lab.pki import Pki
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
+from tests.integration.loopback import stop_listening
 
 
 def _split(out: str) -> tuple[str, int]:
@@ -358,7 +359,7 @@ class _SniRecorder:
                 continue
 
     def close(self) -> None:
-        self._sock.close()
+        stop_listening(self._sock)
 
 
 def test_an_https_upstream_gets_the_server_name_as_sni(lab: LabLayout, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from proxy.identity.principal import UserPrincipal
 from proxy.kerberos.delegate import Delegator
 from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 from proxy.lab.layout import PROXY_SERVICE, REALM, LabLayout
+from tests.integration.loopback import stop_listening
 from tests.integration.test_delegation_crowd import new_users
 
 SPN, TARGET = "HTTP/cas.lab.test", "HTTP@cas.lab.test"
@@ -64,7 +65,7 @@ class Relay:
             back.join()
 
     def close(self) -> None:
-        self.sock.close()
+        stop_listening(self.sock)
 
 
 def _copy(source: socket.socket, sink: socket.socket) -> None:

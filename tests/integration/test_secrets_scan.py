@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from proxy.lab.kdc import MASTER_PASSWORD, ROOT_PASSWORD
 from proxy.lab.layout import DISABLED_USERS, USERS, LabLayout
 from tests.integration.conftest import REPO, Gateway, dead_port, free_port, lab_config, start_gateway
+from tests.integration.loopback import stop_listening
 from tests.integration.recorder import Recorder, raw_request
 from tests.integration.test_audit import BASIC as AUDIT_BASIC
 from tests.integration.test_audit import _malformed_requests
@@ -107,7 +108,7 @@ class HostileBackend:
                 conn.sendall(HOSTILE_ANSWERS.get(path.split("?")[0], "HTTP/1.1 404 x\r\n\r\n").encode("latin-1"))
 
     def close(self) -> None:
-        self._sock.close()
+        stop_listening(self._sock)
 
 
 def _basic(user: str, password: str, charset: str = "utf-8") -> str:

@@ -37,7 +37,7 @@ from proxy.lab.layout import USERS, LabLayout
 from proxy.observability.tracepage import MAX_TRACES
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
-from tests.integration.loopback import serving
+from tests.integration.loopback import serving, stop_listening
 from tests.integration.recorder import raw_request
 from tests.integration.test_revocation import curl_with
 from tests.integration.test_ticket_cache import _certificate_for, _kadmin
@@ -635,7 +635,7 @@ class _SlowKdc:
 
     def close(self) -> None:
         self._closing.set()
-        self._server.close()
+        stop_listening(self._server)
 
 
 def test_s4u2proxys_time_is_its_kdc_exchange_not_a_wait_for_a_thread(lab: LabLayout, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -48,23 +49,35 @@ def _krb5_config_put_back() -> Iterator[None]:
         os.environ["KRB5_CONFIG"] = before
 
 
-@pytest.fixture
-def out() -> Iterator[io.StringIO]:
-    """The process's logging configured onto a buffer, and put back afterwards."""
+@contextlib.contextmanager
+def logging_configured(level: str, stream: io.StringIO) -> Iterator[None]:
+    """The process's logging configured onto `stream` at `level` (`proxy_logging.configure`), and everything that
+    configures put back afterwards: structlog, the root logger's handler and level, warnings capture, the summary
+    line's writer, and the excepthooks (pytest's own threading.excepthook among them, installed once per run: left
+    replaced, a later test's thread dying of an exception was reported to the gateway's logger, not by pytest)."""
     saved = structlog.get_config()
     hooks = (sys.excepthook, threading.excepthook)
-    stream = io.StringIO()
-    proxy_logging.configure("info", stream)
+    root_level = logging.getLogger().level
+    proxy_logging.configure(level, stream)
     try:
-        yield stream
+        yield
     finally:
         structlog.configure(**saved)
         sys.excepthook, threading.excepthook = hooks
         if proxy_logging._handler is not None:
             logging.getLogger().removeHandler(proxy_logging._handler)
             proxy_logging._handler = None
+        logging.getLogger().setLevel(root_level)
         logging.captureWarnings(False)
         proxy_logging._summary = None
+
+
+@pytest.fixture
+def out() -> Iterator[io.StringIO]:
+    """The process's logging configured onto a buffer, and put back afterwards."""
+    stream = io.StringIO()
+    with logging_configured("info", stream):
+        yield stream
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import structlog
 
 from proxy.observability import logging as proxy_logging
+from tests.unit.conftest import logging_configured
 
 SECRET = "c2VjcmV0LXBhc3N3b3Jk"
 REPO = Path(__file__).resolve().parents[2]
@@ -93,18 +93,9 @@ def test_what_orjson_would_write_otherwise_goes_through_the_chain(out: io.String
 
 def test_above_info_no_line_is_written() -> None:
     """At log level warning the summary line, an info line, is not written (as the chain's filter does)."""
-    saved = structlog.get_config()
     stream = io.StringIO()
-    proxy_logging.configure("warning", stream)
-    try:
+    with logging_configured("warning", stream):
         proxy_logging.summary_line("request", status=200)
-    finally:
-        structlog.configure(**saved)
-        if proxy_logging._handler is not None:
-            logging.getLogger().removeHandler(proxy_logging._handler)
-            proxy_logging._handler = None
-        logging.captureWarnings(False)
-        proxy_logging._summary = None
     assert stream.getvalue() == ""
 
 
