@@ -172,8 +172,12 @@ async def readyz(request: web.Request) -> web.Response:
     kdc = await request.app[READINESS_KEY].kdc_problem()
     crls = crl_problems(live, datetime.now(UTC))
     refusing = bool(crls) and live.config.client_certificates.revocation == "require"  # best-effort serves on
-    ready = kdc is None and not refusing
-    body = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok", "generation": live.generation}
+    tls = live.served.problem(datetime.now(UTC)) if live.served is not None else None
+    ready = kdc is None and not refusing and tls is None
+    body: dict[str, object] = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok"}
+    if tls is not None:  # only then: a ready answer's body is as it was
+        body["tls"] = tls
+    body["generation"] = live.generation
     return web.json_response(body, status=200 if ready else 503)
 
 

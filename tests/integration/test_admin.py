@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import ADMIN_MAX_CONNECTIONS, ADMIN_SILENT_SECONDS
 from proxy.lab.layout import LabLayout
-from tests.integration._pki_tools import load_ca, write_crl
+from tests.integration._pki_tools import load_ca, write_crl, write_server_certificate
 from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 
@@ -874,3 +874,33 @@ def test_every_admin_answer_forbids_sniffing_and_anything_but_its_own_style(
             style = body.split("<style>", 1)[1].split("</style>", 1)[0]
             digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
             assert f"'sha256-{digest}'" in policy, kind
+
+
+def test_readyz_says_when_the_listeners_own_certificate_has_expired(lab: LabLayout, tmp_path: Path) -> None:
+    """The device listener's `listener.certificate` past its notAfter fails every device's handshake: /readyz was 200
+    all the same. It is ready while the certificate is valid, then 503 naming the file and the fix (renew it, then
+    reload)."""
+    not_after = (datetime.now(UTC) + timedelta(seconds=25)).replace(microsecond=0)
+    chain, key, _ = write_server_certificate(tmp_path / "tls", load_ca(lab.pki_dir, "issuing"), not_after=not_after)
+    admin_port = free_port()
+    text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    text = text.replace(str(lab.pki_dir / "server-chain.pem"), str(chain)).replace(
+        str(lab.pki_dir / "server.key"), str(key)
+    )
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        status, body = _get(admin + "/readyz")
+        if datetime.now(UTC) < not_after:  # asked before the certificate ended (a stalled start may pass it)
+            assert status == 200, body
+        eventually(lambda: datetime.now(UTC) > not_after + timedelta(seconds=1), "the certificate's end", WAIT)
+        assert curl(lab, gw.url + "/owa/", "alice").returncode != 0  # what every device now meets
+        status, body = _get(admin + "/readyz")
+        assert status == 503, body
+        answer = json.loads(body)
+        assert answer["ready"] is False
+        assert str(chain) in answer["tls"]
+        assert "expired" in answer["tls"]
+        assert "reload" in answer["tls"]
+    finally:
+        gw.stop()
