@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from proxy.certs.sources import shown_location
 from proxy.errors import BadRequest, ConfigError
 from proxy.files import read_bounded
 from proxy.identity.principal import ascii_lower
@@ -643,10 +644,10 @@ def _crl_locations(r: _Reader, t: dict[str, Any], key: str) -> tuple[tuple[Path,
         scheme = urlsplit(value).scheme.lower() if "://" in value else ""
         if scheme in ("http", "https"):
             if not urlsplit(value).hostname:
-                r.problem(f"{key}[{i}]", f"expected http(s)://host/path, got {value!r}")
+                r.problem(f"{key}[{i}]", f"expected http(s)://host/path, got {shown_location(value)!r}")
             urls.append(value)
         elif scheme:
-            r.problem(f"{key}[{i}]", f"only files and http(s) URLs are supported, got {value!r}")
+            r.problem(f"{key}[{i}]", f"only files and http(s) URLs are supported, got {shown_location(value)!r}")
         else:
             files.append(r.file(f"{key}[{i}]", value))
     return tuple(files), tuple(urls)

@@ -99,8 +99,8 @@ MIN_SCRUBBED = 4  # characters of a password or query value that `CrlSource.scru
 def shown_location(location: str) -> str:
     """A CRL or OCSP location as it may be shown: a URL's password (`user:password@host`) and every value of its
     query (`?sv=[redacted]&sig=[redacted]`: a signed URL's token is its credential; the names say what kind of URL it
-    is) as `[redacted]`, a fragment dropped."""
-    if not location.startswith(("http://", "https://")):
+    is) as `[redacted]`, a fragment dropped; the same for a URL of another scheme, which the configuration refuses."""
+    if "://" not in location:
         return location
     parts = urlsplit(location)
     userinfo, at, host = parts.netloc.rpartition("@")
