@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import structlog
@@ -84,7 +84,7 @@ class CrlSource:
             return text
         parts = urlsplit(self.location)
         text = text.replace(self.location, self.name)
-        values = [field.partition("=")[2] for field in parts.query.split("&")]
+        values = [value for _, _, value in _fields(parts.query)]
         secrets = [parts.password or "", parts.query, *values, *(unquote(value) for value in values)]
         for secret in sorted(secrets, key=len, reverse=True):
             if len(secret) >= MIN_SCRUBBED:  # a short value ("2") is no token, and would be replaced everywhere
@@ -104,10 +104,15 @@ def shown_location(location: str) -> str:
         return location
     parts = urlsplit(location)
     userinfo, at, host = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:{REDACTED}@{host}")
-    query = "&".join(f"{name.partition('=')[0]}={REDACTED}" for name in parts.query.split("&") if name)
-    return urlunsplit(parts._replace(query=query, fragment=""))
+    netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}" if at and ":" in userinfo else parts.netloc
+    fields = (name + (f"={REDACTED}" if equals else "") for name, equals, _ in _fields(parts.query))
+    query = "&".join(fields)
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _fields(query: str) -> list[tuple[str, str, str]]:
+    """A query's `name=value` fields, each as (name, "=" or "", value)."""
+    return [field.partition("=") for field in query.split("&") if field]
 
 
 @dataclass
