@@ -79,7 +79,7 @@ from proxy.kerberos.threads import KdcThreads, NoThread
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
 from proxy.observability.siblings import Siblings, TraceSource, serve_siblings
-from proxy.observability.tracepage import add_trace_views
+from proxy.observability.tracepage import STYLE_SOURCE, add_trace_views
 from proxy.tls.limits import unquote_parse_errors
 from proxy.workers import Worker
 
@@ -173,8 +173,12 @@ async def readyz(request: web.Request) -> web.Response:
     kdc = await request.app[READINESS_KEY].kdc_problem()
     crls = crl_problems(live, datetime.now(UTC))
     refusing = bool(crls) and live.config.client_certificates.revocation == "require"  # best-effort serves on
-    ready = kdc is None and not refusing
-    body = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok", "generation": live.generation}
+    tls = live.served.problem(datetime.now(UTC)) if live.served is not None else None
+    ready = kdc is None and not refusing and tls is None
+    body: dict[str, object] = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok"}
+    if tls is not None:  # only then: a ready answer's body is as it was
+        body["tls"] = tls
+    body["generation"] = live.generation
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -208,6 +212,7 @@ def make_admin_app(
         readiness.close()
 
     app.on_cleanup.append(close_readiness)
+    app.on_response_prepare.append(_admin_headers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -215,6 +220,21 @@ def make_admin_app(
         app[SIBLINGS_KEY] = siblings
     add_trace_views(app, siblings or TraceSource(live.traces))
     return app
+
+
+# Every admin answer's: the trace pages are HTML that shows what devices sent (paths, names), so a browser runs no
+# script and loads nothing (`default-src 'none'`), takes the pages' own style by its hash only, sends the filter form
+# back here only, shows them in no frame; and sniffs no type (a JSON or text answer is never read as HTML).
+ADMIN_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; style-src {STYLE_SOURCE}; form-action 'self'; base-uri 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+async def _admin_headers(_: web.Request, response: web.StreamResponse) -> None:
+    """`ADMIN_HEADERS` on every answer of the admin application: pages, JSON, /metrics, refusals and errors."""
+    response.headers.update(ADMIN_HEADERS)
 
 
 def admin_ssl_context(admin: Admin) -> ssl.SSLContext | None:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from proxy.certs.sources import shown_location
 from proxy.errors import BadRequest, ConfigError
 from proxy.files import read_bounded
 from proxy.identity.principal import ascii_lower
@@ -661,10 +662,10 @@ def _crl_locations(r: _Reader, t: dict[str, Any], key: str) -> tuple[tuple[Path,
         scheme = urlsplit(value).scheme.lower() if "://" in value else ""
         if scheme in ("http", "https"):
             if not urlsplit(value).hostname:
-                r.problem(f"{key}[{i}]", f"expected http(s)://host/path, got {value!r}")
+                r.problem(f"{key}[{i}]", f"expected http(s)://host/path, got {shown_location(value)!r}")
             urls.append(value)
         elif scheme:
-            r.problem(f"{key}[{i}]", f"only files and http(s) URLs are supported, got {value!r}")
+            r.problem(f"{key}[{i}]", f"only files and http(s) URLs are supported, got {shown_location(value)!r}")
         else:
             files.append(r.file(f"{key}[{i}]", value))
     return tuple(files), tuple(urls)
@@ -976,8 +977,18 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
                 r.problem(f"{k}.prefix", f"write it as the backend reads it (decoded, no dot-segments): {normal!r}")
     upstream = (r.get(t, f"{k}.upstream", "upstream", str) or "").rstrip("/")
     parts = urlsplit(upstream)
-    if upstream and (parts.scheme not in ("http", "https") or not parts.hostname or parts.path):
-        r.problem(f"{k}.upstream", f"expected http(s)://host[:port] with no path, got {upstream!r}")
+    _, at, netloc = parts.netloc.rpartition("@")
+    shown = f"{parts.scheme}://…@{netloc}" if at else upstream  # problems are logged (a reload's): no password in them
+    if at:
+        r.problem(
+            f"{k}.upstream",
+            f"a user name or password in the URL ({shown}) is never sent: the gateway signs in to the backend with "
+            "Negotiate (or the client's Basic); write http(s)://host[:port]",
+        )
+    elif upstream and (
+        parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query or parts.fragment
+    ):
+        r.problem(f"{k}.upstream", f"expected http(s)://host[:port] with no path or query, got {upstream!r}")
     spn = r.get(t, f"{k}.spn", "spn", str, "") or f"HTTP/{parts.hostname or ''}"
     service, slash, host = spn.partition("/")
     if not slash or not service or not host or "@" in host:
@@ -986,7 +997,7 @@ def _route(r: _Reader, i: int, t: Any) -> Route | None:
     server_name = _hostname(r, f"{k}.server_name", r.get(t, f"{k}.server_name", "server_name", str, ""))
     for name, given in (("ca_bundle", ca_bundle), ("server_name", server_name)):
         if given is not None and parts.scheme != "https":
-            r.problem(f"{k}.{name}", f"only for https upstreams; {upstream!r} is not one")
+            r.problem(f"{k}.{name}", f"only for https upstreams; {shown!r} is not one")
     return Route(
         prefix=prefix,
         upstream=upstream,

@@ -49,7 +49,7 @@ import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -60,6 +60,9 @@ from proxy.errors import ConfigError
 from proxy.observability.metrics import Metrics
 from proxy.observability.traces import TraceRing
 from proxy.pipeline import Gateway
+
+if TYPE_CHECKING:
+    from proxy.tls.server import ServedCertificate
 
 log = structlog.get_logger("proxy.reload")
 
@@ -76,6 +79,7 @@ class Live:
     # configuration's that had the PROXY protocol on. Turning it off needs a restart, and until then the list
     # last in force stays, never the one read at start (which may name a balancer a reload took off).
     balancers: tuple[IPNetwork, ...] = ()
+    served: ServedCertificate | None = None  # the listener's certificate `ssl_context` holds (`/readyz`)
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
     _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
@@ -94,10 +98,11 @@ class Live:
     @classmethod
     def start(cls, config: Config, *, shared: SharedTable | None = None) -> Live:
         from proxy.app import build
-        from proxy.tls.server import server_context
+        from proxy.tls.server import ServedCertificate, server_context
 
         gateway = build(config, shared=shared, serving=True)
-        return cls(gateway, server_context(config), balancers=config.listener.trusted_proxies)
+        context = server_context(config)
+        return cls(gateway, context, balancers=config.listener.trusted_proxies, served=ServedCertificate.of(config))
 
     @property
     def config(self) -> Config:
@@ -117,7 +122,7 @@ class Live:
             old = self.gateway
             path = old.config.path
             try:
-                gateway, context = _prepare(path, old)
+                gateway, context, served = _prepare(path, old)
             except ConfigError as e:
                 return self._refused(path, e.problems)
             except (OSError, ssl.SSLError, ValueError) as e:
@@ -126,7 +131,7 @@ class Live:
             if gateway.delegator is not old.delegator:  # its watch's KDC list out of the overlay before the new one's
                 old.delegator.stop_watch()  # (its requests still in flight are served on as they are)
             await gateway.delegator.watch_kdcs()  # a kept delegator's watch goes on; a new one's starts
-            self.gateway, self.ssl_context = gateway, context
+            self.gateway, self.ssl_context, self.served = gateway, context, served
             old.revocation.hand_over(gateway.revocation, gateway.trust)  # held requests: judged by the new trust
             dropped = len(old.delegator)  # a replaced delegator's go when the old gateway's last request ends
             gateway.delegator.clear()  # issue #7: delegated tickets do not outlive a reload (a kept delegator's)
@@ -225,17 +230,18 @@ class _Using:
             self._live._close_if_retired(key)
 
 
-def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext]:
+def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext, ServedCertificate]:
     """Everything a new configuration builds, or ConfigError with every problem found."""
     from proxy.app import build
     from proxy.ops.check import check
-    from proxy.tls.server import server_context
+    from proxy.tls.server import ServedCertificate, server_context
 
     config = config_module.load(path)
     problems = check(config, at=datetime.now(UTC), crls=False)
     if problems:
         raise ConfigError(problems)
-    return _carry_over(build(config, shared=old.basic.shared, previous=old, serving=True), old), server_context(config)
+    gateway = _carry_over(build(config, shared=old.basic.shared, previous=old, serving=True), old)
+    return gateway, server_context(config), ServedCertificate.of(config)
 
 
 def _carry_over(new: Gateway, old: Gateway) -> Gateway:

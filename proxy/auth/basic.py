@@ -113,7 +113,14 @@ from proxy.errors import (
     TooManyAttempts,
     UserUnknown,
 )
-from proxy.identity.principal import UserPrincipal, ascii_lower, configured_domains, domain_realm, map_name
+from proxy.identity.principal import (
+    UserPrincipal,
+    ascii_lower,
+    configured_domains,
+    domain_realm,
+    map_name,
+    shown_name,
+)
 from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
 from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
@@ -665,7 +672,7 @@ class BasicLogin:
         if len(username) > MAX_USER_NAME:
             raise AuthenticationRequired(
                 f"the user name is longer than {MAX_USER_NAME} characters",
-                hint=f"a Basic user name of {len(username)} characters, starting {username[:40]!r}",
+                hint=f"a Basic user name of {len(username)} characters, starting {username[:1]!r}",
                 challenge=self.challenge,
             )
         down_level = "\\" in username
@@ -673,19 +680,23 @@ class BasicLogin:
         if domain and domain_realm(domain, self._identity, down_level=down_level) is None:
             raise AuthenticationRequired(
                 f"the domain {domain!r} of the user name is not one this gateway signs in to",
-                hint=f"Basic user {username!r}: {configured_domains(self._identity)}",
+                hint=f"Basic user {shown_name(username)}: {configured_domains(self._identity)}",
                 challenge=self.challenge,
             )
         try:
             user = map_name(username, self._identity, source="basic")
         except IdentityRejected as e:
+            _, usable, problem = e.reason.partition(" is not usable: ")  # the reason names the name: not a log's
             raise AuthenticationRequired(
-                "the user name or password is incorrect", hint=e.reason, challenge=self.challenge
+                "the user name or password is incorrect",
+                hint=f"Basic user {shown_name(username)} is not usable: {problem if usable else 'not a plain name'}",
+                challenge=self.challenge,
             ) from None
         if user.realm not in self._realms:
             raise AuthenticationRequired(
                 "the user name or password is incorrect",
-                hint=f"{user.principal}: realm {user.realm} is not the default realm or in identity.realm_map",
+                hint=f"{shown_name(user.principal)}: realm {user.realm} is not the default realm or in "
+                "identity.realm_map",
                 challenge=self.challenge,
             )
         if guess_key(user.principal) == self._own:
@@ -726,9 +737,9 @@ class BasicLogin:
         wait = self._users.wait(guesses, time.monotonic())
         return TooManyAttempts(
             "too many failed sign-ins; wait and try again",
-            hint=f"{key} is held after basic_failures_per_user wrong passwords, so that the directory's lockout "
-            f"threshold is not reached, for {wait:.0f} s more (basic_failure_window_seconds); only the password the "
-            f"KDC last accepted goes on to it",
+            hint=f"{shown_name(key)} is held after basic_failures_per_user wrong passwords, so that the directory's "
+            f"lockout threshold is not reached, for {wait:.0f} s more (basic_failure_window_seconds); only the "
+            "password the KDC last accepted goes on to it",
             challenge={"Retry-After": str(max(1, round(wait)))},
         )
 
@@ -751,7 +762,7 @@ class BasicLogin:
         if wait > 0:
             raise TooManyAttempts(
                 "too many failed sign-ins; wait and try again",
-                hint=f"failed logins for {key} or from {client} are throttled for {wait:.0f} s more",
+                hint=f"failed logins for {shown_name(key)} or from {client} are throttled for {wait:.0f} s more",
                 challenge={"Retry-After": str(max(1, round(wait)))},
             )
         attempt = _Attempt()

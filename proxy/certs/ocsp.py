@@ -43,6 +43,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from proxy.certs.chain import format_time
 from proxy.certs.der import elements, inside, value, whole
 from proxy.certs.revocation import RevocationEvidence, RevocationStatus, shown_error
+from proxy.certs.sources import CrlSource
 
 log = structlog.get_logger("proxy.ocsp")
 CLOCK_SKEW = timedelta(minutes=5)
@@ -189,15 +190,17 @@ class OcspClient:
     ) -> tuple[RevocationEvidence, datetime]:
         nonce = os.urandom(16)
         request = build_request(cert, issuer, nonce)
+        shown = CrlSource(url)  # the URL as every output names it: no password, no query's values (a signed URL's)
         try:
             der = await self._post(url, request.public_bytes(serialization.Encoding.DER))
-            evidence, next_update = verify_response(der, request, issuer, nonce=nonce, at=at, source=url)
+            evidence, next_update = verify_response(der, request, issuer, nonce=nonce, at=at, source=shown.name)
         except (OcspError, OSError, aiohttp.ClientError, TimeoutError) as exc:
-            detail = f"no usable answer from the OCSP responder {url}: {_words(exc)}"
-            log.warning("ocsp_failed", responder=url, serial=f"{cert.serial_number:x}", error=_words(exc))
-            failed = RevocationEvidence(RevocationStatus.UNKNOWN, url, detail)
+            words = shown.scrubbed(_words(exc))
+            detail = f"no usable answer from the OCSP responder {shown.name}: {words}"
+            log.warning("ocsp_failed", responder=shown.name, serial=f"{cert.serial_number:x}", error=words)
+            failed = RevocationEvidence(RevocationStatus.UNKNOWN, shown.name, detail)
             return failed, at + timedelta(seconds=FAILURE_SECONDS)
-        log.info("ocsp_answer", responder=url, serial=f"{cert.serial_number:x}", status=evidence.status.value)
+        log.info("ocsp_answer", responder=shown.name, serial=f"{cert.serial_number:x}", status=evidence.status.value)
         return evidence, min(next_update, at + self._cache_for) if next_update else at + self._cache_for
 
     async def _post(self, url: str, body: bytes) -> bytes:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import structlog
@@ -79,23 +79,40 @@ class CrlSource:
         return shown_location(self.location)
 
     def scrubbed(self, text: str) -> str:
-        """`text` (an error a fetch raised, which may quote the URL) without the URL's password."""
-        password = urlsplit(self.location).password if self.is_url else None
-        return text.replace(self.location, self.name).replace(password, REDACTED) if password else text
+        """`text` (an error a fetch raised, which may quote the URL) without the URL's password or query values."""
+        if not self.is_url:
+            return text
+        parts = urlsplit(self.location)
+        text = text.replace(self.location, self.name)
+        values = [value for _, _, value in _fields(parts.query)]
+        secrets = [parts.password or "", parts.query, *values, *(unquote(value) for value in values)]
+        for secret in sorted(secrets, key=len, reverse=True):
+            if len(secret) >= MIN_SCRUBBED:  # a short value ("2") is no token, and would be replaced everywhere
+                text = text.replace(secret, REDACTED)
+        return text
 
 
 REDACTED = "[redacted]"
+MIN_SCRUBBED = 4  # characters of a password or query value that `CrlSource.scrubbed` looks for in an error's text
 
 
 def shown_location(location: str) -> str:
-    """A CRL location as it may be shown: a URL's password (`user:password@host`) as `[redacted]`."""
-    if not location.startswith(("http://", "https://")):
+    """A CRL or OCSP location as it may be shown: a URL's password (`user:password@host`) and every value of its
+    query (`?sv=[redacted]&sig=[redacted]`: a signed URL's token is its credential; the names say what kind of URL it
+    is) as `[redacted]`, a fragment dropped; the same for a URL of another scheme, which the configuration refuses."""
+    if "://" not in location:
         return location
     parts = urlsplit(location)
     userinfo, at, host = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return location
-    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"))
+    netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}" if at and ":" in userinfo else parts.netloc
+    fields = (name + (f"={REDACTED}" if equals else "") for name, equals, _ in _fields(parts.query))
+    query = "&".join(fields)
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _fields(query: str) -> list[tuple[str, str, str]]:
+    """A query's `name=value` fields, each as (name, "=" or "", value)."""
+    return [field.partition("=") for field in query.split("&") if field]
 
 
 @dataclass

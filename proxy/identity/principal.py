@@ -112,6 +112,19 @@ def domain_realm(domain: str, identity: Identity, *, down_level: bool) -> str | 
     return named
 
 
+def shown_name(name: str) -> str:
+    """How a user name nobody has vouched for (a Basic name the KDC did not know, or refused before it was asked) is
+    shown in a log line, a trace or a fix: its local part as its first character and its length (`W…[11]`), its
+    domain as typed (`LAB\\b…[3]`, `b…[3]@evil.test`: what identity.realm_map is checked against). A user who typed
+    the password into the name field ("Winter2026!") leaves no password in the log, and an operator still matches a
+    help-desk call ("bob, three letters"). Pure."""
+    domain, backslash, local = name.rpartition("\\")
+    if not backslash:
+        local, at, domain = name.rpartition("@") if "@" in name else (name, "", "")
+        return f"{local[:1]}…[{len(local)}]" + (f"@{domain}" if at else "")
+    return f"{domain}\\{local[:1]}…[{len(local)}]"
+
+
 def configured_domains(identity: Identity) -> str:
     """The domains `domain_realm` knows, for a log line that says what would have been accepted."""
     netbios = identity.default_realm.partition(".")[0]

@@ -25,13 +25,14 @@ unreachable KDC 503 (`proxy.kerberos.hints`). The calls block on the KDC: run th
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import gssapi
 import gssapi.raw
 
 from proxy.errors import AuthenticationRequired, GatewayError, KerberosRefused, UserUnknown
-from proxy.identity.principal import UserPrincipal
+from proxy.identity.principal import UserPrincipal, shown_name
 from proxy.kerberos.hints import explain
 
 SPNEGO = gssapi.OID.from_int_seq("1.3.6.1.5.5.2")
@@ -88,13 +89,19 @@ def token_blocking(ticket: UserTicket, gss_target: str, spn: str) -> bytes:
     return token
 
 
+_QUOTED = re.compile(r"'([^']*)'")
+
+
 def refusal(message: str, principal: str) -> GatewayError:
     """What the KDC's answer to an AS exchange means for the client. Pure."""
     lowered = message.lower()
     if _UNKNOWN in lowered:
+        # perhaps a password typed into the name field: shown as `shown_name`, here and in the KDC's message
+        # (MIT: "Client 'Winter2026!@LAB.TEST' not found in Kerberos database"), wherever it quotes a name
+        quoted = _QUOTED.sub(lambda name: f"'{shown_name(name[1])}'", message)
         hint = (
-            f"the KDC has no account {principal}: a mistyped user name, or a domain or UPN suffix that "
-            f"identity.realm_map or enterprise_names does not map to the account's realm [{message}]"
+            f"the KDC has no account {shown_name(principal)}: a mistyped user name, or a domain or UPN suffix that "
+            f"identity.realm_map or enterprise_names does not map to the account's realm [{quoted}]"
         )
         return UserUnknown("the user name or password is incorrect", hint=hint)
     if any(needle in lowered for needle in _WRONG):

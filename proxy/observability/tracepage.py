@@ -16,6 +16,8 @@ and the filters, which are escaped too.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -119,6 +121,9 @@ td:first-child, td.num { white-space: nowrap; } .layout td:last-child { overflow
 .fix { background: #fff4f4; border-left: 3px solid #c62828; padding: 6px 10px; margin: 8px 0; }
 .muted { color: #6b7583; }
 """
+
+# The pages' only inline content, let in by the admin listener's Content-Security-Policy by this hash (`proxy.admin`)
+STYLE_SOURCE = "'sha256-" + base64.b64encode(hashlib.sha256(_CSS.encode()).digest()).decode() + "'"
 
 
 def _page(title: str, body: str) -> str:

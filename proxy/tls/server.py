@@ -40,13 +40,15 @@ import threading
 import weakref
 from asyncio import sslproto
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, cast, overload
 
 import structlog
 from cryptography import x509
 
-from proxy.certs.chain import load_certificates
+from proxy.certs.chain import format_time, load_certificates
 from proxy.config import Config
 from proxy.tls.openssl import (
     RefusedCertificate,
@@ -103,6 +105,30 @@ def server_context(config: Config) -> ssl.SSLContext:
         if isinstance(remembered, str):
             log.warning("verified_chains_unavailable", reason=remembered, detail="every client chain is verified")
     return ctx
+
+
+@dataclass(frozen=True)
+class ServedCertificate:
+    """The listener's own certificate as a TLS context took it: its file and the leaf's notAfter (`/readyz`)."""
+
+    path: Path
+    not_after: datetime
+
+    @classmethod
+    def of(cls, config: Config) -> ServedCertificate:
+        """The leaf of `listener.certificate` (read again after `server_context` loaded it: the same file)."""
+        path = config.listener.certificate
+        return cls(path, load_certificates(path)[0].not_valid_after_utc)
+
+    def problem(self, now: datetime) -> str | None:
+        """Why no device's handshake can succeed (the certificate is past its notAfter), or None."""
+        if now <= self.not_after:
+            return None
+        return (
+            f"{self.path}: the listener's certificate expired on {format_time(self.not_after)}, so every device's TLS "
+            "handshake fails; put a renewed certificate (and its key) in listener.certificate and "
+            "listener.private_key, then reload (SIGHUP)"
+        )
 
 
 VERIFIED_CHAINS = 4096  # client chains remembered per context (about 100 bytes each)

@@ -51,9 +51,11 @@ def write_server_certificate(
     *,
     cn: str = "proxy.lab.test",
     local: bool = True,
+    not_after: datetime | None = None,
 ) -> tuple[Path, Path, x509.Certificate]:
     """A fresh server certificate for `cn` issued by `ca`, and (`local`) for 127.0.0.1 and localhost too: (chain
-    file, key file, leaf). Without `local` it names `cn` alone, as a production server's does."""
+    file, key file, leaf). Without `local` it names `cn` alone, as a production server's does. Valid for two days,
+    or until `not_after`."""
     now = datetime.now(UTC)
     cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
@@ -67,7 +69,7 @@ def write_server_certificate(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=2))
+        .not_valid_after(not_after or now + timedelta(days=2))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())

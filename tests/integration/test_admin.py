@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -26,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import ADMIN_MAX_CONNECTIONS, ADMIN_SILENT_SECONDS
 from proxy.lab.layout import LabLayout
-from tests.integration._pki_tools import load_ca, write_crl
+from tests.integration._pki_tools import load_ca, write_crl, write_server_certificate
 from tests.integration.conftest import Gateway, client_context, curl, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 
@@ -907,3 +909,86 @@ def test_a_flood_of_new_connections_does_not_evict_a_probe_being_answered(lab: L
             sock.close()
         gw.stop()
         relay.close()
+
+
+def _curl_headers(url: str, *args: str) -> tuple[int, dict[str, str], str]:
+    """curl GET `url`: status, the answer's headers (lower-case names), body."""
+    argv = ["curl", "-sS", "--max-time", "30", "-D", "/dev/stderr", *args, url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    lines = done.stderr.splitlines()
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, done.stdout
+
+
+def test_every_admin_answer_forbids_sniffing_and_anything_but_its_own_style(
+    lab: LabLayout, admin_gateway: tuple[Gateway, str]
+) -> None:
+    """Each kind of admin answer (the HTML pages, JSON, /metrics' text, a 400, a 404, a 421 to a foreign Host) says
+    `X-Content-Type-Options: nosniff` and a Content-Security-Policy that loads nothing (`default-src 'none'`), frames
+    nowhere and lets the pages' own inline style in by its hash only; the trace pages are HTML that shows what devices
+    sent. Before, none had either header."""
+    gw, admin = admin_gateway
+    gw.mark()
+    assert curl(lab, gw.url + "/owa/", "alice").returncode == 0
+    request_id = gw.wait_event("request", upn="alice@lab.test")["request_id"]
+    port = urlsplit(admin).port
+    answers = {
+        path: _curl_headers(admin + path)
+        for path in ("/", "/?user=alice@lab.test", f"/trace/{request_id}", "/traces", f"/traces/{request_id}")
+    }
+    answers |= {path: _curl_headers(admin + path) for path in ("/healthz", "/readyz", "/metrics", "/nowhere")}
+    answers["400"] = _curl_headers(admin + "/traces?limit=-1")
+    answers["421"] = _curl_headers(admin + "/metrics", "-H", f"Host: attacker.example:{port}")
+    assert [answers[kind][0] for kind in ("/", f"/trace/{request_id}", "/nowhere", "400", "421")] == [
+        200,
+        200,
+        404,
+        400,
+        421,
+    ]
+    assert "<style>" in answers["/"][2]
+    for kind, (_, headers, body) in answers.items():
+        assert headers.get("x-content-type-options") == "nosniff", kind
+        policy = headers.get("content-security-policy", "")
+        assert "default-src 'none'" in policy, kind
+        assert "frame-ancestors 'none'" in policy, kind
+        assert "script-src" not in policy, kind
+        assert "unsafe-inline" not in policy, kind
+        if "<style>" in body:  # the page's own style is let in, by its hash
+            style = body.split("<style>", 1)[1].split("</style>", 1)[0]
+            digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in policy, kind
+
+
+def test_readyz_says_when_the_listeners_own_certificate_has_expired(lab: LabLayout, tmp_path: Path) -> None:
+    """The device listener's `listener.certificate` past its notAfter fails every device's handshake: /readyz was 200
+    all the same. It is ready while the certificate is valid, then 503 naming the file and the fix (renew it, then
+    reload)."""
+    not_after = (datetime.now(UTC) + timedelta(seconds=25)).replace(microsecond=0)
+    chain, key, _ = write_server_certificate(tmp_path / "tls", load_ca(lab.pki_dir, "issuing"), not_after=not_after)
+    admin_port = free_port()
+    text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    text = text.replace(str(lab.pki_dir / "server-chain.pem"), str(chain)).replace(
+        str(lab.pki_dir / "server.key"), str(key)
+    )
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        status, body = _get(admin + "/readyz")
+        if datetime.now(UTC) < not_after:  # asked before the certificate ended (a stalled start may pass it)
+            assert status == 200, body
+        eventually(lambda: datetime.now(UTC) > not_after + timedelta(seconds=1), "the certificate's end", WAIT)
+        assert curl(lab, gw.url + "/owa/", "alice").returncode != 0  # what every device now meets
+        status, body = _get(admin + "/readyz")
+        assert status == 503, body
+        answer = json.loads(body)
+        assert answer["ready"] is False
+        assert str(chain) in answer["tls"]
+        assert "expired" in answer["tls"]
+        assert "reload" in answer["tls"]
+    finally:
+        gw.stop()

@@ -580,3 +580,44 @@ def test_a_certificate_refused_after_the_handshake_does_not_fall_back_either(
     line = summary(either, status=403)
     assert line["refused_stage"] == stage
     assert "principal" not in line
+
+
+def test_a_password_typed_as_the_user_name_is_shown_nowhere(lab: LabLayout, tmp_path: Path) -> None:
+    """A password typed into the user-name field (the name alone, after a domain, as a UPN, too long to be a name, as
+    a held user's) is in no log line, trace or metric: a name the KDC did not know is shown as its first character
+    and length (`W…[11]`), which still matches a help-desk call; a name the KDC knows is shown whole."""
+    admin_port = free_port()
+    extra = f"""
+[authentication]
+mode = "basic"
+basic_failures_per_user = 5
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+"""
+    gw = gateway_with(lab, tmp_path, extra=extra)
+    secret = "Winter2026!"
+    try:
+        assert call(lab, gw, "/owa/", login=f"{secret}:{USERS['bob']}").status == 401
+        event = gw.wait_for("authentication_required", lambda e: "W…[11]" in str(e.get("fix")), what="W…[11]")
+        assert "KDC has no account" in event["fix"]
+        for name in (f"LAB\\{secret}", f"{secret}@lab.test", secret + "x" * 1100):
+            assert call(lab, gw, "/owa/", login=f"{name}:{USERS['bob']}").status == 401
+        statuses = [call(lab, gw, "/owa/", login=f"{secret}:guess").status for _ in range(3)]
+        assert statuses == [401, 401, 429]  # 3 of the 5 were the first three names: one principal
+        assert call(lab, gw, "/owa/", login="bob:nope").status == 401  # a known user's name is the help desk's key
+        event = gw.wait_for("authentication_required", lambda e: "bob@LAB.TEST" in str(e.get("fix")), what="bob")
+        admin = f"http://127.0.0.1:{admin_port}"
+        shown = {
+            "log": gw.log_path.read_text(),
+            "traces": subprocess.run(
+                ["curl", "-sS", f"{admin}/traces?limit=100"], capture_output=True, text=True, check=True
+            ).stdout,
+            "metrics": subprocess.run(["curl", "-sS", f"{admin}/metrics"], capture_output=True, text=True).stdout,
+        }
+        assert "authentication" in shown["traces"]
+        for where, text in shown.items():
+            assert "Winter2026" not in text, where
+            assert "winter2026" not in text, where
+    finally:
+        gw.stop()

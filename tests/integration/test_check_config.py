@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from proxy.errors import ConfigError
 from proxy.lab.layout import LabLayout
 from proxy.ops.check import check
 from tests.integration._pki_tools import load_ca, write_crl
-from tests.integration.conftest import REPO, free_port, lab_config
+from tests.integration.conftest import REPO, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import WAIT
 
 
 def _problems(path: Path) -> list[str]:
@@ -371,3 +373,37 @@ def test_a_crl_path_naming_a_device_or_a_fifo_says_so(lab: LabLayout, tmp_path: 
         path = tmp_path / "gateway.toml"
         path.write_text(lab_config(lab, port=free_port()).replace(str(lab.pki_dir / "crls.pem"), str(where)))
         assert _problems(path) == [f"client_certificates.crls[0]: not a regular file: {where} (in {path})"]
+
+
+def test_a_route_upstream_with_a_password_is_refused_by_check_config_run_and_a_reload(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """`upstream = "http://svc:Hunter2pw@host"`: a backend takes Negotiate (or the client's Basic), never a URL's
+    password, which was accepted and then shown in every trace and summary line. check-config, `run` and a SIGHUP
+    reload refuse it naming `routes[1].upstream`, and the password is in none of their output or the log."""
+    port = free_port()
+    route = '\n[[routes]]\nprefix = "/pw/"\nupstream = "{upstream}"\nspn = "HTTP/cas.lab.test"\n'
+    bad = lab_config(lab, port=port, extra=route.format(upstream=f"http://svc:Hunter2pw@127.0.0.1:{lab.backend_port}"))
+    config = tmp_path / "bad.toml"
+    config.write_text(bad)
+    checked = _cli(config)
+    assert checked.returncode != 0
+    assert "routes[1].upstream" in checked.stdout + checked.stderr
+    env = {**os.environ, **lab.env()}
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
+    assert started.returncode == 2, started
+    assert "routes[1].upstream" in started.stderr
+    gw = start_gateway(
+        lab, tmp_path / "gw", lab_config(lab, port=port, extra=route.format(upstream="http://127.0.0.1:1"))
+    )
+    try:
+        gw.mark()
+        gw.config_path.write_text(bad.replace(f"127.0.0.1:{port}", f"127.0.0.1:{gw.port}"))
+        gw.proc.send_signal(signal.SIGHUP)
+        refused = gw.wait_event("reload_refused")
+        assert "routes[1].upstream" in str(refused)
+    finally:
+        gw.stop()
+    for shown in (checked.stdout + checked.stderr, started.stdout + started.stderr, gw.log_path.read_text()):
+        assert "Hunter2pw" not in shown

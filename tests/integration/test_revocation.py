@@ -487,3 +487,70 @@ def test_a_crl_urls_password_is_used_to_fetch_it_and_shown_nowhere(lab: LabLayou
             assert gw.stop() == 0
     finally:
         server.close()
+
+
+class _SignedUrlCrlServer:
+    """An HTTP server publishing the lab's issuing CRL at /issuing.crl to a GET whose query carries `sig=<token>`
+    (a signed URL, as object stores hand out), 403 to any other; `asked` counts the signed GETs."""
+
+    def __init__(self, crl: bytes, token: str) -> None:
+        outer = self
+        self.asked = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path, _, query = self.path.partition("?")
+                signed = f"sig={token}" in query.split("&")
+                outer.asked += signed
+                status, body = (200, crl) if path == "/issuing.crl" and signed else (403, b"signature required")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_crl_urls_query_token_is_used_to_fetch_it_and_shown_nowhere(lab: LabLayout, tmp_path: Path) -> None:
+    """A signed CRL URL (`...?sv=2&sig=<token>`) is fetched with its query (alice 200, a revoked user 403 under
+    "require"), but every output shows the query's names only, `?sv=[redacted]&sig=[redacted]`: /metrics' labels,
+    /readyz's list (a second URL whose signature the server refuses), the traces and their pages, the log. Before, the
+    URL's `user:pw@` was redacted but its query went out whole: the token, which is the credential."""
+    token = "SiGnEd-" + uuid.uuid4().hex
+    pki = Pki.at(lab.pki_dir)
+    server = _SignedUrlCrlServer(pki.issuing_crl.read_bytes(), token)
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        shown = "?sv=[redacted]&sig=[redacted]"
+        admin = f"http://127.0.0.1:{free_port()}"
+        settings = (
+            f'crls = ["{base}/issuing.crl?sv=2&sig={token}", "{base}/missing.crl?sv=2&sig={token}x", '
+            f'"{pki.root_crl}"]\ncrl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
+        )
+        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin[len("http://") :]}"\n')
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path, text.replace(lab_settings, settings))
+        try:
+            assert get(connect(lab, gw, "alice"))[0] == 200
+            status, body = get(connect(lab, gw, "revoked"))
+            assert (status, "was revoked on" in body) == (403, True), body
+            assert server.asked >= 1
+            outputs = _admin_outputs(admin)
+            assert f'source="{base}/issuing.crl{shown}"' in outputs["/metrics"]
+            assert f"{base}/missing.crl{shown}: " in outputs["/readyz"]
+            outputs["log"] = gw.log_path.read_text()
+            assert f"{base}/issuing.crl{shown}" in outputs["log"]
+            assert [where for where, text in outputs.items() if token in text] == []
+        finally:
+            assert gw.stop() == 0
+    finally:
+        server.close()

@@ -236,3 +236,15 @@ def test_an_admin_listener_on_another_port_or_address_is_accepted(tmp_path: Path
         text = GOOD.replace('bind = "127.0.0.1:8443"', f'bind = "{listener}"')
         cfg = config.load(_write(tmp_path, text + f'\n[admin]\nbind = "{admin}"\n'))
         assert cfg.admin is not None
+
+
+@pytest.mark.parametrize(
+    "url", ["http://:8080/ca.crl?sig=T0kenT0ken", "https://svc:T0kenT0ken@/ca.crl", "ftp://h/ca.crl?sig=T0kenT0ken"]
+)
+def test_a_refused_crl_url_is_named_without_its_password_or_token(tmp_path: Path, url: str) -> None:
+    """A CRL URL the configuration refuses (no host, another scheme) is named as every output names a CRL URL
+    (`shown_location`): the problem is printed by check-config and logged by a reload, so no password or query value."""
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, GOOD.replace('crls = ["pki/crls.pem"]', f'crls = ["{url}"]')))
+    assert e.value.problems[0].startswith("client_certificates.crls[0]:")
+    assert "T0kenT0ken" not in " ".join(e.value.problems)

@@ -12,7 +12,7 @@ from cryptography.x509.oid import NameOID
 
 from proxy.config import Identity
 from proxy.errors import IdentityRejected
-from proxy.identity.principal import UserPrincipal, map_certificate_name, map_upn
+from proxy.identity.principal import UserPrincipal, map_certificate_name, map_upn, shown_name
 from proxy.identity.upn import (
     UPN_OID,
     certificate_name,
@@ -250,3 +250,12 @@ def test_a_certificate_without_the_configured_name_has_a_fix(pki: Pki) -> None:
         identify(load_cert(pki.user_cert("noupn")), Identity(default_realm="LAB.TEST"))
     assert info.value.hint is not None
     assert "identity.source" in info.value.hint, info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [("Winter2026!", "W…[11]"), ("LAB\\bob", "LAB\\b…[3]"), ("bob@evil.test", "b…[3]@evil.test"), ("", "…[0]")],
+)
+def test_a_name_nobody_vouched_for_is_shown_as_its_first_character_and_length(name: str, shown: str) -> None:
+    """`shown_name` keeps a password typed as a user name out of logs: first character, length, the domain as typed."""
+    assert shown_name(name) == shown

@@ -614,16 +614,21 @@ def test_a_crl_number_longer_than_twenty_octets_is_taken_beside_the_shared_floor
 
 
 def test_a_crl_location_is_shown_without_a_urls_password() -> None:
-    """`shown_location`: a URL's password as `[redacted]` (the user name kept), everything else as it is; a fetch error
-    that quotes the URL, or the password alone, is scrubbed the same way (`CrlSource.scrubbed`)."""
+    """`shown_location`: a URL's password and its query's values as `[redacted]` (the user name and the query's names
+    kept), a fragment dropped, everything else as it is; a fetch error that quotes the URL, or the password or a token
+    alone, is scrubbed the same way (`CrlSource.scrubbed`)."""
     assert shown_location("/etc/kcd/ca.crl") == "/etc/kcd/ca.crl"
     assert shown_location("http://crl.corp/ca.crl") == "http://crl.corp/ca.crl"
     assert shown_location("http://svc@crl.corp/ca.crl") == "http://svc@crl.corp/ca.crl"
     assert (
-        shown_location("https://svc:pw:x@crl.corp:8443/ca.crl?v=1") == "https://svc:[redacted]@crl.corp:8443/ca.crl?v=1"
+        shown_location("https://svc:pw:x@crl.corp:8443/ca.crl?v=1")
+        == "https://svc:[redacted]@crl.corp:8443/ca.crl?v=[redacted]"
     )
     source = CrlSource("http://svc:Pa55word@crl.corp/ca.crl")
     assert source.name == "http://svc:[redacted]@crl.corp/ca.crl"
     error = "fetch failed: InvalidURL: http://svc:Pa55word@crl.corp/ca.crl (auth Pa55word)"
     assert source.scrubbed(error) == "fetch failed: InvalidURL: http://svc:[redacted]@crl.corp/ca.crl (auth [redacted])"
     assert CrlSource("/etc/kcd/ca.crl").scrubbed("no such file") == "no such file"
+    signed = CrlSource("https://store.corp/ca.crl?sv=2&sig=T0ken%2Bx#part")
+    assert signed.name == "https://store.corp/ca.crl?sv=[redacted]&sig=[redacted]"
+    assert signed.scrubbed("403 for sig=T0ken+x, v2") == "403 for sig=[redacted], v2"
