@@ -20,8 +20,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -401,21 +402,21 @@ def test_a_failed_fetch_keeps_the_last_good_crl(
         server.close()
 
 
-class _SignInCrlServer:
-    """An HTTP server publishing the lab's issuing CRL at /issuing.crl to a client that signs in with Basic
-    `user:password` only (401 otherwise), and nothing (404) at any other path; `asked` counts the signed-in GETs."""
+class _GuardedCrlServer:
+    """An HTTP server publishing the lab's issuing CRL at /issuing.crl to a GET that `signed` takes (its path with the
+    query, its headers), `refused` (401 or 403) to any other, and nothing (404) at any other path; `asked` counts the
+    signed GETs."""
 
-    def __init__(self, crl: bytes, user: str, password: str) -> None:
+    def __init__(self, crl: bytes, signed: Callable[[str, Message], bool], refused: int) -> None:
         outer = self
         self.asked = 0
-        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                signed_in = self.headers.get("Authorization") == expected
-                outer.asked += signed_in
-                status, body = (200, crl) if self.path == "/issuing.crl" else (404, b"none here")
-                status, body = (status, body) if signed_in else (401, b"sign in")
+                ok = signed(self.path, self.headers)
+                outer.asked += ok
+                status, body = (200, crl) if self.path.partition("?")[0] == "/issuing.crl" else (404, b"none here")
+                status, body = (status, body) if ok else (refused, b"sign in")
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -451,6 +452,42 @@ def _admin_outputs(admin: str) -> dict[str, str]:
     return outputs
 
 
+def _secret_shown_nowhere(
+    lab: LabLayout,
+    tmp_path: Path,
+    server: _GuardedCrlServer,
+    urls: tuple[str, str],
+    shown: tuple[str, str],
+    secret: str,
+) -> None:
+    """A gateway under "require" whose issuing CA's CRL comes only from `server` at `urls[0]` (`urls[1]`: a URL the
+    server refuses or lacks) fetches it (alice 200, a revoked user 403), and every output names the URLs as `shown`
+    and nowhere `secret`: /metrics' `source` labels, /readyz's list of CRLs that are not current, the traces and their
+    pages, the log."""
+    pki = Pki.at(lab.pki_dir)
+    admin = f"http://127.0.0.1:{free_port()}"
+    settings = (
+        f'crls = ["{urls[0]}", "{urls[1]}", "{pki.root_crl}"]\n'
+        f'crl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
+    )
+    text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin[len("http://") :]}"\n')
+    lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+    gw = start_gateway(lab, tmp_path, text.replace(lab_settings, settings))
+    try:
+        assert get(connect(lab, gw, "alice"))[0] == 200
+        status, body = get(connect(lab, gw, "revoked"))
+        assert (status, "was revoked on" in body) == (403, True), body
+        assert server.asked >= 1  # fetched, signed
+        outputs = _admin_outputs(admin)
+        assert f'source="{shown[0]}"' in outputs["/metrics"]  # named, without the secret
+        assert f"{shown[1]}: " in outputs["/readyz"]
+        outputs["log"] = gw.log_path.read_text()
+        assert shown[0] in outputs["log"]
+        assert [where for where, text in outputs.items() if secret in text] == []
+    finally:
+        assert gw.stop() == 0
+
+
 def test_a_crl_urls_password_is_used_to_fetch_it_and_shown_nowhere(lab: LabLayout, tmp_path: Path) -> None:
     """A CRL URL with a user and password (`http://user:password@host/...`: a CRL endpoint behind Basic sign-in) is
     fetched with them (the issuing CA's CRL comes only from there, under "require": alice 200, a revoked user 403),
@@ -459,98 +496,32 @@ def test_a_crl_urls_password_is_used_to_fetch_it_and_shown_nowhere(lab: LabLayou
     `[redacted]` for the password. Before, the whole URL was the CRL's name everywhere, password included, and
     /metrics is scraped into a store that many more people read than the gateway's configuration."""
     password = "S3cret-crl-" + uuid.uuid4().hex[:8]
-    pki = Pki.at(lab.pki_dir)
-    server = _SignInCrlServer(pki.issuing_crl.read_bytes(), "crlsvc", password)
+    expected = "Basic " + base64.b64encode(f"crlsvc:{password}".encode()).decode()
+    crl = Pki.at(lab.pki_dir).issuing_crl.read_bytes()
+    server = _GuardedCrlServer(crl, lambda _path, headers: headers.get("Authorization") == expected, 401)
     try:
         signed_in = f"http://crlsvc:{password}@127.0.0.1:{server.port}"
         shown = f"http://crlsvc:[redacted]@127.0.0.1:{server.port}"
-        admin = f"http://127.0.0.1:{free_port()}"
-        settings = (
-            f'crls = ["{signed_in}/issuing.crl", "{signed_in}/missing.crl", "{pki.root_crl}"]\n'
-            f'crl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
-        )
-        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin[len("http://") :]}"\n')
-        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
-        gw = start_gateway(lab, tmp_path, text.replace(lab_settings, settings))
-        try:
-            assert get(connect(lab, gw, "alice"))[0] == 200
-            status, body = get(connect(lab, gw, "revoked"))
-            assert (status, "was revoked on" in body) == (403, True), body
-            assert server.asked >= 2  # both URLs fetched, signed in
-            outputs = _admin_outputs(admin)
-            assert f'source="{shown}/issuing.crl"' in outputs["/metrics"]  # named, without the password
-            assert f"{shown}/missing.crl: " in outputs["/readyz"]
-            outputs["log"] = gw.log_path.read_text()
-            assert f"{shown}/issuing.crl" in outputs["log"]
-            assert [where for where, text in outputs.items() if password in text] == []
-        finally:
-            assert gw.stop() == 0
+        urls = (f"{signed_in}/issuing.crl", f"{signed_in}/missing.crl")
+        _secret_shown_nowhere(lab, tmp_path, server, urls, (f"{shown}/issuing.crl", f"{shown}/missing.crl"), password)
+        assert server.asked >= 2  # both URLs fetched, signed in
     finally:
         server.close()
 
 
-class _SignedUrlCrlServer:
-    """An HTTP server publishing the lab's issuing CRL at /issuing.crl to a GET whose query carries `sig=<token>`
-    (a signed URL, as object stores hand out), 403 to any other; `asked` counts the signed GETs."""
-
-    def __init__(self, crl: bytes, token: str) -> None:
-        outer = self
-        self.asked = 0
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path, _, query = self.path.partition("?")
-                signed = f"sig={token}" in query.split("&")
-                outer.asked += signed
-                status, body = (200, crl) if path == "/issuing.crl" and signed else (403, b"signature required")
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 def test_a_crl_urls_query_token_is_used_to_fetch_it_and_shown_nowhere(lab: LabLayout, tmp_path: Path) -> None:
-    """A signed CRL URL (`...?sv=2&sig=<token>`) is fetched with its query (alice 200, a revoked user 403 under
-    "require"), but every output shows the query's names only, `?sv=[redacted]&sig=[redacted]`: /metrics' labels,
-    /readyz's list (a second URL whose signature the server refuses), the traces and their pages, the log. Before, the
-    URL's `user:pw@` was redacted but its query went out whole: the token, which is the credential."""
+    """A signed CRL URL (`...?sv=2&sig=<token>`, as object stores hand out) is fetched with its query (alice 200, a
+    revoked user 403 under "require"), but every output shows the query's names only, `?sv=[redacted]&sig=[redacted]`:
+    /metrics' labels, /readyz's list (a second URL whose signature the server refuses), the traces and their pages,
+    the log. Before, the URL's `user:pw@` was redacted but its query went out whole: the token, which is the
+    credential."""
     token = "SiGnEd-" + uuid.uuid4().hex
-    pki = Pki.at(lab.pki_dir)
-    server = _SignedUrlCrlServer(pki.issuing_crl.read_bytes(), token)
+    crl = Pki.at(lab.pki_dir).issuing_crl.read_bytes()
+    server = _GuardedCrlServer(crl, lambda path, _headers: f"sig={token}" in path.partition("?")[2].split("&"), 403)
     try:
         base = f"http://127.0.0.1:{server.port}"
-        shown = "?sv=[redacted]&sig=[redacted]"
-        admin = f"http://127.0.0.1:{free_port()}"
-        settings = (
-            f'crls = ["{base}/issuing.crl?sv=2&sig={token}", "{base}/missing.crl?sv=2&sig={token}x", '
-            f'"{pki.root_crl}"]\ncrl_refresh_seconds = {REFRESH}\nrevocation = "require"\n'
-        )
-        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin[len("http://") :]}"\n')
-        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
-        gw = start_gateway(lab, tmp_path, text.replace(lab_settings, settings))
-        try:
-            assert get(connect(lab, gw, "alice"))[0] == 200
-            status, body = get(connect(lab, gw, "revoked"))
-            assert (status, "was revoked on" in body) == (403, True), body
-            assert server.asked >= 1
-            outputs = _admin_outputs(admin)
-            assert f'source="{base}/issuing.crl{shown}"' in outputs["/metrics"]
-            assert f"{base}/missing.crl{shown}: " in outputs["/readyz"]
-            outputs["log"] = gw.log_path.read_text()
-            assert f"{base}/issuing.crl{shown}" in outputs["log"]
-            assert [where for where, text in outputs.items() if token in text] == []
-        finally:
-            assert gw.stop() == 0
+        urls = (f"{base}/issuing.crl?sv=2&sig={token}", f"{base}/missing.crl?sv=2&sig={token}x")
+        shown = (f"{base}/issuing.crl?sv=[redacted]&sig=[redacted]", f"{base}/missing.crl?sv=[redacted]&sig=[redacted]")
+        _secret_shown_nowhere(lab, tmp_path, server, urls, shown, token)
     finally:
         server.close()
