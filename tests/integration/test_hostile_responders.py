@@ -27,19 +27,18 @@ from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki
 from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
+from tests.integration.loopback import stop_listening
 from tests.integration.test_revocation import connect, curl_with, get
 
 Answer = Callable[[ocsp.OCSPRequest], list[bytes]]  # the request asked -> the parts sent, a pause between two
 
 
-class HostileResponder:
-    """A raw HTTP/1.1 server on loopback: each request's body is read as an OCSP request and `answer` gives the
-    bytes sent back (head and body), in parts with `pause` seconds between them; `asked` counts the requests."""
+class RawServer:
+    """A raw HTTP/1.1 server on loopback at `path`, each connection served by `_one` in a thread of its own."""
 
-    def __init__(self, answer: Answer, pause: float = 0.0) -> None:
-        self.answer, self.pause, self.asked = answer, pause, 0
+    def __init__(self, path: str) -> None:
         self._server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/"
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}{path}"
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -60,21 +59,35 @@ class HostileResponder:
                     return
                 data += chunk
             head, _, body = data.partition(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            while len(body) < length:
-                body += conn.recv(65536)
-            self.asked += 1
-            for i, part in enumerate(self.answer(ocsp.load_der_ocsp_request(body))):
-                if i:
-                    time.sleep(self.pause)  # the scenario: the answer's second part comes later
-                conn.sendall(part)
+            with contextlib.suppress(OSError):
+                self._answer(conn, head, body)
+
+    def _answer(self, conn: socket.socket, head: bytes, body: bytes) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
-        self._server.close()
+        stop_listening(self._server)
+
+
+class HostileResponder(RawServer):
+    """Each request's body is read as an OCSP request and `answer` gives the bytes sent back (head and body), in parts
+    with `pause` seconds between them; `asked` counts the requests."""
+
+    def __init__(self, answer: Answer, pause: float = 0.0) -> None:
+        self.answer, self.pause, self.asked = answer, pause, 0
+        super().__init__("/")
+
+    def _answer(self, conn: socket.socket, head: bytes, body: bytes) -> None:
+        length = next(
+            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        while len(body) < length:
+            body += conn.recv(65536)
+        self.asked += 1
+        for i, part in enumerate(self.answer(ocsp.load_der_ocsp_request(body))):
+            if i:
+                time.sleep(self.pause)  # the scenario: the answer's second part comes later
+            conn.sendall(part)
 
 
 def http_answer(body: bytes, split: int | None = None) -> list[bytes]:
@@ -261,37 +274,15 @@ def forged_crl(issuer: x509.Name, entries: int) -> bytes:
     return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
 
 
-class CrlPath:
-    """A raw HTTP/1.1 server answering every GET with `body` (200, `Content-Length`, then closed)."""
+class CrlPath(RawServer):
+    """Every GET answered with `body` (200, `Content-Length`, then closed)."""
 
     def __init__(self, body: bytes) -> None:
         self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/issuing.crl"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__("/issuing.crl")
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:  # closed
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(30)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            with contextlib.suppress(OSError):
-                conn.sendall(self.answer)
-
-    def close(self) -> None:
-        self._server.close()
+    def _answer(self, conn: socket.socket, head: bytes, body: bytes) -> None:
+        conn.sendall(self.answer)
 
 
 @pytest.mark.slow(seconds=60)
