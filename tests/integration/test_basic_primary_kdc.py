@@ -53,6 +53,35 @@ def _curl(lab: LabLayout, gw: Gateway, login: str) -> int:
     return int(done.stdout or 0)
 
 
+BASIC = f"""
+[authentication]
+mode = "basic"
+basic_failures_per_user = {GUESSES}
+basic_failures_per_address = 100
+basic_cache_seconds = 0
+"""
+
+
+def _user_locked_at_four(lab: LabLayout, prefix: str) -> tuple[str, str]:
+    """A new user (name, password) under a policy of its own that locks the account at the fourth failure."""
+    tag = uuid.uuid4().hex[:8]
+    name, password = f"{prefix}{tag}", f"Primary-{tag}"
+    _kadmin(lab, f"addpol -maxfailure 4 -failurecountinterval 30min -lockoutduration 30min {name}")
+    _kadmin(lab, f"addprinc -pw {password} -policy {name} +requires_preauth {name}")
+    return name, password
+
+
+def _guesses_then_own(lab: LabLayout, gw: Gateway, name: str, password: str) -> tuple[list[int], int, int]:
+    """GUESSES wrong passwords for `name` through `gw`, then its own: the guesses' statuses, the failed
+    pre-authentications the KDC logged for them, and the own password's status."""
+    kdc = KdcLog(lab.kdc_log)
+    guesses = [_curl(lab, gw, f"{name}:guess-{i}") for i in range(GUESSES)]
+    kdc.settled()
+    log = kdc.path.read_bytes()[kdc.offset :].decode(errors="replace")
+    failed = log.count(f"PREAUTH_FAILED: {name}@{REALM} for krbtgt/")
+    return guesses, failed, _curl(lab, gw, f"{name}:{password}")
+
+
 @pytest.mark.parametrize("layout", ["one file", "include", "includedir"])
 def test_a_wrong_password_is_one_failure_at_the_kdc_when_krb5_conf_names_a_primary(
     lab: LabLayout, tmp_path: Path, layout: str
@@ -64,27 +93,12 @@ def test_a_wrong_password_is_one_failure_at_the_kdc_when_krb5_conf_names_a_prima
     twice and the second guess locked the account (the third was 403, and so was the user's own password). Also where
     the realm's section is in a file krb5.conf includes: the overlay named no primaries there (it read krb5.conf's
     own text alone), and the guesses counted twice again."""
-    tag = uuid.uuid4().hex[:8]
-    name, password = f"pk{tag}", f"Primary-{tag}"
-    _kadmin(lab, f"addpol -maxfailure 4 -failurecountinterval 30min -lockoutduration 30min pk{tag}")
-    _kadmin(lab, f"addprinc -pw {password} -policy pk{tag} +requires_preauth {name}")
-    extra = f"""
-[authentication]
-mode = "basic"
-basic_failures_per_user = {GUESSES}
-basic_failures_per_address = 100
-basic_cache_seconds = 0
-"""
+    name, password = _user_locked_at_four(lab, "pk")
     krb5_conf = _krb5_conf_with_a_primary(lab, tmp_path, layout)
-    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra, krb5_conf=krb5_conf))
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=BASIC, krb5_conf=krb5_conf))
     try:
         signed_in = _curl(lab, gw, f"{name}:{password}")  # the user's device, before the guesser
-        kdc = KdcLog(lab.kdc_log)
-        guesses = [_curl(lab, gw, f"{name}:guess-{i}") for i in range(GUESSES)]
-        kdc.settled()
-        log = kdc.path.read_bytes()[kdc.offset :].decode(errors="replace")
-        failed = log.count(f"PREAUTH_FAILED: {name}@{REALM} for krbtgt/")
-        own = _curl(lab, gw, f"{name}:{password}")
+        guesses, failed, own = _guesses_then_own(lab, gw, name, password)
     finally:
         gw.stop()
     assert signed_in == 200
@@ -109,24 +123,14 @@ def test_a_kdc_added_to_an_included_krb5_conf_is_one_failure_per_guess_without_a
     3 failed pre-authentications, the account unlocked, the user's own password served. Before, the overlay's
     primaries stayed those of the start, and every guess was sent again to the primary: the account locked. (An edit
     of an included file alone MIT does not see while a context is held: it looks at the including file's mtime.)"""
-    tag = uuid.uuid4().hex[:8]
-    name, password = f"pe{tag}", f"Primary-{tag}"
-    _kadmin(lab, f"addpol -maxfailure 4 -failurecountinterval 30min -lockoutduration 30min pe{tag}")
-    _kadmin(lab, f"addprinc -pw {password} -policy pe{tag} +requires_preauth {name}")
-    extra = f"""
-[authentication]
-mode = "basic"
-basic_failures_per_user = {GUESSES}
-basic_failures_per_address = 100
-basic_cache_seconds = 0
-"""
+    name, password = _user_locked_at_four(lab, "pe")
     host = socket.gethostname()
     assert socket.gethostbyname(host) == "127.0.0.1", f"{host} must reach the lab's KDC on 127.0.0.1"
     included = tmp_path / "extra.conf"
     included.write_text("[libdefaults]\n    dns_lookup_realm = false\n")
     krb5_conf = _krb5_conf_with_a_primary(lab, tmp_path)
     krb5_conf.write_text(f"include {included}\n" + krb5_conf.read_text())
-    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra, krb5_conf=krb5_conf))
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=BASIC, krb5_conf=krb5_conf))
     try:
         assert _curl(lab, gw, f"{name}:{password}") == 200
         old = f"kdc = 127.0.0.1:{lab.kdc_port}"
@@ -136,12 +140,7 @@ basic_cache_seconds = 0
             lambda: _curl(lab, gw, f"{name}:{password}") == 200 and _overlay_names(gw, new),
             "the overlay names the edited krb5.conf's KDC a primary",
         )
-        kdc = KdcLog(lab.kdc_log)
-        guesses = [_curl(lab, gw, f"{name}:guess-{i}") for i in range(GUESSES)]
-        kdc.settled()
-        log = kdc.path.read_bytes()[kdc.offset :].decode(errors="replace")
-        failed = log.count(f"PREAUTH_FAILED: {name}@{REALM} for krbtgt/")
-        own = _curl(lab, gw, f"{name}:{password}")
+        guesses, failed, own = _guesses_then_own(lab, gw, name, password)
     finally:
         gw.stop()
     assert guesses == [401] * GUESSES, guesses
