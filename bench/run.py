@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
@@ -108,9 +108,13 @@ class WrkResult:
         return self.cpu_s / max(self.requests, 1) * 1e6
 
 
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}  # the units of wrk's format_time_us
+
+
 def _ms(value: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    """A time as wrk prints it ("850.00us", "9.51ms", "1.24s", "2.50m"), in milliseconds."""
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", value).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS_MS[unit]
 
 
 def wrk_command(
@@ -141,16 +145,23 @@ def wrk(
     pid = scene.procs[proxy].pid
     before = cpu_seconds(pid)
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds + 120, check=True).stdout
-    cpu = cpu_seconds(pid) - before
-    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
-    if done is None:
+    return replace(parse_wrk(out), cpu_s=cpu_seconds(pid) - before)
+
+
+def parse_wrk(out: str) -> WrkResult:
+    """What wrk's text output (`--latency`) says: requests, seconds, p50 and p99, errors (`cpu_s` 0).
+
+    wrk prints a time in the unit that suits it (us, ms, s, m, h), and pads a one-letter unit with a space to line
+    up with the two-letter ones: on a loaded machine a p99 of "1.24s " ends its line in a space."""
+    done = re.search(r"(\d+) requests in ([\d.]+(?:us|ms|s|m|h)),", out)
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))
+    if done is None or latency.keys() != {"50", "99"}:
         raise RuntimeError(f"wrk said:\n{out}")
-    elapsed = float(done.group(2)) * (60 if done.group(3) == "m" else 1)
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    elapsed = _ms(done.group(2)) / 1e3
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors += int(non2xx.group(1)) if non2xx else 0
-    return WrkResult(int(done.group(1)), elapsed, _ms(latency["50"]), _ms(latency["99"]), errors, cpu)
+    return WrkResult(int(done.group(1)), elapsed, _ms(latency["50"]), _ms(latency["99"]), errors, 0.0)
 
 
 # -- Python clients: exact request counts, many identities -------------------------------------------
