@@ -22,9 +22,8 @@ def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def write_self_signed(directory: Path, common_name: str) -> tuple[Path, Path]:
-    """A self-signed EC certificate for `common_name`, valid from an hour ago for a day, and its key, written to
-    `directory` as cert.pem and key.pem (their paths returned)."""
+def self_signed(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed EC certificate for `common_name`, valid from an hour ago for a day, and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.now(UTC)
@@ -38,6 +37,12 @@ def write_self_signed(directory: Path, common_name: str) -> tuple[Path, Path]:
         .not_valid_after(now + timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
+    return cert, key
+
+
+def write_self_signed(directory: Path, common_name: str) -> tuple[Path, Path]:
+    """`self_signed`'s certificate and key, written to `directory` as cert.pem and key.pem (their paths returned)."""
+    cert, key = self_signed(common_name)
     (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (directory / "key.pem").write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

@@ -21,14 +21,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki
 from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
 from tests.integration.loopback import stop_listening
-from tests.integration.test_revocation import connect, curl_with, get
+from tests.integration.test_revocation import alice_reissued, connect, curl_with, get
+from tests.pem import self_signed
 
 Answer = Callable[[ocsp.OCSPRequest], list[bytes]]  # the request asked -> the parts sent, a pause between two
 
@@ -113,19 +113,7 @@ def good_from_the_ca(lab: LabLayout, request: ocsp.OCSPRequest) -> bytes:
 def good_from_a_stranger(request: ocsp.OCSPRequest, certificates: int) -> bytes:
     """A "good" answer for what `request` asks, signed by a responder of the path's own making (`CN=Responder`), its
     certificate attached `certificates` times."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Responder")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = self_signed("Responder")
     return good_answer(request, cert, key, ocsp.OCSPResponderEncoding.NAME, certificates)
 
 
@@ -158,36 +146,6 @@ def good_answer(
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
-def alice_answered_by(lab: LabLayout, directory: Path, responder: str) -> tuple[Path, Path]:
-    """A certificate for alice@lab.test from the issuing CA (the lab's profile) whose only OCSP responder is
-    `responder`; its serial is on no CRL."""
-    pki = Pki.at(lab.pki_dir)
-    alice = x509.load_pem_x509_certificate(pki.user_cert("alice").read_bytes())
-    _, ca_key = issuing_ca(lab)
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(alice.subject)
-        .issuer_name(alice.issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.now(UTC) - timedelta(hours=1))
-        .not_valid_after(datetime.now(UTC) + timedelta(days=30))
-    )
-    for ext in alice.extensions:  # the same profile: UPN, clientAuth, CRL distribution point; AKI as alice's
-        if not isinstance(ext.value, x509.SubjectKeyIdentifier | x509.AuthorityInformationAccess):
-            builder = builder.add_extension(ext.value, critical=ext.critical)
-    where = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(responder))
-    builder = builder.add_extension(x509.AuthorityInformationAccess([where]), critical=False)
-    directory.mkdir(parents=True, exist_ok=True)
-    cert, key_path = directory / "alice.pem", directory / "alice.key"
-    cert.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert, key_path
-
-
 @pytest.fixture
 def ocsp_only(lab: LabLayout, tmp_path: Path) -> Iterator[Callable[[], Gateway]]:
     """A factory for the lab gateway with OCSP alone deciding (`revocation = "off"`, `ocsp = "require"`)."""
@@ -216,7 +174,7 @@ def test_an_answer_in_two_tcp_segments_is_read_whole(
     responder = HostileResponder(lambda request: http_answer(good_from_the_ca(lab, request), split=40), pause=0.3)
     try:
         gw = ocsp_only()
-        cert, key = alice_answered_by(lab, tmp_path / "alice", responder.url)
+        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder.url)
         gw.mark()
         status, body = curl_with(lab, gw, cert, key)
         assert (status, responder.asked) == (200, 1), body
@@ -236,7 +194,7 @@ def test_an_answer_carrying_thousands_of_certificates_is_refused_unread(
     responder = HostileResponder(lambda request: http_answer(good_from_a_stranger(request, certificates=3000)))
     try:
         gw = ocsp_only()
-        cert, key = alice_answered_by(lab, tmp_path / "alice", responder.url)
+        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder.url)
         gw.mark()
         status, body = curl_with(lab, gw, cert, key)
         assert status == 403, body
@@ -333,7 +291,7 @@ def test_a_responders_bad_head_is_not_echoed_to_the_device(
     responder = HostileResponder(lambda _request: [LONG_BAD_HEADER])
     try:
         gw = ocsp_only()
-        cert, key = alice_answered_by(lab, tmp_path / "alice", responder.url)
+        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder.url)
         gw.mark()
         status, body = curl_with(lab, gw, cert, key)
         assert status == 403, body

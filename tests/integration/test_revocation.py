@@ -29,6 +29,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki, ocsp_responder_argv, revoke
@@ -277,8 +278,10 @@ def ocsp_responder(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> 
         proc.wait(timeout=10)
 
 
-def unknown_to_the_responder(lab: LabLayout, directory: Path) -> tuple[Path, Path]:
-    """A certificate for alice@lab.test from the issuing CA that is in no CA database: the responder says unknown."""
+def alice_reissued(lab: LabLayout, directory: Path, stem: str, responder: str | None = None) -> tuple[Path, Path]:
+    """alice's certificate (alice@lab.test, the lab's profile) issued again by the issuing CA with a key and serial
+    of its own, so in no CA database (the lab's responder says unknown), written to `directory` as `stem`.pem and
+    `stem`.key. With `responder`, that URL is its only OCSP responder, and its serial is on no CRL."""
     pki = Pki.at(lab.pki_dir)
     alice = x509.load_pem_x509_certificate(pki.user_cert("alice").read_bytes())
     ca_key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
@@ -293,11 +296,16 @@ def unknown_to_the_responder(lab: LabLayout, directory: Path) -> tuple[Path, Pat
         .not_valid_before(datetime.now(UTC) - timedelta(hours=1))
         .not_valid_after(datetime.now(UTC) + timedelta(days=30))
     )
-    for ext in alice.extensions:  # the same profile: UPN, clientAuth, CRL distribution point, OCSP responder
-        if not isinstance(ext.value, x509.SubjectKeyIdentifier | x509.AuthorityKeyIdentifier):
+    # the same profile: UPN, clientAuth, CRL distribution point, and her OCSP responder unless `responder` is given
+    replaced = x509.AuthorityInformationAccess if responder is not None else x509.AuthorityKeyIdentifier
+    for ext in alice.extensions:
+        if not isinstance(ext.value, x509.SubjectKeyIdentifier | replaced):
             builder = builder.add_extension(ext.value, critical=ext.critical)
+    if responder is not None:
+        where = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(responder))
+        builder = builder.add_extension(x509.AuthorityInformationAccess([where]), critical=False)
     directory.mkdir(parents=True, exist_ok=True)
-    cert, key_path = directory / "unknown.pem", directory / "unknown.key"
+    cert, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
     cert.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -315,7 +323,7 @@ def test_ocsp_require_good_revoked_unknown(lab: LabLayout, ocsp_responder: str, 
         status, body = get(connect(lab, gw, "revoked"))
         assert status == 403
         assert "(reason keyCompromise, per OCSP)" in body
-        status, body = curl_with(lab, gw, *unknown_to_the_responder(lab, tmp_path / "unknown"))
+        status, body = curl_with(lab, gw, *alice_reissued(lab, tmp_path / "unknown", "unknown"))
         assert status == 403
         assert "the OCSP responder does not know serial" in body
     finally:
@@ -327,7 +335,7 @@ def test_ocsp_prefer_falls_back_to_crls(lab: LabLayout, ocsp_responder: str, tmp
     settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\nocsp = "prefer"\n'
     gw = gateway_with(lab, tmp_path, settings)
     try:
-        status, _ = curl_with(lab, gw, *unknown_to_the_responder(lab, tmp_path / "unknown"))
+        status, _ = curl_with(lab, gw, *alice_reissued(lab, tmp_path / "unknown", "unknown"))
         assert status == 200
         summary = gw.wait_event("request", principal="alice@LAB.TEST")
         assert (summary["revocation"], summary["revocation_source"]) == ("good", str(lab.pki_dir / "crls.pem"))
