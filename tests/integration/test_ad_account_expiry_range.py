@@ -9,7 +9,6 @@ account such a value in Samba and send its certificate (its own SID, minted with
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from proxy.lab import ad, ad_mapping
 from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess
-from tests.integration.test_ad_held_accounts import HOLD, _ended_within_a_sweep, _gateway, _Ping, _User
+from tests.integration.test_ad_held_accounts import HOLD, _ended_within_a_sweep, _gateway, _Ping, _User, _user
 from tests.integration.test_ad_held_mapping import _certificate
 from tests.integration.test_ad_mapping import served_as, start_gateway
 from tests.integration.test_ad_openssl_mapping import curl, mint, sid_extension_text, upn_line
@@ -45,14 +44,10 @@ def strong(realm: ad.AdRealm, ad_backend: AdProcess, tmp_path_factory: pytest.Te
 @pytest.fixture
 def far_user(realm: ad.AdRealm) -> Iterator[_User]:
     """An account of this test's own whose accountExpires is FAR; deleted after."""
-    user = _User(f"xr{secrets.token_hex(4)}", f"Xr-{secrets.token_hex(8)}-Pa55")
-    realm.samba_tool("user", "create", user.name, user.password)
-    try:
+    for user in _user(realm, "xr"):
         dn = f"dn: CN={user.name},CN=Users,{realm.base_dn}\nchangetype: modify\n"
         realm.ldbmodify(dn + f"replace: accountExpires\naccountExpires: {FAR}\n")
         yield user
-    finally:
-        realm.samba_tool("user", "delete", user.name)
 
 
 @pytest.fixture
@@ -63,12 +58,7 @@ def far_off(far_user: _User) -> str:
 @pytest.fixture
 def other(realm: ad.AdRealm) -> Iterator[_User]:
     """Another account of this test's own."""
-    user = _User(f"xo{secrets.token_hex(4)}", f"Xo-{secrets.token_hex(8)}-Pa55")
-    realm.samba_tool("user", "create", user.name, user.password)
-    try:
-        yield user
-    finally:
-        realm.samba_tool("user", "delete", user.name)
+    yield from _user(realm, "xo")
 
 
 @pytest.fixture

@@ -55,9 +55,10 @@ def realm(ad_mapping_realm: ad.AdRealm) -> ad.AdRealm:
     return ad_mapping_realm
 
 
-def _user(realm: ad.AdRealm) -> Iterator[_User]:
-    """An account of this test's own (the realm is shared by the run's workers), deleted after."""
-    user = _User(f"ha{secrets.token_hex(4)}", f"Ha-{secrets.token_hex(8)}-Pa55")
+def _user(realm: ad.AdRealm, prefix: str = "ha") -> Iterator[_User]:
+    """An account of this test's own, its name starting `prefix` (the realm is shared by the run's workers), deleted
+    after."""
+    user = _User(f"{prefix}{secrets.token_hex(4)}", f"{prefix.capitalize()}-{secrets.token_hex(8)}-Pa55")
     realm.samba_tool("user", "create", user.name, user.password)
     try:
         yield user
