@@ -344,17 +344,14 @@ def test_ocsp_prefer_falls_back_to_crls(lab: LabLayout, ocsp_responder: str, tmp
         assert gw.stop() == 0
 
 
-class _FailingCrlServer:
-    """An HTTP server publishing the lab's issuing CRL at /issuing.crl until `failing` is set, then answering with
-    `failure`: (status, body)."""
+class _CrlServer:
+    """A threaded HTTP server on loopback answering each GET with what `answer` gives for its path (with the query)
+    and headers: (status, body)."""
 
-    def __init__(self, crl: bytes, failure: tuple[int, bytes]) -> None:
-        outer = self
-        self.failing = False
-
+    def __init__(self, answer: Callable[[str, Message], tuple[int, bytes]]) -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                status, body = failure if outer.failing else (200, crl)
+                status, body = answer(self.path, self.headers)
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -364,12 +361,21 @@ class _FailingCrlServer:
                 pass
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/issuing.crl"
+        self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _FailingCrlServer(_CrlServer):
+    """The lab's issuing CRL at /issuing.crl until `failing` is set, then `failure`: (status, body)."""
+
+    def __init__(self, crl: bytes, failure: tuple[int, bytes]) -> None:
+        self.failing = False
+        super().__init__(lambda _path, _headers: failure if self.failing else (200, crl))
+        self.url = f"http://127.0.0.1:{self.port}/issuing.crl"
 
 
 @pytest.mark.parametrize(
@@ -410,36 +416,20 @@ def test_a_failed_fetch_keeps_the_last_good_crl(
         server.close()
 
 
-class _GuardedCrlServer:
-    """An HTTP server publishing the lab's issuing CRL at /issuing.crl to a GET that `signed` takes (its path with the
-    query, its headers), `refused` (401 or 403) to any other, and nothing (404) at any other path; `asked` counts the
-    signed GETs."""
+class _GuardedCrlServer(_CrlServer):
+    """The lab's issuing CRL at /issuing.crl to a GET that `signed` takes (its path with the query, its headers),
+    `refused` (401 or 403) to any other, and nothing (404) at any other path; `asked` counts the signed GETs."""
 
     def __init__(self, crl: bytes, signed: Callable[[str, Message], bool], refused: int) -> None:
-        outer = self
         self.asked = 0
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                ok = signed(self.path, self.headers)
-                outer.asked += ok
-                status, body = (200, crl) if self.path.partition("?")[0] == "/issuing.crl" else (404, b"none here")
-                status, body = (status, body) if ok else (refused, b"sign in")
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def answer(path: str, headers: Message) -> tuple[int, bytes]:
+            if not signed(path, headers):
+                return refused, b"sign in"
+            self.asked += 1
+            return (200, crl) if path.partition("?")[0] == "/issuing.crl" else (404, b"none here")
 
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(answer)
 
 
 def _admin_outputs(admin: str) -> dict[str, str]:
