@@ -559,14 +559,19 @@ def read_crls(data: bytes, source: str) -> list[tuple[x509.CertificateRevocation
 
 
 def _der(pem_block: bytes) -> bytes:
-    """The DER of one PEM CRL block that cryptography has read (b"" if it is not plain base64: headers)."""
+    """The DER of one PEM CRL block that cryptography has read, for the signature screen: its base64, RFC 1421 headers
+    (`Proc-Type: ...`, up to the first empty line) set aside as cryptography sets them aside; a PEM with headers once
+    went unscreened. ValueError if the rest is not base64 (never read unscreened)."""
+    lines = pem_block[len(_BEGIN_CRL) : -len(_END_CRL)].splitlines()
+    if any(b":" in line for line in lines):
+        lines = lines[next((i for i, line in enumerate(lines) if i and not line.strip()), len(lines)) :]
     try:
-        return base64.b64decode(b"".join(pem_block.split()[3:-3]), validate=True)
-    except ValueError:
-        return b""
+        return base64.b64decode(b"".join(b"".join(line.split()) for line in lines), validate=True)
+    except ValueError as exc:
+        raise ValueError(f"a PEM CRL block that is not base64 once its headers are set aside ({exc})") from exc
 
 
-_BEGIN_CRL = b"-----BEGIN X509 CRL-----"
+_BEGIN_CRL, _END_CRL = b"-----BEGIN X509 CRL-----", b"-----END X509 CRL-----"
 
 
 def _whole(rest: bytes, source: str) -> None:
@@ -774,10 +779,11 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate, der: b
 
 def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> bool:
     """False where the signature surely does not verify with `key`: checked over the CRL's signed bytes as they came
-    (the DER is strict: they are what cryptography would encode again), for RSA and EC keys hashed by hashlib, which
-    lets go of the GIL. `is_signature_valid` encodes the whole tbsCertList again first, holding the GIL: 2.4 s for a
-    64 MB CRL of 2.8 million entries, which anyone on a distribution point's path could send under the CA's name at
-    each refresh, stalling every device (its thread did not help). True otherwise (then cryptography decides)."""
+    (the DER is strict: they are what cryptography would encode again), for RSA, EC and DSA keys hashed by hashlib,
+    which lets go of the GIL (a DSA key was once let through to cryptography alone: 1.8 s for a forged 64 MB CRL).
+    `is_signature_valid` encodes the whole tbsCertList again first, holding the GIL: 2.4 s for a 64 MB CRL of 2.8
+    million entries, which anyone on a distribution point's path could send under the CA's name at each refresh,
+    stalling every device (its thread did not help). True otherwise (then cryptography decides)."""
     params, algorithm = crl.signature_algorithm_parameters, crl.signature_hash_algorithm
     signed = inside(der, whole(der))[0]  # CertificateList: tbsCertList, signatureAlgorithm, signatureValue
     data = memoryview(der)[signed[1] : signed[2]]
@@ -787,8 +793,6 @@ def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> b
         except InvalidSignature:
             return False
         return True
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        return True  # DSA: cryptography's check alone
     if algorithm is None:
         return False
     try:
@@ -803,6 +807,8 @@ def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> b
             key.verify(crl.signature, digest, params, prehashed)
         elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
             key.verify(crl.signature, digest, ec.ECDSA(prehashed))
+        elif isinstance(key, dsa.DSAPublicKey) and params is None:
+            key.verify(crl.signature, digest, prehashed)
         else:
             return False  # a signature algorithm of another kind of key
     except InvalidSignature:
