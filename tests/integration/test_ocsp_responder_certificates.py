@@ -39,10 +39,12 @@ def responder_certificate(lab: LabLayout, directory: Path, *, nocheck: bool, dis
     (directory / "responder.cnf").write_text("\n".join(lines) + "\n")
     key, csr, cert = directory / "responder.key", directory / "responder.csr", directory / "responder.pem"
     req = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    subprocess.run([*req, "-keyout", key, "-subj", "/CN=OCSP responder", "-out", csr], check=True, capture_output=True)
-    sign = ["openssl", "x509", "-req", "-in", csr, "-CA", pki.issuing_cert, "-CAkey", pki.issuing_key, "-days", "30"]
-    sign += ["-set_serial", f"0x{secrets.token_hex(16)}", "-extfile", directory / "responder.cnf"]
-    subprocess.run([*sign, "-extensions", "responder", "-out", cert], check=True, capture_output=True)
+    subprocess.run(
+        [*req, "-keyout", str(key), "-subj", "/CN=OCSP responder", "-out", str(csr)], check=True, capture_output=True
+    )
+    sign = ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(pki.issuing_cert), "-CAkey", str(pki.issuing_key)]
+    sign += ["-days", "30", "-set_serial", f"0x{secrets.token_hex(16)}", "-extfile", str(directory / "responder.cnf")]
+    subprocess.run([*sign, "-extensions", "responder", "-out", str(cert)], check=True, capture_output=True)
     return cert
 
 
