@@ -679,17 +679,18 @@ class BasicLogin:
         domain = username.rpartition("\\")[0] if down_level else username.rpartition("@")[2] if "@" in username else ""
         if domain and domain_realm(domain, self._identity, down_level=down_level) is None:
             raise AuthenticationRequired(
-                f"the domain {domain!r} of the user name is not one this gateway signs in to",
-                hint=f"Basic user {shown_name(username)}: {configured_domains(self._identity)}",
+                "the domain of the user name is not one this gateway signs in to",
+                hint=f"Basic user {shown_name(username, self._identity)}: {configured_domains(self._identity)}",
                 challenge=self.challenge,
             )
         try:
             user = map_name(username, self._identity, source="basic")
         except IdentityRejected as e:
             _, usable, problem = e.reason.partition(" is not usable: ")  # the reason names the name: not a log's
+            shown = shown_name(username, self._identity)
             raise AuthenticationRequired(
                 "the user name or password is incorrect",
-                hint=f"Basic user {shown_name(username)} is not usable: {problem if usable else 'not a plain name'}",
+                hint=f"Basic user {shown} is not usable: {problem if usable else 'not a plain name'}",
                 challenge=self.challenge,
             ) from None
         if user.realm not in self._realms:

@@ -9,7 +9,9 @@ its next request:
    lookup in the current set.
 2. OCSP for the leaf (`ocsp = "prefer"` or `"require"`): revoked is refused; good is the evidence;
    no answer (no responder named, unreachable, unverifiable, or the responder's "unknown") is refused
-   under "require", and under "prefer" the CRL verdict stands.
+   under "require", and under "prefer" the CRL verdict stands. A delegated responder whose certificate lacks
+   id-pkix-ocsp-nocheck is judged by the CRLs here (`_responder_status`), whatever `revocation` says: revoked,
+   or no current CRL for it, and its answer is no answer.
 3. Without an answer from either, `revocation = "require"` refuses and "best-effort" lets the request
    through with UNKNOWN evidence.
 
@@ -162,7 +164,8 @@ class LiveRevocation:
             # Only a revocation raises here; what a missing CRL means is decided below, after OCSP.
             crl = self.crls.current.check(verified, at=at, policy="best-effort")
         if self.ocsp is not None and len(verified.chain) > 1:
-            answer = await self.ocsp.status(verified.leaf, verified.chain[1], at=at)
+            judge = functools.partial(self._responder_status, verified.chain)
+            answer = await self.ocsp.status(verified.leaf, verified.chain[1], at=at, judge=judge)
             if answer.status is RevocationStatus.REVOKED:
                 raise CertificateRevoked(f"certificate {answer.detail}", hint=revoked_fix(verified, answer.source))
             if answer.status is RevocationStatus.GOOD:
@@ -176,6 +179,15 @@ class LiveRevocation:
                 crl.detail, hint='publish or load a current CRL for this CA, or set revocation = "best-effort"'
             )
         return crl
+
+    async def _responder_status(
+        self, chain: tuple[x509.Certificate, ...], responder: x509.Certificate, at: datetime
+    ) -> RevocationEvidence:
+        """Is this delegated OCSP responder's certificate (issued by `chain`'s issuing CA, without
+        id-pkix-ocsp-nocheck) revoked, per the CRLs held (its distribution point learned first, where followed)?"""
+        path = (responder, *chain[1:])
+        await self.crls.learn(path)
+        return self.crls.current.lookup(responder, chain[1], at=at, anchor=chain[-1])
 
     def known(self, verified: VerifiedCertificate, *, at: datetime) -> RevocationEvidence | None:
         """`check`'s evidence when the CRL set in force answers it at once: the same checks, in the same order, on

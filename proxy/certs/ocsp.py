@@ -9,6 +9,11 @@ the answer only if:
   response for exactly our CertID (serial, issuer name hash, issuer key hash);
 - it is signed by the issuing CA itself, or by a responder certificate that the issuing CA issued for
   id-kp-OCSPSigning and that is valid now; the response's responder ID names that signer (4.2.2.2);
+- a delegated responder's certificate is not revoked (RFC 6960 4.2.2.2.1, as CryptoAPI does): one with
+  id-pkix-ocsp-nocheck is trusted for its lifetime (the CA said so; AD CS's "OCSP Response Signing" template adds
+  it), one without is judged by the `judge` the caller gives (`proxy.certs.live`: the gateway's CRLs, its
+  distribution point fetched where those are followed); revoked, or no current CRL speaking for it, and the answer
+  is not believed (UNKNOWN, below);
 - it is fresh: thisUpdate is not in the future (beyond `CLOCK_SKEW`) and nextUpdate, if given, has
   not passed; if the responder echoed a nonce it is ours, and if it did not, thisUpdate is no older
   than `MAX_AGE` (a replayed old "good" is refused).
@@ -28,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -52,6 +58,10 @@ FAILURE_SECONDS = 5.0
 MAX_RESPONSE_BYTES = 1024 * 1024
 MAX_CERTIFICATES = 10  # attached to an answer: the responder's own, perhaps its chain (RFC 5019 wants only the first)
 CACHE_SIZE = 10_000  # answers kept at most: as many as `proxy.certs.memo.VerifiedChains` keeps chains
+
+
+Judge = Callable[[x509.Certificate, datetime], Awaitable[RevocationEvidence]]
+"""Is this delegated responder's certificate (issued by the CA of the certificate asked about) revoked at this time?"""
 
 
 class OcspError(Exception):
@@ -88,8 +98,10 @@ def build_request(cert: x509.Certificate, issuer: x509.Certificate, nonce: bytes
 
 def verify_response(
     der: bytes, request: ocsp.OCSPRequest, issuer: x509.Certificate, *, nonce: bytes, at: datetime, source: str
-) -> tuple[RevocationEvidence, datetime | None]:
-    """The checked answer for the certificate `request` asks about, and its nextUpdate; or OcspError."""
+) -> tuple[RevocationEvidence, datetime | None, x509.Certificate | None]:
+    """The checked answer for the certificate `request` asks about, its nextUpdate, and the delegated responder
+    certificate whose revocation is still to be checked (None: signed by the CA, or by one with id-pkix-ocsp-nocheck);
+    or OcspError."""
     try:
         response = ocsp.load_der_ocsp_response(der)
     except ValueError as exc:
@@ -100,7 +112,7 @@ def verify_response(
         if _certificates_attached(der) > MAX_CERTIFICATES:
             raise OcspError(f"the answer carries more than {MAX_CERTIFICATES} certificates (refused unread)")
         single = _single_response(response, request)
-        _check_signer(response, issuer, at)
+        responder = _check_signer(response, issuer, at)
     except (UnsupportedAlgorithm, ValueError) as exc:
         raise OcspError(f"a response that cannot be read ({exc})") from exc
     this_update, next_update = single.this_update_utc, single.next_update_utc
@@ -113,14 +125,16 @@ def verify_response(
     times = {"crl_this_update": this_update, "crl_next_update": next_update}
     status = single.certificate_status
     if status is ocsp.OCSPCertStatus.GOOD:
-        return RevocationEvidence(RevocationStatus.GOOD, source, f"{serial} is good per OCSP", **times), next_update
+        good = RevocationEvidence(RevocationStatus.GOOD, source, f"{serial} is good per OCSP", **times)
+        return good, next_update, responder
     if status is ocsp.OCSPCertStatus.REVOKED:
         when = single.revocation_time_utc
         reason = single.revocation_reason.value if single.revocation_reason else "unspecified"
         detail = f"{serial} was revoked on {format_time(when) if when else '?'} (reason {reason}, per OCSP)"
-        return RevocationEvidence(RevocationStatus.REVOKED, source, detail, **times, revoked_at=when), next_update
+        revoked = RevocationEvidence(RevocationStatus.REVOKED, source, detail, **times, revoked_at=when)
+        return revoked, next_update, responder
     detail = f"the OCSP responder does not know {serial}"
-    return RevocationEvidence(RevocationStatus.UNKNOWN, source, detail, **times), next_update
+    return RevocationEvidence(RevocationStatus.UNKNOWN, source, detail, **times), next_update, responder
 
 
 class OcspClient:
@@ -135,8 +149,12 @@ class OcspClient:
         self._pending: dict[tuple[bytes, int], asyncio.Future[RevocationEvidence]] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    async def status(self, cert: x509.Certificate, issuer: x509.Certificate, *, at: datetime) -> RevocationEvidence:
-        """Evidence from the responder `cert` names: GOOD, REVOKED, or UNKNOWN (with the reason)."""
+    async def status(
+        self, cert: x509.Certificate, issuer: x509.Certificate, *, at: datetime, judge: Judge | None = None
+    ) -> RevocationEvidence:
+        """Evidence from the responder `cert` names: GOOD, REVOKED, or UNKNOWN (with the reason). `judge` says whether
+        a delegated responder's certificate without id-pkix-ocsp-nocheck is revoked; without one, no such responder
+        is believed."""
         url = responder_url(cert)
         if url is None:
             return RevocationEvidence(RevocationStatus.UNKNOWN, "", "the certificate names no OCSP responder")
@@ -152,7 +170,7 @@ class OcspClient:
         future: asyncio.Future[RevocationEvidence] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
-            evidence, until = await self._ask(url, cert, issuer, at)
+            evidence, until = await self._ask(url, cert, issuer, at, judge)
             self._keep(key, _Cached(evidence, until))
             future.set_result(evidence)
             return evidence
@@ -186,14 +204,18 @@ class OcspClient:
             self._session = None
 
     async def _ask(
-        self, url: str, cert: x509.Certificate, issuer: x509.Certificate, at: datetime
+        self, url: str, cert: x509.Certificate, issuer: x509.Certificate, at: datetime, judge: Judge | None
     ) -> tuple[RevocationEvidence, datetime]:
         nonce = os.urandom(16)
         request = build_request(cert, issuer, nonce)
         shown = CrlSource(url)  # the URL as every output names it: no password, no query's values (a signed URL's)
         try:
             der = await self._post(url, request.public_bytes(serialization.Encoding.DER))
-            evidence, next_update = verify_response(der, request, issuer, nonce=nonce, at=at, source=shown.name)
+            evidence, next_update, responder = verify_response(
+                der, request, issuer, nonce=nonce, at=at, source=shown.name
+            )
+            if responder is not None:
+                _check_responder(await judge(responder, at) if judge is not None else None)
         except (OcspError, OSError, aiohttp.ClientError, TimeoutError) as exc:
             words = shown.scrubbed(_words(exc))
             detail = f"no usable answer from the OCSP responder {shown.name}: {words}"
@@ -235,11 +257,12 @@ def _single_response(response: ocsp.OCSPResponse, request: ocsp.OCSPRequest) -> 
     raise OcspError("the response does not answer for the certificate asked about")
 
 
-def _check_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate, at: datetime) -> None:
-    """The signature is the issuing CA's, or that of a responder certificate it issued for OCSP signing."""
+def _check_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate, at: datetime) -> x509.Certificate | None:
+    """The signature is the issuing CA's, or that of a responder certificate it issued for OCSP signing; that
+    certificate if its revocation is still to be checked (it has no id-pkix-ocsp-nocheck), else None."""
     if _names(response, issuer):
         _check_signature(response, issuer)
-        return
+        return None
     for candidate in response.certificates:
         if not _names(response, candidate):
             continue
@@ -256,8 +279,21 @@ def _check_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate, at: dat
         if not candidate.not_valid_before_utc <= at <= candidate.not_valid_after_utc:
             raise OcspError("the responder's certificate is outside its validity period")
         _check_signature(response, candidate)
-        return
+        return None if _no_check(candidate) else candidate
     raise OcspError("the response is signed by neither the CA nor a responder it authorised")
+
+
+def _check_responder(evidence: RevocationEvidence | None) -> None:
+    """OcspError unless the delegated responder's certificate is known not to be revoked (RFC 6960 4.2.2.2.1)."""
+    if evidence is not None and evidence.status is RevocationStatus.GOOD:
+        return
+    if evidence is not None and evidence.status is RevocationStatus.REVOKED:
+        raise OcspError(f"the OCSP responder's certificate is revoked: {evidence.detail}")
+    why = evidence.detail if evidence is not None else "no CRL is consulted for it"
+    raise OcspError(
+        "the OCSP responder's certificate cannot be checked for revocation "
+        f"({why}): issue it with id-pkix-ocsp-nocheck, or publish a CRL that covers it (RFC 6960 4.2.2.2.1)"
+    )
 
 
 def _certificates_attached(der: bytes) -> int:
@@ -279,6 +315,15 @@ def _certificates_attached(der: bytes) -> int:
     except IndexError as exc:
         raise ValueError("a BasicOCSPResponse cut short") from exc
     return count
+
+
+def _no_check(cert: x509.Certificate) -> bool:
+    """Does the responder certificate carry id-pkix-ocsp-nocheck (1.3.6.1.5.5.7.48.1.5), "trust me for my lifetime"?"""
+    try:
+        cert.extensions.get_extension_for_class(x509.OCSPNoCheck)
+    except x509.ExtensionNotFound:
+        return False
+    return True
 
 
 def _names(response: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:

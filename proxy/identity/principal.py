@@ -112,17 +112,31 @@ def domain_realm(domain: str, identity: Identity, *, down_level: bool) -> str | 
     return named
 
 
-def shown_name(name: str) -> str:
+def shown_name(name: str, identity: Identity | None = None) -> str:
     """How a user name nobody has vouched for (a Basic name the KDC did not know, or refused before it was asked) is
     shown in a log line, a trace or a fix: its local part as its first character and its length (`W…[11]`), its
-    domain as typed (`LAB\\b…[3]`, `b…[3]@evil.test`: what identity.realm_map is checked against). A user who typed
-    the password into the name field ("Winter2026!") leaves no password in the log, and an operator still matches a
-    help-desk call ("bob, three letters"). Pure."""
+    domain as typed where the gateway knows it (`LAB\\b…[3]`, `b…[3]@lab.test`: `domain_realm` finds it in
+    `identity`), else shortened the same way (`P@ssw0rd`, a password typed as a name: `P…[1]@s…[6]`). A user who
+    typed the password into the name field ("Winter2026!") leaves no password in the log, and an operator still
+    matches a help-desk call ("bob, three letters"). Without `identity`, the name is a principal whose realm the
+    gateway chose (`alice@LAB.TEST`): its realm is shown. Pure."""
     domain, backslash, local = name.rpartition("\\")
     if not backslash:
         local, at, domain = name.rpartition("@") if "@" in name else (name, "", "")
-        return f"{local[:1]}…[{len(local)}]" + (f"@{domain}" if at else "")
-    return f"{domain}\\{local[:1]}…[{len(local)}]"
+        return _first_and_length(local) + (f"@{_shown_domain(domain, identity, down_level=False)}" if at else "")
+    return f"{_shown_domain(domain, identity, down_level=True)}\\{_first_and_length(local)}"
+
+
+def _first_and_length(text: str) -> str:
+    return f"{text[:1]}…[{len(text)}]"
+
+
+def _shown_domain(domain: str, identity: Identity | None, *, down_level: bool) -> str:
+    """`domain` as typed if the gateway knows it (or was given no `identity` to ask), else its first character and
+    length."""
+    if identity is None or domain_realm(domain, identity, down_level=down_level) is not None:
+        return domain
+    return _first_and_length(domain)
 
 
 def configured_domains(identity: Identity) -> str:

@@ -172,6 +172,23 @@ def _load_ca_file(ctx: ssl.SSLContext, path: Path) -> None:
         ctx.load_verify_locations(cadata=data)
 
 
+LATE = 1.0  # seconds a handshake's timer may fire late before the gateway, not the device, is named as the cause
+
+
+def _handshake_expired(peer: object, timeout: float, late: float) -> None:
+    """`tls_handshake_abandoned` for a handshake that `listener.handshake_timeout` ended, its timer run `late` seconds
+    after it was due. A timer runs late only when the event loop could not run: the gateway stopped (SIGSTOP, a
+    debugger, a VM paused) or starved of CPU; then the device may have sent its flights in time, unread, and the
+    event says so rather than blame a slow client."""
+    reason = f"SSL handshake is taking longer than {timeout} seconds: aborting the connection"
+    if late >= LATE:
+        reason += (
+            f"; the gateway's event loop ran the timer {late:.1f} s late (the gateway was stopped or starved of CPU):"
+            " the client may not have been slow"
+        )
+    log.info("tls_handshake_abandoned", peer=peer_text(peer), reason=reason, loop_late_seconds=round(max(late, 0), 3))
+
+
 def handshake_reason(exc: BaseException) -> str:
     """OpenSSL's words for a failed handshake, as plain as they come."""
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
@@ -332,6 +349,7 @@ class TlsGate(asyncio.Protocol):
         self._client: tuple[str, int] | None = None  # the device, when a balancer said so (PROXY protocol)
         self._unnamed = False  # the balancer relays a device it cannot name (PROXY UNKNOWN, UNSPEC)
         self._preread = b""
+        self._started = 0.0  # the loop's time when the connection was taken: the handshake's timer starts then
 
     def behind_balancer(
         self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False, unnamed: bool = False
@@ -357,6 +375,7 @@ class TlsGate(asyncio.Protocol):
         # The TLS protocol takes the socket here, before this returns, not in the task: uvloop starts reading
         # when `connection_made` returns (a `pause_reading` here is a no-op there), and a ClientHello read
         # meanwhile would reach this gate instead of TLS, and the handshake would stall.
+        self._started = asyncio.get_running_loop().time()
         stream = socket_transport(transport)
         peer = self._client or stream.get_extra_info("peername")
         if getattr(self._app, "takes_tls_records", False):  # the gateway's own server: the handshake is ours too
@@ -408,6 +427,9 @@ class TlsGate(asyncio.Protocol):
         else an abandoned handshake (asyncio's handshake timeout, a `ConnectionAbortedError`, is one too)."""
         if isinstance(exc, ConnectionResetError) and not received:
             self._empty(peer)
+        elif isinstance(exc, ConnectionAbortedError) and "taking longer than" in str(exc):  # asyncio's timer
+            late = asyncio.get_running_loop().time() - self._started - self._timeout
+            _handshake_expired(peer, self._timeout, late)
         else:
             log.info("tls_handshake_abandoned", peer=peer_text(peer), reason=handshake_reason(exc))
 
@@ -466,7 +488,18 @@ class _Handshake(asyncio.BufferedProtocol):
       abandoned handshake; the timeout is an abandoned handshake too, in asyncio's words ("taking longer").
     """
 
-    __slots__ = ("_buffer", "_gate", "_incoming", "_outgoing", "_peer", "_received", "_sslobj", "_stream", "_timer")
+    __slots__ = (
+        "_buffer",
+        "_due",
+        "_gate",
+        "_incoming",
+        "_outgoing",
+        "_peer",
+        "_received",
+        "_sslobj",
+        "_stream",
+        "_timer",
+    )
 
     def __init__(self, gate: TlsGate, stream: asyncio.Transport, peer: object) -> None:
         self._gate = gate
@@ -477,11 +510,13 @@ class _Handshake(asyncio.BufferedProtocol):
         self._sslobj = gate._ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._received = False  # whether the device has sent a byte (an empty connection ends before its first)
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # the loop's time the timer is due at
         self._buffer = _read_buffer(_AlertingSSLProtocol.max_size)  # the TLS connections of this thread share it
 
     def start(self, preread: bytes) -> None:
         """The timeout starts; bytes read before this protocol owned the socket (after a PROXY header) go first."""
         self._timer = asyncio.get_running_loop().call_later(self._gate._timeout, self._expired)
+        self._due = self._timer.when()
         if preread:
             self._received = True
             self._incoming.write(preread)
@@ -553,8 +588,7 @@ class _Handshake(asyncio.BufferedProtocol):
         if stream is None:
             return
         self._end()
-        reason = f"SSL handshake is taking longer than {self._gate._timeout} seconds: aborting the connection"
-        log.info("tls_handshake_abandoned", peer=peer_text(self._peer), reason=reason)
+        _handshake_expired(self._peer, self._gate._timeout, asyncio.get_running_loop().time() - self._due)
         stream.abort()  # its connection_lost comes here, and gives the slot back
 
     def _left(self, exc: BaseException) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import subprocess
 import threading
@@ -269,19 +270,22 @@ def test_basic_mode_ignores_certificates(lab: LabLayout, tmp_path: Path) -> None
 
 
 def test_basic_names_of_an_unconfigured_domain_never_reach_the_kdc(lab: LabLayout, tmp_path: Path) -> None:
-    """EVIL\\bob and bob@evil.test with bob's own password: 401 naming the domain and an authentication_required
-    line saying what is accepted, and the KDC's log shows no request for bob (EVIL\\bob was served as bob@LAB.TEST);
-    the realm's own name and its NetBIOS name still sign in."""
+    """EVIL\\bob and bob@evil.test with bob's own password: 401 saying the domain is not one the gateway signs in to
+    (naming no domain: a password typed as a name may hold an '@'), an authentication_required line naming the
+    domain shortened like the name and saying what is accepted, and the KDC's log shows no request for bob
+    (EVIL\\bob was served as bob@LAB.TEST); the realm's own name and its NetBIOS name still sign in."""
     gw = basic_gateway(lab, tmp_path)
     try:
         before = len(kdc_requests(lab, "bob@LAB.TEST"))
-        for name, domain in (("EVIL\\bob", "EVIL"), ("bob@evil.test", "evil.test")):
+        for name, shown in (("EVIL\\bob", "E…[4]\\b…[3]"), ("bob@evil.test", "b…[3]@e…[9]")):
+            gw.mark()
             refused = call(lab, gw, "/owa/", login=f"{name}:{USERS['bob']}")
             assert refused.status == 401, refused
-            assert f"domain '{domain}'" in refused.body
+            assert "the domain of the user name is not one this gateway signs in to" in refused.body
             assert refused.headers["www-authenticate"].startswith("Basic ")
             event = gw.wait_event("authentication_required")
-            assert f"domain '{domain}'" in event["reason"]
+            assert "the domain of the user name" in event["reason"]
+            assert f"Basic user {shown}: " in event["fix"]
             assert "identity.realm_map" in event["fix"]
         assert len(kdc_requests(lab, "bob@LAB.TEST")) == before
         for name in ("LAB.TEST\\bob", "lab\\bob"):
@@ -619,5 +623,32 @@ bind = "127.0.0.1:{admin_port}"
         for where, text in shown.items():
             assert "Winter2026" not in text, where
             assert "winter2026" not in text, where
+    finally:
+        gw.stop()
+
+
+def _fix_names(shown: str, event: dict[str, Any]) -> bool:
+    return shown in str(event.get("fix"))
+
+
+def test_an_unknown_domain_typed_in_the_user_name_is_shortened_like_the_name(lab: LabLayout, tmp_path: Path) -> None:
+    """A user name's domain is shown only when the gateway knows it (a configured realm, UPN suffix or NetBIOS name):
+    a password typed as a name with an '@' or a '\\' in it (`P@ssw0rd`, `Summer\\2026`) leaves neither part in the
+    log (`P…[1]@s…[6]`, `S…[6]\\2…[4]`: the fix of the 401 for a domain nobody configured; the reason names no
+    domain); `nobody@lab.test` and `LAB\\nobody` reach the KDC, which knows no such user: `n…[6]@LAB.TEST`."""
+    gw = gateway_with(lab, tmp_path, extra='[authentication]\nmode = "basic"\nbasic_failures_per_user = 50\n')
+    try:
+        for name, shown in (
+            ("P@ssw0rd", "P…[1]@s…[6]"),
+            ("Summer\\2026", "S…[6]\\2…[4]"),
+            ("nobody@lab.test", "n…[6]@LAB.TEST"),
+            ("LAB\\nobody", "n…[6]@LAB.TEST"),
+        ):
+            gw.mark()
+            assert call(lab, gw, "/owa/", login=f"{name}:{USERS['bob']}").status == 401
+            gw.wait_for("authentication_required", functools.partial(_fix_names, shown), what=shown)
+        log = gw.log_path.read_text()
+        assert "ssw0rd" not in log
+        assert "Summer" not in log
     finally:
         gw.stop()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import signal
 import socket
 import ssl
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -23,6 +25,7 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from proxy.tls.openssl import _ssl as _ssl_pointer
+from proxy.tls.server import LATE
 from tests.integration.conftest import ServerScene, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder, read_until_closed
@@ -194,8 +197,39 @@ def test_a_handshake_dripped_slower_than_the_timeout_is_cut(scene: Scene) -> Non
                 cut = time.monotonic() - start
                 break
         assert cut is not None, "the whole ClientHello was dripped in without the gateway ending the connection"
-    scene.gw.wait_for("tls_handshake_abandoned", lambda e: "longer than" in str(e.get("reason")))
+    event = scene.gw.wait_for("tls_handshake_abandoned", lambda e: "longer than" in str(e.get("reason")))
     assert cut < LIMIT_S * 10, cut  # far less than the drip's ~len(hello) * 0.2 s
+    assert "the gateway" not in event["reason"], event  # the client was slow: the timer was on time
+    assert event["loop_late_seconds"] < LATE, event
+    scene.settled()
+
+
+def _accepted(port: int) -> bool:
+    """Whether the gateway has accepted every connection made to its listener (none waits in its accept queue)."""
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return bool(listening.split()) and listening.split()[1] == "0"  # Recv-Q of a listener: connections not accepted
+
+
+def test_a_handshake_timeout_while_the_gateway_was_stopped_blames_the_gateway(scene: Scene) -> None:
+    """A device connects, the gateway takes the connection (its handshake timer starts), then the gateway is stopped
+    (SIGSTOP) for longer than handshake_timeout and continued as the device sends its ClientHello: the handshake is
+    abandoned, and `tls_handshake_abandoned` says the gateway's event loop ran the timer late (by about the stop's
+    length less the timeout), not that the device was slow."""
+    scene.gw.mark()
+    with scene.tcp() as sock:
+        eventually(lambda: _accepted(scene.gw.port) or None, "the gateway took the connection")
+        scene.gw.proc.send_signal(signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            while time.monotonic() - stopped < LIMIT_S + 2 * LATE:  # the stimulus: the gateway stopped this long
+                time.sleep(0.1)
+            sock.sendall(_Client(scene).hello())
+        finally:
+            scene.gw.proc.send_signal(signal.SIGCONT)
+        event = scene.gw.wait_for("tls_handshake_abandoned", lambda e: "longer than" in str(e.get("reason")))
+    assert event["loop_late_seconds"] >= LATE, event
+    assert "the gateway's event loop ran the timer" in event["reason"], event
+    assert "the client may not have been slow" in event["reason"], event
     scene.settled()
 
 

@@ -259,3 +259,22 @@ def test_a_certificate_without_the_configured_name_has_a_fix(pki: Pki) -> None:
 def test_a_name_nobody_vouched_for_is_shown_as_its_first_character_and_length(name: str, shown: str) -> None:
     """`shown_name` keeps a password typed as a user name out of logs: first character, length, the domain as typed."""
     assert shown_name(name) == shown
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("P@ssw0rd", "P…[1]@s…[6]"),
+        ("Summer\\2026", "S…[6]\\2…[4]"),
+        ("bob@lab.test", "b…[3]@lab.test"),
+        ("bob@LAB.TEST", "b…[3]@LAB.TEST"),
+        ("LAB\\bob", "LAB\\b…[3]"),
+        ("bob@corp.example", "b…[3]@corp.example"),
+        ("bob@evil.test", "b…[3]@e…[9]"),
+    ],
+)
+def test_a_domain_the_gateway_does_not_know_is_shortened_like_the_name(name: str, shown: str) -> None:
+    """`shown_name` with the configuration shows a domain it knows (the default realm, its NetBIOS name, a realm_map
+    suffix) as typed, and any other (a password typed with an '@' in it) as its first character and length."""
+    identity = Identity(default_realm="LAB.TEST", realm_map={"corp.example": "LAB.TEST"})
+    assert shown_name(name, identity) == shown

@@ -71,7 +71,7 @@ def answer(
 def verify(pki: Pki, der: bytes, user: str = "alice", at: datetime = NOW) -> tuple[RevocationStatus, str]:
     subject, issuing = load_cert(pki.user_cert(user)), load_cert(pki.issuing_cert)
     request = build_request(subject, issuing, NONCE)
-    evidence, _ = verify_response(der, request, issuing, nonce=NONCE, at=at, source=URL)
+    evidence, _, _ = verify_response(der, request, issuing, nonce=NONCE, at=at, source=URL)
     return evidence.status, evidence.detail
 
 

@@ -1,0 +1,163 @@
+"""Delegated OCSP responders against a real gateway: is the responder's own certificate revoked (RFC 6960 4.2.2.2.1)?
+
+Responder certificates minted with the openssl CLI by the lab's issuing CA (id-kp-OCSPSigning; with or without
+id-pkix-ocsp-nocheck and a CRL distribution point), each serving `openssl ocsp` for a certificate of alice's that
+names it; the gateway's CRLs (a file signed by the issuing CA, listing the responder or not) judge a responder without
+id-pkix-ocsp-nocheck, as CryptoAPI does; curl is the device.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from proxy.lab.layout import LabLayout
+from proxy.lab.pki import Pki
+from tests.integration.conftest import free_port
+from tests.integration.test_revocation import alice_reissued, crl_url, curl_with, gateway_with, signed_crl
+
+
+def responder_certificate(lab: LabLayout, directory: Path, *, nocheck: bool, distribution_point: bool) -> Path:
+    """A delegated responder's certificate and key (`responder.pem`, `responder.key` in `directory`), issued by the
+    lab's issuing CA with the openssl CLI for OCSP signing, with id-pkix-ocsp-nocheck and a CRL distribution point
+    (the lab's issuing CRL) as asked."""
+    pki = Pki.at(lab.pki_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ["[responder]", "basicConstraints = critical,CA:FALSE", "keyUsage = critical,digitalSignature"]
+    lines += ["extendedKeyUsage = OCSPSigning", "subjectKeyIdentifier = hash", "authorityKeyIdentifier = keyid"]
+    if nocheck:
+        lines.append("noCheck = ignored")  # id-pkix-ocsp-nocheck: NULL; openssl ignores the value
+    if distribution_point:
+        lines.append(f"crlDistributionPoints = URI:{crl_url(lab, 'issuing.crl')}")
+    (directory / "responder.cnf").write_text("\n".join(lines) + "\n")
+    key, csr, cert = directory / "responder.key", directory / "responder.csr", directory / "responder.pem"
+    req = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    subprocess.run(
+        [*req, "-keyout", str(key), "-subj", "/CN=OCSP responder", "-out", str(csr)], check=True, capture_output=True
+    )
+    sign = ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(pki.issuing_cert), "-CAkey", str(pki.issuing_key)]
+    sign += ["-days", "30", "-set_serial", f"0x{secrets.token_hex(16)}", "-extfile", str(directory / "responder.cnf")]
+    subprocess.run([*sign, "-extensions", "responder", "-out", str(cert)], check=True, capture_output=True)
+    return cert
+
+
+@pytest.fixture
+def responder(lab: LabLayout, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path, Path]]:
+    """`openssl ocsp` signing with a responder certificate of `request.param`'s kind (nocheck, distribution point),
+    answering "good" for a certificate of alice's that names it: (alice's certificate, her key, the responder's)."""
+    nocheck, distribution_point = request.param
+    directory = tmp_path / "responder"
+    signer = responder_certificate(lab, directory, nocheck=nocheck, distribution_point=distribution_point)
+    port = free_port()
+    cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder=f"http://127.0.0.1:{port}")
+    alice = x509.load_pem_x509_certificate(cert.read_bytes())
+    serial = f"{alice.serial_number:X}"
+    expiry = alice.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
+    (directory / "index.txt").write_text(f"V\t{expiry}\t\t{'0' * (len(serial) % 2)}{serial}\tunknown\t/CN=alice\n")
+    (directory / "index.txt.attr").write_text("unique_subject = no\n")
+    pki = Pki.at(lab.pki_dir)
+    argv = ["openssl", "ocsp", "-index", directory / "index.txt", "-port", str(port), "-CA", pki.issuing_cert]
+    argv += ["-rsigner", signer, "-rkey", directory / "responder.key", "-ignore_err", "-timeout", "3"]
+    log = directory / "ocsp.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while b"waiting for OCSP client connections" not in log.read_bytes():  # a probing connect would wedge it
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield cert, key, signer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def crl_listing(lab: LabLayout, tmp_path: Path, *certificates: Path) -> Path:
+    """A current CRL of the issuing CA (signed with its key) listing these certificates."""
+    now = datetime.now(UTC)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    serials = [x509.load_pem_x509_certificate(c.read_bytes()).serial_number for c in certificates]
+    issuing_key = Pki.at(lab.pki_dir).issuing_key
+    this, next_ = now - timedelta(minutes=1), now + timedelta(days=1)
+    return signed_crl(lab, tmp_path, key_path=issuing_key, this=this, next_=next_, serials=serials)
+
+
+NOCHECK, CHECKED_BY_CRL, UNCHECKABLE = (True, False), (False, True), (False, False)
+
+
+@pytest.mark.parametrize("responder", [NOCHECK], indirect=True, ids=["nocheck"])
+@pytest.mark.parametrize("revoked", [False, True], ids=["not-listed", "listed"])
+def test_a_nocheck_responder_is_trusted_for_its_lifetime(
+    lab: LabLayout, tmp_path: Path, responder: tuple[Path, Path, Path], revoked: bool
+) -> None:
+    """A responder certificate with id-pkix-ocsp-nocheck is not checked for revocation (RFC 6960 4.2.2.2.1, and
+    CryptoAPI): its "good" is believed under ocsp = "require", with no CRL at all, and even where a CRL lists it."""
+    cert, key, signer = responder
+    crls = f'crls = ["{crl_listing(lab, tmp_path, signer)}"]\nrevocation = "best-effort"\n'
+    gw = gateway_with(lab, tmp_path / "gw", (crls if revoked else 'revocation = "off"\n') + 'ocsp = "require"\n')
+    try:
+        assert curl_with(lab, gw, cert, key)[0] == 200
+        summary = gw.wait_event("request", principal="alice@LAB.TEST")
+        assert summary["revocation"] == "good"
+        assert summary["revocation_source"].startswith("http://127.0.0.1:")
+    finally:
+        assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("responder", [CHECKED_BY_CRL], indirect=True, ids=["distribution-point"])
+def test_a_revoked_responders_answer_is_not_believed(
+    lab: LabLayout, tmp_path: Path, responder: tuple[Path, Path, Path]
+) -> None:
+    """A responder certificate without id-pkix-ocsp-nocheck that the gateway's CRL lists as revoked: its "good" is
+    not believed (403 under ocsp = "require", naming the revoked responder); under "prefer" the CRLs decide (alice is
+    not on them: 200, the CRL as evidence). Not listed, the same responder is believed."""
+    cert, key, signer = responder
+    crl = crl_listing(lab, tmp_path, signer)
+    gw = gateway_with(lab, tmp_path / "require", f'crls = ["{crl}"]\nrevocation = "best-effort"\nocsp = "require"\n')
+    try:
+        status, body = curl_with(lab, gw, cert, key)
+        assert status == 403, body
+        assert "the OCSP responder's certificate is revoked" in body
+        failed = gw.wait_event("ocsp_failed")
+        assert "the OCSP responder's certificate is revoked" in failed["error"]
+    finally:
+        assert gw.stop() == 0
+    gw = gateway_with(lab, tmp_path / "prefer", f'crls = ["{crl}"]\nrevocation = "require"\nocsp = "prefer"\n')
+    try:
+        assert curl_with(lab, gw, cert, key)[0] == 200
+        summary = gw.wait_event("request", principal="alice@LAB.TEST")
+        assert (summary["revocation"], summary["revocation_source"]) == ("good", str(crl))
+    finally:
+        assert gw.stop() == 0
+    clean = crl_listing(lab, tmp_path / "clean")
+    gw = gateway_with(lab, tmp_path / "clean", f'crls = ["{clean}"]\nrevocation = "best-effort"\nocsp = "require"\n')
+    try:
+        assert curl_with(lab, gw, cert, key)[0] == 200
+        summary = gw.wait_event("request", principal="alice@LAB.TEST")
+        assert summary["revocation_source"].startswith("http://127.0.0.1:")
+    finally:
+        assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("responder", [UNCHECKABLE], indirect=True, ids=["no-nocheck-no-distribution-point"])
+def test_a_responder_whose_revocation_cannot_be_checked_is_not_believed(
+    lab: LabLayout, tmp_path: Path, responder: tuple[Path, Path, Path]
+) -> None:
+    """A responder certificate with neither id-pkix-ocsp-nocheck nor a CRL distribution point, and no CRL loaded:
+    its revocation cannot be checked, so its answer is not believed under ocsp = "require" (403 naming the fix)."""
+    cert, key, _ = responder
+    gw = gateway_with(lab, tmp_path / "gw", 'revocation = "off"\nocsp = "require"\n')
+    try:
+        status, body = curl_with(lab, gw, cert, key)
+        assert status == 403, body
+        assert "the OCSP responder's certificate cannot be checked for revocation" in body
+    finally:
+        assert gw.stop() == 0
