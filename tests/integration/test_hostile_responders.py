@@ -25,9 +25,9 @@ from cryptography.x509 import ocsp
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki
 from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import WAIT
+from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.loopback import stop_listening
-from tests.integration.test_revocation import alice_reissued, connect, curl_with, get
+from tests.integration.test_revocation import alice_reissued, connect, curl_with, get, signed_crl
 from tests.pem import self_signed
 
 Answer = Callable[[ocsp.OCSPRequest], list[bytes]]  # the request asked -> the parts sent, a pause between two
@@ -216,16 +216,20 @@ def _der(tag: int, content: bytes) -> bytes:
     return bytes([tag, 0x80 | len(length)]) + length + content
 
 
-def forged_crl(issuer: x509.Name, entries: int) -> bytes:
+ECDSA_WITH_SHA256 = bytes.fromhex("2a8648ce3d040302")
+
+
+def forged_crl(issuer: x509.Name, entries: int, algorithm_oid: bytes = ECDSA_WITH_SHA256) -> bytes:
     """A DER CRL under `issuer`'s name, current, listing `entries` certificates (the same one, which costs as much to
-    read), signed with a key of the path's making: 23 bytes an entry, 2.8 million in the gateway's 64 MiB."""
+    read), signed with a key of the path's making: 23 bytes an entry, 2.8 million in the gateway's 64 MiB. Its
+    signatureAlgorithm names `algorithm_oid` (the OID's content octets; the signature is ECDSA with SHA-256 still)."""
     now = datetime.now(UTC)
 
     def utc(when: datetime) -> bytes:
         return _der(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
 
     entry = _der(0x30, _der(0x02, b"\x01\x00\x00\x01") + utc(now - timedelta(days=1)))
-    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))  # ecdsa-with-SHA256
+    algorithm = _der(0x30, _der(0x06, algorithm_oid))
     times = utc(now - timedelta(minutes=1)) + utc(now + timedelta(days=1))
     tbs = _der(0x30, _der(0x02, b"\x01") + algorithm + issuer.public_bytes() + times + _der(0x30, entry * entries))
     signature = ec.generate_private_key(ec.SECP256R1()).sign(tbs, ec.ECDSA(hashes.SHA256()))
@@ -272,6 +276,71 @@ def test_a_forged_crl_of_millions_of_entries_stalls_no_device(lab: LabLayout, tm
                 assert get(conn)[0] == 200
                 slowest = max(slowest, time.monotonic() - started)
             assert slowest < 2.0, f"alice waited {slowest:.2f} s"
+        finally:
+            assert gw.stop() == 0
+    finally:
+        path.close()
+
+
+class FreshCrlPath(CrlPath):
+    """Every GET answered with a new `body()` (a forged CRL's bytes change each time: a new ECDSA signature)."""
+
+    def __init__(self, body: Callable[[], bytes]) -> None:
+        self.body = body
+        super().__init__(b"")
+
+    def _answer(self, conn: socket.socket, head: bytes, body: bytes) -> None:
+        crl = self.body()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(crl) + crl)
+
+
+def test_a_crl_of_an_unknown_algorithm_stops_no_other_crl(lab: LabLayout, tmp_path: Path) -> None:
+    """A distribution point's path answers, from the second refresh (1 s) on, a new CRL each time under the issuing
+    CA's name whose signature algorithm cryptography does not know (sha512-256WithRSAEncryption): it is refused
+    (`crl_rejected`: the signature), and the issuing CA's CRL file, rewritten meanwhile to list alice, is taken:
+    alice is refused as revoked. Before, the signature screen let cryptography's UnsupportedAlgorithm out of the
+    refresh round (`crl_refresh_error`) before the new CRL set was swapped in, every round: the revocation was never
+    applied; and with that answer from the first fetch on, the gateway did not start."""
+    ca, _ = issuing_ca(lab)
+    pki = Pki.at(lab.pki_dir)
+    unknown = bytes.fromhex("2a864886f70d010110")  # 1.2.840.113549.1.1.16
+    genuine = pki.issuing_crl.read_bytes()
+    path = FreshCrlPath(lambda: genuine)
+    issuing = tmp_path / "issuing.crl"
+    issuing.write_bytes(genuine)
+    try:
+        settings = (
+            f'crls = ["{path.url}", "{issuing}", "{pki.root_crl}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+        )
+        text = lab_config(lab, port=free_port())
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        try:
+            assert get(connect(lab, gw, "alice"))[0] == 200
+            gw.mark()
+            path.body = lambda: forged_crl(ca.subject, 1, algorithm_oid=unknown)
+            rejected = gw.wait_event("crl_rejected", source=path.url)
+            assert "signature does not verify" in rejected["problem"], rejected
+            alice = x509.load_pem_x509_certificate(pki.user_cert("alice").read_bytes())
+            now = datetime.now(UTC)
+            (tmp_path / "new").mkdir()
+            listed = signed_crl(
+                lab,
+                tmp_path / "new",
+                key_path=pki.issuing_key,
+                this=now,
+                next_=now + timedelta(days=1),
+                serials=[alice.serial_number],
+            )
+            listed.replace(issuing)  # whole, never half a file
+
+            def refused() -> str | None:
+                status, body = get(connect(lab, gw, "alice"))
+                return body if status == 403 else None
+
+            body = eventually(refused, "alice refused once her CRL is taken")
+            assert "was revoked on" in body, body
+            assert gw.events("crl_refresh_error") == []
         finally:
             assert gw.stop() == 0
     finally:

@@ -93,3 +93,49 @@ def test_a_fetch_error_is_shown_on_one_line_cut_short() -> None:
     assert shown.endswith("BBB... (8050 characters)")
     assert not any(ord(c) < 0x20 for c in shown)
     assert shown_error("HTTP 503") == "HTTP 503"
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def _oid(dotted: str) -> bytes:
+    first, second, *rest = (int(part) for part in dotted.split("."))
+    body = bytes([40 * first + second])
+    for number in rest:
+        groups = [number & 0x7F]
+        while number := number >> 7:
+            groups.append(0x80 | number & 0x7F)
+        body += bytes(reversed(groups))
+    return _der(0x06, body)
+
+
+def _crl_with_algorithm(dotted: str) -> bytes:
+    """A current DER CRL under the CA's name whose signatureAlgorithm is `dotted` (its tbsCertList's too), with a
+    signature of no key: what anyone on a distribution point's path can send."""
+    algorithm = _der(0x30, _oid(dotted))
+
+    def utc(when: datetime) -> bytes:
+        return _der(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
+
+    times = utc(NOW - timedelta(minutes=1)) + utc(NOW + timedelta(days=1))
+    tbs = _der(0x30, _der(0x02, b"\x01") + algorithm + NAME.public_bytes() + times)
+    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + b"\x30\x06\x02\x01\x01\x02\x01\x01"))
+
+
+@pytest.mark.parametrize("kind", ["ec-256", "rsa-pkcs1", "ed25519"])
+@pytest.mark.parametrize("dotted", ["1.2.840.113549.1.1.16", "1.2.3.4"], ids=["sha512-256-rsa", "unknown"])
+def test_a_crl_signed_with_an_algorithm_cryptography_does_not_know_is_refused(kind: str, dotted: str) -> None:
+    """A CRL under the CA's name whose signature algorithm cryptography does not know (sha512-256WithRSAEncryption,
+    an OID of no algorithm) is refused as not verifying, as `is_signature_valid` answers (False). Before, the screen
+    asked for its hash algorithm first and cryptography's UnsupportedAlgorithm left `accept`: a refresh round with
+    such a CRL at one distribution point ended before the new CRL set was swapped in."""
+    trust = TrustList(anchors=(_ca(_key(kind)),))
+    ((forged, der),) = read_crls(_crl_with_algorithm(dotted), "screen")
+    assert forged.is_signature_valid(trust.anchors[0].public_key()) is False
+    with pytest.raises(CrlUnusable, match="signature does not verify"):
+        accept("screen", forged, trust, at=NOW, der=der)
