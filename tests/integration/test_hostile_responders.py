@@ -205,6 +205,30 @@ def test_an_answer_carrying_thousands_of_certificates_is_refused_unread(
         responder.close()
 
 
+def test_an_answer_dripping_a_byte_a_second_is_cut_at_the_timeout(
+    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+) -> None:
+    """A responder sending its good answer a byte a second (head first, then the body, about 12 minutes in all) is cut
+    at the 5 s timeout whatever arrives meanwhile: the device has its 403 within 15 s, and the gateway's
+    `ocsp_failed` names the timeout. The read to the end (review34) is bounded in time by aiohttp's total timeout, not
+    only per read."""
+    responder = HostileResponder(lambda request: [bytes([b]) for b in http_answer(good_from_the_ca(lab, request))[0]])
+    responder.pause = 1.0
+    try:
+        gw = ocsp_only()
+        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder.url)
+        gw.mark()
+        started = time.monotonic()
+        status, body = curl_with(lab, gw, cert, key)
+        took = time.monotonic() - started
+        assert status == 403, body
+        assert took < 15, f"the device waited {took:.1f} s"
+        failed = gw.wait_event("ocsp_failed", responder=responder.url)
+        assert "TimeoutError" in failed["error"], failed
+    finally:
+        responder.close()
+
+
 # --- a distribution point's path ------------------------------------------------------------------
 
 
