@@ -119,6 +119,7 @@ from proxy.identity.principal import (
     configured_domains,
     domain_realm,
     map_name,
+    shown_domain,
     shown_name,
 )
 from proxy.kerberos.delegate import asked_name
@@ -679,8 +680,8 @@ class BasicLogin:
         domain = username.rpartition("\\")[0] if down_level else username.rpartition("@")[2] if "@" in username else ""
         if domain and domain_realm(domain, self._identity, down_level=down_level) is None:
             raise AuthenticationRequired(
-                f"the domain {domain!r} of the user name is not one this gateway signs in to",
-                hint=f"Basic user {shown_name(username)}: {configured_domains(self._identity)}",
+                f"the domain {shown_domain(domain)!r} of the user name is not one this gateway signs in to",
+                hint=f"Basic user {shown_name(username, domain_known=False)}: {configured_domains(self._identity)}",
                 challenge=self.challenge,
             )
         try:

@@ -112,17 +112,28 @@ def domain_realm(domain: str, identity: Identity, *, down_level: bool) -> str | 
     return named
 
 
-def shown_name(name: str) -> str:
+def shown_name(name: str, *, domain_known: bool = True) -> str:
     """How a user name nobody has vouched for (a Basic name the KDC did not know, or refused before it was asked) is
     shown in a log line, a trace or a fix: its local part as its first character and its length (`W…[11]`), its
-    domain as typed (`LAB\\b…[3]`, `b…[3]@evil.test`: what identity.realm_map is checked against). A user who typed
-    the password into the name field ("Winter2026!") leaves no password in the log, and an operator still matches a
-    help-desk call ("bob, three letters"). Pure."""
+    domain as typed (`LAB\\b…[3]`, `b…[3]@lab.test`: what identity.realm_map is checked against) if it is one the
+    configuration names (`domain_known`), else as its first character and length too (`b…[3]@e…[9]`). A user who
+    typed the password into the name field ("Winter2026!", "P@ssw0rd!", "Winter2026!\\x": after an `@`, before a
+    `\\`, part of it reads as a domain) leaves no password in the log, and an operator still matches a help-desk call
+    ("bob, three letters"). Pure."""
     domain, backslash, local = name.rpartition("\\")
     if not backslash:
         local, at, domain = name.rpartition("@") if "@" in name else (name, "", "")
-        return f"{local[:1]}…[{len(local)}]" + (f"@{domain}" if at else "")
-    return f"{domain}\\{local[:1]}…[{len(local)}]"
+        return f"{local[:1]}…[{len(local)}]" + (f"@{_shown_domain(domain, domain_known)}" if at else "")
+    return f"{_shown_domain(domain, domain_known)}\\{local[:1]}…[{len(local)}]"
+
+
+def shown_domain(domain: str) -> str:
+    """A domain nobody configured, as `shown_name` shows it: its first character and its length (`E…[4]`)."""
+    return f"{domain[:1]}…[{len(domain)}]"
+
+
+def _shown_domain(domain: str, known: bool) -> str:
+    return domain if known else shown_domain(domain)
 
 
 def configured_domains(identity: Identity) -> str:

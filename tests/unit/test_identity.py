@@ -259,3 +259,13 @@ def test_a_certificate_without_the_configured_name_has_a_fix(pki: Pki) -> None:
 def test_a_name_nobody_vouched_for_is_shown_as_its_first_character_and_length(name: str, shown: str) -> None:
     """`shown_name` keeps a password typed as a user name out of logs: first character, length, the domain as typed."""
     assert shown_name(name) == shown
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [("P@Winter2026!", "P…[1]@W…[11]"), ("Winter2026!\\x", "W…[11]\\x…[1]"), ("bob@evil.test", "b…[3]@e…[9]")],
+)
+def test_a_domain_nobody_configured_is_shown_as_its_first_character_and_length(name: str, shown: str) -> None:
+    """`shown_name(..., domain_known=False)`: a domain the configuration does not name may be part of a password typed
+    into the name field (after an `@`, before a `\\`): shown as its first character and length too."""
+    assert shown_name(name, domain_known=False) == shown
