@@ -105,11 +105,14 @@ from typing import Any, TypeVar
 from proxy.addresses import address_key
 from proxy.auth.shared import SharedTable, SharedThrottle
 from proxy.config import Authentication, Identity, Kerberos, Route
+from proxy.directory import Directory
 from proxy.errors import (
     AuthenticationRequired,
+    DirectoryUnavailable,
     GatewayError,
     IdentityRejected,
     KerberosRefused,
+    MappingRefused,
     TooManyAttempts,
     UserUnknown,
 )
@@ -567,13 +570,22 @@ class BasicLogin:
     """Checks Basic credentials with the KDC, with the cache and throttles above; makes the backend's header."""
 
     def __init__(
-        self, settings: Authentication, identity: Identity, kerberos: Kerberos, *, shared: SharedTable | None = None
+        self,
+        settings: Authentication,
+        identity: Identity,
+        kerberos: Kerberos,
+        *,
+        shared: SharedTable | None = None,
+        directory: Directory | None = None,
     ) -> None:
-        """`shared`: the workers' table (`proxy.auth.shared`), where the per-user counts live with several workers."""
+        """`shared`: the workers' table (`proxy.auth.shared`), where the per-user counts live with several workers;
+        `directory`: where the gateway's own account's UPN is found (`_not_the_gateways_upn`)."""
         self.challenge = {"WWW-Authenticate": f'Basic realm="{settings.basic_realm}"'}
         self._identity = identity
         self._realms = {identity.default_realm, *identity.realm_map.values()}
+        self._principal = kerberos.principal
         self._own = guess_key(kerberos.principal)  # the gateway's own account: nobody's Basic sign-in (`_user`)
+        self._directory = directory
         self._checks = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-kdc")  # password checks
         self._tokens = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-token")  # backend tokens
         self._window = settings.basic_failure_window_seconds
@@ -613,6 +625,7 @@ class BasicLogin:
             entry = self._cached(key, digest, user)
             if entry is not None:
                 return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
+        await self._not_the_gateways_upn(user)  # before the throttle: not a guess at anyone's password
         guesses = guess_key(user.principal)  # `alice@lab.test` (NT-ENTERPRISE), `LAB\\alice`, `álice`: one count
         known = False
         if self._users.wait(guesses, started) > 0 and self._cache.known(key, started):
@@ -709,6 +722,29 @@ class BasicLogin:
                 challenge=self.challenge,
             )
         return user
+
+    async def _not_the_gateways_upn(self, user: UserPrincipal) -> None:
+        """401, as for `kerberos.principal` itself (`_user`), for a name that is the gateway's own account by its UPN
+        (`kcd-gw@corp.example` for `svc-kcdproxy`), which only the directory knows: the KDC resolves it (as an
+        NT-ENTERPRISE name, or a UPN of the realm's suffix) to the gateway's account and counts the wrong password
+        against it. Asked only for a sign-in bound for the KDC (a cached one has passed it), by one look-up of the
+        gateway's account, cached as the directory caches; a directory that does not answer leaves the name to the
+        KDC, as without a [directory]: Basic does not stop for it."""
+        if self._directory is None:
+            return
+        try:
+            own = await self._directory.lookup(self._principal)
+        except (DirectoryUnavailable, MappingRefused):
+            return
+        if own is None or not own.upn or guess_key(user.enterprise or user.principal) != guess_key(own.upn):
+            return
+        raise AuthenticationRequired(
+            "the user name or password is incorrect",
+            hint=f"Basic user {own.upn!r} is the UPN of the gateway's own account (kerberos.principal, {own.dn}), "
+            "which signs in with its keytab only: not sent to the KDC, where each wrong password would count towards "
+            "locking out the account every delegation needs",
+            challenge=self.challenge,
+        )
 
     def _cached(self, key: str, digest: bytes, user: UserPrincipal) -> _Entry | None:
         """The fresh entry `digest` matches, served only to a name equal to the verified one up to ASCII case:
