@@ -106,7 +106,6 @@ def build(
     for route in config.routes:
         if route.backend_auth == "basic" and not route.https:
             log.warning("basic_in_cleartext", route=route.prefix, detail="users' passwords go to a plain-http upstream")
-    directory = _directory(config)
     return Gateway(
         config=config,
         trust=trust,
@@ -115,8 +114,8 @@ def build(
         pools=Pools(
             config.routes, config.listener, max_connections=DescriptorBudget.of(config.listener.max_connections).backend
         ),
-        basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared, directory=directory),
-        directory=directory,
+        basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
+        directory=_directory(config),
     )
 
 

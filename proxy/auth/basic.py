@@ -570,22 +570,14 @@ class BasicLogin:
     """Checks Basic credentials with the KDC, with the cache and throttles above; makes the backend's header."""
 
     def __init__(
-        self,
-        settings: Authentication,
-        identity: Identity,
-        kerberos: Kerberos,
-        *,
-        shared: SharedTable | None = None,
-        directory: Directory | None = None,
+        self, settings: Authentication, identity: Identity, kerberos: Kerberos, *, shared: SharedTable | None = None
     ) -> None:
-        """`shared`: the workers' table (`proxy.auth.shared`), where the per-user counts live with several workers;
-        `directory`: where the gateway's own account's UPN is found (`_not_the_gateways_upn`)."""
+        """`shared`: the workers' table (`proxy.auth.shared`), where the per-user counts live with several workers."""
         self.challenge = {"WWW-Authenticate": f'Basic realm="{settings.basic_realm}"'}
         self._identity = identity
         self._realms = {identity.default_realm, *identity.realm_map.values()}
         self._principal = kerberos.principal
         self._own = guess_key(kerberos.principal)  # the gateway's own account: nobody's Basic sign-in (`_user`)
-        self._directory = directory
         self._checks = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-kdc")  # password checks
         self._tokens = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-token")  # backend tokens
         self._window = settings.basic_failure_window_seconds
@@ -605,18 +597,24 @@ class BasicLogin:
         """A 401 that asks for Basic credentials."""
         return AuthenticationRequired(reason, challenge=self.challenge)
 
-    async def login(self, credentials: BasicCredentials, client: str) -> PasswordLogin:
-        """The user the credentials prove, from the cache or after asking the KDC.
+    async def login(
+        self, credentials: BasicCredentials, client: str, *, directory: Directory | None = None
+    ) -> PasswordLogin:
+        """The user the credentials prove, from the cache or after asking the KDC; `directory` (the gateway's, passed
+        per call: a BasicLogin a reload keeps outlives the directory of the gateway it was made with) is where the
+        gateway's own account's UPN is found (`_not_the_gateways_upn`).
 
         A refusal (401, 429) is answered at the pace of a check of an existing account (`Pace`)."""
         started = time.monotonic()
         try:
-            return await self._login(credentials, client, started)
+            return await self._login(credentials, client, started, directory)
         except (AuthenticationRequired, TooManyAttempts):
             await asyncio.sleep(max(0.0, started + self.pace.floor - time.monotonic()))
             raise
 
-    async def _login(self, credentials: BasicCredentials, client: str, started: float) -> PasswordLogin:
+    async def _login(
+        self, credentials: BasicCredentials, client: str, started: float, directory: Directory | None
+    ) -> PasswordLogin:
         user = self._user(credentials.username)
         key = user_key(asked_name(user))  # the name the KDC is asked about: two UPNs may share a principal
         digest = None
@@ -625,7 +623,7 @@ class BasicLogin:
             entry = self._cached(key, digest, user)
             if entry is not None:
                 return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
-        await self._not_the_gateways_upn(user)  # before the throttle: not a guess at anyone's password
+        await self._not_the_gateways_upn(user, directory)  # before the throttle: not a guess at anyone's password
         guesses = guess_key(user.principal)  # `alice@lab.test` (NT-ENTERPRISE), `LAB\\alice`, `álice`: one count
         known = False
         if self._users.wait(guesses, started) > 0 and self._cache.known(key, started):
@@ -723,17 +721,17 @@ class BasicLogin:
             )
         return user
 
-    async def _not_the_gateways_upn(self, user: UserPrincipal) -> None:
+    async def _not_the_gateways_upn(self, user: UserPrincipal, directory: Directory | None) -> None:
         """401, as for `kerberos.principal` itself (`_user`), for a name that is the gateway's own account by its UPN
         (`kcd-gw@corp.example` for `svc-kcdproxy`), which only the directory knows: the KDC resolves it (as an
         NT-ENTERPRISE name, or a UPN of the realm's suffix) to the gateway's account and counts the wrong password
         against it. Asked only for a sign-in bound for the KDC (a cached one has passed it), by one look-up of the
         gateway's account, cached as the directory caches; a directory that does not answer leaves the name to the
         KDC, as without a [directory]: Basic does not stop for it."""
-        if self._directory is None:
+        if directory is None:
             return
         try:
-            own = await self._directory.lookup(self._principal)
+            own = await directory.lookup(self._principal)
         except (DirectoryUnavailable, MappingRefused):
             return
         if own is None or not own.upn or guess_key(user.enterprise or user.principal) != guess_key(own.upn):
