@@ -175,6 +175,14 @@ def guess_key(principal: str) -> str:
     return bare.translate(_BASE_LETTERS).casefold()
 
 
+def _account_key(principal: str) -> str:
+    """`guess_key` without the `$` that may end the name: Active Directory looks a name it does not find up again with
+    a `$` appended (Samba's KDC took `ws01@AD.TEST` for the computer `ws01$`), so `gmsa-kcd` and `gmsa-kcd$` name one
+    account when it is a computer's or a gMSA's; for a user's it only refuses a name that is nobody's."""
+    name, at, realm = guess_key(principal).rpartition("@")
+    return f"{name.rstrip('$')}@{realm}" if at else realm.rstrip("$")
+
+
 @dataclass(frozen=True)
 class BasicCredentials:
     """What an `Authorization: Basic` header carries."""
@@ -577,7 +585,7 @@ class BasicLogin:
         self._identity = identity
         self._realms = {identity.default_realm, *identity.realm_map.values()}
         self._principal = kerberos.principal
-        self._own = guess_key(kerberos.principal)  # the gateway's own account: nobody's Basic sign-in (`_user`)
+        self._own = _account_key(kerberos.principal)  # the gateway's own account: nobody's Basic sign-in (`_user`)
         self._checks = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-kdc")  # password checks
         self._tokens = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-token")  # backend tokens
         self._window = settings.basic_failure_window_seconds
@@ -711,7 +719,7 @@ class BasicLogin:
                 "identity.realm_map",
                 challenge=self.challenge,
             )
-        if guess_key(user.principal) == self._own:
+        if _account_key(user.principal) == self._own:
             raise AuthenticationRequired(
                 "the user name or password is incorrect",
                 hint=f"Basic user {username!r} names the gateway's own account (kerberos.principal), which signs in "

@@ -698,3 +698,17 @@ def test_the_gateway_accounts_upn_is_refused_before_the_kdc(kdc: FakeKdc, down: 
     assert kdc.asked == (["KCD-GW@LAB.TEST"] if down else [])
     assert asyncio.run(run("alice", PASSWORDS["alice@LAB.TEST"].decode())) == "alice@LAB.TEST"
     assert directory.asked == ["gw@LAB.TEST", "gw@LAB.TEST"]
+
+
+@pytest.mark.parametrize(("principal", "name"), [("gmsa-kcd$@LAB.TEST", "gmsa-kcd"), ("gw@LAB.TEST", "LAB\\gw$")])
+def test_the_gateway_accounts_name_with_or_without_its_dollar_is_refused_before_the_kdc(
+    kdc: FakeKdc, principal: str, name: str
+) -> None:
+    """A gateway running as a computer account or a gMSA (`gmsa-kcd$@LAB.TEST`): the Basic name `gmsa-kcd` is 401
+    without the KDC. Active Directory looks a name up again with a `$` appended (Samba's KDC mapped `ws01@AD.TEST`
+    to the computer `ws01$`, and counted NT_STATUS_WRONG_PASSWORD against it), so a guess without the `$` was a bad
+    password against the gateway's account. The other way round (`gw$` for the user `gw`) is nobody's either."""
+    settings = Authentication(mode="basic", basic_failures_per_user=5, basic_failures_per_address=20)
+    service = BasicLogin(settings, Identity(default_realm="LAB.TEST"), Kerberos(principal=principal, keytab=Path("/x")))
+    assert asyncio.run(outcome(service, name, "guess")) == 401
+    assert kdc.asked == []
