@@ -631,7 +631,6 @@ class BasicLogin:
             entry = self._cached(key, digest, user)
             if entry is not None:
                 return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
-        await self._not_the_gateways_upn(user, directory)  # before the throttle: not a guess at anyone's password
         guesses = guess_key(user.principal)  # `alice@lab.test` (NT-ENTERPRISE), `LAB\\alice`, `álice`: one count
         known = False
         if self._users.wait(guesses, started) > 0 and self._cache.known(key, started):
@@ -646,6 +645,9 @@ class BasicLogin:
                     return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
                 if known and not self._cache.known(key, time.monotonic(), digest):  # the check waited for refused it
                     raise self._held(key, guesses)
+                # a name the KDC takes for the gateway's account: refused, not counted (a held or throttled name costs
+                # no directory search: it never gets here)
+                await self._not_the_gateways_upn(user, directory)
                 refresh_profile()  # krb5.conf edited since: its KDCs named primaries before MIT sends this password
                 try:
                     ticket = await _kdc(
@@ -733,8 +735,8 @@ class BasicLogin:
         """401, as for `kerberos.principal` itself (`_user`), for a name that is the gateway's own account by its UPN
         (`kcd-gw@corp.example` for `svc-kcdproxy`), which only the directory knows: the KDC resolves it (as an
         NT-ENTERPRISE name, or a UPN of the realm's suffix) to the gateway's account and counts the wrong password
-        against it. Asked only for a sign-in bound for the KDC (a cached one has passed it), by one look-up of the
-        gateway's account, cached as the directory caches; a directory that does not answer leaves the name to the
+        against it. Asked only for a sign-in the throttles let through to the KDC (not for a cached one, nor a held
+        name's guesses), by one look-up of the gateway's account, cached as the directory caches; a directory that does not answer leaves the name to the
         KDC, as without a [directory]: Basic does not stop for it."""
         if directory is None:
             return
