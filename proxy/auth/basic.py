@@ -736,8 +736,8 @@ class BasicLogin:
         (`kcd-gw@corp.example` for `svc-kcdproxy`), which only the directory knows: the KDC resolves it (as an
         NT-ENTERPRISE name, or a UPN of the realm's suffix) to the gateway's account and counts the wrong password
         against it. Asked only for a sign-in the throttles let through to the KDC (not for a cached one, nor a held
-        name's guesses), by one look-up of the gateway's account, cached as the directory caches; a directory that does not answer leaves the name to the
-        KDC, as without a [directory]: Basic does not stop for it."""
+        name's guesses), by one look-up of the gateway's account, cached as the directory caches; a directory that
+        does not answer leaves the name to the KDC, as without a [directory]: Basic does not stop for it."""
         if directory is None:
             return
         try:
