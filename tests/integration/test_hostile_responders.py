@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -420,6 +421,37 @@ def test_a_distribution_points_bad_head_is_shown_cut_short(lab: LabLayout, tmp_p
             (line,) = [m for m in metrics.splitlines() if m.startswith("kcd_crl_last_error{")]
             assert "Invalid header token" in line
             assert len(line) < 500, line[:600]
+        finally:
+            assert gw.stop() == 0
+    finally:
+        path.close()
+
+
+def test_a_signed_urls_token_in_another_spelling_is_shown_nowhere(lab: LabLayout, tmp_path: Path) -> None:
+    """A signed CRL URL whose token holds lowercase percent-escapes (`sig=Ab%2bCd%3d…`, as a tool may write them), and
+    a server (or whoever is on its path) answering a head aiohttp refuses, short enough that aiohttp's error quotes
+    the URL within the 300 characters shown: `crl_fetch_failed` and /metrics' `kcd_crl_last_error` show
+    `sig=[redacted]`. Before, aiohttp quoted the URL as yarl spells it (`%2B`, `%3D`), which matched neither the
+    configured token nor its unquoted form: the token was in the log and in /metrics at every refresh."""
+    secret = uuid.uuid4().hex  # in every spelling of the token
+    token = f"Ab%2bCd%3d{secret}%2f"
+    path = CrlPath(b"")
+    path.answer = b"HTTP/1.1 200 OK\r\nX-Bad\x01: x\r\n\r\n"
+    url = f"{path.url}?sv=2&sig={token}"
+    admin = f"127.0.0.1:{free_port()}"
+    try:
+        settings = f'crls = ["{url}", "{lab.pki_dir / "crls.pem"}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        try:
+            failed = gw.wait_event("crl_fetch_failed")
+            assert "Invalid header token" in failed["error"], failed
+            assert "sig=[redacted]" in failed["error"], failed
+            with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as answer:
+                metrics = answer.read().decode()
+            shown = {"log": gw.log_path.read_text(), "metrics": metrics}
+            assert [where for where, text in shown.items() if secret in text] == []
         finally:
             assert gw.stop() == 0
     finally:
