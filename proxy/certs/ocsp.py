@@ -195,7 +195,7 @@ class OcspClient:
             der = await self._post(url, request.public_bytes(serialization.Encoding.DER))
             evidence, next_update = verify_response(der, request, issuer, nonce=nonce, at=at, source=shown.name)
         except (OcspError, OSError, aiohttp.ClientError, TimeoutError) as exc:
-            words = shown.scrubbed(_words(exc))
+            words = shown_error(shown.scrubbed(str(exc) or type(exc).__name__))  # scrubbed whole, then cut short
             detail = f"no usable answer from the OCSP responder {shown.name}: {words}"
             log.warning("ocsp_failed", responder=shown.name, serial=f"{cert.serial_number:x}", error=words)
             failed = RevocationEvidence(RevocationStatus.UNKNOWN, shown.name, detail)
@@ -316,8 +316,3 @@ def _check_nonce(response: ocsp.OCSPResponse, nonce: bytes, this_update: datetim
         return
     if echoed != nonce:
         raise OcspError("the response's nonce is not the one sent (a replayed answer?)")
-
-
-def _words(exc: BaseException) -> str:
-    """The error as the log and the device's refusal show it (`shown_error`: one line, 300 characters at most)."""
-    return shown_error(str(exc) or type(exc).__name__)
