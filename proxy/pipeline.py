@@ -533,7 +533,7 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
         auth = by_certificate(mode, certified, route)  # a certificate alone: nothing to await
         if auth is None:
             try:
-                auth = await authenticate(gw.basic, mode, request, certified, route)
+                auth = await authenticate(gw.basic, mode, request, certified, route, gw.directory)
             except AccountRevoked as e:
                 raise await account_named(gw, e, now) from None
         user = auth.user

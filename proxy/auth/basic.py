@@ -105,11 +105,14 @@ from typing import Any, TypeVar
 from proxy.addresses import address_key
 from proxy.auth.shared import SharedTable, SharedThrottle
 from proxy.config import Authentication, Identity, Kerberos, Route
+from proxy.directory import Directory
 from proxy.errors import (
     AuthenticationRequired,
+    DirectoryUnavailable,
     GatewayError,
     IdentityRejected,
     KerberosRefused,
+    MappingRefused,
     TooManyAttempts,
     UserUnknown,
 )
@@ -169,6 +172,14 @@ def guess_key(principal: str) -> str:
         if not unicodedata.combining(char)
     )
     return bare.translate(_BASE_LETTERS).casefold()
+
+
+def _account_key(principal: str) -> str:
+    """`guess_key` without the `$` that may end the name: Active Directory looks a name it does not find up again with
+    a `$` appended (Samba's KDC took `ws01@AD.TEST` for the computer `ws01$`), so `gmsa-kcd` and `gmsa-kcd$` name one
+    account when it is a computer's or a gMSA's; for a user's it only refuses a name that is nobody's."""
+    name, at, realm = guess_key(principal).rpartition("@")
+    return f"{name.rstrip('$')}@{realm}" if at else realm.rstrip("$")
 
 
 @dataclass(frozen=True)
@@ -572,7 +583,8 @@ class BasicLogin:
         self.challenge = {"WWW-Authenticate": f'Basic realm="{settings.basic_realm}"'}
         self._identity = identity
         self._realms = {identity.default_realm, *identity.realm_map.values()}
-        self._own = guess_key(kerberos.principal)  # the gateway's own account: nobody's Basic sign-in (`_user`)
+        self._principal = kerberos.principal
+        self._own = _account_key(kerberos.principal)  # the gateway's own account: nobody's Basic sign-in (`_user`)
         self._checks = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-kdc")  # password checks
         self._tokens = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-token")  # backend tokens
         self._window = settings.basic_failure_window_seconds
@@ -592,18 +604,24 @@ class BasicLogin:
         """A 401 that asks for Basic credentials."""
         return AuthenticationRequired(reason, challenge=self.challenge)
 
-    async def login(self, credentials: BasicCredentials, client: str) -> PasswordLogin:
-        """The user the credentials prove, from the cache or after asking the KDC.
+    async def login(
+        self, credentials: BasicCredentials, client: str, *, directory: Directory | None = None
+    ) -> PasswordLogin:
+        """The user the credentials prove, from the cache or after asking the KDC; `directory` (the gateway's, passed
+        per call: a BasicLogin a reload keeps outlives the directory of the gateway it was made with) is where the
+        gateway's own account's UPN is found (`_not_the_gateways_upn`).
 
         A refusal (401, 429) is answered at the pace of a check of an existing account (`Pace`)."""
         started = time.monotonic()
         try:
-            return await self._login(credentials, client, started)
+            return await self._login(credentials, client, started, directory)
         except (AuthenticationRequired, TooManyAttempts):
             await asyncio.sleep(max(0.0, started + self.pace.floor - time.monotonic()))
             raise
 
-    async def _login(self, credentials: BasicCredentials, client: str, started: float) -> PasswordLogin:
+    async def _login(
+        self, credentials: BasicCredentials, client: str, started: float, directory: Directory | None
+    ) -> PasswordLogin:
         user = self._user(credentials.username)
         key = user_key(asked_name(user))  # the name the KDC is asked about: two UPNs may share a principal
         digest = None
@@ -626,6 +644,9 @@ class BasicLogin:
                     return PasswordLogin(entry.user, entry.ticket, credentials.header, cached=True)
                 if known and not self._cache.known(key, time.monotonic(), digest):  # the check waited for refused it
                     raise self._held(key, guesses)
+                # a name the KDC takes for the gateway's account: refused, not counted (a held or throttled name costs
+                # no directory search: it never gets here)
+                await self._not_the_gateways_upn(user, directory)
                 refresh_profile()  # krb5.conf edited since: its KDCs named primaries before MIT sends this password
                 try:
                     ticket = await _kdc(
@@ -700,7 +721,7 @@ class BasicLogin:
                 "identity.realm_map",
                 challenge=self.challenge,
             )
-        if guess_key(user.principal) == self._own:
+        if _account_key(user.principal) == self._own:
             raise AuthenticationRequired(
                 "the user name or password is incorrect",
                 hint=f"Basic user {username!r} names the gateway's own account (kerberos.principal), which signs in "
@@ -709,6 +730,29 @@ class BasicLogin:
                 challenge=self.challenge,
             )
         return user
+
+    async def _not_the_gateways_upn(self, user: UserPrincipal, directory: Directory | None) -> None:
+        """401, as for `kerberos.principal` itself (`_user`), for a name that is the gateway's own account by its UPN
+        (`kcd-gw@corp.example` for `svc-kcdproxy`), which only the directory knows: the KDC resolves it (as an
+        NT-ENTERPRISE name, or a UPN of the realm's suffix) to the gateway's account and counts the wrong password
+        against it. Asked only for a sign-in the throttles let through to the KDC (not for a cached one, nor a held
+        name's guesses), by one look-up of the gateway's account, cached as the directory caches; a directory that
+        does not answer leaves the name to the KDC, as without a [directory]: Basic does not stop for it."""
+        if directory is None:
+            return
+        try:
+            own = await directory.lookup(self._principal)
+        except (DirectoryUnavailable, MappingRefused):
+            return
+        if own is None or not own.upn or guess_key(user.enterprise or user.principal) != guess_key(own.upn):
+            return
+        raise AuthenticationRequired(
+            "the user name or password is incorrect",
+            hint=f"Basic user {own.upn!r} is the UPN of the gateway's own account (kerberos.principal, {own.dn}), "
+            "which signs in with its keytab only: not sent to the KDC, where each wrong password would count towards "
+            "locking out the account every delegation needs",
+            challenge=self.challenge,
+        )
 
     def _cached(self, key: str, digest: bytes, user: UserPrincipal) -> _Entry | None:
         """The fresh entry `digest` matches, served only to a name equal to the verified one up to ASCII case:

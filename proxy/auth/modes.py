@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from proxy.auth.basic import BasicLogin, PasswordLogin, parse_basic
 from proxy.config import AuthMode, Route
 from proxy.device.request import DeviceRequest
+from proxy.directory import Directory
 from proxy.errors import BadRequest, IdentityRejected, NoCertificate
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.delegate import asked_name
@@ -63,9 +64,15 @@ def by_certificate(mode: AuthMode, certified: UserPrincipal | None, route: Route
 
 
 async def authenticate(
-    basic: BasicLogin, mode: AuthMode, request: DeviceRequest, certified: UserPrincipal | None, route: Route | None
+    basic: BasicLogin,
+    mode: AuthMode,
+    request: DeviceRequest,
+    certified: UserPrincipal | None,
+    route: Route | None,
+    directory: Directory | None = None,
 ) -> Authenticated:
-    """Settle who the request is from under `mode`, given the certificate's user (None: no certificate)."""
+    """Settle who the request is from under `mode`, given the certificate's user (None: no certificate); `directory`:
+    the gateway's, where Basic finds its own account's UPN (`BasicLogin.login`)."""
     if certified is None and mode in ("certificate", "certificate-and-basic"):
         raise NoCertificate(
             "this gateway requires a client certificate; install the certificate issued to you and try again",
@@ -87,7 +94,7 @@ async def authenticate(
                 "this gateway requires your password as well as your certificate", challenge=basic.challenge
             )
         raise basic.required("sign in with your user name and password")
-    login = await basic.login(credentials, request.remote or "")
+    login = await basic.login(credentials, request.remote or "", directory=directory)
     if certified is None:
         return Authenticated(login.user, login, "password")
     if not _same_user(login, certified):

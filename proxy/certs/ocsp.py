@@ -217,7 +217,7 @@ class OcspClient:
             if responder is not None:
                 _check_responder(await judge(responder, at) if judge is not None else None)
         except (OcspError, OSError, aiohttp.ClientError, TimeoutError) as exc:
-            words = shown.scrubbed(_words(exc))
+            words = shown_error(shown.scrubbed(str(exc) or type(exc).__name__))  # scrubbed whole, then cut short
             detail = f"no usable answer from the OCSP responder {shown.name}: {words}"
             log.warning("ocsp_failed", responder=shown.name, serial=f"{cert.serial_number:x}", error=words)
             failed = RevocationEvidence(RevocationStatus.UNKNOWN, shown.name, detail)
@@ -361,8 +361,3 @@ def _check_nonce(response: ocsp.OCSPResponse, nonce: bytes, this_update: datetim
         return
     if echoed != nonce:
         raise OcspError("the response's nonce is not the one sent (a replayed answer?)")
-
-
-def _words(exc: BaseException) -> str:
-    """The error as the log and the device's refusal show it (`shown_error`: one line, 300 characters at most)."""
-    return shown_error(str(exc) or type(exc).__name__)

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
@@ -795,7 +795,7 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate, der: b
         if der and not _screened(crl, key, der):
             return False
         return crl.is_signature_valid(key)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # anything but True from cryptography is "does not verify"
         return False
 
 
@@ -805,8 +805,13 @@ def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> b
     which lets go of the GIL (a DSA key was once let through to cryptography alone: 1.8 s for a forged 64 MB CRL).
     `is_signature_valid` encodes the whole tbsCertList again first, holding the GIL: 2.4 s for a 64 MB CRL of 2.8
     million entries, which anyone on a distribution point's path could send under the CA's name at each refresh,
-    stalling every device (its thread did not help). True otherwise (then cryptography decides)."""
-    params, algorithm = crl.signature_algorithm_parameters, crl.signature_hash_algorithm
+    stalling every device (its thread did not help). True otherwise (then cryptography decides), as for a signature
+    algorithm cryptography does not know: `is_signature_valid` answers False for it, where asking for its hash raises
+    UnsupportedAlgorithm (which left the refresh round, and a gateway's start, before any CRL was used)."""
+    try:
+        params, algorithm = crl.signature_algorithm_parameters, crl.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return True
     signed = inside(der, whole(der))[0]  # CertificateList: tbsCertList, signatureAlgorithm, signatureValue
     data = memoryview(der)[signed[1] : signed[2]]
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):  # no prehash: the bytes themselves
@@ -820,7 +825,10 @@ def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> b
     try:
         digest = hashlib.new(algorithm.name, data).digest()
     except ValueError:  # a hash hashlib does not have
-        hasher = hashes.Hash(algorithm)
+        try:
+            hasher = hashes.Hash(algorithm)
+        except UnsupportedAlgorithm:  # nor OpenSSL: cryptography's check decides
+            return True
         hasher.update(data)
         digest = hasher.finalize()
     prehashed = asym_utils.Prehashed(algorithm)

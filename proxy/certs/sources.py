@@ -49,6 +49,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import structlog
+import yarl
 from cryptography import x509
 
 from proxy.certs.chain import TrustList
@@ -79,13 +80,20 @@ class CrlSource:
         return shown_location(self.location)
 
     def scrubbed(self, text: str) -> str:
-        """`text` (an error a fetch raised, which may quote the URL) without the URL's password or query values."""
+        """`text` (an error a fetch raised, which may quote the URL) without the URL's password or query values, as
+        configured and as aiohttp quotes them (yarl normalises percent-escapes: a token's `%2b` is `%2B` there)."""
         if not self.is_url:
             return text
-        parts = urlsplit(self.location)
-        text = text.replace(self.location, self.name)
-        values = [value for _, _, value in _fields(parts.query)]
-        secrets = [parts.password or "", parts.query, *values, *(unquote(value) for value in values)]
+        locations = [self.location]
+        with contextlib.suppress(ValueError):  # as aiohttp's errors quote it: yarl's spelling (`%2b` as `%2B`)
+            locations.append(str(yarl.URL(self.location)))
+        for location in locations:
+            text = text.replace(location, self.name)
+        spellings = [urlsplit(location) for location in locations]
+        values = [value for parts in spellings for _, _, value in _fields(parts.query)]
+        passwords = [parts.password or "" for parts in spellings]
+        queries = [parts.query for parts in spellings]
+        secrets = [*passwords, *queries, *values, *(unquote(value) for value in values)]
         for secret in sorted(secrets, key=len, reverse=True):
             if len(secret) >= MIN_SCRUBBED:  # a short value ("2") is no token, and would be replaced everywhere
                 text = text.replace(secret, REDACTED)

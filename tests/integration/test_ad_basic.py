@@ -22,8 +22,10 @@ from tests.integration.ad_fixtures import (
     _locked,
     _start,
     ad_curl,
+    kdc_log_offset,
     start_ad_gateway,
     status_and_body,
+    wait_kdc_reason,
 )
 from tests.integration.test_ad_lockout import _directory_says
 
@@ -206,3 +208,37 @@ def test_a_device_sending_latin1_signs_in_at_ad_and_costs_no_bad_password(
     finally:
         with _locked(ad_realm.root):
             ad_realm.samba_tool("user", "delete", name)
+
+
+def test_a_basic_sign_in_under_the_gateways_upn_never_reaches_the_kdc(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """The gateway's account (`svc-kcdproxy`, its kerberos.principal) with a UPN of another name and suffix
+    (`kcd-…@corp.example`, as service accounts are often given): a Basic guess under that UPN is the same 401 as any
+    wrong password and never reaches the KDC, where the gateway has a [directory] to ask whose UPN it is. Before, only
+    kerberos.principal's spellings were refused: the KDC resolved the UPN (NT-ENTERPRISE) to the gateway's account and
+    counted the wrong password against it (Samba: NT_STATUS_WRONG_PASSWORD mapped to ADTEST\\svc-kcdproxy), towards
+    the lockout of the account every delegation needs. alice's wrong password after it still reaches the KDC."""
+    account = ad.GATEWAY_ACCOUNT
+    alias = f"kcd-{uuid.uuid4().hex[:6]}@corp.example"
+    entry = f"dn: CN={account},CN=Users,{ad_realm.base_dn}\nchangetype: modify\nreplace: userPrincipalName\n"
+    extra = '\n[authentication]\nmode = "basic"\n' + ad_mapping.directory_table(ad_realm, cache_seconds=0)
+    source = '"san-upn"\nenterprise_names = true\nrealm_map = { adtest = "AD.TEST", "corp.example" = "AD.TEST" }'
+    gw = start_ad_gateway(ad_realm, tmp_path, ad_backend, extra, source=source)
+    with _locked(ad_realm.root):
+        ad_realm.ldbmodify(entry + f"userPrincipalName: {alias}\n")
+    try:
+        offset = kdc_log_offset(ad_realm)
+        status, body = _basic(ad_realm, gw, alias, "Wrong-1")
+        assert status == 401, body
+        assert body.startswith("the user name or password is incorrect"), body
+        assert "kerberos.principal" in gw.wait_event("authentication_required", stage="authentication")["fix"]
+        assert _basic(ad_realm, gw, "alice", "Wrong-2")[0] == 401
+        wait_kdc_reason(ad_realm, offset, "NT_STATUS_WRONG_PASSWORD", "[ADTEST]\\[alice]")
+        log = ad_realm.samba_log.read_bytes()[offset:].decode(errors="replace")
+        wrong = [line for line in log.splitlines() if "NT_STATUS_WRONG_PASSWORD" in line]
+        assert [line for line in wrong if f"[ADTEST]\\[{account}]" in line] == []  # its own sign-ins are NT_STATUS_OK
+    finally:
+        with _locked(ad_realm.root):
+            ad_realm.ldbmodify(entry + f"userPrincipalName: {account}@{ad.DNS_DOMAIN}\n")
+        gw.stop()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -190,3 +190,76 @@ def test_a_sid_no_object_has_on_a_name_no_account_has_is_left_to_the_kdc(
     assert status == 403, body
     assert other in audit.wait_event("weak_certificate_mapping", upn="ghost@ad.test")["detail"]
     assert audit.wait_event("request", upn="ghost@ad.test")["refused_stage"] == "kerberos"
+
+
+@pytest.fixture(scope="module")
+def deleted_sid(realm: ad.AdRealm) -> str:
+    """The objectSid of a user of this module's own, created and deleted at once (its tombstone keeps the SID)."""
+    name = f"gone{secrets.token_hex(3)}"
+    realm.samba_tool("user", "create", name, f"Gone-{secrets.token_hex(8)}-Pa55")
+    sid = str(ad_mapping.object_sid(realm, name))
+    realm.samba_tool("user", "delete", name)
+    return sid
+
+
+def _domain_sid(realm: ad.AdRealm) -> str:
+    return str(ad_mapping.object_sid(realm, "alice")).rpartition("-")[0]
+
+
+def _foreign_sid(realm: ad.AdRealm) -> str:
+    """The SID of a foreignSecurityPrincipal the provisioning made (Authenticated Users, S-1-5-11, among them)."""
+    out = realm.ldbsearch("(objectClass=foreignSecurityPrincipal)", "cn")
+    return sorted(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("cn: S-1-"))[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "sid", "owner"),
+    [
+        ("builtin administrators", lambda realm: "S-1-5-32-544", "CN=Administrators,CN=Builtin,"),
+        ("domain admins", lambda realm: f"{_domain_sid(realm)}-512", "CN=Domain Admins,CN=Users,"),
+    ],
+)
+def test_a_groups_sid_on_a_name_no_account_has_is_refused_naming_the_group(
+    realm: ad.AdRealm, audit: AdProcess, minted: Path, case: str, sid: Callable[[ad.AdRealm], str], owner: str
+) -> None:
+    """A well-known group's SID (BUILTIN\\Administrators S-1-5-32-544, the domain's Domain Admins -512) on
+    ghost@ad.test: the SID is that group's, so the certificate is nobody's to serve: 403 at mapping "SID of another
+    account" naming the group (not a 500 reading a group as an account, not a weak mapping)."""
+    cert = _sid_cert(realm, minted, f"ghost-{case.replace(' ', '-')}", "ghost@ad.test", sid(realm))
+    status, body = curl(realm, audit, cert, minted / "device.key")
+    assert status == 403, body
+    assert "SID of another account" in body
+    assert owner in audit.wait_event("mapping_refused")["fix"]
+    assert audit.wait_event("request", upn="ghost@ad.test")["refused_stage"] == "mapping"
+
+
+@pytest.mark.parametrize("case", ["deleted user", "foreign security principal", "15 sub-authorities"])
+def test_a_sid_of_no_live_object_on_a_name_no_account_has_is_left_to_the_kdc(
+    realm: ad.AdRealm, audit: AdProcess, minted: Path, deleted_sid: str, case: str
+) -> None:
+    """A SID no live object of the domain has (a deleted user's, its tombstone aside; a foreignSecurityPrincipal's,
+    which stands for another domain's account; one of 15 sub-authorities, the most a SID has) on ghost@ad.test:
+    served as weakly mapped as any SID of another domain, then refused by the KDC (403 at kerberos), never a 500."""
+    sid = {
+        "deleted user": deleted_sid,
+        "foreign security principal": _foreign_sid(realm),
+        "15 sub-authorities": "S-1-5-21-" + "-".join(str(n) for n in range(1, 15)),
+    }[case]
+    cert = _sid_cert(realm, minted, f"ghost-{case.replace(' ', '-')}", "ghost@ad.test", sid)
+    status, body = curl(realm, audit, cert, minted / "device.key")
+    assert status == 403, body
+    assert sid in audit.wait_event("weak_certificate_mapping", upn="ghost@ad.test")["detail"]
+    assert audit.wait_event("request", upn="ghost@ad.test")["refused_stage"] == "kerberos"
+
+
+def test_a_sid_of_no_sub_authority_on_a_name_no_account_has_is_refused_as_unreadable(
+    realm: ad.AdRealm, audit: AdProcess, minted: Path
+) -> None:
+    """`S-1-5` (no sub-authority: no SID an object has) in the SID extension of ghost@ad.test: 403 at mapping, the
+    extension "cannot be read", not a weak mapping nor a directory search for it."""
+    cert = _sid_cert(realm, minted, "ghost-no-sub-authority", "ghost@ad.test", "S-1-5")
+    status, body = curl(realm, audit, cert, minted / "device.key")
+    assert status == 403, body
+    assert "SID extension cannot be read" in body
+    assert audit.wait_event("request", upn="ghost@ad.test")["refused_stage"] == "mapping"
+    assert not audit.events("weak_certificate_mapping", audit.since)

@@ -588,8 +588,9 @@ def test_a_certificate_refused_after_the_handshake_does_not_fall_back_either(
 
 def test_a_password_typed_as_the_user_name_is_shown_nowhere(lab: LabLayout, tmp_path: Path) -> None:
     """A password typed into the user-name field (the name alone, after a domain, as a UPN, too long to be a name, as
-    a held user's) is in no log line, trace or metric: a name the KDC did not know is shown as its first character
-    and length (`W…[11]`), which still matches a help-desk call; a name the KDC knows is shown whole."""
+    a held user's; holding an `@` or a `\\`, so that part of it reads as a domain nobody configured) is in no log
+    line, trace or metric: a name the KDC did not know is shown as its first character and length (`W…[11]`), which
+    still matches a help-desk call, and so is a domain nobody configured; a name the KDC knows is shown whole."""
     admin_port = free_port()
     extra = f"""
 [authentication]
@@ -605,7 +606,7 @@ bind = "127.0.0.1:{admin_port}"
         assert call(lab, gw, "/owa/", login=f"{secret}:{USERS['bob']}").status == 401
         event = gw.wait_for("authentication_required", lambda e: "W…[11]" in str(e.get("fix")), what="W…[11]")
         assert "KDC has no account" in event["fix"]
-        for name in (f"LAB\\{secret}", f"{secret}@lab.test", secret + "x" * 1100):
+        for name in (f"LAB\\{secret}", f"{secret}@lab.test", secret + "x" * 1100, f"P@{secret}", f"{secret}\\x"):
             assert call(lab, gw, "/owa/", login=f"{name}:{USERS['bob']}").status == 401
         statuses = [call(lab, gw, "/owa/", login=f"{secret}:guess").status for _ in range(3)]
         assert statuses == [401, 401, 429]  # 3 of the 5 were the first three names: one principal

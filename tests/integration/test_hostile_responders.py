@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,9 +27,9 @@ from cryptography.x509 import ocsp
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki
 from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import WAIT
+from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.loopback import stop_listening
-from tests.integration.test_revocation import alice_reissued, connect, curl_with, get
+from tests.integration.test_revocation import alice_reissued, connect, curl_with, get, signed_crl
 from tests.pem import self_signed
 
 Answer = Callable[[ocsp.OCSPRequest], list[bytes]]  # the request asked -> the parts sent, a pause between two
@@ -206,6 +207,30 @@ def test_an_answer_carrying_thousands_of_certificates_is_refused_unread(
         responder.close()
 
 
+def test_an_answer_dripping_a_byte_a_second_is_cut_at_the_timeout(
+    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+) -> None:
+    """A responder sending its good answer a byte a second (head first, then the body, about 12 minutes in all) is cut
+    at the 5 s timeout whatever arrives meanwhile: the device has its 403 within 15 s, and the gateway's
+    `ocsp_failed` names the timeout. The read to the end (review34) is bounded in time by aiohttp's total timeout, not
+    only per read."""
+    responder = HostileResponder(lambda request: [bytes([b]) for b in http_answer(good_from_the_ca(lab, request))[0]])
+    responder.pause = 1.0
+    try:
+        gw = ocsp_only()
+        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder.url)
+        gw.mark()
+        started = time.monotonic()
+        status, body = curl_with(lab, gw, cert, key)
+        took = time.monotonic() - started
+        assert status == 403, body
+        assert took < 15, f"the device waited {took:.1f} s"
+        failed = gw.wait_event("ocsp_failed", responder=responder.url)
+        assert "TimeoutError" in failed["error"], failed
+    finally:
+        responder.close()
+
+
 # --- a distribution point's path ------------------------------------------------------------------
 
 
@@ -217,16 +242,20 @@ def _der(tag: int, content: bytes) -> bytes:
     return bytes([tag, 0x80 | len(length)]) + length + content
 
 
-def forged_crl(issuer: x509.Name, entries: int) -> bytes:
+ECDSA_WITH_SHA256 = bytes.fromhex("2a8648ce3d040302")
+
+
+def forged_crl(issuer: x509.Name, entries: int, algorithm_oid: bytes = ECDSA_WITH_SHA256) -> bytes:
     """A DER CRL under `issuer`'s name, current, listing `entries` certificates (the same one, which costs as much to
-    read), signed with a key of the path's making: 23 bytes an entry, 2.8 million in the gateway's 64 MiB."""
+    read), signed with a key of the path's making: 23 bytes an entry, 2.8 million in the gateway's 64 MiB. Its
+    signatureAlgorithm names `algorithm_oid` (the OID's content octets; the signature is ECDSA with SHA-256 still)."""
     now = datetime.now(UTC)
 
     def utc(when: datetime) -> bytes:
         return _der(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
 
     entry = _der(0x30, _der(0x02, b"\x01\x00\x00\x01") + utc(now - timedelta(days=1)))
-    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))  # ecdsa-with-SHA256
+    algorithm = _der(0x30, _der(0x06, algorithm_oid))
     times = utc(now - timedelta(minutes=1)) + utc(now + timedelta(days=1))
     tbs = _der(0x30, _der(0x02, b"\x01") + algorithm + issuer.public_bytes() + times + _der(0x30, entry * entries))
     signature = ec.generate_private_key(ec.SECP256R1()).sign(tbs, ec.ECDSA(hashes.SHA256()))
@@ -288,6 +317,71 @@ def test_a_forged_crl_of_millions_of_entries_stalls_no_device(
         path.close()
 
 
+class FreshCrlPath(CrlPath):
+    """Every GET answered with a new `body()` (a forged CRL's bytes change each time: a new ECDSA signature)."""
+
+    def __init__(self, body: Callable[[], bytes]) -> None:
+        self.body = body
+        super().__init__(b"")
+
+    def _answer(self, conn: socket.socket, head: bytes, body: bytes) -> None:
+        crl = self.body()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(crl) + crl)
+
+
+def test_a_crl_of_an_unknown_algorithm_stops_no_other_crl(lab: LabLayout, tmp_path: Path) -> None:
+    """A distribution point's path answers, from the second refresh (1 s) on, a new CRL each time under the issuing
+    CA's name whose signature algorithm cryptography does not know (sha512-256WithRSAEncryption): it is refused
+    (`crl_rejected`: the signature), and the issuing CA's CRL file, rewritten meanwhile to list alice, is taken:
+    alice is refused as revoked. Before, the signature screen let cryptography's UnsupportedAlgorithm out of the
+    refresh round (`crl_refresh_error`) before the new CRL set was swapped in, every round: the revocation was never
+    applied; and with that answer from the first fetch on, the gateway did not start."""
+    ca, _ = issuing_ca(lab)
+    pki = Pki.at(lab.pki_dir)
+    unknown = bytes.fromhex("2a864886f70d010110")  # 1.2.840.113549.1.1.16
+    genuine = pki.issuing_crl.read_bytes()
+    path = FreshCrlPath(lambda: genuine)
+    issuing = tmp_path / "issuing.crl"
+    issuing.write_bytes(genuine)
+    try:
+        settings = (
+            f'crls = ["{path.url}", "{issuing}", "{pki.root_crl}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+        )
+        text = lab_config(lab, port=free_port())
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        try:
+            assert get(connect(lab, gw, "alice"))[0] == 200
+            gw.mark()
+            path.body = lambda: forged_crl(ca.subject, 1, algorithm_oid=unknown)
+            rejected = gw.wait_event("crl_rejected", source=path.url)
+            assert "signature does not verify" in rejected["problem"], rejected
+            alice = x509.load_pem_x509_certificate(pki.user_cert("alice").read_bytes())
+            now = datetime.now(UTC)
+            (tmp_path / "new").mkdir()
+            listed = signed_crl(
+                lab,
+                tmp_path / "new",
+                key_path=pki.issuing_key,
+                this=now,
+                next_=now + timedelta(days=1),
+                serials=[alice.serial_number],
+            )
+            listed.replace(issuing)  # whole, never half a file
+
+            def refused() -> str | None:
+                status, body = get(connect(lab, gw, "alice"))
+                return body if status == 403 else None
+
+            body = eventually(refused, "alice refused once her CRL is taken")
+            assert "was revoked on" in body, body
+            assert gw.events("crl_refresh_error") == []
+        finally:
+            assert gw.stop() == 0
+    finally:
+        path.close()
+
+
 LONG_BAD_HEADER = b"HTTP/1.1 200 OK\r\nX-Long\x01: " + b"B" * 8000 + b"\r\n\r\n"  # aiohttp's error quotes the line
 
 
@@ -337,6 +431,37 @@ def test_a_distribution_points_bad_head_is_shown_cut_short(lab: LabLayout, tmp_p
             (line,) = [m for m in metrics.splitlines() if m.startswith("kcd_crl_last_error{")]
             assert "Invalid header token" in line
             assert len(line) < 500, line[:600]
+        finally:
+            assert gw.stop() == 0
+    finally:
+        path.close()
+
+
+def test_a_signed_urls_token_in_another_spelling_is_shown_nowhere(lab: LabLayout, tmp_path: Path) -> None:
+    """A signed CRL URL whose token holds lowercase percent-escapes (`sig=Ab%2bCd%3d…`, as a tool may write them), and
+    a server (or whoever is on its path) answering a head aiohttp refuses, short enough that aiohttp's error quotes
+    the URL within the 300 characters shown: `crl_fetch_failed` and /metrics' `kcd_crl_last_error` show
+    `sig=[redacted]`. Before, aiohttp quoted the URL as yarl spells it (`%2B`, `%3D`), which matched neither the
+    configured token nor its unquoted form: the token was in the log and in /metrics at every refresh."""
+    secret = uuid.uuid4().hex  # in every spelling of the token
+    token = f"Ab%2bCd%3d{secret}%2f"
+    path = CrlPath(b"")
+    path.answer = b"HTTP/1.1 200 OK\r\nX-Bad\x01: x\r\n\r\n"
+    url = f"{path.url}?sv=2&sig={token}"
+    admin = f"127.0.0.1:{free_port()}"
+    try:
+        settings = f'crls = ["{url}", "{lab.pki_dir / "crls.pem"}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
+        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
+        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        try:
+            failed = gw.wait_event("crl_fetch_failed")
+            assert "Invalid header token" in failed["error"], failed
+            assert "sig=[redacted]" in failed["error"], failed
+            with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as answer:
+                metrics = answer.read().decode()
+            shown = {"log": gw.log_path.read_text(), "metrics": metrics}
+            assert [where for where, text in shown.items() if secret in text] == []
         finally:
             assert gw.stop() == 0
     finally:

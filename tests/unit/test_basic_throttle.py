@@ -14,7 +14,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -22,8 +22,11 @@ from proxy.addresses import address_key
 from proxy.auth import basic
 from proxy.auth.basic import BasicLogin, CredentialCache, Pace, Throttle, guess_key, parse_basic, user_key
 from proxy.config import Authentication, Identity, Kerberos
-from proxy.errors import AuthenticationRequired, TooManyAttempts, UserUnknown
+from proxy.directory import Directory
+from proxy.errors import AuthenticationRequired, DirectoryUnavailable, TooManyAttempts, UserUnknown
+from proxy.identity.mapping import Account
 from proxy.identity.principal import UserPrincipal
+from proxy.identity.sid import Sid
 from proxy.kerberos.password import UserTicket
 
 PASSWORDS = {"alice@LAB.TEST": b"alice-Pa55", "bob@LAB.TEST": b"bob-Pa55", "strasse@LAB.TEST": b"pw"}
@@ -657,3 +660,56 @@ def test_a_spray_of_the_longest_user_names_costs_the_throttle_a_few_hundred_byte
     kept = [tracemalloc.Filter(inclusive=True, filename_pattern=basic.__file__)]
     grown = sum(stat.size_diff for stat in after.filter_traces(kept).compare_to(before.filter_traces(kept), "filename"))
     assert grown < 300 * 500, f"{grown / 300:.0f} bytes a name"
+
+
+class _GatewayAccountDirectory:
+    """A directory that knows the gateway's account (`gw`, UPN `kcd-gw@lab.test`), or answers nothing (`down`)."""
+
+    def __init__(self, *, down: bool = False) -> None:
+        self.down = down
+        self.asked: list[str] = []
+
+    async def lookup(self, name: str, *, fresh: bool = False) -> Account | None:
+        self.asked.append(name)
+        if self.down:
+            raise DirectoryUnavailable("no directory server answered")
+        sid = Sid.parse("S-1-5-21-1-2-3-1109")
+        return Account(dn="CN=gw,CN=Users,DC=lab,DC=test", sam_account_name="gw", upn="kcd-gw@lab.test", sid=sid)
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["directory", "directory-down"])
+def test_the_gateway_accounts_upn_is_refused_before_the_kdc(kdc: FakeKdc, down: bool) -> None:
+    """A Basic name that is the gateway account's UPN (`KCD-GW@lab.test`, its principal `gw@LAB.TEST`) is 401 without
+    the KDC where the directory says so, and not counted as a guess; alice still signs in. A directory that does not
+    answer leaves the name to the KDC (Basic does not stop for it)."""
+    settings = Authentication(mode="basic", basic_failures_per_user=5, basic_failures_per_address=20)
+    service = BasicLogin(
+        settings, Identity(default_realm="LAB.TEST"), Kerberos(principal="gw@LAB.TEST", keytab=Path("/x"))
+    )
+    directory = _GatewayAccountDirectory(down=down)
+
+    async def run(user: str, password: str) -> int | str:
+        try:
+            login = await service.login(creds(user, password), "192.0.2.1", directory=cast(Directory, directory))
+        except (AuthenticationRequired, TooManyAttempts) as e:
+            return e.status
+        return login.user.principal
+
+    assert asyncio.run(run("KCD-GW@lab.test", "guess")) == 401
+    assert kdc.asked == (["KCD-GW@LAB.TEST"] if down else [])
+    assert asyncio.run(run("alice", PASSWORDS["alice@LAB.TEST"].decode())) == "alice@LAB.TEST"
+    assert directory.asked == ["gw@LAB.TEST", "gw@LAB.TEST"]
+
+
+@pytest.mark.parametrize(("principal", "name"), [("gmsa-kcd$@LAB.TEST", "gmsa-kcd"), ("gw@LAB.TEST", "LAB\\gw$")])
+def test_the_gateway_accounts_name_with_or_without_its_dollar_is_refused_before_the_kdc(
+    kdc: FakeKdc, principal: str, name: str
+) -> None:
+    """A gateway running as a computer account or a gMSA (`gmsa-kcd$@LAB.TEST`): the Basic name `gmsa-kcd` is 401
+    without the KDC. Active Directory looks a name up again with a `$` appended (Samba's KDC mapped `ws01@AD.TEST`
+    to the computer `ws01$`, and counted NT_STATUS_WRONG_PASSWORD against it), so a guess without the `$` was a bad
+    password against the gateway's account. The other way round (`gw$` for the user `gw`) is nobody's either."""
+    settings = Authentication(mode="basic", basic_failures_per_user=5, basic_failures_per_address=20)
+    service = BasicLogin(settings, Identity(default_realm="LAB.TEST"), Kerberos(principal=principal, keytab=Path("/x")))
+    assert asyncio.run(outcome(service, name, "guess")) == 401
+    assert kdc.asked == []

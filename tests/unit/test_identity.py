@@ -271,6 +271,8 @@ def test_a_name_nobody_vouched_for_is_shown_as_its_first_character_and_length(na
         ("LAB\\bob", "LAB\\b…[3]"),
         ("bob@corp.example", "b…[3]@corp.example"),
         ("bob@evil.test", "b…[3]@e…[9]"),
+        ("P@Winter2026!", "P…[1]@W…[11]"),
+        ("Winter2026!\\x", "W…[11]\\x…[1]"),
     ],
 )
 def test_a_domain_the_gateway_does_not_know_is_shortened_like_the_name(name: str, shown: str) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import pytest
 from aiohttp import web
 from cryptography import x509
@@ -318,3 +320,43 @@ async def _revoked_answer_outlives_a_churn(pki: Pki) -> None:
             assert client.kept <= 3
         finally:
             await client.close()
+
+
+def test_a_responder_urls_token_is_not_shown_in_part_where_the_error_is_cut(pki: Pki) -> None:
+    """A signed responder URL (`?sig=<token>`) and an answer whose head aiohttp refuses, padded so that its error
+    (which quotes the URL) is cut to 300 characters inside the token: the evidence's detail (the device's 403, the
+    `ocsp_failed` line) holds no part of the token. Before, the error was cut first and scrubbed after, when the
+    whole token was no longer there to find: its first 20 characters were shown."""
+    asyncio.run(_token_cut_short(pki))
+
+
+async def _token_cut_short(pki: Pki) -> None:
+    secret = uuid.uuid4().hex + uuid.uuid4().hex
+    pad = 0
+
+    async def answer_bad_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Bad\x01: " + b"B" * pad + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_bad_head, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/?sig={secret}"
+    try:
+        async with aiohttp.ClientSession() as session:  # where the token lands in aiohttp's error, unpadded
+            with pytest.raises(aiohttp.ClientResponseError) as raised:
+                async with session.post(url, data=b"x"):
+                    pass
+        unpadded = " ".join(str(raised.value).split()).index(secret)
+        pad = 250 - unpadded  # the token from character 250 on: the cut at 270 (of 315) falls 20 characters into it
+        assert pad > 0
+        client = OcspClient(cache_seconds=60)
+        try:
+            evidence = await client.status(_with_responder(pki, url), load_cert(pki.issuing_cert), at=NOW)
+        finally:
+            await client.close()
+        assert "Invalid header token" in evidence.detail
+        assert secret[:8] not in evidence.detail, evidence.detail
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -632,3 +632,13 @@ def test_a_crl_location_is_shown_without_a_urls_password() -> None:
     signed = CrlSource("https://store.corp/ca.crl?sv=2&sig=T0ken%2Bx#part")
     assert signed.name == "https://store.corp/ca.crl?sv=[redacted]&sig=[redacted]"
     assert signed.scrubbed("403 for sig=T0ken+x, v2") == "403 for sig=[redacted], v2"
+
+
+def test_a_url_is_scrubbed_as_aiohttp_spells_it_too() -> None:
+    """aiohttp's errors quote a URL as yarl spells it: percent-escapes upper case (`%2b` as `%2B`), `%7e` as `~`, a
+    password's `%41` as `A`. `CrlSource.scrubbed` takes those spellings out too, not only the configured one."""
+    source = CrlSource("http://svc:p%41ssword@crl.corp/ca.crl?sv=2&sig=Ab%2bCd%3dSecretToken%7e")
+    error = "400, message='Invalid header token', url='http://crl.corp/ca.crl?sv=2&sig=Ab%2BCd%3DSecretToken~'"
+    assert "SecretToken" not in source.scrubbed(error)
+    assert "[redacted]" in source.scrubbed(error)
+    assert "pAssword" not in source.scrubbed("Cannot connect: http://svc:pAssword@crl.corp/ca.crl")
