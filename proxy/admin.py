@@ -22,9 +22,9 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
 
 At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one takes the place of the oldest one
-past its TLS handshake and not answering a request (`_evict_oldest`), which is closed
-(`admin_connection_limit_reached`; a new one is closed as soon as it is made when every place holds a handshake:
-`_capped`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
+past its TLS handshake and not answering a request, else the oldest still in its TLS handshake (`_evict_oldest`),
+which is closed (`admin_connection_limit_reached`; `_capped`: unfinished handshakes held every place for the
+handshake timeout, and a probe was refused meanwhile), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
 idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head still unfinished
 after it, and a TLS handshake not done by then: connections that never send a request, or stop half-way, can
 neither take the file descriptors the device listener needs nor keep the admin listener full. Nor can one that
@@ -61,6 +61,7 @@ import ssl
 import struct
 import time
 import weakref
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,6 +82,7 @@ from proxy.observability.metrics import CONTENT_TYPE
 from proxy.observability.siblings import Siblings, TraceSource, serve_siblings
 from proxy.observability.tracepage import STYLE_SOURCE, add_trace_views
 from proxy.tls.limits import unquote_parse_errors
+from proxy.tls.server import socket_transport
 from proxy.workers import Worker
 
 log = structlog.get_logger("proxy.admin")
@@ -440,6 +442,7 @@ class _Counted(asyncio.Protocol):
         self._inner = inner
         self._done = weakref.finalize(self, done)
         self._transport: asyncio.WriteTransport | None = None  # once past the TLS handshake: what `evict` closes
+        self._socket: asyncio.Transport | None = None  # its TCP connection, in its TLS handshake (`tls_started`)
         self._silent: asyncio.TimerHandle | None = None
         self._sending: asyncio.TimerHandle | None = None
         self._last: _Progress | None = None  # the last look's, if answers were waiting in the write buffer then
@@ -450,19 +453,26 @@ class _Counted(asyncio.Protocol):
         return self._transport is not None and id(self._transport) in _ANSWERING
 
     @property
-    def evictable(self) -> bool:
-        """Whether `evict` can close it: past its TLS handshake (before that, asyncio's TLS protocol owns the socket,
-        and the handshake's own timeout, ADMIN_SILENT_SECONDS, ends it)."""
-        return self._transport is not None
+    def handshaking(self) -> bool:
+        """Whether it is still in its TLS handshake (`_AdminTls`)."""
+        return self._transport is None and self._socket is not None
 
     def evict(self) -> None:
-        """Close it now, to make room for a new connection (`_capped`): counted as gone at once."""
+        """Close it now, to make room for a new connection (`_capped`): counted as gone at once. In its TLS handshake,
+        its TCP connection is aborted under asyncio's TLS protocol, which then ends without a word."""
         self._done()
         if self._transport is not None:
             self._transport.abort()
+        elif self._socket is not None:
+            self._socket.abort()
+
+    def tls_started(self, stream: asyncio.Transport) -> None:
+        """Its TLS handshake began on `stream` (`_AdminTls`): what `evict` aborts until the handshake is done."""
+        self._socket = stream
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.WriteTransport, transport)  # (a stream's: see below)
+        self._socket = None  # asyncio's TLS protocol owns it (or it is `transport`): `evict` aborts `transport`
         # a connection that sends nothing for ADMIN_SILENT_SECONDS is closed (aiohttp would keep it for good)
         self._silent = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, transport.close)
         # (uvloop's transports are not asyncio.WriteTransport subclasses; every stream transport is one in kind)
@@ -535,7 +545,7 @@ class AdminListener:
                 path.unlink()
 
 
-def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
+def _capped(handlers: web.Server, context: ssl.SSLContext | None = None) -> Callable[[], asyncio.BaseProtocol]:
     """aiohttp's protocol factory, with at most ADMIN_MAX_CONNECTIONS connections open. Any local user reaches a
     loopback listener, and aiohttp keeps a connection that never sends a request open for good: without a cap, idle
     connections took the process's file descriptors from under the device listener. They are counted from the factory
@@ -545,10 +555,12 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
     that keeps its connections busy within every timer (a request every few seconds on each, answered at once) held
     every place, and each new connection, /readyz's probe among them, was closed at once for as long as it liked. Its
     connections are now the oldest: a probe's, made and done in milliseconds, is closed only by as many new
-    connections opened meanwhile. Connections still in their TLS handshake are not closed for a new one (asyncio's
-    TLS protocol owns them until it ends, within ADMIN_SILENT_SECONDS): when every place holds one, a new connection is
-    closed at once, as it was at the cap. Nor is one whose request is being answered while another can go
-    (`_evict_oldest`): a flood of new connections would otherwise close a probe waiting for its /readyz."""
+    connections opened meanwhile. With TLS (`context`), a connection still in its handshake goes next, the oldest first
+    (`_AdminTls`): ADMIN_MAX_CONNECTIONS handshakes begun and never finished held every place until the handshake
+    timeout (ADMIN_SILENT_SECONDS), renewed at will, and each new connection, the probe's among them, was closed at
+    once meanwhile; a probe's handshake, done in milliseconds, is now closed only by as many new connections opened
+    during it. One whose request is being answered goes last (`_evict_oldest`): a flood of new connections would
+    otherwise close a probe waiting for its /readyz."""
     open_: dict[int, weakref.ref[_Counted]] = {}  # by accept order, oldest first
     serials = itertools.count()
     full_since: bool = False
@@ -560,8 +572,8 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
             log.warning(
                 "admin_connection_limit_reached",
                 limit=ADMIN_MAX_CONNECTIONS,
-                detail="the oldest connections are closed to make room for new ones; a new one is closed when every "
-                "connection is still in its TLS handshake",
+                detail="the oldest connections are closed to make room for new ones: idle ones first, then those "
+                "still in their TLS handshake",
             )
         full_since = full
         if full and not _evict_oldest(open_):
@@ -571,9 +583,35 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
         unquote_parse_errors(protocol)  # aiohttp's 400 would quote a bad header line back, a Cookie's included
         counted = _Counted(protocol, functools.partial(_forget, open_, serial))
         open_[serial] = weakref.ref(counted)
-        return counted
+        return counted if context is None else _AdminTls(counted, context)
 
     return factory
+
+
+class _AdminTls(asyncio.Protocol):
+    """Takes an admin connection's TCP socket and starts its TLS handshake under asyncio's TLS protocol, after telling
+    the connection's `_Counted` the socket, so that the cap can close it mid-handshake (`_Counted.evict`). Served with
+    `create_server(ssl=...)`, asyncio held the socket out of reach until the handshake ended. The handshake is bounded
+    by ADMIN_SILENT_SECONDS, as it was; once done, asyncio's protocol hands `_Counted` the TLS transport."""
+
+    def __init__(self, counted: _Counted, context: ssl.SSLContext) -> None:
+        self._counted = counted
+        self._context = context
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Taken over here, before this returns: uvloop reads as soon as it has (see proxy.tls.server.TlsGate).
+        stream = socket_transport(transport)
+        tls = sslproto.SSLProtocol(
+            asyncio.get_running_loop(),
+            self._counted,
+            self._context,
+            None,  # type: ignore[arg-type]  # no waiter: nothing awaits the handshake, `_Counted` hears of its end
+            server_side=True,
+            ssl_handshake_timeout=ADMIN_SILENT_SECONDS,  # type: ignore[arg-type]  # typeshed says int; floats work
+        )
+        self._counted.tls_started(stream)
+        stream.set_protocol(tls)
+        tls.connection_made(stream)
 
 
 def _forget(open_: dict[int, weakref.ref[_Counted]], serial: int) -> None:
@@ -582,11 +620,13 @@ def _forget(open_: dict[int, weakref.ref[_Counted]], serial: int) -> None:
 
 def _evict_oldest(open_: dict[int, weakref.ref[_Counted]]) -> bool:
     """Close the oldest of `open_` past its TLS handshake and not answering a request (`_Counted.evict`, which takes
-    it out), else the oldest past its handshake; False if none is. A probe's connection is not the oldest idle one
-    while it waits for its answer: a flood of new connections (a local user's loop) made it the oldest within
-    ADMIN_MAX_CONNECTIONS accepts, milliseconds, while its /readyz waited for the KDC, and closed it unanswered."""
-    evictable = [c for ref in list(open_.values()) if (c := ref()) is not None and c.evictable]
-    chosen = next((c for c in evictable if not c.answering), evictable[0] if evictable else None)
+    it out), else the oldest still in its handshake, else the oldest answering one; False if none is open. A probe's
+    connection is not the oldest idle one while it waits for its answer: a flood of new connections (a local user's
+    loop) made it the oldest within ADMIN_MAX_CONNECTIONS accepts, milliseconds, while its /readyz waited for the KDC,
+    and closed it unanswered."""
+    open_now = [c for ref in list(open_.values()) if (c := ref()) is not None]
+    idle = (c for c in open_now if not c.handshaking and not c.answering)
+    chosen = next(idle, None) or next((c for c in open_now if c.handshaking), None) or next(iter(open_now), None)
     if chosen is None:
         return False
     chosen.evict()
@@ -650,12 +690,7 @@ async def _serve_bind(
     shared = live.config.listener.workers > 1
     try:
         server = await asyncio.get_running_loop().create_server(
-            _capped(runner.server),
-            admin.host,
-            admin.port,
-            ssl=(context := admin_ssl_context(admin)),
-            ssl_handshake_timeout=ADMIN_SILENT_SECONDS if context is not None else None,
-            reuse_port=shared,
+            _capped(runner.server, admin_ssl_context(admin)), admin.host, admin.port, reuse_port=shared
         )
     except OSError as e:
         raise ConfigError(

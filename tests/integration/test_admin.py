@@ -532,6 +532,33 @@ def test_tls_handshakes_never_finished_do_not_hold_the_admin_listener(lab: LabLa
         assert gw.stop() == 0
 
 
+def test_a_probe_is_served_at_once_while_unfinished_tls_handshakes_fill_the_admin_listener(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """ADMIN_MAX_CONNECTIONS raw connections that start a TLS handshake and never finish it (a record header, the rest
+    of the ClientHello never sent), held open: the allowed client is served at its first try, in far less than the
+    handshake timeout, and the oldest of them is closed to make room. Before, every new connection was closed at once
+    while they held every place, for ADMIN_SILENT_SECONDS, renewed at will: a kubelet's probe refused meanwhile."""
+    gw, admin_port = _tls_admin(lab, tmp_path)
+    stalled: list[socket.socket] = []
+    try:
+        gw.mark()
+        for _ in range(ADMIN_MAX_CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", admin_port), timeout=15)
+            sock.sendall(b"\x16\x03\x01\x02\x00")  # a handshake record of 512 bytes, none of which follow
+            stalled.append(sock)
+        started = time.monotonic()  # the probe's connection is accepted after theirs (the listen queue's order)
+        assert _get(f"https://127.0.0.1:{admin_port}/healthz", client_context(lab, "alice"))[0] == 200
+        assert time.monotonic() - started < ADMIN_SILENT_SECONDS
+        gw.wait_event("admin_connection_limit_reached")
+        eventually(lambda: _closed(stalled[0]), "the oldest unfinished handshake closed for the probe")
+        assert not _closed(stalled[-1]), "the newest unfinished handshake was closed rather than the oldest"
+    finally:
+        for sock in stalled:
+            sock.close()
+        assert gw.stop() == 0
+
+
 def _get_as(admin: str, path: str, host: str) -> tuple[int, str]:
     """GET `path` from the admin listener with the Host header `host`, as a browser would send it."""
     connection = http.client.HTTPConnection(urlsplit(admin).netloc, timeout=15)
