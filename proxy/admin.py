@@ -24,19 +24,19 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
 At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one takes the place of the oldest one
 past its TLS handshake and not answering a request, else the oldest still in its TLS handshake (`_evict_oldest`),
 which is closed (`admin_connection_limit_reached`; `_capped`: unfinished handshakes held every place for the
-handshake timeout, and a probe was refused meanwhile), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
-idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head still unfinished
-after it, and a TLS handshake not done by then: connections that never send a request, or stop half-way, can
-neither take the file descriptors the device listener needs nor keep the admin listener full. Nor can one that
-is never silent but never done: a request's head must be whole ADMIN_SILENT_SECONDS after the connection opened or
-the last answer ended (aiohttp's keep-alive timer), a body the handler leaves unread is read for at most 10 s
-(aiohttp's lingering close), and a connection whose answers still wait to be sent at two looks ADMIN_SILENT_SECONDS
-apart, the client having taken none of their bytes in between, is cut (`admin_send_stalled`): a client reading them
-a byte at a time kept its connection, and with 64 of them /readyz, for as long as it liked (a close waits for what
-is unsent, so no timer of aiohttp's ended it). Progress is the bytes the client's kernel acknowledged (TCP_INFO's
-`tcpi_bytes_acked`) or the write buffer shrinking: a scraper on a slow link that keeps reading a large answer is
-served on, while one that reads a byte now and then takes nothing its kernel would acknowledge (its receive window
-stays closed until a good part of its buffer is free) and is cut.
+handshake timeout, and a probe was refused meanwhile), and one that sends nothing for ADMIN_SILENT_SECONDS is
+closed, as is one idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head
+still unfinished after it, and a TLS handshake not done by then: connections that never send a request, or stop
+half-way, can neither take the file descriptors the device listener needs nor keep the admin listener full. Nor can
+one that is never silent but never done: a request's head must be whole ADMIN_SILENT_SECONDS after the connection
+opened or the last answer ended (aiohttp's keep-alive timer), a body the handler leaves unread is read for at most
+10 s (aiohttp's lingering close), and a connection whose answers still wait to be sent at two looks
+ADMIN_SILENT_SECONDS apart, the client having taken none of their bytes in between, is cut (`admin_send_stalled`): a
+client reading them a byte at a time kept its connection, and with 64 of them /readyz, for as long as it liked (a
+close waits for what is unsent, so no timer of aiohttp's ended it). Progress is the bytes the client's kernel
+acknowledged (TCP_INFO's `tcpi_bytes_acked`) or the write buffer shrinking: a scraper on a slow link that keeps
+reading a large answer is served on, while one that reads a byte now and then takes nothing its kernel would
+acknowledge (its receive window stays closed until a good part of its buffer is free) and is cut.
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
