@@ -17,6 +17,8 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   `READY_CACHE_SECONDS`), and, under `revocation = "require"`, every CRL is current. Under "best-effort" a stale
   CRL is named in the answer's `crls` but leaves it 200: the gateway serves on (its CA's certificates as unknown),
   and a 503 took every gateway sharing that CA out of its balancer at once, the outage best-effort is there to avoid.
+  503 too while the device listener is full in every worker (`listener_problem`, a `listener` key): new devices
+  would wait in its listen backlog, and a balancer sends them to a gateway with room instead.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
@@ -62,7 +64,7 @@ import struct
 import time
 import weakref
 from asyncio import sslproto
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,7 +81,7 @@ from proxy.errors import CertificateRejected, CertificateRevoked, ConfigError, G
 from proxy.kerberos.threads import KdcThreads, NoThread
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
-from proxy.observability.siblings import Siblings, TraceSource, serve_siblings
+from proxy.observability.siblings import Occupancy, Siblings, TraceSource, serve_siblings
 from proxy.observability.tracepage import STYLE_SOURCE, add_trace_views
 from proxy.tls.limits import unquote_parse_errors
 from proxy.tls.server import socket_transport
@@ -176,12 +178,46 @@ async def readyz(request: web.Request) -> web.Response:
     crls = crl_problems(live, datetime.now(UTC))
     refusing = bool(crls) and live.config.client_certificates.revocation == "require"  # best-effort serves on
     tls = live.served.problem(datetime.now(UTC)) if live.served is not None else None
-    ready = kdc is None and not refusing and tls is None
+    siblings = request.app.get(SIBLINGS_KEY)
+    own = occupancy(live)
+    listener = listener_problem({siblings.worker.number: own, **await siblings.listeners()} if siblings else {0: own})
+    ready = kdc is None and not refusing and tls is None and listener is None
     body: dict[str, object] = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok"}
     if tls is not None:  # only then: a ready answer's body is as it was
         body["tls"] = tls
+    if listener is not None:  # likewise
+        body["listener"] = listener
     body["generation"] = live.generation
     return web.json_response(body, status=200 if ready else 503)
+
+
+def occupancy(live: Live) -> Occupancy:
+    """This worker's device connections (TLS handshakes included) and their limit in force (`listener.max_connections`,
+    or what the descriptor budget holds: `proxy.descriptors`); (0, 0) before the listener is set up."""
+    return live.metrics.accepted_connections(), live.metrics.connection_limit
+
+
+def listener_problem(workers: Mapping[int, Occupancy | None]) -> str | None:
+    """Why the gateway can take no new device connection (every worker's listener full), or None. `workers`: each
+    worker's occupancy by number (0 alone: no workers); None for a worker that did not answer (taken as having room).
+
+    A TCP balancer health-checks with /readyz to send new devices where they can be served: past its limit a listener
+    stops accepting, and a device's connection waits in the listen backlog until one of the connections held (an
+    ActiveSync Ping, up to an hour) closes, while /readyz said 200. Not ready while every worker is full: the kernel
+    spreads new connections over the workers, and while one has room most devices still get in, which a 503 would
+    have turned away; the workers fill together, as the kernel spreads them evenly."""
+    figures = list(workers.values())
+    if not figures or any(f is None or f[1] <= 0 or f[0] < f[1] for f in figures):
+        return None
+    taken = ", ".join(
+        f"{'' if number == 0 else f'worker {number}: '}{f[0]} of {f[1]}"
+        for number, f in sorted(workers.items())
+        if f is not None
+    )
+    return (
+        f"the device listener is full ({taken} connections: listener.max_connections, or fewer where the open-file "
+        "limit holds fewer): new devices wait in the listen backlog until a connection closes"
+    )
 
 
 SIBLINGS_KEY = web.AppKey("siblings", Siblings)
@@ -663,7 +699,8 @@ async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener
     try:
         if worker is not None:
             siblings = Siblings(live.traces, worker, lambda: live.metrics.render())
-            started.runners.append(await serve_siblings(worker, live.traces, lambda: live.metrics.render()))
+            served = await serve_siblings(worker, live.traces, lambda: live.metrics.render(), lambda: occupancy(live))
+            started.runners.append(served)
             started.files.append(worker.socket)
         if admin.bound:
             if admin.crls or admin.crl_urls:

@@ -1019,3 +1019,79 @@ def test_readyz_says_when_the_listeners_own_certificate_has_expired(lab: LabLayo
         assert "reload" in answer["tls"]
     finally:
         gw.stop()
+
+
+def _full_listener_gateway(lab: LabLayout, directory: Path, *, workers: int = 1) -> tuple[Gateway, str]:
+    """A gateway of `workers` workers with SLOTS device connections each (handshakes left unfinished are kept for
+    a minute: a loaded machine must not close them before the test looks) and a plain admin listener."""
+    port, admin_port = free_port(), free_port()
+    text = lab_config(lab, port=port, extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    bind = f'bind = "127.0.0.1:{port}"\n'
+    assert bind in text
+    listener = f"{bind}max_connections = {SLOTS}\nhandshake_timeout = 60\n"
+    text = text.replace(bind, listener + (f"workers = {workers}\n" if workers > 1 else ""))
+    return start_gateway(lab, directory, text), f"http://127.0.0.1:{admin_port}"
+
+
+SLOTS = 2  # listener.max_connections of `_full_listener_gateway`
+
+
+def _readiness(admin: str) -> tuple[int, dict[str, Any]]:
+    status, body = _get(admin + "/readyz")
+    return status, json.loads(body)
+
+
+def _readiness_once(admin: str, status: int) -> dict[str, Any]:
+    """The body of the first /readyz answered with `status` (polled until WAIT)."""
+
+    def answer() -> dict[str, Any] | None:
+        got, body = _readiness(admin)
+        return body if got == status else None
+
+    return eventually(answer, f"/readyz answering {status}")
+
+
+def test_readyz_is_503_while_the_device_listener_is_full(lab: LabLayout, tmp_path: Path) -> None:
+    """Every device connection slot taken (listener.max_connections, here by connections that never finish their
+    handshake): /readyz answers 503 naming the listener and the key, so a balancer sends new devices to a gateway
+    that can take them; once a connection closes, 200 again and the body as it was. Before, /readyz said 200 while
+    every new device waited in the listen backlog."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw")
+    held: list[socket.socket] = []
+    try:
+        assert _readiness(admin)[0] == 200
+        held = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(SLOTS)]
+        body = _readiness_once(admin, 503)
+        assert body["ready"] is False
+        assert body["kdc"] == "ok"
+        assert "listener.max_connections" in body["listener"], body
+        assert f"{SLOTS} of {SLOTS}" in body["listener"], body
+        held.pop().close()
+        body = _readiness_once(admin, 200)
+        assert "listener" not in body
+    finally:
+        for sock in held:
+            sock.close()
+        gw.stop()
+
+
+def test_readyz_of_two_workers_is_503_only_when_both_listeners_are_full(lab: LabLayout, tmp_path: Path) -> None:
+    """Two workers of SLOTS device connections each, both full (20 connections: the kernel spreads them, so each gets
+    its SLOTS, the rest wait in the backlog): whichever worker the probe reaches answers 503 naming both (it asks the
+    other, as for /metrics); with every connection closed, 200."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
+    held: list[socket.socket] = []
+    try:
+        gw.wait_events("listening", 2)
+        held = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(20)]
+        body = _readiness_once(admin, 503)
+        assert f"worker 1: {SLOTS} of {SLOTS}, worker 2: {SLOTS} of {SLOTS}" in body["listener"], body
+        for _ in range(4):  # each probe reaches one of the two workers: each says so
+            assert _readiness(admin)[0] == 503
+        for sock in held:
+            sock.close()
+        _readiness_once(admin, 200)
+    finally:
+        for sock in held:
+            sock.close()
+        gw.stop()
