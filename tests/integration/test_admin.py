@@ -552,7 +552,9 @@ def test_a_probe_is_served_at_once_while_unfinished_tls_handshakes_fill_the_admi
         assert time.monotonic() - started < ADMIN_SILENT_SECONDS
         gw.wait_event("admin_connection_limit_reached")
         eventually(lambda: _closed(stalled[0]), "the oldest unfinished handshake closed for the probe")
-        assert not _closed(stalled[-1]), "the newest unfinished handshake was closed rather than the oldest"
+        newest_closed = _closed(stalled[-1])
+        # (after ADMIN_SILENT_SECONDS its handshake timeout closes it anyway: only a machine that slow cannot tell)
+        assert not newest_closed or time.monotonic() - started >= ADMIN_SILENT_SECONDS, "the newest was closed"
     finally:
         for sock in stalled:
             sock.close()
