@@ -17,26 +17,28 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   `READY_CACHE_SECONDS`), and, under `revocation = "require"`, every CRL is current. Under "best-effort" a stale
   CRL is named in the answer's `crls` but leaves it 200: the gateway serves on (its CA's certificates as unknown),
   and a 503 took every gateway sharing that CA out of its balancer at once, the outage best-effort is there to avoid.
+  503 too while the device listener is full in every worker (`listener_problem`, a `listener` key): new devices
+  would wait in its listen backlog, and a balancer sends them to a gateway with room instead.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
 
 At most ADMIN_MAX_CONNECTIONS connections are open at once; past that a new one takes the place of the oldest one
-past its TLS handshake and not answering a request (`_evict_oldest`), which is closed
-(`admin_connection_limit_reached`; a new one is closed as soon as it is made when every place holds a handshake:
-`_capped`), and one that sends nothing for ADMIN_SILENT_SECONDS is closed, as is one
-idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head still unfinished
-after it, and a TLS handshake not done by then: connections that never send a request, or stop half-way, can
-neither take the file descriptors the device listener needs nor keep the admin listener full. Nor can one that
-is never silent but never done: a request's head must be whole ADMIN_SILENT_SECONDS after the connection opened or
-the last answer ended (aiohttp's keep-alive timer), a body the handler leaves unread is read for at most 10 s
-(aiohttp's lingering close), and a connection whose answers still wait to be sent at two looks ADMIN_SILENT_SECONDS
-apart, the client having taken none of their bytes in between, is cut (`admin_send_stalled`): a client reading them
-a byte at a time kept its connection, and with 64 of them /readyz, for as long as it liked (a close waits for what
-is unsent, so no timer of aiohttp's ended it). Progress is the bytes the client's kernel acknowledged (TCP_INFO's
-`tcpi_bytes_acked`) or the write buffer shrinking: a scraper on a slow link that keeps reading a large answer is
-served on, while one that reads a byte now and then takes nothing its kernel would acknowledge (its receive window
-stays closed until a good part of its buffer is free) and is cut.
+past its TLS handshake and not answering a request, else the oldest still in its TLS handshake (`_evict_oldest`),
+which is closed (`admin_connection_limit_reached`; `_capped`: unfinished handshakes held every place for the
+handshake timeout, and a probe was refused meanwhile), and one that sends nothing for ADMIN_SILENT_SECONDS is
+closed, as is one idle that long between requests (aiohttp's keep-alive, 3630 s by default) or with a request head
+still unfinished after it, and a TLS handshake not done by then: connections that never send a request, or stop
+half-way, can neither take the file descriptors the device listener needs nor keep the admin listener full. Nor can
+one that is never silent but never done: a request's head must be whole ADMIN_SILENT_SECONDS after the connection
+opened or the last answer ended (aiohttp's keep-alive timer), a body the handler leaves unread is read for at most
+10 s (aiohttp's lingering close), and a connection whose answers still wait to be sent at two looks
+ADMIN_SILENT_SECONDS apart, the client having taken none of their bytes in between, is cut (`admin_send_stalled`): a
+client reading them a byte at a time kept its connection, and with 64 of them /readyz, for as long as it liked (a
+close waits for what is unsent, so no timer of aiohttp's ended it). Progress is the bytes the client's kernel
+acknowledged (TCP_INFO's `tcpi_bytes_acked`) or the write buffer shrinking: a scraper on a slow link that keeps
+reading a large answer is served on, while one that reads a byte now and then takes nothing its kernel would
+acknowledge (its receive window stays closed until a good part of its buffer is free) and is cut.
 
 `make_admin_app(live)` builds the aiohttp application; `live` (`app[LIVE_KEY]`) is the running gateway's
 state, so other views (traces, say) add their routes to the same application.
@@ -61,7 +63,8 @@ import ssl
 import struct
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from asyncio import sslproto
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,9 +81,10 @@ from proxy.errors import CertificateRejected, CertificateRevoked, ConfigError, G
 from proxy.kerberos.threads import KdcThreads, NoThread
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
-from proxy.observability.siblings import Siblings, TraceSource, serve_siblings
+from proxy.observability.siblings import Occupancy, Siblings, TraceSource, serve_siblings
 from proxy.observability.tracepage import STYLE_SOURCE, add_trace_views
 from proxy.tls.limits import unquote_parse_errors
+from proxy.tls.server import socket_transport
 from proxy.workers import Worker
 
 log = structlog.get_logger("proxy.admin")
@@ -174,12 +178,46 @@ async def readyz(request: web.Request) -> web.Response:
     crls = crl_problems(live, datetime.now(UTC))
     refusing = bool(crls) and live.config.client_certificates.revocation == "require"  # best-effort serves on
     tls = live.served.problem(datetime.now(UTC)) if live.served is not None else None
-    ready = kdc is None and not refusing and tls is None
+    siblings = request.app.get(SIBLINGS_KEY)
+    own = occupancy(live)
+    listener = listener_problem({siblings.worker.number: own, **await siblings.listeners()} if siblings else {0: own})
+    ready = kdc is None and not refusing and tls is None and listener is None
     body: dict[str, object] = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok"}
     if tls is not None:  # only then: a ready answer's body is as it was
         body["tls"] = tls
+    if listener is not None:  # likewise
+        body["listener"] = listener
     body["generation"] = live.generation
     return web.json_response(body, status=200 if ready else 503)
+
+
+def occupancy(live: Live) -> Occupancy:
+    """This worker's device connections (TLS handshakes included) and their limit in force (`listener.max_connections`,
+    or what the descriptor budget holds: `proxy.descriptors`); (0, 0) before the listener is set up."""
+    return live.metrics.accepted_connections(), live.metrics.connection_limit
+
+
+def listener_problem(workers: Mapping[int, Occupancy | None]) -> str | None:
+    """Why the gateway can take no new device connection (every worker's listener full), or None. `workers`: each
+    worker's occupancy by number (0 alone: no workers); None for a worker that did not answer (taken as having room).
+
+    A TCP balancer health-checks with /readyz to send new devices where they can be served: past its limit a listener
+    stops accepting, and a device's connection waits in the listen backlog until one of the connections held (an
+    ActiveSync Ping, up to an hour) closes, while /readyz said 200. Not ready while every worker is full: the kernel
+    spreads new connections over the workers, and while one has room most devices still get in, which a 503 would
+    have turned away; the workers fill together, as the kernel spreads them evenly."""
+    figures = list(workers.values())
+    if not figures or any(f is None or f[1] <= 0 or f[0] < f[1] for f in figures):
+        return None
+    taken = ", ".join(
+        f"{'' if number == 0 else f'worker {number}: '}{f[0]} of {f[1]}"
+        for number, f in sorted(workers.items())
+        if f is not None
+    )
+    return (
+        f"the device listener is full ({taken} connections: listener.max_connections, or fewer where the open-file "
+        "limit holds fewer): new devices wait in the listen backlog until a connection closes"
+    )
 
 
 SIBLINGS_KEY = web.AppKey("siblings", Siblings)
@@ -440,6 +478,7 @@ class _Counted(asyncio.Protocol):
         self._inner = inner
         self._done = weakref.finalize(self, done)
         self._transport: asyncio.WriteTransport | None = None  # once past the TLS handshake: what `evict` closes
+        self._socket: asyncio.Transport | None = None  # its TCP connection, in its TLS handshake (`tls_started`)
         self._silent: asyncio.TimerHandle | None = None
         self._sending: asyncio.TimerHandle | None = None
         self._last: _Progress | None = None  # the last look's, if answers were waiting in the write buffer then
@@ -450,19 +489,26 @@ class _Counted(asyncio.Protocol):
         return self._transport is not None and id(self._transport) in _ANSWERING
 
     @property
-    def evictable(self) -> bool:
-        """Whether `evict` can close it: past its TLS handshake (before that, asyncio's TLS protocol owns the socket,
-        and the handshake's own timeout, ADMIN_SILENT_SECONDS, ends it)."""
-        return self._transport is not None
+    def handshaking(self) -> bool:
+        """Whether it is still in its TLS handshake (`_AdminTls`)."""
+        return self._transport is None and self._socket is not None
 
     def evict(self) -> None:
-        """Close it now, to make room for a new connection (`_capped`): counted as gone at once."""
+        """Close it now, to make room for a new connection (`_capped`): counted as gone at once. In its TLS handshake,
+        its TCP connection is aborted under asyncio's TLS protocol, which then ends without a word."""
         self._done()
         if self._transport is not None:
             self._transport.abort()
+        elif self._socket is not None:
+            self._socket.abort()
+
+    def tls_started(self, stream: asyncio.Transport) -> None:
+        """Its TLS handshake began on `stream` (`_AdminTls`): what `evict` aborts until the handshake is done."""
+        self._socket = stream
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.WriteTransport, transport)  # (a stream's: see below)
+        self._socket = None  # asyncio's TLS protocol owns it (or it is `transport`): `evict` aborts `transport`
         # a connection that sends nothing for ADMIN_SILENT_SECONDS is closed (aiohttp would keep it for good)
         self._silent = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, transport.close)
         # (uvloop's transports are not asyncio.WriteTransport subclasses; every stream transport is one in kind)
@@ -535,7 +581,7 @@ class AdminListener:
                 path.unlink()
 
 
-def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
+def _capped(handlers: web.Server, context: ssl.SSLContext | None = None) -> Callable[[], asyncio.BaseProtocol]:
     """aiohttp's protocol factory, with at most ADMIN_MAX_CONNECTIONS connections open. Any local user reaches a
     loopback listener, and aiohttp keeps a connection that never sends a request open for good: without a cap, idle
     connections took the process's file descriptors from under the device listener. They are counted from the factory
@@ -545,10 +591,12 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
     that keeps its connections busy within every timer (a request every few seconds on each, answered at once) held
     every place, and each new connection, /readyz's probe among them, was closed at once for as long as it liked. Its
     connections are now the oldest: a probe's, made and done in milliseconds, is closed only by as many new
-    connections opened meanwhile. Connections still in their TLS handshake are not closed for a new one (asyncio's
-    TLS protocol owns them until it ends, within ADMIN_SILENT_SECONDS): when every place holds one, a new connection is
-    closed at once, as it was at the cap. Nor is one whose request is being answered while another can go
-    (`_evict_oldest`): a flood of new connections would otherwise close a probe waiting for its /readyz."""
+    connections opened meanwhile. With TLS (`context`), a connection still in its handshake goes next, the oldest first
+    (`_AdminTls`): ADMIN_MAX_CONNECTIONS handshakes begun and never finished held every place until the handshake
+    timeout (ADMIN_SILENT_SECONDS), renewed at will, and each new connection, the probe's among them, was closed at
+    once meanwhile; a probe's handshake, done in milliseconds, is now closed only by as many new connections opened
+    during it. One whose request is being answered goes last (`_evict_oldest`): a flood of new connections would
+    otherwise close a probe waiting for its /readyz."""
     open_: dict[int, weakref.ref[_Counted]] = {}  # by accept order, oldest first
     serials = itertools.count()
     full_since: bool = False
@@ -560,8 +608,8 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
             log.warning(
                 "admin_connection_limit_reached",
                 limit=ADMIN_MAX_CONNECTIONS,
-                detail="the oldest connections are closed to make room for new ones; a new one is closed when every "
-                "connection is still in its TLS handshake",
+                detail="the oldest connections are closed to make room for new ones: idle ones first, then those "
+                "still in their TLS handshake",
             )
         full_since = full
         if full and not _evict_oldest(open_):
@@ -571,9 +619,35 @@ def _capped(handlers: web.Server) -> Callable[[], asyncio.BaseProtocol]:
         unquote_parse_errors(protocol)  # aiohttp's 400 would quote a bad header line back, a Cookie's included
         counted = _Counted(protocol, functools.partial(_forget, open_, serial))
         open_[serial] = weakref.ref(counted)
-        return counted
+        return counted if context is None else _AdminTls(counted, context)
 
     return factory
+
+
+class _AdminTls(asyncio.Protocol):
+    """Takes an admin connection's TCP socket and starts its TLS handshake under asyncio's TLS protocol, after telling
+    the connection's `_Counted` the socket, so that the cap can close it mid-handshake (`_Counted.evict`). Served with
+    `create_server(ssl=...)`, asyncio held the socket out of reach until the handshake ended. The handshake is bounded
+    by ADMIN_SILENT_SECONDS, as it was; once done, asyncio's protocol hands `_Counted` the TLS transport."""
+
+    def __init__(self, counted: _Counted, context: ssl.SSLContext) -> None:
+        self._counted = counted
+        self._context = context
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Taken over here, before this returns: uvloop reads as soon as it has (see proxy.tls.server.TlsGate).
+        stream = socket_transport(transport)
+        tls = sslproto.SSLProtocol(
+            asyncio.get_running_loop(),
+            self._counted,
+            self._context,
+            None,  # type: ignore[arg-type]  # no waiter: nothing awaits the handshake, `_Counted` hears of its end
+            server_side=True,
+            ssl_handshake_timeout=ADMIN_SILENT_SECONDS,  # type: ignore[arg-type]  # typeshed says int; floats work
+        )
+        self._counted.tls_started(stream)
+        stream.set_protocol(tls)
+        tls.connection_made(stream)
 
 
 def _forget(open_: dict[int, weakref.ref[_Counted]], serial: int) -> None:
@@ -582,11 +656,13 @@ def _forget(open_: dict[int, weakref.ref[_Counted]], serial: int) -> None:
 
 def _evict_oldest(open_: dict[int, weakref.ref[_Counted]]) -> bool:
     """Close the oldest of `open_` past its TLS handshake and not answering a request (`_Counted.evict`, which takes
-    it out), else the oldest past its handshake; False if none is. A probe's connection is not the oldest idle one
-    while it waits for its answer: a flood of new connections (a local user's loop) made it the oldest within
-    ADMIN_MAX_CONNECTIONS accepts, milliseconds, while its /readyz waited for the KDC, and closed it unanswered."""
-    evictable = [c for ref in list(open_.values()) if (c := ref()) is not None and c.evictable]
-    chosen = next((c for c in evictable if not c.answering), evictable[0] if evictable else None)
+    it out), else the oldest still in its handshake, else the oldest answering one; False if none is open. A probe's
+    connection is not the oldest idle one while it waits for its answer: a flood of new connections (a local user's
+    loop) made it the oldest within ADMIN_MAX_CONNECTIONS accepts, milliseconds, while its /readyz waited for the KDC,
+    and closed it unanswered."""
+    open_now = [c for ref in list(open_.values()) if (c := ref()) is not None]
+    idle = (c for c in open_now if not c.handshaking and not c.answering)
+    chosen = next(idle, None) or next((c for c in open_now if c.handshaking), None) or next(iter(open_now), None)
     if chosen is None:
         return False
     chosen.evict()
@@ -623,7 +699,8 @@ async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener
     try:
         if worker is not None:
             siblings = Siblings(live.traces, worker, lambda: live.metrics.render())
-            started.runners.append(await serve_siblings(worker, live.traces, lambda: live.metrics.render()))
+            served = await serve_siblings(worker, live.traces, lambda: live.metrics.render(), lambda: occupancy(live))
+            started.runners.append(served)
             started.files.append(worker.socket)
         if admin.bound:
             if admin.crls or admin.crl_urls:
@@ -650,12 +727,7 @@ async def _serve_bind(
     shared = live.config.listener.workers > 1
     try:
         server = await asyncio.get_running_loop().create_server(
-            _capped(runner.server),
-            admin.host,
-            admin.port,
-            ssl=(context := admin_ssl_context(admin)),
-            ssl_handshake_timeout=ADMIN_SILENT_SECONDS if context is not None else None,
-            reuse_port=shared,
+            _capped(runner.server, admin_ssl_context(admin)), admin.host, admin.port, reuse_port=shared
         )
     except OSError as e:
         raise ConfigError(

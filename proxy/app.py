@@ -31,7 +31,7 @@ from proxy.certs.floors import CrlStateError, FloorTable, LocalFloors, Persisted
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
-from proxy.descriptors import DescriptorBudget
+from proxy.descriptors import DescriptorBudget, kdc_reserve_problem
 from proxy.device.aiohttp_side import AiohttpRequest
 from proxy.device.request import CONTINUE, DeviceRequest, expectations
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
@@ -112,7 +112,9 @@ def build(
         revocation=revocation,
         delegator=Delegator(config.kerberos, shared=shared),
         pools=Pools(
-            config.routes, config.listener, max_connections=DescriptorBudget.of(config.listener.max_connections).backend
+            config.routes,
+            config.listener,
+            max_connections=DescriptorBudget.of(config.listener.max_connections, config.kerberos.max_in_flight).backend,
         ),
         basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),
@@ -379,10 +381,14 @@ def _who(trace: Trace) -> dict[str, object]:
     return {k: trace.facts[k] for k in keys if k in trace.facts}
 
 
-def _descriptor_budget(max_connections: int) -> DescriptorBudget:
+def _descriptor_budget(config: Config) -> DescriptorBudget:
     """This worker's file descriptors shared out (`proxy.descriptors`), logged; a warning where the open-file limit
-    cannot hold `listener.max_connections`."""
-    budget = DescriptorBudget.of(max_connections)
+    cannot hold `listener.max_connections`, and a ConfigError where it cannot hold `kerberos.max_in_flight`'s KDC
+    threads."""
+    max_connections = config.listener.max_connections
+    budget = DescriptorBudget.of(max_connections, config.kerberos.max_in_flight)
+    if problem := kdc_reserve_problem(config.kerberos.max_in_flight, budget.limit):
+        raise ConfigError([f"{problem} (in {config.path})"])
     figures = {
         "limit": budget.limit,
         "reserved": budget.reserve,
@@ -414,6 +420,7 @@ async def serve(
     `worker`: this process is one of `listener.workers` (`proxy.workers`), whose admin listener answers for all;
     `shared`: the table its siblings count Basic failures in (`proxy.auth.shared`)."""
     remove_stale_overlays()  # krb5.conf overlays of gateways killed outright (proxy.kerberos.profile)
+    budget = _descriptor_budget(config)  # before anything starts: it may refuse kerberos.max_in_flight
     live = Live.start(config, shared=shared)
     gw = live.gateway
     stop = stop or asyncio.Event()
@@ -421,7 +428,6 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     listener = config.listener
-    budget = _descriptor_budget(listener.max_connections)
     slots = ConnectionSlots(budget.device, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections
     live.metrics.connection_limit = budget.device

@@ -12,9 +12,15 @@ with a log blaming the gateway's own Kerberos set-up ("Too many open files" in i
 
 So each worker shares its soft limit out once, at start (`DescriptorBudget.of`):
 
-- `RESERVE` descriptors (a quarter of the limit, where that is less) stay for everything else: the listening
-  sockets, the admin listener's connections (64 at most), the KDC calls' sockets (`kerberos.max_in_flight` per
-  thread pool), CRL and OCSP fetches, the directory, the files a reload reads;
+- a reserve stays for everything else (a quarter of the limit, where that is less): `BASE_RESERVE` for what the
+  process opens at start (under 64, measured), the admin listener's connections (64 at most), CRL and OCSP fetches,
+  the directory, the siblings' sockets and the files a reload reads; and `KDC_CALL_DESCRIPTORS` for each thread that
+  may be inside a KDC call (`kdc_threads`: three pools of `kerberos.max_in_flight`, the readiness and directory
+  probes' one each). A call holds a socket to the KDC it asks, and one more while that KDC is silent (MIT asks the
+  next one after 10 s and keeps the first connection; measured: 20 calls against three silent KDCs held 60 sockets
+  after 30 s). At the default 16 that is 256, the fixed reserve this budget started with; it was short past about 55
+  threads. A `kerberos.max_in_flight` whose threads alone would take more than a quarter of the limit is refused at
+  start (`kdc_reserve_problem`), naming the key and the limit that would hold it;
 - half of the rest, at most `listener.max_connections`, is the device connections' (the listener stops accepting at
   that number: further connections wait in the listen backlog, as at `max_connections`);
 - the rest is the backend connections', all users and upstreams together (`proxy.backend.client.BackendSockets`):
@@ -32,7 +38,10 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
-RESERVE = 256  # descriptors kept for what is neither a device nor a backend connection (at most a quarter of the limit)
+BASE_RESERVE = 156  # descriptors kept for what is neither a connection nor a KDC call (module docstring)
+KDC_CALL_DESCRIPTORS = (
+    2  # sockets one thread's KDC call may hold: the KDC it asks, and the next while that one is silent
+)
 _CEILING = 1 << 20  # Linux's default fs.nr_open: what an unlimited soft limit allows at most
 
 
@@ -46,17 +55,20 @@ class DescriptorBudget:
     device: int
     backend: int
     wanted: int  # listener.max_connections, as configured
+    wanted_reserve: int  # the reserve kerberos.max_in_flight asks for, before the quarter of the limit cuts it
 
     @classmethod
-    def of(cls, max_connections: int, limit: int | None = None) -> DescriptorBudget:
-        """The budget for `max_connections` under `limit` (default: this process's soft RLIMIT_NOFILE)."""
+    def of(cls, max_connections: int, max_in_flight: int, limit: int | None = None) -> DescriptorBudget:
+        """The budget for `max_connections` and `max_in_flight` (`kerberos.max_in_flight`) under `limit` (default:
+        this process's soft RLIMIT_NOFILE)."""
         if limit is None:
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             limit = _CEILING if soft == resource.RLIM_INFINITY else min(soft, _CEILING)
-        reserve = min(RESERVE, limit // 4)
+        wanted = reserve_for(max_in_flight)
+        reserve = min(wanted, limit // 4)
         usable = limit - reserve
         device = max(1, min(max_connections, usable // 2))
-        return cls(limit, reserve, device, max(1, usable - device), max_connections)
+        return cls(limit, reserve, device, max(1, usable - device), max_connections, wanted)
 
     @property
     def cut(self) -> bool:
@@ -66,4 +78,31 @@ class DescriptorBudget:
     @property
     def needed(self) -> int:
         """The limit that would hold listener.max_connections: each with a backend connection, and the reserve."""
-        return 2 * self.wanted + RESERVE
+        return 2 * self.wanted + self.wanted_reserve
+
+
+def kdc_threads(max_in_flight: int) -> int:
+    """The threads that may be inside a KDC call at once: the delegations' pool, Basic's password checks and its
+    tokens (`kerberos.max_in_flight` each), and the readiness and directory probes' thread each."""
+    return 3 * max_in_flight + 2
+
+
+def reserve_for(max_in_flight: int) -> int:
+    """The reserve a worker keeps at `kerberos.max_in_flight` (module docstring): 256 at the default 16."""
+    return BASE_RESERVE + KDC_CALL_DESCRIPTORS * kdc_threads(max_in_flight)
+
+
+def kdc_reserve_problem(max_in_flight: int, limit: int) -> str | None:
+    """Why `kerberos.max_in_flight` cannot run under the open-file limit `limit`, or None: its KDC threads' sockets
+    alone would take more than the quarter of the limit the reserve may be, and a silent KDC would then run the
+    process out of descriptors for accept(), the admin listener, CRL fetches and the KDC calls themselves."""
+    sockets = KDC_CALL_DESCRIPTORS * kdc_threads(max_in_flight)
+    if sockets <= limit // 4:
+        return None
+    most = max(0, (limit // 4 // KDC_CALL_DESCRIPTORS - 2) // 3)
+    return (
+        f"kerberos.max_in_flight = {max_in_flight} runs {kdc_threads(max_in_flight)} KDC threads that may hold "
+        f"{sockets} descriptors, more than a quarter of the open-file limit ({limit}) may be kept for them: lower "
+        f"it to {most} or less, or raise the limit to {4 * reserve_for(max_in_flight)} (LimitNOFILE= in the systemd "
+        "unit, ulimit -Hn, the container's nofile)"
+    )

@@ -17,9 +17,9 @@ and CRLs, so a user whose connections land on two workers costs two S4U2Self exc
 why several machines behind a load balancer need no coordination (docs/deploying.md; their Basic per-user limit is
 sized for their number instead, docs/throttles-and-limits.md).
 
-The one thing shared is the Basic per-user throttle (`proxy.auth.shared`): a table in shared memory that the
-command line makes before `supervise` forks, so that a guesser's connections spread over the workers count against
-one limit, and a replacement worker finds the users its predecessor held.
+The one thing shared is the Basic throttles' counts, per user and per address (`proxy.auth.shared`): tables in shared
+memory that the command line makes before `supervise` forks, so that a guesser's connections spread over the workers
+count against one limit, and a replacement worker finds the users and addresses its predecessor held.
 
 Workers share nothing else, but the admin listener must answer for all of them: each scrape of `/metrics` or read of
 `/traces` reaches one worker (SO_REUSEPORT again). So the supervisor makes a private directory (mode 0700) before

@@ -55,8 +55,8 @@ cache served it, never to serve anyone from it): the user's own device. A
 user's count is forgotten after a success, as AD resets its own. Each throttle keeps at most 100,000 keys; a
 flood of other names pushes out keys that are not refused first, never a held user's. A disabled or
 locked account gets 403 and does not count (the KDC says so whatever the password). With several workers the
-users' counts live in a table they share (`proxy.auth.shared`), so a guesser's connections spread over the workers
-meet one limit; the addresses' counts stay per worker. An IPv6 client is
+users' and the addresses' counts live in tables they share (`proxy.auth.shared`), so a guesser's connections spread
+over the workers meet one limit each. An IPv6 client is
 counted by its /64 (`address_key`): one device or home is given a whole /64 and picks addresses in it
 at will, so a sprayer stepping through its own prefix would otherwise get a fresh allowance per address.
 
@@ -479,7 +479,7 @@ class Throttle:
         if state.count >= self._limit and self._hold:
             state.blocked_until = now + self._forget
         elif state.count >= self._limit:
-            state.blocked_until = now + min(_THROTTLE_CAP, _THROTTLE_BASE * 2 ** min(state.count - self._limit, 20))
+            state.blocked_until = now + backoff(state.count - self._limit)
         self._queue(key, refused=state.blocked_until > now)
 
     def succeeded(self, key: str) -> None:
@@ -539,6 +539,11 @@ class Throttle:
         self._refused.pop(key, None)
 
 
+def backoff(over: int) -> float:
+    """Seconds a key (not held) is refused once it has its limit + `over` failures: 1, 2, 4 ... at most 5 minutes."""
+    return min(_THROTTLE_CAP, _THROTTLE_BASE * 2.0 ** min(over, 20))
+
+
 def _hashed(key: str) -> bytes:
     """What a `Throttle` keeps of `key`: 16 bytes however long the name (a collision takes 2**64 guesses of names)."""
     return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
@@ -596,7 +601,18 @@ class BasicLogin:
             if shared is None
             else SharedThrottle(shared, limit, forget=self._window, stale_after=_stale_after(limit, kerberos))
         )
-        self._addresses = Throttle(settings.basic_failures_per_address)
+        per_address = settings.basic_failures_per_address
+        self._addresses: Throttle | SharedThrottle = (
+            Throttle(per_address)
+            if shared is None or shared.addresses is None
+            else SharedThrottle(
+                shared.addresses,
+                per_address,
+                forget=_THROTTLE_FORGET,
+                stale_after=_stale_after(per_address, kerberos),
+                backoff=backoff,
+            )
+        )
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.pace = Pace()
 
@@ -799,11 +815,14 @@ class BasicLogin:
         concurrent attempts see each other."""
         now = time.monotonic()
         client = address_key(client)
-        wait = self._addresses.wait(client, now)
+        # Each key's check and count are one step: with workers, their tables are shared (proxy.auth.shared)
+        wait = self._addresses.admit(client, now)
         if wait > 0:  # refused by the address; the user's wait only lengthens Retry-After
             wait = max(wait, 0.0 if known else self._users.wait(key, now))
-        else:  # the user's check and count are one step: with workers, the table is shared (proxy.auth.shared)
+        else:
             wait = self._users.admit(key, now, force=known)
+            if wait > 0:  # refused by the user: the address's attempt never started
+                self._addresses.end(client, now, failed=False)
         if wait > 0:
             raise TooManyAttempts(
                 "too many failed sign-ins; wait and try again",
@@ -811,7 +830,6 @@ class BasicLogin:
                 challenge={"Retry-After": str(max(1, round(wait)))},
             )
         attempt = _Attempt()
-        self._addresses.begin(client, now)
 
         def end(failed: bool) -> None:
             now = time.monotonic()
@@ -836,7 +854,8 @@ class BasicLogin:
         their shared table already."""
         if isinstance(self._users, Throttle) and isinstance(old._users, Throttle):
             self._users = old._users.retuned(self._users)
-        self._addresses = old._addresses.retuned(self._addresses)
+        if isinstance(self._addresses, Throttle) and isinstance(old._addresses, Throttle):
+            self._addresses = old._addresses.retuned(self._addresses)
         self._cache.keep_known_of(old._cache)
 
     def close(self) -> None:

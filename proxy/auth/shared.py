@@ -1,4 +1,4 @@
-"""The Basic per-user throttle shared by the worker processes of one gateway.
+"""The Basic per-user and per-address throttles shared by the worker processes of one gateway.
 
 Theory of operation. With `listener.workers = N` the kernel spreads a client's connections over N processes
 (SO_REUSEPORT), and each used to count wrong passwords on its own: a guesser opening many connections had N times
@@ -25,8 +25,12 @@ admitted attempt (a check is bounded by the KDC timeout), so the user is not ref
 
 The table also keeps, per user, the password the KDC last accepted (its salted scrypt digest, with one salt for every
 worker, `CredentialCache.known`): what lets a held user's own device through, on whichever worker its connection
-lands. The address throttle, the cache of fresh sign-ins and the refusal pace stay per worker
-(docs/throttles-and-limits.md).
+lands. The cache of fresh sign-ins and the refusal pace stay per worker (docs/throttles-and-limits.md).
+
+The address throttle is shared too, in a table of its own (`SharedTable.addresses`: its slots and lock apart, so a
+flood of addresses cannot take the users' places), through a `SharedThrottle` with a `backoff` instead of a hold: per
+worker, an address spread over N workers had N x `basic_failures_per_address` guesses and N back-offs. A refused
+address may be evicted for a new one (the in-process throttle's rule: an address's count is no directory's lockout).
 
 And it keeps the log of users whose delegated tickets a worker dropped (`forget_users`: the directory ended a held
 request of theirs, their certificate was revoked), so that every other worker drops its own before it serves
@@ -62,7 +66,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 _SLOT = struct.Struct("<16sIIdddd")  # key hash, failures, in flight, last failure, refused until, busy until, used
 SLOT_BYTES = 64  # _SLOT.size (56) rounded up
@@ -101,7 +105,8 @@ class _Slot:
 class SharedTable:
     """Shared memory for per-user throttle state, made once before the workers fork (module docstring)."""
 
-    def __init__(self, max_keys: int = 100_000, max_known: int = 10_000) -> None:
+    def __init__(self, max_keys: int = 100_000, max_known: int = 10_000, *, addresses: bool = True) -> None:
+        """`addresses`: with a table of its own for the address throttle (`addresses`), as the command line makes it."""
         self.buckets = max(1, -(-max_keys // SLOTS_PER_BUCKET))
         self._known_buckets = max(1, -(-max_known // SLOTS_PER_BUCKET))
         self._known_at = self.buckets * SLOTS_PER_BUCKET * SLOT_BYTES  # the known passwords follow the slots
@@ -113,6 +118,9 @@ class SharedTable:
         self._map = mmap.mmap(self._fd, size)  # MAP_SHARED: forked workers see one memory
         self._secret = os.urandom(16)
         self.salt = os.urandom(16)  # the credential cache's, one for every worker: a digest means the same in each
+        # The address throttle's counts: slots of their own (and a lock), so that a flood of addresses cannot take the
+        # users' places, nor the users' the addresses'. Its other regions are left at their least.
+        self.addresses = SharedTable(max_keys, 1, addresses=False) if addresses else None
 
     @property
     def capacity(self) -> int:
@@ -135,8 +143,15 @@ class SharedTable:
     def read(self, index: int) -> _Slot:
         return _Slot(*_SLOT.unpack_from(self._map, index * SLOT_BYTES))
 
+    def key(self, index: int) -> bytes:
+        """The key hash of slot `index` alone (a look-up compares it with each slot of two buckets)."""
+        at = index * SLOT_BYTES
+        return self._map[at : at + len(_EMPTY)]
+
     def write(self, index: int, slot: _Slot) -> None:
-        _SLOT.pack_into(self._map, index * SLOT_BYTES, *astuple(slot))
+        # the fields named, not dataclasses.astuple: it deep-copies each field, half of an admit's time (80 us)
+        fields = (slot.key, slot.count, slot.in_flight, slot.last, slot.blocked_until, slot.busy_until, slot.used)
+        _SLOT.pack_into(self._map, index * SLOT_BYTES, *fields)
 
     def clear(self, index: int) -> None:
         self._map[index * SLOT_BYTES : (index + 1) * SLOT_BYTES] = bytes(SLOT_BYTES)
@@ -302,15 +317,26 @@ class SharedTable:
 
 
 class SharedThrottle:
-    """`proxy.auth.basic.Throttle` with `hold=True`, its state in a `SharedTable`: wrong passwords of a user counted
-    across every worker. `stale_after`: seconds after a key's last admitted attempt when attempts still counted in
-    flight are taken to be a dead worker's."""
+    """`proxy.auth.basic.Throttle`, its state in a `SharedTable`: wrong passwords of a user (`hold`, the default) or
+    from an address counted across every worker. `stale_after`: seconds after a key's last admitted attempt when
+    attempts still counted in flight are taken to be a dead worker's. `backoff`: instead of a hold, how long a key is
+    refused once it has `limit` + n failures (n = 0, 1, ...: `proxy.auth.basic.backoff`); a refused key may then be
+    evicted for a new one, as the in-process throttle evicts one (an address's count is no directory's lockout)."""
 
-    def __init__(self, table: SharedTable, limit: int, *, forget: float, stale_after: float) -> None:
+    def __init__(
+        self,
+        table: SharedTable,
+        limit: int,
+        *,
+        forget: float,
+        stale_after: float,
+        backoff: Callable[[int], float] | None = None,
+    ) -> None:
         self._table = table
         self._limit = limit
         self._forget = forget
         self._stale = stale_after
+        self._backoff = backoff
 
     def wait(self, key: str, now: float) -> float:
         """Seconds `key` must still wait before its next attempt may start (0: go ahead)."""
@@ -351,14 +377,31 @@ class SharedThrottle:
             slot = self._fresh(self._table.read(index), now)
             slot.in_flight = max(0, self._in_flight(slot, now) - 1)
             if failed:
-                slot.count += 1
-                slot.last = slot.used = now
-                if slot.count >= self._limit:
-                    slot.blocked_until = now + self._forget
+                self._count(slot, now)
             elif slot.in_flight == 0 and slot.count == 0:
                 self._table.clear(index)
                 return
             self._table.write(index, slot)
+
+    def failed(self, key: str, now: float) -> None:
+        """A failure of `key` with no attempt in flight (a guess judged without the KDC)."""
+        digest = self._table.digest(key)
+        with self._table.locked():
+            index = self._find(digest)
+            if index is None:
+                index = self._place(digest, now)
+                if index is None:
+                    return
+            slot = self._fresh(self._table.read(index), now)
+            self._count(slot, now)
+            self._table.write(index, slot)
+
+    def _count(self, slot: _Slot, now: float) -> None:
+        slot.count += 1
+        slot.last = slot.used = now
+        if slot.count >= self._limit:
+            over = slot.count - self._limit
+            slot.blocked_until = now + (self._forget if self._backoff is None else self._backoff(over))
 
     def succeeded(self, key: str) -> None:
         with self._table.locked():
@@ -387,7 +430,7 @@ class SharedThrottle:
     def _find(self, digest: bytes) -> int | None:
         for bucket in self._table.buckets_of(digest):
             for index in bucket:
-                if self._table.read(index).key == digest:
+                if self._table.key(index) == digest:
                     return index
         return None
 
@@ -398,7 +441,7 @@ class SharedThrottle:
         buckets = self._table.buckets_of(digest)
         victim, most_free = None, 0
         for bucket in buckets:
-            free = [index for index in bucket if self._table.read(index).key == _EMPTY]
+            free = [index for index in bucket if self._table.key(index) == _EMPTY]
             if len(free) > most_free:
                 victim, most_free = free[0], len(free)
         if victim is None:
@@ -409,13 +452,19 @@ class SharedThrottle:
         return victim
 
     def _evictable(self, buckets: list[range], now: float) -> int | None:
-        """The least recently counted slot of `buckets` that is neither refused nor busy (None: every one is)."""
+        """The least recently counted slot of `buckets` that is neither refused nor busy (None: every one is); with a
+        `backoff` (no hold), else the least recently counted refused one that is not busy."""
         victim, oldest = None, float("inf")
+        refused, refused_oldest = None, float("inf")
         for index in (index for bucket in buckets for index in bucket):
             slot = self._table.read(index)
-            if slot.blocked_until <= now and self._in_flight(slot, now) == 0 and slot.used < oldest:
+            if self._in_flight(slot, now) > 0:
+                continue
+            if slot.blocked_until <= now and slot.used < oldest:
                 victim, oldest = index, slot.used
-        return victim
+            elif slot.blocked_until > now and slot.used < refused_oldest:
+                refused, refused_oldest = index, slot.used
+        return victim if victim is not None or self._backoff is None else refused
 
 
 def _packed(users: list[ForgottenUser]) -> list[bytes | None]:

@@ -12,6 +12,8 @@ asks every other socket there, at most `ASK_TIMEOUT` seconds each, all at once, 
   (one being replaced) is named in a comment line, and logged;
 - `/traces` and the pages: every worker's records, newest first, each with `worker` (`merge_traces`); a trace by
   id is looked for in this worker's ring first, then in the others'.
+- `/readyz`: each worker's device connections and their limit (`listeners`), for the listener's part of the answer
+  (`proxy.admin.listener_problem`).
 
 None of this is on the request path: a request still only appends its trace to its worker's ring and tallies its
 counters; the asking is done when the admin listener is read. With one worker nothing changes, not even a label.
@@ -41,6 +43,7 @@ from proxy.workers import Worker
 log = structlog.get_logger("proxy.admin")
 ASK_TIMEOUT = 5.0  # seconds a sibling has to answer one question
 TRACE_ID = re.compile(r"[0-9a-f]{16}")  # `proxy.observability.trace.trace_id`
+Occupancy = tuple[int, int]  # a worker's device connections (TLS handshakes included) and their limit in force
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,14 @@ class Siblings(TraceSource):
     async def metrics(self) -> bytes:
         others = await self.ask("/metrics")
         return merge_metrics({self.worker.number: self._render(), **others})
+
+    async def listeners(self) -> dict[int, Occupancy | None]:
+        """Every other worker's device connections and their limit; None where it did not answer."""
+        answers: dict[int, Occupancy | None] = {}
+        for number, body in (await self.ask("/listener")).items():
+            figures = None if body is None else json.loads(body)
+            answers[number] = None if figures is None else (int(figures["connections"]), int(figures["limit"]))
+        return answers
 
     async def recent(self, limit: int, user: str | None, before: str | None = None) -> Recent | None:
         query = {"limit": str(limit), **({"user": user} if user else {})}
@@ -175,11 +186,18 @@ def ring_answer(
     return {"records": ring.recent(limit, user, cursor, worker), "held": len(ring), "keep": ring.keep}
 
 
-def sibling_app(ring: TraceRing, render: Callable[[], bytes], number: int = 0) -> web.Application:
-    """What worker `number` tells its siblings: its own `/metrics` and `/traces` (`{"records", "held", "keep"}`)."""
+def sibling_app(
+    ring: TraceRing, render: Callable[[], bytes], number: int = 0, listener: Callable[[], Occupancy] = lambda: (0, 0)
+) -> web.Application:
+    """What worker `number` tells its siblings: its own `/metrics`, `/traces` (`{"records", "held", "keep"}`) and
+    `/listener` (`{"connections", "limit"}`, from `listener`)."""
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=render())
+
+    async def occupancy(_request: web.Request) -> web.Response:
+        connections, limit = listener()
+        return web.json_response({"connections": connections, "limit": limit})
 
     async def traces(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "50"))  # checked by the admin view that asked
@@ -197,14 +215,18 @@ def sibling_app(ring: TraceRing, render: Callable[[], bytes], number: int = 0) -
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/traces", traces)
     app.router.add_get("/traces/{id}", trace)
+    app.router.add_get("/listener", occupancy)
     return app
 
 
-async def serve_siblings(worker: Worker, ring: TraceRing, render: Callable[[], bytes]) -> web.AppRunner:
+async def serve_siblings(
+    worker: Worker, ring: TraceRing, render: Callable[[], bytes], listener: Callable[[], Occupancy] = lambda: (0, 0)
+) -> web.AppRunner:
     """Answer the siblings on `worker.socket` (a replaced worker's socket file is taken over); the caller cleans up."""
     with contextlib.suppress(FileNotFoundError):
         worker.socket.unlink()
-    runner = web.AppRunner(sibling_app(ring, render, worker.number), access_log=None, handle_signals=False)
+    app = sibling_app(ring, render, worker.number, listener)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.UnixSite(runner, str(worker.socket)).start()
     return runner

@@ -532,6 +532,35 @@ def test_tls_handshakes_never_finished_do_not_hold_the_admin_listener(lab: LabLa
         assert gw.stop() == 0
 
 
+def test_a_probe_is_served_at_once_while_unfinished_tls_handshakes_fill_the_admin_listener(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """ADMIN_MAX_CONNECTIONS raw connections that start a TLS handshake and never finish it (a record header, the rest
+    of the ClientHello never sent), held open: the allowed client is served at its first try, in far less than the
+    handshake timeout, and the oldest of them is closed to make room. Before, every new connection was closed at once
+    while they held every place, for ADMIN_SILENT_SECONDS, renewed at will: a kubelet's probe refused meanwhile."""
+    gw, admin_port = _tls_admin(lab, tmp_path)
+    stalled: list[socket.socket] = []
+    try:
+        gw.mark()
+        for _ in range(ADMIN_MAX_CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", admin_port), timeout=15)
+            sock.sendall(b"\x16\x03\x01\x02\x00")  # a handshake record of 512 bytes, none of which follow
+            stalled.append(sock)
+        started = time.monotonic()  # the probe's connection is accepted after theirs (the listen queue's order)
+        assert _get(f"https://127.0.0.1:{admin_port}/healthz", client_context(lab, "alice"))[0] == 200
+        assert time.monotonic() - started < ADMIN_SILENT_SECONDS
+        gw.wait_event("admin_connection_limit_reached")
+        eventually(lambda: _closed(stalled[0]), "the oldest unfinished handshake closed for the probe")
+        newest_closed = _closed(stalled[-1])
+        # (after ADMIN_SILENT_SECONDS its handshake timeout closes it anyway: only a machine that slow cannot tell)
+        assert not newest_closed or time.monotonic() - started >= ADMIN_SILENT_SECONDS, "the newest was closed"
+    finally:
+        for sock in stalled:
+            sock.close()
+        assert gw.stop() == 0
+
+
 def _get_as(admin: str, path: str, host: str) -> tuple[int, str]:
     """GET `path` from the admin listener with the Host header `host`, as a browser would send it."""
     connection = http.client.HTTPConnection(urlsplit(admin).netloc, timeout=15)
@@ -991,4 +1020,80 @@ def test_readyz_says_when_the_listeners_own_certificate_has_expired(lab: LabLayo
         assert "expired" in answer["tls"]
         assert "reload" in answer["tls"]
     finally:
+        gw.stop()
+
+
+def _full_listener_gateway(lab: LabLayout, directory: Path, *, workers: int = 1) -> tuple[Gateway, str]:
+    """A gateway of `workers` workers with SLOTS device connections each (handshakes left unfinished are kept for
+    a minute: a loaded machine must not close them before the test looks) and a plain admin listener."""
+    port, admin_port = free_port(), free_port()
+    text = lab_config(lab, port=port, extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
+    bind = f'bind = "127.0.0.1:{port}"\n'
+    assert bind in text
+    listener = f"{bind}max_connections = {SLOTS}\nhandshake_timeout = 60\n"
+    text = text.replace(bind, listener + (f"workers = {workers}\n" if workers > 1 else ""))
+    return start_gateway(lab, directory, text), f"http://127.0.0.1:{admin_port}"
+
+
+SLOTS = 2  # listener.max_connections of `_full_listener_gateway`
+
+
+def _readiness(admin: str) -> tuple[int, dict[str, Any]]:
+    status, body = _get(admin + "/readyz")
+    return status, json.loads(body)
+
+
+def _readiness_once(admin: str, status: int) -> dict[str, Any]:
+    """The body of the first /readyz answered with `status` (polled until WAIT)."""
+
+    def answer() -> dict[str, Any] | None:
+        got, body = _readiness(admin)
+        return body if got == status else None
+
+    return eventually(answer, f"/readyz answering {status}")
+
+
+def test_readyz_is_503_while_the_device_listener_is_full(lab: LabLayout, tmp_path: Path) -> None:
+    """Every device connection slot taken (listener.max_connections, here by connections that never finish their
+    handshake): /readyz answers 503 naming the listener and the key, so a balancer sends new devices to a gateway
+    that can take them; once a connection closes, 200 again and the body as it was. Before, /readyz said 200 while
+    every new device waited in the listen backlog."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw")
+    held: list[socket.socket] = []
+    try:
+        assert _readiness(admin)[0] == 200
+        held = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(SLOTS)]
+        body = _readiness_once(admin, 503)
+        assert body["ready"] is False
+        assert body["kdc"] == "ok"
+        assert "listener.max_connections" in body["listener"], body
+        assert f"{SLOTS} of {SLOTS}" in body["listener"], body
+        held.pop().close()
+        body = _readiness_once(admin, 200)
+        assert "listener" not in body
+    finally:
+        for sock in held:
+            sock.close()
+        gw.stop()
+
+
+def test_readyz_of_two_workers_is_503_only_when_both_listeners_are_full(lab: LabLayout, tmp_path: Path) -> None:
+    """Two workers of SLOTS device connections each, both full (20 connections: the kernel spreads them, so each gets
+    its SLOTS, the rest wait in the backlog): whichever worker the probe reaches answers 503 naming both (it asks the
+    other, as for /metrics); with every connection closed, 200."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
+    held: list[socket.socket] = []
+    try:
+        gw.wait_events("listening", 2)
+        held = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(20)]
+        body = _readiness_once(admin, 503)
+        assert f"worker 1: {SLOTS} of {SLOTS}, worker 2: {SLOTS} of {SLOTS}" in body["listener"], body
+        for _ in range(4):  # each probe reaches one of the two workers: each says so
+            assert _readiness(admin)[0] == 503
+        for sock in held:
+            sock.close()
+        _readiness_once(admin, 200)
+    finally:
+        for sock in held:
+            sock.close()
         gw.stop()

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -18,17 +20,20 @@ from tests.integration.conftest import Gateway, client_context, free_port, lab_c
 from tests.integration.jsonlog import eventually
 
 PER_USER = 4
+PER_ADDRESS = 6
 GUESSES = 24  # each on a new connection: all of them landing on one worker is a chance of 2**-23
 
 
-def _two_worker_basic_gateway(lab: LabLayout, directory: Path, *, cache_seconds: float = 60) -> Gateway:
+def _two_worker_basic_gateway(
+    lab: LabLayout, directory: Path, *, cache_seconds: float = 60, per_user: int = PER_USER, per_address: int = 1000
+) -> Gateway:
     port = free_port()
     extra = f"""
 [authentication]
 mode = "basic"
 basic_cache_seconds = {cache_seconds}
-basic_failures_per_user = {PER_USER}
-basic_failures_per_address = 1000
+basic_failures_per_user = {per_user}
+basic_failures_per_address = {per_address}
 basic_failure_window_seconds = 600
 """
     text = lab_config(lab, port=port, extra=extra)
@@ -38,12 +43,14 @@ basic_failure_window_seconds = 600
 
 
 async def _guess_on_fresh_connections(
-    lab: LabLayout, gw: Gateway, user: str, n: int, password: str | None = None
+    lab: LabLayout, gw: Gateway, user: str, n: int, password: str | None = None, *, spray: bool = False
 ) -> list[int]:
-    """`n` wrong passwords for `user` (or `password` n times), one after the other, each on a connection of its own."""
+    """`n` wrong passwords for `user` (or `password` n times), one after the other, each on a connection of its own;
+    `spray`: each for another user (`user` and the guess's number: names the directory does not know)."""
     statuses = []
     for i in range(n):
-        login = base64.b64encode(f"{user}:{password or f'Wrong-{i}'}".encode()).decode()
+        name = f"{user}{i}" if spray else user
+        login = base64.b64encode(f"{name}:{password or f'Wrong-{i}'}".encode()).decode()
         async with (
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
             session.get(
@@ -155,5 +162,26 @@ def test_a_held_users_own_password_gets_in_on_any_worker_after_the_one_that_acce
 
         eventually(both_answered, "both serving workers answering alice's device")
         assert set(device) == {200}, device
+    finally:
+        gw.stop()
+
+
+def test_a_sprayer_spread_over_two_workers_meets_one_address_limit(lab: LabLayout, tmp_path: Path) -> None:
+    """24 guesses from one address, each for another user (a spray, which the per-user limit never meets) and on a new
+    connection to a gateway of two workers, both of which answer: the KDC checks basic_failures_per_address (6) of them,
+    and past that only the releases of the address's back-off (1, 2, 4 ... s after the last failure: log2(elapsed + 1)
+    more at most); the rest are 429 without the KDC. Before, each worker counted the address on its own: 6 per worker,
+    12 and their releases reached the KDC."""
+    gw = _two_worker_basic_gateway(lab, tmp_path / "gw", per_user=1000, per_address=PER_ADDRESS)
+    try:
+        gw.mark()
+        started = time.monotonic()
+        statuses = asyncio.run(_guess_on_fresh_connections(lab, gw, "spray", GUESSES, spray=True))
+        elapsed = time.monotonic() - started
+        answered = gw.wait_events("request", GUESSES)
+        assert len({e["pid"] for e in answered}) == 2, "one worker answered every guess"
+        assert set(statuses) == {401, 429}, statuses
+        assert statuses[:PER_ADDRESS] == [401] * PER_ADDRESS, statuses
+        assert statuses.count(401) <= PER_ADDRESS + math.floor(math.log2(elapsed + 1)), (statuses, elapsed)
     finally:
         gw.stop()

@@ -237,3 +237,44 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one(lab: LabLayout, tmp_
         assert re.search(r"^Max open files\s+4096\s+4096\s", limits, re.M), limits
     finally:
         gw.stop()
+
+
+def _with_max_in_flight(text: str, max_in_flight: int) -> str:
+    assert "[kerberos]\n" in text
+    return text.replace("[kerberos]\n", f"[kerberos]\nmax_in_flight = {max_in_flight}\n", 1)
+
+
+def test_the_reserve_grows_with_kerberos_max_in_flight(lab: LabLayout, tmp_path: Path) -> None:
+    """kerberos.max_in_flight = 64 runs 194 KDC threads (three pools of 64, the readiness and directory probes'), each
+    holding up to two sockets while a KDC is silent: the start keeps 388 descriptors for them besides the rest of the
+    reserve (156), where the fixed 256 was sized for 16 and came up short past about 55 threads."""
+    text = _with_max_in_flight(lab_config(lab, port=free_port()), 64)
+    gw = start_gateway(lab, tmp_path / "gw", text, launcher=("prlimit", "--nofile=20000:20000", sys.executable))
+    try:
+        budget = (gw.events("descriptor_budget") or gw.events("descriptor_limit_low"))[0]
+        assert budget["reserved"] == 156 + 2 * (3 * 64 + 2), budget
+        assert budget["device_connections"] == (20000 - budget["reserved"]) // 2, budget
+    finally:
+        gw.stop()
+
+
+def test_a_max_in_flight_the_open_file_limit_cannot_hold_is_refused_at_start(lab: LabLayout, tmp_path: Path) -> None:
+    """Under an open-file limit of 1,024, kerberos.max_in_flight = 64 would let the KDC threads take 388 descriptors,
+    more than the quarter of the limit the reserve may be: the start is refused (exit 2), naming the key, the
+    descriptors it needs and the limit that would hold it, rather than serving until a silent KDC runs the process out
+    of descriptors for accept(), CRL fetches and KDC calls alike."""
+    directory = tmp_path / "gw"
+    directory.mkdir()
+    config = directory / "gateway.toml"
+    config.write_text(_with_max_in_flight(lab_config(lab, port=free_port()), 64))
+    done = subprocess.run(
+        ["prlimit", "--nofile=1024:1024", sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env={**os.environ, **lab.env()},
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert "kerberos.max_in_flight" in out, out[-3000:]
+    assert "2176" in out, out[-3000:]  # the limit whose quarter holds the whole reserve, 544

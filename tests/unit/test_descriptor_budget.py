@@ -12,8 +12,10 @@ import pytest
 from proxy.backend.client import BackendConnection, BackendSocketsExhausted, Upstream
 from proxy.backend.forward import Pools, _failure
 from proxy.config import Route
-from proxy.descriptors import RESERVE, DescriptorBudget
+from proxy.descriptors import DescriptorBudget, kdc_reserve_problem, reserve_for
 from proxy.errors import BackendBusy
+
+RESERVE = 256  # at the default kerberos.max_in_flight (16): the fixed reserve the budget started with
 
 
 @pytest.mark.parametrize(
@@ -29,7 +31,7 @@ from proxy.errors import BackendBusy
 def test_the_limit_is_shared_out(limit: int, max_connections: int, device: int, backend: int) -> None:
     """A reserve, then device connections (at most half of the rest and max_connections), then the backend's, never
     fewer than the device connections: each held request finds its backend connection."""
-    budget = DescriptorBudget.of(max_connections, limit)
+    budget = DescriptorBudget.of(max_connections, 16, limit)
     assert (budget.device, budget.backend) == (device, backend)
     assert budget.reserve + budget.device + budget.backend == limit
     assert budget.backend >= budget.device
@@ -37,10 +39,40 @@ def test_the_limit_is_shared_out(limit: int, max_connections: int, device: int, 
     assert budget.needed == 2 * max_connections + RESERVE
 
 
+@pytest.mark.parametrize(
+    ("max_in_flight", "limit", "reserve"),
+    [
+        (16, 65536, 256),  # the default: 50 KDC threads, two descriptors each, and the rest
+        (64, 65536, 156 + 2 * 194),  # three pools of 64 and the two probes' threads
+        (1, 65536, 156 + 2 * 5),
+        (64, 2048, 512),  # a quarter of the limit at most
+    ],
+)
+def test_the_reserve_follows_kerberos_max_in_flight(max_in_flight: int, limit: int, reserve: int) -> None:
+    """The reserve holds two descriptors for each thread that may be inside a KDC call (kerberos.max_in_flight per
+    pool, three pools, and the readiness and directory probes), besides BASE_RESERVE: a fixed 256 came up short past
+    about 55 KDC threads."""
+    budget = DescriptorBudget.of(10_000, max_in_flight, limit)
+    assert budget.reserve == reserve
+    assert budget.needed == 2 * 10_000 + reserve_for(max_in_flight)
+
+
+def test_a_max_in_flight_whose_kdc_threads_the_limit_cannot_hold_is_refused() -> None:
+    """The KDC threads' descriptors must fit in a quarter of the limit: at 1,024, 42 per pool do (256), 43 do not; the
+    refusal names the key, the most that fits and the limit that would hold the whole reserve."""
+    assert kdc_reserve_problem(42, 1024) is None
+    assert kdc_reserve_problem(16, 512) is None
+    problem = kdc_reserve_problem(43, 1024)
+    assert problem is not None
+    assert problem.startswith("kerberos.max_in_flight = 43 ")
+    assert "lower it to 42 or less" in problem
+    assert f"raise the limit to {4 * reserve_for(43)}" in problem
+
+
 def test_this_process_limit_is_read() -> None:
     """Without a limit given, the process's soft RLIMIT_NOFILE is the one shared out."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    assert DescriptorBudget.of(10).limit == min(soft, 1 << 20)
+    assert DescriptorBudget.of(10, 16).limit == min(soft, 1 << 20)
 
 
 async def _listener() -> tuple[asyncio.Server, Upstream]:

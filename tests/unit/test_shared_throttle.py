@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from proxy.auth.basic import Throttle
+from proxy.auth.basic import Throttle, backoff
 from proxy.auth.shared import SharedTable, SharedThrottle
 
 
@@ -149,3 +149,47 @@ def test_a_refused_keytab_key_is_kept_by_path_principal_and_file_version() -> No
     assert table.refused_key(path, "proxy$@LAB.TEST", old) is None  # a reload naming another principal of the file
     table.keep_refused_key(path, gateway, new, 0)
     assert (table.refused_key(path, gateway, new), table.refused_key(path, gateway, old)) == (0, None)
+
+
+def _address_throttle(table: SharedTable, limit: int = 3) -> SharedThrottle:
+    return SharedThrottle(table, limit, forget=900, stale_after=60, backoff=backoff)
+
+
+def test_an_address_backs_off_as_the_in_process_throttle_does() -> None:
+    """With `backoff` (the address throttle), a key past its limit is refused 1, 2, 4 ... seconds after each failure,
+    the same waits as the in-process throttle's, not held for the window; a failure judged without the KDC
+    (`failed`) counts too."""
+    shared, local = _address_throttle(SharedTable(max_keys=64)), Throttle(3, forget=900)
+    for throttle in (shared, local):
+        for now in (0.0, 0.0, 10.0):
+            _fail(throttle, "10.0.0.1", now)
+        assert throttle.wait("10.0.0.1", 10.0) == 1.0
+        _fail(throttle, "10.0.0.1", 11.0)
+        assert throttle.wait("10.0.0.1", 11.0) == 2.0
+        throttle.failed("10.0.0.1", 13.0)
+        assert throttle.wait("10.0.0.1", 13.0) == 4.0
+        assert throttle.wait("10.0.0.1", 17.0) == 0
+
+
+def test_a_refused_address_makes_room_for_a_new_one_when_every_slot_is_refused() -> None:
+    """A table full of refused addresses takes a new address in (the least recently counted refused one goes), where
+    the users' table refuses the new key: an address's count is no directory's lockout, and a sprayer with many
+    addresses would otherwise shut every new address out."""
+    table = SharedTable(max_keys=8)  # one bucket of 8
+    throttle = _address_throttle(table, limit=1)
+    for i in range(8):
+        _fail(throttle, f"10.0.0.{i}", i / 10)  # each refused for a second
+    assert all(throttle.wait(f"10.0.0.{i}", 0.8) > 0 for i in range(8))
+    assert throttle.admit("10.0.1.1", 0.8) == 0
+    assert throttle.wait("10.0.0.0", 0.8) == 0  # the least recently counted went
+    assert all(throttle.wait(f"10.0.0.{i}", 0.8) > 0 for i in range(1, 8))
+
+
+def test_the_command_lines_table_has_one_of_its_own_for_addresses() -> None:
+    """The address throttle's slots are apart from the users' (a flood of either cannot take the other's places)."""
+    table = SharedTable(max_keys=64)
+    assert table.addresses is not None
+    assert table.addresses.capacity == table.capacity
+    assert table.addresses.addresses is None
+    _fail(_address_throttle(table.addresses), "10.0.0.1", 0.0)
+    assert _throttle(table).wait("10.0.0.1", 0.0) == 0
