@@ -13,7 +13,10 @@ transport's (buffered) protocol and the device-side server's transport:
   `write` (one `send` when the socket takes them); the socket transport's flow control (`pause_writing`,
   `resume_writing`) is the server's;
 - whatever OpenSSL answers by itself while reading (a refused TLS 1.2 renegotiation's alert, a TLS 1.3
-  KeyUpdate) is sent after each read;
+  KeyUpdate) is sent after each read; when the socket transport already holds more than its high-water mark of
+  our records (`pause_writing`), reading from the device stops until it has taken them (`resume_writing`): a
+  device that sent KeyUpdates asking for the gateway's and read nothing had the gateway keep every answer, 4.4 MB
+  for 8 MB of them, until the connection ended (docs/hardening.md, section 16);
 - closing sends close_notify and waits for the device's, at most `SHUTDOWN_TIMEOUT` seconds (asyncio's
   rule), reading and discarding what else arrives (in the same read as the device's close_notify or not; at most
   `DISCARD_LIMIT` bytes, then the connection is aborted);
@@ -66,11 +69,13 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         "_closed",
         "_discarded",
         "_grown",
+        "_held",
         "_incoming",
         "_loop",
         "_outgoing",
         "_peername",
         "_release",
+        "_send_paused",
         "_sslobj",
         "_state",
         "_stream",
@@ -105,6 +110,8 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         self._grown = False  # a BIO held more than KEEP_BIO_BYTES since it was made
         self._release: asyncio.TimerHandle | None = None  # the replacement, when one is due
         self._discarded = 0  # application data bytes read and discarded since close()
+        self._send_paused = False  # the socket transport holds more than its high-water mark of our records
+        self._held = False  # reading stopped: OpenSSL answered the device by itself while it took none of our records
 
     # -- the socket transport's protocol ----------------------------------------------------------------------
 
@@ -116,7 +123,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         if self._incoming.pending > KEEP_BIO_BYTES:
             self._grown = True
         if self._state == _OPEN:
-            if not self._app_paused:
+            if not self._app_paused and not self._held:
                 self._read()
         elif self._state == _SHUTDOWN:
             self._shutdown()
@@ -142,10 +149,18 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         self._closed()
 
     def pause_writing(self) -> None:
+        self._send_paused = True
         if self._app is not None:
             self._app.pause_writing()
 
     def resume_writing(self) -> None:
+        self._send_paused = False
+        if self._held:  # the device took our records: its own are read again
+            self._held = False
+            if self._state == _OPEN and not self._app_paused:
+                self._stream.resume_reading()
+                if self._incoming.pending or self._sslobj.pending():
+                    self._loop.call_soon(self._resume_read)
         if self._app is not None:
             self._app.resume_writing()
 
@@ -170,7 +185,10 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
             self._flush()  # OpenSSL's alert, if it wrote one
             self._stream.abort()
             return
-        self._flush()
+        if self._flush() and self._send_paused and not self._held:  # answers OpenSSL wrote by itself, not taken
+            self._held = True
+            if not self._app_paused:
+                self._stream.pause_reading()
         app = self._app
         if data and app is not None:
             app.data_received(data[0] if len(data) == 1 else b"".join(data))
@@ -182,15 +200,18 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
     def read_early(self) -> None:
         """Serve what the device sent with its Finished message, already in the incoming BIO when the server was given
         this transport (TLS 1.3 clients often send their request at once)."""
-        if self._incoming.pending and self._state == _OPEN and not self._app_paused:
+        if self._incoming.pending and self._state == _OPEN and not self._app_paused and not self._held:
             self._read()
 
-    def _flush(self) -> None:
-        if self._outgoing.pending:
-            records = self._outgoing.read()
-            if len(records) > KEEP_BIO_BYTES:
-                self._grown = True
-            self._stream.write(records)
+    def _flush(self) -> bool:
+        """Hand what OpenSSL wrote to the socket transport; whether there was anything."""
+        if not self._outgoing.pending:
+            return False
+        records = self._outgoing.read()
+        if len(records) > KEEP_BIO_BYTES:
+            self._grown = True
+        self._stream.write(records)
+        return True
 
     def between_requests(self) -> None:
         """The server waits for the device's next request: if a BIO held more than `KEEP_BIO_BYTES` for the last
@@ -279,17 +300,20 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
     def pause_reading(self) -> None:
         if not self._app_paused:
             self._app_paused = True
-            self._stream.pause_reading()
+            if not self._held:
+                self._stream.pause_reading()
 
     def resume_reading(self) -> None:
         if self._app_paused:
             self._app_paused = False
+            if self._held:  # until the device takes our records (`resume_writing`)
+                return
             self._stream.resume_reading()
             if self._incoming.pending or self._sslobj.pending():
                 self._loop.call_soon(self._resume_read)
 
     def _resume_read(self) -> None:
-        if self._state == _OPEN and not self._app_paused:
+        if self._state == _OPEN and not self._app_paused and not self._held:
             self._read()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -325,8 +349,8 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
             return
         self._state = _SHUTDOWN
         self._timer = self._loop.call_later(SHUTDOWN_TIMEOUT, self._shutdown_expired)
-        if self._app_paused:  # the device's close_notify must be read
-            self._app_paused = False
+        if self._app_paused or self._held:  # the device's close_notify must be read
+            self._app_paused = self._held = False
             self._stream.resume_reading()
         self._shutdown()
 

@@ -252,6 +252,7 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
 
     max_size = 32 * 1024
     received = False  # whether the client has sent a byte (an empty connection ends before its first one)
+    answers_held = False  # reading stopped: OpenSSL answered the device by itself while it took none of our records
 
     def __init__(self, *args: Any, closed: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -265,6 +266,33 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._closed()
+
+    def _do_read(self) -> None:
+        """asyncio's, and then: if OpenSSL wrote records of its own while reading (a KeyUpdate's answer, a refused
+        renegotiation's alert) and the socket transport already holds more than its high-water mark of ours, reading
+        from the device stops until it has taken them (`resume_writing`). asyncio keeps such records in its outgoing
+        BIO while writing is paused, and went on reading: a device that sent KeyUpdates asking for the gateway's and
+        read nothing had the gateway keep every answer (docs/hardening.md, section 16; `TlsRecords` does the same)."""
+        outgoing: ssl.MemoryBIO = getattr(self, "_outgoing")  # noqa: B009  asyncio's, untyped in typeshed
+        before = outgoing.pending
+        super()._do_read()  # type: ignore[misc]
+        paused = getattr(self, "_ssl_writing_paused", False)
+        if paused and outgoing.pending > before and not self.answers_held and self._transport is not None:
+            self.answers_held = True
+            socket_transport(self._transport).pause_reading()
+
+    def _control_ssl_reading(self) -> None:
+        """asyncio's flow control of its incoming BIO, which would resume reading, unless the answers hold it."""
+        if not self.answers_held:
+            super()._control_ssl_reading()  # type: ignore[misc]
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.answers_held:  # the device took our records: its own are read again
+            self.answers_held = False
+            if self._transport is not None and not getattr(self, "_ssl_reading_paused", False):
+                socket_transport(self._transport).resume_reading()
+            self._control_ssl_reading()
 
     def eof_received(self) -> None:
         """The device's TCP end. asyncio's protocol, when the server has paused its reading (aiohttp does once it

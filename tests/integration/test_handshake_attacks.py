@@ -1,6 +1,7 @@
 """The TLS handshake as a hostile or broken device drives it, against both device-side servers: garbage, a
 ClientHello in one-byte records, a handshake dripped slower than `listener.handshake_timeout`, a device that ends
-or resets the connection mid-handshake, KeyUpdates after it (one, and a flood).
+or resets the connection mid-handshake, KeyUpdates after it (one, a flood, and about 8 MB of them from a device that
+reads none of their answers).
 
 Each case is sent on a raw socket, the TLS client an `ssl.SSLObject` on memory BIOs, so the test decides how its
 bytes are cut into records and reads. What the gateway holds afterwards is read from its admin listener
@@ -20,6 +21,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -286,4 +288,81 @@ def test_key_updates_after_the_handshake_are_answered_and_the_request_served(sce
         answer = client.request(GET)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert len(scene.recorder.taken()) == 1
+    scene.settled()
+
+
+UNREAD_KEY_UPDATES = 300_000  # about 8 MB of KeyUpdate records: past what the kernel's socket buffers absorb
+HELD_AT_MOST = 2 * 1024  # KiB of the gateway's memory one such device may grow it by
+
+
+def _rss_kib(pid: int) -> int:
+    """The resident set of process `pid`, KiB."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
+
+
+def _cpu_ticks(pid: int) -> int:
+    """The CPU time process `pid` has used (user and system), in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _until_idle(pid: int, timeout: float = 120) -> None:
+    """Polled until the process's CPU time stays the same for half a second (within `timeout`)."""
+    deadline = time.monotonic() + timeout
+    last = _cpu_ticks(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _cpu_ticks(pid)
+        if now == last:
+            return
+        last = now
+    raise AssertionError(f"process {pid} still busy after {timeout} s")
+
+
+def test_a_device_that_reads_none_of_its_key_update_answers_is_not_buffered_for(scene: Scene) -> None:
+    """After the handshake (TLS 1.3) a device sends KeyUpdates, each asking for the gateway's, about 8 MB of them,
+    and reads nothing (a 4 KiB receive buffer). OpenSSL answers each with a KeyUpdate of its own; once the socket's
+    buffers are full, the gateway stops reading from the device (its sends block) rather than hold the answers in
+    its own memory: its RSS grows by less than HELD_AT_MOST KiB (it grew 4.4 MB for 8.1 MB, and 9.6 MB for 16.2 MB,
+    given back only when the connection ended at keepalive_timeout). The device that then reads is served."""
+    pid = scene.gw.proc.pid
+    ctx = client_context(scene.lab, "alice")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window it offers
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", scene.gw.port))
+    with sock:
+        while True:
+            try:
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            if flight := outgoing.read():
+                sock.sendall(flight)
+            if done:
+                break
+            incoming.write(sock.recv(65536))
+        before = _rss_kib(pid)
+        lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+        lib.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.SSL_do_handshake.argtypes = [ctypes.c_void_p]
+        pointer = _ssl_pointer(tls)
+        sock.settimeout(5)  # a send blocked this long: the gateway has stopped reading
+        blocked = False
+        for _ in range(UNREAD_KEY_UPDATES // 10_000):
+            for _ in range(10_000):
+                lib.SSL_key_update(pointer, 1)  # SSL_KEY_UPDATE_REQUESTED
+                lib.SSL_do_handshake(pointer)  # sends it (one pending update at a time)
+            try:
+                sock.sendall(outgoing.read())
+            except TimeoutError:
+                blocked = True
+                break
+        _until_idle(pid)  # the gateway has done what it will with what it read
+        grown = _rss_kib(pid) - before
+    assert grown < HELD_AT_MOST, f"the gateway grew by {grown} KiB for a device that reads nothing ({blocked=})"
     scene.settled()
