@@ -16,7 +16,7 @@ transport's (buffered) protocol and the device-side server's transport:
   KeyUpdate) is sent after each read; when the socket transport already holds more than its high-water mark of
   our records (`pause_writing`), reading from the device stops until it has taken them (`resume_writing`): a
   device that sent KeyUpdates asking for the gateway's and read nothing had the gateway keep every answer, 4.4 MB
-  for 8 MB of them, until the connection ended (docs/hardening.md, section 16);
+  for 8 MB of them, until the connection ended (docs/hardening.md, section 17);
 - closing sends close_notify and waits for the device's, at most `SHUTDOWN_TIMEOUT` seconds (asyncio's
   rule), reading and discarding what else arrives (in the same read as the device's close_notify or not; at most
   `DISCARD_LIMIT` bytes, then the connection is aborted);

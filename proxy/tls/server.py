@@ -272,7 +272,7 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
         renegotiation's alert) and the socket transport already holds more than its high-water mark of ours, reading
         from the device stops until it has taken them (`resume_writing`). asyncio keeps such records in its outgoing
         BIO while writing is paused, and went on reading: a device that sent KeyUpdates asking for the gateway's and
-        read nothing had the gateway keep every answer (docs/hardening.md, section 16; `TlsRecords` does the same)."""
+        read nothing had the gateway keep every answer (docs/hardening.md, section 17; `TlsRecords` does the same)."""
         outgoing: ssl.MemoryBIO = getattr(self, "_outgoing")  # noqa: B009  asyncio's, untyped in typeshed
         before = outgoing.pending
         super()._do_read()  # type: ignore[misc]

@@ -1,5 +1,5 @@
 """The hot path's shortcuts (issue #18) attacked from outside: what each remembers across requests or connections,
-asked again after what it rested on has changed (review36, docs/hardening.md section 16).
+asked again after what it rested on has changed (review36, docs/hardening.md section 17).
 
 - TLS sessions. OpenSSL verifies a client's chain in the full handshake only: a resumed session (a TLS 1.3 ticket, a
   TLS 1.2 session ID) carries the certificate of the handshake that made it, and nothing of TLS looks at it again.
