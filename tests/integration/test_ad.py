@@ -286,7 +286,9 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
     Exchange stand-in in the namespace and prints an `ip netns exec ... curl`; with the gateway it configured
     running in there, that curl, pasted as printed, gets alice through, and `kcd-proxy trace` with that configuration
     shows her request (it had no admin listener: "traces are not served"). It also writes, and names, the
-    `gateway-strong.toml` the README's strong-mapping section points to, which check-config finds sound."""
+    `gateway-strong.toml` the README's strong-mapping section points to and its audit twin
+    `gateway-strong-or-audit.toml`, which check-config finds sound, each naming itself in its run line (both named
+    gateway.toml) and serving traces on the lab's admin port (both had no [admin]: `trace` refused them)."""
     lab_dir = ad_realm.root.parent
     assert ad_realm.root.name == "ad"
     argv = [sys.executable, "-m", "proxy", "lab", "up", "--ad", "--dir", str(lab_dir)]
@@ -295,9 +297,15 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
     assert up.returncode == 0, up.stderr
     strong = ad_realm.root / "gateway-strong.toml"  # the strong-mapping twin the README names, beside the realm
     assert f'# [identity] mapping = "strong": {strong};' in up.stdout, up.stdout
-    assert 'mapping = "strong"' in strong.read_text()
-    checked = ad_realm.run([sys.executable, "-m", "proxy", "check-config", str(strong)], timeout=60)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    audit = ad_realm.root / "gateway-strong-or-audit.toml"  # the migration's audit step, beside it
+    assert f'# [identity] mapping = "strong-or-audit": {audit}' in up.stdout, up.stdout
+    for config, mode in ((strong, "strong"), (audit, "strong-or-audit")):
+        text = config.read_text()
+        assert f'\nmapping = "{mode}"\n' in text
+        assert f"kcd-proxy run --config {config}\n" in text, text.splitlines()[1]
+        assert f'\n[admin]\nbind = "127.0.0.1:{ad.LAB_ADMIN_PORT}"\n' in text
+        checked = ad_realm.run([sys.executable, "-m", "proxy", "check-config", str(config)], timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
     printed = up.stdout[up.stdout.index(f"ip netns exec {ad_realm.netns} curl") :].replace("\\\n", " ").strip()
     gw = ad_realm.popen(
         [sys.executable, "-m", "proxy", "run", "--config", str(ad_realm.root / "gateway.toml")], log=tmp_path / "gw.log"
@@ -315,6 +323,10 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
         shown = ad_realm.run(trace, timeout=60)  # what the README's operations commands show, in the AD lab too
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert "alice@ad.test" in shown.stdout, shown.stdout
+        for config in (strong, audit):  # `trace --config` with the strong twins reads the same admin port
+            shown = ad_realm.run([*trace[:-1], str(config)], timeout=60)
+            assert shown.returncode == 0, shown.stdout + shown.stderr
+            assert "alice@ad.test" in shown.stdout, shown.stdout
     finally:
         gw.terminate()
         gw.wait(timeout=15)
