@@ -210,6 +210,11 @@ class Directory:
         return self._settings.base_dn
 
     @property
+    def cache_seconds(self) -> float:
+        """How long an answer is kept: a change on the DC reaches the gateway within that."""
+        return self._settings.cache_seconds
+
+    @property
     def realm(self) -> str:
         """The Kerberos realm of the directory's domain: base_dn's DC components (DC=corp,DC=com: CORP.COM)."""
         return self._realm

@@ -54,7 +54,15 @@ from proxy.errors import (
 )
 from proxy.held import NOT_HELD
 from proxy.identity.constraints import require_within
-from proxy.identity.mapping import Mapping, account_state, decide, no_account, sid_of_another, stated_sid
+from proxy.identity.mapping import (
+    Mapping,
+    account_state,
+    decide,
+    no_account,
+    reread_note,
+    sid_of_another,
+    stated_sid,
+)
 from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
@@ -320,6 +328,7 @@ async def map_certificate(
     """The mapping stage: the account the UPN names, its state, and whether the certificate is tied to it."""
     mode = identity.mapping
     account = await directory.lookup(user.upn)
+    reread = reread_note(directory.cache_seconds)  # a refusal mended on the DC: when the gateway will see it
     if account is None:
         # strong-or-audit serves a name no account has as weakly mapped, unless the certificate says it is another's:
         # a SID is the domain's, wherever its object is (AD CS writes the requester's; ESC1 lets them write the UPN)
@@ -328,13 +337,13 @@ async def map_certificate(
         if found is not None and owner is not None:
             raise sid_of_another(found, owner, user.upn, directory.base_dn)
         sid = found.sid if found is not None else None
-        mapping = no_account(user.upn, directory.base_dn, mode, sid)  # refused in strong; weak in strong-or-audit
+        mapping = no_account(user.upn, directory.base_dn, mode, sid, reread)  # refused in strong; weak in audit
         trace.note(**mapping.as_facts())
         return mapping
     trace.note(account_dn=account.dn, account_sid=str(account.sid))
-    account_state(account, now)  # disabled, locked out, expired: refused before any KDC request
+    account_state(account, now, reread)  # disabled, locked out, expired: refused before any KDC request
     backdating = timedelta(seconds=identity.certificate_backdating_compensation)
-    mapping = decide(leaf, account, mode, directory.realm, backdating)
+    mapping = decide(leaf, account, mode, directory.realm, backdating, reread)
     trace.note(**mapping.as_facts())
     trace.detail("mapping", mapping=mapping)
     return mapping

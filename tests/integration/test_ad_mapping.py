@@ -159,6 +159,25 @@ def test_no_sid_extension_is_refused_with_the_fix(realm: ad.AdRealm, strong: AdP
     assert "altSecurityIdentities: X509:<I>" in event["fix"]
 
 
+def test_a_refusal_the_dc_fixes_says_when_the_gateway_sees_the_change(realm: ad.AdRealm, strong: AdProcess) -> None:
+    """A refusal whose fix is a change on the DC (the altSecurityIdentities entry to add, the account to enable, the
+    name to give an account) says the gateway keeps the directory's answer [directory] cache_seconds (300 s here): a
+    TMG administrator added the entry the fix named and got the same 403 for five minutes, nothing saying why. A
+    certificate to revoke (another account's SID) gets no such words: no change on the DC serves it."""
+    for name, upn, event in (
+        ("bob", "bob@ad.test", "mapping_refused"),
+        ("dave-sid", "dave@ad.test", "account_refused"),
+        ("ghost", "ghost@ad.test", "mapping_refused"),
+    ):
+        status, body, _ = curl(realm, strong, name)
+        assert status == 403, body
+        fix = strong.wait_event(event, upn=upn)["fix"]
+        assert "the gateway sees a change on the DC within [directory] cache_seconds (300 s)" in fix, fix
+    status, body, _ = curl(realm, strong, "alice-bob-sid")
+    assert status == 403, body
+    assert "cache_seconds" not in strong.wait_event("mapping_refused", upn="alice@ad.test")["fix"]
+
+
 def test_strong_alt_security_identity_is_admitted(realm: ad.AdRealm, strong: AdProcess) -> None:
     """frank's certificate has no SID extension, his account lists it by issuer and reversed serial: served."""
     status, body, _ = curl(realm, strong, "frank-altsec")
