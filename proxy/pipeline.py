@@ -51,6 +51,7 @@ from proxy.errors import (
     GatewayError,
     IdentityRejected,
     NoRoute,
+    NotForwardable,
 )
 from proxy.held import NOT_HELD
 from proxy.identity.constraints import require_within
@@ -67,6 +68,7 @@ from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegation, Delegator
+from proxy.kerberos.hints import not_forwardable_named
 from proxy.observability.trace import Trace
 from proxy.target import checked_host, origin_form
 from proxy.tls.peer import presented_der, tls_facts
@@ -394,6 +396,8 @@ async def delegated(gw: Gateway, user: UserPrincipal, route: Route, trace: Trace
             gw.directory.forget(user.upn)  # look-up: the next request is decided on a fresh one
         if isinstance(e, AccountRevoked):
             raise await account_named(gw, e, datetime.now(UTC)) from None
+        if isinstance(e, NotForwardable):
+            raise await forwarding_named(gw, e) from None
         raise
     trace.note(impersonation_cached=delegation.impersonation_cached, kdc_account=str(delegation.account))
     if delegation.principal != user.principal:
@@ -445,6 +449,30 @@ async def account_named(gw: Gateway, refused: AccountRevoked, now: datetime) -> 
     except GatewayError:
         return refused  # the directory unreachable, or the name several accounts': the KDC's word alone
     return refused
+
+
+async def forwarding_named(gw: Gateway, refused: NotForwardable) -> NotForwardable:
+    """The KDC's "evidence ticket not forwardable" (two causes, one answer) with the one cause the directory shows,
+    where a [directory] is configured and has the user's account (its cache, else one search): the user marked
+    'Account is sensitive and cannot be delegated', or else the gateway's account without protocol transition; else
+    the refusal as it is, naming both. Either way the user's 403 at `kerberos`."""
+    if gw.directory is None or not refused.user:
+        return refused
+    try:
+        account = await gw.directory.lookup(directory_name(refused.user))
+    except GatewayError:
+        return refused  # the directory unreachable, or the name several accounts': both causes, as the KDC left it
+    if account is None:
+        return refused
+    hint = not_forwardable_named(
+        user=refused.user,
+        proxy=gw.config.kerberos.principal,
+        dn=account.dn,
+        sam=account.sam_account_name,
+        user_account_control=account.user_account_control,
+    )
+    message = f" [{refused.message}]" if refused.message else ""
+    return NotForwardable(refused.reason, hint=hint + message, user=refused.user, message=refused.message)
 
 
 def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:

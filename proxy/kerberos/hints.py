@@ -34,6 +34,7 @@ from proxy.errors import (
     KerberosMisconfigured,
     KerberosOverloaded,
     KerberosRefused,
+    NotForwardable,
 )
 
 
@@ -193,6 +194,35 @@ def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
     return _NOT_FORWARDABLE_REASON.format(**fill), _NOT_FORWARDABLE_HINT.format(**fill)
 
 
+# userAccountControl ([MS-ADTS] 2.2.16): "Account is sensitive and cannot be delegated"
+UF_NOT_DELEGATED = 0x100000
+_SENSITIVE = "'Account is sensitive and cannot be delegated'"
+
+
+def not_forwardable_named(*, user: str, proxy: str, dn: str, sam: str, user_account_control: int) -> str:
+    """The hint for an evidence ticket without the forwardable flag when the directory has the user's account
+    (`dn`, `sam`, its `userAccountControl`): the one of the two causes that applies, in AD's words. The user's
+    NOT_DELEGATED bit set: that is the cause, whatever the gateway's account says. Clear: the gateway's account
+    lacks protocol transition (or, on a Windows DC, the user is in Protected Users, which that bit does not show)."""
+    account = _account(proxy)
+    if user_account_control & UF_NOT_DELEGATED:
+        return (
+            f"{user} is marked sensitive: {_SENSITIVE} is set on {dn} (NOT_DELEGATED in its userAccountControl), "
+            f"so no KDC issues a forwardable ticket for it; clear it if the gateway should act for this user "
+            f"(Active Directory Users and Computers: the account's Account tab; Set-ADAccountControl {sam} "
+            f"-AccountNotDelegated $false; samba-tool user sensitive {sam} off). {proxy}'s protocol transition is "
+            "not the cause"
+        )
+    return (
+        f"{dn} is not marked {_SENSITIVE} (NOT_DELEGATED is clear in its userAccountControl), so the cause is "
+        f"{proxy}: it lacks protocol transition. Give it 'Use any authentication protocol' (its Delegation tab, "
+        f"with 'Trust this user for delegation to specified services only'; TRUSTED_TO_AUTH_FOR_DELEGATION in its "
+        f"userAccountControl): Set-ADAccountControl {account} -TrustedToAuthForDelegation $true, or samba-tool "
+        f"delegation for-any-protocol {account} on. On a Windows DC a member of Protected Users is refused this way "
+        "too: take the user out of that group"
+    )
+
+
 _POLICY = "kdc policy rejects request"
 _NO_KEY = "no key table entry found"
 _INTEGRITY = "integrity check failed"
@@ -271,10 +301,10 @@ def explain(
     if step == "s4u2self" and foreign and _realm(user) != _realm(proxy):
         return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{_FOREIGN_HINT.format(**fill)} [{message}]")
     if step == "s4u2proxy" and _BADOPTION in lowered and evidence_forwardable is not None:
-        if evidence_forwardable:
-            reason, hint = f"the gateway may not act for {user} at {spn}", _NOT_DELEGABLE_HINT.format(**fill)
-        else:
+        if not evidence_forwardable:  # the directory, where there is one, says which cause (proxy.pipeline)
             reason, hint = not_forwardable(user=user, proxy=proxy)
+            return NotForwardable(reason, hint=f"{hint} [{message}]", user=user, message=message)
+        reason, hint = f"the gateway may not act for {user} at {spn}", _NOT_DELEGABLE_HINT.format(**fill)
         return KerberosRefused(reason, hint=f"{hint} [{message}]")
     for rule in _RULES:
         if rule.needle in lowered:

@@ -63,7 +63,7 @@ from proxy.config import Authentication, Config, Kerberos, Route
 from proxy.errors import AccountMismatch, GatewayError
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.kerberos.account import kdc_account
-from proxy.kerberos.hints import not_forwardable
+from proxy.kerberos.hints import not_forwardable, not_forwardable_named
 from proxy.kerberos.keytab import kvnos, missing_key, read_keytab
 from proxy.kerberos.pac import PacFacts
 
@@ -275,9 +275,15 @@ _NOT_FORWARDABLE = "is not forwardable: classic constrained delegation will refu
 _NO_CREDENTIALS = "not run: needs the gateway's own credentials (see kdc)"
 
 
-def not_forwardable_check(principal: str, whose: str, proxy: str) -> Check:
-    """The `s4u2self` check for an evidence ticket without the forwardable flag, with the KDC error explainer's fix."""
+def not_forwardable_check(principal: str, whose: str, proxy: str, mapped: Mapped | None = None) -> Check:
+    """The `s4u2self` check for an evidence ticket without the forwardable flag, with the KDC error explainer's fix:
+    the one cause the directory shows where it found the account (`mapped`), else both."""
     _, fix = not_forwardable(user=principal, proxy=proxy)
+    if mapped is not None and mapped.dn:
+        uac = mapped.user_account_control
+        fix = not_forwardable_named(
+            user=principal, proxy=proxy, dn=mapped.dn, sam=mapped.sam_account_name, user_account_control=uac
+        )
     return Check("s4u2self", "fail", f"the evidence ticket for {principal}{whose} {_NOT_FORWARDABLE}", fix)
 
 
@@ -308,6 +314,8 @@ class Mapped:
 
     sam_account_name: str
     realm: str
+    dn: str = ""
+    user_account_control: int = 0  # its NOT_DELEGATED bit says why an evidence ticket is not forwardable
 
 
 async def _directory_checks(
@@ -341,7 +349,7 @@ async def _directory_checks(
         return [*checks, Check("directory-lookup", "fail", e.reason, e.hint)], None
     if basic:
         checks.append(await _lockout(config, directory, f"basic-lockout {upn}", account.dn))
-    mapped = Mapped(account.sam_account_name, directory.realm)
+    mapped = Mapped(account.sam_account_name, directory.realm, account.dn, account.user_account_control)
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
     created = account.when_created.isoformat() if account.when_created else "unknown (no whenCreated)"
     detail = f"{upn} is {account.dn}, {account.sid}, created {created}; {strong} strong altSecurityIdentities entries"
@@ -459,7 +467,7 @@ def _kerberos_checks(
         if evidence.forwardable:
             yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal}{whose} is forwardable")
         else:
-            yield not_forwardable_check(user.principal, whose, settings.principal)
+            yield not_forwardable_check(user.principal, whose, settings.principal, mapped)
         yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings, client=evidence.client)
     headers: dict[str, str] = {}
     for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):

@@ -8,6 +8,7 @@ a Kerberos (SASL GSSAPI) bind, and the Exchange stand-in says who it served.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -401,6 +402,54 @@ def test_doctor_names_a_disabled_canary(realm: ad.AdRealm, tmp_path: Path) -> No
     line = next(line for line in done.stdout.splitlines() if " directory-lookup " in f" {line} ")
     assert line.startswith("FAIL"), done.stdout
     assert "disabled" in line
+
+
+def _s4u2self_line(done: subprocess.CompletedProcess[str]) -> str:
+    """doctor's s4u2self check and its fix line, as printed."""
+    lines = done.stdout.splitlines()
+    index = next(i for i, line in enumerate(lines) if re.match(r"(PASS|FAIL)\s+s4u2self\s", line))
+    return lines[index] + "\n" + lines[index + 1]
+
+
+def test_a_ticket_not_forwardable_names_its_one_cause_from_the_directory(
+    realm: ad.AdRealm, audit: AdProcess, tmp_path: Path
+) -> None:
+    """An evidence ticket that is not forwardable has two causes on the DC, and the fix named both ("svc-kcdproxy
+    lacks protocol transition, or erin is marked sensitive"): with a [directory] the gateway and doctor read the
+    user's userAccountControl and name the one. erin: 'Account is sensitive and cannot be delegated' (NOT_DELEGATED)
+    on her entry, `samba-tool user sensitive erin off`; alice behind svc-kcdnopt: she is not marked, so it is the
+    gateway account's 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION). explain --kdc says it too."""
+    erin = "CN=erin,CN=Users,DC=ad,DC=test"
+    status, body, _ = curl(realm, audit, "erin")
+    assert status == 403, body
+    assert "its evidence ticket is not forwardable" in body
+    fix = audit.wait_event("kerberos_refused", upn="erin@ad.test")["fix"]
+    assert f"'Account is sensitive and cannot be delegated' is set on {erin} (NOT_DELEGATED" in fix, fix
+    assert "samba-tool user sensitive erin off" in fix
+    assert "lacks protocol transition" not in fix
+    doctor = _command(realm, tmp_path, "doctor", "--user", "erin@ad.test")
+    shown = _s4u2self_line(doctor)
+    assert shown.startswith("FAIL"), doctor.stdout
+    assert f"is set on {erin} (NOT_DELEGATED" in shown, shown
+    audit_config = tmp_path / "audit.toml"  # erin's certificate has no SID: explain it as strong-or-audit serves it
+    audit_config.write_text(ad_mapping.gateway_config(realm, "strong-or-audit"))
+    argv = [sys.executable, "-m", "proxy", "explain", "--config", str(audit_config), "--kdc", "--json"]
+    explained = json.loads(realm.run([*argv, "--cert", str(realm.user_cert("erin"))], timeout=120).stdout)
+    assert (explained["stage"], explained["reason"]) == ("kerberos", body.strip()), explained
+    assert f"is set on {erin} (NOT_DELEGATED" in explained["fix"], explained
+
+    nopt = tmp_path / "nopt"
+    nopt.mkdir()
+    text = ad_mapping.gateway_config(realm, "strong")
+    text = text.replace(f'"{realm.gateway_principal}"', f'"{ad.NO_PT_ACCOUNT}@{ad.REALM}"')
+    (nopt / "gateway.toml").write_text(text.replace(str(realm.gateway_keytab), str(realm.keytab(ad.NO_PT_ACCOUNT))))
+    argv = [sys.executable, "-m", "proxy", "doctor", "--config", str(nopt / "gateway.toml"), "--user", "alice@ad.test"]
+    shown = _s4u2self_line(realm.run(argv, timeout=120))
+    assert shown.startswith("FAIL"), shown
+    assert "CN=alice,CN=Users,DC=ad,DC=test is not marked 'Account is sensitive and cannot be delegated'" in shown
+    assert f"the cause is {ad.NO_PT_ACCOUNT}@{ad.REALM}" in shown
+    assert "'Use any authentication protocol'" in shown
+    assert f"samba-tool delegation for-any-protocol {ad.NO_PT_ACCOUNT} on" in shown
 
 
 LOCKOUT_USER = "lockdoctor"
