@@ -458,18 +458,21 @@ async def forwarding_named(gw: Gateway, refused: NotForwardable) -> NotForwardab
     the refusal as it is, naming both. Either way the user's 403 at `kerberos`."""
     if gw.directory is None or not refused.user:
         return refused
+    proxy = gw.config.kerberos.principal
     try:
         account = await gw.directory.lookup(directory_name(refused.user))
+        gateway = await gw.directory.lookup(proxy) if account is not None else None  # a user account (not a gMSA)
     except GatewayError:
         return refused  # the directory unreachable, or the name several accounts': both causes, as the KDC left it
     if account is None:
         return refused
     hint = not_forwardable_named(
         user=refused.user,
-        proxy=gw.config.kerberos.principal,
+        proxy=proxy,
         dn=account.dn,
         sam=account.sam_account_name,
         user_account_control=account.user_account_control,
+        gateway_control=gateway.user_account_control if gateway is not None else None,
     )
     message = f" [{refused.message}]" if refused.message else ""
     return NotForwardable(refused.reason, hint=hint + message, user=refused.user, message=refused.message)

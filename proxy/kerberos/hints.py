@@ -196,14 +196,19 @@ def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
 
 # userAccountControl ([MS-ADTS] 2.2.16): "Account is sensitive and cannot be delegated"
 UF_NOT_DELEGATED = 0x100000
+UF_TRUSTED_TO_AUTH_FOR_DELEGATION = 0x1000000  # "Use any authentication protocol": protocol transition
 _SENSITIVE = "'Account is sensitive and cannot be delegated'"
 
 
-def not_forwardable_named(*, user: str, proxy: str, dn: str, sam: str, user_account_control: int) -> str:
+def not_forwardable_named(
+    *, user: str, proxy: str, dn: str, sam: str, user_account_control: int, gateway_control: int | None = None
+) -> str:
     """The hint for an evidence ticket without the forwardable flag when the directory has the user's account
-    (`dn`, `sam`, its `userAccountControl`): the one of the two causes that applies, in AD's words. The user's
-    NOT_DELEGATED bit set: that is the cause, whatever the gateway's account says. Clear: the gateway's account
-    lacks protocol transition (or, on a Windows DC, the user is in Protected Users, which that bit does not show)."""
+    (`dn`, `sam`, its `userAccountControl`), and perhaps the gateway's (`gateway_control`, its userAccountControl;
+    None when the directory did not give it): the one cause that applies, in AD's words. The user's NOT_DELEGATED set:
+    that is the cause, whatever the gateway's account says. Clear, and the gateway's TRUSTED_TO_AUTH_FOR_DELEGATION
+    clear (or unknown): the gateway's protocol transition. Both fine: Protected Users, which that bit does not show
+    (a Windows DC issues no forwardable ticket for its members; Samba 4.17 does)."""
     account = _account(proxy)
     if user_account_control & UF_NOT_DELEGATED:
         return (
@@ -213,13 +218,23 @@ def not_forwardable_named(*, user: str, proxy: str, dn: str, sam: str, user_acco
             f"-AccountNotDelegated $false; samba-tool user sensitive {sam} off). {proxy}'s protocol transition is "
             "not the cause"
         )
+    not_marked = f"{dn} is not marked {_SENSITIVE} (NOT_DELEGATED is clear in its userAccountControl)"
+    if gateway_control is not None and gateway_control & UF_TRUSTED_TO_AUTH_FOR_DELEGATION:
+        return (
+            f"{not_marked}, and {proxy} has 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION): "
+            f"{user} is then most likely a member of Protected Users, whose members a Windows DC never lets be "
+            f"delegated; take it out of that group if the gateway should act for it (Remove-ADGroupMember "
+            f"'Protected Users' {sam}; samba-tool group removemembers 'Protected Users' {sam})"
+        )
+    known = (
+        " (TRUSTED_TO_AUTH_FOR_DELEGATION is clear in its userAccountControl)" if gateway_control is not None else ""
+    )
     return (
-        f"{dn} is not marked {_SENSITIVE} (NOT_DELEGATED is clear in its userAccountControl), so the cause is "
-        f"{proxy}: it lacks protocol transition. Give it 'Use any authentication protocol' (its Delegation tab, "
-        f"with 'Trust this user for delegation to specified services only'; TRUSTED_TO_AUTH_FOR_DELEGATION in its "
-        f"userAccountControl): Set-ADAccountControl {account} -TrustedToAuthForDelegation $true, or samba-tool "
-        f"delegation for-any-protocol {account} on. On a Windows DC a member of Protected Users is refused this way "
-        "too: take the user out of that group"
+        f"{not_marked}, so the cause is {proxy}: it lacks protocol transition{known}. Give it 'Use any "
+        f"authentication protocol' (its Delegation tab, with 'Trust this user for delegation to specified services "
+        f"only'; TRUSTED_TO_AUTH_FOR_DELEGATION in its userAccountControl): Set-ADAccountControl {account} "
+        f"-TrustedToAuthForDelegation $true, or samba-tool delegation for-any-protocol {account} on. On a Windows "
+        "DC a member of Protected Users is refused this way too: take the user out of that group"
     )
 
 

@@ -282,7 +282,12 @@ def not_forwardable_check(principal: str, whose: str, proxy: str, mapped: Mapped
     if mapped is not None and mapped.dn:
         uac = mapped.user_account_control
         fix = not_forwardable_named(
-            user=principal, proxy=proxy, dn=mapped.dn, sam=mapped.sam_account_name, user_account_control=uac
+            user=principal,
+            proxy=proxy,
+            dn=mapped.dn,
+            sam=mapped.sam_account_name,
+            user_account_control=uac,
+            gateway_control=mapped.gateway_control,
         )
     return Check("s4u2self", "fail", f"the evidence ticket for {principal}{whose} {_NOT_FORWARDABLE}", fix)
 
@@ -316,6 +321,7 @@ class Mapped:
     realm: str
     dn: str = ""
     user_account_control: int = 0  # its NOT_DELEGATED bit says why an evidence ticket is not forwardable
+    gateway_control: int | None = None  # the gateway account's userAccountControl (protocol transition), if found
 
 
 async def _directory_checks(
@@ -349,7 +355,14 @@ async def _directory_checks(
         return [*checks, Check("directory-lookup", "fail", e.reason, e.hint)], None
     if basic:
         checks.append(await _lockout(config, directory, f"basic-lockout {upn}", account.dn))
-    mapped = Mapped(account.sam_account_name, directory.realm, account.dn, account.user_account_control)
+    try:
+        gateway = await directory.lookup(config.kerberos.principal)  # its protocol transition, for s4u2self's fix
+    except GatewayError:
+        gateway = None
+    gateway_control = gateway.user_account_control if gateway is not None else None
+    mapped = Mapped(
+        account.sam_account_name, directory.realm, account.dn, account.user_account_control, gateway_control
+    )
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
     created = account.when_created.isoformat() if account.when_created else "unknown (no whenCreated)"
     detail = f"{upn} is {account.dn}, {account.sid}, created {created}; {strong} strong altSecurityIdentities entries"

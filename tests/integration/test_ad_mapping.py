@@ -447,7 +447,7 @@ def test_a_ticket_not_forwardable_names_its_one_cause_from_the_directory(
     shown = _s4u2self_line(realm.run(argv, timeout=120))
     assert shown.startswith("FAIL"), shown
     assert "CN=alice,CN=Users,DC=ad,DC=test is not marked 'Account is sensitive and cannot be delegated'" in shown
-    assert f"the cause is {ad.NO_PT_ACCOUNT}@{ad.REALM}" in shown
+    assert f"the cause is {ad.NO_PT_ACCOUNT}@{ad.REALM}: it lacks protocol transition (TRUSTED_TO_AUTH_FOR" in shown
     assert "'Use any authentication protocol'" in shown
     assert f"samba-tool delegation for-any-protocol {ad.NO_PT_ACCOUNT} on" in shown
 

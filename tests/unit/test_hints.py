@@ -13,7 +13,14 @@ from proxy.errors import (
     KerberosRefused,
     NotForwardable,
 )
-from proxy.kerberos.hints import UF_NOT_DELEGATED, clock_skew, explain, not_forwardable_named, own_ticket_refused
+from proxy.kerberos.hints import (
+    UF_NOT_DELEGATED,
+    UF_TRUSTED_TO_AUTH_FOR_DELEGATION,
+    clock_skew,
+    explain,
+    not_forwardable_named,
+    own_ticket_refused,
+)
 
 
 @pytest.mark.parametrize(
@@ -362,3 +369,30 @@ def test_the_directory_names_the_one_cause_of_a_ticket_not_forwardable() -> None
     assert "Set-ADAccountControl svc-gw -TrustedToAuthForDelegation $true" in plain
     assert "samba-tool delegation for-any-protocol svc-gw on" in plain
     assert "Protected Users" in plain
+    assert "TRUSTED_TO_AUTH_FOR_DELEGATION is clear" not in plain  # the gateway's account unknown: not claimed
+
+
+def test_the_gateway_accounts_own_flag_decides_between_protocol_transition_and_protected_users() -> None:
+    """The user not marked sensitive: with the gateway account's userAccountControl read too, protocol transition clear
+    is named as read; set, the cause left is Protected Users (not shown by any bit), never the gateway's flag."""
+    dn = "CN=pat,CN=Users,DC=ad,DC=test"
+
+    def named(gateway_control: int) -> str:
+        return not_forwardable_named(
+            user="pat@AD.TEST",
+            proxy="svc-gw@AD.TEST",
+            dn=dn,
+            sam="pat",
+            user_account_control=0x200,
+            gateway_control=gateway_control,
+        )
+
+    lacking = named(0x200)
+    assert "so the cause is svc-gw@AD.TEST: it lacks protocol transition (TRUSTED_TO_AUTH_FOR_DELEGATION is clear" in (
+        lacking
+    )
+    member = named(0x200 | UF_TRUSTED_TO_AUTH_FOR_DELEGATION)
+    assert "svc-gw@AD.TEST has 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION)" in member
+    assert "most likely a member of Protected Users" in member
+    assert "Remove-ADGroupMember 'Protected Users' pat" in member
+    assert "lacks protocol transition" not in member
