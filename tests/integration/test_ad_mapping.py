@@ -452,6 +452,41 @@ def test_a_ticket_not_forwardable_names_its_one_cause_from_the_directory(
     assert f"samba-tool delegation for-any-protocol {ad.NO_PT_ACCOUNT} on" in shown
 
 
+def test_doctor_reads_the_gateway_accounts_delegation_tab(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """doctor's `delegation` check reads the gateway's own account as its Delegation tab shows it and tells all that is
+    missing at once, where the KDC refuses one step at a time: svc-other (no protocol transition, no list) fails naming
+    'Use any authentication protocol' and HTTP/cas.ad.test absent from msDS-AllowedToDelegateTo, with the commands for
+    both; svc-kcdproxy passes; a route to HTTP/other.ad.test fails naming that SPN alone."""
+
+    def delegation_line(text: str, name: str) -> str:
+        (tmp_path / name).write_text(text)
+        argv = [sys.executable, "-m", "proxy", "doctor", "--config", str(tmp_path / name)]
+        lines = realm.run(argv, timeout=120).stdout.splitlines()
+        index = next(i for i, line in enumerate(lines) if re.match(r"(PASS|FAIL|SKIP)\s+delegation\s", line))
+        return "\n".join(lines[index : index + 2])
+
+    strong = ad_mapping.gateway_config(realm, "strong")
+    other = f"{ad.OTHER_ACCOUNT}@{ad.REALM}"
+    text = strong.replace(f'"{realm.gateway_principal}"', f'"{other}"')
+    shown = delegation_line(text.replace(str(realm.gateway_keytab), str(realm.keytab(ad.OTHER_ACCOUNT))), "other.toml")
+    assert shown.startswith("FAIL"), shown
+    assert "'Use any authentication protocol' is not chosen (TRUSTED_TO_AUTH_FOR_DELEGATION is clear" in shown
+    assert f"msDS-AllowedToDelegateTo lists nothing, not {ad.BACKEND_SPN}" in shown
+    assert f"samba-tool delegation for-any-protocol {ad.OTHER_ACCOUNT} on" in shown
+    assert f"samba-tool delegation add-service {ad.OTHER_ACCOUNT} {ad.BACKEND_SPN}" in shown
+    assert f"Set-ADUser {ad.OTHER_ACCOUNT} -Add @{{'msDS-AllowedToDelegateTo'='{ad.BACKEND_SPN}'}}" in shown
+
+    shown = delegation_line(strong, "gateway.toml")
+    assert shown.startswith("PASS"), shown
+    assert f"msDS-AllowedToDelegateTo lists every route's SPN ({ad.BACKEND_SPN})" in shown
+
+    route = '\n[[routes]]\nprefix = "/other/"\nupstream = "http://127.0.0.1:1"\nspn = "HTTP/other.ad.test"\n'
+    shown = delegation_line(strong + route, "routes.toml")
+    assert shown.startswith("FAIL"), shown
+    assert f"msDS-AllowedToDelegateTo lists {ad.BACKEND_SPN}, not HTTP/other.ad.test" in shown
+    assert "Use any authentication protocol' is not chosen" not in shown
+
+
 LOCKOUT_USER = "lockdoctor"
 LOCKOUT_PSO = "kcd-test-doctor-lockout"  # threshold 5 within 30 minutes, on LOCKOUT_USER only
 LOCKOUT_PSO_DN = f"CN={LOCKOUT_PSO},CN=Password Settings Container,CN=System,DC=ad,DC=test"
