@@ -163,10 +163,13 @@ def _lab_ad(action: str, realm: ad.AdRealm) -> int:
         if action == "up":
             ad.up_lab(realm)
             ad_mapping.ensure(realm)  # strong mapping: SID-extension certificates, mapped accounts
-            strong = realm.root / "gateway-strong.toml"
-            strong.write_text(ad_mapping.gateway_config(realm, "strong"))
+            configs = ad_mapping.lab_configs(realm)
             print(ad.describe(realm))
+            strong, audit = configs["strong"], configs["strong-or-audit"]
             print(f'# [identity] mapping = "strong": {strong}; certificates in {ad_mapping.directory(realm)}/')
+            print(f'# [identity] mapping = "strong-or-audit": {audit} (the audit step)')
+            run = f"ip netns exec {realm.netns} kcd-proxy run --config FILE"
+            print(f"# either in place of gateway.toml (the same ports): {run}")
         elif action == "down":
             ad.down(realm)
             ad_mapping.forget_names(realm)

@@ -104,6 +104,16 @@ _HUNDRED_NS = 10_000_000  # AD writes intervals as negative counts of 100 ns
 
 
 @dataclass(frozen=True)
+class DelegationSettings:
+    """An account's Delegation tab as the directory keeps it (`doctor`): `userAccountControl` (its
+    TRUSTED_TO_AUTH_FOR_DELEGATION and TRUSTED_FOR_DELEGATION bits) and `msDS-AllowedToDelegateTo`."""
+
+    dn: str
+    user_account_control: int
+    allowed_to_delegate_to: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class BindCheck:
     """What `doctor` reports about the directory: the server that answered and who it says we are."""
 
@@ -208,6 +218,11 @@ class Directory:
     @property
     def base_dn(self) -> str:
         return self._settings.base_dn
+
+    @property
+    def cache_seconds(self) -> float:
+        """How long an answer is kept: a change on the DC reaches the gateway within that."""
+        return self._settings.cache_seconds
 
     @property
     def realm(self) -> str:
@@ -364,6 +379,30 @@ class Directory:
         if entry is None or _first(entry, attributes[0]) is None:
             return LockoutPolicy(source, None)
         return LockoutPolicy(source, _int(entry, attributes[0]), abs(_int(entry, attributes[1])) / _HUNDRED_NS)
+
+    async def delegation_settings(self, name: str) -> DelegationSettings | None:
+        """The delegation settings of the user account `name` names (the gateway's own: `doctor`), no cache; None
+        when no such account is under base_dn (a gMSA, another container). DirectoryUnavailable if no server
+        answers."""
+        attributes = ["userAccountControl", "msDS-AllowedToDelegateTo"]
+        problems: list[str] = []
+        for url in self._in_turn():
+            try:
+                entries = await self._search_at(url, _filter(name, self._settings.base_dn), attributes=attributes)
+            except _GaveUp as e:
+                problems.append(f"{url}: {e}")
+                continue
+            except _SERVER_FAILED as e:
+                problems.append(f"{url}: {_describe(e)}")
+                continue
+            if len(entries) != 1:
+                return None
+            entry = entries[0]
+            listed = tuple(
+                str(v.decode() if isinstance(v, bytes) else v) for v in entry.get("msDS-AllowedToDelegateTo", [])
+            )
+            return DelegationSettings(str(entry.dn), _int(entry, "userAccountControl"), listed)
+        raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
 
     async def _read(self, dn: str, attributes: list[str]) -> Any | None:
         """The entry at `dn` with `attributes` (those we may read), from the first server that answers; None when

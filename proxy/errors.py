@@ -126,6 +126,17 @@ class AccountRevoked(KerberosRefused):
         self.user = user
 
 
+class NotForwardable(KerberosRefused):
+    """S4U2Proxy refused on an evidence ticket without the forwardable flag: the gateway's account lacks protocol
+    transition, or the user may not be delegated. Which one the KDC does not say; `user` and `message` (the library's)
+    let a configured directory name it from the user's account (`proxy.pipeline.forwarding_named`)."""
+
+    def __init__(self, reason: str, *, hint: str | None = None, user: str = "", message: str = "") -> None:
+        super().__init__(reason, hint=hint)
+        self.user = user
+        self.message = message
+
+
 class AccountMismatch(GatewayError):
     """The KDC impersonated another account than the certificate names (the evidence ticket's PAC says which):
     never forwarded (`proxy.kerberos.account`)."""

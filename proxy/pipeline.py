@@ -51,14 +51,24 @@ from proxy.errors import (
     GatewayError,
     IdentityRejected,
     NoRoute,
+    NotForwardable,
 )
 from proxy.held import NOT_HELD
 from proxy.identity.constraints import require_within
-from proxy.identity.mapping import Mapping, account_state, decide, no_account, sid_of_another, stated_sid
+from proxy.identity.mapping import (
+    Mapping,
+    account_state,
+    decide,
+    no_account,
+    reread_note,
+    sid_of_another,
+    stated_sid,
+)
 from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate_name
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegation, Delegator
+from proxy.kerberos.hints import not_forwardable_named
 from proxy.observability.trace import Trace
 from proxy.target import checked_host, origin_form
 from proxy.tls.peer import presented_der, tls_facts
@@ -320,6 +330,7 @@ async def map_certificate(
     """The mapping stage: the account the UPN names, its state, and whether the certificate is tied to it."""
     mode = identity.mapping
     account = await directory.lookup(user.upn)
+    reread = reread_note(directory.cache_seconds)  # a refusal mended on the DC: when the gateway will see it
     if account is None:
         # strong-or-audit serves a name no account has as weakly mapped, unless the certificate says it is another's:
         # a SID is the domain's, wherever its object is (AD CS writes the requester's; ESC1 lets them write the UPN)
@@ -328,13 +339,13 @@ async def map_certificate(
         if found is not None and owner is not None:
             raise sid_of_another(found, owner, user.upn, directory.base_dn)
         sid = found.sid if found is not None else None
-        mapping = no_account(user.upn, directory.base_dn, mode, sid)  # refused in strong; weak in strong-or-audit
+        mapping = no_account(user.upn, directory.base_dn, mode, sid, reread)  # refused in strong; weak in audit
         trace.note(**mapping.as_facts())
         return mapping
     trace.note(account_dn=account.dn, account_sid=str(account.sid))
-    account_state(account, now)  # disabled, locked out, expired: refused before any KDC request
+    account_state(account, now, reread)  # disabled, locked out, expired: refused before any KDC request
     backdating = timedelta(seconds=identity.certificate_backdating_compensation)
-    mapping = decide(leaf, account, mode, directory.realm, backdating)
+    mapping = decide(leaf, account, mode, directory.realm, backdating, reread)
     trace.note(**mapping.as_facts())
     trace.detail("mapping", mapping=mapping)
     return mapping
@@ -385,6 +396,8 @@ async def delegated(gw: Gateway, user: UserPrincipal, route: Route, trace: Trace
             gw.directory.forget(user.upn)  # look-up: the next request is decided on a fresh one
         if isinstance(e, AccountRevoked):
             raise await account_named(gw, e, datetime.now(UTC)) from None
+        if isinstance(e, NotForwardable):
+            raise await forwarding_named(gw, e) from None
         raise
     trace.note(impersonation_cached=delegation.impersonation_cached, kdc_account=str(delegation.account))
     if delegation.principal != user.principal:
@@ -436,6 +449,33 @@ async def account_named(gw: Gateway, refused: AccountRevoked, now: datetime) -> 
     except GatewayError:
         return refused  # the directory unreachable, or the name several accounts': the KDC's word alone
     return refused
+
+
+async def forwarding_named(gw: Gateway, refused: NotForwardable) -> NotForwardable:
+    """The KDC's "evidence ticket not forwardable" (two causes, one answer) with the one cause the directory shows,
+    where a [directory] is configured and has the user's account (its cache, else one search): the user marked
+    'Account is sensitive and cannot be delegated', or else the gateway's account without protocol transition; else
+    the refusal as it is, naming both. Either way the user's 403 at `kerberos`."""
+    if gw.directory is None or not refused.user:
+        return refused
+    proxy = gw.config.kerberos.principal
+    try:
+        account = await gw.directory.lookup(directory_name(refused.user))
+        gateway = await gw.directory.lookup(proxy) if account is not None else None  # a user account (not a gMSA)
+    except GatewayError:
+        return refused  # the directory unreachable, or the name several accounts': both causes, as the KDC left it
+    if account is None:
+        return refused
+    hint = not_forwardable_named(
+        user=refused.user,
+        proxy=proxy,
+        dn=account.dn,
+        sam=account.sam_account_name,
+        user_account_control=account.user_account_control,
+        gateway_control=gateway.user_account_control if gateway is not None else None,
+    )
+    message = f" [{refused.message}]" if refused.message else ""
+    return NotForwardable(refused.reason, hint=hint + message, user=refused.user, message=refused.message)
 
 
 def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:

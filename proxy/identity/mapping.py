@@ -95,14 +95,27 @@ def _filetime_text(value: int) -> str:
         return f"FILETIME {value} (outside the years 1 to 9999)"
 
 
-def account_state(account: Account, now: datetime) -> None:
-    """Refuse (AccountRefused) a disabled, locked-out or expired account; return quietly otherwise."""
+def reread_note(cache_seconds: float) -> str:
+    """What a refusal fixed on the DC adds to its fix: when the gateway will see the change (its directory cache
+    keeps the answer; nothing when it keeps none). An administrator who made the change and got the same 403 had
+    no word of why."""
+    if cache_seconds <= 0:
+        return ""
+    return (
+        f"; the gateway sees a change on the DC within [directory] cache_seconds ({cache_seconds:g} s), "
+        "for it keeps the directory's answer that long (a restart forgets it)"
+    )
+
+
+def account_state(account: Account, now: datetime, reread: str = "") -> None:
+    """Refuse (AccountRefused) a disabled, locked-out or expired account; return quietly otherwise. `reread`
+    (`reread_note`) ends each fix."""
     who = account.upn or account.sam_account_name
     if account.user_account_control & UF_ACCOUNTDISABLE:
         raise AccountRefused(
             "the account is disabled",
             hint=f"{who} ({account.dn}) has ACCOUNTDISABLE in userAccountControl; "
-            f"enable it (samba-tool user enable / Enable-ADAccount) if this user should get in",
+            f"enable it (samba-tool user enable / Enable-ADAccount) if this user should get in{reread}",
         )
     computed = account.computed_control
     locked = computed & UF_LOCKOUT if computed is not None else account.lockout_time not in _NEVER
@@ -110,13 +123,13 @@ def account_state(account: Account, now: datetime) -> None:
         raise AccountRefused(
             "the account is locked out",
             hint=f"{who} ({account.dn}) is locked out (lockoutTime set); "
-            "unlock it (samba-tool user unlock / Unlock-ADAccount) or wait for the lockout duration",
+            f"unlock it (samba-tool user unlock / Unlock-ADAccount) or wait for the lockout duration{reread}",
         )
     if account.account_expires not in _NEVER and account.account_expires <= as_filetime(now):
         raise AccountRefused(
             "the account has expired",
             hint=f"{who} ({account.dn}) expired at {_filetime_text(account.account_expires)} "
-            "(accountExpires); extend it (samba-tool user setexpiry / Set-ADAccountExpiration)",
+            f"(accountExpires); extend it (samba-tool user setexpiry / Set-ADAccountExpiration){reread}",
         )
 
 
@@ -160,10 +173,12 @@ def decide(
     mode: MappingMode,
     realm: str = "",
     backdating: timedelta = timedelta(0),
+    reread: str = "",
 ) -> Mapping:
     """Admit `cert` for `account` (of the domain whose realm is `realm`) under `mode` ("strong" or
     "strong-or-audit"), or raise MappingRefused. `backdating` is how much earlier than the account a weakly
-    mapped certificate may be in "strong-or-audit" ([identity] certificate_backdating_compensation)."""
+    mapped certificate may be in "strong-or-audit" ([identity] certificate_backdating_compensation). `reread`
+    (`reread_note`) ends the fix of a refusal a change on the DC mends (a mapping to add), not of another's SID."""
     sam = account.sam_account_name
     principal = f"{sam}@{realm}" if realm else ""
     found = stated_sid(cert)
@@ -186,10 +201,12 @@ def decide(
         f"to {account.dn}: altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
     )
     if mode == "strong-or-audit":
-        _not_older_than_account(cert, account, backdating, fix)
+        _not_older_than_account(cert, account, backdating, fix + reread)
         detail = f"{why}; {fix}"
         return Mapping(mode, account.dn, str(account.sid), "weak-audit", detail, True, principal, sam)
-    raise MappingRefused(f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}")
+    raise MappingRefused(
+        f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}{reread}"
+    )
 
 
 def stated_sid(cert: x509.Certificate) -> CertificateSid | None:
@@ -275,13 +292,14 @@ def describe(rule: str | None, account_dn: str | None, account_sid: str | None) 
     return account  # the stage refused before a rule applied
 
 
-def no_account(name: str, base_dn: str, mode: MappingMode, sid: Sid | None = None) -> Mapping:
+def no_account(name: str, base_dn: str, mode: MappingMode, sid: Sid | None = None, reread: str = "") -> Mapping:
     """No account has the certificate's name: `strong` refuses; `strong-or-audit` serves it as weakly mapped
     (the KDC still decides whether the name is a user: an account outside base_dn, a trusted domain's). `sid`: the
-    SID the certificate states, which no other object of the domain has (the caller made sure: `sid_of_another`)."""
+    SID the certificate states, which no other object of the domain has (the caller made sure: `sid_of_another`).
+    `reread` (`reread_note`) ends the refusal's fix."""
     where = f"no user with userPrincipalName or sAMAccountName {name!r} under {base_dn}"
     if mode != "strong-or-audit":
-        raise MappingRefused("no account in the directory has this name", hint=where)
+        raise MappingRefused("no account in the directory has this name", hint=where + reread)
     stated = f" (its SID {sid} is no other object's in the domain)" if sid is not None else ""
     detail = f"{where}{stated}; the certificate cannot be mapped strongly: extend [directory] base_dn or reissue it"
     return Mapping(mode, "", "", "weak-audit", detail, True, "")

@@ -34,6 +34,7 @@ from proxy.errors import (
     KerberosMisconfigured,
     KerberosOverloaded,
     KerberosRefused,
+    NotForwardable,
 )
 
 
@@ -193,6 +194,50 @@ def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
     return _NOT_FORWARDABLE_REASON.format(**fill), _NOT_FORWARDABLE_HINT.format(**fill)
 
 
+# userAccountControl ([MS-ADTS] 2.2.16): "Account is sensitive and cannot be delegated"
+UF_NOT_DELEGATED = 0x100000
+UF_TRUSTED_TO_AUTH_FOR_DELEGATION = 0x1000000  # "Use any authentication protocol": protocol transition
+_SENSITIVE = "'Account is sensitive and cannot be delegated'"
+
+
+def not_forwardable_named(
+    *, user: str, proxy: str, dn: str, sam: str, user_account_control: int, gateway_control: int | None = None
+) -> str:
+    """The hint for an evidence ticket without the forwardable flag when the directory has the user's account
+    (`dn`, `sam`, its `userAccountControl`), and perhaps the gateway's (`gateway_control`, its userAccountControl;
+    None when the directory did not give it): the one cause that applies, in AD's words. The user's NOT_DELEGATED set:
+    that is the cause, whatever the gateway's account says. Clear, and the gateway's TRUSTED_TO_AUTH_FOR_DELEGATION
+    clear (or unknown): the gateway's protocol transition. Both fine: Protected Users, which that bit does not show
+    (a Windows DC issues no forwardable ticket for its members; Samba 4.17 does)."""
+    account = _account(proxy)
+    if user_account_control & UF_NOT_DELEGATED:
+        return (
+            f"{user} is marked sensitive: {_SENSITIVE} is set on {dn} (NOT_DELEGATED in its userAccountControl), "
+            f"so no KDC issues a forwardable ticket for it; clear it if the gateway should act for this user "
+            f"(Active Directory Users and Computers: the account's Account tab; Set-ADAccountControl {sam} "
+            f"-AccountNotDelegated $false; samba-tool user sensitive {sam} off). {proxy}'s protocol transition is "
+            "not the cause"
+        )
+    not_marked = f"{dn} is not marked {_SENSITIVE} (NOT_DELEGATED is clear in its userAccountControl)"
+    if gateway_control is not None and gateway_control & UF_TRUSTED_TO_AUTH_FOR_DELEGATION:
+        return (
+            f"{not_marked}, and {proxy} has 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION): "
+            f"{user} is then most likely a member of Protected Users, whose members a Windows DC never lets be "
+            f"delegated; take it out of that group if the gateway should act for it (Remove-ADGroupMember "
+            f"'Protected Users' {sam}; samba-tool group removemembers 'Protected Users' {sam})"
+        )
+    known = (
+        " (TRUSTED_TO_AUTH_FOR_DELEGATION is clear in its userAccountControl)" if gateway_control is not None else ""
+    )
+    return (
+        f"{not_marked}, so the cause is {proxy}: it lacks protocol transition{known}. Give it 'Use any "
+        f"authentication protocol' (its Delegation tab, with 'Trust this user for delegation to specified services "
+        f"only'; TRUSTED_TO_AUTH_FOR_DELEGATION in its userAccountControl): Set-ADAccountControl {account} "
+        f"-TrustedToAuthForDelegation $true, or samba-tool delegation for-any-protocol {account} on. On a Windows "
+        "DC a member of Protected Users is refused this way too: take the user out of that group"
+    )
+
+
 _POLICY = "kdc policy rejects request"
 _NO_KEY = "no key table entry found"
 _INTEGRITY = "integrity check failed"
@@ -271,10 +316,10 @@ def explain(
     if step == "s4u2self" and foreign and _realm(user) != _realm(proxy):
         return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{_FOREIGN_HINT.format(**fill)} [{message}]")
     if step == "s4u2proxy" and _BADOPTION in lowered and evidence_forwardable is not None:
-        if evidence_forwardable:
-            reason, hint = f"the gateway may not act for {user} at {spn}", _NOT_DELEGABLE_HINT.format(**fill)
-        else:
+        if not evidence_forwardable:  # the directory, where there is one, says which cause (proxy.pipeline)
             reason, hint = not_forwardable(user=user, proxy=proxy)
+            return NotForwardable(reason, hint=f"{hint} [{message}]", user=user, message=message)
+        reason, hint = f"the gateway may not act for {user} at {spn}", _NOT_DELEGABLE_HINT.format(**fill)
         return KerberosRefused(reason, hint=f"{hint} [{message}]")
     for rule in _RULES:
         if rule.needle in lowered:

@@ -188,11 +188,29 @@ def gateway_config(
     port: int = ad.LAB_GATEWAY_PORT,
     backend_port: int = ad.LAB_BACKEND_PORT,
     directory_text: str | None = None,
+    admin: bool = False,
+    name: str = "gateway.toml",
 ) -> str:
-    """The AD lab's gateway configuration with `[identity] mapping = mode` and the realm's directory."""
-    text = ad.gateway_config(realm, port=port, backend_port=backend_port)
+    """The AD lab's gateway configuration with `[identity] mapping = mode` and the realm's directory; `admin` and
+    `name` as for `ad.gateway_config` (what `lab up --ad` writes: `lab_configs`)."""
+    text = ad.gateway_config(realm, port=port, backend_port=backend_port, admin=admin, name=name)
     # The lab CA backdates notBefore by an hour (proxy.lab.pki) and issues right after making the accounts:
     # strong-or-audit would refuse every weakly mapped lab certificate as older than its account without this.
     mapping = f'mapping = "{mode}"\ncertificate_backdating_compensation = {LAB_BACKDATING_SECONDS}\n'
     text = text.replace('[identity]\nsource = "san-upn"\n', f'[identity]\nsource = "san-upn"\n{mapping}')
     return text + (directory_text if directory_text is not None else directory_table(realm))
+
+
+# What `lab up --ad` writes beside gateway.toml: one file per strong mode, the migration's two steps (the README's
+# "Strong certificate mapping"): the audit, then enforcement. Each serves on gateway.toml's ports, traces included.
+LAB_CONFIGS = {"strong": "gateway-strong.toml", "strong-or-audit": "gateway-strong-or-audit.toml"}
+
+
+def lab_configs(realm: ad.AdRealm) -> dict[str, Path]:
+    """Write the strong-mapping configurations `lab up --ad` leaves beside the realm; their paths by mode."""
+    written = {}
+    for mode, name in LAB_CONFIGS.items():
+        path = realm.root / name
+        path.write_text(gateway_config(realm, mode, admin=True, name=name))
+        written[mode] = path
+    return written

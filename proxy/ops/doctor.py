@@ -27,7 +27,11 @@ backends:
    certificate must carry.
 7. `header-size <route>`: the `Authorization: Negotiate` header fits the backends' header limit.
 8. With a `[directory]`: `directory` binds (SASL GSSAPI with the keytab, or simple over ldaps) and asks the
-   server who it thinks we are; `directory-lookup` finds the canary user's account, reads its SID and
+   server who it thinks we are; `delegation` reads the gateway's own account as its Delegation tab shows it
+   (`delegation_check`: 'Use any authentication protocol', TRUSTED_TO_AUTH_FOR_DELEGATION, and each route's SPN in
+   `msDS-AllowedToDelegateTo`), so an account missing both is told both at once, where the KDC refuses one step at
+   a time; it passes where the KDC granted every S4U2Proxy anyway (resource-based delegation, which it does not
+   read: `settle_delegation`); `directory-lookup` finds the canary user's account, reads its SID and
    state, and says how many strong `altSecurityIdentities` entries it has.
 9. With a `[directory]` and a Basic mode: `basic-lockout` compares the Basic throttle with the domain's account
    lockout policy, and `basic-lockout <UPN>` with the canary's fine-grained one (its resultant PSO), where it has
@@ -63,12 +67,12 @@ from proxy.config import Authentication, Config, Kerberos, Route
 from proxy.errors import AccountMismatch, GatewayError
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.kerberos.account import kdc_account
-from proxy.kerberos.hints import not_forwardable
+from proxy.kerberos.hints import not_forwardable, not_forwardable_named
 from proxy.kerberos.keytab import kvnos, missing_key, read_keytab
 from proxy.kerberos.pac import PacFacts
 
 if TYPE_CHECKING:
-    from proxy.directory import Directory, LockoutPolicy
+    from proxy.directory import DelegationSettings, Directory, LockoutPolicy
     from proxy.kerberos.delegate import Delegator
 
 MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
@@ -243,6 +247,86 @@ def lockout_check(name: str, policy: LockoutPolicy, auth: Authentication) -> Che
     )
 
 
+# userAccountControl ([MS-ADTS] 2.2.16): the Delegation tab's two "trust" choices
+UF_TRUSTED_FOR_DELEGATION = 0x80000  # "Trust this user for delegation to any service (Kerberos only)": unconstrained
+UF_TRUSTED_TO_AUTH_FOR_DELEGATION = 0x1000000  # "Use any authentication protocol": protocol transition
+
+
+def delegation_check(proxy: str, settings: DelegationSettings | None, spns: list[str]) -> Check:
+    """`delegation`: the gateway's own account as its Delegation tab shows it, against what the routes need:
+    'Trust this user for delegation to specified services only' with 'Use any authentication protocol'
+    (TRUSTED_TO_AUTH_FOR_DELEGATION) and each SPN listed in msDS-AllowedToDelegateTo (AD compares SPNs without case)."""
+    if settings is None:
+        return Check(
+            "delegation",
+            "skip",
+            f"no user account {proxy} under [directory] base_dn to read (a group managed service account, or one "
+            "outside base_dn): see s4u2self and s4u2proxy",
+        )
+    account = proxy.rpartition("@")[0] or proxy
+    uac = settings.user_account_control
+    listed = {spn.lower() for spn in settings.allowed_to_delegate_to}
+    missing = [spn for spn in spns if spn.lower() not in listed]
+    shown = ", ".join(settings.allowed_to_delegate_to) or "nothing"
+    where = f"{proxy} ({settings.dn})"
+    if uac & UF_TRUSTED_TO_AUTH_FOR_DELEGATION and not missing:
+        return Check(
+            "delegation",
+            "pass",
+            f"{where}: 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION); msDS-AllowedToDelegateTo "
+            f"lists every route's SPN ({shown})",
+        )
+    problems, fixes = [], []
+    if not uac & UF_TRUSTED_TO_AUTH_FOR_DELEGATION:
+        unconstrained = (
+            ", and 'Trust this user for delegation to any service (Kerberos only)' is chosen (TRUSTED_FOR_DELEGATION:"
+            " unconstrained delegation, with no protocol transition)"
+            if uac & UF_TRUSTED_FOR_DELEGATION
+            else ""
+        )
+        problems.append(
+            f"'Use any authentication protocol' is not chosen (TRUSTED_TO_AUTH_FOR_DELEGATION is clear in "
+            f"userAccountControl){unconstrained}: its evidence tickets are not forwardable"
+        )
+        off = " -TrustedForDelegation $false" if uac & UF_TRUSTED_FOR_DELEGATION else ""
+        fixes += [
+            f"Set-ADAccountControl {account}{off} -TrustedToAuthForDelegation $true",
+            f"samba-tool delegation for-any-protocol {account} on",
+        ]
+    if missing:
+        problems.append(f"msDS-AllowedToDelegateTo lists {shown}, not {', '.join(missing)}")
+        for spn in missing:
+            fixes += [
+                f"Set-ADUser {account} -Add @{{'msDS-AllowedToDelegateTo'='{spn}'}}",
+                f"samba-tool delegation add-service {account} {spn}",
+            ]
+    fix = (
+        f"on {account}'s Delegation tab choose 'Trust this user for delegation to specified services only' and 'Use "
+        f"any authentication protocol', with the routes' SPNs in its list: {'; '.join(fixes)}"
+    )
+    return Check("delegation", "fail", f"{where}: " + "; ".join(problems), fix)
+
+
+def settle_delegation(checks: list[Check]) -> list[Check]:
+    """A failed `delegation` check is no failure where the KDC granted every S4U2Proxy all the same: the backends'
+    accounts allow the gateway (resource-based delegation, which Windows honours and the check does not read)."""
+    proxies = [c for c in checks if c.name.startswith("s4u2proxy ")]
+    if not proxies or any(c.status != "pass" for c in proxies):
+        return checks
+    return [
+        replace(
+            c,
+            status="pass",
+            fix=None,
+            detail=c.detail + "; yet the KDC granted every S4U2Proxy (resource-based "
+            "delegation on the backends' accounts?)",
+        )
+        if c.name == "delegation" and c.status == "fail"
+        else c
+        for c in checks
+    ]
+
+
 def header_check(route: Route, header_bytes: int, limit: int, user: str) -> Check:
     name = f"header-size {route.prefix}"
     detail = f"Authorization header of {header_bytes} bytes for {user}; the backends accept {limit}"
@@ -268,16 +352,28 @@ def run(config: Config, *, user: str | None, clock: Callable[[], float] = time.t
         directory_checks, mapped = asyncio.run(_directory_checks(config, upn, clock))
     if config.identity.mapping == "upn":
         mapped = None  # the gateway impersonates the name built from the UPN; the directory is only looked at
-    return [*settle_evidence(list(_checks(config, upn, clock, mapped))), *directory_checks]
+    checks = [*settle_evidence(list(_checks(config, upn, clock, mapped))), *directory_checks]
+    return settle_delegation(checks)
 
 
 _NOT_FORWARDABLE = "is not forwardable: classic constrained delegation will refuse S4U2Proxy"
 _NO_CREDENTIALS = "not run: needs the gateway's own credentials (see kdc)"
 
 
-def not_forwardable_check(principal: str, whose: str, proxy: str) -> Check:
-    """The `s4u2self` check for an evidence ticket without the forwardable flag, with the KDC error explainer's fix."""
+def not_forwardable_check(principal: str, whose: str, proxy: str, mapped: Mapped | None = None) -> Check:
+    """The `s4u2self` check for an evidence ticket without the forwardable flag, with the KDC error explainer's fix:
+    the one cause the directory shows where it found the account (`mapped`), else both."""
     _, fix = not_forwardable(user=principal, proxy=proxy)
+    if mapped is not None and mapped.dn:
+        uac = mapped.user_account_control
+        fix = not_forwardable_named(
+            user=principal,
+            proxy=proxy,
+            dn=mapped.dn,
+            sam=mapped.sam_account_name,
+            user_account_control=uac,
+            gateway_control=mapped.gateway_control,
+        )
     return Check("s4u2self", "fail", f"the evidence ticket for {principal}{whose} {_NOT_FORWARDABLE}", fix)
 
 
@@ -308,6 +404,9 @@ class Mapped:
 
     sam_account_name: str
     realm: str
+    dn: str = ""
+    user_account_control: int = 0  # its NOT_DELEGATED bit says why an evidence ticket is not forwardable
+    gateway_control: int | None = None  # the gateway account's userAccountControl (protocol transition), if found
 
 
 async def _directory_checks(
@@ -330,6 +429,13 @@ async def _directory_checks(
         )
         return [Check("directory", "fail", e.hint or e.reason, fix), Check("directory-lookup", "skip", "no bind")], None
     checks = [Check("directory", "pass", f"{bound.url} bound us as {bound.whoami!r} in {bound.ms:.0f} ms")]
+    spns = list(dict.fromkeys(r.spn for r in config.routes if r.backend_auth == "negotiate"))
+    try:
+        settings = await directory.delegation_settings(config.kerberos.principal)
+    except GatewayError as e:
+        checks.append(Check("delegation", "skip", f"the gateway's account could not be read: {e.reason}"))
+    else:
+        checks.append(delegation_check(config.kerberos.principal, settings, spns))
     basic = config.authentication.mode != "certificate"
     if basic:
         checks.append(await _lockout(config, directory, "basic-lockout", None))
@@ -341,7 +447,14 @@ async def _directory_checks(
         return [*checks, Check("directory-lookup", "fail", e.reason, e.hint)], None
     if basic:
         checks.append(await _lockout(config, directory, f"basic-lockout {upn}", account.dn))
-    mapped = Mapped(account.sam_account_name, directory.realm)
+    try:
+        gateway = await directory.lookup(config.kerberos.principal)  # its protocol transition, for s4u2self's fix
+    except GatewayError:
+        gateway = None
+    gateway_control = gateway.user_account_control if gateway is not None else None
+    mapped = Mapped(
+        account.sam_account_name, directory.realm, account.dn, account.user_account_control, gateway_control
+    )
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
     created = account.when_created.isoformat() if account.when_created else "unknown (no whenCreated)"
     detail = f"{upn} is {account.dn}, {account.sid}, created {created}; {strong} strong altSecurityIdentities entries"
@@ -459,7 +572,7 @@ def _kerberos_checks(
         if evidence.forwardable:
             yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal}{whose} is forwardable")
         else:
-            yield not_forwardable_check(user.principal, whose, settings.principal)
+            yield not_forwardable_check(user.principal, whose, settings.principal, mapped)
         yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings, client=evidence.client)
     headers: dict[str, str] = {}
     for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):

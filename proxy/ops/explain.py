@@ -24,11 +24,11 @@ from cryptography import x509
 
 from proxy.certs.chain import VerifiedCertificate, format_time, parse_certificates, verify_chain
 from proxy.config import Route
-from proxy.errors import BadRequest, CertificateRejected, GatewayError, NoRoute
+from proxy.errors import BadRequest, CertificateRejected, GatewayError, NoRoute, NotForwardable
 from proxy.identity.mapping import describe as describe_mapping
 from proxy.identity.principal import UserPrincipal
 from proxy.observability.trace import Trace
-from proxy.pipeline import Gateway, certificate_user
+from proxy.pipeline import Gateway, certificate_user, forwarding_named
 from proxy.target import origin_form
 
 
@@ -123,6 +123,8 @@ async def explain(
         return out
     try:
         await _kerberos(out, gw, user, route)
+    except NotForwardable as e:  # the directory, where there is one, names which of the two causes it is
+        return out.refuse("kerberos", await forwarding_named(gw, e))
     except GatewayError as e:
         return out.refuse("kerberos", e)
     return out

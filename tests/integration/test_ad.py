@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,55 @@ def test_the_backend_accepts_a_ticket_with_alices_pac(ad_realm: ad.AdRealm, ad_g
     assert {"logon-info", "upn-dns-info", "delegation-info"} <= set(pac["buffers"])
     sid = ad_realm.ldbsearch("(sAMAccountName=alice)", "objectSid")
     assert f"objectSid: {pac['sid']}" in sid
+
+
+def test_an_ad_delegations_trace_reads_as_delegation_flow_says(
+    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """docs/delegation-flow.md's "On the AD realm", on bob's first request to a fresh gateway: both tickets carry
+    forwardable, renewable, pre-authent and transited-policy-checked (0x40a80000, no enc-pa-rep), the authtime of the
+    gateway's own AS exchange in Samba's log, its end ten hours after that and renewal a day; the evidence ticket is
+    to the gateway's account name at its msDS-KeyVersionNumber; its PAC has UPN_DNS_INFO and no delegation-info,
+    which the service ticket's (the backend's) adds; Samba's log names the protocol transition and the delegation."""
+    admin = ad_realm.free_port()
+    offset = kdc_log_offset(ad_realm)
+    gw = start_ad_gateway(ad_realm, tmp_path, ad_backend, f'\n[admin]\nbind = "127.0.0.1:{admin}"\n')
+    try:
+        status, body = status_and_body(ad_curl(ad_realm, f"{gw.url}/owa/", "bob"))
+        assert status == 200, body
+        backend_pac = json.loads(body)["pac"]
+        traces = ad_realm.run(["curl", "-sS", f"http://127.0.0.1:{admin}/traces?limit=1"], timeout=30)
+        stages = {s["name"]: s for s in json.loads(traces.stdout)[0]["stages"]}
+    finally:
+        gw.stop()
+    evidence, service = stages["s4u2self"], stages["s4u2proxy"]
+    assert (evidence["client"], evidence["server"]) == ("bob@AD.TEST", ad_realm.gateway_principal)
+    assert (service["client"], service["server"]) == ("bob@AD.TEST", f"{ad.BACKEND_SPN}@{ad.REALM}")
+    kvno = ad_realm.ldbsearch(f"(sAMAccountName={ad.GATEWAY_ACCOUNT})", "msDS-KeyVersionNumber")
+    assert f"msDS-KeyVersionNumber: {evidence['kvno']}\n" in kvno, kvno
+    when = {}
+    for ticket in (evidence, service):
+        assert ticket["flags"] == ["forwardable", "renewable", "pre-authent", "transited-policy-checked"], ticket
+        assert ticket["flags_hex"] == "0x40a80000"
+        times = {k: datetime.fromisoformat(ticket[k].replace("Z", "+00:00")) for k in ("authtime", "end", "renew_till")}
+        assert times["end"] - times["authtime"] == timedelta(hours=10), ticket
+        assert times["renew_till"] - times["authtime"] == timedelta(days=1), ticket
+        when[ticket["name"]] = times["authtime"]
+    assert when["s4u2self"] == when["s4u2proxy"]
+    auth = int(when["s4u2self"].timestamp())  # the gateway's own AS exchange, as Samba logged it
+    wait_kdc_reason(ad_realm, offset, "AS-REQ SUCCESS", f"{ad_realm.gateway_principal} krbtgt/", f"auth={auth} ")
+    assert {"logon-info", "upn-dns-info", "full-checksum"} <= set(evidence["pac"]["buffers"])
+    assert "delegation-info" not in evidence["pac"]["buffers"]
+    assert (evidence["pac"]["upn"], evidence["pac"]["sam_name"]) == ("bob@ad.test", "bob")
+    assert "delegation-info" in backend_pac["buffers"]
+    assert backend_pac["sid"] == evidence["pac"]["sid"]
+    gw_name = ad_realm.gateway_principal
+    wait_kdc_reason(
+        ad_realm, offset, f"s4u2self {gw_name} impersonating bob@AD.TEST to service {gw_name} [forwardable]"
+    )
+    wait_kdc_reason(
+        ad_realm, offset, f"constrained delegation for bob@AD.TEST from {gw_name} ", f"to {service['server']}"
+    )
 
 
 def test_a_upn_suffix_outside_the_realm_without_enterprise_names_is_the_users_403(
@@ -286,7 +336,9 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
     Exchange stand-in in the namespace and prints an `ip netns exec ... curl`; with the gateway it configured
     running in there, that curl, pasted as printed, gets alice through, and `kcd-proxy trace` with that configuration
     shows her request (it had no admin listener: "traces are not served"). It also writes, and names, the
-    `gateway-strong.toml` the README's strong-mapping section points to, which check-config finds sound."""
+    `gateway-strong.toml` the README's strong-mapping section points to and its audit twin
+    `gateway-strong-or-audit.toml`, which check-config finds sound, each naming itself in its run line (both named
+    gateway.toml) and serving traces on the lab's admin port (both had no [admin]: `trace` refused them)."""
     lab_dir = ad_realm.root.parent
     assert ad_realm.root.name == "ad"
     argv = [sys.executable, "-m", "proxy", "lab", "up", "--ad", "--dir", str(lab_dir)]
@@ -295,9 +347,15 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
     assert up.returncode == 0, up.stderr
     strong = ad_realm.root / "gateway-strong.toml"  # the strong-mapping twin the README names, beside the realm
     assert f'# [identity] mapping = "strong": {strong};' in up.stdout, up.stdout
-    assert 'mapping = "strong"' in strong.read_text()
-    checked = ad_realm.run([sys.executable, "-m", "proxy", "check-config", str(strong)], timeout=60)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    audit = ad_realm.root / "gateway-strong-or-audit.toml"  # the migration's audit step, beside it
+    assert f'# [identity] mapping = "strong-or-audit": {audit}' in up.stdout, up.stdout
+    for config, mode in ((strong, "strong"), (audit, "strong-or-audit")):
+        text = config.read_text()
+        assert f'\nmapping = "{mode}"\n' in text
+        assert f"kcd-proxy run --config {config}\n" in text, text.splitlines()[1]
+        assert f'\n[admin]\nbind = "127.0.0.1:{ad.LAB_ADMIN_PORT}"\n' in text
+        checked = ad_realm.run([sys.executable, "-m", "proxy", "check-config", str(config)], timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
     printed = up.stdout[up.stdout.index(f"ip netns exec {ad_realm.netns} curl") :].replace("\\\n", " ").strip()
     gw = ad_realm.popen(
         [sys.executable, "-m", "proxy", "run", "--config", str(ad_realm.root / "gateway.toml")], log=tmp_path / "gw.log"
@@ -315,6 +373,10 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
         shown = ad_realm.run(trace, timeout=60)  # what the README's operations commands show, in the AD lab too
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert "alice@ad.test" in shown.stdout, shown.stdout
+        for config in (strong, audit):  # `trace --config` with the strong twins reads the same admin port
+            shown = ad_realm.run([*trace[:-1], str(config)], timeout=60)
+            assert shown.returncode == 0, shown.stdout + shown.stderr
+            assert "alice@ad.test" in shown.stdout, shown.stdout
     finally:
         gw.terminate()
         gw.wait(timeout=15)

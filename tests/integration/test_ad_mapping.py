@@ -8,6 +8,7 @@ a Kerberos (SASL GSSAPI) bind, and the Exchange stand-in says who it served.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -157,6 +158,25 @@ def test_no_sid_extension_is_refused_with_the_fix(realm: ad.AdRealm, strong: AdP
     assert "no SID extension" in body
     event = strong.wait_event("mapping_refused", upn="bob@ad.test")
     assert "altSecurityIdentities: X509:<I>" in event["fix"]
+
+
+def test_a_refusal_the_dc_fixes_says_when_the_gateway_sees_the_change(realm: ad.AdRealm, strong: AdProcess) -> None:
+    """A refusal whose fix is a change on the DC (the altSecurityIdentities entry to add, the account to enable, the
+    name to give an account) says the gateway keeps the directory's answer [directory] cache_seconds (300 s here): a
+    TMG administrator added the entry the fix named and got the same 403 for five minutes, nothing saying why. A
+    certificate to revoke (another account's SID) gets no such words: no change on the DC serves it."""
+    for name, upn, event in (
+        ("bob", "bob@ad.test", "mapping_refused"),
+        ("dave-sid", "dave@ad.test", "account_refused"),
+        ("ghost", "ghost@ad.test", "mapping_refused"),
+    ):
+        status, body, _ = curl(realm, strong, name)
+        assert status == 403, body
+        fix = strong.wait_event(event, upn=upn)["fix"]
+        assert "the gateway sees a change on the DC within [directory] cache_seconds (300 s)" in fix, fix
+    status, body, _ = curl(realm, strong, "alice-bob-sid")
+    assert status == 403, body
+    assert "cache_seconds" not in strong.wait_event("mapping_refused", upn="alice@ad.test")["fix"]
 
 
 def test_strong_alt_security_identity_is_admitted(realm: ad.AdRealm, strong: AdProcess) -> None:
@@ -382,6 +402,89 @@ def test_doctor_names_a_disabled_canary(realm: ad.AdRealm, tmp_path: Path) -> No
     line = next(line for line in done.stdout.splitlines() if " directory-lookup " in f" {line} ")
     assert line.startswith("FAIL"), done.stdout
     assert "disabled" in line
+
+
+def _s4u2self_line(done: subprocess.CompletedProcess[str]) -> str:
+    """doctor's s4u2self check and its fix line, as printed."""
+    lines = done.stdout.splitlines()
+    index = next(i for i, line in enumerate(lines) if re.match(r"(PASS|FAIL)\s+s4u2self\s", line))
+    return lines[index] + "\n" + lines[index + 1]
+
+
+def test_a_ticket_not_forwardable_names_its_one_cause_from_the_directory(
+    realm: ad.AdRealm, audit: AdProcess, tmp_path: Path
+) -> None:
+    """An evidence ticket that is not forwardable has two causes on the DC, and the fix named both ("svc-kcdproxy
+    lacks protocol transition, or erin is marked sensitive"): with a [directory] the gateway and doctor read the
+    user's userAccountControl and name the one. erin: 'Account is sensitive and cannot be delegated' (NOT_DELEGATED)
+    on her entry, `samba-tool user sensitive erin off`; alice behind svc-kcdnopt: she is not marked, so it is the
+    gateway account's 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION). explain --kdc says it too."""
+    erin = "CN=erin,CN=Users,DC=ad,DC=test"
+    status, body, _ = curl(realm, audit, "erin")
+    assert status == 403, body
+    assert "its evidence ticket is not forwardable" in body
+    fix = audit.wait_event("kerberos_refused", upn="erin@ad.test")["fix"]
+    assert f"'Account is sensitive and cannot be delegated' is set on {erin} (NOT_DELEGATED" in fix, fix
+    assert "samba-tool user sensitive erin off" in fix
+    assert "lacks protocol transition" not in fix
+    doctor = _command(realm, tmp_path, "doctor", "--user", "erin@ad.test")
+    shown = _s4u2self_line(doctor)
+    assert shown.startswith("FAIL"), doctor.stdout
+    assert f"is set on {erin} (NOT_DELEGATED" in shown, shown
+    audit_config = tmp_path / "audit.toml"  # erin's certificate has no SID: explain it as strong-or-audit serves it
+    audit_config.write_text(ad_mapping.gateway_config(realm, "strong-or-audit"))
+    argv = [sys.executable, "-m", "proxy", "explain", "--config", str(audit_config), "--kdc", "--json"]
+    explained = json.loads(realm.run([*argv, "--cert", str(realm.user_cert("erin"))], timeout=120).stdout)
+    assert (explained["stage"], explained["reason"]) == ("kerberos", body.strip()), explained
+    assert f"is set on {erin} (NOT_DELEGATED" in explained["fix"], explained
+
+    nopt = tmp_path / "nopt"
+    nopt.mkdir()
+    text = ad_mapping.gateway_config(realm, "strong")
+    text = text.replace(f'"{realm.gateway_principal}"', f'"{ad.NO_PT_ACCOUNT}@{ad.REALM}"')
+    (nopt / "gateway.toml").write_text(text.replace(str(realm.gateway_keytab), str(realm.keytab(ad.NO_PT_ACCOUNT))))
+    argv = [sys.executable, "-m", "proxy", "doctor", "--config", str(nopt / "gateway.toml"), "--user", "alice@ad.test"]
+    shown = _s4u2self_line(realm.run(argv, timeout=120))
+    assert shown.startswith("FAIL"), shown
+    assert "CN=alice,CN=Users,DC=ad,DC=test is not marked 'Account is sensitive and cannot be delegated'" in shown
+    assert f"the cause is {ad.NO_PT_ACCOUNT}@{ad.REALM}: it lacks protocol transition (TRUSTED_TO_AUTH_FOR" in shown
+    assert "'Use any authentication protocol'" in shown
+    assert f"samba-tool delegation for-any-protocol {ad.NO_PT_ACCOUNT} on" in shown
+
+
+def test_doctor_reads_the_gateway_accounts_delegation_tab(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """doctor's `delegation` check reads the gateway's own account as its Delegation tab shows it and tells all that is
+    missing at once, where the KDC refuses one step at a time: svc-other (no protocol transition, no list) fails naming
+    'Use any authentication protocol' and HTTP/cas.ad.test absent from msDS-AllowedToDelegateTo, with the commands for
+    both; svc-kcdproxy passes; a route to HTTP/other.ad.test fails naming that SPN alone."""
+
+    def delegation_line(text: str, name: str) -> str:
+        (tmp_path / name).write_text(text)
+        argv = [sys.executable, "-m", "proxy", "doctor", "--config", str(tmp_path / name)]
+        lines = realm.run(argv, timeout=120).stdout.splitlines()
+        index = next(i for i, line in enumerate(lines) if re.match(r"(PASS|FAIL|SKIP)\s+delegation\s", line))
+        return "\n".join(lines[index : index + 2])
+
+    strong = ad_mapping.gateway_config(realm, "strong")
+    other = f"{ad.OTHER_ACCOUNT}@{ad.REALM}"
+    text = strong.replace(f'"{realm.gateway_principal}"', f'"{other}"')
+    shown = delegation_line(text.replace(str(realm.gateway_keytab), str(realm.keytab(ad.OTHER_ACCOUNT))), "other.toml")
+    assert shown.startswith("FAIL"), shown
+    assert "'Use any authentication protocol' is not chosen (TRUSTED_TO_AUTH_FOR_DELEGATION is clear" in shown
+    assert f"msDS-AllowedToDelegateTo lists nothing, not {ad.BACKEND_SPN}" in shown
+    assert f"samba-tool delegation for-any-protocol {ad.OTHER_ACCOUNT} on" in shown
+    assert f"samba-tool delegation add-service {ad.OTHER_ACCOUNT} {ad.BACKEND_SPN}" in shown
+    assert f"Set-ADUser {ad.OTHER_ACCOUNT} -Add @{{'msDS-AllowedToDelegateTo'='{ad.BACKEND_SPN}'}}" in shown
+
+    shown = delegation_line(strong, "gateway.toml")
+    assert shown.startswith("PASS"), shown
+    assert f"msDS-AllowedToDelegateTo lists every route's SPN ({ad.BACKEND_SPN})" in shown
+
+    route = '\n[[routes]]\nprefix = "/other/"\nupstream = "http://127.0.0.1:1"\nspn = "HTTP/other.ad.test"\n'
+    shown = delegation_line(strong + route, "routes.toml")
+    assert shown.startswith("FAIL"), shown
+    assert f"msDS-AllowedToDelegateTo lists {ad.BACKEND_SPN}, not HTTP/other.ad.test" in shown
+    assert "Use any authentication protocol' is not chosen" not in shown
 
 
 LOCKOUT_USER = "lockdoctor"

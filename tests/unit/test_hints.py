@@ -11,8 +11,16 @@ from proxy.errors import (
     KerberosMisconfigured,
     KerberosOverloaded,
     KerberosRefused,
+    NotForwardable,
 )
-from proxy.kerberos.hints import clock_skew, explain, own_ticket_refused
+from proxy.kerberos.hints import (
+    UF_NOT_DELEGATED,
+    UF_TRUSTED_TO_AUTH_FOR_DELEGATION,
+    clock_skew,
+    explain,
+    not_forwardable_named,
+    own_ticket_refused,
+)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +90,9 @@ def _explain(message: str, *, step: str | None = None, evidence_forwardable: boo
 def test_badoption_after_a_not_forwardable_evidence_ticket_names_protocol_transition_or_a_sensitive_user() -> None:
     """S4U2Proxy refused and the evidence ticket was not forwardable: that cause alone, with its fix."""
     err = _explain(BADOPTION, step="s4u2proxy", evidence_forwardable=False)
-    assert type(err) is KerberosRefused
+    assert type(err) is NotForwardable  # a KerberosRefused a configured directory can name the cause of
+    assert isinstance(err, KerberosRefused)
+    assert (err.user, err.message) == ("eve@LAB.TEST", BADOPTION)
     assert err.reason == "the gateway may not act for eve@LAB.TEST: its evidence ticket is not forwardable"
     assert err.hint is not None
     assert err.hint.startswith("evidence ticket not forwardable: the service account HTTP/proxy.lab.test@LAB.TEST")
@@ -335,3 +345,54 @@ def test_a_local_shortage_in_a_kdc_call_is_the_gateways_overload_not_its_set_up(
     assert in_hint in err.hint
     assert "keytab" not in err.hint
     assert minor in err.hint
+
+
+def test_the_directory_names_the_one_cause_of_a_ticket_not_forwardable() -> None:
+    """With the user's account from the directory: NOT_DELEGATED set is the user's flag alone (the gateway's protocol
+    transition not blamed); clear, it is the gateway account's protocol transition, in AD's words and commands."""
+    dn = "CN=erin,CN=Users,DC=ad,DC=test"
+    named = {
+        uac: not_forwardable_named(
+            user="erin@AD.TEST", proxy="svc-gw@AD.TEST", dn=dn, sam="erin", user_account_control=uac
+        )
+        for uac in (0x200 | UF_NOT_DELEGATED, 0x200)
+    }
+    sensitive, plain = named[0x200 | UF_NOT_DELEGATED], named[0x200]
+    assert f"'Account is sensitive and cannot be delegated' is set on {dn} (NOT_DELEGATED" in sensitive
+    assert "Set-ADAccountControl erin -AccountNotDelegated $false" in sensitive
+    assert "samba-tool user sensitive erin off" in sensitive
+    assert "svc-gw@AD.TEST's protocol transition is not the cause" in sensitive
+    assert "TrustedToAuthForDelegation" not in sensitive
+    assert f"{dn} is not marked 'Account is sensitive and cannot be delegated'" in plain
+    assert "so the cause is svc-gw@AD.TEST: it lacks protocol transition" in plain
+    assert "'Use any authentication protocol'" in plain
+    assert "Set-ADAccountControl svc-gw -TrustedToAuthForDelegation $true" in plain
+    assert "samba-tool delegation for-any-protocol svc-gw on" in plain
+    assert "Protected Users" in plain
+    assert "TRUSTED_TO_AUTH_FOR_DELEGATION is clear" not in plain  # the gateway's account unknown: not claimed
+
+
+def test_the_gateway_accounts_own_flag_decides_between_protocol_transition_and_protected_users() -> None:
+    """The user not marked sensitive: with the gateway account's userAccountControl read too, protocol transition clear
+    is named as read; set, the cause left is Protected Users (not shown by any bit), never the gateway's flag."""
+    dn = "CN=pat,CN=Users,DC=ad,DC=test"
+
+    def named(gateway_control: int) -> str:
+        return not_forwardable_named(
+            user="pat@AD.TEST",
+            proxy="svc-gw@AD.TEST",
+            dn=dn,
+            sam="pat",
+            user_account_control=0x200,
+            gateway_control=gateway_control,
+        )
+
+    lacking = named(0x200)
+    assert "so the cause is svc-gw@AD.TEST: it lacks protocol transition (TRUSTED_TO_AUTH_FOR_DELEGATION is clear" in (
+        lacking
+    )
+    member = named(0x200 | UF_TRUSTED_TO_AUTH_FOR_DELEGATION)
+    assert "svc-gw@AD.TEST has 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION)" in member
+    assert "most likely a member of Protected Users" in member
+    assert "Remove-ADGroupMember 'Protected Users' pat" in member
+    assert "lacks protocol transition" not in member

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.certs.sources import CrlStatus
 from proxy.config import Authentication, Route
-from proxy.directory import LockoutPolicy
+from proxy.directory import DelegationSettings, LockoutPolicy
 from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.metrics import LONG_POLL_AFTER, Metrics
 from proxy.observability.trace import Trace
@@ -239,3 +239,32 @@ def test_metrics_count_mapping_rules_and_refusals() -> None:
     assert got[("kcd_certificate_mappings_total", (("rule", "sid-extension"),))] == 1
     assert got[("kcd_certificate_mappings_total", (("rule", "weak-audit"),))] == 2
     assert got[("kcd_refusals_total", (("reason", "mapping_refused"), ("stage", "mapping")))] == 1
+
+
+def test_the_delegation_check_reads_the_gateway_accounts_delegation_tab() -> None:
+    """`delegation`: protocol transition and every route's SPN (any case) pass; each missing piece is named with its
+    commands, unconstrained delegation called so; no account to read is a skip, never a pass."""
+    dn = "CN=svc-gw,CN=Users,DC=corp,DC=test"
+    good = DelegationSettings(dn, 0x200 | doctor.UF_TRUSTED_TO_AUTH_FOR_DELEGATION, ("http/CAS.corp.test",))
+    assert doctor.delegation_check("svc-gw@CORP.TEST", good, ["HTTP/cas.corp.test"]).status == "pass"
+    bare = DelegationSettings(dn, 0x200 | doctor.UF_TRUSTED_FOR_DELEGATION, ())
+    failed = doctor.delegation_check("svc-gw@CORP.TEST", bare, ["HTTP/cas.corp.test"])
+    assert failed.status == "fail"
+    assert "'Trust this user for delegation to any service (Kerberos only)' is chosen" in failed.detail
+    assert "msDS-AllowedToDelegateTo lists nothing, not HTTP/cas.corp.test" in failed.detail
+    assert failed.fix is not None
+    assert "Set-ADAccountControl svc-gw -TrustedForDelegation $false -TrustedToAuthForDelegation $true" in failed.fix
+    assert "samba-tool delegation add-service svc-gw HTTP/cas.corp.test" in failed.fix
+    assert doctor.delegation_check("svc-gw@CORP.TEST", None, ["HTTP/cas.corp.test"]).status == "skip"
+
+
+def test_a_failed_delegation_check_passes_where_the_kdc_granted_every_s4u2proxy() -> None:
+    """Resource-based delegation needs neither setting the check reads: every S4U2Proxy granted, its failure is a pass
+    that says so; one S4U2Proxy refused, it stays failed."""
+    failed = doctor.Check("delegation", "fail", "svc-gw@CORP.TEST: msDS-AllowedToDelegateTo lists nothing", "fix")
+    granted = doctor.Check("s4u2proxy HTTP/cas.corp.test", "pass", "issued")
+    settled = doctor.settle_delegation([granted, failed])
+    assert (settled[1].status, settled[1].fix) == ("pass", None)
+    assert "resource-based delegation" in settled[1].detail
+    refused = doctor.Check("s4u2proxy HTTP/cas.corp.test", "fail", "refused", "fix")
+    assert doctor.settle_delegation([refused, failed])[1] == failed
