@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import process_state
+from tests import process_state, schedule
 from tests.root_files import new_files, root_files
 
 AD_REALM_SECONDS = 100.0  # provisioning the AD realm (tests/integration/ad_fixtures.py) in a fresh checkout
@@ -50,6 +50,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if first_ad is not None:
         weight[first_ad] += AD_REALM_SECONDS
     items.sort(key=lambda item: -weight[item.path])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> schedule.LongFilesFirst | None:
+    """`--dist loadfile` (make test's) schedules with tests/schedule.py's rule: a worker about to run a test that may
+    be long is given a quick file to hold behind it, never the head of the queue. Other modes keep xdist's own."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    return schedule.LongFilesFirst(config, log)
 
 
 _ROOT_FILES = pytest.StashKey[set[str]]()

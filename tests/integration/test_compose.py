@@ -4,16 +4,25 @@ What a newcomer would do, as the README says it: the base image made locally whe
 (`deploy/base-image.sh`), `docker-compose build`, `up -d`, `run --rm device`, a curl from the host, `down`.
 The engine is Debian's docker.io; when no daemon answers, the test starts `dockerd` itself and stops it at
 the end (after any other run that uses it: a shared lock counts them), putting `ip_forward` back. Each run
-is its own compose project, on free loopback ports and its own balancer subnet, so runs never collide.
-Builds are cached by the engine between runs. The first run on a machine builds everything (minutes):
+is its own compose project, on free loopback ports and its own balancer subnet, with its own image tag, so runs never
+collide. Builds are cached by the engine between runs. The first run on a machine builds everything (minutes):
 the tests here have a long timeout of their own.
+
+A run leaves the engine as it found it but for the build cache: `down -v` removes the project's containers, networks
+(their `br-*` bridges) and volumes, the run's images become the `build-cache` tag (one image each: the previous one's
+layers go but where the new one shares them, so the next run's build finds everything but the changed code), and the
+teardown fails naming anything of the project, or an image of its tag, still there. Before, every checkout kept its
+three images under a tag of its own, and every run from a fresh clone added one more (about 8 GB here). Runs killed
+before their
+teardown (a timeout's SIGKILL, a closed terminal) left their projects and images behind, and their networks' `br-*`
+bridges stayed on the host after dockerd stopped: the run that stops the dockerd it started removes every `kcdtest*`
+project and `test-*` image first, when no other run holds the engine.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import ipaddress
 import json
 import os
@@ -23,7 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +48,11 @@ pytestmark = [pytest.mark.timeout(2400), pytest.mark.slow(seconds=15)]  # a buil
 SOCKET = "/var/run/docker.sock"
 LOCK = Path("/run/lock/kcd-proxy-dockerd.lock")  # shared: a run using the engine; exclusive: stopping it
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+PROJECT_PREFIX = "kcdtest"  # every run's compose project: kcdtest<pid><random>
+TAG_PREFIX = "test-"  # every run's image tag (KCD_IMAGE_TAG): test-<project>
+CACHE_TAG = "build-cache"  # the last run's images, kept for the next run's build
+IMAGES = ("kcd-proxy", "kcd-proxy-kdc", "kcd-proxy-balancer")  # docker-compose.yml's three, tagged KCD_IMAGE_TAG
+PROJECT_LABEL = "com.docker.compose.project"
 
 
 def _docker() -> str:
@@ -84,8 +98,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _stop_dockerd(lock: TextIO, dockerd: subprocess.Popen[bytes], forward: str, bridge: bool) -> None:
-    """Stop the dockerd this run started, once no other run holds the engine (at most 30 minutes' wait); put
-    back ip_forward, and remove the docker0 bridge it made (dockerd leaves it behind)."""
+    """Stop the dockerd this run started, once no other run holds the engine (at most 30 minutes' wait), after
+    removing what killed runs left on it (`_remove_dead_runs`); put back ip_forward, and remove the docker0 bridge it
+    made (dockerd leaves it behind)."""
     deadline = time.monotonic() + 1800
     while True:
         try:
@@ -95,6 +110,13 @@ def _stop_dockerd(lock: TextIO, dockerd: subprocess.Popen[bytes], forward: str, 
             if time.monotonic() > deadline:
                 return  # another run still uses it; it is left running rather than pulled from under that run
             time.sleep(2)
+    try:
+        _remove_dead_runs(_docker())
+    finally:
+        _terminate(dockerd, forward, bridge)
+
+
+def _terminate(dockerd: subprocess.Popen[bytes], forward: str, bridge: bool) -> None:
     dockerd.send_signal(signal.SIGTERM)
     try:
         dockerd.wait(timeout=60)
@@ -104,6 +126,79 @@ def _stop_dockerd(lock: TextIO, dockerd: subprocess.Popen[bytes], forward: str, 
     IP_FORWARD.write_text(forward)
     if not bridge:
         subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True, check=False)
+
+
+def _docker_lines(docker: str, *args: str) -> list[str]:
+    done = subprocess.run([docker, *args], capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.splitlines()
+
+
+def _of_projects(docker: str, kind: str, projects: Callable[[str], bool]) -> list[str]:
+    """The ids (volumes: names) of the engine's containers, networks or volumes whose compose project is one of
+    `projects`."""
+    listing = {"container": ["ps", "-a"], "network": ["network", "ls"], "volume": ["volume", "ls"]}[kind]
+    key = "{{.Name}}" if kind == "volume" else "{{.ID}}"
+    fmt = f'{key} {{{{.Label "{PROJECT_LABEL}"}}}}'
+    lines = _docker_lines(docker, *listing, "--filter", f"label={PROJECT_LABEL}", "--format", fmt)
+    return [ident for ident, _, project in (line.partition(" ") for line in lines) if projects(project)]
+
+
+def _tagged(docker: str, tags: Callable[[str], bool]) -> list[str]:
+    """The images of docker-compose.yml (`IMAGES`) with a tag among `tags`, as repository:tag."""
+    lines = _docker_lines(docker, "images", "--format", "{{.Repository}}:{{.Tag}}")
+    return [ref for ref in lines if ref.partition(":")[0] in IMAGES and tags(ref.partition(":")[2])]
+
+
+def _remove(docker: str, projects: Callable[[str], bool], tags: Callable[[str], bool]) -> None:
+    """Remove the containers, networks and volumes of `projects` and the images tagged among `tags` (an image whose
+    layers another image or the build cache holds loses its tag only)."""
+    removals = [
+        (["rm", "-f", "-v"], _of_projects(docker, "container", projects)),
+        (["network", "rm"], _of_projects(docker, "network", projects)),
+        (["volume", "rm"], _of_projects(docker, "volume", projects)),
+        (["image", "rm"], _tagged(docker, tags)),
+    ]
+    for command, names in removals:
+        if names:  # removing many images takes minutes on a loaded machine (100 images, 4 GB: more than 5)
+            subprocess.run([docker, *command, *names], capture_output=True, timeout=1800, check=False)
+
+
+def _image_id(docker: str, ref: str) -> str:
+    done = subprocess.run(
+        [docker, "image", "inspect", "--format", "{{.Id}}", ref], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _keep_as_build_cache(docker: str, tag: str) -> None:
+    """The run's images (tagged `tag`) become `CACHE_TAG` and lose `tag`; the previous cache image is removed, with
+    the layers of its own (an image another run's tag still names stays)."""
+    for image in IMAGES:
+        built, cache = f"{image}:{tag}", f"{image}:{CACHE_TAG}"
+        if not (new := _image_id(docker, built)):
+            continue
+        previous = _image_id(docker, cache)
+        subprocess.run([docker, "tag", built, cache], capture_output=True, timeout=120, check=False)
+        subprocess.run([docker, "image", "rm", built], capture_output=True, timeout=300, check=False)
+        if previous and previous != new:
+            subprocess.run([docker, "image", "rm", previous], capture_output=True, timeout=300, check=False)
+
+
+def _left_by(docker: str, project: str, tag: str) -> list[str]:
+    """What of `project` (and its images, tagged `tag`) is still on the engine."""
+    left = [
+        f"{kind} {ident}"
+        for kind in ("container", "network", "volume")
+        for ident in _of_projects(docker, kind, project.__eq__)
+    ]
+    return left + [f"image {ref}" for ref in _tagged(docker, tag.__eq__)]
+
+
+def _remove_dead_runs(docker: str) -> None:
+    """Every test project (`kcdtest*`) and test image (`test-*`; not the build cache) left on the engine: called
+    while no run holds it, they are runs' that ended without their teardown (killed), or checkouts' (their tag was
+    one per checkout, kept)."""
+    _remove(docker, lambda project: project.startswith(PROJECT_PREFIX), lambda tag: tag.startswith(TAG_PREFIX))
 
 
 @dataclass(frozen=True)
@@ -182,7 +277,7 @@ def stack(engine: str) -> Iterator[Stack]:
     done = subprocess.run([REPO / "deploy" / "base-image.sh", engine], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     timings["base image"] = time.monotonic() - started
-    project = f"kcdtest{os.getpid()}{secrets.token_hex(3)}"
+    project = f"{PROJECT_PREFIX}{os.getpid()}{secrets.token_hex(3)}"
     gateway_port, balancer_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -190,16 +285,16 @@ def stack(engine: str) -> Iterator[Stack]:
         "KCD_GATEWAY_PORT": str(gateway_port),
         "KCD_BALANCER_PORT": str(balancer_port),
         "KCD_LAB_BALANCER_SUBNET": _subnet(engine),
-        # Image tags are global to the engine: one per checkout, so another checkout's run (other code) never
-        # replaces the images under this one. Layers, and so the build cache, are shared all the same.
-        "KCD_IMAGE_TAG": "test-" + hashlib.sha256(str(REPO).encode()).hexdigest()[:10],
+        # Image tags are global to the engine: one per run, so another run (other code) never replaces the images
+        # under this one, and removed with the run. Layers, and so the build cache, are shared all the same.
+        "KCD_IMAGE_TAG": f"{TAG_PREFIX}{project}",
         "DOCKER_HOST": f"unix://{SOCKET}",
     }
     s = Stack(engine, project, env, gateway_port, balancer_port, timings)
-    mark = time.monotonic()
-    s.compose("build")
-    timings["build"] = time.monotonic() - mark
     try:
+        mark = time.monotonic()
+        s.compose("build")
+        timings["build"] = time.monotonic() - mark
         mark = time.monotonic()
         s.compose("up", "-d", "gateway", "balancer")
         deadline = time.monotonic() + 300
@@ -211,8 +306,12 @@ def stack(engine: str) -> Iterator[Stack]:
         yield s
     finally:
         s.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+        _remove(engine, project.__eq__, lambda _tag: False)
+        _keep_as_build_cache(engine, env["KCD_IMAGE_TAG"])
         timings["total"] = time.monotonic() - started
         print("compose test timings (s):", {k: round(v) for k, v in timings.items()})
+        left = _left_by(engine, project, env["KCD_IMAGE_TAG"])
+        assert left == [], f"the compose test left these on the engine: {left}"
 
 
 def _device(stack: Stack, service: str, *args: str) -> subprocess.CompletedProcess[str]:

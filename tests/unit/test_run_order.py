@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
-from tests import conftest
+from tests import conftest, schedule
 
 
 @dataclass
@@ -78,3 +79,97 @@ def test_a_bare_slow_mark_counts_as_some_seconds() -> None:
         _Item("long", Path("tests/integration/test_long.py"), 310),
     ]
     assert _ordered(items) == ["long", "bare", "plain"]
+
+
+class _Config:
+    """What xdist's file scheduling reads of pytest's configuration: three workers, the collection's order kept."""
+
+    class option:  # pytest's own attribute name
+        loadscopereorder = False
+
+    def getvalue(self, name: str) -> list[str]:
+        assert name == "tx"
+        return ["3*popen"]
+
+
+class _Worker:
+    """A worker as the scheduler sees it: the tests it was given, in order, and whether it was told to stop."""
+
+    def __init__(self, name: str, collection: list[str]) -> None:
+        self.name, self.collection = name, collection
+        self.gateway = SimpleNamespace(id=name)
+        self.given: list[str] = []
+        self.done = 0
+        self.shutting_down = False
+
+    def send_runtest_some(self, indices: list[int]) -> None:
+        self.given += [self.collection[i] for i in indices]
+
+    def shutdown(self) -> None:
+        self.shutting_down = True
+
+
+# The run's head as tests/conftest.py orders it: a file of one 310 s test, two long files, the file provisioning the
+# AD realm, then quick files, the unit tests last.
+_COLLECTION = [
+    "ping.py::t",
+    *(f"descriptors.py::t{i}" for i in range(3)),
+    *(f"compose.py::t{i}" for i in range(13)),
+    *(f"ad.py::t{i}" for i in range(5)),
+    "bench.py::t",
+    *(f"unit_{n}.py::t{i}" for n in "abc" for i in range(3)),
+]
+
+
+def _started(scheduler_class: type) -> tuple[Any, list[_Worker]]:
+    scheduler = scheduler_class(_Config())
+    workers = [_Worker(f"gw{i}", list(_COLLECTION)) for i in range(3)]
+    for worker in workers:
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, worker.collection)
+    scheduler.schedule()
+    return scheduler, workers
+
+
+def test_the_file_behind_a_one_test_file_is_a_quick_one() -> None:
+    """The worker given the 310 s Ping (a file of one test, which it runs only once it knows its next test) is given
+    the queue's last file to hold behind it, a quick one; the AD realm's file goes to the next worker that runs out.
+    xdist's own file scheduling put the AD file behind the Ping, where it waited 310 s."""
+    from xdist.scheduler import LoadFileScheduling  # type: ignore[import-untyped]
+
+    _, workers = _started(LoadFileScheduling)
+    assert workers[0].given == ["ping.py::t", *(f"ad.py::t{i}" for i in range(5))]  # the defect, in xdist's own
+    _, workers = _started(schedule.LongFilesFirst)
+    assert workers[0].given == ["ping.py::t", "unit_c.py::t0", "unit_c.py::t1", "unit_c.py::t2"]
+    assert [w.given[0] for w in workers[1:]] == ["descriptors.py::t0", "compose.py::t0"]
+    assert all(not name.startswith("ad.py") for w in workers for name in w.given)
+
+
+def _can_run(worker: _Worker) -> bool:
+    """A worker runs its next test once it knows the one after it, or once it was told to stop."""
+    left = len(worker.given) - worker.done
+    return left >= 2 or (left == 1 and worker.shutting_down)
+
+
+def test_every_test_is_given_once_and_whole_files_stay_together() -> None:
+    """Run to the end (the Ping's worker ending its test only after 20 tests ended elsewhere): every test is given to
+    exactly one worker, once, each file whole to one worker in its own order, and the AD file not behind the Ping."""
+    scheduler, workers = _started(schedule.LongFilesFirst)
+    completions = 0
+    while runnable := [w for w in workers if _can_run(w)]:
+        others = [w for w in runnable if w is not workers[0]]
+        worker = others[completions % len(others)] if others and completions < 20 else runnable[0]
+        scheduler.mark_test_complete(worker, worker.collection.index(worker.given[worker.done]))
+        worker.done += 1
+        completions += 1
+    given = [name for w in workers for name in w.given]
+    assert sorted(given) == sorted(_COLLECTION)
+    assert all(w.done == len(w.given) for w in workers)
+    for worker in workers:
+        files = [name.partition("::")[0] for name in worker.given]
+        assert [f for i, f in enumerate(files) if i == 0 or files[i - 1] != f] == list(dict.fromkeys(files))  # whole
+        for f in set(files):
+            assert [n for n in worker.given if n.startswith(f + "::")] == [
+                n for n in _COLLECTION if n.startswith(f + "::")
+            ]
+    assert "ad.py::t0" not in workers[0].given
