@@ -18,7 +18,8 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   CRL is named in the answer's `crls` but leaves it 200: the gateway serves on (its CA's certificates as unknown),
   and a 503 took every gateway sharing that CA out of its balancer at once, the outage best-effort is there to avoid.
   503 too while the device listener is full in every worker (`listener_problem`, a `listener` key): new devices
-  would wait in its listen backlog, and a balancer sends them to a gateway with room instead.
+  would wait in its listen backlog, and a balancer sends them to a gateway with room instead. Only a worker that is
+  full itself asks its siblings (each up to ASK_TIMEOUT): one with room answers at once, a stuck sibling or not.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
@@ -179,8 +180,10 @@ async def readyz(request: web.Request) -> web.Response:
     refusing = bool(crls) and live.config.client_certificates.revocation == "require"  # best-effort serves on
     tls = live.served.problem(datetime.now(UTC)) if live.served is not None else None
     siblings = request.app.get(SIBLINGS_KEY)
-    own = occupancy(live)
-    listener = listener_problem({siblings.worker.number: own, **await siblings.listeners()} if siblings else {0: own})
+    workers: dict[int, Occupancy | None] = {siblings.worker.number if siblings else 0: occupancy(live)}
+    if siblings is not None and listener_problem(workers) is not None:  # with room here the answer is no sibling's:
+        workers.update(await siblings.listeners())  # a hung one is asked (ASK_TIMEOUT) only by a full worker
+    listener = listener_problem(workers)
     ready = kdc is None and not refusing and tls is None and listener is None
     body: dict[str, object] = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok"}
     if tls is not None:  # only then: a ready answer's body is as it was

@@ -220,6 +220,11 @@ class Directory:
         return self._settings.base_dn
 
     @property
+    def timeout(self) -> float:
+        """Seconds per directory server before the next one is tried ([directory] timeout)."""
+        return self._settings.timeout
+
+    @property
     def cache_seconds(self) -> float:
         """How long an answer is kept: a change on the DC reaches the gateway within that."""
         return self._settings.cache_seconds

@@ -88,6 +88,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import math
@@ -108,11 +109,9 @@ from proxy.config import Authentication, Identity, Kerberos, Route
 from proxy.directory import Directory
 from proxy.errors import (
     AuthenticationRequired,
-    DirectoryUnavailable,
     GatewayError,
     IdentityRejected,
     KerberosRefused,
-    MappingRefused,
     TooManyAttempts,
     UserUnknown,
 )
@@ -135,6 +134,7 @@ T = TypeVar("T")
 _SCRYPT = {"n": 2**10, "r": 8, "p": 1, "dklen": 32}  # 1 MiB and about 2 ms per hash
 _THROTTLE_BASE = 1.0  # seconds of the first refusal once a key reaches its limit; doubles with each failure
 _THROTTLE_CAP = 300.0
+_OWN_RETRY = 30.0  # seconds a failed look-up of the gateway's own account is not asked again
 _THROTTLE_FORGET = 900.0  # seconds after its last failure when a key starts afresh
 _PACE_SEED = 0.05  # seconds: the refusal pace before any password check of an existing account was timed
 _PACE_SAMPLES = 32
@@ -590,6 +590,10 @@ class BasicLogin:
         self._realms = {identity.default_realm, *identity.realm_map.values()}
         self._principal = kerberos.principal
         self._own = _account_key(kerberos.principal)  # the gateway's own account: nobody's Basic sign-in (`_user`)
+        self._own_upn: tuple[str, str] | None = None  # its UPN and DN, as the directory last named them
+        self._own_learnt = False
+        self._own_lookup: asyncio.Future[None] | None = None
+        self._own_retry = -math.inf  # when (time.monotonic) a failed look-up of it may be asked again
         self._checks = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-kdc")  # password checks
         self._tokens = KdcThreads(kerberos.max_in_flight, kerberos.kdc_timeout, "basic-token")  # backend tokens
         self._window = settings.basic_failure_window_seconds
@@ -752,23 +756,50 @@ class BasicLogin:
         (`kcd-gw@corp.example` for `svc-kcdproxy`), which only the directory knows: the KDC resolves it (as an
         NT-ENTERPRISE name, or a UPN of the realm's suffix) to the gateway's account and counts the wrong password
         against it. Asked only for a sign-in the throttles let through to the KDC (not for a cached one, nor a held
-        name's guesses), by one look-up of the gateway's account, cached as the directory caches; a directory that
-        does not answer leaves the name to the KDC, as without a [directory]: Basic does not stop for it."""
+        name's guesses). The UPN is the directory's last answer on the gateway's account (`_gateways_upn`): a
+        directory that hangs or fails holds no sign-in past one [directory] timeout, and the UPN it last named stays
+        refused meanwhile; one that never answered leaves the name to the KDC, as without a [directory]."""
         if directory is None:
             return
-        try:
-            own = await directory.lookup(self._principal)
-        except (DirectoryUnavailable, MappingRefused):
+        own = await self._gateways_upn(directory)
+        if own is None or guess_key(user.enterprise or user.principal) != guess_key(own[0]):
             return
-        if own is None or not own.upn or guess_key(user.enterprise or user.principal) != guess_key(own.upn):
-            return
+        upn, dn = own
         raise AuthenticationRequired(
             "the user name or password is incorrect",
-            hint=f"Basic user {own.upn!r} is the UPN of the gateway's own account (kerberos.principal, {own.dn}), "
+            hint=f"Basic user {upn!r} is the UPN of the gateway's own account (kerberos.principal, {dn}), "
             "which signs in with its keytab only: not sent to the KDC, where each wrong password would count towards "
             "locking out the account every delegation needs",
             challenge=self.challenge,
         )
+
+    async def _gateways_upn(self, directory: Directory) -> tuple[str, str] | None:
+        """The gateway's account's (UPN, DN) as the directory last named them, None before it named one.
+
+        Theory of operation. One look-up at a time (`_learn_own`; the directory's cache answers it at once while its
+        entry is fresh). The sign-in that starts it waits for it up to the directory's `timeout`, and so does every
+        sign-in while nothing was ever learnt; a sign-in that finds one in flight takes the last answer. A look-up
+        that fails is not asked again for `_OWN_RETRY` seconds. So a directory that hangs costs one sign-in one
+        timeout per `_OWN_RETRY`, not each sign-in a look-up of its own (two timeouts per server, the user's KDC turn
+        held meanwhile), and the UPN it last named is still refused."""
+        lookup, started = self._own_lookup, False
+        if (lookup is None or lookup.done()) and time.monotonic() >= self._own_retry:
+            lookup = self._own_lookup = asyncio.ensure_future(self._learn_own(directory))
+            started = True
+        if lookup is not None and not lookup.done() and (started or not self._own_learnt):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(lookup), directory.timeout)
+        return self._own_upn
+
+    async def _learn_own(self, directory: Directory) -> None:
+        """Ask the directory for the gateway's account; keep its UPN, or the time to ask again after a failure."""
+        try:
+            own = await directory.lookup(self._principal)
+        except GatewayError:  # unreachable, or the name several accounts': the last answer stands
+            self._own_retry = time.monotonic() + _OWN_RETRY
+            return
+        self._own_upn = (own.upn, own.dn) if own is not None and own.upn else None
+        self._own_learnt = True
 
     def _cached(self, key: str, digest: bytes, user: UserPrincipal) -> _Entry | None:
         """The fresh entry `digest` matches, served only to a name equal to the verified one up to ASCII case:

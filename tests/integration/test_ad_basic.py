@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from tests.integration.ad_fixtures import (
     status_and_body,
     wait_kdc_reason,
 )
+from tests.integration.test_ad_directory_outage import _relay_to
 from tests.integration.test_ad_lockout import _directory_says
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
@@ -211,7 +214,7 @@ def test_a_device_sending_latin1_signs_in_at_ad_and_costs_no_bad_password(
 
 
 def test_a_basic_sign_in_under_the_gateways_upn_never_reaches_the_kdc(
-    ad_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
 ) -> None:
     """The gateway's account (`svc-kcdproxy`, its kerberos.principal) with a UPN of another name and suffix
     (`kcd-…@corp.example`, as service accounts are often given): a Basic guess under that UPN is the same 401 as any
@@ -219,6 +222,7 @@ def test_a_basic_sign_in_under_the_gateways_upn_never_reaches_the_kdc(
     kerberos.principal's spellings were refused: the KDC resolved the UPN (NT-ENTERPRISE) to the gateway's account and
     counted the wrong password against it (Samba: NT_STATUS_WRONG_PASSWORD mapped to ADTEST\\svc-kcdproxy), towards
     the lockout of the account every delegation needs. alice's wrong password after it still reaches the KDC."""
+    ad_realm = ad_mapping_realm  # its [directory] names the DC, which only that fixture's hosts entry resolves
     account = ad.GATEWAY_ACCOUNT
     alias = f"kcd-{uuid.uuid4().hex[:6]}@corp.example"
     entry = f"dn: CN={account},CN=Users,{ad_realm.base_dn}\nchangetype: modify\nreplace: userPrincipalName\n"
@@ -242,3 +246,46 @@ def test_a_basic_sign_in_under_the_gateways_upn_never_reaches_the_kdc(
         with _locked(ad_realm.root):
             ad_realm.ldbmodify(entry + f"userPrincipalName: {account}@{ad.DNS_DOMAIN}\n")
         gw.stop()
+
+
+def test_a_hung_directory_holds_no_basic_sign_in_and_the_gateways_upn_stays_refused(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """Basic with a [directory] (cache_seconds = 0, timeout = 3) whose only server hangs once the gateway learnt its
+    own account's UPN (`kcd-…@corp.example` on svc-kcdproxy): bob's and carol's sign-ins are served and the guess
+    under that UPN is still the 401 that never reaches the KDC, and no more than one of the two served waits a
+    [directory] timeout. Before, each sign-in the throttles let through waited for the gateway's account's look-up
+    (the kept connection, then a new one), holding that user's KDC turn, and then sent the UPN's guess to the KDC.
+    The server is a relay to the DC frozen with SIGSTOP (`test_ad_directory_outage`)."""
+    realm, timeout, account = ad_mapping_realm, 3, ad.GATEWAY_ACCOUNT  # the fixture resolves the DC's name
+    alias = f"kcd-{uuid.uuid4().hex[:6]}@corp.example"
+    entry = f"dn: CN={account},CN=Users,{realm.base_dn}\nchangetype: modify\nreplace: userPrincipalName\n"
+    source = '"san-upn"\nenterprise_names = true\nrealm_map = { adtest = "AD.TEST", "corp.example" = "AD.TEST" }'
+    with _relay_to(realm, tmp_path / "relay.log", 389) as (relay, port):
+        urls = (f"ldap://{realm.dc_host}:{port}",)
+        directory = ad_mapping.directory_table(realm, urls=urls, cache_seconds=0) + f"timeout = {timeout}\n"
+        with _locked(realm.root):
+            realm.ldbmodify(entry + f"userPrincipalName: {alias}\n")
+        gw = start_ad_gateway(
+            realm, tmp_path, ad_backend, '\n[authentication]\nmode = "basic"\n' + directory, source=source
+        )
+        try:
+            status, body = _basic(realm, gw, "alice", PASSWORDS["alice"])  # the directory answers: the UPN is learnt
+            assert status == 200, body
+            relay.send_signal(signal.SIGSTOP)
+            took: dict[str, float] = {}
+            answers: dict[str, int] = {}
+            for name, password in (("bob", PASSWORDS["bob"]), ("carol", PASSWORDS["carol"]), (alias, "Wrong-1")):
+                start = time.monotonic()
+                answers[name], body = _basic(realm, gw, name, password)
+                took[name] = time.monotonic() - start
+            assert answers == {"bob": 200, alias: 401, "carol": 200}, (answers, body)
+            fix = gw.wait_event("authentication_required", stage="authentication")["fix"]
+            assert f"{alias!r} is the UPN of the gateway's own account" in fix, fix
+            slow = [name for name in ("bob", "carol") if took[name] >= timeout]  # a 401 waits for `Pace`: not counted
+            assert len(slow) <= 1, took
+        finally:
+            relay.send_signal(signal.SIGCONT)
+            with _locked(realm.root):
+                realm.ldbmodify(entry + f"userPrincipalName: {account}@{ad.DNS_DOMAIN}\n")
+            gw.stop()

@@ -220,3 +220,36 @@ def test_a_hung_kdc_under_the_directory_bind_does_not_take_the_shared_threads(
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["refused"] == 8, result
     assert result["waited"] < 1.0, result  # a free thread at once, not one MIT's KDC timeout frees
+
+
+def test_a_hung_directory_leaves_a_ticket_not_forwardable_a_refusal(
+    realm: ad.AdRealm, relay: tuple[subprocess.Popen[bytes], str], ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """erin (marked sensitive: her evidence ticket is not forwardable) behind mapping = "upn" with a [directory]
+    (cache_seconds = 0, timeout = 2) that names her one cause: while the only directory server hangs, her retries
+    are still the 403 at `kerberos` (both causes named, as the KDC left it), never a 500 nor served, each within
+    the directory's two timeouts; the next one, once it answers, names NOT_DELEGATED again."""
+    proc, relay_url = relay
+    timeout = 2
+    text = ad_mapping.directory_table(realm, urls=(relay_url,), cache_seconds=0) + f"timeout = {timeout}\n"
+    gw = start_gateway(realm, tmp_path / "gw", ad_backend, "upn", directory_text=text)
+    try:
+        status, body, headers = curl(realm, gw, "erin")
+        assert (status, headers["x-kcd-refused-stage"]) == (403, "kerberos"), body
+        assert "(NOT_DELEGATED" in gw.wait_event("kerberos_refused", upn="erin@ad.test")["fix"]
+        proc.send_signal(signal.SIGSTOP)
+        for _ in range(2):  # the kept connection hangs; then so does a new one
+            gw.mark()
+            status, body, headers = curl(realm, gw, "erin")
+            assert (status, headers["x-kcd-refused-stage"]) == (403, "kerberos"), body
+            fix = gw.wait_event("kerberos_refused", upn="erin@ad.test")["fix"]
+            assert "(NOT_DELEGATED" not in fix, fix
+            assert summary(gw, "erin@ad.test")["ms"]["kerberos"] < 2 * 2 * timeout * 1000 + 2000
+        proc.send_signal(signal.SIGCONT)
+        gw.mark()
+        status, body, headers = curl(realm, gw, "erin")
+        assert (status, headers["x-kcd-refused-stage"]) == (403, "kerberos"), body
+        assert "(NOT_DELEGATED" in gw.wait_event("kerberos_refused", upn="erin@ad.test")["fix"]
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        gw.stop()

@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -1096,4 +1097,31 @@ def test_readyz_of_two_workers_is_503_only_when_both_listeners_are_full(lab: Lab
     finally:
         for sock in held:
             sock.close()
+        gw.stop()
+
+
+def test_readyz_of_a_worker_with_room_does_not_wait_for_a_hung_sibling(lab: LabLayout, tmp_path: Path) -> None:
+    """Two workers, one of them stopped (SIGSTOP: a worker stuck in a long call, its admin socket and sibling socket
+    open, nothing answered): a probe the kernel gives the running worker, whose device listener has room, is answered
+    200 at once. The listener's part can only be 503 when every worker is full, so a worker with room asks nobody;
+    before, it asked the stuck sibling and waited ASK_TIMEOUT (5 s) on every probe, past a kubelet's 1 s probe timeout,
+    and the gateway was taken out of service by a worker that does not decide the answer. Probes the kernel gives the
+    stopped worker wait for it: at most 16 tries, each of a 3 s timeout, for one that reaches the running one."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
+    stopped = sorted({e["pid"] for e in gw.wait_events("listening", 2)})[0]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        answers: list[str] = []
+        for _ in range(16):
+            try:
+                with urllib.request.urlopen(admin + "/readyz", timeout=3) as r:  # noqa: S310  loopback test URL
+                    answers.append(f"{r.status} {r.read().decode()}")
+                    break
+            except urllib.error.HTTPError as e:
+                answers.append(f"{e.code} {e.read().decode()}")
+            except (TimeoutError, urllib.error.URLError) as e:  # the stopped worker's, or one waiting for it
+                answers.append(repr(e))
+        assert answers[-1].startswith("200 "), answers
+    finally:
+        os.kill(stopped, signal.SIGCONT)
         gw.stop()
