@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,7 +364,8 @@ def test_a_connection_over_the_per_address_cap_is_reset_before_tls(lab: LabLayou
 
 def test_at_the_connection_cap_stalled_clients_are_cut_and_the_others_served(lab: LabLayout, tmp_path: Path) -> None:
     """max_connections = 2 taken by two stalled clients: one opens TCP and never starts TLS, one finishes its
-    handshake and never sends a byte. Meanwhile the admin listener (a server of its own) answers /readyz and a good
+    handshake and never sends a byte. Meanwhile the admin listener (a server of its own) answers /readyz (200, or 503
+    naming the full listener) and a good
     client waits in the backlog; the first staller is cut at handshake_timeout (2 s), the second at keepalive_timeout
     (2 s), and the good client is then served, without either staller having been sent anything."""
     admin_port = free_port()
@@ -371,9 +373,12 @@ def test_at_the_connection_cap_stalled_clients_are_cut_and_the_others_served(lab
     gw = gateway(lab, tmp_path, listener=listener, admin_port=admin_port)
     request = b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
-    def readyz() -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=10) as r:
-            return int(r.status)
+    def readyz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=10) as r:
+                return int(r.status), r.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
 
     async def run() -> None:
         ctx = client_context(lab, None)
@@ -391,7 +396,10 @@ def test_at_the_connection_cap_stalled_clients_are_cut_and_the_others_served(lab
                 writer.close()
 
         waiting = asyncio.ensure_future(good())
-        assert await asyncio.to_thread(readyz) == 200  # the admin listener is not behind the device listener's cap
+        # the admin listener is not behind the device listener's cap: it answers, ready, or 503 naming the full
+        # listener while both stallers hold their slots (left13: a balancer sends no new devices there meanwhile)
+        status, body = await asyncio.to_thread(readyz)
+        assert status == 200 or (status == 503 and "listener.max_connections" in body), (status, body)
         assert (await asyncio.wait_for(waiting, timeout=60)).startswith(b"HTTP/1.1 401 ")
         assert time.monotonic() - started >= 1.9, "served while two stalled clients held both slots"
         for reader, _ in (silent_tcp, silent_tls):  # both were closed by the gateway, having been sent nothing
