@@ -457,12 +457,34 @@ async def _directory_checks(
     )
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
     created = account.when_created.isoformat() if account.when_created else "unknown (no whenCreated)"
-    detail = f"{upn} is {account.dn}, {account.sid}, created {created}; {strong} strong altSecurityIdentities entries"
+    entries = "entry" if strong == 1 else "entries"
+    detail = f"{upn} is {account.dn}, {account.sid}, created {created}; {strong} strong altSecurityIdentities {entries}"
     try:
         account_state(account, datetime.fromtimestamp(clock(), UTC))
     except GatewayError as e:
         return [*checks, Check("directory-lookup", "fail", f"{detail}; {e.reason}", e.hint)], mapped
     return [*checks, Check("directory-lookup", "pass", detail)], mapped
+
+
+async def _named(config: Config, principal: str) -> Mapped | None:
+    """The account of an impersonated `principal` and the gateway's, as `proxy.pipeline.forwarding_named` looks them
+    up to name the one cause of an evidence ticket that is not forwardable; None where the directory has no answer."""
+    from proxy.directory import Directory
+    from proxy.pipeline import directory_name
+
+    assert config.directory is not None
+    directory = Directory(config.directory, config.kerberos)
+    try:
+        account = await directory.lookup(directory_name(principal))
+        gateway = await directory.lookup(config.kerberos.principal) if account is not None else None
+    except GatewayError:
+        return None  # unreachable, or the name several accounts': both causes, as the gateway names them
+    finally:
+        directory.close()
+    if account is None:
+        return None
+    control = gateway.user_account_control if gateway is not None else None
+    return Mapped(account.sam_account_name, directory.realm, account.dn, account.user_account_control, control)
 
 
 async def _lockout(config: Config, directory: Directory, name: str, account_dn: str | None) -> Check:
@@ -572,7 +594,10 @@ def _kerberos_checks(
         if evidence.forwardable:
             yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal}{whose} is forwardable")
         else:
-            yield not_forwardable_check(user.principal, whose, settings.principal, mapped)
+            named = mapped
+            if named is None and config.directory is not None:  # mapping "upn": the gateway's `forwarding_named`
+                named = asyncio.run(_named(config, user.principal))
+            yield not_forwardable_check(user.principal, whose, settings.principal, named)
         yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings, client=evidence.client)
     headers: dict[str, str] = {}
     for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):
