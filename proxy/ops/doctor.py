@@ -67,7 +67,7 @@ from proxy.config import Authentication, Config, Kerberos, Route
 from proxy.errors import AccountMismatch, GatewayError
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.kerberos.account import kdc_account
-from proxy.kerberos.hints import not_forwardable, not_forwardable_named
+from proxy.kerberos.hints import from_active_directory, not_forwardable, not_forwardable_named
 from proxy.kerberos.keytab import kvnos, missing_key, read_keytab
 from proxy.kerberos.pac import PacFacts
 
@@ -360,10 +360,13 @@ _NOT_FORWARDABLE = "is not forwardable: classic constrained delegation will refu
 _NO_CREDENTIALS = "not run: needs the gateway's own credentials (see kdc)"
 
 
-def not_forwardable_check(principal: str, whose: str, proxy: str, mapped: Mapped | None = None) -> Check:
+def not_forwardable_check(
+    principal: str, whose: str, proxy: str, mapped: Mapped | None = None, pac: PacFacts | None = None
+) -> Check:
     """The `s4u2self` check for an evidence ticket without the forwardable flag, with the KDC error explainer's fix:
-    the one cause the directory shows where it found the account (`mapped`), else both."""
-    _, fix = not_forwardable(user=principal, proxy=proxy)
+    the one cause the directory shows where it found the account (`mapped`), else both, in AD's commands where the
+    evidence ticket's `pac` shows an AD KDC."""
+    _, fix = not_forwardable(user=principal, proxy=proxy, active_directory=from_active_directory(pac))
     if mapped is not None and mapped.dn:
         uac = mapped.user_account_control
         fix = not_forwardable_named(
@@ -597,7 +600,7 @@ def _kerberos_checks(
             named = mapped
             if named is None and config.directory is not None:  # mapping "upn": the gateway's `forwarding_named`
                 named = asyncio.run(_named(config, user.principal))
-            yield not_forwardable_check(user.principal, whose, settings.principal, named)
+            yield not_forwardable_check(user.principal, whose, settings.principal, named, evidence.pac)
         yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings, client=evidence.client)
     headers: dict[str, str] = {}
     for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):
