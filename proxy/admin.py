@@ -82,7 +82,7 @@ from proxy.errors import CertificateRejected, CertificateRevoked, ConfigError, G
 from proxy.kerberos.threads import KdcThreads, NoThread
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
-from proxy.observability.siblings import Occupancy, Siblings, TraceSource, serve_siblings
+from proxy.observability.siblings import READY_ASK_TIMEOUT, Occupancy, Siblings, TraceSource, serve_siblings
 from proxy.observability.tracepage import STYLE_SOURCE, add_trace_views
 from proxy.tls.limits import unquote_parse_errors
 from proxy.tls.server import socket_transport
@@ -182,14 +182,18 @@ async def readyz(request: web.Request) -> web.Response:
     siblings = request.app.get(SIBLINGS_KEY)
     workers: dict[int, Occupancy | None] = {siblings.worker.number if siblings else 0: occupancy(live)}
     if siblings is not None and listener_problem(workers) is not None:  # with room here the answer is no sibling's:
-        workers.update(await siblings.listeners())  # a hung one is asked (ASK_TIMEOUT) only by a full worker
+        workers.update(await siblings.listeners())  # a hung one is asked (READY_ASK_TIMEOUT) only by a full worker
     listener = listener_problem(workers)
+    unanswered = sorted(number for number, figures in workers.items() if figures is None)
     ready = kdc is None and not refusing and tls is None and listener is None
     body: dict[str, object] = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok"}
     if tls is not None:  # only then: a ready answer's body is as it was
         body["tls"] = tls
     if listener is not None:  # likewise
         body["listener"] = listener
+    if unanswered:  # likewise: a hung or replaced sibling, asked for READY_ASK_TIMEOUT seconds only
+        who = ", ".join(f"worker {n}" for n in unanswered)
+        body["unanswered"] = f"{who} did not answer within {READY_ASK_TIMEOUT:g} s (taken as having room)"
     body["generation"] = live.generation
     return web.json_response(body, status=200 if ready else 503)
 

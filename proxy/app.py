@@ -422,6 +422,7 @@ async def serve(
     remove_stale_overlays()  # krb5.conf overlays of gateways killed outright (proxy.kerberos.profile)
     budget = _descriptor_budget(config)  # before anything starts: it may refuse kerberos.max_in_flight
     live = Live.start(config, shared=shared)
+    live.descriptors = budget  # a reload's kerberos.max_in_flight must fit its reserve (`reload_reserve_problem`)
     gw = live.gateway
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

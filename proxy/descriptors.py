@@ -20,7 +20,9 @@ So each worker shares its soft limit out once, at start (`DescriptorBudget.of`):
   next one after 10 s and keeps the first connection; measured: 20 calls against three silent KDCs held 60 sockets
   after 30 s). At the default 16 that is 256, the fixed reserve this budget started with; it was short past about 55
   threads. A `kerberos.max_in_flight` whose threads alone would take more than a quarter of the limit is refused at
-  start (`kdc_reserve_problem`), naming the key and the limit that would hold it;
+  start (`kdc_reserve_problem`), naming the key and the limit that would hold it. The shares are set once: a reload
+  raising `kerberos.max_in_flight` past what the reserve kept at start holds is refused, naming the key and "restart
+  to apply" (`reload_reserve_problem`), since the device and backend shares it would come out of are in use;
 - half of the rest, at most `listener.max_connections`, is the device connections' (the listener stops accepting at
   that number: further connections wait in the listen backlog, as at `max_connections`);
 - the rest is the backend connections', all users and upstreams together (`proxy.backend.client.BackendSockets`):
@@ -105,4 +107,20 @@ def kdc_reserve_problem(max_in_flight: int, limit: int) -> str | None:
         f"{sockets} descriptors, more than a quarter of the open-file limit ({limit}) may be kept for them: lower "
         f"it to {most} or less, or raise the limit to {4 * reserve_for(max_in_flight)} (LimitNOFILE= in the systemd "
         "unit, ulimit -Hn, the container's nofile)"
+    )
+
+
+def reload_reserve_problem(max_in_flight: int, running: DescriptorBudget) -> str | None:
+    """Why a reload may not run `kerberos.max_in_flight` = `max_in_flight` on the shares the `running` worker set at
+    start, or None: its KDC threads need more than the reserve kept then (or more than the limit allows at all)."""
+    if problem := kdc_reserve_problem(max_in_flight, running.limit):
+        return problem
+    wanted = DescriptorBudget.of(running.wanted, max_in_flight, running.limit).reserve
+    if wanted <= running.reserve:
+        return None
+    most = max(0, ((running.reserve - BASE_RESERVE) // KDC_CALL_DESCRIPTORS - 2) // 3)
+    return (
+        f"kerberos.max_in_flight = {max_in_flight} runs {kdc_threads(max_in_flight)} KDC threads and needs a "
+        f"descriptor reserve of {wanted}, where the running gateway keeps a reserve of {running.reserve}, set at "
+        f"start (the open-file limit's shares are set once): restart to apply, or keep it at {most} or less"
     )

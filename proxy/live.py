@@ -56,6 +56,7 @@ import structlog
 from proxy import config as config_module
 from proxy.auth.shared import SharedTable
 from proxy.config import Config, IPNetwork
+from proxy.descriptors import DescriptorBudget, reload_reserve_problem
 from proxy.errors import ConfigError
 from proxy.observability.metrics import Metrics
 from proxy.observability.traces import TraceRing
@@ -80,6 +81,7 @@ class Live:
     # last in force stays, never the one read at start (which may name a balancer a reload took off).
     balancers: tuple[IPNetwork, ...] = ()
     served: ServedCertificate | None = None  # the listener's certificate `ssl_context` holds (`/readyz`)
+    descriptors: DescriptorBudget | None = None  # the shares set at start (`proxy.descriptors`), which a reload keeps
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
     _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
@@ -122,7 +124,7 @@ class Live:
             old = self.gateway
             path = old.config.path
             try:
-                gateway, context, served = _prepare(path, old)
+                gateway, context, served = _prepare(path, old, self.descriptors)
             except ConfigError as e:
                 return self._refused(path, e.problems)
             except (OSError, ssl.SSLError, ValueError) as e:
@@ -230,14 +232,19 @@ class _Using:
             self._live._close_if_retired(key)
 
 
-def _prepare(path: Path, old: Gateway) -> tuple[Gateway, ssl.SSLContext, ServedCertificate]:
-    """Everything a new configuration builds, or ConfigError with every problem found."""
+def _prepare(
+    path: Path, old: Gateway, descriptors: DescriptorBudget | None = None
+) -> tuple[Gateway, ssl.SSLContext, ServedCertificate]:
+    """Everything a new configuration builds, or ConfigError with every problem found (a `kerberos.max_in_flight`
+    the `descriptors` set at start cannot hold among them)."""
     from proxy.app import build
     from proxy.ops.check import check
     from proxy.tls.server import ServedCertificate, server_context
 
     config = config_module.load(path)
     problems = check(config, at=datetime.now(UTC), crls=False)
+    if descriptors is not None and (reserve := reload_reserve_problem(config.kerberos.max_in_flight, descriptors)):
+        problems = [*problems, reserve]
     if problems:
         raise ConfigError(problems)
     gateway = _carry_over(build(config, shared=old.basic.shared, previous=old, serving=True), old)

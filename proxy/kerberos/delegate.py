@@ -108,7 +108,14 @@ from proxy.kerberos.account import (
 )
 from proxy.kerberos.ap_req import Krb5Error, TicketTokens
 from proxy.kerberos.ccache import S4UFacts, attach, s4u_facts
-from proxy.kerberos.hints import clock_skew, explain, is_clock_skew, no_descriptor_for_kdc, own_ticket_refused
+from proxy.kerberos.hints import (
+    clock_skew,
+    explain,
+    from_active_directory,
+    is_clock_skew,
+    no_descriptor_for_kdc,
+    own_ticket_refused,
+)
 from proxy.kerberos.kdcs import KdcWatch, watch_for
 from proxy.kerberos.keytab import (
     FileVersion,
@@ -705,6 +712,7 @@ class Delegator:
             proxy=self._settings.principal,
             step=facts.failed_step,
             evidence_forwardable=forwardable,
+            active_directory=from_active_directory(facts.evidence_pac),
         )
         attach(error, facts)
         return error

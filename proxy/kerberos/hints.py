@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.errors import (
     AccountRevoked,
@@ -36,6 +37,9 @@ from proxy.errors import (
     KerberosRefused,
     NotForwardable,
 )
+
+if TYPE_CHECKING:
+    from proxy.kerberos.pac import PacFacts
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,14 @@ _NOT_FORWARDABLE_HINT = (
     "'account is sensitive and cannot be delegated' on {user} (AD: Set-ADAccountControl <user> -AccountNotDelegated "
     "$false; MIT: kadmin.local -q 'modprinc +allow_forwardable {user}'), or take it out of Protected Users"
 )
+_NOT_FORWARDABLE_AD_HINT = (
+    "evidence ticket not forwardable: the service account {proxy} lacks protocol transition, or {user} is "
+    "marked sensitive or a member of Protected Users; give {proxy} 'Use any authentication protocol' (its Delegation "
+    "tab; TRUSTED_TO_AUTH_FOR_DELEGATION: Set-ADAccountControl {account} -TrustedToAuthForDelegation $true, or "
+    "samba-tool delegation for-any-protocol {account} on), and clear 'Account is sensitive and cannot be delegated' "
+    "on {user} (Set-ADAccountControl {user_account} -AccountNotDelegated $false, or samba-tool user sensitive "
+    "{user_account} off), or take it out of Protected Users; a [directory] lets the gateway name the one cause"
+)
 _NOT_DELEGABLE_HINT = (
     "{spn} is not in the delegation list of {proxy} (the evidence ticket was forwardable, so protocol "
     "transition is fine): add {spn} to the delegation list of {proxy} (krbAllowedToDelegateTo on MIT/LDAP, "
@@ -188,10 +200,18 @@ _NOT_DELEGABLE_HINT = (
 )
 
 
-def not_forwardable(*, user: str, proxy: str) -> tuple[str, str]:
-    """(reason, hint) for an evidence ticket that came back without the forwardable flag."""
-    fill = {"user": user, "proxy": proxy, "account": _account(proxy)}
-    return _NOT_FORWARDABLE_REASON.format(**fill), _NOT_FORWARDABLE_HINT.format(**fill)
+def not_forwardable(*, user: str, proxy: str, active_directory: bool = False) -> tuple[str, str]:
+    """(reason, hint) for an evidence ticket that came back without the forwardable flag: AD's commands alone where
+    the realm is known to be AD (`active_directory`: `from_active_directory`), else MIT's and AD's, each labelled."""
+    fill = {"user": user, "proxy": proxy, "account": _account(proxy), "user_account": _account(user)}
+    hint = _NOT_FORWARDABLE_AD_HINT if active_directory else _NOT_FORWARDABLE_HINT
+    return _NOT_FORWARDABLE_REASON.format(**fill), hint.format(**fill)
+
+
+def from_active_directory(pac: PacFacts | None) -> bool:
+    """Whether a ticket's PAC shows an Active Directory KDC (Windows or Samba): its logon-info buffer
+    (KERB_VALIDATION_INFO, MS-PAC 2.5), which MIT's KDC never writes (its PAC, from 1.20, has none)."""
+    return pac is not None and any(name == "logon-info" for name, _ in pac.buffers)
 
 
 # userAccountControl ([MS-ADTS] 2.2.16): "Account is sensitive and cannot be delegated"
@@ -292,6 +312,7 @@ def explain(
     step: str | None = None,
     evidence_forwardable: bool | None = None,
     keytab: tuple[str, str] | None = None,
+    active_directory: bool = False,
 ) -> GatewayError:
     """Turn a GSSAPI failure message into the gateway error that says what happened and what to fix.
 
@@ -317,7 +338,7 @@ def explain(
         return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{_FOREIGN_HINT.format(**fill)} [{message}]")
     if step == "s4u2proxy" and _BADOPTION in lowered and evidence_forwardable is not None:
         if not evidence_forwardable:  # the directory, where there is one, says which cause (proxy.pipeline)
-            reason, hint = not_forwardable(user=user, proxy=proxy)
+            reason, hint = not_forwardable(user=user, proxy=proxy, active_directory=active_directory)
             return NotForwardable(reason, hint=f"{hint} [{message}]", user=user, message=message)
         reason, hint = f"the gateway may not act for {user} at {spn}", _NOT_DELEGABLE_HINT.format(**fill)
         return KerberosRefused(reason, hint=f"{hint} [{message}]")

@@ -13,7 +13,8 @@ asks every other socket there, at most `ASK_TIMEOUT` seconds each, all at once, 
 - `/traces` and the pages: every worker's records, newest first, each with `worker` (`merge_traces`); a trace by
   id is looked for in this worker's ring first, then in the others'.
 - `/readyz`: each worker's device connections and their limit (`listeners`), for the listener's part of the answer
-  (`proxy.admin.listener_problem`).
+  (`proxy.admin.listener_problem`), asked for `READY_ASK_TIMEOUT` seconds only: a probe waits for no hung sibling
+  longer than kubelet's default probe timeout (1 s) allows; one that did not answer is named in the answer.
 
 None of this is on the request path: a request still only appends its trace to its worker's ring and tallies its
 counters; the asking is done when the admin listener is read. With one worker nothing changes, not even a label.
@@ -42,6 +43,7 @@ from proxy.workers import Worker
 
 log = structlog.get_logger("proxy.admin")
 ASK_TIMEOUT = 5.0  # seconds a sibling has to answer one question
+READY_ASK_TIMEOUT = 0.5  # for /readyz: below kubelet's default probe timeout (1 s), a hung sibling included
 TRACE_ID = re.compile(r"[0-9a-f]{16}")  # `proxy.observability.trace.trace_id`
 Occupancy = tuple[int, int]  # a worker's device connections (TLS handshakes included) and their limit in force
 
@@ -80,20 +82,22 @@ class Siblings(TraceSource):
         self.worker = worker
         self._render = render  # this worker's `Metrics.render`
 
-    async def ask(self, path: str, query: Mapping[str, str] | None = None) -> dict[int, bytes | None]:
-        """`path` asked of every other worker at once: its body by number, None where it did not answer 200."""
+    async def ask(
+        self, path: str, query: Mapping[str, str] | None = None, *, within: float = ASK_TIMEOUT
+    ) -> dict[int, bytes | None]:
+        """`path` asked of every other worker at once, `within` seconds each: its body by number, None where it did
+        not answer 200."""
         numbers = sorted(
             int(p.stem) for p in self.worker.siblings.glob("*.sock") if p.stem.isdigit() and p != self.worker.socket
         )
-        bodies = await asyncio.gather(*(self._ask_one(n, path, query) for n in numbers))
+        bodies = await asyncio.gather(*(self._ask_one(n, path, query, within) for n in numbers))
         return dict(zip(numbers, bodies, strict=True))
 
-    async def _ask_one(self, number: int, path: str, query: Mapping[str, str] | None) -> bytes | None:
+    async def _ask_one(self, number: int, path: str, query: Mapping[str, str] | None, within: float) -> bytes | None:
         connector = aiohttp.UnixConnector(path=str(self.worker.siblings / f"{number}.sock"))
-        timeout = aiohttp.ClientTimeout(total=ASK_TIMEOUT)
         try:
             async with (
-                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=within)) as session,
                 session.get(f"http://worker{path}", params=query) as answer,
             ):
                 body = await answer.read()
@@ -107,9 +111,10 @@ class Siblings(TraceSource):
         return merge_metrics({self.worker.number: self._render(), **others})
 
     async def listeners(self) -> dict[int, Occupancy | None]:
-        """Every other worker's device connections and their limit; None where it did not answer."""
+        """Every other worker's device connections and their limit; None where it did not answer within
+        `READY_ASK_TIMEOUT` seconds (this is /readyz's question)."""
         answers: dict[int, Occupancy | None] = {}
-        for number, body in (await self.ask("/listener")).items():
+        for number, body in (await self.ask("/listener", within=READY_ASK_TIMEOUT)).items():
             figures = None if body is None else json.loads(body)
             answers[number] = None if figures is None else (int(figures["connections"]), int(figures["limit"]))
         return answers

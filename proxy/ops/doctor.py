@@ -67,7 +67,7 @@ from proxy.config import Authentication, Config, Kerberos, Route
 from proxy.errors import AccountMismatch, GatewayError
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.kerberos.account import kdc_account
-from proxy.kerberos.hints import not_forwardable, not_forwardable_named
+from proxy.kerberos.hints import from_active_directory, not_forwardable, not_forwardable_named
 from proxy.kerberos.keytab import kvnos, missing_key, read_keytab
 from proxy.kerberos.pac import PacFacts
 
@@ -360,10 +360,13 @@ _NOT_FORWARDABLE = "is not forwardable: classic constrained delegation will refu
 _NO_CREDENTIALS = "not run: needs the gateway's own credentials (see kdc)"
 
 
-def not_forwardable_check(principal: str, whose: str, proxy: str, mapped: Mapped | None = None) -> Check:
+def not_forwardable_check(
+    principal: str, whose: str, proxy: str, mapped: Mapped | None = None, pac: PacFacts | None = None
+) -> Check:
     """The `s4u2self` check for an evidence ticket without the forwardable flag, with the KDC error explainer's fix:
-    the one cause the directory shows where it found the account (`mapped`), else both."""
-    _, fix = not_forwardable(user=principal, proxy=proxy)
+    the one cause the directory shows where it found the account (`mapped`), else both, in AD's commands where the
+    evidence ticket's `pac` shows an AD KDC."""
+    _, fix = not_forwardable(user=principal, proxy=proxy, active_directory=from_active_directory(pac))
     if mapped is not None and mapped.dn:
         uac = mapped.user_account_control
         fix = not_forwardable_named(
@@ -457,12 +460,34 @@ async def _directory_checks(
     )
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
     created = account.when_created.isoformat() if account.when_created else "unknown (no whenCreated)"
-    detail = f"{upn} is {account.dn}, {account.sid}, created {created}; {strong} strong altSecurityIdentities entries"
+    entries = "entry" if strong == 1 else "entries"
+    detail = f"{upn} is {account.dn}, {account.sid}, created {created}; {strong} strong altSecurityIdentities {entries}"
     try:
         account_state(account, datetime.fromtimestamp(clock(), UTC))
     except GatewayError as e:
         return [*checks, Check("directory-lookup", "fail", f"{detail}; {e.reason}", e.hint)], mapped
     return [*checks, Check("directory-lookup", "pass", detail)], mapped
+
+
+async def _named(config: Config, principal: str) -> Mapped | None:
+    """The account of an impersonated `principal` and the gateway's, as `proxy.pipeline.forwarding_named` looks them
+    up to name the one cause of an evidence ticket that is not forwardable; None where the directory has no answer."""
+    from proxy.directory import Directory
+    from proxy.pipeline import directory_name
+
+    assert config.directory is not None
+    directory = Directory(config.directory, config.kerberos)
+    try:
+        account = await directory.lookup(directory_name(principal))
+        gateway = await directory.lookup(config.kerberos.principal) if account is not None else None
+    except GatewayError:
+        return None  # unreachable, or the name several accounts': both causes, as the gateway names them
+    finally:
+        directory.close()
+    if account is None:
+        return None
+    control = gateway.user_account_control if gateway is not None else None
+    return Mapped(account.sam_account_name, directory.realm, account.dn, account.user_account_control, control)
 
 
 async def _lockout(config: Config, directory: Directory, name: str, account_dn: str | None) -> Check:
@@ -572,7 +597,10 @@ def _kerberos_checks(
         if evidence.forwardable:
             yield Check("s4u2self", "pass", f"the evidence ticket for {user.principal}{whose} is forwardable")
         else:
-            yield not_forwardable_check(user.principal, whose, settings.principal, mapped)
+            named = mapped
+            if named is None and config.directory is not None:  # mapping "upn": the gateway's `forwarding_named`
+                named = asyncio.run(_named(config, user.principal))
+            yield not_forwardable_check(user.principal, whose, settings.principal, named, evidence.pac)
         yield kdc_account_check(user, evidence.pac, evidence.pac_unreadable, settings, client=evidence.client)
     headers: dict[str, str] = {}
     for spn, target in dict.fromkeys((r.spn, r.gss_target) for r in routes):

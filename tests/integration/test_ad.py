@@ -61,16 +61,28 @@ def test_the_realm_runs_only_inside_its_namespace(ad_realm: ad.AdRealm) -> None:
 
 
 def test_a_sensitive_user_is_refused_because_the_evidence_ticket_is_not_forwardable(
-    ad_realm: ad.AdRealm, ad_gateway: AdProcess
+    ad_realm: ad.AdRealm, ad_gateway: AdProcess, tmp_path: Path
 ) -> None:
     """erin is 'sensitive and cannot be delegated': Samba issues a non-forwardable evidence ticket, S4U2Proxy is
-    refused (BADOPTION), the device gets 403 naming the evidence ticket, the log's fix names the sensitive flag."""
+    refused (BADOPTION), the device gets 403 naming the evidence ticket, the log's fix names the sensitive flag.
+    Without a [directory] the fix cannot name the one cause, but the evidence ticket's PAC (logon-info: an AD KDC)
+    says the realm is AD: the fix gives AD's commands only (samba-tool, PowerShell), never MIT's kadmin; doctor's
+    s4u2self check says the same."""
     ad_gateway.mark()
     status, body = status_and_body(ad_curl(ad_realm, f"{ad_gateway.url}/owa/", "erin"))
     assert status == 403
     assert "the gateway may not act for erin@AD.TEST: its evidence ticket is not forwardable" in body
     event = ad_gateway.wait_event("kerberos_refused", principal="erin@AD.TEST")
     assert "marked sensitive" in event["fix"]
+    assert "kadmin" not in event["fix"], event["fix"]
+    assert "samba-tool user sensitive erin off" in event["fix"], event["fix"]
+    assert "Set-ADAccountControl erin -AccountNotDelegated $false" in event["fix"], event["fix"]
+    config = tmp_path / "gateway.toml"
+    config.write_text(ad.gateway_config(ad_realm, port=ad_realm.free_port(), backend_port=ad_realm.free_port()))
+    doctor = _run_kcd(ad_realm, "doctor", "--config", str(config), "--user", "erin@ad.test")
+    shown = next(line for line in doctor.stdout.splitlines() if "fix: evidence ticket not forwardable" in line)
+    assert "kadmin" not in shown, shown
+    assert "samba-tool user sensitive erin off" in shown, shown
 
 
 def test_pinned_samba_delegates_a_protected_users_member(ad_realm: ad.AdRealm, ad_gateway: AdProcess) -> None:

@@ -376,6 +376,28 @@ def test_doctor_checks_the_bind_and_the_canary_lookup(realm: ad.AdRealm, tmp_pat
     assert ", created 20" in lines["directory-lookup"]  # whenCreated, which strong-or-audit compares
 
 
+def test_doctor_counts_strong_entries_in_words(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """doctor's look-up of frank, whose account holds one strong altSecurityIdentities entry, says "1 strong
+    altSecurityIdentities entry" (singular); alice's, with none, "0 strong altSecurityIdentities entries"."""
+    frank = _doctor_lines(_command(realm, tmp_path, "doctor", "--user", "frank@ad.test"))["directory-lookup"]
+    assert frank.startswith("PASS"), frank
+    assert frank.endswith("; 1 strong altSecurityIdentities entry"), frank
+    alice = _doctor_lines(_command(realm, tmp_path, "doctor", "--user", "alice@ad.test"))["directory-lookup"]
+    assert alice.endswith("; 0 strong altSecurityIdentities entries"), alice
+
+
+def test_doctor_under_upn_mapping_names_the_one_cause_as_the_gateway(realm: ad.AdRealm, tmp_path: Path) -> None:
+    """Under mapping = "upn" with a [directory] the gateway names the one cause of erin's evidence ticket that is
+    not forwardable (`forwarding_named`: her NOT_DELEGATED); doctor's s4u2self check says the same, not both."""
+    cfg = tmp_path / "upn.toml"
+    cfg.write_text(ad_mapping.gateway_config(realm, "upn"))
+    argv = [sys.executable, "-m", "proxy", "doctor", "--config", str(cfg), "--user", "erin@ad.test"]
+    shown = _s4u2self_line(realm.run(argv, timeout=120))
+    assert shown.startswith("FAIL"), shown
+    assert "is set on CN=erin,CN=Users,DC=ad,DC=test (NOT_DELEGATED" in shown, shown
+    assert "lacks protocol transition" not in shown, shown
+
+
 def _doctor_lines(done: subprocess.CompletedProcess[str]) -> dict[str, str]:
     return {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -254,6 +255,32 @@ def test_the_reserve_grows_with_kerberos_max_in_flight(lab: LabLayout, tmp_path:
         budget = (gw.events("descriptor_budget") or gw.events("descriptor_limit_low"))[0]
         assert budget["reserved"] == 156 + 2 * (3 * 64 + 2), budget
         assert budget["device_connections"] == (20000 - budget["reserved"]) // 2, budget
+    finally:
+        gw.stop()
+
+
+def test_a_reload_raising_max_in_flight_past_the_reserve_is_refused_naming_a_restart(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """The descriptor shares are set once, at start: 16 in flight keeps a reserve of 256. A SIGHUP raising
+    kerberos.max_in_flight to 32 would run 98 KDC threads on that reserve (which has room for 50): the reload is
+    refused naming the key, the reserve and "restart to apply", and the running configuration stays. Lowering it to 8
+    needs no more than the reserve holds: reloaded."""
+    text = lab_config(lab, port=free_port())
+    gw = start_gateway(lab, tmp_path / "gw", text, launcher=("prlimit", "--nofile=20000:20000", sys.executable))
+    try:
+        assert (gw.events("descriptor_budget") or gw.events("descriptor_limit_low"))[0]["reserved"] == 256
+        gw.mark()
+        gw.config_path.write_text(_with_max_in_flight(text, 32))
+        gw.proc.send_signal(signal.SIGHUP)
+        refused = " ".join(gw.wait_event("reload_refused")["problems"])
+        assert "kerberos.max_in_flight = 32" in refused, refused
+        assert "reserve of 256" in refused, refused
+        assert "restart to apply" in refused, refused
+        gw.mark()
+        gw.config_path.write_text(_with_max_in_flight(text, 8))
+        gw.proc.send_signal(signal.SIGHUP)
+        assert gw.wait_event("reloaded")["generation"] == 2
     finally:
         gw.stop()
 

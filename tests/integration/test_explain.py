@@ -127,7 +127,7 @@ def test_a_non_forwardable_evidence_ticket_is_left_to_the_kdc_as_the_gateway_lea
     """A user marked sensitive (MIT: -allow_forwardable): the gateway asks S4U2Proxy anyway and the KDC refuses it
     (krb5kdc.log: EVIDENCE_TKT_NOT_FORWARDABLE), as it must, since Windows grants it under resource-based delegation.
     explain refused at the non-forwardable evidence ticket without asking: now it asks, and the refusal is the KDC's,
-    with the same reason and the not-forwardable fix."""
+    with the same reason and the not-forwardable fix (MIT's kadmin commands in it: an MIT PAC shows no AD KDC)."""
     name = f"xs{uuid.uuid4().hex[:8]}"
     _kadmin(lab, f"addprinc -randkey -allow_forwardable {name}")
     cert, _ = _certificate_for(lab, name, tmp_path)
@@ -139,6 +139,7 @@ def test_a_non_forwardable_evidence_ticket_is_left_to_the_kdc_as_the_gateway_lea
     assert (code, answer["accepted"], answer["stage"]) == (1, False, "kerberos")
     assert answer["reason"] == f"the gateway may not act for {name}@LAB.TEST: its evidence ticket is not forwardable"
     assert answer["fix"].startswith("evidence ticket not forwardable")
+    assert "MIT: kadmin.local -q 'modprinc +allow_forwardable" in answer["fix"]  # no AD PAC: both realms, labelled
     assert "EVIDENCE_TKT_NOT_FORWARDABLE" in written, written
     assert "HTTP/proxy.lab.test@LAB.TEST for HTTP/cas.lab.test@LAB.TEST" in written
 

@@ -537,6 +537,40 @@ def test_a_replaced_worker_answers_under_the_number_it_replaced(
     assert not any(s.parent.exists() for s in sockets)
 
 
+def test_readyz_answers_within_a_second_while_a_sibling_hangs(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """One worker stopped (SIGSTOP): a /readyz the other worker takes answers within 1 s (kubelet's default probe
+    timeout), not after the 5 s a sibling had: with room itself it asks no sibling (review37), so the body names none
+    unanswered (a full worker asks for READY_ASK_TIMEOUT at most: tests/unit/test_siblings.py). A probe the kernel gave
+    the stopped worker's own admin socket gets nothing, as from any hung process: it is asked again on a new
+    connection."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    listening = gw.wait_events("admin_listening", 2)
+    number = {e["pid"]: int(Path(e["siblings"]).stem) for e in listening}
+    stopped = next(iter(number))
+    assert json.loads(_scrape(admin + "/readyz"))["ready"] is True  # the KDC's answer cached: not in the timing
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        deadline, answers = time.monotonic() + WAIT, list[tuple[float, int, dict[str, Any]]]()
+        while len(answers) < 3 and time.monotonic() < deadline:
+            start = time.monotonic()
+            try:
+                with urllib.request.urlopen(admin + "/readyz", timeout=2) as r:  # noqa: S310  loopback
+                    answers.append((time.monotonic() - start, r.status, json.loads(r.read())))
+            except (TimeoutError, urllib.error.URLError):
+                continue  # the stopped worker's socket, or (before the bound) the live one waiting for it
+        assert len(answers) == 3, f"no /readyz answer within 2 s while worker {number[stopped]} is stopped"
+        for took, status, body in answers:
+            assert took < 1.0, (took, body)
+            assert (status, body["ready"]) == (200, True), body
+            assert "unanswered" not in body, body
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert "unanswered" not in json.loads(_scrape(admin + "/readyz"))
+
+
 def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
     """SIGKILL to the supervisor (which cannot remove its private directory then): the workers, stopping because
     their parent died, remove their sockets and the last one the directory, so none is left in the temp directory."""

@@ -12,7 +12,7 @@ import pytest
 from proxy.backend.client import BackendConnection, BackendSocketsExhausted, Upstream
 from proxy.backend.forward import Pools, _failure
 from proxy.config import Route
-from proxy.descriptors import DescriptorBudget, kdc_reserve_problem, reserve_for
+from proxy.descriptors import DescriptorBudget, kdc_reserve_problem, reload_reserve_problem, reserve_for
 from proxy.errors import BackendBusy
 
 RESERVE = 256  # at the default kerberos.max_in_flight (16): the fixed reserve the budget started with
@@ -67,6 +67,22 @@ def test_a_max_in_flight_whose_kdc_threads_the_limit_cannot_hold_is_refused() ->
     assert problem.startswith("kerberos.max_in_flight = 43 ")
     assert "lower it to 42 or less" in problem
     assert f"raise the limit to {4 * reserve_for(43)}" in problem
+
+
+def test_a_reload_may_run_no_more_kdc_threads_than_the_reserve_kept_at_start_holds() -> None:
+    """Started at 16 in flight under 20,000 (reserve 256): a reload at 16 or fewer fits, 17 does not (262 wanted) and
+    names the key, both reserves and "restart to apply"; under 1,024 a reserve cut to the quarter (256, from 64's
+    544) refuses what the start would refuse."""
+    running = DescriptorBudget.of(10_000, 16, 20_000)
+    assert running.reserve == 256
+    assert reload_reserve_problem(16, running) is None
+    assert reload_reserve_problem(4, running) is None
+    problem = reload_reserve_problem(17, running)
+    assert problem is not None
+    assert problem.startswith("kerberos.max_in_flight = 17 runs 53 KDC threads and needs a descriptor reserve of 262")
+    assert "keeps a reserve of 256" in problem
+    assert "restart to apply, or keep it at 16 or less" in problem
+    assert reload_reserve_problem(43, DescriptorBudget.of(100, 16, 1024)) == kdc_reserve_problem(43, 1024)
 
 
 def test_this_process_limit_is_read() -> None:

@@ -347,6 +347,36 @@ def test_a_local_shortage_in_a_kdc_call_is_the_gateways_overload_not_its_set_up(
     assert minor in err.hint
 
 
+def test_a_ticket_not_forwardable_from_an_ad_kdc_gives_ads_commands_only() -> None:
+    """No directory to name the cause: where the evidence ticket's PAC shows an AD KDC (`active_directory`) the fix
+    gives AD's commands for both causes (PowerShell, samba-tool) and no MIT kadmin; where the realm is not known,
+    both realms' commands, each labelled."""
+
+    def fix(active_directory: bool) -> str:
+        err = explain(
+            BADOPTION,
+            user="erin@AD.TEST",
+            spn="HTTP/cas.ad.test",
+            proxy="svc-gw@AD.TEST",
+            step="s4u2proxy",
+            evidence_forwardable=False,
+            active_directory=active_directory,
+        )
+        assert err.reason == "the gateway may not act for erin@AD.TEST: its evidence ticket is not forwardable"
+        return err.hint or ""
+
+    ad, unknown = fix(True), fix(False)
+    assert "kadmin" not in ad
+    assert "Set-ADAccountControl svc-gw -TrustedToAuthForDelegation $true" in ad
+    assert "samba-tool delegation for-any-protocol svc-gw on" in ad
+    assert "Set-ADAccountControl erin -AccountNotDelegated $false" in ad
+    assert "samba-tool user sensitive erin off" in ad
+    assert "Protected Users" in ad
+    assert "MIT: kadmin.local -q 'modprinc +ok_to_auth_as_delegate svc-gw@AD.TEST'" in unknown
+    assert "MIT: kadmin.local -q 'modprinc +allow_forwardable erin@AD.TEST'" in unknown
+    assert "AD: Set-ADAccountControl" in unknown
+
+
 def test_the_directory_names_the_one_cause_of_a_ticket_not_forwardable() -> None:
     """With the user's account from the directory: NOT_DELEGATED set is the user's flag alone (the gateway's protocol
     transition not blamed); clear, it is the gateway account's protocol transition, in AD's words and commands."""

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
+from pathlib import Path
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.observability.metrics import Metrics
-from proxy.observability.siblings import merge_metrics, merge_traces, ring_answer
+from proxy.observability.siblings import (
+    ASK_TIMEOUT,
+    READY_ASK_TIMEOUT,
+    Siblings,
+    merge_metrics,
+    merge_traces,
+    ring_answer,
+)
 from proxy.observability.trace import Trace
 from proxy.observability.traces import Cursor, TraceRing
+from proxy.workers import Worker
 
 
 def _served(metrics: Metrics, n: int, status: int = 200) -> bytes:
@@ -91,3 +104,25 @@ def test_pages_after_a_cursor_cover_every_workers_records_once_in_the_merged_ord
         last = page[-1]
         cursor = Cursor(str(last["id"]), str(last["time"]), int(str(last["worker"])))
     assert [(r["id"], r["worker"]) for r in pages] == [(r["id"], r["worker"]) for r in everything]
+
+
+def test_a_sibling_that_accepts_and_never_answers_is_none_within_readys_bound(tmp_path: Path) -> None:
+    """/readyz's question (`Siblings.listeners`) of a sibling whose Unix socket accepts and never answers (a hung
+    worker: the kernel accepts for it) comes back within READY_ASK_TIMEOUT, below kubelet's 1 s probe timeout, with
+    that worker as None (taken as having room); before, /readyz waited ASK_TIMEOUT (5 s) for it."""
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hung.bind(str(tmp_path / "2.sock"))
+    hung.listen(8)
+    siblings = Siblings(TraceRing(keep=5), Worker(number=1, siblings=tmp_path), lambda: b"")
+
+    async def ask() -> tuple[dict[int, tuple[int, int] | None], float]:
+        started = time.monotonic()
+        answers = await siblings.listeners()
+        return answers, time.monotonic() - started
+
+    try:
+        answers, took = asyncio.run(ask())
+    finally:
+        hung.close()
+    assert answers == {2: None}
+    assert READY_ASK_TIMEOUT <= took < 1.0 < ASK_TIMEOUT, took
