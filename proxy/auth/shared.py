@@ -349,11 +349,9 @@ class SharedThrottle:
         `force`: counted whatever the wait (a held user's own last accepted password)."""
         digest = self._table.digest(key)
         with self._table.locked():
-            index = self._find(digest)
+            index = self._slot_of(digest, now)
             if index is None:
-                index = self._place(digest, now)
-                if index is None:
-                    return 0.0 if force else _RETRY
+                return 0.0 if force else _RETRY
             slot = self._fresh(self._table.read(index), now)
             wait = 0.0 if force else self._wait(slot, now)
             if wait == 0:
@@ -367,13 +365,9 @@ class SharedThrottle:
         """The attempt `admit` counted is over; `failed`: it was a wrong password or an unknown user."""
         digest = self._table.digest(key)
         with self._table.locked():
-            index = self._find(digest)
+            index = self._slot_of(digest, now, place=failed)
             if index is None:
-                if not failed:
-                    return
-                index = self._place(digest, now)
-                if index is None:
-                    return
+                return
             slot = self._fresh(self._table.read(index), now)
             slot.in_flight = max(0, self._in_flight(slot, now) - 1)
             if failed:
@@ -387,11 +381,9 @@ class SharedThrottle:
         """A failure of `key` with no attempt in flight (a guess judged without the KDC)."""
         digest = self._table.digest(key)
         with self._table.locked():
-            index = self._find(digest)
+            index = self._slot_of(digest, now)
             if index is None:
-                index = self._place(digest, now)
-                if index is None:
-                    return
+                return
             slot = self._fresh(self._table.read(index), now)
             self._count(slot, now)
             self._table.write(index, slot)
@@ -433,6 +425,11 @@ class SharedThrottle:
                 if self._table.key(index) == digest:
                     return index
         return None
+
+    def _slot_of(self, digest: bytes, now: float, *, place: bool = True) -> int | None:
+        """The slot of `digest`, else (`place`) a new one for it; None if it has none and gets none."""
+        index = self._find(digest)
+        return self._place(digest, now) if index is None and place else index
 
     def _place(self, digest: bytes, now: float) -> int | None:
         """A slot for a new key: a free one in the emptier of its two buckets, else the least recently used of both
