@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -93,6 +94,16 @@ def crl_listing(lab: LabLayout, tmp_path: Path, *certificates: Path) -> Path:
 NOCHECK, CHECKED_BY_CRL, UNCHECKABLE = (True, False), (False, True), (False, False)
 
 
+def alice_served(lab: LabLayout, directory: Path, settings: str, cert: Path, key: Path) -> dict[str, Any]:
+    """A gateway with `settings` serves alice's certificate `cert` (200): her request's summary line."""
+    gw = gateway_with(lab, directory, settings)
+    try:
+        assert curl_with(lab, gw, cert, key)[0] == 200
+        return gw.wait_event("request", principal="alice@LAB.TEST")
+    finally:
+        assert gw.stop() == 0
+
+
 @pytest.mark.parametrize("responder", [NOCHECK], indirect=True, ids=["nocheck"])
 @pytest.mark.parametrize("revoked", [False, True], ids=["not-listed", "listed"])
 def test_a_nocheck_responder_is_trusted_for_its_lifetime(
@@ -102,14 +113,10 @@ def test_a_nocheck_responder_is_trusted_for_its_lifetime(
     CryptoAPI): its "good" is believed under ocsp = "require", with no CRL at all, and even where a CRL lists it."""
     cert, key, signer = responder
     crls = f'crls = ["{crl_listing(lab, tmp_path, signer)}"]\nrevocation = "best-effort"\n'
-    gw = gateway_with(lab, tmp_path / "gw", (crls if revoked else 'revocation = "off"\n') + 'ocsp = "require"\n')
-    try:
-        assert curl_with(lab, gw, cert, key)[0] == 200
-        summary = gw.wait_event("request", principal="alice@LAB.TEST")
-        assert summary["revocation"] == "good"
-        assert summary["revocation_source"].startswith("http://127.0.0.1:")
-    finally:
-        assert gw.stop() == 0
+    settings = (crls if revoked else 'revocation = "off"\n') + 'ocsp = "require"\n'
+    summary = alice_served(lab, tmp_path / "gw", settings, cert, key)
+    assert summary["revocation"] == "good"
+    assert summary["revocation_source"].startswith("http://127.0.0.1:")
 
 
 @pytest.mark.parametrize("responder", [CHECKED_BY_CRL], indirect=True, ids=["distribution-point"])
@@ -130,21 +137,13 @@ def test_a_revoked_responders_answer_is_not_believed(
         assert "the OCSP responder's certificate is revoked" in failed["error"]
     finally:
         assert gw.stop() == 0
-    gw = gateway_with(lab, tmp_path / "prefer", f'crls = ["{crl}"]\nrevocation = "require"\nocsp = "prefer"\n')
-    try:
-        assert curl_with(lab, gw, cert, key)[0] == 200
-        summary = gw.wait_event("request", principal="alice@LAB.TEST")
-        assert (summary["revocation"], summary["revocation_source"]) == ("good", str(crl))
-    finally:
-        assert gw.stop() == 0
+    settings = f'crls = ["{crl}"]\nrevocation = "require"\nocsp = "prefer"\n'
+    summary = alice_served(lab, tmp_path / "prefer", settings, cert, key)
+    assert (summary["revocation"], summary["revocation_source"]) == ("good", str(crl))
     clean = crl_listing(lab, tmp_path / "clean")
-    gw = gateway_with(lab, tmp_path / "clean", f'crls = ["{clean}"]\nrevocation = "best-effort"\nocsp = "require"\n')
-    try:
-        assert curl_with(lab, gw, cert, key)[0] == 200
-        summary = gw.wait_event("request", principal="alice@LAB.TEST")
-        assert summary["revocation_source"].startswith("http://127.0.0.1:")
-    finally:
-        assert gw.stop() == 0
+    settings = f'crls = ["{clean}"]\nrevocation = "best-effort"\nocsp = "require"\n'
+    summary = alice_served(lab, tmp_path / "clean", settings, cert, key)
+    assert summary["revocation_source"].startswith("http://127.0.0.1:")
 
 
 @pytest.mark.parametrize("responder", [UNCHECKABLE], indirect=True, ids=["no-nocheck-no-distribution-point"])
