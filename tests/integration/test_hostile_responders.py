@@ -148,16 +148,30 @@ def good_answer(
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
+LAB_REVOCATION = 'crls = ["{crls}"]\nrevocation = "require"\n'  # the lab configuration's, for `revocation` below
+
+
+def revocation_gateway(lab: LabLayout, directory: Path, revocation: str, *, extra: str = "") -> Gateway:
+    """The lab gateway with `revocation` (its settings) in place of the lab's CRL file; `extra` as lab_config's."""
+    text = lab_config(lab, port=free_port(), extra=extra)
+    lab_settings = LAB_REVOCATION.format(crls=lab.pki_dir / "crls.pem")
+    assert lab_settings in text
+    return start_gateway(lab, directory, text.replace(lab_settings, revocation))
+
+
+def refreshed(*crls: object) -> str:
+    """Settings: `crls` (URLs or files) fetched every second, revocation required."""
+    listed = ", ".join(f'"{crl}"' for crl in crls)
+    return f'crls = [{listed}]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+
+
 @pytest.fixture
 def ocsp_only(lab: LabLayout, tmp_path: Path) -> Iterator[Callable[[], Gateway]]:
     """A factory for the lab gateway with OCSP alone deciding (`revocation = "off"`, `ocsp = "require"`)."""
     started: list[Gateway] = []
 
     def start() -> Gateway:
-        text = lab_config(lab, port=free_port())
-        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
-        assert lab_settings in text
-        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, 'revocation = "off"\nocsp = "require"\n'))
+        gw = revocation_gateway(lab, tmp_path / "gw", 'revocation = "off"\nocsp = "require"\n')
         started.append(gw)
         return gw
 
@@ -307,12 +321,7 @@ def test_a_forged_crl_of_millions_of_entries_stalls_no_device(
     forged = forged_crl(ca.subject, entries)
     path = CrlPath(encode(forged))
     try:
-        settings = (
-            f'crls = ["{path.url}", "{lab.pki_dir / "crls.pem"}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
-        )
-        text = lab_config(lab, port=free_port())
-        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
-        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        gw = revocation_gateway(lab, tmp_path / "gw", refreshed(path.url, lab.pki_dir / "crls.pem"))
         try:
             rejected = gw.wait_event("crl_rejected", source=path.url)
             assert "signature does not verify" in rejected["problem"], rejected
@@ -361,12 +370,7 @@ def test_a_crl_of_an_unknown_algorithm_stops_no_other_crl(lab: LabLayout, tmp_pa
     issuing = tmp_path / "issuing.crl"
     issuing.write_bytes(genuine)
     try:
-        settings = (
-            f'crls = ["{path.url}", "{issuing}", "{pki.root_crl}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
-        )
-        text = lab_config(lab, port=free_port())
-        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
-        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        gw = revocation_gateway(lab, tmp_path / "gw", refreshed(path.url, issuing, pki.root_crl))
         try:
             assert get(connect(lab, gw, "alice"))[0] == 200
             gw.mark()
@@ -432,12 +436,9 @@ def test_a_distribution_points_bad_head_is_shown_cut_short(lab: LabLayout, tmp_p
     path.answer = LONG_BAD_HEADER
     admin = f"127.0.0.1:{free_port()}"
     try:
-        settings = (
-            f'crls = ["{path.url}", "{lab.pki_dir / "crls.pem"}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
+        gw = revocation_gateway(
+            lab, tmp_path / "gw", refreshed(path.url, lab.pki_dir / "crls.pem"), extra=f'\n[admin]\nbind = "{admin}"\n'
         )
-        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
-        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
-        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
         try:
             failed = gw.wait_event("crl_fetch_failed", source=path.url)
             assert "Invalid header token" in failed["error"]
@@ -467,10 +468,9 @@ def test_a_signed_urls_token_in_another_spelling_is_shown_nowhere(lab: LabLayout
     url = f"{path.url}?sv=2&sig={token}"
     admin = f"127.0.0.1:{free_port()}"
     try:
-        settings = f'crls = ["{url}", "{lab.pki_dir / "crls.pem"}"]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
-        text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
-        lab_settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
-        gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_settings, settings))
+        gw = revocation_gateway(
+            lab, tmp_path / "gw", refreshed(url, lab.pki_dir / "crls.pem"), extra=f'\n[admin]\nbind = "{admin}"\n'
+        )
         try:
             failed = gw.wait_event("crl_fetch_failed")
             assert "Invalid header token" in failed["error"], failed
