@@ -1,5 +1,6 @@
-"""Reading the PEM files the lab's PKI (and tests) write: one certificate, one EC private key; and writing a
-self-signed server certificate for tests that need a TLS server and nothing else."""
+"""Reading the PEM files the lab's PKI (and tests) write: one certificate, one EC private key; writing a self-signed
+server certificate for tests that need a TLS server and nothing else; and one DER element, for structures tests make
+by hand (CRLs cryptography would not sign)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,12 @@ def write_self_signed(directory: Path, common_name: str) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return directory / "cert.pem", directory / "key.pem"
+
+
+def der_tlv(tag: int, content: bytes) -> bytes:
+    """One DER element: `tag`, the definite length of `content` (short form under 128 bytes), `content`."""
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content

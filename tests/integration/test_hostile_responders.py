@@ -30,7 +30,7 @@ from tests.integration.conftest import Gateway, free_port, lab_config, start_gat
 from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.loopback import stop_listening
 from tests.integration.test_revocation import alice_reissued, connect, curl_with, get, signed_crl
-from tests.pem import self_signed
+from tests.pem import der_tlv, self_signed
 
 Answer = Callable[[ocsp.OCSPRequest], list[bytes]]  # the request asked -> the parts sent, a pause between two
 
@@ -248,14 +248,6 @@ def test_an_answer_dripping_a_byte_a_second_is_cut_at_the_timeout(
 # --- a distribution point's path ------------------------------------------------------------------
 
 
-def _der(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    if size < 0x80:
-        return bytes([tag, size]) + content
-    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(length)]) + length + content
-
-
 ECDSA_WITH_SHA256 = bytes.fromhex("2a8648ce3d040302")
 
 
@@ -266,14 +258,16 @@ def forged_crl(issuer: x509.Name, entries: int, algorithm_oid: bytes = ECDSA_WIT
     now = datetime.now(UTC)
 
     def utc(when: datetime) -> bytes:
-        return _der(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
+        return der_tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
 
-    entry = _der(0x30, _der(0x02, b"\x01\x00\x00\x01") + utc(now - timedelta(days=1)))
-    algorithm = _der(0x30, _der(0x06, algorithm_oid))
+    entry = der_tlv(0x30, der_tlv(0x02, b"\x01\x00\x00\x01") + utc(now - timedelta(days=1)))
+    algorithm = der_tlv(0x30, der_tlv(0x06, algorithm_oid))
     times = utc(now - timedelta(minutes=1)) + utc(now + timedelta(days=1))
-    tbs = _der(0x30, _der(0x02, b"\x01") + algorithm + issuer.public_bytes() + times + _der(0x30, entry * entries))
+    tbs = der_tlv(
+        0x30, der_tlv(0x02, b"\x01") + algorithm + issuer.public_bytes() + times + der_tlv(0x30, entry * entries)
+    )
     signature = ec.generate_private_key(ec.SECP256R1()).sign(tbs, ec.ECDSA(hashes.SHA256()))
-    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
+    return der_tlv(0x30, tbs + algorithm + der_tlv(0x03, b"\x00" + signature))
 
 
 class CrlPath(RawServer):

@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from proxy.certs.chain import TrustList
 from proxy.certs.revocation import MAX_ERROR_SHOWN, CrlUnusable, _screened, accept, read_crls, shown_error
+from tests.pem import der_tlv
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Screen CA")])
@@ -129,14 +130,6 @@ def test_a_fetch_error_is_shown_on_one_line_cut_short() -> None:
     assert shown_error("HTTP 503") == "HTTP 503"
 
 
-def _der(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    if size < 0x80:
-        return bytes([tag, size]) + content
-    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(length)]) + length + content
-
-
 def _oid(dotted: str) -> bytes:
     first, second, *rest = (int(part) for part in dotted.split("."))
     body = bytes([40 * first + second])
@@ -145,20 +138,20 @@ def _oid(dotted: str) -> bytes:
         while number := number >> 7:
             groups.append(0x80 | number & 0x7F)
         body += bytes(reversed(groups))
-    return _der(0x06, body)
+    return der_tlv(0x06, body)
 
 
 def _crl_with_algorithm(dotted: str) -> bytes:
     """A current DER CRL under the CA's name whose signatureAlgorithm is `dotted` (its tbsCertList's too), with a
     signature of no key: what anyone on a distribution point's path can send."""
-    algorithm = _der(0x30, _oid(dotted))
+    algorithm = der_tlv(0x30, _oid(dotted))
 
     def utc(when: datetime) -> bytes:
-        return _der(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
+        return der_tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
 
     times = utc(NOW - timedelta(minutes=1)) + utc(NOW + timedelta(days=1))
-    tbs = _der(0x30, _der(0x02, b"\x01") + algorithm + NAME.public_bytes() + times)
-    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + b"\x30\x06\x02\x01\x01\x02\x01\x01"))
+    tbs = der_tlv(0x30, der_tlv(0x02, b"\x01") + algorithm + NAME.public_bytes() + times)
+    return der_tlv(0x30, tbs + algorithm + der_tlv(0x03, b"\x00" + b"\x30\x06\x02\x01\x01\x02\x01\x01"))
 
 
 @pytest.mark.parametrize("kind", ["ec-256", "rsa-pkcs1", "ed25519"])
@@ -181,36 +174,44 @@ def _rsa_crl(key: rsa.RSAPrivateKey, algorithm: bytes, tbs_tail: bytes = b"", ex
     certificates) and `extensions` ([0]) in its tbsCertList, signed by `key` with PKCS#1 v1.5 and SHA-256."""
 
     def utc(when: datetime) -> bytes:
-        return _der(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
+        return der_tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
 
     times = utc(NOW - timedelta(minutes=1)) + utc(NOW + timedelta(days=1))
-    tbs = _der(0x30, _der(0x02, b"\x01") + algorithm + NAME.public_bytes() + times + tbs_tail + extensions)
+    tbs = der_tlv(0x30, der_tlv(0x02, b"\x01") + algorithm + NAME.public_bytes() + times + tbs_tail + extensions)
     signature = key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
-    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
+    return der_tlv(0x30, tbs + algorithm + der_tlv(0x03, b"\x00" + signature))
 
 
 SHA256_RSA = _oid("1.2.840.113549.1.1.11")
-ENTRY = _der(0x30, _der(0x02, b"\x05") + _der(0x17, b"261130000000Z"))
+ENTRY = der_tlv(0x30, der_tlv(0x02, b"\x05") + der_tlv(0x17, b"261130000000Z"))
 
 
 @pytest.mark.parametrize(
     ("algorithm", "tbs_tail", "extensions"),
     [
-        (_der(0x30, SHA256_RSA), b"", b""),
-        (_der(0x30, SHA256_RSA + b"\x05\x00"), _der(0x30, b""), b""),
-        (_der(0x30, SHA256_RSA + b"\x05\x00"), _der(0x30, ENTRY * 3), b""),
+        (der_tlv(0x30, SHA256_RSA), b"", b""),
+        (der_tlv(0x30, SHA256_RSA + b"\x05\x00"), der_tlv(0x30, b""), b""),
+        (der_tlv(0x30, SHA256_RSA + b"\x05\x00"), der_tlv(0x30, ENTRY * 3), b""),
         # deltaCRLIndicator 5 (critical); issuingDistributionPoint indirectCRL (critical) with a certificateIssuer entry
         (
-            _der(0x30, SHA256_RSA + b"\x05\x00"),
-            _der(0x30, ENTRY),
-            _der(0xA0, _der(0x30, _der(0x30, _oid("2.5.29.27") + b"\x01\x01\xff" + _der(0x04, _der(0x02, b"\x05"))))),
+            der_tlv(0x30, SHA256_RSA + b"\x05\x00"),
+            der_tlv(0x30, ENTRY),
+            der_tlv(
+                0xA0,
+                der_tlv(
+                    0x30, der_tlv(0x30, _oid("2.5.29.27") + b"\x01\x01\xff" + der_tlv(0x04, der_tlv(0x02, b"\x05")))
+                ),
+            ),
         ),
         (
-            _der(0x30, SHA256_RSA + b"\x05\x00"),
-            _der(0x30, ENTRY),
-            _der(
+            der_tlv(0x30, SHA256_RSA + b"\x05\x00"),
+            der_tlv(0x30, ENTRY),
+            der_tlv(
                 0xA0,
-                _der(0x30, _der(0x30, _oid("2.5.29.28") + b"\x01\x01\xff" + _der(0x04, _der(0x30, b"\x84\x01\xff")))),
+                der_tlv(
+                    0x30,
+                    der_tlv(0x30, _oid("2.5.29.28") + b"\x01\x01\xff" + der_tlv(0x04, der_tlv(0x30, b"\x84\x01\xff"))),
+                ),
             ),
         ),
     ],
