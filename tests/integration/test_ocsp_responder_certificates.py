@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +21,14 @@ from cryptography import x509
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki
 from tests.integration.conftest import free_port
-from tests.integration.test_revocation import alice_reissued, crl_url, curl_with, gateway_with, signed_crl
+from tests.integration.test_revocation import (
+    alice_reissued,
+    crl_url,
+    curl_with,
+    gateway_with,
+    signed_crl,
+    wait_for_openssl_ocsp,
+)
 
 
 def responder_certificate(lab: LabLayout, directory: Path, *, nocheck: bool, distribution_point: bool) -> Path:
@@ -70,11 +76,7 @@ def responder(lab: LabLayout, tmp_path: Path, request: pytest.FixtureRequest) ->
     with log.open("wb") as out:
         proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while b"waiting for OCSP client connections" not in log.read_bytes():  # a probing connect would wedge it
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for_openssl_ocsp(proc, log)
         yield cert, key, signer
     finally:
         proc.terminate()

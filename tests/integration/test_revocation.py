@@ -258,6 +258,16 @@ def test_crl_signed_by_the_wrong_key_is_never_used(lab: LabLayout, tmp_path: Pat
 # --- OCSP ----------------------------------------------------------------------------------------
 
 
+def wait_for_openssl_ocsp(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until `openssl ocsp` (`proc`, its output in `log`) says it listens: its log read, not its port (a probing
+    connect would wedge it); it must not exit meanwhile."""
+    deadline = time.monotonic() + 10
+    while b"waiting for OCSP client connections" not in log.read_bytes():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def ocsp_responder(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The issuing CA's responder, `openssl ocsp`, on the port the lab's certificates name in their AIA."""
@@ -267,11 +277,7 @@ def ocsp_responder(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> 
             ocsp_responder_argv(Pki.at(lab.pki_dir), lab.ocsp_port), stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + 10
-        while b"waiting for OCSP client connections" not in log.read_bytes():  # a probing connect would wedge it
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for_openssl_ocsp(proc, log)
         yield f"http://127.0.0.1:{lab.ocsp_port}"
     finally:
         proc.terminate()
