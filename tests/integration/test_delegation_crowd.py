@@ -27,7 +27,7 @@ import pytest
 from proxy.lab.kdclog import S4U2PROXY, S4U2SELF, KdcLog
 from proxy.lab.layout import REALM, LabLayout
 from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
-from tests.integration.recorder import Recorder
+from tests.integration.recorder import Recorded, Recorder
 from tests.integration.test_ticket_cache import _certificate_for
 from tests.krb5_keys import token_keys
 from tests.negotiate_asn1 import read_negotiate
@@ -112,6 +112,20 @@ def _pac_client(pac: bytes) -> str | None:
     return None
 
 
+def session_keys(lab: LabLayout, taken: list[Recorded]) -> dict[str, set[bytes]]:
+    """Each user's service-ticket session keys, read from the Negotiate token of every request the recording backend
+    took (`/rec/<user>/...`): each ticket checked to name that user (client and PAC) and to be forwardable."""
+    keys: dict[str, set[bytes]] = {}
+    for request in taken:
+        user = request.path.split("/")[2]
+        (header,) = request.headers("Authorization")
+        seen = _seen(lab, header)
+        assert (seen.client, seen.pac_client) == (f"{user}@{REALM}", user), (request.path, seen)
+        assert seen.flags & TKT_FLG_FORWARDABLE, (request.path, hex(seen.flags))
+        keys.setdefault(user, set()).add(seen.session_key)
+    return keys
+
+
 def _seen(lab: LabLayout, header: str) -> Seen:
     scheme, _, value = header.partition(" ")
     assert scheme == "Negotiate"
@@ -147,14 +161,7 @@ def test_fifty_new_users_at_once_each_reach_the_backend_as_themselves(
     assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 200 OK"] * len(requests), answers
     taken = recorder.taken()
     assert sorted(r.path for r in taken) == sorted(path for _, path in requests)
-    keys: dict[str, set[bytes]] = {}
-    for request in taken:
-        user = request.path.split("/")[2]
-        (header,) = request.headers("Authorization")
-        seen = _seen(lab, header)
-        assert (seen.client, seen.pac_client) == (f"{user}@{REALM}", user), (request.path, seen)
-        assert seen.flags & TKT_FLG_FORWARDABLE, (request.path, hex(seen.flags))
-        keys.setdefault(user, set()).add(seen.session_key)
+    keys = session_keys(lab, taken)
     assert all(len(found) == 1 for found in keys.values()), {u: len(k) for u, k in keys.items() if len(k) != 1}
     assert len({key for found in keys.values() for key in found}) == CROWD + 1  # no two users share a ticket
 

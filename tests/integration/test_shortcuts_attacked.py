@@ -21,6 +21,7 @@ import ssl
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,9 +33,9 @@ from proxy.lab.kdclog import S4U2PROXY, KdcLog
 from proxy.lab.layout import REALM, LabLayout
 from proxy.lab.pki import Pki, UserSpec, issue_user, write_key, write_pem
 from tests.integration._pki_tools import load_ca, write_crl
-from tests.integration.conftest import client_context, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.recorder import Recorder
-from tests.integration.test_delegation_crowd import _crowd, _seen, new_users, tls_context
+from tests.integration.test_delegation_crowd import _crowd, new_users, session_keys, tls_context
 from tests.integration.test_revocation import alice_reissued
 
 REFRESH = 1  # crl_refresh_seconds
@@ -87,24 +88,34 @@ def _with_crl(lab: LabLayout, issuing: Path) -> str:
     return text.replace(lab_settings, settings + 'revocation = "require"\n')
 
 
+def _revocable_alice(lab: LabLayout, tmp_path: Path, name: str) -> tuple[Gateway, Callable[[], None]]:
+    """A certificate of alice's own (`name`, on no CRL yet), a gateway reading the issuing CA's CRL from
+    `tmp_path / "issuing.crl"` (`_with_crl`), and what publishes that CRL listing her (number 1001)."""
+    cert, _ = alice_reissued(lab, tmp_path, name)
+    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+    issuing_ca = load_ca(lab.pki_dir, "issuing")
+    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca, number=1000)
+
+    def revoke() -> None:
+        write_crl(tmp_path / "issuing.new", issuing_ca, revoked=[serial], number=1001).replace(issuing)
+
+    return start_gateway(lab, tmp_path / "gw", _with_crl(lab, issuing)), revoke
+
+
 @pytest.mark.parametrize("version", sorted(VERSIONS))
 def test_a_session_resumed_after_its_certificate_was_revoked_is_refused(
     lab: LabLayout, tmp_path: Path, version: str
 ) -> None:
     """alice's session (a certificate of her own, on no CRL yet) is resumed after the issuing CA's CRL that lists it
     was published and the gateway loaded it: the resumed connection's request is refused at the revocation stage."""
-    cert, _ = alice_reissued(lab, tmp_path, "alice-resumed")
-    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
-    issuing_ca = load_ca(lab.pki_dir, "issuing")
-    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca, number=1000)
-    gw = start_gateway(lab, tmp_path / "gw", _with_crl(lab, issuing))
+    gw, revoke = _revocable_alice(lab, tmp_path, "alice-resumed")
     try:
         device = _Device(lab, gw.port, str(tmp_path / "alice-resumed"), VERSIONS[version])
         assert device.request() == (200, None, False)
         assert device.request()[::2] == (200, True)  # the session resumes
         gw.mark()
-        write_crl(tmp_path / "issuing.new", issuing_ca, revoked=[serial], number=1001).replace(issuing)
-        gw.wait_event("crl_loaded", source=str(issuing), crl_number=1001)
+        revoke()
+        gw.wait_event("crl_loaded", source=str(tmp_path / "issuing.crl"), crl_number=1001)
         assert device.request() == (403, "revocation", True)
     finally:
         gw.stop()
@@ -193,13 +204,7 @@ def test_held_tokens_of_ten_users_on_a_hundred_connections_each_name_their_own_u
         assert all(heads == [b"HTTP/1.1 200 OK"] * REQUESTS for heads in answers), answers
         taken = recorder.taken()
         assert len(taken) == CONNECTIONS * REQUESTS
-        keys: dict[str, set[bytes]] = {}
-        for request in taken:
-            user = request.path.split("/")[2]
-            (header,) = request.headers("Authorization")
-            seen = _seen(lab, header)
-            assert (seen.client, seen.pac_client) == (f"{user}@{REALM}", user), (request.path, seen)
-            keys.setdefault(user, set()).add(seen.session_key)
+        keys = session_keys(lab, taken)
         assert len(keys) == USERS
         everyone = [key for found in keys.values() for key in found]
         assert len(everyone) == len(set(everyone)), "two users' tokens on one service ticket"
@@ -246,11 +251,7 @@ def test_pipelined_requests_behind_a_held_one_are_judged_after_a_revocation(lab:
     write. Her certificate is revoked (a CRL published and loaded) while the first is held: the held one is ended
     with 403, and the two behind it, which the connection's memory of its first request would have served, are
     refused at the revocation stage too; none of them is answered 200."""
-    cert, _ = alice_reissued(lab, tmp_path, "alice-piped")
-    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
-    issuing_ca = load_ca(lab.pki_dir, "issuing")
-    issuing = write_crl(tmp_path / "issuing.crl", issuing_ca, number=1000)
-    gw = start_gateway(lab, tmp_path / "gw", _with_crl(lab, issuing))
+    gw, revoke = _revocable_alice(lab, tmp_path, "alice-piped")
     try:
         ctx = client_context(lab, str(tmp_path / "alice-piped"))
         with (
@@ -270,7 +271,7 @@ def test_pipelined_requests_behind_a_held_one_are_judged_after_a_revocation(lab:
             assert interim.startswith(b"HTTP/1.1 100 "), interim
             plain = b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
             tls.sendall(b"x" + plain + plain.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
-            write_crl(tmp_path / "issuing.new", issuing_ca, revoked=[serial], number=1001).replace(issuing)
+            revoke()
             answers = _answers(tls, time.monotonic() + 60)
         assert answers, "no answer"
         assert answers == [(403, "revocation")] * 3, answers
