@@ -18,21 +18,28 @@ from tests.integration.conftest import Gateway, client_context
 LIFE = 6  # seconds from issue to the certificate's notAfter: time for a handshake and a first request
 
 
+def expiring_alice(lab: LabLayout, stem: Path, life: float) -> x509.Certificate:
+    """A certificate of alice's (its own key, in `stem`.pem and `stem`.key) whose notAfter is `life` seconds from
+    now."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = datetime.now(UTC)
+    cert = issue_user(  # "valid" is a year from `now`: a `now` a year less `life` seconds back ends `life` s from here
+        Pki.at(lab.pki_dir),
+        UserSpec(upn="alice@lab.test", email=f"alice-{stem.name}@lab.test"),
+        key,
+        now=issued - timedelta(days=365) + timedelta(seconds=life),
+    )
+    write_pem(stem.with_suffix(".pem"), [cert])
+    write_key(stem.with_suffix(".key"), key)
+    return cert
+
+
 def _expiring(
     lab: LabLayout, gateway: Gateway, tmp_path: Path, life: float
 ) -> tuple[x509.Certificate, http.client.HTTPSConnection]:
     """A certificate of alice's (its own key) whose notAfter is `life` seconds from now, and a connection to the
     gateway that will present it (not yet opened)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    issued = datetime.now(UTC)
-    cert = issue_user(  # "valid" is a year from `now`: a `now` a year less `life` seconds back ends `life` s from here
-        Pki.at(lab.pki_dir),
-        UserSpec(upn="alice@lab.test", email="alice-expiring@lab.test"),
-        key,
-        now=issued - timedelta(days=365) + timedelta(seconds=life),
-    )
-    write_pem(tmp_path / "expiring.pem", [cert])
-    write_key(tmp_path / "expiring.key", key)
+    cert = expiring_alice(lab, tmp_path / "expiring", life)
     conn = http.client.HTTPSConnection(
         "127.0.0.1", gateway.port, context=client_context(lab, str(tmp_path / "expiring")), timeout=30
     )

@@ -27,14 +27,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.lab.kdclog import S4U2PROXY, KdcLog
 from proxy.lab.layout import REALM, LabLayout
-from proxy.lab.pki import Pki, UserSpec, issue_user, write_key, write_pem
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.recorder import Recorder
+from tests.integration.test_connection_certificate import expiring_alice
 from tests.integration.test_delegation_crowd import _crowd, new_users, session_keys, tls_context
 from tests.integration.test_revocation import alice_reissued
 
@@ -131,16 +130,7 @@ def test_a_session_resumed_after_its_certificate_expired_is_refused(
     try:
         life, deadline = 6.0, time.monotonic() + 300
         while True:
-            key = ec.generate_private_key(ec.SECP256R1())
-            issued = datetime.now(UTC)
-            leaf = issue_user(
-                Pki.at(lab.pki_dir),
-                UserSpec(upn="alice@lab.test", email="alice-short@lab.test"),
-                key,
-                now=issued - timedelta(days=365) + timedelta(seconds=life),
-            )
-            write_pem(tmp_path / "short.pem", [leaf])
-            write_key(tmp_path / "short.key", key)
+            leaf = expiring_alice(lab, tmp_path / "short", life)
             device = _Device(lab, gw.port, str(tmp_path / "short"), VERSIONS[version])
             first = device.request()
             if first[:2] == (200, None) and device.request()[::2] == (200, True):
