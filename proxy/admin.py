@@ -19,7 +19,8 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   and a 503 took every gateway sharing that CA out of its balancer at once, the outage best-effort is there to avoid.
   503 too while the device listener is full in every worker (`listener_problem`, a `listener` key): new devices
   would wait in its listen backlog, and a balancer sends them to a gateway with room instead. Only a worker that is
-  full itself asks its siblings (each up to ASK_TIMEOUT): one with room answers at once, a stuck sibling or not.
+  full itself asks its siblings (each up to READY_ASK_TIMEOUT, 0.5 s: below kubelet's 1 s probe timeout): one with
+  room answers at once, a stuck sibling or not.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
