@@ -165,33 +165,36 @@ def refreshed(*crls: object) -> str:
     return f'crls = [{listed}]\ncrl_refresh_seconds = 1\nrevocation = "require"\n'
 
 
+OcspOnly = Callable[[str], tuple[Gateway, Path, Path]]
+
+
 @pytest.fixture
-def ocsp_only(lab: LabLayout, tmp_path: Path) -> Iterator[Callable[[], Gateway]]:
-    """A factory for the lab gateway with OCSP alone deciding (`revocation = "off"`, `ocsp = "require"`)."""
+def ocsp_only(lab: LabLayout, tmp_path: Path) -> Iterator[OcspOnly]:
+    """A factory for the lab gateway with OCSP alone deciding (`revocation = "off"`, `ocsp = "require"`), given the
+    responder alice's certificate (issued again, in `tmp_path / "alice"`) names: the gateway (marked) and her
+    certificate and key."""
     started: list[Gateway] = []
 
-    def start() -> Gateway:
+    def start(responder: str) -> tuple[Gateway, Path, Path]:
         gw = revocation_gateway(lab, tmp_path / "gw", 'revocation = "off"\nocsp = "require"\n')
         started.append(gw)
-        return gw
+        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder)
+        gw.mark()
+        return gw, cert, key
 
     yield start
     for gw in started:
         assert gw.stop() == 0
 
 
-def test_an_answer_in_two_tcp_segments_is_read_whole(
-    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
-) -> None:
+def test_an_answer_in_two_tcp_segments_is_read_whole(lab: LabLayout, tmp_path: Path, ocsp_only: OcspOnly) -> None:
     """A responder's good answer that arrives in two parts (its head and the first 40 bytes of its body, then the
     rest 0.3 s later, as a delegated responder's answer of more than one TCP segment may on a real network) is read
     whole: alice is served under `ocsp = "require"`. Before, the gateway read what had arrived first and took that for
     the whole answer ("not an OCSP response"): 403 for a good certificate."""
     responder = HostileResponder(lambda request: http_answer(good_from_the_ca(lab, request), split=40), pause=0.3)
     try:
-        gw = ocsp_only()
-        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder.url)
-        gw.mark()
+        gw, cert, key = ocsp_only(responder.url)
         status, body = curl_with(lab, gw, cert, key)
         assert (status, responder.asked) == (200, 1), body
         answered = gw.wait_event("ocsp_answer", responder=responder.url)
@@ -201,7 +204,7 @@ def test_an_answer_in_two_tcp_segments_is_read_whole(
 
 
 def test_an_answer_carrying_thousands_of_certificates_is_refused_unread(
-    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+    lab: LabLayout, tmp_path: Path, ocsp_only: OcspOnly
 ) -> None:
     """An answer with 3,000 certificates attached (about 400 KB, under the 1 MiB cap), signed by a responder of the
     path's making, is refused before they are read (more than
@@ -209,9 +212,7 @@ def test_an_answer_carrying_thousands_of_certificates_is_refused_unread(
     took 3-8 s on the event loop, once per certificate every 5 s: every device of the gateway waited that long."""
     responder = HostileResponder(lambda request: http_answer(good_from_a_stranger(request, certificates=3000)))
     try:
-        gw = ocsp_only()
-        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder.url)
-        gw.mark()
+        gw, cert, key = ocsp_only(responder.url)
         status, body = curl_with(lab, gw, cert, key)
         assert status == 403, body
         failed = gw.wait_event("ocsp_failed", responder=responder.url)
@@ -222,7 +223,7 @@ def test_an_answer_carrying_thousands_of_certificates_is_refused_unread(
 
 
 def test_an_answer_dripping_a_byte_a_second_is_cut_at_the_timeout(
-    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
+    lab: LabLayout, tmp_path: Path, ocsp_only: OcspOnly
 ) -> None:
     """A responder sending its good answer a byte a second (head first, then the body, about 12 minutes in all) is cut
     at the 5 s timeout whatever arrives meanwhile: the device has its 403 within 15 s, and the gateway's
@@ -231,9 +232,7 @@ def test_an_answer_dripping_a_byte_a_second_is_cut_at_the_timeout(
     responder = HostileResponder(lambda request: [bytes([b]) for b in http_answer(good_from_the_ca(lab, request))[0]])
     responder.pause = 1.0
     try:
-        gw = ocsp_only()
-        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder.url)
-        gw.mark()
+        gw, cert, key = ocsp_only(responder.url)
         started = time.monotonic()
         status, body = curl_with(lab, gw, cert, key)
         took = time.monotonic() - started
@@ -400,18 +399,14 @@ def test_a_crl_of_an_unknown_algorithm_stops_no_other_crl(lab: LabLayout, tmp_pa
 LONG_BAD_HEADER = b"HTTP/1.1 200 OK\r\nX-Long\x01: " + b"B" * 8000 + b"\r\n\r\n"  # aiohttp's error quotes the line
 
 
-def test_a_responders_bad_head_is_not_echoed_to_the_device(
-    lab: LabLayout, tmp_path: Path, ocsp_only: Callable[[], Gateway]
-) -> None:
+def test_a_responders_bad_head_is_not_echoed_to_the_device(lab: LabLayout, tmp_path: Path, ocsp_only: OcspOnly) -> None:
     """A responder answering a head aiohttp refuses (a control character in a header name, then 8,000 bytes of its
     choosing): the device's 403 and the `ocsp_failed` line name the fault in one line of at most 300 characters, not
     the responder's 8 KB. Before, aiohttp's error, which quotes the whole line (over several lines), was the reason
     sent to the device and logged."""
     responder = HostileResponder(lambda _request: [LONG_BAD_HEADER])
     try:
-        gw = ocsp_only()
-        cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder.url)
-        gw.mark()
+        gw, cert, key = ocsp_only(responder.url)
         status, body = curl_with(lab, gw, cert, key)
         assert status == 403, body
         assert "BBBBBBBBBB" * 30 not in body, body[:500]
