@@ -49,7 +49,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from proxy.certs.chain import format_time
 from proxy.certs.der import elements, inside, value, whole
 from proxy.certs.revocation import RevocationEvidence, RevocationStatus, shown_error
-from proxy.certs.sources import CrlSource
+from proxy.certs.sources import CrlSource, body_within
 
 log = structlog.get_logger("proxy.ocsp")
 CLOCK_SKEW = timedelta(minutes=5)
@@ -232,14 +232,10 @@ class OcspClient:
         async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
             if response.status != 200:
                 raise OcspError(f"HTTP {response.status}")
-            # to its end: `content.read(n)` returns what has arrived so far, which an answer of more than one
-            # TCP segment cut short ("not an OCSP response" for a good certificate)
-            der = bytearray()
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                der += chunk
-                if len(der) > MAX_RESPONSE_BYTES:
-                    raise OcspError(f"response too large (more than {MAX_RESPONSE_BYTES} bytes)")
-            return bytes(der)
+            der = await body_within(response, MAX_RESPONSE_BYTES)  # to its end (one segment was read as the whole)
+            if der is None:
+                raise OcspError(f"response too large (more than {MAX_RESPONSE_BYTES} bytes)")
+            return der
 
 
 # --- checking a response ---------------------------------------------------------------------------

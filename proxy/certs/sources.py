@@ -280,12 +280,10 @@ class CrlStore:
         async with self._session.get(url, allow_redirects=False) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP {response.status}")
-            data = bytearray()
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                data += chunk
-                if len(data) > MAX_CRL_BYTES:
-                    raise ValueError(f"more than {MAX_CRL_BYTES} bytes")
-            return bytes(data)
+            data = await body_within(response, MAX_CRL_BYTES)
+            if data is None:
+                raise ValueError(f"more than {MAX_CRL_BYTES} bytes")
+            return data
 
     def _take(self, state: _State, data: bytes, now: datetime) -> None:
         """Vet what a source returned; keep its last good CRLs unless all of it is good and not older."""
@@ -478,6 +476,18 @@ def _refuse_below_floor(new: Sequence[Crl], floors: FloorTable) -> None:
                 f"{crl.label} is older than the one a worker of this gateway took (CRL number {number}, thisUpdate "
                 f"{seen}; replayed?)"
             )
+
+
+async def body_within(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """An HTTP answer's whole body, read to its end (`content.read(n)` returns what has arrived so far: an answer of
+    more than one TCP segment was cut short), or None once it passes `limit` bytes (nothing more read). A CRL
+    distribution point's and an OCSP responder's (`proxy.certs.ocsp`)."""
+    data = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
 
 
 def _read_file(location: str) -> bytes:
