@@ -206,6 +206,37 @@ def test_the_lab_backend_to_an_ordinary_negotiate_client(lab: LabLayout, tmp_pat
     assert json.loads(text)["principal"] == "alice@LAB.TEST"
 
 
+def test_the_lab_realm_delegates_as_issue_2_says_to_mits_own_kvno(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 2's realm asked by MIT's own tools, not our code: with the gateway's keytab (`kinit -k`), `kvno -U alice
+    -P HTTP/cas.lab.test` (S4U2Self, then S4U2Proxy) gets a forwardable evidence ticket and a service ticket for
+    alice; the KDC refuses HTTP/other.lab.test (outside the allow-list), an unknown
+    user and the disabled user, each with an error of its own."""
+    env = {**os.environ, "KRB5_CONFIG": str(lab.krb5_conf), "KRB5CCNAME": f"FILE:{tmp_path / 'gateway.ccache'}"}
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+    kinit = run("kinit", "-k", "-t", str(lab.proxy_keytab), "HTTP/proxy.lab.test@LAB.TEST")
+    assert kinit.returncode == 0, kinit.stderr
+    granted = run("kvno", "-U", "alice", "-P", "HTTP/cas.lab.test")
+    assert granted.returncode == 0, granted.stderr
+    tickets = run("klist", "-f").stdout.replace("\n\t", " ").splitlines()  # each ticket and its flags on one line
+    evidence = [line for line in tickets if "HTTP/proxy.lab.test@LAB.TEST for client alice@LAB.TEST" in line]
+    proxied = [line for line in tickets if "HTTP/cas.lab.test@LAB.TEST for client alice@LAB.TEST" in line]
+    assert len(evidence) == 1, tickets
+    assert len(proxied) == 1, tickets
+    assert "F" in evidence[0].rpartition("Flags: ")[2]  # forwardable: what S4U2Proxy needs of the evidence ticket
+    refusals = {
+        ("alice", "HTTP/other.lab.test"): "constrained delegation failed",
+        ("ghost", "HTTP/cas.lab.test"): "Client 'ghost@LAB.TEST' not found in Kerberos database",
+        ("dave", "HTTP/cas.lab.test"): "Client's credentials have been revoked",
+    }
+    for (user, spn), error in refusals.items():
+        refused = run("kvno", "-U", user, "-P", spn)
+        assert refused.returncode != 0, (user, spn, refused.stdout)
+        assert error in refused.stderr, (user, spn, refused.stderr)
+
+
 def test_an_upstream_that_never_answers_its_handshake_is_504_after_connect_timeout(
     lab: LabLayout, tmp_path: Path
 ) -> None:
