@@ -6,7 +6,9 @@ name."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gzip
 import hashlib
 import json
 import os
@@ -562,3 +564,54 @@ def test_the_backends_hop_by_hop_headers_never_reach_the_device(lab: LabLayout, 
             assert "\ncontent-type: text/xml" in head
         finally:
             assert gw.stop() == 0
+
+
+def test_a_backends_gzip_answer_reaches_the_device_as_sent(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 14: "no decompression on either side (... the backend client), lengths and codings untouched": a
+    backend's `Content-Encoding: gzip` answer (1 MiB of text, 1 KiB gzipped), with a `Content-Length` and chunked,
+    reaches curl (which does not ask to decompress) byte for byte, its coding and length as the backend sent them.
+    Only the request side (a gzip upload to a recording backend) was pinned from outside."""
+    coded = gzip.compress(b"<Items>" + b"x" * (1 << 20) + b"</Items>", mtime=0)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Encoding: gzip\r\n"
+    answers = {
+        "/raw/length": head + f"Content-Length: {len(coded)}\r\n\r\n".encode() + coded,
+        "/raw/chunked": head
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (coded[:500], coded[500:]))
+        + b"0\r\n\r\n",
+    }
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve(conn: socket.socket) -> None:
+            with conn:
+                conn.settimeout(30)
+                data = b""
+                while chunk := conn.recv(65536):  # each request's head (GETs: no body), answered by its path
+                    data += chunk
+                    while b"\r\n\r\n" in data:
+                        request, _, data = data.partition(b"\r\n\r\n")
+                        conn.sendall(answers[request.split(b" ", 2)[1].decode()])
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        extra = f'\n[[routes]]\nprefix = "/raw/"\nupstream = "http://127.0.0.1:{listener.getsockname()[1]}"\n'
+        gw = start_gateway(
+            lab, tmp_path, lab_config(lab, port=free_port(), extra=extra + 'spn = "HTTP/cas.lab.test"\n')
+        )
+        try:
+            for path in answers:
+                heads, body = tmp_path / "head", tmp_path / "body"
+                done = curl(lab, gw.url + path, "alice", "-D", str(heads), "-o", str(body))
+                assert _split(done.stdout)[1] == 200, (path, done.stderr)
+                assert body.read_bytes() == coded, path
+                fields = heads.read_text().lower()
+                assert "\ncontent-encoding: gzip\n" in fields, fields
+                if path == "/raw/length":
+                    assert f"\ncontent-length: {len(coded)}\n" in fields, fields
+        finally:
+            assert gw.stop() == 0
+            stop_listening(listener)
