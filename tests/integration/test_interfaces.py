@@ -1,8 +1,8 @@
-"""Interfaces issues 2, 3, 5 and 6 state, pinned from outside where no other test did, the way an independent
+"""Interfaces issues 2, 3, 5, 6 and 14 state, pinned from outside where no other test did, the way an independent
 harness checks them: the commands as a newcomer runs them (`lab up`/`down`, `run`), the configuration as the issue
-writes it and with optional keys left out, the lab's Exchange stand-in asked by curl, what reaches stdout, what an
-upstream receives (SNI, answers with hop-by-hop headers, a handshake that never ends) and the signals the issues
-name."""
+writes it and with optional keys left out, the lab's Exchange stand-in asked by curl and its realm by MIT's kvno,
+what reaches stdout, what an upstream receives and sends (SNI, answers with hop-by-hop headers or a gzip coding, a
+handshake that never ends) and the signals the issues name."""
 
 from __future__ import annotations
 
