@@ -17,15 +17,16 @@ the answer only if:
 - it is fresh: thisUpdate is not in the future (beyond `CLOCK_SKEW`) and nextUpdate, if given, has
   not passed; if the responder echoed a nonce it is ours, and if it did not, thisUpdate is no older
   than `MAX_AGE` (a replayed old "good" is refused).
-A checked answer (good, revoked, or the responder's "unknown") is cached per issuer key and serial
-until its nextUpdate, or for `cache_seconds` if it has none; a failure to get one is cached for
-`FAILURE_SECONDS`, so that a dead responder costs one timeout, not one per request. At most `size` answers
-(`CACHE_SIZE`, as many as the chain memo keeps) are kept, the least recently used dropped first: every certificate
-of a trusted CA is a key, and the cache was never pruned before. A "revoked" answer is kept apart, never dropped for
-other answers (only the CA makes one; a churn of "good" ones would otherwise leave a revoked certificate to a dead
-responder's UNKNOWN, which `ocsp = "best-effort"` serves), at most `size` of them too. Concurrent
-requests for the same certificate share one exchange. What the policy makes of the answer is
-`proxy.certs.live`'s business; here an answer is evidence, never a verdict.
+A checked answer (good, revoked, or the responder's "unknown") is cached per issuer key and serial until its
+nextUpdate and for `cache_seconds` at most (the gateway's `crl_refresh_seconds`, also for an answer without a
+nextUpdate: a revocation at the responder takes effect within one refresh, as a CRL's does); a failure to get one is
+cached for `FAILURE_SECONDS`, so that a dead responder costs one timeout, not one per request. At most `size`
+answers (`CACHE_SIZE`, as many as the chain memo keeps) are kept, the least recently used dropped first: every
+certificate of a trusted CA is a key, and the cache was never pruned before. A "revoked" answer is kept apart, never
+dropped for other answers (only the CA makes one; a churn of "good" ones would otherwise leave a revoked certificate
+to a dead responder's UNKNOWN, which `ocsp = "best-effort"` serves), at most `size` of them too. Concurrent requests
+for the same certificate share one exchange. What the policy makes of the answer is `proxy.certs.live`'s business;
+here an answer is evidence, never a verdict.
 """
 
 from __future__ import annotations

@@ -70,6 +70,24 @@ DNS.1 = device-${ENV::NAME}.example
 # FORMAT:UTF8: the value is UTF-8 already (without it openssl reads it as Latin-1 and encodes each byte again)
 otherName.1 = 1.3.6.1.4.1.311.20.2.3;FORMAT:UTF8,UTF8:${ENV::UPN}
 URI.1 = urn:device:${ENV::NAME}
+# what [[client_certificates.restrictions]] rules name (issue 5): AD CS's certificate template extensions, as the
+# openssl CLI writes them: v1, the template's name as a BMPString; v2, a SEQUENCE of the template's OID and versions
+[v3_template_v1]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+subjectAltName = @user_san
+1.3.6.1.4.1.311.20.2 = ASN1:BMPSTRING:User
+[v3_template_v2]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+subjectAltName = @user_san
+1.3.6.1.4.1.311.21.7 = ASN1:SEQUENCE:template_v2
+[template_v2]
+templateID = OID:1.3.6.1.4.1.311.21.8.4242.1
+majorVersion = INT:100
+minorVersion = INT:3
 [v3_two_upns]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
@@ -125,6 +143,13 @@ for entry in alice:alice@lab.test bob:bob@lab.test carol:carol@lab.test alice-co
   openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout "users/$NAME.key" -out "users/$NAME.req" \
     -subj "/O=Stränger Örg/CN=$NAME Ünïcode" -utf8
   ca -name issuing -in "users/$NAME.req" -out "users/$NAME.pem" -extensions v3_user
+done
+# carol's certificates from each template (restrictions: test_stranger_pki.py)
+for template in v1 v2; do
+  export NAME=template-$template UPN=carol@lab.test
+  openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout "users/$NAME.key" -out "users/$NAME.req" \
+    -subj "/CN=carol $template" -utf8
+  ca -name issuing -in "users/$NAME.req" -out "users/$NAME.pem" -extensions "v3_template_$template"
 done
 # two UPNs in one certificate (which user would it be?): refused, never one of them guessed
 openssl req -config openssl.cnf -new -newkey rsa:2048 -nodes -keyout users/twoupns.key -out users/twoupns.req \

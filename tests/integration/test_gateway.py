@@ -148,18 +148,19 @@ def test_bad_certificates_are_refused_in_the_handshake(
 
 
 @pytest.mark.parametrize(
-    ("user", "status", "stage", "reason"),
+    ("user", "status", "stage", "reason", "fix"),
     [
-        ("revoked", 403, "revocation", "revoked"),
-        ("noupn", 403, "identity", "no user principal name"),
-        ("ghost", 403, "kerberos", "no Kerberos account matches ghost@LAB.TEST"),
-        ("dave", 403, "kerberos", "disabled or locked"),
+        ("revoked", 403, "revocation", "revoked", None),
+        ("noupn", 403, "identity", "no user principal name", None),
+        ("ghost", 403, "kerberos", "no Kerberos account matches ghost@LAB.TEST", "check the certificate's UPN"),
+        ("dave", 403, "kerberos", "disabled or locked", "enable or unlock the account"),
     ],
 )
 def test_refusals_after_the_handshake_say_why(
-    lab: LabLayout, gateway: Gateway, user: str, status: int, stage: str, reason: str
+    lab: LabLayout, gateway: Gateway, user: str, status: int, stage: str, reason: str, fix: str | None
 ) -> None:
-    """Revoked, UPN-less, unknown or disabled users get a 403 with a reason, logged as an audit event."""
+    """Revoked, UPN-less, unknown or disabled users get a 403 with a reason, logged as an audit event; a KDC refusal
+    (unknown or disabled user) also gets "a log line that says what to fix" (issue 3), the `kerberos_refused` fix."""
     gateway.mark()
     res = curl(lab, gateway.url + "/Microsoft-Server-ActiveSync", user, "-D", "-")
     body, code = _split(res.stdout)
@@ -168,6 +169,8 @@ def test_refusals_after_the_handshake_say_why(
     assert f"x-kcd-refused-stage: {stage}" in body.lower()
     audit = gateway.wait_for("request", lambda e: e.get("refused_stage") == stage and reason in e.get("reason", ""))
     assert audit["status"] == status
+    if fix is not None:
+        assert fix in gateway.wait_event("kerberos_refused", principal=f"{user}@LAB.TEST")["fix"]
 
 
 def test_delegation_outside_the_allow_list_is_refused_with_the_fix(lab: LabLayout, gateway: Gateway) -> None:

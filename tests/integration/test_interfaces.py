@@ -1,12 +1,14 @@
-"""Interfaces issues 2, 3, 5 and 6 state, pinned from outside where no other test did, the way an independent
+"""Interfaces issues 2, 3, 5, 6 and 14 state, pinned from outside where no other test did, the way an independent
 harness checks them: the commands as a newcomer runs them (`lab up`/`down`, `run`), the configuration as the issue
-writes it and with optional keys left out, the lab's Exchange stand-in asked by curl, what reaches stdout, what an
-upstream receives (SNI, answers with hop-by-hop headers, a handshake that never ends) and the signals the issues
-name."""
+writes it and with optional keys left out, the lab's Exchange stand-in asked by curl and its realm by MIT's kvno,
+what reaches stdout, what an upstream receives and sends (SNI, answers with hop-by-hop headers or a gzip coding, a
+handshake that never ends) and the signals the issues name."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gzip
 import hashlib
 import json
 import os
@@ -204,6 +206,37 @@ def test_the_lab_backend_to_an_ordinary_negotiate_client(lab: LabLayout, tmp_pat
     assert status == 200, head
     assert time.monotonic() - started >= 1
     assert json.loads(text)["principal"] == "alice@LAB.TEST"
+
+
+def test_the_lab_realm_delegates_as_issue_2_says_to_mits_own_kvno(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 2's realm asked by MIT's own tools, not our code: with the gateway's keytab (`kinit -k`), `kvno -U alice
+    -P HTTP/cas.lab.test` (S4U2Self, then S4U2Proxy) gets a forwardable evidence ticket and a service ticket for
+    alice; the KDC refuses HTTP/other.lab.test (outside the allow-list), an unknown
+    user and the disabled user, each with an error of its own."""
+    env = {**os.environ, "KRB5_CONFIG": str(lab.krb5_conf), "KRB5CCNAME": f"FILE:{tmp_path / 'gateway.ccache'}"}
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+    kinit = run("kinit", "-k", "-t", str(lab.proxy_keytab), "HTTP/proxy.lab.test@LAB.TEST")
+    assert kinit.returncode == 0, kinit.stderr
+    granted = run("kvno", "-U", "alice", "-P", "HTTP/cas.lab.test")
+    assert granted.returncode == 0, granted.stderr
+    tickets = run("klist", "-f").stdout.replace("\n\t", " ").splitlines()  # each ticket and its flags on one line
+    evidence = [line for line in tickets if "HTTP/proxy.lab.test@LAB.TEST for client alice@LAB.TEST" in line]
+    proxied = [line for line in tickets if "HTTP/cas.lab.test@LAB.TEST for client alice@LAB.TEST" in line]
+    assert len(evidence) == 1, tickets
+    assert len(proxied) == 1, tickets
+    assert "F" in evidence[0].rpartition("Flags: ")[2]  # forwardable: what S4U2Proxy needs of the evidence ticket
+    refusals = {
+        ("alice", "HTTP/other.lab.test"): "constrained delegation failed",
+        ("ghost", "HTTP/cas.lab.test"): "Client 'ghost@LAB.TEST' not found in Kerberos database",
+        ("dave", "HTTP/cas.lab.test"): "Client's credentials have been revoked",
+    }
+    for (user, spn), error in refusals.items():
+        refused = run("kvno", "-U", user, "-P", spn)
+        assert refused.returncode != 0, (user, spn, refused.stdout)
+        assert error in refused.stderr, (user, spn, refused.stderr)
 
 
 def test_an_upstream_that_never_answers_its_handshake_is_504_after_connect_timeout(
@@ -531,3 +564,54 @@ def test_the_backends_hop_by_hop_headers_never_reach_the_device(lab: LabLayout, 
             assert "\ncontent-type: text/xml" in head
         finally:
             assert gw.stop() == 0
+
+
+def test_a_backends_gzip_answer_reaches_the_device_as_sent(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 14: "no decompression on either side (... the backend client), lengths and codings untouched": a
+    backend's `Content-Encoding: gzip` answer (1 MiB of text, 1 KiB gzipped), with a `Content-Length` and chunked,
+    reaches curl (which does not ask to decompress) byte for byte, its coding and length as the backend sent them.
+    Only the request side (a gzip upload to a recording backend) was pinned from outside."""
+    coded = gzip.compress(b"<Items>" + b"x" * (1 << 20) + b"</Items>", mtime=0)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Encoding: gzip\r\n"
+    answers = {
+        "/raw/length": head + f"Content-Length: {len(coded)}\r\n\r\n".encode() + coded,
+        "/raw/chunked": head
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (coded[:500], coded[500:]))
+        + b"0\r\n\r\n",
+    }
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve(conn: socket.socket) -> None:
+            with conn:
+                conn.settimeout(30)
+                data = b""
+                while chunk := conn.recv(65536):  # each request's head (GETs: no body), answered by its path
+                    data += chunk
+                    while b"\r\n\r\n" in data:
+                        request, _, data = data.partition(b"\r\n\r\n")
+                        conn.sendall(answers[request.split(b" ", 2)[1].decode()])
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        extra = f'\n[[routes]]\nprefix = "/raw/"\nupstream = "http://127.0.0.1:{listener.getsockname()[1]}"\n'
+        gw = start_gateway(
+            lab, tmp_path, lab_config(lab, port=free_port(), extra=extra + 'spn = "HTTP/cas.lab.test"\n')
+        )
+        try:
+            for path in answers:
+                heads, body = tmp_path / "head", tmp_path / "body"
+                done = curl(lab, gw.url + path, "alice", "-D", str(heads), "-o", str(body))
+                assert _split(done.stdout)[1] == 200, (path, done.stderr)
+                assert body.read_bytes() == coded, path
+                fields = heads.read_text().lower()
+                assert "\ncontent-encoding: gzip\n" in fields, fields
+                if path == "/raw/length":
+                    assert f"\ncontent-length: {len(coded)}\n" in fields, fields
+        finally:
+            assert gw.stop() == 0
+            stop_listening(listener)

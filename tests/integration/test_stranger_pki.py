@@ -217,6 +217,62 @@ def test_a_non_ascii_upn_suffix_no_realm_map_names_is_refused(pki: Path, strange
     assert "principal" not in line
 
 
+def test_restrictions_as_issue_5_writes_them_on_openssl_made_certificates(
+    lab: LabLayout, pki: Path, tmp_path: Path
+) -> None:
+    """Issue 5's `[[client_certificates.restrictions]]` on certificates `openssl ca` made: a rule of issuer (as
+    `openssl x509 -issuer -nameopt RFC2253` prints it, its UTF-8 escaped), subject glob and EKU OIDs admits alice; a
+    rule naming AD CS's v1 template (the BMPString `User`, any case) and one naming the v2 template's OID (openssl's
+    `ASN1:SEQUENCE`) admit carol's certificate from each template; carol's plain certificate matches none: 403 at
+    the certificate stage naming the rule set and its rules, nothing delegated."""
+    printed = subprocess.run(
+        ["openssl", "x509", "-in", str(pki / "users" / "alice.pem"), "-noout", "-issuer", "-nameopt", "RFC2253"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    issuer = printed.removeprefix("issuer=")
+    assert "\\C3\\A4" in issuer, issuer  # Stränger, escaped as RFC 4514 allows
+    rules = f"""
+[[client_certificates.restrictions]]
+name = "stranger devices"
+issuer = '{issuer}'
+subject = "*CN=alice *"
+eku = ["1.3.6.1.5.5.7.3.2", "1.3.6.1.5.5.7.3.4"]
+
+[[client_certificates.restrictions]]
+name = "template v1"
+extension = {{ oid = "1.3.6.1.4.1.311.20.2", value = "user" }}
+
+[[client_certificates.restrictions]]
+name = "template v2"
+extension = {{ oid = "1.3.6.1.4.1.311.21.7", value = "1.3.6.1.4.1.311.21.8.4242.1" }}
+"""
+    text = _config(lab, tmp_path, pki, intermediates=ISSUING, crls=DER_AND_PEM_CRLS)
+    text = text.replace("\n[identity]", rules + "\n[identity]", 1)
+    assert "template v2" in text
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        admitted = {"alice": ("alice@LAB.TEST", "stranger devices")}
+        admitted |= {f"template-{v}": ("carol@LAB.TEST", f"template {v}") for v in ("v1", "v2")}
+        for user, (principal, rule) in admitted.items():
+            gw.mark()
+            body, code, err = _curl(pki, gw, user)
+            assert code == 200, (user, body, err)
+            assert json.loads(body)["principal"] == principal
+            assert gw.wait_event("request", principal=principal, status=200)["restriction"] == rule
+        gw.mark()
+        body, code, err = _curl(pki, gw, "carol", "/owa/", "-D", "-")
+        assert code == 403, (body, err)
+        assert "x-kcd-refused-stage: certificate" in body.lower()
+        assert "not admitted by client_certificates.restrictions" in body
+        assert "(rules: stranger devices, template v1, template v2)" in body
+        refusal = gw.wait_for("request", lambda e: e.get("refused_stage") == "certificate", what="carol's refusal")
+        assert "principal" not in refusal
+    finally:
+        assert gw.stop() == 0
+
+
 def test_a_resumed_tls_session_of_a_revoked_certificate_is_refused(lab: LabLayout, pki: Path, tmp_path: Path) -> None:
     """Issue 4: revocation is decided per request, a resumed TLS session included. carol's session is resumed
     (no certificate sent again) after `openssl ca -revoke` and `-gencrl` rewrote the CRL file: refused within

@@ -156,3 +156,23 @@ def _default(f: dataclasses.Field[Any]) -> Any:
     """A field's default (its factory's product), or MISSING for a required field."""
     factory: Any = f.default_factory
     return f.default if f.default is not dataclasses.MISSING else factory() if callable(factory) else factory
+
+
+def test_the_readmes_security_settings_show_the_loaders_defaults() -> None:
+    """The README's Security section names each protection's setting with its default (issue 14: "the README's security
+    section lists each protection and its setting"): each `section.key` (value), and each bare `key` (value) after it
+    in that section, is a key the loader knows with that default."""
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    section_text = readme.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(?:([a-z_]+)(?:\[\])?\.)?([a-z_]+)`\s+\(`?([0-9a-z]+)`?", section_text)
+    assert len(named) >= 10, named
+    defaults = {
+        name: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        for name, cls in SECTIONS.items()
+    }
+    current = ""
+    for section, key, shown in named:
+        current = section or current
+        default = defaults[current][key]
+        expected = str(default).lower() if isinstance(default, bool) else str(round(default))
+        assert shown == expected, (f"{current}.{key}", shown, default)

@@ -66,6 +66,28 @@ def test_make_lab_serves_the_configuration_of_the_lab_it_brought_up(tmp_path: Pa
     assert written["admin"] == checked_in["admin"]
 
 
+def test_config_lab_toml_is_the_twin_of_what_lab_up_writes_for_the_default_lab() -> None:
+    """Issue 2: `make lab` runs the gateway "with config/lab.toml". It serves the gateway.toml `lab up` wrote (the
+    right one for a moved lab); for the default `.lab/` that file and config/lab.toml must say the same, key for key,
+    with config/lab.toml's paths read relative to its own directory, as the gateway reads them."""
+    repo = Path(__file__).parents[2]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KCD_LAB_")}
+    layout = LabLayout.from_env(environment, root=repo / ".lab")
+    written = tomllib.loads(runner.gateway_config(layout, admin=True))
+
+    def resolved(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: resolved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolved(v) for v in value]
+        if isinstance(value, str) and value.startswith("../"):
+            return str((repo / "config" / value).resolve())
+        return value
+
+    checked_in = resolved(tomllib.loads((repo / "config" / "lab.toml").read_text()))
+    assert checked_in == written
+
+
 def test_the_default_ports_are_outside_the_ephemeral_range() -> None:
     """No default lab port lies in the kernel's ephemeral range, where an outgoing connection's own end (on a busy
     machine, or a readiness probe connecting to itself) can hold it when the daemon binds."""
