@@ -395,6 +395,7 @@ class _Failures:
     last: float = 0.0
     blocked_until: float = 0.0
     in_flight: int = 0  # attempts admitted and not yet answered by the KDC
+    queued: int | None = None  # the failure count under which it waits in `Throttle._free` (None: it does not)
 
 
 class Throttle:
@@ -422,9 +423,9 @@ class Throttle:
         self._hold = hold
         self._max = max_keys
         self._keys: dict[bytes, _Failures] = {}  # every key counted, by its hash
-        # Eviction's two queues, every key in one: keys not refused, least recently counted first, and keys refused,
-        # in the order they were last counted (`_evict`)
-        self._free: OrderedDict[bytes, None] = OrderedDict()
+        # Eviction's queues, every key in one: keys not refused, one queue per failure count, each least recently
+        # counted first, and keys refused, in the order they were last counted (`_evict`)
+        self._free: dict[int, OrderedDict[bytes, None]] = {}
         self._refused: OrderedDict[bytes, None] = OrderedDict()
 
     def retuned(self, like: Throttle) -> Throttle:
@@ -501,31 +502,55 @@ class Throttle:
         return state
 
     def _queue(self, key: bytes, *, refused: bool) -> None:
-        """`key` to the end of its eviction queue: the refused keys' while it is refused, else the others'."""
+        """`key` to the end of its eviction queue: the refused keys' while it is refused, else its failure count's."""
+        state = self._keys[key]
+        self._unqueue(key, state)
         if refused:
-            self._free.pop(key, None)
             self._refused[key] = None
-            self._refused.move_to_end(key)
         else:
-            self._refused.pop(key, None)
-            self._free[key] = None
-            self._free.move_to_end(key)
+            state.queued = state.count
+            self._free.setdefault(state.count, OrderedDict())[key] = None
+
+    def _unqueue(self, key: bytes, state: _Failures) -> None:
+        self._refused.pop(key, None)
+        if state.queued is not None:
+            queue = self._free[state.queued]
+            del queue[key]
+            if not queue:
+                del self._free[state.queued]
+            state.queued = None
 
     def _evict(self, keep: bytes, now: float) -> None:
         """Down to `max_keys`: keys that are not refused first, least recently counted first, then refused keys in the
         order they were counted, never `keep` (the key being counted). A held user's key is not touched while held,
         and a flood of other names (each guess at an unknown user a key) would otherwise evict it and give its
         guesser a fresh allowance (towards the directory's lockout) before the window ends. A refused key whose time
-        has passed since is old news at the front of its queue: it goes before the others. Each step looks at the
-        front of a queue only (the whole table was walked past for each new key when every key was refused)."""
+        has passed since is old news at the front of its queue: it goes before the others. Of the keys not refused,
+        those with the fewest failures go first (`_fewest`). Each step looks at the front of a queue only (the whole
+        table was walked past for each new key when every key was refused)."""
         while len(self._keys) > self._max:
             lapsed = self._first(self._refused, keep)
             if lapsed is None or self._keys[lapsed].blocked_until > now:
                 lapsed = None
-            victim = lapsed or self._first(self._free, keep) or self._first(self._refused, keep)
+            victim = lapsed or self._fewest(keep, now) or self._first(self._refused, keep)
             if victim is None:
                 return
             self._drop(victim)
+
+    def _fewest(self, keep: bytes, now: float) -> bytes | None:
+        """The key not refused to evict: one whose failures are all past the window, else the least recently counted
+        of those with the fewest failures. Least recently counted alone, a flood of names failing once each (unknown
+        users, from many /64s) evicted a user's failures short of her hold, and her guesser had a fresh allowance
+        towards the directory's lockout for every `max_keys` names; now it takes as many failures of each of them."""
+        fewest = None
+        for count in sorted(self._free):
+            front = self._first(self._free[count], keep)
+            if front is None:
+                continue
+            if count == 0 or now - self._keys[front].last > self._forget:
+                return front
+            fewest = fewest or front
+        return fewest
 
     @staticmethod
     def _first(queue: OrderedDict[bytes, None], keep: bytes) -> bytes | None:
@@ -534,9 +559,7 @@ class Throttle:
         return None if front == keep else front
 
     def _drop(self, key: bytes) -> None:
-        del self._keys[key]
-        self._free.pop(key, None)
-        self._refused.pop(key, None)
+        self._unqueue(key, self._keys.pop(key))
 
 
 def backoff(over: int) -> float:
