@@ -176,7 +176,6 @@ def test_a_responder_whose_revocation_cannot_be_checked_is_not_believed(
         assert gw.stop() == 0
 
 
-
 @pytest.mark.parametrize("responder", [UNCHECKABLE], indirect=True, ids=["no-nocheck-no-distribution-point"])
 def test_a_responder_whose_cas_crl_is_stale_is_not_believed(
     lab: LabLayout, tmp_path: Path, responder: tuple[Path, Path, Path]
@@ -197,6 +196,7 @@ def test_a_responder_whose_cas_crl_is_stale_is_not_believed(
         assert "the OCSP responder's certificate cannot be checked for revocation" in body
     finally:
         assert gw.stop() == 0
+
 
 def odd_responder_certificate(lab: LabLayout, directory: Path, kind: str) -> Path:
     """A responder certificate and key (`responder.pem`, `responder.key`) that must not be believed for alice's
