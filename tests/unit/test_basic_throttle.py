@@ -469,6 +469,22 @@ def test_a_flood_of_names_failing_once_never_evicts_a_users_failures_below_the_h
     assert len(throttle._keys) <= 3
 
 
+def test_a_users_attempts_in_flight_are_not_evicted_by_names_that_failed_fewer_times() -> None:
+    """A throttle of 3 keys full of names that failed once; alice has her five attempts in flight (limit 5, none failed
+    yet): new names failing once each take the other names' places, never hers, so her sixth attempt is still
+    refused while the five are in flight. Ranked by failures alone (this branch's first fix), her key (none yet) went
+    first, and each new name let five more of her guesses reach the KDC at once, past the in-flight cap; least
+    recently counted (before), max_keys new names did."""
+    throttle = Throttle(5, forget=1800, hold=True, max_keys=3)
+    for n in range(3):
+        throttle.failed(f"nobody{n}", now=0)
+    assert [throttle.admit("alice", now=1) for _ in range(5)] == [0] * 5
+    for n in range(3, 10):
+        throttle.failed(f"nobody{n}", now=2)
+    assert throttle.admit("alice", now=3) > 0
+    assert len(throttle._keys) <= 3
+
+
 def test_a_held_users_own_last_accepted_password_still_reaches_the_kdc(kdc: FakeKdc, hashes: list[str]) -> None:
     """With no cache (basic_cache_seconds = 0), a guesser holds alice after two wrong passwords: further guesses are
     429 without the KDC (and count against the guesser's address), while alice's own password, the one the KDC last
