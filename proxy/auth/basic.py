@@ -395,6 +395,8 @@ class _Failures:
     last: float = 0.0
     blocked_until: float = 0.0
     in_flight: int = 0  # attempts admitted and not yet answered by the KDC
+    queued: int | None = None  # the rank under which it waits in `Throttle._free` (None: it does not): failures and
+    # attempts in flight, each a failure it may be
 
 
 class Throttle:
@@ -422,9 +424,9 @@ class Throttle:
         self._hold = hold
         self._max = max_keys
         self._keys: dict[bytes, _Failures] = {}  # every key counted, by its hash
-        # Eviction's two queues, every key in one: keys not refused, least recently counted first, and keys refused,
-        # in the order they were last counted (`_evict`)
-        self._free: OrderedDict[bytes, None] = OrderedDict()
+        # Eviction's queues, every key in one: keys not refused, one queue per rank (failures and attempts in flight),
+        # each least recently counted first, and keys refused, in the order they were last counted (`_evict`)
+        self._free: dict[int, OrderedDict[bytes, None]] = {}
         self._refused: OrderedDict[bytes, None] = OrderedDict()
 
     def retuned(self, like: Throttle) -> Throttle:
@@ -451,12 +453,17 @@ class Throttle:
         hashed = _hashed(key)
         wait = 0.0 if force else self._wait(hashed, now)
         if wait == 0:
-            self._state(hashed, now).in_flight += 1
+            self._begin(hashed, now)
         return wait
 
     def begin(self, key: str, now: float) -> None:
         """An attempt of `key` is admitted: it counts as in flight until `end`."""
-        self._state(_hashed(key), now).in_flight += 1
+        self._begin(_hashed(key), now)
+
+    def _begin(self, key: bytes, now: float) -> None:
+        state = self._state(key, now)
+        state.in_flight += 1
+        self._queue(key, refused=state.blocked_until > now)  # ranked with its attempts in flight
 
     def end(self, key: str, now: float, *, failed: bool) -> None:
         """The attempt `begin` admitted is over; `failed`: it was a wrong password or an unknown user."""
@@ -468,6 +475,8 @@ class Throttle:
             self._failed(hashed, now)
         elif state is not None and state.in_flight == 0 and state.count == 0:
             self._drop(hashed)
+        elif state is not None:
+            self._queue(hashed, refused=state.blocked_until > now)
 
     def failed(self, key: str, now: float) -> None:
         self._failed(_hashed(key), now)
@@ -501,31 +510,59 @@ class Throttle:
         return state
 
     def _queue(self, key: bytes, *, refused: bool) -> None:
-        """`key` to the end of its eviction queue: the refused keys' while it is refused, else the others'."""
+        """`key` to the end of its eviction queue: the refused keys' while it is refused, else its rank's (failures
+        and attempts in flight)."""
+        state = self._keys[key]
+        self._unqueue(key, state)
         if refused:
-            self._free.pop(key, None)
             self._refused[key] = None
-            self._refused.move_to_end(key)
         else:
-            self._refused.pop(key, None)
-            self._free[key] = None
-            self._free.move_to_end(key)
+            state.queued = state.count + state.in_flight
+            self._free.setdefault(state.queued, OrderedDict())[key] = None
+
+    def _unqueue(self, key: bytes, state: _Failures) -> None:
+        self._refused.pop(key, None)
+        if state.queued is not None:
+            queue = self._free[state.queued]
+            del queue[key]
+            if not queue:
+                del self._free[state.queued]
+            state.queued = None
 
     def _evict(self, keep: bytes, now: float) -> None:
         """Down to `max_keys`: keys that are not refused first, least recently counted first, then refused keys in the
         order they were counted, never `keep` (the key being counted). A held user's key is not touched while held,
         and a flood of other names (each guess at an unknown user a key) would otherwise evict it and give its
         guesser a fresh allowance (towards the directory's lockout) before the window ends. A refused key whose time
-        has passed since is old news at the front of its queue: it goes before the others. Each step looks at the
-        front of a queue only (the whole table was walked past for each new key when every key was refused)."""
+        has passed since is old news at the front of its queue: it goes before the others. Of the keys not refused,
+        those with the fewest failures go first (`_fewest`). Each step looks at the front of a queue only (the whole
+        table was walked past for each new key when every key was refused)."""
         while len(self._keys) > self._max:
             lapsed = self._first(self._refused, keep)
             if lapsed is None or self._keys[lapsed].blocked_until > now:
                 lapsed = None
-            victim = lapsed or self._first(self._free, keep) or self._first(self._refused, keep)
+            victim = lapsed or self._fewest(keep, now) or self._first(self._refused, keep)
             if victim is None:
                 return
             self._drop(victim)
+
+    def _fewest(self, keep: bytes, now: float) -> bytes | None:
+        """The key not refused to evict: one with nothing in flight whose failures are all past the window, else the
+        least recently counted of those with the fewest failures and attempts in flight (each attempt in flight a
+        failure it may be). Least recently counted alone, a flood of names failing once each (unknown users, from many
+        /64s) evicted a user's failures short of her hold, and her guesser had a fresh allowance towards the
+        directory's lockout for every `max_keys` names; now it takes as many failures of each of them. By failures
+        alone, a user's attempts in flight, none failed yet, went first, and the in-flight cap with them."""
+        fewest = None
+        for rank in sorted(self._free):
+            front = self._first(self._free[rank], keep)
+            if front is None:
+                continue
+            state = self._keys[front]
+            if rank == 0 or (state.in_flight == 0 and now - state.last > self._forget):
+                return front
+            fewest = fewest or front
+        return fewest
 
     @staticmethod
     def _first(queue: OrderedDict[bytes, None], keep: bytes) -> bytes | None:
@@ -534,9 +571,7 @@ class Throttle:
         return None if front == keep else front
 
     def _drop(self, key: bytes) -> None:
-        del self._keys[key]
-        self._free.pop(key, None)
-        self._refused.pop(key, None)
+        self._unqueue(key, self._keys.pop(key))
 
 
 def backoff(over: int) -> float:

@@ -12,11 +12,12 @@ The table is a fixed array: `SLOTS_PER_BUCKET` slots per bucket, each key with t
 the user key (BLAKE2b with a random key the supervisor picks: nobody outside can aim names at one bucket). A slot keeps
 the key's hash, its failures, the time of the last one, how long it is refused, its attempts in flight and when it
 was last counted. Bounded like the in-process throttle (100,000 keys by default, 64 bytes each): a new key takes a
-free slot of the emptier of its buckets, else the least recently counted slot of either that is neither refused nor
-has attempts in flight. A key whose every slot is held or busy is not taken in, and that key is refused (429) rather
-than a held user's key released: a flood of other names never frees a held user. Two buckets, not one, so that a
-sprayer's held names fill the table evenly: with one, the fullest buckets refused users who never failed while most
-of the table was free (`tests/unit/test_shared_throttle.py`).
+free slot of the emptier of its buckets, else, of the slots of either that are neither refused nor have attempts in
+flight, the one with the fewest failures in the window, the least recently counted among equals (a flood of names
+failing once cannot evict a user's failures short of her hold). A key whose every slot is held or busy is not taken
+in, and that key is refused (429) rather than a held user's key released: a flood of other names never frees a held
+user. Two buckets, not one, so that a sprayer's held names fill the table evenly: with one, the fullest buckets
+refused users who never failed while most of the table was free (`tests/unit/test_shared_throttle.py`).
 
 Check and count are one step (`admit`), under a POSIX record lock on the memory file (`lockf`), so two workers
 cannot both see the last attempt free; the lock is the kernel's and goes with a process that dies holding it. An
@@ -449,17 +450,23 @@ class SharedThrottle:
         return victim
 
     def _evictable(self, buckets: list[range], now: float) -> int | None:
-        """The least recently counted slot of `buckets` that is neither refused nor busy (None: every one is); with a
-        `backoff` (no hold), else the least recently counted refused one that is not busy."""
-        victim, oldest = None, float("inf")
-        refused, refused_oldest = None, float("inf")
+        """The slot of `buckets` with the fewest failures in the window, the least recently counted among equals, that
+        is neither refused nor busy (None: every one is); with a `backoff` (no hold), else the least recently counted
+        refused one that is not busy. Fewest failures first: least recently counted alone, a flood of names failing
+        once each (unknown users, from many addresses) evicted a user's failures short of her hold, and her guesser
+        had a fresh allowance towards the directory's lockout for every table's worth of names; now it takes as many
+        failures of every name in the table as she has."""
+        victim, lowest = None, (math.inf, math.inf)
+        refused, refused_oldest = None, math.inf
         for index in (index for bucket in buckets for index in bucket):
             slot = self._table.read(index)
             if self._in_flight(slot, now) > 0:
                 continue
-            if slot.blocked_until <= now and slot.used < oldest:
-                victim, oldest = index, slot.used
-            elif slot.blocked_until > now and slot.used < refused_oldest:
+            if slot.blocked_until <= now:
+                rank = (slot.count if now - slot.last <= self._forget else 0, slot.used)
+                if rank < lowest:
+                    victim, lowest = index, rank
+            elif slot.used < refused_oldest:
                 refused, refused_oldest = index, slot.used
         return victim if victim is not None or self._backoff is None else refused
 

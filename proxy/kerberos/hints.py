@@ -225,18 +225,29 @@ def not_forwardable_named(
 ) -> str:
     """The hint for an evidence ticket without the forwardable flag when the directory has the user's account
     (`dn`, `sam`, its `userAccountControl`), and perhaps the gateway's (`gateway_control`, its userAccountControl;
-    None when the directory did not give it): the one cause that applies, in AD's words. The user's NOT_DELEGATED set:
-    that is the cause, whatever the gateway's account says. Clear, and the gateway's TRUSTED_TO_AUTH_FOR_DELEGATION
-    clear (or unknown): the gateway's protocol transition. Both fine: Protected Users, which that bit does not show
+    None when the directory did not give it): the causes that apply, in AD's words. The user's NOT_DELEGATED set: that
+    is a cause, and the gateway's TRUSTED_TO_AUTH_FOR_DELEGATION read clear is another, named with it (the user's
+    flag cleared alone, the user was refused again); read set, the gateway is said not to be the cause; unknown,
+    nothing is said of it. Clear, and the gateway's TRUSTED_TO_AUTH_FOR_DELEGATION clear (or unknown): the gateway's
+    protocol transition. Both fine: Protected Users, which that bit does not show
     (a Windows DC issues no forwardable ticket for its members; Samba 4.17 does)."""
     account = _account(proxy)
     if user_account_control & UF_NOT_DELEGATED:
-        return (
+        sensitive = (
             f"{user} is marked sensitive: {_SENSITIVE} is set on {dn} (NOT_DELEGATED in its userAccountControl), "
             f"so no KDC issues a forwardable ticket for it; clear it if the gateway should act for this user "
             f"(Active Directory Users and Computers: the account's Account tab; Set-ADAccountControl {sam} "
-            f"-AccountNotDelegated $false; samba-tool user sensitive {sam} off). {proxy}'s protocol transition is "
-            "not the cause"
+            f"-AccountNotDelegated $false; samba-tool user sensitive {sam} off)"
+        )
+        if gateway_control is None:  # not read: neither blamed nor cleared
+            return sensitive
+        if gateway_control & UF_TRUSTED_TO_AUTH_FOR_DELEGATION:
+            return f"{sensitive}. {proxy}'s protocol transition is not the cause"
+        return (
+            f"{sensitive}; and {proxy} lacks protocol transition too (TRUSTED_TO_AUTH_FOR_DELEGATION is clear in its "
+            f"userAccountControl): give it 'Use any authentication protocol' (Set-ADAccountControl {account} "
+            f"-TrustedToAuthForDelegation $true, or samba-tool delegation for-any-protocol {account} on); both must "
+            "change before the gateway can act for this user"
         )
     not_marked = f"{dn} is not marked {_SENSITIVE} (NOT_DELEGATED is clear in its userAccountControl)"
     if gateway_control is not None and gateway_control & UF_TRUSTED_TO_AUTH_FOR_DELEGATION:

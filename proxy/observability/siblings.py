@@ -14,7 +14,10 @@ asks every other socket there, at most `ASK_TIMEOUT` seconds each, all at once, 
   id is looked for in this worker's ring first, then in the others'.
 - `/readyz`: each worker's device connections and their limit (`listeners`), for the listener's part of the answer
   (`proxy.admin.listener_problem`), asked for `READY_ASK_TIMEOUT` seconds only: a probe waits for no hung sibling
-  longer than kubelet's default probe timeout (1 s) allows; one that did not answer is named in the answer.
+  longer than kubelet's default probe timeout (1 s) allows; one that did not answer is named in the answer. An answer
+  that is not the figures, or longer than `LISTENER_ANSWER_BYTES`, is taken as none (what else answers on a worker's
+  socket is a process of the gateway's user: a 500 of /readyz, and a gigabyte read into the asking worker's memory
+  for as long as the question may take, 500 MiB, were what it made).
 
 None of this is on the request path: a request still only appends its trace to its worker's ring and tallies its
 counters; the asking is done when the admin listener is read. With one worker nothing changes, not even a label.
@@ -44,6 +47,7 @@ from proxy.workers import Worker
 log = structlog.get_logger("proxy.admin")
 ASK_TIMEOUT = 5.0  # seconds a sibling has to answer one question
 READY_ASK_TIMEOUT = 0.5  # for /readyz: below kubelet's default probe timeout (1 s), a hung sibling included
+LISTENER_ANSWER_BYTES = 4096  # the most of a sibling's /listener answer read (its figures are some 40 bytes)
 TRACE_ID = re.compile(r"[0-9a-f]{16}")  # `proxy.observability.trace.trace_id`
 Occupancy = tuple[int, int]  # a worker's device connections (TLS handshakes included) and their limit in force
 
@@ -83,24 +87,33 @@ class Siblings(TraceSource):
         self._render = render  # this worker's `Metrics.render`
 
     async def ask(
-        self, path: str, query: Mapping[str, str] | None = None, *, within: float = ASK_TIMEOUT
+        self,
+        path: str,
+        query: Mapping[str, str] | None = None,
+        *,
+        within: float = ASK_TIMEOUT,
+        limit: int | None = None,
     ) -> dict[int, bytes | None]:
         """`path` asked of every other worker at once, `within` seconds each: its body by number, None where it did
-        not answer 200."""
+        not answer 200 (or, with `limit`, answered more bytes than that)."""
         numbers = sorted(
             int(p.stem) for p in self.worker.siblings.glob("*.sock") if p.stem.isdigit() and p != self.worker.socket
         )
-        bodies = await asyncio.gather(*(self._ask_one(n, path, query, within) for n in numbers))
+        bodies = await asyncio.gather(*(self._ask_one(n, path, query, within, limit) for n in numbers))
         return dict(zip(numbers, bodies, strict=True))
 
-    async def _ask_one(self, number: int, path: str, query: Mapping[str, str] | None, within: float) -> bytes | None:
+    async def _ask_one(
+        self, number: int, path: str, query: Mapping[str, str] | None, within: float, limit: int | None
+    ) -> bytes | None:
         connector = aiohttp.UnixConnector(path=str(self.worker.siblings / f"{number}.sock"))
         try:
             async with (
                 aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=within)) as session,
                 session.get(f"http://worker{path}", params=query) as answer,
             ):
-                body = await answer.read()
+                body = await (answer.read() if limit is None else _body_within(answer, limit))
+                if body is None:
+                    log.warning("admin_worker_unanswered", worker=number, path=path, error=f"over {limit} bytes")
                 return body if answer.status == 200 else None
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             log.warning("admin_worker_unanswered", worker=number, path=path, error=type(e).__name__)
@@ -113,11 +126,8 @@ class Siblings(TraceSource):
     async def listeners(self) -> dict[int, Occupancy | None]:
         """Every other worker's device connections and their limit; None where it did not answer within
         `READY_ASK_TIMEOUT` seconds (this is /readyz's question)."""
-        answers: dict[int, Occupancy | None] = {}
-        for number, body in (await self.ask("/listener", within=READY_ASK_TIMEOUT)).items():
-            figures = None if body is None else json.loads(body)
-            answers[number] = None if figures is None else (int(figures["connections"]), int(figures["limit"]))
-        return answers
+        asked = await self.ask("/listener", within=READY_ASK_TIMEOUT, limit=LISTENER_ANSWER_BYTES)
+        return {number: None if body is None else _figures(number, body) for number, body in asked.items()}
 
     async def recent(self, limit: int, user: str | None, before: str | None = None) -> Recent | None:
         query = {"limit": str(limit), **({"user": user} if user else {})}
@@ -144,6 +154,26 @@ class Siblings(TraceSource):
         for number, body in (await self.ask(f"/traces/{trace_id}")).items():
             if body is not None:
                 return {**json.loads(body), "worker": number}
+        return None
+
+
+async def _body_within(answer: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """`answer`'s body, read as it comes; None as soon as it is longer than `limit` bytes (the rest never read)."""
+    body = bytearray()
+    async for chunk in answer.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _figures(number: int, body: bytes) -> Occupancy | None:
+    """Worker `number`'s /listener answer as its figures; None (logged) when it is not `{"connections", "limit"}`."""
+    try:
+        figures = json.loads(body)
+        return int(figures["connections"]), int(figures["limit"])
+    except (ValueError, KeyError, TypeError, OverflowError):
+        log.warning("admin_worker_unanswered", worker=number, path="/listener", error="not its figures")
         return None
 
 

@@ -48,13 +48,16 @@ def start_gateway(
     mode: str,
     directory_text: str | None = None,
     identity: str = "",
+    account: str | None = None,
 ) -> AdProcess:
     """`kcd-proxy run` inside the namespace with `[identity] mapping = mode` (and `identity` lines), and the
-    realm's directory (or `directory_text`)."""
+    realm's directory (or `directory_text`); `account`: the gateway signs in as that account, with its keytab."""
     directory.mkdir(parents=True, exist_ok=True)
     port = realm.free_port()
     text = ad_mapping.gateway_config(realm, mode, port=port, backend_port=backend.port, directory_text=directory_text)
     text = text.replace("[identity]\n", "[identity]\n" + identity, 1)
+    if account is not None:
+        text = _as_account(realm, text, account)
     text += f'\n[traces]\nexport = "{directory / "traces.jsonl"}"\n'
     config = directory / "gateway.toml"
     config.write_text(text)
@@ -462,9 +465,7 @@ def test_a_ticket_not_forwardable_names_its_one_cause_from_the_directory(
 
     nopt = tmp_path / "nopt"
     nopt.mkdir()
-    text = ad_mapping.gateway_config(realm, "strong")
-    text = text.replace(f'"{realm.gateway_principal}"', f'"{ad.NO_PT_ACCOUNT}@{ad.REALM}"')
-    (nopt / "gateway.toml").write_text(text.replace(str(realm.gateway_keytab), str(realm.keytab(ad.NO_PT_ACCOUNT))))
+    (nopt / "gateway.toml").write_text(_as_account(realm, ad_mapping.gateway_config(realm, "strong"), ad.NO_PT_ACCOUNT))
     argv = [sys.executable, "-m", "proxy", "doctor", "--config", str(nopt / "gateway.toml"), "--user", "alice@ad.test"]
     shown = _s4u2self_line(realm.run(argv, timeout=120))
     assert shown.startswith("FAIL"), shown
@@ -472,6 +473,43 @@ def test_a_ticket_not_forwardable_names_its_one_cause_from_the_directory(
     assert f"the cause is {ad.NO_PT_ACCOUNT}@{ad.REALM}: it lacks protocol transition (TRUSTED_TO_AUTH_FOR" in shown
     assert "'Use any authentication protocol'" in shown
     assert f"samba-tool delegation for-any-protocol {ad.NO_PT_ACCOUNT} on" in shown
+
+
+def _as_account(realm: ad.AdRealm, text: str, account: str) -> str:
+    """A gateway configuration `text` signing in as `account` of the realm, with its keytab."""
+    text = text.replace(f'"{realm.gateway_principal}"', f'"{account}@{ad.REALM}"')
+    assert f'"{account}@{ad.REALM}"' in text
+    return text.replace(str(realm.gateway_keytab), str(realm.keytab(account)))
+
+
+def test_a_sensitive_user_behind_a_gateway_without_protocol_transition_is_told_both_causes(
+    realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """erin, marked 'Account is sensitive and cannot be delegated', behind svc-kcdnopt, which lacks 'Use any
+    authentication protocol': both are causes of her ticket not forwardable, and the gateway's 403 hint and doctor
+    name both, with their commands. Before, both said "svc-kcdnopt's protocol transition is not the cause": the
+    administrator cleared erin's flag as told, and she was refused again for the gateway's."""
+    erin = "CN=erin,CN=Users,DC=ad,DC=test"
+    lacking = f"{ad.NO_PT_ACCOUNT}@{ad.REALM} lacks protocol transition too (TRUSTED_TO_AUTH_FOR_DELEGATION is clear"
+    gw = start_gateway(realm, tmp_path / "gw", ad_backend, "strong-or-audit", account=ad.NO_PT_ACCOUNT)
+    try:
+        status, body, _ = curl(realm, gw, "erin")
+        assert status == 403, body
+        fix = gw.wait_event("kerberos_refused", upn="erin@ad.test")["fix"]
+    finally:
+        gw.stop()
+    assert f"'Account is sensitive and cannot be delegated' is set on {erin} (NOT_DELEGATED" in fix, fix
+    assert lacking in fix, fix
+    assert f"samba-tool delegation for-any-protocol {ad.NO_PT_ACCOUNT} on" in fix, fix
+    assert "not the cause" not in fix, fix
+    config = tmp_path / "doctor.toml"
+    config.write_text(_as_account(realm, ad_mapping.gateway_config(realm, "strong"), ad.NO_PT_ACCOUNT))
+    argv = [sys.executable, "-m", "proxy", "doctor", "--config", str(config), "--user", "erin@ad.test"]
+    shown = _s4u2self_line(realm.run(argv, timeout=120))
+    assert shown.startswith("FAIL"), shown
+    assert f"is set on {erin} (NOT_DELEGATED" in shown, shown
+    assert lacking in shown, shown
+    assert "not the cause" not in shown, shown
 
 
 def test_doctor_reads_the_gateway_accounts_delegation_tab(realm: ad.AdRealm, tmp_path: Path) -> None:

@@ -1100,6 +1100,92 @@ def test_readyz_of_two_workers_is_503_only_when_both_listeners_are_full(lab: Lab
         gw.stop()
 
 
+class _ForeignSibling:
+    """A Unix socket in a worker's place among the siblings, answering /listener with what no worker sends: each
+    connection in turn gets a body that is not JSON, JSON that is not the figures, then a 200 of a gigabyte sent as
+    fast as the asker reads it. `answered` counts the connections it answered."""
+
+    ANSWERS = (b"not json", b'{"connections": Infinity, "limit": 2}')
+
+    def __init__(self, path: Path) -> None:
+        self.answered = 0
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(path))
+        self._server.listen(16)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self._server.accept()
+                with connection:
+                    connection.recv(65536)
+                    turn, self.answered = self.answered % 3, self.answered + 1
+                    with contextlib.suppress(OSError):
+                        self._answer(connection, turn)
+
+    def _answer(self, connection: socket.socket, turn: int) -> None:
+        if turn < len(self.ANSWERS):
+            body = self.ANSWERS[turn]
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            return
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % 2**30)
+        chunk = b"0" * 2**20
+        for _ in range(2**10):
+            connection.sendall(chunk)
+
+    def close(self) -> None:
+        self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+        self._thread.join(timeout=WAIT)
+
+
+def _peak_kib(pid: int) -> int:
+    """A process's peak resident memory (VmHWM), KiB."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1])
+
+
+def test_readyz_of_a_full_worker_whose_sibling_answers_what_no_worker_sends_is_an_answer(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Both workers full, and worker 2's sibling socket answered by another process of the gateway's user: a body
+    that is not JSON, JSON that is not the figures (Infinity), a gigabyte. Whichever worker a probe reaches, /readyz
+    answers 200 or 503 (worker 1 naming worker 2 unanswered, taken as having room, as a hung one is), and worker 1's
+    peak memory grows by less than 32 MiB. Before, worker 1 answered 500 to the first two (json.loads and int raised
+    out of the handler) and read the gigabyte for READY_ASK_TIMEOUT into its memory (hundreds of MiB)."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
+    held: list[socket.socket] = []
+    foreign: _ForeignSibling | None = None
+    try:
+        listening = gw.wait_events("admin_listening", 2)
+        first = next(e["pid"] for e in listening if Path(e["siblings"]).name == "1.sock")
+        second = next(Path(e["siblings"]) for e in listening if e["siblings"].endswith("/2.sock"))
+        held = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(20)]
+        _readiness_once(admin, 503)
+        second.unlink()
+        foreign = _ForeignSibling(second)
+        peak = _peak_kib(first)
+        statuses: list[tuple[int, str]] = []
+        deadline = time.monotonic() + WAIT
+        while foreign.answered < 6 and time.monotonic() < deadline:
+            status, body = _get(admin + "/readyz")
+            statuses.append((status, body))
+            assert status in (200, 503), statuses
+        assert foreign.answered >= 6, statuses
+        named = [json.loads(body) for _, body in statuses if "unanswered" in body]
+        assert named, statuses
+        assert all(b["unanswered"].startswith("worker 2 did not answer") for b in named), named
+        assert _peak_kib(first) - peak < 32 * 1024
+    finally:
+        if foreign is not None:
+            foreign.close()
+        for sock in held:
+            sock.close()
+        gw.stop()
+
+
 def test_readyz_of_a_worker_with_room_does_not_wait_for_a_hung_sibling(lab: LabLayout, tmp_path: Path) -> None:
     """Two workers, one of them stopped (SIGSTOP: a worker stuck in a long call, its admin socket and sibling socket
     open, nothing answered): a probe the kernel gives the running worker, whose device listener has room, is answered

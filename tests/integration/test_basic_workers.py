@@ -17,7 +17,9 @@ import aiohttp
 from proxy.lab.kdclog import KdcLog
 from proxy.lab.layout import USERS, LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import eventually
+from tests.integration.jsonlog import WAIT, eventually
+from tests.integration.test_kdc_hang_elsewhere import KDC_TIMEOUT
+from tests.integration.test_kdc_silent import SecondKdc
 
 PER_USER = 4
 PER_ADDRESS = 6
@@ -25,8 +27,15 @@ GUESSES = 24  # each on a new connection: all of them landing on one worker is a
 
 
 def _two_worker_basic_gateway(
-    lab: LabLayout, directory: Path, *, cache_seconds: float = 60, per_user: int = PER_USER, per_address: int = 1000
+    lab: LabLayout,
+    directory: Path,
+    *,
+    cache_seconds: float = 60,
+    per_user: int = PER_USER,
+    per_address: int = 1000,
+    kdc: SecondKdc | None = None,
 ) -> Gateway:
+    """Two workers signing in with Basic; with `kdc`, that KDC alone in krb5.conf and kdc_timeout KDC_TIMEOUT."""
     port = free_port()
     extra = f"""
 [authentication]
@@ -36,7 +45,14 @@ basic_failures_per_user = {per_user}
 basic_failures_per_address = {per_address}
 basic_failure_window_seconds = 600
 """
-    text = lab_config(lab, port=port, extra=extra)
+    krb5_conf = None
+    if kdc is not None:
+        krb5_conf = directory.parent / "krb5.conf"
+        krb5_conf.write_text(lab.krb5_conf.read_text().replace(f"127.0.0.1:{lab.kdc_port}", kdc.address))
+        assert kdc.address in krb5_conf.read_text()
+    text = lab_config(lab, port=port, extra=extra, krb5_conf=krb5_conf)
+    if kdc is not None:
+        text = text.replace("[kerberos]\n", f"[kerberos]\nkdc_timeout = {KDC_TIMEOUT}\n", 1)
     bind = f'bind = "127.0.0.1:{port}"\n'
     assert bind in text
     return start_gateway(lab, directory, text.replace(bind, f"{bind}workers = 2\n"))
@@ -185,3 +201,39 @@ def test_a_sprayer_spread_over_two_workers_meets_one_address_limit(lab: LabLayou
         assert statuses.count(401) <= PER_ADDRESS + math.floor(math.log2(elapsed + 1)), (statuses, elapsed)
     finally:
         gw.stop()
+
+
+def test_a_sign_in_in_flight_in_a_worker_killed_holds_its_user_until_stale_after_not_for_good(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """carol's sign-in in flight (the KDC stopped: MIT holds the check about 25 s, past kdc_timeout) when its worker
+    is killed (SIGKILL): with basic_failures_per_user = 1 her attempt in flight is all she may have, so her next
+    sign-ins, on the other worker or the replacement, are 429 without the KDC; the dead attempt is never ended, and
+    stops counting stale_after (1 x kdc_timeout + 30 s) after it was admitted: then, the KDC answering again, she is
+    signed in (200). Not throttled for good."""
+    kdc = SecondKdc(lab, tmp_path)
+    gw = None
+    try:
+        gw = _two_worker_basic_gateway(lab, tmp_path / "gw", per_user=1, kdc=kdc)
+        gw.wait_events("listening", 2)
+        kdc.stop_answering()
+        admitted = time.monotonic()
+        first = asyncio.run(_guess_on_fresh_connections(lab, gw, "carol", 1, USERS["carol"]))
+        assert first == [503], first  # kdc_timeout passed; the check goes on inside MIT
+        held_by = gw.wait_event("request")["pid"]
+        os.kill(held_by, signal.SIGKILL)
+        kdc.answer_again()
+        stale_after = 1 * KDC_TIMEOUT + 30
+        statuses: list[int] = []
+        deadline = admitted + stale_after + WAIT
+        while time.monotonic() < deadline and 200 not in statuses:
+            statuses += asyncio.run(_guess_on_fresh_connections(lab, gw, "carol", 1, USERS["carol"]))
+            time.sleep(1.0)
+        assert statuses[0] == 429, statuses
+        assert statuses[-1] == 200, statuses
+        assert set(statuses) == {429, 200}, statuses
+        assert time.monotonic() - admitted >= stale_after - 1, statuses
+    finally:
+        if gw is not None:
+            gw.stop()
+        kdc.close()

@@ -291,6 +291,47 @@ def test_key_updates_after_the_handshake_are_answered_and_the_request_served(sce
     scene.settled()
 
 
+UPLOAD_BYTES = 16 * 1024 * 1024  # an ActiveSync attachment's size
+
+
+def test_a_large_upload_after_100_continue_with_key_updates_midway_is_not_stalled(scene: Scene) -> None:
+    """A device's 16 MiB POST with `Expect: 100-continue` (an ActiveSync attachment), its body sent once `100
+    Continue` came, a KeyUpdate asking for the gateway's after every 4 MiB, nothing of the gateway's read meanwhile
+    (a device that writes its whole body first): review36's read pause (reading stops while OpenSSL's own answers wait
+    on a send buffer past its high-water mark) never holds it, since the gateway's answers wait on no full buffer; the
+    whole body reaches the backend and the device gets 200, each send within the socket's 30 s."""
+    client = _Client(scene)
+    scene.recorder.taken()
+    head = (
+        b"POST /rec/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+        b"Content-Length: %d\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n" % UPLOAD_BYTES
+    )
+    with client.sock:
+        client.handshake(cut=False)
+        client.tls.write(head)
+        client.sock.sendall(client.outgoing.read())
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            try:
+                interim += client.tls.read(65536)
+            except ssl.SSLWantReadError:
+                more = client.sock.recv(65536)
+                assert more, interim
+                client.incoming.write(more)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        piece = b"x" * 65536
+        for sent in range(0, UPLOAD_BYTES, len(piece)):
+            if sent and sent % (4 * 1024 * 1024) == 0:
+                _key_updates(client, 1)
+            client.tls.write(piece)
+            client.sock.sendall(client.outgoing.read())
+        answer = client.request(b"")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    (recorded,) = scene.recorder.taken()
+    assert len(recorded.body) == UPLOAD_BYTES
+    scene.settled()
+
+
 UNREAD_KEY_UPDATES = 300_000  # about 8 MB of KeyUpdate records: past what the kernel's socket buffers absorb
 HELD_AT_MOST = 2 * 1024  # KiB of the gateway's memory one such device may grow it by
 

@@ -8,6 +8,7 @@ id-pkix-ocsp-nocheck, as CryptoAPI does; curl is the device.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -17,6 +18,9 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki
@@ -55,13 +59,11 @@ def responder_certificate(lab: LabLayout, directory: Path, *, nocheck: bool, dis
     return cert
 
 
-@pytest.fixture
-def responder(lab: LabLayout, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path, Path]]:
-    """`openssl ocsp` signing with a responder certificate of `request.param`'s kind (nocheck, distribution point),
-    answering "good" for a certificate of alice's that names it: (alice's certificate, her key, the responder's)."""
-    nocheck, distribution_point = request.param
-    directory = tmp_path / "responder"
-    signer = responder_certificate(lab, directory, nocheck=nocheck, distribution_point=distribution_point)
+@contextlib.contextmanager
+def good_for_alice(lab: LabLayout, tmp_path: Path, signer: Path) -> Iterator[tuple[Path, Path]]:
+    """`openssl ocsp` signing with the responder certificate `signer` (its key `responder.key` beside it), answering
+    "good" for a certificate of alice's that names it: (alice's certificate, her key)."""
+    directory = signer.parent
     port = free_port()
     cert, key = alice_reissued(lab, tmp_path / "alice", "alice", responder=f"http://127.0.0.1:{port}")
     alice = x509.load_pem_x509_certificate(cert.read_bytes())
@@ -77,10 +79,20 @@ def responder(lab: LabLayout, tmp_path: Path, request: pytest.FixtureRequest) ->
         proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for_openssl_ocsp(proc, log)
-        yield cert, key, signer
+        yield cert, key
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def responder(lab: LabLayout, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path, Path]]:
+    """`openssl ocsp` signing with a responder certificate of `request.param`'s kind (nocheck, distribution point),
+    answering "good" for a certificate of alice's that names it: (alice's certificate, her key, the responder's)."""
+    nocheck, distribution_point = request.param
+    signer = responder_certificate(lab, tmp_path / "responder", nocheck=nocheck, distribution_point=distribution_point)
+    with good_for_alice(lab, tmp_path, signer) as (cert, key):
+        yield cert, key, signer
 
 
 def crl_listing(lab: LabLayout, tmp_path: Path, *certificates: Path) -> Path:
@@ -162,3 +174,87 @@ def test_a_responder_whose_revocation_cannot_be_checked_is_not_believed(
         assert "the OCSP responder's certificate cannot be checked for revocation" in body
     finally:
         assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("responder", [UNCHECKABLE], indirect=True, ids=["no-nocheck-no-distribution-point"])
+def test_a_responder_whose_cas_crl_is_stale_is_not_believed(
+    lab: LabLayout, tmp_path: Path, responder: tuple[Path, Path, Path]
+) -> None:
+    """A responder certificate without id-pkix-ocsp-nocheck, and the issuing CA's CRL loaded but stale (its
+    nextUpdate an hour ago, not listing the responder): no current CRL speaks for it, so its "good" is not believed
+    under ocsp = "require" (403 naming the fix), revocation = "best-effort" notwithstanding."""
+    cert, key, _ = responder
+    now = datetime.now(UTC)
+    issuing_key = Pki.at(lab.pki_dir).issuing_key
+    this, next_ = now - timedelta(days=2), now - timedelta(hours=1)
+    (tmp_path / "stale").mkdir()
+    stale = signed_crl(lab, tmp_path / "stale", key_path=issuing_key, this=this, next_=next_, serials=[])
+    gw = gateway_with(lab, tmp_path / "gw", f'crls = ["{stale}"]\nrevocation = "best-effort"\nocsp = "require"\n')
+    try:
+        status, body = curl_with(lab, gw, cert, key)
+        assert status == 403, body
+        assert "the OCSP responder's certificate cannot be checked for revocation" in body
+    finally:
+        assert gw.stop() == 0
+
+
+def odd_responder_certificate(lab: LabLayout, directory: Path, kind: str) -> Path:
+    """A responder certificate and key (`responder.pem`, `responder.key`) that must not be believed for alice's
+    issuing CA, each with id-pkix-ocsp-nocheck (so no CRL decides): `root` issued for OCSP signing by the lab's root,
+    which is on the trust list but did not issue alice's certificate; `no-eku` issued by her CA without
+    id-kp-OCSPSigning; `expired` issued by her CA for OCSP signing, its notAfter an hour ago."""
+    pki = Pki.at(lab.pki_dir)
+    ca_cert, ca_key_path = (pki.root_cert, pki.root_key) if kind == "root" else (pki.issuing_cert, pki.issuing_key)
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, f"OCSP responder ({kind})")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=2))
+        .not_valid_after(now - timedelta(hours=1) if kind == "expired" else now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if kind != "no-eku":
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key_path = directory / "responder.pem", directory / "responder.key"
+    cert.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("root", "the responder's certificate was not issued by the certificate's CA"),
+        ("no-eku", "the responder's certificate is not issued for OCSP signing"),
+        ("expired", "the responder's certificate is outside its validity period"),
+    ],
+)
+def test_a_responder_certificate_not_authorised_for_alices_ca_now_is_not_believed(
+    lab: LabLayout, tmp_path: Path, kind: str, why: str
+) -> None:
+    """`openssl ocsp` answering "good" for alice, signing with a responder certificate that carries
+    id-pkix-ocsp-nocheck but is issued by another CA of the trust list (the root), or by her CA without
+    id-kp-OCSPSigning, or expired an hour ago: under ocsp = "require" with no CRL, 403, and `ocsp_failed` names the
+    reason (RFC 6960 4.2.2.2: the nocheck extension is no licence for these)."""
+    signer = odd_responder_certificate(lab, tmp_path / "responder", kind)
+    with good_for_alice(lab, tmp_path, signer) as (cert, key):
+        gw = gateway_with(lab, tmp_path / "gw", 'revocation = "off"\nocsp = "require"\n')
+        try:
+            status, body = curl_with(lab, gw, cert, key)
+            assert status == 403, body
+            assert why in gw.wait_event("ocsp_failed")["error"]
+        finally:
+            assert gw.stop() == 0

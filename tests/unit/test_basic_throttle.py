@@ -20,7 +20,7 @@ import pytest
 
 from proxy.addresses import address_key
 from proxy.auth import basic
-from proxy.auth.basic import BasicLogin, CredentialCache, Pace, Throttle, guess_key, parse_basic, user_key
+from proxy.auth.basic import BasicLogin, CredentialCache, Pace, Throttle, _hashed, guess_key, parse_basic, user_key
 from proxy.config import Authentication, Identity, Kerberos
 from proxy.directory import Directory
 from proxy.errors import AuthenticationRequired, DirectoryUnavailable, TooManyAttempts, UserUnknown
@@ -448,6 +448,41 @@ def test_a_flood_of_other_names_never_evicts_a_held_user() -> None:
         full.failed(name, now=0)
     assert full.wait("dave", now=1) == 1799
     assert len(full._keys) == 2
+
+
+def test_a_flood_of_names_failing_once_never_evicts_a_users_failures_below_the_hold() -> None:
+    """A throttle of 3 keys: alice has four wrong passwords (limit 5, not yet held), then 10 other names fail once each
+    (unknown users, from many /64s): her four are still counted and her next wrong password holds her. The least
+    recently counted key went first, hers among them: a guesser had four more guesses per throttle's worth of names,
+    towards the directory's lockout, before basic_failure_window_seconds. A name with fewer failures goes first."""
+    throttle = Throttle(5, forget=1800, hold=True, max_keys=3)
+    for _ in range(4):
+        throttle.failed("alice", now=0)
+    for n in range(10):
+        throttle.begin(f"nobody{n}", now=1 + n)
+        throttle.end(f"nobody{n}", now=1 + n, failed=True)
+    throttle.failed("alice", now=20)
+    assert throttle.wait("alice", now=20) == 1800
+    assert len(throttle._keys) <= 3
+    throttle.begin("carol", now=1900)  # every count is past the window now: a new key still takes a place
+    assert _hashed("carol") in throttle._keys
+    assert len(throttle._keys) <= 3
+
+
+def test_a_users_attempts_in_flight_are_not_evicted_by_names_that_failed_fewer_times() -> None:
+    """A throttle of 3 keys full of names that failed once; alice has her five attempts in flight (limit 5, none failed
+    yet): new names failing once each take the other names' places, never hers, so her sixth attempt is still
+    refused while the five are in flight. Ranked by failures alone (this branch's first fix), her key (none yet) went
+    first, and each new name let five more of her guesses reach the KDC at once, past the in-flight cap; least
+    recently counted (before), max_keys new names did."""
+    throttle = Throttle(5, forget=1800, hold=True, max_keys=3)
+    for n in range(3):
+        throttle.failed(f"nobody{n}", now=0)
+    assert [throttle.admit("alice", now=1) for _ in range(5)] == [0] * 5
+    for n in range(3, 10):
+        throttle.failed(f"nobody{n}", now=2)
+    assert throttle.admit("alice", now=3) > 0
+    assert len(throttle._keys) <= 3
 
 
 def test_a_held_users_own_last_accepted_password_still_reaches_the_kdc(kdc: FakeKdc, hashes: list[str]) -> None:

@@ -379,7 +379,8 @@ def test_a_ticket_not_forwardable_from_an_ad_kdc_gives_ads_commands_only() -> No
 
 def test_the_directory_names_the_one_cause_of_a_ticket_not_forwardable() -> None:
     """With the user's account from the directory: NOT_DELEGATED set is the user's flag alone (the gateway's protocol
-    transition not blamed); clear, it is the gateway account's protocol transition, in AD's words and commands."""
+    transition, not read, neither blamed nor cleared); clear, it is the gateway account's protocol transition, in AD's
+    words and commands."""
     dn = "CN=erin,CN=Users,DC=ad,DC=test"
     named = {
         uac: not_forwardable_named(
@@ -391,7 +392,7 @@ def test_the_directory_names_the_one_cause_of_a_ticket_not_forwardable() -> None
     assert f"'Account is sensitive and cannot be delegated' is set on {dn} (NOT_DELEGATED" in sensitive
     assert "Set-ADAccountControl erin -AccountNotDelegated $false" in sensitive
     assert "samba-tool user sensitive erin off" in sensitive
-    assert "svc-gw@AD.TEST's protocol transition is not the cause" in sensitive
+    assert "not the cause" not in sensitive  # the gateway's account not read: neither blamed nor cleared
     assert "TrustedToAuthForDelegation" not in sensitive
     assert f"{dn} is not marked 'Account is sensitive and cannot be delegated'" in plain
     assert "so the cause is svc-gw@AD.TEST: it lacks protocol transition" in plain
@@ -426,3 +427,33 @@ def test_the_gateway_accounts_own_flag_decides_between_protocol_transition_and_p
     assert "most likely a member of Protected Users" in member
     assert "Remove-ADGroupMember 'Protected Users' pat" in member
     assert "lacks protocol transition" not in member
+
+
+def test_a_sensitive_user_behind_a_gateway_without_protocol_transition_is_told_both_causes() -> None:
+    """erin marked sensitive (NOT_DELEGATED) and the gateway's account read without TRUSTED_TO_AUTH_FOR_DELEGATION: both
+    are causes, and both are named with their commands; the gateway's protocol transition is said not to be the cause
+    only where its flag was read set. Before, the hint said "svc-gw's protocol transition is not the cause" whatever
+    the gateway's account showed: the administrator cleared erin's flag and she was refused again, for the gateway's."""
+    dn = "CN=erin,CN=Users,DC=ad,DC=test"
+
+    def named(gateway_control: int | None) -> str:
+        return not_forwardable_named(
+            user="erin@AD.TEST",
+            proxy="svc-gw@AD.TEST",
+            dn=dn,
+            sam="erin",
+            user_account_control=0x200 | UF_NOT_DELEGATED,
+            gateway_control=gateway_control,
+        )
+
+    both = named(0x200)
+    assert f"'Account is sensitive and cannot be delegated' is set on {dn} (NOT_DELEGATED" in both
+    assert "samba-tool user sensitive erin off" in both
+    assert "svc-gw@AD.TEST lacks protocol transition too (TRUSTED_TO_AUTH_FOR_DELEGATION is clear" in both
+    assert "Set-ADAccountControl svc-gw -TrustedToAuthForDelegation $true" in both
+    assert "samba-tool delegation for-any-protocol svc-gw on" in both
+    assert "not the cause" not in both
+    assert "svc-gw@AD.TEST's protocol transition is not the cause" in named(0x200 | UF_TRUSTED_TO_AUTH_FOR_DELEGATION)
+    unknown = named(None)
+    assert "not the cause" not in unknown
+    assert "lacks protocol transition too" not in unknown

@@ -13,7 +13,9 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.certs.ocsp import OcspClient, OcspError, build_request, responder_url, verify_response
 from proxy.certs.revocation import RevocationStatus
@@ -112,6 +114,51 @@ def test_unbelievable_answers_are_refused(pki: Pki, kwargs: dict[str, object], w
     """Wrong signer, a responder certificate without id-kp-OCSPSigning, a replayed or stale answer: OcspError."""
     with pytest.raises(OcspError, match=why):
         verify(pki, answer(pki, load_cert(pki.user_cert("alice")), **kwargs))  # type: ignore[arg-type]
+
+
+def test_a_responder_without_ocsp_signing_is_refused_when_its_ca_has_it() -> None:
+    """A CA whose own certificate carries id-kp-OCSPSigning (and no other usage) issues a responder certificate with
+    no extended key usage: the responder's answer is refused, the CA's EKU is not inherited (RFC 6960 4.2.2.2: the
+    responder's certificate itself must include it)."""
+    ca_key, responder_key, user_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+
+    def issued(cn: str, key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CA with OCSPSigning")]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(days=1))
+            .not_valid_after(NOW + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if ca:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    ca = issued("CA with OCSPSigning", ca_key, ca=True)
+    responder, user = issued("responder", responder_key, ca=False), issued("user", user_key, ca=False)
+    der = (
+        ocsp.OCSPResponseBuilder()
+        .add_response(
+            cert=user,
+            issuer=ca,
+            algorithm=hashes.SHA1(),  # noqa: S303 -- what CertIDs use
+            cert_status=ocsp.OCSPCertStatus.GOOD,
+            this_update=NOW,
+            next_update=None,
+            revocation_time=None,
+            revocation_reason=None,
+        )
+        .add_extension(x509.OCSPNonce(NONCE), critical=False)
+        .responder_id(ocsp.OCSPResponderEncoding.HASH, responder)
+        .certificates([responder])
+        .sign(responder_key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    with pytest.raises(OcspError, match="not issued for OCSP signing"):
+        verify_response(der, build_request(user, ca, NONCE), ca, nonce=NONCE, at=NOW, source=URL)
 
 
 @pytest.mark.parametrize(("attached", "refused"), [(0, False), (10, False), (11, True), (3000, True)])

@@ -73,6 +73,41 @@ def test_a_flood_of_other_names_never_evicts_a_held_user() -> None:
     assert table.capacity == 16
 
 
+def test_a_flood_of_names_failing_once_never_evicts_a_users_failures_below_the_hold() -> None:
+    """A table of 16 keys: alice has four wrong passwords (limit 5, not yet held), then 10,000 other names fail once
+    each (unknown users, from many /64s): her four are still counted, and her next wrong password holds her. The least
+    recently counted slot went first, hers among them: the flood gave her guesser four more guesses per table's worth
+    of names, towards the directory's lockout (a locked-out alice) before basic_failure_window_seconds."""
+    table = SharedTable(max_keys=16)
+    throttle = _throttle(table, limit=5)
+    for _ in range(4):
+        _fail(throttle, "alice", 0.0)
+    for i in range(10_000):
+        _fail(throttle, f"flood-{i}", 1.0 + i / 10_000)
+    _fail(throttle, "alice", 2.0)
+    assert throttle.wait("alice", 2.0) > 1700
+
+
+def test_a_flood_evicts_the_names_with_fewest_failures_first() -> None:
+    """Eviction takes the slot with the fewest failures in the window, the least recently counted among equals: a user
+    who never failed still gets a slot in a table full of names that failed, and failures older than the window count
+    as none."""
+    table = SharedTable(max_keys=8)  # one bucket of 8
+    throttle = _throttle(table, limit=5)
+    for i in range(4):
+        for _ in range(3):
+            _fail(throttle, f"thrice-{i}", 0.0)
+    for i in range(4):
+        _fail(throttle, f"once-{i}", 1.0)
+    for i in range(4):  # each new name takes the place of a name that failed once, never a name that failed thrice
+        _fail(throttle, f"new-{i}", 2.0)
+    _fail(throttle, "thrice-0", 3.0)
+    _fail(throttle, "thrice-0", 3.0)
+    assert throttle.wait("thrice-0", 3.0) > 1700
+    assert throttle.admit("carol", 1900.0) == 0  # every count is past the window now: carol takes a slot
+    throttle.end("carol", 1900.0, failed=False)
+
+
 def test_a_bucket_of_held_users_refuses_a_new_key_instead_of_releasing_one() -> None:
     """When every slot a new key could take is held, the new key is refused (429), and the held keys stay held."""
     table = SharedTable(max_keys=8)  # one bucket
