@@ -47,6 +47,7 @@ from typing import Any, Literal, cast, overload
 
 import structlog
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.certs.chain import format_time, load_certificates
 from proxy.config import Config
@@ -773,16 +774,43 @@ _CA_FIXES = (
 )
 
 
+# OpenSSL's one reason for a device's certificate that is not for client use, when its extended key usage has
+# clientAuth (or there is none) and its key usage is what fails: neither digitalSignature nor keyAgreement.
+_KEY_USAGE_FIX = (
+    "the certificate's key usage lacks digitalSignature (a TLS client signs the handshake with its key): reissue it "
+    "with digitalSignature in its key usage"
+)
+
+
 def handshake_fix(reason: str, refused: RefusedCertificate | None = None) -> str | None:
     """What the administrator can do about a refused handshake, when that is known; `refused` (the certificate
-    OpenSSL's verification failed on) makes a reason about a CA above the device's certificate name that CA."""
+    OpenSSL's verification failed on) makes a reason about a CA above the device's certificate name that CA, and
+    tells which of the device's own certificate's usages OpenSSL's "unsuitable certificate purpose" is about."""
     lowered = reason.lower()
     if refused is not None and refused.depth > 0:
         ca = f"'{_subject(refused)}' (depth {refused.depth})"
         fix = next((fix for needle, fix in _CA_FIXES if needle in lowered), None)
         if fix is not None:
             return fix.format(ca=ca)
+    if refused is not None and "unsuitable certificate purpose" in lowered and _key_usage_refused(refused.der):
+        return _KEY_USAGE_FIX
     return next((fix for needle, fix in _HANDSHAKE_FIXES if needle in lowered), None)
+
+
+def _key_usage_refused(der: bytes) -> bool:
+    """Whether OpenSSL's client-purpose check (its `check_purpose_ssl_client`) refused this certificate for its key
+    usage rather than its extended key usage: the EKU, if any, names clientAuth; the key usage allows neither
+    digitalSignature nor keyAgreement. False for a certificate that cannot be read or has no key usage."""
+    try:
+        extensions = x509.load_der_x509_certificate(der).extensions
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+        try:
+            client = ExtendedKeyUsageOID.CLIENT_AUTH in extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            client = True  # no EKU: any purpose
+    except (ValueError, x509.DuplicateExtension, x509.ExtensionNotFound):
+        return False
+    return client and not (usage.digital_signature or usage.key_agreement)
 
 
 # Only `ssl.SSLCertVerificationError` is filed here and asked about: it is a heap type, weakly referable; `ssl.SSLError`
