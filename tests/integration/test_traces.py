@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.lab.layout import USERS, LabLayout
@@ -113,11 +114,14 @@ def _stages(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab: LabLayout, traced: Traced) -> None:
     """Two requests of a user of its own (no other test, before or beside it, cached its tickets or opened its
-    backend connection): every stage in order; the S4U tickets' facts (forwardable, client, server); the first
-    from the KDC, the second from the cache; the backend connection new, then reused."""
+    backend connection): every stage in order with issue 10's details (TLS version, cipher, resumed; the chain's
+    subjects and serials; the revocation's source and age; the identity rule; the backend's status and time); the
+    S4U tickets' facts (forwardable, client, server); the first from the KDC, the second from the cache; the backend
+    connection new, then reused."""
     name = f"tr{uuid.uuid4().hex[:8]}"
     _kadmin(lab, f"addprinc -randkey {name}")
     cert, key = _certificate_for(lab, name, traced.export.parent)
+    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
     user, principal = f"{name}@lab.test", f"{name}@LAB.TEST"
     seen = _ids(traced.admin, user)
     for _ in range(2):
@@ -138,12 +142,17 @@ def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab
         assert evidence["enctype"].startswith("aes")
         assert evidence["start"] < evidence["end"]
         assert stages["tls"]["version"].startswith("TLSv1.")
-        assert stages["certificate"]["chain"][0]["subject"] == f"CN={name}-tablet"
-        assert stages["certificate"]["chain"][-1]["subject"] == "CN=Lab Root CA"
+        assert stages["tls"]["cipher"].startswith("TLS_")  # TLS 1.3's, as curl negotiates here
+        assert stages["tls"]["resumed"] is False  # each curl a new process: a full handshake
+        chain = stages["certificate"]["chain"]
+        assert [c["subject"] for c in chain] == [f"CN={name}-tablet", "CN=Lab Issuing CA", "CN=Lab Root CA"]
+        assert chain[0]["serial"] == f"{serial:x}"  # issue 10: the chain's subjects and serials
         assert stages["revocation"]["status"] == "good"
+        assert stages["revocation"]["source"] == str(lab.pki_dir / "crls.pem")  # its source and age
         assert stages["revocation"]["age_s"] >= 0
         assert stages["identity"]["rule"] == "san-upn"
         assert stages["backend"]["status"] == 200
+        assert stages["backend"]["ms"] > 0  # its time
     one, two = _stages(first), _stages(second)
     assert (one["s4u2self"]["cached"], one["s4u2proxy"]["cached"]) == (False, False)
     assert (two["s4u2self"]["cached"], two["s4u2proxy"]["cached"]) == (True, True)
