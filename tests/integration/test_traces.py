@@ -164,6 +164,27 @@ def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab
     assert _get(f"{traced.admin}/trace/{'0' * 16}")[0] == 404
 
 
+def test_a_resumed_tls_session_is_traced_as_resumed(lab: LabLayout, traced: Traced) -> None:
+    """Issue 10: the TLS stage says "resumed or not": one curl, two URLs, each on a connection of its own
+    (`Connection: close`), the second resuming the first's session: its trace's tls stage says resumed, the first's
+    not (before, only a full handshake's `resumed: false` was read)."""
+    tag = uuid.uuid4().hex[:8]
+    first, second = f"/owa/resume-{tag}-1", f"/owa/resume-{tag}-2"
+    done = curl(
+        lab, traced.gw.url + second, "alice", "-H", "Connection: close", "-o", "/dev/null", traced.gw.url + first
+    )
+    assert done.returncode == 0, done.stderr
+
+    def both() -> dict[str, dict[str, Any]] | None:
+        records = {r["path"]: r for r in _traces(traced.admin, user="alice@lab.test") if r["path"] in (first, second)}
+        return records if len(records) == 2 else None
+
+    records = eventually(both, "both requests' traces")
+    assert _stages(records[first])["tls"]["resumed"] is False
+    assert _stages(records[second])["tls"]["resumed"] is True
+    assert records[second]["status"] == 200
+
+
 def test_the_gateways_own_as_exchange_is_shown_where_it_happened(lab: LabLayout, tmp_path: Path) -> None:
     """A fresh gateway's first delegated request also asks the KDC for the gateway's own TGT (an AS-REQ for
     HTTP/proxy.lab.test in the KDC's log, before the PROTOCOL-TRANSITION TGS-REQ): the trace's S4U2Self step shows
