@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.lab.layout import USERS, LabLayout
 from proxy.observability.tracepage import MAX_TRACES
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import WAIT, eventually
+from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
 from tests.integration.loopback import serving, stop_listening
 from tests.integration.recorder import raw_request
 from tests.integration.test_revocation import curl_with
@@ -258,11 +258,18 @@ def test_refusals_land_on_the_step_the_kdc_refused_with_cause_and_fix(lab: LabLa
 
 def test_the_export_file_is_readable_by_the_gateways_user_only(lab: LabLayout, traced: Traced) -> None:
     """The JSON-lines export (users' names, addresses, paths) is created 0600 by the running gateway, not with the
-    umask's 0644 (the test's gateway runs under the test's umask, 022 here)."""
+    umask's 0644 (the test's gateway runs under the test's umask, 022 here). Issue 10's "exported as JSON lines":
+    every line of the file is one JSON object, and the request's is the record GET /traces gives, stages and all."""
     seen = _ids(traced.admin)
     curl(lab, traced.gw.url + "/owa/", "alice")
     (record,) = _new_traces(traced.admin, seen, 1)
-    eventually(lambda: record["id"] in traced.export.read_text() or None, "the request's trace exported")
+
+    def exported() -> dict[str, Any] | None:
+        return next((r for r in whole_json_lines(traced.export) if r["id"] == record["id"]), None)
+
+    assert eventually(exported, "the request's trace exported") == record
+    text = traced.export.read_text()
+    assert all(json.loads(line)["id"] for line in text[: text.rfind("\n")].splitlines())  # one object a line
     assert oct(traced.export.stat().st_mode & 0o777) == oct(0o600)
 
 
