@@ -1125,3 +1125,39 @@ def test_readyz_of_a_worker_with_room_does_not_wait_for_a_hung_sibling(lab: LabL
     finally:
         os.kill(stopped, signal.SIGCONT)
         gw.stop()
+
+
+def test_readyz_of_a_full_worker_names_a_hung_sibling_as_unanswered(lab: LabLayout, tmp_path: Path) -> None:
+    """Two workers, both device listeners full (/readyz 503 naming both); then one is stopped (SIGSTOP: hung, its
+    sockets open): a probe the running worker takes, full itself, asks the stopped one, waits 0.5 s at most and
+    answers 200 with an `unanswered` key naming it "taken as having room", as docs/operations.md says (only a unit
+    test held the bound and the key). Probes the kernel gives the stopped worker wait for it: at most 16 tries,
+    each of a 3 s timeout."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
+    stopped = sorted({e["pid"] for e in gw.wait_events("listening", 2)})[0]
+    held: list[socket.socket] = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(20)]
+        assert "worker 1" in _readiness_once(admin, 503)["listener"]
+        os.kill(stopped, signal.SIGSTOP)
+        answers: list[tuple[int, str]] = []
+        for _ in range(16):
+            try:
+                with urllib.request.urlopen(admin + "/readyz", timeout=3) as r:  # noqa: S310  loopback test URL
+                    answers.append((r.status, r.read().decode()))
+                    break
+            except urllib.error.HTTPError as e:
+                answers.append((e.code, e.read().decode()))
+            except (TimeoutError, urllib.error.URLError) as e:  # the stopped worker's, or one waiting for it
+                answers.append((0, repr(e)))
+        status, body = answers[-1]
+        assert status == 200, answers
+        answer = json.loads(body)
+        assert answer["ready"] is True
+        assert "listener" not in answer
+        assert answer["unanswered"].endswith("did not answer within 0.5 s (taken as having room)"), answer
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        for sock in held:
+            sock.close()
+        gw.stop()
