@@ -49,7 +49,7 @@ import structlog
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from proxy.certs.chain import format_time, load_certificates
+from proxy.certs.chain import format_time, load_certificates, netscape_type_excludes_client
 from proxy.config import Config
 from proxy.tls.openssl import (
     RefusedCertificate,
@@ -775,10 +775,14 @@ _CA_FIXES = (
 
 
 # OpenSSL's one reason for a device's certificate that is not for client use, when its extended key usage has
-# clientAuth (or there is none) and its key usage is what fails: neither digitalSignature nor keyAgreement.
+# clientAuth (or there is none) and something else is what fails (`_purpose_fix`).
 _KEY_USAGE_FIX = (
     "the certificate's key usage lacks digitalSignature (a TLS client signs the handshake with its key): reissue it "
     "with digitalSignature in its key usage"
+)
+_NETSCAPE_TYPE_FIX = (
+    "the certificate's Netscape certificate type (nsCertType, an obsolete extension) does not include SSL client, "
+    "and OpenSSL refuses it for that whatever its extended key usage says: reissue it without one, or with client"
 )
 
 
@@ -792,25 +796,29 @@ def handshake_fix(reason: str, refused: RefusedCertificate | None = None) -> str
         fix = next((fix for needle, fix in _CA_FIXES if needle in lowered), None)
         if fix is not None:
             return fix.format(ca=ca)
-    if refused is not None and "unsuitable certificate purpose" in lowered and _key_usage_refused(refused.der):
-        return _KEY_USAGE_FIX
+    if refused is not None and "unsuitable certificate purpose" in lowered and (fix := _purpose_fix(refused.der)):
+        return fix
     return next((fix for needle, fix in _HANDSHAKE_FIXES if needle in lowered), None)
 
 
-def _key_usage_refused(der: bytes) -> bool:
-    """Whether OpenSSL's client-purpose check (its `check_purpose_ssl_client`) refused this certificate for its key
-    usage rather than its extended key usage: the EKU, if any, names clientAuth; the key usage allows neither
-    digitalSignature nor keyAgreement. False for a certificate that cannot be read or has no key usage."""
+def _purpose_fix(der: bytes) -> str | None:
+    """Which usage OpenSSL's client-purpose check (its `check_purpose_ssl_client`) refused the device's certificate
+    for, when it is not the extended key usage (the EKU, if any, names clientAuth): a key usage allowing neither
+    digitalSignature nor keyAgreement, or a Netscape certificate type without SSL client. None for the EKU, or for a
+    certificate that cannot be read."""
     try:
-        extensions = x509.load_der_x509_certificate(der).extensions
-        usage = extensions.get_extension_for_class(x509.KeyUsage).value
-        try:
-            client = ExtendedKeyUsageOID.CLIENT_AUTH in extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            client = True  # no EKU: any purpose
-    except (ValueError, x509.DuplicateExtension, x509.ExtensionNotFound):
-        return False
-    return client and not (usage.digital_signature or usage.key_agreement)
+        certificate = x509.load_der_x509_certificate(der)
+        extensions = certificate.extensions
+        with contextlib.suppress(x509.ExtensionNotFound):
+            if ExtendedKeyUsageOID.CLIENT_AUTH not in extensions.get_extension_for_class(x509.ExtendedKeyUsage).value:
+                return None
+        with contextlib.suppress(x509.ExtensionNotFound):
+            usage = extensions.get_extension_for_class(x509.KeyUsage).value
+            if not (usage.digital_signature or usage.key_agreement):
+                return _KEY_USAGE_FIX
+        return _NETSCAPE_TYPE_FIX if netscape_type_excludes_client(certificate) else None
+    except (ValueError, x509.DuplicateExtension):
+        return None
 
 
 # Only `ssl.SSLCertVerificationError` is filed here and asked about: it is a heap type, weakly referable; `ssl.SSLError`

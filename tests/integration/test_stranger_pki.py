@@ -313,9 +313,20 @@ EXPLAIN_KEYS = {"accepted", "stage", "reason", "upn", "principal", "route", "spn
         ("server.pem", (), 1, "certificate", ""),  # serverAuth only: no clientAuth EKU
         ("{lab}/users/alice.pem", (), 1, "certificate", ""),  # another CA (the lab's)
         ("users/nosigning.pem", (), 1, "certificate", "key usage lacks digitalSignature"),
+        ("users/nsserver.pem", (), 1, "certificate", "Netscape certificate type does not include SSL client"),
         ("users/rogue.pem", (), 1, "certificate", "signature does not verify"),  # the trusted CA's name, another key
     ],
-    ids=["accepted", "revoked", "two upns", "expired then", "no clientAuth", "untrusted", "key usage", "signature"],
+    ids=[
+        "accepted",
+        "revoked",
+        "two upns",
+        "expired then",
+        "no clientAuth",
+        "untrusted",
+        "key usage",
+        "netscape type",
+        "signature",
+    ],
 )
 def test_explain_json_on_openssl_made_certificates(
     lab: LabLayout,
@@ -401,25 +412,29 @@ def test_openssl_made_certificates_issue_3_refuses_in_the_handshake(
     assert not [e for e in stranger_gateway.events("request", after=mark) if e.get("client") == REFUSED]
 
 
-def test_a_key_usage_without_digital_signature_ends_the_handshake_with_its_own_fix(
-    pki: Path, stranger_gateway: Gateway
+@pytest.mark.parametrize(
+    ("user", "in_fix"), [("nosigning", "key usage lacks digitalSignature"), ("nsserver", "Netscape certificate type")]
+)
+def test_a_usage_other_than_the_eku_ends_the_handshake_with_its_own_fix(
+    pki: Path, stranger_gateway: Gateway, user: str, in_fix: str
 ) -> None:
-    """An `openssl ca` certificate with clientAuth but a key usage of keyEncipherment alone (the device's key may not
-    sign, and a TLS client signs the handshake): curl gets OpenSSL's `unsupported certificate` alert, and the log's
-    fix names the key usage, as `explain` does, not the clientAuth EKU the certificate has (OpenSSL gives one reason,
-    "unsuitable certificate purpose", for both; the fix told the administrator to add an EKU it already had)."""
+    """`openssl ca` certificates with clientAuth that OpenSSL's client-purpose check still refuses: a key usage of
+    keyEncipherment alone (the device's key may not sign, and a TLS client signs the handshake), and a Netscape
+    certificate type of a server only. curl gets OpenSSL's `unsupported certificate` alert, and the log's fix names
+    what fails, as `explain` does, not the clientAuth EKU the certificate has (OpenSSL gives one reason, "unsuitable
+    certificate purpose", for all three; the fix told the administrator to add an EKU it already had)."""
     mark = stranger_gateway.mark()
-    body, code, err = _curl(pki, stranger_gateway, "nosigning", "/owa/", "--interface", REFUSED)
+    body, code, err = _curl(pki, stranger_gateway, user, "/owa/", "--interface", REFUSED)
     assert code == 0, body
     assert "alert unsupported certificate" in err.lower(), err
     line = stranger_gateway.wait_for(
         "tls_handshake_refused",
-        lambda e: e["peer"].startswith(f"{REFUSED}:") and e.get("certificate") == "CN=nosigning",
-        what="nosigning's refusal",
+        lambda e: e["peer"].startswith(f"{REFUSED}:") and e.get("certificate") == f"CN={user}",
+        what=f"{user}'s refusal",
     )
     assert line["reason"] == "unsuitable certificate purpose", line
-    assert "digitalSignature" in line["fix"], line
-    assert "clientAuth" not in line["fix"], line
+    assert in_fix in line["fix"], line
+    assert "lacks the clientAuth" not in line["fix"], line
     assert not [e for e in stranger_gateway.events("request", after=mark) if e.get("client") == REFUSED]
 
 

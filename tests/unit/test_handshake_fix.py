@@ -11,7 +11,7 @@ from proxy.lab.pki import Pki
 from proxy.tls.openssl import RefusedCertificate
 from proxy.tls.server import handshake_fix, peer_text
 from tests.pem import load_cert, load_key
-from tests.unit.test_chain import CLIENT_AUTH, UPN_SAN, issue
+from tests.unit.test_chain import CLIENT_AUTH, UPN_SAN, issue, netscape_cert_type
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,8 @@ def _key_usage(*, signs: bool = False, agrees: bool = False) -> tuple[x509.Exten
         ((_key_usage(),), "key usage lacks digitalSignature"),  # no EKU: any purpose, the key usage fails
         (((x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False), _key_usage()), "clientAuth"),
         (((x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False), _key_usage(signs=True)), "clientAuth"),
-        ((CLIENT_AUTH,), "clientAuth"),  # no key usage: nothing else to blame (a Netscape certificate type, say)
+        ((CLIENT_AUTH,), "clientAuth"),  # no key usage, no Netscape type: the EKU is all there is to blame
+        ((CLIENT_AUTH, _key_usage(signs=True), netscape_cert_type(0x40)), "Netscape certificate type"),  # server
     ],
     ids=[
         "clientAuth, keyEncipherment",
@@ -80,14 +81,16 @@ def _key_usage(*, signs: bool = False, agrees: bool = False) -> tuple[x509.Exten
         "serverAuth, keyEncipherment",
         "serverAuth",
         "no KU",
+        "nsCertType server",
     ],
 )
 def test_an_unsuitable_purpose_of_the_devices_certificate_names_the_usage_that_fails(
     pki: Pki, extensions: tuple[tuple[x509.ExtensionType, bool], ...], in_fix: str
 ) -> None:
     """OpenSSL's one reason, "unsuitable certificate purpose", for the device's own certificate: a key usage that
-    neither signs nor agrees keys, under a clientAuth EKU (or none), is that key usage's fix; an EKU without
-    clientAuth stays the EKU's. The key usage's fix said the certificate lacked the clientAuth it had."""
+    neither signs nor agrees keys, under a clientAuth EKU (or none), is that key usage's fix, a Netscape certificate
+    type without SSL client that type's; an EKU without clientAuth stays the EKU's. Both said the certificate lacked
+    the clientAuth it had."""
     leaf, _ = issue(load_cert(pki.issuing_cert), load_key(pki.issuing_key), "device", UPN_SAN, *extensions)
     fix = handshake_fix(
         "unsuitable certificate purpose", RefusedCertificate(0, leaf.public_bytes(serialization.Encoding.DER))
