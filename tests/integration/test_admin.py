@@ -350,6 +350,27 @@ def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayo
         assert gw.stop() == 0
 
 
+def test_tls_admin_listener_to_curl_with_and_without_a_certificate(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 8, as an operator's curl meets it: with TLS and a client-certificate allow-list, curl with the listed
+    certificate scrapes /metrics (200); with another trusted one, 403 naming the allow-list; with none, no HTTP
+    answer at all (the handshake asks for one). Python's client alone had asked before."""
+    gw, admin_port = _tls_admin(lab, tmp_path)
+    url = f"https://127.0.0.1:{admin_port}/metrics"
+    try:
+        listed = curl(lab, url, "alice")
+        body, _, status = listed.stdout.rpartition("\n")
+        assert status == "200", listed.stderr
+        assert "kcd_requests_in_flight" in body
+        other = curl(lab, url, "bob")
+        body, _, status = other.stdout.rpartition("\n")
+        assert (status, "allow-list" in body) == ("403", True), other.stdout + other.stderr
+        anonymous = curl(lab, url, None)
+        assert anonymous.returncode != 0, anonymous.stdout
+        assert anonymous.stdout.rpartition("\n")[2] == "000", anonymous.stdout
+    finally:
+        assert gw.stop() == 0
+
+
 def _openssl_admin_certificate(
     lab: LabLayout, where: Path, name: str, serial: int, subject: str = "", issuer: Path | None = None
 ) -> Path:
