@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -29,13 +28,13 @@ def _run(args: argparse.Namespace) -> int:
     # signal's default end of the process, which systemd's Restart=on-failure does not restart (proxy.workers).
     signal.signal(signal.SIGHUP, workers.remember_reload)
 
-    from proxy import app
+    from proxy import app, descriptors
     from proxy import loop as event_loop
     from proxy.observability.logging import configure
 
     configure(args.log_level)
     _no_core_dumps()
-    _open_file_limit_raised()
+    descriptors.raise_open_file_limit()  # the operator's hard limit: its workers inherit it
     from proxy.ops.check import loops
 
     try:
@@ -88,17 +87,6 @@ def _no_core_dumps() -> None:
     the keytab's keys, every cached user's tickets with their session keys and, after a Basic sign-in, the user's TGT;
     a core file (or systemd-coredump's copy, which honours the limit too) would put them all on disk."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _open_file_limit_raised() -> None:
-    """The soft open-file limit raised to the hard one (its workers inherit it), as Go's runtime and nginx's
-    `worker_rlimit_nofile` do: a shell's soft 1,024 (systemd's default for services too, hard 524,288) would share
-    out 384 device connections (`proxy.descriptors`) where the operator's hard limit allows far more. The hard limit
-    stays the operator's (`LimitNOFILE=`, `ulimit -Hn`, a container's `nofile`)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel will not give (past fs.nr_open)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _lab(args: argparse.Namespace) -> int:

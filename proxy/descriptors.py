@@ -31,12 +31,14 @@ So each worker shares its soft limit out once, at start (`DescriptorBudget.of`):
   `503` and `Retry-After` (`backend_connections_exhausted`).
 
 Nothing is configured: the limit is the operator's hard limit (`LimitNOFILE=` in the systemd unit, `ulimit -Hn`, a
-container's `nofile`), to which `kcd-proxy run` raises its soft limit at start (`proxy.cli`). A
+container's `nofile`), to which `kcd-proxy run` raises its soft limit at start (`raise_open_file_limit`), as does
+`kcd-proxy check-config` before it asks `kdc_reserve_problem` what `run` will (`start_problem`). A
 `listener.max_connections` the limit cannot hold is cut to what it can, and the start says so
 (`descriptor_limit_low`, with the limit that would hold it)."""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from dataclasses import dataclass
 
@@ -81,6 +83,24 @@ class DescriptorBudget:
     def needed(self) -> int:
         """The limit that would hold listener.max_connections: each with a backend connection, and the reserve."""
         return 2 * self.wanted + self.wanted_reserve
+
+
+def raise_open_file_limit() -> None:
+    """The soft open-file limit raised to the hard one (a process's workers inherit it), as Go's runtime and nginx's
+    `worker_rlimit_nofile` do: a shell's soft 1,024 (systemd's default for services too, hard 524,288) would share
+    out 384 device connections where the operator's hard limit allows far more. The hard limit stays the operator's
+    (`LimitNOFILE=`, `ulimit -Hn`, a container's `nofile`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel will not give (past fs.nr_open)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def start_problem(max_in_flight: int) -> str | None:
+    """Why `kcd-proxy run` under this process's limits would refuse `kerberos.max_in_flight` at its start
+    (`kdc_reserve_problem` on the limit it raises its soft limit to), or None; for `kcd-proxy check-config`."""
+    raise_open_file_limit()
+    return kdc_reserve_problem(max_in_flight, DescriptorBudget.of(0, max_in_flight).limit)
 
 
 def kdc_threads(max_in_flight: int) -> int:

@@ -11,7 +11,8 @@ What it refuses (CertificateRejected, with a reason the device owner or the admi
 - a leaf outside its validity period at `at`, or any CA in its chain outside its own;
 - a leaf without the clientAuth extended key usage. RFC 5280 reads a missing EKU as "any purpose";
   the gateway does not: a certificate must have been issued for client authentication;
-- a leaf whose key usage, when present, lacks digitalSignature (the key signs the TLS handshake), or whose key
+- a leaf whose key usage, when present, lacks digitalSignature (the key signs the TLS handshake), whose Netscape
+  certificate type, when present, names no SSL client (OpenSSL's handshake refuses it), or whose key
   OpenSSL's handshake refuses as too weak (RSA or DSA under 2048 bits, a curve under 224);
 - an issuer that is not in the trust list, or one whose name matches a trusted CA but whose key
   did not sign the leaf (the classic forgery: a private CA copying a trusted CA's name);
@@ -178,6 +179,7 @@ def verify_chain(
     _check_period(leaf, at, "certificate")
     if purpose == "client":
         _check_leaf_usage(leaf)
+        _check_netscape_type(leaf)
         _check_leaf_key(leaf)
     issuer = _signing_issuer(leaf, trust)
     try:
@@ -281,6 +283,33 @@ def _check_leaf_usage(leaf: x509.Certificate) -> None:
             "certificate key usage lacks digitalSignature",
             hint=f"{_describe(leaf)}; reissue it with digitalSignature in its key usage (a TLS client signs with it)",
         )
+
+
+def _check_netscape_type(leaf: x509.Certificate) -> None:
+    """Refuse a leaf whose Netscape certificate type names no SSL client, as OpenSSL's handshake does (its client
+    purpose check), so that `explain` stops where a request does."""
+    if netscape_type_excludes_client(leaf):
+        raise CertificateRejected(
+            "certificate's Netscape certificate type does not include SSL client",
+            hint=f"{_describe(leaf)}; reissue it without the Netscape certificate type (nsCertType, an obsolete "
+            "extension) or with SSL client in it",
+        )
+
+
+NETSCAPE_CERT_TYPE = x509.ObjectIdentifier("2.16.840.1.113730.1.1")
+
+
+def netscape_type_excludes_client(cert: x509.Certificate) -> bool:
+    """Whether `cert` carries a Netscape certificate type (a BIT STRING whose first bit is SSL client) without that
+    bit: OpenSSL then refuses it for a TLS client whatever its extended key usage says. OpenSSL reads the first
+    content byte (none: no type at all); so does this."""
+    try:
+        value = cert.extensions.get_extension_for_oid(NETSCAPE_CERT_TYPE).value
+    except x509.ExtensionNotFound:
+        return False
+    der = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
+    first = der[3] if len(der) > 3 and der[0] == 0x03 else 0  # tag, length, unused bits, then the bits
+    return not first & 0x80
 
 
 def _check_leaf_key(leaf: x509.Certificate) -> None:

@@ -47,8 +47,9 @@ from typing import Any, Literal, cast, overload
 
 import structlog
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from proxy.certs.chain import format_time, load_certificates
+from proxy.certs.chain import format_time, load_certificates, netscape_type_excludes_client
 from proxy.config import Config
 from proxy.tls.openssl import (
     RefusedCertificate,
@@ -773,16 +774,51 @@ _CA_FIXES = (
 )
 
 
+# OpenSSL's one reason for a device's certificate that is not for client use, when its extended key usage has
+# clientAuth (or there is none) and something else is what fails (`_purpose_fix`).
+_KEY_USAGE_FIX = (
+    "the certificate's key usage lacks digitalSignature (a TLS client signs the handshake with its key): reissue it "
+    "with digitalSignature in its key usage"
+)
+_NETSCAPE_TYPE_FIX = (
+    "the certificate's Netscape certificate type (nsCertType, an obsolete extension) does not include SSL client, "
+    "and OpenSSL refuses it for that whatever its extended key usage says: reissue it without one, or with client"
+)
+
+
 def handshake_fix(reason: str, refused: RefusedCertificate | None = None) -> str | None:
     """What the administrator can do about a refused handshake, when that is known; `refused` (the certificate
-    OpenSSL's verification failed on) makes a reason about a CA above the device's certificate name that CA."""
+    OpenSSL's verification failed on) makes a reason about a CA above the device's certificate name that CA, and
+    tells which of the device's own certificate's usages OpenSSL's "unsuitable certificate purpose" is about."""
     lowered = reason.lower()
     if refused is not None and refused.depth > 0:
         ca = f"'{_subject(refused)}' (depth {refused.depth})"
         fix = next((fix for needle, fix in _CA_FIXES if needle in lowered), None)
         if fix is not None:
             return fix.format(ca=ca)
+    if refused is not None and "unsuitable certificate purpose" in lowered and (fix := _purpose_fix(refused.der)):
+        return fix
     return next((fix for needle, fix in _HANDSHAKE_FIXES if needle in lowered), None)
+
+
+def _purpose_fix(der: bytes) -> str | None:
+    """Which usage OpenSSL's client-purpose check (its `check_purpose_ssl_client`) refused the device's certificate
+    for, when it is not the extended key usage (the EKU, if any, names clientAuth): a key usage allowing neither
+    digitalSignature nor keyAgreement, or a Netscape certificate type without SSL client. None for the EKU, or for a
+    certificate that cannot be read."""
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        extensions = certificate.extensions
+        with contextlib.suppress(x509.ExtensionNotFound):
+            if ExtendedKeyUsageOID.CLIENT_AUTH not in extensions.get_extension_for_class(x509.ExtendedKeyUsage).value:
+                return None
+        with contextlib.suppress(x509.ExtensionNotFound):
+            usage = extensions.get_extension_for_class(x509.KeyUsage).value
+            if not (usage.digital_signature or usage.key_agreement):
+                return _KEY_USAGE_FIX
+        return _NETSCAPE_TYPE_FIX if netscape_type_excludes_client(certificate) else None
+    except (ValueError, x509.DuplicateExtension):
+        return None
 
 
 # Only `ssl.SSLCertVerificationError` is filed here and asked about: it is a heap type, weakly referable; `ssl.SSLError`

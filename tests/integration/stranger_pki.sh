@@ -102,6 +102,19 @@ subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
 subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
+[v3_no_signing_key_usage]
+# a key usage for key transport only: the device's key may not sign, and a TLS client signs its CertificateVerify
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, keyEncipherment
+extendedKeyUsage = clientAuth
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
+[v3_netscape_server]
+# clientAuth and digitalSignature, but an old template's Netscape certificate type naming a server only
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+nsCertType = server
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
 [v3_no_upn]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
@@ -161,7 +174,8 @@ ca -name issuing -in server.req -out server.pem -extensions v3_server -notext
 cat server.pem issuing/cert.pem > server-chain.pem
 cat users/alice.pem issuing/cert.pem > users/alice-chain.pem
 # what issue 3 says is refused, each made as a careless or hostile issuer makes it (alice's UPN, unless noted):
-# expired, not yet valid, no clientAuth EKU, no EKU at all, no UPN (an e-mail SAN only), and a rogue CA pair
+# expired, not yet valid, no clientAuth EKU, no EKU at all, no UPN (an e-mail SAN only), a key usage without
+# digitalSignature, a Netscape certificate type of a server, and a rogue CA pair
 # whose names copy the trusted root's and issuing CA's byte for byte
 stamp() { date -u -d "$1" +%Y%m%d%H%M%SZ; }
 user() {  # NAME EXTENSIONS [openssl ca options...]
@@ -175,6 +189,8 @@ user notyet v3_user -startdate "$(stamp '+10 days')" -enddate "$(stamp '+20 days
 user serverauth v3_server_auth_only
 user noeku v3_no_eku
 user noupn v3_no_upn
+user nosigning v3_no_signing_key_usage
+user nsserver v3_netscape_server
 mkdir -p rogue
 openssl req -config openssl.cnf -x509 -new -newkey rsa:2048 -nodes -keyout rogue/root.key -out rogue/root.pem \
   -subj "/CN=Stränger Root CA/O=Stränger Örg" -utf8 -extensions v3_root -days 60

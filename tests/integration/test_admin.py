@@ -350,6 +350,27 @@ def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayo
         assert gw.stop() == 0
 
 
+def test_tls_admin_listener_to_curl_with_and_without_a_certificate(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 8, as an operator's curl meets it: with TLS and a client-certificate allow-list, curl with the listed
+    certificate scrapes /metrics (200); with another trusted one, 403 naming the allow-list; with none, no HTTP
+    answer at all (the handshake asks for one). Python's client alone had asked before."""
+    gw, admin_port = _tls_admin(lab, tmp_path)
+    url = f"https://127.0.0.1:{admin_port}/metrics"
+    try:
+        listed = curl(lab, url, "alice")
+        body, _, status = listed.stdout.rpartition("\n")
+        assert status == "200", listed.stderr
+        assert "kcd_requests_in_flight" in body
+        other = curl(lab, url, "bob")
+        body, _, status = other.stdout.rpartition("\n")
+        assert (status, "allow-list" in body) == ("403", True), other.stdout + other.stderr
+        anonymous = curl(lab, url, None)
+        assert anonymous.returncode != 0, anonymous.stdout
+        assert anonymous.stdout.rpartition("\n")[2] == "000", anonymous.stdout
+    finally:
+        assert gw.stop() == 0
+
+
 def _openssl_admin_certificate(
     lab: LabLayout, where: Path, name: str, serial: int, subject: str = "", issuer: Path | None = None
 ) -> Path:
@@ -1210,4 +1231,40 @@ def test_readyz_of_a_worker_with_room_does_not_wait_for_a_hung_sibling(lab: LabL
         assert answers[-1].startswith("200 "), answers
     finally:
         os.kill(stopped, signal.SIGCONT)
+        gw.stop()
+
+
+def test_readyz_of_a_full_worker_names_a_hung_sibling_as_unanswered(lab: LabLayout, tmp_path: Path) -> None:
+    """Two workers, both device listeners full (/readyz 503 naming both); then one is stopped (SIGSTOP: hung, its
+    sockets open): a probe the running worker takes, full itself, asks the stopped one, waits 0.5 s at most and
+    answers 200 with an `unanswered` key naming it "taken as having room", as docs/operations.md says (only a unit
+    test held the bound and the key). Probes the kernel gives the stopped worker wait for it: at most 16 tries,
+    each of a 3 s timeout."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
+    stopped = sorted({e["pid"] for e in gw.wait_events("listening", 2)})[0]
+    held: list[socket.socket] = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(20)]
+        assert "worker 1" in _readiness_once(admin, 503)["listener"]
+        os.kill(stopped, signal.SIGSTOP)
+        answers: list[tuple[int, str]] = []
+        for _ in range(16):
+            try:
+                with urllib.request.urlopen(admin + "/readyz", timeout=3) as r:  # noqa: S310  loopback test URL
+                    answers.append((r.status, r.read().decode()))
+                    break
+            except urllib.error.HTTPError as e:
+                answers.append((e.code, e.read().decode()))
+            except (TimeoutError, urllib.error.URLError) as e:  # the stopped worker's, or one waiting for it
+                answers.append((0, repr(e)))
+        status, body = answers[-1]
+        assert status == 200, answers
+        answer = json.loads(body)
+        assert answer["ready"] is True
+        assert "listener" not in answer
+        assert answer["unanswered"].endswith("did not answer within 0.5 s (taken as having room)"), answer
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        for sock in held:
+            sock.close()
         gw.stop()

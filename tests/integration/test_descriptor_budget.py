@@ -305,3 +305,30 @@ def test_a_max_in_flight_the_open_file_limit_cannot_hold_is_refused_at_start(lab
     assert done.returncode == 2, out[-3000:]
     assert "kerberos.max_in_flight" in out, out[-3000:]
     assert "2176" in out, out[-3000:]  # the limit whose quarter holds the whole reserve, 544
+
+
+def test_check_config_refuses_the_max_in_flight_run_refuses_under_the_same_limit(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Issue 8: check-config "loads and cross-checks everything without serving", exit 1 and one line per problem
+    naming the key and the file. Under the open-file limit that makes `run` exit 2 for kerberos.max_in_flight = 64
+    (1,024, above), check-config run under that limit exits 1 with run's own line; with a limit that holds it, ok. It
+    said ok, and the operator's next `run` (or systemctl restart) failed."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_with_max_in_flight(lab_config(lab, port=free_port()), 64))
+
+    def under(limit: str, command: str, option: str) -> subprocess.CompletedProcess[str]:
+        argv = ["prlimit", f"--nofile={limit}", sys.executable, "-m", "proxy", command, *option.split(), str(config)]
+        env = {**os.environ, **lab.env()}
+        return subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, env=env, check=False)
+
+    checked = under("1024:1024", "check-config", "")
+    started = under("1024:1024", "run", "--config")
+    assert (checked.returncode, started.returncode) == (1, 2), checked.stdout + checked.stderr
+    (line,) = checked.stdout.splitlines()
+    assert line.startswith("kerberos.max_in_flight = 64 runs 194 KDC threads"), line
+    assert line.endswith(f"(in {config})"), line
+    assert line in started.stderr, started.stderr[-3000:]
+    held = under("1024:4096", "check-config", "")  # run raises its soft limit to the hard one: so does the check
+    assert held.returncode == 0, held.stdout + held.stderr
+    assert held.stdout.strip() == f"{config}: ok (1 route(s))"

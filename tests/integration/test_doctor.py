@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from proxy.kerberos.keytab import read_keytab
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_server_certificate
 from tests.integration.conftest import REPO, dead_port, failing_routes, free_port, lab_config, wait_port
+from tests.integration.test_ticket_cache import _kadmin
 from tests.unit.test_keytab import _record
 
 
@@ -161,6 +163,23 @@ def test_an_unknown_canary_fails_s4u2self_and_no_canary_skips(lab: LabLayout, tm
     assert checks["s4u2self"][0] == "skip"
     assert "--user UPN" in checks["s4u2self"][1]
     assert checks["negotiate /"][0] == "pass"
+
+
+def test_a_canary_whose_evidence_ticket_is_not_forwardable_fails_s4u2self_with_the_fix(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Issue 8: doctor checks that "S4U2Self gives a forwardable ticket". A canary of its own that MIT marks
+    -allow_forwardable (AD's "sensitive and cannot be delegated"): s4u2self FAILs saying the evidence ticket is not
+    forwardable, with the fix naming the flag on that account; S4U2Proxy fails after it; exit 1. Only the passing
+    side of this check ran from outside."""
+    name = f"dr{uuid.uuid4().hex[:8]}"
+    _kadmin(lab, f"addprinc -randkey -allow_forwardable {name}")
+    code, checks = _doctor(lab, tmp_path, lab_config(lab, port=free_port()), "--user", f"{name}@lab.test")
+    assert code == 1
+    status, detail, fix = checks["s4u2self"]
+    assert (status, detail.split(":")[0]) == ("fail", f"the evidence ticket for {name}@LAB.TEST is not forwardable")
+    assert f"modprinc +allow_forwardable {name}@LAB.TEST" in fix, fix
+    assert checks["s4u2proxy HTTP/cas.lab.test"][0] == "fail"
 
 
 def test_an_unreachable_kdc_fails_first_with_the_fix(lab: LabLayout, tmp_path: Path) -> None:

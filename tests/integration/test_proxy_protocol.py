@@ -10,6 +10,7 @@ HAProxy itself in front of two gateways.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -130,6 +131,60 @@ def test_a_connection_without_the_header_is_closed_before_tls(lab: LabLayout, ba
     done = curl(lab, f"https://127.0.0.1:{balanced.port}/EWS/Exchange.asmx", "alice")
     assert done.returncode != 0
     balanced.wait_for("proxy_header_refused", lambda e: str(e.get("reason", "")).startswith("no PROXY header"))
+
+
+def _answer_to_a_client_hello(
+    lab: LabLayout, gw: Gateway, source: str, header: bytes = b"", *, first_only: bool = False
+) -> bytes:
+    """Every byte the gateway sends back, until it closes (or its first bytes only), to `header` then a real
+    ClientHello (alice's TLS client's, read from a memory BIO) from `source`: a ServerHello, or an alert, if TLS
+    began; nothing if it did not."""
+    outgoing = ssl.MemoryBIO()
+    client = client_context(lab, "alice").wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="proxy.lab.test")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = outgoing.read()
+    assert hello[:1] == b"\x16", hello[:8]  # a TLS handshake record
+    received = b""
+    address = ("127.0.0.1", gw.port)
+    with (
+        socket.create_connection(address, timeout=30, source_address=(source, 0)) as raw,
+        contextlib.suppress(ConnectionResetError, BrokenPipeError),
+    ):
+        raw.sendall(header + hello)
+        while chunk := raw.recv(4096):
+            received += chunk
+            if first_only:
+                break
+    return received
+
+
+@pytest.mark.parametrize(
+    ("source", "header", "reason"),
+    [
+        ("127.0.0.1", b"", "no PROXY header"),
+        ("127.0.0.2", b"PROXY TCP4 203.0.113.67 127.0.0.1 40004 443\r\n", "trusted_proxies"),
+    ],
+    ids=["no header", "untrusted address"],
+)
+def test_a_refused_connection_gets_not_one_tls_byte(
+    lab: LabLayout, balanced: Gateway, source: str, header: bytes, reason: str
+) -> None:
+    """Issue 17: a connection without the header, or from an address not in trusted_proxies, "is closed before TLS
+    and logged": a raw socket sending a real ClientHello gets no byte back (no ServerHello, no alert; the same
+    ClientHello behind a trusted v2 header gets a ServerHello), and the gateway logs the refusal with the
+    connection's own address."""
+    heard = _answer_to_a_client_hello(lab, balanced, "127.0.0.1", v2_header("203.0.113.68", 40005), first_only=True)
+    assert heard[:1] == b"\x16", heard[:8]  # the witness: through the balancer, TLS begins (a ServerHello)
+    mark = balanced.mark()
+    assert _answer_to_a_client_hello(lab, balanced, source, header) == b""
+    balanced.wait_for(
+        "proxy_header_refused",
+        lambda e: str(e.get("peer", "")).startswith(f"{source}:") and reason in str(e.get("reason")),
+        what=reason,
+    )
+    refused = balanced.events("tls_handshake_refused", after=mark)
+    assert not [e for e in refused if str(e.get("peer", "")).startswith(f"{source}:")]
 
 
 def test_a_header_from_an_untrusted_address_is_not_believed(lab: LabLayout, balanced: Gateway) -> None:

@@ -188,6 +188,49 @@ def test_watched_files_reload_without_a_signal(lab: LabLayout, tmp_path: Path) -
         assert gw.stop() == 0
 
 
+def test_watched_files_named_by_the_configuration_reload_without_a_signal(lab: LabLayout, tmp_path: Path) -> None:
+    """Issue 8: with [reload] watch the reload also follows "watched files", the ones the configuration names: the
+    server certificate, its key and the CRL file replaced at once (their directory a link swapped to a new one, as
+    Kubernetes updates a mounted Secret), the configuration file untouched, no SIGHUP: a `reloaded` line, then a new
+    connection is shown the new server certificate and bob, whom the new CRL lists, is refused. Only an edit of the
+    configuration file itself was tested from outside."""
+    first = tmp_path / "files-1"
+    first.mkdir()
+    for name in ("server-chain.pem", "server.key", "crls.pem"):
+        shutil.copy(lab.pki_dir / name, first / name)
+    tls = tmp_path / "tls"
+    tls.symlink_to(first.name)
+    chain, key, crls = tls / "server-chain.pem", tls / "server.key", tls / "crls.pem"
+    port = free_port()
+    text = (
+        lab_config(lab, port=port, extra="\n[reload]\nwatch = true\nwatch_interval = 0.2\n")
+        .replace(str(lab.pki_dir / "server-chain.pem"), str(chain))
+        .replace(str(lab.pki_dir / "server.key"), str(key))
+        .replace(str(lab.pki_dir / "crls.pem"), str(crls))
+    )
+    gw = start_gateway(lab, tmp_path, text)
+    try:
+        old_serial = _server_serial(lab, port)
+        assert asyncio.run(_get(lab, gw, "/owa/", "bob"))[0] == 200
+        issuing = load_ca(lab.pki_dir, "issuing")
+        bob = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "bob.pem").read_bytes())
+        second = tmp_path / "files-2"
+        new_chain, new_key, new_leaf = write_server_certificate(second, issuing)
+        new_chain.rename(second / "server-chain.pem")
+        new_key.rename(second / "server.key")
+        write_crl(second / "crls.pem", issuing, revoked=[bob.serial_number])
+        gw.mark()
+        (tmp_path / "tls-next").symlink_to(second.name)
+        (tmp_path / "tls-next").rename(tls)  # the three files change in one step
+        gw.wait_event("reloaded")
+        assert _server_serial(lab, port) == new_leaf.serial_number != old_serial
+        status, body, _ = asyncio.run(_get(lab, gw, "/owa/", "bob"))
+        assert (status, "was revoked" in body) == (403, True), body
+        assert asyncio.run(_get(lab, gw, "/owa/", "alice"))[0] == 200
+    finally:
+        assert gw.stop() == 0
+
+
 def _config_pair(lab: LabLayout, tmp_path: Path, text: str, *, watch: bool) -> dict[str, str]:
     """Two configurations that differ in two sections at once: config "A" revokes bob (client_certificates.crls)
     and tells the backend `X-KCD-Config-A` (routes[0].context_headers); "B" revokes nobody and tells `-B`.

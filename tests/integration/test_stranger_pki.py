@@ -368,8 +368,21 @@ EXPLAIN_KEYS = {"accepted", "stage", "reason", "upn", "principal", "route", "spn
         ("users/alice.pem", ("--at", "2099-01-01T00:00:00Z"), 1, "certificate", "expired"),
         ("server.pem", (), 1, "certificate", ""),  # serverAuth only: no clientAuth EKU
         ("{lab}/users/alice.pem", (), 1, "certificate", ""),  # another CA (the lab's)
+        ("users/nosigning.pem", (), 1, "certificate", "key usage lacks digitalSignature"),
+        ("users/nsserver.pem", (), 1, "certificate", "Netscape certificate type does not include SSL client"),
+        ("users/rogue.pem", (), 1, "certificate", "signature does not verify"),  # the trusted CA's name, another key
     ],
-    ids=["accepted", "revoked", "two upns", "expired then", "no clientAuth", "untrusted"],
+    ids=[
+        "accepted",
+        "revoked",
+        "two upns",
+        "expired then",
+        "no clientAuth",
+        "untrusted",
+        "key usage",
+        "netscape type",
+        "signature",
+    ],
 )
 def test_explain_json_on_openssl_made_certificates(
     lab: LabLayout,
@@ -382,7 +395,8 @@ def test_explain_json_on_openssl_made_certificates(
     reason: str,
 ) -> None:
     """Issue 8: `kcd-proxy explain --config FILE --cert CERT.pem --json` on certificates `openssl ca` made: one JSON
-    object with the issue's keys, `stage` where a request would stop (null when accepted), exit 0 or 1."""
+    object with the issue's keys, `stage` where a request would stop (null when accepted), exit 0 or 1; "certificate"
+    covers, as the issue lists, chain building, signatures, validity, key usage and EKU."""
     config = tmp_path / "gateway.toml"
     config.write_text(_config(lab, tmp_path, pki, intermediates=ISSUING, crls=DER_AND_PEM_CRLS))
     path = Path(cert.format(lab=lab.pki_dir)) if cert.startswith("{") else pki / cert
@@ -451,6 +465,32 @@ def test_openssl_made_certificates_issue_3_refuses_in_the_handshake(
         what=reason_in_log,
     )
     # this device's: another test's 200 for alice (from 127.0.0.1) can be logged just after the mark
+    assert not [e for e in stranger_gateway.events("request", after=mark) if e.get("client") == REFUSED]
+
+
+@pytest.mark.parametrize(
+    ("user", "in_fix"), [("nosigning", "key usage lacks digitalSignature"), ("nsserver", "Netscape certificate type")]
+)
+def test_a_usage_other_than_the_eku_ends_the_handshake_with_its_own_fix(
+    pki: Path, stranger_gateway: Gateway, user: str, in_fix: str
+) -> None:
+    """`openssl ca` certificates with clientAuth that OpenSSL's client-purpose check still refuses: a key usage of
+    keyEncipherment alone (the device's key may not sign, and a TLS client signs the handshake), and a Netscape
+    certificate type of a server only. curl gets OpenSSL's `unsupported certificate` alert, and the log's fix names
+    what fails, as `explain` does, not the clientAuth EKU the certificate has (OpenSSL gives one reason, "unsuitable
+    certificate purpose", for all three; the fix told the administrator to add an EKU it already had)."""
+    mark = stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, user, "/owa/", "--interface", REFUSED)
+    assert code == 0, body
+    assert "alert unsupported certificate" in err.lower(), err
+    line = stranger_gateway.wait_for(
+        "tls_handshake_refused",
+        lambda e: e["peer"].startswith(f"{REFUSED}:") and e.get("certificate") == f"CN={user}",
+        what=f"{user}'s refusal",
+    )
+    assert line["reason"] == "unsuitable certificate purpose", line
+    assert in_fix in line["fix"], line
+    assert "lacks the clientAuth" not in line["fix"], line
     assert not [e for e in stranger_gateway.events("request", after=mark) if e.get("client") == REFUSED]
 
 

@@ -31,12 +31,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.lab.layout import USERS, LabLayout
 from proxy.observability.tracepage import MAX_TRACES
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import WAIT, eventually
+from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
 from tests.integration.loopback import serving, stop_listening
 from tests.integration.recorder import raw_request
 from tests.integration.test_revocation import curl_with
@@ -113,11 +114,14 @@ def _stages(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab: LabLayout, traced: Traced) -> None:
     """Two requests of a user of its own (no other test, before or beside it, cached its tickets or opened its
-    backend connection): every stage in order; the S4U tickets' facts (forwardable, client, server); the first
-    from the KDC, the second from the cache; the backend connection new, then reused."""
+    backend connection): every stage in order with issue 10's details (TLS version, cipher, resumed; the chain's
+    subjects and serials; the revocation's source and age; the identity rule; the backend's status and time); the
+    S4U tickets' facts (forwardable, client, server); the first from the KDC, the second from the cache; the backend
+    connection new, then reused."""
     name = f"tr{uuid.uuid4().hex[:8]}"
     _kadmin(lab, f"addprinc -randkey {name}")
     cert, key = _certificate_for(lab, name, traced.export.parent)
+    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
     user, principal = f"{name}@lab.test", f"{name}@LAB.TEST"
     seen = _ids(traced.admin, user)
     for _ in range(2):
@@ -138,12 +142,17 @@ def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab
         assert evidence["enctype"].startswith("aes")
         assert evidence["start"] < evidence["end"]
         assert stages["tls"]["version"].startswith("TLSv1.")
-        assert stages["certificate"]["chain"][0]["subject"] == f"CN={name}-tablet"
-        assert stages["certificate"]["chain"][-1]["subject"] == "CN=Lab Root CA"
+        assert stages["tls"]["cipher"].startswith("TLS_")  # TLS 1.3's, as curl negotiates here
+        assert stages["tls"]["resumed"] is False  # each curl a new process: a full handshake
+        chain = stages["certificate"]["chain"]
+        assert [c["subject"] for c in chain] == [f"CN={name}-tablet", "CN=Lab Issuing CA", "CN=Lab Root CA"]
+        assert chain[0]["serial"] == f"{serial:x}"  # issue 10: the chain's subjects and serials
         assert stages["revocation"]["status"] == "good"
+        assert stages["revocation"]["source"] == str(lab.pki_dir / "crls.pem")  # its source and age
         assert stages["revocation"]["age_s"] >= 0
         assert stages["identity"]["rule"] == "san-upn"
         assert stages["backend"]["status"] == 200
+        assert stages["backend"]["ms"] > 0  # its time
     one, two = _stages(first), _stages(second)
     assert (one["s4u2self"]["cached"], one["s4u2proxy"]["cached"]) == (False, False)
     assert (two["s4u2self"]["cached"], two["s4u2proxy"]["cached"]) == (True, True)
@@ -153,6 +162,27 @@ def test_a_request_trace_has_every_stage_and_the_second_comes_from_the_cache(lab
     assert (one["backend"]["reused"], two["backend"]["reused"]) == (False, True)
     assert _get(f"{traced.admin}/traces?limit=0")[0] == 400
     assert _get(f"{traced.admin}/trace/{'0' * 16}")[0] == 404
+
+
+def test_a_resumed_tls_session_is_traced_as_resumed(lab: LabLayout, traced: Traced) -> None:
+    """Issue 10: the TLS stage says "resumed or not": one curl, two URLs, each on a connection of its own
+    (`Connection: close`), the second resuming the first's session: its trace's tls stage says resumed, the first's
+    not (before, only a full handshake's `resumed: false` was read)."""
+    tag = uuid.uuid4().hex[:8]
+    first, second = f"/owa/resume-{tag}-1", f"/owa/resume-{tag}-2"
+    done = curl(
+        lab, traced.gw.url + second, "alice", "-H", "Connection: close", "-o", "/dev/null", traced.gw.url + first
+    )
+    assert done.returncode == 0, done.stderr
+
+    def both() -> dict[str, dict[str, Any]] | None:
+        records = {r["path"]: r for r in _traces(traced.admin, user="alice@lab.test") if r["path"] in (first, second)}
+        return records if len(records) == 2 else None
+
+    records = eventually(both, "both requests' traces")
+    assert _stages(records[first])["tls"]["resumed"] is False
+    assert _stages(records[second])["tls"]["resumed"] is True
+    assert records[second]["status"] == 200
 
 
 def test_the_gateways_own_as_exchange_is_shown_where_it_happened(lab: LabLayout, tmp_path: Path) -> None:
@@ -228,11 +258,18 @@ def test_refusals_land_on_the_step_the_kdc_refused_with_cause_and_fix(lab: LabLa
 
 def test_the_export_file_is_readable_by_the_gateways_user_only(lab: LabLayout, traced: Traced) -> None:
     """The JSON-lines export (users' names, addresses, paths) is created 0600 by the running gateway, not with the
-    umask's 0644 (the test's gateway runs under the test's umask, 022 here)."""
+    umask's 0644 (the test's gateway runs under the test's umask, 022 here). Issue 10's "exported as JSON lines":
+    every line of the file is one JSON object, and the request's is the record GET /traces gives, stages and all."""
     seen = _ids(traced.admin)
     curl(lab, traced.gw.url + "/owa/", "alice")
     (record,) = _new_traces(traced.admin, seen, 1)
-    eventually(lambda: record["id"] in traced.export.read_text() or None, "the request's trace exported")
+
+    def exported() -> dict[str, Any] | None:
+        return next((r for r in whole_json_lines(traced.export) if r["id"] == record["id"]), None)
+
+    assert eventually(exported, "the request's trace exported") == record
+    text = traced.export.read_text()
+    assert all(json.loads(line)["id"] for line in text[: text.rfind("\n")].splitlines())  # one object a line
     assert oct(traced.export.stat().st_mode & 0o777) == oct(0o600)
 
 

@@ -140,6 +140,31 @@ def test_key_usage_without_digital_signature_refused(pki: Pki, trust: TrustList)
     assert rejected(leaf, trust) == "certificate key usage lacks digitalSignature"
 
 
+NETSCAPE_CERT_TYPE = x509.ObjectIdentifier("2.16.840.1.113730.1.1")
+
+
+def netscape_cert_type(bits: int) -> tuple[x509.ExtensionType, bool]:
+    """A Netscape certificate type extension (a one-byte BIT STRING: 0x80 SSL client, 0x40 SSL server, ...), as
+    `openssl x509 -extfile` writes `nsCertType`."""
+    return x509.UnrecognizedExtension(NETSCAPE_CERT_TYPE, bytes([0x03, 0x02, 0x00, bits])), False
+
+
+@pytest.mark.parametrize(("bits", "refused"), [(0x40, True), (0x20, True), (0x80, False), (0xC0, False)])
+def test_a_netscape_certificate_type_without_ssl_client_is_refused(
+    pki: Pki, trust: TrustList, bits: int, refused: bool
+) -> None:
+    """A leaf with clientAuth and digitalSignature whose Netscape certificate type names no SSL client (`nsCertType =
+    server`, or S/MIME): OpenSSL's handshake refuses it ("unsuitable certificate purpose"), so `explain` must too (it
+    said accepted); with SSL client among the types, served."""
+    leaf, _ = issue(
+        load_cert(pki.issuing_cert), load_key(pki.issuing_key), "alice", CLIENT_AUTH, UPN_SAN, netscape_cert_type(bits)
+    )
+    if refused:
+        assert rejected(leaf, trust) == "certificate's Netscape certificate type does not include SSL client"
+    else:
+        assert verify_chain(leaf, trust, at=NOW).leaf == leaf
+
+
 def test_end_entity_cannot_act_as_ca(pki: Pki) -> None:
     """Even if configured as an intermediate, a certificate without cA=TRUE cannot issue certificates."""
     trust = TrustList.load([pki.root_cert], [pki.issuing_cert, pki.user_cert("alice")])

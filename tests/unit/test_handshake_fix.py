@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from proxy.lab.pki import Pki
 from proxy.tls.openssl import RefusedCertificate
 from proxy.tls.server import handshake_fix, peer_text
+from tests.pem import load_cert, load_key
+from tests.unit.test_chain import CLIENT_AUTH, UPN_SAN, issue, netscape_cert_type
 
 
 @pytest.mark.parametrize(
@@ -52,6 +58,48 @@ def test_a_reason_about_a_ca_gets_the_cas_fix(reason: str, in_fix: str) -> None:
     assert in_fix in fix
     assert "(depth 1)" in fix
     assert handshake_fix(reason, RefusedCertificate(0, b"")) == handshake_fix(reason)
+
+
+def _key_usage(*, signs: bool = False, agrees: bool = False) -> tuple[x509.ExtensionType, bool]:
+    usage = x509.KeyUsage(signs, False, True, False, agrees, False, False, False, False)
+    return usage, True
+
+
+@pytest.mark.parametrize(
+    ("extensions", "in_fix"),
+    [
+        ((CLIENT_AUTH, _key_usage()), "key usage lacks digitalSignature"),  # keyEncipherment alone
+        ((_key_usage(),), "key usage lacks digitalSignature"),  # no EKU: any purpose, the key usage fails
+        (((x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False), _key_usage()), "clientAuth"),
+        (((x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False), _key_usage(signs=True)), "clientAuth"),
+        ((CLIENT_AUTH,), "clientAuth"),  # no key usage, no Netscape type: the EKU is all there is to blame
+        ((CLIENT_AUTH, _key_usage(signs=True), netscape_cert_type(0x40)), "Netscape certificate type"),  # server
+    ],
+    ids=[
+        "clientAuth, keyEncipherment",
+        "no EKU, keyEncipherment",
+        "serverAuth, keyEncipherment",
+        "serverAuth",
+        "no KU",
+        "nsCertType server",
+    ],
+)
+def test_an_unsuitable_purpose_of_the_devices_certificate_names_the_usage_that_fails(
+    pki: Pki, extensions: tuple[tuple[x509.ExtensionType, bool], ...], in_fix: str
+) -> None:
+    """OpenSSL's one reason, "unsuitable certificate purpose", for the device's own certificate: a key usage that
+    neither signs nor agrees keys, under a clientAuth EKU (or none), is that key usage's fix, a Netscape certificate
+    type without SSL client that type's; an EKU without clientAuth stays the EKU's. Both said the certificate lacked
+    the clientAuth it had."""
+    leaf, _ = issue(load_cert(pki.issuing_cert), load_key(pki.issuing_key), "device", UPN_SAN, *extensions)
+    fix = handshake_fix(
+        "unsuitable certificate purpose", RefusedCertificate(0, leaf.public_bytes(serialization.Encoding.DER))
+    )
+    assert fix is not None
+    assert in_fix in fix
+    assert handshake_fix("unsuitable certificate purpose", RefusedCertificate(0, b"not DER")) == handshake_fix(
+        "unsuitable certificate purpose"
+    )
 
 
 def test_an_unknown_reason_has_no_fix() -> None:
