@@ -180,7 +180,6 @@ class AdRealm:
     admin: str = ADMIN
     admin_password: str = ADMIN_PASSWORD
     gateway_principal: str = f"{GATEWAY_ACCOUNT}@{REALM}"
-    backend_spn: str = BACKEND_SPN
 
     @property
     def dc_host(self) -> str:
