@@ -71,7 +71,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 
-from proxy.certs.chain import TrustList, VerifiedCertificate, format_time, is_ca, verify_chain
+from proxy.certs.chain import TrustList, VerifiedCertificate, as_utc, format_time, is_ca, verify_chain
 from proxy.certs.der import inside, whole
 from proxy.errors import CertificateRejected, CertificateRevoked
 
@@ -295,7 +295,7 @@ class CrlSet:
     ) -> RevocationEvidence:
         """Is `cert` (signed by `issuer`, on a path to `anchor`) revoked, per the CRLs current at `at`? No policy
         applied. Only a CRL of the issuer's own key, or of a signer under the same `anchor`, says "good"."""
-        at = _utc(at)
+        at = as_utc(at)
         key = (cert.issuer, cert.serial_number)
         # Every current CRL that speaks for the certificate is consulted, not only the newest: after a CA
         # renews its key, each key's CRL lists the certificates that key signed.
@@ -361,7 +361,7 @@ class CrlSet:
         evidence = self._check(verified, at=at, policy=policy)
         if len(self._verdicts) >= _REMEMBERED:
             del self._verdicts[next(iter(self._verdicts))]  # the oldest answer
-        self._verdicts[id(verified)] = _Verdict(verified, policy, evidence, *self._steady(_utc(at)))
+        self._verdicts[id(verified)] = _Verdict(verified, policy, evidence, *self._steady(as_utc(at)))
         return evidence
 
     def _steady(self, at: datetime) -> tuple[datetime, datetime]:
@@ -622,7 +622,7 @@ def accept(
 ) -> Crl:
     """Vet one CRL (signer, signature, currency, extensions) and read it; CrlUnusable says why not. With its `der`
     (`read_crls`), a signature that does not verify costs a hash (`_signed_by`)."""
-    at = _utc(at)
+    at = as_utc(at)
     name = crl.issuer.rfc4514_string()
     cas = trust.named(crl.issuer)
     if not cas:  # anyone on an http source's path sends any name: it is shown cut short (a label, a log line)
@@ -894,9 +894,3 @@ def _key_of(cert: x509.Certificate) -> bytes:
 
 def _age(crl: Crl) -> tuple[int, datetime]:
     return crl.number, crl.this_update
-
-
-def _utc(when: datetime) -> datetime:
-    if when.tzinfo is None:
-        raise ValueError("validation time must be timezone-aware")
-    return when.astimezone(UTC)
