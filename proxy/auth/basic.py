@@ -125,7 +125,7 @@ from proxy.identity.principal import (
 )
 from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
-from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
+from proxy.kerberos.password import INCORRECT, UserTicket, login_blocking, token_blocking
 from proxy.kerberos.profile import refresh_profile
 from proxy.kerberos.threads import KdcThreads, NoThread, Outcome, no_thread_error
 
@@ -730,20 +730,20 @@ class BasicLogin:
             _, usable, problem = e.reason.partition(" is not usable: ")  # the reason names the name: not a log's
             shown = shown_name(username, self._identity)
             raise AuthenticationRequired(
-                "the user name or password is incorrect",
+                INCORRECT,
                 hint=f"Basic user {shown} is not usable: {problem if usable else 'not a plain name'}",
                 challenge=self.challenge,
             ) from None
         if user.realm not in self._realms:
             raise AuthenticationRequired(
-                "the user name or password is incorrect",
+                INCORRECT,
                 hint=f"{shown_name(user.principal)}: realm {user.realm} is not the default realm or in "
                 "identity.realm_map",
                 challenge=self.challenge,
             )
         if _account_key(user.principal) == self._own:
             raise AuthenticationRequired(
-                "the user name or password is incorrect",
+                INCORRECT,
                 hint=f"Basic user {username!r} names the gateway's own account (kerberos.principal), which signs in "
                 "with its keytab only: not sent to the KDC, where each wrong password would count towards locking out "
                 "the account every delegation needs",
@@ -766,7 +766,7 @@ class BasicLogin:
             return
         upn, dn = own
         raise AuthenticationRequired(
-            "the user name or password is incorrect",
+            INCORRECT,
             hint=f"Basic user {upn!r} is the UPN of the gateway's own account (kerberos.principal, {dn}), "
             "which signs in with its keytab only: not sent to the KDC, where each wrong password would count towards "
             "locking out the account every delegation needs",
