@@ -42,7 +42,7 @@ from cryptography import x509
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.floors import FloorTable
 from proxy.certs.ocsp import OcspClient
-from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus, revoked_fix
+from proxy.certs.revocation import NO_CURRENT_CRL_FIX, CrlSet, RevocationEvidence, RevocationStatus, revoked_fix
 from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
 from proxy.config import ClientCertificates
 from proxy.device.request import DeviceRequest
@@ -164,9 +164,7 @@ class LiveRevocation:
                     answer.detail, hint='the OCSP responder must answer for every certificate under ocsp = "require"'
                 )
         if crl.status is RevocationStatus.UNKNOWN and self.policy == "require":
-            raise CertificateRevoked(
-                crl.detail, hint='publish or load a current CRL for this CA, or set revocation = "best-effort"'
-            )
+            raise CertificateRevoked(crl.detail, hint=NO_CURRENT_CRL_FIX)
         return crl
 
     async def _responder_status(

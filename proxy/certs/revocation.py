@@ -96,6 +96,10 @@ _KNOWN_CRL_EXTENSIONS = (
 )
 
 
+# The fix of a leaf refused under revocation = "require" for want of a current CRL (here and in `proxy.certs.live`).
+NO_CURRENT_CRL_FIX = 'publish or load a current CRL for this CA, or set revocation = "best-effort"'
+
+
 def revoked_fix(verified: VerifiedCertificate, source: str) -> str:
     """The fix a revoked certificate's refusal names: the user's, not the gateway's."""
     return (
@@ -395,9 +399,7 @@ class CrlSet:
         if evidence.status is RevocationStatus.REVOKED:
             raise CertificateRevoked(f"certificate {evidence.detail}", hint=revoked_fix(verified, evidence.source))
         if evidence.status is RevocationStatus.UNKNOWN and policy == "require":
-            raise CertificateRevoked(
-                evidence.detail, hint='publish or load a current CRL for this CA, or set revocation = "best-effort"'
-            )
+            raise CertificateRevoked(evidence.detail, hint=NO_CURRENT_CRL_FIX)
         return evidence
 
     def may_list(self, verified: VerifiedCertificate) -> bool:
