@@ -47,6 +47,13 @@ nextUpdate). So a set remembers each answer it gave (not refusals) with the span
 which none of its CRLs becomes or stops being current, and gives it again for a time in that span: an
 expired CRL, one that became current or a delta that went stale is a new answer. A refresh makes a new
 set, which remembers nothing: a certificate a new CRL lists is refused on its next request.
+
+Why not a library. cryptography's verifier (`x509.verification`, which builds the chain: `proxy.certs.chain`)
+checks no revocation. OpenSSL's CRL check in the handshake (`ssl.VERIFY_CRL_CHECK_LEAF`) has no "best-effort" (a
+missing or expired CRL ends the handshake), answers with an X.509 error code rather than evidence (which CRL, its
+update times: the summary line, traces, /readyz), and reads CRLs from the context's store, from which Python removes
+none: each refresh would need a new context. pyhanko-certvalidator checks revocation, but on a path it builds itself
+over its own ASN.1 objects (asn1crypto): every request's chain would be built and decoded a second time.
 """
 
 from __future__ import annotations
