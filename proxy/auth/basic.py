@@ -66,6 +66,10 @@ sprayer behind the same NAT, does not shut out alice's devices. Telling that dev
 takes one hash, so a throttled attempt is hashed only when its user has a fresh cache entry; otherwise
 it is refused before any hashing.
 
+Why our own throttle: a rate-limit library (`limits`) counts requests in a window, while this one counts attempts
+before they are hashed or sent to the KDC (and takes back those that end well), holds a user for the directory's
+observation window, lets through the one password the KDC last accepted, and evicts keys that are not refused first.
+
 Known and unknown users answer alike. The KDC answers "no such user" at once, while for an existing
 account the client library derives a key from the password (PBKDF2, about 8 ms here) and the KDC does
 more work; the difference (1 against 10 ms in the lab) would list the directory's users. A refused
