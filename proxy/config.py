@@ -20,47 +20,47 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, get_args
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from proxy.certs.revocation import RevocationPolicy
 from proxy.certs.sources import shown_location
 from proxy.errors import BadRequest, ConfigError
 from proxy.files import read_bounded
 from proxy.identity.principal import ascii_lower
 from proxy.target import origin_form
 
-RevocationPolicy = Literal["require", "best-effort", "off"]
-REVOCATION_POLICIES: tuple[RevocationPolicy, ...] = ("require", "best-effort", "off")
+REVOCATION_POLICIES: tuple[RevocationPolicy, ...] = get_args(RevocationPolicy)
 OcspPolicy = Literal["off", "prefer", "require"]
-OCSP_POLICIES: tuple[OcspPolicy, ...] = ("off", "prefer", "require")
+OCSP_POLICIES: tuple[OcspPolicy, ...] = get_args(OcspPolicy)
 IdentitySource = Literal["san-upn", "san-email", "subject-cn"]
-IDENTITY_SOURCES: tuple[IdentitySource, ...] = ("san-upn", "san-email", "subject-cn")
+IDENTITY_SOURCES: tuple[IdentitySource, ...] = get_args(IdentitySource)
 MAX_CONFIG_BYTES = 1024 * 1024  # a configuration is a few KiB; more is a mistake (or /dev/zero)
 MAX_BACKDATING_SECONDS = 1_576_800_000  # 50 years of 365 days: longer than any certificate lives
 AuthMode = Literal["certificate", "certificate-or-basic", "certificate-and-basic", "basic"]
-AUTH_MODES: tuple[AuthMode, ...] = ("certificate", "certificate-or-basic", "certificate-and-basic", "basic")
+AUTH_MODES: tuple[AuthMode, ...] = get_args(AuthMode)
 BackendAuth = Literal["negotiate", "basic"]
-BACKEND_AUTHS: tuple[BackendAuth, ...] = ("negotiate", "basic")
+BACKEND_AUTHS: tuple[BackendAuth, ...] = get_args(BackendAuth)
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # "request": a fresh Negotiate token on every request. "connection": only on the first request of each backend
 # connection (IIS with authPersistNonNTLM, Exchange's default, binds that identity to the connection).
 BackendBinding = Literal["request", "connection"]
-BACKEND_BINDINGS: tuple[BackendBinding, ...] = ("request", "connection")
+BACKEND_BINDINGS: tuple[BackendBinding, ...] = get_args(BackendBinding)
 MappingMode = Literal["upn", "strong", "strong-or-audit"]
-MAPPING_MODES: tuple[MappingMode, ...] = ("upn", "strong", "strong-or-audit")
+MAPPING_MODES: tuple[MappingMode, ...] = get_args(MappingMode)
 DirectoryBind = Literal["kerberos", "simple"]
-DIRECTORY_BINDS: tuple[DirectoryBind, ...] = ("kerberos", "simple")
+DIRECTORY_BINDS: tuple[DirectoryBind, ...] = get_args(DirectoryBind)
 # The event loop each worker runs (proxy.loop): asyncio's own, or uvloop's (libuv) when it is installed.
 EventLoop = Literal["asyncio", "uvloop"]
-EVENT_LOOPS: tuple[EventLoop, ...] = ("asyncio", "uvloop")
+EVENT_LOOPS: tuple[EventLoop, ...] = get_args(EventLoop)
 HttpServer = Literal["own", "aiohttp"]
-HTTP_SERVERS: tuple[HttpServer, ...] = ("own", "aiohttp")
+HTTP_SERVERS: tuple[HttpServer, ...] = get_args(HttpServer)
 # An evidence ticket whose PAC names no account (proxy.kerberos.account): "auto" serves MIT's PAC naming nobody
 # and refuses a ticket without any PAC; "require" wants the account named (AD); "optional" serves both.
 KdcAccountPolicy = Literal["auto", "require", "optional"]
-KDC_ACCOUNT_POLICIES: tuple[KdcAccountPolicy, ...] = ("auto", "require", "optional")
+KDC_ACCOUNT_POLICIES: tuple[KdcAccountPolicy, ...] = get_args(KdcAccountPolicy)
 
 
 # One 64 KiB Kerberos token (87 KiB of base64 in `Authorization: Negotiate`) plus ordinary headers and cookies.

@@ -57,7 +57,7 @@ from proxy.errors import (
     MappingRefused,
 )
 from proxy.held_mapping import HeldMappings
-from proxy.identity.mapping import Account
+from proxy.identity.mapping import Account, unknown_account
 from proxy.identity.principal import ascii_lower
 from proxy.identity.sid import Sid
 from proxy.kerberos.client import ldap_ticket
@@ -176,10 +176,7 @@ class Directory:
         """The account `name` (a UPN, or a bare sAMAccountName) names; MappingRefused if none or several."""
         found = await self.lookup(name)
         if found is None:
-            raise MappingRefused(
-                "no account in the directory has this name",
-                hint=f"no user with userPrincipalName or sAMAccountName {name!r} under {self._settings.base_dn}",
-            )
+            raise unknown_account(name, self._settings.base_dn)
         return found
 
     async def lookup(self, name: str, *, fresh: bool = False) -> Account | None:

@@ -18,6 +18,10 @@ ends a request the same way, `HeldRequest.end`:
    (the client went away, the gateway stops: `Task.uncancel` counts the other cancellations), and then the
    cancellation goes on.
 
+And, once the request is ended, `forget` (where the stage gave one) drops what the gateway keeps of its user (the
+delegated tickets, a verified password), which would serve the user's next request, from whichever device, without
+asking the KDC: that request is decided afresh (docs/hardening.md, "A revoked certificate and its user's tickets").
+
 A subclass says where its held requests are kept (`_hold`, `_let_go`) and what the log names (`_facts`). One
 object per held request, held for the request's life: slots, no per-instance dictionary.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -43,16 +48,19 @@ log = structlog.get_logger("proxy.held")
 class HeldRequest:
     """One request in flight, and how to end it; a context manager for the time it is held (module docstring)."""
 
-    __slots__ = ("answer_started", "ended", "request", "task")
+    __slots__ = ("_forget", "answer_started", "ended", "request", "task")
 
-    def __init__(self, request: DeviceRequest, task: asyncio.Task[Any]) -> None:
+    def __init__(
+        self, request: DeviceRequest, task: asyncio.Task[Any], forget: Callable[[], None] | None = None
+    ) -> None:
         self.request = request
         self.task = task
+        self._forget = forget
         self.ended: GatewayError | None = None
         self.answer_started = False
 
     def end(self, error: GatewayError) -> None:
-        """End the request with `error` (once: a later verdict changes nothing)."""
+        """End the request with `error`, then `forget` its user (once: a later verdict changes nothing)."""
         if self.ended is not None:
             return
         self.ended = error
@@ -67,6 +75,8 @@ class HeldRequest:
         if self.answer_started:
             self.request.abort()  # too late for a 403: cut the connection
         self.task.cancel(msg=error.reason)
+        if self._forget is not None:
+            self._forget()
 
     def __enter__(self) -> None:
         self._hold()

@@ -54,7 +54,7 @@ from cryptography import x509
 from proxy.auth.shared import packing_forgotten
 from proxy.config import Identity
 from proxy.device.request import DeviceRequest
-from proxy.errors import AccountRefused, DirectoryUnavailable, GatewayError, MappingRefused
+from proxy.errors import AccountRefused, DirectoryUnavailable, MappingRefused
 from proxy.held import NOT_HELD, HeldRequest
 from proxy.identity.mapping import Account, account_state, decide, no_account
 from proxy.identity.principal import ascii_lower
@@ -71,7 +71,7 @@ class _Held(HeldRequest):
     certificate) the mapping stage's whole decision is made again; without (a Basic sign-in, a certificate under
     `mapping = "upn"`) only the account's state."""
 
-    __slots__ = ("_forget", "_owner", "basic_user", "identity", "leaf", "upn")
+    __slots__ = ("_owner", "basic_user", "identity", "leaf", "upn")
 
     def __init__(
         self,
@@ -85,22 +85,12 @@ class _Held(HeldRequest):
         basic_user: str | None = None,
         forget: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(request, task)
+        super().__init__(request, task, forget)  # `forget`: delegated tickets, a verified password
         self._owner = owner
         self.upn = upn
         self.leaf = leaf
         self.identity = identity
         self.basic_user = basic_user
-        self._forget = forget
-
-    def end(self, error: GatewayError) -> None:
-        """End the request (`HeldRequest.end`), and let the user's next request be decided afresh: drop what the
-        gateway keeps of the user (delegated tickets, a verified password), which would serve it without asking
-        the KDC (with `mapping = "upn"` and Basic, the directory is not asked on the way in)."""
-        first = self.ended is None
-        super().end(error)
-        if first and self._forget is not None:
-            self._forget()
 
     def _hold(self) -> None:
         self._owner._add(self)

@@ -216,13 +216,10 @@ def forget_user(gw: Gateway, user: UserPrincipal, *, everywhere: bool = False) -
         gw.delegator.forget(f"{account.sam_account_name}@{directory.realm}", everywhere=everywhere)
 
 
-async def certificate_user(
-    gw: Gateway, leaf: x509.Certificate, trace: Trace, now: datetime, *, presented: Presented | None = None
-) -> UserPrincipal:
-    """The certificate stages: chain, restrictions, revocation, identity, then (strong mapping) the mapping stage.
-    `presented`: the connection's reading of `leaf` (`Gateway.presented`), which remembers the chain for the
-    connection's later requests."""
-    certified = await certificate_stages(gw, leaf, trace, now, presented=presented)
+async def certificate_user(gw: Gateway, leaf: x509.Certificate, trace: Trace, now: datetime) -> UserPrincipal:
+    """The certificate stages: chain, restrictions, revocation, identity, then (strong mapping) the mapping stage,
+    for `explain` (`proxy.ops.explain`): a certificate of no connection."""
+    certified = await certificate_stages(gw, leaf, trace, now)
     return await mapped_user(gw, certified.verified, certified.user, trace, now)
 
 

@@ -42,7 +42,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from typing import NoReturn
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from proxy.errors import BadRequest
 
@@ -96,7 +96,7 @@ def _decode(raw: str) -> str:
         _refuse("the path has characters that were not percent-encoded")
     if len(_ESCAPE.findall(data)) != len(_PERCENT.findall(data)):
         _refuse("the path has a '%' that does not start a %XX escape")
-    decoded = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), data)
+    decoded = unquote_to_bytes(data)  # every % starts an escape (checked above): each decoded once
     escaped = {int(m.group(1), 16) for m in _ESCAPE.finditer(data)}
     for byte, why in ((ord("/"), "an encoded slash (%2F)"), (ord("\\"), "an encoded backslash (%5C)")):
         if byte in escaped:

@@ -66,6 +66,10 @@ sprayer behind the same NAT, does not shut out alice's devices. Telling that dev
 takes one hash, so a throttled attempt is hashed only when its user has a fresh cache entry; otherwise
 it is refused before any hashing.
 
+Why our own throttle: a rate-limit library (`limits`) counts requests in a window, while this one counts attempts
+before they are hashed or sent to the KDC (and takes back those that end well), holds a user for the directory's
+observation window, lets through the one password the KDC last accepted, and evicts keys that are not refused first.
+
 Known and unknown users answer alike. The KDC answers "no such user" at once, while for an existing
 account the client library derives a key from the password (PBKDF2, about 8 ms here) and the KDC does
 more work; the difference (1 against 10 ms in the lab) would list the directory's users. A refused
@@ -125,7 +129,7 @@ from proxy.identity.principal import (
 )
 from proxy.kerberos.delegate import asked_name
 from proxy.kerberos.hints import explain
-from proxy.kerberos.password import UserTicket, login_blocking, token_blocking
+from proxy.kerberos.password import INCORRECT, UserTicket, login_blocking, token_blocking
 from proxy.kerberos.profile import refresh_profile
 from proxy.kerberos.threads import KdcThreads, NoThread, Outcome, no_thread_error
 
@@ -765,20 +769,20 @@ class BasicLogin:
             _, usable, problem = e.reason.partition(" is not usable: ")  # the reason names the name: not a log's
             shown = shown_name(username, self._identity)
             raise AuthenticationRequired(
-                "the user name or password is incorrect",
+                INCORRECT,
                 hint=f"Basic user {shown} is not usable: {problem if usable else 'not a plain name'}",
                 challenge=self.challenge,
             ) from None
         if user.realm not in self._realms:
             raise AuthenticationRequired(
-                "the user name or password is incorrect",
+                INCORRECT,
                 hint=f"{shown_name(user.principal)}: realm {user.realm} is not the default realm or in "
                 "identity.realm_map",
                 challenge=self.challenge,
             )
         if _account_key(user.principal) == self._own:
             raise AuthenticationRequired(
-                "the user name or password is incorrect",
+                INCORRECT,
                 hint=f"Basic user {username!r} names the gateway's own account (kerberos.principal), which signs in "
                 "with its keytab only: not sent to the KDC, where each wrong password would count towards locking out "
                 "the account every delegation needs",
@@ -801,7 +805,7 @@ class BasicLogin:
             return
         upn, dn = own
         raise AuthenticationRequired(
-            "the user name or password is incorrect",
+            INCORRECT,
             hint=f"Basic user {upn!r} is the UPN of the gateway's own account (kerberos.principal, {dn}), "
             "which signs in with its keytab only: not sent to the KDC, where each wrong password would count towards "
             "locking out the account every delegation needs",

@@ -302,12 +302,7 @@ class BackendConnection(asyncio.Protocol):
         """The answer's body bytes that have arrived (waiting for some); b"" once it is complete."""
         while True:
             if self._body:
-                data = b"".join(self._body) if len(self._body) > 1 else self._body[0]
-                self._body.clear()
-                self._buffered = 0
-                if self._reading_paused:
-                    self._resume_reading()
-                return data
+                return self.body()
             if self.complete:
                 return b""
             if self._error is not None:
@@ -315,9 +310,10 @@ class BackendConnection(asyncio.Protocol):
             await self._wait()
 
     def body(self) -> bytes:
-        """The whole body of a complete answer (the one-write path). Reading resumes if the answer filled the
-        buffer, as in `read`: a connection going back to its pool paused would never see its next answer."""
-        data = b"".join(self._body)
+        """The body bytes that have arrived, all taken (`read`; of a complete answer: the whole body, for the
+        one-write path). Reading resumes if they filled the buffer: a connection going back to its pool paused would
+        never see its next answer."""
+        data = b"".join(self._body)  # (one block: that block itself, not a copy)
         self._body.clear()
         self._buffered = 0
         if self._reading_paused:

@@ -329,12 +329,11 @@ async def forward(
     pools: Pools,
     principal: str,
     authorization: Authorization,
-    extra_headers: Iterable[tuple[str, str]] = (),
-    target: OriginForm | None = None,
 ) -> tuple[web.StreamResponse, BackendResult]:
-    """`forward_device` for an aiohttp handler: the answer given is the response the handler returns."""
+    """`forward_device` for an aiohttp handler (the tests' backend stage without a gateway): the answer given is the
+    response the handler returns."""
     device = AiohttpRequest(request)
-    result = await forward_device(device, route, pools, principal, authorization, extra_headers, target)
+    result = await forward_device(device, route, pools, principal, authorization)
     assert device.response is not None  # every path through forward_device answers, or raises
     return device.response, result
 

@@ -174,7 +174,7 @@ def verify_chain(
     usage checks; it validates a CRL signer's own path, and the NIST PKITS corpus whose end entities
     carry no extended key usage.
     """
-    at = _utc(at)
+    at = as_utc(at)
     _check_extensions(leaf)
     _check_period(leaf, at, "certificate")
     if purpose == "client":
@@ -217,7 +217,7 @@ def is_ca(cert: x509.Certificate) -> bool:
 
 def format_time(when: datetime) -> str:
     """2025-01-01T00:00:00Z: how reasons and evidence print instants."""
-    return _utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return as_utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- precise reasons for the common failures, checked before the verifier runs -------------------
@@ -489,7 +489,8 @@ def _describe(cert: x509.Certificate) -> str:
     )
 
 
-def _utc(when: datetime) -> datetime:
+def as_utc(when: datetime) -> datetime:
+    """`when` in UTC; ValueError for a naive time (the verifier's and the revocation stage's `at`)."""
     if when.tzinfo is None:
         raise ValueError("validation time must be timezone-aware")
     return when.astimezone(UTC)

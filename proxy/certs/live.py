@@ -42,11 +42,11 @@ from cryptography import x509
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.floors import FloorTable
 from proxy.certs.ocsp import OcspClient
-from proxy.certs.revocation import CrlSet, RevocationEvidence, RevocationStatus, revoked_fix
+from proxy.certs.revocation import NO_CURRENT_CRL_FIX, CrlSet, RevocationEvidence, RevocationStatus, revoked_fix
 from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
 from proxy.config import ClientCertificates
 from proxy.device.request import DeviceRequest
-from proxy.errors import CertificateRejected, CertificateRevoked, GatewayError
+from proxy.errors import CertificateRejected, CertificateRevoked
 from proxy.held import NOT_HELD, HeldRequest
 
 
@@ -54,7 +54,7 @@ class _Watch(HeldRequest):
     """One request in flight under a chain, kept in its stage's `in_flight` set while it is held; how it is ended
     is `proxy.held`'s (a class, not `contextlib.contextmanager`: a held long-poll keeps it for its whole life)."""
 
-    __slots__ = ("_forget", "_in_flight", "verified")
+    __slots__ = ("_in_flight", "verified")
 
     def __init__(
         self,
@@ -64,20 +64,9 @@ class _Watch(HeldRequest):
         in_flight: set[_Watch],
         forget: Callable[[], None] | None,
     ) -> None:
-        super().__init__(request, task)
+        super().__init__(request, task, forget)  # `forget`: the delegated tickets, as a revoked certificate's refusal
         self.verified = verified
         self._in_flight = in_flight
-        self._forget = forget
-
-    def end(self, error: GatewayError) -> None:
-        """End the request (`HeldRequest.end`) and drop what the gateway keeps of its user (`forget`: the delegated
-        tickets), as a revoked certificate's refused request does: the certificate is revoked, so its user's next
-        request, from whichever device, is the KDC's to decide afresh (docs/hardening.md, "A revoked certificate
-        and its user's tickets")."""
-        first = self.ended is None
-        super().end(error)
-        if first and self._forget is not None:
-            self._forget()
 
     def _hold(self) -> None:
         self._in_flight.add(self)
@@ -175,9 +164,7 @@ class LiveRevocation:
                     answer.detail, hint='the OCSP responder must answer for every certificate under ocsp = "require"'
                 )
         if crl.status is RevocationStatus.UNKNOWN and self.policy == "require":
-            raise CertificateRevoked(
-                crl.detail, hint='publish or load a current CRL for this CA, or set revocation = "best-effort"'
-            )
+            raise CertificateRevoked(crl.detail, hint=NO_CURRENT_CRL_FIX)
         return crl
 
     async def _responder_status(

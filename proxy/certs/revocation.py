@@ -47,6 +47,13 @@ nextUpdate). So a set remembers each answer it gave (not refusals) with the span
 which none of its CRLs becomes or stops being current, and gives it again for a time in that span: an
 expired CRL, one that became current or a delta that went stale is a new answer. A refresh makes a new
 set, which remembers nothing: a certificate a new CRL lists is refused on its next request.
+
+Why not a library. cryptography's verifier (`x509.verification`, which builds the chain: `proxy.certs.chain`)
+checks no revocation. OpenSSL's CRL check in the handshake (`ssl.VERIFY_CRL_CHECK_LEAF`) has no "best-effort" (a
+missing or expired CRL ends the handshake), answers with an X.509 error code rather than evidence (which CRL, its
+update times: the summary line, traces, /readyz), and reads CRLs from the context's store, from which Python removes
+none: each refresh would need a new context. pyhanko-certvalidator checks revocation, but on a path it builds itself
+over its own ASN.1 objects (asn1crypto): every request's chain would be built and decoded a second time.
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 
-from proxy.certs.chain import TrustList, VerifiedCertificate, format_time, is_ca, verify_chain
+from proxy.certs.chain import TrustList, VerifiedCertificate, as_utc, format_time, is_ca, verify_chain
 from proxy.certs.der import inside, whole
 from proxy.errors import CertificateRejected, CertificateRevoked
 
@@ -94,6 +101,10 @@ _KNOWN_CRL_EXTENSIONS = (
     x509.FreshestCRL,
     x509.IssuerAlternativeName,
 )
+
+
+# The fix of a leaf refused under revocation = "require" for want of a current CRL (here and in `proxy.certs.live`).
+NO_CURRENT_CRL_FIX = 'publish or load a current CRL for this CA, or set revocation = "best-effort"'
 
 
 def revoked_fix(verified: VerifiedCertificate, source: str) -> str:
@@ -295,7 +306,7 @@ class CrlSet:
     ) -> RevocationEvidence:
         """Is `cert` (signed by `issuer`, on a path to `anchor`) revoked, per the CRLs current at `at`? No policy
         applied. Only a CRL of the issuer's own key, or of a signer under the same `anchor`, says "good"."""
-        at = _utc(at)
+        at = as_utc(at)
         key = (cert.issuer, cert.serial_number)
         # Every current CRL that speaks for the certificate is consulted, not only the newest: after a CA
         # renews its key, each key's CRL lists the certificates that key signed.
@@ -361,7 +372,7 @@ class CrlSet:
         evidence = self._check(verified, at=at, policy=policy)
         if len(self._verdicts) >= _REMEMBERED:
             del self._verdicts[next(iter(self._verdicts))]  # the oldest answer
-        self._verdicts[id(verified)] = _Verdict(verified, policy, evidence, *self._steady(_utc(at)))
+        self._verdicts[id(verified)] = _Verdict(verified, policy, evidence, *self._steady(as_utc(at)))
         return evidence
 
     def _steady(self, at: datetime) -> tuple[datetime, datetime]:
@@ -395,9 +406,7 @@ class CrlSet:
         if evidence.status is RevocationStatus.REVOKED:
             raise CertificateRevoked(f"certificate {evidence.detail}", hint=revoked_fix(verified, evidence.source))
         if evidence.status is RevocationStatus.UNKNOWN and policy == "require":
-            raise CertificateRevoked(
-                evidence.detail, hint='publish or load a current CRL for this CA, or set revocation = "best-effort"'
-            )
+            raise CertificateRevoked(evidence.detail, hint=NO_CURRENT_CRL_FIX)
         return evidence
 
     def may_list(self, verified: VerifiedCertificate) -> bool:
@@ -622,7 +631,7 @@ def accept(
 ) -> Crl:
     """Vet one CRL (signer, signature, currency, extensions) and read it; CrlUnusable says why not. With its `der`
     (`read_crls`), a signature that does not verify costs a hash (`_signed_by`)."""
-    at = _utc(at)
+    at = as_utc(at)
     name = crl.issuer.rfc4514_string()
     cas = trust.named(crl.issuer)
     if not cas:  # anyone on an http source's path sends any name: it is shown cut short (a label, a log line)
@@ -894,9 +903,3 @@ def _key_of(cert: x509.Certificate) -> bytes:
 
 def _age(crl: Crl) -> tuple[int, datetime]:
     return crl.number, crl.this_update
-
-
-def _utc(when: datetime) -> datetime:
-    if when.tzinfo is None:
-        raise ValueError("validation time must be timezone-aware")
-    return when.astimezone(UTC)

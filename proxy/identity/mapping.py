@@ -292,14 +292,23 @@ def describe(rule: str | None, account_dn: str | None, account_sid: str | None) 
     return account  # the stage refused before a rule applied
 
 
+def unknown_account(name: str, base_dn: str, reread: str = "") -> MappingRefused:
+    """The refusal of `name`, which no account under `base_dn` has; `reread` (`reread_note`) ends its fix."""
+    return MappingRefused("no account in the directory has this name", hint=_nobody(name, base_dn) + reread)
+
+
+def _nobody(name: str, base_dn: str) -> str:
+    return f"no user with userPrincipalName or sAMAccountName {name!r} under {base_dn}"
+
+
 def no_account(name: str, base_dn: str, mode: MappingMode, sid: Sid | None = None, reread: str = "") -> Mapping:
-    """No account has the certificate's name: `strong` refuses; `strong-or-audit` serves it as weakly mapped
-    (the KDC still decides whether the name is a user: an account outside base_dn, a trusted domain's). `sid`: the
-    SID the certificate states, which no other object of the domain has (the caller made sure: `sid_of_another`).
-    `reread` (`reread_note`) ends the refusal's fix."""
-    where = f"no user with userPrincipalName or sAMAccountName {name!r} under {base_dn}"
+    """No account has the certificate's name: `strong` refuses (`unknown_account`); `strong-or-audit` serves it as
+    weakly mapped (the KDC still decides whether the name is a user: an account outside base_dn, a trusted domain's).
+    `sid`: the SID the certificate states, which no other object of the domain has (the caller made sure:
+    `sid_of_another`). `reread` (`reread_note`) ends the refusal's fix."""
     if mode != "strong-or-audit":
-        raise MappingRefused("no account in the directory has this name", hint=where + reread)
+        raise unknown_account(name, base_dn, reread)
+    where = _nobody(name, base_dn)
     stated = f" (its SID {sid} is no other object's in the domain)" if sid is not None else ""
     detail = f"{where}{stated}; the certificate cannot be mapped strongly: extend [directory] base_dn or reissue it"
     return Mapping(mode, "", "", "weak-audit", detail, True, "")

@@ -50,9 +50,8 @@ from proxy.kerberos import libkrb5
 from proxy.kerberos.libkrb5 import Creds, Data, check
 from proxy.kerberos.libkrb5 import Krb5Error as Krb5Error  # the delegator's to catch
 from proxy.kerberos.profile import HELD_LOCK, held_context
-from proxy.kerberos.spnego import KRB5_OID_DER
+from proxy.kerberos.spnego import KRB5_AP_REQ, KRB5_OID_DER, initial_context_token
 
-_TOK_ID_AP_REQ: Final = b"\x01\x00"  # RFC 4121 §4.1
 _AP_OPTS_USE_SUBKEY: Final = 0x1
 _DO_SEQUENCE: Final = 0x4  # KRB5_AUTH_CONTEXT_DO_SEQUENCE
 _GSS_CHECKSUM: Final = 0x8003  # CKSUMTYPE_KG_CB: mk_req_extended puts the checksum data in as it is
@@ -75,13 +74,6 @@ def gss_checksum(flags: Iterable[gssapi.RequirementFlag]) -> bytes:
             f"context flags {asked:#x}: only replay, sequence, confidentiality and integrity are made here"
         )
     return (16).to_bytes(4, "little") + bytes(16) + (asked | _MIT_ADDS).to_bytes(4, "little")
-
-
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(octets),)) + octets
 
 
 class TicketTokens:
@@ -142,8 +134,7 @@ class TicketTokens:
                     library.krb5_free_data_contents(context, byref(request))
             finally:
                 library.krb5_auth_con_free(context, auth)
-        inner = KRB5_OID_DER + _TOK_ID_AP_REQ + ap_req
-        return b"\x60" + _der_length(len(inner)) + inner
+        return initial_context_token(KRB5_OID_DER + KRB5_AP_REQ + ap_req)
 
 
 def _read(context: c_void_p, creds: gssapi.Credentials, server_name: bytes) -> ctypes._Pointer[Creds]:

@@ -307,8 +307,9 @@ class Delegator:
         start = time.perf_counter()
         delegation = await self.delegation(user, spn, gss_target)
         token = delegation.make_token()
-        ms = (time.perf_counter() - start) * 1000
-        return DelegatedToken(delegation.principal, spn, token, delegation.impersonation_cached, ms, delegation.facts)
+        return DelegatedToken(
+            delegation.principal, spn, token, delegation.impersonation_cached, _ms(start), delegation.facts
+        )
 
     async def delegation(self, user: UserPrincipal, spn: str, gss_target: str) -> Delegation:
         """The service ticket for `user` at `spn` (cached, or after one exchange); tokens on it come later."""
@@ -359,8 +360,7 @@ class Delegator:
         def valid() -> bool:
             return self._clock() < expires - TOKEN_LEFT
 
-        ms = (time.perf_counter() - start) * 1000
-        return Delegation(client, spn, cached, ms, ticket.facts, make_token, account, valid)
+        return Delegation(client, spn, cached, _ms(start), ticket.facts, make_token, account, valid)
 
     def _key(self, principal: str, spn: str) -> Key:
         """The cache key of `principal` at `spn`: the client name the KDC returned for it, once known."""
@@ -492,6 +492,7 @@ class Delegator:
             )
             raise _StepFailed(e, failed) from None
         middle = time.perf_counter()
+        took = (middle - start) * 1000  # S4U2Self's time
         client = _client_name(creds)  # whom the KDC impersonated, as it wrote the evidence ticket's client
         try:
             pac, unreadable = self._evidence_pac(creds)  # local work, in neither step's time
@@ -503,13 +504,12 @@ class Delegator:
                 ),
             )
             raise
-        self._require_stated(user, creds, proxy, spn, (pac, unreadable), client, (middle - start) * 1000)
+        self._require_stated(user, creds, proxy, spn, (pac, unreadable), client, took)
         after_pac = time.perf_counter()
         try:
             target = self._target(gss_target)
             result = gssapi.raw.init_sec_context(target, creds=creds, mech=KRB5, flags=TOKEN_FLAGS)  # S4U2Proxy
         except gssapi.raw.GSSError as e:
-            took = (middle - start) * 1000
             failed = s4u_facts(
                 creds,
                 proxy=proxy,
@@ -522,7 +522,6 @@ class Delegator:
             )
             raise _StepFailed(e, failed) from None
         lifetime = float("inf") if result.lifetime is None else float(result.lifetime)
-        took = (middle - start) * 1000
         after = _ms(after_pac)
         got = s4u_facts(
             creds, proxy=proxy, spn=spn, s4u2self_ms=took, s4u2proxy_ms=after, evidence_pac=pac, gateway_tgt_ms=tgt_ms
@@ -824,8 +823,8 @@ class _StepFailed(Exception):
     """A GSSAPI failure in S4U2Self or S4U2Proxy, with what the exchange had produced until then."""
 
     def __init__(self, error: gssapi.raw.GSSError, facts: S4UFacts) -> None:
-        super().__init__(error.gen_message())
         self.message = error.gen_message()
+        super().__init__(self.message)
         self.facts = facts
 
 

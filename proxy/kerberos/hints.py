@@ -50,6 +50,11 @@ class _Rule:
     hint: str  # for the administrator; {proxy} too
 
 
+# What a client is told where the fault is the gateway's set-up, and where no KDC answers (also when no thread is left
+# for a KDC call: proxy.kerberos.threads); the hint says the rest, to the administrator.
+_SERVICE_REASON = "the gateway's Kerberos set-up is incomplete"
+UNREACHABLE = "the authentication service is unreachable; try again shortly"
+
 _RULES = (
     _Rule(
         "can't fulfill requested option",
@@ -103,13 +108,13 @@ _RULES = (
     _Rule(
         "cannot contact any kdc",
         KdcUnavailable,
-        "the authentication service is unreachable; try again shortly",
+        UNREACHABLE,
         "no KDC answered for the realm: check krb5.conf's kdc entries and that the KDC is up",
     ),
     _Rule(
         "cannot find kdc",
         KdcUnavailable,
-        "the authentication service is unreachable; try again shortly",
+        UNREACHABLE,
         "no KDC is configured for the realm: add it to krb5.conf [realms]",
     ),
     _Rule(
@@ -121,19 +126,19 @@ _RULES = (
     _Rule(
         "no key table entry found",
         KerberosMisconfigured,
-        "the gateway's Kerberos set-up is incomplete",
+        _SERVICE_REASON,
         "the keytab holds no key for {proxy}: export it again (kadmin ktadd / ktpass / msktutil)",
     ),
     _Rule(
         "key table file",
         KerberosMisconfigured,
-        "the gateway's Kerberos set-up is incomplete",
+        _SERVICE_REASON,
         "the keytab cannot be read: check kerberos.keytab and its permissions",
     ),
     _Rule(
         "preauthentication failed",
         KerberosMisconfigured,
-        "the gateway's Kerberos set-up is incomplete",
+        _SERVICE_REASON,
         "the KDC rejected {proxy}'s own key: the keytab is stale (key version changed); export it again "
         "(samba-tool domain exportkeytab, ktpass, msktutil --update); the gateway does not offer these keys again "
         "until the keytab file changes, so the account is not locked out meanwhile",
@@ -148,7 +153,7 @@ _RULES = (
     _Rule(
         "no support for encryption type",
         KerberosMisconfigured,
-        "the gateway's Kerberos set-up is incomplete",
+        _SERVICE_REASON,
         "no encryption type is shared (KDC_ERR_ETYPE_NOSUPP): the keys or tickets of {proxy} or {spn} are of types "
         "the KDC or krb5.conf's permitted_enctypes no longer allow; AD issues RC4 unless an account's "
         "msDS-SupportedEncryptionTypes includes AES (24): Set-ADUser {account} -KerberosEncryptionType AES128,AES256 "
@@ -158,14 +163,14 @@ _RULES = (
     _Rule(
         "integrity check failed",
         KerberosMisconfigured,
-        "the gateway's Kerberos set-up is incomplete",
+        _SERVICE_REASON,
         "a ticket did not decrypt with the key it names (KRB_AP_ERR_BAD_INTEGRITY): the keytab of {proxy} is "
         "stale or belongs to another account; export it again",
     ),
     _Rule(
         "ticket expired",
         KerberosMisconfigured,
-        "the gateway's Kerberos set-up is incomplete",
+        _SERVICE_REASON,
         "the KDC says a ticket of {proxy} has expired (KRB_AP_ERR_TKT_EXPIRED): check the gateway's clock "
         "against the KDC's",
     ),
@@ -298,7 +303,6 @@ _FOREIGN_HINT = (
     'principals are local part@realm: there, identity.realm_map = {{ "{suffix}" = "{own_realm}" }} asks for '
     "the UPN's local part in the gateway's realm"
 )
-_SERVICE_REASON = "the gateway's Kerberos set-up is incomplete"
 _SERVICE_NOT_FOUND_HINT = (
     "the KDC refused the gateway's own credentials: it has no account named {proxy}. Active Directory issues a "
     "ticket only to an account's name or UPN, never to a bare SPN: set kerberos.principal to the service "

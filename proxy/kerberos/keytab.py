@@ -22,15 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-ENCTYPES = {
-    17: "aes128-cts-hmac-sha1-96",
-    18: "aes256-cts-hmac-sha1-96",
-    19: "aes128-cts-hmac-sha256-128",
-    20: "aes256-cts-hmac-sha384-192",
-    23: "arcfour-hmac",
-    25: "camellia128-cts-cmac",
-    26: "camellia256-cts-cmac",
-}
+from proxy.kerberos.ccache import ENCTYPES
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ _WRONG = (
     "password incorrect",
 )
 _UNKNOWN = "not found in kerberos database"  # an unknown user: to the client the same answer as a wrong password
+# What every refused sign-in says to the client (a wrong password, an unknown user, a name refused before the KDC
+# was asked, `proxy.auth.basic`): one sentence, so that the answer never tells which it was.
+INCORRECT = "the user name or password is incorrect"
 
 
 @dataclass(frozen=True)
@@ -103,13 +106,13 @@ def refusal(message: str, principal: str) -> GatewayError:
             f"the KDC has no account {shown_name(principal)}: a mistyped user name, or a domain or UPN suffix that "
             f"identity.realm_map or enterprise_names does not map to the account's realm [{quoted}]"
         )
-        return UserUnknown("the user name or password is incorrect", hint=hint)
+        return UserUnknown(INCORRECT, hint=hint)
     if any(needle in lowered for needle in _WRONG):
         hint = (
             f"the KDC refused the password of {principal}: a wrong password (the user's to type again; after "
             f"authentication.basic_failures_per_user of them the user is held with 429) [{message}]"
         )
-        return AuthenticationRequired("the user name or password is incorrect", hint=hint)
+        return AuthenticationRequired(INCORRECT, hint=hint)
     if "password has expired" in lowered:
         return KerberosRefused(
             f"the password of {principal} has expired; change it, then sign in again", hint=f"[{message}]"

@@ -24,7 +24,7 @@ from typing import Final
 SPNEGO_OID_DER: Final = bytes.fromhex("06062b0601050502")  # 1.3.6.1.5.5.2
 KRB5_OID_DER: Final = bytes.fromhex("06092a864886f712010202")  # 1.2.840.113554.1.2.2
 _MECH_TYPES: Final = b"\xa0\x0d\x30\x0b" + KRB5_OID_DER  # [0] MechTypeList: SEQUENCE OF MechType, krb5 only
-_KRB5_AP_REQ: Final = b"\x01\x00"  # RFC 4121 §4.1: TOK_ID of an initial context token carrying a KRB_AP_REQ
+KRB5_AP_REQ: Final = b"\x01\x00"  # RFC 4121 §4.1: TOK_ID of an initial context token carrying a KRB_AP_REQ
 
 
 def _length(n: int) -> bytes:
@@ -35,12 +35,18 @@ def _length(n: int) -> bytes:
     return bytes((0x80 | len(octets),)) + octets
 
 
+def initial_context_token(inner: bytes) -> bytes:
+    """RFC 2743 §3.1's framing around `inner` (a mechanism's OID, then its token): `[APPLICATION 0]` and its length;
+    the SPNEGO token's here, the krb5 token's in `proxy.kerberos.ap_req`."""
+    return b"\x60" + _length(len(inner)) + inner
+
+
 def _krb5_initial(token: bytes) -> bool:
     """Whether `token` is a krb5 initial context token: `[APPLICATION 0]`, the krb5 OID, TOK_ID 01 00."""
     if len(token) < 2 or token[0] != 0x60:
         return False
     start = 2 + (token[1] & 0x7F if token[1] & 0x80 else 0)
-    return token.startswith(KRB5_OID_DER + _KRB5_AP_REQ, start)
+    return token.startswith(KRB5_OID_DER + KRB5_AP_REQ, start)
 
 
 def neg_token_init(krb5_token: bytes) -> bytes:
@@ -52,5 +58,4 @@ def neg_token_init(krb5_token: bytes) -> bytes:
     fields = _MECH_TYPES + b"\xa2" + _length(len(mech_token)) + mech_token  # mechTypes [0], mechToken [2]
     sequence = b"\x30" + _length(len(fields)) + fields  # NegTokenInit ::= SEQUENCE
     choice = b"\xa0" + _length(len(sequence)) + sequence  # NegotiationToken: negTokenInit [0]
-    inner = SPNEGO_OID_DER + choice
-    return b"\x60" + _length(len(inner)) + inner  # InitialContextToken ::= [APPLICATION 0] IMPLICIT SEQUENCE
+    return initial_context_token(SPNEGO_OID_DER + choice)  # InitialContextToken ::= [APPLICATION 0] IMPLICIT SEQUENCE

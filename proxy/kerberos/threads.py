@@ -39,6 +39,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
 from proxy.errors import KdcNotAsked
+from proxy.kerberos.hints import UNREACHABLE
 
 T = TypeVar("T")
 
@@ -224,7 +225,7 @@ def no_thread_error(e: NoThread, threads: KdcThreads, realm: str, calls: str) ->
     """The 503 for a call refused for want of a thread; `calls` names whose threads they are ("Basic's KDC calls")."""
     if e.abandoned >= e.held:
         return KdcNotAsked(
-            "the authentication service is unreachable; try again shortly",
+            UNREACHABLE,
             hint=f"the KDC of {realm} does not answer: all {e.held} threads for {calls} "
             f"(kerberos.max_in_flight) are held by calls it left unanswered past kerberos.kdc_timeout "
             f"({threads.timeout:g} s), until MIT gives up (about 25 s); check krb5.conf's kdc entries for {realm} "

@@ -180,7 +180,6 @@ class AdRealm:
     admin: str = ADMIN
     admin_password: str = ADMIN_PASSWORD
     gateway_principal: str = f"{GATEWAY_ACCOUNT}@{REALM}"
-    backend_spn: str = BACKEND_SPN
 
     @property
     def dc_host(self) -> str:
@@ -645,14 +644,14 @@ canary_user = "alice@{DNS_DOMAIN}"
 """ + (f'\n[admin]\nbind = "127.0.0.1:{LAB_ADMIN_PORT}"\n' if admin else "")
 
 
-def backend_argv(realm: AdRealm, port: int, *, keytab: Path | None = None) -> list[str]:
-    """The Exchange stand-in for `HTTP/cas.ad.test` (or whichever service `keytab` holds) on 127.0.0.1:`port`."""
+def backend_argv(realm: AdRealm, port: int) -> list[str]:
+    """The Exchange stand-in for `HTTP/cas.ad.test` on 127.0.0.1:`port`."""
     return [
         sys.executable,
         "-m",
         "proxy.lab.backend",
         "--keytab",
-        str(keytab or realm.backend_keytab),
+        str(realm.backend_keytab),
         "--bind",
         f"127.0.0.1:{port}",
         "--krb5-config",

@@ -499,10 +499,10 @@ _DESCRIBE = {
 }
 
 
-# C0 controls, DEL, C1 controls (0x9b is an 8-bit CSI), and lone surrogates: the bytes a path had that were not
-# UTF-8 (decoded with surrogateescape), which a C-locale stdout writes back raw.
-# C0 and C1 controls, lone surrogates, and the invisible characters that change how a line reads: bidirectional
-# controls (U+202E draws the rest of a line reversed), zero-width ones, and the line and paragraph separators.
+# C0 controls, DEL, C1 controls (0x9b is an 8-bit CSI), lone surrogates (the bytes a path had that were not UTF-8,
+# decoded with surrogateescape, which a C-locale stdout writes back raw), and the invisible characters that change
+# how a line reads: bidirectional controls (U+202E draws the rest of a line reversed), zero-width ones, and the line
+# and paragraph separators.
 _CONTROL = re.compile(
     "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]"
 )
