@@ -109,7 +109,8 @@ def test_pages_after_a_cursor_cover_every_workers_records_once_in_the_merged_ord
 def test_a_sibling_that_accepts_and_never_answers_is_none_within_readys_bound(tmp_path: Path) -> None:
     """/readyz's question (`Siblings.listeners`) of a sibling whose Unix socket accepts and never answers (a hung
     worker: the kernel accepts for it) comes back within READY_ASK_TIMEOUT, below kubelet's 1 s probe timeout, with
-    that worker as None (taken as having room); before, /readyz waited ASK_TIMEOUT (5 s) for it."""
+    that worker as None (taken as having no room: `listener_problem`); before, /readyz waited ASK_TIMEOUT (5 s)
+    for it."""
     hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     hung.bind(str(tmp_path / "2.sock"))
     hung.listen(8)
