@@ -18,9 +18,10 @@ transport's (buffered) protocol and the device-side server's transport:
   device stops until it has taken them (`resume_writing`): a device that sent KeyUpdates asking for the gateway's and
   read nothing had the gateway keep every answer, 4.4 MB for 8 MB of them, until the connection ended
   (docs/hardening.md, section 17). Not at the first answer: a device that renews its keys mid-upload while it reads
-  nothing until its upload is sent (the gateway's answer, or an earlier one, filling the socket's buffers meanwhile)
-  then waited for `client_body_timeout`; a device's KeyUpdate is rare (a TLS stack renews its keys after gigabytes),
-  and `ANSWERS_HELD` is over two thousand of the gateway's;
+  nothing until its upload is sent (the backend's answer filling the socket's buffers meanwhile) then waited for
+  `client_body_timeout` (OpenSSL 3.0 writes its answer to a KeyUpdate at the gateway's next write, or as it reads
+  the next KeyUpdate: two did it); a device's KeyUpdate is rare (a TLS stack renews its keys after gigabytes), and
+  `ANSWERS_HELD` is over two thousand of the gateway's;
 - closing sends close_notify and waits for the device's, at most `SHUTDOWN_TIMEOUT` seconds (asyncio's
   rule), reading and discarding what else arrives (in the same read as the device's close_notify or not; at most
   `DISCARD_LIMIT` bytes, then the connection is aborted);

@@ -46,7 +46,7 @@ def test_a_key_update_mid_upload_never_stops_the_gateway_reading(
     device renews its keys asking for the gateway's, twice, between two parts of its upload: the gateway goes on
     reading, the upload's bytes reach the server whole, and the gateway's KeyUpdates are sent. Before, the first one
     stopped the gateway reading until the device took the gateway's records: a device that reads only once its upload
-    is sent waited for client_body_timeout."""
+    is sent waited for client_body_timeout. (OpenSSL writes its answer to the first as it reads the second.)"""
 
     async def run() -> None:
         conn = Connection(contexts, ssl.TLSVersion.TLSv1_3)
