@@ -20,8 +20,8 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   503 too while the device listener is full in every worker (`listener_problem`, a `listener` key): new devices
   would wait in its listen backlog, and a balancer sends them to a gateway with room instead. Only a worker that is
   full itself asks its siblings (each up to READY_ASK_TIMEOUT, 0.5 s: below kubelet's 1 s probe timeout): one with
-  room answers at once, a stuck sibling or not; a sibling that does not answer is taken as having no room, and an
-  idle keep-alive connection counts as taken (`listener_problem`).
+  room answers at once, a stuck sibling or not, and a full one as soon as a sibling says it has room; a sibling that
+  does not answer is taken as having no room, and an idle keep-alive connection counts as taken (`listener_problem`).
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
@@ -184,7 +184,8 @@ async def readyz(request: web.Request) -> web.Response:
     siblings = request.app.get(SIBLINGS_KEY)
     workers: dict[int, Occupancy | None] = {siblings.worker.number if siblings else 0: occupancy(live)}
     if siblings is not None and listener_problem(workers) is not None:  # with room here the answer is no sibling's:
-        workers.update(await siblings.listeners())  # a hung one is asked (READY_ASK_TIMEOUT) only by a full worker
+        # a hung one is asked (READY_ASK_TIMEOUT) only by a full worker, and waited for only while none has room
+        workers.update(await siblings.listeners(enough=lambda figures: listener_problem({0: figures}) is None))
     listener = listener_problem(workers)
     unanswered = sorted(number for number, figures in workers.items() if figures is None)
     ready = kdc is None and not refusing and tls is None and listener is None
