@@ -20,7 +20,8 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   503 too while the device listener is full in every worker (`listener_problem`, a `listener` key): new devices
   would wait in its listen backlog, and a balancer sends them to a gateway with room instead. Only a worker that is
   full itself asks its siblings (each up to READY_ASK_TIMEOUT, 0.5 s: below kubelet's 1 s probe timeout): one with
-  room answers at once, a stuck sibling or not.
+  room answers at once, a stuck sibling or not, and a full one as soon as a sibling says it has room; a sibling that
+  does not answer is taken as having no room, and an idle keep-alive connection counts as taken (`listener_problem`).
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
@@ -183,7 +184,8 @@ async def readyz(request: web.Request) -> web.Response:
     siblings = request.app.get(SIBLINGS_KEY)
     workers: dict[int, Occupancy | None] = {siblings.worker.number if siblings else 0: occupancy(live)}
     if siblings is not None and listener_problem(workers) is not None:  # with room here the answer is no sibling's:
-        workers.update(await siblings.listeners())  # a hung one is asked (READY_ASK_TIMEOUT) only by a full worker
+        # a hung one is asked (READY_ASK_TIMEOUT) only by a full worker, and waited for only while none has room
+        workers.update(await siblings.listeners(enough=lambda figures: listener_problem({0: figures}) is None))
     listener = listener_problem(workers)
     unanswered = sorted(number for number, figures in workers.items() if figures is None)
     ready = kdc is None and not refusing and tls is None and listener is None
@@ -194,7 +196,7 @@ async def readyz(request: web.Request) -> web.Response:
         body["listener"] = listener
     if unanswered:  # likewise: a hung or replaced sibling, asked for READY_ASK_TIMEOUT seconds only
         who = ", ".join(f"worker {n}" for n in unanswered)
-        body["unanswered"] = f"{who} did not answer within {READY_ASK_TIMEOUT:g} s (taken as having room)"
+        body["unanswered"] = f"{who} did not answer within {READY_ASK_TIMEOUT:g} s (taken as having no room)"
     body["generation"] = live.generation
     return web.json_response(body, status=200 if ready else 503)
 
@@ -206,25 +208,32 @@ def occupancy(live: Live) -> Occupancy:
 
 
 def listener_problem(workers: Mapping[int, Occupancy | None]) -> str | None:
-    """Why the gateway can take no new device connection (every worker's listener full), or None. `workers`: each
-    worker's occupancy by number (0 alone: no workers); None for a worker that did not answer (taken as having room).
+    """Why the gateway can take no new device connection (no worker's listener known to have room), or None.
+    `workers`: each worker's occupancy by number (0 alone: no workers); None for a worker that did not answer.
 
     A TCP balancer health-checks with /readyz to send new devices where they can be served: past its limit a listener
     stops accepting, and a device's connection waits in the listen backlog until one of the connections held (an
-    ActiveSync Ping, up to an hour) closes, while /readyz said 200. Not ready while every worker is full: the kernel
+    ActiveSync Ping, up to an hour) closes, while /readyz said 200. Not ready while no worker has room: the kernel
     spreads new connections over the workers, and while one has room most devices still get in, which a 503 would
-    have turned away; the workers fill together, as the kernel spreads them evenly."""
+    have turned away; the workers fill together, as the kernel spreads them evenly. A worker that did not answer is
+    no room: hung, the connections the kernel gives its socket (SO_REUSEPORT) wait in its backlog as they do in a full
+    one's; being replaced, it has no socket, and every new connection goes to the full ones (before, such a worker
+    was taken as having room, and a full gateway beside a hung worker said 200). Every connection counts, an idle
+    keep-alive too: the gateway closes none to make room for a new device, which waits until one closes
+    (`listener.keepalive_timeout` after its last request)."""
     figures = list(workers.values())
-    if not figures or any(f is None or f[1] <= 0 or f[0] < f[1] for f in figures):
+    if not figures or any(f is not None and (f[1] <= 0 or f[0] < f[1]) for f in figures):
         return None
     taken = ", ".join(
         f"{'' if number == 0 else f'worker {number}: '}{f[0]} of {f[1]}"
         for number, f in sorted(workers.items())
         if f is not None
     )
+    silent = ", ".join(f"worker {number}" for number, f in sorted(workers.items()) if f is None)
     return (
         f"the device listener is full ({taken} connections: listener.max_connections, or fewer where the open-file "
-        "limit holds fewer): new devices wait in the listen backlog until a connection closes"
+        f"limit holds fewer{f'; {silent} did not answer' if silent else ''}): new devices wait in the listen backlog "
+        "until a connection closes"
     )
 
 

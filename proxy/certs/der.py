@@ -1,8 +1,9 @@
 """Walking DER by its headers alone: where each element of a structure starts and ends, nothing decoded.
 
 For the few places that must look at an answer's shape before cryptography reads it whole (an OCSP answer's count of
-certificates, a CRL's signed bytes): cryptography has parsed the structure already, so the walk only finds boundaries;
-anything it does not expect (a tag of more than one byte, a length past its container) is a ValueError.
+certificates; a CRL's signed bytes, and its outline, before its entries are read: `revocation.accept_der`): the walk
+only finds boundaries, and cryptography reads what it bounds later; anything it does not expect (a tag of more than one
+byte, a length past its container) is a ValueError. `tlv` writes one element back.
 """
 
 from __future__ import annotations
@@ -44,3 +45,11 @@ def elements(der: bytes, start: int, end: int) -> Iterator[Element]:
         element_end = value(der, (der[start], start, end))[1]
         yield der[start], start, element_end
         start = element_end
+
+
+def tlv(tag: int, content: bytes) -> bytes:
+    """One DER element: `tag` (of one byte), its length (definite, shortest form), `content`."""
+    if len(content) < 0x80:
+        return bytes((tag, len(content))) + content
+    size = (len(content).bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + len(content).to_bytes(size) + content

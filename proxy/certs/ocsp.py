@@ -13,7 +13,7 @@ the answer only if:
   id-pkix-ocsp-nocheck is trusted for its lifetime (the CA said so; AD CS's "OCSP Response Signing" template adds
   it), one without is judged by the `judge` the caller gives (`proxy.certs.live`: the gateway's CRLs, its
   distribution point fetched where those are followed); revoked, or no current CRL speaking for it, and the answer
-  is not believed (UNKNOWN, below);
+  is not believed (UNKNOWN, below), judged again each time its cached answer is used (`_judged_again`);
 - it is fresh: thisUpdate is not in the future (beyond `CLOCK_SKEW`) and nextUpdate, if given, has
   not passed; if the responder echoed a nonce it is ours, and if it did not, thisUpdate is no older
   than `MAX_AGE` (a replayed old "good" is refused).
@@ -73,6 +73,7 @@ class OcspError(Exception):
 class _Cached:
     evidence: RevocationEvidence
     until: datetime
+    responder: x509.Certificate | None = None  # a delegated responder without id-pkix-ocsp-nocheck: judged at each use
 
 
 def responder_url(cert: x509.Certificate) -> str | None:
@@ -164,15 +165,17 @@ class OcspClient:
         cached = table.get(key)
         if cached is not None and at <= cached.until:
             table.move_to_end(key)
-            return cached.evidence
+            return (
+                cached.evidence if cached.responder is None else await self._judged_again(key, cert, cached, judge, at)
+            )
         pending = self._pending.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[RevocationEvidence] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
-            evidence, until = await self._ask(url, cert, issuer, at, judge)
-            self._keep(key, _Cached(evidence, until))
+            evidence, until, responder = await self._ask(url, cert, issuer, at, judge)
+            self._keep(key, _Cached(evidence, until, responder))
             future.set_result(evidence)
             return evidence
         except BaseException as exc:
@@ -181,6 +184,21 @@ class OcspClient:
             raise
         finally:
             del self._pending[key]
+
+    async def _judged_again(
+        self, key: tuple[bytes, int], cert: x509.Certificate, cached: _Cached, judge: Judge | None, at: datetime
+    ) -> RevocationEvidence:
+        """A cached answer of a delegated responder whose certificate has no id-pkix-ocsp-nocheck, its certificate
+        judged again at `cached`'s use, by the CRLs in force (a look-up in the set, which remembers its verdicts): a
+        CRL published after the answer was taken may revoke the responder, and its answer was believed until the
+        next ask (as long as `crl_refresh_seconds`). Not believed, the answer is no answer, as `_ask` makes it."""
+        try:
+            _check_responder(await judge(cached.responder, at) if judge and cached.responder else None)
+        except OcspError as exc:
+            failed, until = _failed(cached.evidence.source, cert, shown_error(str(exc)), at)
+            self._keep(key, _Cached(failed, until))
+            return failed
+        return cached.evidence
 
     def _keep(self, key: tuple[bytes, int], cached: _Cached) -> None:
         """`cached` the answer for `key`, in its table: a "revoked" one where other answers never evict it."""
@@ -206,7 +224,8 @@ class OcspClient:
 
     async def _ask(
         self, url: str, cert: x509.Certificate, issuer: x509.Certificate, at: datetime, judge: Judge | None
-    ) -> tuple[RevocationEvidence, datetime]:
+    ) -> tuple[RevocationEvidence, datetime, x509.Certificate | None]:
+        """The checked answer, until when it is kept, and the delegated responder to judge again at each use."""
         nonce = os.urandom(16)
         request = build_request(cert, issuer, nonce)
         shown = CrlSource(url)  # the URL as every output names it: no password, no query's values (a signed URL's)
@@ -219,12 +238,10 @@ class OcspClient:
                 _check_responder(await judge(responder, at) if judge is not None else None)
         except (OcspError, OSError, aiohttp.ClientError, TimeoutError) as exc:
             words = shown_error(shown.scrubbed(str(exc) or type(exc).__name__))  # scrubbed whole, then cut short
-            detail = f"no usable answer from the OCSP responder {shown.name}: {words}"
-            log.warning("ocsp_failed", responder=shown.name, serial=f"{cert.serial_number:x}", error=words)
-            failed = RevocationEvidence(RevocationStatus.UNKNOWN, shown.name, detail)
-            return failed, at + timedelta(seconds=FAILURE_SECONDS)
+            return (*_failed(shown.name, cert, words, at), None)
         log.info("ocsp_answer", responder=shown.name, serial=f"{cert.serial_number:x}", status=evidence.status.value)
-        return evidence, min(next_update, at + self._cache_for) if next_update else at + self._cache_for
+        until = min(next_update, at + self._cache_for) if next_update else at + self._cache_for
+        return evidence, until, responder
 
     async def _post(self, url: str, body: bytes) -> bytes:
         if self._session is None or self._session.closed:
@@ -237,6 +254,14 @@ class OcspClient:
             if der is None:
                 raise OcspError(f"response too large (more than {MAX_RESPONSE_BYTES} bytes)")
             return der
+
+
+def _failed(shown: str, cert: x509.Certificate, words: str, at: datetime) -> tuple[RevocationEvidence, datetime]:
+    """No usable answer from the responder `shown` (why: `words`), logged, and until when that is kept."""
+    detail = f"no usable answer from the OCSP responder {shown}: {words}"
+    log.warning("ocsp_failed", responder=shown, serial=f"{cert.serial_number:x}", error=words)
+    failed = RevocationEvidence(RevocationStatus.UNKNOWN, shown, detail)
+    return failed, at + timedelta(seconds=FAILURE_SECONDS)
 
 
 # --- checking a response ---------------------------------------------------------------------------

@@ -9,10 +9,11 @@ URLs and refreshes both) and are vetted one by one by `accept`, which keeps only
   valid path to one at `at`, and must not be revoked (`CrlSet.of` drops its CRLs otherwise);
 - it is current at `at` (thisUpdate <= at <= nextUpdate; a CRL without nextUpdate never is);
 - every critical extension, of the CRL and of each entry, is one we implement.
-A fetched CRL's signature is screened first over its DER as it came (`_screened`: hashlib, then a prehashed
-verification), so that one signed by another key is refused for a hash's cost: cryptography's `is_signature_valid`
-encodes the whole tbsCertList again holding the GIL (seconds for millions of entries), and it decides only for a CRL
-the screen let through.
+A fetched CRL's signature is checked first over its DER as it came, before cryptography reads the CRL (`accept_der`:
+an outline of its headers gives the issuer and the algorithm; `_screened`: hashlib, then a prehashed verification),
+so that one signed by another key is refused for a hash's cost: reading it holds the GIL 0.2-0.33 s for millions of
+entries, and cryptography's `is_signature_valid` encodes the whole tbsCertList again holding it (seconds); it decides
+only what the screen cannot (an algorithm it does not know).
 Everything else becomes a problem string for the operator and is never used.
 
 `CrlSet.of` then indexes what was accepted, newest CRL per issuer, signer key and scope, and
@@ -79,7 +80,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 
 from proxy.certs.chain import TrustList, VerifiedCertificate, as_utc, format_time, is_ca, verify_chain
-from proxy.certs.der import inside, whole
+from proxy.certs.der import inside, tlv, whole
 from proxy.errors import CertificateRejected, CertificateRevoked
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
@@ -553,9 +554,18 @@ def parse_crls(data: bytes, source: str) -> list[x509.CertificateRevocationList]
 
 def read_crls(data: bytes, source: str) -> list[tuple[x509.CertificateRevocationList, bytes]]:
     """`parse_crls`, each CRL with its DER: `accept` checks the signature over those bytes (`_signed_by`)."""
-    ders = _pem_crls(data, source) if b"-----BEGIN" in data else [data]
+    return [(_read(der, source), der) for der in crl_ders(data, source)]
+
+
+def crl_ders(data: bytes, source: str) -> list[bytes]:
+    """The DER of each CRL in `data` (PEM with one or more CRLs, or one DER CRL), none read yet (`accept_der`);
+    ValueError naming `source`."""
+    return _pem_crls(data, source) if _find(data, b"-----BEGIN") >= 0 else [data]
+
+
+def _read(der: bytes, source: str) -> x509.CertificateRevocationList:
     try:
-        return [(x509.load_der_x509_crl(der), der) for der in ders]
+        return x509.load_der_x509_crl(der)
     except ValueError as exc:
         raise ValueError(f"{source}: not a PEM or DER CRL ({exc})") from exc
 
@@ -574,12 +584,12 @@ def _pem_crls(data: bytes, source: str) -> list[bytes]:
     ders: list[bytes] = []
     outside: list[bytes] = []
     at = 0
-    while (begin := data.find(_BEGIN_CRL, at)) >= 0:
-        end = data.find(_END_CRL, begin + len(_BEGIN_CRL))
+    while (begin := _find(data, _BEGIN_CRL, at)) >= 0:
+        end = _find(data, _END_CRL, begin + len(_BEGIN_CRL))
         if end < 0:
             break
         outside.append(data[at:begin])
-        ders.append(_base64_body(data[begin + len(_BEGIN_CRL) : end], source))
+        ders.append(_base64_body(memoryview(data)[begin + len(_BEGIN_CRL) : end], source))
         at = end + len(_END_CRL)
     if not ders:
         raise ValueError(f"{source}: PEM without a 'BEGIN X509 CRL' block")
@@ -587,22 +597,38 @@ def _pem_crls(data: bytes, source: str) -> list[bytes]:
     return ders
 
 
-def _base64_body(block: bytes, source: str) -> bytes:
+def _base64_body(block: memoryview, source: str) -> bytes:
     """The DER of a PEM block's body (between its BEGIN and END lines), RFC 1421 headers (`Proc-Type: ...`, up to the
     first empty line) set aside; a PEM with headers once went unscreened."""
-    first_line = block.lstrip(b" \t\r\n")
-    first_line = first_line[: first_line.find(b"\n")] if b"\n" in first_line else first_line
+    first_line = bytes(block[:MAX_PEM_HEADERS]).lstrip(b" \t\r\n").partition(b"\n")[0]
     if b":" in first_line:
         headers_end = _HEADERS_END.search(block, 0, MAX_PEM_HEADERS)
         if headers_end is None:
             raise ValueError(f"{source}: a PEM CRL block's headers without the empty line that ends them")
         block = block[headers_end.end() :]
-    # a megabyte at a time: each call holds the GIL, and the event loop's thread waits for it
-    text = b"".join(block[i : i + _STEP].translate(None, b" \t\r\n\f\v") for i in range(0, len(block), _STEP))
+    # a megabyte at a time, the base64 never copied whole: each call and each copy holds the GIL, and the event loop's
+    # thread waits for it (a copy of the whole block, then of its base64, held it 60-90 ms on a loaded machine)
+    der: list[bytes] = []
+    rest = b""  # the base64 characters of a step past its last whole group of four
     try:
-        return b"".join(binascii.a2b_base64(text[i : i + _STEP], strict_mode=True) for i in range(0, len(text), _STEP))
+        for i in range(0, len(block), _STEP):
+            text = rest + bytes(block[i : i + _STEP]).translate(None, b" \t\r\n\f\v")
+            whole_groups = len(text) - len(text) % 4
+            der.append(binascii.a2b_base64(text[:whole_groups], strict_mode=True))
+            rest = text[whole_groups:]
+        der.append(binascii.a2b_base64(rest, strict_mode=True))
     except binascii.Error as exc:
         raise ValueError(f"{source}: a PEM CRL block that is not base64 ({exc})") from exc
+    return b"".join(der)
+
+
+def _find(data: bytes, needle: bytes, start: int = 0) -> int:
+    """`data.find(needle, start)`, a megabyte at a time (the event loop's thread may take the GIL between two): one
+    look for a PEM block's BEGIN or END line through a 64 MB CRL held it 80 ms on a loaded machine."""
+    for at in range(start, len(data), _STEP):
+        if (found := data.find(needle, at, at + _STEP + len(needle) - 1)) >= 0:
+            return found
+    return -1
 
 
 def _whole(rest: bytes, source: str) -> None:
@@ -631,15 +657,83 @@ def accept(
 ) -> Crl:
     """Vet one CRL (signer, signature, currency, extensions) and read it; CrlUnusable says why not. With its `der`
     (`read_crls`), a signature that does not verify costs a hash (`_signed_by`)."""
-    at = as_utc(at)
-    name = crl.issuer.rfc4514_string()
-    cas = trust.named(crl.issuer)
+    return _accepted(
+        source, crl, trust, as_utc(at), [ca for ca in _named(crl.issuer, trust) if _signed_by(crl, ca, der)]
+    )
+
+
+def accept_der(source: str, der: bytes, trust: TrustList, *, at: datetime) -> Crl:
+    """`accept` for a CRL as it came (its DER, from `crl_ders`), its signature checked before cryptography reads it:
+    `_outline` gives the issuer, signature algorithm and signature for the price of a few hundred bytes, `_screened`
+    verifies the signature over the tbsCertList's bytes, and only a CRL whose signature verifies with a configured key
+    of its issuer's (or whose algorithm the screen leaves to cryptography) is read whole. Reading a 64 MB CRL of 2.8
+    million entries held the GIL 0.2-0.33 s (seconds on a loaded machine), and anyone on a distribution point's path
+    could send one, signed by a key of their own, at each refresh: every device waited that long. A signature the
+    screen verified is not checked again by `is_signature_valid` (2.4 s holding the GIL for such a CRL): cryptography
+    reads the tbsCertList from those very bytes, the DER being strict, and refuses a CertificateList whose inner and
+    outer signature algorithms differ. ValueError for bytes that are not a CRL, CrlUnusable as `accept`."""
+    outline = _outline(der, source)
+    cas = _named(outline.issuer, trust)
+    verdicts = {ca: _screen(outline, ca, der) for ca in cas}
+    if not any(verdict is not False for verdict in verdicts.values()):
+        raise CrlUnusable(_not_verified(outline))
+    crl = _read(der, source)
+    signers = [ca for ca in cas if verdicts[ca] or (verdicts[ca] is None and _signed_by(crl, ca))]
+    return _accepted(source, crl, trust, as_utc(at), signers)
+
+
+def _named(issuer: x509.Name, trust: TrustList) -> list[x509.Certificate]:
+    """The configured CA certificates named as a CRL's `issuer`; CrlUnusable if there are none."""
+    cas = trust.named(issuer)
     if not cas:  # anyone on an http source's path sends any name: it is shown cut short (a label, a log line)
+        name = issuer.rfc4514_string()
         shown = name if len(name) <= MAX_NAME_SHOWN else f"{name[:MAX_NAME_SHOWN]}... ({len(name)} characters)"
         raise CrlUnusable(f"CRL issuer '{shown}' is not in the trust list")
-    signers = [ca for ca in cas if _signed_by(crl, ca, der)]
+    return cas
+
+
+def _not_verified(crl: x509.CertificateRevocationList) -> str:
+    name = crl.issuer.rfc4514_string()
+    return f"CRL signature does not verify against the trusted '{name}' (signed with another key?)"
+
+
+def _outline(der: bytes, source: str) -> x509.CertificateRevocationList:
+    """The CRL in `der` cut down to what the signature screen asks of it: a CertificateList whose tbsCertList keeps
+    the version, signature algorithm, issuer and update times of the CRL's, without its revokedCertificates and
+    crlExtensions, and whose signatureAlgorithm and signatureValue are the CRL's as they came (its signature is not
+    over this tbsCertList: only the screen, given `der`, checks it). ValueError naming `source` for bytes of another
+    shape."""
+    try:
+        return x509.load_der_x509_crl(_outline_der(der))
+    except ValueError as exc:
+        raise ValueError(f"{source}: not a PEM or DER CRL ({exc})") from exc
+
+
+def _outline_der(der: bytes) -> bytes:
+    """`_outline`'s DER, found by the CRL's headers alone."""
+    parts = inside(der, whole(der))  # CertificateList: tbsCertList, signatureAlgorithm, signatureValue
+    if len(parts) != 3:
+        raise ValueError(f"a CertificateList of {len(parts)} elements, not 3")
+    tbs, algorithm, signature = parts
+    head = inside(der, tbs)  # [version], signature, issuer, thisUpdate, [nextUpdate], [revoked], [extensions]
+    kept = 3 if head and head[0][0] == _INTEGER else 2
+    while kept < len(head) and head[kept][0] in _TIMES:
+        kept += 1
+    if kept > len(head):
+        raise ValueError("a tbsCertList cut short")
+    return tlv(_SEQUENCE, tlv(_SEQUENCE, der[head[0][1] : head[kept - 1][2]]) + der[algorithm[1] : signature[2]])
+
+
+_INTEGER, _SEQUENCE, _TIMES = 0x02, 0x30, (0x17, 0x18)  # DER tags: INTEGER, SEQUENCE, UTCTime and GeneralizedTime
+
+
+def _accepted(
+    source: str, crl: x509.CertificateRevocationList, trust: TrustList, at: datetime, signers: list[x509.Certificate]
+) -> Crl:
+    """`accept`, once the certificates among the issuer's whose key verifies the signature are known (`signers`)."""
+    name = crl.issuer.rfc4514_string()
     if not signers:
-        raise CrlUnusable(f"CRL signature does not verify against the trusted '{name}' (signed with another key?)")
+        raise CrlUnusable(_not_verified(crl))
     allowed = [ca for ca in signers if _may_sign_crls(ca)]
     if not allowed:
         raise CrlUnusable(f"the key usage of '{name}' does not allow cRLSign")
@@ -787,45 +881,55 @@ def _entry(key: IssuerSerial, delta: Crl | bool | None, crl: Crl | None) -> Entr
     return entry
 
 
+_Key = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | dsa.DSAPublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+
+
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate, der: bytes = b"") -> bool:
     """Does `ca`'s key verify the CRL's signature? cryptography's `is_signature_valid` decides; with the CRL's `der`,
     `_screened` first refuses what it would refuse, for a hash's cost (module docstring)."""
     key = ca.public_key()
-    if not isinstance(
-        key,
-        rsa.RSAPublicKey
-        | ec.EllipticCurvePublicKey
-        | dsa.DSAPublicKey
-        | ed25519.Ed25519PublicKey
-        | ed448.Ed448PublicKey,
-    ):
+    if not isinstance(key, _Key):
         return False
     try:
-        if der and not _screened(crl, key, der):
+        if der and _screened(crl, key, der) is False:
             return False
         return crl.is_signature_valid(key)
     except (ValueError, TypeError, UnsupportedAlgorithm):  # anything but True from cryptography is "does not verify"
         return False
 
 
-def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> bool:
-    """False where the signature surely does not verify with `key`: checked over the CRL's signed bytes as they came
-    (the DER is strict: they are what cryptography would encode again), for RSA, EC and DSA keys hashed by hashlib,
-    which lets go of the GIL (a DSA key was once let through to cryptography alone: 1.8 s for a forged 64 MB CRL).
-    `is_signature_valid` encodes the whole tbsCertList again first, holding the GIL: 2.4 s for a 64 MB CRL of 2.8
-    million entries, which anyone on a distribution point's path could send under the CA's name at each refresh,
-    stalling every device (its thread did not help). True otherwise (then cryptography decides), as for a signature
-    algorithm cryptography does not know: `is_signature_valid` answers False for it, where asking for its hash raises
+def _screen(outline: x509.CertificateRevocationList, ca: x509.Certificate, der: bytes) -> bool | None:
+    """`_screened` for `ca`'s key (`accept_der`): False for a key of no kind a CRL is signed with, or an error."""
+    key = ca.public_key()
+    if not isinstance(key, _Key):
+        return False
+    try:
+        return _screened(outline, key, der)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+
+
+def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> bool | None:
+    """The CRL's signature checked with `key` over its signed bytes as they came (the DER is strict: they are what
+    cryptography would encode again): True where it verifies, False where it does not; for RSA, EC and DSA keys hashed
+    by hashlib, which lets go of the GIL (a DSA key was once let through to cryptography alone: 1.8 s for a forged 64
+    MB CRL), for Ed25519 and Ed448 (which sign the bytes themselves: no prehash) by cryptography's `verify`, which
+    lets go of it too (measured: 0.1-0.3 s for 64 MB, the event loop's thread waiting 15 ms at most). `crl` gives the
+    signature algorithm and value only: the CRL read, or its `_outline`. `is_signature_valid` encodes the whole
+    tbsCertList again first, holding the GIL: 2.4 s for a 64 MB CRL of 2.8 million entries, which anyone on a
+    distribution point's path could send under the CA's name at each refresh, stalling every device (its thread did
+    not help). None where the screen cannot tell (then cryptography decides), as for a signature algorithm
+    cryptography does not know: `is_signature_valid` answers False for it, where asking for its hash raises
     UnsupportedAlgorithm (which left the refresh round, and a gateway's start, before any CRL was used)."""
     try:
         params, algorithm = crl.signature_algorithm_parameters, crl.signature_hash_algorithm
     except UnsupportedAlgorithm:
-        return True
+        return None
     signed = inside(der, whole(der))[0]  # CertificateList: tbsCertList, signatureAlgorithm, signatureValue
     data = memoryview(der)[signed[1] : signed[2]]
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):  # no prehash: the bytes themselves
         try:
-            key.verify(crl.signature, bytes(data))
+            key.verify(crl.signature, data)
         except InvalidSignature:
             return False
         return True
@@ -837,7 +941,7 @@ def _screened(crl: x509.CertificateRevocationList, key: object, der: bytes) -> b
         try:
             hasher = hashes.Hash(algorithm)
         except UnsupportedAlgorithm:  # nor OpenSSL: cryptography's check decides
-            return True
+            return None
         hasher.update(data)
         digest = hasher.finalize()
     prehashed = asym_utils.Prehashed(algorithm)

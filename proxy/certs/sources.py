@@ -54,7 +54,15 @@ from cryptography import x509
 
 from proxy.certs.chain import TrustList
 from proxy.certs.floors import KEY, FloorTable, PersistedFloors
-from proxy.certs.revocation import Crl, CrlSet, CrlUnusable, accept, read_crls, shown_error, signer_certificates
+from proxy.certs.revocation import (
+    Crl,
+    CrlSet,
+    CrlUnusable,
+    accept_der,
+    crl_ders,
+    shown_error,
+    signer_certificates,
+)
 from proxy.files import read_bounded
 
 log = structlog.get_logger("proxy.crl")
@@ -429,12 +437,13 @@ def distribution_point_urls(certs: Iterable[x509.Certificate]) -> list[str]:
 
 
 def _vet(state: _State, data: bytes, trust: TrustList, now: datetime) -> list[Crl] | ValueError | CrlUnusable:
-    """The CRLs in what a source returned, each checked (`accept`) and none older than the one it replaces; or why
-    not. Run in a thread by a refresh: reading a CRL's entries and checking it takes CPU in proportion to its size
-    (200,000 entries, 6 MiB: about 2.2 s here), which on the event loop stalled every request each time it changed."""
+    """The CRLs in what a source returned, each checked (`accept_der`: the signature before the entries are read) and
+    none older than the one it replaces; or why not. Run in a thread by a refresh: reading a CRL's entries and checking
+    it takes CPU in proportion to its size (200,000 entries, 6 MiB: about 2.2 s here), which on the event loop stalled
+    every request each time it changed."""
     where = state.source.name  # each CRL's `source`: what a refusal's fix and the traces name
     try:
-        crls = [accept(where, crl, trust, at=now, der=der) for crl, der in read_crls(data, where)]
+        crls = [accept_der(where, der, trust, at=now) for der in crl_ders(data, where)]
         _refuse_rollback(crls, state.crls)
     except (ValueError, CrlUnusable) as exc:
         return exc

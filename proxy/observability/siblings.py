@@ -96,11 +96,15 @@ class Siblings(TraceSource):
     ) -> dict[int, bytes | None]:
         """`path` asked of every other worker at once, `within` seconds each: its body by number, None where it did
         not answer 200 (or, with `limit`, answered more bytes than that)."""
-        numbers = sorted(
-            int(p.stem) for p in self.worker.siblings.glob("*.sock") if p.stem.isdigit() and p != self.worker.socket
-        )
+        numbers = self._numbers()
         bodies = await asyncio.gather(*(self._ask_one(n, path, query, within, limit) for n in numbers))
         return dict(zip(numbers, bodies, strict=True))
+
+    def _numbers(self) -> list[int]:
+        """The other workers' numbers, from their sockets."""
+        return sorted(
+            int(p.stem) for p in self.worker.siblings.glob("*.sock") if p.stem.isdigit() and p != self.worker.socket
+        )
 
     async def _ask_one(
         self, number: int, path: str, query: Mapping[str, str] | None, within: float, limit: int | None
@@ -123,11 +127,32 @@ class Siblings(TraceSource):
         others = await self.ask("/metrics")
         return merge_metrics({self.worker.number: self._render(), **others})
 
-    async def listeners(self) -> dict[int, Occupancy | None]:
+    async def listeners(self, *, enough: Callable[[Occupancy], bool] | None = None) -> dict[int, Occupancy | None]:
         """Every other worker's device connections and their limit; None where it did not answer within
-        `READY_ASK_TIMEOUT` seconds (this is /readyz's question)."""
-        asked = await self.ask("/listener", within=READY_ASK_TIMEOUT, limit=LISTENER_ANSWER_BYTES)
-        return {number: None if body is None else _figures(number, body) for number, body in asked.items()}
+        `READY_ASK_TIMEOUT` seconds (this is /readyz's question). With `enough`, the answers as soon as one worker's
+        figures satisfy it, the workers not heard from by then left out: a full worker's /readyz, told by one sibling
+        that it has room, has its answer, and waited READY_ASK_TIMEOUT for a hung one besides."""
+        numbers = self._numbers()
+        asked = {
+            asyncio.ensure_future(self._ask_one(n, "/listener", None, READY_ASK_TIMEOUT, LISTENER_ANSWER_BYTES)): n
+            for n in numbers
+        }
+        answers: dict[int, Occupancy | None] = {}
+        pending = set(asked)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    body = task.result()
+                    occupancy = None if body is None else _figures(asked[task], body)
+                    answers[asked[task]] = occupancy
+                    if enough is not None and occupancy is not None and enough(occupancy):
+                        return answers
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        return answers
 
     async def recent(self, limit: int, user: str | None, before: str | None = None) -> Recent | None:
         query = {"limit": str(limit), **({"user": user} if user else {})}

@@ -14,9 +14,14 @@ transport's (buffered) protocol and the device-side server's transport:
   `resume_writing`) is the server's;
 - whatever OpenSSL answers by itself while reading (a refused TLS 1.2 renegotiation's alert, a TLS 1.3
   KeyUpdate) is sent after each read; when the socket transport already holds more than its high-water mark of
-  our records (`pause_writing`), reading from the device stops until it has taken them (`resume_writing`): a
-  device that sent KeyUpdates asking for the gateway's and read nothing had the gateway keep every answer, 4.4 MB
-  for 8 MB of them, until the connection ended (docs/hardening.md, section 17);
+  our records (`pause_writing`) and OpenSSL's answers handed to it since pass `ANSWERS_HELD` bytes, reading from the
+  device stops until it has taken them (`resume_writing`): a device that sent KeyUpdates asking for the gateway's and
+  read nothing had the gateway keep every answer, 4.4 MB for 8 MB of them, until the connection ended
+  (docs/hardening.md, section 17). Not at the first answer: a device that renews its keys mid-upload while it reads
+  nothing until its upload is sent (the backend's answer filling the socket's buffers meanwhile) then waited for
+  `client_body_timeout` (OpenSSL 3.0 writes its answer to a KeyUpdate at the gateway's next write, or as it reads
+  the next KeyUpdate: two did it); a device's KeyUpdate is rare (a TLS stack renews its keys after gigabytes), and
+  `ANSWERS_HELD` is over two thousand of the gateway's;
 - closing sends close_notify and waits for the device's, at most `SHUTDOWN_TIMEOUT` seconds (asyncio's
   rule), reading and discarding what else arrives (in the same read as the device's close_notify or not; at most
   `DISCARD_LIMIT` bytes, then the connection is aborted);
@@ -55,6 +60,9 @@ RELEASE_AFTER = 1.0  # seconds from the end of such an exchange to the replaceme
 # device is streaming at a closed connection, and it is aborted (decrypting its bytes costs the gateway CPU).
 DISCARD_LIMIT = 1024 * 1024
 _READ = 32 * 1024
+# Bytes of OpenSSL's own answers (KeyUpdates, alerts) handed to the socket transport while it is over its high-water
+# mark, past which reading from the device stops until it takes our records: 27 bytes a KeyUpdate.
+ANSWERS_HELD = 64 * 1024
 
 _OPEN, _SHUTDOWN, _CLOSED = 0, 1, 2
 
@@ -63,6 +71,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
     """The TLS connection's transport for the server, and the socket transport's protocol."""
 
     __slots__ = (
+        "_answered",
         "_app",
         "_app_paused",
         "_buffer",
@@ -112,6 +121,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         self._discarded = 0  # application data bytes read and discarded since close()
         self._send_paused = False  # the socket transport holds more than its high-water mark of our records
         self._held = False  # reading stopped: OpenSSL answered the device by itself while it took none of our records
+        self._answered = 0  # bytes OpenSSL answered by itself since the socket transport went over its high-water mark
 
     # -- the socket transport's protocol ----------------------------------------------------------------------
 
@@ -154,7 +164,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
             self._app.pause_writing()
 
     def resume_writing(self) -> None:
-        self._send_paused = False
+        self._send_paused, self._answered = False, 0
         if self._held:  # the device took our records: its own are read again
             self._held = False
             if self._state == _OPEN and not self._app_paused:
@@ -185,10 +195,13 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
             self._flush()  # OpenSSL's alert, if it wrote one
             self._stream.abort()
             return
-        if self._flush() and self._send_paused and not self._held:  # answers OpenSSL wrote by itself, not taken
-            self._held = True
-            if not self._app_paused:
-                self._stream.pause_reading()
+        answered = self._flush()  # what OpenSSL wrote by itself
+        if answered and self._send_paused:
+            self._answered += answered
+            if self._answered > ANSWERS_HELD and not self._held:
+                self._held = True
+                if not self._app_paused:
+                    self._stream.pause_reading()
         app = self._app
         if data and app is not None:
             app.data_received(data[0] if len(data) == 1 else b"".join(data))
@@ -203,15 +216,15 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         if self._incoming.pending and self._state == _OPEN and not self._app_paused and not self._held:
             self._read()
 
-    def _flush(self) -> bool:
-        """Hand what OpenSSL wrote to the socket transport; whether there was anything."""
+    def _flush(self) -> int:
+        """Hand what OpenSSL wrote to the socket transport; how many bytes."""
         if not self._outgoing.pending:
-            return False
+            return 0
         records = self._outgoing.read()
         if len(records) > KEEP_BIO_BYTES:
             self._grown = True
         self._stream.write(records)
-        return True
+        return len(records)
 
     def between_requests(self) -> None:
         """The server waits for the device's next request: if a BIO held more than `KEEP_BIO_BYTES` for the last

@@ -59,7 +59,7 @@ from proxy.tls.openssl import (
     remember_verified_chains,
     take_refused_certificate,
 )
-from proxy.tls.record import TlsRecords
+from proxy.tls.record import ANSWERS_HELD, TlsRecords
 
 log = structlog.get_logger("proxy.tls")
 
@@ -254,6 +254,7 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
     max_size = 32 * 1024
     received = False  # whether the client has sent a byte (an empty connection ends before its first one)
     answers_held = False  # reading stopped: OpenSSL answered the device by itself while it took none of our records
+    answered = 0  # bytes OpenSSL answered by itself since the socket transport went over its high-water mark
 
     def __init__(self, *args: Any, closed: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -270,17 +271,19 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
 
     def _do_read(self) -> None:
         """asyncio's, and then: if OpenSSL wrote records of its own while reading (a KeyUpdate's answer, a refused
-        renegotiation's alert) and the socket transport already holds more than its high-water mark of ours, reading
-        from the device stops until it has taken them (`resume_writing`). asyncio keeps such records in its outgoing
-        BIO while writing is paused, and went on reading: a device that sent KeyUpdates asking for the gateway's and
-        read nothing had the gateway keep every answer (docs/hardening.md, section 17; `TlsRecords` does the same)."""
+        renegotiation's alert) and the socket transport already holds more than its high-water mark of ours, and they
+        come to more than `ANSWERS_HELD` bytes since, reading from the device stops until it has taken them
+        (`resume_writing`). asyncio keeps such records in its outgoing BIO while writing is paused, and went on
+        reading: a device that sent KeyUpdates asking for the gateway's and read nothing had the gateway keep every
+        answer (docs/hardening.md, section 17; `TlsRecords` does the same, and says why not at the first answer)."""
         outgoing: ssl.MemoryBIO = getattr(self, "_outgoing")  # noqa: B009  asyncio's, untyped in typeshed
         before = outgoing.pending
         super()._do_read()  # type: ignore[misc]
-        paused = getattr(self, "_ssl_writing_paused", False)
-        if paused and outgoing.pending > before and not self.answers_held and self._transport is not None:
-            self.answers_held = True
-            socket_transport(self._transport).pause_reading()
+        if getattr(self, "_ssl_writing_paused", False) and outgoing.pending > before:
+            self.answered += outgoing.pending - before
+            if self.answered > ANSWERS_HELD and not self.answers_held and self._transport is not None:
+                self.answers_held = True
+                socket_transport(self._transport).pause_reading()
 
     def _control_ssl_reading(self) -> None:
         """asyncio's flow control of its incoming BIO, which would resume reading, unless the answers hold it."""
@@ -289,6 +292,7 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self.answered = 0
         if self.answers_held:  # the device took our records: its own are read again
             self.answers_held = False
             if self._transport is not None and not getattr(self, "_ssl_reading_paused", False):

@@ -1173,7 +1173,7 @@ def test_readyz_of_a_full_worker_whose_sibling_answers_what_no_worker_sends_is_a
 ) -> None:
     """Both workers full, and worker 2's sibling socket answered by another process of the gateway's user: a body
     that is not JSON, JSON that is not the figures (Infinity), a gigabyte. Whichever worker a probe reaches, /readyz
-    answers 200 or 503 (worker 1 naming worker 2 unanswered, taken as having room, as a hung one is), and worker 1's
+    answers 200 or 503 (worker 1 naming worker 2 unanswered, taken as having no room, as a hung one is), and worker 1's
     peak memory grows by less than 32 MiB. Before, worker 1 answered 500 to the first two (json.loads and int raised
     out of the handler) and read the gigabyte for READY_ASK_TIMEOUT into its memory (hundreds of MiB)."""
     gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
@@ -1207,6 +1207,44 @@ def test_readyz_of_a_full_worker_whose_sibling_answers_what_no_worker_sends_is_a
         gw.stop()
 
 
+def test_readyz_of_a_full_worker_beside_a_hung_sibling_is_503(lab: LabLayout, tmp_path: Path) -> None:
+    """Two workers of SLOTS device connections each, one of them stopped (SIGSTOP: the kernel still gives its socket
+    its share of new connections, which wait in its backlog), 20 connections opened: a probe the kernel gives the
+    running worker, full, asks its sibling, gets no answer within READY_ASK_TIMEOUT and answers 503 within kubelet's
+    1 s, naming the silent worker in `listener` and `unanswered`. Before, the silent sibling was taken as having room:
+    200, and the balancer went on sending devices to a gateway that could take none. Probes the kernel gives the
+    stopped worker wait for it: at most 16 tries, each of a 3 s timeout, for one that reaches the running one."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
+    held: list[socket.socket] = []
+    stopped = sorted({e["pid"] for e in gw.wait_events("listening", 2)})[0]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        held = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(20)]
+        answers: list[tuple[float, int, str]] = []
+        for _ in range(16):
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(admin + "/readyz", timeout=3) as r:  # noqa: S310  loopback test URL
+                    answers.append((time.monotonic() - started, r.status, r.read().decode()))
+            except urllib.error.HTTPError as e:
+                answers.append((time.monotonic() - started, e.code, e.read().decode()))
+            except (TimeoutError, urllib.error.URLError):  # the stopped worker's admin socket
+                continue
+            if "did not answer" in answers[-1][2]:  # the running worker, full, asked its sibling
+                break
+        _, status, text = answers[-1] if answers else (0.0, 0, "no answer from the running worker")
+        assert status == 503, answers
+        body = json.loads(text)
+        assert f"{SLOTS} of {SLOTS} connections" in body["listener"], body
+        assert "did not answer): new devices wait in the listen backlog" in body["listener"], body
+        assert body["unanswered"].endswith("did not answer within 0.5 s (taken as having no room)"), body
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        for sock in held:
+            sock.close()
+        gw.stop()
+
+
 def test_readyz_of_a_worker_with_room_does_not_wait_for_a_hung_sibling(lab: LabLayout, tmp_path: Path) -> None:
     """Two workers, one of them stopped (SIGSTOP: a worker stuck in a long call, its admin socket and sibling socket
     open, nothing answered): a probe the kernel gives the running worker, whose device listener has room, is answered
@@ -1231,40 +1269,4 @@ def test_readyz_of_a_worker_with_room_does_not_wait_for_a_hung_sibling(lab: LabL
         assert answers[-1].startswith("200 "), answers
     finally:
         os.kill(stopped, signal.SIGCONT)
-        gw.stop()
-
-
-def test_readyz_of_a_full_worker_names_a_hung_sibling_as_unanswered(lab: LabLayout, tmp_path: Path) -> None:
-    """Two workers, both device listeners full (/readyz 503 naming both); then one is stopped (SIGSTOP: hung, its
-    sockets open): a probe the running worker takes, full itself, asks the stopped one, waits 0.5 s at most and
-    answers 200 with an `unanswered` key naming it "taken as having room", as docs/operations.md says (only a unit
-    test held the bound and the key). Probes the kernel gives the stopped worker wait for it: at most 16 tries,
-    each of a 3 s timeout."""
-    gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
-    stopped = sorted({e["pid"] for e in gw.wait_events("listening", 2)})[0]
-    held: list[socket.socket] = []
-    try:
-        held = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(20)]
-        assert "worker 1" in _readiness_once(admin, 503)["listener"]
-        os.kill(stopped, signal.SIGSTOP)
-        answers: list[tuple[int, str]] = []
-        for _ in range(16):
-            try:
-                with urllib.request.urlopen(admin + "/readyz", timeout=3) as r:  # noqa: S310  loopback test URL
-                    answers.append((r.status, r.read().decode()))
-                    break
-            except urllib.error.HTTPError as e:
-                answers.append((e.code, e.read().decode()))
-            except (TimeoutError, urllib.error.URLError) as e:  # the stopped worker's, or one waiting for it
-                answers.append((0, repr(e)))
-        status, body = answers[-1]
-        assert status == 200, answers
-        answer = json.loads(body)
-        assert answer["ready"] is True
-        assert "listener" not in answer
-        assert answer["unanswered"].endswith("did not answer within 0.5 s (taken as having room)"), answer
-    finally:
-        os.kill(stopped, signal.SIGCONT)
-        for sock in held:
-            sock.close()
         gw.stop()

@@ -13,7 +13,16 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509.oid import NameOID
 
 from proxy.certs.chain import TrustList
-from proxy.certs.revocation import MAX_ERROR_SHOWN, CrlUnusable, _screened, accept, read_crls, shown_error
+from proxy.certs.revocation import (
+    MAX_ERROR_SHOWN,
+    CrlUnusable,
+    _screened,
+    accept,
+    accept_der,
+    crl_ders,
+    read_crls,
+    shown_error,
+)
 from tests.pem import der_tlv
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -86,16 +95,23 @@ def _crl(key: Key, kind: str, encoding: serialization.Encoding) -> bytes:
 def test_a_crl_the_ca_signed_is_accepted_and_another_keys_refused(kind: str, encoding: serialization.Encoding) -> None:
     """The CA's own CRL is accepted with its DER screened (ECDSA P-256/SHA-256, P-384/SHA-384, P-521/SHA-512; RSA
     PKCS#1 v1.5 with SHA-256, RSA 4096 with SHA-512, PSS with SHA-256 and with SHA-384; Ed25519, Ed448; DSA; DER and
-    PEM); the same CRL signed by another key of that kind is refused as not verifying."""
+    PEM), read first or not (`accept_der`, a fetch's way); the same CRL signed by another key of that kind is refused
+    as not verifying."""
     key = _key(kind)
     trust = TrustList(anchors=(_ca(key),))
-    ((crl, der),) = read_crls(_crl(key, kind, encoding), "screen")
+    data = _crl(key, kind, encoding)
+    ((crl, der),) = read_crls(data, "screen")
     assert der == crl.public_bytes(serialization.Encoding.DER)  # what the screen checks the signature over
+    assert crl_ders(data, "screen") == [der]
+    assert _screened(crl, trust.anchors[0].public_key(), der) is True  # verified: cryptography is not asked again
     assert accept("screen", crl, trust, at=NOW, der=der).number == 7
+    assert accept_der("screen", der, trust, at=NOW).number == 7
     ((forged, forged_der),) = read_crls(_crl(_key(kind), kind, encoding), "screen")
     assert _screened(forged, trust.anchors[0].public_key(), forged_der) is False  # refused for a hash's cost
     with pytest.raises(CrlUnusable, match="signature does not verify"):
         accept("screen", forged, trust, at=NOW, der=forged_der)
+    with pytest.raises(CrlUnusable, match="signature does not verify"):
+        accept_der("screen", forged_der, trust, at=NOW)
 
 
 def _with_headers(pem: bytes) -> bytes:
@@ -167,6 +183,8 @@ def test_a_crl_signed_with_an_algorithm_cryptography_does_not_know_is_refused(ki
     assert forged.is_signature_valid(key.public_key()) is False
     with pytest.raises(CrlUnusable, match="signature does not verify"):
         accept("screen", forged, trust, at=NOW, der=der)
+    with pytest.raises(CrlUnusable, match="signature does not verify"):
+        accept_der("screen", der, trust, at=NOW)
 
 
 def _rsa_crl(key: rsa.RSAPrivateKey, algorithm: bytes, tbs_tail: bytes = b"", extensions: bytes = b"") -> bytes:
@@ -232,6 +250,41 @@ def test_the_screen_and_cryptography_agree_on_crls_of_other_shapes(
     ((forged, forged_der),) = read_crls(_rsa_crl(other, algorithm, tbs_tail, extensions), "screen")
     assert not forged.is_signature_valid(key.public_key())
     assert not _screened(forged, key.public_key(), forged_der)
+    with pytest.raises(CrlUnusable, match="signature does not verify"):
+        accept_der("screen", forged_der, trust, at=NOW)
     if extensions and b"\x55\x1d\x1b" in extensions:  # a delta CRL is read, not accepted alone: the screen decides
         return
     assert accept("screen", crl, trust, at=NOW, der=der).issuer == NAME
+    assert accept_der("screen", der, trust, at=NOW).issuer == NAME
+
+
+@pytest.mark.parametrize("version", [True, False], ids=["v2", "v1"])
+@pytest.mark.parametrize("next_update", [True, False], ids=["next-update", "none"])
+def test_the_outline_of_a_crl_of_each_header_reads_as_the_crl(version: bool, next_update: bool) -> None:
+    """`accept_der` reads a CRL's outline (its tbsCertList to the update times) with or without a version and a
+    nextUpdate: the CA's own is accepted, or refused for having no nextUpdate (read whole, as `accept` refuses it);
+    one signed by another key is refused for its signature; bytes that are not a CertificateList, or one cut short,
+    are not a CRL."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    trust = TrustList(anchors=(_ca(key),))
+    algorithm = der_tlv(0x30, SHA256_RSA + b"\x05\x00")
+
+    def signed(by: rsa.RSAPrivateKey) -> bytes:
+        times = der_tlv(0x17, b"261130230000Z") + (der_tlv(0x18, b"20261202000000Z") if next_update else b"")
+        head = (der_tlv(0x02, b"\x01") if version else b"") + algorithm + NAME.public_bytes() + times
+        tbs = der_tlv(0x30, head + der_tlv(0x30, ENTRY * 2))
+        return der_tlv(
+            0x30, tbs + algorithm + der_tlv(0x03, b"\x00" + by.sign(tbs, padding.PKCS1v15(), hashes.SHA256()))
+        )
+
+    if next_update:
+        assert accept_der("screen", signed(key), trust, at=NOW).issuer == NAME
+    else:
+        with pytest.raises(CrlUnusable, match="has no nextUpdate"):
+            accept_der("screen", signed(key), trust, at=NOW)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(CrlUnusable, match="signature does not verify"):
+        accept_der("screen", signed(other), trust, at=NOW)
+    for junk in (b"", b"<html>proxy error</html>", der_tlv(0x30, b""), signed(key)[:-1], der_tlv(0x30, algorithm * 3)):
+        with pytest.raises(ValueError, match="screen: not a PEM or DER CRL"):
+            accept_der("screen", junk, trust, at=NOW)

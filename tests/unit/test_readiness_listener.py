@@ -1,5 +1,5 @@
-"""/readyz's listener part (`proxy.admin.listener_problem`): not ready only while every worker's device listener is
-full."""
+"""/readyz's listener part (`proxy.admin.listener_problem`): not ready only while no worker's device listener is known
+to have room."""
 
 from __future__ import annotations
 
@@ -23,9 +23,21 @@ def test_workers_are_not_ready_only_when_every_one_is_full() -> None:
     assert "worker 1: 2 of 2, worker 2: 2 of 2" in problem
 
 
-def test_a_worker_that_does_not_answer_or_has_no_limit_yet_counts_as_having_room() -> None:
-    """A sibling that did not answer (being replaced) or a listener not set up yet (limit 0) never makes the gateway
-    unready: only a full listener does."""
-    assert listener_problem({1: (2, 2), 2: None}) is None
+def test_a_listener_not_set_up_yet_counts_as_having_room() -> None:
+    """A listener not set up yet (limit 0) never makes the gateway unready: only a full listener does."""
     assert listener_problem({0: (0, 0)}) is None
+    assert listener_problem({1: (2, 2), 2: (0, 0)}) is None
     assert listener_problem({}) is None
+
+
+def test_a_worker_that_does_not_answer_is_no_room() -> None:
+    """A full worker beside siblings that did not answer (hung: the kernel still gives its socket new connections,
+    which wait in its backlog; being replaced: it has no socket, and every new connection goes to the full one) is
+    not ready, the silent ones named; one sibling with room beside a silent one is. Before, a sibling that did not
+    answer was taken as having room: the full gateway said 200."""
+    problem = listener_problem({1: (2, 2), 2: None, 3: None})
+    assert problem is not None
+    assert "(worker 1: 2 of 2 connections: listener.max_connections, " in problem
+    assert "holds fewer; worker 2, worker 3 did not answer): new devices wait" in problem
+    assert listener_problem({1: (2, 2), 2: None, 3: None}) == problem
+    assert listener_problem({1: (2, 2), 2: None, 3: (1, 2)}) is None

@@ -18,7 +18,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.certs.ocsp import OcspClient, OcspError, build_request, responder_url, verify_response
-from proxy.certs.revocation import RevocationStatus
+from proxy.certs.revocation import RevocationEvidence, RevocationStatus
 from proxy.lab.pki import Pki, make_pki
 from tests.pem import load_cert, load_key
 
@@ -407,3 +407,77 @@ async def _token_cut_short(pki: Pki) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def _checked_responder(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A delegated responder of the issuing CA (id-kp-OCSPSigning) without id-pkix-ocsp-nocheck: its own revocation is
+    for the gateway's CRLs to judge (RFC 6960 4.2.2.2.1)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuing = load_cert(pki.issuing_cert)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "Checked OCSP responder")]))
+        .issuer_name(issuing.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+    )
+    return builder.sign(load_key(pki.issuing_key), hashes.SHA256()), key
+
+
+def test_a_cached_answer_of_a_responder_revoked_since_is_no_answer(pki: Pki) -> None:
+    """A delegated responder without id-pkix-ocsp-nocheck answers "good" for alice, believed while the CRLs in force
+    do not list it, and cached. A CRL published later revokes the responder: the cached answer's next use is no
+    answer (UNKNOWN, naming the revoked responder), without asking the responder again. Before, the verdict on the
+    responder was cached with its answer, believed until the next ask (up to crl_refresh_seconds)."""
+    asyncio.run(_cached_answer_of_a_revoked_responder(pki))
+
+
+async def _cached_answer_of_a_revoked_responder(pki: Pki) -> None:
+    responder, key = _checked_responder(pki)
+    issuing = load_cert(pki.issuing_cert)
+    posts: list[bytes] = []
+
+    async def answering(request: web.Request) -> web.Response:
+        body = await request.read()
+        posts.append(body)
+        asked = ocsp.load_der_ocsp_request(body)
+        nonce = asked.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+        builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+            issuer_name_hash=asked.issuer_name_hash,
+            issuer_key_hash=asked.issuer_key_hash,
+            serial_number=asked.serial_number,
+            algorithm=hashes.SHA1(),  # noqa: S303 -- what CertIDs use
+            cert_status=ocsp.OCSPCertStatus.GOOD,
+            this_update=NOW,
+            next_update=None,
+            revocation_time=None,
+            revocation_reason=None,
+        )
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder).certificates([responder])
+        return web.Response(body=builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+    listed: list[x509.Certificate] = []  # what the CRLs in force list
+
+    async def judge(cert: x509.Certificate, at: datetime) -> RevocationEvidence:
+        if cert in listed:
+            return RevocationEvidence(RevocationStatus.REVOKED, "issuing.crl", "it is on the CRL")
+        return RevocationEvidence(RevocationStatus.GOOD, "issuing.crl", "not on the CRL")
+
+    client = OcspClient(cache_seconds=60)
+    async with _serving(answering) as url:
+        alice = _with_responder(pki, url)
+        first = await client.status(alice, issuing, at=NOW, judge=judge)
+        assert first.status is RevocationStatus.GOOD, first.detail
+        listed.append(responder)  # a CRL published after the answer was taken
+        later = await client.status(alice, issuing, at=NOW + timedelta(seconds=10), judge=judge)
+        assert later.status is RevocationStatus.UNKNOWN, later.detail
+        assert "the OCSP responder's certificate is revoked: it is on the CRL" in later.detail
+        assert len(posts) == 1  # judged from the cache, not asked again
+        listed.clear()  # (a failure is kept FAILURE_SECONDS, then the responder is asked again)
+        again = await client.status(alice, issuing, at=NOW + timedelta(seconds=20), judge=judge)
+        assert (again.status, len(posts)) == (RevocationStatus.GOOD, 2)
+    await client.close()

@@ -17,6 +17,7 @@ from proxy.observability.siblings import (
     merge_metrics,
     merge_traces,
     ring_answer,
+    serve_siblings,
 )
 from proxy.observability.trace import Trace
 from proxy.observability.traces import Cursor, TraceRing
@@ -109,7 +110,8 @@ def test_pages_after_a_cursor_cover_every_workers_records_once_in_the_merged_ord
 def test_a_sibling_that_accepts_and_never_answers_is_none_within_readys_bound(tmp_path: Path) -> None:
     """/readyz's question (`Siblings.listeners`) of a sibling whose Unix socket accepts and never answers (a hung
     worker: the kernel accepts for it) comes back within READY_ASK_TIMEOUT, below kubelet's 1 s probe timeout, with
-    that worker as None (taken as having room); before, /readyz waited ASK_TIMEOUT (5 s) for it."""
+    that worker as None (taken as having no room: `listener_problem`); before, /readyz waited ASK_TIMEOUT (5 s)
+    for it."""
     hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     hung.bind(str(tmp_path / "2.sock"))
     hung.listen(8)
@@ -126,3 +128,34 @@ def test_a_sibling_that_accepts_and_never_answers_is_none_within_readys_bound(tm
         hung.close()
     assert answers == {2: None}
     assert READY_ASK_TIMEOUT <= took < 1.0 < ASK_TIMEOUT, took
+
+
+def test_a_full_workers_question_ends_when_a_sibling_has_room(tmp_path: Path) -> None:
+    """/readyz's question of a full worker (`Siblings.listeners` with `enough`): a sibling serving `/listener` with
+    room (a real sibling app on its Unix socket) ends it at once, the hung sibling beside it (its socket accepts and
+    never answers) left out rather than waited for READY_ASK_TIMEOUT; without `enough`, every sibling is waited for."""
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hung.bind(str(tmp_path / "2.sock"))
+    hung.listen(8)
+    siblings = Siblings(TraceRing(keep=5), Worker(number=1, siblings=tmp_path), lambda: b"")
+
+    async def ask() -> tuple[dict[int, tuple[int, int] | None], float, dict[int, tuple[int, int] | None]]:
+        runner = await serve_siblings(
+            Worker(number=3, siblings=tmp_path), TraceRing(keep=5), lambda: b"", lambda: (1, 2)
+        )
+        try:
+            started = time.monotonic()
+            early = await siblings.listeners(enough=lambda figures: figures[0] < figures[1])
+            took = time.monotonic() - started
+            every = await siblings.listeners()
+        finally:
+            await runner.cleanup()
+        return early, took, every
+
+    try:
+        early, took, every = asyncio.run(ask())
+    finally:
+        hung.close()
+    assert early == {3: (1, 2)}  # the hung one's timeout not waited for: it would be there, as None
+    assert took < 5 * READY_ASK_TIMEOUT, took  # (a loaded machine's slack)
+    assert every == {2: None, 3: (1, 2)}

@@ -17,11 +17,12 @@ from tests.pem import write_self_signed
 
 
 class Stream:
-    """The socket transport under `TlsRecords`: what was written, and how it ended."""
+    """The socket transport under `TlsRecords`: what was written, how it ended, whether it reads."""
 
     def __init__(self) -> None:
         self.sent = b""
         self.ended: str | None = None
+        self.reading = True
 
     def write(self, data: bytes) -> None:
         self.sent += bytes(data)
@@ -36,10 +37,10 @@ class Stream:
         return self.ended is not None
 
     def pause_reading(self) -> None:
-        pass
+        self.reading = False
 
     def resume_reading(self) -> None:
-        pass
+        self.reading = True
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return default
