@@ -210,7 +210,8 @@ def test_a_sign_in_in_flight_in_a_worker_killed_holds_its_user_until_stale_after
     is killed (SIGKILL): with basic_failures_per_user = 1 her attempt in flight is all she may have, so her next
     sign-ins, on the other worker or the replacement, are 429 without the KDC; the dead attempt is never ended, and
     stops counting stale_after (1 x kdc_timeout + 30 s) after it was admitted: then, the KDC answering again, she is
-    signed in (200). Not throttled for good."""
+    signed in (200). Not throttled for good. A connection the kernel queued on the killed worker's socket is reset
+    (seen under load): it is asked again."""
     kdc = SecondKdc(lab, tmp_path)
     gw = None
     try:
@@ -226,9 +227,14 @@ def test_a_sign_in_in_flight_in_a_worker_killed_holds_its_user_until_stale_after
         stale_after = 1 * KDC_TIMEOUT + 30
         statuses: list[int] = []
         deadline = admitted + stale_after + WAIT
+        resets = 0
         while time.monotonic() < deadline and 200 not in statuses:
-            statuses += asyncio.run(_guess_on_fresh_connections(lab, gw, "carol", 1, USERS["carol"]))
+            try:
+                statuses += asyncio.run(_guess_on_fresh_connections(lab, gw, "carol", 1, USERS["carol"]))
+            except aiohttp.ClientConnectionError:  # queued on the killed worker's socket: reset, asked again
+                resets += 1
             time.sleep(1.0)
+        assert resets < 10, (resets, statuses)
         assert statuses[0] == 429, statuses
         assert statuses[-1] == 200, statuses
         assert set(statuses) == {429, 200}, statuses
