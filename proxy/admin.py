@@ -20,7 +20,8 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   503 too while the device listener is full in every worker (`listener_problem`, a `listener` key): new devices
   would wait in its listen backlog, and a balancer sends them to a gateway with room instead. Only a worker that is
   full itself asks its siblings (each up to READY_ASK_TIMEOUT, 0.5 s: below kubelet's 1 s probe timeout): one with
-  room answers at once, a stuck sibling or not.
+  room answers at once, a stuck sibling or not. 503 too, with a `stopping` key, while a gateway that got SIGTERM
+  drains (`proxy.app.drain`): a balancer checking /readyz takes it out while it finishes its requests.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
@@ -186,8 +187,13 @@ async def readyz(request: web.Request) -> web.Response:
         workers.update(await siblings.listeners())  # a hung one is asked (READY_ASK_TIMEOUT) only by a full worker
     listener = listener_problem(workers)
     unanswered = sorted(number for number, figures in workers.items() if figures is None)
-    ready = kdc is None and not refusing and tls is None and listener is None
+    ready = kdc is None and not refusing and tls is None and listener is None and not live.stopping
     body: dict[str, object] = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok"}
+    if live.stopping:  # only then, as the keys below
+        body["stopping"] = (
+            "the gateway is stopping (SIGTERM): it takes no new connection and finishes the requests in flight "
+            f"within listener.drain_timeout ({live.config.listener.drain_timeout:g} s)"
+        )
     if tls is not None:  # only then: a ready answer's body is as it was
         body["tls"] = tls
     if listener is not None:  # likewise

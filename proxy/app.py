@@ -341,6 +341,9 @@ async def _aiohttp_server(live: Live) -> web.AppRunner:
         access_log=logging.getLogger("aiohttp.access"),  # only for `unparsed_requests`: no access log is written
         access_log_class=unparsed_requests(live),
         handle_signals=False,
+        # at the stop (`serve`): a request in flight gets this long to finish, then it is cancelled (aiohttp reads 0
+        # as no limit at all, so "cut at once" is a millisecond)
+        shutdown_timeout=live.config.listener.drain_timeout or 0.001,
         keepalive_timeout=live.config.listener.keepalive_timeout,
         handler_cancellation=True,
         max_field_size=MAX_FIELD_BYTES,
@@ -348,6 +351,30 @@ async def _aiohttp_server(live: Live) -> web.AppRunner:
     )
     await runner.setup()
     return runner
+
+
+DRAIN_POLL = 0.05  # seconds between two looks at what a stopping gateway still holds
+UNUSED_GRACE = 1.0  # seconds a connection that had no request yet when the stop came is given to send its first
+
+
+async def drain(connections: set[DeviceConnection], slots: ConnectionSlots, seconds: float) -> None:
+    """Theory of operation: the stop of a gateway in a pool (SIGTERM: a rolling restart, `systemctl stop`, a pod
+    deleted). The listening sockets are closed already, so a balancer's next connection here is refused and sent to
+    another gateway (HAProxy's `option redispatch`), and /readyz answers 503 (`Live.stopping`). What the gateway holds
+    is let go rather than cut: a connection between two requests is closed now; one serving a request answers it with
+    `Connection: close`, then closes (`DeviceConnection.wind_down`); one whose handshake had just ended gets
+    UNUSED_GRACE to send its request. Returns once every device connection owes its device nothing (closed between
+    requests, its answers handed to the kernel; a TLS handshake or PROXY header under way, counted in `slots`, is
+    waited for) or after `seconds` (`listener.drain_timeout`): what is still open then (a held ActiveSync
+    Ping, a long download) is cut by the caller, as every connection was before the drain existed."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < seconds:
+        unused_too = loop.time() - started >= UNUSED_GRACE
+        owing = [c for c in list(connections) if not c.wind_down(unused_too=unused_too)]
+        if not owing and slots.connections <= len(connections):  # nothing owed, no handshake under way
+            return
+        await asyncio.sleep(DRAIN_POLL)
 
 
 def _unparsed(live: Live, remote: str | None, status: int) -> None:
@@ -515,17 +542,20 @@ async def serve(
             live.reload_soon()
         await stop.wait()
     finally:
-        log.info("stopping")
+        log.info("stopping", drain_timeout=listener.drain_timeout)
+        live.stopping = True  # /readyz: 503 from now on, while the admin listener answers through the drain
         if watcher is not None:
             watcher.cancel()
-        if admin is not None:
-            await admin.cleanup()
         for task in accepting:
             task.cancel()
         for sock in sockets:
-            sock.close()
+            sock.close()  # the next connection is refused: a balancer sends it to another gateway
         if runner is not None:
-            await runner.cleanup()
+            await runner.cleanup()  # aiohttp's own drain, up to its shutdown_timeout (listener.drain_timeout)
+        else:
+            await drain(connections, slots, listener.drain_timeout)
+        if admin is not None:
+            await admin.cleanup()
         close_all(connections)
         await live.close()
         live.traces.close()

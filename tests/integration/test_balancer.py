@@ -15,6 +15,7 @@ import dataclasses
 import http.client
 import io
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -34,6 +35,7 @@ from tests.integration.conftest import (
     curl,
     dead_port,
     free_port,
+    metric,
     start_gateway,
     wait_port,
 )
@@ -188,16 +190,16 @@ def test_the_device_going_around_the_balancer_is_refused_and_health_checks_are_n
     refused = gw.wait_for("proxy_header_refused", lambda e: str(e.get("peer", "")).startswith(f"{DEVICE}:"))
     assert "trusted_proxies" in str(refused.get("reason"))
     # HAProxy checked both gateways (its stats say L4OK) all along, from 127.0.0.1: none of that was refused.
-    eventually(lambda: _check_status(balanced) == {"gw1": "L4OK", "gw2": "L4OK"}, "both health checks passing")
+    eventually(lambda: _check_status(balanced.stats) == {"gw1": "L4OK", "gw2": "L4OK"}, "both health checks passing")
     for each in balanced.gateways:
         assert [e for e in each.events("proxy_header_refused") if not str(e["peer"]).startswith(DEVICE)] == []
 
 
-def _check_status(balanced: Balanced) -> dict[str, str]:
-    """Each server's last health-check status, from HAProxy's stats socket (`show stat`, CSV)."""
+def _check_status(stats: Path) -> dict[str, str]:
+    """Each server's last health-check status, from HAProxy's stats socket `stats` (`show stat`, CSV)."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
-        sock.connect(str(balanced.stats))
+        sock.connect(str(stats))
         sock.sendall(b"show stat\n")
         data = b""
         while chunk := sock.recv(65536):
@@ -298,6 +300,61 @@ def test_the_shipped_balancer_configuration_serves_every_device_while_a_gateway_
             done = curl(lab, f"https://127.0.0.1:{port}/EWS/Exchange.asmx", "alice", "--interface", DEVICE)
             statuses.append(done.stdout.rpartition("\n")[2])
     assert statuses == ["200"] * 6, statuses
+
+
+def test_a_gateway_stopped_under_traffic_through_the_shipped_balancer_configuration_fails_no_device(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`deploy/balancer/haproxy.cfg` as shipped in front of two gateways, four devices sending requests the backend
+    holds 0.4 s each: SIGTERM to the second gateway while it holds a request (a rolling restart) fails no device. The
+    requests it holds are answered before it exits (its drain); the connections HAProxy opens to it after its listener
+    closed are refused and sent to the first one (`retries`, `option redispatch`). Before the drain, the requests it
+    held were cut: curl got an empty reply."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    gateways: list[Gateway] = []
+    admins: list[str] = []
+    try:
+        for name in ("one", "two"):
+            admin = f"127.0.0.1:{free_port()}"
+            text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+            gateways.append(
+                start_gateway(lab, tmp_path_factory.mktemp(f"stop-{name}"), text + f'\n[admin]\nbind = "{admin}"\n')
+            )
+            admins.append(f"http://{admin}")
+        port = free_port()
+        shipped = (REPO / "deploy" / "balancer" / "haproxy.cfg").read_text()
+        config = shipped.replace("bind :8443", f"bind 127.0.0.1:{port}")
+        config = config.replace("gateway-1:8443", f"127.0.0.1:{gateways[0].port}")
+        config = config.replace("gateway-2:8443", f"127.0.0.1:{gateways[1].port}")
+        statuses: list[str] = []
+        done = threading.Event()
+
+        def device() -> None:
+            while not done.is_set():
+                answer = curl(
+                    lab, f"https://127.0.0.1:{port}/EWS/Exchange.asmx?hold=0.4", "alice", "--interface", DEVICE
+                )
+                statuses.append(answer.stdout.rpartition("\n")[2] + answer.stderr)
+
+        with _haproxy(tmp_path_factory.mktemp("haproxy-stop"), port, config):
+            devices = [threading.Thread(target=device, daemon=True) for _ in range(4)]
+            for thread in devices:
+                thread.start()
+            eventually(lambda: metric(admins[1], "kcd_requests_in_flight") >= 1, "a request held by the second gateway")
+            gateways[1].proc.send_signal(signal.SIGTERM)
+            assert gateways[1].proc.wait(timeout=60) == 0
+            after = len(statuses)
+            eventually(lambda: len(statuses) >= after + 8, "eight requests after the stop")
+            done.set()
+            for thread in devices:
+                thread.join(timeout=90)
+        assert statuses
+        assert set(statuses) == {"200"}, statuses
+        held = [e for e in gateways[1].events("request") if e.get("status") != 200]
+        assert held == []  # it logged no request as cut (499)
+    finally:
+        for gw in gateways:
+            gw.stop()
 
 
 @pytest.mark.parametrize("sessions", ["stateful", "stateless"])
