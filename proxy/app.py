@@ -10,6 +10,7 @@ SIGINT. A refusal becomes a response, an audit event and the request's summary l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -357,7 +358,9 @@ DRAIN_POLL = 0.05  # seconds between two looks at what a stopping gateway still 
 UNUSED_GRACE = 1.0  # seconds a connection that had no request yet when the stop came is given to send its first
 
 
-async def drain(connections: set[DeviceConnection], slots: ConnectionSlots, seconds: float) -> None:
+async def drain(
+    connections: set[DeviceConnection], slots: ConnectionSlots, seconds: float, hurry: asyncio.Event
+) -> str:
     """Theory of operation: the stop of a gateway in a pool (SIGTERM: a rolling restart, `systemctl stop`, a pod
     deleted). The listening sockets are closed already, so a balancer's next connection here is refused and sent to
     another gateway (HAProxy's `option redispatch`), and /readyz answers 503 (`Live.stopping`). What the gateway holds
@@ -365,16 +368,38 @@ async def drain(connections: set[DeviceConnection], slots: ConnectionSlots, seco
     `Connection: close`, then closes (`DeviceConnection.wind_down`); one whose handshake had just ended gets
     UNUSED_GRACE to send its request. Returns once every device connection owes its device nothing (closed between
     requests, its answers handed to the kernel; a TLS handshake or PROXY header under way, counted in `slots`, is
-    waited for) or after `seconds` (`listener.drain_timeout`): what is still open then (a held ActiveSync
-    Ping, a long download) is cut by the caller, as every connection was before the drain existed."""
+    waited for) or after `seconds` (`listener.drain_timeout`), or at once when `hurry` is set (a second signal):
+    what is still open then (a held ActiveSync Ping, a long download) is cut by the caller, as every connection was
+    before the drain existed. Returns how it ended: "finished", "drain_timeout" or "second_signal"."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    while loop.time() - started < seconds:
+    while not hurry.is_set():
+        if loop.time() - started >= seconds:
+            return "drain_timeout"
         unused_too = loop.time() - started >= UNUSED_GRACE
         owing = [c for c in list(connections) if not c.wind_down(unused_too=unused_too)]
         if not owing and slots.connections <= len(connections):  # nothing owed, no handshake under way
-            return
+            return "finished"
         await asyncio.sleep(DRAIN_POLL)
+    return "second_signal"
+
+
+async def _hurried(cleanup: Awaitable[None], hurry: asyncio.Event, seconds: float) -> str:
+    """aiohttp's runner cleanup (its drain, bounded by its shutdown_timeout: `seconds`), cancelled when `hurry` is
+    set first. Returns how it ended, as `drain` does."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    work = asyncio.ensure_future(cleanup)
+    second = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait({work, second}, return_when=asyncio.FIRST_COMPLETED)
+    second.cancel()
+    if work.done():
+        work.result()
+        return "drain_timeout" if loop.time() - started >= seconds else "finished"
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return "second_signal"
 
 
 def _unparsed(live: Live, remote: str | None, status: int) -> None:
@@ -544,16 +569,21 @@ async def serve(
     finally:
         log.info("stopping", drain_timeout=listener.drain_timeout)
         live.stopping = True  # /readyz: 503 from now on, while the admin listener answers through the drain
+        hurry = asyncio.Event()  # a second SIGTERM or SIGINT (Ctrl-C again): what the drain still waits for is cut
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, hurry.set)
         if watcher is not None:
             watcher.cancel()
         for task in accepting:
             task.cancel()
         for sock in sockets:
             sock.close()  # the next connection is refused: a balancer sends it to another gateway
-        if runner is not None:
-            await runner.cleanup()  # aiohttp's own drain, up to its shutdown_timeout (listener.drain_timeout)
+        drain_started = loop.time()
+        if runner is not None:  # aiohttp's own drain, up to its shutdown_timeout (listener.drain_timeout)
+            outcome = await _hurried(runner.cleanup(), hurry, listener.drain_timeout)
         else:
-            await drain(connections, slots, listener.drain_timeout)
+            outcome = await drain(connections, slots, listener.drain_timeout, hurry)
+        log.info("drained", outcome=outcome, seconds=round(loop.time() - drain_started, 3))
         if admin is not None:
             await admin.cleanup()
         close_all(connections)

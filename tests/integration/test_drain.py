@@ -118,6 +118,7 @@ def test_a_request_in_flight_at_sigterm_is_answered_before_the_gateway_exits(
         assert json.loads(held.body[0])["principal"] == "alice@LAB.TEST"
         assert gw.proc.wait(timeout=60) == 0
         assert [e.get("status") for e in gw.events("request", gw.since)] == [200]
+        assert [e["outcome"] for e in gw.events("drained")] == ["finished"]
     finally:
         gw.stop()
 
@@ -144,6 +145,7 @@ def test_while_draining_readyz_says_stopping_new_connections_are_refused_and_the
         assert 3.5 <= took < 40, took
         assert held.result()[0] is None  # cut: no answer came
         assert _readyz(admin) is None  # the admin listener closed with the gateway
+        assert [e["outcome"] for e in gw.events("drained")] == ["drain_timeout"]
     finally:
         gw.stop()
 
@@ -173,5 +175,27 @@ def test_a_kept_alive_connection_between_requests_is_closed_at_once_and_the_stop
             except OSError:
                 rest = b""
             assert rest == b""
+    finally:
+        gw.stop()
+
+
+def test_a_second_sigterm_during_the_drain_cuts_what_it_still_waits_for(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """SIGTERM while a Ping is held (drain_timeout 60 s), then, once /readyz says the gateway is stopping, a second
+    SIGTERM (an operator's Ctrl-C again, or a service manager in a hurry): the held request is cut and the gateway
+    exits 0 at once, its `drained` line saying why, not after the 60 s."""
+    gw, admin = _gateway(lab, tmp_path, server, listener="drain_timeout = 60\n")
+    try:
+        held = _send(lab, gw.port, "/Microsoft-Server-ActiveSync?Cmd=Ping&hold=120")
+        _in_flight(admin)
+        gw.proc.send_signal(signal.SIGTERM)
+        eventually(lambda: _not_ready(admin), "/readyz 503")
+        again = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(timeout=60) == 0
+        assert time.monotonic() - again < 30
+        assert held.result()[0] is None
+        assert [e["outcome"] for e in gw.events("drained")] == ["second_signal"]
     finally:
         gw.stop()
