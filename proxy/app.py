@@ -365,12 +365,13 @@ async def drain(
     deleted). The listening sockets are closed already, so a balancer's next connection here is refused and sent to
     another gateway (HAProxy's `option redispatch`), and /readyz answers 503 (`Live.stopping`). What the gateway holds
     is let go rather than cut: a connection between two requests is closed now; one serving a request answers it with
-    `Connection: close`, then closes (`DeviceConnection.wind_down`); one whose handshake had just ended gets
-    UNUSED_GRACE to send its request. Returns once every device connection owes its device nothing (closed between
-    requests, its answers handed to the kernel; a TLS handshake or PROXY header under way, counted in `slots`, is
-    waited for) or after `seconds` (`listener.drain_timeout`), or at once when `hurry` is set (a second signal):
-    what is still open then (a held ActiveSync Ping, a long download) is cut by the caller, as every connection was
-    before the drain existed. Returns how it ended: "finished", "drain_timeout" or "second_signal"."""
+    `Connection: close`, then closes (`DeviceConnection.wind_down`); one whose handshake had just ended, or whose
+    request head is still coming, gets UNUSED_GRACE to send it, and so does a TLS handshake or PROXY header under way
+    (counted in `slots`): past it they are a slow client's, cut with the rest. Returns once every device connection
+    owes its device nothing (closed, its answers handed to the kernel), after `seconds` (`listener.drain_timeout`),
+    or at once when `hurry` is set (a second signal): what is still open then (a held ActiveSync Ping, a long
+    download) is cut by the caller, as every connection was before the drain existed. Returns how it ended:
+    "finished", "drain_timeout" or "second_signal"."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     while not hurry.is_set():
@@ -378,7 +379,7 @@ async def drain(
             return "drain_timeout"
         unused_too = loop.time() - started >= UNUSED_GRACE
         owing = [c for c in list(connections) if not c.wind_down(unused_too=unused_too)]
-        if not owing and slots.connections <= len(connections):  # nothing owed, no handshake under way
+        if not owing and (slots.connections <= len(connections) or unused_too):  # a handshake: UNUSED_GRACE too
             return "finished"
         await asyncio.sleep(DRAIN_POLL)
     return "second_signal"

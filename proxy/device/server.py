@@ -801,15 +801,17 @@ class DeviceConnection(asyncio.Protocol):
 
     def wind_down(self, *, unused_too: bool) -> bool:
         """The gateway is stopping (SIGTERM; `proxy.app.drain` calls this until the connection is gone): a
-        connection between two requests closes now; one serving a request, or reading one's head, answers it with
-        `Connection: close` and then closes, serving nothing pipelined after it. A connection that has not begun a
-        request yet (its handshake ended as the stop came; its request may be on the wire) closes only when
-        `unused_too`, once the drain has given it time to send one. True once the connection owes the device
-        nothing: closed between requests, every byte of its answers handed to the kernel (the drain need not wait
-        for the device's close_notify)."""
+        connection between two requests closes now; one serving a request answers it with `Connection: close` and
+        then closes, serving nothing pipelined after it. One that has not begun a request yet (its handshake ended as
+        the stop came: its request may be on the wire), or whose request head is still coming in, closes only when
+        `unused_too`, once the drain has given it time to send one (a head a device sends whole; one still
+        unfinished then is a slow client's, which would hold the stop for the whole drain_timeout). True once the
+        connection owes the device nothing: closed, every byte of its answers handed to the kernel (the drain need
+        not wait for the device's close_notify)."""
         self._winding = True
-        between = self._task is None and not self._queue and self._begun == self._heads
-        if not between or not (self._heads > 0 or unused_too):
+        if self._task is not None or self._queue:
+            return False  # a request being served, or read whole and waiting its turn: it is answered
+        if (self._heads == 0 or self._begun > self._heads) and not unused_too:
             return False
         self._stop()
         self._close()

@@ -199,3 +199,24 @@ def test_a_second_sigterm_during_the_drain_cuts_what_it_still_waits_for(
         assert [e["outcome"] for e in gw.events("drained")] == ["second_signal"]
     finally:
         gw.stop()
+
+
+def test_a_request_head_still_coming_in_at_sigterm_does_not_hold_the_stop(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """A device that sent half a request head and then nothing (a slow client, slowloris) when the gateway gets
+    SIGTERM (drain_timeout 30 s, keepalive_timeout 60 s): the gateway waits a moment for the rest, then closes it
+    and exits 0 well before drain_timeout, its drain `finished`; a head nobody completes holds no stop."""
+    gw, _ = _gateway(lab, tmp_path, server, listener="drain_timeout = 30\nkeepalive_timeout = 60\n")
+    try:
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\nX-Slow: ")
+            gw.mark()
+            stopped_at = time.monotonic()
+            gw.proc.send_signal(signal.SIGTERM)
+            assert gw.proc.wait(timeout=60) == 0
+            assert time.monotonic() - stopped_at < 20
+        assert [e["outcome"] for e in gw.events("drained")] == ["finished"]
+    finally:
+        gw.stop()
