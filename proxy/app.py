@@ -10,6 +10,7 @@ SIGINT. A refusal becomes a response, an audit event and the request's summary l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -341,6 +342,9 @@ async def _aiohttp_server(live: Live) -> web.AppRunner:
         access_log=logging.getLogger("aiohttp.access"),  # only for `unparsed_requests`: no access log is written
         access_log_class=unparsed_requests(live),
         handle_signals=False,
+        # at the stop (`serve`): a request in flight gets this long to finish, then it is cancelled (aiohttp reads 0
+        # as no limit at all, so "cut at once" is a millisecond)
+        shutdown_timeout=live.config.listener.drain_timeout or 0.001,
         keepalive_timeout=live.config.listener.keepalive_timeout,
         handler_cancellation=True,
         max_field_size=MAX_FIELD_BYTES,
@@ -348,6 +352,55 @@ async def _aiohttp_server(live: Live) -> web.AppRunner:
     )
     await runner.setup()
     return runner
+
+
+DRAIN_POLL = 0.05  # seconds between two looks at what a stopping gateway still holds
+UNUSED_GRACE = 1.0  # seconds a connection that had no request yet when the stop came is given to send its first
+
+
+async def drain(
+    connections: set[DeviceConnection], slots: ConnectionSlots, seconds: float, hurry: asyncio.Event
+) -> str:
+    """Theory of operation: the stop of a gateway in a pool (SIGTERM: a rolling restart, `systemctl stop`, a pod
+    deleted). The listening sockets are closed already, so a balancer's next connection here is refused and sent to
+    another gateway (HAProxy's `option redispatch`), and /readyz answers 503 (`Live.stopping`). What the gateway holds
+    is let go rather than cut: a connection between two requests is closed now; one serving a request answers it with
+    `Connection: close`, then closes (`DeviceConnection.wind_down`); one whose handshake had just ended, or whose
+    request head is still coming, gets UNUSED_GRACE to send it, and so does a TLS handshake or PROXY header under way
+    (counted in `slots`): past it they are a slow client's, cut with the rest. Returns once every device connection
+    owes its device nothing (closed, its answers handed to the kernel), after `seconds` (`listener.drain_timeout`),
+    or at once when `hurry` is set (a second signal): what is still open then (a held ActiveSync Ping, a long
+    download) is cut by the caller, as every connection was before the drain existed. Returns how it ended:
+    "finished", "drain_timeout" or "second_signal"."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not hurry.is_set():
+        if loop.time() - started >= seconds:
+            return "drain_timeout"
+        unused_too = loop.time() - started >= UNUSED_GRACE
+        owing = [c for c in list(connections) if not c.wind_down(unused_too=unused_too)]
+        if not owing and (slots.connections <= len(connections) or unused_too):  # a handshake: UNUSED_GRACE too
+            return "finished"
+        await asyncio.sleep(DRAIN_POLL)
+    return "second_signal"
+
+
+async def _hurried(cleanup: Awaitable[None], hurry: asyncio.Event, seconds: float) -> str:
+    """aiohttp's runner cleanup (its drain, bounded by its shutdown_timeout: `seconds`), cancelled when `hurry` is
+    set first. Returns how it ended, as `drain` does."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    work = asyncio.ensure_future(cleanup)
+    second = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait({work, second}, return_when=asyncio.FIRST_COMPLETED)
+    second.cancel()
+    if work.done():
+        work.result()
+        return "drain_timeout" if loop.time() - started >= seconds else "finished"
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return "second_signal"
 
 
 def _unparsed(live: Live, remote: str | None, status: int) -> None:
@@ -515,17 +568,25 @@ async def serve(
             live.reload_soon()
         await stop.wait()
     finally:
-        log.info("stopping")
+        log.info("stopping", drain_timeout=listener.drain_timeout)
+        live.stopping = True  # /readyz: 503 from now on, while the admin listener answers through the drain
+        hurry = asyncio.Event()  # a second SIGTERM or SIGINT (Ctrl-C again): what the drain still waits for is cut
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, hurry.set)
         if watcher is not None:
             watcher.cancel()
-        if admin is not None:
-            await admin.cleanup()
         for task in accepting:
             task.cancel()
         for sock in sockets:
-            sock.close()
-        if runner is not None:
-            await runner.cleanup()
+            sock.close()  # the next connection is refused: a balancer sends it to another gateway
+        drain_started = loop.time()
+        if runner is not None:  # aiohttp's own drain, up to its shutdown_timeout (listener.drain_timeout)
+            outcome = await _hurried(runner.cleanup(), hurry, listener.drain_timeout)
+        else:
+            outcome = await drain(connections, slots, listener.drain_timeout, hurry)
+        log.info("drained", outcome=outcome, seconds=round(loop.time() - drain_started, 3))
+        if admin is not None:
+            await admin.cleanup()
         close_all(connections)
         await live.close()
         live.traces.close()

@@ -72,6 +72,9 @@ MAX_WORKERS = 1024  # listener.workers: more than any machine has cores; a typo'
 # TLS sessions a worker keeps for resumption (proxy.tls.server.server_context): about 7 KiB each (the session and
 # the client's certificate and chain), 14 MiB in all
 DEFAULT_TLS_SESSION_CACHE = 2048
+# listener.drain_timeout: a stopped gateway's requests in flight finish within it; below the 30 s after which the
+# shipped systemd unit (TimeoutStopSec) and Kubernetes (terminationGracePeriodSeconds) kill the process
+DEFAULT_DRAIN_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Listener:
     http_server: HttpServer = "own"  # what parses the device's requests: proxy.device.server, or aiohttp's web server
     # TLS sessions kept per worker for resumption, the tickets naming them (0: stateless tickets, OpenSSL's default)
     tls_session_cache: int = DEFAULT_TLS_SESSION_CACHE
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # at SIGTERM: how long requests in flight may take to finish
 
 
 @dataclass(frozen=True)
@@ -467,6 +471,7 @@ _ZERO_MEANS = {
     "listener.max_connections_per_address": ("off", "open connections per client address"),  # 0 by default: CGNAT
     "listener.tls_session_cache": ("stateless session tickets", "TLS sessions per worker"),
     "kerberos.ticket_recheck_seconds": ("a cached ticket serves its whole life", "seconds"),
+    "listener.drain_timeout": ("requests in flight are cut at once", "seconds"),
 }
 
 
@@ -506,7 +511,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
             *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
             *("client_body_timeout", "client_send_timeout", "workers", "max_header_bytes", "max_connections"),
             *("proxy_protocol", "trusted_proxies", "event_loop", "http_server", "max_connections_per_address"),
-            "tls_session_cache",
+            *("tls_session_cache", "drain_timeout"),
         },
     )
     proxy_protocol, trusted_proxies = _proxy_protocol(r, t)
@@ -530,6 +535,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         event_loop=_event_loop(r, t),
         http_server=cast(HttpServer, _named_choice(r, t, "listener", "http_server", HTTP_SERVERS, "own")),
         tls_session_cache=_off_or_positive(r, t, "listener.tls_session_cache", DEFAULT_TLS_SESSION_CACHE),
+        drain_timeout=_off_or_positive(r, t, "listener.drain_timeout", DEFAULT_DRAIN_TIMEOUT),
     )
 
 

@@ -305,6 +305,8 @@ class DeviceHttpRequest:
         """The status line and header fields; whether the connection is kept is decided here, once."""
         if self.body is not None and not self.body.complete:
             self.keep_alive = False  # the rest of the body would be read as the next request
+        if self._connection.winding_down:
+            self.keep_alive = False  # the gateway is stopping: the device learns it here, not from a cut
         if reason is None:
             try:
                 reason = HTTPStatus(status).phrase
@@ -382,6 +384,7 @@ class DeviceConnection(asyncio.Protocol):
         "_target",
         "_target_bytes",
         "_task",
+        "_winding",
         "_write_paused",
         "remote",
         "transport",
@@ -428,6 +431,7 @@ class DeviceConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._winding = False  # the gateway is stopping: this connection closes after the answer it owes (`wind_down`)
         # the head being parsed
         self._target: list[bytes] = []
         self._target_bytes = 0
@@ -687,7 +691,7 @@ class DeviceConnection(asyncio.Protocol):
         """Serve the first queued request, or wait for the next head (or close, when nothing more is read)."""
         self._task = None
         if not self._queue:
-            if self._stopped:
+            if self._stopped or self._winding:
                 self._close()
             else:
                 self.resume(_QUEUE)
@@ -721,7 +725,7 @@ class DeviceConnection(asyncio.Protocol):
         finally:
             if not request._answered:
                 self.abort()  # the answer did not end (a stream cut short, a device too slow): so must the connection
-            elif not request.keep_alive or (request.body is not None and not request.body.complete):
+            elif not request.keep_alive or self._winding or (request.body is not None and not request.body.complete):
                 self._stop()
                 self._queue.clear()
                 self._backlog.clear()
@@ -790,6 +794,28 @@ class DeviceConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    @property
+    def winding_down(self) -> bool:
+        return self._winding
+
+    def wind_down(self, *, unused_too: bool) -> bool:
+        """The gateway is stopping (SIGTERM; `proxy.app.drain` calls this until the connection is gone): a
+        connection between two requests closes now; one serving a request answers it with `Connection: close` and
+        then closes, serving nothing pipelined after it. One that has not begun a request yet (its handshake ended as
+        the stop came: its request may be on the wire), or whose request head is still coming in, closes only when
+        `unused_too`, once the drain has given it time to send one (a head a device sends whole; one still
+        unfinished then is a slow client's, which would hold the stop for the whole drain_timeout). True once the
+        connection owes the device nothing: closed, every byte of its answers handed to the kernel (the drain need
+        not wait for the device's close_notify)."""
+        self._winding = True
+        if self._task is not None or self._queue:
+            return False  # a request being served, or read whole and waiting its turn: it is answered
+        if (self._heads == 0 or self._begun > self._heads) and not unused_too:
+            return False
+        self._stop()
+        self._close()
+        return self.transport is None or self.transport.get_write_buffer_size() == 0
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

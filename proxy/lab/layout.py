@@ -74,7 +74,9 @@ class LabLayout:
     backend_host: str = "127.0.0.1"  # how the gateway reaches the backend (gateway.toml)
     crl_host: str = "127.0.0.1"  # the host in the certificates' CRL distribution points
     admin_port: int = 9443  # the lab gateway's admin listener (/readyz: the containers' health check), on loopback
-    balancer_subnet: str = "127.0.0.0/8"  # whose PROXY headers gateway-balanced.toml believes (compose: a network)
+    # whose PROXY headers gateway-balanced.toml believes: natively HAProxy on 127.0.0.1 alone, not all of 127.0.0.0/8
+    # (any loopback address could then name any device; check-config warns of it). Compose: the balancer's network
+    balancer_subnet: str = "127.0.0.1/32"
     # the lab gateway's own writable directory, for its CRL replay floors (client_certificates.crl_state); ""
     # (natively): none, the floors in memory only. Compose: a named volume of each gateway's, the image's 0700 directory
     state_dir: str = ""

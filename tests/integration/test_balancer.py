@@ -15,6 +15,7 @@ import dataclasses
 import http.client
 import io
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -34,6 +35,7 @@ from tests.integration.conftest import (
     curl,
     dead_port,
     free_port,
+    metric,
     start_gateway,
     wait_port,
 )
@@ -188,16 +190,16 @@ def test_the_device_going_around_the_balancer_is_refused_and_health_checks_are_n
     refused = gw.wait_for("proxy_header_refused", lambda e: str(e.get("peer", "")).startswith(f"{DEVICE}:"))
     assert "trusted_proxies" in str(refused.get("reason"))
     # HAProxy checked both gateways (its stats say L4OK) all along, from 127.0.0.1: none of that was refused.
-    eventually(lambda: _check_status(balanced) == {"gw1": "L4OK", "gw2": "L4OK"}, "both health checks passing")
+    eventually(lambda: _check_status(balanced.stats) == {"gw1": "L4OK", "gw2": "L4OK"}, "both health checks passing")
     for each in balanced.gateways:
         assert [e for e in each.events("proxy_header_refused") if not str(e["peer"]).startswith(DEVICE)] == []
 
 
-def _check_status(balanced: Balanced) -> dict[str, str]:
-    """Each server's last health-check status, from HAProxy's stats socket (`show stat`, CSV)."""
+def _check_status(stats: Path) -> dict[str, str]:
+    """Each server's last health-check status, from HAProxy's stats socket `stats` (`show stat`, CSV)."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
-        sock.connect(str(balanced.stats))
+        sock.connect(str(stats))
         sock.sendall(b"show stat\n")
         data = b""
         while chunk := sock.recv(65536):
@@ -298,6 +300,167 @@ def test_the_shipped_balancer_configuration_serves_every_device_while_a_gateway_
             done = curl(lab, f"https://127.0.0.1:{port}/EWS/Exchange.asmx", "alice", "--interface", DEVICE)
             statuses.append(done.stdout.rpartition("\n")[2])
     assert statuses == ["200"] * 6, statuses
+
+
+def test_a_gateway_stopped_under_traffic_through_the_shipped_balancer_configuration_fails_no_device(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`deploy/balancer/haproxy.cfg` as shipped in front of two gateways, four devices sending requests the backend
+    holds 0.4 s each: SIGTERM to the second gateway while it holds a request (a rolling restart) fails no device. The
+    requests it holds are answered before it exits (its drain); the connections HAProxy opens to it after its listener
+    closed are refused and sent to the first one (`retries`, `option redispatch`). Before the drain, the requests it
+    held were cut: curl got an empty reply."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    gateways: list[Gateway] = []
+    admins: list[str] = []
+    try:
+        for name in ("one", "two"):
+            admin = f"127.0.0.1:{free_port()}"
+            text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+            gateways.append(
+                start_gateway(lab, tmp_path_factory.mktemp(f"stop-{name}"), text + f'\n[admin]\nbind = "{admin}"\n')
+            )
+            admins.append(f"http://{admin}")
+        port = free_port()
+        shipped = (REPO / "deploy" / "balancer" / "haproxy.cfg").read_text()
+        config = shipped.replace("bind :8443", f"bind 127.0.0.1:{port}")
+        config = config.replace("gateway-1:8443", f"127.0.0.1:{gateways[0].port}")
+        config = config.replace("gateway-2:8443", f"127.0.0.1:{gateways[1].port}")
+        statuses: list[str] = []
+        done = threading.Event()
+
+        def device() -> None:
+            while not done.is_set():
+                answer = curl(
+                    lab, f"https://127.0.0.1:{port}/EWS/Exchange.asmx?hold=0.4", "alice", "--interface", DEVICE
+                )
+                statuses.append(answer.stdout.rpartition("\n")[2] + answer.stderr)
+
+        with _haproxy(tmp_path_factory.mktemp("haproxy-stop"), port, config):
+            devices = [threading.Thread(target=device, daemon=True) for _ in range(4)]
+            for thread in devices:
+                thread.start()
+            eventually(lambda: metric(admins[1], "kcd_requests_in_flight") >= 1, "a request held by the second gateway")
+            gateways[1].proc.send_signal(signal.SIGTERM)
+            assert gateways[1].proc.wait(timeout=60) == 0
+            after = len(statuses)
+            eventually(lambda: len(statuses) >= after + 8, "eight requests after the stop")
+            done.set()
+            for thread in devices:
+                thread.join(timeout=90)
+        assert statuses
+        assert set(statuses) == {"200"}, statuses
+        held = [e for e in gateways[1].events("request") if e.get("status") != 200]
+        assert held == []  # it logged no request as cut (499)
+    finally:
+        for gw in gateways:
+            gw.stop()
+
+
+def _documented_readyz_check(port: int, gateways: list[tuple[Gateway, int]], stats: Path, tls: Path | None) -> str:
+    """HAProxy's configuration: the shipped file's global, defaults and frontend (`bind` on `port`, a stats socket
+    added), then docs/deploying.md's `/readyz` backend block as written, its servers pointed at `gateways` (each
+    device port, admin port) and, with `tls` (a directory holding HAProxy's `readyz-client.pem` and the admin
+    listener's `admin-ca.pem`), its files there; without, `check-ssl` up to `inter` left out as the doc says."""
+    shipped = (REPO / "deploy" / "balancer" / "haproxy.cfg").read_text()
+    head = shipped.split("\nbackend gateways", 1)[0].replace("bind :8443", f"bind 127.0.0.1:{port}") + "\n\n"
+    head = head.replace("global\n", f"global\n    stats socket {stats} level user\n", 1)
+    doc = (REPO / "docs" / "deploying.md").read_text().split("<!-- haproxy: readyz -->\n```\n", 1)[1]
+    block = doc.split("```", 1)[0]
+    lines = []
+    for line in block.splitlines():
+        if line.strip().startswith("server gw"):
+            number = int(line.split()[1].removeprefix("gw"))
+            gw, admin = gateways[number - 1]
+            line = line.replace(f"10.0.1.1{number}:8443", f"127.0.0.1:{gw.port}").replace("port 9443", f"port {admin}")
+            if tls is None:
+                line = line.split(" check-ssl ", 1)[0] + " inter" + line.split(" inter", 1)[1]
+            else:
+                line = line.replace("/etc/haproxy/", f"{tls}/")
+        lines.append(line)
+    return head + "\n".join(lines) + "\n"
+
+
+def _admin_in_flight(admin: str, context: ssl.SSLContext | None) -> float:
+    """`kcd_requests_in_flight` on the admin listener at URL `admin` (TLS with `context`'s client certificate)."""
+    with urllib.request.urlopen(admin + "/metrics", timeout=30, context=context) as r:  # noqa: S310  loopback
+        text = r.read().decode()
+    return sum(
+        float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith("kcd_requests_in_flight ")
+    )
+
+
+def _held_through_header(lab: LabLayout, gw: Gateway) -> threading.Thread:
+    """A Ping the backend holds 60 s, sent to `gw` the way the balancer passes one on (a PROXY v2 header from
+    127.0.0.1), in a thread; it ends when the gateway answers or cuts it."""
+
+    def run() -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=120)
+            raw.sendall(v2_header("203.0.113.82", 40082))
+            with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+                tls.sendall(
+                    b"GET /Microsoft-Server-ActiveSync?Cmd=Ping&hold=60 HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n"
+                )
+                http.client.HTTPResponse(tls).begin()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("admin_tls", [False, True], ids=["loopback", "tls"])
+def test_the_documented_readyz_check_takes_a_draining_gateway_out_and_devices_go_to_the_other(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory, admin_tls: bool
+) -> None:
+    """docs/deploying.md's HAProxy block that checks `/readyz` (on the admin port, plain on loopback or with TLS and
+    HAProxy's own client certificate in the gateways' allow-list), as written: both gateways pass (`L7OK`); the
+    second one gets SIGTERM while it holds a Ping, and HAProxy marks it down on its 503 (`L7STS`, its drain still
+    under way: not a refused connect), while every device is served by the first one."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    files = tmp_path_factory.mktemp("readyz-check")
+    p = lab.pki_dir
+    context = None
+    admin_table = ""
+    if admin_tls:  # HAProxy's client certificate is bob's (a lab certificate the allow-list names); alice's is refused
+        (files / "readyz-client.pem").write_bytes(
+            (p / "users" / "bob.pem").read_bytes() + (p / "users" / "bob.key").read_bytes()
+        )
+        (files / "admin-ca.pem").write_bytes((p / "root.pem").read_bytes())
+        (files / "client-ca.pem").write_bytes((p / "root.pem").read_bytes() + (p / "issuing.pem").read_bytes())
+        admin_table = (
+            f'certificate = "{p / "server-chain.pem"}"\nprivate_key = "{p / "server.key"}"\n'
+            f'client_ca = "{files / "client-ca.pem"}"\nallowed_clients = ["CN=bob"]\n'
+        )
+        context = client_context(lab, "bob")
+        context.check_hostname = False
+    gateways: list[tuple[Gateway, int]] = []
+    try:
+        for name in ("one", "two"):
+            admin = free_port()
+            text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+            text = text.replace("[listener]\n", "[listener]\ndrain_timeout = 30\n", 1)
+            text += f'\n[admin]\nbind = "127.0.0.1:{admin}"\n{admin_table}'
+            gateways.append((start_gateway(lab, tmp_path_factory.mktemp(f"readyz-{name}"), text), admin))
+        port = free_port()
+        stats = files / "stats.sock"
+        config = _documented_readyz_check(port, gateways, stats, files if admin_tls else None)
+        scheme = "https" if admin_tls else "http"
+        with _haproxy(files, port, config):
+            eventually(lambda: _check_status(stats) == {"gw1": "L7OK", "gw2": "L7OK"}, "both gateways ready")
+            second, second_admin = gateways[1]
+            held = _held_through_header(lab, second)
+            eventually(lambda: _admin_in_flight(f"{scheme}://127.0.0.1:{second_admin}", context) >= 1, "the held Ping")
+            second.proc.send_signal(signal.SIGTERM)
+            eventually(lambda: _check_status(stats).get("gw2") == "L7STS", "gw2 taken out on its /readyz 503")
+            assert second.proc.poll() is None  # still draining: the 503 took it out, not a refused connect
+            statuses = [_through(lab, Balanced(port, (gateways[0][0], second), stats), "alice")[0] for _ in range(4)]
+            assert statuses == ["200"] * 4
+            assert held.is_alive()
+    finally:
+        for gw, _ in gateways:
+            gw.proc.kill()
+            gw.proc.wait()
 
 
 @pytest.mark.parametrize("sessions", ["stateful", "stateless"])

@@ -14,6 +14,7 @@ import pytest
 
 from proxy import config as config_module
 from proxy.errors import ConfigError
+from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.ops.check import check
 from tests.integration._pki_tools import load_ca, write_crl
@@ -152,6 +153,18 @@ def test_the_lab_configuration_is_sound(lab: LabLayout, tmp_path: Path) -> None:
     res = _cli(path)
     assert res.returncode == 0, res
     assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+
+
+def test_the_labs_configuration_behind_a_balancer_is_sound_without_a_warning(lab: LabLayout, tmp_path: Path) -> None:
+    """`gateway-balanced.toml` as `lab up` writes it (natively: HAProxy on 127.0.0.1): exit 0, the ok line, and no
+    warning. It trusted PROXY headers from all of 127.0.0.0/8, which check-config rightly warned of on the lab's own
+    file (a device bound to 127.0.0.3, as the balancer tests' is, could name any address going around the balancer)."""
+    path = tmp_path / "gateway-balanced.toml"
+    path.write_text(runner.gateway_config(lab, gateway_port=free_port(), admin=True, behind_balancer=True))
+    res = _cli(path)
+    assert res.returncode == 0, res
+    assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+    assert res.stderr == "", res.stderr
 
 
 def _behind_a_balancer(

@@ -607,3 +607,32 @@ def test_a_restarted_gateway_container_keeps_its_crl_floors(stack: Stack) -> Non
     assert {f["scope"] for f in after} == {f["scope"] for f in before} | {"ab" * 16}, after
     written = [e for e in stack.logs("gateway") if e.get("event") == "crl_state_written"]
     assert written[-1]["floors"] == len(before) + 1, written
+
+
+def test_a_replica_stopped_behind_the_balancer_drains_exits_0_and_the_devices_go_to_the_other(stack: Stack) -> None:
+    """`docker-compose stop gateway-2` (SIGTERM through the container's init, `stop_grace_period: 30s`): the replica
+    drains (`drained`, nothing held: `finished`), logs `stopped` and exits 0, not Docker's SIGKILL (137); devices sent
+    through the balancer meanwhile are served by gateway-1. Runs last: the replica stays stopped."""
+    container = stack.container("gateway-2")
+    stack.compose("stop", "gateway-2", timeout=120)
+    done = subprocess.run(
+        [stack.docker, "inspect", "--format", "{{.State.ExitCode}}", container],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == "0", done.stdout
+    logs = [json.loads(line) for line in _container_log(stack, container) if line.startswith("{")]
+    events = [e.get("event") for e in logs]
+    assert [e for e in events if e in {"stopping", "drained", "stopped"}] == ["stopping", "drained", "stopped"], events
+    assert next(e for e in logs if e.get("event") == "drained")["outcome"] == "finished"
+    for _ in range(2):
+        device = _device(stack, "device-scaled")
+        assert device.returncode == 0, device.stdout + device.stderr
+        assert "the backend saw: alice@LAB.TEST via Negotiate" in device.stdout
+
+
+def _container_log(stack: Stack, container: str) -> list[str]:
+    """The lines a container (running or stopped) wrote."""
+    done = subprocess.run([stack.docker, "logs", container], capture_output=True, text=True, check=True)
+    return (done.stdout + done.stderr).splitlines()

@@ -357,7 +357,7 @@ def test_a_balancer_taken_off_stays_refused_when_a_reload_turns_the_protocol_off
     `proxy_protocol` off (a restart's business: the running gateway keeps reading PROXY headers, from the
     balancers last in force). Before, that reload brought back the list read at start, and with it the
     balancer taken off."""
-    text = runner.gateway_config(lab, gateway_port=free_port(), behind_balancer=True)  # 127.0.0.0/8 believed
+    text = runner.gateway_config(lab, gateway_port=free_port(), behind_balancer=True)  # 127.0.0.1 believed
     balanced = f'proxy_protocol = true\ntrusted_proxies = ["{lab.balancer_subnet}"]\n'
     assert balanced in text
     gw = start_gateway(lab, tmp_path_factory.mktemp("reload-trust-off"), text)
