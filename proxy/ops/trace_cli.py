@@ -37,7 +37,8 @@ from typing import Any
 
 from proxy import config as config_module
 from proxy.errors import ConfigError
-from proxy.observability.traces import printable, render_text
+from proxy.observability.traces import render_text
+from proxy.printable import printable
 
 DEFAULT_ADMIN = "http://127.0.0.1:9443"
 _FOLLOW_WINDOW = 200  # records asked for on each poll while following (the gateway keeps 200 by default)
