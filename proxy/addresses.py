@@ -1,9 +1,15 @@
 """A client's address as the gateway's per-address limits count it: Basic's address throttle and the listener's
-per-address connection cap (`proxy.tls.limits.AddressCap`)."""
+per-address connection cap (`proxy.tls.limits.AddressCap`); and an address with its port as every output writes it
+(`host_port`)."""
 
 from __future__ import annotations
 
 import ipaddress
+
+
+def host_port(host: str, port: object) -> str:
+    """`host:port`, an IPv6 address in brackets (RFC 3986's form)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def address_key(client: str) -> str:

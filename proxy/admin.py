@@ -86,7 +86,14 @@ from proxy.errors import CertificateRejected, CertificateRevoked, ConfigError, G
 from proxy.kerberos.threads import KdcThreads, NoThread
 from proxy.live import Live
 from proxy.observability.metrics import CONTENT_TYPE
-from proxy.observability.siblings import READY_ASK_TIMEOUT, Occupancy, Siblings, TraceSource, serve_siblings
+from proxy.observability.siblings import (
+    READY_ASK_TIMEOUT,
+    Occupancy,
+    Siblings,
+    TraceSource,
+    serve_siblings,
+    trace_record_bytes,
+)
 from proxy.observability.tracepage import STYLE_SOURCE, add_trace_views
 from proxy.tls.limits import unquote_parse_errors
 from proxy.tls.server import socket_transport
@@ -206,6 +213,12 @@ async def readyz(request: web.Request) -> web.Response:
         body["unanswered"] = f"{who} did not answer within {READY_ASK_TIMEOUT:g} s (taken as having no room)"
     body["generation"] = live.generation
     return web.json_response(body, status=200 if ready else 503)
+
+
+def record_bytes(live: Live) -> int:
+    """The most one trace record of a sibling's may take, as configured now (a reload may change the bounds)."""
+    config = live.config
+    return trace_record_bytes(config.listener.max_header_bytes, config.client_certificates.max_chain_bytes)
 
 
 def occupancy(live: Live) -> Occupancy:
@@ -722,7 +735,7 @@ async def start_admin(live: Live, worker: Worker | None = None) -> AdminListener
     siblings = None
     try:
         if worker is not None:
-            siblings = Siblings(live.traces, worker, lambda: live.metrics.render())
+            siblings = Siblings(live.traces, worker, lambda: live.metrics.render(), lambda: record_bytes(live))
             served = await serve_siblings(worker, live.traces, lambda: live.metrics.render(), lambda: occupancy(live))
             started.runners.append(served)
             started.files.append(worker.socket)

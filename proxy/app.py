@@ -23,6 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 from cryptography import x509
 from multidict import CIMultiDict, MultiMapping
 
+from proxy.addresses import host_port
 from proxy.admin import start_admin
 from proxy.auth.basic import BasicLogin
 from proxy.auth.shared import SharedTable
@@ -56,7 +57,7 @@ from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.tls import proxy_protocol
 from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
-from proxy.tls.server import UNNAMED, gate_factory, host_port
+from proxy.tls.server import UNNAMED, gate_factory
 from proxy.workers import Worker, reload_asked_while_starting
 
 log = structlog.get_logger("proxy")

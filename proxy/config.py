@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from proxy.addresses import host_port
 from proxy.certs.revocation import RevocationPolicy
 from proxy.certs.sources import shown_location
 from proxy.errors import BadRequest, ConfigError
@@ -1047,10 +1048,6 @@ def is_loopback(host: str, resolve: Callable[..., list[Any]] | None = None) -> b
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})  # the names of "every address"
 
 
-def _bind(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _overlap(one: str, other: str) -> bool:
     """Whether listening sockets at the hosts `one` and `other` (on one port) take each other's connections: the
     same host, a wildcard on either side (`[::]` takes IPv4 too, unless v6only), or two loopback names. Two
@@ -1205,8 +1202,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     if admin is not None and admin.bound and _overlap(listener.host, admin.host) and listener.port == admin.port:
         r.problem(
             "admin.bind",
-            f"{_bind(admin.host, admin.port)} takes connections meant for listener.bind "
-            f"({_bind(listener.host, listener.port)}): give the admin listener a port of its own",
+            f"{host_port(admin.host, admin.port)} takes connections meant for listener.bind "
+            f"({host_port(listener.host, listener.port)}): give the admin listener a port of its own",
         )
     reload = _reload(r, r.table(data, "reload"))
     doctor = _doctor(r, r.table(data, "doctor"))

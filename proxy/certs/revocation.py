@@ -82,13 +82,13 @@ from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 from proxy.certs.chain import TrustList, VerifiedCertificate, as_utc, format_time, is_ca, verify_chain
 from proxy.certs.der import inside, tlv, whole
 from proxy.errors import CertificateRejected, CertificateRevoked
+from proxy.printable import printable
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
 Scope = Literal["all", "users", "cas", "attributes"]
 _F = x509.ReasonFlags
 MAX_NAME_SHOWN = 256  # characters of an unverified CRL's issuer name in an error (a label, a log line, /readyz)
 MAX_ERROR_SHOWN = 300  # characters of a fetch's error (a CRL's last error, an OCSP failure sent to the device)
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 CLOCK_SKEW = timedelta(minutes=5)  # a CRL issued "now" by a CA whose clock runs a little ahead is usable
 _US = timedelta(microseconds=1)  # datetime's resolution: t <= end is t < end + 1 µs
 _REMEMBERED = 10_000  # answers a set keeps (about one per certificate in use)
@@ -641,11 +641,12 @@ def _whole(rest: bytes, source: str) -> None:
 
 
 def shown_error(text: str) -> str:
-    """A fetch's error as logs, /metrics, /readyz and a device's refusal may show it: on one line, control characters
-    as escapes, `MAX_ERROR_SHOWN` characters at most. aiohttp's errors quote what the server sent (a refused header
-    line, 8 KB of the server's choosing, over several lines) and anyone on a plain-HTTP path is that server."""
+    """A fetch's error as logs, /metrics, /readyz and a device's refusal may show it: on one line, invisible characters
+    as escapes (`proxy.printable.printable`), `MAX_ERROR_SHOWN` characters at most. aiohttp's errors quote what the
+    server sent (a refused header line, 8 KB of the server's choosing, over several lines) and anyone on a plain-HTTP
+    path is that server."""
     text = " ".join(text.split())
-    text = _CONTROLS.sub(lambda m: ascii(m.group())[1:-1], text)
+    text = printable(text)
     return text if len(text) <= MAX_ERROR_SHOWN else f"{text[: MAX_ERROR_SHOWN - 30]}... ({len(text)} characters)"
 
 

@@ -64,6 +64,7 @@ from proxy.certs.revocation import (
     signer_certificates,
 )
 from proxy.files import read_bounded
+from proxy.printable import printable
 
 log = structlog.get_logger("proxy.crl")
 MAX_CRL_BYTES = 64 * 1024 * 1024  # a large enterprise CRL is a few MiB (a file or a URL's answer)
@@ -115,15 +116,17 @@ MIN_SCRUBBED = 4  # characters of a password or query value that `CrlSource.scru
 def shown_location(location: str) -> str:
     """A CRL or OCSP location as it may be shown: a URL's password (`user:password@host`) and every value of its
     query (`?sv=[redacted]&sig=[redacted]`: a signed URL's token is its credential; the names say what kind of URL it
-    is) as `[redacted]`, a fragment dropped; the same for a URL of another scheme, which the configuration refuses."""
+    is) as `[redacted]`, a fragment dropped; the same for a URL of another scheme, which the configuration refuses.
+    Invisible characters are escapes (`printable`): a certificate's distribution point or responder URL may hold
+    controls, and the name reaches a device's refusal."""
     if "://" not in location:
-        return location
+        return printable(location)
     parts = urlsplit(location)
     userinfo, at, host = parts.netloc.rpartition("@")
     netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}" if at and ":" in userinfo else parts.netloc
     fields = (name + (f"={REDACTED}" if equals else "") for name, equals, _ in _fields(parts.query))
     query = "&".join(fields)
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return printable(f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else ""))
 
 
 def _fields(query: str) -> list[tuple[str, str, str]]:
@@ -316,7 +319,7 @@ class CrlStore:
             except CrlUnusable as exc:
                 vetted = exc
         if not isinstance(vetted, list):
-            state.last_error = state.source.scrubbed(str(vetted))
+            state.last_error = printable(state.source.scrubbed(str(vetted)))  # a name the CRL's sender chose
             log.warning("crl_rejected", source=state.source.name, problem=state.last_error, **_held(state))
             return
         state.crls, state.last_success, state.last_error = tuple(vetted), now, None

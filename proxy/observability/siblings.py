@@ -19,6 +19,10 @@ asks every other socket there, at most `ASK_TIMEOUT` seconds each, all at once, 
   socket is a process of the gateway's user: a 500 of /readyz, and a gigabyte read into the asking worker's memory
   for as long as the question may take, 500 MiB, were what it made).
 
+The same holds for `/metrics` and `/traces`: a sibling's answer is read up to a bound no worker's answer reaches
+(`METRICS_ANSWER_BYTES`; `trace_answer_bytes` for the records asked) and one that is not metrics, or not records, is
+taken as no answer (named, and logged as `admin_worker_unanswered`), never a 500 of the scrape.
+
 None of this is on the request path: a request still only appends its trace to its worker's ring and tallies its
 counters; the asking is done when the admin listener is read. With one worker nothing changes, not even a label.
 """
@@ -48,6 +52,10 @@ log = structlog.get_logger("proxy.admin")
 ASK_TIMEOUT = 5.0  # seconds a sibling has to answer one question
 READY_ASK_TIMEOUT = 0.5  # for /readyz: below kubelet's default probe timeout (1 s), a hung sibling included
 LISTENER_ANSWER_BYTES = 4096  # the most of a sibling's /listener answer read (its figures are some 40 bytes)
+# the most of a sibling's /metrics read: its series are bounded by the configuration (routes by status, refusal
+# reasons, CRL sources); measured, 5.7 KiB fresh, 7.9 MiB for 1,000 routes answering 40 statuses each
+METRICS_ANSWER_BYTES = 64 * 1024 * 1024
+TRACE_RECORD_REST = 64 * 1024  # a trace record's bytes besides its path and certificate names (stages, reasons)
 TRACE_ID = re.compile(r"[0-9a-f]{16}")  # `proxy.observability.trace.trace_id`
 Occupancy = tuple[int, int]  # a worker's device connections (TLS handshakes included) and their limit in force
 
@@ -81,10 +89,13 @@ class TraceSource:
 class Siblings(TraceSource):
     """This worker's ring and metrics, and its siblings', asked on their Unix sockets."""
 
-    def __init__(self, ring: TraceRing, worker: Worker, render: Callable[[], bytes]) -> None:
+    def __init__(
+        self, ring: TraceRing, worker: Worker, render: Callable[[], bytes], record_bytes: Callable[[], int]
+    ) -> None:
         super().__init__(ring)
         self.worker = worker
         self._render = render  # this worker's `Metrics.render`
+        self._record_bytes = record_bytes  # the most one trace record can take (`trace_record_bytes`), as configured
 
     async def ask(
         self,
@@ -124,7 +135,7 @@ class Siblings(TraceSource):
             return None
 
     async def metrics(self) -> bytes:
-        others = await self.ask("/metrics")
+        others = await self.ask("/metrics", limit=METRICS_ANSWER_BYTES)
         return merge_metrics({self.worker.number: self._render(), **others})
 
     async def listeners(self, *, enough: Callable[[Occupancy], bool] | None = None) -> dict[int, Occupancy | None]:
@@ -164,9 +175,10 @@ class Siblings(TraceSource):
             cursor = Cursor(before, str(held.get("time", "")), int(held["worker"]))
             query |= {"before": cursor.id, "before_time": cursor.time or "", "before_worker": str(cursor.worker)}
         answers = {self.worker.number: ring_answer(self.ring, limit, user, cursor, self.worker.number)}
-        for number, body in (await self.ask("/traces", query)).items():
-            if body is not None:
-                answers[number] = json.loads(body)
+        bound = limit * self._record_bytes() + TRACE_RECORD_REST
+        for number, body in (await self.ask("/traces", query, limit=bound)).items():
+            if body is not None and (answer := _ring_answer(number, body)) is not None:
+                answers[number] = answer
         records = merge_traces({n: a["records"] for n, a in answers.items()}, limit)
         return Recent(records, sum(a["held"] for a in answers.values()), sum(a["keep"] for a in answers.values()))
 
@@ -176,10 +188,18 @@ class Siblings(TraceSource):
             return {**record, "worker": self.worker.number}
         if not TRACE_ID.fullmatch(trace_id):  # it goes into the path asked of the others: `../metrics` is no id
             return None
-        for number, body in (await self.ask(f"/traces/{trace_id}")).items():
-            if body is not None:
-                return {**json.loads(body), "worker": number}
+        for number, body in (await self.ask(f"/traces/{trace_id}", limit=self._record_bytes())).items():
+            if body is not None and (record := _record(number, trace_id, body)) is not None:
+                return {**record, "worker": number}
         return None
+
+
+def trace_record_bytes(max_header_bytes: int, max_chain_bytes: int) -> int:
+    """The most one trace record takes as JSON: its path (up to a request's whole header block,
+    `listener.max_header_bytes`) and its certificates' names (up to the chain, `client_certificates.max_chain_bytes`)
+    at 6 bytes a byte (`\\udcff`: a byte of a path that was not UTF-8), and `TRACE_RECORD_REST` besides. Measured:
+    1,000 records of a 128 KiB path of such bytes made a 750 MiB answer; 1,000 ordinary ones, 0.9 MiB."""
+    return 6 * (max_header_bytes + max_chain_bytes) + TRACE_RECORD_REST
 
 
 async def _body_within(answer: aiohttp.ClientResponse, limit: int) -> bytes | None:
@@ -202,16 +222,47 @@ def _figures(number: int, body: bytes) -> Occupancy | None:
         return None
 
 
+def _ring_answer(number: int, body: bytes) -> dict[str, Any] | None:
+    """Worker `number`'s /traces answer (`ring_answer`'s shape); None (logged) when it is not that."""
+    try:
+        answer = json.loads(body)
+        if (
+            isinstance(answer, dict)
+            and isinstance(answer.get("records"), list)
+            and all(isinstance(r, dict) for r in answer["records"])
+            and all(type(answer.get(k)) is int for k in ("held", "keep"))
+        ):
+            return answer
+    except ValueError:  # not JSON (nor UTF-8)
+        pass
+    log.warning("admin_worker_unanswered", worker=number, path="/traces", error="not its records")
+    return None
+
+
+def _record(number: int, trace_id: str, body: bytes) -> dict[str, Any] | None:
+    """Worker `number`'s answer for trace `trace_id`: the record, or None (logged) when it is not that record."""
+    try:
+        record = json.loads(body)
+        if isinstance(record, dict) and record.get("id") == trace_id:
+            return record
+    except ValueError:
+        pass
+    log.warning("admin_worker_unanswered", worker=number, path="/traces/<id>", error="not the record asked for")
+    return None
+
+
 def merge_metrics(texts: Mapping[int, bytes | None]) -> bytes:
     """Prometheus text expositions by worker number into one: each sample labelled with its `worker`, each metric
-    described once, in the order the metrics first appear. A worker without an answer (None) is a comment line."""
+    described once, in the order the metrics first appear. A worker without an answer (None), or whose answer is not
+    the text format, is a comment line."""
     families: dict[str, Metric] = {}
     missing = []
     for number, text in sorted(texts.items()):
-        if text is None:
+        parsed = None if text is None else _families(number, text)
+        if parsed is None:
             missing.append(number)
             continue
-        for family in text_string_to_metric_families(text.decode()):
+        for family in parsed:
             merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
             worker = {"worker": str(number)}
             merged.samples.extend(s._replace(labels={**s.labels, **worker}) for s in family.samples)
@@ -219,6 +270,15 @@ def merge_metrics(texts: Mapping[int, bytes | None]) -> bytes:
     registry.register(_Families(families.values()))
     notes = "".join(f"# worker {n} did not answer\n" for n in missing).encode()
     return notes + generate_latest(registry)
+
+
+def _families(number: int, text: bytes) -> list[Metric] | None:
+    """Worker `number`'s /metrics answer read whole (no half of one merged); None (logged) when it is not that."""
+    try:
+        return list(text_string_to_metric_families(text.decode()))
+    except (ValueError, IndexError, KeyError, TypeError):  # what prometheus_client's parser raises on what it refuses
+        log.warning("admin_worker_unanswered", worker=number, path="/metrics", error="not its metrics")
+        return None
 
 
 class _Families(Collector):

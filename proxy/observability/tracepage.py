@@ -26,7 +26,8 @@ from typing import Any
 from aiohttp import web
 
 from proxy.observability.siblings import TRACE_ID, TraceSource
-from proxy.observability.traces import describe, printable
+from proxy.observability.traces import describe
+from proxy.printable import printable
 
 DEFAULT_LIMIT = 50
 MAX_TRACES = 1000

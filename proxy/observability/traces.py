@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -67,6 +66,7 @@ from proxy.config import Traces
 from proxy.identity.mapping import describe as mapping_words
 from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.trace import Trace
+from proxy.printable import printable
 
 log = structlog.get_logger("proxy.traces")
 
@@ -497,22 +497,6 @@ _DESCRIBE = {
     "s4u2proxy": _describe_ticket,
     "backend": _describe_backend,
 }
-
-
-# C0 controls, DEL, C1 controls (0x9b is an 8-bit CSI), lone surrogates (the bytes a path had that were not UTF-8,
-# decoded with surrogateescape, which a C-locale stdout writes back raw), and the invisible characters that change
-# how a line reads: bidirectional controls (U+202E draws the rest of a line reversed), zero-width ones, and the line
-# and paragraph separators.
-_CONTROL = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]"
-)
-
-
-def printable(text: str) -> str:
-    """`text` safe to write to a terminal or a page: each control character as an escape (`\\x1b`, `\\u202e`), so a
-    device's path or a certificate's name cannot move the cursor, rewrite what is shown, retitle the window, add a
-    line or reverse what follows it."""
-    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def render_text(records: Iterable[dict[str, Any]]) -> str:

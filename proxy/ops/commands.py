@@ -18,6 +18,7 @@ from typing import Any
 from proxy import config as config_module
 from proxy.errors import ConfigError
 from proxy.files import read_bounded
+from proxy.printable import printable
 
 MAX_CERTIFICATE_BYTES = 1024 * 1024  # `explain --cert`: a certificate is a few KiB (/dev/zero never ends)
 
@@ -111,9 +112,7 @@ def doctor(args: argparse.Namespace) -> int:
 
 def _printable_lines(text: str) -> str:
     """A report for the terminal: its lines kept, a control character within one (from a certificate's names, a
-    KDC's or a backend's message) shown as an escape (`proxy.observability.traces.printable`)."""
-    from proxy.observability.traces import printable
-
+    KDC's or a backend's message) shown as an escape (`proxy.printable.printable`)."""
     return "\n".join(printable(line) for line in text.split("\n"))
 
 

@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from proxy import config as config_module
+from proxy.addresses import host_port
 from proxy.errors import ConfigError
-from proxy.observability.traces import printable, render_text
+from proxy.observability.traces import render_text
+from proxy.printable import printable
 
 DEFAULT_ADMIN = "http://127.0.0.1:9443"
 _FOLLOW_WINDOW = 200  # records asked for on each poll while following (the gateway keeps 200 by default)
@@ -87,10 +89,8 @@ def admin_url(args: argparse.Namespace) -> str:
             raise ConfigError([f"admin: the configuration has no [admin] bind: traces are not served (in {cfg.path})"])
         if not cfg.admin.bound and cfg.admin.socket is not None:
             return f"unix:{cfg.admin.socket}"
-        host = f"[{cfg.admin.host}]" if ":" in cfg.admin.host else cfg.admin.host
-        if host in ("0.0.0.0", "[::]"):
-            host = "127.0.0.1"
-        return f"{'https' if cfg.admin.tls else 'http'}://{host}:{cfg.admin.port}"
+        host = "127.0.0.1" if cfg.admin.host in ("0.0.0.0", "::") else cfg.admin.host  # a wildcard: ask it here
+        return f"{'https' if cfg.admin.tls else 'http'}://{host_port(host, cfg.admin.port)}"
     return DEFAULT_ADMIN
 
 

@@ -50,7 +50,7 @@ One memo per context, so a reload (a new context, another trust list) starts emp
 On a remembered chain OpenSSL keeps no verified chain for the connection (`SSL_get0_verified_chain`, Python 3.13's
 `get_verified_chain()`): nothing here reads it, the certificate stages build the chain themselves.
 
-Which certificate a refusal is about (`refused_certificate`). Python's `ssl.SSLCertVerificationError` carries
+Which certificate a refusal is about (`take_refused_certificate`). Python's `ssl.SSLCertVerificationError` carries
 OpenSSL's reason ("certificate has expired") but not which certificate of the chain it is about: the device's own,
 or a CA above it (an expired issuing CA, a CA whose extended key usage lacks clientAuth). Their fixes differ (a new
 certificate for the user, or a renewed CA for everyone), so when `X509_verify_cert` fails the callback keeps the

@@ -49,6 +49,7 @@ import structlog
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from proxy.addresses import host_port
 from proxy.certs.chain import format_time, load_certificates, netscape_type_excludes_client
 from proxy.config import Config
 from proxy.tls.openssl import (
@@ -672,11 +673,6 @@ def peer_text(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return host_port(str(peer[0]), peer[1])
     return str(peer)
-
-
-def host_port(host: str, port: object) -> str:
-    """`host:port`, an IPv6 address in brackets (RFC 3986's form)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def gate_factory(

@@ -1245,6 +1245,69 @@ def test_readyz_of_a_full_worker_beside_a_hung_sibling_is_503(lab: LabLayout, tm
         gw.stop()
 
 
+class _ForeignScrapeSibling(_ForeignSibling):
+    """`_ForeignSibling` for the scrapes: /metrics, /traces and /traces/<id>, each path in turn answered with a body
+    that is not the answer, JSON of another shape, then a gigabyte; `asked` counts each path's connections."""
+
+    ANSWERS = (b"not metrics, not json", b'{"records": 1, "held": "x"}')
+
+    def __init__(self, path: Path) -> None:
+        self.asked: dict[str, int] = {}
+        super().__init__(path)
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self._server.accept()
+                with connection:
+                    head = connection.recv(65536).split(b" ", 2)[1].decode()
+                    path = head.split("?")[0]
+                    path = "/traces/<id>" if path.startswith("/traces/") else path
+                    turn = self.asked.get(path, 0)
+                    self.asked[path] = turn + 1
+                    self.answered += 1
+                    with contextlib.suppress(OSError):
+                        self._answer(connection, turn % 3)
+
+
+def test_scrapes_of_a_worker_whose_sibling_answers_what_no_worker_sends_are_answered(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Two workers, worker 2's sibling socket answered by another process of the gateway's user: to /metrics,
+    /traces and /traces/<id>, a body that is neither metrics nor JSON, JSON of another shape, a gigabyte. Whichever
+    worker a scrape reaches, /metrics and /traces answer 200 (worker 1's naming worker 2 as not answering) and a trace
+    by id 404; worker 1's peak memory grows by less than 256 MiB (its bounds: `METRICS_ANSWER_BYTES`, and a /traces
+    answer's by the records asked). Before, worker 1 answered 500 (the parser and json.loads raised out of the
+    handler) and read the whole gigabyte into its memory."""
+    gw, admin = _full_listener_gateway(lab, tmp_path / "gw", workers=2)
+    foreign: _ForeignScrapeSibling | None = None
+    try:
+        listening = gw.wait_events("admin_listening", 2)
+        first = next(e["pid"] for e in listening if Path(e["siblings"]).name == "1.sock")
+        second = next(Path(e["siblings"]) for e in listening if e["siblings"].endswith("/2.sock"))
+        second.unlink()
+        foreign = _ForeignScrapeSibling(second)
+        peak = _peak_kib(first)
+        answers: list[tuple[str, int, str]] = []
+        scrapes = {"/metrics": 200, "/traces?limit=50": 200, "/traces/0123456789abcdef": 404}
+        deadline = time.monotonic() + 4 * WAIT
+        while min(foreign.asked.get(p, 0) for p in ("/metrics", "/traces", "/traces/<id>")) < 3:
+            assert time.monotonic() < deadline, (foreign.asked, answers[-3:])
+            for path, expected in scrapes.items():
+                status, body = _get(admin + path)
+                answers.append((path, status, body[:300]))
+                assert status == expected, answers[-1]
+        metrics = [body for path, _, body in answers if path == "/metrics" and "# worker 2 did not answer" in body]
+        assert metrics, answers
+        unanswered = gw.events("admin_worker_unanswered")
+        assert {e["path"] for e in unanswered} >= {"/metrics", "/traces"}, unanswered
+        assert _peak_kib(first) - peak < 256 * 1024
+    finally:
+        if foreign is not None:
+            foreign.close()
+        gw.stop()
+
+
 def test_readyz_of_a_worker_with_room_does_not_wait_for_a_hung_sibling(lab: LabLayout, tmp_path: Path) -> None:
     """Two workers, one of them stopped (SIGSTOP: a worker stuck in a long call, its admin socket and sibling socket
     open, nothing answered): a probe the kernel gives the running worker, whose device listener has room, is answered

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -472,3 +474,56 @@ def test_a_signed_urls_token_in_another_spelling_is_shown_nowhere(lab: LabLayout
             assert gw.stop() == 0
     finally:
         path.close()
+
+
+# a right-to-left override, a zero-width space, a bidirectional isolate, a tag character, a soft hyphen
+INVISIBLE = "\u202e\u200b\u2066\U000e0041\u00ad"
+INVISIBLE_ESCAPED = "\\u202e\\u200b\\u2066\\U000e0041\\xad"
+
+
+def test_invisible_characters_a_distribution_point_sends_are_escaped(lab: LabLayout, tmp_path: Path) -> None:
+    """A CRL URL answering a CRL whose issuer's name carries invisible characters (a right-to-left override, zero-width
+    space, bidirectional isolate, tag character, soft hyphen): `crl_rejected` and /readyz show each as an escape, so a
+    log viewer shows no reversed text. Before, `shown_error` escaped C0/C1 controls only and the rejection's problem
+    went out as it was."""
+    path = CrlPath(forged_crl(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"CA{INVISIBLE}x")]), 1))
+    admin = f"127.0.0.1:{free_port()}"
+    try:
+        gw = revocation_gateway(
+            lab, tmp_path / "gw", refreshed(path.url, lab.pki_dir / "crls.pem"), extra=f'\n[admin]\nbind = "{admin}"\n'
+        )
+        try:
+            rejected = gw.wait_event("crl_rejected", source=path.url)
+            assert f"CA{INVISIBLE_ESCAPED}x" in rejected["problem"], rejected
+            with pytest.raises(urllib.error.HTTPError) as refused:  # 503: a source without a usable CRL
+                urllib.request.urlopen(f"http://{admin}/readyz", timeout=30)
+            assert refused.value.code == 503
+            crls = json.loads(refused.value.read())["crls"]
+            (problem,) = [p for p in crls if p.startswith(path.url)]
+            assert f"CA{INVISIBLE_ESCAPED}x" in problem, problem
+            assert not [c for c in problem if not c.isprintable()], problem
+        finally:
+            assert gw.stop() == 0
+    finally:
+        path.close()
+
+
+def test_control_characters_in_a_responders_url_are_escaped_in_the_refusal(
+    lab: LabLayout, tmp_path: Path, ocsp_only: OcspOnly
+) -> None:
+    """A certificate whose OCSP responder URL carries control characters (ESC, BEL: an IA5String holds them), that
+    responder answering garbage: the device's 403 and `ocsp_failed` name the responder with the characters as
+    escapes. Before, the URL as shown (`shown_location`) kept them: the refusal wrote ESC [31m to the device."""
+    responder = HostileResponder(lambda _request: http_answer(b"not DER"))
+    try:
+        gw, cert, key = ocsp_only(responder.url + "x\x1b[31m\x07")
+        status, body = curl_with(lab, gw, cert, key)
+        assert status == 403, body
+        assert responder.asked == 1
+        assert "x\\x1b[31m\\x07" in body, body
+        assert "\x1b" not in body, body
+        assert "\x07" not in body, body
+        failed = gw.wait_event("ocsp_failed")
+        assert failed["responder"] == responder.url + "x\\x1b[31m\\x07", failed
+    finally:
+        responder.close()

@@ -230,6 +230,16 @@ def test_an_admin_listener_on_the_listeners_address_is_refused(tmp_path: Path, l
     assert any(p.startswith("admin.bind:") and "listener.bind" in p for p in e.value.problems), e.value.problems
 
 
+def test_the_overlap_names_an_ipv6_address_in_brackets(tmp_path: Path) -> None:
+    """The refusal writes both addresses as every output does, an IPv6 one in brackets (`proxy.addresses.host_port`,
+    once copied here as `_bind`): the text is as it was."""
+    text = GOOD.replace('bind = "127.0.0.1:8443"', 'bind = "[::]:8443"\nworkers = 2')
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, text + '\n[admin]\nbind = "[::1]:8443"\n'))
+    expected = "admin.bind: [::1]:8443 takes connections meant for listener.bind ([::]:8443)"
+    assert any(p.startswith(expected) for p in e.value.problems), e.value.problems
+
+
 def test_an_admin_listener_on_another_port_or_address_is_accepted(tmp_path: Path) -> None:
     """The same port at another specific address, or another port, is no overlap."""
     for listener, admin in (("192.0.2.10:8443", "127.0.0.1:8443"), ("0.0.0.0:8443", "127.0.0.1:9443")):

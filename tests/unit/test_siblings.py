@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from proxy.observability.siblings import (
     merge_traces,
     ring_answer,
     serve_siblings,
+    trace_record_bytes,
 )
 from proxy.observability.trace import Trace
 from proxy.observability.traces import Cursor, TraceRing
@@ -115,7 +117,7 @@ def test_a_sibling_that_accepts_and_never_answers_is_none_within_readys_bound(tm
     hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     hung.bind(str(tmp_path / "2.sock"))
     hung.listen(8)
-    siblings = Siblings(TraceRing(keep=5), Worker(number=1, siblings=tmp_path), lambda: b"")
+    siblings = Siblings(TraceRing(keep=5), Worker(number=1, siblings=tmp_path), lambda: b"", lambda: 2**20)
 
     async def ask() -> tuple[dict[int, tuple[int, int] | None], float]:
         started = time.monotonic()
@@ -137,7 +139,7 @@ def test_a_full_workers_question_ends_when_a_sibling_has_room(tmp_path: Path) ->
     hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     hung.bind(str(tmp_path / "2.sock"))
     hung.listen(8)
-    siblings = Siblings(TraceRing(keep=5), Worker(number=1, siblings=tmp_path), lambda: b"")
+    siblings = Siblings(TraceRing(keep=5), Worker(number=1, siblings=tmp_path), lambda: b"", lambda: 2**20)
 
     async def ask() -> tuple[dict[int, tuple[int, int] | None], float, dict[int, tuple[int, int] | None]]:
         runner = await serve_siblings(
@@ -159,3 +161,29 @@ def test_a_full_workers_question_ends_when_a_sibling_has_room(tmp_path: Path) ->
     assert early == {3: (1, 2)}  # the hung one's timeout not waited for: it would be there, as None
     assert took < 5 * READY_ASK_TIMEOUT, took  # (a loaded machine's slack)
     assert every == {2: None, 3: (1, 2)}
+
+
+def test_a_worker_whose_answer_is_not_metrics_is_named_and_none_of_it_merged() -> None:
+    """A sibling's /metrics that prometheus_client cannot read (not the format, not UTF-8, half good then bad) is a
+    `# worker N did not answer` line, and nothing of it is merged (before, the parser raised: a 500 of the scrape)."""
+    own = _served(Metrics(), 1)
+    for answer in (b"not metrics", b"\xff\xfe", b"kcd_good 1\nkcd_bad{a=1} 1\n"):
+        merged = merge_metrics({1: own, 2: answer}).decode()
+        assert merged.startswith("# worker 2 did not answer\n"), merged[:200]
+        assert 'worker="2"' not in merged
+        assert "kcd_good" not in merged
+
+
+def test_the_bound_of_a_trace_record_holds_a_record_at_the_configured_caps() -> None:
+    """`trace_record_bytes` at the default caps holds a record whose path is a whole header block of bytes that are
+    not UTF-8 (6 bytes each in JSON): the bound is above what a real worker's record reaches."""
+    ring = TraceRing(keep=1)
+    trace = Trace()
+    trace.note(
+        method="GET", path="/" + "\udcff" * (128 * 1024 - 1), client="127.0.0.1", cert_subject="CN=" + "é" * 9000
+    )
+    trace.ms["tls"] = 0.1
+    ring.record(trace, 400)
+    body = json.dumps(ring_answer(ring, 1, None)).encode()
+    assert len(body) > 6 * 128 * 1024
+    assert len(body) <= trace_record_bytes(128 * 1024, 10240)

@@ -257,6 +257,12 @@ def test_trace_command_finds_the_admin_listener(tmp_path: Path) -> None:
     assert admin_url(ns(admin=None, config=None)) == DEFAULT_ADMIN
 
 
+def test_trace_command_writes_an_ipv6_admin_bind_in_brackets(tmp_path: Path) -> None:
+    """An IPv6 `[admin] bind` is asked at `http://[::1]:port` (the one `proxy.addresses.host_port`)."""
+    path = write(tmp_path, GOOD + '\n[admin]\nbind = "[::1]:9555"\n')
+    assert admin_url(argparse.Namespace(admin=None, config=str(path))) == "http://[::1]:9555"
+
+
 def test_a_basic_sign_in_has_one_kerberos_stage_and_its_identity_from_the_password() -> None:
     """Without a certificate: identity comes from Basic (rule "basic"), Kerberos is the user's own ticket, no S4U."""
     t = Trace()
