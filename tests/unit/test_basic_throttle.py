@@ -443,11 +443,28 @@ def test_a_flood_of_other_names_never_evicts_a_held_user() -> None:
         throttle.end(f"nobody{n}", now=1 + n, failed=True)
     assert throttle.wait("alice", now=20) == 1780
     assert len(throttle._keys) <= 3
-    full = Throttle(1, forget=1800, hold=True, max_keys=2)  # every key held: the one being counted stays
+    full = Throttle(1, forget=1800, hold=True, max_keys=2)  # every key held: the new one is not taken in
     for name in ("bob", "carol", "dave"):
         full.failed(name, now=0)
-    assert full.wait("dave", now=1) == 1799
+    assert [full.wait(name, now=1) for name in ("bob", "carol", "dave")] == [1799, 1799, 0]
     assert len(full._keys) == 2
+
+
+def test_a_throttle_full_of_held_names_refuses_a_new_name_rather_than_release_a_held_user() -> None:
+    """A throttle of 3 keys (limit 2): alice held, then two other names held (unknown users, from many /64s), so that
+    every key is held: a new name is refused (429, counted nowhere) and alice stays held; once the holds are past, a
+    new name takes a place. The least recently counted held key went (hers), and her guesser had two more guesses
+    towards the directory's lockout for every throttle's worth of held names (500,000 wrong passwords at the default
+    100,000 keys and limit 5, within basic_failure_window_seconds), which the workers' shared table never allowed."""
+    throttle = Throttle(2, forget=1800, hold=True, max_keys=3)
+    for name in ("alice", "nobody1", "nobody2"):
+        for _ in range(2):
+            assert throttle.admit(name, now=0) == 0
+            throttle.end(name, now=0, failed=True)
+    assert throttle.admit("nobody3", now=1) > 0
+    assert throttle.wait("alice", now=2) == 1798
+    assert len(throttle._keys) == 3
+    assert throttle.admit("nobody3", now=1801) == 0
 
 
 def test_a_flood_of_names_failing_once_never_evicts_a_users_failures_below_the_hold() -> None:
