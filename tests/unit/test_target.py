@@ -59,7 +59,7 @@ def test_paths_are_read_as_iis_reads_them(target: str, path: str, forward: str |
         ("/owa/%%2e%2e/ecp", "does not start a %XX escape"),  # '%%2e' is '%' then '.' to a lenient reader
         ("/owa/%4%31", "does not start a %XX escape"),  # '%41' ('A') to a reader that decodes from the right
         ("/owa/%2", "does not start a %XX escape"),
-        ("/owa/%+41", "does not start a %XX escape"),  # int('+4', 16) is 4: a reader parsing with int() took it for an escape
+        ("/owa/%+41", "does not start a %XX escape"),  # int('+4', 16) is 4: int() takes it for an escape
         ("/owa/%u2215", "does not start a %XX escape"),
         ("/owa/..%5Cecp", "encoded backslash"),
         ("/owa/%7f", "control character"),
