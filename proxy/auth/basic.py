@@ -400,7 +400,7 @@ class _Failures:
     blocked_until: float = 0.0
     in_flight: int = 0  # attempts admitted and not yet answered by the KDC
     queued: int | None = None  # the rank under which it waits in `Throttle._free` (None: it does not): failures and
-    # attempts in flight, each a failure it may be
+    # attempts in flight, each a failure it may be, at most the limit
 
 
 class Throttle:
@@ -529,8 +529,8 @@ class Throttle:
         self._unqueue(key, state)
         if refused:
             self._refused[key] = None
-        else:
-            state.queued = state.count + state.in_flight
+        else:  # ranks stop at the limit: past it an address climbs one rank per back-off waited out (`_fewest`)
+            state.queued = min(state.count + state.in_flight, self._limit)
             self._free.setdefault(state.queued, OrderedDict())[key] = None
 
     def _unqueue(self, key: bytes, state: _Failures) -> None:
@@ -570,7 +570,10 @@ class Throttle:
         failure it may be). Least recently counted alone, a flood of names failing once each (unknown users, from many
         /64s) evicted a user's failures short of her hold, and her guesser had a fresh allowance towards the
         directory's lockout for every `max_keys` names; now it takes as many failures of each of them. By failures
-        alone, a user's attempts in flight, none failed yet, went first, and the in-flight cap with them."""
+        alone, a user's attempts in flight, none failed yet, went first, and the in-flight cap with them. A rank is at
+        most `limit` (a user's key is held there), so this looks at `limit` + 1 queues at most: the address throttle's
+        keys not refused, each waiting out its back-off, climbed one rank per failure for as long as their sender
+        liked, and every rank was looked at for each new key (400 ranks: 20 times the cost of a new address)."""
         fewest = None
         for rank in sorted(self._free):
             front = self._first(self._free[rank], keep)
