@@ -400,7 +400,7 @@ class _Failures:
     blocked_until: float = 0.0
     in_flight: int = 0  # attempts admitted and not yet answered by the KDC
     queued: int | None = None  # the rank under which it waits in `Throttle._free` (None: it does not): failures and
-    # attempts in flight, each a failure it may be
+    # attempts in flight, each a failure it may be, at most the limit
 
 
 class Throttle:
@@ -456,18 +456,22 @@ class Throttle:
         counted). `force`: counted whatever the wait (a held user's own last accepted password)."""
         hashed = _hashed(key)
         wait = 0.0 if force else self._wait(hashed, now)
-        if wait == 0:
-            self._begin(hashed, now)
+        if wait == 0 and not self._begin(hashed, now) and not force:
+            return _THROTTLE_BASE  # no place for a new key: every other one is held (`_evict`)
         return wait
 
     def begin(self, key: str, now: float) -> None:
         """An attempt of `key` is admitted: it counts as in flight until `end`."""
         self._begin(_hashed(key), now)
 
-    def _begin(self, key: bytes, now: float) -> None:
+    def _begin(self, key: bytes, now: float) -> bool:
+        """Count an attempt of `key` in flight; False if it is a new key with no place (nothing counted)."""
         state = self._state(key, now)
+        if state is None:
+            return False
         state.in_flight += 1
         self._queue(key, refused=state.blocked_until > now)  # ranked with its attempts in flight
+        return True
 
     def end(self, key: str, now: float, *, failed: bool) -> None:
         """The attempt `begin` admitted is over; `failed`: it was a wrong password or an unknown user."""
@@ -487,6 +491,8 @@ class Throttle:
 
     def _failed(self, key: bytes, now: float) -> None:
         state = self._state(key, now)
+        if state is None:  # a new key with no place: counted nowhere, as the workers' shared table does
+            return
         state.count += 1
         state.last = now
         if state.count >= self._limit and self._hold:
@@ -502,15 +508,18 @@ class Throttle:
             state.count, state.blocked_until = 0, 0.0
             self._queue(hashed, refused=False)
 
-    def _state(self, key: bytes, now: float) -> _Failures:
-        """The state of `key`, made the most recent; failures older than the forget time start afresh."""
+    def _state(self, key: bytes, now: float) -> _Failures | None:
+        """The state of `key`, made the most recent; failures older than the forget time start afresh. None: `key` is
+        new and the throttle full of held users (`_evict`), so it is not taken in."""
         state = self._keys.get(key)
         if state is None:
             state = self._keys[key] = _Failures()
         elif state.count and now - state.last > self._forget:
             state.count, state.blocked_until = 0, 0.0
         self._queue(key, refused=state.blocked_until > now)
-        self._evict(key, now)
+        if not self._evict(key, now):
+            self._drop(key)
+            return None
         return state
 
     def _queue(self, key: bytes, *, refused: bool) -> None:
@@ -520,8 +529,8 @@ class Throttle:
         self._unqueue(key, state)
         if refused:
             self._refused[key] = None
-        else:
-            state.queued = state.count + state.in_flight
+        else:  # ranks stop at the limit: past it an address climbs one rank per back-off waited out (`_fewest`)
+            state.queued = min(state.count + state.in_flight, self._limit)
             self._free.setdefault(state.queued, OrderedDict())[key] = None
 
     def _unqueue(self, key: bytes, state: _Failures) -> None:
@@ -533,22 +542,27 @@ class Throttle:
                 del self._free[state.queued]
             state.queued = None
 
-    def _evict(self, keep: bytes, now: float) -> None:
-        """Down to `max_keys`: keys that are not refused first, least recently counted first, then refused keys in the
-        order they were counted, never `keep` (the key being counted). A held user's key is not touched while held,
+    def _evict(self, keep: bytes, now: float) -> bool:
+        """Down to `max_keys`: keys that are not refused first, least recently counted first, then (without `hold`)
+        refused keys in the order they were counted, never `keep` (the key being counted); False when a held user
+        would have to go (`keep`, then new, is not taken in). A held user's key is not touched while held,
         and a flood of other names (each guess at an unknown user a key) would otherwise evict it and give its
         guesser a fresh allowance (towards the directory's lockout) before the window ends. A refused key whose time
         has passed since is old news at the front of its queue: it goes before the others. Of the keys not refused,
         those with the fewest failures go first (`_fewest`). Each step looks at the front of a queue only (the whole
-        table was walked past for each new key when every key was refused)."""
+        table was walked past for each new key when every key was refused). With `hold`, a throttle full of held
+        users takes no new key: the least recently counted held one went, and a flood of held names (unknown users,
+        `limit` wrong passwords each) gave a held user's guesser a fresh allowance towards the directory's lockout
+        for every `max_keys` of them; the workers' shared table refuses such a key too (`proxy.auth.shared`)."""
         while len(self._keys) > self._max:
             lapsed = self._first(self._refused, keep)
             if lapsed is None or self._keys[lapsed].blocked_until > now:
                 lapsed = None
-            victim = lapsed or self._fewest(keep, now) or self._first(self._refused, keep)
+            victim = lapsed or self._fewest(keep, now) or (None if self._hold else self._first(self._refused, keep))
             if victim is None:
-                return
+                return not self._hold
             self._drop(victim)
+        return True
 
     def _fewest(self, keep: bytes, now: float) -> bytes | None:
         """The key not refused to evict: one with nothing in flight whose failures are all past the window, else the
@@ -556,7 +570,10 @@ class Throttle:
         failure it may be). Least recently counted alone, a flood of names failing once each (unknown users, from many
         /64s) evicted a user's failures short of her hold, and her guesser had a fresh allowance towards the
         directory's lockout for every `max_keys` names; now it takes as many failures of each of them. By failures
-        alone, a user's attempts in flight, none failed yet, went first, and the in-flight cap with them."""
+        alone, a user's attempts in flight, none failed yet, went first, and the in-flight cap with them. A rank is at
+        most `limit` (a user's key is held there), so this looks at `limit` + 1 queues at most: the address throttle's
+        keys not refused, each waiting out its back-off, climbed one rank per failure for as long as their sender
+        liked, and every rank was looked at for each new key (400 ranks: 20 times the cost of a new address)."""
         fewest = None
         for rank in sorted(self._free):
             front = self._first(self._free[rank], keep)

@@ -57,6 +57,9 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.error import PyAsn1Error
+from pyasn1.type import univ
 
 from proxy.errors import CertificateRejected
 from proxy.files import read_bounded
@@ -301,15 +304,21 @@ NETSCAPE_CERT_TYPE = x509.ObjectIdentifier("2.16.840.1.113730.1.1")
 
 def netscape_type_excludes_client(cert: x509.Certificate) -> bool:
     """Whether `cert` carries a Netscape certificate type (a BIT STRING whose first bit is SSL client) without that
-    bit: OpenSSL then refuses it for a TLS client whatever its extended key usage says. OpenSSL reads the first
-    content byte (none: no type at all); so does this."""
+    bit, or one that does not decode: OpenSSL then refuses it for a TLS client whatever its extended key usage says
+    (an empty BIT STRING names no type; a value that is no BIT STRING, or has more than 7 unused bits, is an invalid
+    extension). Decoded by pyasn1, as OpenSSL's d2i does (a long-form length, a constructed BIT STRING, bytes after
+    it ignored): the first content byte read at a fixed offset was a length byte once the BIT STRING was 128 bytes or
+    more, and a client certificate every handshake passes was refused, a server one every handshake refuses served."""
     try:
         value = cert.extensions.get_extension_for_oid(NETSCAPE_CERT_TYPE).value
     except x509.ExtensionNotFound:
         return False
     der = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
-    first = der[3] if len(der) > 3 and der[0] == 0x03 else 0  # tag, length, unused bits, then the bits
-    return not first & 0x80
+    try:
+        bits, _ = der_decoder.decode(der, asn1Spec=univ.BitString())
+    except PyAsn1Error:
+        return True
+    return not (len(bits) > 0 and bits[0])
 
 
 def _check_leaf_key(leaf: x509.Certificate) -> None:

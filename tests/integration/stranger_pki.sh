@@ -14,6 +14,8 @@ echo 2000 > issuing/serial
 echo 01 > root/crlnumber
 echo 01 > issuing/crlnumber
 cat > openssl.cnf <<'CNF'
+# what ${ENV::NSTYPE} reads when NSTYPE is not set (every command reads every section)
+NSTYPE = 00
 [root]
 dir = root
 database = $dir/index.txt
@@ -115,6 +117,13 @@ keyUsage = critical, digitalSignature
 extendedKeyUsage = clientAuth
 nsCertType = server
 subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
+[v3_netscape_der]
+# the same with a Netscape certificate type given as its DER (NSTYPE, hex): a BIT STRING as long as a forger likes
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+2.16.840.1.113730.1.1 = DER:${ENV::NSTYPE}
+subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:${ENV::UPN}
 [v3_no_upn]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
@@ -191,6 +200,12 @@ user noeku v3_no_eku
 user noupn v3_no_upn
 user nosigning v3_no_signing_key_usage
 user nsserver v3_netscape_server
+# Netscape certificate types of 128 and 384 bytes (long-form lengths): SSL client first, then a server only whose
+# second length byte is 0x80 (the type's first byte was read at a fixed offset)
+export NSTYPE="0381810080$(printf '00%.0s' $(seq 127))"
+user nslongclient v3_netscape_der
+export NSTYPE="038201800040$(printf '00%.0s' $(seq 382))"
+user nslongserver v3_netscape_der
 mkdir -p rogue
 openssl req -config openssl.cnf -x509 -new -newkey rsa:2048 -nodes -keyout rogue/root.key -out rogue/root.pem \
   -subj "/CN=Stränger Root CA/O=Stränger Örg" -utf8 -extensions v3_root -days 60

@@ -148,6 +148,8 @@ def test_the_route_is_chosen_on_the_path_the_backend_acts_on(
         ("/../ecp/x", "climbs above the root"),
         ("/owa/%2e%2e/%2e%2e/ecp/x", "climbs above the root"),
         ("/owa/%u002e%u002e/ecp/x", "does not start a %XX escape"),
+        ("/owa/%%2e%2e/ecp/x", "does not start a %XX escape"),
+        ("/owa/%c0%ae%c0%ae/ecp/x", "not UTF-8"),
         ("/ew%C5%BF/x", "U+017F"),
     ],
 )

@@ -370,6 +370,7 @@ EXPLAIN_KEYS = {"accepted", "stage", "reason", "upn", "principal", "route", "spn
         ("{lab}/users/alice.pem", (), 1, "certificate", ""),  # another CA (the lab's)
         ("users/nosigning.pem", (), 1, "certificate", "key usage lacks digitalSignature"),
         ("users/nsserver.pem", (), 1, "certificate", "Netscape certificate type does not include SSL client"),
+        ("users/nslongserver.pem", (), 1, "certificate", "Netscape certificate type does not include SSL client"),
         ("users/rogue.pem", (), 1, "certificate", "signature does not verify"),  # the trusted CA's name, another key
     ],
     ids=[
@@ -381,6 +382,7 @@ EXPLAIN_KEYS = {"accepted", "stage", "reason", "upn", "principal", "route", "spn
         "untrusted",
         "key usage",
         "netscape type",
+        "long netscape type",
         "signature",
     ],
 )
@@ -491,6 +493,21 @@ def test_a_usage_other_than_the_eku_ends_the_handshake_with_its_own_fix(
     assert line["reason"] == "unsuitable certificate purpose", line
     assert in_fix in line["fix"], line
     assert "lacks the clientAuth" not in line["fix"], line
+    assert not [e for e in stranger_gateway.events("request", after=mark) if e.get("client") == REFUSED]
+
+
+def test_a_long_netscape_certificate_type_gets_the_handshakes_verdict(pki: Path, stranger_gateway: Gateway) -> None:
+    """`openssl ca` certificates whose Netscape certificate type is a BIT STRING of 128 or 384 bytes (a long-form
+    length): the SSL client one, which OpenSSL's handshake passes, is delegated as alice (it was refused with 403 at
+    the certificate stage, "does not include SSL client": its first byte was read at a fixed offset, a length byte
+    here); the server-only one gets the handshake's alert, and no request."""
+    body, code, err = _curl(pki, stranger_gateway, "nslongclient")
+    assert code == 200, (body, err)
+    assert json.loads(body)["principal"] == "alice@LAB.TEST"
+    mark = stranger_gateway.mark()
+    body, code, err = _curl(pki, stranger_gateway, "nslongserver", "/owa/", "--interface", REFUSED)
+    assert code == 0, body
+    assert "alert unsupported certificate" in err.lower(), err
     assert not [e for e in stranger_gateway.events("request", after=mark) if e.get("client") == REFUSED]
 
 

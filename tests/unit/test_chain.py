@@ -56,6 +56,7 @@ def issue(
 CLIENT_AUTH = (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
 UPN_SAN = (x509.SubjectAlternativeName([upn_other_name("alice@lab.test")]), False)
 CA = (x509.BasicConstraints(ca=True, path_length=None), True)
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl CLI is not installed")
 
 
 def rejected(leaf: x509.Certificate, trust: TrustList, at: datetime = NOW) -> str:
@@ -165,6 +166,66 @@ def test_a_netscape_certificate_type_without_ssl_client_is_refused(
         assert verify_chain(leaf, trust, at=NOW).leaf == leaf
 
 
+# Netscape certificate types as a CA may write them, and as a forger may: each value, the extension's DER (`extnValue`)
+_NETSCAPE_VALUES = {
+    "SSL client, 128-byte BIT STRING (long-form length)": "038181" + "0080" + "00" * 127,
+    "SSL client, 256-byte BIT STRING (two length bytes)": "03820101" + "0080" + "00" * 255,
+    "SSL client, 64 KiB BIT STRING": "0383010001" + "0080" + "00" * 65535,
+    "server, 384-byte BIT STRING (a length byte of 0x80)": "03820180" + "0040" + "00" * 382,
+    "SSL client, 8 unused bits (invalid)": "03020880",
+    "SSL client, indefinite length (invalid)": "038000800000",
+    "SSL client, constructed BIT STRING (BER)": "230403020080",
+    "SSL client, 7 unused bits": "03020780",
+    "empty BIT STRING": "030100",
+    "an OCTET STRING": "04020080",
+    "no value at all": "",
+}
+
+
+@needs_openssl
+@pytest.mark.parametrize("value", list(_NETSCAPE_VALUES))
+def test_a_malformed_netscape_certificate_type_gets_openssls_verdict(
+    pki: Pki, trust: TrustList, tmp_path: Path, value: str
+) -> None:
+    """A Netscape certificate type however it is encoded (a long BIT STRING, lying unused bits, BER forms, not a BIT
+    STRING at all) is accepted or refused as OpenSSL's client-purpose check (`openssl verify -purpose sslclient`, the
+    handshake's check) does. The first content byte was read at a fixed offset (the fourth): a BIT STRING of 128 bytes
+    or more has a long-form length, so an SSL client one was refused where every handshake passes it, and a server one
+    was served where every handshake refuses it; 8 unused bits (OpenSSL: an invalid extension) were served."""
+    leaf, _ = issue(
+        load_cert(pki.issuing_cert),
+        load_key(pki.issuing_key),
+        "alice",
+        CLIENT_AUTH,
+        UPN_SAN,
+        (x509.UnrecognizedExtension(NETSCAPE_CERT_TYPE, bytes.fromhex(_NETSCAPE_VALUES[value])), False),
+    )
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ca.pem").write_bytes(Path(pki.root_cert).read_bytes() + Path(pki.issuing_cert).read_bytes())
+    openssl_accepts = (
+        subprocess.run(
+            [
+                "openssl",
+                "verify",
+                "-purpose",
+                "sslclient",
+                "-attime",
+                str(int(NOW.timestamp())),
+                "-CAfile",
+                "ca.pem",
+                "leaf.pem",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    if openssl_accepts:
+        assert verify_chain(leaf, trust, at=NOW).leaf == leaf
+    else:
+        assert "Netscape certificate type" in rejected(leaf, trust)
+
+
 def test_end_entity_cannot_act_as_ca(pki: Pki) -> None:
     """Even if configured as an intermediate, a certificate without cA=TRUE cannot issue certificates."""
     trust = TrustList.load([pki.root_cert], [pki.issuing_cert, pki.user_cert("alice")])
@@ -223,7 +284,6 @@ def test_naive_time_refused(pki: Pki, trust: TrustList) -> None:
         verify_chain(load_cert(pki.user_cert("alice")), trust, at=NOW.replace(tzinfo=None))
 
 
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl CLI is not installed")
 UPN_EXTFILE = "subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@lab.test\nextendedKeyUsage = clientAuth\n"
 
 

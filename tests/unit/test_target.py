@@ -30,6 +30,7 @@ from proxy.target import checked_host, origin_form, remove_dot_segments
         ("/caf%C3%A9/..//x%20y", "/x y", "/x%20y", ""),
         ("/.well-known/x", "/.well-known/x", "/.well-known/x", ""),
         ("/x?", "/x", "/x", ""),
+        ("/owa/%25zz", "/owa/%zz", "/owa/%25zz", ""),  # decoded once: '%zz' is no escape to a second reader either
     ],
 )
 def test_paths_are_read_as_iis_reads_them(target: str, path: str, forward: str | None, query: str) -> None:
@@ -54,6 +55,15 @@ def test_paths_are_read_as_iis_reads_them(target: str, path: str, forward: str |
         ("/owa/%u002e%u002e/ecp", "does not start a %XX escape"),
         ("/owa/%zz", "does not start a %XX escape"),
         ("/owa/%", "does not start a %XX escape"),
+        ("/owa/%%", "does not start a %XX escape"),
+        ("/owa/%%2e%2e/ecp", "does not start a %XX escape"),  # '%%2e' is '%' then '.' to a lenient reader
+        ("/owa/%4%31", "does not start a %XX escape"),  # '%41' ('A') to a reader that decodes from the right
+        ("/owa/%2", "does not start a %XX escape"),
+        ("/owa/%+41", "does not start a %XX escape"),  # int('+4', 16) is 4: int() takes it for an escape
+        ("/owa/%u2215", "does not start a %XX escape"),
+        ("/owa/..%5Cecp", "encoded backslash"),
+        ("/owa/%7f", "control character"),
+        ("/owa/%F0%80%80%AF", "not UTF-8"),  # a four-byte overlong '/'
         ("/owa/%c3%28", "not UTF-8"),
         ("/owa/%ff", "not UTF-8"),
         ("/..", "climbs above the root"),
