@@ -570,7 +570,7 @@ async def serve(
         await stop.wait()
     finally:
         log.info("stopping", drain_timeout=listener.drain_timeout)
-        live.stopping = True  # /readyz: 503 from now on, while the admin listener answers through the drain
+        live.begin_stop()  # /readyz: 503 from now on (the admin listener answers through the drain); no reload
         hurry = asyncio.Event()  # a second SIGTERM or SIGINT (Ctrl-C again): what the drain still waits for is cut
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, hurry.set)
