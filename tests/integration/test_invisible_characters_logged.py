@@ -1,9 +1,11 @@
-"""What an anonymous client's certificate says reaches the log escaped: a certificate refused in the TLS handshake
-(an issuer nobody configured) is named in `tls_handshake_refused` by its subject, and that subject is the client's
-to write. Like a CRL issuer's name (left17's `proxy.printable`), its invisible characters are shown as escapes."""
+"""What an anonymous client writes reaches the log escaped: the subject of a certificate refused in the TLS handshake
+(an issuer nobody configured), named in `tls_handshake_refused`, and a Basic user name nobody vouched for, shown in
+a refusal's fix. Like a CRL issuer's name (left17's `proxy.printable`), their invisible characters are escapes."""
 
 from __future__ import annotations
 
+import base64
+import http.client
 import socket
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -71,3 +73,37 @@ def test_a_refused_certificates_subject_is_logged_with_its_invisible_characters_
         assert all(c.isprintable() for c in line["fix"])
     finally:
         gw.stop()
+
+
+def test_a_basic_user_name_nobody_vouched_for_is_logged_with_its_invisible_characters_escaped(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A Basic sign-in (no certificate: `mode = "basic"`) whose user name begins with U+202E and whose domain, one
+    nobody configured, with ESC: 401, and `authentication_required`'s fix shows the name's first characters and
+    lengths (`shown_name`) as escapes (`\\u202e…[8]@\\x1b…[14]`). Before, the first character of each was logged
+    as sent: anyone who can connect chose it."""
+    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port(), extra=BASIC))
+    try:
+        gw.mark()
+        login = base64.b64encode("\u202eexe.txt@\x1b[31mevil.test:Winter2026".encode()).decode()
+        assert _basic(lab, gw.port, login) == 401
+        line = gw.wait_event("authentication_required")
+        assert line["fix"].startswith("Basic user \\u202e…[8]@\\x1b…[14]: "), line
+        assert line["fix"].isprintable(), line
+    finally:
+        gw.stop()
+
+
+BASIC = '\n[authentication]\nmode = "basic"\n'
+
+
+def _basic(lab: LabLayout, port: int, login: str) -> int:
+    """The status of a GET with `Authorization: Basic login`, on a connection without a client certificate."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        head = f"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\nAuthorization: Basic {login}\r\n\r\n"
+        tls.sendall(head.encode())
+        answer = http.client.HTTPResponse(tls)
+        answer.begin()
+        answer.read()
+        return answer.status
