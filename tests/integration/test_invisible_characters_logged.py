@@ -107,3 +107,27 @@ def _basic(lab: LabLayout, port: int, login: str) -> int:
         answer.begin()
         answer.read()
         return answer.status
+
+
+@pytest.mark.parametrize("server", ["own", "aiohttp"])
+def test_a_request_path_is_logged_with_its_invisible_characters_escaped(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """A request for `/owa/%E2%80%AE%1B` (percent-encoded U+202E and ESC), sent by a client without a certificate or
+    credentials to either device-side server: 400, and the summary line's `path` shows them as escapes
+    (`/owa/\\u202e\\x1b`). Before, the path was logged decoded as sent: anyone who can connect wrote them raw."""
+    text = lab_config(lab, port=free_port(), extra=BASIC)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n', 1))
+    try:
+        gw.mark()
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            tls.sendall(b"GET /owa/%E2%80%AE%1B HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n")
+            answer = http.client.HTTPResponse(tls)
+            answer.begin()
+            answer.read()
+            assert answer.status == 400
+        line = gw.wait_event("request")
+        assert line["path"] == "/owa/\\u202e\\x1b", line
+    finally:
+        gw.stop()
