@@ -15,9 +15,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy.identity.upn import upn_other_name
 from proxy.lab.layout import LabLayout
+from proxy.lab.pki import Pki, _issue_leaf, _urls_of, write_key, write_pem
 from tests.integration.conftest import client_context, free_port, lab_config, start_gateway
 
 INVISIBLE = "\u202eexe.txt\x1b[31m\u200b\u2028"  # a right-to-left override, ESC, a zero-width space, a line separator
@@ -129,5 +131,48 @@ def test_a_request_path_is_logged_with_its_invisible_characters_escaped(
             assert answer.status == 400
         line = gw.wait_event("request")
         assert line["path"] == "/owa/\\u202e\\x1b", line
+    finally:
+        gw.stop()
+
+
+def test_a_served_certificates_subject_is_logged_with_its_invisible_characters_escaped(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """alice's certificate from the lab's issuing CA whose common name holds U+202E and ESC (a template that lets the
+    enrollee supply the subject): served 200 as alice, and the summary line's `cert_subject` shows them as escapes.
+    Before, the subject was logged as the certificate spelled it."""
+    pki = Pki.at(lab.pki_dir)
+    ca_key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate(pki.issuing_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = _issue_leaf(
+        "alice" + INVISIBLE,
+        key,
+        (ca_key, ca),
+        [upn_other_name("alice@lab.test")],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        not_before=now - timedelta(hours=1),
+        not_after=now + timedelta(days=1),
+        crl_url=_urls_of(x509.load_pem_x509_certificate(pki.server_cert.read_bytes()))[0],
+        ocsp_url=None,
+    )
+    write_pem(tmp_path / "alice-invisible.pem", [cert])
+    write_key(tmp_path / "alice-invisible.key", key)
+    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port()))
+    try:
+        gw.mark()
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        device = client_context(lab, str(tmp_path / "alice-invisible"))
+        with device.wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n")
+            answer = http.client.HTTPResponse(tls)
+            answer.begin()
+            answer.read()
+            assert answer.status == 200
+        line = gw.wait_event("request")
+        assert line["cert_subject"] == "CN=alice\\u202eexe.txt\\x1b[31m\\u200b\\u2028", line
+        assert line["principal"] == "alice@LAB.TEST"
     finally:
         gw.stop()
