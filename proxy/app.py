@@ -55,6 +55,7 @@ from proxy.live import Live
 from proxy.observability.logging import logged_path, summary_fields
 from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
+from proxy.printable import printable
 from proxy.tls import proxy_protocol
 from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
 from proxy.tls.server import UNNAMED, gate_factory
@@ -229,7 +230,10 @@ def _refused(e: GatewayError, trace: Trace) -> tuple[CIMultiDict[str], bytes]:
 
 
 def _end(live: Live, trace: Trace, status: int) -> None:
-    summary_fields("request", trace.summary(status=status))
+    line = trace.summary(status=status)
+    if path := line.get("path"):  # anyone's to write, percent-encoded (`%E2%80%AE`, `%1B`); the trace keeps it as sent
+        line["path"] = printable(path)
+    summary_fields("request", line)
     live.metrics.observe(trace, status)
     live.traces.record(trace, status, live.config.traces)
 
@@ -570,7 +574,7 @@ async def serve(
         await stop.wait()
     finally:
         log.info("stopping", drain_timeout=listener.drain_timeout)
-        live.stopping = True  # /readyz: 503 from now on, while the admin listener answers through the drain
+        live.begin_stop()  # /readyz: 503 from now on (the admin listener answers through the drain); no reload
         hurry = asyncio.Event()  # a second SIGTERM or SIGINT (Ctrl-C again): what the drain still waits for is cut
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, hurry.set)

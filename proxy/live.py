@@ -86,6 +86,7 @@ class Live:
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
     _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+    _reloads: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # reloads under way (`begin_stop`)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,8 +117,20 @@ class Live:
         return _Using(self)
 
     def reload_soon(self) -> None:
-        """For a signal handler: reload in a task of its own."""
-        self._spawn(self.reload())
+        """For a signal handler: reload in a task of its own; none once the gateway is stopping (`begin_stop`)."""
+        if self.stopping:
+            log.info("reload_ignored", detail="the gateway is stopping; its next start reads the configuration")
+            return
+        self._spawn(self.reload(), reloading=True)
+
+    def begin_stop(self) -> None:
+        """SIGTERM came (`proxy.app.serve`): /readyz answers 503 from now on, a SIGHUP reloads nothing, and a reload
+        under way is cancelled, the gateway it was building closed. A reload's CRL fetch (up to
+        `proxy.certs.sources.FETCH_TIMEOUT`) or KDC look-up held the stop past `listener.drain_timeout`, as
+        `live.close` waited for it, for a configuration nothing would serve with."""
+        self.stopping = True
+        for task in self._reloads:
+            task.cancel()
 
     async def reload(self) -> bool:
         """Read the configuration file again and swap it in if it is sound; else log why and keep the old."""
@@ -130,10 +143,14 @@ class Live:
                 return self._refused(path, e.problems)
             except (OSError, ssl.SSLError, ValueError) as e:
                 return self._refused(path, [f"{type(e).__name__}: {e}"])
-            await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
-            if gateway.delegator is not old.delegator:  # its watch's KDC list out of the overlay before the new one's
-                old.delegator.stop_watch()  # (its requests still in flight are served on as they are)
-            await gateway.delegator.watch_kdcs()  # a kept delegator's watch goes on; a new one's starts
+            try:
+                await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
+                if gateway.delegator is not old.delegator:  # its watch's KDC list out of the overlay before the new's
+                    old.delegator.stop_watch()  # (its requests still in flight are served on as they are)
+                await gateway.delegator.watch_kdcs()  # a kept delegator's watch goes on; a new one's starts
+            except asyncio.CancelledError:  # the gateway stops (`begin_stop`), or the watch that asked is cancelled
+                await _close(gateway, keep=old)
+                raise
             self.gateway, self.ssl_context, self.served = gateway, context, served
             old.revocation.hand_over(gateway.revocation, gateway.trust)  # held requests: judged by the new trust
             dropped = len(old.delegator)  # a replaced delegator's go when the old gateway's last request ends
@@ -169,10 +186,13 @@ class Live:
             old, new = self._retired.pop(key)
             self._spawn(_close(old, keep=new))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any, *, reloading: bool = False) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if reloading:
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
 
     async def close(self) -> None:
         """Stop everything: the current gateway, and retired ones still finishing requests."""

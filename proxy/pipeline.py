@@ -70,6 +70,7 @@ from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegation, Delegator
 from proxy.kerberos.hints import not_forwardable_named
 from proxy.observability.trace import Trace
+from proxy.printable import printable
 from proxy.target import checked_host, origin_form
 from proxy.tls.peer import presented_der, tls_facts
 
@@ -234,7 +235,8 @@ async def certificate_stages(
             else:
                 verified = gw.chains.verify(leaf, at=now)
         except Exception:  # the refusal's log line names the certificate
-            trace.note(cert_subject=leaf.subject.rfc4514_string(), cert_issuer=leaf.issuer.rfc4514_string())
+            subject, issuer = leaf.subject.rfc4514_string(), leaf.issuer.rfc4514_string()
+            trace.note(cert_subject=printable(subject), cert_issuer=printable(issuer))
             trace.note(cert_serial=format(leaf.serial_number, "x"))
             raise
         # the names as the chain memo rendered them once, not on every request

@@ -63,6 +63,7 @@ from pyasn1.type import univ
 
 from proxy.errors import CertificateRejected
 from proxy.files import read_bounded
+from proxy.printable import printable
 
 Purpose = Literal["client", "any"]
 MAX_CHAIN_DEPTH = 5  # intermediates between leaf and anchor; enterprise PKIs use one or two
@@ -116,8 +117,8 @@ class VerifiedCertificate:
 
     leaf: x509.Certificate
     chain: tuple[x509.Certificate, ...]  # leaf first, trust anchor last
-    subject: str  # RFC 4514
-    issuer: str  # RFC 4514
+    subject: str  # RFC 4514, invisible characters as escapes (`proxy.printable`): as logs and hints show it
+    issuer: str  # RFC 4514, likewise
     serial: int
     fingerprint_sha256: str  # hex, of the DER certificate
 
@@ -203,8 +204,9 @@ def verify_chain(
     return VerifiedCertificate(
         leaf=leaf,
         chain=tuple(verified.chain),
-        subject=leaf.subject.rfc4514_string(),
-        issuer=leaf.issuer.rfc4514_string(),
+        # as logs, hints and traces show them: a subject the enrollee supplied may hold invisible characters
+        subject=printable(leaf.subject.rfc4514_string()),
+        issuer=printable(leaf.issuer.rfc4514_string()),
         serial=leaf.serial_number,
         fingerprint_sha256=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
     )
@@ -346,7 +348,7 @@ def _check_leaf_key(leaf: x509.Certificate) -> None:
 def _signing_issuer(cert: x509.Certificate, trust: TrustList) -> x509.Certificate:
     """The configured CA that signed `cert`, or the reason there is none."""
     candidates = trust.named(cert.issuer)
-    issuer = cert.issuer.rfc4514_string()
+    issuer = printable(cert.issuer.rfc4514_string())
     if not candidates:
         raise CertificateRejected(
             f"issuer '{issuer}' is not in the trust list",
@@ -492,7 +494,7 @@ def _diagnose_ca_usage(leaf: x509.Certificate, trust: TrustList) -> None:
 
 
 def _describe(cert: x509.Certificate) -> str:
-    return (
+    return printable(
         f"subject '{cert.subject.rfc4514_string()}', issuer '{cert.issuer.rfc4514_string()}', "
         f"serial 0x{cert.serial_number:x}"
     )

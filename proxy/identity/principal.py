@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from proxy.errors import IdentityRejected
+from proxy.printable import printable
 
 if TYPE_CHECKING:  # proxy.config folds realm_map's keys with ascii_lower: no import back at run time
     from proxy.config import Identity
@@ -119,12 +120,15 @@ def shown_name(name: str, identity: Identity | None = None) -> str:
     `identity`), else shortened the same way (`P@ssw0rd`, a password typed as a name: `P…[1]@s…[6]`). A user who
     typed the password into the name field ("Winter2026!") leaves no password in the log, and an operator still
     matches a help-desk call ("bob, three letters"). Without `identity`, the name is a principal whose realm the
-    gateway chose (`alice@LAB.TEST`): its realm is shown. Pure."""
+    gateway chose (`alice@LAB.TEST`): its realm is shown. Invisible characters are escapes (`proxy.printable`): the
+    name is anyone's to write, and its first character was shown as sent (U+202E, ESC). Pure."""
     domain, backslash, local = name.rpartition("\\")
     if not backslash:
         local, at, domain = name.rpartition("@") if "@" in name else (name, "", "")
-        return _first_and_length(local) + (f"@{_shown_domain(domain, identity, down_level=False)}" if at else "")
-    return f"{_shown_domain(domain, identity, down_level=True)}\\{_first_and_length(local)}"
+        shown = _first_and_length(local) + (f"@{_shown_domain(domain, identity, down_level=False)}" if at else "")
+    else:
+        shown = f"{_shown_domain(domain, identity, down_level=True)}\\{_first_and_length(local)}"
+    return printable(shown)
 
 
 def _first_and_length(text: str) -> str:

@@ -52,6 +52,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from proxy.addresses import host_port
 from proxy.certs.chain import format_time, load_certificates, netscape_type_excludes_client
 from proxy.config import Config
+from proxy.printable import printable
 from proxy.tls.openssl import (
     RefusedCertificate,
     fresh_bios,
@@ -835,8 +836,9 @@ def note_refused_certificate(exc: BaseException) -> None:
 
 
 def _subject(refused: RefusedCertificate) -> str:
-    """The RFC 4514 subject of the refused certificate, or what stands in for it."""
+    """The RFC 4514 subject of the refused certificate, or what stands in for it; its invisible characters as escapes
+    (`proxy.printable`): a certificate refused in the handshake may be anyone's, its subject written to be logged."""
     try:
-        return x509.load_der_x509_certificate(refused.der).subject.rfc4514_string()
+        return printable(x509.load_der_x509_certificate(refused.der).subject.rfc4514_string())
     except ValueError:
         return "(a certificate OpenSSL named but that cannot be read)"

@@ -220,3 +220,64 @@ def test_a_request_head_still_coming_in_at_sigterm_does_not_hold_the_stop(
         assert [e["outcome"] for e in gw.events("drained")] == ["finished"]
     finally:
         gw.stop()
+
+
+def test_a_sighup_during_the_drain_does_not_hold_the_stop_past_drain_timeout(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """SIGTERM while a Ping is held (drain_timeout 4 s), then, while the gateway drains, its configuration names a CRL
+    URL whose server never answers and a SIGHUP comes (logrotate's postrotate, an operator's reload racing a stop):
+    the reload is not begun (`reload_ignored`), and the gateway exits 0 once drain_timeout has passed. Before, the
+    reload fetched the new CRL, and the stop waited for it: the gateway exited at the fetch's 10 s timeout, past its
+    drain_timeout and towards the service manager's SIGKILL."""
+    gw, admin = _gateway(lab, tmp_path, server, listener="drain_timeout = 4\n")
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel's backlog), never answers
+        try:
+            held = _send(lab, gw.port, "/Microsoft-Server-ActiveSync?Cmd=Ping&hold=60")
+            _in_flight(admin)
+            url = f"http://127.0.0.1:{silent.getsockname()[1]}/issuing.crl"
+            text = gw.config_path.read_text()
+            gw.config_path.write_text(text.replace("crls = [", f'crls = ["{url}", ', 1))
+            gw.mark()
+            stopped_at = time.monotonic()
+            gw.proc.send_signal(signal.SIGTERM)
+            eventually(lambda: _not_ready(admin), "/readyz 503")
+            gw.proc.send_signal(signal.SIGHUP)
+            assert gw.proc.wait(timeout=60) == 0
+            took = time.monotonic() - stopped_at
+            assert 3.5 <= took < 8.5, took
+            assert len(gw.events("reload_ignored", gw.since)) == 1
+            assert held.result()[0] is None
+            assert gw.events("reloaded", gw.since) == []
+            assert [e["outcome"] for e in gw.events("drained")] == ["drain_timeout"]
+        finally:
+            gw.stop()
+
+
+def test_a_reload_under_way_at_sigterm_is_cancelled_and_does_not_hold_the_stop(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """A SIGHUP whose reload is fetching a CRL from a server that never answers (the fetch seen connecting), then
+    SIGTERM with nothing in flight (drain_timeout 4 s): the reload is cancelled and the gateway exits 0 at once, no
+    `reloaded` line. Before, the stop waited for the reload's fetch to time out (10 s) and then closed the gateway it
+    had just swapped in."""
+    gw, _ = _gateway(lab, tmp_path, server, listener="drain_timeout = 4\n")
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        try:
+            url = f"http://127.0.0.1:{silent.getsockname()[1]}/issuing.crl"
+            text = gw.config_path.read_text()
+            gw.config_path.write_text(text.replace("crls = [", f'crls = ["{url}", ', 1))
+            gw.mark()
+            gw.proc.send_signal(signal.SIGHUP)
+            silent.settimeout(60)
+            fetch, _ = silent.accept()  # the reload is fetching the new CRL
+            with fetch:
+                stopped_at = time.monotonic()
+                gw.proc.send_signal(signal.SIGTERM)
+                assert gw.proc.wait(timeout=60) == 0
+                took = time.monotonic() - stopped_at
+            assert took < 4, took
+            assert gw.events("reloaded", gw.since) == []
+            assert [e["outcome"] for e in gw.events("drained")] == ["finished"]
+        finally:
+            gw.stop()

@@ -261,6 +261,16 @@ def test_a_name_nobody_vouched_for_is_shown_as_its_first_character_and_length(na
     assert shown_name(name) == shown
 
 
+@pytest.mark.parametrize("identity", [None, Identity(default_realm="LAB.TEST")], ids=["as-typed", "configured"])
+def test_a_name_nobody_vouched_for_is_shown_with_its_invisible_characters_escaped(identity: Identity | None) -> None:
+    """`shown_name` writes an invisible first character (U+202E, ESC) of a name's local part and of its domain, known
+    or not, as an escape: a Basic user name is anyone's to write, and the log shows it."""
+    assert shown_name("\u202eexe.txt@\x1b[31mevil.test", identity) == (
+        "\\u202e…[8]@\\x1b[31mevil.test" if identity is None else "\\u202e…[8]@\\x1b…[14]"
+    )
+    assert shown_name("\u2028LAB\\\u200bbob", identity).isprintable()
+
+
 @pytest.mark.parametrize(
     ("name", "shown"),
     [

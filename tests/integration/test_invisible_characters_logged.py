@@ -1,0 +1,178 @@
+"""What an anonymous client writes reaches the log escaped: the subject of a certificate refused in the TLS handshake
+(an issuer nobody configured), named in `tls_handshake_refused`, and a Basic user name nobody vouched for, shown in
+a refusal's fix. Like a CRL issuer's name (left17's `proxy.printable`), their invisible characters are escapes."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import socket
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.identity.upn import upn_other_name
+from proxy.lab.layout import LabLayout
+from proxy.lab.pki import Pki, _issue_leaf, _urls_of, write_key, write_pem
+from tests.integration.conftest import client_context, free_port, lab_config, start_gateway
+
+INVISIBLE = "\u202eexe.txt\x1b[31m\u200b\u2028"  # a right-to-left override, ESC, a zero-width space, a line separator
+
+
+def _stranger(directory: Path) -> Path:
+    """A self-signed client certificate (and its key beside it) whose subject and issuer hold `INVISIBLE`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mallory" + INVISIBLE)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(5)
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "mallory.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (directory / "mallory.key").write_bytes(private)
+    return directory / "mallory"
+
+
+def _present(device: ssl.SSLContext, port: int) -> None:
+    """A request on a connection whose handshake presents `device`'s certificate."""
+    with device.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=30), server_hostname="proxy.lab.test"
+    ) as tls:
+        tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n")
+        tls.recv(100)
+
+
+def test_a_refused_certificates_subject_is_logged_with_its_invisible_characters_escaped(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A client presenting a self-signed certificate whose subject holds U+202E, ESC, a zero-width space and U+2028
+    is refused in the handshake (unknown CA), and `tls_handshake_refused` names the certificate with those characters
+    as escapes (`\\u202e`, `\\x1b`, ...), none of them raw. Before, the subject was logged as the client wrote it: a
+    log viewer showed the rest of the line reversed, a terminal took the ESC sequence."""
+    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port()))
+    try:
+        gw.mark()
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # the alert, at the handshake or the first read
+            _present(client_context(lab, str(_stranger(tmp_path))), gw.port)
+        line = gw.wait_event("tls_handshake_refused")
+        shown = line["certificate"]
+        assert shown == "CN=mallory\\u202eexe.txt\\x1b[31m\\u200b\\u2028", shown
+        assert all(c.isprintable() for c in line["fix"])
+    finally:
+        gw.stop()
+
+
+def test_a_basic_user_name_nobody_vouched_for_is_logged_with_its_invisible_characters_escaped(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A Basic sign-in (no certificate: `mode = "basic"`) whose user name begins with U+202E and whose domain, one
+    nobody configured, with ESC: 401, and `authentication_required`'s fix shows the name's first characters and
+    lengths (`shown_name`) as escapes (`\\u202e…[8]@\\x1b…[14]`). Before, the first character of each was logged
+    as sent: anyone who can connect chose it."""
+    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port(), extra=BASIC))
+    try:
+        gw.mark()
+        login = base64.b64encode("\u202eexe.txt@\x1b[31mevil.test:Winter2026".encode()).decode()
+        assert _basic(lab, gw.port, login) == 401
+        line = gw.wait_event("authentication_required")
+        assert line["fix"].startswith("Basic user \\u202e…[8]@\\x1b…[14]: "), line
+        assert line["fix"].isprintable(), line
+    finally:
+        gw.stop()
+
+
+BASIC = '\n[authentication]\nmode = "basic"\n'
+
+
+def _basic(lab: LabLayout, port: int, login: str) -> int:
+    """The status of a GET with `Authorization: Basic login`, on a connection without a client certificate."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        head = f"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\nAuthorization: Basic {login}\r\n\r\n"
+        tls.sendall(head.encode())
+        answer = http.client.HTTPResponse(tls)
+        answer.begin()
+        answer.read()
+        return answer.status
+
+
+@pytest.mark.parametrize("server", ["own", "aiohttp"])
+def test_a_request_path_is_logged_with_its_invisible_characters_escaped(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """A request for `/owa/%E2%80%AE%1B` (percent-encoded U+202E and ESC), sent by a client without a certificate or
+    credentials to either device-side server: 400, and the summary line's `path` shows them as escapes
+    (`/owa/\\u202e\\x1b`). Before, the path was logged decoded as sent: anyone who can connect wrote them raw."""
+    text = lab_config(lab, port=free_port(), extra=BASIC)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n', 1))
+    try:
+        gw.mark()
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            tls.sendall(b"GET /owa/%E2%80%AE%1B HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n")
+            answer = http.client.HTTPResponse(tls)
+            answer.begin()
+            answer.read()
+            assert answer.status == 400
+        line = gw.wait_event("request")
+        assert line["path"] == "/owa/\\u202e\\x1b", line
+    finally:
+        gw.stop()
+
+
+def test_a_served_certificates_subject_is_logged_with_its_invisible_characters_escaped(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """alice's certificate from the lab's issuing CA whose common name holds U+202E and ESC (a template that lets the
+    enrollee supply the subject): served 200 as alice, and the summary line's `cert_subject` shows them as escapes.
+    Before, the subject was logged as the certificate spelled it."""
+    pki = Pki.at(lab.pki_dir)
+    ca_key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate(pki.issuing_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = _issue_leaf(
+        "alice" + INVISIBLE,
+        key,
+        (ca_key, ca),
+        [upn_other_name("alice@lab.test")],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        not_before=now - timedelta(hours=1),
+        not_after=now + timedelta(days=1),
+        crl_url=_urls_of(x509.load_pem_x509_certificate(pki.server_cert.read_bytes()))[0],
+        ocsp_url=None,
+    )
+    write_pem(tmp_path / "alice-invisible.pem", [cert])
+    write_key(tmp_path / "alice-invisible.key", key)
+    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port()))
+    try:
+        gw.mark()
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        device = client_context(lab, str(tmp_path / "alice-invisible"))
+        with device.wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n")
+            answer = http.client.HTTPResponse(tls)
+            answer.begin()
+            answer.read()
+            assert answer.status == 200
+        line = gw.wait_event("request")
+        assert line["cert_subject"] == "CN=alice\\u202eexe.txt\\x1b[31m\\u200b\\u2028", line
+        assert line["principal"] == "alice@LAB.TEST"
+    finally:
+        gw.stop()
