@@ -81,9 +81,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     Before xdist's own `pytest_sessionstart` (trylast), which starts the workers."""
     if _checks_the_root(session.config):
         session.config.stash[_ROOT_FILES] = root_files(session.config.rootpath)
-        found = leftovers.leftovers()
-        leftovers.stop(found)
-        session.config.stash[_STOPPED] = found
+        session.config.stash[_STOPPED] = leftovers.stop_all(leftovers.leftovers())
         os.environ[leftovers.MARK] = leftovers.this_run(session.config.rootpath).mark()
 
 

@@ -11,15 +11,22 @@ So the controller (or the only process) marks its run in the environment, which 
 inherits (`MARK`: the controller's pid, its start time and the checkout), and at the start of a run stops every
 process whose mark names a run that has ended: SIGCONT (a test may have frozen it), SIGTERM, then SIGKILL what is
 left after `GRACE` seconds. A process of a run still going (another checkout's, this machine's other engineers') is
-never touched: its controller lives, with the start time in its mark. dockerd is left alone: another run may be
-using the engine since (tests/integration/test_compose.py uses an engine that answers).
+never touched: its controller lives, with the start time in its mark.
+
+A dead run's dockerd is another matter: a later run (of any checkout) finds the engine answering and uses it
+(tests/integration/test_compose.py), but stops only a dockerd it started itself, so a killed run's stayed for good,
+with `ip_forward` on (dockerd turns it on; the run that started it would have put it back). It is stopped only while
+no run holds the engine (`ENGINE_LOCK`, taken exclusively, as test_compose.py takes it to stop its own), and what it
+changed is put back from what its starter wrote in its environment (`IP_FORWARD_BEFORE`, `DOCKER0_BEFORE`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +34,13 @@ from pathlib import Path
 
 MARK = "KCD_TEST_RUN"  # "<controller pid>:<its start time in clock ticks since boot>:<the checkout>"
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL
-SPARED = frozenset({"dockerd"})  # shared with other runs: test_compose.py uses an engine that answers
+ENGINE = "dockerd"  # shared by the runs: stopped only while no run holds ENGINE_LOCK
+ENGINE_GRACE = 60.0  # dockerd stops its containers first
+# shared: a run using the engine; exclusive: stopping it (test_compose.py); the variable is for a test's own engine
+ENGINE_LOCK = Path(os.environ.get("KCD_TEST_ENGINE_LOCK", "/run/lock/kcd-proxy-dockerd.lock"))
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+IP_FORWARD_BEFORE = "KCD_IP_FORWARD_BEFORE"  # in a started dockerd's environment: ip_forward before it started
+DOCKER0_BEFORE = "KCD_DOCKER0_BEFORE"  # "yes" or "no": whether the docker0 bridge was there before it started
 
 
 @dataclass(frozen=True)
@@ -72,37 +85,56 @@ def this_run(checkout: Path) -> Run:
 
 @dataclass(frozen=True)
 class Leftover:
-    """A process whose run has ended."""
+    """A process whose run has ended, and the variables of its environment this module reads."""
 
     pid: int
     command: str
     run: Run
+    environ: dict[str, str]
 
 
-def _marked() -> Iterator[tuple[int, str, Run]]:
-    """Each process carrying a run's mark: its pid, its command's name and the run."""
-    prefix = f"{MARK}=".encode()
+def _marked() -> Iterator[Leftover]:
+    """Each process carrying a run's mark."""
+    names = (MARK, IP_FORWARD_BEFORE, DOCKER0_BEFORE)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             environ = (entry / "environ").read_bytes()
             command = (entry / "comm").read_text().strip()
-            for variable in environ.split(b"\0"):
-                if variable.startswith(prefix):
-                    run = Run.parse(variable[len(prefix) :].decode(errors="replace"))
-                    if run is not None:
-                        yield int(entry.name), command, run
-                    break
+            pairs = (variable.decode(errors="replace").partition("=") for variable in environ.split(b"\0"))
+            found = {name: value for name, _, value in pairs if name in names}
+            run = Run.parse(found.get(MARK, ""))
+            if run is not None:
+                yield Leftover(int(entry.name), command, run, found)
 
 
 def leftovers() -> list[Leftover]:
-    """Every process (but this one and dockerd) whose run has ended."""
-    return [
-        Leftover(pid, command, run)
-        for pid, command, run in _marked()
-        if pid != os.getpid() and command not in SPARED and not run.alive()
-    ]
+    """Every process (but this one) whose run has ended."""
+    return [left for left in _marked() if left.pid != os.getpid() and not left.run.alive()]
+
+
+def stop_all(found: list[Leftover]) -> list[Leftover]:
+    """Stop what killed runs left (`stop`), dockerd only while no run holds the engine, putting back what it changed;
+    what was stopped."""
+    others = [left for left in found if left.command != ENGINE]
+    stop(others)
+    engines = [left for left in found if left.command == ENGINE]
+    if not engines:
+        return others
+    ENGINE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with ENGINE_LOCK.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return others  # a run uses the engine: its dockerd stays
+        stop(engines, ENGINE_GRACE)
+        for engine in engines:
+            if IP_FORWARD_BEFORE in engine.environ:
+                IP_FORWARD.write_text(engine.environ[IP_FORWARD_BEFORE] + "\n")
+            if engine.environ.get(DOCKER0_BEFORE) == "no":
+                subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True, check=False)
+    return others + engines
 
 
 def _signal(pid: int, signum: signal.Signals) -> None:
