@@ -18,12 +18,13 @@ back (tests/process_state.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import process_state, schedule
+from tests import leftovers, process_state, schedule
 from tests.root_files import new_files, root_files
 
 AD_REALM_SECONDS = 100.0  # provisioning the AD realm (tests/integration/ad_fixtures.py) in a fresh checkout
@@ -71,10 +72,17 @@ def _checks_the_root(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput")
 
 
+_STOPPED = pytest.StashKey[list[leftovers.Leftover]]()
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """What the repository's root holds before any test runs (tests/root_files.py)."""
+    """What the repository's root holds before any test runs (tests/root_files.py); what killed runs left running
+    stopped, and this run marked in the environment its workers, daemons and children inherit (tests/leftovers.py).
+    Before xdist's own `pytest_sessionstart` (trylast), which starts the workers."""
     if _checks_the_root(session.config):
         session.config.stash[_ROOT_FILES] = root_files(session.config.rootpath)
+        session.config.stash[_STOPPED] = leftovers.stop_all(leftovers.leftovers())
+        os.environ[leftovers.MARK] = leftovers.this_run(session.config.rootpath).mark()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -89,7 +97,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Names the files a run left in the root, and fails it (`pytest_sessionfinish`)."""
+    """Names the processes of killed runs this run stopped as it started, and the files a run left in the root, and
+    fails it (`pytest_sessionfinish`)."""
+    stopped = terminalreporter.config.stash.get(_STOPPED, [])
+    if stopped:
+        terminalreporter.section("processes of killed runs, stopped as this run started", sep="-", yellow=True)
+        for left in stopped:
+            terminalreporter.line(f"{left.pid} {left.command} (the run of pid {left.run.pid} in {left.run.checkout})")
     found = terminalreporter.config.stash.get(_NEW_ROOT_FILES, None)
     if found:
         terminalreporter.section("files left in the repository's root", sep="=", red=True)

@@ -40,14 +40,15 @@ from typing import TextIO
 
 import pytest
 
+from tests import leftovers
 from tests.integration.conftest import REPO, free_port
 from tests.integration.jsonlog import eventually
 
 pytestmark = [pytest.mark.timeout(2400), pytest.mark.slow(seconds=15)]  # a build, up and down besides the tests
 
 SOCKET = "/var/run/docker.sock"
-LOCK = Path("/run/lock/kcd-proxy-dockerd.lock")  # shared: a run using the engine; exclusive: stopping it
-IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+LOCK = leftovers.ENGINE_LOCK  # shared: a run using the engine; exclusive: stopping it
+IP_FORWARD = leftovers.IP_FORWARD
 PROJECT_PREFIX = "kcdtest"  # every run's compose project: kcdtest<pid><random>
 TAG_PREFIX = "test-"  # every run's image tag (KCD_IMAGE_TAG): test-<project>
 CACHE_TAG = "build-cache"  # the last run's images, kept for the next run's build
@@ -81,9 +82,16 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         bridge = Path("/sys/class/net/docker0").exists()
         if not _engine_answers(docker):
             log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+            # What to put back, in its environment: a run killed before its teardown leaves it to the next run
+            # (tests/leftovers.py), which stops it once no run holds the engine.
+            before = {leftovers.IP_FORWARD_BEFORE: forward.strip(), leftovers.DOCKER0_BEFORE: "yes" if bridge else "no"}
             with log.open("wb") as out:
                 started = subprocess.Popen(
-                    ["dockerd", f"--host=unix://{SOCKET}"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    ["dockerd", f"--host=unix://{SOCKET}"],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env={**os.environ, **before},
                 )
             deadline = time.monotonic() + 180
             while not _engine_answers(docker):
