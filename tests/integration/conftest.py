@@ -47,13 +47,28 @@ def free_port() -> int:
         return port
 
 
-_HELD: list[socket.socket] = []  # the sockets behind dead_port(), held until the test process ends
+_HELD: list[socket.socket] = []  # the sockets behind dead_port() and reserved_port(), held until the process ends
 
 
 def dead_port() -> int:
     """A loopback port where nothing listens, for as long as the test process runs: bound here and never
     listened on, so connections are refused and no other process can take it (as one could a free_port())."""
     held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD.append(held)
+    port: int = held.getsockname()[1]
+    return port
+
+
+def reserved_port() -> int:
+    """A loopback port kept for a server this test process starts later (the lab's OCSP responder, whose port the
+    lab's certificates name, is started by test_revocation's fixture, minutes after the lab): bound here with
+    SO_REUSEADDR and never listened on, for as long as the test process runs. The kernel gives no outgoing
+    connection a port some socket is bound to, and a server that binds with SO_REUSEADDR (`openssl ocsp` does) can
+    still take it. A free_port() was taken meanwhile as some connection's source port, under load: `openssl ocsp`
+    failed with "Address already in use" (flake8)."""
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     held.bind(("127.0.0.1", 0))
     _HELD.append(held)
     port: int = held.getsockname()[1]
@@ -108,7 +123,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabLayout]:
             kdc_port=free_port(),
             backend_port=free_port(),
             crl_port=free_port(),
-            ocsp_port=free_port(),
+            ocsp_port=reserved_port(),
             gateway_port=free_port(),
         )
         try:
