@@ -11,6 +11,7 @@ an ordinary request served on a new connection: the attack cost the gateway noth
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -20,7 +21,7 @@ import ssl
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -261,17 +262,56 @@ def test_a_device_that_leaves_mid_handshake_gives_its_slot_back(scene: Scene, ho
     scene.settled()
 
 
-def _key_updates(client: _Client, count: int) -> None:
-    """`count` TLS 1.3 KeyUpdate messages from `client`, each asking for the gateway's (`SSL_key_update`, which
-    Python's `ssl` does not expose: called through ctypes on the client's `SSL`, found as proxy.tls.openssl finds
-    it), sent in one write."""
+def key_update_asker(tls: ssl.SSLObject) -> Callable[[], None]:
+    """A function that has OpenSSL write a TLS 1.3 KeyUpdate asking for the peer's into `tls`'s outgoing BIO
+    (`SSL_key_update`, which Python's `ssl` does not expose: called through ctypes on the client's `SSL`, found as
+    proxy.tls.openssl finds it; then the handshake step that writes it, OpenSSL taking one pending update at a time)."""
     lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
     lib.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    pointer = _ssl_pointer(client.tls)
+    lib.SSL_do_handshake.argtypes = [ctypes.c_void_p]
+    pointer = _ssl_pointer(tls)
     assert pointer is not None
-    for _ in range(count):
+
+    def ask() -> None:
         assert lib.SSL_key_update(pointer, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
-        client.tls.do_handshake()  # sends it (OpenSSL takes one pending update at a time)
+        lib.SSL_do_handshake(pointer)  # writes it
+
+    return ask
+
+
+@contextlib.contextmanager
+def small_window_client(
+    ctx: ssl.SSLContext, port: int
+) -> Iterator[tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]]:
+    """A TLS client on memory BIOs over a raw socket to 127.0.0.1:`port` that offers a 4 KiB receive window (what the
+    gateway sends it and it does not read stays in the gateway's socket), its handshake done: its socket, `SSLObject`
+    and incoming and outgoing BIOs, the socket closed at the end."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window it offers
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port))
+    with sock:
+        while True:
+            try:
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            if flight := outgoing.read():
+                sock.sendall(flight)
+            if done:
+                break
+            incoming.write(sock.recv(65536))
+        yield sock, tls, incoming, outgoing
+
+
+def _key_updates(client: _Client, count: int) -> None:
+    """`count` TLS 1.3 KeyUpdate messages from `client`, each asking for the gateway's, sent in one write."""
+    ask = key_update_asker(client.tls)
+    for _ in range(count):
+        ask()
     client.sock.sendall(client.outgoing.read())
 
 
@@ -368,36 +408,14 @@ def test_a_device_that_reads_none_of_its_key_update_answers_is_not_buffered_for(
     its own memory: its RSS grows by less than HELD_AT_MOST KiB (it grew 4.4 MB for 8.1 MB, and 9.6 MB for 16.2 MB,
     given back only when the connection ended at keepalive_timeout). The device that then reads is served."""
     pid = scene.gw.proc.pid
-    ctx = client_context(scene.lab, "alice")
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window it offers
-    sock.settimeout(30)
-    sock.connect(("127.0.0.1", scene.gw.port))
-    with sock:
-        while True:
-            try:
-                tls.do_handshake()
-                done = True
-            except ssl.SSLWantReadError:
-                done = False
-            if flight := outgoing.read():
-                sock.sendall(flight)
-            if done:
-                break
-            incoming.write(sock.recv(65536))
+    with small_window_client(client_context(scene.lab, "alice"), scene.gw.port) as (sock, tls, _, outgoing):
         before = _rss_kib(pid)
-        lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
-        lib.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        lib.SSL_do_handshake.argtypes = [ctypes.c_void_p]
-        pointer = _ssl_pointer(tls)
+        ask = key_update_asker(tls)
         sock.settimeout(5)  # a send blocked this long: the gateway has stopped reading
         blocked = False
         for _ in range(UNREAD_KEY_UPDATES // 10_000):
             for _ in range(10_000):
-                lib.SSL_key_update(pointer, 1)  # SSL_KEY_UPDATE_REQUESTED
-                lib.SSL_do_handshake(pointer)  # sends it (one pending update at a time)
+                ask()
             try:
                 sock.sendall(outgoing.read())
             except TimeoutError:

@@ -11,7 +11,6 @@ socket meanwhile, so the gateway's send buffer is over its high-water mark when 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import socket
 import ssl
 import threading
@@ -22,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
-from proxy.tls.openssl import _ssl as _ssl_pointer
 from tests.integration.conftest import Gateway, client_context, free_port, gateway_on_server, lab_config
 from tests.integration.jsonlog import eventually
 from tests.integration.loopback import stop_listening
+from tests.integration.test_handshake_attacks import key_update_asker, small_window_client
 
 STEP = 64 * 1024
 ANSWER = 16 * 1024 * 1024  # bytes of the backend's answer: past the sockets' buffers and the high-water mark
@@ -132,30 +131,9 @@ def test_a_key_update_mid_upload_from_a_device_that_reads_afterwards_is_served(
     gw, backend = gateway
     ctx = client_context(lab, "alice")
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window it offers
-    sock.settimeout(30)
-    sock.connect(("127.0.0.1", gw.port))
-    with sock:
-        while True:
-            try:
-                tls.do_handshake()
-                done = True
-            except ssl.SSLWantReadError:
-                done = False
-            if flight := outgoing.read():
-                sock.sendall(flight)
-            if done:
-                break
-            incoming.write(sock.recv(65536))
+    with small_window_client(ctx, gw.port) as (sock, tls, incoming, outgoing):
         assert tls.version() == "TLSv1.3"
-        lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
-        lib.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        lib.SSL_do_handshake.argtypes = [ctypes.c_void_p]
-        pointer = _ssl_pointer(tls)
-        assert pointer is not None
+        ask = key_update_asker(tls)
         head = f"POST /early/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {UPLOAD}\r\n\r\n"
         tls.write(head.encode())
         sock.settimeout(20)  # a send blocked this long: the gateway has stopped reading
@@ -166,8 +144,7 @@ def test_a_key_update_mid_upload_from_a_device_that_reads_afterwards_is_served(
                 _until_still(lambda: backend.answered)
                 assert backend.answered < ANSWER
             if sent in KEY_UPDATES_AT:
-                assert lib.SSL_key_update(pointer, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
-                lib.SSL_do_handshake(pointer)  # writes it
+                ask()
             tls.write(b"u" * STEP)
             try:
                 sock.sendall(outgoing.read())
