@@ -13,33 +13,22 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.identity.upn import upn_other_name
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki, _issue_leaf, _urls_of, write_key, write_pem
 from tests.integration.conftest import client_context, free_port, lab_config, start_gateway
+from tests.pem import self_signed
 
 INVISIBLE = "\u202eexe.txt\x1b[31m\u200b\u2028"  # a right-to-left override, ESC, a zero-width space, a line separator
 
 
 def _stranger(directory: Path) -> Path:
     """A self-signed client certificate (and its key beside it) whose subject and issuer hold `INVISIBLE`."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mallory" + INVISIBLE)])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(5)
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = self_signed("mallory" + INVISIBLE)
     (directory / "mallory.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
