@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.x509.oid import NameOID
 
 from proxy.certs.chain import TrustList
 from proxy.certs.der import inside, whole
 from proxy.certs.revocation import CrlUnusable, accept_der, crl_ders
 from tests.pem import der_tlv
+from tests.unit.test_crl_signature_screen import NAME, NOW, self_signed_ca
 
-NOW = datetime(2026, 12, 1, tzinfo=UTC)
-NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Differential CA")])
 SIGNED, OTHER = (3, 4, 200), (9,)  # the serials of the CRL under test, and of a second CRL the CA signed
 Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 ALGORITHMS = {  # AlgorithmIdentifier DER: sha256WithRSAEncryption, sha384WithRSAEncryption, ecdsa-with-SHA256, Ed25519
@@ -39,22 +37,6 @@ def _key(kind: str) -> Key:
     if kind == "ec":
         return ec.generate_private_key(ec.SECP256R1())
     return ed25519.Ed25519PrivateKey.generate()
-
-
-def _trust(key: Key) -> TrustList:
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(NAME)
-        .issuer_name(NAME)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-    )
-    return TrustList(
-        anchors=(builder.sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()),)
-    )
 
 
 def _sign(key: Key, tbs: bytes) -> bytes:
@@ -150,7 +132,7 @@ def test_accept_der_reads_only_what_cryptography_reads_as_signed(kind: str) -> N
     exactly the serials the CA signed, and `accept_der` accepts exactly those plain cryptography reads with a valid
     signature, with the same serials; the CRL as signed is accepted by both."""
     key = _key(kind)
-    trust = _trust(key)
+    trust = TrustList(anchors=(self_signed_ca(key),))
     answers = {
         name: (_by_accept_der(der, trust), _by_cryptography(der, key)) for name, der in _variants(kind, key).items()
     }
@@ -167,7 +149,7 @@ def test_a_pem_of_two_crls_is_read_as_two_each_with_its_own_entries(between: byt
     """A PEM with two CRL blocks (nothing, text, or another PEM block between them) gives the two DERs as signed, each
     accepted with its own serials: nothing of one is read as the other's."""
     key = _key("ec")
-    trust = _trust(key)
+    trust = TrustList(anchors=(self_signed_ca(key),))
     algorithm = ALGORITHMS["ec"]
     ders = [_signed(key, _tbs(algorithm, serials), algorithm) for serials in (SIGNED, OTHER)]
 

@@ -58,7 +58,8 @@ def _key(kind: str) -> Key:
     return ec.generate_private_key(CURVES[kind])
 
 
-def _ca(key: Key) -> x509.Certificate:
+def self_signed_ca(key: Key) -> x509.Certificate:
+    """A CA certificate named NAME for `key`, signed by it, valid a day before NOW to 30 days after."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(NAME)
@@ -98,7 +99,7 @@ def test_a_crl_the_ca_signed_is_accepted_and_another_keys_refused(kind: str, enc
     PEM), read first or not (`accept_der`, a fetch's way); the same CRL signed by another key of that kind is refused
     as not verifying."""
     key = _key(kind)
-    trust = TrustList(anchors=(_ca(key),))
+    trust = TrustList(anchors=(self_signed_ca(key),))
     data = _crl(key, kind, encoding)
     ((crl, der),) = read_crls(data, "screen")
     assert der == crl.public_bytes(serialization.Encoding.DER)  # what the screen checks the signature over
@@ -126,7 +127,7 @@ def test_a_pem_crl_with_headers_is_screened_too(kind: str) -> None:
     """A PEM CRL with headers (cryptography reads it) keeps its DER for the screen: the CA's own is accepted, one signed
     by another key is refused by the screen (before, no DER: `is_signature_valid` alone, seconds for a huge CRL)."""
     key = _key(kind)
-    trust = TrustList(anchors=(_ca(key),))
+    trust = TrustList(anchors=(self_signed_ca(key),))
     ((crl, der),) = read_crls(_with_headers(_crl(key, kind, serialization.Encoding.PEM)), "screen")
     assert der == crl.public_bytes(serialization.Encoding.DER)
     assert accept("screen", crl, trust, at=NOW, der=der).number == 7
@@ -178,7 +179,7 @@ def test_a_crl_signed_with_an_algorithm_cryptography_does_not_know_is_refused(ki
     asked for its hash algorithm first and cryptography's UnsupportedAlgorithm left `accept`: a refresh round with
     such a CRL at one distribution point ended before the new CRL set was swapped in."""
     key = _key(kind)
-    trust = TrustList(anchors=(_ca(key),))
+    trust = TrustList(anchors=(self_signed_ca(key),))
     ((forged, der),) = read_crls(_crl_with_algorithm(dotted), "screen")
     assert forged.is_signature_valid(key.public_key()) is False
     with pytest.raises(CrlUnusable, match="signature does not verify"):
@@ -242,7 +243,7 @@ def test_the_screen_and_cryptography_agree_on_crls_of_other_shapes(
     certificates, a delta CRL, an indirect CRL's issuingDistributionPoint) pass the screen exactly when
     cryptography's `is_signature_valid` accepts them: signed by the CA's key, accepted; by another, refused."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    trust = TrustList(anchors=(_ca(key),))
+    trust = TrustList(anchors=(self_signed_ca(key),))
     ((crl, der),) = read_crls(_rsa_crl(key, algorithm, tbs_tail, extensions), "screen")
     assert crl.is_signature_valid(key.public_key())
     assert _screened(crl, key.public_key(), der)
@@ -266,7 +267,7 @@ def test_the_outline_of_a_crl_of_each_header_reads_as_the_crl(version: bool, nex
     one signed by another key is refused for its signature; bytes that are not a CertificateList, or one cut short,
     are not a CRL."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    trust = TrustList(anchors=(_ca(key),))
+    trust = TrustList(anchors=(self_signed_ca(key),))
     algorithm = der_tlv(0x30, SHA256_RSA + b"\x05\x00")
 
     def signed(by: rsa.RSAPrivateKey) -> bytes:
