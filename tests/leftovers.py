@@ -17,7 +17,9 @@ A dead run's dockerd is another matter: a later run (of any checkout) finds the 
 (tests/integration/test_compose.py), but stops only a dockerd it started itself, so a killed run's stayed for good,
 with `ip_forward` on (dockerd turns it on; the run that started it would have put it back). It is stopped only while
 no run holds the engine (`ENGINE_LOCK`, taken exclusively, as test_compose.py takes it to stop its own), and what it
-changed is put back from what its starter wrote in its environment (`IP_FORWARD_BEFORE`, `DOCKER0_BEFORE`).
+changed is put back from what its starter wrote in its environment (`IP_FORWARD_BEFORE`, `DOCKER0_BEFORE`). The
+same holds for the processes dockerd started (containerd, its shims, docker-proxy): they inherit its environment,
+`IP_FORWARD_BEFORE` with it, and a run using the engine needs them as much.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import signal
 import subprocess
 import time
@@ -32,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-MARK = "KCD_TEST_RUN"  # "<controller pid>:<its start time in clock ticks since boot>:<the checkout>"
+MARK = "KCD_TEST_RUN"  # "<controller pid>:<its start in clock ticks after boot>:<pid ns>:<time ns>:<the checkout>"
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 ENGINE = "dockerd"  # shared by the runs: stopped only while no run holds ENGINE_LOCK
 ENGINE_GRACE = 60.0  # dockerd stops its containers first
@@ -45,29 +48,48 @@ DOCKER0_BEFORE = "KCD_DOCKER0_BEFORE"  # "yes" or "no": whether the docker0 brid
 
 @dataclass(frozen=True)
 class Run:
-    """A run of the suite: its controller process, told apart from a later process with the same pid by its start."""
+    """A run of the suite: its controller process, told apart from a later process with the same pid by its start,
+    and the pid and time namespaces that pid and start time were read in."""
 
     pid: int
     started: int
+    pid_namespace: int
+    time_namespace: int
     checkout: str
 
     def mark(self) -> str:
-        return f"{self.pid}:{self.started}:{self.checkout}"
+        return f"{self.pid}:{self.started}:{self.pid_namespace}:{self.time_namespace}:{self.checkout}"
 
     @classmethod
     def parse(cls, mark: str) -> Run | None:
-        pid, _, rest = mark.partition(":")
-        started, _, checkout = rest.partition(":")
-        if not (pid.isdigit() and started.isdigit() and checkout):
+        """The run a mark names; None for anything else (an older checkout's three-field mark included: left alone)."""
+        fields = mark.split(":", 4)
+        if len(fields) != 5 or not all(field.isdigit() for field in fields[:4]) or not fields[4]:
             return None
-        return cls(int(pid), int(started), checkout)
+        pid, started, pid_namespace, time_namespace = (int(field) for field in fields[:4])
+        return cls(pid, started, pid_namespace, time_namespace, fields[4])
+
+    def judged_here(self) -> bool:
+        """Whether this process can tell if the run is going: its controller's pid and start time read here as they
+        did there. A run in another pid namespace (a CI job in a container) names a pid that here is another process
+        or none; in another time namespace, its start time reads shifted by the namespace's boot-time offset."""
+        return (self.pid_namespace, self.time_namespace) == (namespace("pid"), namespace("time"))
 
     def alive(self) -> bool:
         return start_time(self.pid) == self.started
 
 
+def namespace(kind: str) -> int:
+    """This process's namespace of that kind (its inode), 0 where the kernel has none (time: before Linux 5.6)."""
+    try:
+        return Path(f"/proc/self/ns/{kind}").stat().st_ino
+    except OSError:
+        return 0
+
+
 def start_time(pid: int) -> int | None:
-    """The process's start in clock ticks after boot (/proc/PID/stat, field 22), None once it is gone or a zombie."""
+    """The process's start in clock ticks after boot (/proc/PID/stat, field 22, shifted by the reader's time
+    namespace), None once it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -80,14 +102,16 @@ def this_run(checkout: Path) -> Run:
     """The run of the calling process, which is its controller."""
     started = start_time(os.getpid())
     assert started is not None
-    return Run(os.getpid(), started, str(checkout))
+    return Run(os.getpid(), started, namespace("pid"), namespace("time"), str(checkout))
 
 
 @dataclass(frozen=True)
 class Leftover:
-    """A process whose run has ended, and the variables of its environment this module reads."""
+    """A process whose run has ended (its pid and start time, as scanned), and the variables of its environment this
+    module reads."""
 
     pid: int
+    started: int
     command: str
     run: Run
     environ: dict[str, str]
@@ -99,27 +123,38 @@ def _marked() -> Iterator[Leftover]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        pid = int(entry.name)
+        started = start_time(pid)
         with contextlib.suppress(OSError):
             environ = (entry / "environ").read_bytes()
             command = (entry / "comm").read_text().strip()
+            if started is None or start_time(pid) != started:
+                continue  # gone meanwhile, or its pid another process's: what was read may be either's
             pairs = (variable.decode(errors="replace").partition("=") for variable in environ.split(b"\0"))
             found = {name: value for name, _, value in pairs if name in names}
             run = Run.parse(found.get(MARK, ""))
             if run is not None:
-                yield Leftover(int(entry.name), command, run, found)
+                yield Leftover(pid, started, command, run, found)
 
 
 def leftovers() -> list[Leftover]:
-    """Every process (but this one) whose run has ended."""
-    return [left for left in _marked() if left.pid != os.getpid() and not left.run.alive()]
+    """Every process (but this one) whose run has ended, judged from here (`Run.judged_here`)."""
+    return [left for left in _marked() if left.pid != os.getpid() and left.run.judged_here() and not left.run.alive()]
+
+
+def of_the_engine(left: Leftover) -> bool:
+    """dockerd, or a process it started with its environment (containerd, its shims, docker-proxy): the engine a
+    later run may be using, all of it. Only the dockerd test_compose.py starts has `IP_FORWARD_BEFORE`, and its
+    children inherit it."""
+    return left.command == ENGINE or IP_FORWARD_BEFORE in left.environ
 
 
 def stop_all(found: list[Leftover]) -> list[Leftover]:
     """Stop what killed runs left (`stop`), dockerd only while no run holds the engine, putting back what it changed;
     what was stopped."""
-    others = [left for left in found if left.command != ENGINE]
+    others = [left for left in found if not of_the_engine(left)]
     stop(others)
-    engines = [left for left in found if left.command == ENGINE]
+    engines = [left for left in found if of_the_engine(left)]
     if not engines:
         return others
     ENGINE_LOCK.parent.mkdir(parents=True, exist_ok=True)
@@ -137,22 +172,42 @@ def stop_all(found: list[Leftover]) -> list[Leftover]:
     return others + engines
 
 
-def _signal(pid: int, signum: signal.Signals) -> None:
+def _pidfd(left: Leftover) -> int | None:
+    """A pidfd on the leftover, None once its pid is gone or another process's (taken after the scan)."""
+    try:
+        pidfd = os.pidfd_open(left.pid)
+    except ProcessLookupError:
+        return None
+    if start_time(left.pid) == left.started:
+        return pidfd  # checked after opening: the pidfd holds that very process, whatever its pid becomes
+    os.close(pidfd)
+    return None
+
+
+def _signal(pidfd: int, signum: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
+        signal.pidfd_send_signal(pidfd, signum)
 
 
 def stop(found: list[Leftover], grace: float = GRACE) -> None:
-    """SIGCONT and SIGTERM to each, then SIGKILL to those still there after `grace` seconds."""
-    for left in found:
-        _signal(left.pid, signal.SIGCONT)
-        _signal(left.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    alive = {left.pid: start_time(left.pid) for left in found}
-    while True:
-        alive = {pid: started for pid, started in alive.items() if started is not None and start_time(pid) == started}
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    for pid in alive:
-        _signal(pid, signal.SIGKILL)
+    """SIGCONT and SIGTERM to each, then SIGKILL to those still there after `grace` seconds. Through pidfds opened
+    on the processes as scanned: a pid ended and taken meanwhile by a new process (of a run going) gets nothing."""
+    pidfds = [pidfd for pidfd in map(_pidfd, found) if pidfd is not None]
+    try:
+        for pidfd in pidfds:
+            _signal(pidfd, signal.SIGCONT)
+            _signal(pidfd, signal.SIGTERM)
+        waiting = select.poll()
+        for pidfd in pidfds:
+            waiting.register(pidfd, select.POLLIN)  # readable once the process has ended
+        left = set(pidfds)
+        deadline = time.monotonic() + grace
+        while left and (remaining := deadline - time.monotonic()) > 0:
+            for pidfd, _ in waiting.poll(remaining * 1000):
+                waiting.unregister(pidfd)
+                left.discard(pidfd)
+        for pidfd in left:
+            _signal(pidfd, signal.SIGKILL)
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
