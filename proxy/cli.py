@@ -68,8 +68,8 @@ def _run(args: argparse.Namespace) -> int:
                 return again.report()
         return 0
 
-    if cfg.listener.workers == 1:
-        return serve_one()
+    if cfg.listener.workers == 1:  # ends as a worker does, without the interpreter's teardown (proxy.workers)
+        workers.end_process(serve_one())
 
     try:
         return workers.supervise(cfg.listener, serve_one, cfg.admin)
