@@ -88,16 +88,21 @@ def test_a_basic_user_name_nobody_vouched_for_is_logged_with_its_invisible_chara
 BASIC = '\n[authentication]\nmode = "basic"\n'
 
 
-def _basic(lab: LabLayout, port: int, login: str) -> int:
-    """The status of a GET with `Authorization: Basic login`, on a connection without a client certificate."""
+def _status(device: ssl.SSLContext, port: int, head: bytes) -> int:
+    """The status of the request `head`, sent on a connection of its own whose handshake `device` makes."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=60)
-    with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
-        head = f"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\nAuthorization: Basic {login}\r\n\r\n"
-        tls.sendall(head.encode())
+    with device.wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        tls.sendall(head)
         answer = http.client.HTTPResponse(tls)
         answer.begin()
         answer.read()
         return answer.status
+
+
+def _basic(lab: LabLayout, port: int, login: str) -> int:
+    """The status of a GET with `Authorization: Basic login`, on a connection without a client certificate."""
+    head = f"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\nAuthorization: Basic {login}\r\n\r\n"
+    return _status(client_context(lab, None), port, head.encode())
 
 
 @pytest.mark.parametrize("server", ["own", "aiohttp"])
@@ -111,13 +116,8 @@ def test_a_request_path_is_logged_with_its_invisible_characters_escaped(
     gw = start_gateway(lab, tmp_path / "gw", text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n', 1))
     try:
         gw.mark()
-        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
-        with client_context(lab, None).wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
-            tls.sendall(b"GET /owa/%E2%80%AE%1B HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n")
-            answer = http.client.HTTPResponse(tls)
-            answer.begin()
-            answer.read()
-            assert answer.status == 400
+        head = b"GET /owa/%E2%80%AE%1B HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n"
+        assert _status(client_context(lab, None), gw.port, head) == 400
         line = gw.wait_event("request")
         assert line["path"] == "/owa/\\u202e\\x1b", line
     finally:
@@ -152,14 +152,8 @@ def test_a_served_certificates_subject_is_logged_with_its_invisible_characters_e
     gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port()))
     try:
         gw.mark()
-        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
         device = client_context(lab, str(tmp_path / "alice-invisible"))
-        with device.wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
-            tls.sendall(b"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n")
-            answer = http.client.HTTPResponse(tls)
-            answer.begin()
-            answer.read()
-            assert answer.status == 200
+        assert _status(device, gw.port, b"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n") == 200
         line = gw.wait_event("request")
         assert line["cert_subject"] == "CN=alice\\u202eexe.txt\\x1b[31m\\u200b\\u2028", line
         assert line["principal"] == "alice@LAB.TEST"
