@@ -63,6 +63,7 @@ from proxy.identity.mapping import Account, unknown_account
 from proxy.identity.principal import ascii_lower
 from proxy.identity.sid import Sid
 from proxy.kerberos.client import ldap_ticket
+from proxy.kerberos.hints import ProtectedUsers
 from proxy.kerberos.profile import use_profile
 from proxy.kerberos.threads import KdcThreads, NoThread, no_thread_error
 
@@ -140,19 +141,6 @@ class ResourceBased:
         """Whether an account known by `sids` (its own, its groups') may act for users towards this one: one of them
         allowed, none denied (a deny entry wins, as in the canonical order the KDC's access check reads)."""
         return bool(self.allowed & sids) and not self.denied & sids
-
-
-@dataclass(frozen=True)
-class ProtectedUsers:
-    """Whether an account is in the domain's Protected Users group (RID 525), and how (`doctor` and the gateway's
-    hint for an evidence ticket that is not forwardable): `member` from its `tokenGroups` (None: not readable);
-    `direct`, listed in the group itself; `through`, the DNs of the account's own groups that are members of it,
-    directly or nested (taking the account out of Protected Users means out of these)."""
-
-    member: bool | None
-    group_dn: str = ""
-    direct: bool = False
-    through: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -492,14 +480,14 @@ class Directory:
             return ResourceBased(spn, str(entry.dn), frozenset(allowed), frozenset(denied))
         raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
 
-    async def protected_users(self, account: Account) -> ProtectedUsers:
-        """Whether `account` is in Protected Users (`ProtectedUsers`): its `tokenGroups` (the SIDs of every group it
-        is in, nested ones included) against <domain SID>-525; then, for a member, whether the group lists it itself
-        and which of its own groups are in the group, at any depth (LDAP_MATCHING_RULE_IN_CHAIN, which Samba 4.17
-        answers too). No cache: asked only for an evidence ticket that is not forwardable. DirectoryUnavailable if
-        no server answers."""
-        group_sid = Sid(account.sid.authority, (*account.sid.sub_authorities[:-1], PROTECTED_USERS_RID))
-        entry = await self._read(account.dn, ["tokenGroups", "memberOf"])
+    async def protected_users(self, dn: str, sid: Sid) -> ProtectedUsers:
+        """Whether the account at `dn` (whose objectSid is `sid`) is in Protected Users (`ProtectedUsers`): its
+        `tokenGroups` (the SIDs of every group it is in, nested ones included) against <domain SID>-525; then, for a
+        member, whether the group lists it itself and which of its own groups are in the group, at any depth
+        (LDAP_MATCHING_RULE_IN_CHAIN; Samba 4.17 answers both). No cache: asked only for an evidence ticket that is
+        not forwardable. DirectoryUnavailable if no server answers."""
+        group_sid = Sid(sid.authority, (*sid.sub_authorities[:-1], PROTECTED_USERS_RID))
+        entry = await self._read(dn, ["tokenGroups", "memberOf"])
         tokens = set(_sids(entry, "tokenGroups")) if entry is not None else set()
         if entry is None or not tokens:  # every account is in Domain Users at least: none read means not readable
             return ProtectedUsers(None)
@@ -508,18 +496,20 @@ class Directory:
         found = await self._find_entries(f"(objectSid={_escape_bytes(group_sid.to_bytes())})")
         if len(found) != 1:
             return ProtectedUsers(True)
-        group_dn = str(found[0].dn)
-        listed = {ascii_lower(str(dn)) for dn in entry.get("memberOf", [])}
-        nested = f"(&(objectClass=group)(member={_escape(account.dn)})(memberOf:{IN_CHAIN}:={_escape(group_dn)}))"
-        through = tuple(sorted(str(group.dn) for group in await self._find_entries(nested)))
-        return ProtectedUsers(True, group_dn, ascii_lower(group_dn) in listed, through)
+        group = (str(found[0].dn), str(_first(found[0], "sAMAccountName", "")))
+        listed = {ascii_lower(str(value)) for value in entry.get("memberOf", [])}
+        nested = f"(&(objectClass=group)(member={_escape(dn)})(memberOf:{IN_CHAIN}:={_escape(group[0])}))"
+        through = sorted((str(g.dn), str(_first(g, "sAMAccountName", ""))) for g in await self._find_entries(nested))
+        return ProtectedUsers(True, group, ascii_lower(group[0]) in listed, tuple(through))
 
     async def _find_entries(self, filter_exp: str) -> list[Any]:
-        """The entries `filter_exp` finds in the domain of base_dn (DNs only), from the first server that answers."""
+        """The entries `filter_exp` finds in the domain of base_dn, each with its sAMAccountName, from the first
+        server that answers."""
         problems: list[str] = []
         for url in self._in_turn():
             try:
-                return await self._search_at(url, filter_exp, attributes=["1.1"], root=_domain_dn(self.base_dn))
+                root = _domain_dn(self.base_dn)
+                return await self._search_at(url, filter_exp, attributes=["sAMAccountName"], root=root)
             except _GaveUp as e:
                 problems.append(f"{url}: {e}")
             except _SERVER_FAILED as e:

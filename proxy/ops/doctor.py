@@ -72,12 +72,19 @@ from proxy.config import Authentication, Config, Kerberos, Route
 from proxy.errors import AccountMismatch, GatewayError
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.kerberos.account import kdc_account
-from proxy.kerberos.hints import from_active_directory, not_forwardable, not_forwardable_named
+from proxy.kerberos.hints import (
+    ProtectedUsers,
+    from_active_directory,
+    not_forwardable,
+    not_forwardable_named,
+    protected_users_in_question,
+)
 from proxy.kerberos.keytab import kvnos, missing_key, read_keytab
 from proxy.kerberos.pac import PacFacts
 
 if TYPE_CHECKING:
     from proxy.directory import DelegationSettings, Directory, LockoutPolicy, ResourceBased
+    from proxy.identity.mapping import Account
     from proxy.kerberos.delegate import Delegator
 
 MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
@@ -454,6 +461,7 @@ def not_forwardable_check(
             sam=mapped.sam_account_name,
             user_account_control=uac,
             gateway_control=mapped.gateway_control,
+            protected=mapped.protected,
         )
     return Check("s4u2self", "fail", f"the evidence ticket for {principal}{whose} {_NOT_FORWARDABLE}", fix)
 
@@ -488,6 +496,7 @@ class Mapped:
     dn: str = ""
     user_account_control: int = 0  # its NOT_DELEGATED bit says why an evidence ticket is not forwardable
     gateway_control: int | None = None  # the gateway account's userAccountControl (protocol transition), if found
+    protected: ProtectedUsers | None = None  # its Protected Users membership, where that is the cause in question
 
 
 Judge = Callable[[Mapping[str, bool]], Check]  # `delegation`, judged again with the KDC's S4U2Proxy answers
@@ -548,8 +557,9 @@ async def _directory_lookups(
     except GatewayError:
         gateway = None
     gateway_control = gateway.user_account_control if gateway is not None else None
+    protected = await _protected(directory, account, gateway_control)
     mapped = Mapped(
-        account.sam_account_name, directory.realm, account.dn, account.user_account_control, gateway_control
+        account.sam_account_name, directory.realm, account.dn, account.user_account_control, gateway_control, protected
     )
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
     created = account.when_created.isoformat() if account.when_created else "unknown (no whenCreated)"
@@ -585,14 +595,27 @@ async def _named(config: Config, principal: str) -> Mapped | None:
     try:
         account = await directory.lookup(directory_name(principal))
         gateway = await directory.lookup(config.kerberos.principal) if account is not None else None
+        control = gateway.user_account_control if gateway is not None else None
+        protected = await _protected(directory, account, control) if account is not None else None
     except GatewayError:
         return None  # unreachable, or the name several accounts': both causes, as the gateway names them
     finally:
         directory.close()
     if account is None:
         return None
-    control = gateway.user_account_control if gateway is not None else None
-    return Mapped(account.sam_account_name, directory.realm, account.dn, account.user_account_control, control)
+    uac = account.user_account_control
+    return Mapped(account.sam_account_name, directory.realm, account.dn, uac, control, protected)
+
+
+async def _protected(directory: Directory, account: Account, gateway_control: int | None) -> ProtectedUsers | None:
+    """The account's Protected Users membership where the hint will suspect it (`protected_users_in_question`);
+    None elsewhere, or where the directory did not answer."""
+    if not protected_users_in_question(account.user_account_control, gateway_control):
+        return None
+    try:
+        return await directory.protected_users(account.dn, account.sid)
+    except GatewayError:
+        return None
 
 
 async def _lockout(config: Config, directory: Directory, name: str, account_dn: str | None) -> Check:
