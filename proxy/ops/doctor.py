@@ -537,7 +537,8 @@ async def _directory_lookups(
         settings = await directory.delegation_settings(config.kerberos.principal)
         backends = await _resource_based_backends(directory, settings, spns)
     except GatewayError as e:
-        checks.append(Check("delegation", "skip", f"the gateway's account could not be read: {e.reason}"))
+        detail = f"the delegation settings could not be read (the gateway's account, the backends'): {e.reason}"
+        checks.append(Check("delegation", "skip", detail))
     else:
         judged.append(functools.partial(delegation_check, config.kerberos.principal, settings, spns, backends))
         checks.append(judged[0]({}))
