@@ -465,18 +465,18 @@ class Directory:
             raw = _first(entry, attributes[0])
             if not isinstance(raw, bytes):
                 return ResourceBased(spn, str(entry.dn))
+            allowed: set[Sid] = set()
+            denied: set[Sid] = set()
             try:
                 dacl = bonsai.active_directory.SecurityDescriptor.from_binary(raw).dacl
+                for ace in dacl.aces if dacl is not None else []:
+                    kind = ace.type.name
+                    if kind in ("ACCESS_ALLOWED", "ACCESS_DENIED") and ace.trustee_sid is not None:
+                        (allowed if kind == "ACCESS_ALLOWED" else denied).add(Sid.parse(str(ace.trustee_sid)))
             except (ValueError, IndexError, struct.error) as e:
                 raise MappingRefused(
                     f"{attributes[0]} of {entry.dn} cannot be read", hint=f"not a security descriptor: {e}"
                 ) from None
-            allowed: set[Sid] = set()
-            denied: set[Sid] = set()
-            for ace in dacl.aces if dacl is not None else []:
-                kind = ace.type.name
-                if kind in ("ACCESS_ALLOWED", "ACCESS_DENIED") and ace.trustee_sid is not None:
-                    (allowed if kind == "ACCESS_ALLOWED" else denied).add(Sid.parse(str(ace.trustee_sid)))
             return ResourceBased(spn, str(entry.dn), frozenset(allowed), frozenset(denied))
         raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
 
