@@ -44,6 +44,29 @@ print(json.dumps({"fix": check.fix}))
 """
 
 
+_GATEWAY_PROBE = """
+import asyncio, json, sys, types
+from pathlib import Path
+from proxy import config
+from proxy.directory import Directory
+from proxy.errors import NotForwardable
+from proxy.pipeline import forwarding_named
+
+async def main():
+    cfg = config.load(Path(sys.argv[1]))
+    directory = Directory(cfg.directory, cfg.kerberos)
+    gw = types.SimpleNamespace(config=cfg, directory=directory)
+    refused = NotForwardable("not forwardable", hint="both causes", user=sys.argv[2], message="KDC's words")
+    try:
+        named = await forwarding_named(gw, refused)
+    finally:
+        directory.close()
+    print(json.dumps({"hint": named.hint}))
+
+asyncio.run(main())
+"""
+
+
 def _nested_member(realm: ad.AdRealm) -> None:
     """quinn in kcd-pu-team in kcd-pu-staff in Protected Users, made once (and quinn put back in kcd-pu-team)."""
     with _locked(realm.root):
@@ -106,3 +129,21 @@ def test_a_direct_member_is_told_protected_users_itself(ad_mapping_realm: ad.AdR
     assert "pat@AD.TEST is a member of Protected Users (CN=Protected Users,CN=Users,DC=ad,DC=test)" in fix, fix
     assert "Remove-ADGroupMember 'Protected Users' pat" in fix, fix
     assert _samba_removal(fix) == ["group", "removemembers", "Protected Users", "pat"]
+
+
+def test_the_gateways_refusal_names_the_group_too(ad_mapping_realm: ad.AdRealm, tmp_path: Path) -> None:
+    """The gateway's own refusal (`proxy.pipeline.forwarding_named`, which turns the KDC's "not forwardable" into the
+    403's hint and the kerberos_refused fix) reads the same membership from the DC: quinn's hint names kcd-pu-team
+    and its removal, with the KDC's words after it."""
+    realm = ad_mapping_realm
+    _nested_member(realm)
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(ad_mapping.gateway_config(realm, "upn"))
+    done = realm.run(
+        [sys.executable, "-c", textwrap.dedent(_GATEWAY_PROBE), str(cfg), f"{USER}@{ad.REALM}"], timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    hint = json.loads(done.stdout.strip().splitlines()[-1])["hint"]
+    assert f"through CN={TEAM},CN=Users,DC=ad,DC=test" in hint, hint
+    assert f"samba-tool group removemembers '{TEAM}' {USER}" in hint, hint
+    assert hint.endswith(" [KDC's words]"), hint
