@@ -6,8 +6,8 @@ Samba 4.17's KDC does not apply Protected Users to delegation (Windows refuses i
 are not forwardable), so no request is refused here for it; what is tested is what the directory tells the hint,
 through doctor's own look-up (`proxy.ops.doctor._named`, as the gateway's `forwarding_named`): the user's
 `tokenGroups` (Samba 4.17 computes them, nested groups included) and the groups found by
-LDAP_MATCHING_RULE_IN_CHAIN (Samba answers it). The group and user are this file's own: quinn, in kcd-pu-team, which
-is in kcd-pu-staff, which is in Protected Users.
+LDAP_MATCHING_RULE_IN_CHAIN (Samba answers it). The groups and users are this file's own: quinn and rowan, in
+kcd-pu-team, which is in kcd-pu-staff, which is in Protected Users.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from tests.integration.ad_fixtures import AD_TIMEOUT, _locked
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
-USER = "quinn"
+USER = "quinn"  # taken out of its group by one test, and put back
+READER = "rowan"  # in the same group, never taken out: the test that only reads runs beside the one that writes
 TEAM = "kcd-pu-team"  # quinn's own group
 STAFF = "kcd-pu-staff"  # in Protected Users; TEAM is in it
 
@@ -67,8 +68,8 @@ asyncio.run(main())
 """
 
 
-def _nested_member(realm: ad.AdRealm) -> None:
-    """quinn in kcd-pu-team in kcd-pu-staff in Protected Users, made once (and quinn put back in kcd-pu-team)."""
+def _nested_member(realm: ad.AdRealm, user: str = USER) -> None:
+    """`user` in kcd-pu-team in kcd-pu-staff in Protected Users, made once (and the user put back in kcd-pu-team)."""
     with _locked(realm.root):
         groups = realm.samba_tool("group", "list")
         if STAFF not in groups.split():
@@ -77,10 +78,10 @@ def _nested_member(realm: ad.AdRealm) -> None:
         if TEAM not in groups.split():
             realm.samba_tool("group", "add", TEAM)
             realm.samba_tool("group", "addmembers", STAFF, TEAM)
-        if USER not in realm.samba_tool("user", "list").split():
-            realm.samba_tool("user", "create", USER, "Quinn-Ad-Pa55")
-        if USER not in realm.samba_tool("group", "listmembers", TEAM).split():
-            realm.samba_tool("group", "addmembers", TEAM, USER)
+        if user not in realm.samba_tool("user", "list").split():
+            realm.samba_tool("user", "create", user, f"{user.title()}-Ad-Pa55")
+        if user not in realm.samba_tool("group", "listmembers", TEAM).split():
+            realm.samba_tool("group", "addmembers", TEAM, user)
 
 
 def _fix(realm: ad.AdRealm, tmp_path: Path, principal: str) -> str:
@@ -136,14 +137,14 @@ def test_the_gateways_refusal_names_the_group_too(ad_mapping_realm: ad.AdRealm, 
     403's hint and the kerberos_refused fix) reads the same membership from the DC: quinn's hint names kcd-pu-team
     and its removal, with the KDC's words after it."""
     realm = ad_mapping_realm
-    _nested_member(realm)
+    _nested_member(realm, READER)
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(ad_mapping.gateway_config(realm, "upn"))
     done = realm.run(
-        [sys.executable, "-c", textwrap.dedent(_GATEWAY_PROBE), str(cfg), f"{USER}@{ad.REALM}"], timeout=120
+        [sys.executable, "-c", textwrap.dedent(_GATEWAY_PROBE), str(cfg), f"{READER}@{ad.REALM}"], timeout=120
     )
     assert done.returncode == 0, done.stderr
     hint = json.loads(done.stdout.strip().splitlines()[-1])["hint"]
     assert f"through CN={TEAM},CN=Users,DC=ad,DC=test" in hint, hint
-    assert f"samba-tool group removemembers '{TEAM}' {USER}" in hint, hint
+    assert f"samba-tool group removemembers '{TEAM}' {READER}" in hint, hint
     assert hint.endswith(" [KDC's words]"), hint
