@@ -103,6 +103,20 @@ def start_problem(max_in_flight: int) -> str | None:
     return kdc_reserve_problem(max_in_flight, DescriptorBudget.of(0, max_in_flight).limit)
 
 
+def judged_limit(command: str) -> str:
+    """What `start_problem` judged under, for check-config's line: this process's hard open-file limit (a shell's
+    `ulimit -Hn`), which is not the service's (`LimitNOFILE=` in its unit, a container's `nofile`), and how to run
+    `command` (the check as typed) under the service's limit instead."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    return (
+        f"judged under this process's open-file limit ({shown}, ulimit -Hn here), not the service's: to judge under "
+        f"the service's, run it with that limit, N its unit's LimitNOFILE= (65536 in deploy/systemd/kcd-proxy.service) "
+        f"or the container's nofile: prlimit --nofile=N:N {command} (as root), or systemd-run --pipe --wait "
+        f"-p LimitNOFILE=N {command}"
+    )
+
+
 def kdc_threads(max_in_flight: int) -> int:
     """The threads that may be inside a KDC call at once: the delegations' pool, Basic's password checks and its
     tokens (`kerberos.max_in_flight` each), and the readiness and directory probes' thread each."""

@@ -36,6 +36,7 @@ import functools
 import math
 import os
 import re
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import bonsai
+import bonsai.active_directory
 import structlog
 
 from proxy.config import Directory as DirectorySettings
@@ -61,6 +63,7 @@ from proxy.identity.mapping import Account, unknown_account
 from proxy.identity.principal import ascii_lower
 from proxy.identity.sid import Sid
 from proxy.kerberos.client import ldap_ticket
+from proxy.kerberos.hints import ProtectedUsers
 from proxy.kerberos.profile import use_profile
 from proxy.kerberos.threads import KdcThreads, NoThread, no_thread_error
 
@@ -85,6 +88,12 @@ ATTRIBUTES = [
 ]
 
 
+# binary attributes: SIDs, and a security descriptor ([MS-DTYP] 2.4.6; resource-based delegation's allow-list)
+RAW_ATTRIBUTES = ["objectSid", "tokenGroups", "msDS-AllowedToActOnBehalfOfOtherIdentity"]
+PROTECTED_USERS_RID = 525  # the domain's Protected Users group: <domain SID>-525 ([MS-DTYP] 2.4.2.4)
+IN_CHAIN = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN: membership through nested groups ([MS-ADTS])
+
+
 class _GaveUp(Exception):
     """A look-up passed a server by without asking it (its connection busy, or failed just now): the next URL."""
 
@@ -106,11 +115,32 @@ _HUNDRED_NS = 10_000_000  # AD writes intervals as negative counts of 100 ns
 @dataclass(frozen=True)
 class DelegationSettings:
     """An account's Delegation tab as the directory keeps it (`doctor`): `userAccountControl` (its
-    TRUSTED_TO_AUTH_FOR_DELEGATION and TRUSTED_FOR_DELEGATION bits) and `msDS-AllowedToDelegateTo`."""
+    TRUSTED_TO_AUTH_FOR_DELEGATION and TRUSTED_FOR_DELEGATION bits) and `msDS-AllowedToDelegateTo`; and the SIDs a
+    backend's resource-based delegation may name it by (its `objectSid` and `tokenGroups`: its groups, nested ones
+    included)."""
 
     dn: str
     user_account_control: int
     allowed_to_delegate_to: tuple[str, ...]
+    sids: frozenset[Sid] = frozenset()
+
+
+@dataclass(frozen=True)
+class ResourceBased:
+    """The account holding an SPN, and what its `msDS-AllowedToActOnBehalfOfOtherIdentity` (resource-based
+    constrained delegation: the services that may act for users towards it) allows and denies, by SID (the access
+    control entries of the security descriptor's DACL; `doctor`). `dn` None: no account holds the SPN; `allowed` and
+    `denied` empty: the attribute is not set (or not readable with the gateway's bind)."""
+
+    spn: str
+    dn: str | None
+    allowed: frozenset[Sid] = frozenset()
+    denied: frozenset[Sid] = frozenset()
+
+    def allows(self, sids: frozenset[Sid]) -> bool:
+        """Whether an account known by `sids` (its own, its groups') may act for users towards this one: one of them
+        allowed, none denied (a deny entry wins, as in the canonical order the KDC's access check reads)."""
+        return bool(self.allowed & sids) and not self.denied & sids
 
 
 @dataclass(frozen=True)
@@ -161,7 +191,7 @@ class Directory:
     def _client(self, url: str) -> bonsai.LDAPClient:
         client = bonsai.LDAPClient(url)
         client.set_server_chase_referrals(False)
-        client.set_raw_attributes(["objectSid"])  # binary, never decoded as text
+        client.set_raw_attributes(RAW_ATTRIBUTES)  # binary, never decoded as text
         if self._settings.ca_file is not None:
             client.set_ca_cert(str(self._settings.ca_file))
             client.set_cert_policy("demand")
@@ -386,7 +416,7 @@ class Directory:
         """The delegation settings of the user account `name` names (the gateway's own: `doctor`), no cache; None
         when no such account is under base_dn (a gMSA, another container). DirectoryUnavailable if no server
         answers."""
-        attributes = ["userAccountControl", "msDS-AllowedToDelegateTo"]
+        attributes = ["userAccountControl", "msDS-AllowedToDelegateTo", "objectSid"]
         problems: list[str] = []
         for url in self._in_turn():
             try:
@@ -403,7 +433,87 @@ class Directory:
             listed = tuple(
                 str(v.decode() if isinstance(v, bytes) else v) for v in entry.get("msDS-AllowedToDelegateTo", [])
             )
-            return DelegationSettings(str(entry.dn), _int(entry, "userAccountControl"), listed)
+            sids = frozenset(_sids(entry, "objectSid"))
+            if sids:  # tokenGroups is computed: read from the entry itself (a base search) only
+                groups = await self._read(str(entry.dn), ["tokenGroups"])
+                sids |= frozenset(_sids(groups, "tokenGroups")) if groups is not None else frozenset()
+            return DelegationSettings(str(entry.dn), _int(entry, "userAccountControl"), listed, sids)
+        raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
+
+    async def resource_based(self, spn: str) -> ResourceBased:
+        """The account holding `spn` in the domain of base_dn (a user or a computer) and whom its
+        `msDS-AllowedToActOnBehalfOfOtherIdentity` allows (`doctor`), no cache. DirectoryUnavailable if no server
+        answers; MappingRefused if several accounts hold the SPN (a duplicate SPN, which the KDC refuses too)."""
+        attributes = ["msDS-AllowedToActOnBehalfOfOtherIdentity"]
+        spn_filter = f"(servicePrincipalName={_escape(spn)})"
+        problems: list[str] = []
+        for url in self._in_turn():
+            try:
+                entries = await self._search_at(url, spn_filter, attributes=attributes, root=_domain_dn(self.base_dn))
+            except _GaveUp as e:
+                problems.append(f"{url}: {e}")
+                continue
+            except _SERVER_FAILED as e:
+                problems.append(f"{url}: {_describe(e)}")
+                continue
+            if not entries:
+                return ResourceBased(spn, None)
+            if len(entries) > 1:
+                dns = ", ".join(str(entry.dn) for entry in entries)
+                raise MappingRefused(f"the SPN {spn} is registered on several accounts", hint=f"{spn}: {dns}")
+            entry = entries[0]
+            raw = _first(entry, attributes[0])
+            if not isinstance(raw, bytes):
+                return ResourceBased(spn, str(entry.dn))
+            allowed: set[Sid] = set()
+            denied: set[Sid] = set()
+            try:
+                dacl = bonsai.active_directory.SecurityDescriptor.from_binary(raw).dacl
+                for ace in dacl.aces if dacl is not None else []:
+                    kind = ace.type.name
+                    if kind in ("ACCESS_ALLOWED", "ACCESS_DENIED") and ace.trustee_sid is not None:
+                        (allowed if kind == "ACCESS_ALLOWED" else denied).add(Sid.parse(str(ace.trustee_sid)))
+            except (ValueError, IndexError, struct.error) as e:
+                raise MappingRefused(
+                    f"{attributes[0]} of {entry.dn} cannot be read", hint=f"not a security descriptor: {e}"
+                ) from None
+            return ResourceBased(spn, str(entry.dn), frozenset(allowed), frozenset(denied))
+        raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
+
+    async def protected_users(self, dn: str, sid: Sid) -> ProtectedUsers:
+        """Whether the account at `dn` (whose objectSid is `sid`) is in Protected Users (`ProtectedUsers`): its
+        `tokenGroups` (the SIDs of every group it is in, nested ones included) against <domain SID>-525; then, for a
+        member, whether the group lists it itself and which of its own groups are in the group, at any depth
+        (LDAP_MATCHING_RULE_IN_CHAIN; Samba 4.17 answers both). No cache: asked only for an evidence ticket that is
+        not forwardable. DirectoryUnavailable if no server answers."""
+        group_sid = Sid(sid.authority, (*sid.sub_authorities[:-1], PROTECTED_USERS_RID))
+        entry = await self._read(dn, ["tokenGroups", "memberOf"])
+        tokens = set(_sids(entry, "tokenGroups")) if entry is not None else set()
+        if entry is None or not tokens:  # every account is in Domain Users at least: none read means not readable
+            return ProtectedUsers(None)
+        if group_sid not in tokens:
+            return ProtectedUsers(False)
+        found = await self._find_entries(f"(objectSid={_escape_bytes(group_sid.to_bytes())})")
+        if len(found) != 1:
+            return ProtectedUsers(True)
+        group = (str(found[0].dn), str(_first(found[0], "sAMAccountName", "")))
+        listed = {ascii_lower(str(value)) for value in entry.get("memberOf", [])}
+        nested = f"(&(objectClass=group)(member={_escape(dn)})(memberOf:{IN_CHAIN}:={_escape(group[0])}))"
+        through = sorted((str(g.dn), str(_first(g, "sAMAccountName", ""))) for g in await self._find_entries(nested))
+        return ProtectedUsers(True, group, ascii_lower(group[0]) in listed, tuple(through))
+
+    async def _find_entries(self, filter_exp: str) -> list[Any]:
+        """The entries `filter_exp` finds in the domain of base_dn, each with its sAMAccountName, from the first
+        server that answers."""
+        problems: list[str] = []
+        for url in self._in_turn():
+            try:
+                root = _domain_dn(self.base_dn)
+                return await self._search_at(url, filter_exp, attributes=["sAMAccountName"], root=root)
+            except _GaveUp as e:
+                problems.append(f"{url}: {e}")
+            except _SERVER_FAILED as e:
+                problems.append(f"{url}: {_describe(e)}")
         raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
 
     async def _read(self, dn: str, attributes: list[str]) -> Any | None:
@@ -504,6 +614,16 @@ def _domain(base_dn: str) -> str:
 def _first(entry: Any, attr: str, default: Any = None) -> Any:
     values = entry.get(attr)
     return values[0] if values else default
+
+
+def _sids(entry: Any, attr: str) -> list[Sid]:
+    """A binary SID attribute's values (objectSid, tokenGroups); a value that is not a SID is left out (these serve
+    `doctor`'s explanations, never an admission)."""
+    found = []
+    for value in entry.get(attr, []):
+        with contextlib.suppress(ValueError):
+            found.append(Sid.from_bytes(bytes(value)))
+    return found
 
 
 def _int(entry: Any, attr: str) -> int:

@@ -68,7 +68,7 @@ from proxy.identity.principal import UserPrincipal, ascii_lower, map_certificate
 from proxy.identity.upn import SOURCE_NAMES, certificate_name
 from proxy.kerberos.ccache import facts_of
 from proxy.kerberos.delegate import Delegation, Delegator
-from proxy.kerberos.hints import not_forwardable_named
+from proxy.kerberos.hints import not_forwardable_named, protected_users_in_question
 from proxy.observability.trace import Trace
 from proxy.printable import printable
 from proxy.target import checked_host, origin_form
@@ -465,13 +465,19 @@ async def forwarding_named(gw: Gateway, refused: NotForwardable) -> NotForwardab
         return refused  # the directory unreachable, or the name several accounts': both causes, as the KDC left it
     if account is None:
         return refused
+    control = gateway.user_account_control if gateway is not None else None
+    protected = None  # Protected Users, where it is the cause left: a member itself, or through which group
+    if protected_users_in_question(account.user_account_control, control):
+        with contextlib.suppress(GatewayError):
+            protected = await gw.directory.protected_users(account.dn, account.sid)
     hint = not_forwardable_named(
         user=refused.user,
         proxy=proxy,
         dn=account.dn,
         sam=account.sam_account_name,
         user_account_control=account.user_account_control,
-        gateway_control=gateway.user_account_control if gateway is not None else None,
+        gateway_control=control,
+        protected=protected,
     )
     message = f" [{refused.message}]" if refused.message else ""
     return NotForwardable(refused.reason, hint=hint + message, user=refused.user, message=refused.message)

@@ -219,14 +219,42 @@ def from_active_directory(pac: PacFacts | None) -> bool:
     return pac is not None and any(name == "logon-info" for name, _ in pac.buffers)
 
 
+@dataclass(frozen=True)
+class ProtectedUsers:
+    """Whether an account is in the domain's Protected Users group (RID 525), and how, as the directory shows it
+    (`proxy.directory.Directory.protected_users`): `member` from its `tokenGroups` (None: not readable); `group`,
+    the group's (DN, sAMAccountName); `direct`, listed in the group itself; `through`, the (DN, sAMAccountName) of
+    the account's own groups that are in it, directly or nested: the memberships to end to take the account out."""
+
+    member: bool | None
+    group: tuple[str, str] = ("", "")
+    direct: bool = False
+    through: tuple[tuple[str, str], ...] = ()
+
+
 # userAccountControl ([MS-ADTS] 2.2.16): "Account is sensitive and cannot be delegated"
 UF_NOT_DELEGATED = 0x100000
 UF_TRUSTED_TO_AUTH_FOR_DELEGATION = 0x1000000  # "Use any authentication protocol": protocol transition
 _SENSITIVE = "'Account is sensitive and cannot be delegated'"
 
 
+def protected_users_in_question(user_account_control: int, gateway_control: int | None) -> bool:
+    """Whether `not_forwardable_named` will suspect Protected Users, whose membership the caller then reads
+    (`protected`): the user not marked sensitive and the gateway read with protocol transition."""
+    return not user_account_control & UF_NOT_DELEGATED and bool(
+        gateway_control is not None and gateway_control & UF_TRUSTED_TO_AUTH_FOR_DELEGATION
+    )
+
+
 def not_forwardable_named(
-    *, user: str, proxy: str, dn: str, sam: str, user_account_control: int, gateway_control: int | None = None
+    *,
+    user: str,
+    proxy: str,
+    dn: str,
+    sam: str,
+    user_account_control: int,
+    gateway_control: int | None = None,
+    protected: ProtectedUsers | None = None,
 ) -> str:
     """The hint for an evidence ticket without the forwardable flag when the directory has the user's account
     (`dn`, `sam`, its `userAccountControl`), and perhaps the gateway's (`gateway_control`, its userAccountControl;
@@ -235,7 +263,8 @@ def not_forwardable_named(
     flag cleared alone, the user was refused again); read set, the gateway is said not to be the cause; unknown,
     nothing is said of it. Clear, and the gateway's TRUSTED_TO_AUTH_FOR_DELEGATION clear (or unknown): the gateway's
     protocol transition. Both fine: Protected Users, which that bit does not show
-    (a Windows DC issues no forwardable ticket for its members; Samba 4.17 does)."""
+    (a Windows DC issues no forwardable ticket for its members; Samba 4.17 does), as `protected` shows it: a member
+    itself, or through a group of its own (`_protected_users`)."""
     account = _account(proxy)
     if user_account_control & UF_NOT_DELEGATED:
         sensitive = (
@@ -256,12 +285,8 @@ def not_forwardable_named(
         )
     not_marked = f"{dn} is not marked {_SENSITIVE} (NOT_DELEGATED is clear in its userAccountControl)"
     if gateway_control is not None and gateway_control & UF_TRUSTED_TO_AUTH_FOR_DELEGATION:
-        return (
-            f"{not_marked}, and {proxy} has 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION): "
-            f"{user} is then most likely a member of Protected Users, whose members a Windows DC never lets be "
-            f"delegated; take it out of that group if the gateway should act for it (Remove-ADGroupMember "
-            f"'Protected Users' {sam}; samba-tool group removemembers 'Protected Users' {sam})"
-        )
+        both = f"{not_marked}, and {proxy} has 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION)"
+        return f"{both}: {_protected_users(user, sam, protected)}"
     known = (
         " (TRUSTED_TO_AUTH_FOR_DELEGATION is clear in its userAccountControl)" if gateway_control is not None else ""
     )
@@ -271,6 +296,49 @@ def not_forwardable_named(
         f"only'; TRUSTED_TO_AUTH_FOR_DELEGATION in its userAccountControl): Set-ADAccountControl {account} "
         f"-TrustedToAuthForDelegation $true, or samba-tool delegation for-any-protocol {account} on. On a Windows "
         "DC a member of Protected Users is refused this way too: take the user out of that group"
+    )
+
+
+def _remove(group: str, sam: str) -> str:
+    """The commands that take the account `sam` out of the group named `group` (its sAMAccountName)."""
+    return f"Remove-ADGroupMember '{group}' {sam}; samba-tool group removemembers '{group}' {sam}"
+
+
+def _protected_users(user: str, sam: str, protected: ProtectedUsers | None) -> str:
+    """Protected Users as the cause left, told as the directory shows the membership: itself, through its own groups
+    (Remove-ADGroupMember on Protected Users fails for a member through another group, and samba-tool's says it
+    removed it and leaves it there), neither, or not known."""
+    why = "whose members a Windows DC never lets be delegated"
+    if protected is None or protected.member is None:
+        return (
+            f"{user} is then most likely a member of Protected Users, {why}; take it out of that group if the gateway "
+            f"should act for it: {_remove('Protected Users', sam)} where it is a member itself, else leave the group "
+            f"that makes it one (Get-ADPrincipalGroupMembership {sam}; the directory did not say)"
+        )
+    if not protected.member:
+        return (
+            f"{user} is not a member of Protected Users either (its tokenGroups, nested groups included): the "
+            "directory shows no cause; the KDC may have read other accounts (another domain controller not yet "
+            "replicated, or another account of that name): its log names the accounts it refused"
+        )
+    group_dn, group = protected.group
+    ways = [_remove(group or "Protected Users", sam)] if protected.direct else []
+    ways += [_remove(name, sam) for _, name in protected.through]
+    how = []
+    if protected.direct:
+        how.append("itself")
+    if protected.through:
+        groups = ", ".join(dn for dn, _ in protected.through)
+        how.append(f"through {groups}, its own group{'s' if len(protected.through) > 1 else ''} in it (nested)")
+    shown = f" ({group_dn})" if group_dn else ""
+    if not ways:  # tokenGroups said so, no listed membership did: its primary group, or groups we may not read
+        return (
+            f"{user} is a member of Protected Users{shown} ({why}), by no membership the directory lists to the "
+            f"gateway (its primaryGroupID, or a group it may not read): Get-ADPrincipalGroupMembership {sam} shows it"
+        )
+    return (
+        f"{user} is a member of Protected Users{shown} {' and '.join(how)}, {why}; take it out if the gateway "
+        f"should act for it: {'; '.join(ways)}"
     )
 
 

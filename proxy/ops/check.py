@@ -73,7 +73,7 @@ def warnings(config: Config) -> list[str]:
         f"authentication.basic_failures_per_user: behind a balancer (listener.proxy_protocol) each gateway counts a "
         f"user's wrong passwords on its own: N gateways let N x {limit} of them reach the directory within "
         f"basic_failure_window_seconds ({window:g}); keep N x {limit} below the domain's account lockout threshold "
-        f"(docs/throttles-and-limits.md, 'Several gateways'){where}",
+        f"(docs/throttles-and-limits.md, 'Several gateways and several workers'){where}",
         *found,
     ]
 

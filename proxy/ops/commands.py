@@ -37,7 +37,7 @@ async def _close(gw: Any) -> None:
 
 def check_config(args: argparse.Namespace) -> int:
     from proxy import app
-    from proxy.descriptors import start_problem
+    from proxy.descriptors import judged_limit, start_problem
     from proxy.ops.check import check, warnings
 
     _quiet_logs()
@@ -45,7 +45,8 @@ def check_config(args: argparse.Namespace) -> int:
         cfg = config_module.load(Path(args.file))
         problems = check(cfg, at=datetime.now(UTC))
         if problem := start_problem(cfg.kerberos.max_in_flight):  # what `run` under these limits refuses at start
-            problems.append(f"{problem} (in {cfg.path})")
+            command = f"kcd-proxy check-config {cfg.path}"
+            problems.append(f"{problem}; {judged_limit(command)} (in {cfg.path})")
         if not problems:
             asyncio.run(_close(app.build(cfg)))
     except ConfigError as e:

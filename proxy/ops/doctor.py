@@ -30,8 +30,12 @@ backends:
    server who it thinks we are; `delegation` reads the gateway's own account as its Delegation tab shows it
    (`delegation_check`: 'Use any authentication protocol', TRUSTED_TO_AUTH_FOR_DELEGATION, and each route's SPN in
    `msDS-AllowedToDelegateTo`), so an account missing both is told both at once, where the KDC refuses one step at
-   a time; it passes where the KDC granted every S4U2Proxy anyway (resource-based delegation, which it does not
-   read: `settle_delegation`); `directory-lookup` finds the canary user's account, reads its SID and
+   a time. A route's SPN it does not cover may be covered by the backend's account: resource-based delegation,
+   read from the `msDS-AllowedToActOnBehalfOfOtherIdentity` of the account holding the SPN (its DACL against the
+   gateway's SID and groups). The KDC alone decides whether it honours that, so such an SPN is judged by the
+   canary's S4U2Proxy for it (`run` asks the check again with those answers), and without a canary the check is a
+   skip that says so; it also passes where the KDC granted every S4U2Proxy anyway (an allow-list it could not read:
+   `settle_delegation`); `directory-lookup` finds the canary user's account, reads its SID and
    state, and says how many strong `altSecurityIdentities` entries it has.
 9. With a `[directory]` and a Basic mode: `basic-lockout` compares the Basic throttle with the domain's account
    lockout policy, and `basic-lockout <UPN>` with the canary's fine-grained one (its resultant PSO), where it has
@@ -53,10 +57,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import http.client
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
@@ -67,12 +72,19 @@ from proxy.config import Authentication, Config, Kerberos, Route
 from proxy.errors import AccountMismatch, GatewayError
 from proxy.identity.principal import UserPrincipal, map_name
 from proxy.kerberos.account import kdc_account
-from proxy.kerberos.hints import from_active_directory, not_forwardable, not_forwardable_named
+from proxy.kerberos.hints import (
+    ProtectedUsers,
+    from_active_directory,
+    not_forwardable,
+    not_forwardable_named,
+    protected_users_in_question,
+)
 from proxy.kerberos.keytab import kvnos, missing_key, read_keytab
 from proxy.kerberos.pac import PacFacts
 
 if TYPE_CHECKING:
-    from proxy.directory import DelegationSettings, Directory, LockoutPolicy
+    from proxy.directory import DelegationSettings, Directory, LockoutPolicy, ResourceBased
+    from proxy.identity.mapping import Account
     from proxy.kerberos.delegate import Delegator
 
 MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
@@ -252,10 +264,21 @@ UF_TRUSTED_FOR_DELEGATION = 0x80000  # "Trust this user for delegation to any se
 UF_TRUSTED_TO_AUTH_FOR_DELEGATION = 0x1000000  # "Use any authentication protocol": protocol transition
 
 
-def delegation_check(proxy: str, settings: DelegationSettings | None, spns: list[str]) -> Check:
+def delegation_check(
+    proxy: str,
+    settings: DelegationSettings | None,
+    spns: list[str],
+    backends: Mapping[str, ResourceBased] | None = None,
+    granted: Mapping[str, bool] | None = None,
+) -> Check:
     """`delegation`: the gateway's own account as its Delegation tab shows it, against what the routes need:
     'Trust this user for delegation to specified services only' with 'Use any authentication protocol'
-    (TRUSTED_TO_AUTH_FOR_DELEGATION) and each SPN listed in msDS-AllowedToDelegateTo (AD compares SPNs without case)."""
+    (TRUSTED_TO_AUTH_FOR_DELEGATION) and each SPN listed in msDS-AllowedToDelegateTo (AD compares SPNs without case);
+    or, SPN by SPN, the backend's account allowing the gateway by resource-based delegation (`backends`: its
+    msDS-AllowedToActOnBehalfOfOtherIdentity, which needs no protocol transition, MS-SFU 3.2.5.2.2). Only the KDC
+    says whether it honours that (Windows Server 2012 and later do, Samba before 4.19 does not): `granted`, the
+    S4U2Proxy outcome per SPN where a canary user was tried; without it such a set-up is a skip that says how to
+    tell, never a failure."""
     if settings is None:
         return Check(
             "delegation",
@@ -265,19 +288,28 @@ def delegation_check(proxy: str, settings: DelegationSettings | None, spns: list
         )
     account = proxy.rpartition("@")[0] or proxy
     uac = settings.user_account_control
+    transition = bool(uac & UF_TRUSTED_TO_AUTH_FOR_DELEGATION)
     listed = {spn.lower() for spn in settings.allowed_to_delegate_to}
     missing = [spn for spn in spns if spn.lower() not in listed]
     shown = ", ".join(settings.allowed_to_delegate_to) or "nothing"
     where = f"{proxy} ({settings.dn})"
-    if uac & UF_TRUSTED_TO_AUTH_FOR_DELEGATION and not missing:
+    if transition and not missing:
         return Check(
             "delegation",
             "pass",
             f"{where}: 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION); msDS-AllowedToDelegateTo "
             f"lists every route's SPN ({shown})",
         )
+    resource = {
+        spn: backend
+        for spn, backend in (backends or {}).items()
+        if spn in spns and not (transition and spn not in missing) and backend.allows(settings.sids)
+    }
+    uncovered = [spn for spn in spns if not (transition and spn not in missing) and spn not in resource]
+    if not uncovered:  # every route's SPN by classic delegation or by its backend's account
+        return _resource_based(proxy, where, resource, granted or {})
     problems, fixes = [], []
-    if not uac & UF_TRUSTED_TO_AUTH_FOR_DELEGATION:
+    if not transition:
         unconstrained = (
             ", and 'Trust this user for delegation to any service (Kerberos only)' is chosen (TRUSTED_FOR_DELEGATION:"
             " unconstrained delegation, with no protocol transition)"
@@ -293,18 +325,63 @@ def delegation_check(proxy: str, settings: DelegationSettings | None, spns: list
             f"Set-ADAccountControl {account}{off} -TrustedToAuthForDelegation $true",
             f"samba-tool delegation for-any-protocol {account} on",
         ]
-    if missing:
-        problems.append(f"msDS-AllowedToDelegateTo lists {shown}, not {', '.join(missing)}")
-        for spn in missing:
+    unlisted = [spn for spn in uncovered if spn in missing]
+    if unlisted:
+        problems.append(f"msDS-AllowedToDelegateTo lists {shown}, not {', '.join(unlisted)}")
+        for spn in unlisted:
             fixes += [
                 f"Set-ADUser {account} -Add @{{'msDS-AllowedToDelegateTo'='{spn}'}}",
                 f"samba-tool delegation add-service {account} {spn}",
             ]
+    if resource:
+        problems.append(f"{_allowed_by(resource, proxy)} (resource-based delegation), not {', '.join(uncovered)}")
     fix = (
         f"on {account}'s Delegation tab choose 'Trust this user for delegation to specified services only' and 'Use "
         f"any authentication protocol', with the routes' SPNs in its list: {'; '.join(fixes)}"
     )
     return Check("delegation", "fail", f"{where}: " + "; ".join(problems), fix)
+
+
+def _allowed_by(resource: Mapping[str, ResourceBased], proxy: str) -> str:
+    """Which backends' accounts allow the gateway by resource-based delegation, for which SPN."""
+    return "; ".join(
+        f"{backend.dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows {proxy} for {spn}"
+        for spn, backend in resource.items()
+    )
+
+
+def _resource_based(
+    proxy: str, where: str, resource: Mapping[str, ResourceBased], granted: Mapping[str, bool]
+) -> Check:
+    """`delegation` where every route's SPN the gateway's own account does not cover has a backend account that allows
+    the gateway (`resource`): judged by the KDC's S4U2Proxy answers (`granted`) where a canary was tried."""
+    account = proxy.rpartition("@")[0] or proxy
+    allowed = f"{where}: {_allowed_by(resource, proxy)}"
+    refused = [spn for spn in resource if granted.get(spn) is False]
+    if refused:
+        fixes = [f"samba-tool delegation add-service {account} {spn}" for spn in refused]
+        fixes += [f"Set-ADUser {account} -Add @{{'msDS-AllowedToDelegateTo'='{spn}'}}" for spn in refused]
+        return Check(
+            "delegation",
+            "fail",
+            f"{allowed} (resource-based delegation), yet the KDC refused S4U2Proxy to {', '.join(refused)}: it does "
+            "not honour resource-based delegation (Samba before 4.19, a domain controller before Windows Server "
+            "2012; see s4u2proxy)",
+            f"use classic constrained delegation on {account} instead: 'Use any authentication protocol' and the SPNs "
+            f"in its list: Set-ADAccountControl {account} -TrustedToAuthForDelegation $true; samba-tool delegation "
+            f"for-any-protocol {account} on; " + "; ".join(fixes),
+        )
+    if all(granted.get(spn) for spn in resource):
+        return Check(
+            "delegation", "pass", f"{allowed} (resource-based delegation), and the KDC granted S4U2Proxy to each"
+        )
+    return Check(
+        "delegation",
+        "skip",
+        f"{allowed} (resource-based delegation, which needs no protocol transition); whether the KDC honours it only "
+        "S4U2Proxy shows (Windows Server 2012 and later do, Samba before 4.19 does not): cannot tell without a "
+        "canary, run with --user UPN",
+    )
 
 
 def settle_delegation(checks: list[Check]) -> list[Check]:
@@ -348,12 +425,20 @@ def run(config: Config, *, user: str | None, clock: Callable[[], float] = time.t
     upn = user or config.doctor.canary_user
     directory_checks: list[Check] = []
     mapped: Mapped | None = None
+    judge: Judge | None = None
     if config.directory is not None:
-        directory_checks, mapped = asyncio.run(_directory_checks(config, upn, clock))
+        directory_checks, mapped, judge = asyncio.run(_directory_checks(config, upn, clock))
     if config.identity.mapping == "upn":
         mapped = None  # the gateway impersonates the name built from the UPN; the directory is only looked at
-    checks = [*settle_evidence(list(_checks(config, upn, clock, mapped))), *directory_checks]
-    return settle_delegation(checks)
+    kerberos = settle_evidence(list(_checks(config, upn, clock, mapped)))
+    if judge is not None:  # the KDC's answers decide what the directory alone cannot (resource-based delegation)
+        granted = {
+            c.name.removeprefix("s4u2proxy "): c.status == "pass"
+            for c in kerberos
+            if c.name.startswith("s4u2proxy ") and c.status != "skip"
+        }
+        directory_checks = [judge(granted) if c.name == "delegation" else c for c in directory_checks]
+    return settle_delegation([*kerberos, *directory_checks])
 
 
 _NOT_FORWARDABLE = "is not forwardable: classic constrained delegation will refuse S4U2Proxy"
@@ -376,6 +461,7 @@ def not_forwardable_check(
             sam=mapped.sam_account_name,
             user_account_control=uac,
             gateway_control=mapped.gateway_control,
+            protected=mapped.protected,
         )
     return Check("s4u2self", "fail", f"the evidence ticket for {principal}{whose} {_NOT_FORWARDABLE}", fix)
 
@@ -410,12 +496,26 @@ class Mapped:
     dn: str = ""
     user_account_control: int = 0  # its NOT_DELEGATED bit says why an evidence ticket is not forwardable
     gateway_control: int | None = None  # the gateway account's userAccountControl (protocol transition), if found
+    protected: ProtectedUsers | None = None  # its Protected Users membership, where that is the cause in question
+
+
+Judge = Callable[[Mapping[str, bool]], Check]  # `delegation`, judged again with the KDC's S4U2Proxy answers
 
 
 async def _directory_checks(
     config: Config, upn: str | None, clock: Callable[[], float]
+) -> tuple[list[Check], Mapped | None, Judge | None]:
+    """The directory bind, then the canary user's account as the mapping stage would read it (and that account), and
+    the `delegation` check's judge, which `run` asks again once S4U2Proxy was tried."""
+    judged: list[Judge] = []
+    checks, mapped = await _directory_lookups(config, upn, clock, judged)
+    return checks, mapped, judged[0] if judged else None
+
+
+async def _directory_lookups(
+    config: Config, upn: str | None, clock: Callable[[], float], judged: list[Judge]
 ) -> tuple[list[Check], Mapped | None]:
-    """The directory bind, then the canary user's account as the mapping stage would read it (and that account)."""
+    """`_directory_checks`, the judge of `delegation` appended to `judged` where the gateway's account was read."""
     from proxy.directory import Directory
     from proxy.identity import altsecid
     from proxy.identity.mapping import account_state
@@ -435,10 +535,13 @@ async def _directory_checks(
     spns = list(dict.fromkeys(r.spn for r in config.routes if r.backend_auth == "negotiate"))
     try:
         settings = await directory.delegation_settings(config.kerberos.principal)
+        backends = await _resource_based_backends(directory, settings, spns)
     except GatewayError as e:
-        checks.append(Check("delegation", "skip", f"the gateway's account could not be read: {e.reason}"))
+        detail = f"the delegation settings could not be read (the gateway's account, the backends'): {e.reason}"
+        checks.append(Check("delegation", "skip", detail))
     else:
-        checks.append(delegation_check(config.kerberos.principal, settings, spns))
+        judged.append(functools.partial(delegation_check, config.kerberos.principal, settings, spns, backends))
+        checks.append(judged[0]({}))
     basic = config.authentication.mode != "certificate"
     if basic:
         checks.append(await _lockout(config, directory, "basic-lockout", None))
@@ -455,8 +558,9 @@ async def _directory_checks(
     except GatewayError:
         gateway = None
     gateway_control = gateway.user_account_control if gateway is not None else None
+    protected = await _protected(directory, account, gateway_control)
     mapped = Mapped(
-        account.sam_account_name, directory.realm, account.dn, account.user_account_control, gateway_control
+        account.sam_account_name, directory.realm, account.dn, account.user_account_control, gateway_control, protected
     )
     strong = sum(1 for raw in account.alt_security_identities if altsecid.parse(raw).strong)
     created = account.when_created.isoformat() if account.when_created else "unknown (no whenCreated)"
@@ -467,6 +571,18 @@ async def _directory_checks(
     except GatewayError as e:
         return [*checks, Check("directory-lookup", "fail", f"{detail}; {e.reason}", e.hint)], mapped
     return [*checks, Check("directory-lookup", "pass", detail)], mapped
+
+
+async def _resource_based_backends(
+    directory: Directory, settings: DelegationSettings | None, spns: list[str]
+) -> dict[str, ResourceBased]:
+    """For each route's SPN the gateway's own Delegation tab does not cover, the backend account holding it and whom
+    its resource-based delegation allows (`delegation_check`)."""
+    if settings is None:
+        return {}
+    transition = settings.user_account_control & UF_TRUSTED_TO_AUTH_FOR_DELEGATION
+    listed = {spn.lower() for spn in settings.allowed_to_delegate_to}
+    return {spn: await directory.resource_based(spn) for spn in spns if not (transition and spn.lower() in listed)}
 
 
 async def _named(config: Config, principal: str) -> Mapped | None:
@@ -480,14 +596,27 @@ async def _named(config: Config, principal: str) -> Mapped | None:
     try:
         account = await directory.lookup(directory_name(principal))
         gateway = await directory.lookup(config.kerberos.principal) if account is not None else None
+        control = gateway.user_account_control if gateway is not None else None
+        protected = await _protected(directory, account, control) if account is not None else None
     except GatewayError:
         return None  # unreachable, or the name several accounts': both causes, as the gateway names them
     finally:
         directory.close()
     if account is None:
         return None
-    control = gateway.user_account_control if gateway is not None else None
-    return Mapped(account.sam_account_name, directory.realm, account.dn, account.user_account_control, control)
+    uac = account.user_account_control
+    return Mapped(account.sam_account_name, directory.realm, account.dn, uac, control, protected)
+
+
+async def _protected(directory: Directory, account: Account, gateway_control: int | None) -> ProtectedUsers | None:
+    """The account's Protected Users membership where the hint will suspect it (`protected_users_in_question`);
+    None elsewhere, or where the directory did not answer."""
+    if not protected_users_in_question(account.user_account_control, gateway_control):
+        return None
+    try:
+        return await directory.protected_users(account.dn, account.sid)
+    except GatewayError:
+        return None
 
 
 async def _lockout(config: Config, directory: Directory, name: str, account_dn: str | None) -> Check:

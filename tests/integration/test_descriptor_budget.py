@@ -312,8 +312,10 @@ def test_check_config_refuses_the_max_in_flight_run_refuses_under_the_same_limit
 ) -> None:
     """Issue 8: check-config "loads and cross-checks everything without serving", exit 1 and one line per problem
     naming the key and the file. Under the open-file limit that makes `run` exit 2 for kerberos.max_in_flight = 64
-    (1,024, above), check-config run under that limit exits 1 with run's own line; with a limit that holds it, ok. It
-    said ok, and the operator's next `run` (or systemctl restart) failed."""
+    (1,024, above), check-config run under that limit exits 1 with run's own line, saying it judged this process's
+    limit, not the service's, and how to run it under the service's (a shell's hard limit below the unit's
+    LimitNOFILE= refused what the service would start with, without a word of which limit); with a limit that holds
+    it, ok. It said ok, and the operator's next `run` (or systemctl restart) failed."""
     config = tmp_path / "gateway.toml"
     config.write_text(_with_max_in_flight(lab_config(lab, port=free_port()), 64))
 
@@ -328,7 +330,11 @@ def test_check_config_refuses_the_max_in_flight_run_refuses_under_the_same_limit
     (line,) = checked.stdout.splitlines()
     assert line.startswith("kerberos.max_in_flight = 64 runs 194 KDC threads"), line
     assert line.endswith(f"(in {config})"), line
-    assert line in started.stderr, started.stderr[-3000:]
+    problem, _, judged = line.partition("; judged under ")
+    assert f"{problem} (in {config})" in started.stderr, started.stderr[-3000:]
+    assert judged.startswith("this process's open-file limit (1024, ulimit -Hn here), not the service's"), line
+    assert f"prlimit --nofile=N:N kcd-proxy check-config {config} (as root)" in judged, line
+    assert "LimitNOFILE= (65536 in deploy/systemd/kcd-proxy.service)" in judged, line
     held = under("1024:4096", "check-config", "")  # run raises its soft limit to the hard one: so does the check
     assert held.returncode == 0, held.stdout + held.stderr
     assert held.stdout.strip() == f"{config}: ok (1 route(s))"

@@ -5,14 +5,22 @@ user closed for a new one, a 503 when none is idle."""
 from __future__ import annotations
 
 import asyncio
+import re
 import resource
+from pathlib import Path
 
 import pytest
 
 from proxy.backend.client import BackendConnection, BackendSocketsExhausted, Upstream
 from proxy.backend.forward import Pools, _failure
 from proxy.config import Route
-from proxy.descriptors import DescriptorBudget, kdc_reserve_problem, reload_reserve_problem, reserve_for
+from proxy.descriptors import (
+    DescriptorBudget,
+    judged_limit,
+    kdc_reserve_problem,
+    reload_reserve_problem,
+    reserve_for,
+)
 from proxy.errors import BackendBusy
 
 RESERVE = 256  # at the default kerberos.max_in_flight (16): the fixed reserve the budget started with
@@ -165,3 +173,15 @@ def test_a_reload_keeps_counting_the_same_connections() -> None:
     """A reloaded configuration's pools share the users' connections, and with them their count and limit."""
     pools = Pools(max_connections=7)
     assert pools.successor((), None).sockets is pools.sockets
+
+
+def test_check_configs_limit_line_names_this_process_limit_and_the_units() -> None:
+    """check-config's addition to a limit refusal names this process's hard limit as the one judged, the shipped
+    unit's LimitNOFILE= as written there, and the command to run under the service's limit."""
+    unit = (Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "kcd-proxy.service").read_text()
+    (shipped,) = re.findall(r"^LimitNOFILE=(\d+)$", unit, flags=re.MULTILINE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    line = judged_limit("kcd-proxy check-config /etc/kcd-proxy/gateway.toml")
+    assert f"this process's open-file limit ({'unlimited' if hard == resource.RLIM_INFINITY else hard}," in line
+    assert f"LimitNOFILE= ({shipped} in deploy/systemd/kcd-proxy.service)" in line
+    assert "prlimit --nofile=N:N kcd-proxy check-config /etc/kcd-proxy/gateway.toml (as root)" in line

@@ -125,3 +125,39 @@ def test_each_metric_is_in_the_operations_page_and_each_one_named_is_served() ->
     }
     assert sorted(m for m in defined if f"`{m}" not in operations) == []
     assert sorted(named - defined) == []
+
+
+# `docs/deploying.md, "Several gateways"`: a page and, quoted, one of its headings (its words, not its anchor)
+NAMED_HEADING = re.compile(r"(?<![\w/.-])(?:docs/)?([\w-]+\.md),? (?:\"([^\"\n]+)\"|'([^'\n]+)')")
+
+
+def _places(doc: Path) -> set[str]:
+    """What a reader finds by its words on a page: each heading, also without its number ("9. ") and without what
+    follows its name (" (issue #18)", ": `proxy/tls/record.py`"), and each bold run-in label ("**Long requests.**")."""
+    prose = re.sub(r"^ *```.*?^ *```", "", doc.read_text(), flags=re.MULTILINE | re.DOTALL)
+    places = {label.strip() for label in re.findall(r"\*\*([^*\n]+?)\.?\*\*", prose)}
+    for heading in re.findall(r"^#+ (.*)$", prose, flags=re.MULTILINE):
+        name = re.sub(r"^\d+\. ", "", heading.strip())
+        places |= {heading.strip(), name, re.split(r" \(|: ", name)[0]}
+    return places
+
+
+def test_each_heading_named_in_words_is_a_heading_of_that_page() -> None:
+    """Every "docs/PAGE.md, 'Heading'" (or "Heading" in double quotes) in the code, the build and deploy files, the
+    README and docs/ is, word for word, a heading of that page (check-config's Basic warning named 'Several
+    gateways' where the heading is 'Several gateways and several workers')."""
+    named = [ROOT / "Makefile", ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for folder, pattern in (("proxy", "*.py"), ("bench", "*.py"), ("config", "*"), ("deploy", "*")):
+        named += [p for p in sorted((ROOT / folder).rglob(pattern)) if p.is_file() and "__pycache__" not in p.parts]
+    wrong = []
+    for source in named:
+        try:
+            text = source.read_text()
+        except UnicodeDecodeError:
+            continue
+        for page, double, single in NAMED_HEADING.findall(text):
+            doc = ROOT / "docs" / page if page != "README.md" else ROOT / page
+            heading = double or single
+            if doc.exists() and heading not in _places(doc):
+                wrong.append(f"{source.relative_to(ROOT)}: {page}, {heading!r}")
+    assert sorted(set(wrong)) == []

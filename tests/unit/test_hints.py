@@ -16,10 +16,12 @@ from proxy.errors import (
 from proxy.kerberos.hints import (
     UF_NOT_DELEGATED,
     UF_TRUSTED_TO_AUTH_FOR_DELEGATION,
+    ProtectedUsers,
     clock_skew,
     explain,
     not_forwardable_named,
     own_ticket_refused,
+    protected_users_in_question,
 )
 
 
@@ -425,8 +427,63 @@ def test_the_gateway_accounts_own_flag_decides_between_protocol_transition_and_p
     member = named(0x200 | UF_TRUSTED_TO_AUTH_FOR_DELEGATION)
     assert "svc-gw@AD.TEST has 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION)" in member
     assert "most likely a member of Protected Users" in member
-    assert "Remove-ADGroupMember 'Protected Users' pat" in member
+    assert (
+        "Remove-ADGroupMember 'Protected Users' pat; samba-tool group removemembers 'Protected Users' pat where"
+        in member
+    )
+    assert "Get-ADPrincipalGroupMembership pat" in member  # a nested member leaves another group
     assert "lacks protocol transition" not in member
+
+
+_GROUP = ("CN=Protected Users,CN=Users,DC=ad,DC=test", "Protected Users")
+_TEAM = ("CN=team,OU=Groups,DC=ad,DC=test", "team-sam")
+
+
+def _protected_hint(protected: ProtectedUsers) -> str:
+    return not_forwardable_named(
+        user="quinn@AD.TEST",
+        proxy="svc-gw@AD.TEST",
+        dn="CN=quinn,CN=Users,DC=ad,DC=test",
+        sam="quinn",
+        user_account_control=0x200,
+        gateway_control=0x200 | UF_TRUSTED_TO_AUTH_FOR_DELEGATION,
+        protected=protected,
+    )
+
+
+def test_the_protected_users_hint_says_how_the_user_is_a_member() -> None:
+    """A member itself: Protected Users' removal; through a group of its own: that group's (by its sAMAccountName),
+    never Protected Users', which fails for a nested member; both: both; not a member: no removal at all; a member
+    by no listed membership: how to find it."""
+    direct = _protected_hint(ProtectedUsers(True, _GROUP, direct=True))
+    assert f"is a member of Protected Users ({_GROUP[0]}) itself" in direct
+    assert "Remove-ADGroupMember 'Protected Users' quinn; samba-tool group removemembers 'Protected Users' quinn" in (
+        direct
+    )
+    nested = _protected_hint(ProtectedUsers(True, _GROUP, through=(_TEAM,)))
+    assert f"through {_TEAM[0]}, its own group in it (nested)" in nested
+    assert "Remove-ADGroupMember 'team-sam' quinn; samba-tool group removemembers 'team-sam' quinn" in nested
+    assert "'Protected Users' quinn" not in nested
+    both = _protected_hint(ProtectedUsers(True, _GROUP, direct=True, through=(_TEAM,)))
+    assert "itself and through" in both
+    assert "Remove-ADGroupMember 'Protected Users' quinn" in both
+    assert "Remove-ADGroupMember 'team-sam' quinn" in both
+    absent = _protected_hint(ProtectedUsers(False))
+    assert "is not a member of Protected Users either" in absent
+    assert "Remove-ADGroupMember" not in absent
+    unlisted = _protected_hint(ProtectedUsers(True, _GROUP))
+    assert "by no membership the directory lists" in unlisted
+    assert "Get-ADPrincipalGroupMembership quinn" in unlisted
+    assert "Remove-ADGroupMember" not in unlisted
+
+
+def test_protected_users_is_read_only_where_it_is_the_cause_in_question() -> None:
+    """The membership is looked up only for a user not marked sensitive behind a gateway read with protocol
+    transition: elsewhere the hint names another cause, and the directory is not asked."""
+    assert protected_users_in_question(0x200, 0x200 | UF_TRUSTED_TO_AUTH_FOR_DELEGATION)
+    assert not protected_users_in_question(0x200 | UF_NOT_DELEGATED, 0x200 | UF_TRUSTED_TO_AUTH_FOR_DELEGATION)
+    assert not protected_users_in_question(0x200, 0x200)
+    assert not protected_users_in_question(0x200, None)
 
 
 def test_a_sensitive_user_behind_a_gateway_without_protocol_transition_is_told_both_causes() -> None:

@@ -191,3 +191,20 @@ def test_the_crl_floors_are_kept_in_a_directory_of_the_gateways_user_on_a_writab
     assert list(crl_state(local / Path(state).name)) == []
     (refused,) = crl_state(volume_root / Path(state).name)
     assert "writable by others" in refused, refused
+
+
+def test_a_stopping_pod_waits_for_its_endpoint_to_go_then_drains_within_the_grace_period(tmp_path: Path) -> None:
+    """preStop sleeps about 5 s before the SIGTERM that closes the listener (kube-proxy, the Service's endpoints and
+    an outside balancer learn of the pod's end in that time, not before it), and terminationGracePeriodSeconds covers
+    that sleep, the gateway's `[listener] drain_timeout` (the ConfigMap's, else the loader's default) and 5 s more for
+    the exit: past it the kubelet sends SIGKILL into the drain."""
+    from proxy.config import Listener
+
+    _, data = _gateway_config(tmp_path)
+    drain = float(data.get("listener", {}).get("drain_timeout", Listener.__dataclass_fields__["drain_timeout"].default))
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    hook = _container()["lifecycle"]["preStop"]
+    assert list(hook) == ["sleep"], hook  # the kubelet's own sleep: nothing needs to be in the image
+    pause = hook["sleep"]["seconds"]
+    assert 3 <= pause <= 10, pause
+    assert pod["terminationGracePeriodSeconds"] >= pause + drain + 5, (pod["terminationGracePeriodSeconds"], drain)

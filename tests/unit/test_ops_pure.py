@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.certs.sources import CrlStatus
 from proxy.config import Authentication, Route
-from proxy.directory import DelegationSettings, LockoutPolicy
+from proxy.directory import DelegationSettings, LockoutPolicy, ResourceBased
+from proxy.identity.sid import Sid
 from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.metrics import LONG_POLL_AFTER, Metrics
 from proxy.observability.trace import Trace
@@ -268,3 +269,47 @@ def test_a_failed_delegation_check_passes_where_the_kdc_granted_every_s4u2proxy(
     assert "resource-based delegation" in settled[1].detail
     refused = doctor.Check("s4u2proxy HTTP/cas.corp.test", "fail", "refused", "fix")
     assert doctor.settle_delegation([refused, failed])[1] == failed
+
+
+_GATEWAY_SID = Sid.parse("S-1-5-21-1-2-3-1109")
+_GROUP_SID = Sid.parse("S-1-5-21-1-2-3-1200")
+
+
+def _bare_gateway(*sids: Sid) -> DelegationSettings:
+    """A gateway account with an empty Delegation tab, known by `sids` (its own, its groups')."""
+    return DelegationSettings("CN=svc-gw,CN=Users,DC=corp,DC=test", 0x200, (), frozenset(sids))
+
+
+def test_resource_based_delegation_alone_is_no_failure_and_the_kdcs_answer_decides() -> None:
+    """A gateway allowed only by the backend's msDS-AllowedToActOnBehalfOfOtherIdentity: without S4U2Proxy tried, a
+    skip naming the backend's account and --user; granted, a pass; refused, a failure saying the KDC does not honour
+    it, with classic delegation's commands."""
+    spn = "HTTP/cas.corp.test"
+    backend = {spn: ResourceBased(spn, "CN=cas,CN=Computers,DC=corp,DC=test", frozenset({_GATEWAY_SID}))}
+    untried = doctor.delegation_check("svc-gw@CORP.TEST", _bare_gateway(_GATEWAY_SID), [spn], backend)
+    assert untried.status == "skip", untried
+    assert "CN=cas,CN=Computers,DC=corp,DC=test's msDS-AllowedToActOnBehalfOfOtherIdentity allows" in untried.detail
+    assert "run with --user UPN" in untried.detail
+    granted = doctor.delegation_check("svc-gw@CORP.TEST", _bare_gateway(_GATEWAY_SID), [spn], backend, {spn: True})
+    assert granted.status == "pass", granted
+    refused = doctor.delegation_check("svc-gw@CORP.TEST", _bare_gateway(_GATEWAY_SID), [spn], backend, {spn: False})
+    assert refused.status == "fail", refused
+    assert "does not honour resource-based delegation" in refused.detail
+    assert refused.fix is not None
+    assert f"samba-tool delegation add-service svc-gw {spn}" in refused.fix
+
+
+def test_resource_based_delegation_counts_the_gateways_groups_and_a_deny_wins() -> None:
+    """The backend may allow a group the gateway is in (its tokenGroups); a deny entry naming the gateway or one of
+    its groups takes the allow away, and an account nobody allows fails as before, naming what allows what."""
+    spn, other = "HTTP/cas.corp.test", "HTTP/owa.corp.test"
+    by_group = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", frozenset({_GROUP_SID}))}
+    gateway = _bare_gateway(_GATEWAY_SID, _GROUP_SID)
+    assert doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], by_group).status == "skip"
+    denied = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", frozenset({_GROUP_SID}), frozenset({_GATEWAY_SID}))}
+    assert doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], denied).status == "fail"
+    partly = doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn, other], {**by_group})
+    assert partly.status == "fail", partly
+    assert f"msDS-AllowedToDelegateTo lists nothing, not {other}" in partly.detail
+    assert f"allows svc-gw@CORP.TEST for {spn} (resource-based delegation), not {other}" in partly.detail
+    assert doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], {spn: ResourceBased(spn, None)}).status == "fail"

@@ -1,0 +1,137 @@
+"""`doctor`'s `delegation` check against the Samba DC for a gateway account allowed only by resource-based
+constrained delegation: the backend's account lists it in `msDS-AllowedToActOnBehalfOfOtherIdentity` (`samba-tool
+delegation add-principal`), and the gateway's own Delegation tab is empty. The directory says it is allowed; only
+the KDC can say whether it honours that (Windows Server 2012 and later do, Samba 4.17 does not), so without a canary
+the check says it cannot tell and how to find out, and with one it judges by the KDC's answer. Classic constrained
+delegation (svc-kcdproxy) is judged as before.
+
+The accounts are this file's own, made once in the realm's kept state: svc-kcdrbcd (the gateway, no delegation
+settings, AES keys, its keytab) and svc-rbcdcas (HTTP/rbcd.ad.test, allowing svc-kcdrbcd).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.lab import ad, ad_mapping
+from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _locked
+
+pytestmark = pytest.mark.timeout(AD_TIMEOUT)
+
+GATEWAY = "svc-kcdrbcd"
+GATEWAY_SPN = "HTTP/proxy-rbcd.ad.test"
+BACKEND = "svc-rbcdcas"
+BACKEND_SPN = "HTTP/rbcd.ad.test"
+
+
+def _exists(realm: ad.AdRealm, name: str) -> bool:
+    return f"sAMAccountName: {name}" in realm.ldbsearch(f"(sAMAccountName={name})", "sAMAccountName")
+
+
+def _resource_based_accounts(realm: ad.AdRealm) -> None:
+    """svc-kcdrbcd and svc-rbcdcas as the module docstring says, made once under the realm's lock."""
+    with _locked(realm.root):
+        if not _exists(realm, BACKEND):
+            realm.samba_tool("user", "create", BACKEND, ad.SERVICE_PASSWORD.format(account=BACKEND))
+            realm.samba_tool("spn", "add", BACKEND_SPN, BACKEND)
+        if not _exists(realm, GATEWAY):
+            realm.samba_tool("user", "create", GATEWAY, ad.SERVICE_PASSWORD.format(account=GATEWAY))
+            realm.samba_tool("spn", "add", GATEWAY_SPN, GATEWAY)
+            dn = f"CN={GATEWAY},CN=Users,{realm.base_dn}"
+            realm.ldbmodify(ad._replace(dn, "msDS-SupportedEncryptionTypes", "24"))
+        if GATEWAY not in realm.samba_tool("delegation", "show", BACKEND):
+            realm.samba_tool("delegation", "add-principal", BACKEND, GATEWAY)
+        keytab = realm.keytab(GATEWAY)
+        if not keytab.exists():
+            realm.samba_tool("domain", "exportkeytab", str(keytab), f"--principal={GATEWAY}@{ad.REALM}")
+            keytab.chmod(0o644)
+
+
+def _config(realm: ad.AdRealm, backend: AdProcess, path: Path, *, account: str, spn: str) -> Path:
+    """The AD lab's gateway configuration with its directory, one route to `spn`, signing in as `account`, and no
+    canary user of its own (doctor's checks that need one run with --user only)."""
+    text = ad_mapping.gateway_config(realm, "upn", backend_port=backend.port)
+    text = re.sub(r'\ncanary_user = "[^"]*"\n', "\n", text)
+    assert "canary_user" not in text
+    text = text.replace(f'spn = "{ad.BACKEND_SPN}"', f'spn = "{spn}"')
+    if account != ad.GATEWAY_ACCOUNT:
+        text = text.replace(f'"{realm.gateway_principal}"', f'"{account}@{ad.REALM}"')
+        text = text.replace(str(realm.gateway_keytab), str(realm.keytab(account)))
+    path.write_text(text)
+    return path
+
+
+def _doctor(realm: ad.AdRealm, config: Path, *args: str) -> dict[str, str]:
+    """doctor's lines by check name, each with its fix line (if any) after it."""
+    done: subprocess.CompletedProcess[str] = realm.run(
+        [sys.executable, "-m", "proxy", "doctor", "--config", str(config), *args], timeout=180
+    )
+    lines: dict[str, str] = {}
+    name = ""
+    for line in done.stdout.splitlines():
+        found = re.match(r"(PASS|FAIL|SKIP)\s+(\S+(?: \S+)?)\s\s", line)
+        if found:
+            name = found.group(2).strip()
+            lines[name] = line
+        elif name and line.strip().startswith("fix: "):
+            lines[name] += "\n" + line.strip()
+    assert "delegation" in lines, done.stdout + done.stderr
+    return lines
+
+
+def test_a_gateway_allowed_by_the_backend_alone_is_not_failed_without_a_canary(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """svc-kcdrbcd, whose Delegation tab is empty, allowed by svc-rbcdcas's msDS-AllowedToActOnBehalfOfOtherIdentity:
+    without --user, `delegation` is no failure: it names the backend's account and attribute and says that only
+    S4U2Proxy tells whether the KDC honours it, run with --user (before: FAIL, 'Use any authentication protocol'
+    not chosen and msDS-AllowedToDelegateTo lists nothing)."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    config = _config(realm, ad_backend, tmp_path / "rbcd.toml", account=GATEWAY, spn=BACKEND_SPN)
+    line = _doctor(realm, config)["delegation"]
+    assert line.startswith("SKIP"), line
+    assert f"CN={BACKEND},CN=Users,DC=ad,DC=test" in line, line
+    assert "msDS-AllowedToActOnBehalfOfOtherIdentity" in line, line
+    assert "run with --user" in line, line
+
+
+def test_a_gateway_allowed_by_the_backend_alone_is_judged_by_the_kdcs_answer(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """With a canary, the KDC decides: Samba 4.17's ignores resource-based delegation and refuses S4U2Proxy to
+    HTTP/rbcd.ad.test, so `delegation` fails saying the backend's account allows the gateway but this KDC does not
+    honour it, with classic delegation's commands as the way that works here."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    config = _config(realm, ad_backend, tmp_path / "rbcd.toml", account=GATEWAY, spn=BACKEND_SPN)
+    lines = _doctor(realm, config, "--user", "alice@ad.test")
+    assert lines[f"s4u2proxy {BACKEND_SPN}"].startswith("FAIL"), lines
+    line = lines["delegation"]
+    assert line.startswith("FAIL"), line
+    assert "does not honour resource-based delegation" in line, line
+    assert f"samba-tool delegation add-service {GATEWAY} {BACKEND_SPN}" in line, line
+    assert f"samba-tool delegation for-any-protocol {GATEWAY} on" in line, line
+
+
+def test_classic_constrained_delegation_is_judged_as_before(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """svc-kcdproxy (protocol transition, HTTP/cas.ad.test in msDS-AllowedToDelegateTo) passes, with or without a
+    canary; svc-kcdrbcd for HTTP/cas.ad.test (which nobody's resource-based delegation allows it) fails with both
+    missing pieces named."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    classic = _config(realm, ad_backend, tmp_path / "classic.toml", account=ad.GATEWAY_ACCOUNT, spn=ad.BACKEND_SPN)
+    assert _doctor(realm, classic)["delegation"].startswith("PASS")
+    assert _doctor(realm, classic, "--user", "alice@ad.test")["delegation"].startswith("PASS")
+    bare = _config(realm, ad_backend, tmp_path / "bare.toml", account=GATEWAY, spn=ad.BACKEND_SPN)
+    line = _doctor(realm, bare)["delegation"]
+    assert line.startswith("FAIL"), line
+    assert "'Use any authentication protocol' is not chosen" in line, line
+    assert f"msDS-AllowedToDelegateTo lists nothing, not {ad.BACKEND_SPN}" in line, line
