@@ -14,9 +14,13 @@ PY := .venv/bin/python
 # samba ... ldb-tools: the Active Directory realm (`make lab-ad`); samba-ad-provision is only a Recommends of
 # samba-ad-dc, and provisioning fails without it. iproute2: the AD realm's network namespace.
 # faketime: tests/integration/test_ad_clock_skew.py runs one gateway with its wall clock shifted (libfaketime).
+# podman catatonit netavark aardvark-dns: the compose lab on Podman (docs/containers.md, "Podman";
+# tests/integration/test_podman.py): catatonit is its init for `init: true`, netavark and aardvark-dns the network
+# stack that resolves service names; all three only Recommends of podman, which --no-install-recommends leaves out.
 DEBS := krb5-kdc krb5-admin-server krb5-kdc-ldap krb5-user libkrb5-dev slapd ldap-utils \
         gcc make curl openssl python3-venv python3-dev \
         docker.io docker-compose mmdebstrap tini iptables systemd chromium \
+        podman catatonit netavark aardvark-dns \
         samba samba-ad-dc samba-ad-provision ldb-tools iproute2 haproxy \
         libldap2-dev libsasl2-dev libsasl2-modules-gssapi-mit apache2 libapache2-mod-auth-gssapi faketime
 STAMP := .venv/.installed
