@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import time
 import urllib.error
@@ -22,6 +23,7 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
+from tests.integration.jsonlog import eventually
 
 SERVERS = ("own", "aiohttp")
 CAP = 4
@@ -133,6 +135,132 @@ def test_an_idle_keepalive_gives_way_to_a_new_device_at_the_cap(lab: LabLayout, 
             assert event["idle_s"] >= 0
             assert metric(admin, "kcd_listener_connections_reclaimed_total") == before + 1
             for _, writer in (*devices, fifth):
+                writer.close()
+
+        asyncio.run(run())
+
+
+@pytest.mark.slow(seconds=40)
+def test_busy_connections_are_never_closed_for_a_new_device(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """Four busy connections hold the cap: a held long-poll, an upload half sent, a head half read, and one yet to send
+    its first request. /readyz is 503 (the listener named), a fifth device waits and none of the four is closed for it;
+    once the half-read head ends and is answered, that connection is idle and the fifth is served in its place; the
+    upload, the long-poll and the late first request are all answered 200 on their own connections."""
+    with capped(lab, tmp_path, server) as (gw, admin):
+
+        async def run() -> None:
+            held = await connect(lab, gw.port, "alice")
+            held[1].write(head("/Microsoft-Server-ActiveSync?Cmd=Ping", "X-Lab-Hold-Seconds: 30\r\n"))
+            upload = await connect(lab, gw.port, "bob")
+            upload[1].write(b"POST /EWS/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+            half = await served(lab, gw.port, "carol", "/EWS/first")
+            half[1].write(b"GET /EWS/second HTTP/1.1\r\nHost: 127")
+            unused = await connect(lab, gw.port, "alice")
+            for _, writer in (held, upload, half):
+                await writer.drain()
+            await asyncio.to_thread(
+                eventually, lambda: metric(admin, "kcd_requests_in_flight") >= 2, "the long-poll and the upload"
+            )
+            gw.mark()
+            status, body = await asyncio.to_thread(readyz, admin)
+            assert status == 503, body
+            assert "listener.max_connections" in str(body.get("listener")), body
+            fifth = asyncio.ensure_future(served(lab, gw.port, "bob", "/EWS/fifth"))
+            done, _ = await asyncio.wait({fifth}, timeout=3)
+            assert not done, "a fifth device was served while every connection was busy"
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            half[1].write(b".0.0.1\r\n\r\n")  # the head ends: answered, then idle
+            assert (await asyncio.wait_for(answer(half[0]), 60))[0] == 200
+            fifth_stream = await asyncio.wait_for(fifth, SERVED_WITHIN + 60)
+            assert await closed_by_gateway(half[0])
+            upload[1].write(b"x" * 90)
+            status, body = await asyncio.wait_for(answer(upload[0]), 60)
+            assert status == 200, body[:200]
+            assert json.loads(body)["body_length"] == 100
+            assert (await exchange(unused, "/EWS/late"))[0] == 200
+            status, body = await asyncio.wait_for(answer(held[0]), 90)
+            assert status == 200, body[:200]
+            events = gw.events("device_idle_reclaimed", gw.since)
+            assert len(events) == 1, events  # the half-read head's connection, once idle; no busy one
+            for _, writer in (held, upload, unused, fifth_stream):
+                writer.close()
+
+        asyncio.run(run())
+
+
+def test_a_request_racing_the_close_is_served_or_never_read(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """Four idle devices at the cap; in each round the oldest sends a request as a new connection comes (the request
+    first, or the new TCP connection first). Each time a fifth device is then served, and the racing request is either
+    answered (200) or its connection closed with no byte of an answer and no trace of the request in the log."""
+    with capped(lab, tmp_path, server) as (gw, _admin):
+
+        async def device(user: str, path: str) -> tuple[Stream, str]:
+            stream = await served(lab, gw.port, user, path)
+            return stream, f"127.0.0.1:{stream[1].get_extra_info('sockname')[1]}"
+
+        async def run() -> None:
+            idle = [await device(user, f"/EWS/{n}") for n, user in enumerate(USERS)]
+            for round_ in range(4):
+                gw.mark()
+                racing, fifth_path = f"/EWS/race-{round_}", f"/EWS/fifth-{round_}"
+                (oldest, _), idle = idle[0], idle[1:]
+                if round_ % 2:  # the new TCP connection first (the close starts at once), then the request
+                    tcp = socket.create_connection(("127.0.0.1", gw.port))
+                    oldest[1].write(head(racing))
+                else:  # the request first, then the new connection
+                    oldest[1].write(head(racing))
+                    tcp = socket.create_connection(("127.0.0.1", gw.port))
+                tcp.close()  # gone before its handshake: what its slot cost is given back; a device proper follows
+                fifth = await asyncio.wait_for(device("bob", fifth_path), SERVED_WITHIN)
+                try:
+                    status: int | None = (await asyncio.wait_for(answer(oldest[0]), 60))[0]
+                except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                    status = None
+                print("race round", round_, "answered" if status else "closed unread")
+                if status is None:  # closed: the request was never read
+                    gw.wait_for("request", lambda e, p=fifth_path: e.get("path") == p, what="the fifth's request")
+                    assert not [e for e in gw.events("request", gw.since) if e.get("path") == racing]
+                    oldest[1].close()
+                else:
+                    assert status == 200
+                    idle.append((oldest, f"127.0.0.1:{oldest[1].get_extra_info('sockname')[1]}"))
+                idle.append(fifth)
+                closed = {e["peer"] for e in gw.events("device_idle_reclaimed", gw.since)}
+                for stream, peer in idle:
+                    if peer in closed:
+                        stream[1].close()
+                idle = [(stream, peer) for stream, peer in idle if peer not in closed]
+                while len(idle) < CAP:
+                    idle.append(await device("carol", "/EWS/refill"))
+            for (_, writer), _ in idle:
+                writer.close()
+
+        asyncio.run(run())
+
+
+def test_an_address_over_its_cap_closes_no_idle_keepalive(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """max_connections_per_address = 2: at the cap (two idle devices from 127.0.0.2, two busy connections from
+    127.0.0.1), 127.0.0.1's next connections are reset and close no idle keep-alive of 127.0.0.2's; a device from
+    127.0.0.3 is served, one idle connection closed for it."""
+    with capped(lab, tmp_path, server, "max_connections_per_address = 2\n") as (gw, _admin):
+
+        async def run() -> None:
+            idle = [await served(lab, gw.port, user, "/EWS/idle", source="127.0.0.2") for user in ("alice", "bob")]
+            busy = [await connect(lab, gw.port, "carol") for _ in range(2)]
+            for _, writer in busy:
+                writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
+                await writer.drain()
+            gw.mark()
+            for _ in range(3):
+                with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+                    await asyncio.wait_for(connect(lab, gw.port, "carol"), 30)
+            gw.wait_events("address_connection_limit_reached", 3)
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            for stream in idle:
+                assert (await exchange(stream, "/EWS/still"))[0] == 200
+            third = await asyncio.wait_for(served(lab, gw.port, "alice", "/EWS/third", source="127.0.0.3"), 30)
+            assert gw.wait_event("device_idle_reclaimed")["peer"].startswith("127.0.0.2:")
+            for _, writer in (*idle, *busy, third):
                 writer.close()
 
         asyncio.run(run())
