@@ -115,13 +115,15 @@ class ConnectionSlots:
     async def room(self) -> Callable[[], None]:
         """A slot for a connection accepted at the cap: the slot of the oldest idle keep-alive, closed for it, else
         (every connection busy: logged and counted as `take` does) the first slot freed; a connection that turns idle
-        meanwhile is closed for it too (looked for every `RECLAIM_LOOK` seconds)."""
+        meanwhile is closed for it too (looked for every `RECLAIM_LOOK` seconds). The closed connection's slot is
+        taken at once, not once its socket has closed and given it back (a loop pass or two later): for that moment
+        `open` is one over the limit, for a connection already closing (half the new devices a second otherwise, the
+        accept loop waiting each time: docs/performance.md, "Idle keep-alives at the cap")."""
         told = False
         while self.open >= self.limit:
             self._freed.clear()
             if self.idle is not None and self.idle.reclaim():
-                await self._freed.wait()  # the closed connection's slot, given back as its socket closes
-                continue
+                break
             if not told:
                 told = True
                 self._limit_reached()
