@@ -6,9 +6,13 @@ block it sends, which aiohttp's parser keeps whole until the block ends. Two cap
 
 - **Connections** (`listener.max_connections`, per worker): the listener accepts a connection only while
   fewer than that many are open, counted from accept to close, the TLS handshake included
-  (`ConnectionSlots`). At the cap it stops calling accept(): new connections wait in the kernel's listen
-  backlog, and are accepted one by one as open ones close. That is logged (`connection_limit_reached`)
-  and counted (`kcd_listener_connection_waits_total`).
+  (`ConnectionSlots`). At the cap, the next connection is accepted and given the slot of the oldest idle
+  keep-alive connection, closed for it (`IdleKeepAlives`, nginx's `ngx_drain_connections`: between two
+  requests, nothing of the next one read or unread in its socket; never one serving a request, reading a head or
+  a body, or in its TLS handshake): logged (`device_idle_reclaimed`) and counted
+  (`kcd_listener_connections_reclaimed_total`). With every connection busy it waits for a slot, the connections
+  after it in the kernel's listen backlog, accepted one by one as open ones close or turn idle. That is logged
+  (`connection_limit_reached`) and counted (`kcd_listener_connection_waits_total`).
 - **Connections per address** (`listener.max_connections_per_address`, per worker, off by default): a
   client address (an IPv6 one by its /64, `proxy.addresses.address_key`) with that many connections open
   gets its next one reset at once, before a byte of it is read (`AddressCap`): logged

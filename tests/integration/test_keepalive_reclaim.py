@@ -171,9 +171,9 @@ def test_busy_connections_are_never_closed_for_a_new_device(lab: LabLayout, tmp_
                 eventually, lambda: metric(admin, "kcd_requests_in_flight") >= 2, "the long-poll and the upload"
             )
             gw.mark()
-            status, body = await asyncio.to_thread(readyz, admin)
-            assert status == 503, body
-            assert "listener.max_connections" in str(body.get("listener")), body
+            ready, readiness = await asyncio.to_thread(readyz, admin)
+            assert ready == 503, readiness
+            assert "listener.max_connections" in str(readiness.get("listener")), readiness
             fifth = asyncio.ensure_future(served(lab, gw.port, "bob", "/EWS/fifth"))
             done, _ = await asyncio.wait({fifth}, timeout=3)
             assert not done, "a fifth device was served while every connection was busy"
@@ -227,7 +227,7 @@ def test_a_request_racing_the_close_is_served_or_never_read(lab: LabLayout, tmp_
                     status = None
                 print("race round", round_, "answered" if status else "closed unread")
                 if status is None:  # closed: the request was never read
-                    gw.wait_for("request", lambda e, p=fifth_path: e.get("path") == p, what="the fifth's request")
+                    gw.wait_event("request", path=fifth_path)
                     assert not [e for e in gw.events("request", gw.since) if e.get("path") == racing]
                     oldest[1].close()
                 else:
