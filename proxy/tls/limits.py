@@ -141,7 +141,8 @@ class ConnectionSlots:
             "connection_limit_reached",
             open=self.open,
             limit=self.limit,
-            detail="new connections wait in the listen backlog until one closes (listener.max_connections)",
+            detail="new connections wait in the listen backlog until one closes or turns idle "
+            "(listener.max_connections)",
         )
         if self._on_wait is not None:
             self._on_wait()
@@ -331,7 +332,8 @@ async def accept_connections(
 ) -> None:
     """Accept connections on `sock` while `slots` has room; each protocol gets its slot's give-back function.
     With `cap` (direct connections; behind a balancer the PROXY gate asks it), a connection from an address
-    that has `cap.limit` open is reset at once and its slot given back."""
+    that has `cap.limit` open is reset at once and its slot given back. At the cap, with `slots.idle`, the next
+    connection is accepted first and then given an idle keep-alive's slot (`_accept_at_cap`)."""
     loop = asyncio.get_running_loop()
     while True:
         if slots.full and slots.idle is not None:
