@@ -21,7 +21,7 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   would wait in its listen backlog, and a balancer sends them to a gateway with room instead. Only a worker that is
   full itself asks its siblings (each up to READY_ASK_TIMEOUT, 0.5 s: below kubelet's 1 s probe timeout): one with
   room answers at once, a stuck sibling or not, and a full one as soon as a sibling says it has room; a sibling that
-  does not answer is taken as having no room, and an idle keep-alive connection counts as taken (`listener_problem`).
+  does not answer is taken as having no room, and an idle keep-alive connection counts as room (`listener_problem`).
   503 too, with a `stopping` key, while a gateway that got SIGTERM drains (`proxy.app.drain`): a balancer checking
   /readyz takes it out while it finishes its requests.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
@@ -222,9 +222,15 @@ def record_bytes(live: Live) -> int:
 
 
 def occupancy(live: Live) -> Occupancy:
-    """This worker's device connections (TLS handshakes included) and their limit in force (`listener.max_connections`,
-    or what the descriptor budget holds: `proxy.descriptors`); (0, 0) before the listener is set up."""
-    return live.metrics.accepted_connections(), live.metrics.connection_limit
+    """This worker's device connections that are not idle keep-alives (TLS handshakes included) and their limit in force
+    (`listener.max_connections`, or what the descriptor budget holds: `proxy.descriptors`); (0, 0) before the listener
+    is set up. An idle keep-alive is room: a new device takes its slot (`proxy.tls.limits.IdleKeepAlives`); they are
+    counted (a scan of the worker's connections) only when the worker is full."""
+    metrics = live.metrics
+    taken, limit = metrics.accepted_connections(), metrics.connection_limit
+    if limit > 0 and taken >= limit:
+        taken -= metrics.idle_connections()
+    return taken, limit
 
 
 def listener_problem(workers: Mapping[int, Occupancy | None]) -> str | None:
@@ -238,9 +244,10 @@ def listener_problem(workers: Mapping[int, Occupancy | None]) -> str | None:
     have turned away; the workers fill together, as the kernel spreads them evenly. A worker that did not answer is
     no room: hung, the connections the kernel gives its socket (SO_REUSEPORT) wait in its backlog as they do in a full
     one's; being replaced, it has no socket, and every new connection goes to the full ones (before, such a worker
-    was taken as having room, and a full gateway beside a hung worker said 200). Every connection counts, an idle
-    keep-alive too: the gateway closes none to make room for a new device, which waits until one closes
-    (`listener.keepalive_timeout` after its last request)."""
+    was taken as having room, and a full gateway beside a hung worker said 200). An idle keep-alive connection is room
+    (`occupancy`): at the cap the oldest one is closed for a new device, served at once (nginx's way); a worker is full
+    when every connection is busy (a request in flight, a held long-poll, an upload, a head coming in, a TLS handshake,
+    or a connection yet to send its first request)."""
     figures = list(workers.values())
     if not figures or any(f is not None and (f[1] <= 0 or f[0] < f[1]) for f in figures):
         return None
@@ -253,7 +260,7 @@ def listener_problem(workers: Mapping[int, Occupancy | None]) -> str | None:
     return (
         f"the device listener is full ({taken} connections: listener.max_connections, or fewer where the open-file "
         f"limit holds fewer{f'; {silent} did not answer' if silent else ''}): new devices wait in the listen backlog "
-        "until a connection closes"
+        "until a connection closes or turns idle (none is idle: an idle keep-alive would be closed for a new device)"
     )
 
 

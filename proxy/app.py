@@ -34,9 +34,9 @@ from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
 from proxy.descriptors import DescriptorBudget, kdc_reserve_problem
-from proxy.device.aiohttp_side import AiohttpRequest
+from proxy.device.aiohttp_side import AiohttpRequest, idle_handlers
 from proxy.device.request import CONTINUE, DeviceRequest, expectations
-from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory
+from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory, idle_connections
 from proxy.directory import Directory
 from proxy.errors import (
     BadRequest,
@@ -57,7 +57,14 @@ from proxy.observability.trace import Trace
 from proxy.pipeline import Gateway, handle
 from proxy.printable import printable
 from proxy.tls import proxy_protocol
-from proxy.tls.limits import AddressCap, ConnectionSlots, accept_connections, limit_header_block, listen_sockets
+from proxy.tls.limits import (
+    AddressCap,
+    ConnectionSlots,
+    IdleKeepAlives,
+    accept_connections,
+    limit_header_block,
+    listen_sockets,
+)
 from proxy.tls.server import UNNAMED, gate_factory
 from proxy.workers import Worker, reload_asked_while_starting
 
@@ -503,6 +510,7 @@ async def serve(
         assert runner.server is not None
         handlers = runner.server
         live.metrics.open_connections = lambda: len(handlers.connections)
+        idle = IdleKeepAlives(lambda: idle_handlers(handlers.connections))
 
         def handler() -> asyncio.Protocol:
             """aiohttp's request handler for a new connection, its header block capped (431 beyond)."""
@@ -512,6 +520,7 @@ async def serve(
 
     else:
         live.metrics.open_connections = lambda: len(connections)
+        idle = IdleKeepAlives(lambda: idle_connections(connections))
         limits = DeviceLimits(
             listener.max_header_bytes, MAX_FIELD_BYTES, listener.keepalive_timeout, listener.client_send_timeout
         )
@@ -523,6 +532,9 @@ async def serve(
             connections=connections,
         )
 
+    slots.idle = idle  # at the cap, an idle keep-alive gives way to a new device (proxy.tls.limits.IdleKeepAlives)
+    live.metrics.idle_connections = idle.count
+    live.metrics.reclaimed_connections = lambda: idle.reclaimed
     tls_gate = gate_factory(
         handler,
         lambda: live.ssl_context,

@@ -7,12 +7,17 @@ handler returns to aiohttp (`response`).
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import MultiMapping
 
 from proxy.device.request import CONTINUE, expectations
+from proxy.tls.limits import HeaderBlockBudget, idle_closed
+from proxy.tls.server import _AlertingSSLProtocol
 
 
 class AiohttpRequest:
@@ -125,3 +130,47 @@ class AiohttpRequest:
     def abort(self) -> None:
         if self._request.transport is not None:
             self._request.transport.abort()
+
+
+def idle_handlers(handlers: Iterable[Any]) -> Iterator[tuple[float, Callable[[float], bool]]]:
+    """aiohttp's request handlers idle between two requests, as `proxy.tls.limits.IdleKeepAlives` scans them: since
+    when (the loop's time the last answer ended), and the function that closes one for a new device.
+
+    aiohttp offers no hook for "idle", so its handler's own state is read (a unit test, test_device_server, fails if
+    aiohttp renames it): at least one request read (`_request_count`), waiting for the next (`_waiter` pending, no
+    `_messages` queued), kept alive and not closing, no byte of a next request read by its parser (`HeaderBlockBudget`
+    in front of it), and its TLS protocol past the handshake. `_next_keepalive_close_time` is when its keep-alive timer
+    ends, set as each answer ends."""
+    for handler in handlers:
+        waiter = handler._waiter
+        if (
+            waiter is None
+            or waiter.done()
+            or handler._messages
+            or not handler._request_count
+            or handler._force_close
+            or handler._close
+            or not handler._keepalive
+            or not isinstance(handler._parser, HeaderBlockBudget)
+            or not handler._parser.between_requests
+            or not isinstance(tls_protocol(handler), _AlertingSSLProtocol)
+        ):
+            continue
+        yield handler._next_keepalive_close_time - handler.keepalive_timeout, functools.partial(_close_idle, handler)
+
+
+def tls_protocol(handler: Any) -> object:
+    """The TLS protocol under aiohttp's `handler` (asyncio's application transport's), or None."""
+    return getattr(handler.transport, "_ssl_protocol", None)
+
+
+def _close_idle(handler: Any, since: float) -> bool:
+    """Close aiohttp's `handler`'s connection for a new device if it is still idle since `since` and nothing moves on
+    it (as `proxy.device.server.DeviceConnection.close_idle`)."""
+    found = next((s for s, _ in idle_handlers((handler,))), None)
+    tls = tls_protocol(handler)
+    if found != since or not isinstance(tls, _AlertingSSLProtocol) or not tls.quiet():
+        return False
+    idle_closed(handler.transport, since)
+    tls.close_at_once()
+    return True

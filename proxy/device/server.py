@@ -53,7 +53,7 @@ import functools
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
@@ -67,7 +67,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from proxy.device.framing import BodyEnd, head_end
 from proxy.device.request import CONTINUE, expectations
 from proxy.errors import BadRequest
-from proxy.tls.limits import Linger, answer_too_large, refuse_header_block
+from proxy.tls.limits import Linger, answer_too_large, idle_closed, refuse_header_block
 from proxy.tls.record import TlsRecords
 from proxy.tls.server import peer_text, socket_transport
 
@@ -368,6 +368,7 @@ class DeviceConnection(asyncio.Protocol):
         "_heads",
         "_hosts",
         "_idle",
+        "_idle_since",
         "_in_head",
         "_limits",
         "_linger",
@@ -431,6 +432,7 @@ class DeviceConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # the loop's time the last answer ended (`idle_since`)
         self._winding = False  # the gateway is stopping: this connection closes after the answer it owes (`wind_down`)
         # the head being parsed
         self._target: list[bytes] = []
@@ -696,6 +698,7 @@ class DeviceConnection(asyncio.Protocol):
             else:
                 self.resume(_QUEUE)
                 self._arm_idle()
+                self._idle_since = self._loop.time()
                 if isinstance(self.transport, TlsRecords):
                     self.transport.between_requests()  # buffers grown by the last answer are given back
             return
@@ -752,6 +755,47 @@ class DeviceConnection(asyncio.Protocol):
         )
         self._on_unparsed(self.remote, 400)
         self._close()
+
+    # -- idle keep-alives closed for new devices ---------------------------------------------------------------
+
+    def idle_since(self) -> float | None:
+        """Since when (the loop's time) the connection has been idle between two requests: at least one answered,
+        nothing being served or queued, no byte of a next request read; None when it is not so idle (a connection
+        that has had no request yet, whose request may be on the wire, is not)."""
+        if (
+            self._heads == 0
+            or self._task is not None
+            or self._queue
+            or self._backlog
+            or self._head_seen
+            or self._begun > self._heads
+            or self._stopped
+            or self._winding
+            or self.transport is None
+        ):
+            return None
+        return self._idle_since
+
+    def close_idle(self, since: float) -> bool:
+        """Close the connection for a new device at the cap (`proxy.tls.limits.IdleKeepAlives`) if it is still idle
+        since `since` and nothing moves on it: a device's bytes waiting to be read (its next request, in the race) keep
+        it open, to be served. Closed at once: our close_notify, then TCP's end (`TlsRecords.close_at_once`); a request
+        the device sends after that reaches a closed socket, no byte of it read (the kernel answers with a reset)."""
+        transport = self.transport
+        if self.idle_since() != since or transport is None:
+            return False
+        if isinstance(transport, TlsRecords):
+            if not transport.quiet():
+                return False
+            idle_closed(transport, since)
+            self._stop()
+            self._cancel_idle()
+            transport.close_at_once()
+        else:  # not over TLS records (a unit test's transport): closed as the idle timer closes it
+            idle_closed(transport, since)
+            self._stop()
+            self._close()
+        return True
 
     # -- writing -------------------------------------------------------------------------------------------
 
@@ -894,6 +938,14 @@ def connection_factory(
         )
 
     return make
+
+
+def idle_connections(connections: set[DeviceConnection]) -> Iterator[tuple[float, Callable[[float], bool]]]:
+    """The connections idle between requests, as `proxy.tls.limits.IdleKeepAlives` scans them."""
+    for connection in connections:
+        since = connection.idle_since()
+        if since is not None:
+            yield since, connection.close_idle
 
 
 def close_all(connections: set[DeviceConnection]) -> None:

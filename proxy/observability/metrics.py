@@ -114,6 +114,8 @@ class Metrics:
         self.open_connections: Callable[[], int] = lambda: 0
         self.accepted_connections: Callable[[], int] = lambda: 0  # from accept to close, TLS handshakes included
         self.connection_limit = 0
+        self.idle_connections: Callable[[], int] = lambda: 0  # idle keep-alives (a scan: asked of a full worker only)
+        self.reclaimed_connections: Callable[[], int] = lambda: 0  # idle keep-alives closed for new devices
         self.backend_sockets: Callable[[], BackendSockets | None] = lambda: None  # all users' backend connections
         self.crls: Callable[[], Iterable[CrlStatus]] = list
         self.held_unjudged: Callable[[], int] = lambda: 0  # `proxy.held_mapping.HeldMappings.unjudged`
@@ -277,6 +279,11 @@ class _Gauges(Collector):
             "kcd_listener_connection_limit",
             "listener.max_connections, or less where the open-file limit holds fewer (proxy.descriptors)",
             self._m.connection_limit,
+        )
+        yield CounterMetricFamily(
+            "kcd_listener_connections_reclaimed",
+            "Idle keep-alive connections closed to serve a new device at kcd_listener_connection_limit",
+            value=self._m.reclaimed_connections(),
         )
         sockets = self._m.backend_sockets()
         if sockets is not None:

@@ -6,9 +6,13 @@ block it sends, which aiohttp's parser keeps whole until the block ends. Two cap
 
 - **Connections** (`listener.max_connections`, per worker): the listener accepts a connection only while
   fewer than that many are open, counted from accept to close, the TLS handshake included
-  (`ConnectionSlots`). At the cap it stops calling accept(): new connections wait in the kernel's listen
-  backlog, and are accepted one by one as open ones close. That is logged (`connection_limit_reached`)
-  and counted (`kcd_listener_connection_waits_total`).
+  (`ConnectionSlots`). At the cap, the next connection is accepted and given the slot of the oldest idle
+  keep-alive connection, closed for it (`IdleKeepAlives`, nginx's `ngx_drain_connections`: between two
+  requests, nothing of the next one read or unread in its socket; never one serving a request, reading a head or
+  a body, or in its TLS handshake): logged (`device_idle_reclaimed`) and counted
+  (`kcd_listener_connections_reclaimed_total`). With every connection busy it waits for a slot, the connections
+  after it in the kernel's listen backlog, accepted one by one as open ones close or turn idle. That is logged
+  (`connection_limit_reached`) and counted (`kcd_listener_connection_waits_total`).
 - **Connections per address** (`listener.max_connections_per_address`, per worker, off by default): a
   client address (an IPv6 one by its /64, `proxy.addresses.address_key`) with that many connections open
   gets its next one reset at once, before a byte of it is read (`AddressCap`): logged
@@ -36,9 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -70,18 +75,31 @@ _ACCEPT_PAUSE = 1.0  # seconds to wait after accept() fails (out of file descrip
 _LINGER_QUIET = 2.0
 _LINGER_TIME = 30.0
 _LINGER_BYTES = 16 * 1024 * 1024
+# At the cap, a connection accepted while every connection is busy looks for one turned idle this often (seconds).
+RECLAIM_LOOK = 0.5
+RECLAIM_BATCH = 64  # idle connections a scan keeps in order, the oldest first, for a burst of new devices
+RECLAIM_FRESH = 1.0  # seconds that order is used before the connections are scanned again
 _IDLE_LOOK = 0.01  # seconds to the first look for aiohttp's handler to be idle, a 431 waiting for earlier answers
 
 
 class ConnectionSlots:
-    """At most `limit` client connections open at once; `take` waits for a free slot."""
+    """At most `limit` client connections open at once; `take` waits for a free slot. With `idle` (the device-side
+    server's idle keep-alives), a connection accepted at the cap takes the slot of the oldest idle one, closed for it
+    (`room`)."""
 
-    def __init__(self, limit: int, *, on_wait: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, limit: int, *, on_wait: Callable[[], None] | None = None, idle: IdleKeepAlives | None = None
+    ) -> None:
         self.limit = limit
         self.open = 0  # slots taken: the open connections, and one per accept loop waiting for its next connection
         self.accepting = 0  # of those, the accept loops' (`accept_connections`)
+        self.idle = idle
         self._on_wait = on_wait
         self._freed = asyncio.Event()
+
+    @property
+    def full(self) -> bool:
+        return self.open >= self.limit
 
     @property
     def connections(self) -> int:
@@ -91,23 +109,103 @@ class ConnectionSlots:
     async def take(self) -> Callable[[], None]:
         """A slot, once one is free; call the function returned (once or more) when its connection closes."""
         if self.open >= self.limit:
-            log.warning(
-                "connection_limit_reached",
-                open=self.open,
-                limit=self.limit,
-                detail="new connections wait in the listen backlog until one closes (listener.max_connections)",
-            )
-            if self._on_wait is not None:
-                self._on_wait()
+            self._limit_reached()
             while self.open >= self.limit:
                 self._freed.clear()
                 await self._freed.wait()
         self.open += 1
         return _Taken(self)
 
+    async def room(self) -> Callable[[], None]:
+        """A slot for a connection accepted at the cap: the slot of the oldest idle keep-alive, closed for it, else
+        (every connection busy: logged and counted as `take` does) the first slot freed; a connection that turns idle
+        meanwhile is closed for it too (looked for every `RECLAIM_LOOK` seconds). The closed connection's slot is
+        taken at once, not once its socket has closed and given it back (a loop pass or two later): for that moment
+        `open` is one over the limit, for a connection already closing (half the new devices a second otherwise, the
+        accept loop waiting each time: docs/performance.md, "Idle keep-alives at the cap")."""
+        told = False
+        while self.open >= self.limit:
+            self._freed.clear()
+            if self.idle is not None and self.idle.reclaim():
+                break
+            if not told:
+                told = True
+                self._limit_reached()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), RECLAIM_LOOK)
+        self.open += 1
+        return _Taken(self)
+
+    def _limit_reached(self) -> None:
+        log.warning(
+            "connection_limit_reached",
+            open=self.open,
+            limit=self.limit,
+            detail="new connections wait in the listen backlog until one closes or turns idle "
+            "(listener.max_connections)",
+        )
+        if self._on_wait is not None:
+            self._on_wait()
+
     def _give_back(self) -> None:
         self.open -= 1
         self._freed.set()
+
+
+# A device-side server's idle keep-alive connections, as `IdleKeepAlives` scans them: for each one idle between two
+# requests, since when (the loop's time) and the function that closes it if it is still idle since then (True if so).
+IdleScan = Callable[[], Iterable[tuple[float, Callable[[float], bool]]]]
+
+
+class IdleKeepAlives:
+    """The oldest idle keep-alive connections of a device-side server, for a connection accepted at the cap
+    (`ConnectionSlots.room`): nginx's `ngx_drain_connections`.
+
+    No bookkeeping on the request path: the server's connections are scanned when a slot is wanted, and the
+    `RECLAIM_BATCH` oldest idle ones kept in order (for `RECLAIM_FRESH` seconds) for the next new devices of a burst.
+    Each is closed only if it is still idle since the time the scan saw (a request served since makes it newer)."""
+
+    def __init__(self, scan: IdleScan) -> None:
+        self._scan = scan
+        self._oldest: list[tuple[float, int, Callable[[float], bool]]] = []  # newest first: the oldest is popped
+        self._scanned = -RECLAIM_FRESH
+        self.reclaimed = 0  # idle connections closed for new ones (kcd_listener_connections_reclaimed_total)
+
+    def count(self) -> int:
+        """How many connections are idle between requests now (a scan: /readyz asks only of a full worker)."""
+        return sum(1 for _ in self._scan())
+
+    def reclaim(self) -> bool:
+        """Close the oldest idle keep-alive connection; False when there is none."""
+        now = asyncio.get_running_loop().time()
+        if now - self._scanned > RECLAIM_FRESH:
+            self._oldest = []
+        for rescan in (False, True):
+            if rescan:
+                self._scanned = now
+                found = ((since, n, close) for n, (since, close) in enumerate(self._scan()))
+                self._oldest = heapq.nsmallest(RECLAIM_BATCH, found, key=_age)[::-1]
+            while self._oldest:
+                since, _, close = self._oldest.pop()
+                if close(since):
+                    self.reclaimed += 1
+                    return True
+        return False
+
+
+def idle_closed(transport: asyncio.BaseTransport, since: float) -> None:
+    """`device_idle_reclaimed`: the idle keep-alive on `transport`, idle since `since` (the loop's time), is closed
+    for a new device at the cap."""
+    log.info(
+        "device_idle_reclaimed",
+        peer=peer_text(transport.get_extra_info("peername")),
+        idle_s=round(asyncio.get_running_loop().time() - since, 3),
+        detail="an idle keep-alive closed to serve a new device at listener.max_connections",
+    )
+
+
+def _age(entry: tuple[float, int, Callable[[float], bool]]) -> tuple[float, int]:
+    return entry[0], entry[1]  # since when idle; then the order of the scan (the closing functions do not compare)
 
 
 class _Taken:
@@ -138,8 +236,17 @@ class AddressCap:
         """A place for one more connection from `peer` (host, port): `closed` made to give that place back too
         (call it, once or more, when the connection ends); None when the address has `limit` open (logged and
         counted: the caller resets the connection and gives its slot back)."""
-        host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
-        key = address_key(str(host))
+        key = _key(peer)
+        if self._refused(key, peer):
+            return None
+        self._open[key] = self._open.get(key, 0) + 1
+        return _Place(self, key, closed)
+
+    def refuses(self, peer: object) -> bool:
+        """Whether `peer`'s address has `limit` connections open (logged and counted as `admit` does when so)."""
+        return self._refused(_key(peer), peer)
+
+    def _refused(self, key: str, peer: object) -> bool:
         count = self._open.get(key, 0)
         if count >= self.limit:
             log.warning(
@@ -152,9 +259,8 @@ class AddressCap:
             )
             if self._on_refused is not None:
                 self._on_refused()
-            return None
-        self._open[key] = count + 1
-        return _Place(self, key, closed)
+            return True
+        return False
 
     def _give_back(self, key: str) -> None:
         left = self._open[key] - 1
@@ -162,6 +268,11 @@ class AddressCap:
             self._open[key] = left
         else:
             del self._open[key]  # the map holds addresses with connections open, no more
+
+
+def _key(peer: object) -> str:
+    host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
+    return address_key(str(host))
 
 
 class _Place:
@@ -221,23 +332,30 @@ async def accept_connections(
 ) -> None:
     """Accept connections on `sock` while `slots` has room; each protocol gets its slot's give-back function.
     With `cap` (direct connections; behind a balancer the PROXY gate asks it), a connection from an address
-    that has `cap.limit` open is reset at once and its slot given back."""
+    that has `cap.limit` open is reset at once and its slot given back. At the cap, with `slots.idle`, the next
+    connection is accepted first and then given an idle keep-alive's slot (`_accept_at_cap`)."""
     loop = asyncio.get_running_loop()
     while True:
-        give_back = await slots.take()
-        slots.accepting += 1
-        try:
-            conn, peer = await loop.sock_accept(sock)
-        except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the connection stays in the backlog meanwhile
-            give_back()
-            log.warning("accept_failed", reason=str(e))
-            await asyncio.sleep(_ACCEPT_PAUSE)
-            continue
-        except BaseException:
-            give_back()
-            raise
-        finally:
-            slots.accepting -= 1
+        if slots.full and slots.idle is not None:
+            accepted = await _accept_at_cap(loop, sock, slots, cap)
+            if accepted is None:
+                continue
+            conn, peer, give_back = accepted
+        else:
+            give_back = await slots.take()
+            slots.accepting += 1
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the connection stays in the backlog meanwhile
+                give_back()
+                log.warning("accept_failed", reason=str(e))
+                await asyncio.sleep(_ACCEPT_PAUSE)
+                continue
+            except BaseException:
+                give_back()
+                raise
+            finally:
+                slots.accepting -= 1
         if cap is not None:
             admitted = cap.admit(peer, give_back)
             if admitted is None:
@@ -254,6 +372,30 @@ async def accept_connections(
             give_back()
             conn.close()
             log.exception("connection_setup_failed")
+
+
+async def _accept_at_cap(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, slots: ConnectionSlots, cap: AddressCap | None
+) -> tuple[socket.socket, Any, Callable[[], None]] | None:
+    """At the cap, with idle keep-alives to close (`slots.idle`): the next connection is accepted first, and then
+    given a slot (`ConnectionSlots.room`: an idle keep-alive's, closed for it, or the next one freed). Accepted first
+    so that a keep-alive is closed only for a device that came, and not for one over its address's cap (`cap`), which
+    is reset at once as ever. None when there is no connection to serve (refused, or accept() failed)."""
+    try:
+        conn, peer = await loop.sock_accept(sock)
+    except OSError as e:  # as in `accept_connections`
+        log.warning("accept_failed", reason=str(e))
+        await asyncio.sleep(_ACCEPT_PAUSE)
+        return None
+    if cap is not None and cap.refuses(peer):
+        reset(conn)
+        return None
+    try:
+        give_back = await slots.room()
+    except BaseException:  # the listener stops
+        conn.close()
+        raise
+    return conn, peer, give_back
 
 
 class HeaderBlockBudget:
@@ -275,6 +417,12 @@ class HeaderBlockBudget:
         self._refused = False
         self._linger: Linger | None = None  # once the 431 is written
         self._upgraded = False
+
+    @property
+    def between_requests(self) -> bool:
+        """Whether no byte of a next request has been read since the last one's end (no head begun, no body being
+        read), and nothing was refused or upgraded: the handler may be idle (`proxy.device.aiohttp_side`)."""
+        return self._seen == 0 and self._body is None and not self._refused and not self._upgraded
 
     @pass_through  # aiohttp's parse errors raised below quote the client's bytes: they stay aiohttp's to log
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:

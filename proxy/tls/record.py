@@ -47,7 +47,10 @@ micro-benchmark, asyncio's loop only, and the write buffering and flow control w
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ssl
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +68,17 @@ _READ = 32 * 1024
 ANSWERS_HELD = 64 * 1024
 
 _OPEN, _SHUTDOWN, _CLOSED = 0, 1, 2
+
+
+def unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes the device sent that wait unread in the socket's receive queue (FIONREAD); 0 without a socket."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
@@ -370,3 +384,32 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
     def abort(self) -> None:
         self._state = _CLOSED
         self._stream.abort()
+
+    def quiet(self) -> bool:
+        """Whether nothing moves on the connection: no byte of the device's waits to be read (in the socket, the
+        incoming BIO or OpenSSL), none of ours to be sent, and it is open (an idle keep-alive may be closed now)."""
+        return (
+            self._state == _OPEN
+            and not self._incoming.pending
+            and not self._sslobj.pending()
+            and not self._outgoing.pending
+            and self._stream.get_write_buffer_size() == 0
+            and unread_bytes(self._stream) == 0
+        )
+
+    def close_at_once(self) -> None:
+        """Our close_notify, then the TCP connection closed without waiting for the device's (nginx's
+        `no_wait_shutdown` for keep-alive connections): an idle keep-alive closed for a new device gives its slot back
+        now, not when the device answers (a device that reads nothing while idle would hold it `SHUTDOWN_TIMEOUT`)."""
+        if self._state != _OPEN:
+            return
+        self._state = _SHUTDOWN  # nothing more is written or read
+        try:
+            self._sslobj.unwrap()
+        except ssl.SSLWantReadError:  # ours is written; the device's is not awaited
+            pass
+        except (ssl.SSLError, ValueError):
+            self._stream.abort()
+            return
+        self._flush()
+        self._stream.close()

@@ -61,7 +61,7 @@ from proxy.tls.openssl import (
     remember_verified_chains,
     take_refused_certificate,
 )
-from proxy.tls.record import ANSWERS_HELD, TlsRecords
+from proxy.tls.record import ANSWERS_HELD, TlsRecords, unread_bytes
 
 log = structlog.get_logger("proxy.tls")
 
@@ -313,6 +313,46 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
         if held and self._transport is not None:
             socket_transport(self._transport).abort()
         return keep_open
+
+    def quiet(self) -> bool:
+        """Whether nothing moves on the connection (as `TlsRecords.quiet`): past the handshake and open, no byte of the
+        device's waiting to be read (socket, incoming BIO, OpenSSL) and none of ours to be sent."""
+        transport, sslobj = self._transport, getattr(self, "_sslobj", None)
+        incoming: ssl.MemoryBIO = getattr(self, "_incoming")  # noqa: B009  asyncio's, untyped in typeshed
+        outgoing: ssl.MemoryBIO = getattr(self, "_outgoing")  # noqa: B009
+        return (
+            transport is not None
+            and sslobj is not None
+            and getattr(self, "_state", None) == sslproto.SSLProtocolState.WRAPPED
+            and not getattr(self, "_write_backlog", None)
+            and not incoming.pending
+            and not sslobj.pending()
+            and not outgoing.pending
+            and socket_transport(transport).get_write_buffer_size() == 0
+            and unread_bytes(transport) == 0
+        )
+
+    def close_at_once(self) -> None:
+        """Our close_notify, then the TCP connection closed without waiting for the device's (as
+        `TlsRecords.close_at_once`; asyncio's own close waits for it up to its ssl_shutdown_timeout, 30 s). Its
+        `connection_lost` tells aiohttp's handler and gives the slot back."""
+        transport = self._transport
+        if transport is None or getattr(self, "_state", None) != sslproto.SSLProtocolState.WRAPPED:
+            return
+        app_transport = getattr(self, "_app_transport", None)
+        if app_transport is not None:
+            app_transport._closed = True  # aiohttp's close of it is a no-op from now on
+        self._set_state(sslproto.SSLProtocolState.FLUSHING)  # type: ignore[attr-defined]
+        self._set_state(sslproto.SSLProtocolState.SHUTDOWN)  # type: ignore[attr-defined]
+        try:
+            self._sslobj.unwrap()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:  # ours is written; the device's is not awaited
+            pass
+        except (ssl.SSLError, ValueError):
+            socket_transport(transport).abort()
+            return
+        self._process_outgoing()  # type: ignore[attr-defined]
+        socket_transport(transport).close()
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         if handshake_exc is not None:

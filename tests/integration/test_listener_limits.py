@@ -206,8 +206,9 @@ def test_a_client_still_sending_its_big_header_long_after_the_431_reads_it_and_i
 
 
 def test_the_connection_cap_holds_and_the_next_connection_waits(lab: LabLayout, tmp_path: Path) -> None:
-    """max_connections = 3: with three connections open a fourth is not served (it waits in the backlog);
-    once one closes it is. The wait is logged and counted in the metrics."""
+    """max_connections = 3: with three connections open and busy (each served once, then halfway through its next
+    request's head) a fourth is not served (it waits, and none of the three is closed for it, as an idle keep-alive
+    would be); once one closes it is. The wait is logged and counted in the metrics."""
     admin_port = free_port()
     gw = gateway(lab, tmp_path, listener="max_connections = 3\n", admin_port=admin_port)
     request = b"GET /owa/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -222,6 +223,8 @@ def test_the_connection_cap_holds_and_the_next_connection_waits(lab: LabLayout, 
         held = [await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx) for _ in range(3)]
         for reader, writer in held:
             assert (await exchange(reader, writer)).startswith(b"HTTP/1.1 401 ")  # served, and kept alive
+            writer.write(b"GET /owa/ HTTP/1.1\r\nHost: 127")  # busy: a head coming in
+            await writer.drain()
 
         async def fourth() -> bytes:
             return await exchange(*await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx))
@@ -232,7 +235,11 @@ def test_the_connection_cap_holds_and_the_next_connection_waits(lab: LabLayout, 
         held[0][1].close()
         answer = await asyncio.wait_for(waiting, timeout=20)
         assert answer.startswith(b"HTTP/1.1 401 ")
-        for _, writer in held[1:]:
+        for reader, writer in held[1:]:  # their heads end: each is answered, none was cut
+            writer.write(b".0.0.1\r\n\r\n")
+            await writer.drain()
+            second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)  # after the first one's body
+            assert b"\nHTTP/1.1 401 " in second, second
             writer.close()
 
     try:

@@ -1,0 +1,298 @@
+"""At `listener.max_connections`, an idle keep-alive gives way to a new device (nginx's `ngx_drain_connections`).
+
+Real gateways on both device-side servers (`listener.http_server`), the lab's KDC and backend, devices presenting
+the lab PKI's certificates over real TLS. The cap is 4 connections per worker; the keep-alive timeout is long (120 s),
+so a fifth device served within seconds was served because an idle connection was closed for it, not because one
+timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from proxy.lab.layout import LabLayout
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
+from tests.integration.jsonlog import eventually
+
+SERVERS = ("own", "aiohttp")
+CAP = 4
+USERS = ("alice", "bob", "carol", "alice")  # CAP devices (alice has two)
+SERVED_WITHIN = 20.0  # seconds a new device may take to be served at the cap (the keep-alive timeout is 120 s)
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@pytest.fixture(params=SERVERS)
+def server(request: pytest.FixtureRequest) -> str:
+    """Each device-side server (`listener.http_server`)."""
+    return str(request.param)
+
+
+@pytest.fixture(params=("uvloop", "asyncio"))
+def event_loop_name(request: pytest.FixtureRequest) -> str:
+    """Each event loop the listener runs on (`listener.event_loop`)."""
+    return str(request.param)
+
+
+@contextmanager
+def capped(lab: LabLayout, directory: Path, server: str, listener: str = "") -> Iterator[tuple[Gateway, str]]:
+    """A gateway on `server` with `listener.max_connections = CAP` (and `listener`'s lines), a keep-alive timeout of
+    120 s and an admin listener; yields it and its admin URL, and stops it."""
+    admin = f"127.0.0.1:{free_port()}"
+    text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
+    lines = f'http_server = "{server}"\nmax_connections = {CAP}\nkeepalive_timeout = 120\n{listener}'
+    gw = start_gateway(lab, directory, text.replace("[listener]\n", f"[listener]\n{lines}", 1))
+    try:
+        gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
+        yield gw, f"http://{admin}"
+    finally:
+        gw.stop()
+
+
+def head(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode()
+
+
+async def connect(lab: LabLayout, port: int, user: str, source: str = "127.0.0.1") -> Stream:
+    """A device's TLS connection, its certificate `user`'s."""
+    return await asyncio.open_connection("127.0.0.1", port, ssl=client_context(lab, user), local_addr=(source, 0))
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 answer: its status and body (Content-Length or chunked)."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    fields = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:] if line)}
+    if "content-length" in fields:
+        return status, await reader.readexactly(int(fields["content-length"]))
+    body = b""
+    if fields.get("transfer-encoding", "").lower() == "chunked":
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")
+    return status, body
+
+
+async def exchange(stream: Stream, path: str, extra: str = "") -> tuple[int, bytes]:
+    reader, writer = stream
+    writer.write(head(path, extra))
+    await writer.drain()
+    return await asyncio.wait_for(answer(reader), 60)
+
+
+async def served(lab: LabLayout, port: int, user: str, path: str, source: str = "127.0.0.1") -> Stream:
+    """A device that connected, asked `path` and got its 200, and now holds the connection idle (kept alive)."""
+    stream = await connect(lab, port, user, source)
+    status, body = await exchange(stream, path)
+    assert status == 200, (status, body[:200])
+    return stream
+
+
+async def closed_by_gateway(reader: asyncio.StreamReader) -> bool:
+    """Whether the gateway closed the connection (its close_notify, a FIN or a reset) with nothing else sent."""
+    try:
+        return await asyncio.wait_for(reader.read(), 30) == b""
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def strict_device(lab: LabLayout, port: int, user: str, path: str) -> ssl.SSLSocket:
+    """A device on a blocking TLS socket that tells a close without close_notify from a clean one (no ragged EOFs
+    suppressed), served once (`path`: 200) and kept idle."""
+    tls = client_context(lab, user).wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=60),
+        server_hostname="127.0.0.1",
+        suppress_ragged_eofs=False,
+    )
+    tls.sendall(head(path))
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += tls.recv(65536)
+    head_text, _, body = received.partition(b"\r\n\r\n")
+    assert head_text.startswith(b"HTTP/1.1 200 "), head_text
+    length = int(head_text.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    while len(body) < length:
+        body += tls.recv(65536)
+    return tls
+
+
+def readyz(admin: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(admin + "/readyz", timeout=30) as r:  # noqa: S310  loopback
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_an_idle_keepalive_gives_way_to_a_new_device_at_the_cap(
+    lab: LabLayout, tmp_path: Path, server: str, event_loop_name: str
+) -> None:
+    """Four devices that made one request each hold the cap of 4 on keep-alive: /readyz counts them as room (200), a
+    fifth device is served within seconds, the oldest idle one is closed cleanly (its close_notify, no answer), logged
+    (`device_idle_reclaimed`) and counted; the other three are still served on their own connections. On uvloop and on
+    asyncio's loop (the unread-bytes check reads the socket each gives)."""
+    with capped(lab, tmp_path, server, f'event_loop = "{event_loop_name}"\n') as (gw, admin):
+
+        async def run() -> None:
+            first = await asyncio.to_thread(strict_device, lab, gw.port, USERS[0], "/EWS/0")  # the oldest
+            devices = [await served(lab, gw.port, user, f"/EWS/{n}") for n, user in enumerate(USERS[1:], 1)]
+            assert metric(admin, "kcd_listener_connections") == CAP
+            oldest = first.getsockname()[1]
+            status, body = await asyncio.to_thread(readyz, admin)
+            assert status == 200, body  # the idle keep-alives are room
+            assert "listener" not in body, body
+            before = metric(admin, "kcd_listener_connections_reclaimed_total")
+            gw.mark()
+            started = time.monotonic()
+            fifth = await asyncio.wait_for(served(lab, gw.port, "bob", "/EWS/fifth"), SERVED_WITHIN)
+            assert time.monotonic() - started < SERVED_WITHIN
+            # cleanly: the gateway's close_notify (a TCP end without it raises SSLEOFError here, a reset OSError)
+            assert await asyncio.to_thread(first.recv, 1) == b"", "the oldest idle connection was not the one closed"
+            first.close()
+            for stream in devices:
+                assert (await exchange(stream, "/EWS/again"))[0] == 200  # untouched, kept alive
+            event = gw.wait_event("device_idle_reclaimed")
+            assert event["peer"] == f"127.0.0.1:{oldest}"
+            assert event["idle_s"] >= 0
+            assert metric(admin, "kcd_listener_connections_reclaimed_total") == before + 1
+            for _, writer in (*devices, fifth):
+                writer.close()
+
+        asyncio.run(run())
+
+
+@pytest.mark.slow(seconds=40)
+def test_busy_connections_are_never_closed_for_a_new_device(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """Four busy connections hold the cap: a held long-poll, an upload half sent, a head half read, and one yet to send
+    its first request. /readyz is 503 (the listener named), a fifth device waits and none of the four is closed for it;
+    once the half-read head ends and is answered, that connection is idle and the fifth is served in its place; the
+    upload, the long-poll and the late first request are all answered 200 on their own connections."""
+    with capped(lab, tmp_path, server) as (gw, admin):
+
+        async def run() -> None:
+            held = await connect(lab, gw.port, "alice")
+            held[1].write(head("/Microsoft-Server-ActiveSync?Cmd=Ping", "X-Lab-Hold-Seconds: 30\r\n"))
+            upload = await connect(lab, gw.port, "bob")
+            upload[1].write(b"POST /EWS/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+            half = await served(lab, gw.port, "carol", "/EWS/first")
+            half[1].write(b"GET /EWS/second HTTP/1.1\r\nHost: 127")
+            unused = await connect(lab, gw.port, "alice")
+            for _, writer in (held, upload, half):
+                await writer.drain()
+            await asyncio.to_thread(
+                eventually, lambda: metric(admin, "kcd_requests_in_flight") >= 2, "the long-poll and the upload"
+            )
+            gw.mark()
+            ready, readiness = await asyncio.to_thread(readyz, admin)
+            assert ready == 503, readiness
+            assert "listener.max_connections" in str(readiness.get("listener")), readiness
+            fifth = asyncio.ensure_future(served(lab, gw.port, "bob", "/EWS/fifth"))
+            done, _ = await asyncio.wait({fifth}, timeout=3)
+            assert not done, "a fifth device was served while every connection was busy"
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            half[1].write(b".0.0.1\r\n\r\n")  # the head ends: answered, then idle
+            assert (await asyncio.wait_for(answer(half[0]), 60))[0] == 200
+            fifth_stream = await asyncio.wait_for(fifth, SERVED_WITHIN + 60)
+            assert await closed_by_gateway(half[0])
+            upload[1].write(b"x" * 90)
+            status, body = await asyncio.wait_for(answer(upload[0]), 60)
+            assert status == 200, body[:200]
+            assert json.loads(body)["body_length"] == 100
+            assert (await exchange(unused, "/EWS/late"))[0] == 200
+            status, body = await asyncio.wait_for(answer(held[0]), 90)
+            assert status == 200, body[:200]
+            events = gw.events("device_idle_reclaimed", gw.since)
+            assert len(events) == 1, events  # the half-read head's connection, once idle; no busy one
+            for _, writer in (held, upload, unused, fifth_stream):
+                writer.close()
+
+        asyncio.run(run())
+
+
+def test_a_request_racing_the_close_is_served_or_never_read(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """Four idle devices at the cap; in each round the oldest sends a request as a new connection comes (the request
+    first, or the new TCP connection first). Each time a fifth device is then served, and the racing request is either
+    answered (200) or its connection closed with no byte of an answer and no trace of the request in the log."""
+    with capped(lab, tmp_path, server) as (gw, _admin):
+
+        async def device(user: str, path: str) -> tuple[Stream, str]:
+            stream = await served(lab, gw.port, user, path)
+            return stream, f"127.0.0.1:{stream[1].get_extra_info('sockname')[1]}"
+
+        async def run() -> None:
+            idle = [await device(user, f"/EWS/{n}") for n, user in enumerate(USERS)]
+            for round_ in range(4):
+                gw.mark()
+                racing, fifth_path = f"/EWS/race-{round_}", f"/EWS/fifth-{round_}"
+                (oldest, _), idle = idle[0], idle[1:]
+                if round_ % 2:  # the new TCP connection first (the close starts at once), then the request
+                    tcp = socket.create_connection(("127.0.0.1", gw.port))
+                    oldest[1].write(head(racing))
+                else:  # the request first, then the new connection
+                    oldest[1].write(head(racing))
+                    tcp = socket.create_connection(("127.0.0.1", gw.port))
+                tcp.close()  # gone before its handshake: what its slot cost is given back; a device proper follows
+                fifth = await asyncio.wait_for(device("bob", fifth_path), SERVED_WITHIN)
+                try:
+                    status: int | None = (await asyncio.wait_for(answer(oldest[0]), 60))[0]
+                except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                    status = None
+                print("race round", round_, "answered" if status else "closed unread")
+                if status is None:  # closed: the request was never read
+                    gw.wait_event("request", path=fifth_path)
+                    assert not [e for e in gw.events("request", gw.since) if e.get("path") == racing]
+                    oldest[1].close()
+                else:
+                    assert status == 200
+                    idle.append((oldest, f"127.0.0.1:{oldest[1].get_extra_info('sockname')[1]}"))
+                idle.append(fifth)
+                closed = {e["peer"] for e in gw.events("device_idle_reclaimed", gw.since)}
+                for stream, peer in idle:
+                    if peer in closed:
+                        stream[1].close()
+                idle = [(stream, peer) for stream, peer in idle if peer not in closed]
+                while len(idle) < CAP:
+                    idle.append(await device("carol", "/EWS/refill"))
+            for (_, writer), _ in idle:
+                writer.close()
+
+        asyncio.run(run())
+
+
+def test_an_address_over_its_cap_closes_no_idle_keepalive(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """max_connections_per_address = 2: at the cap (two idle devices from 127.0.0.2, two busy connections from
+    127.0.0.1), 127.0.0.1's next connections are reset and close no idle keep-alive of 127.0.0.2's; a device from
+    127.0.0.3 is served, one idle connection closed for it."""
+    with capped(lab, tmp_path, server, "max_connections_per_address = 2\n") as (gw, _admin):
+
+        async def run() -> None:
+            idle = [await served(lab, gw.port, user, "/EWS/idle", source="127.0.0.2") for user in ("alice", "bob")]
+            busy = [await connect(lab, gw.port, "carol") for _ in range(2)]
+            for _, writer in busy:
+                writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
+                await writer.drain()
+            gw.mark()
+            for _ in range(3):
+                with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+                    await asyncio.wait_for(connect(lab, gw.port, "carol"), 30)
+            gw.wait_events("address_connection_limit_reached", 3)
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            for stream in idle:
+                assert (await exchange(stream, "/EWS/still"))[0] == 200
+            third = await asyncio.wait_for(served(lab, gw.port, "alice", "/EWS/third", source="127.0.0.3"), 30)
+            assert gw.wait_event("device_idle_reclaimed")["peer"].startswith("127.0.0.2:")
+            for _, writer in (*idle, *busy, third):
+                writer.close()
+
+        asyncio.run(run())

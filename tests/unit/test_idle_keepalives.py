@@ -1,0 +1,126 @@
+"""Idle keep-alives at the connection cap (`proxy.tls.limits.IdleKeepAlives`, `ConnectionSlots.room`) and the aiohttp
+state `proxy.device.aiohttp_side.idle_handlers` reads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiohttp.web_protocol import RequestHandler
+from structlog.testing import capture_logs
+
+from proxy.tls.limits import RECLAIM_BATCH, ConnectionSlots, IdleKeepAlives
+
+
+class _Connection:
+    """An idle connection as a server's scan reports it: since when, and whether it still lets itself be closed."""
+
+    def __init__(self, since: float, closes: bool = True) -> None:
+        self.since = since
+        self.closes = closes
+        self.closed = False
+
+    def close(self, since: float) -> bool:
+        if not self.closes or since != self.since:
+            return False
+        self.closed = True
+        return True
+
+
+def _scan(connections: list[_Connection]) -> Callable[[], list[tuple[float, Callable[[float], bool]]]]:
+    return lambda: [(c.since, c.close) for c in connections if not c.closed]
+
+
+def test_the_oldest_idle_connection_is_closed_first_and_one_that_moved_is_skipped() -> None:
+    """Three idle connections: the oldest goes first; one that served a request since the scan (newer now) or that
+    refuses (bytes waiting) is skipped for the next; the count goes up only for a closed one; none left: False."""
+
+    async def run() -> None:
+        old, moved, young = _Connection(1.0), _Connection(2.0), _Connection(3.0, closes=False)
+        idle = IdleKeepAlives(_scan([young, moved, old]))
+        assert idle.count() == 3
+        assert idle.reclaim()
+        assert old.closed
+        moved.since = 9.0  # served a request since the scan: the order's entry is stale
+        assert idle.reclaim()  # the stale entry and the refusing one are skipped; a rescan finds `moved` again
+        assert moved.closed
+        assert not young.closed
+        assert not idle.reclaim()
+        assert idle.reclaimed == 2
+
+    asyncio.run(run())
+
+
+def test_a_scan_keeps_the_oldest_batch_in_order() -> None:
+    """Of more idle connections than a batch, the scan keeps the oldest RECLAIM_BATCH: they are closed oldest first,
+    with one scan for the whole batch."""
+
+    async def run() -> None:
+        connections = [_Connection(float(n)) for n in reversed(range(RECLAIM_BATCH + 10))]
+        scans: list[int] = []
+
+        def scan() -> list[tuple[float, Callable[[float], bool]]]:
+            scans.append(1)
+            return _scan(connections)()
+
+        idle = IdleKeepAlives(scan)
+        for n in range(RECLAIM_BATCH):
+            assert idle.reclaim()
+            assert [c.since for c in connections if c.closed] == [float(k) for k in reversed(range(n + 1))]
+        assert len(scans) == 1
+
+    asyncio.run(run())
+
+
+def test_at_the_cap_a_connection_takes_an_idle_ones_slot_and_waits_when_none_is_idle() -> None:
+    """`room` at the cap: with an idle connection, it is closed and its slot (given back as it closes) taken, no wait
+    logged or counted; with none, the wait is logged and counted, and a slot freed later is taken."""
+
+    async def run() -> None:
+        waits: list[int] = []
+        gives: list[Callable[[], None]] = []
+        connections: list[_Connection] = []
+
+        def close(since: float) -> bool:
+            asyncio.get_running_loop().call_soon(gives.pop(0))  # its socket closes: the slot comes back
+            return True
+
+        slots = ConnectionSlots(
+            2, on_wait=lambda: waits.append(1), idle=IdleKeepAlives(lambda: [(c.since, close) for c in connections])
+        )
+        gives.extend([await slots.take(), await slots.take()])
+        connections.append(_Connection(1.0))
+        with capture_logs() as logs:
+            await asyncio.wait_for(slots.room(), 30)
+        assert slots.open == 2
+        assert not waits
+        assert not [e for e in logs if e["event"] == "connection_limit_reached"]
+        connections.clear()
+        with capture_logs() as logs:
+            waiting = asyncio.ensure_future(slots.room())
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            assert waits == [1]
+            gives.pop(0)()
+            await asyncio.wait_for(waiting, 30)
+        assert [e["event"] for e in logs] == ["connection_limit_reached"]
+
+    asyncio.run(run())
+
+
+def test_aiohttps_request_handler_still_has_the_state_idle_handlers_reads() -> None:
+    """aiohttp offers no hook for an idle connection: `idle_handlers` reads its handler's own state. A renamed or
+    removed attribute fails here, not silently (no connection would ever be found idle)."""
+    names = (
+        "_waiter",
+        "_messages",
+        "_request_count",
+        "_force_close",
+        "_close",
+        "_keepalive",
+        "_next_keepalive_close_time",
+        "_parser",
+    )
+    slots = {name for cls in RequestHandler.__mro__ for name in getattr(cls, "__slots__", ())}
+    assert set(names) <= slots, set(names) - slots
+    assert isinstance(RequestHandler.keepalive_timeout, property)
