@@ -484,8 +484,14 @@ async def serve(
     gw = live.gateway
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    came: list[signal.Signals] = []  # the signal that asked for the stop: /readyz and the `stopping` line name it
+
+    def stop_on(sig: signal.Signals) -> None:
+        came.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_on, sig)
     listener = config.listener
     slots = ConnectionSlots(budget.device, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections
@@ -573,8 +579,9 @@ async def serve(
             live.reload_soon()
         await stop.wait()
     finally:
-        log.info("stopping", drain_timeout=listener.drain_timeout)
-        live.begin_stop()  # /readyz: 503 from now on (the admin listener answers through the drain); no reload
+        by = came[0].name if came else None  # None: `stop` set by the caller, not by a signal
+        log.info("stopping", drain_timeout=listener.drain_timeout, signal=by)
+        live.begin_stop(by)  # /readyz: 503 from now on (the admin listener answers through the drain); no reload
         hurry = asyncio.Event()  # a second SIGTERM or SIGINT (Ctrl-C again): what the drain still waits for is cut
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, hurry.set)
