@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.observability.metrics import Metrics
 from proxy.observability.siblings import (
     ASK_TIMEOUT,
+    MAX_TRACES,
     READY_ASK_TIMEOUT,
     Siblings,
     merge_metrics,
@@ -23,7 +24,6 @@ from proxy.observability.siblings import (
     trace_record_bytes,
 )
 from proxy.observability.trace import Trace
-from proxy.observability.siblings import MAX_TRACES
 from proxy.observability.traces import Cursor, TraceRing
 from proxy.workers import Worker
 
