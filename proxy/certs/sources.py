@@ -210,7 +210,7 @@ class CrlStore:
                     self._failed(state, now, exc)
                     continue
                 self._take(state, data, now)
-        self._save_floors()
+        self.save_floors()
         self._swap(now)
         return [f"{s.source.name}: {s.last_error}" for s in self._states.values() if s.last_error]
 
@@ -341,13 +341,13 @@ class CrlStore:
         for crl in self._held():
             self._raise_floor(crl)
 
-    def _save_floors(self) -> None:
+    def save_floors(self) -> None:
         """The floors into `crl_state` (`proxy.certs.floors`) if this store raised one, before its CRLs are used."""
         if isinstance(self.floors, PersistedFloors):
             self.floors.save()
 
     async def _save_floors_in_thread(self) -> None:
-        """`_save_floors` off the event loop (a write and two fsyncs), and only when there is something to write."""
+        """`save_floors` off the event loop (a write and two fsyncs), and only when there is something to write."""
         if isinstance(self.floors, PersistedFloors) and self.floors.dirty:
             await asyncio.to_thread(self.floors.save)
 
