@@ -1,8 +1,9 @@
 """A genuine CRL of a large CA (a million entries: seconds of CPU to read and check) where that read costs most.
 
-A stop that comes while a reload reads it, and an on-path replay of an older one at every refresh: the gateway is
-`kcd-proxy run` against the lab, the CRL served at a URL of the test's own (`CrlPath`), its costs measured in CPU time
-(the gateway's from /proc and its rusage, the read's in this process), which the machine's load does not stretch.
+A stop that comes while a reload reads it, an on-path replay of an older one at every refresh, and a reload of a
+gateway holding one as a file: the gateway is `kcd-proxy run` against the lab, the CRL served at a URL of the test's
+own (`CrlPath`) or written to a file, its costs measured in CPU time (the gateway's from /proc and its rusage, the
+read's in this process), which the machine's load does not stretch.
 """
 
 from __future__ import annotations
