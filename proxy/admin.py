@@ -22,8 +22,8 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   full itself asks its siblings (each up to READY_ASK_TIMEOUT, 0.5 s: below kubelet's 1 s probe timeout): one with
   room answers at once, a stuck sibling or not, and a full one as soon as a sibling says it has room; a sibling that
   does not answer is taken as having no room, and an idle keep-alive connection counts as room (`listener_problem`).
-  503 too, with a `stopping` key, while a gateway that got SIGTERM drains (`proxy.app.drain`): a balancer checking
-  /readyz takes it out while it finishes its requests.
+  503 too, with a `stopping` key naming the signal that came (SIGTERM or SIGINT), while the gateway drains
+  (`proxy.app.drain`): a balancer checking /readyz takes it out while it finishes its requests.
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
@@ -200,8 +200,9 @@ async def readyz(request: web.Request) -> web.Response:
     ready = kdc is None and not refusing and tls is None and listener is None and not live.stopping
     body: dict[str, object] = {"ready": ready, "kdc": kdc or "ok", "crls": crls or "ok"}
     if live.stopping:  # only then, as the keys below
+        by = f" ({live.stopped_by})" if live.stopped_by else ""  # the signal that came, SIGTERM or SIGINT
         body["stopping"] = (
-            "the gateway is stopping (SIGTERM): it takes no new connection and finishes the requests in flight "
+            f"the gateway is stopping{by}: it takes no new connection and finishes the requests in flight "
             f"within listener.drain_timeout ({live.config.listener.drain_timeout:g} s)"
         )
     if tls is not None:  # only then: a ready answer's body is as it was

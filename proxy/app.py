@@ -103,11 +103,16 @@ def build(
     if problems:
         raise ConfigError(problems)
     revocation = LiveRevocation(cc, trust, floors=_floors(config, shared, previous, serving=serving))
-    if previous is not None:  # a reload: what a source held stays the floor a replayed CRL is refused below
+    if previous is None:
+        for problem in revocation.load(now=datetime.now(UTC)):
+            log.warning("crl_not_used", problem=problem)
+    else:  # a reload: what a source held stays the floor a replayed CRL is refused below
         revocation.crls.inherit(previous.revocation.crls)
         revocation.crls.raise_floors()
-    for problem in revocation.load(now=datetime.now(UTC)):
-        log.warning("crl_not_used", problem=problem)
+        # Its files are read by its first refresh (`LiveRevocation.start`, awaited before it serves), in a thread: read
+        # here, on the event loop the running gateway serves on, a large CA's CRL stalled every request for the whole
+        # read (200,000 entries: 1.3-1.7 s under load). `crl_state` is written now, as at a start: proof it can be.
+        revocation.crls.save_floors()
     floors = revocation.crls.floors
     if isinstance(floors, PersistedFloors) and floors.failed is not None:  # written once as it starts: proof it can
         raise ConfigError([f"client_certificates.crl_state: {floors.failed} (in {config.path})"])
@@ -491,8 +496,14 @@ async def serve(
     gw = live.gateway
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    came: list[signal.Signals] = []  # the signal that asked for the stop: /readyz and the `stopping` line name it
+
+    def stop_on(sig: signal.Signals) -> None:
+        came.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_on, sig)
     listener = config.listener
     slots = ConnectionSlots(budget.device, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections
@@ -585,8 +596,9 @@ async def serve(
             live.reload_soon()
         await stop.wait()
     finally:
-        log.info("stopping", drain_timeout=listener.drain_timeout)
-        live.begin_stop()  # /readyz: 503 from now on (the admin listener answers through the drain); no reload
+        by = came[0].name if came else None  # None: `stop` set by the caller, not by a signal
+        log.info("stopping", drain_timeout=listener.drain_timeout, signal=by)
+        live.begin_stop(by)  # /readyz: 503 from now on (the admin listener answers through the drain); no reload
         hurry = asyncio.Event()  # a second SIGTERM or SIGINT (Ctrl-C again): what the drain still waits for is cut
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, hurry.set)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import math
 import os
 import pwd
@@ -31,6 +32,7 @@ from proxy.certs.sources import shown_location
 from proxy.errors import BadRequest, ConfigError
 from proxy.files import read_bounded
 from proxy.identity.principal import ascii_lower
+from proxy.printable import printable
 from proxy.target import origin_form
 
 REVOCATION_POLICIES: tuple[RevocationPolicy, ...] = get_args(RevocationPolicy)
@@ -709,10 +711,18 @@ def _restrictions(r: _Reader, raw: Any) -> tuple[Restriction, ...]:
         r.unknown(extension, f"{key}.extension", {"oid", "value"})
         ext_oid = _oid(r, f"{key}.extension.oid", extension.get("oid")) if extension else None
         ext_value = r.get(extension, f"{key}.extension.value", "value", str, "") or None
+        subject = r.get(t, f"{key}.subject", "subject", str, "") or None
+        if subject is not None and (shown := printable(subject)) != subject:
+            r.problem(
+                f"{key}.subject",
+                "holds invisible characters, which no subject as matched holds: the glob matches the subject as the "
+                "log's cert_subject shows it, such characters as escapes; copy cert_subject's value from the log "
+                f"line, quotes included, or write the escapes as TOML then reads them: subject = {json.dumps(shown)}",
+            )
         rule = Restriction(
             name=r.get(t, f"{key}.name", "name", str, "") or key,
             issuer=issuer,
-            subject=r.get(t, f"{key}.subject", "subject", str, "") or None,
+            subject=subject,
             eku=oids,
             extension_oid=ext_oid,
             extension_value=ext_value,

@@ -82,7 +82,8 @@ class Live:
     balancers: tuple[IPNetwork, ...] = ()
     served: ServedCertificate | None = None  # the listener's certificate `ssl_context` holds (`/readyz`)
     descriptors: DescriptorBudget | None = None  # the shares set at start (`proxy.descriptors`), which a reload keeps
-    stopping: bool = False  # SIGTERM came: the gateway drains (`proxy.app.drain`), /readyz answers 503
+    stopping: bool = False  # SIGTERM or SIGINT came: the gateway drains (`proxy.app.drain`), /readyz answers 503
+    stopped_by: str | None = None  # that signal's name ("SIGINT"); None for a stop no signal asked for
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
     _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
@@ -123,12 +124,13 @@ class Live:
             return
         self._spawn(self.reload(), reloading=True)
 
-    def begin_stop(self) -> None:
-        """SIGTERM came (`proxy.app.serve`): /readyz answers 503 from now on, a SIGHUP reloads nothing, and a reload
+    def begin_stop(self, signal: str | None = None) -> None:
+        """SIGTERM or SIGINT (`signal`, its name) came (`proxy.app.serve`): /readyz answers 503 from now on, naming it,
+        a SIGHUP reloads nothing, and a reload
         under way is cancelled, the gateway it was building closed. A reload's CRL fetch (up to
         `proxy.certs.sources.FETCH_TIMEOUT`) or KDC look-up held the stop past `listener.drain_timeout`, as
         `live.close` waited for it, for a configuration nothing would serve with."""
-        self.stopping = True
+        self.stopping, self.stopped_by = True, signal
         for task in self._reloads:
             task.cancel()
 

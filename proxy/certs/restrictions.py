@@ -8,8 +8,12 @@ holds:
 
 - `issuer`: the certificate's issuer, or the subject of any CA in its verified chain, equals the RFC
   4514 name given (compared case-insensitively), so a rule can name an issuing CA or a root;
-- `subject`: a shell glob (`*`, `?`, `[...]`) over the subject in RFC 4514 form, the form the request
-  log shows as `cert_subject` (most specific attribute first: `CN=alice,OU=Devices,O=Corp`);
+- `subject`: a shell glob (`*`, `?`, `[...]`) over the subject in RFC 4514 form as the request log shows it
+  in `cert_subject` (most specific attribute first: `CN=alice,OU=Devices,O=Corp`), invisible characters as the
+  escapes the log writes (`proxy.printable`: `CN=alice\u202e` is the text backslash, u, 2, 0, 2, e), so that a
+  subject copied from the log matches; its JSON string copied whole, quotes included, is the TOML string for it.
+  `?` matches one character of that text (an escape is several), and a glob holding an invisible character itself
+  is refused by the configuration (it would match nothing);
 - `eku`: every extended key usage OID listed is in the certificate;
 - `extension`: an extension with that OID is present and, when `value` is given, one reading of its
   DER value equals it (case-insensitively): its hex, the text of a string (Microsoft's v1 template
@@ -71,8 +75,8 @@ def matches(verified: VerifiedCertificate, rule: Restriction) -> bool:
         issuers = {leaf.issuer.rfc4514_string(), *(ca.subject.rfc4514_string() for ca in verified.chain[1:])}
         if rule.issuer.casefold() not in {name.casefold() for name in issuers}:
             return False
-    if rule.subject is not None and not fnmatchcase(leaf.subject.rfc4514_string().casefold(), rule.subject.casefold()):
-        return False
+    if rule.subject is not None and not fnmatchcase(verified.subject.casefold(), rule.subject.casefold()):
+        return False  # the subject as logged: invisible characters as escapes (module docstring)
     if rule.eku and not set(rule.eku) <= _ekus(leaf):
         return False
     if rule.extension_oid is not None:

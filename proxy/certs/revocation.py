@@ -67,7 +67,7 @@ import functools
 import hashlib
 import itertools
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -663,7 +663,9 @@ def accept(
     )
 
 
-def accept_der(source: str, der: bytes, trust: TrustList, *, at: datetime) -> Crl:
+def accept_der(
+    source: str, der: bytes, trust: TrustList, *, at: datetime, before_reading: Callable[[Crl], None] | None = None
+) -> Crl:
     """`accept` for a CRL as it came (its DER, from `crl_ders`), its signature checked before cryptography reads it:
     `_outline` gives the issuer, signature algorithm and signature for the price of a few hundred bytes, `_screened`
     verifies the signature over the tbsCertList's bytes, and only a CRL whose signature verifies with a configured key
@@ -672,12 +674,21 @@ def accept_der(source: str, der: bytes, trust: TrustList, *, at: datetime) -> Cr
     could send one, signed by a key of their own, at each refresh: every device waited that long. A signature the
     screen verified is not checked again by `is_signature_valid` (2.4 s holding the GIL for such a CRL): cryptography
     reads the tbsCertList from those very bytes, the DER being strict, and refuses a CertificateList whose inner and
-    outer signature algorithms differ. ValueError for bytes that are not a CRL, CrlUnusable as `accept`."""
+    outer signature algorithms differ. ValueError for bytes that are not a CRL, CrlUnusable as `accept`.
+
+    `before_reading`, once the screen verified the signature, is given the CRL as its outline with its extensions shows
+    it (number, thisUpdate, issuer, signer, partition: all but its entries, which it has none of) and may refuse it
+    (CrlUnusable) before the entries are read: a genuine CRL older than the one held, replayed on a distribution
+    point's path at each refresh, cost a whole read each time (200,000 entries: 0.65 s of CPU) before it was refused."""
     outline = _outline(der, source)
     cas = _named(outline.issuer, trust)
     verdicts = {ca: _screen(outline, ca, der) for ca in cas}
     if not any(verdict is not False for verdict in verdicts.values()):
         raise CrlUnusable(_not_verified(outline))
+    screened = [ca for ca in cas if verdicts[ca]]
+    if before_reading is not None and screened:  # the extensions only now: a forged CRL's are never read
+        headers = _outline(der, source, extensions=True)
+        before_reading(_accepted(source, headers, trust, as_utc(at), screened, entries=False))
     crl = _read(der, source)
     signers = [ca for ca in cas if verdicts[ca] or (verdicts[ca] is None and _signed_by(crl, ca))]
     return _accepted(source, crl, trust, as_utc(at), signers)
@@ -698,19 +709,19 @@ def _not_verified(crl: x509.CertificateRevocationList) -> str:
     return f"CRL signature does not verify against the trusted '{name}' (signed with another key?)"
 
 
-def _outline(der: bytes, source: str) -> x509.CertificateRevocationList:
+def _outline(der: bytes, source: str, *, extensions: bool = False) -> x509.CertificateRevocationList:
     """The CRL in `der` cut down to what the signature screen asks of it: a CertificateList whose tbsCertList keeps
-    the version, signature algorithm, issuer and update times of the CRL's, without its revokedCertificates and
-    crlExtensions, and whose signatureAlgorithm and signatureValue are the CRL's as they came (its signature is not
-    over this tbsCertList: only the screen, given `der`, checks it). ValueError naming `source` for bytes of another
-    shape."""
+    the version, signature algorithm, issuer and update times of the CRL's, without its revokedCertificates and (unless
+    `extensions`) its crlExtensions, and whose signatureAlgorithm and signatureValue are the CRL's as they came (its
+    signature is not over this tbsCertList: only the screen, given `der`, checks it). ValueError naming `source` for
+    bytes of another shape."""
     try:
-        return x509.load_der_x509_crl(_outline_der(der))
+        return x509.load_der_x509_crl(_outline_der(der, extensions=extensions))
     except ValueError as exc:
         raise ValueError(f"{source}: not a PEM or DER CRL ({exc})") from exc
 
 
-def _outline_der(der: bytes) -> bytes:
+def _outline_der(der: bytes, *, extensions: bool = False) -> bytes:
     """`_outline`'s DER, found by the CRL's headers alone."""
     parts = inside(der, whole(der))  # CertificateList: tbsCertList, signatureAlgorithm, signatureValue
     if len(parts) != 3:
@@ -722,16 +733,27 @@ def _outline_der(der: bytes) -> bytes:
         kept += 1
     if kept > len(head):
         raise ValueError("a tbsCertList cut short")
-    return tlv(_SEQUENCE, tlv(_SEQUENCE, der[head[0][1] : head[kept - 1][2]]) + der[algorithm[1] : signature[2]])
+    tbs_kept = der[head[0][1] : head[kept - 1][2]]
+    if extensions and len(head) > kept and head[-1][0] == _EXTENSIONS:  # [0] crlExtensions, the tbsCertList's last
+        tbs_kept += der[head[-1][1] : head[-1][2]]
+    return tlv(_SEQUENCE, tlv(_SEQUENCE, tbs_kept) + der[algorithm[1] : signature[2]])
 
 
 _INTEGER, _SEQUENCE, _TIMES = 0x02, 0x30, (0x17, 0x18)  # DER tags: INTEGER, SEQUENCE, UTCTime and GeneralizedTime
+_EXTENSIONS = 0xA0  # [0] EXPLICIT, constructed: a tbsCertList's crlExtensions
 
 
 def _accepted(
-    source: str, crl: x509.CertificateRevocationList, trust: TrustList, at: datetime, signers: list[x509.Certificate]
+    source: str,
+    crl: x509.CertificateRevocationList,
+    trust: TrustList,
+    at: datetime,
+    signers: list[x509.Certificate],
+    *,
+    entries: bool = True,
 ) -> Crl:
-    """`accept`, once the certificates among the issuer's whose key verifies the signature are known (`signers`)."""
+    """`accept`, once the certificates among the issuer's whose key verifies the signature are known (`signers`);
+    without its `entries` (none read: `accept_der`'s outline)."""
     name = crl.issuer.rfc4514_string()
     if not signers:
         raise CrlUnusable(_not_verified(crl))
@@ -765,7 +787,7 @@ def _accepted(
         idp_names=_idp_names(idp, crl.issuer),
         reasons=frozenset(idp.only_some_reasons) if idp and idp.only_some_reasons else ALL_REASONS,
         indirect=indirect,
-        entries=_entries(crl, indirect),
+        entries=_entries(crl, indirect) if entries else {},
     )
 
 

@@ -210,7 +210,7 @@ class CrlStore:
                     self._failed(state, now, exc)
                     continue
                 self._take(state, data, now)
-        self._save_floors()
+        self.save_floors()
         self._swap(now)
         return [f"{s.source.name}: {s.last_error}" for s in self._states.values() if s.last_error]
 
@@ -277,7 +277,7 @@ class CrlStore:
             self._failed(state, now, exc)
             return
         if not self._unchanged(state, data, now):  # read, checked and indexed in a thread: see _vet
-            self._keep(state, await asyncio.to_thread(_vet, state, data, self.trust, now), now)
+            self._keep(state, await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors), now)
 
     def _failed(self, state: _State, now: datetime, exc: Exception) -> None:
         state.last_fetch = now
@@ -299,7 +299,7 @@ class CrlStore:
     def _take(self, state: _State, data: bytes, now: datetime) -> None:
         """Vet what a source returned; keep its last good CRLs unless all of it is good and not older."""
         if not self._unchanged(state, data, now):
-            self._keep(state, _vet(state, data, self.trust, now), now)
+            self._keep(state, _vet(state, data, self.trust, now, self.floors), now)
 
     def _unchanged(self, state: _State, data: bytes, now: datetime) -> bool:
         """Whether `data` are the bytes last read and taken (then nothing needs checking again)."""
@@ -341,13 +341,13 @@ class CrlStore:
         for crl in self._held():
             self._raise_floor(crl)
 
-    def _save_floors(self) -> None:
+    def save_floors(self) -> None:
         """The floors into `crl_state` (`proxy.certs.floors`) if this store raised one, before its CRLs are used."""
         if isinstance(self.floors, PersistedFloors):
             self.floors.save()
 
     async def _save_floors_in_thread(self) -> None:
-        """`_save_floors` off the event loop (a write and two fsyncs), and only when there is something to write."""
+        """`save_floors` off the event loop (a write and two fsyncs), and only when there is something to write."""
         if isinstance(self.floors, PersistedFloors) and self.floors.dirty:
             await asyncio.to_thread(self.floors.save)
 
@@ -439,14 +439,25 @@ def distribution_point_urls(certs: Iterable[x509.Certificate]) -> list[str]:
     return urls
 
 
-def _vet(state: _State, data: bytes, trust: TrustList, now: datetime) -> list[Crl] | ValueError | CrlUnusable:
+def _vet(
+    state: _State, data: bytes, trust: TrustList, now: datetime, floors: FloorTable | None
+) -> list[Crl] | ValueError | CrlUnusable:
     """The CRLs in what a source returned, each checked (`accept_der`: the signature before the entries are read) and
-    none older than the one it replaces; or why not. Run in a thread by a refresh: reading a CRL's entries and checking
-    it takes CPU in proportion to its size (200,000 entries, 6 MiB: about 2.2 s here), which on the event loop stalled
-    every request each time it changed."""
+    none older than the one it replaces nor below its replay floor; or why not. Run in a thread by a refresh: reading a
+    CRL's entries and checking it takes CPU in proportion to its size (200,000 entries, 6 MiB: about 2.2 s here), which
+    on the event loop stalled every request each time it changed. An older CRL is refused on its outline, before its
+    entries are read (`before_reading`): a genuine one replayed at each refresh cost a whole read each time. `_keep`
+    checks again on the event loop, against what is held then: this look (the floors read from this thread) can only
+    be earlier, and floors only rise, so it refuses nothing that check would take."""
     where = state.source.name  # each CRL's `source`: what a refusal's fix and the traces name
+
+    def not_older(crl: Crl) -> None:
+        _refuse_rollback([crl], state.crls)
+        if floors is not None:
+            _refuse_below_floor([crl], floors)
+
     try:
-        crls = [accept_der(where, der, trust, at=now) for der in crl_ders(data, where)]
+        crls = [accept_der(where, der, trust, at=now, before_reading=not_older) for der in crl_ders(data, where)]
         _refuse_rollback(crls, state.crls)
     except (ValueError, CrlUnusable) as exc:
         return exc

@@ -57,6 +57,8 @@ LISTENER_ANSWER_BYTES = 4096  # the most of a sibling's /listener answer read (i
 METRICS_ANSWER_BYTES = 64 * 1024 * 1024
 TRACE_RECORD_REST = 64 * 1024  # a trace record's bytes besides its path and certificate names (stages, reasons)
 TRACE_ID = re.compile(r"[0-9a-f]{16}")  # `proxy.observability.trace.trace_id`
+DEFAULT_LIMIT = 50  # `/traces` records when `limit` is not given
+MAX_TRACES = 1000  # `/traces` records at most, whatever `limit` asks (`traces_limit`)
 Occupancy = tuple[int, int]  # a worker's device connections (TLS handshakes included) and their limit in force
 
 
@@ -306,6 +308,19 @@ def ring_answer(
     return {"records": ring.recent(limit, user, cursor, worker), "held": len(ring), "keep": ring.keep}
 
 
+def traces_limit(request: web.Request) -> int:
+    """`/traces`'s `limit` (DEFAULT_LIMIT if absent), at most MAX_TRACES: `[traces] keep` may hold 100,000, and one
+    answer renders every record it lists. The admin view's (`proxy.observability.tracepage`) and a worker's own on its
+    sibling socket, which only the gateway's user reaches, but which took any integer (or raised: a 500) before."""
+    raw = request.query.get("limit", str(DEFAULT_LIMIT))
+    # ASCII digits only (str.isdigit takes "²", which int() refuses), and few of them (int() refuses 4,301)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) < 1:
+        raise web.HTTPBadRequest(
+            text='{"error": "limit must be a positive integer"}\n', content_type="application/json"
+        )
+    return min(int(raw), MAX_TRACES)
+
+
 def sibling_app(
     ring: TraceRing, render: Callable[[], bytes], number: int = 0, listener: Callable[[], Occupancy] = lambda: (0, 0)
 ) -> web.Application:
@@ -320,7 +335,7 @@ def sibling_app(
         return web.json_response({"connections": connections, "limit": limit})
 
     async def traces(request: web.Request) -> web.Response:
-        limit = int(request.query.get("limit", "50"))  # checked by the admin view that asked
+        limit = traces_limit(request)  # as the admin view that asked checked it: anything else is no sibling's
         cursor = None
         if "before" in request.query:  # set by the worker that asked, from the trace it found
             q = request.query

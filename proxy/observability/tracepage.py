@@ -25,12 +25,10 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.observability.siblings import TRACE_ID, TraceSource
+from proxy.observability.siblings import TRACE_ID, TraceSource, traces_limit
 from proxy.observability.traces import describe
 from proxy.printable import printable
 
-DEFAULT_LIMIT = 50
-MAX_TRACES = 1000
 TRACE_SOURCE_KEY = web.AppKey("trace_source", TraceSource)
 
 
@@ -41,17 +39,6 @@ def add_trace_views(app: web.Application, source: TraceSource) -> None:
     app.router.add_get("/traces/{id}", trace_json)
     app.router.add_get("/", index_page)
     app.router.add_get("/trace/{id}", trace_page)
-
-
-def _limit(request: web.Request) -> int:
-    """`limit`, at most MAX_TRACES: `[traces] keep` may hold 100,000, and one answer renders every record it lists."""
-    raw = request.query.get("limit", str(DEFAULT_LIMIT))
-    # ASCII digits only (str.isdigit takes "²", which int() refuses), and few of them (int() refuses 4,301)
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) < 1:
-        raise web.HTTPBadRequest(
-            text='{"error": "limit must be a positive integer"}\n', content_type="application/json"
-        )
-    return min(int(raw), MAX_TRACES)
 
 
 def _before(request: web.Request) -> str | None:
@@ -66,7 +53,7 @@ def _before(request: web.Request) -> str | None:
 
 async def traces_json(request: web.Request) -> web.Response:
     user = request.query.get("user") or None
-    recent = await request.app[TRACE_SOURCE_KEY].recent(_limit(request), user, _before(request))
+    recent = await request.app[TRACE_SOURCE_KEY].recent(traces_limit(request), user, _before(request))
     if recent is None:
         raise web.HTTPNotFound(
             text='{"error": "no such trace to page on from (before=): kept are the most recent only"}\n',
@@ -86,7 +73,7 @@ async def trace_json(request: web.Request) -> web.Response:
 
 async def index_page(request: web.Request) -> web.Response:
     user = request.query.get("user") or None
-    recent = await request.app[TRACE_SOURCE_KEY].recent(_limit(request), user)
+    recent = await request.app[TRACE_SOURCE_KEY].recent(traces_limit(request), user)
     assert recent is not None  # (no `before`)
     page = render_index(recent.records, user=user, held=recent.held, keep=recent.keep)
     return web.Response(text=page, content_type="text/html")

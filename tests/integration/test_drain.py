@@ -281,3 +281,28 @@ def test_a_reload_under_way_at_sigterm_is_cancelled_and_does_not_hold_the_stop(
             assert [e["outcome"] for e in gw.events("drained")] == ["finished"]
         finally:
             gw.stop()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_readyz_and_the_log_name_the_signal_that_stops_the_gateway(
+    lab: LabLayout, tmp_path: Path, stop: signal.Signals
+) -> None:
+    """SIGINT (Ctrl-C where the gateway runs in a terminal) or SIGTERM while a Ping is held: /readyz's `stopping` text
+    and the `stopping` line name the signal that came, not the other (every stop was called SIGTERM); the same signal
+    again cuts the drain."""
+    gw, admin = _gateway(lab, tmp_path, "own", listener="drain_timeout = 60\n")
+    try:
+        _send(lab, gw.port, "/Microsoft-Server-ActiveSync?Cmd=Ping&hold=60")
+        _in_flight(admin)
+        gw.proc.send_signal(stop)
+        _, body = eventually(lambda: _not_ready(admin), "/readyz 503")
+        other = signal.SIGINT if stop is signal.SIGTERM else signal.SIGTERM
+        text = str(body["stopping"])
+        assert f"({stop.name})" in text, text
+        assert other.name not in text, text
+        assert gw.wait_event("stopping")["signal"] == stop.name
+        gw.proc.send_signal(stop)  # again: what the drain waits for is cut
+        assert gw.proc.wait(timeout=60) == 0
+        assert [e["outcome"] for e in gw.events("drained")] == ["second_signal"]
+    finally:
+        gw.stop()

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
+import re
+import signal
 import socket
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -20,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from proxy.identity.upn import upn_other_name
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki, _issue_leaf, _urls_of, write_key, write_pem
-from tests.integration.conftest import client_context, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.pem import self_signed
 
 INVISIBLE = "\u202eexe.txt\x1b[31m\u200b\u2028"  # a right-to-left override, ESC, a zero-width space, a line separator
@@ -130,6 +133,20 @@ def test_a_served_certificates_subject_is_logged_with_its_invisible_characters_e
     """alice's certificate from the lab's issuing CA whose common name holds U+202E and ESC (a template that lets the
     enrollee supply the subject): served 200 as alice, and the summary line's `cert_subject` shows them as escapes.
     Before, the subject was logged as the certificate spelled it."""
+    device = _alice_invisible(lab, tmp_path)
+    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port()))
+    try:
+        gw.mark()
+        assert _status(device, gw.port, b"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n") == 200
+        line = gw.wait_event("request")
+        assert line["cert_subject"] == "CN=alice\\u202eexe.txt\\x1b[31m\\u200b\\u2028", line
+        assert line["principal"] == "alice@LAB.TEST"
+    finally:
+        gw.stop()
+
+
+def _alice_invisible(lab: LabLayout, tmp_path: Path) -> ssl.SSLContext:
+    """A device presenting alice's certificate from the lab's issuing CA whose common name is "alice" + INVISIBLE."""
     pki = Pki.at(lab.pki_dir)
     ca_key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -149,13 +166,59 @@ def test_a_served_certificates_subject_is_logged_with_its_invisible_characters_e
     )
     write_pem(tmp_path / "alice-invisible.pem", [cert])
     write_key(tmp_path / "alice-invisible.key", key)
-    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port()))
+    return client_context(lab, str(tmp_path / "alice-invisible"))
+
+
+GET = b"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n"
+
+
+def _as_logged(gw: Gateway, key: str) -> str:
+    """The JSON string of `key` in the last `request` line of the gateway's log, as the file spells it, quotes and
+    escapes included: what an administrator copies from the log."""
+    line = [text for text in gw.log_path.read_text().splitlines() if json.loads(text).get("event") == "request"][-1]
+    found = re.search(f'"{key}": *', line)
+    assert found is not None, line
+    _, end = json.JSONDecoder().raw_decode(line, found.end())
+    return line[found.end() : end]
+
+
+def _with_rule(text: str, subject: str) -> str:
+    """`text` with one restriction rule, `devices`, whose subject glob is `subject` (a TOML string, quotes included)."""
+    rule = f'\n[[client_certificates.restrictions]]\nname = "devices"\nsubject = {subject}\n'
+    return text + rule
+
+
+def test_a_subject_copied_from_the_log_into_a_restriction_admits_that_certificate(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """An administrator copies `cert_subject` from the log line of alice's certificate whose subject holds U+202E and
+    ESC (escaped there: `CN=alice\\u202e...`) into a `[[client_certificates.restrictions]]` subject, quotes included,
+    and reloads: that certificate is admitted by the rule (200, `restriction` "devices"), bob's is not (403). The glob
+    matches the subject as the log shows it. Before, it matched the raw subject, which the escaped text never
+    matches: the certificate copied from the log was refused. A glob that holds such a character itself (the TOML
+    escape `\\u202e` unescaped) matches nothing now: the reload is refused, naming the key and the fix."""
+    device = _alice_invisible(lab, tmp_path)
+    text = lab_config(lab, port=free_port())
+    gw = start_gateway(lab, tmp_path / "gw", text)
     try:
         gw.mark()
-        device = client_context(lab, str(tmp_path / "alice-invisible"))
-        assert _status(device, gw.port, b"GET /owa/ HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n") == 200
-        line = gw.wait_event("request")
-        assert line["cert_subject"] == "CN=alice\\u202eexe.txt\\x1b[31m\\u200b\\u2028", line
-        assert line["principal"] == "alice@LAB.TEST"
+        assert _status(device, gw.port, GET) == 200
+        gw.wait_event("request")
+        copied = _as_logged(gw, "cert_subject")
+        assert copied == '"CN=alice\\\\u202eexe.txt\\\\x1b[31m\\\\u200b\\\\u2028"', copied
+        gw.config_path.write_text(_with_rule(text, copied))
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_event("reloaded")
+        gw.mark()
+        assert _status(device, gw.port, GET) == 200
+        assert gw.wait_event("request")["restriction"] == "devices"
+        assert _status(client_context(lab, "bob"), gw.port, GET) == 403
+        gw.config_path.write_text(_with_rule(text, '"CN=alice\\u202e*"'))  # TOML: the character itself
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        problems = " ".join(gw.wait_event("reload_refused")["problems"])
+        assert "client_certificates.restrictions[0].subject" in problems, problems
+        assert "\\u202e" in problems, problems
     finally:
         gw.stop()

@@ -35,7 +35,7 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.lab.layout import USERS, LabLayout
-from proxy.observability.tracepage import MAX_TRACES
+from proxy.observability.siblings import MAX_TRACES
 from tests.integration.conftest import REPO, Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
 from tests.integration.loopback import serving, stop_listening

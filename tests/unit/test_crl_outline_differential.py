@@ -12,12 +12,12 @@ from datetime import datetime, timedelta
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from proxy.certs.chain import TrustList
 from proxy.certs.der import inside, whole
-from proxy.certs.revocation import CrlUnusable, accept_der, crl_ders
+from proxy.certs.revocation import Crl, CrlUnusable, accept_der, crl_ders
 from tests.pem import der_tlv
 from tests.unit.test_crl_signature_screen import NAME, NOW, self_signed_ca
 
@@ -158,3 +158,73 @@ def test_a_pem_of_two_crls_is_read_as_two_each_with_its_own_entries(between: byt
 
     assert crl_ders(pem(ders[0]) + between + pem(ders[1]), "differential") == ders
     assert [_by_accept_der(der, trust) for der in ders] == [SIGNED, OTHER]
+
+
+CRL_NUMBER_7 = der_tlv(0x30, der_tlv(0x06, bytes.fromhex("551d14")) + der_tlv(0x04, der_tlv(0x02, b"\x07")))
+
+
+@pytest.mark.parametrize(
+    "extensions",
+    [
+        [x509.CRLNumber(7)],
+        [x509.CRLNumber(12), x509.DeltaCRLIndicator(10)],
+        [
+            x509.CRLNumber(2**100),
+            x509.IssuingDistributionPoint(
+                full_name=[x509.UniformResourceIdentifier("http://crl.example/users.crl")],
+                relative_name=None,
+                only_contains_user_certs=True,
+                only_contains_ca_certs=False,
+                only_some_reasons=frozenset({x509.ReasonFlags.key_compromise}),
+                indirect_crl=False,
+                only_contains_attribute_certs=False,
+            ),
+        ],
+        [],
+    ],
+    ids=["number", "delta", "partition", "none"],
+)
+def test_the_crl_before_reading_is_the_crl_read_less_its_entries(
+    extensions: list[x509.ExtensionType],
+) -> None:
+    """What `accept_der` hands `before_reading` (the CRL as its outline shows it, with its extensions) has the CRL
+    number, delta base, thisUpdate, issuer, signer and partition the CRL read whole has, and no entries: an older CRL
+    refused on it is refused as the one read would be."""
+    key = _key("ec")
+    trust = TrustList(anchors=(self_signed_ca(key),))
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=NAME, last_update=NOW - timedelta(hours=1), next_update=NOW + timedelta(days=1)
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=isinstance(extension, x509.DeltaCRLIndicator))
+    for serial in SIGNED:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=2)).build()
+        )
+    der = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    seen: list[Crl] = []
+    crl = accept_der("outline", der, trust, at=NOW, before_reading=seen.append)
+    (before,) = seen
+    facts = ("number", "delta_base", "this_update", "next_update", "issuer", "signer_key", "partition", "source")
+    assert {name: getattr(before, name) for name in facts} == {name: getattr(crl, name) for name in facts}
+    assert (len(before.entries), len(crl.entries)) == (0, len(SIGNED))
+
+
+def test_a_crl_refused_before_its_entries_are_read_has_none_read() -> None:
+    """A CRL its CA signed whose one entry cryptography cannot read (its serial an OCTET STRING), refused by
+    `before_reading` (as older than the one held), is refused for that reason: its entries were never read."""
+    key = _key("ec")
+    trust = TrustList(anchors=(self_signed_ca(key),))
+    algorithm = ALGORITHMS["ec"]
+    entry = der_tlv(0x30, der_tlv(0x04, b"\x05") + _utc(NOW - timedelta(hours=2)))
+    times = _utc(NOW - timedelta(hours=1)) + _utc(NOW + timedelta(days=1))
+    content = der_tlv(0x02, b"\x01") + algorithm + NAME.public_bytes() + times + der_tlv(0x30, entry)
+    der = _signed(key, der_tlv(0x30, content + der_tlv(0xA0, der_tlv(0x30, CRL_NUMBER_7))), algorithm)
+    with pytest.raises(ValueError, match="not a PEM or DER CRL"):  # read whole, it is refused as unreadable
+        accept_der("outline", der, trust, at=NOW)
+
+    def older(crl: Crl) -> None:
+        raise CrlUnusable(f"{crl.label} is older than the one held")
+
+    with pytest.raises(CrlUnusable, match="CRL #7 of 'CN=Screen CA' is older than the one held"):
+        accept_der("outline", der, trust, at=NOW, before_reading=older)

@@ -378,11 +378,11 @@ def test_a_replayed_crl_vetted_beside_a_newer_one_never_replaces_it(
     def answer(path: str) -> bytes:
         return answers_by_name["root"] if path == "/root.crl" else answers.pop(0)
 
-    def vet(state: Any, data: bytes, trust: TrustList, now: datetime) -> Any:
+    def vet(state: Any, data: bytes, trust: TrustList, now: datetime, floors: Any) -> Any:
         if data == answers_by_name["new"]:  # #2 is vetted once #1 has been, against the same CRLs held
             older_vetted.wait(60)
-            return real_vet(state, data, trust, now)
-        vetted = real_vet(state, data, trust, now)
+            return real_vet(state, data, trust, now, floors)
+        vetted = real_vet(state, data, trust, now, floors)
         if data != answers_by_name["old"]:
             return vetted
         older_vetted.set()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import time
+import urllib.parse
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.observability.metrics import Metrics
 from proxy.observability.siblings import (
     ASK_TIMEOUT,
+    MAX_TRACES,
     READY_ASK_TIMEOUT,
     Siblings,
     merge_metrics,
@@ -187,3 +189,47 @@ def test_the_bound_of_a_trace_record_holds_a_record_at_the_configured_caps() -> 
     body = json.dumps(ring_answer(ring, 1, None)).encode()
     assert len(body) > 6 * 128 * 1024
     assert len(body) <= trace_record_bytes(128 * 1024, 10240)
+
+
+def test_a_siblings_traces_limit_is_checked_as_the_admin_views_is(tmp_path: Path) -> None:
+    """A worker's own `/traces` on its sibling socket (asked with curl) takes `limit` as the admin view does
+    (`traces_limit`): anything but a positive integer in ASCII digits, of nine digits at most, is a 400 with the admin
+    view's error, and more than MAX_TRACES gets MAX_TRACES records. Before, `limit=x` was a 500 (int() raised) and
+    `limit=5000` answered every record the ring kept (the gateway's own user alone reaches the socket)."""
+    ring = TraceRing(keep=MAX_TRACES + 10)
+    for _ in range(MAX_TRACES + 5):
+        trace = Trace()
+        trace.note(method="GET", path="/owa/", client="127.0.0.1")
+        ring.record(trace, 200)
+    asked = ("x", "0", "-1", "\u00b2", "1" * 10, "", "5000", "3")
+
+    async def ask() -> dict[str, tuple[int, str]]:
+        runner = await serve_siblings(Worker(number=1, siblings=tmp_path), ring, lambda: b"")
+        answers: dict[str, tuple[int, str]] = {}
+        try:
+            for limit in asked:
+                url = f"http://worker/traces?limit={urllib.parse.quote(limit)}"
+                curl = [
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "20",
+                    "--unix-socket",
+                    str(tmp_path / "1.sock"),
+                    "-w",
+                    "\n%{http_code}",
+                ]
+                proc = await asyncio.create_subprocess_exec(*curl, url, stdout=asyncio.subprocess.PIPE)
+                out, _ = await proc.communicate()
+                body, _, code = out.decode().rpartition("\n")
+                answers[limit] = (int(code), body)
+        finally:
+            await runner.cleanup()
+        return answers
+
+    answers = asyncio.run(ask())
+    refused = (400, '{"error": "limit must be a positive integer"}\n')
+    assert {limit: answers[limit] for limit in asked[:6]} == dict.fromkeys(asked[:6], refused)
+    assert answers["5000"][0] == 200
+    assert len(json.loads(answers["5000"][1])["records"]) == MAX_TRACES
+    assert len(json.loads(answers["3"][1])["records"]) == 3
