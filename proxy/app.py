@@ -229,6 +229,13 @@ def _refused(e: GatewayError, trace: Trace) -> tuple[CIMultiDict[str], bytes]:
     return headers, f"{e.reason}\n".encode()
 
 
+def _cut(live: Live, trace: Trace) -> None:
+    """A request cancelled once the stop's drain ended (`serve`) was cut by the stop, not left by its device: its
+    summary line says how the drain ended (`cut`: `drain_timeout` or `second_signal`)."""
+    if live.cut is not None:
+        trace.note(cut=live.cut)
+
+
 def _end(live: Live, trace: Trace, status: int) -> None:
     line = trace.summary(status=status)
     if path := line.get("path"):  # anyone's to write, percent-encoded (`%E2%80%AE`, `%1B`); the trace keeps it as sent
@@ -259,7 +266,8 @@ def own_server_handler(live: Live) -> Callable[[DeviceRequest], Awaitable[None]]
                 await handle(gw, request, trace)
             status = request.status or 500
         except asyncio.CancelledError:
-            status = 499  # the device went away first (nginx's "client closed request")
+            status = 499  # the device went away first (nginx's "client closed request"), or the stop cut it
+            _cut(live, trace)
             raise
         except GatewayError as e:
             status = e.status
@@ -289,7 +297,7 @@ def make_app(live: Live) -> web.Application:
     async def gateway_middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        device = AiohttpRequest(request)
+        device = AiohttpRequest(request, stopping=lambda: live.stopping)
         request[DEVICE_KEY] = device
         trace = _begin(live, device)
         request[TRACE_KEY] = trace
@@ -301,7 +309,8 @@ def make_app(live: Live) -> web.Application:
             status = response.status
             return response
         except asyncio.CancelledError:
-            status = 499  # the device went away first (nginx's "client closed request")
+            status = 499  # the device went away first (nginx's "client closed request"), or the stop cut it
+            _cut(live, trace)
             raise
         except web.HTTPException as e:  # aiohttp's own answers (`OPTIONS *` matches no route: 404)
             status = e.status
@@ -391,13 +400,16 @@ async def drain(
 
 
 async def _hurried(cleanup: Awaitable[None], hurry: asyncio.Event, seconds: float) -> str:
-    """aiohttp's runner cleanup (its drain, bounded by its shutdown_timeout: `seconds`), cancelled when `hurry` is
-    set first. Returns how it ended, as `drain` does."""
+    """aiohttp's runner cleanup (its drain), cancelled after `seconds` or when `hurry` is set first. Returns how it
+    ended, as `drain` does. The bound is ours, not only its shutdown_timeout: aiohttp waits that long for a request's
+    handler, then as long again for the handler it cancelled, which a handler waiting on its backend (a held Ping)
+    does not notice (its payload is cancelled, not its task): a drain took twice drain_timeout (40 s at the default,
+    past systemd's 30 s)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     work = asyncio.ensure_future(cleanup)
     second = asyncio.ensure_future(hurry.wait())
-    await asyncio.wait({work, second}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({work, second}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     second.cancel()
     if work.done():
         work.result()
@@ -405,7 +417,7 @@ async def _hurried(cleanup: Awaitable[None], hurry: asyncio.Event, seconds: floa
     work.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await work
-    return "second_signal"
+    return "second_signal" if hurry.is_set() else "drain_timeout"
 
 
 def _unparsed(live: Live, remote: str | None, status: int) -> None:
@@ -589,7 +601,13 @@ async def serve(
             outcome = await _hurried(runner.cleanup(), hurry, listener.drain_timeout)
         else:
             outcome = await drain(connections, slots, listener.drain_timeout, hurry)
-        log.info("drained", outcome=outcome, seconds=round(loop.time() - drain_started, 3))
+        cut = live.metrics.in_flight()[0]  # requests still in flight: cut now (each one's line says `cut`)
+        if outcome != "finished":
+            live.cut = outcome
+        log.info("drained", outcome=outcome, seconds=round(loop.time() - drain_started, 3), cut=cut)
+        if runner is not None and runner.server is not None:  # what aiohttp's cancelled cleanup left open
+            for protocol in list(runner.server.connections):
+                protocol.force_close()
         if admin is not None:
             await admin.cleanup()
         close_all(connections)

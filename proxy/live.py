@@ -83,6 +83,7 @@ class Live:
     served: ServedCertificate | None = None  # the listener's certificate `ssl_context` holds (`/readyz`)
     descriptors: DescriptorBudget | None = None  # the shares set at start (`proxy.descriptors`), which a reload keeps
     stopping: bool = False  # SIGTERM came: the gateway drains (`proxy.app.drain`), /readyz answers 503
+    cut: str | None = None  # how the stop's drain ended when it cut what was in flight ("drain_timeout", ...)
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
     _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
