@@ -67,12 +67,18 @@ DEVICE_KEY = web.RequestKey("device", AiohttpRequest)
 
 
 def build(
-    config: Config, *, shared: SharedTable | None = None, previous: Gateway | None = None, serving: bool = False
+    config: Config,
+    *,
+    shared: SharedTable | None = None,
+    previous: Gateway | None = None,
+    serving: bool = False,
+    read_crls: bool = True,
 ) -> Gateway:
     """The gateway a configuration describes; `shared`: the workers' table (the Basic per-user throttle, the log of
     users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
     whose CRLs the new ones start from (`CrlStore.inherit`); `serving`: a gateway that will serve (start, reload),
-    which writes `client_certificates.crl_state` (check-config and explain only read it)."""
+    which writes `client_certificates.crl_state` (check-config and explain only read it); `read_crls`: False for a
+    reload, which reads the CRL files (`read_crl_files`) in a thread."""
     cc = config.client_certificates
     problems: list[str] = []
     loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}
@@ -99,11 +105,8 @@ def build(
     if previous is not None:  # a reload: what a source held stays the floor a replayed CRL is refused below
         revocation.crls.inherit(previous.revocation.crls)
         revocation.crls.raise_floors()
-    for problem in revocation.load(now=datetime.now(UTC)):
-        log.warning("crl_not_used", problem=problem)
-    floors = revocation.crls.floors
-    if isinstance(floors, PersistedFloors) and floors.failed is not None:  # written once as it starts: proof it can
-        raise ConfigError([f"client_certificates.crl_state: {floors.failed} (in {config.path})"])
+    if read_crls:
+        read_crl_files(config, revocation)
     if cc.revocation == "off":
         log.warning("revocation_off", detail="client certificates are not checked against any CRL")
     for route in config.routes:
@@ -122,6 +125,18 @@ def build(
         basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),
     )
+
+
+def read_crl_files(config: Config, revocation: LiveRevocation) -> None:
+    """The configured CRL files read and vetted (`LiveRevocation.load`), what is not used logged; ConfigError when
+    `client_certificates.crl_state` cannot be written. Seconds of CPU for a large CA's CRL (200,000 entries: 3-7 s
+    here): at the start, before the event loop serves; a reload runs it in a thread (`proxy.live.Live.reload`), as it
+    stopped every device's requests, handshakes and health checks for that long on the loop."""
+    for problem in revocation.load(now=datetime.now(UTC)):
+        log.warning("crl_not_used", problem=problem)
+    floors = revocation.crls.floors
+    if isinstance(floors, PersistedFloors) and floors.failed is not None:  # written once as it starts: proof it can
+        raise ConfigError([f"client_certificates.crl_state: {floors.failed} (in {config.path})"])
 
 
 def _floors(

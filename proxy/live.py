@@ -144,6 +144,8 @@ class Live:
 
     async def reload(self) -> bool:
         """Read the configuration file again and swap it in if it is sound; else log why and keep the old."""
+        from proxy.app import read_crl_files
+
         async with self._lock:
             self._reload_waiting = False  # a SIGHUP from now on comes after the file is read: a reload of its own
             old = self.gateway
@@ -155,10 +157,15 @@ class Live:
             except (OSError, ssl.SSLError, ValueError) as e:
                 return self._refused(path, [f"{type(e).__name__}: {e}"])
             try:
+                # the CRL files read and vetted off the event loop (seconds for a large CA's), which goes on serving
+                await asyncio.to_thread(read_crl_files, gateway.config, gateway.revocation)
                 await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
                 if gateway.delegator is not old.delegator:  # its watch's KDC list out of the overlay before the new's
                     old.delegator.stop_watch()  # (its requests still in flight are served on as they are)
                 await gateway.delegator.watch_kdcs()  # a kept delegator's watch goes on; a new one's starts
+            except ConfigError as e:  # client_certificates.crl_state cannot be written
+                await _close(gateway, keep=old)
+                return self._refused(path, e.problems)
             except asyncio.CancelledError:  # the gateway stops (`begin_stop`), or the watch that asked is cancelled
                 await _close(gateway, keep=old)
                 raise
@@ -279,7 +286,7 @@ def _prepare(
         problems = [*problems, reserve]
     if problems:
         raise ConfigError(problems)
-    gateway = _carry_over(build(config, shared=old.basic.shared, previous=old, serving=True), old)
+    gateway = _carry_over(build(config, shared=old.basic.shared, previous=old, serving=True, read_crls=False), old)
     return gateway, server_context(config), ServedCertificate.of(config)
 
 
