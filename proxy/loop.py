@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from proxy.config import EventLoop
@@ -38,7 +39,20 @@ def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
+class _Unjoined(ThreadPoolExecutor):
+    """The loop's default executor (`asyncio.to_thread`: CRL reads and vetting, password hashing), whose shutdown
+    waits for no call under way. asyncio's runner shuts it down after `main` returns and joined its threads: a
+    stopped gateway ran on until a reload's vetting of a large CRL ended (seconds of CPU for a 200,000-entry one),
+    past its `stopped` line and drain_timeout. Nothing waits for such a call once the gateway has stopped, and the
+    process ends next (`proxy.workers.end_process`); a CRL replay-floor file is replaced whole (`os.replace`)."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
+
+
 def run(main: Coroutine[Any, Any, T], kind: EventLoop) -> T:
-    """`asyncio.run(main)` on a loop of the configured kind (Python 3.11's `asyncio.run` takes no loop factory)."""
+    """`asyncio.run(main)` on a loop of the configured kind (Python 3.11's `asyncio.run` takes no loop factory), its
+    default executor not joined at the end (`_Unjoined`)."""
     with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
+        runner.get_loop().set_default_executor(_Unjoined(thread_name_prefix="asyncio"))
         return runner.run(main)
