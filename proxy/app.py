@@ -435,6 +435,30 @@ async def _hurried(cleanup: Awaitable[None], hurry: asyncio.Event, seconds: floa
     return "second_signal" if hurry.is_set() else "drain_timeout"
 
 
+async def _start_up(gw: Gateway) -> None:
+    """What a gateway awaits before it listens: its CRL URLs fetched once (then refreshed), and which of the realm's
+    KDCs answer (`proxy.kerberos.kdcs`)."""
+    await gw.revocation.start()
+    await gw.delegator.watch_kdcs()
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """`work` awaited, unless `stop` is set first: then it is cancelled, and False. A SIGTERM while the gateway starts
+    (a CRL URL whose server never answers: `FETCH_TIMEOUT`, 10 s) waited for the start to end, then opened the
+    listener, and only then stopped."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
 def _unparsed(live: Live, remote: str | None, status: int) -> None:
     """The summary line and metrics of a request the server could not parse (what went wrong was logged)."""
     trace = Trace()
@@ -520,8 +544,15 @@ async def serve(
     live.metrics.backend_sockets = lambda: live.gateway.pools.sockets
     per_address = listener.max_connections_per_address
     cap = AddressCap(per_address, on_refused=live.metrics.address_connections_refused) if per_address else None
-    await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
-    await gw.delegator.watch_kdcs()  # which of the realm's KDCs answer (proxy.kerberos.kdcs)
+    if not await _unless_stopped(_start_up(gw), stop):  # SIGTERM while starting: nothing to drain, no listener opened
+        log.info("stopping", drain_timeout=listener.drain_timeout, starting=True)
+        await live.close()
+        live.traces.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("drained", outcome="finished", seconds=0.0, cut=0)
+        log.info("stopped")
+        return
     runner: web.AppRunner | None = None
     connections: set[DeviceConnection] = set()
     handler: Callable[[], asyncio.Protocol]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -22,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import client_context, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import eventually
+from tests.integration.conftest import REPO, client_context, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import eventually, whole_json_lines
 from tests.integration.test_drain import SERVERS, _gateway, _in_flight, _not_ready, _send
 
 # How far past drain_timeout a drain may end: a poll's 50 ms and a loaded machine's late timers, not a second timeout
@@ -293,3 +296,41 @@ def test_two_workers_each_drain_and_the_supervisor_waits_for_the_last(
         assert stopped["timestamp"] >= last_drained
     finally:
         gw.stop()
+
+
+def test_a_sigterm_while_the_gateway_starts_ends_it_without_listening(lab: LabLayout, tmp_path: Path) -> None:
+    """SIGTERM while the gateway starts, fetching a CRL from a server that accepts and never answers (drain_timeout
+    4 s): it exits 0 within drain_timeout, its start-up cancelled, and never listens. Before, the start went on to the
+    fetch's 10 s timeout (`FETCH_TIMEOUT`), then opened its listener (a balancer's check could see it up) and only
+    then stopped: 10.9 s for a stop asked for before anything was served."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/issuing.crl"
+        text = lab_config(lab, port=free_port()).replace("crls = [", f'crls = ["{url}", ', 1)
+        text = text.replace("[listener]\n", "[listener]\ndrain_timeout = 4\n", 1)
+        config = tmp_path / "gateway.toml"
+        config.write_text(text)
+        log = tmp_path / "gateway.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, **lab.env()},
+            )
+        try:
+            silent.settimeout(60)
+            fetch, _ = silent.accept()  # the start is fetching the CRL
+            with fetch:
+                stopped_at = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=60) == 0
+                took = time.monotonic() - stopped_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    events = [e.get("event") for e in whole_json_lines(log)]
+    assert "listening" not in events, events
+    assert events[-3:] == ["stopping", "drained", "stopped"], events
+    assert took < 4, took
