@@ -87,10 +87,13 @@ def test_every_line_before_the_exit_reaches_a_slow_pipe_and_the_overlays_are_gon
 ) -> None:
     """A one-process gateway whose stdout is a 4 KiB pipe read slowly (a busy journald, `docker logs`), serving 20
     requests and then stopped (SIGTERM, SIGINT, or SIGTERM twice): every summary line, `drained`, and `stopped` last
-    reach the reader whole, the exit status is 0, and the krb5.conf overlay files it wrote in its TMPDIR are gone."""
+    reach the reader whole, the exit status is 0, every trace is in the `[traces] export` file, and the krb5.conf
+    overlay files it wrote in its TMPDIR are gone."""
     port = free_port()
     reader = SlowReader()
-    proc, tmp = _start(lab, tmp_path, lab_config(lab, port=port), reader)
+    traces = tmp_path / "traces.jsonl"
+    text = lab_config(lab, port=port, extra=f'\n[traces]\nexport = "{traces}"\n')
+    proc, tmp = _start(lab, tmp_path, text, reader)
     try:
         wait_port(port, proc)
         assert _overlays(tmp), "the lab's gateway writes a krb5.conf overlay"
@@ -105,6 +108,8 @@ def test_every_line_before_the_exit_reaches_a_slow_pipe_and_the_overlays_are_gon
         assert lines[-1]["event"] == "stopped", lines[-3:]
         assert len(reader.events("drained")) == 1
         assert _overlays(tmp) == []
+        exported = traces.read_text().splitlines()
+        assert len(exported) == REQUESTS and all(json.loads(line)["status"] == 200 for line in exported)
     finally:
         if proc.poll() is None:
             proc.kill()
