@@ -241,6 +241,13 @@ def _refused(e: GatewayError, trace: Trace) -> tuple[CIMultiDict[str], bytes]:
     return headers, f"{e.reason}\n".encode()
 
 
+def _cut(live: Live, trace: Trace) -> None:
+    """A request cancelled once the stop's drain ended (`serve`) was cut by the stop, not left by its device: its
+    summary line says how the drain ended (`cut`: `drain_timeout` or `second_signal`)."""
+    if live.cut is not None:
+        trace.note(cut=live.cut)
+
+
 def _end(live: Live, trace: Trace, status: int) -> None:
     line = trace.summary(status=status)
     if path := line.get("path"):  # anyone's to write, percent-encoded (`%E2%80%AE`, `%1B`); the trace keeps it as sent
@@ -271,7 +278,8 @@ def own_server_handler(live: Live) -> Callable[[DeviceRequest], Awaitable[None]]
                 await handle(gw, request, trace)
             status = request.status or 500
         except asyncio.CancelledError:
-            status = 499  # the device went away first (nginx's "client closed request")
+            status = 499  # the device went away first (nginx's "client closed request"), or the stop cut it
+            _cut(live, trace)
             raise
         except GatewayError as e:
             status = e.status
@@ -301,7 +309,7 @@ def make_app(live: Live) -> web.Application:
     async def gateway_middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        device = AiohttpRequest(request)
+        device = AiohttpRequest(request, stopping=lambda: live.stopping)
         request[DEVICE_KEY] = device
         trace = _begin(live, device)
         request[TRACE_KEY] = trace
@@ -313,7 +321,8 @@ def make_app(live: Live) -> web.Application:
             status = response.status
             return response
         except asyncio.CancelledError:
-            status = 499  # the device went away first (nginx's "client closed request")
+            status = 499  # the device went away first (nginx's "client closed request"), or the stop cut it
+            _cut(live, trace)
             raise
         except web.HTTPException as e:  # aiohttp's own answers (`OPTIONS *` matches no route: 404)
             status = e.status
@@ -403,13 +412,16 @@ async def drain(
 
 
 async def _hurried(cleanup: Awaitable[None], hurry: asyncio.Event, seconds: float) -> str:
-    """aiohttp's runner cleanup (its drain, bounded by its shutdown_timeout: `seconds`), cancelled when `hurry` is
-    set first. Returns how it ended, as `drain` does."""
+    """aiohttp's runner cleanup (its drain), cancelled after `seconds` or when `hurry` is set first. Returns how it
+    ended, as `drain` does. The bound is ours, not only its shutdown_timeout: aiohttp waits that long for a request's
+    handler, then as long again for the handler it cancelled, which a handler waiting on its backend (a held Ping)
+    does not notice (its payload is cancelled, not its task): a drain took twice drain_timeout (40 s at the default,
+    past systemd's 30 s)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     work = asyncio.ensure_future(cleanup)
     second = asyncio.ensure_future(hurry.wait())
-    await asyncio.wait({work, second}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({work, second}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     second.cancel()
     if work.done():
         work.result()
@@ -417,7 +429,31 @@ async def _hurried(cleanup: Awaitable[None], hurry: asyncio.Event, seconds: floa
     work.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await work
-    return "second_signal"
+    return "second_signal" if hurry.is_set() else "drain_timeout"
+
+
+async def _start_up(gw: Gateway) -> None:
+    """What a gateway awaits before it listens: its CRL URLs fetched once (then refreshed), and which of the realm's
+    KDCs answer (`proxy.kerberos.kdcs`)."""
+    await gw.revocation.start()
+    await gw.delegator.watch_kdcs()
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """`work` awaited, unless `stop` is set first: then it is cancelled, and False. A SIGTERM while the gateway starts
+    (a CRL URL whose server never answers: `FETCH_TIMEOUT`, 10 s) waited for the start to end, then opened the
+    listener, and only then stopped."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
 
 
 def _unparsed(live: Live, remote: str | None, status: int) -> None:
@@ -511,8 +547,15 @@ async def serve(
     live.metrics.backend_sockets = lambda: live.gateway.pools.sockets
     per_address = listener.max_connections_per_address
     cap = AddressCap(per_address, on_refused=live.metrics.address_connections_refused) if per_address else None
-    await gw.revocation.start()  # CRL URLs fetched once before the first request; then refreshed
-    await gw.delegator.watch_kdcs()  # which of the realm's KDCs answer (proxy.kerberos.kdcs)
+    if not await _unless_stopped(_start_up(gw), stop):  # SIGTERM while starting: nothing to drain, no listener opened
+        log.info("stopping", drain_timeout=listener.drain_timeout, signal=came[0].name if came else None, starting=True)
+        await live.close()
+        live.traces.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("drained", outcome="finished", seconds=0.0, cut=0)
+        log.info("stopped")
+        return
     runner: web.AppRunner | None = None
     connections: set[DeviceConnection] = set()
     handler: Callable[[], asyncio.Protocol]
@@ -613,7 +656,13 @@ async def serve(
             outcome = await _hurried(runner.cleanup(), hurry, listener.drain_timeout)
         else:
             outcome = await drain(connections, slots, listener.drain_timeout, hurry)
-        log.info("drained", outcome=outcome, seconds=round(loop.time() - drain_started, 3))
+        cut = live.metrics.in_flight()[0]  # requests still in flight: cut now (each one's line says `cut`)
+        if outcome != "finished":
+            live.cut = outcome
+        log.info("drained", outcome=outcome, seconds=round(loop.time() - drain_started, 3), cut=cut)
+        if runner is not None and runner.server is not None:  # what aiohttp's cancelled cleanup left open
+            for protocol in list(runner.server.connections):
+                protocol.force_close()
         if admin is not None:
             await admin.cleanup()
         close_all(connections)

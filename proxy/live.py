@@ -84,10 +84,12 @@ class Live:
     descriptors: DescriptorBudget | None = None  # the shares set at start (`proxy.descriptors`), which a reload keeps
     stopping: bool = False  # SIGTERM or SIGINT came: the gateway drains (`proxy.app.drain`), /readyz answers 503
     stopped_by: str | None = None  # that signal's name ("SIGINT"); None for a stop no signal asked for
+    cut: str | None = None  # how the stop's drain ended when it cut what was in flight ("drain_timeout", ...)
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
     _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
     _reloads: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # reloads under way (`begin_stop`)
+    _reload_waiting: bool = field(default=False, repr=False)  # a SIGHUP's reload is still to begin (`reload_soon`)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -118,10 +120,18 @@ class Live:
         return _Using(self)
 
     def reload_soon(self) -> None:
-        """For a signal handler: reload in a task of its own; none once the gateway is stopping (`begin_stop`)."""
+        """For a signal handler: reload in a task of its own; none once the gateway is stopping (`begin_stop`), and
+        none more while one asked for before has not begun: that one reads the file when it begins, as it is after
+        this signal too (`reload_coalesced`). A SIGHUP storm (a tool reloading once per file it changed) was a reload
+        per signal, one after the other, each reading and vetting every CRL again: 20 SIGHUPs in a second to a gateway
+        holding a 200,000-entry CRL took 206 s and 42.6 s of CPU. Now it is the reload under way and one more."""
         if self.stopping:
             log.info("reload_ignored", detail="the gateway is stopping; its next start reads the configuration")
             return
+        if self._reload_waiting:
+            log.info("reload_coalesced", detail="a reload asked for before has not begun: it reads the file then")
+            return
+        self._reload_waiting = True
         self._spawn(self.reload(), reloading=True)
 
     def begin_stop(self, signal: str | None = None) -> None:
@@ -137,6 +147,7 @@ class Live:
     async def reload(self) -> bool:
         """Read the configuration file again and swap it in if it is sound; else log why and keep the old."""
         async with self._lock:
+            self._reload_waiting = False  # a SIGHUP from now on comes after the file is read: a reload of its own
             old = self.gateway
             path = old.config.path
             try:

@@ -49,7 +49,8 @@ def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def run(main: Coroutine[Any, Any, T], kind: EventLoop) -> T:
-    """`asyncio.run(main)` on a loop of the configured kind (Python 3.11's `asyncio.run` takes no loop factory)."""
+    """`asyncio.run(main)` on a loop of the configured kind (Python 3.11's `asyncio.run` takes no loop factory), its
+    default executor not joined at the end (`_Unwaited`)."""
     with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
         runner.get_loop().set_default_executor(_Unwaited(thread_name_prefix="asyncio"))
         return runner.run(main)

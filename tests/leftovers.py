@@ -13,6 +13,14 @@ process whose mark names a run that has ended: SIGCONT (a test may have frozen i
 left after `GRACE` seconds. A process of a run still going (another checkout's, this machine's other engineers') is
 never touched: its controller lives, with the start time in its mark.
 
+The mark is in the environment, and so anyone's to pass on: a developer's shell that exported it (a dead run's mark
+copied to run a test's gateway by hand, `eval` of a /proc/PID/environ) gives it to every process started from it
+afterwards, `make test` included, none of them a run's. So a marked process is never stopped when it is an ancestor of
+this run (the `make` or script that started it), nor when its parent lives, is no process of the same run (carries
+another mark or none) and shares its session: that parent started it (a shell and its jobs share the terminal's
+session). What a dead run left has its creator gone: adopted by init (this namespace's pid 1) or a subreaper, which
+is in no session of the run's, or created by another of the run's processes, which carries its mark.
+
 A dead run's dockerd is another matter: a later run (of any checkout) finds the engine answering and uses it
 (tests/integration/test_compose.py), but stops only a dockerd it started itself, so a killed run's stayed for good,
 with `ip_forward` on (dockerd turns it on; the run that started it would have put it back). It is stopped only while
@@ -90,12 +98,29 @@ def namespace(kind: str) -> int:
 def start_time(pid: int) -> int | None:
     """The process's start in clock ticks after boot (/proc/PID/stat, field 22, shifted by the reader's time
     namespace), None once it is gone or a zombie."""
+    stat = _stat(pid)
+    return None if stat is None else stat[0]
+
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """The process's start (`start_time`), its parent's pid and its session's id (/proc/PID/stat fields 22, 4 and
+    6), None once it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat.rpartition(")")[2].split()  # the fields after the command's name, from the 3rd (the state) on
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    return None if fields[0] in ("Z", "X") else (int(fields[19]), int(fields[1]), int(fields[3]))
+
+
+def _mark_of(pid: int) -> str | None:
+    """The mark in the process's environment (as it was exec'd), "" for none, None when it cannot be read."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = f"{MARK}=".encode()
+    return next((v[len(prefix) :].decode(errors="replace") for v in environ.split(b"\0") if v.startswith(prefix)), "")
 
 
 def this_run(checkout: Path) -> Run:
@@ -115,6 +140,8 @@ class Leftover:
     command: str
     run: Run
     environ: dict[str, str]
+    parent: int = 0  # its parent's pid as scanned
+    session: int = 0  # its session's id
 
 
 def _marked() -> Iterator[Leftover]:
@@ -124,22 +151,50 @@ def _marked() -> Iterator[Leftover]:
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        started = start_time(pid)
+        stat = _stat(pid)
         with contextlib.suppress(OSError):
             environ = (entry / "environ").read_bytes()
             command = (entry / "comm").read_text().strip()
-            if started is None or start_time(pid) != started:
+            if stat is None or start_time(pid) != stat[0]:
                 continue  # gone meanwhile, or its pid another process's: what was read may be either's
             pairs = (variable.decode(errors="replace").partition("=") for variable in environ.split(b"\0"))
             found = {name: value for name, _, value in pairs if name in names}
             run = Run.parse(found.get(MARK, ""))
             if run is not None:
-                yield Leftover(pid, started, command, run, found)
+                yield Leftover(pid, stat[0], command, run, found, parent=stat[1], session=stat[2])
 
 
 def leftovers() -> list[Leftover]:
-    """Every process (but this one) whose run has ended, judged from here (`Run.judged_here`)."""
-    return [left for left in _marked() if left.pid != os.getpid() and left.run.judged_here() and not left.run.alive()]
+    """Every process (but this one and its ancestors) whose run has ended, judged from here (`Run.judged_here`), and
+    that a process of no run did not start (`_started_outside_a_run`)."""
+    mine = _ancestors()
+    return [
+        left
+        for left in _marked()
+        if left.pid not in mine and left.run.judged_here() and not left.run.alive() and not _started_outside_a_run(left)
+    ]
+
+
+def _ancestors() -> set[int]:
+    """This process and its ancestors: a run started by a `make` or a script that carries a dead run's mark (exported
+    in the shell that started it) never stops what is running it."""
+    found: set[int] = set()
+    pid = os.getpid()
+    while pid > 0 and pid not in found:
+        found.add(pid)
+        stat = _stat(pid)
+        pid = 0 if stat is None else stat[1]
+    return found
+
+
+def _started_outside_a_run(left: Leftover) -> bool:
+    """Whether the leftover's parent lives, carries another mark or none, and shares its session: the parent started
+    it (a shell that exported the mark, and its job), as no dead run's process was (module docstring). Init (pid 1),
+    having adopted it, is never that parent."""
+    if left.parent <= 1:
+        return False
+    parent = _stat(left.parent)
+    return parent is not None and parent[2] == left.session and _mark_of(left.parent) not in (None, left.run.mark())
 
 
 def of_the_engine(left: Leftover) -> bool:

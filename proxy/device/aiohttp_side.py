@@ -23,10 +23,11 @@ from proxy.tls.server import _AlertingSSLProtocol
 class AiohttpRequest:
     """A `proxy.device.request.DeviceRequest` over aiohttp's `web.Request`."""
 
-    __slots__ = ("_request", "_version", "response")
+    __slots__ = ("_request", "_stopping", "_version", "response")
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, stopping: Callable[[], bool] = lambda: False) -> None:
         self._request = request
+        self._stopping = stopping  # whether the gateway drains (`proxy.app.drain`): the answer then says it closes
         self._version = request.version
         self.response: web.StreamResponse | None = None
         if request.version < HttpVersion10:
@@ -101,7 +102,7 @@ class AiohttpRequest:
     async def answer(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> None:
         response = self.response = web.Response(status=status, reason=reason, body=body)
         response.headers.extend(headers)
-        await response.prepare(self._request)
+        await self._prepare(response)
         await response.write_eof()
 
     def answer_written(self, status: int, reason: str | None, headers: MultiMapping[str], body: bytes) -> bool | None:
@@ -117,6 +118,14 @@ class AiohttpRequest:
         response.headers.extend(headers)
         if content_length is not None:
             response.content_length = content_length
+        await self._prepare(response)
+
+    async def _prepare(self, response: web.StreamResponse) -> None:
+        """The status line and header fields sent. While the gateway stops they say `Connection: close`, as the own
+        server's do: aiohttp closes the connection after this answer (its shutdown), and told nothing, a device would
+        send its next request on it, to be cut."""
+        if self._stopping():
+            response.force_close()
         await response.prepare(self._request)
 
     async def write(self, chunk: bytes) -> None:
