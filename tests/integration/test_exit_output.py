@@ -68,6 +68,25 @@ def _start(lab: LabLayout, tmp_path: Path, text: str, reader: SlowReader) -> tup
     return proc, tmp
 
 
+def _listening(lab: LabLayout, tmp_path: Path, extra: str) -> tuple[subprocess.Popen[bytes], Path, SlowReader, int]:
+    """`_start` on a free port, once the gateway listens; started again on another port (at most twice more) when
+    another process took the one picked meanwhile (a connection's source port on a loaded machine), as
+    `start_gateway` does."""
+    for attempt in range(3):
+        reader = SlowReader()
+        port = free_port()
+        directory = tmp_path / f"attempt{attempt}"
+        directory.mkdir()
+        proc, tmp = _start(lab, directory, lab_config(lab, port=port, extra=extra), reader)
+        try:
+            wait_port(port, proc)
+            return proc, tmp, reader, port
+        except RuntimeError:
+            if proc.poll() is None or not reader.done.wait(60) or b"Address already in use" not in reader.data:
+                raise
+    raise AssertionError(f"the port picked was taken three times: {bytes(reader.data)[-2000:]!r}")
+
+
 def _overlays(tmp: Path) -> list[str]:
     return sorted(p.name for p in tmp.glob("kcd-proxy-krb5-*"))
 
@@ -89,13 +108,9 @@ def test_every_line_before_the_exit_reaches_a_slow_pipe_and_the_overlays_are_gon
     requests and then stopped (SIGTERM, SIGINT, or SIGTERM twice): every summary line, `drained`, and `stopped` last
     reach the reader whole, the exit status is 0, every trace is in the `[traces] export` file, and the krb5.conf
     overlay files it wrote in its TMPDIR are gone."""
-    port = free_port()
-    reader = SlowReader()
     traces = tmp_path / "traces.jsonl"
-    text = lab_config(lab, port=port, extra=f'\n[traces]\nexport = "{traces}"\n')
-    proc, tmp = _start(lab, tmp_path, text, reader)
+    proc, tmp, reader, port = _listening(lab, tmp_path, f'\n[traces]\nexport = "{traces}"\n')
     try:
-        wait_port(port, proc)
         assert _overlays(tmp), "the lab's gateway writes a krb5.conf overlay"
         for _ in range(REQUESTS):
             _get(lab, port)
