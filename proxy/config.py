@@ -125,7 +125,7 @@ class Restriction:
     """One `[[client_certificates.restrictions]]` rule: a certificate matches when every criterion set holds."""
 
     name: str
-    issuer: str | None = None  # RFC 4514; the issuer of the certificate or of any CA in its verified chain
+    issuer: str | None = None  # RFC 4514 as the log's cert_issuer shows it (`as_logged_name`); or of a CA of the chain
     subject: str | None = None  # a glob over the subject in RFC 4514 form, e.g. "CN=*,OU=Devices,*"
     eku: tuple[str, ...] = ()  # extended key usage OIDs that must all be present
     extension_oid: str | None = None  # an extension that must be present ...
@@ -683,6 +683,24 @@ def _crl_locations(r: _Reader, t: dict[str, Any], key: str) -> tuple[tuple[Path,
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
+# An escape `proxy.printable` writes for an invisible character (`\x1b`, `\u202e`, `\U000e0041`), or an RFC 4514
+# escape (a backslash and what follows it), which stays: in an RFC 4514 name a backslash as text is itself escaped.
+_LOGGED_ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|.)", re.DOTALL)
+
+
+def as_logged_name(text: str) -> str:
+    """An RFC 4514 name written as the log shows one (`proxy.printable`'s escapes for its invisible characters), in
+    the form the log shows (cryptography's `rfc4514_string`, then `printable`), or ValueError if it is none."""
+
+    def unescaped(found: re.Match[str]) -> str:
+        if len(found[1]) == 1:
+            return found[0]
+        char = chr(int(found[1][1:], 16))
+        return char if printable(char) != char else found[0]  # only what printable escapes
+
+    return printable(x509.Name.from_rfc4514_string(_LOGGED_ESCAPE.sub(unescaped, text)).rfc4514_string())
+
+
 def _oid(r: _Reader, key: str, value: Any) -> str | None:
     if not isinstance(value, str) or not _OID.fullmatch(value):
         r.problem(key, f"expected an OID in dotted form (e.g. 1.3.6.1.5.5.7.3.2), got {value!r}")
@@ -700,9 +718,16 @@ def _restrictions(r: _Reader, raw: Any) -> tuple[Restriction, ...]:
         key = f"{k}[{i}]"
         r.unknown(t, key, {"name", "issuer", "subject", "eku", "extension"})
         issuer = r.get(t, f"{key}.issuer", "issuer", str, "") or None
-        if issuer is not None:
+        if issuer is not None and (shown := printable(issuer)) != issuer:
+            r.problem(
+                f"{key}.issuer",
+                "holds invisible characters, which no issuer as matched holds: the issuer matches as the log's "
+                "cert_issuer shows it, such characters as escapes; copy cert_issuer's value from the log line, quotes "
+                f"included, or write the escapes as TOML then reads them: issuer = {json.dumps(shown)}",
+            )
+        elif issuer is not None:
             try:
-                issuer = x509.Name.from_rfc4514_string(issuer).rfc4514_string()
+                issuer = as_logged_name(issuer)
             except ValueError as e:
                 r.problem(f"{key}.issuer", f"not an RFC 4514 name ({e}): {issuer!r}")
         eku = r.get(t, f"{key}.eku", "eku", list, []) or []

@@ -7,7 +7,10 @@ rules a certificate must match at least one of them, and a rule matches when eve
 holds:
 
 - `issuer`: the certificate's issuer, or the subject of any CA in its verified chain, equals the RFC
-  4514 name given (compared case-insensitively), so a rule can name an issuing CA or a root;
+  4514 name given (compared case-insensitively), so a rule can name an issuing CA or a root. Both as the request log
+  shows the issuer in `cert_issuer`: invisible characters as escapes (`proxy.printable`), so that an issuer copied
+  from the log matches, its JSON string copied whole, quotes included, being the TOML string for it; an issuer holding
+  an invisible character itself is refused by the configuration, as a subject glob is;
 - `subject`: a shell glob (`*`, `?`, `[...]`) over the subject in RFC 4514 form as the request log shows it
   in `cert_subject` (most specific attribute first: `CN=alice,OU=Devices,O=Corp`), invisible characters as the
   escapes the log writes (`proxy.printable`: `CN=alice\u202e` is the text backslash, u, 2, 0, 2, e), so that a
@@ -40,6 +43,7 @@ from pyasn1.type import char, univ
 from proxy.certs.chain import VerifiedCertificate
 from proxy.config import Restriction
 from proxy.errors import CertificateRejected
+from proxy.printable import printable
 
 RULE_SET = "client_certificates.restrictions"
 
@@ -71,8 +75,8 @@ def admit(verified: VerifiedCertificate, rules: Sequence[Restriction]) -> Admiss
 def matches(verified: VerifiedCertificate, rule: Restriction) -> bool:
     """Whether the certificate meets every criterion `rule` sets."""
     leaf = verified.leaf
-    if rule.issuer is not None:
-        issuers = {leaf.issuer.rfc4514_string(), *(ca.subject.rfc4514_string() for ca in verified.chain[1:])}
+    if rule.issuer is not None:  # the names as logged: invisible characters as escapes (module docstring)
+        issuers = {verified.issuer, *(printable(ca.subject.rfc4514_string()) for ca in verified.chain[1:])}
         if rule.issuer.casefold() not in {name.casefold() for name in issuers}:
             return False
     if rule.subject is not None and not fnmatchcase(verified.subject.casefold(), rule.subject.casefold()):

@@ -11,7 +11,8 @@ What was read is parsed and vetted (`revocation.accept`) before it may replace a
 - a failed fetch does the same; the last good CRL then serves until its nextUpdate, after which the
   revocation stage treats it as no CRL at all.
 After each round the accepted CRLs of all sources are indexed into a new `CrlSet`, which replaces
-`current` in one assignment: a request sees the old set or the new one, never half of each. Listeners
+`current` in one assignment: a request sees the old set or the new one, never half of each; a round that kept the
+very CRLs `current` holds keeps `current` itself (bytes read as last time are not even parsed). Listeners
 registered with `on_change` (the in-flight registry) run when the set changed.
 
 Every source's state (its CRLs' issuer, number, thisUpdate and nextUpdate; last fetch, last success,
@@ -352,13 +353,13 @@ class CrlStore:
             await asyncio.to_thread(self.floors.save)
 
     def _swap(self, now: datetime) -> CrlSet:
-        return self._install(*CrlSet.of(self._held(), self.trust, at=now))
+        return self._install(*CrlSet.of(self._held(), self.trust, at=now, previous=self.current))
 
     async def _swap_in_thread(self, now: datetime) -> CrlSet:
         """`_swap`, indexing in a thread (see `_vet`); indexed again if a source took new CRLs meanwhile."""
         while True:
             held = self._held()
-            indexed = await asyncio.to_thread(CrlSet.of, held, self.trust, at=now)
+            indexed = await asyncio.to_thread(CrlSet.of, held, self.trust, at=now, previous=self.current)
             if [id(crl) for crl in self._held()] == [id(crl) for crl in held]:
                 return self._install(*indexed)
 

@@ -321,6 +321,17 @@ def traces_limit(request: web.Request) -> int:
     return min(int(raw), MAX_TRACES)
 
 
+def _worker_number(raw: str) -> int:
+    """A sibling `/traces` cursor's `before_worker` (the worker holding the cursor's trace, which the worker that
+    asked sets): a worker's number, or a 400 naming the parameter (int() raised on anything else: a 500)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # as `traces_limit`: no "²", no 4,301 digits
+        raise web.HTTPBadRequest(
+            text='{"error": "before_worker must be a worker\'s number (a non-negative integer)"}\n',
+            content_type="application/json",
+        )
+    return int(raw)
+
+
 def sibling_app(
     ring: TraceRing, render: Callable[[], bytes], number: int = 0, listener: Callable[[], Occupancy] = lambda: (0, 0)
 ) -> web.Application:
@@ -339,7 +350,7 @@ def sibling_app(
         cursor = None
         if "before" in request.query:  # set by the worker that asked, from the trace it found
             q = request.query
-            cursor = Cursor(q["before"], q.get("before_time", ""), int(q.get("before_worker", "0")))
+            cursor = Cursor(q["before"], q.get("before_time", ""), _worker_number(q.get("before_worker", "0")))
         return web.json_response(ring_answer(ring, limit, request.query.get("user") or None, cursor, number))
 
     async def trace(request: web.Request) -> web.Response:

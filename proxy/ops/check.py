@@ -33,6 +33,7 @@ from proxy.certs.revocation import CrlSet, load_crls
 from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
 from proxy.kerberos.keytab import account_advice, read_keytab
+from proxy.printable import printable
 
 
 def check(config: Config, *, at: datetime, crls: bool = True) -> list[str]:
@@ -133,7 +134,7 @@ def _unmatched_issuers(config: Config) -> Iterator[tuple[str, str]]:
         return
     try:
         cas = [
-            cert.subject.rfc4514_string()
+            printable(cert.subject.rfc4514_string())  # as a rule's issuer is written: as the log shows it
             for path in (*cc.trust_anchors, *cc.intermediates)
             for cert in load_certificates(path)
         ]

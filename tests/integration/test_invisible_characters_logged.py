@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.identity.upn import upn_other_name
 from proxy.lab.layout import LabLayout
-from proxy.lab.pki import Pki, _issue_leaf, _urls_of, write_key, write_pem
+from proxy.lab.pki import Pki, _issue_leaf, _make_ca, _sign_crl, _urls_of, write_key, write_pem
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.pem import self_signed
 
@@ -219,6 +219,83 @@ def test_a_subject_copied_from_the_log_into_a_restriction_admits_that_certificat
         gw.proc.send_signal(signal.SIGHUP)
         problems = " ".join(gw.wait_event("reload_refused")["problems"])
         assert "client_certificates.restrictions[0].subject" in problems, problems
+        assert "\\u202e" in problems, problems
+    finally:
+        gw.stop()
+
+
+def _alice_from_an_invisible_ca(lab: LabLayout, tmp_path: Path, text: str) -> tuple[ssl.SSLContext, str]:
+    """A device presenting alice's certificate from an issuing CA under the lab's root whose common name is
+    "Devices CA" + INVISIBLE, and `text` (the lab's configuration) with that CA among the intermediates and its CRL
+    (listing nobody) among the CRLs."""
+    pki = Pki.at(lab.pki_dir)
+    root_key = serialization.load_pem_private_key(pki.root_key.read_bytes(), None)
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    root = x509.load_pem_x509_certificate(pki.root_cert.read_bytes())
+    now = datetime.now(UTC)
+    ca_key, ca = _make_ca("Devices CA" + INVISIBLE, (root_key, root), now=now, crl_url=None)
+    write_pem(tmp_path / "devices-ca.pem", [ca])
+    write_key(tmp_path / "devices-ca.key", ca_key)
+    crl = _sign_crl(tmp_path / "devices-ca.pem", tmp_path / "devices-ca.key", [], 1, now=now)
+    (tmp_path / "devices-ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue_leaf(
+        "alice",
+        key,
+        (ca_key, ca),
+        [upn_other_name("alice@lab.test")],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        not_before=now - timedelta(hours=1),
+        not_after=now + timedelta(days=1),
+        crl_url=None,
+        ocsp_url=None,
+    )
+    write_pem(tmp_path / "alice-devices.pem", [cert])
+    write_key(tmp_path / "alice-devices.key", key)
+    lab_cas = f'intermediates = ["{pki.issuing_cert}"]\ncrls = ["{pki.crls}"]'
+    assert lab_cas in text
+    cas = f'intermediates = ["{pki.issuing_cert}", "{tmp_path / "devices-ca.pem"}"]\n'
+    cas += f'crls = ["{pki.crls}", "{tmp_path / "devices-ca.crl"}"]'
+    return client_context(lab, str(tmp_path / "alice-devices")), text.replace(lab_cas, cas)
+
+
+def _with_issuer_rule(text: str, issuer: str) -> str:
+    """`text` with one restriction rule, `devices`, whose issuer is `issuer` (a TOML string, quotes included)."""
+    return text + f'\n[[client_certificates.restrictions]]\nname = "devices"\nissuer = {issuer}\n'
+
+
+def test_an_issuer_copied_from_the_log_into_a_restriction_admits_that_certificate(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """An administrator copies `cert_issuer` from the log line of alice's certificate from an issuing CA whose name
+    holds U+202E and ESC (escaped there: `CN=Devices CA\\u202e...`) into a `[[client_certificates.restrictions]]`
+    issuer, quotes included, and reloads: that certificate is admitted by the rule (200, `restriction` "devices"),
+    bob's from the lab's issuing CA is not (403). The issuer matches as the log shows it, as the subject glob does.
+    Before, the escaped text was refused as "not an RFC 4514 name" (the reload refused), and only the raw character
+    matched. An issuer that holds such a character itself (the TOML escape `\\u202e` unescaped) is refused now,
+    naming the key and the value to write."""
+    device, text = _alice_from_an_invisible_ca(lab, tmp_path, lab_config(lab, port=free_port()))
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    try:
+        gw.mark()
+        assert _status(device, gw.port, GET) == 200
+        gw.wait_event("request")
+        copied = _as_logged(gw, "cert_issuer")
+        assert copied == '"CN=Devices CA\\\\u202eexe.txt\\\\x1b[31m\\\\u200b\\\\u2028"', copied
+        gw.config_path.write_text(_with_issuer_rule(text, copied))
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_event("reloaded")
+        gw.mark()
+        assert _status(device, gw.port, GET) == 200
+        assert gw.wait_event("request")["restriction"] == "devices"
+        assert _status(client_context(lab, "bob"), gw.port, GET) == 403
+        raw = json.loads(copied).encode().decode("unicode_escape")
+        gw.config_path.write_text(_with_issuer_rule(text, json.dumps(raw)))  # TOML: the characters themselves
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        problems = " ".join(gw.wait_event("reload_refused")["problems"])
+        assert "client_certificates.restrictions[0].issuer" in problems, problems
         assert "\\u202e" in problems, problems
     finally:
         gw.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,6 +100,14 @@ BROKEN = [
         ' subject = "CN=alice\\\\u202e*"',
     ),
     (
+        'issuer = "CN=Lab Issuing CA,O=Lab"',
+        'issuer = "CN=Lab\\u202e CA"',  # TOML reads the character itself: no issuer as logged holds one
+        "client_certificates.restrictions[0].issuer: holds invisible characters, which no issuer as matched holds:"
+        " the issuer matches as the log's cert_issuer shows it, such characters as escapes; copy cert_issuer's value"
+        " from the log line, quotes included, or write the escapes as TOML then reads them:"
+        ' issuer = "CN=Lab\\\\u202e CA"',
+    ),
+    (
         'extension = { oid = "1.3.6.1.4.1.311.21.7", value = "1.3.6.1.4.1.311.21.8.1" }',
         'name = "empty"',
         "client_certificates.restrictions[1]: sets no criterion",
@@ -137,3 +146,19 @@ def test_tls_asks_for_a_certificate_as_the_mode_needs(tmp_path: Path, mode: str,
     )
     cfg = config.load(_write(tmp_path, text + f'\n[authentication]\nmode = "{mode}"\n'))
     assert server_context(cfg).verify_mode == verify
+
+
+@pytest.mark.parametrize(
+    ("written", "loaded"),
+    [
+        ("CN=Lab Issuing CA,O=Lab", "CN=Lab Issuing CA,O=Lab"),
+        ("CN=Devices CA\\u202eexe.txt\\x1b[31m", "CN=Devices CA\\u202eexe.txt\\x1b[31m"),  # as cert_issuer shows it
+        ("CN=a\\\\u202e", "CN=a\\\\u202e"),  # an RFC 4514 escaped backslash, then the text "u202e"
+        ("O=a\\,b,CN=x", "O=a\\,b,CN=x"),
+    ],
+)
+def test_a_restriction_issuer_is_loaded_as_the_log_shows_it(tmp_path: Path, written: str, loaded: str) -> None:
+    """A restriction's issuer, written as the log's cert_issuer shows it (invisible characters as escapes), loads as
+    that text: what `proxy.certs.restrictions` compares with the names of the chain, shown the same way."""
+    text = FULL.replace('issuer = "CN=Lab Issuing CA,O=Lab"', f"issuer = {json.dumps(written)}", 1)
+    assert config.load(_write(tmp_path, text)).client_certificates.restrictions[0].issuer == loaded

@@ -191,6 +191,15 @@ def test_the_bound_of_a_trace_record_holds_a_record_at_the_configured_caps() -> 
     assert len(body) <= trace_record_bytes(128 * 1024, 10240)
 
 
+async def _curl(sock: Path, url: str) -> tuple[int, str]:
+    """`url` asked with curl on the Unix socket `sock`: the status and the body."""
+    curl = ["curl", "-sS", "--max-time", "20", "--unix-socket", str(sock), "-w", "\n%{http_code}"]
+    proc = await asyncio.create_subprocess_exec(*curl, url, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    body, _, code = out.decode().rpartition("\n")
+    return int(code), body
+
+
 def test_a_siblings_traces_limit_is_checked_as_the_admin_views_is(tmp_path: Path) -> None:
     """A worker's own `/traces` on its sibling socket (asked with curl) takes `limit` as the admin view does
     (`traces_limit`): anything but a positive integer in ASCII digits, of nine digits at most, is a 400 with the admin
@@ -209,20 +218,7 @@ def test_a_siblings_traces_limit_is_checked_as_the_admin_views_is(tmp_path: Path
         try:
             for limit in asked:
                 url = f"http://worker/traces?limit={urllib.parse.quote(limit)}"
-                curl = [
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "20",
-                    "--unix-socket",
-                    str(tmp_path / "1.sock"),
-                    "-w",
-                    "\n%{http_code}",
-                ]
-                proc = await asyncio.create_subprocess_exec(*curl, url, stdout=asyncio.subprocess.PIPE)
-                out, _ = await proc.communicate()
-                body, _, code = out.decode().rpartition("\n")
-                answers[limit] = (int(code), body)
+                answers[limit] = await _curl(tmp_path / "1.sock", url)
         finally:
             await runner.cleanup()
         return answers
@@ -233,3 +229,35 @@ def test_a_siblings_traces_limit_is_checked_as_the_admin_views_is(tmp_path: Path
     assert answers["5000"][0] == 200
     assert len(json.loads(answers["5000"][1])["records"]) == MAX_TRACES
     assert len(json.loads(answers["3"][1])["records"]) == 3
+
+
+def test_a_siblings_traces_before_worker_is_checked(tmp_path: Path) -> None:
+    """A worker's own `/traces` on its sibling socket (asked with curl) with a cursor (`before`) whose `before_worker`
+    is not a worker's number (not ASCII digits, negative, more than nine digits, empty) is a 400 naming the parameter;
+    a worker's number pages after the cursor. Before, what int() refuses was a 500 and a negative number was taken."""
+    ring = TraceRing(keep=10)
+    for _ in range(3):
+        trace = Trace()
+        trace.note(method="GET", path="/owa/", client="127.0.0.1")
+        ring.record(trace, 200)
+    newest = ring.recent(1, None)[0]
+    asked = ("x", "-1", "\u00b2", "1" * 10, "", " 1", "1")
+
+    async def ask() -> dict[str, tuple[int, str]]:
+        runner = await serve_siblings(Worker(number=1, siblings=tmp_path), ring, lambda: b"")
+        try:
+            answers: dict[str, tuple[int, str]] = {}
+            for worker in asked:
+                query = urllib.parse.urlencode(
+                    {"before": newest["id"], "before_time": newest["time"], "before_worker": worker}
+                )
+                answers[worker] = await _curl(tmp_path / "1.sock", f"http://worker/traces?{query}")
+            return answers
+        finally:
+            await runner.cleanup()
+
+    answers = asyncio.run(ask())
+    refused = (400, '{"error": "before_worker must be a worker\'s number (a non-negative integer)"}\n')
+    assert {worker: answers[worker] for worker in asked[:6]} == dict.fromkeys(asked[:6], refused)
+    assert answers["1"][0] == 200
+    assert len(json.loads(answers["1"][1])["records"]) == 2
