@@ -829,3 +829,14 @@ def test_base_image_without_an_engine_stops_at_once_and_says_how_to_start_one(tm
     assert "base-image: docker does not answer" in done.stderr
     assert "dockerd --host=unix:///var/run/docker.sock &" in done.stderr
     assert "systemctl start docker" in done.stderr
+
+
+def test_the_dc_probe_asks_for_the_realm_the_dc_provisions() -> None:
+    """The dc's health check sends its AS-REQ to the realm `lab serve dc` provisions (the probe names it itself, so as
+    not to import the AD lab's module: cryptography), and the compose lab's gateway configuration names that realm's
+    principal."""
+    from proxy.lab import ad
+
+    assert serve.AD_REALM == ad.REALM
+    text = ad_compose.gateway_toml(LabLayout(root=Path("/lab")))
+    assert tomllib.loads(text)["kerberos"]["principal"] == f"svc-kcdproxy@{ad.REALM}"
