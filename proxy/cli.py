@@ -99,6 +99,8 @@ def _lab(args: argparse.Namespace) -> int:
         return 2
     if args.action in ("serve", "probe"):
         return _lab_part(layout, args.action, args.component)
+    if args.ad and args.action == "handout":
+        return _lab_handout(layout, args.into, ad=True)
     if args.ad:
         return _lab_ad(args.action, ad.AdRealm.at(layout.root / "ad"))
     if args.action == "init":
@@ -129,19 +131,22 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lab_handout(layout: LabLayout, into: str | None) -> int:
-    """`kcd-proxy lab handout --into DIR`: each compose container's files, and only those (proxy.lab.handout)."""
+def _lab_handout(layout: LabLayout, into: str | None, *, ad: bool = False) -> int:
+    """`kcd-proxy lab handout [--ad] --into DIR`: each compose container's files, and only those (proxy.lab.handout);
+    with --ad those of the profile `ad`, after issuing the AD users' certificates (proxy.lab.ad_compose)."""
     from proxy.lab import handout
 
     if into is None:
         print("kcd-proxy lab handout: --into DIR is required (DIR/<part> for each of the containers)", file=sys.stderr)
         return 2
     try:
-        handout.hand_out(layout, Path(into))
+        handout.hand_out(layout, Path(into), ad=ad)
     except OSError as e:
-        print(f"kcd-proxy lab handout: {e} (run `kcd-proxy lab init` and the kdc first)", file=sys.stderr)
+        first = "the dc" if ad else "the kdc"
+        print(f"kcd-proxy lab handout: {e} (run `kcd-proxy lab init` and {first} first)", file=sys.stderr)
         return 1
-    print(f"lab files handed out into {into}/{{{','.join(handout.PARTS)}}}")
+    parts = handout.AD_PARTS if ad else handout.PARTS
+    print(f"lab files handed out into {into}/{{{','.join(parts)}}}")
     return 0
 
 
@@ -209,11 +214,13 @@ def parser() -> argparse.ArgumentParser:
     trace_cli.add_command(sub)
     lab = sub.add_parser("lab", help="the self-contained lab: KDC + LDAP, PKI, Exchange stand-in")
     lab.add_argument("action", choices=["up", "down", "status", "env", "init", "serve", "probe", "handout"])
-    lab.add_argument("component", nargs="?", help="serve/probe: kdc, backend, crl (probe: also gateway)")
+    lab.add_argument("component", nargs="?", help="serve/probe: kdc, backend, crl, dc (probe: also gateway)")
     lab.add_argument("--dir", help="lab directory (default: $KCD_LAB_DIR or .lab/ in the checkout)")
     lab.add_argument("--into", help="handout: where each compose container's files go (<into>/<part>)")
     lab.add_argument(
-        "--ad", action="store_true", help="up/down/status/env: the Samba AD DC realm AD.TEST (in <dir>/ad, own netns)"
+        "--ad",
+        action="store_true",
+        help="up/down/status/env: the Samba AD DC realm AD.TEST (in <dir>/ad, own netns); handout: profile ad's",
     )
     lab.set_defaults(func=_lab)
     return p

@@ -150,10 +150,11 @@ class AdRealm:
     """Where one AD realm lives: its directory, and the namespace and names derived from it."""
 
     root: Path
+    pki_root: Path | None = None  # the lab PKI's directory, when it is not the realm's own `pki/` (compose: /lab/pki)
 
     @classmethod
-    def at(cls, root: Path) -> AdRealm:
-        return cls(root=root.resolve())
+    def at(cls, root: Path, pki_root: Path | None = None) -> AdRealm:
+        return cls(root=root.resolve(), pki_root=None if pki_root is None else pki_root.resolve())
 
     # -- names derived from the directory ---------------------------------------------------------
 
@@ -240,7 +241,7 @@ class AdRealm:
 
     @property
     def pki_dir(self) -> Path:
-        return self.root / "pki"
+        return self.pki_root or self.root / "pki"
 
     @property
     def pki(self) -> lab_pki.Pki:
@@ -368,14 +369,15 @@ def namespace_pids(realm: AdRealm) -> list[int]:
 # -- files -----------------------------------------------------------------------------------------------
 
 
-def krb5_conf_text(realm: AdRealm) -> str:
-    """A krb5.conf for clients inside the namespace: the DC's KDC, no DNS, AES."""
+def krb5_conf_text(realm: AdRealm, kdc_host: str = DC_ADDRESS) -> str:
+    """A krb5.conf for clients of the DC at `kdc_host` (the namespace's address; compose: the service's name): its
+    KDC, no DNS, AES."""
     return f"""# Written by kcd-proxy's lab for the AD realm in {realm.root}
 {layout.krb5_libdefaults(REALM)}
 [realms]
     {REALM} = {{
-        kdc = {DC_ADDRESS}:88
-        admin_server = {DC_ADDRESS}
+        kdc = {kdc_host}:88
+        admin_server = {kdc_host}
     }}
 
 [domain_realm]
@@ -387,16 +389,21 @@ def krb5_conf_text(realm: AdRealm) -> str:
 # -- provisioning ----------------------------------------------------------------------------------------
 
 
-def _provision(realm: AdRealm) -> None:
-    """A fresh domain in `realm.samba_dir`, then its accounts, keytabs and certificates."""
+def _namespace_options(realm: AdRealm) -> dict[str, str | Path]:
+    """smb.conf options of the DC in the realm's network namespace: it listens on the namespace's links alone."""
+    return {"interfaces": f"lo {realm.veth[0]}", "bind interfaces only": "yes"}
+
+
+def _provision(realm: AdRealm, where: dict[str, str | Path], *, host_ip: str | None = DC_ADDRESS) -> None:
+    """A fresh domain in `realm.samba_dir` with the smb.conf options `where` (interfaces, file server modules),
+    then its accounts and keytabs."""
     shutil.rmtree(realm.samba_dir, ignore_errors=True)
     shutil.rmtree(realm.keytab_dir, ignore_errors=True)
     realm.samba_dir.mkdir(parents=True)
     realm.run_dir.mkdir(parents=True, exist_ok=True)
     run = realm.run_dir
-    options = {
-        "interfaces": f"lo {realm.veth[0]}",
-        "bind interfaces only": "yes",
+    options: dict[str, str | Path] = {
+        **where,
         "pid directory": run,
         "ncalrpc dir": run / "ncalrpc",
         "winbindd socket directory": run / "winbindd",
@@ -415,7 +422,7 @@ def _provision(realm: AdRealm) -> None:
             f"--realm={REALM}",
             f"--domain={NETBIOS_DOMAIN}",
             f"--host-name={DC_NAME}",
-            f"--host-ip={DC_ADDRESS}",
+            *([f"--host-ip={host_ip}"] if host_ip else []),
             "--server-role=dc",
             "--dns-backend=SAMBA_INTERNAL",
             "--use-rfc2307",
@@ -494,6 +501,12 @@ def issue_user_certificate(
 def _make_certificates(realm: AdRealm) -> None:
     """The lab PKI (CRLs published nowhere: the gateway reads the file) and one certificate per AD user."""
     lab_pki.make_pki(realm.pki_dir, now=datetime.now(UTC))
+    issue_user_certificates(realm)
+
+
+def issue_user_certificates(realm: AdRealm) -> None:
+    """One certificate per AD user (and `EXTRA_CERTIFICATES`) from the PKI in `realm.pki_dir`, as it is, into
+    `realm.users_dir`: those missing or older than the issuing CA."""
     names = {user.name: user.upn for user in USERS} | EXTRA_CERTIFICATES
     issued_by = realm.pki.issuing_cert.stat().st_mtime
     for name, upn in names.items():
@@ -545,7 +558,7 @@ def ensure(realm: AdRealm) -> AdRealm:
     ensure_namespace(realm)
     try:
         if not realm.marker.exists():
-            _provision(realm)
+            _provision(realm, _namespace_options(realm))
             realm.marker.write_text(f"{REALM} provisioned in {realm.samba_dir}\n")
         _make_certificates(realm)
         _start_samba(realm)
@@ -605,15 +618,22 @@ def gateway_config(
     backend_port: int = LAB_BACKEND_PORT,
     admin: bool = False,
     name: str = "gateway.toml",
+    bind_host: str = "127.0.0.1",
+    backend_host: str = "127.0.0.1",
+    how: str | None = None,
+    crl_state: Path | None = None,
 ) -> str:
     """The gateway's TOML configuration for this realm (absolute paths); it runs inside the namespace. `admin` adds
     the admin listener on LAB_ADMIN_PORT (`kcd-proxy trace`, /metrics), as the MIT lab's gateway.toml has; `name` is
-    the file it is written to beside the realm, which its run line names."""
+    the file it is written to beside the realm, which its run line names. The compose lab's (`proxy.lab.ad_compose`)
+    listens on `bind_host`, reaches the backend at `backend_host`, keeps its CRL replay floors in `crl_state` and says
+    `how` it is generated and run."""
+    state = f'crl_state = "{crl_state}"\n' if crl_state else ""
     p = realm.pki
-    return f"""# Generated by `kcd-proxy lab up --ad` for the AD realm in {realm.root}.
-# Run it inside the realm's namespace: ip netns exec {realm.netns} kcd-proxy run --config {realm.root / name}
+    run = f"Run it inside the realm's namespace: ip netns exec {realm.netns} kcd-proxy run --config {realm.root / name}"
+    return f"""# Generated by {how or f"`kcd-proxy lab up --ad` for the AD realm in {realm.root}.{chr(10)}# {run}"}
 [listener]
-bind = "127.0.0.1:{port}"
+bind = "{bind_host}:{port}"
 certificate = "{p.server_chain}"
 private_key = "{p.server_key}"
 
@@ -622,7 +642,7 @@ trust_anchors = ["{p.root_cert}"]
 intermediates = ["{p.issuing_cert}"]
 crls = ["{p.crls}"]
 revocation = "require"
-
+{state}
 [identity]
 source = "san-upn"
 
@@ -636,7 +656,7 @@ kdc_account = "require"
 
 [[routes]]
 prefix = "/"
-upstream = "http://127.0.0.1:{backend_port}"
+upstream = "http://{backend_host}:{backend_port}"
 spn = "{BACKEND_SPN}"
 
 [doctor]

@@ -48,6 +48,7 @@ from proxy.lab import pki, runner
 from proxy.lab.layout import LabLayout
 
 PARTS = ("gateway", "backend", "crl", "device")
+AD_PARTS = ("gateway", "backend", "device")  # `--ad`: the profile ad's containers (proxy.lab.ad_compose.files)
 GATEWAY_CONFIGS = ("gateway.toml", "gateway-balanced.toml", "gateway-basic.toml")  # what `lab init` writes
 MANIFEST = ".handout"  # in each volume: the files the handout wrote there (module docstring)
 NAME_MAX = 255  # bytes of one file name (Linux, every file system the volumes are on)
@@ -70,12 +71,18 @@ def files(layout: LabLayout, part: str) -> list[Path]:
     raise ValueError(f"no lab part named {part!r}; there are {', '.join(PARTS)}")
 
 
-def hand_out(layout: LabLayout, into: Path) -> None:
+def hand_out(layout: LabLayout, into: Path, *, ad: bool = False) -> None:
     """Copy each part's files into `into/<part>/` (links as links), and remove those an earlier run wrote there that
-    the lab no longer hands out; the backend also gets an empty `run/`."""
-    for part in PARTS:
+    the lab no longer hands out; the backend also gets an empty `run/`. `ad`: the profile ad's parts, after the AD
+    users' certificates are issued from the lab's CA (`proxy.lab.ad_compose`)."""
+    if ad:
+        from proxy.lab import ad as ad_lab
+        from proxy.lab import ad_compose
+
+        ad_lab.issue_user_certificates(ad_compose.realm(layout))
+    for part in AD_PARTS if ad else PARTS:
         volume = into / part
-        sources = files(layout, part)
+        sources = ad_compose.files(layout, part) if ad else files(layout, part)
         now = [source.relative_to(layout.root) for source in sources]
         before = _listed(volume)
         _record(volume, [*before, *now])  # first: a run cut short leaves nothing it wrote off the list

@@ -10,6 +10,9 @@ integration tests exercise the code the containers run.
   one of them dies it stops the other and exits 1, so a container restarts whole.
 - `backend`: the Exchange stand-in, `proxy.lab.backend`, on `bind_host:backend_port` with the lab's keytab.
 - `crl`: a plain HTTP server publishing the CRLs (and nothing else: the PKI directory holds keys).
+- `dc`: the compose lab's Samba AD DC (profile `ad`, `proxy.lab.ad_compose.serve_dc`): provisions `AD.TEST` on
+  first use, then becomes `samba` in the foreground. Its probe: the KDC answers an AS-REQ for an unknown client
+  "client not found" (it reads its database), and LDAP's port accepts connections.
 
 `kcd-proxy lab probe kdc|backend|crl|gateway` is the containers' health check, and what `lab up` waits for: it
 asks the part a real question (slapd an LDAP search, the KDC an AS-REQ, see `proxy.lab.readiness`; the backend
@@ -22,6 +25,7 @@ from __future__ import annotations
 import functools
 import http.client
 import signal
+import socket
 import sys
 import threading
 import urllib.error
@@ -29,17 +33,18 @@ import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 
-from proxy.lab import kdc
+from proxy.lab import kdc, readiness
 from proxy.lab.layout import LabLayout
 
-COMPONENTS = ("kdc", "backend", "crl")
+COMPONENTS = ("kdc", "backend", "crl", "dc")
 PROBES = (*COMPONENTS, "gateway")
+AD_REALM = "AD.TEST"  # proxy.lab.ad.REALM, not imported here (cryptography): the dc's probe stays light
 _WATCH_INTERVAL = 1.0  # seconds between two looks at slapd and krb5kdc
 
 
 def serve(layout: LabLayout, component: str) -> int:
     """Run one part of the lab in the foreground; its exit code."""
-    return {"kdc": serve_kdc, "backend": serve_backend, "crl": serve_crl}[component](layout)
+    return {"kdc": serve_kdc, "backend": serve_backend, "crl": serve_crl, "dc": serve_dc}[component](layout)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -94,6 +99,12 @@ def serve_backend(layout: LabLayout) -> int:
     )
 
 
+def serve_dc(layout: LabLayout) -> int:
+    from proxy.lab import ad_compose  # the AD lab's code imports cryptography: not at the top (proxy.lab.probe)
+
+    return ad_compose.serve_dc(layout)
+
+
 def serve_crl(layout: LabLayout) -> int:
     from proxy.lab import runner  # not at the top: `probe`, the containers' health check, stays light (proxy.lab.probe)
 
@@ -117,6 +128,9 @@ def probe(layout: LabLayout, component: str) -> str | None:
     if component == "kdc":  # an LDAP search of slapd, an AS-REQ to the KDC (proxy.lab.readiness)
         problems = [problem for problem in kdc.realm_answers(layout).values() if problem]
         return " / ".join(problems) if problems else None
+    if component == "dc":  # the compose lab's Samba DC (profile ad): an AS-REQ answered "client not found", LDAP's port
+        problems = [p for p in (readiness.kdc_answers(host, 88, AD_REALM), _port_closed(host, 389)) if p]
+        return " / ".join(problems) or None
     if component == "gateway":  # its admin listener's readiness: no TLS handshake left half-done in its log
         url = f"http://127.0.0.1:{layout.admin_port}/readyz"
     else:
@@ -131,3 +145,12 @@ def probe(layout: LabLayout, component: str) -> str | None:
         return f"{url}: {exc}"
     except http.client.HTTPException as exc:  # something answered, not in HTTP (another daemon holds the port)
         return f"{url}: not an HTTP answer ({type(exc).__name__})"
+
+
+def _port_closed(host: str, port: int) -> str | None:
+    """None if `host:port` accepts a TCP connection, else why not."""
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc}"
+    return None

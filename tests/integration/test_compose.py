@@ -52,7 +52,8 @@ IP_FORWARD = leftovers.IP_FORWARD
 PROJECT_PREFIX = "kcdtest"  # every run's compose project: kcdtest<pid><random>
 TAG_PREFIX = "test-"  # every run's image tag (KCD_IMAGE_TAG): test-<project>
 CACHE_TAG = "build-cache"  # the last run's images, kept for the next run's build
-IMAGES = ("kcd-proxy", "kcd-proxy-kdc", "kcd-proxy-balancer")  # docker-compose.yml's three, tagged KCD_IMAGE_TAG
+# docker-compose.yml's images, tagged KCD_IMAGE_TAG (the dc's: profile ad, test_compose_ad.py)
+IMAGES = ("kcd-proxy", "kcd-proxy-kdc", "kcd-proxy-balancer", "kcd-proxy-dc")
 PROJECT_LABEL = "com.docker.compose.project"
 
 
@@ -217,12 +218,13 @@ class Stack:
     gateway_port: int
     balancer_port: int
     timings: dict[str, float]
+    profile: str = "scale"  # what `compose` names with --profile (test_compose_ad.py: ad)
 
     def compose(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess[str]:
         tool = shutil.which("docker-compose")
         assert tool, "docker-compose is missing: `make setup` installs it (Debian package docker-compose)"
         done = subprocess.run(
-            [tool, "--profile", "scale", *args],
+            [tool, "--profile", self.profile, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -313,13 +315,19 @@ def stack(engine: str) -> Iterator[Stack]:
         timings["up"] = time.monotonic() - mark
         yield s
     finally:
-        s.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
-        _remove(engine, project.__eq__, lambda _tag: False)
-        _keep_as_build_cache(engine, env["KCD_IMAGE_TAG"])
-        timings["total"] = time.monotonic() - started
-        print("compose test timings (s):", {k: round(v) for k, v in timings.items()})
-        left = _left_by(engine, project, env["KCD_IMAGE_TAG"])
-        assert left == [], f"the compose test left these on the engine: {left}"
+        bring_down(s, started)
+
+
+def bring_down(s: Stack, started: float) -> None:
+    """`down -v` of the stack's project, what it leaves removed, its images kept as the build cache; fails naming
+    anything of the project still on the engine."""
+    s.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+    _remove(s.docker, s.project.__eq__, lambda _tag: False)
+    _keep_as_build_cache(s.docker, s.env["KCD_IMAGE_TAG"])
+    s.timings["total"] = time.monotonic() - started
+    print(f"compose test timings (s), profile {s.profile}:", {k: round(v) for k, v in s.timings.items()})
+    left = _left_by(s.docker, s.project, s.env["KCD_IMAGE_TAG"])
+    assert left == [], f"the compose test left these on the engine: {left}"
 
 
 def _device(stack: Stack, service: str, *args: str) -> subprocess.CompletedProcess[str]:

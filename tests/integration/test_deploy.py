@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from proxy import cli
-from proxy.lab import device, probe, runner, serve
+from proxy.lab import ad_compose, backend, device, probe, runner, serve
 from proxy.lab import handout as handout_module
 from proxy.lab.layout import LabLayout, variable
 from tests.integration.conftest import REPO, dead_port
@@ -33,7 +33,12 @@ COMPOSE = REPO / "docker-compose.yml"
 UNIT = REPO / "deploy" / "systemd" / "kcd-proxy.service"
 CONSOLE_SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 # Modules a service may run with `python3 -m`, and their argument parsers.
-MODULE_PARSERS = {"proxy.lab.device": device.parse_args, "proxy.lab.probe": probe.parse_args}
+MODULE_PARSERS = {
+    "proxy.lab.device": device.parse_args,
+    "proxy.lab.probe": probe.parse_args,
+    "proxy.lab.backend": backend._parse_args,  # profile ad: the AD keytab (`lab serve backend`: the MIT one)
+}
+AD_SERVICES = {"dc", "ad-handout", "ad-backend", "ad-gateway", "ad-device"}  # profile ad (docs/containers.md)
 
 
 def _compose() -> dict[str, Any]:
@@ -81,17 +86,23 @@ def test_docker_compose_validates_the_file() -> None:
 
 def test_the_lab_services_are_all_there() -> None:
     """The issue's four services, plus the one-shot pki and handout steps and the CRL server; the profile `scale`
-    adds the balancer, two gateways behind it and a device in front of it, and nothing else."""
+    adds the balancer, two gateways behind it and a device in front of it; the profile `ad` the realm AD.TEST (its
+    DC, its handout, backend, gateway and device), and nothing else."""
     services = _services()
-    assert set(services) == {"pki", "kdc", "handout", "backend", "crl", "gateway", "device"} | {
-        "balancer",
-        "gateway-1",
-        "gateway-2",
-        "device-scaled",
-    }
-    scaled = {name for name, s in services.items() if s.get("profiles")}
-    assert scaled == {"balancer", "gateway-1", "gateway-2", "device-scaled"}
-    assert all(services[name]["profiles"] == ["scale"] for name in scaled)
+    assert (
+        set(services)
+        == {"pki", "kdc", "handout", "backend", "crl", "gateway", "device"}
+        | {
+            "balancer",
+            "gateway-1",
+            "gateway-2",
+            "device-scaled",
+        }
+        | AD_SERVICES
+    )
+    profiled = {name: s["profiles"] for name, s in services.items() if s.get("profiles")}
+    scaled = {"balancer", "gateway-1", "gateway-2", "device-scaled"}
+    assert profiled == {name: ["scale"] for name in scaled} | {name: ["ad"] for name in AD_SERVICES}
 
 
 def test_every_command_and_health_check_exists_in_the_project() -> None:
@@ -187,7 +198,7 @@ def test_only_the_gateway_publishes_a_port_and_only_on_loopback() -> None:
 
 # The lab volume holds the CAs' keys, the KDC's master key and LDAP database and every keytab: only the parts
 # that write it mount it; each other part mounts a volume of its own that `lab handout` fills with its files.
-WRITERS = {"pki": "lab:/lab", "kdc": "lab:/lab", "handout": "lab:/lab:ro"}
+WRITERS = {"pki": "lab:/lab", "kdc": "lab:/lab", "handout": "lab:/lab:ro", "dc": "ad:/lab/ad"}
 OWN_VOLUME = {
     "gateway": "lab-gateway:/lab:ro",
     "gateway-1": "lab-gateway:/lab:ro",
@@ -196,9 +207,19 @@ OWN_VOLUME = {
     "crl": "lab-crl:/lab:ro",
     "device": "lab-device:/lab:ro",
     "device-scaled": "lab-device:/lab:ro",
+    "ad-gateway": "ad-gateway:/lab:ro",
+    "ad-backend": "ad-backend:/lab",
+    "ad-device": "ad-device:/lab:ro",
 }
+# The profile ad's handout signs the AD users' certificates with the lab's CA (lab, writable), reads the keytabs.
+AD_HANDOUT = ["lab:/lab", "ad:/lab/ad:ro"] + [f"ad-{part}:/handout/{part}" for part in handout_module.AD_PARTS]
 
-STATE_VOLUMES = {"gateway": "gateway-state", "gateway-1": "gateway-1-state", "gateway-2": "gateway-2-state"}
+STATE_VOLUMES = {
+    "gateway": "gateway-state",
+    "gateway-1": "gateway-1-state",
+    "gateway-2": "gateway-2-state",
+    "ad-gateway": "ad-gateway-state",
+}
 
 
 def test_only_the_writers_mount_the_lab_volume_and_each_reader_its_own() -> None:
@@ -210,7 +231,7 @@ def test_only_the_writers_mount_the_lab_volume_and_each_reader_its_own() -> None
     for name, service in services.items():
         root = service["environment"]["KCD_LAB_DIR"]
         assert root == "/lab", name
-        if name == "handout":
+        if name in ("handout", "ad-handout"):
             continue
         lab_volumes = [v for v in service["volumes"] if v.split(":")[0] not in STATE_VOLUMES.values()]
         assert lab_volumes == [WRITERS.get(name) or OWN_VOLUME[name]], name
@@ -219,10 +240,14 @@ def test_only_the_writers_mount_the_lab_volume_and_each_reader_its_own() -> None
     handout = services["handout"]
     assert handout["volumes"] == ["lab:/lab:ro"] + [f"lab-{part}:/handout/{part}" for part in handout_module.PARTS]
     assert handout["command"] == ["kcd-proxy", "lab", "handout", "--into", "/handout"]
-    assert set(compose["volumes"]) == {"lab"} | {f"lab-{part}" for part in handout_module.PARTS} | set(
-        STATE_VOLUMES.values()
+    assert services["ad-handout"]["volumes"] == AD_HANDOUT
+    assert services["ad-handout"]["command"] == ["kcd-proxy", "lab", "handout", "--ad", "--into", "/handout"]
+    ad_volumes = {"ad"} | {f"ad-{part}" for part in handout_module.AD_PARTS}
+    assert (
+        set(compose["volumes"])
+        == {"lab"} | {f"lab-{part}" for part in handout_module.PARTS} | set(STATE_VOLUMES.values()) | ad_volumes
     )
-    assert set(WRITERS) | set(OWN_VOLUME) == set(services)
+    assert set(WRITERS) | set(OWN_VOLUME) | {"ad-handout"} == set(services)
 
 
 def test_every_gateway_keeps_its_crl_floors_in_a_volume_of_its_own(tmp_path: Path) -> None:
@@ -237,9 +262,12 @@ def test_every_gateway_keeps_its_crl_floors_in_a_volume_of_its_own(tmp_path: Pat
     services = _services()
     layout = LabLayout.from_env(services["pki"]["environment"], root=tmp_path)
     runner.init(layout)
+    ad_layout = LabLayout.from_env(services["dc"]["environment"], root=tmp_path)  # the dc writes ad/gateway.toml
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "gateway.toml").write_text(ad_compose.gateway_toml(ad_layout))
     final = _stages(REPO / "deploy" / "gateway" / "Dockerfile")[-1]
     gateways = {name: s for name, s in services.items() if s.get("command", [])[:2] == ["kcd-proxy", "run"]}
-    assert set(gateways) == {"gateway", "gateway-1", "gateway-2"}
+    assert set(gateways) == {"gateway", "gateway-1", "gateway-2", "ad-gateway"}
     volumes_used = []
     for name, service in gateways.items():
         config_path = Path(service["command"][service["command"].index("--config") + 1])
@@ -496,11 +524,24 @@ def test_the_devices_share_a_network_with_the_gateways_alone() -> None:
     assert on_devices == {"device", "gateway", "gateway-1", "gateway-2"}
     for name in ("kdc", "backend", "crl"):
         assert services[name]["networks"] == ["lab"], name
+    # profile ad: its device reaches its gateway alone; the DC and the backend are on `ad`, which no device joins
+    assert services["ad-device"]["networks"] == ["ad-devices"]
+    assert set(services["ad-gateway"]["networks"]) == {"ad", "ad-devices"}
+    assert services["ad-gateway"]["networks"]["ad-devices"]["aliases"] == ["proxy.lab.test"]
+    assert {name for name, s in services.items() if "ad-devices" in s.get("networks", [])} == {
+        "ad-device",
+        "ad-gateway",
+    }
+    for name in ("dc", "ad-backend", "ad-handout"):
+        assert services[name]["networks"] == ["ad"], name
 
 
 def test_the_layout_in_every_container_names_services_that_exist() -> None:
-    """Daemons listen on the container network; kdc_host, backend_host and crl_host are service names."""
+    """Daemons listen on the container network; kdc_host, backend_host and crl_host are service names (the dc reads
+    only its directories from the layout: Samba listens on every interface of its container)."""
     for name, service in _lab_services().items():
+        if name == "dc":
+            continue
         layout = _layout(service)
         assert layout.bind_host == "0.0.0.0", name
         assert {layout.kdc_host, layout.backend_host, layout.crl_host} == {"kdc", "backend", "crl"}, name
@@ -519,8 +560,13 @@ def test_dependencies_wait_for_health_or_completion() -> None:
                 assert (name, dep) == ("device-scaled", "balancer"), name  # HAProxy has no health check here
             else:
                 assert condition == "service_completed_successfully", name
-                assert (name, dep) in {("kdc", "pki"), ("backend", "handout"), ("crl", "handout")}, name
+                completed = {("kdc", "pki"), ("backend", "handout"), ("crl", "handout")}
+                completed |= {("ad-handout", "pki"), ("ad-backend", "ad-handout")}
+                assert (name, dep) in completed, name
     assert set(services["handout"]["depends_on"]) == {"kdc"}  # healthy: provisioned, its keytabs written
+    assert set(services["ad-handout"]["depends_on"]) == {"pki", "dc"}  # the lab's CA, the dc's keytabs
+    assert set(services["ad-gateway"]["depends_on"]) == {"dc", "ad-backend"}
+    assert set(services["ad-device"]["depends_on"]) == {"ad-gateway"}
     for gateway in ("gateway", "gateway-1", "gateway-2"):
         assert set(services[gateway]["depends_on"]) == {"kdc", "backend", "crl"}
     assert set(services["device"]["depends_on"]) == {"gateway"}
@@ -528,15 +574,20 @@ def test_dependencies_wait_for_health_or_completion() -> None:
 
 
 def test_containers_drop_privileges() -> None:
-    """No capabilities, no privilege gain, read-only root file system; the images run as a non-root user."""
+    """No capabilities, no privilege gain, read-only root file system; the images run as a non-root user. The one
+    exception is Samba's DC (profile ad), which runs as root: with two capabilities of root's, no others."""
     for name, service in _services().items():
         assert service["cap_drop"] == ["ALL"], name
+        assert service.get("cap_add", []) == (["NET_BIND_SERVICE", "CHOWN"] if name == "dc" else []), name
         assert service["security_opt"] == ["no-new-privileges:true"], name
         assert service["read_only"] is True, name
         assert "privileged" not in service, name
         assert "user" not in service, name
     for dockerfile in sorted((REPO / "deploy").glob("*/Dockerfile")):
         users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.MULTILINE)
+        if dockerfile.parent.name == "dc":
+            assert users == [], dockerfile  # root (docker-compose.yml: cap_drop ALL, then the two it needs)
+            continue
         assert users, dockerfile
         assert users[-1] not in ("root", "0"), dockerfile
 
@@ -552,6 +603,7 @@ def test_each_image_is_built_once() -> None:
         "kcd-proxy:${KCD_IMAGE_TAG:-lab}": ["pki"],
         "kcd-proxy-kdc:${KCD_IMAGE_TAG:-lab}": ["kdc"],
         "kcd-proxy-balancer:${KCD_IMAGE_TAG:-lab}": ["balancer"],
+        "kcd-proxy-dc:${KCD_IMAGE_TAG:-lab}": ["dc"],
     }
     assert {s["image"] for s in services.values()} == set(builders)
 
@@ -593,9 +645,10 @@ def test_no_compiler_in_the_images_and_gssapi_compiled_once() -> None:
     same, line for line, in both Dockerfiles (the engine's cache then compiles python-gssapi once)."""
     gateway = _stages(REPO / "deploy" / "gateway" / "Dockerfile")
     kdc = _stages(REPO / "deploy" / "kdc" / "Dockerfile")
-    assert len(gateway) == len(kdc) == 2
-    assert gateway[0] == kdc[0]
-    for final in (gateway[-1], kdc[-1]):
+    dc = _stages(REPO / "deploy" / "dc" / "Dockerfile")
+    assert len(gateway) == len(kdc) == len(dc) == 2
+    assert gateway[0] == kdc[0] == dc[0]
+    for final in (gateway[-1], kdc[-1], dc[-1]):
         for dev in ("gcc", "python3-dev", "libkrb5-dev", "python3-venv"):
             assert not re.search(rf"\b{dev}\b", final), dev
 
@@ -776,3 +829,14 @@ def test_base_image_without_an_engine_stops_at_once_and_says_how_to_start_one(tm
     assert "base-image: docker does not answer" in done.stderr
     assert "dockerd --host=unix:///var/run/docker.sock &" in done.stderr
     assert "systemctl start docker" in done.stderr
+
+
+def test_the_dc_probe_asks_for_the_realm_the_dc_provisions() -> None:
+    """The dc's health check sends its AS-REQ to the realm `lab serve dc` provisions (the probe names it itself, so as
+    not to import the AD lab's module: cryptography), and the compose lab's gateway configuration names that realm's
+    principal."""
+    from proxy.lab import ad
+
+    assert serve.AD_REALM == ad.REALM
+    text = ad_compose.gateway_toml(LabLayout(root=Path("/lab")))
+    assert tomllib.loads(text)["kerberos"]["principal"] == f"svc-kcdproxy@{ad.REALM}"
