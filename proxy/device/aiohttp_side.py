@@ -140,9 +140,12 @@ def idle_handlers(handlers: Iterable[Any]) -> Iterator[tuple[float, Callable[[fl
     aiohttp renames it): at least one request read (`_request_count`), waiting for the next (`_waiter` pending, no
     `_messages` queued), kept alive and not closing, no byte of a next request read by its parser (`HeaderBlockBudget`
     in front of it), and its TLS protocol past the handshake. `_next_keepalive_close_time` is when its keep-alive timer
-    ends, set as each answer ends."""
+    ends, set as each answer ends. Nothing may move on it either (`_AlertingSSLProtocol.quiet`: none of the device's
+    bytes unread, half a TLS record included, none of ours unsent): what cannot be closed for a new device is not
+    idle, neither room for /readyz nor a place in the scan's batch of the oldest, where it would hide the idle ones."""
     for handler in handlers:
         waiter = handler._waiter
+        tls = tls_protocol(handler)
         if (
             waiter is None
             or waiter.done()
@@ -153,7 +156,8 @@ def idle_handlers(handlers: Iterable[Any]) -> Iterator[tuple[float, Callable[[fl
             or not handler._keepalive
             or not isinstance(handler._parser, HeaderBlockBudget)
             or not handler._parser.between_requests
-            or not isinstance(tls_protocol(handler), _AlertingSSLProtocol)
+            or not isinstance(tls, _AlertingSSLProtocol)
+            or not tls.quiet()
         ):
             continue
         yield handler._next_keepalive_close_time - handler.keepalive_timeout, functools.partial(_close_idle, handler)
@@ -167,9 +171,9 @@ def tls_protocol(handler: Any) -> object:
 def _close_idle(handler: Any, since: float) -> bool:
     """Close aiohttp's `handler`'s connection for a new device if it is still idle since `since` and nothing moves on
     it (as `proxy.device.server.DeviceConnection.close_idle`)."""
-    found = next((s for s, _ in idle_handlers((handler,))), None)
+    found = next((s for s, _ in idle_handlers((handler,))), None)  # idle, quiet included
     tls = tls_protocol(handler)
-    if found != since or not isinstance(tls, _AlertingSSLProtocol) or not tls.quiet():
+    if found != since or not isinstance(tls, _AlertingSSLProtocol):
         return False
     idle_closed(handler.transport, since)
     tls.close_at_once()

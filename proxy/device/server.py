@@ -760,8 +760,12 @@ class DeviceConnection(asyncio.Protocol):
 
     def idle_since(self) -> float | None:
         """Since when (the loop's time) the connection has been idle between two requests: at least one answered,
-        nothing being served or queued, no byte of a next request read; None when it is not so idle (a connection
-        that has had no request yet, whose request may be on the wire, is not)."""
+        nothing being served or queued, no byte of a next request read, and nothing moves on it (`TlsRecords.quiet`:
+        none of the device's bytes unread, half a TLS record included, none of ours unsent); None when it is not so
+        idle (a connection that has had no request yet, whose request may be on the wire, is not). What cannot be
+        closed for a new device is not idle: neither room for /readyz nor a place in the scan's batch of the oldest
+        (`proxy.tls.limits.IdleKeepAlives`), where it would hide the idle ones behind it."""
+        transport = self.transport
         if (
             self._heads == 0
             or self._task is not None
@@ -771,7 +775,8 @@ class DeviceConnection(asyncio.Protocol):
             or self._begun > self._heads
             or self._stopped
             or self._winding
-            or self.transport is None
+            or transport is None
+            or (isinstance(transport, TlsRecords) and not transport.quiet())
         ):
             return None
         return self._idle_since
@@ -784,9 +789,7 @@ class DeviceConnection(asyncio.Protocol):
         transport = self.transport
         if self.idle_since() != since or transport is None:
             return False
-        if isinstance(transport, TlsRecords):
-            if not transport.quiet():
-                return False
+        if isinstance(transport, TlsRecords):  # quiet: `idle_since` asked it just now
             idle_closed(transport, since)
             self._stop()
             self._cancel_idle()
