@@ -132,7 +132,7 @@ class AiohttpRequest:
             self._request.transport.abort()
 
 
-def idle_handlers(handlers: Iterable[Any]) -> Iterator[tuple[float, Callable[[float], bool]]]:
+def idle_handlers(handlers: Iterable[Any], quiet: bool = True) -> Iterator[tuple[float, Callable[[float], bool]]]:
     """aiohttp's request handlers idle between two requests, as `proxy.tls.limits.IdleKeepAlives` scans them: since
     when (the loop's time the last answer ended), and the function that closes one for a new device.
 
@@ -140,9 +140,10 @@ def idle_handlers(handlers: Iterable[Any]) -> Iterator[tuple[float, Callable[[fl
     aiohttp renames it): at least one request read (`_request_count`), waiting for the next (`_waiter` pending, no
     `_messages` queued), kept alive and not closing, no byte of a next request read by its parser (`HeaderBlockBudget`
     in front of it), and its TLS protocol past the handshake. `_next_keepalive_close_time` is when its keep-alive timer
-    ends, set as each answer ends. Nothing may move on it either (`_AlertingSSLProtocol.quiet`: none of the device's
-    bytes unread, half a TLS record included, none of ours unsent): what cannot be closed for a new device is not
-    idle, neither room for /readyz nor a place in the scan's batch of the oldest, where it would hide the idle ones."""
+    ends, set as each answer ends. With `quiet`, nothing may move on it either (`_AlertingSSLProtocol.quiet`: none of
+    the device's bytes unread, half a TLS record included, none of ours unsent): what cannot be closed for a new
+    device is not idle, not room for /readyz and not closed; without, the cheap part only, for the scan that orders
+    connections by age (`proxy.tls.limits.IdleKeepAlives`)."""
     for handler in handlers:
         waiter = handler._waiter
         tls = tls_protocol(handler)
@@ -157,7 +158,7 @@ def idle_handlers(handlers: Iterable[Any]) -> Iterator[tuple[float, Callable[[fl
             or not isinstance(handler._parser, HeaderBlockBudget)
             or not handler._parser.between_requests
             or not isinstance(tls, _AlertingSSLProtocol)
-            or not tls.quiet()
+            or (quiet and not tls.quiet())
         ):
             continue
         yield handler._next_keepalive_close_time - handler.keepalive_timeout, functools.partial(_close_idle, handler)

@@ -758,13 +758,13 @@ class DeviceConnection(asyncio.Protocol):
 
     # -- idle keep-alives closed for new devices ---------------------------------------------------------------
 
-    def idle_since(self) -> float | None:
+    def idle_since(self, quiet: bool = True) -> float | None:
         """Since when (the loop's time) the connection has been idle between two requests: at least one answered,
-        nothing being served or queued, no byte of a next request read, and nothing moves on it (`TlsRecords.quiet`:
-        none of the device's bytes unread, half a TLS record included, none of ours unsent); None when it is not so
-        idle (a connection that has had no request yet, whose request may be on the wire, is not). What cannot be
-        closed for a new device is not idle: neither room for /readyz nor a place in the scan's batch of the oldest
-        (`proxy.tls.limits.IdleKeepAlives`), where it would hide the idle ones behind it."""
+        nothing being served or queued, no byte of a next request read, and (with `quiet`) nothing moves on it
+        (`TlsRecords.quiet`: none of the device's bytes unread, half a TLS record included, none of ours unsent);
+        None when it is not so idle (a connection that has had no request yet, whose request may be on the wire, is
+        not). What cannot be closed for a new device is not idle: not room for /readyz, and not closed. Without
+        `quiet`, the cheap part only: the scan that orders connections by age (`proxy.tls.limits.IdleKeepAlives`)."""
         transport = self.transport
         if (
             self._heads == 0
@@ -776,7 +776,7 @@ class DeviceConnection(asyncio.Protocol):
             or self._stopped
             or self._winding
             or transport is None
-            or (isinstance(transport, TlsRecords) and not transport.quiet())
+            or (quiet and isinstance(transport, TlsRecords) and not transport.quiet())
         ):
             return None
         return self._idle_since
@@ -943,10 +943,13 @@ def connection_factory(
     return make
 
 
-def idle_connections(connections: set[DeviceConnection]) -> Iterator[tuple[float, Callable[[float], bool]]]:
-    """The connections idle between requests, as `proxy.tls.limits.IdleKeepAlives` scans them."""
+def idle_connections(
+    connections: set[DeviceConnection], quiet: bool = True
+) -> Iterator[tuple[float, Callable[[float], bool]]]:
+    """The connections idle between requests, as `proxy.tls.limits.IdleKeepAlives` scans them (`quiet`: as
+    `DeviceConnection.idle_since` says)."""
     for connection in connections:
-        since = connection.idle_since()
+        since = connection.idle_since(quiet)
         if since is not None:
             yield since, connection.close_idle
 

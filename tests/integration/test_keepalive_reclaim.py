@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
-from proxy.tls.limits import RECLAIM_BATCH
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
 from tests.integration.jsonlog import eventually
 
 SERVERS = ("own", "aiohttp")
 CAP = 4
 USERS = ("alice", "bob", "carol", "alice")  # CAP devices (alice has two)
+STUCK = 64  # connections that cannot be closed, older than an idle one (a scan kept the 64 oldest and gave up)
 SERVED_WITHIN = 20.0  # seconds a new device may take to be served at the cap (the keep-alive timeout is 120 s)
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -400,15 +400,15 @@ def test_a_request_whose_tls_record_is_half_received_is_not_cut(lab: LabLayout, 
 
 @pytest.mark.slow(seconds=40)
 def test_connections_that_cannot_be_closed_do_not_hide_an_idle_one(lab: LabLayout, tmp_path: Path, server: str) -> None:
-    """At a cap of RECLAIM_BATCH + 1: the RECLAIM_BATCH oldest connections each hold half a TLS record (idle to look
-    at, but not to be closed), the newest is a plain idle keep-alive. A new device is served in the latter's place
-    within seconds (the scan's batch of the oldest was all of the former: the gateway found none to close and the new
-    device waited for the keep-alive timeout)."""
-    with capped(lab, tmp_path, server, cap=RECLAIM_BATCH + 1) as (gw, _admin):
+    """At a cap of STUCK + 1: the STUCK oldest connections each hold half a TLS record (idle to look at, but not to be
+    closed), the newest is a plain idle keep-alive. A new device is served in the latter's place within seconds (the
+    scan's batch of the 64 oldest was all of the former: the gateway found none to close and the new device waited
+    for the keep-alive timeout)."""
+    with capped(lab, tmp_path, server, cap=STUCK + 1) as (gw, _admin):
 
         async def run() -> None:
             stuck = []
-            for n in range(RECLAIM_BATCH):
+            for n in range(STUCK):
                 tls = await asyncio.to_thread(strict_device, lab, gw.port, USERS[n % len(USERS)], f"/EWS/{n}")
                 half_record(tls)
                 stuck.append(tls)
