@@ -564,7 +564,9 @@ async def serve(
         assert runner.server is not None
         handlers = runner.server
         live.metrics.open_connections = lambda: len(handlers.connections)
-        idle = IdleKeepAlives(lambda: idle_handlers(handlers.connections))
+        idle = IdleKeepAlives(
+            lambda: idle_handlers(handlers.connections, quiet=False), lambda: idle_handlers(handlers.connections)
+        )
 
         def handler() -> asyncio.Protocol:
             """aiohttp's request handler for a new connection, its header block capped (431 beyond)."""
@@ -574,7 +576,7 @@ async def serve(
 
     else:
         live.metrics.open_connections = lambda: len(connections)
-        idle = IdleKeepAlives(lambda: idle_connections(connections))
+        idle = IdleKeepAlives(lambda: idle_connections(connections, quiet=False), lambda: idle_connections(connections))
         limits = DeviceLimits(
             listener.max_header_bytes, MAX_FIELD_BYTES, listener.keepalive_timeout, listener.client_send_timeout
         )

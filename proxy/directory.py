@@ -465,19 +465,13 @@ class Directory:
             raw = _first(entry, attributes[0])
             if not isinstance(raw, bytes):
                 return ResourceBased(spn, str(entry.dn))
-            allowed: set[Sid] = set()
-            denied: set[Sid] = set()
             try:
-                dacl = bonsai.active_directory.SecurityDescriptor.from_binary(raw).dacl
-                for ace in dacl.aces if dacl is not None else []:
-                    kind = ace.type.name
-                    if kind in ("ACCESS_ALLOWED", "ACCESS_DENIED") and ace.trustee_sid is not None:
-                        (allowed if kind == "ACCESS_ALLOWED" else denied).add(Sid.parse(str(ace.trustee_sid)))
+                allowed, denied = acting_for_others(raw)
             except (ValueError, IndexError, struct.error) as e:
                 raise MappingRefused(
                     f"{attributes[0]} of {entry.dn} cannot be read", hint=f"not a security descriptor: {e}"
                 ) from None
-            return ResourceBased(spn, str(entry.dn), frozenset(allowed), frozenset(denied))
+            return ResourceBased(spn, str(entry.dn), allowed, denied)
         raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
 
     async def protected_users(self, dn: str, sid: Sid) -> ProtectedUsers:
@@ -614,6 +608,23 @@ def _domain(base_dn: str) -> str:
 def _first(entry: Any, attr: str, default: Any = None) -> Any:
     values = entry.get(attr)
     return values[0] if values else default
+
+
+def acting_for_others(raw: bytes) -> tuple[frozenset[Sid], frozenset[Sid]]:
+    """The SIDs a `msDS-AllowedToActOnBehalfOfOtherIdentity` security descriptor (`raw`) allows and denies: its DACL's
+    access-allowed and access-denied entries that apply to the account itself. An entry marked INHERIT_ONLY_ACE applies
+    only to objects below it, and the access check skips it ([MS-DTYP] 2.5.3.2): it allows and denies nobody here.
+    ValueError, IndexError or struct.error (bonsai's) when `raw` is not a security descriptor."""
+    allowed: set[Sid] = set()
+    denied: set[Sid] = set()
+    dacl = bonsai.active_directory.SecurityDescriptor.from_binary(raw).dacl
+    for ace in dacl.aces if dacl is not None else []:
+        kind = ace.type.name
+        if bonsai.active_directory.ACEFlag.INHERIT_ONLY in ace.flags or ace.trustee_sid is None:
+            continue
+        if kind in ("ACCESS_ALLOWED", "ACCESS_DENIED"):
+            (allowed if kind == "ACCESS_ALLOWED" else denied).add(Sid.parse(str(ace.trustee_sid)))
+    return frozenset(allowed), frozenset(denied)
 
 
 def _sids(entry: Any, attr: str) -> list[Sid]:

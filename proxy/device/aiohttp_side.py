@@ -141,7 +141,7 @@ class AiohttpRequest:
             self._request.transport.abort()
 
 
-def idle_handlers(handlers: Iterable[Any]) -> Iterator[tuple[float, Callable[[float], bool]]]:
+def idle_handlers(handlers: Iterable[Any], quiet: bool = True) -> Iterator[tuple[float, Callable[[float], bool]]]:
     """aiohttp's request handlers idle between two requests, as `proxy.tls.limits.IdleKeepAlives` scans them: since
     when (the loop's time the last answer ended), and the function that closes one for a new device.
 
@@ -149,9 +149,13 @@ def idle_handlers(handlers: Iterable[Any]) -> Iterator[tuple[float, Callable[[fl
     aiohttp renames it): at least one request read (`_request_count`), waiting for the next (`_waiter` pending, no
     `_messages` queued), kept alive and not closing, no byte of a next request read by its parser (`HeaderBlockBudget`
     in front of it), and its TLS protocol past the handshake. `_next_keepalive_close_time` is when its keep-alive timer
-    ends, set as each answer ends."""
+    ends, set as each answer ends. With `quiet`, nothing may move on it either (`_AlertingSSLProtocol.quiet`: none of
+    the device's bytes unread, half a TLS record included, none of ours unsent): what cannot be closed for a new
+    device is not idle, not room for /readyz and not closed; without, the cheap part only, for the scan that orders
+    connections by age (`proxy.tls.limits.IdleKeepAlives`)."""
     for handler in handlers:
         waiter = handler._waiter
+        tls = tls_protocol(handler)
         if (
             waiter is None
             or waiter.done()
@@ -162,7 +166,8 @@ def idle_handlers(handlers: Iterable[Any]) -> Iterator[tuple[float, Callable[[fl
             or not handler._keepalive
             or not isinstance(handler._parser, HeaderBlockBudget)
             or not handler._parser.between_requests
-            or not isinstance(tls_protocol(handler), _AlertingSSLProtocol)
+            or not isinstance(tls, _AlertingSSLProtocol)
+            or (quiet and not tls.quiet())
         ):
             continue
         yield handler._next_keepalive_close_time - handler.keepalive_timeout, functools.partial(_close_idle, handler)
@@ -176,9 +181,9 @@ def tls_protocol(handler: Any) -> object:
 def _close_idle(handler: Any, since: float) -> bool:
     """Close aiohttp's `handler`'s connection for a new device if it is still idle since `since` and nothing moves on
     it (as `proxy.device.server.DeviceConnection.close_idle`)."""
-    found = next((s for s, _ in idle_handlers((handler,))), None)
+    found = next((s for s, _ in idle_handlers((handler,))), None)  # idle, quiet included
     tls = tls_protocol(handler)
-    if found != since or not isinstance(tls, _AlertingSSLProtocol) or not tls.quiet():
+    if found != since or not isinstance(tls, _AlertingSSLProtocol):
         return False
     idle_closed(handler.transport, since)
     tls.close_at_once()

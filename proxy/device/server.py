@@ -758,10 +758,14 @@ class DeviceConnection(asyncio.Protocol):
 
     # -- idle keep-alives closed for new devices ---------------------------------------------------------------
 
-    def idle_since(self) -> float | None:
+    def idle_since(self, quiet: bool = True) -> float | None:
         """Since when (the loop's time) the connection has been idle between two requests: at least one answered,
-        nothing being served or queued, no byte of a next request read; None when it is not so idle (a connection
-        that has had no request yet, whose request may be on the wire, is not)."""
+        nothing being served or queued, no byte of a next request read, and (with `quiet`) nothing moves on it
+        (`TlsRecords.quiet`: none of the device's bytes unread, half a TLS record included, none of ours unsent);
+        None when it is not so idle (a connection that has had no request yet, whose request may be on the wire, is
+        not). What cannot be closed for a new device is not idle: not room for /readyz, and not closed. Without
+        `quiet`, the cheap part only: the scan that orders connections by age (`proxy.tls.limits.IdleKeepAlives`)."""
+        transport = self.transport
         if (
             self._heads == 0
             or self._task is not None
@@ -771,7 +775,8 @@ class DeviceConnection(asyncio.Protocol):
             or self._begun > self._heads
             or self._stopped
             or self._winding
-            or self.transport is None
+            or transport is None
+            or (quiet and isinstance(transport, TlsRecords) and not transport.quiet())
         ):
             return None
         return self._idle_since
@@ -784,9 +789,7 @@ class DeviceConnection(asyncio.Protocol):
         transport = self.transport
         if self.idle_since() != since or transport is None:
             return False
-        if isinstance(transport, TlsRecords):
-            if not transport.quiet():
-                return False
+        if isinstance(transport, TlsRecords):  # quiet: `idle_since` asked it just now
             idle_closed(transport, since)
             self._stop()
             self._cancel_idle()
@@ -940,10 +943,13 @@ def connection_factory(
     return make
 
 
-def idle_connections(connections: set[DeviceConnection]) -> Iterator[tuple[float, Callable[[float], bool]]]:
-    """The connections idle between requests, as `proxy.tls.limits.IdleKeepAlives` scans them."""
+def idle_connections(
+    connections: set[DeviceConnection], quiet: bool = True
+) -> Iterator[tuple[float, Callable[[float], bool]]]:
+    """The connections idle between requests, as `proxy.tls.limits.IdleKeepAlives` scans them (`quiet`: as
+    `DeviceConnection.idle_since` says)."""
     for connection in connections:
-        since = connection.idle_since()
+        since = connection.idle_since(quiet)
         if since is not None:
             yield since, connection.close_idle
 

@@ -77,7 +77,6 @@ _LINGER_TIME = 30.0
 _LINGER_BYTES = 16 * 1024 * 1024
 # At the cap, a connection accepted while every connection is busy looks for one turned idle this often (seconds).
 RECLAIM_LOOK = 0.5
-RECLAIM_BATCH = 64  # idle connections a scan keeps in order, the oldest first, for a burst of new devices
 RECLAIM_FRESH = 1.0  # seconds that order is used before the connections are scanned again
 _IDLE_LOOK = 0.01  # seconds to the first look for aiohttp's handler to be idle, a 431 waiting for earlier answers
 
@@ -161,19 +160,26 @@ class IdleKeepAlives:
     """The oldest idle keep-alive connections of a device-side server, for a connection accepted at the cap
     (`ConnectionSlots.room`): nginx's `ngx_drain_connections`.
 
-    No bookkeeping on the request path: the server's connections are scanned when a slot is wanted, and the
-    `RECLAIM_BATCH` oldest idle ones kept in order (for `RECLAIM_FRESH` seconds) for the next new devices of a burst.
-    Each is closed only if it is still idle since the time the scan saw (a request served since makes it newer)."""
+    No bookkeeping on the request path: the server's connections are scanned when a slot is wanted, and the idle ones
+    kept in a heap by age (for `RECLAIM_FRESH` seconds) for the next new devices of a burst. The scan (`scan`) reads
+    each connection's own state only; whether nothing moves on one (no byte of the device's unread, half a TLS record
+    included, none of ours unsent: a few µs of system and OpenSSL calls) is asked of the oldest alone, as it is closed:
+    each is closed only if it is still idle since the time the scan saw (a request served since makes it newer) and
+    quiet, else the next oldest is tried, so connections that cannot be closed never hide an idle one behind them.
+    `quiet_scan` (the scan with that asked of each: /readyz's count, of a full worker only) counts only what can be
+    closed."""
 
-    def __init__(self, scan: IdleScan) -> None:
+    def __init__(self, scan: IdleScan, quiet_scan: IdleScan | None = None) -> None:
         self._scan = scan
-        self._oldest: list[tuple[float, int, Callable[[float], bool]]] = []  # newest first: the oldest is popped
+        self._quiet_scan = quiet_scan or scan
+        self._oldest: list[tuple[float, int, Callable[[float], bool]]] = []  # a heap: the oldest first
         self._scanned = -RECLAIM_FRESH
         self.reclaimed = 0  # idle connections closed for new ones (kcd_listener_connections_reclaimed_total)
 
     def count(self) -> int:
-        """How many connections are idle between requests now (a scan: /readyz asks only of a full worker)."""
-        return sum(1 for _ in self._scan())
+        """How many connections are idle between requests now and could be closed (a scan: /readyz asks only of a
+        full worker)."""
+        return sum(1 for _ in self._quiet_scan())
 
     def reclaim(self) -> bool:
         """Close the oldest idle keep-alive connection; False when there is none."""
@@ -183,10 +189,10 @@ class IdleKeepAlives:
         for rescan in (False, True):
             if rescan:
                 self._scanned = now
-                found = ((since, n, close) for n, (since, close) in enumerate(self._scan()))
-                self._oldest = heapq.nsmallest(RECLAIM_BATCH, found, key=_age)[::-1]
+                self._oldest = [(since, n, close) for n, (since, close) in enumerate(self._scan())]
+                heapq.heapify(self._oldest)  # (since, n): n is unique, the closing functions never compare
             while self._oldest:
-                since, _, close = self._oldest.pop()
+                since, _, close = heapq.heappop(self._oldest)
                 if close(since):
                     self.reclaimed += 1
                     return True
@@ -202,10 +208,6 @@ def idle_closed(transport: asyncio.BaseTransport, since: float) -> None:
         idle_s=round(asyncio.get_running_loop().time() - since, 3),
         detail="an idle keep-alive closed to serve a new device at listener.max_connections",
     )
-
-
-def _age(entry: tuple[float, int, Callable[[float], bool]]) -> tuple[float, int]:
-    return entry[0], entry[1]  # since when idle; then the order of the scan (the closing functions do not compare)
 
 
 class _Taken:

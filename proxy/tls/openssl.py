@@ -102,6 +102,8 @@ def _libssl() -> ctypes.CDLL:
         getattr(lib, name).restype = None
     lib.BIO_up_ref.argtypes = [ctypes.c_void_p]
     lib.BIO_up_ref.restype = ctypes.c_int
+    lib.SSL_has_pending.argtypes = [ctypes.c_void_p]
+    lib.SSL_has_pending.restype = ctypes.c_int
     return lib
 
 
@@ -197,6 +199,19 @@ def fresh_bios(
     lib.SSL_set0_rbio(ssl_pointer, _bio(new_in))  # frees the SSL's reference to the old ones
     lib.SSL_set0_wbio(ssl_pointer, _bio(new_out))
     return new_in, new_out
+
+
+def holds_device_bytes(sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO) -> bool:
+    """Whether OpenSSL holds bytes of the device's it has read from `incoming` and not yet given out
+    (`SSL_has_pending`): a TLS record half received (its header, or part of its body: OpenSSL takes them out of the
+    BIO and keeps them until the rest comes, where neither the BIO's `pending` nor `SSLObject.pending`, decrypted bytes
+    only, sees them), or decrypted bytes unread. True, to be safe, when this Python's objects do not have the layout
+    expected (`fresh_bios`'s check)."""
+    lib = _libssl()
+    ssl_pointer = _ssl(sslobj)
+    if ssl_pointer is None or lib.SSL_get_rbio(ssl_pointer) != _bio(incoming):
+        return True
+    return bool(lib.SSL_has_pending(ssl_pointer))
 
 
 # X509_V_FLAG_USE_CHECK_TIME, X509_V_FLAG_CRL_CHECK, X509_V_FLAG_CRL_CHECK_ALL: a result that depends on more than the

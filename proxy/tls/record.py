@@ -54,7 +54,7 @@ import termios
 from collections.abc import Callable
 from typing import Any
 
-from proxy.tls.openssl import fresh_bios
+from proxy.tls.openssl import fresh_bios, holds_device_bytes
 
 SHUTDOWN_TIMEOUT = 30.0  # asyncio's ssl_shutdown_timeout: how long a close waits for the device's close_notify
 KEEP_BIO_BYTES = 8 * 1024  # a BIO that held more at once is replaced between requests
@@ -391,7 +391,7 @@ class TlsRecords(asyncio.BufferedProtocol, asyncio.Transport):
         return (
             self._state == _OPEN
             and not self._incoming.pending
-            and not self._sslobj.pending()
+            and not holds_device_bytes(self._sslobj, self._incoming)  # half a record included
             and not self._outgoing.pending
             and self._stream.get_write_buffer_size() == 0
             and unread_bytes(self._stream) == 0

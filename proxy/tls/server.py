@@ -56,6 +56,7 @@ from proxy.printable import printable
 from proxy.tls.openssl import (
     RefusedCertificate,
     fresh_bios,
+    holds_device_bytes,
     keep_sessions,
     limit_client_chain,
     remember_verified_chains,
@@ -326,7 +327,7 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
             and getattr(self, "_state", None) == sslproto.SSLProtocolState.WRAPPED
             and not getattr(self, "_write_backlog", None)
             and not incoming.pending
-            and not sslobj.pending()
+            and not holds_device_bytes(sslobj, incoming)  # half a record included
             and not outgoing.pending
             and socket_transport(transport).get_write_buffer_size() == 0
             and unread_bytes(transport) == 0

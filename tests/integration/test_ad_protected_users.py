@@ -148,3 +148,36 @@ def test_the_gateways_refusal_names_the_group_too(ad_mapping_realm: ad.AdRealm, 
     assert f"through CN={TEAM},CN=Users,DC=ad,DC=test" in hint, hint
     assert f"samba-tool group removemembers '{TEAM}' {READER}" in hint, hint
     assert hint.endswith(" [KDC's words]"), hint
+
+
+CYCLED = "sage"  # in kcd-pu-ring-a; kcd-pu-ring-a and kcd-pu-ring-b are each in the other; ring-b in Protected Users
+RING = ("kcd-pu-ring-a", "kcd-pu-ring-b")
+
+
+def _ring_member(realm: ad.AdRealm) -> None:
+    """sage in a cycle of groups (kcd-pu-ring-a in kcd-pu-ring-b in kcd-pu-ring-a), kcd-pu-ring-b in Protected Users,
+    made once."""
+    with _locked(realm.root):
+        groups = realm.samba_tool("group", "list").split()
+        for group in RING:
+            if group not in groups:
+                realm.samba_tool("group", "add", group)
+        for group, member in ((RING[1], RING[0]), (RING[0], RING[1]), ("Protected Users", RING[1])):
+            if member not in realm.samba_tool("group", "listmembers", group).split():
+                realm.samba_tool("group", "addmembers", group, member)
+        if CYCLED not in realm.samba_tool("user", "list").split():
+            realm.samba_tool("user", "create", CYCLED, f"{CYCLED.title()}-Ad-Pa55")
+        if CYCLED not in realm.samba_tool("group", "listmembers", RING[0]).split():
+            realm.samba_tool("group", "addmembers", RING[0], CYCLED)
+
+
+def test_a_member_through_a_cycle_of_groups_is_told_its_own_group(ad_mapping_realm: ad.AdRealm, tmp_path: Path) -> None:
+    """sage is in Protected Users through a cycle of groups (kcd-pu-ring-a and kcd-pu-ring-b each in the other,
+    ring-b in Protected Users): doctor's look-up ends, and the fix names sage's own group, kcd-pu-ring-a, and its
+    removal (ring-b, which sage is not listed in, is not offered)."""
+    realm = ad_mapping_realm
+    _ring_member(realm)
+    fix = _fix(realm, tmp_path, f"{CYCLED}@{ad.REALM}")
+    assert f"through CN={RING[0]},CN=Users,DC=ad,DC=test" in fix, fix
+    assert f"Remove-ADGroupMember '{RING[0]}' {CYCLED}" in fix, fix
+    assert f"'{RING[1]}' {CYCLED}" not in fix, fix

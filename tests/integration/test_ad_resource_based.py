@@ -11,13 +11,16 @@ settings, AES keys, its keytab) and svc-rbcdcas (HTTP/rbcd.ad.test, allowing svc
 
 from __future__ import annotations
 
+import base64
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from proxy.identity.sid import Sid
 from proxy.lab import ad, ad_mapping
 from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _locked
 
@@ -27,6 +30,8 @@ GATEWAY = "svc-kcdrbcd"
 GATEWAY_SPN = "HTTP/proxy-rbcd.ad.test"
 BACKEND = "svc-rbcdcas"
 BACKEND_SPN = "HTTP/rbcd.ad.test"
+INHERIT_ONLY_BACKEND = "svc-rbcdinh"
+INHERIT_ONLY_SPN = "HTTP/rbcd-inherit.ad.test"
 
 
 def _exists(realm: ad.AdRealm, name: str) -> bool:
@@ -135,3 +140,48 @@ def test_classic_constrained_delegation_is_judged_as_before(
     assert line.startswith("FAIL"), line
     assert "'Use any authentication protocol' is not chosen" in line, line
     assert f"msDS-AllowedToDelegateTo lists nothing, not {ad.BACKEND_SPN}" in line, line
+
+
+def _inherit_only_descriptor(trustee: Sid) -> bytes:
+    """A self-relative security descriptor ([MS-DTYP] 2.4.6) owned by BUILTIN\\Administrators whose DACL's one entry
+    allows `trustee` full control with CONTAINER_INHERIT_ACE | INHERIT_ONLY_ACE: for the objects below, not this one."""
+    owner = Sid(5, (32, 544)).to_bytes()
+    body = struct.pack("<I", 0x000F01FF) + trustee.to_bytes()
+    ace = struct.pack("<BBH", 0, 0x02 | 0x08, 4 + len(body)) + body  # ACCESS_ALLOWED_ACE_TYPE
+    acl = struct.pack("<BBHHH", 2, 0, 8 + len(ace), 1, 0) + ace
+    header = struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 20 + len(owner))  # SE_SELF_RELATIVE | SE_DACL_PRESENT
+    return header + owner + acl
+
+
+def _inherit_only_backend(realm: ad.AdRealm) -> None:
+    """svc-rbcdinh (HTTP/rbcd-inherit.ad.test), its msDS-AllowedToActOnBehalfOfOtherIdentity naming svc-kcdrbcd in
+    an inherit-only entry (`_inherit_only_descriptor`), made once under the realm's lock."""
+    with _locked(realm.root):
+        if _exists(realm, INHERIT_ONLY_BACKEND):
+            return
+        password = ad.SERVICE_PASSWORD.format(account=INHERIT_ONLY_BACKEND)
+        realm.samba_tool("user", "create", INHERIT_ONLY_BACKEND, password)
+        realm.samba_tool("spn", "add", INHERIT_ONLY_SPN, INHERIT_ONLY_BACKEND)
+        found = re.search(r"^objectSid: (S-\S+)$", realm.ldbsearch(f"(sAMAccountName={GATEWAY})", "objectSid"), re.M)
+        assert found is not None
+        value = base64.b64encode(_inherit_only_descriptor(Sid.parse(found.group(1)))).decode()
+        attribute = "msDS-AllowedToActOnBehalfOfOtherIdentity"
+        dn = f"CN={INHERIT_ONLY_BACKEND},CN=Users,{realm.base_dn}"
+        realm.ldbmodify(f"dn: {dn}\nchangetype: modify\nreplace: {attribute}\n{attribute}:: {value}\n")
+
+
+def test_an_inherit_only_entry_allows_nobody(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """svc-rbcdinh's msDS-AllowedToActOnBehalfOfOtherIdentity names svc-kcdrbcd only in an inherit-only entry, which the
+    access check skips for the account itself: `delegation` fails with classic delegation's missing pieces named, and
+    does not say the backend allows the gateway (before: SKIP, 'svc-rbcdinh's msDS-AllowedToActOnBehalfOfOtherIdentity
+    allows svc-kcdrbcd')."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    _inherit_only_backend(realm)
+    config = _config(realm, ad_backend, tmp_path / "inherit.toml", account=GATEWAY, spn=INHERIT_ONLY_SPN)
+    line = _doctor(realm, config)["delegation"]
+    assert line.startswith("FAIL"), line
+    assert "allows" not in line, line
+    assert f"msDS-AllowedToDelegateTo lists nothing, not {INHERIT_ONLY_SPN}" in line, line

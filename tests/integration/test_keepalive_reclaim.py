@@ -28,6 +28,7 @@ from tests.integration.jsonlog import eventually
 SERVERS = ("own", "aiohttp")
 CAP = 4
 USERS = ("alice", "bob", "carol", "alice")  # CAP devices (alice has two)
+STUCK = 64  # connections that cannot be closed, older than an idle one (a scan kept the 64 oldest and gave up)
 SERVED_WITHIN = 20.0  # seconds a new device may take to be served at the cap (the keep-alive timeout is 120 s)
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -45,12 +46,14 @@ def event_loop_name(request: pytest.FixtureRequest) -> str:
 
 
 @contextmanager
-def capped(lab: LabLayout, directory: Path, server: str, listener: str = "") -> Iterator[tuple[Gateway, str]]:
-    """A gateway on `server` with `listener.max_connections = CAP` (and `listener`'s lines), a keep-alive timeout of
+def capped(
+    lab: LabLayout, directory: Path, server: str, listener: str = "", cap: int = CAP
+) -> Iterator[tuple[Gateway, str]]:
+    """A gateway on `server` with `listener.max_connections = cap` (and `listener`'s lines), a keep-alive timeout of
     120 s and an admin listener; yields it and its admin URL, and stops it."""
     admin = f"127.0.0.1:{free_port()}"
     text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
-    lines = f'http_server = "{server}"\nmax_connections = {CAP}\nkeepalive_timeout = 120\n{listener}'
+    lines = f'http_server = "{server}"\nmax_connections = {cap}\nkeepalive_timeout = 120\n{listener}'
     gw = start_gateway(lab, directory, text.replace("[listener]\n", f"[listener]\n{lines}", 1))
     try:
         gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
@@ -125,6 +128,12 @@ def strict_device(lab: LabLayout, port: int, user: str, path: str) -> ssl.SSLSoc
     while len(body) < length:
         body += tls.recv(65536)
     return tls
+
+
+def half_record(tls: ssl.SSLSocket) -> None:
+    """The device sends the first bytes of a TLS record under its connection (its type and version, never its length
+    nor its body): the gateway holds them in its TLS buffers, a record half received."""
+    socket.socket.sendall(tls, b"\x17\x03\x03")  # the raw socket's send, beneath the TLS layer
 
 
 def readyz(admin: str) -> tuple[int, dict[str, object]]:
@@ -294,5 +303,123 @@ def test_an_address_over_its_cap_closes_no_idle_keepalive(lab: LabLayout, tmp_pa
             assert gw.wait_event("device_idle_reclaimed")["peer"].startswith("127.0.0.2:")
             for _, writer in (*idle, *busy, third):
                 writer.close()
+
+        asyncio.run(run())
+
+
+class RecordDevice:
+    """A device whose TLS records the test holds in hand (`ssl.MemoryBIO`s over a blocking socket), to send a record
+    in parts as a slow network delivers it."""
+
+    def __init__(self, lab: LabLayout, port: int, user: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context(lab, user).wrap_bio(self._in, self._out, server_hostname="127.0.0.1")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self._out.read())
+                self._fill()
+        self.sock.sendall(self._out.read())
+        self.peer = f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the gateway closed the connection")
+        self._in.write(data)
+
+    def _read(self) -> bytes:
+        while True:
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._fill()
+
+    def record(self, path: str) -> bytes:
+        """The TLS record (one, a head being short) that carries a request for `path`."""
+        self.tls.write(head(path))
+        return self._out.read()
+
+    def status(self) -> int:
+        """The status of the answer the gateway sends (Content-Length framed), once read whole."""
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += self._read()
+        head_text, _, body = received.partition(b"\r\n\r\n")
+        length = int(head_text.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(body) < length:
+            body += self._read()
+        return int(head_text.split()[1])
+
+    def ask(self, path: str) -> int:
+        self.sock.sendall(self.record(path))
+        return self.status()
+
+
+def test_a_request_whose_tls_record_is_half_received_is_not_cut(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """Four devices served once hold the cap of 4; each then sends the first half of the TLS record carrying its next
+    request (the rest delayed, as on a slow network). None is idle: /readyz is 503 with the listener named (it said
+    200), a fifth device waits and no connection is closed for it (one was, and its request cut: OpenSSL had taken the
+    half record out of the BIO, unseen by the quiet check). A device whose record then ends is answered 200, and the
+    fifth is served in its place once it is idle; the other three are answered 200 too."""
+    with capped(lab, tmp_path, server) as (gw, admin):
+
+        async def run() -> None:
+            devices = [await asyncio.to_thread(RecordDevice, lab, gw.port, user) for user in USERS]
+            for n, device in enumerate(devices):
+                assert await asyncio.to_thread(device.ask, f"/EWS/{n}") == 200
+            rests = []
+            for n, device in enumerate(devices):
+                record = device.record(f"/EWS/next-{n}")
+                device.sock.sendall(record[: len(record) // 2])
+                rests.append(record[len(record) // 2 :])
+            gw.mark()
+            ready, readiness = await asyncio.to_thread(readyz, admin)
+            assert ready == 503, readiness
+            assert "listener.max_connections" in str(readiness.get("listener")), readiness
+            fifth = asyncio.ensure_future(served(lab, gw.port, "bob", "/EWS/fifth"))
+            done, _ = await asyncio.wait({fifth}, timeout=3)
+            assert not done, "a fifth device was served: a connection with half a record was closed for it"
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            devices[0].sock.sendall(rests[0])
+            assert await asyncio.to_thread(devices[0].status) == 200
+            _, writer = await asyncio.wait_for(fifth, SERVED_WITHIN)
+            assert gw.wait_event("device_idle_reclaimed")["peer"] == devices[0].peer
+            for device, rest in zip(devices[1:], rests[1:], strict=True):
+                device.sock.sendall(rest)
+                assert await asyncio.to_thread(device.status) == 200
+            writer.close()
+            for device in devices:
+                device.sock.close()
+
+        asyncio.run(run())
+
+
+@pytest.mark.slow(seconds=40)
+def test_connections_that_cannot_be_closed_do_not_hide_an_idle_one(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """At a cap of STUCK + 1: the STUCK oldest connections each hold half a TLS record (idle to look at, but not to be
+    closed), the newest is a plain idle keep-alive. A new device is served in the latter's place within seconds (the
+    scan's batch of the 64 oldest was all of the former: the gateway found none to close and the new device waited
+    for the keep-alive timeout)."""
+    with capped(lab, tmp_path, server, cap=STUCK + 1) as (gw, _admin):
+
+        async def run() -> None:
+            stuck = []
+            for n in range(STUCK):
+                tls = await asyncio.to_thread(strict_device, lab, gw.port, USERS[n % len(USERS)], f"/EWS/{n}")
+                half_record(tls)
+                stuck.append(tls)
+            idle = await served(lab, gw.port, "carol", "/EWS/newest")
+            gw.mark()
+            fifth = await asyncio.wait_for(served(lab, gw.port, "bob", "/EWS/new"), SERVED_WITHIN)
+            assert await closed_by_gateway(idle[0])
+            assert len(gw.events("device_idle_reclaimed", gw.since)) == 1
+            for writer in (idle[1], fifth[1]):
+                writer.close()
+            for tls in stuck:
+                tls.close()
 
         asyncio.run(run())

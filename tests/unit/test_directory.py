@@ -4,6 +4,7 @@ cache's key."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +12,16 @@ import pytest
 
 from proxy.config import Directory as DirectorySettings
 from proxy.config import Kerberos
-from proxy.directory import ATTRIBUTES, FAILED_SERVER_SECONDS, Directory, _account, _domain, _escape, _filter
+from proxy.directory import (
+    ATTRIBUTES,
+    FAILED_SERVER_SECONDS,
+    Directory,
+    _account,
+    _domain,
+    _escape,
+    _filter,
+    acting_for_others,
+)
 from proxy.errors import DirectoryUnavailable, MappingRefused
 from proxy.identity import altsecid
 from proxy.identity.mapping import Account
@@ -261,3 +271,28 @@ def test_a_sids_owner_is_searched_in_the_whole_domain_and_never_the_names_own_ac
     asyncio.run(directory.sid_owner(sid, "WS01$@ad.test"))  # the cache's answer: no second search
     assert len(asked) == 1
     assert directory.cached("ws01$@ad.test") is None  # a name's key is not the SID's
+
+
+def _descriptor(*aces: tuple[int, int, Sid]) -> bytes:
+    """A self-relative security descriptor whose DACL holds `aces`, each (type, flags, trustee), full control."""
+    body = b""
+    for kind, flags, sid in aces:
+        ace = struct.pack("<I", 0x000F01FF) + sid.to_bytes()
+        body += struct.pack("<BBH", kind, flags, 4 + len(ace)) + ace
+    acl = struct.pack("<BBHHH", 2, 0, 8 + len(body), len(aces), 0) + body
+    owner = Sid(5, (32, 544)).to_bytes()
+    return struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 20 + len(owner)) + owner + acl
+
+
+def test_inherit_only_entries_of_a_resource_based_delegation_apply_to_nobody() -> None:
+    """msDS-AllowedToActOnBehalfOfOtherIdentity's DACL: allow and deny entries are read by SID, but one marked
+    INHERIT_ONLY_ACE (for objects below, skipped by the access check on the account itself) allows or denies nobody."""
+    gateway, group, other = (Sid(5, (21, 1, 2, 3, rid)) for rid in (1105, 1106, 1107))
+    allowed, denied = acting_for_others(
+        _descriptor((0, 0x08 | 0x02, gateway), (1, 0x08, group), (0, 0, other), (1, 0x02, group), (0, 0x02, gateway))
+    )
+    assert allowed == {other, gateway}  # the last entry, container-inherit but not inherit-only, applies here too
+    assert denied == {group}
+    allowed, denied = acting_for_others(_descriptor((0, 0x08, gateway), (1, 0x0A, other)))
+    assert not allowed
+    assert not denied

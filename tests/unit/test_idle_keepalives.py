@@ -9,7 +9,7 @@ from collections.abc import Callable
 from aiohttp.web_protocol import RequestHandler
 from structlog.testing import capture_logs
 
-from proxy.tls.limits import RECLAIM_BATCH, ConnectionSlots, IdleKeepAlives
+from proxy.tls.limits import ConnectionSlots, IdleKeepAlives
 
 
 class _Connection:
@@ -51,12 +51,13 @@ def test_the_oldest_idle_connection_is_closed_first_and_one_that_moved_is_skippe
     asyncio.run(run())
 
 
-def test_a_scan_keeps_the_oldest_batch_in_order() -> None:
-    """Of more idle connections than a batch, the scan keeps the oldest RECLAIM_BATCH: they are closed oldest first,
-    with one scan for the whole batch."""
+def test_one_scan_orders_every_idle_connection_and_those_that_refuse_hide_none() -> None:
+    """Of many idle connections, one scan orders them all by age: the 70 oldest refuse their close (bytes of the
+    device's waiting, half a TLS record), and the 10 after them are closed oldest first, with one scan for all (a scan
+    kept only the 64 oldest, and gave up when all of those refused)."""
 
     async def run() -> None:
-        connections = [_Connection(float(n)) for n in reversed(range(RECLAIM_BATCH + 10))]
+        connections = [_Connection(float(n), closes=n >= 70) for n in reversed(range(80))]
         scans: list[int] = []
 
         def scan() -> list[tuple[float, Callable[[float], bool]]]:
@@ -64,10 +65,11 @@ def test_a_scan_keeps_the_oldest_batch_in_order() -> None:
             return _scan(connections)()
 
         idle = IdleKeepAlives(scan)
-        for n in range(RECLAIM_BATCH):
+        for n in range(10):
             assert idle.reclaim()
-            assert [c.since for c in connections if c.closed] == [float(k) for k in reversed(range(n + 1))]
+            assert [c.since for c in connections if c.closed] == [float(k) for k in reversed(range(70, 71 + n))]
         assert len(scans) == 1
+        assert not idle.reclaim()
 
     asyncio.run(run())
 
