@@ -34,6 +34,7 @@ from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
 from proxy.kerberos.keytab import account_advice, read_keytab
 from proxy.printable import printable
+from proxy.tls.server import load_ca_file
 
 
 def check(config: Config, *, at: datetime, crls: bool = True) -> list[str]:
@@ -260,6 +261,14 @@ def _certificates(key: str, path: Path, at: datetime) -> Iterator[tuple[str, str
     except (OSError, ValueError) as e:
         yield key, str(e)
         return
+    try:  # as the listener's TLS context loads it (`server_context`): OpenSSL reads every PEM block, not only
+        load_ca_file(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), path)  # the certificates cryptography picks out
+    except ssl.SSLError as e:
+        yield (
+            key,
+            f"{path}: OpenSSL cannot read it ({e.reason or e}): a block in it is damaged or is no certificate (a CRL "
+            "or a key?); keep only the CA certificates, in PEM or DER",
+        )
     for cert in certs:
         name = cert.subject.rfc4514_string()
         if not is_ca(cert):

@@ -80,7 +80,7 @@ def server_context(config: Config) -> ssl.SSLContext:
     ctx.load_cert_chain(config.listener.certificate, config.listener.private_key)
     ctx.verify_mode = _VERIFY_MODES[config.authentication.client_certificate]
     for path in (*config.client_certificates.trust_anchors, *config.client_certificates.intermediates):
-        _load_ca_file(ctx, path)
+        load_ca_file(ctx, path)
     if _an_anchor_is_not_a_root(config):
         # An issuing CA as a trust anchor (trusting one CA of a larger PKI): OpenSSL wants a chain up to a
         # self-signed root unless told that a trusted CA may end it. The certificate stage builds the chain again
@@ -166,7 +166,7 @@ def _an_anchor_is_not_a_root(config: Config) -> bool:
     )
 
 
-def _load_ca_file(ctx: ssl.SSLContext, path: Path) -> None:
+def load_ca_file(ctx: ssl.SSLContext, path: Path) -> None:
     """A CA file as the configuration allows it: a PEM bundle, or DER (`cafile` reads PEM only; `cadata` given
     bytes reads DER)."""
     data = path.read_bytes()

@@ -334,3 +334,91 @@ def test_a_sigterm_while_the_gateway_starts_ends_it_without_listening(lab: LabLa
     assert "listening" not in events, events
     assert events[-3:] == ["stopping", "drained", "stopped"], events
     assert took < 4, took
+
+
+def test_a_download_to_a_device_that_stopped_reading_is_cut_at_drain_timeout(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """A 200 MB answer streamed to alice's device, which read its head and then stopped reading, when the gateway gets
+    SIGTERM (drain_timeout 3 s): the drain ends at drain_timeout, `drained` counts the download as cut, its summary
+    line says `cut: drain_timeout`, and the device, reading again, gets the end of the connection well short of the
+    body (not a body cut short that looks whole: the answer's Content-Length says what was missed)."""
+    gw, admin = _gateway(lab, tmp_path, server, listener="drain_timeout = 3\n")
+    try:
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            size = 200_000_000
+            tls.sendall(
+                f"GET /EWS/Exchange.asmx?lab_body_bytes={size} HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = tls.recv(4096)
+                assert chunk, head
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 200"), head[:200]
+            _in_flight(admin)
+            gw.mark()
+            gw.proc.send_signal(signal.SIGTERM)
+            assert gw.proc.wait(timeout=60) == 0
+            received = len(head.partition(b"\r\n\r\n")[2])
+            try:
+                while chunk := tls.recv(65536):
+                    received += len(chunk)
+            except OSError:
+                pass
+            assert received < size
+        (drained,) = gw.events("drained", gw.since)
+        assert drained["outcome"] == "drain_timeout"
+        assert drained["seconds"] < 3 + LATE, drained
+        assert drained["cut"] == 1, drained
+        assert [(e["path"], e.get("cut")) for e in gw.events("request", gw.since)] == [
+            ("/EWS/Exchange.asmx", "drain_timeout")
+        ]
+    finally:
+        gw.stop()
+
+
+def test_an_answer_a_slow_device_is_still_reading_at_sigterm_reaches_it_whole(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """alice's device downloads 8 MB, reading 16 KiB at a time with a pause: the gateway's handler ends (its summary
+    line written) while megabytes are still buffered for the device, and SIGTERM comes then (drain_timeout 30 s). The
+    device reads on, at its pace, and gets the whole body (Content-Length bytes) before the connection ends."""
+    gw, _admin = _gateway(lab, tmp_path, server, listener="drain_timeout = 30\n")
+    try:
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            size = 8_000_000
+            tls.sendall(
+                f"GET /EWS/Exchange.asmx?lab_body_bytes={size} HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n".encode()
+            )
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = tls.recv(4096)
+                assert chunk, data
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert f"content-length: {size}".encode() in head.lower(), head
+            received, signalled = len(body), False
+            gw.mark()
+            try:
+                while received < size:
+                    chunk = tls.recv(16384)
+                    if not chunk:
+                        break
+                    received += len(chunk)
+                    time.sleep(0.01)
+                    if not signalled and gw.events("request", gw.since):
+                        gw.proc.send_signal(signal.SIGTERM)
+                        signalled = True
+            except OSError:
+                pass
+            assert signalled, "the summary line came only after the last byte was read"
+            assert received == size, f"{received} of {size} bytes"
+        assert gw.proc.wait(timeout=60) == 0
+    finally:
+        gw.stop()

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.auth.shared import CRL_FLOORS, SharedTable
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
+from proxy.certs.der import inside, whole
 from proxy.certs.revocation import CrlSet, RevocationStatus, accept
 from proxy.certs.sources import MAX_CRL_BYTES, CrlSource, CrlStore, distribution_point_urls, shown_location
 from proxy.errors import CertificateRevoked
@@ -53,6 +54,22 @@ def forged_crl(pki: Pki, serial: int) -> bytes:
 def _issuing_crl(pki: Pki, number: int, serial: int) -> bytes:
     """A CRL of the lab's issuing CA, signed with its own key, numbered `number`, listing `serial`."""
     return _crl(pki, pki.issuing_key, number, serial)
+
+
+def _negative_crl(pki: Pki, number: int, serial: int) -> bytes:
+    """`_issuing_crl` numbered `number` (-128 to -1), signed by the issuing CA: cryptography builds no such CRL but
+    reads one, so a CRL numbered 127 gets its number's one octet set to `number`'s and is signed again."""
+    assert -128 <= number < 0
+    der = _issuing_crl(pki, 127, serial)
+    _tbs, algorithm, _signature = inside(der, whole(der))
+    tbs = x509.load_der_x509_crl(der).tbs_certlist_bytes
+    numbered = bytes.fromhex("0603551d14") + bytes.fromhex("040302017f")  # cRLNumber, OCTET STRING, INTEGER 127
+    assert tbs.count(numbered) == 1
+    tbs = tbs.replace(numbered, numbered[:-1] + (number & 0xFF).to_bytes(1, "big"))
+    key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    signature = der_tlv(0x03, b"\0" + key.sign(tbs, ec.ECDSA(hashes.SHA256())))
+    return der_tlv(0x30, tbs + der[algorithm[1] : algorithm[2]] + signature)
 
 
 def _crl(pki: Pki, signer: Path, number: int, serial: int) -> bytes:
@@ -115,6 +132,32 @@ async def _test_a_refresh_that_brings_no_new_crl_keeps_the_set_and_its_index(pki
     assert store.current is not held
     with pytest.raises(CertificateRevoked):
         store.current.check(bob, at=NOW, policy="require")
+
+
+def test_a_kept_set_whose_crl_passed_its_next_update_no_longer_vouches(pki: Pki, trust: TrustList) -> None:
+    """A CRL whose nextUpdate passes with no new one behind it (the file unchanged at each refresh): the set kept for
+    the same CRLs gives its remembered "good" only until that nextUpdate; a request after it is refused under
+    "require" (no current CRL) and carol, whom the CRL of that set lists, is refused as revoked until then. A pin
+    (review44): a kept set remembers an answer only for the span in which none of its CRLs changes state."""
+    asyncio.run(_test_a_kept_set_whose_crl_passed_its_next_update_no_longer_vouches(pki, trust))
+
+
+async def _test_a_kept_set_whose_crl_passed_its_next_update_no_longer_vouches(pki: Pki, trust: TrustList) -> None:
+    revoke(pki, pki.user_cert("carol"), now=NOW)
+    store = CrlStore(trust, [CrlSource(str(pki.crls))])
+    assert store.load_files(now=NOW) == []
+    bob, carol = verified(pki, trust, "bob"), verified(pki, trust, "carol")
+    held = store.current
+    assert held.check(bob, at=NOW, policy="require").status is RevocationStatus.GOOD
+    ends = min(crl.next_update for crl in held.crls)
+    await store.refresh(now=ends - timedelta(seconds=1))
+    assert store.current is held
+    with pytest.raises(CertificateRevoked, match="revoked"):
+        store.current.check(carol, at=ends - timedelta(seconds=1), policy="require")
+    assert store.current.check(bob, at=ends, policy="require").status is RevocationStatus.GOOD
+    await store.refresh(now=ends + timedelta(seconds=1))
+    with pytest.raises(CertificateRevoked, match="no current CRL"):
+        store.current.check(bob, at=ends + timedelta(seconds=1), policy="require")
 
 
 def test_a_set_kept_for_the_same_crls_still_vets_their_signers_at_the_new_time(pki: Pki, trust: TrustList) -> None:
@@ -686,6 +729,27 @@ def test_a_crl_number_longer_than_twenty_octets_is_taken_beside_the_shared_floor
     replacement = CrlStore(trust, [CrlSource(str(path))], floors=table)
     [problem] = replacement.load_files(now=NOW)
     assert "older than the one a worker of this gateway took" in problem
+
+
+def test_a_crl_with_a_negative_number_is_refused_and_the_other_sources_still_refresh(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """A CRL of a trusted CA, genuinely signed, numbered below zero (RFC 5280 5.2.3: a non-negative integer) is refused
+    as unparsable and the store's other source is still taken, on the workers' table too, whose floor field is
+    unsigned (a negative number there would raise OverflowError out of the store). A pin: cryptography reads a CRL
+    number as an unsigned integer, so the outline refuses it before any floor is asked."""
+    carol = verified(pki, trust, "carol")
+    odd, other = tmp_path / "odd.crl", tmp_path / "issuing.crl"
+    odd.write_bytes(_negative_crl(pki, -5, 1))
+    other.write_bytes(pki.issuing_crl.read_bytes())
+    store = CrlStore(trust, [CrlSource(str(odd)), CrlSource(str(other))], floors=SharedTable(max_keys=8))
+    [problem] = store.load_files(now=NOW)
+    assert "odd.crl: CRL extensions cannot be parsed" in problem
+    assert status(store, carol) is RevocationStatus.GOOD
+    other.write_bytes(_issuing_crl(pki, 3, carol.leaf.serial_number))
+    odd.write_bytes(_negative_crl(pki, -6, 1))
+    asyncio.run(store.refresh(now=NOW))
+    assert status(store, carol) is RevocationStatus.REVOKED
 
 
 def test_a_crl_location_is_shown_without_a_urls_password() -> None:
