@@ -49,7 +49,7 @@ from typing import Literal
 
 import structlog
 
-from proxy.tls.limits import AddressCap
+from proxy.tls.limits import AddressCap, SlotWait
 from proxy.tls.server import TlsGate, peer_text, socket_transport
 
 log = structlog.get_logger("proxy.tls")
@@ -233,6 +233,7 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._peer: object = None
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._room: asyncio.Task[None] | None = None  # waiting for a slot, the header read (`SlotWait.room`)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = socket_transport(transport)
@@ -249,6 +250,8 @@ class ProxyHeaderGate(asyncio.Protocol):
         if self._transport is None:
             return
         self._buffer += data
+        if self._room is not None:  # the header is read; these bytes are the TLS gate's
+            return
         try:
             header = parse(self._buffer)
         except ProxyHeaderError as exc:
@@ -266,7 +269,30 @@ class ProxyHeaderGate(asyncio.Protocol):
                 transport.abort()  # a reset; connection_lost gives the slot back
                 return
             closed = admitted
+        wait = self._closed
+        if isinstance(wait, SlotWait) and not wait.claim():  # at the cap, every connection busy: wait for a slot
+            self._closed = closed  # the address's place too, if the connection ends while it waits
+            self._transport.pause_reading()
+            self._room = asyncio.get_running_loop().create_task(wait.room())
+            self._room.add_done_callback(lambda task: self._slot_taken(task, header, closed))
+            return
+        self._hand_over(header, closed)
+
+    def _slot_taken(self, task: asyncio.Task[None], header: ProxyHeader, closed: Callable[[], None]) -> None:
+        """A connection that waited for a slot, its header read, got one: on to TLS (unless it ended meanwhile)."""
+        if task.cancelled() or self._transport is None:
+            return
+        if task.exception() is not None:  # never expected: the connection, not the listener, pays for it
+            self._transport.abort()
+            return
+        self._transport.resume_reading()
+        self._hand_over(header, closed)
+
+    def _hand_over(self, header: ProxyHeader, closed: Callable[[], None]) -> None:
+        """The header read, the address admitted and a slot held: the connection goes to the TLS gate."""
+        client = header.source if header.command == "proxy" else None
         transport, self._transport = self._transport, None
+        assert transport is not None
         gate = self._tls_gate(closed)
         preread = self._buffer[header.length :]
         gate.behind_balancer(client, preread, health_check=header.health_check, unnamed=header.unnamed)
@@ -274,6 +300,8 @@ class ProxyHeaderGate(asyncio.Protocol):
         gate.connection_made(transport)
 
     def eof_received(self) -> bool | None:
+        if self._room is not None:  # ended while it waited for a slot, its header read: closed, nothing to refuse
+            return False
         if not self._buffer:  # closed before its first byte: a health check, not a header cut short
             self._gone("closed before its first byte")
         else:
@@ -285,6 +313,8 @@ class ProxyHeaderGate(asyncio.Protocol):
         if self._transport is not None and not self._buffer:  # reset after it was accepted, before its first byte
             self._gone("reset before its first byte")
         self._cancel_timer()
+        if self._room is not None:
+            self._room.cancel()
         self._transport = None
         self._closed()
 
