@@ -19,8 +19,10 @@ block it sends, which aiohttp's parser keeps whole until the block ends. Two cap
   (`address_connection_limit_reached`) and counted (`kcd_refusals_total{stage="listener",
   reason="connections_per_address"}`), and it holds no slot of `max_connections` meanwhile. Behind a balancer
   the address is the PROXY header's (`proxy.tls.proxy_protocol`), checked as soon as the header is read;
-  the balancer's own address is never capped. Off by default because CGNAT and corporate proxies put many
-  devices behind one address.
+  the balancer's own address is never capped. So behind a balancer a connection accepted at the cap holds no slot
+  until its header is read and its address admitted (`SlotWait`, at most `HEADER_WAITS` a worker): only then is an
+  idle keep-alive closed for it, and one whose header never comes closes nobody's. Off by default because CGNAT
+  and corporate proxies put many devices behind one address.
 - **Header block** (`listener.max_header_bytes`): aiohttp's parser (3.14, C or Python) bounds the
   request line (`max_line_size`), each header field (`max_field_size`, 96 KiB here, for 64 KiB Kerberos
   tokens) and the number of fields (`max_headers`, 128), but not their sum: 128 fields of 95 KiB are
