@@ -617,7 +617,11 @@ async def serve(
             [f"listener.bind: cannot listen on {listener.host}:{listener.port}: {e.strerror} (in {config.path})"]
         ) from None
     direct_cap = None if listener.proxy_protocol else cap
-    accepting = [loop.create_task(accept_connections(sock, factory, slots, direct_cap)) for sock in sockets]
+    header_first = listener.proxy_protocol  # at the cap, no idle keep-alive closed before the header is read
+    accepting = [
+        loop.create_task(accept_connections(sock, factory, slots, direct_cap, header_first=header_first))
+        for sock in sockets
+    ]
     log.info(
         "listening",
         bind=host_port(listener.host, listener.port),

@@ -19,8 +19,10 @@ block it sends, which aiohttp's parser keeps whole until the block ends. Two cap
   (`address_connection_limit_reached`) and counted (`kcd_refusals_total{stage="listener",
   reason="connections_per_address"}`), and it holds no slot of `max_connections` meanwhile. Behind a balancer
   the address is the PROXY header's (`proxy.tls.proxy_protocol`), checked as soon as the header is read;
-  the balancer's own address is never capped. Off by default because CGNAT and corporate proxies put many
-  devices behind one address.
+  the balancer's own address is never capped. So behind a balancer a connection accepted at the cap holds no slot
+  until its header is read and its address admitted (`SlotWait`, at most `HEADER_WAITS` a worker): only then is an
+  idle keep-alive closed for it, and one whose header never comes closes nobody's. Off by default because CGNAT
+  and corporate proxies put many devices behind one address.
 - **Header block** (`listener.max_header_bytes`): aiohttp's parser (3.14, C or Python) bounds the
   request line (`max_line_size`), each header field (`max_field_size`, 96 KiB here, for 64 KiB Kerberos
   tokens) and the number of fields (`max_headers`, 128), but not their sum: 128 fields of 95 KiB are
@@ -78,6 +80,8 @@ _LINGER_BYTES = 16 * 1024 * 1024
 # At the cap, a connection accepted while every connection is busy looks for one turned idle this often (seconds).
 RECLAIM_LOOK = 0.5
 RECLAIM_FRESH = 1.0  # seconds that order is used before the connections are scanned again
+# Connections a worker accepts at the cap behind a balancer while their PROXY headers come, no slot held (`SlotWait`).
+HEADER_WAITS = 16
 _IDLE_LOOK = 0.01  # seconds to the first look for aiohttp's handler to be idle, a 431 waiting for earlier answers
 
 
@@ -93,6 +97,7 @@ class ConnectionSlots:
         self.open = 0  # slots taken: the open connections, and one per accept loop waiting for its next connection
         self.accepting = 0  # of those, the accept loops' (`accept_connections`)
         self.idle = idle
+        self.waiting = 0  # connections accepted at the cap behind a balancer, holding no slot yet (`SlotWait`)
         self._on_wait = on_wait
         self._freed = asyncio.Event()
 
@@ -115,6 +120,14 @@ class ConnectionSlots:
         self.open += 1
         return _Taken(self)
 
+    def claim(self) -> bool:
+        """Take a slot now, if one is free or an idle keep-alive can be closed for it (True); False when every
+        connection is busy. A `SlotWait`'s first try, once its connection's PROXY header is read."""
+        if self.open < self.limit or (self.idle is not None and self.idle.reclaim()):
+            self.open += 1
+            return True
+        return False
+
     async def room(self) -> Callable[[], None]:
         """A slot for a connection accepted at the cap: the slot of the oldest idle keep-alive, closed for it, else
         (every connection busy: logged and counted as `take` does) the first slot freed; a connection that turns idle
@@ -122,6 +135,12 @@ class ConnectionSlots:
         taken at once, not once its socket has closed and given it back (a loop pass or two later): for that moment
         `open` is one over the limit, for a connection already closing (half the new devices a second otherwise, the
         accept loop waiting each time: docs/performance.md, "Idle keep-alives at the cap")."""
+        await self._room()
+        self.open += 1
+        return _Taken(self)
+
+    async def _room(self) -> None:
+        """Until a slot is free for the caller (not taken): `room`'s wait."""
         told = False
         while self.open >= self.limit:
             self._freed.clear()
@@ -132,8 +151,6 @@ class ConnectionSlots:
                 self._limit_reached()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._freed.wait(), RECLAIM_LOOK)
-        self.open += 1
-        return _Taken(self)
 
     def _limit_reached(self) -> None:
         log.warning(
@@ -149,6 +166,57 @@ class ConnectionSlots:
     def _give_back(self) -> None:
         self.open -= 1
         self._freed.set()
+
+    def _wait_ended(self) -> None:
+        self.waiting -= 1
+        self._freed.set()
+
+
+class SlotWait:
+    """A connection accepted at the cap behind a balancer (`accept_connections` with `header_first`): it holds no
+    slot while its PROXY header comes (under `listener.handshake_timeout`, `proxy.tls.proxy_protocol`), so that an
+    idle keep-alive is closed only for a connection whose header was read and whose address passed its cap
+    (`AddressCap`): the gate then asks `claim`, and `room` when every connection is busy. Calling it ends the wait,
+    or gives the slot back once taken: once. At most `HEADER_WAITS` wait at once per worker (`ConnectionSlots.waiting`);
+    the accept loop accepts no more meanwhile."""
+
+    __slots__ = ("_held", "_slots")
+
+    def __init__(self, slots: ConnectionSlots) -> None:
+        self._slots: ConnectionSlots | None = slots
+        self._held = False
+        slots.waiting += 1
+
+    def claim(self) -> bool:
+        """Take a slot now, a free one or an idle keep-alive's, closed for it (True); False when every connection is
+        busy (then await `room`)."""
+        slots = self._slots
+        if slots is None or self._held:
+            return self._held
+        if not slots.claim():
+            return False
+        self._held = True
+        slots._wait_ended()
+        return True
+
+    async def room(self) -> None:
+        """Wait for a slot as `ConnectionSlots.room` does (a keep-alive turned idle is closed for it); take it."""
+        slots = self._slots
+        if slots is None or self._held:
+            return
+        await slots._room()
+        slots.open += 1
+        self._held = True
+        slots._wait_ended()
+
+    def __call__(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is None:
+            return
+        if self._held:
+            slots._give_back()
+        else:
+            slots._wait_ended()
 
 
 # A device-side server's idle keep-alive connections, as `IdleKeepAlives` scans them: for each one idle between two
@@ -331,15 +399,21 @@ async def accept_connections(
     factory: Callable[[Callable[[], None]], asyncio.Protocol],
     slots: ConnectionSlots,
     cap: AddressCap | None = None,
+    *,
+    header_first: bool = False,
 ) -> None:
     """Accept connections on `sock` while `slots` has room; each protocol gets its slot's give-back function.
     With `cap` (direct connections; behind a balancer the PROXY gate asks it), a connection from an address
     that has `cap.limit` open is reset at once and its slot given back. At the cap, with `slots.idle`, the next
-    connection is accepted first and then given an idle keep-alive's slot (`_accept_at_cap`)."""
+    connection is accepted first and then given an idle keep-alive's slot (`_accept_at_cap`); behind a balancer
+    (`header_first`) it is given a `SlotWait` instead, and the PROXY gate takes the slot once the header is read."""
     loop = asyncio.get_running_loop()
     while True:
         if slots.full and slots.idle is not None:
-            accepted = await _accept_at_cap(loop, sock, slots, cap)
+            if header_first:
+                accepted = await _accept_waiting(loop, sock, slots)
+            else:
+                accepted = await _accept_at_cap(loop, sock, slots, cap)
             if accepted is None:
                 continue
             conn, peer, give_back = accepted
@@ -374,6 +448,24 @@ async def accept_connections(
             give_back()
             conn.close()
             log.exception("connection_setup_failed")
+
+
+async def _accept_waiting(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, slots: ConnectionSlots
+) -> tuple[socket.socket, Any, Callable[[], None]] | None:
+    """At the cap behind a balancer: the next connection accepted with no slot, a `SlotWait`, once fewer than
+    `HEADER_WAITS` wait. None when there is none to serve yet (the caller looks at the cap again)."""
+    if slots.waiting >= HEADER_WAITS:
+        slots._freed.clear()
+        await slots._freed.wait()  # a wait ended, or a slot was freed
+        return None
+    try:
+        conn, peer = await loop.sock_accept(sock)
+    except OSError as e:  # as in `accept_connections`
+        log.warning("accept_failed", reason=str(e))
+        await asyncio.sleep(_ACCEPT_PAUSE)
+        return None
+    return conn, peer, SlotWait(slots)
 
 
 async def _accept_at_cap(

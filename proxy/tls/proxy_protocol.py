@@ -21,7 +21,10 @@ the first TLS byte. This module reads it:
   what aiohttp reports as `request.remote`: logs, traces, throttles and `X-Forwarded-For` all use it.
   With `listener.max_connections_per_address`, that address is counted as soon as the header is read, and a
   connection over the cap is reset there, before TLS (`proxy.tls.limits.AddressCap`); a `LOCAL` health
-  check, which names no device, is not counted.
+  check, which names no device, is not counted. A connection accepted at `listener.max_connections` holds no slot
+  while its header comes (`proxy.tls.limits.SlotWait`): once the header is read and the address admitted, the gate
+  takes a free slot or an idle keep-alive's, or, every connection busy, waits for one (reading on, up to a TLS
+  record's worth, so that a device leaving meanwhile is seen).
 
 A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands. A v1
 `UNKNOWN` or a v2 `PROXY` header of family `UNSPEC` relays a device the balancer cannot name (a chain through a Unix
@@ -49,7 +52,7 @@ from typing import Literal
 
 import structlog
 
-from proxy.tls.limits import AddressCap
+from proxy.tls.limits import AddressCap, SlotWait
 from proxy.tls.server import TlsGate, peer_text, socket_transport
 
 log = structlog.get_logger("proxy.tls")
@@ -58,6 +61,9 @@ V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest v1 line, CRLF included (the specification's figure)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED = 16  # signature, version/command, family/transport, length
+# Bytes read past the header while a connection waits for a slot (`proxy.tls.limits.SlotWait`): a TLS record and its
+# header. Reading goes on until then, so that a device that leaves while it waits is seen to.
+_WAIT_BUFFER = V2_FIXED + 0xFFFF + 5 + 16 * 1024 + 256
 # A v2 header's length field allows 64 KiB of addresses and TLVs. Balancers send tens to a few hundred
 # bytes (addresses, plus a TLV or two naming the endpoint); more is refused rather than buffered.
 V2_MAX_PAYLOAD = 2048
@@ -233,6 +239,7 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._peer: object = None
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._room: asyncio.Task[None] | None = None  # waiting for a slot, the header read (`SlotWait.room`)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = socket_transport(transport)
@@ -249,6 +256,10 @@ class ProxyHeaderGate(asyncio.Protocol):
         if self._transport is None:
             return
         self._buffer += data
+        if self._room is not None:  # the header is read, a slot awaited: these bytes are the TLS gate's
+            if len(self._buffer) > _WAIT_BUFFER:
+                self._transport.pause_reading()  # its end is then seen only once a slot is taken
+            return
         try:
             header = parse(self._buffer)
         except ProxyHeaderError as exc:
@@ -266,7 +277,30 @@ class ProxyHeaderGate(asyncio.Protocol):
                 transport.abort()  # a reset; connection_lost gives the slot back
                 return
             closed = admitted
+        wait = self._closed
+        if isinstance(wait, SlotWait) and not wait.claim():  # at the cap, every connection busy: wait for a slot
+            self._closed = closed  # the address's place too, if the connection ends while it waits
+            self._room = asyncio.get_running_loop().create_task(wait.room())
+            self._room.add_done_callback(lambda task: self._slot_taken(task, header, closed))
+            return
+        self._hand_over(header, closed)
+
+    def _slot_taken(self, task: asyncio.Task[None], header: ProxyHeader, closed: Callable[[], None]) -> None:
+        """A connection that waited for a slot, its header read, got one: on to TLS (unless it ended meanwhile)."""
+        if task.cancelled() or self._transport is None:
+            return
+        if task.exception() is not None:  # never expected: the connection, not the listener, pays for it
+            self._transport.abort()
+            return
+        if not self._transport.is_reading():
+            self._transport.resume_reading()
+        self._hand_over(header, closed)
+
+    def _hand_over(self, header: ProxyHeader, closed: Callable[[], None]) -> None:
+        """The header read, the address admitted and a slot held: the connection goes to the TLS gate."""
+        client = header.source if header.command == "proxy" else None
         transport, self._transport = self._transport, None
+        assert transport is not None
         gate = self._tls_gate(closed)
         preread = self._buffer[header.length :]
         gate.behind_balancer(client, preread, health_check=header.health_check, unnamed=header.unnamed)
@@ -274,6 +308,8 @@ class ProxyHeaderGate(asyncio.Protocol):
         gate.connection_made(transport)
 
     def eof_received(self) -> bool | None:
+        if self._room is not None:  # ended while it waited for a slot, its header read: closed, nothing to refuse
+            return False
         if not self._buffer:  # closed before its first byte: a health check, not a header cut short
             self._gone("closed before its first byte")
         else:
@@ -285,6 +321,8 @@ class ProxyHeaderGate(asyncio.Protocol):
         if self._transport is not None and not self._buffer:  # reset after it was accepted, before its first byte
             self._gone("reset before its first byte")
         self._cancel_timer()
+        if self._room is not None:
+            self._room.cancel()
         self._transport = None
         self._closed()
 

@@ -12,6 +12,8 @@ import asyncio
 import json
 import socket
 import ssl
+import struct
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
+from proxy.tls.proxy_protocol import V2_SIGNATURE
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
 from tests.integration.jsonlog import eventually
 
@@ -421,5 +424,70 @@ def test_connections_that_cannot_be_closed_do_not_hide_an_idle_one(lab: LabLayou
                 writer.close()
             for tls in stuck:
                 tls.close()
+
+        asyncio.run(run())
+
+
+def v2_header(source: str, port: int) -> bytes:
+    """A balancer's PROXY v2 header naming the device `source`:`port` (TCP over IPv4)."""
+    body = socket.inet_aton(source) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", port, 443)
+    return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
+
+
+async def balanced_device(lab: LabLayout, port: int, user: str, address: str, path: str) -> Stream:
+    """A device behind the balancer (`address`, told by a PROXY v2 header), served once (`path`: 200) and kept idle."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    raw.sendall(v2_header(address, 40000))
+    raw.setblocking(False)
+    stream = await asyncio.open_connection(sock=raw, ssl=client_context(lab, user), server_hostname="127.0.0.1")
+    status, body = await exchange(stream, path)
+    assert status == 200, (status, body[:200])
+    return stream
+
+
+def accept_queue(port: int) -> int:
+    """Connections to the listener on `port` that the kernel completed and the gateway has not accepted yet."""
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    return sum(int(line.split()[1]) for line in out.splitlines() if line.strip())
+
+
+BALANCED = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nmax_connections_per_address = 1\n'
+
+
+def test_behind_a_balancer_an_address_over_its_cap_closes_no_idle_keepalive(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer, max_connections = 5 and max_connections_per_address = 1: five idle devices (five PROXY
+    addresses); four more connections, accepted together, then each a header naming one of those addresses, are reset
+    after their headers and close no idle keep-alive (hardening.md section 26); nor does a connection that sends no
+    header; a device from a sixth address is then served, one idle keep-alive closed for it."""
+    with capped(lab, tmp_path, server, BALANCED, cap=5) as (gw, _admin):
+
+        async def run() -> None:
+            users = ("alice", "bob", "carol", "alice", "bob")
+            idle = [
+                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/idle")
+                for n, user in enumerate(users, 1)
+            ]
+            gw.mark()
+            burst = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(4)]
+            silent = socket.create_connection(("127.0.0.1", gw.port), timeout=30)  # never sends its header
+            eventually(lambda: accept_queue(gw.port) == 0, what="the gateway accepted the burst")
+            for n, raw in enumerate(burst):
+                raw.sendall(v2_header("203.0.113.1", 41000 + n))  # the address of the oldest idle device
+            gw.wait_events("address_connection_limit_reached", 4)
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            for stream in idle:
+                assert (await exchange(stream, "/EWS/still"))[0] == 200  # no idle device lost its connection
+            sixth = await asyncio.wait_for(
+                balanced_device(lab, gw.port, "carol", "203.0.113.6", "/EWS/sixth"), SERVED_WITHIN
+            )
+            assert len(gw.wait_events("device_idle_reclaimed", 1)) == 1
+            for raw in (*burst, silent):
+                raw.close()
+            for _, writer in (*idle, sixth):
+                writer.close()
 
         asyncio.run(run())

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from aiohttp.web_protocol import RequestHandler
 from structlog.testing import capture_logs
 
-from proxy.tls.limits import ConnectionSlots, IdleKeepAlives
+from proxy.tls.limits import ConnectionSlots, IdleKeepAlives, SlotWait
 
 
 class _Connection:
@@ -106,6 +106,39 @@ def test_at_the_cap_a_connection_takes_an_idle_ones_slot_and_waits_when_none_is_
             gives.pop(0)()
             await asyncio.wait_for(waiting, 30)
         assert [e["event"] for e in logs] == ["connection_limit_reached"]
+
+    asyncio.run(run())
+
+
+def test_a_connection_waiting_for_its_proxy_header_holds_no_slot_and_closes_nobody_until_it_claims() -> None:
+    """`SlotWait` (behind a balancer, at the cap): made, it takes no slot and closes no idle connection; one that ends
+    waiting closes nobody's; `claim` closes the oldest idle one and takes its slot; with every connection busy `claim`
+    is False and `room` takes the next slot freed; calling it twice gives that slot back once."""
+
+    async def run() -> None:
+        connections = [_Connection(1.0)]
+        slots = ConnectionSlots(1, idle=IdleKeepAlives(_scan(connections)))
+        give_back = await slots.take()
+        silent, burst = SlotWait(slots), SlotWait(slots)
+        assert (slots.open, slots.waiting) == (1, 2)
+        silent()  # never sent its header
+        assert slots.waiting == 1
+        assert not connections[0].closed
+        assert burst.claim()  # its header read, its address admitted: the idle connection gives way
+        assert connections[0].closed
+        assert (slots.open, slots.waiting) == (2, 0)  # the closed one's slot comes back as its socket closes
+        give_back()
+        late = SlotWait(slots)
+        assert not late.claim()  # every connection busy, none idle
+        waiting = asyncio.ensure_future(late.room())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        burst()
+        await asyncio.wait_for(waiting, 30)
+        assert (slots.open, slots.waiting) == (1, 0)
+        late()
+        late()
+        assert slots.open == 0
 
     asyncio.run(run())
 

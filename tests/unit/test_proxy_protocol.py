@@ -7,11 +7,13 @@ import contextlib
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 
 import pytest
 from structlog.testing import capture_logs
 
 from proxy.tls import proxy_protocol
+from proxy.tls.limits import ConnectionSlots, SlotWait
 from proxy.tls.proxy_protocol import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse, trusted
 
 CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # how a TLS connection begins
@@ -345,3 +347,57 @@ def test_a_v2_length_past_the_data_waits_and_a_local_headers_addresses_are_not_r
     local = parse(whole)
     assert local is not None
     assert (local.command, local.source, local.health_check) == ("local", None, True)
+
+
+def test_at_a_busy_cap_the_gate_waits_for_a_slot_with_its_header_read_and_its_first_bytes_kept() -> None:
+    """Behind a balancer at the cap, every connection busy: a connection's header and ClientHello are read, nothing is
+    handed to TLS until a slot is freed, then the device and the ClientHello are handed on and the slot is the
+    connection's; one that ends while it waits takes no slot and ends its wait."""
+
+    async def run() -> None:
+        slots = ConnectionSlots(1)
+        busy = await slots.take()
+        recorder = _Recorder()
+        loop = asyncio.get_running_loop()
+
+        def factory() -> asyncio.Protocol:
+            return proxy_protocol.ProxyHeaderGate(
+                lambda: [ipaddress.ip_network("127.0.0.1/32")],
+                5,
+                lambda _closed: recorder,  # type: ignore[arg-type,return-value]
+                SlotWait(slots),
+            )
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            _, gone = await asyncio.open_connection("127.0.0.1", port)
+            gone.write(v2())
+            await gone.drain()
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(v2() + CLIENT_HELLO)
+            await writer.drain()
+            await _until(lambda: slots.waiting == 2)
+            gone.close()  # ends while it waits
+            await _until(lambda: slots.waiting == 1)
+            assert recorder.handed == []
+            busy()
+            await _until(lambda: bool(recorder.handed))
+            assert recorder.handed == [(("203.0.113.7", 50123), CLIENT_HELLO)]
+            assert (slots.open, slots.waiting) == (1, 0)
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(run())
+
+
+async def _until(probe: Callable[[], bool]) -> None:
+    """Poll `probe` until it holds, 10 s at most."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while asyncio.get_running_loop().time() < deadline:
+        if probe():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("still waiting after 10 s")
