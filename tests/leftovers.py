@@ -35,7 +35,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-MARK = "KCD_TEST_RUN"  # "<controller pid>:<its start in clock ticks after boot>:<pid ns>:<time ns>:<the checkout>"
+# The variable a run marks its processes with: "<controller pid>:<its start in clock ticks after boot>:<pid ns>:<time
+# ns>:<the checkout>". A run made inside a test (test_killed_run.py's scene) names one of its own in MARK_NAME: its
+# processes keep the mark of the run that made it (going) under MARK, and no other run on the machine stops them.
+MARK_NAME = "KCD_TEST_MARK_NAME"
+MARK = os.environ.get(MARK_NAME) or "KCD_TEST_RUN"
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 ENGINE = "dockerd"  # shared by the runs: stopped only while no run holds ENGINE_LOCK
 ENGINE_GRACE = 60.0  # dockerd stops its containers first
@@ -117,9 +121,9 @@ class Leftover:
     environ: dict[str, str]
 
 
-def _marked() -> Iterator[Leftover]:
-    """Each process carrying a run's mark."""
-    names = (MARK, IP_FORWARD_BEFORE, DOCKER0_BEFORE)
+def _marked(mark: str = MARK) -> Iterator[Leftover]:
+    """Each process carrying a run's mark under the variable `mark`."""
+    names = (mark, IP_FORWARD_BEFORE, DOCKER0_BEFORE)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -132,7 +136,7 @@ def _marked() -> Iterator[Leftover]:
                 continue  # gone meanwhile, or its pid another process's: what was read may be either's
             pairs = (variable.decode(errors="replace").partition("=") for variable in environ.split(b"\0"))
             found = {name: value for name, _, value in pairs if name in names}
-            run = Run.parse(found.get(MARK, ""))
+            run = Run.parse(found.get(mark, ""))
             if run is not None:
                 yield Leftover(pid, started, command, run, found)
 
