@@ -83,6 +83,12 @@ class Run:
         return start_time(self.pid) == self.started
 
 
+def of_this_run() -> dict[str, str]:
+    """This run's mark, for an environment made from scratch (not `os.environ` and more): a process started without
+    it is never stopped by a later run, and a run killed while it runs leaves it running for good."""
+    return {MARK: os.environ[MARK]} if MARK in os.environ else {}
+
+
 def namespace(kind: str) -> int:
     """This process's namespace of that kind (its inode), 0 where the kernel has none (time: before Linux 5.6)."""
     try:
