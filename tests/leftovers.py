@@ -20,6 +20,10 @@ no run holds the engine (`ENGINE_LOCK`, taken exclusively, as test_compose.py ta
 changed is put back from what its starter wrote in its environment (`IP_FORWARD_BEFORE`, `DOCKER0_BEFORE`). The
 same holds for the processes dockerd started (containerd, its shims, docker-proxy): they inherit its environment,
 `IP_FORWARD_BEFORE` with it, and a run using the engine needs them as much.
+
+The tests' AD realm is shared too, by the runs of one checkout (tests/integration/ad_fixtures.py): its samba carries the
+mark of the run that started it, which may end while a later run still uses the realm. Its environment names the lock
+each run using the realm holds shared (`SHARED_LOCK`), and it is stopped only while nobody holds that lock.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ ENGINE_GRACE = 60.0  # dockerd stops its containers first
 # shared: a run using the engine; exclusive: stopping it (test_compose.py); the variable is for a test's own engine
 ENGINE_LOCK = Path(os.environ.get("KCD_TEST_ENGINE_LOCK", "/run/lock/kcd-proxy-dockerd.lock"))
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+# in the environment of a process several runs use (the tests' AD realm's samba): the lock each holds shared meanwhile
+SHARED_LOCK = "KCD_TEST_SHARED_LOCK"
 IP_FORWARD_BEFORE = "KCD_IP_FORWARD_BEFORE"  # in a started dockerd's environment: ip_forward before it started
 DOCKER0_BEFORE = "KCD_DOCKER0_BEFORE"  # "yes" or "no": whether the docker0 bridge was there before it started
 
@@ -129,7 +135,7 @@ class Leftover:
 
 def _marked(mark: str = MARK) -> Iterator[Leftover]:
     """Each process carrying a run's mark under the variable `mark`."""
-    names = (mark, IP_FORWARD_BEFORE, DOCKER0_BEFORE)
+    names = (mark, IP_FORWARD_BEFORE, DOCKER0_BEFORE, SHARED_LOCK)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -162,8 +168,14 @@ def of_the_engine(left: Leftover) -> bool:
 def stop_all(found: list[Leftover]) -> list[Leftover]:
     """Stop what killed runs left (`stop`), dockerd only while no run holds the engine, putting back what it changed;
     what was stopped."""
-    others = [left for left in found if not of_the_engine(left)]
+    others = [left for left in found if not of_the_engine(left) and SHARED_LOCK not in left.environ]
     stop(others)
+    for path in sorted({left.environ[SHARED_LOCK] for left in found if SHARED_LOCK in left.environ}):
+        shared = [left for left in found if left.environ.get(SHARED_LOCK) == path and not of_the_engine(left)]
+        with _exclusively(Path(path)) as free:
+            if free:
+                stop(shared)
+                others += shared
     engines = [left for left in found if of_the_engine(left)]
     if not engines:
         return others
@@ -180,6 +192,25 @@ def stop_all(found: list[Leftover]) -> list[Leftover]:
             if engine.environ.get(DOCKER0_BEFORE) == "no":
                 subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True, check=False)
     return others + engines
+
+
+@contextlib.contextmanager
+def _exclusively(path: Path) -> Iterator[bool]:
+    """The lock at `path` held exclusively for the block (True), unless a run holds it (False): a process several runs
+    share, such as the AD realm's samba, is stopped only while nobody uses it, and nobody can start using it
+    meanwhile. A lock file that is gone is held by nobody."""
+    try:
+        lock = path.open("rb")
+    except FileNotFoundError:
+        yield True
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def _pidfd(left: Leftover) -> int | None:
