@@ -28,6 +28,10 @@ no run holds the engine (`ENGINE_LOCK`, taken exclusively, as test_compose.py ta
 changed is put back from what its starter wrote in its environment (`IP_FORWARD_BEFORE`, `DOCKER0_BEFORE`). The
 same holds for the processes dockerd started (containerd, its shims, docker-proxy): they inherit its environment,
 `IP_FORWARD_BEFORE` with it, and a run using the engine needs them as much.
+
+The tests' AD realm is shared too, by the runs of one checkout (tests/integration/ad_fixtures.py): its samba carries the
+mark of the run that started it, which may end while a later run still uses the realm. Its environment names the lock
+each run using the realm holds shared (`SHARED_LOCK`), and it is stopped only while nobody holds that lock.
 """
 
 from __future__ import annotations
@@ -43,13 +47,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-MARK = "KCD_TEST_RUN"  # "<controller pid>:<its start in clock ticks after boot>:<pid ns>:<time ns>:<the checkout>"
+# The variable a run marks its processes with: "<controller pid>:<its start in clock ticks after boot>:<pid ns>:<time
+# ns>:<the checkout>". A run made inside a test (test_killed_run.py's scene) names one of its own in MARK_NAME: its
+# processes keep the mark of the run that made it (going) under MARK, and no other run on the machine stops them.
+MARK_NAME = "KCD_TEST_MARK_NAME"
+MARK = os.environ.get(MARK_NAME) or "KCD_TEST_RUN"
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 ENGINE = "dockerd"  # shared by the runs: stopped only while no run holds ENGINE_LOCK
 ENGINE_GRACE = 60.0  # dockerd stops its containers first
 # shared: a run using the engine; exclusive: stopping it (test_compose.py); the variable is for a test's own engine
 ENGINE_LOCK = Path(os.environ.get("KCD_TEST_ENGINE_LOCK", "/run/lock/kcd-proxy-dockerd.lock"))
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+# in the environment of a process several runs use (the tests' AD realm's samba): the lock each holds shared meanwhile
+SHARED_LOCK = "KCD_TEST_SHARED_LOCK"
 IP_FORWARD_BEFORE = "KCD_IP_FORWARD_BEFORE"  # in a started dockerd's environment: ip_forward before it started
 DOCKER0_BEFORE = "KCD_DOCKER0_BEFORE"  # "yes" or "no": whether the docker0 bridge was there before it started
 
@@ -85,6 +95,12 @@ class Run:
 
     def alive(self) -> bool:
         return start_time(self.pid) == self.started
+
+
+def of_this_run() -> dict[str, str]:
+    """This run's mark, for an environment made from scratch (not `os.environ` and more): a process started without
+    it is never stopped by a later run, and a run killed while it runs leaves it running for good."""
+    return {MARK: os.environ[MARK]} if MARK in os.environ else {}
 
 
 def namespace(kind: str) -> int:
@@ -144,9 +160,9 @@ class Leftover:
     session: int = 0  # its session's id
 
 
-def _marked() -> Iterator[Leftover]:
-    """Each process carrying a run's mark."""
-    names = (MARK, IP_FORWARD_BEFORE, DOCKER0_BEFORE)
+def _marked(mark: str = MARK) -> Iterator[Leftover]:
+    """Each process carrying a run's mark under the variable `mark`."""
+    names = (mark, IP_FORWARD_BEFORE, DOCKER0_BEFORE, SHARED_LOCK)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -159,7 +175,7 @@ def _marked() -> Iterator[Leftover]:
                 continue  # gone meanwhile, or its pid another process's: what was read may be either's
             pairs = (variable.decode(errors="replace").partition("=") for variable in environ.split(b"\0"))
             found = {name: value for name, _, value in pairs if name in names}
-            run = Run.parse(found.get(MARK, ""))
+            run = Run.parse(found.get(mark, ""))
             if run is not None:
                 yield Leftover(pid, stat[0], command, run, found, parent=stat[1], session=stat[2])
 
@@ -207,8 +223,14 @@ def of_the_engine(left: Leftover) -> bool:
 def stop_all(found: list[Leftover]) -> list[Leftover]:
     """Stop what killed runs left (`stop`), dockerd only while no run holds the engine, putting back what it changed;
     what was stopped."""
-    others = [left for left in found if not of_the_engine(left)]
+    others = [left for left in found if not of_the_engine(left) and SHARED_LOCK not in left.environ]
     stop(others)
+    for path in sorted({left.environ[SHARED_LOCK] for left in found if SHARED_LOCK in left.environ}):
+        shared = [left for left in found if left.environ.get(SHARED_LOCK) == path and not of_the_engine(left)]
+        with _exclusively(Path(path)) as free:
+            if free:
+                stop(shared)
+                others += shared
     engines = [left for left in found if of_the_engine(left)]
     if not engines:
         return others
@@ -225,6 +247,25 @@ def stop_all(found: list[Leftover]) -> list[Leftover]:
             if engine.environ.get(DOCKER0_BEFORE) == "no":
                 subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True, check=False)
     return others + engines
+
+
+@contextlib.contextmanager
+def _exclusively(path: Path) -> Iterator[bool]:
+    """The lock at `path` held exclusively for the block (True), unless a run holds it (False): a process several runs
+    share, such as the AD realm's samba, is stopped only while nobody uses it, and nobody can start using it
+    meanwhile. A lock file that is gone is held by nobody."""
+    try:
+        lock = path.open("rb")
+    except FileNotFoundError:
+        yield True
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def _pidfd(left: Leftover) -> int | None:

@@ -3,8 +3,12 @@
 `ad_realm` (session) is the realm (`proxy.lab.ad.AdRealm`; its docstring lists the API). It lives in
 `.lab/test/ad/` of the checkout, so its provisioning is kept between runs (a later run restarts it in
 seconds), and in a network namespace named after that directory, so another worktree's run or a
-`make lab-ad` never meets it. xdist workers each have a session: each registers its pid under `users/`
-while holding a lock; the last one out stops the realm and removes its namespace.
+`make lab-ad` never meets it. xdist workers each have a session, and runs of one checkout at once share the realm:
+each session holds `users.lock` shared while it uses the realm (taken, and the realm brought up, under the realm's
+`.lock`); the last one out (the one that then takes `users.lock` exclusively, under `.lock`) stops the realm and
+removes its namespace. samba carries the mark of the run that started it, which may end while another run uses the
+realm: its environment names `users.lock` (`leftovers.SHARED_LOCK`), and a run starting stops it as a killed run's
+leftover only while nobody holds that lock (tests/leftovers.py).
 
 `ad_mapping_realm` (session) adds the strong-mapping accounts, certificates and the DC's name.
 `ad_backend` (session) is an Exchange stand-in for `HTTP/cas.ad.test` inside the namespace;
@@ -23,10 +27,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from proxy.lab import ad, ad_mapping
+from tests import leftovers
 from tests.integration.jsonlog import WAIT, JsonLog
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,33 +77,36 @@ def apply_lockout_policy(realm: ad.AdRealm, pso: str, precedence: int, threshold
     realm.samba_tool("domain", "passwordsettings", "pso", "apply", pso, account)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+def users_lock(realm: ad.AdRealm) -> Path:
+    """The lock each session using the realm holds shared (`ad_realm`), named in samba's environment."""
+    return realm.root / "users.lock"
 
 
 @pytest.fixture(scope="session")
 def ad_realm() -> Iterator[ad.AdRealm]:
-    """The Samba AD DC realm AD.TEST, up; shared by the run's workers, stopped by the last one out."""
+    """The Samba AD DC realm AD.TEST, up; shared by the workers of the runs of this checkout, stopped by the last
+    one out."""
     if os.geteuid() != 0:
         pytest.skip("the AD realm needs root: it creates a network namespace and runs samba (make test runs as root)")
     realm = ad.AdRealm.at(test_realm_root())
-    users = realm.root / "users"
-    me = users / str(os.getpid())
     with _locked(realm.root):
-        ad.ensure(realm)
-        users.mkdir(exist_ok=True)
-        me.touch()
+        use = users_lock(realm).open("a")
+        try:
+            fcntl.flock(use, fcntl.LOCK_SH)  # waits while a starting run stops a dead run's samba (tests/leftovers.py)
+            with mock.patch.dict(os.environ, {leftovers.SHARED_LOCK: str(users_lock(realm))}):
+                ad.ensure(realm)  # samba, if started now, names the lock in its environment
+        except BaseException:
+            use.close()
+            raise
     try:
         yield realm
     finally:
-        with _locked(realm.root):
-            me.unlink(missing_ok=True)
-            others = [p for p in users.iterdir() if p.name.isdigit() and _alive(int(p.name))]
-            if not others:
+        with _locked(realm.root), use:
+            try:
+                fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # another session (this run's or another run's) still uses the realm
+            else:
                 ad.down(realm)
 
 

@@ -4,6 +4,7 @@ stand-in and curl all inside the realm's network namespace."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab import ad
+from tests import leftovers
 from tests.integration.ad_fixtures import (
     AD_TIMEOUT,
     AdProcess,
@@ -26,6 +28,7 @@ from tests.integration.ad_fixtures import (
     kdc_log_offset,
     start_ad_gateway,
     status_and_body,
+    users_lock,
     wait_kdc_reason,
 )
 from tests.integration.jsonlog import WAIT
@@ -58,6 +61,30 @@ def test_the_realm_runs_only_inside_its_namespace(ad_realm: ad.AdRealm) -> None:
     assert samba
     for pid in samba:
         assert Path(f"/proc/{pid}/ns/net").stat().st_ino == inside != host
+
+
+def _program(pid: int) -> str:
+    """The name of the program the process runs (its executable's: samba's daemons rename themselves)."""
+    return Path(f"/proc/{pid}/exe").readlink().name
+
+
+def test_no_run_stops_the_realms_samba_while_this_one_uses_it(ad_realm: ad.AdRealm) -> None:
+    """Each process of samba's that carries a run's mark (smbd, cleanupd, smbd-notifyd: samba's own daemons write
+    their titles over their environment) names the realm's users lock beside it, and this session holds that lock
+    shared: a run starting meanwhile (tests/leftovers.py) leaves them running even once the run that started them has
+    ended."""
+    run = f"{leftovers.MARK}=".encode()
+    named = f"{leftovers.SHARED_LOCK}={users_lock(ad_realm)}".encode()
+    marked = {}
+    for pid in ad.namespace_pids(ad_realm):
+        with contextlib.suppress(OSError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if any(variable.startswith(run) for variable in environ) and _program(pid) in ("samba", "smbd"):
+                marked[pid] = named in environ
+    assert marked, "no process of samba's carries a run's mark"
+    assert all(marked.values()), f"samba's processes that name no users lock: {marked}"
+    with users_lock(ad_realm).open("rb") as lock, pytest.raises(BlockingIOError):
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_a_sensitive_user_is_refused_because_the_evidence_ticket_is_not_forwardable(

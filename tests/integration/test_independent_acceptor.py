@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import USERS, LabLayout
+from tests import leftovers
 from tests.integration.conftest import Gateway, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 
@@ -43,6 +44,7 @@ class Apache:
     port: int
     access_log: Path
     error_log: Path
+    pid: int
 
 
 def _conf(directory: Path, port: int) -> str:
@@ -103,6 +105,7 @@ def apache(lab: LabLayout) -> Iterator[Apache]:
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin"),
             "KRB5_CONFIG": str(directory / "krb5.conf"),
             "KRB5RCACHEDIR": str(directory / "rcache"),
+            **leftovers.of_this_run(),
         }
         with (directory / "stderr.log").open("wb") as err:
             proc = subprocess.Popen(
@@ -120,7 +123,7 @@ def apache(lab: LabLayout) -> Iterator[Apache]:
                     ]
                     raise RuntimeError(f"Apache did not answer 401 on {url}: {logs}")
                 time.sleep(0.1)
-            yield Apache(url, port, directory / "access.log", directory / "error.log")
+            yield Apache(url, port, directory / "access.log", directory / "error.log", proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -144,6 +147,13 @@ def _who(apache: Apache, path: str) -> list[tuple[str, str]]:
     """(user, status) of each request for `path` in Apache's access log."""
     lines = apache.access_log.read_text(errors="replace").splitlines() if apache.access_log.exists() else []
     return [(u, s) for u, _, p, s in (line.split("|") for line in lines if line.count("|") == 3) if p == path]
+
+
+def test_apache_carries_this_runs_mark(apache: Apache) -> None:
+    """Apache, started with an environment made for it, carries this run's mark (tests/leftovers.py): a run killed
+    while it runs leaves it to the next run to stop, as it leaves its labs and gateways."""
+    found = [left for left in leftovers._marked() if left.pid == apache.pid]
+    assert [left.run.mark() for left in found] == [os.environ[leftovers.MARK]], f"Apache's mark: {found}"
 
 
 def test_apache_refuses_a_request_without_a_token(apache: Apache) -> None:

@@ -83,6 +83,53 @@ def test_a_dead_runs_engine_children_stay_while_a_run_holds_the_engine(tmp_path:
     assert seen["ip_forward"] == "0\n", seen
 
 
+# The same for a process that runs of one checkout share (the AD realm's smbd, started by whichever run came first
+# and used by every run that comes while it runs; samba ends with it): marked with a run that has ended here and
+# naming the lock a run using it holds shared.
+_SHARED = r"""
+import dataclasses, fcntl, json, os, subprocess, sys, time
+from pathlib import Path
+from tests import leftovers
+
+here = Path(sys.argv[1])
+users = here / "users.lock"
+run = dataclasses.replace(leftovers.this_run(here), pid=1, started=int(sys.argv[2]))
+env = {**os.environ, leftovers.MARK: run.mark(), leftovers.SHARED_LOCK: str(users)}
+sleeper = "import sys, time; open('/proc/self/comm', 'w').write(sys.argv[1]); time.sleep(600)"
+proc = subprocess.Popen([sys.executable, "-c", sleeper, "smbd"], env=env)
+deadline = time.monotonic() + 60
+while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "smbd":
+    assert time.monotonic() < deadline, "the shared process was not named"
+    time.sleep(0.01)
+found = leftovers.leftovers()
+assert [left.command for left in found] == ["smbd"], found
+with users.open("a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_SH)  # a run using the realm
+    held = [left.command for left in leftovers.stop_all(found)]
+    alive = proc.poll() is None
+free = [left.command for left in leftovers.stop_all(leftovers.leftovers())]
+proc.wait(timeout=60)
+print(json.dumps({"held": held, "alive": alive, "free": free}))
+"""
+
+
+def test_a_dead_runs_shared_realm_stays_while_a_run_holds_its_lock(tmp_path: Path) -> None:
+    """The AD realm's samba, started by a run that has ended since and used by a run still going (runs of one checkout
+    share the realm), is left while a run holds the realm's lock, and stopped once none does."""
+    done = subprocess.run(
+        [_unshare(), "--pid", "--fork", "--mount-proc", sys.executable, "-c", _SHARED, str(tmp_path), _init_start()],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["held"] == [], f"stopped while a run held the realm: {seen}"
+    assert seen["alive"] is True, f"stopped while a run held the realm: {seen}"
+    assert seen["free"] == ["smbd"], seen
+
+
 def _init_start() -> str:
     """The start time of this namespace's pid 1: a mark naming it names a run going, to every other run here."""
     started = leftovers.start_time(1)
