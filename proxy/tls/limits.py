@@ -459,13 +459,19 @@ async def _accept_waiting(
         slots._freed.clear()
         await slots._freed.wait()  # a wait ended, or a slot was freed
         return None
+    accepted = await _accept(loop, sock)
+    return None if accepted is None else (*accepted, SlotWait(slots))
+
+
+async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[socket.socket, Any] | None:
+    """The next connection at the cap (no slot held meanwhile); None, logged, after a pause when accept() fails, as
+    in `accept_connections`."""
     try:
-        conn, peer = await loop.sock_accept(sock)
-    except OSError as e:  # as in `accept_connections`
+        return await loop.sock_accept(sock)
+    except OSError as e:
         log.warning("accept_failed", reason=str(e))
         await asyncio.sleep(_ACCEPT_PAUSE)
         return None
-    return conn, peer, SlotWait(slots)
 
 
 async def _accept_at_cap(
@@ -475,12 +481,10 @@ async def _accept_at_cap(
     given a slot (`ConnectionSlots.room`: an idle keep-alive's, closed for it, or the next one freed). Accepted first
     so that a keep-alive is closed only for a device that came, and not for one over its address's cap (`cap`), which
     is reset at once as ever. None when there is no connection to serve (refused, or accept() failed)."""
-    try:
-        conn, peer = await loop.sock_accept(sock)
-    except OSError as e:  # as in `accept_connections`
-        log.warning("accept_failed", reason=str(e))
-        await asyncio.sleep(_ACCEPT_PAUSE)
+    accepted = await _accept(loop, sock)
+    if accepted is None:
         return None
+    conn, peer = accepted
     if cap is not None and cap.refuses(peer):
         reset(conn)
         return None

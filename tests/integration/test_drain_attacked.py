@@ -8,6 +8,7 @@ small bound.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import REPO, client_context, free_port, lab_config, start_gateway
+from tests.integration.conftest import REPO, Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually, whole_json_lines
 from tests.integration.test_drain import SERVERS, _gateway, _in_flight, _not_ready, _send
 
@@ -336,6 +337,25 @@ def test_a_sigterm_while_the_gateway_starts_ends_it_without_listening(lab: LabLa
     assert took < 4, took
 
 
+@contextlib.contextmanager
+def _downloading(lab: LabLayout, gw: Gateway, size: int) -> Iterator[tuple[ssl.SSLSocket, bytes]]:
+    """alice's device asking for a `size`-byte answer on a connection of its own with a 16 KiB receive buffer, once
+    its head is read: 200 with that Content-Length. Yields the connection and the body bytes read with the head."""
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+        tls.sendall(f"GET /EWS/Exchange.asmx?lab_body_bytes={size} HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = tls.recv(4096)
+            assert chunk, data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        assert f"content-length: {size}".encode() in head.lower(), head
+        yield tls, body
+
+
 def test_a_download_to_a_device_that_stopped_reading_is_cut_at_drain_timeout(
     lab: LabLayout, tmp_path: Path, server: str
 ) -> None:
@@ -345,24 +365,13 @@ def test_a_download_to_a_device_that_stopped_reading_is_cut_at_drain_timeout(
     body (not a body cut short that looks whole: the answer's Content-Length says what was missed)."""
     gw, admin = _gateway(lab, tmp_path, server, listener="drain_timeout = 3\n")
     try:
-        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
-            size = 200_000_000
-            tls.sendall(
-                f"GET /EWS/Exchange.asmx?lab_body_bytes={size} HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n".encode()
-            )
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = tls.recv(4096)
-                assert chunk, head
-                head += chunk
-            assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        size = 200_000_000
+        with _downloading(lab, gw, size) as (tls, body):
             _in_flight(admin)
             gw.mark()
             gw.proc.send_signal(signal.SIGTERM)
             assert gw.proc.wait(timeout=60) == 0
-            received = len(head.partition(b"\r\n\r\n")[2])
+            received = len(body)
             try:
                 while chunk := tls.recv(65536):
                     received += len(chunk)
@@ -388,21 +397,8 @@ def test_an_answer_a_slow_device_is_still_reading_at_sigterm_reaches_it_whole(
     device reads on, at its pace, and gets the whole body (Content-Length bytes) before the connection ends."""
     gw, _admin = _gateway(lab, tmp_path, server, listener="drain_timeout = 30\n")
     try:
-        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
-            size = 8_000_000
-            tls.sendall(
-                f"GET /EWS/Exchange.asmx?lab_body_bytes={size} HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n".encode()
-            )
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = tls.recv(4096)
-                assert chunk, data
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200"), head
-            assert f"content-length: {size}".encode() in head.lower(), head
+        size = 8_000_000
+        with _downloading(lab, gw, size) as (tls, body):
             received, signalled = len(body), False
             gw.mark()
             try:

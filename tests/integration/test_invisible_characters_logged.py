@@ -182,10 +182,39 @@ def _as_logged(gw: Gateway, key: str) -> str:
     return line[found.end() : end]
 
 
-def _with_rule(text: str, subject: str) -> str:
-    """`text` with one restriction rule, `devices`, whose subject glob is `subject` (a TOML string, quotes included)."""
-    rule = f'\n[[client_certificates.restrictions]]\nname = "devices"\nsubject = {subject}\n'
-    return text + rule
+def _with_rule(text: str, key: str, value: str) -> str:
+    """`text` with one restriction rule, `devices`, whose `key` (subject, issuer) is `value` (a TOML string, quotes
+    included)."""
+    return text + f'\n[[client_certificates.restrictions]]\nname = "devices"\n{key} = {value}\n'
+
+
+def _copied_from_the_log_admits(
+    lab: LabLayout, gw: Gateway, device: ssl.SSLContext, key: str, logged: str, raw: str
+) -> None:
+    """The scene of both tests below, on `gw` serving `device` (200): the log line's `cert_<key>` is `logged` (a JSON
+    string), written as the rule's `key` and reloaded: the device admitted by the rule, bob refused (403); then `raw`
+    (a TOML string holding the characters themselves) as the rule's `key`: the reload refused, naming the key and the
+    escapes to write."""
+    text = gw.config_path.read_text()
+    gw.mark()
+    assert _status(device, gw.port, GET) == 200
+    gw.wait_event("request")
+    copied = _as_logged(gw, f"cert_{key}")
+    assert copied == logged, copied
+    gw.config_path.write_text(_with_rule(text, key, copied))
+    gw.mark()
+    gw.proc.send_signal(signal.SIGHUP)
+    gw.wait_event("reloaded")
+    gw.mark()
+    assert _status(device, gw.port, GET) == 200
+    assert gw.wait_event("request")["restriction"] == "devices"
+    assert _status(client_context(lab, "bob"), gw.port, GET) == 403
+    gw.config_path.write_text(_with_rule(text, key, raw))
+    gw.mark()
+    gw.proc.send_signal(signal.SIGHUP)
+    problems = " ".join(gw.wait_event("reload_refused")["problems"])
+    assert f"client_certificates.restrictions[0].{key}" in problems, problems
+    assert "\\u202e" in problems, problems
 
 
 def test_a_subject_copied_from_the_log_into_a_restriction_admits_that_certificate(
@@ -198,28 +227,10 @@ def test_a_subject_copied_from_the_log_into_a_restriction_admits_that_certificat
     matches: the certificate copied from the log was refused. A glob that holds such a character itself (the TOML
     escape `\\u202e` unescaped) matches nothing now: the reload is refused, naming the key and the fix."""
     device = _alice_invisible(lab, tmp_path)
-    text = lab_config(lab, port=free_port())
-    gw = start_gateway(lab, tmp_path / "gw", text)
+    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port()))
     try:
-        gw.mark()
-        assert _status(device, gw.port, GET) == 200
-        gw.wait_event("request")
-        copied = _as_logged(gw, "cert_subject")
-        assert copied == '"CN=alice\\\\u202eexe.txt\\\\x1b[31m\\\\u200b\\\\u2028"', copied
-        gw.config_path.write_text(_with_rule(text, copied))
-        gw.mark()
-        gw.proc.send_signal(signal.SIGHUP)
-        gw.wait_event("reloaded")
-        gw.mark()
-        assert _status(device, gw.port, GET) == 200
-        assert gw.wait_event("request")["restriction"] == "devices"
-        assert _status(client_context(lab, "bob"), gw.port, GET) == 403
-        gw.config_path.write_text(_with_rule(text, '"CN=alice\\u202e*"'))  # TOML: the character itself
-        gw.mark()
-        gw.proc.send_signal(signal.SIGHUP)
-        problems = " ".join(gw.wait_event("reload_refused")["problems"])
-        assert "client_certificates.restrictions[0].subject" in problems, problems
-        assert "\\u202e" in problems, problems
+        logged = '"CN=alice\\\\u202eexe.txt\\\\x1b[31m\\\\u200b\\\\u2028"'
+        _copied_from_the_log_admits(lab, gw, device, "subject", logged, '"CN=alice\\u202e*"')  # TOML: the character
     finally:
         gw.stop()
 
@@ -259,11 +270,6 @@ def _alice_from_an_invisible_ca(lab: LabLayout, tmp_path: Path, text: str) -> tu
     return client_context(lab, str(tmp_path / "alice-devices")), text.replace(lab_cas, cas)
 
 
-def _with_issuer_rule(text: str, issuer: str) -> str:
-    """`text` with one restriction rule, `devices`, whose issuer is `issuer` (a TOML string, quotes included)."""
-    return text + f'\n[[client_certificates.restrictions]]\nname = "devices"\nissuer = {issuer}\n'
-
-
 def test_an_issuer_copied_from_the_log_into_a_restriction_admits_that_certificate(
     lab: LabLayout, tmp_path: Path
 ) -> None:
@@ -277,25 +283,8 @@ def test_an_issuer_copied_from_the_log_into_a_restriction_admits_that_certificat
     device, text = _alice_from_an_invisible_ca(lab, tmp_path, lab_config(lab, port=free_port()))
     gw = start_gateway(lab, tmp_path / "gw", text)
     try:
-        gw.mark()
-        assert _status(device, gw.port, GET) == 200
-        gw.wait_event("request")
-        copied = _as_logged(gw, "cert_issuer")
-        assert copied == '"CN=Devices CA\\\\u202eexe.txt\\\\x1b[31m\\\\u200b\\\\u2028"', copied
-        gw.config_path.write_text(_with_issuer_rule(text, copied))
-        gw.mark()
-        gw.proc.send_signal(signal.SIGHUP)
-        gw.wait_event("reloaded")
-        gw.mark()
-        assert _status(device, gw.port, GET) == 200
-        assert gw.wait_event("request")["restriction"] == "devices"
-        assert _status(client_context(lab, "bob"), gw.port, GET) == 403
-        raw = json.loads(copied).encode().decode("unicode_escape")
-        gw.config_path.write_text(_with_issuer_rule(text, json.dumps(raw)))  # TOML: the characters themselves
-        gw.mark()
-        gw.proc.send_signal(signal.SIGHUP)
-        problems = " ".join(gw.wait_event("reload_refused")["problems"])
-        assert "client_certificates.restrictions[0].issuer" in problems, problems
-        assert "\\u202e" in problems, problems
+        logged = '"CN=Devices CA\\\\u202eexe.txt\\\\x1b[31m\\\\u200b\\\\u2028"'
+        raw = json.loads(logged).encode().decode("unicode_escape")  # TOML: the characters themselves
+        _copied_from_the_log_admits(lab, gw, device, "issuer", logged, json.dumps(raw))
     finally:
         gw.stop()

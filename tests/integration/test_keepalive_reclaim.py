@@ -147,6 +147,21 @@ def readyz(admin: str) -> tuple[int, dict[str, object]]:
         return e.code, json.loads(e.read())
 
 
+async def fifth_waits(lab: LabLayout, gw: Gateway, admin: str, why: str) -> asyncio.Future[Stream]:
+    """With every connection busy: /readyz is 503 naming the listener's cap, and a fifth device (bob, `/EWS/fifth`)
+    is not served within 3 s, no connection closed for it (`why` says what serving it would mean). Returns it
+    waiting."""
+    gw.mark()
+    ready, readiness = await asyncio.to_thread(readyz, admin)
+    assert ready == 503, readiness
+    assert "listener.max_connections" in str(readiness.get("listener")), readiness
+    fifth = asyncio.ensure_future(served(lab, gw.port, "bob", "/EWS/fifth"))
+    done, _ = await asyncio.wait({fifth}, timeout=3)
+    assert not done, why
+    assert not gw.events("device_idle_reclaimed", gw.since)
+    return fifth
+
+
 def test_an_idle_keepalive_gives_way_to_a_new_device_at_the_cap(
     lab: LabLayout, tmp_path: Path, server: str, event_loop_name: str
 ) -> None:
@@ -205,14 +220,7 @@ def test_busy_connections_are_never_closed_for_a_new_device(lab: LabLayout, tmp_
             await asyncio.to_thread(
                 eventually, lambda: metric(admin, "kcd_requests_in_flight") >= 2, "the long-poll and the upload"
             )
-            gw.mark()
-            ready, readiness = await asyncio.to_thread(readyz, admin)
-            assert ready == 503, readiness
-            assert "listener.max_connections" in str(readiness.get("listener")), readiness
-            fifth = asyncio.ensure_future(served(lab, gw.port, "bob", "/EWS/fifth"))
-            done, _ = await asyncio.wait({fifth}, timeout=3)
-            assert not done, "a fifth device was served while every connection was busy"
-            assert not gw.events("device_idle_reclaimed", gw.since)
+            fifth = await fifth_waits(lab, gw, admin, "a fifth device was served while every connection was busy")
             half[1].write(b".0.0.1\r\n\r\n")  # the head ends: answered, then idle
             assert (await asyncio.wait_for(answer(half[0]), 60))[0] == 200
             fifth_stream = await asyncio.wait_for(fifth, SERVED_WITHIN + 60)
@@ -379,14 +387,8 @@ def test_a_request_whose_tls_record_is_half_received_is_not_cut(lab: LabLayout, 
                 record = device.record(f"/EWS/next-{n}")
                 device.sock.sendall(record[: len(record) // 2])
                 rests.append(record[len(record) // 2 :])
-            gw.mark()
-            ready, readiness = await asyncio.to_thread(readyz, admin)
-            assert ready == 503, readiness
-            assert "listener.max_connections" in str(readiness.get("listener")), readiness
-            fifth = asyncio.ensure_future(served(lab, gw.port, "bob", "/EWS/fifth"))
-            done, _ = await asyncio.wait({fifth}, timeout=3)
-            assert not done, "a fifth device was served: a connection with half a record was closed for it"
-            assert not gw.events("device_idle_reclaimed", gw.since)
+            why = "a fifth device was served: a connection with half a record was closed for it"
+            fifth = await fifth_waits(lab, gw, admin, why)
             devices[0].sock.sendall(rests[0])
             assert await asyncio.to_thread(devices[0].status) == 200
             _, writer = await asyncio.wait_for(fifth, SERVED_WITHIN)
