@@ -417,28 +417,18 @@ class Directory:
         when no such account is under base_dn (a gMSA, another container). DirectoryUnavailable if no server
         answers."""
         attributes = ["userAccountControl", "msDS-AllowedToDelegateTo", "objectSid"]
-        problems: list[str] = []
-        for url in self._in_turn():
-            try:
-                entries = await self._search_at(url, _filter(name, self._settings.base_dn), attributes=attributes)
-            except _GaveUp as e:
-                problems.append(f"{url}: {e}")
-                continue
-            except _SERVER_FAILED as e:
-                problems.append(f"{url}: {_describe(e)}")
-                continue
-            if len(entries) != 1:
-                return None
-            entry = entries[0]
-            listed = tuple(
-                str(v.decode() if isinstance(v, bytes) else v) for v in entry.get("msDS-AllowedToDelegateTo", [])
-            )
-            sids = frozenset(_sids(entry, "objectSid"))
-            if sids:  # tokenGroups is computed: read from the entry itself (a base search) only
-                groups = await self._read(str(entry.dn), ["tokenGroups"])
-                sids |= frozenset(_sids(groups, "tokenGroups")) if groups is not None else frozenset()
-            return DelegationSettings(str(entry.dn), _int(entry, "userAccountControl"), listed, sids)
-        raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
+        entries = await self._search_first(_filter(name, self._settings.base_dn), attributes)
+        if len(entries) != 1:
+            return None
+        entry = entries[0]
+        listed = tuple(
+            str(v.decode() if isinstance(v, bytes) else v) for v in entry.get("msDS-AllowedToDelegateTo", [])
+        )
+        sids = frozenset(_sids(entry, "objectSid"))
+        if sids:  # tokenGroups is computed: read from the entry itself (a base search) only
+            groups = await self._read(str(entry.dn), ["tokenGroups"])
+            sids |= frozenset(_sids(groups, "tokenGroups")) if groups is not None else frozenset()
+        return DelegationSettings(str(entry.dn), _int(entry, "userAccountControl"), listed, sids)
 
     async def resource_based(self, spn: str) -> ResourceBased:
         """The account holding `spn` in the domain of base_dn (a user or a computer) and whom its
@@ -446,33 +436,23 @@ class Directory:
         answers; MappingRefused if several accounts hold the SPN (a duplicate SPN, which the KDC refuses too)."""
         attributes = ["msDS-AllowedToActOnBehalfOfOtherIdentity"]
         spn_filter = f"(servicePrincipalName={_escape(spn)})"
-        problems: list[str] = []
-        for url in self._in_turn():
-            try:
-                entries = await self._search_at(url, spn_filter, attributes=attributes, root=_domain_dn(self.base_dn))
-            except _GaveUp as e:
-                problems.append(f"{url}: {e}")
-                continue
-            except _SERVER_FAILED as e:
-                problems.append(f"{url}: {_describe(e)}")
-                continue
-            if not entries:
-                return ResourceBased(spn, None)
-            if len(entries) > 1:
-                dns = ", ".join(str(entry.dn) for entry in entries)
-                raise MappingRefused(f"the SPN {spn} is registered on several accounts", hint=f"{spn}: {dns}")
-            entry = entries[0]
-            raw = _first(entry, attributes[0])
-            if not isinstance(raw, bytes):
-                return ResourceBased(spn, str(entry.dn))
-            try:
-                allowed, denied = acting_for_others(raw)
-            except (ValueError, IndexError, struct.error) as e:
-                raise MappingRefused(
-                    f"{attributes[0]} of {entry.dn} cannot be read", hint=f"not a security descriptor: {e}"
-                ) from None
-            return ResourceBased(spn, str(entry.dn), allowed, denied)
-        raise DirectoryUnavailable("the directory cannot be reached", hint="; ".join(problems))
+        entries = await self._search_first(spn_filter, attributes, root=_domain_dn(self.base_dn))
+        if not entries:
+            return ResourceBased(spn, None)
+        if len(entries) > 1:
+            dns = ", ".join(str(entry.dn) for entry in entries)
+            raise MappingRefused(f"the SPN {spn} is registered on several accounts", hint=f"{spn}: {dns}")
+        entry = entries[0]
+        raw = _first(entry, attributes[0])
+        if not isinstance(raw, bytes):
+            return ResourceBased(spn, str(entry.dn))
+        try:
+            allowed, denied = acting_for_others(raw)
+        except (ValueError, IndexError, struct.error) as e:
+            raise MappingRefused(
+                f"{attributes[0]} of {entry.dn} cannot be read", hint=f"not a security descriptor: {e}"
+            ) from None
+        return ResourceBased(spn, str(entry.dn), allowed, denied)
 
     async def protected_users(self, dn: str, sid: Sid) -> ProtectedUsers:
         """Whether the account at `dn` (whose objectSid is `sid`) is in Protected Users (`ProtectedUsers`): its
@@ -497,13 +477,16 @@ class Directory:
         return ProtectedUsers(True, group, ascii_lower(group[0]) in listed, tuple(through))
 
     async def _find_entries(self, filter_exp: str) -> list[Any]:
-        """The entries `filter_exp` finds in the domain of base_dn, each with its sAMAccountName, from the first
-        server that answers."""
+        """The entries `filter_exp` finds in the domain of base_dn, each with its sAMAccountName."""
+        return await self._search_first(filter_exp, ["sAMAccountName"], root=_domain_dn(self.base_dn))
+
+    async def _search_first(self, filter_exp: str, attributes: list[str], *, root: str | None = None) -> list[Any]:
+        """`_search_at` on each server in turn, the first that answers's entries (doctor's and the hints' look-ups,
+        no cache, no server marked failed); DirectoryUnavailable naming each server's problem if none answers."""
         problems: list[str] = []
         for url in self._in_turn():
             try:
-                root = _domain_dn(self.base_dn)
-                return await self._search_at(url, filter_exp, attributes=["sAMAccountName"], root=root)
+                return await self._search_at(url, filter_exp, attributes=attributes, root=root)
             except _GaveUp as e:
                 problems.append(f"{url}: {e}")
             except _SERVER_FAILED as e:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.integration.conftest import REPO
 from tests.integration.jsonlog import eventually
-from tests.integration.test_compose import PROJECT_PREFIX, SOCKET, TAG_PREFIX, Stack, bring_down, engine
+from tests.integration.test_compose import _CONNECT, PROJECT_PREFIX, SOCKET, TAG_PREFIX, Stack, bring_down, engine
 
 __all__ = ["engine"]  # the fixture, shared with test_compose.py (its dockerd, its engine lock)
 
@@ -95,17 +95,6 @@ def test_a_certificate_whose_name_has_no_account_is_refused_by_the_dc(ad_stack: 
         return "S4U2Self principal to impersonate ghost@AD.TEST not found" in logs
 
     eventually(dc_refused, "the DC's log line refusing S4U2Self for ghost", timeout=60)
-
-
-_CONNECT = (
-    "import socket, sys\n"
-    "for host, port in [(h, int(p)) for h, p in (a.split(':') for a in sys.argv[1:])]:\n"
-    "    try:\n"
-    "        socket.create_connection((host, port), timeout=10).close()\n"
-    "        print(host, port, 'reached')\n"
-    "    except OSError as e:\n"
-    "        print(host, port, 'unreachable', type(e).__name__)\n"
-)
 
 
 def test_the_ad_device_reaches_the_gateway_and_nothing_behind_it(ad_stack: Stack) -> None:

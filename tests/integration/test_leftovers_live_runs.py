@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,7 @@ from tests.integration.jsonlog import WAIT
 _ENGINE = r"""
 import dataclasses, fcntl, json, os, subprocess, sys, time
 from pathlib import Path
+from typing import Any
 from tests import leftovers
 
 here = Path(sys.argv[1])
@@ -65,18 +67,25 @@ def _unshare() -> str:
     return found
 
 
-def test_a_dead_runs_engine_children_stay_while_a_run_holds_the_engine(tmp_path: Path) -> None:
-    """A killed run's dockerd and the children it started with its environment (containerd, docker-proxy) are left
-    while a run holds the engine lock, and all stopped once none does: another run's containers need all three."""
+def _in_a_pid_namespace(script: str, tmp_path: Path) -> dict[str, Any]:
+    """`script` run in a pid namespace of its own (so no other run on the machine sees its dead-marked processes),
+    given `tmp_path` and this namespace's init start time: what it printed, as JSON."""
     done = subprocess.run(
-        [_unshare(), "--pid", "--fork", "--mount-proc", sys.executable, "-c", _ENGINE, str(tmp_path), _init_start()],
+        [_unshare(), "--pid", "--fork", "--mount-proc", sys.executable, "-c", script, str(tmp_path), _init_start()],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=WAIT * 2,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    seen = json.loads(done.stdout)
+    seen: dict[str, Any] = json.loads(done.stdout)
+    return seen
+
+
+def test_a_dead_runs_engine_children_stay_while_a_run_holds_the_engine(tmp_path: Path) -> None:
+    """A killed run's dockerd and the children it started with its environment (containerd, docker-proxy) are left
+    while a run holds the engine lock, and all stopped once none does: another run's containers need all three."""
+    seen = _in_a_pid_namespace(_ENGINE, tmp_path)
     assert seen["held"] == [], f"stopped while a run held the engine: {seen}"
     assert seen["alive"] == [True, True, True], f"stopped while a run held the engine: {seen}"
     assert seen["free"] == ["containerd", "docker-proxy", "dockerd"], seen
@@ -89,6 +98,7 @@ def test_a_dead_runs_engine_children_stay_while_a_run_holds_the_engine(tmp_path:
 _SHARED = r"""
 import dataclasses, fcntl, json, os, subprocess, sys, time
 from pathlib import Path
+from typing import Any
 from tests import leftovers
 
 here = Path(sys.argv[1])
@@ -116,15 +126,7 @@ print(json.dumps({"held": held, "alive": alive, "free": free}))
 def test_a_dead_runs_shared_realm_stays_while_a_run_holds_its_lock(tmp_path: Path) -> None:
     """The AD realm's samba, started by a run that has ended since and used by a run still going (runs of one checkout
     share the realm), is left while a run holds the realm's lock, and stopped once none does."""
-    done = subprocess.run(
-        [_unshare(), "--pid", "--fork", "--mount-proc", sys.executable, "-c", _SHARED, str(tmp_path), _init_start()],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    seen = json.loads(done.stdout)
+    seen = _in_a_pid_namespace(_SHARED, tmp_path)
     assert seen["held"] == [], f"stopped while a run held the realm: {seen}"
     assert seen["alive"] is True, f"stopped while a run held the realm: {seen}"
     assert seen["free"] == ["smbd"], seen
@@ -140,6 +142,7 @@ def _init_start() -> str:
 _REUSE = r"""
 import dataclasses, os, signal, subprocess, sys, time
 from pathlib import Path
+from typing import Any
 from tests import leftovers
 
 # ended here (this namespace's pid 1 is this script), going to every other run on the machine (its pid 1)
@@ -204,6 +207,7 @@ def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
 _CONTROLLER = r"""
 import os, subprocess, sys, time
 from pathlib import Path
+from typing import Any
 from tests import leftovers
 
 os.environ[leftovers.MARK] = leftovers.this_run(Path(sys.argv[1])).mark()
