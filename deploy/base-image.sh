@@ -31,8 +31,13 @@ for tool in mmdebstrap "$engine"; do
 done
 # Before anything is built (mmdebstrap takes half a minute, minutes on a busy machine): an engine that answers.
 # Installing docker.io starts the daemon only where systemd runs.
-if ! said=$("$engine" info 2>&1 >/dev/null); then
-    echo "base-image: $engine does not answer ($(printf '%s\n' "$said" | tail -n 1)): start it first:" \
+# The reason: Debian's docker 20.10 writes it to stdout ("ERROR: Cannot connect to the Docker daemon at ...") and only
+# "errors pretty printing info" to stderr; Docker's newer CLI and podman write it to stderr. So the first line that
+# names an error, of both.
+if ! said=$("$engine" info 2>&1); then
+    why=$(printf '%s\n' "$said" | grep -v '^errors pretty printing info$' | grep -m 1 -iE 'error|cannot|denied' ||
+        printf '%s\n' "$said" | tail -n 1)
+    echo "base-image: $engine does not answer (${why#ERROR: }): start it first:" \
         "\`systemctl start docker\`, or without systemd, as root, \`dockerd --host=unix:///var/run/docker.sock &\`" \
         "(docs/containers.md)" >&2
     exit 1

@@ -32,7 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +63,18 @@ def _docker() -> str:
         if candidate and Path(candidate).is_file():
             return candidate
     raise AssertionError("docker is missing: `make setup` installs it (Debian package docker.io)")
+
+
+def compose_env(docker: str, caller: Mapping[str, str] = os.environ, **settings: str) -> dict[str, str]:
+    """The environment the tests run docker-compose in: the caller's, `settings` added, with `docker` (the CLI the tests
+    chose) first on PATH and the classic builder. Compose runs `docker build`, `docker start --attach` (`run`) and
+    `docker exec` from PATH, where another CLI may come first (Docker's own beside Debian's engine); the build cache the
+    runs keep is the classic builder's image layers, and Docker's CLI without buildx refuses DOCKER_BUILDKIT=1."""
+    return {
+        **caller,
+        "PATH": f"{Path(docker).parent}{os.pathsep}{caller.get('PATH', '')}",
+        "DOCKER_BUILDKIT": "0",
+    } | settings
 
 
 def _engine_answers(docker: str) -> bool:
@@ -289,17 +301,17 @@ def stack(engine: str) -> Iterator[Stack]:
     timings["base image"] = time.monotonic() - started
     project = f"{PROJECT_PREFIX}{os.getpid()}{secrets.token_hex(3)}"
     gateway_port, balancer_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "COMPOSE_PROJECT_NAME": project,
-        "KCD_GATEWAY_PORT": str(gateway_port),
-        "KCD_BALANCER_PORT": str(balancer_port),
-        "KCD_LAB_BALANCER_SUBNET": _subnet(engine),
+    env = compose_env(
+        engine,
+        COMPOSE_PROJECT_NAME=project,
+        KCD_GATEWAY_PORT=str(gateway_port),
+        KCD_BALANCER_PORT=str(balancer_port),
+        KCD_LAB_BALANCER_SUBNET=_subnet(engine),
         # Image tags are global to the engine: one per run, so another run (other code) never replaces the images
         # under this one, and removed with the run. Layers, and so the build cache, are shared all the same.
-        "KCD_IMAGE_TAG": f"{TAG_PREFIX}{project}",
-        "DOCKER_HOST": f"unix://{SOCKET}",
-    }
+        KCD_IMAGE_TAG=f"{TAG_PREFIX}{project}",
+        DOCKER_HOST=f"unix://{SOCKET}",
+    )
     s = Stack(engine, project, env, gateway_port, balancer_port, timings)
     try:
         mark = time.monotonic()
@@ -328,6 +340,35 @@ def bring_down(s: Stack, started: float) -> None:
     print(f"compose test timings (s), profile {s.profile}:", {k: round(v) for k, v in s.timings.items()})
     left = _left_by(s.docker, s.project, s.env["KCD_IMAGE_TAG"])
     assert left == [], f"the compose test left these on the engine: {left}"
+
+
+def test_compose_builds_with_the_tests_docker_cli_whatever_path_and_docker_buildkit_say(
+    engine: str, tmp_path: Path
+) -> None:
+    """docker-compose 1.29 builds by running `docker build` from PATH: with Docker's own CLI first there (a static 28.2
+    in /usr/local/bin here, without buildx) and DOCKER_BUILDKIT=1 exported, as Docker's documentation suggests, the
+    stack's build failed ("BuildKit is enabled but the buildx component is missing or broken"). The tests' compose
+    environment (`compose_env`) gives compose the CLI the tests chose and the classic builder: a build through it
+    succeeds whatever the caller's PATH and DOCKER_BUILDKIT say."""
+    project = f"{PROJECT_PREFIX}{os.getpid()}{secrets.token_hex(3)}"
+    image = f"{IMAGES[0]}:{TAG_PREFIX}{project}"  # a run's tag: a killed run's is removed with the rest
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY tiny /tiny\n")
+    (tmp_path / "tiny").write_text("a file\n")
+    (tmp_path / "docker-compose.yml").write_text(f"services:\n  tiny:\n    build: .\n    image: {image}\n")
+    first = shutil.which("docker")
+    assert first, "docker is missing: `make setup` installs it (Debian package docker.io)"
+    caller = {**os.environ, "DOCKER_BUILDKIT": "1", "PATH": f"{Path(first).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = compose_env(engine, caller, COMPOSE_PROJECT_NAME=project, DOCKER_HOST=f"unix://{SOCKET}")
+    tool = shutil.which("docker-compose")
+    assert tool, "docker-compose is missing: `make setup` installs it (Debian package docker-compose)"
+    try:
+        done = subprocess.run(
+            [tool, "build"], capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path, env=env
+        )
+        assert done.returncode == 0, f"{first} first on PATH, DOCKER_BUILDKIT=1:\n{done.stdout}\n{done.stderr}"
+        assert _image_id(engine, image)
+    finally:
+        subprocess.run([engine, "image", "rm", image], capture_output=True, timeout=300, check=False)
 
 
 def _device(stack: Stack, service: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,16 @@ import pytest
 
 from tests.integration.conftest import REPO
 from tests.integration.jsonlog import eventually
-from tests.integration.test_compose import _CONNECT, PROJECT_PREFIX, SOCKET, TAG_PREFIX, Stack, bring_down, engine
+from tests.integration.test_compose import (
+    _CONNECT,
+    PROJECT_PREFIX,
+    SOCKET,
+    TAG_PREFIX,
+    Stack,
+    bring_down,
+    compose_env,
+    engine,
+)
 
 __all__ = ["engine"]  # the fixture, shared with test_compose.py (its dockerd, its engine lock)
 
@@ -41,12 +50,9 @@ def ad_stack(engine: str) -> Iterator[Stack]:
     done = subprocess.run([REPO / "deploy" / "base-image.sh", engine], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     project = f"{PROJECT_PREFIX}{os.getpid()}{secrets.token_hex(3)}"
-    env = {
-        **os.environ,
-        "COMPOSE_PROJECT_NAME": project,
-        "KCD_IMAGE_TAG": f"{TAG_PREFIX}{project}",
-        "DOCKER_HOST": f"unix://{SOCKET}",
-    }
+    env = compose_env(
+        engine, COMPOSE_PROJECT_NAME=project, KCD_IMAGE_TAG=f"{TAG_PREFIX}{project}", DOCKER_HOST=f"unix://{SOCKET}"
+    )
     s = Stack(engine, project, env, 0, 0, timings, profile="ad")
     try:
         mark = time.monotonic()

@@ -813,22 +813,31 @@ def test_systemd_rates_the_unit_well_hardened(tmp_path: Path) -> None:
 
 def test_base_image_without_an_engine_stops_at_once_and_says_how_to_start_one(tmp_path: Path) -> None:
     """`make base-image` with no engine answering (a machine without systemd, where installing docker.io starts no
-    daemon): it stops before building anything, naming the engine and how to start it. It built the root file system
-    first (mmdebstrap: 26-43 s, minutes on a busy machine) and only then failed at `docker import`."""
+    daemon): it stops before building anything, naming the engine, the CLI's reason and how to start it, with each
+    docker CLI the machine has first on PATH (Debian's, and another before it). It built the root file system first
+    (mmdebstrap: 26-43 s, minutes on a busy machine) and only then failed at `docker import`; with Debian's CLI, which
+    writes the reason to stdout, the reason it gave was "errors pretty printing info"."""
     fake = tmp_path / "bin"
     fake.mkdir()
     called = tmp_path / "mmdebstrap-called"
     (fake / "mmdebstrap").write_text(f"#!/bin/sh\ntouch {called}\nexit 1\n")
     (fake / "mmdebstrap").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "DOCKER_HOST": f"unix://{tmp_path}/none.sock"}
-    done = subprocess.run(
-        [REPO / "deploy" / "base-image.sh"], capture_output=True, text=True, timeout=120, check=False, env=env
-    )
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert not called.exists(), done.stdout + done.stderr
-    assert "base-image: docker does not answer" in done.stderr
-    assert "dockerd --host=unix:///var/run/docker.sock &" in done.stderr
-    assert "systemctl start docker" in done.stderr
+    clis = {Path(c).resolve() for c in ("/usr/bin/docker", shutil.which("docker")) if c and Path(c).is_file()}
+    assert clis, "docker is missing: `make setup` installs it (Debian package docker.io)"
+    for docker_cli in sorted(clis):
+        (fake / "docker").unlink(missing_ok=True)
+        (fake / "docker").symlink_to(docker_cli)
+        env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "DOCKER_HOST": f"unix://{tmp_path}/none.sock"}
+        done = subprocess.run(
+            [REPO / "deploy" / "base-image.sh"], capture_output=True, text=True, timeout=120, check=False, env=env
+        )
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert not called.exists(), done.stdout + done.stderr
+        said = f"{docker_cli}: {done.stderr}"
+        assert "base-image: docker does not answer (" in done.stderr, said
+        assert f"Cannot connect to the Docker daemon at unix://{tmp_path}/none.sock" in done.stderr, said
+        assert "dockerd --host=unix:///var/run/docker.sock &" in done.stderr, said
+        assert "systemctl start docker" in done.stderr, said
 
 
 def test_the_dc_probe_asks_for_the_realm_the_dc_provisions() -> None:

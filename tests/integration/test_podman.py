@@ -35,6 +35,7 @@ import pytest
 from tests import leftovers
 from tests.integration.conftest import REPO, free_port
 from tests.integration.jsonlog import eventually
+from tests.integration.test_compose import _docker, compose_env
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow(seconds=20)]
 
@@ -97,14 +98,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     Podman's store, what killed runs left removed (`_remove_dead_runs`); stopped afterwards, ip_forward put back
     (netavark turns it on) unless a dockerd now needs it."""
     podman = _tool("podman", "podman")
-    docker = _tool("docker", "docker.io")
+    docker = _docker()
     for binary, package in (
         ("/usr/libexec/podman/catatonit", "catatonit"),
         ("/usr/lib/podman/netavark", "netavark"),
         ("/usr/lib/podman/aardvark-dns", "aardvark-dns"),
     ):
         assert Path(binary).is_file(), f"{binary} is missing: `make setup` installs it (Debian package {package})"
-    env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+    env = compose_env(docker, CONTAINERS_CONF=str(CONTAINERS_CONF))  # compose's `run` uses that docker CLI too
     done = subprocess.run(
         [REPO / "deploy" / "base-image.sh", "podman"], capture_output=True, text=True, env=env, check=False
     )

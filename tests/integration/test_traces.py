@@ -189,12 +189,18 @@ def test_the_gateways_own_as_exchange_is_shown_where_it_happened(lab: LabLayout,
     """A fresh gateway's first delegated request also asks the KDC for the gateway's own TGT (an AS-REQ for
     HTTP/proxy.lab.test in the KDC's log, before the PROTOCOL-TRANSITION TGS-REQ): the trace's S4U2Self step shows
     that exchange and its time (it showed two KDC exchanges where the log has three, and counted the AS exchange's
-    time as S4U2Proxy's); the next user's first request on the same gateway holds that TGT and shows none."""
+    time as S4U2Proxy's); the next user's first request on the same gateway holds that TGT and shows none. Before it
+    listens, the gateway's probe of its KDCs is an AS-REQ of its own too (two enctypes: docs/delegation-flow.md), whose
+    TGT it does not keep: the first request still makes its AS exchange."""
     admin_port = free_port()
     extra = f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
+    as_req = "HTTP/proxy.lab.test@LAB.TEST for krbtgt/LAB.TEST@LAB.TEST"
+    start = lab.kdc_log.stat().st_size
     gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
     admin = f"http://127.0.0.1:{admin_port}"
     try:
+        probe = rf"AS_REQ \(2 etypes .*: ISSUE: .*{as_req}"
+        eventually(lambda: _kdc_lines_from(lab, start, probe), f"krb5kdc.log: the start's probe, {probe}")
         names = [f"as{uuid.uuid4().hex[:8]}" for _ in range(2)]
         records = []
         for name in names:
@@ -207,7 +213,6 @@ def test_the_gateways_own_as_exchange_is_shown_where_it_happened(lab: LabLayout,
                 log.seek(offset)
                 records.append((record, log.read().decode()))
         (first, first_log), (second, second_log) = records
-        as_req = "HTTP/proxy.lab.test@LAB.TEST for krbtgt/LAB.TEST@LAB.TEST"
         assert as_req in first_log, first_log
         assert "AS_REQ" in first_log
         evidence = _stages(first)["s4u2self"]
@@ -254,6 +259,79 @@ def test_refusals_land_on_the_step_the_kdc_refused_with_cause_and_fix(lab: LabLa
     assert [s["name"] for s in ghost["stages"]][-1] == "s4u2self"
     assert ghost["refused"]["stage"] == "s4u2self"
     assert "no Kerberos account matches" in ghost["refused"]["reason"]
+
+
+def _kdc_lines_from(lab: LabLayout, offset: int, pattern: str) -> list[str] | None:
+    """krb5kdc.log's lines written after `offset`, from the first matching `pattern` on; None while none does."""
+    with lab.kdc_log.open("rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    return next((lines[i:] for i, line in enumerate(lines) if re.search(pattern, line)), None)
+
+
+def test_each_kdc_refusal_is_the_line_delegation_flow_gives(lab: LabLayout, traced: Traced, tmp_path: Path) -> None:
+    """docs/delegation-flow.md's "When the KDC says no" on the MIT lab, each refusal's krb5kdc.log line as its table
+    gives it, on the step the trace names: an unknown user (UNKNOWN_S4U2SELF_PRINCIPAL at S4U2Self), a disabled one
+    (CLIENT LOCKED OUT at S4U2Self, then `PROTOCOL-TRANSITION s4u-client=<unknown>`: the table had no such row), a
+    user who may not be delegated (EVIDENCE_TKT_NOT_FORWARDABLE) and an SPN outside the delegation list
+    (UNSUPPORTED_S4U2PROXY_REQUEST, then `CONSTRAINED-DELEGATION s4u-client=<unknown>`), both at S4U2Proxy; the
+    other two refusals are followed by no s4u line."""
+    gateway = "HTTP/proxy.lab.test@LAB.TEST"
+    cant = "KDC can't fulfill requested option"
+    scenes = [  # kadmin's addprinc options (None: no principal), path, the KDC's line, the s4u line after it, step
+        (
+            None,
+            "/owa/",
+            f"UNKNOWN_S4U2SELF_PRINCIPAL: .* {gateway} for {gateway}, Client not found in",
+            None,
+            "s4u2self",
+        ),
+        (
+            "-allow_tix",
+            "/owa/",
+            f"CLIENT LOCKED OUT: .* {gateway} for {gateway}, Client's credentials have been revoked",
+            "PROTOCOL-TRANSITION",
+            "s4u2self",
+        ),
+        (
+            "-allow_forwardable",
+            "/owa/",
+            f"EVIDENCE_TKT_NOT_FORWARDABLE: .* for HTTP/cas.lab.test@LAB.TEST, {cant}",
+            None,
+            "s4u2proxy",
+        ),
+        (
+            "",
+            "/not-delegable/",
+            f"UNSUPPORTED_S4U2PROXY_REQUEST: .* {gateway} for HTTP/other.lab.test@LAB.TEST, {cant}",
+            "CONSTRAINED-DELEGATION",
+            "s4u2proxy",
+        ),
+    ]
+    for options, path, line, after, step in scenes:
+        name = f"kr{uuid.uuid4().hex[:8]}"
+        if options is not None:
+            _kadmin(lab, f"addprinc -randkey {options} {name}")
+        cert, key = _certificate_for(lab, name, tmp_path)
+        offset = lab.kdc_log.stat().st_size
+        cmd = ["curl", "-sS", "--max-time", "20", "--cacert", str(lab.pki_dir / "root.pem"), "--cert", str(cert)]
+        done = subprocess.run(
+            [*cmd, "--key", str(key), "-o", "/dev/null", "-w", "%{http_code}", traced.gw.url + path],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.stdout == "403", (name, options, done.stdout, done.stderr)
+        (record,) = _traces(traced.admin, limit=1, user=f"{name}@lab.test")
+        assert record["refused"]["stage"] == step, record["refused"]
+        lines = eventually(lambda: _kdc_lines_from(lab, offset, line), f"krb5kdc.log: {line}")  # noqa: B023
+        s4u = [x for x in lines[1:] if "s4u-client=" in x]  # MIT's line after the refusal, if any
+        if after is None:
+            assert not s4u, lines
+        else:
+            assert s4u, lines
+            assert s4u[0].endswith(f"{after} s4u-client=<unknown>"), lines
 
 
 def test_the_export_file_is_readable_by_the_gateways_user_only(lab: LabLayout, traced: Traced) -> None:
