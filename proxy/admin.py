@@ -96,7 +96,7 @@ from proxy.observability.siblings import (
 )
 from proxy.observability.tracepage import STYLE_SOURCE, add_trace_views
 from proxy.tls.limits import unquote_parse_errors
-from proxy.tls.server import socket_transport
+from proxy.tls.server import load_ca_file, load_certificate, socket_transport
 from proxy.workers import Worker
 
 log = structlog.get_logger("proxy.admin")
@@ -320,15 +320,21 @@ async def _admin_headers(_: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(ADMIN_HEADERS)
 
 
-def admin_ssl_context(admin: Admin) -> ssl.SSLContext | None:
+def admin_ssl_context(admin: Admin, config: Path) -> ssl.SSLContext | None:
+    """The admin listener's TLS context, or ConfigError naming the key and the file (`config`) OpenSSL refused.
+    `client_ca` is read as the device trust list's files are (`load_ca_file`): PEM or DER, as check-config and
+    `AdminCrls` read it (a DER file passed both, and the listener's `cafile` then refused it at start)."""
     if admin.certificate is None or admin.private_key is None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(admin.certificate, admin.private_key)
+    load_certificate(ctx, "admin", admin.certificate, admin.private_key, config)
     if admin.client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cafile=admin.client_ca)
+        try:
+            load_ca_file(ctx, admin.client_ca)
+        except ValueError as e:
+            raise ConfigError([f"admin.client_ca: {e} (in {config})"]) from None
     return ctx
 
 
@@ -770,9 +776,10 @@ async def _serve_bind(
     assert runner.server is not None
     # Several workers each serve the admin port too (SO_REUSEPORT): each scrape reaches one of them.
     shared = live.config.listener.workers > 1
+    context = admin_ssl_context(admin, live.config.path)  # before the bind: OpenSSL's SSLError is an OSError too
     try:
         server = await asyncio.get_running_loop().create_server(
-            _capped(runner.server, admin_ssl_context(admin)), admin.host, admin.port, reuse_port=shared
+            _capped(runner.server, context), admin.host, admin.port, reuse_port=shared
         )
     except OSError as e:
         raise ConfigError(

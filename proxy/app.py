@@ -95,7 +95,7 @@ def build(
         trust = TrustList(anchors=tuple(loaded["trust_anchors"]), intermediates=tuple(loaded["intermediates"]))
     except ValueError as e:
         raise ConfigError([f"client_certificates.trust_anchors: {e} (in {config.path})"]) from None
-    for i, path in enumerate(cc.crls):
+    for i, path in enumerate(cc.crls if previous is None else ()):  # a reload's: `Live.reload`, off the event loop
         try:
             load_crls(path)  # a file that does not parse stops the start; one that does not verify is logged
         except (ValueError, OSError) as e:
@@ -111,7 +111,10 @@ def build(
         revocation.crls.raise_floors()
         # Its files are read by its first refresh (`LiveRevocation.start`, awaited before it serves), in a thread: read
         # here, on the event loop the running gateway serves on, a large CA's CRL stalled every request for the whole
-        # read (200,000 entries: 1.3-1.7 s under load). `crl_state` is written now, as at a start: proof it can be.
+        # read (200,000 entries: 1.3-1.7 s under load), and so did parsing them above to refuse a file that is no CRL
+        # (cryptography holds the GIL for it: 0.24 s for 1,000,000 entries, idle); the reload refuses such a file
+        # after that refresh instead (`proxy.live`).
+        # `crl_state` is written now, as at a start: proof it can be.
         revocation.crls.save_floors()
     floors = revocation.crls.floors
     if isinstance(floors, PersistedFloors) and floors.failed is not None:  # written once as it starts: proof it can

@@ -278,7 +278,7 @@ class Admin:
     port: int
     certificate: Path | None = None
     private_key: Path | None = None
-    client_ca: Path | None = None  # PEM bundle of the CAs (root and intermediates) for admin client certificates
+    client_ca: Path | None = None  # the CAs (root, intermediates) of admin client certificates: PEM bundle, or one DER
     allowed_clients: tuple[str, ...] = ()  # subjects (RFC 4514) or SHA-256 fingerprints (hex)
     socket: Path | None = None  # also (or only, without a bind: port 0) on this Unix socket, mode 0600
     crls: tuple[Path, ...] = ()  # CRLs of client_ca's CAs (files; `crl_urls` the http(s) ones), for operators'

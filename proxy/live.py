@@ -158,11 +158,14 @@ class Live:
                 return self._refused(path, [f"{type(e).__name__}: {e}"])
             try:
                 await gateway.revocation.start()  # the new CRLs are fetched before the first request needs them
+                if unreadable := _unreadable_crls(gateway):  # read in a thread by that fetch, not by `build`
+                    await _close(gateway, keep=old)
+                    return self._refused(path, unreadable)
                 if gateway.delegator is not old.delegator:  # its watch's KDC list out of the overlay before the new's
                     old.delegator.stop_watch()  # (its requests still in flight are served on as they are)
                 await gateway.delegator.watch_kdcs()  # a kept delegator's watch goes on; a new one's starts
-            except asyncio.CancelledError:  # the gateway stops (`begin_stop`), or the watch that asked is cancelled
-                await _close(gateway, keep=old)
+            except BaseException:  # the gateway stops (`begin_stop`), the watch that asked is cancelled, or a bug:
+                await _close(gateway, keep=old)  # what it started (its CRL refresher) ends with it
                 raise
             self.gateway, self.ssl_context, self.served = gateway, context, served
             old.revocation.hand_over(gateway.revocation, gateway.trust)  # held requests: judged by the new trust
@@ -281,8 +284,20 @@ def _prepare(
         problems = [*problems, reserve]
     if problems:
         raise ConfigError(problems)
-    gateway = _carry_over(build(config, shared=old.basic.shared, previous=old, serving=True), old)
-    return gateway, server_context(config), ServedCertificate.of(config)
+    context, served = server_context(config), ServedCertificate.of(config)  # before the gateway: nothing to close
+    return _carry_over(build(config, shared=old.basic.shared, previous=old, serving=True), old), context, served
+
+
+def _unreadable_crls(gateway: Gateway) -> list[str]:
+    """`client_certificates.crls` files the new gateway's first CRL fetch could not read or found no CRL in, named as
+    the start names them (`proxy.app.build`): a reload to them is refused."""
+    unreadable = gateway.revocation.crls.unreadable()
+    config = gateway.config
+    return [
+        f"client_certificates.crls[{i}]: {path}: {unreadable[str(path)]} (in {config.path})"
+        for i, path in enumerate(config.client_certificates.crls)
+        if str(path) in unreadable
+    ]
 
 
 def _carry_over(new: Gateway, old: Gateway) -> Gateway:

@@ -63,6 +63,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,6 +118,8 @@ class SharedTable:
         self._fd = os.memfd_create("kcd-proxy-basic-throttle", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, size)
         self._map = mmap.mmap(self._fd, size)  # MAP_SHARED: forked workers see one memory
+        # made before the workers fork, by a supervisor that never takes it: each worker's copy starts free
+        self._threads = threading.Lock()
         self._secret = os.urandom(16)
         self.salt = os.urandom(16)  # the credential cache's, one for every worker: a digest means the same in each
         # The address throttle's counts: slots of their own (and a lock), so that a flood of addresses cannot take the
@@ -134,12 +137,16 @@ class SharedTable:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Exclusive access among processes (a record lock: per process, released if it dies)."""
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        """Exclusive access among processes (a record lock: per process, released if it dies) and among this process's
+        threads (`_threads`): a record lock is the process's, so a thread (a CRL vetting thread's floor look-up, the
+        floors' save) went in while the event loop's thread was inside, and its unlock as it left let every other
+        worker in too."""
+        with self._threads:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def read(self, index: int) -> _Slot:
         return _Slot(*_SLOT.unpack_from(self._map, index * SLOT_BYTES))

@@ -39,6 +39,7 @@ import fcntl
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -77,21 +78,26 @@ class LocalFloors:
 
     def __init__(self) -> None:
         self._floors: dict[bytes, tuple[int, float]] = {}
+        # The event loop raises floors as it takes CRLs, and `PersistedFloors.save` raises them to the file's from a
+        # thread: a raise is a look then a write, and two at once lowered a floor one of them had just raised.
+        self._lock = threading.Lock()
 
     def crl_floor(self, scope: bytes) -> tuple[int, float] | None:
         return self._floors.get(scope)
 
     def raise_crl_floor(self, scope: bytes, number: int, this_update: float) -> bool:
-        held = self._floors.get(scope)
-        if held is not None and (number, this_update) <= held:
-            return False
-        if held is None and len(self._floors) >= CRL_FLOORS:
-            del self._floors[min(self._floors, key=lambda s: self._floors[s][1])]
-        self._floors[scope] = (number, this_update)
-        return True
+        with self._lock:
+            held = self._floors.get(scope)
+            if held is not None and (number, this_update) <= held:
+                return False
+            if held is None and len(self._floors) >= CRL_FLOORS:
+                del self._floors[min(self._floors, key=lambda s: self._floors[s][1])]
+            self._floors[scope] = (number, this_update)
+            return True
 
     def crl_floors(self) -> dict[bytes, tuple[int, float]]:
-        return dict(self._floors)
+        with self._lock:
+            return dict(self._floors)
 
 
 @dataclass(frozen=True)

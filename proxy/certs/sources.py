@@ -143,6 +143,7 @@ class _State:
     last_fetch: datetime | None = None
     last_success: datetime | None = None
     last_error: str | None = None
+    unreadable: bool = False  # a file source whose last read failed, or gave bytes that are no CRL (`unreadable`)
 
 
 @dataclass
@@ -280,8 +281,18 @@ class CrlStore:
         if not self._unchanged(state, data, now):  # read, checked and indexed in a thread: see _vet
             self._keep(state, await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors), now)
 
+    def unreadable(self) -> dict[str, str]:
+        """The file sources whose last read failed or brought no CRL (not a PEM or DER CRL), each with why: a reload
+        refuses a configuration naming one (`proxy.live`), as the start does (`proxy.app.build`). A CRL that parses
+        and is then refused (a signature, an older number) is not among them: that is logged and the source kept."""
+        return {
+            location: state.last_error or ""
+            for location, state in self._states.items()
+            if state.unreadable and not state.source.is_url
+        }
+
     def _failed(self, state: _State, now: datetime, exc: Exception) -> None:
-        state.last_fetch = now
+        state.last_fetch, state.unreadable = now, True
         error = state.source.scrubbed(f"fetch failed: {type(exc).__name__}: {exc}".rstrip(": "))  # no password
         state.last_error = shown_error(error)  # then cut short: aiohttp's errors may quote kilobytes the server sent
         log.warning("crl_fetch_failed", source=state.source.name, error=state.last_error, **_held(state))
@@ -320,10 +331,11 @@ class CrlStore:
             except CrlUnusable as exc:
                 vetted = exc
         if not isinstance(vetted, list):
+            state.unreadable = not isinstance(vetted, CrlUnusable)  # a ValueError: the bytes are no CRL
             state.last_error = printable(state.source.scrubbed(str(vetted)))  # a name the CRL's sender chose
             log.warning("crl_rejected", source=state.source.name, problem=state.last_error, **_held(state))
             return
-        state.crls, state.last_success, state.last_error = tuple(vetted), now, None
+        state.crls, state.last_success, state.last_error, state.unreadable = tuple(vetted), now, None, False
         for crl in vetted:
             self._raise_floor(crl)
             log.info("crl_loaded", **_describe(crl))

@@ -261,14 +261,10 @@ def _certificates(key: str, path: Path, at: datetime) -> Iterator[tuple[str, str
     except (OSError, ValueError) as e:
         yield key, str(e)
         return
-    try:  # as the listener's TLS context loads it (`server_context`): OpenSSL reads every PEM block, not only
+    try:  # as the listeners' TLS contexts load it: OpenSSL reads every PEM block, not only
         load_ca_file(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), path)  # the certificates cryptography picks out
-    except ssl.SSLError as e:
-        yield (
-            key,
-            f"{path}: OpenSSL cannot read it ({e.reason or e}): a block in it is damaged or is no certificate (a CRL "
-            "or a key?); keep only the CA certificates, in PEM or DER",
-        )
+    except ValueError as e:
+        yield key, str(e)
     for cert in certs:
         name = cert.subject.rfc4514_string()
         if not is_ca(cert):

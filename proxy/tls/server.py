@@ -52,6 +52,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from proxy.addresses import host_port
 from proxy.certs.chain import format_time, load_certificates, netscape_type_excludes_client
 from proxy.config import Config
+from proxy.errors import ConfigError
 from proxy.printable import printable
 from proxy.tls.openssl import (
     RefusedCertificate,
@@ -77,10 +78,15 @@ def server_context(config: Config) -> ssl.SSLContext:
     to a password), or not asked for at all ("basic")."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(config.listener.certificate, config.listener.private_key)
+    load_certificate(ctx, "listener", config.listener.certificate, config.listener.private_key, config.path)
     ctx.verify_mode = _VERIFY_MODES[config.authentication.client_certificate]
-    for path in (*config.client_certificates.trust_anchors, *config.client_certificates.intermediates):
-        load_ca_file(ctx, path)
+    cc = config.client_certificates
+    for key, paths in (("trust_anchors", cc.trust_anchors), ("intermediates", cc.intermediates)):
+        for i, path in enumerate(paths):
+            try:
+                load_ca_file(ctx, path)
+            except ValueError as e:
+                raise ConfigError([f"client_certificates.{key}[{i}]: {e} (in {config.path})"]) from None
     if _an_anchor_is_not_a_root(config):
         # An issuing CA as a trust anchor (trusting one CA of a larger PKI): OpenSSL wants a chain up to a
         # self-signed root unless told that a trusted CA may end it. The certificate stage builds the chain again
@@ -90,7 +96,6 @@ def server_context(config: Config) -> ssl.SSLContext:
     # No renegotiation (TLS 1.2): a connection stays tied to the certificate of its handshake, which the stages
     # judged (OpenSSL 3 refuses a client's request by default; older ones did not).
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
-    cc = config.client_certificates
     ctx.sslobject_class = _PeerSSLObject  # the peer certificate as DER only: no dict per connection
     # One TLS 1.3 session ticket per handshake, not OpenSSL's two: OpenSSL 3.0 makes each ticket by encoding the
     # session and decoding it again, the client's certificate and its public key included, about 7% of the CPU of a
@@ -168,12 +173,32 @@ def _an_anchor_is_not_a_root(config: Config) -> bool:
 
 def load_ca_file(ctx: ssl.SSLContext, path: Path) -> None:
     """A CA file as the configuration allows it: a PEM bundle, or DER (`cafile` reads PEM only; `cadata` given
-    bytes reads DER)."""
+    bytes reads DER). ValueError naming the file and the fix when OpenSSL cannot read it: cryptography's reader
+    (`load_certificates`, which the other looks at the file use) passes over a damaged block OpenSSL refuses, and
+    OpenSSL's own message ("[X509] PEM lib") names no file. Every CA file handed to OpenSSL goes through here: the
+    device trust list's, `admin.client_ca`, and check-config's look at both (`proxy.ops.check`)."""
     data = path.read_bytes()
-    if b"-----BEGIN" in data:
-        ctx.load_verify_locations(cafile=path)
-    else:
-        ctx.load_verify_locations(cadata=data)
+    try:
+        if b"-----BEGIN" in data:
+            ctx.load_verify_locations(cafile=path)
+        else:
+            ctx.load_verify_locations(cadata=data)
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"{path}: OpenSSL cannot read it ({e.reason or e}): a block in it is damaged or is no certificate (a CRL "
+            "or a key?); keep only the CA certificates, in PEM or DER"
+        ) from None
+
+
+def load_certificate(ctx: ssl.SSLContext, table: str, certificate: Path, key: Path, config: Path) -> None:
+    """A listener's certificate chain and key (`table`: "listener" or "admin"), or ConfigError naming the keys and
+    the files (OpenSSL's SSLError named neither, and is an OSError the admin listener took for its bind failing)."""
+    try:
+        ctx.load_cert_chain(certificate, key)
+    except ssl.SSLError as e:
+        raise ConfigError(
+            [f"{table}.certificate: OpenSSL refuses {certificate} with {table}.private_key {key}: {e} (in {config})"]
+        ) from None
 
 
 LATE = 1.0  # seconds a handshake's timer may fire late before the gateway, not the device, is named as the cause

@@ -61,3 +61,38 @@ def test_a_revoked_device_is_refused_while_a_reload_reads_a_large_crl(lab: LabLa
         assert asyncio.run(_status(lab, gw, "alice")) == 200
     finally:
         assert gw.stop() == 0
+
+
+def test_a_reload_to_a_crl_file_that_is_no_crl_is_refused_and_leaves_nothing_running(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A reload (SIGHUP) naming a CRL file that holds no CRL is refused naming `client_certificates.crls[1]` and the
+    file, as before; the file is now read by the new gateway's first CRL fetch, in a thread (`build` parsed every
+    CRL file of a reload on the event loop: a 1,000,000-entry one stood every request still for its parse), and that
+    gateway is closed with the refusal: its CRL refresher (every second here) never reads the file again while the
+    running gateway refreshes three more times (a dead URL source of its own says so, failing at each round), and
+    alice is served."""
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    crl = write_crl(tmp_path / "issuing.crl", load_ca(lab.pki_dir, "issuing"), revoked=[carol.serial_number])
+    junk = tmp_path / "junk.crl"
+    junk.write_bytes(b"not a CRL\n")
+    dead = f"http://127.0.0.1:{free_port()}/none.crl"  # nothing listens: each round's fetch fails, and says so
+    text = lab_config(lab, port=free_port())
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    text = text.replace(lab_crls, f'crls = ["{crl}", "{{second}}"]\ncrl_refresh_seconds = 1')
+    gw = start_gateway(lab, tmp_path / "gw", text.replace("{second}", dead))
+    try:
+        gw.mark()
+        gw.config_path.write_text(text.replace("{second}", str(junk)))
+        gw.proc.send_signal(signal.SIGHUP)
+        refused = gw.wait_event("reload_refused")
+        assert any(p.startswith(f"client_certificates.crls[1]: {junk}: ") for p in refused["problems"]), refused
+        assert any("not a PEM or DER CRL" in p for p in refused["problems"]), refused
+        gw.mark()
+        gw.wait_events("crl_fetch_failed", 3, accept=lambda e: e["source"] == dead)
+        assert [e for e in gw.events("crl_rejected", gw.since) if e["source"] == str(junk)] == []
+        assert asyncio.run(_status(lab, gw, "alice")) == 200
+        assert asyncio.run(_status(lab, gw, "carol")) == 403
+    finally:
+        assert gw.stop() == 0

@@ -4,6 +4,9 @@ user never evicted, a dead worker's attempts lapsing."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 
 from proxy.auth.basic import Throttle, backoff
 from proxy.auth.shared import SharedTable, SharedThrottle
@@ -228,3 +231,31 @@ def test_the_command_lines_table_has_one_of_its_own_for_addresses() -> None:
     assert table.addresses.addresses is None
     _fail(_address_throttle(table.addresses), "10.0.0.1", 0.0)
     assert _throttle(table).wait("10.0.0.1", 0.0) == 0
+
+
+# Another process's attempt at the table's lock: exit 0 if it got it, 1 if someone holds it.
+_TRY_LOCK = """
+import fcntl, sys
+try:
+    fcntl.lockf(int(sys.argv[1]), fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    sys.exit(1)
+"""
+
+
+def test_a_thread_leaving_the_table_keeps_it_locked_while_another_thread_is_inside() -> None:
+    """The table's lock is a record lock, which a process holds, not a thread: a CRL vetting thread's floor look-up
+    (`crl_floor`, the early floor check) that left the table while the event loop's thread was inside it unlocked it
+    for every other worker, which could then write the same slots at once. Now the second thread waits for the first
+    to leave, and another process cannot take the lock meanwhile."""
+    table = SharedTable(max_keys=64)
+    fd = table._fd
+    with table.locked():  # the event loop's thread, inside the table
+        looking = threading.Thread(target=table.crl_floor, args=(bytes(16),))
+        looking.start()
+        looking.join(timeout=1.0)  # before: in and out at once, unlocking the process's lock as it left
+        argv = [sys.executable, "-c", _TRY_LOCK, str(fd)]
+        other = subprocess.run(argv, pass_fds=(fd,), capture_output=True, text=True, timeout=60, check=False)
+        assert other.returncode == 1, f"another process took the lock while a thread was inside: {other.stderr}"
+    looking.join(timeout=60)
+    assert not looking.is_alive()
