@@ -558,13 +558,14 @@ def until_closed(raw: socket.socket, within: float) -> bytes:
 
 
 def test_behind_a_balancer_a_connection_waiting_at_a_busy_cap_is_closed_at_handshake_timeout(
-    lab: LabLayout, tmp_path: Path, server: str
+    lab: LabLayout, tmp_path: Path, server: str, event_loop_name: str
 ) -> None:
     """Behind a balancer, handshake_timeout 3 s, four busy connections (a head half read) at the cap of 4: a device
     whose PROXY header was read waits for a slot no longer than handshake_timeout from its accept, then is closed with
     nothing sent and logged (`connection_wait_expired`, its address); it waited for as long as the cap stayed busy.
-    The busy four are answered 200 once their heads end."""
-    with capped(lab, tmp_path, server, BALANCED + "handshake_timeout = 3\n") as (gw, _admin):
+    The busy four are answered 200 once their heads end. On uvloop and on asyncio's loop."""
+    listener = f'{BALANCED}handshake_timeout = 3\nevent_loop = "{event_loop_name}"\n'
+    with capped(lab, tmp_path, server, listener) as (gw, _admin):
 
         async def run() -> None:
             busy = [await balanced_connect(lab, gw.port, user, f"203.0.113.{n}") for n, user in enumerate(USERS, 1)]
