@@ -356,8 +356,8 @@ class ProxyHeaderGate(asyncio.Protocol):
                 "connection_wait_expired",
                 peer=peer_text(self._peer),
                 waited_s=self._timeout,
-                detail="no slot came free within listener.handshake_timeout of its accept: every connection busy at "
-                "listener.max_connections; closed before TLS (the balancer's next pick may have room)",
+                detail="no slot of listener.max_connections came free within listener.handshake_timeout of its "
+                "accept; closed before TLS (the balancer's next pick may have room)",
             )
             transport.abort()  # connection_lost ends the wait and gives the address's place back
 
