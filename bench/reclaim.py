@@ -15,12 +15,21 @@ Per case: new devices served per second, their latency (connect to answer), and 
 (/proc: on a loaded machine the rate is mostly the machine's, the CPU per device the gateway's).
 
     .venv/bin/python -m bench.reclaim --idle 200 --seconds 15 --source /tmp/before --source .
+
+With `--attack`, one address (127.0.0.1) opens `--idle` bare TCP connections at once instead (no TLS byte, each held
+until the gateway ends it), with `listener.max_connections_per_address` 0 (off, the default) and then `--per-address`;
+the idle devices come from addresses of their own (127.0.1.x). Printed: how many idle devices' connections the
+attacker's burst closed, and in how many seconds (docs/throttles-and-limits.md, "What the reclaim leaves to the
+kernel, and what a stranger can make it close").
+
+    .venv/bin/python -m bench.reclaim --attack --idle 200 --per-address 4
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -51,6 +60,51 @@ async def device(port: int, ctx: ssl.SSLContext, within: float) -> asyncio.Strea
             return writer
     except (TimeoutError, OSError, asyncio.IncompleteReadError):
         return None
+
+
+async def idle_device(port: int, ctx: ssl.SSLContext, source: str) -> asyncio.StreamReader:
+    """A device from `source` that connects, asks once and keeps its connection idle; its reader (which keeps its
+    writer, whose collection would close the connection)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, local_addr=(source, 0))
+    writer.write(REQUEST)
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]))
+    reader.writer = writer  # type: ignore[attr-defined]
+    return reader
+
+
+async def attack(port: int, ctx: ssl.SSLContext, idle: int) -> dict[str, float]:
+    """`idle` devices of their own addresses hold the cap; then one address opens `idle` TCP connections at once and
+    holds them: the idle devices' connections closed for it, and the seconds from its first connect to the last close.
+    """
+    readers = [await idle_device(port, ctx, f"127.0.{1 + n // 250}.{1 + n % 250}") for n in range(idle)]
+    closed_at: list[float] = []
+
+    async def closed(reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await reader.read()
+        closed_at.append(time.monotonic())
+
+    watching = [asyncio.ensure_future(closed(r)) for r in readers]
+    await asyncio.sleep(1)
+    before = len(closed_at)  # closed before the attack: none expected
+    started = time.monotonic()
+    held = []
+    for _ in range(idle):
+        with contextlib.suppress(OSError):
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+    await asyncio.wait(watching, timeout=5)  # the closes the burst made (handshake_timeout is 10 s)
+    for _, writer in held:
+        writer.close()
+    for task in watching:
+        task.cancel()
+    return {
+        "idle_held": len(readers),
+        "attacker_connections": idle,
+        "idle_closed_before": before,
+        "idle_closed": len(closed_at) - before,
+        "seconds_to_last_close": round(max(closed_at) - started, 3) if closed_at else 0.0,
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -100,11 +154,12 @@ async def measure(
 
 
 def gateway(
-    lab: LabLayout, source: Path, directory: Path, cap: int, keepalive: float, server: str
+    lab: LabLayout, source: Path, directory: Path, cap: int, keepalive: float, server: str, per_address: int = 0
 ) -> subprocess.Popen[bytes]:
     port = free_port()
     text = runner.gateway_config(lab, gateway_port=port) + '\n[authentication]\nmode = "basic"\n'
     lines = f'http_server = "{server}"\nmax_connections = {cap}\nkeepalive_timeout = {keepalive}\n'
+    lines += f"max_connections_per_address = {per_address}\n"
     text = text.replace("[listener]\n", f"[listener]\n{lines}", 1)
     config = directory / f"gateway-{port}.toml"
     config.write_text(text)
@@ -130,6 +185,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--source", action="append", type=Path)
     parser.add_argument("--server", choices=("own", "aiohttp"), default="own", help="listener.http_server")
+    parser.add_argument("--attack", action="store_true", help="one address's burst of bare TCP connections")
+    parser.add_argument("--per-address", type=int, default=4, help="max_connections_per_address for --attack")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -148,6 +205,16 @@ def main() -> int:
         runner.up(lab)
         try:
             ctx = ssl.create_default_context(cafile=str(lab.pki_dir / "root.pem"))
+            if args.attack:
+                for per_address in (0, args.per_address):
+                    proc = gateway(lab, sources[-1], root, args.idle, args.keepalive, args.server, per_address)
+                    try:
+                        figures = asyncio.run(attack(proc.port, ctx, args.idle))  # type: ignore[attr-defined]
+                    finally:
+                        proc.terminate()
+                        proc.wait(timeout=60)
+                    print(json.dumps({"server": args.server, "per_address": per_address, **figures}), flush=True)
+                return 0
             for round_ in range(args.rounds):
                 for source in sources:
                     for label, cap in (("at the cap", args.idle), ("below the cap", args.idle + 4000)):

@@ -20,9 +20,10 @@ block it sends, which aiohttp's parser keeps whole until the block ends. Two cap
   reason="connections_per_address"}`), and it holds no slot of `max_connections` meanwhile. Behind a balancer
   the address is the PROXY header's (`proxy.tls.proxy_protocol`), checked as soon as the header is read;
   the balancer's own address is never capped. So behind a balancer a connection accepted at the cap holds no slot
-  until its header is read and its address admitted (`SlotWait`, at most `HEADER_WAITS` a worker): only then is an
-  idle keep-alive closed for it, and one whose header never comes closes nobody's. Off by default because CGNAT
-  and corporate proxies put many devices behind one address.
+  until its header is read and its address admitted (`SlotWait`, at most `HEADER_WAITS` a worker, `handshake_timeout`
+  from the accept at most): only then is an idle keep-alive closed for it, and one whose header never comes, or names
+  no device (a balancer's health check), closes nobody's. Off by default because CGNAT and corporate proxies put many
+  devices behind one address.
 - **Header block** (`listener.max_header_bytes`): aiohttp's parser (3.14, C or Python) bounds the
   request line (`max_line_size`), each header field (`max_field_size`, 96 KiB here, for 64 KiB Kerberos
   tokens) and the number of fields (`max_headers`, 128), but not their sum: 128 fields of 95 KiB are
@@ -120,10 +121,10 @@ class ConnectionSlots:
         self.open += 1
         return _Taken(self)
 
-    def claim(self) -> bool:
-        """Take a slot now, if one is free or an idle keep-alive can be closed for it (True); False when every
-        connection is busy. A `SlotWait`'s first try, once its connection's PROXY header is read."""
-        if self.open < self.limit or (self.idle is not None and self.idle.reclaim()):
+    def claim(self, *, reclaim: bool = True) -> bool:
+        """Take a slot now, if one is free or (with `reclaim`) an idle keep-alive can be closed for it (True); False
+        otherwise. A `SlotWait`'s first try, once its connection's PROXY header is read."""
+        if self.open < self.limit or (reclaim and self.idle is not None and self.idle.reclaim()):
             self.open += 1
             return True
         return False
@@ -139,12 +140,13 @@ class ConnectionSlots:
         self.open += 1
         return _Taken(self)
 
-    async def _room(self) -> None:
-        """Until a slot is free for the caller (not taken): `room`'s wait."""
+    async def _room(self, *, reclaim: bool = True) -> None:
+        """Until a slot is free for the caller (not taken): `room`'s wait; without `reclaim`, no idle keep-alive is
+        closed for it."""
         told = False
         while self.open >= self.limit:
             self._freed.clear()
-            if self.idle is not None and self.idle.reclaim():
+            if reclaim and self.idle is not None and self.idle.reclaim():
                 break
             if not told:
                 told = True
@@ -176,9 +178,12 @@ class SlotWait:
     """A connection accepted at the cap behind a balancer (`accept_connections` with `header_first`): it holds no
     slot while its PROXY header comes (under `listener.handshake_timeout`, `proxy.tls.proxy_protocol`), so that an
     idle keep-alive is closed only for a connection whose header was read and whose address passed its cap
-    (`AddressCap`): the gate then asks `claim`, and `room` when every connection is busy. Calling it ends the wait,
-    or gives the slot back once taken: once. At most `HEADER_WAITS` wait at once per worker (`ConnectionSlots.waiting`);
-    the accept loop accepts no more meanwhile."""
+    (`AddressCap`): the gate then asks `claim`, and `room` when every connection is busy, the wait bounded by
+    `listener.handshake_timeout` from the accept. A connection whose header names no device closes no keep-alive: the
+    balancer's health check (`LOCAL`) takes a free slot or goes on without one, still counted here until it ends; a
+    device the balancer cannot name (`UNSPEC`, v1 `UNKNOWN`, whose requests are refused) waits for a free slot.
+    Calling it ends the wait, or gives the slot back once taken: once. At most `HEADER_WAITS` wait at once per worker
+    (`ConnectionSlots.waiting`); the accept loop accepts no more meanwhile."""
 
     __slots__ = ("_held", "_slots")
 
@@ -187,24 +192,25 @@ class SlotWait:
         self._held = False
         slots.waiting += 1
 
-    def claim(self) -> bool:
-        """Take a slot now, a free one or an idle keep-alive's, closed for it (True); False when every connection is
-        busy (then await `room`)."""
+    def claim(self, *, reclaim: bool = True) -> bool:
+        """Take a slot now, a free one or (with `reclaim`) an idle keep-alive's, closed for it (True); False when
+        there is none (then await `room`)."""
         slots = self._slots
         if slots is None or self._held:
             return self._held
-        if not slots.claim():
+        if not slots.claim(reclaim=reclaim):
             return False
         self._held = True
         slots._wait_ended()
         return True
 
-    async def room(self) -> None:
-        """Wait for a slot as `ConnectionSlots.room` does (a keep-alive turned idle is closed for it); take it."""
+    async def room(self, *, reclaim: bool = True) -> None:
+        """Wait for a slot as `ConnectionSlots.room` does (with `reclaim`, a keep-alive turned idle is closed for it);
+        take it."""
         slots = self._slots
         if slots is None or self._held:
             return
-        await slots._room()
+        await slots._room(reclaim=reclaim)
         slots.open += 1
         self._held = True
         slots._wait_ended()

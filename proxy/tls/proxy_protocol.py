@@ -24,7 +24,9 @@ the first TLS byte. This module reads it:
   check, which names no device, is not counted. A connection accepted at `listener.max_connections` holds no slot
   while its header comes (`proxy.tls.limits.SlotWait`): once the header is read and the address admitted, the gate
   takes a free slot or an idle keep-alive's, or, every connection busy, waits for one (reading on, up to a TLS
-  record's worth, so that a device leaving meanwhile is seen).
+  record's worth, so that a device leaving meanwhile is seen), until `handshake_timeout` after the accept
+  (`connection_wait_expired`). A header that names no device closes no keep-alive: a `LOCAL` health check takes a
+  free slot or goes on without one, an `UNSPEC` / `UNKNOWN` connection waits for a free slot.
 
 A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands. A v1
 `UNKNOWN` or a v2 `PROXY` header of family `UNSPEC` relays a device the balancer cannot name (a chain through a Unix
@@ -267,23 +269,26 @@ class ProxyHeaderGate(asyncio.Protocol):
             return
         if header is None:
             return
-        self._cancel_timer()
         client = header.source if header.command == "proxy" else None
         closed = self._closed
         if client is not None and self._cap is not None:
             admitted = self._cap.admit(client, closed)  # logged and counted there: not a PROXY refusal
             if admitted is None:
+                self._cancel_timer()
                 transport, self._transport = self._transport, None
                 transport.abort()  # a reset; connection_lost gives the slot back
                 return
             closed = admitted
         wait = self._closed
-        if isinstance(wait, SlotWait) and not wait.claim():  # at the cap, every connection busy: wait for a slot
+        device = client is not None  # only a device named and admitted may close an idle keep-alive at the cap
+        if isinstance(wait, SlotWait) and not wait.claim(reclaim=device) and not header.health_check:
+            # at the cap, every connection busy (or no device named): wait for a slot, the header's timer running on
             self._closed = closed  # the address's place too, if the connection ends while it waits
-            self._room = asyncio.get_running_loop().create_task(wait.room())
+            self._peer = client or self._peer  # the device's address in the log, as the TLS gate's lines name it
+            self._room = asyncio.get_running_loop().create_task(wait.room(reclaim=device))
             self._room.add_done_callback(lambda task: self._slot_taken(task, header, closed))
             return
-        self._hand_over(header, closed)
+        self._hand_over(header, closed)  # a health check with no free slot goes on without one, among the waits
 
     def _slot_taken(self, task: asyncio.Task[None], header: ProxyHeader, closed: Callable[[], None]) -> None:
         """A connection that waited for a slot, its header read, got one: on to TLS (unless it ended meanwhile)."""
@@ -297,7 +302,9 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._hand_over(header, closed)
 
     def _hand_over(self, header: ProxyHeader, closed: Callable[[], None]) -> None:
-        """The header read, the address admitted and a slot held: the connection goes to the TLS gate."""
+        """The header read, the address admitted and a slot held (a health check's aside): to the TLS gate, whose own
+        timer bounds its handshake."""
+        self._cancel_timer()
         client = header.source if header.command == "proxy" else None
         transport, self._transport = self._transport, None
         assert transport is not None
@@ -340,7 +347,19 @@ class ProxyHeaderGate(asyncio.Protocol):
             transport.abort()
 
     def _expire(self) -> None:
-        self._refuse("header_timeout", f"no complete PROXY header within {self._timeout:g} s")
+        if self._room is None:
+            self._refuse("header_timeout", f"no complete PROXY header within {self._timeout:g} s")
+            return
+        if self._transport is not None:  # its header read, no slot came within handshake_timeout of its accept
+            transport, self._transport = self._transport, None
+            log.warning(
+                "connection_wait_expired",
+                peer=peer_text(self._peer),
+                waited_s=self._timeout,
+                detail="no slot of listener.max_connections came free within listener.handshake_timeout of its "
+                "accept; closed before TLS (the balancer's next pick may have room)",
+            )
+            transport.abort()  # connection_lost ends the wait and gives the address's place back
 
     def _refuse(self, kind: Refusal, reason: str) -> None:
         self._cancel_timer()

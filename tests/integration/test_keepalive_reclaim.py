@@ -27,6 +27,7 @@ from proxy.lab.layout import LabLayout
 from proxy.tls.proxy_protocol import V2_SIGNATURE
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
 from tests.integration.jsonlog import eventually
+from tests.integration.test_balancer import _check_status, _haproxy, _haproxy_config
 
 SERVERS = ("own", "aiohttp")
 CAP = 4
@@ -436,12 +437,17 @@ def v2_header(source: str, port: int) -> bytes:
     return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
 
 
-async def balanced_device(lab: LabLayout, port: int, user: str, address: str, path: str) -> Stream:
-    """A device behind the balancer (`address`, told by a PROXY v2 header), served once (`path`: 200) and kept idle."""
+async def balanced_connect(lab: LabLayout, port: int, user: str, address: str) -> Stream:
+    """A device's TLS connection behind the balancer (`address`, in a PROXY v2 header), its certificate `user`'s."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=30)
     raw.sendall(v2_header(address, 40000))
     raw.setblocking(False)
-    stream = await asyncio.open_connection(sock=raw, ssl=client_context(lab, user), server_hostname="127.0.0.1")
+    return await asyncio.open_connection(sock=raw, ssl=client_context(lab, user), server_hostname="127.0.0.1")
+
+
+async def balanced_device(lab: LabLayout, port: int, user: str, address: str, path: str) -> Stream:
+    """A device behind the balancer (`address`, told by a PROXY v2 header), served once (`path`: 200) and kept idle."""
+    stream = await balanced_connect(lab, port, user, address)
     status, body = await exchange(stream, path)
     assert status == 200, (status, body[:200])
     return stream
@@ -493,3 +499,144 @@ def test_behind_a_balancer_an_address_over_its_cap_closes_no_idle_keepalive(
                 writer.close()
 
         asyncio.run(run())
+
+
+def test_a_balancers_health_checks_and_unnamed_devices_close_no_idle_keepalive_at_the_cap(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a real HAProxy checking the gateway every 200 ms (`check check-send-proxy`: a PROXY v2 LOCAL header, then
+    a reset), four idle devices hold the cap of 4: ten checks pass (L4OK, each an empty connection to the gateway) and
+    close no idle keep-alive (each closed one: a LOCAL header was a device's claim to a slot); nor does a connection
+    whose v2 header names no device (UNSPEC: its requests would be refused), which waits for a free slot and is closed
+    at handshake_timeout (3 s). The four devices are served again on their own connections."""
+    with capped(lab, tmp_path, server, BALANCED + "handshake_timeout = 3\n") as (gw, admin):
+
+        async def run() -> None:
+            idle = [
+                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/idle")
+                for n, user in enumerate(USERS, 1)
+            ]
+            await asyncio.to_thread(eventually, lambda: readyz(admin)[0] == 200, "the idle keep-alives as room")
+            gw.mark()
+            directory, port = tmp_path / "haproxy", free_port()
+            directory.mkdir()
+            stats = directory / "stats.sock"
+            checks = metric(admin, "kcd_listener_empty_connections_total")
+            config = _haproxy_config(port, (gw,), stats, "check check-send-proxy inter 200ms")
+            with _haproxy(directory, port, config):
+                await asyncio.to_thread(
+                    eventually,
+                    lambda: metric(admin, "kcd_listener_empty_connections_total") >= checks + 10,
+                    "ten of HAProxy's health checks",
+                )
+                assert _check_status(stats) == {"gw1": "L4OK"}
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            unnamed = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            unnamed.sendall(V2_SIGNATURE + b"\x21\x00\x00\x00")  # PROXY, family UNSPEC, no addresses
+            assert await asyncio.to_thread(until_closed, unnamed, 3 + SERVED_WITHIN) == b""
+            unnamed.close()
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            gw.wait_event("connection_wait_expired")
+            for stream in idle:
+                assert (await exchange(stream, "/EWS/still"))[0] == 200  # no device lost its keep-alive
+            for _, writer in idle:
+                writer.close()
+
+        asyncio.run(run())
+
+
+def until_closed(raw: socket.socket, within: float) -> bytes:
+    """What the gateway sends on `raw` until it closes it (a FIN or a reset), waiting `within` seconds at most."""
+    raw.settimeout(within)
+    received = b""
+    try:
+        while chunk := raw.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def test_behind_a_balancer_a_connection_waiting_at_a_busy_cap_is_closed_at_handshake_timeout(
+    lab: LabLayout, tmp_path: Path, server: str, event_loop_name: str
+) -> None:
+    """Behind a balancer, handshake_timeout 3 s, four busy connections (a head half read) at the cap of 4: a device
+    whose PROXY header was read waits for a slot no longer than handshake_timeout from its accept, then is closed with
+    nothing sent and logged (`connection_wait_expired`, its address); it waited for as long as the cap stayed busy.
+    The busy four are answered 200 once their heads end. On uvloop and on asyncio's loop."""
+    listener = f'{BALANCED}handshake_timeout = 3\nevent_loop = "{event_loop_name}"\n'
+    with capped(lab, tmp_path, server, listener) as (gw, _admin):
+
+        async def run() -> None:
+            busy = [await balanced_connect(lab, gw.port, user, f"203.0.113.{n}") for n, user in enumerate(USERS, 1)]
+            for _, writer in busy:
+                writer.write(b"GET /EWS/busy HTTP/1.1\r\nHost: 127")
+                await writer.drain()
+            gw.mark()
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(v2_header("203.0.113.9", 40009))
+            started = time.monotonic()
+            assert await asyncio.to_thread(until_closed, raw, 3 + SERVED_WITHIN) == b""
+            assert time.monotonic() - started < 3 + SERVED_WITHIN, "still waiting for a slot"
+            raw.close()
+            assert gw.wait_event("connection_wait_expired")["peer"] == "203.0.113.9:40009"
+            for reader, writer in busy:
+                writer.write(b".0.0.1\r\n\r\n")
+                assert (await asyncio.wait_for(answer(reader), 60))[0] == 200
+                writer.close()
+
+        asyncio.run(run())
+
+
+def send_queue(port: int, peer: int) -> int | None:
+    """Bytes the gateway (listening on `port`) has written to the kernel for the connection from local port `peer` and
+    the device has not acknowledged (`ss`'s Send-Q: SIOCOUTQ); None once the gateway's socket is gone."""
+    out = subprocess.run(
+        ["ss", "-Htn", f"sport = :{port} and dport = :{peer}"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    return int(out[2]) if out else None
+
+
+TAIL = 160 * 1024  # bytes of the answer the slow device leaves unread, held by the kernels' buffers
+
+
+def test_an_answer_still_in_the_kernels_send_queue_reaches_a_device_whose_keepalive_is_closed(
+    lab: LabLayout, tmp_path: Path, server: str, event_loop_name: str
+) -> None:
+    """Cap 1: a device with a 16 KiB receive buffer reads a 1 MiB answer but its last 160 KiB, and stops. The gateway
+    has written it all (nothing in its own buffers: /readyz counts the connection as idle room) while the kernel still
+    holds part of it unacknowledged (Send-Q > 0). A new device is served, this connection closed for it; the first
+    device, reading again, gets every byte of the answer and then the gateway's close_notify: the kernel sends an
+    orphaned socket's queue before its FIN (a stall of 260 s lost nothing either, docs/throttles-and-limits.md)."""
+    size = 1024 * 1024
+    with capped(lab, tmp_path, server, f'event_loop = "{event_loop_name}"\n', cap=1) as (gw, admin):
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        raw.settimeout(60)
+        raw.connect(("127.0.0.1", gw.port))
+        context = client_context(lab, "alice")
+        with context.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False) as tls:
+            tls.sendall(head(f"/EWS/big?lab_body_bytes={size}"))
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += tls.recv(65536)
+            head_text, _, body = received.partition(b"\r\n\r\n")
+            assert head_text.startswith(b"HTTP/1.1 200 "), head_text
+            got = len(body)
+            while got < size - TAIL:
+                got += len(tls.recv(min(65536, size - TAIL - got)))
+            peer = tls.getsockname()[1]
+            eventually(lambda: readyz(admin)[0] == 200, "the connection idle, the answer handed to the kernel")
+            assert (send_queue(gw.port, peer) or 0) > 0, "the kernel holds none of the answer: nothing to lose"
+            gw.mark()
+            asyncio.run(_served_and_closed(lab, gw.port))
+            assert gw.wait_event("device_idle_reclaimed")["peer"] == f"127.0.0.1:{peer}"
+            while chunk := tls.recv(65536):  # b"" at the close_notify (an end without it raises here)
+                got += len(chunk)
+            assert got == size
+
+
+async def _served_and_closed(lab: LabLayout, port: int) -> None:
+    """A new device (bob) served at the cap, then gone."""
+    _, writer = await asyncio.wait_for(served(lab, port, "bob", "/EWS/new"), SERVED_WITHIN)
+    writer.close()

@@ -143,6 +143,30 @@ def test_a_connection_waiting_for_its_proxy_header_holds_no_slot_and_closes_nobo
     asyncio.run(run())
 
 
+def test_a_wait_without_reclaim_closes_no_idle_connection_and_takes_only_a_freed_slot() -> None:
+    """`claim(reclaim=False)` and `room(reclaim=False)` (a PROXY header naming no device: a health check, UNSPEC): at a
+    cap held by an idle connection, no claim and no wait closes it; the wait ends with the slot its closing frees."""
+
+    async def run() -> None:
+        connections = [_Connection(1.0)]
+        slots = ConnectionSlots(1, idle=IdleKeepAlives(_scan(connections)))
+        give_back = await slots.take()
+        unnamed = SlotWait(slots)
+        assert not unnamed.claim(reclaim=False)
+        waiting = asyncio.ensure_future(unnamed.room(reclaim=False))
+        await asyncio.sleep(0.6)  # past RECLAIM_LOOK: the wait looked again, and still closed nobody
+        assert not waiting.done()
+        assert not connections[0].closed
+        give_back()  # the idle connection closes by itself
+        await asyncio.wait_for(waiting, 30)
+        assert (slots.open, slots.waiting) == (1, 0)
+        assert not connections[0].closed
+        unnamed()
+        assert slots.open == 0
+
+    asyncio.run(run())
+
+
 def test_aiohttps_request_handler_still_has_the_state_idle_handlers_reads() -> None:
     """aiohttp offers no hook for an idle connection: `idle_handlers` reads its handler's own state. A renamed or
     removed attribute fails here, not silently (no connection would ever be found idle)."""

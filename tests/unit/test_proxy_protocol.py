@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy.tls import proxy_protocol
-from proxy.tls.limits import ConnectionSlots, SlotWait
+from proxy.tls.limits import ConnectionSlots, IdleKeepAlives, SlotWait
 from proxy.tls.proxy_protocol import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse, trusted
 
 CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # how a TLS connection begins
@@ -163,6 +163,16 @@ class _Recorder:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
+
+    def ended(self, closed: Callable[[], None]) -> _Recorder:
+        """Itself, as the TLS gate made for a connection whose end calls `closed` (once its transport closes)."""
+        self.closed = closed
+        return self
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        closed = getattr(self, "closed", None)
+        if closed is not None:
+            closed()
 
 
 async def _gate(
@@ -401,3 +411,49 @@ async def _until(probe: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("still waiting after 10 s")
+
+
+def test_at_a_cap_of_idle_keepalives_a_health_check_closes_none_and_goes_on_without_a_slot() -> None:
+    """Behind a balancer at a cap held by an idle keep-alive: a LOCAL header (the balancer's health check) is handed to
+    TLS with no slot taken and the idle connection left open, its wait ended with it; a device's header then closes
+    the idle connection for its slot."""
+
+    async def run() -> None:
+        idle_closed: list[float] = []
+
+        def close(since: float) -> bool:
+            idle_closed.append(since)
+            return True
+
+        slots = ConnectionSlots(1, idle=IdleKeepAlives(lambda: [(1.0, close)]))
+        await slots.take()  # the idle keep-alive's slot
+        recorder = _Recorder()
+
+        def factory() -> asyncio.Protocol:
+            return proxy_protocol.ProxyHeaderGate(
+                lambda: [ipaddress.ip_network("127.0.0.1/32")],
+                5,
+                recorder.ended,  # type: ignore[arg-type]
+                SlotWait(slots),
+            )
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            _, check = await asyncio.open_connection("127.0.0.1", port)
+            check.write(v2(command=0))
+            await _until(lambda: bool(recorder.handed))
+            assert recorder.handed == [(None, b"")]
+            assert (idle_closed, slots.open) == ([], 1)  # no slot taken, nobody's closed
+            await _until(lambda: slots.waiting == 0)  # its wait ends with it (the stand-in TLS gate closes it)
+            check.close()
+            _, device = await asyncio.open_connection("127.0.0.1", port)
+            device.write(v2())
+            await _until(lambda: len(recorder.handed) == 2)
+            assert idle_closed == [1.0]
+            device.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(run())
