@@ -140,7 +140,10 @@ class ConnectionSlots:
         return _Taken(self)
 
     async def _room(self) -> None:
-        """Until a slot is free for the caller (not taken): `room`'s wait."""
+        """Until a slot is free for the caller (not taken): `room`'s wait. A cancellation (a `SlotWait`'s connection
+        gone, the listener stopping) always ends it: `asyncio.timeout`, not Python 3.11's `wait_for`, which returns
+        instead when the event is set in the same loop pass as the cancel (the waiter then went on, took a slot no one
+        gave back and closed an idle keep-alive for no one: docs/hardening.md)."""
         told = False
         while self.open >= self.limit:
             self._freed.clear()
@@ -150,7 +153,8 @@ class ConnectionSlots:
                 told = True
                 self._limit_reached()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), RECLAIM_LOOK)
+                async with asyncio.timeout(RECLAIM_LOOK):
+                    await self._freed.wait()
 
     def _limit_reached(self) -> None:
         log.warning(

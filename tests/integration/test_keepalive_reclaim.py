@@ -493,3 +493,44 @@ def test_behind_a_balancer_an_address_over_its_cap_closes_no_idle_keepalive(
                 writer.close()
 
         asyncio.run(run())
+
+
+WAITERS = 8  # connections behind the balancer waiting for a slot, their headers read, that all leave at once
+
+
+def test_waiters_that_leave_together_give_back_what_they_held(
+    lab: LabLayout, tmp_path: Path, server: str, event_loop_name: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy (a head half read): WAITERS connections send their PROXY
+    headers and wait for a slot, then all leave at once. Once the busy ones end, the gauge is back to 0 (a waiter whose
+    leaving came with a slot freed kept waiting, took that slot and held it for ever: 2 such and no device was served
+    again) and a new device is served; no idle keep-alive was closed for one that had left."""
+    listener = f'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nevent_loop = "{event_loop_name}"\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, admin):
+
+        async def run() -> None:
+            busy = [
+                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/first")
+                for n, user in enumerate(("alice", "bob"), 1)
+            ]
+            for _, writer in busy:
+                writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
+                await writer.drain()
+            gw.mark()
+            waiters = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(WAITERS)]
+            for n, raw in enumerate(waiters):
+                raw.sendall(v2_header(f"198.51.100.{n + 1}", 42000 + n))
+            gw.wait_events("connection_limit_reached", WAITERS)  # each waits for a slot, its header read
+            for raw in waiters:  # all at once: a reset each
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raw.close()
+            for _, writer in busy:
+                writer.close()
+            eventually(lambda: metric(admin, "kcd_listener_connections") == 0, what="every slot given back")
+            new = await asyncio.wait_for(
+                balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"), SERVED_WITHIN
+            )
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            new[1].close()
+
+        asyncio.run(run())

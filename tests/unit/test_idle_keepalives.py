@@ -143,6 +143,30 @@ def test_a_connection_waiting_for_its_proxy_header_holds_no_slot_and_closes_nobo
     asyncio.run(run())
 
 
+def test_a_wait_cancelled_as_a_slot_is_freed_ends_and_takes_nothing() -> None:
+    """Two `SlotWait`s wait for a slot at a busy cap; both connections go in one loop pass (the first one's end wakes
+    the second's wait just before the second is cancelled): both waits end and take nothing; the busy connection's
+    slot given back leaves none taken (Python 3.11's `wait_for` swallowed the second cancel: that wait went on, and
+    took the next slot freed for ever)."""
+
+    async def run() -> None:
+        slots = ConnectionSlots(1, idle=IdleKeepAlives(_scan([_Connection(1.0, closes=False)])))
+        give_back = await slots.take()
+        waits = [SlotWait(slots), SlotWait(slots)]
+        rooms = [asyncio.ensure_future(wait.room()) for wait in waits]
+        await asyncio.sleep(0)
+        for wait, room in zip(waits, rooms, strict=True):  # as `ProxyHeaderGate.connection_lost` does, in one pass
+            room.cancel()
+            wait()
+        await asyncio.wait(rooms, timeout=30)
+        assert all(room.cancelled() for room in rooms)
+        assert (slots.open, slots.waiting) == (1, 0)
+        give_back()
+        assert (slots.open, slots.waiting) == (0, 0)
+
+    asyncio.run(run())
+
+
 def test_aiohttps_request_handler_still_has_the_state_idle_handlers_reads() -> None:
     """aiohttp offers no hook for an idle connection: `idle_handlers` reads its handler's own state. A renamed or
     removed attribute fails here, not silently (no connection would ever be found idle)."""
