@@ -410,10 +410,12 @@ async def accept_connections(
     With `cap` (direct connections; behind a balancer the PROXY gate asks it), a connection from an address
     that has `cap.limit` open is reset at once and its slot given back. At the cap, with `slots.idle`, the next
     connection is accepted first and then given an idle keep-alive's slot (`_accept_at_cap`); behind a balancer
-    (`header_first`) it is given a `SlotWait` instead, and the PROXY gate takes the slot once the header is read."""
+    (`header_first`) it is given a `SlotWait` instead, and the PROXY gate takes the slot once the header is read; so is
+    every connection while some wait, so that a slot freed goes to them, not to this loop's next connection (taken
+    before accept(), it was held for a connection not yet come, and every waiting one waited on)."""
     loop = asyncio.get_running_loop()
     while True:
-        if slots.full and slots.idle is not None:
+        if slots.idle is not None and (slots.full or (header_first and slots.waiting)):
             if header_first:
                 accepted = await _accept_waiting(loop, sock, slots)
             else:
