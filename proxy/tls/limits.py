@@ -80,6 +80,10 @@ _LINGER_BYTES = 16 * 1024 * 1024
 # At the cap, a connection accepted while every connection is busy looks for one turned idle this often (seconds).
 RECLAIM_LOOK = 0.5
 RECLAIM_FRESH = 1.0  # seconds that order is used before the connections are scanned again
+# Seconds after a scan that found no connection to close before the next may be made: the connections waiting for a
+# slot at a busy cap (up to HEADER_WAITS behind a balancer) all wake when one is freed, and each scanned every
+# connection again (`IdleKeepAlives.reclaim`).
+RESCAN_GAP = RECLAIM_LOOK / 4
 # Connections a worker accepts at the cap behind a balancer while their PROXY headers come, no slot held (`SlotWait`).
 HEADER_WAITS = 16
 _IDLE_LOOK = 0.01  # seconds to the first look for aiohttp's handler to be idle, a 431 waiting for earlier answers
@@ -246,6 +250,7 @@ class IdleKeepAlives:
         self._quiet_scan = quiet_scan or scan
         self._oldest: list[tuple[float, int, Callable[[float], bool]]] = []  # a heap: the oldest first
         self._scanned = -RECLAIM_FRESH
+        self._barren = -RESCAN_GAP  # when a scan last found no connection to close
         self.reclaimed = 0  # idle connections closed for new ones (kcd_listener_connections_reclaimed_total)
 
     def count(self) -> int:
@@ -254,12 +259,18 @@ class IdleKeepAlives:
         return sum(1 for _ in self._quiet_scan())
 
     def reclaim(self) -> bool:
-        """Close the oldest idle keep-alive connection; False when there is none."""
+        """Close the oldest idle keep-alive connection; False when there is none. The connections are scanned again
+        when the order runs out, but not within `RESCAN_GAP` seconds of a scan that found none to close: a connection
+        that turns idle meanwhile is found by a waiter's next look (`RECLAIM_LOOK`), and the waiters that wake together
+        when a slot is freed scan once, not once each (16 scans of every connection for each slot freed at a busy cap
+        behind a balancer: docs/hardening.md, review45)."""
         now = asyncio.get_running_loop().time()
         if now - self._scanned > RECLAIM_FRESH:
             self._oldest = []
         for rescan in (False, True):
             if rescan:
+                if now - self._barren < RESCAN_GAP:
+                    return False
                 self._scanned = now
                 self._oldest = [(since, n, close) for n, (since, close) in enumerate(self._scan())]
                 heapq.heapify(self._oldest)  # (since, n): n is unique, the closing functions never compare
@@ -268,6 +279,7 @@ class IdleKeepAlives:
                 if close(since):
                     self.reclaimed += 1
                     return True
+        self._barren = now
         return False
 
 
