@@ -262,7 +262,7 @@ class IdleKeepAlives:
         """Close the oldest idle keep-alive connection; False when there is none. The connections are scanned again
         when the order runs out, but not within `RESCAN_GAP` seconds of a scan that found none to close: a connection
         that turns idle meanwhile is found by a waiter's next look (`RECLAIM_LOOK`), and the waiters that wake together
-        when a slot is freed scan once, not once each (16 scans of every connection for each slot freed at a busy cap
+        when a slot is freed scan once, not once each (15 scans of every connection for each slot freed at a busy cap
         behind a balancer: docs/hardening.md, review45)."""
         now = asyncio.get_running_loop().time()
         if now - self._scanned > RECLAIM_FRESH:
