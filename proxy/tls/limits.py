@@ -81,6 +81,10 @@ _LINGER_BYTES = 16 * 1024 * 1024
 # At the cap, a connection accepted while every connection is busy looks for one turned idle this often (seconds).
 RECLAIM_LOOK = 0.5
 RECLAIM_FRESH = 1.0  # seconds that order is used before the connections are scanned again
+# Seconds after a scan that found no connection to close before the next may be made: the connections waiting for a
+# slot at a busy cap (up to HEADER_WAITS behind a balancer) all wake when one is freed, and each scanned every
+# connection again (`IdleKeepAlives.reclaim`).
+RESCAN_GAP = RECLAIM_LOOK / 4
 # Connections a worker accepts at the cap behind a balancer while their PROXY headers come, no slot held (`SlotWait`).
 HEADER_WAITS = 16
 _IDLE_LOOK = 0.01  # seconds to the first look for aiohttp's handler to be idle, a 431 waiting for earlier answers
@@ -142,7 +146,10 @@ class ConnectionSlots:
 
     async def _room(self, *, reclaim: bool = True) -> None:
         """Until a slot is free for the caller (not taken): `room`'s wait; without `reclaim`, no idle keep-alive is
-        closed for it."""
+        closed for it. A cancellation (a `SlotWait`'s connection gone, the listener stopping) always ends it:
+        `asyncio.timeout`, not Python 3.11's `wait_for`, which returns instead when the event is set in the same loop
+        pass as the cancel (the waiter then went on, took a slot no one gave back and closed an idle keep-alive for no
+        one: docs/hardening.md)."""
         told = False
         while self.open >= self.limit:
             self._freed.clear()
@@ -152,7 +159,8 @@ class ConnectionSlots:
                 told = True
                 self._limit_reached()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), RECLAIM_LOOK)
+                async with asyncio.timeout(RECLAIM_LOOK):
+                    await self._freed.wait()
 
     def _limit_reached(self) -> None:
         log.warning(
@@ -248,6 +256,7 @@ class IdleKeepAlives:
         self._quiet_scan = quiet_scan or scan
         self._oldest: list[tuple[float, int, Callable[[float], bool]]] = []  # a heap: the oldest first
         self._scanned = -RECLAIM_FRESH
+        self._barren = -RESCAN_GAP  # when a scan last found no connection to close
         self.reclaimed = 0  # idle connections closed for new ones (kcd_listener_connections_reclaimed_total)
 
     def count(self) -> int:
@@ -256,12 +265,18 @@ class IdleKeepAlives:
         return sum(1 for _ in self._quiet_scan())
 
     def reclaim(self) -> bool:
-        """Close the oldest idle keep-alive connection; False when there is none."""
+        """Close the oldest idle keep-alive connection; False when there is none. The connections are scanned again
+        when the order runs out, but not within `RESCAN_GAP` seconds of a scan that found none to close: a connection
+        that turns idle meanwhile is found by a waiter's next look (`RECLAIM_LOOK`), and the waiters that wake together
+        when a slot is freed scan once, not once each (15 scans of every connection for each slot freed at a busy cap
+        behind a balancer: docs/hardening.md, review45)."""
         now = asyncio.get_running_loop().time()
         if now - self._scanned > RECLAIM_FRESH:
             self._oldest = []
         for rescan in (False, True):
             if rescan:
+                if now - self._barren < RESCAN_GAP:
+                    return False
                 self._scanned = now
                 self._oldest = [(since, n, close) for n, (since, close) in enumerate(self._scan())]
                 heapq.heapify(self._oldest)  # (since, n): n is unique, the closing functions never compare
@@ -270,6 +285,7 @@ class IdleKeepAlives:
                 if close(since):
                     self.reclaimed += 1
                     return True
+        self._barren = now
         return False
 
 
@@ -412,10 +428,12 @@ async def accept_connections(
     With `cap` (direct connections; behind a balancer the PROXY gate asks it), a connection from an address
     that has `cap.limit` open is reset at once and its slot given back. At the cap, with `slots.idle`, the next
     connection is accepted first and then given an idle keep-alive's slot (`_accept_at_cap`); behind a balancer
-    (`header_first`) it is given a `SlotWait` instead, and the PROXY gate takes the slot once the header is read."""
+    (`header_first`) it is given a `SlotWait` instead, and the PROXY gate takes the slot once the header is read; so is
+    every connection while some wait, so that a slot freed goes to them, not to this loop's next connection (taken
+    before accept(), it was held for a connection not yet come, and every waiting one waited on)."""
     loop = asyncio.get_running_loop()
     while True:
-        if slots.full and slots.idle is not None:
+        if slots.idle is not None and (slots.full or (header_first and slots.waiting)):
             if header_first:
                 accepted = await _accept_waiting(loop, sock, slots)
             else:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
+from proxy.tls.limits import HEADER_WAITS
 from proxy.tls.proxy_protocol import V2_SIGNATURE
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
 from tests.integration.jsonlog import eventually
@@ -588,6 +589,47 @@ def test_behind_a_balancer_a_connection_waiting_at_a_busy_cap_is_closed_at_hands
         asyncio.run(run())
 
 
+WAITERS = 8  # connections behind the balancer waiting for a slot, their headers read, that all leave at once
+
+
+def test_waiters_that_leave_together_give_back_what_they_held(
+    lab: LabLayout, tmp_path: Path, server: str, event_loop_name: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy (a head half read): WAITERS connections send their PROXY
+    headers and wait for a slot, then all leave at once. Once the busy ones end, the gauge is back to 0 (a waiter whose
+    leaving came with a slot freed kept waiting, took that slot and held it for ever: 2 such and no device was served
+    again) and a new device is served; no idle keep-alive was closed for one that had left."""
+    listener = f'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nevent_loop = "{event_loop_name}"\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, admin):
+
+        async def run() -> None:
+            busy = [
+                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/first")
+                for n, user in enumerate(("alice", "bob"), 1)
+            ]
+            for _, writer in busy:
+                writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
+                await writer.drain()
+            gw.mark()
+            waiters = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(WAITERS)]
+            for n, raw in enumerate(waiters):
+                raw.sendall(v2_header(f"198.51.100.{n + 1}", 42000 + n))
+            gw.wait_events("connection_limit_reached", WAITERS)  # each waits for a slot, its header read
+            for raw in waiters:  # all at once: a reset each
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raw.close()
+            for _, writer in busy:
+                writer.close()
+            eventually(lambda: metric(admin, "kcd_listener_connections") == 0, what="every slot given back")
+            new = await asyncio.wait_for(
+                balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"), SERVED_WITHIN
+            )
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            new[1].close()
+
+        asyncio.run(run())
+
+
 def send_queue(port: int, peer: int) -> int | None:
     """Bytes the gateway (listening on `port`) has written to the kernel for the connection from local port `peer` and
     the device has not acknowledged (`ss`'s Send-Q: SIOCOUTQ); None once the gateway's socket is gone."""
@@ -640,3 +682,50 @@ async def _served_and_closed(lab: LabLayout, port: int) -> None:
     """A new device (bob) served at the cap, then gone."""
     _, writer = await asyncio.wait_for(served(lab, port, "bob", "/EWS/new"), SERVED_WITHIN)
     writer.close()
+
+
+def test_a_slot_freed_goes_to_a_waiter_not_to_a_connection_yet_to_come(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy (a head half read): HEADER_WAITS connections, accepted
+    together (the most a worker lets wait), then each sends its PROXY header and ClientHello and waits for a slot. One
+    busy device leaves: a waiting device is served within seconds (the accept loop took that slot, held it for a
+    connection not yet come, and every waiting device waited on)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+        streams: list[Stream] = []
+
+        async def waiting(n: int, raw: socket.socket) -> tuple[int, bytes]:
+            raw.sendall(v2_header(f"198.51.100.{n + 1}", 43000 + n))
+            raw.setblocking(False)
+            context = client_context(lab, "carol")
+            stream = await asyncio.open_connection(sock=raw, ssl=context, server_hostname="127.0.0.1")
+            streams.append(stream)
+            return await exchange(stream, f"/EWS/waited-{n}")
+
+        async def run() -> None:
+            busy = [
+                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/first")
+                for n, user in enumerate(("alice", "bob"), 1)
+            ]
+            for _, writer in busy:
+                writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
+                await writer.drain()
+            gw.mark()
+            raws = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEADER_WAITS)]
+            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            waiters = [asyncio.ensure_future(waiting(n, raw)) for n, raw in enumerate(raws)]
+            await asyncio.to_thread(gw.wait_events, "connection_limit_reached", HEADER_WAITS)
+            busy[0][1].close()
+            done, _ = await asyncio.wait(waiters, timeout=SERVED_WITHIN, return_when=asyncio.FIRST_COMPLETED)
+            assert done, "no waiting device was served once a busy one left"
+            assert next(iter(done)).result()[0] == 200
+            for task in waiters:
+                task.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+            for _, writer in (*streams, busy[1]):
+                writer.close()
+            for raw in raws:
+                raw.close()
+
+        asyncio.run(run())

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from aiohttp.web_protocol import RequestHandler
 from structlog.testing import capture_logs
 
-from proxy.tls.limits import ConnectionSlots, IdleKeepAlives, SlotWait
+from proxy.tls.limits import HEADER_WAITS, ConnectionSlots, IdleKeepAlives, SlotWait
 
 
 class _Connection:
@@ -163,6 +163,63 @@ def test_a_wait_without_reclaim_closes_no_idle_connection_and_takes_only_a_freed
         assert not connections[0].closed
         unnamed()
         assert slots.open == 0
+
+    asyncio.run(run())
+
+
+def test_a_wait_cancelled_as_a_slot_is_freed_ends_and_takes_nothing() -> None:
+    """Two `SlotWait`s wait for a slot at a busy cap; both connections go in one loop pass (the first one's end wakes
+    the second's wait just before the second is cancelled): both waits end and take nothing; the busy connection's
+    slot given back leaves none taken (Python 3.11's `wait_for` swallowed the second cancel: that wait went on, and
+    took the next slot freed for ever)."""
+
+    async def run() -> None:
+        slots = ConnectionSlots(1, idle=IdleKeepAlives(_scan([_Connection(1.0, closes=False)])))
+        give_back = await slots.take()
+        waits = [SlotWait(slots), SlotWait(slots)]
+        rooms = [asyncio.ensure_future(wait.room()) for wait in waits]
+        await asyncio.sleep(0)
+        for wait, room in zip(waits, rooms, strict=True):  # as `ProxyHeaderGate.connection_lost` does, in one pass
+            room.cancel()
+            wait()
+        await asyncio.wait(rooms, timeout=30)
+        assert all(room.cancelled() for room in rooms)
+        assert (slots.open, slots.waiting) == (1, 0)
+        give_back()
+        assert (slots.open, slots.waiting) == (0, 0)
+
+    asyncio.run(run())
+
+
+def test_waiters_that_wake_together_scan_the_connections_once() -> None:
+    """HEADER_WAITS `SlotWait`s wait at a cap whose connections are all busy; a slot freed goes to one, and the others,
+    woken with it, find the cap full again: the connections are scanned about once in all (a stalled loop may make it
+    twice), not by each waiter as it starts and again as it wakes (31 scans of every connection before)."""
+
+    async def run() -> None:
+        scans = 0
+
+        def scan() -> list[tuple[float, Callable[[float], bool]]]:
+            nonlocal scans
+            scans += 1
+            return [(1.0, lambda _since: False)]  # busy to the close: a half record, an answer unsent
+
+        slots = ConnectionSlots(1, idle=IdleKeepAlives(scan))
+        give_back = await slots.take()
+        waits = [SlotWait(slots) for _ in range(HEADER_WAITS)]
+        rooms = [asyncio.ensure_future(wait.room()) for wait in waits]
+        await asyncio.sleep(0)
+        give_back()
+        done, _ = await asyncio.wait(rooms, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        for _ in range(3):  # the other waiters' wake-ups run
+            await asyncio.sleep(0)
+        assert len(done) == 1
+        assert scans < HEADER_WAITS // 4
+        for wait, room in zip(waits, rooms, strict=True):
+            room.cancel()
+            wait()
+        await asyncio.wait(rooms, timeout=30)
+        assert (slots.open, slots.waiting) == (0, 0)
 
     asyncio.run(run())
 
