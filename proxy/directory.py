@@ -455,12 +455,12 @@ class Directory:
         if not isinstance(raw, bytes):
             return ResourceBased(spn, str(entry.dn))
         try:
-            entries = acting_for_others(raw)
+            aces = acting_for_others(raw)
         except (ValueError, IndexError, struct.error) as e:
             raise MappingRefused(
                 f"{attributes[0]} of {entry.dn} cannot be read", hint=f"not a security descriptor: {e}"
             ) from None
-        return ResourceBased(spn, str(entry.dn), entries)
+        return ResourceBased(spn, str(entry.dn), aces)
 
     async def protected_users(self, dn: str, sid: Sid) -> ProtectedUsers:
         """Whether the account at `dn` (whose objectSid is `sid`) is in Protected Users (`ProtectedUsers`): its
