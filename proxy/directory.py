@@ -72,6 +72,7 @@ log = structlog.get_logger("kcd-proxy.directory")
 CCACHE = "MEMORY:kcd-proxy-directory"  # the directory bind's credential cache (proxy.kerberos.client)
 _GENERALIZED_TIME = re.compile(r"(\d{14})(?:[.,]\d+)?Z")  # UTC only: AD writes whenCreated in UTC
 CACHE_SIZE = 50_000  # accounts kept at most (a few hundred bytes each)
+NO_BASE = "check [directory] base_dn: the DN of the domain, or of an OU in it, readable with the bind"
 FAILED_SERVER_SECONDS = 30.0  # a server that failed is tried after the others for this long
 # what makes one directory server's attempt fail, the next one tried (the bind's Kerberos failures included)
 _SERVER_FAILED = (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured, KerberosOverloaded, KdcUnavailable)
@@ -92,6 +93,11 @@ ATTRIBUTES = [
 RAW_ATTRIBUTES = ["objectSid", "tokenGroups", "msDS-AllowedToActOnBehalfOfOtherIdentity"]
 PROTECTED_USERS_RID = 525  # the domain's Protected Users group: <domain SID>-525 ([MS-DTYP] 2.4.2.4)
 IN_CHAIN = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN: membership through nested groups ([MS-ADTS])
+# The KDC's access check for resource-based delegation (Samba 4.19's samba_kdc_check_s4u2proxy_rbcd, as Windows'): the
+# service's token holds, beside its SID and groups, Everyone and Authenticated Users (S-1-1-0, S-1-5-11: a DACL entry
+# for either names every account), and the right it asks is CONTROL_ACCESS alone (an entry without it decides nothing)
+WELL_KNOWN_TOKEN = frozenset({Sid(1, (0,)), Sid(5, (11,))})
+CONTROL_ACCESS = 0x100  # ADS_RIGHT_DS_CONTROL_ACCESS ([MS-ADTS] 5.1.3.2)
 
 
 class _GaveUp(Exception):
@@ -128,19 +134,21 @@ class DelegationSettings:
 @dataclass(frozen=True)
 class ResourceBased:
     """The account holding an SPN, and what its `msDS-AllowedToActOnBehalfOfOtherIdentity` (resource-based
-    constrained delegation: the services that may act for users towards it) allows and denies, by SID (the access
-    control entries of the security descriptor's DACL; `doctor`). `dn` None: no account holds the SPN; `allowed` and
-    `denied` empty: the attribute is not set (or not readable with the gateway's bind)."""
+    constrained delegation: the services that may act for users towards it) says about acting for others: the access
+    control entries of the security descriptor's DACL that decide it, in order, each (True to allow or False to deny,
+    its SID) (`acting_for_others`; `doctor`). `dn` None: no account holds the SPN; `entries` empty: the attribute is
+    not set (or not readable with the gateway's bind)."""
 
     spn: str
     dn: str | None
-    allowed: frozenset[Sid] = frozenset()
-    denied: frozenset[Sid] = frozenset()
+    entries: tuple[tuple[bool, Sid], ...] = ()
 
     def allows(self, sids: frozenset[Sid]) -> bool:
-        """Whether an account known by `sids` (its own, its groups') may act for users towards this one: one of them
-        allowed, none denied (a deny entry wins, as in the canonical order the KDC's access check reads)."""
-        return bool(self.allowed & sids) and not self.denied & sids
+        """Whether an account known by `sids` (its own, its groups') may act for users towards this one, as the KDC's
+        access check decides it: the first entry naming one of its token's SIDs (`sids` and WELL_KNOWN_TOKEN) says
+        (an allow before a deny grants, as [MS-DTYP] 2.5.3.2 walks the DACL; AD's canonical order puts denies first)."""
+        token = sids | WELL_KNOWN_TOKEN
+        return next((allow for allow, sid in self.entries if sid in token), False)
 
 
 @dataclass(frozen=True)
@@ -447,12 +455,12 @@ class Directory:
         if not isinstance(raw, bytes):
             return ResourceBased(spn, str(entry.dn))
         try:
-            allowed, denied = acting_for_others(raw)
+            aces = acting_for_others(raw)
         except (ValueError, IndexError, struct.error) as e:
             raise MappingRefused(
                 f"{attributes[0]} of {entry.dn} cannot be read", hint=f"not a security descriptor: {e}"
             ) from None
-        return ResourceBased(spn, str(entry.dn), allowed, denied)
+        return ResourceBased(spn, str(entry.dn), aces)
 
     async def protected_users(self, dn: str, sid: Sid) -> ProtectedUsers:
         """Whether the account at `dn` (whose objectSid is `sid`) is in Protected Users (`ProtectedUsers`): its
@@ -528,7 +536,9 @@ class Directory:
         """Bind to the first server that answers and read `base_dn` (`doctor`); who we are, when it says.
 
         Samba answers the "Who am I?" extended operation (RFC 4532) with "not supported"; then the identity
-        shown is the one we bound as, and the read of the base entry proves the bind is good for searching."""
+        shown is the one we bound as, and the read of the base entry proves the bind is good for searching. A server
+        without that entry (base_dn misspelt, or not readable with the bind) is a problem of its own: every account
+        look-up under it would find nobody."""
         problems: list[str] = []
         timeout = self._settings.timeout
         bound_as = self._settings.bind_dn if self._settings.bind == "simple" else self._kerberos.principal
@@ -539,7 +549,10 @@ class Directory:
                     await self._tickets(url)
                     conn = await self._client(url).connect(is_async=True, timeout=timeout)
                     try:
-                        await conn.search(self._settings.base_dn, bonsai.LDAPSearchScope.BASE, attrlist=["1.1"])
+                        base = await conn.search(self._settings.base_dn, bonsai.LDAPSearchScope.BASE, attrlist=["1.1"])
+                        if not base:  # bonsai answers a search for a missing base (noSuchObject) with no entry
+                            problems.append(f"{url}: bound, but has no entry {self._settings.base_dn} ({NO_BASE})")
+                            continue
                         try:
                             who = str(await conn.whoami(timeout=timeout))
                         except bonsai.LDAPError:
@@ -593,21 +606,21 @@ def _first(entry: Any, attr: str, default: Any = None) -> Any:
     return values[0] if values else default
 
 
-def acting_for_others(raw: bytes) -> tuple[frozenset[Sid], frozenset[Sid]]:
-    """The SIDs a `msDS-AllowedToActOnBehalfOfOtherIdentity` security descriptor (`raw`) allows and denies: its DACL's
-    access-allowed and access-denied entries that apply to the account itself. An entry marked INHERIT_ONLY_ACE applies
-    only to objects below it, and the access check skips it ([MS-DTYP] 2.5.3.2): it allows and denies nobody here.
+def acting_for_others(raw: bytes) -> tuple[tuple[bool, Sid], ...]:
+    """The entries of a `msDS-AllowedToActOnBehalfOfOtherIdentity` security descriptor (`raw`) that decide whether an
+    account may act for users, in the DACL's order: each access-allowed (True) or access-denied (False) entry whose
+    access mask holds CONTROL_ACCESS, with its SID. An entry without that right decides nothing for the KDC; one marked
+    INHERIT_ONLY_ACE applies only to objects below the account, and the access check skips it ([MS-DTYP] 2.5.3.2).
     ValueError, IndexError or struct.error (bonsai's) when `raw` is not a security descriptor."""
-    allowed: set[Sid] = set()
-    denied: set[Sid] = set()
+    entries: list[tuple[bool, Sid]] = []
     dacl = bonsai.active_directory.SecurityDescriptor.from_binary(raw).dacl
     for ace in dacl.aces if dacl is not None else []:
         kind = ace.type.name
         if bonsai.active_directory.ACEFlag.INHERIT_ONLY in ace.flags or ace.trustee_sid is None:
             continue
-        if kind in ("ACCESS_ALLOWED", "ACCESS_DENIED"):
-            (allowed if kind == "ACCESS_ALLOWED" else denied).add(Sid.parse(str(ace.trustee_sid)))
-    return frozenset(allowed), frozenset(denied)
+        if kind in ("ACCESS_ALLOWED", "ACCESS_DENIED") and ace.mask & CONTROL_ACCESS:
+            entries.append((kind == "ACCESS_ALLOWED", Sid.parse(str(ace.trustee_sid))))
+    return tuple(entries)
 
 
 def _sids(entry: Any, attr: str) -> list[Sid]:

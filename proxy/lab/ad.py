@@ -55,6 +55,7 @@ are exported: without it Samba, like Windows, exports RC4 keys only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -584,6 +585,27 @@ def stop_processes(realm: AdRealm) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     (realm.run_dir / "samba.pid").unlink(missing_ok=True)
+
+
+def users_lock(realm: AdRealm) -> Path:
+    """The lock whoever uses the realm holds shared meanwhile (the test suite's sessions: tests/integration/
+    ad_fixtures.py); `lab down` leaves the realm running while anyone holds it."""
+    return realm.root / "users.lock"
+
+
+def in_use(realm: AdRealm) -> bool:
+    """Whether someone holds the realm's users lock (`users_lock`): a test run using it, which `lab down` must not
+    stop under it."""
+    try:
+        lock = users_lock(realm).open("rb")
+    except FileNotFoundError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
 
 
 def down(realm: AdRealm) -> None:

@@ -31,12 +31,13 @@ backends:
    (`delegation_check`: 'Use any authentication protocol', TRUSTED_TO_AUTH_FOR_DELEGATION, and each route's SPN in
    `msDS-AllowedToDelegateTo`), so an account missing both is told both at once, where the KDC refuses one step at
    a time. A route's SPN it does not cover may be covered by the backend's account: resource-based delegation,
-   read from the `msDS-AllowedToActOnBehalfOfOtherIdentity` of the account holding the SPN (its DACL against the
-   gateway's SID and groups). The KDC alone decides whether it honours that, so such an SPN is judged by the
-   canary's S4U2Proxy for it (`run` asks the check again with those answers), and without a canary the check is a
-   skip that says so; it also passes where the KDC granted every S4U2Proxy anyway (an allow-list it could not read:
-   `settle_delegation`); `directory-lookup` finds the canary user's account, reads its SID and
-   state, and says how many strong `altSecurityIdentities` entries it has.
+   read from the `msDS-AllowedToActOnBehalfOfOtherIdentity` of the account holding the SPN (its DACL walked as the
+   KDC's access check walks it, against the gateway's SID, groups, Everyone and Authenticated Users, for
+   CONTROL_ACCESS: `proxy.directory.ResourceBased.allows`). The KDC alone decides whether it honours that, so such
+   an SPN is judged by the canary's S4U2Proxy for it (`run` asks the check again with those answers), and without a
+   canary the check is a skip that says so; it also passes where the KDC granted every S4U2Proxy anyway (an
+   allow-list it could not read: `settle_delegation`); `directory-lookup` finds the canary user's account, reads its
+   SID and state, and says how many strong `altSecurityIdentities` entries it has.
 9. With a `[directory]` and a Basic mode: `basic-lockout` compares the Basic throttle with the domain's account
    lockout policy, and `basic-lockout <UPN>` with the canary's fine-grained one (its resultant PSO), where it has
    one: the guesses the gateway lets reach the DC while the DC still counts them must stay below the lockout

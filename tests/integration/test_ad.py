@@ -87,6 +87,18 @@ def test_no_run_stops_the_realms_samba_while_this_one_uses_it(ad_realm: ad.AdRea
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_lab_down_leaves_a_realm_a_run_uses(ad_realm: ad.AdRealm) -> None:
+    """`kcd-proxy lab down --ad --dir DIR` and `lab down --dir DIR`, DIR the tests' realm's parent (ad_fixtures.py
+    tells how to address it so), while this session holds the realm's users lock: both refuse, naming the lock, and
+    samba keeps answering in its namespace (before: both stopped it and removed the namespace under the run)."""
+    lab = [sys.executable, "-m", "proxy", "lab", "down", "--dir", str(ad_realm.root.parent)]
+    for argv in ([*lab, "--ad"], lab):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert f"in use: {users_lock(ad_realm)} is held" in done.stderr, done.stderr
+        assert ad.running(ad_realm), f"{argv} stopped the realm: {done.stdout}{done.stderr}"
+
+
 def test_a_sensitive_user_is_refused_because_the_evidence_ticket_is_not_forwardable(
     ad_realm: ad.AdRealm, ad_gateway: AdProcess, tmp_path: Path
 ) -> None:

@@ -71,8 +71,8 @@ def _config(realm: ad.AdRealm, backend: AdProcess, path: Path, *, account: str, 
     return path
 
 
-def _doctor(realm: ad.AdRealm, config: Path, *args: str) -> dict[str, str]:
-    """doctor's lines by check name, each with its fix line (if any) after it."""
+def _doctor(realm: ad.AdRealm, config: Path, *args: str, check: str = "delegation") -> dict[str, str]:
+    """doctor's lines by check name, each with its fix line (if any) after it; `check` among them."""
     done: subprocess.CompletedProcess[str] = realm.run(
         [sys.executable, "-m", "proxy", "doctor", "--config", str(config), *args], timeout=180
     )
@@ -85,7 +85,7 @@ def _doctor(realm: ad.AdRealm, config: Path, *args: str) -> dict[str, str]:
             lines[name] = line
         elif name and line.strip().startswith("fix: "):
             lines[name] += "\n" + line.strip()
-    assert "delegation" in lines, done.stdout + done.stderr
+    assert check in lines, done.stdout + done.stderr
     return lines
 
 
@@ -185,3 +185,93 @@ def test_an_inherit_only_entry_allows_nobody(
     assert line.startswith("FAIL"), line
     assert "allows" not in line, line
     assert f"msDS-AllowedToDelegateTo lists nothing, not {INHERIT_ONLY_SPN}" in line, line
+
+
+# The KDC's access check on msDS-AllowedToActOnBehalfOfOtherIdentity (Samba 4.19's samba_kdc_check_s4u2proxy_rbcd, as
+# Windows'): the gateway's token holds Everyone and Authenticated Users beside its own SID and groups, the right asked
+# is CONTROL_ACCESS alone, and the entries are read in order. Three backends whose descriptors say so, made once.
+ACCESS_CHECKED = {
+    "svc-rbcdall": "HTTP/rbcd-everyone.ad.test",  # allows Everyone (S-1-1-0): the gateway too
+    "svc-rbcdread": "HTTP/rbcd-read.ad.test",  # allows the gateway to read the account, not CONTROL_ACCESS: no one
+    "svc-rbcdau": "HTTP/rbcd-au.ad.test",  # denies Authenticated Users (S-1-5-11), then allows the gateway: no one
+}
+
+
+def _acl_descriptor(*aces: tuple[int, int, Sid]) -> bytes:
+    """A self-relative security descriptor owned by BUILTIN\\Administrators whose DACL holds `aces` in order, each
+    (type: 0 allow, 1 deny; access mask; trustee)."""
+    owner = Sid(5, (32, 544)).to_bytes()
+    body = b""
+    for kind, mask, trustee in aces:
+        ace = struct.pack("<I", mask) + trustee.to_bytes()
+        body += struct.pack("<BBH", kind, 0, 4 + len(ace)) + ace
+    acl = struct.pack("<BBHHH", 2, 0, 8 + len(body), len(aces), 0) + body
+    return struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 20 + len(owner)) + owner + acl
+
+
+def _access_checked_backends(realm: ad.AdRealm) -> None:
+    """The three accounts of ACCESS_CHECKED with their SPNs and descriptors, made once (one ldbmodify) under the
+    realm's lock."""
+    with _locked(realm.root):
+        if _exists(realm, "svc-rbcdau"):
+            return
+        found = re.search(r"^objectSid: (S-\S+)$", realm.ldbsearch(f"(sAMAccountName={GATEWAY})", "objectSid"), re.M)
+        assert found is not None
+        gateway, full, read = Sid.parse(found.group(1)), 0x000F01FF, 0x00020014  # read: READ_CONTROL, list, read prop
+        descriptors = {
+            "svc-rbcdall": _acl_descriptor((0, full, Sid(1, (0,)))),
+            "svc-rbcdread": _acl_descriptor((0, read, gateway)),
+            "svc-rbcdau": _acl_descriptor((1, full, Sid(5, (11,))), (0, full, gateway)),
+        }
+        attribute = "msDS-AllowedToActOnBehalfOfOtherIdentity"
+        realm.ldbmodify(
+            "\n".join(
+                f"dn: CN={name},CN=Users,{realm.base_dn}\nchangetype: add\nobjectClass: user\nsAMAccountName: {name}\n"
+                f"servicePrincipalName: {ACCESS_CHECKED[name]}\n{attribute}:: {base64.b64encode(raw).decode()}\n"
+                for name, raw in descriptors.items()
+            )
+        )
+
+
+def test_resource_based_delegation_is_read_as_the_kdcs_access_check_reads_it(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """One route per ACCESS_CHECKED backend, svc-kcdrbcd without a Delegation tab: `delegation` says svc-rbcdall's
+    entry for Everyone allows the gateway, and that svc-rbcdread's (no CONTROL_ACCESS) and svc-rbcdau's (Authenticated
+    Users denied first) do not (before: Everyone not seen, the mask and the gateway's well-known groups ignored: the
+    first not allowed, the other two allowing)."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    _access_checked_backends(realm)
+    everyone, read, denied = ACCESS_CHECKED.values()
+    config = _config(realm, ad_backend, tmp_path / "checked.toml", account=GATEWAY, spn=everyone)
+    upstream = f"http://127.0.0.1:{ad_backend.port}"
+    extra = "".join(
+        f'\n[[routes]]\nprefix = "/{i}/"\nupstream = "{upstream}"\nspn = "{spn}"\n'
+        for i, spn in ((1, read), (2, denied))
+    )
+    config.write_text(config.read_text() + extra)
+    line = _doctor(realm, config)["delegation"]
+    assert line.startswith("FAIL"), line
+    assert "CN=svc-rbcdall,CN=Users,DC=ad,DC=test's msDS-AllowedToActOnBehalfOfOtherIdentity allows" in line, line
+    assert f"for {everyone} (resource-based delegation), not {read}, {denied}" in line, line
+
+
+def test_a_base_dn_the_directory_does_not_hold_fails_the_directory_check(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """[directory] base_dn naming an OU the domain does not have (a typo): `directory` fails naming base_dn and the
+    server that answered without it (before: PASS, the server bound us; the directory answers a base search for a
+    missing entry with no entry, which the check took as a read of it, and the gateway then refuses every strongly
+    mapped user as unknown)."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    config = _config(realm, ad_backend, tmp_path / "typo.toml", account=GATEWAY, spn=BACKEND_SPN)
+    missing = f"OU=Staf,{realm.base_dn}"
+    text = config.read_text()
+    assert f'base_dn = "{realm.base_dn}"' in text
+    config.write_text(text.replace(f'base_dn = "{realm.base_dn}"', f'base_dn = "{missing}"'))
+    line = _doctor(realm, config, check="directory")["directory"]
+    assert line.startswith("FAIL"), line
+    assert f"no entry {missing}" in line, line
+    assert "base_dn" in line, line

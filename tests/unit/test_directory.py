@@ -16,6 +16,7 @@ from proxy.directory import (
     ATTRIBUTES,
     FAILED_SERVER_SECONDS,
     Directory,
+    ResourceBased,
     _account,
     _domain,
     _escape,
@@ -273,11 +274,12 @@ def test_a_sids_owner_is_searched_in_the_whole_domain_and_never_the_names_own_ac
     assert directory.cached("ws01$@ad.test") is None  # a name's key is not the SID's
 
 
-def _descriptor(*aces: tuple[int, int, Sid]) -> bytes:
-    """A self-relative security descriptor whose DACL holds `aces`, each (type, flags, trustee), full control."""
+def _descriptor(*aces: tuple[int, int, Sid], mask: int = 0x000F01FF) -> bytes:
+    """A self-relative security descriptor whose DACL holds `aces`, each (type, flags, trustee), with access `mask`
+    (default full control)."""
     body = b""
     for kind, flags, sid in aces:
-        ace = struct.pack("<I", 0x000F01FF) + sid.to_bytes()
+        ace = struct.pack("<I", mask) + sid.to_bytes()
         body += struct.pack("<BBH", kind, flags, 4 + len(ace)) + ace
     acl = struct.pack("<BBHHH", 2, 0, 8 + len(body), len(aces), 0) + body
     owner = Sid(5, (32, 544)).to_bytes()
@@ -285,14 +287,30 @@ def _descriptor(*aces: tuple[int, int, Sid]) -> bytes:
 
 
 def test_inherit_only_entries_of_a_resource_based_delegation_apply_to_nobody() -> None:
-    """msDS-AllowedToActOnBehalfOfOtherIdentity's DACL: allow and deny entries are read by SID, but one marked
+    """msDS-AllowedToActOnBehalfOfOtherIdentity's DACL: allow and deny entries are read by SID, in order, but one marked
     INHERIT_ONLY_ACE (for objects below, skipped by the access check on the account itself) allows or denies nobody."""
     gateway, group, other = (Sid(5, (21, 1, 2, 3, rid)) for rid in (1105, 1106, 1107))
-    allowed, denied = acting_for_others(
+    entries = acting_for_others(
         _descriptor((0, 0x08 | 0x02, gateway), (1, 0x08, group), (0, 0, other), (1, 0x02, group), (0, 0x02, gateway))
     )
-    assert allowed == {other, gateway}  # the last entry, container-inherit but not inherit-only, applies here too
-    assert denied == {group}
-    allowed, denied = acting_for_others(_descriptor((0, 0x08, gateway), (1, 0x0A, other)))
-    assert not allowed
-    assert not denied
+    assert entries == ((True, other), (False, group), (True, gateway))  # the last is container-inherit only
+    assert acting_for_others(_descriptor((0, 0x08, gateway), (1, 0x0A, other))) == ()
+
+
+def test_resource_based_delegation_is_judged_as_the_kdcs_access_check() -> None:
+    """The KDC's access check on msDS-AllowedToActOnBehalfOfOtherIdentity: the first entry naming a SID of the
+    gateway's token decides (an allow before a deny grants); the token holds Everyone and Authenticated Users; an
+    entry without CONTROL_ACCESS (0x100) decides nothing."""
+    gateway, group = Sid(5, (21, 1, 2, 3, 1105)), Sid(5, (21, 1, 2, 3, 1106))
+    everyone, authenticated = Sid(1, (0,)), Sid(5, (11,))
+
+    def judged(raw: bytes) -> bool:
+        return ResourceBased("HTTP/cas.ad.test", "CN=cas", acting_for_others(raw)).allows(frozenset({gateway, group}))
+
+    assert judged(_descriptor((0, 0, everyone)))
+    assert not judged(_descriptor((1, 0, authenticated), (0, 0, gateway)))
+    assert judged(_descriptor((0, 0, group), (1, 0, gateway)))  # out of canonical order: the allow came first
+    assert not judged(_descriptor((1, 0, gateway), (0, 0, group)))
+    assert not judged(_descriptor((0, 0, gateway), mask=0x00020014))  # read control, list, read property
+    assert judged(_descriptor((0, 0, gateway), mask=0x100))
+    assert not judged(_descriptor((0, 0, Sid(5, (21, 1, 2, 3, 1107)))))

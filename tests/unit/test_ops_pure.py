@@ -285,7 +285,7 @@ def test_resource_based_delegation_alone_is_no_failure_and_the_kdcs_answer_decid
     skip naming the backend's account and --user; granted, a pass; refused, a failure saying the KDC does not honour
     it, with classic delegation's commands."""
     spn = "HTTP/cas.corp.test"
-    backend = {spn: ResourceBased(spn, "CN=cas,CN=Computers,DC=corp,DC=test", frozenset({_GATEWAY_SID}))}
+    backend = {spn: ResourceBased(spn, "CN=cas,CN=Computers,DC=corp,DC=test", ((True, _GATEWAY_SID),))}
     untried = doctor.delegation_check("svc-gw@CORP.TEST", _bare_gateway(_GATEWAY_SID), [spn], backend)
     assert untried.status == "skip", untried
     assert "CN=cas,CN=Computers,DC=corp,DC=test's msDS-AllowedToActOnBehalfOfOtherIdentity allows" in untried.detail
@@ -303,10 +303,10 @@ def test_resource_based_delegation_counts_the_gateways_groups_and_a_deny_wins() 
     """The backend may allow a group the gateway is in (its tokenGroups); a deny entry naming the gateway or one of
     its groups takes the allow away, and an account nobody allows fails as before, naming what allows what."""
     spn, other = "HTTP/cas.corp.test", "HTTP/owa.corp.test"
-    by_group = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", frozenset({_GROUP_SID}))}
+    by_group = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", ((True, _GROUP_SID),))}
     gateway = _bare_gateway(_GATEWAY_SID, _GROUP_SID)
     assert doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], by_group).status == "skip"
-    denied = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", frozenset({_GROUP_SID}), frozenset({_GATEWAY_SID}))}
+    denied = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", ((False, _GATEWAY_SID), (True, _GROUP_SID)))}
     assert doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], denied).status == "fail"
     partly = doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn, other], {**by_group})
     assert partly.status == "fail", partly
