@@ -22,7 +22,7 @@ each swap, on the loop), `collect` (gc.collect() in the CRL's thread just before
 
     python -m bench.gcpause --entries 200000 1000000 --loops asyncio uvloop --refreshes 5
 
-Prints one JSON object a line (one per entries x loop x variant) and a summary table; no figure is judged.
+Prints one JSON object a line (one per entries x loop x variant); no figure is judged.
 """
 
 from __future__ import annotations
