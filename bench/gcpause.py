@@ -33,6 +33,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -200,6 +201,7 @@ async def measure(args: argparse.Namespace, maker: CrlMaker, anchor: x509.Certif
             CrlSet.of = of  # type: ignore[method-assign]
         gc.set_threshold(700, 10, 10)
         gc.unfreeze()
+        shutil.rmtree(workdir, ignore_errors=True)
     alive = sum(ref() is not None for ref in made)
     by_gen: dict[str, Any] = {}
     for gen in (0, 1, 2):

@@ -27,6 +27,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,6 +265,7 @@ def main() -> int:
                 print(json.dumps({"entries": args.entries, **figures}), flush=True)
     finally:
         scene.teardown()
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
