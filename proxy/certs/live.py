@@ -126,6 +126,7 @@ class LiveRevocation:
 
     async def close(self) -> None:
         self._leave_successor()
+        self.crls.off_change(self._recheck_in_flight)  # the cycle through its store: CRLs freed once it is let go
         self._stop.set()
         for task in (self._started, self._task):  # a fetch in progress is not waited for
             if task is not None and not task.done():

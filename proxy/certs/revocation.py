@@ -66,13 +66,11 @@ import contextlib
 import dataclasses
 import enum
 import functools
-import gc
 import hashlib
 import itertools
 import operator
 import re
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -148,6 +146,51 @@ class Entry:
 
 
 IssuerSerial = tuple[x509.Name, int]  # (the certificate's issuer, its serial): how entries are keyed
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_REASONS = tuple(_F)  # an entry's reason, by its index in this tuple
+_REASON_INDEX = {reason: i for i, reason in enumerate(_REASONS)}
+
+
+class Entries:
+    """A CRL's entries, as `Entry`s keyed by `IssuerSerial`, held where the garbage collector does not look.
+
+    Per certificate issuer (one, unless the CRL is indirect), a dictionary of serial -> one int: the revocation time
+    in microseconds since the epoch, shifted left four bits, or'ed with the reason's index. Ints are not containers,
+    so the collector tracks neither them nor a dictionary holding only them. Kept as an `Entry` each (a tuple key and
+    a dataclass), 200,000 entries were 400,000 tracked objects: a refresh that read them ran nine full collections in
+    its thread, each walking all of them while holding the GIL (the event loop stood still up to 0.24 s at each, 0.3-1.6
+    s on a loaded machine), and every later full collection walked them again. An `Entry` is made when asked for."""
+
+    __slots__ = ("_by_issuer", "_count")
+
+    def __init__(self) -> None:
+        self._by_issuer: dict[x509.Name, dict[int, int]] = {}
+        self._count = 0
+
+    def add(self, issuer: x509.Name, serial: int, revoked_at: datetime, reason: x509.ReasonFlags) -> None:
+        """The entry of (`issuer`, `serial`); a later one of the same key replaces it."""
+        serials = self._by_issuer.get(issuer)
+        if serials is None:
+            serials = self._by_issuer[issuer] = {}
+        self._count += serial not in serials
+        serials[serial] = (revoked_at - _EPOCH) // _US << 4 | _REASON_INDEX[reason]
+
+    def get(self, key: IssuerSerial) -> Entry | None:
+        serials = self._by_issuer.get(key[0])
+        packed = None if serials is None else serials.get(key[1])
+        if packed is None:
+            return None
+        return Entry(_EPOCH + (packed >> 4) * _US, _REASONS[packed & 15])
+
+    def __contains__(self, key: IssuerSerial) -> bool:
+        serials = self._by_issuer.get(key[0])
+        return serials is not None and key[1] in serials
+
+    def __iter__(self) -> Iterator[IssuerSerial]:
+        return ((issuer, serial) for issuer, serials in self._by_issuer.items() for serial in serials)
+
+    def __len__(self) -> int:
+        return self._count
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,7 +212,7 @@ class Crl:
     idp_names: frozenset[x509.GeneralName]  # the IDP's distribution point names; empty: not limited
     reasons: frozenset[x509.ReasonFlags]  # onlySomeReasons, or all
     indirect: bool
-    entries: Mapping[IssuerSerial, Entry] = field(repr=False)
+    entries: Entries = field(repr=False)
     # Read once from the CRL: each access to the CRL object itself decodes again.
     issuer: x509.Name = field(init=False, repr=False)
     this_update: datetime = field(init=False, repr=False)
@@ -800,7 +843,7 @@ def _accepted(
         idp_names=_idp_names(idp, crl.issuer),
         reasons=frozenset(idp.only_some_reasons) if idp and idp.only_some_reasons else ALL_REASONS,
         indirect=indirect,
-        entries=_entries(crl, indirect) if entries else {},
+        entries=_entries(crl, indirect) if entries else Entries(),
     )
 
 
@@ -827,61 +870,27 @@ def _crl_extensions(
     return number, delta_base, idp
 
 
-class _Collections:
-    """No automatic garbage collection while a CRL's entries are read (`_entries`, a refresh's or a reload's, in a
-    thread): the millions of objects they make (two per entry, both tracked by the collector) set off a full collection
-    at every quarter's growth, each walking all of them with the GIL held, and the event loop stood still each time:
-    eight stalls of 0.3-1.0 s while 1,000,000 entries were read under load (18.7 s). Paused, the read takes 11.5 s and
-    the loop stands still once, for the one full collection that follows it (0.6-0.9 s; what is left is
-    left21's note in docs/hardening.md). Reference counting frees what it always did; a cycle made meanwhile waits
-    until the last reader (several threads may read at once) is done. Collections someone else turned off stay off."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._readers = 0
-        self._resume = False
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        with self._lock:
-            if not self._readers:
-                self._resume = gc.isenabled()
-                gc.disable()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._readers -= 1
-                if not self._readers and self._resume:
-                    gc.enable()
-
-
-_COLLECTIONS = _Collections()
-
-
-def _entries(crl: x509.CertificateRevocationList, indirect: bool) -> dict[IssuerSerial, Entry]:
+def _entries(crl: x509.CertificateRevocationList, indirect: bool) -> Entries:
     """Serial -> entry, keyed by the certificate issuer (which an indirect CRL's entries may change)."""
-    entries: dict[IssuerSerial, Entry] = {}
+    entries = Entries()
     issuer = crl.issuer
     try:
-        with _COLLECTIONS.paused():
-            for revoked in crl:
-                reason = _F.unspecified
-                for ext in revoked.extensions:
-                    value = ext.value
-                    if isinstance(value, x509.CRLReason):
-                        reason = value.reason
-                    elif isinstance(value, x509.CertificateIssuer):
-                        if not indirect:
-                            raise CrlUnusable("a CRL entry names a certificate issuer, but the CRL is not indirect")
-                        names = [n.value for n in value if isinstance(n, x509.DirectoryName)]
-                        if not names:
-                            raise CrlUnusable("a CRL entry's certificate issuer has no directory name")
-                        issuer = names[0]
-                    elif ext.critical and not isinstance(value, x509.InvalidityDate):
-                        raise CrlUnusable(f"a CRL entry has an unsupported critical extension {ext.oid.dotted_string}")
-                entries[(issuer, revoked.serial_number)] = Entry(revoked.revocation_date_utc, reason)
+        for revoked in crl:
+            reason = _F.unspecified
+            for ext in revoked.extensions:
+                value = ext.value
+                if isinstance(value, x509.CRLReason):
+                    reason = value.reason
+                elif isinstance(value, x509.CertificateIssuer):
+                    if not indirect:
+                        raise CrlUnusable("a CRL entry names a certificate issuer, but the CRL is not indirect")
+                    names = [n.value for n in value if isinstance(n, x509.DirectoryName)]
+                    if not names:
+                        raise CrlUnusable("a CRL entry's certificate issuer has no directory name")
+                    issuer = names[0]
+                elif ext.critical and not isinstance(value, x509.InvalidityDate):
+                    raise CrlUnusable(f"a CRL entry has an unsupported critical extension {ext.oid.dotted_string}")
+            entries.add(issuer, revoked.serial_number, revoked.revocation_date_utc, reason)
     except ValueError as exc:  # undecodable or duplicate entry extensions
         raise CrlUnusable(f"CRL entries cannot be parsed ({exc})") from exc
     return entries

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -781,3 +784,98 @@ def test_a_url_is_scrubbed_as_aiohttp_spells_it_too() -> None:
     assert "SecretToken" not in source.scrubbed(error)
     assert "[redacted]" in source.scrubbed(error)
     assert "pAssword" not in source.scrubbed("Cannot connect: http://svc:pAssword@crl.corp/ca.crl")
+
+
+def _large_issuing_crl(pki: Pki, number: int, entries: int, listed: x509.Certificate) -> bytes:
+    """A CRL of the lab's issuing CA numbered `number`: `entries` serials no user has, then `listed`'s (cACompromise,
+    revoked at NOW less 90 minutes and 7 seconds)."""
+    key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    builder = x509.RevokedCertificateBuilder
+    revoked = [
+        builder().serial_number(serial).revocation_date(NOW - timedelta(hours=2)).build()
+        for serial in range(10**30, 10**30 + entries)
+    ]
+    reason = x509.CRLReason(x509.ReasonFlags.ca_compromise)
+    when = NOW - timedelta(minutes=90, seconds=7)
+    revoked.append(
+        builder().serial_number(listed.serial_number).revocation_date(when).add_extension(reason, False).build()
+    )
+    return (
+        x509.CertificateRevocationListBuilder(
+            issuer_name=load_cert(pki.issuing_cert).subject,
+            last_update=NOW - timedelta(minutes=1),
+            next_update=NOW + timedelta(days=1),
+            extensions=[x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number))],
+            revoked_certificates=revoked,
+        )
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+
+def test_a_large_crls_entries_are_kept_out_of_the_garbage_collectors_sight(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """A refresh that reads a CRL of 20,000 entries (a large CA's has 200,000 to millions) leaves a few dozen more
+    objects for the garbage collector to walk, not one or more per entry; bob, whom it lists, is still refused with
+    the CRL's revocation time and reason. Before, each entry was kept as a tuple key and an
+    `Entry`: 40,000 tracked objects here, 400,000 for 200,000 entries, which a refresh's thread walked in nine full
+    collections holding the GIL (the event loop stood still up to 0.24 s each, over a second on a loaded machine;
+    `bench/gcpause.py`), and every later full collection walked again."""
+    asyncio.run(_test_a_large_crls_entries_are_kept_out_of_the_garbage_collectors_sight(pki, trust, tmp_path))
+
+
+async def _test_a_large_crls_entries_are_kept_out_of_the_garbage_collectors_sight(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    path = tmp_path / "large.crl"
+    path.write_bytes(_issuing_crl(pki, 2, 1))
+    store = CrlStore(trust, [CrlSource(str(path))])
+    assert store.load_files(now=NOW) == []
+    bob = verified(pki, trust, "bob")
+    assert status(store, bob) is RevocationStatus.GOOD
+    path.write_bytes(_large_issuing_crl(pki, 3, 20_000, bob.leaf))
+    gc.collect()
+    before = len(gc.get_objects())
+    await store.refresh(now=NOW)
+    gc.collect()
+    grown = len(gc.get_objects()) - before
+    assert store.current.crls[0].number == 3
+    assert grown < 1_000, f"{grown} more objects tracked by the garbage collector"
+    evidence = store.current.lookup(bob.leaf, bob.chain[1], at=NOW, anchor=bob.chain[-1])
+    assert evidence.status is RevocationStatus.REVOKED
+    assert evidence.revoked_at == NOW - timedelta(minutes=90, seconds=7)
+    assert "(reason cACompromise)" in evidence.detail, evidence.detail
+
+
+def test_the_crls_a_refresh_replaces_are_freed_at_once(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """Twenty refreshes, each bringing a new CRL of 2,000 entries with the garbage collector off: every CRL replaced
+    is freed by its reference count as the new one is kept (nothing holds it in a cycle, or anywhere), and the store
+    holds the last one, so memory does not grow refresh after refresh, whether or not a collection runs."""
+    asyncio.run(_test_the_crls_a_refresh_replaces_are_freed_at_once(pki, trust, tmp_path))
+
+
+async def _test_the_crls_a_refresh_replaces_are_freed_at_once(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    path = tmp_path / "large.crl"
+    bob = load_cert(pki.user_cert("bob"))
+    path.write_bytes(_large_issuing_crl(pki, 2, 2_000, bob))
+    store = CrlStore(trust, [CrlSource(str(path))])
+    assert store.load_files(now=NOW) == []
+    made = [weakref.ref(crl) for crl in store.current.crls]
+    crls = [_large_issuing_crl(pki, number, 2_000, bob) for number in range(3, 23)]
+    gc.disable()
+    try:
+        for crl in crls:
+            path.write_bytes(crl)
+            await store.refresh(now=NOW)
+            made.extend(weakref.ref(crl) for crl in store.current.crls)
+        # the executor's thread lets go of the last round's arguments (the set replaced) just after it answers
+        deadline = time.monotonic() + 30
+        while sum(ref() is not None for ref in made) > 1 and time.monotonic() < deadline:  # noqa: ASYNC110  weak references, polled
+            await asyncio.sleep(0.01)
+        alive = [kept.number for ref in made if (kept := ref()) is not None]
+    finally:
+        gc.enable()
+    assert alive == [22]
+    assert len(made) == 21
