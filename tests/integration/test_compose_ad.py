@@ -25,6 +25,7 @@ from tests.integration.test_compose import (
     SOCKET,
     TAG_PREFIX,
     Stack,
+    _subnet,
     bring_down,
     compose_env,
     engine,
@@ -50,7 +51,13 @@ def ad_stack(engine: str) -> Iterator[Stack]:
     assert done.returncode == 0, done.stdout + done.stderr
     project = f"{PROJECT_PREFIX}{os.getpid()}{secrets.token_hex(3)}"
     env = compose_env(
-        engine, COMPOSE_PROJECT_NAME=project, KCD_IMAGE_TAG=f"{TAG_PREFIX}{project}", DOCKER_HOST=f"unix://{SOCKET}"
+        engine,
+        COMPOSE_PROJECT_NAME=project,
+        KCD_IMAGE_TAG=f"{TAG_PREFIX}{project}",
+        DOCKER_HOST=f"unix://{SOCKET}",
+        # compose creates every network of the file, the balancer's too: on the default subnet it collided with a
+        # container lab a developer (or another run) had up ("Pool overlaps with other one on this address space")
+        KCD_LAB_BALANCER_SUBNET=_subnet(engine),
     )
     s = Stack(engine, project, env, 0, 0, timings, profile="ad")
     try:
