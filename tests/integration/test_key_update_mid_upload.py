@@ -118,7 +118,6 @@ def _until_still(count: Callable[[], int], timeout: float = 60) -> None:
     raise AssertionError(f"still changing after {timeout} s: {last}")
 
 
-@pytest.mark.slow(seconds=40)
 def test_a_key_update_mid_upload_from_a_device_that_reads_afterwards_is_served(
     lab: LabLayout, gateway: tuple[Gateway, EarlyAnswer]
 ) -> None:
