@@ -20,7 +20,16 @@ import pytest
 
 from tests.integration.conftest import REPO
 from tests.integration.jsonlog import eventually
-from tests.integration.test_compose import _CONNECT, PROJECT_PREFIX, SOCKET, TAG_PREFIX, Stack, bring_down, engine
+from tests.integration.test_compose import (
+    _CONNECT,
+    PROJECT_PREFIX,
+    SOCKET,
+    TAG_PREFIX,
+    Stack,
+    _subnet,
+    bring_down,
+    engine,
+)
 
 __all__ = ["engine"]  # the fixture, shared with test_compose.py (its dockerd, its engine lock)
 
@@ -46,6 +55,9 @@ def ad_stack(engine: str) -> Iterator[Stack]:
         "COMPOSE_PROJECT_NAME": project,
         "KCD_IMAGE_TAG": f"{TAG_PREFIX}{project}",
         "DOCKER_HOST": f"unix://{SOCKET}",
+        # the file's `balanced` network is made with the project (unused by profile ad): a subnet no other network
+        # has, as test_compose.py's; the file's default one collided with another run's ("Pool overlaps")
+        "KCD_LAB_BALANCER_SUBNET": _subnet(engine),
     }
     s = Stack(engine, project, env, 0, 0, timings, profile="ad")
     try:
