@@ -199,12 +199,13 @@ def start_gateway(
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     launcher: tuple[str, ...] = (sys.executable,),
+    listen_timeout: float = WAIT,
 ) -> Gateway:
     """`kcd-proxy run` with `config_text` (and `args`, such as `--log-level debug`; `env` added to the lab's;
     `launcher` the Python, or a script that runs it, given `-m proxy run ...`), once its log says it listens (and
-    its admin listener too, if it has one). Its port was free when the test picked it, but another process (another
-    test run on this machine) may have bound it since: then the gateway is started again on a new port, the
-    configuration rewritten (a cheap retry; nothing else names that port)."""
+    its admin listener too, if it has one), within `listen_timeout` seconds. Its port was free when the test picked
+    it, but another process (another test run on this machine) may have bound it since: then the gateway is started
+    again on a new port, the configuration rewritten (a cheap retry; nothing else names that port)."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "gateway.toml"
     log_path = directory / "gateway.log"
@@ -220,7 +221,7 @@ def start_gateway(
                 env={**os.environ, **lab.env(), **(env or {})},
             )
         gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
-        if _listening(gw, _admin_bind(config_text)):
+        if _listening(gw, _admin_bind(config_text), listen_timeout):
             return gw
         if "Address already in use" not in log_path.read_text(errors="replace") or attempt == 2:
             raise RuntimeError(log_path.read_text(errors="replace")[-5000:])

@@ -153,12 +153,15 @@ def good_answer(
 LAB_REVOCATION = 'crls = ["{crls}"]\nrevocation = "require"\n'  # the lab configuration's, for `revocation` below
 
 
-def revocation_gateway(lab: LabLayout, directory: Path, revocation: str, *, extra: str = "") -> Gateway:
-    """The lab gateway with `revocation` (its settings) in place of the lab's CRL file; `extra` as lab_config's."""
+def revocation_gateway(
+    lab: LabLayout, directory: Path, revocation: str, *, extra: str = "", listen_timeout: float = WAIT
+) -> Gateway:
+    """The lab gateway with `revocation` (its settings) in place of the lab's CRL file; `extra` as lab_config's;
+    `listen_timeout` as start_gateway's."""
     text = lab_config(lab, port=free_port(), extra=extra)
     lab_settings = LAB_REVOCATION.format(crls=lab.pki_dir / "crls.pem")
     assert lab_settings in text
-    return start_gateway(lab, directory, text.replace(lab_settings, revocation))
+    return start_gateway(lab, directory, text.replace(lab_settings, revocation), listen_timeout=listen_timeout)
 
 
 def refreshed(*crls: object) -> str:
