@@ -255,7 +255,8 @@ class CrlStore:
         """Refresh every `refresh_seconds` until `stop` is set."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.refresh_seconds)
+                async with asyncio.timeout(self.refresh_seconds):  # not 3.11's wait_for: it can swallow a cancel
+                    await stop.wait()
                 return
             try:
                 await self.refresh()
