@@ -899,7 +899,7 @@ def _directory(r: _Reader, t: dict[str, Any]) -> Directory | None:
         password_file=r.file(f"{k}.password_file", password) if password and bind == "simple" else None,
         cache_seconds=cache,
         timeout=_number(r, t, k, "timeout", float, 5.0),
-        ca_file=r.file(f"{k}.ca_file", ca_file) if ca_file else None,
+        ca_file=_ca_bundle(r, f"{k}.ca_file", ca_file),  # OpenLDAP's TLS (GnuTLS) reads PEM, and trusts none from DER
     )
 
 
@@ -971,7 +971,10 @@ def _is_dir(path: Path) -> bool:
 
 
 def _ca_bundle(r: _Reader, key: str, value: str | None) -> Path | None:
-    """A PEM file of CA certificates (the only ones trusted for an https upstream)."""
+    """A PEM file of CA certificates (the only ones trusted for an https upstream, or for `directory.ca_file` the
+    directory's ldaps:// servers): refused at start, reload and check-config alike when it holds none. OpenLDAP's
+    TLS library loads no certificate from a DER file or another PEM block, says so on its debug channel alone, and
+    every ldaps:// look-up then failed as the directory being unavailable (left21)."""
     if not value:
         return None
     path = r.file(key, value)
