@@ -56,6 +56,7 @@ from cryptography import x509
 from proxy.certs.chain import TrustList
 from proxy.certs.floors import KEY, FloorTable, PersistedFloors
 from proxy.certs.revocation import (
+    MAX_CRL_BYTES,
     Crl,
     CrlSet,
     CrlUnusable,
@@ -68,7 +69,6 @@ from proxy.files import read_bounded
 from proxy.printable import printable
 
 log = structlog.get_logger("proxy.crl")
-MAX_CRL_BYTES = 64 * 1024 * 1024  # a large enterprise CRL is a few MiB (a file or a URL's answer)
 MAX_LEARNED = 64  # distribution point URLs learned from certificates
 FETCH_TIMEOUT = 10.0
 

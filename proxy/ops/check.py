@@ -322,7 +322,10 @@ def _crls(config: Config, trust: TrustList, at: datetime) -> Iterator[tuple[str,
         key = f"client_certificates.crls[{index.get(path.resolve(), 0)}]"
         try:
             crls = load_crls(path)
-        except (OSError, ValueError) as e:
+        except OSError as e:  # over MAX_CRL_BYTES: the gateway refuses it at start and reload alike
+            yield key, f"{path}: {e.strerror or e}"
+            continue
+        except ValueError as e:
             yield key, str(e)
             continue
         _, problems = CrlSet.build([(str(path), crl) for crl in crls], trust, at=at)

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy import config as config_module
 from proxy.certs.chain import load_certificates
+from proxy.certs.revocation import MAX_CRL_BYTES
 from proxy.errors import ConfigError
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
@@ -53,6 +54,15 @@ def _directory_ca_der(lab: LabLayout, text: str, tmp: Path) -> str:
     der = tmp / "root.der"
     der.write_bytes(load_certificates(lab.pki_dir / "root.pem")[0].public_bytes(serialization.Encoding.DER))
     return text + DIRECTORY.format(ca=der)
+
+
+def _oversized_crl(lab: LabLayout, text: str, tmp: Path) -> str:
+    """The lab's CRLs, then zeros past MAX_CRL_BYTES (sparse: no disk)."""
+    big = tmp / "big.crl"
+    big.write_bytes((lab.pki_dir / "crls.pem").read_bytes())
+    with big.open("r+b") as f:
+        f.truncate(MAX_CRL_BYTES + 1)
+    return text.replace(str(lab.pki_dir / "crls.pem"), str(big))
 
 
 def _stale_crl(lab: LabLayout, text: str, tmp: Path) -> str:
@@ -127,6 +137,7 @@ CATALOGUE = [
     ("CRL file that holds no CRL", _replace('crls = ["{lab.pki_dir}/crls.pem"]', 'crls = ["{lab.pki_dir}/root.pem"]'),
      "client_certificates.crls[0]", "without a 'BEGIN X509 CRL' block"),
     ("CRL signed with another key", _forged_crl, "client_certificates.crls[0]", "signature does not verify"),
+    ("CRL file over the size limit", _oversized_crl, "client_certificates.crls[0]", "more than 67108864 bytes"),
     ("stale CRL", _stale_crl, "client_certificates.crls[0]", "is stale"),
     ("keytab without the principal", _replace("{lab.proxy_keytab}", "{lab.backend_keytab}"),
      "kerberos.keytab", "holds no key for HTTP/proxy.lab.test@LAB.TEST (it holds: HTTP/cas.lab.test@LAB.TEST)"),
