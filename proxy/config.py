@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from proxy.addresses import host_port
+from proxy.certs.chain import MAX_CA_FILE_BYTES
 from proxy.certs.revocation import RevocationPolicy
 from proxy.certs.sources import shown_location
 from proxy.errors import BadRequest, ConfigError
@@ -980,8 +981,10 @@ def _ca_bundle(r: _Reader, key: str, value: str | None) -> Path | None:
     path = r.file(key, value)
     if _is_file(path):  # else `file` said why
         try:
-            x509.load_pem_x509_certificates(path.read_bytes())
-        except (ValueError, OSError) as e:
+            x509.load_pem_x509_certificates(read_bounded(path, MAX_CA_FILE_BYTES))
+        except OSError as e:  # more than MAX_CA_FILE_BYTES (it was read whole), or gone since
+            r.problem(key, f"{path}: {e.strerror or e}")
+        except ValueError as e:
             r.problem(key, f"{path}: not a PEM bundle of certificates ({e})")
     return path
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from proxy import config as config_module
-from proxy.certs.chain import load_certificates
+from proxy.certs.chain import MAX_CA_FILE_BYTES, load_certificates
 from proxy.certs.revocation import MAX_CRL_BYTES
 from proxy.errors import ConfigError
 from proxy.lab import runner
@@ -54,6 +54,15 @@ def _directory_ca_der(lab: LabLayout, text: str, tmp: Path) -> str:
     der = tmp / "root.der"
     der.write_bytes(load_certificates(lab.pki_dir / "root.pem")[0].public_bytes(serialization.Encoding.DER))
     return text + DIRECTORY.format(ca=der)
+
+
+def _oversized_directory_ca(lab: LabLayout, text: str, tmp: Path) -> str:
+    """A [directory] whose ca_file is the lab's root, then zeros past MAX_CA_FILE_BYTES (sparse: no disk)."""
+    big = tmp / "big-ca.pem"
+    big.write_bytes((lab.pki_dir / "root.pem").read_bytes())
+    with big.open("r+b") as f:
+        f.truncate(MAX_CA_FILE_BYTES + 1)
+    return text + DIRECTORY.format(ca=big)
 
 
 def _oversized_crl(lab: LabLayout, text: str, tmp: Path) -> str:
@@ -151,6 +160,8 @@ CATALOGUE = [
     ("CRL state in a directory not made", _crl_state(None), "client_certificates.crl_state", "directory not found"),
     ("damaged CRL state file", _crl_state(b"{"), "client_certificates.crl_state", "crl-state.json is damaged"),
     ("directory CA file in DER", _directory_ca_der, "directory.ca_file", "not a PEM bundle of certificates"),
+    ("directory CA file over the size limit", _oversized_directory_ca, "directory.ca_file",
+     f"more than {MAX_CA_FILE_BYTES} bytes"),
     ("directory CA file that holds no certificate", _append(DIRECTORY.replace("{ca}", "{lab.pki_dir}/crls.pem")),
      "directory.ca_file", "not a PEM bundle of certificates"),
     ("route back to a gateway bound on every address", _wildcard_loop, "routes[0].upstream",
