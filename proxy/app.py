@@ -98,8 +98,9 @@ def build(
     for i, path in enumerate(cc.crls if previous is None else ()):  # a reload's: `Live.reload`, off the event loop
         try:
             load_crls(path)  # a file that does not parse stops the start; one that does not verify is logged
-        except (ValueError, OSError) as e:
-            problems.append(f"client_certificates.crls[{i}]: {path}: {e} (in {config.path})")
+        except (ValueError, OSError) as e:  # OSError's strerror: "more than N bytes", not "[Errno 27] more than ..."
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            problems.append(f"client_certificates.crls[{i}]: {path}: {why} (in {config.path})")
     if problems:
         raise ConfigError(problems)
     revocation = LiveRevocation(cc, trust, floors=_floors(config, shared, previous, serving=serving))

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from proxy.addresses import host_port
+from proxy.certs.chain import MAX_CA_FILE_BYTES
 from proxy.certs.revocation import RevocationPolicy
 from proxy.certs.sources import shown_location
 from proxy.errors import BadRequest, ConfigError
@@ -899,7 +900,7 @@ def _directory(r: _Reader, t: dict[str, Any]) -> Directory | None:
         password_file=r.file(f"{k}.password_file", password) if password and bind == "simple" else None,
         cache_seconds=cache,
         timeout=_number(r, t, k, "timeout", float, 5.0),
-        ca_file=r.file(f"{k}.ca_file", ca_file) if ca_file else None,
+        ca_file=_ca_bundle(r, f"{k}.ca_file", ca_file),  # OpenLDAP's TLS (GnuTLS) reads PEM, and trusts none from DER
     )
 
 
@@ -971,14 +972,19 @@ def _is_dir(path: Path) -> bool:
 
 
 def _ca_bundle(r: _Reader, key: str, value: str | None) -> Path | None:
-    """A PEM file of CA certificates (the only ones trusted for an https upstream)."""
+    """A PEM file of CA certificates (the only ones trusted for an https upstream, or for `directory.ca_file` the
+    directory's ldaps:// servers): refused at start, reload and check-config alike when it holds none. OpenLDAP's
+    TLS library loads no certificate from a DER file or another PEM block, says so on its debug channel alone, and
+    every ldaps:// look-up then failed as the directory being unavailable (left21)."""
     if not value:
         return None
     path = r.file(key, value)
     if _is_file(path):  # else `file` said why
         try:
-            x509.load_pem_x509_certificates(path.read_bytes())
-        except (ValueError, OSError) as e:
+            x509.load_pem_x509_certificates(read_bounded(path, MAX_CA_FILE_BYTES))
+        except OSError as e:  # more than MAX_CA_FILE_BYTES (it was read whole), or gone since
+            r.problem(key, f"{path}: {e.strerror or e}")
+        except ValueError as e:
             r.problem(key, f"{path}: not a PEM bundle of certificates ({e})")
     return path
 

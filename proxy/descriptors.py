@@ -23,6 +23,11 @@ So each worker shares its soft limit out once, at start (`DescriptorBudget.of`):
   start (`kdc_reserve_problem`), naming the key and the limit that would hold it. The shares are set once: a reload
   raising `kerberos.max_in_flight` past what the reserve kept at start holds is refused, naming the key and "restart
   to apply" (`reload_reserve_problem`), since the device and backend shares it would come out of are in use;
+- `OVER_CAP` for the device connections a worker holds past its cap (`proxy.tls.limits`): those accepted at the cap
+  and waiting for a slot (the accept loop's one, and behind a balancer up to `HEADER_WAITS` whose PROXY headers come
+  meanwhile), and as many idle keep-alives closed for them whose slots they took at once, their sockets still closing
+  for a loop pass or two. Left out, they came out of the reserve's share, as a limit that "holds" max_connections
+  (`descriptor_limit_low`'s figure) did not hold them;
 - half of the rest, at most `listener.max_connections`, is the device connections' (the listener stops accepting at
   that number: further connections wait in the listen backlog, as at `max_connections`);
 - the rest is the backend connections', all users and upstreams together (`proxy.backend.client.BackendSockets`):
@@ -46,13 +51,16 @@ BASE_RESERVE = 156  # descriptors kept for what is neither a connection nor a KD
 KDC_CALL_DESCRIPTORS = (
     2  # sockets one thread's KDC call may hold: the KDC it asks, and the next while that one is silent
 )
+# Device connections past the cap (module docstring): (HEADER_WAITS + the accept loop's one) waiting, as many closing.
+OVER_CAP = 2 * (16 + 1)  # HEADER_WAITS in proxy.tls.limits (not imported: the command line reads this module first)
 _CEILING = 1 << 20  # Linux's default fs.nr_open: what an unlimited soft limit allows at most
 
 
 @dataclass(frozen=True)
 class DescriptorBudget:
     """One worker's file descriptors: `limit` (the soft RLIMIT_NOFILE), `reserve` of them for the process's own use,
-    `device` for the listener's connections and `backend` for the backend connections."""
+    `device` for the listener's connections (`OVER_CAP` more for those past its cap) and `backend` for the backend
+    connections."""
 
     limit: int
     reserve: int
@@ -70,7 +78,7 @@ class DescriptorBudget:
             limit = _CEILING if soft == resource.RLIM_INFINITY else min(soft, _CEILING)
         wanted = reserve_for(max_in_flight)
         reserve = min(wanted, limit // 4)
-        usable = limit - reserve
+        usable = limit - reserve - OVER_CAP
         device = max(1, min(max_connections, usable // 2))
         return cls(limit, reserve, device, max(1, usable - device), max_connections, wanted)
 
@@ -81,14 +89,15 @@ class DescriptorBudget:
 
     @property
     def needed(self) -> int:
-        """The limit that would hold listener.max_connections: each with a backend connection, and the reserve."""
-        return 2 * self.wanted + self.wanted_reserve
+        """The limit that would hold listener.max_connections: each with a backend connection, those past the cap, and
+        the reserve."""
+        return 2 * self.wanted + OVER_CAP + self.wanted_reserve
 
 
 def raise_open_file_limit() -> None:
     """The soft open-file limit raised to the hard one (a process's workers inherit it), as Go's runtime and nginx's
     `worker_rlimit_nofile` do: a shell's soft 1,024 (systemd's default for services too, hard 524,288) would share
-    out 384 device connections where the operator's hard limit allows far more. The hard limit stays the operator's
+    out 367 device connections where the operator's hard limit allows far more. The hard limit stays the operator's
     (`LimitNOFILE=`, `ulimit -Hn`, a container's `nofile`)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:

@@ -843,8 +843,9 @@ class BasicLogin:
             lookup = self._own_lookup = asyncio.ensure_future(self._learn_own(directory))
             started = True
         if lookup is not None and not lookup.done() and (started or not self._own_learnt):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(lookup), directory.timeout)
+            with contextlib.suppress(TimeoutError):  # not 3.11's wait_for: a sign-in cancelled (its client gone) as
+                async with asyncio.timeout(directory.timeout):  # the look-up ends went on (docs/hardening.md)
+                    await asyncio.shield(lookup)
         return self._own_upn
 
     async def _learn_own(self, directory: Directory) -> None:

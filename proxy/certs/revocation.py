@@ -85,12 +85,14 @@ from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 from proxy.certs.chain import TrustList, VerifiedCertificate, as_utc, format_time, is_ca, verify_chain
 from proxy.certs.der import inside, tlv, whole
 from proxy.errors import CertificateRejected, CertificateRevoked
+from proxy.files import read_bounded
 from proxy.printable import printable
 
 RevocationPolicy = Literal["require", "best-effort", "off"]
 Scope = Literal["all", "users", "cas", "attributes"]
 _F = x509.ReasonFlags
 MAX_NAME_SHOWN = 256  # characters of an unverified CRL's issuer name in an error (a label, a log line, /readyz)
+MAX_CRL_BYTES = 64 * 1024 * 1024  # a large enterprise CRL is a few MiB (a file or a URL's answer; start and reload)
 MAX_ERROR_SHOWN = 300  # characters of a fetch's error (a CRL's last error, an OCSP failure sent to the device)
 CLOCK_SKEW = timedelta(minutes=5)  # a CRL issued "now" by a CA whose clock runs a little ahead is usable
 _US = timedelta(microseconds=1)  # datetime's resolution: t <= end is t < end + 1 µs
@@ -599,8 +601,10 @@ class CrlSet:
 
 
 def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
-    """The CRLs in `path`: PEM with one or more CRLs, or one DER CRL."""
-    return parse_crls(path.read_bytes(), str(path))
+    """The CRLs in `path`: PEM with one or more CRLs, or one DER CRL. OSError (`strerror` says why) for a file over
+    `MAX_CRL_BYTES`, as the gateway's CRL refreshes read it (`proxy.certs.sources`): a start read it whole, then served
+    without its CRLs (`crl_fetch_failed`), where a reload refused it."""
+    return parse_crls(read_bounded(path, MAX_CRL_BYTES), str(path))
 
 
 def parse_crls(data: bytes, source: str) -> list[x509.CertificateRevocationList]:

@@ -56,6 +56,7 @@ from cryptography import x509
 from proxy.certs.chain import TrustList
 from proxy.certs.floors import KEY, FloorTable, PersistedFloors
 from proxy.certs.revocation import (
+    MAX_CRL_BYTES,
     Crl,
     CrlSet,
     CrlUnusable,
@@ -68,7 +69,6 @@ from proxy.files import read_bounded
 from proxy.printable import printable
 
 log = structlog.get_logger("proxy.crl")
-MAX_CRL_BYTES = 64 * 1024 * 1024  # a large enterprise CRL is a few MiB (a file or a URL's answer)
 MAX_LEARNED = 64  # distribution point URLs learned from certificates
 FETCH_TIMEOUT = 10.0
 
@@ -255,7 +255,8 @@ class CrlStore:
         """Refresh every `refresh_seconds` until `stop` is set."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.refresh_seconds)
+                async with asyncio.timeout(self.refresh_seconds):  # not 3.11's wait_for: it can swallow a cancel
+                    await stop.wait()
                 return
             try:
                 await self.refresh()

@@ -313,7 +313,9 @@ class KdcWatch:
 
     async def _run(self) -> None:
         """Probe at start; then after each `check_soon`, and every `PROBE_EVERY` seconds while a KDC is silent (no
-        steady traffic to KDCs that answer: a silent one is noticed by the exchange that waited for it)."""
+        steady traffic to KDCs that answer: a silent one is noticed by the exchange that waited for it). A `stop` always
+        ends it: `asyncio.timeout`, not Python 3.11's `wait_for`, which returns instead of raising when the cancel comes
+        in the same loop pass as a `check_soon` (the stopped watch went on probing and writing its KDC list)."""
         while True:
             try:
                 await self.check()
@@ -325,7 +327,8 @@ class KdcWatch:
                 await self._wake.wait()
             else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), PROBE_EVERY)
+                    async with asyncio.timeout(PROBE_EVERY):
+                        await self._wake.wait()
 
     def _write(self, realm: str, section: str | None) -> None:
         self._write_section(realm, section)

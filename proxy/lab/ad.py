@@ -548,11 +548,13 @@ def _start_samba(realm: AdRealm) -> None:
     raise AdRealmError(f"samba did not answer on {DC_ADDRESS}:88 and :389 within {_START_TIMEOUT:g} s:\n{tail}")
 
 
-def ensure(realm: AdRealm) -> AdRealm:
-    """The realm up: namespace, provisioning on first use, samba started; at once if it already runs."""
+def ensure(realm: AdRealm, *, wait: float = _START_TIMEOUT) -> AdRealm:
+    """The realm up: namespace, provisioning on first use, samba started; at once if it already runs. A samba that
+    runs but whose KDC does not accept yet is waited for (`_samba_answers`), never stopped: on a loaded machine port
+    88 took more than the probe's 2 s, and everything in the namespace was stopped, under another run using it."""
     realm.root.mkdir(parents=True, exist_ok=True)
     realm.krb5_conf.write_text(krb5_conf_text(realm))
-    if realm.marker.exists() and running(realm):
+    if realm.marker.exists() and _samba_answers(realm, wait):
         _make_certificates(realm)  # cheap when current; renews a PKI near expiry
         return realm
     stop_processes(realm)
@@ -567,6 +569,24 @@ def ensure(realm: AdRealm) -> AdRealm:
         down(realm)
         raise
     return realm
+
+
+def _samba_answers(realm: AdRealm, wait: float) -> bool:
+    """True once the realm's samba answers on port 88; False when no samba runs there (`ensure` starts one).
+    AdRealmError when it runs and has not answered within `wait` seconds: it is left running, as another test run or
+    a `lab up` may be using it (`in_use` cannot tell: the caller holds the users lock too)."""
+    deadline = time.monotonic() + wait
+    while namespace_exists(realm) and (pid := _samba_pid(realm)) is not None:
+        if realm.port_answers(88):
+            return True
+        if time.monotonic() >= deadline:
+            raise AdRealmError(
+                f"samba (pid {pid}) runs in namespace {realm.netns} but its KDC did not accept on {DC_ADDRESS}:88 "
+                f"within {wait:g} s; left running, as another run may be using it (see {realm.samba_log}): once "
+                f"none does, `kcd-proxy lab down --ad --dir {realm.root.parent}` stops it"
+            )
+        time.sleep(0.5)
+    return False
 
 
 def stop_processes(realm: AdRealm) -> None:

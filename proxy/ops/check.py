@@ -164,6 +164,8 @@ def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, s
         yield from (
             ("client_certificates.crl_state", problem) for problem in crl_state(config.client_certificates.crl_state)
         )
+    if config.directory is not None and config.directory.ca_file is not None:
+        yield from _directory_ca(config.directory.ca_file, at)
     admin = config.admin
     if admin is not None and admin.certificate is not None and admin.private_key is not None:
         yield from _server_certificate("admin", admin.certificate, admin.private_key, at)
@@ -273,6 +275,20 @@ def _certificates(key: str, path: Path, at: datetime) -> Iterator[tuple[str, str
             yield key, f"{path}: '{name}' expired on {format_time(cert.not_valid_after_utc)}"
 
 
+def _directory_ca(path: Path, at: datetime) -> Iterator[tuple[str, str]]:
+    """`directory.ca_file`'s certificates are within their validity (that it is PEM certificates, the configuration
+    checked: `proxy.config._ca_bundle`)."""
+    try:
+        certs = load_certificates(path)
+    except ValueError as e:  # replaced since the configuration read it
+        yield "directory.ca_file", str(e)
+        return
+    for cert in certs:
+        if cert.not_valid_after_utc < at:
+            name = cert.subject.rfc4514_string()
+            yield "directory.ca_file", f"{path}: '{name}' expired on {format_time(cert.not_valid_after_utc)}"
+
+
 def _trust_list(config: Config, at: datetime) -> Generator[tuple[str, str], None, TrustList | None]:
     """Problems with the anchors and intermediates; returns the trust list when it could be loaded."""
     cc = config.client_certificates
@@ -306,7 +322,10 @@ def _crls(config: Config, trust: TrustList, at: datetime) -> Iterator[tuple[str,
         key = f"client_certificates.crls[{index.get(path.resolve(), 0)}]"
         try:
             crls = load_crls(path)
-        except (OSError, ValueError) as e:
+        except OSError as e:  # over MAX_CRL_BYTES: the gateway refuses it at start and reload alike
+            yield key, f"{path}: {e.strerror or e}"
+            continue
+        except ValueError as e:
             yield key, str(e)
             continue
         _, problems = CrlSet.build([(str(path), crl) for crl in crls], trust, at=at)

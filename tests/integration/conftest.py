@@ -179,6 +179,7 @@ class Gateway(JsonLog):
     proc: subprocess.Popen[bytes]
     log_path: Path
     config_path: Path
+    admin: str | None = None  # its `[admin] bind`, as started (`start_gateway` may have moved it to a free port)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -203,9 +204,11 @@ def start_gateway(
 ) -> Gateway:
     """`kcd-proxy run` with `config_text` (and `args`, such as `--log-level debug`; `env` added to the lab's;
     `launcher` the Python, or a script that runs it, given `-m proxy run ...`), once its log says it listens (and
-    its admin listener too, if it has one), within `listen_timeout` seconds. Its port was free when the test picked
-    it, but another process (another test run on this machine) may have bound it since: then the gateway is started
-    again on a new port, the configuration rewritten (a cheap retry; nothing else names that port)."""
+    its admin listener too, if it has one), within `listen_timeout` seconds. Its ports were free when the test picked
+    them, but another process (another test run on this machine) may have bound one since: then the gateway is started
+    again with that port (the listener's or the admin listener's, `Gateway.admin`) moved to a new one, the
+    configuration rewritten (a cheap retry). The kernel's "Address already in use" reaches the log as asyncio words it,
+    in lower case, too."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "gateway.toml"
     log_path = directory / "gateway.log"
@@ -220,12 +223,19 @@ def start_gateway(
                 cwd=REPO,
                 env={**os.environ, **lab.env(), **(env or {})},
             )
-        gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
-        if _listening(gw, _admin_bind(config_text), listen_timeout):
+        admin = _admin_bind(config_text)
+        gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path, admin)
+        if _listening(gw, admin, listen_timeout):
             return gw
-        if "Address already in use" not in log_path.read_text(errors="replace") or attempt == 2:
-            raise RuntimeError(log_path.read_text(errors="replace")[-5000:])
-        taken = f'bind = "127.0.0.1:{port}"'
+        log = log_path.read_text(errors="replace")
+        in_use = [line for line in log.splitlines() if "already in use" in line.lower()]
+        if not in_use or attempt == 2:
+            raise RuntimeError(log[-5000:])
+        admin_port = admin.rpartition(":")[2] if admin is not None else None
+        if admin_port is not None and any(f":{admin_port}" in line or f", {admin_port})" in line for line in in_use):
+            taken = f'bind = "{admin}"'  # the admin listener's port: asyncio says ('127.0.0.1', PORT), others H:PORT
+        else:
+            taken = f'bind = "127.0.0.1:{port}"'
         config_text = config_text.replace(taken, f'bind = "127.0.0.1:{free_port()}"', 1)
     raise AssertionError("unreachable")
 

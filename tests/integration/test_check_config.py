@@ -11,8 +11,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from proxy import config as config_module
+from proxy.certs.chain import MAX_CA_FILE_BYTES, load_certificates
+from proxy.certs.revocation import MAX_CRL_BYTES
 from proxy.errors import ConfigError
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
@@ -41,6 +44,34 @@ def _replace(old: str, new: str) -> Callable[[LabLayout, str, Path], str]:
 
 def _append(extra: str) -> Callable[[LabLayout, str, Path], str]:
     return lambda lab, text, tmp: text + extra.format(lab=lab, tmp=tmp)
+
+
+DIRECTORY = '\n[directory]\nurls = ["ldaps://dc.lab.test"]\nbase_dn = "DC=lab,DC=test"\nca_file = "{ca}"\n'
+
+
+def _directory_ca_der(lab: LabLayout, text: str, tmp: Path) -> str:
+    """A [directory] whose ca_file is the lab's root in DER (OpenLDAP's GnuTLS loads no certificate from it)."""
+    der = tmp / "root.der"
+    der.write_bytes(load_certificates(lab.pki_dir / "root.pem")[0].public_bytes(serialization.Encoding.DER))
+    return text + DIRECTORY.format(ca=der)
+
+
+def _oversized_directory_ca(lab: LabLayout, text: str, tmp: Path) -> str:
+    """A [directory] whose ca_file is the lab's root, then zeros past MAX_CA_FILE_BYTES (sparse: no disk)."""
+    big = tmp / "big-ca.pem"
+    big.write_bytes((lab.pki_dir / "root.pem").read_bytes())
+    with big.open("r+b") as f:
+        f.truncate(MAX_CA_FILE_BYTES + 1)
+    return text + DIRECTORY.format(ca=big)
+
+
+def _oversized_crl(lab: LabLayout, text: str, tmp: Path) -> str:
+    """The lab's CRLs, then zeros past MAX_CRL_BYTES (sparse: no disk)."""
+    big = tmp / "big.crl"
+    big.write_bytes((lab.pki_dir / "crls.pem").read_bytes())
+    with big.open("r+b") as f:
+        f.truncate(MAX_CRL_BYTES + 1)
+    return text.replace(str(lab.pki_dir / "crls.pem"), str(big))
 
 
 def _stale_crl(lab: LabLayout, text: str, tmp: Path) -> str:
@@ -115,6 +146,7 @@ CATALOGUE = [
     ("CRL file that holds no CRL", _replace('crls = ["{lab.pki_dir}/crls.pem"]', 'crls = ["{lab.pki_dir}/root.pem"]'),
      "client_certificates.crls[0]", "without a 'BEGIN X509 CRL' block"),
     ("CRL signed with another key", _forged_crl, "client_certificates.crls[0]", "signature does not verify"),
+    ("CRL file over the size limit", _oversized_crl, "client_certificates.crls[0]", "more than 67108864 bytes"),
     ("stale CRL", _stale_crl, "client_certificates.crls[0]", "is stale"),
     ("keytab without the principal", _replace("{lab.proxy_keytab}", "{lab.backend_keytab}"),
      "kerberos.keytab", "holds no key for HTTP/proxy.lab.test@LAB.TEST (it holds: HTTP/cas.lab.test@LAB.TEST)"),
@@ -127,6 +159,11 @@ CATALOGUE = [
     ("route to the admin listener", _admin_route, "routes[1].upstream", "the admin listener"),
     ("CRL state in a directory not made", _crl_state(None), "client_certificates.crl_state", "directory not found"),
     ("damaged CRL state file", _crl_state(b"{"), "client_certificates.crl_state", "crl-state.json is damaged"),
+    ("directory CA file in DER", _directory_ca_der, "directory.ca_file", "not a PEM bundle of certificates"),
+    ("directory CA file over the size limit", _oversized_directory_ca, "directory.ca_file",
+     f"more than {MAX_CA_FILE_BYTES} bytes"),
+    ("directory CA file that holds no certificate", _append(DIRECTORY.replace("{ca}", "{lab.pki_dir}/crls.pem")),
+     "directory.ca_file", "not a PEM bundle of certificates"),
     ("route back to a gateway bound on every address", _wildcard_loop, "routes[0].upstream",
      "the gateway's own listener"),
 ]  # fmt: skip
@@ -153,6 +190,25 @@ def test_the_lab_configuration_is_sound(lab: LabLayout, tmp_path: Path) -> None:
     res = _cli(path)
     assert res.returncode == 0, res
     assert res.stdout.strip() == f"{path}: ok (1 route(s))"
+
+
+def test_a_directory_ca_file_of_pem_certificates_is_sound(lab: LabLayout, tmp_path: Path) -> None:
+    """`directory.ca_file` naming the lab's root in PEM: no problem (DER or no certificate are, in CATALOGUE)."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(lab_config(lab, port=free_port()) + DIRECTORY.format(ca=lab.pki_dir / "root.pem"))
+    assert _problems(path) == []
+
+
+def test_a_der_directory_ca_file_is_refused_when_the_gateway_starts(lab: LabLayout, tmp_path: Path) -> None:
+    """`directory.ca_file` in DER: `run` refuses (exit 2) naming the key and the file; it started, and every ldaps://
+    look-up then failed as the directory being unavailable (OpenLDAP's TLS loads no certificate from DER)."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_directory_ca_der(lab, lab_config(lab, port=free_port()), tmp_path))
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    env = {**os.environ, **lab.env()}
+    started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
+    assert started.returncode == 2, started
+    assert f"directory.ca_file: {tmp_path / 'root.der'}: not a PEM bundle of certificates" in started.stderr
 
 
 def test_the_labs_configuration_behind_a_balancer_is_sound_without_a_warning(lab: LabLayout, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.descriptors import OVER_CAP
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.slow(seconds=90)
 LIMIT = 512  # the gateway's RLIMIT_NOFILE, soft and hard
 USERS = 100
 HELD = 5  # requests each user holds at once, each on a device connection of its own
-SHARE = (LIMIT - min(256, LIMIT // 4)) // 2  # device, and backend, connections (docs/throttles-and-limits.md)
+SHARE = (LIMIT - min(256, LIMIT // 4) - OVER_CAP) // 2  # device, and backend, connections (throttles-and-limits.md)
 
 
 @dataclass
@@ -192,7 +193,7 @@ def test_many_users_holding_requests_leave_descriptors_for_accept_the_admin_and_
     # and its start said what its open-file limit holds, and what would hold listener.max_connections
     low = gw.events("descriptor_limit_low")[0]
     assert (low["limit"], low["device_connections"], low["backend_connections"]) == (LIMIT, SHARE, SHARE)
-    assert "raise it to 20256" in low["fix"]
+    assert "raise it to 20290" in low["fix"]  # 10,000 device and backend connections, 34 past the cap, the reserve
 
 
 def test_idle_backend_connections_of_many_users_make_room_for_new_ones(scene: Scene, users: Users) -> None:
@@ -223,8 +224,8 @@ def test_idle_backend_connections_of_many_users_make_room_for_new_ones(scene: Sc
 
 def test_the_soft_open_file_limit_is_raised_to_the_hard_one(lab: LabLayout, tmp_path: Path) -> None:
     """Started with a shell's kind of limit (soft 512, hard 4,096), the gateway raises its soft limit to the hard one
-    and shares that out: the start shares out 4,096, and the process's own soft limit is 4,096 (a soft 512 would
-    have given its devices 192 connections)."""
+    and shares that out: the start shares out 4,096, the 34 connections a worker holds past its cap counted (they were
+    not), and the process's own soft limit is 4,096 (a soft 512 would have given its devices 175 connections)."""
     gw = start_gateway(
         lab,
         tmp_path / "gw",
@@ -233,7 +234,8 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one(lab: LabLayout, tmp_
     )
     try:
         budget = gw.events("descriptor_limit_low")[0]  # 4,096 does not hold the default max_connections either
-        assert (budget["limit"], budget["device_connections"]) == (4096, (4096 - 256) // 2)
+        assert (budget["limit"], budget["device_connections"]) == (4096, (4096 - 256 - OVER_CAP) // 2)
+        assert budget["reserved"] + budget["device_connections"] + OVER_CAP + budget["backend_connections"] == 4096
         limits = Path(f"/proc/{gw.proc.pid}/limits").read_text()
         assert re.search(r"^Max open files\s+4096\s+4096\s", limits, re.M), limits
     finally:
@@ -254,7 +256,7 @@ def test_the_reserve_grows_with_kerberos_max_in_flight(lab: LabLayout, tmp_path:
     try:
         budget = (gw.events("descriptor_budget") or gw.events("descriptor_limit_low"))[0]
         assert budget["reserved"] == 156 + 2 * (3 * 64 + 2), budget
-        assert budget["device_connections"] == (20000 - budget["reserved"]) // 2, budget
+        assert budget["device_connections"] == (20000 - budget["reserved"] - OVER_CAP) // 2, budget
     finally:
         gw.stop()
 

@@ -8,6 +8,7 @@ import errno
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,23 @@ def test_a_gateway_whose_port_was_taken_meanwhile_starts_on_another(lab: LabLayo
             assert f'bind = "127.0.0.1:{gw.port}"' in gw.config_path.read_text()
             assert curl(lab, gw.url + "/owa/", "alice").stdout.endswith("\n200")
             assert gw.events("listening")[-1]["bind"] == f"127.0.0.1:{gw.port}"
+        finally:
+            assert gw.stop() == 0
+
+
+def test_a_gateway_whose_admin_port_was_taken_meanwhile_starts_on_another(lab: LabLayout, tmp_path: Path) -> None:
+    """Another process listens on the admin port the test picked: start_gateway restarts the gateway with its admin
+    listener on a new port (`Gateway.admin`), which answers /readyz; it raised, as asyncio words the kernel's
+    "address already in use" in lower case and only the listener's port was ever moved (left22's flake)."""
+    with socket.create_server(("127.0.0.1", 0)) as thief:
+        taken = f"127.0.0.1:{thief.getsockname()[1]}"
+        gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{taken}"\n'))
+        try:
+            assert gw.admin is not None
+            assert gw.admin != taken
+            assert f'bind = "{gw.admin}"' in gw.config_path.read_text()
+            with urllib.request.urlopen(f"http://{gw.admin}/readyz", timeout=WAIT) as r:
+                assert r.status == 200
         finally:
             assert gw.stop() == 0
 

@@ -62,7 +62,7 @@ def capped(
     gw = start_gateway(lab, directory, text.replace("[listener]\n", f"[listener]\n{lines}", 1))
     try:
         gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
-        yield gw, f"http://{admin}"
+        yield gw, f"http://{gw.admin}"  # moved if its port was taken meanwhile (`start_gateway`)
     finally:
         gw.stop()
 

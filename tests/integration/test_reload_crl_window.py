@@ -5,7 +5,10 @@ is swapped in only then: a revoked device is refused before, during and after th
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,9 +16,11 @@ from pathlib import Path
 import aiohttp
 from cryptography import x509
 
+from proxy.certs.revocation import MAX_CRL_BYTES
 from proxy.lab.layout import LabLayout
 from tests.integration._pki_tools import load_ca, write_crl
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.conftest import REPO, Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import WAIT
 from tests.integration.test_large_crls import genuine_crl
 
 
@@ -94,5 +99,36 @@ def test_a_reload_to_a_crl_file_that_is_no_crl_is_refused_and_leaves_nothing_run
         assert [e for e in gw.events("crl_rejected", gw.since) if e["source"] == str(junk)] == []
         assert asyncio.run(_status(lab, gw, "alice")) == 200
         assert asyncio.run(_status(lab, gw, "carol")) == 403
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_crl_file_over_the_size_limit_is_refused_by_a_start_as_by_a_reload(lab: LabLayout, tmp_path: Path) -> None:
+    """A CRL file over `MAX_CRL_BYTES` (the lab's CRLs, then zeros): `run` refuses it (exit 2) naming
+    `client_certificates.crls[0]`, the file and the limit, as a reload does; a start read it whole, logged a fetch
+    failure and served without that file's CRLs."""
+    big = tmp_path / "big.crl"
+    big.write_bytes((lab.pki_dir / "crls.pem").read_bytes())
+    with big.open("r+b") as f:
+        f.truncate(MAX_CRL_BYTES + 1)  # sparse: costs no disk
+    text = lab_config(lab, port=free_port())
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    bad = text.replace(lab_crls, f'crls = ["{big}"]')
+    named, limit = f"client_certificates.crls[0]: {big}: ", f"more than {MAX_CRL_BYTES} bytes"
+    config = tmp_path / "bad.toml"
+    config.write_text(bad)
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    env = {**os.environ, **lab.env()}
+    started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
+    assert started.returncode == 2, started.stderr[-3000:]
+    assert f"{named}{limit}" in started.stderr
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    try:
+        gw.mark()
+        gw.config_path.write_text(bad.replace(text.split('bind = "', 1)[1].split('"', 1)[0], f"127.0.0.1:{gw.port}"))
+        gw.proc.send_signal(signal.SIGHUP)
+        refused = gw.wait_event("reload_refused")
+        assert any(p.startswith(named) and limit in p for p in refused["problems"]), refused
     finally:
         assert gw.stop() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from pathlib import Path
@@ -229,3 +230,49 @@ def test_a_stopped_watch_takes_its_section_out_of_the_overlay(monkeypatch: pytes
     count = len(written)
     quiet.stop()
     assert len(written) == count
+
+
+def test_a_watch_stopped_in_the_pass_it_is_woken_stops() -> None:
+    """A watch stopped (a reload) in the same loop pass as a `check_soon` ends: it neither probes again nor writes
+    its KDC list back into the overlay (Python 3.11's `wait_for` returned instead of raising the cancel)."""
+
+    async def scenario() -> tuple[bool, int, list[tuple[str, str | None]]]:
+        asked = 0
+
+        async def kdc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal asked
+            asked += 1
+            await reader.readexactly(4)
+            writer.write(struct.pack("!IB", 1, 0x7E))  # a KRB-ERROR's length and first byte: an answer
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(kdc, "127.0.0.1", 0)
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))  # bound, never listening: a KDC that is down
+            port, dead = server.sockets[0].getsockname()[1], closed.getsockname()[1]
+            kdc_lines = f"        kdc = 127.0.0.1:{port}\n        kdc = 127.0.0.1:{dead}\n"
+            conf = f"[realms]\n    LAB.TEST = {{\n{kdc_lines}    }}\n"
+            section = kdcs.realm_section(conf, "LAB.TEST")
+            assert section is not None
+            written: list[tuple[str, str | None]] = []
+            watch = kdcs.KdcWatch(section, "HTTP/proxy.lab.test@LAB.TEST", 2, lambda r, t: written.append((r, t)))
+            await watch.start()
+            assert written[-1][1] is not None  # one answers, one is down: MIT was given the one that answers
+            task = watch._task
+            assert task is not None
+            watch.check_soon()
+            watch.stop()
+            before = asked
+            await asyncio.wait({task}, timeout=10)  # a deadline: it ends at once, or never did
+            ended = task.done()
+            if not ended:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        server.close()
+        await server.wait_closed()
+        return ended, asked - before, written
+
+    ended, probes, written = asyncio.run(scenario())
+    assert (ended, probes, written[-1]) == (True, 0, ("LAB.TEST", None))

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from proxy.auth.shared import CRL_FLOORS, SharedTable
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.der import inside, whole
-from proxy.certs.revocation import CrlSet, RevocationStatus, accept
-from proxy.certs.sources import MAX_CRL_BYTES, CrlSource, CrlStore, distribution_point_urls, shown_location
+from proxy.certs.revocation import MAX_CRL_BYTES, CrlSet, RevocationStatus, accept
+from proxy.certs.sources import CrlSource, CrlStore, distribution_point_urls, shown_location
 from proxy.errors import CertificateRevoked
 from proxy.lab.pki import Pki, make_pki, revoke
 from tests.pem import der_tlv, load_cert, load_key
