@@ -28,7 +28,9 @@ the first TLS byte. This module reads it:
   (`connection_wait_expired`). A header that names no device closes no keep-alive: a `LOCAL` health check takes a
   free slot or goes on without one, an `UNSPEC` / `UNKNOWN` connection waits for a free slot.
 
-A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands. A v1
+A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands; so does
+a header naming as its device the connection's own address and port (`names_itself`: HAProxy's v1 health check, v1
+having no LOCAL), taken as a `LOCAL` one. A v1
 `UNKNOWN` or a v2 `PROXY` header of family `UNSPEC` relays a device the balancer cannot name (a chain through a Unix
 socket, say): every such device would be the balancer's address, one for the Basic throttles and uncounted by the
 per-address cap, so the connection's requests are refused (400, `no_device_address`, `proxy.app`); its TLS
@@ -46,6 +48,7 @@ a.b.c.d. The header's TLVs (v2 extensions) are skipped unread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import struct
 from collections.abc import Callable, Sequence
@@ -217,6 +220,20 @@ def trusted(peer: object, networks: Sequence[IPNetwork]) -> bool:
     return any(address in network for network in networks)
 
 
+def names_itself(source: Address | None, peer: object) -> bool:
+    """Whether a header's device (`source`) is the very connection it came on (`peer`, a trusted balancer's address
+    and port): the balancer speaking for itself. HAProxy (2.6) sends its health checks' v1 header so, having no LOCAL
+    in v1 (`PROXY TCP4 <its address> <ours> <its port> <our port>`); a relayed device's port is on the balancer's
+    other side, never the port of the balancer's own connection to us."""
+    if source is None or not isinstance(peer, tuple) or len(peer) < 2 or not isinstance(peer[0], str):
+        return False
+    try:
+        address = ipaddress.ip_address(peer[0].partition("%")[0])
+    except ValueError:
+        return False
+    return (_named(address), peer[1]) == source
+
+
 class ProxyHeaderGate(asyncio.Protocol):
     """Reads the PROXY header from a trusted balancer, then hands the connection to the TLS gate."""
 
@@ -269,6 +286,8 @@ class ProxyHeaderGate(asyncio.Protocol):
             return
         if header is None:
             return
+        if header.command == "proxy" and names_itself(header.source, self._peer):
+            header = dataclasses.replace(header, command="local", source=None, destination=None, health_check=True)
         client = header.source if header.command == "proxy" else None
         closed = self._closed
         if client is not None and self._cap is not None:
