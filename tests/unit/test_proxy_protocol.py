@@ -508,17 +508,19 @@ def test_a_v1_header_naming_its_own_connection_is_the_balancers_and_closes_no_id
 
 
 @pytest.mark.parametrize(
-    ("source", "peer", "itself"),
+    ("line", "peer", "local", "itself"),
     [
-        (("192.0.2.5", 40000), ("192.0.2.5", 40000), True),
-        (("192.0.2.5", 40000), ("::ffff:192.0.2.5", 40000, 0, 0), True),  # a dual-stack listener's name for it
-        (("2001:db8::5", 40000), ("2001:db8::5", 40000, 0, 0), True),
-        (("192.0.2.5", 40001), ("192.0.2.5", 40000), False),  # a device beside the balancer: another port
-        (("203.0.113.7", 40000), ("192.0.2.5", 40000), False),
-        (None, ("192.0.2.5", 40000), False),
-        (("192.0.2.5", 40000), None, False),
+        ("192.0.2.5 192.0.2.1 40000 8443", ("192.0.2.5", 40000), ("192.0.2.1", 8443), True),
+        ("192.0.2.5 192.0.2.1 40000 8443", ("::ffff:192.0.2.5", 40000, 0, 0), ("::ffff:192.0.2.1", 8443, 0, 0), True),
+        ("192.0.2.5 192.0.2.1 40001 8443", ("192.0.2.5", 40000), ("192.0.2.1", 8443), False),  # another port
+        ("192.0.2.5 192.0.2.9 40000 443", ("192.0.2.5", 40000), ("192.0.2.1", 8443), False),  # the balancer's front
+        ("203.0.113.7 192.0.2.1 40000 8443", ("192.0.2.5", 40000), ("192.0.2.1", 8443), False),
+        ("192.0.2.5 192.0.2.1 40000 8443", None, ("192.0.2.1", 8443), False),
     ],
 )
-def test_names_itself(source: tuple[str, int] | None, peer: object, itself: bool) -> None:
-    """A header's device is the balancer itself only when it is the connection's own address and port."""
-    assert proxy_protocol.names_itself(source, peer) is itself
+def test_names_itself(line: str, peer: object, local: object, itself: bool) -> None:
+    """A header is the balancer's own connection only when it names that connection: its peer and our end of it."""
+    family = "TCP6" if ":" in line else "TCP4"
+    header = parse(f"PROXY {family} {line}\r\n".encode())
+    assert header is not None
+    assert proxy_protocol.names_itself(header, peer, local) is itself
