@@ -96,7 +96,8 @@ IN_CHAIN = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN: membership 
 # The KDC's access check for resource-based delegation (Samba 4.19's samba_kdc_check_s4u2proxy_rbcd, as Windows'): the
 # service's token holds, beside its SID and groups, Everyone and Authenticated Users (S-1-1-0, S-1-5-11: a DACL entry
 # for either names every account), and the right it asks is CONTROL_ACCESS alone (an entry without it decides nothing)
-WELL_KNOWN_TOKEN = frozenset({Sid(1, (0,)), Sid(5, (11,))})
+EVERYONE = Sid(1, (0,))
+WELL_KNOWN_TOKEN = frozenset({EVERYONE, Sid(5, (11,))})
 CONTROL_ACCESS = 0x100  # ADS_RIGHT_DS_CONTROL_ACCESS ([MS-ADTS] 5.1.3.2)
 
 
@@ -611,9 +612,15 @@ def acting_for_others(raw: bytes) -> tuple[tuple[bool, Sid], ...]:
     account may act for users, in the DACL's order: each access-allowed (True) or access-denied (False) entry whose
     access mask holds CONTROL_ACCESS, with its SID. An entry without that right decides nothing for the KDC; one marked
     INHERIT_ONLY_ACE applies only to objects below the account, and the access check skips it ([MS-DTYP] 2.5.3.2).
-    ValueError, IndexError or struct.error (bonsai's) when `raw` is not a security descriptor."""
+    A NULL DACL (SE_DACL_PRESENT with no list) grants every access to everyone, as the access check reads it (Samba's
+    "a NULL dacl allows access", Windows' too): one entry allowing Everyone; a descriptor without SE_DACL_PRESENT, or
+    an empty list, allows nobody. ValueError, IndexError or struct.error (bonsai's) when `raw` is not a security
+    descriptor."""
     entries: list[tuple[bool, Sid]] = []
-    dacl = bonsai.active_directory.SecurityDescriptor.from_binary(raw).dacl
+    descriptor = bonsai.active_directory.SecurityDescriptor.from_binary(raw)
+    dacl = descriptor.dacl
+    if dacl is None and descriptor.control["dacl_present"]:
+        return ((True, EVERYONE),)
     for ace in dacl.aces if dacl is not None else []:
         kind = ace.type.name
         if bonsai.active_directory.ACEFlag.INHERIT_ONLY in ace.flags or ace.trustee_sid is None:

@@ -275,3 +275,31 @@ def test_a_base_dn_the_directory_does_not_hold_fails_the_directory_check(
     assert line.startswith("FAIL"), line
     assert f"no entry {missing}" in line, line
     assert "base_dn" in line, line
+
+
+NULL_DACL_BACKEND = "svc-rbcdnull"
+NULL_DACL_SPN = "HTTP/rbcd-null.ad.test"
+
+
+def test_a_null_dacl_is_read_as_allowing_every_account(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """svc-rbcdnull's msDS-AllowedToActOnBehalfOfOtherIdentity is a descriptor whose DACL is present but NULL, which
+    the KDC's access check reads as granting everyone (Samba's and Windows' "a NULL dacl allows access"): `delegation`
+    says the backend allows svc-kcdrbcd (before: FAIL, the descriptor read as allowing nobody, every account of the
+    domain in fact allowed to act for any user towards it)."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    with _locked(realm.root):
+        if not _exists(realm, NULL_DACL_BACKEND):
+            owner = Sid(5, (32, 544)).to_bytes()
+            null_dacl = struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 0) + owner  # SE_DACL_PRESENT, no list
+            realm.ldbmodify(
+                f"dn: CN={NULL_DACL_BACKEND},CN=Users,{realm.base_dn}\nchangetype: add\nobjectClass: user\n"
+                f"sAMAccountName: {NULL_DACL_BACKEND}\nservicePrincipalName: {NULL_DACL_SPN}\n"
+                f"msDS-AllowedToActOnBehalfOfOtherIdentity:: {base64.b64encode(null_dacl).decode()}\n"
+            )
+    config = _config(realm, ad_backend, tmp_path / "null.toml", account=GATEWAY, spn=NULL_DACL_SPN)
+    line = _doctor(realm, config)["delegation"]
+    dn = f"CN={NULL_DACL_BACKEND},CN=Users,{realm.base_dn}"
+    assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows" in line, line
