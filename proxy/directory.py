@@ -90,7 +90,7 @@ ATTRIBUTES = [
 
 
 # binary attributes: SIDs, and a security descriptor ([MS-DTYP] 2.4.6; resource-based delegation's allow-list)
-RAW_ATTRIBUTES = ["objectSid", "tokenGroups", "msDS-AllowedToActOnBehalfOfOtherIdentity"]
+RAW_ATTRIBUTES = ["objectSid", "sIDHistory", "tokenGroups", "msDS-AllowedToActOnBehalfOfOtherIdentity"]
 PROTECTED_USERS_RID = 525  # the domain's Protected Users group: <domain SID>-525 ([MS-DTYP] 2.4.2.4)
 IN_CHAIN = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN: membership through nested groups ([MS-ADTS])
 # The KDC's access check for resource-based delegation (Samba 4.19's samba_kdc_check_s4u2proxy_rbcd, as Windows'): the
@@ -123,8 +123,9 @@ _HUNDRED_NS = 10_000_000  # AD writes intervals as negative counts of 100 ns
 class DelegationSettings:
     """An account's Delegation tab as the directory keeps it (`doctor`): `userAccountControl` (its
     TRUSTED_TO_AUTH_FOR_DELEGATION and TRUSTED_FOR_DELEGATION bits) and `msDS-AllowedToDelegateTo`; and the SIDs a
-    backend's resource-based delegation may name it by (its `objectSid` and `tokenGroups`: its groups, nested ones
-    included)."""
+    backend's resource-based delegation may name it by (its `objectSid`, its `sIDHistory`, which its tickets' PAC
+    carries as extra SIDs of its token, and `tokenGroups`: its groups, nested ones included; Samba's leaves the
+    account's own SID history out)."""
 
     dn: str
     user_account_control: int
@@ -425,7 +426,7 @@ class Directory:
         """The delegation settings of the user account `name` names (the gateway's own: `doctor`), no cache; None
         when no such account is under base_dn (a gMSA, another container). DirectoryUnavailable if no server
         answers."""
-        attributes = ["userAccountControl", "msDS-AllowedToDelegateTo", "objectSid"]
+        attributes = ["userAccountControl", "msDS-AllowedToDelegateTo", "objectSid", "sIDHistory"]
         entries = await self._search_first(_filter(name, self._settings.base_dn), attributes)
         if len(entries) != 1:
             return None
@@ -437,6 +438,7 @@ class Directory:
         if sids:  # tokenGroups is computed: read from the entry itself (a base search) only
             groups = await self._read(str(entry.dn), ["tokenGroups"])
             sids |= frozenset(_sids(groups, "tokenGroups")) if groups is not None else frozenset()
+            sids |= frozenset(_sids(entry, "sIDHistory"))
         return DelegationSettings(str(entry.dn), _int(entry, "userAccountControl"), listed, sids)
 
     async def resource_based(self, spn: str) -> ResourceBased:

@@ -303,3 +303,41 @@ def test_a_null_dacl_is_read_as_allowing_every_account(
     line = _doctor(realm, config)["delegation"]
     dn = f"CN={NULL_DACL_BACKEND},CN=Users,{realm.base_dn}"
     assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows" in line, line
+
+
+HISTORY_GATEWAY = "svc-kcdhist"
+HISTORY_BACKEND = "svc-rbcdhist"
+HISTORY_SPN = "HTTP/rbcd-history.ad.test"
+OLD_SID = Sid(5, (21, 1111, 2222, 3333, 1234))  # the gateway account's SID in a domain it was migrated from
+
+
+def test_a_sid_the_gateway_holds_through_sid_history_is_read_as_its_own(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """svc-kcdhist carries OLD_SID in its sIDHistory (a migrated account: its tickets' PAC carries it as an extra SID
+    of its token) and svc-rbcdhist's msDS-AllowedToActOnBehalfOfOtherIdentity allows OLD_SID: `delegation` says the
+    backend allows the gateway (before: FAIL, only objectSid and tokenGroups read, and Samba's tokenGroups leaves the
+    account's own SID history out)."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    with _locked(realm.root):
+        if not _exists(realm, HISTORY_BACKEND):
+            realm.samba_tool("user", "create", HISTORY_GATEWAY, ad.SERVICE_PASSWORD.format(account=HISTORY_GATEWAY))
+            gateway_dn = f"CN={HISTORY_GATEWAY},CN=Users,{realm.base_dn}"
+            realm.ldbmodify(
+                f"dn: {gateway_dn}\nchangetype: modify\nreplace: msDS-SupportedEncryptionTypes\n"
+                f"msDS-SupportedEncryptionTypes: 24\n-\nadd: sIDHistory\nsIDHistory: {OLD_SID}\n"
+            )
+            keytab = realm.keytab(HISTORY_GATEWAY)
+            realm.samba_tool("domain", "exportkeytab", str(keytab), f"--principal={HISTORY_GATEWAY}@{ad.REALM}")
+            keytab.chmod(0o644)
+            allows = _acl_descriptor((0, 0x100, OLD_SID))  # CONTROL_ACCESS for the old SID alone
+            realm.ldbmodify(
+                f"dn: CN={HISTORY_BACKEND},CN=Users,{realm.base_dn}\nchangetype: add\nobjectClass: user\n"
+                f"sAMAccountName: {HISTORY_BACKEND}\nservicePrincipalName: {HISTORY_SPN}\n"
+                f"msDS-AllowedToActOnBehalfOfOtherIdentity:: {base64.b64encode(allows).decode()}\n"
+            )
+    config = _config(realm, ad_backend, tmp_path / "history.toml", account=HISTORY_GATEWAY, spn=HISTORY_SPN)
+    line = _doctor(realm, config)["delegation"]
+    dn = f"CN={HISTORY_BACKEND},CN=Users,{realm.base_dn}"
+    assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows" in line, line
