@@ -118,11 +118,13 @@ def _lab(args: argparse.Namespace) -> int:
         if warning := runner.gateway_port_warning(layout):
             print(warning, file=sys.stderr)
     elif args.action == "down":
-        if (refused := _ad_in_use(ad.AdRealm.at(layout.root / "ad"))) is not None:
-            return refused
-        runner.down(layout)
-        ad.down(ad.AdRealm.at(layout.root / "ad"))  # the AD realm too, if it runs: its namespace goes
-        ad_mapping.forget_names(ad.AdRealm.at(layout.root / "ad"))
+        realm = ad.AdRealm.at(layout.root / "ad")
+        with ad.unused(realm) as free:  # held until the realm is stopped: a run starting meanwhile waits
+            if not free:
+                return _ad_in_use(realm)
+            runner.down(layout)
+            ad.down(realm)  # the AD realm too, if it runs: its namespace goes
+            ad_mapping.forget_names(realm)
         print("lab stopped")
     elif args.action == "status":
         state = runner.status(layout)
@@ -152,10 +154,8 @@ def _lab_handout(layout: LabLayout, into: str | None, *, ad: bool = False) -> in
     return 0
 
 
-def _ad_in_use(realm: ad.AdRealm) -> int | None:
-    """`lab down`'s refusal (its exit status) while a test run uses the AD realm (`ad.in_use`); None if nobody does."""
-    if not ad.in_use(realm):
-        return None
+def _ad_in_use(realm: ad.AdRealm) -> int:
+    """`lab down`'s refusal (its exit status) while a test run uses the AD realm (`ad.unused`)."""
     print(
         f"kcd-proxy lab down: the AD realm in {realm.root} is in use: {ad.users_lock(realm)} is held (a test run); "
         "nothing stopped",
@@ -178,10 +178,11 @@ def _lab_ad(action: str, realm: ad.AdRealm) -> int:
             run = f"ip netns exec {realm.netns} kcd-proxy run --config FILE"
             print(f"# either in place of gateway.toml (the same ports): {run}")
         elif action == "down":
-            if (refused := _ad_in_use(realm)) is not None:
-                return refused
-            ad.down(realm)
-            ad_mapping.forget_names(realm)
+            with ad.unused(realm) as free:  # held until the realm is stopped: a run starting meanwhile waits
+                if not free:
+                    return _ad_in_use(realm)
+                ad.down(realm)
+                ad_mapping.forget_names(realm)
             print(f"AD realm stopped; namespace {realm.netns} removed")
         elif action == "status":
             state = ad.status(realm)

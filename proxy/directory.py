@@ -90,13 +90,14 @@ ATTRIBUTES = [
 
 
 # binary attributes: SIDs, and a security descriptor ([MS-DTYP] 2.4.6; resource-based delegation's allow-list)
-RAW_ATTRIBUTES = ["objectSid", "tokenGroups", "msDS-AllowedToActOnBehalfOfOtherIdentity"]
+RAW_ATTRIBUTES = ["objectSid", "sIDHistory", "tokenGroups", "msDS-AllowedToActOnBehalfOfOtherIdentity"]
 PROTECTED_USERS_RID = 525  # the domain's Protected Users group: <domain SID>-525 ([MS-DTYP] 2.4.2.4)
 IN_CHAIN = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN: membership through nested groups ([MS-ADTS])
 # The KDC's access check for resource-based delegation (Samba 4.19's samba_kdc_check_s4u2proxy_rbcd, as Windows'): the
 # service's token holds, beside its SID and groups, Everyone and Authenticated Users (S-1-1-0, S-1-5-11: a DACL entry
 # for either names every account), and the right it asks is CONTROL_ACCESS alone (an entry without it decides nothing)
-WELL_KNOWN_TOKEN = frozenset({Sid(1, (0,)), Sid(5, (11,))})
+EVERYONE = Sid(1, (0,))
+WELL_KNOWN_TOKEN = frozenset({EVERYONE, Sid(5, (11,))})
 CONTROL_ACCESS = 0x100  # ADS_RIGHT_DS_CONTROL_ACCESS ([MS-ADTS] 5.1.3.2)
 
 
@@ -122,8 +123,9 @@ _HUNDRED_NS = 10_000_000  # AD writes intervals as negative counts of 100 ns
 class DelegationSettings:
     """An account's Delegation tab as the directory keeps it (`doctor`): `userAccountControl` (its
     TRUSTED_TO_AUTH_FOR_DELEGATION and TRUSTED_FOR_DELEGATION bits) and `msDS-AllowedToDelegateTo`; and the SIDs a
-    backend's resource-based delegation may name it by (its `objectSid` and `tokenGroups`: its groups, nested ones
-    included)."""
+    backend's resource-based delegation may name it by (its `objectSid`, its `sIDHistory`, which its tickets' PAC
+    carries as extra SIDs of its token, and `tokenGroups`: its groups, nested ones included; Samba's leaves the
+    account's own SID history out)."""
 
     dn: str
     user_account_control: int
@@ -424,7 +426,7 @@ class Directory:
         """The delegation settings of the user account `name` names (the gateway's own: `doctor`), no cache; None
         when no such account is under base_dn (a gMSA, another container). DirectoryUnavailable if no server
         answers."""
-        attributes = ["userAccountControl", "msDS-AllowedToDelegateTo", "objectSid"]
+        attributes = ["userAccountControl", "msDS-AllowedToDelegateTo", "objectSid", "sIDHistory"]
         entries = await self._search_first(_filter(name, self._settings.base_dn), attributes)
         if len(entries) != 1:
             return None
@@ -436,6 +438,7 @@ class Directory:
         if sids:  # tokenGroups is computed: read from the entry itself (a base search) only
             groups = await self._read(str(entry.dn), ["tokenGroups"])
             sids |= frozenset(_sids(groups, "tokenGroups")) if groups is not None else frozenset()
+            sids |= frozenset(_sids(entry, "sIDHistory"))
         return DelegationSettings(str(entry.dn), _int(entry, "userAccountControl"), listed, sids)
 
     async def resource_based(self, spn: str) -> ResourceBased:
@@ -611,9 +614,15 @@ def acting_for_others(raw: bytes) -> tuple[tuple[bool, Sid], ...]:
     account may act for users, in the DACL's order: each access-allowed (True) or access-denied (False) entry whose
     access mask holds CONTROL_ACCESS, with its SID. An entry without that right decides nothing for the KDC; one marked
     INHERIT_ONLY_ACE applies only to objects below the account, and the access check skips it ([MS-DTYP] 2.5.3.2).
-    ValueError, IndexError or struct.error (bonsai's) when `raw` is not a security descriptor."""
+    A NULL DACL (SE_DACL_PRESENT with no list) grants every access to everyone, as the access check reads it (Samba's
+    "a NULL dacl allows access", Windows' too): one entry allowing Everyone; a descriptor without SE_DACL_PRESENT, or
+    an empty list, allows nobody. ValueError, IndexError or struct.error (bonsai's) when `raw` is not a security
+    descriptor."""
     entries: list[tuple[bool, Sid]] = []
-    dacl = bonsai.active_directory.SecurityDescriptor.from_binary(raw).dacl
+    descriptor = bonsai.active_directory.SecurityDescriptor.from_binary(raw)
+    dacl = descriptor.dacl
+    if dacl is None and descriptor.control["dacl_present"]:
+        return ((True, EVERYONE),)
     for ace in dacl.aces if dacl is not None else []:
         kind = ace.type.name
         if bonsai.active_directory.ACEFlag.INHERIT_ONLY in ace.flags or ace.trustee_sid is None:

@@ -63,7 +63,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -613,19 +613,21 @@ def users_lock(realm: AdRealm) -> Path:
     return realm.root / "users.lock"
 
 
-def in_use(realm: AdRealm) -> bool:
-    """Whether someone holds the realm's users lock (`users_lock`): a test run using it, which `lab down` must not
-    stop under it."""
-    try:
-        lock = users_lock(realm).open("rb")
-    except FileNotFoundError:
-        return False
-    with lock:
+@contextlib.contextmanager
+def unused(realm: AdRealm) -> Iterator[bool]:
+    """Whether nobody holds the realm's users lock (`users_lock`: a test run using it, which `lab down` must not stop
+    under it); if so the lock is held exclusively until the block ends, so that a run starting meanwhile waits for the
+    stop to end (then starts the realm afresh) rather than take a realm about to be stopped under it."""
+    if not realm.root.is_dir():
+        yield True
+        return
+    with users_lock(realm).open("ab") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
-        return False
+            yield False
+            return
+        yield True
 
 
 def down(realm: AdRealm) -> None:

@@ -28,7 +28,9 @@ the first TLS byte. This module reads it:
   (`connection_wait_expired`). A header that names no device closes no keep-alive: a `LOCAL` health check takes a
   free slot or goes on without one, an `UNSPEC` / `UNKNOWN` connection waits for a free slot.
 
-A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands. A v1
+A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands; so does
+a header that describes the connection it came on, the balancer's own address and port to ours (`names_itself`:
+HAProxy's v1 health check, v1 having no LOCAL), taken as a `LOCAL` one. A v1
 `UNKNOWN` or a v2 `PROXY` header of family `UNSPEC` relays a device the balancer cannot name (a chain through a Unix
 socket, say): every such device would be the balancer's address, one for the Basic throttles and uncounted by the
 per-address cap, so the connection's requests are refused (400, `no_device_address`, `proxy.app`); its TLS
@@ -46,6 +48,7 @@ a.b.c.d. The header's TLVs (v2 extensions) are skipped unread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import struct
 from collections.abc import Callable, Sequence
@@ -217,6 +220,27 @@ def trusted(peer: object, networks: Sequence[IPNetwork]) -> bool:
     return any(address in network for network in networks)
 
 
+def names_itself(header: ProxyHeader, peer: object, local: object) -> bool:
+    """Whether a header describes the very connection it came on: its device (source) the connection's peer, a trusted
+    balancer's address and port, and its destination our end of it (`local`). The balancer speaking for itself:
+    HAProxy (2.6) sends its health checks' v1 header so, v1 having no LOCAL (`PROXY TCP4 <its address> <ours> <its
+    port> <our port>`). A relayed device's connection is another one, never the balancer's own to us."""
+    if header.command != "proxy":
+        return False
+    ends = [_endpoint(peer), _endpoint(local)]
+    return None not in ends and ends == [header.source, header.destination]
+
+
+def _endpoint(address: object) -> Address | None:
+    """A socket's (host, port, ...) as a header names it (`_named`); None for no IP address."""
+    if not isinstance(address, tuple) or len(address) < 2 or not isinstance(address[0], str):
+        return None
+    try:
+        return _named(ipaddress.ip_address(address[0].partition("%")[0])), address[1]
+    except ValueError:
+        return None
+
+
 class ProxyHeaderGate(asyncio.Protocol):
     """Reads the PROXY header from a trusted balancer, then hands the connection to the TLS gate."""
 
@@ -239,6 +263,7 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._cap = cap  # listener.max_connections_per_address, counted by the device's address
         self._buffer = b""
         self._peer: object = None
+        self._local: object = None  # our end of the connection (`names_itself`)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._room: asyncio.Task[None] | None = None  # waiting for a slot, the header read (`SlotWait.room`)
@@ -246,6 +271,7 @@ class ProxyHeaderGate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = socket_transport(transport)
         self._peer = transport.get_extra_info("peername")
+        self._local = transport.get_extra_info("sockname")
         if self._peer is None:  # reset before it was accepted: no address was ever read, so none to refuse
             self._gone("reset before it was accepted")
             return
@@ -269,6 +295,8 @@ class ProxyHeaderGate(asyncio.Protocol):
             return
         if header is None:
             return
+        if names_itself(header, self._peer, self._local):
+            header = dataclasses.replace(header, command="local", source=None, destination=None, health_check=True)
         client = header.source if header.command == "proxy" else None
         closed = self._closed
         if client is not None and self._cap is not None:

@@ -79,7 +79,7 @@ def apply_lockout_policy(realm: ad.AdRealm, pso: str, precedence: int, threshold
 
 def users_lock(realm: ad.AdRealm) -> Path:
     """The lock each session using the realm holds shared (`ad_realm`), named in samba's environment; `kcd-proxy lab
-    down` leaves the realm running while it is held (`proxy.lab.ad.in_use`)."""
+    down` leaves the realm running while it is held (`proxy.lab.ad.unused`)."""
     return ad.users_lock(realm)
 
 

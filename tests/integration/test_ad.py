@@ -31,7 +31,7 @@ from tests.integration.ad_fixtures import (
     users_lock,
     wait_kdc_reason,
 )
-from tests.integration.jsonlog import WAIT
+from tests.integration.jsonlog import WAIT, eventually
 
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
@@ -97,6 +97,51 @@ def test_lab_down_leaves_a_realm_a_run_uses(ad_realm: ad.AdRealm) -> None:
         assert done.returncode == 1, done.stdout + done.stderr
         assert f"in use: {users_lock(ad_realm)} is held" in done.stderr, done.stderr
         assert ad.running(ad_realm), f"{argv} stopped the realm: {done.stdout}{done.stderr}"
+
+
+_STUBBORN = """
+import pathlib, signal, sys, time
+marks = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (marks / "termed").touch())
+(marks / "ready").touch()
+deadline = time.monotonic() + 60
+while not (marks / "release").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+
+def test_lab_down_holds_the_realms_users_lock_until_the_realm_is_stopped(tmp_path: Path) -> None:
+    """`kcd-proxy lab down --ad` on a realm nobody uses holds its users lock exclusively while it stops the processes
+    in the realm's namespace (one here that outlives its SIGTERM until told): a run starting meanwhile waits for the
+    lock instead of having samba stopped under it (before: the lock was let go once found free, before the stop)."""
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root")
+    realm = ad.AdRealm.at(tmp_path / "ad")
+    realm.root.mkdir()
+    users_lock(realm).touch()
+    subprocess.run(["ip", "netns", "add", realm.netns], check=True)
+    stubborn = subprocess.Popen(realm.netns_argv([sys.executable, "-c", _STUBBORN, str(tmp_path)]))
+    down: subprocess.Popen[str] | None = None
+    try:
+        eventually(lambda: (tmp_path / "ready").exists(), what="the stubborn process in the namespace")
+        argv = [sys.executable, "-m", "proxy", "lab", "down", "--ad", "--dir", str(tmp_path)]
+        down = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        eventually(lambda: (tmp_path / "termed").exists(), what="lab down's SIGTERM")
+        with users_lock(realm).open("rb") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a run's session: it must wait
+        (tmp_path / "release").touch()
+        stubborn.wait(timeout=60)  # reaped here, its parent: lab down waits for the namespace to empty
+        output, _ = down.communicate(timeout=60)
+        assert down.returncode == 0, output
+        assert not ad.namespace_exists(realm)
+    finally:
+        (tmp_path / "release").touch()
+        stubborn.kill()
+        stubborn.wait()
+        if down is not None and down.poll() is None:
+            down.kill()
+            down.wait()
+        ad.down(realm)
 
 
 def test_a_sensitive_user_is_refused_because_the_evidence_ticket_is_not_forwardable(

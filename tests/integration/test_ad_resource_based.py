@@ -275,3 +275,69 @@ def test_a_base_dn_the_directory_does_not_hold_fails_the_directory_check(
     assert line.startswith("FAIL"), line
     assert f"no entry {missing}" in line, line
     assert "base_dn" in line, line
+
+
+NULL_DACL_BACKEND = "svc-rbcdnull"
+NULL_DACL_SPN = "HTTP/rbcd-null.ad.test"
+
+
+def test_a_null_dacl_is_read_as_allowing_every_account(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """svc-rbcdnull's msDS-AllowedToActOnBehalfOfOtherIdentity is a descriptor whose DACL is present but NULL, which
+    the KDC's access check reads as granting everyone (Samba's and Windows' "a NULL dacl allows access"): `delegation`
+    says the backend allows svc-kcdrbcd (before: FAIL, the descriptor read as allowing nobody, every account of the
+    domain in fact allowed to act for any user towards it)."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    with _locked(realm.root):
+        if not _exists(realm, NULL_DACL_BACKEND):
+            owner = Sid(5, (32, 544)).to_bytes()
+            null_dacl = struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 0) + owner  # SE_DACL_PRESENT, no list
+            realm.ldbmodify(
+                f"dn: CN={NULL_DACL_BACKEND},CN=Users,{realm.base_dn}\nchangetype: add\nobjectClass: user\n"
+                f"sAMAccountName: {NULL_DACL_BACKEND}\nservicePrincipalName: {NULL_DACL_SPN}\n"
+                f"msDS-AllowedToActOnBehalfOfOtherIdentity:: {base64.b64encode(null_dacl).decode()}\n"
+            )
+    config = _config(realm, ad_backend, tmp_path / "null.toml", account=GATEWAY, spn=NULL_DACL_SPN)
+    line = _doctor(realm, config)["delegation"]
+    dn = f"CN={NULL_DACL_BACKEND},CN=Users,{realm.base_dn}"
+    assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows" in line, line
+
+
+HISTORY_GATEWAY = "svc-kcdhist"
+HISTORY_BACKEND = "svc-rbcdhist"
+HISTORY_SPN = "HTTP/rbcd-history.ad.test"
+OLD_SID = Sid(5, (21, 1111, 2222, 3333, 1234))  # the gateway account's SID in a domain it was migrated from
+
+
+def test_a_sid_the_gateway_holds_through_sid_history_is_read_as_its_own(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """svc-kcdhist carries OLD_SID in its sIDHistory (a migrated account: its tickets' PAC carries it as an extra SID
+    of its token) and svc-rbcdhist's msDS-AllowedToActOnBehalfOfOtherIdentity allows OLD_SID: `delegation` says the
+    backend allows the gateway (before: FAIL, only objectSid and tokenGroups read, and Samba's tokenGroups leaves the
+    account's own SID history out)."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    with _locked(realm.root):
+        if not _exists(realm, HISTORY_BACKEND):
+            realm.samba_tool("user", "create", HISTORY_GATEWAY, ad.SERVICE_PASSWORD.format(account=HISTORY_GATEWAY))
+            gateway_dn = f"CN={HISTORY_GATEWAY},CN=Users,{realm.base_dn}"
+            realm.ldbmodify(
+                f"dn: {gateway_dn}\nchangetype: modify\nreplace: msDS-SupportedEncryptionTypes\n"
+                f"msDS-SupportedEncryptionTypes: 24\n-\nadd: sIDHistory\nsIDHistory: {OLD_SID}\n"
+            )
+            keytab = realm.keytab(HISTORY_GATEWAY)
+            realm.samba_tool("domain", "exportkeytab", str(keytab), f"--principal={HISTORY_GATEWAY}@{ad.REALM}")
+            keytab.chmod(0o644)
+            allows = _acl_descriptor((0, 0x100, OLD_SID))  # CONTROL_ACCESS for the old SID alone
+            realm.ldbmodify(
+                f"dn: CN={HISTORY_BACKEND},CN=Users,{realm.base_dn}\nchangetype: add\nobjectClass: user\n"
+                f"sAMAccountName: {HISTORY_BACKEND}\nservicePrincipalName: {HISTORY_SPN}\n"
+                f"msDS-AllowedToActOnBehalfOfOtherIdentity:: {base64.b64encode(allows).decode()}\n"
+            )
+    config = _config(realm, ad_backend, tmp_path / "history.toml", account=HISTORY_GATEWAY, spn=HISTORY_SPN)
+    line = _doctor(realm, config)["delegation"]
+    dn = f"CN={HISTORY_BACKEND},CN=Users,{realm.base_dn}"
+    assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows" in line, line

@@ -546,6 +546,43 @@ def test_a_balancers_health_checks_and_unnamed_devices_close_no_idle_keepalive_a
         asyncio.run(run())
 
 
+def test_a_balancers_v1_health_checks_naming_themselves_close_no_idle_keepalive_at_the_cap(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a real HAProxy speaking PROXY v1 (`send-proxy`) and checking every 200 ms: HAProxy 2.6 sends no LOCAL
+    in v1, its check's header names the check's own connection (`PROXY TCP4 <its address> <ours> <its port> ...`).
+    Four idle devices hold the cap of 4: ten checks pass and close no idle keep-alive (each closed one, a device's
+    claim to a slot); the four devices are served again on their own connections."""
+    with capped(lab, tmp_path, server, BALANCED) as (gw, admin):
+
+        async def run() -> None:
+            idle = [
+                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/idle")
+                for n, user in enumerate(USERS, 1)
+            ]
+            await asyncio.to_thread(eventually, lambda: readyz(admin)[0] == 200, "the idle keep-alives as room")
+            gw.mark()
+            directory, port = tmp_path / "haproxy", free_port()
+            directory.mkdir()
+            stats = directory / "stats.sock"
+            checks = metric(admin, "kcd_listener_empty_connections_total")
+            config = _haproxy_config(port, (gw,), stats, "check check-send-proxy inter 200ms")
+            with _haproxy(directory, port, config.replace(" send-proxy-v2 ", " send-proxy ")):
+                await asyncio.to_thread(
+                    eventually,
+                    lambda: metric(admin, "kcd_listener_empty_connections_total") >= checks + 10,
+                    "ten of HAProxy's health checks",
+                )
+                assert _check_status(stats) == {"gw1": "L4OK"}
+            assert not gw.events("device_idle_reclaimed", gw.since)
+            for stream in idle:
+                assert (await exchange(stream, "/EWS/still"))[0] == 200  # no device lost its keep-alive
+            for _, writer in idle:
+                writer.close()
+
+        asyncio.run(run())
+
+
 def until_closed(raw: socket.socket, within: float) -> bytes:
     """What the gateway sends on `raw` until it closes it (a FIN or a reset), waiting `within` seconds at most."""
     raw.settimeout(within)

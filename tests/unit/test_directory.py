@@ -314,3 +314,19 @@ def test_resource_based_delegation_is_judged_as_the_kdcs_access_check() -> None:
     assert not judged(_descriptor((0, 0, gateway), mask=0x00020014))  # read control, list, read property
     assert judged(_descriptor((0, 0, gateway), mask=0x100))
     assert not judged(_descriptor((0, 0, Sid(5, (21, 1, 2, 3, 1107)))))
+
+
+def test_a_null_dacl_of_a_resource_based_delegation_allows_every_account() -> None:
+    """A descriptor whose DACL is present but NULL (SE_DACL_PRESENT, no list) grants every access to everyone in the
+    KDC's access check: every account may act for users; one without SE_DACL_PRESENT, or with an empty list, none."""
+    gateway = Sid(5, (21, 1, 2, 3, 1105))
+    owner = Sid(5, (32, 544)).to_bytes()
+
+    def judged(control: int, dacl: bytes = b"") -> bool:
+        at = 20 + len(owner) if dacl else 0
+        raw = struct.pack("<BBHIIII", 1, 0, control, 20, 0, 0, at) + owner + dacl
+        return ResourceBased("HTTP/cas.ad.test", "CN=cas", acting_for_others(raw)).allows(frozenset({gateway}))
+
+    assert judged(0x8004)  # self-relative, DACL present, no list: a NULL DACL
+    assert not judged(0x8000)  # no DACL at all
+    assert not judged(0x8004, struct.pack("<BBHHH", 2, 0, 8, 0, 0))  # an empty DACL

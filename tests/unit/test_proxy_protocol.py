@@ -457,3 +457,70 @@ def test_at_a_cap_of_idle_keepalives_a_health_check_closes_none_and_goes_on_with
             await server.wait_closed()
 
     asyncio.run(run())
+
+
+def test_a_v1_header_naming_its_own_connection_is_the_balancers_and_closes_no_idle_keepalive() -> None:
+    """Behind a balancer at a cap held by an idle keep-alive: a v1 line naming the connection's own address and port
+    (HAProxy 2.6's v1 health check, v1 having no LOCAL) is handed to TLS as a LOCAL one, no device named, no slot
+    taken and the idle connection left open; a v1 line naming another port of that address is a device's."""
+
+    async def run() -> None:
+        idle_closed: list[float] = []
+
+        def close(since: float) -> bool:
+            idle_closed.append(since)
+            return True
+
+        slots = ConnectionSlots(1, idle=IdleKeepAlives(lambda: [(1.0, close)]))
+        await slots.take()  # the idle keep-alive's slot
+        recorder = _Recorder()
+
+        def factory() -> asyncio.Protocol:
+            return proxy_protocol.ProxyHeaderGate(
+                lambda: [ipaddress.ip_network("127.0.0.1/32")],
+                5,
+                recorder.ended,  # type: ignore[arg-type]
+                SlotWait(slots),
+            )
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            _, check = await asyncio.open_connection("127.0.0.1", port)
+            own = check.get_extra_info("sockname")[1]
+            check.write(f"PROXY TCP4 127.0.0.1 127.0.0.1 {own} {port}\r\n".encode())
+            await _until(lambda: bool(recorder.handed))
+            assert recorder.handed == [(None, b"")]
+            assert (idle_closed, slots.open) == ([], 1)  # no slot taken, nobody's closed
+            check.close()
+            _, device = await asyncio.open_connection("127.0.0.1", port)
+            other = device.get_extra_info("sockname")[1] % 65535 + 1
+            device.write(f"PROXY TCP4 127.0.0.1 127.0.0.1 {other} {port}\r\n".encode())
+            await _until(lambda: len(recorder.handed) == 2)
+            assert recorder.handed[1] == (("127.0.0.1", other), b"")
+            assert idle_closed == [1.0]
+            device.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("line", "peer", "local", "itself"),
+    [
+        ("192.0.2.5 192.0.2.1 40000 8443", ("192.0.2.5", 40000), ("192.0.2.1", 8443), True),
+        ("192.0.2.5 192.0.2.1 40000 8443", ("::ffff:192.0.2.5", 40000, 0, 0), ("::ffff:192.0.2.1", 8443, 0, 0), True),
+        ("192.0.2.5 192.0.2.1 40001 8443", ("192.0.2.5", 40000), ("192.0.2.1", 8443), False),  # another port
+        ("192.0.2.5 192.0.2.9 40000 443", ("192.0.2.5", 40000), ("192.0.2.1", 8443), False),  # the balancer's front
+        ("203.0.113.7 192.0.2.1 40000 8443", ("192.0.2.5", 40000), ("192.0.2.1", 8443), False),
+        ("192.0.2.5 192.0.2.1 40000 8443", None, ("192.0.2.1", 8443), False),
+    ],
+)
+def test_names_itself(line: str, peer: object, local: object, itself: bool) -> None:
+    """A header is the balancer's own connection only when it names that connection: its peer and our end of it."""
+    family = "TCP6" if ":" in line else "TCP4"
+    header = parse(f"PROXY {family} {line}\r\n".encode())
+    assert header is not None
+    assert proxy_protocol.names_itself(header, peer, local) is itself
