@@ -454,6 +454,18 @@ async def balanced_device(lab: LabLayout, port: int, user: str, address: str, pa
     return stream
 
 
+async def two_busy_behind_a_balancer(lab: LabLayout, port: int) -> list[Stream]:
+    """Alice and bob behind the balancer, each served once, then busy: a next request's head half sent."""
+    busy = [
+        await balanced_device(lab, port, user, f"203.0.113.{n}", "/EWS/first")
+        for n, user in enumerate(("alice", "bob"), 1)
+    ]
+    for _, writer in busy:
+        writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
+        await writer.drain()
+    return busy
+
+
 def accept_queue(port: int) -> int:
     """Connections to the listener on `port` that the kernel completed and the gateway has not accepted yet."""
     out = subprocess.run(
@@ -640,13 +652,7 @@ def test_waiters_that_leave_together_give_back_what_they_held(
     with capped(lab, tmp_path, server, listener, cap=2) as (gw, admin):
 
         async def run() -> None:
-            busy = [
-                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/first")
-                for n, user in enumerate(("alice", "bob"), 1)
-            ]
-            for _, writer in busy:
-                writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
-                await writer.drain()
+            busy = await two_busy_behind_a_balancer(lab, gw.port)
             gw.mark()
             waiters = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(WAITERS)]
             for n, raw in enumerate(waiters):
@@ -741,13 +747,7 @@ def test_a_slot_freed_goes_to_a_waiter_not_to_a_connection_yet_to_come(
             return await exchange(stream, f"/EWS/waited-{n}")
 
         async def run() -> None:
-            busy = [
-                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/first")
-                for n, user in enumerate(("alice", "bob"), 1)
-            ]
-            for _, writer in busy:
-                writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
-                await writer.drain()
+            busy = await two_busy_behind_a_balancer(lab, gw.port)
             gw.mark()
             raws = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEADER_WAITS)]
             await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
