@@ -53,9 +53,13 @@ def _run(args: argparse.Namespace) -> int:
         from proxy.live import replacement_config, replacement_refused
 
         # a replacement for a worker that died serves what its siblings reloaded since the start, not `cfg`
-        current = replacement_config(cfg) if worker is not None and worker.replacement else cfg
-        try:
-            event_loop.run(app.serve(current, worker=worker, shared=shared), cfg.listener.event_loop)
+        replacing = worker is not None and worker.replacement
+        current = replacement_config(cfg) if replacing else cfg
+        try:  # `cfg` again in a replacement: its CRL files, vetted at the start, may have gone bad since (`app.build`)
+            event_loop.run(
+                app.serve(current, worker=worker, shared=shared, crls_vetted=replacing and current is cfg),
+                cfg.listener.event_loop,
+            )
         except ConfigError as e:
             if current is cfg:
                 return e.report()
@@ -63,7 +67,8 @@ def _run(args: argparse.Namespace) -> int:
             # fail to start, which stops the whole gateway (proxy.workers), but to serve what the gateway started with
             current = replacement_refused(cfg, e.problems)
             try:
-                event_loop.run(app.serve(current, worker=worker, shared=shared), cfg.listener.event_loop)
+                serving = app.serve(current, worker=worker, shared=shared, crls_vetted=True)
+                event_loop.run(serving, cfg.listener.event_loop)
             except ConfigError as again:
                 return again.report()
         return 0

@@ -103,11 +103,11 @@ class Live:
         return directory.held.unjudged if directory is not None else 0
 
     @classmethod
-    def start(cls, config: Config, *, shared: SharedTable | None = None) -> Live:
+    def start(cls, config: Config, *, shared: SharedTable | None = None, crls_vetted: bool = False) -> Live:
         from proxy.app import build
         from proxy.tls.server import ServedCertificate, server_context
 
-        gateway = build(config, shared=shared, serving=True)
+        gateway = build(config, shared=shared, serving=True, crls_vetted=crls_vetted)
         context = server_context(config)
         return cls(gateway, context, balancers=config.listener.trusted_proxies, served=ServedCertificate.of(config))
 

@@ -617,10 +617,10 @@ def users_lock(realm: AdRealm) -> Path:
 def unused(realm: AdRealm) -> Iterator[bool]:
     """Whether nobody holds the realm's users lock (`users_lock`: a test run using it, which `lab down` must not stop
     under it); if so the lock is held exclusively until the block ends, so that a run starting meanwhile waits for the
-    stop to end (then starts the realm afresh) rather than take a realm about to be stopped under it."""
-    if not realm.root.is_dir():
-        yield True
-        return
+    stop to end (then starts the realm afresh) rather than take a realm about to be stopped under it. The directory is
+    made if it is not there (a namespace outliving `rm -rf .lab`, a first run starting meanwhile): unlocked, a run
+    creating it during the stop took its lock and had its realm stopped under it."""
+    realm.root.mkdir(parents=True, exist_ok=True)
     with users_lock(realm).open("ab") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

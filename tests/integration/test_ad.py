@@ -144,6 +144,38 @@ def test_lab_down_holds_the_realms_users_lock_until_the_realm_is_stopped(tmp_pat
         ad.down(realm)
 
 
+def test_lab_down_holds_the_users_lock_of_a_realm_whose_directory_is_not_there_yet(tmp_path: Path) -> None:
+    """`kcd-proxy lab down --ad` on a namespace whose realm directory is gone (or not made yet) holds the users lock
+    while it stops the namespace: a run creating the directory meanwhile waits instead of having its realm stopped."""
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root")
+    realm = ad.AdRealm.at(tmp_path / "ad")  # no directory: `rm -rf .lab` with samba running, or a first run starting
+    subprocess.run(["ip", "netns", "add", realm.netns], check=True)
+    stubborn = subprocess.Popen(realm.netns_argv([sys.executable, "-c", _STUBBORN, str(tmp_path)]))
+    down: subprocess.Popen[str] | None = None
+    try:
+        eventually(lambda: (tmp_path / "ready").exists(), what="the stubborn process in the namespace")
+        argv = [sys.executable, "-m", "proxy", "lab", "down", "--ad", "--dir", str(tmp_path)]
+        down = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        eventually(lambda: (tmp_path / "termed").exists(), what="lab down's SIGTERM")
+        realm.root.mkdir(parents=True, exist_ok=True)  # a run's session, as the ad_realm fixture starts one
+        with users_lock(realm).open("a") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # it must wait for the stop to end
+        (tmp_path / "release").touch()
+        stubborn.wait(timeout=60)
+        output, _ = down.communicate(timeout=60)
+        assert down.returncode == 0, output
+        assert not ad.namespace_exists(realm)
+    finally:
+        (tmp_path / "release").touch()
+        stubborn.kill()
+        stubborn.wait()
+        if down is not None and down.poll() is None:
+            down.kill()
+            down.wait()
+        ad.down(realm)
+
+
 def test_a_sensitive_user_is_refused_because_the_evidence_ticket_is_not_forwardable(
     ad_realm: ad.AdRealm, ad_gateway: AdProcess, tmp_path: Path
 ) -> None:

@@ -595,6 +595,36 @@ def test_a_balancers_v1_health_checks_naming_themselves_close_no_idle_keepalive_
         asyncio.run(run())
 
 
+def test_a_device_at_the_balancers_own_address_is_counted_under_its_cap_not_taken_for_a_check(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Behind a real HAProxy speaking PROXY v1 (`send-proxy`), devices at the balancer's own address (127.0.0.1, as
+    the balancer's connections to the gateway come from): their headers name their own connections to HAProxy, never
+    HAProxy's to the gateway (`names_itself`), so each is a device counted under max_connections_per_address = 1: the
+    first is served, the second reset at its header (`address_connection_limit_reached`), not served as a check."""
+    with capped(lab, tmp_path, "aiohttp", BALANCED) as (gw, _admin):
+        directory, port = tmp_path / "haproxy", free_port()
+        directory.mkdir()
+        config = _haproxy_config(port, (gw,), directory / "stats.sock", "")
+        with _haproxy(directory, port, config.replace(" send-proxy-v2 ", " send-proxy ")):
+
+            async def run() -> None:
+                first = await served(lab, port, "alice", "/EWS/first")  # through HAProxy, from 127.0.0.1
+                gw.mark()
+
+                async def second() -> tuple[int, bytes]:
+                    return await exchange(await connect(lab, port, "bob"), "/EWS/second")
+
+                with pytest.raises((OSError, asyncio.IncompleteReadError, ssl.SSLError)):
+                    await second()
+                refused = gw.wait_event("address_connection_limit_reached")
+                assert refused["address"] == "127.0.0.1", refused
+                assert not [e for e in gw.events("request", gw.since) if e.get("path") == "/EWS/second"]
+                first[1].close()
+
+            asyncio.run(run())
+
+
 def until_closed(raw: socket.socket, within: float) -> bytes:
     """What the gateway sends on `raw` until it closes it (a FIN or a reset), waiting `within` seconds at most."""
     raw.settimeout(within)

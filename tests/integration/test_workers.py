@@ -28,6 +28,7 @@ import pytest
 from cryptography import x509
 
 from proxy import config as config_module
+from proxy.certs.revocation import MAX_CRL_BYTES
 from proxy.lab import runner
 from proxy.lab.layout import LabLayout
 from proxy.live import replacement_config
@@ -286,6 +287,37 @@ def test_a_worker_replaced_while_the_file_does_not_build_serves_and_the_gateway_
         refused = gw.wait_event("worker_configuration_refused", pid=replacement)
         assert any(str(garbage) in problem for problem in refused["problems"])
         assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("gone_bad", ["over-the-limit", "half-rewritten"])
+def test_a_worker_replaced_while_its_started_crl_file_has_gone_bad_serves_and_the_gateway_stays(
+    lab: LabLayout, tmp_path: Path, gone_bad: str
+) -> None:
+    """The CRL file the gateway started with grows past `MAX_CRL_BYTES` (sparse zeros here) or is caught half
+    rewritten by its publisher while the gateway serves: its workers' refreshes keep their last CRLs, but a worker
+    replaced then refused the file as a start does, fell back to the configuration the gateway started with, which
+    names the same file, failed again within MIN_UPTIME and the supervisor stopped the whole gateway. The replacement
+    now serves, the file's CRLs not used (`crl_not_used`, naming it), and the gateway stays."""
+    crl = tmp_path / "crls.pem"
+    crl.write_bytes((lab.pki_dir / "crls.pem").read_bytes())
+    text = _with_workers(lab, free_port(), 2)
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    assert lab_crls in text
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(lab_crls, f'crls = ["{crl}"]'))
+    try:
+        first, _ = _listening_pids(gw, 2)
+        with crl.open("r+b") as f:
+            f.truncate(MAX_CRL_BYTES + 1 if gone_bad == "over-the-limit" else len(crl.read_bytes()) // 2)  # sparse
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        gw.wait_event("listening", pid=replacement)
+        unused = gw.wait_event("crl_not_used", pid=replacement)
+        assert str(crl) in unused["problem"], unused
+        assert gw.events("worker_failed_to_start") == []
         assert gw.proc.poll() is None
     finally:
         gw.stop()
