@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
-from proxy.tls.limits import HEADER_WAITS
+from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS
 from proxy.tls.proxy_protocol import V2_SIGNATURE
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
 from tests.integration.jsonlog import eventually
@@ -624,6 +624,62 @@ def test_behind_a_balancer_a_connection_waiting_at_a_busy_cap_is_closed_at_hands
                 writer.close()
 
         asyncio.run(run())
+
+
+LOCAL = V2_SIGNATURE + b"\x20\x00\x00\x00"  # a PROXY v2 LOCAL header: the balancer's own health check
+
+
+def test_health_checks_stalled_in_tls_at_a_busy_cap_keep_no_device_out(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy (a head half read), handshake_timeout 60 s: HEALTH_CHECKS
+    v2 LOCAL checks send their header and never start TLS (a hung `check-ssl`), going on with no slot; a device that
+    comes next is served once a busy one leaves, within seconds (the checks held the 16 places that gate the accept
+    loop until their connections ended: the device waited in the listen backlog up to handshake_timeout)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 60\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+
+        async def run() -> None:
+            busy = [
+                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/first")
+                for n, user in enumerate(("alice", "bob"), 1)
+            ]
+            for _, writer in busy:
+                writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
+                await writer.drain()
+            checks = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEALTH_CHECKS)]
+            for raw in checks:
+                raw.sendall(LOCAL)
+            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            device = asyncio.ensure_future(
+                asyncio.wait_for(balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"), SERVED_WITHIN)
+            )
+            busy[0][1].close()
+            _, writer = await device  # its 200 asserted there
+            writer.close()
+            busy[1][1].close()
+            for raw in checks:
+                raw.close()
+
+        asyncio.run(run())
+
+
+def test_behind_a_balancer_handshake_timeout_bounds_the_accept_to_the_end_of_tls(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer, handshake_timeout 6 s: a connection whose PROXY header comes 4 s after its accept and which
+    then sends no TLS byte is closed at handshake_timeout from its accept, about 2 s after its header, and logged
+    (`tls_handshake_abandoned`); it was given a fresh 6 s for TLS (held pre-TLS for up to twice handshake_timeout)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 6\n'
+    with capped(lab, tmp_path, server, listener) as (gw, _admin):
+        gw.mark()
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+        eventually(lambda: accept_queue(gw.port) == 0, "the gateway accepted it")
+        time.sleep(4)  # the scenario, not a wait for a state: the header comes late in handshake_timeout
+        raw.sendall(v2_header("203.0.113.9", 40009))
+        assert until_closed(raw, 4) == b""  # 2 s left of handshake_timeout (a fresh one: 6 s); still open: TimeoutError
+        raw.close()
+        assert gw.wait_event("tls_handshake_abandoned")["peer"] == "203.0.113.9:40009"
 
 
 WAITERS = 8  # connections behind the balancer waiting for a slot, their headers read, that all leave at once
