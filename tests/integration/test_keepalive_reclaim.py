@@ -206,12 +206,15 @@ def test_busy_connections_are_never_closed_for_a_new_device(lab: LabLayout, tmp_
     """Four busy connections hold the cap: a held long-poll, an upload half sent, a head half read, and one yet to send
     its first request. /readyz is 503 (the listener named), a fifth device waits and none of the four is closed for it;
     once the half-read head ends and is answered, that connection is idle and the fifth is served in its place; the
-    upload, the long-poll and the late first request are all answered 200 on their own connections."""
+    upload, the long-poll (held by the lab backend until the test releases it) and the late first request are all
+    answered 200 on their own connections."""
+    key = f"busy-{server}-{time.time_ns()}"  # the lab backend is shared: a key of this test's own
     with capped(lab, tmp_path, server) as (gw, admin):
 
         async def run() -> None:
             held = await connect(lab, gw.port, "alice")
-            held[1].write(head("/Microsoft-Server-ActiveSync?Cmd=Ping", "X-Lab-Hold-Seconds: 30\r\n"))
+            hold = f"X-Lab-Hold-Seconds: 120\r\nX-Lab-Hold-Until: {key}\r\n"
+            held[1].write(head("/Microsoft-Server-ActiveSync?Cmd=Ping", hold))
             upload = await connect(lab, gw.port, "bob")
             upload[1].write(b"POST /EWS/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
             half = await served(lab, gw.port, "carol", "/EWS/first")
@@ -232,6 +235,8 @@ def test_busy_connections_are_never_closed_for_a_new_device(lab: LabLayout, tmp_
             assert status == 200, body[:200]
             assert json.loads(body)["body_length"] == 100
             assert (await exchange(unused, "/EWS/late"))[0] == 200
+            assert not held[0].at_eof()  # still held: it was busy throughout
+            assert (await exchange(unused, "/EWS/release", f"X-Lab-Release: {key}\r\n"))[0] == 200
             status, body = await asyncio.wait_for(answer(held[0]), 90)
             assert status == 200, body[:200]
             events = gw.events("device_idle_reclaimed", gw.since)
