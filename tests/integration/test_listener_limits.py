@@ -90,16 +90,16 @@ async def send_big_headers(port: int, ctx: ssl.SSLContext) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def basic_admin() -> str:
-    """The admin listener's URL of `basic_gw`."""
-    return f"http://127.0.0.1:{free_port()}"
+def basic_gw(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = gateway(lab, tmp_path_factory.mktemp("limits"), admin_port=free_port())
+    yield gw
+    gw.stop()
 
 
 @pytest.fixture(scope="module")
-def basic_gw(lab: LabLayout, basic_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = gateway(lab, tmp_path_factory.mktemp("limits"), admin_port=int(basic_admin.rpartition(":")[2]))
-    yield gw
-    gw.stop()
+def basic_admin(basic_gw: Gateway) -> str:
+    """The admin listener's URL of `basic_gw`, as started (`start_gateway` moves a port taken meanwhile)."""
+    return f"http://{basic_gw.admin}"
 
 
 def refusals_counted(admin: str, stage: str, reason: str) -> float:
