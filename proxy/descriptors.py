@@ -26,8 +26,9 @@ So each worker shares its soft limit out once, at start (`DescriptorBudget.of`):
 - `OVER_CAP` for the device connections a worker holds past its cap (`proxy.tls.limits`): those accepted at the cap
   and waiting for a slot (the accept loop's one, and behind a balancer up to `HEADER_WAITS` whose PROXY headers come
   meanwhile), and as many idle keep-alives closed for them whose slots they took at once, their sockets still closing
-  for a loop pass or two. Left out, they came out of the reserve's share, as a limit that "holds" max_connections
-  (`descriptor_limit_low`'s figure) did not hold them;
+  for a loop pass or two; and up to `HEALTH_CHECKS` balancer health checks gone on to TLS with no slot. Left out,
+  they came out of the reserve's share, as a limit that "holds" max_connections (`descriptor_limit_low`'s figure) did
+  not hold them;
 - half of the rest, at most `listener.max_connections`, is the device connections' (the listener stops accepting at
   that number: further connections wait in the listen backlog, as at `max_connections`);
 - the rest is the backend connections', all users and upstreams together (`proxy.backend.client.BackendSockets`):
@@ -51,8 +52,9 @@ BASE_RESERVE = 156  # descriptors kept for what is neither a connection nor a KD
 KDC_CALL_DESCRIPTORS = (
     2  # sockets one thread's KDC call may hold: the KDC it asks, and the next while that one is silent
 )
-# Device connections past the cap (module docstring): (HEADER_WAITS + the accept loop's one) waiting, as many closing.
-OVER_CAP = 2 * (16 + 1)  # HEADER_WAITS in proxy.tls.limits (not imported: the command line reads this module first)
+# Device connections past the cap (module docstring): (HEADER_WAITS + the accept loop's one) waiting, as many closing,
+# and HEALTH_CHECKS (16; both in proxy.tls.limits, not imported: the command line reads this module first).
+OVER_CAP = 2 * (16 + 1) + 16
 _CEILING = 1 << 20  # Linux's default fs.nr_open: what an unlimited soft limit allows at most
 
 

@@ -42,6 +42,9 @@ header                   query parameter     effect
 =======================  ==================  ============================================================
 ``X-Lab-Hold-Seconds``   ``hold``            read the body, then hold the answer this long (an ActiveSync
                                              ``Ping``); 0 to 3600 s, larger values are capped at 3600
+``X-Lab-Hold-Until``     ``hold_until``      end that hold early once a request names this key in
+                                             ``X-Lab-Release`` (a test's "held until I say so")
+``X-Lab-Release``        ``lab_release``     end the holds waiting on this key, and those that come later
 ``X-Lab-Status``         ``lab_status``      answer with this status (200 to 599), e.g. 449 or 503
 ``X-Lab-Header``         ``lab_header``      add ``Name: value`` to the response (repeatable)
 ``X-Lab-Body-Bytes``     ``lab_body_bytes``  answer with ``body_pattern(N)`` instead of the echo
@@ -57,6 +60,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import itertools
 import os
@@ -112,6 +116,7 @@ ACTIVESYNC_PROTOCOL_COMMANDS: Final = ",".join(
 )
 
 MAX_HOLD_SECONDS: Final = 3600.0
+_MAX_KEY: Final = 64  # characters of an `X-Lab-Hold-Until` / `X-Lab-Release` key
 MAX_BODY_BYTES: Final = 1 << 30
 # AD puts group data in the ticket's PAC, so Negotiate headers reach tens of KB; Exchange sites raise IIS's
 # header limits for the same reason. aiohttp's default field limit (8190 bytes) would refuse them. 96 KiB
@@ -340,6 +345,8 @@ class LabHooks:
     """What the test hooks of one request ask for."""
 
     hold_seconds: float = 0.0
+    hold_until: str | None = None  # the key of `X-Lab-Release` that ends the hold early
+    release: str | None = None
     status: int = 200
     extra_headers: tuple[tuple[str, str], ...] = ()
     body_bytes: int | None = None
@@ -364,6 +371,11 @@ class LabHooks:
             if not 0 <= hold < float("inf"):
                 raise BadHook(f"{raw[0]} must be between 0 and {MAX_HOLD_SECONDS:.0f}, not {raw[1]!r}")
             hold = min(hold, MAX_HOLD_SECONDS)
+        keys: list[str | None] = []
+        for header, param in (("X-Lab-Hold-Until", "hold_until"), ("X-Lab-Release", "lab_release")):
+            if (raw := one(header, param)) is not None and not 0 < len(raw[1]) <= _MAX_KEY:
+                raise BadHook(f"{raw[0]} must be a key of 1 to {_MAX_KEY} characters, not {raw[1]!r}")
+            keys.append(None if raw is None else raw[1])
 
         status = 200
         if (raw := one("X-Lab-Status", "lab_status")) is not None:
@@ -387,7 +399,14 @@ class LabHooks:
                 raise BadHook(f"{raw[0]} must be a byte count from 0 to {MAX_BODY_BYTES}, not {raw[1]!r}")
             body_bytes = int(raw[1])
 
-        return cls(hold_seconds=hold, status=status, extra_headers=tuple(extra), body_bytes=body_bytes)
+        return cls(
+            hold_seconds=hold,
+            hold_until=keys[0],
+            release=keys[1],
+            status=status,
+            extra_headers=tuple(extra),
+            body_bytes=body_bytes,
+        )
 
 
 def _pattern_chunks(n: int) -> Iterator[bytes]:
@@ -435,15 +454,20 @@ async def read_body(request: web.Request) -> BodyDigest:
     return BodyDigest(length=length, sha256=digest.hexdigest())
 
 
-async def hold(request: web.Request, seconds: float) -> None:
-    """Hold the answer like an ActiveSync Ping heartbeat; stop early if the client hangs up."""
+async def hold(request: web.Request, seconds: float, released: asyncio.Event | None = None) -> None:
+    """Hold the answer like an ActiveSync Ping heartbeat; stop early if the client hangs up, or once `released`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    while (remaining := deadline - loop.time()) > 0:
+    while (remaining := deadline - loop.time()) > 0 and not (released is not None and released.is_set()):
         transport = request.transport
         if transport is None or transport.is_closing():
             return  # nobody is waiting any more; the answer goes nowhere
-        await asyncio.sleep(min(remaining, 1.0))
+        if released is None:
+            await asyncio.sleep(min(remaining, 1.0))
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await released.wait()
 
 
 def echo(
@@ -524,6 +548,7 @@ class Backend:
         self.acceptor = acceptor
         self.connection_bound = connection_bound
         self.connections = ConnectionTable()
+        self.releases: dict[str, asyncio.Event] = {}  # `X-Lab-Release` keys, set or awaited by a hold
 
     async def authenticate(self, request: web.Request, connection: Connection) -> Identity:
         if self.connection_bound and connection.bound_principal is not None:
@@ -540,7 +565,10 @@ class Backend:
         identity = await self.authenticate(request, connection)
         hooks = LabHooks.from_request(request.headers, request.query)
         body = await read_body(request)
-        await hold(request, hooks.hold_seconds)
+        if hooks.release is not None:
+            self.releases.setdefault(hooks.release, asyncio.Event()).set()
+        released = None if hooks.hold_until is None else self.releases.setdefault(hooks.hold_until, asyncio.Event())
+        await hold(request, hooks.hold_seconds, released)
 
         site = exchange_site(request.path)
         headers = [*response_headers(identity, connection, site, request.method), *hooks.extra_headers]

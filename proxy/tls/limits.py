@@ -87,6 +87,10 @@ RECLAIM_FRESH = 1.0  # seconds that order is used before the connections are sca
 RESCAN_GAP = RECLAIM_LOOK / 4
 # Connections a worker accepts at the cap behind a balancer while their PROXY headers come, no slot held (`SlotWait`).
 HEADER_WAITS = 16
+# Health checks (PROXY `LOCAL`) a worker lets on to TLS with no slot, accepted at the cap behind a balancer, in places
+# of their own rather than `HEADER_WAITS`'s (`SlotWait.aside`): a balancer checks each gateway every second or two, so
+# a few at once are many; checks stalled in their handshake then keep no device out of the accept loop.
+HEALTH_CHECKS = 16
 _IDLE_LOOK = 0.01  # seconds to the first look for aiohttp's handler to be idle, a 431 waiting for earlier answers
 
 
@@ -103,6 +107,7 @@ class ConnectionSlots:
         self.accepting = 0  # of those, the accept loops' (`accept_connections`)
         self.idle = idle
         self.waiting = 0  # connections accepted at the cap behind a balancer, holding no slot yet (`SlotWait`)
+        self.checks = 0  # of such connections, health checks gone on to TLS with no slot (`SlotWait.aside`)
         self._on_wait = on_wait
         self._freed = asyncio.Event()
 
@@ -188,23 +193,24 @@ class SlotWait:
     idle keep-alive is closed only for a connection whose header was read and whose address passed its cap
     (`AddressCap`): the gate then asks `claim`, and `room` when every connection is busy, the wait bounded by
     `listener.handshake_timeout` from the accept. A connection whose header names no device closes no keep-alive: the
-    balancer's health check (`LOCAL`) takes a free slot or goes on without one, still counted here until it ends; a
-    device the balancer cannot name (`UNSPEC`, v1 `UNKNOWN`, whose requests are refused) waits for a free slot.
-    Calling it ends the wait, or gives the slot back once taken: once. At most `HEADER_WAITS` wait at once per worker
+    balancer's health check (`LOCAL`) takes a free slot or goes on without one (`aside`); a device the balancer cannot
+    name (`UNSPEC`, v1 `UNKNOWN`, whose requests are refused) waits for a free slot. Calling it ends the wait, or gives
+    the slot (or the health check's place) back once taken: once. At most `HEADER_WAITS` wait at once per worker
     (`ConnectionSlots.waiting`); the accept loop accepts no more meanwhile."""
 
-    __slots__ = ("_held", "_slots")
+    __slots__ = ("_aside", "_held", "_slots")
 
     def __init__(self, slots: ConnectionSlots) -> None:
         self._slots: ConnectionSlots | None = slots
         self._held = False
+        self._aside = False
         slots.waiting += 1
 
     def claim(self, *, reclaim: bool = True) -> bool:
         """Take a slot now, a free one or (with `reclaim`) an idle keep-alive's, closed for it (True); False when
         there is none (then await `room`)."""
         slots = self._slots
-        if slots is None or self._held:
+        if slots is None or self._held or self._aside:
             return self._held
         if not slots.claim(reclaim=reclaim):
             return False
@@ -212,11 +218,26 @@ class SlotWait:
         slots._wait_ended()
         return True
 
+    def aside(self) -> bool:
+        """A health check that found no free slot (`claim`): on to its TLS handshake with none, its wait ended (the
+        accept loop goes on) and one of `HEALTH_CHECKS` places taken instead until it ends (True); False when they are
+        all taken (then it waits for a free slot, `room`, as a device the balancer cannot name does). Checks stalled
+        in their handshake, counted among the waits, kept devices out of the accept loop up to `handshake_timeout`."""
+        slots = self._slots
+        if slots is None or self._held or self._aside:
+            return self._aside
+        if slots.checks >= HEALTH_CHECKS:
+            return False
+        slots.checks += 1
+        self._aside = True
+        slots._wait_ended()
+        return True
+
     async def room(self, *, reclaim: bool = True) -> None:
         """Wait for a slot as `ConnectionSlots.room` does (with `reclaim`, a keep-alive turned idle is closed for it);
         take it."""
         slots = self._slots
-        if slots is None or self._held:
+        if slots is None or self._held or self._aside:
             return
         await slots._room(reclaim=reclaim)
         slots.open += 1
@@ -229,6 +250,8 @@ class SlotWait:
             return
         if self._held:
             slots._give_back()
+        elif self._aside:
+            slots.checks -= 1
         else:
             slots._wait_ended()
 

@@ -26,7 +26,9 @@ the first TLS byte. This module reads it:
   takes a free slot or an idle keep-alive's, or, every connection busy, waits for one (reading on, up to a TLS
   record's worth, so that a device leaving meanwhile is seen), until `handshake_timeout` after the accept
   (`connection_wait_expired`). A header that names no device closes no keep-alive: a `LOCAL` health check takes a
-  free slot or goes on without one, an `UNSPEC` / `UNKNOWN` connection waits for a free slot.
+  free slot or goes on without one (in a place of its own, `SlotWait.aside`), an `UNSPEC` / `UNKNOWN` connection waits
+  for a free slot. `handshake_timeout` bounds the accept to the end of TLS: the TLS gate is handed this gate's deadline,
+  and its handshake gets what is left of it.
 
 A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands; so does
 a header that describes the connection it came on, the balancer's own address and port to ours (`names_itself`:
@@ -309,14 +311,14 @@ class ProxyHeaderGate(asyncio.Protocol):
             closed = admitted
         wait = self._closed
         device = client is not None  # only a device named and admitted may close an idle keep-alive at the cap
-        if isinstance(wait, SlotWait) and not wait.claim(reclaim=device) and not header.health_check:
+        if isinstance(wait, SlotWait) and not wait.claim(reclaim=device) and not (header.health_check and wait.aside()):
             # at the cap, every connection busy (or no device named): wait for a slot, the header's timer running on
             self._closed = closed  # the address's place too, if the connection ends while it waits
             self._peer = client or self._peer  # the device's address in the log, as the TLS gate's lines name it
             self._room = asyncio.get_running_loop().create_task(wait.room(reclaim=device))
             self._room.add_done_callback(lambda task: self._slot_taken(task, header, closed))
             return
-        self._hand_over(header, closed)  # a health check with no free slot goes on without one, among the waits
+        self._hand_over(header, closed)  # a health check with no free slot goes on without one, in a place of its own
 
     def _slot_taken(self, task: asyncio.Task[None], header: ProxyHeader, closed: Callable[[], None]) -> None:
         """A connection that waited for a slot, its header read, got one: on to TLS (unless it ended meanwhile)."""
@@ -330,15 +332,20 @@ class ProxyHeaderGate(asyncio.Protocol):
         self._hand_over(header, closed)
 
     def _hand_over(self, header: ProxyHeader, closed: Callable[[], None]) -> None:
-        """The header read, the address admitted and a slot held (a health check's aside): to the TLS gate, whose own
-        timer bounds its handshake."""
+        """The header read, the address admitted and a slot held (a health check's aside): to the TLS gate, whose
+        handshake must end by this gate's deadline, `handshake_timeout` after the accept (a header that came just
+        before it got a fresh `handshake_timeout` for TLS: a connection held pre-TLS for up to twice it)."""
+        assert self._timer is not None  # cancelled only here and when the connection ends
+        deadline = self._timer.when()
         self._cancel_timer()
         client = header.source if header.command == "proxy" else None
         transport, self._transport = self._transport, None
         assert transport is not None
         gate = self._tls_gate(closed)
         preread = self._buffer[header.length :]
-        gate.behind_balancer(client, preread, health_check=header.health_check, unnamed=header.unnamed)
+        gate.behind_balancer(
+            client, preread, health_check=header.health_check, unnamed=header.unnamed, deadline=deadline
+        )
         transport.set_protocol(gate)
         gate.connection_made(transport)
 

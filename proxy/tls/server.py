@@ -201,6 +201,7 @@ def load_certificate(ctx: ssl.SSLContext, table: str, certificate: Path, key: Pa
         ) from None
 
 
+_LEAST_BUDGET = 0.001  # seconds: a handshake whose deadline has passed as it starts is cut at the next loop pass
 LATE = 1.0  # seconds a handshake's timer may fire late before the gateway, not the device, is named as the cause
 
 
@@ -451,20 +452,39 @@ class TlsGate(asyncio.Protocol):
         self._unnamed = False  # the balancer relays a device it cannot name (PROXY UNKNOWN, UNSPEC)
         self._preread = b""
         self._started = 0.0  # the loop's time when the connection was taken: the handshake's timer starts then
+        self._deadline: float | None = None  # behind a balancer: the loop's time the handshake must end by
+        self._timeout_left = timeout  # seconds the handshake was given when it started (`_budget`)
 
     def behind_balancer(
-        self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False, unnamed: bool = False
+        self,
+        client: tuple[str, int] | None,
+        preread: bytes,
+        *,
+        health_check: bool = False,
+        unnamed: bool = False,
+        deadline: float | None = None,
     ) -> None:
         """Before `connection_made`: the device's address from a PROXY header (None: the connection's own
         address stands), the bytes read after that header (the device's first TLS bytes), and whether the header
         was a v2 `LOCAL` one: the balancer's own connection, whose handshake without a client certificate is its
         TLS health check (HAProxy's `check-ssl`, every `inter`), not a device to refuse in the log and metrics.
         `unnamed`: the header relays a device it does not name (v1 `UNKNOWN`, v2 `UNSPEC`): its requests see the
-        address `UNNAMED` (and are refused: `proxy.app`), the log of its handshake the balancer's."""
+        address `UNNAMED` (and are refused: `proxy.app`), the log of its handshake the balancer's. `deadline`: the
+        loop's time `listener.handshake_timeout` after the accept, which bounds the header, a wait for a slot and the
+        handshake together."""
+        self._deadline = deadline
         self._client = client
         self._unnamed = unnamed
         self._preread = preread
         self._health_check = health_check
+
+    @property
+    def _budget(self) -> float:
+        """Seconds the handshake may take from now (`connection_made`): `listener.handshake_timeout`, or behind a
+        balancer what is left of it since the accept (a moment at least: asyncio refuses a timeout of 0)."""
+        if self._deadline is None:
+            return self._timeout
+        return max(self._deadline - asyncio.get_running_loop().time(), _LEAST_BUDGET)
 
     @property
     def _app_peer(self) -> tuple[str, int] | None:
@@ -477,6 +497,7 @@ class TlsGate(asyncio.Protocol):
         # when `connection_made` returns (a `pause_reading` here is a no-op there), and a ClientHello read
         # meanwhile would reach this gate instead of TLS, and the handshake would stall.
         self._started = asyncio.get_running_loop().time()
+        self._timeout_left = self._budget
         stream = socket_transport(transport)
         peer = self._client or stream.get_extra_info("peername")
         if getattr(self._app, "takes_tls_records", False):  # the gateway's own server: the handshake is ours too
@@ -493,7 +514,7 @@ class TlsGate(asyncio.Protocol):
             waiter,
             server_side=True,
             call_connection_made=False,
-            ssl_handshake_timeout=self._timeout,  # typeshed says int; floats work
+            ssl_handshake_timeout=self._timeout_left,  # typeshed says int; floats work
             closed=self._closed,
         )
         stream.set_protocol(tls_protocol)
@@ -529,7 +550,7 @@ class TlsGate(asyncio.Protocol):
         if isinstance(exc, ConnectionResetError) and not received:
             self._empty(peer)
         elif isinstance(exc, ConnectionAbortedError) and "taking longer than" in str(exc):  # asyncio's timer
-            late = asyncio.get_running_loop().time() - self._started - self._timeout
+            late = asyncio.get_running_loop().time() - self._started - self._timeout_left
             _handshake_expired(peer, self._timeout, late)
         else:
             log.info("tls_handshake_abandoned", peer=peer_text(peer), reason=handshake_reason(exc))
@@ -616,7 +637,7 @@ class _Handshake(asyncio.BufferedProtocol):
 
     def start(self, preread: bytes) -> None:
         """The timeout starts; bytes read before this protocol owned the socket (after a PROXY header) go first."""
-        self._timer = asyncio.get_running_loop().call_later(self._gate._timeout, self._expired)
+        self._timer = asyncio.get_running_loop().call_later(self._gate._timeout_left, self._expired)
         self._due = self._timer.when()
         if preread:
             self._received = True

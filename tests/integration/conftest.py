@@ -7,6 +7,7 @@ and clients are real ones (curl, aiohttp over TLS).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -40,11 +41,20 @@ if TYPE_CHECKING:  # recorder imports this module
 REPO = Path(__file__).resolve().parents[2]
 
 
+_GIVEN: collections.deque[int] = collections.deque(maxlen=64)  # free_port()'s last answers in this process
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port free now, not one of the last 64 this process was given: the kernel can hand the same port
+    to two binds in a row, and a test that asked for a listener's and an admin port got one port for both (a
+    configuration error at start: "give the admin listener a port of its own")."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.append(port)
+            return port
 
 
 _HELD: list[socket.socket] = []  # the sockets behind dead_port() and reserved_port(), held until the process ends

@@ -69,7 +69,13 @@ def _start_admin_gateway(lab: LabLayout, directory: Path) -> tuple[Gateway, str]
     extra = f'\n[[routes]]\nprefix = "/dead/"\nupstream = "http://127.0.0.1:{dead_port()}"\n'
     extra += f'spn = "HTTP/cas.lab.test"\n\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
     gw = start_gateway(lab, directory, lab_config(lab, port=free_port(), extra=extra))
-    return gw, f"http://127.0.0.1:{admin_port}"
+    return gw, f"http://{gw.admin}"
+
+
+def _admin_port(gw: Gateway) -> int:
+    """The port of `gw`'s admin listener, as started (`start_gateway` moves one taken meanwhile)."""
+    assert gw.admin is not None
+    return int(gw.admin.rpartition(":")[2])
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +178,7 @@ def test_crl_metrics_show_each_sources_last_fetch_and_last_error(lab: LabLayout,
     gw = start_gateway(lab, tmp_path, text)
     try:
         started = time.time()
-        admin = f"http://127.0.0.1:{admin_port}"
+        admin = f"http://{gw.admin}"
 
         def failed() -> Samples | None:
             samples = _scrape(admin)
@@ -208,12 +214,12 @@ def test_not_ready_without_a_kdc(lab: LabLayout, tmp_path: Path) -> None:
     text = lab_config(lab, port=free_port(), krb5_conf=dead, extra=f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     gw = start_gateway(lab, tmp_path, text)
     try:
-        status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
+        status, body = _get(f"http://{gw.admin}/readyz")
         assert status == 503
         answer = json.loads(body)
         assert (answer["ready"], answer["crls"]) == (False, "ok")
         assert "unreachable" in answer["kdc"]
-        assert _get(f"http://127.0.0.1:{admin_port}/healthz")[0] == 200
+        assert _get(f"http://{gw.admin}/healthz")[0] == 200
     finally:
         assert gw.stop() == 0
 
@@ -235,7 +241,7 @@ def test_not_ready_once_a_crl_is_past_its_next_update(lab: LabLayout, tmp_path: 
     assert lab_crls in text
     crls = f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1'  # re-read every second
     gw = start_gateway(lab, tmp_path, text.replace(lab_crls, crls))
-    readyz = f"http://127.0.0.1:{admin_port}/readyz"
+    readyz = f"http://{gw.admin}/readyz"
     try:
         assert _get(readyz)[0] == 200
         gw.mark()
@@ -285,7 +291,7 @@ def test_a_stale_crl_under_best_effort_is_named_by_readyz_but_the_gateway_stays_
     try:
         done = curl(lab, f"{gw.url}/owa/", "alice")
         assert done.stdout.endswith("\n200"), done.stdout + done.stderr  # served: the gateway can serve
-        status, body = _get(f"http://127.0.0.1:{admin_port}/readyz")
+        status, body = _get(f"http://{gw.admin}/readyz")
         answer = json.loads(body)
         assert [line.split(": ")[0] for line in answer["crls"]] == [str(issuing)], answer  # named all the same
         assert (status, answer["ready"], answer["kdc"]) == (200, True, "ok"), answer
@@ -331,7 +337,8 @@ private_key = "{p / "server.key"}"
 client_ca = "{bundle}"
 allowed_clients = ["CN=alice"]
 """
-    return start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra)), admin_port
+    gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
+    return gw, _admin_port(gw)
 
 
 def test_tls_admin_listener_serves_only_allowed_client_certificates(lab: LabLayout, tmp_path: Path) -> None:
@@ -430,6 +437,7 @@ allowed_clients = ["CN=ops-good", "CN=ops-revoked"]
     gw = start_gateway(
         lab, tmp_path, text.replace(lab_crls, f'crls = ["{issuing}", "{root}"]\ncrl_refresh_seconds = 1')
     )
+    admin_port = _admin_port(gw)
     connection = http.client.HTTPSConnection(
         "127.0.0.1", admin_port, context=client_context(lab, str(good)), timeout=30
     )
@@ -485,6 +493,7 @@ crls = ["{crl}"]
     text = lab_config(lab, port=free_port(), extra=extra)
     lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
     gw = start_gateway(lab, tmp_path, text.replace(lab_crls, f"{lab_crls}\ncrl_refresh_seconds = 1"))
+    admin_port = _admin_port(gw)
     context = client_context(lab, str(good))
     connection = http.client.HTTPSConnection("127.0.0.1", admin_port, context=context, timeout=30)
     try:

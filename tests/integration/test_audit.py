@@ -107,7 +107,7 @@ bind = "127.0.0.1:{admin_port}"
         gw.proc.send_signal(signal.SIGHUP)
         gw.wait_event("reloaded")
         assert curl(lab, gw.url + "/capture/y", "alice").stdout.endswith("200")
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as r:
+        with urllib.request.urlopen(f"http://{gw.admin}/metrics", timeout=30) as r:
             assert b"kcd_requests_total" in r.read()
     finally:  # the gateway has written every line once it has exited
         assert gw.stop() == 0

@@ -612,7 +612,7 @@ bind = "127.0.0.1:{admin_port}"
         assert statuses == [401, 401, 429]  # 3 of the 5 were the first three names: one principal
         assert call(lab, gw, "/owa/", login="bob:nope").status == 401  # a known user's name is the help desk's key
         event = gw.wait_for("authentication_required", lambda e: "bob@LAB.TEST" in str(e.get("fix")), what="bob")
-        admin = f"http://127.0.0.1:{admin_port}"
+        admin = f"http://{gw.admin}"
         shown = {
             "log": gw.log_path.read_text(),
             "traces": subprocess.run(

@@ -443,6 +443,35 @@ def test_hold_is_capped_at_an_hour() -> None:
         LabHooks.from_request(CIMultiDict({"X-Lab-Hold-Seconds": "-1"}), MultiDict())
 
 
+def test_a_hold_until_a_key_ends_when_a_request_releases_it(cas_app: web.Application, kerberos: Kerberos) -> None:
+    """`X-Lab-Hold-Until: k` with a 600 s hold: still held while other requests come, answered once a request sends
+    `X-Lab-Release: k` (a test's "held until I say so"); a malformed key is 400 naming the hook."""
+
+    async def case() -> None:
+        held = {"Authorization": kerberos.header("alice"), "X-Lab-Hold-Seconds": "600", "X-Lab-Hold-Until": "k1"}
+        async with serving(cas_app) as url, aiohttp.ClientSession() as session:
+
+            async def ping() -> int:
+                async with session.post(url + PING, data=b"x", headers=held) as r:
+                    return r.status
+
+            task = asyncio.ensure_future(ping())
+            other = {"Authorization": kerberos.header("bob"), "X-Lab-Release": "another"}
+            async with session.get(url + "/owa/", headers=other) as r:
+                assert r.status == 200
+            assert not task.done()
+            release = {"Authorization": kerberos.header("bob"), "X-Lab-Release": "k1"}
+            async with session.get(url + "/owa/", headers=release) as r:
+                assert r.status == 200
+            assert await asyncio.wait_for(task, 30) == 200
+            bad = {"Authorization": kerberos.header("bob"), "X-Lab-Release": ""}
+            async with session.get(url + "/owa/", headers=bad) as r:
+                assert r.status == 400
+                assert "X-Lab-Release" in await r.text()
+
+    asyncio.run(case())
+
+
 def test_hold_ends_when_client_hangs_up(cas_app: web.Application, kerberos: Kerberos) -> None:
     """A 60 s hold whose client gives up after 0.3 s ends on the server within about a second."""
 

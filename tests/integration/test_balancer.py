@@ -154,8 +154,7 @@ def test_both_gateways_serve_the_device_under_its_own_address(lab: LabLayout, ba
 
 def _traces(gw: Gateway) -> list[dict[str, object]]:
     """The gateway's recent traces, from its admin listener (`[admin] bind`)."""
-    admin = gw.config_path.read_text().split('[admin]\nbind = "', 1)[1].split('"', 1)[0]
-    with urllib.request.urlopen(f"http://{admin}/traces?limit=50", timeout=30) as r:
+    with urllib.request.urlopen(f"http://{gw.admin}/traces?limit=50", timeout=30) as r:
         traces: list[dict[str, object]] = json.loads(r.read())
     return traces
 
@@ -320,7 +319,7 @@ def test_a_gateway_stopped_under_traffic_through_the_shipped_balancer_configurat
             gateways.append(
                 start_gateway(lab, tmp_path_factory.mktemp(f"stop-{name}"), text + f'\n[admin]\nbind = "{admin}"\n')
             )
-            admins.append(f"http://{admin}")
+            admins.append(f"http://{gateways[-1].admin}")  # moved if its port was taken meanwhile
         port = free_port()
         shipped = (REPO / "deploy" / "balancer" / "haproxy.cfg").read_text()
         config = shipped.replace("bind :8443", f"bind 127.0.0.1:{port}")

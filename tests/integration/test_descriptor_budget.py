@@ -193,7 +193,7 @@ def test_many_users_holding_requests_leave_descriptors_for_accept_the_admin_and_
     # and its start said what its open-file limit holds, and what would hold listener.max_connections
     low = gw.events("descriptor_limit_low")[0]
     assert (low["limit"], low["device_connections"], low["backend_connections"]) == (LIMIT, SHARE, SHARE)
-    assert "raise it to 20290" in low["fix"]  # 10,000 device and backend connections, 34 past the cap, the reserve
+    assert "raise it to 20306" in low["fix"]  # 10,000 device and backend connections, 50 past the cap, the reserve
 
 
 def test_idle_backend_connections_of_many_users_make_room_for_new_ones(scene: Scene, users: Users) -> None:
@@ -224,8 +224,8 @@ def test_idle_backend_connections_of_many_users_make_room_for_new_ones(scene: Sc
 
 def test_the_soft_open_file_limit_is_raised_to_the_hard_one(lab: LabLayout, tmp_path: Path) -> None:
     """Started with a shell's kind of limit (soft 512, hard 4,096), the gateway raises its soft limit to the hard one
-    and shares that out: the start shares out 4,096, the 34 connections a worker holds past its cap counted (they were
-    not), and the process's own soft limit is 4,096 (a soft 512 would have given its devices 175 connections)."""
+    and shares that out: the start shares out 4,096, the 50 connections a worker holds past its cap counted (they were
+    not), and the process's own soft limit is 4,096 (a soft 512 would have given its devices 167 connections)."""
     gw = start_gateway(
         lab,
         tmp_path / "gw",

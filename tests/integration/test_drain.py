@@ -71,7 +71,8 @@ def _gateway(lab: LabLayout, directory: Path, server: str, listener: str = "") -
     admin = f"127.0.0.1:{free_port()}"
     text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
     text = text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n{listener}', 1)
-    return start_gateway(lab, directory, text), f"http://{admin}"
+    gw = start_gateway(lab, directory, text)
+    return gw, f"http://{gw.admin}"  # moved if its port was taken meanwhile (`start_gateway`)
 
 
 def _in_flight(admin: str, count: int = 1) -> None:

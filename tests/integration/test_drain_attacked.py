@@ -277,9 +277,9 @@ def test_two_workers_each_drain_and_the_supervisor_waits_for_the_last(
     try:
         gw.wait_events("listening", 2)
         long = [_send(lab, gw.port, "/Microsoft-Server-ActiveSync?Cmd=Ping&hold=60") for _ in range(6)]
-        _in_flight_all(f"http://{admin}", 6)
+        _in_flight_all(f"http://{gw.admin}", 6)
         short = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=10") for _ in range(6)]
-        _in_flight_all(f"http://{admin}", 12)
+        _in_flight_all(f"http://{gw.admin}", 12)
         gw.mark()
         stopped_at = time.monotonic()
         gw.proc.send_signal(signal.SIGTERM)

@@ -41,8 +41,8 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _metrics(admin_port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as r:
+def _metrics(gw: Gateway) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{gw.admin}/metrics", timeout=30) as r:
         text = r.read().decode()
     values: dict[str, float] = {}
     for line in text.splitlines():
@@ -56,11 +56,11 @@ def _refusals(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("kcd_refusals_total"))
 
 
-def _empty(admin_port: int, at_least: int) -> float:
+def _empty(gw: Gateway, at_least: int) -> float:
     """`kcd_listener_empty_connections_total` once it reaches `at_least` (polled), or what it is at the deadline."""
     deadline = time.monotonic() + WAIT
     while True:
-        value = _metrics(admin_port).get("kcd_listener_empty_connections_total", -1.0)
+        value = _metrics(gw).get("kcd_listener_empty_connections_total", -1.0)
         if value >= at_least or time.monotonic() > deadline:
             return value
         time.sleep(0.1)
@@ -76,7 +76,7 @@ def test_a_flood_of_connections_reset_before_and_after_accept_is_counted_not_ref
     admin_port = free_port()
     gw = _gateway(lab, tmp_path, admin_port, balanced=balanced)
     try:
-        before = _metrics(admin_port)
+        before = _metrics(gw)
         line = gw.mark()
         opening = v2_header("203.0.113.7", 40001) if balanced else b""
         holders = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(2)]
@@ -88,13 +88,13 @@ def test_a_flood_of_connections_reset_before_and_after_accept_is_counted_not_ref
             _reset(sock)  # in the backlog: the listener is at max_connections
         for holder in holders:
             holder.close()  # the flood is accepted now, already reset
-        assert _empty(admin_port, FLOOD) == FLOOD
+        assert _empty(gw, FLOOD) == FLOOD
         for _ in range(FLOOD):
             sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
             time.sleep(0.01)
             _reset(sock)
-        assert _empty(admin_port, 2 * FLOOD) == 2 * FLOOD
-        after = _metrics(admin_port)
+        assert _empty(gw, 2 * FLOOD) == 2 * FLOOD
+        after = _metrics(gw)
         assert _refusals(after) == _refusals(before)
         logged = [e for e in gw.logs()[line:] if e.get("level") not in ("debug", None)]
         noisy = [e for e in logged if e.get("event") not in ("tls_handshake_abandoned", "connection_limit_reached")]

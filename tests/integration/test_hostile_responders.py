@@ -442,7 +442,7 @@ def test_a_distribution_points_bad_head_is_shown_cut_short(lab: LabLayout, tmp_p
             assert "Invalid header token" in failed["error"]
             assert len(failed["error"]) <= 300, failed["error"][:500]
             assert "\n" not in failed["error"]
-            with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as answer:
+            with urllib.request.urlopen(f"http://{gw.admin}/metrics", timeout=30) as answer:
                 metrics = answer.read().decode()
             (line,) = [m for m in metrics.splitlines() if m.startswith("kcd_crl_last_error{")]
             assert "Invalid header token" in line
@@ -473,7 +473,7 @@ def test_a_signed_urls_token_in_another_spelling_is_shown_nowhere(lab: LabLayout
             failed = gw.wait_event("crl_fetch_failed")
             assert "Invalid header token" in failed["error"], failed
             assert "sig=[redacted]" in failed["error"], failed
-            with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as answer:
+            with urllib.request.urlopen(f"http://{gw.admin}/metrics", timeout=30) as answer:
                 metrics = answer.read().decode()
             shown = {"log": gw.log_path.read_text(), "metrics": metrics}
             assert [where for where, text in shown.items() if secret in text] == []
@@ -503,7 +503,7 @@ def test_invisible_characters_a_distribution_point_sends_are_escaped(lab: LabLay
             rejected = gw.wait_event("crl_rejected", source=path.url)
             assert f"CA{INVISIBLE_ESCAPED}x" in rejected["problem"], rejected
             with pytest.raises(urllib.error.HTTPError) as refused:  # 503: a source without a usable CRL
-                urllib.request.urlopen(f"http://{admin}/readyz", timeout=30)
+                urllib.request.urlopen(f"http://{gw.admin}/readyz", timeout=30)
             assert refused.value.code == 503
             crls = json.loads(refused.value.read())["crls"]
             (problem,) = [p for p in crls if p.startswith(path.url)]

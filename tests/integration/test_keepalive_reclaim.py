@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
-from proxy.tls.limits import HEADER_WAITS
+from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS
 from proxy.tls.proxy_protocol import V2_SIGNATURE
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
 from tests.integration.jsonlog import eventually
@@ -206,12 +206,15 @@ def test_busy_connections_are_never_closed_for_a_new_device(lab: LabLayout, tmp_
     """Four busy connections hold the cap: a held long-poll, an upload half sent, a head half read, and one yet to send
     its first request. /readyz is 503 (the listener named), a fifth device waits and none of the four is closed for it;
     once the half-read head ends and is answered, that connection is idle and the fifth is served in its place; the
-    upload, the long-poll and the late first request are all answered 200 on their own connections."""
+    upload, the long-poll (held by the lab backend until the test releases it) and the late first request are all
+    answered 200 on their own connections."""
+    key = f"busy-{server}-{time.time_ns()}"  # the lab backend is shared: a key of this test's own
     with capped(lab, tmp_path, server) as (gw, admin):
 
         async def run() -> None:
             held = await connect(lab, gw.port, "alice")
-            held[1].write(head("/Microsoft-Server-ActiveSync?Cmd=Ping", "X-Lab-Hold-Seconds: 30\r\n"))
+            hold = f"X-Lab-Hold-Seconds: 120\r\nX-Lab-Hold-Until: {key}\r\n"
+            held[1].write(head("/Microsoft-Server-ActiveSync?Cmd=Ping", hold))
             upload = await connect(lab, gw.port, "bob")
             upload[1].write(b"POST /EWS/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
             half = await served(lab, gw.port, "carol", "/EWS/first")
@@ -232,6 +235,8 @@ def test_busy_connections_are_never_closed_for_a_new_device(lab: LabLayout, tmp_
             assert status == 200, body[:200]
             assert json.loads(body)["body_length"] == 100
             assert (await exchange(unused, "/EWS/late"))[0] == 200
+            assert not held[0].at_eof()  # still held: it was busy throughout
+            assert (await exchange(unused, "/EWS/release", f"X-Lab-Release: {key}\r\n"))[0] == 200
             status, body = await asyncio.wait_for(answer(held[0]), 90)
             assert status == 200, body[:200]
             events = gw.events("device_idle_reclaimed", gw.since)
@@ -666,6 +671,62 @@ def test_behind_a_balancer_a_connection_waiting_at_a_busy_cap_is_closed_at_hands
                 writer.close()
 
         asyncio.run(run())
+
+
+LOCAL = V2_SIGNATURE + b"\x20\x00\x00\x00"  # a PROXY v2 LOCAL header: the balancer's own health check
+
+
+def test_health_checks_stalled_in_tls_at_a_busy_cap_keep_no_device_out(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy (a head half read), handshake_timeout 60 s: HEALTH_CHECKS
+    v2 LOCAL checks send their header and never start TLS (a hung `check-ssl`), going on with no slot; a device that
+    comes next is served once a busy one leaves, within seconds (the checks held the 16 places that gate the accept
+    loop until their connections ended: the device waited in the listen backlog up to handshake_timeout)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 60\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+
+        async def run() -> None:
+            busy = [
+                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/first")
+                for n, user in enumerate(("alice", "bob"), 1)
+            ]
+            for _, writer in busy:
+                writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
+                await writer.drain()
+            checks = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEALTH_CHECKS)]
+            for raw in checks:
+                raw.sendall(LOCAL)
+            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            device = asyncio.ensure_future(
+                asyncio.wait_for(balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"), SERVED_WITHIN)
+            )
+            busy[0][1].close()
+            _, writer = await device  # its 200 asserted there
+            writer.close()
+            busy[1][1].close()
+            for raw in checks:
+                raw.close()
+
+        asyncio.run(run())
+
+
+def test_behind_a_balancer_handshake_timeout_bounds_the_accept_to_the_end_of_tls(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer, handshake_timeout 6 s: a connection whose PROXY header comes 4 s after its accept and which
+    then sends no TLS byte is closed at handshake_timeout from its accept, about 2 s after its header, and logged
+    (`tls_handshake_abandoned`); it was given a fresh 6 s for TLS (held pre-TLS for up to twice handshake_timeout)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 6\n'
+    with capped(lab, tmp_path, server, listener) as (gw, _admin):
+        gw.mark()
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+        eventually(lambda: accept_queue(gw.port) == 0, "the gateway accepted it")
+        time.sleep(4)  # the scenario, not a wait for a state: the header comes late in handshake_timeout
+        raw.sendall(v2_header("203.0.113.9", 40009))
+        assert until_closed(raw, 4) == b""  # 2 s left of handshake_timeout (a fresh one: 6 s); still open: TimeoutError
+        raw.close()
+        assert gw.wait_event("tls_handshake_abandoned")["peer"] == "203.0.113.9:40009"
 
 
 WAITERS = 8  # connections behind the balancer waiting for a slot, their headers read, that all leave at once

@@ -90,16 +90,16 @@ async def send_big_headers(port: int, ctx: ssl.SSLContext) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def basic_admin() -> str:
-    """The admin listener's URL of `basic_gw`."""
-    return f"http://127.0.0.1:{free_port()}"
+def basic_gw(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = gateway(lab, tmp_path_factory.mktemp("limits"), admin_port=free_port())
+    yield gw
+    gw.stop()
 
 
 @pytest.fixture(scope="module")
-def basic_gw(lab: LabLayout, basic_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = gateway(lab, tmp_path_factory.mktemp("limits"), admin_port=int(basic_admin.rpartition(":")[2]))
-    yield gw
-    gw.stop()
+def basic_admin(basic_gw: Gateway) -> str:
+    """The admin listener's URL of `basic_gw`, as started (`start_gateway` moves a port taken meanwhile)."""
+    return f"http://{basic_gw.admin}"
 
 
 def refusals_counted(admin: str, stage: str, reason: str) -> float:
@@ -245,7 +245,7 @@ def test_the_connection_cap_holds_and_the_next_connection_waits(lab: LabLayout, 
     try:
         asyncio.run(run())
         assert gw.wait_event("connection_limit_reached")["limit"] == 3
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30).read().decode()
+        metrics = urllib.request.urlopen(f"http://{gw.admin}/metrics", timeout=30).read().decode()
         waits = [line for line in metrics.splitlines() if line.startswith("kcd_listener_connection_waits_total")]
         assert waits, metrics
         assert float(waits[0].split()[1]) >= 1, waits
@@ -293,8 +293,8 @@ def test_memory_per_connection_before_authentication(lab: LabLayout, tmp_path: P
     assert full < 1024
 
 
-def _scrape(admin_port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as answer:
+def _scrape(gw: Gateway) -> str:
+    with urllib.request.urlopen(f"http://{gw.admin}/metrics", timeout=30) as answer:
         return str(answer.read().decode())
 
 
@@ -353,12 +353,12 @@ def test_a_connection_over_the_per_address_cap_is_reset_before_tls(lab: LabLayou
             writer.close()
 
     try:
-        before = _scrape(admin_port)
+        before = _scrape(gw)
         gw.mark()
         asyncio.run(run())
         events = gw.wait_events("address_connection_limit_reached", 5)
         assert {(e["address"], e["limit"], e["open"]) for e in events} == {("127.0.0.1", 2, 2)}
-        after = _scrape(admin_port)
+        after = _scrape(gw)
         refusals = 'kcd_refusals_total{reason="connections_per_address",stage="listener"}'
         assert _metric(after, refusals) - _metric(before, refusals) >= 5
         for other_count in ("kcd_listener_empty_connections_total", "kcd_listener_connection_waits_total"):
@@ -382,7 +382,7 @@ def test_at_the_connection_cap_stalled_clients_are_cut_and_the_others_served(lab
 
     def readyz() -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=10) as r:
+            with urllib.request.urlopen(f"http://{gw.admin}/readyz", timeout=10) as r:
                 return int(r.status), r.read().decode()
         except urllib.error.HTTPError as refused:
             return refused.code, refused.read().decode()

@@ -294,7 +294,7 @@ def test_refused_proxy_headers_are_counted_by_reason(lab: LabLayout, tmp_path_fa
     text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
     gw = start_gateway(lab, tmp_path_factory.mktemp("counted"), text + f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n')
     try:
-        admin = f"http://127.0.0.1:{admin_port}"
+        admin = f"http://{gw.admin}"
         before = _refusals(admin)
         gw.mark()
         with pytest.raises((ConnectionError, OSError)):

@@ -307,13 +307,13 @@ def test_a_running_gateway_offers_a_refused_key_once_whoever_asks(lab: LabLayout
             for _ in range(3 * workers):  # new connections: the kernel spreads them over the workers
                 done = curl(lab, f"{gw.url}/owa/", "alice")
                 assert done.stdout.endswith("\n502"), done.stdout + done.stderr
-                for status, body in (_readyz(f"http://{admin}"), _readyz("http://localhost", sock)):
+                for status, body in (_readyz(f"http://{gw.admin}"), _readyz("http://localhost", sock)):
                     assert status == 503, body
                     assert "keytab" in body["kdc"], body
             assert _preauth_failures(lab, offset, own.principal) == 1
 
             _kadmin(lab, f"ktadd -k {own.keytab} -norandkey {own.principal}")
-            eventually(lambda: _readyz(f"http://{admin}")[0] == 200, "/readyz 200 with the keytab current")
+            eventually(lambda: _readyz(f"http://{gw.admin}")[0] == 200, "/readyz 200 with the keytab current")
             eventually(lambda: _readyz("http://localhost", sock)[0] == 200, "the socket's /readyz 200 too")
             done = curl(lab, f"{gw.url}/owa/", "alice")
             assert done.stdout.endswith("\n200"), done.stdout + done.stderr

@@ -448,7 +448,7 @@ def scene(
     text = _configuration(lab, recorder, hostile, admin_port, directory / "traces.jsonl", server)
     env = {"TMPDIR": str(tmpdir), "KRB5CCNAME": f"FILE:{default_ccache}"}
     gw = start_gateway(lab, directory / "gw", text, args=("--log-level", "debug"), env=env)
-    scene = Scene(gw, recorder, f"http://127.0.0.1:{admin_port}", tmpdir, default_ccache)
+    scene = Scene(gw, recorder, f"http://{gw.admin}", tmpdir, default_ccache)
     try:
         _run_scene(lab, scene)
         _collect(lab, scene)

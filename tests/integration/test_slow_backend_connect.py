@@ -125,7 +125,7 @@ connect_timeout = 30
         gw = start_gateway(lab, tmp_path / "gateway", text)
         try:
             opened.set()
-            yield gw, f"http://127.0.0.1:{admin_port}"
+            yield gw, f"http://{gw.admin}"
         finally:
             gw.stop()
 

@@ -73,7 +73,7 @@ keep = 100
 export = "{export}"
 """
     gw = start_gateway(lab, directory, lab_config(lab, port=free_port(), extra=extra))
-    yield Traced(gw, f"http://127.0.0.1:{admin_port}", export, gw.config_path)
+    yield Traced(gw, f"http://{gw.admin}", export, gw.config_path)
     assert gw.stop() == 0
 
 
@@ -197,7 +197,7 @@ def test_the_gateways_own_as_exchange_is_shown_where_it_happened(lab: LabLayout,
     as_req = "HTTP/proxy.lab.test@LAB.TEST for krbtgt/LAB.TEST@LAB.TEST"
     start = lab.kdc_log.stat().st_size
     gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
-    admin = f"http://127.0.0.1:{admin_port}"
+    admin = f"http://{gw.admin}"
     try:
         probe = rf"AS_REQ \(2 etypes .*: ISSUE: .*{as_req}"
         eventually(lambda: _kdc_lines_from(lab, start, probe), f"krb5kdc.log: the start's probe, {probe}")
@@ -358,7 +358,7 @@ def test_one_traces_answer_is_bounded_and_the_rest_is_paged_with_before(lab: Lab
     admin_port = free_port()
     extra = f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n\n[traces]\nkeep = {MAX_TRACES + 100}\n'
     gw = start_gateway(lab, tmp_path, lab_config(lab, port=free_port(), extra=extra))
-    admin = f"http://127.0.0.1:{admin_port}"
+    admin = f"http://{gw.admin}"
     try:
         sent = MAX_TRACES + 5
         done = curl(lab, f"{gw.url}/owa/[1-{sent}]", "alice", "-o", "/dev/null")  # one connection, curl's URL glob

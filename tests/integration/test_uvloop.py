@@ -88,7 +88,7 @@ def uv_balanced(lab: LabLayout, tmp_path_factory: pytest.TempPathFactory) -> Ite
     text = text.replace("[listener]\n", '[listener]\nevent_loop = "uvloop"\n', 1)
     text += f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\n'
     gw = start_gateway(lab, tmp_path_factory.mktemp("uvloop-balanced"), text)  # waits for the admin listener too
-    yield gw, f"http://127.0.0.1:{admin_port}"
+    yield gw, f"http://{gw.admin}"
     gw.stop()
 
 

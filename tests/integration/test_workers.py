@@ -455,10 +455,10 @@ def test_a_second_gateway_on_a_served_admin_port_refuses_to_start(lab: LabLayout
     first = start_gateway(lab, tmp_path / "first", _with_workers(lab, free_port(), 2) + admin)
     try:
         config = tmp_path / "second.toml"
-        config.write_text(_with_workers(lab, free_port(), 2) + admin)
+        config.write_text(_with_workers(lab, free_port(), 2) + f'\n[admin]\nbind = "{first.admin}"\n')  # as started
         done = _run(lab, config, timeout=60)
         assert done.returncode == 2, done.stdout + done.stderr
-        assert f"cannot serve: admin.bind 127.0.0.1:{admin_port}: Address already in use" in done.stderr
+        assert f"cannot serve: admin.bind {first.admin}: Address already in use" in done.stderr
         assert "worker_started" not in done.stdout
     finally:
         first.stop()

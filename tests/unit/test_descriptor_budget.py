@@ -23,7 +23,7 @@ from proxy.descriptors import (
     reserve_for,
 )
 from proxy.errors import BackendBusy
-from proxy.tls.limits import HEADER_WAITS
+from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS
 
 RESERVE = 256  # at the default kerberos.max_in_flight (16): the fixed reserve the budget started with
 
@@ -31,20 +31,21 @@ RESERVE = 256  # at the default kerberos.max_in_flight (16): the fixed reserve t
 @pytest.mark.parametrize(
     ("limit", "max_connections", "device", "backend"),
     [
-        (65536, 10_000, 10_000, 65536 - RESERVE - 34 - 10_000),  # the systemd unit's LimitNOFILE: it holds them
-        (20000, 10_000, (20000 - RESERVE - 34) // 2, (20000 - RESERVE - 34) // 2),  # each with a backend connection
-        (1024, 10_000, 367, 367),  # a shell's default
-        (512, 10_000, 175, 175),  # the reserve is a quarter of a small limit
-        (1024, 100, 100, 1024 - RESERVE - 34 - 100),  # a small max_connections is kept; the backend gets the rest
+        (65536, 10_000, 10_000, 65536 - RESERVE - 50 - 10_000),  # the systemd unit's LimitNOFILE: it holds them
+        (20000, 10_000, (20000 - RESERVE - 50) // 2, (20000 - RESERVE - 50) // 2),  # each with a backend connection
+        (1024, 10_000, 359, 359),  # a shell's default
+        (512, 10_000, 167, 167),  # the reserve is a quarter of a small limit
+        (1024, 100, 100, 1024 - RESERVE - 50 - 100),  # a small max_connections is kept; the backend gets the rest
     ],
 )
 def test_the_limit_is_shared_out(limit: int, max_connections: int, device: int, backend: int) -> None:
-    """A reserve, then the connections a worker holds past its cap (34: 16 behind a balancer and the accept loop's
-    one waiting for a slot, as many closing for them), then device connections (at most half of the rest and
-    max_connections), then the backend's, never fewer than the device connections: each held request finds its
-    backend connection. The connections past the cap were left out: a limit said to hold max_connections did not."""
+    """A reserve, then the connections a worker holds past its cap (50: 16 behind a balancer and the accept loop's
+    one waiting for a slot, as many closing for them, 16 health checks gone on without one), then device connections
+    (at most half of the rest and max_connections), then the backend's, never fewer than the device connections: each
+    held request finds its backend connection. The connections past the cap were left out: a limit said to hold
+    max_connections did not."""
     budget = DescriptorBudget.of(max_connections, 16, limit)
-    assert OVER_CAP == 2 * (HEADER_WAITS + 1)
+    assert OVER_CAP == 2 * (HEADER_WAITS + 1) + HEALTH_CHECKS
     assert (budget.device, budget.backend) == (device, backend)
     assert budget.reserve + budget.device + OVER_CAP + budget.backend == limit
     assert budget.backend >= budget.device

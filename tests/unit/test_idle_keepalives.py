@@ -9,7 +9,7 @@ from collections.abc import Callable
 from aiohttp.web_protocol import RequestHandler
 from structlog.testing import capture_logs
 
-from proxy.tls.limits import HEADER_WAITS, ConnectionSlots, IdleKeepAlives, SlotWait
+from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS, ConnectionSlots, IdleKeepAlives, SlotWait
 
 
 class _Connection:
@@ -163,6 +163,31 @@ def test_a_wait_without_reclaim_closes_no_idle_connection_and_takes_only_a_freed
         assert not connections[0].closed
         unnamed()
         assert slots.open == 0
+
+    asyncio.run(run())
+
+
+def test_health_checks_going_on_without_a_slot_leave_the_waits_for_places_of_their_own() -> None:
+    """`aside` (a LOCAL header at a full cap): the check's wait ends at once, so checks stalled in TLS keep no device
+    out of the accept loop (`HEADER_WAITS`); at most `HEALTH_CHECKS` go so, the next waits as any; each place comes back
+    once, as its connection ends, and a check aside takes no slot."""
+
+    async def run() -> None:
+        slots = ConnectionSlots(1, idle=IdleKeepAlives(_scan([_Connection(1.0)])))
+        await slots.take()
+        checks = [SlotWait(slots) for _ in range(HEALTH_CHECKS + 1)]
+        assert all(check.aside() for check in checks[:-1])
+        assert (slots.waiting, slots.checks, slots.open) == (1, HEALTH_CHECKS, 1)
+        assert not checks[-1].aside()  # its places all taken: it waits among the header waits
+        assert not checks[0].claim()  # aside, it takes no slot later
+        checks[0]()
+        checks[0]()
+        assert slots.checks == HEALTH_CHECKS - 1
+        assert checks[-1].aside()
+        assert (slots.waiting, slots.checks) == (0, HEALTH_CHECKS)
+        for check in checks[1:]:
+            check()
+        assert (slots.waiting, slots.checks, slots.open) == (0, 0, 1)
 
     asyncio.run(run())
 

@@ -155,11 +155,19 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.handed = []
+        self.deadlines: list[float | None] = []
 
     def behind_balancer(
-        self, client: tuple[str, int] | None, preread: bytes, *, health_check: bool = False, unnamed: bool = False
+        self,
+        client: tuple[str, int] | None,
+        preread: bytes,
+        *,
+        health_check: bool = False,
+        unnamed: bool = False,
+        deadline: float | None = None,
     ) -> None:
         self.handed.append((client, preread))
+        self.deadlines.append(deadline)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
@@ -226,6 +234,40 @@ def test_gate_hands_the_device_and_its_first_bytes_to_tls() -> None:
     assert handed == [(("203.0.113.7", 50123), CLIENT_HELLO)]
     assert logs == []
     assert given_back == 0  # the TLS gate owns the connection, and its slot, from here on
+
+
+def test_the_tls_handshake_is_bounded_by_the_headers_deadline_not_a_fresh_timeout() -> None:
+    """The TLS gate is handed the header timer's deadline, `handshake_timeout` (5 s) after the accept: a header that
+    came late in it no longer gave TLS a fresh 5 s (a connection held pre-TLS for up to twice the timeout)."""
+
+    async def run() -> None:
+        recorder = _Recorder()
+
+        def factory() -> asyncio.Protocol:
+            return proxy_protocol.ProxyHeaderGate(
+                lambda: [ipaddress.ip_network("127.0.0.1/32")],
+                5,
+                recorder.ended,  # type: ignore[arg-type]
+            )
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        try:
+            before = loop.time()
+            _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            accepted = loop.time()  # the server's side was accepted before the client's connect returned here
+            await asyncio.sleep(0.3)  # the header comes late
+            writer.write(v2())
+            await _until(lambda: bool(recorder.deadlines))
+            deadline = recorder.deadlines[0]
+            assert deadline is not None
+            assert before + 5 <= deadline <= accepted + 5 + 0.1  # from the accept, not from the header (>= +5.3)
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(run())
 
 
 def test_gate_closes_connections_from_elsewhere_before_reading() -> None:
@@ -446,6 +488,7 @@ def test_at_a_cap_of_idle_keepalives_a_health_check_closes_none_and_goes_on_with
             assert recorder.handed == [(None, b"")]
             assert (idle_closed, slots.open) == ([], 1)  # no slot taken, nobody's closed
             await _until(lambda: slots.waiting == 0)  # its wait ends with it (the stand-in TLS gate closes it)
+            await _until(lambda: slots.checks == 0)  # and the health check's own place
             check.close()
             _, device = await asyncio.open_connection("127.0.0.1", port)
             device.write(v2())
