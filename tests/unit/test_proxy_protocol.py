@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from structlog.testing import capture_logs
@@ -455,33 +455,43 @@ async def _until(probe: Callable[[], bool]) -> None:
     raise AssertionError("still waiting after 10 s")
 
 
+@contextlib.asynccontextmanager
+async def _gate_at_an_idle_cap() -> AsyncIterator[tuple[int, _Recorder, list[float], ConnectionSlots]]:
+    """A `ProxyHeaderGate` on a loopback port (127.0.0.1 trusted) at a cap of 1 held by an idle keep-alive: the port,
+    what the gate handed on, the idle connection's closes (the time it was idle since, each), the slots."""
+    idle_closed: list[float] = []
+
+    def close(since: float) -> bool:
+        idle_closed.append(since)
+        return True
+
+    slots = ConnectionSlots(1, idle=IdleKeepAlives(lambda: [(1.0, close)]))
+    await slots.take()  # the idle keep-alive's slot
+    recorder = _Recorder()
+
+    def factory() -> asyncio.Protocol:
+        return proxy_protocol.ProxyHeaderGate(
+            lambda: [ipaddress.ip_network("127.0.0.1/32")],
+            5,
+            recorder.ended,  # type: ignore[arg-type]
+            SlotWait(slots),
+        )
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], recorder, idle_closed, slots
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def test_at_a_cap_of_idle_keepalives_a_health_check_closes_none_and_goes_on_without_a_slot() -> None:
     """Behind a balancer at a cap held by an idle keep-alive: a LOCAL header (the balancer's health check) is handed to
     TLS with no slot taken and the idle connection left open, its wait ended with it; a device's header then closes
     the idle connection for its slot."""
 
     async def run() -> None:
-        idle_closed: list[float] = []
-
-        def close(since: float) -> bool:
-            idle_closed.append(since)
-            return True
-
-        slots = ConnectionSlots(1, idle=IdleKeepAlives(lambda: [(1.0, close)]))
-        await slots.take()  # the idle keep-alive's slot
-        recorder = _Recorder()
-
-        def factory() -> asyncio.Protocol:
-            return proxy_protocol.ProxyHeaderGate(
-                lambda: [ipaddress.ip_network("127.0.0.1/32")],
-                5,
-                recorder.ended,  # type: ignore[arg-type]
-                SlotWait(slots),
-            )
-
-        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
+        async with _gate_at_an_idle_cap() as (port, recorder, idle_closed, slots):
             _, check = await asyncio.open_connection("127.0.0.1", port)
             check.write(v2(command=0))
             await _until(lambda: bool(recorder.handed))
@@ -495,9 +505,6 @@ def test_at_a_cap_of_idle_keepalives_a_health_check_closes_none_and_goes_on_with
             await _until(lambda: len(recorder.handed) == 2)
             assert idle_closed == [1.0]
             device.close()
-        finally:
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(run())
 
@@ -508,27 +515,7 @@ def test_a_v1_header_naming_its_own_connection_is_the_balancers_and_closes_no_id
     taken and the idle connection left open; a v1 line naming another port of that address is a device's."""
 
     async def run() -> None:
-        idle_closed: list[float] = []
-
-        def close(since: float) -> bool:
-            idle_closed.append(since)
-            return True
-
-        slots = ConnectionSlots(1, idle=IdleKeepAlives(lambda: [(1.0, close)]))
-        await slots.take()  # the idle keep-alive's slot
-        recorder = _Recorder()
-
-        def factory() -> asyncio.Protocol:
-            return proxy_protocol.ProxyHeaderGate(
-                lambda: [ipaddress.ip_network("127.0.0.1/32")],
-                5,
-                recorder.ended,  # type: ignore[arg-type]
-                SlotWait(slots),
-            )
-
-        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
+        async with _gate_at_an_idle_cap() as (port, recorder, idle_closed, slots):
             _, check = await asyncio.open_connection("127.0.0.1", port)
             own = check.get_extra_info("sockname")[1]
             check.write(f"PROXY TCP4 127.0.0.1 127.0.0.1 {own} {port}\r\n".encode())
@@ -543,9 +530,6 @@ def test_a_v1_header_naming_its_own_connection_is_the_balancers_and_closes_no_id
             assert recorder.handed[1] == (("127.0.0.1", other), b"")
             assert idle_closed == [1.0]
             device.close()
-        finally:
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(run())
 
