@@ -519,6 +519,28 @@ def test_behind_a_balancer_an_address_over_its_cap_closes_no_idle_keepalive(
         asyncio.run(run())
 
 
+async def _checked_at_an_idle_cap(lab: LabLayout, tmp_path: Path, gw: Gateway, admin: str, *, v1: bool) -> list[Stream]:
+    """Four idle devices behind the balancer hold the cap of 4; a real HAProxy (PROXY v1 `send-proxy`, else v2) checks
+    the gateway every 200 ms until ten checks passed (L4OK) and none closed an idle keep-alive. The devices' streams."""
+    idle = [await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/idle") for n, user in enumerate(USERS, 1)]
+    await asyncio.to_thread(eventually, lambda: readyz(admin)[0] == 200, "the idle keep-alives as room")
+    gw.mark()
+    directory, port = tmp_path / "haproxy", free_port()
+    directory.mkdir()
+    stats = directory / "stats.sock"
+    checks = metric(admin, "kcd_listener_empty_connections_total")
+    config = _haproxy_config(port, (gw,), stats, "check check-send-proxy inter 200ms")
+    with _haproxy(directory, port, config.replace(" send-proxy-v2 ", " send-proxy ") if v1 else config):
+        await asyncio.to_thread(
+            eventually,
+            lambda: metric(admin, "kcd_listener_empty_connections_total") >= checks + 10,
+            "ten of HAProxy's health checks",
+        )
+        assert _check_status(stats) == {"gw1": "L4OK"}
+    assert not gw.events("device_idle_reclaimed", gw.since)
+    return idle
+
+
 def test_a_balancers_health_checks_and_unnamed_devices_close_no_idle_keepalive_at_the_cap(
     lab: LabLayout, tmp_path: Path, server: str
 ) -> None:
@@ -530,25 +552,7 @@ def test_a_balancers_health_checks_and_unnamed_devices_close_no_idle_keepalive_a
     with capped(lab, tmp_path, server, BALANCED + "handshake_timeout = 3\n") as (gw, admin):
 
         async def run() -> None:
-            idle = [
-                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/idle")
-                for n, user in enumerate(USERS, 1)
-            ]
-            await asyncio.to_thread(eventually, lambda: readyz(admin)[0] == 200, "the idle keep-alives as room")
-            gw.mark()
-            directory, port = tmp_path / "haproxy", free_port()
-            directory.mkdir()
-            stats = directory / "stats.sock"
-            checks = metric(admin, "kcd_listener_empty_connections_total")
-            config = _haproxy_config(port, (gw,), stats, "check check-send-proxy inter 200ms")
-            with _haproxy(directory, port, config):
-                await asyncio.to_thread(
-                    eventually,
-                    lambda: metric(admin, "kcd_listener_empty_connections_total") >= checks + 10,
-                    "ten of HAProxy's health checks",
-                )
-                assert _check_status(stats) == {"gw1": "L4OK"}
-            assert not gw.events("device_idle_reclaimed", gw.since)
+            idle = await _checked_at_an_idle_cap(lab, tmp_path, gw, admin, v1=False)
             unnamed = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
             unnamed.sendall(V2_SIGNATURE + b"\x21\x00\x00\x00")  # PROXY, family UNSPEC, no addresses
             assert await asyncio.to_thread(until_closed, unnamed, 3 + SERVED_WITHIN) == b""
@@ -573,25 +577,7 @@ def test_a_balancers_v1_health_checks_naming_themselves_close_no_idle_keepalive_
     with capped(lab, tmp_path, server, BALANCED) as (gw, admin):
 
         async def run() -> None:
-            idle = [
-                await balanced_device(lab, gw.port, user, f"203.0.113.{n}", "/EWS/idle")
-                for n, user in enumerate(USERS, 1)
-            ]
-            await asyncio.to_thread(eventually, lambda: readyz(admin)[0] == 200, "the idle keep-alives as room")
-            gw.mark()
-            directory, port = tmp_path / "haproxy", free_port()
-            directory.mkdir()
-            stats = directory / "stats.sock"
-            checks = metric(admin, "kcd_listener_empty_connections_total")
-            config = _haproxy_config(port, (gw,), stats, "check check-send-proxy inter 200ms")
-            with _haproxy(directory, port, config.replace(" send-proxy-v2 ", " send-proxy ")):
-                await asyncio.to_thread(
-                    eventually,
-                    lambda: metric(admin, "kcd_listener_empty_connections_total") >= checks + 10,
-                    "ten of HAProxy's health checks",
-                )
-                assert _check_status(stats) == {"gw1": "L4OK"}
-            assert not gw.events("device_idle_reclaimed", gw.since)
+            idle = await _checked_at_an_idle_cap(lab, tmp_path, gw, admin, v1=True)
             for stream in idle:
                 assert (await exchange(stream, "/EWS/still"))[0] == 200  # no device lost its keep-alive
             for _, writer in idle:
