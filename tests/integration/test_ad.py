@@ -110,15 +110,10 @@ while not (marks / "release").exists() and time.monotonic() < deadline:
 """
 
 
-def test_lab_down_holds_the_realms_users_lock_until_the_realm_is_stopped(tmp_path: Path) -> None:
-    """`kcd-proxy lab down --ad` on a realm nobody uses holds its users lock exclusively while it stops the processes
-    in the realm's namespace (one here that outlives its SIGTERM until told): a run starting meanwhile waits for the
-    lock instead of having samba stopped under it (before: the lock was let go once found free, before the stop)."""
-    if os.geteuid() != 0:
-        pytest.skip("a network namespace needs root")
-    realm = ad.AdRealm.at(tmp_path / "ad")
-    realm.root.mkdir()
-    users_lock(realm).touch()
+def _lab_down_while_a_run_starts(tmp_path: Path, realm: ad.AdRealm) -> None:
+    """`kcd-proxy lab down --ad` on `realm`'s namespace, where one process outlives its SIGTERM until told: while it
+    waits for that process, a run's session (the realm's directory made, as the ad_realm fixture does, and its users
+    lock taken shared) must wait; once released, the namespace is stopped and gone."""
     subprocess.run(["ip", "netns", "add", realm.netns], check=True)
     stubborn = subprocess.Popen(realm.netns_argv([sys.executable, "-c", _STUBBORN, str(tmp_path)]))
     down: subprocess.Popen[str] | None = None
@@ -127,8 +122,9 @@ def test_lab_down_holds_the_realms_users_lock_until_the_realm_is_stopped(tmp_pat
         argv = [sys.executable, "-m", "proxy", "lab", "down", "--ad", "--dir", str(tmp_path)]
         down = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         eventually(lambda: (tmp_path / "termed").exists(), what="lab down's SIGTERM")
-        with users_lock(realm).open("rb") as lock, pytest.raises(BlockingIOError):
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a run's session: it must wait
+        realm.root.mkdir(parents=True, exist_ok=True)
+        with users_lock(realm).open("a") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a run's session: it must wait for the stop to end
         (tmp_path / "release").touch()
         stubborn.wait(timeout=60)  # reaped here, its parent: lab down waits for the namespace to empty
         output, _ = down.communicate(timeout=60)
@@ -144,36 +140,25 @@ def test_lab_down_holds_the_realms_users_lock_until_the_realm_is_stopped(tmp_pat
         ad.down(realm)
 
 
+def test_lab_down_holds_the_realms_users_lock_until_the_realm_is_stopped(tmp_path: Path) -> None:
+    """`kcd-proxy lab down --ad` on a realm nobody uses holds its users lock exclusively while it stops the processes
+    in the realm's namespace (one here that outlives its SIGTERM until told): a run starting meanwhile waits for the
+    lock instead of having samba stopped under it (before: the lock was let go once found free, before the stop)."""
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root")
+    realm = ad.AdRealm.at(tmp_path / "ad")
+    realm.root.mkdir()
+    users_lock(realm).touch()
+    _lab_down_while_a_run_starts(tmp_path, realm)
+
+
 def test_lab_down_holds_the_users_lock_of_a_realm_whose_directory_is_not_there_yet(tmp_path: Path) -> None:
     """`kcd-proxy lab down --ad` on a namespace whose realm directory is gone (or not made yet) holds the users lock
     while it stops the namespace: a run creating the directory meanwhile waits instead of having its realm stopped."""
     if os.geteuid() != 0:
         pytest.skip("a network namespace needs root")
-    realm = ad.AdRealm.at(tmp_path / "ad")  # no directory: `rm -rf .lab` with samba running, or a first run starting
-    subprocess.run(["ip", "netns", "add", realm.netns], check=True)
-    stubborn = subprocess.Popen(realm.netns_argv([sys.executable, "-c", _STUBBORN, str(tmp_path)]))
-    down: subprocess.Popen[str] | None = None
-    try:
-        eventually(lambda: (tmp_path / "ready").exists(), what="the stubborn process in the namespace")
-        argv = [sys.executable, "-m", "proxy", "lab", "down", "--ad", "--dir", str(tmp_path)]
-        down = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        eventually(lambda: (tmp_path / "termed").exists(), what="lab down's SIGTERM")
-        realm.root.mkdir(parents=True, exist_ok=True)  # a run's session, as the ad_realm fixture starts one
-        with users_lock(realm).open("a") as lock, pytest.raises(BlockingIOError):
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # it must wait for the stop to end
-        (tmp_path / "release").touch()
-        stubborn.wait(timeout=60)
-        output, _ = down.communicate(timeout=60)
-        assert down.returncode == 0, output
-        assert not ad.namespace_exists(realm)
-    finally:
-        (tmp_path / "release").touch()
-        stubborn.kill()
-        stubborn.wait()
-        if down is not None and down.poll() is None:
-            down.kill()
-            down.wait()
-        ad.down(realm)
+    # no directory: `rm -rf .lab` with samba running, or a first run starting
+    _lab_down_while_a_run_starts(tmp_path, ad.AdRealm.at(tmp_path / "ad"))
 
 
 def test_a_sensitive_user_is_refused_because_the_evidence_ticket_is_not_forwardable(
