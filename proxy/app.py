@@ -14,8 +14,9 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -79,15 +80,16 @@ def build(
     shared: SharedTable | None = None,
     previous: Gateway | None = None,
     serving: bool = False,
-    crls_vetted: bool = False,
+    crls_vetted: Collection[Path] = (),
 ) -> Gateway:
     """The gateway a configuration describes; `shared`: the workers' table (the Basic per-user throttle, the log of
     users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
     whose CRLs the new ones start from (`CrlStore.inherit`); `serving`: a gateway that will serve (start, reload),
-    which writes `client_certificates.crl_state` (check-config and explain only read it); `crls_vetted`: the
-    configuration the gateway started with, served again by a worker replacing a dead one, whose CRL files that start
-    vetted: one gone bad since (grown past MAX_CRL_BYTES, half rewritten) is logged (`crl_not_used`) as its siblings'
-    refreshes log it, not a start refused, which the supervisor answers by stopping the whole gateway."""
+    which writes `client_certificates.crl_state` (check-config and explain only read it); `crls_vetted`: in a worker
+    replacing a dead one, the CRL files of the configuration the gateway started with, which that start vetted: one
+    gone bad since (grown past MAX_CRL_BYTES, half rewritten) is logged (`crl_not_used`) as its siblings' refreshes
+    log it, not a start refused, which the supervisor answers by stopping the whole gateway (nor, in a configuration
+    reloaded since that names it too, a reason to serve the started one instead: `proxy.cli`)."""
     cc = config.client_certificates
     problems: list[str] = []
     loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}
@@ -103,7 +105,9 @@ def build(
         trust = TrustList(anchors=tuple(loaded["trust_anchors"]), intermediates=tuple(loaded["intermediates"]))
     except ValueError as e:
         raise ConfigError([f"client_certificates.trust_anchors: {e} (in {config.path})"]) from None
-    for i, path in enumerate(cc.crls if previous is None and not crls_vetted else ()):  # a reload's: `Live.reload`
+    for i, path in enumerate(cc.crls if previous is None else ()):  # a reload's: `Live.reload`
+        if path in crls_vetted:
+            continue
         try:
             load_crls(path)  # a file that does not parse stops the start; one that does not verify is logged
         except (ValueError, OSError) as e:  # OSError's strerror: "more than N bytes", not "[Errno 27] more than ..."
@@ -533,12 +537,12 @@ async def serve(
     stop: asyncio.Event | None = None,
     worker: Worker | None = None,
     shared: SharedTable | None = None,
-    crls_vetted: bool = False,
+    crls_vetted: Collection[Path] = (),
 ) -> None:
     """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT; SIGHUP reloads (`proxy.live`).
     `worker`: this process is one of `listener.workers` (`proxy.workers`), whose admin listener answers for all;
-    `shared`: the table its siblings count Basic failures in (`proxy.auth.shared`); `crls_vetted`: `config` is the one
-    the gateway started with, served again by a replacement worker (`build`)."""
+    `shared`: the table its siblings count Basic failures in (`proxy.auth.shared`); `crls_vetted`: in a replacement
+    worker, the CRL files the gateway's start vetted (`build`)."""
     remove_stale_overlays()  # krb5.conf overlays of gateways killed outright (proxy.kerberos.profile)
     budget = _descriptor_budget(config)  # before anything starts: it may refuse kerberos.max_in_flight
     live = Live.start(config, shared=shared, crls_vetted=crls_vetted)

@@ -55,10 +55,12 @@ def _run(args: argparse.Namespace) -> int:
         # a replacement for a worker that died serves what its siblings reloaded since the start, not `cfg`
         replacing = worker is not None and worker.replacement
         current = replacement_config(cfg) if replacing else cfg
-        try:  # `cfg` again in a replacement: its CRL files, vetted at the start, may have gone bad since (`app.build`)
+        # the CRL files the start vetted may have gone bad since (`app.build`): not a reason to stop the gateway, nor to
+        # serve `cfg` instead of a reloaded configuration naming them too (a CA it retired, a `revocation` it tightened)
+        vetted = cfg.client_certificates.crls if replacing else ()
+        try:
             event_loop.run(
-                app.serve(current, worker=worker, shared=shared, crls_vetted=replacing and current is cfg),
-                cfg.listener.event_loop,
+                app.serve(current, worker=worker, shared=shared, crls_vetted=vetted), cfg.listener.event_loop
             )
         except ConfigError as e:
             if current is cfg:
@@ -67,8 +69,9 @@ def _run(args: argparse.Namespace) -> int:
             # fail to start, which stops the whole gateway (proxy.workers), but to serve what the gateway started with
             current = replacement_refused(cfg, e.problems)
             try:
-                serving = app.serve(current, worker=worker, shared=shared, crls_vetted=True)
-                event_loop.run(serving, cfg.listener.event_loop)
+                event_loop.run(
+                    app.serve(current, worker=worker, shared=shared, crls_vetted=vetted), cfg.listener.event_loop
+                )
             except ConfigError as again:
                 return again.report()
         return 0

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ssl
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,7 +104,7 @@ class Live:
         return directory.held.unjudged if directory is not None else 0
 
     @classmethod
-    def start(cls, config: Config, *, shared: SharedTable | None = None, crls_vetted: bool = False) -> Live:
+    def start(cls, config: Config, *, shared: SharedTable | None = None, crls_vetted: Collection[Path] = ()) -> Live:
         from proxy.app import build
         from proxy.tls.server import ServedCertificate, server_context
 

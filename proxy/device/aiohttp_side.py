@@ -16,7 +16,7 @@ from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import MultiMapping
 
 from proxy.device.request import CONTINUE, expectations
-from proxy.tls.limits import HeaderBlockBudget, idle_closed
+from proxy.tls.limits import HeaderBlockBudget, frees_a_slot, idle_closed
 from proxy.tls.server import _AlertingSSLProtocol
 
 
@@ -167,6 +167,7 @@ def idle_handlers(handlers: Iterable[Any], quiet: bool = True) -> Iterator[tuple
             or not isinstance(handler._parser, HeaderBlockBudget)
             or not handler._parser.between_requests
             or not isinstance(tls, _AlertingSSLProtocol)
+            or not frees_a_slot(tls._closed)  # a health check's place of its own: no room for a device
             or (quiet and not tls.quiet())
         ):
             continue

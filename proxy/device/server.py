@@ -67,7 +67,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from proxy.device.framing import BodyEnd, head_end
 from proxy.device.request import CONTINUE, expectations
 from proxy.errors import BadRequest
-from proxy.tls.limits import Linger, answer_too_large, idle_closed, refuse_header_block
+from proxy.tls.limits import Linger, answer_too_large, frees_a_slot, idle_closed, refuse_header_block
 from proxy.tls.record import TlsRecords
 from proxy.tls.server import peer_text, socket_transport
 
@@ -776,6 +776,7 @@ class DeviceConnection(asyncio.Protocol):
             or self._stopped
             or self._winding
             or transport is None
+            or (isinstance(transport, TlsRecords) and not frees_a_slot(transport._closed))  # a health check's place
             or (quiet and isinstance(transport, TlsRecords) and not transport.quiet())
         ):
             return None

@@ -45,6 +45,7 @@ header                   query parameter     effect
 ``X-Lab-Hold-Until``     ``hold_until``      end that hold early once a request names this key in
                                              ``X-Lab-Release`` (a test's "held until I say so")
 ``X-Lab-Release``        ``lab_release``     end the holds waiting on this key, and those that come later
+                                             (the last 256 keys released are kept for them)
 ``X-Lab-Status``         ``lab_status``      answer with this status (200 to 599), e.g. 449 or 503
 ``X-Lab-Header``         ``lab_header``      add ``Name: value`` to the response (repeatable)
 ``X-Lab-Body-Bytes``     ``lab_body_bytes``  answer with ``body_pattern(N)`` instead of the echo
@@ -60,6 +61,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -117,6 +119,7 @@ ACTIVESYNC_PROTOCOL_COMMANDS: Final = ",".join(
 
 MAX_HOLD_SECONDS: Final = 3600.0
 _MAX_KEY: Final = 64  # characters of an `X-Lab-Hold-Until` / `X-Lab-Release` key
+MAX_RELEASED: Final = 256  # released keys kept for holds to come (the oldest dropped first)
 MAX_BODY_BYTES: Final = 1 << 30
 # AD puts group data in the ticket's PAC, so Negotiate headers reach tens of KB; Exchange sites raise IIS's
 # header limits for the same reason. aiohttp's default field limit (8190 bytes) would refuse them. 96 KiB
@@ -549,6 +552,34 @@ class Backend:
         self.connection_bound = connection_bound
         self.connections = ConnectionTable()
         self.releases: dict[str, asyncio.Event] = {}  # `X-Lab-Release` keys, set or awaited by a hold
+        self._holding: collections.Counter[str] = collections.Counter()  # holds awaiting each key
+
+    def release(self, key: str) -> None:
+        """End the holds on `key` and those that come later; at most `MAX_RELEASED` released keys no hold awaits are
+        kept, the oldest released dropped first (each kept for good, a client grew the backend's memory at will)."""
+        event = self.releases.pop(key, None) or asyncio.Event()
+        event.set()
+        self.releases[key] = event  # the newest released last
+        kept = [k for k, e in self.releases.items() if e.is_set() and not self._holding[k]]
+        for old in kept[: len(kept) - MAX_RELEASED]:
+            del self.releases[old]
+
+    async def hold(self, request: web.Request, hooks: LabHooks) -> None:
+        """`hold`, until its key is released if it names one; a key nobody released is not kept once its holds end."""
+        key = hooks.hold_until
+        if key is None:
+            await hold(request, hooks.hold_seconds)
+            return
+        released = self.releases.setdefault(key, asyncio.Event())
+        self._holding[key] += 1
+        try:
+            await hold(request, hooks.hold_seconds, released)
+        finally:
+            self._holding[key] -= 1
+            if not self._holding[key]:
+                del self._holding[key]
+                if not released.is_set():
+                    self.releases.pop(key, None)
 
     async def authenticate(self, request: web.Request, connection: Connection) -> Identity:
         if self.connection_bound and connection.bound_principal is not None:
@@ -566,9 +597,8 @@ class Backend:
         hooks = LabHooks.from_request(request.headers, request.query)
         body = await read_body(request)
         if hooks.release is not None:
-            self.releases.setdefault(hooks.release, asyncio.Event()).set()
-        released = None if hooks.hold_until is None else self.releases.setdefault(hooks.hold_until, asyncio.Event())
-        await hold(request, hooks.hold_seconds, released)
+            self.release(hooks.release)
+        await self.hold(request, hooks)
 
         site = exchange_site(request.path)
         headers = [*response_headers(identity, connection, site, request.method), *hooks.extra_headers]

@@ -187,6 +187,14 @@ class ConnectionSlots:
         self._freed.set()
 
 
+def frees_a_slot(closed: object) -> bool:
+    """Whether closing a connection whose end calls `closed` frees a slot of `listener.max_connections`: not a health
+    check gone on in a place of its own (`SlotWait.aside`). An idle keep-alive is closed for a device at the cap only
+    if it does: the device takes the slot at once, and a check's connection, served a request (HAProxy's `check-ssl`
+    with a `crt`) and closed for it, gave none back (a connection past the cap for each)."""
+    return not (isinstance(closed, SlotWait) and closed._aside)
+
+
 class SlotWait:
     """A connection accepted at the cap behind a balancer (`accept_connections` with `header_first`): it holds no
     slot while its PROXY header comes (under `listener.handshake_timeout`, `proxy.tls.proxy_protocol`), so that an

@@ -33,6 +33,7 @@ from proxy.lab.backend import (
     ACTIVESYNC_PROTOCOL_VERSIONS,
     BACKEND_KEY,
     MAX_HOLD_SECONDS,
+    MAX_RELEASED,
     BadHook,
     LabHooks,
     body_pattern,
@@ -470,6 +471,37 @@ def test_a_hold_until_a_key_ends_when_a_request_releases_it(cas_app: web.Applica
                 assert "X-Lab-Release" in await r.text()
 
     asyncio.run(case())
+
+
+def test_release_keys_are_bounded_and_a_hold_nobody_released_leaves_no_key(
+    cas_app: web.Application, kerberos: Kerberos
+) -> None:
+    """`MAX_RELEASED` + 20 distinct `X-Lab-Release` keys leave at most `MAX_RELEASED` kept (every key was kept for
+    good: a client's memory to grow at will), the newest still releases a hold that comes after it, and a hold whose
+    key nobody released leaves no key behind once it ends."""
+
+    async def case() -> None:
+        backend = cas_app[BACKEND_KEY]
+        async with serving(cas_app) as url, aiohttp.ClientSession() as session:
+            for n in range(MAX_RELEASED + 20):
+                release = {"Authorization": kerberos.header("bob"), "X-Lab-Release": f"key-{n}"}
+                async with session.get(url + "/owa/", headers=release) as r:
+                    assert r.status == 200
+            assert len(backend.releases) <= MAX_RELEASED
+            newest = f"key-{MAX_RELEASED + 19}"
+            held = {"Authorization": kerberos.header("alice"), "X-Lab-Hold-Seconds": "600", "X-Lab-Hold-Until": newest}
+            async with session.post(url + PING, data=b"x", headers=held) as r:
+                assert r.status == 200  # released before it came: not held 600 s (the wait_for below bounds it)
+            unreleased = {
+                "Authorization": kerberos.header("alice"),
+                "X-Lab-Hold-Seconds": "0.2",
+                "X-Lab-Hold-Until": "nobody",
+            }
+            async with session.post(url + PING, data=b"x", headers=unreleased) as r:
+                assert r.status == 200
+            assert "nobody" not in backend.releases
+
+    asyncio.run(asyncio.wait_for(case(), 120))
 
 
 def test_hold_ends_when_client_hangs_up(cas_app: web.Application, kerberos: Kerberos) -> None:

@@ -843,3 +843,38 @@ def test_a_slot_freed_goes_to_a_waiter_not_to_a_connection_yet_to_come(
                 raw.close()
 
         asyncio.run(run())
+
+
+def test_a_health_check_served_in_a_place_of_its_own_is_not_closed_for_a_device_over_the_cap(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy: a v2 LOCAL check that found no slot goes on in a place
+    of its own (`SlotWait.aside`), completes TLS with a certificate and is answered once (HAProxy's `check-ssl` with a
+    `crt` and `option httpchk`), then idles. A device that comes next took it for an idle keep-alive, closed it and
+    took a slot it never freed (3 connections counted at a cap of 2, more with every such check); it now waits for a
+    busy one to leave, and the check's connection is not closed for it."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, admin):
+
+        async def run() -> None:
+            busy = await two_busy_behind_a_balancer(lab, gw.port)
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(LOCAL)
+            raw.setblocking(False)
+            check = await asyncio.open_connection(
+                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
+            )
+            assert (await exchange(check, "/EWS/check"))[0] == 200
+            gw.mark()
+            device = asyncio.ensure_future(balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"))
+            done, _ = await asyncio.wait({device}, timeout=3)
+            assert not done, "served over the cap: the check's connection was closed for it, freeing no slot"
+            assert metric(admin, "kcd_listener_connections") <= 2
+            busy[0][1].close()
+            _, writer = await asyncio.wait_for(device, SERVED_WITHIN)
+            assert (await exchange(check, "/EWS/again"))[0] == 200  # not closed for the device
+            assert metric(admin, "kcd_listener_connections") <= 2
+            for w in (check[1], busy[1][1], writer):
+                w.close()
+
+        asyncio.run(run())

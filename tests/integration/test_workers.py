@@ -667,3 +667,47 @@ def test_a_replacement_worker_never_takes_a_crl_older_than_its_siblings_held(lab
             assert time.monotonic() < deadline, f"only {served} answered"
     finally:
         assert gw.stop() == 0
+
+
+def test_a_worker_replaced_while_a_crl_file_of_a_reloaded_configuration_has_gone_bad_serves_the_reloaded_one(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A reload tightened `revocation` from "best-effort" to "require"; the issuing CA's CRL file, which both the
+    started and the reloaded configuration name, is then caught half rewritten and a worker dies. The replacement
+    refused the reloaded configuration over that file and fell back to the started one (`crls_vetted`), served
+    best-effort without the CRL: carol, revoked, got 200 from it. It now serves the reloaded configuration, the
+    file's CRLs not used (`crl_not_used`), so carol is refused on every worker."""
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
+    crl = write_crl(tmp_path / "issuing.crl", issuing, revoked=[carol.serial_number], number=3001)
+    root_crl = write_crl(tmp_path / "root.crl", root)
+    text = _with_workers(lab, free_port(), 2)
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    require = 'revocation = "require"'
+    assert lab_crls in text
+    assert require in text
+    text = text.replace(lab_crls, f'crls = ["{crl}", "{root_crl}"]')
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(require, 'revocation = "best-effort"'))
+    try:
+        first, second = _listening_pids(gw, 2)
+        gw.config_path.write_text(text)  # "require" again
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            gw.wait_event("reloaded", pid=pid)
+        with crl.open("r+b") as f:
+            f.truncate(len(crl.read_bytes()) // 2)
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        gw.wait_event("listening", pid=replacement)
+        assert str(crl) in gw.wait_event("crl_not_used", pid=replacement)["problem"]
+        served: set[int] = set()
+        subject = carol.subject.rfc4514_string()
+        deadline = time.monotonic() + WAIT
+        while served != {second, replacement}:  # new connections until both workers answered carol
+            assert asyncio.run(_fresh_connections(lab, gw, 1, "carol")) == [403], served
+            served = {e["pid"] for e in gw.events("request", gw.since) if e.get("cert_subject") == subject}
+            assert time.monotonic() < deadline, f"only {served} answered"
+        assert gw.events("worker_configuration_refused") == []
+    finally:
+        gw.stop()

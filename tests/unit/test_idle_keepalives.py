@@ -9,7 +9,7 @@ from collections.abc import Callable
 from aiohttp.web_protocol import RequestHandler
 from structlog.testing import capture_logs
 
-from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS, ConnectionSlots, IdleKeepAlives, SlotWait
+from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS, ConnectionSlots, IdleKeepAlives, SlotWait, frees_a_slot
 
 
 class _Connection:
@@ -188,6 +188,25 @@ def test_health_checks_going_on_without_a_slot_leave_the_waits_for_places_of_the
         for check in checks[1:]:
             check()
         assert (slots.waiting, slots.checks, slots.open) == (0, 0, 1)
+
+    asyncio.run(run())
+
+
+def test_only_a_connection_holding_a_slot_frees_one_when_closed() -> None:
+    """`frees_a_slot`: a health check aside (its own place) frees none, so no idle-keep-alive reclaim closes it for a
+    device; a wait that claimed a slot, and a slot taken by the accept loop, do."""
+
+    async def run() -> None:
+        slots = ConnectionSlots(1)
+        taken = await slots.take()
+        check = SlotWait(slots)
+        assert check.aside()
+        assert not frees_a_slot(check)
+        assert frees_a_slot(taken)
+        taken()
+        device = SlotWait(slots)
+        assert device.claim()
+        assert frees_a_slot(device)
 
     asyncio.run(run())
 
