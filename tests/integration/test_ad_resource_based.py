@@ -209,6 +209,15 @@ def _acl_descriptor(*aces: tuple[int, int, Sid]) -> bytes:
     return struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 20 + len(owner)) + owner + acl
 
 
+def _backend_ldif(realm: ad.AdRealm, name: str, spn: str, descriptor: bytes) -> str:
+    """An LDIF add of account `name` with `spn`, its msDS-AllowedToActOnBehalfOfOtherIdentity `descriptor`."""
+    value = base64.b64encode(descriptor).decode()
+    return (
+        f"dn: CN={name},CN=Users,{realm.base_dn}\nchangetype: add\nobjectClass: user\nsAMAccountName: {name}\n"
+        f"servicePrincipalName: {spn}\nmsDS-AllowedToActOnBehalfOfOtherIdentity:: {value}\n"
+    )
+
+
 def _access_checked_backends(realm: ad.AdRealm) -> None:
     """The three accounts of ACCESS_CHECKED with their SPNs and descriptors, made once (one ldbmodify) under the
     realm's lock."""
@@ -223,13 +232,8 @@ def _access_checked_backends(realm: ad.AdRealm) -> None:
             "svc-rbcdread": _acl_descriptor((0, read, gateway)),
             "svc-rbcdau": _acl_descriptor((1, full, Sid(5, (11,))), (0, full, gateway)),
         }
-        attribute = "msDS-AllowedToActOnBehalfOfOtherIdentity"
         realm.ldbmodify(
-            "\n".join(
-                f"dn: CN={name},CN=Users,{realm.base_dn}\nchangetype: add\nobjectClass: user\nsAMAccountName: {name}\n"
-                f"servicePrincipalName: {ACCESS_CHECKED[name]}\n{attribute}:: {base64.b64encode(raw).decode()}\n"
-                for name, raw in descriptors.items()
-            )
+            "\n".join(_backend_ldif(realm, name, ACCESS_CHECKED[name], raw) for name, raw in descriptors.items())
         )
 
 
@@ -294,11 +298,7 @@ def test_a_null_dacl_is_read_as_allowing_every_account(
         if not _exists(realm, NULL_DACL_BACKEND):
             owner = Sid(5, (32, 544)).to_bytes()
             null_dacl = struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 0) + owner  # SE_DACL_PRESENT, no list
-            realm.ldbmodify(
-                f"dn: CN={NULL_DACL_BACKEND},CN=Users,{realm.base_dn}\nchangetype: add\nobjectClass: user\n"
-                f"sAMAccountName: {NULL_DACL_BACKEND}\nservicePrincipalName: {NULL_DACL_SPN}\n"
-                f"msDS-AllowedToActOnBehalfOfOtherIdentity:: {base64.b64encode(null_dacl).decode()}\n"
-            )
+            realm.ldbmodify(_backend_ldif(realm, NULL_DACL_BACKEND, NULL_DACL_SPN, null_dacl))
     config = _config(realm, ad_backend, tmp_path / "null.toml", account=GATEWAY, spn=NULL_DACL_SPN)
     line = _doctor(realm, config)["delegation"]
     dn = f"CN={NULL_DACL_BACKEND},CN=Users,{realm.base_dn}"
@@ -332,11 +332,7 @@ def test_a_sid_the_gateway_holds_through_sid_history_is_read_as_its_own(
             realm.samba_tool("domain", "exportkeytab", str(keytab), f"--principal={HISTORY_GATEWAY}@{ad.REALM}")
             keytab.chmod(0o644)
             allows = _acl_descriptor((0, 0x100, OLD_SID))  # CONTROL_ACCESS for the old SID alone
-            realm.ldbmodify(
-                f"dn: CN={HISTORY_BACKEND},CN=Users,{realm.base_dn}\nchangetype: add\nobjectClass: user\n"
-                f"sAMAccountName: {HISTORY_BACKEND}\nservicePrincipalName: {HISTORY_SPN}\n"
-                f"msDS-AllowedToActOnBehalfOfOtherIdentity:: {base64.b64encode(allows).decode()}\n"
-            )
+            realm.ldbmodify(_backend_ldif(realm, HISTORY_BACKEND, HISTORY_SPN, allows))
     config = _config(realm, ad_backend, tmp_path / "history.toml", account=HISTORY_GATEWAY, spn=HISTORY_SPN)
     line = _doctor(realm, config)["delegation"]
     dn = f"CN={HISTORY_BACKEND},CN=Users,{realm.base_dn}"
