@@ -37,9 +37,12 @@ outright (SIGKILL, which it cannot pass on) takes its workers with it: each asks
 when its parent dies (PR_SET_PDEATHSIG), so none runs on as an orphan holding the port. A worker that dies on its own is
 replaced after a pause, unless it exited with an error within `MIN_UPTIME` seconds of starting: a
 gateway that cannot start (unreadable keytab, ...) would only fail again, so the supervisor stops the
-rest and exits with that worker's code. (A worker killed by a signal is replaced whenever it dies.) A replacement
-reads the configuration file again (`proxy.live.replacement_config`): its siblings may have reloaded since the
-supervisor read it.
+rest and exits with that worker's code. A replacement that so fails while a sibling still serves does not stop the
+gateway: its siblings serve on with what they loaded (a trust anchor or the listener's certificate caught half
+rewritten fails a start, not a worker that has it loaded), the supervisor says so (`worker_not_replaced`, with the
+fix) and tries again every `REPLACE_RETRY` seconds. (A worker killed by a signal is replaced whenever it dies.)
+A replacement reads the configuration file again (`proxy.live.replacement_config`): its siblings may have reloaded
+since the supervisor read it.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ log = structlog.get_logger("proxy.workers")
 
 MIN_UPTIME = 5.0  # seconds: a worker that exits with an error sooner failed to start
 _RESTART_PAUSE = 1.0
+REPLACE_RETRY = 5.0  # seconds between tries to replace a worker whose replacement failed to start
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -116,7 +120,7 @@ def _check_free(host: str, port: int, key: str, prefix: str) -> None:
 def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Admin | None = None) -> int:
     """Run `serve_one` (one whole gateway; returns an exit code) in `listener.workers` processes."""
     check_port_free(listener, admin)
-    workers: dict[int, tuple[float, int]] = {}  # pid -> (when it started, its number)
+    workers: dict[int, tuple[float, int, bool]] = {}  # pid -> (when it started, its number, a replacement?)
     siblings = Path(tempfile.mkdtemp(prefix="kcd-proxy-workers-"))  # mode 0700
     stopping = False
     starting = True  # the first workers are being forked
@@ -139,7 +143,7 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
         pid = os.fork()
         if pid == 0:
             _worker(lambda: serve_one(Worker(number, siblings, replacement)), supervisor, siblings)
-        workers[pid] = (time.monotonic(), number)
+        workers[pid] = (time.monotonic(), number, replacement)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info("worker_started", worker=pid, number=number)
 
@@ -155,18 +159,32 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
             pid, status = os.wait()
             if pid not in workers:
                 continue
-            started, number = workers.pop(pid)
+            started, number, replacing = workers.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             if stopping:
                 log.info("worker_stopped", worker=pid, code=code)
                 continue
             log.warning("worker_exited", worker=pid, code=code)
-            if code > 0 and time.monotonic() - started < MIN_UPTIME:
+            pause = _RESTART_PAUSE
+            if code > 0 and time.monotonic() - started < MIN_UPTIME and replacing and workers:
+                # its siblings serve with what they loaded: a file caught half rewritten is no reason to stop them
+                log.error(
+                    "worker_not_replaced",
+                    worker=pid,
+                    code=code,
+                    serving=len(workers),
+                    retry_seconds=REPLACE_RETRY,
+                    fix="the worker's lines above name the file it refused (a trust anchor, the listener's certificate "
+                    "or key being rewritten?): write it whole (a new file renamed over the old one); the other "
+                    "workers serve meanwhile",
+                )
+                pause = REPLACE_RETRY
+            elif code > 0 and time.monotonic() - started < MIN_UPTIME:
                 log.error("worker_failed_to_start", worker=pid, code=code, fix="see the worker's lines above")
                 failure = code
                 on_signal(signal.SIGTERM, None)
                 continue
-            time.sleep(_RESTART_PAUSE)
+            time.sleep(pause)
             if not stopping:
                 start(number, replacement=True)
     finally:

@@ -89,7 +89,7 @@ if TYPE_CHECKING:
     from proxy.kerberos.delegate import Delegator
 
 MAX_SKEW = 60.0  # seconds; Kerberos's own limit is 300 (clockskew), a healthy NTP setup is far below both
-Status = Literal["pass", "fail", "skip"]
+Status = Literal["pass", "warn", "fail", "skip"]
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,11 @@ def render(checks: list[Check]) -> str:
         lines.append(f"{c.status.upper():<5} {c.name:<{width}}  {c.detail}")
         if c.fix:
             lines.append(f"{'':<6}{'':<{width}}  fix: {c.fix}")
-    counts = {s: sum(1 for c in checks if c.status == s) for s in ("pass", "fail", "skip")}
-    lines.append(f"{len(checks)} checks: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
+    counts = {s: sum(1 for c in checks if c.status == s) for s in ("pass", "warn", "fail", "skip")}
+    warned = f", {counts['warn']} warned" if counts["warn"] else ""
+    lines.append(
+        f"{len(checks)} checks: {counts['pass']} passed{warned}, {counts['fail']} failed, {counts['skip']} skipped"
+    )
     return "\n".join(lines)
 
 
@@ -343,6 +346,28 @@ def delegation_check(
     return Check("delegation", "fail", f"{where}: " + "; ".join(problems), fix)
 
 
+def open_backends_check(proxy: str, backends: Mapping[str, ResourceBased]) -> list[Check]:
+    """`delegation-open`, a WARN per backend whose msDS-AllowedToActOnBehalfOfOtherIdentity lets any account of the
+    domain act for any user towards it (a NULL DACL, or an entry allowing Everyone or Authenticated Users: what an
+    account with no SID of its own would be granted, `ResourceBased.allows`): the gateway works, but so would any
+    other account's S4U2Proxy to that SPN (review47). Nothing when no backend is so open."""
+    account = proxy.rpartition("@")[0] or proxy
+    return [
+        Check(
+            "delegation-open",
+            "warn",
+            f"{backend.dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity lets every account of the domain act for any "
+            f"user towards {spn} (a NULL DACL, or an entry allowing Everyone or Authenticated Users), not "
+            f"{account} alone",
+            f"allow the gateway's account only: Set-ADUser -Identity '{backend.dn}' "
+            f"-PrincipalsAllowedToDelegateToAccount {account} (Set-ADComputer for a computer account), which writes a "
+            "descriptor with that one entry",
+        )
+        for spn, backend in backends.items()
+        if backend.dn is not None and backend.allows(frozenset())
+    ]
+
+
 def _allowed_by(resource: Mapping[str, ResourceBased], proxy: str) -> str:
     """Which backends' accounts allow the gateway by resource-based delegation, for which SPN."""
     return "; ".join(
@@ -543,6 +568,7 @@ async def _directory_lookups(
     else:
         judged.append(functools.partial(delegation_check, config.kerberos.principal, settings, spns, backends))
         checks.append(judged[0]({}))
+        checks += open_backends_check(config.kerberos.principal, backends)
     basic = config.authentication.mode != "certificate"
     if basic:
         checks.append(await _lockout(config, directory, "basic-lockout", None))

@@ -79,7 +79,7 @@ def _doctor(realm: ad.AdRealm, config: Path, *args: str, check: str = "delegatio
     lines: dict[str, str] = {}
     name = ""
     for line in done.stdout.splitlines():
-        found = re.match(r"(PASS|FAIL|SKIP)\s+(\S+(?: \S+)?)\s\s", line)
+        found = re.match(r"(PASS|WARN|FAIL|SKIP)\s+(\S+(?: \S+)?)\s\s", line)
         if found:
             name = found.group(2).strip()
             lines[name] = line
@@ -291,7 +291,8 @@ def test_a_null_dacl_is_read_as_allowing_every_account(
     """svc-rbcdnull's msDS-AllowedToActOnBehalfOfOtherIdentity is a descriptor whose DACL is present but NULL, which
     the KDC's access check reads as granting everyone (Samba's and Windows' "a NULL dacl allows access"): `delegation`
     says the backend allows svc-kcdrbcd (before: FAIL, the descriptor read as allowing nobody, every account of the
-    domain in fact allowed to act for any user towards it)."""
+    domain in fact allowed to act for any user towards it), and `delegation-open` warns of it, naming the fix (before
+    left25: no warning)."""
     realm = ad_mapping_realm
     _resource_based_accounts(realm)
     with _locked(realm.root):
@@ -300,9 +301,13 @@ def test_a_null_dacl_is_read_as_allowing_every_account(
             null_dacl = struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 0) + owner  # SE_DACL_PRESENT, no list
             realm.ldbmodify(_backend_ldif(realm, NULL_DACL_BACKEND, NULL_DACL_SPN, null_dacl))
     config = _config(realm, ad_backend, tmp_path / "null.toml", account=GATEWAY, spn=NULL_DACL_SPN)
-    line = _doctor(realm, config)["delegation"]
+    lines = _doctor(realm, config)
     dn = f"CN={NULL_DACL_BACKEND},CN=Users,{realm.base_dn}"
-    assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows" in line, line
+    assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows" in lines["delegation"], lines
+    warned = lines.get("delegation-open", "")
+    assert warned.startswith("WARN"), lines
+    assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity lets every account of the domain act" in warned, warned
+    assert f"fix: allow the gateway's account only: Set-ADUser -Identity '{dn}' " in warned, warned
 
 
 HISTORY_GATEWAY = "svc-kcdhist"

@@ -323,6 +323,40 @@ def test_a_worker_replaced_while_its_started_crl_file_has_gone_bad_serves_and_th
         gw.stop()
 
 
+@pytest.mark.parametrize("half", ["trust_anchors", "listener.certificate"])
+def test_a_replacement_refusing_a_half_rewritten_file_leaves_its_sibling_serving(
+    lab: LabLayout, tmp_path: Path, half: str
+) -> None:
+    """The trust anchors or the listener's certificate the gateway started with, caught half rewritten when a worker
+    is replaced: the replacement refused the file as a start does, within MIN_UPTIME, and the supervisor stopped the
+    whole gateway (`worker_failed_to_start`) though its sibling served with what it had loaded. The sibling now
+    serves on, the supervisor names the fix (`worker_not_replaced`) and tries again, and once the file is whole
+    again a replacement listens."""
+    text = _with_workers(lab, free_port(), 2)
+    original = lab.pki_dir / ("root.pem" if half == "trust_anchors" else "server-chain.pem")
+    assert str(original) in text, (original, text)
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    try:
+        first, second = _listening_pids(gw, 2)
+        copy.write_bytes(whole[: len(whole) // 2])  # a publisher caught half way through writing it in place
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        refused = gw.wait_event("worker_not_replaced")
+        assert "write it whole" in refused["fix"], refused
+        assert refused["serving"] == 1, refused
+        assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2  # the sibling, with what it loaded
+        assert gw.events("worker_failed_to_start") == []
+        assert gw.proc.poll() is None
+        copy.write_bytes(whole)
+        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        assert _alive(second), replacement
+    finally:
+        gw.stop()
+
+
 def test_a_sighup_while_the_workers_start_reaches_them_all(lab: LabLayout, tmp_path: Path) -> None:
     """systemd's ExecReload (or a configuration tool) right after a start: SIGHUP reached workers still starting,
     which ignored it until their reload handler was in place, and served the configuration read before the edit

@@ -313,3 +313,21 @@ def test_resource_based_delegation_counts_the_gateways_groups_and_a_deny_wins() 
     assert f"msDS-AllowedToDelegateTo lists nothing, not {other}" in partly.detail
     assert f"allows svc-gw@CORP.TEST for {spn} (resource-based delegation), not {other}" in partly.detail
     assert doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], {spn: ResourceBased(spn, None)}).status == "fail"
+
+
+def test_a_backend_any_account_may_delegate_to_is_a_warning_naming_the_fix() -> None:
+    """A backend whose descriptor allows Everyone (a NULL DACL reads so) or Authenticated Users is a WARN of its own,
+    naming the account and the command that allows the gateway alone; one allowing the gateway (or nobody) is none;
+    render counts the warning."""
+    spn, dn = "HTTP/cas.corp.test", "CN=cas,CN=Computers,DC=corp,DC=test"
+    everyone, users = Sid(1, (0,)), Sid(5, (11,))
+    for entries in [((True, everyone),), ((False, _GATEWAY_SID), (True, users))]:
+        [line] = doctor.open_backends_check("svc-gw@CORP.TEST", {spn: ResourceBased(spn, dn, entries)})
+        assert (line.name, line.status) == ("delegation-open", "warn"), line
+        assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity lets every account of the domain" in line.detail
+        assert line.fix is not None
+        assert f"Set-ADUser -Identity '{dn}' -PrincipalsAllowedToDelegateToAccount svc-gw " in line.fix
+        assert doctor.render([line]).splitlines()[-1] == "1 checks: 0 passed, 1 warned, 0 failed, 0 skipped"
+    for entries in [((True, _GATEWAY_SID),), ((False, everyone), (True, everyone)), ()]:
+        assert doctor.open_backends_check("svc-gw@CORP.TEST", {spn: ResourceBased(spn, dn, entries)}) == []
+    assert doctor.open_backends_check("svc-gw@CORP.TEST", {spn: ResourceBased(spn, None)}) == []
