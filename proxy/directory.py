@@ -105,11 +105,11 @@ WELL_KNOWN_TOKEN = frozenset({EVERYONE, Sid(5, (11,)), ASSERTED_IDENTITY})
 # SIDs that some KDCs' access checks hold in the service's token and others do not, with whose: an entry naming one
 # decides on some KDCs only, so doctor cannot tell what the one the gateway meets decides (`ResourceBased.verdict`).
 UNSURE_TOKEN = {
-    Sid(5, (2,)): "Network, which Samba 4.19 and later add to the token and Windows' KDC may not",
+    Sid(5, (2,)): "Network, which Samba's access check adds to the token and Windows' KDC may not",
     Sid(5, (15,)): "This Organization, which Windows adds to its forest's accounts' tokens and Samba does not",
     Sid(5, (21, 0, 0, 0, 497)): "Claims Valid, which a KDC issuing claims puts in the PAC (Windows Server 2012 and "
     "later with claims on; Samba 4.17's PAC has none)",
-    Sid(5, (21, 0, 0, 0, 496)): "Compounded Authentication, which Samba 4.19 and later add to the token and Windows "
+    Sid(5, (21, 0, 0, 0, 496)): "Compounded Authentication, which Samba's access check adds to the token and Windows "
     "with compound authentication (a device's FAST armour)",
 }
 CONTROL_ACCESS = 0x100  # ADS_RIGHT_DS_CONTROL_ACCESS ([MS-ADTS] 5.1.3.2)
@@ -204,9 +204,7 @@ class ResourceBased:
             if doubt.conditional
             else f"names {UNSURE_TOKEN[doubt.sid]}"
         )
-        return Verdict(
-            None, f"its entry {verb} {doubt.sid} {why}, and it would decide otherwise than the entries after"
-        )
+        return Verdict(None, f"its entry {verb} {doubt.sid} {why}, where the entries after it decide otherwise")
 
 
 @dataclass(frozen=True)

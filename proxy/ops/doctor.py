@@ -439,8 +439,8 @@ def _resource_based(
         return Check(
             "delegation",
             "warn",
-            f"{allowed}: doctor cannot tell which the KDC the gateway meets decides; only S4U2Proxy shows it, run "
-            "with --user UPN",
+            f"{allowed}: doctor cannot tell what the gateway's KDC decides; only S4U2Proxy shows it, run with --user "
+            "UPN",
             f"allow the gateway's account by plain entries only: Set-ADUser -Identity '{backend.dn}' "
             f"-PrincipalsAllowedToDelegateToAccount {account} (Set-ADComputer for a computer account), or use "
             f"classic constrained delegation on {account}",
