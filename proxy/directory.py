@@ -95,9 +95,23 @@ PROTECTED_USERS_RID = 525  # the domain's Protected Users group: <domain SID>-52
 IN_CHAIN = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN: membership through nested groups ([MS-ADTS])
 # The KDC's access check for resource-based delegation (Samba 4.19's samba_kdc_check_s4u2proxy_rbcd, as Windows'): the
 # service's token holds, beside its SID and groups, Everyone and Authenticated Users (S-1-1-0, S-1-5-11: a DACL entry
-# for either names every account), and the right it asks is CONTROL_ACCESS alone (an entry without it decides nothing)
+# for either names every account), and the right it asks is CONTROL_ACCESS alone (an entry without it decides nothing).
+# The token is built from the PAC of the service's own ticket, which also carries S-1-18-1 ("authentication authority
+# asserted identity") for an account that signed in with its key, as the gateway does with its keytab (seen in the
+# PAC Samba 4.17 issues the gateway; Windows Server 2012 and later add it too).
 EVERYONE = Sid(1, (0,))
-WELL_KNOWN_TOKEN = frozenset({EVERYONE, Sid(5, (11,))})
+ASSERTED_IDENTITY = Sid(18, (1,))
+WELL_KNOWN_TOKEN = frozenset({EVERYONE, Sid(5, (11,)), ASSERTED_IDENTITY})
+# SIDs that some KDCs' access checks hold in the service's token and others do not, with whose: an entry naming one
+# decides on some KDCs only, so doctor cannot tell what the one the gateway meets decides (`ResourceBased.verdict`).
+UNSURE_TOKEN = {
+    Sid(5, (2,)): "Network, which Samba's access check adds to the token and Windows' KDC may not",
+    Sid(5, (15,)): "This Organization, which Windows adds to its forest's accounts' tokens and Samba does not",
+    Sid(5, (21, 0, 0, 0, 497)): "Claims Valid, which a KDC issuing claims puts in the PAC (Windows Server 2012 and "
+    "later with claims on; Samba 4.17's PAC has none)",
+    Sid(5, (21, 0, 0, 0, 496)): "Compounded Authentication, which Samba's access check adds to the token and Windows "
+    "with compound authentication (a device's FAST armour)",
+}
 CONTROL_ACCESS = 0x100  # ADS_RIGHT_DS_CONTROL_ACCESS ([MS-ADTS] 5.1.3.2)
 
 
@@ -134,23 +148,63 @@ class DelegationSettings:
 
 
 @dataclass(frozen=True)
+class Ace:
+    """An entry of a DACL that may decide whether an account acts for others: allow (True) or deny, its SID, and
+    whether it is a conditional (callback) entry, whose condition (claims, device groups) a KDC that evaluates
+    conditions decides by what doctor cannot see."""
+
+    allow: bool
+    sid: Sid
+    conditional: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a backend's resource-based delegation says of an account: `allows` True or False as every KDC that
+    honours it decides, or None when that depends on the KDC (`doubt` says which entry, and why)."""
+
+    allows: bool | None
+    doubt: str = ""
+
+
+@dataclass(frozen=True)
 class ResourceBased:
     """The account holding an SPN, and what its `msDS-AllowedToActOnBehalfOfOtherIdentity` (resource-based
     constrained delegation: the services that may act for users towards it) says about acting for others: the access
-    control entries of the security descriptor's DACL that decide it, in order, each (True to allow or False to deny,
-    its SID) (`acting_for_others`; `doctor`). `dn` None: no account holds the SPN; `entries` empty: the attribute is
-    not set (or not readable with the gateway's bind)."""
+    control entries of the security descriptor's DACL that decide it, in order (`acting_for_others`; `doctor`).
+    `dn` None: no account holds the SPN; `entries` empty: the attribute is not set (or not readable with the
+    gateway's bind)."""
 
     spn: str
     dn: str | None
-    entries: tuple[tuple[bool, Sid], ...] = ()
+    entries: tuple[Ace, ...] = ()
 
-    def allows(self, sids: frozenset[Sid]) -> bool:
+    def verdict(self, sids: frozenset[Sid]) -> Verdict:
         """Whether an account known by `sids` (its own, its groups') may act for users towards this one, as the KDC's
         access check decides it: the first entry naming one of its token's SIDs (`sids` and WELL_KNOWN_TOKEN) says
-        (an allow before a deny grants, as [MS-DTYP] 2.5.3.2 walks the DACL; AD's canonical order puts denies first)."""
+        (an allow before a deny grants, as [MS-DTYP] 2.5.3.2 walks the DACL; AD's canonical order puts denies first).
+        An entry before it that names a SID only some KDCs put in the token (UNSURE_TOKEN), or a conditional one
+        naming a SID of the token, and that would say otherwise, makes the verdict the KDC's: None, with the doubt."""
         token = sids | WELL_KNOWN_TOKEN
-        return next((allow for allow, sid in self.entries if sid in token), False)
+        doubts: list[Ace] = []
+        decided = False
+        for entry in self.entries:
+            if entry.sid in token and not entry.conditional:
+                decided = entry.allow
+                break
+            if entry.sid in token or entry.sid in UNSURE_TOKEN:
+                doubts.append(entry)
+        doubt = next((entry for entry in doubts if entry.allow != decided), None)
+        if doubt is None:
+            return Verdict(decided)
+        verb = "allowing" if doubt.allow else "denying"
+        why = (
+            "is conditional (a callback entry: Windows Server 2012 and later decide it by claims and device groups, "
+            "Samba's access check skips it until its claims support)"
+            if doubt.conditional
+            else f"names {UNSURE_TOKEN[doubt.sid]}"
+        )
+        return Verdict(None, f"its entry {verb} {doubt.sid} {why}, where the entries after it decide otherwise")
 
 
 @dataclass(frozen=True)
@@ -609,27 +663,39 @@ def _first(entry: Any, attr: str, default: Any = None) -> Any:
     return values[0] if values else default
 
 
-def acting_for_others(raw: bytes) -> tuple[tuple[bool, Sid], ...]:
+def acting_for_others(raw: bytes) -> tuple[Ace, ...]:
     """The entries of a `msDS-AllowedToActOnBehalfOfOtherIdentity` security descriptor (`raw`) that decide whether an
-    account may act for users, in the DACL's order: each access-allowed (True) or access-denied (False) entry whose
-    access mask holds CONTROL_ACCESS, with its SID. An entry without that right decides nothing for the KDC; one marked
-    INHERIT_ONLY_ACE applies only to objects below the account, and the access check skips it ([MS-DTYP] 2.5.3.2).
+    account may act for users, in the DACL's order: each access-allowed or access-denied entry, plain or conditional
+    (ACCESS_ALLOWED_CALLBACK, ACCESS_DENIED_CALLBACK: `Ace.conditional`), whose access mask holds CONTROL_ACCESS, with
+    its SID. An entry without that right decides nothing for the KDC; one marked INHERIT_ONLY_ACE applies only to
+    objects below the account, and the access check skips it ([MS-DTYP] 2.5.3.2); object entries decide nothing for an
+    access check that names no object type, as the KDC's does.
     A NULL DACL (SE_DACL_PRESENT with no list) grants every access to everyone, as the access check reads it (Samba's
     "a NULL dacl allows access", Windows' too): one entry allowing Everyone; a descriptor without SE_DACL_PRESENT, or
     an empty list, allows nobody. ValueError, IndexError or struct.error (bonsai's) when `raw` is not a security
     descriptor."""
-    entries: list[tuple[bool, Sid]] = []
+    entries: list[Ace] = []
     descriptor = bonsai.active_directory.SecurityDescriptor.from_binary(raw)
     dacl = descriptor.dacl
     if dacl is None and descriptor.control["dacl_present"]:
-        return ((True, EVERYONE),)
+        return (Ace(True, EVERYONE),)
     for ace in dacl.aces if dacl is not None else []:
         kind = ace.type.name
         if bonsai.active_directory.ACEFlag.INHERIT_ONLY in ace.flags or ace.trustee_sid is None:
             continue
-        if kind in ("ACCESS_ALLOWED", "ACCESS_DENIED") and ace.mask & CONTROL_ACCESS:
-            entries.append((kind == "ACCESS_ALLOWED", Sid.parse(str(ace.trustee_sid))))
+        if kind in _DECIDING and ace.mask & CONTROL_ACCESS:
+            allow, conditional = _DECIDING[kind]
+            entries.append(Ace(allow, Sid.parse(str(ace.trustee_sid)), conditional))
     return tuple(entries)
+
+
+# the DACL entries the KDC's access check reads for the account itself: (allow, conditional) by bonsai's type name
+_DECIDING = {
+    "ACCESS_ALLOWED": (True, False),
+    "ACCESS_DENIED": (False, False),
+    "ACCESS_ALLOWED_CALLBACK": (True, True),
+    "ACCESS_DENIED_CALLBACK": (False, True),
+}
 
 
 def _sids(entry: Any, attr: str) -> list[Sid]:

@@ -6,11 +6,17 @@ realm's `ldapadd -w`, `kdb5_ldap_util -P` and `kadmin.local -q "addprinc -pw ...
 `samba-tool user create NAME PASSWORD`, `--newpassword=`, `provision --adminpass=`. `secrets` finds them in the
 command line by the tools' own syntax; the message shows `***` in their place, in the command and wherever the
 tool's output repeats them. A password given on stdin (kinit, stashsrvpw) is never quoted at all.
+
+A tool ends with the process that runs it (`setpriv --pdeathsig KILL`, util-linux): `samba-tool domain provision`
+whose caller was killed (a test run or worker killed midway, `lab up` killed) went on alone, adopted by init, writing
+a half-made realm into the directory the next session provisions again. A daemon a tool starts (`samba -D`,
+`slapd`) forks first and so is not its child: the signal is not inherited by a fork.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 
@@ -73,9 +79,13 @@ def run(
     """Run a tool, its output captured as text; a tool that did not run or failed raises `error(message)`, the message
     naming the command and quoting its stderr (else stdout, the last 2,000 characters), passwords masked."""
     hidden = secrets(argv)
+    path = None if env is None else env.get("PATH")
+    if shutil.which(argv[0], path=path) is None:
+        raise error(f"{shown(argv)} did not run: {argv[0]} is not on PATH")
+    setpriv = shutil.which("setpriv")
     try:
         done = subprocess.run(
-            argv,
+            [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv is not None else list(argv),
             input=stdin if stdin is not None else "",  # never the caller's terminal: a tool that prompts gets EOF
             capture_output=True,
             text=True,

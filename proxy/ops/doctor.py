@@ -32,12 +32,13 @@ backends:
    `msDS-AllowedToDelegateTo`), so an account missing both is told both at once, where the KDC refuses one step at
    a time. A route's SPN it does not cover may be covered by the backend's account: resource-based delegation,
    read from the `msDS-AllowedToActOnBehalfOfOtherIdentity` of the account holding the SPN (its DACL walked as the
-   KDC's access check walks it, against the gateway's SID, groups, Everyone and Authenticated Users, for
-   CONTROL_ACCESS: `proxy.directory.ResourceBased.allows`). The KDC alone decides whether it honours that, so such
+   KDC's access check walks it, against the gateway's SID, groups, Everyone, Authenticated Users and S-1-18-1, for
+   CONTROL_ACCESS: `proxy.directory.ResourceBased.verdict`). The KDC alone decides whether it honours that, so such
    an SPN is judged by the canary's S4U2Proxy for it (`run` asks the check again with those answers), and without a
-   canary the check is a skip that says so; it also passes where the KDC granted every S4U2Proxy anyway (an
-   allow-list it could not read: `settle_delegation`); `directory-lookup` finds the canary user's account, reads its
-   SID and state, and says how many strong `altSecurityIdentities` entries it has.
+   canary the check is a skip that says so, or a warning where an entry decides only on some KDCs (a SID only some
+   put in the token, a conditional entry: doctor cannot tell, docs/ad-lab.md); it also passes where the KDC granted
+   every S4U2Proxy anyway (an allow-list it could not read: `settle_delegation`); `directory-lookup` finds the canary
+   user's account, reads its SID and state, and says how many strong `altSecurityIdentities` entries it has.
 9. With a `[directory]` and a Basic mode: `basic-lockout` compares the Basic throttle with the domain's account
    lockout policy, and `basic-lockout <UPN>` with the canary's fine-grained one (its resultant PSO), where it has
    one: the guesses the gateway lets reach the DC while the DC still counts them must stay below the lockout
@@ -304,14 +305,17 @@ def delegation_check(
             f"{where}: 'Use any authentication protocol' (TRUSTED_TO_AUTH_FOR_DELEGATION); msDS-AllowedToDelegateTo "
             f"lists every route's SPN ({shown})",
         )
-    resource = {
-        spn: backend
+    by_backend = {
+        spn: (backend, backend.verdict(settings.sids))
         for spn, backend in (backends or {}).items()
-        if spn in spns and not (transition and spn not in missing) and backend.allows(settings.sids)
+        if spn in spns and not (transition and spn not in missing)
     }
-    uncovered = [spn for spn in spns if not (transition and spn not in missing) and spn not in resource]
-    if not uncovered:  # every route's SPN by classic delegation or by its backend's account
-        return _resource_based(proxy, where, resource, granted or {})
+    resource = {spn: backend for spn, (backend, verdict) in by_backend.items() if verdict.allows}
+    undecided = {spn: (backend, v.doubt) for spn, (backend, v) in by_backend.items() if v.allows is None}
+    covered = {*resource, *undecided}
+    uncovered = [spn for spn in spns if not (transition and spn not in missing) and spn not in covered]
+    if not uncovered:  # every route's SPN by classic delegation or by its backend's account (or perhaps so)
+        return _resource_based(proxy, where, resource, undecided, granted or {})
     problems, fixes = [], []
     if not transition:
         unconstrained = (
@@ -339,6 +343,8 @@ def delegation_check(
             ]
     if resource:
         problems.append(f"{_allowed_by(resource, proxy)} (resource-based delegation), not {', '.join(uncovered)}")
+    if undecided:
+        problems.append(_undecided_by(undecided, proxy))
     fix = (
         f"on {account}'s Delegation tab choose 'Trust this user for delegation to specified services only' and 'Use "
         f"any authentication protocol', with the routes' SPNs in its list: {'; '.join(fixes)}"
@@ -348,24 +354,33 @@ def delegation_check(
 
 def open_backends_check(proxy: str, backends: Mapping[str, ResourceBased]) -> list[Check]:
     """`delegation-open`, a WARN per backend whose msDS-AllowedToActOnBehalfOfOtherIdentity lets any account of the
-    domain act for any user towards it (a NULL DACL, or an entry allowing Everyone or Authenticated Users: what an
-    account with no SID of its own would be granted, `ResourceBased.allows`): the gateway works, but so would any
+    domain act for any user towards it (a NULL DACL, or an entry allowing Everyone, Authenticated Users or S-1-18-1:
+    what an account with no SID of its own would be granted, `ResourceBased.verdict`), or may, on some KDCs (an entry
+    allowing a SID only some put in every account's token, or a conditional one): the gateway works, but so would any
     other account's S4U2Proxy to that SPN (review47). Nothing when no backend is so open."""
     account = proxy.rpartition("@")[0] or proxy
-    return [
-        Check(
-            "delegation-open",
-            "warn",
-            f"{backend.dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity lets every account of the domain act for any "
-            f"user towards {spn} (a NULL DACL, or an entry allowing Everyone or Authenticated Users), not "
-            f"{account} alone",
-            f"allow the gateway's account only: Set-ADUser -Identity '{backend.dn}' "
-            f"-PrincipalsAllowedToDelegateToAccount {account} (Set-ADComputer for a computer account), which writes a "
-            "descriptor with that one entry",
+    checks = []
+    for spn, backend in backends.items():
+        verdict = backend.verdict(frozenset())
+        if backend.dn is None or verdict.allows is False:
+            continue
+        how = (
+            "lets every account of the domain act for any user towards "
+            f"{spn} (a NULL DACL, or an entry allowing Everyone, Authenticated Users or S-1-18-1)"
+            if verdict.allows
+            else f"may let every account of the domain act for any user towards {spn}, on some KDCs: {verdict.doubt}"
         )
-        for spn, backend in backends.items()
-        if backend.dn is not None and backend.allows(frozenset())
-    ]
+        checks.append(
+            Check(
+                "delegation-open",
+                "warn",
+                f"{backend.dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity {how}, not {account} alone",
+                f"allow the gateway's account only: Set-ADUser -Identity '{backend.dn}' "
+                f"-PrincipalsAllowedToDelegateToAccount {account} (Set-ADComputer for a computer account), which "
+                "writes a descriptor with that one entry",
+            )
+        )
+    return checks
 
 
 def _allowed_by(resource: Mapping[str, ResourceBased], proxy: str) -> str:
@@ -376,37 +391,65 @@ def _allowed_by(resource: Mapping[str, ResourceBased], proxy: str) -> str:
     )
 
 
+def _undecided_by(undecided: Mapping[str, tuple[ResourceBased, str]], proxy: str) -> str:
+    """Which backends' accounts may allow the gateway, on some KDCs only, for which SPN, and why doctor cannot tell."""
+    return "; ".join(
+        f"whether {backend.dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows {proxy} for {spn} depends on the "
+        f"KDC: {doubt}"
+        for spn, (backend, doubt) in undecided.items()
+    )
+
+
 def _resource_based(
-    proxy: str, where: str, resource: Mapping[str, ResourceBased], granted: Mapping[str, bool]
+    proxy: str,
+    where: str,
+    resource: Mapping[str, ResourceBased],
+    undecided: Mapping[str, tuple[ResourceBased, str]],
+    granted: Mapping[str, bool],
 ) -> Check:
     """`delegation` where every route's SPN the gateway's own account does not cover has a backend account that allows
-    the gateway (`resource`): judged by the KDC's S4U2Proxy answers (`granted`) where a canary was tried."""
+    the gateway (`resource`), or may, depending on the KDC (`undecided`, with the doubt): judged by the KDC's
+    S4U2Proxy answers (`granted`) where a canary was tried; an undecided one without an answer is a WARN."""
     account = proxy.rpartition("@")[0] or proxy
-    allowed = f"{where}: {_allowed_by(resource, proxy)}"
-    refused = [spn for spn in resource if granted.get(spn) is False]
+    said = [_allowed_by(resource, proxy) + " (resource-based delegation)"] if resource else []
+    said += [_undecided_by(undecided, proxy)] if undecided else []
+    allowed = f"{where}: " + "; ".join(said)
+    refused = [spn for spn in [*resource, *undecided] if granted.get(spn) is False]
     if refused:
         fixes = [f"samba-tool delegation add-service {account} {spn}" for spn in refused]
         fixes += [f"Set-ADUser {account} -Add @{{'msDS-AllowedToDelegateTo'='{spn}'}}" for spn in refused]
+        why = (
+            "it does not honour resource-based delegation (Samba before 4.19, a domain controller before Windows "
+            "Server 2012; see s4u2proxy)"
+        )
+        if any(spn in undecided for spn in refused):
+            why = f"the entry named above refused it, or {why}"
         return Check(
             "delegation",
             "fail",
-            f"{allowed} (resource-based delegation), yet the KDC refused S4U2Proxy to {', '.join(refused)}: it does "
-            "not honour resource-based delegation (Samba before 4.19, a domain controller before Windows Server "
-            "2012; see s4u2proxy)",
+            f"{allowed}, yet the KDC refused S4U2Proxy to {', '.join(refused)}: {why}",
             f"use classic constrained delegation on {account} instead: 'Use any authentication protocol' and the SPNs "
             f"in its list: Set-ADAccountControl {account} -TrustedToAuthForDelegation $true; samba-tool delegation "
             f"for-any-protocol {account} on; " + "; ".join(fixes),
         )
-    if all(granted.get(spn) for spn in resource):
+    if all(granted.get(spn) for spn in [*resource, *undecided]):
+        return Check("delegation", "pass", f"{allowed}, and the KDC granted S4U2Proxy to each")
+    if undecided:
+        backend = next(iter(undecided.values()))[0]
         return Check(
-            "delegation", "pass", f"{allowed} (resource-based delegation), and the KDC granted S4U2Proxy to each"
+            "delegation",
+            "warn",
+            f"{allowed}: doctor cannot tell what the gateway's KDC decides; only S4U2Proxy shows it, run with --user "
+            "UPN",
+            f"allow the gateway's account by plain entries only: Set-ADUser -Identity '{backend.dn}' "
+            f"-PrincipalsAllowedToDelegateToAccount {account} (Set-ADComputer for a computer account), or use "
+            f"classic constrained delegation on {account}",
         )
     return Check(
         "delegation",
         "skip",
-        f"{allowed} (resource-based delegation, which needs no protocol transition); whether the KDC honours it only "
-        "S4U2Proxy shows (Windows Server 2012 and later do, Samba before 4.19 does not): cannot tell without a "
-        "canary, run with --user UPN",
+        f"{allowed}, which needs no protocol transition; whether the KDC honours it only S4U2Proxy shows (Windows "
+        "Server 2012 and later do, Samba before 4.19 does not): cannot tell without a canary, run with --user UPN",
     )
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,71 @@ def test_a_samba_whose_kdc_is_slow_to_accept_is_waited_for_never_stopped(tmp_pat
     finally:
         ad.down(realm)
     assert samba.wait(timeout=30) is not None
+
+
+_KILLED_CALLER = """
+import sys
+from proxy.lab import tools
+tools.run(sys.argv[1:], RuntimeError, timeout=600)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for init to reap it has ended)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_samba_tool_whose_caller_is_killed_ends_with_it(tmp_path: Path) -> None:
+    """`samba-tool domain provision` run by the lab's tools (as `ad.ensure` runs it, with the realm's shared lock named
+    in its environment) from a process that is then SIGKILLed (a test run or worker killed midway) ends at once: it
+    went on alone, adopted by init, writing a half-made realm that the next session provisions again in the same
+    directory, and a run stopping what killed runs left leaves it running while any session holds the realm."""
+    target = tmp_path / "provision"
+    argv = [
+        "samba-tool", "domain", "provision", f"--targetdir={target}", "--realm=SCENE.TEST", "--domain=SCENE",
+        "--server-role=dc", "--dns-backend=NONE", f"--adminpass={_strong()}",
+    ]  # fmt: skip
+    repo = str(Path(__file__).resolve().parents[2])
+    caller = subprocess.Popen([sys.executable, "-c", _KILLED_CALLER, *argv], env={**os.environ, "PYTHONPATH": repo})
+    tool = None
+    try:
+        deadline = time.monotonic() + 60
+        while tool is None and time.monotonic() < deadline and caller.poll() is None:
+            running = [pid for pid in _children(caller.pid) if b"samba-tool" in _cmdline(pid)]
+            tool = running[0] if running else None
+            time.sleep(0.1)
+        assert tool is not None, "samba-tool did not start"
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 30
+        while _alive(tool) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(tool), f"samba-tool (pid {tool}) went on after its caller was killed"
+    finally:
+        caller.kill()
+        if tool is not None and _alive(tool):
+            os.kill(tool, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""

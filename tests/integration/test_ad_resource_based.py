@@ -342,3 +342,120 @@ def test_a_sid_the_gateway_holds_through_sid_history_is_read_as_its_own(
     line = _doctor(realm, config)["delegation"]
     dn = f"CN={HISTORY_BACKEND},CN=Users,{realm.base_dn}"
     assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows" in line, line
+
+
+# What the KDC's access check holds in the gateway's token beyond its SID and groups (review51): S-1-18-1, which the
+# PAC of a ticket the gateway got with its key carries (read from the real KDC below), is in every token; Network
+# (S-1-5-2) only in some KDCs' (Samba 4.19 and later add it); a conditional (callback) entry is decided by claims where
+# the KDC evaluates conditions. Three backends whose descriptors say so, made once for the module.
+TOKEN_BACKENDS = {
+    "svc-rbcdasid": "HTTP/rbcd-asserted.ad.test",  # denies S-1-18-1, then allows the gateway: no one
+    "svc-rbcdnet": "HTTP/rbcd-network.ad.test",  # allows Network: the gateway on some KDCs only
+    "svc-rbcdcond": "HTTP/rbcd-conditional.ad.test",  # allows the gateway if Member_of{its own SID}: a condition
+}
+ASSERTED_IDENTITY, NETWORK = Sid(18, (1,)), Sid(5, (2,))
+
+
+def _conditional_ace(trustee: Sid) -> bytes:
+    """An ACCESS_ALLOWED_CALLBACK_ACE ([MS-DTYP] 2.4.4.6) granting CONTROL_ACCESS to `trustee` if
+    `Member_of {SID(trustee)}` ([MS-DTYP] 2.4.4.17: "artx", a composite of one SID token, the Member_of operator)."""
+    sid = trustee.to_bytes()
+    token = b"\x51" + struct.pack("<I", len(sid)) + sid
+    condition = b"artx" + b"\x50" + struct.pack("<I", len(token)) + token + b"\x89"
+    condition = condition.ljust((len(condition) + 3) // 4 * 4, b"\0")
+    body = struct.pack("<I", 0x100) + sid + condition
+    return struct.pack("<BBH", 9, 0, 4 + len(body)) + body
+
+
+@pytest.fixture(scope="module")
+def token_backends(ad_mapping_realm: ad.AdRealm) -> dict[str, str]:
+    """TOKEN_BACKENDS' accounts with their SPNs and descriptors (one ldbmodify, once, under the realm's lock); the
+    gateway's (svc-kcdrbcd) objectSid by name."""
+    realm = ad_mapping_realm
+    _resource_based_accounts(realm)
+    found = re.search(r"^objectSid: (S-\S+)$", realm.ldbsearch(f"(sAMAccountName={GATEWAY})", "objectSid"), re.M)
+    assert found is not None
+    gateway = Sid.parse(found.group(1))
+    with _locked(realm.root):
+        if not _exists(realm, "svc-rbcdcond"):
+            owner = Sid(5, (32, 544)).to_bytes()
+            ace = _conditional_ace(gateway)
+            acl = struct.pack("<BBHHH", 2, 0, 8 + len(ace), 1, 0) + ace
+            conditional = struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 20 + len(owner)) + owner + acl
+            descriptors = {
+                "svc-rbcdasid": _acl_descriptor((1, 0x100, ASSERTED_IDENTITY), (0, 0x100, gateway)),
+                "svc-rbcdnet": _acl_descriptor((0, 0x100, NETWORK)),
+                "svc-rbcdcond": conditional,
+            }
+            realm.ldbmodify(
+                "\n".join(_backend_ldif(realm, name, TOKEN_BACKENDS[name], raw) for name, raw in descriptors.items())
+            )
+    return {"gateway": str(gateway)}
+
+
+_PAC_SIDS = """
+import sys, uuid, gssapi
+principal, keytab = sys.argv[1], sys.argv[2]
+name = gssapi.Name(principal, gssapi.NameType.kerberos_principal)
+store = {"client_keytab": keytab, "keytab": keytab, "ccache": f"MEMORY:{uuid.uuid4().hex}"}
+creds = gssapi.Credentials(name=name, usage="both", mechs=[gssapi.MechType.kerberos], store=store)
+token = gssapi.SecurityContext(name=name, creds=creds, usage="initiate", mech=gssapi.MechType.kerberos).step()
+acceptor = gssapi.Credentials(usage="accept", store={"keytab": keytab})
+accepted = gssapi.raw.accept_sec_context(token, acceptor_creds=acceptor)
+sys.stdout.write(bytes(gssapi.raw.get_name_attribute(accepted.initiator_name, b"urn:mspac:").values[0]).hex())
+"""
+
+
+def test_the_kdc_puts_the_asserted_identity_sid_in_the_gateways_pac_and_doctor_reads_it_so(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, token_backends: dict[str, str], tmp_path: Path
+) -> None:
+    """The PAC of a ticket svc-kcdrbcd gets with its keytab (AS exchange, then a ticket to itself, read with its key)
+    carries S-1-18-1 and not Network or Claims Valid (Samba 4.17); so svc-rbcdasid, denying S-1-18-1 before allowing
+    the gateway, allows no one on a KDC that honours it, and `delegation` fails as for nothing allowed (before: SKIP,
+    'svc-rbcdasid's msDS-AllowedToActOnBehalfOfOtherIdentity allows svc-kcdrbcd')."""
+    realm = ad_mapping_realm
+    done = realm.run([sys.executable, "-c", _PAC_SIDS, f"{GATEWAY}@{ad.REALM}", str(realm.keytab(GATEWAY))], check=True)
+    pac = bytes.fromhex(done.stdout)
+    assert ASSERTED_IDENTITY.to_bytes() in pac  # an ExtraSids entry (NDR: the SID's bytes as written)
+    assert NETWORK.to_bytes() not in pac
+    assert Sid(5, (21, 0, 0, 0, 497)).to_bytes() not in pac
+    assert Sid.parse(token_backends["gateway"]).to_bytes() in pac  # the account's own SID, in UPN_DNS_INFO
+    spn = TOKEN_BACKENDS["svc-rbcdasid"]
+    config = _config(realm, ad_backend, tmp_path / "asserted.toml", account=GATEWAY, spn=spn)
+    line = _doctor(realm, config)["delegation"]
+    assert line.startswith("FAIL"), line
+    assert "allows" not in line, line
+    assert f"msDS-AllowedToDelegateTo lists nothing, not {spn}" in line, line
+
+
+def test_entries_only_some_kdcs_read_are_a_warning_and_the_kdc_decides(
+    ad_mapping_realm: ad.AdRealm, ad_backend: AdProcess, token_backends: dict[str, str], tmp_path: Path
+) -> None:
+    """svc-rbcdnet allows Network and svc-rbcdcond allows the gateway under a condition (Samba 4.17 stores the
+    callback entry as written): without a canary `delegation` warns that doctor cannot tell, naming each entry
+    (before: FAIL, read as allowing no one, where Samba 4.19's token holds Network and Windows evaluates the
+    condition); with one, Samba 4.17's KDC refuses S4U2Proxy to both, and the failure names the entry or a KDC
+    without resource-based delegation."""
+    realm = ad_mapping_realm
+    network, conditional = TOKEN_BACKENDS["svc-rbcdnet"], TOKEN_BACKENDS["svc-rbcdcond"]
+    stored = realm.ldbsearch("(sAMAccountName=svc-rbcdcond)", "msDS-AllowedToActOnBehalfOfOtherIdentity")
+    assert "msDS-AllowedToActOnBehalfOfOtherIdentity" in stored, stored
+    config = _config(realm, ad_backend, tmp_path / "unsure.toml", account=GATEWAY, spn=network)
+    upstream = f"http://127.0.0.1:{ad_backend.port}"
+    config.write_text(
+        config.read_text() + f'\n[[routes]]\nprefix = "/c/"\nupstream = "{upstream}"\nspn = "{conditional}"\n'
+    )
+    lines = _doctor(realm, config)
+    line = lines["delegation"]
+    assert line.startswith("WARN"), line
+    assert f"CN=svc-rbcdnet,CN=Users,{realm.base_dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows" in line, line
+    assert f"its entry allowing {NETWORK} names Network" in line, line
+    assert f"its entry allowing {token_backends['gateway']} is conditional" in line, line
+    assert "run with --user UPN" in line, line
+    assert lines.get("delegation-open", "").startswith("WARN"), lines  # Network: every account, on some KDCs
+    judged = _doctor(realm, config, "--user", "alice@ad.test")
+    assert judged[f"s4u2proxy {network}"].startswith("FAIL"), judged
+    assert judged[f"s4u2proxy {conditional}"].startswith("FAIL"), judged
+    line = judged["delegation"]
+    assert line.startswith("FAIL"), line
+    assert "the entry named above refused it, or it does not honour resource-based delegation" in line, line

@@ -15,6 +15,7 @@ from proxy.config import Kerberos
 from proxy.directory import (
     ATTRIBUTES,
     FAILED_SERVER_SECONDS,
+    Ace,
     Directory,
     ResourceBased,
     _account,
@@ -293,7 +294,7 @@ def test_inherit_only_entries_of_a_resource_based_delegation_apply_to_nobody() -
     entries = acting_for_others(
         _descriptor((0, 0x08 | 0x02, gateway), (1, 0x08, group), (0, 0, other), (1, 0x02, group), (0, 0x02, gateway))
     )
-    assert entries == ((True, other), (False, group), (True, gateway))  # the last is container-inherit only
+    assert entries == (Ace(True, other), Ace(False, group), Ace(True, gateway))  # the last is container-inherit only
     assert acting_for_others(_descriptor((0, 0x08, gateway), (1, 0x0A, other))) == ()
 
 
@@ -305,7 +306,12 @@ def test_resource_based_delegation_is_judged_as_the_kdcs_access_check() -> None:
     everyone, authenticated = Sid(1, (0,)), Sid(5, (11,))
 
     def judged(raw: bytes) -> bool:
-        return ResourceBased("HTTP/cas.ad.test", "CN=cas", acting_for_others(raw)).allows(frozenset({gateway, group}))
+        return (
+            ResourceBased("HTTP/cas.ad.test", "CN=cas", acting_for_others(raw))
+            .verdict(frozenset({gateway, group}))
+            .allows
+            is True
+        )
 
     assert judged(_descriptor((0, 0, everyone)))
     assert not judged(_descriptor((1, 0, authenticated), (0, 0, gateway)))
@@ -325,8 +331,75 @@ def test_a_null_dacl_of_a_resource_based_delegation_allows_every_account() -> No
     def judged(control: int, dacl: bytes = b"") -> bool:
         at = 20 + len(owner) if dacl else 0
         raw = struct.pack("<BBHIIII", 1, 0, control, 20, 0, 0, at) + owner + dacl
-        return ResourceBased("HTTP/cas.ad.test", "CN=cas", acting_for_others(raw)).allows(frozenset({gateway}))
+        return (
+            ResourceBased("HTTP/cas.ad.test", "CN=cas", acting_for_others(raw)).verdict(frozenset({gateway})).allows
+            is True
+        )
 
     assert judged(0x8004)  # self-relative, DACL present, no list: a NULL DACL
     assert not judged(0x8000)  # no DACL at all
     assert not judged(0x8004, struct.pack("<BBHHH", 2, 0, 8, 0, 0))  # an empty DACL
+
+
+ASSERTED_IDENTITY, NETWORK, THIS_ORGANIZATION = Sid(18, (1,)), Sid(5, (2,)), Sid(5, (15,))
+CLAIMS_VALID, COMPOUNDED = Sid(5, (21, 0, 0, 0, 497)), Sid(5, (21, 0, 0, 0, 496))
+
+
+def _conditional_descriptor(*aces: tuple[int, Sid]) -> bytes:
+    """`_descriptor` with entries of any type, each (type, trustee), with CONTROL_ACCESS; a callback entry (9 allow,
+    10 deny) carries a conditional expression ([MS-DTYP] 2.4.4.17: "artx", then a Member_of{SID(...)} token)."""
+    body = b""
+    for kind, sid in aces:
+        condition = b"artx" + b"\x89" if kind in (9, 10) else b""  # "artx" and Member_of with no operand: unreadable
+        ace = struct.pack("<I", 0x100) + sid.to_bytes() + condition.ljust((len(condition) + 3) // 4 * 4, b"\0")
+        body += struct.pack("<BBH", kind, 0, 4 + len(ace)) + ace
+    acl = struct.pack("<BBHHH", 2, 0, 8 + len(body), len(aces), 0) + body
+    owner = Sid(5, (32, 544)).to_bytes()
+    return struct.pack("<BBHIIII", 1, 0, 0x8004, 20, 0, 0, 20 + len(owner)) + owner + acl
+
+
+def _verdict(*aces: tuple[int, Sid]) -> tuple[bool | None, str]:
+    gateway = Sid(5, (21, 1, 2, 3, 1105))
+    raw = _conditional_descriptor(*aces)
+    verdict = ResourceBased("HTTP/cas.ad.test", "CN=cas", acting_for_others(raw)).verdict(frozenset({gateway}))
+    return verdict.allows, verdict.doubt
+
+
+def test_the_asserted_identity_sid_is_in_the_gateways_token() -> None:
+    """S-1-18-1, which the KDC puts in the PAC of an account that signed in with its key (the gateway's keytab; seen
+    on Samba 4.17), is in the token the KDC's access check reads: an entry denying it refuses the gateway, one
+    allowing it grants (before: neither read, the gateway allowed by the entry after the deny)."""
+    gateway = Sid(5, (21, 1, 2, 3, 1105))
+    assert _verdict((1, ASSERTED_IDENTITY), (0, gateway)) == (False, "")
+    assert _verdict((0, ASSERTED_IDENTITY)) == (True, "")
+
+
+def test_an_entry_for_a_sid_only_some_kdcs_put_in_the_token_leaves_the_verdict_to_the_kdc() -> None:
+    """Network, This Organization, Claims Valid and Compounded Authentication are in the token of some KDCs' access
+    checks and not others': an entry for one that would decide otherwise than the entries after it leaves the verdict
+    to the KDC (None, naming the entry and whose token holds the SID); one that agrees with them changes nothing."""
+    gateway = Sid(5, (21, 1, 2, 3, 1105))
+    for sid, name in [(NETWORK, "Network"), (CLAIMS_VALID, "Claims Valid"), (COMPOUNDED, "Compounded")]:
+        allows, doubt = _verdict((0, sid))
+        assert allows is None, sid
+        assert doubt.startswith(f"its entry allowing {sid} names {name}"), doubt
+    allows, doubt = _verdict((1, THIS_ORGANIZATION), (0, gateway))
+    assert allows is None
+    assert "This Organization, which Windows adds" in doubt, doubt
+    assert _verdict((1, NETWORK), (1, gateway)) == (False, "")
+    assert _verdict((0, NETWORK), (0, gateway)) == (True, "")
+    assert _verdict((0, gateway), (1, NETWORK)) == (True, "")  # the gateway's own entry comes first: it decides
+
+
+def test_a_conditional_entry_naming_the_gateway_leaves_the_verdict_to_the_kdc() -> None:
+    """A callback (conditional) entry naming a SID of the gateway's token is decided by its condition where the KDC
+    evaluates conditions (Windows) and skipped where it does not (Samba's access check before its claims support): the
+    verdict is the KDC's when it would say otherwise than the entries after it (before: skipped, the gateway refused
+    or allowed as if the entry were not there); one naming another account changes nothing."""
+    gateway, other = Sid(5, (21, 1, 2, 3, 1105)), Sid(5, (21, 1, 2, 3, 1107))
+    allows, doubt = _verdict((9, gateway))
+    assert allows is None
+    assert doubt.startswith(f"its entry allowing {gateway} is conditional"), doubt
+    assert _verdict((10, gateway), (0, gateway))[0] is None
+    assert _verdict((9, other)) == (False, "")
+    assert _verdict((10, Sid(1, (0,))), (1, gateway)) == (False, "")  # a conditional deny before a deny: a deny

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.certs.sources import CrlStatus
 from proxy.config import Authentication, Route
-from proxy.directory import DelegationSettings, LockoutPolicy, ResourceBased
+from proxy.directory import Ace, DelegationSettings, LockoutPolicy, ResourceBased
 from proxy.identity.sid import Sid
 from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.metrics import LONG_POLL_AFTER, Metrics
@@ -285,7 +285,7 @@ def test_resource_based_delegation_alone_is_no_failure_and_the_kdcs_answer_decid
     skip naming the backend's account and --user; granted, a pass; refused, a failure saying the KDC does not honour
     it, with classic delegation's commands."""
     spn = "HTTP/cas.corp.test"
-    backend = {spn: ResourceBased(spn, "CN=cas,CN=Computers,DC=corp,DC=test", ((True, _GATEWAY_SID),))}
+    backend = {spn: ResourceBased(spn, "CN=cas,CN=Computers,DC=corp,DC=test", (Ace(True, _GATEWAY_SID),))}
     untried = doctor.delegation_check("svc-gw@CORP.TEST", _bare_gateway(_GATEWAY_SID), [spn], backend)
     assert untried.status == "skip", untried
     assert "CN=cas,CN=Computers,DC=corp,DC=test's msDS-AllowedToActOnBehalfOfOtherIdentity allows" in untried.detail
@@ -303,10 +303,10 @@ def test_resource_based_delegation_counts_the_gateways_groups_and_a_deny_wins() 
     """The backend may allow a group the gateway is in (its tokenGroups); a deny entry naming the gateway or one of
     its groups takes the allow away, and an account nobody allows fails as before, naming what allows what."""
     spn, other = "HTTP/cas.corp.test", "HTTP/owa.corp.test"
-    by_group = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", ((True, _GROUP_SID),))}
+    by_group = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", (Ace(True, _GROUP_SID),))}
     gateway = _bare_gateway(_GATEWAY_SID, _GROUP_SID)
     assert doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], by_group).status == "skip"
-    denied = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", ((False, _GATEWAY_SID), (True, _GROUP_SID)))}
+    denied = {spn: ResourceBased(spn, "CN=cas,DC=corp,DC=test", (Ace(False, _GATEWAY_SID), Ace(True, _GROUP_SID)))}
     assert doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], denied).status == "fail"
     partly = doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn, other], {**by_group})
     assert partly.status == "fail", partly
@@ -321,13 +321,44 @@ def test_a_backend_any_account_may_delegate_to_is_a_warning_naming_the_fix() -> 
     render counts the warning."""
     spn, dn = "HTTP/cas.corp.test", "CN=cas,CN=Computers,DC=corp,DC=test"
     everyone, users = Sid(1, (0,)), Sid(5, (11,))
-    for entries in [((True, everyone),), ((False, _GATEWAY_SID), (True, users))]:
+    for entries in [(Ace(True, everyone),), (Ace(False, _GATEWAY_SID), Ace(True, users))]:
         [line] = doctor.open_backends_check("svc-gw@CORP.TEST", {spn: ResourceBased(spn, dn, entries)})
         assert (line.name, line.status) == ("delegation-open", "warn"), line
         assert f"{dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity lets every account of the domain" in line.detail
         assert line.fix is not None
         assert f"Set-ADUser -Identity '{dn}' -PrincipalsAllowedToDelegateToAccount svc-gw " in line.fix
         assert doctor.render([line]).splitlines()[-1] == "1 checks: 0 passed, 1 warned, 0 failed, 0 skipped"
-    for entries in [((True, _GATEWAY_SID),), ((False, everyone), (True, everyone)), ()]:
+    for entries in [(Ace(True, _GATEWAY_SID),), (Ace(False, everyone), Ace(True, everyone)), ()]:
         assert doctor.open_backends_check("svc-gw@CORP.TEST", {spn: ResourceBased(spn, dn, entries)}) == []
     assert doctor.open_backends_check("svc-gw@CORP.TEST", {spn: ResourceBased(spn, None)}) == []
+
+
+def test_a_backend_whose_verdict_depends_on_the_kdc_is_a_warning_and_the_kdcs_answer_decides() -> None:
+    """A backend allowing the gateway only by an entry some KDCs read and others do not (Network, S-1-5-2): without
+    S4U2Proxy tried, `delegation` warns that doctor cannot tell, naming the entry, and how to find out (before: FAIL,
+    as if nothing allowed it); granted, a pass; refused, a failure naming the entry or a KDC without resource-based
+    delegation; `delegation-open` warns that every account may be allowed, on some KDCs."""
+    spn, dn = "HTTP/cas.corp.test", "CN=cas,CN=Computers,DC=corp,DC=test"
+    backend = {spn: ResourceBased(spn, dn, (Ace(True, Sid(5, (2,))),))}
+    gateway = _bare_gateway(_GATEWAY_SID)
+    untried = doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], backend)
+    assert untried.status == "warn", untried
+    assert f"whether {dn}'s msDS-AllowedToActOnBehalfOfOtherIdentity allows svc-gw@CORP.TEST for {spn} depends on " in (
+        untried.detail
+    )
+    assert "its entry allowing S-1-5-2 names Network" in untried.detail
+    assert "run with --user UPN" in untried.detail
+    assert untried.fix is not None
+    assert "-PrincipalsAllowedToDelegateToAccount svc-gw" in untried.fix
+    assert doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], backend, {spn: True}).status == "pass"
+    refused = doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn], backend, {spn: False})
+    assert refused.status == "fail", refused
+    assert "the entry named above refused it, or it does not honour resource-based delegation" in refused.detail
+    [line] = doctor.open_backends_check("svc-gw@CORP.TEST", backend)
+    assert line.status == "warn", line
+    assert f"may let every account of the domain act for any user towards {spn}, on some KDCs" in line.detail
+    other = "HTTP/owa.corp.test"
+    partly = doctor.delegation_check("svc-gw@CORP.TEST", gateway, [spn, other], backend)
+    assert partly.status == "fail", partly
+    assert f"msDS-AllowedToDelegateTo lists nothing, not {other}" in partly.detail
+    assert "depends on the KDC: its entry allowing S-1-5-2" in partly.detail
