@@ -424,12 +424,22 @@ def reset(conn: socket.socket) -> None:
     conn.close()
 
 
-def listen_sockets(host: str, port: int, *, reuse_port: bool, backlog: int) -> list[socket.socket]:
-    """Listening sockets for every address `host` resolves to, set up as `loop.create_server` would."""
+ListenAddress = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]  # one of getaddrinfo's answers
+
+
+def listen_addresses(host: str, port: int) -> list[ListenAddress]:
+    """Every address `host` resolves to for a listener on `port`, once each: one listening socket, and one accept
+    loop, each (`listen_sockets`). Resolved once, before the start shares out its descriptors
+    (`proxy.descriptors.past_cap` counts the loops)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys(infos))
+
+
+def listen_sockets(addresses: Iterable[ListenAddress], *, reuse_port: bool, backlog: int) -> list[socket.socket]:
+    """Listening sockets for `addresses` (`listen_addresses`), set up as `loop.create_server` would."""
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
+        for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
