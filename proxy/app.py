@@ -64,6 +64,7 @@ from proxy.tls.limits import (
     IdleKeepAlives,
     accept_connections,
     limit_header_block,
+    listen_addresses,
     listen_sockets,
 )
 from proxy.tls.server import UNNAMED, gate_factory
@@ -81,6 +82,7 @@ def build(
     previous: Gateway | None = None,
     serving: bool = False,
     crls_vetted: Collection[Path] = (),
+    backend_connections: int | None = None,
 ) -> Gateway:
     """The gateway a configuration describes; `shared`: the workers' table (the Basic per-user throttle, the log of
     users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
@@ -89,7 +91,9 @@ def build(
     replacing a dead one, the CRL files of the configuration the gateway started with, which that start vetted: one
     gone bad since (grown past MAX_CRL_BYTES, half rewritten) is logged (`crl_not_used`) as its siblings' refreshes
     log it, not a start refused, which the supervisor answers by stopping the whole gateway (nor, in a configuration
-    reloaded since that names it too, a reason to serve the started one instead: `proxy.cli`)."""
+    reloaded since that names it too, a reason to serve the started one instead: `proxy.cli`); `backend_connections`:
+    the backend's share of the descriptors the start set (`DescriptorBudget.backend`, counted with the listener's
+    sockets), which a reload keeps; without it, the share under this process's limit for a listener on one socket."""
     cc = config.client_certificates
     problems: list[str] = []
     loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}
@@ -145,7 +149,8 @@ def build(
         pools=Pools(
             config.routes,
             config.listener,
-            max_connections=DescriptorBudget.of(config.listener.max_connections, config.kerberos.max_in_flight).backend,
+            max_connections=backend_connections
+            or DescriptorBudget.of(config.listener.max_connections, config.kerberos.max_in_flight).backend,
         ),
         basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),
@@ -503,12 +508,12 @@ def _who(trace: Trace) -> dict[str, object]:
     return {k: trace.facts[k] for k in keys if k in trace.facts}
 
 
-def _descriptor_budget(config: Config) -> DescriptorBudget:
-    """This worker's file descriptors shared out (`proxy.descriptors`), logged; a warning where the open-file limit
-    cannot hold `listener.max_connections`, and a ConfigError where it cannot hold `kerberos.max_in_flight`'s KDC
-    threads."""
+def _descriptor_budget(config: Config, sockets: int) -> DescriptorBudget:
+    """This worker's file descriptors shared out (`proxy.descriptors`) for a listener on `sockets` listening sockets,
+    logged; a warning where the open-file limit cannot hold `listener.max_connections`, and a ConfigError where it
+    cannot hold `kerberos.max_in_flight`'s KDC threads."""
     max_connections = config.listener.max_connections
-    budget = DescriptorBudget.of(max_connections, config.kerberos.max_in_flight)
+    budget = DescriptorBudget.of(max_connections, config.kerberos.max_in_flight, sockets=sockets)
     if problem := kdc_reserve_problem(config.kerberos.max_in_flight, budget.limit):
         raise ConfigError([f"{problem} (in {config.path})"])
     figures = {
@@ -544,9 +549,15 @@ async def serve(
     `shared`: the table its siblings count Basic failures in (`proxy.auth.shared`); `crls_vetted`: in a replacement
     worker, the CRL files the gateway's start vetted (`build`)."""
     remove_stale_overlays()  # krb5.conf overlays of gateways killed outright (proxy.kerberos.profile)
-    budget = _descriptor_budget(config)  # before anything starts: it may refuse kerberos.max_in_flight
-    live = Live.start(config, shared=shared, crls_vetted=crls_vetted)
-    live.descriptors = budget  # a reload's kerberos.max_in_flight must fit its reserve (`reload_reserve_problem`)
+    listener = config.listener
+    try:  # one listening socket (and accept loop) for each: the descriptors past the cap are counted per socket
+        addresses = listen_addresses(listener.host, listener.port)
+    except OSError as e:
+        raise ConfigError(
+            [f"listener.bind: cannot listen on {listener.host}:{listener.port}: {e.strerror} (in {config.path})"]
+        ) from None
+    budget = _descriptor_budget(config, len(addresses))  # before anything starts: it may refuse max_in_flight
+    live = Live.start(config, shared=shared, crls_vetted=crls_vetted, descriptors=budget)
     gw = live.gateway
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -558,7 +569,6 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_on, sig)
-    listener = config.listener
     slots = ConnectionSlots(budget.device, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections
     live.metrics.connection_limit = budget.device
@@ -629,7 +639,7 @@ async def serve(
         )
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
     try:
-        sockets = listen_sockets(listener.host, listener.port, reuse_port=listener.workers > 1, backlog=1024)
+        sockets = listen_sockets(addresses, reuse_port=listener.workers > 1, backlog=1024)
     except OSError as e:  # taken (several workers: the supervisor's check said so before), or not ours to bind
         raise ConfigError(
             [f"listener.bind: cannot listen on {listener.host}:{listener.port}: {e.strerror} (in {config.path})"]

@@ -23,12 +23,14 @@ So each worker shares its soft limit out once, at start (`DescriptorBudget.of`):
   start (`kdc_reserve_problem`), naming the key and the limit that would hold it. The shares are set once: a reload
   raising `kerberos.max_in_flight` past what the reserve kept at start holds is refused, naming the key and "restart
   to apply" (`reload_reserve_problem`), since the device and backend shares it would come out of are in use;
-- `OVER_CAP` for the device connections a worker holds past its cap (`proxy.tls.limits`): those accepted at the cap
-  and waiting for a slot (the accept loop's one, and behind a balancer up to `HEADER_WAITS` whose PROXY headers come
-  meanwhile), and as many idle keep-alives closed for them whose slots they took at once, their sockets still closing
-  for a loop pass or two; and up to `HEALTH_CHECKS` balancer health checks gone on to TLS with no slot. Left out,
-  they came out of the reserve's share, as a limit that "holds" max_connections (`descriptor_limit_low`'s figure) did
-  not hold them;
+- `past_cap(sockets)` for the device connections a worker holds past its cap (`proxy.tls.limits`): those accepted at
+  the cap and waiting for a slot (each listening socket's accept loop holds one; behind a balancer up to
+  `HEADER_WAITS` whose PROXY headers come meanwhile, and one more for each socket past the first, since each loop
+  checks that count before it awaits accept()), and as many idle keep-alives closed for them whose slots they took at
+  once, their sockets still closing for a loop pass or two; and up to `HEALTH_CHECKS` balancer health checks gone on to
+  TLS with no slot. `OVER_CAP` is that for one socket; a listener bound to several addresses (`:8443`, a name with
+  several) runs a loop on each. Left out, they came out of the reserve's share, as a limit that "holds"
+  max_connections (`descriptor_limit_low`'s figure) did not hold them;
 - half of the rest, at most `listener.max_connections`, is the device connections' (the listener stops accepting at
   that number: further connections wait in the listen backlog, as at `max_connections`);
 - the rest is the backend connections', all users and upstreams together (`proxy.backend.client.BackendSockets`):
@@ -52,16 +54,25 @@ BASE_RESERVE = 156  # descriptors kept for what is neither a connection nor a KD
 KDC_CALL_DESCRIPTORS = (
     2  # sockets one thread's KDC call may hold: the KDC it asks, and the next while that one is silent
 )
-# Device connections past the cap (module docstring): (HEADER_WAITS + the accept loop's one) waiting, as many closing,
-# and HEALTH_CHECKS (16; both in proxy.tls.limits, not imported: the command line reads this module first).
-OVER_CAP = 2 * (16 + 1) + 16
+_HEADER_WAITS = _HEALTH_CHECKS = 16  # proxy.tls.limits's, not imported: the command line reads this module first
+
+
+def past_cap(sockets: int) -> int:
+    """Device connections a worker may hold past its cap with `sockets` listening sockets (module docstring): waiting
+    for a slot, `HEADER_WAITS` and one accept loop's for each socket (behind a balancer each loop may take one past
+    `HEADER_WAITS`; directly, each holds one), as many idle keep-alives closed for them still closing, and the
+    `HEALTH_CHECKS`."""
+    return 2 * (_HEADER_WAITS + sockets) + _HEALTH_CHECKS
+
+
+OVER_CAP = past_cap(1)  # a listener on one address
 _CEILING = 1 << 20  # Linux's default fs.nr_open: what an unlimited soft limit allows at most
 
 
 @dataclass(frozen=True)
 class DescriptorBudget:
     """One worker's file descriptors: `limit` (the soft RLIMIT_NOFILE), `reserve` of them for the process's own use,
-    `device` for the listener's connections (`OVER_CAP` more for those past its cap) and `backend` for the backend
+    `device` for the listener's connections (`past_cap` more for those past its cap) and `backend` for the backend
     connections."""
 
     limit: int
@@ -70,19 +81,23 @@ class DescriptorBudget:
     backend: int
     wanted: int  # listener.max_connections, as configured
     wanted_reserve: int  # the reserve kerberos.max_in_flight asks for, before the quarter of the limit cuts it
+    past_cap: int = OVER_CAP  # device connections past the cap (`past_cap`: its listening sockets')
 
     @classmethod
-    def of(cls, max_connections: int, max_in_flight: int, limit: int | None = None) -> DescriptorBudget:
+    def of(
+        cls, max_connections: int, max_in_flight: int, limit: int | None = None, *, sockets: int = 1
+    ) -> DescriptorBudget:
         """The budget for `max_connections` and `max_in_flight` (`kerberos.max_in_flight`) under `limit` (default:
-        this process's soft RLIMIT_NOFILE)."""
+        this process's soft RLIMIT_NOFILE), the listener on `sockets` listening sockets."""
         if limit is None:
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             limit = _CEILING if soft == resource.RLIM_INFINITY else min(soft, _CEILING)
         wanted = reserve_for(max_in_flight)
         reserve = min(wanted, limit // 4)
-        usable = limit - reserve - OVER_CAP
+        over = past_cap(sockets)
+        usable = limit - reserve - over
         device = max(1, min(max_connections, usable // 2))
-        return cls(limit, reserve, device, max(1, usable - device), max_connections, wanted)
+        return cls(limit, reserve, device, max(1, usable - device), max_connections, wanted, over)
 
     @property
     def cut(self) -> bool:
@@ -93,7 +108,7 @@ class DescriptorBudget:
     def needed(self) -> int:
         """The limit that would hold listener.max_connections: each with a backend connection, those past the cap, and
         the reserve."""
-        return 2 * self.wanted + OVER_CAP + self.wanted_reserve
+        return 2 * self.wanted + self.past_cap + self.wanted_reserve
 
 
 def raise_open_file_limit() -> None:

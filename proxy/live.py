@@ -104,13 +104,25 @@ class Live:
         return directory.held.unjudged if directory is not None else 0
 
     @classmethod
-    def start(cls, config: Config, *, shared: SharedTable | None = None, crls_vetted: Collection[Path] = ()) -> Live:
+    def start(
+        cls,
+        config: Config,
+        *,
+        shared: SharedTable | None = None,
+        crls_vetted: Collection[Path] = (),
+        descriptors: DescriptorBudget | None = None,
+    ) -> Live:
+        """The gateway `config` describes, started; `descriptors`: the shares the start set (`proxy.descriptors`),
+        which its reloads keep."""
         from proxy.app import build
         from proxy.tls.server import ServedCertificate, server_context
 
-        gateway = build(config, shared=shared, serving=True, crls_vetted=crls_vetted)
+        backend = descriptors.backend if descriptors is not None else None
+        gateway = build(config, shared=shared, serving=True, crls_vetted=crls_vetted, backend_connections=backend)
         context = server_context(config)
-        return cls(gateway, context, balancers=config.listener.trusted_proxies, served=ServedCertificate.of(config))
+        live = cls(gateway, context, balancers=config.listener.trusted_proxies, served=ServedCertificate.of(config))
+        live.descriptors = descriptors  # a reload's kerberos.max_in_flight must fit its reserve
+        return live
 
     @property
     def config(self) -> Config:
@@ -286,7 +298,9 @@ def _prepare(
     if problems:
         raise ConfigError(problems)
     context, served = server_context(config), ServedCertificate.of(config)  # before the gateway: nothing to close
-    return _carry_over(build(config, shared=old.basic.shared, previous=old, serving=True), old), context, served
+    backend = descriptors.backend if descriptors is not None else None
+    gateway = build(config, shared=old.basic.shared, previous=old, serving=True, backend_connections=backend)
+    return _carry_over(gateway, old), context, served
 
 
 def _unreadable_crls(gateway: Gateway) -> list[str]:

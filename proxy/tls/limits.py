@@ -47,7 +47,7 @@ import heapq
 import socket
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
@@ -89,7 +89,8 @@ RESCAN_GAP = RECLAIM_LOOK / 4
 HEADER_WAITS = 16
 # Health checks (PROXY `LOCAL`) a worker lets on to TLS with no slot, accepted at the cap behind a balancer, in places
 # of their own rather than `HEADER_WAITS`'s (`SlotWait.aside`): a balancer checks each gateway every second or two, so
-# a few at once are many; checks stalled in their handshake then keep no device out of the accept loop.
+# a few at once are many; checks stalled in their handshake then keep no device out of the accept loop. Past them a
+# check is closed, and a place is kept twice `handshake_timeout` from the accept at most (`proxy.tls.proxy_protocol`).
 HEALTH_CHECKS = 16
 _IDLE_LOOK = 0.01  # seconds to the first look for aiohttp's handler to be idle, a 431 waiting for earlier answers
 
@@ -192,7 +193,7 @@ def frees_a_slot(closed: object) -> bool:
     check gone on in a place of its own (`SlotWait.aside`). An idle keep-alive is closed for a device at the cap only
     if it does: the device takes the slot at once, and a check's connection, served a request (HAProxy's `check-ssl`
     with a `crt`) and closed for it, gave none back (a connection past the cap for each)."""
-    return not (isinstance(closed, SlotWait) and closed._aside)
+    return not (isinstance(closed, SlotWait) and closed.in_place)
 
 
 class SlotWait:
@@ -201,64 +202,76 @@ class SlotWait:
     idle keep-alive is closed only for a connection whose header was read and whose address passed its cap
     (`AddressCap`): the gate then asks `claim`, and `room` when every connection is busy, the wait bounded by
     `listener.handshake_timeout` from the accept. A connection whose header names no device closes no keep-alive: the
-    balancer's health check (`LOCAL`) takes a free slot or goes on without one (`aside`); a device the balancer cannot
-    name (`UNSPEC`, v1 `UNKNOWN`, whose requests are refused) waits for a free slot. Calling it ends the wait, or gives
-    the slot (or the health check's place) back once taken: once. At most `HEADER_WAITS` wait at once per worker
-    (`ConnectionSlots.waiting`); the accept loop accepts no more meanwhile."""
+    balancer's health check (`LOCAL`) takes a free slot or goes on without one (`aside`), or is closed; a device the
+    balancer cannot name (`UNSPEC`, v1 `UNKNOWN`, whose requests are refused) waits for a free slot. Calling it ends
+    the wait, or gives the slot (or the health check's place) back once taken: once. At most `HEADER_WAITS` wait at
+    once per worker (`ConnectionSlots.waiting`); the accept loop accepts no more meanwhile.
 
-    __slots__ = ("_aside", "_held", "_slots")
+    One state, `_state`: waiting, then held (a slot) or aside (a health check's place), for good; `_slots` is None once
+    the connection has ended. Each step below is taken only from waiting."""
+
+    __slots__ = ("_slots", "_state")
 
     def __init__(self, slots: ConnectionSlots) -> None:
         self._slots: ConnectionSlots | None = slots
-        self._held = False
-        self._aside = False
+        self._state: Literal["waiting", "held", "aside"] = "waiting"
         slots.waiting += 1
+
+    @property
+    def in_place(self) -> bool:
+        """Whether it went on in a health check's place of its own (`aside`), ended since or not."""
+        return self._state == "aside"
+
+    def _waiting(self) -> ConnectionSlots | None:
+        """The slots it still waits on; None once it holds a slot or a place, or its connection has ended."""
+        return self._slots if self._state == "waiting" else None
 
     def claim(self, *, reclaim: bool = True) -> bool:
         """Take a slot now, a free one or (with `reclaim`) an idle keep-alive's, closed for it (True); False when
         there is none (then await `room`)."""
-        slots = self._slots
-        if slots is None or self._held or self._aside:
-            return self._held
+        slots = self._waiting()
+        if slots is None:
+            return self._state == "held"
         if not slots.claim(reclaim=reclaim):
             return False
-        self._held = True
+        self._state = "held"
         slots._wait_ended()
         return True
 
     def aside(self) -> bool:
         """A health check that found no free slot (`claim`): on to its TLS handshake with none, its wait ended (the
         accept loop goes on) and one of `HEALTH_CHECKS` places taken instead until it ends (True); False when they are
-        all taken (then it waits for a free slot, `room`, as a device the balancer cannot name does). Checks stalled
-        in their handshake, counted among the waits, kept devices out of the accept loop up to `handshake_timeout`."""
-        slots = self._slots
-        if slots is None or self._held or self._aside:
-            return self._aside
+        all taken (the gate then closes it: waiting for a slot among the `HEADER_WAITS`, such checks kept devices out
+        of the accept loop). Checks stalled in their handshake, counted among the waits, kept devices out of the
+        accept loop up to `handshake_timeout`."""
+        slots = self._waiting()
+        if slots is None:
+            return self.in_place
         if slots.checks >= HEALTH_CHECKS:
             return False
         slots.checks += 1
-        self._aside = True
+        self._state = "aside"
         slots._wait_ended()
         return True
 
     async def room(self, *, reclaim: bool = True) -> None:
         """Wait for a slot as `ConnectionSlots.room` does (with `reclaim`, a keep-alive turned idle is closed for it);
         take it."""
-        slots = self._slots
-        if slots is None or self._held or self._aside:
+        slots = self._waiting()
+        if slots is None:
             return
         await slots._room(reclaim=reclaim)
         slots.open += 1
-        self._held = True
+        self._state = "held"
         slots._wait_ended()
 
     def __call__(self) -> None:
         slots, self._slots = self._slots, None
         if slots is None:
             return
-        if self._held:
+        if self._state == "held":
             slots._give_back()
-        elif self._aside:
+        elif self._state == "aside":
             slots.checks -= 1
         else:
             slots._wait_ended()
@@ -424,12 +437,22 @@ def reset(conn: socket.socket) -> None:
     conn.close()
 
 
-def listen_sockets(host: str, port: int, *, reuse_port: bool, backlog: int) -> list[socket.socket]:
-    """Listening sockets for every address `host` resolves to, set up as `loop.create_server` would."""
+ListenAddress = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]  # one of getaddrinfo's answers
+
+
+def listen_addresses(host: str, port: int) -> list[ListenAddress]:
+    """Every address `host` resolves to for a listener on `port`, once each: one listening socket, and one accept
+    loop, each (`listen_sockets`). Resolved once, before the start shares out its descriptors
+    (`proxy.descriptors.past_cap` counts the loops)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys(infos))
+
+
+def listen_sockets(addresses: Iterable[ListenAddress], *, reuse_port: bool, backlog: int) -> list[socket.socket]:
+    """Listening sockets for `addresses` (`listen_addresses`), set up as `loop.create_server` would."""
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
+        for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

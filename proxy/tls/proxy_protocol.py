@@ -26,9 +26,10 @@ the first TLS byte. This module reads it:
   takes a free slot or an idle keep-alive's, or, every connection busy, waits for one (reading on, up to a TLS
   record's worth, so that a device leaving meanwhile is seen), until `handshake_timeout` after the accept
   (`connection_wait_expired`). A header that names no device closes no keep-alive: a `LOCAL` health check takes a
-  free slot or goes on without one (in a place of its own, `SlotWait.aside`), an `UNSPEC` / `UNKNOWN` connection waits
-  for a free slot. `handshake_timeout` bounds the accept to the end of TLS: the TLS gate is handed this gate's deadline,
-  and its handshake gets what is left of it.
+  free slot or goes on without one (in a place of its own, `SlotWait.aside`, for twice `handshake_timeout` from its
+  accept at most), or, those places all taken, is closed (`health_check_closed`); an `UNSPEC` / `UNKNOWN` connection
+  waits for a free slot. `handshake_timeout` bounds the accept to the end of TLS: the TLS gate is handed this gate's
+  deadline, and its handshake gets what is left of it.
 
 A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands; so does
 a header that describes the connection it came on, the balancer's own address and port to ours (`names_itself`:
@@ -59,7 +60,7 @@ from typing import Literal
 
 import structlog
 
-from proxy.tls.limits import AddressCap, SlotWait
+from proxy.tls.limits import HEALTH_CHECKS, AddressCap, SlotWait
 from proxy.tls.server import TlsGate, peer_text, socket_transport
 
 log = structlog.get_logger("proxy.tls")
@@ -311,14 +312,20 @@ class ProxyHeaderGate(asyncio.Protocol):
             closed = admitted
         wait = self._closed
         device = client is not None  # only a device named and admitted may close an idle keep-alive at the cap
-        if isinstance(wait, SlotWait) and not wait.claim(reclaim=device) and not (header.health_check and wait.aside()):
+        if isinstance(wait, SlotWait) and not wait.claim(reclaim=device):
+            if header.health_check:  # no free slot: on in a place of its own, for a bounded time, or closed
+                if wait.aside():
+                    self._hand_over(header, closed, in_place=True)
+                else:
+                    self._no_place()
+                return
             # at the cap, every connection busy (or no device named): wait for a slot, the header's timer running on
             self._closed = closed  # the address's place too, if the connection ends while it waits
             self._peer = client or self._peer  # the device's address in the log, as the TLS gate's lines name it
             self._room = asyncio.get_running_loop().create_task(wait.room(reclaim=device))
             self._room.add_done_callback(lambda task: self._slot_taken(task, header, closed))
             return
-        self._hand_over(header, closed)  # a health check with no free slot goes on without one, in a place of its own
+        self._hand_over(header, closed)
 
     def _slot_taken(self, task: asyncio.Task[None], header: ProxyHeader, closed: Callable[[], None]) -> None:
         """A connection that waited for a slot, its header read, got one: on to TLS (unless it ended meanwhile)."""
@@ -331,16 +338,21 @@ class ProxyHeaderGate(asyncio.Protocol):
             self._transport.resume_reading()
         self._hand_over(header, closed)
 
-    def _hand_over(self, header: ProxyHeader, closed: Callable[[], None]) -> None:
-        """The header read, the address admitted and a slot held (a health check's aside): to the TLS gate, whose
-        handshake must end by this gate's deadline, `handshake_timeout` after the accept (a header that came just
-        before it got a fresh `handshake_timeout` for TLS: a connection held pre-TLS for up to twice it)."""
+    def _hand_over(self, header: ProxyHeader, closed: Callable[[], None], *, in_place: bool = False) -> None:
+        """The header read, the address admitted and a slot held (or, `in_place`, a health check's place of its own):
+        to the TLS gate, whose handshake must end by this gate's deadline, `handshake_timeout` after the accept (a
+        header that came just before it got a fresh `handshake_timeout` for TLS: a connection held pre-TLS for up to
+        twice it). A health check in a place of its own keeps it `handshake_timeout` past that deadline at most: time
+        for its one request (HAProxy's `option httpchk`), not a device's keep-alive (`_place_expired`)."""
         assert self._timer is not None  # cancelled only here and when the connection ends
         deadline = self._timer.when()
         self._cancel_timer()
         client = header.source if header.command == "proxy" else None
         transport, self._transport = self._transport, None
         assert transport is not None
+        if in_place:
+            held = 2 * self._timeout
+            asyncio.get_running_loop().call_at(deadline + self._timeout, _place_expired, transport, self._peer, held)
         gate = self._tls_gate(closed)
         preread = self._buffer[header.length :]
         gate.behind_balancer(
@@ -396,6 +408,23 @@ class ProxyHeaderGate(asyncio.Protocol):
             )
             transport.abort()  # connection_lost ends the wait and gives the address's place back
 
+    def _no_place(self) -> None:
+        """A health check at the cap with no free slot and every one of its `HEALTH_CHECKS` places taken: closed (a
+        reset). Left to wait for a slot, such checks took the `HEADER_WAITS` places that gate the accept loop, and the
+        slots freed, from the devices, for as long as the balancer's checks kept coming."""
+        self._cancel_timer()
+        transport, self._transport = self._transport, None
+        assert transport is not None
+        log.warning(
+            "health_check_closed",
+            peer=peer_text(self._peer),
+            reason=f"no free slot of listener.max_connections and every one of the {HEALTH_CHECKS} places kept for "
+            "health checks taken",
+            fix="checks stalled in their TLS handshake hold those places: is the balancer's check hung? The gateway is "
+            "at its cap: its devices keep every connection busy",
+        )
+        transport.abort()  # connection_lost ends the wait
+
     def _refuse(self, kind: Refusal, reason: str) -> None:
         self._cancel_timer()
         if self._transport is None:
@@ -410,6 +439,22 @@ class ProxyHeaderGate(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _place_expired(transport: asyncio.Transport, peer: object, held: float) -> None:
+    """A health check's place of its own (`SlotWait.aside`) held `held` seconds since its accept: its connection is
+    closed (a reset), and the place comes back as it ends; nothing if it has ended already."""
+    if transport.is_closing():
+        return
+    log.warning(
+        "health_check_closed",
+        peer=peer_text(peer),
+        reason=f"a health check held its place of its own {held:g} s after its accept (twice "
+        "listener.handshake_timeout), past a check's one request",
+        fix="a balancer's check that keeps its connection open (an HTTP check with keep-alive, a hung check) holds "
+        "one of the places kept for checks at the cap: have it close after its answer",
+    )
+    transport.abort()
 
 
 def gate_factory(

@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -27,8 +28,10 @@ import pytest
 
 from proxy.descriptors import OVER_CAP
 from proxy.lab.layout import LabLayout
+from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
+from tests.integration.test_keepalive_reclaim import LOCAL, Stream, accept_queue, exchange, v2_header
 from tests.integration.test_revocation import crl_url
 from tests.integration.test_ticket_cache import _certificate_for
 
@@ -340,3 +343,100 @@ def test_check_config_refuses_the_max_in_flight_run_refuses_under_the_same_limit
     held = under("1024:4096", "check-config", "")  # run raises its soft limit to the hard one: so does the check
     assert held.returncode == 0, held.stdout + held.stderr
     assert held.stdout.strip() == f"{config}: ok (1 route(s))"
+
+
+ADDRESSES = ("127.0.0.1", "127.0.0.2", "::1")  # what the listener's name resolves to: one listening socket each
+
+
+def _gateway_on_a_name(lab: LabLayout, directory: Path, listener: str) -> Gateway:
+    """A gateway whose `listener.bind` is a name resolving to ADDRESSES (an /etc/hosts of its own, bind-mounted in a
+    mount namespace of its own: nothing of the machine's changes), so that it listens on three sockets; `listener`'s
+    lines added. Started once its log says it listens."""
+    directory.mkdir(parents=True, exist_ok=True)
+    hosts = directory / "hosts"
+    names = "".join(f"{address} kcdmulti.test\n" for address in ADDRESSES)
+    hosts.write_text(Path("/etc/hosts").read_text() + names)
+    port = free_port()
+    text = lab_config(lab, port=port).replace(f'bind = "127.0.0.1:{port}"', f'bind = "kcdmulti.test:{port}"', 1)
+    assert "kcdmulti.test" in text
+    text = text.replace("[listener]\n", f"[listener]\n{listener}", 1)
+    config_path = directory / "gateway.toml"
+    config_path.write_text(text)
+    log_path = directory / "gateway.log"
+    script = f'mount --bind "{hosts}" /etc/hosts && exec "$0" "$@"'
+    run = (sys.executable, "-m", "proxy", "run", "--config", str(config_path))
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "sh", "-c", script, *run],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+            env={**os.environ, **lab.env()},
+        )
+    gw = Gateway(f"https://127.0.0.1:{port}", port, proc, log_path, config_path)
+    try:
+        gw.wait_for("listening", lambda e: e.get("bind") == f"kcdmulti.test:{port}", what="three sockets")
+    except BaseException:
+        gw.stop()
+        raise
+    return gw
+
+
+async def _busy_device(lab: LabLayout, address: str, port: int, user: str, source: str) -> Stream:
+    """A device behind the balancer (`source` in a PROXY v2 header) on the listening socket of `address`, served once
+    and then busy: its next request's head half sent."""
+    raw = socket.create_connection((address, port), timeout=30)
+    raw.sendall(v2_header(source, 40000))
+    raw.setblocking(False)
+    context = client_context(lab, user)
+    stream = await asyncio.open_connection(sock=raw, ssl=context, server_hostname="127.0.0.1")
+    assert (await exchange(stream, "/EWS/first"))[0] == 200
+    stream[1].write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")
+    await stream[1].drain()
+    return stream
+
+
+def test_the_descriptors_past_the_cap_are_counted_for_every_listening_socket(lab: LabLayout, tmp_path: Path) -> None:
+    """A gateway behind a balancer listening on three sockets (`bind` a name with three addresses), at its cap of 3
+    (a busy device on each socket): HEALTH_CHECKS checks stalled in TLS, then connections that send nothing, 15 on one
+    socket, then three more on each. Each socket's accept loop takes one past HEADER_WAITS (each checks the count
+    before it awaits accept()): 18 wait. The budget the start logged keeps descriptors past the cap for them, two per
+    wait (an idle keep-alive closed for each still closing) and the checks: it kept 50, for one socket, where these
+    need 52."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.0/8", "::1/128"]\nmax_connections = 3\n'
+    gw = _gateway_on_a_name(lab, tmp_path / "gw", listener + "handshake_timeout = 60\n")
+    raws: list[socket.socket] = []
+    try:
+        budget = (gw.events("descriptor_budget") or gw.events("descriptor_limit_low"))[0]
+        past_cap = budget["limit"] - budget["reserved"] - budget["device_connections"] - budget["backend_connections"]
+
+        async def run() -> None:
+            users = ("alice", "bob", "carol")
+            busy = [
+                await _busy_device(lab, address, gw.port, user, f"203.0.113.{n}")
+                for n, (address, user) in enumerate(zip(ADDRESSES, users, strict=True), 1)
+            ]
+
+            def opened(address: str, count: int, header: bytes = b"") -> None:
+                for _ in range(count):
+                    raws.append(socket.create_connection((address, gw.port), timeout=30))
+                    if header:
+                        raws[-1].sendall(header)
+
+            opened("127.0.0.1", HEALTH_CHECKS, LOCAL)
+            opened("127.0.0.1", HEADER_WAITS - 1)
+            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            for address in ADDRESSES:
+                opened(address, 3)
+            waits = HEADER_WAITS + len(ADDRESSES) - 1
+            left = len(raws) - HEALTH_CHECKS - waits  # what no accept loop may take: in the listen backlog
+            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == left, f"{waits} waits accepted")
+            assert past_cap >= 2 * waits + HEALTH_CHECKS, (past_cap, waits, budget)
+            for _, writer in busy:
+                writer.close()
+
+        asyncio.run(run())
+    finally:
+        for raw in raws:
+            raw.close()
+        gw.stop()

@@ -852,8 +852,9 @@ def test_a_health_check_served_in_a_place_of_its_own_is_not_closed_for_a_device_
     of its own (`SlotWait.aside`), completes TLS with a certificate and is answered once (HAProxy's `check-ssl` with a
     `crt` and `option httpchk`), then idles. A device that comes next took it for an idle keep-alive, closed it and
     took a slot it never freed (3 connections counted at a cap of 2, more with every such check); it now waits for a
-    busy one to leave, and the check's connection is not closed for it."""
-    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\n'
+    busy one to leave, and the check's connection is not closed for it (handshake_timeout 60 s: a check's place is
+    kept twice that from its accept at most)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 60\n'
     with capped(lab, tmp_path, server, listener, cap=2) as (gw, admin):
 
         async def run() -> None:
@@ -876,5 +877,72 @@ def test_a_health_check_served_in_a_place_of_its_own_is_not_closed_for_a_device_
             assert metric(admin, "kcd_listener_connections") <= 2
             for w in (check[1], busy[1][1], writer):
                 w.close()
+
+        asyncio.run(run())
+
+
+def test_a_health_check_in_a_place_of_its_own_is_closed_once_served_not_kept_for_keepalive_timeout(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy, handshake_timeout 3 s, keepalive_timeout 120 s: a v2
+    LOCAL check that found no slot goes on in a place of its own, completes TLS with a certificate, is answered once,
+    then idles. It is closed about twice handshake_timeout after its accept, logged (`health_check_closed`); it held
+    its place until keepalive_timeout (sixteen such held every `HEALTH_CHECKS` place for 120 s here)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+
+        async def run() -> None:
+            busy = await two_busy_behind_a_balancer(lab, gw.port)
+            gw.mark()
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(LOCAL)
+            raw.setblocking(False)
+            check = await asyncio.open_connection(
+                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
+            )
+            assert (await exchange(check, "/EWS/check"))[0] == 200
+            assert await closed_by_gateway(check[0]), "the check's connection was kept idle"
+            event = gw.wait_event("health_check_closed")
+            assert event["peer"].startswith("127.0.0.1:"), event
+            for w in (check[1], *(writer for _, writer in busy)):
+                w.close()
+
+        asyncio.run(run())
+
+
+def test_health_checks_past_their_places_keep_no_device_out_of_the_waits(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy, handshake_timeout 60 s: HEALTH_CHECKS v2 LOCAL checks
+    stalled in TLS hold their places of their own; HEADER_WAITS more checks come. A device that comes next is served
+    once a busy one leaves (the extra checks waited for a slot among the HEADER_WAITS: the device stayed in the listen
+    backlog and the freed slot went to a check, up to handshake_timeout and for as long as checks kept coming); the
+    extra checks are closed at once, each logged (`health_check_closed`)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 60\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+
+        async def run() -> None:
+            busy = await two_busy_behind_a_balancer(lab, gw.port)
+            stalled = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEALTH_CHECKS)]
+            for raw in stalled:
+                raw.sendall(LOCAL)
+            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            gw.mark()
+            extra = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEADER_WAITS)]
+            for raw in extra:
+                raw.sendall(LOCAL)
+            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            device = asyncio.ensure_future(
+                asyncio.wait_for(balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"), SERVED_WITHIN)
+            )
+            busy[0][1].close()
+            _, writer = await device  # its 200 asserted there
+            for raw in extra:
+                assert await asyncio.to_thread(until_closed, raw, SERVED_WITHIN) == b""
+            assert len(gw.wait_events("health_check_closed", HEADER_WAITS)) >= HEADER_WAITS
+            for w in (writer, busy[1][1]):
+                w.close()
+            for raw in (*stalled, *extra):
+                raw.close()
 
         asyncio.run(run())

@@ -19,6 +19,7 @@ from proxy.descriptors import (
     DescriptorBudget,
     judged_limit,
     kdc_reserve_problem,
+    past_cap,
     reload_reserve_problem,
     reserve_for,
 )
@@ -51,6 +52,21 @@ def test_the_limit_is_shared_out(limit: int, max_connections: int, device: int, 
     assert budget.backend >= budget.device
     assert budget.cut == (device < max_connections)
     assert budget.needed == 2 * max_connections + OVER_CAP + RESERVE
+
+
+@pytest.mark.parametrize("sockets", [1, 2, 3, 8])
+def test_the_connections_past_the_cap_are_counted_for_each_listening_socket(sockets: int) -> None:
+    """Each listening socket runs an accept loop of its own: directly each holds a connection accepted at the cap, and
+    behind a balancer each may take one wait past HEADER_WAITS (it checks the count before it awaits accept()), each
+    counted twice (an idle keep-alive closed for it, still closing). A listener on three addresses (a name with three)
+    needs 54 past the cap where one socket's count kept 50; the device and backend shares, and the limit that holds
+    max_connections, count them."""
+    budget = DescriptorBudget.of(10_000, 16, 20_000, sockets=sockets)
+    assert budget.past_cap == past_cap(sockets) == 2 * (HEADER_WAITS + sockets) + HEALTH_CHECKS
+    assert past_cap(1) == OVER_CAP
+    assert budget.reserve + budget.device + budget.past_cap + budget.backend == 20_000
+    assert budget.device == (20_000 - RESERVE - budget.past_cap) // 2
+    assert budget.needed == 2 * 10_000 + budget.past_cap + RESERVE
 
 
 @pytest.mark.parametrize(

@@ -169,8 +169,8 @@ def test_a_wait_without_reclaim_closes_no_idle_connection_and_takes_only_a_freed
 
 def test_health_checks_going_on_without_a_slot_leave_the_waits_for_places_of_their_own() -> None:
     """`aside` (a LOCAL header at a full cap): the check's wait ends at once, so checks stalled in TLS keep no device
-    out of the accept loop (`HEADER_WAITS`); at most `HEALTH_CHECKS` go so, the next waits as any; each place comes back
-    once, as its connection ends, and a check aside takes no slot."""
+    out of the accept loop (`HEADER_WAITS`); at most `HEALTH_CHECKS` go so, the next is refused a place (the gate
+    closes it); each place comes back once, as its connection ends, and a check aside takes no slot."""
 
     async def run() -> None:
         slots = ConnectionSlots(1, idle=IdleKeepAlives(_scan([_Connection(1.0)])))
@@ -178,7 +178,7 @@ def test_health_checks_going_on_without_a_slot_leave_the_waits_for_places_of_the
         checks = [SlotWait(slots) for _ in range(HEALTH_CHECKS + 1)]
         assert all(check.aside() for check in checks[:-1])
         assert (slots.waiting, slots.checks, slots.open) == (1, HEALTH_CHECKS, 1)
-        assert not checks[-1].aside()  # its places all taken: it waits among the header waits
+        assert not checks[-1].aside()  # its places all taken: the gate closes it (or, later, a place)
         assert not checks[0].claim()  # aside, it takes no slot later
         checks[0]()
         checks[0]()
