@@ -65,7 +65,12 @@ def warnings(config: Config) -> list[str]:
     where = f" (in {config.path})"
     found = [
         f"{key}: {message}{where}"
-        for key, message in (*_wide_balancers(config), *_admin_ca_shared(config), *_unmatched_issuers(config))
+        for key, message in (
+            *_wide_balancers(config),
+            *_subnets_without_prefix(config),
+            *_admin_ca_shared(config),
+            *_unmatched_issuers(config),
+        )
     ]
     auth = config.authentication
     if not config.listener.proxy_protocol or auth.mode == "certificate":
@@ -95,6 +100,25 @@ def _wide_balancers(config: Config) -> Iterator[tuple[str, str]]:
                 f"{block} is wider than a /{widest}: every address in it ({block.num_addresses:,}) may write any "
                 "client address into a PROXY header, and the gateway takes it for the device's (its throttles, "
                 "logs and X-Forwarded-For); list the balancers' own addresses or subnet (docs/deploying.md)",
+            )
+
+
+def _subnets_without_prefix(config: Config) -> Iterator[tuple[str, str]]:
+    """A `listener.trusted_proxies` entry written without a prefix whose address is a subnet's network address (an IPv4
+    address ending in .0, an IPv6 one whose last 64 bits are zero): "10.0.1.0" for the balancers' 10.0.1.0/28 is
+    the one address 10.0.1.0, which no balancer has, so every connection from them is refused (`untrusted_peer`)."""
+    raw = _raw(config.path).get("listener", {}).get("trusted_proxies", [])
+    for i, entry in enumerate(raw if isinstance(raw, list) else []):
+        if not isinstance(entry, str) or "/" in entry:
+            continue
+        address = ipaddress.ip_address(entry)  # proxy.config parsed it already
+        host_bits = 8 if address.version == 4 else 64
+        if int(address) & ((1 << host_bits) - 1) == 0:
+            yield (
+                f"listener.trusted_proxies[{i}]",
+                f"{entry} has no prefix, so it is that one address ({entry}/{address.max_prefixlen}), a subnet's "
+                "network address that no balancer has: every connection from the balancers would be refused "
+                f"(untrusted_peer); write the subnet with its prefix (e.g. {entry}/28), or each balancer's own address",
             )
 
 

@@ -282,6 +282,33 @@ def test_a_wide_trusted_proxies_block_is_ok_with_a_warning(
     assert warning.endswith(f"(in {path})"), warning
 
 
+@pytest.mark.parametrize(
+    ("blocks", "written"),
+    [
+        ('"10.0.1.0"', "10.0.1.0"),
+        ('"10.0.1.7", "2001:db8:1::"', "2001:db8:1::"),
+        ('"10.0.1.7", "10.0.1.0/28", "10.0.1.0/32", "2001:db8:1::5"', None),
+    ],
+)
+def test_a_balancers_subnet_written_without_its_prefix_is_ok_with_a_warning(
+    lab: LabLayout, tmp_path: Path, blocks: str, written: str | None
+) -> None:
+    """A `listener.trusted_proxies` entry written as a subnet's network address without its prefix ("10.0.1.0" for
+    the balancers' 10.0.1.0/28) is that one address, which no balancer has: every connection from the balancers would
+    be refused (`untrusted_peer`). check-config says ok and warns naming the entry and the prefix to add; a balancer's
+    own address, a block with its prefix and an explicit /32 get no such warning. It said ok silently."""
+    path, res = _behind_a_balancer(lab, tmp_path, blocks)
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: listener.trusted_proxies")]
+    if written is None:
+        assert warned == [], res.stderr
+        return
+    (warning,) = warned
+    index = blocks.split(", ").index(f'"{written}"')
+    assert warning.startswith(f"warning: listener.trusted_proxies[{index}]: {written} has no prefix"), warning
+    assert "write the subnet with its prefix" in warning, warning
+    assert warning.endswith(f"(in {path})"), warning
+
+
 def test_an_admin_ca_that_is_a_device_trust_anchor_is_ok_with_a_warning(lab: LabLayout, tmp_path: Path) -> None:
     """`admin.client_ca` holding a CA of the device trust list, with a subject on `admin.allowed_clients`: any
     device certificate under it with that subject reads the admin listener. check-config says ok and warns naming
