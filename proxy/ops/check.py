@@ -338,7 +338,8 @@ def _trust_list(config: Config, at: datetime) -> Generator[tuple[str, str], None
 
 
 def _crls(config: Config, trust: TrustList, at: datetime) -> Iterator[tuple[str, str]]:
-    """Each CRL file parses, is signed by a configured CA and is current at `at`."""
+    """Each CRL file parses, is issued by a configured CA (else: what to do with it), is signed by it and is current
+    at `at`."""
     raw = _raw(config.path).get("client_certificates", {}).get("crls", [])
     raw = [raw] if isinstance(raw, str) else raw
     index = {(config.path.parent / entry).resolve(): i for i, entry in enumerate(raw) if isinstance(entry, str)}
@@ -352,7 +353,15 @@ def _crls(config: Config, trust: TrustList, at: datetime) -> Iterator[tuple[str,
         except ValueError as e:
             yield key, str(e)
             continue
-        _, problems = CrlSet.build([(str(path), crl) for crl in crls], trust, at=at)
+        strangers = [crl for crl in crls if not trust.named(crl.issuer)]
+        for crl in strangers:  # the gateway skips it (crl_rejected); the operator is told what to do with it
+            yield (
+                key,
+                f"{path}: CRL issuer '{printable(crl.issuer.rfc4514_string())}' is not in the trust list: take it out "
+                "of client_certificates.crls, or add its CA to client_certificates.trust_anchors or intermediates",
+            )
+        known = [(str(path), crl) for crl in crls if crl not in strangers]
+        _, problems = CrlSet.build(known, trust, at=at)
         for problem in problems:
             yield key, problem
 

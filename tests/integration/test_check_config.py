@@ -86,6 +86,16 @@ def _forged_crl(lab: LabLayout, text: str, tmp: Path) -> str:
     return text.replace(str(lab.pki_dir / "crls.pem"), str(crl))
 
 
+def _other_ca_crl(lab: LabLayout, text: str, tmp: Path) -> str:
+    """The lab's CRLs, then a CRL of a CA the gateway does not trust (another PKI's, made with the openssl CLI)."""
+    key, cert, crl = tmp / "other-ca.key", tmp / "other-ca.pem", tmp / "other-ca.crl"
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "5"]
+    argv += ["-subj", "/CN=Other PKI CA", "-addext", "basicConstraints=critical,CA:TRUE", "-keyout", str(key)]
+    subprocess.run([*argv, "-out", str(cert)], check=True, capture_output=True)
+    write_crl(crl, (load_certificates(cert)[0], serialization.load_pem_private_key(key.read_bytes(), None)))  # type: ignore[arg-type]
+    return text.replace(f'crls = ["{lab.pki_dir}/crls.pem"]', f'crls = ["{lab.pki_dir}/crls.pem", "{crl}"]')
+
+
 def _gateway_port(text: str) -> str:
     return text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0]
 
@@ -148,6 +158,13 @@ CATALOGUE = [
     ("CRL signed with another key", _forged_crl, "client_certificates.crls[0]", "signature does not verify"),
     ("CRL file over the size limit", _oversized_crl, "client_certificates.crls[0]", "more than 67108864 bytes"),
     ("stale CRL", _stale_crl, "client_certificates.crls[0]", "is stale"),
+    ("CRL of another CA", _other_ca_crl, "client_certificates.crls[1]",
+     "CRL issuer 'CN=Other PKI CA' is not in the trust list: take it out of client_certificates.crls, or add its CA "
+     "to client_certificates.trust_anchors or intermediates"),
+    ("only the intermediate as the anchor", _replace(
+        'trust_anchors = ["{lab.pki_dir}/root.pem"]\nintermediates = ["{lab.pki_dir}/issuing.pem"]',
+        'trust_anchors = ["{lab.pki_dir}/issuing.pem"]'), "client_certificates.crls[0]",
+     "CRL issuer 'CN=Lab Root CA' is not in the trust list: take it out of client_certificates.crls, or add its CA"),
     ("keytab without the principal", _replace("{lab.proxy_keytab}", "{lab.backend_keytab}"),
      "kerberos.keytab", "holds no key for HTTP/proxy.lab.test@LAB.TEST (it holds: HTTP/cas.lab.test@LAB.TEST)"),
     ("keytab that is no keytab", _replace("{lab.proxy_keytab}", "{lab.pki_dir}/root.pem"),
