@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import socket
 
 
 def host_port(host: str, port: object) -> str:
@@ -33,13 +34,16 @@ def cannot_bind(key: str, error: OSError) -> str:
     """Why the address `key` names could not be bound, and what to do: `REASON: FIX` (`bind_fix`). asyncio's
     `create_server` wraps the reason in a sentence of its own ("error while attempting to bind on address ..."); the
     errno's own words are used instead."""
-    reason = os.strerror(error.errno) if error.errno else str(error)
+    known = error.errno in errno.errorcode  # not a resolver's (socket.gaierror: negative codes of its own)
+    reason = os.strerror(error.errno) if known and error.errno else (error.strerror or str(error))
     fix = bind_fix(key, error)
     return reason if fix is None else f"{reason}: {fix}"
 
 
 def bind_fix(key: str, error: OSError) -> str | None:
     """What to do about a bind of the address `key` names that failed with `error`, for its usual causes; else None."""
+    if isinstance(error, socket.gaierror):
+        return f"the host name does not resolve on this machine: give {key} one of its IP addresses"
     if error.errno == errno.EADDRINUSE:
         return f"something listens there already (this gateway started before?): stop it, or give {key} another port"
     if error.errno == errno.EADDRNOTAVAIL:

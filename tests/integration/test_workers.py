@@ -505,6 +505,22 @@ def test_a_bind_address_this_machine_does_not_have_is_named_as_such(
     assert "something listens there" not in done.stderr
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bind_host_name_that_does_not_resolve_is_named_as_such(lab: LabLayout, tmp_path: Path, workers: int) -> None:
+    """`listener.bind` on a host name the resolver does not know (the certificate's name, say, where no DNS has it):
+    the resolver's reason and what to do. One worker said "Name or service not known" and no fix; with workers the
+    supervisor said "something listens there already"."""
+    config = tmp_path / "gateway.toml"
+    port = free_port()
+    text = _with_workers(lab, port, workers) if workers > 1 else lab_config(lab, port=port)
+    config.write_text(text.replace(f'bind = "127.0.0.1:{port}"', f'bind = "gateway.invalid:{port}"'))
+    done = _run(lab, config, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"gateway.invalid:{port}: Name or service not known" in done.stderr, done.stderr
+    assert "the host name does not resolve on this machine: give listener.bind one of its IP addresses" in done.stderr
+    assert "something listens there" not in done.stderr
+
+
 def test_a_port_below_1024_without_cap_net_bind_service_says_what_to_grant(lab: LabLayout, tmp_path: Path) -> None:
     """`listener.bind` on port 443 started without CAP_NET_BIND_SERVICE (as a user of its own without the systemd
     unit's grant; here root with the capability dropped by `setpriv`): the line names the capability; it said only
