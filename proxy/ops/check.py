@@ -34,7 +34,7 @@ from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
 from proxy.kerberos.keytab import account_advice, read_keytab
 from proxy.printable import printable
-from proxy.tls.server import load_ca_file
+from proxy.tls.server import load_ca_file, swapped
 
 
 def check(config: Config, *, at: datetime, crls: bool = True) -> list[str]:
@@ -234,7 +234,7 @@ def _server_certificate(table: str, cert_path: Path, key_path: Path, at: datetim
     try:
         chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
     except (OSError, ValueError) as e:
-        yield f"{table}.certificate", f"{cert_path}: not a PEM certificate chain ({e})"
+        yield f"{table}.certificate", swapped(table, cert_path) or f"{cert_path}: not a PEM certificate chain ({e})"
         return
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)

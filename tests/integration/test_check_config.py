@@ -96,6 +96,12 @@ def _other_ca_crl(lab: LabLayout, text: str, tmp: Path) -> str:
     return text.replace(f'crls = ["{lab.pki_dir}/crls.pem"]', f'crls = ["{lab.pki_dir}/crls.pem", "{crl}"]')
 
 
+def _swapped(lab: LabLayout, text: str, tmp: Path) -> str:
+    """`listener.certificate` and `listener.private_key` each given the other's file."""
+    chain, key = f'"{lab.pki_dir}/server-chain.pem"', f'"{lab.pki_dir}/server.key"'
+    return text.replace(chain, "CHAIN").replace(key, chain).replace("CHAIN", key)
+
+
 def _gateway_port(text: str) -> str:
     return text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0]
 
@@ -142,6 +148,8 @@ CATALOGUE = [
     ("unknown key", _replace("[listener]\n", '[listener]\ncolour = "blue"\n'), "listener.colour", "unknown key"),
     ("bad upstream", _append('\n[[routes]]\nprefix = "/ews/"\nupstream = "ftp://cas/x"\n'),
      "routes[1].upstream", "expected http(s)://host[:port]"),
+    ("certificate and key swapped", _swapped, "listener.certificate",
+     "holds a private key and no certificate: listener.certificate and listener.private_key swapped?"),
     ("key of another certificate", _replace("{lab.pki_dir}/server.key", "{lab.pki_dir}/users/alice.key"),
      "listener.private_key", "does not match the certificate 'CN=proxy.lab.test'"),
     ("anchor that is no certificate", _replace('trust_anchors = ["{lab.pki_dir}/root.pem"]',
@@ -226,6 +234,21 @@ def test_a_der_directory_ca_file_is_refused_when_the_gateway_starts(lab: LabLayo
     started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
     assert started.returncode == 2, started
     assert f"directory.ca_file: {tmp_path / 'root.der'}: not a PEM bundle of certificates" in started.stderr
+
+
+def test_a_certificate_and_key_swapped_are_named_as_such_when_the_gateway_starts(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """`listener.certificate` and `listener.private_key` swapped: `run` refuses (exit 2) saying so; it said only
+    "OpenSSL refuses KEY with listener.private_key CHAIN: [SSL] PEM lib (_ssl.c:3905)"."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_swapped(lab, lab_config(lab, port=free_port()), tmp_path))
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    env = {**os.environ, **lab.env()}
+    started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
+    assert started.returncode == 2, started
+    wanted = "holds a private key and no certificate: listener.certificate and listener.private_key swapped?"
+    assert f"listener.certificate: {lab.pki_dir / 'server.key'}: {wanted}" in started.stderr, started.stderr
 
 
 def test_the_labs_configuration_behind_a_balancer_is_sound_without_a_warning(lab: LabLayout, tmp_path: Path) -> None:
