@@ -79,6 +79,7 @@ import structlog
 from aiohttp import web
 from cryptography import x509
 
+from proxy.addresses import cannot_bind
 from proxy.certs.chain import TrustList, load_certificates, verify_chain
 from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Admin
@@ -783,7 +784,10 @@ async def _serve_bind(
         )
     except OSError as e:
         raise ConfigError(
-            [f"admin.bind: cannot listen on {admin.host}:{admin.port}: {e.strerror} (in {live.config.path})"]
+            [
+                f"admin.bind: cannot listen on {admin.host}:{admin.port}: "
+                f"{cannot_bind('admin.bind', e)} (in {live.config.path})"
+            ]
         ) from None
     started.servers.append(server)
     siblings_at = {} if worker is None else {"siblings": str(worker.socket)}  # where this worker answers the others

@@ -24,7 +24,7 @@ from aiohttp.abc import AbstractAccessLogger
 from cryptography import x509
 from multidict import CIMultiDict, MultiMapping
 
-from proxy.addresses import host_port
+from proxy.addresses import cannot_bind, host_port
 from proxy.admin import start_admin
 from proxy.auth.basic import BasicLogin
 from proxy.auth.shared import SharedTable
@@ -642,7 +642,10 @@ async def serve(
         sockets = listen_sockets(addresses, reuse_port=listener.workers > 1, backlog=1024)
     except OSError as e:  # taken (several workers: the supervisor's check said so before), or not ours to bind
         raise ConfigError(
-            [f"listener.bind: cannot listen on {listener.host}:{listener.port}: {e.strerror} (in {config.path})"]
+            [
+                f"listener.bind: cannot listen on {listener.host}:{listener.port}: "
+                f"{cannot_bind('listener.bind', e)} (in {config.path})"
+            ]
         ) from None
     direct_cap = None if listener.proxy_protocol else cap
     header_first = listener.proxy_protocol  # at the cap, no idle keep-alive closed before the header is read

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from proxy import config as config_module
+from proxy.addresses import bind_fix
 from proxy.errors import ConfigError
 from proxy.lab import ad, ad_mapping, kdc
 from proxy.lab.layout import LabLayout
@@ -82,11 +83,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return workers.supervise(cfg.listener, serve_one, cfg.admin)
     except workers.PortInUse as e:
-        print(
-            f"cannot serve: {e} (in {cfg.path}): something listens there already (this gateway started before?): "
-            f"stop it, or give {e.key} another port",
-            file=sys.stderr,
-        )
+        fix = bind_fix(e.key, e.error)
+        print(f"cannot serve: {e} (in {cfg.path})" + ("" if fix is None else f": {fix}"), file=sys.stderr)
         return 2
 
 

@@ -91,11 +91,13 @@ class Worker:
 
 
 class PortInUse(Exception):
-    """Something already listens on the gateway's address; `key` is the configuration key that names it."""
+    """The gateway's address cannot be bound: something listens there already, or it is not this machine's, or not
+    ours to bind; `key` is the configuration key that names it, `error` the bind's."""
 
-    def __init__(self, message: str, key: str) -> None:
+    def __init__(self, message: str, key: str, error: OSError) -> None:
         super().__init__(message)
         self.key = key
+        self.error = error
 
 
 def check_port_free(listener: Listener, admin: Admin | None = None) -> None:
@@ -114,7 +116,7 @@ def _check_free(host: str, port: int, key: str, prefix: str) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise PortInUse(f"{prefix}{host}:{port}: {exc.strerror}", key) from None
+            raise PortInUse(f"{prefix}{host}:{port}: {exc.strerror}", key, exc) from None
 
 
 def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Admin | None = None) -> int:

@@ -34,7 +34,7 @@ from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
 from proxy.kerberos.keytab import account_advice, read_keytab
 from proxy.printable import printable
-from proxy.tls.server import load_ca_file
+from proxy.tls.server import load_ca_file, swapped
 
 
 def check(config: Config, *, at: datetime, crls: bool = True) -> list[str]:
@@ -65,7 +65,12 @@ def warnings(config: Config) -> list[str]:
     where = f" (in {config.path})"
     found = [
         f"{key}: {message}{where}"
-        for key, message in (*_wide_balancers(config), *_admin_ca_shared(config), *_unmatched_issuers(config))
+        for key, message in (
+            *_wide_balancers(config),
+            *_subnets_without_prefix(config),
+            *_admin_ca_shared(config),
+            *_unmatched_issuers(config),
+        )
     ]
     auth = config.authentication
     if not config.listener.proxy_protocol or auth.mode == "certificate":
@@ -95,6 +100,25 @@ def _wide_balancers(config: Config) -> Iterator[tuple[str, str]]:
                 f"{block} is wider than a /{widest}: every address in it ({block.num_addresses:,}) may write any "
                 "client address into a PROXY header, and the gateway takes it for the device's (its throttles, "
                 "logs and X-Forwarded-For); list the balancers' own addresses or subnet (docs/deploying.md)",
+            )
+
+
+def _subnets_without_prefix(config: Config) -> Iterator[tuple[str, str]]:
+    """A `listener.trusted_proxies` entry written without a prefix whose address is a subnet's network address (an IPv4
+    address ending in .0, an IPv6 one whose last 64 bits are zero): "10.0.1.0" for the balancers' 10.0.1.0/28 is
+    the one address 10.0.1.0, which no balancer has, so every connection from them is refused (`untrusted_peer`)."""
+    raw = _raw(config.path).get("listener", {}).get("trusted_proxies", [])
+    for i, entry in enumerate(raw if isinstance(raw, list) else []):
+        if not isinstance(entry, str) or "/" in entry:
+            continue
+        address = ipaddress.ip_address(entry)  # proxy.config parsed it already
+        host_bits = 8 if address.version == 4 else 64
+        if int(address) & ((1 << host_bits) - 1) == 0:
+            yield (
+                f"listener.trusted_proxies[{i}]",
+                f"{entry} has no prefix, so it is that one address ({entry}/{address.max_prefixlen}), a subnet's "
+                "network address that no balancer has: every connection from the balancers would be refused "
+                f"(untrusted_peer); write the subnet with its prefix (e.g. {entry}/28), or each balancer's own address",
             )
 
 
@@ -210,7 +234,7 @@ def _server_certificate(table: str, cert_path: Path, key_path: Path, at: datetim
     try:
         chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
     except (OSError, ValueError) as e:
-        yield f"{table}.certificate", f"{cert_path}: not a PEM certificate chain ({e})"
+        yield f"{table}.certificate", swapped(table, cert_path) or f"{cert_path}: not a PEM certificate chain ({e})"
         return
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -314,7 +338,8 @@ def _trust_list(config: Config, at: datetime) -> Generator[tuple[str, str], None
 
 
 def _crls(config: Config, trust: TrustList, at: datetime) -> Iterator[tuple[str, str]]:
-    """Each CRL file parses, is signed by a configured CA and is current at `at`."""
+    """Each CRL file parses, is issued by a configured CA (else: what to do with it), is signed by it and is current
+    at `at`."""
     raw = _raw(config.path).get("client_certificates", {}).get("crls", [])
     raw = [raw] if isinstance(raw, str) else raw
     index = {(config.path.parent / entry).resolve(): i for i, entry in enumerate(raw) if isinstance(entry, str)}
@@ -328,7 +353,15 @@ def _crls(config: Config, trust: TrustList, at: datetime) -> Iterator[tuple[str,
         except ValueError as e:
             yield key, str(e)
             continue
-        _, problems = CrlSet.build([(str(path), crl) for crl in crls], trust, at=at)
+        strangers = [crl for crl in crls if not trust.named(crl.issuer)]
+        for crl in strangers:  # the gateway skips it (crl_rejected); the operator is told what to do with it
+            yield (
+                key,
+                f"{path}: CRL issuer '{printable(crl.issuer.rfc4514_string())}' is not in the trust list: take it out "
+                "of client_certificates.crls, or add its CA to client_certificates.trust_anchors or intermediates",
+            )
+        known = [(str(path), crl) for crl in crls if crl not in strangers]
+        _, problems = CrlSet.build(known, trust, at=at)
         for problem in problems:
             yield key, problem
 

@@ -196,9 +196,22 @@ def load_certificate(ctx: ssl.SSLContext, table: str, certificate: Path, key: Pa
     try:
         ctx.load_cert_chain(certificate, key)
     except ssl.SSLError as e:
-        raise ConfigError(
-            [f"{table}.certificate: OpenSSL refuses {certificate} with {table}.private_key {key}: {e} (in {config})"]
-        ) from None
+        why = swapped(table, certificate) or f"OpenSSL refuses {certificate} with {table}.private_key {key}: {e}"
+        raise ConfigError([f"{table}.certificate: {why} (in {config})"]) from None
+
+
+def swapped(table: str, certificate: Path) -> str | None:
+    """Why a listener's certificate file that holds a private key and no certificate is refused: most likely
+    `certificate` and `private_key` were given each other's file (OpenSSL said only "[SSL] PEM lib")."""
+    try:
+        data = certificate.read_bytes()
+    except OSError:
+        return None
+    if b"PRIVATE KEY-----" not in data or b"-----BEGIN CERTIFICATE-----" in data:
+        return None
+    return (
+        f"{certificate}: holds a private key and no certificate: {table}.certificate and {table}.private_key swapped?"
+    )
 
 
 _LEAST_BUDGET = 0.001  # seconds: a handshake whose deadline has passed as it starts is cut at the next loop pass

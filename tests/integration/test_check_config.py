@@ -86,6 +86,22 @@ def _forged_crl(lab: LabLayout, text: str, tmp: Path) -> str:
     return text.replace(str(lab.pki_dir / "crls.pem"), str(crl))
 
 
+def _other_ca_crl(lab: LabLayout, text: str, tmp: Path) -> str:
+    """The lab's CRLs, then a CRL of a CA the gateway does not trust (another PKI's, made with the openssl CLI)."""
+    key, cert, crl = tmp / "other-ca.key", tmp / "other-ca.pem", tmp / "other-ca.crl"
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "5"]
+    argv += ["-subj", "/CN=Other PKI CA", "-addext", "basicConstraints=critical,CA:TRUE", "-keyout", str(key)]
+    subprocess.run([*argv, "-out", str(cert)], check=True, capture_output=True)
+    write_crl(crl, (load_certificates(cert)[0], serialization.load_pem_private_key(key.read_bytes(), None)))  # type: ignore[arg-type]
+    return text.replace(f'crls = ["{lab.pki_dir}/crls.pem"]', f'crls = ["{lab.pki_dir}/crls.pem", "{crl}"]')
+
+
+def _swapped(lab: LabLayout, text: str, tmp: Path) -> str:
+    """`listener.certificate` and `listener.private_key` each given the other's file."""
+    chain, key = f'"{lab.pki_dir}/server-chain.pem"', f'"{lab.pki_dir}/server.key"'
+    return text.replace(chain, "CHAIN").replace(key, chain).replace("CHAIN", key)
+
+
 def _gateway_port(text: str) -> str:
     return text.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0]
 
@@ -132,6 +148,8 @@ CATALOGUE = [
     ("unknown key", _replace("[listener]\n", '[listener]\ncolour = "blue"\n'), "listener.colour", "unknown key"),
     ("bad upstream", _append('\n[[routes]]\nprefix = "/ews/"\nupstream = "ftp://cas/x"\n'),
      "routes[1].upstream", "expected http(s)://host[:port]"),
+    ("certificate and key swapped", _swapped, "listener.certificate",
+     "holds a private key and no certificate: listener.certificate and listener.private_key swapped?"),
     ("key of another certificate", _replace("{lab.pki_dir}/server.key", "{lab.pki_dir}/users/alice.key"),
      "listener.private_key", "does not match the certificate 'CN=proxy.lab.test'"),
     ("anchor that is no certificate", _replace('trust_anchors = ["{lab.pki_dir}/root.pem"]',
@@ -148,6 +166,13 @@ CATALOGUE = [
     ("CRL signed with another key", _forged_crl, "client_certificates.crls[0]", "signature does not verify"),
     ("CRL file over the size limit", _oversized_crl, "client_certificates.crls[0]", "more than 67108864 bytes"),
     ("stale CRL", _stale_crl, "client_certificates.crls[0]", "is stale"),
+    ("CRL of another CA", _other_ca_crl, "client_certificates.crls[1]",
+     "CRL issuer 'CN=Other PKI CA' is not in the trust list: take it out of client_certificates.crls, or add its CA "
+     "to client_certificates.trust_anchors or intermediates"),
+    ("only the intermediate as the anchor", _replace(
+        'trust_anchors = ["{lab.pki_dir}/root.pem"]\nintermediates = ["{lab.pki_dir}/issuing.pem"]',
+        'trust_anchors = ["{lab.pki_dir}/issuing.pem"]'), "client_certificates.crls[0]",
+     "CRL issuer 'CN=Lab Root CA' is not in the trust list: take it out of client_certificates.crls, or add its CA"),
     ("keytab without the principal", _replace("{lab.proxy_keytab}", "{lab.backend_keytab}"),
      "kerberos.keytab", "holds no key for HTTP/proxy.lab.test@LAB.TEST (it holds: HTTP/cas.lab.test@LAB.TEST)"),
     ("keytab that is no keytab", _replace("{lab.proxy_keytab}", "{lab.pki_dir}/root.pem"),
@@ -209,6 +234,21 @@ def test_a_der_directory_ca_file_is_refused_when_the_gateway_starts(lab: LabLayo
     started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
     assert started.returncode == 2, started
     assert f"directory.ca_file: {tmp_path / 'root.der'}: not a PEM bundle of certificates" in started.stderr
+
+
+def test_a_certificate_and_key_swapped_are_named_as_such_when_the_gateway_starts(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """`listener.certificate` and `listener.private_key` swapped: `run` refuses (exit 2) saying so; it said only
+    "OpenSSL refuses KEY with listener.private_key CHAIN: [SSL] PEM lib (_ssl.c:3905)"."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_swapped(lab, lab_config(lab, port=free_port()), tmp_path))
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    env = {**os.environ, **lab.env()}
+    started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
+    assert started.returncode == 2, started
+    wanted = "holds a private key and no certificate: listener.certificate and listener.private_key swapped?"
+    assert f"listener.certificate: {lab.pki_dir / 'server.key'}: {wanted}" in started.stderr, started.stderr
 
 
 def test_the_labs_configuration_behind_a_balancer_is_sound_without_a_warning(lab: LabLayout, tmp_path: Path) -> None:
@@ -279,6 +319,33 @@ def test_a_wide_trusted_proxies_block_is_ok_with_a_warning(
     assert warning.startswith("warning: listener.trusted_proxies[1]: "), warning
     assert wide in warning, warning
     assert "any client address" in warning, warning
+    assert warning.endswith(f"(in {path})"), warning
+
+
+@pytest.mark.parametrize(
+    ("blocks", "written"),
+    [
+        ('"10.0.1.0"', "10.0.1.0"),
+        ('"10.0.1.7", "2001:db8:1::"', "2001:db8:1::"),
+        ('"10.0.1.7", "10.0.1.0/28", "10.0.1.0/32", "2001:db8:1::5"', None),
+    ],
+)
+def test_a_balancers_subnet_written_without_its_prefix_is_ok_with_a_warning(
+    lab: LabLayout, tmp_path: Path, blocks: str, written: str | None
+) -> None:
+    """A `listener.trusted_proxies` entry written as a subnet's network address without its prefix ("10.0.1.0" for
+    the balancers' 10.0.1.0/28) is that one address, which no balancer has: every connection from the balancers would
+    be refused (`untrusted_peer`). check-config says ok and warns naming the entry and the prefix to add; a balancer's
+    own address, a block with its prefix and an explicit /32 get no such warning. It said ok silently."""
+    path, res = _behind_a_balancer(lab, tmp_path, blocks)
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: listener.trusted_proxies")]
+    if written is None:
+        assert warned == [], res.stderr
+        return
+    (warning,) = warned
+    index = blocks.split(", ").index(f'"{written}"')
+    assert warning.startswith(f"warning: listener.trusted_proxies[{index}]: {written} has no prefix"), warning
+    assert "write the subnet with its prefix" in warning, warning
     assert warning.endswith(f"(in {path})"), warning
 
 

@@ -464,7 +464,92 @@ def test_a_lone_gateway_on_a_taken_port_names_listener_bind(lab: LabLayout, tmp_
     assert done.returncode == 2, done.stdout + done.stderr
     wanted = f"configuration error: listener.bind: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert wanted in done.stderr
+    assert "stop it, or give listener.bind another port" in done.stderr  # what to do, as with workers
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_lone_gateway_on_a_taken_admin_port_says_why_and_what_to_do(lab: LabLayout, tmp_path: Path) -> None:
+    """One worker whose `[admin] bind` is taken: the line names `admin.bind`, the system's reason and what to do, as
+    `listener.bind`'s does; it said asyncio's "error while attempting to bind on address ('127.0.0.1', N): address
+    already in use" and no fix."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.toml"
+        config.write_text(lab_config(lab, port=free_port()) + f'\n[admin]\nbind = "127.0.0.1:{port}"\n')
+        done = _run(lab, config, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    wanted = (
+        f"configuration error: admin.bind: cannot listen on 127.0.0.1:{port}: Address already in use: something "
+        "listens there already (this gateway started before?): stop it, or give admin.bind another port (in "
+    )
+    assert wanted in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bind_address_this_machine_does_not_have_is_named_as_such(
+    lab: LabLayout, tmp_path: Path, workers: int
+) -> None:
+    """`listener.bind` on an address no interface has (192.0.2.1, TEST-NET-1: copied from another machine's
+    configuration): the line says so and what to do. One worker said only "Cannot assign requested address"; with
+    workers the supervisor said "something listens there already (this gateway started before?)", which is wrong."""
+    config = tmp_path / "gateway.toml"
+    port = free_port()
+    text = _with_workers(lab, port, workers) if workers > 1 else lab_config(lab, port=port)
+    config.write_text(text.replace(f'bind = "127.0.0.1:{port}"', f'bind = "192.0.2.1:{port}"'))
+    done = _run(lab, config, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"192.0.2.1:{port}: Cannot assign requested address" in done.stderr, done.stderr
+    assert "no interface of this machine has that address: give listener.bind one of its addresses" in done.stderr
+    assert "something listens there" not in done.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bind_host_name_that_does_not_resolve_is_named_as_such(lab: LabLayout, tmp_path: Path, workers: int) -> None:
+    """`listener.bind` on a host name the resolver does not know (the certificate's name, say, where no DNS has it):
+    the resolver's reason and what to do. One worker said "Name or service not known" and no fix; with workers the
+    supervisor said "something listens there already"."""
+    config = tmp_path / "gateway.toml"
+    port = free_port()
+    text = _with_workers(lab, port, workers) if workers > 1 else lab_config(lab, port=port)
+    config.write_text(text.replace(f'bind = "127.0.0.1:{port}"', f'bind = "gateway.invalid:{port}"'))
+    done = _run(lab, config, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"gateway.invalid:{port}: Name or service not known" in done.stderr, done.stderr
+    assert "the host name does not resolve on this machine: give listener.bind one of its IP addresses" in done.stderr
+    assert "something listens there" not in done.stderr
+
+
+def test_a_port_below_1024_without_cap_net_bind_service_says_what_to_grant(lab: LabLayout, tmp_path: Path) -> None:
+    """`listener.bind` on port 443 started without CAP_NET_BIND_SERVICE (as a user of its own without the systemd
+    unit's grant; here root with the capability dropped by `setpriv`): the line names the capability; it said only
+    "Permission denied"."""
+    port = next(p for p in range(1023, 900, -1) if _bindable(p))
+    config = tmp_path / "gateway.toml"
+    config.write_text(lab_config(lab, port=port))
+    drop = ["setpriv", "--inh-caps=-net_bind_service", "--bounding-set=-net_bind_service"] if os.geteuid() == 0 else []
+    done = subprocess.run(
+        [*drop, sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **lab.env()},
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"listener.bind: cannot listen on 127.0.0.1:{port}: Permission denied: " in done.stderr, done.stderr
+    assert "CAP_NET_BIND_SERVICE" in done.stderr
+
+
+def _bindable(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port` (a probe bind, closed at once)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def test_an_admin_listener_on_the_workers_port_is_refused_before_any_starts(lab: LabLayout, tmp_path: Path) -> None:
