@@ -554,7 +554,10 @@ async def serve(
         addresses = listen_addresses(listener.host, listener.port)
     except OSError as e:
         raise ConfigError(
-            [f"listener.bind: cannot listen on {listener.host}:{listener.port}: {e.strerror} (in {config.path})"]
+            [
+                f"listener.bind: cannot listen on {listener.host}:{listener.port}: "
+                f"{cannot_bind('listener.bind', e)} (in {config.path})"
+            ]
         ) from None
     budget = _descriptor_budget(config, len(addresses))  # before anything starts: it may refuse max_in_flight
     live = Live.start(config, shared=shared, crls_vetted=crls_vetted, descriptors=budget)
