@@ -86,10 +86,11 @@ def build(
     users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
     whose CRLs the new ones start from (`CrlStore.inherit`); `serving`: a gateway that will serve (start, reload),
     which writes `client_certificates.crl_state` (check-config and explain only read it); `crls_vetted`: in a worker
-    replacing a dead one, the CRL files of the configuration the gateway started with, which that start vetted: one
-    gone bad since (grown past MAX_CRL_BYTES, half rewritten) is logged (`crl_not_used`) as its siblings' refreshes
-    log it, not a start refused, which the supervisor answers by stopping the whole gateway (nor, in a configuration
-    reloaded since that names it too, a reason to serve the started one instead: `proxy.cli`)."""
+    replacing a dead one with no sibling serving (`proxy.workers`: beside one, it is refused), the CRL files of the
+    configuration the gateway started with, which that start vetted: one gone bad since (grown past MAX_CRL_BYTES,
+    half rewritten) is logged (`crl_not_used`), not a start refused, which the supervisor answers by stopping the whole
+    gateway (nor, in a configuration reloaded since that names it too, a reason to serve the started one instead:
+    `proxy.cli`)."""
     cc = config.client_certificates
     problems: list[str] = []
     loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}

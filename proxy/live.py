@@ -391,9 +391,12 @@ def replacement_config(started: Config) -> Config:
 
 
 def replacement_refused(started: Config, problems: list[str]) -> Config:
-    """A replacement worker's file that does not load, or (`kcd-proxy run`) does not build, as a reload would refuse
-    it: logged, and `started` served instead (its siblings serve their last good one; the supervisor, which stops the
-    gateway when a worker fails to start, is never stopped by a file its siblings refused)."""
+    """A replacement worker's file that does not load, or (`kcd-proxy run`, with no sibling serving) does not build, as
+    a reload would refuse it: logged, and `started` served instead (its siblings serve their last good one; the
+    supervisor, which stops the gateway when a worker fails to start, is never stopped by a file its siblings
+    refused). Beside a sibling serving, one that does not build is not started instead (`proxy.workers`): it cannot
+    tell a file its siblings' reload refused from one they took that went bad since, and `started` may be older than
+    what they serve (routes, trust anchors, `revocation`)."""
     log.error(
         "worker_configuration_refused",
         config=str(started.path),
