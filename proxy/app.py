@@ -81,6 +81,7 @@ def build(
     previous: Gateway | None = None,
     serving: bool = False,
     crls_vetted: Collection[Path] = (),
+    beside: bool = False,
 ) -> Gateway:
     """The gateway a configuration describes; `shared`: the workers' table (the Basic per-user throttle, the log of
     users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
@@ -90,7 +91,8 @@ def build(
     configuration the gateway started with, which that start vetted: one gone bad since (grown past MAX_CRL_BYTES,
     half rewritten) is logged (`crl_not_used`), not a start refused, which the supervisor answers by stopping the whole
     gateway (nor, in a configuration reloaded since that names it too, a reason to serve the started one instead:
-    `proxy.cli`)."""
+    `proxy.cli`); `beside`: a replacement worker beside siblings serving, which refuses a CRL file giving it an older
+    CRL than they took (below its replay floor: served without, it passed what theirs revokes)."""
     cc = config.client_certificates
     problems: list[str] = []
     loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}
@@ -120,6 +122,15 @@ def build(
     if previous is None:
         for problem in revocation.load(now=datetime.now(UTC)):
             log.warning("crl_not_used", problem=problem)
+        if beside and (behind := revocation.crls.behind_floors()):
+            index = {str(path): i for i, path in enumerate(cc.crls)}
+            raise ConfigError(
+                [
+                    f"client_certificates.crls[{index.get(location, 0)}]: {location}: {why}: the other workers serve "
+                    f"with the newer one (in {config.path})"
+                    for location, why in behind.items()
+                ]
+            )
     else:  # a reload: what a source held stays the floor a replayed CRL is refused below
         revocation.crls.inherit(previous.revocation.crls)
         revocation.crls.raise_floors()
@@ -543,10 +554,10 @@ async def serve(
     """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT; SIGHUP reloads (`proxy.live`).
     `worker`: this process is one of `listener.workers` (`proxy.workers`), whose admin listener answers for all;
     `shared`: the table its siblings count Basic failures in (`proxy.auth.shared`); `crls_vetted`: in a replacement
-    worker, the CRL files the gateway's start vetted (`build`)."""
+    worker, the CRL files the gateway's start vetted (`build`; `Worker.beside`: one that refuses them)."""
     remove_stale_overlays()  # krb5.conf overlays of gateways killed outright (proxy.kerberos.profile)
     budget = _descriptor_budget(config)  # before anything starts: it may refuse kerberos.max_in_flight
-    live = Live.start(config, shared=shared, crls_vetted=crls_vetted)
+    live = Live.start(config, shared=shared, crls_vetted=crls_vetted, beside=worker is not None and worker.beside)
     live.descriptors = budget  # a reload's kerberos.max_in_flight must fit its reserve (`reload_reserve_problem`)
     gw = live.gateway
     stop = stop or asyncio.Event()

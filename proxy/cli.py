@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         # Beside a sibling serving, a replacement serves that configuration whole or not at all (proxy.workers): a CRL
         # file it cannot read is refused as at a start (served without, it passed what the file revokes while its
         # siblings, keeping their last CRLs, refused it), and a file that does not build is no reason to serve `cfg`.
-        beside = worker is not None and worker.replacement and worker.serving_beside > 0
+        beside = worker is not None and worker.beside
         # With none beside it, the CRL files the start vetted may have gone bad since (`app.build`): not a reason to
         # stop the gateway, nor to serve `cfg` instead of a reloaded configuration naming them too
         vetted = cfg.client_certificates.crls if replacing and not beside else ()

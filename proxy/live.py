@@ -104,11 +104,18 @@ class Live:
         return directory.held.unjudged if directory is not None else 0
 
     @classmethod
-    def start(cls, config: Config, *, shared: SharedTable | None = None, crls_vetted: Collection[Path] = ()) -> Live:
+    def start(
+        cls,
+        config: Config,
+        *,
+        shared: SharedTable | None = None,
+        crls_vetted: Collection[Path] = (),
+        beside: bool = False,
+    ) -> Live:
         from proxy.app import build
         from proxy.tls.server import ServedCertificate, server_context
 
-        gateway = build(config, shared=shared, serving=True, crls_vetted=crls_vetted)
+        gateway = build(config, shared=shared, serving=True, crls_vetted=crls_vetted, beside=beside)
         context = server_context(config)
         return cls(gateway, context, balancers=config.listener.trusted_proxies, served=ServedCertificate.of(config))
 
