@@ -122,15 +122,8 @@ def build(
     if previous is None:
         for problem in revocation.load(now=datetime.now(UTC)):
             log.warning("crl_not_used", problem=problem)
-        if beside and (behind := revocation.crls.behind_floors()):
-            index = {str(path): i for i, path in enumerate(cc.crls)}
-            raise ConfigError(
-                [
-                    f"client_certificates.crls[{index.get(location, 0)}]: {location}: {why}: the other workers serve "
-                    f"with the newer one (in {config.path})"
-                    for location, why in behind.items()
-                ]
-            )
+        if beside:  # its files; its URLs once fetched (`serve`)
+            _refuse_behind_floors(config, revocation)
     else:  # a reload: what a source held stays the floor a replayed CRL is refused below
         revocation.crls.inherit(previous.revocation.crls)
         revocation.crls.raise_floors()
@@ -162,6 +155,17 @@ def build(
         basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),
     )
+
+
+def _refuse_behind_floors(config: Config, revocation: LiveRevocation, *, urls: bool = False) -> None:
+    """A replacement worker beside siblings serving: a ConfigError naming each CRL source (files; URLs too once
+    fetched) that gave it an older CRL than its siblings took (`CrlStore.behind_floors`), which it would serve without
+    (`proxy.workers`)."""
+    if behind := revocation.crls.behind_floors(urls=urls):
+        serve = "the other workers serve with the newer one"
+        raise ConfigError(
+            [f"client_certificates.crls: {name}: {why}: {serve} (in {config.path})" for name, why in behind.items()]
+        )
 
 
 def _floors(
@@ -586,6 +590,13 @@ async def serve(
         log.info("drained", outcome="finished", seconds=0.0, cut=0)
         log.info("stopped")
         return
+    if worker is not None and worker.beside:  # its CRL URLs, now fetched once, as `build` did its files
+        try:
+            _refuse_behind_floors(config, gw.revocation, urls=True)
+        except ConfigError:
+            await live.close()
+            live.traces.close()
+            raise
     runner: web.AppRunner | None = None
     connections: set[DeviceConnection] = set()
     handler: Callable[[], asyncio.Protocol]

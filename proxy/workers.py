@@ -45,17 +45,18 @@ A replacement reads the configuration file again (`proxy.live.replacement_config
 since the supervisor read it.
 
 One rule for what a replacement cannot read while a sibling serves: it serves the configuration it read whole, or
-not at all. A CRL file it cannot read (grown past `MAX_CRL_BYTES`, caught half rewritten), or whose CRL is older than
-the one its siblings took (below the shared replay floor: `CrlStore.behind_floors`), is refused, not served without:
-under `revocation = "best-effort"` that passed the certificates the siblings' CRL revokes while they, keeping it,
-refused them (the same device got 200 or 403 by the kernel's pick of worker), and under "require" it refused every
-device of that CA while they served them. Nor does a configuration that does not build send it back to the one the
-gateway started with (older routes, trust anchors and revocation mode than its siblings' reload, if they took it).
-The supervisor tells each replacement how many siblings serve (`Worker.serving_beside`: alive, and one of the first
-workers or a replacement past `MIN_UPTIME`); one with none beside it (every worker died) serves as before, as nothing
-else would: without the CRL files it cannot read (`crl_not_used`; the revocation mode says what that means), on the
-configuration the gateway started with if the file does not build. A refusing replacement leaves its problems in
-`Worker.refusal` for the supervisor's `worker_not_replaced` to name.
+not at all. A CRL file it cannot read (grown past `MAX_CRL_BYTES`, caught half rewritten), or a CRL source (a file, a
+URL at its first fetch) whose CRL is older than the one its siblings took (below the shared replay floor:
+`CrlStore.behind_floors`), is refused, not served without: under `revocation = "best-effort"` that passed the
+certificates the siblings' CRL revokes while they, keeping it, refused them (the same device got 200 or 403 by the
+kernel's pick of worker), and under "require" it refused every device of that CA while they served them. Nor does a
+configuration that does not build send it back to the one the gateway started with (older routes, trust anchors and
+revocation mode than its siblings' reload, if they took it). The supervisor tells each replacement how many siblings
+serve (`Worker.serving_beside`: alive, and one of the first workers or a replacement past `MIN_UPTIME`); one with
+none beside it (every worker died) serves as before, as nothing else would: without the CRL sources it cannot use
+(`crl_not_used`; the revocation mode says what that means), on the configuration the gateway started with if the
+file does not build. A refusing replacement leaves its problems in `Worker.refusal` for the supervisor's
+`worker_not_replaced` to name.
 """
 
 from __future__ import annotations

@@ -293,15 +293,16 @@ class CrlStore:
             if state.unreadable and not state.source.is_url
         }
 
-    def behind_floors(self) -> dict[str, str]:
-        """The file sources holding no CRL because what they gave is older than a replay floor, each with why: a
-        worker of this gateway (or, with `crl_state`, an earlier run) held a newer CRL for that issuer, key and scope.
-        A replacement worker beside siblings serving refuses them (`proxy.app.build`): served without, it passed what
-        the newer CRL revokes while they, keeping it, refused it."""
+    def behind_floors(self, *, urls: bool = False) -> dict[str, str]:
+        """The file sources (and the URLs: `urls`) holding no CRL because what they gave is older than a replay floor,
+        by name (`CrlSource.name`: a URL's password never), each with why: a worker of this gateway (or, with
+        `crl_state`, an earlier run) held a newer CRL for that issuer, key and scope. A replacement worker beside
+        siblings serving refuses them (`proxy.app`): served without, it passed what the newer CRL revokes while they,
+        keeping it, refused it."""
         return {
-            location: state.last_error or ""
-            for location, state in self._states.items()
-            if state.below_floor and not state.crls and not state.source.is_url
+            state.source.name: state.last_error or ""
+            for state in self._states.values()
+            if state.below_floor and not state.crls and (urls or not state.source.is_url)
         }
 
     def _failed(self, state: _State, now: datetime, exc: Exception) -> None:

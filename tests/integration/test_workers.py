@@ -35,6 +35,7 @@ from proxy.live import replacement_config
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
+from tests.integration.test_revocation import _CrlServer
 
 
 def _with_workers(lab: LabLayout, port: int, workers: int) -> str:
@@ -805,3 +806,75 @@ def test_a_replacement_worker_never_takes_a_crl_older_than_its_siblings_held(
         _revoked_on_each(lab, gw, {second, replacement["pid"]})
     finally:
         assert gw.stop() == 0
+
+
+def test_a_replacement_given_an_older_crl_by_a_url_than_its_siblings_took_is_not_started(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """The issuing CA's CRL from a URL (number 3001, revoking carol), best-effort; the URL then answers number 3000 (a
+    stale mirror, a replay on a plain-HTTP distribution point) and a worker dies. Its replacement refused 3000 below the
+    shared floor and served without the CA's CRL, carol included, beside a sibling refusing her. It is now not started
+    (`worker_not_replaced`, naming the URL and "replayed?"); once the URL answers a newer CRL, a replacement serves
+    it."""
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
+    answer = {"crl": write_crl(tmp_path / "3001.crl", issuing, revoked=[carol.serial_number], number=3001).read_bytes()}
+    server = _CrlServer(lambda _path, _headers: (200, answer["crl"]))
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    root_crl = write_crl(tmp_path / "root.crl", root)
+    text = _best_effort_with(lab, [root_crl])
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(f'crls = ["{root_crl}"]', f'crls = ["{url}", "{root_crl}"]'))
+    try:
+        first, second = _listening_pids(gw, 2)
+        answer["crl"] = write_crl(tmp_path / "3000.crl", issuing, number=3000).read_bytes()  # carol not yet revoked
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        refused = gw.wait_event("worker_not_replaced")
+        assert any(url in p and "replayed?" in p for p in refused["problems"]), refused
+        assert asyncio.run(_fresh_connections(lab, gw, 4, "carol")) == [403] * 4
+        assert {e["pid"] for e in gw.events("listening", gw.since)} == set()
+        answer["crl"] = write_crl(
+            tmp_path / "3002.crl", issuing, revoked=[carol.serial_number], number=3002
+        ).read_bytes()
+        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        _revoked_on_each(lab, gw, {second, replacement["pid"]})
+    finally:
+        gw.stop()
+        server.close()
+
+
+def test_a_replacement_whose_reloaded_trust_anchor_is_half_rewritten_never_serves_the_started_configuration(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A reload moves `trust_anchors` to a file of the operator's and retires a route; that file is then caught half
+    rewritten and a worker dies. The replacement's cross-checks refused the file and it served the configuration the
+    gateway started with, the retired route back on it (`worker_configuration_refused`). Beside its sibling it is now
+    not started (`worker_not_replaced`, naming the file) and once the file is whole a replacement serves the reloaded
+    configuration."""
+    retired = '\n[[routes]]\nprefix = "/retired/"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
+    text = _with_workers(lab, free_port(), 2)
+    root = lab.pki_dir / "root.pem"
+    assert f'trust_anchors = ["{root}"]' in text
+    anchors = tmp_path / "anchors.pem"
+    whole = root.read_bytes()
+    anchors.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text + retired)
+    try:
+        first, second = _listening_pids(gw, 2)
+        gw.config_path.write_text(text.replace(f'trust_anchors = ["{root}"]', f'trust_anchors = ["{anchors}"]'))
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            assert "/retired/" not in gw.wait_event("reloaded", pid=pid)["routes"]
+        anchors.write_bytes(whole[: len(whole) // 2])
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        refused = gw.wait_event("worker_not_replaced")
+        assert any(str(anchors) in p for p in refused["problems"]), refused
+        assert gw.events("worker_configuration_refused") == []
+        assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2
+        anchors.write_bytes(whole)
+        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        assert "/retired/" not in replacement["routes"]
+    finally:
+        gw.stop()
