@@ -83,15 +83,18 @@ def build(
     serving: bool = False,
     crls_vetted: Collection[Path] = (),
     backend_connections: int | None = None,
+    beside: bool = False,
 ) -> Gateway:
     """The gateway a configuration describes; `shared`: the workers' table (the Basic per-user throttle, the log of
     users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
     whose CRLs the new ones start from (`CrlStore.inherit`); `serving`: a gateway that will serve (start, reload),
     which writes `client_certificates.crl_state` (check-config and explain only read it); `crls_vetted`: in a worker
-    replacing a dead one, the CRL files of the configuration the gateway started with, which that start vetted: one
-    gone bad since (grown past MAX_CRL_BYTES, half rewritten) is logged (`crl_not_used`) as its siblings' refreshes
-    log it, not a start refused, which the supervisor answers by stopping the whole gateway (nor, in a configuration
-    reloaded since that names it too, a reason to serve the started one instead: `proxy.cli`); `backend_connections`:
+    replacing a dead one with no sibling serving (`proxy.workers`: beside one, it is refused), the CRL files of the
+    configuration the gateway started with, which that start vetted: one gone bad since (grown past MAX_CRL_BYTES,
+    half rewritten) is logged (`crl_not_used`), not a start refused, which the supervisor answers by stopping the whole
+    gateway (nor, in a configuration reloaded since that names it too, a reason to serve the started one instead:
+    `proxy.cli`); `beside`: a replacement worker beside siblings serving, which refuses a CRL file giving it an older
+    CRL than they took (below its replay floor: served without, it passed what theirs revokes); `backend_connections`:
     the backend's share of the descriptors the start set (`DescriptorBudget.backend`, counted with the listener's
     sockets), which a reload keeps; without it, the share under this process's limit for a listener on one socket."""
     cc = config.client_certificates
@@ -123,6 +126,8 @@ def build(
     if previous is None:
         for problem in revocation.load(now=datetime.now(UTC)):
             log.warning("crl_not_used", problem=problem)
+        if beside:  # its files; its URLs once fetched (`serve`)
+            _refuse_behind_floors(config, revocation)
     else:  # a reload: what a source held stays the floor a replayed CRL is refused below
         revocation.crls.inherit(previous.revocation.crls)
         revocation.crls.raise_floors()
@@ -155,6 +160,17 @@ def build(
         basic=BasicLogin(config.authentication, config.identity, config.kerberos, shared=shared),
         directory=_directory(config),
     )
+
+
+def _refuse_behind_floors(config: Config, revocation: LiveRevocation, *, urls: bool = False) -> None:
+    """A replacement worker beside siblings serving: a ConfigError naming each CRL source (files; URLs too once
+    fetched) that gave it an older CRL than its siblings took (`CrlStore.behind_floors`), which it would serve without
+    (`proxy.workers`)."""
+    if behind := revocation.crls.behind_floors(urls=urls):
+        serve = "the other workers serve with the newer one"
+        raise ConfigError(
+            [f"client_certificates.crls: {name}: {why}: {serve} (in {config.path})" for name, why in behind.items()]
+        )
 
 
 def _floors(
@@ -547,7 +563,7 @@ async def serve(
     """Run the gateway until `stop` is set or the process gets SIGTERM/SIGINT; SIGHUP reloads (`proxy.live`).
     `worker`: this process is one of `listener.workers` (`proxy.workers`), whose admin listener answers for all;
     `shared`: the table its siblings count Basic failures in (`proxy.auth.shared`); `crls_vetted`: in a replacement
-    worker, the CRL files the gateway's start vetted (`build`)."""
+    worker, the CRL files the gateway's start vetted (`build`; `Worker.beside`: one that refuses them)."""
     remove_stale_overlays()  # krb5.conf overlays of gateways killed outright (proxy.kerberos.profile)
     listener = config.listener
     try:  # one listening socket (and accept loop) for each: the descriptors past the cap are counted per socket
@@ -560,7 +576,13 @@ async def serve(
             ]
         ) from None
     budget = _descriptor_budget(config, len(addresses))  # before anything starts: it may refuse max_in_flight
-    live = Live.start(config, shared=shared, crls_vetted=crls_vetted, descriptors=budget)
+    live = Live.start(
+        config,
+        shared=shared,
+        crls_vetted=crls_vetted,
+        descriptors=budget,
+        beside=worker is not None and worker.beside,
+    )
     gw = live.gateway
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -587,6 +609,13 @@ async def serve(
         log.info("drained", outcome="finished", seconds=0.0, cut=0)
         log.info("stopped")
         return
+    if worker is not None and worker.beside:  # its CRL URLs, now fetched once, as `build` did its files
+        try:
+            _refuse_behind_floors(config, gw.revocation, urls=True)
+        except ConfigError:
+            await live.close()
+            live.traces.close()
+            raise
     runner: web.AppRunner | None = None
     connections: set[DeviceConnection] = set()
     handler: Callable[[], asyncio.Protocol]

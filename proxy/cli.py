@@ -53,21 +53,30 @@ def _run(args: argparse.Namespace) -> int:
     def serve_one(worker: workers.Worker | None = None) -> int:
         from proxy.live import replacement_config, replacement_refused
 
-        # a replacement for a worker that died serves what its siblings reloaded since the start, not `cfg`
         replacing = worker is not None and worker.replacement
-        current = replacement_config(cfg) if replacing else cfg
-        # the CRL files the start vetted may have gone bad since (`app.build`): not a reason to stop the gateway, nor to
-        # serve `cfg` instead of a reloaded configuration naming them too (a CA it retired, a `revocation` it tightened)
-        vetted = cfg.client_certificates.crls if replacing else ()
+        # Beside a sibling serving, a replacement serves that configuration whole or not at all (proxy.workers): a CRL
+        # file it cannot read is refused as at a start (served without, it passed what the file revokes while its
+        # siblings, keeping their last CRLs, refused it), and a file that does not check or build is no reason to serve
+        # `cfg`.
+        beside = worker is not None and worker.beside
+        # With none beside it, the CRL files the start vetted may have gone bad since (`app.build`): not a reason to
+        # stop the gateway, nor to serve `cfg` instead of a reloaded configuration naming them too
+        vetted = cfg.client_certificates.crls if replacing and not beside else ()
+        current = cfg
         try:
+            # a replacement for a worker that died serves what its siblings reloaded since the start, not `cfg`
+            current = replacement_config(cfg, beside=beside) if replacing else cfg
             event_loop.run(
                 app.serve(current, worker=worker, shared=shared, crls_vetted=vetted), cfg.listener.event_loop
             )
         except ConfigError as e:
-            if current is cfg:
+            if worker is not None and beside:
+                worker.refused(e.problems)  # named by the supervisor's worker_not_replaced, which tries again
+            if current is cfg or beside:
                 return e.report()
-            # a file its siblings' reload refused as it built (a CRL file that does not parse, ...): not a reason to
-            # fail to start, which stops the whole gateway (proxy.workers), but to serve what the gateway started with
+            # a file its siblings' reload refused as it built (a CRL file that does not parse, ...): with no sibling
+            # serving, not a reason to fail to start, which stops the whole gateway (proxy.workers), but to serve what
+            # the gateway started with
             current = replacement_refused(cfg, e.problems)
             try:
                 event_loop.run(

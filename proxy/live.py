@@ -111,6 +111,7 @@ class Live:
         shared: SharedTable | None = None,
         crls_vetted: Collection[Path] = (),
         descriptors: DescriptorBudget | None = None,
+        beside: bool = False,
     ) -> Live:
         """The gateway `config` describes, started; `descriptors`: the shares the start set (`proxy.descriptors`),
         which its reloads keep."""
@@ -118,7 +119,9 @@ class Live:
         from proxy.tls.server import ServedCertificate, server_context
 
         backend = descriptors.backend if descriptors is not None else None
-        gateway = build(config, shared=shared, serving=True, crls_vetted=crls_vetted, backend_connections=backend)
+        gateway = build(
+            config, shared=shared, serving=True, crls_vetted=crls_vetted, backend_connections=backend, beside=beside
+        )
         context = server_context(config)
         live = cls(gateway, context, balancers=config.listener.trusted_proxies, served=ServedCertificate.of(config))
         live.descriptors = descriptors  # a reload's kerberos.max_in_flight must fit its reserve
@@ -376,23 +379,32 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
     return changed
 
 
-def replacement_config(started: Config) -> Config:
+def replacement_config(started: Config, *, beside: bool = False) -> Config:
     """What a worker replacing a dead one serves: the file read and cross-checked again, as its siblings' reloads
     read it, with the keys a reload leaves for a restart (the listener's but LISTENER_RELOADED, `[admin]`,
     `reload.watch`) as the gateway started with them, and the balancers it believes too when the file turns
     `proxy_protocol` off (its siblings keep the ones last in force until the restart; the file's empty list made it
     close every connection it got). If the file does not load now, its siblings refused it too
     and serve their last good one; the replacement then serves `started` and says so (`worker_configuration_refused`):
-    a SIGHUP once the file is fixed brings every worker to the same configuration."""
+    a SIGHUP once the file is fixed brings every worker to the same configuration. `beside` (siblings serve,
+    `proxy.workers`): a file that loads but fails the cross-checks (a trust anchor or the listener's certificate a
+    reload added, caught half rewritten) is a ConfigError, not `started` served, which may be older than theirs."""
     from proxy.ops.check import check
 
     try:
         config = config_module.load(started.path)
+    except ConfigError as e:
+        return replacement_refused(started, e.problems)
+    except (OSError, ssl.SSLError, ValueError) as e:
+        return replacement_refused(started, [f"{type(e).__name__}: {e}"])
+    try:
         problems = check(config, at=datetime.now(UTC), crls=False)
     except ConfigError as e:
         problems = e.problems
     except (OSError, ssl.SSLError, ValueError) as e:
         problems = [f"{type(e).__name__}: {e}"]
+    if problems and beside:
+        raise ConfigError(problems)
     if problems:
         return replacement_refused(started, problems)
     kept = {f.name: getattr(started.listener, f.name) for f in dataclasses.fields(started.listener)}
@@ -405,9 +417,12 @@ def replacement_config(started: Config) -> Config:
 
 
 def replacement_refused(started: Config, problems: list[str]) -> Config:
-    """A replacement worker's file that does not load, or (`kcd-proxy run`) does not build, as a reload would refuse
-    it: logged, and `started` served instead (its siblings serve their last good one; the supervisor, which stops the
-    gateway when a worker fails to start, is never stopped by a file its siblings refused)."""
+    """A replacement worker's file that does not load, or (`kcd-proxy run`, with no sibling serving) does not build, as
+    a reload would refuse it: logged, and `started` served instead (its siblings serve their last good one; the
+    supervisor, which stops the gateway when a worker fails to start, is never stopped by a file its siblings
+    refused). Beside a sibling serving, one that does not build is not started instead (`proxy.workers`): it cannot
+    tell a file its siblings' reload refused from one they took that went bad since, and `started` may be older than
+    what they serve (routes, trust anchors, `revocation`)."""
     log.error(
         "worker_configuration_refused",
         config=str(started.path),

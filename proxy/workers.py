@@ -43,6 +43,20 @@ rewritten fails a start, not a worker that has it loaded), the supervisor says s
 fix) and tries again every `REPLACE_RETRY` seconds. (A worker killed by a signal is replaced whenever it dies.)
 A replacement reads the configuration file again (`proxy.live.replacement_config`): its siblings may have reloaded
 since the supervisor read it.
+
+One rule for what a replacement cannot read while a sibling serves: it serves the configuration it read whole, or
+not at all. A CRL file it cannot read (grown past `MAX_CRL_BYTES`, caught half rewritten), or a CRL source (a file, a
+URL at its first fetch) whose CRL is older than the one its siblings took (below the shared replay floor:
+`CrlStore.behind_floors`), is refused, not served without: under `revocation = "best-effort"` that passed the
+certificates the siblings' CRL revokes while they, keeping it, refused them (the same device got 200 or 403 by the
+kernel's pick of worker), and under "require" it refused every device of that CA while they served them. Nor does a
+configuration that does not build send it back to the one the gateway started with (older routes, trust anchors and
+revocation mode than its siblings' reload, if they took it). The supervisor tells each replacement how many siblings
+serve (`Worker.serving_beside`: alive, and one of the first workers or a replacement past `MIN_UPTIME`); one with
+none beside it (every worker died) serves as before, as nothing else would: without the CRL sources it cannot use
+(`crl_not_used`; the revocation mode says what that means), on the configuration the gateway started with if the
+file does not build. A refusing replacement leaves its problems in `Worker.refusal` for the supervisor's
+`worker_not_replaced` to name.
 """
 
 from __future__ import annotations
@@ -50,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -84,10 +99,26 @@ class Worker:
     number: int  # 1..N, kept by a replacement
     siblings: Path  # the supervisor's private directory: one Unix socket per worker, `<number>.sock`
     replacement: bool = False  # started in place of one that died: reads the configuration afresh (proxy.live)
+    serving_beside: int = 0  # a replacement: its siblings serving as it was forked (module docstring, `_serving`)
 
     @property
     def socket(self) -> Path:
         return self.siblings / f"{self.number}.sock"
+
+    @property
+    def beside(self) -> bool:
+        """A replacement with siblings serving: it serves its configuration whole or not at all (module docstring)."""
+        return self.replacement and self.serving_beside > 0
+
+    @property
+    def refusal(self) -> Path:
+        """Where a replacement that refuses its configuration writes the problems (JSON), for `worker_not_replaced`."""
+        return self.siblings / f"{self.number}.refused"
+
+    def refused(self, problems: list[str]) -> None:
+        """A replacement's configuration refused (`refusal`): best effort, the worker's stderr has them anyway."""
+        with contextlib.suppress(OSError):
+            self.refusal.write_text(json.dumps(problems))
 
 
 class PortInUse(Exception):
@@ -139,12 +170,13 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                 os.kill(pid, signum)
 
     def start(number: int, *, replacement: bool = False) -> None:
+        beside = _serving(workers) if replacement else 0
         # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _worker(lambda: serve_one(Worker(number, siblings, replacement)), supervisor, siblings)
+            _worker(lambda: serve_one(Worker(number, siblings, replacement, beside)), supervisor, siblings)
         workers[pid] = (time.monotonic(), number, replacement)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info("worker_started", worker=pid, number=number)
@@ -168,7 +200,8 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                 continue
             log.warning("worker_exited", worker=pid, code=code)
             pause = _RESTART_PAUSE
-            if code > 0 and time.monotonic() - started < MIN_UPTIME and replacing and workers:
+            problems = _refusal(Worker(number, siblings))  # a refusal is a failure to start, however long it took
+            if code > 0 and (time.monotonic() - started < MIN_UPTIME or problems) and replacing and workers:
                 # its siblings serve with what they loaded: a file caught half rewritten is no reason to stop them
                 log.error(
                     "worker_not_replaced",
@@ -176,9 +209,11 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                     code=code,
                     serving=len(workers),
                     retry_seconds=REPLACE_RETRY,
-                    fix="the worker's lines above name the file it refused (a trust anchor, the listener's certificate "
-                    "or key being rewritten?): write it whole (a new file renamed over the old one); the other "
-                    "workers serve meanwhile",
+                    problems=problems,
+                    fix="`problems` (or the worker's lines above) name the file it refused (a trust anchor, a CRL "
+                    "file, the listener's certificate or key being rewritten?): write it whole (a new file renamed "
+                    "over the old one), publish a CRL no older than the other workers hold (replayed?), or fix the "
+                    "configuration; the other workers serve meanwhile",
                 )
                 pause = REPLACE_RETRY
             elif code > 0 and time.monotonic() - started < MIN_UPTIME:
@@ -195,6 +230,36 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
         shutil.rmtree(siblings, ignore_errors=True)
     log.info("supervisor_stopped")
     return failure
+
+
+def _serving(workers: dict[int, tuple[float, int, bool]]) -> int:
+    """How many of `workers` serve, as far as the supervisor can tell: alive (one that died is not yet reaped: asked
+    without reaping it, `WNOWAIT`), and one of the first workers (a first one that fails to start stops the gateway)
+    or a replacement past `MIN_UPTIME` (a younger one may yet fail to start: two workers dying together would otherwise
+    each wait for the other's replacement, and none serve)."""
+    now = time.monotonic()
+    count = 0
+    for pid, (started, _, replacement) in workers.items():
+        if replacement and now - started < MIN_UPTIME:
+            continue
+        with contextlib.suppress(ChildProcessError):
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                count += 1
+    return count
+
+
+def _refusal(worker: Worker) -> list[str]:
+    """The problems a replacement that refused its configuration left (`Worker.refused`), taken: [] if none."""
+    try:
+        text = worker.refusal.read_text()
+    except OSError:
+        return []
+    worker.refusal.unlink(missing_ok=True)
+    try:
+        problems = json.loads(text)
+    except ValueError:
+        return []
+    return [str(p) for p in problems] if isinstance(problems, list) else []
 
 
 _reload_asked = False  # a SIGHUP came while this process started (`remember_reload`)

@@ -144,6 +144,7 @@ class _State:
     last_success: datetime | None = None
     last_error: str | None = None
     unreadable: bool = False  # a file source whose last read failed, or gave bytes that are no CRL (`unreadable`)
+    below_floor: bool = False  # its last read gave a CRL older than a replay floor (`CrlBelowFloor`, `behind_floors`)
 
 
 @dataclass
@@ -292,6 +293,18 @@ class CrlStore:
             if state.unreadable and not state.source.is_url
         }
 
+    def behind_floors(self, *, urls: bool = False) -> dict[str, str]:
+        """The file sources (and the URLs: `urls`) holding no CRL because what they gave is older than a replay floor,
+        by name (`CrlSource.name`: a URL's password never), each with why: a worker of this gateway (or, with
+        `crl_state`, an earlier run) held a newer CRL for that issuer, key and scope. A replacement worker beside
+        siblings serving refuses them (`proxy.app`): served without, it passed what the newer CRL revokes while they,
+        keeping it, refused it."""
+        return {
+            state.source.name: state.last_error or ""
+            for state in self._states.values()
+            if state.below_floor and not state.crls and (urls or not state.source.is_url)
+        }
+
     def _failed(self, state: _State, now: datetime, exc: Exception) -> None:
         state.last_fetch, state.unreadable = now, True
         error = state.source.scrubbed(f"fetch failed: {type(exc).__name__}: {exc}".rstrip(": "))  # no password
@@ -333,10 +346,12 @@ class CrlStore:
                 vetted = exc
         if not isinstance(vetted, list):
             state.unreadable = not isinstance(vetted, CrlUnusable)  # a ValueError: the bytes are no CRL
+            state.below_floor = isinstance(vetted, CrlBelowFloor)
             state.last_error = printable(state.source.scrubbed(str(vetted)))  # a name the CRL's sender chose
             log.warning("crl_rejected", source=state.source.name, problem=state.last_error, **_held(state))
             return
         state.crls, state.last_success, state.last_error, state.unreadable = tuple(vetted), now, None, False
+        state.below_floor = False
         for crl in vetted:
             self._raise_floor(crl)
             log.info("crl_loaded", **_describe(crl))
@@ -497,6 +512,10 @@ def floor_scope(crl: Crl) -> bytes:
     return hashlib.blake2b(material, digest_size=16, person=b"crl-floor").digest()
 
 
+class CrlBelowFloor(CrlUnusable):
+    """A CRL older than its replay floor: one a worker of this gateway, or an earlier run (`crl_state`), took."""
+
+
 def _refuse_below_floor(new: Sequence[Crl], floors: FloorTable) -> None:
     for crl in new:
         floor = floors.crl_floor(floor_scope(crl))
@@ -504,12 +523,12 @@ def _refuse_below_floor(new: Sequence[Crl], floors: FloorTable) -> None:
             number, this_update = floor
             seen = datetime.fromtimestamp(this_update, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             if isinstance(floors, PersistedFloors):
-                raise CrlUnusable(
+                raise CrlBelowFloor(
                     f"{crl.label} is older than the one this gateway took (CRL number {number}, thisUpdate {seen}, "
                     f"kept in {KEY} {floors.path} across restarts; replayed? A CA that numbered a CRL too high by "
                     "mistake: docs/revocation.md)"
                 )
-            raise CrlUnusable(
+            raise CrlBelowFloor(
                 f"{crl.label} is older than the one a worker of this gateway took (CRL number {number}, thisUpdate "
                 f"{seen}; replayed?)"
             )

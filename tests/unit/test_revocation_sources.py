@@ -734,6 +734,32 @@ def test_a_crl_number_longer_than_twenty_octets_is_taken_beside_the_shared_floor
     assert "older than the one a worker of this gateway took" in problem
 
 
+def test_a_file_giving_a_crl_below_its_floor_is_named_behind_the_floors_until_a_newer_one_comes(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """`behind_floors`: a replacement worker's file source whose CRL is older than the one its siblings took (a replay)
+    is named with why, what a replacement beside serving siblings refuses to start on (`proxy.app.build`); a file that
+    is no CRL is not (`unreadable`'s), nor a source once a newer CRL is taken, nor one within its floor."""
+    carol = verified(pki, trust, "carol")
+    path, other = tmp_path / "issuing.crl", tmp_path / "junk.crl"
+    path.write_bytes(_issuing_crl(pki, 3001, carol.leaf.serial_number))
+    other.write_bytes(b"not a CRL")
+    table = SharedTable(max_keys=8)
+    sibling = CrlStore(trust, [CrlSource(str(path)), CrlSource(str(other))], floors=table)
+    sibling.load_files(now=NOW)
+    assert sibling.behind_floors() == {}
+    path.write_bytes(_issuing_crl(pki, 3000, 1))  # replayed: carol not yet listed
+    replacement = CrlStore(trust, [CrlSource(str(path)), CrlSource(str(other))], floors=table)
+    replacement.load_files(now=NOW)
+    [(location, why)] = replacement.behind_floors().items()
+    assert location == str(path)
+    assert "older than the one a worker of this gateway took (CRL number 3001" in why
+    path.write_bytes(_issuing_crl(pki, 3002, carol.leaf.serial_number))
+    asyncio.run(replacement.refresh(now=NOW))
+    assert replacement.behind_floors() == {}
+    assert status(replacement, carol) is RevocationStatus.REVOKED
+
+
 def test_a_crl_with_a_negative_number_is_refused_and_the_other_sources_still_refresh(
     pki: Pki, trust: TrustList, tmp_path: Path
 ) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from proxy import config
+from proxy import config, workers
 from proxy.errors import ConfigError
 from proxy.workers import PortInUse, check_port_free
 from tests.unit.test_config import GOOD, _write
@@ -58,3 +62,37 @@ def test_port_check_refuses_an_address_something_listens_on() -> None:
         with pytest.raises(PortInUse, match=f"127.0.0.1:{port}"):
             check_port_free(listener)
     check_port_free(listener)  # and once nothing listens, the same address passes
+
+
+def test_serving_counts_live_workers_but_not_a_dead_one_nor_a_replacement_still_starting() -> None:
+    """What a replacement is told of its siblings (`Worker.serving_beside`): a first worker alive serves, one that died
+    but is not yet reaped does not (and stays to be reaped), nor a replacement younger than MIN_UPTIME, which may yet
+    fail to start (two replacements counting each other, neither serving, would each wait for the other)."""
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while os.waitid(os.P_PID, dead.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        now = time.monotonic()
+        assert workers._serving({alive.pid: (now, 1, False), dead.pid: (now - 60, 2, False)}) == 1
+        assert workers._serving({alive.pid: (now, 1, True)}) == 0  # a replacement that just started
+        assert workers._serving({alive.pid: (now - workers.MIN_UPTIME - 1, 1, True)}) == 1
+        assert dead.poll() == 0  # still there to be reaped by the supervisor's wait
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_replacements_refusal_is_handed_to_the_supervisor_once(tmp_path: Path) -> None:
+    """The problems a refusing replacement writes (`Worker.refused`) are what `worker_not_replaced` names, taken
+    once; a worker that wrote none, or wrote what is no list, gives none."""
+    worker = workers.Worker(2, tmp_path, replacement=True, serving_beside=1)
+    worker.refused(["client_certificates.crls[0]: /etc/crl/issuing.crl: more than 67108864 bytes"])
+    assert workers._refusal(workers.Worker(2, tmp_path)) == [
+        "client_certificates.crls[0]: /etc/crl/issuing.crl: more than 67108864 bytes"
+    ]
+    assert workers._refusal(workers.Worker(2, tmp_path)) == []
+    worker.refusal.write_text('{"not": "a list"}')
+    assert workers._refusal(worker) == []
