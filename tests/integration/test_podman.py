@@ -54,7 +54,8 @@ from tests.integration.test_compose import (
     forge,
 )
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.slow(seconds=20)]
+# the first run on a machine builds the three images on Docker (minutes: test_compose.py has the same timeout)
+pytestmark = [pytest.mark.timeout(2400), pytest.mark.slow(seconds=40)]
 
 CONTAINERS_CONF = REPO / "deploy" / "podman" / "containers.conf"
 HEALTHCHECKS = REPO / "deploy" / "podman" / "healthchecks.sh"
