@@ -32,13 +32,14 @@ from proxy.lab.layout import LabLayout
 LAB_UID = 10001  # the other containers' user (deploy/gateway/Dockerfile): the keytabs are handed out as theirs
 BACKEND_HOST = "ad-backend"  # docker-compose.yml's service names, which the containers resolve
 DC_HOST = "dc"
-# The DC in a container: every extended attribute in a tdb (no CAP_SYS_ADMIN for `security.NTACL`); no file server
-# (smbd needs CAP_SETUID and CAP_SETGID, and the gateway asks the KDC and LDAP alone) and no DNS updates of its own
-# address (the containers find it by its service name); the NTP signing socket under the volume, not /var/lib/samba
-# on the read-only root file system.
+# The DC in a container: every extended attribute in a tdb (no CAP_SYS_ADMIN for `security.NTACL`); of the DC's
+# services the KDC and LDAP alone, what the gateway asks (the file server needs CAP_SETUID and CAP_SETGID; RPC, DNS,
+# NetBIOS and the rest were served to the `ad` network for nobody, and to a device on an engine that routes between
+# the file's networks: docs/containers.md; samba-tool opens the database itself, the containers find the DC by its
+# service name); the NTP signing socket under the volume, not /var/lib/samba on the read-only root file system.
 CONTAINER_OPTIONS: dict[str, str | Path] = {
     "vfs objects": "dfs_samba4 acl_xattr xattr_tdb",
-    "server services": "-s3fs -dnsupdate",
+    "server services": "kdc ldap",
 }
 
 

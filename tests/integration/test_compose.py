@@ -30,6 +30,8 @@ import random
 import secrets
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -82,9 +84,10 @@ def _engine_answers(docker: str) -> bool:
     return done.returncode == 0
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Docker engine that answers: the running one, or a `dockerd` started here and stopped afterwards."""
+@contextlib.contextmanager
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Docker engine that answers: the running one, or a `dockerd` started here and stopped afterwards (once no
+    other run holds it). The `engine` fixture here; test_podman.py builds the lab's images with it."""
     docker = _docker()
     assert shutil.which("dockerd"), "dockerd is missing: `make setup` installs it (Debian package docker.io)"
     LOCK.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,13 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         finally:
             if started is not None:
                 _stop_dockerd(lock, started, forward, bridge)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Docker engine that answers: the running one, or a `dockerd` started here and stopped afterwards."""
+    with docker_engine(tmp_path_factory) as docker:
+        yield docker
 
 
 def _stop_dockerd(lock: TextIO, dockerd: subprocess.Popen[bytes], forward: str, bridge: bool) -> None:
@@ -291,6 +301,13 @@ def _subnet(docker: str) -> str:
             return str(candidate)
 
 
+def balancer_settings(subnet: str) -> dict[str, str]:
+    """The compose variables that place the balancer: its network (`KCD_LAB_BALANCER_SUBNET`, a free /24) and its own
+    fixed address on it (`KCD_LAB_BALANCER_ADDRESS`, the network's last one, .254, clear of the addresses the engines
+    hand out from the bottom), the one address the gateways behind it take PROXY headers from."""
+    return {"KCD_LAB_BALANCER_SUBNET": subnet, "KCD_LAB_BALANCER_ADDRESS": str(ipaddress.ip_network(subnet)[-2])}
+
+
 @pytest.fixture(scope="module")
 def stack(engine: str) -> Iterator[Stack]:
     """The compose lab and its `scale` profile, up and healthy, in a project of its own; brought down after."""
@@ -303,10 +320,11 @@ def stack(engine: str) -> Iterator[Stack]:
     gateway_port, balancer_port = free_port(), free_port()
     env = compose_env(
         engine,
+        os.environ,
         COMPOSE_PROJECT_NAME=project,
         KCD_GATEWAY_PORT=str(gateway_port),
         KCD_BALANCER_PORT=str(balancer_port),
-        KCD_LAB_BALANCER_SUBNET=_subnet(engine),
+        **balancer_settings(_subnet(engine)),
         # Image tags are global to the engine: one per run, so another run (other code) never replaces the images
         # under this one, and removed with the run. Layers, and so the build cache, are shared all the same.
         KCD_IMAGE_TAG=f"{TAG_PREFIX}{project}",
@@ -474,6 +492,75 @@ def test_a_gateway_behind_the_balancer_refuses_connections_that_bypass_it(stack:
     raise AssertionError(
         f"no proxy_header_refused line in gateway-1's log for three devices that bypassed the balancer: {attempts}"
     )
+
+
+FORGED = "203.0.113.77"  # TEST-NET-3: the device a forged PROXY header names
+_REQUEST = b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nConnection: close\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class Forged:
+    """What `forge` saw: the connection's own end (`ip:port`, as the gateway logs its peer) and how it ended."""
+
+    local: str
+    said: str
+
+
+def forge(address: str, pki: Path) -> Forged:
+    """From this host, straight to a gateway's `address` on the balancer's network: a PROXY header naming `FORGED`,
+    then alice's TLS handshake and a request. The answer's status line, or how the connection ended."""
+    tls = ssl.create_default_context(cafile=str(pki / "root.pem"))
+    tls.load_cert_chain(str(pki / "users" / "alice.pem"), str(pki / "users" / "alice.key"))
+    with socket.create_connection((address, 8443), timeout=30) as raw:
+        host, port = raw.getsockname()[:2]
+        raw.sendall(f"PROXY TCP4 {FORGED} {address} 40000 8443\r\n".encode())
+        try:
+            with tls.wrap_socket(raw, server_hostname="proxy.lab.test") as device:
+                device.sendall(_REQUEST)
+                return Forged(f"{host}:{port}", device.recv(200).split(b"\r\n")[0].decode())
+        except OSError as e:
+            return Forged(f"{host}:{port}", f"closed: {type(e).__name__}: {e}")
+
+
+def assert_forged_refused(logs: Callable[[], list[dict[str, object]]], forged: Forged) -> None:
+    """gateway-1 closed the forged connection before TLS, its `proxy_header_refused` line naming the connection's own
+    address as not trusted; fails naming the `request` line if it served the forged device instead."""
+
+    def refused() -> dict[str, object] | None:
+        lines = logs()
+        served = [e for e in lines if e.get("event") == "request" and e.get("client") == FORGED]
+        assert served == [], f"a forged PROXY header was taken: {served}"
+        found = [e for e in lines if e.get("event") == "proxy_header_refused" and e.get("peer") == forged.local]
+        return found[0] if found else None
+
+    line = eventually(refused, f"gateway-1's proxy_header_refused line for {forged.local}", 30)
+    assert "not in listener.trusted_proxies" in str(line.get("reason")), line
+    assert forged.said.startswith("closed"), forged
+
+
+def _address(stack: Stack, service: str, network: str) -> str:
+    fmt = "{{json .NetworkSettings.Networks}}"
+    done = subprocess.run(
+        [stack.docker, "inspect", "--format", fmt, stack.container(service)], capture_output=True, text=True, check=True
+    )
+    return str(json.loads(done.stdout)[f"{stack.project}_{network}"]["IPAddress"])
+
+
+def test_a_host_process_naming_a_device_of_its_own_to_a_gateway_behind_the_balancer_is_refused(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The gateways behind the balancer took PROXY headers from its whole network: the host's own address on that
+    bridge (.1) is in it, so any process on the host (and gateway-2, on that network too) could connect to gateway-1
+    and name any device (served as alice, logged as from 203.0.113.77). They now take them from the balancer's fixed
+    address alone (`KCD_LAB_BALANCER_ADDRESS`, a /32): refused before TLS, logged with the address it came from."""
+    pki_container = stack.compose("ps", "-a", "-q", "pki").stdout.strip()
+    subprocess.run([stack.docker, "cp", f"{pki_container}:/lab/pki", str(tmp_path / "pki")], check=True)
+    forged = forge(_address(stack, "gateway-1", "balanced"), tmp_path / "pki")
+    assert_forged_refused(lambda: stack.logs("gateway-1"), forged)
+    # the host's own address on that network: inside the subnet, and not the balancer's, which is fixed
+    subnet = ipaddress.ip_network(stack.env["KCD_LAB_BALANCER_SUBNET"])
+    assert ipaddress.ip_address(forged.local.rpartition(":")[0]) in subnet, forged
+    assert _address(stack, "balancer", "balanced") == stack.env["KCD_LAB_BALANCER_ADDRESS"]
 
 
 def test_the_gateway_image_imports_every_module_of_the_package(stack: Stack) -> None:

@@ -26,6 +26,7 @@ from tests.integration.test_compose import (
     TAG_PREFIX,
     Stack,
     _subnet,
+    balancer_settings,
     bring_down,
     compose_env,
     engine,
@@ -52,12 +53,13 @@ def ad_stack(engine: str) -> Iterator[Stack]:
     project = f"{PROJECT_PREFIX}{os.getpid()}{secrets.token_hex(3)}"
     env = compose_env(
         engine,
+        os.environ,
         COMPOSE_PROJECT_NAME=project,
         KCD_IMAGE_TAG=f"{TAG_PREFIX}{project}",
         DOCKER_HOST=f"unix://{SOCKET}",
         # compose creates every network of the file, the balancer's too: on the default subnet it collided with a
         # container lab a developer (or another run) had up ("Pool overlaps with other one on this address space")
-        KCD_LAB_BALANCER_SUBNET=_subnet(engine),
+        **balancer_settings(_subnet(engine)),
     )
     s = Stack(engine, project, env, 0, 0, timings, profile="ad")
     try:
@@ -167,3 +169,23 @@ def test_the_dc_runs_as_root_with_two_capabilities_and_the_others_as_the_lab_use
         assert other["Uid"].split()[0] == "10001", service
         assert int(other["CapEff"], 16) == 0, service
         assert int(other["CapBnd"], 16) == 0, service
+
+
+def test_the_dc_serves_the_kdc_and_ldap_alone(ad_stack: Stack) -> None:
+    """The DC served every service of Samba's AD DC but the file server on the `ad` network (the RPC endpoint mapper on
+    135, DNS on 53, ...), where the gateway asks the KDC and LDAP alone: what a container broken into there, or a
+    device on an engine that routes between the file's networks (Podman, docs/containers.md), could reach. It now
+    runs only those two (`server services = kdc ldap`): from the gateway's container the KDC (88, kpasswd 464) and
+    LDAP (389, 636, the global catalogue 3268) answer, RPC and DNS are closed."""
+    dc = _address(ad_stack, "dc")
+    served, closed = [88, 464, 389, 636, 3268], [135, 53]
+    argv = ["python3", "-c", _CONNECT_AT_ONCE, *(f"{dc}:{port}" for port in served + closed)]
+    done = subprocess.run(
+        [ad_stack.docker, "exec", ad_stack.container("ad-gateway"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    seen = {int(line.split()[1]): line.split()[2] for line in done.stdout.splitlines() if len(line.split()) > 2}
+    assert seen == {**dict.fromkeys(served, "reached"), **dict.fromkeys(closed, "unreachable")}, done.stdout

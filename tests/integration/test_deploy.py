@@ -11,6 +11,7 @@ exercise. The systemd unit goes through `systemd-analyze verify` and `security -
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
 import re
 import shutil
@@ -159,8 +160,15 @@ def test_the_balancer_passes_tcp_with_proxy_v2_to_both_gateways() -> None:
         assert set(services[replica]["networks"]) == {"lab", "balanced", "devices"}
     assert set(services["balancer"]["networks"]) == {"balanced", "front"}
     assert services["device-scaled"]["networks"] == ["front"]
-    subnet = services["pki"]["environment"]["KCD_LAB_BALANCER_SUBNET"]
-    assert _compose()["networks"]["balanced"]["ipam"]["config"] == [{"subnet": subnet}]
+    # the gateways take PROXY headers from the balancer's own fixed address (a /32), not from its network's subnet
+    address = services["balancer"]["networks"]["balanced"]["ipv4_address"]
+    assert re.fullmatch(r"\$\{KCD_LAB_BALANCER_ADDRESS:-[0-9.]+\}", address), address
+    assert services["pki"]["environment"]["KCD_LAB_BALANCER_SUBNET"] == f"{address}/32"
+    [config] = _compose()["networks"]["balanced"]["ipam"]["config"]
+    assert list(config) == ["subnet"]
+    assert re.fullmatch(r"\$\{KCD_LAB_BALANCER_SUBNET:-[0-9./]+\}", config["subnet"]), config
+    default = ipaddress.ip_address(address.split(":-")[1].rstrip("}"))
+    assert default in ipaddress.ip_network(config["subnet"].split(":-")[1].rstrip("}")), (address, config)
 
 
 def test_compose_runs_the_entry_points_the_native_lab_runs() -> None:

@@ -2,13 +2,14 @@
 Podman's Docker API (`podman system service`), with deploy/podman/containers.conf, and without systemd the health
 checks run by deploy/podman/healthchecks.sh.
 
-What is pinned here is the cheap part, in seconds once the base image is in Podman's store (`deploy/base-image.sh
-podman`: about a minute the first time): docker-compose makes the file's networks and volumes on Podman, a second
-command finds the networks as the file describes them, a service's container starts with the file's settings (init,
-read-only root) under the engine's limits, and the health-check runner makes a container healthy. The base image,
-tagged with the run's tag, stands in for the three images: building them on Podman (5-6 minutes on 2 cores, beside
-the Docker test's own builds: Podman shares no build cache with Docker) and running the whole lab would add minutes
-to every fresh `make test`; docs/containers.md has the whole run's steps and times, done by hand.
+What is pinned here: docker-compose makes the file's networks and volumes on Podman, a second command finds the
+networks as the file describes them, a service's container starts with the file's settings (init, read-only root)
+under the engine's limits, the health-check runner makes a container healthy, and the profile `scale` runs: devices
+through the balancer served by both gateways, which take PROXY headers from the balancer's fixed address alone (a host
+process, and a device routed around the balancer while netavark's isolation is down, are refused their own headers).
+The three images are built from the checkout on Docker (test_compose.py's engine and build cache: seconds once built)
+and copied into Podman's store (`docker save | podman load`): building them on Podman took 395 s from nothing, Podman
+sharing no build cache with Docker.
 
 Each run is a compose project of its own (`kcdpodman<run>x<random>`, `_run_name`) on a Podman API socket of its own; it
 removes its containers, networks, volumes and tags and stops its service, and what a killed run left is removed by
@@ -17,7 +18,9 @@ the next (`_remove_dead_runs`). The base image stays in Podman's store, as Docke
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import os
 import random
 import re
@@ -28,6 +31,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -35,9 +39,23 @@ import pytest
 from tests import leftovers
 from tests.integration.conftest import REPO, free_port
 from tests.integration.jsonlog import eventually
-from tests.integration.test_compose import _docker, compose_env
+from tests.integration.test_compose import (
+    _SCALED,
+    FORGED,
+    SOCKET,
+    Forged,
+    _docker,
+    _keep_as_build_cache,
+    _left_by,
+    assert_forged_refused,
+    balancer_settings,
+    compose_env,
+    docker_engine,
+    forge,
+)
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.slow(seconds=20)]
+# the first run on a machine builds the three images on Docker (minutes: test_compose.py has the same timeout)
+pytestmark = [pytest.mark.timeout(2400), pytest.mark.slow(seconds=40)]
 
 CONTAINERS_CONF = REPO / "deploy" / "podman" / "containers.conf"
 HEALTHCHECKS = REPO / "deploy" / "podman" / "healthchecks.sh"
@@ -176,17 +194,58 @@ class Project:
     name: str
     env: dict[str, str]
 
-    def compose(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         tool = _tool("docker-compose", "docker-compose")
         return subprocess.run(
             [tool, "--profile", "scale", *args],
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=timeout,
             check=False,
             cwd=REPO,
             env=self.env,
         )
+
+    def container(self, service: str) -> str:
+        return self.engine.podman_lines(
+            "ps",
+            "-q",
+            "--filter",
+            f"label=com.docker.compose.service={service}",
+            "--filter",
+            f"label={PROJECT_LABEL}={self.name}",
+        )[0]
+
+    def health(self, service: str) -> str:
+        return self.engine.podman_lines("inspect", "--format", "{{.State.Health.Status}}", self.container(service))[0]
+
+    def address(self, service: str, network: str) -> str:
+        """The service's address on the file's `network`, as Podman reports it."""
+        fmt = "{{json .NetworkSettings.Networks}}"
+        networks = json.loads(self.engine.podman_lines("inspect", "--format", fmt, self.container(service))[0])
+        return str(networks[f"{self.name}_{network}"]["IPAddress"])
+
+    def subnet(self, network: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        fmt = "{{range .Subnets}}{{.Subnet}}{{end}}"
+        return ipaddress.ip_network(
+            self.engine.podman_lines("network", "inspect", "--format", fmt, f"{self.name}_{network}")[0]
+        )
+
+    def logs(self, service: str) -> list[dict[str, object]]:
+        """The service's JSON log lines."""
+        done = subprocess.run(
+            [self.engine.podman, "logs", self.container(service)],
+            capture_output=True,
+            text=True,
+            env=self.engine.env,
+            check=True,
+        )
+        lines = []
+        for line in (done.stdout + done.stderr).splitlines():
+            with contextlib.suppress(ValueError):
+                if isinstance(entry := json.loads(line), dict):
+                    lines.append(entry)
+        return lines
 
     def left(self) -> list[str]:
         """What of this project (containers, networks, volumes, image tags) is still in Podman."""
@@ -199,28 +258,57 @@ class Project:
         return left + [f"image {r}" for r in refs if r.endswith(f":{tag}")]
 
 
+def _docker_images(docker: str, name: str, tag: str) -> None:
+    """The three images built from this checkout on Docker (`docker-compose build`: test_compose.py's engine and its
+    build cache, seconds once built), tagged `tag` there while they are copied out."""
+    done = subprocess.run([REPO / "deploy" / "base-image.sh", docker], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    env = compose_env(docker, COMPOSE_PROJECT_NAME=name, KCD_IMAGE_TAG=tag, DOCKER_HOST=f"unix://{SOCKET}")
+    tool = _tool("docker-compose", "docker-compose")
+    build = [tool, "--profile", "scale", "build", "pki", "kdc", "balancer"]
+    done = subprocess.run(build, capture_output=True, text=True, timeout=2400, check=False, cwd=REPO, env=env)
+    assert done.returncode == 0, f"docker-compose build on Docker:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def _copy_into_podman(engine: Engine, docker: str, refs: list[str]) -> None:
+    """`docker save` of `refs` loaded into Podman's store (`podman load`), under the same names."""
+    with subprocess.Popen([docker, "save", *refs], stdout=subprocess.PIPE) as save:
+        load = subprocess.run(
+            [engine.podman, "load"], stdin=save.stdout, capture_output=True, text=True, timeout=900, env=engine.env
+        )
+    assert save.returncode == 0, f"docker save {' '.join(refs)} failed"
+    assert load.returncode == 0, f"podman load: {load.stderr}"
+
+
 @pytest.fixture(scope="module")
-def project(engine: Engine) -> Iterator[Project]:
-    """The compose file's project on Podman, the base image standing in for the three images (tagged with the run's
-    tag); brought down after, and the tags removed (`podman rmi` of a name: the base image keeps its own)."""
+def project(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    """The compose file's project on Podman with the lab's three images, built on Docker from this checkout (Podman
+    shares no build cache with Docker: building them on Podman took 395 s from nothing) and copied into Podman's store
+    under the run's tag; brought down after, and the tags removed on both engines (Docker's become its build cache)."""
     name = _run_name()
     env = {
         **engine.env,
         "COMPOSE_PROJECT_NAME": name,
         "KCD_GATEWAY_PORT": str(free_port()),
         "KCD_BALANCER_PORT": str(free_port()),
-        "KCD_LAB_BALANCER_SUBNET": _subnet(engine),
+        **balancer_settings(_subnet(engine)),
         "KCD_IMAGE_TAG": f"test-{name}",
     }
     p = Project(engine, name, env)
+    refs = [f"{image}:{env['KCD_IMAGE_TAG']}" for image in IMAGES]
     try:
-        for image in IMAGES:
-            engine.podman_lines("tag", BASE, f"{image}:{env['KCD_IMAGE_TAG']}")
-        yield p
+        with docker_engine(tmp_path_factory) as docker:
+            try:
+                _docker_images(docker, name, env["KCD_IMAGE_TAG"])
+                _copy_into_podman(engine, docker, refs)
+            finally:
+                _keep_as_build_cache(docker, env["KCD_IMAGE_TAG"])
+                left = _left_by(docker, name, env["KCD_IMAGE_TAG"])
+                assert left == [], f"the Podman test left these on Docker: {left}"
+            yield p
     finally:
         p.compose("down", "-v", "--remove-orphans", "--timeout", "5")
-        for image in IMAGES:
-            ref = f"{image}:{env['KCD_IMAGE_TAG']}"
+        for ref in refs:
             subprocess.run([engine.podman, "rmi", ref], capture_output=True, env=engine.env, check=False)
         left = p.left()
         assert left == [], f"the Podman test left these behind: {left}"
@@ -315,3 +403,131 @@ def test_what_a_killed_run_left_in_podman_is_removed_by_the_next_run(engine: Eng
             ["rmi", f"{IMAGES[0]}:test-{dead}"],
         ):
             subprocess.run([engine.podman, *command], capture_output=True, env=engine.env, check=False)
+
+
+def _healthy(project: Project, service: str) -> bool:
+    return project.health(service) == "healthy"
+
+
+@pytest.fixture(scope="module")
+def balanced(project: Project) -> Iterator[Project]:
+    """The profile scale up on Podman (`up -d balancer`: the lab, gateway-1 and gateway-2 healthy, the balancer), with
+    deploy/podman/healthchecks.sh running the health checks meanwhile, as docs/containers.md says to."""
+    runner = subprocess.Popen(
+        [HEALTHCHECKS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=project.env
+    )
+    try:
+        done = project.compose("up", "-d", "balancer", timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr
+        for service in ("gateway-1", "gateway-2"):
+            eventually(partial(_healthy, project, service), f"{service} healthy on Podman", 300)
+        yield project
+    finally:
+        os.killpg(runner.pid, signal.SIGTERM)
+        runner.wait(timeout=30)
+
+
+def test_devices_through_the_balancer_are_served_by_both_gateways_on_podman(balanced: Project) -> None:
+    """Profile scale on Podman: four devices through HAProxy (`run --rm device-scaled`, each a connection of its own)
+    are served by gateway-1 and gateway-2, which take the balancer's PROXY headers from its own fixed address
+    (`KCD_LAB_BALANCER_ADDRESS`) and log the device's address on the front network."""
+    loop = 'for _ in $(seq "$0"); do "$@" || exit; done'
+    done = balanced.compose("run", "--rm", "device-scaled", "sh", "-c", loop, "4", *_SCALED)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("the backend saw: alice@LAB.TEST via Negotiate") == 4, done.stdout
+    front = balanced.subnet("front")
+    for replica in ("gateway-1", "gateway-2"):
+        requests = [e for e in balanced.logs(replica) if e.get("event") == "request"]
+        assert requests, f"{replica} served no request"
+        assert all(ipaddress.ip_address(str(e["client"])) in front for e in requests), requests
+    address = balanced.env["KCD_LAB_BALANCER_ADDRESS"]
+    assert balanced.address("balancer", "balanced") == address
+
+
+def test_a_host_process_naming_a_device_of_its_own_to_a_gateway_behind_the_balancer_is_refused_on_podman(
+    balanced: Project, tmp_path: Path
+) -> None:
+    """As on Docker (test_compose.py): the host's own address on the balancer's network (its bridge's .1) was inside
+    the subnet the gateways took PROXY headers from, so a process on the host connecting to gateway-1 there could name
+    any device and be served as it. The gateways now take them from the balancer's fixed address alone: refused."""
+    pki_container = balanced.compose("ps", "-a", "-q", "pki").stdout.strip()
+    copy = [_docker(), "cp", f"{pki_container}:/lab/pki", str(tmp_path / "pki")]
+    subprocess.run(copy, check=True, capture_output=True, env=balanced.env, timeout=120)
+    forged = forge(balanced.address("gateway-1", "balanced"), tmp_path / "pki")
+    assert_forged_refused(lambda: balanced.logs("gateway-1"), forged)
+    assert ipaddress.ip_address(forged.local.rpartition(":")[0]) in balanced.subnet("balanced"), forged
+
+
+_CONNECT = (
+    "import socket, sys\n"
+    "for address in sys.argv[1:]:\n"
+    "    host, _, port = address.rpartition(':')\n"
+    "    try:\n"
+    "        socket.create_connection((host, int(port)), timeout=10).close()\n"
+    "        print(address, 'reached')\n"
+    "    except OSError as e:\n"
+    "        print(address, 'unreachable', type(e).__name__)\n"
+)
+
+
+# From a device's container: straight to a gateway's `address`, a PROXY header naming argv[2], then alice's TLS
+# handshake and a request; the status line, or how the connection ended, after the connection's own end
+_FORGE = """
+import socket, ssl, sys
+address, forged = sys.argv[1:3]
+tls = ssl.create_default_context(cafile="/lab/pki/root.pem")
+tls.load_cert_chain("/lab/pki/users/alice.pem", "/lab/pki/users/alice.key")
+with socket.create_connection((address, 8443), timeout=30) as raw:
+    print("local %s:%s" % raw.getsockname()[:2])
+    raw.sendall(f"PROXY TCP4 {forged} {address} 40000 8443\\r\\n".encode())
+    try:
+        with tls.wrap_socket(raw, server_hostname="proxy.lab.test") as device:
+            device.sendall(b"GET / HTTP/1.1\\r\\nHost: proxy.lab.test\\r\\nConnection: close\\r\\n\\r\\n")
+            print("said", device.recv(200).split(b"\\r\\n")[0].decode())
+    except OSError as e:
+        print("said closed:", type(e).__name__)
+"""
+
+
+def _isolation_jumps() -> list[str]:
+    """The host's FORWARD rules that send traffic to netavark's isolation chains."""
+    done = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True, timeout=60, check=True)
+    return [rule for rule in done.stdout.splitlines() if "NETAVARK_ISOLATION" in rule]
+
+
+def test_a_device_routed_around_the_balancer_on_podman_is_refused_its_forged_proxy_header(balanced: Project) -> None:
+    """docker-compose's networks on Podman (through its API) each have netavark's `isolate` option, and while the
+    host's FORWARD chain jumps to netavark's isolation chains a device reaches nothing on another network. netavark 1.4
+    removes that jump, for every network of the host, when the last container of any isolated network leaves (here a
+    one-shot on a network of its own, as another project's last container would), until a container is the first on a
+    network again: meanwhile `device-scaled` reaches the KDC, the backend, the CRL server and gateway-1 on `balanced`,
+    masqueraded to that network's own `.1`. The gateways took PROXY headers from that whole network, so such a
+    device's own header was taken (any address it named); they now take them from the balancer's fixed address alone:
+    refused before TLS."""
+    for network in ("lab", "devices", "balanced", "front", "ad", "ad-devices"):
+        fmt = "{{.Options}}"
+        options = balanced.engine.podman_lines("network", "inspect", "--format", fmt, f"{balanced.name}_{network}")
+        assert "isolate:true" in options[0], (network, options)
+    started = balanced.compose("run", "-d", "--no-deps", "device-scaled", "sleep", "600")
+    assert started.returncode == 0, started.stdout + started.stderr
+    device = started.stdout.split()[-1]
+    other = f"{balanced.name}_oneshot"
+    engine = balanced.engine
+    try:
+        engine.podman_lines("network", "create", "--opt", "isolate=true", other)
+        engine.podman_lines("run", "--rm", "--network", other, BASE, "true")  # its last container leaves
+        assert _isolation_jumps() == [], "netavark kept its isolation: the device below would reach nothing"
+        kdc, backend, crl = (balanced.address(s, "lab") for s in ("kdc", "backend", "crl"))
+        gateway = balanced.address("gateway-1", "balanced")
+        targets = [f"{kdc}:8088", f"{backend}:8081", f"{crl}:8082", f"{gateway}:8443"]
+        reach = engine.podman_lines("exec", device, "python3", "-c", _CONNECT, *targets)
+        assert dict(line.split()[:2] for line in reach) == dict.fromkeys(targets, "reached"), reach
+        said = dict(
+            line.split(" ", 1) for line in engine.podman_lines("exec", device, "python3", "-c", _FORGE, gateway, FORGED)
+        )
+        # gateway-1 sees it from `balanced`'s own address (netavark's masquerade), the device's port kept
+        seen_as = f"{balanced.subnet('balanced')[1]}:{said['local'].rpartition(':')[2]}"
+        assert_forged_refused(lambda: balanced.logs("gateway-1"), Forged(seen_as, said["said"]))
+    finally:
+        subprocess.run([engine.podman, "rm", "-f", "-t", "0", device], capture_output=True, env=engine.env, check=False)
+        subprocess.run([engine.podman, "network", "rm", other], capture_output=True, env=engine.env, check=False)
