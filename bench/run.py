@@ -430,16 +430,20 @@ def connections_per_process(port: int) -> dict[int, int]:
 class Arrangement:
     """Where a scaling run places what: the proxy process (`proxy`, its own placement fixed when it started), wrk
     (`pinned`: on the load core, else anywhere) and the static backend during the run (`backend_cores`: a taskset
-    list, "" for every core; the scene starts it on the load core)."""
+    list, "" for every core; the scene starts it on the load core); `worker_cores`, if any, one core for each worker
+    during the run (worker i on the i-th), as nginx's `worker_cpu_affinity auto` would."""
 
     proxy: str
     url: str
     pinned: bool
     backend_cores: str
+    worker_cores: tuple[str, ...] = ()
 
     def placement(self, scene: Scene) -> str:
         """Where each process ran, in words, for the report."""
         proxy_cores = scene.cores[0] if self.pinned else "any"
+        if self.worker_cores:
+            proxy_cores = " and ".join(self.worker_cores) + " (a core each)"
         wrk_cores = scene.cores[1] if self.pinned else "any"
         return f"proxy on CPU {proxy_cores}, wrk on CPU {wrk_cores}, backend on CPU {self.backend_cores or 'any'}"
 
@@ -485,6 +489,8 @@ def _scaling_run(scene: Scene, where: Arrangement, backend: int, *, seconds: flo
     since = log.stat().st_size if proxy.startswith("gateway") else 0
     workers = workers_of(scene.procs[proxy].pid)
     place(backend, where.backend_cores)
+    for pid, core in zip(workers, where.worker_cores, strict=False):
+        place(pid, core)
     try:
         port = scene.ports[proxy]
         connections: dict[int, int] = {}
@@ -506,6 +512,8 @@ def _scaling_run(scene: Scene, where: Arrangement, backend: int, *, seconds: flo
         worker_cpu = {p: cpu_seconds(p) - worker_before[p] for p in workers}
     finally:
         place(backend, scene.cores[1])
+        for pid in workers if where.worker_cores else []:
+            place(pid, "")  # unpinned again, as the two-worker gateway started
     wrk_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     per_worker = requests_per_worker(log, since) if proxy.startswith("gateway") else {}
     busy = (busy_after - busy_before) / (t_after - t_before)

@@ -6,7 +6,8 @@ scene (bench.scene) with `--users` users, starts the one-worker gateway pinned t
 (`listener.workers = 2`, unpinned), with `--nginx` nginx's one- and two-worker processes too, and runs
 bench.run.scaling: `--rounds` rounds of wrk runs of `--seconds` each, 50 keep-alive connections, the arrangements in
 rotating order. Besides the four of `make bench` (`one`, `two`, `nginx_one`, `nginx_two`), it measures `two_free`,
-the two workers with the static backend released from the load core for the run (`make bench` leaves it there).
+the two workers with the static backend released from the load core for the run (`make bench` leaves it there),
+and `two_each`, each worker pinned to a core of its own for the run (as nginx's `worker_cpu_affinity auto`).
 
 Per arrangement: requests/s, the cores the proxy used and the whole machine kept busy, the CPU per request of the
 proxy, of each worker (from its own CPU and the summary lines it wrote), of wrk and of the backend, the requests and
@@ -98,6 +99,7 @@ def main() -> int:
         urls = scaling_arrangements(scene, PATH, nginx=args.nginx)
         two = urls["two"]
         urls["two_free"] = Arrangement(two.proxy, two.url, two.pinned, "")
+        urls["two_each"] = Arrangement(two.proxy, two.url, two.pinned, two.backend_cores, ("0", "1"))
         certs = scene.cert_list(1)
         for where in urls.values():  # warm up: handshakes, tickets, pools (both workers of gateway2 answered)
             if where.proxy == "gateway2":
@@ -136,6 +138,7 @@ def main() -> int:
         print(f"the whole machine during one more `two` run (perf record -a, both cores):\n{machine}")
     print(f"bench.scaling: {time.monotonic() - started:.0f} s")
     if args.json:
+        figures["whole_machine"] = machine.splitlines()
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, **figures}, indent=2) + "\n")
     return 0
 
@@ -204,15 +207,16 @@ def python_view(raw: Path) -> str:
 
 
 def paired_rates(parts: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Within each round, two_free (the backend anywhere) over two (the backend on the load core), medians."""
+    """Within each round, two_free (the backend anywhere) and two_each (a core for each worker) over two, medians."""
     if "two_free" not in parts:
         return {}
-    pairs = list(zip(parts["two_free"]["runs"], parts["two"]["runs"], strict=True))
-    return {
-        "two_free / two, requests/s": median(a["rate"] / b["rate"] for a, b in pairs),
-        "two_free / two, proxy µs a request": median(a["cpu_us"] / b["cpu_us"] for a, b in pairs),
-        "two_free / two, backend µs a request": median(a["backend_us"] / b["backend_us"] for a, b in pairs),
-    }
+    out = {}
+    for name in ("two_free", "two_each"):
+        pairs = list(zip(parts[name]["runs"], parts["two"]["runs"], strict=True))
+        out[f"{name} / two, requests/s"] = median(a["rate"] / b["rate"] for a, b in pairs)
+        out[f"{name} / two, proxy µs a request"] = median(a["cpu_us"] / b["cpu_us"] for a, b in pairs)
+        out[f"{name} / two, backend µs a request"] = median(a["backend_us"] / b["backend_us"] for a, b in pairs)
+    return out
 
 
 if __name__ == "__main__":
