@@ -430,8 +430,9 @@ def connections_per_process(port: int) -> dict[int, int]:
 class Arrangement:
     """Where a scaling run places what: the proxy process (`proxy`, its own placement fixed when it started), wrk
     (`pinned`: on the load core, else anywhere) and the static backend during the run (`backend_cores`: a taskset
-    list, "" for every core; the scene starts it on the load core); `worker_cores`, if any, one core for each worker
-    during the run (worker i on the i-th), as nginx's `worker_cpu_affinity auto` would."""
+    list, "" for every core; the scene starts it on the load core); `worker_cores`, if any, the cores of each worker
+    during the run (worker i on the i-th: one core each, as nginx's `worker_cpu_affinity auto` would; "" to release
+    a worker started pinned), each put back as it was after the run."""
 
     proxy: str
     url: str
@@ -443,7 +444,7 @@ class Arrangement:
         """Where each process ran, in words, for the report."""
         proxy_cores = scene.cores[0] if self.pinned else "any"
         if self.worker_cores:
-            proxy_cores = " and ".join(self.worker_cores) + " (a core each)"
+            proxy_cores = " and ".join(c or "any" for c in self.worker_cores) + " (worker by worker)"
         wrk_cores = scene.cores[1] if self.pinned else "any"
         return f"proxy on CPU {proxy_cores}, wrk on CPU {wrk_cores}, backend on CPU {self.backend_cores or 'any'}"
 
@@ -489,6 +490,7 @@ def _scaling_run(scene: Scene, where: Arrangement, backend: int, *, seconds: flo
     since = log.stat().st_size if proxy.startswith("gateway") else 0
     workers = workers_of(scene.procs[proxy].pid)
     place(backend, where.backend_cores)
+    started = {pid: ",".join(map(str, sorted(os.sched_getaffinity(pid)))) for pid in workers}
     for pid, core in zip(workers, where.worker_cores, strict=False):
         place(pid, core)
     try:
@@ -513,7 +515,7 @@ def _scaling_run(scene: Scene, where: Arrangement, backend: int, *, seconds: flo
     finally:
         place(backend, scene.cores[1])
         for pid in workers if where.worker_cores else []:
-            place(pid, "")  # unpinned again, as the two-worker gateway started
+            place(pid, started[pid])  # as the process started (the one-worker gateway on CPU 0, the others anywhere)
     wrk_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     per_worker = requests_per_worker(log, since) if proxy.startswith("gateway") else {}
     busy = (busy_after - busy_before) / (t_after - t_before)

@@ -7,7 +7,9 @@ scene (bench.scene) with `--users` users, starts the one-worker gateway pinned t
 bench.run.scaling: `--rounds` rounds of wrk runs of `--seconds` each, 50 keep-alive connections, the arrangements in
 rotating order. Besides the four of `make bench` (`one`, `two`, `nginx_one`, `nginx_two`), it measures `two_free`,
 the two workers with the static backend released from the load core for the run (`make bench` leaves it there),
-and `two_each`, each worker pinned to a core of its own for the run (as nginx's `worker_cpu_affinity auto`).
+`two_each`, each worker pinned to a core of its own for the run (as nginx's `worker_cpu_affinity auto`), and
+`one_free`, the one-worker gateway with nothing pinned (it, wrk and the backend anywhere): two workers' CPU per request
+against one worker's placed alike, as `dedicated_free`.
 
 Per arrangement: requests/s, the cores the proxy used and the whole machine kept busy, the CPU per request of the
 proxy, of each worker (from its own CPU and the summary lines it wrote), of wrk and of the backend, the requests and
@@ -100,6 +102,7 @@ def main() -> int:
         two = urls["two"]
         urls["two_free"] = Arrangement(two.proxy, two.url, two.pinned, "")
         urls["two_each"] = Arrangement(two.proxy, two.url, two.pinned, two.backend_cores, ("0", "1"))
+        urls["one_free"] = Arrangement("gateway", urls["one"].url, False, "", ("",))
         certs = scene.cert_list(1)
         for where in urls.values():  # warm up: handshakes, tickets, pools (both workers of gateway2 answered)
             if where.proxy == "gateway2":
@@ -139,6 +142,7 @@ def main() -> int:
     print(f"bench.scaling: {time.monotonic() - started:.0f} s")
     if args.json:
         figures["whole_machine"] = machine.splitlines()
+        figures["paired"] = paired
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, **figures}, indent=2) + "\n")
     return 0
 
@@ -211,6 +215,10 @@ def paired_rates(parts: dict[str, dict[str, Any]]) -> dict[str, float]:
     if "two_free" not in parts:
         return {}
     out = {}
+    if "one_free" in parts:  # like `dedicated`, from a one-worker gateway placed as the two workers are
+        out["dedicated_free: 2 x one_free / two, CPU per request"] = median(
+            2 * a["cpu_us"] / b["cpu_us"] for a, b in zip(parts["one_free"]["runs"], parts["two"]["runs"], strict=True)
+        )
     for name in ("two_free", "two_each"):
         pairs = list(zip(parts[name]["runs"], parts["two"]["runs"], strict=True))
         out[f"{name} / two, requests/s"] = median(a["rate"] / b["rate"] for a, b in pairs)
