@@ -496,7 +496,15 @@ def _scaling_run(scene: Scene, where: Arrangement, backend: int, *, seconds: flo
     try:
         port = scene.ports[proxy]
         connections: dict[int, int] = {}
-        sample = threading.Timer(seconds / 2, lambda: connections.update(connections_per_process(port)))
+        ss_cpu: list[float] = []  # the `ss` run's own CPU, which RUSAGE_CHILDREN counts with wrk's
+
+        def count_connections() -> None:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            connections.update(connections_per_process(port))
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            ss_cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+
+        sample = threading.Timer(seconds / 2, count_connections)
         worker_before = {p: cpu_seconds(p) for p in workers}
         busy_before, t_before = machine_busy()
         backend_before = cpu_seconds(backend)
@@ -508,6 +516,7 @@ def _scaling_run(scene: Scene, where: Arrangement, backend: int, *, seconds: flo
             )
         finally:
             sample.cancel()
+            sample.join()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         backend_cpu = cpu_seconds(backend) - backend_before
         busy_after, t_after = machine_busy()
@@ -516,7 +525,7 @@ def _scaling_run(scene: Scene, where: Arrangement, backend: int, *, seconds: flo
         place(backend, scene.cores[1])
         for pid in workers if where.worker_cores else []:
             place(pid, started[pid])  # as the process started (the one-worker gateway on CPU 0, the others anywhere)
-    wrk_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    wrk_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime - sum(ss_cpu)
     per_worker = requests_per_worker(log, since) if proxy.startswith("gateway") else {}
     busy = (busy_after - busy_before) / (t_after - t_before)
     held = {p: connections.get(p, 0) for p in workers}
