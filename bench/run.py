@@ -9,7 +9,8 @@ nginx as an mTLS reverse proxy, the gateway) in a temporary directory and measur
    handshakes/s and CPU per handshake;
    2b. a fixed rate (--rate, 500/s) over 50 keep-alive connections, open loop (bench.paced): p50/p99 from
        each request's due time, for kcd-proxy, kcd (asyncio), plain aiohttp and nginx (medians of the rounds);
-   2c. two workers (`listener.workers = 2`, nothing pinned) against one worker pinned to a core;
+   2c. two workers (`listener.workers = 2`, unpinned, wrk too; the backend stays on the load core) against one
+       worker pinned to a core (wrk and the backend on the other), with each worker's CPU per request;
 3. held long-polls: N requests held open at once (X-Lab-Hold-Seconds): memory per held request, and
    the latency of a new request while they are held; then on a gateway run under tracemalloc
    (bench.traced), where its Python memory goes, by file and line. Each of these processes is first warmed
@@ -44,6 +45,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -398,6 +400,55 @@ def requests_per_worker(log: Path, since: int) -> dict[int, int]:
     return counts
 
 
+def workers_of(pid: int) -> list[int]:
+    """The processes that serve for `pid`: its children (a gateway's supervisor, nginx's master), or itself."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").glob("*/children") for c in task.read_text().split()]
+    return children or [pid]
+
+
+def place(pid: int, cores: str) -> None:
+    """Let every thread of `pid` and its children run on `cores` ("1", "0,1"; "" for every core of the machine)."""
+    cpus = {int(c) for c in cores.split(",")} if cores else set(range(os.cpu_count() or 1))
+    for p in tree(pid):
+        for task in Path(f"/proc/{p}/task").iterdir():
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def connections_per_process(port: int) -> dict[int, int]:
+    """Established TCP connections on local port `port`, counted per process holding them (`ss -p`): how the
+    kernel's SO_REUSEPORT hash spread wrk's connections over a proxy's workers."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, check=False
+    ).stdout
+    counts: dict[int, int] = {}
+    for pid in re.findall(r"pid=(\d+)", out):
+        counts[int(pid)] = counts.get(int(pid), 0) + 1
+    return counts
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """Where a scaling run places what: the proxy process (`proxy`, its own placement fixed when it started), wrk
+    (`pinned`: on the load core, else anywhere) and the static backend during the run (`backend_cores`: a taskset
+    list, "" for every core; the scene starts it on the load core); `worker_cores`, if any, the cores of each worker
+    during the run (worker i on the i-th: one core each, as nginx's `worker_cpu_affinity auto` would; "" to release
+    a worker started pinned), each put back as it was after the run."""
+
+    proxy: str
+    url: str
+    pinned: bool
+    backend_cores: str
+    worker_cores: tuple[str, ...] = ()
+
+    def placement(self, scene: Scene) -> str:
+        """Where each process ran, in words, for the report."""
+        proxy_cores = scene.cores[0] if self.pinned else "any"
+        if self.worker_cores:
+            proxy_cores = " and ".join(c or "any" for c in self.worker_cores) + " (worker by worker)"
+        wrk_cores = scene.cores[1] if self.pinned else "any"
+        return f"proxy on CPU {proxy_cores}, wrk on CPU {wrk_cores}, backend on CPU {self.backend_cores or 'any'}"
+
+
 @dataclass
 class ScalingRun:
     """One wrk run of the scaling phase, with what every process of the scene took meanwhile."""
@@ -407,10 +458,16 @@ class ScalingRun:
     wrk_cpu_s: float  # the load generator's own CPU
     backend_cpu_s: float  # the static backend's (nginx) CPU
     per_worker: dict[int, int]  # requests per gateway worker (pid), from the summary lines; empty for nginx
+    worker_cpu_s: dict[int, float]  # CPU of each worker (pid; the one process of a one-worker gateway)
+    connections: dict[int, int]  # wrk's connections held by each worker (pid), read half-way through the run
 
     def figures(self) -> dict[str, Any]:
         r = self.result
         per_request = 1e6 / max(r.requests, 1)
+        # CPU per request of each worker, from its own CPU and the summary lines it wrote (gateway only)
+        worker_us = [
+            self.worker_cpu_s[p] / n * 1e6 for p, n in sorted(self.per_worker.items()) if p in self.worker_cpu_s
+        ]
         return {
             **vars(r),
             "cpu_us": r.cpu_us,
@@ -419,32 +476,82 @@ class ScalingRun:
             "wrk_us": self.wrk_cpu_s * per_request,
             "backend_us": self.backend_cpu_s * per_request,
             "requests_per_worker": sorted(self.per_worker.values()),
+            "worker_us": worker_us,
+            "worker_cores": sorted(cpu / r.seconds for cpu in self.worker_cpu_s.values()),
+            "connections_per_worker": sorted(self.connections.values()),
         }
 
 
-def _scaling_run(
-    scene: Scene, where: tuple[str, str, bool], backend: int, *, seconds: float, certs: Path
-) -> ScalingRun:
-    """One wrk run of the scaling phase against `where` (process, URL, pinned), with what the machine, wrk and the
-    backend (pid `backend`) spent meanwhile."""
-    proxy, url, pinned = where
+def _scaling_run(scene: Scene, where: Arrangement, backend: int, *, seconds: float, certs: Path) -> ScalingRun:
+    """One wrk run of the scaling phase arranged as `where`, with what the machine, wrk and the backend (pid
+    `backend`) spent meanwhile, each worker's CPU and requests, and how many of wrk's connections each one held."""
+    proxy = where.proxy
     log = scene.root / f"{proxy}.log"
     since = log.stat().st_size if proxy.startswith("gateway") else 0
-    busy_before, t_before = machine_busy()
-    backend_before = cpu_seconds(backend)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = wrk(scene, proxy, url, seconds=seconds, connections=50, certs=certs, args=[], pinned=pinned)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    backend_cpu = cpu_seconds(backend) - backend_before
-    busy_after, t_after = machine_busy()
-    wrk_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    workers = workers_of(scene.procs[proxy].pid)
+    place(backend, where.backend_cores)
+    started = {pid: ",".join(map(str, sorted(os.sched_getaffinity(pid)))) for pid in workers}
+    for pid, core in zip(workers, where.worker_cores, strict=False):
+        place(pid, core)
+    try:
+        port = scene.ports[proxy]
+        connections: dict[int, int] = {}
+        ss_cpu: list[float] = []  # the `ss` run's own CPU, which RUSAGE_CHILDREN counts with wrk's
+
+        def count_connections() -> None:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            connections.update(connections_per_process(port))
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            ss_cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+
+        sample = threading.Timer(seconds / 2, count_connections)
+        worker_before = {p: cpu_seconds(p) for p in workers}
+        busy_before, t_before = machine_busy()
+        backend_before = cpu_seconds(backend)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sample.start()
+        try:
+            result = wrk(
+                scene, proxy, where.url, seconds=seconds, connections=50, certs=certs, args=[], pinned=where.pinned
+            )
+        finally:
+            sample.cancel()
+            sample.join()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        backend_cpu = cpu_seconds(backend) - backend_before
+        busy_after, t_after = machine_busy()
+        worker_cpu = {p: cpu_seconds(p) - worker_before[p] for p in workers}
+    finally:
+        place(backend, scene.cores[1])
+        for pid in workers if where.worker_cores else []:
+            place(pid, started[pid])  # as the process started (the one-worker gateway on CPU 0, the others anywhere)
+    wrk_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime - sum(ss_cpu)
     per_worker = requests_per_worker(log, since) if proxy.startswith("gateway") else {}
     busy = (busy_after - busy_before) / (t_after - t_before)
-    return ScalingRun(result, busy, wrk_cpu, backend_cpu, per_worker)
+    held = {p: connections.get(p, 0) for p in workers}
+    return ScalingRun(result, busy, wrk_cpu, backend_cpu, per_worker, worker_cpu, held)
+
+
+def scaling_arrangements(scene: Scene, path: str, *, nginx: bool = True) -> dict[str, Arrangement]:
+    """The scaling phase's four runs: the one-worker gateway and nginx pinned to the proxies' core (wrk and the backend
+    on the other), and their two-worker processes (`gateway2`, `nginx2`, started unpinned) with wrk free to run
+    anywhere too. The static backend stays on the load core in all four, where the scene started it (releasing it for
+    the two-worker runs was measured in bench.scaling's `two_free` and did not pay: docs/performance.md)."""
+    names = ("gateway", "gateway2", "nginx", "nginx2") if nginx else ("gateway", "gateway2")
+    url = {name: f"https://127.0.0.1:{scene.ports[name]}{path}" for name in names}
+    load = scene.cores[1]
+    out = {
+        "one": Arrangement("gateway", url["gateway"], True, load),
+        "two": Arrangement("gateway2", url["gateway2"], False, load),
+    }
+    if nginx:
+        out["nginx_one"] = Arrangement("nginx", url["nginx"], True, load)
+        out["nginx_two"] = Arrangement("nginx2", url["nginx2"], False, load)
+    return out
 
 
 def scaling(
-    scene: Scene, urls: dict[str, tuple[str, str, bool]], *, seconds: float, rounds: int, certs: Path
+    scene: Scene, urls: dict[str, Arrangement], *, seconds: float, rounds: int, certs: Path
 ) -> dict[str, object]:
     """Keep-alive throughput with two workers (nothing pinned: two cores shared with wrk and the backend) against one
     worker pinned to a core (wrk and the backend on the other), alternating, for the gateway and for nginx (the honest
@@ -456,7 +563,12 @@ def scaling(
     machine's other tenants. `ceiling` is the ratio the two arrangements would show with the machine to themselves,
     from the CPU per request measured: two workers, both cores over what one request costs the proxy, wrk and the
     backend together; one worker, one core over the larger of the proxy's cost and wrk's and the backend's (which
-    share the other core). Read beside the measured ratio (docs/performance.md, "Two workers on two cores")."""
+    share the other core). `dedicated` is the ratio on a machine with a core for each worker and more for the load:
+    the cores over the two-worker proxy's CPU per request, against one core over the one worker's; what the target
+    asks of the workers themselves. Read both beside the measured ratio (docs/performance.md, "Two workers on two
+    cores").
+    Keys other than these four are measured too (rotated with them, summed up alike), for a script comparing
+    arrangements (bench.scaling)."""
     runs: dict[str, list[ScalingRun]] = {key: [] for key in urls}
     backend = scene.procs["backend"].pid
     for n in range(rounds):
@@ -478,6 +590,7 @@ def scaling(
             "cpu_us": median(r["cpu_us"] for r in done),
             "wrk_us": median(r["wrk_us"] for r in done),
             "backend_us": median(r["backend_us"] for r in done),
+            "placement": urls[key].placement(scene),
         }
 
     def ratios(one: dict[str, Any], two: dict[str, Any]) -> dict[str, float]:
@@ -485,14 +598,19 @@ def scaling(
         # own, or wrk's and the backend's), two workers by what one request costs all three on both cores.
         one_alone = 1e6 / max(one["cpu_us"], one["wrk_us"] + one["backend_us"])
         two_alone = (os.cpu_count() or 1) * 1e6 / (two["cpu_us"] + two["wrk_us"] + two["backend_us"])
+        # With a core for each worker and the load elsewhere: the proxy's own CPU per request is all that counts.
+        dedicated = (os.cpu_count() or 1) * one["cpu_us"] / two["cpu_us"]
         return {
             "throughput_ratio": two["rate"] / one["rate"],
             "cpu_per_request_ratio": two["cpu_us"] / one["cpu_us"],
             "ceiling": two_alone / one_alone,
+            "dedicated": dedicated,
         }
 
     one, two = summary("one"), summary("two")
     out: dict[str, object] = {"one_worker": one, "two_workers": two, **ratios(one, two)}
+    for key in set(urls) - {"one", "two", "nginx_one", "nginx_two"}:
+        out[key] = {**summary(key), **ratios(one, summary(key))}
     if "nginx_one" in urls:
         nginx_one, nginx_two = summary("nginx_one"), summary("nginx_two")
         out["nginx"] = {"one_worker": nginx_one, "two_workers": nginx_two, **ratios(nginx_one, nginx_two)}
@@ -719,17 +837,12 @@ def main() -> int:
         if args.workers == 1 and scene.cores[0]:
             scene.start_variant("gateway2", core="", workers=2)
             scene.start_nginx_workers("nginx2", 2, core="")
-            scaled = {
-                "one": ("gateway", columns["gateway"][1], True),
-                "two": ("gateway2", f"https://127.0.0.1:{scene.ports['gateway2']}{path}", False),
-                "nginx_one": ("nginx", columns["nginx"][1], True),
-                "nginx_two": ("nginx2", f"https://127.0.0.1:{scene.ports['nginx2']}{path}", False),
-            }
-            for proxy, url, pinned in scaled.values():  # warm up (the one-worker processes are warm already)
-                if proxy == "gateway2":  # until both workers answered: each has its own handshakes and tickets
-                    warm_workers(scene, proxy, url, workers=2, certs=one_cert)
-                elif proxy.endswith("2"):
-                    wrk(scene, proxy, url, seconds=2, connections=50, certs=one_cert, args=[], pinned=pinned)
+            scaled = scaling_arrangements(scene, path)
+            for where in scaled.values():  # warm up (the one-worker processes are warm already)
+                if where.proxy == "gateway2":  # until both workers answered: each has its own handshakes and tickets
+                    warm_workers(scene, where.proxy, where.url, workers=2, certs=one_cert)
+                elif where.proxy.endswith("2"):
+                    wrk(scene, where.proxy, where.url, seconds=2, connections=50, certs=one_cert, args=[], pinned=False)
             figures["scaling"] = scaling(scene, scaled, seconds=args.seconds, rounds=args.rounds, certs=one_cert)
             scene.stop("gateway2")
             scene.stop("nginx2")
@@ -885,7 +998,7 @@ def report(
         row4("generator lag p99 (ms)", {c: float(v["lag_p99_ms"]) for c, v in pace.items()}, ".2f", "small")
     scale = figures.get("scaling")
     if isinstance(scale, dict):
-        print("2c. two workers (nothing pinned, wrk and the backend share the two cores) against one pinned worker")
+        print("2c. two workers (unpinned; wrk too; the backend on the load core) against one pinned worker")
         for proxy, part in (("kcd-proxy", scale), ("nginx", scale.get("nginx"))):
             if not isinstance(part, dict):
                 continue
@@ -896,14 +1009,18 @@ def report(
                     f"cores, the machine {run['machine_cores_busy']:.2f} of {os.cpu_count()}; µs a request: "
                     f"{run['cpu_us']:,.0f}, wrk {run['wrk_us']:,.0f}, the backend {run['backend_us']:,.0f}"
                 )
+                print(f"  {'':<31} ({run['placement']})")
             print(
                 f"  {proxy}: throughput ratio {part['throughput_ratio']:.2f}"
                 + (" (target >= 1.8)" if part is scale else "")
-                + f"; CPU per request, two workers / one: {part['cpu_per_request_ratio']:.2f}; "
-                f"with the machine to itself (from the CPU per request of proxy, wrk, backend): {part['ceiling']:.2f}"
+                + f"; CPU per request, two workers / one: {part['cpu_per_request_ratio']:.2f}; the ratio with the "
+                f"machine to itself (from the CPU per request of proxy, wrk, backend): {part['ceiling']:.2f}; "
+                f"with a core for each worker and the load elsewhere: {part['dedicated']:.2f}"
             )
-        balance = [run["requests_per_worker"] for run in scale["two_workers"]["runs"]]
-        print(f"  requests per kcd-proxy worker in each run: {balance}")
+        runs = scale["two_workers"]["runs"]
+        print(f"  requests per kcd-proxy worker in each run: {[run['requests_per_worker'] for run in runs]}")
+        print(f"  µs a request of each worker: {[[round(us) for us in run['worker_us']] for run in runs]}")
+        print(f"  wrk's connections on each worker (SO_REUSEPORT): {[run['connections_per_worker'] for run in runs]}")
     print(f"  {'':<36} {'kcd-proxy':>12} {'nginx':>12} {'ratio':>7}   target")
     hg, hn = held["gateway"], held["nginx"]
     print(f"3. held long-polls ({args.held:,} asked for, {args.users} users)")
