@@ -40,7 +40,10 @@ gateway that cannot start (unreadable keytab, ...) would only fail again, so the
 rest and exits with that worker's code. A replacement that so fails while a sibling still serves does not stop the
 gateway: its siblings serve on with what they loaded (a trust anchor or the listener's certificate caught half
 rewritten fails a start, not a worker that has it loaded), the supervisor says so (`worker_not_replaced`, with the
-fix) and tries again every `REPLACE_RETRY` seconds. (A worker killed by a signal is replaced whenever it dies.)
+fix) and tries again every `REPLACE_RETRY` seconds; a sibling serves if it is one of the first workers or a replacement
+that has run `MIN_UPTIME` (one still starting may fail as well), so with none left serving the gateway stops as when
+the first workers fail. The supervisor reaps a worker as it ends, a replacement's pause included: its uptime is
+measured when it ended. (A worker killed by a signal is replaced whenever it dies.)
 A replacement reads the configuration file again (`proxy.live.replacement_config`): its siblings may have reloaded
 since the supervisor read it.
 """
@@ -51,6 +54,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import select
 import shutil
 import signal
 import socket
@@ -61,7 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import structlog
 
@@ -121,7 +125,9 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     """Run `serve_one` (one whole gateway; returns an exit code) in `listener.workers` processes."""
     check_port_free(listener, admin)
     workers: dict[int, tuple[float, int, bool]] = {}  # pid -> (when it started, its number, a replacement?)
+    due: dict[int, float] = {}  # number -> when the worker replacing the one that had it is forked
     siblings = Path(tempfile.mkdtemp(prefix="kcd-proxy-workers-"))  # mode 0700
+    wake = _Wake()
     stopping = False
     starting = True  # the first workers are being forked
     failure = 0
@@ -139,60 +145,133 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     def start(number: int, *, replacement: bool = False) -> None:
         # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        supervisor = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            _worker(lambda: serve_one(Worker(number, siblings, replacement)), supervisor, siblings)
-        workers[pid] = (time.monotonic(), number, replacement)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        try:
+            if stopping:  # a SIGTERM since the fork was decided: a worker forked now would serve on, never told
+                return
+            supervisor = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                wake.close_in_child()
+                _worker(lambda: serve_one(Worker(number, siblings, replacement)), supervisor, siblings)
+            workers[pid] = (time.monotonic(), number, replacement)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info("worker_started", worker=pid, number=number)
+
+    def serving() -> int:
+        """The workers that serve, as far as the supervisor can tell: the first ones (which stop the gateway if they
+        fail to start) and replacements past MIN_UPTIME; a replacement still starting may fail as the last one did."""
+        now = time.monotonic()
+        return sum(1 for started, _, replacing in workers.values() if not replacing or now - started >= MIN_UPTIME)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
     try:
+        wake.listen()
         for number in range(1, listener.workers + 1):
             start(number)
         starting = False
         # a SIGHUP before `on_signal` was in place, or between two forks, is the first workers' to act on (each forked
         # after it with the flag set), not every replacement's to come (each reads the file afresh anyway)
         reload_asked_while_starting()
-        while workers:
-            pid, status = os.wait()
-            if pid not in workers:
-                continue
-            started, number, replacing = workers.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
+        while workers or (due and not stopping):
+            # Reaped as they end, also while a replacement waits to be forked: a worker's uptime is measured when it
+            # ended, not after a pause (a sleep here made a replacement failing at once look as if it had served).
+            ended = _reap()
+            if not ended:
+                wake.wait(max(0.0, min(due.values()) - time.monotonic()) if due and not stopping else None)
+            for pid, status in ended:
+                if pid not in workers:
+                    continue
+                started, number, replacing = workers.pop(pid)
+                code = os.waitstatus_to_exitcode(status)
+                if stopping:
+                    log.info("worker_stopped", worker=pid, code=code)
+                    continue
+                log.warning("worker_exited", worker=pid, code=code)
+                pause = _RESTART_PAUSE
+                failed = code > 0 and time.monotonic() - started < MIN_UPTIME
+                if failed and replacing and serving():
+                    # its siblings serve with what they loaded: a file caught half rewritten is no reason to stop them
+                    log.error(
+                        "worker_not_replaced",
+                        worker=pid,
+                        code=code,
+                        serving=serving(),
+                        retry_seconds=REPLACE_RETRY,
+                        fix="the worker's lines above name the file it refused (a trust anchor, the listener's "
+                        "certificate or key being rewritten?): write it whole (a new file renamed over the old one); "
+                        "the other workers serve meanwhile",
+                    )
+                    pause = REPLACE_RETRY
+                elif failed:  # one of the first workers, or no sibling left serving: the gateway cannot serve
+                    log.error("worker_failed_to_start", worker=pid, code=code, fix="see the worker's lines above")
+                    failure = code
+                    on_signal(signal.SIGTERM, None)
+                    continue
+                due[number] = time.monotonic() + pause
             if stopping:
-                log.info("worker_stopped", worker=pid, code=code)
-                continue
-            log.warning("worker_exited", worker=pid, code=code)
-            pause = _RESTART_PAUSE
-            if code > 0 and time.monotonic() - started < MIN_UPTIME and replacing and workers:
-                # its siblings serve with what they loaded: a file caught half rewritten is no reason to stop them
-                log.error(
-                    "worker_not_replaced",
-                    worker=pid,
-                    code=code,
-                    serving=len(workers),
-                    retry_seconds=REPLACE_RETRY,
-                    fix="the worker's lines above name the file it refused (a trust anchor, the listener's certificate "
-                    "or key being rewritten?): write it whole (a new file renamed over the old one); the other "
-                    "workers serve meanwhile",
-                )
-                pause = REPLACE_RETRY
-            elif code > 0 and time.monotonic() - started < MIN_UPTIME:
-                log.error("worker_failed_to_start", worker=pid, code=code, fix="see the worker's lines above")
-                failure = code
-                on_signal(signal.SIGTERM, None)
-                continue
-            time.sleep(pause)
-            if not stopping:
-                start(number, replacement=True)
+                due.clear()
+            for number, when in sorted(due.items()):
+                if when <= time.monotonic():
+                    del due[number]
+                    start(number, replacement=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        wake.close()
         shutil.rmtree(siblings, ignore_errors=True)
     log.info("supervisor_stopped")
     return failure
+
+
+def _reap() -> list[tuple[int, int]]:
+    """The workers that have ended, without waiting: (pid, wait status) each."""
+    ended: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # none left
+            return ended
+        if pid == 0:
+            return ended
+        ended.append((pid, status))
+
+
+class _Wake:
+    """What ends the supervisor's wait: a worker ending (SIGCHLD), a signal to pass on, or a replacement due. Each
+    signal caught writes a byte to a pipe (`signal.set_wakeup_fd`), so one that comes between a look for ended
+    workers and the wait is not missed, and the wait has a timeout (`os.wait` has none)."""
+
+    def __init__(self) -> None:
+        self.read, self.write = os.pipe()
+        for fd in (self.read, self.write):
+            os.set_blocking(fd, False)
+        self.previous_fd = -1
+        self.previous_handler: signal.Handlers | Callable[[int, FrameType | None], Any] | int | None = None
+
+    def listen(self) -> None:
+        # a handler of Python's own: SIG_DFL would leave the wake-up byte unwritten
+        self.previous_handler = signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.previous_fd = signal.set_wakeup_fd(self.write, warn_on_full_buffer=False)
+
+    def wait(self, timeout: float | None) -> None:
+        select.select([self.read], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.read, 512):
+                pass
+
+    def close_in_child(self) -> None:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.close(self.read)
+        os.close(self.write)
+
+    def close(self) -> None:
+        if self.previous_handler is not None:
+            signal.set_wakeup_fd(self.previous_fd)
+            signal.signal(signal.SIGCHLD, self.previous_handler)
+        os.close(self.read)
+        os.close(self.write)
 
 
 _reload_asked = False  # a SIGHUP came while this process started (`remember_reload`)

@@ -357,6 +357,43 @@ def test_a_replacement_refusing_a_half_rewritten_file_leaves_its_sibling_serving
         gw.stop()
 
 
+def test_the_last_serving_worker_dying_while_a_replacement_is_retried_stops_the_gateway(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A replacement in retry (`worker_not_replaced`, the listener's certificate half rewritten), then its serving
+    sibling killed: the sibling's replacement fails as well and nothing serves. The supervisor counted any live
+    worker as serving (a replacement still starting too) and measured a worker's uptime when it reaped it, after its
+    retry pause, so it retried for ever with no worker listening. It now stops as when the last serving worker fails
+    to start (`worker_failed_to_start`, the worker's code), and no worker is left."""
+    text = _with_workers(lab, free_port(), 2)
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    try:
+        first, second = _listening_pids(gw, 2)
+        copy.write_bytes(whole[: len(whole) // 2])
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        gw.wait_event("worker_not_replaced")
+        os.kill(second, signal.SIGKILL)
+        try:
+            code = gw.proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the supervisor runs on with no worker serving: {[e['event'] for e in gw.logs()[-12:]]}"
+            ) from None
+        assert code == 2, code
+        failed = gw.events("worker_failed_to_start")
+        assert len(failed) == 1, failed
+        assert gw.events("supervisor_stopped")
+        started = [e["worker"] for e in gw.events("worker_started")]
+        assert not [pid for pid in started if _alive(pid)], started
+    finally:
+        gw.stop()
+
+
 def test_a_sighup_while_the_workers_start_reaches_them_all(lab: LabLayout, tmp_path: Path) -> None:
     """systemd's ExecReload (or a configuration tool) right after a start: SIGHUP reached workers still starting,
     which ignored it until their reload handler was in place, and served the configuration read before the edit
