@@ -546,6 +546,7 @@ async def serve(
     remove_stale_overlays()  # krb5.conf overlays of gateways killed outright (proxy.kerberos.profile)
     budget = _descriptor_budget(config)  # before anything starts: it may refuse kerberos.max_in_flight
     live = Live.start(config, shared=shared, crls_vetted=crls_vetted)
+    live.reloaded_to = worker.reloaded if worker is not None else None  # a replacement serves it if the file is bad
     live.descriptors = budget  # a reload's kerberos.max_in_flight must fit its reserve (`reload_reserve_problem`)
     gw = live.gateway
     stop = stop or asyncio.Event()

@@ -54,26 +54,26 @@ def _run(args: argparse.Namespace) -> int:
 
         # a replacement for a worker that died serves what its siblings reloaded since the start, not `cfg`
         replacing = worker is not None and worker.replacement
-        current = replacement_config(cfg) if replacing else cfg
+        reloaded = worker.reloaded if worker is not None else None  # where its siblings' reloads leave their text
+        current = replacement_config(cfg, reloaded) if replacing else cfg
         # the CRL files the start vetted may have gone bad since (`app.build`): not a reason to stop the gateway, nor to
         # serve `cfg` instead of a reloaded configuration naming them too (a CA it retired, a `revocation` it tightened)
         vetted = cfg.client_certificates.crls if replacing else ()
-        try:
-            event_loop.run(
-                app.serve(current, worker=worker, shared=shared, crls_vetted=vetted), cfg.listener.event_loop
-            )
-        except ConfigError as e:
-            if current is cfg:
-                return e.report()
-            # a file its siblings' reload refused as it built (a CRL file that does not parse, ...): not a reason to
-            # fail to start, which stops the whole gateway (proxy.workers), but to serve what the gateway started with
-            current = replacement_refused(cfg, e.problems)
+        tried: list[config_module.Config] = []
+        while True:
             try:
                 event_loop.run(
                     app.serve(current, worker=worker, shared=shared, crls_vetted=vetted), cfg.listener.event_loop
                 )
-            except ConfigError as again:
-                return again.report()
+            except ConfigError as e:
+                if current is cfg:
+                    return e.report()
+                # a file its siblings' reload refused as it built (a CRL file that does not parse, ...): not a reason
+                # to fail to start, which stops the whole gateway (proxy.workers), but to serve what they serve
+                tried.append(current)
+                current = replacement_refused(cfg, e.problems, reloaded, tried)
+                continue
+            break
         return 0
 
     if cfg.listener.workers == 1:  # ends as a worker does, without the interpreter's teardown (proxy.workers)

@@ -79,6 +79,7 @@ _RESTART_PAUSE = 1.0
 REPLACE_RETRY = 5.0  # seconds between tries to replace a worker whose replacement failed to start
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_RELOADED = "reloaded.toml"  # in the supervisor's directory: the text the workers' last reload took (`Worker.reloaded`)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ class Worker:
     @property
     def socket(self) -> Path:
         return self.siblings / f"{self.number}.sock"
+
+    @property
+    def reloaded(self) -> Path:
+        """Where a worker's reload that succeeded leaves the file's text it took, for a replacement to serve if the
+        file does not load by then (`proxy.live.replacement_refused`)."""
+        return self.siblings / _RELOADED
 
 
 class PortInUse(Exception):
@@ -310,7 +317,9 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
     except (Exception, asyncio.CancelledError):  # CancelledError (a BaseException) used to end it with no line
         log.exception("worker_crashed")
     finally:
-        if os.getppid() != supervisor:
+        if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
+            with contextlib.suppress(OSError):
+                (siblings / _RELOADED).unlink()
             with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
                 siblings.rmdir()
         end_process(code)

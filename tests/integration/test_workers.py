@@ -177,6 +177,36 @@ def test_a_worker_replaced_after_a_reload_serves_the_reloaded_configuration(lab:
         gw.stop()
 
 
+def test_a_worker_replaced_while_the_file_is_broken_after_a_reload_serves_what_its_siblings_reloaded(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A reload retires a route (or a CA, or tightens `revocation`), then the file is caught half edited (no SIGHUP
+    yet) as a worker dies: the replacement refused the file and served the configuration the gateway started with, the
+    retired route back on about half of the new connections beside a sibling that had retired it. It now serves the
+    configuration its siblings last reloaded (`worker_configuration_refused` says which, `serves`)."""
+    retired = '\n[[routes]]\nprefix = "/retired/"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
+    gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, free_port(), 2) + retired)
+    try:
+        first, second = _listening_pids(gw, 2)
+        reloaded = gw.config_path.read_text().replace(retired, "")
+        gw.config_path.write_text(reloaded)
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            assert "/retired/" not in gw.wait_event("reloaded", pid=pid)["routes"]
+        gw.config_path.write_text(reloaded + "\n[listener\n")  # an editor's save caught half way
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        refused = gw.wait_event("worker_configuration_refused", pid=replacement)
+        assert refused["config"] == str(gw.config_path)
+        listening = gw.wait_event("listening", pid=replacement)
+        assert "/retired/" not in listening["routes"], listening
+        assert refused["serves"] == "reloaded", refused
+        assert gw.events("worker_not_replaced") == []
+    finally:
+        gw.stop()
+
+
 def test_a_worker_replaced_after_the_proxy_protocol_was_turned_off_believes_its_siblings_balancers(
     lab: LabLayout, tmp_path: Path
 ) -> None:
@@ -676,11 +706,16 @@ def test_readyz_answers_within_a_second_while_a_sibling_hangs(
 
 def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
     """SIGKILL to the supervisor (which cannot remove its private directory then): the workers, stopping because
-    their parent died, remove their sockets and the last one the directory, so none is left in the temp directory."""
+    their parent died, remove their sockets and the last one the directory, so none is left in the temp directory;
+    after a reload too, whose text the directory keeps for a replacement (`reloaded.toml`)."""
     gw, _ = two_workers_admin
     workers = _listening_pids(gw, 2)
     directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
     assert directory.is_dir()
+    gw.proc.send_signal(signal.SIGHUP)
+    for pid in workers:
+        gw.wait_event("reloaded", pid=pid)
+    assert (directory / "reloaded.toml").read_bytes() == gw.config_path.read_bytes()
     gw.proc.kill()
     gw.proc.wait()
     deadline = time.monotonic() + WAIT
