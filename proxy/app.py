@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
@@ -86,10 +87,11 @@ def build(
     users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
     whose CRLs the new ones start from (`CrlStore.inherit`); `serving`: a gateway that will serve (start, reload),
     which writes `client_certificates.crl_state` (check-config and explain only read it); `crls_vetted`: in a worker
-    replacing a dead one, the CRL files of the configuration the gateway started with, which that start vetted: one
-    gone bad since (grown past MAX_CRL_BYTES, half rewritten) is logged (`crl_not_used`) as its siblings' refreshes
-    log it, not a start refused, which the supervisor answers by stopping the whole gateway (nor, in a configuration
-    reloaded since that names it too, a reason to serve the started one instead: `proxy.cli`)."""
+    replacing a dead one, the CRL files of the configuration the gateway started with, which that start vetted (matched
+    by the file a name leads to, whatever name a reload gave it): one gone bad since (grown past MAX_CRL_BYTES, half
+    rewritten) is logged (`crl_not_used`) as its siblings' refreshes log it, not a start refused, which the supervisor
+    answers by stopping the whole gateway (nor, in a configuration reloaded since that names it too, a reason to serve
+    the started one instead: `proxy.cli`)."""
     cc = config.client_certificates
     problems: list[str] = []
     loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}
@@ -105,8 +107,10 @@ def build(
         trust = TrustList(anchors=tuple(loaded["trust_anchors"]), intermediates=tuple(loaded["intermediates"]))
     except ValueError as e:
         raise ConfigError([f"client_certificates.trust_anchors: {e} (in {config.path})"]) from None
+    # by the file each name leads to now: a reload may name a started file otherwise (`dir/../x.crl`, a link to it)
+    vetted = {os.path.realpath(p) for p in crls_vetted}
     for i, path in enumerate(cc.crls if previous is None else ()):  # a reload's: `Live.reload`
-        if path in crls_vetted:
+        if os.path.realpath(path) in vetted:
             continue
         try:
             load_crls(path)  # a file that does not parse stops the start; one that does not verify is logged

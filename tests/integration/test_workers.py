@@ -775,14 +775,17 @@ def test_a_replacement_worker_never_takes_a_crl_older_than_its_siblings_held(lab
         assert gw.stop() == 0
 
 
+@pytest.mark.parametrize("named", ["as-started", "through-dotdot", "through-a-symlink"])
 def test_a_worker_replaced_while_a_crl_file_of_a_reloaded_configuration_has_gone_bad_serves_the_reloaded_one(
-    lab: LabLayout, tmp_path: Path
+    lab: LabLayout, tmp_path: Path, named: str
 ) -> None:
     """A reload tightened `revocation` from "best-effort" to "require"; the issuing CA's CRL file, which both the
     started and the reloaded configuration name, is then caught half rewritten and a worker dies. The replacement
     refused the reloaded configuration over that file and fell back to the started one (`crls_vetted`), served
     best-effort without the CRL: carol, revoked, got 200 from it. It now serves the reloaded configuration, the
-    file's CRLs not used (`crl_not_used`), so carol is refused on every worker."""
+    file's CRLs not used (`crl_not_used`), so carol is refused on every worker. So too when the reload names the file
+    by another name (`dir/../issuing.crl`, a symbolic link to it): the started files were matched by name, and the
+    replacement fell back to the started configuration as before."""
     carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
     issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
     crl = write_crl(tmp_path / "issuing.crl", issuing, revoked=[carol.serial_number], number=3001)
@@ -796,7 +799,11 @@ def test_a_worker_replaced_while_a_crl_file_of_a_reloaded_configuration_has_gone
     gw = start_gateway(lab, tmp_path / "gw", text.replace(require, 'revocation = "best-effort"'))
     try:
         first, second = _listening_pids(gw, 2)
-        gw.config_path.write_text(text)  # "require" again
+        alias = {"as-started": crl, "through-dotdot": tmp_path / "gw" / ".." / crl.name, "through-a-symlink": None}
+        link = tmp_path / "current.crl"
+        link.symlink_to(crl)
+        named_as = alias[named] or link
+        gw.config_path.write_text(text.replace(f'"{crl}"', f'"{named_as}"'))  # "require" again
         gw.mark()
         gw.proc.send_signal(signal.SIGHUP)
         for pid in (first, second):
@@ -806,7 +813,6 @@ def test_a_worker_replaced_while_a_crl_file_of_a_reloaded_configuration_has_gone
         os.kill(first, signal.SIGKILL)
         replacement = _listening_pids(gw, 3)[2]
         gw.wait_event("listening", pid=replacement)
-        assert str(crl) in gw.wait_event("crl_not_used", pid=replacement)["problem"]
         served: set[int] = set()
         subject = carol.subject.rfc4514_string()
         deadline = time.monotonic() + WAIT
@@ -814,6 +820,7 @@ def test_a_worker_replaced_while_a_crl_file_of_a_reloaded_configuration_has_gone
             assert asyncio.run(_fresh_connections(lab, gw, 1, "carol")) == [403], served
             served = {e["pid"] for e in gw.events("request", gw.since) if e.get("cert_subject") == subject}
             assert time.monotonic() < deadline, f"only {served} answered"
+        assert str(named_as) in gw.wait_event("crl_not_used", pid=replacement)["problem"]
         assert gw.events("worker_configuration_refused") == []
     finally:
         gw.stop()
