@@ -177,13 +177,15 @@ def test_a_worker_replaced_after_a_reload_serves_the_reloaded_configuration(lab:
         gw.stop()
 
 
+@pytest.mark.parametrize("broken", ["does-not-load", "does-not-build"])
 def test_a_worker_replaced_while_the_file_is_broken_after_a_reload_serves_what_its_siblings_reloaded(
-    lab: LabLayout, tmp_path: Path
+    lab: LabLayout, tmp_path: Path, broken: str
 ) -> None:
     """A reload retires a route (or a CA, or tightens `revocation`), then the file is caught half edited (no SIGHUP
-    yet) as a worker dies: the replacement refused the file and served the configuration the gateway started with, the
-    retired route back on about half of the new connections beside a sibling that had retired it. It now serves the
-    configuration its siblings last reloaded (`worker_configuration_refused` says which, `serves`)."""
+    yet), or names a CRL file that does not parse, as a worker dies: the replacement refused the file and served the
+    configuration the gateway started with, the retired route back on about half of the new connections beside a
+    sibling that had retired it. It now serves the configuration its siblings last reloaded
+    (`worker_configuration_refused` says which, `serves`)."""
     retired = '\n[[routes]]\nprefix = "/retired/"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
     gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, free_port(), 2) + retired)
     try:
@@ -194,7 +196,14 @@ def test_a_worker_replaced_while_the_file_is_broken_after_a_reload_serves_what_i
         gw.proc.send_signal(signal.SIGHUP)
         for pid in (first, second):
             assert "/retired/" not in gw.wait_event("reloaded", pid=pid)["routes"]
-        gw.config_path.write_text(reloaded + "\n[listener\n")  # an editor's save caught half way
+        if broken == "does-not-load":
+            gw.config_path.write_text(reloaded + "\n[listener\n")  # an editor's save caught half way
+        else:  # loads and passes the checks a replacement makes, but its build refuses the CRL file
+            garbage = tmp_path / "garbage.crl"
+            garbage.write_bytes(b"not a CRL")
+            crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+            assert crls in reloaded
+            gw.config_path.write_text(reloaded.replace(crls, f'crls = ["{lab.pki_dir / "crls.pem"}", "{garbage}"]'))
         os.kill(first, signal.SIGKILL)
         replacement = _listening_pids(gw, 3)[2]
         refused = gw.wait_event("worker_configuration_refused", pid=replacement)
