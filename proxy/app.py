@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
@@ -90,13 +91,14 @@ def build(
     whose CRLs the new ones start from (`CrlStore.inherit`); `serving`: a gateway that will serve (start, reload),
     which writes `client_certificates.crl_state` (check-config and explain only read it); `crls_vetted`: in a worker
     replacing a dead one with no sibling serving (`proxy.workers`: beside one, it is refused), the CRL files of the
-    configuration the gateway started with, which that start vetted: one gone bad since (grown past MAX_CRL_BYTES,
-    half rewritten) is logged (`crl_not_used`), not a start refused, which the supervisor answers by stopping the whole
-    gateway (nor, in a configuration reloaded since that names it too, a reason to serve the started one instead:
-    `proxy.cli`); `beside`: a replacement worker beside siblings serving, which refuses a CRL file giving it an older
-    CRL than they took (below its replay floor: served without, it passed what theirs revokes); `backend_connections`:
-    the backend's share of the descriptors the start set (`DescriptorBudget.backend`, counted with the listener's
-    sockets), which a reload keeps; without it, the share under this process's limit for a listener on one socket."""
+    configuration the gateway started with, which that start vetted (matched by the file a name leads to, whatever name
+    a reload gave it): one gone bad since (grown past MAX_CRL_BYTES, half rewritten) is logged (`crl_not_used`), not a
+    start refused, which the supervisor answers by stopping the whole gateway (nor, in a configuration reloaded since
+    that names it too, a reason to serve the started one instead: `proxy.cli`); `beside`: a replacement worker beside
+    siblings serving, which refuses a CRL file giving it an older CRL than they took (below its replay floor: served
+    without, it passed what theirs revokes); `backend_connections`: the backend's share of the descriptors the start
+    set (`DescriptorBudget.backend`, counted with the listener's sockets), which a reload keeps; without it, the share
+    under this process's limit for a listener on one socket."""
     cc = config.client_certificates
     problems: list[str] = []
     loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}
@@ -112,8 +114,10 @@ def build(
         trust = TrustList(anchors=tuple(loaded["trust_anchors"]), intermediates=tuple(loaded["intermediates"]))
     except ValueError as e:
         raise ConfigError([f"client_certificates.trust_anchors: {e} (in {config.path})"]) from None
+    # by the file each name leads to now: a reload may name a started file otherwise (`dir/../x.crl`, a link to it)
+    vetted = {os.path.realpath(p) for p in crls_vetted}
     for i, path in enumerate(cc.crls if previous is None else ()):  # a reload's: `Live.reload`
-        if path in crls_vetted:
+        if os.path.realpath(path) in vetted:
             continue
         try:
             load_crls(path)  # a file that does not parse stops the start; one that does not verify is logged
@@ -583,6 +587,7 @@ async def serve(
         descriptors=budget,
         beside=worker is not None and worker.beside,
     )
+    live.reloaded_to = worker.reloaded if worker is not None else None  # a replacement serves it if the file is bad
     gw = live.gateway
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -56,34 +56,37 @@ def _run(args: argparse.Namespace) -> int:
         replacing = worker is not None and worker.replacement
         # Beside a sibling serving, a replacement serves that configuration whole or not at all (proxy.workers): a CRL
         # file it cannot read is refused as at a start (served without, it passed what the file revokes while its
-        # siblings, keeping their last CRLs, refused it), and a file that does not check or build is no reason to serve
-        # `cfg`.
+        # siblings, keeping their last CRLs, refused it), and a file that does not check or build sends it to the text
+        # its siblings' last reload took, never back to `cfg` (`proxy.live.replacement_refused`).
         beside = worker is not None and worker.beside
+        reloaded = worker.reloaded if worker is not None else None  # where its siblings' reloads leave their text
         # With none beside it, the CRL files the start vetted may have gone bad since (`app.build`): not a reason to
-        # stop the gateway, nor to serve `cfg` instead of a reloaded configuration naming them too
+        # stop the gateway, nor to serve `cfg` instead of a reloaded configuration naming them too (a CA it retired, a
+        # `revocation` it tightened)
         vetted = cfg.client_certificates.crls if replacing and not beside else ()
-        current = cfg
+        tried: list[config_module.Config] = []
         try:
             # a replacement for a worker that died serves what its siblings reloaded since the start, not `cfg`
-            current = replacement_config(cfg, beside=beside) if replacing else cfg
-            event_loop.run(
-                app.serve(current, worker=worker, shared=shared, crls_vetted=vetted), cfg.listener.event_loop
-            )
+            current = replacement_config(cfg, reloaded, beside=beside) if replacing else cfg
+            while True:
+                try:
+                    event_loop.run(
+                        app.serve(current, worker=worker, shared=shared, crls_vetted=vetted), cfg.listener.event_loop
+                    )
+                except ConfigError as e:
+                    if current is cfg:
+                        raise
+                    # a file its siblings' reload refused as it built (a CRL file that does not parse, ...): not a
+                    # reason to fail to start, which stops the whole gateway (proxy.workers), but to serve what they
+                    # serve (beside them, never `cfg`: a ConfigError then)
+                    tried.append(current)
+                    current = replacement_refused(cfg, e.problems, reloaded, tried, beside=beside)
+                    continue
+                break
         except ConfigError as e:
             if worker is not None and beside:
                 worker.refused(e.problems)  # named by the supervisor's worker_not_replaced, which tries again
-            if current is cfg or beside:
-                return e.report()
-            # a file its siblings' reload refused as it built (a CRL file that does not parse, ...): with no sibling
-            # serving, not a reason to fail to start, which stops the whole gateway (proxy.workers), but to serve what
-            # the gateway started with
-            current = replacement_refused(cfg, e.problems)
-            try:
-                event_loop.run(
-                    app.serve(current, worker=worker, shared=shared, crls_vetted=vetted), cfg.listener.event_loop
-                )
-            except ConfigError as again:
-                return again.report()
+            return e.report()
         return 0
 
     if cfg.listener.workers == 1:  # ends as a worker does, without the interpreter's teardown (proxy.workers)

@@ -1299,16 +1299,26 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     )
 
 
-def load(path: Path) -> Config:
+def read(path: Path) -> bytes:
+    """The configuration file's bytes, as `load` reads them (a reload keeps those it took: `proxy.live`)."""
+    try:
+        return read_bounded(path.absolute(), MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise ConfigError([f"configuration file not found: {path.absolute()}"]) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read {path.absolute()}: {e}"]) from None
+
+
+def load(path: Path, text: bytes | None = None) -> Config:
+    """The configuration in the file `path`, or in `text` read from it before (its relative names are `path`'s)."""
     # Absolute, but by the name given, links kept: a reload reads that name again. A Kubernetes ConfigMap's file
     # is a link through `..data` to a timestamped directory that each update replaces and deletes; the resolved
     # name was the deleted file at the next reload.
     path = path.absolute()
+    raw = read(path) if text is None else text
     try:
-        data = tomllib.loads(read_bounded(path, MAX_CONFIG_BYTES).decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError([f"configuration file not found: {path}"]) from None
-    except (OSError, UnicodeDecodeError) as e:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
         raise ConfigError([f"cannot read {path}: {e}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None

@@ -44,7 +44,9 @@ stayed unchanged for one more look, so that a file written in place is not read 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import ssl
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -86,6 +88,9 @@ class Live:
     stopping: bool = False  # SIGTERM or SIGINT came: the gateway drains (`proxy.app.drain`), /readyz answers 503
     stopped_by: str | None = None  # that signal's name ("SIGINT"); None for a stop no signal asked for
     cut: str | None = None  # how the stop's drain ended when it cut what was in flight ("drain_timeout", ...)
+    # With several workers, where a reload that succeeded leaves the text it took, for a replacement to serve if the
+    # file does not load by then (`Worker.reloaded`, `replacement_config`)
+    reloaded_to: Path | None = None
     _users: dict[int, int] = field(default_factory=dict, repr=False)  # id(gateway) -> requests using it
     _retired: dict[int, tuple[Gateway, Gateway]] = field(default_factory=dict, repr=False)  # id -> (old, new)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
@@ -167,7 +172,7 @@ class Live:
             old = self.gateway
             path = old.config.path
             try:
-                gateway, context, served = _prepare(path, old, self.descriptors)
+                gateway, context, served, text = _prepare(path, old, self.descriptors)
             except ConfigError as e:
                 return self._refused(path, e.problems)
             except (OSError, ssl.SSLError, ValueError) as e:
@@ -206,6 +211,8 @@ class Live:
                 log.warning("reload_needs_restart", key=key, detail="takes effect when the gateway restarts")
             self._retired[id(old)] = (old, gateway)
             self._close_if_retired(id(old))
+            if self.reloaded_to is not None:
+                keep_reloaded(self.reloaded_to, text)
             return True
 
     def _refused(self, path: Path, problems: list[str]) -> bool:
@@ -287,14 +294,15 @@ class _Using:
 
 def _prepare(
     path: Path, old: Gateway, descriptors: DescriptorBudget | None = None
-) -> tuple[Gateway, ssl.SSLContext, ServedCertificate]:
-    """Everything a new configuration builds, or ConfigError with every problem found (a `kerberos.max_in_flight`
-    the `descriptors` set at start cannot hold among them)."""
+) -> tuple[Gateway, ssl.SSLContext, ServedCertificate, bytes]:
+    """Everything a new configuration builds, and the file's text it read, or ConfigError with every problem found (a
+    `kerberos.max_in_flight` the `descriptors` set at start cannot hold among them)."""
     from proxy.app import build
     from proxy.ops.check import check
     from proxy.tls.server import ServedCertificate, server_context
 
-    config = config_module.load(path)
+    text = config_module.read(path)
+    config = config_module.load(path, text)
     problems = check(config, at=datetime.now(UTC), crls=False)
     if descriptors is not None and (reserve := reload_reserve_problem(config.kerberos.max_in_flight, descriptors)):
         problems = [*problems, reserve]
@@ -303,7 +311,7 @@ def _prepare(
     context, served = server_context(config), ServedCertificate.of(config)  # before the gateway: nothing to close
     backend = descriptors.backend if descriptors is not None else None
     gateway = build(config, shared=old.basic.shared, previous=old, serving=True, backend_connections=backend)
-    return _carry_over(gateway, old), context, served
+    return _carry_over(gateway, old), context, served, text
 
 
 def _unreadable_crls(gateway: Gateway) -> list[str]:
@@ -379,57 +387,107 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
     return changed
 
 
-def replacement_config(started: Config, *, beside: bool = False) -> Config:
+def replacement_config(started: Config, reloaded: Path | None = None, *, beside: bool = False) -> Config:
     """What a worker replacing a dead one serves: the file read and cross-checked again, as its siblings' reloads
     read it, with the keys a reload leaves for a restart (the listener's but LISTENER_RELOADED, `[admin]`,
     `reload.watch`) as the gateway started with them, and the balancers it believes too when the file turns
     `proxy_protocol` off (its siblings keep the ones last in force until the restart; the file's empty list made it
-    close every connection it got). If the file does not load now, its siblings refused it too
-    and serve their last good one; the replacement then serves `started` and says so (`worker_configuration_refused`):
-    a SIGHUP once the file is fixed brings every worker to the same configuration. `beside` (siblings serve,
+    close every connection it got). If the file does not load now (refused by its siblings' reloads too, or caught
+    half edited since their last one), it serves what they serve: the text their last reload took (`reloaded`, kept by
+    `Live.reload`), else `started`, and says so (`worker_configuration_refused`, `serves`); a SIGHUP once the file is
+    fixed brings every worker to the same configuration. (Serving `started` there brought back what a reload since had
+    retired: a route, a CA taken off the trust list, a `revocation` tightened.) `beside` (siblings serve,
     `proxy.workers`): a file that loads but fails the cross-checks (a trust anchor or the listener's certificate a
-    reload added, caught half rewritten) is a ConfigError, not `started` served, which may be older than theirs."""
+    reload added, caught half rewritten), with no reloaded text that passes them, is a ConfigError, not `started`
+    served, which may be older than theirs (`replacement_refused`)."""
+    config, problems, loaded = _replacement(started, None)
+    if problems:
+        return replacement_refused(started, problems, reloaded, beside=beside, loaded=loaded)
+    assert config is not None
+    return config
+
+
+def _replacement(started: Config, text: bytes | None) -> tuple[Config | None, list[str], bool]:
+    """`replacement_config`'s reading of the file (`text`: of the text read from it before), or its problems; and
+    whether it loaded (a file that does not is no configuration its siblings may have taken)."""
     from proxy.ops.check import check
 
     try:
-        config = config_module.load(started.path)
+        config = config_module.load(started.path, text)
     except ConfigError as e:
-        return replacement_refused(started, e.problems)
+        return None, e.problems, False
     except (OSError, ssl.SSLError, ValueError) as e:
-        return replacement_refused(started, [f"{type(e).__name__}: {e}"])
+        return None, [f"{type(e).__name__}: {e}"], False
     try:
         problems = check(config, at=datetime.now(UTC), crls=False)
     except ConfigError as e:
         problems = e.problems
     except (OSError, ssl.SSLError, ValueError) as e:
         problems = [f"{type(e).__name__}: {e}"]
-    if problems and beside:
-        raise ConfigError(problems)
     if problems:
-        return replacement_refused(started, problems)
+        return None, problems, True
     kept = {f.name: getattr(started.listener, f.name) for f in dataclasses.fields(started.listener)}
     kept = {name: value for name, value in kept.items() if name not in LISTENER_RELOADED}
     if not config.listener.proxy_protocol:  # turned off, which waits for a restart: its siblings still believe the
         kept["trusted_proxies"] = started.listener.trusted_proxies  # balancers last in force (Live.balancers)
     listener = dataclasses.replace(config.listener, **kept)
     reload = dataclasses.replace(config.reload, watch=started.reload.watch)
-    return dataclasses.replace(config, listener=listener, admin=started.admin, reload=reload)
+    return dataclasses.replace(config, listener=listener, admin=started.admin, reload=reload), [], True
 
 
-def replacement_refused(started: Config, problems: list[str]) -> Config:
-    """A replacement worker's file that does not load, or (`kcd-proxy run`, with no sibling serving) does not build, as
-    a reload would refuse it: logged, and `started` served instead (its siblings serve their last good one; the
-    supervisor, which stops the gateway when a worker fails to start, is never stopped by a file its siblings
-    refused). Beside a sibling serving, one that does not build is not started instead (`proxy.workers`): it cannot
-    tell a file its siblings' reload refused from one they took that went bad since, and `started` may be older than
-    what they serve (routes, trust anchors, `revocation`)."""
+def replacement_refused(
+    started: Config,
+    problems: list[str],
+    reloaded: Path | None = None,
+    tried: Collection[Config] = (),
+    *,
+    beside: bool = False,
+    loaded: bool = True,
+) -> Config:
+    """A replacement worker's file that does not load, or (`kcd-proxy run`) a configuration that does not build
+    (`tried`: those that did not), as a reload would refuse it: logged, and what its siblings serve served instead:
+    the text their last reload took (`reloaded`), if it loads, passes the cross-checks and is not among `tried`, else
+    `started` (the supervisor, which stops the gateway when a worker fails to start, is never stopped by a file its
+    siblings refused). Beside a sibling serving (`beside`, `proxy.workers`), `started` is served only for a file that
+    did not load (`loaded`) with no reload's text kept: no reload has succeeded since the start, so the first workers
+    serve `started`. Otherwise a ConfigError with `problems`, the replacement not started: it cannot tell a file its
+    siblings' reload refused from one they took that went bad since, and `started` may be older than what they serve
+    (routes, trust anchors, `revocation`)."""
+    fallback = started
+    try:
+        text = reloaded.read_bytes() if reloaded is not None else None
+    except OSError:  # none there: no reload has succeeded since the start
+        text = None
+    if text is not None:
+        config, _, _ = _replacement(started, text)
+        if config is not None and config not in tried:
+            fallback = config
+    if fallback is started and beside and (loaded or text is not None):
+        raise ConfigError(problems)
+    serves = "started" if fallback is started else "reloaded"
     log.error(
         "worker_configuration_refused",
         config=str(started.path),
         problems=problems,
-        detail="this worker serves the configuration the gateway started with; fix the file, then reload",
+        serves=serves,
+        detail=f"this worker serves the configuration {_SERVES[serves]}; fix the file, then reload",
     )
-    return started
+    return fallback
+
+
+_SERVES = {"started": "the gateway started with", "reloaded": "its siblings last reloaded"}
+
+
+def keep_reloaded(to: Path, text: bytes) -> None:
+    """A worker's reload took `text`: kept at `to` for a replacement (`replacement_refused`), whole or not at all."""
+    part = to.with_name(f".{to.name}.{os.getpid()}")
+    try:
+        part.write_bytes(text)
+        part.replace(to)
+    except OSError as e:  # a replacement then serves the configuration the gateway started with, and says so
+        log.warning("reloaded_configuration_unkept", file=str(to), problem=str(e))
+        with contextlib.suppress(OSError):
+            part.unlink()
 
 
 SETTLE_LOOKS = 5  # looks at most for a changed file to stay unchanged before it is reloaded anyway

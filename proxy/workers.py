@@ -40,7 +40,10 @@ gateway that cannot start (unreadable keytab, ...) would only fail again, so the
 rest and exits with that worker's code. A replacement that so fails while a sibling still serves does not stop the
 gateway: its siblings serve on with what they loaded (a trust anchor or the listener's certificate caught half
 rewritten fails a start, not a worker that has it loaded), the supervisor says so (`worker_not_replaced`, with the
-fix) and tries again every `REPLACE_RETRY` seconds. (A worker killed by a signal is replaced whenever it dies.)
+fix) and tries again every `REPLACE_RETRY` seconds; a sibling serves if it is one of the first workers or a replacement
+that has run `MIN_UPTIME` (one still starting may fail as well), so with none left serving the gateway stops as when
+the first workers fail. The supervisor reaps a worker as it ends, a replacement's pause included: its uptime is
+measured when it ended. (A worker killed by a signal is replaced whenever it dies.)
 A replacement reads the configuration file again (`proxy.live.replacement_config`): its siblings may have reloaded
 since the supervisor read it.
 
@@ -56,7 +59,9 @@ serve (`Worker.serving_beside`: alive, and one of the first workers or a replace
 none beside it (every worker died) serves as before, as nothing else would: without the CRL sources it cannot use
 (`crl_not_used`; the revocation mode says what that means), on the configuration the gateway started with if the
 file does not build. A refusing replacement leaves its problems in `Worker.refusal` for the supervisor's
-`worker_not_replaced` to name.
+`worker_not_replaced` to name. That count (`_serving`) is the supervisor's one notion of serving: it also decides
+whether a replacement that failed is retried or the gateway stops; one that refused only because siblings served,
+none serving by the time it ended, is followed by one forked with none beside it, not by a stop.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ import contextlib
 import ctypes
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -76,7 +82,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import structlog
 
@@ -90,6 +96,7 @@ _RESTART_PAUSE = 1.0
 REPLACE_RETRY = 5.0  # seconds between tries to replace a worker whose replacement failed to start
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_RELOADED = "reloaded.toml"  # in the supervisor's directory: the text the workers' last reload took (`Worker.reloaded`)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,12 @@ class Worker:
         """A replacement's configuration refused (`refusal`): best effort, the worker's stderr has them anyway."""
         with contextlib.suppress(OSError):
             self.refusal.write_text(json.dumps(problems))
+
+    @property
+    def reloaded(self) -> Path:
+        """Where a worker's reload that succeeded leaves the file's text it took, for a replacement to serve if the
+        file does not load by then (`proxy.live.replacement_refused`)."""
+        return self.siblings / _RELOADED
 
 
 class PortInUse(Exception):
@@ -154,7 +167,9 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     """Run `serve_one` (one whole gateway; returns an exit code) in `listener.workers` processes."""
     check_port_free(listener, admin)
     workers: dict[int, tuple[float, int, bool]] = {}  # pid -> (when it started, its number, a replacement?)
+    due: dict[int, float] = {}  # number -> when the worker replacing the one that had it is forked
     siblings = Path(tempfile.mkdtemp(prefix="kcd-proxy-workers-"))  # mode 0700
+    wake = _Wake()
     stopping = False
     starting = True  # the first workers are being forked
     failure = 0
@@ -173,60 +188,81 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
         beside = _serving(workers) if replacement else 0
         # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        supervisor = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            _worker(lambda: serve_one(Worker(number, siblings, replacement, beside)), supervisor, siblings)
-        workers[pid] = (time.monotonic(), number, replacement)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        try:
+            if stopping:  # a SIGTERM since the fork was decided: a worker forked now would serve on, never told
+                return
+            supervisor = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                wake.close_in_child()
+                _worker(lambda: serve_one(Worker(number, siblings, replacement, beside)), supervisor, siblings)
+            workers[pid] = (time.monotonic(), number, replacement)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info("worker_started", worker=pid, number=number)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
     try:
+        wake.listen()
         for number in range(1, listener.workers + 1):
             start(number)
         starting = False
         # a SIGHUP before `on_signal` was in place, or between two forks, is the first workers' to act on (each forked
         # after it with the flag set), not every replacement's to come (each reads the file afresh anyway)
         reload_asked_while_starting()
-        while workers:
-            pid, status = os.wait()
-            if pid not in workers:
-                continue
-            started, number, replacing = workers.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
+        while workers or (due and not stopping):
+            # Reaped as they end, also while a replacement waits to be forked: a worker's uptime is measured when it
+            # ended, not after a pause (a sleep here made a replacement failing at once look as if it had served).
+            ended = _reap()
+            if not ended:
+                wake.wait(max(0.0, min(due.values()) - time.monotonic()) if due and not stopping else None)
+            for pid, status in ended:
+                if pid not in workers:
+                    continue
+                started, number, replacing = workers.pop(pid)
+                code = os.waitstatus_to_exitcode(status)
+                if stopping:
+                    log.info("worker_stopped", worker=pid, code=code)
+                    continue
+                log.warning("worker_exited", worker=pid, code=code)
+                pause = _RESTART_PAUSE
+                problems = _refusal(Worker(number, siblings))  # a refusal is a failure to start, however long it took
+                failed = code > 0 and (time.monotonic() - started < MIN_UPTIME or bool(problems))
+                serving = _serving(workers)  # the one count both the retry and a replacement's `beside` go by
+                if failed and replacing and serving:
+                    # its siblings serve with what they loaded: a file caught half rewritten is no reason to stop them
+                    log.error(
+                        "worker_not_replaced",
+                        worker=pid,
+                        code=code,
+                        serving=serving,
+                        retry_seconds=REPLACE_RETRY,
+                        problems=problems,
+                        fix="`problems` (or the worker's lines above) name the file it refused (a trust anchor, a CRL "
+                        "file, the listener's certificate or key being rewritten?): write it whole (a new file renamed "
+                        "over the old one), publish a CRL no older than the other workers hold (replayed?), or fix the "
+                        "configuration; the other workers serve meanwhile",
+                    )
+                    pause = REPLACE_RETRY
+                elif failed and not (replacing and problems):
+                    # one of the first workers, or no sibling left serving: the gateway cannot serve. (A replacement
+                    # that refused only because a sibling served beside it, none serving now, is followed by one with
+                    # none beside it, which serves as a lone replacement does or fails to start and stops the gateway.)
+                    log.error("worker_failed_to_start", worker=pid, code=code, fix="see the worker's lines above")
+                    failure = code
+                    on_signal(signal.SIGTERM, None)
+                    continue
+                due[number] = time.monotonic() + pause
             if stopping:
-                log.info("worker_stopped", worker=pid, code=code)
-                continue
-            log.warning("worker_exited", worker=pid, code=code)
-            pause = _RESTART_PAUSE
-            problems = _refusal(Worker(number, siblings))  # a refusal is a failure to start, however long it took
-            if code > 0 and (time.monotonic() - started < MIN_UPTIME or problems) and replacing and workers:
-                # its siblings serve with what they loaded: a file caught half rewritten is no reason to stop them
-                log.error(
-                    "worker_not_replaced",
-                    worker=pid,
-                    code=code,
-                    serving=len(workers),
-                    retry_seconds=REPLACE_RETRY,
-                    problems=problems,
-                    fix="`problems` (or the worker's lines above) name the file it refused (a trust anchor, a CRL "
-                    "file, the listener's certificate or key being rewritten?): write it whole (a new file renamed "
-                    "over the old one), publish a CRL no older than the other workers hold (replayed?), or fix the "
-                    "configuration; the other workers serve meanwhile",
-                )
-                pause = REPLACE_RETRY
-            elif code > 0 and time.monotonic() - started < MIN_UPTIME:
-                log.error("worker_failed_to_start", worker=pid, code=code, fix="see the worker's lines above")
-                failure = code
-                on_signal(signal.SIGTERM, None)
-                continue
-            time.sleep(pause)
-            if not stopping:
-                start(number, replacement=True)
+                due.clear()
+            for number, when in sorted(due.items()):
+                if when <= time.monotonic():
+                    del due[number]
+                    start(number, replacement=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        wake.close()
         shutil.rmtree(siblings, ignore_errors=True)
     log.info("supervisor_stopped")
     return failure
@@ -260,6 +296,56 @@ def _refusal(worker: Worker) -> list[str]:
     except ValueError:
         return []
     return [str(p) for p in problems] if isinstance(problems, list) else []
+
+
+def _reap() -> list[tuple[int, int]]:
+    """The workers that have ended, without waiting: (pid, wait status) each."""
+    ended: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # none left
+            return ended
+        if pid == 0:
+            return ended
+        ended.append((pid, status))
+
+
+class _Wake:
+    """What ends the supervisor's wait: a worker ending (SIGCHLD), a signal to pass on, or a replacement due. Each
+    signal caught writes a byte to a pipe (`signal.set_wakeup_fd`), so one that comes between a look for ended
+    workers and the wait is not missed, and the wait has a timeout (`os.wait` has none)."""
+
+    def __init__(self) -> None:
+        self.read, self.write = os.pipe()
+        for fd in (self.read, self.write):
+            os.set_blocking(fd, False)
+        self.previous_fd = -1
+        self.previous_handler: signal.Handlers | Callable[[int, FrameType | None], Any] | int | None = None
+
+    def listen(self) -> None:
+        # a handler of Python's own: SIG_DFL would leave the wake-up byte unwritten
+        self.previous_handler = signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.previous_fd = signal.set_wakeup_fd(self.write, warn_on_full_buffer=False)
+
+    def wait(self, timeout: float | None) -> None:
+        select.select([self.read], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.read, 512):
+                pass
+
+    def close_in_child(self) -> None:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.close(self.read)
+        os.close(self.write)
+
+    def close(self) -> None:
+        if self.previous_handler is not None:
+            signal.set_wakeup_fd(self.previous_fd)
+            signal.signal(signal.SIGCHLD, self.previous_handler)
+        os.close(self.read)
+        os.close(self.write)
 
 
 _reload_asked = False  # a SIGHUP came while this process started (`remember_reload`)
@@ -298,7 +384,9 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
     except (Exception, asyncio.CancelledError):  # CancelledError (a BaseException) used to end it with no line
         log.exception("worker_crashed")
     finally:
-        if os.getppid() != supervisor:
+        if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
+            with contextlib.suppress(OSError):
+                (siblings / _RELOADED).unlink()
             with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
                 siblings.rmdir()
         end_process(code)

@@ -424,8 +424,13 @@ def _is_ip(text: str, test: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Addr
 
 
 def _raw(path: Path) -> dict[str, Any]:
-    """The file as TOML, to name keys by their place in it (the configuration sorts and splits lists)."""
-    return tomllib.loads(path.read_text(encoding="utf-8"))
+    """The file as TOML, to name keys by their place in it (the configuration sorts and splits lists); empty if it no
+    longer reads as TOML: a configuration a replacement worker serves from the text its siblings' last reload took,
+    the file caught half edited since (`proxy.live.replacement_refused`), is checked all the same."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # tomllib.TOMLDecodeError, UnicodeDecodeError
+        return {}
 
 
 def _file_order(path: Path) -> dict[str, int]:

@@ -16,10 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,45 @@ def test_a_worker_replaced_after_a_reload_serves_the_reloaded_configuration(lab:
         assert listening["bind"] == f"127.0.0.1:{port}"
         assert gw.events("worker_configuration_refused") == []
         assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("broken", ["does-not-load", "does-not-build"])
+def test_a_worker_replaced_while_the_file_is_broken_after_a_reload_serves_what_its_siblings_reloaded(
+    lab: LabLayout, tmp_path: Path, broken: str
+) -> None:
+    """A reload retires a route (or a CA, or tightens `revocation`), then the file is caught half edited (no SIGHUP
+    yet), or names a CRL file that does not parse, as a worker dies: the replacement refused the file and served the
+    configuration the gateway started with, the retired route back on about half of the new connections beside a
+    sibling that had retired it. It now serves the configuration its siblings last reloaded
+    (`worker_configuration_refused` says which, `serves`)."""
+    retired = '\n[[routes]]\nprefix = "/retired/"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
+    gw = start_gateway(lab, tmp_path / "gw", _with_workers(lab, free_port(), 2) + retired)
+    try:
+        first, second = _listening_pids(gw, 2)
+        reloaded = gw.config_path.read_text().replace(retired, "")
+        gw.config_path.write_text(reloaded)
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            assert "/retired/" not in gw.wait_event("reloaded", pid=pid)["routes"]
+        if broken == "does-not-load":
+            gw.config_path.write_text(reloaded + "\n[listener\n")  # an editor's save caught half way
+        else:  # loads and passes the checks a replacement makes, but its build refuses the CRL file
+            garbage = tmp_path / "garbage.crl"
+            garbage.write_bytes(b"not a CRL")
+            crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+            assert crls in reloaded
+            gw.config_path.write_text(reloaded.replace(crls, f'crls = ["{lab.pki_dir / "crls.pem"}", "{garbage}"]'))
+        os.kill(first, signal.SIGKILL)
+        replacement = _listening_pids(gw, 3)[2]
+        refused = gw.wait_event("worker_configuration_refused", pid=replacement)
+        assert refused["config"] == str(gw.config_path)
+        listening = gw.wait_event("listening", pid=replacement)
+        assert "/retired/" not in listening["routes"], listening
+        assert refused["serves"] == "reloaded", refused
+        assert gw.events("worker_not_replaced") == []
     finally:
         gw.stop()
 
@@ -459,6 +500,43 @@ def test_a_replacement_refusing_a_half_rewritten_file_leaves_its_sibling_serving
         copy.write_bytes(whole)
         replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
         assert _alive(second), replacement
+    finally:
+        gw.stop()
+
+
+def test_the_last_serving_worker_dying_while_a_replacement_is_retried_stops_the_gateway(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A replacement in retry (`worker_not_replaced`, the listener's certificate half rewritten), then its serving
+    sibling killed: the sibling's replacement fails as well and nothing serves. The supervisor counted any live
+    worker as serving (a replacement still starting too) and measured a worker's uptime when it reaped it, after its
+    retry pause, so it retried for ever with no worker listening. It now stops as when the last serving worker fails
+    to start (`worker_failed_to_start`, the worker's code), and no worker is left."""
+    text = _with_workers(lab, free_port(), 2)
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    try:
+        first, second = _listening_pids(gw, 2)
+        copy.write_bytes(whole[: len(whole) // 2])
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        gw.wait_event("worker_not_replaced")
+        os.kill(second, signal.SIGKILL)
+        try:
+            code = gw.proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the supervisor runs on with no worker serving: {[e['event'] for e in gw.logs()[-12:]]}"
+            ) from None
+        assert code == 2, code
+        failed = gw.events("worker_failed_to_start")
+        assert len(failed) == 1, failed
+        assert gw.events("supervisor_stopped")
+        started = [e["worker"] for e in gw.events("worker_started")]
+        assert not [pid for pid in started if _alive(pid)], started
     finally:
         gw.stop()
 
@@ -830,11 +908,16 @@ def test_readyz_answers_within_a_second_while_a_sibling_hangs(
 
 def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
     """SIGKILL to the supervisor (which cannot remove its private directory then): the workers, stopping because
-    their parent died, remove their sockets and the last one the directory, so none is left in the temp directory."""
+    their parent died, remove their sockets and the last one the directory, so none is left in the temp directory;
+    after a reload too, whose text the directory keeps for a replacement (`reloaded.toml`)."""
     gw, _ = two_workers_admin
     workers = _listening_pids(gw, 2)
     directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
     assert directory.is_dir()
+    gw.proc.send_signal(signal.SIGHUP)
+    for pid in workers:
+        gw.wait_event("reloaded", pid=pid)
+    assert (directory / "reloaded.toml").read_bytes() == gw.config_path.read_bytes()
     gw.proc.kill()
     gw.proc.wait()
     deadline = time.monotonic() + WAIT
@@ -928,6 +1011,59 @@ def test_a_replacement_given_an_older_crl_by_a_url_than_its_siblings_took_is_not
         server.close()
 
 
+def test_a_replacement_refusing_beside_a_sibling_that_died_meanwhile_is_followed_not_the_gateway_stopped(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """merge50 (left26's refusal, review50's count): a replacement forked beside a serving sibling refuses a CRL URL's
+    replayed answer (3000 after 3001) only because that sibling serves; the sibling dies while the replacement's fetch
+    is held. By the time the replacement ends nothing serves, and counted as any failed start with none serving it
+    stopped the whole gateway (`worker_failed_to_start`), though a replacement with none beside it serves as a lone one
+    does (without that CA's CRL, best-effort). It is now followed by such a replacement: both numbers are replaced and
+    the gateway stays."""
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
+    newer = write_crl(tmp_path / "3001.crl", issuing, revoked=[carol.serial_number], number=3001).read_bytes()
+    older = write_crl(tmp_path / "3000.crl", issuing, number=3000).read_bytes()
+    held, asked, release = threading.Event(), threading.Event(), threading.Event()
+
+    def answer(_path: str, _headers: Message) -> tuple[int, bytes]:
+        if not held.is_set():
+            return 200, newer
+        asked.set()
+        release.wait(8.0)  # under the gateway's FETCH_TIMEOUT: the answer comes, late
+        return 200, older
+
+    server = _CrlServer(answer)
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    root_crl = write_crl(tmp_path / "root.crl", root)
+    gw = start_gateway(
+        lab,
+        tmp_path / "gw",
+        _best_effort_with(lab, [root_crl]).replace(f'crls = ["{root_crl}"]', f'crls = ["{url}", "{root_crl}"]'),
+    )
+    try:
+        first, second = _listening_pids(gw, 2)
+        held.set()
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        assert asked.wait(WAIT), "no replacement fetched the CRL URL"
+        os.kill(second, signal.SIGKILL)
+        gw.wait_event("worker_exited", worker=second)
+        release.set()
+        new: set[int] = set()
+        deadline = time.monotonic() + WAIT
+        while len(new) < 2:
+            assert gw.proc.poll() is None, [e["event"] for e in gw.logs()[-12:]]
+            assert time.monotonic() < deadline, f"only {new} listening"
+            new = {e["pid"] for e in gw.events("listening", gw.since)}
+            time.sleep(0.05)
+        assert gw.events("worker_failed_to_start") == []
+        assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2
+    finally:
+        gw.stop()
+        server.close()
+
+
 def test_a_replacement_whose_reloaded_trust_anchor_is_half_rewritten_never_serves_the_started_configuration(
     lab: LabLayout, tmp_path: Path
 ) -> None:
@@ -961,5 +1097,60 @@ def test_a_replacement_whose_reloaded_trust_anchor_is_half_rewritten_never_serve
         anchors.write_bytes(whole)
         replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
         assert "/retired/" not in replacement["routes"]
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("named", ["as-started", "through-dotdot", "through-a-symlink"])
+def test_a_worker_replaced_while_a_crl_file_of_a_reloaded_configuration_has_gone_bad_serves_the_reloaded_one(
+    lab: LabLayout, tmp_path: Path, named: str
+) -> None:
+    """A reload tightened `revocation` from "best-effort" to "require"; the issuing CA's CRL file, which both the
+    started and the reloaded configuration name, is then caught half rewritten and both workers die. A replacement
+    with no sibling serving (beside one it is not started: `test_a_replacement_whose_reloaded_crl_file_has_gone_bad_`
+    `never_serves_the_started_configuration`) refused the reloaded configuration over that file and fell back to the
+    started one (`crls_vetted`), served best-effort without the CRL: carol, revoked,
+    got 200 from it. It now serves the reloaded configuration, the file's CRLs not used (`crl_not_used`), so carol is
+    refused on every worker. So too when the reload names the file by another name (`dir/../issuing.crl`, a symbolic
+    link to it): the started files were matched by name, and the replacement fell back to the started configuration
+    as before. (review50's test, one worker killed; merge50 kills both, where `crls_vetted` still applies.)"""
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
+    crl = write_crl(tmp_path / "issuing.crl", issuing, revoked=[carol.serial_number], number=3001)
+    root_crl = write_crl(tmp_path / "root.crl", root)
+    text = _with_workers(lab, free_port(), 2)
+    lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    require = 'revocation = "require"'
+    assert lab_crls in text
+    assert require in text
+    text = text.replace(lab_crls, f'crls = ["{crl}", "{root_crl}"]')
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(require, 'revocation = "best-effort"'))
+    try:
+        first, second = _listening_pids(gw, 2)
+        alias = {"as-started": crl, "through-dotdot": tmp_path / "gw" / ".." / crl.name, "through-a-symlink": None}
+        link = tmp_path / "current.crl"
+        link.symlink_to(crl)
+        named_as = alias[named] or link
+        gw.config_path.write_text(text.replace(f'"{crl}"', f'"{named_as}"'))  # "require" again
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            gw.wait_event("reloaded", pid=pid)
+        with crl.open("r+b") as f:
+            f.truncate(len(crl.read_bytes()) // 2)
+        os.kill(first, signal.SIGKILL)
+        os.kill(second, signal.SIGKILL)
+        replacements = set(_listening_pids(gw, 4)[2:])
+        served: set[int] = set()
+        subject = carol.subject.rfc4514_string()
+        deadline = time.monotonic() + WAIT
+        while served != replacements:  # new connections until both replacements answered carol
+            assert asyncio.run(_fresh_connections(lab, gw, 1, "carol")) == [403], served
+            served = {e["pid"] for e in gw.events("request", gw.since) if e.get("cert_subject") == subject}
+            assert time.monotonic() < deadline, f"only {served} answered"
+        for pid in replacements:
+            assert str(named_as) in gw.wait_event("crl_not_used", pid=pid)["problem"]
+        assert gw.events("worker_configuration_refused") == []
+        assert gw.events("worker_not_replaced") == []
     finally:
         gw.stop()

@@ -258,3 +258,18 @@ def test_a_refused_crl_url_is_named_without_its_password_or_token(tmp_path: Path
         config.load(_write(tmp_path, GOOD.replace('crls = ["pki/crls.pem"]', f'crls = ["{url}"]')))
     assert e.value.problems[0].startswith("client_certificates.crls[0]:")
     assert "T0kenT0ken" not in " ".join(e.value.problems)
+
+
+def test_a_configuration_loaded_from_text_read_before_is_the_files_and_equal_to_itself(tmp_path: Path) -> None:
+    """`load(path, text)` parses the text (a reload's, kept for a replacement worker) whatever the file holds now, its
+    relative names the file's; two loads of one text are equal, which a replacement relies on not to try one twice."""
+    path = _write(tmp_path, GOOD)
+    text = path.read_bytes()
+    path.write_text(GOOD + "\n[listener\n")  # caught half edited
+    with pytest.raises(ConfigError):
+        config.load(path)
+    cfg = config.load(path, text)
+    assert cfg.path == path
+    assert cfg.listener.certificate == tmp_path / "tls/server-chain.pem"
+    assert cfg == config.load(path, text)
+    assert cfg in [config.load(path, text)]
