@@ -14,6 +14,10 @@ leftover only while nobody holds that lock (tests/leftovers.py).
 `ad_backend` (session) is an Exchange stand-in for `HTTP/cas.ad.test` inside the namespace;
 `start_ad_gateway` runs `kcd-proxy run` in there; `ad_curl` is curl in there with an AD user's certificate.
 Tests that use them carry `@pytest.mark.timeout(AD_TIMEOUT)`: the first pays for provisioning.
+Every gateway started here (`_start`) waits up to AD_KDC_TIMEOUT for the KDC (`kerberos.kdc_timeout`), unless its
+configuration names its own: Samba's KDC answers a pre-authenticated AS-REQ only after writing the account's logon
+statistics to sam.ldb, and waits meanwhile for any write transaction another process holds there (a test's
+`samba-tool`, `ldbmodify`; docs/hardening.md).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from tests.integration.jsonlog import WAIT, JsonLog
 
 REPO = Path(__file__).resolve().parents[2]
 AD_TIMEOUT = 900  # provisioning takes 90-130 s on a busy machine, and a test may wait for it
+# kerberos.kdc_timeout of the AD tests' gateways: a kinit waited as long as another process held a write transaction
+# on sam.ldb (13.3 s of a 15 s hold; 0.05 s without), and under a load of 15 the gateway's own AS-REQ took 27.4 s.
+AD_KDC_TIMEOUT = 60
 
 
 def test_realm_root() -> Path:
@@ -146,6 +153,8 @@ class AdProcess(JsonLog):
 def _start(realm: ad.AdRealm, argv: list[str], port: int, log: Path, *, scheme: str) -> AdProcess:
     """Start a daemon in the namespace and wait until it says it listens on `port` and the port answers (its own
     line, not only a connect: both xdist workers pick ports in this namespace)."""
+    if "--config" in argv:
+        _wait_for_the_kdc(Path(argv[argv.index("--config") + 1]))
     proc = realm.popen(argv, log=log, env={"PYTHONPATH": str(REPO)})
     started = AdProcess(f"{scheme}://127.0.0.1:{port}", port, proc, log)
     deadline = time.monotonic() + WAIT
@@ -158,6 +167,14 @@ def _start(realm: ad.AdRealm, argv: list[str], port: int, log: Path, *, scheme: 
     if proc.poll() is not None:
         raise RuntimeError(f"{argv} exited after listening on {port}:\n{log.read_text()[-3000:]}")
     return started
+
+
+def _wait_for_the_kdc(config: Path) -> None:
+    """Give the gateway configured in `config` `kdc_timeout = AD_KDC_TIMEOUT` unless it names its own: the tests
+    judge what the gateway does with the KDC's answer, not how soon Samba gives it while a test writes to sam.ldb."""
+    text = config.read_text()
+    if "[kerberos]\n" in text and not any(line.startswith("kdc_timeout =") for line in text.splitlines()):
+        config.write_text(text.replace("[kerberos]\n", f"[kerberos]\nkdc_timeout = {AD_KDC_TIMEOUT}\n", 1))
 
 
 def _says_listening(log: Path, bind: str) -> bool:
