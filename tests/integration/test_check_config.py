@@ -224,14 +224,19 @@ def test_a_directory_ca_file_of_pem_certificates_is_sound(lab: LabLayout, tmp_pa
     assert _problems(path) == []
 
 
+def _run(lab: LabLayout, config: Path) -> subprocess.CompletedProcess[str]:
+    """`kcd-proxy run` with `config`, to its end (a refused configuration ends it at once)."""
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    env = {**os.environ, **lab.env()}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
+
+
 def test_a_der_directory_ca_file_is_refused_when_the_gateway_starts(lab: LabLayout, tmp_path: Path) -> None:
     """`directory.ca_file` in DER: `run` refuses (exit 2) naming the key and the file; it started, and every ldaps://
     look-up then failed as the directory being unavailable (OpenLDAP's TLS loads no certificate from DER)."""
     config = tmp_path / "gateway.toml"
     config.write_text(_directory_ca_der(lab, lab_config(lab, port=free_port()), tmp_path))
-    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
-    env = {**os.environ, **lab.env()}
-    started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
+    started = _run(lab, config)
     assert started.returncode == 2, started
     assert f"directory.ca_file: {tmp_path / 'root.der'}: not a PEM bundle of certificates" in started.stderr
 
@@ -243,9 +248,7 @@ def test_a_certificate_and_key_swapped_are_named_as_such_when_the_gateway_starts
     "OpenSSL refuses KEY with listener.private_key CHAIN: [SSL] PEM lib (_ssl.c:3905)"."""
     config = tmp_path / "gateway.toml"
     config.write_text(_swapped(lab, lab_config(lab, port=free_port()), tmp_path))
-    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
-    env = {**os.environ, **lab.env()}
-    started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
+    started = _run(lab, config)
     assert started.returncode == 2, started
     wanted = "holds a private key and no certificate: listener.certificate and listener.private_key swapped?"
     assert f"listener.certificate: {lab.pki_dir / 'server.key'}: {wanted}" in started.stderr, started.stderr
@@ -525,9 +528,7 @@ def test_a_route_upstream_with_a_password_is_refused_by_check_config_run_and_a_r
     checked = _cli(config)
     assert checked.returncode != 0
     assert "routes[1].upstream" in checked.stdout + checked.stderr
-    env = {**os.environ, **lab.env()}
-    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
-    started = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=REPO, env=env, check=False)
+    started = _run(lab, config)
     assert started.returncode == 2, started
     assert "routes[1].upstream" in started.stderr
     gw = start_gateway(

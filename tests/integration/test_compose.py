@@ -275,12 +275,17 @@ class Stack:
         """The service's JSON log lines."""
         cmd = [self.docker, "logs", self.container(service)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        lines = []
-        for line in (done.stdout + done.stderr).splitlines():
-            with contextlib.suppress(ValueError):
-                if isinstance(entry := json.loads(line), dict):
-                    lines.append(entry)
-        return lines
+        return json_lines(done.stdout + done.stderr)
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    """The JSON objects among a container's log lines (the engine's own lines and the entrypoint's left out)."""
+    lines = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            if isinstance(entry := json.loads(line), dict):
+                lines.append(entry)
+    return lines
 
 
 def _subnet(docker: str) -> str:

@@ -479,6 +479,26 @@ def accept_queue(port: int) -> int:
     return sum(int(line.split()[1]) for line in out.splitlines() if line.strip())
 
 
+async def served_check(lab: LabLayout, port: int) -> Stream:
+    """A health check as HAProxy's `check-ssl` + `httpchk` makes one: a v2 LOCAL header, TLS with a certificate, one
+    request answered 200; then left idle."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    raw.sendall(LOCAL)
+    raw.setblocking(False)
+    check = await asyncio.open_connection(sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1")
+    assert (await exchange(check, "/EWS/check"))[0] == 200
+    return check
+
+
+async def stalled_checks(port: int, count: int) -> list[socket.socket]:
+    """`count` health checks that sent their LOCAL header and nothing more, once the gateway has accepted them all."""
+    checks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(count)]
+    for raw in checks:
+        raw.sendall(LOCAL)
+    await asyncio.to_thread(eventually, lambda: accept_queue(port) == 0, "the gateway accepted them")
+    return checks
+
+
 BALANCED = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nmax_connections_per_address = 1\n'
 
 
@@ -680,10 +700,7 @@ def test_health_checks_stalled_in_tls_at_a_busy_cap_keep_no_device_out(
             for _, writer in busy:
                 writer.write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")  # a head coming in: busy
                 await writer.drain()
-            checks = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEALTH_CHECKS)]
-            for raw in checks:
-                raw.sendall(LOCAL)
-            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            checks = await stalled_checks(gw.port, HEALTH_CHECKS)
             device = asyncio.ensure_future(
                 asyncio.wait_for(balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"), SERVED_WITHIN)
             )
@@ -859,13 +876,7 @@ def test_a_health_check_served_in_a_place_of_its_own_is_not_closed_for_a_device_
 
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
-            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-            raw.sendall(LOCAL)
-            raw.setblocking(False)
-            check = await asyncio.open_connection(
-                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
-            )
-            assert (await exchange(check, "/EWS/check"))[0] == 200
+            check = await served_check(lab, gw.port)
             gw.mark()
             device = asyncio.ensure_future(balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"))
             done, _ = await asyncio.wait({device}, timeout=3)
@@ -894,13 +905,7 @@ def test_a_health_check_in_a_place_of_its_own_is_closed_once_served_not_kept_for
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
             gw.mark()
-            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-            raw.sendall(LOCAL)
-            raw.setblocking(False)
-            check = await asyncio.open_connection(
-                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
-            )
-            assert (await exchange(check, "/EWS/check"))[0] == 200
+            check = await served_check(lab, gw.port)
             assert await closed_by_gateway(check[0]), "the check's connection was kept idle"
             event = gw.wait_event("health_check_closed")
             assert event["peer"].startswith("127.0.0.1:"), event
@@ -923,15 +928,9 @@ def test_health_checks_past_their_places_keep_no_device_out_of_the_waits(
 
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
-            stalled = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEALTH_CHECKS)]
-            for raw in stalled:
-                raw.sendall(LOCAL)
-            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            stalled = await stalled_checks(gw.port, HEALTH_CHECKS)
             gw.mark()
-            extra = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEADER_WAITS)]
-            for raw in extra:
-                raw.sendall(LOCAL)
-            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            extra = await stalled_checks(gw.port, HEADER_WAITS)
             device = asyncio.ensure_future(
                 asyncio.wait_for(balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"), SERVED_WITHIN)
             )

@@ -18,7 +18,6 @@ the next (`_remove_dead_runs`). The base image stays in Podman's store, as Docke
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
@@ -52,6 +51,7 @@ from tests.integration.test_compose import (
     compose_env,
     docker_engine,
     forge,
+    json_lines,
 )
 
 # the first run on a machine builds the three images on Docker (minutes: test_compose.py has the same timeout)
@@ -240,12 +240,7 @@ class Project:
             env=self.engine.env,
             check=True,
         )
-        lines = []
-        for line in (done.stdout + done.stderr).splitlines():
-            with contextlib.suppress(ValueError):
-                if isinstance(entry := json.loads(line), dict):
-                    lines.append(entry)
-        return lines
+        return json_lines(done.stdout + done.stderr)
 
     def left(self) -> list[str]:
         """What of this project (containers, networks, volumes, image tags) is still in Podman."""

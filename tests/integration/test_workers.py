@@ -671,37 +671,38 @@ def test_a_lone_gateway_on_a_taken_admin_port_says_why_and_what_to_do(lab: LabLa
     assert wanted in done.stderr, done.stderr
 
 
+_UNBINDABLE = {
+    # an address no interface has (TEST-NET-1: copied from another machine's configuration)
+    "192.0.2.1": (
+        "Cannot assign requested address",
+        "no interface of this machine has that address: give listener.bind one of its addresses",
+    ),
+    # a host name the resolver does not know (the certificate's name, say, where no DNS has it)
+    "gateway.invalid": (
+        "Name or service not known",
+        "the host name does not resolve on this machine: give listener.bind one of its IP addresses",
+    ),
+}
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_bind_address_this_machine_does_not_have_is_named_as_such(
-    lab: LabLayout, tmp_path: Path, workers: int
+@pytest.mark.parametrize("host", list(_UNBINDABLE))
+def test_a_bind_this_machine_cannot_take_is_named_as_such(
+    lab: LabLayout, tmp_path: Path, host: str, workers: int
 ) -> None:
-    """`listener.bind` on an address no interface has (192.0.2.1, TEST-NET-1: copied from another machine's
-    configuration): the line says so and what to do. One worker said only "Cannot assign requested address"; with
-    workers the supervisor said "something listens there already (this gateway started before?)", which is wrong."""
+    """`listener.bind` on an address no interface has, or on a host name that does not resolve: the line gives the
+    reason and what to do. One worker said only the system's reason ("Cannot assign requested address", "Name or
+    service not known"); with workers the supervisor said "something listens there already (this gateway started
+    before?)", which is wrong."""
+    reason, fix = _UNBINDABLE[host]
     config = tmp_path / "gateway.toml"
     port = free_port()
     text = _with_workers(lab, port, workers) if workers > 1 else lab_config(lab, port=port)
-    config.write_text(text.replace(f'bind = "127.0.0.1:{port}"', f'bind = "192.0.2.1:{port}"'))
+    config.write_text(text.replace(f'bind = "127.0.0.1:{port}"', f'bind = "{host}:{port}"'))
     done = _run(lab, config, timeout=60)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert f"192.0.2.1:{port}: Cannot assign requested address" in done.stderr, done.stderr
-    assert "no interface of this machine has that address: give listener.bind one of its addresses" in done.stderr
-    assert "something listens there" not in done.stderr
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_bind_host_name_that_does_not_resolve_is_named_as_such(lab: LabLayout, tmp_path: Path, workers: int) -> None:
-    """`listener.bind` on a host name the resolver does not know (the certificate's name, say, where no DNS has it):
-    the resolver's reason and what to do. One worker said "Name or service not known" and no fix; with workers the
-    supervisor said "something listens there already"."""
-    config = tmp_path / "gateway.toml"
-    port = free_port()
-    text = _with_workers(lab, port, workers) if workers > 1 else lab_config(lab, port=port)
-    config.write_text(text.replace(f'bind = "127.0.0.1:{port}"', f'bind = "gateway.invalid:{port}"'))
-    done = _run(lab, config, timeout=60)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert f"gateway.invalid:{port}: Name or service not known" in done.stderr, done.stderr
-    assert "the host name does not resolve on this machine: give listener.bind one of its IP addresses" in done.stderr
+    assert f"{host}:{port}: {reason}" in done.stderr, done.stderr
+    assert fix in done.stderr, done.stderr
     assert "something listens there" not in done.stderr
 
 
