@@ -865,6 +865,15 @@ class DeviceConnection(asyncio.Protocol):
         self._close()
         return self.transport is None or self.transport.get_write_buffer_size() == 0
 
+    def close_after_answer(self) -> bool:
+        """A health check's place of its own has had its time (`proxy.tls.proxy_protocol`): a request being served, or
+        read whole and waiting its turn, is answered with `Connection: close`, then the connection closes (True), as
+        `wind_down` does; False when no request is being answered (the caller resets the connection)."""
+        if self._task is None and not self._queue:
+            return False
+        self._winding = True
+        return True
+
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

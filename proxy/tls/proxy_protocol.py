@@ -350,10 +350,11 @@ class ProxyHeaderGate(asyncio.Protocol):
         client = header.source if header.command == "proxy" else None
         transport, self._transport = self._transport, None
         assert transport is not None
+        gate = self._tls_gate(closed)
         if in_place:
             held = 2 * self._timeout
-            asyncio.get_running_loop().call_at(deadline + self._timeout, _place_expired, transport, self._peer, held)
-        gate = self._tls_gate(closed)
+            loop = asyncio.get_running_loop()
+            loop.call_at(deadline + self._timeout, _place_expired, transport, gate, self._peer, held)
         preread = self._buffer[header.length :]
         gate.behind_balancer(
             client, preread, health_check=header.health_check, unnamed=header.unnamed, deadline=deadline
@@ -441,20 +442,28 @@ class ProxyHeaderGate(asyncio.Protocol):
             self._timer = None
 
 
-def _place_expired(transport: asyncio.Transport, peer: object, held: float) -> None:
+def _place_expired(transport: asyncio.Transport, gate: TlsGate, peer: object, held: float) -> None:
     """A health check's place of its own (`SlotWait.aside`) held `held` seconds since its accept: its connection is
-    closed (a reset), and the place comes back as it ends; nothing if it has ended already."""
+    closed, and the place comes back as it ends; nothing if it has ended already. One serving a request is closed
+    once that answer is sent (`serving`): HAProxy sends a v2 `LOCAL` header for a device it relays without IP
+    addresses too (a frontend on a Unix socket), whose request (an ActiveSync Ping held for minutes) a reset would
+    cut; any other is reset at once."""
     if transport.is_closing():
         return
+    serving = gate.close_after_answer()
     log.warning(
         "health_check_closed",
         peer=peer_text(peer),
+        serving=serving,
         reason=f"a health check held its place of its own {held:g} s after its accept (twice "
-        "listener.handshake_timeout), past a check's one request",
+        "listener.handshake_timeout), past a check's one request"
+        + (": closed once the answer it is serving is sent" if serving else ""),
         fix="a balancer's check that keeps its connection open (an HTTP check with keep-alive, a hung check) holds "
-        "one of the places kept for checks at the cap: have it close after its answer",
+        "one of the places kept for checks at the cap: have it close after its answer; a device relayed with a LOCAL "
+        "header (HAProxy's for a client on a Unix socket) is served as the balancer: relay devices over TCP",
     )
-    transport.abort()
+    if not serving:
+        transport.abort()
 
 
 def gate_factory(

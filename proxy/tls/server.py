@@ -505,6 +505,20 @@ class TlsGate(asyncio.Protocol):
         named, or `UNNAMED`."""
         return UNNAMED if self._unnamed else self._client
 
+    def close_after_answer(self) -> bool:
+        """The connection closed once the answer it is serving is sent (True), for a health check's place that has had
+        its time (`proxy.tls.proxy_protocol`); False when it serves no request (its handshake not over, or between two
+        requests): the caller resets it. HAProxy sends a v2 `LOCAL` header for a device it relays without IP
+        addresses too (a frontend on a Unix socket), so a request is not cut. aiohttp's handler closes once its
+        request is answered (`close`: nothing pipelined after it is read), ours as `DeviceConnection.wind_down`."""
+        app: Any = self._app
+        if getattr(app, "takes_tls_records", False):
+            return bool(app.close_after_answer())
+        if getattr(app, "_current_request", None) is None:  # aiohttp's handler, answering nothing
+            return False
+        app.close()
+        return True
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The TLS protocol takes the socket here, before this returns, not in the task: uvloop starts reading
         # when `connection_made` returns (a `pause_reading` here is a no-op there), and a ClientHello read

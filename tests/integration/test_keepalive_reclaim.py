@@ -915,6 +915,38 @@ def test_a_health_check_in_a_place_of_its_own_is_closed_once_served_not_kept_for
         asyncio.run(run())
 
 
+def test_a_local_connection_in_a_place_of_its_own_is_answered_not_cut_mid_request(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy, handshake_timeout 3 s: a v2 LOCAL connection that found
+    no slot goes on in a place of its own, completes TLS with alice's certificate and asks for an answer the backend
+    holds 8 s (an ActiveSync Ping). HAProxy sends LOCAL for a device it relays without IP addresses (a frontend on a
+    Unix socket: its `make_proxy_line_v2`), so this may be a device. The place's timer (twice handshake_timeout from
+    the accept) reset it mid-request, no answer; it now closes the connection once that answer is sent, logged
+    (`health_check_closed`, `serving` true)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+
+        async def run() -> None:
+            busy = await two_busy_behind_a_balancer(lab, gw.port)
+            gw.mark()
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(LOCAL)
+            raw.setblocking(False)
+            check = await asyncio.open_connection(
+                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
+            )
+            status, body = await exchange(check, "/EWS/held?hold=8")
+            assert status == 200, body[:200]
+            assert await closed_by_gateway(check[0]), "kept open past its place's time"
+            event = gw.wait_event("health_check_closed")
+            assert event["serving"] is True, event
+            for w in (check[1], *(writer for _, writer in busy)):
+                w.close()
+
+        asyncio.run(run())
+
+
 def test_health_checks_past_their_places_keep_no_device_out_of_the_waits(
     lab: LabLayout, tmp_path: Path, server: str
 ) -> None:
