@@ -463,6 +463,10 @@ def _this_user() -> str:
 def _host_port(r: _Reader, key: str, value: str | None) -> tuple[str, int]:
     if value is None:
         return "", 0
+    if "://" in value:  # a URL's scheme (and a path) where the address is meant
+        address = value.partition("://")[2].partition("/")[0]
+        r.problem(key, f"expected host:port, got {value!r}: an address, not a URL (write {address!r})")
+        return "", 0
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -952,9 +956,13 @@ def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
         )
     krb5 = r.get(t, "kerberos.krb5_config", "krb5_config", str, "")
     kdc_account = _named_choice(r, t, "kerberos", "kdc_account", KDC_ACCOUNT_POLICIES, "auto")
+    keytab = r.get(t, "kerberos.keytab", "keytab", str)
+    if keytab is not None and (kind := re.match(r"(?:WR)?FILE:", keytab)):  # KRB5_KTNAME's form, krb5.conf's too
+        r.problem("kerberos.keytab", f"{keytab!r} is a keytab name, not a path: write the path without {kind[0]!r}")
+        keytab = None
     return Kerberos(
         principal=principal,
-        keytab=r.file("kerberos.keytab", r.get(t, "kerberos.keytab", "keytab", str)),
+        keytab=r.file("kerberos.keytab", keytab),
         krb5_config=r.file("kerberos.krb5_config", krb5) if krb5 else None,
         max_in_flight=_number(r, t, "kerberos", "max_in_flight", int, 16),
         kdc_timeout=_number(r, t, "kerberos", "kdc_timeout", float, 10.0),

@@ -98,6 +98,17 @@ BROKEN = [
         "kerberos.principal: 'HTTP/proxy' has no realm",
     ),
     ('keytab = "proxy.keytab"', "keytab = 7", "kerberos.keytab: expected str, got int"),
+    (  # krb5's keytab name (KRB5_KTNAME's form) for the file's path
+        'keytab = "proxy.keytab"',
+        'keytab = "FILE:proxy.keytab"',
+        "kerberos.keytab: 'FILE:proxy.keytab' is a keytab name, not a path: write the path without 'FILE:'",
+    ),
+    (  # the listener's URL for its address
+        'bind = "127.0.0.1:8443"',
+        'bind = "https://127.0.0.1:8443"',
+        "listener.bind: expected host:port, got 'https://127.0.0.1:8443': an address, not a URL "
+        "(write '127.0.0.1:8443')",
+    ),
     ('upstream = "http://127.0.0.1:8081"', 'upstream = "ftp://x"', "routes[0].upstream: expected http(s)"),
     ('upstream = "http://127.0.0.1:8081"', 'upstream = "http://x/owa"', "routes[0].upstream: expected http(s)"),
     ('spn = "HTTP/cas.lab.test"', 'spn = "cas.lab.test"', "routes[0].spn: expected service/host"),
