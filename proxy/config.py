@@ -358,6 +358,8 @@ class _Reader:
         self.path = path
         self.base = path.parent
         self.problems: list[str] = []
+        self.headers: dict[str, set[str]] = {}  # each table's header as written (`[kerberos]`, `[[routes]]`): its keys
+        self._unknown: list[tuple[int, str, str]] = []  # (index in problems, key, its table's header): see `finish`
 
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{key}: {message} (in {self.path})")
@@ -419,10 +421,35 @@ class _Reader:
         return value
 
     def unknown(self, table: dict[str, Any], prefix: str, known: set[str]) -> None:
+        header = _header(prefix)
+        self.headers.setdefault(header, set()).update(known)
         for name in sorted(set(table) - known):
             near = difflib.get_close_matches(name, sorted(known), n=1)  # a misspelt key's likely meaning
             hint = f"; did you mean {near[0]}?" if near else ""
+            self._unknown.append((len(self.problems), name, header))
             self.problem(f"{prefix}.{name}" if prefix else name, f"unknown key{hint}")
+
+    def finish(self) -> None:
+        """Name the table an unknown key belongs to where it is a key of another table: TOML puts a key in the
+        table whose header comes before it, so one written above its own header (`prefix` just before
+        `[[routes]]`, `bind` before `[listener]`) lands in the table above, or in no table at all."""
+        for index, name, header in self._unknown:
+            owners = [other for other, keys in self.headers.items() if other != header and other and name in keys]
+            if not owners:
+                continue
+            key = self.problems[index].partition(": ")[0]
+            above = len(owners) == 1 and (not header or owners[0].startswith("[["))  # the header below it, likely
+            where = f"written above its {owners[0]} header?" if above else "written under the wrong header?"
+            self.problems[index] = f"{key}: unknown key (a key of {' or '.join(owners)}: {where}) (in {self.path})"
+
+
+def _header(prefix: str) -> str:
+    """The header of the table at `prefix` as a TOML file writes it: `kerberos` is `[kerberos]`, `routes[2]` is
+    `[[routes]]` (an array of tables); the top level (no header) is ""."""
+    if not prefix:
+        return ""
+    bare = re.sub(r"\[\d+\]", "", prefix)
+    return f"[[{bare}]]" if prefix.endswith("]") else f"[{bare}]"
 
 
 def _this_user() -> str:
@@ -435,6 +462,10 @@ def _this_user() -> str:
 
 def _host_port(r: _Reader, key: str, value: str | None) -> tuple[str, int]:
     if value is None:
+        return "", 0
+    if "://" in value:  # a URL's scheme (and a path) where the address is meant
+        address = value.partition("://")[2].partition("/")[0]
+        r.problem(key, f"expected host:port, got {value!r}: an address, not a URL (write {address!r})")
         return "", 0
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
@@ -925,9 +956,13 @@ def _kerberos(r: _Reader, t: dict[str, Any]) -> Kerberos:
         )
     krb5 = r.get(t, "kerberos.krb5_config", "krb5_config", str, "")
     kdc_account = _named_choice(r, t, "kerberos", "kdc_account", KDC_ACCOUNT_POLICIES, "auto")
+    keytab = r.get(t, "kerberos.keytab", "keytab", str)
+    if keytab is not None and (kind := re.match(r"(?:WR)?FILE:", keytab)):  # KRB5_KTNAME's form, krb5.conf's too
+        r.problem("kerberos.keytab", f"{keytab!r} is a keytab name, not a path: write the path without {kind[0]!r}")
+        keytab = None
     return Kerberos(
         principal=principal,
-        keytab=r.file("kerberos.keytab", r.get(t, "kerberos.keytab", "keytab", str)),
+        keytab=r.file("kerberos.keytab", keytab),
         krb5_config=r.file("kerberos.krb5_config", krb5) if krb5 else None,
         max_in_flight=_number(r, t, "kerberos", "max_in_flight", int, 16),
         kdc_timeout=_number(r, t, "kerberos", "kdc_timeout", float, 10.0),
@@ -1218,6 +1253,7 @@ def _traces(r: _Reader, t: dict[str, Any]) -> Traces:
 
 def parse(data: dict[str, Any], path: Path) -> Config:
     r = _Reader(path)
+    r.headers["[[routes]]"] = set(_ROUTE_KEYS)  # known even where no [[routes]] table is read
     r.unknown(
         data,
         "",
@@ -1281,6 +1317,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
                 f"routes[{i}].backend_binding",
                 '"connection" is for Negotiate: with backend_auth = "basic" every request carries its credentials',
             )
+    r.finish()
     if r.problems:
         raise ConfigError(r.problems)
     return Config(

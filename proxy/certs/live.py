@@ -42,8 +42,15 @@ from cryptography import x509
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.floors import FloorTable
 from proxy.certs.ocsp import OcspClient
-from proxy.certs.revocation import NO_CURRENT_CRL_FIX, CrlSet, RevocationEvidence, RevocationStatus, revoked_fix
-from proxy.certs.sources import CrlStatus, CrlStore, sources_from_config
+from proxy.certs.revocation import (
+    NO_CURRENT_CRL_FIX,
+    UNDETERMINED,
+    CrlSet,
+    RevocationEvidence,
+    RevocationStatus,
+    revoked_fix,
+)
+from proxy.certs.sources import FETCH_CHECK, CrlStatus, CrlStore, sources_from_config
 from proxy.config import ClientCertificates
 from proxy.device.request import DeviceRequest
 from proxy.errors import CertificateRejected, CertificateRevoked
@@ -95,6 +102,7 @@ class LiveRevocation:
             refresh_seconds=config.crl_refresh_seconds,
             use_distribution_points=config.use_distribution_points,
             floors=floors,
+            policy=config.revocation,
         )
         self.ocsp = None if config.ocsp == "off" else OcspClient(cache_seconds=config.crl_refresh_seconds)
         self._in_flight: set[_Watch] = set()
@@ -165,8 +173,21 @@ class LiveRevocation:
                     answer.detail, hint='the OCSP responder must answer for every certificate under ocsp = "require"'
                 )
         if crl.status is RevocationStatus.UNKNOWN and self.policy == "require":
-            raise CertificateRevoked(crl.detail, hint=NO_CURRENT_CRL_FIX)
+            raise self._undetermined(crl)
         return crl
+
+    def _undetermined(self, crl: RevocationEvidence) -> CertificateRevoked:
+        """The refusal under "require" of a certificate no current CRL speaks for: saying its status could not be
+        determined (nothing was revoked), and naming the CRL URLs that could not be fetched, which may be why."""
+        failed = self.crls.not_fetched()
+        if not failed:
+            return CertificateRevoked(f"{UNDETERMINED}: {crl.detail}", hint=NO_CURRENT_CRL_FIX)
+        plural = "s" if len(failed) > 1 else ""
+        errors = "; ".join(f"{name}: {error}" for name, error in failed.items())
+        return CertificateRevoked(
+            f"{UNDETERMINED}: {crl.detail} (CRL source{plural} not fetched: {', '.join(failed)})",
+            hint=f"{NO_CURRENT_CRL_FIX}; the CRL URL{plural} could not be fetched ({errors}): {FETCH_CHECK}",
+        )
 
     async def _responder_status(
         self, chain: tuple[x509.Certificate, ...], responder: x509.Certificate, at: datetime

@@ -110,6 +110,7 @@ _KNOWN_CRL_EXTENSIONS = (
 
 
 # The fix of a leaf refused under revocation = "require" for want of a current CRL (here and in `proxy.certs.live`).
+UNDETERMINED = "the revocation status could not be determined"  # a refusal for want of a current CRL: none revoked
 NO_CURRENT_CRL_FIX = 'publish or load a current CRL for this CA, or set revocation = "best-effort"'
 
 
@@ -462,7 +463,7 @@ class CrlSet:
         if evidence.status is RevocationStatus.REVOKED:
             raise CertificateRevoked(f"certificate {evidence.detail}", hint=revoked_fix(verified, evidence.source))
         if evidence.status is RevocationStatus.UNKNOWN and policy == "require":
-            raise CertificateRevoked(evidence.detail, hint=NO_CURRENT_CRL_FIX)
+            raise CertificateRevoked(f"{UNDETERMINED}: {evidence.detail}", hint=NO_CURRENT_CRL_FIX)
         return evidence
 
     def may_list(self, verified: VerifiedCertificate) -> bool:

@@ -162,6 +162,7 @@ class CrlStore:
     _learning: dict[str, asyncio.Task[None]] = field(default_factory=dict, repr=False)
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
     floors: FloorTable | None = field(default=None, repr=False)  # the replay floors (module docstring)
+    policy: str | None = None  # the revocation mode these CRLs serve, for what a failed fetch means (None: not said)
 
     def __post_init__(self) -> None:
         for source in self.sources:
@@ -309,7 +310,17 @@ class CrlStore:
         state.last_fetch, state.unreadable = now, True
         error = state.source.scrubbed(f"fetch failed: {type(exc).__name__}: {exc}".rstrip(": "))  # no password
         state.last_error = shown_error(error)  # then cut short: aiohttp's errors may quote kilobytes the server sent
-        log.warning("crl_fetch_failed", source=state.source.name, error=state.last_error, **_held(state))
+        fix = fetch_failed_fix(self.policy, holding=bool(state.crls), refresh_seconds=self.refresh_seconds)
+        log.warning("crl_fetch_failed", source=state.source.name, error=state.last_error, fix=fix, **_held(state))
+
+    def not_fetched(self) -> dict[str, str]:
+        """The URL sources (configured or learned) whose last fetch failed and that hold no CRL, by name
+        (`CrlSource.name`), each with its error: what a refusal for want of a current CRL may be owed to."""
+        return {
+            state.source.name: state.last_error or ""
+            for state in self._states.values()
+            if state.source.is_url and not state.crls and (state.last_error or "").startswith("fetch failed")
+        }
 
     async def _get(self, url: str) -> bytes:
         if self._session is None or self._session.closed:
@@ -559,6 +570,33 @@ def _describe(crl: Crl) -> dict[str, object]:
         "this_update": _iso(crl.this_update),
         "next_update": _iso(crl.next_update),
     }
+
+
+FETCH_CHECK = (
+    "check the URL (a typo?), the network between this host and it (DNS, routes, a firewall, an HTTP proxy) "
+    "and that the CA's server publishes the CRL there"
+)
+
+
+def fetch_failed_fix(policy: str | None, *, holding: bool, refresh_seconds: float) -> str:
+    """What `crl_fetch_failed` tells the administrator to check, and what the revocation mode `policy` does until
+    a fetch succeeds (a source still holding its last good CRL keeps it in force until its nextUpdate)."""
+    check = FETCH_CHECK
+    if holding:
+        meanwhile = "meanwhile its last good CRL stays in force until its nextUpdate"
+    elif policy == "require":
+        meanwhile = (
+            'meanwhile, under revocation = "require", every device of a CA this CRL speaks for is refused (403 at '
+            "revocation, its status could not be determined) unless another source holds a current CRL of that CA"
+        )
+    elif policy == "best-effort":
+        meanwhile = (
+            'meanwhile, under revocation = "best-effort", devices of a CA this CRL speaks for are served with their '
+            "revocation status unknown: a certificate it revokes is not refused"
+        )
+    else:
+        meanwhile = "meanwhile no CRL of it is in force"
+    return f"{check}; {meanwhile}; fetched again every {refresh_seconds:g} s"
 
 
 def _held(state: _State) -> dict[str, object]:

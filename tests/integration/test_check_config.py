@@ -146,6 +146,8 @@ CATALOGUE = [
      _append(f'\n[[routes]]\nprefix = "/ews/"\nupstream = "https://cas.lab.test"\nca_bundle = "{LONG}"\n'),
      "routes[1].ca_bundle", "File name too long"),
     ("unknown key", _replace("[listener]\n", '[listener]\ncolour = "blue"\n'), "listener.colour", "unknown key"),
+    ("a route's key above its header", _replace("[[routes]]\n", 'prefix = "/owa/"\n[[routes]]\n'), "kerberos.prefix",
+     "unknown key (a key of [[routes]]: written above its [[routes]] header?)"),
     ("bad upstream", _append('\n[[routes]]\nprefix = "/ews/"\nupstream = "ftp://cas/x"\n'),
      "routes[1].upstream", "expected http(s)://host[:port]"),
     ("certificate and key swapped", _swapped, "listener.certificate",

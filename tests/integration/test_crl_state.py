@@ -148,7 +148,7 @@ def test_a_restarted_gateway_never_takes_a_crl_older_than_it_took_before(scene: 
             assert status == 200, body  # the hole the key closes
             return
         assert status == 403, body
-        assert body.strip() == f"no current CRL for issuer '{ISSUER}'"
+        assert body.strip() == f"the revocation status could not be determined: no current CRL for issuer '{ISSUER}'"
         rejected = gw.wait_event("crl_rejected", source=scene.url)
         problem = rejected["problem"]
         assert problem.startswith(f"CRL #5000 of '{ISSUER}' is older than the one this gateway took (CRL number 5001")

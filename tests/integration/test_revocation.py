@@ -250,7 +250,10 @@ def test_crl_signed_by_the_wrong_key_is_never_used(lab: LabLayout, tmp_path: Pat
     gw = gateway_with(lab, tmp_path / "file", f'crls = ["{forged}", "{pki.root_crl}"]\nrevocation = "require"\n')
     try:
         status, body = get(connect(lab, gw, "alice"))
-        assert (status, body.strip()) == (403, "no current CRL for issuer 'CN=Lab Issuing CA'")
+        assert (status, body.strip()) == (
+            403,
+            "the revocation status could not be determined: no current CRL for issuer 'CN=Lab Issuing CA'",
+        )
     finally:
         assert gw.stop() == 0
 
@@ -490,6 +493,29 @@ def test_a_failed_fetch_keeps_the_last_good_crl(
             assert gw.stop() == 0
     finally:
         server.close()
+
+
+def test_a_crl_url_that_does_not_answer_is_named_in_its_fix_and_in_the_refusal(lab: LabLayout, tmp_path: Path) -> None:
+    """The issuing CA's CRL URL on a port where nothing listens (a typo) under "require": `crl_fetch_failed` carries a
+    fix (the URL, the network, the CA's server, what "require" does meanwhile); alice's 403 at revocation says her
+    revocation status could not be determined and names the URL, and the refusal's fix names the failed fetch."""
+    pki = Pki.at(lab.pki_dir)
+    dead = f"http://127.0.0.1:{free_port()}/issuing.crl"
+    gw = gateway_with(lab, tmp_path, f'crls = ["{dead}", "{pki.root_crl}"]\nrevocation = "require"\n')
+    try:
+        fix = gw.wait_event("crl_fetch_failed", source=dead).get("fix", "")
+        assert all(words in fix for words in ("the URL", "network", "the CA's server", "every device")), fix
+        gw.mark()
+        status, body = get(connect(lab, gw, "alice"))
+        assert status == 403, body
+        assert body.strip() == (
+            "the revocation status could not be determined: no current CRL for issuer 'CN=Lab Issuing CA' "
+            f"(CRL source not fetched: {dead})"
+        )
+        refused = gw.wait_event("certificate_revoked", stage="revocation")
+        assert f"could not be fetched ({dead}: fetch failed: " in refused["fix"], refused
+    finally:
+        assert gw.stop() == 0
 
 
 class _GuardedCrlServer(_CrlServer):

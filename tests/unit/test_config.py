@@ -98,6 +98,17 @@ BROKEN = [
         "kerberos.principal: 'HTTP/proxy' has no realm",
     ),
     ('keytab = "proxy.keytab"', "keytab = 7", "kerberos.keytab: expected str, got int"),
+    (  # krb5's keytab name (KRB5_KTNAME's form) for the file's path
+        'keytab = "proxy.keytab"',
+        'keytab = "FILE:proxy.keytab"',
+        "kerberos.keytab: 'FILE:proxy.keytab' is a keytab name, not a path: write the path without 'FILE:'",
+    ),
+    (  # the listener's URL for its address
+        'bind = "127.0.0.1:8443"',
+        'bind = "https://127.0.0.1:8443"',
+        "listener.bind: expected host:port, got 'https://127.0.0.1:8443': an address, not a URL "
+        "(write '127.0.0.1:8443')",
+    ),
     ('upstream = "http://127.0.0.1:8081"', 'upstream = "ftp://x"', "routes[0].upstream: expected http(s)"),
     ('upstream = "http://127.0.0.1:8081"', 'upstream = "http://x/owa"', "routes[0].upstream: expected http(s)"),
     ('spn = "HTTP/cas.lab.test"', 'spn = "cas.lab.test"', "routes[0].spn: expected service/host"),
@@ -123,6 +134,41 @@ def test_broken_configurations_name_the_key_and_the_file(tmp_path: Path, old: st
     assert any(p.startswith(problem) and str(tmp_path / "gateway.toml") in p for p in e.value.problems), (
         e.value.problems
     )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        (  # a route's key after [kerberos], meant for the [[routes]] header below it
+            'keytab = "proxy.keytab"\n',
+            'keytab = "proxy.keytab"\nprefix = "/owa/"\n',
+            "kerberos.prefix: unknown key (a key of [[routes]]: written above its [[routes]] header?)",
+        ),
+        (  # a listener's key above every header: TOML puts it at the top level
+            "[listener]\n",
+            "max_connections = 100\n[listener]\n",
+            "max_connections: unknown key (a key of [listener]: written above its [listener] header?)",
+        ),
+        (  # a key two tables have, under a third
+            'source = "san-upn"\n',
+            'source = "san-upn"\nbind = "127.0.0.1:9443"\n',
+            "identity.bind: unknown key (a key of [listener] or [admin] or [directory]: written under the wrong "
+            "header?)",
+        ),
+        (  # a key of [client_certificates] in a route
+            'spn = "HTTP/cas.lab.test"\n',
+            'spn = "HTTP/cas.lab.test"\nrevocation = "best-effort"\n',
+            "routes[0].revocation: unknown key (a key of [client_certificates]: written under the wrong header?)",
+        ),
+    ],
+)
+def test_an_unknown_key_of_another_table_names_that_table(tmp_path: Path, old: str, new: str, problem: str) -> None:
+    """A key unknown in its table but known in another (TOML put it in the table whose header came before it) is
+    reported naming the table it belongs to, instead of a bare "unknown key" or a did-you-mean of its own table."""
+    assert old in GOOD
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, GOOD.replace(old, new, 1)))
+    assert f"{problem} (in {tmp_path / 'gateway.toml'})" in e.value.problems, e.value.problems
 
 
 @pytest.mark.parametrize("name", ["svc-kcdproxy", "HTTP/kcd-gw.corp.example.com"])
