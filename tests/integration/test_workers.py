@@ -541,6 +541,40 @@ def test_the_last_serving_worker_dying_while_a_replacement_is_retried_stops_the_
         gw.stop()
 
 
+def test_a_replacement_listening_for_less_than_min_uptime_serves_on_when_its_sibling_dies(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A worker SIGKILLed and replaced, then its sibling SIGKILLed as soon as the replacement listens, the listener's
+    certificate half rewritten in between: the supervisor counted a replacement as serving only past MIN_UPTIME, so
+    the sibling's replacement was forked as a lone one, failed on the file, and the gateway stopped
+    (`worker_failed_to_start`, exit 2) while the first replacement served. A replacement counts once it listens: the
+    second refuses beside it (`worker_not_replaced`, serving 1), the gateway runs on and devices are served."""
+    text = _with_workers(lab, free_port(), 2)
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    try:
+        first, second = _listening_pids(gw, 2)
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        copy.write_bytes(whole[: len(whole) // 2])
+        os.kill(second, signal.SIGKILL)
+        ends = ("worker_not_replaced", "worker_failed_to_start")
+        ended = eventually(
+            lambda: [e for e in gw.logs()[gw.since :] if e.get("event") in ends] or None, "the second replacement's end"
+        )
+        assert [e["event"] for e in ended][:1] == ["worker_not_replaced"], [e["event"] for e in gw.logs()[-12:]]
+        assert ended[0]["serving"] == 1, ended
+        assert gw.proc.poll() is None
+        assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2  # the first replacement, with what it loaded
+        assert _alive(replacement["pid"])
+    finally:
+        gw.stop()
+
+
 def test_a_sighup_while_the_workers_start_reaches_them_all(lab: LabLayout, tmp_path: Path) -> None:
     """systemd's ExecReload (or a configuration tool) right after a start: SIGHUP reached workers still starting,
     which ignored it until their reload handler was in place, and served the configuration read before the edit
