@@ -226,7 +226,11 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                 if pid not in workers:
                     continue
                 started, number, replacing = workers.pop(pid)
-                _listening(siblings, pid).unlink(missing_ok=True)  # a worker killed outright leaves its mark
+                # A worker killed outright leaves its mark and its Unix socket: with the socket there, the last worker
+                # stopping after the supervisor was killed (a replacement retried, not yet listening) could not remove
+                # the directory. Its replacement binds a new one.
+                _listening(siblings, pid).unlink(missing_ok=True)
+                Worker(number, siblings).socket.unlink(missing_ok=True)
                 code = os.waitstatus_to_exitcode(status)
                 if stopping:
                     log.info("worker_stopped", worker=pid, code=code)

@@ -963,6 +963,39 @@ def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_work
     assert not directory.exists(), sorted(p.name for p in directory.iterdir())
 
 
+def test_a_supervisor_killed_while_a_replacement_is_retried_leaves_no_socket_directory(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """SIGKILL to the supervisor while it retries a replacement (`worker_not_replaced`, the listener's certificate half
+    rewritten): the worker killed before left its Unix socket (`<n>.sock`) in the private directory, so the last
+    worker stopping could not remove the directory and it stayed in the temp directory. The supervisor now removes
+    a dead worker's socket when it reaps it."""
+    admin = free_port()
+    text = _with_workers(lab, free_port(), 2) + f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    try:
+        first, second = _listening_pids(gw, 2)
+        directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
+        copy.write_bytes(whole[: len(whole) // 2])
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        gw.wait_event("worker_not_replaced")
+        gw.proc.kill()
+        gw.proc.wait()
+        deadline = time.monotonic() + WAIT
+        while (directory.exists() or _alive(second)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(second, signal.SIGKILL)
+        gw.stop()
+    assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+
+
 def test_a_trace_id_with_a_path_in_it_is_no_trace_not_a_question_for_another_path(
     lab: LabLayout, two_workers_admin: tuple[Gateway, str]
 ) -> None:
