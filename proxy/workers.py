@@ -42,7 +42,8 @@ gateway: its siblings serve on with what they loaded (a trust anchor or the list
 rewritten fails a start, not a worker that has it loaded), the supervisor says so (`worker_not_replaced`, with the
 fix) and tries again every `REPLACE_RETRY` seconds; a sibling serves if it is one of the first workers or a replacement
 that has opened its listener (`Worker.listens`; one still starting may fail as well), so with none left serving the
-gateway stops as when the first workers fail. The supervisor reaps a worker as it ends, a replacement's pause
+gateway stops as when the first workers fail, unless a replacement still starts (it may serve in a moment: the
+failed one is retried). The supervisor reaps a worker as it ends, a replacement's pause
 included: its uptime is measured when it ended. (A worker killed by a signal is replaced whenever it dies.)
 A replacement reads the configuration file again (`proxy.live.replacement_config`): its siblings may have reloaded
 since the supervisor read it.
@@ -240,13 +241,16 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                 problems = _refusal(Worker(number, siblings))  # a refusal is a failure to start, however long it took
                 failed = code > 0 and (time.monotonic() - started < MIN_UPTIME or bool(problems))
                 serving = _serving(workers, siblings)  # the one count both the retry and a replacement's `beside` go by
-                if failed and replacing and serving:
+                coming = _starting(workers, siblings)  # replacements not yet listening
+                if failed and replacing and (serving or coming):
                     # its siblings serve with what they loaded: a file caught half rewritten is no reason to stop them
+                    # (nor, with none serving, while a replacement still starts: it may serve in a moment)
                     log.error(
                         "worker_not_replaced",
                         worker=pid,
                         code=code,
                         serving=serving,
+                        starting=coming,
                         retry_seconds=REPLACE_RETRY,
                         problems=problems,
                         fix="`problems` (or the worker's lines above) name the file it refused (a trust anchor, a CRL "
@@ -292,14 +296,30 @@ def _serving(workers: dict[int, tuple[float, int, bool]], siblings: Path) -> int
     `MIN_UPTIME` may still be starting (a slow CRL URL), and one younger serving was counted as none: the gateway
     stopped when its sibling's replacement failed beside it, and a replacement forked beside it served as a lone one
     (what it could not read left out, or the started configuration)."""
-    count = 0
-    for pid, (_, _, replacement) in workers.items():
-        if replacement and not _listening(siblings, pid).exists():
-            continue
-        with contextlib.suppress(ChildProcessError):
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                count += 1
-    return count
+    return sum(
+        1
+        for pid, (_, _, replacement) in workers.items()
+        if (not replacement or _listening(siblings, pid).exists()) and _running(pid)
+    )
+
+
+def _starting(workers: dict[int, tuple[float, int, bool]], siblings: Path) -> int:
+    """How many of `workers` are replacements still starting: alive, their listener not yet open. While one is, a
+    lone replacement failing does not stop the gateway (the one starting may serve in a moment, having read its
+    files whole before they went bad): it is retried, and the gateway stops once none serves and none starts."""
+    return sum(
+        1
+        for pid, (_, _, replacement) in workers.items()
+        if replacement and not _listening(siblings, pid).exists() and _running(pid)
+    )
+
+
+def _running(pid: int) -> bool:
+    """Whether the worker `pid` has not ended: one that died is not yet reaped, so asked without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
 
 
 def _refusal(worker: Worker) -> list[str]:
