@@ -690,6 +690,8 @@ async def serve(
         loop.create_task(accept_connections(sock, factory, slots, direct_cap, header_first=header_first))
         for sock in sockets
     ]
+    if worker is not None:  # counted as serving by the supervisor from now on (`proxy.workers._serving`)
+        worker.listens()
     log.info(
         "listening",
         bind=host_port(listener.host, listener.port),

@@ -41,9 +41,10 @@ rest and exits with that worker's code. A replacement that so fails while a sibl
 gateway: its siblings serve on with what they loaded (a trust anchor or the listener's certificate caught half
 rewritten fails a start, not a worker that has it loaded), the supervisor says so (`worker_not_replaced`, with the
 fix) and tries again every `REPLACE_RETRY` seconds; a sibling serves if it is one of the first workers or a replacement
-that has run `MIN_UPTIME` (one still starting may fail as well), so with none left serving the gateway stops as when
-the first workers fail. The supervisor reaps a worker as it ends, a replacement's pause included: its uptime is
-measured when it ended. (A worker killed by a signal is replaced whenever it dies.)
+that has opened its listener (`Worker.listens`; one still starting may fail as well), so with none left serving the
+gateway stops as when the first workers fail, unless a replacement still starts (it may serve in a moment: the
+failed one is retried). The supervisor reaps a worker as it ends, a replacement's pause
+included: its uptime is measured when it ended. (A worker killed by a signal is replaced whenever it dies.)
 A replacement reads the configuration file again (`proxy.live.replacement_config`): its siblings may have reloaded
 since the supervisor read it.
 
@@ -55,7 +56,7 @@ certificates the siblings' CRL revokes while they, keeping it, refused them (the
 kernel's pick of worker), and under "require" it refused every device of that CA while they served them. Nor does a
 configuration that does not build send it back to the one the gateway started with (older routes, trust anchors and
 revocation mode than its siblings' reload, if they took it). The supervisor tells each replacement how many siblings
-serve (`Worker.serving_beside`: alive, and one of the first workers or a replacement past `MIN_UPTIME`); one with
+serve (`Worker.serving_beside`: alive, and one of the first workers or a replacement that listens); one with
 none beside it (every worker died) serves as before, as nothing else would: without the CRL sources it cannot use
 (`crl_not_used`; the revocation mode says what that means), on the configuration the gateway started with if the
 file does not build. A refusing replacement leaves its problems in `Worker.refusal` for the supervisor's
@@ -127,6 +128,12 @@ class Worker:
         with contextlib.suppress(OSError):
             self.refusal.write_text(json.dumps(problems))
 
+    def listens(self) -> None:
+        """This worker has opened its listener: the supervisor counts it as serving from now on (`_serving`). Best
+        effort: a replacement not so marked is counted as not serving, as one still starting is."""
+        with contextlib.suppress(OSError):
+            _listening(self.siblings, os.getpid()).touch()
+
     @property
     def reloaded(self) -> Path:
         """Where a worker's reload that succeeded leaves the file's text it took, for a replacement to serve if the
@@ -185,7 +192,7 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                 os.kill(pid, signum)
 
     def start(number: int, *, replacement: bool = False) -> None:
-        beside = _serving(workers) if replacement else 0
+        beside = _serving(workers, siblings) if replacement else 0
         # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
@@ -220,6 +227,11 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                 if pid not in workers:
                     continue
                 started, number, replacing = workers.pop(pid)
+                # A worker killed outright leaves its mark and its Unix socket: with the socket there, the last worker
+                # stopping after the supervisor was killed (a replacement retried, not yet listening) could not remove
+                # the directory. Its replacement binds a new one.
+                _listening(siblings, pid).unlink(missing_ok=True)
+                Worker(number, siblings).socket.unlink(missing_ok=True)
                 code = os.waitstatus_to_exitcode(status)
                 if stopping:
                     log.info("worker_stopped", worker=pid, code=code)
@@ -228,14 +240,17 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                 pause = _RESTART_PAUSE
                 problems = _refusal(Worker(number, siblings))  # a refusal is a failure to start, however long it took
                 failed = code > 0 and (time.monotonic() - started < MIN_UPTIME or bool(problems))
-                serving = _serving(workers)  # the one count both the retry and a replacement's `beside` go by
-                if failed and replacing and serving:
+                serving = _serving(workers, siblings)  # the one count both the retry and a replacement's `beside` go by
+                coming = _starting(workers, siblings)  # replacements not yet listening
+                if failed and replacing and (serving or coming):
                     # its siblings serve with what they loaded: a file caught half rewritten is no reason to stop them
+                    # (nor, with none serving, while a replacement still starts: it may serve in a moment)
                     log.error(
                         "worker_not_replaced",
                         worker=pid,
                         code=code,
                         serving=serving,
+                        starting=coming,
                         retry_seconds=REPLACE_RETRY,
                         problems=problems,
                         fix="`problems` (or the worker's lines above) name the file it refused (a trust anchor, a CRL "
@@ -268,20 +283,43 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     return failure
 
 
-def _serving(workers: dict[int, tuple[float, int, bool]]) -> int:
+def _listening(siblings: Path, pid: int) -> Path:
+    """The mark a worker leaves once its listener is open (`Worker.listens`), removed when it ends."""
+    return siblings / f"{pid}.listening"
+
+
+def _serving(workers: dict[int, tuple[float, int, bool]], siblings: Path) -> int:
     """How many of `workers` serve, as far as the supervisor can tell: alive (one that died is not yet reaped: asked
     without reaping it, `WNOWAIT`), and one of the first workers (a first one that fails to start stops the gateway)
-    or a replacement past `MIN_UPTIME` (a younger one may yet fail to start: two workers dying together would otherwise
-    each wait for the other's replacement, and none serve)."""
-    now = time.monotonic()
-    count = 0
-    for pid, (started, _, replacement) in workers.items():
-        if replacement and now - started < MIN_UPTIME:
-            continue
-        with contextlib.suppress(ChildProcessError):
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                count += 1
-    return count
+    or a replacement that has opened its listener (`Worker.listens`). Not its age: one still starting may yet fail
+    (two workers dying together would otherwise each wait for the other's replacement, and none serve), one past
+    `MIN_UPTIME` may still be starting (a slow CRL URL), and one younger serving was counted as none: the gateway
+    stopped when its sibling's replacement failed beside it, and a replacement forked beside it served as a lone one
+    (what it could not read left out, or the started configuration)."""
+    return sum(
+        1
+        for pid, (_, _, replacement) in workers.items()
+        if (not replacement or _listening(siblings, pid).exists()) and _running(pid)
+    )
+
+
+def _starting(workers: dict[int, tuple[float, int, bool]], siblings: Path) -> int:
+    """How many of `workers` are replacements still starting: alive, their listener not yet open. While one is, a
+    lone replacement failing does not stop the gateway (the one starting may serve in a moment, having read its
+    files whole before they went bad): it is retried, and the gateway stops once none serves and none starts."""
+    return sum(
+        1
+        for pid, (_, _, replacement) in workers.items()
+        if replacement and not _listening(siblings, pid).exists() and _running(pid)
+    )
+
+
+def _running(pid: int) -> bool:
+    """Whether the worker `pid` has not ended: one that died is not yet reaped, so asked without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
 
 
 def _refusal(worker: Worker) -> list[str]:
@@ -384,6 +422,8 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
     except (Exception, asyncio.CancelledError):  # CancelledError (a BaseException) used to end it with no line
         log.exception("worker_crashed")
     finally:
+        with contextlib.suppress(OSError):  # this worker serves no more (`_serving`)
+            _listening(siblings, os.getpid()).unlink()
         if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
             with contextlib.suppress(OSError):
                 (siblings / _RELOADED).unlink()

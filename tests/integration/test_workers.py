@@ -541,6 +541,95 @@ def test_the_last_serving_worker_dying_while_a_replacement_is_retried_stops_the_
         gw.stop()
 
 
+def test_a_replacement_listening_for_less_than_min_uptime_serves_on_when_its_sibling_dies(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A worker SIGKILLed and replaced, then its sibling SIGKILLed as soon as the replacement listens, the listener's
+    certificate half rewritten in between: the supervisor counted a replacement as serving only past MIN_UPTIME, so
+    the sibling's replacement was forked as a lone one, failed on the file, and the gateway stopped
+    (`worker_failed_to_start`, exit 2) while the first replacement served. A replacement counts once it listens: the
+    second refuses beside it (`worker_not_replaced`, serving 1), the gateway runs on and devices are served."""
+    text = _with_workers(lab, free_port(), 2)
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    try:
+        first, second = _listening_pids(gw, 2)
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        copy.write_bytes(whole[: len(whole) // 2])
+        os.kill(second, signal.SIGKILL)
+        ends = ("worker_not_replaced", "worker_failed_to_start")
+        ended = eventually(
+            lambda: [e for e in gw.logs()[gw.since :] if e.get("event") in ends] or None, "the second replacement's end"
+        )
+        assert [e["event"] for e in ended][:1] == ["worker_not_replaced"], [e["event"] for e in gw.logs()[-12:]]
+        assert ended[0]["serving"] == 1, ended
+        assert gw.proc.poll() is None
+        assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2  # the first replacement, with what it loaded
+        assert _alive(replacement["pid"])
+    finally:
+        gw.stop()
+
+
+def test_a_lone_replacement_failing_while_another_still_starts_does_not_stop_the_gateway(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A worker SIGKILLed, its replacement held in its first CRL fetch (a distribution point that does not answer yet),
+    then the listener's certificate half rewritten and the other worker SIGKILLed: its replacement, with none beside
+    it, fails on the file. The supervisor stopped the gateway there (nothing listened at that moment), killing the
+    replacement about to serve with what it had read whole. It now waits for that one (`worker_not_replaced`,
+    `serving` 0, `starting` 1) and retries; once it listens the gateway serves, and the retry refuses beside it."""
+    issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
+    crl = write_crl(tmp_path / "3001.crl", issuing, number=3001).read_bytes()
+    holding, held, release = threading.Event(), threading.Event(), threading.Event()
+
+    def answer(_path: str, _headers: Message) -> tuple[int, bytes]:
+        if holding.is_set():
+            held.set()
+            release.wait(WAIT)
+        return 200, crl
+
+    server = _CrlServer(answer)
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    root_crl = write_crl(tmp_path / "root.crl", root)
+    text = _best_effort_with(lab, [root_crl]).replace(f'crls = ["{root_crl}"]', f'crls = ["{url}", "{root_crl}"]')
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    try:
+        first, second = _listening_pids(gw, 2)
+        holding.set()
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        eventually(held.is_set, "the replacement's CRL fetch, held")
+        copy.write_bytes(whole[: len(whole) // 2])
+        os.kill(second, signal.SIGKILL)
+        ends = ("worker_not_replaced", "worker_failed_to_start")
+        ended = eventually(
+            lambda: [e for e in gw.logs()[gw.since :] if e.get("event") in ends] or None, "the second replacement's end"
+        )
+        assert [e["event"] for e in ended][:1] == ["worker_not_replaced"], [e["event"] for e in gw.logs()[-12:]]
+        assert (ended[0]["serving"], ended[0]["starting"]) == (0, 1), ended
+        assert gw.proc.poll() is None
+        holding.clear()
+        release.set()
+        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2
+        gw.wait_event("worker_not_replaced", serving=1)  # the retry, beside the one that listens now
+        copy.write_bytes(whole)
+        gw.wait_for("listening", lambda e: e.get("pid") not in (first, second, replacement["pid"]), what="the retry")
+    finally:
+        release.set()
+        gw.stop()
+        server.close()
+
+
 def test_a_sighup_while_the_workers_start_reaches_them_all(lab: LabLayout, tmp_path: Path) -> None:
     """systemd's ExecReload (or a configuration tool) right after a start: SIGHUP reached workers still starting,
     which ignored it until their reload handler was in place, and served the configuration read before the edit
@@ -926,6 +1015,39 @@ def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_work
         time.sleep(0.05)
     for pid in [pid for pid in workers if _alive(pid)]:
         os.kill(pid, signal.SIGKILL)
+    assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+
+
+def test_a_supervisor_killed_while_a_replacement_is_retried_leaves_no_socket_directory(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """SIGKILL to the supervisor while it retries a replacement (`worker_not_replaced`, the listener's certificate half
+    rewritten): the worker killed before left its Unix socket (`<n>.sock`) in the private directory, so the last
+    worker stopping could not remove the directory and it stayed in the temp directory. The supervisor now removes
+    a dead worker's socket when it reaps it."""
+    admin = free_port()
+    text = _with_workers(lab, free_port(), 2) + f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    try:
+        first, second = _listening_pids(gw, 2)
+        directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
+        copy.write_bytes(whole[: len(whole) // 2])
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        gw.wait_event("worker_not_replaced")
+        gw.proc.kill()
+        gw.proc.wait()
+        deadline = time.monotonic() + WAIT
+        while (directory.exists() or _alive(second)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(second, signal.SIGKILL)
+        gw.stop()
     assert not directory.exists(), sorted(p.name for p in directory.iterdir())
 
 

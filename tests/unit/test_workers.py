@@ -64,10 +64,11 @@ def test_port_check_refuses_an_address_something_listens_on() -> None:
     check_port_free(listener)  # and once nothing listens, the same address passes
 
 
-def test_serving_counts_live_workers_but_not_a_dead_one_nor_a_replacement_still_starting() -> None:
+def test_serving_and_starting_count_live_workers_by_their_listener_not_their_age(tmp_path: Path) -> None:
     """What a replacement is told of its siblings (`Worker.serving_beside`): a first worker alive serves, one that died
-    but is not yet reaped does not (and stays to be reaped), nor a replacement younger than MIN_UPTIME, which may yet
-    fail to start (two replacements counting each other, neither serving, would each wait for the other)."""
+    but is not yet reaped does not (and stays to be reaped), nor a replacement that has not opened its listener
+    (`Worker.listens`), however old: it may yet fail to start (two replacements counting each other, neither serving,
+    would each wait for the other), and is counted as starting instead. One that listens serves however young."""
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
@@ -76,9 +77,16 @@ def test_serving_counts_live_workers_but_not_a_dead_one_nor_a_replacement_still_
             assert time.monotonic() < deadline
             time.sleep(0.01)
         now = time.monotonic()
-        assert workers._serving({alive.pid: (now, 1, False), dead.pid: (now - 60, 2, False)}) == 1
-        assert workers._serving({alive.pid: (now, 1, True)}) == 0  # a replacement that just started
-        assert workers._serving({alive.pid: (now - workers.MIN_UPTIME - 1, 1, True)}) == 1
+        assert workers._serving({alive.pid: (now, 1, False), dead.pid: (now - 60, 2, False)}, tmp_path) == 1
+        assert workers._serving({alive.pid: (now - workers.MIN_UPTIME - 1, 1, True)}, tmp_path) == 0  # still starting
+        assert workers._starting({alive.pid: (now, 1, True)}, tmp_path) == 1  # a replacement, not yet listening
+        assert workers._starting({alive.pid: (now, 1, False)}, tmp_path) == 0  # a first worker: serving, not starting
+        workers._listening(tmp_path, alive.pid).touch()  # what `Worker.listens` leaves, in the worker's process
+        assert workers._serving({alive.pid: (now, 1, True)}, tmp_path) == 1  # listening since a moment
+        assert workers._starting({alive.pid: (now, 1, True)}, tmp_path) == 0
+        workers._listening(tmp_path, dead.pid).touch()
+        assert workers._serving({dead.pid: (now, 2, True)}, tmp_path) == 0  # its mark left, the worker dead
+        assert workers._starting({dead.pid: (now, 2, True)}, tmp_path) == 0
         assert dead.poll() == 0  # still there to be reaped by the supervisor's wait
     finally:
         alive.kill()
