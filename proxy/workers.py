@@ -61,7 +61,11 @@ none beside it (every worker died) serves as before, as nothing else would: with
 file does not build. A refusing replacement leaves its problems in `Worker.refusal` for the supervisor's
 `worker_not_replaced` to name. That count (`_serving`) is the supervisor's one notion of serving: it also decides
 whether a replacement that failed is retried or the gateway stops; one that refused only because siblings served,
-none serving by the time it ended, is followed by one forked with none beside it, not by a stop.
+none serving by the time it ended, is followed by one forked with none beside it, not by a stop. It is also what an
+operator sees: the supervisor writes the workers configured and the numbers of those serving to its directory
+(`serving.json`, whole, by a rename) whenever they change, waking when a replacement has run `MIN_UPTIME`, and the
+admin listener reads it (`Worker.serving`) for `kcd_workers_serving` and `/readyz`'s "N of M workers serve": a worker
+not replaced used to show only in the log.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ REPLACE_RETRY = 5.0  # seconds between tries to replace a worker whose replaceme
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _RELOADED = "reloaded.toml"  # in the supervisor's directory: the text the workers' last reload took (`Worker.reloaded`)
+_SERVING = "serving.json"  # in the supervisor's directory: the workers configured and those serving (`Worker.serving`)
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,27 @@ class Worker:
         """Where a worker's reload that succeeded leaves the file's text it took, for a replacement to serve if the
         file does not load by then (`proxy.live.replacement_refused`)."""
         return self.siblings / _RELOADED
+
+    def serving(self) -> Serving | None:
+        """The workers configured and those serving, as the supervisor last wrote them (`_publish`); None if unread."""
+        try:
+            figures = json.loads((self.siblings / _SERVING).read_text())
+            return Serving(int(figures["configured"]), tuple(int(n) for n in figures["serving"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How many workers the gateway was started with (`listener.workers`) and the numbers of those serving, by the
+    supervisor's one notion of serving (`_serving`): what `/metrics` and `/readyz` say of a worker not replaced."""
+
+    configured: int
+    numbers: tuple[int, ...]
+
+    @property
+    def missing(self) -> list[int]:
+        return [n for n in range(1, self.configured + 1) if n not in self.numbers]
 
 
 class PortInUse(Exception):
@@ -210,12 +236,15 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
         # a SIGHUP before `on_signal` was in place, or between two forks, is the first workers' to act on (each forked
         # after it with the flag set), not every replacement's to come (each reads the file afresh anyway)
         reload_asked_while_starting()
+        published: Serving | None = None
         while workers or (due and not stopping):
+            published = _publish(siblings, Serving(listener.workers, _serving_numbers(workers)), published)
             # Reaped as they end, also while a replacement waits to be forked: a worker's uptime is measured when it
             # ended, not after a pause (a sleep here made a replacement failing at once look as if it had served).
             ended = _reap()
-            if not ended:
-                wake.wait(max(0.0, min(due.values()) - time.monotonic()) if due and not stopping else None)
+            if not ended:  # woken too when a replacement has run MIN_UPTIME: it then counts as serving (`_publish`)
+                moments = [*(due.values() if not stopping else ()), *_maturing(workers)]
+                wake.wait(max(0.0, min(moments) - time.monotonic()) if moments else None)
             for pid, status in ended:
                 if pid not in workers:
                     continue
@@ -269,19 +298,49 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
 
 
 def _serving(workers: dict[int, tuple[float, int, bool]]) -> int:
-    """How many of `workers` serve, as far as the supervisor can tell: alive (one that died is not yet reaped: asked
-    without reaping it, `WNOWAIT`), and one of the first workers (a first one that fails to start stops the gateway)
-    or a replacement past `MIN_UPTIME` (a younger one may yet fail to start: two workers dying together would otherwise
-    each wait for the other's replacement, and none serve)."""
+    """How many of `workers` serve (`_serving_numbers`)."""
+    return len(_serving_numbers(workers))
+
+
+def _serving_numbers(workers: dict[int, tuple[float, int, bool]]) -> tuple[int, ...]:
+    """The numbers of `workers` that serve, as far as the supervisor can tell: alive (one that died is not yet reaped:
+    asked without reaping it, `WNOWAIT`), and one of the first workers (a first one that fails to start stops the
+    gateway) or a replacement past `MIN_UPTIME` (a younger one may yet fail to start: two workers dying together would
+    otherwise each wait for the other's replacement, and none serve)."""
     now = time.monotonic()
-    count = 0
-    for pid, (started, _, replacement) in workers.items():
+    numbers = []
+    for pid, (started, number, replacement) in workers.items():
         if replacement and now - started < MIN_UPTIME:
             continue
         with contextlib.suppress(ChildProcessError):
             if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                count += 1
-    return count
+                numbers.append(number)
+    return tuple(sorted(numbers))
+
+
+def _maturing(workers: dict[int, tuple[float, int, bool]]) -> list[float]:
+    """When each replacement younger than MIN_UPTIME comes to count as serving (`_serving_numbers`)."""
+    now = time.monotonic()
+    return [
+        started + MIN_UPTIME
+        for started, _, replacement in workers.values()
+        if replacement and now - started < MIN_UPTIME
+    ]
+
+
+def _publish(siblings: Path, serving: Serving, published: Serving | None) -> Serving | None:
+    """`serving` written for the workers to read (`Worker.serving`) when it is not what was `published` last, whole
+    (a file renamed over the old one: a worker never reads half of it); returns what the file now says. Best effort:
+    a file that cannot be written leaves the figures out of /metrics and /readyz (the log has `worker_not_replaced`)."""
+    if serving == published:
+        return published
+    new = siblings / f"{_SERVING}.new"
+    try:
+        new.write_text(json.dumps({"configured": serving.configured, "serving": list(serving.numbers)}))
+        new.replace(siblings / _SERVING)
+    except OSError:
+        return published
+    return serving
 
 
 def _refusal(worker: Worker) -> list[str]:
@@ -385,8 +444,9 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
         log.exception("worker_crashed")
     finally:
         if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
-            with contextlib.suppress(OSError):
-                (siblings / _RELOADED).unlink()
+            for name in (_RELOADED, _SERVING, f"{_SERVING}.new"):  # nor a scrape the supervisor's count
+                with contextlib.suppress(OSError):
+                    (siblings / name).unlink()
             with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
                 siblings.rmdir()
         end_process(code)
