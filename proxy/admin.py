@@ -24,6 +24,8 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
   does not answer is taken as having no room, and an idle keep-alive connection counts as room (`listener_problem`).
   503 too, with a `stopping` key naming the signal that came (SIGTERM or SIGINT), while the gateway drains
   (`proxy.app.drain`): a balancer checking /readyz takes it out while it finishes its requests.
+  With workers, a `workers` key while fewer serve than `listener.workers` ("1 of 2 workers serve ..."), still 200:
+  degraded, not unready (`workers_problem`).
 - `GET /metrics`: Prometheus text format (`proxy.observability.metrics`).
 - `GET /traces?limit=N`, `GET /` and `GET /trace/<id>`: recent requests' traces as JSON, a page listing
   them, and one drawn as a sequence diagram (`proxy.observability.tracepage`).
@@ -98,7 +100,7 @@ from proxy.observability.siblings import (
 from proxy.observability.tracepage import STYLE_SOURCE, add_trace_views
 from proxy.tls.limits import unquote_parse_errors
 from proxy.tls.server import load_ca_file, load_certificate, socket_transport
-from proxy.workers import Worker
+from proxy.workers import Serving, Worker
 
 log = structlog.get_logger("proxy.admin")
 LIVE_KEY = web.AppKey("live", Live)
@@ -213,6 +215,9 @@ async def readyz(request: web.Request) -> web.Response:
     if unanswered:  # likewise: a hung or replaced sibling, asked for READY_ASK_TIMEOUT seconds only
         who = ", ".join(f"worker {n}" for n in unanswered)
         body["unanswered"] = f"{who} did not answer within {READY_ASK_TIMEOUT:g} s (taken as having no room)"
+    short = workers_problem(siblings.worker.serving()) if siblings is not None else None
+    if short is not None:  # likewise; ready all the same (`workers_problem`)
+        body["workers"] = short
     body["generation"] = live.generation
     return web.json_response(body, status=200 if ready else 503)
 
@@ -263,6 +268,25 @@ def listener_problem(workers: Mapping[int, Occupancy | None]) -> str | None:
         f"the device listener is full ({taken} connections: listener.max_connections, or fewer where the open-file "
         f"limit holds fewer{f'; {silent} did not answer' if silent else ''}): new devices wait in the listen backlog "
         "until a connection closes or turns idle (none is idle: an idle keep-alive would be closed for a new device)"
+    )
+
+
+def workers_problem(serving: Serving | None) -> str | None:
+    """/readyz's `workers` key, "N of M workers serve" naming the others, when fewer workers serve than the gateway was
+    started with (the supervisor's count, `Worker.serving`); None when all do, or without the count.
+
+    Degraded, not unready: the workers serving take every new connection (one not serving has no socket in the
+    port's SO_REUSEPORT group, so the kernel gives it none), at a part of the capacity, and they tell /readyz when
+    they are full (`listener_problem`). A 503 would take a gateway that serves out of its balancer, and every gateway
+    at once where the cause is shared (a CRL URL answering an older CRL to all of them keeps each one's replacement
+    out: docs/hardening.md, section 42), the outage that taking one worker's place was meant to avoid."""
+    if serving is None or len(serving.numbers) >= serving.configured:
+        return None
+    missing = ", ".join(f"worker {n}" for n in serving.missing)
+    return (
+        f"{len(serving.numbers)} of {serving.configured} workers serve ({missing} not: being replaced, or its "
+        "replacement refused its configuration and is retried every 5 s; the log's worker_not_replaced names the file "
+        "and the fix); the others take every new connection"
     )
 
 

@@ -62,7 +62,11 @@ none beside it (every worker died) serves as before, as nothing else would: with
 file does not build. A refusing replacement leaves its problems in `Worker.refusal` for the supervisor's
 `worker_not_replaced` to name. That count (`_serving`) is the supervisor's one notion of serving: it also decides
 whether a replacement that failed is retried or the gateway stops; one that refused only because siblings served,
-none serving by the time it ended, is followed by one forked with none beside it, not by a stop.
+none serving by the time it ended, is followed by one forked with none beside it, not by a stop. It is also what an
+operator sees: the supervisor writes the workers configured and the numbers of those serving to its directory
+(`serving.json`, whole, by a rename) whenever they change, waking when a replacement has run `MIN_UPTIME`, and the
+admin listener reads it (`Worker.serving`) for `kcd_workers_serving` and `/readyz`'s "N of M workers serve": a worker
+not replaced used to show only in the log.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ REPLACE_RETRY = 5.0  # seconds between tries to replace a worker whose replaceme
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _RELOADED = "reloaded.toml"  # in the supervisor's directory: the text the workers' last reload took (`Worker.reloaded`)
+_SERVING = "serving.json"  # in the supervisor's directory: the workers configured and those serving (`Worker.serving`)
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,34 @@ class Worker:
         effort: a replacement not so marked is counted as not serving, as one still starting is."""
         with contextlib.suppress(OSError):
             _listening(self.siblings, os.getpid()).touch()
+            os.kill(os.getppid(), signal.SIGCHLD)  # the supervisor's wait ends: it publishes the count (`_publish`)
 
     @property
     def reloaded(self) -> Path:
         """Where a worker's reload that succeeded leaves the file's text it took, for a replacement to serve if the
         file does not load by then (`proxy.live.replacement_refused`)."""
         return self.siblings / _RELOADED
+
+    def serving(self) -> Serving | None:
+        """The workers configured and those serving, as the supervisor last wrote them (`_publish`); None if unread."""
+        try:
+            figures = json.loads((self.siblings / _SERVING).read_text())
+            return Serving(int(figures["configured"]), tuple(int(n) for n in figures["serving"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How many workers the gateway was started with (`listener.workers`) and the numbers of those serving, by the
+    supervisor's one notion of serving (`_serving`): what `/metrics` and `/readyz` say of a worker not replaced."""
+
+    configured: int
+    numbers: tuple[int, ...]
+
+    @property
+    def missing(self) -> list[int]:
+        return [n for n in range(1, self.configured + 1) if n not in self.numbers]
 
 
 class PortInUse(Exception):
@@ -217,11 +244,15 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
         # a SIGHUP before `on_signal` was in place, or between two forks, is the first workers' to act on (each forked
         # after it with the flag set), not every replacement's to come (each reads the file afresh anyway)
         reload_asked_while_starting()
+        published: Serving | None = None
         while workers or (due and not stopping):
+            published = _publish(siblings, Serving(listener.workers, _serving_numbers(workers, siblings)), published)
             # Reaped as they end, also while a replacement waits to be forked: a worker's uptime is measured when it
             # ended, not after a pause (a sleep here made a replacement failing at once look as if it had served).
             ended = _reap()
-            if not ended:
+            if (
+                not ended
+            ):  # woken too by a replacement opening its listener: it then counts as serving (`Worker.listens`)
                 wake.wait(max(0.0, min(due.values()) - time.monotonic()) if due and not stopping else None)
             for pid, status in ended:
                 if pid not in workers:
@@ -289,17 +320,25 @@ def _listening(siblings: Path, pid: int) -> Path:
 
 
 def _serving(workers: dict[int, tuple[float, int, bool]], siblings: Path) -> int:
-    """How many of `workers` serve, as far as the supervisor can tell: alive (one that died is not yet reaped: asked
-    without reaping it, `WNOWAIT`), and one of the first workers (a first one that fails to start stops the gateway)
-    or a replacement that has opened its listener (`Worker.listens`). Not its age: one still starting may yet fail
+    """How many of `workers` serve (`_serving_numbers`)."""
+    return len(_serving_numbers(workers, siblings))
+
+
+def _serving_numbers(workers: dict[int, tuple[float, int, bool]], siblings: Path) -> tuple[int, ...]:
+    """The numbers of `workers` that serve, as far as the supervisor can tell: alive (one that died is not yet
+    reaped: asked without reaping it, `WNOWAIT`), and one of the first workers (a first one that fails to start stops
+    the gateway) or a replacement that has opened its listener (`Worker.listens`). Not its age: one still starting
+    may yet fail
     (two workers dying together would otherwise each wait for the other's replacement, and none serve), one past
     `MIN_UPTIME` may still be starting (a slow CRL URL), and one younger serving was counted as none: the gateway
     stopped when its sibling's replacement failed beside it, and a replacement forked beside it served as a lone one
     (what it could not read left out, or the started configuration)."""
-    return sum(
-        1
-        for pid, (_, _, replacement) in workers.items()
-        if (not replacement or _listening(siblings, pid).exists()) and _running(pid)
+    return tuple(
+        sorted(
+            number
+            for pid, (_, number, replacement) in workers.items()
+            if (not replacement or _listening(siblings, pid).exists()) and _running(pid)
+        )
     )
 
 
@@ -320,6 +359,21 @@ def _running(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
     except ChildProcessError:
         return False
+
+
+def _publish(siblings: Path, serving: Serving, published: Serving | None) -> Serving | None:
+    """`serving` written for the workers to read (`Worker.serving`) when it is not what was `published` last, whole
+    (a file renamed over the old one: a worker never reads half of it); returns what the file now says. Best effort:
+    a file that cannot be written leaves the figures out of /metrics and /readyz (the log has `worker_not_replaced`)."""
+    if serving == published:
+        return published
+    new = siblings / f"{_SERVING}.new"
+    try:
+        new.write_text(json.dumps({"configured": serving.configured, "serving": list(serving.numbers)}))
+        new.replace(siblings / _SERVING)
+    except OSError:
+        return published
+    return serving
 
 
 def _refusal(worker: Worker) -> list[str]:
@@ -425,8 +479,9 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
         with contextlib.suppress(OSError):  # this worker serves no more (`_serving`)
             _listening(siblings, os.getpid()).unlink()
         if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
-            with contextlib.suppress(OSError):
-                (siblings / _RELOADED).unlink()
+            for name in (_RELOADED, _SERVING, f"{_SERVING}.new"):  # nor a scrape the supervisor's count
+                with contextlib.suppress(OSError):
+                    (siblings / name).unlink()
             with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
                 siblings.rmdir()
         end_process(code)

@@ -41,6 +41,7 @@ from proxy.backend.client import BackendSockets
 from proxy.certs.sources import CrlStatus
 from proxy.kerberos.ccache import S4UFacts
 from proxy.observability.trace import Trace
+from proxy.workers import Serving
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LONG_POLL_AFTER = 1.0  # seconds: a request in flight longer than this is being held (Ping, streaming)
@@ -349,3 +350,19 @@ class _Gauges(Collector):
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+def workers_metrics(serving: Serving | None) -> list[GaugeMetricFamily]:
+    """The gateway's own gauges of its workers (`Worker.serving`, the supervisor's count), with no `worker` label:
+    every worker would report the same figures, which `sum without (worker)` would add up. None unread: no gauges."""
+    if serving is None:
+        return []
+    return [
+        _gauge("kcd_workers_configured", "Workers the gateway was started with (listener.workers)", serving.configured),
+        _gauge(
+            "kcd_workers_serving",
+            "Workers serving: alive, and one of the first workers or a replacement that has run 5 s; fewer than "
+            "kcd_workers_configured while a worker is not replaced (worker_not_replaced)",
+            len(serving.numbers),
+        ),
+    ]

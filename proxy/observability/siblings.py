@@ -18,6 +18,9 @@ asks every other socket there, at most `ASK_TIMEOUT` seconds each, all at once, 
   that is not the figures, or longer than `LISTENER_ANSWER_BYTES`, is taken as none (what else answers on a worker's
   socket is a process of the gateway's user: a 500 of /readyz, and a gigabyte read into the asking worker's memory
   for as long as the question may take, 500 MiB, were what it made).
+- the gateway's own `kcd_workers_configured` and `kcd_workers_serving` (`workers_metrics`), read from what the
+  supervisor wrote (`Worker.serving`), not asked of the siblings: a worker not replaced has no socket to answer on,
+  and every worker would report the same figures.
 
 The same holds for `/metrics` and `/traces`: a sibling's answer is read up to a bound no worker's answer reaches
 (`METRICS_ANSWER_BYTES`; `trace_answer_bytes` for the records asked) and one that is not metrics, or not records, is
@@ -45,6 +48,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from proxy.observability.metrics import workers_metrics
 from proxy.observability.traces import Cursor, TraceRing
 from proxy.workers import Worker
 
@@ -138,7 +142,7 @@ class Siblings(TraceSource):
 
     async def metrics(self) -> bytes:
         others = await self.ask("/metrics", limit=METRICS_ANSWER_BYTES)
-        return merge_metrics({self.worker.number: self._render(), **others})
+        return merge_metrics({self.worker.number: self._render(), **others}, workers_metrics(self.worker.serving()))
 
     async def listeners(self, *, enough: Callable[[Occupancy], bool] | None = None) -> dict[int, Occupancy | None]:
         """Every other worker's device connections and their limit; None where it did not answer within
@@ -253,10 +257,10 @@ def _record(number: int, trace_id: str, body: bytes) -> dict[str, Any] | None:
     return None
 
 
-def merge_metrics(texts: Mapping[int, bytes | None]) -> bytes:
+def merge_metrics(texts: Mapping[int, bytes | None], gateway: Iterable[Metric] = ()) -> bytes:
     """Prometheus text expositions by worker number into one: each sample labelled with its `worker`, each metric
-    described once, in the order the metrics first appear. A worker without an answer (None), or whose answer is not
-    the text format, is a comment line."""
+    described once, in the order the metrics first appear, then the `gateway`'s own (`workers_metrics`), unlabelled.
+    A worker without an answer (None), or whose answer is not the text format, is a comment line."""
     families: dict[str, Metric] = {}
     missing = []
     for number, text in sorted(texts.items()):
@@ -269,7 +273,7 @@ def merge_metrics(texts: Mapping[int, bytes | None]) -> bytes:
             worker = {"worker": str(number)}
             merged.samples.extend(s._replace(labels={**s.labels, **worker}) for s in family.samples)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(families.values()))
+    registry.register(_Families([*families.values(), *gateway]))
     notes = "".join(f"# worker {n} did not answer\n" for n in missing).encode()
     return notes + generate_latest(registry)
 

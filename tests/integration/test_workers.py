@@ -996,10 +996,57 @@ def test_readyz_answers_within_a_second_while_a_sibling_hangs(
     assert "unanswered" not in json.loads(_scrape(admin + "/readyz"))
 
 
+def test_a_worker_not_replaced_is_counted_in_metrics_and_readyz_until_it_is(lab: LabLayout, tmp_path: Path) -> None:
+    """A worker killed while the listener's certificate is half rewritten is not replaced (`worker_not_replaced`,
+    retried every 5 s) and the gateway serves one worker short: only the log said so. `/metrics` now has
+    `kcd_workers_configured 2` and `kcd_workers_serving 1` (no `worker` label: the gateway's, not a worker's), and
+    `/readyz` stays 200 with a `workers` key naming 1 of 2; once the file is whole, the count is back to 2 and the key
+    gone."""
+    admin = free_port()
+    text = _with_workers(lab, free_port(), 2) + f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    url = f"http://127.0.0.1:{admin}"
+    try:
+        first, second = _listening_pids(gw, 2)
+        number = {e["pid"]: int(Path(e["siblings"]).stem) for e in gw.wait_events("admin_listening", 2)}
+        scraped = _scrape(url + "/metrics")
+        assert _samples(scraped, "kcd_workers_configured") == {"": 2}, scraped
+        assert _samples(scraped, "kcd_workers_serving") == {"": 2}, scraped
+        assert "workers" not in json.loads(_scrape(url + "/readyz"))
+        copy.write_bytes(whole[: len(whole) // 2])  # a publisher caught half way through writing it in place
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        gw.wait_event("worker_not_replaced")
+
+        def serving(count: int) -> str | None:
+            text = _scrape(url + "/metrics")
+            return text if _samples(text, "kcd_workers_serving") == {"": count} else None
+
+        scraped = eventually(lambda: serving(1), "kcd_workers_serving 1")
+        assert _samples(scraped, "kcd_workers_configured") == {"": 2}, scraped
+        with urllib.request.urlopen(url + "/readyz", timeout=30) as r:  # noqa: S310  loopback
+            status, body = r.status, json.loads(r.read())
+        assert (status, body["ready"]) == (200, True), body  # degraded, not out of the balancer
+        assert body["workers"].startswith("1 of 2 workers serve"), body
+        assert f"(worker {number[first]} not" in body["workers"], body
+        copy.write_bytes(whole)
+        eventually(lambda: serving(2), "kcd_workers_serving 2 once the file is whole")
+        assert _alive(second)
+        for _ in range(4):  # whichever worker the kernel gives the probe
+            assert "workers" not in json.loads(_scrape(url + "/readyz"))
+    finally:
+        gw.stop()
+
+
 def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
     """SIGKILL to the supervisor (which cannot remove its private directory then): the workers, stopping because
     their parent died, remove their sockets and the last one the directory, so none is left in the temp directory;
-    after a reload too, whose text the directory keeps for a replacement (`reloaded.toml`)."""
+    after a reload too, whose text the directory keeps for a replacement (`reloaded.toml`), and with the supervisor's
+    count of workers serving in it (`serving.json`, section 48)."""
     gw, _ = two_workers_admin
     workers = _listening_pids(gw, 2)
     directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
@@ -1008,6 +1055,7 @@ def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_work
     for pid in workers:
         gw.wait_event("reloaded", pid=pid)
     assert (directory / "reloaded.toml").read_bytes() == gw.config_path.read_bytes()
+    assert json.loads((directory / "serving.json").read_text()) == {"configured": 2, "serving": [1, 2]}
     gw.proc.kill()
     gw.proc.wait()
     deadline = time.monotonic() + WAIT

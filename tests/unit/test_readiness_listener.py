@@ -3,7 +3,8 @@ to have room."""
 
 from __future__ import annotations
 
-from proxy.admin import listener_problem
+from proxy.admin import listener_problem, workers_problem
+from proxy.workers import Serving
 
 
 def test_a_lone_gateway_is_not_ready_at_its_limit_only() -> None:
@@ -41,3 +42,14 @@ def test_a_worker_that_does_not_answer_is_no_room() -> None:
     assert "holds fewer; worker 2, worker 3 did not answer): new devices wait" in problem
     assert listener_problem({1: (2, 2), 2: None, 3: None}) == problem
     assert listener_problem({1: (2, 2), 2: None, 3: (1, 2)}) is None
+
+
+def test_workers_short_of_the_configured_are_named_and_all_serving_says_nothing() -> None:
+    """/readyz's `workers` (`proxy.admin.workers_problem`): "N of M workers serve" naming the ones that do not, while
+    fewer serve than were started; nothing when all do, or when the supervisor's count is unread."""
+    assert workers_problem(Serving(2, (1, 2))) is None
+    assert workers_problem(None) is None
+    problem = workers_problem(Serving(3, (2,)))
+    assert problem is not None
+    assert problem.startswith("1 of 3 workers serve (worker 1, worker 3 not:"), problem
+    assert "worker_not_replaced" in problem

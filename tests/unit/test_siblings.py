@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import Metrics, workers_metrics
 from proxy.observability.siblings import (
     ASK_TIMEOUT,
     MAX_TRACES,
@@ -25,7 +25,7 @@ from proxy.observability.siblings import (
 )
 from proxy.observability.trace import Trace
 from proxy.observability.traces import Cursor, TraceRing
-from proxy.workers import Worker
+from proxy.workers import Serving, Worker
 
 
 def _served(metrics: Metrics, n: int, status: int = 200) -> bytes:
@@ -69,6 +69,16 @@ def test_a_worker_that_did_not_answer_is_named() -> None:
     merged = merge_metrics({1: _served(Metrics(), 2), 2: None})
     assert merged.startswith(b"# worker 2 did not answer\n")
     assert sum(_samples(merged, "kcd_requests_total").values()) == 2.0
+
+
+def test_the_gateways_worker_gauges_come_once_without_a_worker_label() -> None:
+    """`kcd_workers_configured` and `kcd_workers_serving` (the supervisor's count) are the gateway's: one sample each,
+    no `worker` label (every worker would report the same, and `sum without (worker)` add them up); unread, absent."""
+    merged = merge_metrics({1: _served(Metrics(), 1), 2: None}, workers_metrics(Serving(2, (1,))))
+    assert _samples(merged, "kcd_workers_configured") == {(): 2.0}
+    assert _samples(merged, "kcd_workers_serving") == {(): 1.0}
+    assert merged.decode().count("# TYPE kcd_workers_serving gauge") == 1
+    assert b"kcd_workers_" not in merge_metrics({1: _served(Metrics(), 1)}, workers_metrics(None))
 
 
 def test_one_worker_reads_back_as_it_was_but_for_the_label() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from proxy import config, workers
 from proxy.errors import ConfigError
-from proxy.workers import PortInUse, check_port_free
+from proxy.workers import PortInUse, Serving, Worker, check_port_free
 from tests.unit.test_config import GOOD, _write
 
 
@@ -91,6 +91,22 @@ def test_serving_and_starting_count_live_workers_by_their_listener_not_their_age
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_the_supervisors_count_is_written_whole_for_the_workers_and_only_when_it_changes(tmp_path: Path) -> None:
+    """What `/metrics` and `/readyz` read (`Worker.serving`) is what the supervisor published last; a count unchanged
+    is not written again; a file that is not the figures reads as none (no gauges, no `workers` key)."""
+    worker = Worker(1, tmp_path)
+    assert worker.serving() is None
+    published = workers._publish(tmp_path, Serving(2, (1,)), None)
+    assert published == worker.serving() == Serving(2, (1,))
+    assert published is not None
+    assert published.missing == [2]
+    (tmp_path / "serving.json").write_text("garbage")
+    assert workers._publish(tmp_path, Serving(2, (1,)), published) == published  # unchanged: not written
+    assert worker.serving() is None
+    assert workers._publish(tmp_path, Serving(2, (1, 2)), published) == worker.serving() == Serving(2, (1, 2))
+    assert [p.name for p in tmp_path.iterdir()] == ["serving.json"]  # no `.new` left behind
 
 
 def test_a_replacements_refusal_is_handed_to_the_supervisor_once(tmp_path: Path) -> None:
