@@ -39,6 +39,10 @@ from tests.integration.conftest import Gateway, client_context, free_port, lab_c
 from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
 from tests.integration.test_revocation import _CrlServer
 
+# Scheduled among the long files (tests/schedule.py): 48 tests of 2-25 s (workers started, killed, retried every
+# 5 s), about 5 min on one worker; unmarked, it went after the quick files and could end the run minutes after the rest.
+pytestmark = pytest.mark.slow(seconds=6)
+
 
 def _with_workers(lab: LabLayout, port: int, workers: int) -> str:
     text = lab_config(lab, port=port)
