@@ -50,6 +50,11 @@ def _with_workers(lab: LabLayout, port: int, workers: int) -> str:
     return text.replace(bind, f"{bind}workers = {workers}\n")
 
 
+def _replacement(gw: Gateway, *gone: int) -> dict[str, Any]:
+    """The `listening` line of a worker that is none of `gone` (the workers killed): their replacement's."""
+    return gw.wait_for("listening", lambda e: e.get("pid") not in gone, what="a replacement")
+
+
 def _parent(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rpartition(")")[2].split()[1])
@@ -336,7 +341,7 @@ def test_a_worker_replaced_while_the_file_does_not_build_is_not_started_and_the_
         assert asyncio.run(_fresh_connections(lab, gw, 4)) == [200] * 4
         assert gw.events("worker_configuration_refused") == []
         gw.config_path.write_text(text)
-        gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        _replacement(gw, first, second)
         assert gw.events("worker_failed_to_start") == []
         assert gw.proc.poll() is None
     finally:
@@ -406,7 +411,7 @@ def test_a_replacement_that_cannot_read_a_crl_file_its_siblings_use_is_not_start
         assert asyncio.run(_fresh_connections(lab, gw, 6, "carol")) == [403] * 6
         assert {e["pid"] for e in gw.events("listening", gw.since)} == set()
         crl.write_bytes(whole)
-        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        replacement = _replacement(gw, first, second)
         _revoked_on_each(lab, gw, {second, replacement["pid"]})
         assert gw.events("worker_failed_to_start") == []
         assert gw.proc.poll() is None
@@ -428,7 +433,7 @@ def test_a_replacement_with_no_sibling_serving_serves_without_the_crl_file_it_ca
         gw.mark()
         os.kill(first, signal.SIGKILL)
         os.kill(second, signal.SIGKILL)
-        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        replacement = _replacement(gw, first, second)
         unused = gw.wait_event("crl_not_used", pid=replacement["pid"])
         assert str(crl) in unused["problem"], unused
         assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2
@@ -467,7 +472,7 @@ def test_a_replacement_whose_reloaded_crl_file_has_gone_bad_never_serves_the_sta
         assert gw.events("worker_configuration_refused") == []
         assert {e["pid"] for e in gw.events("listening", gw.since)} == set()
         crl.write_bytes(whole)
-        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        replacement = _replacement(gw, first, second)
         assert "/retired/" not in replacement["routes"]
         _revoked_on_each(lab, gw, {second, replacement["pid"]})
     finally:
@@ -502,7 +507,7 @@ def test_a_replacement_refusing_a_half_rewritten_file_leaves_its_sibling_serving
         assert gw.events("worker_failed_to_start") == []
         assert gw.proc.poll() is None
         copy.write_bytes(whole)
-        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        replacement = _replacement(gw, first, second)
         assert _alive(second), replacement
     finally:
         gw.stop()
@@ -563,7 +568,7 @@ def test_a_replacement_listening_for_less_than_min_uptime_serves_on_when_its_sib
         first, second = _listening_pids(gw, 2)
         gw.mark()
         os.kill(first, signal.SIGKILL)
-        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        replacement = _replacement(gw, first, second)
         copy.write_bytes(whole[: len(whole) // 2])
         os.kill(second, signal.SIGKILL)
         ends = ("worker_not_replaced", "worker_failed_to_start")
@@ -623,7 +628,7 @@ def test_a_lone_replacement_failing_while_another_still_starts_does_not_stop_the
         assert gw.proc.poll() is None
         holding.clear()
         release.set()
-        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        replacement = _replacement(gw, first, second)
         assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2
         gw.wait_event("worker_not_replaced", serving=1)  # the retry, beside the one that listens now
         copy.write_bytes(whole)
@@ -1145,7 +1150,7 @@ def test_a_replacement_worker_never_takes_a_crl_older_than_its_siblings_held(
         assert asyncio.run(_fresh_connections(lab, gw, 4, "alice")) == [200] * 4
         assert {e["pid"] for e in gw.events("listening", gw.since)} == set()
         write_crl(tmp_path / "newer.crl", issuing, revoked=[carol.serial_number], number=3002).replace(crl)
-        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        replacement = _replacement(gw, first, second)
         _revoked_on_each(lab, gw, {second, replacement["pid"]})
     finally:
         assert gw.stop() == 0
@@ -1179,7 +1184,7 @@ def test_a_replacement_given_an_older_crl_by_a_url_than_its_siblings_took_is_not
         answer["crl"] = write_crl(
             tmp_path / "3002.crl", issuing, revoked=[carol.serial_number], number=3002
         ).read_bytes()
-        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        replacement = _replacement(gw, first, second)
         _revoked_on_each(lab, gw, {second, replacement["pid"]})
     finally:
         gw.stop()
@@ -1270,7 +1275,7 @@ def test_a_replacement_whose_reloaded_trust_anchor_is_half_rewritten_never_serve
         assert gw.events("worker_configuration_refused") == []
         assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2
         anchors.write_bytes(whole)
-        replacement = gw.wait_for("listening", lambda e: e.get("pid") not in (first, second), what="a replacement")
+        replacement = _replacement(gw, first, second)
         assert "/retired/" not in replacement["routes"]
     finally:
         gw.stop()
