@@ -494,9 +494,12 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
         with contextlib.suppress(OSError):  # this worker serves no more (`_serving`)
             _listening(siblings, os.getpid()).unlink()
         if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
-            for name in (_RELOADED, _SERVING, f"{_SERVING}.new"):  # nor a scrape the supervisor's count
+            # nor a scrape the supervisor's count, nor the supervisor a replacement's refusal (one that refused as the
+            # supervisor was killed left `<n>.refused`, and so the directory)
+            shared = [siblings / name for name in (_RELOADED, _SERVING, f"{_SERVING}.new")]
+            for path in [*shared, *siblings.glob("*.refused")]:
                 with contextlib.suppress(OSError):
-                    (siblings / name).unlink()
+                    path.unlink()
             shutil.rmtree(siblings / KEPT_CRLS, ignore_errors=True)  # nor one the CRLs kept (proxy.certs.kept)
             with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
                 siblings.rmdir()

@@ -8,6 +8,7 @@ certificates, placed on a worker by the kernel (SO_REUSEPORT), each request's wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -27,12 +28,14 @@ from tests.integration.conftest import Gateway, free_port, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.test_revocation import _CrlServer
 from tests.integration.test_workers import (
+    _alive,
     _best_effort_with,
     _fresh_connections,
     _listening_pids,
     _replacement,
     _revoked_on_each,
     _scrape,
+    _with_workers,
 )
 
 pytestmark = pytest.mark.slow(seconds=8)
@@ -191,3 +194,44 @@ def test_a_replacement_never_takes_a_kept_crl_it_cannot_vet(lab: LabLayout, tmp_
     finally:
         gw.stop()
         server.close()
+
+
+def test_a_supervisor_killed_as_a_replacement_refuses_leaves_no_directory(lab: LabLayout, tmp_path: Path) -> None:
+    """The supervisor stopped (SIGSTOP) as a replacement refuses beside its sibling (the listener's certificate half
+    rewritten), then SIGKILLed: the replacement's `<n>.refused`, which only the supervisor takes, stayed in the private
+    directory, and with it the directory, which the last worker could not remove. A worker outliving its supervisor
+    now removes what only the supervisor would have read (`*.refused`) and the kept CRLs."""
+    admin = f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n'
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    text = (_with_workers(lab, free_port(), 2) + admin).replace(str(original), str(copy))
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    try:
+        first, second = _listening_pids(gw, 2)
+        directory, number = _siblings(gw)
+        copy.write_bytes(whole[: len(whole) // 2])
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        refusal = directory / f"{number[first]}.refused"
+        for _ in range(3):  # the supervisor stopped before it took the refusal: else the next retry
+            started = gw.wait_event("worker_started")
+            gw.proc.send_signal(signal.SIGSTOP)
+            eventually(lambda: not _alive(started["worker"]), "the replacement's end")  # noqa: B023
+            if refusal.exists():
+                break
+            gw.mark()
+            gw.proc.send_signal(signal.SIGCONT)
+        assert refusal.exists()
+        gw.proc.kill()
+        gw.proc.wait()
+        eventually(lambda: not _alive(second), "the sibling's end")
+        deadline = time.monotonic() + 5.0  # the sibling has ended: its removal is done, or never will be
+        while directory.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(second, signal.SIGKILL)
+        gw.stop()
+    assert not directory.exists(), sorted(p.name for p in directory.iterdir())
