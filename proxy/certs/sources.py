@@ -212,7 +212,7 @@ class CrlStore:
         for state in self._states.values():
             if not state.source.is_url:
                 if self._adopting(state):
-                    self._adopt(state, _newest_kept(self.kept, state.source, self.trust, now, self.floors))
+                    self._adopt(state, *_newest_kept(self.kept, state.source, self.trust, now, self.floors))
                 try:
                     data = _read_file(state.source.location)
                 except OSError as exc:
@@ -280,7 +280,7 @@ class CrlStore:
     async def _fetch(self, state: _State, now: datetime) -> None:
         if self._adopting(state):
             kept = await asyncio.to_thread(_newest_kept, self.kept, state.source, self.trust, now, self.floors)
-            self._adopt(state, kept)
+            self._adopt(state, *kept)
         try:
             if state.source.is_url:
                 data = await self._get(state.source.location)
@@ -358,9 +358,10 @@ class CrlStore:
         state.offered_kept = True
         return True
 
-    def _adopt(self, state: _State, kept: list[Crl]) -> None:
-        """Start `state` from the CRLs a sibling kept (`_newest_kept`), checked again against what it holds now and
-        the floors, as `_keep` checks a read: a source then giving an older CRL is refused as a replay beside them."""
+    def _adopt(self, state: _State, kept: list[Crl], data: bytes) -> None:
+        """Start `state` from the CRLs a sibling kept (`_newest_kept`, read from `data`), checked again against what it
+        holds now and the floors, as `_keep` checks a read: a source then giving an older CRL is refused as a replay
+        beside them, and one giving the same bytes is not read again (`_unchanged`)."""
         try:
             _refuse_rollback(kept, state.crls)
             if self.floors is not None:
@@ -369,7 +370,7 @@ class CrlStore:
             return
         if not kept:
             return
-        state.crls = tuple(kept)
+        state.crls, state.raw = tuple(kept), data
         for crl in kept:
             self._raise_floor(crl)
             log.info("crl_taken_from_siblings", **_describe(crl))
@@ -544,16 +545,20 @@ def _vet(
 
 def _newest_kept(
     kept: KeptCrls | None, source: CrlSource, trust: TrustList, now: datetime, floors: FloorTable | None
-) -> list[Crl]:
+) -> tuple[list[Crl], bytes]:
     """The newest of the CRLs the workers of this gateway kept for `source` (`proxy.certs.kept`) that pass what a read
-    of the source would (`_vet`: signed by a CA of `trust`, none below its floor); [] if none does. Each file is only
-    what its signature proves: one older, forged, cut short or of another CA's is passed over as a read would be."""
-    best = _State(source)
+    of the source would (`_vet`: signed by a CA of `trust`, none below its floor), with the bytes they were read from;
+    ([], b"") if none does. Each file is only what its signature proves: one older, forged, cut short or of another
+    CA's is passed over as a read would be. Bytes seen already (two workers keep the same CRL) are not read twice."""
+    best, seen = _State(source), set()
     for data in kept.offered(source.location) if kept is not None else ():
+        if (digest := hashlib.blake2b(data, digest_size=16).digest()) in seen:
+            continue
+        seen.add(digest)
         vetted = _vet(best, data, trust, now, floors)  # older than the best so far: refused (`_refuse_rollback`)
         if isinstance(vetted, list) and vetted:
-            best.crls = tuple(vetted)
-    return list(best.crls)
+            best.crls, best.raw = tuple(vetted), data
+    return list(best.crls), best.raw or b""
 
 
 def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:

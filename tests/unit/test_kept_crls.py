@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from structlog.testing import capture_logs
+
 from proxy.auth.shared import SharedTable
 from proxy.certs.chain import TrustList
 from proxy.certs.kept import KeptCrls
@@ -110,3 +112,17 @@ async def _url_source_starts_from_the_kept_crl(pki: Pki, trust: TrustList, tmp_p
         await first.close()
     assert status(replacement, carol) is RevocationStatus.REVOKED
     assert status(first, carol) is not RevocationStatus.REVOKED
+
+
+def test_a_source_giving_the_kept_bytes_is_not_vetted_twice(trust: TrustList, pki: Pki, tmp_path: Path) -> None:
+    """Two workers kept the same CRL and the source still gives it: the replacement reads it once (one
+    `crl_taken_from_siblings`, no `crl_loaded` for the same bytes), and the source counts as read."""
+    directory, source = tmp_path / "crls", tmp_path / "issuing.crl"
+    source.write_bytes(_issuing_crl(pki, 7, 77))
+    for number in (1, 2):
+        KeptCrls(directory, number).keep(str(source), source.read_bytes())
+    store = _store(trust, str(source), KeptCrls(directory, 1, adopt=True))
+    with capture_logs() as logs:
+        assert store.load_files(now=NOW) == []
+    assert [e["event"] for e in logs if e["event"].startswith("crl_")] == ["crl_taken_from_siblings"]
+    assert store.status(now=NOW)[0].last_success == NOW
