@@ -25,13 +25,16 @@ The replay floor. A refresh refuses a CRL older than the one its source holds, a
 CRLs the running one holds (`inherit`); a store that starts empty has nothing to compare with. With workers, the
 stores of one gateway share floors (`floors`, the workers' `SharedTable`): each CRL a store takes raises the floor of
 its scope, and one below it (a lower CRL number, or the same number with an earlier thisUpdate) is refused as a
-replay, in a worker that replaced one that died as in any other. A scope is the CRL's issuer name, the key that
-verified its signature (the SubjectPublicKeyInfo, not the CA certificate: a CA certificate renewed with the same key
-goes on with the same CRL numbers, RFC 5280 5.2.3, and its floor stays; a new key starts a scope of its own, as a CA
-rebuilt under the same name starts its numbers again) and the partition (delta or complete, distribution point,
-reasons). The AKI of a CRL only names that key; the key is what was checked. In memory only, a restart starts with
-no floor; with `client_certificates.crl_state` the floors are kept in that file too (`proxy.certs.floors`), written
-before a round's new CRLs are swapped in, so a restarted gateway refuses a replay as a running one does.
+replay, in a worker that replaced one that died as in any other. Such a replacement does not start empty: each
+worker keeps what it took (`kept`, `proxy.certs.kept`), and a replacement starts each source from the newest kept CRL
+it vets (`_newest_kept`), so an older answer is refused against it rather than leaving the source with nothing. A
+scope is the CRL's issuer name, the key that verified its signature (the SubjectPublicKeyInfo, not the CA
+certificate: a CA certificate renewed with the same key goes on with the same CRL numbers, RFC 5280 5.2.3, and its
+floor stays; a new key starts a scope of its own, as a CA rebuilt under the same name starts its numbers again) and
+the partition (delta or complete, distribution point, reasons). The AKI of a CRL only names that key; the key is what
+was checked. In memory only, a restart starts with no floor; with `client_certificates.crl_state` the floors are
+kept in that file too (`proxy.certs.floors`), written before a round's new CRLs are swapped in, so a restarted gateway
+refuses a replay as a running one does.
 """
 
 from __future__ import annotations
