@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -32,6 +33,7 @@ from proxy.auth.shared import SharedTable
 from proxy.backend.forward import Pools, defer_continue
 from proxy.certs.chain import TrustList, load_certificates
 from proxy.certs.floors import CrlStateError, FloorTable, LocalFloors, PersistedFloors
+from proxy.certs.kept import KeptCrls
 from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
@@ -85,6 +87,7 @@ def build(
     crls_vetted: Collection[Path] = (),
     backend_connections: int | None = None,
     beside: bool = False,
+    kept: KeptCrls | None = None,
 ) -> Gateway:
     """The gateway a configuration describes; `shared`: the workers' table (the Basic per-user throttle, the log of
     users whose delegated tickets a worker dropped, the CRL replay floors); `previous`: the gateway a reload replaces,
@@ -98,7 +101,9 @@ def build(
     siblings serving, which refuses a CRL file giving it an older CRL than they took (below its replay floor: served
     without, it passed what theirs revokes); `backend_connections`: the backend's share of the descriptors the start
     set (`DescriptorBudget.backend`, counted with the listener's sockets), which a reload keeps; without it, the share
-    under this process's limit for a listener on one socket."""
+    under this process's limit for a listener on one socket; `kept`: a worker's, where its CRL store keeps what it
+    takes and, in a replacement, starts from what its siblings took (`proxy.certs.kept`; a reload's keeps, never
+    starts from them: it starts from the running store's, `CrlStore.inherit`)."""
     cc = config.client_certificates
     problems: list[str] = []
     loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}
@@ -126,7 +131,10 @@ def build(
             problems.append(f"client_certificates.crls[{i}]: {path}: {why} (in {config.path})")
     if problems:
         raise ConfigError(problems)
-    revocation = LiveRevocation(cc, trust, floors=_floors(config, shared, previous, serving=serving))
+    if previous is not None:  # a reload keeps what it takes where its worker did, never starts from it (`inherit`)
+        held = previous.revocation.crls.kept
+        kept = None if held is None else dataclasses.replace(held, adopt=False)
+    revocation = LiveRevocation(cc, trust, floors=_floors(config, shared, previous, serving=serving), kept=kept)
     if previous is None:
         for problem in revocation.load(now=datetime.now(UTC)):
             log.warning("crl_not_used", problem=problem)
@@ -586,6 +594,7 @@ async def serve(
         crls_vetted=crls_vetted,
         descriptors=budget,
         beside=worker is not None and worker.beside,
+        kept=worker.kept_crls if worker is not None else None,
     )
     live.reloaded_to = worker.reloaded if worker is not None else None  # a replacement serves it if the file is bad
     gw = live.gateway

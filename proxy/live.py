@@ -58,6 +58,7 @@ import structlog
 
 from proxy import config as config_module
 from proxy.auth.shared import SharedTable
+from proxy.certs.kept import KeptCrls
 from proxy.config import Config, IPNetwork
 from proxy.descriptors import DescriptorBudget, reload_reserve_problem
 from proxy.errors import ConfigError
@@ -117,6 +118,7 @@ class Live:
         crls_vetted: Collection[Path] = (),
         descriptors: DescriptorBudget | None = None,
         beside: bool = False,
+        kept: KeptCrls | None = None,
     ) -> Live:
         """The gateway `config` describes, started; `descriptors`: the shares the start set (`proxy.descriptors`),
         which its reloads keep."""
@@ -125,7 +127,13 @@ class Live:
 
         backend = descriptors.backend if descriptors is not None else None
         gateway = build(
-            config, shared=shared, serving=True, crls_vetted=crls_vetted, backend_connections=backend, beside=beside
+            config,
+            shared=shared,
+            serving=True,
+            crls_vetted=crls_vetted,
+            backend_connections=backend,
+            beside=beside,
+            kept=kept,
         )
         context = server_context(config)
         live = cls(gateway, context, balancers=config.listener.trusted_proxies, served=ServedCertificate.of(config))

@@ -67,6 +67,14 @@ operator sees: the supervisor writes the workers configured and the numbers of t
 (`serving.json`, whole, by a rename) whenever they change, waking when a replacement has run `MIN_UPTIME`, and the
 admin listener reads it (`Worker.serving`) for `kcd_workers_serving` and `/readyz`'s "N of M workers serve": a worker
 not replaced used to show only in the log.
+
+The CRLs a replacement is given older than its siblings' (a plain-HTTP distribution point answering an older genuine
+CRL, which anyone on its path can replay) kept it out for as long as that lasted, one worker short; one whose CRL URL
+did not answer at its first fetch served without that CA's CRL. So every worker keeps the bytes of each source whose
+CRLs it took in this directory (`crls/`, `Worker.kept_crls`), and a replacement starts each source from the newest of
+those it vets itself (`proxy.certs.kept`): what its source then gives is taken if no older, refused as a replay if
+older, as in its siblings. The refusal above remains for what it cannot so vet (a kept file older than the floor,
+forged, or absent).
 """
 
 from __future__ import annotations
@@ -91,6 +99,8 @@ from typing import Any, NoReturn
 
 import structlog
 
+from proxy.certs.kept import DIRECTORY as KEPT_CRLS
+from proxy.certs.kept import KeptCrls
 from proxy.config import Admin, Listener
 from proxy.kerberos.profile import remove_overlay
 
@@ -139,6 +149,11 @@ class Worker:
         with contextlib.suppress(OSError):
             _listening(self.siblings, os.getpid()).touch()
             os.kill(os.getppid(), signal.SIGCHLD)  # the supervisor's wait ends: it publishes the count (`_publish`)
+
+    @property
+    def kept_crls(self) -> KeptCrls:
+        """Where this worker keeps the CRLs it takes; a replacement starts from its siblings' (`proxy.certs.kept`)."""
+        return KeptCrls(self.siblings / KEPT_CRLS, self.number, adopt=self.replacement)
 
     @property
     def reloaded(self) -> Path:
@@ -479,9 +494,13 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
         with contextlib.suppress(OSError):  # this worker serves no more (`_serving`)
             _listening(siblings, os.getpid()).unlink()
         if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
-            for name in (_RELOADED, _SERVING, f"{_SERVING}.new"):  # nor a scrape the supervisor's count
+            # nor a scrape the supervisor's count, nor the supervisor a replacement's refusal (one that refused as the
+            # supervisor was killed left `<n>.refused`, and so the directory)
+            shared = [siblings / name for name in (_RELOADED, _SERVING, f"{_SERVING}.new")]
+            for path in [*shared, *siblings.glob("*.refused")]:
                 with contextlib.suppress(OSError):
-                    (siblings / name).unlink()
+                    path.unlink()
+            shutil.rmtree(siblings / KEPT_CRLS, ignore_errors=True)  # nor one the CRLs kept (proxy.certs.kept)
             with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
                 siblings.rmdir()
         end_process(code)

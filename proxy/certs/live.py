@@ -41,6 +41,7 @@ from cryptography import x509
 
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
 from proxy.certs.floors import FloorTable
+from proxy.certs.kept import KeptCrls
 from proxy.certs.ocsp import OcspClient
 from proxy.certs.revocation import (
     NO_CURRENT_CRL_FIX,
@@ -91,9 +92,17 @@ _CHECKING_OFF = RevocationEvidence(RevocationStatus.UNKNOWN, "", "revocation che
 class LiveRevocation:
     """The revocation stage of a running gateway."""
 
-    def __init__(self, config: ClientCertificates, trust: TrustList, *, floors: FloorTable | None = None) -> None:
+    def __init__(
+        self,
+        config: ClientCertificates,
+        trust: TrustList,
+        *,
+        floors: FloorTable | None = None,
+        kept: KeptCrls | None = None,
+    ) -> None:
         """`floors`: the CRL replay floors the store keeps to (`proxy.certs.sources`): the workers' shared table, a
-        `crl_state` file's (`proxy.certs.floors`), or none."""
+        `crl_state` file's (`proxy.certs.floors`), or none; `kept`: a worker's, where it keeps the CRLs it takes for a
+        replacement, which starts from them (`proxy.certs.kept`)."""
         self.policy = config.revocation
         self.ocsp_policy = config.ocsp
         self.crls = CrlStore(
@@ -103,6 +112,7 @@ class LiveRevocation:
             use_distribution_points=config.use_distribution_points,
             floors=floors,
             policy=config.revocation,
+            kept=kept,
         )
         self.ocsp = None if config.ocsp == "off" else OcspClient(cache_seconds=config.crl_refresh_seconds)
         self._in_flight: set[_Watch] = set()

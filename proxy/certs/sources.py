@@ -25,13 +25,16 @@ The replay floor. A refresh refuses a CRL older than the one its source holds, a
 CRLs the running one holds (`inherit`); a store that starts empty has nothing to compare with. With workers, the
 stores of one gateway share floors (`floors`, the workers' `SharedTable`): each CRL a store takes raises the floor of
 its scope, and one below it (a lower CRL number, or the same number with an earlier thisUpdate) is refused as a
-replay, in a worker that replaced one that died as in any other. A scope is the CRL's issuer name, the key that
-verified its signature (the SubjectPublicKeyInfo, not the CA certificate: a CA certificate renewed with the same key
-goes on with the same CRL numbers, RFC 5280 5.2.3, and its floor stays; a new key starts a scope of its own, as a CA
-rebuilt under the same name starts its numbers again) and the partition (delta or complete, distribution point,
-reasons). The AKI of a CRL only names that key; the key is what was checked. In memory only, a restart starts with
-no floor; with `client_certificates.crl_state` the floors are kept in that file too (`proxy.certs.floors`), written
-before a round's new CRLs are swapped in, so a restarted gateway refuses a replay as a running one does.
+replay, in a worker that replaced one that died as in any other. Such a replacement does not start empty: each
+worker keeps what it took (`kept`, `proxy.certs.kept`), and a replacement starts each source from the newest kept CRL
+it vets (`_newest_kept`), so an older answer is refused against it rather than leaving the source with nothing. A
+scope is the CRL's issuer name, the key that verified its signature (the SubjectPublicKeyInfo, not the CA
+certificate: a CA certificate renewed with the same key goes on with the same CRL numbers, RFC 5280 5.2.3, and its
+floor stays; a new key starts a scope of its own, as a CA rebuilt under the same name starts its numbers again) and
+the partition (delta or complete, distribution point, reasons). The AKI of a CRL only names that key; the key is what
+was checked. In memory only, a restart starts with no floor; with `client_certificates.crl_state` the floors are
+kept in that file too (`proxy.certs.floors`), written before a round's new CRLs are swapped in, so a restarted gateway
+refuses a replay as a running one does.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from cryptography import x509
 
 from proxy.certs.chain import TrustList
 from proxy.certs.floors import KEY, FloorTable, PersistedFloors
+from proxy.certs.kept import KeptCrls
 from proxy.certs.revocation import (
     MAX_CRL_BYTES,
     Crl,
@@ -145,6 +149,7 @@ class _State:
     last_error: str | None = None
     unreadable: bool = False  # a file source whose last read failed, or gave bytes that are no CRL (`unreadable`)
     below_floor: bool = False  # its last read gave a CRL older than a replay floor (`CrlBelowFloor`, `behind_floors`)
+    offered_kept: bool = False  # its siblings' kept CRLs looked at (a replacement's, before its first read: `kept`)
 
 
 @dataclass
@@ -163,6 +168,7 @@ class CrlStore:
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
     floors: FloorTable | None = field(default=None, repr=False)  # the replay floors (module docstring)
     policy: str | None = None  # the revocation mode these CRLs serve, for what a failed fetch means (None: not said)
+    kept: KeptCrls | None = field(default=None, repr=False)  # a worker's: what it took, kept for a replacement
 
     def __post_init__(self) -> None:
         for source in self.sources:
@@ -208,6 +214,8 @@ class CrlStore:
         """Read the file sources now (at start-up, before the event loop runs); return the problems."""
         for state in self._states.values():
             if not state.source.is_url:
+                if self._adopting(state):
+                    self._adopt(state, *_newest_kept(self.kept, state.source, self.trust, now, self.floors))
                 try:
                     data = _read_file(state.source.location)
                 except OSError as exc:
@@ -273,6 +281,9 @@ class CrlStore:
             self._session = None
 
     async def _fetch(self, state: _State, now: datetime) -> None:
+        if self._adopting(state):
+            kept = await asyncio.to_thread(_newest_kept, self.kept, state.source, self.trust, now, self.floors)
+            self._adopt(state, *kept)
         try:
             if state.source.is_url:
                 data = await self._get(state.source.location)
@@ -282,7 +293,9 @@ class CrlStore:
             self._failed(state, now, exc)
             return
         if not self._unchanged(state, data, now):  # read, checked and indexed in a thread: see _vet
-            self._keep(state, await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors), now)
+            vetted = await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors)
+            if self._keep(state, vetted, now) and self.kept is not None:
+                await asyncio.to_thread(self.kept.keep, state.source.location, data)
 
     def unreadable(self) -> dict[str, str]:
         """The file sources whose last read failed or brought no CRL (not a PEM or DER CRL), each with why: a reload
@@ -335,8 +348,35 @@ class CrlStore:
 
     def _take(self, state: _State, data: bytes, now: datetime) -> None:
         """Vet what a source returned; keep its last good CRLs unless all of it is good and not older."""
-        if not self._unchanged(state, data, now):
-            self._keep(state, _vet(state, data, self.trust, now, self.floors), now)
+        if self._unchanged(state, data, now):
+            return
+        if self._keep(state, _vet(state, data, self.trust, now, self.floors), now) and self.kept is not None:
+            self.kept.keep(state.source.location, data)
+
+    def _adopting(self, state: _State) -> bool:
+        """Whether `state`'s source is to start from its siblings' kept CRLs first (`proxy.certs.kept`): in a
+        replacement worker, once, before the source's first read."""
+        if self.kept is None or not self.kept.adopt or state.offered_kept:
+            return False
+        state.offered_kept = True
+        return True
+
+    def _adopt(self, state: _State, kept: list[Crl], data: bytes) -> None:
+        """Start `state` from the CRLs a sibling kept (`_newest_kept`, read from `data`), checked again against what it
+        holds now and the floors, as `_keep` checks a read: a source then giving an older CRL is refused as a replay
+        beside them, and one giving the same bytes is not read again (`_unchanged`)."""
+        try:
+            _refuse_rollback(kept, state.crls)
+            if self.floors is not None:
+                _refuse_below_floor(kept, self.floors)
+        except CrlUnusable:
+            return
+        if not kept:
+            return
+        state.crls, state.raw = tuple(kept), data
+        for crl in kept:
+            self._raise_floor(crl)
+            log.info("crl_taken_from_siblings", **_describe(crl))
 
     def _unchanged(self, state: _State, data: bytes, now: datetime) -> bool:
         """Whether `data` are the bytes last read and taken (then nothing needs checking again)."""
@@ -347,7 +387,8 @@ class CrlStore:
         state.raw = data
         return False
 
-    def _keep(self, state: _State, vetted: list[Crl] | ValueError | CrlUnusable, now: datetime) -> None:
+    def _keep(self, state: _State, vetted: list[Crl] | ValueError | CrlUnusable, now: datetime) -> bool:
+        """Take what `_vet` accepted (True), or log why not and keep the last good CRLs."""
         if isinstance(vetted, list):  # vetted against what was held when its thread started: another fetch of this
             try:  # source (a chain's first sight beside a refresh) may have kept a newer CRL since
                 _refuse_rollback(vetted, state.crls)
@@ -360,12 +401,13 @@ class CrlStore:
             state.below_floor = isinstance(vetted, CrlBelowFloor)
             state.last_error = printable(state.source.scrubbed(str(vetted)))  # a name the CRL's sender chose
             log.warning("crl_rejected", source=state.source.name, problem=state.last_error, **_held(state))
-            return
+            return False
         state.crls, state.last_success, state.last_error, state.unreadable = tuple(vetted), now, None, False
         state.below_floor = False
         for crl in vetted:
             self._raise_floor(crl)
             log.info("crl_loaded", **_describe(crl))
+        return True
 
     def _raise_floor(self, crl: Crl) -> None:
         if self.floors is None:
@@ -502,6 +544,24 @@ def _vet(
     except (ValueError, CrlUnusable) as exc:
         return exc
     return crls
+
+
+def _newest_kept(
+    kept: KeptCrls | None, source: CrlSource, trust: TrustList, now: datetime, floors: FloorTable | None
+) -> tuple[list[Crl], bytes]:
+    """The newest of the CRLs the workers of this gateway kept for `source` (`proxy.certs.kept`) that pass what a read
+    of the source would (`_vet`: signed by a CA of `trust`, none below its floor), with the bytes they were read from;
+    ([], b"") if none does. Each file is only what its signature proves: one older, forged, cut short or of another
+    CA's is passed over as a read would be. Bytes seen already (two workers keep the same CRL) are not read twice."""
+    best, seen = _State(source), set()
+    for data in kept.offered(source.location) if kept is not None else ():
+        if (digest := hashlib.blake2b(data, digest_size=16).digest()) in seen:
+            continue
+        seen.add(digest)
+        vetted = _vet(best, data, trust, now, floors)  # older than the best so far: refused (`_refuse_rollback`)
+        if isinstance(vetted, list) and vetted:
+            best.crls, best.raw = tuple(vetted), data
+    return list(best.crls), best.raw or b""
 
 
 def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:

@@ -1,0 +1,128 @@
+"""The CRLs workers keep for a replacement (`proxy.certs.kept`) and a replacement's store starting from them."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from proxy.auth.shared import SharedTable
+from proxy.certs.chain import TrustList
+from proxy.certs.kept import KeptCrls
+from proxy.certs.revocation import RevocationStatus
+from proxy.certs.sources import CrlSource, CrlStore
+from proxy.lab.pki import Pki
+from tests.unit.test_revocation_sources import NOW, _issuing_crl, forged_crl, status, verified
+from tests.unit.test_revocation_sources import pki as pki  # the fixtures, re-exported
+from tests.unit.test_revocation_sources import trust as trust
+
+URL = "http://reader:s3cret-password@127.0.0.1:9/issuing.crl"
+
+
+def _store(trust: TrustList, source: str, kept: KeptCrls, floors: SharedTable | None = None) -> CrlStore:
+    return CrlStore(trust, [CrlSource(source)], floors=floors, kept=kept)
+
+
+def test_a_worker_keeps_what_it_took_under_a_name_without_the_location(
+    trust: TrustList, pki: Pki, tmp_path: Path
+) -> None:
+    """A file source's CRLs, once taken, are written whole under `<hash>.<number>.crl` (no part left, no password or
+    path in the name); a source refused (a forged CRL) writes nothing."""
+    source = tmp_path / "issuing.crl"
+    source.write_bytes(_issuing_crl(pki, 5, 77))
+    kept = KeptCrls(tmp_path / "crls", 2)
+    assert _store(trust, str(source), kept).load_files(now=NOW) == []
+    files = list((tmp_path / "crls").iterdir())
+    assert [f.name.endswith(".2.crl") for f in files] == [True]
+    assert files[0].read_bytes() == source.read_bytes()
+    assert list(kept.offered(str(source))) == [source.read_bytes()]
+    forged = tmp_path / "forged.crl"
+    forged.write_bytes(forged_crl(pki, 77))
+    _store(trust, str(forged), KeptCrls(tmp_path / "crls", 1)).load_files(now=NOW)
+    assert len(list((tmp_path / "crls").iterdir())) == 1
+    kept = KeptCrls(tmp_path / "crls", 1)
+    assert list(kept.offered(URL)) == []
+    kept.keep(URL, source.read_bytes())
+    assert list(kept.offered(URL)) == [source.read_bytes()]
+    names = " ".join(f.name for f in (tmp_path / "crls").iterdir())
+    assert "s3cret" not in names
+    assert "issuing" not in names
+
+
+def test_a_replacement_starts_from_the_newest_kept_crl_it_can_vet(trust: TrustList, pki: Pki, tmp_path: Path) -> None:
+    """Siblings kept CRLs 6 (listing serial 66) and 7 (listing 77), a forged one numbered 99 also planted: a replacement
+    whose source gives 5 takes 7 (the forged one passed over), refuses 5 as a replay, and says so."""
+    directory = tmp_path / "crls"
+    source = tmp_path / "issuing.crl"
+    KeptCrls(directory, 1).keep(str(source), _issuing_crl(pki, 6, 66))
+    KeptCrls(directory, 2).keep(str(source), _issuing_crl(pki, 7, 77))
+    KeptCrls(directory, 3).keep(str(source), forged_crl(pki, 88))
+    source.write_bytes(_issuing_crl(pki, 5, 55))
+    store = _store(trust, str(source), KeptCrls(directory, 1, adopt=True))
+    problems = store.load_files(now=NOW)
+    assert [row.crl_number for row in store.status(now=NOW)] == [7]
+    assert "older than the CRL #7" in problems[0]
+    assert "replayed?" in problems[0]
+
+
+def test_a_kept_crl_below_the_floor_or_older_than_the_source_is_not_taken(
+    trust: TrustList, pki: Pki, tmp_path: Path
+) -> None:
+    """Kept CRL 6 under a floor of 7 (a worker took 7 since; the file is stale) is not taken; a source giving 8 beats a
+    kept 7: the replacement holds what the source gave."""
+    directory = tmp_path / "crls"
+    source = tmp_path / "issuing.crl"
+    KeptCrls(directory, 1).keep(str(source), _issuing_crl(pki, 6, 66))
+    floors = SharedTable()
+    source.write_bytes(_issuing_crl(pki, 7, 77))
+    _store(trust, str(source), KeptCrls(directory, 2), floors).load_files(now=NOW)  # the sibling takes 7, keeps it
+    (directory / next(directory.glob("*.2.crl")).name).write_bytes(_issuing_crl(pki, 6, 66))  # gone stale
+    source.write_bytes(_issuing_crl(pki, 5, 55))
+    replacement = _store(trust, str(source), KeptCrls(directory, 1, adopt=True), floors)
+    replacement.load_files(now=NOW)
+    assert [row.crl_number for row in replacement.status(now=NOW)] == [None]  # nothing: below the floor, both
+    assert replacement.behind_floors() != {}
+    KeptCrls(directory, 2).keep(str(source), _issuing_crl(pki, 7, 77))
+    source.write_bytes(_issuing_crl(pki, 8, 88))
+    newest = _store(trust, str(source), KeptCrls(directory, 1, adopt=True), floors)
+    assert newest.load_files(now=NOW) == []
+    assert [row.crl_number for row in newest.status(now=NOW)] == [8]
+
+
+def test_a_url_source_starts_from_the_kept_crl_when_its_first_fetch_fails(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """A replacement whose CRL URL does not answer at its first fetch holds the kept CRL (carol revoked) instead of
+    nothing; a first worker (not a replacement) never reads the kept files."""
+    asyncio.run(_url_source_starts_from_the_kept_crl(pki, trust, tmp_path))
+
+
+async def _url_source_starts_from_the_kept_crl(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    directory = tmp_path / "crls"
+    carol = verified(pki, trust, "carol")
+    KeptCrls(directory, 2).keep(URL, _issuing_crl(pki, 7, carol.serial))
+    replacement = CrlStore(trust, [CrlSource(URL)], timeout=2.0, kept=KeptCrls(directory, 1, adopt=True))
+    first = CrlStore(trust, [CrlSource(URL)], timeout=2.0, kept=KeptCrls(directory, 1))
+    try:
+        await replacement.refresh(now=NOW)
+        await first.refresh(now=NOW)
+    finally:
+        await replacement.close()
+        await first.close()
+    assert status(replacement, carol) is RevocationStatus.REVOKED
+    assert status(first, carol) is not RevocationStatus.REVOKED
+
+
+def test_a_source_giving_the_kept_bytes_is_not_vetted_twice(trust: TrustList, pki: Pki, tmp_path: Path) -> None:
+    """Two workers kept the same CRL and the source still gives it: the replacement reads it once (one
+    `crl_taken_from_siblings`, no `crl_loaded` for the same bytes), and the source counts as read."""
+    directory, source = tmp_path / "crls", tmp_path / "issuing.crl"
+    source.write_bytes(_issuing_crl(pki, 7, 77))
+    for number in (1, 2):
+        KeptCrls(directory, number).keep(str(source), source.read_bytes())
+    store = _store(trust, str(source), KeptCrls(directory, 1, adopt=True))
+    with capture_logs() as logs:
+        assert store.load_files(now=NOW) == []
+    assert [e["event"] for e in logs if e["event"].startswith("crl_")] == ["crl_taken_from_siblings"]
+    assert store.status(now=NOW)[0].last_success == NOW
