@@ -200,6 +200,9 @@ def decide(
         f"issue certificates with the SID extension (AD CS does since KB5014754), or add a strong mapping "
         f"to {account.dn}: altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
     )
+    slip = next(filter(None, (altsecid.serial_slip(entry, cert) for entry in entries)), None)
+    if slip is not None:  # an entry the administrator meant for this certificate: name it and its replacement
+        why, fix = f"{why} ({slip[0]})", _slipped(entries, cert, account.dn)
     if mode == "strong-or-audit":
         _not_older_than_account(cert, account, backdating, fix + reread)
         detail = f"{why}; {fix}"
@@ -207,6 +210,13 @@ def decide(
     raise MappingRefused(
         f"the certificate is not strongly mapped to the account ({why})", hint=f"{where}: {fix}{reread}"
     )
+
+
+def _slipped(entries: list[AltSecurityIdentity], cert: x509.Certificate, dn: str) -> str:
+    """The fix for the entries of `dn` that nearly name `cert` (`altsecid.serial_slip`): each, its slip, and the
+    entry that maps the certificate."""
+    said = [f"{e.raw} on {dn}: {slip[1]}" for e in entries if (slip := altsecid.serial_slip(e, cert)) is not None]
+    return f"{'; '.join(said)}: replace it with altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
 
 
 def stated_sid(cert: x509.Certificate) -> CertificateSid | None:

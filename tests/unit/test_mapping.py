@@ -380,6 +380,26 @@ def test_strong_entry_for_another_certificate_refused() -> None:
         decide(certificate(serial=0x123456), account(altsecid.issuer_serial_entry(other)), "strong")
 
 
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        ("X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>123456", "in printed order"),
+        ("X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>00123456", "in printed order"),
+        ("X509:<I>CN=AD Root CA<SR>563412", "under another issuer"),
+        ("X509:<I>CN=AD Root CA<SR>123456", "in printed order"),
+    ],
+)
+def test_an_entry_nearly_naming_the_certificate_is_named_with_its_replacement(entry: str, said: str) -> None:
+    """An issuer-and-serial entry with the serial unreversed, or another issuer: the reason names the slip, the fix the
+    entry and the one that maps the certificate; an entry for another serial is no slip."""
+    with pytest.raises(MappingRefused, match=said) as info:
+        decide(certificate(serial=0x123456), account(entry), "strong")
+    hint = info.value.hint or ""
+    assert f"{entry} on CN=alice,CN=Users,DC=ad,DC=test: " in hint
+    assert hint.count("replace it with altSecurityIdentities: X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>563412") == 1
+    assert altsecid.serial_slip(altsecid.parse(entry), certificate(serial=0x654321)) is None
+
+
 def test_audit_mode_serves_weak_mapping_and_says_so() -> None:
     """strong-or-audit admits a weakly mapped certificate, marked weak, with the reason and the fix."""
     mapping = decide(certificate(), account("X509:<S>CN=alice"), "strong-or-audit")
