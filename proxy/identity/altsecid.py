@@ -267,6 +267,33 @@ def matches(entry: AltSecurityIdentity, cert: x509.Certificate) -> bool:
     return False
 
 
+def serial_slip(entry: AltSecurityIdentity, cert: x509.Certificate) -> tuple[str, str] | None:
+    """How an `<I>..<SR>..` entry that does not name `cert` nearly does, as administrators slip: (the slip in a few
+    words, the same for the administrator), or None. The serial written in the order openssl, certutil and the
+    certificate dialog print it, where `<SR>` takes its bytes reversed; or this serial under another issuer (the root,
+    or another CA's name, where the entry must name the CA that signed the certificate)."""
+    if entry.kind != "X509IssuerSerialNumber" or not entry.value:
+        return None
+    printed = int(entry.value, 16) == cert.serial_number
+    if not printed and _serial_value(entry.value) != cert.serial_number:
+        return None
+    issuer = ",".join(rdn.rfc4514_string() for rdn in cert.issuer.rdns)
+    slips = []
+    if printed:
+        slips.append(
+            f"its serial {entry.value} is this certificate's in the order openssl and certutil print it, "
+            "while <SR> takes the serial's bytes reversed (as Windows writes it)"
+        )
+    if not same_name(entry.issuer or "", cert.issuer):
+        slips.append(
+            f"its <I> {entry.issuer!r} is not the certificate's issuer {issuer} (the CA that signed it, not its root)"
+        )
+    if not slips:
+        return None
+    short = "an entry has this serial in printed order" if printed else "an entry has this serial under another issuer"
+    return short, "; ".join(slips)
+
+
 def weakly_matches(entry: AltSecurityIdentity, cert: x509.Certificate) -> bool:
     """Whether a WEAK entry would name this certificate (reported, never admitted on)."""
     if entry.kind == "X509SubjectOnly":

@@ -181,9 +181,15 @@ def decide(
     (`reread_note`) ends the fix of a refusal a change on the DC mends (a mapping to add), not of another's SID."""
     sam = account.sam_account_name
     principal = f"{sam}@{realm}" if realm else ""
-    found = stated_sid(cert)
+    found = stated_sid(cert, account)
     cert_sid = found.sid if found is not None else None
     where = f"{account.upn or account.sam_account_name} ({account.dn}, {account.sid})"
+    if found is not None and cert_sid == _domain_of(account.sid):
+        raise MappingRefused(  # the CA wrote the domain's SID: an administrator's slip, refused as no account's
+            "the certificate belongs to another account (SID of another account)",
+            hint=f"its {_SID_WHERE[found.source]} names {found.sid}, which is the SID of the account's domain, not of "
+            f"an account (no RID): the CA or its template writes the wrong SID; {_must_carry(account)}, reissue it",
+        )
     if found is not None and cert_sid != account.sid:
         raise _another_account(found, f"its UPN names {where}")
     if found is not None:
@@ -200,6 +206,9 @@ def decide(
         f"issue certificates with the SID extension (AD CS does since KB5014754), or add a strong mapping "
         f"to {account.dn}: altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
     )
+    slip = next(filter(None, (altsecid.serial_slip(entry, cert) for entry in entries)), None)
+    if slip is not None:  # an entry the administrator meant for this certificate: name it and its replacement
+        why, fix = f"{why} ({slip[0]})", _slipped(entries, cert, account.dn)
     if mode == "strong-or-audit":
         _not_older_than_account(cert, account, backdating, fix + reread)
         detail = f"{why}; {fix}"
@@ -209,9 +218,29 @@ def decide(
     )
 
 
-def stated_sid(cert: x509.Certificate) -> CertificateSid | None:
+def _slipped(entries: list[AltSecurityIdentity], cert: x509.Certificate, dn: str) -> str:
+    """The fix for the entries of `dn` that nearly name `cert` (`altsecid.serial_slip`): each, its slip, and the
+    entry that maps the certificate."""
+    said = [f"{e.raw} on {dn}: {slip[1]}" for e in entries if (slip := altsecid.serial_slip(e, cert)) is not None]
+    return f"{'; '.join(said)}: replace it with altSecurityIdentities: {altsecid.issuer_serial_entry(cert)}"
+
+
+def _domain_of(sid: Sid) -> Sid | None:
+    """The SID of the domain an account's SID is in (without its RID); None for a SID of one part."""
+    return Sid(sid.authority, sid.sub_authorities[:-1]) if len(sid.sub_authorities) > 1 else None
+
+
+def _must_carry(account: Account) -> str:
+    """The SID a certificate of `account` must carry, for a fix."""
+    who = account.upn or account.sam_account_name
+    return f"{who} is {account.dn}: its objectSid is {account.sid}: that string is what the certificate must carry"
+
+
+def stated_sid(cert: x509.Certificate, account: Account | None = None) -> CertificateSid | None:
     """The SID the certificate states (its SID extension, its subjectAltName SID URL, or both agreeing), or None;
-    MappingRefused when it is malformed or the two disagree (in every mode, whatever the directory says)."""
+    MappingRefused when it is malformed or the two disagree (in every mode, whatever the directory says). `account`,
+    the one its name found: a malformed SID's fix then says which SID to write."""
+    carry = f"; {_must_carry(account)}" if account is not None else ""
     try:
         return read_certificate_sid(cert)
     except SidConflict as e:
@@ -225,11 +254,11 @@ def stated_sid(cert: x509.Certificate) -> CertificateSid | None:
             raise MappingRefused(
                 "the certificate's subjectAltName SID URL cannot be read",
                 hint=f"{e}; ask the CA to reissue the certificate with one subjectAltName URL "
-                f"{SID_URL_PREFIX}<SID> holding exactly the account's SID",
+                f"{SID_URL_PREFIX}<SID> holding exactly the account's SID{carry}",
             ) from None
         raise MappingRefused(
             "the certificate's SID extension cannot be read",
-            hint=f"{e}; ask the CA to reissue the certificate (AD CS writes the SID extension for the enrollee)",
+            hint=f"{e}; ask the CA to reissue the certificate (AD CS writes the SID extension for the enrollee){carry}",
         ) from None
 
 

@@ -31,6 +31,7 @@ decides admission has to be read strictly. The codec is a few lines.
 
 from __future__ import annotations
 
+import base64
 import re
 import struct
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ class Sid:
         revisions, spaces, empty parts) is a ValueError."""
         match = _SID_STRING.fullmatch(text)
         if match is None:
-            raise ValueError(f"not a SID string: {text[:80]!r}")
+            raise ValueError(f"not a SID string: {text[:80]!r}{_base64_note(text)}")
         authority, subs = match.groups()
         return cls(int(authority, 0), tuple(int(s) for s in subs[1:].split("-")))
 
@@ -101,6 +102,16 @@ class Sid:
         """The binary form the directory stores as `objectSid`."""
         head = bytes([1, len(self.sub_authorities)]) + self.authority.to_bytes(6, "big")
         return head + struct.pack(f"<{len(self.sub_authorities)}I", *self.sub_authorities)
+
+
+def _base64_note(text: str) -> str:
+    """What a text that is no SID string is, when it is the base64 of a binary SID: ldapsearch prints `objectSid::`
+    so, and an administrator may copy it into a CA's template. Said, never accepted."""
+    try:
+        sid = Sid.from_bytes(base64.b64decode(text, validate=True))
+    except ValueError:  # binascii.Error is one
+        return ""
+    return f" (it is the base64 of the binary SID {sid}, as ldapsearch prints objectSid, not its string form)"
 
 
 def sid_extension_value(sid: Sid) -> bytes:

@@ -371,6 +371,12 @@ _FOREIGN_HINT = (
     'principals are local part@realm: there, identity.realm_map = {{ "{suffix}" = "{own_realm}" }} asks for '
     "the UPN's local part in the gateway's realm"
 )
+_REALM_CASE_HINT = (
+    "S4U2Self asked for {user}, whose realm {realm} is the gateway's realm {own_realm} in another case: Kerberos "
+    "compares realm names with their case, so no KDC is configured for {realm}; write the realm where the "
+    'configuration names it (identity.realm_map, identity.default_realm) as "{own_realm}", as Active Directory '
+    "spells it (its DNS name in capitals; check-config warns of it)"
+)
 _SERVICE_NOT_FOUND_HINT = (
     "the KDC refused the gateway's own credentials: it has no account named {proxy}. Active Directory issues a "
     "ticket only to an account's name or UPN, never to a bare SPN: set kerberos.principal to the service "
@@ -417,6 +423,8 @@ def explain(
     # The KDC does not serve the user's realm ("Server not found"), or refers it to a realm krb5.conf gives no KDC
     # (Samba for its NetBIOS name, alice@ADTEST): either way the certificate's suffix, not a KDC outage (503).
     foreign = _SERVER_NOT_FOUND in lowered or _NO_KDC_FOR_REALM in lowered
+    if step == "s4u2self" and foreign and realm != own_realm and _realm(user) == _realm(proxy):
+        return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_REALM_CASE_HINT.format(**fill)} [{message}]")
     if step == "s4u2self" and foreign and _realm(user) != _realm(proxy):
         return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{_FOREIGN_HINT.format(**fill)} [{message}]")
     if step == "s4u2proxy" and _BADOPTION in lowered and evidence_forwardable is not None:

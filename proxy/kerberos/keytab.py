@@ -133,16 +133,24 @@ def missing_key(path: Path, principal: str) -> tuple[str, str] | None:
     if not held:
         return f"{path} holds no keys at all", f"export {principal}'s key into it (kadmin ktadd, ktpass, msktutil)"
     what = f"{path} holds keys for {', '.join(held)} only, none for {principal}"
-    same = [p for p in held if p.lower() == principal.lower()]
-    if same:
-        return what, (
-            f"Kerberos compares names with their case, and the keytab spells it {same[0]}: "
-            f'set kerberos.principal = "{same[0]}"'
-        )
+    if (respelt := case_advice(principal, held)) is not None:
+        return what, respelt
     return what, (
         "it is another account's keytab (kerberos.keytab names the wrong file), or kerberos.principal is not the name "
         f"it was exported for: point kerberos.keytab at {principal}'s keytab, or export {principal}'s key into this "
         "one (kadmin ktadd, ktpass, msktutil)" + account_advice(principal, held)
+    )
+
+
+def case_advice(principal: str, held: list[str]) -> str | None:
+    """The fix when the keytab holds `principal` spelt in another case (`svc-kcdproxy@ad.test` for the keytab's
+    `svc-kcdproxy@AD.TEST`: a realm in lower case), else None."""
+    same = [p for p in held if p.lower() == principal.lower()]
+    if not same:
+        return None
+    return (
+        f"Kerberos compares names with their case, and the keytab spells it {same[0]}: "
+        f'set kerberos.principal = "{same[0]}"'
     )
 
 

@@ -32,7 +32,7 @@ from proxy.certs.floors import CrlStateError, read_state, trusted_directory
 from proxy.certs.revocation import CrlSet, load_crls
 from proxy.certs.sources import CrlStore, sources_from_config
 from proxy.config import Config
-from proxy.kerberos.keytab import account_advice, read_keytab
+from proxy.kerberos.keytab import account_advice, case_advice, read_keytab
 from proxy.printable import printable
 from proxy.tls.server import load_ca_file, swapped
 
@@ -70,6 +70,7 @@ def warnings(config: Config) -> list[str]:
             *_subnets_without_prefix(config),
             *_admin_ca_shared(config),
             *_unmatched_issuers(config),
+            *_realms_in_another_case(config),
         )
     ]
     auth = config.authentication
@@ -173,6 +174,23 @@ def _unmatched_issuers(config: Config) -> Iterator[tuple[str, str]]:
                 f"'{rule.issuer}' is none of the configured CAs ({'; '.join(cas)}): rule '{rule.name}' admits no "
                 "certificate, and without another rule every device is refused with 403; name the CA that issues "
                 "the devices' certificates, or one above it, as `kcd-proxy explain --cert` shows the chain",
+            )
+
+
+def _realms_in_another_case(config: Config) -> Iterator[tuple[str, str]]:
+    """A realm in `identity.realm_map` or `identity.default_realm` that is the gateway's own (kerberos.principal's) in
+    another case: realm names are compared with their case, krb5.conf has no such realm, and every user mapped to it
+    is refused (MIT: "Cannot find KDC for requested realm"). Active Directory's realm is its DNS name in capitals."""
+    own = config.kerberos.principal.rpartition("@")[2]
+    identity = config.identity
+    named = [(f"identity.realm_map.{suffix}", realm) for suffix, realm in identity.realm_map.items()]
+    for key, realm in [*named, ("identity.default_realm", identity.default_realm)]:
+        if realm != own and realm.upper() == own.upper():
+            yield (
+                key,
+                f"'{realm}' is the gateway's realm {own} in another case: Kerberos compares realm names with their "
+                "case, so it is another realm, and the users it names are refused ('Cannot find KDC for requested "
+                f'realm\'); write it "{own}"',
             )
 
 
@@ -379,12 +397,11 @@ def _keytab(config: Config) -> Iterator[tuple[str, str]]:
     held = sorted({e.principal for e in entries})
     if kerberos.principal not in held:
         holds = ", ".join(held) if held else "no keys at all"
-        yield (
-            "kerberos.keytab",
-            f"{kerberos.keytab} holds no key for {kerberos.principal} (it holds: {holds}); "
+        fix = case_advice(kerberos.principal, held) or (
             "export the gateway's key into it (kadmin ktadd, ktpass, msktutil)"
-            + account_advice(kerberos.principal, held),
+            + account_advice(kerberos.principal, held)
         )
+        yield "kerberos.keytab", f"{kerberos.keytab} holds no key for {kerberos.principal} (it holds: {holds}); {fix}"
 
 
 def _routes(config: Config) -> Iterator[tuple[str, str]]:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.type import univ
 
+from proxy.identity import altsecid
 from proxy.lab import ad, ad_mapping
 from tests.integration.ad_fixtures import AD_TIMEOUT, AdProcess, _start, status_and_body
 from tests.integration.test_ad_mapping import served_as, start_gateway
@@ -756,3 +757,48 @@ def test_key_entries_name_one_key_and_an_ski_entry_needs_the_extension(
         set_alt_security_identities(realm, fresh, entry)
         status, body = curl(realm, uncached, cert, minted / "device.key")
         assert status == expected, (entry, body)
+
+
+@pytest.mark.parametrize(
+    ("label", "serial", "entry", "said", "fix"),
+    [
+        (
+            "printed-order",
+            "0x8E4311A2B3",
+            "X509:<I>CN=Lab Issuing CA<SR>8E4311A2B3",
+            "an entry has this serial in printed order",
+            "in the order openssl and certutil print it",
+        ),
+        (
+            "root-as-issuer",
+            "0x8E4311A2B4",
+            "X509:<I>CN=Lab Root CA<SR>b4a211438e00",
+            "an entry has this serial under another issuer",
+            "is not the certificate's issuer CN=Lab Issuing CA",
+        ),
+    ],
+)
+def test_an_issuer_serial_entry_an_administrator_slipped_on_is_named(
+    realm: ad.AdRealm,
+    uncached: AdProcess,
+    minted: Path,
+    fresh: str,
+    label: str,
+    serial: str,
+    entry: str,
+    said: str,
+    fix: str,
+) -> None:
+    """An `<I>..<SR>..` entry written with the serial as openssl prints it (Windows reverses the bytes), or naming the
+    root CA instead of the issuing one: 403, the reason says which slip, the fix names the entry and its replacement."""
+    upn = f"{fresh}@{ad.DNS_DOMAIN}"
+    cert = mint(realm, minted, f"slip-{label}", upn_line(upn), serial=serial)
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    set_alt_security_identities(realm, fresh, entry)
+    status, body = curl(realm, uncached, cert, minted / "device.key")
+    assert status == 403, body
+    assert said in body
+    refused = uncached.wait_event("mapping_refused")
+    assert entry in refused["fix"]
+    assert fix in refused["fix"]
+    assert f"replace it with altSecurityIdentities: {altsecid.issuer_serial_entry(loaded)}" in refused["fix"]

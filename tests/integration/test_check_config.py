@@ -177,6 +177,10 @@ CATALOGUE = [
      "CRL issuer 'CN=Lab Root CA' is not in the trust list: take it out of client_certificates.crls, or add its CA"),
     ("keytab without the principal", _replace("{lab.proxy_keytab}", "{lab.backend_keytab}"),
      "kerberos.keytab", "holds no key for HTTP/proxy.lab.test@LAB.TEST (it holds: HTTP/cas.lab.test@LAB.TEST)"),
+    ("principal's realm in lower case", _replace('principal = "HTTP/proxy.lab.test@LAB.TEST"',
+                                                 'principal = "HTTP/proxy.lab.test@lab.test"'),
+     "kerberos.keytab", 'compares names with their case, and the keytab spells it HTTP/proxy.lab.test@LAB.TEST: '
+     'set kerberos.principal = "HTTP/proxy.lab.test@LAB.TEST"'),
     ("keytab that is no keytab", _replace("{lab.proxy_keytab}", "{lab.pki_dir}/root.pem"),
      "kerberos.keytab", "not a keytab"),
     ("admin off loopback without TLS", _append('\n[admin]\nbind = "0.0.0.0:9443"\n'), "admin.bind", "is not loopback"),
@@ -351,6 +355,37 @@ def test_a_balancers_subnet_written_without_its_prefix_is_ok_with_a_warning(
     index = blocks.split(", ").index(f'"{written}"')
     assert warning.startswith(f"warning: listener.trusted_proxies[{index}]: {written} has no prefix"), warning
     assert "write the subnet with its prefix" in warning, warning
+    assert warning.endswith(f"(in {path})"), warning
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('realm_map = { "corp.example" = "lab.test" }', "identity.realm_map.corp.example"),
+        ('default_realm = "Lab.Test"', "identity.default_realm"),
+        ('realm_map = { "corp.example" = "LAB.TEST" }\ndefault_realm = "LAB.TEST"', None),
+    ],
+)
+def test_a_realm_in_another_case_than_the_gateways_is_ok_with_a_warning(
+    lab: LabLayout, tmp_path: Path, line: str, key: str | None
+) -> None:
+    """A realm in `identity.realm_map` or `identity.default_realm` that is the gateway's own (kerberos.principal's) in
+    another case: Kerberos realm names are compared with their case, and krb5.conf has no such realm, so every user
+    mapped to it was 503 "unreachable; try again shortly" and check-config said ok silently. Now ok with a warning
+    naming the key and the realm to write; the realm in capitals gets no warning."""
+    path = tmp_path / "gateway.toml"
+    text = lab_config(lab, port=free_port())
+    path.write_text(text.replace('source = "san-upn"\n', f'source = "san-upn"\n{line}\n', 1))
+    res = _cli(path)
+    assert res.returncode == 0, res
+    warned = [w for w in res.stderr.splitlines() if w.startswith("warning: identity.")]
+    if key is None:
+        assert warned == [], res.stderr
+        return
+    (warning,) = warned
+    assert warning.startswith(f"warning: {key}: "), warning
+    assert "the gateway's realm LAB.TEST in another case" in warning, warning
+    assert 'write it "LAB.TEST"' in warning, warning
     assert warning.endswith(f"(in {path})"), warning
 
 

@@ -323,6 +323,21 @@ def test_no_kdc_for_the_users_own_realm_at_s4u2self_is_the_certificates_suffix_n
     assert isinstance(explained("alice@ADTEST", "s4u2proxy"), KdcUnavailable)
 
 
+def test_the_users_realm_in_another_case_than_the_gateways_is_the_configuration_not_an_outage() -> None:
+    """S4U2Self for alice@ad.test with the gateway in AD.TEST (a realm_map value in lower case): 502 naming the case and
+    the keys, not 503 "unreachable"; the realm in capitals stays a KDC that cannot be found (503)."""
+    message = "Unspecified GSS failure.  Minor code may provide more information, Cannot find KDC for requested realm"
+
+    def explained(user: str) -> GatewayError:
+        return explain(message, user=user, spn="HTTP/cas.ad.test", proxy="svc-kcdproxy@AD.TEST", step="s4u2self")
+
+    refused = explained("alice@ad.test")
+    assert (type(refused), refused.status) == (KerberosMisconfigured, 502)
+    assert "ad.test is the gateway's realm AD.TEST in another case" in (refused.hint or "")
+    assert '(identity.realm_map, identity.default_realm) as "AD.TEST"' in (refused.hint or "")
+    assert isinstance(explained("alice@AD.TEST"), KdcUnavailable)
+
+
 @pytest.mark.parametrize("step", ["service", "s4u2self", "s4u2proxy", None])
 @pytest.mark.parametrize(
     ("minor", "in_hint"),

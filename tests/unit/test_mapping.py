@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import subprocess
 from dataclasses import replace
@@ -378,6 +379,62 @@ def test_strong_entry_for_another_certificate_refused() -> None:
     other = certificate(serial=0x999999)
     with pytest.raises(MappingRefused, match="no strong mapping"):
         decide(certificate(serial=0x123456), account(altsecid.issuer_serial_entry(other)), "strong")
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        ("X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>123456", "in printed order"),
+        ("X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>00123456", "in printed order"),
+        ("X509:<I>CN=AD Root CA<SR>563412", "under another issuer"),
+        ("X509:<I>CN=AD Root CA<SR>123456", "in printed order"),
+    ],
+)
+def test_an_entry_nearly_naming_the_certificate_is_named_with_its_replacement(entry: str, said: str) -> None:
+    """An issuer-and-serial entry with the serial unreversed, or another issuer: the reason names the slip, the fix the
+    entry and the one that maps the certificate; an entry for another serial is no slip."""
+    with pytest.raises(MappingRefused, match=said) as info:
+        decide(certificate(serial=0x123456), account(entry), "strong")
+    hint = info.value.hint or ""
+    assert f"{entry} on CN=alice,CN=Users,DC=ad,DC=test: " in hint
+    assert hint.count("replace it with altSecurityIdentities: X509:<I>DC=test,DC=ad,CN=AD Test CA<SR>563412") == 1
+    assert altsecid.serial_slip(altsecid.parse(entry), certificate(serial=0x654321)) is None
+
+
+def test_a_base64_binary_sid_is_refused_naming_what_it_is_and_the_sid_to_write() -> None:
+    """The SID extension holding the base64 of the binary objectSid (ldapsearch's form): refused as unreadable, the
+    fix says it is that SID's base64 and names the account's SID string; a SID string is still read as before."""
+    written = base64.b64encode(ALICE_SID.to_bytes()).decode()
+    with pytest.raises(ValueError, match=f"base64 of the binary SID {ALICE_SID}"):
+        Sid.parse(written)
+    ext = x509.UnrecognizedExtension(SID_EXTENSION_OID, _sid_value_of(written.encode()))
+    with pytest.raises(MappingRefused, match="SID extension cannot be read") as info:
+        decide(certificate(extensions=[ext]), account(), "strong")
+    assert f"its objectSid is {ALICE_SID}: that string is what the certificate must carry" in (info.value.hint or "")
+
+
+def test_the_domains_sid_is_refused_as_no_accounts_naming_the_missing_rid() -> None:
+    """The SID of alice's domain (her SID without its RID) in the extension: 403 SID of another account, the fix
+    saying it is the domain's SID and naming hers; another account's SID keeps the ESC1 fix."""
+    domain = Sid(ALICE_SID.authority, ALICE_SID.sub_authorities[:-1])
+    with pytest.raises(MappingRefused, match="SID of another account") as info:
+        decide(certificate(sid=domain), account(), "strong")
+    assert "the SID of the account's domain, not of an account (no RID)" in (info.value.hint or "")
+    assert f"its objectSid is {ALICE_SID}" in (info.value.hint or "")
+    with pytest.raises(MappingRefused, match="SID of another account") as other:
+        decide(certificate(sid=ADMIN_SID), account(), "strong")
+    assert "ESC1" in (other.value.hint or "")
+
+
+def _sid_value_of(text: bytes) -> bytes:
+    """A SID extension value in AD CS's shape holding `text` as its OCTET STRING."""
+    names = rfc5280.GeneralNames()
+    name = names.componentType.clone()
+    name["otherName"]["type-id"] = univ.ObjectIdentifier(OBJECTSID_OID)
+    name["otherName"]["value"] = der_encoder.encode(univ.OctetString(text))
+    names.append(name)
+    encoded: bytes = der_encoder.encode(names)
+    return encoded
 
 
 def test_audit_mode_serves_weak_mapping_and_says_so() -> None:
