@@ -727,6 +727,8 @@ async def serve(
             task.cancel()
         for sock in sockets:
             sock.close()  # the next connection is refused: a balancer sends it to another gateway
+        if worker is not None:  # no longer counted as serving by the supervisor, though it drains (`proxy.workers`)
+            worker.stops_listening()
         drain_started = loop.time()
         if runner is not None:  # aiohttp's own drain, up to its shutdown_timeout (listener.drain_timeout)
             outcome = await _hurried(runner.cleanup(), hurry, listener.drain_timeout)

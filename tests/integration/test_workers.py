@@ -37,6 +37,7 @@ from proxy.live import replacement_config
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
+from tests.integration.test_drain import _send
 from tests.integration.test_revocation import _CrlServer
 
 # Scheduled among the long files (tests/schedule.py): 48 tests of 2-25 s (workers started, killed, retried every
@@ -1049,6 +1050,83 @@ def test_a_worker_not_replaced_is_counted_in_metrics_and_readyz_until_it_is(lab:
             assert "workers" not in json.loads(_scrape(url + "/readyz"))
     finally:
         gw.stop()
+
+
+def _readyz(url: str) -> dict[str, Any] | None:
+    """One /readyz on a new connection; None when the kernel gave it a worker that does not answer (stopped) or is not
+    ready (stopping: 503)."""
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as r:  # noqa: S310  loopback
+            return dict(json.loads(r.read()))
+    except (TimeoutError, urllib.error.URLError):
+        return None
+
+
+def test_a_stopped_worker_is_not_counted_as_serving_until_it_is_continued(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """A worker stopped (SIGSTOP) serves nothing while the kernel still gives its socket part of the new connections:
+    `/readyz` (still 200) names it in `workers`, "1 of 2 workers serve (worker N stopped ...)", and once it is
+    continued (SIGCONT) the key is gone. It was counted as serving: alive was all the supervisor looked at."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    number = {e["pid"]: int(Path(e["siblings"]).stem) for e in gw.wait_events("admin_listening", 2)}
+    stopped = next(iter(number))
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+
+        def short() -> dict[str, Any] | None:
+            body = _readyz(admin)
+            return body if body is not None and "workers" in body else None
+
+        body = eventually(short, "a workers key while a worker is stopped", timeout=10)
+        assert body["ready"] is True, body  # degraded, not out of the balancer
+        assert body["workers"].startswith("1 of 2 workers serve"), body
+        assert f"worker {number[stopped]} stopped" in body["workers"], body
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+
+    def whole() -> bool:
+        return all((body := _readyz(admin)) is not None and "workers" not in body for _ in range(4))
+
+    eventually(whole, "no workers key once the worker is continued", timeout=10)
+
+
+def test_a_worker_stopping_on_its_own_is_not_counted_as_serving_while_it_drains(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """One worker sent SIGTERM closes its listener at once but drains its requests in flight (held here until
+    released): from its `stopping` line it serves no new connection, and `kcd_workers_serving` says 1, `/readyz`'s
+    `workers` names it. It was counted as serving until it exited, up to `drain_timeout` later."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    pid_of = {int(Path(e["siblings"]).stem): e["pid"] for e in gw.wait_events("admin_listening", 2)}
+    key = f"drain{os.getpid()}"
+
+    def serving(count: int) -> str | None:
+        text = _scrape(admin + "/metrics")
+        return text if _samples(text, "kcd_workers_serving") == {"": count} else None
+
+    held = [_send(lab, gw.port, f"/Microsoft-Server-ActiveSync?Cmd=Ping&hold=60&hold_until={key}") for _ in range(6)]
+    try:
+
+        def in_flight() -> dict[str, float] | None:
+            figures = _samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight")
+            return figures if sum(figures.values()) == len(held) else None
+
+        busy = next(label for label, n in eventually(in_flight, "six requests held").items() if n > 0)
+        draining = int(busy.split('worker="')[1].split('"')[0])  # holds one or more: its drain waits for them
+        gw.mark()
+        os.kill(pid_of[draining], signal.SIGTERM)
+        gw.wait_event("stopping", pid=pid_of[draining])
+        eventually(lambda: serving(1), "kcd_workers_serving 1 while a worker drains", timeout=10)
+        assert _alive(pid_of[draining])  # still draining: its held requests are not answered yet
+        body = eventually(lambda: _readyz(admin), "the serving worker's /readyz (the draining one's is 503)")
+        assert f"worker {draining} stopping" in body["workers"], body
+    finally:
+        _send(lab, gw.port, f"/Microsoft-Server-ActiveSync?Cmd=Ping&lab_release={key}").result()  # the other worker
+    assert [r.result() for r in held] == [(200, None)] * len(held)
+    eventually(lambda: serving(2), "kcd_workers_serving 2 once its replacement listens")
 
 
 def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
