@@ -514,8 +514,9 @@ def reload_asked_while_starting() -> bool:
 
 def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> None:
     """The child side of the fork: default signal handling back, serve, and never return into the parent's code.
-    A worker outliving its supervisor (killed outright, so it never removed `siblings`) removes that directory
-    once it is empty: each such worker has removed its own socket by then, so the last one to stop succeeds."""
+    A worker outliving its supervisor (killed outright, so it never removed `siblings`) empties that directory of all
+    but its live siblings' sockets and removes it (`_leave`): each such worker has removed its own socket by then, so
+    the last one to stop succeeds."""
     code = 1
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -532,13 +533,38 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
         for mark in (_listening, _stopping):  # this worker serves no more (`_serving`)
             with contextlib.suppress(OSError):
                 mark(siblings, os.getpid()).unlink()
-        if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
-            for name in (_RELOADED, _SERVING, f"{_SERVING}.new"):  # nor a scrape the supervisor's count
-                with contextlib.suppress(OSError):
-                    (siblings / name).unlink()
-            with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
-                siblings.rmdir()
+        if os.getppid() != supervisor:
+            _leave(siblings)
         end_process(code)
+
+
+def _leave(siblings: Path) -> None:
+    """A worker whose supervisor is gone (killed outright) stops: no replacement will come to read what the siblings'
+    last reload took, nor a scrape the supervisor's count, nor the supervisor a mark or a refusal. Everything but a
+    sibling's socket that answers (a sibling still stopping, which removes its own) is removed, then the directory,
+    which the last worker to stop finds empty. A socket nothing answers on is a worker's killed outright, which only the
+    supervisor removed, as it reaped it: killed together with it, the worker was never reaped, and the directory
+    stayed."""
+    with contextlib.suppress(OSError):
+        for path in siblings.iterdir():
+            if path.suffix == ".sock" and _answers(path):
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+        siblings.rmdir()  # not empty: a sibling still stopping removes it
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process listens on the Unix socket `path` (asked by connecting; any doubt is a yes)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True
+    return True
 
 
 def end_process(code: int) -> NoReturn:

@@ -1186,6 +1186,29 @@ def test_a_supervisor_killed_while_a_replacement_is_retried_leaves_no_socket_dir
     assert not directory.exists(), sorted(p.name for p in directory.iterdir())
 
 
+def test_a_supervisor_killed_before_it_reaped_a_killed_worker_leaves_no_socket_directory(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """A worker and the supervisor SIGKILLed together (the supervisor held stopped so that it cannot reap the worker
+    first, as `kill -9` to both does when it wins the race): the dead worker's socket and listening mark, which only the
+    supervisor removed as it reaped it, stayed, so the last worker stopping could not remove the directory. Such a
+    worker now removes what no live sibling holds: a socket nothing answers on, and every mark."""
+    gw, _ = two_workers_admin
+    first, second = _listening_pids(gw, 2)
+    directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    os.kill(first, signal.SIGKILL)
+    eventually(lambda: not _alive(first), "the worker dead (a zombie, unreaped)")
+    gw.proc.kill()
+    gw.proc.wait()
+    try:
+        eventually(lambda: not directory.exists() and not _alive(second), "the directory removed", timeout=20)
+    except AssertionError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(second, signal.SIGKILL)
+        raise AssertionError(sorted(p.name for p in directory.iterdir())) from None
+
+
 def test_a_trace_id_with_a_path_in_it_is_no_trace_not_a_question_for_another_path(
     lab: LabLayout, two_workers_admin: tuple[Gateway, str]
 ) -> None:

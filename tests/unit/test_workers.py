@@ -163,3 +163,23 @@ def test_a_replacements_refusal_is_handed_to_the_supervisor_once(tmp_path: Path)
     assert workers._refusal(workers.Worker(2, tmp_path)) == []
     worker.refusal.write_text('{"not": "a list"}')
     assert workers._refusal(worker) == []
+
+
+def test_a_worker_left_by_its_supervisor_removes_all_but_a_live_siblings_socket(tmp_path: Path) -> None:
+    """What an orphaned worker leaves (`_leave`): a socket a live sibling listens on stays (it removes its own), a
+    socket nothing answers on (a worker killed and never reaped), marks and refusals go; the directory goes once
+    nothing is left."""
+    directory = tmp_path / "kcd-proxy-workers-x"
+    directory.mkdir()
+    live, dead = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    with live, dead:
+        live.bind(str(directory / "2.sock"))
+        live.listen()
+        dead.bind(str(directory / "1.sock"))  # bound, never listening: refused, as a dead worker's
+        for name in ("123.listening", "124.stopping", "1.refused", "serving.json", "reloaded.toml"):
+            (directory / name).write_text("x")
+        workers._leave(directory)
+        assert sorted(p.name for p in directory.iterdir()) == ["2.sock"]
+    (directory / "2.sock").unlink()  # the sibling's own, as it stops
+    workers._leave(directory)
+    assert not directory.exists()
