@@ -28,11 +28,12 @@ directory (`Worker`): each worker answers its siblings on a Unix socket there, a
 the others (`proxy.observability.siblings`). The supervisor removes the directory when it stops; killed outright,
 it cannot, and its workers, stopping with it, remove it instead (the last one to remove its socket).
 
-Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they
-have. SIGHUP goes to every worker too, and each reloads on its own (`proxy.live`); a worker still
-starting, before its reload handler is in place, remembers it (rather than die of it, or miss the reload) and
-reloads once it serves, and one forked after the supervisor got a SIGHUP (between two forks) is forked with it
-remembered. A supervisor killed
+Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they have. Each
+is followed by SIGCONT, as systemd does for the processes it signals: a worker stopped (SIGSTOP) would act on it
+only once continued, and the supervisor waited for it for ever. SIGHUP goes to every worker too, and each reloads on
+its own (`proxy.live`); a worker still starting, before its reload handler is in place, remembers it (rather than
+die of it, or miss the reload) and reloads once it serves, and one forked after the supervisor got a SIGHUP (between
+two forks) is forked with it remembered. A supervisor killed
 outright (SIGKILL, which it cannot pass on) takes its workers with it: each asks the kernel for SIGTERM
 when its parent dies (PR_SET_PDEATHSIG), so none runs on as an orphan holding the port. A worker that dies on its own is
 replaced after a pause, unless it exited with an error within `MIN_UPTIME` seconds of starting: a
@@ -231,6 +232,8 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+                if signum != signal.SIGHUP:  # a stopped worker (SIGSTOP) acts on it once continued, as systemd does
+                    os.kill(pid, signal.SIGCONT)  # for what it signals (here the supervisor alone: KillMode=mixed)
 
     def start(number: int, *, replacement: bool = False) -> None:
         beside = _serving(workers, siblings) if replacement else 0

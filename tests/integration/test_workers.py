@@ -1092,6 +1092,26 @@ def test_a_stopped_worker_is_not_counted_as_serving_until_it_is_continued(
     eventually(whole, "no workers key once the worker is continued", timeout=10)
 
 
+def test_a_gateway_with_a_stopped_worker_stops_on_sigterm(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """SIGTERM to the supervisor while a worker is stopped (SIGSTOP): the gateway stops (exit 0) and no worker is left.
+    The stopped worker never acted on the SIGTERM passed on to it (its handler runs only once it is continued), and the
+    supervisor waited for it for ever, past a unit's TimeoutStopSec (systemd's KillMode=mixed, ours, signals the
+    supervisor alone, so no SIGCONT reached the worker); the supervisor now sends SIGCONT after it, as systemd does."""
+    gw, _ = two_workers_admin
+    first, second = _listening_pids(gw, 2)
+    os.kill(first, signal.SIGSTOP)
+    gw.proc.send_signal(signal.SIGTERM)
+    try:
+        assert gw.proc.wait(timeout=20) == 0
+    except subprocess.TimeoutExpired:
+        os.kill(first, signal.SIGCONT)
+        raise AssertionError("the supervisor still waits for the stopped worker 20 s after SIGTERM") from None
+    assert not _alive(first)
+    assert not _alive(second)
+
+
 def test_a_worker_stopping_on_its_own_is_not_counted_as_serving_while_it_drains(
     lab: LabLayout, two_workers_admin: tuple[Gateway, str]
 ) -> None:
