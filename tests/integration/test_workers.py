@@ -1112,6 +1112,58 @@ def test_a_gateway_with_a_stopped_worker_stops_on_sigterm(
     assert not _alive(second)
 
 
+def test_one_signal_to_the_supervisor_and_its_workers_drains_them_not_cuts_them(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """SIGINT to the supervisor and to every worker at once (Ctrl-C in a terminal signals the process group, systemd's
+    default KillMode=control-group every process): the supervisor passes it on, so each worker got it twice, and the
+    second, coming once its drain had begun, cut its requests in flight (`second_signal`): 1 Ctrl-C in 4 with requests
+    held, measured here, and every time the supervisor is late (held stopped here until the workers stop). A signal
+    coming within `SAME_STOP` of the first is now the same stop: the held requests are answered, the drain finishes."""
+    gw, admin = two_workers_admin
+    workers = _listening_pids(gw, 2)
+    held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=8") for _ in range(6)]
+    eventually(
+        lambda: sum(_samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight").values()) == len(held),
+        "six requests held",
+    )
+    gw.mark()
+    os.kill(gw.proc.pid, signal.SIGSTOP)  # late: it passes the signal on once the workers have begun to drain
+    for pid in (*workers, gw.proc.pid):
+        os.kill(pid, signal.SIGINT)
+    for pid in workers:
+        gw.wait_event("stopping", pid=pid)
+    os.kill(gw.proc.pid, signal.SIGCONT)
+    assert gw.proc.wait(timeout=WAIT) == 0
+    assert [(e["outcome"], e["cut"]) for e in gw.events("drained")] == [("finished", 0)] * 2
+    assert [r.result() for r in held] == [(200, None)] * len(held)
+
+
+def test_ctrl_c_again_still_cuts_what_the_workers_drain(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
+    """SIGTERM to the supervisor with requests held, then SIGINT (Ctrl-C again), sent every 0.2 s until the workers
+    drain no more: once `SAME_STOP` has passed since the first, it cuts what they hold (`second_signal`), as before."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=60") for _ in range(6)]
+    eventually(
+        lambda: sum(_samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight").values()) == len(held),
+        "six requests held",
+    )
+    gw.mark()
+    gw.proc.send_signal(signal.SIGTERM)
+
+    def drained() -> list[dict[str, Any]] | None:
+        if gw.proc.poll() is None:
+            gw.proc.send_signal(signal.SIGINT)
+        lines = gw.events("drained")
+        return lines if len(lines) == 2 else None
+
+    lines = eventually(drained, "both workers drained")
+    assert [e["outcome"] for e in lines] == ["second_signal"] * 2
+    assert sum(e["cut"] for e in lines) == len(held)  # however the kernel spread them
+    assert gw.proc.wait(timeout=WAIT) == 0
+
+
 def test_a_worker_stopping_on_its_own_is_not_counted_as_serving_while_it_drains(
     lab: LabLayout, two_workers_admin: tuple[Gateway, str]
 ) -> None:
