@@ -552,6 +552,9 @@ def _leave(siblings: Path) -> None:
         for path in siblings.iterdir():
             if path.suffix == ".sock" and _answers(path):
                 continue
+            if path.is_dir() and not path.is_symlink():  # none yet: a directory of files for the workers, say
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             with contextlib.suppress(OSError):
                 path.unlink()
         siblings.rmdir()  # not empty: a sibling still stopping removes it

@@ -178,6 +178,8 @@ def test_a_worker_left_by_its_supervisor_removes_all_but_a_live_siblings_socket(
         dead.bind(str(directory / "1.sock"))  # bound, never listening: refused, as a dead worker's
         for name in ("123.listening", "124.stopping", "1.refused", "serving.json", "reloaded.toml"):
             (directory / name).write_text("x")
+        (directory / "shared").mkdir()  # a directory of the workers' files, should one come
+        (directory / "shared" / "a").write_text("x")
         workers._leave(directory)
         assert sorted(p.name for p in directory.iterdir()) == ["2.sock"]
     (directory / "2.sock").unlink()  # the sibling's own, as it stops
