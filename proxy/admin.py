@@ -71,7 +71,7 @@ import struct
 import time
 import weakref
 from asyncio import sslproto
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -282,12 +282,28 @@ def workers_problem(serving: Serving | None) -> str | None:
     out: docs/hardening.md, section 42), the outage that taking one worker's place was meant to avoid."""
     if serving is None or len(serving.numbers) >= serving.configured:
         return None
-    missing = ", ".join(f"worker {n}" for n in serving.missing)
-    return (
-        f"{len(serving.numbers)} of {serving.configured} workers serve ({missing} not: being replaced, or its "
-        "replacement refused its configuration and is retried every 5 s; the log's worker_not_replaced names the file "
-        "and the fix); the others take every new connection"
-    )
+    why = []
+    if serving.stopped:  # its socket still takes its part of the new connections (SO_REUSEPORT), which wait
+        why.append(
+            f"{_named(serving.stopped)} stopped (SIGSTOP?): the connections the kernel gives its socket wait "
+            "until it is continued (SIGCONT)"
+        )
+    if serving.stopping:
+        why.append(
+            f"{_named(serving.stopping)} stopping: its listener closed, it finishes its requests in flight and "
+            "ends (a replacement follows unless the gateway stops)"
+        )
+    if gone := [n for n in serving.missing if n not in serving.stopped and n not in serving.stopping]:
+        why.append(
+            f"{_named(gone)} not: being replaced, or its replacement refused its configuration and is retried "
+            "every 5 s; the log's worker_not_replaced names the file and the fix"
+        )
+    rest = "" if serving.stopped else "; the others take every new connection"
+    return f"{len(serving.numbers)} of {serving.configured} workers serve ({'; '.join(why)}){rest}"
+
+
+def _named(numbers: Iterable[int]) -> str:
+    return ", ".join(f"worker {n}" for n in numbers)
 
 
 SIBLINGS_KEY = web.AppKey("siblings", Siblings)

@@ -431,6 +431,11 @@ async def _aiohttp_server(live: Live) -> web.AppRunner:
 
 DRAIN_POLL = 0.05  # seconds between two looks at what a stopping gateway still holds
 UNUSED_GRACE = 1.0  # seconds a connection that had no request yet when the stop came is given to send its first
+# Seconds after its stop's signal in which a worker takes another SIGTERM or SIGINT for the same stop, not a second one:
+# a signal to the process group (Ctrl-C in a terminal) or to the cgroup (systemd's default KillMode=control-group)
+# reaches each worker from its sender and again as the supervisor passes it on (`proxy.workers`), and the second
+# cut the requests in flight at once (1 Ctrl-C in 4 here; every time the supervisor ran late). Ctrl-C again after it.
+SAME_STOP = 1.0
 
 
 async def drain(
@@ -601,9 +606,11 @@ async def serve(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     came: list[signal.Signals] = []  # the signal that asked for the stop: /readyz and the `stopping` line name it
+    came_at: list[float] = []
 
     def stop_on(sig: signal.Signals) -> None:
         came.append(sig)
+        came_at.append(loop.time())
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -728,14 +735,22 @@ async def serve(
         log.info("stopping", drain_timeout=listener.drain_timeout, signal=by)
         live.begin_stop(by)  # /readyz: 503 from now on (the admin listener answers through the drain); no reload
         hurry = asyncio.Event()  # a second SIGTERM or SIGINT (Ctrl-C again): what the drain still waits for is cut
+        same_stop = came_at[0] + SAME_STOP if came_at and worker is not None else 0.0  # a worker's signal twice
+
+        def second_signal() -> None:
+            if loop.time() >= same_stop:
+                hurry.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, hurry.set)
+            loop.add_signal_handler(sig, second_signal)
         if watcher is not None:
             watcher.cancel()
         for task in accepting:
             task.cancel()
         for sock in sockets:
             sock.close()  # the next connection is refused: a balancer sends it to another gateway
+        if worker is not None:  # no longer counted as serving by the supervisor, though it drains (`proxy.workers`)
+            worker.stops_listening()
         drain_started = loop.time()
         if runner is not None:  # aiohttp's own drain, up to its shutdown_timeout (listener.drain_timeout)
             outcome = await _hurried(runner.cleanup(), hurry, listener.drain_timeout)

@@ -28,11 +28,12 @@ directory (`Worker`): each worker answers its siblings on a Unix socket there, a
 the others (`proxy.observability.siblings`). The supervisor removes the directory when it stops; killed outright,
 it cannot, and its workers, stopping with it, remove it instead (the last one to remove its socket).
 
-Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they
-have. SIGHUP goes to every worker too, and each reloads on its own (`proxy.live`); a worker still
-starting, before its reload handler is in place, remembers it (rather than die of it, or miss the reload) and
-reloads once it serves, and one forked after the supervisor got a SIGHUP (between two forks) is forked with it
-remembered. A supervisor killed
+Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they have. Each
+is followed by SIGCONT, as systemd does for the processes it signals: a worker stopped (SIGSTOP) would act on it
+only once continued, and the supervisor waited for it for ever. SIGHUP goes to every worker too, and each reloads on
+its own (`proxy.live`); a worker still starting, before its reload handler is in place, remembers it (rather than
+die of it, or miss the reload) and reloads once it serves, and one forked after the supervisor got a SIGHUP (between
+two forks) is forked with it remembered. A supervisor killed
 outright (SIGKILL, which it cannot pass on) takes its workers with it: each asks the kernel for SIGTERM
 when its parent dies (PR_SET_PDEATHSIG), so none runs on as an orphan holding the port. A worker that dies on its own is
 replaced after a pause, unless it exited with an error within `MIN_UPTIME` seconds of starting: a
@@ -56,17 +57,20 @@ certificates the siblings' CRL revokes while they, keeping it, refused them (the
 kernel's pick of worker), and under "require" it refused every device of that CA while they served them. Nor does a
 configuration that does not build send it back to the one the gateway started with (older routes, trust anchors and
 revocation mode than its siblings' reload, if they took it). The supervisor tells each replacement how many siblings
-serve (`Worker.serving_beside`: alive, and one of the first workers or a replacement that listens); one with
+serve (`Worker.serving_beside`: alive, one of the first workers or a replacement that listens, and not one that has
+closed its listener to stop, `Worker.stops_listening`); one with
 none beside it (every worker died) serves as before, as nothing else would: without the CRL sources it cannot use
 (`crl_not_used`; the revocation mode says what that means), on the configuration the gateway started with if the
 file does not build. A refusing replacement leaves its problems in `Worker.refusal` for the supervisor's
 `worker_not_replaced` to name. That count (`_serving`) is the supervisor's one notion of serving: it also decides
 whether a replacement that failed is retried or the gateway stops; one that refused only because siblings served,
 none serving by the time it ended, is followed by one forked with none beside it, not by a stop. It is also what an
-operator sees: the supervisor writes the workers configured and the numbers of those serving to its directory
-(`serving.json`, whole, by a rename) whenever they change, waking when a replacement has run `MIN_UPTIME`, and the
-admin listener reads it (`Worker.serving`) for `kcd_workers_serving` and `/readyz`'s "N of M workers serve": a worker
-not replaced used to show only in the log.
+operator sees, less the workers stopped (SIGSTOP: alive, counted in the decisions, but what the kernel gives their
+sockets waits): the supervisor writes the workers configured and the numbers of those serving (and of those stopped
+or stopping) to its directory (`serving.json`, whole, by a rename) whenever they change, woken by a worker's mark
+(SIGCHLD from `Worker.listens` and `stops_listening`) and by a worker stopped or continued (SIGCHLD from the kernel),
+and the admin listener reads it (`Worker.serving`) for `kcd_workers_serving` and `/readyz`'s "N of M workers serve":
+a worker not replaced used to show only in the log.
 
 The CRLs a replacement is given older than its siblings' (a plain-HTTP distribution point answering an older genuine
 CRL, which anyone on its path can replay) kept it out for as long as that lasted, one worker short; one whose CRL URL
@@ -150,6 +154,14 @@ class Worker:
             _listening(self.siblings, os.getpid()).touch()
             os.kill(os.getppid(), signal.SIGCHLD)  # the supervisor's wait ends: it publishes the count (`_publish`)
 
+    def stops_listening(self) -> None:
+        """This worker has closed its listener to stop (its SIGTERM, or the gateway's): it serves no new connection,
+        only its requests in flight, so the supervisor no longer counts it (`_serving`), though it is alive for up to
+        `listener.drain_timeout`. Best effort, as `listens`."""
+        with contextlib.suppress(OSError):
+            _stopping(self.siblings, os.getpid()).touch()
+            os.kill(os.getppid(), signal.SIGCHLD)  # the supervisor publishes the count without it (`_publish`)
+
     @property
     def kept_crls(self) -> KeptCrls:
         """Where this worker keeps the CRLs it takes; a replacement starts from its siblings' (`proxy.certs.kept`)."""
@@ -165,7 +177,8 @@ class Worker:
         """The workers configured and those serving, as the supervisor last wrote them (`_publish`); None if unread."""
         try:
             figures = json.loads((self.siblings / _SERVING).read_text())
-            return Serving(int(figures["configured"]), tuple(int(n) for n in figures["serving"]))
+            numbers = (tuple(int(n) for n in figures.get(key, ())) for key in ("serving", "stopped", "stopping"))
+            return Serving(int(figures["configured"]), *numbers)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -177,6 +190,8 @@ class Serving:
 
     configured: int
     numbers: tuple[int, ...]
+    stopped: tuple[int, ...] = ()  # alive but stopped (SIGSTOP): its socket takes connections that wait (`_stopped`)
+    stopping: tuple[int, ...] = ()  # its listener closed, finishing its requests in flight (`Worker.stops_listening`)
 
     @property
     def missing(self) -> list[int]:
@@ -232,6 +247,8 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+                if signum != signal.SIGHUP:  # a stopped worker (SIGSTOP) acts on it once continued, as systemd does
+                    os.kill(pid, signal.SIGCONT)  # for what it signals (here the supervisor alone: KillMode=mixed)
 
     def start(number: int, *, replacement: bool = False) -> None:
         beside = _serving(workers, siblings) if replacement else 0
@@ -261,13 +278,14 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
         reload_asked_while_starting()
         published: Serving | None = None
         while workers or (due and not stopping):
-            published = _publish(siblings, Serving(listener.workers, _serving_numbers(workers, siblings)), published)
+            published = _publish(siblings, _now_serving(listener.workers, workers, siblings), published)
             # Reaped as they end, also while a replacement waits to be forked: a worker's uptime is measured when it
             # ended, not after a pause (a sleep here made a replacement failing at once look as if it had served).
             ended = _reap()
             if (
                 not ended
-            ):  # woken too by a replacement opening its listener: it then counts as serving (`Worker.listens`)
+            ):  # woken too by a worker opening or closing its listener (`Worker.listens`, `stops_listening`), and by
+                # one stopped or continued (SIGCHLD: SA_NOCLDSTOP is not set): the count to publish changed
                 wake.wait(max(0.0, min(due.values()) - time.monotonic()) if due and not stopping else None)
             for pid, status in ended:
                 if pid not in workers:
@@ -277,6 +295,7 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                 # stopping after the supervisor was killed (a replacement retried, not yet listening) could not remove
                 # the directory. Its replacement binds a new one.
                 _listening(siblings, pid).unlink(missing_ok=True)
+                _stopping(siblings, pid).unlink(missing_ok=True)
                 Worker(number, siblings).socket.unlink(missing_ok=True)
                 code = os.waitstatus_to_exitcode(status)
                 if stopping:
@@ -334,6 +353,12 @@ def _listening(siblings: Path, pid: int) -> Path:
     return siblings / f"{pid}.listening"
 
 
+def _stopping(siblings: Path, pid: int) -> Path:
+    """The mark a worker leaves once it has closed its listener to stop (`Worker.stops_listening`), removed when it
+    ends."""
+    return siblings / f"{pid}.stopping"
+
+
 def _serving(workers: dict[int, tuple[float, int, bool]], siblings: Path) -> int:
     """How many of `workers` serve (`_serving_numbers`)."""
     return len(_serving_numbers(workers, siblings))
@@ -347,14 +372,30 @@ def _serving_numbers(workers: dict[int, tuple[float, int, bool]], siblings: Path
     (two workers dying together would otherwise each wait for the other's replacement, and none serve), one past
     `MIN_UPTIME` may still be starting (a slow CRL URL), and one younger serving was counted as none: the gateway
     stopped when its sibling's replacement failed beside it, and a replacement forked beside it served as a lone one
-    (what it could not read left out, or the started configuration)."""
+    (what it could not read left out, or the started configuration). Nor one that has closed its listener to stop
+    (`Worker.stops_listening`): it only finishes its requests in flight, for up to `listener.drain_timeout`."""
     return tuple(
         sorted(
             number
             for pid, (_, number, replacement) in workers.items()
-            if (not replacement or _listening(siblings, pid).exists()) and _running(pid)
+            if (not replacement or _listening(siblings, pid).exists())
+            and not _stopping(siblings, pid).exists()
+            and _running(pid)
         )
     )
+
+
+def _now_serving(configured: int, workers: dict[int, tuple[float, int, bool]], siblings: Path) -> Serving:
+    """What the supervisor publishes (`_publish`): the workers serving (`_serving_numbers`) less those stopped
+    (SIGSTOP: the connections the kernel gives their sockets wait), and those stopping. A stopped worker still counts
+    in the supervisor's own decisions (`_serving`): continued, it serves what it loaded, and a gateway stopped for
+    want of it would wait for it to be continued before it could end."""
+    numbers = _serving_numbers(workers, siblings)
+    stopped = tuple(sorted(n for pid, (_, n, _) in workers.items() if n in numbers and _stopped(pid)))
+    stopping = tuple(
+        sorted(n for pid, (_, n, _) in workers.items() if _stopping(siblings, pid).exists() and _running(pid))
+    )
+    return Serving(configured, tuple(n for n in numbers if n not in stopped), stopped, stopping)
 
 
 def _starting(workers: dict[int, tuple[float, int, bool]], siblings: Path) -> int:
@@ -364,7 +405,10 @@ def _starting(workers: dict[int, tuple[float, int, bool]], siblings: Path) -> in
     return sum(
         1
         for pid, (_, _, replacement) in workers.items()
-        if replacement and not _listening(siblings, pid).exists() and _running(pid)
+        if replacement
+        and not _listening(siblings, pid).exists()
+        and not _stopping(siblings, pid).exists()
+        and _running(pid)
     )
 
 
@@ -376,6 +420,16 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _stopped(pid: int) -> bool:
+    """Whether the worker `pid` is stopped (SIGSTOP, SIGTSTP): asked without taking the report (`WNOWAIT`), so it
+    stays until the worker is continued; a worker that has ended is not stopped."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # ended (a zombie is no child for WSTOPPED alone)
+        return False
+    return info is not None and info.si_code == os.CLD_STOPPED
+
+
 def _publish(siblings: Path, serving: Serving, published: Serving | None) -> Serving | None:
     """`serving` written for the workers to read (`Worker.serving`) when it is not what was `published` last, whole
     (a file renamed over the old one: a worker never reads half of it); returns what the file now says. Best effort:
@@ -384,7 +438,9 @@ def _publish(siblings: Path, serving: Serving, published: Serving | None) -> Ser
         return published
     new = siblings / f"{_SERVING}.new"
     try:
-        new.write_text(json.dumps({"configured": serving.configured, "serving": list(serving.numbers)}))
+        figures = {"configured": serving.configured, "serving": list(serving.numbers)}
+        figures.update({k: list(v) for k, v in (("stopped", serving.stopped), ("stopping", serving.stopping)) if v})
+        new.write_text(json.dumps(figures))
         new.replace(siblings / _SERVING)
     except OSError:
         return published
@@ -476,8 +532,9 @@ def reload_asked_while_starting() -> bool:
 
 def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> None:
     """The child side of the fork: default signal handling back, serve, and never return into the parent's code.
-    A worker outliving its supervisor (killed outright, so it never removed `siblings`) removes that directory
-    once it is empty: each such worker has removed its own socket by then, so the last one to stop succeeds."""
+    A worker outliving its supervisor (killed outright, so it never removed `siblings`) empties that directory of all
+    but its live siblings' sockets and removes it (`_leave`): each such worker has removed its own socket by then, so
+    the last one to stop succeeds."""
     code = 1
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -491,19 +548,44 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
     except (Exception, asyncio.CancelledError):  # CancelledError (a BaseException) used to end it with no line
         log.exception("worker_crashed")
     finally:
-        with contextlib.suppress(OSError):  # this worker serves no more (`_serving`)
-            _listening(siblings, os.getpid()).unlink()
-        if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
-            # nor a scrape the supervisor's count, nor the supervisor a replacement's refusal (one that refused as the
-            # supervisor was killed left `<n>.refused`, and so the directory)
-            shared = [siblings / name for name in (_RELOADED, _SERVING, f"{_SERVING}.new")]
-            for path in [*shared, *siblings.glob("*.refused")]:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            shutil.rmtree(siblings / KEPT_CRLS, ignore_errors=True)  # nor one the CRLs kept (proxy.certs.kept)
-            with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
-                siblings.rmdir()
+        for mark in (_listening, _stopping):  # this worker serves no more (`_serving`)
+            with contextlib.suppress(OSError):
+                mark(siblings, os.getpid()).unlink()
+        if os.getppid() != supervisor:
+            _leave(siblings)
         end_process(code)
+
+
+def _leave(siblings: Path) -> None:
+    """A worker whose supervisor is gone (killed outright) stops: no replacement will come to read what the siblings'
+    last reload took, nor a scrape the supervisor's count, nor the supervisor a mark or a refusal. Everything but a
+    sibling's socket that answers (a sibling still stopping, which removes its own) is removed, then the directory,
+    which the last worker to stop finds empty. A socket nothing answers on is a worker's killed outright, which only the
+    supervisor removed, as it reaped it: killed together with it, the worker was never reaped, and the directory
+    stayed."""
+    with contextlib.suppress(OSError):
+        for path in siblings.iterdir():
+            if path.suffix == ".sock" and _answers(path):
+                continue
+            if path.is_dir() and not path.is_symlink():  # none yet: a directory of files for the workers, say
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+        siblings.rmdir()  # not empty: a sibling still stopping removes it
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process listens on the Unix socket `path` (asked by connecting; any doubt is a yes)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True
+    return True
 
 
 def end_process(code: int) -> NoReturn:

@@ -361,8 +361,8 @@ def workers_metrics(serving: Serving | None) -> list[GaugeMetricFamily]:
         _gauge("kcd_workers_configured", "Workers the gateway was started with (listener.workers)", serving.configured),
         _gauge(
             "kcd_workers_serving",
-            "Workers serving: alive, and one of the first workers or a replacement that has run 5 s; fewer than "
-            "kcd_workers_configured while a worker is not replaced (worker_not_replaced)",
+            "Workers serving: alive and not stopped, listening (or one of the first workers), not stopping; fewer "
+            "than kcd_workers_configured while a worker is not replaced (worker_not_replaced)",
             len(serving.numbers),
         ),
     ]

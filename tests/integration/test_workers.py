@@ -38,6 +38,7 @@ from proxy.live import replacement_config
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
+from tests.integration.test_drain import _send
 from tests.integration.test_revocation import _CrlServer
 
 # Scheduled among the long files (tests/schedule.py): 48 tests of 2-25 s (workers started, killed, retried every
@@ -1052,6 +1053,155 @@ def test_a_worker_not_replaced_is_counted_in_metrics_and_readyz_until_it_is(lab:
         gw.stop()
 
 
+def _readyz(url: str) -> dict[str, Any] | None:
+    """One /readyz on a new connection; None when the kernel gave it a worker that does not answer (stopped) or is not
+    ready (stopping: 503)."""
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as r:  # noqa: S310  loopback
+            return dict(json.loads(r.read()))
+    except (TimeoutError, urllib.error.URLError):
+        return None
+
+
+def test_a_stopped_worker_is_not_counted_as_serving_until_it_is_continued(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """A worker stopped (SIGSTOP) serves nothing while the kernel still gives its socket part of the new connections:
+    `/readyz` (still 200) names it in `workers`, "1 of 2 workers serve (worker N stopped ...)", and once it is
+    continued (SIGCONT) the key is gone. It was counted as serving: alive was all the supervisor looked at."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    number = {e["pid"]: int(Path(e["siblings"]).stem) for e in gw.wait_events("admin_listening", 2)}
+    stopped = next(iter(number))
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+
+        def short() -> dict[str, Any] | None:
+            body = _readyz(admin)
+            return body if body is not None and "workers" in body else None
+
+        body = eventually(short, "a workers key while a worker is stopped", timeout=10)
+        assert body["ready"] is True, body  # degraded, not out of the balancer
+        assert body["workers"].startswith("1 of 2 workers serve"), body
+        assert f"worker {number[stopped]} stopped" in body["workers"], body
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+
+    def whole() -> bool:
+        return all((body := _readyz(admin)) is not None and "workers" not in body for _ in range(4))
+
+    eventually(whole, "no workers key once the worker is continued", timeout=10)
+
+
+def test_a_gateway_with_a_stopped_worker_stops_on_sigterm(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """SIGTERM to the supervisor while a worker is stopped (SIGSTOP): the gateway stops (exit 0) and no worker is left.
+    The stopped worker never acted on the SIGTERM passed on to it (its handler runs only once it is continued), and the
+    supervisor waited for it for ever, past a unit's TimeoutStopSec (systemd's KillMode=mixed, ours, signals the
+    supervisor alone, so no SIGCONT reached the worker); the supervisor now sends SIGCONT after it, as systemd does."""
+    gw, _ = two_workers_admin
+    first, second = _listening_pids(gw, 2)
+    os.kill(first, signal.SIGSTOP)
+    gw.proc.send_signal(signal.SIGTERM)
+    try:
+        assert gw.proc.wait(timeout=20) == 0
+    except subprocess.TimeoutExpired:
+        os.kill(first, signal.SIGCONT)
+        raise AssertionError("the supervisor still waits for the stopped worker 20 s after SIGTERM") from None
+    assert not _alive(first)
+    assert not _alive(second)
+
+
+def test_one_signal_to_the_supervisor_and_its_workers_drains_them_not_cuts_them(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """SIGINT to the supervisor and to every worker at once (Ctrl-C in a terminal signals the process group, systemd's
+    default KillMode=control-group every process): the supervisor passes it on, so each worker got it twice, and the
+    second, coming once its drain had begun, cut its requests in flight (`second_signal`): 1 Ctrl-C in 4 with requests
+    held, measured here, and every time the supervisor is late (held stopped here until the workers stop). A signal
+    coming within `SAME_STOP` of the first is now the same stop: the held requests are answered, the drain finishes."""
+    gw, admin = two_workers_admin
+    workers = _listening_pids(gw, 2)
+    held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=8") for _ in range(6)]
+    eventually(
+        lambda: sum(_samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight").values()) == len(held),
+        "six requests held",
+    )
+    gw.mark()
+    os.kill(gw.proc.pid, signal.SIGSTOP)  # late: it passes the signal on once the workers have begun to drain
+    for pid in (*workers, gw.proc.pid):
+        os.kill(pid, signal.SIGINT)
+    for pid in workers:
+        gw.wait_event("stopping", pid=pid)
+    os.kill(gw.proc.pid, signal.SIGCONT)
+    assert gw.proc.wait(timeout=WAIT) == 0
+    assert [(e["outcome"], e["cut"]) for e in gw.events("drained")] == [("finished", 0)] * 2
+    assert [r.result() for r in held] == [(200, None)] * len(held)
+
+
+def test_ctrl_c_again_still_cuts_what_the_workers_drain(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
+    """SIGTERM to the supervisor with requests held, then SIGINT (Ctrl-C again), sent every 0.2 s until the workers
+    drain no more: once `SAME_STOP` has passed since the first, it cuts what they hold (`second_signal`), as before."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=60") for _ in range(6)]
+    eventually(
+        lambda: sum(_samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight").values()) == len(held),
+        "six requests held",
+    )
+    gw.mark()
+    gw.proc.send_signal(signal.SIGTERM)
+
+    def drained() -> list[dict[str, Any]] | None:
+        if gw.proc.poll() is None:
+            gw.proc.send_signal(signal.SIGINT)
+        lines = gw.events("drained")
+        return lines if len(lines) == 2 else None
+
+    lines = eventually(drained, "both workers drained")
+    assert [e["outcome"] for e in lines] == ["second_signal"] * 2
+    assert sum(e["cut"] for e in lines) == len(held)  # however the kernel spread them
+    assert gw.proc.wait(timeout=WAIT) == 0
+
+
+def test_a_worker_stopping_on_its_own_is_not_counted_as_serving_while_it_drains(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """One worker sent SIGTERM closes its listener at once but drains its requests in flight (held here until
+    released): from its `stopping` line it serves no new connection, and `kcd_workers_serving` says 1, `/readyz`'s
+    `workers` names it. It was counted as serving until it exited, up to `drain_timeout` later."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    pid_of = {int(Path(e["siblings"]).stem): e["pid"] for e in gw.wait_events("admin_listening", 2)}
+    key = f"drain{os.getpid()}"
+
+    def serving(count: int) -> str | None:
+        text = _scrape(admin + "/metrics")
+        return text if _samples(text, "kcd_workers_serving") == {"": count} else None
+
+    held = [_send(lab, gw.port, f"/Microsoft-Server-ActiveSync?Cmd=Ping&hold=60&hold_until={key}") for _ in range(6)]
+    try:
+
+        def in_flight() -> dict[str, float] | None:
+            figures = _samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight")
+            return figures if sum(figures.values()) == len(held) else None
+
+        busy = next(label for label, n in eventually(in_flight, "six requests held").items() if n > 0)
+        draining = int(busy.split('worker="')[1].split('"')[0])  # holds one or more: its drain waits for them
+        gw.mark()
+        os.kill(pid_of[draining], signal.SIGTERM)
+        gw.wait_event("stopping", pid=pid_of[draining])
+        eventually(lambda: serving(1), "kcd_workers_serving 1 while a worker drains", timeout=10)
+        assert _alive(pid_of[draining])  # still draining: its held requests are not answered yet
+        body = eventually(lambda: _readyz(admin), "the serving worker's /readyz (the draining one's is 503)")
+        assert f"worker {draining} stopping" in body["workers"], body
+    finally:
+        _send(lab, gw.port, f"/Microsoft-Server-ActiveSync?Cmd=Ping&lab_release={key}").result()  # the other worker
+    assert [r.result() for r in held] == [(200, None)] * len(held)
+    eventually(lambda: serving(2), "kcd_workers_serving 2 once its replacement listens")
+
+
 def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
     """SIGKILL to the supervisor (which cannot remove its private directory then): the workers, stopping because
     their parent died, remove their sockets and the last one the directory, so none is left in the temp directory;
@@ -1107,6 +1257,29 @@ def test_a_supervisor_killed_while_a_replacement_is_retried_leaves_no_socket_dir
             os.kill(second, signal.SIGKILL)
         gw.stop()
     assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+
+
+def test_a_supervisor_killed_before_it_reaped_a_killed_worker_leaves_no_socket_directory(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """A worker and the supervisor SIGKILLed together (the supervisor held stopped so that it cannot reap the worker
+    first, as `kill -9` to both does when it wins the race): the dead worker's socket and listening mark, which only the
+    supervisor removed as it reaped it, stayed, so the last worker stopping could not remove the directory. Such a
+    worker now removes what no live sibling holds: a socket nothing answers on, and every mark."""
+    gw, _ = two_workers_admin
+    first, second = _listening_pids(gw, 2)
+    directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    os.kill(first, signal.SIGKILL)
+    eventually(lambda: not _alive(first), "the worker dead (a zombie, unreaped)")
+    gw.proc.kill()
+    gw.proc.wait()
+    try:
+        eventually(lambda: not directory.exists() and not _alive(second), "the directory removed", timeout=20)
+    except AssertionError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(second, signal.SIGKILL)
+        raise AssertionError(sorted(p.name for p in directory.iterdir())) from None
 
 
 def test_a_trace_id_with_a_path_in_it_is_no_trace_not_a_question_for_another_path(

@@ -53,3 +53,18 @@ def test_workers_short_of_the_configured_are_named_and_all_serving_says_nothing(
     assert problem is not None
     assert problem.startswith("1 of 3 workers serve (worker 1, worker 3 not:"), problem
     assert "worker_not_replaced" in problem
+
+
+def test_a_stopped_or_stopping_worker_is_named_as_such() -> None:
+    """/readyz's `workers` names a stopped worker (whose socket still takes connections, which wait: so not "the others
+    take every new connection") and a stopping one, apart from one being replaced."""
+    problem = workers_problem(Serving(3, (1,), stopped=(2,)))
+    assert problem is not None
+    assert problem.startswith("1 of 3 workers serve (worker 2 stopped (SIGSTOP?): "), problem
+    assert "worker 3 not: being replaced" in problem
+    assert "the others take every new connection" not in problem
+    problem = workers_problem(Serving(2, (2,), stopping=(1,)))
+    assert problem is not None
+    assert problem.startswith("1 of 2 workers serve (worker 1 stopping: its listener closed"), problem
+    assert "not: being replaced" not in problem
+    assert problem.endswith("; the others take every new connection"), problem

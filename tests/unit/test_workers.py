@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -93,6 +95,47 @@ def test_serving_and_starting_count_live_workers_by_their_listener_not_their_age
         alive.wait()
 
 
+def test_a_stopped_or_stopping_worker_is_published_as_not_serving(tmp_path: Path) -> None:
+    """What the supervisor publishes (`_now_serving`): a worker stopped (SIGSTOP) is not serving but `stopped`, and
+    serving again once continued; one that closed its listener to stop (`<pid>.stopping`) is `stopping`, and no
+    longer serving for the supervisor's own decisions either (`_serving`), nor starting."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        now = time.monotonic()
+        running = {child.pid: (now, 1, False)}
+        assert workers._now_serving(2, running, tmp_path) == Serving(2, (1,))
+        os.kill(child.pid, signal.SIGSTOP)
+        eventually = time.monotonic() + 60
+        while not workers._stopped(child.pid):
+            assert time.monotonic() < eventually
+            time.sleep(0.01)
+        assert workers._now_serving(2, running, tmp_path) == Serving(2, (), stopped=(1,))
+        assert workers._serving(running, tmp_path) == 1  # continued, it serves what it loaded: still counted
+        os.kill(child.pid, signal.SIGCONT)
+        while workers._stopped(child.pid):
+            assert time.monotonic() < eventually
+            time.sleep(0.01)
+        assert workers._now_serving(2, running, tmp_path) == Serving(2, (1,))
+        workers._stopping(tmp_path, child.pid).touch()  # what `Worker.stops_listening` leaves
+        assert workers._now_serving(2, running, tmp_path) == Serving(2, (), stopping=(1,))
+        assert workers._serving(running, tmp_path) == 0
+        assert workers._starting({child.pid: (now, 1, True)}, tmp_path) == 0
+    finally:
+        child.kill()
+        child.wait()
+    assert not workers._stopped(child.pid)  # reaped: no child of ours
+
+
+def test_the_published_stopped_and_stopping_workers_round_trip(tmp_path: Path) -> None:
+    """`serving.json` carries the stopped and stopping workers (only when there are some: the plain figures read as
+    before) and `Worker.serving` reads them back."""
+    worker = Worker(1, tmp_path)
+    workers._publish(tmp_path, Serving(3, (1,), stopped=(2,), stopping=(3,)), None)
+    assert worker.serving() == Serving(3, (1,), stopped=(2,), stopping=(3,))
+    workers._publish(tmp_path, Serving(3, (1, 2, 3)), None)
+    assert json.loads((tmp_path / "serving.json").read_text()) == {"configured": 3, "serving": [1, 2, 3]}
+
+
 def test_the_supervisors_count_is_written_whole_for_the_workers_and_only_when_it_changes(tmp_path: Path) -> None:
     """What `/metrics` and `/readyz` read (`Worker.serving`) is what the supervisor published last; a count unchanged
     is not written again; a file that is not the figures reads as none (no gauges, no `workers` key)."""
@@ -120,3 +163,25 @@ def test_a_replacements_refusal_is_handed_to_the_supervisor_once(tmp_path: Path)
     assert workers._refusal(workers.Worker(2, tmp_path)) == []
     worker.refusal.write_text('{"not": "a list"}')
     assert workers._refusal(worker) == []
+
+
+def test_a_worker_left_by_its_supervisor_removes_all_but_a_live_siblings_socket(tmp_path: Path) -> None:
+    """What an orphaned worker leaves (`_leave`): a socket a live sibling listens on stays (it removes its own), a
+    socket nothing answers on (a worker killed and never reaped), marks and refusals go; the directory goes once
+    nothing is left."""
+    directory = tmp_path / "kcd-proxy-workers-x"
+    directory.mkdir()
+    live, dead = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    with live, dead:
+        live.bind(str(directory / "2.sock"))
+        live.listen()
+        dead.bind(str(directory / "1.sock"))  # bound, never listening: refused, as a dead worker's
+        for name in ("123.listening", "124.stopping", "1.refused", "serving.json", "reloaded.toml"):
+            (directory / name).write_text("x")
+        (directory / "shared").mkdir()  # a directory of the workers' files, should one come
+        (directory / "shared" / "a").write_text("x")
+        workers._leave(directory)
+        assert sorted(p.name for p in directory.iterdir()) == ["2.sock"]
+    (directory / "2.sock").unlink()  # the sibling's own, as it stops
+    workers._leave(directory)
+    assert not directory.exists()
