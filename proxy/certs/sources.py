@@ -55,6 +55,7 @@ import aiohttp
 import structlog
 import yarl
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from proxy.certs.chain import TrustList
 from proxy.certs.floors import KEY, FloorTable, PersistedFloors
@@ -150,6 +151,7 @@ class _State:
     unreadable: bool = False  # a file source whose last read failed, or gave bytes that are no CRL (`unreadable`)
     below_floor: bool = False  # its last read gave a CRL older than a replay floor (`CrlBelowFloor`, `behind_floors`)
     offered_kept: bool = False  # its siblings' kept CRLs looked at (a replacement's, before its first read: `kept`)
+    unkept: bool = False  # holds CRLs not kept under its location yet: a renamed source's, from `inherit`
 
 
 @dataclass
@@ -193,7 +195,8 @@ class CrlStore:
         gives nothing usable, as in a refresh: a store built afresh took any CRL still within its nextUpdate, last
         week's included. A source `old` did not read (a file moved, a URL pointed at a mirror) starts from the CRLs
         of the sources `old` read and this store does not (a renamed source's floor; its first good read replaces
-        them)."""
+        them), and its worker keeps them under the new name before that read (`_fetch`): a replacement reads the
+        reloaded configuration and looks for its siblings' CRLs under that name only (`proxy.certs.kept`)."""
         if self.use_distribution_points:
             learned = [s.source for s in old._states.values() if s.source.learned and s.crls]
             for source in learned[:MAX_LEARNED]:
@@ -207,6 +210,7 @@ class CrlStore:
             # a certificate of its signer's key, not that one certificate: a CA's renewed on the same key still signs
             state.crls = tuple(crl for crl in held if signer_certificates(crl.signer_key, crl.issuer, self.trust))
             state.last_success = before.last_success if before is not None and state.crls else None
+            state.unkept = before is None and bool(state.crls)  # its siblings' files are of the old name (`_fetch`)
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -281,6 +285,9 @@ class CrlStore:
             self._session = None
 
     async def _fetch(self, state: _State, now: datetime) -> None:
+        if state.unkept and self.kept is not None:  # a replacement reads the reloaded configuration: the new name's
+            state.unkept = False
+            await asyncio.to_thread(_keep_held, self.kept, state.source.location, state.crls)
         if self._adopting(state):
             kept = await asyncio.to_thread(_newest_kept, self.kept, state.source, self.trust, now, self.floors)
             self._adopt(state, *kept)
@@ -562,6 +569,11 @@ def _newest_kept(
         if isinstance(vetted, list) and vetted:
             best.crls, best.raw = tuple(vetted), data
     return list(best.crls), best.raw or b""
+
+
+def _keep_held(kept: KeptCrls, location: str, crls: Sequence[Crl]) -> None:
+    """`crls` kept for `location` as a PEM bundle: CRLs this worker holds for it that the source did not give it."""
+    kept.keep(location, b"".join(crl.crl.public_bytes(serialization.Encoding.PEM) for crl in crls))
 
 
 def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:

@@ -235,3 +235,33 @@ def test_a_supervisor_killed_as_a_replacement_refuses_leaves_no_directory(lab: L
             os.kill(second, signal.SIGKILL)
         gw.stop()
     assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.slow(seconds=25)
+def test_a_replacement_after_a_reload_moved_the_crl_url_holds_what_its_siblings_took_from_the_old_one(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A reload points the issuing CA's CRL at a new URL that does not answer: the siblings hold the old URL's CRL
+    (3001, carol revoked: `CrlStore.inherit`), and a replacement, which found nothing kept for the new URL, served
+    carol. The reload now keeps what each worker holds under the new URL, and the replacement refuses carol too."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    server = _CrlServer(lambda path, _headers: (200, newer) if path == "/old.crl" else (404, b""))
+    old, new = (f"http://127.0.0.1:{server.port}/{name}.crl" for name in ("old", "new"))
+    gw = start_gateway(lab, tmp_path / "gw", _with_url(lab, old, root_crl))
+    try:
+        first, second = _listening_pids(gw, 2)
+        edited = tmp_path / "edited.toml"
+        edited.write_text(gw.config_path.read_text().replace(old, new))
+        edited.replace(gw.config_path)
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            gw.wait_event("reloaded", pid=pid)
+        _revoked_on_each(lab, gw, {first, second})
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _replacement(gw, first, second)
+        _revoked_on_each(lab, gw, {second, replacement["pid"]})
+    finally:
+        gw.stop()
+        server.close()

@@ -126,3 +126,28 @@ def test_a_source_giving_the_kept_bytes_is_not_vetted_twice(trust: TrustList, pk
         assert store.load_files(now=NOW) == []
     assert [e["event"] for e in logs if e["event"].startswith("crl_")] == ["crl_taken_from_siblings"]
     assert store.status(now=NOW)[0].last_success == NOW
+
+
+def test_a_reload_keeps_a_renamed_source_s_crls_under_its_new_name(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """A reload points the CRL at a URL that does not answer: the reloaded store holds the old source's CRL (carol
+    revoked) and keeps it under the new URL, where a replacement (which reads the reloaded configuration) finds it."""
+    asyncio.run(_reload_keeps_a_renamed_source(pki, trust, tmp_path))
+
+
+async def _reload_keeps_a_renamed_source(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    directory, old = tmp_path / "crls", tmp_path / "issuing.crl"
+    carol = verified(pki, trust, "carol")
+    old.write_bytes(_issuing_crl(pki, 7, carol.serial))
+    running = _store(trust, str(old), KeptCrls(directory, 2))
+    assert running.load_files(now=NOW) == []
+    reloaded = CrlStore(trust, [CrlSource(URL)], timeout=2.0, kept=KeptCrls(directory, 2))
+    reloaded.inherit(running)
+    replacement = CrlStore(trust, [CrlSource(URL)], timeout=2.0, kept=KeptCrls(directory, 1, adopt=True))
+    try:
+        await reloaded.refresh(now=NOW)
+        await replacement.refresh(now=NOW)
+    finally:
+        await reloaded.close()
+        await replacement.close()
+    assert status(reloaded, carol) is RevocationStatus.REVOKED
+    assert status(replacement, carol) is RevocationStatus.REVOKED
