@@ -67,6 +67,7 @@ from proxy.certs.revocation import (
     CrlUnusable,
     accept_der,
     crl_ders,
+    crl_pem,
     shown_error,
     signer_certificates,
 )
@@ -302,7 +303,7 @@ class CrlStore:
         if not self._unchanged(state, data, now):  # read, checked and indexed in a thread: see _vet
             vetted = await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors)
             if self._keep(state, vetted, now) and self.kept is not None:
-                await asyncio.to_thread(self.kept.keep, state.source.location, data)
+                await asyncio.to_thread(_write_kept, self.kept, state.source.location, data)
 
     def unreadable(self) -> dict[str, str]:
         """The file sources whose last read failed or brought no CRL (not a PEM or DER CRL), each with why: a reload
@@ -358,7 +359,7 @@ class CrlStore:
         if self._unchanged(state, data, now):
             return
         if self._keep(state, _vet(state, data, self.trust, now, self.floors), now) and self.kept is not None:
-            self.kept.keep(state.source.location, data)
+            _write_kept(self.kept, state.source.location, data)
 
     def _adopting(self, state: _State) -> bool:
         """Whether `state`'s source is to start from its siblings' kept CRLs first (`proxy.certs.kept`): in a
@@ -571,9 +572,19 @@ def _newest_kept(
     return list(best.crls), best.raw or b""
 
 
+def _write_kept(kept: KeptCrls, location: str, data: bytes) -> None:
+    """What `location` gave, whose CRLs this worker took, kept (`proxy.certs.kept`): one DER CRL as it came, a PEM file
+    as its CRL blocks alone as openssl writes them (the very bytes of a file openssl wrote: a replacement that the
+    source then gives them does not read them again). Text around or inside a PEM file's blocks, up to MAX_CRL_BYTES
+    of a plain-HTTP path's choosing and fresh at each refresh, is not written: each worker wrote it, on a tmpfs into
+    memory."""
+    ders = crl_ders(data, location)
+    kept.keep(location, data if ders == [data] else b"".join(crl_pem(der) for der in ders))
+
+
 def _keep_held(kept: KeptCrls, location: str, crls: Sequence[Crl]) -> None:
     """`crls` kept for `location` as a PEM bundle: CRLs this worker holds for it that the source did not give it."""
-    kept.keep(location, b"".join(crl.crl.public_bytes(serialization.Encoding.PEM) for crl in crls))
+    kept.keep(location, b"".join(crl_pem(crl.crl.public_bytes(serialization.Encoding.DER)) for crl in crls))
 
 
 def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:

@@ -265,3 +265,34 @@ def test_a_replacement_after_a_reload_moved_the_crl_url_holds_what_its_siblings_
     finally:
         gw.stop()
         server.close()
+
+
+def test_a_crl_url_padding_its_crl_costs_the_kept_files_nothing(lab: LabLayout, tmp_path: Path) -> None:
+    """The CRL URL answers its genuine CRL in a PEM file with 8 MiB of text before the block (anyone on a plain-HTTP
+    path can, fresh at each refresh, up to MAX_CRL_BYTES): each worker wrote all of it to its kept file, memory on a
+    tmpfs. A worker now keeps the CRLs alone, and a replacement starts from them (carol refused)."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    padded = b"x" * (8 << 20) + b"\n" + newer
+    server = _CrlServer(lambda _path, _headers: (200, padded))
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    admin = f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n'
+    gw = start_gateway(lab, tmp_path / "gw", _with_url(lab, url, root_crl, admin))
+    try:
+        first, second = _listening_pids(gw, 2)
+        directory, _ = _siblings(gw)
+
+        def kept() -> list[Path] | None:
+            files = list((directory / "crls").glob("*.crl"))
+            return files if len(files) == 4 else None  # two sources, two workers
+
+        files = eventually(kept, "the workers' kept files")
+        assert max(path.stat().st_size for path in files) < len(newer) * 2, [p.stat().st_size for p in files]
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _replacement(gw, first, second)
+        taken = gw.wait_event("crl_taken_from_siblings", pid=replacement["pid"])
+        assert (taken["source"], taken["crl_number"]) == (url, 3001), taken
+        _revoked_on_each(lab, gw, {second, replacement["pid"]})
+    finally:
+        gw.stop()
+        server.close()

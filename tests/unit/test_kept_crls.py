@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
 from proxy.auth.shared import SharedTable
 from proxy.certs.chain import TrustList
 from proxy.certs.kept import KeptCrls
-from proxy.certs.revocation import RevocationStatus
+from proxy.certs.revocation import RevocationStatus, crl_pem
 from proxy.certs.sources import CrlSource, CrlStore
 from proxy.lab.pki import Pki
 from tests.unit.test_revocation_sources import NOW, _issuing_crl, forged_crl, status, verified
@@ -151,3 +153,17 @@ async def _reload_keeps_a_renamed_source(pki: Pki, trust: TrustList, tmp_path: P
         await replacement.close()
     assert status(reloaded, carol) is RevocationStatus.REVOKED
     assert status(replacement, carol) is RevocationStatus.REVOKED
+
+
+def test_a_pem_source_is_kept_as_its_crl_blocks_alone(trust: TrustList, pki: Pki, tmp_path: Path) -> None:
+    """A DER CRL is kept as it came, a PEM file as openssl writes its blocks (the same bytes for a file openssl wrote),
+    whatever text a sender put around or inside them (up to MAX_CRL_BYTES, each refresh)."""
+    der = _issuing_crl(pki, 7, 77)
+    pem = x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)
+    assert crl_pem(der) == pem
+    source, directory = tmp_path / "issuing.crl", tmp_path / "crls"
+    padded = b"x" * 100_000 + b"\n" + pem.replace(b"\n", b"\r\n" + b" " * 1000)
+    for given, written in ((der, der), (pem, pem), (padded, pem), (padded + pem, pem + pem)):
+        source.write_bytes(given)
+        assert _store(trust, str(source), KeptCrls(directory, 1)).load_files(now=NOW) == []
+        assert list(KeptCrls(directory, 1).offered(str(source))) == [written]
