@@ -57,9 +57,15 @@ class KeptCrls:
                 part.unlink()
 
     def offered(self, location: str) -> Iterator[bytes]:
-        """What the workers of this gateway (this number's predecessors too) took from `location`, one file at a time;
-        unread files skipped. Unvetted: the caller vets each as a read of the source."""
-        for path in sorted(self.directory.glob(f"{_name(location)}.*.crl")):
+        """What the workers of this gateway (this number's predecessors too) took from `location`, one file at a time,
+        the one written last last (the source's latest answer a worker took: a source may give the CRLs of another
+        issuer or scope in place of those it gave, and a sibling then holds those, not the dead worker's); unread files
+        skipped. Unvetted: the caller vets each as a read of the source."""
+        written = []
+        for path in self.directory.glob(f"{_name(location)}.*.crl"):
+            with contextlib.suppress(OSError):
+                written.append((path.stat().st_mtime_ns, path))
+        for _, path in sorted(written):
             with contextlib.suppress(OSError):
                 yield read_bounded(path, MAX_CRL_BYTES)
 

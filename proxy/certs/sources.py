@@ -559,8 +559,10 @@ def _newest_kept(
 ) -> tuple[list[Crl], bytes]:
     """The newest of the CRLs the workers of this gateway kept for `source` (`proxy.certs.kept`) that pass what a read
     of the source would (`_vet`: signed by a CA of `trust`, none below its floor), with the bytes they were read from;
-    ([], b"") if none does. Each file is only what its signature proves: one older, forged, cut short or of another
-    CA's is passed over as a read would be. Bytes seen already (two workers keep the same CRL) are not read twice."""
+    ([], b"") if none does. The files come in the order they were written, each taken if no older than the CRLs of its
+    scope taken before it, as a refresh takes a read: of two of another scope, the one a worker took last. Each file is
+    only what its signature proves: one older, forged, cut short or of another CA's is passed over as a read would be.
+    Bytes seen already (two workers keep the same CRL) are not read twice."""
     best, seen = _State(source), set()
     for data in kept.offered(source.location) if kept is not None else ():
         if (digest := hashlib.blake2b(data, digest_size=16).digest()) in seen:

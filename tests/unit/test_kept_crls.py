@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -167,3 +168,13 @@ def test_a_pem_source_is_kept_as_its_crl_blocks_alone(trust: TrustList, pki: Pki
         source.write_bytes(given)
         assert _store(trust, str(source), KeptCrls(directory, 1)).load_files(now=NOW) == []
         assert list(KeptCrls(directory, 1).offered(str(source))) == [written]
+
+
+def test_kept_files_are_offered_in_the_order_they_were_written(pki: Pki, tmp_path: Path) -> None:
+    """The kept files of a source come oldest written first, whatever their worker numbers (the last one offered, if
+    it vets, is what a replacement holds of another scope)."""
+    directory, crls = tmp_path / "crls", {number: _issuing_crl(pki, number, number) for number in (1, 2, 3)}
+    for number, mtime in ((1, 30), (2, 10), (3, 20)):
+        KeptCrls(directory, number).keep(URL, crls[number])
+        os.utime(next(directory.glob(f"*.{number}.crl")), ns=(mtime, mtime))
+    assert list(KeptCrls(directory, 4).offered(URL)) == [crls[2], crls[3], crls[1]]
