@@ -178,3 +178,19 @@ def test_kept_files_are_offered_in_the_order_they_were_written(pki: Pki, tmp_pat
         KeptCrls(directory, number).keep(URL, crls[number])
         os.utime(next(directory.glob(f"*.{number}.crl")), ns=(mtime, mtime))
     assert list(KeptCrls(directory, 4).offered(URL)) == [crls[2], crls[3], crls[1]]
+
+
+def test_a_replacement_that_started_from_a_kept_crl_takes_a_newer_one_as_its_siblings_do(
+    trust: TrustList, pki: Pki, tmp_path: Path
+) -> None:
+    """A replacement that took kept CRL 7 and refused its source's 5 takes the source's 8 at its next refresh, and
+    keeps it in its own file (written last: the one a later replacement takes)."""
+    directory, source = tmp_path / "crls", tmp_path / "issuing.crl"
+    KeptCrls(directory, 2).keep(str(source), _issuing_crl(pki, 7, 77))
+    source.write_bytes(_issuing_crl(pki, 5, 55))
+    store = _store(trust, str(source), KeptCrls(directory, 1, adopt=True), SharedTable())
+    assert "replayed?" in store.load_files(now=NOW)[0]
+    source.write_bytes(newer := _issuing_crl(pki, 8, 88))
+    asyncio.run(store.refresh(now=NOW))
+    assert [row.crl_number for row in store.status(now=NOW)] == [8]
+    assert list(KeptCrls(directory, 3).offered(str(source)))[-1] == newer
