@@ -14,8 +14,12 @@ from the newest that it vets itself as any read (`CrlStore` does: signed by a CA
 below the replay floor): a file is evidence only of what its signature proves, never trusted for being there. What
 the source then gives is taken if it is no older, and refused as a replay if it is, as in a sibling's refresh.
 
-The files are the bytes as the source gave them (a PEM bundle or one DER CRL), so a worker keeps at most one copy of
-each source's CRLs (`MAX_CRL_BYTES` each): written only when its CRLs change, in a thread. Best effort: a file that
+The files are the CRLs as the source gave them: one DER CRL as it came, a PEM file's CRL blocks as openssl writes
+them (text a sender put around or inside them is not written: `sources._write_kept`), so a worker keeps at most one
+copy of each source's CRLs (`MAX_CRL_BYTES` each): written only when its CRLs change, in a thread. They are offered
+in the order they were written (`offered`): a source may give CRLs of another issuer or scope in place of those it
+gave, and the last a worker took is what a sibling holds. A reload that renames a source keeps the CRLs it carries
+over under the new name (`CrlStore.inherit`): a replacement reads the reloaded configuration. Best effort: a file that
 cannot be written or read leaves the replacement where it was without it (refused beside a sibling serving, or serving
 without as the revocation mode says, `proxy.app`). The supervisor removes the directory with the rest when it stops;
 a worker outliving a supervisor killed outright removes it (`proxy.workers._worker`).
@@ -57,9 +61,15 @@ class KeptCrls:
                 part.unlink()
 
     def offered(self, location: str) -> Iterator[bytes]:
-        """What the workers of this gateway (this number's predecessors too) took from `location`, one file at a time;
-        unread files skipped. Unvetted: the caller vets each as a read of the source."""
-        for path in sorted(self.directory.glob(f"{_name(location)}.*.crl")):
+        """What the workers of this gateway (this number's predecessors too) took from `location`, one file at a time,
+        the one written last last (the source's latest answer a worker took: a source may give the CRLs of another
+        issuer or scope in place of those it gave, and a sibling then holds those, not the dead worker's); unread files
+        skipped. Unvetted: the caller vets each as a read of the source."""
+        written = []
+        for path in self.directory.glob(f"{_name(location)}.*.crl"):
+            with contextlib.suppress(OSError):
+                written.append((path.stat().st_mtime_ns, path))
+        for _, path in sorted(written):
             with contextlib.suppress(OSError):
                 yield read_bounded(path, MAX_CRL_BYTES)
 

@@ -624,6 +624,13 @@ def crl_ders(data: bytes, source: str) -> list[bytes]:
     return _pem_crls(data, source) if _find(data, b"-----BEGIN") >= 0 else [data]
 
 
+def crl_pem(der: bytes) -> bytes:
+    """One CRL's DER as a PEM block as openssl and cryptography write it (64 characters a line), encoded a line at a
+    time: the event loop's thread may take the GIL between two (`_find`)."""
+    lines = (binascii.b2a_base64(der[at : at + 48]) for at in range(0, len(der), 48))
+    return b"".join((_BEGIN_CRL, b"\n", *lines, _END_CRL, b"\n"))
+
+
 def _read(der: bytes, source: str) -> x509.CertificateRevocationList:
     try:
         return x509.load_der_x509_crl(der)

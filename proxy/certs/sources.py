@@ -55,6 +55,7 @@ import aiohttp
 import structlog
 import yarl
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from proxy.certs.chain import TrustList
 from proxy.certs.floors import KEY, FloorTable, PersistedFloors
@@ -66,6 +67,7 @@ from proxy.certs.revocation import (
     CrlUnusable,
     accept_der,
     crl_ders,
+    crl_pem,
     shown_error,
     signer_certificates,
 )
@@ -150,6 +152,7 @@ class _State:
     unreadable: bool = False  # a file source whose last read failed, or gave bytes that are no CRL (`unreadable`)
     below_floor: bool = False  # its last read gave a CRL older than a replay floor (`CrlBelowFloor`, `behind_floors`)
     offered_kept: bool = False  # its siblings' kept CRLs looked at (a replacement's, before its first read: `kept`)
+    unkept: bool = False  # holds CRLs not kept under its location yet: a renamed source's, from `inherit`
 
 
 @dataclass
@@ -193,7 +196,8 @@ class CrlStore:
         gives nothing usable, as in a refresh: a store built afresh took any CRL still within its nextUpdate, last
         week's included. A source `old` did not read (a file moved, a URL pointed at a mirror) starts from the CRLs
         of the sources `old` read and this store does not (a renamed source's floor; its first good read replaces
-        them)."""
+        them), and its worker keeps them under the new name before that read (`_fetch`): a replacement reads the
+        reloaded configuration and looks for its siblings' CRLs under that name only (`proxy.certs.kept`)."""
         if self.use_distribution_points:
             learned = [s.source for s in old._states.values() if s.source.learned and s.crls]
             for source in learned[:MAX_LEARNED]:
@@ -207,6 +211,7 @@ class CrlStore:
             # a certificate of its signer's key, not that one certificate: a CA's renewed on the same key still signs
             state.crls = tuple(crl for crl in held if signer_certificates(crl.signer_key, crl.issuer, self.trust))
             state.last_success = before.last_success if before is not None and state.crls else None
+            state.unkept = before is None and bool(state.crls)  # its siblings' files are of the old name (`_fetch`)
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -281,6 +286,9 @@ class CrlStore:
             self._session = None
 
     async def _fetch(self, state: _State, now: datetime) -> None:
+        if state.unkept and self.kept is not None:  # a replacement reads the reloaded configuration: the new name's
+            state.unkept = False
+            await asyncio.to_thread(_keep_held, self.kept, state.source.location, state.crls)
         if self._adopting(state):
             kept = await asyncio.to_thread(_newest_kept, self.kept, state.source, self.trust, now, self.floors)
             self._adopt(state, *kept)
@@ -295,7 +303,7 @@ class CrlStore:
         if not self._unchanged(state, data, now):  # read, checked and indexed in a thread: see _vet
             vetted = await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors)
             if self._keep(state, vetted, now) and self.kept is not None:
-                await asyncio.to_thread(self.kept.keep, state.source.location, data)
+                await asyncio.to_thread(_write_kept, self.kept, state.source.location, data)
 
     def unreadable(self) -> dict[str, str]:
         """The file sources whose last read failed or brought no CRL (not a PEM or DER CRL), each with why: a reload
@@ -351,7 +359,7 @@ class CrlStore:
         if self._unchanged(state, data, now):
             return
         if self._keep(state, _vet(state, data, self.trust, now, self.floors), now) and self.kept is not None:
-            self.kept.keep(state.source.location, data)
+            _write_kept(self.kept, state.source.location, data)
 
     def _adopting(self, state: _State) -> bool:
         """Whether `state`'s source is to start from its siblings' kept CRLs first (`proxy.certs.kept`): in a
@@ -551,8 +559,10 @@ def _newest_kept(
 ) -> tuple[list[Crl], bytes]:
     """The newest of the CRLs the workers of this gateway kept for `source` (`proxy.certs.kept`) that pass what a read
     of the source would (`_vet`: signed by a CA of `trust`, none below its floor), with the bytes they were read from;
-    ([], b"") if none does. Each file is only what its signature proves: one older, forged, cut short or of another
-    CA's is passed over as a read would be. Bytes seen already (two workers keep the same CRL) are not read twice."""
+    ([], b"") if none does. The files come in the order they were written, each taken if no older than the CRLs of its
+    scope taken before it, as a refresh takes a read: of two of another scope, the one a worker took last. Each file is
+    only what its signature proves: one older, forged, cut short or of another CA's is passed over as a read would be.
+    Bytes seen already (two workers keep the same CRL) are not read twice."""
     best, seen = _State(source), set()
     for data in kept.offered(source.location) if kept is not None else ():
         if (digest := hashlib.blake2b(data, digest_size=16).digest()) in seen:
@@ -562,6 +572,21 @@ def _newest_kept(
         if isinstance(vetted, list) and vetted:
             best.crls, best.raw = tuple(vetted), data
     return list(best.crls), best.raw or b""
+
+
+def _write_kept(kept: KeptCrls, location: str, data: bytes) -> None:
+    """What `location` gave, whose CRLs this worker took, kept (`proxy.certs.kept`): one DER CRL as it came, a PEM file
+    as its CRL blocks alone as openssl writes them (the very bytes of a file openssl wrote: a replacement that the
+    source then gives them does not read them again). Text around or inside a PEM file's blocks, up to MAX_CRL_BYTES
+    of a plain-HTTP path's choosing and fresh at each refresh, is not written: each worker wrote it, on a tmpfs into
+    memory."""
+    ders = crl_ders(data, location)
+    kept.keep(location, data if ders == [data] else b"".join(crl_pem(der) for der in ders))
+
+
+def _keep_held(kept: KeptCrls, location: str, crls: Sequence[Crl]) -> None:
+    """`crls` kept for `location` as a PEM bundle: CRLs this worker holds for it that the source did not give it."""
+    kept.keep(location, b"".join(crl_pem(crl.crl.public_bytes(serialization.Encoding.DER)) for crl in crls))
 
 
 def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:

@@ -235,3 +235,113 @@ def test_a_supervisor_killed_as_a_replacement_refuses_leaves_no_directory(lab: L
             os.kill(second, signal.SIGKILL)
         gw.stop()
     assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.slow(seconds=25)
+def test_a_replacement_after_a_reload_moved_the_crl_url_holds_what_its_siblings_took_from_the_old_one(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """A reload points the issuing CA's CRL at a new URL that does not answer: the siblings hold the old URL's CRL
+    (3001, carol revoked: `CrlStore.inherit`), and a replacement, which found nothing kept for the new URL, served
+    carol. The reload now keeps what each worker holds under the new URL, and the replacement refuses carol too."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    server = _CrlServer(lambda path, _headers: (200, newer) if path == "/old.crl" else (404, b""))
+    old, new = (f"http://127.0.0.1:{server.port}/{name}.crl" for name in ("old", "new"))
+    gw = start_gateway(lab, tmp_path / "gw", _with_url(lab, old, root_crl))
+    try:
+        first, second = _listening_pids(gw, 2)
+        edited = tmp_path / "edited.toml"
+        edited.write_text(gw.config_path.read_text().replace(old, new))
+        edited.replace(gw.config_path)
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            gw.wait_event("reloaded", pid=pid)
+        _revoked_on_each(lab, gw, {first, second})
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _replacement(gw, first, second)
+        _revoked_on_each(lab, gw, {second, replacement["pid"]})
+    finally:
+        gw.stop()
+        server.close()
+
+
+@pytest.mark.slow(seconds=15)
+def test_a_crl_url_padding_its_crl_costs_the_kept_files_nothing(lab: LabLayout, tmp_path: Path) -> None:
+    """The CRL URL answers its genuine CRL in a PEM file with 8 MiB of text before the block (anyone on a plain-HTTP
+    path can, fresh at each refresh, up to MAX_CRL_BYTES): each worker wrote all of it to its kept file, memory on a
+    tmpfs. A worker now keeps the CRLs alone, and a replacement starts from them (carol refused)."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    padded = b"x" * (8 << 20) + b"\n" + newer
+    server = _CrlServer(lambda _path, _headers: (200, padded))
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    admin = f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n'
+    gw = start_gateway(lab, tmp_path / "gw", _with_url(lab, url, root_crl, admin))
+    try:
+        first, second = _listening_pids(gw, 2)
+        directory, _ = _siblings(gw)
+
+        def kept() -> list[Path] | None:
+            files = list((directory / "crls").glob("*.crl"))
+            return files if len(files) == 4 else None  # two sources, two workers
+
+        files = eventually(kept, "the workers' kept files")
+        assert max(path.stat().st_size for path in files) < len(newer) * 2, [p.stat().st_size for p in files]
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _replacement(gw, first, second)
+        taken = gw.wait_event("crl_taken_from_siblings", pid=replacement["pid"])
+        assert (taken["source"], taken["crl_number"]) == (url, 3001), taken
+        _revoked_on_each(lab, gw, {second, replacement["pid"]})
+    finally:
+        gw.stop()
+        server.close()
+
+
+@pytest.mark.slow(seconds=20)
+def test_a_replacement_starts_from_the_kept_file_last_written_whatever_its_worker_number(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """The CRL URL (anyone on its plain-HTTP path) answers the root's genuine CRL, which both workers take in place of
+    the issuing CA's (another scope), then the issuing CA's 3002 (carol revoked), which only worker 1 takes (worker 2
+    stopped), then nothing, as worker 2 dies: its replacement took the file of the highest number, the dead worker's
+    root CRL, and served carol beside a sibling refusing her. It now takes the file written last (worker 1's 3002)."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    issuing = load_ca(lab.pki_dir, "issuing")
+    newest = write_crl(tmp_path / "3002.crl", issuing, revoked=[carol.serial_number], number=3002)
+    answer = {"crl": (200, newer)}
+    server = _CrlServer(lambda _path, _headers: answer["crl"])
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    text = _with_url(lab, url, root_crl, f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
+    crls = f'crls = ["{url}", "{root_crl}"]'
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    try:
+        _listening_pids(gw, 2)
+        directory, number = _siblings(gw)
+        one, two = sorted(number, key=number.__getitem__)
+
+        def kept(pid: int) -> Path | None:  # the worker's kept file for the URL (the other is the root file's)
+            files = [p for p in (directory / "crls").glob(f"*.{number[pid]}.crl") if p.read_bytes() == newer]
+            return files[0] if files else None
+
+        files = {pid: eventually(lambda: kept(pid), "the URL's kept file") for pid in (one, two)}  # noqa: B023
+
+        def written(pid: int, data: bytes) -> None:
+            eventually(lambda: files[pid].read_bytes() == data, f"{data[:30]!r}... kept by {pid}")
+
+        answer["crl"] = (200, root_crl.read_bytes())
+        for pid in (one, two):
+            written(pid, root_crl.read_bytes())
+        os.kill(two, signal.SIGSTOP)
+        answer["crl"] = (200, newest.read_bytes())
+        written(one, newest.read_bytes())
+        answer["crl"] = (404, b"")
+        gw.mark()
+        os.kill(two, signal.SIGKILL)
+        replacement = _replacement(gw, one, two)
+        _revoked_on_each(lab, gw, {one, replacement["pid"]})
+    finally:
+        gw.stop()
+        server.close()

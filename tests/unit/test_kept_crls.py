@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
 from proxy.auth.shared import SharedTable
 from proxy.certs.chain import TrustList
 from proxy.certs.kept import KeptCrls
-from proxy.certs.revocation import RevocationStatus
+from proxy.certs.revocation import RevocationStatus, crl_pem
 from proxy.certs.sources import CrlSource, CrlStore
 from proxy.lab.pki import Pki
 from tests.unit.test_revocation_sources import NOW, _issuing_crl, forged_crl, status, verified
@@ -126,3 +129,68 @@ def test_a_source_giving_the_kept_bytes_is_not_vetted_twice(trust: TrustList, pk
         assert store.load_files(now=NOW) == []
     assert [e["event"] for e in logs if e["event"].startswith("crl_")] == ["crl_taken_from_siblings"]
     assert store.status(now=NOW)[0].last_success == NOW
+
+
+def test_a_reload_keeps_a_renamed_source_s_crls_under_its_new_name(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    """A reload points the CRL at a URL that does not answer: the reloaded store holds the old source's CRL (carol
+    revoked) and keeps it under the new URL, where a replacement (which reads the reloaded configuration) finds it."""
+    asyncio.run(_reload_keeps_a_renamed_source(pki, trust, tmp_path))
+
+
+async def _reload_keeps_a_renamed_source(pki: Pki, trust: TrustList, tmp_path: Path) -> None:
+    directory, old = tmp_path / "crls", tmp_path / "issuing.crl"
+    carol = verified(pki, trust, "carol")
+    old.write_bytes(_issuing_crl(pki, 7, carol.serial))
+    running = _store(trust, str(old), KeptCrls(directory, 2))
+    assert running.load_files(now=NOW) == []
+    reloaded = CrlStore(trust, [CrlSource(URL)], timeout=2.0, kept=KeptCrls(directory, 2))
+    reloaded.inherit(running)
+    replacement = CrlStore(trust, [CrlSource(URL)], timeout=2.0, kept=KeptCrls(directory, 1, adopt=True))
+    try:
+        await reloaded.refresh(now=NOW)
+        await replacement.refresh(now=NOW)
+    finally:
+        await reloaded.close()
+        await replacement.close()
+    assert status(reloaded, carol) is RevocationStatus.REVOKED
+    assert status(replacement, carol) is RevocationStatus.REVOKED
+
+
+def test_a_pem_source_is_kept_as_its_crl_blocks_alone(trust: TrustList, pki: Pki, tmp_path: Path) -> None:
+    """A DER CRL is kept as it came, a PEM file as openssl writes its blocks (the same bytes for a file openssl wrote),
+    whatever text a sender put around or inside them (up to MAX_CRL_BYTES, each refresh)."""
+    der = _issuing_crl(pki, 7, 77)
+    pem = x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)
+    assert crl_pem(der) == pem
+    source, directory = tmp_path / "issuing.crl", tmp_path / "crls"
+    padded = b"x" * 100_000 + b"\n" + pem.replace(b"\n", b"\r\n" + b" " * 1000)
+    for given, written in ((der, der), (pem, pem), (padded, pem), (padded + pem, pem + pem)):
+        source.write_bytes(given)
+        assert _store(trust, str(source), KeptCrls(directory, 1)).load_files(now=NOW) == []
+        assert list(KeptCrls(directory, 1).offered(str(source))) == [written]
+
+
+def test_kept_files_are_offered_in_the_order_they_were_written(pki: Pki, tmp_path: Path) -> None:
+    """The kept files of a source come oldest written first, whatever their worker numbers (the last one offered, if
+    it vets, is what a replacement holds of another scope)."""
+    directory, crls = tmp_path / "crls", {number: _issuing_crl(pki, number, number) for number in (1, 2, 3)}
+    for number, mtime in ((1, 30), (2, 10), (3, 20)):
+        KeptCrls(directory, number).keep(URL, crls[number])
+        os.utime(next(directory.glob(f"*.{number}.crl")), ns=(mtime, mtime))
+    assert list(KeptCrls(directory, 4).offered(URL)) == [crls[2], crls[3], crls[1]]
+
+
+def test_a_replacement_that_started_from_a_kept_crl_takes_a_newer_one_as_its_siblings_do(
+    trust: TrustList, pki: Pki, tmp_path: Path
+) -> None:
+    """A replacement that took kept CRL 7 and refused its source's 5 takes the source's 8 at its next refresh, and
+    keeps it in its own file (written last: the one a later replacement takes)."""
+    directory, source = tmp_path / "crls", tmp_path / "issuing.crl"
+    KeptCrls(directory, 2).keep(str(source), _issuing_crl(pki, 7, 77))
+    source.write_bytes(_issuing_crl(pki, 5, 55))
+    store = _store(trust, str(source), KeptCrls(directory, 1, adopt=True), SharedTable())
+    assert "replayed?" in store.load_files(now=NOW)[0]
+    source.write_bytes(newer := _issuing_crl(pki, 8, 88))
+    asyncio.run(store.refresh(now=NOW))
+    assert [row.crl_number for row in store.status(now=NOW)] == [8]
+    assert list(KeptCrls(directory, 3).offered(str(source)))[-1] == newer
