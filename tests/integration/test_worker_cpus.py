@@ -82,18 +82,19 @@ def test_each_worker_runs_on_its_listed_cpu_and_a_replacement_on_its_predecessor
     assert _cpus_allowed(int(replacement["worker"])) == str(cpus[1])
 
 
-def test_auto_under_taskset_pins_both_workers_to_the_one_cpu_allowed(
-    lab: LabLayout, tmp_path: Path, cpus: tuple[int, int]
+@pytest.mark.parametrize("restricted", [False, True], ids=["every-cpu", "taskset"])
+def test_auto_pins_the_workers_in_turn_to_the_cpus_the_gateway_may_use(
+    lab: LabLayout, tmp_path: Path, cpus: tuple[int, int], restricted: bool
 ) -> None:
-    """Started as `taskset -c b kcd-proxy run` with "auto", both workers run on b: "auto" takes only the CPUs the
-    gateway may use (a container's cpuset), and wraps around them."""
-    gw = start_gateway(
-        lab, tmp_path / "gw", _config(lab, '"auto"'), launcher=("taskset", "-c", str(cpus[1]), sys.executable)
-    )
+    """ "auto": worker 1 on the first CPU allowed, worker 2 on the second; started as `taskset -c b kcd-proxy run`,
+    both on b (only the CPUs the gateway may use, as in a container's cpuset, wrapping around them)."""
+    launcher = ("taskset", "-c", str(cpus[1]), sys.executable) if restricted else (sys.executable,)
+    expected = [cpus[1], cpus[1]] if restricted else [cpus[0], cpus[1]]
+    gw = start_gateway(lab, tmp_path / "gw", _config(lab, '"auto"'), launcher=launcher)
     try:
-        started = _started(gw, 2)
-        assert [line["cpu"] for line in started] == [cpus[1], cpus[1]]
-        assert [_cpus_allowed(int(str(line["worker"]))) for line in started] == [str(cpus[1])] * 2
+        started = sorted(_started(gw, 2), key=lambda line: int(str(line["number"])))
+        assert [line["cpu"] for line in started] == expected
+        assert [_cpus_allowed(int(str(line["worker"]))) for line in started] == [str(cpu) for cpu in expected]
     finally:
         gw.stop()
 
