@@ -232,7 +232,8 @@ def python_view(raw: Path) -> str:
 def paired_rates(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Within each round, every two-worker arrangement over `two`, and `two_pinned` over `two_again` (the A/A control,
     a process started as `two`'s: its ratio to `two` is the noise, and the bias between two processes, that a paired
-    ratio has in this run): medians, geometric means, the rounds above 1 and each round's ratio of requests/s."""
+    ratio has in this run) and over both unpinned processes (the geometric mean of the two's requests/s): medians,
+    geometric means, the rounds above 1 and each round's ratio of requests/s."""
     out: dict[str, Any] = {}
     if "one_free" in parts:  # like `dedicated`, from a one-worker gateway placed as the two workers are
         out["dedicated_free: 2 x one_free / two, CPU per request"] = median(
@@ -251,6 +252,11 @@ def paired_rates(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out[f"{name} / {base}, proxy µs a request"] = median(a["cpu_us"] / b["cpu_us"] for a, b in pairs)
         out[f"{name} / {base}, proxy cores"] = median(a["cpu_s"] / b["cpu_s"] for a, b in pairs)
         out[f"{name} / {base}, backend µs a request"] = median(a["backend_us"] / b["backend_us"] for a, b in pairs)
+    if {"two_pinned", "two_again"} <= set(parts):  # against both unpinned processes at once: their drift cancels out
+        both = zip(parts["two_pinned"]["runs"], parts["two"]["runs"], parts["two_again"]["runs"], strict=True)
+        rounds = [p["rate"] / (a["rate"] * b["rate"]) ** 0.5 for p, a, b in both]
+        out["two_pinned / both unpinned (geometric mean of two and two_again), requests/s"] = median(rounds)
+        out["two_pinned / both unpinned, rounds above 1"] = f"{sum(r > 1 for r in rounds)} of {len(rounds)}"
     return out
 
 

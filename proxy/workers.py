@@ -73,7 +73,7 @@ CPUs the gateway was started allowed to use, in order: a container's cpuset, `ta
 supervisor checks the list against that set before it forks (`worker_cpus_problem`, which check-config runs too), and
 each worker pins itself after the fork (`sched_setaffinity`), a replacement on the CPU of the worker it replaces (it
 takes its number); `worker_started` names the CPU. The supervisor stays unpinned; it serves nothing. Why it is a
-setting: on two cores shared with busy neighbours, two workers each pinned to a core served 1.26 times what two the
+setting: on two cores shared with busy neighbours, two workers each pinned to a core served 1.25 times what two the
 scheduler placed did, paired with an A/A control (docs/performance.md, "Pinning the workers as a setting").
 """
 

@@ -75,7 +75,7 @@ def test_python_view_finds_the_shared_table_in_a_workers_stacks(tmp_path: Path) 
 
 
 def test_paired_rates_compare_the_pinned_workers_with_the_unpinned_and_the_a_a_control() -> None:
-    """Round by round: pinned over two and over two_again (the A/A control), and two_again over two (the noise)."""
+    """Each round: pinned over two, over two_again (the A/A control) and over both; two_again over two (the noise)."""
 
     def part(*rates: float) -> dict[str, Any]:
         return {"runs": [{"rate": r, "cpu_us": 1e6 / r, "cpu_s": 1.0, "backend_us": 50.0} for r in rates]}
@@ -86,3 +86,6 @@ def test_paired_rates_compare_the_pinned_workers_with_the_unpinned_and_the_a_a_c
     assert paired["two_pinned / two_again, requests/s, each round"] == [1.091, 1.5]
     assert paired["two_pinned / two_again, rounds above 1"] == "2 of 2"
     assert paired["two_pinned / two, requests/s, geometric mean"] == pytest.approx((1.2 * 1.35) ** 0.5)
+    assert paired["two_pinned / both unpinned (geometric mean of two and two_again), requests/s"] == pytest.approx(
+        (120 / (100 * 110) ** 0.5 + 270 / (200 * 180) ** 0.5) / 2
+    )
