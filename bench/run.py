@@ -432,19 +432,23 @@ class Arrangement:
     (`pinned`: on the load core, else anywhere) and the static backend during the run (`backend_cores`: a taskset
     list, "" for every core; the scene starts it on the load core); `worker_cores`, if any, the cores of each worker
     during the run (worker i on the i-th: one core each, as nginx's `worker_cpu_affinity auto` would; "" to release
-    a worker started pinned), each put back as it was after the run."""
+    a worker started pinned), each put back as it was after the run; `setting`, the proxy's own `listener.worker_cpus`
+    if it pins its workers itself (its TOML value, for the report)."""
 
     proxy: str
     url: str
     pinned: bool
     backend_cores: str
     worker_cores: tuple[str, ...] = ()
+    setting: str = ""
 
     def placement(self, scene: Scene) -> str:
         """Where each process ran, in words, for the report."""
         proxy_cores = scene.cores[0] if self.pinned else "any"
         if self.worker_cores:
             proxy_cores = " and ".join(c or "any" for c in self.worker_cores) + " (worker by worker)"
+        if self.setting:
+            proxy_cores = f"0 and 1 (worker by worker: listener.worker_cpus = {self.setting})"
         wrk_cores = scene.cores[1] if self.pinned else "any"
         return f"proxy on CPU {proxy_cores}, wrk on CPU {wrk_cores}, backend on CPU {self.backend_cores or 'any'}"
 
@@ -532,18 +536,31 @@ def _scaling_run(scene: Scene, where: Arrangement, backend: int, *, seconds: flo
     return ScalingRun(result, busy, wrk_cpu, backend_cpu, per_worker, worker_cpu, held)
 
 
+PINNED = '"auto"'  # listener.worker_cpus of the scaling phase's pinned two-worker gateway
+
+
+def start_pinned(scene: Scene) -> None:
+    """The two-worker gateway with `listener.worker_cpus = "auto"` (`gateway2p`): worker 1 on CPU 0, worker 2 on CPU 1,
+    pinned by the gateway itself; measured beside the unpinned `gateway2` in the same rounds."""
+    scene.start_variant("gateway2p", core="", workers=2, worker_cpus=PINNED)
+
+
 def scaling_arrangements(scene: Scene, path: str, *, nginx: bool = True) -> dict[str, Arrangement]:
     """The scaling phase's four runs: the one-worker gateway and nginx pinned to the proxies' core (wrk and the backend
     on the other), and their two-worker processes (`gateway2`, `nginx2`, started unpinned) with wrk free to run
     anywhere too. The static backend stays on the load core in all four, where the scene started it (releasing it for
     the two-worker runs was measured in bench.scaling's `two_free` and did not pay: docs/performance.md)."""
     names = ("gateway", "gateway2", "nginx", "nginx2") if nginx else ("gateway", "gateway2")
-    url = {name: f"https://127.0.0.1:{scene.ports[name]}{path}" for name in names}
+    url = {
+        name: f"https://127.0.0.1:{scene.ports[name]}{path}" for name in (*names, "gateway2p") if name in scene.ports
+    }
     load = scene.cores[1]
     out = {
         "one": Arrangement("gateway", url["gateway"], True, load),
         "two": Arrangement("gateway2", url["gateway2"], False, load),
     }
+    if "gateway2p" in url:  # the two workers pinned by the gateway itself, a core each (`start_pinned`)
+        out["two_pinned"] = Arrangement("gateway2p", url["gateway2p"], False, load, setting=PINNED)
     if nginx:
         out["nginx_one"] = Arrangement("nginx", url["nginx"], True, load)
         out["nginx_two"] = Arrangement("nginx2", url["nginx2"], False, load)
@@ -610,7 +627,12 @@ def scaling(
     one, two = summary("one"), summary("two")
     out: dict[str, object] = {"one_worker": one, "two_workers": two, **ratios(one, two)}
     for key in set(urls) - {"one", "two", "nginx_one", "nginx_two"}:
-        out[key] = {**summary(key), **ratios(one, summary(key))}
+        part: dict[str, Any] = {**summary(key), **ratios(one, summary(key))}
+        if key.startswith("two_"):  # against `two` run by run, in the same rounds: what the arrangement changed
+            pairs = list(zip(runs[key], runs["two"], strict=True))
+            part["paired_rate_ratio"] = median(a.result.rate / b.result.rate for a, b in pairs)
+            part["paired_cpu_ratio"] = median(a.result.cpu_us / b.result.cpu_us for a, b in pairs)
+        out[key] = part
     if "nginx_one" in urls:
         nginx_one, nginx_two = summary("nginx_one"), summary("nginx_two")
         out["nginx"] = {"one_worker": nginx_one, "two_workers": nginx_two, **ratios(nginx_one, nginx_two)}
@@ -836,15 +858,19 @@ def main() -> int:
         figures["paced"] = {column: paced_summary(runs) for column, runs in paced_runs.items()}
         if args.workers == 1 and scene.cores[0]:
             scene.start_variant("gateway2", core="", workers=2)
+            start_pinned(scene)
             scene.start_nginx_workers("nginx2", 2, core="")
             scaled = scaling_arrangements(scene, path)
             for where in scaled.values():  # warm up (the one-worker processes are warm already)
-                if where.proxy == "gateway2":  # until both workers answered: each has its own handshakes and tickets
+                if where.proxy.startswith(
+                    "gateway2"
+                ):  # until both workers answered: each has its own handshakes, tickets
                     warm_workers(scene, where.proxy, where.url, workers=2, certs=one_cert)
                 elif where.proxy.endswith("2"):
                     wrk(scene, where.proxy, where.url, seconds=2, connections=50, certs=one_cert, args=[], pinned=False)
             figures["scaling"] = scaling(scene, scaled, seconds=args.seconds, rounds=args.rounds, certs=one_cert)
             scene.stop("gateway2")
+            scene.stop("gateway2p")
             scene.stop("nginx2")
         # Every held column starts from the same state: warmed with all the users, then left until the idle
         # backend connections the warm-up pooled are closed (docs/performance.md, "A fair held phase").
@@ -1016,6 +1042,17 @@ def report(
                 + f"; CPU per request, two workers / one: {part['cpu_per_request_ratio']:.2f}; the ratio with the "
                 f"machine to itself (from the CPU per request of proxy, wrk, backend): {part['ceiling']:.2f}; "
                 f"with a core for each worker and the load elsewhere: {part['dedicated']:.2f}"
+            )
+        pinned = scale.get("two_pinned")
+        if isinstance(pinned, dict):
+            print(
+                f"  kcd-proxy, two workers pinned    {pinned['rate']:8,.0f} requests/s; it used "
+                f"{pinned['gateway_cores']:.2f} cores; µs a request {pinned['cpu_us']:,.0f} ({pinned['placement']})"
+            )
+            print(
+                f"  kcd-proxy pinned / unpinned, paired run by run: {pinned['paired_rate_ratio']:.2f} of the "
+                f"requests/s, {pinned['paired_cpu_ratio']:.2f} of the CPU per request; pinned throughput ratio "
+                f"{pinned['throughput_ratio']:.2f} (target >= 1.8)"
             )
         runs = scale["two_workers"]["runs"]
         print(f"  requests per kcd-proxy worker in each run: {[run['requests_per_worker'] for run in runs]}")

@@ -5,17 +5,21 @@ Not part of `make bench` (docs/performance.md, "Two workers on two cores", has i
 scene (bench.scene) with `--users` users, starts the one-worker gateway pinned to CPU 0 and a two-worker gateway
 (`listener.workers = 2`, unpinned), with `--nginx` nginx's one- and two-worker processes too, and runs
 bench.run.scaling: `--rounds` rounds of wrk runs of `--seconds` each, 50 keep-alive connections, the arrangements in
-rotating order. Besides the four of `make bench` (`one`, `two`, `nginx_one`, `nginx_two`), it measures `two_free`,
-the two workers with the static backend released from the load core for the run (`make bench` leaves it there),
-`two_each`, each worker pinned to a core of its own for the run (as nginx's `worker_cpu_affinity auto`), and
-`one_free`, the one-worker gateway with nothing pinned (it, wrk and the backend anywhere): two workers' CPU per request
-against one worker's placed alike, as `dedicated_free`.
+rotating order. Besides the four of `make bench` (`one`, `two`, `nginx_one`, `nginx_two`), it measures
+`two_pinned`, a two-worker gateway started with `listener.worker_cpus = "auto"` (each worker pinned by the gateway to a
+core of its own), and `two_again`, the A/A control: a third two-worker gateway started exactly as `two`'s; each against
+`two` run by run in the same rounds (`paired`), so `two_again` / `two` is the noise `two_pinned` / `two` must clear,
+and `two_pinned` / `two_again` compares two processes started alike but for the setting; and `two_each`, `two`'s own
+workers pinned from outside for the run (`sched_setaffinity`, as the setting does): the same A/B within one process.
+With `--more`, perf12's arrangements too: `two_free`, the two workers with the static backend released from the load
+core for the run (`make bench` leaves it there), and `one_free`, the one-worker gateway with nothing pinned (it, wrk
+and the backend anywhere): two workers' CPU per request against one worker's placed alike, as `dedicated_free`.
 
 Per arrangement: requests/s, the cores the proxy used and the whole machine kept busy, the CPU per request of the
 proxy, of each worker (from its own CPU and the summary lines it wrote), of wrk and of the backend, the requests and
 wrk connections each worker had, and the ratio to one worker measured and with the machine to itself (`ceiling`).
 
-    .venv/bin/python -m bench.scaling [--seconds 8] [--rounds 4] [--users 2] [--nginx] [--json FILE]
+    .venv/bin/python -m bench.scaling [--seconds 8] [--rounds 4] [--users 2] [--nginx] [--more] [--perf] [--json FILE]
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from statistics import median
+from statistics import geometric_mean, median
 from typing import Any
 
 from bench.run import (
@@ -39,6 +43,7 @@ from bench.run import (
     cores,
     scaling,
     scaling_arrangements,
+    start_pinned,
     tree,
     warm_workers,
     workers_of,
@@ -77,6 +82,11 @@ def main() -> int:
     parser.add_argument("--nginx", action="store_true", help="nginx's one- and two-worker arrangements too")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
+        "--more",
+        action="store_true",
+        help="perf12's arrangements too: two_free (the backend anywhere), one_free (one worker, nothing pinned)",
+    )
+    parser.add_argument(
         "--perf",
         action="store_true",
         help="then one more two-worker run under `perf record -a`: the machine by part",
@@ -95,17 +105,26 @@ def main() -> int:
         scene.start_backends()
         scene.start_gateway()
         scene.start_variant("gateway2", core="", workers=2)
+        start_pinned(scene)
+        scene.start_variant("gateway2b", core="", workers=2)
         if args.nginx:
             scene.start_nginx()
             scene.start_nginx_workers("nginx2", 2, core="")
         urls = scaling_arrangements(scene, PATH, nginx=args.nginx)
         two = urls["two"]
-        urls["two_free"] = Arrangement(two.proxy, two.url, two.pinned, "")
+        # the A/A control: a second unpinned two-worker gateway started as `two`'s, in the same rounds: the noise of
+        # a paired ratio between two processes, which `two_pinned` / `two` is
+        urls["two_again"] = Arrangement(
+            "gateway2b", f"https://127.0.0.1:{scene.ports['gateway2b']}{PATH}", False, two.backend_cores
+        )
+        # `two`'s own workers pinned from outside for the run, as the setting pins them: the same A/B within one process
         urls["two_each"] = Arrangement(two.proxy, two.url, two.pinned, two.backend_cores, ("0", "1"))
-        urls["one_free"] = Arrangement("gateway", urls["one"].url, False, "", ("",))
+        if args.more:
+            urls["two_free"] = Arrangement(two.proxy, two.url, two.pinned, "")
+            urls["one_free"] = Arrangement("gateway", urls["one"].url, False, "", ("",))
         certs = scene.cert_list(1)
         for where in urls.values():  # warm up: handshakes, tickets, pools (both workers of gateway2 answered)
-            if where.proxy == "gateway2":
+            if where.proxy.startswith("gateway2"):
                 warm_workers(scene, where.proxy, where.url, workers=2, certs=certs)
             else:
                 wrk(scene, where.proxy, where.url, seconds=2, connections=50, certs=certs, args=[], pinned=where.pinned)
@@ -136,7 +155,7 @@ def main() -> int:
         )
     paired = paired_rates(parts)
     for name, value in paired.items():
-        print(f"  paired per round, {name}: {value:.3f}")
+        print(f"  paired per round, {name}: {round(value, 3) if isinstance(value, float) else value}")
     if machine:
         print(f"the whole machine during one more `two` run (perf record -a, both cores):\n{machine}")
     print(f"bench.scaling: {time.monotonic() - started:.0f} s")
@@ -210,20 +229,34 @@ def python_view(raw: Path) -> str:
     return f"{total} samples; stacks through {multi}; on top: {best}"
 
 
-def paired_rates(parts: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Within each round, two_free (the backend anywhere) and two_each (a core for each worker) over two, medians."""
-    if "two_free" not in parts:
-        return {}
-    out = {}
+def paired_rates(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Within each round, every two-worker arrangement over `two`, and `two_pinned` over `two_again` (the A/A control,
+    a process started as `two`'s: its ratio to `two` is the noise, and the bias between two processes, that a paired
+    ratio has in this run) and over both unpinned processes (the geometric mean of the two's requests/s): medians,
+    geometric means, the rounds above 1 and each round's ratio of requests/s."""
+    out: dict[str, Any] = {}
     if "one_free" in parts:  # like `dedicated`, from a one-worker gateway placed as the two workers are
         out["dedicated_free: 2 x one_free / two, CPU per request"] = median(
             2 * a["cpu_us"] / b["cpu_us"] for a, b in zip(parts["one_free"]["runs"], parts["two"]["runs"], strict=True)
         )
-    for name in ("two_free", "two_each"):
-        pairs = list(zip(parts[name]["runs"], parts["two"]["runs"], strict=True))
-        out[f"{name} / two, requests/s"] = median(a["rate"] / b["rate"] for a, b in pairs)
-        out[f"{name} / two, proxy µs a request"] = median(a["cpu_us"] / b["cpu_us"] for a, b in pairs)
-        out[f"{name} / two, backend µs a request"] = median(a["backend_us"] / b["backend_us"] for a, b in pairs)
+    against = [(name, "two") for name in sorted(n for n in parts if n.startswith("two_"))]
+    if {"two_pinned", "two_again"} <= set(parts):  # both processes started after `two`'s, side by side
+        against.append(("two_pinned", "two_again"))
+    for name, base in against:
+        pairs = list(zip(parts[name]["runs"], parts[base]["runs"], strict=True))
+        rounds = [a["rate"] / b["rate"] for a, b in pairs]
+        out[f"{name} / {base}, requests/s"] = median(rounds)
+        out[f"{name} / {base}, requests/s, geometric mean"] = geometric_mean(rounds)
+        out[f"{name} / {base}, rounds above 1"] = f"{sum(r > 1 for r in rounds)} of {len(rounds)}"
+        out[f"{name} / {base}, requests/s, each round"] = [round(r, 3) for r in rounds]
+        out[f"{name} / {base}, proxy µs a request"] = median(a["cpu_us"] / b["cpu_us"] for a, b in pairs)
+        out[f"{name} / {base}, proxy cores"] = median(a["cpu_s"] / b["cpu_s"] for a, b in pairs)
+        out[f"{name} / {base}, backend µs a request"] = median(a["backend_us"] / b["backend_us"] for a, b in pairs)
+    if {"two_pinned", "two_again"} <= set(parts):  # against both unpinned processes at once: their drift cancels out
+        both = zip(parts["two_pinned"]["runs"], parts["two"]["runs"], parts["two_again"]["runs"], strict=True)
+        rounds = [p["rate"] / (a["rate"] * b["rate"]) ** 0.5 for p, a, b in both]
+        out["two_pinned / both unpinned (geometric mean of two and two_again), requests/s"] = median(rounds)
+        out["two_pinned / both unpinned, rounds above 1"] = f"{sum(r > 1 for r in rounds)} of {len(rounds)}"
     return out
 
 

@@ -334,10 +334,12 @@ spn = "HTTP/cas.lab.test"
         workers: int = 1,
         http_server: str = "own",
         session_cache: int | None = None,
+        worker_cpus: str | None = None,
     ) -> None:
         """The gateway again, on a port of its own: another event loop (`listener.event_loop`), another device-side
         server (`listener.http_server`), another number of workers, another TLS session cache
-        (`listener.tls_session_cache`, the default when None), or traced (`name` "traced": bench.traced,
+        (`listener.tls_session_cache`, the default when None), its workers pinned (`listener.worker_cpus`, its TOML
+        value: '"auto"', "[0, 1]"; not pinned when None), or traced (`name` "traced": bench.traced,
         tracemalloc and a snapshot on SIGUSR1), or probed (`name` "native": bench.native, glibc's allocator; `name`
         "objects": bench.objects, deep tracebacks and object counts)."""
         self.ports[name] = free_port()
@@ -348,6 +350,8 @@ spn = "HTTP/cas.lab.test"
         ours += f'event_loop = "{event_loop}"\nhttp_server = "{http_server}"\n'
         if session_cache is not None:
             ours += f"tls_session_cache = {session_cache}\n"
+        if worker_cpus is not None:
+            ours += f"worker_cpus = {worker_cpus}\n"
         (self.root / f"{name}.toml").write_text(text.replace(bind, ours, 1))
         module = {"traced": "bench.traced", "native": "bench.native", "objects": "bench.objects"}.get(name, "proxy")
         argv = [sys.executable, "-m", module, "run", "--config", str(self.root / f"{name}.toml")]

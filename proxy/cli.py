@@ -44,6 +44,8 @@ def _run(args: argparse.Namespace) -> int:
         return e.report()
     if problems := loops(cfg):  # a reload refuses them too; started with one, every device read the traces
         return ConfigError(problems).report()
+    if problem := workers.worker_cpus_problem(cfg.listener.worker_cpus, os.sched_getaffinity(0)):
+        return ConfigError([f"{problem} (in {cfg.path})"]).report()
 
     from proxy.auth.shared import SharedTable
 
@@ -90,6 +92,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if cfg.listener.workers == 1:  # ends as a worker does, without the interpreter's teardown (proxy.workers)
+        if cpus := workers.worker_cpus(cfg.listener.worker_cpus, os.sched_getaffinity(0)):
+            workers.pin_or_say(cpus[0])  # a lone gateway is worker 1
         workers.end_process(serve_one())
 
     try:

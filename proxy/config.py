@@ -64,6 +64,8 @@ HTTP_SERVERS: tuple[HttpServer, ...] = get_args(HttpServer)
 # An evidence ticket whose PAC names no account (proxy.kerberos.account): "auto" serves MIT's PAC naming nobody
 # and refuses a ticket without any PAC; "require" wants the account named (AD); "optional" serves both.
 KdcAccountPolicy = Literal["auto", "require", "optional"]
+# listener.worker_cpus: "auto", or the CPU numbers the workers are pinned to in turn (proxy.workers.worker_cpus)
+WorkerCpus = Literal["auto"] | tuple[int, ...]
 KDC_ACCOUNT_POLICIES: tuple[KdcAccountPolicy, ...] = get_args(KdcAccountPolicy)
 
 
@@ -103,6 +105,9 @@ class Listener:
     # TLS sessions kept per worker for resumption, the tickets naming them (0: stateless tickets, OpenSSL's default)
     tls_session_cache: int = DEFAULT_TLS_SESSION_CACHE
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # at SIGTERM: how long requests in flight may take to finish
+    # the CPU each worker is pinned to, worker n on the n-th (wrapping): "auto" (the CPUs the gateway may use, in
+    # order) or a list of CPU numbers; None: not pinned (proxy.workers, `worker_cpus`; docs/performance.md says why)
+    worker_cpus: WorkerCpus | None = None
 
 
 @dataclass(frozen=True)
@@ -546,7 +551,7 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
             *("bind", "certificate", "private_key", "handshake_timeout", "keepalive_timeout", "max_body_bytes"),
             *("client_body_timeout", "client_send_timeout", "workers", "max_header_bytes", "max_connections"),
             *("proxy_protocol", "trusted_proxies", "event_loop", "http_server", "max_connections_per_address"),
-            *("tls_session_cache", "drain_timeout"),
+            *("tls_session_cache", "drain_timeout", "worker_cpus"),
         },
     )
     proxy_protocol, trusted_proxies = _proxy_protocol(r, t)
@@ -571,7 +576,29 @@ def _listener(r: _Reader, t: dict[str, Any]) -> Listener:
         http_server=cast(HttpServer, _named_choice(r, t, "listener", "http_server", HTTP_SERVERS, "own")),
         tls_session_cache=_off_or_positive(r, t, "listener.tls_session_cache", DEFAULT_TLS_SESSION_CACHE),
         drain_timeout=_off_or_positive(r, t, "listener.drain_timeout", DEFAULT_DRAIN_TIMEOUT),
+        worker_cpus=_worker_cpus(r, t),
     )
+
+
+def _worker_cpus(r: _Reader, t: dict[str, Any]) -> WorkerCpus | None:
+    """`listener.worker_cpus`: "auto" or a list of distinct CPU numbers; absent, None (the workers are not pinned).
+    Whether this machine has those CPUs is `proxy.workers.worker_cpus_problem`'s to say, at start and in check-config
+    (a replacement worker reading the file is pinned already: it may run on one CPU only)."""
+    key, value = "listener.worker_cpus", t.get("worker_cpus")
+    if value is None or value == "auto":
+        return value
+    fix = 'expected "auto" or a list of CPU numbers such as [0, 1] (leave it out for no pinning)'
+    if not isinstance(value, list) or not value:
+        r.problem(key, f"{fix}, got {value!r}")
+        return None
+    if not all(isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in value):
+        r.problem(key, f"{fix}; CPU numbers count from 0, got {value!r}")
+        return None
+    if len(set(value)) < len(value):
+        twice = sorted({cpu for cpu in value if value.count(cpu) > 1})
+        r.problem(key, f"CPU {', '.join(map(str, twice))} listed twice: a CPU for each worker, each listed once")
+        return None
+    return tuple(value)
 
 
 def _event_loop(r: _Reader, t: dict[str, Any]) -> EventLoop:

@@ -79,6 +79,14 @@ CRLs it took in this directory (`crls/`, `Worker.kept_crls`), and a replacement 
 those it vets itself (`proxy.certs.kept`): what its source then gives is taken if no older, refused as a replay if
 older, as in its siblings. The refusal above remains for what it cannot so vet (a kept file older than the floor,
 forged, or absent).
+
+Pinning (`[listener] worker_cpus`, off unless set): worker n runs on the n-th CPU of the list, wrapping ("auto": the
+CPUs the gateway was started allowed to use, in order: a container's cpuset, `taskset`, systemd's `CPUAffinity=`). The
+supervisor checks the list against that set before it forks (`worker_cpus_problem`, which check-config runs too), and
+each worker pins itself after the fork (`sched_setaffinity`), a replacement on the CPU of the worker it replaces (it
+takes its number); `worker_started` names the CPU. The supervisor stays unpinned; it serves nothing. Why it is a
+setting: on two cores shared with busy neighbours, two workers each pinned to a core served 1.25 times what two the
+scheduler placed did, paired with an A/A control (docs/performance.md, "Pinning the workers as a setting").
 """
 
 from __future__ import annotations
@@ -105,7 +113,7 @@ import structlog
 
 from proxy.certs.kept import DIRECTORY as KEPT_CRLS
 from proxy.certs.kept import KeptCrls
-from proxy.config import Admin, Listener
+from proxy.config import Admin, Listener, WorkerCpus
 from proxy.kerberos.profile import remove_overlay
 
 log = structlog.get_logger("proxy.workers")
@@ -227,9 +235,65 @@ def _check_free(host: str, port: int, key: str, prefix: str) -> None:
             raise PortInUse(f"{prefix}{host}:{port}: {exc.strerror}", key, exc) from None
 
 
+def worker_cpus(setting: WorkerCpus | None, allowed: set[int]) -> tuple[int, ...]:
+    """The CPUs `listener.worker_cpus` names in order, worker n pinned to the ((n - 1) modulo their count)-th: "auto"
+    is `allowed` (the CPUs this process may use) in order; () when not set (no worker is pinned)."""
+    if setting is None:
+        return ()
+    return tuple(sorted(allowed)) if setting == "auto" else setting
+
+
+def worker_cpus_problem(setting: WorkerCpus | None, allowed: set[int]) -> str | None:
+    """What is wrong with `listener.worker_cpus` on this machine: a CPU this process may not use (not on the machine,
+    or outside its cpuset or affinity), checked before the workers fork, and by check-config; None if nothing."""
+    outside = sorted(set(worker_cpus(setting, allowed)) - allowed)
+    if not outside:
+        return None
+    return (
+        f"listener.worker_cpus: CPU {', '.join(map(str, outside))} not among the CPUs this process may use "
+        f"({_cpu_list(allowed)}: the machine's, narrowed by a container's cpuset, taskset or systemd's CPUAffinity=); "
+        'list only those, or write "auto" to pin the workers to them in turn'
+    )
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """CPUs as `taskset` and /proc write them: "0-3,6"."""
+    spans: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if spans and spans[-1][1] == cpu - 1:
+            spans[-1][1] = cpu
+        else:
+            spans.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def pin(cpu: int) -> None:
+    """Run every thread of this process on `cpu` alone (threads started later inherit it)."""
+    for task in Path("/proc/self/task").iterdir():
+        os.sched_setaffinity(int(task.name), {cpu})
+
+
+def pin_or_say(cpu: int) -> None:
+    """`pin` this worker to `cpu`, or say why it serves unpinned: the CPU was checked at the start, but a container's
+    cpuset can shrink and a CPU go offline since (a replacement forked later)."""
+    try:
+        pin(cpu)
+    except OSError as e:
+        log.warning(
+            "worker_not_pinned",
+            cpu=cpu,
+            error=e.strerror,
+            allowed=_cpu_list(os.sched_getaffinity(0)),
+            fix='serves on any CPU allowed; set listener.worker_cpus to CPUs the gateway may use (or "auto") and '
+            "restart it",
+        )
+
+
 def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Admin | None = None) -> int:
-    """Run `serve_one` (one whole gateway; returns an exit code) in `listener.workers` processes."""
+    """Run `serve_one` (one whole gateway; returns an exit code) in `listener.workers` processes, each pinned to its
+    CPU when `listener.worker_cpus` is set (checked by `worker_cpus_problem` before)."""
     check_port_free(listener, admin)
+    cpus = worker_cpus(listener.worker_cpus, os.sched_getaffinity(0))
     workers: dict[int, tuple[float, int, bool]] = {}  # pid -> (when it started, its number, a replacement?)
     due: dict[int, float] = {}  # number -> when the worker replacing the one that had it is forked
     siblings = Path(tempfile.mkdtemp(prefix="kcd-proxy-workers-"))  # mode 0700
@@ -252,6 +316,7 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
 
     def start(number: int, *, replacement: bool = False) -> None:
         beside = _serving(workers, siblings) if replacement else 0
+        cpu = cpus[(number - 1) % len(cpus)] if cpus else None  # a replacement's is its predecessor's: same number
         # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
@@ -261,11 +326,11 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
             pid = os.fork()
             if pid == 0:
                 wake.close_in_child()
-                _worker(lambda: serve_one(Worker(number, siblings, replacement, beside)), supervisor, siblings)
+                _worker(lambda: serve_one(Worker(number, siblings, replacement, beside)), supervisor, siblings, cpu)
             workers[pid] = (time.monotonic(), number, replacement)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        log.info("worker_started", worker=pid, number=number)
+        log.info("worker_started", worker=pid, number=number, **({} if cpu is None else {"cpu": cpu}))
 
     previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
     try:
@@ -530,11 +595,11 @@ def reload_asked_while_starting() -> bool:
     return asked
 
 
-def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> None:
-    """The child side of the fork: default signal handling back, serve, and never return into the parent's code.
-    A worker outliving its supervisor (killed outright, so it never removed `siblings`) empties that directory of all
-    but its live siblings' sockets and removes it (`_leave`): each such worker has removed its own socket by then, so
-    the last one to stop succeeds."""
+def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path, cpu: int | None = None) -> None:
+    """The child side of the fork: default signal handling back, pinned to `cpu` if given, serve, and never return
+    into the parent's code. A worker outliving its supervisor (killed outright, so it never removed `siblings`) empties
+    that directory of all but its live siblings' sockets and removes it (`_leave`): each such worker has removed its
+    own socket by then, so the last one to stop succeeds."""
     code = 1
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -544,6 +609,8 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
         if os.getppid() != supervisor:  # it died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)  # delivered when the mask is lifted below
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        if cpu is not None:
+            pin_or_say(cpu)
         code = serve_one()
     except (Exception, asyncio.CancelledError):  # CancelledError (a BaseException) used to end it with no line
         log.exception("worker_crashed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +40,7 @@ def check_config(args: argparse.Namespace) -> int:
     from proxy import app
     from proxy.descriptors import judged_limit, start_problem
     from proxy.ops.check import check, warnings
+    from proxy.workers import worker_cpus_problem
 
     _quiet_logs()
     try:
@@ -47,6 +49,8 @@ def check_config(args: argparse.Namespace) -> int:
         if problem := start_problem(cfg.kerberos.max_in_flight):  # what `run` under these limits refuses at start
             command = f"kcd-proxy check-config {cfg.path}"
             problems.append(f"{problem}; {judged_limit(command)} (in {cfg.path})")
+        if problem := worker_cpus_problem(cfg.listener.worker_cpus, os.sched_getaffinity(0)):  # `run` refuses it too
+            problems.append(f"{problem} (in {cfg.path})")
         if not problems:
             asyncio.run(_close(app.build(cfg)))
     except ConfigError as e:

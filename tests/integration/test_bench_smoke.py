@@ -45,7 +45,8 @@ def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     warmed with every user, and the memory breakdown; the report prints the plain aiohttp proxy as a column beside
     kcd-proxy and nginx with the ratio to nginx, each of issue 7's four measurements, and where the JSON went. The
     scene's KDC stalls for 3 s as the two-worker gateway starts: the scaling phase measures its workers warm (their
-    first S4U2Self and S4U2Proxy waited for), not 0 requests in a 1 s run, as on a loaded machine before."""
+    first S4U2Self and S4U2Proxy waited for), not 0 requests in a 1 s run, as on a loaded machine before; the workers
+    pinned by `listener.worker_cpus` are measured beside them, paired."""
     out = tmp_path / "bench.json"
     argv = [sys.executable, "-u", "-m", "bench.run", "--seconds", "1", "--rounds", "1", "--held", "40"]
     argv += ["--users", "4", "--traced", "20", "--rate", "100", "--settle", "1", "--json", str(out)]
@@ -90,6 +91,12 @@ def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     assert two_workers["wrk_us"] > 0
     assert two_workers["backend_us"] > 0
     assert len(two_workers["requests_per_worker"]) == 2, two_workers  # both workers served (50 connections)
+    # the two workers pinned by `listener.worker_cpus = "auto"`, paired run by run with the unpinned ones
+    pinned = figures["scaling"]["two_pinned"]
+    assert pinned["runs"][0]["errors"] == 0
+    assert len(pinned["runs"][0]["requests_per_worker"]) == 2, pinned
+    assert pinned["paired_rate_ratio"] > 0
+    assert "kcd-proxy pinned / unpinned, paired run by run:" in run.stdout
     assert figures["held"]["gateway_asyncio"]["held"] == 40
     # every held column (and the traced gateway) met all the users before its idle RSS was read
     for column in ("nginx", "gateway", "gateway_aiohttp", "gateway_asyncio", "gateway_nocache"):

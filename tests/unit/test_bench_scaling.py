@@ -8,11 +8,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.run import ScalingRun, WrkResult, connections_per_process, place, workers_of
-from bench.scaling import python_view
+from bench.scaling import paired_rates, python_view
 
 
 def test_connections_per_process_counts_the_accepted_sockets_of_this_process() -> None:
@@ -71,3 +72,20 @@ def test_python_view_finds_the_shared_table_in_a_workers_stacks(tmp_path: Path) 
     assert "4 samples" in view
     assert "proxy/auth/shared.py 25.0%" in view
     assert "on top: _flush (proxy/tls/record.py:240) 75.0%" in view
+
+
+def test_paired_rates_compare_the_pinned_workers_with_the_unpinned_and_the_a_a_control() -> None:
+    """Each round: pinned over two, over two_again (the A/A control) and over both; two_again over two (the noise)."""
+
+    def part(*rates: float) -> dict[str, Any]:
+        return {"runs": [{"rate": r, "cpu_us": 1e6 / r, "cpu_s": 1.0, "backend_us": 50.0} for r in rates]}
+
+    paired = paired_rates({"two": part(100, 200), "two_again": part(110, 180), "two_pinned": part(120, 270)})
+    assert paired["two_again / two, requests/s, each round"] == [1.1, 0.9]
+    assert paired["two_pinned / two, requests/s, each round"] == [1.2, 1.35]
+    assert paired["two_pinned / two_again, requests/s, each round"] == [1.091, 1.5]
+    assert paired["two_pinned / two_again, rounds above 1"] == "2 of 2"
+    assert paired["two_pinned / two, requests/s, geometric mean"] == pytest.approx((1.2 * 1.35) ** 0.5)
+    assert paired["two_pinned / both unpinned (geometric mean of two and two_again), requests/s"] == pytest.approx(
+        (120 / (100 * 110) ** 0.5 + 270 / (200 * 180) ** 0.5) / 2
+    )
