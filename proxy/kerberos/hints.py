@@ -371,6 +371,10 @@ _FOREIGN_HINT = (
     'principals are local part@realm: there, identity.realm_map = {{ "{suffix}" = "{own_realm}" }} asks for '
     "the UPN's local part in the gateway's realm"
 )
+_SMALL_REALM = (  # a realm in small letters: identity.realm_map or default_realm written so (check-config warns)
+    "; the realm {realm} is in small letters, and Kerberos realm names are case-sensitive: where the KDC's realm is "
+    "{suffix_upper}, identity.realm_map or identity.default_realm should say so"
+)
 _SERVICE_NOT_FOUND_HINT = (
     "the KDC refused the gateway's own credentials: it has no account named {proxy}. Active Directory issues a "
     "ticket only to an account's name or UPN, never to a bare SPN: set kerberos.principal to the service "
@@ -405,7 +409,7 @@ def explain(
     lowered = _unnamed(message.lower())
     realm, own_realm = user.rpartition("@")[2], proxy.rpartition("@")[2]
     fill = {"user": user, "spn": spn, "proxy": proxy, "realm": realm, "account": _account(proxy)}
-    fill |= {"suffix": realm.lower(), "own_realm": own_realm}
+    fill |= {"suffix": realm.lower(), "suffix_upper": realm.upper(), "own_realm": own_realm}
     shortage = local_shortage(message)
     if shortage is not None:
         return shortage
@@ -418,7 +422,10 @@ def explain(
     # (Samba for its NetBIOS name, alice@ADTEST): either way the certificate's suffix, not a KDC outage (503).
     foreign = _SERVER_NOT_FOUND in lowered or _NO_KDC_FOR_REALM in lowered
     if step == "s4u2self" and foreign and _realm(user) != _realm(proxy):
-        return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{_FOREIGN_HINT.format(**fill)} [{message}]")
+        hint = _FOREIGN_HINT.format(**fill) + (
+            _SMALL_REALM.format(**fill) if realm == realm.lower() != realm.upper() else ""
+        )
+        return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{hint} [{message}]")
     if step == "s4u2proxy" and _BADOPTION in lowered and evidence_forwardable is not None:
         if not evidence_forwardable:  # the directory, where there is one, says which cause (proxy.pipeline)
             reason, hint = not_forwardable(user=user, proxy=proxy, active_directory=active_directory)

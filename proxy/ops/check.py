@@ -31,7 +31,8 @@ from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates
 from proxy.certs.floors import CrlStateError, read_state, trusted_directory
 from proxy.certs.revocation import CrlSet, load_crls
 from proxy.certs.sources import CrlStore, sources_from_config
-from proxy.config import Config
+from proxy.config import Config, small_letters_only
+from proxy.identity.principal import ascii_lower
 from proxy.kerberos.keytab import account_advice, read_keytab
 from proxy.printable import printable
 from proxy.tls.server import load_ca_file, swapped
@@ -70,6 +71,7 @@ def warnings(config: Config) -> list[str]:
             *_subnets_without_prefix(config),
             *_admin_ca_shared(config),
             *_unmatched_issuers(config),
+            *_small_letter_realms(config),
         )
     ]
     auth = config.authentication
@@ -83,6 +85,27 @@ def warnings(config: Config) -> list[str]:
         f"(docs/throttles-and-limits.md, 'Several gateways and several workers'){where}",
         *found,
     ]
+
+
+def _small_letter_realms(config: Config) -> Iterator[tuple[str, str]]:
+    """A realm written in small letters (`lab.test`): MIT allows one, so it may be meant, but Active Directory's realm
+    is always its domain's DNS name in capitals, and a realm in small letters where the KDC's is in capitals makes every
+    request of its users a refusal ("no Kerberos realm serves ..."). `proxy.config` refuses one that is a realm it
+    knows in another case; this names the rest."""
+    own = config.kerberos.principal.rpartition("@")[2]
+    realms = [("kerberos.principal", own)]
+    realms += [(f"identity.realm_map.{suffix}", realm) for suffix, realm in config.identity.realm_map.items()]
+    if config.identity.default_realm != own:  # the gateway's own realm unless set
+        realms.append(("identity.default_realm", config.identity.default_realm))
+    ad = ", and [directory] makes this realm Active Directory" if config.directory is not None else ""
+    for key, realm in realms:
+        if small_letters_only(realm):
+            yield (
+                key,
+                f"the realm {realm!r} is in small letters: Kerberos realm names are case-sensitive, and Active "
+                f"Directory's is its domain in capitals ({realm.upper()!r}){ad}; keep it only if your KDC's realm "
+                "is written in small letters (MIT allows it: its krb5.conf [realms] and kdc.conf name it so)",
+            )
 
 
 WIDEST_BALANCERS = {4: 16, 6: 48}  # IP version -> the shortest `listener.trusted_proxies` prefix taken without a word
@@ -383,8 +406,16 @@ def _keytab(config: Config) -> Iterator[tuple[str, str]]:
             "kerberos.keytab",
             f"{kerberos.keytab} holds no key for {kerberos.principal} (it holds: {holds}); "
             "export the gateway's key into it (kadmin ktadd, ktpass, msktutil)"
-            + account_advice(kerberos.principal, held),
+            + account_advice(kerberos.principal, held)
+            + _case_advice(kerberos.principal, held),
         )
+
+
+def _case_advice(principal: str, held: list[str]) -> str:
+    """When the keytab holds the principal in another case (`@lab.test` asked, `@LAB.TEST` held): say that realm names
+    are case-sensitive, naming the one held."""
+    same = [p for p in held if ascii_lower(p) == ascii_lower(principal)]
+    return f"; or, if {same[0]} is meant: Kerberos names are case-sensitive, write it so" if same else ""
 
 
 def _routes(config: Config) -> Iterator[tuple[str, str]]:

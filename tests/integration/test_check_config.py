@@ -136,6 +136,11 @@ def _crl_state(content: bytes | None, directory: str = "state") -> Callable[[Lab
     return edit
 
 
+def _identity(line: str) -> Callable[[LabLayout, str, Path], str]:
+    """`line` added to the lab's [identity] table."""
+    return _replace('source = "san-upn"\n', f'source = "san-upn"\n{line}\n')
+
+
 LONG = "x" * 300  # a file name over NAME_MAX (255 bytes): the system refuses it (ENAMETOOLONG)
 CATALOGUE = [
     ("missing file", _replace('certificate = "{lab.pki_dir}/server-chain.pem"', 'certificate = "{tmp}/nope.pem"'),
@@ -193,6 +198,18 @@ CATALOGUE = [
      "directory.ca_file", "not a PEM bundle of certificates"),
     ("route back to a gateway bound on every address", _wildcard_loop, "routes[0].upstream",
      "the gateway's own listener"),
+    ("a realm_map realm in another case than the gateway's", _identity('realm_map = {{ "corp.example" = "lab.test" }}'),
+     "identity.realm_map.corp.example", "'lab.test' is kerberos.principal's realm 'LAB.TEST' in another case: Kerberos "
+     "realm names are case-sensitive"),
+    ("a default realm in another case than the gateway's", _identity('default_realm = "lab.test"'),
+     "identity.default_realm", "'lab.test' is kerberos.principal's realm 'LAB.TEST' in another case"),
+    ("realm_map written the wrong way round", _identity('realm_map = {{ "LAB.TEST" = "corp.example" }}'),
+     "identity.realm_map.LAB.TEST", 'written the wrong way round? { "LAB.TEST" = "corp.example" } maps users whose '
+     'UPN ends in @lab.test to the realm \'corp.example\'; a key is a UPN suffix (case ignored: write it in lower '
+     'case), its value the realm: { "corp.example" = "LAB.TEST" }'),
+    ("the gateway's principal with its realm in small letters",
+     _replace("HTTP/proxy.lab.test@LAB.TEST", "HTTP/proxy.lab.test@lab.test"), "kerberos.keytab",
+     "; or, if HTTP/proxy.lab.test@LAB.TEST is meant: Kerberos names are case-sensitive, write it so"),
 ]  # fmt: skip
 
 
@@ -546,3 +563,32 @@ def test_a_route_upstream_with_a_password_is_refused_by_check_config_run_and_a_r
         gw.stop()
     for shown in (checked.stdout + checked.stderr, started.stdout + started.stderr, gw.log_path.read_text()):
         assert "Hunter2pw" not in shown
+
+
+def test_a_realm_in_small_letters_is_a_warning_naming_the_key(lab: LabLayout, tmp_path: Path) -> None:
+    """`realm_map = { "corp.example" = "corp.example" }` (a realm no other key names): exit 0, the ok line, and one
+    warning on stderr naming the key, that realm names are case-sensitive, AD's in capitals, MIT's may be small."""
+    path = tmp_path / "gateway.toml"
+    edit = _identity('realm_map = {{ "corp.example" = "corp.example" }}')
+    path.write_text(edit(lab, lab_config(lab, port=free_port()), tmp_path))
+    res = _cli(path)
+    assert (res.returncode, res.stdout.strip()) == (0, f"{path}: ok (1 route(s))"), res
+    assert res.stderr == (
+        "warning: identity.realm_map.corp.example: the realm 'corp.example' is in small letters: Kerberos realm names "
+        "are case-sensitive, and Active Directory's is its domain in capitals ('CORP.EXAMPLE'); keep it only if your "
+        "KDC's realm is written in small letters (MIT allows it: its krb5.conf [realms] and kdc.conf name it so) "
+        f"(in {path})\n"
+    ), res.stderr
+
+
+def test_a_realm_in_another_case_than_the_gateways_is_refused_when_the_gateway_starts(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """`realm_map = { "corp.example" = "lab.test" }` beside the KDC's LAB.TEST: `run` refuses (exit 2) naming the key;
+    it started, and every request of those users was refused at kerberos ("no Kerberos realm serves ...")."""
+    config = tmp_path / "gateway.toml"
+    edit = _identity('realm_map = {{ "corp.example" = "lab.test" }}')
+    config.write_text(edit(lab, lab_config(lab, port=free_port()), tmp_path))
+    started = _run(lab, config)
+    assert started.returncode == 2, started
+    assert "identity.realm_map.corp.example: 'lab.test' is kerberos.principal's realm 'LAB.TEST'" in started.stderr
