@@ -479,7 +479,8 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path) -> No
         with contextlib.suppress(OSError):  # this worker serves no more (`_serving`)
             _listening(siblings, os.getpid()).unlink()
         if os.getppid() != supervisor:  # no replacement will come to read what the siblings' last reload took
-            for name in (_RELOADED, _SERVING, f"{_SERVING}.new"):  # nor a scrape the supervisor's count
+            # nor a scrape the supervisor's count; the reloads' lock is `proxy.live._kept_lock`'s
+            for name in (_RELOADED, f".{_RELOADED}.lock", _SERVING, f"{_SERVING}.new"):
                 with contextlib.suppress(OSError):
                     (siblings / name).unlink()
             with contextlib.suppress(OSError):  # not empty: a sibling still stopping removes it
