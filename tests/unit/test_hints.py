@@ -529,3 +529,23 @@ def test_a_sensitive_user_behind_a_gateway_without_protocol_transition_is_told_b
     unknown = named(None)
     assert "not the cause" not in unknown
     assert "lacks protocol transition too" not in unknown
+
+
+def test_a_user_realm_in_small_letters_is_named_in_the_foreign_realms_hint() -> None:
+    """S4U2Self for alice@corp.example (a realm_map realm in small letters) where the KDC serves no such realm: the
+    403's hint says realm names are case-sensitive and names CORP.EXAMPLE; a realm in capitals gets no such words."""
+    message = "Unspecified GSS failure.  Minor code may provide more information, Server not found in Kerberos database"
+
+    def hint(user: str) -> str:
+        refused = explain(
+            message, user=user, spn="HTTP/cas.lab.test", proxy="HTTP/proxy.lab.test@LAB.TEST", step="s4u2self"
+        )
+        assert isinstance(refused, KerberosRefused)
+        return refused.hint or ""
+
+    assert (
+        "the realm corp.example is in small letters, and Kerberos realm names are case-sensitive: where the KDC's "
+        "realm is CORP.EXAMPLE, identity.realm_map or identity.default_realm should say so"
+        in hint("alice@corp.example")
+    )
+    assert "small letters" not in hint("alice@CORP.EXAMPLE")
