@@ -561,9 +561,8 @@ def _leave(siblings: Path) -> None:
     last reload took (nor take its lock, `.reloaded.toml.lock`: `proxy.live._kept_lock`), nor a scrape the
     supervisor's count, nor the supervisor a mark or a refusal. Everything but a sibling's socket that answers (a
     sibling still stopping, which removes its own) is removed, then the directory, which the last worker to stop finds
-    empty. A socket nothing answers on is a worker's killed outright, which only the
-    supervisor removed, as it reaped it: killed together with it, the worker was never reaped, and the directory
-    stayed."""
+    empty. A socket nothing answers on is a worker's killed outright, which only the supervisor removed, as it reaped
+    it: killed together with it, the worker was never reaped, and the directory stayed."""
     with contextlib.suppress(OSError):
         for path in siblings.iterdir():
             if path.suffix == ".sock" and _answers(path):
