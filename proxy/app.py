@@ -44,6 +44,7 @@ from proxy.device.server import DeviceConnection, DeviceLimits, close_all, conne
 from proxy.directory import Directory
 from proxy.errors import (
     BadRequest,
+    CertificateRevoked,
     ConfigError,
     DeviceUnnamed,
     ExpectationFailed,
@@ -284,7 +285,9 @@ def _refused(e: GatewayError, trace: Trace) -> tuple[CIMultiDict[str], bytes]:
     trace.detail("refused", fix=e.hint)
     if isinstance(e, KdcNotAsked):
         trace.detail(e.stage, kdc_asked=False)  # a refusal, not a request that went to the KDC (metrics)
-    log.warning(e.event, stage=e.stage, reason=e.reason, fix=e.hint, **_who(trace))
+    told = {"revocation": e.revocation} if isinstance(e, CertificateRevoked) else {}  # revoked, or status unknown
+    trace.note(**told)
+    log.warning(e.event, stage=e.stage, reason=e.reason, fix=e.hint, **told, **_who(trace))
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "text/plain; charset=utf-8"})
     headers.extend({"X-KCD-Refused-Stage": e.stage, **e.headers, **e.challenge})
     return headers, f"{e.reason}\n".encode()

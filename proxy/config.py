@@ -830,6 +830,41 @@ def _identity_sources(r: _Reader, raw: Any) -> tuple[IdentitySource, ...]:
     return tuple(cast(IdentitySource, v) for v in values if v in IDENTITY_SOURCES) or ("san-upn",)
 
 
+def _capitals_only(name: str) -> bool:
+    """Whether `name` has ASCII capitals and no ASCII small letters (`LAB.TEST`, a realm as Kerberos writes one)."""
+    return small_letters_only(name.swapcase())
+
+
+def small_letters_only(name: str) -> bool:
+    """Whether `name` has ASCII small letters and no ASCII capitals (`corp.example`, a domain as DNS writes one)."""
+    return any("a" <= c <= "z" for c in name) and not any("A" <= c <= "Z" for c in name)
+
+
+def _realms_in_one_case(
+    r: _Reader, written: dict[str, Any], identity: Identity, kerberos: Kerberos, directory: Directory | None
+) -> None:
+    """A realm of `identity` that is a realm named elsewhere (kerberos.principal's, [directory]'s) in another case:
+    realm names are case-sensitive, and the KDC serving one serves no other, so no user mapped there is ever served
+    (`lab.test` beside LAB.TEST: each request refused as "no Kerberos realm serves ...")."""
+    known = {kerberos.principal.rpartition("@")[2]: "kerberos.principal's realm"}
+    if directory is not None:
+        domain = ".".join(
+            p.split("=", 1)[1] for p in directory.base_dn.split(",") if p.strip().upper().startswith("DC=")
+        )
+        known.setdefault(domain.upper(), "[directory]'s realm (from base_dn)")
+    mine = [(f"identity.realm_map.{suffix}", realm) for suffix, realm in written.items() if isinstance(realm, str)]
+    mine += [("identity.default_realm", identity.default_realm)] if identity.default_realm else []
+    for key, realm in mine:
+        for other, where in known.items():
+            if other and other != realm and ascii_lower(other) == ascii_lower(realm):
+                r.problem(
+                    key,
+                    f"{realm!r} is {where} {other!r} in another case: Kerberos realm names are case-sensitive and "
+                    f"one KDC serves one of them, so no user mapped here would be served; write the KDC's realm in "
+                    f"both (Active Directory's: {realm.upper()!r})",
+                )
+
+
 def _realm(r: _Reader, key: str, value: str) -> str:
     if value and (not value.isprintable() or any(c in value for c in "@/\\ ")):
         r.problem(key, f"expected a Kerberos realm name (e.g. CORP.EXAMPLE.COM), got {value!r}")
@@ -887,6 +922,14 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
     for suffix, realm in realm_map.items():
         if not isinstance(realm, str) or not realm or "@" in suffix:
             r.problem(f"identity.realm_map.{suffix}", f"expected a realm name, got {realm!r}")
+            continue
+        if _capitals_only(suffix) and small_letters_only(realm):  # { "LAB.TEST" = "corp.example" }
+            r.problem(
+                f"identity.realm_map.{suffix}",
+                f"written the wrong way round? {{ {json.dumps(suffix)} = {json.dumps(realm)} }} maps users whose UPN "
+                f"ends in @{ascii_lower(suffix)} to the realm {realm!r}; a key is a UPN suffix (case ignored: write it "
+                f"in lower case), its value the realm: {{ {json.dumps(realm)} = {json.dumps(suffix)} }}",
+            )
             continue
         # the realm of every principal built with it: a '/', '@', '\\' or space there is no realm the KDC serves
         clean[ascii_lower(suffix)] = _realm(r, f"identity.realm_map.{suffix}", realm)  # ASCII case only (principal)
@@ -1323,6 +1366,9 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             'Directory, whose tickets carry one (unless the gateway account has NO_AUTH_DATA_REQUIRED): use "auto" '
             'or "require"',
         )
+    table = data.get("identity")
+    written = table.get("realm_map") if isinstance(table, dict) else None  # its keys as written, for the problems
+    _realms_in_one_case(r, written if isinstance(written, dict) else {}, identity, kerberos, directory)
     if not identity.default_realm:  # names without a domain belong to the gateway's own realm
         identity = replace(identity, default_realm=kerberos.principal.rpartition("@")[2])
     raw_routes = data.get("routes", [])

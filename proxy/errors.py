@@ -10,7 +10,7 @@ client) and optional `challenge` headers that depend on the request (`WWW-Authen
 from __future__ import annotations
 
 import sys
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 
 class GatewayError(Exception):
@@ -89,11 +89,17 @@ class CertificateRejected(GatewayError):
 
 
 class CertificateRevoked(GatewayError):
-    """Revoked, or no current revocation information where it is required."""
+    """Revoked, or no current revocation information where it is required. One event name for both (an interface);
+    `revocation` tells them apart in the log and the summary line: "revoked" (a CRL or OCSP answer says so) or
+    "unknown" (no current CRL, or no OCSP answer, where one is required: nothing was revoked)."""
 
     status = 403
     stage = "revocation"
     event = "certificate_revoked"
+
+    def __init__(self, reason: str, *, hint: str | None = None, revocation: Literal["revoked", "unknown"]) -> None:
+        super().__init__(reason, hint=hint)
+        self.revocation = revocation
 
 
 class IdentityRejected(GatewayError):

@@ -46,9 +46,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import os
 import ssl
-from collections.abc import Collection
+import time
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -180,7 +182,8 @@ class Live:
             old = self.gateway
             path = old.config.path
             try:
-                gateway, context, served, text = _prepare(path, old, self.descriptors)
+                text, read_at = read_in_order(path, self.reloaded_to)
+                gateway, context, served = _prepare(path, text, old, self.descriptors)
             except ConfigError as e:
                 return self._refused(path, e.problems)
             except (OSError, ssl.SSLError, ValueError) as e:
@@ -220,7 +223,7 @@ class Live:
             self._retired[id(old)] = (old, gateway)
             self._close_if_retired(id(old))
             if self.reloaded_to is not None:
-                keep_reloaded(self.reloaded_to, text)
+                keep_reloaded(self.reloaded_to, text, read_at)
             return True
 
     def _refused(self, path: Path, problems: list[str]) -> bool:
@@ -301,15 +304,14 @@ class _Using:
 
 
 def _prepare(
-    path: Path, old: Gateway, descriptors: DescriptorBudget | None = None
-) -> tuple[Gateway, ssl.SSLContext, ServedCertificate, bytes]:
-    """Everything a new configuration builds, and the file's text it read, or ConfigError with every problem found (a
+    path: Path, text: bytes, old: Gateway, descriptors: DescriptorBudget | None = None
+) -> tuple[Gateway, ssl.SSLContext, ServedCertificate]:
+    """Everything the configuration file's `text` builds, or ConfigError with every problem found (a
     `kerberos.max_in_flight` the `descriptors` set at start cannot hold among them)."""
     from proxy.app import build
     from proxy.ops.check import check
     from proxy.tls.server import ServedCertificate, server_context
 
-    text = config_module.read(path)
     config = config_module.load(path, text)
     problems = check(config, at=datetime.now(UTC), crls=False)
     if descriptors is not None and (reserve := reload_reserve_problem(config.kerberos.max_in_flight, descriptors)):
@@ -319,7 +321,7 @@ def _prepare(
     context, served = server_context(config), ServedCertificate.of(config)  # before the gateway: nothing to close
     backend = descriptors.backend if descriptors is not None else None
     gateway = build(config, shared=old.basic.shared, previous=old, serving=True, backend_connections=backend)
-    return _carry_over(gateway, old), context, served, text
+    return _carry_over(gateway, old), context, served
 
 
 def _unreadable_crls(gateway: Gateway) -> list[str]:
@@ -486,16 +488,61 @@ def replacement_refused(
 _SERVES = {"started": "the gateway started with", "reloaded": "its siblings last reloaded"}
 
 
-def keep_reloaded(to: Path, text: bytes) -> None:
-    """A worker's reload took `text`: kept at `to` for a replacement (`replacement_refused`), whole or not at all."""
+def read_in_order(path: Path, kept: Path | None) -> tuple[bytes, int]:
+    """The configuration file's text for a reload, and when it was read (CLOCK_MONOTONIC, one clock for every process
+    of the machine): beside siblings (`kept`, `Worker.reloaded`), read under their lock, so that the order of the
+    moments is the order of the readings, which `keep_reloaded` goes by. Held for a read of at most MAX_CONFIG_BYTES."""
+    if kept is None:
+        return config_module.read(path), 0
+    with _kept_lock(kept):
+        return config_module.read(path), time.monotonic_ns()
+
+
+def keep_reloaded(to: Path, text: bytes, read_at: int) -> None:
+    """A worker's reload took `text`, read at `read_at` (`read_in_order`): kept at `to` for a replacement
+    (`replacement_refused`), whole or not at all, unless a sibling's reload read the file later and kept what it read
+    (`to`'s mtime is the moment its text was read). Two SIGHUPs in quick succession: a reload of the first text that
+    ended after a sibling's of the second left the older text, and a replacement, the file then half edited, served it
+    beside the sibling serving the newer one. A text that cannot be written (a full disk) leaves `to` empty rather than
+    the previous reload's: a replacement beside a sibling then refuses (`worker_not_replaced`), as one whose file does
+    not load with nothing kept does, instead of serving an older configuration than its siblings'."""
     part = to.with_name(f".{to.name}.{os.getpid()}")
-    try:
-        part.write_bytes(text)
-        part.replace(to)
-    except OSError as e:  # a replacement then serves the configuration the gateway started with, and says so
-        log.warning("reloaded_configuration_unkept", file=str(to), problem=str(e))
+    with _kept_lock(to):
         with contextlib.suppress(OSError):
-            part.unlink()
+            if to.stat().st_mtime_ns > read_at:
+                return
+        try:
+            part.write_bytes(text)
+            os.utime(part, ns=(read_at, read_at))
+            part.replace(to)
+        except OSError as e:
+            log.warning(
+                "reloaded_configuration_unkept",
+                file=str(to),
+                problem=str(e),
+                detail="a worker replaced beside others while the file does not load refuses until it loads",
+            )
+            with contextlib.suppress(OSError):
+                part.unlink()
+            with contextlib.suppress(OSError), to.open("ab") as emptied:  # truncating takes no space
+                emptied.truncate(0)
+                os.utime(to, ns=(read_at, read_at))
+
+
+@contextlib.contextmanager
+def _kept_lock(kept: Path) -> Iterator[None]:
+    """The siblings' lock over reading the file for a reload and keeping its text (`read_in_order`, `keep_reloaded`):
+    an flock on a file beside `kept`. Best effort: without it (a full disk, a directory gone) the reload goes on."""
+    fd = -1
+    with contextlib.suppress(OSError):
+        fd = os.open(kept.with_name(f".{kept.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released with the descriptor
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 SETTLE_LOOKS = 5  # looks at most for a changed file to stay unchanged before it is reloaded anyway

@@ -625,11 +625,11 @@ def _worker(serve_one: Callable[[], int], supervisor: int, siblings: Path, cpu: 
 
 def _leave(siblings: Path) -> None:
     """A worker whose supervisor is gone (killed outright) stops: no replacement will come to read what the siblings'
-    last reload took, nor a scrape the supervisor's count, nor the supervisor a mark or a refusal. Everything but a
-    sibling's socket that answers (a sibling still stopping, which removes its own) is removed, then the directory,
-    which the last worker to stop finds empty. A socket nothing answers on is a worker's killed outright, which only the
-    supervisor removed, as it reaped it: killed together with it, the worker was never reaped, and the directory
-    stayed."""
+    last reload took (nor take its lock, `.reloaded.toml.lock`: `proxy.live._kept_lock`), nor a scrape the
+    supervisor's count, nor the supervisor a mark or a refusal. Everything but a sibling's socket that answers (a
+    sibling still stopping, which removes its own) is removed, then the directory, which the last worker to stop finds
+    empty. A socket nothing answers on is a worker's killed outright, which only the supervisor removed, as it reaped
+    it: killed together with it, the worker was never reaped, and the directory stayed."""
     with contextlib.suppress(OSError):
         for path in siblings.iterdir():
             if path.suffix == ".sock" and _answers(path):

@@ -175,12 +175,15 @@ class LiveRevocation:
             judge = functools.partial(self._responder_status, verified.chain)
             answer = await self.ocsp.status(verified.leaf, verified.chain[1], at=at, judge=judge)
             if answer.status is RevocationStatus.REVOKED:
-                raise CertificateRevoked(f"certificate {answer.detail}", hint=revoked_fix(verified, answer.source))
+                fix = revoked_fix(verified, answer.source)
+                raise CertificateRevoked(f"certificate {answer.detail}", hint=fix, revocation="revoked")
             if answer.status is RevocationStatus.GOOD:
                 return answer
             if self.ocsp_policy == "require":
                 raise CertificateRevoked(
-                    answer.detail, hint='the OCSP responder must answer for every certificate under ocsp = "require"'
+                    answer.detail,
+                    hint='the OCSP responder must answer for every certificate under ocsp = "require"',
+                    revocation="unknown",
                 )
         if crl.status is RevocationStatus.UNKNOWN and self.policy == "require":
             raise self._undetermined(crl)
@@ -191,12 +194,13 @@ class LiveRevocation:
         determined (nothing was revoked), and naming the CRL URLs that could not be fetched, which may be why."""
         failed = self.crls.not_fetched()
         if not failed:
-            return CertificateRevoked(f"{UNDETERMINED}: {crl.detail}", hint=NO_CURRENT_CRL_FIX)
+            return CertificateRevoked(f"{UNDETERMINED}: {crl.detail}", hint=NO_CURRENT_CRL_FIX, revocation="unknown")
         plural = "s" if len(failed) > 1 else ""
         errors = "; ".join(f"{name}: {error}" for name, error in failed.items())
         return CertificateRevoked(
             f"{UNDETERMINED}: {crl.detail} (CRL source{plural} not fetched: {', '.join(failed)})",
             hint=f"{NO_CURRENT_CRL_FIX}; the CRL URL{plural} could not be fetched ({errors}): {FETCH_CHECK}",
+            revocation="unknown",
         )
 
     async def _responder_status(

@@ -458,12 +458,16 @@ class CrlSet:
                 raise CertificateRevoked(
                     f"issuing CA '{cert.subject.rfc4514_string()}' {evidence.detail}",
                     hint=f"from {evidence.source}; every certificate it issued is refused",
+                    revocation="revoked",
                 )
         evidence = self.lookup(verified.leaf, chain[1], at=at, anchor=chain[-1])
         if evidence.status is RevocationStatus.REVOKED:
-            raise CertificateRevoked(f"certificate {evidence.detail}", hint=revoked_fix(verified, evidence.source))
+            fix = revoked_fix(verified, evidence.source)
+            raise CertificateRevoked(f"certificate {evidence.detail}", hint=fix, revocation="revoked")
         if evidence.status is RevocationStatus.UNKNOWN and policy == "require":
-            raise CertificateRevoked(f"{UNDETERMINED}: {evidence.detail}", hint=NO_CURRENT_CRL_FIX)
+            raise CertificateRevoked(
+                f"{UNDETERMINED}: {evidence.detail}", hint=NO_CURRENT_CRL_FIX, revocation="unknown"
+            )
         return evidence
 
     def may_list(self, verified: VerifiedCertificate) -> bool:

@@ -371,11 +371,16 @@ _FOREIGN_HINT = (
     'principals are local part@realm: there, identity.realm_map = {{ "{suffix}" = "{own_realm}" }} asks for '
     "the UPN's local part in the gateway's realm"
 )
-_REALM_CASE_HINT = (
+_REALM_CASE_HINT = (  # what reaches a request: proxy.config refuses a realm_map or default_realm written so
     "S4U2Self asked for {user}, whose realm {realm} is the gateway's realm {own_realm} in another case: Kerberos "
     "compares realm names with their case, so no KDC is configured for {realm}; write the realm where the "
-    'configuration names it (identity.realm_map, identity.default_realm) as "{own_realm}", as Active Directory '
-    "spells it (its DNS name in capitals; check-config warns of it)"
+    'configuration names it (identity.realm_map, identity.default_realm) as "{own_realm}", as kerberos.principal '
+    "spells it (check-config refuses it written otherwise); a UPN suffix that no realm_map key names is taken as the "
+    'realm in capitals: identity.realm_map = {{ "{suffix}" = "{own_realm}" }} maps it to the gateway\'s'
+)
+_SMALL_REALM = (  # a realm in small letters: identity.realm_map or default_realm written so (check-config warns)
+    "; the realm {realm} is in small letters, and Kerberos realm names are case-sensitive: where the KDC's realm is "
+    "{suffix_upper}, identity.realm_map or identity.default_realm should say so"
 )
 _SERVICE_NOT_FOUND_HINT = (
     "the KDC refused the gateway's own credentials: it has no account named {proxy}. Active Directory issues a "
@@ -411,7 +416,7 @@ def explain(
     lowered = _unnamed(message.lower())
     realm, own_realm = user.rpartition("@")[2], proxy.rpartition("@")[2]
     fill = {"user": user, "spn": spn, "proxy": proxy, "realm": realm, "account": _account(proxy)}
-    fill |= {"suffix": realm.lower(), "own_realm": own_realm}
+    fill |= {"suffix": realm.lower(), "suffix_upper": realm.upper(), "own_realm": own_realm}
     shortage = local_shortage(message)
     if shortage is not None:
         return shortage
@@ -426,7 +431,10 @@ def explain(
     if step == "s4u2self" and foreign and realm != own_realm and _realm(user) == _realm(proxy):
         return KerberosMisconfigured(_SERVICE_REASON, hint=f"{_REALM_CASE_HINT.format(**fill)} [{message}]")
     if step == "s4u2self" and foreign and _realm(user) != _realm(proxy):
-        return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{_FOREIGN_HINT.format(**fill)} [{message}]")
+        hint = _FOREIGN_HINT.format(**fill) + (
+            _SMALL_REALM.format(**fill) if realm == realm.lower() != realm.upper() else ""
+        )
+        return KerberosRefused(_FOREIGN_REASON.format(**fill), hint=f"{hint} [{message}]")
     if step == "s4u2proxy" and _BADOPTION in lowered and evidence_forwardable is not None:
         if not evidence_forwardable:  # the directory, where there is one, says which cause (proxy.pipeline)
             reason, hint = not_forwardable(user=user, proxy=proxy, active_directory=active_directory)

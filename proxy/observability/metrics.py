@@ -135,7 +135,7 @@ class Metrics:
         self.refusals.labels("tls", reason).inc()
 
     def proxy_header_refused(self, reason: str) -> None:
-        """A connection closed before TLS by the PROXY gate (`proxy.tls.proxy_protocol.Refusal`: four values)."""
+        """A connection closed before TLS by the PROXY gate (`proxy.tls.proxy_protocol.Refusal`: five values)."""
         self._child(self.refusals, "proxy_protocol", reason).inc()
 
     def address_connections_refused(self) -> None:

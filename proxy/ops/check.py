@@ -31,7 +31,7 @@ from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates
 from proxy.certs.floors import CrlStateError, read_state, trusted_directory
 from proxy.certs.revocation import CrlSet, load_crls
 from proxy.certs.sources import CrlStore, sources_from_config
-from proxy.config import Config
+from proxy.config import Config, small_letters_only
 from proxy.kerberos.keytab import account_advice, case_advice, read_keytab
 from proxy.printable import printable
 from proxy.tls.server import load_ca_file, swapped
@@ -70,7 +70,7 @@ def warnings(config: Config) -> list[str]:
             *_subnets_without_prefix(config),
             *_admin_ca_shared(config),
             *_unmatched_issuers(config),
-            *_realms_in_another_case(config),
+            *_small_letter_realms(config),
         )
     ]
     auth = config.authentication
@@ -84,6 +84,27 @@ def warnings(config: Config) -> list[str]:
         f"(docs/throttles-and-limits.md, 'Several gateways and several workers'){where}",
         *found,
     ]
+
+
+def _small_letter_realms(config: Config) -> Iterator[tuple[str, str]]:
+    """A realm written in small letters (`lab.test`): MIT allows one, so it may be meant, but Active Directory's realm
+    is always its domain's DNS name in capitals, and a realm in small letters where the KDC's is in capitals makes every
+    request of its users a refusal ("no Kerberos realm serves ..."). `proxy.config` refuses one that is a realm it
+    knows in another case; this names the rest."""
+    own = config.kerberos.principal.rpartition("@")[2]
+    realms = [("kerberos.principal", own)]
+    realms += [(f"identity.realm_map.{suffix}", realm) for suffix, realm in config.identity.realm_map.items()]
+    if config.identity.default_realm != own:  # the gateway's own realm unless set
+        realms.append(("identity.default_realm", config.identity.default_realm))
+    ad = ", and [directory] makes this realm Active Directory" if config.directory is not None else ""
+    for key, realm in realms:
+        if small_letters_only(realm):
+            yield (
+                key,
+                f"the realm {realm!r} is in small letters: Kerberos realm names are case-sensitive, and Active "
+                f"Directory's is its domain in capitals ({realm.upper()!r}){ad}; keep it only if your KDC's realm "
+                "is written in small letters (MIT allows it: its krb5.conf [realms] and kdc.conf name it so)",
+            )
 
 
 WIDEST_BALANCERS = {4: 16, 6: 48}  # IP version -> the shortest `listener.trusted_proxies` prefix taken without a word
@@ -174,23 +195,6 @@ def _unmatched_issuers(config: Config) -> Iterator[tuple[str, str]]:
                 f"'{rule.issuer}' is none of the configured CAs ({'; '.join(cas)}): rule '{rule.name}' admits no "
                 "certificate, and without another rule every device is refused with 403; name the CA that issues "
                 "the devices' certificates, or one above it, as `kcd-proxy explain --cert` shows the chain",
-            )
-
-
-def _realms_in_another_case(config: Config) -> Iterator[tuple[str, str]]:
-    """A realm in `identity.realm_map` or `identity.default_realm` that is the gateway's own (kerberos.principal's) in
-    another case: realm names are compared with their case, krb5.conf has no such realm, and every user mapped to it
-    is refused (MIT: "Cannot find KDC for requested realm"). Active Directory's realm is its DNS name in capitals."""
-    own = config.kerberos.principal.rpartition("@")[2]
-    identity = config.identity
-    named = [(f"identity.realm_map.{suffix}", realm) for suffix, realm in identity.realm_map.items()]
-    for key, realm in [*named, ("identity.default_realm", identity.default_realm)]:
-        if realm != own and realm.upper() == own.upper():
-            yield (
-                key,
-                f"'{realm}' is the gateway's realm {own} in another case: Kerberos compares realm names with their "
-                "case, so it is another realm, and the users it names are refused ('Cannot find KDC for requested "
-                f'realm\'); write it "{own}"',
             )
 
 

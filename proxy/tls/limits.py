@@ -203,7 +203,8 @@ class SlotWait:
     (`AddressCap`): the gate then asks `claim`, and `room` when every connection is busy, the wait bounded by
     `listener.handshake_timeout` from the accept. A connection whose header names no device closes no keep-alive: the
     balancer's health check (`LOCAL`) takes a free slot or goes on without one (`aside`), or is closed; a device the
-    balancer cannot name (`UNSPEC`, v1 `UNKNOWN`, whose requests are refused) waits for a free slot. Calling it ends
+    balancer cannot name (`UNSPEC`, v1 `UNKNOWN`, whose requests are refused) takes a free slot or is closed
+    (`proxy.tls.proxy_protocol`: waiting, it kept devices out of the `HEADER_WAITS`). Calling it ends
     the wait, or gives the slot (or the health check's place) back once taken: once. At most `HEADER_WAITS` wait at
     once per worker (`ConnectionSlots.waiting`); the accept loop accepts no more meanwhile.
 

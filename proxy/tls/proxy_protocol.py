@@ -28,8 +28,9 @@ the first TLS byte. This module reads it:
   (`connection_wait_expired`). A header that names no device closes no keep-alive: a `LOCAL` health check takes a
   free slot or goes on without one (in a place of its own, `SlotWait.aside`, for twice `handshake_timeout` from its
   accept at most), or, those places all taken, is closed (`health_check_closed`); an `UNSPEC` / `UNKNOWN` connection
-  waits for a free slot. `handshake_timeout` bounds the accept to the end of TLS: the TLS gate is handed this gate's
-  deadline, and its handshake gets what is left of it.
+  with no free slot is closed at once (`proxy_header_refused`, `no_device_address`): its requests would be refused,
+  and waiting among the `HEADER_WAITS` it kept devices out of the accept loop. `handshake_timeout` bounds the accept
+  to the end of TLS: the TLS gate is handed this gate's deadline, and its handshake gets what is left of it.
 
 A `LOCAL` v2 header (the balancer's own health check) carries no device: the connection's own address stands; so does
 a header that describes the connection it came on, the balancer's own address and port to ours (`names_itself`:
@@ -79,7 +80,7 @@ V2_MAX_PAYLOAD = 2048
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = tuple[str, int]
 # Why a connection was refused before TLS: the metrics' label (the log line has the words and the address).
-Refusal = Literal["untrusted_peer", "malformed_header", "incomplete_header", "header_timeout"]
+Refusal = Literal["untrusted_peer", "malformed_header", "incomplete_header", "header_timeout", "no_device_address"]
 
 
 class ProxyHeaderError(ValueError):
@@ -318,6 +319,13 @@ class ProxyHeaderGate(asyncio.Protocol):
                     self._hand_over(header, closed, in_place=True)
                 else:
                     self._no_place()
+                return
+            if header.unnamed:  # its requests would be refused (400): waiting, it kept a device out of HEADER_WAITS
+                self._refuse(
+                    "no_device_address",
+                    "no free slot of listener.max_connections, and the header names no "
+                    "device (UNSPEC, UNKNOWN) whose requests could be served",
+                )
                 return
             # at the cap, every connection busy (or no device named): wait for a slot, the header's timer running on
             self._closed = closed  # the address's place too, if the connection ends while it waits

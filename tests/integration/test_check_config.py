@@ -136,6 +136,11 @@ def _crl_state(content: bytes | None, directory: str = "state") -> Callable[[Lab
     return edit
 
 
+def _identity(line: str) -> Callable[[LabLayout, str, Path], str]:
+    """`line` added to the lab's [identity] table."""
+    return _replace('source = "san-upn"\n', f'source = "san-upn"\n{line}\n')
+
+
 LONG = "x" * 300  # a file name over NAME_MAX (255 bytes): the system refuses it (ENAMETOOLONG)
 CATALOGUE = [
     ("missing file", _replace('certificate = "{lab.pki_dir}/server-chain.pem"', 'certificate = "{tmp}/nope.pem"'),
@@ -197,6 +202,15 @@ CATALOGUE = [
      "directory.ca_file", "not a PEM bundle of certificates"),
     ("route back to a gateway bound on every address", _wildcard_loop, "routes[0].upstream",
      "the gateway's own listener"),
+    ("a realm_map realm in another case than the gateway's", _identity('realm_map = {{ "corp.example" = "lab.test" }}'),
+     "identity.realm_map.corp.example", "'lab.test' is kerberos.principal's realm 'LAB.TEST' in another case: Kerberos "
+     "realm names are case-sensitive"),
+    ("a default realm in another case than the gateway's", _identity('default_realm = "lab.test"'),
+     "identity.default_realm", "'lab.test' is kerberos.principal's realm 'LAB.TEST' in another case"),
+    ("realm_map written the wrong way round", _identity('realm_map = {{ "LAB.TEST" = "corp.example" }}'),
+     "identity.realm_map.LAB.TEST", 'written the wrong way round? { "LAB.TEST" = "corp.example" } maps users whose '
+     'UPN ends in @lab.test to the realm \'corp.example\'; a key is a UPN suffix (case ignored: write it in lower '
+     'case), its value the realm: { "corp.example" = "LAB.TEST" }'),
 ]  # fmt: skip
 
 
@@ -366,27 +380,27 @@ def test_a_balancers_subnet_written_without_its_prefix_is_ok_with_a_warning(
         ('realm_map = { "corp.example" = "LAB.TEST" }\ndefault_realm = "LAB.TEST"', None),
     ],
 )
-def test_a_realm_in_another_case_than_the_gateways_is_ok_with_a_warning(
+def test_a_realm_in_another_case_than_the_gateways_is_a_problem_naming_the_key(
     lab: LabLayout, tmp_path: Path, line: str, key: str | None
 ) -> None:
     """A realm in `identity.realm_map` or `identity.default_realm` that is the gateway's own (kerberos.principal's) in
     another case: Kerberos realm names are compared with their case, and krb5.conf has no such realm, so every user
-    mapped to it was 503 "unreachable; try again shortly" and check-config said ok silently. Now ok with a warning
-    naming the key and the realm to write; the realm in capitals gets no warning."""
+    mapped to it was 503 "unreachable; try again shortly" and check-config said ok silently. Now exit 1 with one line
+    naming the key and the realm to write; the realm in capitals is ok with no word of realms."""
     path = tmp_path / "gateway.toml"
     text = lab_config(lab, port=free_port())
     path.write_text(text.replace('source = "san-upn"\n', f'source = "san-upn"\n{line}\n', 1))
     res = _cli(path)
-    assert res.returncode == 0, res
-    warned = [w for w in res.stderr.splitlines() if w.startswith("warning: identity.")]
     if key is None:
-        assert warned == [], res.stderr
+        assert res.returncode == 0, res
+        assert "realm" not in res.stderr, res.stderr
         return
-    (warning,) = warned
-    assert warning.startswith(f"warning: {key}: "), warning
-    assert "the gateway's realm LAB.TEST in another case" in warning, warning
-    assert 'write it "LAB.TEST"' in warning, warning
-    assert warning.endswith(f"(in {path})"), warning
+    assert res.returncode == 1, res
+    (problem,) = res.stdout.splitlines()
+    assert problem.startswith(f"{key}: "), problem
+    assert "is kerberos.principal's realm 'LAB.TEST' in another case" in problem, problem
+    assert "(Active Directory's: 'LAB.TEST')" in problem, problem
+    assert problem.endswith(f"(in {path})"), problem
 
 
 def test_an_admin_ca_that_is_a_device_trust_anchor_is_ok_with_a_warning(lab: LabLayout, tmp_path: Path) -> None:
@@ -581,3 +595,32 @@ def test_a_route_upstream_with_a_password_is_refused_by_check_config_run_and_a_r
         gw.stop()
     for shown in (checked.stdout + checked.stderr, started.stdout + started.stderr, gw.log_path.read_text()):
         assert "Hunter2pw" not in shown
+
+
+def test_a_realm_in_small_letters_is_a_warning_naming_the_key(lab: LabLayout, tmp_path: Path) -> None:
+    """`realm_map = { "corp.example" = "corp.example" }` (a realm no other key names): exit 0, the ok line, and one
+    warning on stderr naming the key, that realm names are case-sensitive, AD's in capitals, MIT's may be small."""
+    path = tmp_path / "gateway.toml"
+    edit = _identity('realm_map = {{ "corp.example" = "corp.example" }}')
+    path.write_text(edit(lab, lab_config(lab, port=free_port()), tmp_path))
+    res = _cli(path)
+    assert (res.returncode, res.stdout.strip()) == (0, f"{path}: ok (1 route(s))"), res
+    assert res.stderr == (
+        "warning: identity.realm_map.corp.example: the realm 'corp.example' is in small letters: Kerberos realm names "
+        "are case-sensitive, and Active Directory's is its domain in capitals ('CORP.EXAMPLE'); keep it only if your "
+        "KDC's realm is written in small letters (MIT allows it: its krb5.conf [realms] and kdc.conf name it so) "
+        f"(in {path})\n"
+    ), res.stderr
+
+
+def test_a_realm_in_another_case_than_the_gateways_is_refused_when_the_gateway_starts(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """`realm_map = { "corp.example" = "lab.test" }` beside the KDC's LAB.TEST: `run` refuses (exit 2) naming the key;
+    it started, and every request of those users was refused at kerberos ("no Kerberos realm serves ...")."""
+    config = tmp_path / "gateway.toml"
+    edit = _identity('realm_map = {{ "corp.example" = "lab.test" }}')
+    config.write_text(edit(lab, lab_config(lab, port=free_port()), tmp_path))
+    started = _run(lab, config)
+    assert started.returncode == 2, started
+    assert "identity.realm_map.corp.example: 'lab.test' is kerberos.principal's realm 'LAB.TEST'" in started.stderr

@@ -567,8 +567,8 @@ def test_a_balancers_health_checks_and_unnamed_devices_close_no_idle_keepalive_a
     """Behind a real HAProxy checking the gateway every 200 ms (`check check-send-proxy`: a PROXY v2 LOCAL header, then
     a reset), four idle devices hold the cap of 4: ten checks pass (L4OK, each an empty connection to the gateway) and
     close no idle keep-alive (each closed one: a LOCAL header was a device's claim to a slot); nor does a connection
-    whose v2 header names no device (UNSPEC: its requests would be refused), which waits for a free slot and is closed
-    at handshake_timeout (3 s). The four devices are served again on their own connections."""
+    whose v2 header names no device (UNSPEC: its requests would be refused), which is closed at once (it waited for a
+    free slot until handshake_timeout, 3 s). The four devices are served again on their own connections."""
     with capped(lab, tmp_path, server, BALANCED + "handshake_timeout = 3\n") as (gw, admin):
 
         async def run() -> None:
@@ -578,7 +578,7 @@ def test_a_balancers_health_checks_and_unnamed_devices_close_no_idle_keepalive_a
             assert await asyncio.to_thread(until_closed, unnamed, 3 + SERVED_WITHIN) == b""
             unnamed.close()
             assert not gw.events("device_idle_reclaimed", gw.since)
-            gw.wait_event("connection_wait_expired")
+            gw.wait_event("proxy_header_refused", refusal="no_device_address")
             for stream in idle:
                 assert (await exchange(stream, "/EWS/still"))[0] == 200  # no device lost its keep-alive
             for _, writer in idle:
@@ -975,5 +975,50 @@ def test_health_checks_past_their_places_keep_no_device_out_of_the_waits(
                 w.close()
             for raw in (*stalled, *extra):
                 raw.close()
+
+        asyncio.run(run())
+
+
+def _accepted_within(port: int, seconds: float) -> bool:
+    """Whether the listener on `port` accepts what waits in its backlog within `seconds` (polled, not asserted)."""
+    deadline = time.monotonic() + seconds
+    while accept_queue(port) != 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_connections_naming_no_device_keep_no_device_out_of_the_waits_at_a_busy_cap(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy, handshake_timeout 60 s: HEADER_WAITS connections whose
+    v2 header names no device (UNSPEC: their requests would be refused 400) come, then a device. The device is served
+    once a busy one leaves (they waited for a slot among the HEADER_WAITS: the device stayed in the listen backlog and
+    the freed slot went to one of them, up to handshake_timeout); they are closed at once, each logged
+    (`proxy_header_refused`, `no_device_address`)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 60\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+
+        async def run() -> None:
+            busy = await two_busy_behind_a_balancer(lab, gw.port)
+            gw.mark()
+            unnamed = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(HEADER_WAITS)]
+            for raw in unnamed:
+                raw.sendall(V2_SIGNATURE + b"\x21\x00\x00\x00")  # PROXY, family UNSPEC, no addresses
+            await asyncio.to_thread(eventually, lambda: accept_queue(gw.port) == 0, "the gateway accepted them")
+            device = asyncio.ensure_future(
+                asyncio.wait_for(balanced_device(lab, gw.port, "carol", "203.0.113.9", "/EWS/new"), SERVED_WITHIN)
+            )
+            await asyncio.to_thread(_accepted_within, gw.port, 5.0)  # before a slot is free; the old code never did
+            busy[0][1].close()
+            _, writer = await device  # its 200 asserted there
+            for raw in unnamed:
+                assert await asyncio.to_thread(until_closed, raw, SERVED_WITHIN) == b""
+                raw.close()
+            refused = gw.wait_events("proxy_header_refused", HEADER_WAITS)
+            assert {e["refusal"] for e in refused} == {"no_device_address"}, refused
+            for w in (writer, busy[1][1]):
+                w.close()
 
         asyncio.run(run())

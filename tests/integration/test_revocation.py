@@ -339,6 +339,29 @@ def test_ocsp_require_good_revoked_unknown(lab: LabLayout, ocsp_responder: str, 
         assert gw.stop() == 0
 
 
+def test_a_revoked_certificate_and_an_unknown_status_are_told_apart_in_the_log(
+    lab: LabLayout, ocsp_responder: str, tmp_path: Path
+) -> None:
+    """One event name, `certificate_revoked`, for both refusals; its `revocation` field (and the summary line's) says
+    "revoked" for erin (the responder says so) and "unknown" for a certificate no current CRL speaks for."""
+    pki = Pki.at(lab.pki_dir)  # no CRL of the issuing CA: only the responder can speak for its certificates
+    gw = gateway_with(lab, tmp_path, f'crls = ["{pki.root_crl}"]\nrevocation = "require"\nocsp = "prefer"\n')
+    try:
+        status, body = get(connect(lab, gw, "revoked"))
+        assert (status, "per OCSP" in body) == (403, True), body
+        refused = gw.wait_event("certificate_revoked", stage="revocation")
+        summary = gw.wait_event("request", status=403)
+        assert (refused.get("revocation"), summary.get("revocation")) == ("revoked", "revoked"), (refused, summary)
+        gw.mark()
+        status, body = curl_with(lab, gw, *alice_reissued(lab, tmp_path / "unknown", "unknown"))
+        assert (status, body.startswith("the revocation status could not be determined: ")) == (403, True), body
+        refused = gw.wait_event("certificate_revoked", stage="revocation")
+        summary = gw.wait_event("request", status=403)
+        assert (refused.get("revocation"), summary.get("revocation")) == ("unknown", "unknown"), (refused, summary)
+    finally:
+        assert gw.stop() == 0
+
+
 def test_ocsp_prefer_falls_back_to_crls(lab: LabLayout, ocsp_responder: str, tmp_path: Path) -> None:
     """ocsp = "prefer": where the responder does not know the certificate, the lab's CRLs decide."""
     settings = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\nocsp = "prefer"\n'

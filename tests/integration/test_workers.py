@@ -1206,8 +1206,8 @@ def test_a_worker_stopping_on_its_own_is_not_counted_as_serving_while_it_drains(
 def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
     """SIGKILL to the supervisor (which cannot remove its private directory then): the workers, stopping because
     their parent died, remove their sockets and the last one the directory, so none is left in the temp directory;
-    after a reload too, whose text the directory keeps for a replacement (`reloaded.toml`), and with the supervisor's
-    count of workers serving in it (`serving.json`, section 48)."""
+    after a reload too, whose text the directory keeps for a replacement (`reloaded.toml`, and its lock), and with the
+    supervisor's count of workers serving in it (`serving.json`, section 48)."""
     gw, _ = two_workers_admin
     workers = _listening_pids(gw, 2)
     directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
@@ -1216,6 +1216,7 @@ def test_a_killed_supervisor_leaves_no_socket_directory(lab: LabLayout, two_work
     for pid in workers:
         gw.wait_event("reloaded", pid=pid)
     assert (directory / "reloaded.toml").read_bytes() == gw.config_path.read_bytes()
+    assert (directory / ".reloaded.toml.lock").exists()  # the reloads' lock (`proxy.live._kept_lock`) goes too
     assert json.loads((directory / "serving.json").read_text()) == {"configured": 2, "serving": [1, 2]}
     gw.proc.kill()
     gw.proc.wait()
@@ -1471,5 +1472,111 @@ def test_a_worker_replaced_while_a_crl_file_of_a_reloaded_configuration_has_gone
             assert str(named_as) in gw.wait_event("crl_not_used", pid=pid)["problem"]
         assert gw.events("worker_configuration_refused") == []
         assert gw.events("worker_not_replaced") == []
+    finally:
+        gw.stop()
+
+
+def _route(prefix: str) -> str:
+    return f'\n[[routes]]\nprefix = "{prefix}"\nupstream = "http://127.0.0.1:9"\nspn = "HTTP/cas.lab.test"\n'
+
+
+def _private_directory(pid: int) -> Path:
+    """The supervisor's private directory (`proxy.workers`), found by worker `pid`'s listening mark in it."""
+    marks = list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"kcd-proxy-workers-*/{pid}.listening"))
+    assert len(marks) == 1, marks
+    return marks[0].parent
+
+
+class _HeldCrlServer(_CrlServer):
+    """The lab's issuing CRL at any path; the `hold`-th GET (counted from 1) waits for `release` before its answer."""
+
+    def __init__(self, crl: bytes, hold: int) -> None:
+        self.asked = 0
+        self.release = threading.Event()
+
+        def answer(_path: str, _headers: Message) -> tuple[int, bytes]:
+            self.asked += 1
+            if self.asked == hold:
+                self.release.wait(WAIT)
+            return 200, crl
+
+        super().__init__(answer)
+
+
+@pytest.mark.slow(seconds=25)
+def test_a_reload_that_read_the_file_before_a_siblings_later_one_does_not_leave_its_older_text_for_a_replacement(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Two SIGHUPs in quick succession: worker Y's first reload is held in its CRL fetch while X reloads the first
+    text, then the second; the file is then caught half edited, and Y's held reload ends after X's second one (its own
+    second reload refused). Y killed: its replacement served the first text (the older one, kept last by Y), beside X
+    serving the second. The text read last is kept: the replacement serves X's."""
+    held = _HeldCrlServer(Path(lab.pki_dir / "issuing.crl").read_bytes(), hold=2)
+    crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]'
+    base = _with_workers(lab, free_port(), 2)
+    assert crls in base
+    gw = start_gateway(lab, tmp_path / "gw", base)
+    try:
+        _listening_pids(gw, 2)
+        url = f"http://127.0.0.1:{held.port}/issuing.crl"
+        gw.config_path.write_text(
+            base.replace(crls, f'crls = ["{lab.pki_dir / "crls.pem"}", "{url}"]') + _route("/first/")
+        )
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        eventually(lambda: held.asked >= 2 or None, "both workers fetching the CRL URL")
+        fast = gw.wait_event("reloaded")["pid"]  # the other one's fetch is held
+        gw.config_path.write_text(base + _route("/second/"))
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_for("reloaded", lambda e: e["pid"] == fast and "/second/" in e["routes"], what="the second reload")
+        gw.config_path.write_text(base + _route("/second/") + "\n[listener\n")  # an editor's save caught half way
+        held.release.set()
+        slow = gw.wait_for("reloaded", lambda e: e["pid"] != fast, what="the held reload")["pid"]
+        order = [e["pid"] for e in gw.events("reloaded", gw.since)]
+        assert order == [fast, fast, slow], order  # the scene: the held reload ended after X's second one
+        gw.wait_event("reload_refused", pid=slow)  # its second reload read the broken file
+        os.kill(slow, signal.SIGKILL)
+        listening = _replacement(gw, fast, slow)
+        assert "/second/" in listening["routes"], listening  # X's; not "/first/"
+        assert gw.wait_event("worker_configuration_refused", pid=listening["pid"])["serves"] == "reloaded"
+    finally:
+        gw.stop()
+        held.close()
+
+
+@pytest.mark.slow(seconds=20)
+def test_a_reload_whose_text_cannot_be_kept_leaves_no_older_text_for_a_replacement(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Both workers reload a second text that cannot be kept (`reloaded_configuration_unkept`: here each worker's part
+    file taken by a directory, as a full disk would refuse it); the file is then caught half edited and a worker
+    killed: its replacement served the first reload's text, kept before, beside its sibling serving the second. It now
+    refuses (`worker_not_replaced`, retried) and the sibling serves on with the second."""
+    base = _with_workers(lab, free_port(), 2)
+    gw = start_gateway(lab, tmp_path / "gw", base)
+    try:
+        first, second = _listening_pids(gw, 2)
+        private = _private_directory(first)
+        gw.config_path.write_text(base + _route("/first/"))
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            gw.wait_event("reloaded", pid=pid)
+        assert b"/first/" in (private / "reloaded.toml").read_bytes()
+        for pid in (first, second):
+            (private / f".reloaded.toml.{pid}").mkdir()
+        gw.config_path.write_text(base + _route("/second/"))
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (first, second):
+            assert "/second/" in gw.wait_event("reloaded", pid=pid)["routes"]
+        gw.wait_events("reloaded_configuration_unkept")  # the worker that read the file later, at least
+        assert (private / "reloaded.toml").read_bytes() == b""  # the first reload's text is not left
+        gw.config_path.write_text(base + _route("/second/") + "\n[listener\n")  # an editor's save caught half way
+        os.kill(first, signal.SIGKILL)
+        refused = gw.wait_event("worker_not_replaced")  # the replacement refused, retried every 5 s
+        assert any("listener" in problem for problem in refused["problems"]), refused
+        assert [e for e in gw.events("listening", gw.since) if "/first/" in e["routes"]] == []
+        assert _alive(second)
     finally:
         gw.stop()

@@ -122,7 +122,21 @@ BROKEN = [
     ('"LAB.TEST" }', '"LAB.TEST/x" }', "identity.realm_map.Corp.Example: expected a Kerberos realm name"),
     ('"LAB.TEST" }', '"LAB.TEST@EVIL.TEST" }', "identity.realm_map.Corp.Example: expected a Kerberos realm name"),
     ('"LAB.TEST" }', '"LAB TEST" }', "identity.realm_map.Corp.Example: expected a Kerberos realm name"),
+    ('"LAB.TEST" }', '"lab.test" }', "identity.realm_map.Corp.Example: 'lab.test' is kerberos.principal's realm"),
+    ('"LAB.TEST" }', '"Lab.Test" }', "identity.realm_map.Corp.Example: 'Lab.Test' is kerberos.principal's realm"),
+    ('source = "san-upn"', 'default_realm = "lab.test"', "identity.default_realm: 'lab.test' is kerberos.principal's"),
+    (
+        '"Corp.Example" = "LAB.TEST"',
+        '"CORP.EXAMPLE" = "lab.test"',
+        "identity.realm_map.CORP.EXAMPLE: written the wrong way",
+    ),
+    (  # [directory]'s realm comes from base_dn's DC components: DC=ad,DC=test is AD.TEST
+        '"Corp.Example" = "LAB.TEST"',
+        '"corp.example" = "ad.test"',
+        "identity.realm_map.corp.example: 'ad.test' is [directory]'s realm (from base_dn) 'AD.TEST' in another case",
+    ),
 ]
+DIRECTORY = '\n[directory]\nurls = ["ldap://dc.ad.test"]\nbase_dn = "DC=ad,DC=test"\n'
 
 
 @pytest.mark.parametrize(("old", "new", "problem"), BROKEN)
@@ -130,7 +144,7 @@ def test_broken_configurations_name_the_key_and_the_file(tmp_path: Path, old: st
     """Each broken value is reported with its key and the configuration file's path."""
     assert old in GOOD
     with pytest.raises(ConfigError) as e:
-        config.load(_write(tmp_path, GOOD.replace(old, new, 1)))
+        config.load(_write(tmp_path, GOOD.replace(old, new, 1) + (DIRECTORY if "ad.test" in new else "")))
     assert any(p.startswith(problem) and str(tmp_path / "gateway.toml") in p for p in e.value.problems), (
         e.value.problems
     )
@@ -319,3 +333,17 @@ def test_a_configuration_loaded_from_text_read_before_is_the_files_and_equal_to_
     assert cfg.listener.certificate == tmp_path / "tls/server-chain.pem"
     assert cfg == config.load(path, text)
     assert cfg in [config.load(path, text)]
+
+
+@pytest.mark.parametrize(
+    "realm_map",
+    [
+        '{ "corp.example" = "corp.example" }',  # a realm in small letters no other key names: check-config warns
+        '{ "CORP.EXAMPLE" = "LAB.TEST" }',  # a suffix in capitals, mapped to a realm in capitals
+        '{ "lab.test" = "OTHER.TEST" }',  # the gateway's realm's domain as a UPN suffix of another realm (a forest's)
+    ],
+)
+def test_realm_maps_that_may_be_meant_load(tmp_path: Path, realm_map: str) -> None:
+    """A realm_map that is not a known realm in another case, nor the wrong way round, loads."""
+    cfg = config.load(_write(tmp_path, GOOD.replace('{ "Corp.Example" = "LAB.TEST" }', realm_map, 1)))
+    assert len(cfg.identity.realm_map) == 1

@@ -338,6 +338,21 @@ def test_the_users_realm_in_another_case_than_the_gateways_is_the_configuration_
     assert isinstance(explained("alice@AD.TEST"), KdcUnavailable)
 
 
+def test_a_upn_suffix_taken_in_capitals_beside_a_gateway_realm_in_small_letters_is_told_the_realm_map_line() -> None:
+    """What still reaches a request once check-config refuses a realm_map or default_realm in another case than
+    kerberos.principal's: a gateway whose (MIT) realm is in small letters and a UPN suffix no realm_map key names,
+    taken as its realm in capitals. A 502 whose fix gives the realm_map line that maps the suffix to the gateway's
+    realm as written, and never sends the operator to capitals."""
+    message = "Unspecified GSS failure.  Minor code may provide more information, Cannot find KDC for requested realm"
+    refused = explain(
+        message, user="alice@LAB.TEST", spn="HTTP/cas.lab.test", proxy="HTTP/proxy.lab.test@lab.test", step="s4u2self"
+    )
+    assert (type(refused), refused.status) == (KerberosMisconfigured, 502)
+    assert 'identity.realm_map = { "lab.test" = "lab.test" }' in (refused.hint or ""), refused.hint
+    assert "in capitals" in (refused.hint or ""), refused.hint
+    assert "Active Directory" not in (refused.hint or ""), refused.hint
+
+
 @pytest.mark.parametrize("step", ["service", "s4u2self", "s4u2proxy", None])
 @pytest.mark.parametrize(
     ("minor", "in_hint"),
@@ -529,3 +544,23 @@ def test_a_sensitive_user_behind_a_gateway_without_protocol_transition_is_told_b
     unknown = named(None)
     assert "not the cause" not in unknown
     assert "lacks protocol transition too" not in unknown
+
+
+def test_a_user_realm_in_small_letters_is_named_in_the_foreign_realms_hint() -> None:
+    """S4U2Self for alice@corp.example (a realm_map realm in small letters) where the KDC serves no such realm: the
+    403's hint says realm names are case-sensitive and names CORP.EXAMPLE; a realm in capitals gets no such words."""
+    message = "Unspecified GSS failure.  Minor code may provide more information, Server not found in Kerberos database"
+
+    def hint(user: str) -> str:
+        refused = explain(
+            message, user=user, spn="HTTP/cas.lab.test", proxy="HTTP/proxy.lab.test@LAB.TEST", step="s4u2self"
+        )
+        assert isinstance(refused, KerberosRefused)
+        return refused.hint or ""
+
+    assert (
+        "the realm corp.example is in small letters, and Kerberos realm names are case-sensitive: where the KDC's "
+        "realm is CORP.EXAMPLE, identity.realm_map or identity.default_realm should say so"
+        in hint("alice@corp.example")
+    )
+    assert "small letters" not in hint("alice@CORP.EXAMPLE")

@@ -158,7 +158,7 @@ def test_crl_from_unknown_issuer_rejected(pki: Pki, trust: TrustList) -> None:
 
 
 def test_missing_crl_for_issuer(pki: Pki, trust: TrustList) -> None:
-    """With only the root's CRL loaded, the leaf's issuer has none: require refuses."""
+    """With only the root's CRL loaded, the leaf's issuer has none: require refuses, its status unknown."""
     root_only = [(source, crl) for source, crl in lab_crls(pki) if crl.issuer == load_cert(pki.root_cert).subject]
     crls, _ = CrlSet.build(root_only, trust, at=NOW)
     with pytest.raises(CertificateRevoked) as info:
@@ -167,10 +167,11 @@ def test_missing_crl_for_issuer(pki: Pki, trust: TrustList) -> None:
         info.value.reason
         == "the revocation status could not be determined: no current CRL for issuer 'CN=Lab Issuing CA'"
     )
+    assert info.value.revocation == "unknown"  # the log's `revocation`: nothing was revoked
 
 
 def test_revoked_issuing_ca_refused(pki: Pki, trust: TrustList) -> None:
-    """If the root's CRL lists the issuing CA, every certificate under it is refused."""
+    """If the root's CRL lists the issuing CA, every certificate under it is refused, as revoked."""
     issuing = load_cert(pki.issuing_cert)
     root_crl = make_crl(load_cert(pki.root_cert).subject, load_key(pki.root_key), (issuing.serial_number,))
     issuing_crl = [(s, crl) for s, crl in lab_crls(pki) if crl.issuer == issuing.subject]
@@ -184,6 +185,7 @@ def test_revoked_issuing_ca_refused(pki: Pki, trust: TrustList) -> None:
     assert info.value.reason.startswith(
         f"issuing CA 'CN=Lab Issuing CA' serial 0x{issuing.serial_number:x} was revoked"
     )
+    assert info.value.revocation == "revoked"
 
 
 def test_load_crls_reads_pem_bundle_and_der(pki: Pki, tmp_path: Path) -> None:

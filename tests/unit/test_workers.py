@@ -167,8 +167,8 @@ def test_a_replacements_refusal_is_handed_to_the_supervisor_once(tmp_path: Path)
 
 def test_a_worker_left_by_its_supervisor_removes_all_but_a_live_siblings_socket(tmp_path: Path) -> None:
     """What an orphaned worker leaves (`_leave`): a socket a live sibling listens on stays (it removes its own), a
-    socket nothing answers on (a worker killed and never reaped), marks and refusals go; the directory goes once
-    nothing is left."""
+    socket nothing answers on (a worker killed and never reaped), marks, refusals, the kept reload text and its lock
+    go; the directory goes once nothing is left."""
     directory = tmp_path / "kcd-proxy-workers-x"
     directory.mkdir()
     live, dead = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
@@ -176,7 +176,14 @@ def test_a_worker_left_by_its_supervisor_removes_all_but_a_live_siblings_socket(
         live.bind(str(directory / "2.sock"))
         live.listen()
         dead.bind(str(directory / "1.sock"))  # bound, never listening: refused, as a dead worker's
-        for name in ("123.listening", "124.stopping", "1.refused", "serving.json", "reloaded.toml"):
+        for name in (
+            "123.listening",
+            "124.stopping",
+            "1.refused",
+            "serving.json",
+            "reloaded.toml",
+            ".reloaded.toml.lock",
+        ):
             (directory / name).write_text("x")
         (directory / "shared").mkdir()  # a directory of the workers' files, should one come
         (directory / "shared" / "a").write_text("x")
