@@ -15,8 +15,9 @@ below the replay floor): a file is evidence only of what its signature proves, n
 the source then gives is taken if it is no older, and refused as a replay if it is, as in a sibling's refresh.
 
 The files are the CRLs as the source gave them: one DER CRL as it came, a PEM file's CRL blocks as openssl writes
-them (text a sender put around or inside them is not written: `sources._write_kept`), so a worker keeps at most one
-copy of each source's CRLs (`MAX_CRL_BYTES` each): written only when its CRLs change, in a thread. They are offered
+them (text a sender put around or inside them is not written: `sources._write_kept`), followed by the CRLs the worker
+still holds for scopes the source's answer left out (`CrlStore._carry`, until their nextUpdate), so a worker keeps at
+most one copy of each source's CRLs: written only when its CRLs change, in a thread. They are offered
 in the order they were written (`offered`): a source may give CRLs of another issuer or scope in place of those it
 gave, and the last a worker took is what a sibling holds. A reload that renames a source keeps the CRLs it carries
 over under the new name (`CrlStore.inherit`): a replacement reads the reloaded configuration. Best effort: a file that

@@ -9,7 +9,12 @@ What was read is parsed and vetted (`revocation.accept`) before it may replace a
 - bytes that do not parse, a CRL that does not verify, or one older than the CRL it would replace
   (a replayed CRL) leave the source's last good CRLs in place and set its last error;
 - a failed fetch does the same; the last good CRL then serves until its nextUpdate, after which the
-  revocation stage treats it as no CRL at all.
+  revocation stage treats it as no CRL at all;
+- a read taken whose CRLs leave out a scope (below) the source held (another trusted CA's genuine CRL, or another
+  partition of its issuer's, answered in place of the CA's own) does no more harm than a failed fetch: the CRLs of the
+  scopes it left out stay beside it until their nextUpdate (`_carry`, logged), then go (`_release`, logged). A CA
+  renewed with a new key whose CRL comes in place of the old key's is such a read; the old key's CRL kept meanwhile
+  speaks only for the old key's certificates.
 After each round the accepted CRLs of all sources are indexed into a new `CrlSet`, which replaces
 `current` in one assignment: a request sees the old set or the new one, never half of each; a round that kept the
 very CRLs `current` holds keeps `current` itself (bytes read as last time are not even parsed). Listeners
@@ -153,6 +158,7 @@ class _State:
     below_floor: bool = False  # its last read gave a CRL older than a replay floor (`CrlBelowFloor`, `behind_floors`)
     offered_kept: bool = False  # its siblings' kept CRLs looked at (a replacement's, before its first read: `kept`)
     unkept: bool = False  # holds CRLs not kept under its location yet: a renamed source's, from `inherit`
+    carried: tuple[Crl, ...] = ()  # of `crls`, those of scopes its last reads left out, to their nextUpdate (`_carry`)
 
 
 @dataclass
@@ -300,10 +306,13 @@ class CrlStore:
         except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self._failed(state, now, exc)
             return
-        if not self._unchanged(state, data, now):  # read, checked and indexed in a thread: see _vet
+        if self._unchanged(state, data, now):
+            changed = self._release(state, now)
+        else:  # read, checked and indexed in a thread: see _vet
             vetted = await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors)
-            if self._keep(state, vetted, now) and self.kept is not None:
-                await asyncio.to_thread(_write_kept, self.kept, state.source.location, data)
+            changed = self._keep(state, vetted, now)
+        if changed and self.kept is not None:
+            await asyncio.to_thread(_write_kept, self.kept, state.source.location, data, state.carried)
 
     def unreadable(self) -> dict[str, str]:
         """The file sources whose last read failed or brought no CRL (not a PEM or DER CRL), each with why: a reload
@@ -357,9 +366,11 @@ class CrlStore:
     def _take(self, state: _State, data: bytes, now: datetime) -> None:
         """Vet what a source returned; keep its last good CRLs unless all of it is good and not older."""
         if self._unchanged(state, data, now):
-            return
-        if self._keep(state, _vet(state, data, self.trust, now, self.floors), now) and self.kept is not None:
-            _write_kept(self.kept, state.source.location, data)
+            changed = self._release(state, now)
+        else:
+            changed = self._keep(state, _vet(state, data, self.trust, now, self.floors), now)
+        if changed and self.kept is not None:
+            _write_kept(self.kept, state.source.location, data, state.carried)
 
     def _adopting(self, state: _State) -> bool:
         """Whether `state`'s source is to start from its siblings' kept CRLs first (`proxy.certs.kept`): in a
@@ -410,11 +421,53 @@ class CrlStore:
             state.last_error = printable(state.source.scrubbed(str(vetted)))  # a name the CRL's sender chose
             log.warning("crl_rejected", source=state.source.name, problem=state.last_error, **_held(state))
             return False
-        state.crls, state.last_success, state.last_error, state.unreadable = tuple(vetted), now, None, False
+        self._release(state, now)
+        carried = self._carry(state, vetted, now)
+        state.crls, state.last_success, state.last_error, state.unreadable = (*vetted, *carried), now, None, False
         state.below_floor = False
         for crl in vetted:
             self._raise_floor(crl)
             log.info("crl_loaded", **_describe(crl))
+        return True
+
+    def _carry(self, state: _State, read: Sequence[Crl], now: datetime) -> tuple[Crl, ...]:
+        """The CRLs `state` holds of the scopes (issuer, key, partition) that `read` leaves out, those not past their
+        nextUpdate, to hold beside it as a failed fetch holds them: a source giving another trusted CA's genuine CRL,
+        or another partition of its issuer's, in place of the one it gave (anyone on a plain-HTTP path can answer one)
+        no longer makes that scope's certificates unknown at once. A CA renewed with a new key (a new scope) whose CRL
+        comes in place of the old key's keeps the old key's CRL until its nextUpdate: it speaks only for the old key's
+        certificates. A scope left out is logged once (`crl_scope_dropped`); let go at its nextUpdate (`_release`)."""
+        scopes = {_scope(crl) for crl in read}
+        left_out = [crl for crl in state.crls if _scope(crl) not in scopes]
+        carried = tuple(crl for crl in left_out if now <= crl.next_update)
+        before = {id(crl) for crl in state.carried}
+        if dropped := [crl for crl in left_out if id(crl) not in before]:
+            log.warning(
+                "crl_scope_dropped",
+                source=state.source.name,
+                dropped=", ".join(
+                    f"{crl.label} (kept until its nextUpdate {_iso(crl.next_update)})"
+                    if now <= crl.next_update
+                    else f"{crl.label} (past its nextUpdate {_iso(crl.next_update)}: not kept)"
+                    for crl in dropped
+                ),
+                fix=scope_dropped_fix(state.source.name, self.policy),
+            )
+        state.carried = carried
+        return carried
+
+    def _release(self, state: _State, now: datetime) -> bool:
+        """Let go of the carried CRLs (`_carry`) past their nextUpdate (logged: their certificates have no CRL from
+        this source now); whether any was."""
+        stale = {id(crl): crl for crl in state.carried if now > crl.next_update}
+        if not stale:
+            return False
+        state.carried = tuple(crl for crl in state.carried if id(crl) not in stale)
+        state.crls = tuple(crl for crl in state.crls if id(crl) not in stale)
+        released = ", ".join(crl.label for crl in stale.values())
+        without = WITHOUT_CRL.get(self.policy or "", "no CRL of it is in force")
+        fix = f"{state.source.name} still leaves it out: make it serve the CA's own CRL again; meanwhile {without}"
+        log.warning("crl_scope_released", source=state.source.name, released=released, fix=fix)
         return True
 
     def _raise_floor(self, crl: Crl) -> None:
@@ -574,13 +627,14 @@ def _newest_kept(
     return list(best.crls), best.raw or b""
 
 
-def _write_kept(kept: KeptCrls, location: str, data: bytes) -> None:
+def _write_kept(kept: KeptCrls, location: str, data: bytes, carried: Sequence[Crl] = ()) -> None:
     """What `location` gave, whose CRLs this worker took, kept (`proxy.certs.kept`): one DER CRL as it came, a PEM file
     as its CRL blocks alone as openssl writes them (the very bytes of a file openssl wrote: a replacement that the
     source then gives them does not read them again). Text around or inside a PEM file's blocks, up to MAX_CRL_BYTES
     of a plain-HTTP path's choosing and fresh at each refresh, is not written: each worker wrote it, on a tmpfs into
-    memory."""
-    ders = crl_ders(data, location)
+    memory. The CRLs this worker carries for scopes the source left out (`CrlStore._carry`) follow in the same PEM
+    bundle: a replacement starts from what its siblings hold."""
+    ders = crl_ders(data, location) + [crl.crl.public_bytes(serialization.Encoding.DER) for crl in carried]
     kept.keep(location, data if ders == [data] else b"".join(crl_pem(der) for der in ders))
 
 
@@ -589,11 +643,16 @@ def _keep_held(kept: KeptCrls, location: str, crls: Sequence[Crl]) -> None:
     kept.keep(location, b"".join(crl_pem(crl.crl.public_bytes(serialization.Encoding.DER)) for crl in crls))
 
 
+def _scope(crl: Crl) -> tuple[object, ...]:
+    """What makes two CRLs alternatives, the newer replacing the older: their issuer, the key that verified them and
+    their partition (module docstring; `floor_scope` is its digest)."""
+    return (crl.issuer, crl.signer_key, crl.partition)
+
+
 def _refuse_rollback(new: Sequence[Crl], held: Sequence[Crl]) -> None:
     for crl in new:
         for old in held:
-            same = (old.issuer, old.signer_key, old.partition) == (crl.issuer, crl.signer_key, crl.partition)
-            if same and (crl.number, crl.this_update) < (old.number, old.this_update):
+            if _scope(old) == _scope(crl) and (crl.number, crl.this_update) < (old.number, old.this_update):
                 raise CrlUnusable(f"{crl.label} is older than the {old.label} already held (replayed?)")
 
 
@@ -663,25 +722,40 @@ FETCH_CHECK = (
 )
 
 
+WITHOUT_CRL = {  # what a revocation mode does for the devices of a CA whose CRL a source no longer holds
+    "require": (
+        'under revocation = "require", every device of a CA this CRL speaks for is refused (403 at revocation, its '
+        "status could not be determined) unless another source holds a current CRL of that CA"
+    ),
+    "best-effort": (
+        'under revocation = "best-effort", devices of a CA this CRL speaks for are served with their revocation '
+        "status unknown: a certificate it revokes is not refused"
+    ),
+}
+
+
 def fetch_failed_fix(policy: str | None, *, holding: bool, refresh_seconds: float) -> str:
     """What `crl_fetch_failed` tells the administrator to check, and what the revocation mode `policy` does until
     a fetch succeeds (a source still holding its last good CRL keeps it in force until its nextUpdate)."""
     check = FETCH_CHECK
     if holding:
         meanwhile = "meanwhile its last good CRL stays in force until its nextUpdate"
-    elif policy == "require":
-        meanwhile = (
-            'meanwhile, under revocation = "require", every device of a CA this CRL speaks for is refused (403 at '
-            "revocation, its status could not be determined) unless another source holds a current CRL of that CA"
-        )
-    elif policy == "best-effort":
-        meanwhile = (
-            'meanwhile, under revocation = "best-effort", devices of a CA this CRL speaks for are served with their '
-            "revocation status unknown: a certificate it revokes is not refused"
-        )
+    elif policy in WITHOUT_CRL:
+        meanwhile = f"meanwhile, {WITHOUT_CRL[policy]}"
     else:
         meanwhile = "meanwhile no CRL of it is in force"
     return f"{check}; {meanwhile}; fetched again every {refresh_seconds:g} s"
+
+
+def scope_dropped_fix(name: str, policy: str | None) -> str:
+    """What `crl_scope_dropped` tells the administrator: a source gave CRLs that leave out one it gave before."""
+    after = WITHOUT_CRL.get(policy or "", "no CRL of it is in force")
+    return (
+        f"check that {name} still serves the CA's own CRL (anyone on a plain-HTTP path can answer another CA's genuine "
+        "CRL, or another partition of it, in its place); a CA renewed with a new key whose new CRL comes from there "
+        "now needs nothing. Meanwhile the CRL left out stays in force until its nextUpdate, as after a failed fetch; "
+        f"after that, {after}"
+    )
 
 
 def _held(state: _State) -> dict[str, object]:

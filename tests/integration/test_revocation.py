@@ -33,6 +33,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki, ocsp_responder_argv, revoke
+from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 from tests.integration.recorder import read_head
@@ -646,5 +647,51 @@ def test_a_crl_urls_query_token_is_used_to_fetch_it_and_shown_nowhere(lab: LabLa
         urls = (f"{base}/issuing.crl?sv=2&sig={token}", f"{base}/missing.crl?sv=2&sig={token}x")
         shown = (f"{base}/issuing.crl?sv=[redacted]&sig=[redacted]", f"{base}/missing.crl?sv=[redacted]&sig=[redacted]")
         _secret_shown_nowhere(lab, tmp_path, server, urls, shown, token)
+    finally:
+        server.close()
+
+
+def test_a_crl_url_answering_another_genuine_crl_keeps_the_issuing_cas_until_its_next_update(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """The issuing CA's CRL URL (plain HTTP: anyone on its path answers what it likes) gives its CRL #3001 revoking
+    carol, then the root's genuine CRL in its place: under "best-effort" carol stays refused, her issuing CA's CRL kept
+    until its nextUpdate as a failed fetch keeps it, and `crl_scope_dropped` names it with a fix; the issuing CA's older
+    #3000 then answered is refused as a replay of the CRL kept. Before, the source held the root's CRL alone, carol's
+    status was unknown and she was served (200), and #3000 was taken."""
+    carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
+    issuing = load_ca(lab.pki_dir, "issuing")
+    revoking = write_crl(tmp_path / "3001.crl", issuing, revoked=[carol.serial_number], number=3001).read_bytes()
+    older = write_crl(tmp_path / "3000.crl", issuing, number=3000).read_bytes()
+    root_crl = Pki.at(lab.pki_dir).root_crl
+    answer = {"crl": revoking}
+    server = _CrlServer(lambda _path, _headers: (200, answer["crl"]))
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    settings = f'crls = ["{url}", "{root_crl}"]\ncrl_refresh_seconds = {REFRESH}\nrevocation = "best-effort"\n'
+    try:
+        gw = gateway_with(lab, tmp_path, settings)
+        try:
+            status, body = get(connect(lab, gw, "carol"))
+            assert (status, "was revoked on" in body) == (403, True), body
+            gw.mark()
+            answer["crl"] = root_crl.read_bytes()
+            gw.wait_event("crl_loaded", source=url, issuer="CN=Lab Root CA")  # the URL's answer taken
+            status, body = get(connect(lab, gw, "carol"))
+            assert (status, "was revoked on" in body) == (403, True), body
+            dropped = gw.wait_event("crl_scope_dropped", source=url)
+            assert "CRL #3001 of 'CN=Lab Issuing CA'" in dropped["dropped"], dropped
+            assert "kept until its nextUpdate" in dropped["dropped"], dropped
+            assert "still serves the CA's own CRL" in dropped["fix"], dropped
+            assert get(connect(lab, gw, "alice"))[0] == 200
+            assert gw.wait_event("request", principal="alice@LAB.TEST")["revocation"] == "good"
+            gw.mark()
+            answer["crl"] = older
+            refused = gw.wait_event("crl_rejected", source=url)
+            assert "#3000" in refused["problem"], refused
+            assert "replayed?" in refused["problem"], refused
+            status, body = get(connect(lab, gw, "carol"))
+            assert (status, "was revoked on" in body) == (403, True), body
+        finally:
+            assert gw.stop() == 0
     finally:
         server.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -194,3 +195,24 @@ def test_a_replacement_that_started_from_a_kept_crl_takes_a_newer_one_as_its_sib
     asyncio.run(store.refresh(now=NOW))
     assert [row.crl_number for row in store.status(now=NOW)] == [8]
     assert list(KeptCrls(directory, 3).offered(str(source)))[-1] == newer
+
+
+def test_a_worker_keeps_the_scope_its_source_dropped_for_a_replacement(
+    trust: TrustList, pki: Pki, tmp_path: Path
+) -> None:
+    """A source giving the root's CRL in place of the issuing CA's #7 (carol revoked): the worker keeps both, #7 held
+    until its nextUpdate, so a replacement whose source gives the root's CRL starts from them (carol revoked there too);
+    past that nextUpdate the worker keeps what the source gives alone."""
+    directory, source = tmp_path / "crls", tmp_path / "issuing.crl"
+    carol = verified(pki, trust, "carol")
+    source.write_bytes(_issuing_crl(pki, 7, carol.serial))
+    worker = _store(trust, str(source), KeptCrls(directory, 1))
+    assert worker.load_files(now=NOW) == []
+    source.write_bytes(pki.root_crl.read_bytes())
+    asyncio.run(worker.refresh(now=NOW))
+    replacement = _store(trust, str(source), KeptCrls(directory, 2, adopt=True))
+    assert replacement.load_files(now=NOW) == []
+    assert status(replacement, carol) is RevocationStatus.REVOKED
+    assert [row.issuer for row in replacement.status(now=NOW)] == ["CN=Lab Root CA", "CN=Lab Issuing CA"]
+    asyncio.run(worker.refresh(now=NOW + timedelta(days=1, seconds=1)))
+    assert next(directory.glob("*.1.crl")).read_bytes() == source.read_bytes()

@@ -8,7 +8,7 @@ import gc
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from structlog.testing import capture_logs
 
 from proxy.auth.shared import CRL_FLOORS, SharedTable
 from proxy.certs.chain import TrustList, VerifiedCertificate, verify_chain
@@ -79,12 +80,19 @@ def _crl(pki: Pki, signer: Path, number: int, serial: int) -> bytes:
     """A DER CRL naming the lab's issuing CA, numbered `number`, listing `serial`, signed with the key at `signer`."""
     key = serialization.load_pem_private_key(signer.read_bytes(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return _crl_by(pki, key, number, serial)
+
+
+def _crl_by(
+    pki: Pki, key: ec.EllipticCurvePrivateKey, number: int, serial: int, next_update: timedelta = timedelta(days=1)
+) -> bytes:
+    """`_crl` signed with `key`, its nextUpdate `next_update` after NOW."""
     entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=1))
     crl = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(load_cert(pki.issuing_cert).subject)
         .last_update(NOW - timedelta(minutes=1))
-        .next_update(NOW + timedelta(days=1))
+        .next_update(NOW + next_update)
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_revoked_certificate(entry.build())
         .sign(key, hashes.SHA256())
@@ -905,3 +913,115 @@ async def _test_the_crls_a_refresh_replaces_are_freed_at_once(pki: Pki, trust: T
         gc.enable()
     assert alive == [22]
     assert len(made) == 21
+
+
+def _renewed_issuing(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The issuing CA renewed with a new key: a second CA certificate of its name, certified by the root."""
+    root, root_key = load_cert(pki.root_cert), load_key(pki.root_key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(load_cert(pki.issuing_cert).subject)
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _logged(logs: list[MutableMapping[str, Any]], event: str) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == event]
+
+
+def test_a_source_giving_another_genuine_crl_keeps_the_scope_it_dropped_until_its_next_update(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    """A source that held the issuing CA's CRL #5 (carol revoked) gives the root's genuine CRL in its place: #5 is kept
+    until its nextUpdate, as a failed fetch keeps it (carol revoked; `crl_scope_dropped` once, with a fix), #4 then
+    given is refused as a replay of it, and past its nextUpdate it is let go (`crl_scope_released`): carol unknown."""
+    asyncio.run(_test_a_source_giving_another_genuine_crl_keeps_the_scope_it_dropped(pki, trust, tmp_path))
+
+
+async def _test_a_source_giving_another_genuine_crl_keeps_the_scope_it_dropped(
+    pki: Pki, trust: TrustList, tmp_path: Path
+) -> None:
+    path = tmp_path / "issuing.crl"
+    carol, alice = verified(pki, trust, "carol"), verified(pki, trust, "alice")
+    path.write_bytes(_issuing_crl(pki, 5, carol.serial))
+    store = CrlStore(trust, [CrlSource(str(path))], policy="best-effort")
+    assert store.load_files(now=NOW) == []
+    path.write_bytes(pki.root_crl.read_bytes())
+    with capture_logs() as logs:
+        await store.refresh(now=NOW)
+        await store.refresh(now=NOW)
+    assert status(store, carol) is RevocationStatus.REVOKED
+    assert status(store, alice) is RevocationStatus.GOOD
+    rows = [(row.issuer, row.crl_number, row.last_error) for row in store.status(now=NOW)]
+    assert rows[1:] == [("CN=Lab Issuing CA", 5, None)]
+    assert rows[0][0] == "CN=Lab Root CA"
+    (dropped,) = _logged(logs, "crl_scope_dropped")
+    until = (NOW + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert dropped["dropped"] == f"CRL #5 of 'CN=Lab Issuing CA' (kept until its nextUpdate {until})"
+    assert str(path) in dropped["fix"]
+    assert "best-effort" in dropped["fix"]
+    path.write_bytes(_issuing_crl(pki, 4, 44))
+    await store.refresh(now=NOW)
+    assert "older than the CRL #5 of 'CN=Lab Issuing CA' already held" in (store.status(now=NOW)[0].last_error or "")
+    assert status(store, carol) is RevocationStatus.REVOKED
+    path.write_bytes(pki.root_crl.read_bytes())
+    stale = NOW + timedelta(days=1, seconds=1)
+    with capture_logs() as logs:
+        await store.refresh(now=stale)
+    assert status(store, carol, stale) is RevocationStatus.UNKNOWN
+    assert [row.issuer for row in store.status(now=stale)] == ["CN=Lab Root CA"]
+    assert [e["released"] for e in _logged(logs, "crl_scope_released")] == ["CRL #5 of 'CN=Lab Issuing CA'"]
+    assert _logged(logs, "crl_scope_dropped") == []
+
+
+def test_a_ca_key_rollover_served_from_the_same_source_still_works(pki: Pki, tmp_path: Path) -> None:
+    """The issuing CA renewed with a new key (a new scope) and its source giving the new key's CRL #1 in place of the
+    old key's #5: #1 is taken, nothing refused; #5 is kept until its nextUpdate (the old key's certificates still judged
+    by it: carol revoked), then let go at the first read past it, the source's bytes unchanged (carol unknown, a
+    certificate of the new key good throughout)."""
+    asyncio.run(_test_a_ca_key_rollover_served_from_the_same_source_still_works(pki, tmp_path))
+
+
+async def _test_a_ca_key_rollover_served_from_the_same_source_still_works(pki: Pki, tmp_path: Path) -> None:
+    root = load_cert(pki.root_cert)
+    renewed, new_key = _renewed_issuing(pki)
+    trust = TrustList(anchors=(root,), intermediates=(load_cert(pki.issuing_cert), renewed))
+    carol = verified(pki, trust, "carol")
+    dave = (  # a certificate of the new key
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string("CN=dave"))
+        .issuer_name(renewed.subject)
+        .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .sign(new_key, hashes.SHA256())
+    )
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(_issuing_crl(pki, 5, carol.serial))
+    store = CrlStore(trust, [CrlSource(str(path))])
+    assert store.load_files(now=NOW) == []
+    path.write_bytes(_crl_by(pki, new_key, 1, 999, next_update=timedelta(days=7)))
+    with capture_logs() as logs:
+        await store.refresh(now=NOW)
+    assert _logged(logs, "crl_rejected") == []
+    assert [e["crl_number"] for e in _logged(logs, "crl_loaded")] == [1]
+    assert len(_logged(logs, "crl_scope_dropped")) == 1
+    assert [row.crl_number for row in store.status(now=NOW)] == [1, 5]
+    assert status(store, carol) is RevocationStatus.REVOKED
+    stale = NOW + timedelta(days=1, seconds=1)
+    assert store.current.lookup(dave, renewed, at=NOW, anchor=root).status is RevocationStatus.GOOD
+    with capture_logs() as logs:
+        await store.refresh(now=stale)
+    assert store.current.lookup(dave, renewed, at=stale, anchor=root).status is RevocationStatus.GOOD
+    assert [row.crl_number for row in store.status(now=stale)] == [1]
+    assert [e["released"] for e in _logged(logs, "crl_scope_released")] == ["CRL #5 of 'CN=Lab Issuing CA'"]
+    assert status(store, carol, stale) is RevocationStatus.UNKNOWN
