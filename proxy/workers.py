@@ -405,10 +405,12 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                     del due[number]
                     start(number, replacement=True)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         wake.close()
         shutil.rmtree(siblings, ignore_errors=True)
+        for sig, handler in previous.items():
+            # a stop signal again while it ends (a third Ctrl-C, a process manager repeating SIGTERM) is ignored, not
+            # given to its old handler (Python's KeyboardInterrupt: killed by SIGINT, exit -2): it ends anyway
+            signal.signal(sig, signal.SIG_IGN if stopping and sig in (signal.SIGINT, signal.SIGTERM) else handler)
     log.info("supervisor_stopped")
     return failure
 
