@@ -52,3 +52,9 @@ def test_a_missing_deferred_library_still_stops_the_start(missing: str) -> None:
     assert done.returncode != 0
     assert last.startswith("ModuleNotFoundError"), done.stderr
     assert missing in last
+
+
+def test_command_line_parser_leaves_out_the_gateway() -> None:
+    """`kcd-proxy --help` (every command's parser) loads neither the configuration, aiohttp nor the lab's modules."""
+    heavy = ("aiohttp", "proxy.config", "proxy.lab.ad", "proxy.observability.traces", "cryptography.x509")
+    assert _loaded("import proxy.cli\nproxy.cli.parser()", heavy) == []
