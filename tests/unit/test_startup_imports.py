@@ -58,3 +58,9 @@ def test_command_line_parser_leaves_out_the_gateway() -> None:
     """`kcd-proxy --help` (every command's parser) loads neither the configuration, aiohttp nor the lab's modules."""
     heavy = ("aiohttp", "proxy.config", "proxy.lab.ad", "proxy.observability.traces", "cryptography.x509")
     assert _loaded("import proxy.cli\nproxy.cli.parser()", heavy) == []
+
+
+def test_configuration_and_lab_commands_leave_out_aiohttp() -> None:
+    """Loading a configuration, or the lab's commands (`lab up/down/status/env`), does not import aiohttp."""
+    code = "import proxy.config, proxy.lab.runner, proxy.lab.ad, proxy.lab.ad_mapping"
+    assert _loaded(code, ("aiohttp", "proxy.certs.sources")) == []
