@@ -30,7 +30,12 @@ LAB_DIR := $(or $(KCD_LAB_DIR),.lab)
 
 .PHONY: setup debs lab lab-ad lab-down test lint unit integration clean bench bench-setup base-image
 
+# proxy/'s bytecode, written here: an editable install compiles none, and where PYTHONDONTWRITEBYTECODE is set (these
+# machines' shells) every `python -m proxy` (a gateway, a worker, each CLI command) compiled all of proxy/ from source
+# again: 0.16 s of CPU a start out of 0.68 (min of 15, load 6). Python still reads it there; a file edited since is
+# compiled again in memory until the next `make`.
 setup: debs $(STAMP)
+	@$(PY) -m compileall -q proxy
 
 # Installs the missing ones of the packages named in $(1); no service is started meanwhile (policy-rc.d), with
 # systemd or with init scripts (apache2, slapd and krb5-kdc would otherwise start on their default ports).

@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import importlib.util
 import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -41,7 +43,6 @@ from proxy.descriptors import DescriptorBudget, kdc_reserve_problem
 from proxy.device.aiohttp_side import AiohttpRequest, idle_handlers
 from proxy.device.request import CONTINUE, DeviceRequest, expectations
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory, idle_connections
-from proxy.directory import Directory
 from proxy.errors import (
     BadRequest,
     CertificateRevoked,
@@ -74,6 +75,19 @@ from proxy.tls.limits import (
 from proxy.tls.server import UNNAMED, gate_factory
 from proxy.workers import Worker, reload_asked_while_starting
 
+if TYPE_CHECKING:  # bonsai's import is start-up CPU: imported where a [directory] is configured
+    from proxy.directory import Directory
+
+
+def _require(*names: str) -> None:
+    """Libraries imported only where used (start-up CPU: bonsai by `_directory`, pyasn1_modules by `proxy.identity.sid`)
+    must still be there at a start: one missing stops it, as when they were imported here, not a request later."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}: a dependency of kcd-proxy, reinstall it", name=name)
+
+
+_require("bonsai", "pyasn1_modules")
 log = structlog.get_logger("proxy")
 TRACE_KEY = web.RequestKey("trace", Trace)
 DEVICE_KEY = web.RequestKey("device", AiohttpRequest)
@@ -210,6 +224,8 @@ def _directory(config: Config) -> Directory | None:
     mode the judge of held requests' accounts (`proxy.held_mapping`), and doctor's."""
     if config.directory is None:
         return None
+    from proxy.directory import Directory  # here: bonsai is start-up CPU a gateway without [directory] does not need
+
     return Directory(config.directory, config.kerberos)
 
 

@@ -8,20 +8,25 @@ import os
 import resource
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from proxy import config as config_module
-from proxy.addresses import bind_fix
-from proxy.errors import ConfigError
-from proxy.lab import ad, ad_mapping, kdc
-from proxy.lab.layout import LabLayout
 from proxy.ops import commands as ops_commands
 from proxy.ops import trace_cli
+
+# Each command imports what it uses, in its function: `--help` and the lab's commands do not pay for the gateway's
+# modules (configuration, aiohttp, cryptography: start-up CPU), nor `run` for the lab's.
+if TYPE_CHECKING:
+    from proxy.lab.ad import AdRealm
+    from proxy.lab.layout import LabLayout
 
 
 def _run(args: argparse.Namespace) -> int:
     import signal
 
+    from proxy import config as config_module
     from proxy import workers
+    from proxy.addresses import bind_fix
+    from proxy.errors import ConfigError
     from proxy.kerberos import default_ccache
 
     default_ccache.pin()  # before any thread: MIT's default ccache is never a file (proxy.kerberos.default_ccache)
@@ -112,7 +117,8 @@ def _no_core_dumps() -> None:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from proxy.lab import runner
+    from proxy.lab import ad, ad_mapping, kdc, runner
+    from proxy.lab.layout import LabLayout
 
     try:
         layout = LabLayout.from_env(os.environ, root=None if args.dir is None else Path(args.dir))
@@ -176,8 +182,10 @@ def _lab_handout(layout: LabLayout, into: str | None, *, ad: bool = False) -> in
     return 0
 
 
-def _ad_in_use(realm: ad.AdRealm) -> int:
+def _ad_in_use(realm: AdRealm) -> int:
     """`lab down`'s refusal (its exit status) while a test run uses the AD realm (`ad.unused`)."""
+    from proxy.lab import ad
+
     print(
         f"kcd-proxy lab down: the AD realm in {realm.root} is in use: {ad.users_lock(realm)} is held (a test run); "
         "nothing stopped",
@@ -186,8 +194,10 @@ def _ad_in_use(realm: ad.AdRealm) -> int:
     return 1
 
 
-def _lab_ad(action: str, realm: ad.AdRealm) -> int:
+def _lab_ad(action: str, realm: AdRealm) -> int:
     """`kcd-proxy lab up|down|status|env --ad`: the Samba AD DC realm in its network namespace."""
+    from proxy.lab import ad, ad_mapping
+
     try:
         if action == "up":
             ad.up_lab(realm)

@@ -29,7 +29,6 @@ from cryptography import x509
 from proxy.addresses import host_port
 from proxy.certs.chain import MAX_CA_FILE_BYTES
 from proxy.certs.revocation import RevocationPolicy
-from proxy.certs.sources import shown_location
 from proxy.errors import BadRequest, ConfigError
 from proxy.files import read_bounded
 from proxy.identity.principal import ascii_lower
@@ -724,6 +723,9 @@ def _crl_locations(r: _Reader, t: dict[str, Any], key: str) -> tuple[tuple[Path,
     if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
         r.problem(key, "expected a list of CRL files and http(s) URLs")
         return (), ()
+    # here, not at the top: proxy.certs.sources imports aiohttp, start-up CPU for every command loading a configuration
+    from proxy.certs.sources import shown_location
+
     files: list[Path] = []
     urls: list[str] = []
     for i, value in enumerate(raw):

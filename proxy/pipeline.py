@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import structlog
 from cryptography import x509
@@ -42,7 +43,6 @@ from proxy.certs.restrictions import Admission, admit
 from proxy.certs.revocation import CrlSet, RevocationEvidence
 from proxy.config import Config, Identity, Route
 from proxy.device.request import DeviceRequest
-from proxy.directory import Directory
 from proxy.errors import (
     AccountRefused,
     AccountReplaced,
@@ -73,6 +73,9 @@ from proxy.observability.trace import Trace
 from proxy.printable import printable
 from proxy.target import checked_host, origin_form
 from proxy.tls.peer import presented_der, tls_facts
+
+if TYPE_CHECKING:  # bonsai's import is start-up CPU: imported where a [directory] is configured
+    from proxy.directory import Directory
 
 log = structlog.get_logger("proxy")
 

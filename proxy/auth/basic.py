@@ -105,12 +105,11 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy.addresses import address_key
 from proxy.auth.shared import SharedTable, SharedThrottle
 from proxy.config import Authentication, Identity, Kerberos, Route
-from proxy.directory import Directory
 from proxy.errors import (
     AuthenticationRequired,
     GatewayError,
@@ -132,6 +131,9 @@ from proxy.kerberos.hints import explain
 from proxy.kerberos.password import INCORRECT, UserTicket, login_blocking, token_blocking
 from proxy.kerberos.profile import refresh_profile
 from proxy.kerberos.threads import KdcThreads, NoThread, Outcome, no_thread_error
+
+if TYPE_CHECKING:  # bonsai's import is start-up CPU: imported where a [directory] is configured
+    from proxy.directory import Directory
 
 T = TypeVar("T")
 

@@ -27,14 +27,17 @@ the Kerberos stage impersonates and delegates.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.auth.basic import BasicLogin, PasswordLogin, parse_basic
 from proxy.config import AuthMode, Route
 from proxy.device.request import DeviceRequest
-from proxy.directory import Directory
 from proxy.errors import BadRequest, IdentityRejected, NoCertificate
 from proxy.identity.principal import UserPrincipal, ascii_lower
 from proxy.kerberos.delegate import asked_name
+
+if TYPE_CHECKING:  # bonsai's import is start-up CPU: imported where a [directory] is configured
+    from proxy.directory import Directory
 
 
 @dataclass(frozen=True)

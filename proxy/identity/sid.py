@@ -42,7 +42,6 @@ from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.error import PyAsn1Error
 from pyasn1.type import univ
-from pyasn1_modules import rfc5280
 
 SID_EXTENSION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.25.2")  # szOID_NTDS_CA_SECURITY_EXT
 SID_URL_PREFIX = "tag:microsoft.com,2022-09-14:sid:"  # the subjectAltName URL form (KB5014754, 2023)
@@ -116,6 +115,8 @@ def _base64_note(text: str) -> str:
 
 def sid_extension_value(sid: Sid) -> bytes:
     """The DER value of the SID extension for `sid`, as AD CS writes it (the lab PKI uses this)."""
+    from pyasn1_modules import rfc5280  # here, not at the top: 50 ms of a start's CPU, for SID extensions only
+
     names = rfc5280.GeneralNames()
     name = names.componentType.clone()
     other = name["otherName"]
@@ -133,6 +134,8 @@ def sid_extension(sid: Sid) -> x509.UnrecognizedExtension:
 
 def sid_from_extension_value(der: bytes) -> Sid:
     """The SID an extension value carries; ValueError for any other shape (see the module docstring)."""
+    from pyasn1_modules import rfc5280  # here, not at the top: 50 ms of a start's CPU, for SID extensions only
+
     try:
         names, rest = der_decoder.decode(der, asn1Spec=rfc5280.GeneralNames())
     except PyAsn1Error as e:

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proxy import config as config_module
 from proxy.errors import ConfigError
 from proxy.files import read_bounded
 from proxy.printable import printable
@@ -38,6 +37,7 @@ async def _close(gw: Any) -> None:
 
 def check_config(args: argparse.Namespace) -> int:
     from proxy import app
+    from proxy import config as config_module
     from proxy.descriptors import judged_limit, start_problem
     from proxy.ops.check import check, warnings
     from proxy.workers import worker_cpus_problem
@@ -76,6 +76,7 @@ def _time(value: str) -> datetime:
 
 def explain(args: argparse.Namespace) -> int:
     from proxy import app
+    from proxy import config as config_module
     from proxy.ops.explain import Explanation, explain, load_leaf
 
     _quiet_logs()
@@ -103,6 +104,7 @@ def explain(args: argparse.Namespace) -> int:
 
 
 def doctor(args: argparse.Namespace) -> int:
+    from proxy import config as config_module
     from proxy.ops import doctor
 
     _quiet_logs()

@@ -35,10 +35,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from proxy import config as config_module
 from proxy.addresses import host_port
 from proxy.errors import ConfigError
-from proxy.observability.traces import render_text
 from proxy.printable import printable
 
 DEFAULT_ADMIN = "http://127.0.0.1:9443"
@@ -84,6 +82,8 @@ def admin_url(args: argparse.Namespace) -> str:
     if args.admin:
         return str(args.admin).rstrip("/")
     if args.config:
+        from proxy import config as config_module  # here: every command's parser imports this module (start-up CPU)
+
         cfg = config_module.load(Path(args.config))
         if cfg.admin is None:
             raise ConfigError([f"admin: the configuration has no [admin] bind: traces are not served (in {cfg.path})"])
@@ -185,6 +185,8 @@ def _show(records: list[dict[str, Any]], as_json: bool) -> None:
         for record in records:
             print(json.dumps(record, separators=(",", ":")), flush=True)
     else:
+        from proxy.observability.traces import render_text  # here: the gateway's modules are start-up CPU
+
         print(render_text(records), flush=True)
 
 
