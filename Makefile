@@ -94,8 +94,11 @@ lint: setup
 # with `slow` tests first (the Ping test from the start, beside the rest of the suite, not after it; xdist's own
 # order, most tests first, started it last). bench-setup: a tiny `make bench` run is part of the suite
 # (tests/integration/test_bench_smoke.py), so nginx and wrk are installed for it.
+# env -u PYTHONDONTWRITEBYTECODE: where it is set (these machines' shells), no bytecode of tests/ (imported by the
+# scripts tests run) nor pytest's rewritten test modules was ever kept: each worker rewrote every test file again
+# (8.7 s of CPU a worker against 2.7 s with its cache, docs/testing.md, "What a start costs").
 test: lint bench-setup
-	.venv/bin/pytest -q -n 3 --dist loadfile --no-loadscope-reorder
+	env -u PYTHONDONTWRITEBYTECODE .venv/bin/pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 # `make bench`: kcd-proxy against nginx, side by side (bench/run.py; about nine minutes; only its tiny smoke run is in `make test`).
 BENCH_DEBS := nginx-light wrk gcc libssl-dev curl util-linux heaptrack
