@@ -88,9 +88,9 @@ lint: setup
 	.venv/bin/ruff format --check proxy tests bench
 	.venv/bin/mypy
 
-# Three workers on two cores, one test file each at a time (--dist loadfile): each brings up its own lab on free
-# ports. Three, because the suite mostly waits (the ActiveSync Ping test alone holds its worker 310 s doing
-# nothing; docs/testing.md, "Long tests"). --no-loadscope-reorder: the files in tests/conftest.py's order, those
+# Four workers on two cores, one test file each at a time (--dist loadfile): each brings up its own lab on free
+# ports. Four, because the suite mostly waits (timers, retries, held requests): with three, a quiet fresh clone kept
+# the two cores 51% busy on average (docs/testing.md, "Long tests"). --no-loadscope-reorder: the files in tests/conftest.py's order, those
 # with `slow` tests first (the Ping test from the start, beside the rest of the suite, not after it; xdist's own
 # order, most tests first, started it last). bench-setup: a tiny `make bench` run is part of the suite
 # (tests/integration/test_bench_smoke.py), so nginx and wrk are installed for it.
@@ -98,7 +98,7 @@ lint: setup
 # scripts tests run) nor pytest's rewritten test modules was ever kept: each worker rewrote every test file again
 # (8.7 s of CPU a worker against 2.7 s with its cache, docs/testing.md, "What a start costs").
 test: lint bench-setup
-	env -u PYTHONDONTWRITEBYTECODE .venv/bin/pytest -q -n 3 --dist loadfile --no-loadscope-reorder
+	env -u PYTHONDONTWRITEBYTECODE .venv/bin/pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
 # `make bench`: kcd-proxy against nginx, side by side (bench/run.py; about nine minutes; only its tiny smoke run is in `make test`).
 BENCH_DEBS := nginx-light wrk gcc libssl-dev curl util-linux heaptrack
