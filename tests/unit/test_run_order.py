@@ -173,3 +173,20 @@ def test_every_test_is_given_once_and_whole_files_stay_together() -> None:
                 n for n in _COLLECTION if n.startswith(f + "::")
             ]
     assert "ad.py::t0" not in workers[0].given
+
+
+def test_the_files_driving_a_container_engine_go_to_one_worker_one_after_the_other() -> None:
+    """test_compose.py, test_compose_ad.py and test_podman.py are one unit of the queue: all their tests go to one
+    worker, each file whole and in its order, wherever conftest's order put them; another file is not split."""
+    names = [f"tests/integration/{n}.py" for n in ("test_compose", "test_podman", "test_other", "test_compose_ad")]
+    collection = [f"{name}::t{i}" for name in names for i in range(3)]
+    scheduler = schedule.LongFilesFirst(_Config())
+    workers = [_Worker(f"gw{i}", list(collection)) for i in range(3)]
+    for worker in workers:
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, worker.collection)
+    scheduler.schedule()
+    engines = [name for name in collection if name.partition("::")[0] in schedule.ONE_ENGINE_AT_A_TIME]
+    holders = [w for w in workers if any(name in w.given for name in engines)]
+    assert len(holders) == 1, [w.given for w in workers]
+    assert [name for name in holders[0].given if name in engines] == engines
