@@ -1,6 +1,6 @@
 """The order of a run: the files that hold long tests come first, so that xdist's workers end together.
 
-`make test` runs `pytest -n 3 --dist loadfile --no-loadscope-reorder`: each worker takes whole files, in the
+`make test` runs `pytest -n 4 --dist loadfile --no-loadscope-reorder`: each worker takes whole files, in the
 order they are collected here. Left to itself, xdist queues the files with the most tests first, so the one
 test that holds a Ping for 310 s (a file of one test) started last, on a worker that had nothing left to do
 beside it, and the run waited five minutes for it. A test that takes long (tens of seconds on a loaded
