@@ -1161,7 +1161,8 @@ def test_ctrl_c_again_still_cuts_what_the_workers_drain(lab: LabLayout, two_work
         return lines if len(lines) == 2 else None
 
     lines = eventually(drained, "both workers drained")
-    assert [e["outcome"] for e in lines] == ["second_signal"] * 2
+    # a worker the kernel gave none of the six (1 chance in 32) finishes its drain before the second signal
+    assert all(e["outcome"] == "second_signal" for e in lines if e["cut"]), lines
     assert sum(e["cut"] for e in lines) == len(held)  # however the kernel spread them
     assert gw.proc.wait(timeout=WAIT) == 0
 
