@@ -70,6 +70,24 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _serving_a_certificate_copy(lab: LabLayout, tmp_path: Path, text: str) -> tuple[Gateway, Path, bytes]:
+    """A gateway of `text` serving a copy of the lab's listener certificate chain, which a test may then half rewrite:
+    the gateway, the copy and its whole bytes."""
+    original = lab.pki_dir / "server-chain.pem"
+    copy = tmp_path / original.name
+    whole = original.read_bytes()
+    copy.write_bytes(whole)
+    return start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy))), copy, whole
+
+
+def _refused_or_failed(gw: Gateway) -> list[dict[str, Any]]:
+    """The `worker_not_replaced` and `worker_failed_to_start` lines since `gw.mark()`, once there is one."""
+    ends = ("worker_not_replaced", "worker_failed_to_start")
+    return eventually(
+        lambda: [e for e in gw.logs()[gw.since :] if e.get("event") in ends] or None, "the second replacement's end"
+    )
+
+
 def _listening_pids(gw: Gateway, count: int, timeout: float = WAIT) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -524,11 +542,7 @@ def test_the_last_serving_worker_dying_while_a_replacement_is_retried_stops_the_
     retry pause, so it retried for ever with no worker listening. It now stops as when the last serving worker fails
     to start (`worker_failed_to_start`, the worker's code), and no worker is left."""
     text = _with_workers(lab, free_port(), 2)
-    original = lab.pki_dir / "server-chain.pem"
-    copy = tmp_path / original.name
-    whole = original.read_bytes()
-    copy.write_bytes(whole)
-    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    gw, copy, whole = _serving_a_certificate_copy(lab, tmp_path, text)
     try:
         first, second = _listening_pids(gw, 2)
         copy.write_bytes(whole[: len(whole) // 2])
@@ -561,11 +575,7 @@ def test_a_replacement_listening_for_less_than_min_uptime_serves_on_when_its_sib
     (`worker_failed_to_start`, exit 2) while the first replacement served. A replacement counts once it listens: the
     second refuses beside it (`worker_not_replaced`, serving 1), the gateway runs on and devices are served."""
     text = _with_workers(lab, free_port(), 2)
-    original = lab.pki_dir / "server-chain.pem"
-    copy = tmp_path / original.name
-    whole = original.read_bytes()
-    copy.write_bytes(whole)
-    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    gw, copy, whole = _serving_a_certificate_copy(lab, tmp_path, text)
     try:
         first, second = _listening_pids(gw, 2)
         gw.mark()
@@ -573,10 +583,7 @@ def test_a_replacement_listening_for_less_than_min_uptime_serves_on_when_its_sib
         replacement = _replacement(gw, first, second)
         copy.write_bytes(whole[: len(whole) // 2])
         os.kill(second, signal.SIGKILL)
-        ends = ("worker_not_replaced", "worker_failed_to_start")
-        ended = eventually(
-            lambda: [e for e in gw.logs()[gw.since :] if e.get("event") in ends] or None, "the second replacement's end"
-        )
+        ended = _refused_or_failed(gw)
         assert [e["event"] for e in ended][:1] == ["worker_not_replaced"], [e["event"] for e in gw.logs()[-12:]]
         assert ended[0]["serving"] == 1, ended
         assert gw.proc.poll() is None
@@ -608,11 +615,7 @@ def test_a_lone_replacement_failing_while_another_still_starts_does_not_stop_the
     url = f"http://127.0.0.1:{server.port}/issuing.crl"
     root_crl = write_crl(tmp_path / "root.crl", root)
     text = _best_effort_with(lab, [root_crl]).replace(f'crls = ["{root_crl}"]', f'crls = ["{url}", "{root_crl}"]')
-    original = lab.pki_dir / "server-chain.pem"
-    copy = tmp_path / original.name
-    whole = original.read_bytes()
-    copy.write_bytes(whole)
-    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    gw, copy, whole = _serving_a_certificate_copy(lab, tmp_path, text)
     try:
         first, second = _listening_pids(gw, 2)
         holding.set()
@@ -621,10 +624,7 @@ def test_a_lone_replacement_failing_while_another_still_starts_does_not_stop_the
         eventually(held.is_set, "the replacement's CRL fetch, held")
         copy.write_bytes(whole[: len(whole) // 2])
         os.kill(second, signal.SIGKILL)
-        ends = ("worker_not_replaced", "worker_failed_to_start")
-        ended = eventually(
-            lambda: [e for e in gw.logs()[gw.since :] if e.get("event") in ends] or None, "the second replacement's end"
-        )
+        ended = _refused_or_failed(gw)
         assert [e["event"] for e in ended][:1] == ["worker_not_replaced"], [e["event"] for e in gw.logs()[-12:]]
         assert (ended[0]["serving"], ended[0]["starting"]) == (0, 1), ended
         assert gw.proc.poll() is None
@@ -1015,11 +1015,7 @@ def test_a_worker_not_replaced_is_counted_in_metrics_and_readyz_until_it_is(lab:
     gone."""
     admin = free_port()
     text = _with_workers(lab, free_port(), 2) + f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
-    original = lab.pki_dir / "server-chain.pem"
-    copy = tmp_path / original.name
-    whole = original.read_bytes()
-    copy.write_bytes(whole)
-    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    gw, copy, whole = _serving_a_certificate_copy(lab, tmp_path, text)
     url = f"http://127.0.0.1:{admin}"
     try:
         first, second = _listening_pids(gw, 2)
@@ -1238,11 +1234,7 @@ def test_a_supervisor_killed_while_a_replacement_is_retried_leaves_no_socket_dir
     a dead worker's socket when it reaps it."""
     admin = free_port()
     text = _with_workers(lab, free_port(), 2) + f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
-    original = lab.pki_dir / "server-chain.pem"
-    copy = tmp_path / original.name
-    whole = original.read_bytes()
-    copy.write_bytes(whole)
-    gw = start_gateway(lab, tmp_path / "gw", text.replace(str(original), str(copy)))
+    gw, copy, whole = _serving_a_certificate_copy(lab, tmp_path, text)
     try:
         first, second = _listening_pids(gw, 2)
         directory = {Path(e["siblings"]).parent for e in gw.wait_events("admin_listening", 2)}.pop()
