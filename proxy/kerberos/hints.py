@@ -77,7 +77,8 @@ _RULES = (
         "the account {user} is disabled or locked, or has expired",
         "the KDC reports {user} disabled, locked or expired (KDC_ERR_CLIENT_REVOKED), or outside its logon hours "
         "(AD's logonHours: Samba applies them to a password sign-in, not to S4U2Self); enable or unlock the account "
-        "(Enable-ADAccount / Unlock-ADAccount; samba-tool user enable / unlock)",
+        "(Enable-ADAccount / Unlock-ADAccount; samba-tool user enable / unlock; MIT: kadmin.local -q "
+        "'modprinc +allow_tix {user}')",
     ),
     _Rule(
         "password has expired",

@@ -78,10 +78,12 @@ def _check_ports(layout: LabLayout) -> None:
     )
     taken = taken_ports(layout, fields)
     if taken:
+        gateway = taken_ports(layout, _GATEWAY_PORTS)  # named here too: `make lab`'s gateway would fail next
+        also = f", and on {', '.join(gateway)}, where `make lab`'s gateway would" if gateway else ""
         raise LabError(
-            f"another process listens on {', '.join(taken)}, where this lab's parts would listen (another lab on "
-            "the default ports?): set each variable named to a free port below 32768 (`ss -ltn` lists the ones taken), "
-            "e.g. `KCD_LAB_KDC_PORT=18088 make lab`; KCD_LAB_DIR=<dir> keeps that lab's files apart too"
+            f"another process listens on {', '.join(taken)}, where this lab's parts would listen{also} (another lab "
+            "on the default ports?): set each variable named to a free port below 32768 (`ss -ltn` lists the ones "
+            "taken), e.g. `KCD_LAB_KDC_PORT=18088 make lab`; KCD_LAB_DIR=<dir> keeps that lab's files apart too"
         )
 
 

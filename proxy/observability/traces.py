@@ -436,7 +436,7 @@ def _describe_certificate(s: dict[str, Any]) -> str:
 
 
 def _describe_revocation(s: dict[str, Any]) -> str:
-    if s.get("status") is None:  # refused before a status was established (revoked: the reason says it all)
+    if s.get("status") is None or s.get("refused"):  # refused: the reason says it all (its verdict has no source)
         return ""
     text = f"{s.get('status')} from {s.get('source') or 'no source'}"
     if s.get("age_s") is not None:

@@ -187,6 +187,15 @@ def test_a_kdc_refusal_comes_with_the_fix(lab: LabLayout, config: Path) -> None:
     assert "add HTTP/other.lab.test to the delegation list of HTTP/proxy.lab.test@LAB.TEST" in answer["fix"]
 
 
+def test_a_disabled_users_fix_names_the_mit_command_too(lab: LabLayout, config: Path) -> None:
+    """The lab's disabled dave (MIT, `-allow_tix`) gets a fix an MIT operator can act on, beside AD's commands: it
+    named Enable-ADAccount and samba-tool alone, against a KDC that has neither."""
+    code, answer = _json(config, _user(lab, "dave"), "--kdc")
+    assert (code, answer["stage"]) == (1, "kerberos")
+    assert "Enable-ADAccount" in answer["fix"]
+    assert "MIT: kadmin.local -q 'modprinc +allow_tix dave@LAB.TEST'" in answer["fix"]
+
+
 def test_a_keytab_of_another_account_is_named_in_the_fix(lab: LabLayout, tmp_path: Path) -> None:
     """kerberos.keytab pointing at the backend's keytab: the Kerberos stage's fix names the principal the file holds
     keys for (it said "the keytab holds no key ...: export it again", leaving the learner to guess why)."""

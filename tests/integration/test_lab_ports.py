@@ -103,3 +103,18 @@ def test_another_labs_backend_on_the_port_is_not_taken_for_ours(tmp_path: Path, 
     backend had died on 'address in use' and the gateway would have delegated to the other lab's backend."""
     layout = LabLayout.from_env({**_layout(tmp_path / "lab").as_env(), "KCD_LAB_BACKEND_PORT": str(impostor)})
     _refused_cleanly(layout, _lab_up(layout), impostor, "KCD_LAB_BACKEND_PORT")
+
+
+def test_a_refusal_names_the_gateways_taken_ports_too(tmp_path: Path, listening: socket.socket) -> None:
+    """Another lab on the KDC's and the gateway's ports: the one refusal names KCD_LAB_GATEWAY_PORT beside
+    KCD_LAB_KDC_PORT, so the newcomer moves both at once; it named the parts' ports alone, and `make lab` run again
+    with those moved got past `lab up` to fail at the gateway's listener.bind, a key of a file the lab writes."""
+    with socket.socket() as gateway:
+        gateway.bind(("127.0.0.1", 0))
+        gateway.listen()
+        kdc_port, gateway_port = listening.getsockname()[1], gateway.getsockname()[1]
+        ports = {"KCD_LAB_KDC_PORT": str(kdc_port), "KCD_LAB_GATEWAY_PORT": str(gateway_port)}
+        layout = LabLayout.from_env({**_layout(tmp_path / "lab").as_env(), **ports})
+        done = _lab_up(layout)
+        _refused_cleanly(layout, done, kdc_port, "KCD_LAB_KDC_PORT")
+        assert f"127.0.0.1:{gateway_port} (KCD_LAB_GATEWAY_PORT)" in done.stderr, done.stderr

@@ -537,6 +537,25 @@ def test_trace_command_prints_and_follows_one_users_requests(lab: LabLayout, tra
         follow.stdout.close()
 
 
+def test_trace_command_prints_a_revoked_certificates_refusal_without_an_invented_source(
+    lab: LabLayout, traced: Traced
+) -> None:
+    """`kcd-proxy trace` of the README's revoked curl prints the refusal's reason alone on the revocation line: since
+    the refusal notes its `revocation` verdict, it printed "— revoked from no source" after a reason naming the CRL."""
+    seen = _ids(traced.admin)
+    users = lab.pki_dir / "users"
+    status, body = curl_with(lab, traced.gw, users / "revoked.pem", users / "revoked.key")
+    assert status == 403, body
+    (record,) = _new_traces(traced.admin, seen, 1)
+    assert _stages(record)["revocation"]["status"] == "revoked"  # the verdict stays in the record
+    env = {**os.environ, **lab.env()}
+    cmd = [sys.executable, "-m", "proxy", "trace", "--config", str(traced.config), "--limit", "1"]
+    shown = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=30, check=False)
+    assert shown.returncode == 0, shown.stderr
+    line = next(line for line in shown.stdout.splitlines() if line.lstrip().startswith("revocation"))
+    assert line.endswith(f"REFUSED: {body.strip()}"), shown.stdout
+
+
 def test_trace_command_prints_no_terminal_control_sequence_a_client_sent(lab: LabLayout, traced: Traced) -> None:
     """A device's path with escape sequences (`%1B]0;...%07` sets the terminal's title, `%1B[2J` clears the screen,
     `%1B[1A` moves up to overwrite the line above) is refused with 400, but its trace keeps the decoded path: `kcd-proxy

@@ -97,3 +97,12 @@ def test_the_refusal_counters_labels_are_documented() -> None:
     stages = {cls.stage for cls in refusals} - {"gateway"}
     kinds = set(get_args(proxy_protocol.Refusal))
     assert sorted(name for name in stages | kinds if f"`{name}`" not in section) == []
+
+
+def test_the_deploying_guide_names_each_proxy_gate_refusal_kind() -> None:
+    """docs/deploying.md's "Several gateways", where an operator puts a balancer in front, names every `refusal` of
+    `proxy_header_refused` (and of `kcd_refusals_total{stage="proxy_protocol"}`) among the ones it counts."""
+    guide = (ROOT / "docs" / "deploying.md").read_text()
+    section = guide.partition("## 9. Several gateways")[2].partition("\n## ")[0]
+    counted = section.partition("kcd_refusals_total{stage=")[2].partition("A connection that ends before")[0]
+    assert sorted(kind for kind in get_args(proxy_protocol.Refusal) if f"`{kind}`" not in counted) == []
