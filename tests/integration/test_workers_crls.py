@@ -31,6 +31,7 @@ from tests.integration.test_revocation import _CrlServer
 from tests.integration.test_workers import (
     _alive,
     _best_effort_with,
+    _first_end,
     _fresh_connections,
     _listening_pids,
     _replacement,
@@ -56,18 +57,6 @@ def _with_url(lab: LabLayout, url: str, root_crl: Path, extra: str = "") -> str:
     return _best_effort_with(lab, [root_crl], extra).replace(
         f'crls = ["{root_crl}"]', f'crls = ["{url}", "{root_crl}"]'
     )
-
-
-def _first_end(gw: Gateway, gone: tuple[int, ...]) -> dict[str, Any]:
-    """The replacement's `listening` line or the supervisor's `worker_not_replaced`, whichever comes first."""
-
-    def ended() -> dict[str, Any] | None:
-        for e in gw.logs()[gw.since :]:
-            if e.get("event") == "worker_not_replaced" or (e.get("event") == "listening" and e.get("pid") not in gone):
-                return e
-        return None
-
-    return eventually(ended, "the replacement listening, or worker_not_replaced")
 
 
 def test_a_replacement_given_an_older_crl_by_a_url_serves_with_the_one_its_siblings_hold(
