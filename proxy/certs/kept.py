@@ -69,7 +69,9 @@ class KeptCrls:
 
     def keep(self, location: str, data: bytes) -> bool:
         """What this worker holds of `location` (the bytes it gave, whose CRLs it took; b"": nothing), written whole (a
-        part renamed over the file); past `MAX_KEPT_BYTES`, its file removed instead (False: the caller logs it)."""
+        part renamed over the file); past `MAX_KEPT_BYTES`, its file removed instead (False: the caller logs it). A
+        write that fails (a full disk) removes the file too: it might say less than this worker holds
+        (`held_beside`)."""
         part = self.directory / f".{_name(location)}.{os.getpid()}.{threading.get_ident()}.part"
         file = self.directory / f"{_name(location)}.{self.number}.crl"
         try:
@@ -82,6 +84,8 @@ class KeptCrls:
         except OSError:
             with contextlib.suppress(OSError):
                 part.unlink()
+            with contextlib.suppress(OSError):
+                file.unlink()
         return True
 
     def offered(self, location: str) -> Iterator[bytes]:

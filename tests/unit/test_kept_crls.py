@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -315,3 +316,17 @@ def test_a_kept_file_past_the_crl_size_limit_still_starts_a_replacement(
         asyncio.run(bounded.refresh(now=NOW))
     assert [e["source"] for e in logs if e["event"] == "crl_not_kept"] == [str(source)]
     assert list(directory.glob("*.3.crl")) == []
+
+
+def test_a_kept_file_that_cannot_be_rewritten_is_removed_not_left_saying_less(pki: Pki, tmp_path: Path) -> None:
+    """A worker's file says it holds nothing (empty); its next write (the CRL it took) fails, as on a full disk (the
+    part's name taken by a directory): the empty file is removed, so that a replacement beside it reads no witness
+    that it holds nothing, and refuses an older CRL of that source as before."""
+    directory, location = tmp_path / "crls", "http://127.0.0.1:9/issuing.crl"
+    worker = KeptCrls(directory, 2)
+    worker.keep(location, b"")
+    assert not KeptCrls(directory, 1, beside=(2,)).held_beside(location)
+    (directory / f".{kept_module._name(location)}.{os.getpid()}.{threading.get_ident()}.part").mkdir()
+    worker.keep(location, _issuing_crl(pki, 7, 77))
+    assert list(directory.glob("*.crl")) == []
+    assert KeptCrls(directory, 1, beside=(2,)).held_beside(location)
