@@ -78,7 +78,8 @@ did not answer at its first fetch served without that CA's CRL. So every worker 
 CRLs it took in this directory (`crls/`, `Worker.kept_crls`), and a replacement starts each source from the newest of
 those it vets itself (`proxy.certs.kept`): what its source then gives is taken if no older, refused as a replay if
 older, as in its siblings. The refusal above remains for what it cannot so vet (a kept file older than the floor,
-forged, or absent).
+forged, or absent), and only beside a sibling that holds CRLs of that source (`KeptCrls.held_beside`: hence the
+numbers of the siblings serving, `Worker.serving_beside`): beside siblings holding none either, it protected nothing.
 
 Pinning (`[listener] worker_cpus`, off unless set): worker n runs on the n-th CPU of the list, wrapping ("auto": the
 CPUs the gateway was started allowed to use, in order: a container's cpuset, `taskset`, systemd's `CPUAffinity=`). The

@@ -35,9 +35,10 @@ refuses, as before. An attacker on a plain-HTTP CRL URL cannot empty a sibling's
 the source writes a file that holds it (and, from left33 on, keeps the CRLs of scopes a later answer left out in it
 until their nextUpdate), and only a process that holds nothing of the source writes an empty one.
 
-A file holds at most one read of its source (`MAX_CRL_BYTES`, in PEM a third more) and the CRLs the worker carries
-beside it, each once such a read: more than `MAX_CRL_BYTES` in all. It is read with the bound of what a worker may so
-hold, `MAX_KEPT_BYTES`; a worker that would write more writes nothing, removes its file and logs `crl_not_kept` (a
+A file holds one read of its source (`MAX_CRL_BYTES` at most; kept in PEM, a third more) and the CRLs the worker
+carries beside it, each once such a read: together they can pass `MAX_CRL_BYTES`, and a replacement reading with that
+bound skipped the file and started without its siblings' CRLs. It is read with the bound of what a worker may so hold,
+`MAX_KEPT_BYTES`; a worker that would write more writes nothing, removes its file and logs `crl_not_kept` (a
 replacement then refuses beside it, or serves without as a lone one would).
 """
 
