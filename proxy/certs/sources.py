@@ -312,8 +312,14 @@ class CrlStore:
         else:  # read, checked and indexed in a thread: see _vet
             vetted = await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors)
             changed = self._keep(state, vetted, now)
-        if changed and self.kept is not None:
+        if self.kept is None:
+            return
+        if changed:
             await asyncio.to_thread(_write_kept, self.kept, state.source.location, data, state.carried)
+        elif self._behind(state):
+            kept = await asyncio.to_thread(_newest_kept, self.kept, state.source, self.trust, now, self.floors)
+            if self._adopt(state, *kept):
+                await asyncio.to_thread(_write_kept, self.kept, state.source.location, state.raw or b"")
 
     def unreadable(self) -> dict[str, str]:
         """The file sources whose last read failed or brought no CRL (not a PEM or DER CRL), each with why: a reload
@@ -374,8 +380,14 @@ class CrlStore:
             changed = self._release(state, now)
         else:
             changed = self._keep(state, _vet(state, data, self.trust, now, self.floors), now)
-        if changed and self.kept is not None:
+        if self.kept is None:
+            return
+        if changed:
             _write_kept(self.kept, state.source.location, data, state.carried)
+        elif self._behind(state):
+            kept = _newest_kept(self.kept, state.source, self.trust, now, self.floors)
+            if self._adopt(state, *kept):
+                _write_kept(self.kept, state.source.location, state.raw or b"")
 
     def _unkept(self, state: _State) -> tuple[KeptCrls, str, bytes, Sequence[Crl]] | None:
         """What this worker's kept file for `state`'s source is to say before the process first reads it, if it has not
@@ -396,22 +408,30 @@ class CrlStore:
         state.offered_kept = True
         return True
 
-    def _adopt(self, state: _State, kept: list[Crl], data: bytes) -> None:
+    def _behind(self, state: _State) -> bool:
+        """Whether `state`'s source holds no CRL because its last read was refused below a replay floor: a worker then
+        starts it from its siblings' kept CRLs (`_adopt`), as a replacement does before its first read. Served without,
+        it passed what their newer CRL revokes (an answer older than the one a sibling took: anyone on a plain-HTTP
+        path can replay one to one worker and not another)."""
+        return state.below_floor and not state.crls
+
+    def _adopt(self, state: _State, kept: list[Crl], data: bytes) -> bool:
         """Start `state` from the CRLs a sibling kept (`_newest_kept`, read from `data`), checked again against what it
         holds now and the floors, as `_keep` checks a read: a source then giving an older CRL is refused as a replay
-        beside them, and one giving the same bytes is not read again (`_unchanged`)."""
+        beside them, and one giving the same bytes is not read again (`_unchanged`). Whether it did."""
         try:
             _refuse_rollback(kept, state.crls)
             if self.floors is not None:
                 _refuse_below_floor(kept, self.floors)
         except CrlUnusable:
-            return
+            return False
         if not kept:
-            return
+            return False
         state.crls, state.raw = tuple(kept), data
         for crl in kept:
             self._raise_floor(crl)
             log.info("crl_taken_from_siblings", **_describe(crl))
+        return True
 
     def _unchanged(self, state: _State, data: bytes, now: datetime) -> bool:
         """Whether `data` are the bytes last read and taken (then nothing needs checking again)."""

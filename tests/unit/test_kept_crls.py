@@ -232,8 +232,8 @@ def test_a_replacement_refuses_an_older_crl_only_beside_a_sibling_whose_kept_fil
     nothing of the source (given #5, below the floor): its kept file is empty. A replacement beside it given #5 too no
     longer refuses the source (nothing to refuse it for: the sibling passes what #7 revokes as well); its own file says
     it holds nothing, so the other number's replacement does not either. Beside a sibling whose file is missing (no
-    witness) or holds a CRL of the source (#7, kept beside the root's CRL an attacker on the path swapped in), it still
-    refuses."""
+    witness) or holds a CRL of the source (#8, kept beside the root's CRL an attacker on the path swapped in, below the
+    floor #9 of a worker that died since), it still refuses."""
     directory, source, floors = tmp_path / "crls", tmp_path / "issuing.crl", SharedTable()
     source.write_bytes(_issuing_crl(pki, 7, 77))
     _store(trust, str(source), KeptCrls(directory, 1), floors).load_files(now=NOW)
@@ -257,9 +257,11 @@ def test_a_replacement_refuses_an_older_crl_only_beside_a_sibling_whose_kept_fil
     source.write_bytes(pki.root_crl.read_bytes())
     asyncio.run(holding.refresh(now=NOW))
     assert b"BEGIN X509 CRL" in next(directory.glob("*.2.crl")).read_bytes()
+    source.write_bytes(_issuing_crl(pki, 9, 99))  # a third worker takes #9 and dies, its file gone: #8 below the floor
+    _store(trust, str(source), KeptCrls(directory, 3), floors).load_files(now=NOW)
+    next(directory.glob("*.3.crl")).unlink()
     source.write_bytes(_issuing_crl(pki, 5, 55))
-    beside_holding = _store(trust, str(source), KeptCrls(tmp_path / "none", 1, adopt=True, beside=(2,)), floors)
-    beside_holding.kept = KeptCrls(directory, 1, beside=(2,))  # adopts nothing (as if #8's file could not be vetted)
+    beside_holding = _store(trust, str(source), KeptCrls(directory, 1, adopt=True, beside=(2,)), floors)
     beside_holding.load_files(now=NOW)
     assert list(beside_holding.behind_floors()) == [str(source)]
 
@@ -330,3 +332,26 @@ def test_a_kept_file_that_cannot_be_rewritten_is_removed_not_left_saying_less(pk
     worker.keep(location, _issuing_crl(pki, 7, 77))
     assert list(directory.glob("*.crl")) == []
     assert KeptCrls(directory, 1, beside=(2,)).held_beside(location)
+
+
+def test_a_running_worker_refused_below_the_floor_while_holding_nothing_starts_from_its_siblings_crl(
+    trust: TrustList, pki: Pki, tmp_path: Path
+) -> None:
+    """A first worker (not a replacement) whose source gave nothing, then #5 below the floor #7 its sibling took (a
+    replay to it alone): it starts the source from the sibling's kept #7 (carol's serial revoked there too), keeps it
+    as its own file, and refuses #5 again as older than what it holds."""
+    directory, source, floors = tmp_path / "crls", tmp_path / "issuing.crl", SharedTable()
+    carol = verified(pki, trust, "carol")
+    worker = _store(trust, str(source), KeptCrls(directory, 1), floors)
+    assert worker.load_files(now=NOW) != []  # no file yet: nothing held
+    source.write_bytes(_issuing_crl(pki, 7, carol.serial))
+    _store(trust, str(source), KeptCrls(directory, 2), floors).load_files(now=NOW)
+    source.write_bytes(_issuing_crl(pki, 5, 55))
+    with capture_logs() as logs:
+        asyncio.run(worker.refresh(now=NOW))
+    assert [e["crl_number"] for e in logs if e["event"] == "crl_taken_from_siblings"] == [7]
+    assert status(worker, carol) is RevocationStatus.REVOKED
+    assert next(directory.glob("*.1.crl")).read_bytes() == next(directory.glob("*.2.crl")).read_bytes()
+    with capture_logs() as logs:
+        asyncio.run(worker.refresh(now=NOW))
+    assert ["already held" in e["problem"] for e in logs if e["event"] == "crl_rejected"] == [True]
