@@ -114,11 +114,12 @@ def build(
     start refused, which the supervisor answers by stopping the whole gateway (nor, in a configuration reloaded since
     that names it too, a reason to serve the started one instead: `proxy.cli`); `beside`: a replacement worker beside
     siblings serving, which refuses a CRL file giving it an older CRL than they took (below its replay floor: served
-    without, it passed what theirs revokes); `backend_connections`: the backend's share of the descriptors the start
-    set (`DescriptorBudget.backend`, counted with the listener's sockets), which a reload keeps; without it, the share
-    under this process's limit for a listener on one socket; `kept`: a worker's, where its CRL store keeps what it
-    takes and, in a replacement, starts from what its siblings took (`proxy.certs.kept`; a reload's keeps, never
-    starts from them: it starts from the running store's, `CrlStore.inherit`)."""
+    without, it passed what theirs revokes) while one of them holds CRLs of that file (`KeptCrls.held_beside`);
+    `backend_connections`: the backend's share of the descriptors the start set (`DescriptorBudget.backend`, counted
+    with the listener's sockets), which a reload keeps; without it, the share under this process's limit for a listener
+    on one socket; `kept`: a worker's, where its CRL store keeps what it takes and, in a replacement, starts from what
+    its siblings took (`proxy.certs.kept`; a reload's keeps, never starts from them: it starts from the running store's,
+    `CrlStore.inherit`)."""
     cc = config.client_certificates
     problems: list[str] = []
     loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "intermediates": []}

@@ -78,7 +78,8 @@ did not answer at its first fetch served without that CA's CRL. So every worker 
 CRLs it took in this directory (`crls/`, `Worker.kept_crls`), and a replacement starts each source from the newest of
 those it vets itself (`proxy.certs.kept`): what its source then gives is taken if no older, refused as a replay if
 older, as in its siblings. The refusal above remains for what it cannot so vet (a kept file older than the floor,
-forged, or absent).
+forged, or absent), and only beside a sibling that holds CRLs of that source (`KeptCrls.held_beside`: hence the
+numbers of the siblings serving, `Worker.serving_beside`): beside siblings holding none either, it protected nothing.
 
 Pinning (`[listener] worker_cpus`, off unless set): worker n runs on the n-th CPU of the list, wrapping ("auto": the
 CPUs the gateway was started allowed to use, in order: a container's cpuset, `taskset`, systemd's `CPUAffinity=`). The
@@ -134,7 +135,8 @@ class Worker:
     number: int  # 1..N, kept by a replacement
     siblings: Path  # the supervisor's private directory: one Unix socket per worker, `<number>.sock`
     replacement: bool = False  # started in place of one that died: reads the configuration afresh (proxy.live)
-    serving_beside: int = 0  # a replacement: its siblings serving as it was forked (module docstring, `_serving`)
+    serving_beside: tuple[int, ...] = ()  # a replacement: the numbers of its siblings serving as it was forked
+    # (module docstring, `_serving_numbers`)
 
     @property
     def socket(self) -> Path:
@@ -143,7 +145,7 @@ class Worker:
     @property
     def beside(self) -> bool:
         """A replacement with siblings serving: it serves its configuration whole or not at all (module docstring)."""
-        return self.replacement and self.serving_beside > 0
+        return self.replacement and bool(self.serving_beside)
 
     @property
     def refusal(self) -> Path:
@@ -173,7 +175,7 @@ class Worker:
     @property
     def kept_crls(self) -> KeptCrls:
         """Where this worker keeps the CRLs it takes; a replacement starts from its siblings' (`proxy.certs.kept`)."""
-        return KeptCrls(self.siblings / KEPT_CRLS, self.number, adopt=self.replacement)
+        return KeptCrls(self.siblings / KEPT_CRLS, self.number, adopt=self.replacement, beside=self.serving_beside)
 
     @property
     def reloaded(self) -> Path:
@@ -315,7 +317,7 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
                     os.kill(pid, signal.SIGCONT)  # for what it signals (here the supervisor alone: KillMode=mixed)
 
     def start(number: int, *, replacement: bool = False) -> None:
-        beside = _serving(workers, siblings) if replacement else 0
+        beside = _serving_numbers(workers, siblings) if replacement else ()
         cpu = cpus[(number - 1) % len(cpus)] if cpus else None  # a replacement's is its predecessor's: same number
         # Signals wait until the new pid is in `workers` (parent) or default handlers are back (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)

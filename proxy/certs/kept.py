@@ -24,6 +24,24 @@ over under the new name (`CrlStore.inherit`): a replacement reads the reloaded c
 cannot be written or read leaves the replacement where it was without it (refused beside a sibling serving, or serving
 without as the revocation mode says, `proxy.app`). The supervisor removes the directory with the rest when it stops;
 a worker outliving a supervisor killed outright removes it (`proxy.workers._worker`).
+
+A worker's file for a source says what it holds of it, nothing included: before its first read of the source it
+writes what it holds then (the CRLs it started from, a sibling's or a renamed source's; or an empty file), and after
+each read that changes that, what it holds. So a replacement refusing a source's older CRL beside siblings (served
+without, it passed what their newer CRL revokes) first looks at them (`held_beside`): if each serving sibling's file
+for that source is empty, none of them holds a CRL of it, and the refusal would keep the gateway a worker short for
+nothing: it serves as they do. A file missing, unreadable or not empty counts as held: a witness that cannot be read
+refuses, as before. An attacker on a plain-HTTP CRL URL cannot empty a sibling's file: a worker that took a CRL from
+the source writes a file that holds it (and, from left33 on, keeps the CRLs of scopes a later answer left out in it
+until their nextUpdate), and only a process that holds nothing of the source writes an empty one. A running worker whose
+read of a source is refused below the floor while it holds no CRL of it (a replay answered to it, the newer CRL to a
+sibling) starts the source from these files too (`CrlStore._behind`).
+
+A file holds one read of its source (`MAX_CRL_BYTES` at most; kept in PEM, a third more) and the CRLs the worker
+carries beside it, each once such a read: together they can pass `MAX_CRL_BYTES`, and a replacement reading with that
+bound skipped the file and started without its siblings' CRLs. It is read with the bound of what a worker may so hold,
+`MAX_KEPT_BYTES`; a worker that would write more writes nothing, removes its file and logs `crl_not_kept` (a
+replacement then refuses beside it, or serves without as a lone one would).
 """
 
 from __future__ import annotations
@@ -40,6 +58,7 @@ from proxy.certs.revocation import MAX_CRL_BYTES
 from proxy.files import read_bounded
 
 DIRECTORY = "crls"  # in the supervisor's private directory
+MAX_KEPT_BYTES = 2 * MAX_CRL_BYTES  # a source's answer at the limit kept in PEM (x1.36), and the CRLs carried beside it
 
 
 @dataclass(frozen=True)
@@ -49,17 +68,28 @@ class KeptCrls:
     directory: Path  # `<supervisor's directory>/crls`
     number: int  # this worker's number (1..N)
     adopt: bool = False  # a replacement: each source starts from the newest of its siblings' files (`offered`)
+    beside: tuple[int, ...] = ()  # a replacement: the numbers of its siblings serving as it was forked (`held_beside`)
 
-    def keep(self, location: str, data: bytes) -> None:
-        """The bytes `location` gave, whose CRLs this worker took, written whole (a part renamed over the file)."""
+    def keep(self, location: str, data: bytes) -> bool:
+        """What this worker holds of `location` (the bytes it gave, whose CRLs it took; b"": nothing), written whole (a
+        part renamed over the file); past `MAX_KEPT_BYTES`, its file removed instead (False: the caller logs it). A
+        write that fails (a full disk) removes the file too: it might say less than this worker holds
+        (`held_beside`)."""
         part = self.directory / f".{_name(location)}.{os.getpid()}.{threading.get_ident()}.part"
+        file = self.directory / f"{_name(location)}.{self.number}.crl"
         try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
+            if len(data) > MAX_KEPT_BYTES:
+                file.unlink(missing_ok=True)
+                return False
             part.write_bytes(data)
-            part.replace(self.directory / f"{_name(location)}.{self.number}.crl")
+            part.replace(file)
         except OSError:
             with contextlib.suppress(OSError):
                 part.unlink()
+            with contextlib.suppress(OSError):
+                file.unlink()
+        return True
 
     def offered(self, location: str) -> Iterator[bytes]:
         """What the workers of this gateway (this number's predecessors too) took from `location`, one file at a time,
@@ -72,7 +102,19 @@ class KeptCrls:
                 written.append((path.stat().st_mtime_ns, path))
         for _, path in sorted(written):
             with contextlib.suppress(OSError):
-                yield read_bounded(path, MAX_CRL_BYTES)
+                if data := read_bounded(path, MAX_KEPT_BYTES):  # empty: that worker holds nothing of it
+                    yield data
+
+    def held_beside(self, location: str) -> bool:
+        """Whether a sibling serving beside this replacement (`beside`) may hold CRLs of `location`: its file for it is
+        not empty, or cannot be told (missing, unreadable). False: each says it holds nothing (module docstring)."""
+        for number in self.beside:
+            try:
+                if (self.directory / f"{_name(location)}.{number}.crl").stat().st_size > 0:
+                    return True
+            except OSError:
+                return True
+        return False
 
 
 def _name(location: str) -> str:

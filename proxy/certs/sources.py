@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy.certs.chain import TrustList
 from proxy.certs.floors import KEY, FloorTable, PersistedFloors
-from proxy.certs.kept import KeptCrls
+from proxy.certs.kept import MAX_KEPT_BYTES, KeptCrls
 from proxy.certs.revocation import (
     MAX_CRL_BYTES,
     Crl,
@@ -157,7 +157,7 @@ class _State:
     unreadable: bool = False  # a file source whose last read failed, or gave bytes that are no CRL (`unreadable`)
     below_floor: bool = False  # its last read gave a CRL older than a replay floor (`CrlBelowFloor`, `behind_floors`)
     offered_kept: bool = False  # its siblings' kept CRLs looked at (a replacement's, before its first read: `kept`)
-    unkept: bool = False  # holds CRLs not kept under its location yet: a renamed source's, from `inherit`
+    kept: bool = False  # its worker's kept file says what it holds (`_unkept`; False: not yet written by this process)
     carried: tuple[Crl, ...] = ()  # of `crls`, those of scopes its last reads left out, to their nextUpdate (`_carry`)
 
 
@@ -217,7 +217,7 @@ class CrlStore:
             # a certificate of its signer's key, not that one certificate: a CA's renewed on the same key still signs
             state.crls = tuple(crl for crl in held if signer_certificates(crl.signer_key, crl.issuer, self.trust))
             state.last_success = before.last_success if before is not None and state.crls else None
-            state.unkept = before is None and bool(state.crls)  # its siblings' files are of the old name (`_fetch`)
+            state.kept = before is not None and before.kept  # a renamed source's files are of the old name (`_fetch`)
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -227,6 +227,8 @@ class CrlStore:
             if not state.source.is_url:
                 if self._adopting(state):
                     self._adopt(state, *_newest_kept(self.kept, state.source, self.trust, now, self.floors))
+                if held := self._unkept(state):
+                    _write_kept(*held)
                 try:
                     data = _read_file(state.source.location)
                 except OSError as exc:
@@ -292,12 +294,11 @@ class CrlStore:
             self._session = None
 
     async def _fetch(self, state: _State, now: datetime) -> None:
-        if state.unkept and self.kept is not None:  # a replacement reads the reloaded configuration: the new name's
-            state.unkept = False
-            await asyncio.to_thread(_keep_held, self.kept, state.source.location, state.crls)
         if self._adopting(state):
             kept = await asyncio.to_thread(_newest_kept, self.kept, state.source, self.trust, now, self.floors)
             self._adopt(state, *kept)
+        if held := self._unkept(state):  # before the read, which may take FETCH_TIMEOUT: a renamed source's CRLs
+            await asyncio.to_thread(_write_kept, *held)
         try:
             if state.source.is_url:
                 data = await self._get(state.source.location)
@@ -311,8 +312,14 @@ class CrlStore:
         else:  # read, checked and indexed in a thread: see _vet
             vetted = await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors)
             changed = self._keep(state, vetted, now)
-        if changed and self.kept is not None:
+        if self.kept is None:
+            return
+        if changed:
             await asyncio.to_thread(_write_kept, self.kept, state.source.location, data, state.carried)
+        elif self._behind(state):
+            kept = await asyncio.to_thread(_newest_kept, self.kept, state.source, self.trust, now, self.floors)
+            if self._adopt(state, *kept):
+                await asyncio.to_thread(_write_kept, self.kept, state.source.location, state.raw or b"")
 
     def unreadable(self) -> dict[str, str]:
         """The file sources whose last read failed or brought no CRL (not a PEM or DER CRL), each with why: a reload
@@ -329,11 +336,15 @@ class CrlStore:
         by name (`CrlSource.name`: a URL's password never), each with why: a worker of this gateway (or, with
         `crl_state`, an earlier run) held a newer CRL for that issuer, key and scope. A replacement worker beside
         siblings serving refuses them (`proxy.app`): served without, it passed what the newer CRL revokes while they,
-        keeping it, refused it."""
+        keeping it, refused it. Not those of which each sibling serving beside it holds nothing either (their kept files
+        say so: `KeptCrls.held_beside`): refused, it kept the gateway a worker short and protected nothing."""
         return {
             state.source.name: state.last_error or ""
             for state in self._states.values()
-            if state.below_floor and not state.crls and (urls or not state.source.is_url)
+            if state.below_floor
+            and not state.crls
+            and (urls or not state.source.is_url)
+            and (self.kept is None or self.kept.held_beside(state.source.location))
         }
 
     def _failed(self, state: _State, now: datetime, exc: Exception) -> None:
@@ -369,8 +380,25 @@ class CrlStore:
             changed = self._release(state, now)
         else:
             changed = self._keep(state, _vet(state, data, self.trust, now, self.floors), now)
-        if changed and self.kept is not None:
+        if self.kept is None:
+            return
+        if changed:
             _write_kept(self.kept, state.source.location, data, state.carried)
+        elif self._behind(state):
+            kept = _newest_kept(self.kept, state.source, self.trust, now, self.floors)
+            if self._adopt(state, *kept):
+                _write_kept(self.kept, state.source.location, state.raw or b"")
+
+    def _unkept(self, state: _State) -> tuple[KeptCrls, str, bytes, Sequence[Crl]] | None:
+        """What this worker's kept file for `state`'s source is to say before the process first reads it, if it has not
+        said it yet (`_write_kept`'s arguments; `proxy.certs.kept`): the CRLs it holds, a sibling's it started from (as
+        that sibling's file holds them), a renamed source's (`inherit`: a replacement reads the reloaded configuration
+        and looks under the new name only), or none (an empty file: a replacement beside this worker need not refuse
+        an older CRL of that source for its sake, `KeptCrls.held_beside`)."""
+        if self.kept is None or state.kept:
+            return None
+        state.kept = True
+        return self.kept, state.source.location, state.raw or b"", () if state.raw else state.crls
 
     def _adopting(self, state: _State) -> bool:
         """Whether `state`'s source is to start from its siblings' kept CRLs first (`proxy.certs.kept`): in a
@@ -380,22 +408,30 @@ class CrlStore:
         state.offered_kept = True
         return True
 
-    def _adopt(self, state: _State, kept: list[Crl], data: bytes) -> None:
+    def _behind(self, state: _State) -> bool:
+        """Whether `state`'s source holds no CRL because its last read was refused below a replay floor: a worker then
+        starts it from its siblings' kept CRLs (`_adopt`), as a replacement does before its first read. Served without,
+        it passed what their newer CRL revokes (an answer older than the one a sibling took: anyone on a plain-HTTP
+        path can replay one to one worker and not another)."""
+        return state.below_floor and not state.crls
+
+    def _adopt(self, state: _State, kept: list[Crl], data: bytes) -> bool:
         """Start `state` from the CRLs a sibling kept (`_newest_kept`, read from `data`), checked again against what it
         holds now and the floors, as `_keep` checks a read: a source then giving an older CRL is refused as a replay
-        beside them, and one giving the same bytes is not read again (`_unchanged`)."""
+        beside them, and one giving the same bytes is not read again (`_unchanged`). Whether it did."""
         try:
             _refuse_rollback(kept, state.crls)
             if self.floors is not None:
                 _refuse_below_floor(kept, self.floors)
         except CrlUnusable:
-            return
+            return False
         if not kept:
-            return
+            return False
         state.crls, state.raw = tuple(kept), data
         for crl in kept:
             self._raise_floor(crl)
             log.info("crl_taken_from_siblings", **_describe(crl))
+        return True
 
     def _unchanged(self, state: _State, data: bytes, now: datetime) -> bool:
         """Whether `data` are the bytes last read and taken (then nothing needs checking again)."""
@@ -633,14 +669,20 @@ def _write_kept(kept: KeptCrls, location: str, data: bytes, carried: Sequence[Cr
     source then gives them does not read them again). Text around or inside a PEM file's blocks, up to MAX_CRL_BYTES
     of a plain-HTTP path's choosing and fresh at each refresh, is not written: each worker wrote it, on a tmpfs into
     memory. The CRLs this worker carries for scopes the source left out (`CrlStore._carry`) follow in the same PEM
-    bundle: a replacement starts from what its siblings hold."""
-    ders = crl_ders(data, location) + [crl.crl.public_bytes(serialization.Encoding.DER) for crl in carried]
-    kept.keep(location, data if ders == [data] else b"".join(crl_pem(der) for der in ders))
-
-
-def _keep_held(kept: KeptCrls, location: str, crls: Sequence[Crl]) -> None:
-    """`crls` kept for `location` as a PEM bundle: CRLs this worker holds for it that the source did not give it."""
-    kept.keep(location, b"".join(crl_pem(crl.crl.public_bytes(serialization.Encoding.DER)) for crl in crls))
+    bundle: a replacement starts from what its siblings hold. No `data` (b""): `carried` alone, the CRLs it holds that
+    the source did not give this process (`CrlStore._unkept`); none at all, an empty file."""
+    ders = (crl_ders(data, location) if data else []) + [
+        crl.crl.public_bytes(serialization.Encoding.DER) for crl in carried
+    ]
+    if not kept.keep(location, data if ders == [data] else b"".join(crl_pem(der) for der in ders)):
+        log.warning(
+            "crl_not_kept",
+            source=shown_location(location),
+            limit=MAX_KEPT_BYTES,
+            detail="the CRLs this worker holds of this source are more than a replacement reads of its kept file: one "
+            "replacing a worker starts without them (beside other workers, it is not started if the source then gives "
+            "an older CRL)",
+        )
 
 
 def _scope(crl: Crl) -> tuple[object, ...]:

@@ -1333,9 +1333,11 @@ def test_a_replacement_refusing_beside_a_sibling_that_died_meanwhile_is_followed
     stopped the whole gateway (`worker_failed_to_start`), though a replacement with none beside it serves as a lone one
     does (without that CA's CRL, best-effort). It is now followed by such a replacement: both numbers are replaced and
     the gateway stays. (The CRLs the workers keep for a replacement, which would spare it the refusal, are removed
-    first: `proxy.certs.kept`, left31.) Whether the other number is replaced too depends on the order: forked once the
-    lone one listens, it is beside a sibling and refuses the replayed CRL as the first did (`worker_not_replaced`,
-    retried), though that sibling holds no CRL of that CA either (seen in a quiet fresh-clone run: a leftover)."""
+    first: `proxy.certs.kept`, left31.) The other number's replacement, forked once the lone one listened, refused the
+    replayed CRL beside it every 5 s (`worker_not_replaced`), though that sibling held no CRL of that CA either and
+    passed the same certificates: one worker short, protecting nothing. A replacement now refuses only beside a sibling
+    whose kept file for that source is not empty (`KeptCrls.held_beside`, left34): both numbers serve, and carol, whom
+    no worker holds a CRL for, gets the same answer from each (200, best-effort); alice 200."""
     carol = x509.load_pem_x509_certificate((lab.pki_dir / "users" / "carol.pem").read_bytes())
     issuing, root = load_ca(lab.pki_dir, "issuing"), load_ca(lab.pki_dir, "root")
     newer = write_crl(tmp_path / "3001.crl", issuing, revoked=[carol.serial_number], number=3001).read_bytes()
@@ -1369,9 +1371,53 @@ def test_a_replacement_refusing_beside_a_sibling_that_died_meanwhile_is_followed
         assert gw.proc.poll() is None, [e["event"] for e in gw.logs()[-12:]]
         assert gw.events("worker_failed_to_start") == []
         assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2
+        serving = _two_listening_since(gw, {first, second})
+        gw.mark()  # one of them dies: its replacement is forked beside the other, which holds no CRL of that CA
+        os.kill(serving[0], signal.SIGKILL)
+        replacement = _first_end(gw, (first, second, serving[0]))
+        assert replacement["event"] == "listening", replacement
+        _same_answer_on_each(lab, gw, {serving[1], replacement["pid"]}, "carol", 200)
+        _same_answer_on_each(lab, gw, {serving[1], replacement["pid"]}, "alice", 200)
+        assert gw.events("worker_not_replaced", gw.since) == []
     finally:
         gw.stop()
         server.close()
+
+
+def _two_listening_since(gw: Gateway, gone: set[int]) -> list[int]:
+    """The pids of two workers listening since `gw.mark()` that are none of `gone`: both numbers replaced."""
+
+    def both() -> list[int] | None:
+        pids = sorted({e["pid"] for e in gw.events("listening", gw.since)} - gone)
+        return pids if len(pids) >= 2 else None
+
+    return eventually(both, "both numbers replaced")
+
+
+def _first_end(gw: Gateway, gone: tuple[int, ...]) -> dict[str, Any]:
+    """A replacement's `listening` line (of a pid none of `gone`) or the supervisor's `worker_not_replaced`, whichever
+    comes first since `gw.mark()`."""
+
+    def ended() -> dict[str, Any] | None:
+        for e in gw.logs()[gw.since :]:
+            if e.get("event") == "worker_not_replaced" or (e.get("event") == "listening" and e.get("pid") not in gone):
+                return e
+        return None
+
+    return eventually(ended, "the replacement listening, or worker_not_replaced")
+
+
+def _same_answer_on_each(lab: LabLayout, gw: Gateway, workers: set[int], user: str, status: int) -> None:
+    """New connections of `user` until each of `workers` has answered one (since `gw.mark()`): every answer `status`."""
+    cert = x509.load_pem_x509_certificate((lab.pki_dir / "users" / f"{user}.pem").read_bytes())
+    subject = cert.subject.rfc4514_string()
+    answered: set[int] = set()
+    deadline = time.monotonic() + WAIT
+    while answered != workers:  # the kernel places each new connection anew
+        assert asyncio.run(_fresh_connections(lab, gw, 1, user)) == [status], answered
+        answered = {e["pid"] for e in gw.events("request", gw.since) if e.get("cert_subject") == subject}
+        assert answered <= workers, answered
+        assert time.monotonic() < deadline, f"only {answered} answered"
 
 
 def test_a_replacement_whose_reloaded_trust_anchor_is_half_rewritten_never_serves_the_started_configuration(

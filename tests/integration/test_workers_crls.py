@@ -31,6 +31,7 @@ from tests.integration.test_revocation import _CrlServer
 from tests.integration.test_workers import (
     _alive,
     _best_effort_with,
+    _first_end,
     _fresh_connections,
     _listening_pids,
     _replacement,
@@ -56,18 +57,6 @@ def _with_url(lab: LabLayout, url: str, root_crl: Path, extra: str = "") -> str:
     return _best_effort_with(lab, [root_crl], extra).replace(
         f'crls = ["{root_crl}"]', f'crls = ["{url}", "{root_crl}"]'
     )
-
-
-def _first_end(gw: Gateway, gone: tuple[int, ...]) -> dict[str, Any]:
-    """The replacement's `listening` line or the supervisor's `worker_not_replaced`, whichever comes first."""
-
-    def ended() -> dict[str, Any] | None:
-        for e in gw.logs()[gw.since :]:
-            if e.get("event") == "worker_not_replaced" or (e.get("event") == "listening" and e.get("pid") not in gone):
-                return e
-        return None
-
-    return eventually(ended, "the replacement listening, or worker_not_replaced")
 
 
 def test_a_replacement_given_an_older_crl_by_a_url_serves_with_the_one_its_siblings_hold(
@@ -344,5 +333,43 @@ def test_a_replacement_starts_from_the_kept_file_last_written_whatever_its_worke
         replacement = _replacement(gw, one, two)
         _revoked_on_each(lab, gw, {one, replacement["pid"]})
     finally:
+        gw.stop()
+        server.close()
+
+
+def test_a_running_worker_given_a_replay_while_holding_nothing_takes_the_crl_its_sibling_keeps(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """Neither worker holds the issuing CA's CRL (its URL answered 404 at their start); then the URL (anyone on its
+    plain-HTTP path) answers 3001 (carol revoked) to worker 1 alone (worker 2 stopped) and 3000 to worker 2 once it is
+    continued: worker 2 refused 3000 below the floor 3001 and held nothing, so carol got 403 from worker 1 and 200 from
+    worker 2 (best-effort), not a replacement's refusal but the same split. A worker whose read is refused below the
+    floor while it holds no CRL of that source now starts it from its siblings' kept files, as a replacement does
+    (`crl_taken_from_siblings`): carol 403 on both."""
+    newer, older, root_crl = _issuing_crls(lab, tmp_path)
+    answer = {"crl": (404, b"")}
+    server = _CrlServer(lambda _path, _headers: answer["crl"])
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    text = _with_url(lab, url, root_crl, f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
+    crls = f'crls = ["{url}", "{root_crl}"]'
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    try:
+        _listening_pids(gw, 2)
+        directory, number = _siblings(gw)
+        one, two = sorted(number, key=number.__getitem__)
+        kept = directory / "crls" / f"{kept_name(url)}.{number[one]}.crl"
+        os.kill(two, signal.SIGSTOP)
+        answer["crl"] = (200, newer)
+        eventually(lambda: kept.exists() and kept.read_bytes() == newer, "3001 kept by worker 1")
+        answer["crl"] = (200, older)
+        gw.mark()
+        os.kill(two, signal.SIGCONT)
+        gw.wait_events("crl_rejected", 2, accept=lambda e: e.get("pid") == two and e.get("source") == url)
+        _revoked_on_each(lab, gw, {one, two})
+        taken = gw.wait_event("crl_taken_from_siblings", pid=two, source=url)
+        assert taken["crl_number"] == 3001, taken
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(two, signal.SIGCONT)
         gw.stop()
         server.close()

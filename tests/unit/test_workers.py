@@ -155,7 +155,7 @@ def test_the_supervisors_count_is_written_whole_for_the_workers_and_only_when_it
 def test_a_replacements_refusal_is_handed_to_the_supervisor_once(tmp_path: Path) -> None:
     """The problems a refusing replacement writes (`Worker.refused`) are what `worker_not_replaced` names, taken
     once; a worker that wrote none, or wrote what is no list, gives none."""
-    worker = workers.Worker(2, tmp_path, replacement=True, serving_beside=1)
+    worker = workers.Worker(2, tmp_path, replacement=True, serving_beside=(1,))
     worker.refused(["client_certificates.crls[0]: /etc/crl/issuing.crl: more than 67108864 bytes"])
     assert workers._refusal(workers.Worker(2, tmp_path)) == [
         "client_certificates.crls[0]: /etc/crl/issuing.crl: more than 67108864 bytes"
