@@ -224,7 +224,20 @@ def _directory(config: Config) -> Directory | None:
     mode the judge of held requests' accounts (`proxy.held_mapping`), and doctor's."""
     if config.directory is None:
         return None
-    from proxy.directory import Directory  # here: bonsai is start-up CPU a gateway without [directory] does not need
+    # Imported here: start-up CPU a gateway without [directory] does not need. pyasn1_modules (the SID extension's
+    # decoder, proxy.identity.sid) with bonsai, as only the modes with a directory read SIDs: one installed but broken
+    # stops the start, or a reload adding [directory], naming it, not a device's certificate with a SID later.
+    for module, package in (("pyasn1_modules.rfc5280", "pyasn1_modules"), ("proxy.directory", "bonsai")):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(
+                [
+                    f"[directory] needs the package {package!r}, which does not import here ({type(e).__name__}: {e});"
+                    f" reinstall kcd-proxy's dependencies (in {config.path})"
+                ]
+            ) from None
+    from proxy.directory import Directory
 
     return Directory(config.directory, config.kerberos)
 
