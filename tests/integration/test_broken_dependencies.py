@@ -6,6 +6,7 @@ copy of the package first on the gateway's PYTHONPATH, as a broken install leave
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import REPO, dead_port, free_port, lab_config
+from tests.integration.conftest import REPO, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT
 
 # A [directory] no gateway reaches (the start does not need it to answer), and the strong mode reading certificates'
@@ -77,11 +78,32 @@ def test_a_broken_lazily_imported_dependency_stops_the_start_naming_it(
     (exit 2), naming [directory], the package and what its import said: pyasn1_modules (the SID extension's decoder)
     was imported at a device's first certificate with a SID, so the gateway listened; bonsai's stopped it with a
     traceback (`uncaught_exception`)."""
-    extra = '\n[identity]\nmapping = "strong-or-audit"\n'
-    text = lab_config(lab, port=free_port()).replace('[identity]\nsource = "san-upn"\n', "")
     config = tmp_path / "gateway.toml"
-    config.write_text(text + extra + DIRECTORY.format(port=dead_port()))
+    config.write_text(_strong(lab, free_port()))
     code, output = _start(lab, config, tmp_path / "gateway.log", _broken_copy(tmp_path / "site", package))
     assert code == 2, output[-3000:]
     assert f"configuration error: [directory] needs the package '{package}', which does not import" in output, output
     assert ("opentype" if package == "pyasn1_modules" else "libldap.so.2") in output, output[-3000:]
+
+
+def _strong(lab: LabLayout, port: int) -> str:
+    """The lab's configuration in `strong-or-audit` with a [directory] no gateway reaches."""
+    text = lab_config(lab, port=port).replace('[identity]\nsource = "san-upn"\n', "")
+    return text + '\n[identity]\nmapping = "strong-or-audit"\n' + DIRECTORY.format(port=dead_port())
+
+
+def test_a_reload_adding_a_directory_with_a_broken_bonsai_is_refused_naming_it(lab: LabLayout, tmp_path: Path) -> None:
+    """A gateway started without [directory] (bonsai never imported) and a broken bonsai: a reload adding [directory]
+    is refused (`reload_refused`) naming the package, and the gateway serves on with what it had."""
+    port = free_port()
+    site = _broken_copy(tmp_path / "site", "bonsai")
+    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=port), env={"PYTHONPATH": str(site)})
+    try:
+        gw.mark()
+        gw.config_path.write_text(_strong(lab, port))
+        gw.proc.send_signal(signal.SIGHUP)
+        refused = gw.wait_events("reload_refused")[-1]
+        assert any("[directory] needs the package 'bonsai'" in p for p in refused["problems"]), refused
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
