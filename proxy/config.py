@@ -922,7 +922,14 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
     realm_map = r.get(t, "identity.realm_map", "realm_map", dict, {}) or {}
     clean: dict[str, str] = {}
     for suffix, realm in realm_map.items():
-        if "@" in suffix or suffix != suffix.strip() or not suffix.isprintable():  # no UPN's suffix ever matches it
+        if "*" in suffix:  # a certificate's or DNS's wildcard: matched as written, it matched no UPN
+            example = json.dumps(suffix.lstrip("*.") or "corp.example")
+            r.problem(
+                f"identity.realm_map.{suffix}",
+                f"a key is one UPN suffix, matched whole (no wildcards): write each one, such as {example}",
+            )
+            continue
+        if not suffix or "@" in suffix or suffix != suffix.strip() or not suffix.isprintable():  # no UPN matches it
             meant = suffix.strip().lstrip("@")
             r.problem(
                 f"identity.realm_map.{suffix}",
