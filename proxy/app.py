@@ -73,7 +73,7 @@ from proxy.tls.limits import (
     listen_sockets,
 )
 from proxy.tls.server import UNNAMED, gate_factory
-from proxy.workers import Worker, reload_asked_while_starting
+from proxy.workers import PASSED_ON, Worker, reload_asked_while_starting
 
 if TYPE_CHECKING:  # bonsai's import is start-up CPU: imported where a [directory] is configured
     from proxy.directory import Directory
@@ -225,7 +225,20 @@ def _directory(config: Config) -> Directory | None:
     mode the judge of held requests' accounts (`proxy.held_mapping`), and doctor's."""
     if config.directory is None:
         return None
-    from proxy.directory import Directory  # here: bonsai is start-up CPU a gateway without [directory] does not need
+    # Imported here: start-up CPU a gateway without [directory] does not need. pyasn1_modules (the SID extension's
+    # decoder, proxy.identity.sid) with bonsai, as only the modes with a directory read SIDs: one installed but broken
+    # stops the start, or a reload adding [directory], naming it, not a device's certificate with a SID later.
+    for module, package in (("pyasn1_modules.rfc5280", "pyasn1_modules"), ("proxy.directory", "bonsai")):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(
+                [
+                    f"[directory] needs the package {package!r}, which does not import here ({type(e).__name__}: {e});"
+                    f" reinstall kcd-proxy's dependencies (in {config.path})"
+                ]
+            ) from None
+    from proxy.directory import Directory
 
     return Directory(config.directory, config.kerberos)
 
@@ -451,11 +464,11 @@ async def _aiohttp_server(live: Live) -> web.AppRunner:
 
 DRAIN_POLL = 0.05  # seconds between two looks at what a stopping gateway still holds
 UNUSED_GRACE = 1.0  # seconds a connection that had no request yet when the stop came is given to send its first
-# Seconds after its stop's signal in which a worker takes another SIGTERM or SIGINT for the same stop, not a second one:
-# a signal to the process group (Ctrl-C in a terminal) or to the cgroup (systemd's default KillMode=control-group)
-# reaches each worker from its sender and again as the supervisor passes it on (`proxy.workers`), and the second
-# cut the requests in flight at once (1 Ctrl-C in 4 here; every time the supervisor ran late). Ctrl-C again after it.
-SAME_STOP = 1.0
+# A worker of several gets one stop's signal twice when it is sent to the process group (Ctrl-C in a terminal) or
+# cgroup (systemd's default KillMode=control-group): from its sender, and as the supervisor passes it on, and that
+# second one cut its requests in flight at once. The passed-on copy comes as a signal of its own (`PASSED_ON`): one of
+# each kind is one stop, however late the supervisor; a second of either kind is the stop asked again (Ctrl-C again).
+SAME_STOP_DETAIL = "the same stop, sent to this worker and passed on by the supervisor; once more cuts the drain"
 
 
 async def drain(
@@ -626,15 +639,21 @@ async def serve(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     came: list[signal.Signals] = []  # the signal that asked for the stop: /readyz and the `stopping` line name it
-    came_at: list[float] = []
+    passed: list[bool] = []  # for each, whether the supervisor passed it on (`PASSED_ON`), not its sender directly
+    stop_signals: list[tuple[int, bool, signal.Signals]] = [
+        (sig, False, sig) for sig in (signal.SIGTERM, signal.SIGINT)
+    ]
+    stop_signals += (
+        [(PASSED_ON[sig], True, sig) for sig in (signal.SIGTERM, signal.SIGINT)] if worker is not None else []
+    )
 
-    def stop_on(sig: signal.Signals) -> None:
+    def stop_on(sig: signal.Signals, by_supervisor: bool) -> None:
         came.append(sig)
-        came_at.append(loop.time())
+        passed.append(by_supervisor)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_on, sig)
+    for number, by_supervisor, sig in stop_signals:
+        loop.add_signal_handler(number, stop_on, sig, by_supervisor)
     slots = ConnectionSlots(budget.device, on_wait=live.metrics.connection_waits.inc)
     live.metrics.accepted_connections = lambda: slots.connections
     live.metrics.connection_limit = budget.device
@@ -645,8 +664,8 @@ async def serve(
         log.info("stopping", drain_timeout=listener.drain_timeout, signal=came[0].name if came else None, starting=True)
         await live.close()
         live.traces.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        for number, _, _ in stop_signals:
+            loop.remove_signal_handler(number)
         log.info("drained", outcome="finished", seconds=0.0, cut=0)
         log.info("stopped")
         return
@@ -755,14 +774,19 @@ async def serve(
         log.info("stopping", drain_timeout=listener.drain_timeout, signal=by)
         live.begin_stop(by)  # /readyz: 503 from now on (the admin listener answers through the drain); no reload
         hurry = asyncio.Event()  # a second SIGTERM or SIGINT (Ctrl-C again): what the drain still waits for is cut
-        same_stop = came_at[0] + SAME_STOP if came_at and worker is not None else 0.0  # a worker's signal twice
+        seen = {passed[0]} if passed else {False, True}  # the kinds this stop came as (none: any signal hurries)
 
-        def second_signal() -> None:
-            if loop.time() >= same_stop:
+        def second_signal(by_supervisor: bool) -> None:
+            if by_supervisor in seen:
                 hurry.set()
+            else:
+                seen.add(by_supervisor)
+                log.info("stop_signal_again", passed_on=by_supervisor, detail=SAME_STOP_DETAIL)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, second_signal)
+        for by_supervisor in passed[1:]:  # taken as the stop began (`stop_on`)
+            second_signal(by_supervisor)
+        for number, by_supervisor, _ in stop_signals:
+            loop.add_signal_handler(number, second_signal, by_supervisor)
         if watcher is not None:
             watcher.cancel()
         for task in accepting:
@@ -788,6 +812,6 @@ async def serve(
         close_all(connections)
         await live.close()
         live.traces.close()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        for number in (*(number for number, _, _ in stop_signals), signal.SIGHUP):
+            loop.remove_signal_handler(number)
         log.info("stopped")

@@ -922,7 +922,23 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
     realm_map = r.get(t, "identity.realm_map", "realm_map", dict, {}) or {}
     clean: dict[str, str] = {}
     for suffix, realm in realm_map.items():
-        if not isinstance(realm, str) or not realm or "@" in suffix:
+        if "*" in suffix:  # a certificate's or DNS's wildcard: matched as written, it matched no UPN
+            example = json.dumps(suffix.lstrip("*.") or "corp.example")
+            r.problem(
+                f"identity.realm_map.{suffix}",
+                f"a key is one UPN suffix, matched whole (no wildcards): write each one, such as {example}",
+            )
+            continue
+        if not suffix or "@" in suffix or suffix != suffix.strip() or not suffix.isprintable():  # no UPN matches it
+            meant = suffix.strip().lstrip("@")
+            r.problem(
+                f"identity.realm_map.{suffix}",
+                "a key is a UPN suffix such as corp.example, with no '@', no space at either end and nothing "
+                f"invisible: write {json.dumps(meant if meant.isprintable() else 'corp.example')} (got "
+                f"{json.dumps(suffix)})",
+            )
+            continue
+        if not isinstance(realm, str) or not realm:
             r.problem(f"identity.realm_map.{suffix}", f"expected a realm name, got {realm!r}")
             continue
         if _capitals_only(suffix) and small_letters_only(realm):  # { "LAB.TEST" = "corp.example" }

@@ -28,9 +28,10 @@ directory (`Worker`): each worker answers its siblings on a Unix socket there, a
 the others (`proxy.observability.siblings`). The supervisor removes the directory when it stops; killed outright,
 it cannot, and its workers, stopping with it, remove it instead (the last one to remove its socket).
 
-Signals: SIGTERM and SIGINT go to every worker, which finish and exit; the supervisor exits 0 once they have. Each
-is followed by SIGCONT, as systemd does for the processes it signals: a worker stopped (SIGSTOP) would act on it
-only once continued, and the supervisor waited for it for ever. SIGHUP goes to every worker too, and each reloads on
+Signals: SIGTERM and SIGINT go to every worker (as `PASSED_ON`'s real-time signals, which a worker tells from the same
+signal sent to it directly), which finish and exit; the supervisor exits 0 once they have. Each is followed by SIGCONT,
+as systemd does for the processes it signals: a worker stopped (SIGSTOP) would act on it only once continued, and the
+supervisor waited for it for ever. SIGHUP goes to every worker too, and each reloads on
 its own (`proxy.live`); a worker still starting, before its reload handler is in place, remembers it (rather than
 die of it, or miss the reload) and reloads once it serves, and one forked after the supervisor got a SIGHUP (between
 two forks) is forked with it remembered. A supervisor killed
@@ -123,6 +124,12 @@ MIN_UPTIME = 5.0  # seconds: a worker that exits with an error sooner failed to 
 _RESTART_PAUSE = 1.0
 REPLACE_RETRY = 5.0  # seconds between tries to replace a worker whose replacement failed to start
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# A stop signal the supervisor passes on reaches a worker as a real-time signal of its own (queued, never merged with
+# another pending one), so the worker tells it from the same signal sent to it directly: Ctrl-C signals the whole
+# process group, a unit's default KillMode=control-group every process, so each worker gets one of each for one stop,
+# and a second of either kind is the stop asked again (`proxy.app.serve`). Its default action ends the process, as
+# SIGTERM's does, until the worker handles it.
+PASSED_ON: dict[signal.Signals, int] = {signal.SIGTERM: signal.SIGRTMIN + 0, signal.SIGINT: signal.SIGRTMIN + 1}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _RELOADED = "reloaded.toml"  # in the supervisor's directory: the text the workers' last reload took (`Worker.reloaded`)
 _SERVING = "serving.json"  # in the supervisor's directory: the workers configured and those serving (`Worker.serving`)
@@ -312,7 +319,7 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
             remember_reload(signum, frame)
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(pid, PASSED_ON.get(signal.Signals(signum), signum))
                 if signum != signal.SIGHUP:  # a stopped worker (SIGSTOP) acts on it once continued, as systemd does
                     os.kill(pid, signal.SIGCONT)  # for what it signals (here the supervisor alone: KillMode=mixed)
 

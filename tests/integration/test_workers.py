@@ -1116,8 +1116,9 @@ def test_one_signal_to_the_supervisor_and_its_workers_drains_them_not_cuts_them(
     """SIGINT to the supervisor and to every worker at once (Ctrl-C in a terminal signals the process group, systemd's
     default KillMode=control-group every process): the supervisor passes it on, so each worker got it twice, and the
     second, coming once its drain had begun, cut its requests in flight (`second_signal`): 1 Ctrl-C in 4 with requests
-    held, measured here, and every time the supervisor is late (held stopped here until the workers stop). A signal
-    coming within `SAME_STOP` of the first is now the same stop: the held requests are answered, the drain finishes."""
+    held, measured here, and every time the supervisor is late (held stopped here until the workers stop). The copy
+    the supervisor passes on is now a signal of its own (`PASSED_ON`), one of each kind the same stop, however late:
+    the held requests are answered, the drain finishes."""
     gw, admin = two_workers_admin
     workers = _listening_pids(gw, 2)
     held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=8") for _ in range(6)]
@@ -1139,7 +1140,7 @@ def test_one_signal_to_the_supervisor_and_its_workers_drains_them_not_cuts_them(
 
 def test_ctrl_c_again_still_cuts_what_the_workers_drain(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
     """SIGTERM to the supervisor with requests held, then SIGINT (Ctrl-C again), sent every 0.2 s until the workers
-    drain no more: once `SAME_STOP` has passed since the first, it cuts what they hold (`second_signal`), as before."""
+    drain no more: the second the supervisor passes on cuts what they hold (`second_signal`), as before."""
     gw, admin = two_workers_admin
     _listening_pids(gw, 2)
     held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=60") for _ in range(6)]
@@ -1158,6 +1159,33 @@ def test_ctrl_c_again_still_cuts_what_the_workers_drain(lab: LabLayout, two_work
 
     lines = eventually(drained, "both workers drained")
     # a worker the kernel gave none of the six (1 chance in 32) finishes its drain before the second signal
+    assert all(e["outcome"] == "second_signal" for e in lines if e["cut"]), lines
+    assert sum(e["cut"] for e in lines) == len(held)  # however the kernel spread them
+    assert gw.proc.wait(timeout=WAIT) == 0
+
+
+def test_ctrl_c_twice_in_quick_succession_cuts_what_the_workers_drain(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """Ctrl-C pressed twice in quick succession (SIGINT to the supervisor and both workers, again once the workers
+    said `stopping`) cuts what they hold (`second_signal`): a worker tells the supervisor's copy from its sender's and
+    takes one of each for one stop. Within 1 s of the first (review54's `SAME_STOP`) every copy was the same stop: the
+    workers drained on to `drain_timeout`, the operator's second Ctrl-C taken for the first."""
+    gw, admin = two_workers_admin
+    workers = _listening_pids(gw, 2)
+    held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=60") for _ in range(6)]
+    eventually(
+        lambda: sum(_samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight").values()) == len(held),
+        "six requests held",
+    )
+    gw.mark()
+    for pid in (gw.proc.pid, *workers):  # the terminal signals the process group
+        os.kill(pid, signal.SIGINT)
+    for pid in workers:
+        gw.wait_event("stopping", pid=pid)
+    for pid in (gw.proc.pid, *workers):  # Ctrl-C again
+        os.kill(pid, signal.SIGINT)
+    lines = gw.wait_events("drained", 2)
     assert all(e["outcome"] == "second_signal" for e in lines if e["cut"]), lines
     assert sum(e["cut"] for e in lines) == len(held)  # however the kernel spread them
     assert gw.proc.wait(timeout=WAIT) == 0

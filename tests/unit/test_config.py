@@ -130,6 +130,30 @@ BROKEN = [
         '"CORP.EXAMPLE" = "lab.test"',
         "identity.realm_map.CORP.EXAMPLE: written the wrong way",
     ),
+    (  # a key no UPN suffix can equal: never used, and nothing said (review57)
+        '"Corp.Example" = "LAB.TEST"',
+        '"Corp.Example " = "LAB.TEST"',
+        "identity.realm_map.Corp.Example : a key is a UPN suffix such as corp.example, with no '@', no space at "
+        'either end and nothing invisible: write "Corp.Example"',
+    ),
+    (  # the '@' of a UPN copied into the key: the problem named the realm
+        '"Corp.Example" = "LAB.TEST"',
+        '"@Corp.Example" = "LAB.TEST"',
+        "identity.realm_map.@Corp.Example: a key is a UPN suffix such as corp.example, with no '@', no space at "
+        'either end and nothing invisible: write "Corp.Example"',
+    ),
+    (  # a wildcard, as a certificate's or DNS's: realm_map matches a suffix exactly, so it matched none
+        '"Corp.Example" = "LAB.TEST"',
+        '"*.Corp.Example" = "LAB.TEST"',
+        "identity.realm_map.*.Corp.Example: a key is one UPN suffix, matched whole (no wildcards): write each one, "
+        'such as "Corp.Example"',
+    ),
+    (  # an empty key: no UPN has an empty suffix
+        '"Corp.Example" = "LAB.TEST"',
+        '"" = "LAB.TEST"',
+        "identity.realm_map.: a key is a UPN suffix such as corp.example, with no '@', no space at either end and "
+        "nothing invisible",
+    ),
     (  # [directory]'s realm comes from base_dn's DC components: DC=ad,DC=test is AD.TEST
         '"Corp.Example" = "LAB.TEST"',
         '"corp.example" = "ad.test"',
