@@ -354,7 +354,8 @@ async def forward_device(
     The path sent is `target`'s (the one the route was chosen on: `proxy.target`), as is."""
     target = target or origin_form(request.raw_path)
     if route.backend_binding != "connection" and not isinstance(authorization, str):
-        authorization = await _value(authorization)
+        made = authorization()  # a `Handover` makes no coroutine (`_value`'s step without its frame)
+        authorization = made if isinstance(made, str) else await made
     out_headers = headers.to_backend(
         request.headers,
         client_ip=request.remote or "",
@@ -398,7 +399,8 @@ async def forward_device(
         try:
             if token_sent and route.backend_binding == "connection":
                 exchange.connection.bound_spn = route.spn  # its later requests go without a token
-            whole = await _relay(request, exchange, head, pools.client_send_timeout, route)
+            relay = _relay_whole if _arrived_whole(request, exchange, head) else _relay
+            whole = await relay(request, exchange, head, pools.client_send_timeout, route)
         except BaseException:
             exchange.finish(reuse=False)  # the device left, or the answer broke: the backend sees it at once
             raise
@@ -467,10 +469,9 @@ async def _authorize(
 async def _relay(
     request: DeviceRequest, exchange: Exchange, head: ResponseHead, send_timeout: float, route: Route
 ) -> bool:
-    """Stream the backend's answer to the device, chunk by chunk as it comes; and whether it ended whole."""
+    """Stream the backend's answer to the device, chunk by chunk as it comes; and whether it ended whole. (An answer
+    that has arrived whole goes by `_relay_whole` instead.)"""
     connection = exchange.connection
-    if connection.complete and request.method != "HEAD" and head.status not in (204, 304):
-        return await _relay_whole(request, exchange, head, send_timeout, route)
     await request.start_answer(head.status, head.reason, headers.to_client(head.headers), head.content_length)
     try:
         while chunk := await connection.read():
@@ -486,6 +487,12 @@ async def _relay(
         return False
     await request.end_answer()
     return True
+
+
+def _arrived_whole(request: DeviceRequest, exchange: Exchange, head: ResponseHead) -> bool:
+    """Whether the backend's answer is in the connection's buffer, body and all, with a body to send (`_relay_whole`);
+    else it is streamed (`_relay`)."""
+    return exchange.connection.complete and request.method != "HEAD" and head.status not in (204, 304)
 
 
 async def _relay_whole(
