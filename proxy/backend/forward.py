@@ -426,9 +426,14 @@ async def _send(
     held long-poll does not keep this coroutine's frame and locals (docs/performance.md)."""
     fresh = False
     while True:
-        connection = await pool.acquire(upstream, route.connect_timeout, fresh=fresh)
+        connection = None if fresh else pool.idle_connection(upstream)
+        if connection is None:
+            connection = await pool.acquire(upstream, route.connect_timeout, fresh=fresh)
         try:
-            token_sent = await _authorize(connection.bound_spn, out_headers, route, authorization)
+            token_sent = _authorize(connection.bound_spn, out_headers, route)
+            if token_sent is None:  # the connection's first request on a connection-bound route: its token, made now
+                out_headers["Authorization"] = await _value(authorization)
+                token_sent = True
         except BaseException:
             pool.unused(upstream, connection)  # nothing was written on it
             raise
@@ -452,18 +457,16 @@ async def _send(
         return exchange, head, token_sent
 
 
-async def _authorize(
-    bound_spn: str | None, out_headers: CIMultiDict[str], route: Route, authorization: Authorization
-) -> bool:
-    """On a connection-bound route: a token on a connection not yet bound to this user for this SPN, else
-    none (and no Authorization at all). Elsewhere the token is already in the headers."""
+def _authorize(bound_spn: str | None, out_headers: CIMultiDict[str], route: Route) -> bool | None:
+    """Whether the request carries a token. On a connection-bound route: a token on a connection not yet bound to
+    this user for this SPN (None: the caller makes it), else none (and no Authorization at all). Elsewhere the
+    token is already in the headers."""
     if route.backend_binding != "connection":
         return True
     if bound_spn == route.spn:
         out_headers.popall("Authorization", None)
         return False
-    out_headers["Authorization"] = await _value(authorization)
-    return True
+    return None
 
 
 async def _relay(
