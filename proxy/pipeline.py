@@ -493,13 +493,12 @@ def _presented(gw: Gateway, request: DeviceRequest) -> Presented | None:
     return gw.presented.read(*peer) if peer is not None else None
 
 
-def _certificate(
+async def _certificate(
     gw: Gateway, request: DeviceRequest, trace: Trace, now: datetime
 ) -> tuple[Presented | None, Certified | None]:
-    """The TLS stage, and the certificate stages where they need not run: the certificate the connection presents
-    (None without one), and what the stages made of it as the connection's first request decided it if nothing it
-    rests on has changed (`again`); None with a certificate: the stages decide it in full (`handle` awaits them;
-    a keep-alive request makes no coroutine here)."""
+    """The TLS stage and the certificate stages: the certificate the connection presents (None without one), and
+    what the stages made of it: as the connection's first request decided it if nothing it rests on has changed
+    (`again`), else decided in full."""
     start = time.perf_counter()
     presented = _presented(gw, request)
     known = again(gw, presented, trace, now, start) if presented is not None else None  # a keep-alive request
@@ -510,6 +509,8 @@ def _certificate(
             values = tuple(facts[name] for name in TLS_FACTS)
             presented.tls = _TLS_SEEN.setdefault(values, values)  # one tuple for all connections alike
         trace.timed("tls", round((time.perf_counter() - start) * 1000, 3))
+        if presented is not None:
+            known = await certificate_stages(gw, presented.leaf, trace, now, presented=presented)
     return presented, known
 
 
@@ -572,13 +573,9 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     if target.forward != request.rel_raw_path:
         trace.note(backend_path=target.path)
     route = gw.config.route_for(target.path, request.host)
-    presented, known = _certificate(gw, request, trace, now)
-    if presented is not None and known is None:
-        known = await certificate_stages(gw, presented.leaf, trace, now, presented=presented)
+    presented, known = await _certificate(gw, request, trace, now)
     leaf = presented.leaf if presented is not None else None
-    certified = known.user if known is not None else None
-    if known is not None and gw.directory is not None and gw.config.identity.mapping != "upn":  # `mapped_user`'s test
-        certified = await mapped_user(gw, known.verified, known.user, trace, now)
+    certified = await mapped_user(gw, known.verified, known.user, trace, now) if known is not None else None
     with trace.stage("authentication"):
         mode = gw.config.authentication.mode
         auth = by_certificate(mode, certified, route)  # a certificate alone: nothing to await

@@ -730,28 +730,21 @@ class UserPool:
         self._waiters: dict[Upstream, deque[asyncio.Future[None]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
 
-    def idle_connection(self, upstream: Upstream) -> BackendConnection | None:
-        """An idle connection of this user to `upstream` that can carry a request, without a coroutine (a keep-alive
-        request's case: `acquire` is awaited only without one); those the backend closed meanwhile are let go."""
-        idle = self._idle.get(upstream)
-        while idle:
-            connection = idle.pop()  # the most recently used: the least likely to have been closed meanwhile
-            if connection.usable:
-                return connection
-            self._gone(upstream)
-        return None
-
     async def acquire(self, upstream: Upstream, connect_timeout: float, *, fresh: bool = False) -> BackendConnection:
         """An idle connection of this user to `upstream`, or a new one (`fresh`: always a new one). With `limit`
         of them open and none idle, it waits for one to come back, at most `connect_timeout` seconds (`PoolBusy`):
         a request behind held long-polls is answered, not kept waiting until one of them ends."""
         deadline: float | None = None
         while True:
-            if not fresh and (connection := self.idle_connection(upstream)) is not None:
-                return connection
+            idle = self._idle.get(upstream)
+            while idle and not fresh:
+                connection = idle.pop()  # the most recently used: the least likely to have been closed meanwhile
+                if connection.usable:
+                    return connection
+                self._gone(upstream)
             if self._open.get(upstream, 0) < self._limit:
                 break
-            if idle := self._idle.get(upstream):  # a new one is wanted, the idle ones take all the places: one goes
+            if idle:  # a new one is wanted and the idle ones take all the places: one of them makes room
                 idle.popleft().close()
                 self._gone(upstream)
                 continue

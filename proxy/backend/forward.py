@@ -354,8 +354,7 @@ async def forward_device(
     The path sent is `target`'s (the one the route was chosen on: `proxy.target`), as is."""
     target = target or origin_form(request.raw_path)
     if route.backend_binding != "connection" and not isinstance(authorization, str):
-        made = authorization()  # a `Handover` makes no coroutine (`_value`'s step without its frame)
-        authorization = made if isinstance(made, str) else await made
+        authorization = await _value(authorization)
     out_headers = headers.to_backend(
         request.headers,
         client_ip=request.remote or "",
@@ -399,8 +398,7 @@ async def forward_device(
         try:
             if token_sent and route.backend_binding == "connection":
                 exchange.connection.bound_spn = route.spn  # its later requests go without a token
-            relay = _relay_whole if _arrived_whole(request, exchange, head) else _relay
-            whole = await relay(request, exchange, head, pools.client_send_timeout, route)
+            whole = await _relay(request, exchange, head, pools.client_send_timeout, route)
         except BaseException:
             exchange.finish(reuse=False)  # the device left, or the answer broke: the backend sees it at once
             raise
@@ -426,14 +424,9 @@ async def _send(
     held long-poll does not keep this coroutine's frame and locals (docs/performance.md)."""
     fresh = False
     while True:
-        connection = None if fresh else pool.idle_connection(upstream)
-        if connection is None:
-            connection = await pool.acquire(upstream, route.connect_timeout, fresh=fresh)
+        connection = await pool.acquire(upstream, route.connect_timeout, fresh=fresh)
         try:
-            token_sent = _authorize(connection.bound_spn, out_headers, route)
-            if token_sent is None:  # the connection's first request on a connection-bound route: its token, made now
-                out_headers["Authorization"] = await _value(authorization)
-                token_sent = True
+            token_sent = await _authorize(connection.bound_spn, out_headers, route, authorization)
         except BaseException:
             pool.unused(upstream, connection)  # nothing was written on it
             raise
@@ -457,24 +450,27 @@ async def _send(
         return exchange, head, token_sent
 
 
-def _authorize(bound_spn: str | None, out_headers: CIMultiDict[str], route: Route) -> bool | None:
-    """Whether the request carries a token. On a connection-bound route: a token on a connection not yet bound to
-    this user for this SPN (None: the caller makes it), else none (and no Authorization at all). Elsewhere the
-    token is already in the headers."""
+async def _authorize(
+    bound_spn: str | None, out_headers: CIMultiDict[str], route: Route, authorization: Authorization
+) -> bool:
+    """On a connection-bound route: a token on a connection not yet bound to this user for this SPN, else
+    none (and no Authorization at all). Elsewhere the token is already in the headers."""
     if route.backend_binding != "connection":
         return True
     if bound_spn == route.spn:
         out_headers.popall("Authorization", None)
         return False
-    return None
+    out_headers["Authorization"] = await _value(authorization)
+    return True
 
 
 async def _relay(
     request: DeviceRequest, exchange: Exchange, head: ResponseHead, send_timeout: float, route: Route
 ) -> bool:
-    """Stream the backend's answer to the device, chunk by chunk as it comes; and whether it ended whole. (An answer
-    that has arrived whole goes by `_relay_whole` instead.)"""
+    """Stream the backend's answer to the device, chunk by chunk as it comes; and whether it ended whole."""
     connection = exchange.connection
+    if connection.complete and request.method != "HEAD" and head.status not in (204, 304):
+        return await _relay_whole(request, exchange, head, send_timeout, route)
     await request.start_answer(head.status, head.reason, headers.to_client(head.headers), head.content_length)
     try:
         while chunk := await connection.read():
@@ -490,12 +486,6 @@ async def _relay(
         return False
     await request.end_answer()
     return True
-
-
-def _arrived_whole(request: DeviceRequest, exchange: Exchange, head: ResponseHead) -> bool:
-    """Whether the backend's answer is in the connection's buffer, body and all, with a body to send (`_relay_whole`);
-    else it is streamed (`_relay`)."""
-    return exchange.connection.complete and request.method != "HEAD" and head.status not in (204, 304)
 
 
 async def _relay_whole(
