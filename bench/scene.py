@@ -358,14 +358,15 @@ spn = "HTTP/cas.lab.test"
         env = {**self.layout.env(), "KCD_BENCH_SNAPSHOT": str(self.root / f"{name}-snapshot.json")}
         self.start(name, argv, self.ports[name], core=core, env=env)
 
-    def start_baseline(self, code: Path) -> None:
+    def start_baseline(self, code: Path, *, bound: bool = False) -> None:
         """Another build of the gateway (a copy of an older tree, e.g. `git archive main`), same configuration
         on a port of its own, for before/after ratios in one run. Its configuration has no connection-bound
-        route (an older build may not know the key)."""
+        route (an older build may not know the key) unless `bound` (bench.paired: a build that knows it)."""
         self.ports["baseline"] = free_port()
         text = (self.root / "gateway.toml").read_text()
         text = text.replace(f':{self.ports["gateway"]}"', f':{self.ports["baseline"]}"', 1)
-        text = text.replace('backend_binding = "connection"\n', "")
+        if not bound:
+            text = text.replace('backend_binding = "connection"\n', "")
         (self.root / "baseline.toml").write_text(text)
         argv = [sys.executable, "-m", "proxy", "run", "--config", str(self.root / "baseline.toml")]
         env = {**self.layout.env(), "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,3 +110,26 @@ def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
     # (asyncio's sslproto.py was, until proxy.tls.record took the connection from it after the handshake)
     assert "proxy/device/server.py" in breakdown["python_by_file_kib"], breakdown
     assert figures["versions"]["uvloop"] != "not installed"
+
+
+@pytest.mark.slow(seconds=40)
+def test_a_tiny_paired_run_writes_its_ratios(tmp_path: Path) -> None:
+    """bench.paired runs this tree's gateway twice and a baseline tree's once, on both routes, and writes per route
+    each gateway's CPU per request and the three paired ratios (this / baseline, again / baseline, the A/A again /
+    this) with their rounds; no figure is judged."""
+    baseline = tmp_path / "baseline"
+    shutil.copytree(REPO / "proxy", baseline / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "paired.json"
+    argv = [sys.executable, "-m", "bench.paired", "--baseline", str(baseline), "--rounds", "1", "--seconds", "1"]
+    argv += ["--users", "1", "--json", str(out)]
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for route in ("default", "bound"):
+        assert set(figures[route]["cpu_us"]) == {"this", "again", "baseline"}, figures[route]
+        assert figures[route]["errors"] == {"this": 0, "again": 0, "baseline": 0}, figures[route]
+        for pair in ("this/baseline", "again/baseline", "again/this"):
+            assert figures[route]["paired"][pair]["rounds"] == 1, (route, pair)
+        assert f"{route} route:" in run.stdout
+    assert {"load_before", "load_after", "date"} <= figures.keys()
+    assert f"bench.paired: figures in {out}" in run.stdout
