@@ -154,7 +154,7 @@ def cpuset(cpus: tuple[int, int]) -> Iterator[Path]:
     every process in it has ended."""
     parent = _cpuset_parent()
     if parent is None:
-        pytest.skip("no cpuset cgroup this process may make a child in (cgroup v2 with cpuset, or v1's cpuset, as root)")
+        pytest.skip("no cpuset cgroup this process may make a child in (cgroup v2 with cpuset, or v1's, as root)")
     if parent == CGROUP_V2:
         (parent / "cgroup.subtree_control").write_text("+cpuset")
     group = parent / f"kcd-test-{uuid.uuid4().hex[:8]}"
