@@ -5,6 +5,7 @@ replacement whose CPU its cpuset no longer holds serves unpinned, saying so."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -150,13 +151,15 @@ def _cpuset_parent() -> Path | None:
 
 @pytest.fixture
 def cpuset(cpus: tuple[int, int]) -> Iterator[Path]:
-    """A cpuset cgroup of its own holding the two CPUs (the parent's `+cpuset` enabled first under v2), removed once
-    every process in it has ended."""
+    """A cpuset cgroup of its own holding the two CPUs (the parent's `+cpuset` enabled first under v2, and disabled
+    again after if it was not), removed once every process in it has ended."""
     parent = _cpuset_parent()
     if parent is None:
         pytest.skip("no cpuset cgroup this process may make a child in (cgroup v2 with cpuset, or v1's, as root)")
-    if parent == CGROUP_V2:
-        (parent / "cgroup.subtree_control").write_text("+cpuset")
+    subtree = parent / "cgroup.subtree_control"
+    enabled = parent == CGROUP_V2 and "cpuset" not in subtree.read_text().split()
+    if enabled:
+        subtree.write_text("+cpuset")
     group = parent / f"kcd-test-{uuid.uuid4().hex[:8]}"
     group.mkdir()
     try:
@@ -169,6 +172,9 @@ def cpuset(cpus: tuple[int, int]) -> Iterator[Path]:
         while (group / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
             time.sleep(0.05)  # polled: the gateway's processes leave it as they are reaped
         group.rmdir()
+        if enabled:
+            with contextlib.suppress(OSError):  # busy if another child took cpuset meanwhile: left as it is then
+                subtree.write_text("-cpuset")
 
 
 def test_a_replacement_whose_cpu_the_cpuset_no_longer_holds_serves_unpinned_naming_it(
