@@ -541,6 +541,9 @@ async def _accept_below_cap(
     conn, peer = accepted
     if header_first and slots.idle is not None and (slots.full or slots.waiting):
         return conn, peer, SlotWait(slots)  # its header first (`_accept_waiting`)
+    if not slots.full:
+        slots.open += 1
+        return conn, peer, _Taken(slots)
     return await _at_cap(conn, peer, slots, cap)
 
 
