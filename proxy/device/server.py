@@ -868,8 +868,10 @@ class DeviceConnection(asyncio.Protocol):
     def close_after_answer(self) -> bool:
         """A health check's place of its own has had its time (`proxy.tls.proxy_protocol`): a request being served, or
         read whole and waiting its turn, is answered with `Connection: close`, then the connection closes (True), as
-        `wind_down` does; False when no request is being answered (the caller resets the connection)."""
-        if self._task is None and not self._queue:
+        `wind_down` does; False when no request is being answered, or a body is still coming (the caller resets the
+        connection: served on, a body sent a byte at a time held the place as long as each gap stayed within
+        `client_body_timeout`)."""
+        if (self._task is None and not self._queue) or self._receiving is not None:
             return False
         self._winding = True
         return True

@@ -104,8 +104,7 @@ class ConnectionSlots:
         self, limit: int, *, on_wait: Callable[[], None] | None = None, idle: IdleKeepAlives | None = None
     ) -> None:
         self.limit = limit
-        self.open = 0  # slots taken: the open connections, and one per accept loop waiting for its next connection
-        self.accepting = 0  # of those, the accept loops' (`accept_connections`)
+        self.open = 0  # slots taken: the open connections (an accept loop takes one only once accept() returned)
         self.idle = idle
         self.waiting = 0  # connections accepted at the cap behind a balancer, holding no slot yet (`SlotWait`)
         self.checks = 0  # of such connections, health checks gone on to TLS with no slot (`SlotWait.aside`)
@@ -119,17 +118,21 @@ class ConnectionSlots:
     @property
     def connections(self) -> int:
         """Connections open now, from accept to close (the `kcd_listener_connections` gauge)."""
-        return self.open - self.accepting
+        return self.open
 
     async def take(self) -> Callable[[], None]:
         """A slot, once one is free; call the function returned (once or more) when its connection closes."""
+        await self.vacancy()
+        self.open += 1
+        return _Taken(self)
+
+    async def vacancy(self) -> None:
+        """Until a slot is free (logged and counted when none is at first); not taken."""
         if self.open >= self.limit:
             self._limit_reached()
             while self.open >= self.limit:
                 self._freed.clear()
                 await self._freed.wait()
-        self.open += 1
-        return _Taken(self)
 
     def claim(self, *, reclaim: bool = True) -> bool:
         """Take a slot now, if one is free or (with `reclaim`) an idle keep-alive can be closed for it (True); False
@@ -479,8 +482,9 @@ async def accept_connections(
     *,
     header_first: bool = False,
 ) -> None:
-    """Accept connections on `sock` while `slots` has room; each protocol gets its slot's give-back function.
-    With `cap` (direct connections; behind a balancer the PROXY gate asks it), a connection from an address
+    """Accept connections on `sock` while `slots` has room; each protocol gets its slot's give-back function, the
+    slot taken once accept() has returned (`_accept_below_cap`: a loop waiting on a quiet address holds none). With
+    `cap` (direct connections; behind a balancer the PROXY gate asks it), a connection from an address
     that has `cap.limit` open is reset at once and its slot given back. At the cap, with `slots.idle`, the next
     connection is accepted first and then given an idle keep-alive's slot (`_accept_at_cap`); behind a balancer
     (`header_first`) it is given a `SlotWait` instead, and the PROXY gate takes the slot once the header is read; so is
@@ -493,24 +497,11 @@ async def accept_connections(
                 accepted = await _accept_waiting(loop, sock, slots)
             else:
                 accepted = await _accept_at_cap(loop, sock, slots, cap)
-            if accepted is None:
-                continue
-            conn, peer, give_back = accepted
         else:
-            give_back = await slots.take()
-            slots.accepting += 1
-            try:
-                conn, peer = await loop.sock_accept(sock)
-            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the connection stays in the backlog meanwhile
-                give_back()
-                log.warning("accept_failed", reason=str(e))
-                await asyncio.sleep(_ACCEPT_PAUSE)
-                continue
-            except BaseException:
-                give_back()
-                raise
-            finally:
-                slots.accepting -= 1
+            accepted = await _accept_below_cap(loop, sock, slots, cap, header_first=header_first)
+        if accepted is None:
+            continue
+        conn, peer, give_back = accepted
         if cap is not None:
             admitted = cap.admit(peer, give_back)
             if admitted is None:
@@ -527,6 +518,33 @@ async def accept_connections(
             give_back()
             conn.close()
             log.exception("connection_setup_failed")
+
+
+async def _accept_below_cap(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    slots: ConnectionSlots,
+    cap: AddressCap | None,
+    *,
+    header_first: bool,
+) -> tuple[socket.socket, Any, Callable[[], None]] | None:
+    """Below the cap (or with no idle keep-alives to close, once a slot is free): the next connection accepted, and
+    then given a slot. No slot is held while accept() waits: a listener on several addresses runs a loop on each, and
+    a loop on an address with no traffic held one for as long as none came (at a cap of 3 on three addresses, the
+    devices on one of them got 1). Another loop may take the last slot meanwhile: the connection is then one accepted
+    at the cap (`_at_cap`). None when there is none to serve (refused, or accept() failed)."""
+    if slots.idle is None:
+        await slots.vacancy()  # no keep-alive to close for it: accepted only once a slot is free
+    accepted = await _accept(loop, sock)
+    if accepted is None:
+        return None
+    conn, peer = accepted
+    if header_first and slots.idle is not None and (slots.full or slots.waiting):
+        return conn, peer, SlotWait(slots)  # its header first (`_accept_waiting`)
+    if not slots.full:
+        slots.open += 1
+        return conn, peer, _Taken(slots)
+    return await _at_cap(conn, peer, slots, cap)
 
 
 async def _accept_waiting(
@@ -561,10 +579,15 @@ async def _accept_at_cap(
     so that a keep-alive is closed only for a device that came, and not for one over its address's cap (`cap`), which
     is reset at once as ever. None when there is no connection to serve (refused, or accept() failed)."""
     accepted = await _accept(loop, sock)
-    if accepted is None:
-        return None
-    conn, peer = accepted
-    if cap is not None and cap.refuses(peer):
+    return None if accepted is None else await _at_cap(*accepted, slots, cap)
+
+
+async def _at_cap(
+    conn: socket.socket, peer: Any, slots: ConnectionSlots, cap: AddressCap | None
+) -> tuple[socket.socket, Any, Callable[[], None]] | None:
+    """A slot for a connection accepted (`ConnectionSlots.room`: a free one at once, else an idle keep-alive's or the
+    next one freed); one over its address's cap is reset first, so that no keep-alive is closed for it (None)."""
+    if cap is not None and slots.full and cap.refuses(peer):
         reset(conn)
         return None
     try:

@@ -452,10 +452,11 @@ class ProxyHeaderGate(asyncio.Protocol):
 
 def _place_expired(transport: asyncio.Transport, gate: TlsGate, peer: object, held: float) -> None:
     """A health check's place of its own (`SlotWait.aside`) held `held` seconds since its accept: its connection is
-    closed, and the place comes back as it ends; nothing if it has ended already. One serving a request is closed
-    once that answer is sent (`serving`): HAProxy sends a v2 `LOCAL` header for a device it relays without IP
+    closed, and the place comes back as it ends; nothing if it has ended already. One serving a request read whole is
+    closed once that answer is sent (`serving`): HAProxy sends a v2 `LOCAL` header for a device it relays without IP
     addresses too (a frontend on a Unix socket), whose request (an ActiveSync Ping held for minutes) a reset would
-    cut; any other is reset at once."""
+    cut; any other is reset at once, one whose request body still comes included (a check sends none, and a body
+    sent a byte at a time held the place for as long as it came)."""
     if transport.is_closing():
         return
     serving = gate.close_after_answer()

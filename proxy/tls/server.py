@@ -508,13 +508,16 @@ class TlsGate(asyncio.Protocol):
     def close_after_answer(self) -> bool:
         """The connection closed once the answer it is serving is sent (True), for a health check's place that has had
         its time (`proxy.tls.proxy_protocol`); False when it serves no request (its handshake not over, or between two
-        requests): the caller resets it. HAProxy sends a v2 `LOCAL` header for a device it relays without IP
-        addresses too (a frontend on a Unix socket), so a request is not cut. aiohttp's handler closes once its
-        request is answered (`close`: nothing pipelined after it is read), ours as `DeviceConnection.wind_down`."""
+        requests), or while its request's body still comes (a health check sends none; served on, a body sent a byte
+        at a time held the place for as long as it came): the caller resets it. HAProxy sends a v2 `LOCAL` header for
+        a device it relays without IP addresses too (a frontend on a Unix socket), so a request read whole is not cut.
+        aiohttp's handler closes once its request is answered (`close`: nothing pipelined after it is read), ours as
+        `DeviceConnection.wind_down`."""
         app: Any = self._app
         if getattr(app, "takes_tls_records", False):
             return bool(app.close_after_answer())
-        if getattr(app, "_current_request", None) is None:  # aiohttp's handler, answering nothing
+        request = getattr(app, "_current_request", None)
+        if request is None or not request.content.is_eof():  # aiohttp's handler answering nothing, or a body to come
             return False
         app.close()
         return True

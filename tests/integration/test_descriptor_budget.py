@@ -440,3 +440,41 @@ def test_the_descriptors_past_the_cap_are_counted_for_every_listening_socket(lab
         for raw in raws:
             raw.close()
         gw.stop()
+
+
+def test_devices_on_one_of_several_listening_addresses_get_every_slot(lab: LabLayout, tmp_path: Path) -> None:
+    """Listening on three addresses at `max_connections = 3`, three devices on one of them, each holding a request,
+    are all served: an accept loop waiting on an address with no traffic holds no slot; a fourth device waits."""
+    gw = _gateway_on_a_name(lab, tmp_path / "gw", "max_connections = 3\nkeepalive_timeout = 120\n")
+    try:
+
+        async def busy(user: str) -> Stream:
+            """A device on 127.0.0.1, served once, then busy: its next request's head half sent."""
+            stream = await asyncio.open_connection("127.0.0.1", gw.port, ssl=client_context(lab, user))
+            assert (await exchange(stream, "/EWS/first"))[0] == 200
+            stream[1].write(b"GET /EWS/slow HTTP/1.1\r\nHost: 127")
+            await stream[1].drain()
+            return stream
+
+        async def run() -> None:
+            held: list[Stream] = []
+            fourth = None
+            try:
+                for user in ("alice", "bob", "carol"):
+                    try:
+                        held.append(await asyncio.wait_for(busy(user), 30))
+                    except TimeoutError:
+                        raise AssertionError(f"device {len(held) + 1} of 3 ({user}) not served within 30 s") from None
+                gw.mark()
+                fourth = socket.create_connection(("127.0.0.2", gw.port), timeout=30)
+                line = await asyncio.to_thread(gw.wait_event, "connection_limit_reached")
+                assert (line["open"], line["limit"]) == (3, 3), line
+            finally:
+                if fourth is not None:
+                    fourth.close()
+                for _, writer in held:
+                    writer.close()
+
+        asyncio.run(run())
+    finally:
+        gw.stop()

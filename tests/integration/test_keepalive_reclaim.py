@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -942,6 +942,55 @@ def test_a_local_connection_in_a_place_of_its_own_is_answered_not_cut_mid_reques
             event = gw.wait_event("health_check_closed")
             assert event["serving"] is True, event
             for w in (check[1], *(writer for _, writer in busy)):
+                w.close()
+
+        asyncio.run(run())
+
+
+def test_a_local_connection_trickling_a_request_body_is_cut_at_its_places_time(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy, handshake_timeout 3 s: a v2 LOCAL connection in a place
+    of its own sends a POST's head and then its body one byte every 0.5 s. At its place's time (twice
+    handshake_timeout from the accept) it is reset, its request not read whole, logged (`health_check_closed`,
+    `serving` false); it was served on until its body ended (each gap within client_body_timeout), 30 s here."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+
+        async def run() -> None:
+            busy = await two_busy_behind_a_balancer(lab, gw.port)
+            gw.mark()
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(LOCAL)
+            raw.setblocking(False)
+            reader, writer = await asyncio.open_connection(
+                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
+            )
+            length = 60
+            writer.write(head("/EWS/upload", f"Content-Length: {length}\r\n").replace(b"GET", b"POST", 1))
+            sent = 0
+
+            async def trickle() -> None:
+                nonlocal sent
+                with suppress(ConnectionError, ssl.SSLError):
+                    while sent < length:
+                        writer.write(b"x")
+                        await writer.drain()
+                        sent += 1
+                        await asyncio.sleep(0.5)  # the scenario: a body one byte at a time
+
+            trickling = asyncio.ensure_future(trickle())
+            try:
+                try:
+                    answered = await asyncio.wait_for(reader.read(), 60)
+                except (ConnectionError, ssl.SSLError):
+                    answered = b""
+                assert (answered[:12], sent < length) == (b"", True), (answered[:200], sent)
+            finally:
+                trickling.cancel()
+            event = gw.wait_event("health_check_closed")
+            assert event["serving"] is False, event
+            for w in (writer, *(w for _, w in busy)):
                 w.close()
 
         asyncio.run(run())

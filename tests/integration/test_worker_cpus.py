@@ -1,20 +1,25 @@
 """`[listener] worker_cpus`: a real `kcd-proxy run` with two workers pins each to its CPU (read back from
 /proc/<pid>/status), a replacement takes the CPU of the worker it replaces, "auto" keeps to the CPUs the gateway was
-started on (`taskset`), and a CPU it may not use is refused, by `run` and by check-config, naming the key."""
+started on (`taskset`), a CPU it may not use is refused, by `run` and by check-config, naming the key, and a
+replacement whose CPU its cpuset no longer holds serves unpinned, saying so."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from proxy.lab.layout import LabLayout
-from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, curl, free_port, lab_config, start_gateway
+from tests.integration.jsonlog import WAIT, eventually
 
 pytestmark = [
     pytest.mark.skipif(
@@ -125,5 +130,82 @@ def test_a_lone_gateway_is_worker_1(lab: LabLayout, tmp_path: Path, cpus: tuple[
         gw.wait_event("listening", pid=gw.proc.pid)
         threads = list(Path(f"/proc/{gw.proc.pid}/task").iterdir())
         assert {_cpus_allowed(int(task.name)) for task in threads} == {str(cpus[1])}
+    finally:
+        gw.stop()
+
+
+CGROUP_V1_CPUSET = Path("/sys/fs/cgroup/cpuset")  # cgroup v1's cpuset hierarchy (this lab's kernel: hybrid cgroups)
+CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+def _cpuset_parent() -> Path | None:
+    """A cpuset cgroup directory this process may make a child in (v2's root with `cpuset` among its controllers, or
+    v1's cpuset hierarchy), or None."""
+    controllers = CGROUP_V2 / "cgroup.controllers"
+    if controllers.exists() and "cpuset" in controllers.read_text().split():
+        return CGROUP_V2 if os.access(CGROUP_V2 / "cgroup.subtree_control", os.W_OK) else None
+    if (CGROUP_V1_CPUSET / "cpuset.cpus").exists() and os.access(CGROUP_V1_CPUSET, os.W_OK):
+        return CGROUP_V1_CPUSET
+    return None
+
+
+@pytest.fixture
+def cpuset(cpus: tuple[int, int]) -> Iterator[Path]:
+    """A cpuset cgroup of its own holding the two CPUs (the parent's `+cpuset` enabled first under v2, and disabled
+    again after if it was not), removed once every process in it has ended."""
+    parent = _cpuset_parent()
+    if parent is None:
+        pytest.skip("no cpuset cgroup this process may make a child in (cgroup v2 with cpuset, or v1's, as root)")
+    subtree = parent / "cgroup.subtree_control"
+    enabled = parent == CGROUP_V2 and "cpuset" not in subtree.read_text().split()
+    if enabled:
+        subtree.write_text("+cpuset")
+    group = parent / f"kcd-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "cpuset.cpus").write_text(f"{cpus[0]},{cpus[1]}")
+        if parent == CGROUP_V1_CPUSET:  # v1 takes no process before its memory nodes are set
+            (group / "cpuset.mems").write_text((parent / "cpuset.mems").read_text())
+        yield group
+    finally:
+        deadline = time.monotonic() + WAIT
+        while (group / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)  # polled: the gateway's processes leave it as they are reaped
+        group.rmdir()
+        if enabled:
+            with contextlib.suppress(OSError):  # busy if another child took cpuset meanwhile: left as it is then
+                subtree.write_text("-cpuset")
+
+
+def test_a_replacement_whose_cpu_the_cpuset_no_longer_holds_serves_unpinned_naming_it(
+    lab: LabLayout, tmp_path: Path, cpus: tuple[int, int], cpuset: Path
+) -> None:
+    """ "auto" in a cpuset cgroup of two CPUs a and b: worker 2 pinned to b. The operator narrows the cpuset to a, and
+    worker 2 is killed: its replacement cannot pin itself to b, says so (`worker_not_pinned`, naming b and what it may
+    use, a) and serves, on a."""
+    script = f'echo $$ > "{cpuset / "cgroup.procs"}" && exec "$@"'
+    launcher = ("sh", "-c", script, "sh", sys.executable)
+    gw = start_gateway(lab, tmp_path / "gw", _config(lab, '"auto"'), launcher=launcher)
+    try:
+        started = {line["number"]: line for line in _started(gw, 2)}
+        assert started[2]["cpu"] == cpus[1], started
+        assert str(gw.proc.pid) in (cpuset / "cgroup.procs").read_text().split()
+        (cpuset / "cpuset.cpus").write_text(str(cpus[0]))
+        killed = int(str(started[2]["worker"]))
+        gw.mark()
+        os.kill(killed, signal.SIGKILL)
+        replacement = gw.wait_for("worker_started", lambda e: e.get("number") == 2 and e.get("worker") != killed)
+        pid = int(str(replacement["worker"]))
+        unpinned = gw.wait_event("worker_not_pinned", pid=pid)
+        assert (unpinned["cpu"], unpinned["allowed"]) == (cpus[1], str(cpus[0])), unpinned
+        gw.wait_event("listening", pid=pid)
+        assert _cpus_allowed(pid) == str(cpus[0])
+
+        def served_by_the_replacement() -> bool:
+            done = curl(lab, gw.url + "/owa/", "alice")
+            assert done.stdout.endswith("\n200"), (done.stdout[-300:], done.stderr)
+            return any(e["pid"] == pid for e in gw.events("request", gw.since))
+
+        eventually(served_by_the_replacement, "a request served by the replacement")
     finally:
         gw.stop()

@@ -295,8 +295,8 @@ def test_a_connection_whose_protocol_cannot_be_made_does_not_end_the_accept_loop
 
 def test_the_connections_gauge_counts_connections_not_the_slot_an_idle_accept_holds() -> None:
     """`kcd_listener_connections` reads `ConnectionSlots.connections`: 0 on a listener nobody has connected to
-    (each accept loop holds a slot while it waits, so `open` was 1 per listening socket on an idle gateway), 1
-    while one connection is open, 0 again once it has closed."""
+    (an accept loop that waits holds no slot: `open` was once 1 per listening socket on an idle gateway), 1 while one
+    connection is open, 0 again once it has closed."""
 
     class Hold(asyncio.Protocol):
         def __init__(self, give_back: Any) -> None:
@@ -319,13 +319,48 @@ def test_the_connections_gauge_counts_connections_not_the_slot_an_idle_accept_ho
             tasks.append(asyncio.create_task(accept_connections(listener, Hold, slots)))
         try:
             await asyncio.sleep(0.05)  # both loops are waiting in accept
-            assert slots.open == 2
+            assert slots.open == 0
             assert slots.connections == 0
             _, writer = await asyncio.open_connection("127.0.0.1", listeners[0].getsockname()[1])
             await counted(slots, 1)
             writer.close()
             await counted(slots, 0)
         finally:
+            for task in tasks:
+                task.cancel()
+            for listener in listeners:
+                listener.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_accept_loop_on_a_quiet_address_holds_no_slot() -> None:
+    """Two listening sockets sharing a cap of 2, both connections on one of them: both get a protocol and a slot (a
+    loop waiting on the other socket held one, and the second connection stayed in the listen backlog)."""
+
+    made: list[object] = []
+
+    class Held(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.append(transport)
+
+    async def scenario() -> None:
+        listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+        slots = ConnectionSlots(2)
+        tasks = []
+        for listener in listeners:
+            listener.setblocking(False)
+            tasks.append(asyncio.create_task(accept_connections(listener, lambda _closed: Held(), slots)))
+        writers = []
+        try:
+            port = listeners[0].getsockname()[1]
+            for count in (1, 2):
+                writers.append((await asyncio.open_connection("127.0.0.1", port))[1])
+                await _until(lambda count=count: len(made) == count)  # type: ignore[misc]
+            assert slots.open == 2
+        finally:
+            for writer in writers:
+                writer.close()
             for task in tasks:
                 task.cancel()
             for listener in listeners:
