@@ -31,23 +31,33 @@ HOLD = 40  # seconds the backend holds the Ping; the gateway must end it long be
 
 _DEVICE = """
 import json, socket, ssl, sys, time
-port, root, hold, authorization = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+port, root, authorization = int(sys.argv[1]), sys.argv[2], sys.argv[4]
+hold, _, until = sys.argv[3].partition("/")  # "40", or "600/key": held until a request sends X-Lab-Release: key
 context = ssl.create_default_context(cafile=root)
 context.check_hostname = False
 if len(sys.argv) > 5:
     context.load_cert_chain(sys.argv[5], sys.argv[6])
-tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=120), server_hostname="127.0.0.1")
 auth = f"Authorization: {authorization}\\r\\n" if authorization else ""
+auth += f"X-Lab-Hold-Until: {until}\\r\\n" if until else ""
 head = ("POST /Microsoft-Server-ActiveSync?Cmd=Ping HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n" + auth +
         f"X-Lab-Hold-Seconds: {hold}\\r\\nExpect: 100-continue\\r\\nContent-Length: 1\\r\\n\\r\\n")
-tls.sendall(head.encode())
-interim = b""
-while b"\\r\\n\\r\\n" not in interim:
-    chunk = tls.recv(1)
-    if not chunk:
+unavailable, deadline = [], time.monotonic() + 120
+while True:  # a 503 (the KDC or the directory slow: Retry-After) is retried on a new connection, as devices do
+    tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=120), server_hostname="127.0.0.1")
+    tls.sendall(head.encode())
+    interim = b""
+    while b"\\r\\n\\r\\n" not in interim:
+        chunk = tls.recv(1)
+        if not chunk:
+            break
+        interim += chunk
+    first = interim.decode("latin-1").split("\\r\\n")[0]
+    if not first.startswith("HTTP/1.1 503 ") or time.monotonic() > deadline:
         break
-    interim += chunk
-print(json.dumps({"interim": interim.decode("latin-1").split("\\r\\n")[0]}), flush=True)
+    unavailable.append(interim.decode("latin-1"))
+    tls.close()
+    time.sleep(1)  # the device's pace between two tries
+print(json.dumps({"interim": first, "unavailable": unavailable}), flush=True)
 tls.sendall(b"x")
 held = time.monotonic()
 answer = b""
