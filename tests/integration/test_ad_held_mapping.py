@@ -5,7 +5,9 @@ tests change the account in Samba while the Ping is held (its strong `altSecurit
 account disabled) and pin that the held Ping is ended with `403` within `[directory] cache_seconds` and a sweep,
 not served on until the backend answers. The device is a small TLS client inside the realm's namespace that sends
 the Ping with `Expect: 100-continue`: the gateway answers `100 Continue` only once every stage said yes and it
-forwards, so that interim answer is the witness that the Ping is held at the backend.
+forwards, so that interim answer is the witness that the Ping is held at the backend. A 503 instead (the gateway's
+first directory bind waits for its TGT, which Samba answers after any write transaction on sam.ldb: 10 s and more on
+a loaded machine) is the answer a device gets and retries, and so does this one.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def test_a_held_ping_is_ended_within_cache_seconds_of_the_change_whatever_the_ca
         # Another user's request starts the sweeps' clock (the first request held): sweeps at about +10, +20 s.
         cmd = ["curl", "-sS", "--max-time", "30", "--cacert", str(realm.pki.root_cert), "-o", "/dev/null"]
         cmd += ["--cert", str(ad_mapping.cert(realm, "alice-sid")), "--key", str(ad_mapping.key(realm, "alice-sid"))]
-        statuses: list[str] = []  # a 503 (the gateway's first directory bind slower than the DC) is tried again
+        statuses: list[str] = []  # a 503 (the first directory bind given up while the DC was slow): tried again
         deadline = time.monotonic() + WAIT
         while not statuses or (statuses[-1] == "503" and time.monotonic() < deadline):
             statuses.append(realm.run([*cmd, "-w", "%{http_code}", f"{gw.url}/owa/"], timeout=60).stdout)
