@@ -32,6 +32,7 @@ from tests.integration.test_ad_held_mapping import _DEVICE, _certificate
 pytestmark = pytest.mark.timeout(AD_TIMEOUT)
 
 HOLD = 40  # seconds the backend holds an ended Ping; the gateway must end it long before
+KEPT = 110  # seconds the backend holds a Ping the test ends itself (X-Lab-Release), under the device's 120 s read
 EVERY = 2  # [directory] cache_seconds: the sweep's period
 
 
@@ -106,9 +107,18 @@ class _Ping:
     """A device's Ping held at the backend: started, then its answer read."""
 
     def __init__(
-        self, realm: ad.AdRealm, gw: AdProcess, hold: int, *, basic: str = "", cert: tuple[Path, Path] | None = None
+        self,
+        realm: ad.AdRealm,
+        gw: AdProcess,
+        hold: int,
+        *,
+        basic: str = "",
+        cert: tuple[Path, Path] | None = None,
+        until: str = "",
     ) -> None:
-        argv = [sys.executable, "-c", _DEVICE, str(gw.port), str(realm.pki.root_cert), str(hold), basic]
+        """`until`: the backend holds the Ping until a request sends `X-Lab-Release: until` (or `hold` ends)."""
+        held = f"{hold}/{until}" if until else str(hold)
+        argv = [sys.executable, "-c", _DEVICE, str(gw.port), str(realm.pki.root_cert), held, basic]
         argv += [str(cert[0]), str(cert[1])] if cert is not None else []
         self.proc = subprocess.Popen(realm.netns_argv(argv), stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
@@ -155,7 +165,8 @@ def test_a_held_ping_is_ended_when_its_account_is_disabled_and_another_users_is_
             (tmp_path / "cert").mkdir()
             held = _Ping(realm, gw, HOLD, cert=_certificate(realm, tmp_path / "cert", user.upn))
         pings.append(held)
-        others = _Ping(realm, gw, HOLD // 2, basic=other.basic)  # held across sweeps, and left alone by them
+        key = f"others-{secrets.token_hex(6)}"  # the backend is shared: a key of this test's own
+        others = _Ping(realm, gw, KEPT, basic=other.basic, until=key)  # held across sweeps until released below
         pings.append(others)
         gw.mark()
         realm.samba_tool("user", "disable", user.name)
@@ -165,8 +176,12 @@ def test_a_held_ping_is_ended_when_its_account_is_disabled_and_another_users_is_
         ended = gw.wait_event("held_request_ended", upn=user.upn if sign_in != "basic" else f"{user.name}@{ad.REALM}")
         assert "the account is disabled" in ended["reason"]
         assert "samba-tool user enable" in ended["fix"]
+        assert others.proc.poll() is None  # still held: no sweep ended it
+        release = ("-u", f"{other.upn}:{other.password}", "-H", f"X-Lab-Release: {key}")
+        released = ad_curl(realm, f"{gw.url}/owa/", None, *release)
+        assert status_and_body(released)[0] == 200, released.stdout
         kept = others.answer()
-        assert kept.get("status") == "200", kept  # the other user's Ping ran its whole hold
+        assert kept.get("status") == "200", kept  # the other user's Ping was held until the test released it
         assert not [e for e in gw.events("held_request_ended", gw.since) if other.name in json.dumps(e)]
         if sign_in == "basic":  # the next request is the KDC's to judge again, not the cached password's
             again = ad_curl(realm, f"{gw.url}/owa/", None, "-u", f"{user.upn}:{user.password}")

@@ -257,8 +257,8 @@ def test_a_device_that_leaves_mid_handshake_gives_its_slot_back(scene: Scene, ho
         sock.shutdown(socket.SHUT_WR)
         read_until_closed(sock)
         sock.close()
-    event = scene.gw.wait_for("tls_handshake_abandoned", lambda e: True, timeout=LIMIT_S - 0.5)
-    assert "longer than" not in str(event.get("reason"))
+    event = scene.gw.wait_for("tls_handshake_abandoned", lambda e: True, what="the abandoned handshake's line")
+    assert "longer than" not in str(event.get("reason"))  # not handshake_timeout's end ("taking longer than")
     scene.settled()
 
 

@@ -35,7 +35,7 @@ from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki, ocsp_responder_argv, revoke
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
-from tests.integration.jsonlog import eventually
+from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.recorder import read_head
 
 REFRESH = 1  # crl_refresh_seconds in these tests
@@ -265,7 +265,7 @@ def test_crl_signed_by_the_wrong_key_is_never_used(lab: LabLayout, tmp_path: Pat
 def wait_for_openssl_ocsp(proc: subprocess.Popen[bytes], log: Path) -> None:
     """Until `openssl ocsp` (`proc`, its output in `log`) says it listens: its log read, not its port (a probing
     connect would wedge it); it must not exit meanwhile."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT
     while b"waiting for OCSP client connections" not in log.read_bytes():
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
