@@ -34,8 +34,8 @@ nothing: it serves as they do. A file missing, unreadable or not empty counts as
 refuses, as before. An attacker on a plain-HTTP CRL URL cannot empty a sibling's file: a worker that took a CRL from
 the source writes a file that holds it (and, from left33 on, keeps the CRLs of scopes a later answer left out in it
 until their nextUpdate), and only a process that holds nothing of the source writes an empty one. A running worker whose
-read of a source is refused below the floor while it holds no CRL of it (a replay answered to it, the newer CRL to a
-sibling) starts the source from these files too (`CrlStore._behind`).
+read of a source leaves it holding no CRL of it (a replay answered to it, the newer CRL to a sibling; or the answer
+withheld from it: none, a 404, bytes that are no CRL) starts the source from these files too (`CrlStore._behind`).
 
 A file holds one read of its source (`MAX_CRL_BYTES` at most; kept in PEM, a third more) and the CRLs the worker
 carries beside it, each once such a read: together they can pass `MAX_CRL_BYTES`, and a replacement reading with that
