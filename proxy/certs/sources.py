@@ -676,14 +676,16 @@ def _write_kept(kept: KeptCrls, location: str, data: bytes, carried: Sequence[Cr
     ders = (crl_ders(data, location) if data else []) + [
         crl.crl.public_bytes(serialization.Encoding.DER) for crl in carried
     ]
-    if not kept.keep(location, data if ders == [data] else b"".join(crl_pem(der) for der in ders)):
+    if (error := kept.keep(location, data if ders == [data] else b"".join(crl_pem(der) for der in ders))) is not None:
         log.warning(
             "crl_not_kept",
             source=shown_location(location),
             limit=MAX_KEPT_BYTES,
-            detail="the CRLs this worker holds of this source are more than a replacement reads of its kept file: one "
-            "replacing a worker starts without them (beside other workers, it is not started if the source then gives "
-            "an older CRL)",
+            error=error,
+            detail="the CRLs this worker holds of this source are not in its kept file (more than a replacement reads "
+            "of one, or the file could not be written: a full disk?): one replacing a worker, or a worker the source "
+            "gives no CRL, starts without them (beside other workers, a replacement is not started if the source then "
+            "gives an older CRL)",
         )
 
 

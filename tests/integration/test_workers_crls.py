@@ -413,3 +413,31 @@ def test_a_running_worker_whose_crl_url_is_withheld_while_holding_nothing_takes_
             os.kill(two, signal.SIGCONT)
         gw.stop()
         server.close()
+
+
+def test_a_kept_file_that_cannot_be_written_is_logged_naming_why(lab: LabLayout, tmp_path: Path) -> None:
+    """A worker whose kept file cannot be written (as on a full disk: a directory in the file's place here) when it
+    takes the issuing CA's 3001 says so (`crl_not_kept`, `error`): nothing said it before, and a replacement beside it
+    then refusing a replay, or a sibling withheld the URL serving without the CRL, was owed to a disk no line named."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    answer = {"crl": (404, b"")}
+    server = _CrlServer(lambda _path, _headers: answer["crl"])
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    text = _with_url(lab, url, root_crl, f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
+    crls = f'crls = ["{url}", "{root_crl}"]'
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    try:
+        _listening_pids(gw, 2)
+        directory, number = _siblings(gw)
+        one = min(number, key=number.__getitem__)
+        kept = directory / "crls" / f"{kept_name(url)}.{number[one]}.crl"
+        eventually(kept.exists, "worker 1's kept file (empty: it holds nothing of the URL)")
+        kept.unlink()
+        kept.mkdir()  # its next write cannot replace it, as a full disk fails it
+        gw.mark()
+        answer["crl"] = (200, newer)
+        line = gw.wait_event("crl_not_kept", pid=one, source=url)
+        assert "Is a directory" in line["error"], line
+    finally:
+        gw.stop()
+        server.close()
