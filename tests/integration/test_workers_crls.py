@@ -441,3 +441,38 @@ def test_a_kept_file_that_cannot_be_written_is_logged_naming_why(lab: LabLayout,
     finally:
         gw.stop()
         server.close()
+
+
+@pytest.mark.slow(seconds=25)
+def test_a_replacement_forked_before_the_reload_that_moved_the_crl_url_takes_its_sibling_s_crl_after_it(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """The configuration's issuing-CA CRL URL edited to a new URL that does not answer, and a worker dies before the
+    SIGHUP: its replacement reads the edited file, finds nothing kept under the new URL (its sibling keeps 3001 under
+    the old one) and holds nothing. Once the SIGHUP came, the sibling kept 3001 under the new URL (`inherit`), but the
+    replacement, holding nothing before its reload, held nothing after it and served carol (200) beside the sibling
+    refusing her, for as long as the new URL did not answer. A worker whose read leaves it holding nothing now starts
+    from its siblings' kept CRLs: carol 403 on both."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    server = _CrlServer(lambda path, _headers: (200, newer) if path == "/old.crl" else (404, b""))
+    old, new = (f"http://127.0.0.1:{server.port}/{name}.crl" for name in ("old", "new"))
+    text = _with_url(lab, old, root_crl)
+    crls = f'crls = ["{old}", "{root_crl}"]'
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    try:
+        first, second = _listening_pids(gw, 2)
+        edited = tmp_path / "edited.toml"
+        edited.write_text(gw.config_path.read_text().replace(old, new))
+        edited.replace(gw.config_path)
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _replacement(gw, first, second)["pid"]
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (second, replacement):
+            gw.wait_event("reloaded", pid=pid)
+        gw.wait_event("crl_taken_from_siblings", pid=replacement, source=new)
+        _revoked_on_each(lab, gw, {second, replacement})
+    finally:
+        gw.stop()
+        server.close()
