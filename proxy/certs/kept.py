@@ -34,14 +34,16 @@ nothing: it serves as they do. A file missing, unreadable or not empty counts as
 refuses, as before. An attacker on a plain-HTTP CRL URL cannot empty a sibling's file: a worker that took a CRL from
 the source writes a file that holds it (and, from left33 on, keeps the CRLs of scopes a later answer left out in it
 until their nextUpdate), and only a process that holds nothing of the source writes an empty one. A running worker whose
-read of a source is refused below the floor while it holds no CRL of it (a replay answered to it, the newer CRL to a
-sibling) starts the source from these files too (`CrlStore._behind`).
+read of a source leaves it holding no CRL of it (a replay answered to it, the newer CRL to a sibling; or the answer
+withheld from it: none, a 404, bytes that are no CRL) starts the source from these files too (`CrlStore._behind`).
 
 A file holds one read of its source (`MAX_CRL_BYTES` at most; kept in PEM, a third more) and the CRLs the worker
 carries beside it, each once such a read: together they can pass `MAX_CRL_BYTES`, and a replacement reading with that
 bound skipped the file and started without its siblings' CRLs. It is read with the bound of what a worker may so hold,
 `MAX_KEPT_BYTES`; a worker that would write more writes nothing, removes its file and logs `crl_not_kept` (a
-replacement then refuses beside it, or serves without as a lone one would).
+replacement then refuses beside it, or serves without as a lone one would). So does a worker whose write fails (a
+full disk), with the `error`: a replacement refusing a replay beside it, or a sibling withheld the source starting
+without its CRLs, is then owed to the disk, and the line says so.
 """
 
 from __future__ import annotations
@@ -70,26 +72,27 @@ class KeptCrls:
     adopt: bool = False  # a replacement: each source starts from the newest of its siblings' files (`offered`)
     beside: tuple[int, ...] = ()  # a replacement: the numbers of its siblings serving as it was forked (`held_beside`)
 
-    def keep(self, location: str, data: bytes) -> bool:
+    def keep(self, location: str, data: bytes) -> str | None:
         """What this worker holds of `location` (the bytes it gave, whose CRLs it took; b"": nothing), written whole (a
-        part renamed over the file); past `MAX_KEPT_BYTES`, its file removed instead (False: the caller logs it). A
-        write that fails (a full disk) removes the file too: it might say less than this worker holds
-        (`held_beside`)."""
+        part renamed over the file); past `MAX_KEPT_BYTES`, its file removed instead. A write that fails (a full disk)
+        removes the file too: it might say less than this worker holds (`held_beside`). None once written, else why not
+        (the caller logs it)."""
         part = self.directory / f".{_name(location)}.{os.getpid()}.{threading.get_ident()}.part"
         file = self.directory / f"{_name(location)}.{self.number}.crl"
         try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             if len(data) > MAX_KEPT_BYTES:
                 file.unlink(missing_ok=True)
-                return False
+                return f"{len(data)} bytes, more than {MAX_KEPT_BYTES}"
             part.write_bytes(data)
             part.replace(file)
-        except OSError:
+        except OSError as exc:
             with contextlib.suppress(OSError):
                 part.unlink()
             with contextlib.suppress(OSError):
                 file.unlink()
-        return True
+            return f"{type(exc).__name__}: {exc.strerror or exc}"
+        return None
 
     def offered(self, location: str) -> Iterator[bytes]:
         """What the workers of this gateway (this number's predecessors too) took from `location`, one file at a time,

@@ -306,12 +306,13 @@ class CrlStore:
                 data = await asyncio.to_thread(_read_file, state.source.location)
         except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self._failed(state, now, exc)
-            return
-        if self._unchanged(state, data, now):
-            changed = self._release(state, now)
-        else:  # read, checked and indexed in a thread: see _vet
-            vetted = await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors)
-            changed = self._keep(state, vetted, now)
+            data, changed = b"", False  # holding nothing, it looks at its siblings' CRLs below (`_behind`)
+        else:
+            if self._unchanged(state, data, now):
+                changed = self._release(state, now)
+            else:  # read, checked and indexed in a thread: see _vet
+                vetted = await asyncio.to_thread(_vet, state, data, self.trust, now, self.floors)
+                changed = self._keep(state, vetted, now)
         if self.kept is None:
             return
         if changed:
@@ -409,11 +410,12 @@ class CrlStore:
         return True
 
     def _behind(self, state: _State) -> bool:
-        """Whether `state`'s source holds no CRL because its last read was refused below a replay floor: a worker then
-        starts it from its siblings' kept CRLs (`_adopt`), as a replacement does before its first read. Served without,
-        it passed what their newer CRL revokes (an answer older than the one a sibling took: anyone on a plain-HTTP
-        path can replay one to one worker and not another)."""
-        return state.below_floor and not state.crls
+        """Whether `state`'s source holds no CRL after a read that gave it none: refused below a replay floor, failed
+        (no answer, a 404) or refused otherwise (bytes that are no CRL). A worker then starts it from its siblings' kept
+        CRLs (`_adopt`), as a replacement does before its first read. Served without, it passed what their CRL revokes:
+        anyone on a plain-HTTP path can replay an older answer, or withhold the answer, to one worker and not another
+        (each such refresh reads the siblings' files for it: empty ones while none holds a CRL of it)."""
+        return not state.crls
 
     def _adopt(self, state: _State, kept: list[Crl], data: bytes) -> bool:
         """Start `state` from the CRLs a sibling kept (`_newest_kept`, read from `data`), checked again against what it
@@ -674,14 +676,16 @@ def _write_kept(kept: KeptCrls, location: str, data: bytes, carried: Sequence[Cr
     ders = (crl_ders(data, location) if data else []) + [
         crl.crl.public_bytes(serialization.Encoding.DER) for crl in carried
     ]
-    if not kept.keep(location, data if ders == [data] else b"".join(crl_pem(der) for der in ders)):
+    if (error := kept.keep(location, data if ders == [data] else b"".join(crl_pem(der) for der in ders))) is not None:
         log.warning(
             "crl_not_kept",
             source=shown_location(location),
             limit=MAX_KEPT_BYTES,
-            detail="the CRLs this worker holds of this source are more than a replacement reads of its kept file: one "
-            "replacing a worker starts without them (beside other workers, it is not started if the source then gives "
-            "an older CRL)",
+            error=error,
+            detail="the CRLs this worker holds of this source are not in its kept file (more than a replacement reads "
+            "of one, or the file could not be written: a full disk?): one replacing a worker, or a worker the source "
+            "gives no CRL, starts without them (beside other workers, a replacement is not started if the source then "
+            "gives an older CRL)",
         )
 
 

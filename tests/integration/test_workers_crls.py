@@ -373,3 +373,106 @@ def test_a_running_worker_given_a_replay_while_holding_nothing_takes_the_crl_its
             os.kill(two, signal.SIGCONT)
         gw.stop()
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("withheld", "said"), [((404, b""), "crl_fetch_failed"), ((200, b"not a CRL"), "crl_rejected")]
+)
+def test_a_running_worker_whose_crl_url_is_withheld_while_holding_nothing_takes_the_crl_its_sibling_keeps(
+    lab: LabLayout, tmp_path: Path, withheld: tuple[int, bytes], said: str
+) -> None:
+    """Neither worker holds the issuing CA's CRL (its URL answered 404 at their start); the URL (anyone on its
+    plain-HTTP path) answers 3001 (carol revoked) to worker 1 alone (worker 2 stopped), then withholds it (a 404, or
+    bytes that are no CRL) once worker 2 is continued: worker 2's read failed while it held nothing, and carol got 403
+    from worker 1 and 200 from worker 2 (best-effort). A worker whose read of a source leaves it holding no CRL of it
+    starts it from its siblings' kept files, refused below the floor or not: carol 403 on both."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    answer = {"crl": (404, b"")}
+    server = _CrlServer(lambda _path, _headers: answer["crl"])
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    text = _with_url(lab, url, root_crl, f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
+    crls = f'crls = ["{url}", "{root_crl}"]'
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    try:
+        _listening_pids(gw, 2)
+        directory, number = _siblings(gw)
+        one, two = sorted(number, key=number.__getitem__)
+        kept = directory / "crls" / f"{kept_name(url)}.{number[one]}.crl"
+        os.kill(two, signal.SIGSTOP)
+        answer["crl"] = (200, newer)
+        eventually(lambda: kept.exists() and kept.read_bytes() == newer, "3001 kept by worker 1")
+        answer["crl"] = withheld
+        gw.mark()
+        os.kill(two, signal.SIGCONT)
+        gw.wait_events(said, 2, accept=lambda e: e.get("pid") == two and e.get("source") == url)
+        _revoked_on_each(lab, gw, {one, two})
+        taken = gw.wait_event("crl_taken_from_siblings", pid=two, source=url)
+        assert taken["crl_number"] == 3001, taken
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(two, signal.SIGCONT)
+        gw.stop()
+        server.close()
+
+
+def test_a_kept_file_that_cannot_be_written_is_logged_naming_why(lab: LabLayout, tmp_path: Path) -> None:
+    """A worker whose kept file cannot be written (as on a full disk: a directory in the file's place here) when it
+    takes the issuing CA's 3001 says so (`crl_not_kept`, `error`): nothing said it before, and a replacement beside it
+    then refusing a replay, or a sibling withheld the URL serving without the CRL, was owed to a disk no line named."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    answer = {"crl": (404, b"")}
+    server = _CrlServer(lambda _path, _headers: answer["crl"])
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    text = _with_url(lab, url, root_crl, f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
+    crls = f'crls = ["{url}", "{root_crl}"]'
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    try:
+        _listening_pids(gw, 2)
+        directory, number = _siblings(gw)
+        one = min(number, key=number.__getitem__)
+        kept = directory / "crls" / f"{kept_name(url)}.{number[one]}.crl"
+        eventually(kept.exists, "worker 1's kept file (empty: it holds nothing of the URL)")
+        kept.unlink()
+        kept.mkdir()  # its next write cannot replace it, as a full disk fails it
+        gw.mark()
+        answer["crl"] = (200, newer)
+        line = gw.wait_event("crl_not_kept", pid=one, source=url)
+        assert "Is a directory" in line["error"], line
+    finally:
+        gw.stop()
+        server.close()
+
+
+@pytest.mark.slow(seconds=25)
+def test_a_replacement_forked_before_the_reload_that_moved_the_crl_url_takes_its_sibling_s_crl_after_it(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """The configuration's issuing-CA CRL URL edited to a new URL that does not answer, and a worker dies before the
+    SIGHUP: its replacement reads the edited file, finds nothing kept under the new URL (its sibling keeps 3001 under
+    the old one) and holds nothing. Once the SIGHUP came, the sibling kept 3001 under the new URL (`inherit`), but the
+    replacement, holding nothing before its reload, held nothing after it and served carol (200) beside the sibling
+    refusing her, for as long as the new URL did not answer. A worker whose read leaves it holding nothing now starts
+    from its siblings' kept CRLs: carol 403 on both."""
+    newer, _older, root_crl = _issuing_crls(lab, tmp_path)
+    server = _CrlServer(lambda path, _headers: (200, newer) if path == "/old.crl" else (404, b""))
+    old, new = (f"http://127.0.0.1:{server.port}/{name}.crl" for name in ("old", "new"))
+    text = _with_url(lab, old, root_crl)
+    crls = f'crls = ["{old}", "{root_crl}"]'
+    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    try:
+        first, second = _listening_pids(gw, 2)
+        edited = tmp_path / "edited.toml"
+        edited.write_text(gw.config_path.read_text().replace(old, new))
+        edited.replace(gw.config_path)
+        gw.mark()
+        os.kill(first, signal.SIGKILL)
+        replacement = _replacement(gw, first, second)["pid"]
+        gw.mark()
+        gw.proc.send_signal(signal.SIGHUP)
+        for pid in (second, replacement):
+            gw.wait_event("reloaded", pid=pid)
+        gw.wait_event("crl_taken_from_siblings", pid=replacement, source=new)
+        _revoked_on_each(lab, gw, {second, replacement})
+    finally:
+        gw.stop()
+        server.close()

@@ -105,7 +105,8 @@ def test_a_url_source_starts_from_the_kept_crl_when_its_first_fetch_fails(
     pki: Pki, trust: TrustList, tmp_path: Path
 ) -> None:
     """A replacement whose CRL URL does not answer at its first fetch holds the kept CRL (carol revoked) instead of
-    nothing; a first worker (not a replacement) never reads the kept files."""
+    nothing; so does a first worker (not a replacement), which reads the kept files once a read left it holding none
+    (a withheld answer: served without, it passed what its siblings' CRL revokes)."""
     asyncio.run(_url_source_starts_from_the_kept_crl(pki, trust, tmp_path))
 
 
@@ -122,7 +123,7 @@ async def _url_source_starts_from_the_kept_crl(pki: Pki, trust: TrustList, tmp_p
         await replacement.close()
         await first.close()
     assert status(replacement, carol) is RevocationStatus.REVOKED
-    assert status(first, carol) is not RevocationStatus.REVOKED
+    assert status(first, carol) is RevocationStatus.REVOKED
 
 
 def test_a_source_giving_the_kept_bytes_is_not_vetted_twice(trust: TrustList, pki: Pki, tmp_path: Path) -> None:
@@ -329,7 +330,7 @@ def test_a_kept_file_that_cannot_be_rewritten_is_removed_not_left_saying_less(pk
     worker.keep(location, b"")
     assert not KeptCrls(directory, 1, beside=(2,)).held_beside(location)
     (directory / f".{kept_module._name(location)}.{os.getpid()}.{threading.get_ident()}.part").mkdir()
-    worker.keep(location, _issuing_crl(pki, 7, 77))
+    assert worker.keep(location, _issuing_crl(pki, 7, 77)) == "IsADirectoryError: Is a directory"  # logged: why
     assert list(directory.glob("*.crl")) == []
     assert KeptCrls(directory, 1, beside=(2,)).held_beside(location)
 
