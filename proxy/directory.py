@@ -394,6 +394,7 @@ class Directory:
                 entries = await self._search_at(url, filter_exp, root=root)
             except _GaveUp as e:
                 problems.append(f"{url}: {e}")
+                slow = slow and str(e).startswith("busy")  # no turn on its connection in time, not another's failure
                 continue
             except _Waited as e:
                 self._failed[url] = self._clock()
@@ -510,7 +511,8 @@ class Directory:
             async with asyncio.timeout(self._settings.timeout):
                 await lock.acquire()
         except TimeoutError:
-            raise _GaveUp(f"busy: no turn on its connection within {self._settings.timeout:g} s") from None
+            waited = f"directory.timeout ({self._settings.timeout:g} s)"
+            raise _GaveUp(f"busy: no turn on its connection within {waited}") from None
         try:
             if self._failed.get(url, -math.inf) > asked:
                 raise _GaveUp("failed for another look-up while this one waited for it")
