@@ -53,6 +53,7 @@ from proxy.config import Kerberos
 from proxy.errors import (
     DirectoryUnavailable,
     GatewayError,
+    KdcNotAsked,
     KdcUnavailable,
     KerberosMisconfigured,
     KerberosOverloaded,
@@ -65,7 +66,7 @@ from proxy.identity.sid import Sid
 from proxy.kerberos.client import ldap_ticket
 from proxy.kerberos.hints import ProtectedUsers
 from proxy.kerberos.profile import use_profile
-from proxy.kerberos.threads import KdcThreads, NoThread, no_thread_error
+from proxy.kerberos.threads import KdcThreads, NoThread
 
 log = structlog.get_logger("kcd-proxy.directory")
 
@@ -74,8 +75,6 @@ _GENERALIZED_TIME = re.compile(r"(\d{14})(?:[.,]\d+)?Z")  # UTC only: AD writes 
 CACHE_SIZE = 50_000  # accounts kept at most (a few hundred bytes each)
 NO_BASE = "check [directory] base_dn: the DN of the domain, or of an OU in it, readable with the bind"
 FAILED_SERVER_SECONDS = 30.0  # a server that failed is tried after the others for this long
-# what makes one directory server's attempt fail, the next one tried (the bind's Kerberos failures included)
-_SERVER_FAILED = (TimeoutError, bonsai.LDAPError, OSError, KerberosMisconfigured, KerberosOverloaded, KdcUnavailable)
 ATTRIBUTES = [
     "sAMAccountName",
     "userPrincipalName",
@@ -117,6 +116,38 @@ CONTROL_ACCESS = 0x100  # ADS_RIGHT_DS_CONTROL_ACCESS ([MS-ADTS] 5.1.3.2)
 
 class _GaveUp(Exception):
     """A look-up passed a server by without asking it (its connection busy, or failed just now): the next URL."""
+
+
+class _Waited(Exception):
+    """A server's attempt ended by one of the gateway's own limits, which `ended_by` names as an operator would set it
+    (`2 x directory.timeout (10 s)`, `kerberos.kdc_timeout (10 s)`); `error` says what was left unanswered."""
+
+    def __init__(self, ended_by: str, error: str) -> None:
+        super().__init__(error)
+        self.ended_by = ended_by
+        self.error = error
+
+
+# what makes one directory server's attempt fail, the next one tried (the bind's Kerberos failures included)
+_SERVER_FAILED = (
+    TimeoutError,
+    _Waited,
+    bonsai.LDAPError,
+    OSError,
+    KerberosMisconfigured,
+    KerberosOverloaded,
+    KdcUnavailable,
+)
+
+
+@dataclass(frozen=True)
+class _GivenUp:
+    """The bind's last ticket request its caller stopped waiting for: for `url`, asked at `asked` (the directory's
+    clock), the wait ended by `ended_by`. It holds the directory's one KDC thread until the KDC answers."""
+
+    url: str
+    asked: float
+    ended_by: str
 
 
 @dataclass(frozen=True)
@@ -248,6 +279,7 @@ class Directory:
         # finding the thread held by such a call is refused at once, not queued behind it; and a stop does not
         # wait for MIT (a daemon thread: Python's exit joins a ThreadPoolExecutor's threads).
         self._kdc = KdcThreads(1, kerberos.kdc_timeout, "directory-kdc")
+        self._given_up: _GivenUp | None = None  # the ticket request that thread may still be in (its refusals say so)
         self.held = HeldMappings(self, settings.cache_seconds)  # requests held at the backend, judged again
         self.searches = 0  # LDAP searches made (tests and metrics: the cache and single flight keep this low)
         self.binds = 0  # connections opened and bound (a kept connection makes this 1 per server)
@@ -356,16 +388,24 @@ class Directory:
         names what was looked for, a `kind`); DirectoryUnavailable if no server answers. Each URL in order until one
         answers."""
         problems: list[str] = []
+        slow = True  # every server's attempt ended by a limit on a wait: the KDC or the directory slow to answer
         for url in self._in_turn():
             try:
                 entries = await self._search_at(url, filter_exp, root=root)
             except _GaveUp as e:
                 problems.append(f"{url}: {e}")
+                slow = slow and str(e).startswith("busy")  # no turn on its connection in time, not another's failure
+                continue
+            except _Waited as e:
+                self._failed[url] = self._clock()
+                problems.append(f"{url}: {e.error}")
+                log.warning("directory_server_failed", url=url, error=_describe(e), ended_by=e.ended_by)
                 continue
             except _SERVER_FAILED as e:
                 self._failed[url] = self._clock()
                 problems.append(f"{url}: {_describe(e)}")
                 log.warning("directory_server_failed", url=url, error=_describe(e))
+                slow = False
                 continue
             self._failed.pop(url, None)
             self.searches += 1
@@ -376,31 +416,73 @@ class Directory:
                     f"the {kind} matches several accounts in the directory", hint=f"{what} matches {dns}; {rule}"
                 )
             return _account(entries[0]) if entries else None
+        if not slow:
+            raise DirectoryUnavailable(
+                "the directory cannot be reached; try again later",
+                hint="no directory server answered: " + "; ".join(problems),
+            )
+        retry = DirectoryUnavailable.headers["Retry-After"]
         raise DirectoryUnavailable(
-            "the directory cannot be reached; try again later",
-            hint="no directory server answered: " + "; ".join(problems),
+            f"the directory cannot be reached: it did not answer in time; try again in {retry} s",
+            hint="no directory server answered in time: " + "; ".join(problems) + "; the KDC or the directory is slow "
+            f"to answer (a DC under load, or a write held on its database): devices are told to retry after {retry} s "
+            "(Retry-After); if it lasts, check the DC, and raise the limit named only if the DC answers, just slowly",
         )
 
-    async def _connection(self, url: str) -> Any:
-        """The open connection to `url`, or a new one (connect and bind: a KDC exchange with bind = "kerberos")."""
+    async def _connection(self, url: str, bound: str) -> Any:
+        """The open connection to `url`, or a new one (connect and bind: a KDC exchange with bind = "kerberos");
+        `bound` names the caller's limit on all of it (`_tickets`)."""
         conn = self._connections.get(url)
         if conn is None or conn.closed:
-            await self._tickets(url)
+            await self._tickets(url, bound)
             conn = await self._client(url).connect(is_async=True, timeout=self._settings.timeout)
             self._connections[url] = conn
             self.binds += 1
         return conn
 
-    async def _tickets(self, url: str) -> None:
+    async def _tickets(self, url: str, bound: str) -> None:
         """bind = "kerberos": a TGT and the ldap/<host> ticket in CCACHE before SASL GSSAPI looks (in the
-        directory's own KDC thread: it may talk to the KDC, which may hang). KdcUnavailable at once when that thread
-        is held by a call the KDC left unanswered."""
-        if self._settings.bind == "kerberos":
-            host = urlsplit(url).hostname or ""
-            try:
-                await self._kdc.run(ldap_ticket, self._kerberos, CCACHE, host)
-            except NoThread as e:
-                raise no_thread_error(e, self._kdc, self._realm, "the directory bind's tickets") from None
+        directory's own KDC thread: it may talk to the KDC, which may hang). `_Waited` naming `kerberos.kdc_timeout`
+        when that ends the wait; a wait the caller's `bound` ends (`2 x directory.timeout (10 s)`) is remembered, so
+        that the refusals made while the request still holds the thread (`_Waited`, at once) name the limit that
+        ended it, not one that did not."""
+        if self._settings.bind != "kerberos":
+            return
+        host = urlsplit(url).hostname or ""
+        asked = self._clock()
+        try:
+            await self._kdc.run(ldap_ticket, self._kerberos, CCACHE, host)
+        except NoThread as e:
+            raise self._still_asking(e) from None
+        except TimeoutError:  # the thread's own limit (its wait for the thread included): kdc_timeout
+            ended_by = f"kerberos.kdc_timeout ({self._kdc.timeout:g} s)"
+            self._given_up = _GivenUp(url, asked, ended_by)
+            raise _Waited(
+                ended_by,
+                f"no ticket for the directory bind within {ended_by}: the KDC of {self._realm} did not answer the "
+                "gateway's own ticket request (its TGT, then ldap/" + host + ")",
+            ) from None
+        except asyncio.CancelledError:  # the caller's bound (or a stop) ended the wait; the call runs on in its thread
+            self._given_up = _GivenUp(url, asked, bound)
+            raise
+
+    def _still_asking(self, e: NoThread) -> Exception:
+        """The refusal of a bind that finds the directory's one KDC thread held (`_tickets`): by a ticket request
+        given up on (`_given_up`, still unanswered: the KDC slow), or, rarely, one still waited for."""
+        given = self._given_up
+        if e.abandoned < e.held or given is None:  # not kerberos.max_in_flight's threads: the directory has one
+            return KdcNotAsked(
+                "the authentication service is busy; try again shortly",
+                hint=f"the KDC of {self._realm} answers slowly: the directory's one KDC thread is in a bind's ticket "
+                f"request and {self._kdc.waiting} more binds wait for it",
+            )
+        age = self._clock() - given.asked
+        return _Waited(
+            given.ended_by,
+            f"the KDC of {self._realm} has not yet answered the directory bind's ticket request for {given.url} made "
+            f"{age:.1f} s ago and given up at {given.ended_by}: it holds the directory's one KDC thread until the KDC "
+            "answers (or MIT gives up, about 25 s), and no other bind is asked meanwhile",
+        )
 
     def _in_turn(self) -> list[str]:
         """The URLs in the order to try them: as configured, those that failed in the last
@@ -429,7 +511,8 @@ class Directory:
             async with asyncio.timeout(self._settings.timeout):
                 await lock.acquire()
         except TimeoutError:
-            raise _GaveUp(f"busy: no turn on its connection within {self._settings.timeout:g} s") from None
+            waited = f"directory.timeout ({self._settings.timeout:g} s)"
+            raise _GaveUp(f"busy: no turn on its connection within {waited}") from None
         try:
             if self._failed.get(url, -math.inf) > asked:
                 raise _GaveUp("failed for another look-up while this one waited for it")
@@ -443,22 +526,39 @@ class Directory:
         """`filter_exp` under `root` (default base_dn; a subtree), or the entry `base` itself when given."""
         timeout = self._settings.timeout
         scope = bonsai.LDAPSearchScope.SUBTREE if base is None else bonsai.LDAPSearchScope.BASE
+        bound = f"2 x directory.timeout ({timeout * 2:g} s)"
         for attempt in (1, 2):  # a kept connection the server has since closed fails once; a new one is tried
             reused = url in self._connections
+            began = self._clock()
             try:
                 async with asyncio.timeout(timeout * 2):  # connect (and bind), then search, each within timeout
-                    conn = await self._connection(url)
+                    conn = await self._connection(url, bound)
                     result = await conn.search(
                         base or root or self._settings.base_dn, scope, filter_exp, attributes, timeout=timeout
                     )
-            except (TimeoutError, bonsai.LDAPError, OSError) as e:
+            except TimeoutError:  # the bound just above: a new connection would wait as long
+                self._drop(url)
+                raise _Waited(bound, self._bound_ended(url, began, timeout * 2)) from None
+            except (bonsai.LDAPError, OSError) as e:
                 self._drop(url)
                 # A server that answered nothing in time is not retried: a new connection would wait as long
-                if attempt == 2 or not reused or isinstance(e, (TimeoutError, bonsai.TimeoutError)):
+                if attempt == 2 or not reused or isinstance(e, bonsai.TimeoutError):
                     raise
                 continue
             return [entry for entry in result if isinstance(entry, bonsai.LDAPEntry)]  # referrals are not accounts
         raise AssertionError("unreachable")
+
+    def _bound_ended(self, url: str, began: float, seconds: float, steps: str = "connect and bind, then search") -> str:
+        """What a server's attempt begun at `began` was waiting for when its bound (`seconds`) ended it."""
+        given = self._given_up
+        times = round(seconds / self._settings.timeout)
+        ended = f"no answer in time: {seconds:g} s ({times} x directory.timeout: {steps}) ended the wait"
+        if given is not None and given.url == url and given.asked >= began:
+            return (
+                f"{ended} for the bind's ticket request to the KDC of {self._realm}; kerberos.kdc_timeout "
+                f"({self._kdc.timeout:g} s) did not end it"
+            )
+        return ended
 
     async def lockout_policy(self, account_dn: str | None = None) -> LockoutPolicy:
         """The lockout policy that applies to the account at `account_dn` (its resultant PSO, when it has one), or
@@ -602,8 +702,9 @@ class Directory:
         for url in self._settings.urls:
             start = time.perf_counter()
             try:
+                began = self._clock()
                 async with asyncio.timeout(timeout * 3):
-                    await self._tickets(url)
+                    await self._tickets(url, f"3 x directory.timeout ({timeout * 3:g} s)")
                     conn = await self._client(url).connect(is_async=True, timeout=timeout)
                     try:
                         base = await conn.search(self._settings.base_dn, bonsai.LDAPSearchScope.BASE, attrlist=["1.1"])
@@ -616,6 +717,9 @@ class Directory:
                             who = f"{bound_as} (the server does not answer Who am I?)"
                     finally:
                         conn.close()
+            except TimeoutError:
+                problems.append(f"{url}: {self._bound_ended(url, began, timeout * 3, 'bind, read, Who am I?')}")
+                continue
             except _SERVER_FAILED as e:
                 problems.append(f"{url}: {_describe(e)}")
                 continue
@@ -770,6 +874,8 @@ def _generalized_time(entry: Any, attr: str) -> datetime | None:
 def _describe(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return "no answer in time"
+    if isinstance(e, _Waited):  # `directory_server_failed`'s error: as before for the look-up's own bound
+        return "no answer in time" if e.error.startswith("no answer in time") else e.error
     if isinstance(e, GatewayError):
         return f"{e.reason}: {e.hint}"
     with contextlib.suppress(Exception):

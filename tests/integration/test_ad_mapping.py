@@ -49,13 +49,16 @@ def start_gateway(
     directory_text: str | None = None,
     identity: str = "",
     account: str | None = None,
+    kerberos: str = "",
 ) -> AdProcess:
     """`kcd-proxy run` inside the namespace with `[identity] mapping = mode` (and `identity` lines), and the
-    realm's directory (or `directory_text`); `account`: the gateway signs in as that account, with its keytab."""
+    realm's directory (or `directory_text`); `account`: the gateway signs in as that account, with its keytab;
+    `kerberos`: lines for its `[kerberos]` table (`kdc_timeout = 2`)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = realm.free_port()
     text = ad_mapping.gateway_config(realm, mode, port=port, backend_port=backend.port, directory_text=directory_text)
     text = text.replace("[identity]\n", "[identity]\n" + identity, 1)
+    text = text.replace("[kerberos]\n", "[kerberos]\n" + kerberos, 1)
     if account is not None:
         text = _as_account(realm, text, account)
     text += f'\n[traces]\nexport = "{directory / "traces.jsonl"}"\n'

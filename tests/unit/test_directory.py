@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -403,3 +404,33 @@ def test_a_conditional_entry_naming_the_gateway_leaves_the_verdict_to_the_kdc() 
     assert _verdict((10, gateway), (0, gateway))[0] is None
     assert _verdict((9, other)) == (False, "")
     assert _verdict((10, Sid(1, (0,))), (1, gateway)) == (False, "")  # a conditional deny before a deny: a deny
+
+
+def test_doctors_bind_check_names_its_own_bound_when_the_kdc_keeps_the_ticket_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`check` (doctor) gives up on a bind's ticket request the KDC keeps waiting at 3 x directory.timeout and says
+    so; a second check while that request holds the directory's one KDC thread names that limit, not kdc_timeout."""
+    for name in ("KRB5_CONFIG", "KRB5CCNAME", "LDAPSASL_NOCANON"):  # Directory() sets them: restored after
+        monkeypatch.setenv(name, "")
+    answered = threading.Event()
+    monkeypatch.setattr("proxy.directory.ldap_ticket", lambda *_: answered.wait(30))  # a KDC that does not answer
+    settings = DirectorySettings(urls=("ldap://dc1.ad.test",), base_dn="DC=ad,DC=test", timeout=0.1)
+    directory = Directory(settings, Kerberos("gateway@AD.TEST", Path("/nonexistent.keytab"), kdc_timeout=60))
+
+    async def twice() -> list[str]:
+        hints = []
+        for _ in range(2):
+            with pytest.raises(DirectoryUnavailable) as refused:
+                await directory.check()
+            hints.append(refused.value.hint or "")
+        return hints
+
+    try:
+        first, second = asyncio.run(twice())
+    finally:
+        answered.set()
+    assert "0.3 s (3 x directory.timeout: bind, read, Who am I?) ended the wait" in first
+    assert "kerberos.kdc_timeout (60 s) did not end it" in first
+    assert "given up at 3 x directory.timeout (0.3 s)" in second
+    assert "max_in_flight" not in second
