@@ -1400,6 +1400,7 @@ def test_a_replacement_refusing_beside_a_sibling_that_died_meanwhile_is_followed
         assert gw.events("worker_failed_to_start") == []
         assert asyncio.run(_fresh_connections(lab, gw, 2)) == [200] * 2
         serving = _two_listening_since(gw, {first, second})
+        gw.wait_events("request", 2)  # alice's two lines, written after she had her answers: not after the next mark
         gw.mark()  # one of them dies: its replacement is forked beside the other, which holds no CRL of that CA
         os.kill(serving[0], signal.SIGKILL)
         replacement = _first_end(gw, (first, second, serving[0]))
