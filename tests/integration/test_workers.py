@@ -38,7 +38,7 @@ from proxy.live import replacement_config
 from tests.integration._pki_tools import load_ca, write_crl
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually, whole_json_lines
-from tests.integration.test_drain import _send
+from tests.integration.test_drain import Held, _send
 from tests.integration.test_revocation import _CrlServer
 
 # Scheduled among the long files (tests/schedule.py): 48 tests of 2-25 s (workers started, killed, retried every
@@ -1110,6 +1110,16 @@ def test_a_gateway_with_a_stopped_worker_stops_on_sigterm(
     assert not _alive(second)
 
 
+def _six_held(lab: LabLayout, gw: Gateway, admin: str, path: str) -> list[Held]:
+    """Six requests for `path` sent, once the workers' metrics count all six in flight."""
+    held = [_send(lab, gw.port, path) for _ in range(6)]
+    eventually(
+        lambda: sum(_samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight").values()) == len(held),
+        "six requests held",
+    )
+    return held
+
+
 def test_one_signal_to_the_supervisor_and_its_workers_drains_them_not_cuts_them(
     lab: LabLayout, two_workers_admin: tuple[Gateway, str]
 ) -> None:
@@ -1121,11 +1131,7 @@ def test_one_signal_to_the_supervisor_and_its_workers_drains_them_not_cuts_them(
     the held requests are answered, the drain finishes."""
     gw, admin = two_workers_admin
     workers = _listening_pids(gw, 2)
-    held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=8") for _ in range(6)]
-    eventually(
-        lambda: sum(_samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight").values()) == len(held),
-        "six requests held",
-    )
+    held = _six_held(lab, gw, admin, "/EWS/Exchange.asmx?hold=8")
     gw.mark()
     os.kill(gw.proc.pid, signal.SIGSTOP)  # late: it passes the signal on once the workers have begun to drain
     for pid in (*workers, gw.proc.pid):
@@ -1143,11 +1149,7 @@ def test_ctrl_c_again_still_cuts_what_the_workers_drain(lab: LabLayout, two_work
     drain no more: the second the supervisor passes on cuts what they hold (`second_signal`), as before."""
     gw, admin = two_workers_admin
     _listening_pids(gw, 2)
-    held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=60") for _ in range(6)]
-    eventually(
-        lambda: sum(_samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight").values()) == len(held),
-        "six requests held",
-    )
+    held = _six_held(lab, gw, admin, "/EWS/Exchange.asmx?hold=60")
     gw.mark()
     gw.proc.send_signal(signal.SIGTERM)
 
@@ -1173,11 +1175,7 @@ def test_ctrl_c_twice_in_quick_succession_cuts_what_the_workers_drain(
     workers drained on to `drain_timeout`, the operator's second Ctrl-C taken for the first."""
     gw, admin = two_workers_admin
     workers = _listening_pids(gw, 2)
-    held = [_send(lab, gw.port, "/EWS/Exchange.asmx?hold=60") for _ in range(6)]
-    eventually(
-        lambda: sum(_samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight").values()) == len(held),
-        "six requests held",
-    )
+    held = _six_held(lab, gw, admin, "/EWS/Exchange.asmx?hold=60")
     gw.mark()
     for pid in (gw.proc.pid, *workers):  # the terminal signals the process group
         os.kill(pid, signal.SIGINT)
