@@ -34,6 +34,10 @@ from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder, read_until_closed
 
 LIMIT_S = 3  # listener.handshake_timeout here
+# listener.keepalive_timeout here: longer than the KeyUpdate flood below can last (30 sends of at most 5 s). At the
+# default 75 s, a flood that took 81 s at load 22 had its connection closed as idle (no request had come) and reset
+# 30 s later, mid-send.
+KEEPALIVE_S = 300
 GET = b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
@@ -62,8 +66,9 @@ def scene(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pyte
     text += f'\n[[routes]]\nprefix = "/rec/"\nupstream = "{recorder.url}"\nspn = "HTTP/cas.lab.test"\n'
     text += f'[admin]\nbind = "127.0.0.1:{admin}"\n'
     directory = tmp_path_factory.mktemp(f"handshake-{server}")
+    listener = f"handshake_timeout = {LIMIT_S}\nkeepalive_timeout = {KEEPALIVE_S}\n"
     try:
-        with gateway_on_server(lab, directory, server, text, listener=f"handshake_timeout = {LIMIT_S}\n") as gw:
+        with gateway_on_server(lab, directory, server, text, listener=listener) as gw:
             yield Scene(gw, recorder, f"http://127.0.0.1:{admin}", lab, server)
     finally:
         recorder.close()
