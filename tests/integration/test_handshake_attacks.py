@@ -34,6 +34,10 @@ from tests.integration.jsonlog import eventually
 from tests.integration.recorder import Recorder, read_until_closed
 
 LIMIT_S = 3  # listener.handshake_timeout here
+# listener.keepalive_timeout here: longer than the KeyUpdate flood below can last (30 sends of at most 5 s). At the
+# default 75 s, a flood that took 81 s at load 22 had its connection closed as idle (no request had come) and reset
+# 30 s later, mid-send.
+KEEPALIVE_S = 300
 GET = b"GET /rec/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
@@ -62,8 +66,9 @@ def scene(request: pytest.FixtureRequest, lab: LabLayout, tmp_path_factory: pyte
     text += f'\n[[routes]]\nprefix = "/rec/"\nupstream = "{recorder.url}"\nspn = "HTTP/cas.lab.test"\n'
     text += f'[admin]\nbind = "127.0.0.1:{admin}"\n'
     directory = tmp_path_factory.mktemp(f"handshake-{server}")
+    listener = f"handshake_timeout = {LIMIT_S}\nkeepalive_timeout = {KEEPALIVE_S}\n"
     try:
-        with gateway_on_server(lab, directory, server, text, listener=f"handshake_timeout = {LIMIT_S}\n") as gw:
+        with gateway_on_server(lab, directory, server, text, listener=listener) as gw:
             yield Scene(gw, recorder, f"http://127.0.0.1:{admin}", lab, server)
     finally:
         recorder.close()
@@ -334,6 +339,18 @@ def test_key_updates_after_the_handshake_are_answered_and_the_request_served(sce
 UPLOAD_BYTES = 16 * 1024 * 1024  # an ActiveSync attachment's size
 
 
+def _stalled(scene: Scene, sent: int) -> str:
+    """What an upload that waited 30 s on the socket was waiting for: a send (the gateway read none of it) or the
+    answer, how much of the body the backend has, and the end of the gateway's log (a run's temporary directory, and
+    so its log, may be gone by the time anyone looks)."""
+    waiting = "the answer" if sent == UPLOAD_BYTES else f"a send, {sent} body bytes sent"
+    log = scene.gw.log_path.read_text(errors="replace").splitlines()[-30:]
+    return (
+        f"30 s without progress, waiting for {waiting}: the backend has {scene.recorder.body_bytes} of"
+        f" {UPLOAD_BYTES} body bytes; the gateway's log ends:\n" + "\n".join(log)
+    )
+
+
 def test_a_large_upload_after_100_continue_with_key_updates_midway_is_not_stalled(scene: Scene) -> None:
     """A device's 16 MiB POST with `Expect: 100-continue` (an ActiveSync attachment), its body sent once `100
     Continue` came, a KeyUpdate asking for the gateway's after every 4 MiB, nothing of the gateway's read meanwhile
@@ -360,12 +377,17 @@ def test_a_large_upload_after_100_continue_with_key_updates_midway_is_not_stalle
                 client.incoming.write(more)
         assert interim.startswith(b"HTTP/1.1 100 "), interim
         piece = b"x" * 65536
-        for sent in range(0, UPLOAD_BYTES, len(piece)):
-            if sent and sent % (4 * 1024 * 1024) == 0:
-                _key_updates(client, 1)
-            client.tls.write(piece)
-            client.sock.sendall(client.outgoing.read())
-        answer = client.request(b"")
+        sent = 0
+        try:
+            for sent in range(0, UPLOAD_BYTES, len(piece)):
+                if sent and sent % (4 * 1024 * 1024) == 0:
+                    _key_updates(client, 1)
+                client.tls.write(piece)
+                client.sock.sendall(client.outgoing.read())
+            sent = UPLOAD_BYTES
+            answer = client.request(b"")
+        except TimeoutError:
+            raise AssertionError(_stalled(scene, sent)) from None
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     (recorded,) = scene.recorder.taken()
     assert len(recorded.body) == UPLOAD_BYTES
