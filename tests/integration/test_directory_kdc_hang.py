@@ -60,7 +60,8 @@ def test_a_gateway_stopped_while_the_directory_bind_waits_for_a_silent_kdc_exits
         gw.mark()
         assert _status(lab, gw, "bob") == 503
         refused = gw.wait_event("directory_unavailable")
-        assert "threads" in refused["fix"], refused  # refused for want of a thread, not after a wait of its own
+        # refused for want of the directory's one KDC thread, not after a wait of its own
+        assert "holds the directory's one KDC thread" in refused["fix"], refused
         start = time.monotonic()
         assert gw.stop() == 0
         assert time.monotonic() - start < 10, "the stop waited for MIT"
