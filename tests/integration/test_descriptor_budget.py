@@ -10,11 +10,14 @@ its admin listener."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -29,7 +32,7 @@ import pytest
 from proxy.descriptors import OVER_CAP
 from proxy.lab.layout import LabLayout
 from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.test_keepalive_reclaim import LOCAL, Stream, accept_queue, exchange, v2_header
 from tests.integration.test_revocation import crl_url
@@ -348,7 +351,7 @@ def test_check_config_refuses_the_max_in_flight_run_refuses_under_the_same_limit
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "::1")  # what the listener's name resolves to: one listening socket each
 
 
-def _gateway_on_a_name(lab: LabLayout, directory: Path, listener: str) -> Gateway:
+def _gateway_on_a_name(lab: LabLayout, directory: Path, listener: str, extra: str = "") -> Gateway:
     """A gateway whose `listener.bind` is a name resolving to ADDRESSES (an /etc/hosts of its own, bind-mounted in a
     mount namespace of its own: nothing of the machine's changes), so that it listens on three sockets; `listener`'s
     lines added. Started once its log says it listens."""
@@ -357,7 +360,9 @@ def _gateway_on_a_name(lab: LabLayout, directory: Path, listener: str) -> Gatewa
     names = "".join(f"{address} kcdmulti.test\n" for address in ADDRESSES)
     hosts.write_text(Path("/etc/hosts").read_text() + names)
     port = free_port()
-    text = lab_config(lab, port=port).replace(f'bind = "127.0.0.1:{port}"', f'bind = "kcdmulti.test:{port}"', 1)
+    text = lab_config(lab, port=port, extra=extra).replace(
+        f'bind = "127.0.0.1:{port}"', f'bind = "kcdmulti.test:{port}"', 1
+    )
     assert "kcdmulti.test" in text
     text = text.replace("[listener]\n", f"[listener]\n{listener}", 1)
     config_path = directory / "gateway.toml"
@@ -477,4 +482,132 @@ def test_devices_on_one_of_several_listening_addresses_get_every_slot(lab: LabLa
 
         asyncio.run(run())
     finally:
+        gw.stop()
+
+
+async def _churn(address: str, port: int, n: int, header: bytes) -> None:
+    """One of the churn's clients: connect (after `header`), then by `n`: close at once, reset after half a TLS hello,
+    or send nothing and reset a moment later."""
+    try:
+        reader, writer = await asyncio.open_connection(address, port)
+    except OSError:
+        return
+    raw = writer.get_extra_info("socket")
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if header:
+        writer.write(header)
+    if n % 3 == 1:
+        writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(20))
+    await writer.drain()
+    if n % 3 == 2:
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(0.05 * (n % 7)):
+                await reader.read(1)
+    writer.close()
+
+
+@pytest.mark.parametrize("balanced", [False, True], ids=["direct", "balanced"])
+def test_a_churn_of_connections_at_the_cap_on_three_addresses_gives_every_slot_back(
+    lab: LabLayout, tmp_path: Path, balanced: bool
+) -> None:
+    """Listening on three addresses at `max_connections = 3`, 600 connections (behind a balancer: a device's header,
+    half a header, a LOCAL one or none) closed at once, reset mid-handshake or sent nothing, 30 at a time over the three
+    addresses, then 9 that never send (closed by the gateway): the gauge never passes the cap, is back to 0, and a
+    device is then served at once."""
+    admin = f"127.0.0.1:{free_port()}"
+    listener = "max_connections = 3\nhandshake_timeout = 2\n"
+    if balanced:
+        listener += 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.0/8", "::1/128"]\n'
+    gw = _gateway_on_a_name(lab, tmp_path / "gw", listener, extra=f'\n[admin]\nbind = "{admin}"\n')
+    url = f"http://{admin}"
+    try:
+        headers = [v2_header("203.0.113.7", 40000), v2_header("203.0.113.8", 40001)[:9], LOCAL, b""]
+
+        async def run() -> None:
+            seen: list[float] = []
+            for start in range(0, 600, 30):
+                await asyncio.gather(
+                    *(
+                        _churn(ADDRESSES[n % 3], gw.port, n, headers[n % 4] if balanced else b"")
+                        for n in range(start, start + 30)
+                    )
+                )
+                seen.append(await asyncio.to_thread(metric, url, "kcd_listener_connections"))
+            silent = [
+                await asyncio.open_connection(ADDRESSES[n % 3], gw.port) for n in range(9)
+            ]  # connect and never send: closed by the gateway (handshake_timeout)
+            for reader, _ in silent:
+                try:
+                    assert await asyncio.wait_for(reader.read(), 30) == b""
+                except TimeoutError:
+                    open_now = await asyncio.to_thread(metric, url, "kcd_listener_connections")
+                    raise AssertionError(f"a silent connection not closed in 30 s, {open_now:g} slots held") from None
+            for _, writer in silent:
+                writer.close()
+            assert max(seen) <= 3, seen
+            reached = gw.events("connection_limit_reached")
+            assert reached, "the churn never reached the cap"
+            assert all(line["open"] == line["limit"] == 3 for line in reached), reached
+            await asyncio.to_thread(
+                eventually, lambda: metric(url, "kcd_listener_connections") == 0, "every slot given back"
+            )
+            raw = socket.create_connection(("127.0.0.2", gw.port), timeout=30)
+            if balanced:
+                raw.sendall(v2_header("203.0.113.9", 40002))
+            raw.setblocking(False)
+            connect = asyncio.open_connection(sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1")
+            try:
+                stream = await asyncio.wait_for(connect, 10)
+            except TimeoutError:
+                raise AssertionError("a device after the churn not served within 10 s") from None
+            assert (await asyncio.wait_for(exchange(stream, "/EWS/after"), 10))[0] == 200
+            stream[1].close()
+
+        asyncio.run(run())
+    finally:
+        gw.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time `pid` has used, in seconds (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_accept_failing_for_want_of_descriptors_takes_no_slot_nor_the_cpu(lab: LabLayout, tmp_path: Path) -> None:
+    """A running gateway whose open-file limit is lowered to what it holds (as `prlimit --pid`): devices that come make
+    accept() fail (`accept_failed`), no slot is taken and the loop does not spin; the limit raised, they are served."""
+    admin = f"127.0.0.1:{free_port()}"
+    text = lab_config(lab, port=free_port(), extra=f'\n[admin]\nbind = "{admin}"\n')
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    url = f"http://{gw.admin}"
+    pid = gw.proc.pid
+    raws: list[socket.socket] = []
+    try:
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        held = sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
+        gw.mark()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (held, hard))  # as `prlimit --pid` does
+        raws = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(3)]
+        gw.wait_event("accept_failed")
+        before = _cpu_seconds(pid)
+        started = time.monotonic()
+        eventually(lambda: len(gw.events("accept_failed", gw.since)) >= 3, "accept() failed again")
+        spent, elapsed = _cpu_seconds(pid) - before, time.monotonic() - started
+        assert spent < 0.5 * elapsed + 0.1, (spent, elapsed)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert metric(url, "kcd_listener_connections") == 0
+        for raw in raws:
+            raw.close()
+
+        async def served() -> int:
+            stream = await asyncio.open_connection("127.0.0.1", gw.port, ssl=client_context(lab, "alice"))
+            status = (await exchange(stream, "/EWS/after"))[0]
+            stream[1].close()
+            return status
+
+        assert asyncio.run(asyncio.wait_for(served(), 10)) == 200
+    finally:
+        for raw in raws:
+            raw.close()
         gw.stop()

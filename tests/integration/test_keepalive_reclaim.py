@@ -1071,3 +1071,50 @@ def test_connections_naming_no_device_keep_no_device_out_of_the_waits_at_a_busy_
                 w.close()
 
         asyncio.run(run())
+
+
+CHECK_REQUESTS = {  # what a health check (HAProxy's `option httpchk`, `http-check send`) may send, read whole
+    "content-length-0": [b"GET /EWS/held?hold=8 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"],
+    "head": [b"HEAD /EWS/held?hold=8 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"],
+    "chunked-slowly": [
+        b"POST /EWS/held?hold=8 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"0\r\n",
+        b"\r\n",
+    ],
+}
+
+
+@pytest.mark.parametrize("request_kind", sorted(CHECK_REQUESTS))
+def test_a_local_check_whose_request_was_read_whole_is_answered_past_its_places_time(
+    lab: LabLayout, tmp_path: Path, server: str, request_kind: str
+) -> None:
+    """Behind a balancer at a cap of 2, both connections busy, handshake_timeout 3 s: a v2 LOCAL check in a place of its
+    own sends a request with no body to come (`Content-Length: 0`, a HEAD, a chunked body's zero chunk sent in parts)
+    that the backend holds 8 s, past its place's time: it is answered, then closed (`serving` true)."""
+    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
+    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+
+        async def run() -> None:
+            busy = await two_busy_behind_a_balancer(lab, gw.port)
+            gw.mark()
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            raw.sendall(LOCAL)
+            raw.setblocking(False)
+            reader, writer = await asyncio.open_connection(
+                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
+            )
+            for part in CHECK_REQUESTS[request_kind]:
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0.3)  # the scenario: a request in parts, whole long before its place's time
+            try:
+                line = await asyncio.wait_for(reader.readline(), 60)
+            except (ConnectionError, ssl.SSLError):
+                line = b""
+            assert line.startswith(b"HTTP/1.1 200"), line
+            event = gw.wait_event("health_check_closed")
+            assert event["serving"] is True, event
+            for w in (writer, *(w for _, w in busy)):
+                w.close()
+
+        asyncio.run(run())
