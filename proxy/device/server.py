@@ -870,7 +870,18 @@ class DeviceConnection(asyncio.Protocol):
         read whole and waiting its turn, is answered with `Connection: close`, then the connection closes (True), as
         `wind_down` does; False when no request is being answered, or a body is still coming (the caller resets the
         connection: served on, a body sent a byte at a time held the place as long as each gap stayed within
-        `client_body_timeout`)."""
+        `client_body_timeout`). A pipelined request whose body still comes behind the one being served is dropped
+        unserved (nothing of it forwarded), as aiohttp's `close` does, and the one being served answered."""
+        pipelined = self._parsing
+        if (
+            self._receiving is not None
+            and pipelined is not None
+            and pipelined in self._queue
+            and self._task is not None
+        ):
+            self._stop()
+            self._queue.remove(pipelined)
+            self._parsing = self._receiving = None
         if (self._task is None and not self._queue) or self._receiving is not None:
             return False
         self._winding = True

@@ -1076,6 +1076,10 @@ def test_connections_naming_no_device_keep_no_device_out_of_the_waits_at_a_busy_
 CHECK_REQUESTS = {  # what a health check (HAProxy's `option httpchk`, `http-check send`) may send, read whole
     "content-length-0": [b"GET /EWS/held?hold=8 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"],
     "head": [b"HEAD /EWS/held?hold=8 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"],
+    "pipelined-body-to-come": [
+        b"GET /EWS/held?hold=8 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        b"POST /EWS/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 60\r\n\r\nx"
+    ],
     "chunked-slowly": [
         b"POST /EWS/held?hold=8 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"0\r\n",
@@ -1089,8 +1093,9 @@ def test_a_local_check_whose_request_was_read_whole_is_answered_past_its_places_
     lab: LabLayout, tmp_path: Path, server: str, request_kind: str
 ) -> None:
     """Behind a balancer at a cap of 2, both connections busy, handshake_timeout 3 s: a v2 LOCAL check in a place of its
-    own sends a request with no body to come (`Content-Length: 0`, a HEAD, a chunked body's zero chunk sent in parts)
-    that the backend holds 8 s, past its place's time: it is answered, then closed (`serving` true)."""
+    own sends a request with no body to come (`Content-Length: 0`, a HEAD, a chunked body's zero chunk sent in parts,
+    or one pipelined behind it whose body still comes) that the backend holds 8 s, past its place's time: it is
+    answered, then closed (`serving` true)."""
     listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
     with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
 
