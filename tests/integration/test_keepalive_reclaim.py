@@ -471,6 +471,14 @@ async def two_busy_behind_a_balancer(lab: LabLayout, port: int) -> list[Stream]:
     return busy
 
 
+async def local_check(lab: LabLayout, port: int) -> Stream:
+    """A balancer's health check: a PROXY v2 LOCAL header, then TLS with alice's certificate."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    raw.sendall(LOCAL)
+    raw.setblocking(False)
+    return await asyncio.open_connection(sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1")
+
+
 def accept_queue(port: int) -> int:
     """Connections to the listener on `port` that the kernel completed and the gateway has not accepted yet."""
     out = subprocess.run(
@@ -930,12 +938,7 @@ def test_a_local_connection_in_a_place_of_its_own_is_answered_not_cut_mid_reques
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
             gw.mark()
-            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-            raw.sendall(LOCAL)
-            raw.setblocking(False)
-            check = await asyncio.open_connection(
-                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
-            )
+            check = await local_check(lab, gw.port)
             status, body = await exchange(check, "/EWS/held?hold=8")
             assert status == 200, body[:200]
             assert await closed_by_gateway(check[0]), "kept open past its place's time"
@@ -960,12 +963,7 @@ def test_a_local_connection_trickling_a_request_body_is_cut_at_its_places_time(
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
             gw.mark()
-            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-            raw.sendall(LOCAL)
-            raw.setblocking(False)
-            reader, writer = await asyncio.open_connection(
-                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
-            )
+            reader, writer = await local_check(lab, gw.port)
             length = 60
             writer.write(head("/EWS/upload", f"Content-Length: {length}\r\n").replace(b"GET", b"POST", 1))
             sent = 0
@@ -1102,12 +1100,7 @@ def test_a_local_check_whose_request_was_read_whole_is_answered_past_its_places_
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
             gw.mark()
-            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-            raw.sendall(LOCAL)
-            raw.setblocking(False)
-            reader, writer = await asyncio.open_connection(
-                sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1"
-            )
+            reader, writer = await local_check(lab, gw.port)
             for part in CHECK_REQUESTS[request_kind]:
                 writer.write(part)
                 await writer.drain()
