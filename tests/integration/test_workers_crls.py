@@ -59,6 +59,18 @@ def _with_url(lab: LabLayout, url: str, root_crl: Path, extra: str = "") -> str:
     )
 
 
+def _refreshing_every_second(
+    lab: LabLayout, tmp_path: Path, root_crl: Path, answer: dict[str, tuple[int, bytes]]
+) -> tuple[_CrlServer, str, Gateway]:
+    """A two-worker gateway with an admin listener reading, every second, the root's CRL file and the issuing CA's CRL
+    from a URL of the test's answering `answer["crl"]` as the test sets it: the URL's server, the URL, the gateway."""
+    server = _CrlServer(lambda _path, _headers: answer["crl"])
+    url = f"http://127.0.0.1:{server.port}/issuing.crl"
+    text = _with_url(lab, url, root_crl, f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
+    crls = f'crls = ["{url}", "{root_crl}"]'
+    return server, url, start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+
+
 def test_a_replacement_given_an_older_crl_by_a_url_serves_with_the_one_its_siblings_hold(
     lab: LabLayout, tmp_path: Path
 ) -> None:
@@ -303,11 +315,7 @@ def test_a_replacement_starts_from_the_kept_file_last_written_whatever_its_worke
     issuing = load_ca(lab.pki_dir, "issuing")
     newest = write_crl(tmp_path / "3002.crl", issuing, revoked=[carol.serial_number], number=3002)
     answer = {"crl": (200, root_crl.read_bytes())}
-    server = _CrlServer(lambda _path, _headers: answer["crl"])
-    url = f"http://127.0.0.1:{server.port}/issuing.crl"
-    text = _with_url(lab, url, root_crl, f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
-    crls = f'crls = ["{url}", "{root_crl}"]'
-    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    server, url, gw = _refreshing_every_second(lab, tmp_path, root_crl, answer)
     try:
         _listening_pids(gw, 2)
         directory, number = _siblings(gw)
@@ -351,11 +359,7 @@ def test_a_running_worker_whose_read_leaves_it_holding_nothing_takes_the_crl_its
     given = {"replayed": (200, older), "withheld": (404, b""), "not a CRL": (200, b"not a CRL")}[then]
     said = "crl_fetch_failed" if then == "withheld" else "crl_rejected"
     answer = {"crl": (404, b"")}
-    server = _CrlServer(lambda _path, _headers: answer["crl"])
-    url = f"http://127.0.0.1:{server.port}/issuing.crl"
-    text = _with_url(lab, url, root_crl, f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
-    crls = f'crls = ["{url}", "{root_crl}"]'
-    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    server, url, gw = _refreshing_every_second(lab, tmp_path, root_crl, answer)
     try:
         _listening_pids(gw, 2)
         directory, number = _siblings(gw)
@@ -384,11 +388,7 @@ def test_a_kept_file_that_cannot_be_written_is_logged_naming_why(lab: LabLayout,
     then refusing a replay, or a sibling withheld the URL serving without the CRL, was owed to a disk no line named."""
     newer, _older, root_crl = _issuing_crls(lab, tmp_path)
     answer = {"crl": (404, b"")}
-    server = _CrlServer(lambda _path, _headers: answer["crl"])
-    url = f"http://127.0.0.1:{server.port}/issuing.crl"
-    text = _with_url(lab, url, root_crl, f'\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
-    crls = f'crls = ["{url}", "{root_crl}"]'
-    gw = start_gateway(lab, tmp_path / "gw", text.replace(crls, f"{crls}\ncrl_refresh_seconds = 1"))
+    server, url, gw = _refreshing_every_second(lab, tmp_path, root_crl, answer)
     try:
         _listening_pids(gw, 2)
         directory, number = _siblings(gw)
