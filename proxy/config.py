@@ -949,8 +949,17 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
                 f"in lower case), its value the realm: {{ {json.dumps(realm)} = {json.dumps(suffix)} }}",
             )
             continue
+        folded = ascii_lower(suffix)  # ASCII case only (principal)
+        if folded in clean and clean[folded] != realm:  # one suffix to two realms: the last written won, unsaid
+            first = next(k for k in realm_map if ascii_lower(k) == folded)
+            r.problem(
+                f"identity.realm_map.{suffix}",
+                f"the same UPN suffix as identity.realm_map.{first} (keys match without regard to case), mapped to "
+                f"another realm ({realm!r}, not {clean[folded]!r}): keep the one meant",
+            )
+            continue
         # the realm of every principal built with it: a '/', '@', '\\' or space there is no realm the KDC serves
-        clean[ascii_lower(suffix)] = _realm(r, f"identity.realm_map.{suffix}", realm)  # ASCII case only (principal)
+        clean[folded] = _realm(r, f"identity.realm_map.{suffix}", realm)
     return Identity(
         sources=sources,
         realm_map=clean,
