@@ -115,7 +115,12 @@ CONTROL_ACCESS = 0x100  # ADS_RIGHT_DS_CONTROL_ACCESS ([MS-ADTS] 5.1.3.2)
 
 
 class _GaveUp(Exception):
-    """A look-up passed a server by without asking it (its connection busy, or failed just now): the next URL."""
+    """A look-up passed a server by without asking it (its connection busy, or failed just now): the next URL. `slow`:
+    what passed it by was a limit on a wait (no turn in time, or another look-up's attempt ended by one)."""
+
+    def __init__(self, error: str, *, slow: bool) -> None:
+        super().__init__(error)
+        self.slow = slow
 
 
 class _Waited(Exception):
@@ -273,6 +278,7 @@ class Directory:
         self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
         self._locks: dict[str, asyncio.Lock] = {}  # url -> its connection's turn (see _search_at)
         self._failed: dict[str, float] = {}  # url -> when (self._clock) it last failed; gone once it answers
+        self._waited: dict[str, str] = {}  # url -> what its last failure said, when a limit on a wait ended it
         # The bind's KDC exchanges (bind = "kerberos") in a thread of their own (proxy.kerberos.threads): a KDC that
         # accepts and never answers holds it for MIT's own timeout (about 25 s) after the look-up gave up. asyncio's
         # default executor, shared with CRL vetting and Basic's hashing, must not fill up with such threads; a bind
@@ -394,15 +400,16 @@ class Directory:
                 entries = await self._search_at(url, filter_exp, root=root)
             except _GaveUp as e:
                 problems.append(f"{url}: {e}")
-                slow = slow and str(e).startswith("busy")  # no turn on its connection in time, not another's failure
+                slow = slow and e.slow  # no turn in time, or another look-up's attempt ended by a limit
                 continue
             except _Waited as e:
-                self._failed[url] = self._clock()
+                self._failed[url], self._waited[url] = self._clock(), e.error  # it names the limit
                 problems.append(f"{url}: {e.error}")
                 log.warning("directory_server_failed", url=url, error=_describe(e), ended_by=e.ended_by)
                 continue
             except _SERVER_FAILED as e:
                 self._failed[url] = self._clock()
+                self._waited.pop(url, None)
                 problems.append(f"{url}: {_describe(e)}")
                 log.warning("directory_server_failed", url=url, error=_describe(e))
                 slow = False
@@ -512,10 +519,12 @@ class Directory:
                 await lock.acquire()
         except TimeoutError:
             waited = f"directory.timeout ({self._settings.timeout:g} s)"
-            raise _GaveUp(f"busy: no turn on its connection within {waited}") from None
+            raise _GaveUp(f"busy: no turn on its connection within {waited}", slow=True) from None
         try:
             if self._failed.get(url, -math.inf) > asked:
-                raise _GaveUp("failed for another look-up while this one waited for it")
+                ended = self._waited.get(url)  # the same outage tells each device the same: slow, or not
+                because = f": {ended}" if ended else ""
+                raise _GaveUp(f"failed for another look-up while this one waited for it{because}", slow=bool(ended))
             return await self._search_locked(url, filter_exp, base, attributes, root)
         finally:
             lock.release()
