@@ -539,15 +539,19 @@ class Directory:
         for attempt in (1, 2):  # a kept connection the server has since closed fails once; a new one is tried
             reused = url in self._connections
             began = self._clock()
+            step, bounded = "connect and bind", asyncio.timeout(timeout * 2)
             try:
-                async with asyncio.timeout(timeout * 2):  # connect (and bind), then search, each within timeout
+                async with bounded:  # connect (and bind), then search, each within timeout
                     conn = await self._connection(url, bound)
+                    step = "search"
                     result = await conn.search(
                         base or root or self._settings.base_dn, scope, filter_exp, attributes, timeout=timeout
                     )
-            except TimeoutError:  # the bound just above: a new connection would wait as long
+            except TimeoutError:  # the bound just above, or bonsai's on one step: a new connection would wait as long
                 self._drop(url)
-                raise _Waited(bound, self._bound_ended(url, began, timeout * 2)) from None
+                raise _own_limit(timeout, step, bounded) or _Waited(
+                    bound, self._bound_ended(url, began, timeout * 2)
+                ) from None
             except (bonsai.LDAPError, OSError) as e:
                 self._drop(url)
                 # A server that answered nothing in time is not retried: a new connection would wait as long
@@ -712,9 +716,11 @@ class Directory:
             start = time.perf_counter()
             try:
                 began = self._clock()
-                async with asyncio.timeout(timeout * 3):
+                step, bounded = "bind", asyncio.timeout(timeout * 3)
+                async with bounded:
                     await self._tickets(url, f"3 x directory.timeout ({timeout * 3:g} s)")
                     conn = await self._client(url).connect(is_async=True, timeout=timeout)
+                    step = "read or Who am I?"
                     try:
                         base = await conn.search(self._settings.base_dn, bonsai.LDAPSearchScope.BASE, attrlist=["1.1"])
                         if not base:  # bonsai answers a search for a missing base (noSuchObject) with no entry
@@ -727,7 +733,9 @@ class Directory:
                     finally:
                         conn.close()
             except TimeoutError:
-                problems.append(f"{url}: {self._bound_ended(url, began, timeout * 3, 'bind, read, Who am I?')}")
+                own = _own_limit(timeout, step, bounded)
+                ended = own.error if own else self._bound_ended(url, began, timeout * 3, "bind, read, Who am I?")
+                problems.append(f"{url}: {ended}")
                 continue
             except _SERVER_FAILED as e:
                 problems.append(f"{url}: {_describe(e)}")
@@ -878,6 +886,16 @@ def _generalized_time(entry: Any, attr: str) -> datetime | None:
         return datetime.strptime(found.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
     except ValueError:  # a 13th month, a 61st second
         raise refused from None
+
+
+def _own_limit(timeout: float, step: str, bounded: asyncio.Timeout) -> _Waited | None:
+    """A TimeoutError that `bounded` (the caller's bound on the whole attempt) did not raise: bonsai's own limit on
+    one operation, `directory.timeout`, ended `step` (its asyncio connection waits with `asyncio.wait_for`, whose
+    TimeoutError is the builtin one); None when the bound did. Named as the bound, it said "10 s (2 x ...)" after 5."""
+    if bounded.expired():
+        return None
+    limit = f"directory.timeout ({timeout:g} s)"
+    return _Waited(limit, f"no answer in time: {limit} ended the wait for the {step}")
 
 
 def _describe(e: BaseException) -> str:
