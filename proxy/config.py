@@ -921,6 +921,7 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
     sources = _identity_sources(r, t.get("source", "san-upn"))
     realm_map = r.get(t, "identity.realm_map", "realm_map", dict, {}) or {}
     clean: dict[str, str] = {}
+    written_as: dict[str, str] = {}  # a folded key -> the key as written that put it in `clean`
     for suffix, realm in realm_map.items():
         if "*" in suffix:  # a certificate's or DNS's wildcard: matched as written, it matched no UPN
             example = json.dumps(suffix.lstrip("*.") or "corp.example")
@@ -949,8 +950,16 @@ def _identity(r: _Reader, t: dict[str, Any]) -> Identity:
                 f"in lower case), its value the realm: {{ {json.dumps(realm)} = {json.dumps(suffix)} }}",
             )
             continue
+        folded = ascii_lower(suffix)  # ASCII case only (principal)
+        if folded in clean and clean[folded] != realm:  # one suffix to two realms: the last written won, unsaid
+            r.problem(
+                f"identity.realm_map.{suffix}",
+                f"the same UPN suffix as identity.realm_map.{written_as[folded]} (keys match without regard to case), "
+                f"mapped to another realm ({realm!r}, not {clean[folded]!r}): keep the one meant",
+            )
+            continue
         # the realm of every principal built with it: a '/', '@', '\\' or space there is no realm the KDC serves
-        clean[ascii_lower(suffix)] = _realm(r, f"identity.realm_map.{suffix}", realm)  # ASCII case only (principal)
+        clean[folded], written_as[folded] = _realm(r, f"identity.realm_map.{suffix}", realm), suffix
     return Identity(
         sources=sources,
         realm_map=clean,

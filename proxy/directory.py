@@ -115,7 +115,12 @@ CONTROL_ACCESS = 0x100  # ADS_RIGHT_DS_CONTROL_ACCESS ([MS-ADTS] 5.1.3.2)
 
 
 class _GaveUp(Exception):
-    """A look-up passed a server by without asking it (its connection busy, or failed just now): the next URL."""
+    """A look-up passed a server by without asking it (its connection busy, or failed just now): the next URL. `slow`:
+    what passed it by was a limit on a wait (no turn in time, or another look-up's attempt ended by one)."""
+
+    def __init__(self, error: str, *, slow: bool) -> None:
+        super().__init__(error)
+        self.slow = slow
 
 
 class _Waited(Exception):
@@ -273,6 +278,7 @@ class Directory:
         self._connections: dict[str, Any] = {}  # url -> an open, bound connection, reused by later look-ups
         self._locks: dict[str, asyncio.Lock] = {}  # url -> its connection's turn (see _search_at)
         self._failed: dict[str, float] = {}  # url -> when (self._clock) it last failed; gone once it answers
+        self._waited: dict[str, str] = {}  # url -> what its last failure said, when a limit on a wait ended it
         # The bind's KDC exchanges (bind = "kerberos") in a thread of their own (proxy.kerberos.threads): a KDC that
         # accepts and never answers holds it for MIT's own timeout (about 25 s) after the look-up gave up. asyncio's
         # default executor, shared with CRL vetting and Basic's hashing, must not fill up with such threads; a bind
@@ -394,15 +400,16 @@ class Directory:
                 entries = await self._search_at(url, filter_exp, root=root)
             except _GaveUp as e:
                 problems.append(f"{url}: {e}")
-                slow = slow and str(e).startswith("busy")  # no turn on its connection in time, not another's failure
+                slow = slow and e.slow  # no turn in time, or another look-up's attempt ended by a limit
                 continue
             except _Waited as e:
-                self._failed[url] = self._clock()
+                self._failed[url], self._waited[url] = self._clock(), e.error  # it names the limit
                 problems.append(f"{url}: {e.error}")
                 log.warning("directory_server_failed", url=url, error=_describe(e), ended_by=e.ended_by)
                 continue
             except _SERVER_FAILED as e:
                 self._failed[url] = self._clock()
+                self._waited.pop(url, None)
                 problems.append(f"{url}: {_describe(e)}")
                 log.warning("directory_server_failed", url=url, error=_describe(e))
                 slow = False
@@ -512,10 +519,12 @@ class Directory:
                 await lock.acquire()
         except TimeoutError:
             waited = f"directory.timeout ({self._settings.timeout:g} s)"
-            raise _GaveUp(f"busy: no turn on its connection within {waited}") from None
+            raise _GaveUp(f"busy: no turn on its connection within {waited}", slow=True) from None
         try:
             if self._failed.get(url, -math.inf) > asked:
-                raise _GaveUp("failed for another look-up while this one waited for it")
+                ended = self._waited.get(url)  # the same outage tells each device the same: slow, or not
+                because = f": {ended}" if ended else ""
+                raise _GaveUp(f"failed for another look-up while this one waited for it{because}", slow=bool(ended))
             return await self._search_locked(url, filter_exp, base, attributes, root)
         finally:
             lock.release()
@@ -530,15 +539,19 @@ class Directory:
         for attempt in (1, 2):  # a kept connection the server has since closed fails once; a new one is tried
             reused = url in self._connections
             began = self._clock()
+            step, bounded = "connect and bind", asyncio.timeout(timeout * 2)
             try:
-                async with asyncio.timeout(timeout * 2):  # connect (and bind), then search, each within timeout
+                async with bounded:  # connect (and bind), then search, each within timeout
                     conn = await self._connection(url, bound)
+                    step = "search"
                     result = await conn.search(
                         base or root or self._settings.base_dn, scope, filter_exp, attributes, timeout=timeout
                     )
-            except TimeoutError:  # the bound just above: a new connection would wait as long
+            except TimeoutError:  # the bound just above, or bonsai's on one step: a new connection would wait as long
                 self._drop(url)
-                raise _Waited(bound, self._bound_ended(url, began, timeout * 2)) from None
+                raise _own_limit(timeout, step, bounded) or _Waited(
+                    bound, self._bound_ended(url, began, timeout * 2)
+                ) from None
             except (bonsai.LDAPError, OSError) as e:
                 self._drop(url)
                 # A server that answered nothing in time is not retried: a new connection would wait as long
@@ -703,9 +716,11 @@ class Directory:
             start = time.perf_counter()
             try:
                 began = self._clock()
-                async with asyncio.timeout(timeout * 3):
+                step, bounded = "bind", asyncio.timeout(timeout * 3)
+                async with bounded:
                     await self._tickets(url, f"3 x directory.timeout ({timeout * 3:g} s)")
                     conn = await self._client(url).connect(is_async=True, timeout=timeout)
+                    step = "read or Who am I?"
                     try:
                         base = await conn.search(self._settings.base_dn, bonsai.LDAPSearchScope.BASE, attrlist=["1.1"])
                         if not base:  # bonsai answers a search for a missing base (noSuchObject) with no entry
@@ -718,7 +733,9 @@ class Directory:
                     finally:
                         conn.close()
             except TimeoutError:
-                problems.append(f"{url}: {self._bound_ended(url, began, timeout * 3, 'bind, read, Who am I?')}")
+                own = _own_limit(timeout, step, bounded)
+                ended = own.error if own else self._bound_ended(url, began, timeout * 3, "bind, read, Who am I?")
+                problems.append(f"{url}: {ended}")
                 continue
             except _SERVER_FAILED as e:
                 problems.append(f"{url}: {_describe(e)}")
@@ -869,6 +886,16 @@ def _generalized_time(entry: Any, attr: str) -> datetime | None:
         return datetime.strptime(found.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
     except ValueError:  # a 13th month, a 61st second
         raise refused from None
+
+
+def _own_limit(timeout: float, step: str, bounded: asyncio.Timeout) -> _Waited | None:
+    """A TimeoutError that `bounded` (the caller's bound on the whole attempt) did not raise: bonsai's own limit on
+    one operation, `directory.timeout`, ended `step` (its asyncio connection waits with `asyncio.wait_for`, whose
+    TimeoutError is the builtin one); None when the bound did. Named as the bound, it said "10 s (2 x ...)" after 5."""
+    if bounded.expired():
+        return None
+    limit = f"directory.timeout ({timeout:g} s)"
+    return _Waited(limit, f"no answer in time: {limit} ended the wait for the {step}")
 
 
 def _describe(e: BaseException) -> str:

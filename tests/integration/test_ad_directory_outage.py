@@ -8,6 +8,7 @@ half-open connection after a network change), and the shared DC itself is never 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import signal
@@ -157,12 +158,49 @@ def test_a_directory_that_goes_silent_is_503_then_served_again(
             status, body, headers = curl(realm, gw, "alice-sid")
             assert (status, headers["x-kcd-refused-stage"]) == (503, "mapping"), body
             assert headers["retry-after"]
-            assert gw.wait_event("directory_unavailable")
+            refused = gw.wait_event("directory_unavailable")
             assert summary(gw, "alice@ad.test")["ms"]["mapping"] < 3 * 2 * 1000 + 1000
+            # bonsai's own limit on each operation (directory.timeout) ends the wait, not the look-up's bound (2 x)
+            assert gw.wait_event("directory_server_failed")["ended_by"] == "directory.timeout (2 s)"
+            assert "no answer in time: directory.timeout (2 s) ended the wait for the " in refused["fix"], refused
         proc.send_signal(signal.SIGCONT)
         status, body, _ = curl(realm, gw, "alice-sid")
         assert status == 200, body
     finally:
+        gw.stop()
+
+
+def test_two_devices_refused_by_one_hung_directory_are_told_the_same(
+    realm: ad.AdRealm, relay: tuple[subprocess.Popen[bytes], str], ad_backend: AdProcess, tmp_path: Path
+) -> None:
+    """The only directory server hangs under a kept connection: alice's search there is ended at directory.timeout,
+    and bob's look-up, sent while it waited, waits for its turn on that connection and passes the server by once
+    alice's has failed there. Both devices are told "did not answer in time; try again in 30 s": bob's said "try
+    again later" and its fix named no limit. Bob is sent half a directory.timeout after alice, in the middle of the
+    window where his turn comes after alice's search failed: each curl's own start may be 2.5 s late."""
+    proc, relay_url = relay
+    timeout = 5
+    text = ad_mapping.directory_table(realm, urls=(relay_url,), cache_seconds=0) + f"timeout = {timeout}\n"
+    gw = start_gateway(realm, tmp_path / "gw", ad_backend, "strong", directory_text=text)
+    try:
+        status, body, _ = curl(realm, gw, "alice-sid")
+        assert status == 200, body
+        proc.send_signal(signal.SIGSTOP)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            alice = pool.submit(curl, realm, gw, "alice-sid")
+            bob_due = time.monotonic() + timeout / 2
+            while time.monotonic() < bob_due:  # the window above, not a wait for something to happen
+                assert not alice.done(), alice.result()
+                time.sleep(0.05)
+            bob = pool.submit(curl, realm, gw, "bob-sid")
+            answers = {"alice": alice.result(), "bob": bob.result()}
+        for name, (status, body, headers) in answers.items():
+            assert (status, headers["retry-after"]) == (503, "30"), (name, body)
+            assert "did not answer in time; try again in 30 s" in body, (name, body)
+        fixes = [e["fix"] for e in gw.events("directory_unavailable")]
+        assert any("failed for another look-up while this one waited for it: no answer in time" in f for f in fixes)
+    finally:
+        proc.send_signal(signal.SIGCONT)
         gw.stop()
 
 

@@ -154,6 +154,12 @@ BROKEN = [
         "identity.realm_map.: a key is a UPN suffix such as corp.example, with no '@', no space at either end and "
         "nothing invisible",
     ),
+    (  # one suffix written twice in another case, to two realms: matched without regard to case, the last won
+        '"Corp.Example" = "LAB.TEST"',
+        '"Corp.Example" = "LAB.TEST", "CORP.EXAMPLE" = "OTHER.TEST"',
+        "identity.realm_map.CORP.EXAMPLE: the same UPN suffix as identity.realm_map.Corp.Example (keys match without "
+        "regard to case), mapped to another realm ('OTHER.TEST', not 'LAB.TEST'): keep the one meant",
+    ),
     (  # [directory]'s realm comes from base_dn's DC components: DC=ad,DC=test is AD.TEST
         '"Corp.Example" = "LAB.TEST"',
         '"corp.example" = "ad.test"',

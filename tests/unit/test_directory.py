@@ -434,3 +434,38 @@ def test_doctors_bind_check_names_its_own_bound_when_the_kdc_keeps_the_ticket_wa
     assert "kerberos.kdc_timeout (60 s) did not end it" in first
     assert "given up at 3 x directory.timeout (0.3 s)" in second
     assert "max_in_flight" not in second
+
+
+def test_a_look_up_passing_a_server_that_just_failed_for_another_by_a_limit_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two devices' look-ups while the KDC keeps the bind's ticket waiting: the first is given up at 2 x
+    directory.timeout; the second, waiting for its turn on that server meanwhile, passes it by. Both are told to try
+    again in 30 s and the second's hint names the limit that ended the other's wait: before, the second said "try
+    again later" and named no limit, the same outage told two devices two things."""
+    for name in ("KRB5_CONFIG", "KRB5CCNAME", "LDAPSASL_NOCANON"):  # Directory() sets them: restored after
+        monkeypatch.setenv(name, "")
+    answered = threading.Event()
+    monkeypatch.setattr("proxy.directory.ldap_ticket", lambda *_: answered.wait(30))  # a KDC that does not answer
+    settings = DirectorySettings(urls=("ldap://dc1.ad.test",), base_dn="DC=ad,DC=test", timeout=1)
+    directory = Directory(settings, Kerberos("gateway@AD.TEST", Path("/nonexistent.keytab"), kdc_timeout=60))
+
+    async def refused(name: str, after: float) -> DirectoryUnavailable:
+        await asyncio.sleep(after)  # the second asks once the first has waited one timeout: its turn comes at 2
+        with pytest.raises(DirectoryUnavailable) as e:
+            await directory.search(name)
+        return e.value
+
+    async def both() -> list[DirectoryUnavailable]:
+        return list(await asyncio.gather(refused("alice@ad.test", 0), refused("bob@ad.test", 1.5)))
+
+    try:
+        first, second = asyncio.run(both())
+    finally:
+        answered.set()
+    assert "failed for another look-up" in (second.hint or ""), second.hint  # the path this test is about
+    for refusal in (first, second):
+        assert "did not answer in time; try again in 30 s" in refusal.reason, (refusal.reason, refusal.hint)
+    assert "failed for another look-up while this one waited for it: no answer in time: 2 s (2 x directory.timeout" in (
+        second.hint or ""
+    ), second.hint
