@@ -468,7 +468,17 @@ UNUSED_GRACE = 1.0  # seconds a connection that had no request yet when the stop
 # cgroup (systemd's default KillMode=control-group): from its sender, and as the supervisor passes it on, and that
 # second one cut its requests in flight at once. The passed-on copy comes as a signal of its own (`PASSED_ON`): one of
 # each kind is one stop, however late the supervisor; a second of either kind is the stop asked again (Ctrl-C again).
-SAME_STOP_DETAIL = "the same stop, sent to this worker and passed on by the supervisor; once more cuts the drain"
+# The worker cannot tell one stop sent to every process from two (itself alone, then the gateway): the words say both.
+_EITHER_STOP = (
+    "the same stop if it was sent to every process (Ctrl-C in a terminal, KillMode=control-group), else {later};"
+    " either way the drain goes on, and one more stop cuts it"
+)
+STOP_AGAIN_DETAIL = {
+    True: "the supervisor passed on a stop after this worker was sent one directly: "
+    + _EITHER_STOP.format(later="the gateway's stop after this worker's own"),
+    False: "this worker was sent a stop directly after the supervisor passed one on: "
+    + _EITHER_STOP.format(later="one sent to this worker after the gateway's stop"),
+}
 
 
 async def drain(
@@ -781,7 +791,7 @@ async def serve(
                 hurry.set()
             else:
                 seen.add(by_supervisor)
-                log.info("stop_signal_again", passed_on=by_supervisor, detail=SAME_STOP_DETAIL)
+                log.info("stop_signal_again", passed_on=by_supervisor, detail=STOP_AGAIN_DETAIL[by_supervisor])
 
         for by_supervisor in passed[1:]:  # taken as the stop began (`stop_on`)
             second_signal(by_supervisor)

@@ -207,7 +207,7 @@ def _lab_ad(action: str, realm: AdRealm) -> int:
             strong, audit = configs["strong"], configs["strong-or-audit"]
             print(f'# [identity] mapping = "strong": {strong}; certificates in {ad_mapping.directory(realm)}/')
             print(f'# [identity] mapping = "strong-or-audit": {audit} (the audit step)')
-            run = f"ip netns exec {realm.netns} kcd-proxy run --config FILE"
+            run = ad.run_line(realm, "FILE")
             print(f"# either in place of gateway.toml (the same ports): {run}")
         elif action == "down":
             with ad.unused(realm) as free:  # held until the realm is stopped: a run starting meanwhile waits

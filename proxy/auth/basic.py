@@ -82,9 +82,9 @@ is the I/O edge, running the KDC exchanges in threads of its own (`proxy.kerbero
 thread for MIT's own wait (about 25 s), and asyncio's default executor, which CRL reads and vetting and the password
 hashes here use, must not fill up with them. Password checks and the backend's tokens have a set of threads each:
 logins anyone can send (any name, any password) cannot take the threads a signed-in user's token needs. A check or
-token that finds no thread to wait for (every one held by a call the KDC left unanswered past `kdc_timeout`, or as
-many waiting already) is 503 at once with Retry-After, naming the realm whose KDC does not answer. Neither passwords
-nor headers reach `repr` or the logs.
+token that finds no thread to wait for (every one held by a call the KDC has not answered and its caller gave up
+on, at `kdc_timeout` or when its device hung up, or as many waiting already) is 503 at once with Retry-After, naming
+the realm whose KDC does not answer and what ended those waits. Neither passwords nor headers reach `repr` or the logs.
 """
 
 from __future__ import annotations

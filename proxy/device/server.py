@@ -942,6 +942,15 @@ class DeviceConnection(asyncio.Protocol):
                     "connection opened or the last answer ended (listener.keepalive_timeout)",
                 )
                 self._answer_head_timeout()
+            elif self._heads == 0:
+                # past its handshake, nothing but empty lines or TLS records of no data (KeyUpdates): held a slot for
+                # keepalive_timeout and never asked anything, said at info as a handshake that timed out is
+                log.info(
+                    "device_sent_no_request",
+                    peer=peer_text(peer),
+                    reason=f"sent no request within {self._limits.keepalive_timeout:g} s of its TLS handshake "
+                    "(listener.keepalive_timeout)",
+                )
             else:
                 log.debug("device_idle_closed", peer=peer_text(peer))
             self._stop()

@@ -47,12 +47,14 @@ WAITING_PER_THREAD = 64  # calls that may wait for a thread, per thread (module 
 
 
 class NoThread(Exception):
-    """No thread for the call: `held` calls hold every thread, `abandoned` of them past their caller's wait."""
+    """No thread for the call: `held` calls hold every thread, `abandoned` of them past their caller's wait,
+    `timed_out` of those given up at the threads' `timeout` (the others' requests ended first: a device hung up)."""
 
-    def __init__(self, held: int, abandoned: int) -> None:
+    def __init__(self, held: int, abandoned: int, timed_out: int = 0) -> None:
         super().__init__(f"{held} calls hold every thread, {abandoned} of them no longer waited for")
         self.held = held
         self.abandoned = abandoned
+        self.timed_out = timed_out
 
 
 class Outcome(Protocol):
@@ -68,10 +70,11 @@ class Outcome(Protocol):
 class _Call:
     """One call's thread, as the event loop sees it: whether its caller gave up on it while it ran."""
 
-    __slots__ = ("abandoned", "outcome", "returned")
+    __slots__ = ("abandoned", "outcome", "returned", "timed_out")
 
     def __init__(self, outcome: Outcome | None) -> None:
         self.abandoned = False
+        self.timed_out = False  # abandoned at `KdcThreads.timeout`, not by its caller's end
         self.outcome = outcome
         self.returned = False  # the loop has counted its thread given back (`KdcThreads._returned`)
 
@@ -142,6 +145,7 @@ class KdcThreads:
         self._waiting = 0
         self.held = 0  # threads inside a call
         self.abandoned = 0  # of those, the calls whose callers stopped waiting (timed out or cancelled)
+        self.timed_out = 0  # of those, the ones that timed out
 
     async def run(
         self,
@@ -154,18 +158,18 @@ class KdcThreads:
         NoThread at once when there is no thread to wait for; `outcome` told of the call if abandoned (module
         docstring); `started` called (on the event loop) once a thread is given to the call, so a caller counts
         the calls that began (a KDC asked), not those refused or timed out waiting for a thread."""
-        async with asyncio.timeout(self.timeout):
+        async with asyncio.timeout(self.timeout) as bound:
             # Every thread in a call (not merely passing from a returned call to a waiter, when none is held),
             # and `waiting` calls waiting already, or every one of those calls abandoned: no thread frees soon.
             busy = self.held >= self.threads
             if busy and (self._waiting >= self.waiting or self.abandoned >= self.held):
-                raise NoThread(self.held, self.abandoned)
+                raise NoThread(self.held, self.abandoned, self.timed_out)
             self._waiting += 1
             try:
                 await self._free.acquire()
             finally:
                 self._waiting -= 1
-            return await self._start(call, args, outcome, started)
+            return await self._start(call, args, outcome, started, bound)
 
     async def _start(
         self,
@@ -173,6 +177,7 @@ class KdcThreads:
         args: tuple[object, ...],
         outcome: Outcome | None,
         started: Callable[[], None] | None,
+        bound: asyncio.Timeout,
     ) -> T:
         loop = asyncio.get_running_loop()
         mine = _Call(outcome)
@@ -200,6 +205,8 @@ class KdcThreads:
             if not future.cancelled() and not mine.returned:
                 mine.abandoned = True
                 self.abandoned += 1
+                mine.timed_out = bound.expired()  # `timeout` cancelled it, or its caller's own end did
+                self.timed_out += mine.timed_out
                 if outcome is not None:
                     outcome.abandoned()
             elif not future.cancelled() and outcome is not None:
@@ -212,6 +219,7 @@ class KdcThreads:
         self.held -= 1
         if call.abandoned:
             self.abandoned -= 1
+            self.timed_out -= call.timed_out
         self._free.release()
         if call.abandoned and call.outcome is not None:
             call.outcome.returned(done)
@@ -223,13 +231,24 @@ class KdcThreads:
 
 def no_thread_error(e: NoThread, threads: KdcThreads, realm: str, calls: str) -> KdcNotAsked:
     """The 503 for a call refused for want of a thread; `calls` names whose threads they are ("Basic's KDC calls")."""
-    if e.abandoned >= e.held:
+    timer = f"kerberos.kdc_timeout ({threads.timeout:g} s)"
+    check = f"check krb5.conf's kdc entries for {realm} and that the KDC is up"
+    if e.abandoned >= e.held and e.timed_out >= e.abandoned:
         return KdcNotAsked(
             UNREACHABLE,
             hint=f"the KDC of {realm} does not answer: all {e.held} threads for {calls} "
-            f"(kerberos.max_in_flight) are held by calls it left unanswered past kerberos.kdc_timeout "
-            f"({threads.timeout:g} s), until MIT gives up (about 25 s); check krb5.conf's kdc entries for {realm} "
-            "and that the KDC is up",
+            f"(kerberos.max_in_flight) are held by calls it left unanswered past {timer}, until MIT gives up "
+            f"(about 25 s); {check}",
+        )
+    if e.abandoned >= e.held:  # some given up when their request ended, younger than kdc_timeout (hardening 64)
+        ended = e.abandoned - e.timed_out
+        past = f"{e.timed_out} left unanswered past {timer}, " if e.timed_out else ""
+        return KdcNotAsked(
+            UNREACHABLE,
+            hint=f"the KDC of {realm} has not answered: all {e.held} threads for {calls} (kerberos.max_in_flight) "
+            f"are held by calls to it: {past}{ended} whose requests ended before it answered (a device that hung up, "
+            f"or a stop; {timer} did not end them); each holds its thread until the KDC answers or MIT gives up "
+            f"(about 25 s); {check}",
         )
     return KdcNotAsked(
         "the authentication service is busy; try again shortly",

@@ -462,10 +462,11 @@ def test_lab_up_ad_prints_a_curl_that_works_inside_the_namespace(ad_realm: ad.Ad
     assert f'# [identity] mapping = "strong": {strong};' in up.stdout, up.stdout
     audit = ad_realm.root / "gateway-strong-or-audit.toml"  # the migration's audit step, beside it
     assert f'# [identity] mapping = "strong-or-audit": {audit}' in up.stdout, up.stdout
+    assert f"# either in place of gateway.toml (the same ports): {ad.run_line(ad_realm, 'FILE')}\n" in up.stdout
     for config, mode in ((strong, "strong"), (audit, "strong-or-audit")):
         text = config.read_text()
         assert f'\nmapping = "{mode}"\n' in text
-        assert f"kcd-proxy run --config {config}\n" in text, text.splitlines()[1]
+        assert f"# Run it inside the realm's namespace: {ad.run_line(ad_realm, config)}\n" in text, text.splitlines()[1]
         assert f'\n[admin]\nbind = "127.0.0.1:{ad.LAB_ADMIN_PORT}"\n' in text
         checked = ad_realm.run([sys.executable, "-m", "proxy", "check-config", str(config)], timeout=60)
         assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -24,7 +24,7 @@ from cryptography import x509
 
 from proxy.lab.layout import USERS, LabLayout
 from proxy.lab.pki import Pki
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, start_gateway
+from tests.integration.conftest import Gateway, client_context, curl, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import eventually
 from tests.integration.test_kdc_silent import SecondKdc
 from tests.integration.test_revocation import GRACE, REFRESH, connect, get, signed_crl
@@ -40,15 +40,22 @@ def second_kdc(lab: LabLayout, tmp_path: Path) -> Iterator[SecondKdc]:
 
 
 def _gateway(
-    lab: LabLayout, directory: Path, kdc: SecondKdc, *, crl: Path, kerberos: str = "", failures_per_user: int = 100
+    lab: LabLayout,
+    directory: Path,
+    kdc: SecondKdc,
+    *,
+    crl: Path,
+    kerberos: str = "",
+    failures_per_user: int = 100,
+    kdc_timeout: int = KDC_TIMEOUT,
 ) -> Gateway:
-    """certificate-or-basic, with only `kdc` in krb5.conf, kdc_timeout 2 s, and the CRL file `crl` (refreshed
-    every second) for the lab's issuing CA."""
+    """certificate-or-basic, with only `kdc` in krb5.conf, kdc_timeout 2 s unless told, and the CRL file `crl`
+    (refreshed every second) for the lab's issuing CA."""
     krb5_conf = directory / "krb5.conf"
     krb5_conf.write_text(lab.krb5_conf.read_text().replace(f"127.0.0.1:{lab.kdc_port}", kdc.address))
     assert kdc.address in krb5_conf.read_text()
     text = lab_config(lab, port=free_port(), krb5_conf=krb5_conf)
-    text = text.replace("[kerberos]\n", f"[kerberos]\nkdc_timeout = {KDC_TIMEOUT}\n{kerberos}", 1)
+    text = text.replace("[kerberos]\n", f"[kerberos]\nkdc_timeout = {kdc_timeout}\n{kerberos}", 1)
     lab_crls = f'crls = ["{lab.pki_dir / "crls.pem"}"]\nrevocation = "require"\n'
     assert lab_crls in text
     root = Pki.at(lab.pki_dir).root_crl
@@ -185,6 +192,35 @@ def test_a_login_that_finds_every_thread_held_by_the_silent_kdc_is_503_at_once(
             return [a.status for a in asyncio.run(_send(lab, gw, [bob]))] == [200]
 
         eventually(signed_in, "bob signed in once MIT let the threads go")
+    finally:
+        second_kdc.answer_again()
+        gw.stop()
+
+
+def test_a_thread_held_by_a_login_whose_device_hung_up_is_not_said_to_be_past_kdc_timeout(
+    lab: LabLayout, tmp_path: Path, second_kdc: SecondKdc
+) -> None:
+    """kerberos.max_in_flight = 1, kdc_timeout 30 s and the only KDC silent: a device hangs up on its Basic login
+    after 1 s (499), its password check still inside MIT's wait; the next login's refusal (503 at once) names what
+    ended that wait, its request's end, and that kdc_timeout did not. It said "left unanswered past
+    kerberos.kdc_timeout (30 s)" of a check 1 s old: an operator would look at a timer that ended nothing."""
+    crl = tmp_path / "issuing.crl"
+    _publish_crl(lab, tmp_path / "first", crl, serials=[])
+    gw = _gateway(lab, tmp_path, second_kdc, crl=crl, kerberos="max_in_flight = 1\n", kdc_timeout=30)
+    try:
+        second_kdc.stop_answering()
+        tag = uuid.uuid4().hex[:8]
+        gw.mark()
+        curl(lab, gw.url + "/owa/", None, "-u", f"gone-{tag}:guess", "--max-time", "1")
+        gw.wait_event("request", status=499)
+        gw.mark()
+        [answer] = asyncio.run(_send(lab, gw, [f"next-{tag}:guess"]))
+        assert (answer.status, answer.seconds < 30) == (503, True), answer
+        fix = gw.wait_event("kdc_unavailable")["fix"]
+        assert "past kerberos.kdc_timeout" not in fix, fix
+        assert fix.startswith("the KDC of LAB.TEST has not answered: all 1 threads for Basic's KDC calls"), fix
+        assert "whose requests ended before it answered" in fix, fix
+        assert "kerberos.kdc_timeout (30 s) did not end them" in fix, fix
     finally:
         second_kdc.answer_again()
         gw.stop()

@@ -107,3 +107,29 @@ def test_a_reload_adding_a_directory_with_a_broken_bonsai_is_refused_naming_it(l
         assert gw.proc.poll() is None
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("package", ["pyasn1_modules", "bonsai"])
+def test_check_config_says_what_run_would_of_a_broken_lazily_imported_dependency(
+    lab: LabLayout, tmp_path: Path, package: str
+) -> None:
+    """check-config on the strong-mapping configuration with `package` installed but broken exits 1 (its exit code
+    for a configuration `run` refuses) with `run`'s line naming [directory], the package and what its import said:
+    session 22's note said check-config did not import them; it does, through `app.build` (this pins it)."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(_strong(lab, free_port()))
+    site = _broken_copy(tmp_path / "site", package)
+    checked = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **lab.env(), "PYTHONPATH": str(site)},
+        timeout=WAIT,
+        check=False,
+    )
+    output = checked.stdout + checked.stderr
+    assert checked.returncode == 1, output
+    assert f"[directory] needs the package '{package}', which does not import" in checked.stdout, output
+    assert ("opentype" if package == "pyasn1_modules" else "libldap.so.2") in checked.stdout, output
+    assert "Traceback" not in output, output

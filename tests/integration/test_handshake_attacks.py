@@ -29,8 +29,15 @@ import pytest
 from proxy.lab.layout import LabLayout
 from proxy.tls.openssl import _ssl as _ssl_pointer
 from proxy.tls.server import LATE
-from tests.integration.conftest import ServerScene, client_context, free_port, gateway_on_server, lab_config
-from tests.integration.jsonlog import eventually
+from tests.integration.conftest import (
+    ServerScene,
+    client_context,
+    free_port,
+    gateway_on_server,
+    lab_config,
+    start_gateway,
+)
+from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.recorder import Recorder, read_until_closed
 
 LIMIT_S = 3  # listener.handshake_timeout here
@@ -447,3 +454,44 @@ def test_a_device_that_reads_none_of_its_key_update_answers_is_not_buffered_for(
         grown = _rss_kib(pid) - before
     assert grown < HELD_AT_MOST, f"the gateway grew by {grown} KiB for a device that reads nothing ({blocked=})"
     scene.settled()
+
+
+IDLE_S = 3  # listener.keepalive_timeout in the test below
+
+
+@pytest.mark.parametrize("sends", ["nothing", "key-updates"])
+def test_a_device_that_sends_no_request_is_closed_at_keepalive_timeout_and_logged(
+    lab: LabLayout, tmp_path: Path, sends: str
+) -> None:
+    """A device (alice's certificate) that completes TLS 1.3 and then sends no request, nothing or only KeyUpdates
+    asking for the gateway's (every 0.5 s), is closed at keepalive_timeout, and the log says so at info level, naming
+    its address and that it sent no request (`device_sent_no_request`). The KeyUpdates' close was logged at debug
+    only (`device_idle_closed`, as a kept-alive connection's between two requests): an operator saw nothing."""
+    text = lab_config(lab, port=free_port()).replace("[listener]\n", f"[listener]\nkeepalive_timeout = {IDLE_S}\n", 1)
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    ctx = client_context(lab, "alice")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    gw.mark()
+    with small_window_client(ctx, gw.port) as (sock, tls, _, outgoing):
+        peer = f"127.0.0.1:{sock.getsockname()[1]}"
+        opened = time.monotonic()
+        ask = key_update_asker(tls)
+        closed = False
+        while not closed and time.monotonic() - opened < WAIT:
+            try:
+                if sends == "key-updates":
+                    ask()
+                    sock.sendall(outgoing.read())
+                closed = sock.recv(65536) == b"" if select.select([sock], [], [], 0.5)[0] else False
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+        held = time.monotonic() - opened
+    try:
+        assert closed, f"still open {held:.1f} s after the handshake"
+        assert held >= IDLE_S - 0.5, held
+        line = gw.wait_event("device_sent_no_request", peer=peer)
+        assert line["level"] == "info", line
+        assert line["reason"] == f"sent no request within {IDLE_S} s of its TLS handshake (listener.keepalive_timeout)"
+        assert all(e.get("peer") != peer for e in gw.events("request")), gw.events("request")
+    finally:
+        gw.stop()

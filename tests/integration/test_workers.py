@@ -1153,6 +1153,32 @@ def test_one_signal_to_the_supervisor_and_its_workers_drains_them_not_cuts_them(
     assert [r.result() for r in held] == [(200, None)] * len(held)
 
 
+def test_a_worker_stopped_alone_then_the_gateway_is_not_told_it_is_the_same_stop(
+    lab: LabLayout, two_workers_admin: tuple[Gateway, str]
+) -> None:
+    """`kill -TERM` to one worker holding requests, then SIGTERM to the supervisor once it drains: the supervisor's
+    copy reaches it as `stop_signal_again` (its drain goes on, every request answered), whose detail no longer says
+    "the same stop": a worker cannot tell a copy of its own stop from the gateway's later one, and says both."""
+    gw, admin = two_workers_admin
+    _listening_pids(gw, 2)
+    pid_of = {int(Path(e["siblings"]).stem): e["pid"] for e in gw.wait_events("admin_listening", 2)}
+    held = _six_held(lab, gw, admin, "/EWS/Exchange.asmx?hold=8")
+    figures = _samples(_scrape(admin + "/metrics"), "kcd_requests_in_flight")
+    busy = next(label for label, n in figures.items() if n > 0)
+    draining = pid_of[int(busy.split('worker="')[1].split('"')[0])]
+    gw.mark()
+    os.kill(draining, signal.SIGTERM)
+    gw.wait_event("stopping", pid=draining)
+    gw.proc.send_signal(signal.SIGTERM)
+    again = gw.wait_event("stop_signal_again", pid=draining)
+    assert again["passed_on"] is True, again
+    assert not again["detail"].startswith("the same stop"), again
+    assert again["detail"].startswith("the supervisor passed on a stop after this worker was sent one directly"), again
+    assert gw.proc.wait(timeout=WAIT) == 0
+    assert [r.result() for r in held] == [(200, None)] * len(held)
+    assert [(e["outcome"], e["cut"]) for e in gw.events("drained")] == [("finished", 0)] * 2
+
+
 def test_ctrl_c_again_still_cuts_what_the_workers_drain(lab: LabLayout, two_workers_admin: tuple[Gateway, str]) -> None:
     """SIGTERM to the supervisor with requests held, then SIGINT (Ctrl-C again), sent every 0.2 s until the workers
     drain no more: the second the supervisor passes on cuts what they hold (`second_signal`), as before."""

@@ -292,6 +292,41 @@ def test_many_calls_at_once_against_a_kdc_that_answers_all_wait_their_turn() -> 
     assert asyncio.run(scenario()) == ["answered"] * 100
 
 
+def test_a_call_whose_caller_ended_counts_apart_from_one_that_timed_out() -> None:
+    """A call abandoned at the threads' timeout counts in `timed_out`; one whose caller's task was cancelled first
+    (a device that hung up) does not: the refusal names the limit that ended each (`no_thread_error`), not
+    kdc_timeout for both. Both given back once their calls return."""
+
+    async def scenario() -> None:
+        threads = KdcThreads(2, 0.2, "test")
+        release = threading.Event()
+        try:
+            await _time_out_while_running(threads, release)
+            threads.timeout = LONG
+            running = threading.Event()
+
+            def call() -> str:
+                running.set()
+                return _blocked(release)
+
+            caller = asyncio.ensure_future(threads.run(call))
+            await _until(running.is_set, "the call running in its thread")
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            with pytest.raises(NoThread) as refused:
+                await threads.run(_blocked, release)
+            assert (refused.value.held, refused.value.abandoned, refused.value.timed_out) == (2, 2, 1)
+            release.set()
+            await _until(lambda: threads.held == 0, "the threads given back")
+            assert (threads.abandoned, threads.timed_out) == (0, 0)
+        finally:
+            release.set()
+            threads.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("handed", [False, True], ids=["result-not-yet-handed-over", "result-handed-over"])
 def test_a_caller_going_away_as_its_call_returns_still_tells_the_outcome(handed: bool) -> None:
     """A caller cancelled after its call returned in its thread but before the caller took the result (the KDC's

@@ -59,3 +59,40 @@ def test_a_stale_backend_pid_file_names_no_backend(tmp_path: Path) -> None:
         for proc in (stranger, stand_in):
             proc.kill()
             proc.wait()
+
+
+FRESH_SHELL = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+
+
+def _printed_gateway_command(line: str, realm: ad.AdRealm) -> str:
+    """The command a printed `ip netns exec NS COMMAND run --config FILE` line runs in the namespace, up to `run`."""
+    namespaced = line[line.index(f"ip netns exec {realm.netns} ") :].removeprefix(f"ip netns exec {realm.netns} ")
+    return namespaced[: namespaced.index(" run --config ")]
+
+
+def test_the_printed_gateway_commands_run_from_a_fresh_shell(tmp_path: Path) -> None:
+    """The `kcd-proxy run` lines `lab env --ad` and the realm's gateway.toml print start kcd-proxy from a fresh shell
+    (no virtualenv activated, another directory): they said `kcd-proxy`, which such a shell does not find (127)."""
+    realm = ad.AdRealm.at(tmp_path / "ad")
+    env = subprocess.run(
+        [sys.executable, "-m", "proxy", "lab", "env", "--ad", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    lines = [line for line in env.splitlines() if " run --config " in line]
+    lines += [line for line in ad.gateway_config(realm).splitlines() if " run --config " in line]
+    assert len(lines) == 2, (env, lines)
+    for line in lines:
+        command = _printed_gateway_command(line, realm)
+        done = subprocess.run(
+            ["bash", "-c", f"{command} run --help"],
+            capture_output=True,
+            text=True,
+            env=FRESH_SHELL,
+            cwd="/",
+            timeout=60,
+            check=False,
+        )
+        assert (done.returncode, "--config" in done.stdout) == (0, True), (line, done.stdout, done.stderr)
