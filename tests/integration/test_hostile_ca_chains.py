@@ -32,7 +32,7 @@ from tests.integration.conftest import REPO, Gateway, free_port, gateway_on_serv
 SCRIPT = REPO / "tests" / "integration" / "hostile_ca_pki.sh"
 CAS = (  # the intermediates every gateway here is configured with
     *("good", "expired", "eku_server", "not_ca", "nc_upn", "nc_dirname", "revoked", "pathlen0", "deep", "oldint"),
-    *("ed25519", "policy", "eku_any"),
+    *("ed25519", "policy", "eku_any", "rsa"),
 )
 
 
@@ -180,6 +180,12 @@ def test_what_the_good_ca_may_issue_is_served(lab: LabLayout, pki: Path, gw: Gat
         ("revoked/alice", "revocation", "issuing CA 'CN=Hostile revoked CA' serial 0x"),
         ("good/alice_sha224", "certificate", "certificate 'CN=alice_sha224' is signed with ecdsa-with-SHA224"),
         ("ed25519/alice", "certificate", "CA 'CN=Hostile ed25519 CA' has an Ed25519 key"),
+        (
+            "rsa/alice_pss",
+            "certificate",
+            "certificate 'CN=alice_pss' is signed with RSA-PSS (SHA-256, MGF1 with SHA-256, a salt of 222 bytes), "
+            "which the gateway does not accept",
+        ),
         ("nc_dirname/alice", "certificate", "directoryName"),
         (
             "policy/alice",
@@ -197,7 +203,9 @@ def test_chains_the_handshake_takes_are_refused_with_403_naming_why(
     SHA-224 and an issuing CA with an Ed25519 key (the certificate stage's verifier accepts neither: the reason was
     the verifier's debug dump, `AlgorithmIdentifier { oid: DefinedByMarker(PhantomData<...`, naming no certificate),
     a CA's directoryName name constraint (a form the verifier cannot check, docs/refusals.md), a CA's critical
-    policyConstraints (the reason named the extension's OID only, not the certificate). Never delegated."""
+    policyConstraints (the reason named the extension's OID only, not the certificate), a certificate signed with
+    RSA-PSS as the openssl CLI signs by default (the salt as long as the key allows, where the verifier takes only the
+    hash's length: the reason was the verifier's debug dump). Never delegated."""
     gw.mark()
     status, body, err = _curl(lab, gw, pki / user)
     assert status == 403, (body, err)
@@ -206,6 +214,16 @@ def test_chains_the_handshake_takes_are_refused_with_403_naming_why(
     line = gw.wait_for("request", lambda e: e.get("refused_stage") == stage, what=stage)
     assert line["status"] == 403
     assert "principal" not in line
+
+
+def test_rsa_pss_with_a_salt_of_the_hashs_length_is_served(lab: LabLayout, pki: Path, gw: Gateway) -> None:
+    """RSA-PSS as the certificate stage's verifier takes it (`-sigopt rsa_pss_saltlen:digest`: SHA-256, MGF1 with
+    SHA-256, a 32-byte salt), from an RSA issuing CA: served as alice@LAB.TEST, its CRL consulted."""
+    gw.mark()
+    status, body, err = _curl(lab, gw, pki / "rsa" / "alice_pss_digest")
+    assert status == 200, (body, err)
+    assert '"principal": "alice@LAB.TEST"' in body
+    assert gw.wait_event("request", status=200)["revocation"] == "good"
 
 
 @pytest.mark.parametrize(
