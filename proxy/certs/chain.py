@@ -418,21 +418,13 @@ def _diagnose_algorithms(leaf: x509.Certificate, trust: TrustList) -> None:
     cert = leaf
     for _ in range(MAX_CHAIN_DEPTH + 2):
         issuer = next(iter(trust.named(cert.issuer)), None)
-        key = None if issuer is None else issuer.public_key()
-        kind = next((name for cls, name in _KEY_NAMES if isinstance(key, cls)), None)
-        if kind is None and not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | None):
-            kind = type(key).__name__
-        if issuer is not None and kind is not None:  # its signatures are of that kind too: the CA is what to fix
+        if issuer is not None and (kind := _refused_key(issuer)):  # its signatures are of that kind too: fix the CA
             raise CertificateRejected(
                 f"certificate chain does not validate: CA '{issuer.subject.rfc4514_string()}' has an {kind} key, "
                 "which the gateway does not accept for signing certificates",
                 hint=f"{_describe(issuer)}; {_ALGORITHM_FIX} that CA with an RSA (2048 bits or more) or ECDSA key",
             )
-        oid = cert.signature_algorithm_oid
-        algorithm = None if oid in _ACCEPTED_SIGNATURES else getattr(oid, "_name", None) or oid.dotted_string
-        if oid == SignatureAlgorithmOID.RSASSA_PSS:
-            algorithm = _pss_refused(cert)
-        if algorithm is not None:
+        if algorithm := _refused_signature(cert):
             raise CertificateRejected(
                 f"certificate chain does not validate: certificate '{cert.subject.rfc4514_string()}' is signed with "
                 f"{algorithm}, which the gateway does not accept",
@@ -441,6 +433,34 @@ def _diagnose_algorithms(leaf: x509.Certificate, trust: TrustList) -> None:
         if issuer is None or trust.is_anchor(issuer) or issuer.subject == issuer.issuer:
             return
         cert = issuer
+
+
+def unusable_ca(ca: x509.Certificate, *, anchor: bool) -> str | None:
+    """Why no certificate below this configured CA can pass the certificate stage ("CA '...' has an Ed25519 key",
+    "CA '...' is signed with RSA-PSS (...)"; a trust anchor's own signature is not checked), or None. For
+    check-config: the verifier refuses such a chain for every device under it."""
+    subject = ca.subject.rfc4514_string()
+    if kind := _refused_key(ca):
+        return f"CA '{subject}' has an {kind} key"
+    if not anchor and (algorithm := _refused_signature(ca)):
+        return f"CA '{subject}' is signed with {algorithm}"
+    return None
+
+
+def _refused_key(ca: x509.Certificate) -> str | None:
+    """The kind of the CA's key where the verifier takes no signature made with it (Ed25519, ...), else None."""
+    key = ca.public_key()
+    if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return None
+    return next((name for cls, name in _KEY_NAMES if isinstance(key, cls)), type(key).__name__)
+
+
+def _refused_signature(cert: x509.Certificate) -> str | None:
+    """The certificate's signature algorithm, named, where the verifier does not take it, else None."""
+    oid = cert.signature_algorithm_oid
+    if oid == SignatureAlgorithmOID.RSASSA_PSS:
+        return _pss_refused(cert)
+    return None if oid in _ACCEPTED_SIGNATURES else getattr(oid, "_name", None) or oid.dotted_string
 
 
 def _pss_refused(cert: x509.Certificate) -> str | None:

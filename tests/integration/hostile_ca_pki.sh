@@ -166,6 +166,13 @@ issue root rsa v3_ca
 for name in alice_pss alice_pss_digest; do mkdir -p "rsa/$name"; request "rsa/$name" "/CN=$name"; done
 issue rsa rsa/alice_pss v3_user -sigopt rsa_padding_mode:pss
 issue rsa rsa/alice_pss_digest v3_user -sigopt rsa_padding_mode:pss -sigopt rsa_pss_saltlen:digest
+# and a CA below it, certified with that default PSS salt: nothing it issues can pass the certificate stage
+newca pss_sub
+request pss_sub "/CN=Hostile pss_sub CA"
+issue rsa pss_sub v3_ca -sigopt rsa_padding_mode:pss
+mkdir -p pss_sub/alice
+request pss_sub/alice "/CN=alice of pss_sub"
+issue pss_sub pss_sub/alice v3_user
 # the good CA's own careless certificates: expired, signed with SHA-224, an RSA key of 1024 bits
 for name in alice_expired alice_sha224; do mkdir -p "good/$name"; request "good/$name" "/CN=$name"; done
 mkdir -p good/alice_rsa1024
