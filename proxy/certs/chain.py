@@ -21,9 +21,10 @@ What it refuses (CertificateRejected, with a reason the device owner or the admi
   and refuses such a chain, so `explain` must too;
 - what the verifier's web-PKI profile refuses and we kept (weak keys, SHA-1 signatures, X.509 v1,
   unknown critical extensions). It accepts signatures of RSA (PKCS#1 v1.5 or PSS) and ECDSA with SHA-256, -384
-  or -512 only, so a CA with an Ed25519, Ed448 or DSA key cannot sign a usable certificate (a leaf's own key may
-  be of any kind OpenSSL takes in the handshake: it signs nothing the verifier checks); the refusal names the
-  certificate and the algorithm, not the verifier's words.
+  or -512 only (PSS with MGF1 of the same hash and a salt of the hash's length, not the openssl CLI's default
+  salt, the longest the key allows), so a CA with an Ed25519, Ed448 or DSA key cannot sign a usable certificate
+  (a leaf's own key may be of any kind OpenSSL takes in the handshake: it signs nothing the verifier checks); the
+  refusal names the certificate and the algorithm (PSS: its parameters), not the verifier's words.
 
 The web-PKI profile is relaxed where enterprise CAs (Active Directory Certificate Services, or the
 openssl CLI with its default settings) legitimately differ from the CA/Browser Forum's rules: a CA
@@ -395,9 +396,19 @@ _KEY_NAMES = (
     (dsa.DSAPublicKey, "DSA"),
 )
 _ALGORITHM_FIX = (
-    "the gateway accepts certificates signed with RSA (PKCS#1 v1.5 or PSS) or ECDSA, with SHA-256, SHA-384 or "
-    "SHA-512: reissue"
+    "the gateway accepts certificates signed with RSA (PKCS#1 v1.5, or PSS with MGF1 of the same hash and a salt of "
+    "the hash's length: openssl's -sigopt rsa_pss_saltlen:digest) or ECDSA, with SHA-256, SHA-384 or SHA-512: reissue"
 )
+# RSASSA-PSS as the verifier takes it (the CA/Browser Forum's profile): a hash of these, MGF1 with that hash, a salt of
+# the hash's size
+_PSS_SALTS = {"2.16.840.1.101.3.4.2.1": 32, "2.16.840.1.101.3.4.2.2": 48, "2.16.840.1.101.3.4.2.3": 64}
+_HASH_NAMES = {
+    "1.3.14.3.2.26": "SHA-1",
+    "2.16.840.1.101.3.4.2.4": "SHA-224",
+    "2.16.840.1.101.3.4.2.1": "SHA-256",
+    "2.16.840.1.101.3.4.2.2": "SHA-384",
+    "2.16.840.1.101.3.4.2.3": "SHA-512",
+}
 
 
 def _diagnose_algorithms(leaf: x509.Certificate, trust: TrustList) -> None:
@@ -407,26 +418,78 @@ def _diagnose_algorithms(leaf: x509.Certificate, trust: TrustList) -> None:
     cert = leaf
     for _ in range(MAX_CHAIN_DEPTH + 2):
         issuer = next(iter(trust.named(cert.issuer)), None)
-        key = None if issuer is None else issuer.public_key()
-        kind = next((name for cls, name in _KEY_NAMES if isinstance(key, cls)), None)
-        if kind is None and not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | None):
-            kind = type(key).__name__
-        if issuer is not None and kind is not None:  # its signatures are of that kind too: the CA is what to fix
+        if issuer is not None and (kind := _refused_key(issuer)):  # its signatures are of that kind too: fix the CA
             raise CertificateRejected(
                 f"certificate chain does not validate: CA '{issuer.subject.rfc4514_string()}' has an {kind} key, "
                 "which the gateway does not accept for signing certificates",
                 hint=f"{_describe(issuer)}; {_ALGORITHM_FIX} that CA with an RSA (2048 bits or more) or ECDSA key",
             )
-        if cert.signature_algorithm_oid not in _ACCEPTED_SIGNATURES:
-            oid = cert.signature_algorithm_oid
+        if algorithm := _refused_signature(cert):
             raise CertificateRejected(
                 f"certificate chain does not validate: certificate '{cert.subject.rfc4514_string()}' is signed with "
-                f"{getattr(oid, '_name', None) or oid.dotted_string}, which the gateway does not accept",
+                f"{algorithm}, which the gateway does not accept",
                 hint=f"{_describe(cert)}; {_ALGORITHM_FIX} it",
             )
         if issuer is None or trust.is_anchor(issuer) or issuer.subject == issuer.issuer:
             return
         cert = issuer
+
+
+def unusable_ca(ca: x509.Certificate, *, anchor: bool) -> str | None:
+    """Why no certificate below this configured CA can pass the certificate stage ("CA '...' has an Ed25519 key",
+    "CA '...' is signed with RSA-PSS (...)"; a trust anchor's own signature is not checked), or None. For
+    check-config: the verifier refuses such a chain for every device under it."""
+    subject = ca.subject.rfc4514_string()
+    if kind := _refused_key(ca):
+        return f"CA '{subject}' has an {kind} key"
+    if not anchor and (algorithm := _refused_signature(ca)):
+        return f"CA '{subject}' is signed with {algorithm}"
+    return None
+
+
+def _refused_key(ca: x509.Certificate) -> str | None:
+    """The kind of the CA's key where the verifier takes no signature made with it (Ed25519, ...), else None."""
+    key = ca.public_key()
+    if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return None
+    return next((name for cls, name in _KEY_NAMES if isinstance(key, cls)), type(key).__name__)
+
+
+def _refused_signature(cert: x509.Certificate) -> str | None:
+    """The certificate's signature algorithm, named, where the verifier does not take it, else None."""
+    oid = cert.signature_algorithm_oid
+    if oid == SignatureAlgorithmOID.RSASSA_PSS:
+        return _pss_refused(cert)
+    return None if oid in _ACCEPTED_SIGNATURES else getattr(oid, "_name", None) or oid.dotted_string
+
+
+def _pss_refused(cert: x509.Certificate) -> str | None:
+    """The RSASSA-PSS parameters of the certificate's signature, named ("RSA-PSS (SHA-256, MGF1 with SHA-256, a salt
+    of 222 bytes)"), where the verifier refuses them; None where it takes them. RFC 4055's defaults (SHA-1, MGF1 with
+    SHA-1, 20 bytes) stand for what is left out."""
+    from pyasn1_modules import rfc4055, rfc5280  # a refusal's path only: a start need not load them
+
+    try:
+        outer, _ = der_decoder.decode(cert.public_bytes(serialization.Encoding.DER), asn1Spec=rfc5280.Certificate())
+        params, _ = der_decoder.decode(
+            bytes(outer["signatureAlgorithm"]["parameters"]), asn1Spec=rfc4055.RSASSA_PSS_params()
+        )
+        digest = str(params["hashAlgorithm"]["algorithm"] if params["hashAlgorithm"].isValue else rfc4055.id_sha1)
+        mask = params["maskGenAlgorithm"]
+        if not mask.isValue:
+            mgf = f"MGF1 with {_HASH_NAMES[str(rfc4055.id_sha1)]}"
+        elif mask["algorithm"] == rfc4055.id_mgf1:
+            inner, _ = der_decoder.decode(bytes(mask["parameters"]), asn1Spec=rfc5280.AlgorithmIdentifier())
+            mgf = f"MGF1 with {_HASH_NAMES.get(str(inner['algorithm']), str(inner['algorithm']))}"
+        else:
+            mgf = f"mask function {mask['algorithm']}"
+        salt = int(params["saltLength"])
+    except (PyAsn1Error, TypeError, ValueError):
+        return "RSA-PSS parameters that cannot be read"
+    name = _HASH_NAMES.get(digest, digest)
+    if _PSS_SALTS.get(digest) == salt and mgf == f"MGF1 with {name}":
+        return None
+    return f"RSA-PSS ({name}, {mgf}, a salt of {salt} bytes)"
 
 
 _POLICY_EXTENSIONS = {

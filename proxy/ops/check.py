@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates
+from proxy.certs.chain import TrustList, format_time, is_ca, load_certificates, unusable_ca
 from proxy.certs.floors import CrlStateError, read_state, trusted_directory
 from proxy.certs.revocation import CrlSet, load_crls
 from proxy.certs.sources import CrlStore, sources_from_config
@@ -70,6 +70,7 @@ def warnings(config: Config) -> list[str]:
             *_subnets_without_prefix(config),
             *_admin_ca_shared(config),
             *_unmatched_issuers(config),
+            *_unusable_cas(config),
             *_small_letter_realms(config),
         )
     ]
@@ -196,6 +197,26 @@ def _unmatched_issuers(config: Config) -> Iterator[tuple[str, str]]:
                 "certificate, and without another rule every device is refused with 403; name the CA that issues "
                 "the devices' certificates, or one above it, as `kcd-proxy explain --cert` shows the chain",
             )
+
+
+def _unusable_cas(config: Config) -> Iterator[tuple[str, str]]:
+    """A configured CA whose key, or whose own signature, the certificate stage's verifier refuses (`unusable_ca`):
+    OpenSSL's handshake takes its devices, then every one of them gets 403. A warning: a CA on the list may have no
+    devices yet. Its files' own problems are `check`'s."""
+    cc = config.client_certificates
+    for name, paths in (("trust_anchors", cc.trust_anchors), ("intermediates", cc.intermediates)):
+        for i, path in enumerate(paths):
+            try:
+                certs = load_certificates(path)
+            except (OSError, ValueError):
+                continue
+            for why in filter(None, (unusable_ca(cert, anchor=name == "trust_anchors") for cert in certs)):
+                yield (
+                    f"client_certificates.{name}[{i}]",
+                    f"{path}: {why}, which the gateway does not accept: every certificate it issues is refused (403) "
+                    "at the certificate stage; reissue the CA with an RSA or ECDSA key, signed with RSA (PKCS#1 v1.5, "
+                    "or PSS with a salt of the hash's length) or ECDSA, with SHA-256, SHA-384 or SHA-512",
+                )
 
 
 def _problems(config: Config, at: datetime, crls: bool) -> Iterator[tuple[str, str]]:

@@ -157,6 +157,22 @@ issue root ed25519 v3_ca
 mkdir -p ed25519/alice
 request ed25519/alice "/CN=alice of ed25519"
 issue ed25519 ed25519/alice v3_user
+# an issuing CA with an RSA key signing alice's certificates with RSA-PSS: with the openssl CLI's default salt (the
+# longest the key allows; the certificate stage's verifier takes only the hash's length) and with the hash's length
+newca rsa
+openssl req -config ca.cnf -new -newkey rsa:2048 -nodes -keyout rsa/key.pem -subj "/CN=Hostile rsa CA" \
+  -out rsa/req.pem 2>&1
+issue root rsa v3_ca
+for name in alice_pss alice_pss_digest; do mkdir -p "rsa/$name"; request "rsa/$name" "/CN=$name"; done
+issue rsa rsa/alice_pss v3_user -sigopt rsa_padding_mode:pss
+issue rsa rsa/alice_pss_digest v3_user -sigopt rsa_padding_mode:pss -sigopt rsa_pss_saltlen:digest
+# and a CA below it, certified with that default PSS salt: nothing it issues can pass the certificate stage
+newca pss_sub
+request pss_sub "/CN=Hostile pss_sub CA"
+issue rsa pss_sub v3_ca -sigopt rsa_padding_mode:pss
+mkdir -p pss_sub/alice
+request pss_sub/alice "/CN=alice of pss_sub"
+issue pss_sub pss_sub/alice v3_user
 # the good CA's own careless certificates: expired, signed with SHA-224, an RSA key of 1024 bits
 for name in alice_expired alice_sha224; do mkdir -p "good/$name"; request "good/$name" "/CN=$name"; done
 mkdir -p good/alice_rsa1024
@@ -213,8 +229,8 @@ for ca in renewed_old renewed_new; do CADIR=$ca openssl ca -batch -config ca.cnf
 CADIR=renewed_new openssl ca -batch -config ca.cnf -revoke renewed_old/alice/cert.pem -crl_reason removeFromCRL 2>&1
 CADIR=renewed_new openssl ca -batch -config ca.cnf -gencrl -crlexts delta_of_1 -out renewed_new/delta_lifting.pem 2>&1
 CADIR=root openssl ca -batch -config ca.cnf -revoke revoked/cert.pem -crl_reason keyCompromise 2>&1
-for ca in root good revoked; do CADIR=$ca openssl ca -batch -config ca.cnf -gencrl -out "$ca/crl.pem" 2>&1; done
-cat root/crl.pem good/crl.pem revoked/crl.pem > crls.pem
+for ca in root good revoked rsa; do CADIR=$ca openssl ca -batch -config ca.cnf -gencrl -out "$ca/crl.pem" 2>&1; done
+cat root/crl.pem good/crl.pem revoked/crl.pem rsa/crl.pem > crls.pem
 # a second trust anchor (a partner's, trusted for its own users) that certifies a CRL-only key under the good CA's
 # name, and that key's CRL listing nothing: it may not speak for the good CA's certificates (RFC 5280 6.3.3 (f))
 newca partner

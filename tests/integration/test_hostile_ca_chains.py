@@ -32,7 +32,7 @@ from tests.integration.conftest import REPO, Gateway, free_port, gateway_on_serv
 SCRIPT = REPO / "tests" / "integration" / "hostile_ca_pki.sh"
 CAS = (  # the intermediates every gateway here is configured with
     *("good", "expired", "eku_server", "not_ca", "nc_upn", "nc_dirname", "revoked", "pathlen0", "deep", "oldint"),
-    *("ed25519", "policy", "eku_any"),
+    *("ed25519", "policy", "eku_any", "rsa", "pss_sub"),
 )
 
 
@@ -180,6 +180,18 @@ def test_what_the_good_ca_may_issue_is_served(lab: LabLayout, pki: Path, gw: Gat
         ("revoked/alice", "revocation", "issuing CA 'CN=Hostile revoked CA' serial 0x"),
         ("good/alice_sha224", "certificate", "certificate 'CN=alice_sha224' is signed with ecdsa-with-SHA224"),
         ("ed25519/alice", "certificate", "CA 'CN=Hostile ed25519 CA' has an Ed25519 key"),
+        (
+            "rsa/alice_pss",
+            "certificate",
+            "certificate 'CN=alice_pss' is signed with RSA-PSS (SHA-256, MGF1 with SHA-256, a salt of 222 bytes), "
+            "which the gateway does not accept",
+        ),
+        (
+            "pss_sub/alice",
+            "certificate",
+            "certificate 'CN=Hostile pss_sub CA' is signed with RSA-PSS (SHA-256, MGF1 with SHA-256, a salt of 222 "
+            "bytes), which the gateway does not accept",
+        ),
         ("nc_dirname/alice", "certificate", "directoryName"),
         (
             "policy/alice",
@@ -197,7 +209,9 @@ def test_chains_the_handshake_takes_are_refused_with_403_naming_why(
     SHA-224 and an issuing CA with an Ed25519 key (the certificate stage's verifier accepts neither: the reason was
     the verifier's debug dump, `AlgorithmIdentifier { oid: DefinedByMarker(PhantomData<...`, naming no certificate),
     a CA's directoryName name constraint (a form the verifier cannot check, docs/refusals.md), a CA's critical
-    policyConstraints (the reason named the extension's OID only, not the certificate). Never delegated."""
+    policyConstraints (the reason named the extension's OID only, not the certificate), a certificate signed with
+    RSA-PSS as the openssl CLI signs by default (the salt as long as the key allows, where the verifier takes only the
+    hash's length: the reason was the verifier's debug dump). Never delegated."""
     gw.mark()
     status, body, err = _curl(lab, gw, pki / user)
     assert status == 403, (body, err)
@@ -206,6 +220,48 @@ def test_chains_the_handshake_takes_are_refused_with_403_naming_why(
     line = gw.wait_for("request", lambda e: e.get("refused_stage") == stage, what=stage)
     assert line["status"] == 403
     assert "principal" not in line
+
+
+def test_rsa_pss_with_a_salt_of_the_hashs_length_is_served(lab: LabLayout, pki: Path, gw: Gateway) -> None:
+    """RSA-PSS as the certificate stage's verifier takes it (`-sigopt rsa_pss_saltlen:digest`: SHA-256, MGF1 with
+    SHA-256, a 32-byte salt), from an RSA issuing CA: served as alice@LAB.TEST, its CRL consulted."""
+    gw.mark()
+    status, body, err = _curl(lab, gw, pki / "rsa" / "alice_pss_digest")
+    assert status == 200, (body, err)
+    assert '"principal": "alice@LAB.TEST"' in body
+    assert gw.wait_event("request", status=200)["revocation"] == "good"
+
+
+def test_check_config_warns_of_a_ca_below_which_no_certificate_passes(
+    lab: LabLayout, pki: Path, tmp_path: Path
+) -> None:
+    """check-config stays ok but warns, naming the key and the CA, of a configured CA whose key (Ed25519) or whose own
+    signature (RSA-PSS at openssl's default salt) the certificate stage refuses: every device certificate below it
+    gets 403. It said nothing of either."""
+    cas = ("good", "rsa", "ed25519", "pss_sub")
+    text = lab_config(lab, port=free_port())
+    text = text.replace(f'["{lab.pki_dir / "root.pem"}"]', f'["{pki / "root" / "cert.pem"}"]')
+    intermediates = ", ".join(f'"{pki / ca / "cert.pem"}"' for ca in cas)
+    text = text.replace(f'["{lab.pki_dir / "issuing.pem"}"]', f"[{intermediates}]")
+    crls = ", ".join(f'"{pki / ca / "crl.pem"}"' for ca in ("root", "good", "rsa"))
+    text = text.replace(f'["{lab.pki_dir / "crls.pem"}"]', f"[{crls}]")
+    config = tmp_path / "gateway.toml"
+    config.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(config)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: client_certificates.")]
+    assert len(warnings) == 2, warnings
+    ed25519, pss = (f"warning: client_certificates.intermediates[{cas.index(ca)}]: " for ca in ("ed25519", "pss_sub"))
+    assert warnings[0].startswith(ed25519), warnings
+    assert "CA 'CN=Hostile ed25519 CA' has an Ed25519 key, which the gateway does not accept" in warnings[0]
+    assert warnings[1].startswith(pss), warnings
+    assert (
+        "'CN=Hostile pss_sub CA' is signed with RSA-PSS (SHA-256, MGF1 with SHA-256, a salt of 222 bytes)"
+        in (warnings[1])
+    )
+    assert all("every certificate it issues is refused (403)" in line for line in warnings), warnings
 
 
 @pytest.mark.parametrize(

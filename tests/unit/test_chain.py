@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import PolicyBuilder, Store
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from proxy.certs.chain import MAX_CHAIN_DEPTH, TrustList, verify_chain
 from proxy.errors import CertificateRejected
@@ -25,6 +25,7 @@ from tests.pem import load_cert, load_key
 from tests.unit.conftest import NOW
 
 _SHA256 = hashes.SHA256()
+Digest = hashes.SHA224 | hashes.SHA256 | hashes.SHA384 | hashes.SHA512
 
 
 def issue(
@@ -34,10 +35,11 @@ def issue(
     *extensions: tuple[x509.ExtensionType, bool],
     not_after: datetime = NOW + timedelta(days=30),
     key: CertificateIssuerPrivateKeyTypes | None = None,
-    digest: hashes.SHA224 | hashes.SHA256 | None = _SHA256,
+    digest: Digest | None = _SHA256,
+    rsa_padding: padding.PSS | None = None,
 ) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
     """A certificate for `cn` with exactly the given extensions and `key` (a new P-256 key by default), signed by
-    `issuer_key` with `digest` (None for an Ed25519 issuer)."""
+    `issuer_key` with `digest` (None for an Ed25519 issuer), with `rsa_padding` for an RSA issuer's PSS."""
     key = key or ec.generate_private_key(ec.SECP256R1())
     builder = (
         x509.CertificateBuilder()
@@ -50,7 +52,7 @@ def issue(
     )
     for value, critical in extensions:
         builder = builder.add_extension(value, critical=critical)
-    return builder.sign(issuer_key, digest), key
+    return builder.sign(issuer_key, digest, rsa_padding=rsa_padding), key
 
 
 CLIENT_AUTH = (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
@@ -387,6 +389,66 @@ def test_a_signature_algorithm_the_verifier_refuses_is_named_with_its_certificat
     reason = rejected(leaf, trust)
     assert "certificate 'CN=sha224' is signed with ecdsa-with-SHA224, which the gateway does not accept" in reason
     assert "PhantomData" not in reason
+
+
+@pytest.fixture(scope="module")
+def rsa_root() -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """A self-signed RSA root as the verifier's profile wants a CA (keyUsage, key identifier), to sign with PSS."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RSA Root")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - timedelta(days=10))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+_PSS_HASHES: dict[str, Digest] = {
+    "sha224": hashes.SHA224(),
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
+
+
+@pytest.mark.parametrize("salt", ["digest", "max", "20"])
+@pytest.mark.parametrize("mgf", _PSS_HASHES)
+@pytest.mark.parametrize("digest", _PSS_HASHES)
+def test_rsa_pss_is_served_where_the_verifier_takes_it_else_named(
+    rsa_root: tuple[x509.Certificate, rsa.RSAPrivateKey], digest: str, mgf: str, salt: str
+) -> None:
+    """A leaf signed with RSA-PSS of each hash, MGF1 hash and salt (the hash's length, the longest the key allows as
+    the openssl CLI signs by default, 20 bytes) is served exactly where cryptography's own verifier takes the
+    signature, and otherwise refused naming the parameters (the reason was the verifier's debug dump)."""
+    root, root_key = rsa_root
+    mgf1 = padding.MGF1(_PSS_HASHES[mgf])
+    pss = {
+        "digest": padding.PSS(mgf1, padding.PSS.DIGEST_LENGTH),
+        "max": padding.PSS(mgf1, padding.PSS.MAX_LENGTH),
+        "20": padding.PSS(mgf1, 20),
+    }[salt]
+    aki = (x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), False)
+    leaf, _ = issue(root, root_key, "alice", CLIENT_AUTH, UPN_SAN, aki, digest=_PSS_HASHES[digest], rsa_padding=pss)
+    stock = PolicyBuilder().store(Store([root])).time(NOW).build_client_verifier()
+    try:
+        stock.verify(leaf, [])
+    except VerificationError:
+        reason = rejected(leaf, TrustList(anchors=(root,), intermediates=()))
+        assert "certificate 'CN=alice' is signed with RSA-PSS (" in reason, reason
+        assert "PhantomData" not in reason
+    else:
+        assert verify_chain(leaf, TrustList(anchors=(root,), intermediates=()), at=NOW).leaf == leaf
+    if (digest, mgf, salt) == ("sha256", "sha256", "max"):
+        assert "RSA-PSS (SHA-256, MGF1 with SHA-256, a salt of 222 bytes)" in reason
 
 
 def test_a_ca_key_the_verifier_refuses_is_named_with_its_ca(pki: Pki) -> None:
