@@ -26,7 +26,7 @@ from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, free_port, start_gateway
 from tests.integration.jsonlog import eventually
 from tests.integration.test_drain import Held, _send
-from tests.integration.test_workers import _listening_pids, _with_workers
+from tests.integration.test_workers import _alive, _listening_pids, _private_directory, _with_workers
 
 pytestmark = pytest.mark.slow(seconds=6)
 
@@ -132,3 +132,35 @@ def test_scrapes_queued_on_a_worker_that_drains_are_answered(
         with contextlib.suppress(ProcessLookupError):
             os.kill(leaving, signal.SIGCONT)
     _all_answered(sent)
+
+
+def test_a_gateway_killed_whole_leaves_its_directory_to_the_next_start(lab: LabLayout, tmp_path: Path) -> None:
+    """`kill -9` to the supervisor and both workers at once (each stopped first, so that none acts on another's death
+    before it is killed too): none lives on to remove the private directory, which stayed in the temp directory for
+    good. The next gateway started removes it (`workers_directory_removed`), and leaves a running gateway's alone."""
+    killed = start_gateway(lab, tmp_path / "killed", _with_workers(lab, free_port(), 2))
+    running = start_gateway(lab, tmp_path / "running", _with_workers(lab, free_port(), 2))
+    try:
+        workers = _listening_pids(killed, 2)
+        directory = _private_directory(workers[0])
+        kept = _private_directory(_listening_pids(running, 2)[0])
+        for pid in (killed.proc.pid, *workers):
+            os.kill(pid, signal.SIGSTOP)
+        for pid in (killed.proc.pid, *workers):
+            os.kill(pid, signal.SIGKILL)
+        killed.proc.wait()
+        eventually(lambda: not any(_alive(pid) for pid in workers) or None, "the killed workers gone")
+        assert directory.is_dir()  # nothing of that gateway left to remove it
+        after = start_gateway(lab, tmp_path / "after", _with_workers(lab, free_port(), 2))
+        try:
+            line = after.wait_event("workers_directory_removed", directory=str(directory))
+            assert line["supervisor"] == killed.proc.pid, line
+            assert not directory.exists()
+            assert kept.is_dir()
+            _listening_pids(after, 2)
+            assert all(e["directory"] != str(kept) for e in after.events("workers_directory_removed"))
+        finally:
+            after.stop()
+    finally:
+        running.stop()
+        killed.stop()
