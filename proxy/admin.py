@@ -98,7 +98,7 @@ from proxy.observability.siblings import (
     trace_record_bytes,
 )
 from proxy.observability.tracepage import STYLE_SOURCE, add_trace_views
-from proxy.tls.limits import unquote_parse_errors
+from proxy.tls.limits import listen_addresses, listen_sockets, unquote_parse_errors
 from proxy.tls.server import load_ca_file, load_certificate, socket_transport
 from proxy.workers import Serving, Worker
 
@@ -107,6 +107,7 @@ LIVE_KEY = web.AppKey("live", Live)
 READY_CACHE_SECONDS = 10.0
 ADMIN_MAX_CONNECTIONS = 64  # open at once; probes, scrapers and an operator's browser need a few
 ADMIN_SILENT_SECONDS = 10.0  # a new connection that sends nothing for this long is closed
+ADMIN_QUEUED_GRACE = 1.0  # seconds a connection found queued as the listener stops has to send its request
 # an idle keep-alive connection, or a request head unfinished, is closed after ADMIN_SILENT_SECONDS too (aiohttp's
 # keep-alive timer runs from the connection's start and after each answer, and closes it if no whole request came)
 _RUNNER_SETTINGS: dict[str, Any] = {
@@ -574,6 +575,7 @@ class _Counted(asyncio.Protocol):
         self._silent: asyncio.TimerHandle | None = None
         self._sending: asyncio.TimerHandle | None = None
         self._last: _Progress | None = None  # the last look's, if answers were waiting in the write buffer then
+        self.heard = asyncio.Event()  # bytes received, or the connection lost: what a stopping listener awaits
 
     @property
     def answering(self) -> bool:
@@ -629,6 +631,7 @@ class _Counted(asyncio.Protocol):
         self._sending = asyncio.get_running_loop().call_later(ADMIN_SILENT_SECONDS, self._look, transport)
 
     def data_received(self, data: bytes) -> None:
+        self.heard.set()
         if self._silent is not None:
             self._silent.cancel()
             self._silent = None
@@ -644,6 +647,7 @@ class _Counted(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.heard.set()
         for timer in (self._silent, self._sending):
             if timer is not None:
                 timer.cancel()
@@ -660,10 +664,18 @@ class AdminListener:
     runners: list[web.AppRunner] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     crls: AdminCrls | None = None
+    # the admin application's listening sockets (TCP, Unix), each with the protocol factory its server serves with
+    listening: list[tuple[socket.socket, Callable[[], asyncio.BaseProtocol]]] = field(default_factory=list)
 
     async def cleanup(self) -> None:
+        """Stop serving. What the kernel had already queued on the listening sockets (a scrape, a probe: with several
+        workers the port's SO_REUSEPORT group gives a closing socket's queue to no sibling, docs/operations.md) is
+        accepted first and given ADMIN_QUEUED_GRACE to send its request, which aiohttp's shutdown then answers:
+        closed with the socket, each was reset."""
+        queued = [(conn, factory) for sock, factory in self.listening for conn in _queued(sock)]
         for server in self.servers:
             server.close()
+        await _hear(queued)
         for runner in self.runners:
             await runner.cleanup()
         if self.crls is not None:
@@ -671,6 +683,39 @@ class AdminListener:
         for path in self.files:
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def _queued(sock: socket.socket) -> list[socket.socket]:
+    """The connections queued on the listening socket `sock`, accepted until none is left (at most
+    ADMIN_MAX_CONNECTIONS: the cap closes the oldest for the rest anyway)."""
+    taken: list[socket.socket] = []
+    while len(taken) < ADMIN_MAX_CONNECTIONS:
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # BlockingIOError: none left
+            break
+        conn.setblocking(False)
+        taken.append(conn)
+    return taken
+
+
+async def _hear(queued: list[tuple[socket.socket, Callable[[], asyncio.BaseProtocol]]]) -> None:
+    """Serve each of `queued` (`AdminListener.cleanup`), and wait until each has received its request's bytes, or
+    closed, for ADMIN_QUEUED_GRACE at most: aiohttp's shutdown closes a connection whose request has not come."""
+    loop = asyncio.get_running_loop()
+    counted: list[_Counted] = []
+    for conn, factory in queued:
+        try:
+            _, protocol = await loop.connect_accepted_socket(factory, conn)
+        except OSError:
+            conn.close()
+            continue
+        inner = protocol._counted if isinstance(protocol, _AdminTls) else protocol
+        if isinstance(inner, _Counted):
+            counted.append(inner)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(ADMIN_QUEUED_GRACE):
+            await asyncio.gather(*(c.heard.wait() for c in counted))
 
 
 def _capped(handlers: web.Server, context: ssl.SSLContext | None = None) -> Callable[[], asyncio.BaseProtocol]:
@@ -818,10 +863,9 @@ async def _serve_bind(
     # Several workers each serve the admin port too (SO_REUSEPORT): each scrape reaches one of them.
     shared = live.config.listener.workers > 1
     context = admin_ssl_context(admin, live.config.path)  # before the bind: OpenSSL's SSLError is an OSError too
-    try:
-        server = await asyncio.get_running_loop().create_server(
-            _capped(runner.server, context), admin.host, admin.port, reuse_port=shared
-        )
+    factory = _capped(runner.server, context)
+    try:  # the sockets made here, not by create_server, so that a stop takes what is queued on them (`cleanup`)
+        sockets = listen_sockets(listen_addresses(admin.host, admin.port), reuse_port=shared, backlog=100)
     except OSError as e:
         raise ConfigError(
             [
@@ -829,7 +873,9 @@ async def _serve_bind(
                 f"{cannot_bind('admin.bind', e)} (in {live.config.path})"
             ]
         ) from None
-    started.servers.append(server)
+    for sock in sockets:
+        started.listening.append((sock, factory))
+        started.servers.append(await asyncio.get_running_loop().create_server(factory, sock=sock))
     siblings_at = {} if worker is None else {"siblings": str(worker.socket)}  # where this worker answers the others
     log.info("admin_listening", bind=f"{admin.host}:{admin.port}", tls=admin.tls, **siblings_at)
 
@@ -846,9 +892,12 @@ async def _serve_socket(live: Live, path: Path, siblings: Siblings | None, start
     try:
         sock = _unix_socket(path)
         started.files.append(path)
-        server = await asyncio.get_running_loop().create_unix_server(_capped(runner.server), sock=sock)
+        sock.setblocking(False)  # a stop accepts what is queued on it without waiting (`AdminListener.cleanup`)
+        factory = _capped(runner.server)
+        server = await asyncio.get_running_loop().create_unix_server(factory, sock=sock)
     except OSError as e:
         raise ConfigError([f"admin.socket: cannot listen on {path}: {e.strerror} (in {live.config.path})"]) from None
+    started.listening.append((sock, factory))
     started.servers.append(server)
     log.info("admin_listening", socket=str(path))
 

@@ -64,13 +64,16 @@ from proxy.pipeline import Gateway, handle
 from proxy.printable import printable
 from proxy.tls import proxy_protocol
 from proxy.tls.limits import (
+    BACKLOG,
     AddressCap,
     ConnectionSlots,
     IdleKeepAlives,
     accept_connections,
+    accept_queued,
     limit_header_block,
     listen_addresses,
     listen_sockets,
+    serve_accepted,
 )
 from proxy.tls.server import UNNAMED, gate_factory
 from proxy.workers import PASSED_ON, Worker, reload_asked_while_starting
@@ -486,7 +489,8 @@ async def drain(
 ) -> str:
     """Theory of operation: the stop of a gateway in a pool (SIGTERM: a rolling restart, `systemctl stop`, a pod
     deleted). The listening sockets are closed already, so a balancer's next connection here is refused and sent to
-    another gateway (HAProxy's `option redispatch`), and /readyz answers 503 (`Live.stopping`). What the gateway holds
+    another gateway (HAProxy's `option redispatch`), and /readyz answers 503 (`Live.stopping`); what the kernel had
+    queued on them was accepted first (`accept_queued`) and is drained here with the rest. What the gateway holds
     is let go rather than cut: a connection between two requests is closed now; one serving a request answers it with
     `Connection: close`, then closes (`DeviceConnection.wind_down`); one whose handshake had just ended, or whose
     request head is still coming, gets UNUSED_GRACE to send it, and so does a TLS handshake or PROXY header under way
@@ -741,7 +745,7 @@ async def serve(
         )
     # each worker process binds the port (SO_REUSEPORT when there are several); the kernel spreads connections
     try:
-        sockets = listen_sockets(addresses, reuse_port=listener.workers > 1, backlog=1024)
+        sockets = listen_sockets(addresses, reuse_port=listener.workers > 1, backlog=BACKLOG)
     except OSError as e:  # taken (several workers: the supervisor's check said so before), or not ours to bind
         raise ConfigError(
             [
@@ -801,10 +805,13 @@ async def serve(
             watcher.cancel()
         for task in accepting:
             task.cancel()
-        for sock in sockets:
-            sock.close()  # the next connection is refused: a balancer sends it to another gateway
+        # the connections the kernel queued for this worker are taken and drained, then the sockets closed: the next
+        # connection is refused (a balancer sends it to another gateway), or goes to a sibling worker
+        queued = [c for sock in sockets for c in accept_queued(sock, slots, direct_cap)]
         if worker is not None:  # no longer counted as serving by the supervisor, though it drains (`proxy.workers`)
             worker.stops_listening()
+        for conn, give_back in queued:
+            await serve_accepted(loop, factory, conn, give_back)
         drain_started = loop.time()
         if runner is not None:  # aiohttp's own drain, up to its shutdown_timeout (listener.drain_timeout)
             outcome = await _hurried(runner.cleanup(), hurry, listener.drain_timeout)

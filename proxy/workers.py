@@ -26,7 +26,14 @@ Workers share nothing else, but the admin listener must answer for all of them: 
 it forks, and gives each worker a number (1..N; a replacement takes the number of the worker it replaces) and that
 directory (`Worker`): each worker answers its siblings on a Unix socket there, and the one a scrape reaches asks
 the others (`proxy.observability.siblings`). The supervisor removes the directory when it stops; killed outright,
-it cannot, and its workers, stopping with it, remove it instead (the last one to remove its socket).
+it cannot, and its workers, stopping with it, remove it instead (the last one to remove its socket). Killed all at
+once (`kill -9` to every process of the gateway, the OOM killer), none can: the next gateway the same user starts
+removes it (`_sweep`), the supervisor's pid and start time in it saying it is dead.
+
+A worker leaving (a drain of its own, the gateway's stop) first accepts what the kernel has already queued on its
+listening sockets, device and admin, then closes them (`proxy.tls.limits.accept_queued`, `proxy.admin`): closing a
+socket of an SO_REUSEPORT group resets its queue, which the kernel gives to a sibling only with
+`net.ipv4.tcp_migrate_req` = 1 (docs/deploying.md, "Scaling"), the one remedy for a worker killed outright.
 
 Signals: SIGTERM and SIGINT go to every worker (as `PASSED_ON`'s real-time signals, which a worker tells from the same
 signal sent to it directly), which finish and exit; the supervisor exits 0 once they have. Each is followed by SIGCONT,
@@ -102,6 +109,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import time
@@ -133,6 +141,8 @@ PASSED_ON: dict[signal.Signals, int] = {signal.SIGTERM: signal.SIGRTMIN + 0, sig
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _RELOADED = "reloaded.toml"  # in the supervisor's directory: the text the workers' last reload took (`Worker.reloaded`)
 _SERVING = "serving.json"  # in the supervisor's directory: the workers configured and those serving (`Worker.serving`)
+_SUPERVISOR = "supervisor"  # in the supervisor's directory: its pid and start time (`_sweep`)
+_PREFIX = "kcd-proxy-workers-"  # the supervisor's directory, in the temp directory
 
 
 @dataclass(frozen=True)
@@ -305,7 +315,10 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     cpus = worker_cpus(listener.worker_cpus, os.sched_getaffinity(0))
     workers: dict[int, tuple[float, int, bool]] = {}  # pid -> (when it started, its number, a replacement?)
     due: dict[int, float] = {}  # number -> when the worker replacing the one that had it is forked
-    siblings = Path(tempfile.mkdtemp(prefix="kcd-proxy-workers-"))  # mode 0700
+    _sweep(Path(tempfile.gettempdir()))
+    siblings = Path(tempfile.mkdtemp(prefix=_PREFIX))  # mode 0700
+    with contextlib.suppress(OSError):  # best effort: without it, only this directory's sweep is lost (`_sweep`)
+        (siblings / _SUPERVISOR).write_text(f"{os.getpid()} {_started(os.getpid())}")
     wake = _Wake()
     stopping = False
     starting = True  # the first workers are being forked
@@ -422,6 +435,38 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
             signal.signal(sig, signal.SIG_IGN if stopping and sig in (signal.SIGINT, signal.SIGTERM) else handler)
     log.info("supervisor_stopped")
     return failure
+
+
+def _started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), telling it from a later process given
+    the same pid; None if there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _sweep(temp: Path) -> None:
+    """Remove the private directories (`supervise`) in `temp` of this user's gateways that died with every worker
+    killed outright (`kill -9` to the supervisor and its workers at once, the OOM killer, a container's cgroup
+    killed): none of theirs lived on to remove it (`_leave`), and each stayed for good. Such a directory is known by
+    its supervisor (its pid and start time, `_SUPERVISOR`) gone and no worker answering on a socket in it (one still
+    stopping removes it itself); one without that file (being made, or an older version's) is left alone."""
+    for directory in temp.glob(f"{_PREFIX}*"):
+        try:
+            if directory.is_symlink() or not directory.is_dir() or directory.stat().st_uid != os.getuid():
+                continue
+            text, started = (directory / _SUPERVISOR).read_text().split()
+            pid = int(text)
+        except (OSError, ValueError):
+            continue
+        if _started(pid) == started or any(_answers(path) for path in directory.glob("*.sock")):
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        log.info("workers_directory_removed", directory=str(directory), supervisor=pid, detail=_SWEPT)
+
+
+_SWEPT = "the private directory of a gateway whose supervisor and workers were all killed outright"
 
 
 def _listening(siblings: Path, pid: int) -> Path:
@@ -654,16 +699,39 @@ def _leave(siblings: Path) -> None:
 
 
 def _answers(path: Path) -> bool:
-    """Whether a process listens on the Unix socket `path` (asked by connecting; any doubt is a yes)."""
+    """Whether a live process listens on the Unix socket `path` (asked by connecting; any doubt is a yes). A worker
+    killed outright at the same moment (`kill -9` to the supervisor and a worker) still answered for a few ms, until
+    the kernel had closed its descriptors: the process listening (the socket's peer credentials) is asked whether it
+    is ending (`_ending`)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(str(path))
+            pid = _PEERCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
         except (ConnectionRefusedError, FileNotFoundError):
             return False
         except OSError:
             return True
-    return True
+    return not _ending(pid)
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit
+
+
+def _ending(pid: int) -> bool:
+    """Whether process `pid` has ended or is ending: gone, its first thread a zombie (the others still closing its
+    descriptors), exiting, or with SIGKILL pending. Any doubt is a no."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    pending = (line.split()[1] for line in status.splitlines() if line.startswith(("ShdPnd:", "SigPnd:")))
+    killed = any(int(mask, 16) >> (signal.SIGKILL - 1) & 1 for mask in pending)
+    return stat[0] in ("Z", "X") or bool(int(stat[6]) & _PF_EXITING) or killed
 
 
 def end_process(code: int) -> NoReturn:

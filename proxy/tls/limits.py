@@ -68,6 +68,7 @@ _TOO_LARGE = (
     b"Connection: close\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
 )
+BACKLOG = 1024  # the device listener's listen backlog (`listen_sockets`), and the most `accept_queued` takes
 _ACCEPT_PAUSE = 1.0  # seconds to wait after accept() fails (out of file descriptors), as asyncio's server does
 # A refused connection stays open after its 431, what the client still sends read and discarded, until the client
 # has been quiet for _LINGER_QUIET seconds (nginx's lingering_timeout), at most _LINGER_TIME seconds (its
@@ -509,15 +510,64 @@ async def accept_connections(
                 reset(conn)
                 continue
             give_back = admitted
-        try:
-            await loop.connect_accepted_socket(functools.partial(factory, give_back), conn)
-        except OSError:
-            give_back()
-            conn.close()
-        except Exception:  # a protocol that cannot be made is our bug: it must cost one connection, not the loop
-            give_back()
-            conn.close()
-            log.exception("connection_setup_failed")
+        # shielded: the listener stopping cancels this loop, and a connection it had accepted was closed half set up
+        # (its device's handshake or request cut: `accept_queued`)
+        await asyncio.shield(serve_accepted(loop, factory, conn, give_back))
+
+
+async def serve_accepted(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[Callable[[], None]], asyncio.Protocol],
+    conn: socket.socket,
+    give_back: Callable[[], None],
+) -> None:
+    """Connection `conn`, accepted with its slot's `give_back`, handed to a protocol of `factory`."""
+    try:
+        await loop.connect_accepted_socket(functools.partial(factory, give_back), conn)
+    except OSError:
+        give_back()
+        conn.close()
+    except Exception:  # a protocol that cannot be made is our bug: it must cost one connection, not the loop
+        give_back()
+        conn.close()
+        log.exception("connection_setup_failed")
+
+
+def accept_queued(
+    sock: socket.socket, slots: ConnectionSlots, cap: AddressCap | None
+) -> list[tuple[socket.socket, Callable[[], None]]]:
+    """A listener that stops (its accept loop cancelled): the connections the kernel has already queued on `sock`,
+    accepted until none is left, then `sock` closed; each with its slot (`ConnectionSlots.claim`: a free one, or an
+    idle keep-alive's, which the drain closes anyway), for the caller to serve (`serve_accepted`) as the drain's
+    connections with no request yet. Closing a listening socket resets what its queue holds, and SO_REUSEPORT gives a
+    closing listener's queue to no sibling unless `net.ipv4.tcp_migrate_req` is 1 (docs/operations.md): a device whose
+    TCP handshake the kernel had completed for this worker lost its request. Left to the kernel still: what comes in
+    the instant between the last accept and the close, what is still in its TCP handshake (SYN received, not yet
+    acknowledged), and, at the cap with every connection busy, the rest of the queue. At most one backlog's worth is
+    taken (`BACKLOG`): a stream of new connections faster than the accepts would hold the listener open."""
+    taken: list[tuple[socket.socket, Callable[[], None]]] = []
+    try:
+        for _ in range(BACKLOG):
+            try:
+                conn, peer = sock.accept()
+            except OSError:  # BlockingIOError: none left (or EMFILE: the rest as before)
+                break
+            conn.setblocking(False)
+            if not slots.claim():
+                reset(conn)
+                break
+            give_back: Callable[[], None] = _Taken(slots)
+            if cap is not None:
+                admitted = cap.admit(peer, give_back)
+                if admitted is None:
+                    give_back()
+                    reset(conn)
+                    continue
+                give_back = admitted
+            taken.append((conn, give_back))
+    finally:
+        sock.close()
+    return taken
 
 
 async def _accept_below_cap(

@@ -16,6 +16,7 @@ import pytest
 from proxy import config, workers
 from proxy.errors import ConfigError
 from proxy.workers import PortInUse, Serving, Worker, check_port_free
+from tests.integration.jsonlog import eventually
 from tests.unit.test_config import GOOD, _write
 
 
@@ -192,3 +193,65 @@ def test_a_worker_left_by_its_supervisor_removes_all_but_a_live_siblings_socket(
     (directory / "2.sock").unlink()  # the sibling's own, as it stops
     workers._leave(directory)
     assert not directory.exists()
+
+
+_SYS_EXIT = {"x86_64": 60, "aarch64": 93}  # the exit system call: one thread ends, not the process (exit_group)
+_FIRST_THREAD_ENDS = """
+import ctypes, socket, sys, threading, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen()
+threading.Thread(target=time.sleep, args=(120,)).start()  # holds the process, and its socket, after the first thread
+print("ready", flush=True)
+ctypes.CDLL(None).syscall(int(sys.argv[2]), 0)
+"""
+
+
+def _state(pid: int) -> str:
+    """Process `pid`'s state as /proc/<pid>/stat gives it (its first thread's): "Z" for a zombie."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+def test_a_worker_left_by_its_supervisor_removes_the_socket_of_a_sibling_killed_with_it(tmp_path: Path) -> None:
+    """`kill -9` to the supervisor and a worker at once: the killed worker's socket still answered while the kernel
+    ended its threads (its first thread a zombie, the others still holding its descriptors), so the surviving worker
+    left it, and the directory stayed. The process answering is now asked whether it is ending (its peer credentials,
+    then /proc): here one whose first thread has ended while another holds the socket, as under SIGKILL."""
+    directory = tmp_path / "kcd-proxy-workers-x"
+    directory.mkdir()
+    path = directory / "1.sock"
+    number = _SYS_EXIT[os.uname().machine]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FIRST_THREAD_ENDS, str(path), str(number)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        eventually(lambda: _state(child.pid) == "Z", "the first thread ended")
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(path))  # it still answers
+        workers._leave(directory)
+        assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_start_removes_the_directories_of_gateways_killed_whole_and_no_other(tmp_path: Path) -> None:
+    """`_sweep`: a private directory whose supervisor has gone (its pid and start time) and in which no socket answers
+    is removed; one whose supervisor runs, one a worker still answers in, and one without the supervisor's file (being
+    made, or an older gateway's) stay."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead, alive, answering, unmarked = (tmp_path / f"kcd-proxy-workers-{n}" for n in ("a", "b", "c", "d"))
+    for directory in (dead, alive, answering, unmarked):
+        directory.mkdir()
+        (directory / "serving.json").write_text("{}")
+    for directory in (dead, answering):
+        (directory / "supervisor").write_text(f"{ended.pid} 12345")
+    (alive / "supervisor").write_text(f"{os.getpid()} {workers._started(os.getpid())}")
+    with socket.socket(socket.AF_UNIX) as worker:
+        worker.bind(str(answering / "2.sock"))
+        worker.listen()
+        workers._sweep(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in (alive, answering, unmarked)]
