@@ -240,7 +240,7 @@ def no_thread_error(e: NoThread, threads: KdcThreads, realm: str, calls: str) ->
             f"(kerberos.max_in_flight) are held by calls it left unanswered past {timer}, until MIT gives up "
             f"(about 25 s); {check}",
         )
-    if e.abandoned >= e.held:  # some given up when their request ended, younger than kdc_timeout (hardening 64)
+    if e.abandoned >= e.held:  # some given up when their request ended, younger than kdc_timeout (hardening 65)
         ended = e.abandoned - e.timed_out
         past = f"{e.timed_out} left unanswered past {timer}, " if e.timed_out else ""
         return KdcNotAsked(
