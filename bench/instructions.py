@@ -132,28 +132,35 @@ class Client:
             connection.close()
 
 
+def written(log: Path, path: str, count: int) -> None:
+    """Wait until the gateway has written `count` summary lines for `path` (it writes one after the answer is sent)."""
+    deadline = time.monotonic() + WAIT
+    while summary_lines(log, path) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log.name}: {summary_lines(log, path)} summary lines for {path}, not {count}")
+        time.sleep(0.05)
+
+
 def window(scene: Scene, gateway: str, client: Client, path: str | None, n: int, seconds: float, label: str) -> int:
     """Instructions the gateway ran for `n` requests on `path` (or, `path` None, in `seconds` without any)."""
     pid = scene.procs[PROCESS[gateway]].pid
     log = scene.root / f"{PROCESS[gateway]}.log"
-    client.reopen()  # and not counted: each connection's first request, then the route's backend connection warmed
-    client.requests(path or "/EWS/Exchange.asmx", 2 * len(client.connections))
-    before = summary_lines(log, path) if path else 0
+    warm = path or ROUTES["default"]  # not counted: each connection's first request, the route's backend connection
+    before = summary_lines(log, warm) + 2 * client.count
+    client.reopen()
+    client.requests(warm, 2 * client.count)
+    written(log, warm, before)
     callgrind(pid, "--zero")
     callgrind(pid, "--instr=on")
     if path is None:
         time.sleep(seconds)
     else:
         client.requests(path, n)
-        deadline = time.monotonic() + WAIT
-        while (written := summary_lines(log, path) - before) < n and time.monotonic() < deadline:
-            time.sleep(0.05)
+        written(log, path, before + n)
     callgrind(pid, "--instr=off")
     total = dumped(scene.root, pid, label)
-    if path is not None:
-        written = summary_lines(log, path) - before
-        if written != n:
-            raise RuntimeError(f"{gateway} {path}: {written} summary lines in a window of {n} requests")
+    if path is not None and summary_lines(log, path) != before + n:
+        raise RuntimeError(f"{gateway} {path}: {summary_lines(log, path) - before} summary lines in a window of {n}")
     return total
 
 
