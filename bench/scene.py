@@ -75,6 +75,9 @@ class Scene:
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     users: list[tuple[str, Path, Path]] = field(default_factory=list)  # (principal, cert, key)
+    # what the gateways run under (bench.instructions: valgrind's callgrind) and how long one may take to listen
+    wrap: list[str] = field(default_factory=list)
+    listen_timeout: float = 30
 
     def __post_init__(self) -> None:
         ports = {name: free_port() for name in ("ldap", "kdc", "lab_backend", "crl", "lab_gateway")}
@@ -260,19 +263,29 @@ spn = "HTTP/cas.lab.test"
 
     # -- processes ----------------------------------------------------------------------------------
 
-    def start(self, name: str, argv: list[str], port: int, *, core: str, env: dict[str, str] | None = None) -> None:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        *,
+        core: str,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+        timeout: float = 30,
+    ) -> None:
         log = (self.root / f"{name}.log").open("wb")
         proc = subprocess.Popen(
             ["taskset", "-c", core, *argv] if core else argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=REPO,
+            cwd=cwd,
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
         self.procs[name] = proc
-        wait_port(port, proc, name)
+        wait_port(port, proc, name, timeout)
 
     def start_backends(self) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -322,8 +335,15 @@ spn = "HTTP/cas.lab.test"
         self.start("plain", argv, self.ports["plain"], core=self.cores[0])
 
     def start_gateway(self) -> None:
-        argv = [sys.executable, "-m", "proxy", "run", "--config", str(self.root / "gateway.toml")]
-        self.start("gateway", argv, self.ports["gateway"], core=self.cores[0], env=self.layout.env())
+        argv = [*self.wrap, sys.executable, "-m", "proxy", "run", "--config", str(self.root / "gateway.toml")]
+        self.start(
+            "gateway",
+            argv,
+            self.ports["gateway"],
+            core=self.cores[0],
+            env=self.layout.env(),
+            timeout=self.listen_timeout,
+        )
 
     def start_variant(
         self,
@@ -354,9 +374,9 @@ spn = "HTTP/cas.lab.test"
             ours += f"worker_cpus = {worker_cpus}\n"
         (self.root / f"{name}.toml").write_text(text.replace(bind, ours, 1))
         module = {"traced": "bench.traced", "native": "bench.native", "objects": "bench.objects"}.get(name, "proxy")
-        argv = [sys.executable, "-m", module, "run", "--config", str(self.root / f"{name}.toml")]
+        argv = [*self.wrap, sys.executable, "-m", module, "run", "--config", str(self.root / f"{name}.toml")]
         env = {**self.layout.env(), "KCD_BENCH_SNAPSHOT": str(self.root / f"{name}-snapshot.json")}
-        self.start(name, argv, self.ports[name], core=core, env=env)
+        self.start(name, argv, self.ports[name], core=core, env=env, timeout=self.listen_timeout)
 
     def start_baseline(self, code: Path, *, bound: bool = False) -> None:
         """Another build of the gateway (a copy of an older tree, e.g. `git archive main`), same configuration
@@ -368,20 +388,11 @@ spn = "HTTP/cas.lab.test"
         if not bound:
             text = text.replace('backend_binding = "connection"\n', "")
         (self.root / "baseline.toml").write_text(text)
-        argv = [sys.executable, "-m", "proxy", "run", "--config", str(self.root / "baseline.toml")]
+        argv = [*self.wrap, sys.executable, "-m", "proxy", "run", "--config", str(self.root / "baseline.toml")]
         env = {**self.layout.env(), "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
-        log = (self.root / "baseline.log").open("wb")
-        proc = subprocess.Popen(
-            ["taskset", "-c", self.cores[0], *argv] if self.cores[0] else argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=code,
-            env={**os.environ, **env},
-            start_new_session=True,
+        self.start(
+            "baseline", argv, self.ports["baseline"], core=self.cores[0], env=env, cwd=code, timeout=self.listen_timeout
         )
-        self.procs["baseline"] = proc
-        wait_port(self.ports["baseline"], proc, "baseline")
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)

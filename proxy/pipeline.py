@@ -295,10 +295,10 @@ def again(gw: Gateway, presented: Presented, trace: Trace, now: datetime, start:
     trace.note_all(known.names, known.values)
     trace.detail("certificate", verified=verified)
     trace.detail("revocation", evidence=known.evidence, at=now)
-    trace.timed("tls", round((read - start) * 1000, 3))  # the connection's certificate read and compared
-    trace.timed("certificate", round((checked - read) * 1000, 3))  # its chain's notAfter; what the stages made of it
-    trace.timed("revocation", round((revoked - checked) * 1000, 3))
-    trace.timed("identity", round((time.perf_counter() - revoked) * 1000, 3))
+    trace.timed("tls", round((read - start) * 1e6) / 1e3)  # the connection's certificate read and compared
+    trace.timed("certificate", round((checked - read) * 1e6) / 1e3)  # its chain's notAfter; what the stages made of it
+    trace.timed("revocation", round((revoked - checked) * 1e6) / 1e3)
+    trace.timed("identity", round((time.perf_counter() - revoked) * 1e6) / 1e3)
     return known
 
 
@@ -508,7 +508,7 @@ async def _certificate(
         if presented is not None and facts:
             values = tuple(facts[name] for name in TLS_FACTS)
             presented.tls = _TLS_SEEN.setdefault(values, values)  # one tuple for all connections alike
-        trace.timed("tls", round((time.perf_counter() - start) * 1000, 3))
+        trace.timed("tls", round((time.perf_counter() - start) * 1e6) / 1e3)
         if presented is not None:
             known = await certificate_stages(gw, presented.leaf, trace, now, presented=presented)
     return presented, known
@@ -608,7 +608,7 @@ async def handle(gw: Gateway, request: DeviceRequest, trace: Trace) -> None:
     finally:
         if isinstance(authorization, OnceConnected) and authorization.again_ms:  # timed as the Kerberos stage's
             trace.timed("backend", round(max(trace.ms["backend"] - authorization.again_ms, 0.0), 3))
-    trace.note(backend_status=result.status, backend_ms=round(result.ms, 3))
+    trace.note(backend_status=result.status, backend_ms=round(result.ms * 1e3) / 1e3)
     if route.backend_binding == "connection":
         trace.note(backend_auth_sent=result.token_sent)  # False: the connection already carries the user's identity
     trace.detail("backend", reused=result.reused, token_sent=result.token_sent)

@@ -16,7 +16,8 @@ frees the library context (MIT 1.20 makes and frees a second one when it release
 upstream since, in no release yet). `TicketTokens` makes the same call with the same inputs on the same ticket,
 on the library context `proxy.kerberos.profile` holds for the life of the process: MIT's own code builds the
 authenticator, its time (this host's clock, as MIT's per-token context has it for a cached ticket), subkey,
-sequence number, encryption and DER. The service ticket is read once per exchange (`TicketTokens.read`, in the
+sequence number, encryption and DER (`TicketTokens.ap_req`; `proxy.kerberos.spnego` adds the two framings around
+it). The service ticket is read once per exchange (`TicketTokens.read`, in the
 exchange's thread, through a MEMORY ccache copy destroyed at once) and kept as MIT's `krb5_creds` until the
 gateway lets the ticket go: `krb5_free_creds` (which zeroes the session key) runs when the `TicketTokens` is
 collected, so the key never outlives the cache entry that holds it, and no token can be made on freed memory.
@@ -50,7 +51,6 @@ from proxy.kerberos import libkrb5
 from proxy.kerberos.libkrb5 import Creds, Data, check
 from proxy.kerberos.libkrb5 import Krb5Error as Krb5Error  # the delegator's to catch
 from proxy.kerberos.profile import HELD_LOCK, held_context
-from proxy.kerberos.spnego import KRB5_AP_REQ, KRB5_OID_DER, initial_context_token
 
 _AP_OPTS_USE_SUBKEY: Final = 0x1
 _DO_SEQUENCE: Final = 0x4  # KRB5_AUTH_CONTEXT_DO_SEQUENCE
@@ -76,13 +76,22 @@ def gss_checksum(flags: Iterable[gssapi.RequirementFlag]) -> bytes:
     return (16).to_bytes(4, "little") + bytes(16) + (asked | _MIT_ADDS).to_bytes(4, "little")
 
 
+# `TicketTokens.ap_req`'s scratch, used under HELD_LOCK only (one token at a time in the process): the auth context's
+# handle and the AP-REQ MIT returns, with the `byref`s MIT is given, made once rather than for every token.
+_AUTH = c_void_p()
+_AUTH_REF = byref(_AUTH)
+_REQUEST = Data()
+_REQUEST_REF = byref(_REQUEST)
+
+
 class TicketTokens:
-    """One cached service ticket, held as MIT's `krb5_creds`: krb5 initial context tokens made on it."""
+    """One cached service ticket, held as MIT's `krb5_creds`: the AP-REQs of krb5 initial context tokens made on it."""
 
     def __init__(self, creds: ctypes._Pointer[Creds], checksum: bytes) -> None:
         self._creds = creds
         self._checksum = ctypes.create_string_buffer(checksum, len(checksum))
         self._checksum_data = Data(0, len(checksum), ctypes.cast(self._checksum, c_void_p))
+        self._checksum_ref = byref(self._checksum_data)
         self._endtime = creds.contents.times.endtime & 0xFFFFFFFF  # krb5_timestamp: unsigned past 2038
         self.freed = weakref.finalize(self, _free_creds, creds)  # `freed.alive` until the ticket is let go
 
@@ -106,35 +115,41 @@ class TicketTokens:
         finally:
             library.krb5_free_context(context)
 
-    def token(self) -> bytes:
-        """A krb5 initial context token (RFC 4121 §4.1) with a fresh authenticator, as MIT's GSS initiator makes
-        it (the module's docstring). Raises Krb5Error (an expired ticket: MIT's own refusal, before any work)."""
+    def ap_req(self) -> bytes:
+        """A KRB_AP_REQ with a fresh authenticator, as MIT's GSS initiator makes it for a krb5 initial context token
+        (the module's docstring; `proxy.kerberos.spnego.neg_token_init_ap_req` frames it). Raises Krb5Error (an
+        expired ticket: MIT's own refusal, before any work)."""
         library = libkrb5.LIB
         assert library is not None
         if time.time() > self._endtime:  # as gss_init_sec_context, without clock-skew forgiveness
             raise Krb5Error("the service ticket has expired")
-        request = Data()
         with HELD_LOCK:
             context = held_context()
             if context is None:
                 raise Krb5Error("no krb5 library context is held")
-            auth = c_void_p()
-            check(library.krb5_auth_con_init(context, byref(auth)), context, "krb5_auth_con_init")
+            # `if code:` before `check`: a call less per step of every token
+            code = library.krb5_auth_con_init(context, _AUTH_REF)
+            if code:
+                check(code, context, "krb5_auth_con_init")
             try:
-                check(library.krb5_auth_con_setflags(context, auth, _DO_SEQUENCE), context, "krb5_auth_con_setflags")
-                code = library.krb5_auth_con_set_req_cksumtype(context, auth, _GSS_CHECKSUM)
-                check(code, context, "krb5_auth_con_set_req_cksumtype")
+                code = library.krb5_auth_con_setflags(context, _AUTH, _DO_SEQUENCE)
+                if code:
+                    check(code, context, "krb5_auth_con_setflags")
+                code = library.krb5_auth_con_set_req_cksumtype(context, _AUTH, _GSS_CHECKSUM)
+                if code:
+                    check(code, context, "krb5_auth_con_set_req_cksumtype")
                 code = library.krb5_mk_req_extended(
-                    context, byref(auth), _AP_OPTS_USE_SUBKEY, byref(self._checksum_data), self._creds, byref(request)
+                    context, _AUTH_REF, _AP_OPTS_USE_SUBKEY, self._checksum_ref, self._creds, _REQUEST_REF
                 )
-                check(code, context, "krb5_mk_req_extended")
+                if code:
+                    check(code, context, "krb5_mk_req_extended")
                 try:
-                    ap_req = ctypes.string_at(request.data, request.length)
+                    return ctypes.string_at(_REQUEST.data, _REQUEST.length)
                 finally:
-                    library.krb5_free_data_contents(context, byref(request))
+                    library.krb5_free_data_contents(context, _REQUEST_REF)
             finally:
-                library.krb5_auth_con_free(context, auth)
-        return initial_context_token(KRB5_OID_DER + KRB5_AP_REQ + ap_req)
+                library.krb5_auth_con_free(context, _AUTH)
+                _AUTH.value = None
 
 
 def _read(context: c_void_p, creds: gssapi.Credentials, server_name: bytes) -> ctypes._Pointer[Creds]:

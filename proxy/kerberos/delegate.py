@@ -128,7 +128,7 @@ from proxy.kerberos.keytab import (
 from proxy.kerberos.pac import PacFacts
 from proxy.kerberos.password import TOKEN_FLAGS, user_name
 from proxy.kerberos.profile import hold_profile, refresh_profile, set_realm_section, use_profile
-from proxy.kerberos.spnego import neg_token_init
+from proxy.kerberos.spnego import neg_token_init, neg_token_init_ap_req
 from proxy.kerberos.threads import KdcThreads, NoThread, no_thread_error
 
 log = structlog.get_logger("proxy.kerberos")
@@ -375,7 +375,7 @@ class Delegator:
         into krb5 and releases it again for every token, each time with a library context of its own."""
         refresh_profile()
         if tokens is not None:
-            return neg_token_init(tokens.token())
+            return neg_token_init_ap_req(tokens.ap_req())
         token = gssapi.raw.init_sec_context(self._target(gss_target), creds=creds, mech=KRB5, flags=TOKEN_FLAGS).token
         return neg_token_init(token) if token else b""
 

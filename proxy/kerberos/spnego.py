@@ -19,6 +19,7 @@ one OCTET STRING; an ASN.1 encoder per request would cost more than it saves. Pu
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 SPNEGO_OID_DER: Final = bytes.fromhex("06062b0601050502")  # 1.3.6.1.5.5.2
@@ -37,7 +38,7 @@ def _length(n: int) -> bytes:
 
 def initial_context_token(inner: bytes) -> bytes:
     """RFC 2743 §3.1's framing around `inner` (a mechanism's OID, then its token): `[APPLICATION 0]` and its length;
-    the SPNEGO token's here, the krb5 token's in `proxy.kerberos.ap_req`."""
+    the SPNEGO token's and the krb5 token's around an AP-REQ (`neg_token_init_ap_req`)."""
     return b"\x60" + _length(len(inner)) + inner
 
 
@@ -59,3 +60,20 @@ def neg_token_init(krb5_token: bytes) -> bytes:
     sequence = b"\x30" + _length(len(fields)) + fields  # NegTokenInit ::= SEQUENCE
     choice = b"\xa0" + _length(len(sequence)) + sequence  # NegotiationToken: negTokenInit [0]
     return initial_context_token(SPNEGO_OID_DER + choice)  # InitialContextToken ::= [APPLICATION 0] IMPLICIT SEQUENCE
+
+
+def neg_token_init_ap_req(ap_req: bytes) -> bytes:
+    """`neg_token_init` of the krb5 initial context token around `ap_req` (RFC 4121 §4.1: `[APPLICATION 0]`, the krb5
+    OID, TOK_ID 01 00, the AP-REQ), in one concatenation: the AP-REQ is the last field of both framings, so every
+    byte before it depends on its length alone (`_framing`, made once per length; an AP-REQ's length changes only
+    with its ticket's)."""
+    if not ap_req:
+        raise ValueError("an empty AP-REQ: nothing to wrap in a NegTokenInit")
+    return _framing(len(ap_req)) + ap_req
+
+
+@functools.lru_cache(maxsize=256)
+def _framing(length: int) -> bytes:
+    """The bytes of `neg_token_init_ap_req`'s token before an AP-REQ of `length` bytes."""
+    token = neg_token_init(initial_context_token(KRB5_OID_DER + KRB5_AP_REQ + bytes(length)))
+    return token[: len(token) - length]

@@ -117,7 +117,7 @@ class TraceRing:
 
     def record(self, trace: Trace, status: int, settings: Traces | None = None) -> None:
         """The request of `trace` ended with `status`: keep it (and export it, when configured)."""
-        total = round((time.perf_counter() - trace.started) * 1000, 3)
+        total = round((time.perf_counter() - trace.started) * 1e6) / 1e3
         entry = _Entry(trace, status, total)
         if settings is not None and settings.keep != self.keep:
             self.keep = settings.keep

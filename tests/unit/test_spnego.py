@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.kerberos.spnego import KRB5_OID_DER, neg_token_init
+from proxy.kerberos.spnego import (
+    KRB5_AP_REQ,
+    KRB5_OID_DER,
+    initial_context_token,
+    neg_token_init,
+    neg_token_init_ap_req,
+)
 from tests.negotiate_asn1 import KRB5, read_negotiate
 
 
@@ -81,3 +87,19 @@ def test_anything_but_a_krb5_initial_token_is_refused(token: bytes) -> None:
     """Only a krb5 initial context token is wrapped: anything else is an error, not a header sent to a backend."""
     with pytest.raises(ValueError, match="not a krb5 initial context token"):
         neg_token_init(token)
+
+
+@pytest.mark.parametrize("length", [1, 100, 105, 106, 127, 128, 200, 245, 246, 255, 256, 1_200, 65_519, 65_520, 70_000])
+def test_the_ap_reqs_token_made_in_one_piece_is_the_two_framings_byte_for_byte(length: int) -> None:
+    """`neg_token_init_ap_req` (the framing remembered per length) gives the bytes `neg_token_init` gives around the
+    krb5 initial context token, for AP-REQ lengths on each side of every DER length's change of form: the first
+    AP-REQ of a length makes the framing, two others of that length are framed from the one remembered."""
+    for ap_req in (bytes(range(256)) * (length // 256) + bytes(length % 256), b"\xff" * length, b"\xff" * length):
+        krb5_token = initial_context_token(KRB5_OID_DER + KRB5_AP_REQ + ap_req)
+        assert neg_token_init_ap_req(ap_req) == neg_token_init(krb5_token)
+
+
+def test_an_empty_ap_req_is_never_framed() -> None:
+    """An empty AP-REQ is a programming error (ValueError), not a token of framing alone."""
+    with pytest.raises(ValueError, match="empty AP-REQ"):
+        neg_token_init_ap_req(b"")
