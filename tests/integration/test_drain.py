@@ -312,15 +312,17 @@ def test_readyz_and_the_log_name_the_signal_that_stops_the_gateway(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_a_signal_after_stopped_does_not_end_the_gateway_by_it(
-    lab: LabLayout, tmp_path: Path, sig: signal.Signals
+    lab: LabLayout, tmp_path: Path, sig: signal.Signals, loop: str
 ) -> None:
     """review61: SIGTERM, then, from the moment `stopped` is written until the process is gone, the signal again and
     again (a process manager repeating SIGTERM, Ctrl-C held down, a reload sent as it ends). Once its handlers were
     removed they had their default back: the process ended by the signal (-15, -2 with KeyboardInterrupt tracebacks,
     -1), some before `stopped` was written, its krb5.conf overlay left. Now `stopped` is written once they are ignored:
     the process ends 0, `stopped` its last line, its overlay removed."""
-    gw = start_gateway(lab, tmp_path / "gw", lab_config(lab, port=free_port()))
+    text = lab_config(lab, port=free_port()).replace("[listener]\n", f'[listener]\nevent_loop = "{loop}"\n', 1)
+    gw = start_gateway(lab, tmp_path / "gw", text)
     pid = gw.proc.pid
     overlays = Path(os.environ.get("TMPDIR", "/tmp")).glob
     assert list(overlays(f"kcd-proxy-krb5-{pid}-*.conf")), "the witness: the gateway wrote its overlay"
