@@ -540,6 +540,19 @@ async def _start_up(gw: Gateway) -> None:
     await gw.delegator.watch_kdcs()
 
 
+def _stopped(loop: asyncio.AbstractEventLoop, numbers: list[int]) -> None:
+    """`stopped`, and from now on the stop signals and SIGHUP ignored: nothing is left to stop or reload, and the
+    process ends (`proxy.workers.end_process`). Given back their default (asyncio's `remove_signal_handler`), one that
+    came after (a process manager repeating SIGTERM, Ctrl-C held down, the supervisor's copy of a later stop) ended the
+    process by the signal (-15; SIGINT a KeyboardInterrupt, -2, with tracebacks), some before `stopped` was written,
+    and left its krb5.conf overlay (docs/hardening.md 66). asyncio gives no way to ignore a signal it handles but
+    through its default: the microsecond between the two calls stays."""
+    for number in numbers:
+        loop.remove_signal_handler(number)
+        signal.signal(number, signal.SIG_IGN)
+    log.info("stopped")
+
+
 async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
     """`work` awaited, unless `stop` is set first: then it is cancelled, and False. A SIGTERM while the gateway starts
     (a CRL URL whose server never answers: `FETCH_TIMEOUT`, 10 s) waited for the start to end, then opened the
@@ -678,10 +691,8 @@ async def serve(
         log.info("stopping", drain_timeout=listener.drain_timeout, signal=came[0].name if came else None, starting=True)
         await live.close()
         live.traces.close()
-        for number, _, _ in stop_signals:
-            loop.remove_signal_handler(number)
         log.info("drained", outcome="finished", seconds=0.0, cut=0)
-        log.info("stopped")
+        _stopped(loop, [number for number, _, _ in stop_signals])
         return
     if worker is not None and worker.beside:  # its CRL URLs, now fetched once, as `build` did its files
         try:
@@ -829,6 +840,4 @@ async def serve(
         close_all(connections)
         await live.close()
         live.traces.close()
-        for number in (*(number for number, _, _ in stop_signals), signal.SIGHUP):
-            loop.remove_signal_handler(number)
-        log.info("stopped")
+        _stopped(loop, [*(number for number, _, _ in stop_signals), signal.SIGHUP])

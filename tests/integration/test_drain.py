@@ -10,8 +10,10 @@ connection end without an answer, and the gateway logged it as the device's own 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
 import signal
 import socket
 import threading
@@ -25,7 +27,7 @@ import pytest
 
 from proxy.lab.layout import LabLayout
 from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
-from tests.integration.jsonlog import eventually
+from tests.integration.jsonlog import WAIT, eventually
 
 SERVERS = ["own", "aiohttp"]
 
@@ -307,3 +309,35 @@ def test_readyz_and_the_log_name_the_signal_that_stops_the_gateway(
         assert [e["outcome"] for e in gw.events("drained")] == ["second_signal"]
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_signal_after_stopped_does_not_end_the_gateway_by_it(
+    lab: LabLayout, tmp_path: Path, sig: signal.Signals, loop: str
+) -> None:
+    """review61: SIGTERM, then, from the moment `stopped` is written until the process is gone, the signal again and
+    again (a process manager repeating SIGTERM, Ctrl-C held down, a reload sent as it ends). Once its handlers were
+    removed they had their default back: the process ended by the signal (-15, -2 with KeyboardInterrupt tracebacks,
+    -1), some before `stopped` was written, its krb5.conf overlay left. Now `stopped` is written once they are ignored:
+    the process ends 0, `stopped` its last line, its overlay removed."""
+    text = lab_config(lab, port=free_port()).replace("[listener]\n", f'[listener]\nevent_loop = "{loop}"\n', 1)
+    gw = start_gateway(lab, tmp_path / "gw", text)
+    pid = gw.proc.pid
+    overlays = Path(os.environ.get("TMPDIR", "/tmp")).glob
+    assert list(overlays(f"kcd-proxy-krb5-{pid}-*.conf")), "the witness: the gateway wrote its overlay"
+    sent = 0
+    gw.proc.send_signal(signal.SIGTERM)
+    with gw.log_path.open("rb") as log, contextlib.suppress(ProcessLookupError):
+        seen, deadline = b"", time.monotonic() + WAIT
+        while b'"event": "stopped"' not in seen and gw.proc.poll() is None:  # read as it is written
+            assert time.monotonic() < deadline, seen[-2000:]
+            seen += log.read()
+        while gw.proc.poll() is None:  # as fast as it can, 0.2 ms apart
+            os.kill(pid, sig)
+            sent += 1
+            time.sleep(0.0002)
+    text = gw.log_path.read_text()
+    assert (gw.proc.wait(), "Traceback" in text) == (0, False), (sent, text[-3000:])
+    assert gw.logs()[-1]["event"] == "stopped", gw.logs()[-3:]
+    assert not list(overlays(f"kcd-proxy-krb5-{pid}-*.conf"))

@@ -590,3 +590,26 @@ def test_devices_the_balancer_cannot_name_are_not_throttled_together(lab: LabLay
     assert statuses == [400] * 4
     assert not balanced_basic.events("authentication_throttled", balanced_basic.since)
     assert _basic(lab, balanced_basic, "203.0.113.22", "carol@lab.test") == 401  # a named device: its own answer
+
+
+def test_a_device_behind_the_balancer_that_sends_no_request_is_logged_by_its_own_address(
+    lab: LabLayout, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """review61: a device that completes TLS behind a PROXY header (v1) and then sends nothing is logged at
+    keepalive_timeout as `device_sent_no_request` naming the address the header gave (the device's), not the
+    balancer's, and nothing the device sent."""
+    layout = dataclasses.replace(lab, balancer_subnet="127.0.0.1/32")
+    text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
+    text = text.replace("[listener]\n", "[listener]\nkeepalive_timeout = 2\n", 1)
+    gw = start_gateway(lab, tmp_path_factory.mktemp("idle-balanced"), text)
+    try:
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+        balancer = f"127.0.0.1:{raw.getsockname()[1]}"
+        raw.sendall(b"PROXY TCP4 198.51.100.23 127.0.0.1 40023 443\r\n")
+        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            assert tls.recv(1) == b""  # closed by the gateway at keepalive_timeout, no answer
+        line = gw.wait_event("device_sent_no_request", peer="198.51.100.23:40023")
+        assert line["level"] == "info", line
+        assert not [e for e in gw.logs() if balancer in json.dumps(e)], balancer
+    finally:
+        gw.stop()
