@@ -68,6 +68,7 @@ from proxy.tls.limits import (
     ConnectionSlots,
     IdleKeepAlives,
     accept_connections,
+    close_listeners,
     limit_header_block,
     listen_addresses,
     listen_sockets,
@@ -789,10 +790,8 @@ async def serve(
             loop.add_signal_handler(number, second_signal, by_supervisor)
         if watcher is not None:
             watcher.cancel()
-        for task in accepting:
-            task.cancel()
-        for sock in sockets:
-            sock.close()  # the next connection is refused: a balancer sends it to another gateway
+        # the next connection is refused (a balancer sends it to another gateway), those queued are served
+        await close_listeners(sockets, accepting, UNUSED_GRACE)
         if worker is not None:  # no longer counted as serving by the supervisor, though it drains (`proxy.workers`)
             worker.stops_listening()
         drain_started = loop.time()

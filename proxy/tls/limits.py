@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import functools
 import heapq
+import select
 import socket
 import struct
 from collections.abc import Callable, Iterable
@@ -509,8 +510,8 @@ async def accept_connections(
                 reset(conn)
                 continue
             give_back = admitted
-        try:
-            await loop.connect_accepted_socket(functools.partial(factory, give_back), conn)
+        try:  # shielded: a connection accepted as the listener closes (`close_listeners`) is set up, not closed
+            await asyncio.shield(loop.connect_accepted_socket(functools.partial(factory, give_back), conn))
         except OSError:
             give_back()
             conn.close()
@@ -518,6 +519,33 @@ async def accept_connections(
             give_back()
             conn.close()
             log.exception("connection_setup_failed")
+
+
+async def close_listeners(sockets: list[socket.socket], accepting: list[asyncio.Task[None]], within: float) -> None:
+    """A stopping gateway's listeners closed once what the kernel queued on them is accepted (for at most `within`
+    seconds: at the connection cap the accept loops take none). Closed with its queue, a listener has the kernel reset
+    each queued connection, which a balancer had opened, found connected, sent its PROXY header and the device's
+    ClientHello on, and cannot send elsewhere: it closes the device's connection (HAProxy: `SD`, 0 bytes). Nothing is
+    awaited between the last look at the queues and the close, so a connection is either accepted (its setup
+    shielded from the cancel, `accept_connections`) and drained like any other, or refused afterwards (the balancer
+    sends it to another gateway); only one whose handshake the kernel completes within that step is still reset."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if not any(_queued(sock) for sock in sockets):
+            break
+        await asyncio.sleep(0)  # the accept loops take them (nothing to wait on: the kernel holds the queue)
+    for task in accepting:
+        task.cancel()
+    for sock in sockets:
+        sock.close()
+
+
+def _queued(sock: socket.socket) -> bool:
+    """Whether listening socket `sock` holds a connection accept() has not taken (poll: any descriptor number)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def _accept_below_cap(
@@ -561,14 +589,38 @@ async def _accept_waiting(
 
 
 async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[socket.socket, Any] | None:
-    """The next connection at the cap (no slot held meanwhile); None, logged, after a pause when accept() fails, as
-    in `accept_connections`."""
+    """The next connection (no slot held meanwhile); None, logged, after a pause when accept() fails, as in
+    `accept_connections`. accept() is called once the listener is readable, and returns with nothing awaited after
+    it, so a cancel (the listener closing: `close_listeners`) never falls between the kernel handing a connection over
+    and its setup. `loop.sock_accept`'s connection, taken from the kernel just as its task was cancelled, was dropped
+    unserved: a connection the balancer had opened, reset."""
+    while True:
+        try:
+            conn, peer = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            await _readable(loop, sock)
+            continue
+        except OSError as e:
+            log.warning("accept_failed", reason=str(e))
+            await asyncio.sleep(_ACCEPT_PAUSE)
+            return None
+        conn.setblocking(False)
+        return conn, peer
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Once listening socket `sock` has a connection to accept."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:  # called again at each turn of the loop until removed
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock, readable)
     try:
-        return await loop.sock_accept(sock)
-    except OSError as e:
-        log.warning("accept_failed", reason=str(e))
-        await asyncio.sleep(_ACCEPT_PAUSE)
-        return None
+        await ready
+    finally:
+        loop.remove_reader(sock)
 
 
 async def _accept_at_cap(
