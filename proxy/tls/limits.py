@@ -536,8 +536,9 @@ async def close_listeners(sockets: list[socket.socket], accepting: list[asyncio.
             break
         await asyncio.sleep(0)  # the accept loops take them (nothing to wait on: the kernel holds the queue)
     for task in accepting:
-        task.cancel()
+        task.cancel()  # each ends at its next turn, after the close: its socket's reader is removed here
     for sock in sockets:
+        loop.remove_reader(sock)
         sock.close()
 
 
@@ -620,7 +621,8 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
     try:
         await ready
     finally:
-        loop.remove_reader(sock)
+        if sock.fileno() != -1:  # not closed by `close_listeners`, which removed the reader itself
+            loop.remove_reader(sock)
 
 
 async def _accept_at_cap(
