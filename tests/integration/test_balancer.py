@@ -574,6 +574,7 @@ def test_the_walk_throughs_revoke_command_is_refused_by_a_gateway_reading_the_la
         gw.stop()
 
 
+@pytest.mark.slow(seconds=20)  # 4-8 s quiet, 33-40 s with six CPU burners on the two cores
 def test_connections_the_balancer_opened_to_a_stopping_gateway_are_served_by_it(
     lab: LabLayout, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
