@@ -103,6 +103,14 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def accept_queue(port: int) -> int:
+    """Connections to the listener on `port` that the kernel completed and the gateway has not accepted yet."""
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    return sum(int(line.split()[1]) for line in out.splitlines() if line.strip())
+
+
 def _listens(pid: int, port: int) -> bool:
     """Whether process `pid` holds a listening TCP socket on `port` (/proc: its fds' socket inodes, and the
     kernel's table of TCP sockets in this network namespace)."""

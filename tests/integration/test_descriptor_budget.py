@@ -32,9 +32,17 @@ import pytest
 from proxy.descriptors import OVER_CAP
 from proxy.lab.layout import LabLayout
 from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
+from tests.integration.conftest import (
+    Gateway,
+    accept_queue,
+    client_context,
+    free_port,
+    lab_config,
+    metric,
+    start_gateway,
+)
 from tests.integration.jsonlog import WAIT, eventually
-from tests.integration.test_keepalive_reclaim import LOCAL, Stream, accept_queue, exchange, v2_header
+from tests.integration.test_keepalive_reclaim import LOCAL, Stream, exchange, v2_header
 from tests.integration.test_revocation import crl_url
 from tests.integration.test_ticket_cache import _certificate_for
 

@@ -26,7 +26,15 @@ import pytest
 from proxy.lab.layout import LabLayout
 from proxy.tls.limits import HEADER_WAITS, HEALTH_CHECKS
 from proxy.tls.proxy_protocol import V2_SIGNATURE
-from tests.integration.conftest import Gateway, client_context, free_port, lab_config, metric, start_gateway
+from tests.integration.conftest import (
+    Gateway,
+    accept_queue,
+    client_context,
+    free_port,
+    lab_config,
+    metric,
+    start_gateway,
+)
 from tests.integration.jsonlog import eventually
 from tests.integration.test_balancer import _check_status, _haproxy, _haproxy_config
 
@@ -477,14 +485,6 @@ async def local_check(lab: LabLayout, port: int) -> Stream:
     raw.sendall(LOCAL)
     raw.setblocking(False)
     return await asyncio.open_connection(sock=raw, ssl=client_context(lab, "alice"), server_hostname="127.0.0.1")
-
-
-def accept_queue(port: int) -> int:
-    """Connections to the listener on `port` that the kernel completed and the gateway has not accepted yet."""
-    out = subprocess.run(
-        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=30
-    ).stdout
-    return sum(int(line.split()[1]) for line in out.splitlines() if line.strip())
 
 
 async def served_check(lab: LabLayout, port: int) -> Stream:
