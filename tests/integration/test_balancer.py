@@ -233,7 +233,7 @@ def test_a_balancers_tls_health_check_without_a_certificate_is_no_refusal(
     text = runner.gateway_config(layout, gateway_port=free_port(), behind_balancer=True)
     text = text.replace("[listener]\n", f'[listener]\nhttp_server = "{server}"\n', 1)
     text += f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
-    gw = start_gateway(lab, tmp_path_factory.mktemp("tls-check"), text)
+    gw = start_gateway(lab, tmp_path_factory.mktemp("tls-check"), text, args=("--log-level", "debug"))
     try:
         gw.wait_for("listening", lambda e: e.get("http_server") == server, what=server)
         directory = tmp_path_factory.mktemp("haproxy-tls-check")
