@@ -14,7 +14,9 @@ requests carry the attacker's name as `Host`. The name in `Host` is compared, ne
 - `GET /healthz`: 200 while the process serves; says which configuration generation is in force.
 - `GET /readyz`: 200 when the gateway can serve, 503 otherwise, with the reasons as JSON: the KDC answers
   and accepts the gateway's key (an AS exchange and a ticket to itself, at most every
-  `READY_CACHE_SECONDS`), and, under `revocation = "require"`, every CRL is current. Under "best-effort" a stale
+  `READY_CACHE_SECONDS`), and, under `revocation = "require"`, every CA has a current CRL (`crl_problems`: a stale
+  source or one holding none is named in `crls` all the same, and is 503 only for a CA no other source holds a current
+  CRL of). Under "best-effort" a stale
   CRL is named in the answer's `crls` but leaves it 200: the gateway serves on (its CA's certificates as unknown),
   and a 503 took every gateway sharing that CA out of its balancer at once, the outage best-effort is there to avoid.
   503 too while the device listener is full in every worker (`listener_problem`, a `listener` key): new devices
@@ -164,20 +166,40 @@ class Readiness:
         return None
 
 
-def crl_problems(live: Live, now: datetime) -> list[str]:
-    """Why the CRLs are not current (nothing when revocation is off): under "require", why the gateway refuses the
-    certificates they speak for; under "best-effort", why it serves them as unknown."""
+def crl_problems(live: Live, now: datetime) -> tuple[list[str], bool]:
+    """Why CRLs are not current (nothing when revocation is off), and whether a CA is left without a current CRL:
+    under "require" the gateway refuses the certificates it issued, under "best-effort" it serves them as unknown.
+
+    Judged per CA (the issuer and the key that signed, as the revocation stage looks CRLs up), not per source: a source
+    whose CRL is stale, or that holds none (a failed fetch, a replay refused), is named all the same, but leaves its CA
+    without a current CRL only when no other source holds one. A source holding none names no CA, so it counts unless
+    every configured CA has a current CRL from another source. Before, one stale mirror of a CA whose current CRL a
+    file held made every gateway reading it not ready at once, though each served every device right."""
     if live.config.client_certificates.revocation == "off":
-        return []
-    reports = live.gateway.revocation.status()
+        return [], False
+    revocation = live.gateway.revocation
+    reports = revocation.status()
     if not reports:
-        return ["no CRL source is configured"]
-    problems = []
+        return ["no CRL source is configured"], True
+    held = {(crl.issuer, crl.signer_key, crl.delta) for crl in reports if crl.current}
+    issuers = {crl.issuer for crl in reports if crl.current and not crl.delta}
+    every_ca = all(ca.subject.rfc4514_string() in issuers for ca in revocation.crls.trust.certificates)
+    problems, missing = [], False
     for crl in reports:
-        if not crl.current:
-            stale = f"stale since {crl.next_update.isoformat()}" if crl.next_update else "no usable CRL"
-            problems.append(f"{crl.source}: {stale}" + (f" ({crl.last_error})" if crl.last_error else ""))
-    return problems
+        if crl.current:
+            continue
+        stale = f"stale since {crl.next_update.isoformat()}" if crl.next_update else "no usable CRL"
+        line = f"{crl.source}: {stale}" + (f" ({crl.last_error})" if crl.last_error else "")
+        if crl.issuer is None:
+            covered, held_note = every_ca, "every configured CA's current CRL is held from another source"
+        else:
+            covered, held_note = (
+                (crl.issuer, crl.signer_key, crl.delta) in held,
+                "a current CRL of that CA is held from another source",
+            )
+        missing |= not covered
+        problems.append(f"{line}; {held_note}" if covered else line)
+    return problems, missing
 
 
 READINESS_KEY = web.AppKey("readiness", Readiness)
@@ -191,8 +213,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     live = request.app[LIVE_KEY]
     kdc = await request.app[READINESS_KEY].kdc_problem()
-    crls = crl_problems(live, datetime.now(UTC))
-    refusing = bool(crls) and live.config.client_certificates.revocation == "require"  # best-effort serves on
+    crls, missing = crl_problems(live, datetime.now(UTC))
+    refusing = missing and live.config.client_certificates.revocation == "require"  # best-effort serves on
     tls = live.served.problem(datetime.now(UTC)) if live.served is not None else None
     siblings = request.app.get(SIBLINGS_KEY)
     workers: dict[int, Occupancy | None] = {siblings.worker.number if siblings else 0: occupancy(live)}

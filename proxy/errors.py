@@ -64,14 +64,26 @@ class DeviceUnnamed(GatewayError):
     event = "no_device_address"
 
 
+# What the gateway forwards: every method llhttp reads (both device servers parse with it; it answers 400 to any other,
+# TRACK among them) but TRACE and CONNECT (`proxy.app._NOT_FORWARDED`). WebDAV's and its extensions' are among them:
+# OWA and EWS use PROPFIND, MOVE and the like. A 405's `Allow` names them (RFC 9110 15.5.6); a backend answers its own
+# 405 for one it lacks. tests/unit/test_device_server.py checks the list against llhttp's.
+FORWARDED_METHODS = (
+    *("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"),
+    *("COPY", "LOCK", "MKCOL", "MOVE", "PROPFIND", "PROPPATCH", "SEARCH", "UNLOCK"),  # WebDAV (RFC 4918, 5323)
+    *("BIND", "REBIND", "UNBIND", "ACL", "REPORT", "MKACTIVITY", "CHECKOUT", "MERGE", "MKCALENDAR"),  # its extensions
+    *("M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "PURGE", "LINK", "UNLINK", "SOURCE", "QUERY"),
+)
+
+
 class MethodNotAllowed(GatewayError):
-    """TRACE, TRACK and CONNECT: a gateway echoes nothing back (TRACE would show the device the gateway's own
-    headers) and tunnels nothing."""
+    """TRACE and CONNECT (TRACK never parses): a gateway echoes nothing back (TRACE would show the device the gateway's
+    own headers) and tunnels nothing. `Allow` names what it forwards (`FORWARDED_METHODS`)."""
 
     status = 405
     stage = "request"
     event = "request_refused"
-    headers: ClassVar[dict[str, str]] = {"Allow": "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"}
+    headers: ClassVar[dict[str, str]] = {"Allow": ", ".join(FORWARDED_METHODS)}
 
 
 class NoCertificate(GatewayError):

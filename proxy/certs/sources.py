@@ -577,6 +577,7 @@ class CrlStore:
                     this_update=crl.this_update,
                     next_update=crl.next_update,
                     current=crl.current(now),
+                    signer_key=crl.signer_key,
                 )
                 for crl in state.crls
             )
@@ -598,6 +599,7 @@ class CrlStatus:
     this_update: datetime | None = None
     next_update: datetime | None = None
     current: bool = False
+    signer_key: bytes = field(default=b"", repr=False)  # with `issuer`, the CA the CRL speaks for (`floor_scope`)
 
 
 def sources_from_config(files: Iterable[Path], urls: Iterable[str]) -> list[CrlSource]:

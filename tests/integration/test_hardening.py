@@ -479,6 +479,22 @@ def test_trace_is_refused_with_405(scene: Scene) -> None:
     assert not any(scene.taken().values())
 
 
+def test_the_405s_allow_names_the_methods_the_gateway_forwards(scene: Scene) -> None:
+    """RFC 9110 15.5.6: a 405's `Allow` lists the methods the target supports. The gateway forwards every method its
+    parser (llhttp, in both device servers) reads but TRACE and CONNECT, so that is the list, and each method in it
+    reaches the backend as sent (WebDAV's PROPFIND and MOVE among them: OWA and EWS use them). Before, `Allow` listed
+    seven (GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS) while the others were forwarded all the same."""
+    answer = raw_request(scene._lab, scene.gw.port, b"TRACE /owa/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.status == 405
+    (allow,) = [line.partition(":")[2] for line in answer.head.split("\r\n") if line.lower().startswith("allow:")]
+    methods = [method.strip() for method in allow.split(",")]
+    assert {"PROPFIND", "PROPPATCH", "MOVE", "COPY", "MKCOL", "LOCK", "UNLOCK", "SEARCH", "PATCH"} <= set(methods)
+    assert not {"TRACE", "TRACK", "CONNECT"} & set(methods), methods
+    for method in methods:
+        got = scene.forwarded(f"{method} /owa/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert got.request_line.startswith(f"{method} /owa/x "), (method, got.request_line)
+
+
 @pytest.mark.parametrize(("method", "status"), [(b"CONNECT", 405), (b"TRACK", 400)])
 def test_track_and_connect_are_never_forwarded(scene: Scene, method: bytes, status: int) -> None:
     """CONNECT is answered 405 with Allow, like TRACE; TRACK (IIS's TRACE) is a method llhttp does not know, so

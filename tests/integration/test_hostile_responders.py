@@ -28,7 +28,8 @@ from cryptography.x509 import ocsp
 
 from proxy.lab.layout import LabLayout
 from proxy.lab.pki import Pki
-from tests.integration.conftest import Gateway, free_port, lab_config, start_gateway
+from tests.integration._pki_tools import load_ca, write_crl
+from tests.integration.conftest import Gateway, dead_port, free_port, lab_config, start_gateway
 from tests.integration.jsonlog import WAIT, eventually
 from tests.integration.loopback import stop_listening
 from tests.integration.test_revocation import alice_reissued, connect, curl_with, get, signed_crl
@@ -278,8 +279,12 @@ class CrlPath(RawServer):
     """Every GET answered with `body` (200, `Content-Length`, then closed)."""
 
     def __init__(self, body: bytes) -> None:
-        self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        self.serve(body)
         super().__init__("/issuing.crl")
+
+    def serve(self, body: bytes) -> None:
+        """Answer `body` from the next GET on."""
+        self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
 
     def _answer(self, conn: socket.socket, head: bytes, body: bytes) -> None:
         conn.sendall(self.answer)
@@ -502,10 +507,9 @@ def test_invisible_characters_a_distribution_point_sends_are_escaped(lab: LabLay
         try:
             rejected = gw.wait_event("crl_rejected", source=path.url)
             assert f"CA{INVISIBLE_ESCAPED}x" in rejected["problem"], rejected
-            with pytest.raises(urllib.error.HTTPError) as refused:  # 503: a source without a usable CRL
-                urllib.request.urlopen(f"http://{gw.admin}/readyz", timeout=30)
-            assert refused.value.code == 503
-            crls = json.loads(refused.value.read())["crls"]
+            # 200 (crls.pem holds every CA's current CRL), the source without a usable CRL named all the same
+            with urllib.request.urlopen(f"http://{gw.admin}/readyz", timeout=30) as answer:
+                crls = json.loads(answer.read())["crls"]
             (problem,) = [p for p in crls if p.startswith(path.url)]
             assert f"CA{INVISIBLE_ESCAPED}x" in problem, problem
             assert not [c for c in problem if not c.isprintable()], problem
@@ -513,6 +517,82 @@ def test_invisible_characters_a_distribution_point_sends_are_escaped(lab: LabLay
             assert gw.stop() == 0
     finally:
         path.close()
+
+
+def test_a_ca_held_current_from_one_source_keeps_the_gateway_ready_beside_a_source_replaying_an_older_crl(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """One CA, two CRL sources: a file holding its CRL #3 and a URL (a stale mirror) answering its genuine #2, refused
+    as a replay below #3. Every device gets the right answer (alice 200, the revoked user 403: #3 is in force), so
+    /readyz stays 200 (issue 8: "CRLs current", which they are for every CA) and names the URL's problem in `crls`, as
+    /metrics (`kcd_crl_last_error`) and the log (`crl_rejected`) do. Before, it was 503 naming the replay: a balancer
+    took the gateway out, and every gateway of a fleet reading that URL with it. A CA with no current CRL at all still
+    makes it 503 (`test_not_ready_once_a_crl_is_past_its_next_update`, test_admin.py)."""
+    pki = Pki.at(lab.pki_dir)
+    revoked = [entry.serial_number for entry in x509.load_der_x509_crl(pki.issuing_crl.read_bytes())]
+    assert revoked  # the lab's revoked user
+    issuing_ca = load_ca(lab.pki_dir, "issuing")
+    newer = write_crl(tmp_path / "issuing-3.crl", issuing_ca, revoked=revoked, number=3)
+    older = write_crl(tmp_path / "issuing-2.crl", issuing_ca, revoked=revoked, number=2).read_bytes()
+    mirror = CrlPath(b"not yet")  # a mirror catching up: then #2, read after the file's #3 was taken
+    admin = f"127.0.0.1:{free_port()}"
+    try:
+        settings = refreshed(newer, mirror.url, pki.root_crl) + f'crl_state = "{tmp_path / "crl-state"}"\n'  # floors
+        gw = revocation_gateway(lab, tmp_path / "gw", settings, extra=f'\n[admin]\nbind = "{admin}"\n')
+        try:
+            gw.wait_event("crl_loaded", source=str(newer))
+            gw.mark()
+            mirror.serve(older)
+            rejected = gw.wait_for("crl_rejected", lambda e: "#2" in e["problem"], what="the mirror's #2 refused")
+            assert "replayed?" in rejected["problem"], rejected
+            assert get(connect(lab, gw, "alice"))[0] == 200
+            status, body = get(connect(lab, gw, "revoked"))
+            assert (status, "was revoked on" in body) == (403, True), body
+            with urllib.request.urlopen(f"http://{admin}/readyz", timeout=30) as answer:  # 200, else HTTPError
+                ready = json.loads(answer.read())
+            assert (ready["ready"], ready["kdc"]) == (True, "ok"), ready
+            (problem,) = ready["crls"]
+            assert problem.startswith(f"{mirror.url}: "), problem
+            assert "replayed?" in problem, problem
+            assert problem.endswith("held from another source"), problem  # visible, as not keeping it out
+            with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as answer:
+                metrics = answer.read().decode()
+            failing = [line for line in metrics.splitlines() if line.startswith("kcd_crl_last_error{")]
+            assert [line for line in failing if f'source="{mirror.url}"' in line and "replayed?" in line], failing
+        finally:
+            assert gw.stop() == 0
+    finally:
+        mirror.close()
+
+
+@pytest.mark.parametrize("beside", ["the issuing CA's file", "nothing"])
+def test_a_crl_url_that_fails_leaves_the_gateway_unready_only_when_its_ca_has_no_current_crl(
+    lab: LabLayout, tmp_path: Path, beside: str
+) -> None:
+    """The issuing CA's CRL URL refuses every connection, under "require". Beside a file holding that CA's current CRL
+    (and the root's), every device is served right and /readyz is 200, naming the URL in `crls`; with nothing beside it
+    (the root's CRL alone), the issuing CA has no current CRL, its users are refused, and /readyz is 503 naming the
+    URL. Before, both were 503: readiness was judged per source."""
+    pki = Pki.at(lab.pki_dir)
+    url = f"http://127.0.0.1:{dead_port()}/issuing.crl"
+    files = [pki.issuing_crl, pki.root_crl] if beside != "nothing" else [pki.root_crl]
+    admin = f"127.0.0.1:{free_port()}"
+    gw = revocation_gateway(lab, tmp_path / "gw", refreshed(url, *files), extra=f'\n[admin]\nbind = "{admin}"\n')
+    try:
+        gw.wait_event("crl_fetch_failed", source=url)
+        served = 200 if beside != "nothing" else 403
+        assert get(connect(lab, gw, "alice"))[0] == served
+        try:
+            with urllib.request.urlopen(f"http://{admin}/readyz", timeout=30) as answer:
+                status, ready = answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            status, ready = e.code, json.loads(e.read())
+        assert (status, ready["ready"]) == ((200, True) if served == 200 else (503, False)), ready
+        (problem,) = ready["crls"]
+        assert problem.startswith(f"{url}: no usable CRL (fetch failed"), problem
+        assert problem.endswith("held from another source") == (served == 200), problem
+    finally:
+        assert gw.stop() == 0
 
 
 def test_control_characters_in_a_responders_url_are_escaped_in_the_refusal(

@@ -497,3 +497,92 @@ def test_the_buffered_body_of_a_request_answered_unread_is_let_go_at_once() -> N
         return kept
 
     assert asyncio.run(scenario()) < 64 * 1024
+
+
+# llhttp's method table (its HTTP methods, RTSP's, PRI), and others a client may send (TRACK, WebDAV's older ones)
+CANDIDATE_METHODS = (
+    "DELETE",
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "COPY",
+    "LOCK",
+    "MKCOL",
+    "MOVE",
+    "PROPFIND",
+    "PROPPATCH",
+    "SEARCH",
+    "UNLOCK",
+    "BIND",
+    "REBIND",
+    "UNBIND",
+    "ACL",
+    "REPORT",
+    "MKACTIVITY",
+    "CHECKOUT",
+    "MERGE",
+    "M-SEARCH",
+    "NOTIFY",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PATCH",
+    "PURGE",
+    "MKCALENDAR",
+    "LINK",
+    "UNLINK",
+    "SOURCE",
+    "QUERY",
+    "PRI",
+    "DESCRIBE",
+    "ANNOUNCE",
+    "SETUP",
+    "PLAY",
+    "PAUSE",
+    "TEARDOWN",
+    "GET_PARAMETER",
+    "SET_PARAMETER",
+    "REDIRECT",
+    "RECORD",
+    "FLUSH",
+    "TRACK",
+    "BPROPFIND",
+    "BDELETE",
+    "BMOVE",
+    "POLL",
+    "VERSION-CONTROL",
+    "CHECKIN",
+    "UNCHECKOUT",
+    "UPDATE",
+    "LABEL",
+    "MKWORKSPACE",
+    "ORDERPATCH",
+    "FOO",
+)
+
+
+def test_the_405s_allow_is_what_llhttp_reads_less_what_is_refused() -> None:
+    """`FORWARDED_METHODS` (the 405's `Allow`) is every method llhttp reads, as the gateway's server reads them
+    (httptools), less TRACE and CONNECT: a new llhttp reading more shows here. aiohttp's server parses with llhttp too;
+    tests/integration/test_hardening_aiohttp.py sends it every method listed."""
+    from proxy.app import _NOT_FORWARDED
+    from proxy.errors import FORWARDED_METHODS, MethodNotAllowed
+
+    def reads(method: str) -> bool:
+        target = "x:443" if method == "CONNECT" else "/"
+        try:
+            httptools.HttpRequestParser(object()).feed_data(f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        except httptools.HttpParserUpgrade:  # CONNECT, read: what follows is the tunnel's
+            return True
+        except httptools.HttpParserError:
+            return False
+        return True
+
+    read = {method for method in CANDIDATE_METHODS if reads(method)}
+    assert {"TRACE", "CONNECT"} <= read
+    assert set(FORWARDED_METHODS) == read - _NOT_FORWARDED
+    assert len(FORWARDED_METHODS) == len(set(FORWARDED_METHODS))
+    assert MethodNotAllowed.headers["Allow"] == ", ".join(FORWARDED_METHODS)
