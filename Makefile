@@ -101,7 +101,7 @@ test: lint bench-setup
 	env -u PYTHONDONTWRITEBYTECODE .venv/bin/pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
 # `make bench`: kcd-proxy against nginx, side by side (bench/run.py; about nine minutes; only its tiny smoke run is in `make test`).
-BENCH_DEBS := nginx-light wrk gcc libssl-dev curl util-linux heaptrack
+BENCH_DEBS := nginx-light wrk gcc libssl-dev curl util-linux heaptrack valgrind
 
 bench-setup:
 	$(call install_missing,$(BENCH_DEBS))
