@@ -248,10 +248,27 @@ def test_a_start_removes_the_directories_of_gateways_killed_whole_and_no_other(t
         directory.mkdir()
         (directory / "serving.json").write_text("{}")
     for directory in (dead, answering):
-        (directory / "supervisor").write_text(f"{ended.pid} 12345")
-    (alive / "supervisor").write_text(f"{os.getpid()} {workers._started(os.getpid())}")
+        (directory / "supervisor").write_text(f"{ended.pid} 12345 {workers._pid_namespace()}")
+    workers._mark_supervisor(alive)
     with socket.socket(socket.AF_UNIX) as worker:
         worker.bind(str(answering / "2.sock"))
         worker.listen()
         workers._sweep(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in (alive, answering, unmarked)]
+
+
+def test_a_start_in_another_pid_namespace_leaves_a_live_gateways_directory(tmp_path: Path) -> None:
+    """`_sweep` run in a container (its own PID namespace, /tmp shared with the host or another container): a live
+    gateway's directory outside it stays. Its supervisor's pid means another process there (or none), and a worker's
+    socket answers with peer pid 0 (SO_PEERCRED for a process the namespace cannot see): both were taken as dead and
+    the live gateway's directory removed (its workers' sockets, the marks its supervisor counts them by)."""
+    live, no_socket = (tmp_path / f"kcd-proxy-workers-{n}" for n in ("a", "b"))
+    for directory in (live, no_socket):
+        directory.mkdir()
+        workers._mark_supervisor(directory)
+    sweep = f"from pathlib import Path; from proxy import workers; workers._sweep(Path({str(tmp_path)!r}))"
+    with socket.socket(socket.AF_UNIX) as worker:
+        worker.bind(str(live / "1.sock"))
+        worker.listen()
+        subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", sweep], check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, no_socket.name]
