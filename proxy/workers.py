@@ -480,8 +480,25 @@ def _sweep(temp: Path) -> None:
             continue
         if _started(pid) == started or any(_answers(path) for path in directory.glob("*.sock")):
             continue
-        shutil.rmtree(directory, ignore_errors=True)
+        unremoved = _remove(directory)
+        if unremoved is not None:
+            log.warning(
+                "workers_directory_not_removed",
+                directory=str(directory),
+                supervisor=pid,
+                error=unremoved,
+                detail=_SWEPT,
+            )
+            continue
         log.info("workers_directory_removed", directory=str(directory), supervisor=pid, detail=_SWEPT)
+
+
+def _remove(directory: Path) -> str | None:
+    """Remove `directory` and what it holds: None once it is gone (another gateway starting may have removed it
+    meanwhile), else why not (the first failure: a read-only temp directory, say)."""
+    errors: list[str] = []
+    shutil.rmtree(directory, onerror=lambda _f, _p, e: errors.append(str(e[1])))
+    return (errors[0] if errors else "still there") if directory.exists() else None
 
 
 _SWEPT = "the private directory of a gateway whose supervisor and workers were all killed outright"

@@ -272,3 +272,25 @@ def test_a_start_in_another_pid_namespace_leaves_a_live_gateways_directory(tmp_p
         worker.listen()
         subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", sweep], check=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, no_socket.name]
+
+
+def test_a_directory_the_sweep_cannot_remove_is_not_logged_as_removed(tmp_path: Path) -> None:
+    """`_sweep` on a read-only temp directory (a bind mount made read-only in a mount namespace of its own): a dead
+    gateway's directory stays, and the log says so with the reason. It said `workers_directory_removed`."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead = tmp_path / "kcd-proxy-workers-a"
+    dead.mkdir()
+    (dead / "supervisor").write_text(f"{ended.pid} 12345 {workers._pid_namespace()}")
+    sweep = f"from pathlib import Path; from proxy import workers; workers._sweep(Path({str(tmp_path)!r}))"
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -c "$3"'
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(tmp_path), sys.executable, sweep],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert dead.exists()
+    assert "workers_directory_removed" not in done.stdout, done.stdout
+    assert "workers_directory_not_removed" in done.stdout, done.stdout
+    assert "Read-only file system" in done.stdout, done.stdout
