@@ -457,7 +457,10 @@ def _pid_namespace() -> str:
     try:
         return str(Path("/proc/self/ns/pid").readlink())
     except OSError:
-        return "unknown"
+        return _UNKNOWN
+
+
+_UNKNOWN = "unknown"
 
 
 def _sweep(temp: Path) -> None:
@@ -468,6 +471,9 @@ def _sweep(temp: Path) -> None:
     stopping removes it itself); one without that file (being made, or an older version's), or whose supervisor ran in
     another PID namespace (another container sharing /tmp: its pid means another process here, or none), is left
     alone."""
+    ours = _pid_namespace()
+    if ours == _UNKNOWN:  # no /proc to read: neither a pid's start time nor a socket's peer can be told
+        return
     for directory in temp.glob(f"{_PREFIX}*"):
         try:
             if directory.is_symlink() or not directory.is_dir() or directory.stat().st_uid != os.getuid():
@@ -476,7 +482,7 @@ def _sweep(temp: Path) -> None:
             pid = int(text)
         except (OSError, ValueError):
             continue
-        if namespace != _pid_namespace():
+        if namespace != ours:
             continue
         if _started(pid) == started or any(_answers(path) for path in directory.glob("*.sock")):
             continue

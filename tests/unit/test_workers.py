@@ -294,3 +294,21 @@ def test_a_directory_the_sweep_cannot_remove_is_not_logged_as_removed(tmp_path: 
     assert "workers_directory_removed" not in done.stdout, done.stdout
     assert "workers_directory_not_removed" in done.stdout, done.stdout
     assert "Read-only file system" in done.stdout, done.stdout
+
+
+def test_a_start_that_cannot_read_proc_sweeps_nothing(tmp_path: Path) -> None:
+    """`_sweep` where /proc cannot be read (here an empty tmpfs over it, in a mount namespace of its own): no pid's
+    start time, no socket's peer and no PID namespace can be told, so a live gateway's directory, marked as one
+    without /proc marks it, stays. It was removed: every supervisor looked gone and every worker ending."""
+    live = tmp_path / "kcd-proxy-workers-a"
+    live.mkdir()
+    (live / "supervisor").write_text(f"{os.getpid()} {workers._started(os.getpid())} unknown")
+    sweep = f"from pathlib import Path; from proxy import workers; workers._sweep(Path({str(tmp_path)!r}))"
+    with socket.socket(socket.AF_UNIX) as worker:
+        worker.bind(str(live / "1.sock"))
+        worker.listen()
+        subprocess.run(
+            ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs none /proc && exec "$0" -c "$1"', sys.executable, sweep],
+            check=True,
+        )
+    assert live.exists()
