@@ -82,6 +82,7 @@ from typing import Any, cast
 import structlog
 from aiohttp import web
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from proxy.addresses import cannot_bind
 from proxy.certs.chain import TrustList, load_certificates, verify_chain
@@ -173,8 +174,9 @@ def crl_problems(live: Live, now: datetime) -> tuple[list[str], bool]:
     Judged per CA (the issuer and the key that signed, as the revocation stage looks CRLs up), not per source: a source
     whose CRL is stale, or that holds none (a failed fetch, a replay refused), is named all the same, but leaves its CA
     without a current CRL only when no other source holds one. A source holding none names no CA, so it counts unless
-    every configured CA has a current CRL from another source. Before, one stale mirror of a CA whose current CRL a
-    file held made every gateway reading it not ready at once, though each served every device right."""
+    every configured CA (its name and key: a renewed CA is two) has a current complete CRL from another source. Before,
+    one stale mirror of a CA whose current CRL a file held made every gateway reading it not ready at once, though
+    each served every device right."""
     if live.config.client_certificates.revocation == "off":
         return [], False
     revocation = live.gateway.revocation
@@ -182,8 +184,8 @@ def crl_problems(live: Live, now: datetime) -> tuple[list[str], bool]:
     if not reports:
         return ["no CRL source is configured"], True
     held = {(crl.issuer, crl.signer_key, crl.delta) for crl in reports if crl.current}
-    issuers = {crl.issuer for crl in reports if crl.current and not crl.delta}
-    every_ca = all(ca.subject.rfc4514_string() in issuers for ca in revocation.crls.trust.certificates)
+    complete = {(crl.issuer, crl.signer_key) for crl in reports if crl.current and not crl.delta}
+    every_ca = all((ca.subject.rfc4514_string(), _spki(ca)) in complete for ca in revocation.crls.trust.certificates)
     problems, missing = [], False
     for crl in reports:
         if crl.current:
@@ -200,6 +202,12 @@ def crl_problems(live: Live, now: datetime) -> tuple[list[str], bool]:
         missing |= not covered
         problems.append(f"{line}; {held_note}" if covered else line)
     return problems, missing
+
+
+def _spki(ca: x509.Certificate) -> bytes:
+    """The CA's key as a CRL's `signer_key` holds it: after a key renewal, a CRL of the CA's name signed by its other
+    key lists only what that key signed (`proxy.certs.revocation`), and speaks for none of this key's certificates."""
+    return ca.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 READINESS_KEY = web.AppKey("readiness", Readiness)

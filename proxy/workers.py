@@ -317,8 +317,7 @@ def supervise(listener: Listener, serve_one: Callable[[Worker], int], admin: Adm
     due: dict[int, float] = {}  # number -> when the worker replacing the one that had it is forked
     _sweep(Path(tempfile.gettempdir()))
     siblings = Path(tempfile.mkdtemp(prefix=_PREFIX))  # mode 0700
-    with contextlib.suppress(OSError):  # best effort: without it, only this directory's sweep is lost (`_sweep`)
-        (siblings / _SUPERVISOR).write_text(f"{os.getpid()} {_started(os.getpid())}")
+    _mark_supervisor(siblings)
     wake = _Wake()
     stopping = False
     starting = True  # the first workers are being forked
@@ -446,24 +445,66 @@ def _started(pid: int) -> str | None:
         return None
 
 
+def _mark_supervisor(siblings: Path) -> None:
+    """The supervisor's pid, start time and PID namespace in its directory `siblings`, by which `_sweep` tells it is
+    dead."""
+    with contextlib.suppress(OSError):  # best effort: without it, only this directory's sweep is lost (`_sweep`)
+        (siblings / _SUPERVISOR).write_text(f"{os.getpid()} {_started(os.getpid())} {_pid_namespace()}")
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace ("pid:[4026531836]"): a pid means the same process only within it."""
+    try:
+        return str(Path("/proc/self/ns/pid").readlink())
+    except OSError:
+        return _UNKNOWN
+
+
+_UNKNOWN = "unknown"
+
+
 def _sweep(temp: Path) -> None:
     """Remove the private directories (`supervise`) in `temp` of this user's gateways that died with every worker
     killed outright (`kill -9` to the supervisor and its workers at once, the OOM killer, a container's cgroup
     killed): none of theirs lived on to remove it (`_leave`), and each stayed for good. Such a directory is known by
     its supervisor (its pid and start time, `_SUPERVISOR`) gone and no worker answering on a socket in it (one still
-    stopping removes it itself); one without that file (being made, or an older version's) is left alone."""
+    stopping removes it itself); one without that file (being made, or an older version's), or whose supervisor ran in
+    another PID namespace (another container sharing /tmp: its pid means another process here, or none), is left
+    alone."""
+    ours = _pid_namespace()
+    if ours == _UNKNOWN:  # no /proc to read: neither a pid's start time nor a socket's peer can be told
+        return
     for directory in temp.glob(f"{_PREFIX}*"):
         try:
             if directory.is_symlink() or not directory.is_dir() or directory.stat().st_uid != os.getuid():
                 continue
-            text, started = (directory / _SUPERVISOR).read_text().split()
+            text, started, namespace = (directory / _SUPERVISOR).read_text().split()
             pid = int(text)
         except (OSError, ValueError):
             continue
+        if namespace != ours:
+            continue
         if _started(pid) == started or any(_answers(path) for path in directory.glob("*.sock")):
             continue
-        shutil.rmtree(directory, ignore_errors=True)
+        unremoved = _remove(directory)
+        if unremoved is not None:
+            log.warning(
+                "workers_directory_not_removed",
+                directory=str(directory),
+                supervisor=pid,
+                error=unremoved,
+                detail=_SWEPT,
+            )
+            continue
         log.info("workers_directory_removed", directory=str(directory), supervisor=pid, detail=_SWEPT)
+
+
+def _remove(directory: Path) -> str | None:
+    """Remove `directory` and what it holds: None once it is gone (another gateway starting may have removed it
+    meanwhile), else why not (the first failure: a read-only temp directory, say)."""
+    errors: list[str] = []
+    shutil.rmtree(directory, onerror=lambda _f, _p, e: errors.append(str(e[1])))
+    return (errors[0] if errors else "still there") if directory.exists() else None
 
 
 _SWEPT = "the private directory of a gateway whose supervisor and workers were all killed outright"
@@ -702,7 +743,7 @@ def _answers(path: Path) -> bool:
     """Whether a live process listens on the Unix socket `path` (asked by connecting; any doubt is a yes). A worker
     killed outright at the same moment (`kill -9` to the supervisor and a worker) still answered for a few ms, until
     the kernel had closed its descriptors: the process listening (the socket's peer credentials) is asked whether it
-    is ending (`_ending`)."""
+    is ending (`_ending`); one in a PID namespace this process cannot see (peer pid 0) is taken as live."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
@@ -712,7 +753,7 @@ def _answers(path: Path) -> bool:
             return False
         except OSError:
             return True
-    return not _ending(pid)
+    return pid == 0 or not _ending(pid)
 
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid

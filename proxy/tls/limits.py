@@ -546,6 +546,7 @@ def accept_queued(
     acknowledged), and, at the cap with every connection busy, the rest of the queue. At most one backlog's worth is
     taken (`BACKLOG`): a stream of new connections faster than the accepts would hold the listener open."""
     taken: list[tuple[socket.socket, Callable[[], None]]] = []
+    asyncio.get_running_loop().remove_reader(sock)  # the cancelled accept loop's (`_readable`), before the close
     try:
         for _ in range(BACKLOG):
             try:
@@ -611,14 +612,40 @@ async def _accept_waiting(
 
 
 async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[socket.socket, Any] | None:
-    """The next connection at the cap (no slot held meanwhile); None, logged, after a pause when accept() fails, as
-    in `accept_connections`."""
+    """The next connection (no slot held meanwhile); None, logged, after a pause when accept() fails, as in
+    `accept_connections`. accept() is called by this task once the listener is readable, nothing awaited after it,
+    not in `loop.sock_accept`'s reader callback: a connection that callback took in the turn before the stop
+    cancelled the task was dropped with the task's result (reset; `accept_queued` found the kernel's queue empty)."""
+    while True:
+        try:
+            conn, peer = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            await _readable(loop, sock)
+            continue
+        except OSError as e:
+            log.warning("accept_failed", reason=str(e))
+            await asyncio.sleep(_ACCEPT_PAUSE)
+            return None
+        conn.setblocking(False)
+        return conn, peer
+
+
+def _set_once(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Once listening socket `sock` has a connection queued. Its reader is removed by the socket, never by a number
+    kept: once `sock` is closed (`accept_queued`, which removed it before the close), the number may be another
+    socket's."""
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock, _set_once, ready)  # called at each turn while readable, until removed
     try:
-        return await loop.sock_accept(sock)
-    except OSError as e:
-        log.warning("accept_failed", reason=str(e))
-        await asyncio.sleep(_ACCEPT_PAUSE)
-        return None
+        await ready
+    finally:
+        if sock.fileno() != -1:
+            loop.remove_reader(sock)
 
 
 async def _accept_at_cap(

@@ -223,6 +223,8 @@ for name in alice bob; do
   mkdir -p "renewed_old/$name"; request "renewed_old/$name" "/CN=$name of the old key"
   issue renewed_old "renewed_old/$name" v3_user
 done
+mkdir -p renewed_new/carol; request renewed_new/carol "/CN=carol of the new key"  # after the renewal
+issue renewed_new renewed_new/carol v3_user
 CADIR=renewed_old openssl ca -batch -config ca.cnf -revoke renewed_old/alice/cert.pem -crl_reason keyCompromise 2>&1
 for ca in renewed_old renewed_new; do CADIR=$ca openssl ca -batch -config ca.cnf -gencrl -out "$ca/crl.pem" 2>&1; done
 # then the new key signs a delta CRL on top of the old key's CRL #1 whose removeFromCRL entry lifts alice's revocation

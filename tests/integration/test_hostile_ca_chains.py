@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -450,3 +452,38 @@ def test_a_validity_in_generalized_time_before_2050_is_refused(lab: LabLayout, p
     assert "validity dates between 1950 and 2049 must be UtcTime" in body
     line = gw.wait_event("request", refused_stage="certificate")
     assert "principal" not in line
+
+
+def test_a_renewed_cas_new_key_with_no_current_crl_leaves_the_gateway_unready_beside_a_failing_url(
+    lab: LabLayout, pki: Path, tmp_path: Path
+) -> None:
+    """A CA renewed with a new key, under "require": the old key's CRL from a file, the new key's from a URL that
+    fails. carol's certificate of the new key has no current CRL and is refused: /readyz must be 503, the URL named
+    without "held from another source". It was 200: `crl_problems` took the CA as holding a current CRL by its name
+    alone, the old key's CRL standing in for the new key's, which the revocation stage never does."""
+    text = _config(lab, pki)
+    text = text.replace(f', "{pki / "oldroot" / "cert.pem"}"]', "]", 1)
+    intermediates = ", ".join(f'"{pki / ca / "cert.pem"}"' for ca in ("renewed_old", "renewed_new"))
+    text = text.replace(", ".join(f'"{pki / ca / "cert.pem"}"' for ca in CAS), intermediates, 1)
+    url = f"http://127.0.0.1:{free_port()}/renewed_new.crl"
+    files = ", ".join(f'"{pki / ca / "crl.pem"}"' for ca in ("root", "renewed_old"))
+    text = text.replace(f'crls = ["{pki / "crls.pem"}"]', f'crls = [{files}, "{url}"]', 1)
+    admin = f"127.0.0.1:{free_port()}"
+    gw = start_gateway(lab, tmp_path, text + f'\n[admin]\nbind = "{admin}"\n')
+    try:
+        gw.wait_event("crl_fetch_failed", source=url)
+        got, body, err = _curl(lab, gw, pki / "renewed_new" / "carol")
+        assert got == 403, (body, err)
+        assert "no current CRL for issuer 'CN=Hostile renewed CA'" in body, body
+        assert _curl(lab, gw, pki / "renewed_old" / "bob")[0] == 200
+        try:
+            with urllib.request.urlopen(f"http://{admin}/readyz", timeout=30) as answer:
+                status, ready = answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            status, ready = e.code, json.loads(e.read())
+        assert (status, ready["ready"]) == (503, False), ready
+        (problem,) = ready["crls"]
+        assert problem.startswith(f"{url}: no usable CRL (fetch failed"), problem
+        assert not problem.endswith("held from another source"), problem
+    finally:
+        gw.stop()

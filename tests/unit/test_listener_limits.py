@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import uvloop
 from aiohttp.http_exceptions import BadHttpMessage
 from structlog.testing import capture_logs
 
 from proxy import config
 from proxy.errors import ConfigError
-from proxy.tls.limits import AddressCap, ConnectionSlots, HeaderBlockBudget, accept_connections
+from proxy.tls.limits import (
+    AddressCap,
+    ConnectionSlots,
+    HeaderBlockBudget,
+    accept_connections,
+    accept_queued,
+    serve_accepted,
+)
 from tests.unit.test_config import GOOD, _write
 
 
@@ -367,3 +375,45 @@ def test_an_accept_loop_on_a_quiet_address_holds_no_slot() -> None:
                 listener.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_connection_the_kernel_handed_over_in_the_stops_turn_is_served(new_loop: Callable[[], Any]) -> None:
+    """The stop (`proxy.app`: the accept loop cancelled, then `accept_queued`) run in the loop's turn right after the
+    one in which the listener was readable: the connection the kernel handed over then is served with the queued
+    ones. `loop.sock_accept` had accepted it in its reader callback, and its task, cancelled before it could resume,
+    dropped it: the device (a balancer's connection) was reset unserved."""
+    made: list[object] = []
+
+    class Held(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.append(transport)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        slots = ConnectionSlots(10)
+        task = asyncio.create_task(accept_connections(listener, lambda _closed: Held(), slots))
+        await asyncio.sleep(0)  # the accept loop waits for the listener to be readable
+        stopped: asyncio.Future[list[tuple[socket.socket, Callable[[], None]]]] = loop.create_future()
+
+        def stop() -> None:
+            task.cancel()
+            stopped.set_result(accept_queued(listener, slots, None))
+
+        with socket.create_connection(listener.getsockname()) as device:  # its handshake done by the kernel
+            loop.call_soon(loop.call_soon, stop)  # the next turn sees the listener readable; the stop, the one after
+            for conn, give_back in await stopped:
+                await serve_accepted(loop, lambda _closed: Held(), conn, give_back)
+            await asyncio.gather(task, return_exceptions=True)
+            assert len(made) == 1, "the connection was dropped"
+            device.settimeout(0)
+            with pytest.raises(BlockingIOError):  # open, not reset or closed
+                device.recv(1)
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()

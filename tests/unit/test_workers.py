@@ -248,10 +248,67 @@ def test_a_start_removes_the_directories_of_gateways_killed_whole_and_no_other(t
         directory.mkdir()
         (directory / "serving.json").write_text("{}")
     for directory in (dead, answering):
-        (directory / "supervisor").write_text(f"{ended.pid} 12345")
-    (alive / "supervisor").write_text(f"{os.getpid()} {workers._started(os.getpid())}")
+        (directory / "supervisor").write_text(f"{ended.pid} 12345 {workers._pid_namespace()}")
+    workers._mark_supervisor(alive)
     with socket.socket(socket.AF_UNIX) as worker:
         worker.bind(str(answering / "2.sock"))
         worker.listen()
         workers._sweep(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in (alive, answering, unmarked)]
+
+
+def test_a_start_in_another_pid_namespace_leaves_a_live_gateways_directory(tmp_path: Path) -> None:
+    """`_sweep` run in a container (its own PID namespace, /tmp shared with the host or another container): a live
+    gateway's directory outside it stays. Its supervisor's pid means another process there (or none), and a worker's
+    socket answers with peer pid 0 (SO_PEERCRED for a process the namespace cannot see): both were taken as dead and
+    the live gateway's directory removed (its workers' sockets, the marks its supervisor counts them by)."""
+    live, no_socket = (tmp_path / f"kcd-proxy-workers-{n}" for n in ("a", "b"))
+    for directory in (live, no_socket):
+        directory.mkdir()
+        workers._mark_supervisor(directory)
+    sweep = f"from pathlib import Path; from proxy import workers; workers._sweep(Path({str(tmp_path)!r}))"
+    with socket.socket(socket.AF_UNIX) as worker:
+        worker.bind(str(live / "1.sock"))
+        worker.listen()
+        subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", sweep], check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, no_socket.name]
+
+
+def test_a_directory_the_sweep_cannot_remove_is_not_logged_as_removed(tmp_path: Path) -> None:
+    """`_sweep` on a read-only temp directory (a bind mount made read-only in a mount namespace of its own): a dead
+    gateway's directory stays, and the log says so with the reason. It said `workers_directory_removed`."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead = tmp_path / "kcd-proxy-workers-a"
+    dead.mkdir()
+    (dead / "supervisor").write_text(f"{ended.pid} 12345 {workers._pid_namespace()}")
+    sweep = f"from pathlib import Path; from proxy import workers; workers._sweep(Path({str(tmp_path)!r}))"
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -c "$3"'
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(tmp_path), sys.executable, sweep],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert dead.exists()
+    assert "workers_directory_removed" not in done.stdout, done.stdout
+    assert "workers_directory_not_removed" in done.stdout, done.stdout
+    assert "Read-only file system" in done.stdout, done.stdout
+
+
+def test_a_start_that_cannot_read_proc_sweeps_nothing(tmp_path: Path) -> None:
+    """`_sweep` where /proc cannot be read (here an empty tmpfs over it, in a mount namespace of its own): no pid's
+    start time, no socket's peer and no PID namespace can be told, so a live gateway's directory, marked as one
+    without /proc marks it, stays. It was removed: every supervisor looked gone and every worker ending."""
+    live = tmp_path / "kcd-proxy-workers-a"
+    live.mkdir()
+    (live / "supervisor").write_text(f"{os.getpid()} {workers._started(os.getpid())} unknown")
+    sweep = f"from pathlib import Path; from proxy import workers; workers._sweep(Path({str(tmp_path)!r}))"
+    with socket.socket(socket.AF_UNIX) as worker:
+        worker.bind(str(live / "1.sock"))
+        worker.listen()
+        subprocess.run(
+            ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs none /proc && exec "$0" -c "$1"', sys.executable, sweep],
+            check=True,
+        )
+    assert live.exists()
