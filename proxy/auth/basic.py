@@ -107,6 +107,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import structlog
+
 from proxy.addresses import address_key
 from proxy.auth.shared import SharedTable, SharedThrottle
 from proxy.config import Authentication, Identity, Kerberos, Route
@@ -136,6 +138,7 @@ if TYPE_CHECKING:  # bonsai's import is start-up CPU: imported where a [director
     from proxy.directory import Directory
 
 T = TypeVar("T")
+log = structlog.get_logger("proxy.auth")
 
 _SCRYPT = {"n": 2**10, "r": 8, "p": 1, "dklen": 32}  # 1 MiB and about 2 ms per hash
 _THROTTLE_BASE = 1.0  # seconds of the first refusal once a key reaches its limit; doubles with each failure
@@ -857,7 +860,10 @@ class BasicLogin:
         except GatewayError:  # unreachable, or the name several accounts': the last answer stands
             self._own_retry = time.monotonic() + _OWN_RETRY
             return
-        self._own_upn = (own.upn, own.dn) if own is not None and own.upn else None
+        upn = (own.upn, own.dn) if own is not None and own.upn else None
+        if upn != self._own_upn or not self._own_learnt:  # once, and again when it changes: not each sign-in's
+            log.info("gateway_upn_learnt", upn=upn[0] if upn else None, dn=upn[1] if upn else None)
+        self._own_upn = upn
         self._own_learnt = True
 
     def _cached(self, key: str, digest: bytes, user: UserPrincipal) -> _Entry | None:

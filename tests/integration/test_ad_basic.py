@@ -229,23 +229,25 @@ def test_a_basic_sign_in_under_the_gateways_upn_never_reaches_the_kdc(
     extra = '\n[authentication]\nmode = "basic"\n' + ad_mapping.directory_table(ad_realm, cache_seconds=0)
     source = '"san-upn"\nenterprise_names = true\nrealm_map = { adtest = "AD.TEST", "corp.example" = "AD.TEST" }'
     gw = start_ad_gateway(ad_realm, tmp_path, ad_backend, extra, source=source)
+    # every AD test's gateway is this account: its UPN is another only while this test holds the realm's lock
     with _locked(ad_realm.root):
         ad_realm.ldbmodify(entry + f"userPrincipalName: {alias}\n")
-    try:
-        offset = kdc_log_offset(ad_realm)
-        status, body = _basic(ad_realm, gw, alias, "Wrong-1")
-        assert status == 401, body
-        assert body.startswith("the user name or password is incorrect"), body
-        assert "kerberos.principal" in gw.wait_event("authentication_required", stage="authentication")["fix"]
-        assert _basic(ad_realm, gw, "alice", "Wrong-2")[0] == 401
-        wait_kdc_reason(ad_realm, offset, "NT_STATUS_WRONG_PASSWORD", "[ADTEST]\\[alice]")
-        log = ad_realm.samba_log.read_bytes()[offset:].decode(errors="replace")
-        wrong = [line for line in log.splitlines() if "NT_STATUS_WRONG_PASSWORD" in line]
-        assert [line for line in wrong if f"[ADTEST]\\[{account}]" in line] == []  # its own sign-ins are NT_STATUS_OK
-    finally:
-        with _locked(ad_realm.root):
+        try:
+            offset = kdc_log_offset(ad_realm)
+            status, body = _basic(ad_realm, gw, alias, "Wrong-1")
+            assert status == 401, body
+            assert body.startswith("the user name or password is incorrect"), body
+            assert "kerberos.principal" in gw.wait_event("authentication_required", stage="authentication")["fix"]
+            assert _basic(ad_realm, gw, "alice", "Wrong-2")[0] == 401
+            wait_kdc_reason(ad_realm, offset, "NT_STATUS_WRONG_PASSWORD", "[ADTEST]\\[alice]")
+            log = ad_realm.samba_log.read_bytes()[offset:].decode(errors="replace")
+            wrong = [line for line in log.splitlines() if "NT_STATUS_WRONG_PASSWORD" in line]
+            assert [
+                line for line in wrong if f"[ADTEST]\\[{account}]" in line
+            ] == []  # its own sign-ins are NT_STATUS_OK
+        finally:
             ad_realm.ldbmodify(entry + f"userPrincipalName: {account}@{ad.DNS_DOMAIN}\n")
-        gw.stop()
+            gw.stop()
 
 
 def test_a_hung_directory_holds_no_basic_sign_in_and_the_gateways_upn_stays_refused(
@@ -256,7 +258,8 @@ def test_a_hung_directory_holds_no_basic_sign_in_and_the_gateways_upn_stays_refu
     under that UPN is still the 401 that never reaches the KDC, and no more than one of the two served waits a
     [directory] timeout. Before, each sign-in the throttles let through waited for the gateway's account's look-up
     (the kept connection, then a new one), holding that user's KDC turn, and then sent the UPN's guess to the KDC.
-    The server is a relay to the DC frozen with SIGSTOP (`test_ad_directory_outage`)."""
+    The server is a relay to the DC frozen with SIGSTOP (`test_ad_directory_outage`), once the gateway logged the UPN
+    learnt (`gateway_upn_learnt`): alice's 200 did not say so (the look-up may outlast her sign-in)."""
     realm, timeout, account = ad_mapping_realm, 3, ad.GATEWAY_ACCOUNT  # the fixture resolves the DC's name
     alias = f"kcd-{uuid.uuid4().hex[:6]}@corp.example"
     entry = f"dn: CN={account},CN=Users,{realm.base_dn}\nchangetype: modify\nreplace: userPrincipalName\n"
@@ -264,28 +267,35 @@ def test_a_hung_directory_holds_no_basic_sign_in_and_the_gateways_upn_stays_refu
     with _relay_to(realm, tmp_path / "relay.log", 389) as (relay, port):
         urls = (f"ldap://{realm.dc_host}:{port}",)
         directory = ad_mapping.directory_table(realm, urls=urls, cache_seconds=0) + f"timeout = {timeout}\n"
+        # every AD test's gateway is this account: its UPN is another only while this test holds the realm's lock
+        # (test_a_basic_sign_in_under_the_gateways_upn_never_reaches_the_kdc's restored UPN was learnt here before)
         with _locked(realm.root):
             realm.ldbmodify(entry + f"userPrincipalName: {alias}\n")
-        gw = start_ad_gateway(
-            realm, tmp_path, ad_backend, '\n[authentication]\nmode = "basic"\n' + directory, source=source
-        )
-        try:
-            status, body = _basic(realm, gw, "alice", PASSWORDS["alice"])  # the directory answers: the UPN is learnt
-            assert status == 200, body
-            relay.send_signal(signal.SIGSTOP)
-            took: dict[str, float] = {}
-            answers: dict[str, int] = {}
-            for name, password in (("bob", PASSWORDS["bob"]), ("carol", PASSWORDS["carol"]), (alias, "Wrong-1")):
-                start = time.monotonic()
-                answers[name], body = _basic(realm, gw, name, password)
-                took[name] = time.monotonic() - start
-            assert answers == {"bob": 200, alias: 401, "carol": 200}, (answers, body)
-            fix = gw.wait_event("authentication_required", stage="authentication")["fix"]
-            assert f"{alias!r} is the UPN of the gateway's own account" in fix, fix
-            slow = [name for name in ("bob", "carol") if took[name] >= timeout]  # a 401 waits for `Pace`: not counted
-            assert len(slow) <= 1, took
-        finally:
-            relay.send_signal(signal.SIGCONT)
-            with _locked(realm.root):
+            gw = start_ad_gateway(
+                realm, tmp_path, ad_backend, '\n[authentication]\nmode = "basic"\n' + directory, source=source
+            )
+            try:
+                status, body = _basic(
+                    realm, gw, "alice", PASSWORDS["alice"]
+                )  # starts the look-up of the gateway's account
+                assert status == 200, body
+                # the look-up may outlast alice's sign-in (it waits one timeout, the look-up may take two): learnt first
+                assert gw.wait_event("gateway_upn_learnt")["upn"] == alias
+                relay.send_signal(signal.SIGSTOP)
+                took: dict[str, float] = {}
+                answers: dict[str, int] = {}
+                for name, password in (("bob", PASSWORDS["bob"]), ("carol", PASSWORDS["carol"]), (alias, "Wrong-1")):
+                    start = time.monotonic()
+                    answers[name], body = _basic(realm, gw, name, password)
+                    took[name] = time.monotonic() - start
+                assert answers == {"bob": 200, alias: 401, "carol": 200}, (answers, body)
+                fix = gw.wait_event("authentication_required", stage="authentication")["fix"]
+                assert f"{alias!r} is the UPN of the gateway's own account" in fix, fix
+                slow = [
+                    name for name in ("bob", "carol") if took[name] >= timeout
+                ]  # a 401 waits for `Pace`: not counted
+                assert len(slow) <= 1, took
+            finally:
+                relay.send_signal(signal.SIGCONT)
                 realm.ldbmodify(entry + f"userPrincipalName: {account}@{ad.DNS_DOMAIN}\n")
-            gw.stop()
+                gw.stop()
