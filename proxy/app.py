@@ -40,7 +40,7 @@ from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
 from proxy.descriptors import DescriptorBudget, kdc_reserve_problem
-from proxy.device.aiohttp_side import AiohttpRequest, idle_handlers
+from proxy.device.aiohttp_side import AiohttpRequest, awaiting_first_request, idle_handlers
 from proxy.device.request import CONTINUE, DeviceRequest, expectations
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory, idle_connections
 from proxy.errors import (
@@ -512,6 +512,19 @@ async def drain(
     return "second_signal"
 
 
+async def _first_requests(handlers: web.Server, slots: ConnectionSlots, seconds: float, hurry: asyncio.Event) -> None:
+    """aiohttp's server, before its shutdown (`_hurried`), which closes at once a connection whose request has not
+    come: a connection still in its handshake or waiting for its first request is given UNUSED_GRACE (`seconds` if
+    less, none after a second signal) to send it, as `drain` gives one on the own server. A connection the kernel had
+    queued for a worker that stops (`accept_queued`) is one: under load, some were closed unanswered."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + min(UNUSED_GRACE, seconds)
+    while not hurry.is_set() and loop.time() < until:
+        if slots.connections <= len(handlers.connections) and not awaiting_first_request(handlers.connections):
+            return
+        await asyncio.sleep(DRAIN_POLL)
+
+
 async def _hurried(cleanup: Awaitable[None], hurry: asyncio.Event, seconds: float) -> str:
     """aiohttp's runner cleanup (its drain), cancelled after `seconds` or when `hurry` is set first. Returns how it
     ended, as `drain` does. The bound is ours, not only its shutdown_timeout: aiohttp waits that long for a request's
@@ -825,7 +838,10 @@ async def serve(
             await serve_accepted(loop, factory, conn, give_back)
         drain_started = loop.time()
         if runner is not None:  # aiohttp's own drain, up to its shutdown_timeout (listener.drain_timeout)
-            outcome = await _hurried(runner.cleanup(), hurry, listener.drain_timeout)
+            assert runner.server is not None
+            await _first_requests(runner.server, slots, listener.drain_timeout, hurry)
+            left = listener.drain_timeout - (loop.time() - drain_started)
+            outcome = await _hurried(runner.cleanup(), hurry, max(left, 0.0))
         else:
             outcome = await drain(connections, slots, listener.drain_timeout, hurry)
         cut = live.metrics.in_flight()[0]  # requests still in flight: cut now (each one's line says `cut`)

@@ -141,6 +141,14 @@ class AiohttpRequest:
             self._request.transport.abort()
 
 
+def awaiting_first_request(handlers: Iterable[Any]) -> bool:
+    """Whether one of aiohttp's request handlers `handlers` has not read its first request head whole yet (none of it
+    come, or part), and is not closing: the connection of a device whose handshake has just ended (one the kernel
+    had queued for a worker that stops: `proxy.tls.limits.accept_queued`). Its own state is read, as `idle_handlers`
+    does (`_request_count`: heads read whole)."""
+    return any(not (h._request_count or h._close or h._force_close) for h in handlers)
+
+
 def idle_handlers(handlers: Iterable[Any], quiet: bool = True) -> Iterator[tuple[float, Callable[[float], bool]]]:
     """aiohttp's request handlers idle between two requests, as `proxy.tls.limits.IdleKeepAlives` scans them: since
     when (the loop's time the last answer ended), and the function that closes one for a new device.

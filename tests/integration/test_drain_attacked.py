@@ -167,12 +167,37 @@ def test_a_pipelined_request_behind_one_answered_during_the_drain_is_never_forwa
         gw.stop()
 
 
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_first_request_sent_just_after_sigterm_is_answered(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """A connection whose handshake ended before SIGTERM sends its first request just after it (in the grace for a
+    first request, `UNUSED_GRACE`), as one the kernel had queued for a worker that drains does once that worker
+    accepts it (`test_workers_leaving`): answered 200 as alice with `Connection: close` on both device-side servers,
+    and the gateway exits 0 (drain `finished`). Before, aiohttp's shutdown closed it at once, before its request
+    came: `RemoteDisconnected`."""
+    gw, _ = _gateway(lab, tmp_path, server, listener="drain_timeout = 30\n")
+    try:
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            gw.mark()
+            gw.proc.send_signal(signal.SIGTERM)
+            gw.wait_event("stopping")
+            tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n")
+            response = http.client.HTTPResponse(tls)
+            response.begin()
+            echo = json.loads(response.read())
+            assert (response.status, echo["principal"]) == (200, "alice@LAB.TEST")
+            assert response.will_close
+        assert gw.proc.wait(timeout=60) == 0
+        assert [e["outcome"] for e in gw.events("drained", gw.since)] == ["finished"]
+    finally:
+        gw.stop()
+
+
 def test_a_100_continue_upload_begun_just_after_sigterm_is_answered(lab: LabLayout, tmp_path: Path) -> None:
     """A connection whose handshake ended before SIGTERM sends its head with `Expect: 100-continue` just after it (in
     the own server's grace for a first request, `UNUSED_GRACE`): it gets `100 Continue`, sends its body, and is
-    answered 200 as alice with `Connection: close`; the gateway then exits 0 (drain `finished`). (aiohttp's server
-    closes such a connection at SIGTERM, before any request: the device reads the end of it, no answer, and asks
-    again elsewhere; nothing was forwarded.)"""
+    answered 200 as alice with `Connection: close`; the gateway then exits 0 (drain `finished`). (A first request
+    without `Expect`, on either server: `test_a_first_request_sent_just_after_sigterm_is_answered`.)"""
     gw, _ = _gateway(lab, tmp_path, "own", listener="drain_timeout = 30\n")
     try:
         raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
