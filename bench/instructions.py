@@ -30,7 +30,13 @@ It prints instructions per request per gateway and route, `this / baseline` and 
 bench/results/instructions-<time>.json (or `--json`; `--keep DIR` keeps callgrind's dumps for callgrind_annotate).
 The defaults (300 requests a window, 3 windows) take 4-6 minutes with a baseline.
 
-    .venv/bin/python -m bench.instructions [--baseline DIR] [--requests 300] [--windows 3] [--json FILE] [--keep DIR]
+With `--new-connections` the windows are of new connections instead, on the default route only (route
+`new_connection`): each of the `--requests` requests on a TLS connection of its own (a full handshake with the
+certificate, no session resumed: Python's client resumes none unless told), sent with `Connection: close`, as
+bench.run's handshake phase does with wrk: instructions per handshake + request, the accept path included.
+
+    .venv/bin/python -m bench.instructions [--baseline DIR] [--requests 300] [--windows 3] [--new-connections]
+        [--json FILE] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.paired import ROUTES
+from bench.paired import PATH, ROUTES
 from bench.run import cores
 from bench.scene import REPO, Scene
 
@@ -127,6 +133,19 @@ class Client:
             if answer.status != 200 or answer.will_close:
                 raise RuntimeError(f"GET {path}: {answer.status}, close {answer.will_close}, {body[:200]!r}")
 
+    def new_connections(self, path: str, n: int) -> None:
+        """`n` requests, each on a new connection closed after its answer (a full handshake each)."""
+        for _ in range(n):
+            connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=WAIT)
+            try:
+                connection.request("GET", path, headers={"Connection": "close"})
+                answer = connection.getresponse()
+                body = answer.read()
+            finally:
+                connection.close()
+            if answer.status != 200:
+                raise RuntimeError(f"GET {path} on a new connection: {answer.status}, {body[:200]!r}")
+
     def close(self) -> None:
         for connection in self.connections:
             connection.close()
@@ -141,8 +160,19 @@ def written(log: Path, path: str, count: int) -> None:
         time.sleep(0.05)
 
 
-def window(scene: Scene, gateway: str, client: Client, path: str | None, n: int, seconds: float, label: str) -> int:
-    """Instructions the gateway ran for `n` requests on `path` (or, `path` None, in `seconds` without any)."""
+def window(
+    scene: Scene,
+    gateway: str,
+    client: Client,
+    path: str | None,
+    n: int,
+    seconds: float,
+    label: str,
+    *,
+    new: bool = False,
+) -> int:
+    """Instructions the gateway ran for `n` requests on `path` (or, `path` None, in `seconds` without any), each on a
+    new connection with `new`."""
     pid = scene.procs[PROCESS[gateway]].pid
     log = scene.root / f"{PROCESS[gateway]}.log"
     warm = path or ROUTES["default"]  # not counted: each connection's first request, the route's backend connection
@@ -154,6 +184,8 @@ def window(scene: Scene, gateway: str, client: Client, path: str | None, n: int,
     callgrind(pid, "--instr=on")
     if path is None:
         time.sleep(seconds)
+    elif new:
+        client.new_connections(path, n)
     else:
         client.requests(path, n)
         written(log, path, before + n)
@@ -171,6 +203,9 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=3, help="windows per gateway and route (default 3)")
     parser.add_argument("--connections", type=int, default=5, help="keep-alive connections per gateway (default 5)")
     parser.add_argument("--warm", type=int, default=60, help="requests per route before counting (default 60)")
+    parser.add_argument(
+        "--new-connections", action="store_true", help="each request on a new connection, default route only"
+    )
     parser.add_argument("--json", type=Path, help="the figures' file (default: bench/results/instructions-<time>.json)")
     parser.add_argument("--keep", type=Path, help="copy callgrind's dumps here (for callgrind_annotate)")
     args = parser.parse_args()
@@ -180,6 +215,7 @@ def main() -> int:
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("bench.instructions: needs valgrind and callgrind_control", file=sys.stderr)
         return 2
+    routes = {"new_connection": PATH} if args.new_connections else ROUTES
     os.environ["PYTHONHASHSEED"] = "0"  # the same dictionaries' layouts in every gateway
     root = Path(tempfile.mkdtemp(prefix="kcd-instructions-"))
     scene = Scene(root, cores())
@@ -189,7 +225,7 @@ def main() -> int:
         os.sched_setaffinity(0, {int(c) for c in scene.cores[1].split(",")})
     gateways = ["this", "again", *(["baseline"] if args.baseline else [])]
     pids: dict[str, int] = {}
-    counts: dict[str, dict[str, list[int]]] = {g: {route: [] for route in [*ROUTES, "idle"]} for g in gateways}
+    counts: dict[str, dict[str, list[int]]] = {g: {route: [] for route in [*routes, "idle"]} for g in gateways}
     started = time.monotonic()
     try:
         print(f"bench.instructions: scene in {root}; load average {os.getloadavg()}", flush=True)
@@ -209,8 +245,9 @@ def main() -> int:
                 client.requests(path, max(args.warm, args.connections))
         for w in range(args.windows):
             for gateway, client in clients.items():
-                for route, path in ROUTES.items():
-                    total = window(scene, gateway, client, path, args.requests, 0, f"{route}-{w}")
+                for route, path in routes.items():
+                    label = f"{route}-{w}"
+                    total = window(scene, gateway, client, path, args.requests, 0, label, new=args.new_connections)
                     counts[gateway][route].append(total)
                     print(f"  {gateway} {route} window {w}: {total / args.requests:,.0f}", flush=True)
         for gateway in gateways:
@@ -226,9 +263,10 @@ def main() -> int:
                     shutil.copy(dump, args.keep / f"{gateway}.{dump.name.rpartition('.')[2]}")
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"\n{args.windows} windows of {args.requests} requests ({args.connections} keep-alive connections)")
+    kind = "a new connection each" if args.new_connections else f"{args.connections} keep-alive connections"
+    print(f"\n{args.windows} windows of {args.requests} requests ({kind})")
     figures: dict[str, object] = {}
-    for route in ROUTES:
+    for route in routes:
         per = {g: [c / args.requests for c in counts[g][route]] for g in gateways}
         least = {g: min(v) for g, v in per.items()}  # what runs besides the requests only adds (docstring)
         print(

@@ -7,14 +7,16 @@ and the `--baseline` tree's (a copy of an older tree, e.g. `git archive main | t
 --baseline` takes). Each round runs wrk (50 keep-alive connections, one certificate, `--seconds` each) on the default
 route (a token on every request) and on the bound route (`backend_binding = "connection"`) against each gateway, the
 six runs in an order rotated from round to round. CPU per request is read from /proc for each gateway's process, so it
-does not depend on whether wrk kept up.
+does not depend on whether wrk kept up. With `--handshakes` each run is instead bench.run's phase 2 on the default
+route: wrk with a new TLS connection per request (`Connection: close`, 16 connections, no session resumption), so the
+figure is CPU per handshake + request, the new-connection path (accept, TLS, the first request) measured.
 
 Per route it prints the median over rounds of each round's ratio: `this / baseline` (the change), `again / baseline`
 (the same change seen from the control's process) and `again / this` (the A/A: what two processes of one build differ
 by at this load), with how many rounds were below 1, and the load average before and after. A change pays if its
 ratio lies further from 1 than the A/A does. The figures go to bench/results/paired-<time>.json (or `--json`).
 
-    .venv/bin/python -m bench.paired --baseline DIR [--rounds 12] [--seconds 4] [--users 2] [--json FILE]
+    .venv/bin/python -m bench.paired --baseline DIR [--rounds 12] [--seconds 4] [--users 2] [--handshakes] [--json FILE]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from bench.scene import REPO, Scene
 
 PATH = "/EWS/Exchange.asmx"
 ROUTES = {"default": PATH, "bound": f"/bound{PATH}"}
+HANDSHAKES = {"handshakes": PATH}  # `--handshakes`: the default route, a new connection per request
 GATEWAYS = ("this", "again", "baseline")  # bench.scene's process names: "gateway", "again", "baseline"
 PAIRS = (("this", "baseline"), ("again", "baseline"), ("again", "this"))  # the last one is the A/A control
 
@@ -57,11 +60,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12, help="rounds of the six runs (default 12)")
     parser.add_argument("--seconds", type=float, default=4, help="length of each wrk run (default 4)")
     parser.add_argument("--users", type=int, default=2, help="bench users made (default 2; wrk presents the first)")
+    parser.add_argument(
+        "--handshakes", action="store_true", help="a new TLS connection per request (bench.run's phase 2) instead"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here (default: bench/results/paired-<time>.json)")
     args = parser.parse_args()
     if not (args.baseline / "proxy" / "__main__.py").is_file():
         print(f"bench.paired: {args.baseline} has no proxy/ package of a gateway", file=sys.stderr)
         return 2
+    routes = HANDSHAKES if args.handshakes else ROUTES
+    # bench.run's phase 2 for handshakes: 16 connections, each closed after its request (wrk_command: no resumption)
+    connections, close = (16, ["-H", "Connection: close"]) if args.handshakes else (50, [])
     root = Path(tempfile.mkdtemp(prefix="kcd-paired-"))
     scene = Scene(root, cores())
     started = time.monotonic()
@@ -77,7 +86,7 @@ def main() -> int:
         columns = {
             (gateway, route): (process[gateway], f"https://127.0.0.1:{scene.ports[process[gateway]]}{path}")
             for gateway in GATEWAYS
-            for route, path in ROUTES.items()
+            for route, path in routes.items()
         }
         certs = scene.cert_list(1)
         for proxy, url in columns.values():  # warm up: the handshake, the tickets, the backend pools
@@ -90,7 +99,9 @@ def main() -> int:
             order = list(columns)
             for column in order[n % len(order) :] + order[: n % len(order)]:  # each column leads a round in turn
                 proxy, url = columns[column]
-                runs[column].append(wrk(scene, proxy, url, seconds=args.seconds, connections=50, certs=certs, args=[]))
+                runs[column].append(
+                    wrk(scene, proxy, url, seconds=args.seconds, connections=connections, certs=certs, args=close)
+                )
         load_after = os.getloadavg()
     finally:
         scene.teardown()
@@ -98,7 +109,7 @@ def main() -> int:
 
     print(f"\n{args.rounds} rounds of {args.seconds:g} s; load average before / after: {load_before} / {load_after}")
     figures: dict[str, object] = {}
-    for route in ROUTES:
+    for route in routes:
         by_gateway = {gateway: runs[gateway, route] for gateway in GATEWAYS}
         us = {gateway: median(r.cpu_us for r in rs) for gateway, rs in by_gateway.items()}
         errors = {gateway: sum(r.errors for r in rs) for gateway, rs in by_gateway.items()}

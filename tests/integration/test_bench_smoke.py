@@ -113,19 +113,22 @@ def test_a_tiny_bench_run_writes_every_new_figure(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow(seconds=40)
-def test_a_tiny_paired_run_writes_its_ratios(tmp_path: Path) -> None:
-    """bench.paired runs this tree's gateway twice and a baseline tree's once, on both routes, and writes per route
-    each gateway's CPU per request and the three paired ratios (this / baseline, again / baseline, the A/A again /
-    this) with their rounds; no figure is judged."""
+@pytest.mark.parametrize(("mode", "routes"), [([], ("default", "bound")), (["--handshakes"], ("handshakes",))])
+def test_a_tiny_paired_run_writes_its_ratios(tmp_path: Path, mode: list[str], routes: tuple[str, ...]) -> None:
+    """bench.paired runs this tree's gateway twice and a baseline tree's once, on both routes (with `--handshakes`,
+    the default route with a new connection per request), and writes per route each gateway's CPU per request and
+    the three paired ratios (this / baseline, again / baseline, the A/A again / this) with their rounds; no figure is
+    judged."""
     baseline = tmp_path / "baseline"
     shutil.copytree(REPO / "proxy", baseline / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "paired.json"
     argv = [sys.executable, "-m", "bench.paired", "--baseline", str(baseline), "--rounds", "1", "--seconds", "1"]
-    argv += ["--users", "1", "--json", str(out)]
+    argv += ["--users", "1", "--json", str(out), *mode]
     run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads(out.read_text())
-    for route in ("default", "bound"):
+    assert set(routes) <= figures.keys()
+    for route in routes:
         assert set(figures[route]["cpu_us"]) == {"this", "again", "baseline"}, figures[route]
         assert figures[route]["errors"] == {"this": 0, "again": 0, "baseline": 0}, figures[route]
         for pair in ("this/baseline", "again/baseline", "again/this"):
