@@ -263,6 +263,30 @@ def test_an_upload_half_sent_at_sigterm_is_answered(lab: LabLayout, tmp_path: Pa
         gw.stop()
 
 
+def test_an_upload_stalled_at_sigterm_is_cut_by_a_second_sigterm(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """A request whose body stalls half sent (drain_timeout 30 s) holds the stop, as a request in flight does, until a
+    second SIGTERM: then the gateway exits 0 at once, `drained` says `second_signal` and the request is cut (499)."""
+    gw, admin = _gateway(lab, tmp_path, server, listener="drain_timeout = 30\n")
+    try:
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            tls.sendall(
+                b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nContent-Length: 6000\r\n\r\n"
+                + b"z" * 3000
+            )
+            _in_flight(admin)
+            gw.mark()
+            gw.proc.send_signal(signal.SIGTERM)
+            gw.wait_event("stopping")
+            assert gw.proc.poll() is None
+            gw.proc.send_signal(signal.SIGTERM)
+            assert gw.proc.wait(timeout=20) == 0
+        assert [e["outcome"] for e in gw.events("drained", gw.since)] == ["second_signal"]
+        assert [e["status"] for e in gw.events("request", gw.since)] == [499]
+    finally:
+        gw.stop()
+
+
 def test_an_idle_keepalive_starting_a_request_in_aiohttps_first_request_grace_is_answered_and_closed(
     lab: LabLayout, tmp_path: Path
 ) -> None:
