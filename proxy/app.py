@@ -40,7 +40,7 @@ from proxy.certs.live import LiveRevocation
 from proxy.certs.revocation import load_crls
 from proxy.config import MAX_FIELD_BYTES, Config
 from proxy.descriptors import DescriptorBudget, kdc_reserve_problem
-from proxy.device.aiohttp_side import AiohttpRequest, awaiting_first_request, idle_handlers
+from proxy.device.aiohttp_side import AiohttpRequest, awaiting_first_request, idle_handlers, receiving_body
 from proxy.device.request import CONTINUE, DeviceRequest, expectations
 from proxy.device.server import DeviceConnection, DeviceLimits, close_all, connection_factory, idle_connections
 from proxy.errors import (
@@ -514,13 +514,19 @@ async def drain(
 
 async def _first_requests(handlers: web.Server, slots: ConnectionSlots, seconds: float, hurry: asyncio.Event) -> None:
     """aiohttp's server, before its shutdown (`_hurried`), which closes at once a connection whose request has not
-    come: a connection still in its handshake or waiting for its first request is given UNUSED_GRACE (`seconds` if
-    less, none after a second signal) to send it, as `drain` gives one on the own server. A connection the kernel had
-    queued for a worker that stops (`accept_queued`) is one: under load, some were closed unanswered."""
+    come and drops what any connection reads after it: a connection still in its handshake or waiting for its first
+    request is given UNUSED_GRACE (`seconds` if less) to send it, as `drain` gives one on the own server (a connection
+    the kernel had queued for a worker that stops, `accept_queued`, is one: under load, some were closed unanswered);
+    a request whose body is still coming (an upload, a `100 Continue` one) is given `seconds` for it, as `drain` waits
+    for a request in flight. None after a second signal."""
     loop = asyncio.get_running_loop()
-    until = loop.time() + min(UNUSED_GRACE, seconds)
+    now = loop.time()
+    grace, until = now + min(UNUSED_GRACE, seconds), now + seconds
     while not hurry.is_set() and loop.time() < until:
-        if slots.connections <= len(handlers.connections) and not awaiting_first_request(handlers.connections):
+        first = loop.time() < grace and (
+            slots.connections > len(handlers.connections) or awaiting_first_request(handlers.connections)
+        )
+        if not first and not receiving_body(handlers.connections):
             return
         await asyncio.sleep(DRAIN_POLL)
 

@@ -149,6 +149,18 @@ def awaiting_first_request(handlers: Iterable[Any]) -> bool:
     return any(not (h._request_count or h._close or h._force_close) for h in handlers)
 
 
+def receiving_body(handlers: Iterable[Any]) -> bool:
+    """Whether one of aiohttp's request handlers `handlers` serves a request whose body has not all come (an upload
+    under way, or one waiting for its `100 Continue`). aiohttp's shutdown (`Server.pre_shutdown`: `close`) drops every
+    byte a connection reads after it (`RequestHandler.data_received`), so such a request would wait for the rest of its
+    body until cut. Read from its parser (`HeaderBlockBudget.body_coming`) while the handler is not waiting for a next
+    request (`_waiter`, as `idle_handlers` reads it): a request read whole but not yet handled has no
+    `_current_request` for a turn of the loop."""
+    return any(
+        isinstance(h._parser, HeaderBlockBudget) and h._parser.body_coming and h._waiter is None for h in handlers
+    )
+
+
 def idle_handlers(handlers: Iterable[Any], quiet: bool = True) -> Iterator[tuple[float, Callable[[float], bool]]]:
     """aiohttp's request handlers idle between two requests, as `proxy.tls.limits.IdleKeepAlives` scans them: since
     when (the loop's time the last answer ended), and the function that closes one for a new device.

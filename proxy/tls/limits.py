@@ -696,6 +696,11 @@ class HeaderBlockBudget:
         self._upgraded = False
 
     @property
+    def body_coming(self) -> bool:
+        """Whether a request's head was handed over whose body has not all been read (`proxy.app._first_requests`)."""
+        return self._body is not None and not self._refused
+
+    @property
     def between_requests(self) -> bool:
         """Whether no byte of a next request has been read since the last one's end (no head begun, no body being
         read), and nothing was refused or upgraded: the handler may be idle (`proxy.device.aiohttp_side`)."""

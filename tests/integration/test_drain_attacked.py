@@ -193,12 +193,14 @@ def test_a_first_request_sent_just_after_sigterm_is_answered(lab: LabLayout, tmp
         gw.stop()
 
 
-def test_a_100_continue_upload_begun_just_after_sigterm_is_answered(lab: LabLayout, tmp_path: Path) -> None:
+def test_a_100_continue_upload_begun_just_after_sigterm_is_answered(
+    lab: LabLayout, tmp_path: Path, server: str
+) -> None:
     """A connection whose handshake ended before SIGTERM sends its head with `Expect: 100-continue` just after it (in
-    the own server's grace for a first request, `UNUSED_GRACE`): it gets `100 Continue`, sends its body, and is
-    answered 200 as alice with `Connection: close`; the gateway then exits 0 (drain `finished`). (A first request
-    without `Expect`, on either server: `test_a_first_request_sent_just_after_sigterm_is_answered`.)"""
-    gw, _ = _gateway(lab, tmp_path, "own", listener="drain_timeout = 30\n")
+    the grace for a first request, `UNUSED_GRACE`, on either device-side server): it gets `100 Continue`, sends its
+    body, and is answered 200 as alice with `Connection: close`; the gateway then exits 0 (drain `finished`). (A first
+    request without `Expect`: `test_a_first_request_sent_just_after_sigterm_is_answered`.)"""
+    gw, _ = _gateway(lab, tmp_path, server, listener="drain_timeout = 30\n")
     try:
         raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
         with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
@@ -224,6 +226,100 @@ def test_a_100_continue_upload_begun_just_after_sigterm_is_answered(lab: LabLayo
             assert response.will_close
         assert gw.proc.wait(timeout=60) == 0
         assert [e["status"] for e in gw.events("request", gw.since)] == [200]
+        assert [e["outcome"] for e in gw.events("drained", gw.since)] == ["finished"]
+    finally:
+        gw.stop()
+
+
+def test_an_upload_half_sent_at_sigterm_is_answered(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """A request whose head and half its body came before SIGTERM sends the rest after it: answered 200 as alice with
+    `Connection: close`, the gateway then exits 0 (drain `finished`) well before drain_timeout. Before, on aiohttp's
+    server, its shutdown dropped the rest of the body (`receiving_body`): the request waited until cut at
+    drain_timeout (499)."""
+    gw, admin = _gateway(lab, tmp_path, server, listener="drain_timeout = 30\n")
+    try:
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            body = b"z" * 6000
+            tls.sendall(
+                b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:3000]
+            )
+            _in_flight(admin)
+            gw.mark()
+            gw.proc.send_signal(signal.SIGTERM)
+            gw.wait_event("stopping")
+            tls.sendall(body[3000:])
+            response = http.client.HTTPResponse(tls)
+            response.begin()
+            echo = json.loads(response.read())
+            assert (response.status, echo["principal"]) == (200, "alice@LAB.TEST")
+            assert response.will_close
+        assert gw.proc.wait(timeout=60) == 0
+        assert [e["status"] for e in gw.events("request", gw.since)] == [200]
+        assert [e["outcome"] for e in gw.events("drained", gw.since)] == ["finished"]
+    finally:
+        gw.stop()
+
+
+def test_an_upload_stalled_at_sigterm_is_cut_by_a_second_sigterm(lab: LabLayout, tmp_path: Path, server: str) -> None:
+    """A request whose body stalls half sent (drain_timeout 30 s) holds the stop, as a request in flight does, until a
+    second SIGTERM: then the gateway exits 0 at once, `drained` says `second_signal` and the request is cut (499)."""
+    gw, admin = _gateway(lab, tmp_path, server, listener="drain_timeout = 30\n")
+    try:
+        raw = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        with client_context(lab, "alice").wrap_socket(raw, server_hostname="proxy.lab.test") as tls:
+            tls.sendall(
+                b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\nContent-Length: 6000\r\n\r\n"
+                + b"z" * 3000
+            )
+            _in_flight(admin)
+            gw.mark()
+            gw.proc.send_signal(signal.SIGTERM)
+            gw.wait_event("stopping")
+            assert gw.proc.poll() is None
+            gw.proc.send_signal(signal.SIGTERM)
+            assert gw.proc.wait(timeout=20) == 0
+        assert [e["outcome"] for e in gw.events("drained", gw.since)] == ["second_signal"]
+        assert [e["status"] for e in gw.events("request", gw.since)] == [499]
+    finally:
+        gw.stop()
+
+
+def test_an_idle_keepalive_starting_a_request_in_aiohttps_first_request_grace_is_answered_and_closed(
+    lab: LabLayout, tmp_path: Path
+) -> None:
+    """On aiohttp's server, a connection that was answered once before SIGTERM (an idle keep-alive) sends its next
+    request while the stop waits for another connection's first request (`UNUSED_GRACE`): answered 200 as alice with
+    `Connection: close`, and the connection then closed, never left open for a third request; the gateway exits 0
+    (drain `finished`). (The own server closes an idle keep-alive at once: `drain`.)"""
+    gw, _ = _gateway(lab, tmp_path, "aiohttp", listener="drain_timeout = 30\n")
+    try:
+        idle = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        waiting = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+        ctx = client_context(lab, "alice")
+        with (
+            ctx.wrap_socket(idle, server_hostname="proxy.lab.test") as a,
+            ctx.wrap_socket(waiting, server_hostname="proxy.lab.test"),
+        ):
+            gw.mark()
+            get = b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n"
+            a.sendall(get)
+            first = http.client.HTTPResponse(a)
+            first.begin()
+            first.read()
+            assert (first.status, first.will_close) == (200, False)
+            gw.proc.send_signal(signal.SIGTERM)
+            gw.wait_event("stopping")
+            a.sendall(get)
+            second = http.client.HTTPResponse(a)
+            second.begin()
+            echo = json.loads(second.read())
+            assert (second.status, echo["principal"], second.will_close) == (200, "alice@LAB.TEST", True)
+            assert a.recv(1) == b""  # closed after it
+        assert gw.proc.wait(timeout=60) == 0
+        assert [e["status"] for e in gw.events("request", gw.since)] == [200, 200]
         assert [e["outcome"] for e in gw.events("drained", gw.since)] == ["finished"]
     finally:
         gw.stop()

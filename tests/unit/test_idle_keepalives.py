@@ -272,7 +272,8 @@ def test_aiohttps_request_handler_still_has_the_state_idle_handlers_reads() -> N
     """aiohttp offers no hook for an idle connection: `idle_handlers` reads its handler's own state. A renamed or
     removed attribute fails here, not silently (no connection would ever be found idle). `_current_request` is what
     `TlsGate.close_after_answer` reads (a health check's place past its time, serving a request); `_request_count`,
-    `_close` and `_force_close` are also what `awaiting_first_request` reads (`proxy.app._first_requests`)."""
+    `_close` and `_force_close` are also what `awaiting_first_request` reads, `_parser` and `_waiter` what
+    `receiving_body` reads (`proxy.app._first_requests`)."""
     names = (
         "_current_request",
         "_waiter",
