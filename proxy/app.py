@@ -564,7 +564,7 @@ def _stopped(loop: asyncio.AbstractEventLoop, numbers: list[int]) -> None:
     process ends (`proxy.workers.end_process`). Given back their default (asyncio's `remove_signal_handler`), one that
     came after (a process manager repeating SIGTERM, Ctrl-C held down, the supervisor's copy of a later stop) ended the
     process by the signal (-15; SIGINT a KeyboardInterrupt, -2, with tracebacks), some before `stopped` was written,
-    and left its krb5.conf overlay (docs/hardening.md 66). asyncio gives no way to ignore a signal it handles but
+    and left its krb5.conf overlay (docs/hardening.md 68). asyncio gives no way to ignore a signal it handles but
     through its default: the microsecond between the two calls stays."""
     for number in numbers:
         loop.remove_signal_handler(number)
