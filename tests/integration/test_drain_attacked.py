@@ -80,6 +80,15 @@ def trickles() -> Iterator[list[Trickle]]:
         trickle.close()
 
 
+def _answered_as_alice_closing(tls: ssl.SSLSocket) -> None:
+    """The answer read on `tls`: 200, the backend saw alice, and `Connection: close` (the drain's last answer)."""
+    response = http.client.HTTPResponse(tls)
+    response.begin()
+    echo = json.loads(response.read())
+    assert (response.status, echo["principal"]) == (200, "alice@LAB.TEST")
+    assert response.will_close
+
+
 def test_what_outlasts_the_drain_is_cut_at_drain_timeout_and_logged_as_cut_by_the_stop(
     lab: LabLayout, tmp_path: Path, server: str, trickles: list[Trickle]
 ) -> None:
@@ -148,11 +157,7 @@ def test_a_pipelined_request_behind_one_answered_during_the_drain_is_never_forwa
             _in_flight(admin)
             gw.mark()
             gw.proc.send_signal(signal.SIGTERM)
-            response = http.client.HTTPResponse(tls)
-            response.begin()
-            body = json.loads(response.read())
-            assert (response.status, body["principal"]) == (200, "alice@LAB.TEST")
-            assert response.will_close
+            _answered_as_alice_closing(tls)
             rest = b""
             try:
                 while chunk := tls.recv(4096):
@@ -182,11 +187,7 @@ def test_a_first_request_sent_just_after_sigterm_is_answered(lab: LabLayout, tmp
             gw.proc.send_signal(signal.SIGTERM)
             gw.wait_event("stopping")
             tls.sendall(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: proxy.lab.test\r\n\r\n")
-            response = http.client.HTTPResponse(tls)
-            response.begin()
-            echo = json.loads(response.read())
-            assert (response.status, echo["principal"]) == (200, "alice@LAB.TEST")
-            assert response.will_close
+            _answered_as_alice_closing(tls)
         assert gw.proc.wait(timeout=60) == 0
         assert [e["outcome"] for e in gw.events("drained", gw.since)] == ["finished"]
     finally:
@@ -219,11 +220,7 @@ def test_a_100_continue_upload_begun_just_after_sigterm_is_answered(
                 interim += chunk
             assert interim.startswith(b"HTTP/1.1 100"), interim
             tls.sendall(body)
-            response = http.client.HTTPResponse(tls)
-            response.begin()
-            echo = json.loads(response.read())
-            assert (response.status, echo["principal"]) == (200, "alice@LAB.TEST")
-            assert response.will_close
+            _answered_as_alice_closing(tls)
         assert gw.proc.wait(timeout=60) == 0
         assert [e["status"] for e in gw.events("request", gw.since)] == [200]
         assert [e["outcome"] for e in gw.events("drained", gw.since)] == ["finished"]
@@ -251,11 +248,7 @@ def test_an_upload_half_sent_at_sigterm_is_answered(lab: LabLayout, tmp_path: Pa
             gw.proc.send_signal(signal.SIGTERM)
             gw.wait_event("stopping")
             tls.sendall(body[3000:])
-            response = http.client.HTTPResponse(tls)
-            response.begin()
-            echo = json.loads(response.read())
-            assert (response.status, echo["principal"]) == (200, "alice@LAB.TEST")
-            assert response.will_close
+            _answered_as_alice_closing(tls)
         assert gw.proc.wait(timeout=60) == 0
         assert [e["status"] for e in gw.events("request", gw.since)] == [200]
         assert [e["outcome"] for e in gw.events("drained", gw.since)] == ["finished"]
