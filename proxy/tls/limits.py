@@ -502,17 +502,28 @@ async def accept_connections(
             accepted = await _accept_below_cap(loop, sock, slots, cap, header_first=header_first)
         if accepted is None:
             continue
-        conn, peer, give_back = accepted
-        if cap is not None:
-            admitted = cap.admit(peer, give_back)
-            if admitted is None:
-                give_back()
-                reset(conn)
-                continue
-            give_back = admitted
+        conn, peer, taken = accepted
+        give_back = _admitted(cap, conn, peer, taken)
+        if give_back is None:
+            continue
         # shielded: the listener stopping cancels this loop, and a connection it had accepted was closed half set up
         # (its device's handshake or request cut: `accept_queued`)
         await asyncio.shield(serve_accepted(loop, factory, conn, give_back))
+
+
+def _admitted(
+    cap: AddressCap | None, conn: socket.socket, peer: Any, give_back: Callable[[], None]
+) -> Callable[[], None] | None:
+    """The give-back of connection `conn` from `peer`, with its slot's `give_back`, once the per-address `cap` admits
+    it (direct connections; None: no cap); None if its address has `cap.limit` open: its slot given back, `conn`
+    reset."""
+    if cap is None:
+        return give_back
+    admitted = cap.admit(peer, give_back)
+    if admitted is None:
+        give_back()
+        reset(conn)
+    return admitted
 
 
 async def serve_accepted(
@@ -557,15 +568,9 @@ def accept_queued(
             if not slots.claim():
                 reset(conn)
                 break
-            give_back: Callable[[], None] = _Taken(slots)
-            if cap is not None:
-                admitted = cap.admit(peer, give_back)
-                if admitted is None:
-                    give_back()
-                    reset(conn)
-                    continue
-                give_back = admitted
-            taken.append((conn, give_back))
+            give_back = _admitted(cap, conn, peer, _Taken(slots))
+            if give_back is not None:
+                taken.append((conn, give_back))
     finally:
         sock.close()
     return taken
