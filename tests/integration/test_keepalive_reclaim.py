@@ -688,6 +688,8 @@ def test_behind_a_balancer_a_connection_waiting_at_a_busy_cap_is_closed_at_hands
 
 
 LOCAL = V2_SIGNATURE + b"\x20\x00\x00\x00"  # a PROXY v2 LOCAL header: the balancer's own health check
+# behind a balancer, a handshake's time 3 s: a LOCAL health check's place lasts twice that from its accept
+LOCAL_CHECKED = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
 
 
 def test_health_checks_stalled_in_tls_at_a_busy_cap_keep_no_device_out(
@@ -907,8 +909,7 @@ def test_a_health_check_in_a_place_of_its_own_is_closed_once_served_not_kept_for
     LOCAL check that found no slot goes on in a place of its own, completes TLS with a certificate, is answered once,
     then idles. It is closed about twice handshake_timeout after its accept, logged (`health_check_closed`); it held
     its place until keepalive_timeout (sixteen such held every `HEALTH_CHECKS` place for 120 s here)."""
-    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
-    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+    with capped(lab, tmp_path, server, LOCAL_CHECKED, cap=2) as (gw, _admin):
 
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
@@ -932,8 +933,7 @@ def test_a_local_connection_in_a_place_of_its_own_is_answered_not_cut_mid_reques
     Unix socket: its `make_proxy_line_v2`), so this may be a device. The place's timer (twice handshake_timeout from
     the accept) reset it mid-request, no answer; it now closes the connection once that answer is sent, logged
     (`health_check_closed`, `serving` true)."""
-    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
-    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+    with capped(lab, tmp_path, server, LOCAL_CHECKED, cap=2) as (gw, _admin):
 
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
@@ -957,8 +957,7 @@ def test_a_local_connection_trickling_a_request_body_is_cut_at_its_places_time(
     of its own sends a POST's head and then its body one byte every 0.5 s. At its place's time (twice
     handshake_timeout from the accept) it is reset, its request not read whole, logged (`health_check_closed`,
     `serving` false); it was served on until its body ended (each gap within client_body_timeout), 30 s here."""
-    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
-    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+    with capped(lab, tmp_path, server, LOCAL_CHECKED, cap=2) as (gw, _admin):
 
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
@@ -1094,8 +1093,7 @@ def test_a_local_check_whose_request_was_read_whole_is_answered_past_its_places_
     own sends a request with no body to come (`Content-Length: 0`, a HEAD, a chunked body's zero chunk sent in parts,
     or one pipelined behind it whose body still comes) that the backend holds 8 s, past its place's time: it is
     answered, then closed (`serving` true)."""
-    listener = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nhandshake_timeout = 3\n'
-    with capped(lab, tmp_path, server, listener, cap=2) as (gw, _admin):
+    with capped(lab, tmp_path, server, LOCAL_CHECKED, cap=2) as (gw, _admin):
 
         async def run() -> None:
             busy = await two_busy_behind_a_balancer(lab, gw.port)
