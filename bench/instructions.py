@@ -55,8 +55,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.paired import PATH, ROUTES
-from bench.run import cores
-from bench.scene import REPO, Scene
+from bench.run import cores, write_figures
+from bench.scene import Scene
 
 PROCESS = {"this": "gateway", "again": "again", "baseline": "baseline"}  # bench.scene's process names
 REFRESH = 86_400  # the gateways' crl_refresh_seconds (put_off_crl_refresh)
@@ -288,9 +288,7 @@ def main() -> int:
         valgrind=subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip(),
         args={k: str(v) for k, v in vars(args).items()},
     )
-    out = args.json or REPO / "bench" / "results" / f"instructions-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    out = write_figures(figures, args.json, "instructions")
     print(f"bench.instructions: figures in {out}; {time.monotonic() - started:.0f} s")
     return 0
 

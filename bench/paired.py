@@ -22,7 +22,6 @@ ratio lies further from 1 than the A/A does. The figures go to bench/results/pai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -32,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
 
-from bench.run import WrkResult, build_shim, cores, wrk
-from bench.scene import REPO, Scene
+from bench.run import WrkResult, build_shim, cores, write_figures, wrk
+from bench.scene import Scene
 
 PATH = "/EWS/Exchange.asmx"
 ROUTES = {"default": PATH, "bound": f"/bound{PATH}"}
@@ -131,9 +130,7 @@ def main() -> int:
         load_after=load_after,
         args={k: str(v) for k, v in vars(args).items()},
     )
-    out = args.json or REPO / "bench" / "results" / f"paired-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    out = write_figures(figures, args.json, "paired")
     print(f"bench.paired: figures in {out}; {time.monotonic() - started:.0f} s")
     return 0
 

@@ -907,11 +907,16 @@ def main() -> int:
         paired_ratios=paired_ratios(keep),
         held={p: {**vars(held[p]), "per_held_kib": held[p].per_held_kib} for p in held},
     )
-    out = args.json or REPO / "bench" / "results" / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    print(f"bench: figures in {write_figures(figures, args.json, 'bench')}")
+    return 0
+
+
+def write_figures(figures: dict[str, Any], path: Path | None, tool: str) -> Path:
+    """A bench tool's run written as JSON to `path`, or to bench/results/<tool>-<time>.json; where it went."""
+    out = path or REPO / "bench" / "results" / f"{tool}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"bench: figures in {out}")
-    return 0
+    return out
 
 
 def paired_ratios(keep: dict[str, list[WrkResult]]) -> dict[str, dict[str, float]]:
